@@ -1,0 +1,43 @@
+"""lmforge: the whole life of a large language model, from scratch on PyTorch.
+
+The public names below are imported lazily on first use, so `import lmforge` is cheap and has no side
+effects (no torch import, no threads, no files).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "LmforgeError": "lmforge.errors",
+    "ModelConfig": "lmforge.model.config",
+    "Transformer": "lmforge.model.transformer",
+    "KVCache": "lmforge.model.cache",
+    "TrainConfig": "lmforge.train.config",
+    "Trainer": "lmforge.train.trainer",
+    "train": "lmforge.train.trainer",
+    "ByteTokenizer": "lmforge.tokenizer.byte",
+    "load_tokenizer": "lmforge.tokenizer.load",
+    "Tokenizer": "lmforge.tokenizer.bpe",
+    "train_bpe": "lmforge.tokenizer.train",
+    "LLM": "lmforge.infer.llm",
+    "SamplingParams": "lmforge.infer.sampling",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,71 @@
+"""The `lmforge` command. One module per command group; each exposes `main(argv) -> int | None` and
+builds its options from config dataclasses with tyro (see `lmforge.cli.common`). Nothing is imported
+until a command runs."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+# command -> (module, one-line help). Modules that do not exist yet are hidden.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("lmforge.cli.demo", "train a small LM on Python's own sources and sample from it (no downloads)"),
+    "train": ("lmforge.cli.train", "pretrain a model from a TOML config (--config FILE --section.key value)"),
+    "sample": ("lmforge.cli.sample", "sample text from a checkpoint"),
+    "generate": ("lmforge.cli.generate", "batch generation from prompts to JSONL"),
+    "chat": ("lmforge.cli.chat", "terminal chat with a checkpoint"),
+    "tokenizer": ("lmforge.cli.tokenizer", "train / encode / inspect BPE tokenizers"),
+    "data": ("lmforge.cli.data", "run pretraining data pipelines"),
+    "scaling": ("lmforge.cli.scaling", "scaling-law sweeps and fits"),
+    "bench": ("lmforge.cli.bench", "benchmarks (optimizers, ...)"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    return {k: v for k, v in COMMANDS.items() if importlib.util.find_spec(v[0]) is not None}
+
+
+def _usage() -> str:
+    lines = ["usage: lmforge [--debug] COMMAND [options]   (lmforge COMMAND --help for its options)", "",
+             "commands:"]
+    for name, (_, help_) in _available().items():
+        lines.append(f"  {name:<10} {help_}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        import lmforge
+
+        print(f"lmforge {lmforge.__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    table = _available()
+    if cmd not in table:
+        print(f"lmforge: error: unknown command {cmd!r}; choose one of: {', '.join(table)}", file=sys.stderr)
+        return 2
+    from lmforge.errors import LmforgeError
+
+    try:
+        module = importlib.import_module(table[cmd][0])
+        return int(module.main(rest) or 0)
+    except LmforgeError as e:
+        if debug:
+            raise
+        print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
+        print("(run with --debug for a traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Helpers every CLI module uses: options generated from a config dataclass (tyro), an optional
+`--config FILE.toml` whose values become the defaults, and sub-command groups."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+from lmforge.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    rest, path, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file path")
+            path, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return path, rest
+
+
+def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
+                 default: T | None = None, config_file: bool = True) -> T:
+    """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
+    the remaining `--section.key value` flags override them."""
+    import tyro
+
+    from lmforge.config import load_config
+
+    if config_file:
+        path, argv = _split_config_flag(argv)
+        if path is not None:
+            default = load_config(cls, path)
+        description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
+    return tyro.cli(cls, args=argv, prog=prog, description=description, default=default,
+                    config=(tyro.conf.FlagConversionOff,))
+
+
+def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[list[str]], int | None], str]]) -> int:
+    """Dispatch `lmforge GROUP SUB ...` to commands[SUB][0](rest)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: lmforge {group} SUBCOMMAND [options]\n\nsubcommands:")
+        for name, (_, help_) in commands.items():
+            print(f"  {name:<16} {help_}")
+        return 0
+    sub, rest = argv[0], argv[1:]
+    if sub not in commands:
+        print(f"lmforge {group}: error: unknown subcommand {sub!r}; choose one of: {', '.join(commands)}",
+              file=sys.stderr)
+        return 2
+    return int(commands[sub][0](rest) or 0)

@@ -1,0 +1,1 @@
+"""Pretraining data: readers/writers, extraction, filters, dedup, pipelines, and token shards."""

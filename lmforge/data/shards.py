@@ -1,0 +1,180 @@
+"""Token shards: the memory-mapped files the trainer reads.
+
+Layout of one shard file (little-endian):
+
+    b"LMFTOKS1"             8 bytes magic
+    uint32 header_len       4 bytes
+    header JSON (utf-8)     header_len bytes, space-padded so that tokens start at a multiple of 64
+    tokens                  num_tokens x dtype (uint16 when vocab_size <= 65536, else uint32)
+
+The header holds: version, dtype, vocab_size, tokenizer (a spec string such as "byte" or a path),
+doc_sep (the id written between documents, or null), num_tokens, num_docs, max_id. The file size is
+checked against num_tokens on open, so a truncated shard is refused rather than half-read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from lmforge.errors import DataError
+
+MAGIC = b"LMFTOKS1"
+VERSION = 1
+_RESERVED = 4096  # header bytes reserved by the streaming writer (the header is rewritten at close)
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _data_offset(header_len: int) -> int:
+    return -(-(len(MAGIC) + 4 + header_len) // 64) * 64
+
+
+class TokenShardWriter:
+    """Stream token ids into one shard; the file appears (atomically renamed) only on `close()`.
+
+    >>> with TokenShardWriter("train.bin", vocab_size=257, tokenizer="byte", doc_sep=256) as w:
+    ...     w.add_document([104, 105])
+    """
+
+    def __init__(self, path: str | Path, *, vocab_size: int, tokenizer: str, doc_sep: int | None = None,
+                 extra: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.vocab_size = int(vocab_size)
+        self.dtype = dtype_for_vocab(self.vocab_size)
+        self.tokenizer = tokenizer
+        self.doc_sep = doc_sep
+        self.extra = extra or {}
+        self.num_tokens = 0
+        self.num_docs = 0
+        self.max_id = -1
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._f = open(self._tmp, "wb")
+        self._f.write(b"\0" * _RESERVED)
+
+    def add(self, ids: Iterable[int] | np.ndarray) -> None:
+        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
+        if arr.size == 0:
+            return
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = hi if hi >= self.vocab_size else lo
+            raise DataError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) of {self.path}")
+        self.max_id = max(self.max_id, hi)
+        self._f.write(arr.astype(self.dtype).tobytes())
+        self.num_tokens += arr.size
+
+    def add_document(self, ids: Iterable[int] | np.ndarray) -> None:
+        """Append one document, preceded by the separator (so every document starts after one)."""
+        if self.doc_sep is not None:
+            self.add([self.doc_sep])
+        self.add(ids)
+        self.num_docs += 1
+
+    def header(self) -> dict[str, Any]:
+        return {
+            "version": VERSION, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
+            "tokenizer": self.tokenizer, "doc_sep": self.doc_sep, "num_tokens": self.num_tokens,
+            "num_docs": self.num_docs, "max_id": self.max_id, **self.extra,
+        }
+
+    def close(self) -> Path:
+        head = json.dumps(self.header()).encode()
+        room = _RESERVED - len(MAGIC) - 4
+        if len(head) > room:
+            raise DataError(f"shard header too large ({len(head)} bytes); shorten the extra metadata")
+        head = head.ljust(room, b" ")
+        self._f.flush()
+        self._f.seek(0)
+        self._f.write(MAGIC + struct.pack("<I", len(head)) + head)
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "TokenShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_tokens(path: str | Path, ids: Iterable[int] | np.ndarray, *, vocab_size: int, tokenizer: str,
+                 doc_sep: int | None = None) -> Path:
+    """Write a whole token sequence as one shard (already separated into documents by the caller)."""
+    with TokenShardWriter(path, vocab_size=vocab_size, tokenizer=tokenizer, doc_sep=doc_sep) as w:
+        w.add(ids)
+    return Path(path)
+
+
+class TokenFile:
+    """A read-only, memory-mapped token shard. `tokens` is a numpy memmap of shape (num_tokens,)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"token file not found: {self.path} (make one with `lmforge tokenizer encode`)")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            magic = f.read(len(MAGIC))
+            if magic != MAGIC:
+                raise DataError(f"{self.path} is not an lmforge token shard (bad magic bytes)")
+            raw_len = f.read(4)
+            if len(raw_len) != 4:
+                raise DataError(f"{self.path} is truncated (no header)")
+            (header_len,) = struct.unpack("<I", raw_len)
+            try:
+                self.header: dict[str, Any] = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{self.path} has a corrupt header: {e}") from e
+        for key in ("dtype", "vocab_size", "num_tokens"):
+            if key not in self.header:
+                raise DataError(f"{self.path} header lacks {key!r}; re-create the shard")
+        self.dtype = np.dtype(self.header["dtype"])
+        self.offset = _data_offset(header_len)
+        n = int(self.header["num_tokens"])
+        expected = self.offset + n * self.dtype.itemsize
+        if size != expected:
+            raise DataError(f"{self.path} is truncated or corrupt: {size} bytes, header says {expected}")
+        self.tokens = (np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(n,))
+                       if n else np.zeros(0, dtype=self.dtype))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.header["vocab_size"])
+
+    @property
+    def tokenizer(self) -> str | None:
+        return self.header.get("tokenizer")
+
+    @property
+    def doc_sep(self) -> int | None:
+        return self.header.get("doc_sep")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def check_vocab(self, model_vocab: int) -> None:
+        """Refuse shards whose ids do not fit the model's embedding table."""
+        max_id = self.header.get("max_id")
+        if max_id is None:
+            max_id = int(self.tokens.max()) if len(self.tokens) else -1
+        if max_id >= model_vocab:
+            raise DataError(
+                f"{self.path} holds token id {max_id} but the model's vocab_size is {model_vocab}; "
+                f"set model.vocab_size >= {max_id + 1} or re-tokenize"
+            )

@@ -1,0 +1,64 @@
+"""The simplest tokenizer: one id per UTF-8 byte, plus special tokens after 255."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.utils import write_json_atomic
+
+FILE_NAME = "lmforge_tokenizer.json"
+
+
+class ByteTokenizer:
+    """ids 0..255 are bytes; specials (default `<|endoftext|>`) follow. Decoding never raises:
+    invalid UTF-8 becomes U+FFFD."""
+
+    def __init__(self, special_tokens: tuple[str, ...] | list[str] = ("<|endoftext|>",)):
+        self.special_tokens = list(special_tokens)
+        self.special_ids = {s: 256 + i for i, s in enumerate(self.special_tokens)}
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.special_tokens)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.special_ids.get("<|endoftext|>")
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        out, buf = [], bytearray()
+        inv = {v: k for k, v in self.special_ids.items()}
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                buf.append(i)
+            else:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+                out.append(inv.get(i, "\ufffd"))
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_bytes(self, i: int) -> bytes:
+        return bytes([i]) if i < 256 else self.special_tokens[i - 256].encode()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        target = path / FILE_NAME if path.suffix != ".json" else path
+        write_json_atomic(target, {"type": "byte", "special_tokens": self.special_tokens})
+        return target
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ByteTokenizer":
+        return cls(tuple(d.get("special_tokens", ("<|endoftext|>",))))
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={self.vocab_size})"
+
+    def spec(self) -> str:
+        return "byte"
+
+

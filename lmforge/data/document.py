@@ -1,0 +1,67 @@
+"""The unit every pipeline stage works on: a `Document` with an id, its text (or raw bytes before
+extraction) and a metadata dict (source, url, language, scores, counts ...).
+
+A stage never deletes a document. It *rejects* it by setting `drop` to a short reason string
+("gopher:word_count", "minhash_duplicate", ...); the executor then moves it out of the live stream
+and counts the reason, so every input document ends up either kept or rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Document:
+    """One document. `raw` holds undecoded bytes (HTML, WARC payloads) until extraction fills `text`."""
+
+    id: str
+    text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    raw: bytes | None = None
+    drop: str | None = None
+
+    def reject(self, reason: str) -> None:
+        """Mark this document as dropped (the first reason wins)."""
+        if self.drop is None:
+            self.drop = reason
+
+    @property
+    def nbytes(self) -> int:
+        """Size used for the bytes-in/bytes-out report: text if extracted, else the raw payload."""
+        if self.text:
+            return len(self.text.encode("utf-8", errors="replace"))
+        return len(self.raw) if self.raw is not None else 0
+
+    def to_record(self, with_text: bool = True) -> dict[str, Any]:
+        """A JSON-serialisable dict (raw bytes are never written)."""
+        rec: dict[str, Any] = {"id": self.id}
+        if with_text:
+            rec["text"] = self.text
+        rec["meta"] = self.meta
+        if self.drop is not None:
+            rec["drop"] = self.drop
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> "Document":
+        return cls(id=str(rec["id"]), text=rec.get("text") or "", meta=dict(rec.get("meta") or {}),
+                   drop=rec.get("drop"))
+
+
+def stable_id(*parts: str | bytes) -> str:
+    """A short, deterministic id from its parts (source path, record number, url ...)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode("utf-8", errors="surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def split_dropped(docs: list[Document]) -> tuple[list[Document], list[Document]]:
+    """(kept, dropped) in input order."""
+    kept = [d for d in docs if d.drop is None]
+    dropped = [d for d in docs if d.drop is not None]
+    return kept, dropped

@@ -1,0 +1,1 @@
+"""Models: ModelConfig, the Transformer decoder and its layers, caches, HF checkpoint conversion."""

@@ -1,0 +1,1 @@
+"""Transformer building blocks, one concept per file: norm, rope, position, attention, mlp."""

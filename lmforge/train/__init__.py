@@ -1,0 +1,1 @@
+"""Pretraining: TrainConfig, the Trainer loop, token-file batches, checkpoints and metrics."""

@@ -1,0 +1,324 @@
+"""Byte-level BPE `Tokenizer`: encode/decode with special tokens, a tiktoken fast path checked against
+the pure-Python reference, streaming and batch encoding, and loading/saving in several formats.
+
+Ids: any id -> bytes table works. Encoding needs all 256 single bytes in the vocabulary. tiktoken
+merges the adjacent pair whose *concatenation* has the lowest rank, while BPE proper merges the
+earliest *pair* in the merge list; the two agree when ranks follow merge order and every token is
+built by its own merge. The fast path is used only after that is checked (see `_build_fast`), and
+falls back to the reference encoder otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import AbstractSet, Collection, Iterable, Iterator, Literal
+
+import numpy as np
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer import formats
+from lmforge.tokenizer.byte import FILE_NAME
+from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, resolve_pattern,
+                                           special_regex, split_specials)
+from lmforge.tokenizer.reference import ReferenceEncoder
+from lmforge.utils import write_json_atomic
+
+FORMAT_VERSION = 1
+_REPLACEMENT = "\ufffd".encode()
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer.
+
+    vocab: id -> token bytes; merges: ordered pairs of token bytes (each pair's concatenation must be
+    in the vocabulary); special_tokens: strings that are never split or merged (reused from the
+    vocabulary when their bytes are there, otherwise given the next free ids); pattern: "gpt2",
+    "cl100k", "o200k" or a custom pre-tokenization regex.
+    """
+
+    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
+                 special_tokens: Iterable[str] | dict[str, int] | None = None, pattern: str = "gpt2"):
+        self.pattern = resolve_pattern(pattern)
+        self.vocab = {int(i): bytes(b) for i, b in vocab.items()}
+        self.merges = [(bytes(a), bytes(b)) for a, b in merges]
+        self.special_tokens = self._place_specials(special_tokens)
+        self._specials = tuple(self.special_tokens)
+        self._check_tables()
+        self._decode_table = [_REPLACEMENT] * self.vocab_size
+        for i, b in self.vocab.items():
+            self._decode_table[i] = b
+        self.reference = ReferenceEncoder(self.pattern, self._ranks, self._merged, self._byte_ids)
+        self._enc, self._rank_to_id = self._build_fast()
+        self.path: Path | None = None
+
+    # ---- construction ----------------------------------------------------------------------------
+
+    def _place_specials(self, specials: Iterable[str] | dict[str, int] | None) -> dict[str, int]:
+        if isinstance(specials, dict):
+            check_specials(specials)
+            for s, i in specials.items():
+                if i in self.vocab and self.vocab[i] != s.encode():
+                    raise ConfigError(f"special token {s!r} id {i} collides with token {self.vocab[i]!r}")
+                self.vocab[i] = s.encode()
+            return dict(specials)
+        by_bytes = {b: i for i, b in self.vocab.items()}
+        out: dict[str, int] = {}
+        next_id = max(self.vocab, default=-1) + 1
+        for s in check_specials(specials):
+            if s.encode() in by_bytes:
+                out[s] = by_bytes[s.encode()]
+            else:
+                out[s], next_id = next_id, next_id + 1
+                self.vocab[out[s]] = s.encode()
+        return out
+
+    def _check_tables(self) -> None:
+        special_ids = set(self.special_tokens.values())
+        if len(special_ids) != len(self.special_tokens):
+            raise ConfigError(f"two special tokens share an id: {self.special_tokens}")
+        self._by_bytes: dict[bytes, int] = {}
+        for i, b in sorted(self.vocab.items()):
+            if i < 0:
+                raise ConfigError(f"token id {i} is negative")
+            if i not in special_ids:
+                if b in self._by_bytes:
+                    raise ConfigError(f"token bytes {b!r} appear twice in the vocabulary (ids {self._by_bytes[b]}, {i})")
+                self._by_bytes[b] = i
+        missing = [x for x in range(256) if bytes([x]) not in self._by_bytes]
+        if missing:
+            raise ConfigError(f"vocabulary lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]}); "
+                              "byte-level BPE needs all 256")
+        self._byte_ids = [self._by_bytes[bytes([x])] for x in range(256)]
+        self._ranks: dict[tuple[int, int], int] = {}
+        self._merged: dict[tuple[int, int], int] = {}
+        for r, (a, b) in enumerate(self.merges):
+            try:
+                pair, new = (self._by_bytes[a], self._by_bytes[b]), self._by_bytes[a + b]
+            except KeyError as e:
+                raise ConfigError(f"merge #{r} ({a!r}, {b!r}) uses a token missing from the vocabulary: {e}") from e
+            if pair not in self._ranks:
+                self._ranks[pair], self._merged[pair] = r, new
+
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """tiktoken ranks, equal to the ids: needs ids that grow with merge order."""
+        ids = [self._by_bytes[a + b] for a, b in self.merges]
+        if any(x >= y for x, y in zip(ids, ids[1:])) or (ids and ids[0] < max(self._byte_ids)):
+            raise ConfigError("token ids do not follow merge order, so they cannot serve as tiktoken ranks")
+        return {**{bytes([x]): self._byte_ids[x] for x in range(256)}, **{a + b: i for (a, b), i in
+                                                                         zip(self.merges, ids)}}
+
+    def _build_fast(self):
+        """A tiktoken Encoding whose ranks are merge priorities (bytes 0..255, merge k -> 256 + k), plus
+        the rank -> id map when ids differ from ranks; (None, None) when tiktoken would disagree."""
+        try:
+            import tiktoken
+        except ImportError:
+            return None, None
+        made = [a + b for a, b in self.merges]
+        if len(set(made)) != len(made):
+            return None, None  # one token made by two merges: tiktoken's ranks cannot express that
+        ranks = {bytes([x]): x for x in range(256)}
+        ranks.update({t: 256 + k for k, t in enumerate(made)})
+        rank_to_id = np.array(self._byte_ids + [self._by_bytes[t] for t in made], dtype=np.int64)
+        identity = bool(np.array_equal(rank_to_id, np.arange(len(rank_to_id))))
+        enc = tiktoken.Encoding(f"lmforge-{id(self)}", pat_str=self.pattern, mergeable_ranks=ranks,
+                                special_tokens={})
+        # Each token must come out of both encoders as itself-or-the-same-split; a token built from a
+        # pair other than its merge (which tiktoken would still form) shows up here.
+        for k, t in enumerate(made):
+            fast = enc._encode_single_piece(t) if hasattr(enc, "_encode_single_piece") else [256 + k]
+            if [int(rank_to_id[r]) for r in fast] != self.reference.encode_bytes(t):
+                return None, None
+        return enc, (None if identity else rank_to_id)
+
+    # ---- properties ------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab, default=-1) + 1
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.special_tokens.get("<|endoftext|>")
+
+    @property
+    def fast(self) -> bool:
+        """Whether encoding runs on tiktoken (False: the pure-Python reference)."""
+        return self._enc is not None
+
+    def token_bytes(self, i: int) -> bytes:
+        return self.vocab[i]
+
+    def spec(self) -> str:
+        """What token shards record: the saved file's path, else a content hash."""
+        if self.path is not None:
+            return str(self.path)
+        return "bpe:" + hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"specials={list(self.special_tokens)}, fast={self.fast})")
+
+    # ---- encoding --------------------------------------------------------------------------------
+
+    def _allowed(self, allowed_special, disallowed_special) -> tuple[str, ...]:
+        allowed = set(self._specials) if allowed_special == "all" else set(allowed_special)
+        if disallowed_special == "all":
+            disallowed = set(self._specials) - allowed
+        else:
+            disallowed = set(disallowed_special)
+        return tuple(sorted(allowed)), tuple(sorted(disallowed))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode treating special-token strings as plain text."""
+        try:
+            return self._ordinary(text)
+        except UnicodeEncodeError:
+            # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them with U+FFFD too.
+            return self._ordinary(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+
+    def _ordinary(self, text: str) -> list[int]:
+        if self._enc is None:
+            return self.reference.encode(text)
+        ids = self._enc.encode_ordinary(text)
+        return ids if self._rank_to_id is None else self._rank_to_id[ids].tolist()
+
+    def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = "all",
+               disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+        """Text -> ids. Specials are matched longest first. As in tiktoken, a special listed in neither
+        set is disallowed (ValueError) when disallowed_special="all"; lmforge's default allows all."""
+        allowed, disallowed = self._allowed(allowed_special, disallowed_special)
+        if disallowed:
+            m = special_regex(disallowed).search(text)
+            if m:
+                raise ValueError(f"text contains the disallowed special token {m.group()!r}; pass "
+                                 "allowed_special={...} to encode it as a special or disallowed_special=() "
+                                 "to encode it as text")
+        if not allowed or not any(s in text for s in allowed):
+            return self.encode_ordinary(text)
+        out: list[int] = []
+        for seg, is_special in split_specials(text, allowed):
+            if is_special:
+                out.append(self.special_tokens[seg])
+            else:
+                out.extend(self.encode_ordinary(seg))
+        return out
+
+    def encode_reference(self, text: str) -> list[int]:
+        """`encode` (all specials allowed) through the pure-Python reference encoder only."""
+        out: list[int] = []
+        for seg, is_special in split_specials(text, self._specials):
+            out.extend([self.special_tokens[seg]] if is_special else self.reference.encode(seg))
+        return out
+
+    def encode_batch(self, texts: list[str], *, num_threads: int = 8, **kwargs) -> list[list[int]]:
+        """Encode many texts in parallel threads (tiktoken releases the GIL while it works)."""
+        if len(texts) < 2 or num_threads <= 1:
+            return [self.encode(t, **kwargs) for t in texts]
+        with ThreadPoolExecutor(num_threads) as ex:
+            return list(ex.map(lambda t: self.encode(t, **kwargs), texts))
+
+    def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
+        """Lazily encode a stream of strings (e.g. an open file's lines) to exactly the ids of encoding
+        their concatenation. Text is cut only where tokenization cannot change (after a special token;
+        for named patterns, at a newline between printable characters), so memory stays bounded by
+        the distance between such points."""
+        longest = max((len(s) for s in self._specials), default=0)
+        parts: list[str] = []
+        size, limit = 0, buffer_chars
+        for chunk in iterable:
+            parts.append(chunk)
+            size += len(chunk)
+            if size < limit:
+                continue
+            buf = "".join(parts)
+            cut = last_safe_cut(buf, self.pattern, self._specials, len(buf) - longest)
+            if cut > 0:
+                yield from self.encode(buf[:cut])
+                buf = buf[cut:]
+                limit = buffer_chars
+            else:
+                limit *= 2  # no safe point yet: read further before looking again
+            parts, size = [buf], len(buf)
+        yield from self.encode("".join(parts))
+
+    # ---- decoding --------------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table, n = self._decode_table, len(self._decode_table)
+        return b"".join([table[i] if 0 <= i < n else _REPLACEMENT for i in map(int, ids)])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """ids -> text; bytes that are not valid UTF-8 (a partial character) become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ---- formats ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        name = next((k for k, v in PATTERNS.items() if v == self.pattern), None)
+        return {"type": "bpe", "version": FORMAT_VERSION, "pattern": name or self.pattern,
+                "special_tokens": self.special_tokens,
+                "vocab": formats.encode_vocab(self.vocab, self.special_tokens),
+                "merges": [f"{formats.bytes_to_str(a)} {formats.bytes_to_str(b)}" for a, b in self.merges]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write one JSON file: `path` itself if it ends in .json, else `path/lmforge_tokenizer.json`."""
+        path = Path(path)
+        target = path / FILE_NAME if path.suffix != ".json" else path
+        write_json_atomic(target, self.to_dict())
+        self.path = target.resolve()
+        return target
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "tokenizer") -> "Tokenizer":
+        if not isinstance(d, dict) or d.get("type") != "bpe":
+            raise DataError(f"{where} is not an lmforge BPE tokenizer (type must be 'bpe')")
+        if d.get("version") != FORMAT_VERSION:
+            raise DataError(f"{where} has format version {d.get('version')!r}; this lmforge reads {FORMAT_VERSION}")
+        try:
+            vocab = formats.decode_vocab(d["vocab"], where)
+            merges = [formats.parse_merge(m, where) for m in d["merges"]]
+            specials = {str(s): int(i) for s, i in d["special_tokens"].items()}
+            return cls(vocab, merges, specials, pattern=d["pattern"])
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise DataError(f"{where} is corrupt: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Read a file written by `save` (or the directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILE_NAME
+        tok = cls.from_dict(formats._read_json(path, "tokenizer file"), str(path))
+        tok.path = path.resolve()
+        return tok
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json: str | Path, merges_txt: str | Path) -> "Tokenizer":
+        vocab, merges, specials, pattern = formats.read_gpt2(vocab_json, merges_txt)
+        return cls(vocab, merges, specials, pattern)
+
+    def save_gpt2(self, out_dir: str | Path) -> tuple[Path, Path]:
+        return formats.write_gpt2(self, out_dir)
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> "Tokenizer":
+        """Import a byte-level BPE `tokenizer.json` (or a directory holding one)."""
+        vocab, merges, specials, pattern = formats.read_hf(path)
+        return cls(vocab, merges, specials, pattern)
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Export `tokenizer.json` that HF `tokenizers` loads and encodes to the same ids."""
+        return formats.write_hf(self, path)
+
+    @classmethod
+    def from_tiktoken(cls, path: str | Path, special_tokens: dict[str, int] | None = None,
+                      pattern: str = "gpt2") -> "Tokenizer":
+        ranks = formats.read_tiktoken(path)
+        return cls({r: b for b, r in ranks.items()}, formats.merges_from_ranks(ranks), special_tokens, pattern)
+
+    def save_tiktoken(self, path: str | Path) -> Path:
+        return formats.write_tiktoken(self, path)

@@ -1,0 +1,239 @@
+"""Byte-level BPE file formats other tools use: GPT-2's `vocab.json` + `merges.txt`, Hugging Face's
+`tokenizer.json`, and tiktoken's rank files. Each reader returns (vocab, merges, specials, pattern),
+the arguments of `lmforge.tokenizer.bpe.Tokenizer`; each writer takes a Tokenizer.
+
+GPT-2 and HF store token bytes as printable unicode strings: every byte value is mapped to one
+character (printable Latin-1 bytes to themselves, the rest to U+0100 onwards), so a byte string
+becomes a string without spaces or control characters and a merge fits on one line as "a b".
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import DataError
+from lmforge.tokenizer.pretokenize import PATTERNS
+from lmforge.utils import atomic_path, write_json_atomic
+
+Vocab = dict[int, bytes]
+Merges = list[tuple[bytes, bytes]]
+
+
+@lru_cache(maxsize=1)
+def byte_to_char() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (documented in its encoder.py)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@lru_cache(maxsize=1)
+def char_to_byte() -> dict[str, int]:
+    return {c: b for b, c in byte_to_char().items()}
+
+
+def bytes_to_str(b: bytes) -> str:
+    t = byte_to_char()
+    return "".join(t[x] for x in b)
+
+
+def str_to_bytes(s: str, where: str = "token") -> bytes:
+    t = char_to_byte()
+    try:
+        return bytes(t[c] for c in s)
+    except KeyError as e:
+        raise DataError(f"{where} {s!r} holds {e.args[0]!r}, which is not a byte-level BPE character") from e
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise DataError(f"{what} not found: {path}") from e
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path} is corrupt: {e}") from e
+
+
+def parse_merge(m: Any, where: str) -> tuple[bytes, bytes]:
+    """One merge as "a b" (GPT-2, older HF) or ["a", "b"] (newer HF) -> a pair of byte strings."""
+    parts = m.split(" ") if isinstance(m, str) else m
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+        raise DataError(f"{where}: merge {m!r} is not two tokens")
+    return str_to_bytes(parts[0], where), str_to_bytes(parts[1], where)
+
+
+def encode_vocab(vocab: Vocab, specials: dict[str, int]) -> dict[str, int]:
+    """id -> bytes to GPT-2's {printable string: id}, specials left out."""
+    special_ids = set(specials.values())
+    return {bytes_to_str(b): i for i, b in sorted(vocab.items()) if i not in special_ids}
+
+
+def decode_vocab(raw: Any, where: str) -> Vocab:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: vocab must be a JSON object of token -> id")
+    out: Vocab = {}
+    for s, i in raw.items():
+        if not isinstance(i, int) or i < 0:
+            raise DataError(f"{where}: token {s!r} has invalid id {i!r}")
+        if i in out:
+            raise DataError(f"{where}: id {i} is given to two tokens")
+        out[i] = str_to_bytes(s, where)
+    return out
+
+
+# ---- GPT-2 vocab.json + merges.txt ----------------------------------------------------------------
+
+def read_gpt2(vocab_json: str | Path, merges_txt: str | Path) -> tuple[Vocab, Merges, dict[str, int], str]:
+    """GPT-2 files. Entries of vocab.json that are not byte-level strings (e.g. `<|endoftext|>`, which
+    contains '|' only in its printable form but is a special) are taken as special tokens when they are
+    not the product of any merge; GPT-2's only such entry is `<|endoftext|>`."""
+    raw = _read_json(Path(vocab_json), "GPT-2 vocab file")
+    if not isinstance(raw, dict):
+        raise DataError(f"GPT-2 vocab file {vocab_json} is not a JSON object")
+    try:
+        lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"GPT-2 merges file {merges_txt} cannot be read: {e}") from e
+    merges = [parse_merge(ln, str(merges_txt)) for ln in lines if ln.strip() and not ln.startswith("#version")]
+    specials = {s: i for s, i in raw.items() if s.startswith("<|") and s.endswith("|>") and len(s) > 4}
+    vocab = decode_vocab({s: i for s, i in raw.items() if s not in specials}, str(vocab_json))
+    return vocab, merges, specials, "gpt2"
+
+
+def write_gpt2(tok, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write vocab.json (specials included, as GPT-2 does) and merges.txt into out_dir."""
+    out = Path(out_dir)
+    vocab = encode_vocab(tok.vocab, tok.special_tokens)
+    vocab.update(tok.special_tokens)
+    write_json_atomic(out / "vocab.json", dict(sorted(vocab.items(), key=lambda kv: kv[1])))
+    with atomic_path(out / "merges.txt") as tmp:
+        body = "\n".join(f"{bytes_to_str(a)} {bytes_to_str(b)}" for a, b in tok.merges)
+        tmp.write_text("#version: 0.2\n" + body + "\n", encoding="utf-8")
+    return out / "vocab.json", out / "merges.txt"
+
+
+# ---- Hugging Face tokenizer.json ------------------------------------------------------------------
+
+def _hf_pre_tokenizer(pattern: str) -> dict[str, Any]:
+    # HF's ByteLevel(use_regex=True) splits with GPT-2's regex itself; other regexes go in a Split
+    # step ("isolated": each match becomes its own piece) before a ByteLevel that only maps bytes.
+    if pattern == PATTERNS["gpt2"]:
+        return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ]}
+
+
+def hf_tokenizer_json(tok) -> dict[str, Any]:
+    """The tokenizer.json document for a byte-level BPE `Tokenizer`."""
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for s, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": _hf_pre_tokenizer(tok.pattern),
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": encode_vocab(tok.vocab, tok.special_tokens),
+                  "merges": [[bytes_to_str(a), bytes_to_str(b)] for a, b in tok.merges]},
+    }
+
+
+def write_hf(tok, path: str | Path) -> Path:
+    path = Path(path)
+    target = path / "tokenizer.json" if path.suffix != ".json" else path
+    write_json_atomic(target, hf_tokenizer_json(tok))
+    return target
+
+
+def _hf_pattern(pre: Any, where: str) -> str:
+    if not isinstance(pre, dict):
+        raise DataError(f"{where}: no byte-level pre_tokenizer; only byte-level BPE tokenizers can be imported")
+    if pre.get("type") == "ByteLevel":
+        if pre.get("add_prefix_space"):
+            raise DataError(f"{where}: ByteLevel add_prefix_space=true is not supported")
+        return PATTERNS["gpt2"] if pre.get("use_regex", True) else r"[\s\S]+"
+    if pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers", [])
+        splits = [s for s in steps if s.get("type") == "Split"]
+        if len(splits) == 1 and "Regex" in splits[0].get("pattern", {}) and steps[-1].get("type") == "ByteLevel":
+            return splits[0]["pattern"]["Regex"]
+    raise DataError(f"{where}: unsupported pre_tokenizer {pre.get('type')!r} (need ByteLevel or Split+ByteLevel)")
+
+
+def read_hf(path: str | Path) -> tuple[Vocab, Merges, dict[str, int], str]:
+    """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3 style) -> Tokenizer arguments."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    doc = _read_json(path, "HF tokenizer file")
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise DataError(f"{path}: not a BPE tokenizer.json (model.type must be 'BPE')")
+    specials = {t["content"]: t["id"] for t in doc.get("added_tokens", []) if isinstance(t, dict)}
+    raw_vocab = {s: i for s, i in model.get("vocab", {}).items() if s not in specials}
+    vocab = decode_vocab(raw_vocab, str(path))
+    merges = [parse_merge(m, str(path)) for m in model.get("merges", [])]
+    return vocab, merges, specials, _hf_pattern(doc.get("pre_tokenizer"), str(path))
+
+
+# ---- tiktoken rank files --------------------------------------------------------------------------
+
+def write_tiktoken(tok, path: str | Path) -> Path:
+    """tiktoken's `.tiktoken` format: one "base64(token bytes) rank" line per mergeable token. Ranks are
+    merge priorities, so this needs ids that grow with merge order (true for lmforge-trained and
+    GPT-2 tokenizers); specials are not part of the format."""
+    ranks = tok.mergeable_ranks()
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{base64.b64encode(b).decode()} {r}\n"
+                               for b, r in sorted(ranks.items(), key=lambda x: x[1])))
+    return Path(path)
+
+
+def read_tiktoken(path: str | Path) -> dict[bytes, int]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"tiktoken rank file {path} cannot be read: {e}") from e
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:
+            raise DataError(f"{path} line {n} is not 'base64 rank': {line[:60]!r}") from e
+    return ranks
+
+
+def merges_from_ranks(ranks: dict[bytes, int]) -> Merges:
+    """Recover the merge list from ranks: a token of rank r is what BPE makes of its own bytes using
+    only tokens of lower rank, which must be exactly two parts (tiktoken's own consistency rule)."""
+    merges: list[tuple[int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], 1 << 62))
+            joined = parts[best] + parts[best + 1]
+            if ranks.get(joined, 1 << 62) >= rank:
+                break
+            parts[best:best + 2] = [joined]
+        if len(parts) != 2:
+            raise DataError(f"rank file is inconsistent: token {token!r} (rank {rank}) is not one merge of "
+                            f"lower-ranked tokens")
+        merges.append((rank, parts[0], parts[1]))
+    return [(a, b) for _, a, b in sorted(merges)]

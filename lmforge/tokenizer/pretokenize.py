@@ -1,0 +1,150 @@
+"""Pre-tokenization for byte-level BPE: the split patterns, special-token splitting, and the places
+where a text may be cut without changing how it is tokenized.
+
+BPE merges never cross pre-token boundaries, so everything that parallelises or streams (training,
+`encode_iterable`, the shard encoder) cuts text only at points that are pre-token boundaries whatever
+follows, and encodes the pieces independently.
+"""
+
+from __future__ import annotations
+
+import re as _re
+from functools import lru_cache
+from typing import Iterable, Iterator
+
+import regex
+
+from lmforge.errors import ConfigError
+
+# The regexes GPT-2 (r50k), GPT-4 (cl100k) and GPT-4o (o200k) split text with, as written in
+# tiktoken's openai_public definitions (possessive quantifiers are only a speed-up: `\s++$|\s+(?!\S)|\s`
+# splits exactly like GPT-2's original `\s+(?!\S)|\s+`).
+PATTERNS: dict[str, str] = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+    "cl100k": (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+               r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""),
+    "o200k": "|".join([
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+""",
+    ]),
+}
+
+# A newline between two printable ASCII characters ("x\ny") is a pre-token boundary for every named
+# pattern, whatever comes before or after: no alternative matches a newline followed by a non-space,
+# and the newline itself is a one-character token whether or not the text ends right after it. Custom
+# patterns get no such guarantee, so their text is only cut at special tokens and document ends.
+_SAFE_CUT = _re.compile(r"(?<=[!-~]\n)(?=[!-~])")
+_SAFE_CUT_BYTES = _re.compile(rb"[!-~]\n[!-~]")
+
+
+def resolve_pattern(pattern: str) -> str:
+    """A pattern name ("gpt2", "cl100k", "o200k") or a custom regex -> the regex string."""
+    pat = PATTERNS.get(pattern, pattern)
+    try:
+        compile_pattern(pat)
+    except regex.error as e:
+        raise ConfigError(f"pre-tokenization pattern {pattern!r} is not a valid regex: {e}") from e
+    return pat
+
+
+@lru_cache(maxsize=16)
+def compile_pattern(pat: str) -> regex.Pattern:
+    return regex.compile(pat)
+
+
+def has_safe_cuts(pat: str) -> bool:
+    """Whether `_SAFE_CUT` points are pre-token boundaries for this regex (true for the named ones)."""
+    return pat in PATTERNS.values()
+
+
+def check_specials(special_tokens: Iterable[str] | None) -> list[str]:
+    """Validate special tokens: non-empty strings, no duplicates. Returns them as a list."""
+    out: list[str] = []
+    for s in special_tokens or ():
+        if not isinstance(s, str) or not s:
+            raise ConfigError(f"special tokens must be non-empty strings, got {s!r}")
+        if s in out:
+            raise ConfigError(f"special token {s!r} is given twice")
+        out.append(s)
+    return out
+
+
+@lru_cache(maxsize=64)
+def special_regex(specials: tuple[str, ...]) -> _re.Pattern | None:
+    """Alternation of the specials, longest first: Python's regex alternation is leftmost-first, so
+    ordering by length makes `<|a|><|a|>` win over `<|a|>` when both are registered."""
+    if not specials:
+        return None
+    ordered = sorted(specials, key=lambda s: (-len(s), s))
+    return _re.compile("|".join(_re.escape(s) for s in ordered))
+
+
+def split_specials(text: str, specials: tuple[str, ...]) -> Iterator[tuple[str, bool]]:
+    """Yield (segment, is_special) in order; ordinary segments may be empty-free, specials are whole."""
+    rx = special_regex(specials)
+    if rx is None:
+        if text:
+            yield text, False
+        return
+    pos = 0
+    for m in rx.finditer(text):
+        if m.start() > pos:
+            yield text[pos:m.start()], False
+        yield m.group(), True
+        pos = m.end()
+    if pos < len(text):
+        yield text[pos:], False
+
+
+def safe_pieces(text: str, pat: str) -> list[str]:
+    """Cut ordinary text (no specials) at safe boundaries; the pieces pre-tokenize independently."""
+    if not has_safe_cuts(pat):
+        return [text]
+    return _SAFE_CUT.split(text)
+
+
+def last_safe_cut(text: str, pat: str, specials: tuple[str, ...], end: int) -> int:
+    """The largest cut position p <= end such that `text[:p]` and `text[p:]` encode independently to
+    the same ids as `text`, whatever characters later follow `text`; 0 when there is none.
+
+    `end` must leave room for the longest special after it, so every special match that starts
+    before `end` is already complete in `text` (a longer special cannot extend past the end).
+    """
+    cuts: list[int] = []
+    spans: list[tuple[int, int]] = []
+    rx = special_regex(specials)
+    if rx is not None:
+        for m in rx.finditer(text, 0, len(text)):
+            if m.start() >= end:
+                break
+            spans.append((m.start(), m.end()))
+            if m.end() <= end:
+                cuts.append(m.end())
+    if has_safe_cuts(pat):
+        for m in _SAFE_CUT.finditer(text, max(0, end - (1 << 16)), end):
+            p = m.start()
+            if not any(s < p < e for s, e in spans):
+                cuts.append(p)
+    return max(cuts, default=0)
+
+
+def _specials_nest(specials: tuple[str, ...]) -> bool:
+    """True when some special occurs inside another one after its first character; then the start
+    of a special occurrence is not necessarily where a special match starts."""
+    return any(s in t[1:] for s in specials for t in specials)
+
+
+def safe_byte_cut(data: bytes, start: int, pat: str, specials: tuple[str, ...]) -> int:
+    """First position >= start in `data` where the byte stream may be cut: the start of a special
+    token, or (named patterns) just after a newline between printable ASCII bytes. -1 if none."""
+    best = -1
+    for s in () if _specials_nest(specials) else specials:
+        i = data.find(s.encode("utf-8"), start)
+        if i != -1 and (best == -1 or i < best):
+            best = i
+    if has_safe_cuts(pat):
+        m = _SAFE_CUT_BYTES.search(data, max(0, start - 1))
+        if m is not None and (best == -1 or m.start() + 2 < best):
+            best = m.start() + 2
+    return best

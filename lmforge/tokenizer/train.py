@@ -1,0 +1,277 @@
+"""Train a byte-level BPE tokenizer (Sennrich et al. 2016, with GPT-2's byte-level twist).
+
+Two phases:
+1. Count pre-tokens. Input is cut into chunks at special tokens, document ends, or newlines that are
+   pre-token boundaries (`pretokenize.safe_byte_cut`); worker processes count the pre-tokens of each
+   chunk and the parent adds the counts up, so memory holds one chunk per worker plus the table of
+   distinct pre-tokens, however large the corpus. Within a chunk, identical pieces (lines) are
+   pre-tokenized once.
+2. Merge. Each distinct pre-token is a list of token ids with a count. Pair counts live in a dict, an
+   index maps each pair to the pre-tokens that contain it, and a heap ordered by (count, pair bytes)
+   gives the next merge. A merge rewrites only the pre-tokens in the index of the merged pair and
+   updates the counts of the pairs that changed, instead of recounting everything.
+
+The most frequent pair wins; ties go to the lexicographically greater pair of byte strings, so the
+same corpus always gives the same merges.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import Counter, defaultdict, deque
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer.pretokenize import (check_specials, compile_pattern, resolve_pattern, safe_byte_cut,
+                                           safe_pieces, split_specials)
+
+CHUNK_BYTES = 4 << 20  # per worker task: big enough to amortise process overhead, small for memory
+_INLINE_BYTES = 2 << 20  # below this, counting in-process beats starting workers
+
+
+# ---- phase 1: pre-token counts ----------------------------------------------------------------------
+
+def decode_counting(data: bytes) -> tuple[str, int]:
+    """UTF-8 decode; undecodable bytes become U+FFFD and are counted (so callers can report them)."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="surrogateescape")
+        bad = sum(1 for ch in text if "\udc80" <= ch <= "\udcff")
+        return "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in text), bad
+
+
+def count_text(text: str, pat: str, specials: tuple[str, ...]) -> Counter:
+    """Pre-token (bytes) -> count for one text; specials are cut out and not counted."""
+    rx = compile_pattern(pat)
+    pieces: Counter = Counter()
+    for seg, is_special in split_specials(text, specials):
+        if not is_special:
+            pieces.update(safe_pieces(seg, pat))
+    counts: Counter = Counter()
+    for piece, n in pieces.items():
+        for tok in rx.findall(piece):
+            counts[tok] += n
+    return Counter({t.encode("utf-8"): n for t, n in counts.items()})
+
+
+def _count_range(task: tuple[str, int, int, str, tuple[str, ...]]) -> tuple[Counter, int, int]:
+    path, start, end, pat, specials = task
+    with open(path, "rb") as f:
+        f.seek(start)
+        text, bad = decode_counting(f.read(end - start))
+    return count_text(text, pat, specials), end - start, bad
+
+
+def _count_texts(task: tuple[list[str], str, tuple[str, ...]]) -> tuple[Counter, int, int]:
+    texts, pat, specials = task
+    total: Counter = Counter()
+    size = 0
+    for t in texts:
+        total.update(count_text(t, pat, specials))
+        size += len(t)
+    return total, size, 0
+
+
+def file_ranges(path: Path, pat: str, specials: tuple[str, ...], chunk: int | None = None) -> list[tuple[int, int]]:
+    """Cut a file into byte ranges of about `chunk` bytes at safe points (see `safe_byte_cut`); a file
+    with no safe point (e.g. a custom pattern and no specials) stays whole."""
+    chunk = chunk or CHUNK_BYTES
+    size = path.stat().st_size
+    bounds, pos = [0], chunk
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            window = f.read(1 << 20)
+            cut = safe_byte_cut(window, 0, pat, specials) if window else -1
+            if cut == -1:
+                pos += len(window) or size  # nothing safe here: look further on
+                continue
+            bounds.append(pos + cut)
+            pos = pos + cut + chunk
+    bounds.append(size)
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _tasks(source, pat: str, specials: tuple[str, ...]) -> tuple[Iterator, int | None]:
+    """Worker tasks and the total input size in bytes (None for a stream of texts)."""
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    if isinstance(source, (list, tuple)) and all(isinstance(s, (str, os.PathLike)) for s in source):
+        paths = [Path(s) for s in source]
+        for p in paths:
+            if not p.is_file():
+                raise DataError(f"training input not found: {p}")
+        total = sum(p.stat().st_size for p in paths)
+        tasks = ((str(p), a, b, pat, specials) for p in paths for a, b in file_ranges(p, pat, specials))
+        return ((_count_range, t) for t in tasks), total
+
+    def batches() -> Iterator:
+        batch, size = [], 0
+        for text in source:
+            if not isinstance(text, str):
+                raise DataError(f"training texts must be str, got {type(text).__name__}")
+            batch.append(text)
+            size += len(text)
+            if size >= CHUNK_BYTES:
+                yield _count_texts, (batch, pat, specials)
+                batch, size = [], 0
+        if batch:
+            yield _count_texts, (batch, pat, specials)
+
+    return batches(), None
+
+
+def _call(fn_task):
+    fn, task = fn_task
+    return fn(task)
+
+
+def count_pretokens(source, pat: str, specials: tuple[str, ...], workers: int | None = None) -> tuple[Counter, dict]:
+    """Pre-token counts over files (paths) or an iterable of texts, with worker processes."""
+    tasks, total = _tasks(source, pat, specials)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    counts: Counter = Counter()
+    stats = {"bytes": 0, "undecodable_bytes": 0}
+
+    def add(result: tuple[Counter, int, int]) -> None:
+        c, size, bad = result
+        counts.update(c)
+        stats["bytes"] += size
+        stats["undecodable_bytes"] += bad
+
+    if workers <= 1 or (total is not None and total < _INLINE_BYTES):
+        for t in tasks:
+            add(_call(t))
+        return counts, stats
+    import multiprocessing as mp
+
+    # At most 2 tasks per worker in flight, so a long stream of texts is never all in memory.
+    with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers) as pool:
+        pending: deque = deque()
+        for t in tasks:
+            pending.append(pool.apply_async(_call, (t,)))
+            while len(pending) >= 2 * workers:
+                add(pending.popleft().get())
+        while pending:
+            add(pending.popleft().get())
+    return counts, stats
+
+
+# ---- phase 2: merges ------------------------------------------------------------------------------
+
+def _desc_key(b: bytes) -> tuple[int, ...]:
+    """A key that sorts byte strings in *descending* order under Python's tuple comparison (the heap is
+    a min-heap and ties must go to the greater pair): bytes inverted, and a terminator above any
+    inverted byte so that a prefix sorts after the longer string."""
+    return tuple(255 - x for x in b) + (256,)
+
+
+class _MergeState:
+    """Distinct pre-tokens as id lists with counts, pair counts, the pair -> pre-tokens index, the heap."""
+
+    def __init__(self, word_counts: dict[bytes, int]):
+        self.words = [list(w) for w in word_counts if len(w) > 1]
+        self.counts = [n for w, n in word_counts.items() if len(w) > 1]
+        self.tokens = [bytes([i]) for i in range(256)]
+        self.keys = [_desc_key(t) for t in self.tokens]
+        self.pairs: dict[tuple[int, int], int] = defaultdict(int)
+        self.where: dict[tuple[int, int], set[int]] = defaultdict(set)
+        for wi, (w, n) in enumerate(zip(self.words, self.counts)):
+            for p in zip(w, w[1:]):
+                self.pairs[p] += n
+                self.where[p].add(wi)
+        self.heap = [(-n, self.keys[a], self.keys[b], a, b) for (a, b), n in self.pairs.items()]
+        heapq.heapify(self.heap)
+
+    def pop_best(self) -> tuple[int, int] | None:
+        """The most frequent pair (ties: greater bytes), skipping heap entries that went stale."""
+        while self.heap:
+            neg, _, _, a, b = heapq.heappop(self.heap)
+            if -neg > 0 and self.pairs.get((a, b)) == -neg:
+                return a, b
+        return None
+
+    def merge(self, a: int, b: int) -> int:
+        new = len(self.tokens)
+        self.tokens.append(self.tokens[a] + self.tokens[b])
+        self.keys.append(_desc_key(self.tokens[new]))
+        delta: dict[tuple[int, int], int] = defaultdict(int)
+        for wi in self.where.pop((a, b), ()):
+            w, n = self.words[wi], self.counts[wi]
+            out, i, last = [], 0, len(w) - 1
+            while i <= last:
+                if i < last and w[i] == a and w[i + 1] == b:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            if len(out) == len(w):
+                continue  # stale index entry: an earlier merge already removed the pair here
+            for p in zip(w, w[1:]):
+                delta[p] -= n
+            for p in zip(out, out[1:]):
+                delta[p] += n
+                self.where[p].add(wi)
+            self.words[wi] = out
+        self.pairs.pop((a, b), None)
+        for p, d in delta.items():
+            if d and p != (a, b):
+                n = self.pairs[p] = self.pairs[p] + d
+                if n > 0:
+                    heapq.heappush(self.heap, (-n, self.keys[p[0]], self.keys[p[1]], p[0], p[1]))
+        return new
+
+
+def learn_merges(word_counts: dict[bytes, int], num_merges: int, progress: bool = True) -> list[tuple[bytes, bytes]]:
+    """The first `num_merges` BPE merges of a pre-token -> count table (fewer if pairs run out)."""
+    from tqdm.auto import tqdm
+
+    state = _MergeState(word_counts)
+    merges: list[tuple[bytes, bytes]] = []
+    with tqdm(total=num_merges, desc="bpe merges", unit="merge", disable=not progress, leave=False) as bar:
+        while len(merges) < num_merges:
+            best = state.pop_best()
+            if best is None:
+                break
+            state.merge(*best)
+            merges.append((state.tokens[best[0]], state.tokens[best[1]]))
+            bar.update(1)
+    return merges
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+
+def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str] | Iterable[os.PathLike], vocab_size: int,
+              special_tokens: Iterable[str] = (), pattern: str = "gpt2", *, workers: int | None = None,
+              progress: bool = True, stats: dict | None = None):
+    """Train a byte-level BPE `Tokenizer` with `vocab_size` tokens: 256 bytes, the specials, then merges.
+
+    files_or_iterator: a path, a list/tuple of paths, or any other iterable of texts (each a document).
+    pattern: "gpt2", "cl100k", "o200k" or a custom pre-tokenization regex.
+    stats: if given, filled with bytes read and undecodable bytes (replaced by U+FFFD and counted).
+    """
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    specials = tuple(check_specials(special_tokens))
+    pat = resolve_pattern(pattern)
+    if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
+        raise ConfigError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 + "
+                          f"{len(specials)} special tokens = {256 + len(specials)}")
+    counts, info = count_pretokens(files_or_iterator, pat, specials, workers)
+    if info["bytes"] == 0 or not counts:
+        raise DataError("training input is empty: no text to learn merges from")
+    if info["undecodable_bytes"] and progress:
+        print(f"warning: {info['undecodable_bytes']} undecodable byte(s) in the input were replaced by U+FFFD")
+    if stats is not None:
+        stats.update(info, distinct_pretokens=len(counts))
+    merges = learn_merges(counts, vocab_size - 256 - len(specials), progress)
+    vocab = {i: bytes([i]) for i in range(256)}
+    for k, s in enumerate(specials):
+        vocab[256 + k] = s.encode("utf-8")
+    for k, (a, b) in enumerate(merges):
+        vocab[256 + len(specials) + k] = a + b
+    return Tokenizer(vocab, merges, {s: 256 + k for k, s in enumerate(specials)}, pattern=pattern)

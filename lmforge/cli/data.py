@@ -1,0 +1,98 @@
+"""`lmforge data ...`: run pipelines, list stages, train the quality classifier."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional
+
+import tyro
+
+from lmforge.cli.common import parse_config, run_group
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunArgs:
+    """Run (or resume) a data pipeline described by a TOML file."""
+
+    pipeline: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PIPELINE.toml")]
+    workers: Optional[int] = None  # overrides the file's `workers`
+    executor: Optional[Literal["local", "ray"]] = None  # overrides the file's `executor`
+    output: Optional[str] = None  # overrides [output] dir
+    progress: bool = True
+
+
+def run(argv: list[str]) -> int:
+    from lmforge.data.pipeline import load_pipeline
+    from lmforge.data.report import report_markdown
+
+    args = parse_config(RunArgs, argv, prog="lmforge data run", description=RunArgs.__doc__ or "",
+                        config_file=False)
+    cfg = load_pipeline(args.pipeline)
+    changes: dict = {"progress": args.progress}
+    if args.workers is not None:
+        changes["workers"] = args.workers
+    if args.executor is not None:
+        changes["executor"] = args.executor
+    if args.output is not None:
+        changes["output"] = dataclasses.replace(cfg.output, dir=args.output)
+    cfg = dataclasses.replace(cfg, **changes)
+    if cfg.executor == "ray":
+        from lmforge.data.ray_executor import run_ray
+
+        report = run_ray(cfg)
+    else:
+        from lmforge.data.executor import run_local
+
+        report = run_local(cfg)
+    print(report_markdown(report))
+    print(f"kept documents: {report['output']}; report: {cfg.output.dir}/report.md")
+    return 0 if report["balance"]["balanced"] else 1
+
+
+def stages(argv: list[str]) -> int:
+    from lmforge.data.stages import STAGES
+
+    for name, spec in STAGES.items():
+        fields = ", ".join(f.name for f in dataclasses.fields(spec.config))
+        print(f"{name:<14} {spec.kind:<6} {spec.help}\n{'':<22}options: {fields}")
+    return 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainClassifierArgs:
+    """Train the hashed n-gram (fastText-style) quality classifier from positive and negative files
+    (JSONL with a text field, Parquet, or plain text with one example per line)."""
+
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    out: str
+    text_key: str = "text"
+    holdout: float = 0.1  # share of examples kept aside to report accuracy
+    buckets: int = 1 << 18
+    dim: int = 16
+    ngrams: int = 2
+    epochs: int = 5
+    lr: float = 0.5
+    seed: int = 0
+
+
+def train_classifier_cmd(argv: list[str]) -> int:
+    from lmforge.data.classifier import ClassifierConfig
+    from lmforge.data.classifier_train import train_from_files
+
+    a = parse_config(TrainClassifierArgs, argv, prog="lmforge data train-classifier",
+                     description=TrainClassifierArgs.__doc__ or "")
+    cfg = ClassifierConfig(buckets=a.buckets, dim=a.dim, ngrams=a.ngrams, epochs=a.epochs, lr=a.lr, seed=a.seed)
+    result = train_from_files(a.positive, a.negative, a.out, cfg=cfg, text_key=a.text_key, holdout=a.holdout)
+    print(f"trained on {result['train']} examples; held-out accuracy {result['holdout_accuracy']:.3f} "
+          f"on {result['holdout']}; saved to {a.out}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_group("data", argv, {
+        "run": (run, "run or resume a pipeline: lmforge data run pipeline.toml [--workers N]"),
+        "stages": (stages, "list the stages a pipeline can use, with their options"),
+        "train-classifier": (train_classifier_cmd, "train the fastText-style quality classifier"),
+    })

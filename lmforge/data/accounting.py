@@ -1,0 +1,79 @@
+"""Per-stage accounting shared by the executors: documents and bytes in/out, rejection reasons and
+stage counters, so the report can prove that every input document was kept or rejected with a reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Iterable
+
+from lmforge.data.document import Document
+from lmforge.data.stage import StageContext, StageSpec, run_stage
+
+
+def stage_record(name: str) -> dict[str, Any]:
+    return {"name": name, "docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0, "added": 0,
+            "seconds": 0.0, "rejected": {}}
+
+
+def read_stage(docs: Iterable[Document]) -> tuple[list[Document], list[Document], dict[str, Any]]:
+    """The pseudo-stage "read": reader errors and empty documents are rejected here."""
+    rec = stage_record("read")
+    live, dropped = [], []
+    reasons: Counter[str] = Counter()
+    for d in docs:
+        rec["docs_in"] += 1
+        rec["bytes_in"] += d.nbytes
+        if d.drop is None and not d.text.strip() and not d.raw:
+            d.reject("empty")
+        if d.drop is not None:
+            reasons[d.drop] += 1
+            dropped.append(d)
+        else:
+            live.append(d)
+            rec["bytes_out"] += d.nbytes
+    rec["docs_out"] = len(live)
+    rec["rejected"] = dict(reasons)
+    return live, dropped, rec
+
+
+def apply_stage(spec: StageSpec, cfg: Any, live: list[Document], ctx: StageContext
+                ) -> tuple[list[Document], list[Document], dict[str, Any]]:
+    """Run one stage on the live documents; returns (still live, newly rejected, stats record)."""
+    rec = stage_record(spec.name)
+    rec["docs_in"] = len(live)
+    rec["bytes_in"] = sum(d.nbytes for d in live)
+    ids_in = {id(d) for d in live}
+    t0 = time.perf_counter()
+    out = run_stage(spec, cfg, live, ctx) if live else []
+    rec["seconds"] = time.perf_counter() - t0
+    rec["added"] = sum(1 for d in out if id(d) not in ids_in)
+    kept = [d for d in out if d.drop is None]
+    dropped = [d for d in out if d.drop is not None]
+    rec["docs_out"] = len(kept)
+    rec["bytes_out"] = sum(d.nbytes for d in kept)
+    rec["rejected"] = dict(Counter(d.drop for d in dropped))
+    return kept, dropped, rec
+
+
+def merge_stats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sum per-shard stage records stage by stage (same stage order in every shard)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for r in records:
+        m = merged.setdefault(r["name"], stage_record(r["name"]))
+        for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "added", "seconds"):
+            m[k] += r.get(k, 0)
+        for reason, n in r["rejected"].items():
+            m["rejected"][reason] = m["rejected"].get(reason, 0) + n
+    return list(merged.values())
+
+
+def balance(stages: list[dict[str, Any]], kept: int) -> dict[str, Any]:
+    """input + added == kept + rejected, the invariant of issue 6 ("nothing lost")."""
+    read = next((s for s in stages if s["name"] == "read"), None)
+    docs_in = read["docs_in"] if read else 0
+    added = sum(s["added"] for s in stages)
+    rejected = sum(sum(s["rejected"].values()) for s in stages)
+    return {"input_docs": docs_in, "added_docs": added, "kept_docs": kept, "rejected_docs": rejected,
+            "balanced": docs_in + added == kept + rejected}

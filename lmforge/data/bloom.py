@@ -1,0 +1,103 @@
+"""Bloom-filter deduplication of paragraphs or n-gram spans, as in Dolma (Soldaini et al. 2024), which
+streams a corpus once through a single Bloom filter instead of holding every hash in memory.
+
+Filter size for n expected items at false-positive rate p (Bloom 1970): m = -n ln p / (ln 2)^2 bits
+and k = (m / n) ln 2 hash functions; the k positions come from two 64-bit hashes by double hashing
+(Kirsch & Mitzenmacher 2006): g_i = h1 + i h2 mod m.
+A false positive removes a paragraph that was not a duplicate, so p bounds the over-removal rate.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmforge.config import check
+from lmforge.data.document import Document
+from lmforge.data.exact import set_kept_lines
+from lmforge.data.hashing import mix64, ngram_hashes, normalize_words, word_hashes
+from lmforge.data.stage import StageContext
+
+_PARA = re.compile(r"\n")
+
+
+class BloomFilter:
+    """A bit array with k hash functions, sized for `capacity` items at `fp_rate`."""
+
+    def __init__(self, capacity: int, fp_rate: float):
+        self.m = max(64, int(math.ceil(-capacity * math.log(fp_rate) / math.log(2) ** 2)))
+        self.k = max(1, int(round(self.m / capacity * math.log(2))))
+        self.bits = np.zeros((self.m + 7) // 8, dtype=np.uint8)
+
+    def _positions(self, h: np.ndarray) -> np.ndarray:
+        """(len(h), k) bit positions for uint64 item hashes h."""
+        h1 = h.astype(np.uint64)
+        h2 = mix64(h1 ^ np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+        i = np.arange(self.k, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            return (h1[:, None] + i[None, :] * h2[:, None]) % np.uint64(self.m)
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        """(len(h),) bool: every bit set (maybe seen; false positives at rate ~fp_rate)."""
+        pos = self._positions(h)
+        bit = (self.bits[(pos >> np.uint64(3)).astype(np.int64)] >> (pos & np.uint64(7)).astype(np.uint8)) & 1
+        return bit.all(axis=1)
+
+    def add(self, h: np.ndarray) -> None:
+        pos = self._positions(h).ravel()
+        np.bitwise_or.at(self.bits, (pos >> np.uint64(3)).astype(np.int64),
+                         (np.uint8(1) << (pos & np.uint64(7)).astype(np.uint8)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BloomDedupConfig:
+    """unit: "paragraph" removes a paragraph seen before; "ngram" removes a paragraph when at least
+    `overlap` of its word n-grams were seen before (Dolma's n-gram mode). capacity: expected distinct
+    items; fp_rate: target false-positive rate; min_words: shorter paragraphs are never removed."""
+
+    unit: str = "paragraph"
+    ngram: int = 13
+    overlap: float = 0.8
+    capacity: int = 1_000_000
+    fp_rate: float = 1e-4
+    min_words: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.unit in ("paragraph", "ngram"), f"bloom.unit must be 'paragraph' or 'ngram', got {self.unit!r}")
+        check(0.0 < self.fp_rate < 1.0, f"bloom.fp_rate must be in (0, 1), got {self.fp_rate}")
+        check(self.capacity >= 1, f"bloom.capacity must be >= 1, got {self.capacity}")
+        check(0.0 < self.overlap <= 1.0, f"bloom.overlap must be in (0, 1], got {self.overlap}")
+
+
+def _para_hashes(para: str, cfg: BloomDedupConfig) -> np.ndarray:
+    wh = word_hashes(normalize_words(para))
+    if cfg.unit == "paragraph":
+        return ngram_hashes(wh, max(len(wh), 1))[:1]
+    return ngram_hashes(wh, cfg.ngram)
+
+
+def bloom_dedup(cfg: BloomDedupConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Global (sequential) stage: drop paragraphs already seen; reject a document left empty
+    (`bloom:empty`). `meta.paragraphs_removed` counts removals."""
+    bf = BloomFilter(cfg.capacity, cfg.fp_rate)
+    for d in docs:
+        kept, removed = [], 0
+        for para in _PARA.split(d.text):
+            if len(para.split()) < cfg.min_words:
+                kept.append(para)
+                continue
+            h = _para_hashes(para, cfg)
+            if len(h) == 0:
+                kept.append(para)
+                continue
+            seen = bf.contains(h)
+            bf.add(h)
+            if seen.mean() >= (1.0 if cfg.unit == "paragraph" else cfg.overlap):
+                removed += 1
+            else:
+                kept.append(para)
+        set_kept_lines(d, kept, removed, "paragraphs_removed", "bloom", ctx)
+    return docs

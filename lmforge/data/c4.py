@@ -1,0 +1,113 @@
+"""C4's clean-up rules (Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", Sec. 2.2).
+
+Line rules remove lines (counted in `c4.line_*` counters and `meta.c4_lines_removed`): lines not ending
+in terminal punctuation, lines with fewer than 3 words, lines mentioning "javascript", cookie/policy
+boilerplate. Page rules reject the document: "lorem ipsum", a curly brace (code), a word from the
+bad-words list (C4 used the "List of Dirty, Naughty, Obscene, and Otherwise Bad Words"; lmforge ships
+none and takes yours through `bad_words` / `bad_words_file`), and too few sentences left.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.config import check
+from lmforge.data.document import Document
+from lmforge.data.stage import StageContext
+from lmforge.errors import DataError
+
+TERMINAL = (".", "!", "?", '"', "'", "”", "’")
+POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
+_WORD = re.compile(r"[\w']+")
+
+
+@dataclass(frozen=True, kw_only=True)
+class C4Config:
+    """Switches and thresholds of each C4 rule; bad_words / bad_words_file: the bad-words hook."""
+
+    terminal_punct: bool = True
+    min_words_per_line: int = 3
+    drop_javascript_lines: bool = True
+    drop_policy_lines: bool = True
+    drop_lorem_ipsum: bool = True
+    drop_curly_braces: bool = True
+    min_sentences: int = 5
+    bad_words: tuple[str, ...] = ()
+    bad_words_file: str = ""
+
+    def __post_init__(self) -> None:
+        check(self.min_words_per_line >= 0, f"c4.min_words_per_line must be >= 0, got {self.min_words_per_line}")
+        check(self.min_sentences >= 0, f"c4.min_sentences must be >= 0, got {self.min_sentences}")
+        check(not self.bad_words_file or Path(self.bad_words_file).is_file(),
+              f"c4.bad_words_file not found: {self.bad_words_file}")
+
+
+@functools.lru_cache(maxsize=8)
+def _bad_words(words: tuple[str, ...], path: str) -> frozenset[str]:
+    out = {w.strip().lower() for w in words if w.strip()}
+    if path:
+        try:
+            out |= {ln.strip().lower() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()}
+        except OSError as e:
+            raise DataError(f"cannot read c4.bad_words_file {path}: {e}") from e
+    return frozenset(out)
+
+
+def _line_rule(line: str, cfg: C4Config) -> str | None:
+    """The rule that removes this line, or None to keep it."""
+    low = line.lower()
+    if cfg.drop_javascript_lines and "javascript" in low:
+        return "javascript"
+    if cfg.drop_policy_lines and any(p in low for p in POLICY):
+        return "policy"
+    if cfg.terminal_punct and not line.endswith(TERMINAL):
+        return "no_terminal_punct"
+    if len(line.split()) < cfg.min_words_per_line:
+        return "too_few_words"
+    return None
+
+
+def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple[str | None, str]:
+    """(cleaned text, "") or (None, page rule) when the page is rejected."""
+    low = text.lower()
+    if cfg.drop_lorem_ipsum and "lorem ipsum" in low:
+        return None, "lorem_ipsum"
+    if cfg.drop_curly_braces and ("{" in text or "}" in text):
+        return None, "curly_brace"
+    bad = _bad_words(cfg.bad_words, cfg.bad_words_file)
+    if bad:
+        multi = [w for w in bad if " " in w]
+        if any(w in bad for w in _WORD.findall(low)) or any(w in low for w in multi):
+            return None, "bad_words"
+    kept = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        rule = _line_rule(line, cfg)
+        if rule is None:
+            kept.append(line)
+        elif ctx is not None:
+            ctx.count(f"c4.line_{rule}")
+    out = "\n".join(kept)
+    if len(_SENTENCE_END.findall(out)) < cfg.min_sentences:
+        return None, "too_few_sentences"
+    return out, ""
+
+
+def c4(cfg: C4Config, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Apply C4's line and page rules; reason `c4:<page rule>`."""
+    for d in docs:
+        before = d.text.count("\n") + 1
+        out, rule = clean_c4(d.text, cfg, ctx)
+        if out is None:
+            ctx.count(f"c4.{rule}")
+            d.reject(f"c4:{rule}")
+            continue
+        d.meta["c4_lines_removed"] = before - (out.count("\n") + 1)
+        d.text = out
+    return docs

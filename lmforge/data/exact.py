@@ -1,0 +1,105 @@
+"""Exact deduplication: whole documents by content hash, and lines across a corpus.
+
+Line-level dedup follows CCNet (Wenzek et al. 2019), which removes paragraphs (newline-separated
+lines) occurring elsewhere in the corpus: mode "all" drops every copy of a line seen more than once
+(CCNet's choice: repeated lines are boilerplate wherever they appear); mode "first" keeps its first
+occurrence. Lines are compared after normalisation (lowercase, digits to 0, whitespace collapsed), as
+CCNet does, so dates and counters do not hide boilerplate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from lmforge.config import check
+from lmforge.data.document import Document
+from lmforge.data.stage import StageContext
+
+_DIGITS = re.compile(r"\d")
+
+
+def content_hash(text: str, normalize: bool = True) -> bytes:
+    if normalize:
+        text = " ".join(text.lower().split())
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExactDedupConfig:
+    """normalize: compare after lowercasing and collapsing whitespace."""
+
+    normalize: bool = True
+
+
+def exact_dedup(cfg: ExactDedupConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Global stage: keep the first document with each content hash; later copies are rejected
+    `exact_duplicate` with `meta.dup_of`."""
+    first: dict[bytes, str] = {}
+    for d in docs:
+        h = content_hash(d.text, cfg.normalize)
+        if h in first:
+            d.meta["dup_of"] = first[h]
+            d.reject("exact_duplicate")
+        else:
+            first[h] = d.id
+    return docs
+
+
+@dataclass(frozen=True, kw_only=True)
+class LineDedupConfig:
+    """mode: "all" drops every copy of a repeated line, "first" keeps the first; min_chars: shorter
+    lines are never treated as duplicates (kept as they are)."""
+
+    mode: str = "all"
+    min_chars: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.mode in ("all", "first"), f"line_dedup.mode must be 'all' or 'first', got {self.mode!r}")
+        check(self.min_chars >= 0, f"line_dedup.min_chars must be >= 0, got {self.min_chars}")
+
+
+def line_key(line: str) -> bytes:
+    norm = _DIGITS.sub("0", " ".join(line.lower().split()))
+    return hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+def line_dedup(cfg: LineDedupConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Global stage: remove duplicated lines corpus-wide; a document left empty is rejected
+    `line_dedup:empty`. `meta.lines_removed` counts removals."""
+    def eligible(line: str) -> bool:
+        return bool(line.strip()) and len(line.strip()) >= cfg.min_chars
+
+    counts: Counter[bytes] = Counter()
+    if cfg.mode == "all":
+        for d in docs:
+            counts.update(line_key(ln) for ln in d.text.split("\n") if eligible(ln))
+    seen: set[bytes] = set()
+    for d in docs:
+        kept, removed = [], 0
+        for ln in d.text.split("\n"):
+            if not eligible(ln):
+                kept.append(ln)
+                continue
+            k = line_key(ln)
+            dup = counts[k] > 1 if cfg.mode == "all" else k in seen
+            seen.add(k)
+            if dup:
+                removed += 1
+            else:
+                kept.append(ln)
+        set_kept_lines(d, kept, removed, "lines_removed", "line_dedup", ctx)
+    return docs
+
+
+def set_kept_lines(d: Document, kept: list[str], removed: int, meta_key: str, stage: str,
+                   ctx: StageContext) -> None:
+    """Write back the surviving lines of a line/paragraph dedup; reject `<stage>:empty` if none remain."""
+    if removed:
+        d.meta[meta_key] = removed
+        ctx.count(f"{stage}.{meta_key}", removed)
+        d.text = "\n".join(kept).strip()
+    if not d.text.strip():
+        d.reject(f"{stage}:empty")

@@ -1,0 +1,197 @@
+"""The local executor: runs a pipeline's phases over shards with a multiprocessing pool.
+
+Run directory layout (output.dir):
+    pipeline.json                      the resolved pipeline (a rerun with another pipeline is refused)
+    data/<shard>.<fmt>                 kept documents
+    rejected/p<phase>-<shard>.jsonl    rejected documents: id, metadata, drop reason
+    _work/p<phase>/<shard>.jsonl       documents between phases (deleted when the run completes)
+    _work/p<phase>/<shard>.done.json   completion marker + that shard's statistics
+    report.json / report.md / report.png
+
+A shard whose marker exists is skipped, so a killed run resumes where it stopped; markers are written
+(atomically) only after the shard's outputs are in place.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lmforge.data.accounting import apply_stage, balance, merge_stats, read_stage, stage_record
+from lmforge.data.document import Document
+from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs
+from lmforge.data.readers import read_documents
+from lmforge.data.report import write_report
+from lmforge.data.stage import StageContext
+from lmforge.data.writers import write_docs, write_jsonl
+from lmforge.errors import ConfigError
+from lmforge.utils import write_json_atomic
+
+
+class RunLayout:
+    """Paths of one run directory."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.output.dir)
+        self.n_phases = len(phases(cfg.built_stages()))
+
+    def live(self, p: int, shard: str) -> Path:
+        if p == self.n_phases - 1:
+            return self.root / "data" / f"{shard}.{self.cfg.output.format}"
+        return self.root / "_work" / f"p{p}" / f"{shard}.jsonl"
+
+    def marker(self, p: int, shard: str) -> Path:
+        return self.root / "_work" / f"p{p}" / f"{shard}.done.json"
+
+    def rejected(self, p: int, shard: str) -> Path:
+        return self.root / "rejected" / f"p{p}-{shard}.jsonl"
+
+
+def stage_labels(cfg: PipelineConfig) -> list[str]:
+    names = [t.get("stage", "?") for t in cfg.stages]
+    return [n if names.count(n) == 1 else f"{n}[{i}]" for i, n in enumerate(names)]
+
+
+def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path]
+                ) -> tuple[list[Document], list[Document], list[dict[str, Any]]]:
+    """(live docs, rejected at read, stage records) entering phase p for one shard."""
+    if p > 0:
+        return list(read_documents(layout.live(p - 1, shard))), [], []
+    live, dropped, rec = read_stage(read_inputs(cfg.input, files))
+    return live, dropped, [rec]
+
+
+def _finish_shard(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, live: list[Document],
+                  dropped: list[Document], records: list[dict[str, Any]], counters: dict[str, int]) -> dict:
+    fmt = cfg.output.format if p == layout.n_phases - 1 else "jsonl"
+    write_docs(layout.live(p, shard), live, "parquet" if fmt == "parquet" else "jsonl")
+    write_jsonl(layout.rejected(p, shard), dropped, with_text=cfg.output.rejected_text)
+    stats = {"shard": shard, "phase": p, "stages": records, "counters": counters, "kept": len(live)}
+    write_json_atomic(layout.marker(p, shard), stats)
+    return stats
+
+
+def run_map_shard(cfg: PipelineConfig, p: int, shard: str, files: list[Path]) -> dict[str, Any]:
+    """One shard through one map phase (runs in a worker process)."""
+    layout = RunLayout(cfg)
+    stages = phases(cfg.built_stages())[p]
+    labels = stage_labels(cfg)
+    first = sum(len(ph) for ph in phases(cfg.built_stages())[:p])
+    live, dropped, records = _load_input(cfg, layout, p, shard, files)
+    ctx = StageContext(shard=shard, workdir=layout.root)
+    for k, (spec, scfg) in enumerate(stages):
+        live, gone, rec = apply_stage(spec, scfg, live, ctx)
+        rec["name"] = labels[first + k]
+        dropped += gone
+        records.append(rec)
+    return _finish_shard(cfg, layout, p, shard, live, dropped, records, ctx.counters)
+
+
+def _run_map_shard_args(args: tuple) -> dict[str, Any]:
+    return run_map_shard(*args)
+
+
+def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]]) -> list[dict[str, Any]]:
+    """A corpus-wide stage over every shard's documents at once; outputs keep the shard split."""
+    layout = RunLayout(cfg)
+    (spec, scfg), = phases(cfg.built_stages())[p]
+    label = stage_labels(cfg)[sum(len(ph) for ph in phases(cfg.built_stages())[:p])]
+    per_shard = {s: _load_input(cfg, layout, p, s, files) for s, files in shards.items()}
+    owner = {}
+    all_live: list[Document] = []
+    for s, (live, _, _) in per_shard.items():
+        for d in live:
+            owner[id(d)] = s
+        all_live += live
+    ctx = StageContext(shard="global", workdir=layout.root)
+    t0 = time.perf_counter()
+    out = spec.fn(scfg, all_live, ctx) if all_live else []
+    seconds = time.perf_counter() - t0
+    out_stats = []
+    for i, (s, (live, dropped, records)) in enumerate(per_shard.items()):
+        mine = [d for d in out if owner.get(id(d)) == s]
+        kept, gone = [d for d in mine if d.drop is None], [d for d in mine if d.drop is not None]
+        rec = stage_record(label)
+        rec.update(docs_in=len(live), bytes_in=sum(d.nbytes for d in live), docs_out=len(kept),
+                   bytes_out=sum(d.nbytes for d in kept), rejected=dict(Counter(d.drop for d in gone)),
+                   seconds=seconds if i == 0 else 0.0)
+        # corpus-wide counters are reported once, with the first shard
+        out_stats.append(_finish_shard(cfg, layout, p, s, kept, dropped + gone, records + [rec],
+                                       ctx.counters if i == 0 else {}))
+    return out_stats
+
+
+def _check_run_dir(cfg: PipelineConfig) -> None:
+    root = Path(cfg.output.dir)
+    saved = root / "pipeline.json"
+    mine = {"input": asdict(cfg.input), "stages": [dict(t) for t in cfg.stages], "output_format": cfg.output.format}
+    mine = json.loads(json.dumps(mine))
+    if saved.is_file() and json.loads(saved.read_text()) != mine:
+        raise ConfigError(f"{root} holds a run of a different pipeline; choose a new output.dir or delete it")
+    write_json_atomic(saved, mine)
+
+
+def run_local(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns the report (also written to output.dir)."""
+    from tqdm.auto import tqdm
+
+    _check_run_dir(cfg)
+    layout = RunLayout(cfg)
+    shards = make_shards(cfg.input)
+    all_stats: list[dict[str, Any]] = []
+    skipped = processed = 0
+    for p, phase in enumerate(phases(cfg.built_stages())):
+        done = {s: json.loads(layout.marker(p, s).read_text()) for s in shards if layout.marker(p, s).is_file()}
+        todo = [s for s in shards if s not in done]
+        skipped += len(done)
+        processed += len(todo)
+        desc = f"phase {p + 1}/{layout.n_phases} [{', '.join(spec.name for spec, _ in phase) or 'copy'}]"
+        if not todo:
+            all_stats += done.values()
+            continue
+        if phase and phase[0][0].kind == "global":
+            new = run_global_phase(cfg, p, shards) if done.keys() != shards.keys() else []
+            done = {st["shard"]: st for st in new}
+        else:
+            bar = tqdm(total=len(shards), initial=len(done), desc=desc, disable=not cfg.progress, unit="shard")
+            args = [(cfg, p, s, shards[s]) for s in todo]
+            if cfg.workers == 1 or len(todo) == 1:
+                results = (run_map_shard(*a) for a in args)
+                for st in results:
+                    done[st["shard"]] = st
+                    bar.update()
+            else:
+                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                with ctx.Pool(min(cfg.workers, len(todo))) as pool:
+                    for st in pool.imap_unordered(_run_map_shard_args, args):
+                        done[st["shard"]] = st
+                        bar.update()
+            bar.close()
+        all_stats += [done[s] for s in shards]
+        if p > 0:
+            for s in shards:
+                layout.live(p - 1, s).unlink(missing_ok=True)
+    report = build_report(cfg, all_stats, layout)
+    report["shards"] = {"total": len(shards), "processed": processed, "skipped": skipped}
+    write_report(report, layout.root, cfg.output.plot)
+    return report
+
+
+def build_report(cfg: PipelineConfig, all_stats: list[dict[str, Any]], layout: RunLayout) -> dict[str, Any]:
+    """Merge shard statistics in pipeline order."""
+    records = [r for st in sorted(all_stats, key=lambda s: (s["phase"], s["shard"])) for r in st["stages"]]
+    stages = merge_stats(records)
+    counters: dict[str, int] = {}
+    for st in all_stats:
+        for k, v in st["counters"].items():
+            counters[k] = counters.get(k, 0) + v
+    last = layout.n_phases - 1
+    kept = sum(st["kept"] for st in all_stats if st["phase"] == last)
+    return {"stages": stages, "counters": counters, "balance": balance(stages, kept),
+            "output": str(layout.root / "data")}

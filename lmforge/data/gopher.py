@@ -1,0 +1,161 @@
+"""Gopher heuristic quality and repetition filters (Rae et al. 2021, "Scaling Language Models:
+Methods, Analysis & Insights from Training Gopher", Appendix A.1.1, Table A1). Defaults are the
+paper's thresholds. Every rule that fails is counted (`gopher.<rule>` counters); the document's drop
+reason is the first failing rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from lmforge.config import check
+from lmforge.data.document import Document
+from lmforge.data.stage import StageContext
+
+STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
+BULLETS = ("•", "‣", "○", "●", "◦", "▪", "-", "*", "·")
+_PARAGRAPHS = re.compile(r"\n\s*\n")
+_PUNCT_STRIP = "\"'“”‘’.,;:!?()[]{}«»"
+
+
+def words_of(text: str) -> list[str]:
+    """Whitespace tokens, as Gopher counts words."""
+    return text.split()
+
+
+@dataclass(frozen=True, kw_only=True)
+class GopherConfig:
+    """Thresholds of Gopher's quality rules (Table A1) and repetition rules (Table A2)."""
+
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
+    stop_words: tuple[str, ...] = STOP_WORDS
+    repetition: bool = True
+    max_dup_line_frac: float = 0.30
+    max_dup_para_frac: float = 0.30
+    max_dup_line_char_frac: float = 0.20
+    max_dup_para_char_frac: float = 0.20
+    top_ngram_max_char_frac: tuple[float, ...] = (0.20, 0.18, 0.16)  # n = 2, 3, 4
+    dup_ngram_max_char_frac: tuple[float, ...] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)  # n = 5..10
+
+    def __post_init__(self) -> None:
+        check(0 <= self.min_words <= self.max_words, f"gopher: need 0 <= min_words <= max_words, got "
+              f"{self.min_words}, {self.max_words}")
+        check(len(self.top_ngram_max_char_frac) == 3, "gopher.top_ngram_max_char_frac needs 3 values (n=2,3,4)")
+        check(len(self.dup_ngram_max_char_frac) == 6, "gopher.dup_ngram_max_char_frac needs 6 values (n=5..10)")
+
+
+def quality_failures(text: str, cfg: GopherConfig) -> list[str]:
+    """Names of the failing quality rules (Table A1), in the paper's order."""
+    words = words_of(text)
+    n = len(words)
+    fails = []
+    if not cfg.min_words <= n <= cfg.max_words:
+        fails.append("word_count")
+    if n == 0:
+        return fails
+    mean_len = sum(len(w) for w in words) / n
+    if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
+        fails.append("mean_word_length")
+    symbols = text.count("#") + text.count("...") + text.count("…")
+    if symbols / n > cfg.max_symbol_word_ratio:
+        fails.append("symbol_word_ratio")
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    if lines and sum(ln.startswith(BULLETS) for ln in lines) / len(lines) > cfg.max_bullet_lines_ratio:
+        fails.append("bullet_lines")
+    if lines and sum(ln.endswith(("...", "…")) for ln in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
+        fails.append("ellipsis_lines")
+    if sum(any(c.isalpha() for c in w) for w in words) / n < cfg.min_alpha_words_ratio:
+        fails.append("alpha_words")
+    stop = set(cfg.stop_words)
+    if sum(w.lower().strip(_PUNCT_STRIP) in stop for w in words) < cfg.min_stop_words:
+        fails.append("stop_words")
+    return fails
+
+
+def _dup_fractions(pieces: list[str]) -> tuple[float, float]:
+    """(fraction of pieces that repeat an earlier one, fraction of characters in those repeats)."""
+    if not pieces:
+        return 0.0, 0.0
+    seen: set[str] = set()
+    dup_n = dup_chars = 0
+    for p in pieces:
+        if p in seen:
+            dup_n += 1
+            dup_chars += len(p)
+        seen.add(p)
+    total = sum(len(p) for p in pieces)
+    return dup_n / len(pieces), dup_chars / max(total, 1)
+
+
+def top_ngram_char_frac(words: list[str], n: int) -> float:
+    """Characters covered by the most frequent word n-gram (count x its characters) / all word characters."""
+    if len(words) < n:
+        return 0.0
+    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    gram, count = grams.most_common(1)[0]
+    if count < 2:
+        return 0.0
+    return count * sum(len(w) for w in gram) / max(sum(len(w) for w in words), 1)
+
+
+def dup_ngram_char_frac(words: list[str], n: int) -> float:
+    """Characters of the words covered by any n-gram occurring more than once / all word characters
+    (each word counted once even if several duplicate n-grams cover it)."""
+    if len(words) < n:
+        return 0.0
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    covered = bytearray(len(words))
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i:i + n] = b"\1" * n
+    dup = sum(len(w) for w, c in zip(words, covered) if c)
+    return dup / max(sum(len(w) for w in words), 1)
+
+
+def repetition_failures(text: str, cfg: GopherConfig) -> list[str]:
+    """Names of the failing repetition rules (Table A2)."""
+    fails = []
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    paras = [p for p in _PARAGRAPHS.split(text) if p.strip()]
+    line_frac, line_chars = _dup_fractions(lines)
+    para_frac, para_chars = _dup_fractions(paras)
+    if line_frac > cfg.max_dup_line_frac:
+        fails.append("dup_line_frac")
+    if para_frac > cfg.max_dup_para_frac:
+        fails.append("dup_para_frac")
+    if line_chars > cfg.max_dup_line_char_frac:
+        fails.append("dup_line_char_frac")
+    if para_chars > cfg.max_dup_para_char_frac:
+        fails.append("dup_para_char_frac")
+    words = words_of(text)
+    for n, thr in zip((2, 3, 4), cfg.top_ngram_max_char_frac):
+        if top_ngram_char_frac(words, n) > thr:
+            fails.append(f"top_{n}gram")
+    for n, thr in zip(range(5, 11), cfg.dup_ngram_max_char_frac):
+        if dup_ngram_char_frac(words, n) > thr:
+            fails.append(f"dup_{n}gram")
+    return fails
+
+
+def gopher(cfg: GopherConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Reject documents failing any Gopher rule; reason `gopher:<first failing rule>`."""
+    for d in docs:
+        fails = quality_failures(d.text, cfg)
+        if cfg.repetition and len(words_of(d.text)) <= cfg.max_words:
+            fails += repetition_failures(d.text, cfg)
+        for f in fails:
+            ctx.count(f"gopher.{f}")
+        if fails:
+            d.reject(f"gopher:{fails[0]}")
+    return docs

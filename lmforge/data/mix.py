@@ -1,0 +1,59 @@
+"""Mixing sources by weight: each document is repeated floor(w) times plus once more with probability
+frac(w), where w is the weight of its source (so w = 0.5 keeps about half, w = 2 doubles it), the way
+GPT-3 and The Pile up-weight high-quality sources by epochs. The draw is a hash of (seed, id), so it is
+the same in every worker and every rerun.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass, field, replace
+
+from lmforge.config import check
+from lmforge.data.document import Document
+from lmforge.data.stage import StageContext
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixConfig:
+    """weights: {pattern: weight}, patterns (fnmatch) matched against `meta[key]` in the given order;
+    default_weight for documents no pattern matches."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    key: str = "source"
+    default_weight: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for k, w in {**self.weights, "default_weight": self.default_weight}.items():
+            check(isinstance(w, (int, float)) and w >= 0, f"mix.weights[{k!r}] must be a number >= 0, got {w!r}")
+
+
+def weight_of(doc: Document, cfg: MixConfig) -> float:
+    value = str(doc.meta.get(cfg.key, ""))
+    for pattern, w in cfg.weights.items():
+        if fnmatch.fnmatchcase(value, pattern):
+            return float(w)
+    return cfg.default_weight
+
+
+def _uniform(seed: int, doc_id: str) -> float:
+    h = hashlib.blake2b(f"{seed}\0{doc_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+def mix(cfg: MixConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Reject (`mix:downsampled`) or repeat each document per its source's weight; copies get ids
+    `<id>#mix<k>` and `meta.mix_copy = k`."""
+    out: list[Document] = []
+    for d in docs:
+        w = weight_of(d, cfg)
+        copies = int(w) + (1 if _uniform(cfg.seed, d.id) < w - int(w) else 0)
+        if copies == 0:
+            d.reject("mix:downsampled")
+        out.append(d)
+        for k in range(1, copies):
+            out.append(replace(d, id=f"{d.id}#mix{k}", meta={**d.meta, "mix_copy": k}))
+            ctx.count("mix.copies_added")
+    return out

@@ -1,0 +1,102 @@
+"""CCNet-style perplexity filtering (Wenzek et al. 2019): score each document with a language model
+trained on high-quality text; low perplexity = close to that text. CCNet used a KenLM 5-gram trained
+on Wikipedia and split each language into head / middle / tail thirds by perplexity; here any lmforge
+causal LM scores the text: a module honouring `model(input_ids: LongTensor[B, T]) -> logits[B, T, V]`
+plus a tokenizer with `encode()`.
+
+`model` in the config is a spec: "pkg.module:factory" (a callable returning `(model, tokenizer)`) or a
+checkpoint directory loaded with `lmforge.Transformer.from_pretrained` and the tokenizer saved beside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import check
+from lmforge.data.document import Document
+from lmforge.data.stage import StageContext
+from lmforge.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerplexityConfig:
+    """model: spec (see module doc); max_perplexity: reject above it (0 = score only); head_max /
+    middle_max: CCNet bucket boundaries (0 = no buckets); context: tokens per forward pass;
+    max_tokens: tokens scored per document (the start of it)."""
+
+    model: str
+    tokenizer: str = ""
+    max_perplexity: float = 0.0
+    head_max: float = 0.0
+    middle_max: float = 0.0
+    context: int = 256
+    max_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        check(bool(self.model), "perplexity.model must name a checkpoint directory or 'module:factory'")
+        check(self.max_perplexity >= 0, f"perplexity.max_perplexity must be >= 0, got {self.max_perplexity}")
+        check(self.context >= 2, f"perplexity.context must be >= 2, got {self.context}")
+        check(self.head_max <= self.middle_max, "perplexity.head_max must be <= middle_max")
+
+
+@functools.lru_cache(maxsize=2)
+def load_scorer(spec: str, tokenizer: str = "") -> tuple[Any, Any]:
+    """(model, tokenizer) from a spec (cached per process)."""
+    if ":" in spec and not Path(spec).exists():
+        mod, _, name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"perplexity.model {spec!r}: cannot import {name} from {mod}: {e}") from e
+        return factory()
+    import lmforge
+    from lmforge.tokenizer.load import load_tokenizer
+
+    model = lmforge.Transformer.from_pretrained(spec)
+    return model.eval(), load_tokenizer(tokenizer or spec)
+
+
+def perplexity(model: Any, tokenizer: Any, text: str, context: int = 256, max_tokens: int = 1024) -> float:
+    """exp(mean next-token negative log-likelihood) over the first max_tokens tokens, scored in
+    non-overlapping windows of `context` tokens. inf for texts of fewer than 2 tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = list(tokenizer.encode(text))[:max_tokens]
+    if len(ids) < 2:
+        return math.inf
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, context):
+            window = torch.tensor(ids[start:start + context + 1], dtype=torch.long)[None]  # (1, T+1)
+            if window.shape[1] < 2:
+                break
+            logits = model(window[:, :-1])  # (1, T, V)
+            loss = F.cross_entropy(logits[0].float(), window[0, 1:], reduction="sum")
+            nll += float(loss)
+            count += window.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def score_documents(model: Any, tokenizer: Any, docs: list[Document], cfg: PerplexityConfig
+                    ) -> list[Document]:
+    """Set `meta.perplexity` (and `meta.ccnet_bucket`); reject `perplexity:too_high`."""
+    for d in docs:
+        ppl = perplexity(model, tokenizer, d.text, cfg.context, cfg.max_tokens)
+        d.meta["perplexity"] = round(ppl, 3) if math.isfinite(ppl) else None
+        if cfg.middle_max > 0:
+            d.meta["ccnet_bucket"] = ("head" if ppl <= cfg.head_max else
+                                      "middle" if ppl <= cfg.middle_max else "tail")
+        if cfg.max_perplexity > 0 and not ppl <= cfg.max_perplexity:
+            d.reject("perplexity:too_high")
+    return docs
+
+
+def perplexity_filter(cfg: PerplexityConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
+    model, tokenizer = load_scorer(cfg.model, cfg.tokenizer)
+    return score_documents(model, tokenizer, docs, cfg)

@@ -1,0 +1,89 @@
+"""PII masking: e-mail addresses, US phone numbers, IPv4 and IPv6 addresses become replacement tokens
+(the `|||EMAIL_ADDRESS|||` style of Dolma, Soldaini et al. 2024), with counts per document in
+`meta.pii`. Regexes find candidates; IP candidates are validated with `ipaddress` so that version
+strings and clock times are not masked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from lmforge.config import check
+from lmforge.data.document import Document
+from lmforge.data.stage import StageContext
+
+EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# US numbers: optional +1 / 1 country code, area code bare or in parentheses, then 3 + 4 digits.
+# The two separators after a bare area code must agree (555-123-4567, 555.123.4567, 555 123 4567), so
+# dates like 2020-01-1234 or decimals are not taken for phones.
+PHONE = re.compile(
+    r"(?<![\w+])(?:\+?1[\s.-]?)?"
+    r"(?:\(\d{3}\)[\s.-]?\d{3}[\s.-]\d{4}|\d{3}([\s.-])\d{3}\1\d{4})"
+    r"(?![\w-])"
+)
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d+\.\d+\.\d+\.\d+|[0-9A-Fa-f]{0,4})(?![\w:]|\.\d)")
+
+TOKENS = {"email": "|||EMAIL_ADDRESS|||", "phone": "|||PHONE_NUMBER|||", "ip": "|||IP_ADDRESS|||"}
+KINDS = ("email", "phone", "ipv4", "ipv6")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PIIConfig:
+    """kinds: which PII to mask (email, phone, ipv4, ipv6); tokens: the replacement strings."""
+
+    kinds: tuple[str, ...] = KINDS
+    email_token: str = TOKENS["email"]
+    phone_token: str = TOKENS["phone"]
+    ip_token: str = TOKENS["ip"]
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kinds if k not in KINDS]
+        check(not bad, f"pii.kinds has unknown kind {bad[0] if bad else ''!r}; choose from {', '.join(KINDS)}")
+
+
+def _valid_ipv6(s: str) -> bool:
+    if not any(c.isdigit() for c in s):  # "a::b", "c::" are scope operators, not addresses
+        return False
+    try:
+        ipaddress.IPv6Address(s)
+        return True
+    except ValueError:
+        return False
+
+
+def mask_pii(text: str, cfg: PIIConfig = PIIConfig()) -> tuple[str, dict[str, int]]:
+    """(masked text, {kind: count}). Order matters: e-mails first (their local parts may hold digits),
+    IPv6 before IPv4 (an IPv6 address may end in a dotted IPv4)."""
+    counts = {k: 0 for k in cfg.kinds}
+
+    def sub(pattern: re.Pattern, kind: str, token: str, text: str, valid=None) -> str:
+        def repl(m: re.Match) -> str:
+            if valid is not None and not valid(m.group(0)):
+                return m.group(0)
+            counts[kind] += 1
+            return token
+        return pattern.sub(repl, text)
+
+    if "email" in cfg.kinds:
+        text = sub(EMAIL, "email", cfg.email_token, text)
+    if "ipv6" in cfg.kinds:
+        text = sub(IPV6_CANDIDATE, "ipv6", cfg.ip_token, text, _valid_ipv6)
+    if "ipv4" in cfg.kinds:
+        text = sub(IPV4, "ipv4", cfg.ip_token, text)
+    if "phone" in cfg.kinds:
+        text = sub(PHONE, "phone", cfg.phone_token, text)
+    return text, counts
+
+
+def pii(cfg: PIIConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Mask PII in place; `meta.pii` holds the non-zero counts. Never rejects."""
+    for d in docs:
+        d.text, counts = mask_pii(d.text, cfg)
+        found = {k: v for k, v in counts.items() if v}
+        if found:
+            d.meta["pii"] = found
+    return docs

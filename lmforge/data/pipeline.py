@@ -1,0 +1,154 @@
+"""Pipeline configuration: a TOML file with [input], [output] and an ordered list of [[stages]].
+
+    [input]
+    paths = ["../shared/data/web_html/*.html"]
+    files_per_shard = 20
+
+    [output]
+    dir = "runs/web"
+    format = "jsonl.gz"
+
+    [[stages]]
+    stage = "extract"
+
+    [[stages]]
+    stage = "langid"
+    languages = ["en"]
+    threshold = 0.65
+
+Stages are grouped into phases: a run of consecutive map stages is one phase (run per shard, in
+parallel); each global stage (dedup) is a phase of its own over the whole corpus.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmforge.config import check, from_dict, load_toml
+from lmforge.data.document import Document
+from lmforge.data.readers import FORMATS, detect_format, read_documents
+from lmforge.data.stage import StageSpec
+from lmforge.data.writers import WRITE_FORMATS
+from lmforge.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputConfig:
+    """paths: files, directories or glob patterns; format: a reader name or "auto"; files_per_shard:
+    input files grouped into one shard (one unit of parallel work and of resumption)."""
+
+    paths: tuple[str, ...]
+    format: str = "auto"
+    files_per_shard: int = 1
+    text_key: str = "text"
+    id_key: str = "id"
+    text_unit: str = "file"
+
+    def __post_init__(self) -> None:
+        check(len(self.paths) > 0, "input.paths must list at least one file, directory or glob")
+        check(self.format in (*FORMATS, "auto"), f"input.format {self.format!r} is not one of "
+              f"{', '.join(FORMATS)}, auto")
+        check(self.files_per_shard >= 1, f"input.files_per_shard must be >= 1, got {self.files_per_shard}")
+        check(self.text_unit in ("file", "line", "paragraph"),
+              f"input.text_unit must be file, line or paragraph, got {self.text_unit!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """dir: run directory (kept shards in data/, rejected records in rejected/, report.*); format of
+    the kept shards; rejected_text: also store the text of rejected documents."""
+
+    dir: str
+    format: str = "jsonl"
+    rejected_text: bool = False
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.format in WRITE_FORMATS, f"output.format {self.format!r} is not one of {', '.join(WRITE_FORMATS)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """A whole pipeline; `stages` holds one table per stage (`stage = "<name>"` plus its options)."""
+
+    input: InputConfig
+    output: OutputConfig
+    stages: tuple[dict[str, Any], ...] = ()
+    workers: int = 1
+    executor: str = "local"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        check(self.executor in ("local", "ray"), f"executor must be 'local' or 'ray', got {self.executor!r}")
+        built = self.built_stages()
+        raw_input = self.input.format in ("html", "warc") or any(
+            p.endswith((".html", ".htm", ".warc", ".warc.gz")) for p in self.input.paths)
+        if raw_input:
+            check(bool(built) and built[0][0].name == "extract",
+                  "HTML/WARC input needs `stage = \"extract\"` as the first stage")
+
+    def built_stages(self) -> list[tuple[StageSpec, Any]]:
+        from lmforge.data.stages import build_stage
+
+        return [build_stage(t, i) for i, t in enumerate(self.stages)]
+
+
+def load_pipeline(path: str | Path, **overrides: Any) -> PipelineConfig:
+    """Read a pipeline TOML file; relative input paths and output dir are resolved against the file's
+    directory unless they exist relative to the current one."""
+    data = load_toml(path)
+    data.update(overrides)
+    return from_dict(PipelineConfig, data)
+
+
+def phases(stages: list[tuple[StageSpec, Any]]) -> list[list[tuple[StageSpec, Any]]]:
+    """Consecutive map stages grouped; each global stage alone."""
+    out: list[list[tuple[StageSpec, Any]]] = []
+    for spec, cfg in stages:
+        if spec.kind == "map" and out and out[-1][0][0].kind == "map":
+            out[-1].append((spec, cfg))
+        else:
+            out.append([(spec, cfg)])
+    return out or [[]]
+
+
+def expand_inputs(cfg: InputConfig) -> list[Path]:
+    """Sorted, distinct input files."""
+    files: list[Path] = []
+    for p in cfg.paths:
+        path = Path(p)
+        if path.is_dir():
+            files += sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
+        elif any(c in p for c in "*?["):
+            files += [Path(q) for q in sorted(glob.glob(p, recursive=True)) if Path(q).is_file()]
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"input path not found: {p}")
+    seen: set[Path] = set()
+    uniq = [f for f in files if not (f in seen or seen.add(f))]
+    if not uniq:
+        raise DataError(f"no input files match {list(cfg.paths)}")
+    return uniq
+
+
+def make_shards(cfg: InputConfig) -> dict[str, list[Path]]:
+    """{shard name: its input files}."""
+    files = expand_inputs(cfg)
+    k = cfg.files_per_shard
+    return {f"shard-{i // k:05d}": files[i:i + k] for i in range(0, len(files), k)}
+
+
+def read_inputs(cfg: InputConfig, files: list[Path]) -> Iterator[Document]:
+    """Stream the documents of some input files with the reader options of `cfg`."""
+    for f in files:
+        fmt = detect_format(f) if cfg.format == "auto" else cfg.format
+        if fmt in ("jsonl", "parquet"):
+            opts: dict[str, Any] = {"text_key": cfg.text_key, "id_key": cfg.id_key}
+        else:
+            opts = {"unit": cfg.text_unit} if fmt == "text" else {}
+        yield from read_documents(f, fmt, **opts)

@@ -1,0 +1,64 @@
+"""What a pipeline stage is, and the context an executor hands it.
+
+A stage is a pair (frozen config dataclass, function). Map stages see one batch of live documents at a
+time and may run in any worker, in any order; global stages (corpus-wide dedup) see every live document
+at once. Both return the documents they were given (possibly with `drop` set, text and metadata
+changed) and may add new ones (upsampling when mixing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from lmforge.data.document import Document
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where a stage runs: the shard it is processing and a directory for side outputs (token shards)."""
+
+    shard: str = "shard-00000"
+    workdir: Path = field(default_factory=lambda: Path("."))
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add to a named counter (per-rule failures, lines removed); executors sum them into the report."""
+        self.counters[key] = self.counters.get(key, 0) + n
+
+
+StageFn = Callable[[Any, list[Document], StageContext], list[Document]]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A registered stage: its config class, its function, and whether it is per-batch or corpus-wide."""
+
+    name: str
+    config: type
+    fn: StageFn
+    kind: Literal["map", "global"] = "map"
+    help: str = ""
+
+
+def run_stage(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Apply a map stage to a batch; if it raises, retry document by document so one bad document is
+    rejected as `error:<stage>` instead of failing the run (issue 6, "nothing crashes")."""
+    try:
+        return spec.fn(cfg, docs, ctx)
+    except Exception:
+        if spec.kind != "map" or len(docs) <= 1:
+            if len(docs) == 1:
+                docs[0].reject(f"error:{spec.name}")
+                return docs
+            raise
+    out: list[Document] = []
+    for d in docs:
+        try:
+            out.extend(spec.fn(cfg, [d], ctx))
+        except Exception as e:  # the stage's own bug or a pathological document
+            d.meta.setdefault("errors", []).append(f"{spec.name}: {type(e).__name__}: {e}"[:200])
+            d.reject(f"error:{spec.name}")
+            out.append(d)
+    return out

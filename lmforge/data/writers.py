@@ -1,0 +1,98 @@
+"""Sharded writers: JSONL (optionally .gz/.zst) and Parquet, each shard holding at most
+`docs_per_shard` documents, each file appearing atomically when complete."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from lmforge.data.document import Document
+from lmforge.errors import ConfigError, require
+
+WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
+
+
+def write_jsonl(path: str | Path, docs: Iterable[Document], *, with_text: bool = True) -> int:
+    """Write documents to one JSONL file (compressed by suffix), atomically; returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    lines = [json.dumps(d.to_record(with_text), ensure_ascii=False) for d in docs]
+    data = ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8", errors="surrogatepass")
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, compresslevel=5)
+    elif path.name.endswith(".zst"):
+        data = require("zstandard", "data").ZstdCompressor(level=3).compress(data)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return len(lines)
+
+
+def write_parquet(path: str | Path, docs: Iterable[Document]) -> int:
+    """Parquet with columns id, text, meta (a JSON string: metadata is free-form), drop."""
+    pa = require("pyarrow", "data")
+    pq = require("pyarrow.parquet", "data")
+    docs = list(docs)
+    table = pa.table({
+        "id": [d.id for d in docs],
+        "text": [d.text for d in docs],
+        "meta": [json.dumps(d.meta, ensure_ascii=False) for d in docs],
+        "drop": [d.drop for d in docs],
+    })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return len(docs)
+
+
+def write_docs(path: str | Path, docs: Iterable[Document], fmt: str = "jsonl") -> int:
+    if fmt == "parquet":
+        return write_parquet(path, docs)
+    return write_jsonl(path, docs)
+
+
+class ShardedWriter:
+    """Write a stream of documents as `{prefix}-00000.{fmt}`, `{prefix}-00001.{fmt}`, ...
+
+    >>> with ShardedWriter("out", fmt="jsonl.gz", docs_per_shard=10_000) as w:
+    ...     for d in docs: w.write(d)
+    """
+
+    def __init__(self, directory: str | Path, *, prefix: str = "part", fmt: str = "jsonl",
+                 docs_per_shard: int = 100_000):
+        if fmt not in WRITE_FORMATS:
+            raise ConfigError(f"output format {fmt!r} is not one of {', '.join(WRITE_FORMATS)}")
+        if docs_per_shard < 1:
+            raise ConfigError(f"docs_per_shard must be >= 1, got {docs_per_shard}")
+        self.dir = Path(directory)
+        self.prefix, self.fmt, self.docs_per_shard = prefix, fmt, docs_per_shard
+        self.paths: list[Path] = []
+        self._buf: list[Document] = []
+
+    def write(self, doc: Document) -> None:
+        self._buf.append(doc)
+        if len(self._buf) >= self.docs_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        path = self.dir / f"{self.prefix}-{len(self.paths):05d}.{self.fmt}"
+        write_docs(path, self._buf, "parquet" if self.fmt == "parquet" else "jsonl")
+        self.paths.append(path)
+        self._buf = []
+
+    def close(self) -> list[Path]:
+        self._flush()
+        return self.paths
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,57 @@
+"""Incremental detokenization: token ids in, text pieces out, never splitting a UTF-8 character.
+
+A byte-level tokenizer can end a step in the middle of a multi-byte character (or produce bytes that
+are not UTF-8 at all). Streaming must hold the incomplete tail back until it completes, and show invalid
+bytes as U+FFFD instead of raising.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+
+class StreamDecoder:
+    """push(id) -> the new complete text; flush() -> whatever was held back (U+FFFD if never completed).
+
+    Uses the tokenizer's `token_bytes(id)` when it has one (exact bytes, fed through an incremental UTF-8
+    decoder); otherwise decodes the whole id list each step and holds back trailing U+FFFD, which is how
+    tokenizers render an incomplete character."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.by_bytes = callable(getattr(tokenizer, "token_bytes", None))
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        if self.by_bytes:
+            return self.utf8.decode(self.tok.token_bytes(int(token_id)))
+        self.ids.append(int(token_id))
+        text = safe_decode(self.tok, self.ids)
+        stable = len(text.rstrip("\ufffd"))
+        piece = text[self.emitted:stable]
+        self.emitted = max(self.emitted, stable)
+        return piece
+
+    def flush(self) -> str:
+        if self.by_bytes:
+            return self.utf8.decode(b"", final=True)
+        text = safe_decode(self.tok, self.ids)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+def safe_decode(tokenizer, ids: list[int]) -> str:
+    """tokenizer.decode that never raises on invalid UTF-8 (falls back to per-token replacement)."""
+    try:
+        return tokenizer.decode(ids)
+    except UnicodeDecodeError:
+        return "".join(_decode_one(tokenizer, i) for i in ids)
+
+
+def _decode_one(tokenizer, i: int) -> str:
+    try:
+        return tokenizer.decode([i])
+    except UnicodeDecodeError:
+        return "\ufffd"

@@ -1,0 +1,133 @@
+"""LLM: the generation engine's front door.
+
+    llm = LLM(model, tokenizer)            # or LLM.load(checkpoint_dir)
+    outs = llm.generate(["Once upon"], SamplingParams(temperature=0.8, top_p=0.95, max_tokens=64))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].outputs   # all n samples
+
+Prompts are validated and tokenized here, batched by `engine.run_batch` (or decoded one at a time by
+beam search / speculative decoding when asked), and returned as `RequestOutput`s.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.engine import PlainDecoder, Sequence, run_batch
+from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate text with any model honouring `model(ids, positions=None, cache=None) -> logits`.
+
+    draft: None, a smaller model sharing the tokenizer, or "ngram" (prompt-lookup drafting) to decode with
+    speculative decoding (batch of one row at a time; see lmforge.infer.speculative).
+    cuda_graphs: use the CUDA-graph decode path (default: when the model is on a GPU)."""
+
+    def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4,
+                 cuda_graphs: bool | None = None, max_batch_size: int = 64):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.draft = draft.eval() if isinstance(draft, torch.nn.Module) else draft
+        self.num_draft_tokens = num_draft_tokens
+        self.device = next(model.parameters()).device
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.max_batch_size = max_batch_size
+        self._graph_decoder = None
+        vocab = getattr(tokenizer, "vocab_size", None)
+        if vocab is not None and vocab > model.cfg.vocab_size:
+            raise ConfigError(f"tokenizer vocab_size={vocab} is larger than the model's "
+                              f"vocab_size={model.cfg.vocab_size}: this tokenizer was not made for this model")
+        if draft is not None and draft != "ngram" and not isinstance(draft, torch.nn.Module):
+            raise ConfigError(f"draft must be None, 'ngram' or a model, got {draft!r}")
+
+    @classmethod
+    def load(cls, path, device: str = "cpu", **kwargs) -> "LLM":
+        """Open a run or checkpoint directory written by lmforge's trainer."""
+        from lmforge.train.checkpoint import load_model
+
+        model, tokenizer = load_model(path, device=device)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    # ---------------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:
+        """Tokenize and validate one prompt (ids are checked against the model's vocabulary)."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        if not ids:
+            raise LmforgeError(f"prompt {index} is empty: give at least one token of text")
+        V = self.model.cfg.vocab_size
+        bad = [t for t in ids if not 0 <= int(t) < V]
+        if bad:
+            raise LmforgeError(f"prompt {index} has token id {bad[0]} outside the model's vocabulary [0, {V})")
+        if len(ids) >= self.max_seq_len:
+            if not params.truncate_prompt:
+                raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
+                                   f"{self.max_seq_len}; shorten it or set truncate_prompt=True")
+            ids = ids[-max(1, self.max_seq_len - params.max_tokens):]
+        return [int(t) for t in ids]
+
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None
+                 ) -> list[RequestOutput]:
+        """One RequestOutput per prompt; `params.n` samples each (RequestOutput.outputs)."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        encoded = [self.encode(p, params, i) for i, p in enumerate(prompts)]
+        if params.beam_width > 1:
+            from lmforge.infer.beam import beam_search
+
+            return [beam_search(self, p, ids, params) for p, ids in zip(prompts, encoded)]
+        if self.draft is not None:
+            from lmforge.infer.speculative import speculative_request
+
+            return [speculative_request(self, p, ids, params) for p, ids in zip(prompts, encoded)]
+        seqs = [Sequence(ids, index=j, generator=self._generator(params, j))
+                for ids in encoded for j in range(params.n)]
+        for start in range(0, len(seqs), self.max_batch_size):
+            for _ in self._run(seqs[start:start + self.max_batch_size], params):
+                pass
+        n = params.n
+        return [RequestOutput(p if isinstance(p, str) else None, ids,
+                              [s.output(params) for s in seqs[i * n:(i + 1) * n]])
+                for i, (p, ids) in enumerate(zip(prompts, encoded))]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one sample as it is produced (complete UTF-8 characters only)."""
+        params = params or SamplingParams()
+        seq = Sequence(self.encode(prompt, params), generator=self._generator(params, 0))
+        for events in self._run([seq], params):
+            for _, piece in events:
+                yield piece
+
+    # ---------------------------------------------------------------------------------------------
+    def _generator(self, params: SamplingParams, sample_index: int) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(params.seed * 1_000_003 + sample_index)
+        return g
+
+    def _decoder(self, batch_size: int, max_len: int):
+        if self.cuda_graphs:
+            from lmforge.infer.cuda_graph import GraphDecoder
+
+            if self._graph_decoder is None:
+                self._graph_decoder = GraphDecoder(self.model, self.max_batch_size, self.max_seq_len)
+            return self._graph_decoder.bind(batch_size)
+        return PlainDecoder(self.model, batch_size, max_len)
+
+    def _run(self, seqs: list[Sequence], params: SamplingParams):
+        longest = max(len(s.prompt) for s in seqs)
+        max_len = min(longest + params.max_tokens, self.max_seq_len + longest)
+        decoder = self._decoder(len(seqs), max_len)
+        return run_batch(decoder, seqs, params, self.tokenizer, vocab_size=self.model.cfg.vocab_size,
+                         max_seq_len=self.max_seq_len, device=self.device)

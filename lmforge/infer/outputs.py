@@ -1,0 +1,45 @@
+"""What `LLM.generate` returns: one RequestOutput per prompt, holding one CompletionOutput per sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    """'stop' (stop token or string) or 'length' (max_tokens or the context window)"""
+    logprobs: list[float] | None = None
+    """log-probability of each generated token under the model (log_softmax of the raw logits)"""
+    top_logprobs: list[dict[int, float]] | None = None
+    """per step, the SamplingParams.logprobs most likely tokens and their log-probabilities"""
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    metrics: dict = field(default_factory=dict)
+    """speculative decoding: acceptance rate, drafted / accepted tokens, target forwards"""
+
+    # the first sample's fields, so the common n=1 case reads outs[0].text
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        return self.outputs[0].logprobs
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason

@@ -1,0 +1,170 @@
+"""Logits processors: each is a function (logits (B, V) float, state) -> logits, from one paper's
+definition; `build_processors(params)` chains the ones a SamplingParams turns on, in the usual order:
+penalties and bias on the raw logits, then temperature, then the truncation filters (each computed on
+the distribution left by the previous one). Filters remove tokens by setting their logit to -inf and
+always keep the most likely token, so no distribution becomes empty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+
+from lmforge.infer.sampling import SamplingParams
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class TokenHistory:
+    """What the penalties look at, per row: counts (B, V) of generated tokens, and `seen` (B, V) bool for
+    tokens in the prompt or the output (the CTRL repetition penalty covers both)."""
+
+    counts: torch.Tensor
+    seen: torch.Tensor
+
+    @classmethod
+    def start(cls, prompts: list[list[int]], vocab_size: int, device=None) -> "TokenHistory":
+        counts = torch.zeros(len(prompts), vocab_size, device=device)
+        seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.as_tensor(p, dtype=torch.long, device=device)] = True
+        return cls(counts, seen)
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """tokens (B,) just generated."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.counts[rows, tokens] += 1
+        self.seen[rows, tokens] = True
+
+
+Processor = Callable[[torch.Tensor, TokenHistory | None], torch.Tensor]
+
+
+# penalties and bias -----------------------------------------------------------------------------------
+def repetition_penalty(logits: torch.Tensor, hist: TokenHistory, penalty: float) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019, eq. in §4.1): a seen token's logit is divided by the penalty when
+    positive and multiplied by it when negative, so penalty > 1 always makes it less likely."""
+    pen = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(hist.seen, pen, logits)
+
+
+def frequency_presence_penalty(logits: torch.Tensor, hist: TokenHistory, frequency: float,
+                               presence: float) -> torch.Tensor:
+    """OpenAI API: logit[j] -= frequency·count[j] + presence·[count[j] > 0], counting generated tokens."""
+    return logits - frequency * hist.counts - presence * (hist.counts > 0).to(logits.dtype)
+
+
+def logit_bias(logits: torch.Tensor, hist: TokenHistory | None, bias: dict[int, float]) -> torch.Tensor:
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    vals = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, vals.expand(logits.shape[0], -1))
+
+
+def temperature(logits: torch.Tensor, hist: TokenHistory | None, t: float) -> torch.Tensor:
+    return logits / t
+
+
+# truncation filters ---------------------------------------------------------------------------------
+def _keep(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mask out tokens where keep is False, always keeping each row's argmax."""
+    keep = keep.scatter(-1, logits.argmax(-1, keepdim=True), True)
+    return logits.masked_fill(~keep, NEG_INF)
+
+
+def top_k(logits: torch.Tensor, hist: TokenHistory | None, k: int) -> torch.Tensor:
+    """Keep the k largest logits (ties with the k-th are kept too) (Fan et al. 2018)."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return _keep(logits, logits >= kth)
+
+
+def top_p(logits: torch.Tensor, hist: TokenHistory | None, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020, eq. 2): the smallest set of most likely tokens whose
+    probability mass reaches p."""
+    probs, order = logits.softmax(-1).sort(-1, descending=True)
+    mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
+    keep_sorted = mass_before < p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return _keep(logits, keep)
+
+
+def min_p(logits: torch.Tensor, hist: TokenHistory | None, p: float) -> torch.Tensor:
+    """min-p (Nguyen et al. 2024): keep tokens with probability >= p · (largest probability)."""
+    probs = logits.softmax(-1)
+    return _keep(logits, probs >= p * probs.max(-1, keepdim=True).values)
+
+
+def typical(logits: torch.Tensor, hist: TokenHistory | None, mass: float) -> torch.Tensor:
+    """Locally typical sampling (Meister et al. 2023, §5): rank tokens by |-log p - H(p)| (closest to the
+    expected information first) and keep the smallest such prefix whose probability reaches `mass`."""
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    entropy = -(probs * logp.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
+    dist = (-logp - entropy).abs()
+    order = dist.argsort(-1)
+    p_sorted = probs.gather(-1, order)
+    keep_sorted = (p_sorted.cumsum(-1) - p_sorted) < mass
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return _keep(logits, keep)
+
+
+def epsilon(logits: torch.Tensor, hist: TokenHistory | None, eps: float) -> torch.Tensor:
+    """Epsilon sampling (Hewitt et al. 2022, eq. 4): keep tokens with probability > eps."""
+    return _keep(logits, logits.softmax(-1) > eps)
+
+
+def eta(logits: torch.Tensor, hist: TokenHistory | None, eta_: float) -> torch.Tensor:
+    """Eta sampling (Hewitt et al. 2022, eq. 6): keep tokens with probability > min(eta, sqrt(eta)·exp(-H))
+    where H is the distribution's entropy, so flat distributions keep more tokens."""
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    entropy = -(probs * logp.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
+    threshold = torch.minimum(torch.full_like(entropy, eta_), math.sqrt(eta_) * torch.exp(-entropy))
+    return _keep(logits, probs > threshold)
+
+
+def build_processors(params: SamplingParams) -> list[Processor]:
+    """The processors `params` turns on, in application order (greedy keeps only penalties and bias)."""
+    procs: list[Processor] = []
+    if params.repetition_penalty != 1.0:
+        procs.append(partial(repetition_penalty, penalty=params.repetition_penalty))
+    if params.frequency_penalty or params.presence_penalty:
+        procs.append(partial(frequency_presence_penalty, frequency=params.frequency_penalty,
+                             presence=params.presence_penalty))
+    if params.logit_bias:
+        procs.append(partial(logit_bias, bias=params.logit_bias))
+    if params.greedy:
+        return procs
+    if params.temperature != 1.0:
+        procs.append(partial(temperature, t=params.temperature))
+    filters = ((params.top_k != 0, partial(top_k, k=params.top_k)),
+               (params.top_p != 1.0, partial(top_p, p=params.top_p)),
+               (params.min_p != 0.0, partial(min_p, p=params.min_p)),
+               (params.typical_p != 1.0, partial(typical, mass=params.typical_p)),
+               (params.epsilon_cutoff != 0.0, partial(epsilon, eps=params.epsilon_cutoff)),
+               (params.eta_cutoff != 0.0, partial(eta, eta_=params.eta_cutoff)))
+    return procs + [proc for on, proc in filters if on]
+
+
+def apply_processors(procs: list[Processor], logits: torch.Tensor, hist: TokenHistory | None) -> torch.Tensor:
+    for proc in procs:
+        logits = proc(logits, hist)
+    return logits
+
+
+def sample(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator | None] | None = None
+           ) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids: argmax, or one draw per row from softmax(logits),
+    with row b's own generator when one is given (seeded requests stay reproducible in any batch)."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = logits.float().softmax(-1)
+    if not generators or all(g is None for g in generators):
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])

@@ -1,0 +1,88 @@
+"""SamplingParams: every knob of one generation request, as a frozen dataclass validated on creation.
+
+Defaults switch every method off except plain sampling at temperature 1; temperature=0 is greedy.
+The logits processors each field turns on live in `lmforge.infer.processors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.config import check
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    max_tokens: int = 64
+    """new tokens at most per sample (finish_reason 'length' when reached)"""
+    n: int = 1
+    """independent samples per prompt (RequestOutput.outputs holds them all)"""
+    temperature: float = 1.0
+    """0 = greedy (argmax); otherwise logits are divided by it"""
+    top_k: int = 0
+    """keep the k most likely tokens; 0 = off"""
+    top_p: float = 1.0
+    """nucleus: smallest set of tokens with probability mass >= top_p (Holtzman et al. 2020); 1 = off"""
+    min_p: float = 0.0
+    """keep tokens with probability >= min_p * max probability (Nguyen et al. 2024); 0 = off"""
+    typical_p: float = 1.0
+    """locally typical sampling mass (Meister et al. 2023); 1 = off"""
+    epsilon_cutoff: float = 0.0
+    """keep tokens with probability >= epsilon (Hewitt et al. 2022); 0 = off"""
+    eta_cutoff: float = 0.0
+    """eta-sampling: threshold min(eta, sqrt(eta)·exp(-entropy)) (Hewitt et al. 2022); 0 = off"""
+    repetition_penalty: float = 1.0
+    """CTRL penalty on tokens already in the prompt or output (Keskar et al. 2019); 1 = off"""
+    frequency_penalty: float = 0.0
+    """subtract penalty·count(token in output) from its logit (OpenAI API semantics)"""
+    presence_penalty: float = 0.0
+    """subtract penalty from the logit of every token present in the output"""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """token id -> value added to its logit"""
+    stop: tuple[str, ...] = ()
+    """stop strings: generation ends when the text contains one; the text is cut before it"""
+    stop_token_ids: tuple[int, ...] = ()
+    """token ids that end generation (the tokenizer's end-of-text id is added unless ignore_eos)"""
+    ignore_eos: bool = False
+    seed: int | None = None
+    """reproducible sampling: the same seed gives the same samples, whatever else is in the batch"""
+    logprobs: int | None = None
+    """None = no logprobs; k >= 0 = the chosen token's log-probability plus the k most likely ones"""
+    beam_width: int = 1
+    """> 1 = beam search (deterministic; sampling fields must stay off); n best beams are returned"""
+    length_penalty: float = 1.0
+    """beam score = sum logprob / length**length_penalty (Wu et al. 2016 without the +5 offset)"""
+    early_stopping: bool = True
+    """beam search ends once beam_width hypotheses are finished"""
+    truncate_prompt: bool = False
+    """cut prompts too long for the context from the left instead of raising"""
+
+    def __post_init__(self) -> None:
+        check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        check(self.n >= 1, f"n must be >= 1, got {self.n}")
+        check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        check(0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}")
+        check(0 <= self.min_p <= 1, f"min_p must lie in [0, 1], got {self.min_p}")
+        check(0 < self.typical_p <= 1, f"typical_p must lie in (0, 1], got {self.typical_p}")
+        check(0 <= self.epsilon_cutoff < 1, f"epsilon_cutoff must lie in [0, 1), got {self.epsilon_cutoff}")
+        check(0 <= self.eta_cutoff < 1, f"eta_cutoff must lie in [0, 1), got {self.eta_cutoff}")
+        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            check(-2 <= v <= 2, f"{name} must lie in [-2, 2], got {v}")
+        check(isinstance(self.logit_bias, dict), f"logit_bias must be a dict, got {type(self.logit_bias).__name__}")
+        check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
+              f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+              f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        check(self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}")
+        check(self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}")
+        check(self.beam_width == 1 or self.n <= self.beam_width,
+              f"n={self.n} beams asked for but beam_width={self.beam_width}")
+        check(self.beam_width == 1 or self.temperature == 0,
+              f"beam search is deterministic: set temperature=0 (got {self.temperature})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,36 @@
+"""Tiny models of several architectures for the generation tests (fp32, CPU, fixed seeds)."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+
+ARCHS = {
+    # GPT-2 style: learned positions, LayerNorm, GELU, biases, tied embeddings, MHA
+    "gpt2": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", bias=True, tie_embeddings=True,
+                 n_heads=4),
+    # Llama style: RoPE (half layout), RMSNorm, SwiGLU, GQA
+    "llama": dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", n_heads=4, n_kv_heads=2),
+    # interleaved RoPE, MQA, QK-norm, soft-caps (math attention path), post-norm
+    "mqa-softcap": dict(pos_emb="rope", rope_layout="interleaved", n_heads=4, n_kv_heads=1, qk_norm=True,
+                        attn_softcap=30.0, logit_softcap=20.0, norm_position="post"),
+}
+
+
+def tiny_model(arch: str = "llama", vocab_size: int = 257, seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, d_model=32, n_layers=2, max_seq_len=128,
+                                init_std=0.1), **ARCHS[arch], **overrides})
+    return Transformer(cfg).eval()
+
+
+def full_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Reference: recompute the whole sequence every step, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]

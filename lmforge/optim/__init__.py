@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedules, selected by name from small registries.
 
-`build_optimizer(model, cfg)` splits parameters into groups (matrices get weight decay; norms, biases
-and other vectors do not) and builds the optimizer named by `cfg.name`; `lr_multiplier(cfg, step,
-total)` is the schedule.
+`build_optimizer(model, cfg)` splits parameters into groups by role (see `lmforge.optim.groups`: matrices,
+embeddings and the head get weight decay; norms, biases and other vectors do not; each role may have its
+own learning rate) and builds the optimizer named by `cfg.name`. Every group gets `base_lr`; the trainer
+sets `lr = base_lr * lr_multiplier(cfg, step, total)` each step, so per-role rates follow the schedule.
+Muon and Dion update "matrix" params their own way and the other roles with AdamW at `adam_lr`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from typing import Callable
 import torch
 
 from lmforge.optim import schedules
+from lmforge.optim.adafactor import Adafactor
 from lmforge.optim.adamw import AdamW
+from lmforge.optim.dion import Dion
+from lmforge.optim.groups import param_roles, role_groups
+from lmforge.optim.lion import Lion
+from lmforge.optim.muon import Muon, newton_schulz
+from lmforge.optim.shampoo import Shampoo
+from lmforge.optim.soap import SOAP
+
+__all__ = ["OPTIMIZERS", "SCHEDULES", "AdamW", "Lion", "Adafactor", "Shampoo", "SOAP", "Muon", "Dion",
+           "newton_schulz", "param_groups", "param_roles", "build_optimizer", "lr_multiplier"]
 
 
 def _adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
@@ -24,35 +36,97 @@ def _torch_adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay, fused=torch.cuda.is_available() or None)
 
 
+def _lion(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def _adafactor(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    return Adafactor(groups, lr=cfg.lr, beta1=cfg.betas[0], decay_rate=cfg.adafactor_decay,
+                     clip_threshold=cfg.clip_threshold, weight_decay=cfg.weight_decay)
+
+
+def _shampoo(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    return Shampoo(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                   precond_beta=cfg.precond_beta, precond_eps=cfg.precond_eps,
+                   precondition_frequency=cfg.precondition_frequency, block_size=cfg.block_size, graft=cfg.graft)
+
+
+def _soap(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    return SOAP(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                precond_beta=cfg.precond_beta, precondition_frequency=cfg.precondition_frequency,
+                block_size=cfg.block_size)
+
+
+def _hybrid(groups: list[dict], cfg, flag: str) -> list[dict]:
+    """Matrices go to the orthonormalising rule at cfg.lr; other roles to AdamW at adam_lr (or lr)."""
+    for g in groups:
+        g[flag] = g["role"] == "matrix"
+        if g["role"] != "matrix":
+            g.setdefault("lr", cfg.adam_lr or cfg.lr)
+    return groups
+
+
+def _muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    return Muon(_hybrid(groups, cfg, "use_muon"), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                ns_steps=cfg.ns_steps, scale=cfg.muon_scale, weight_decay=cfg.weight_decay,
+                betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def _dion(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    return Dion(_hybrid(groups, cfg, "use_dion"), lr=cfg.lr, momentum=cfg.momentum, rank=cfg.rank,
+                weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
 # name -> builder(param_groups, OptimConfig)
-OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "torch_adamw": _torch_adamw}
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": _adamw, "torch_adamw": _torch_adamw, "lion": _lion, "adafactor": _adafactor,
+    "shampoo": _shampoo, "soap": _soap, "muon": _muon, "dion": _dion,
+}
 
 SCHEDULES: dict[str, Callable[..., float]] = {
     "constant": schedules.constant,
     "linear": schedules.linear,
     "cosine": schedules.cosine,
     "wsd": schedules.wsd,
+    "inverse_sqrt": schedules.inverse_sqrt,
 }
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (dim >= 2: linear weights, embeddings) decay; vectors (norm gains, biases) do not."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
+def param_groups(model: torch.nn.Module, weight_decay: float, cfg=None) -> list[dict]:
+    """One group per parameter role; with `cfg`, roles get embed_lr / head_lr / vector_lr when set."""
+    lrs = None
+    if cfg is not None:
+        lrs = {"embedding": cfg.embed_lr, "head": cfg.head_lr, "vector": cfg.vector_lr}
+    return role_groups(model, weight_decay, lrs)
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    opt = OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay), cfg)
+    opt = OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg), cfg)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return opt
 
 
 def lr_multiplier(cfg, step: int, total: int) -> float:
-    return SCHEDULES[cfg.schedule](step, total, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction)
+    fn = SCHEDULES[cfg.schedule]
+    if cfg.schedule == "wsd":
+        return fn(step, total, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction, cfg.decay_shape)
+    return fn(step, total, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes held in optimizer state tensors (moments, factors, bases), for memory-per-parameter reports."""
+    total = 0
+
+    def add(v) -> None:
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size() if v.dim() > 0 else 0
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                add(x)
+
+    for state in opt.state.values():
+        for v in state.values():
+            add(v)
+    return total

@@ -1,0 +1,75 @@
+"""Adafactor (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost").
+
+For a matrix gradient G (n x m; higher-rank tensors are viewed as (shape[0], rest)), Algorithm 4 keeps
+only row and column statistics of the second moment instead of the full n x m tensor:
+    b2_t = 1 - t^(-c)                                          (eq. 7, c = 0.8: a decay that warms up)
+    R <- b2_t R + (1 - b2_t) mean_j (G^2 + eps1)                row means, n numbers
+    C <- b2_t C + (1 - b2_t) mean_i (G^2 + eps1)                column means, m numbers
+    V = R C^T / mean(R)                                         rank-1 estimate of E[G^2]
+    U = G / sqrt(V);  U <- U / max(1, RMS(U) / d)               update clipping (section 6)
+Vectors keep a full (unfactored) second moment. With b1 > 0 a first moment of U is kept (the paper's
+optional momentum, used by most modern recipes); the step is p <- p (1 - lr wd) - lr U. The learning
+rate is given explicitly (no relative step size), so it slots into the same schedules as the others.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from lmforge.optim.adam_core import rms
+from lmforge.optim.base import PerParamOptimizer, apply_step_
+
+
+def _as_matrix(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+class Adafactor(PerParamOptimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3, beta1: float = 0.0, decay_rate: float = 0.8,
+                 eps1: float = 1e-30, clip_threshold: float = 1.0, weight_decay: float = 0.0):
+        if lr < 0 or not 0 <= beta1 < 1 or not 0 < decay_rate <= 1 or clip_threshold <= 0 or weight_decay < 0:
+            raise ValueError(f"invalid Adafactor hyper-parameters lr={lr} beta1={beta1} decay_rate={decay_rate} "
+                             f"clip_threshold={clip_threshold} wd={weight_decay}")
+        super().__init__(params, dict(lr=lr, beta1=beta1, decay_rate=decay_rate, eps1=eps1,
+                                      clip_threshold=clip_threshold, weight_decay=weight_decay))
+
+    def _scaled_grad(self, g: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """U = G / sqrt(V_hat) with the factored (dim >= 2) or full (vectors) second moment, then clipped."""
+        state["step"] += 1
+        b2 = 1.0 - float(state["step"]) ** (-group["decay_rate"])
+        g2 = g.square().add_(group["eps1"])
+        if g.dim() >= 2:
+            g2m = _as_matrix(g2)
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(b2).add_(g2m.mean(dim=1), alpha=1 - b2)
+            col.mul_(b2).add_(g2m.mean(dim=0), alpha=1 - b2)
+            v = torch.outer(row, col).div_(row.mean())
+            u = (_as_matrix(g) / v.sqrt()).reshape(g.shape)
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(b2).add_(g2, alpha=1 - b2)
+            u = g / v.sqrt()
+        return u.div_(max(1.0, rms(u) / group["clip_threshold"]))
+
+    def _init_state(self, p: torch.Tensor, beta1: float) -> dict:
+        state: dict = {"step": torch.tensor(0.0)}
+        if p.dim() >= 2:
+            m = _as_matrix(p)
+            state["exp_avg_sq_row"] = torch.zeros(m.shape[0], dtype=p.dtype, device=p.device)
+            state["exp_avg_sq_col"] = torch.zeros(m.shape[1], dtype=p.dtype, device=p.device)
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        if beta1 > 0:
+            state["exp_avg"] = torch.zeros_like(p)
+        return state
+
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        if not self.state[p]:
+            self.state[p] = self._init_state(p, group["beta1"])
+        state = self.state[p]
+        u = self._scaled_grad(p.grad, state, group)
+        if group["beta1"] > 0:
+            u = state["exp_avg"].lerp_(u, 1 - group["beta1"])
+        apply_step_(p, u, group["lr"], group["weight_decay"])

@@ -1,0 +1,57 @@
+"""The single-tensor Adam direction, shared by the optimizers that fall back to or graft onto Adam
+(Muon and Dion for non-matrix params; Shampoo's grafting; SOAP in its rotated basis).
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  d = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+(Kingma & Ba 2015, Algorithm 1). Decoupled weight decay and the step itself are left to the caller.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmforge.optim.base import PerParamOptimizer, apply_step_
+
+
+def adam_direction(grad: torch.Tensor, state: dict, betas: tuple[float, float], eps: float,
+                   prefix: str = "") -> torch.Tensor:
+    """Update the moments stored in `state` (keys prefixed by `prefix`) and return Adam's direction."""
+    b1, b2 = betas
+    m_key, v_key, t_key = f"{prefix}exp_avg", f"{prefix}exp_avg_sq", f"{prefix}step"
+    if m_key not in state:
+        state[m_key] = torch.zeros_like(grad)
+        state[v_key] = torch.zeros_like(grad)
+        state[t_key] = torch.tensor(0.0)
+    state[t_key] += 1
+    t = int(state[t_key].item())
+    m, v = state[m_key], state[v_key]
+    m.lerp_(grad, 1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+    return (m / (1 - b1**t)) / denom
+
+
+def adamw_step_(p: torch.Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float,
+                weight_decay: float) -> None:
+    """One AdamW step on one parameter (used for the non-matrix params of hybrid optimizers)."""
+    apply_step_(p, adam_direction(p.grad, state, betas, eps), lr, weight_decay)
+
+
+def rms(x: torch.Tensor) -> float:
+    return float(x.norm()) / math.sqrt(max(1, x.numel()))
+
+
+class MatrixPreconditioner(PerParamOptimizer):
+    """Matrices (dim >= 2) step along `self.direction(p, state, group)`; vectors take Adam's step."""
+
+    def direction(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if p.dim() >= 2:
+            d = self.direction(p, state, group)
+        else:
+            d = adam_direction(p.grad, state, group["betas"], group["eps"])
+        apply_step_(p, d, group["lr"], group["weight_decay"])

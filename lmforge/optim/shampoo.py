@@ -1,0 +1,84 @@
+"""Shampoo (Gupta, Koren & Singer 2018, "Shampoo: Preconditioned Stochastic Tensor Optimization"), in the
+blocked, grafted form used at scale (Anil et al. 2020, "Scalable Second Order Optimization for Deep
+Learning"; Shi et al. 2023, "A Distributed Data-Parallel PyTorch Implementation of Distributed Shampoo").
+
+A matrix parameter (m x n; higher-rank tensors viewed as (shape[0], rest)) is cut into blocks of at most
+block_size x block_size. For each block with gradient G_b the two Kronecker factors are
+    L <- b L + (1 - b) G_b G_b^T   (rows x rows),   R <- b R + (1 - b) G_b^T G_b   (cols x cols)
+(b = 1 gives the paper's running sums), and the step direction is (Gupta et al., Algorithm 1)
+    D_b = L^(-1/4) M_b R^(-1/4)
+where M is Adam's bias-corrected first moment of G (momentum) and the inverse 4th roots are computed by
+an eigendecomposition of L + eps * lambda_max(L) I only every `precondition_frequency` steps.
+Grafting (Agarwal et al. 2020, "Disentangling Adaptive Gradient Methods from Learning Rates"): D_b is
+rescaled per block to the norm of Adam's step on the same block, so Shampoo picks the direction and Adam
+the size, and Adam's learning rate carries over. Vectors take Adam's step.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from lmforge.optim.adam_core import MatrixPreconditioner, adam_direction
+
+
+def inverse_root(mat: torch.Tensor, root: int, eps: float) -> torch.Tensor:
+    """(mat + eps * lambda_max I)^(-1/root) of a symmetric PSD matrix via eigh (in float64 for accuracy)."""
+    a = mat.double()
+    vals, vecs = torch.linalg.eigh(a)
+    vals = vals.clamp_min(0.0)
+    damp = eps * max(float(vals.max()), 1e-30)
+    out = (vecs * (vals + damp).pow(-1.0 / root)) @ vecs.T
+    return out.to(mat.dtype)
+
+
+def block_slices(rows: int, cols: int, size: int) -> list[tuple[slice, slice]]:
+    return [(slice(i, min(i + size, rows)), slice(j, min(j + size, cols)))
+            for i in range(0, rows, size) for j in range(0, cols, size)]
+
+
+class Shampoo(MatrixPreconditioner):
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.0, precond_beta: float = 0.95,
+                 precond_eps: float = 1e-6, precondition_frequency: int = 10, block_size: int = 256,
+                 graft: str = "adam"):
+        if lr < 0 or precondition_frequency < 1 or block_size < 1 or graft not in ("adam", "none"):
+            raise ValueError(f"invalid Shampoo hyper-parameters lr={lr} precondition_frequency="
+                             f"{precondition_frequency} block_size={block_size} graft={graft!r}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      precond_beta=precond_beta, precond_eps=precond_eps,
+                                      precondition_frequency=precondition_frequency, block_size=block_size,
+                                      graft=graft))
+
+    def _init_factors(self, state: dict, g: torch.Tensor, size: int) -> None:
+        blocks = block_slices(g.shape[0], g.shape[1], size)
+        state["L"] = [torch.zeros(rs.stop - rs.start, rs.stop - rs.start, dtype=g.dtype, device=g.device)
+                      for rs, _ in blocks]
+        state["R"] = [torch.zeros(cs.stop - cs.start, cs.stop - cs.start, dtype=g.dtype, device=g.device)
+                      for _, cs in blocks]
+        state["L_inv"] = [torch.zeros_like(x) for x in state["L"]]
+        state["R_inv"] = [torch.zeros_like(x) for x in state["R"]]
+
+    def direction(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        g = p.grad.reshape(p.shape[0], -1)
+        if "L" not in state:
+            self._init_factors(state, g, group["block_size"])
+        adam = adam_direction(g, state, group["betas"], group["eps"])
+        momentum = state["exp_avg"] / (1 - group["betas"][0] ** int(state["step"].item()))
+        t, beta = int(state["step"].item()), group["precond_beta"]
+        refresh = t == 1 or t % group["precondition_frequency"] == 0
+        out = torch.empty_like(g)
+        for i, (rs, cs) in enumerate(block_slices(g.shape[0], g.shape[1], group["block_size"])):
+            gb = g[rs, cs]
+            w = 1.0 if beta == 1 else 1 - beta
+            state["L"][i].mul_(beta).add_(gb @ gb.T, alpha=w)
+            state["R"][i].mul_(beta).add_(gb.T @ gb, alpha=w)
+            if refresh:
+                state["L_inv"][i] = inverse_root(state["L"][i], 4, group["precond_eps"])
+                state["R_inv"][i] = inverse_root(state["R"][i], 4, group["precond_eps"])
+            d = state["L_inv"][i] @ momentum[rs, cs] @ state["R_inv"][i]
+            if group["graft"] == "adam":
+                d = d * (adam[rs, cs].norm() / (d.norm() + 1e-30))
+            out[rs, cs] = d
+        return out.reshape(p.shape)

@@ -1,0 +1,175 @@
+"""One optimizer step of each optimizer against the paper's equations written out in numpy/scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from lmforge.optim import SOAP, Adafactor, AdamW, Dion, Lion, Muon, Shampoo
+from lmforge.optim.muon import CUBIC_COEFFS, newton_schulz
+from lmforge.optim.qk_clip import qk_clip_
+
+
+def _param(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=torch.float64))
+    p.grad = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return p
+
+
+def _polar(a: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(a, full_matrices=False)
+    return u @ vt
+
+
+def test_lion_one_step_matches_sign_rule():
+    p = _param((5, 7))
+    w0, g = p.detach().numpy().copy(), p.grad.numpy().copy()
+    opt = Lion([p], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
+    opt.step()
+    # m0 = 0: c = (1 - b1) g, so the step is sign(g)
+    np.testing.assert_allclose(p.detach().numpy(), w0 * (1 - 0.01 * 0.1) - 0.01 * np.sign(g), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(opt.state[p]["exp_avg"].numpy(), 0.01 * g, atol=1e-12)
+
+
+def test_adafactor_one_step_matches_factored_rule_with_sums():
+    p = _param((6, 4))
+    w0, g = p.detach().numpy().copy(), p.grad.numpy().copy()
+    opt = Adafactor([p], lr=0.1, clip_threshold=1e9)
+    opt.step()
+    # t = 1: b2 = 1 - 1 = 0, so R = row sums of G^2, C = column sums; V = R C^T / (1^T R) (paper, Alg. 4)
+    g2 = g**2 + 1e-30
+    r, c = g2.sum(1), g2.sum(0)
+    v = np.outer(r, c) / r.sum()
+    np.testing.assert_allclose(p.detach().numpy(), w0 - 0.1 * g / np.sqrt(v), rtol=1e-10)
+    assert set(opt.state[p]) == {"step", "exp_avg_sq_row", "exp_avg_sq_col"}  # n + m numbers, not n·m
+
+
+def test_adafactor_update_clipping_caps_rms():
+    p = _param((6, 4))
+    w0 = p.detach().clone()
+    Adafactor([p], lr=1.0, clip_threshold=0.5).step()
+    step = (p.detach() - w0).numpy()
+    assert np.sqrt((step**2).mean()) == pytest.approx(0.5, rel=1e-9)
+
+
+def test_newton_schulz_cubic_converges_to_polar_factor():
+    a = torch.randn(12, 20, dtype=torch.float64)
+    out = newton_schulz(a, steps=60, coeffs=CUBIC_COEFFS)
+    np.testing.assert_allclose(out.numpy(), _polar(a.numpy()), atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (32, 8), (8, 48)])
+def test_newton_schulz_quintic_is_near_polar_factor(shape):
+    a = torch.randn(*shape, dtype=torch.float64)
+    out = newton_schulz(a, steps=5).numpy()
+    u, _, vt = np.linalg.svd(a.numpy(), full_matrices=False)
+    # NS5 keeps the singular vectors and maps singular values into roughly [0.7, 1.2] (Jordan et al. 2024)
+    s_out = np.diag(u.T @ out @ vt.T)
+    assert s_out.min() > 0.6 and s_out.max() < 1.25
+    off = u.T @ out @ vt.T - np.diag(s_out)
+    assert np.abs(off).max() < 1e-8
+    assert np.linalg.norm(out - _polar(a.numpy()), 2) < 0.35
+
+
+def test_muon_one_step():
+    p = _param((8, 32))
+    w0, g = p.detach().numpy().copy(), p.grad.numpy().copy()
+    opt = Muon([p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0)
+    opt.step()
+    # first step: buf = g, Nesterov update = g + 0.95 g; NS is scale-invariant, so this is ~ polar(g)
+    expected = w0 - 0.02 * newton_schulz(torch.from_numpy(1.95 * g), 5).numpy()
+    np.testing.assert_allclose(p.detach().numpy(), expected, atol=1e-12)
+    assert np.linalg.norm((w0 - p.detach().numpy()) / 0.02 - _polar(g), 2) < 0.35
+
+
+def test_muon_rms_scale_matches_adamw_rms():
+    p = _param((64, 256))
+    w0 = p.detach().clone()
+    Muon([p], lr=1.0, scale="rms").step()
+    rms = float((p.detach() - w0).pow(2).mean().sqrt())
+    assert rms == pytest.approx(0.2, rel=0.2)  # Liu et al. 2025: 0.2·sqrt(max(m, n)) gives update RMS ~0.2
+
+
+def test_dion_one_step_matches_numpy_algorithm():
+    p = _param((10, 6))
+    w0, g = p.detach().numpy().copy(), p.grad.numpy().copy()
+    opt = Dion([p], lr=0.05, momentum=0.9, rank=3)
+    q0 = opt._init_state(p, 3)["q"].numpy()
+    opt.step()
+    b = g  # M0 = 0
+    pm, _ = np.linalg.qr(b @ q0)
+    r = b.T @ pm
+    q1 = r / (np.linalg.norm(r, axis=0, keepdims=True) + 1e-8)
+    np.testing.assert_allclose(p.detach().numpy(), w0 - 0.05 * np.sqrt(10 / 6) * pm @ q1.T, atol=1e-10)
+    # error feedback: the residual of the rank-3 step stays in the buffer
+    np.testing.assert_allclose(opt.state[p]["momentum_buffer"].numpy(), b - 0.1 * pm @ r.T, atol=1e-10)
+
+
+def test_shampoo_one_step_matches_fractional_powers():
+    p = _param((6, 5))
+    w0, g = p.detach().numpy().copy(), p.grad.numpy().copy()
+    Shampoo([p], lr=0.1, precond_beta=1.0, precond_eps=1e-3, graft="none").step()
+    lf, rf = g @ g.T, g.T @ g
+    lf = lf + 1e-3 * np.linalg.eigvalsh(lf).max() * np.eye(6)
+    rf = rf + 1e-3 * np.linalg.eigvalsh(rf).max() * np.eye(5)
+    d = scipy.linalg.fractional_matrix_power(lf, -0.25) @ g @ scipy.linalg.fractional_matrix_power(rf, -0.25)
+    np.testing.assert_allclose(p.detach().numpy(), w0 - 0.1 * d.real, atol=1e-9)
+
+
+def test_shampoo_blocks_and_adam_grafting():
+    p = _param((6, 10))
+    g = p.grad.numpy().copy()
+    w0 = p.detach().numpy().copy()
+    Shampoo([p], lr=0.1, block_size=4, graft="adam").step()
+    step = (w0 - p.detach().numpy()) / 0.1
+    adam = g / (np.abs(g) + 1e-8)  # Adam's first step
+    for rs in (slice(0, 4), slice(4, 6)):
+        for cs in (slice(0, 4), slice(4, 8), slice(8, 10)):
+            assert np.linalg.norm(step[rs, cs]) == pytest.approx(np.linalg.norm(adam[rs, cs]), rel=1e-9)
+
+
+def test_soap_one_step_is_adam_in_eigenbasis():
+    p = _param((6, 5))
+    w0, g = p.detach().numpy().copy(), p.grad.numpy().copy()
+    SOAP([p], lr=0.1, betas=(0.9, 0.99), eps=1e-3, precond_beta=1.0).step()
+    _, ql = np.linalg.eigh(g @ g.T)
+    _, qr = np.linalg.eigh(g.T @ g)
+    gr = ql.T @ g @ qr
+    # Adam's first step is g / (|g| + eps) of the rotated grad (G's singular basis: gr is ~diagonal)
+    expected = w0 - 0.1 * ql @ (gr / (np.abs(gr) + 1e-3)) @ qr.T
+    np.testing.assert_allclose(p.detach().numpy(), expected, atol=1e-6)
+
+
+def test_soap_without_rotation_is_adamw():
+    a, b = _param((6, 5), seed=3), _param((6, 5), seed=3)
+    soap = SOAP([a], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, block_size=1)
+    adam = AdamW([b], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+    for i in range(5):
+        for opt, p in ((soap, a), (adam, b)):
+            p.grad = torch.full_like(p, 0.1 * i) + torch.sin(p.detach())
+            opt.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_qk_clip_caps_max_logit_at_tau(n_kv):
+    hd, n_q, d = 8, 4, 16
+    wq, wk = torch.randn(n_q * hd, d) * 2, torch.randn(n_kv * hd, d) * 2
+    x = torch.randn(10, d)
+
+    def max_logits():
+        q = (x @ wq.T).view(10, n_q, hd).transpose(0, 1)
+        k = (x @ wk.T).view(10, n_kv, hd).transpose(0, 1).repeat_interleave(n_q // n_kv, 0)
+        return (q @ k.transpose(1, 2) / hd**0.5).amax(dim=(1, 2))
+
+    before = max_logits()
+    tau = float(before.median())
+    gamma = qk_clip_(wq, wk, before, tau, hd)
+    after = max_logits()
+    clipped = before > tau
+    torch.testing.assert_close(after[clipped], torch.full_like(after[clipped], tau), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[~clipped], before[~clipped])
+    assert bool((gamma[clipped] < 1).all())

@@ -30,6 +30,15 @@ FORMAT_VERSION = 1
 _REPLACEMENT = "\ufffd".encode()
 
 
+def _without_surrogates(text: str) -> str:
+    """Lone surrogates cannot be UTF-8 encoded; like tiktoken, replace them with U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer.
 
@@ -59,6 +68,8 @@ class Tokenizer:
     def _place_specials(self, specials: Iterable[str] | dict[str, int] | None) -> dict[str, int]:
         if isinstance(specials, dict):
             check_specials(specials)
+            if len(set(specials.values())) != len(specials):
+                raise ConfigError(f"two special tokens share an id: {specials}")
             for s, i in specials.items():
                 if i in self.vocab and self.vocab[i] != s.encode():
                     raise ConfigError(f"special token {s!r} id {i} collides with token {self.vocab[i]!r}")
@@ -177,8 +188,7 @@ class Tokenizer:
         try:
             return self._ordinary(text)
         except UnicodeEncodeError:
-            # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them with U+FFFD too.
-            return self._ordinary(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+            return self._ordinary(_without_surrogates(text))
 
     def _ordinary(self, text: str) -> list[int]:
         if self._enc is None:
@@ -210,7 +220,7 @@ class Tokenizer:
     def encode_reference(self, text: str) -> list[int]:
         """`encode` (all specials allowed) through the pure-Python reference encoder only."""
         out: list[int] = []
-        for seg, is_special in split_specials(text, self._specials):
+        for seg, is_special in split_specials(_without_surrogates(text), self._specials):
             out.extend([self.special_tokens[seg]] if is_special else self.reference.encode(seg))
         return out
 

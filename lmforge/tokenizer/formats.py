@@ -145,7 +145,9 @@ def hf_tokenizer_json(tok) -> dict[str, Any]:
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": encode_vocab(tok.vocab, tok.special_tokens),
+                  # specials sit in the model vocab too (as in GPT-2's own file): HF gives an added token
+                  # that is not in the vocab a new id instead of the one listed in added_tokens
+                  "vocab": {**encode_vocab(tok.vocab, tok.special_tokens), **tok.special_tokens},
                   "merges": [[bytes_to_str(a), bytes_to_str(b)] for a, b in tok.merges]},
     }
 

@@ -1,0 +1,136 @@
+"""File formats: own JSON, GPT-2 vocab/merges, HF tokenizer.json (checked with HF `tokenizers`),
+tiktoken rank files, and refusal of corrupt files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lmforge.errors import DataError
+from lmforge.tokenizer.bpe import Tokenizer
+from lmforge.tokenizer.load import load_tokenizer
+from lmforge.tokenizer.train import train_bpe
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SAMPLES = ["Hello world! It's 2024.\n\n  indented\tcode()", "emoji 🙂 日本語 naïve", "a<|endoftext|>b<|pad|>",
+           "   leading spaces", "x" * 300, "numbers 1234567 and 3.14", "ends with newline\n"]
+
+
+def shared(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared data not found: {p}")
+    return p
+
+
+@pytest.fixture(scope="module", params=["gpt2", "cl100k"])
+def tok(request):
+    text = shared("tinyshakespeare", "input.txt").read_text()[:150_000]
+    return train_bpe(iter([text]), 800, ["<|endoftext|>", "<|pad|>"], pattern=request.param, progress=False)
+
+
+def _texts() -> list[str]:
+    text = shared("tinyshakespeare", "input.txt").read_text()
+    rng = random.Random(0)
+    return SAMPLES + [text[i:i + rng.randint(1, 2000)] for i in rng.sample(range(len(text) - 2000), 40)]
+
+
+def test_own_format_roundtrip(tmp_path, tok):
+    path = tok.save(tmp_path / "tk")
+    assert path.name == "lmforge_tokenizer.json" and json.loads(path.read_text())["type"] == "bpe"
+    back = load_tokenizer(tmp_path / "tk")
+    assert isinstance(back, Tokenizer) and back.vocab == tok.vocab and back.merges == tok.merges
+    assert back.special_tokens == tok.special_tokens and back.pattern == tok.pattern
+    assert back.spec() == str(path.resolve())
+    for t in _texts():
+        assert back.encode(t) == tok.encode(t)
+    assert tok.save(tmp_path / "x.json").name == "x.json"
+
+
+def test_gpt2_files_roundtrip(tmp_path, tok):
+    if tok.pattern != Tokenizer({i: bytes([i]) for i in range(256)}, []).pattern:
+        pytest.skip("GPT-2 files carry no pattern; only the gpt2 pattern round-trips")
+    v, m = tok.save_gpt2(tmp_path)
+    back = Tokenizer.from_gpt2_files(v, m)
+    assert back.vocab == tok.vocab and back.merges == tok.merges and back.special_tokens == tok.special_tokens
+    gpt2 = Tokenizer.from_gpt2_files(shared("gpt2", "vocab.json"), shared("gpt2", "merges.txt"))
+    v2, m2 = gpt2.save_gpt2(tmp_path / "g")
+    assert json.loads(v2.read_text()) == json.loads(shared("gpt2", "vocab.json").read_text())
+    def merge_lines(p: Path) -> list[str]:
+        return [ln for ln in p.read_text().splitlines() if ln and not ln.startswith("#version")]
+
+    assert merge_lines(m2) == merge_lines(shared("gpt2", "merges.txt"))
+
+
+def test_hf_export_loads_in_tokenizers_with_identical_ids(tmp_path, tok):
+    tokenizers = pytest.importorskip("tokenizers")
+    path = tok.save_hf(tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    for t in _texts():
+        assert hf.encode(t).ids == tok.encode(t), t
+        assert hf.decode(tok.encode(t), skip_special_tokens=False) == t
+    back = Tokenizer.from_hf(path)
+    assert back.vocab == tok.vocab and back.merges == tok.merges and back.pattern == tok.pattern
+
+
+def test_hf_trained_tokenizer_imports_with_identical_ids(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([shared("tinyshakespeare", "input.txt").read_text()[:150_000]], trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_hf(tmp_path)
+    assert ours.fast and ours.vocab_size == hf.get_vocab_size()
+    for t in _texts():
+        assert ours.encode(t) == hf.encode(t).ids, t
+
+
+def test_tiktoken_rank_file_roundtrip(tmp_path, tok):
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+
+    path = tok.save_tiktoken(tmp_path / "t.tiktoken")
+    ranks = load_tiktoken_bpe(str(path))
+    enc = tiktoken.Encoding("t", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
+    back = Tokenizer.from_tiktoken(path, tok.special_tokens, pattern=tok.pattern)
+    assert back.merges == tok.merges and back.vocab == tok.vocab
+    for t in _texts():
+        assert enc.encode(t, allowed_special="all") == tok.encode(t)
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "corrupt"),
+    ('{"type": "bpe", "version": 1, "pattern": "gpt2", "special_tokens": {}}', "corrupt"),
+    ('{"type": "bpe", "version": 99}', "version"),
+    ('{"type": "bpe", "version": 1, "pattern": "gpt2", "special_tokens": {}, "vocab": {"a": 0}, "merges": []}',
+     "single-byte"),
+    ('{"type": "bpe", "version": 1, "pattern": "gpt2", "special_tokens": {}, "vocab": {"\\u0001": 0}, "merges": []}',
+     "not a byte-level BPE character"),
+])
+def test_corrupt_tokenizer_file(tmp_path, content, words):
+    from lmforge.errors import LmforgeError
+
+    f = tmp_path / "lmforge_tokenizer.json"
+    f.write_text(content)
+    with pytest.raises(LmforgeError, match=words):
+        load_tokenizer(tmp_path)
+
+
+def test_colliding_specials():
+    from lmforge.errors import ConfigError
+
+    vocab = {i: bytes([i]) for i in range(256)}
+    with pytest.raises(ConfigError, match="collides"):
+        Tokenizer(vocab, [], {"<|x|>": 65})
+    with pytest.raises(ConfigError, match="share an id"):
+        Tokenizer(vocab, [], {"<|x|>": 300, "<|y|>": 300})  # same id twice
+    with pytest.raises(DataError, match="not found"):
+        Tokenizer.load("/nonexistent/dir")

@@ -1,0 +1,126 @@
+"""LLM.generate: batching, stopping, n samples, seeds, logprobs, bad input, UTF-8 safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from infer_helpers import full_greedy, tiny_model
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.detok import StreamDecoder
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
+from lmforge.tokenizer.byte import ByteTokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def test_batched_greedy_equals_one_by_one(arch, tok):
+    llm = LLM(tiny_model(arch), tok)
+    prompts = ["Hello there", "a", "The quick brown fox", "xyz"]
+    together = llm.generate(prompts, GREEDY)
+    for p, out in zip(prompts, together):
+        alone = llm.generate([p], GREEDY)[0]
+        assert out.token_ids == alone.token_ids == full_greedy(llm.model, tok.encode(p), 12)
+        assert out.finish_reason == "length" and len(out.token_ids) == 12
+
+
+def test_rows_stop_on_their_own(tok):
+    model = tiny_model("llama")
+    llm = LLM(model, tok)
+    ref = [full_greedy(model, tok.encode(p), 10) for p in ("ab", "hello world")]
+    stop_tok = ref[0][3]  # row 0 stops at its 4th token; row 1 runs on unless it meets the same id
+    outs = llm.generate(["ab", "hello world"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                             stop_token_ids=(stop_tok,)))
+    assert outs[0].token_ids == ref[0][:4] and outs[0].finish_reason == "stop"
+    cut = ref[1].index(stop_tok) + 1 if stop_tok in ref[1] else 10
+    assert outs[1].token_ids == ref[1][:cut]
+
+
+def test_stop_string_cuts_text(tok):
+    model = tiny_model("gpt2")
+    llm = LLM(model, tok)
+    full = llm.generate("abc", GREEDY)[0].text
+    stop = full[4:6]
+    out = llm.generate("abc", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=(stop,)))[0]
+    assert out.finish_reason == "stop" and out.text == full[: full.find(stop)]
+
+
+def test_seed_reproducible_and_n_samples(tok):
+    llm = LLM(tiny_model("llama"), tok)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, n=3, seed=123, ignore_eos=True)
+    a = llm.generate(["hi", "there"], sp)
+    b = llm.generate(["there"], sp)  # other batch companions: same samples
+    assert [o.token_ids for o in a[1].outputs] == [o.token_ids for o in b[0].outputs]
+    assert len(a[0].outputs) == 3 and a[0].text == a[0].outputs[0].text
+    assert len({tuple(o.token_ids) for o in a[0].outputs}) > 1
+
+
+def test_logprobs_are_model_logprobs(tok):
+    model = tiny_model("llama")
+    llm = LLM(model, tok)
+    out = llm.generate("hey", SamplingParams(temperature=0, max_tokens=5, logprobs=2, ignore_eos=True))[0]
+    ids = tok.encode("hey") + out.token_ids
+    with torch.no_grad():
+        logp = model(torch.tensor([ids]))[0].log_softmax(-1)
+    want = [float(logp[len(ids) - 6 + i, t]) for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(want, abs=1e-4)
+    top = out.outputs[0].top_logprobs[0]
+    assert len(top) == 2 and out.token_ids[0] in top  # greedy token is the most likely
+
+
+def test_eos_stops_and_is_not_in_text(tok):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight[tok.eot_id] = 0
+        model.lm_head.bias = None
+    llm = LLM(model, tok)
+    sp = SamplingParams(temperature=0, max_tokens=6, logit_bias={tok.eot_id: 100.0})
+    out = llm.generate("x", sp)[0]
+    assert out.token_ids == [tok.eot_id] and out.text == "" and out.finish_reason == "stop"
+
+
+def test_bad_input_errors(tok):
+    llm = LLM(tiny_model("llama"), tok)
+    with pytest.raises(LmforgeError, match="prompt 1 is empty"):
+        llm.generate(["ok", ""], GREEDY)
+    with pytest.raises(LmforgeError, match="200 tokens.*context window is 128"):
+        llm.generate("a" * 200, GREEDY)
+    out = llm.generate("a" * 200, SamplingParams(temperature=0, max_tokens=4, truncate_prompt=True))[0]
+    assert len(out.prompt_token_ids) == 124 and len(out.token_ids) <= 4
+    with pytest.raises(ConfigError, match="vocab_size=1000"):
+        LLM(tiny_model("llama", vocab_size=300), ByteTokenizer([f"<s{i}>" for i in range(744)]))
+    with pytest.raises(LmforgeError, match="token id 999"):
+        llm.generate([[1, 999]], GREEDY)
+
+
+def test_context_window_ends_with_length(tok):
+    llm = LLM(tiny_model("llama"), tok)
+    out = llm.generate("a" * 120, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
+
+
+def test_stream_decoder_holds_back_partial_utf8(tok):
+    d = StreamDecoder(tok)
+    euro = "€".encode()  # 3 bytes
+    assert [d.push(b) for b in euro] == ["", "", "€"]
+    assert d.push(0xFF) == "\ufffd" and d.push(ord("a")) == "a"
+    assert d.push(0xE2) == "" and d.flush() == "\ufffd"
+
+
+def test_stream_decoder_without_token_bytes():
+    class DecodeOnly:  # a tokenizer that can only decode whole lists (renders partial chars as U+FFFD)
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    d = StreamDecoder(DecodeOnly())
+    assert "".join(d.push(b) for b in "é€x".encode()) + d.flush() == "é€x"
+
+
+def test_invalid_utf8_generation_never_crashes(tok):
+    model = tiny_model("llama")
+    llm = LLM(model, tok)
+    sp = SamplingParams(temperature=0, max_tokens=3, logit_bias={0xF0: 100.0}, ignore_eos=True)
+    out = llm.generate("q", sp)[0]
+    assert out.token_ids == [0xF0] * 3 and "\ufffd" in out.text
+    assert "".join(llm.stream("q", sp)) == out.text

@@ -1,0 +1,108 @@
+"""Each logits processor against its definition on hand-made distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.infer import processors as P
+from lmforge.infer.sampling import SamplingParams
+
+PROBS = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+LOGITS = PROBS.log()
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.isfinite(logits[0]).nonzero().flatten().tolist()
+
+
+def test_top_k():
+    assert kept(P.top_k(LOGITS, None, 2)) == [0, 1]
+    assert kept(P.top_k(LOGITS, None, 10)) == [0, 1, 2, 3, 4]
+    ties = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
+    assert kept(P.top_k(ties, None, 2)) == [1, 2]
+
+
+def test_top_p_smallest_set_reaching_mass():
+    assert kept(P.top_p(LOGITS, None, 0.5)) == [0]  # 0.5 alone reaches 0.5
+    assert kept(P.top_p(LOGITS, None, 0.6)) == [0, 1]  # 0.5 < 0.6 <= 0.7
+    assert kept(P.top_p(LOGITS, None, 0.86)) == [0, 1, 2, 3]  # 0.85 < 0.86 <= 0.95
+    assert kept(P.top_p(LOGITS, None, 1.0)) == [0, 1, 2, 3, 4]
+    # renormalised distribution is the truncated one
+    probs = P.top_p(LOGITS, None, 0.6).softmax(-1)
+    torch.testing.assert_close(probs[0, :2], torch.tensor([0.5, 0.2]) / 0.7)
+
+
+def test_min_p_relative_to_max():
+    assert kept(P.min_p(LOGITS, None, 0.3)) == [0, 1, 2]  # threshold 0.15
+    assert kept(P.min_p(LOGITS, None, 0.41)) == [0]  # threshold 0.205
+    assert kept(P.min_p(LOGITS, None, 0.0)) == [0, 1, 2, 3, 4]
+
+
+def test_typical_keeps_tokens_nearest_the_entropy():
+    p = PROBS[0]
+    H = -(p * p.log()).sum()
+    order = (-p.log() - H).abs().argsort().tolist()
+    mass, want = 0.0, []
+    for i in order:  # smallest prefix (in typicality order) with mass >= 0.5
+        want.append(i)
+        mass += float(p[i])
+        if mass >= 0.5:
+            break
+    assert kept(P.typical(LOGITS, None, 0.5)) == sorted(want)
+    assert len(want) >= 2 and 0 not in want[:1]  # the mode is not the most typical token here
+
+
+def test_epsilon_and_eta():
+    assert kept(P.epsilon(LOGITS, None, 0.12)) == [0, 1, 2]
+    assert kept(P.epsilon(LOGITS, None, 0.9)) == [0]  # the argmax always survives
+    p = PROBS[0]
+    H = float(-(p * p.log()).sum())
+    eta = 0.1
+    thr = min(eta, math.sqrt(eta) * math.exp(-H))
+    assert kept(P.eta(LOGITS, None, eta)) == [i for i in range(5) if p[i] > thr]
+    assert thr < 0.1 and kept(P.eta(LOGITS, None, eta)) != kept(P.epsilon(LOGITS, None, eta))
+
+
+def test_temperature_and_logit_bias():
+    torch.testing.assert_close(P.temperature(LOGITS, None, 0.5), LOGITS * 2)
+    out = P.logit_bias(torch.zeros(2, 4), None, {1: 3.0, 3: -1.0})
+    assert out.tolist() == [[0.0, 3.0, 0.0, -1.0]] * 2
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    hist = P.TokenHistory.start([[0, 1]], 4)
+    hist.add(torch.tensor([2]))
+    hist.add(torch.tensor([2]))
+    # CTRL: seen = prompt {0, 1} + output {2}; positive / r, negative * r
+    assert P.repetition_penalty(logits, hist, 2.0).tolist() == [[1.0, -4.0, 0.5, 0.5]]
+    # OpenAI: counts only over the output (token 2 twice)
+    out = P.frequency_presence_penalty(logits, hist, frequency=0.5, presence=0.25)
+    assert out.tolist() == [[2.0, -2.0, 1.0 - 1.0 - 0.25, 0.5]]
+
+
+def test_build_processors_order_and_greedy():
+    sp = SamplingParams(temperature=0.5, top_k=2, repetition_penalty=1.2)
+    names = [p.func.__name__ for p in P.build_processors(sp)]
+    assert names == ["repetition_penalty", "temperature", "top_k"]
+    assert P.build_processors(SamplingParams(temperature=0, top_k=3)) == []
+
+
+def test_sampling_matches_distribution_and_seed():
+    logits = P.top_k(LOGITS, None, 3).expand(20000, -1)
+    counts = torch.bincount(P.sample(logits, False), minlength=5) / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85, atol=0.015, rtol=0)
+    a = P.sample(LOGITS.expand(3, -1), False, [torch.Generator().manual_seed(7) for _ in range(3)])
+    b = P.sample(LOGITS.expand(3, -1), False, [torch.Generator().manual_seed(7) for _ in range(3)])
+    assert torch.equal(a, b) and P.sample(LOGITS, True).item() == 0
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+                                         ("min_p", 1.2), ("max_tokens", 0), ("n", 0), ("typical_p", 0.0)])
+def test_invalid_sampling_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"{field}.*{value}"):
+        SamplingParams(**{field: value})

@@ -12,8 +12,129 @@ from typing import Literal
 
 from lmforge.config import check
 
-GLU_ACTIVATIONS = ("swiglu", "geglu")
+GLU_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "swiglu_oss")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "relu2", *GLU_ACTIVATIONS)
+ROPE_SCALINGS = ("linear", "ntk", "dynamic", "yarn", "longrope", "llama3")
+LAYER_TYPES = ("full", "sliding")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Context extension of RoPE (lmforge.model.layers.rope). `factor` = new context / original context."""
+
+    kind: Literal["linear", "ntk", "dynamic", "yarn", "longrope", "llama3"] = "linear"
+    factor: float = 1.0
+    original_max_seq_len: int | None = None
+    """pretraining context (YaRN, LongRoPE, Llama-3, dynamic NTK); None means model.max_seq_len"""
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    """YaRN ramp bounds in rotations per original context"""
+    yarn_truncate: bool = True
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    """DeepSeek's YaRN temperature variant: attention factor mscale(factor, mscale)/mscale(factor, all_dim)"""
+    attention_factor: float | None = None
+    """cos/sin temperature; None derives it from factor (YaRN: 0.1 ln s + 1; LongRoPE: sqrt(1 + ln s/ln L))"""
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    """LongRoPE per-frequency rescale factors (head_dim/2 each)"""
+
+    def __post_init__(self) -> None:
+        check(self.kind in ROPE_SCALINGS, f"model.rope_scaling.kind={self.kind!r}; choose one of {ROPE_SCALINGS}")
+        check(self.factor >= 1.0 or self.kind == "longrope",
+              f"model.rope_scaling.factor must be >= 1, got {self.factor}")
+        check(self.kind != "longrope" or (self.short_factor is not None and self.long_factor is not None),
+              "model.rope_scaling.short_factor and long_factor are required for kind='longrope'")
+        check(self.high_freq_factor > self.low_freq_factor,
+              "model.rope_scaling.high_freq_factor must be > low_freq_factor")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2 §2.1): keys/values from a shared low-rank latent."""
+
+    kv_lora_rank: int = 512
+    q_lora_rank: int = 0
+    """0 = full-rank query projection (DeepSeek-V2-Lite); > 0 compresses the query too"""
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    """the decoupled RoPE part of each query head and the single shared RoPE key"""
+    v_head_dim: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            check(getattr(self, name) > 0, f"model.mla.{name} must be > 0, got {getattr(self, name)}")
+        check(self.q_lora_rank >= 0, f"model.mla.q_lora_rank must be >= 0, got {self.q_lora_rank}")
+        check(self.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim must be even")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Token-choice top-k mixture of experts (lmforge.model.layers.moe)."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: int | None = None
+    """hidden width of each routed expert; None means model.d_ff"""
+    n_shared: int = 0
+    """always-on shared experts (DeepSeekMoE), fused into one MLP of width n_shared·d_expert"""
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = True
+    """renormalise the selected k weights to sum to 1"""
+    routed_scale: float = 1.0
+    """multiplier of the routed output (DeepSeek-V3 routed_scaling_factor)"""
+    n_groups: int = 1
+    topk_groups: int = 1
+    """node-limited routing: keep the best topk_groups of n_groups expert groups (DeepSeek-V3)"""
+    noisy: bool = False
+    """noisy top-k gating (Shazeer et al. 2017): trainable per-expert Gaussian noise while training"""
+    router_bias: bool = False
+    expert_bias: bool = False
+    aux_loss: float = 0.0
+    """Switch/GShard load-balancing loss weight: E·Σ_i f_i·P_i"""
+    z_loss: float = 0.0
+    """router z-loss weight (ST-MoE): mean logsumexp(router logits)²"""
+    seq_aux_loss: float = 0.0
+    """DeepSeek-V3 sequence-wise balance loss weight"""
+    bias_update_rate: float = 0.0
+    """DeepSeek-V3 aux-loss-free balancing: per-expert selection bias += rate·sign(mean load - load)"""
+    capacity_factor: float = 0.0
+    """> 0: each expert takes at most ceil(cf·tokens·k/E) tokens, the rest are dropped; 0 = dropless"""
+    dispatch: Literal["grouped", "loop"] = "grouped"
+    dense_layers: int = 0
+    """the first `dense_layers` blocks keep a dense MLP (DeepSeek-V3 first_k_dense_replace)"""
+
+    def __post_init__(self) -> None:
+        check(self.n_experts >= 1, f"model.moe.n_experts must be >= 1, got {self.n_experts}")
+        check(1 <= self.top_k <= self.n_experts,
+              f"model.moe.top_k must lie in [1, n_experts={self.n_experts}], got {self.top_k}")
+        check(self.d_expert is None or self.d_expert > 0, f"model.moe.d_expert must be > 0, got {self.d_expert}")
+        check(self.n_shared >= 0, f"model.moe.n_shared must be >= 0, got {self.n_shared}")
+        check(self.n_groups >= 1 and self.n_experts % self.n_groups == 0,
+              f"model.moe.n_groups={self.n_groups} must divide n_experts={self.n_experts}")
+        check(1 <= self.topk_groups <= self.n_groups,
+              f"model.moe.topk_groups must lie in [1, n_groups], got {self.topk_groups}")
+        for name in ("aux_loss", "z_loss", "seq_aux_loss", "bias_update_rate", "capacity_factor"):
+            check(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+        check(self.dense_layers >= 0, f"model.moe.dense_layers must be >= 0, got {self.dense_layers}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MTPConfig:
+    """Multi-token prediction: predict tokens t+2..t+1+depth besides t+1."""
+
+    kind: Literal["sequential", "parallel"] = "sequential"
+    """'sequential': DeepSeek-V3 MTP modules (one block per depth, shared embedding/head);
+    'parallel': Gloeckle et al. 2024 independent heads on the shared trunk"""
+    depth: int = 1
+    loss_weight: float = 0.3
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("sequential", "parallel"), f"model.mtp.kind={self.kind!r}")
+        check(self.depth >= 1, f"model.mtp.depth must be >= 1, got {self.depth}")
+        check(self.loss_weight >= 0, f"model.mtp.loss_weight must be >= 0, got {self.loss_weight}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,21 +155,47 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_layout: Literal["half", "interleaved"] = "half"
     """'half': rotate pairs (i, i + hd/2) as Llama/NeoX; 'interleaved': pairs (2i, 2i+1) as RoFormer/GPT-J"""
+    rope_scaling: RopeScaling | None = None
     # norms
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    norm_position: Literal["pre", "post"] = "pre"
+    norm_position: Literal["pre", "post", "sandwich"] = "pre"
+    """'sandwich': pre-norm plus a norm on each sublayer's output before the residual add (Gemma 2)"""
+    block: Literal["sequential", "parallel"] = "sequential"
+    """'parallel': x + attn(norm(x)) + mlp(norm(x)) from one shared norm (GPT-J, PaLM)"""
     final_norm: bool = True
     # attention
+    attention: Literal["mha", "mla"] = "mha"
+    mla: MLAConfig | None = None
+    """MLA sizes (attention='mla'); None means MLAConfig() defaults"""
     qk_norm: bool = False
+    qkv_bias: bool | None = None
+    """bias on the q/k/v projections only (Qwen2); None means model.bias"""
+    attn_scale: float | None = None
+    """softmax scale; None means 1/sqrt(head_dim) (Gemma 2 uses query_pre_attn_scalar^-0.5)"""
     attn_softcap: float = 0.0
     """attention-logit soft-capping c·tanh(s/c) (Gemma 2); 0 disables"""
+    sliding_window: int = 0
+    """keys further back than this many positions (query included) are masked on 'sliding' layers"""
+    layer_types: tuple[str, ...] | None = None
+    """per-layer 'full' | 'sliding'; None means all 'sliding' when sliding_window > 0 (Mistral), else all
+    'full'; alternate them for Gemma 2 / gpt-oss"""
+    attn_sinks: bool = False
+    """a learned per-head sink logit in every softmax denominator (gpt-oss)"""
     attn_impl: Literal["sdpa", "math"] = "sdpa"
     """'sdpa' = torch scaled_dot_product_attention (flash/efficient kernels); 'math' = plain reference"""
     # MLP
-    activation: Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "swiglu", "geglu"] = "swiglu"
+    activation: Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "swiglu", "geglu", "geglu_tanh",
+                        "swiglu_oss"] = "swiglu"
+    mlp: Literal["dense", "moe"] = "dense"
+    moe: MoEConfig | None = None
+    """MoE sizes and routing (mlp='moe'); None means MoEConfig() defaults"""
+    mtp: MTPConfig | None = None
+    """multi-token prediction heads; None disables"""
     # embeddings, output, regularisation
     tie_embeddings: bool = False
+    embed_scale: float = 1.0
+    """token embeddings are multiplied by this (Gemma: sqrt(d_model))"""
     bias: bool = False
     dropout: float = 0.0
     logit_softcap: float = 0.0
@@ -69,7 +216,7 @@ class ModelConfig:
         check(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
               f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
         check(self.head_dim is None or self.head_dim > 0, f"model.head_dim must be > 0, got {self.head_dim}")
-        check(self.pos_emb != "rope" or self.hd % 2 == 0,
+        check(self.pos_emb != "rope" or self.attention == "mla" or self.hd % 2 == 0,
               f"RoPE needs an even head dimension, got {self.hd} (model.head_dim)")
         check(self.d_ff is None or self.d_ff > 0, f"model.d_ff must be > 0, got {self.d_ff}")
         check(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}; choose one of {ACTIVATIONS}")
@@ -79,8 +226,52 @@ class ModelConfig:
         check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
         check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        check(self.sliding_window >= 0, f"model.sliding_window must be >= 0, got {self.sliding_window}")
+        if self.layer_types is not None:
+            check(len(self.layer_types) == self.n_layers,
+                  f"model.layer_types has {len(self.layer_types)} entries; model.n_layers={self.n_layers}")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            check(not bad, f"model.layer_types entry {bad[:1]} is not one of {LAYER_TYPES}")
+            check("sliding" not in self.layer_types or self.sliding_window > 0,
+                  "model.layer_types has 'sliding' layers but model.sliding_window is 0")
+        check(self.attn_scale is None or self.attn_scale > 0, f"model.attn_scale must be > 0, got {self.attn_scale}")
+        check(self.embed_scale > 0, f"model.embed_scale must be > 0, got {self.embed_scale}")
+        check(self.attention != "mla" or self.pos_emb in ("rope", "none", "learned", "sinusoidal"),
+              "model.attention='mla' needs a known pos_emb")
+        check(self.attention != "mla" or self.mla_cfg.q_lora_rank > 0 or not self.qk_norm,
+              "model.qk_norm is not supported with attention='mla'")
+        check(not (self.attention == "mla" and self.attn_sinks), "model.attn_sinks is not supported with MLA")
+        check(self.mlp == "dense" or self.moe_cfg.dense_layers <= self.n_layers,
+              f"model.moe.dense_layers={self.moe_cfg.dense_layers} exceeds model.n_layers={self.n_layers}")
+        check(self.rope_scaling is None or self.pos_emb == "rope",
+              "model.rope_scaling needs model.pos_emb='rope'")
 
     # derived sizes -------------------------------------------------------------------------------
+    @property
+    def mla_cfg(self) -> MLAConfig:
+        return self.mla if self.mla is not None else MLAConfig()
+
+    @property
+    def moe_cfg(self) -> MoEConfig:
+        return self.moe if self.moe is not None else MoEConfig()
+
+    def layer_type(self, i: int) -> str:
+        """'full' or 'sliding' for layer i."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return "sliding" if self.sliding_window > 0 else "full"
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.mlp == "moe" and i >= self.moe_cfg.dense_layers
+
+    @property
+    def rope_dim(self) -> int:
+        """the rotated width of each head: head_dim, or MLA's decoupled rope part"""
+        return self.mla_cfg.qk_rope_head_dim if self.attention == "mla" else self.hd
+
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads

@@ -3,8 +3,9 @@
     input_ids (B, T) -> token embedding [+ absolute positions] -> n_layers x Block -> final norm
     -> lm_head -> logits (B, T, V)
 
-Block (pre-norm):  x += attn(norm1(x)); x += mlp(norm2(x))
-Block (post-norm): x = norm1(x + attn(x)); x = norm2(x + mlp(x))    (Vaswani et al.; Xiong et al. 2020)
+Blocks (pre/post/sandwich norm, parallel) live in layers/block.py; attention is MHA/GQA/MQA with
+optional sliding windows and sinks, or MLA; the MLP is dense or a mixture of experts; optional
+multi-token-prediction heads (layers/mtp.py). HF checkpoints: from_pretrained / save_pretrained (hf.py).
 """
 
 from __future__ import annotations
@@ -17,33 +18,15 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.model.config import ModelConfig
-from lmforge.model.layers.attention import Attention
-from lmforge.model.layers.mlp import MLP
+from lmforge.model.layers.block import ATTENTION, MLPS, Block  # noqa: F401  (registries re-exported)
+from lmforge.model.layers.mla import MLA
+from lmforge.model.layers.moe import MoE
+from lmforge.model.layers.mtp import MTP
 from lmforge.model.layers.norm import build_norm
 from lmforge.model.layers.position import LearnedPositions, SinusoidalPositions
 from lmforge.model.layers.rope import RotaryEmbedding
 
-# Small registries so configs stay plain strings: (cfg, layer_idx) -> module
-ATTENTION: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"mha": Attention}
-MLPS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "dense": lambda cfg, i: MLP(cfg.d_model, cfg.ff, cfg.activation, cfg.bias, cfg.dropout)}
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.post_norm = cfg.norm_position == "post"
-        self.norm1 = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = ATTENTION["mha"](cfg, layer_idx)
-        self.norm2 = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.mlp = MLPS["dense"](cfg, layer_idx)
-
-    def forward(self, x: torch.Tensor, rope, mask, cache=None) -> torch.Tensor:
-        if self.post_norm:
-            x = self.norm1(x + self.attn(x, rope, mask, cache))
-            return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), rope, mask, cache)
-        return x + self.mlp(self.norm2(x))
+RESIDUAL_OUTPUTS = ("attn.wo.weight", "mlp.down.weight", "mlp.w_down", "mlp.shared.down.weight")
 
 
 class Transformer(nn.Module):
@@ -55,13 +38,16 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(cfg.pos_emb)
         self.pos_emb = self.pos_emb(cfg.max_seq_len, cfg.d_model) if self.pos_emb else None
-        self.rope = RotaryEmbedding(cfg.hd, cfg.rope_theta, cfg.rope_layout) if cfg.pos_emb == "rope" else None
+        self.rope = (RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_layout, cfg.rope_scaling, cfg.max_seq_len)
+                     if cfg.pos_emb == "rope" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.mtp = MTP(cfg) if cfg.mtp is not None else None
+        self._mtp_loss: torch.Tensor | None = None
         self.reset_parameters()
 
     # --------------------------------------------------------------------------------------------
@@ -73,24 +59,40 @@ class Transformer(nn.Module):
         resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                is_resid = name.endswith(("attn.wo.weight", "mlp.down.weight"))
-                nn.init.normal_(p, 0.0, resid_std if is_resid else cfg.init_std)
-            elif name.endswith("bias"):
+                nn.init.normal_(p, 0.0, resid_std if name.endswith(RESIDUAL_OUTPUTS) else cfg.init_std)
+            elif name.endswith(("bias", "sinks", "b_up", "b_gate", "b_down")):
                 nn.init.zeros_(p)
             else:
                 nn.init.ones_(p)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.e_bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None
                 ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V). positions (B, T) or (T,) default to
-        cache.length + arange(T); `cache` (lmforge.model.cache) is written in place."""
+        cache.length + arange(T); `cache` (lmforge.model.cache, or MLACache for MLA) is written in place.
+        In training with multi-token prediction, the MTP loss of this batch is kept for aux_loss()."""
+        h, rope = self.hidden(input_ids, positions, cache)
+        self._mtp_loss = None
+        if self.mtp is not None and self.training and cache is None:
+            extra = [self.logits(x) for x in self.mtp.heads(h, input_ids, self.embed, rope)]
+            self._mtp_loss = self.mtp.loss(extra, input_ids) if extra else None
+        return self.logits(self.final_norm(h) if self.final_norm is not None else h)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(input_ids)
+        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None):
+        """The trunk: (B, T) ids -> last hidden states (B, T, d) before the final norm, and the rope tables."""
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
         elif positions.dim() == 1:
             positions = positions.expand(B, T)
-        x = self.tok_emb(input_ids)
+        x = self.embed(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions).to(x.dtype)
         x = self.drop(x)
@@ -100,13 +102,45 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        logits = self.lm_head(x)
+        return x, rope
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)
         if self.cfg.logit_softcap > 0:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)
         return logits
+
+    def forward_mtp(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Main logits (B, T, V) and the MTP heads' logits, depth k predicting token t+1+k (for
+        speculative drafts: the last position of each gives k extra draft tokens)."""
+        if self.mtp is None:
+            raise ConfigError("forward_mtp needs model.mtp to be set")
+        h, rope = self.hidden(input_ids)
+        main = self.logits(self.final_norm(h) if self.final_norm is not None else h)
+        return main, [self.logits(x) for x in self.mtp.heads(h, input_ids, self.embed, rope)]
+
+    # auxiliary losses and statistics ---------------------------------------------------------------
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the last forward's auxiliary losses (MoE balancing/z-losses, MTP); None if there are none."""
+        terms = [m.last_aux for m in self.modules() if isinstance(m, MoE) and m.last_aux is not None]
+        if self._mtp_loss is not None:
+            terms.append(self._mtp_loss)
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def moe_stats(self) -> dict[str, float]:
+        """Per-expert load of the last forward, averaged over MoE layers, for the trainer's metrics:
+        moe/load_e{i} (fraction of assignments), moe/load_max_over_mean, moe/dropped_frac, moe/aux_loss."""
+        layers = [m for m in self.modules() if isinstance(m, MoE) and m.last_stats]
+        if not layers:
+            return {}
+        load = torch.stack([m.last_stats["load"] for m in layers]).float()  # (L, E)
+        stats = {f"moe/load_e{i}": float(v) for i, v in enumerate(load.mean(0))}
+        stats["moe/load_max_over_mean"] = float((load.max(-1).values * load.shape[-1]).mean())
+        stats["moe/dropped_frac"] = float(torch.stack([m.last_stats["dropped"] for m in layers]).mean())
+        aux = [m.last_aux for m in layers if m.last_aux is not None]
+        stats["moe/aux_loss"] = float(sum(float(a.detach()) for a in aux))
+        return stats
 
     # accounting ----------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -124,9 +158,22 @@ class Transformer(nn.Module):
         (the full, un-halved causal count of PaLM's appendix B and nanochat). Training = 3x forward
         (backward costs twice the forward). Norms, biases and softmax are ignored (< 1%)."""
         linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        attn = sum(4 * b.attn.n_heads * b.attn.hd * seq_len for b in self.blocks)
+        for m in self.modules():
+            if isinstance(m, MoE):  # only top_k of E routed experts run per token
+                linear += sum(w.numel() for w in (m.w_up, m.w_gate, m.w_down) if w is not None) * m.k // m.E
+        attn_blocks = list(self.blocks) + ([getattr(mod, "block", mod) for mod in self.mtp.modules_]
+                                           if self.mtp is not None and training else [])
+        if self.mtp is not None and not training:
+            linear -= sum(m.weight.numel() for m in self.mtp.modules() if isinstance(m, nn.Linear))
+        attn = sum(self._attn_flops(b.attn, seq_len) for b in attn_blocks)
         forward = 2 * linear + attn
         return float(3 * forward if training else forward)
+
+    @staticmethod
+    def _attn_flops(attn: nn.Module, seq_len: int) -> int:
+        if isinstance(attn, MLA):  # scores over d_nope + d_rope, weighted sum over d_v
+            return 2 * attn.H * (attn.d_nope + attn.d_rope + attn.d_v) * seq_len
+        return 4 * attn.n_heads * attn.hd * seq_len
 
     def param_roles(self) -> dict[str, str]:
         """name -> 'embedding' | 'head' | 'matrix' | 'vector', for optimizers' parameter-group rules."""
@@ -139,3 +186,17 @@ class Transformer(nn.Module):
             else:
                 roles[name] = "matrix" if p.dim() >= 2 else "vector"
         return roles
+
+    # HF checkpoints (lmforge.model.hf) -----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device=None) -> "Transformer":
+        """Load a HF-format directory (config.json + safetensors) of a supported family."""
+        from lmforge.model.hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, *, dtype: torch.dtype | None = None) -> None:
+        """Write a HF-format directory that `transformers` loads (config.json + model.safetensors)."""
+        from lmforge.model.hf import save_pretrained
+
+        save_pretrained(self, path, dtype=dtype)

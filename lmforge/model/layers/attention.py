@@ -1,11 +1,16 @@
 """Causal self-attention with MHA / GQA / MQA (n_kv_heads), optional QK-norm (Dehghani et al. 2023),
-attention-logit soft-capping (Gemma 2), RoPE, and a KV cache.
+attention-logit soft-capping (Gemma 2), sliding windows (Mistral; alternating with full layers in
+Gemma 2 / gpt-oss), learned attention sinks (gpt-oss), RoPE, and a KV cache.
 
 Two implementations compute the same function:
   sdpa  torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels)
   math  the plain formula softmax(q kᵀ / sqrt(d) + mask) v in fp32 - the reference
 Masks are either the string "causal" (query i sees keys <= i), None (every key visible: one-token
-decode), or a bool tensor broadcastable to (B, H, T, S), True = attend.
+decode), or a bool tensor broadcastable to (B, H, T, S), True = attend. A sliding-window layer turns
+its mask into a tensor that also hides keys `window` or more positions behind the query; keys are
+taken to sit at positions 0..S-1 (a contiguous cache), so any cache works: old keys are just masked.
+Attention sinks (gpt-oss) add one learned logit per head to every softmax denominator, letting a head
+put weight on "nothing"; the sink column is dropped after the softmax.
 """
 
 from __future__ import annotations
@@ -22,8 +27,21 @@ from lmforge.model.layers.rope import apply_rope
 Mask = torch.Tensor | str | None
 
 
+def window_mask(mask: Mask, T: int, S: int, window: int, device) -> torch.Tensor:
+    """Combine `mask` with a sliding window: query i (at position S-T+i) sees keys in (pos-window, pos]."""
+    q_pos = torch.arange(S - T, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = (q_pos - k_pos) < window  # (T, S)
+    if isinstance(mask, str):
+        allowed = allowed & (k_pos <= q_pos)
+    elif mask is not None:
+        allowed = allowed & mask
+    return allowed
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, scale: float,
-                   softcap: float = 0.0, dropout_p: float = 0.0) -> torch.Tensor:
+                   softcap: float = 0.0, dropout_p: float = 0.0, sinks: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Reference attention. q (B, H, T, hd); k, v (B, KV, S, hd) with H a multiple of KV."""
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hd): each kv head serves `rep` query heads
@@ -38,16 +56,21 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
         s = s.masked_fill(~allowed, float("-inf"))
     elif mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    if sinks is not None:  # (H,) -> an extra column per head, dropped after the softmax
+        sink = sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1)
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
     return (p @ v.float()).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, scale: float,
-              softcap: float = 0.0, dropout_p: float = 0.0, impl: str = "sdpa") -> torch.Tensor:
-    if impl == "math" or softcap > 0:  # SDPA has no soft-capping: use the reference formula
-        return math_attention(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p)
+              softcap: float = 0.0, dropout_p: float = 0.0, impl: str = "sdpa", sinks: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    if impl == "math" or softcap > 0 or sinks is not None:  # SDPA has neither: use the reference formula
+        return math_attention(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
     causal = isinstance(mask, str)
     if causal and q.shape[2] != k.shape[2]:  # SDPA's is_causal aligns top-left; we need bottom-right
         T, S = q.shape[2], k.shape[2]
@@ -62,15 +85,18 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.hd
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=cfg.bias)
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rope_layout = cfg.rope_layout
         self.softcap, self.impl, self.dropout = cfg.attn_softcap, cfg.attn_impl, cfg.dropout
-        self.scale = 1.0 / math.sqrt(self.hd)
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(self.hd)
+        self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Mask,
@@ -85,6 +111,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope, self.rope_layout), apply_rope(k, *rope, self.rope_layout)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd): all keys so far
+        if self.window > 0 and k.shape[2] > self.window:
+            mask = window_mask(mask, T, k.shape[2], self.window, x.device)
         out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
-                        dropout_p=self.dropout if self.training else 0.0, impl=self.impl)
+                        dropout_p=self.dropout if self.training else 0.0, impl=self.impl, sinks=self.sinks)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)))

@@ -1,33 +1,128 @@
-"""Rotary position embedding (RoFormer, Su et al. 2021).
+"""Rotary position embedding (RoFormer, Su et al. 2021) and its context-extension variants.
 
 Each pair of channels of a query/key head is rotated by angle pos·θ_i, θ_i = base^(-2i/d), so the
 dot product of a rotated query and key depends only on their relative position. Two layouts exist in
 the wild and both are supported:
   'half'        pairs (i, i + d/2)   - GPT-NeoX, Llama, HF transformers
   'interleaved' pairs (2i, 2i + 1)   - RoFormer, GPT-J, Meta's original Llama code
+
+Context extension by a factor s = new context / original context L (RopeScaling.kind):
+  linear    position interpolation (Chen et al. 2023): θ_i / s
+  ntk       NTK-aware base change (bloc97): base · s^(d/(d-2)), high frequencies barely move
+  dynamic   NTK with s recomputed from the current length once it exceeds L (emozilla)
+  yarn      NTK-by-parts (Peng et al. 2023): frequencies with fewer than beta_slow rotations over L
+            are interpolated, more than beta_fast kept, a linear ramp between; plus a softmax
+            temperature folded into cos/sin: attention factor 0.1·ln s + 1
+  longrope  per-frequency rescale factors found by search (Ding et al. 2024), the 'short' set up to L
+            and the 'long' set beyond; attention factor sqrt(1 + ln s / ln L)
+  llama3    Llama 3.1: low frequencies (wavelength > L/low_freq_factor) divided by s, high ones kept,
+            smooth interpolation between
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """θ_i = theta^(-2i/d) for i in [0, d/2): shape (d/2,)."""
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    """θ_i = theta^(-2i/d) for i in [0, d/2): shape (d/2,), fp32 as transformers computes it."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inv_freq(dim: int, theta: float, sc, orig_len: int) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, eq. 17-20): blend interpolated and original frequencies by a ramp over
+    the dimension index, bounded where a frequency makes beta_fast / beta_slow rotations over orig_len."""
+    s = sc.factor
+
+    def dim_of(rotations: float) -> float:  # inverse of rotations(i) = orig_len·θ_i / 2π
+        return dim * math.log(orig_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(sc.beta_fast), dim_of(sc.beta_slow)
+    if sc.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    base = rope_inv_freq(dim, theta)
+    keep = 1 - ramp  # 1 = extrapolate (original frequency), 0 = interpolate (divide by s)
+    inv = base / s * (1 - keep) + base * keep
+    if sc.attention_factor is not None:
+        attn = sc.attention_factor
+    elif sc.mscale and sc.mscale_all_dim:
+        attn = _yarn_mscale(s, sc.mscale) / _yarn_mscale(s, sc.mscale_all_dim)
+    else:
+        attn = _yarn_mscale(s)
+    return inv, float(attn)
+
+
+def llama3_inv_freq(dim: int, theta: float, sc, orig_len: int) -> torch.Tensor:
+    base = rope_inv_freq(dim, theta)
+    wavelen = 2 * math.pi / base
+    low_wl, high_wl = orig_len / sc.low_freq_factor, orig_len / sc.high_freq_factor
+    smooth = (orig_len / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    mid = (1 - smooth) * base / sc.factor + smooth * base
+    return torch.where(wavelen > low_wl, base / sc.factor, torch.where(wavelen < high_wl, base, mid))
+
+
+def scaled_inv_freq(dim: int, theta: float, sc, max_seq_len: int, seq_len: int | None = None
+                    ) -> tuple[torch.Tensor, float]:
+    """(inv_freq (dim/2,), attention factor) for RopeScaling `sc` (None: plain RoPE). `seq_len` is the
+    current context for the length-dependent kinds (dynamic, longrope)."""
+    if sc is None:
+        return rope_inv_freq(dim, theta), 1.0
+    orig = sc.original_max_seq_len or max_seq_len
+    kind, s = sc.kind, sc.factor
+    if kind == "linear":
+        return rope_inv_freq(dim, theta) / s, 1.0
+    if kind == "ntk":
+        return rope_inv_freq(dim, theta * s ** (dim / (dim - 2))), 1.0
+    if kind == "dynamic":
+        L = max(seq_len or orig, orig)
+        return rope_inv_freq(dim, theta * (s * L / orig - (s - 1)) ** (dim / (dim - 2))), 1.0
+    if kind == "yarn":
+        return yarn_inv_freq(dim, theta, sc, orig)
+    if kind == "llama3":
+        return llama3_inv_freq(dim, theta, sc, orig), 1.0
+    # longrope: factor defaults to max_seq_len / original context (Phi-3)
+    s = sc.factor if sc.factor != 1.0 or sc.original_max_seq_len is None else max_seq_len / orig
+    attn = sc.attention_factor
+    if attn is None:
+        attn = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(orig))
+    ext = sc.long_factor if seq_len is not None and seq_len > orig else sc.short_factor
+    inv = 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta ** (torch.arange(0, dim, 2).float() / dim))
+    return inv, float(attn)
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float = 10000.0, layout: str = "half"):
+    def __init__(self, head_dim: int, theta: float = 10000.0, layout: str = "half", scaling=None,
+                 max_seq_len: int = 2048):
         super().__init__()
-        self.head_dim, self.layout = head_dim, layout
-        self.attention_scale = 1.0  # scaled-RoPE variants (YaRN) multiply cos/sin by a temperature
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta).float(), persistent=False)
+        self.head_dim, self.layout, self.theta = head_dim, layout, theta
+        self.scaling, self.max_seq_len = scaling, max_seq_len
+        inv, attn = scaled_inv_freq(head_dim, theta, scaling, max_seq_len)
+        self.attention_scale = attn  # YaRN/LongRoPE temperature: multiplies cos and sin
+        self.register_buffer("inv_freq", inv.float(), persistent=False)
+        self._seq_dependent = scaling is not None and scaling.kind in ("dynamic", "longrope")
+
+    def _inv_freq_for(self, positions: torch.Tensor) -> torch.Tensor:
+        if not self._seq_dependent:
+            return self.inv_freq
+        seq_len = int(positions.max()) + 1  # the context the current forward reaches
+        inv, _ = scaled_inv_freq(self.head_dim, self.theta, self.scaling, self.max_seq_len, seq_len)
+        return inv
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) int -> cos, sin of shape (B, T, head_dim/2), in fp32."""
-        angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        inv = self._inv_freq_for(positions).to(positions.device)
+        angles = positions.to(torch.float32)[..., None] * inv
         return angles.cos() * self.attention_scale, angles.sin() * self.attention_scale
 
 

@@ -1,0 +1,156 @@
+"""Multi-head latent attention, MLA (DeepSeek-V2 §2.1, eq. 9-19; DeepSeek-V3).
+
+Keys and values of all heads come from one low-rank latent per token, and RoPE lives on a separate,
+small "decoupled" part of each head with a single key shared by all heads:
+
+    c_kv = RMSNorm(x W_dkv)            (B, T, r)          the only per-token state besides k_rope
+    k_rope = RoPE(x W_kr)              (B, T, d_r)        one rope key shared across heads
+    [k_nope | v] = c_kv W_ukv          (B, T, H, d_n + d_v)
+    q = (RMSNorm(x W_dq)) W_uq  or  x W_q,   split into [q_nope | q_rope], q_rope = RoPE(q_rope)
+    score_h = (q_nope·k_nope + q_rope·k_rope) · scale
+
+Naive path: materialise k, v per head (training, prefill without a cache). Absorbed path (inference,
+MLACache): since q_nope·k_nope = (q_nope W_uk,hᵀ)·c_kv, the key up-projection folds into the query and
+the value up-projection into the output: attention runs directly over the cached latents, and the
+cache holds r + d_r numbers per token and layer instead of 2·H·head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.model.layers.attention import attention, math_attention, window_mask
+from lmforge.model.layers.norm import RMSNorm
+from lmforge.model.layers.rope import _yarn_mscale, apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        m = cfg.mla_cfg
+        self.layer_idx, self.H = layer_idx, cfg.n_heads
+        self.r, self.d_nope, self.d_rope, self.d_v = m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        d, H, qk = cfg.d_model, cfg.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim
+        if m.q_lora_rank > 0:
+            self.wq_a = nn.Linear(d, m.q_lora_rank, bias=cfg.bias)
+            self.q_norm = RMSNorm(m.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(m.q_lora_rank, H * qk, bias=False)
+            self.wq = None
+        else:
+            self.wq = nn.Linear(d, H * qk, bias=cfg.bias)
+        self.wkv_a = nn.Linear(d, self.r + self.d_rope, bias=cfg.bias)  # latent and shared rope key
+        self.kv_norm = RMSNorm(self.r, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.r, H * (self.d_nope + self.d_v), bias=False)
+        self.wo = nn.Linear(H * self.d_v, d, bias=cfg.bias)
+        self.rope_layout, self.softcap, self.impl, self.dropout = cfg.rope_layout, cfg.attn_softcap, cfg.attn_impl, cfg.dropout
+        self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self._default_scale(cfg, qk)
+
+    @staticmethod
+    def _default_scale(cfg, qk: int) -> float:
+        scale = 1.0 / math.sqrt(qk)
+        sc = cfg.rope_scaling
+        if sc is not None and sc.kind == "yarn" and sc.mscale_all_dim:  # DeepSeek-V2: softmax scale · mscale²
+            scale *= _yarn_mscale(sc.factor, sc.mscale_all_dim) ** 2
+        return scale
+
+    def _queries(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.wq(x) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.H, self.d_nope + self.d_rope).transpose(1, 2)  # (B, H, T, d_n + d_r)
+        q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
+        if rope is not None:
+            q_rope = apply_rope(q_rope, *rope, self.rope_layout)
+        return q_nope, q_rope
+
+    def _latents(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d) -> c_kv (B, T, r) normalised latent, k_rope (B, 1, T, d_r) rotated shared key."""
+        c, k_rope = self.wkv_a(x).split([self.r, self.d_rope], dim=-1)
+        k_rope = k_rope[:, None]
+        if rope is not None:
+            k_rope = apply_rope(k_rope, *rope, self.rope_layout)
+        return self.kv_norm(c), k_rope
+
+    def forward(self, x: torch.Tensor, rope, mask, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_nope, q_rope = self._queries(x, rope)
+        c_kv, k_rope = self._latents(x, rope)
+        if cache is not None:
+            if not isinstance(cache, MLACache):
+                raise LmforgeError("attention='mla' needs an MLACache (lmforge.model.layers.mla.MLACache.for_model)")
+            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+        else:
+            out = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.H * self.d_v))
+
+    def _naive(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
+        """Materialise per-head keys/values from the latents: (B, H, T, d_v)."""
+        B, S, _ = c_kv.shape
+        kv = self.wkv_b(c_kv).view(B, S, self.H, self.d_nope + self.d_v).transpose(1, 2)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(B, self.H, S, self.d_rope)), dim=-1)
+        if self.window > 0 and S > self.window:
+            mask = window_mask(mask, q.shape[2], S, self.window, q.device)
+        return attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
+                         dropout_p=self.dropout if self.training else 0.0, impl=self.impl)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
+        """Attention over the cached latents: W_uk absorbed into the query, W_uv into the output."""
+        w = self.wkv_b.weight.view(self.H, self.d_nope + self.d_v, self.r)
+        w_uk, w_uv = w.split([self.d_nope, self.d_v], dim=1)  # (H, d_n, r), (H, d_v, r)
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        # one "head" of width r + d_r shared by all H query heads (MQA over latents)
+        q = torch.cat((q_lat, q_rope), dim=-1)
+        k = torch.cat((c_kv[:, None], k_rope), dim=-1)  # (B, 1, S, r + d_r)
+        v = c_kv[:, None]  # (B, 1, S, r)
+        if self.window > 0 and k.shape[2] > self.window:
+            mask = window_mask(mask, q.shape[2], k.shape[2], self.window, q.device)
+        out_lat = math_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)
+
+
+class MLACache:
+    """Latent cache for MLA: per layer c_kv (B, max_len, r) and the shared rope key (B, 1, max_len, d_r).
+    Same interface as lmforge.model.cache.KVCache (length, update, mask, advance)."""
+
+    def __init__(self, n_layers: int, batch_size: int, kv_lora_rank: int, rope_dim: int, max_len: int, *,
+                 device=None, dtype: torch.dtype = torch.float32):
+        self.c = torch.zeros(n_layers, batch_size, max_len, kv_lora_rank, device=device, dtype=dtype)
+        self.k_rope = torch.zeros(n_layers, batch_size, 1, max_len, rope_dim, device=device, dtype=dtype)
+        self.max_len, self.length = max_len, 0
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype=None) -> "MLACache":
+        cfg, p = model.cfg, next(model.parameters())
+        m = cfg.mla_cfg
+        return cls(cfg.n_layers, batch_size, m.kv_lora_rank, m.qk_rope_head_dim, max_len or cfg.max_seq_len,
+                   device=p.device, dtype=dtype or p.dtype)
+
+    @staticmethod
+    def bytes_per_token(cfg, dtype_bytes: int = 2) -> int:
+        m = cfg.mla_cfg
+        return cfg.n_layers * (m.kv_lora_rank + m.qk_rope_head_dim) * dtype_bytes
+
+    def update(self, layer: int, c: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = c.shape[1]
+        end = self.length + T
+        if end > self.max_len:
+            raise LmforgeError(f"MLA cache is full: {end} tokens > max_len={self.max_len}")
+        self.c[layer, :, self.length:end] = c
+        self.k_rope[layer, :, :, self.length:end] = k_rope
+        return self.c[layer, :, :end], self.k_rope[layer, :, :, :end]
+
+    def mask(self, T: int, device=None):
+        return None if self.length > 0 and T == 1 else "causal"
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+    def reset(self) -> None:
+        self.length = 0

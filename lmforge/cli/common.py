@@ -42,7 +42,7 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
             default = load_config(cls, path)
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
     return tyro.cli(cls, args=argv, prog=prog, description=description, default=default,
-                    config=(tyro.conf.FlagConversionOff,))
+                    config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands))
 
 
 def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[list[str]], int | None], str]]) -> int:

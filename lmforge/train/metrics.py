@@ -1,0 +1,132 @@
+"""Training metrics: model FLOPs utilisation, the metrics.jsonl log (+ TensorBoard / W&B when asked),
+and the loss-curve plot.
+
+MFU = achieved model FLOPs/s ÷ peak FLOPs/s (PaLM, Chowdhery et al. 2022, appendix B), where model
+FLOPs come from `Transformer.flops_per_token`. GPU peaks are the datasheet dense bf16 rates; on a
+CPU there is no datasheet number, so the peak is the fp32 matmul rate measured once on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets
+GPU_PEAK_BF16 = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+                 "4090": 165.2e12, "3090": 71e12}
+
+
+@lru_cache(maxsize=None)
+def _cpu_matmul_peak(n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device | str, dtype: str = "bf16") -> float | None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak if dtype == "bf16" else peak / 2  # tf32 dense is half the bf16 rate
+        return None
+    if device.type == "cpu":
+        return _cpu_matmul_peak()
+    return None
+
+
+class MetricsLog:
+    """Append-only JSONL log of dict rows, mirrored to TensorBoard / W&B if enabled."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = False, wandb: bool = False, config: dict | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tb = self.wb = None
+        if tensorboard:
+            from lmforge.errors import require
+
+            require("tensorboard", "dev")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if wandb:
+            from lmforge.errors import require
+
+            self.wb = require("wandb", "dev")
+            self.wb.init(project="lmforge", dir=str(run_dir), config=config or {})
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint's step (they will be produced again)."""
+        if not self.path.exists():
+            return
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row.get("step", 0)
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wb is not None:
+            self.wb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return rows
+
+
+def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """loss.png: training loss and validation loss against step. Returns None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(run_dir)
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", alpha=0.7)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

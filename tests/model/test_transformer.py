@@ -1,0 +1,95 @@
+"""The spine Transformer: config validation, parameter and FLOP counts, cache == recompute, variants."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lmforge.errors import ConfigError
+from lmforge.model.cache import KVCache
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+
+TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(d_model=30, n_heads=4), "model.d_model=30"),
+    (dict(n_heads=4, n_kv_heads=3), "model.n_kv_heads=3"),
+    (dict(dropout=1.5), "model.dropout"),
+    (dict(vocab_size=0), "model.vocab_size"),
+    (dict(activation="tanh"), "model.activation"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        ModelConfig(**kwargs)
+
+
+def test_gpt2_small_has_124m_parameters():
+    # OpenAI GPT-2 small: 124,439,808 parameters (tied head, 1024 learned positions)
+    assert Transformer(ModelConfig.preset("gpt2-small")).num_params() == 124_439_808
+
+
+def test_glu_width_and_depth_dial():
+    assert ModelConfig(d_model=768, activation="swiglu").ff == 2048  # 8/3·768 = 2048
+    assert ModelConfig(d_model=1000, n_heads=10, activation="swiglu").ff == 2688  # 2666.7 -> multiple of 64
+    c = ModelConfig.from_depth(6)
+    assert (c.d_model, c.n_layers, c.n_heads, c.hd) == (384, 6, 6, 64)
+
+
+@pytest.mark.parametrize("cfg", [
+    TINY,
+    dataclasses.replace(TINY, pos_emb="learned", norm="layernorm", activation="gelu_tanh", bias=True,
+                        tie_embeddings=True, n_kv_heads=None),
+    dataclasses.replace(TINY, pos_emb="sinusoidal", norm_position="post", final_norm=False, n_kv_heads=1),
+    dataclasses.replace(TINY, rope_layout="interleaved", qk_norm=True, attn_softcap=20.0, logit_softcap=5.0),
+])
+def test_cached_decode_equals_full_recompute(cfg):
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    full = model(ids)
+    cache = KVCache.for_model(model, batch_size=2, max_len=16)
+    parts = [model(ids[:, :7], cache=cache)] + [model(ids[:, t: t + 1], cache=cache) for t in range(7, 10)]
+    parts.append(model(ids[:, 10:], cache=cache))  # a 2-token chunk after cached keys
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    if cfg.logit_softcap:
+        assert full.abs().max() <= cfg.logit_softcap
+
+
+def test_sdpa_and_math_paths_agree():
+    a = Transformer(TINY).eval()
+    b = Transformer(dataclasses.replace(TINY, attn_impl="math")).eval()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 97, (3, 20))
+    torch.testing.assert_close(a(ids), b(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_flops_per_token_matches_torch_flop_counter():
+    cfg = dataclasses.replace(TINY, attn_impl="math", tie_embeddings=True)
+    model = Transformer(cfg)
+    B, T = 2, 10
+    with FlopCounterMode(display=False) as fc:
+        model(torch.randint(0, 97, (B, T)))
+    assert fc.get_total_flops() == model.flops_per_token(T, training=False) * B * T
+    assert model.flops_per_token(T) == 3 * model.flops_per_token(T, training=False)
+
+
+def test_init_and_tying():
+    cfg = dataclasses.replace(TINY, d_model=256, n_heads=4, n_kv_heads=None, n_layers=8, tie_embeddings=True)
+    m = Transformer(cfg)
+    assert m.lm_head.weight is m.tok_emb.weight
+    assert m.blocks[0].attn.wq.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert m.blocks[0].attn.wo.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # / sqrt(2·8)
+    roles = m.param_roles()
+    assert roles["tok_emb.weight"] == "embedding" and roles["blocks.0.norm1.weight"] == "vector"
+    assert roles["blocks.0.mlp.up.weight"] == "matrix"
+
+
+def test_positions_argument_shifts_rope():
+    m = Transformer(TINY).eval()
+    ids = torch.randint(0, 97, (1, 5))
+    same = m(ids, positions=torch.arange(5))
+    torch.testing.assert_close(same, m(ids))
+    # RoPE is relative: shifting every position leaves the logits unchanged
+    torch.testing.assert_close(m(ids, positions=torch.arange(100, 105)), same, rtol=1e-4, atol=1e-4)

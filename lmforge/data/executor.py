@@ -177,21 +177,19 @@ def run_local(cfg: PipelineConfig) -> dict[str, Any]:
         if p > 0:
             for s in shards:
                 layout.live(p - 1, s).unlink(missing_ok=True)
-    report = build_report(cfg, all_stats, layout)
+    kept = sum(st["kept"] for st in all_stats if st["phase"] == layout.n_phases - 1)
+    report = build_report(all_stats, kept, layout.root / "data")
     report["shards"] = {"total": len(shards), "processed": processed, "skipped": skipped}
     write_report(report, layout.root, cfg.output.plot)
     return report
 
 
-def build_report(cfg: PipelineConfig, all_stats: list[dict[str, Any]], layout: RunLayout) -> dict[str, Any]:
-    """Merge shard statistics in pipeline order."""
+def build_report(all_stats: list[dict[str, Any]], kept: int, output: str | Path) -> dict[str, Any]:
+    """Merge shard statistics (each {"phase", "shard", "stages", "counters"}) in pipeline order."""
     records = [r for st in sorted(all_stats, key=lambda s: (s["phase"], s["shard"])) for r in st["stages"]]
     stages = merge_stats(records)
     counters: dict[str, int] = {}
     for st in all_stats:
         for k, v in st["counters"].items():
             counters[k] = counters.get(k, 0) + v
-    last = layout.n_phases - 1
-    kept = sum(st["kept"] for st in all_stats if st["phase"] == last)
-    return {"stages": stages, "counters": counters, "balance": balance(stages, kept),
-            "output": str(layout.root / "data")}
+    return {"stages": stages, "counters": counters, "balance": balance(stages, kept), "output": str(output)}

@@ -17,14 +17,17 @@ from lmforge.data.stage import StageContext
 from lmforge.errors import require
 
 _CHARSET = re.compile(r"charset\s*=\s*[\"']?([A-Za-z0-9_\-:.]+)", re.I)
+_META_CHARSET = re.compile(rb"<meta[^>]*charset\s*=\s*[\"']?([A-Za-z0-9_\-:.]+)", re.I)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractConfig:
-    """main_content: drop boilerplate; min_chars: reject extractions shorter than this
+    """main_content: drop boilerplate; fallback_full_text: when the main-content heuristics find
+    nothing (they fail on some layouts), extract all visible text instead; min_chars: reject extractions shorter than this
     (`extract:empty`); max_html_bytes: reject larger pages unparsed (`extract:too_large`)."""
 
     main_content: bool = True
+    fallback_full_text: bool = True
     preserve_formatting: bool = True
     links: bool = False
     min_chars: int = 1
@@ -36,17 +39,22 @@ class ExtractConfig:
 
 
 def detect_charset(raw: bytes, content_type: str | None = None) -> str:
-    """The declared charset of an HTTP Content-Type header if any, else resiliparse's detector
-    (which reads <meta charset> and falls back to statistical detection)."""
-    if content_type:
-        m = _CHARSET.search(content_type)
-        if m:
-            import codecs
+    """The charset to decode a page with, in order of trust: the HTTP Content-Type header; UTF-8 when
+    the bytes are valid UTF-8 (statistical detectors mistake UTF-8 pages with little non-ASCII text for
+    cp1252); a <meta charset> in the first 4 KiB; else resiliparse's detector."""
+    import codecs
 
-            try:
-                return codecs.lookup(m.group(1)).name
-            except LookupError:
-                pass
+    declared = [m.group(1) for m in [_CHARSET.search(content_type or "")] if m]
+    try:
+        raw.decode("utf-8")
+        declared.append("utf-8")
+    except UnicodeDecodeError:
+        declared += [m.group(1).decode("ascii", "replace") for m in [_META_CHARSET.search(raw[:4096])] if m]
+    for name in declared:
+        try:
+            return codecs.lookup(name).name
+        except LookupError:
+            continue
     enc = require("resiliparse.parse.encoding", "data")
     return enc.detect_encoding(raw) or "utf-8"
 
@@ -62,8 +70,11 @@ def html_to_text(raw: bytes | str, cfg: ExtractConfig = ExtractConfig(), content
     else:
         charset, html = "str", raw
     text = h2t.extract_plain_text(html, main_content=cfg.main_content,
-                                  preserve_formatting=cfg.preserve_formatting, links=cfg.links)
-    return text.strip(), charset
+                                  preserve_formatting=cfg.preserve_formatting, links=cfg.links).strip()
+    if not text and cfg.main_content and cfg.fallback_full_text:
+        text = h2t.extract_plain_text(html, main_content=False, preserve_formatting=cfg.preserve_formatting,
+                                      links=cfg.links).strip()
+    return text, charset
 
 
 def extract(cfg: ExtractConfig, docs: list[Document], ctx: StageContext) -> list[Document]:

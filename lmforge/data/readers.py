@@ -44,7 +44,8 @@ def open_binary(path: str | Path) -> BinaryIO:
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if path.name.endswith((".zst", ".zstd")):
         zstd = require("zstandard", "data")
-        return zstd.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
+        raw = zstd.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
+        return io.BufferedReader(raw)  # type: ignore[arg-type]  # adds line iteration
     return open(path, "rb")
 
 
@@ -174,6 +175,9 @@ def _warc_doc(path: Path, rec: Any, n: int) -> Document:
     rid = headers.get_header("WARC-Record-ID") or stable_id(str(path), str(n))
     payload = rec.content_stream().read()
     meta: dict[str, Any] = {"source": str(path), "url": url, "warc_type": rec.rec_type}
+    if getattr(rec.raw_stream, "limit", 0) > 0:  # fewer bytes than the record's Content-Length
+        meta["missing_bytes"] = rec.raw_stream.limit
+        return Document(id=rid.strip("<>"), meta=meta, drop="read_error:truncated_archive")
     if rec.rec_type == "conversion":
         text, bad = decode_text(payload)
         if bad:

@@ -1,0 +1,119 @@
+"""Readers and writers: every format round-trips, and bad input becomes rejected documents."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pytest
+
+from lmforge.data.document import Document
+from lmforge.data.readers import decode_text, detect_format, read_documents
+from lmforge.data.writers import ShardedWriter, write_jsonl
+
+
+def _docs(n: int) -> list[Document]:
+    return [Document(id=f"d{i}", text=f"text number {i} é", meta={"source": "unit", "k": i}) for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "jsonl.zst", "parquet"])
+def test_sharded_writer_round_trips(tmp_path, fmt):
+    with ShardedWriter(tmp_path, fmt=fmt, docs_per_shard=4) as w:
+        for d in _docs(10):
+            w.write(d)
+    assert [p.name for p in w.paths] == [f"part-0000{i}.{fmt}" for i in range(3)]
+    back = [d for p in w.paths for d in read_documents(p)]
+    assert [d.id for d in back] == [f"d{i}" for i in range(10)]
+    assert back[7].text == "text number 7 é" and back[7].meta["k"] == 7 and back[7].drop is None
+
+
+def test_detect_format():
+    assert detect_format("a/b.jsonl.zst") == "jsonl"
+    assert detect_format("x.warc.gz") == "warc" and detect_format("x.wet.gz") == "warc"
+    assert detect_format("p.HTML") == "html" and detect_format("t.parquet") == "parquet"
+    assert detect_format("notes.txt") == "text"
+
+
+def test_text_units(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("one\ntwo\n\nthree\n")
+    assert [d.text for d in read_documents(p, unit="file")] == ["one\ntwo\n\nthree\n"]
+    assert [d.text for d in read_documents(p, unit="line")] == ["one", "two", "three"]
+    assert [d.text for d in read_documents(p, unit="paragraph")] == ["one\ntwo", "three\n"]
+
+
+def test_undecodable_bytes_are_counted(tmp_path):
+    assert decode_text(b"ok \xff\xfe end") == ("ok \ufffd\ufffd end", 2)
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"caf\xe9 au lait")
+    (d,) = read_documents(p)
+    assert d.text == "caf\ufffd au lait" and d.meta["decode_errors"] == 1
+
+
+def test_bad_json_lines_are_rejected_not_raised(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"id": 1, "text": "fine", "url": "u"}\nnot json\n[1, 2]\n{"text": "no id"}\n')
+    docs = list(read_documents(p))
+    assert [d.drop for d in docs] == [None, "read_error:bad_json", "read_error:bad_record", None]
+    assert docs[0].id == "1" and docs[0].meta["url"] == "u"
+    assert docs[3].text == "no id" and len(docs[3].id) == 16
+
+
+def test_truncated_gzip_keeps_what_was_read(tmp_path):
+    data = gzip.compress("".join(json.dumps({"id": i, "text": "x" * 200}) + "\n" for i in range(50)).encode())
+    p = tmp_path / "cut.jsonl.gz"
+    p.write_bytes(data[: len(data) // 2])
+    docs = list(read_documents(p))
+    assert docs[-1].drop == "read_error:truncated_archive"
+    assert all(d.drop is None for d in docs[:-1]) and 0 < len(docs) - 1 < 50
+
+
+def _warc_bytes(records: list[tuple[str, str, bytes]], gz: bool = True) -> bytes:
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=gz)
+    for kind, url, payload in records:
+        if kind == "response":
+            http = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=iso-8859-1")],
+                                    protocol="HTTP/1.1")
+            rec = w.create_warc_record(url, "response", payload=io.BytesIO(payload), http_headers=http)
+        else:
+            rec = w.create_warc_record(url, "conversion", payload=io.BytesIO(payload),
+                                       warc_content_type="text/plain")
+        w.write_record(rec)
+    return buf.getvalue()
+
+
+def test_warc_and_wet(tmp_path):
+    pytest.importorskip("warcio")
+    page = "<html><body><p>Caf\xe9 cr\xe8me, a page.</p></body></html>".encode("latin-1")
+    p = tmp_path / "a.warc.gz"
+    p.write_bytes(_warc_bytes([("response", "http://a.example/", page), ("conversion", "http://b.example/",
+                                                                          "plain wet text".encode())]))
+    d1, d2 = read_documents(p)
+    assert d1.raw == page and d1.meta["url"] == "http://a.example/" and "iso-8859-1" in d1.meta["content_type"]
+    assert d2.raw is None and d2.text == "plain wet text" and d2.meta["warc_type"] == "conversion"
+    from lmforge.data.extract import ExtractConfig, extract
+    from lmforge.data.stage import StageContext
+
+    (out,) = extract(ExtractConfig(main_content=False), [d1], StageContext())
+    assert out.text == "Café crème, a page." and out.meta["charset"] == "iso8859-1"
+
+
+def test_truncated_warc_is_reported(tmp_path):
+    pytest.importorskip("warcio")
+    data = _warc_bytes([("conversion", f"http://x/{i}", ("words " * 300).encode()) for i in range(6)], gz=False)
+    p = tmp_path / "cut.warc"
+    p.write_bytes(data[: int(len(data) * 0.6)])
+    docs = list(read_documents(p))
+    assert docs[-1].drop == "read_error:truncated_archive"
+    assert all(d.drop is None for d in docs[:-1]) and len(docs) - 1 >= 2
+
+
+def test_write_jsonl_without_text(tmp_path):
+    d = Document(id="a", text="secret", meta={"m": 1}, drop="gopher:word_count")
+    write_jsonl(tmp_path / "r.jsonl", [d], with_text=False)
+    assert json.loads((tmp_path / "r.jsonl").read_text()) == {"id": "a", "meta": {"m": 1}, "drop": "gopher:word_count"}

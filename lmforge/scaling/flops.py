@@ -1,0 +1,58 @@
+"""FLOP accounting for scaling laws.
+
+Two conventions:
+  * C = 6 N D (Kaplan et al. 2020, section 2.1): 2 FLOPs per multiply-add per parameter forward, twice
+    that backward, with N the (non-embedding) parameter count and D the training tokens.
+  * The exact per-architecture count: 2 FLOPs per multiply-add of every matrix (attention projections,
+    MLP, output head) plus the attention scores and their weighted sum, 2 * 2 * H * hd * T per token per
+    layer at context T (Kaplan's 2 n_layer n_ctx d_attn forward term, PaLM appendix B), times 3 for
+    training. At small widths the head and attention terms make this differ from 6N a lot, which is why
+    Chinchilla's Table A4 and this module keep both.
+`dense_flops_per_token` derives the exact count from a ModelConfig alone; `flops_per_token` asks the
+model (`Transformer.flops_per_token`), which also covers MoE/MLA layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.errors import ConfigError
+
+
+def flops_6nd(n_params: float, tokens: float) -> float:
+    """Training FLOPs C = 6 N D."""
+    if n_params <= 0 or tokens <= 0:
+        raise ConfigError(f"6ND needs positive N and D, got N={n_params}, D={tokens}")
+    return 6.0 * n_params * tokens
+
+
+def dense_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
+    """Exact matmul FLOPs per token of a dense decoder (lmforge ModelConfig) at context seq_len."""
+    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd
+    attn_proj = d * h * hd + 2 * d * kv * hd + h * hd * d  # W_q, W_k, W_v, W_o
+    mlp = (3 if cfg.is_glu else 2) * d * cfg.ff
+    per_layer = 2 * (attn_proj + mlp) + 4 * h * hd * seq_len  # + QK^T and AV
+    forward = cfg.n_layers * per_layer + 2 * d * cfg.vocab_size  # + output head
+    return float(3 * forward if training else forward)
+
+
+def build_meta_model(cfg) -> torch.nn.Module:
+    """lmforge's Transformer for `cfg` on the meta device: exact shapes, no memory, no init cost."""
+    from lmforge.model.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
+    """The model's own exact count (covers MoE/MLA); training FLOPs = this x tokens."""
+    return build_meta_model(cfg).flops_per_token(seq_len, training=training)
+
+
+def num_params(cfg, exclude_embeddings: bool = False) -> int:
+    return build_meta_model(cfg).num_params(exclude_embeddings=exclude_embeddings)
+
+
+def tokens_for_budget(flops: float, n_params: float) -> float:
+    """D = C / (6 N): the tokens a FLOP budget buys a model of N parameters under 6ND."""
+    return flops / (6.0 * n_params)

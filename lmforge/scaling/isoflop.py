@@ -1,0 +1,106 @@
+"""Chinchilla approaches 1 and 2 (Hoffmann et al. 2022, sections 3.1 and 3.2).
+
+Approach 1, the envelope of training curves: every run of size N traces loss against FLOPs C = 6 N D(t)
+as it trains. At each C the smallest loss over all runs (the envelope) names the best model size N_opt(C)
+and its tokens D_opt = C / (6 N_opt); power laws N_opt ∝ C^a, D_opt ∝ C^b are fitted to those points.
+
+Approach 2, IsoFLOP profiles: for each fixed budget C, models of several sizes are trained for C/(6N)
+tokens each; a parabola in log N through their final losses has its vertex at N_opt(C). Power laws are
+then fitted to the vertices. A budget whose parabola opens downwards (no minimum) is an error that names
+the budget: the sizes tried do not bracket the optimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmforge.scaling.powerlaw import FitError, fit_loglinear
+from lmforge.scaling.table import Runs
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """Compute-optimal points and the power laws N_opt = n_coef C^a, D_opt = d_coef C^b through them."""
+
+    flops: np.ndarray
+    n_opt: np.ndarray
+    d_opt: np.ndarray
+    loss_opt: np.ndarray
+    n_coef: float
+    a: float
+    d_coef: float
+    b: float
+    parabolas: dict = field(default_factory=dict)
+    """approach 2: budget -> (c2, c1, c0) of loss = c2 x^2 + c1 x + c0, x = log N"""
+
+    def compute_optimal(self, flops) -> tuple[np.ndarray, np.ndarray]:
+        c = np.asarray(flops, dtype=np.float64)
+        return self.n_coef * c**self.a, self.d_coef * c**self.b
+
+    def as_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "n_coef": self.n_coef, "d_coef": self.d_coef,
+                "points": [{"C": float(c), "N_opt": float(n), "D_opt": float(d), "loss": float(l)}
+                           for c, n, d, l in zip(self.flops, self.n_opt, self.d_opt, self.loss_opt)]}
+
+
+def _frontier(flops, n_opt, loss_opt, parabolas=None) -> Frontier:
+    flops, n_opt = np.asarray(flops, dtype=np.float64), np.asarray(n_opt, dtype=np.float64)
+    if len(flops) < 2:
+        raise FitError(f"the compute-optimal frontier needs at least 2 budgets, got {len(flops)}")
+    d_opt = flops / (6 * n_opt)
+    n_coef, a = fit_loglinear(flops, n_opt, "N_opt(C)")
+    d_coef, b = fit_loglinear(flops, d_opt, "D_opt(C)")
+    return Frontier(flops, n_opt, d_opt, np.asarray(loss_opt, dtype=np.float64), n_coef, a, d_coef, b,
+                    parabolas or {})
+
+
+def fit_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], n_points: int = 20) -> Frontier:
+    """Approach 1 from training curves [(N, tokens seen, loss), ...] (loss at each eval of each run)."""
+    if len(curves) < 2:
+        raise FitError(f"approach 1 needs training curves of at least 2 model sizes, got {len(curves)}")
+    logc, logl = [], []
+    for n, tokens, loss in curves:
+        tokens, loss = np.asarray(tokens, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+        if len(tokens) < 2 or (tokens <= 0).any() or (loss <= 0).any():
+            raise FitError(f"curve of N={n:g} needs >= 2 points with tokens > 0 and loss > 0")
+        order = np.argsort(tokens)
+        logc.append(np.log(6 * n * tokens[order]))
+        logl.append(np.log(loss[order]))
+    lo, hi = min(c[0] for c in logc), max(c[-1] for c in logc)
+    grid = np.linspace(lo, hi, n_points)
+    # loss of every run at every C it reached (NaN where it did not), then the lower envelope
+    table = np.array([np.where((grid >= c[0]) & (grid <= c[-1]), np.interp(grid, c, l), np.nan)
+                      for c, l in zip(logc, logl)])
+    best = np.nanargmin(np.where(np.isnan(table), np.inf, table), axis=0)
+    sizes = np.array([n for n, _, _ in curves], dtype=np.float64)
+    n_opt = sizes[best]
+    if len(np.unique(n_opt)) < 2:
+        raise FitError(f"approach 1: one model size (N={n_opt[0]:g}) is best at every budget; "
+                       "the curves do not cross, so no frontier can be fitted")
+    return _frontier(np.exp(grid), n_opt, np.exp(table[best, np.arange(n_points)]))
+
+
+def fit_isoflop(runs: Runs, min_per_budget: int = 3) -> Frontier:
+    """Approach 2 on a run table grouped by its `budget` column (C = 6ND when absent)."""
+    budgets = np.unique(runs.budget)
+    flops, n_opt, loss_opt, parabolas = [], [], [], {}
+    for c in budgets:
+        sel = runs.take(np.flatnonzero(runs.budget == c))
+        if len(np.unique(sel.n)) < min_per_budget:
+            continue  # too few sizes to place a vertex; budgets like this are reported below if all fail
+        x = np.log(sel.n)
+        c2, c1, c0 = np.polyfit(x, sel.loss, 2)
+        if c2 <= 0:
+            raise FitError(f"IsoFLOP budget C={c:.3g}: loss vs log N has no minimum (parabola opens down); "
+                           "train smaller and larger models at this budget so they bracket the optimum")
+        x_opt = -c1 / (2 * c2)
+        flops.append(c)
+        n_opt.append(np.exp(x_opt))
+        loss_opt.append(c0 + c1 * x_opt + c2 * x_opt**2)
+        parabolas[float(c)] = (float(c2), float(c1), float(c0))
+    if len(flops) < 2:
+        raise FitError(f"approach 2 needs at least 2 budgets with >= {min_per_budget} model sizes each; "
+                       f"got {len(flops)} of {len(budgets)} budgets")
+    return _frontier(flops, n_opt, loss_opt, parabolas)

@@ -1,0 +1,124 @@
+"""Chinchilla approach 3 (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", sec. 3.3):
+the parametric loss
+
+    L(N, D) = E + A / N^alpha + B / D^beta                                     (eq. 2)
+
+fitted by minimising the Huber loss (delta = 1e-3) of the log-loss residuals
+
+    min_{a, b, e, alpha, beta} sum_i Huber_delta( LSE(a - alpha log N_i, b - beta log D_i, e) - log L_i )
+
+with A = exp(a), B = exp(b), E = exp(e) and L-BFGS started from a grid of initialisations (the paper's
+grid: alpha, beta in {0, 0.5, ..., 2}, e in {-1, -.5, ..., 1}, a, b in {0, 5, ..., 25}). The objective is
+evaluated on the whole grid and L-BFGS runs from the best `n_starts` points; the best converged optimum is
+kept. An optimum whose L-BFGS run did not converge raises FitError.
+
+The compute-optimal allocation under C = 6ND follows in closed form (eq. 4):
+    N_opt(C) = G (C/6)^a,  D_opt(C) = G^-1 (C/6)^b,  G = (alpha A / (beta B))^(1/(alpha+beta)),
+    a = beta / (alpha + beta),  b = alpha / (alpha + beta).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmforge.scaling.powerlaw import FitError
+from lmforge.scaling.table import Runs
+
+PAPER_GRID = dict(alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5), e=np.arange(-1, 1.01, 0.5),
+                  a=np.arange(0, 25.1, 5), b=np.arange(0, 25.1, 5))
+
+
+@dataclass(frozen=True)
+class ParametricFit:
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float
+    """the minimised mean Huber loss"""
+    n_runs: int
+
+    def predict(self, n, d) -> np.ndarray:
+        n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+
+    @property
+    def a(self) -> float:
+        """exponent of N_opt ∝ C^a"""
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:
+        """exponent of D_opt ∝ C^b"""
+        return self.alpha / (self.alpha + self.beta)
+
+    def compute_optimal(self, flops) -> tuple[np.ndarray, np.ndarray]:
+        """(N_opt, D_opt) for FLOP budget(s) C under C = 6ND (eq. 4)."""
+        c = np.asarray(flops, dtype=np.float64)
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        return g * (c / 6) ** self.a, (c / 6) ** self.b / g
+
+    def as_dict(self) -> dict[str, float]:
+        return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
+                "a": self.a, "b": self.b, "objective": self.objective, "n_runs": self.n_runs}
+
+
+def _objective(th: np.ndarray, ln: np.ndarray, ld: np.ndarray, ly: np.ndarray, delta: float):
+    """Mean Huber loss of log-residuals and its gradient; th = (a, b, e, alpha, beta)."""
+    a, b, e, alpha, beta = th
+    terms = np.stack([a - alpha * ln, b - beta * ld, np.full_like(ln, e)])  # (3, n)
+    top = terms.max(axis=0)
+    w = np.exp(terms - top)
+    s = w.sum(axis=0)
+    r = top + np.log(s) - ly
+    w /= s  # softmax weights = d LSE / d term
+    absr = np.abs(r)
+    loss = np.where(absr <= delta, 0.5 * r**2, delta * (absr - 0.5 * delta)).mean()
+    dr = np.clip(r, -delta, delta) / len(r)
+    grad = np.array([(dr * w[0]).sum(), (dr * w[1]).sum(), (dr * w[2]).sum(),
+                     -(dr * w[0] * ln).sum(), -(dr * w[1] * ld).sum()])
+    return loss, grad
+
+
+def _grid_values(grid: dict, ln, ld, ly, delta) -> tuple[np.ndarray, np.ndarray]:
+    """The objective at every grid point at once: (P, 5) points, (P,) values."""
+    pts = np.array(list(itertools.product(grid["a"], grid["b"], grid["e"], grid["alpha"], grid["beta"])))
+    a, b, e, alpha, beta = (pts[:, i : i + 1] for i in range(5))
+    r = np.logaddexp(np.logaddexp(a - alpha * ln, b - beta * ld), e) - ly  # (P, n)
+    absr = np.abs(r)
+    return pts, np.where(absr <= delta, 0.5 * r**2, delta * (absr - 0.5 * delta)).mean(axis=1)
+
+
+def fit_parametric(runs: Runs, delta: float = 1e-3, n_starts: int = 8, grid: dict | None = None,
+                   gtol: float = 1e-10) -> ParametricFit:
+    """Chinchilla approach 3 on a run table (at least 5 runs with several N and D)."""
+    from scipy.optimize import minimize
+
+    runs.require(5, "the parametric L(N, D) fit (approach 3)")
+    if len(np.unique(runs.n)) < 2 or len(np.unique(runs.d)) < 2:
+        raise FitError("approach 3 needs runs at several model sizes N and several token counts D")
+    ln, ld, ly = np.log(runs.n), np.log(runs.d), np.log(runs.loss)
+    pts, vals = _grid_values(grid or PAPER_GRID, ln, ld, ly, delta)
+    best, failures = None, []
+    for start in pts[np.argsort(vals)[:n_starts]]:
+        res = minimize(_objective, start, args=(ln, ld, ly, delta), jac=True, method="L-BFGS-B",
+                       options=dict(maxiter=5000, gtol=gtol, ftol=1e-15))
+        converged = res.success or np.abs(res.jac).max() < 1e-7
+        if not converged:
+            failures.append(res.message)
+            continue
+        if best is None or res.fun < best.fun:
+            best = res
+    if best is None:
+        raise FitError(f"approach 3: L-BFGS did not converge from any of {n_starts} starts "
+                       f"(last message: {failures[-1] if failures else 'none'})")
+    a, b, e, alpha, beta = best.x
+    if alpha <= 0 or beta <= 0:
+        raise FitError(f"approach 3: fitted exponents must be > 0, got alpha={alpha:.3g}, beta={beta:.3g}; "
+                       "the runs do not span enough N and D")
+    return ParametricFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
+                         beta=float(beta), objective=float(best.fun), n_runs=len(runs))

@@ -1,0 +1,96 @@
+"""The table of runs that sweeps write and fits read: one row per trained model.
+
+Columns: N (parameters), D (training tokens), loss (final validation loss); optional C (training FLOPs,
+6ND when absent) and budget (the FLOP budget a run was planned for, which groups IsoFLOP curves). Files
+are CSV or JSON (a list of row objects, or {"runs": [...]}). Every fit validates the table first: missing
+columns, non-positive or non-finite values and too few rows are reported by name, never fitted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from lmforge.errors import ConfigError, DataError, LmforgeError
+
+REQUIRED = ("N", "D", "loss")
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Column arrays of a validated run table (all float64, all > 0)."""
+
+    n: np.ndarray
+    d: np.ndarray
+    loss: np.ndarray
+    c: np.ndarray
+    budget: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def take(self, idx: np.ndarray) -> "Runs":
+        return Runs(self.n[idx], self.d[idx], self.loss[idx], self.c[idx], self.budget[idx])
+
+    def require(self, k: int, what: str) -> None:
+        if len(self) < k:
+            raise LmforgeError(f"{what} needs at least {k} runs, got {len(self)}; train more models first")
+
+
+def _column(rows: list[dict], name: str) -> np.ndarray:
+    try:
+        out = np.array([float(r[name]) for r in rows], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"column {name!r} has a non-numeric value: {e}") from e
+    bad = ~np.isfinite(out) | (out <= 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"column {name!r} must be finite and > 0; row {i} has {out[i]!r}")
+    return out
+
+
+def runs_from_rows(rows: Iterable[dict[str, Any]]) -> Runs:
+    rows = list(rows)
+    if not rows:
+        raise DataError("the run table is empty")
+    missing = [c for c in REQUIRED if any(c not in r or r[c] in ("", None) for r in rows)]
+    if missing:
+        raise ConfigError(f"the run table lacks column(s) {missing}; need {list(REQUIRED)} (C, budget optional)")
+    n, d, loss = (_column(rows, c) for c in REQUIRED)
+    has = lambda col: all(r.get(col) not in ("", None) for r in rows)  # noqa: E731
+    c = _column(rows, "C") if has("C") else 6.0 * n * d
+    budget = _column(rows, "budget") if has("budget") else c
+    return Runs(n, d, loss, c, budget)
+
+
+def load_runs(path: str | Path) -> Runs:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"run table not found: {path}")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        rows = data["runs"] if isinstance(data, dict) else data
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    return runs_from_rows(rows)
+
+
+def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows as CSV (.csv) or JSON (anything else); columns are the union of the rows' keys."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        path.write_text(json.dumps({"runs": rows}, indent=1))
+    return path

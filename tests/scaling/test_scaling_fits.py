@@ -1,0 +1,145 @@
+"""Scaling-law fits recover a known law from noisy synthetic runs; bad inputs give clear errors.
+
+Ground truth: Chinchilla's fitted law (Hoffmann et al. 2022, eq. 10): E = 1.69, A = 406.4, B = 410.7,
+alpha = 0.34, beta = 0.28, so N_opt ∝ C^0.452 and D_opt ∝ C^0.548. Noise: 0.5% multiplicative.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.scaling.bootstrap import bootstrap
+from lmforge.scaling.inference import inference_aware_optimum
+from lmforge.scaling.isoflop import fit_envelope, fit_isoflop
+from lmforge.scaling.parametric import ParametricFit, fit_parametric
+from lmforge.scaling.powerlaw import FitError, fit_power_law
+from lmforge.scaling.table import load_runs, runs_from_rows, write_rows
+
+TRUE = ParametricFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, objective=0.0, n_runs=0)
+A_TRUE = TRUE.beta / (TRUE.alpha + TRUE.beta)  # 0.4516
+B_TRUE = TRUE.alpha / (TRUE.alpha + TRUE.beta)  # 0.5484
+
+
+def _isoflop_rows(noise=0.005, seed=0, budgets=np.logspace(18, 22, 5)):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in budgets:
+        n_star, _ = TRUE.compute_optimal(c)
+        for n in n_star * np.logspace(-1, 1, 9):
+            d = c / (6 * n)
+            loss = TRUE.predict(n, d) * np.exp(rng.normal(0, noise))
+            rows.append(dict(N=n, D=d, loss=loss, budget=c))
+    return rows
+
+
+def test_approach3_recovers_parameters():
+    fit = fit_parametric(runs_from_rows(_isoflop_rows()))
+    # stated tolerances at 0.5% noise over 4 decades of C: exponents +-0.03, E +-3%, a within 0.02
+    assert fit.alpha == pytest.approx(TRUE.alpha, abs=0.03)
+    assert fit.beta == pytest.approx(TRUE.beta, abs=0.03)
+    assert fit.E == pytest.approx(TRUE.E, rel=0.03)
+    assert fit.a == pytest.approx(A_TRUE, abs=0.02)
+    n_fit, _ = fit.compute_optimal(1e24)
+    n_true, _ = TRUE.compute_optimal(1e24)
+    assert n_fit == pytest.approx(n_true, rel=0.5)  # a 2-decade extrapolation
+
+
+def test_approach3_noise_free_is_exact():
+    fit = fit_parametric(runs_from_rows(_isoflop_rows(noise=0.0)))
+    for k in ("E", "A", "B", "alpha", "beta"):
+        assert getattr(fit, k) == pytest.approx(getattr(TRUE, k), rel=1e-3), k
+
+
+def test_approach2_recovers_exponents():
+    fr = fit_isoflop(runs_from_rows(_isoflop_rows()))
+    # the parabola in log N is an approximation of the true profile: exponents within 0.02
+    assert fr.a == pytest.approx(A_TRUE, abs=0.02)
+    assert fr.b == pytest.approx(B_TRUE, abs=0.02)
+    assert fr.a + fr.b == pytest.approx(1.0, abs=1e-9)  # D_opt = C / (6 N_opt)
+    n_true, _ = TRUE.compute_optimal(fr.flops)
+    np.testing.assert_allclose(fr.n_opt, n_true, rtol=0.25)
+
+
+def test_approach1_envelope_recovers_exponent():
+    sizes = np.logspace(7, 10, 25)
+    curves = []
+    for n in sizes:
+        tokens = np.logspace(8, 12, 40)
+        curves.append((n, tokens, TRUE.predict(n, tokens)))
+    fr = fit_envelope(curves, n_points=30)
+    assert fr.a == pytest.approx(A_TRUE, abs=0.05)  # discrete sizes: the envelope steps between them
+
+
+def test_closed_form_optimum_minimises_loss_on_isoflop():
+    c = 1e21
+    n_opt, d_opt = TRUE.compute_optimal(c)
+    assert 6 * n_opt * d_opt == pytest.approx(c)
+    ns = n_opt * np.logspace(-1, 1, 2001)
+    assert ns[np.argmin(TRUE.predict(ns, c / (6 * ns)))] == pytest.approx(n_opt, rel=0.01)
+
+
+def test_inference_aware_optimum():
+    n_c, d_c = TRUE.compute_optimal(1e22)
+    target = float(TRUE.predict(n_c, d_c))
+    chin = inference_aware_optimum(TRUE, target, 0.0)
+    assert chin.n == pytest.approx(n_c, rel=1e-3) and chin.d_train == pytest.approx(d_c, rel=1e-3)
+    heavy = inference_aware_optimum(TRUE, target, 1e13)  # serve 10T tokens
+    assert heavy.n < 0.7 * n_c and heavy.d_train > d_c  # smaller model, trained longer (Sardana et al.)
+    assert heavy.total_flops < chin.train_flops + 2 * n_c * 1e13
+    with pytest.raises(FitError, match="irreducible"):
+        inference_aware_optimum(TRUE, 1.5, 0.0)
+
+
+def test_kaplan_power_laws():
+    n = np.logspace(6, 9, 8)
+    pure = fit_power_law(n, (8.8e13 / n) ** 0.076, variable="N")  # Kaplan et al. eq. 1.1 constants
+    assert (pure.x_c, pure.alpha) == (pytest.approx(8.8e13, rel=1e-6), pytest.approx(0.076, rel=1e-6))
+    floored = fit_power_law(n, 1.7 + (1e7 / n) ** 0.3, irreducible=True, variable="N")
+    assert (floored.e, floored.alpha) == (pytest.approx(1.7, rel=1e-4), pytest.approx(0.3, rel=1e-4))
+    assert "L(N)" in str(floored)
+
+
+def test_bootstrap_interval_covers_truth():
+    runs = runs_from_rows(_isoflop_rows(seed=3))
+    ci = bootstrap(runs, lambda r: {"a": fit_isoflop(r).a}, n=60, seed=1)
+    lo, hi = ci["a"]
+    assert lo < A_TRUE < hi and hi - lo < 0.1
+
+
+def test_errors_are_clear(tmp_path):
+    rows = _isoflop_rows()
+    with pytest.raises(ConfigError, match="lacks column"):
+        runs_from_rows([{"N": 1.0, "loss": 2.0}])
+    with pytest.raises(DataError, match="'loss' must be finite and > 0"):
+        runs_from_rows(rows[:3] + [dict(rows[3], loss=-1.0)])
+    with pytest.raises(LmforgeError, match="at least 5 runs"):
+        fit_parametric(runs_from_rows(rows[:4]))
+    upside_down = [dict(r, loss=10 - r["loss"]) for r in rows]
+    with pytest.raises(FitError, match="no minimum"):
+        fit_isoflop(runs_from_rows(upside_down))
+    with pytest.raises(FitError, match="at least 2 budgets"):
+        fit_isoflop(runs_from_rows(rows[:9]))
+    with pytest.raises(FitError, match="does not fall"):
+        fit_power_law([1, 2, 3], [1, 2, 3])
+    with pytest.raises(DataError, match="not found"):
+        load_runs(tmp_path / "missing.csv")
+
+
+def test_unconverged_fit_raises():
+    from unittest import mock
+
+    from scipy.optimize import OptimizeResult
+
+    fake = OptimizeResult(x=np.zeros(5), fun=1.0, success=False, jac=np.ones(5), message="ABNORMAL")
+    with mock.patch("scipy.optimize.minimize", return_value=fake), pytest.raises(FitError, match="converge"):
+        fit_parametric(runs_from_rows(_isoflop_rows()))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_table_round_trip(tmp_path, suffix):
+    rows = _isoflop_rows()[:6]
+    runs = load_runs(write_rows(rows, tmp_path / f"runs{suffix}"))
+    np.testing.assert_allclose(runs.n, [r["N"] for r in rows])
+    np.testing.assert_allclose(runs.c, [6 * r["N"] * r["D"] for r in rows])

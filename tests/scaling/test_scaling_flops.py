@@ -1,0 +1,33 @@
+"""FLOP accounting: the config-only count equals the model's own, and both relate to 6N as expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.model.config import ModelConfig
+from lmforge.errors import ConfigError
+from lmforge.scaling.flops import dense_flops_per_token, flops_6nd, flops_per_token, num_params, tokens_for_budget
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig.from_depth(2, vocab_size=257, max_seq_len=128),
+                                 ModelConfig.preset("gpt2-small"), ModelConfig.preset("llama-tiny")])
+def test_dense_count_matches_model(cfg):
+    assert dense_flops_per_token(cfg, 128) == flops_per_token(cfg, 128)
+    assert dense_flops_per_token(cfg, 128, training=False) * 3 == dense_flops_per_token(cfg, 128)
+
+
+def test_exact_count_approaches_6n_when_context_is_short():
+    cfg = ModelConfig.preset("gpt2-small")
+    # gpt2-small: 12 layers x 12 d^2 (attn 4 d^2 + mlp 8 d^2) + head d V; attention term -> 0 as T -> 0
+    d, v = 768, 50257
+    matmul_params = 12 * 12 * d * d + d * v
+    assert dense_flops_per_token(cfg, 0) == pytest.approx(6 * matmul_params)
+    assert dense_flops_per_token(cfg, 1024) == pytest.approx(6 * matmul_params + 3 * 4 * 12 * d * 1024)
+    assert num_params(cfg) == pytest.approx(124.4e6, rel=0.01)  # the known GPT-2 small count (tied head)
+
+
+def test_6nd_and_budget_tokens():
+    assert flops_6nd(1e9, 2e10) == 1.2e20
+    assert tokens_for_budget(1.2e20, 1e9) == pytest.approx(2e10)
+    with pytest.raises(ConfigError, match="positive"):
+        flops_6nd(0, 1)

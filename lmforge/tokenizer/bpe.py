@@ -113,17 +113,24 @@ class Tokenizer:
             if pair not in self._ranks:
                 self._ranks[pair], self._merged[pair] = r, new
 
+    def _merge_ids(self) -> list[int]:
+        return [self._by_bytes[a + b] for a, b in self.merges]
+
+    def _ids_are_ranks(self) -> bool:
+        """Ids usable as tiktoken ranks: merge results' ids grow with merge order and exceed every byte's."""
+        ids = self._merge_ids()
+        return all(x < y for x, y in zip(ids, ids[1:])) and (not ids or ids[0] > max(self._byte_ids))
+
     def mergeable_ranks(self) -> dict[bytes, int]:
-        """tiktoken ranks, equal to the ids: needs ids that grow with merge order."""
-        ids = [self._by_bytes[a + b] for a, b in self.merges]
-        if any(x >= y for x, y in zip(ids, ids[1:])) or (ids and ids[0] < max(self._byte_ids)):
+        """tiktoken ranks, equal to the ids (gaps where specials sit are fine)."""
+        if not self._ids_are_ranks():
             raise ConfigError("token ids do not follow merge order, so they cannot serve as tiktoken ranks")
-        return {**{bytes([x]): self._byte_ids[x] for x in range(256)}, **{a + b: i for (a, b), i in
-                                                                         zip(self.merges, ids)}}
+        return {**{bytes([x]): self._byte_ids[x] for x in range(256)},
+                **{a + b: i for (a, b), i in zip(self.merges, self._merge_ids())}}
 
     def _build_fast(self):
-        """A tiktoken Encoding whose ranks are merge priorities (bytes 0..255, merge k -> 256 + k), plus
-        the rank -> id map when ids differ from ranks; (None, None) when tiktoken would disagree."""
+        """A tiktoken Encoding whose ranks are merge priorities, plus a rank -> id map when the ids
+        cannot be the ranks themselves; (None, None) when tiktoken would disagree with the merges."""
         try:
             import tiktoken
         except ImportError:
@@ -131,19 +138,24 @@ class Tokenizer:
         made = [a + b for a, b in self.merges]
         if len(set(made)) != len(made):
             return None, None  # one token made by two merges: tiktoken's ranks cannot express that
-        ranks = {bytes([x]): x for x in range(256)}
-        ranks.update({t: 256 + k for k, t in enumerate(made)})
-        rank_to_id = np.array(self._byte_ids + [self._by_bytes[t] for t in made], dtype=np.int64)
-        identity = bool(np.array_equal(rank_to_id, np.arange(len(rank_to_id))))
+        if self._ids_are_ranks():
+            ranks, rank_to_id = self.mergeable_ranks(), None
+            rank_of = [ranks[t] for t in made]
+        else:  # bytes 0..255, merge k -> 256 + k, mapped back to ids after encoding
+            ranks = {bytes([x]): x for x in range(256)}
+            ranks.update({t: 256 + k for k, t in enumerate(made)})
+            rank_to_id = np.array(self._byte_ids + [self._by_bytes[t] for t in made], dtype=np.int64)
+            rank_of = list(range(256, 256 + len(made)))
         enc = tiktoken.Encoding(f"lmforge-{id(self)}", pat_str=self.pattern, mergeable_ranks=ranks,
                                 special_tokens={})
-        # Each token must come out of both encoders as itself-or-the-same-split; a token built from a
-        # pair other than its merge (which tiktoken would still form) shows up here.
+        to_id = (lambda rs: rs) if rank_to_id is None else (lambda rs: [int(rank_to_id[r]) for r in rs])
+        # Each token's own bytes must come out of both encoders the same way; a token that tiktoken would
+        # build from a pair other than its merge shows up here.
         for k, t in enumerate(made):
-            fast = enc._encode_single_piece(t) if hasattr(enc, "_encode_single_piece") else [256 + k]
-            if [int(rank_to_id[r]) for r in fast] != self.reference.encode_bytes(t):
+            fast = enc._encode_single_piece(t) if hasattr(enc, "_encode_single_piece") else [rank_of[k]]
+            if to_id(fast) != self.reference.encode_bytes(t):
                 return None, None
-        return enc, (None if identity else rank_to_id)
+        return enc, rank_to_id
 
     # ---- properties ------------------------------------------------------------------------------
 

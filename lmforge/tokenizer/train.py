@@ -75,23 +75,24 @@ def _count_texts(task: tuple[list[str], str, tuple[str, ...]]) -> tuple[Counter,
     return total, size, 0
 
 
-def file_ranges(path: Path, pat: str, specials: tuple[str, ...], chunk: int | None = None) -> list[tuple[int, int]]:
-    """Cut a file into byte ranges of about `chunk` bytes at safe points (see `safe_byte_cut`); a file
-    with no safe point (e.g. a custom pattern and no specials) stays whole."""
+def file_ranges(path: Path, pat: str, specials: tuple[str, ...], chunk: int | None = None,
+                start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """Cut bytes [start, end) of a file into ranges of about `chunk` bytes at safe points (see
+    `safe_byte_cut`); with no safe point (e.g. a custom pattern and no specials) it stays whole."""
     chunk = chunk or CHUNK_BYTES
-    size = path.stat().st_size
-    bounds, pos = [0], chunk
+    end = path.stat().st_size if end is None else end
+    bounds, pos = [start], start + chunk
     with open(path, "rb") as f:
-        while pos < size:
+        while pos < end:
             f.seek(pos)
-            window = f.read(1 << 20)
+            window = f.read(min(1 << 20, end - pos))
             cut = safe_byte_cut(window, 0, pat, specials) if window else -1
             if cut == -1:
-                pos += len(window) or size  # nothing safe here: look further on
+                pos += len(window) or end  # nothing safe here: look further on
                 continue
             bounds.append(pos + cut)
             pos = pos + cut + chunk
-    bounds.append(size)
+    bounds.append(end)
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 

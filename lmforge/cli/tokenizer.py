@@ -1,0 +1,129 @@
+"""`lmforge tokenizer train | encode | stats`: train a byte-level BPE tokenizer, turn text files into
+the token shards the trainer reads, and measure a tokenizer on a corpus."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from lmforge.cli.common import parse_config, run_group
+from lmforge.config import check
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainArgs:
+    """Train a byte-level BPE tokenizer on text files (files, directories or glob patterns)."""
+
+    input: tuple[str, ...]
+    vocab_size: int
+    out: str
+    special: tuple[str, ...] = ("<|endoftext|>",)
+    pattern: str = "gpt2"  # "gpt2", "cl100k", "o200k" or a custom pre-tokenization regex
+    export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = ()  # also write these formats into --out
+    workers: Optional[int] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        check(len(self.input) > 0, "input: give at least one text file")
+        check(self.vocab_size >= 256 + len(self.special),
+              f"vocab_size={self.vocab_size} is below 256 bytes + {len(self.special)} special tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeArgs:
+    """Encode text files into token shards (OUT/train.bin, and OUT/val.bin with --val-fraction)."""
+
+    tokenizer: str  # "byte", a tokenizer directory or its lmforge_tokenizer.json
+    input: tuple[str, ...]
+    out: str
+    val_fraction: float = 0.0  # the last this-much of every file goes to val.bin
+    workers: Optional[int] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        check(len(self.input) > 0, "input: give at least one text file")
+        check(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatsArgs:
+    """Compression (bytes per token) and vocabulary use of a tokenizer on text files."""
+
+    tokenizer: str
+    input: tuple[str, ...]
+    top: int = 10  # list the most frequent tokens
+    json: bool = False  # print the numbers as JSON
+    workers: Optional[int] = None
+    progress: bool = False
+
+
+def train(argv: list[str]) -> int:
+    from lmforge.tokenizer.corpus import expand_inputs
+    from lmforge.tokenizer.train import train_bpe
+
+    a = parse_config(TrainArgs, argv, prog="lmforge tokenizer train", description=TrainArgs.__doc__ or "")
+    files = expand_inputs(a.input)
+    stats: dict = {}
+    t0 = time.perf_counter()
+    tok = train_bpe(files, a.vocab_size, a.special, pattern=a.pattern, workers=a.workers,
+                    progress=a.progress, stats=stats)
+    path = tok.save(a.out)
+    writers = {"hf": tok.save_hf, "gpt2": tok.save_gpt2, "tiktoken": lambda d: tok.save_tiktoken(f"{d}/bpe.tiktoken")}
+    for fmt in a.export:
+        writers[fmt](a.out)
+    print(f"trained {tok.vocab_size} tokens ({len(tok.merges)} merges) on {stats['bytes']:,} bytes in "
+          f"{len(files)} file(s), {stats['distinct_pretokens']:,} distinct pre-tokens, "
+          f"{time.perf_counter() - t0:.1f}s -> {path}")
+    if stats["undecodable_bytes"]:
+        print(f"note: {stats['undecodable_bytes']:,} undecodable bytes were read as U+FFFD")
+    return 0
+
+
+def encode(argv: list[str]) -> int:
+    from lmforge.tokenizer.corpus import encode_to_shards
+    from lmforge.tokenizer.load import load_tokenizer
+
+    a = parse_config(EncodeArgs, argv, prog="lmforge tokenizer encode", description=EncodeArgs.__doc__ or "")
+    tok = load_tokenizer(a.tokenizer)
+    t0 = time.perf_counter()
+    rep = encode_to_shards(tok, a.input, a.out, val_fraction=a.val_fraction, workers=a.workers, progress=a.progress)
+    secs = time.perf_counter() - t0
+    for split, path in rep.shards.items():
+        print(f"{split}: {rep.tokens[split]:,} tokens, {rep.docs[split]:,} documents -> {path}")
+    total = sum(rep.tokens.values())
+    print(f"{rep.bytes:,} bytes, {rep.bytes / max(total, 1):.3f} bytes/token, {rep.bytes / 1e6 / secs:.1f} MB/s")
+    if rep.undecodable_bytes:
+        print(f"note: {rep.undecodable_bytes:,} undecodable bytes were read as U+FFFD")
+    return 0
+
+
+def stats(argv: list[str]) -> int:
+    from lmforge.tokenizer.corpus import corpus_stats
+    from lmforge.tokenizer.load import load_tokenizer
+
+    a = parse_config(StatsArgs, argv, prog="lmforge tokenizer stats", description=StatsArgs.__doc__ or "")
+    s = corpus_stats(load_tokenizer(a.tokenizer), a.input, workers=a.workers, progress=a.progress, top=a.top)
+    if a.json:
+        print(json.dumps(s, ensure_ascii=False))
+        return 0
+    print(f"files {s['files']}  bytes {s['bytes']:,}  tokens {s['tokens']:,}  "
+          f"bytes/token {s['bytes_per_token']:.3f}")
+    print(f"vocabulary used {s['vocab_used']:,} of {s['vocab_size']:,} ({100 * s['vocab_used_fraction']:.1f}%)")
+    if s["undecodable_bytes"]:
+        print(f"undecodable bytes {s['undecodable_bytes']:,} (read as U+FFFD)")
+    for i, text, n in s["top_tokens"]:
+        print(f"  {i:>7} {n:>12,}  {text!r}")
+    return 0
+
+
+COMMANDS = {
+    "train": (train, "train a byte-level BPE tokenizer on text files"),
+    "encode": (encode, "encode text files into token shards for training"),
+    "stats": (stats, "bytes per token and vocabulary use on a corpus"),
+}
+
+
+def main(argv: list[str]) -> int:
+    return run_group("tokenizer", argv, COMMANDS)

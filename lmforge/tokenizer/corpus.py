@@ -1,0 +1,184 @@
+"""Tokenizing corpora: text files -> the memory-mapped token shards the trainer reads, and corpus
+statistics (compression, vocabulary use). Files are cut into byte ranges at safe points, encoded by
+worker processes in order, and streamed into `TokenShardWriter`, so memory stays bounded.
+
+Documents: each file is one, and inside a file the `<|endoftext|>` text (when the tokenizer has it)
+separates documents; the writer puts the separator id before every document.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer.pretokenize import safe_byte_cut
+from lmforge.tokenizer.train import decode_counting, file_ranges
+
+EOT = "<|endoftext|>"
+_TOK = None  # the tokenizer inside a worker process (set by _init)
+
+
+def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
+    """Files, directories (every file below, sorted) and glob patterns -> existing, non-empty list."""
+    out: list[Path] = []
+    for pat in patterns:
+        p = Path(pat)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        elif p.is_file():
+            out.append(p)
+        else:
+            hits = sorted(Path(h) for h in glob.glob(pat, recursive=True) if Path(h).is_file())
+            if not hits:
+                raise DataError(f"input not found: {pat}")
+            out.extend(hits)
+    if not out:
+        raise DataError("no input files given")
+    return out
+
+
+def _init(tok) -> None:
+    global _TOK
+    _TOK = tok
+
+
+def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarray, bool]], int, int]:
+    """Encode bytes [start, end) of a file -> [(ids, starts_a_document)], bytes read, undecodable bytes.
+    `first`: the range opens a file (or its validation tail), so its text starts a document."""
+    path, start, end, first = task
+    with open(path, "rb") as f:
+        f.seek(start)
+        text, bad = decode_counting(f.read(end - start))
+    tok = _TOK
+    sep = EOT if tok.eot_id is not None else None
+    docs = text.split(sep) if sep else [text]
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    pieces = [(np.asarray(tok.encode(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs)]
+    return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad  # empty docs are dropped
+
+
+def _split_point(path: Path, val_fraction: float, pat: str, specials: tuple[str, ...]) -> int:
+    """Where a file's validation tail begins: the first safe cut after (1 - val_fraction) of it."""
+    size = path.stat().st_size
+    if val_fraction <= 0:
+        return size
+    target = int(size * (1 - val_fraction))
+    with open(path, "rb") as f:
+        f.seek(target)
+        window = f.read(1 << 20)
+    cut = safe_byte_cut(window, 0, pat, specials)
+    return size if cut == -1 else target + cut
+
+
+def _encode_tasks(tok, files: list[Path], val_fraction: float) -> Iterator[tuple[str, tuple[str, int, int, bool]]]:
+    specials = tuple(tok.special_tokens)
+    for f in files:
+        cut = _split_point(f, val_fraction, tok.pattern, specials)
+        for split, a, b in (("train", 0, cut), ("val", cut, f.stat().st_size)):
+            for s, e in (file_ranges(f, tok.pattern, specials, start=a, end=b) if b > a else []):
+                yield split, (str(f), s, e, s == a)
+
+
+def _run_ordered(tok, tasks: list, workers: int | None, progress: bool, total: int, desc: str) -> Iterator:
+    """Results of _encode_range over tasks, in order, from a pool of worker processes."""
+    from tqdm.auto import tqdm
+
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
+    try:
+        if workers == 1:
+            _init(tok)
+            results = map(_encode_range, tasks)
+            yield from _tick(results, bar)
+            return
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers, initializer=_init, initargs=(tok,)) as pool:
+            yield from _tick(pool.imap(_encode_range, tasks), bar)
+    finally:
+        bar.close()
+
+
+def _tick(results, bar) -> Iterator:
+    for r in results:
+        bar.update(r[1])
+        yield r
+
+
+@dataclass
+class EncodeReport:
+    shards: dict[str, Path] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    docs: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    undecodable_bytes: int = 0
+
+
+def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Path, *, val_fraction: float = 0.0,
+                     workers: int | None = None, progress: bool = True, spec: str | None = None) -> EncodeReport:
+    """Encode files into out_dir/train.bin (and val.bin: the last `val_fraction` of each file).
+
+    The shard header records `spec` (default: the tokenizer's own spec) so the trainer can reopen it.
+    """
+    from lmforge.data.shards import TokenShardWriter
+
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
+    files = expand_inputs(inputs)
+    tagged = list(_encode_tasks(tok, files, val_fraction))
+    if not tagged:
+        raise DataError(f"input is empty: {', '.join(map(str, files[:3]))}")
+    out = Path(out_dir)
+    splits = ["train", "val"] if val_fraction > 0 else ["train"]
+    writers = {s: TokenShardWriter(out / f"{s}.bin", vocab_size=tok.vocab_size, tokenizer=spec or tok.spec(),
+                                   doc_sep=tok.eot_id) for s in splits}
+    report = EncodeReport()
+    try:
+        results = _run_ordered(tok, [t for _, t in tagged], workers, progress, sum(t[2] - t[1] for _, t in tagged),
+                               "encode")
+        for (split, _), (pieces, size, bad) in zip(tagged, results):
+            w = writers[split]
+            for ids, new_doc in pieces:
+                w.add_document(ids) if new_doc else w.add(ids)
+            report.bytes += size
+            report.undecodable_bytes += bad
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for s, w in writers.items():
+        report.tokens[s], report.docs[s] = w.num_tokens, w.num_docs
+        report.shards[s] = w.close()
+    return report
+
+
+def corpus_stats(tok, inputs: list[str] | tuple[str, ...], *, workers: int | None = None,
+                 progress: bool = True, top: int = 10) -> dict:
+    """Compression (UTF-8 bytes per token) and vocabulary use of `tok` on the given files."""
+    files = expand_inputs(inputs)
+    tasks = [t for _, t in _encode_tasks(tok, files, 0.0)]
+    if not tasks:
+        raise DataError(f"input is empty: {', '.join(map(str, files[:3]))}")
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    n_bytes = bad = 0
+    for pieces, size, b in _run_ordered(tok, tasks, workers, progress, sum(t[2] - t[1] for t in tasks), "stats"):
+        for ids, _ in pieces:
+            counts += np.bincount(ids, minlength=tok.vocab_size)
+        n_bytes += size
+        bad += b
+    n_tokens = int(counts.sum())
+    used = int((counts > 0).sum())
+    order = np.argsort(-counts, kind="stable")[:top]
+    return {
+        "files": len(files), "bytes": n_bytes, "tokens": n_tokens, "undecodable_bytes": bad,
+        "bytes_per_token": n_bytes / max(n_tokens, 1), "vocab_size": tok.vocab_size, "vocab_used": used,
+        "vocab_used_fraction": used / tok.vocab_size,
+        "top_tokens": [(int(i), tok.decode([int(i)]), int(counts[i])) for i in order if counts[i] > 0],
+    }

@@ -63,3 +63,55 @@ def text_ngram_hashes(text: str, n: int, unit: str = "word") -> np.ndarray:
     """Distinct (sorted) n-gram hashes of a text: its shingle set."""
     h = ngram_hashes(word_hashes(normalize_words(text)), n) if unit == "word" else char_ngram_hashes(text, n)
     return np.unique(h)
+
+
+_BYTES = np.arange(256)
+_IS_WORD = (_BYTES >= 0x80) | ((_BYTES | 0x20) >= 97) & ((_BYTES | 0x20) <= 122) | ((_BYTES >= 48) & (_BYTES <= 57)) \
+    | (_BYTES == 95)
+_LOWER_PLUS_1 = (np.where((_BYTES >= 65) & (_BYTES <= 90), _BYTES | 0x20, _BYTES) + 1).astype(np.uint64)
+_POW = np.ones(64, dtype=np.uint64)
+with np.errstate(over="ignore"):
+    for _i in range(1, 64):
+        _POW[_i] = _POW[_i - 1] * _P
+
+
+def batch_word_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Word n-gram hashes of many texts in one pass of numpy operations over their UTF-8 bytes.
+
+    Words are maximal runs of ASCII letters/digits/underscore or non-ASCII bytes (so accented and CJK
+    text stays inside words), ASCII lowercased. Returns (hashes, counts): hashes of all documents
+    concatenated in order (duplicates kept: MinHash of a multiset equals that of its set) and the
+    number belonging to each document. A document with 1..n-1 words gets one hash of all its words.
+    """
+    raw = "\n".join(texts).encode("utf-8", "surrogatepass")
+    b = np.frombuffer(raw, dtype=np.uint8)
+    isword = _IS_WORD[b]
+    start_flags = isword.copy()
+    start_flags[1:] &= ~isword[:-1]
+    starts_byte = np.flatnonzero(start_flags)
+    wb = _LOWER_PLUS_1[b[isword]]
+    compact_start = np.flatnonzero(start_flags[isword])
+    word_id = np.cumsum(start_flags[isword]) - 1
+    pos = np.arange(len(wb)) - compact_start[word_id] if len(wb) else np.zeros(0, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        contrib = wb * _POW[np.minimum(pos, 63)]
+    wh = mix64(np.add.reduceat(contrib, compact_start)) if len(compact_start) else np.zeros(0, np.uint64)
+    doc_start = np.concatenate([[0], np.cumsum([len(t.encode("utf-8", "surrogatepass")) + 1 for t in texts])[:-1]])
+    word_doc = np.searchsorted(doc_start, starts_byte, side="right") - 1
+    words_per_doc = np.bincount(word_doc, minlength=len(texts))
+    m = max(len(wh) - n + 1, 0)
+    acc = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            acc = acc * _P + wh[j:j + m] + np.uint64(1)
+    keep = word_doc[:m] == word_doc[n - 1:n - 1 + m]
+    hashes, hash_doc = mix64(acc[keep]), word_doc[:m][keep]
+    short = np.flatnonzero((words_per_doc > 0) & (words_per_doc < n))
+    if len(short):  # documents with fewer than n words: one hash of the whole word sequence
+        first_word = np.concatenate([[0], np.cumsum(words_per_doc)[:-1]])
+        extra = [ngram_hashes(wh[first_word[d]:first_word[d] + words_per_doc[d]], n) for d in short]
+        hashes = np.concatenate([hashes, *extra])
+        hash_doc = np.concatenate([hash_doc, short])
+        order = np.argsort(hash_doc, kind="stable")
+        hashes, hash_doc = hashes[order], hash_doc[order]
+    return hashes, np.bincount(hash_doc, minlength=len(texts))

@@ -2,8 +2,9 @@
 Massive Datasets", ch. 3), as used by GPT-3, The Pile, RefinedWeb and FineWeb.
 
 1. Shingles: the set of word (or character) n-grams of a document, hashed to uint64.
-2. Signatures: for num_perm universal hashes h_i(x) = (a_i x + b_i) mod (2^61 - 1), the minimum over
-   the shingles. Computed for a whole batch of documents at once: one (num_perm, total_shingles)
+2. Signatures: for num_perm hash functions h_i(x) = ((a_i x + b_i) mod 2^64) >> 32 -- Dietzfelbinger's
+   multiply-add-shift family, universal for 32-bit keys with random 64-bit a_i, b_i, and two cheap
+   numpy operations instead of a modulo by a prime -- the minimum over the shingles. Computed for a whole batch of documents at once: one (num_perm, total_shingles)
    matrix per chunk and `np.minimum.reduceat` over document boundaries.
 3. LSH: signatures cut into b bands of r rows; documents sharing any band become candidates. (b, r)
    are chosen for the target Jaccard threshold t by minimising the false-positive plus false-negative
@@ -14,17 +15,17 @@ Massive Datasets", ch. 3), as used by GPT-3, The Pile, RefinedWeb and FineWeb.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from lmforge.config import check
 from lmforge.data.document import Document
-from lmforge.data.hashing import text_ngram_hashes
+from lmforge.data.hashing import batch_word_ngram_hashes, char_ngram_hashes
 from lmforge.data.stage import StageContext
 
-MERSENNE = np.uint64((1 << 61) - 1)
-_CHUNK = 1 << 15  # shingles per signature block: num_perm x 32768 x 8 bytes = 32 MiB at 128 perms
+_CHUNK = 1 << 13  # shingles per signature block: num_perm x 8192 x 8 bytes = 8 MiB at 128 perms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,60 +55,76 @@ class MinHashConfig:
               f"minhash: bands*rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
 
 
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
-    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
-
-
+@functools.lru_cache(maxsize=64)
 def choose_bands_rows(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5
                       ) -> tuple[int, int]:
     """(b, r) with b*r <= num_perm minimising fp_weight * area of P(s) below the threshold (false
-    positives) + fn_weight * area of 1 - P(s) above it (false negatives)."""
-    best, best_err = (1, num_perm), float("inf")
+    positives) + fn_weight * area of 1 - P(s) above it (false negatives), by the trapezoid rule."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=float)
+    b, r = pairs[:, :1], pairs[:, 1:]  # (K, 1)
     lo, hi = np.linspace(0.0, threshold, 201), np.linspace(threshold, 1.0, 201)
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            fp = _trapezoid(1 - (1 - lo ** r) ** b, lo)
-            fn = _trapezoid((1 - hi ** r) ** b, hi)
-            err = fp_weight * fp + fn_weight * fn
-            if err < best_err - 1e-12:
-                best, best_err = (b, r), err
-    return best
+
+    def area(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return ((y[:, 1:] + y[:, :-1]) * np.diff(x)).sum(axis=1) / 2
+
+    err = fp_weight * area(1 - (1 - lo ** r) ** b, lo) + fn_weight * area((1 - hi ** r) ** b, hi)
+    best = int(np.argmin(err))  # first minimum: smallest b, then smallest r, as a loop would find
+    return int(pairs[best, 0]), int(pairs[best, 1])
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) of the universal hashes, each (num_perm, 1) uint64 below 2^31 so a*x + b (x < 2^32)
-    cannot overflow 64 bits."""
+    """(a, b) of the hash functions, each (num_perm, 1) uint64; a is odd."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 31, size=(num_perm, 1), dtype=np.uint64)
-    b = rng.integers(0, 1 << 31, size=(num_perm, 1), dtype=np.uint64)
+    a = rng.integers(0, 2**64 - 1, size=(num_perm, 1), dtype=np.uint64, endpoint=True) | np.uint64(1)
+    b = rng.integers(0, 2**64 - 1, size=(num_perm, 1), dtype=np.uint64, endpoint=True)
     return a, b
 
 
-def signatures(shingle_sets: list[np.ndarray], num_perm: int = 128, seed: int = 1) -> np.ndarray:
-    """(N, num_perm) uint64 MinHash signatures; an empty set gets the all-max signature."""
+def signatures_flat(hashes: np.ndarray, counts: np.ndarray, num_perm: int = 128, seed: int = 1) -> np.ndarray:
+    """(N, num_perm) uint32 MinHash signatures of N documents whose shingle hashes lie concatenated in
+    `hashes` (counts[i] of them for document i). A document without shingles gets all-max."""
     a, b = permutations(num_perm, seed)
-    out = np.full((len(shingle_sets), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
-    nonempty = [i for i, s in enumerate(shingle_sets) if len(s)]
+    n = len(counts)
+    out = np.full((n, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    ends = np.cumsum(counts)
+    nonempty = np.flatnonzero(counts)
     start = 0
     while start < len(nonempty):
-        # gather documents until the block holds ~_CHUNK shingles (at least one document)
-        stop, total = start, 0
-        while stop < len(nonempty) and (total == 0 or total + len(shingle_sets[nonempty[stop]]) <= _CHUNK):
-            total += len(shingle_sets[nonempty[stop]])
-            stop += 1
+        # a block of documents holding about _CHUNK shingles (at least one document)
+        lo = ends[nonempty[start]] - counts[nonempty[start]]
+        stop = max(start + 1, int(np.searchsorted(ends[nonempty], lo + _CHUNK, side="right")))
         idx = nonempty[start:stop]
-        x = np.concatenate([shingle_sets[i] for i in idx]) & np.uint64(0xFFFFFFFF)  # (S,)
-        offsets = np.cumsum([0] + [len(shingle_sets[i]) for i in idx[:-1]])
-        h = (a * x[None, :] + b) % MERSENNE  # (num_perm, S)
-        out[idx] = np.minimum.reduceat(h, offsets, axis=1).T
+        hi = ends[idx[-1]]
+        x = hashes[lo:hi] & np.uint64(0xFFFFFFFF)  # (S,)
+        with np.errstate(over="ignore"):
+            h = a * x[None, :]  # (num_perm, S), wrapping mod 2^64
+        h += b
+        h >>= np.uint64(32)
+        out[idx] = np.minimum.reduceat(h, ends[idx] - counts[idx] - lo, axis=1).T
         start = stop
     return out
+
+
+def signatures(shingle_sets: list[np.ndarray], num_perm: int = 128, seed: int = 1) -> np.ndarray:
+    """(N, num_perm) uint32 signatures of a list of shingle-hash arrays."""
+    counts = np.array([len(s) for s in shingle_sets], dtype=np.int64)
+    flat = np.concatenate(shingle_sets) if len(shingle_sets) else np.zeros(0, dtype=np.uint64)
+    return signatures_flat(flat.astype(np.uint64), counts, num_perm, seed)
+
+
+def shingle_texts(texts: list[str], ngram: int = 5, unit: str = "word") -> tuple[np.ndarray, np.ndarray]:
+    """(concatenated shingle hashes, count per text): word n-grams in one vectorised pass."""
+    if unit == "word":
+        return batch_word_ngram_hashes(texts, ngram)
+    per = [char_ngram_hashes(t, ngram) for t in texts]
+    counts = np.array([len(p) for p in per], dtype=np.int64)
+    return (np.concatenate(per) if per else np.zeros(0, np.uint64)), counts
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(N, bands) uint64: each band's r rows folded into one key."""
     n = sig.shape[0]
-    s = sig[:, : bands * rows].reshape(n, bands, rows)
+    s = sig[:, : bands * rows].astype(np.uint64).reshape(n, bands, rows)
     mult = np.random.default_rng(12345).integers(1, 1 << 62, size=rows, dtype=np.uint64) | np.uint64(1)
     with np.errstate(over="ignore"):
         return (s * mult).sum(axis=2, dtype=np.uint64)
@@ -141,42 +158,55 @@ class UnionFind:
 
 
 def candidate_pairs(keys: np.ndarray, max_bucket_pairs: int = 50) -> set[tuple[int, int]]:
-    """Pairs (i < j) sharing a band key."""
+    """Pairs (i < j) sharing a band key; buckets of more than max_bucket_pairs documents give a star."""
     pairs: set[tuple[int, int]] = set()
     for band in range(keys.shape[1]):
-        col = keys[:, band]
-        order = np.argsort(col, kind="stable")
-        sorted_col = col[order]
-        bounds = np.flatnonzero(np.diff(sorted_col)) + 1
-        for group in np.split(order, bounds):
-            if len(group) < 2:
-                continue
-            g = sorted(group.tolist())
-            if len(g) <= max_bucket_pairs:
-                pairs.update((g[i], g[j]) for i in range(len(g)) for j in range(i + 1, len(g)))
+        order = np.argsort(keys[:, band], kind="stable")
+        col = keys[order, band]
+        same = col[1:] == col[:-1]  # neighbours in sorted order sharing a bucket
+        if not same.any():
+            continue
+        first = np.flatnonzero(np.concatenate([[True], ~same]))  # start of every bucket
+        sizes = np.diff(np.concatenate([first, [len(col)]]))
+        for s, k in zip(first[sizes > 1], sizes[sizes > 1]):
+            g = sorted(order[s:s + k].tolist())
+            if k <= max_bucket_pairs:
+                pairs.update((g[i], g[j]) for i in range(k) for j in range(i + 1, k))
             else:
                 pairs.update((g[0], x) for x in g[1:])
     return pairs
 
 
-def cluster(shingle_sets: list[np.ndarray], cfg: MinHashConfig) -> list[int]:
-    """Cluster root (index of the kept document) for each document."""
+def cluster_shingles(hashes: np.ndarray, counts: np.ndarray, cfg: MinHashConfig) -> list[int]:
+    """Cluster root (index of the kept document) for each document, given its shingle hashes."""
     bands, rows = (cfg.bands, cfg.rows) if cfg.bands else choose_bands_rows(cfg.threshold, cfg.num_perm)
-    sig = signatures(shingle_sets, cfg.num_perm, cfg.seed)
-    uf = UnionFind(len(shingle_sets))
+    sig = signatures_flat(hashes, counts, cfg.num_perm, cfg.seed)
+    ends = np.cumsum(counts)
+    sets: dict[int, np.ndarray] = {}
+
+    def shingle_set(i: int) -> np.ndarray:
+        if i not in sets:
+            sets[i] = np.unique(hashes[ends[i] - counts[i]:ends[i]])
+        return sets[i]
+
+    uf = UnionFind(len(counts))
     for i, j in sorted(candidate_pairs(band_keys(sig, bands, rows), cfg.max_bucket_pairs)):
-        if not len(shingle_sets[i]) or not len(shingle_sets[j]):
+        if not counts[i] or not counts[j]:
             continue
-        if not cfg.verify or jaccard(shingle_sets[i], shingle_sets[j]) >= cfg.threshold:
+        if not cfg.verify or jaccard(shingle_set(i), shingle_set(j)) >= cfg.threshold:
             uf.union(i, j)
-    return [uf.find(i) for i in range(len(shingle_sets))]
+    return [uf.find(i) for i in range(len(counts))]
+
+
+def cluster(texts: list[str], cfg: MinHashConfig = MinHashConfig()) -> list[int]:
+    """Cluster root for each text (roots are the first member of each cluster, in input order)."""
+    return cluster_shingles(*shingle_texts(texts, cfg.ngram, cfg.unit), cfg)
 
 
 def minhash_dedup(cfg: MinHashConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Global stage: reject all but the first document of each near-duplicate cluster
     (`minhash_duplicate`, with `meta.dup_of` = the kept id). Kept documents are not modified."""
-    sets = [text_ngram_hashes(d.text, cfg.ngram, cfg.unit) for d in docs]
-    roots = cluster(sets, cfg)
+    roots = cluster([d.text for d in docs], cfg)
     for i, (d, r) in enumerate(zip(docs, roots)):
         if r != i:
             d.meta["dup_of"] = docs[r].id

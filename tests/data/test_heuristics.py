@@ -1,0 +1,97 @@
+"""Gopher, C4 and FineWeb rules: each rule fires on a document built to break it, and only then."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.data.c4 import C4Config, c4, clean_c4
+from lmforge.data.document import Document
+from lmforge.data.fineweb import FineWebConfig, fineweb_failures
+from lmforge.data.gopher import (GopherConfig, dup_ngram_char_frac, gopher, quality_failures,
+                                 repetition_failures, top_ngram_char_frac)
+from lmforge.data.stage import StageContext
+
+GOOD = ("The committee met on Tuesday to review the annual budget and the plans for the new library. "
+        "Members of the public were invited to ask questions, and several residents spoke about the need "
+        "for longer opening hours. The chair thanked everyone for coming and said that a decision would be "
+        "made at the next meeting, after the finance officer has had time to check the figures with the "
+        "architects and the building contractor.")
+
+
+def test_good_text_passes_every_gopher_rule():
+    assert quality_failures(GOOD, GopherConfig()) == []
+    assert repetition_failures(GOOD, GopherConfig()) == []
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("the and of to be " * 5, "word_count"),
+    ("a an of to the be in is at we " * 10, "mean_word_length"),
+    (GOOD + " #tag" * 20, "symbol_word_ratio"),
+    ("\n".join(f"- item {i} with the and of words" for i in range(60)), "bullet_lines"),
+    ("\n".join(f"line {i} of the story and then..." for i in range(60)), "ellipsis_lines"),
+    (GOOD + " 123 456 789 000 111 222 333 444 555 666 777 888 999" * 2, "alpha_words"),
+    ("Lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor " * 6, "stop_words"),
+])
+def test_each_gopher_quality_rule(text, rule):
+    assert rule in quality_failures(text, GopherConfig())
+
+
+def test_gopher_repetition_rules():
+    lines = "\n".join(["Click here to subscribe to the newsletter today."] * 5 + [GOOD])
+    assert {"dup_line_frac", "dup_line_char_frac"} <= set(repetition_failures(lines, GopherConfig()))
+    paras = "\n\n".join(["The same paragraph about the weather and the town."] * 4 + [GOOD])
+    assert {"dup_para_frac", "dup_para_char_frac"} <= set(repetition_failures(paras, GopherConfig()))
+    # "the cat" x 30 + filler: the top 2-gram covers far more than 20% of characters
+    spam = " ".join(["the cat"] * 30) + " " + GOOD
+    words = spam.split()
+    assert top_ngram_char_frac(words, 2) == pytest.approx(30 * 6 / sum(map(len, words)))
+    assert "top_2gram" in repetition_failures(spam, GopherConfig())
+    # exact duplicate-n-gram coverage on a tiny case: "a b c d e" twice covers all 10 words
+    assert dup_ngram_char_frac("a b c d e a b c d e".split(), 5) == 1.0
+    assert dup_ngram_char_frac("a b c d e f g h i j".split(), 5) == 0.0
+
+
+def test_gopher_stage_counts_every_failing_rule():
+    ctx = StageContext()
+    docs = [Document(id="g", text=GOOD), Document(id="s", text="short text"), Document(id="e", text="")]
+    out = gopher(GopherConfig(), docs, ctx)
+    assert [d.drop for d in out] == [None, "gopher:word_count", "gopher:word_count"]
+    assert ctx.counters["gopher.word_count"] == 2
+    assert ctx.counters["gopher.stop_words"] == 1  # "short text" also lacks stop words; "" stops at word_count
+
+
+def test_c4_lines_and_pages():
+    text = ("Welcome\nThis site uses cookies to improve your experience.\nPlease enable JavaScript to view it.\n"
+            "Too short.\nThe river flooded the valley after three days of rain.\nFarmers moved their animals to "
+            "higher ground.\nThe army helped to build walls of sandbags.\nSchools were closed for the week.\n"
+            "Everyone hopes that the water will go down soon!")
+    ctx = StageContext()
+    out, rule = clean_c4(text, C4Config(), ctx)
+    assert rule == "" and out.splitlines()[0] == "The river flooded the valley after three days of rain."
+    assert len(out.splitlines()) == 5
+    assert ctx.counters == {"c4.line_no_terminal_punct": 1, "c4.line_policy": 1, "c4.line_javascript": 1,
+                            "c4.line_too_few_words": 1}
+    assert clean_c4(text + "\nLorem ipsum dolor sit amet.", C4Config())[1] == "lorem_ipsum"
+    assert clean_c4(text + "\nfunction f() { return 1; }", C4Config())[1] == "curly_brace"
+    assert clean_c4(text, C4Config(bad_words=("sandbags",)))[1] == "bad_words"
+    assert clean_c4(text, C4Config(bad_words=("sand",)))[1] == ""  # whole words only
+    assert clean_c4(text, C4Config(min_sentences=6))[1] == "too_few_sentences"
+
+
+def test_c4_bad_words_file_hook(tmp_path):
+    f = tmp_path / "bad.txt"
+    f.write_text("flooded\n")
+    docs = c4(C4Config(bad_words_file=str(f)), [Document(id="x", text=GOOD), Document(id="y", text=GOOD +
+              " It flooded.")], StageContext())
+    assert [d.drop for d in docs] == ["c4:too_few_sentences", "c4:bad_words"]
+
+
+def test_fineweb_rules():
+    good = "\n".join(s.strip() + "." for s in GOOD.split(".") if s.strip())
+    assert fineweb_failures(good, FineWebConfig()) == []
+    no_punct = "\n".join(f"Menu entry number {i} for the site navigation" for i in range(20))
+    assert fineweb_failures(no_punct, FineWebConfig()) == ["line_punct_ratio"]
+    dup = good + "\n" + "\n".join(["Share this article on social media now."] * 3)
+    assert "dup_line_chars" in fineweb_failures(dup, FineWebConfig())
+    short = "\n".join(["Home.", "About us.", "Contact.", GOOD])
+    assert fineweb_failures(short, FineWebConfig()) == ["short_lines"]

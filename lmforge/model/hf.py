@@ -1,0 +1,272 @@
+"""HF-format checkpoints <-> lmforge's Transformer.
+
+    Transformer.from_pretrained(dir)   config.json + model.safetensors (or model-*.safetensors with
+                                       model.safetensors.index.json) of a supported family
+    model.save_pretrained(dir)         the same layout, loadable by `transformers`
+
+Loading builds the model on the meta device (no memory), allocates it once, then copies tensors one by
+one from memory-mapped safetensors files (`safe_open`), so a checkpoint never exists twice in memory.
+Every HF tensor must be consumed and every lmforge tensor filled: a missing, unexpected or misshapen
+tensor, an unknown architecture or a quantized checkpoint raise CheckpointError/ConfigError naming it.
+Families and their name rules: hf_families.py (dense) and hf_moe.py (mixture of experts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.model import hf_families as D
+from lmforge.model import hf_moe as M
+from lmforge.model.config import ModelConfig
+
+# model_type -> (architecture name, cfg_from_hf, cfg_to_hf, rules)
+FAMILIES = {
+    "gpt2": ("GPT2LMHeadModel", D.gpt2_cfg, D.gpt2_cfg_to_hf, D.gpt2_rules),
+    "llama": ("LlamaForCausalLM", D.llama_cfg, D.llama_cfg_to_hf, D.llama_rules),
+    "mistral": ("MistralForCausalLM", D.llama_cfg, D.llama_cfg_to_hf, D.llama_rules),
+    "qwen2": ("Qwen2ForCausalLM", lambda d: D.llama_cfg(d, qkv_bias=True), D.llama_cfg_to_hf, D.llama_rules),
+    "qwen3": ("Qwen3ForCausalLM", lambda d: D.llama_cfg(d, qk_norm=True), D.llama_cfg_to_hf, D.llama_rules),
+    "gemma2": ("Gemma2ForCausalLM", D.gemma2_cfg, D.gemma2_cfg_to_hf, lambda c: D.llama_rules(c, gemma=True)),
+    "mixtral": ("MixtralForCausalLM", M.mixtral_cfg, M.mixtral_cfg_to_hf, M.mixtral_rules),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", M.qwen3_moe_cfg, M.qwen3_moe_cfg_to_hf, M.qwen3_moe_rules),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", M.deepseek_v3_cfg, M.deepseek_v3_cfg_to_hf, M.deepseek_v3_rules),
+    "gpt_oss": ("GptOssForCausalLM", M.gpt_oss_cfg, M.gpt_oss_cfg_to_hf, M.gpt_oss_rules),
+}
+# HF tensors that carry no weights lmforge needs (GPT-2's causal-mask buffers; DeepSeek-V3's MTP layer
+# beyond num_hidden_layers is handled separately)
+IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$)")
+UNSUPPORTED_DTYPES = {"I8", "U8", "F8_E4M3", "F8_E5M2", "I32", "U32", "I16"}
+
+
+# config ----------------------------------------------------------------------------------------------
+def read_hf_config(path: str | os.PathLike) -> dict:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"no config.json in {path}: not a HF-format checkpoint directory")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+
+
+def family_of(hf: dict) -> str:
+    mt = hf.get("model_type")
+    if mt in FAMILIES:
+        return mt
+    archs = hf.get("architectures") or []
+    for name, (arch, *_) in FAMILIES.items():
+        if arch in archs:
+            return name
+    raise ConfigError(f"config.json model_type={mt!r} (architectures={archs}) is not supported; "
+                      f"supported model_type: {sorted(FAMILIES)}")
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """config.json dict -> ModelConfig (ConfigError naming the field if it is missing or unsupported)."""
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(f"config.json quantization_config (quant_method={method!r}): quantized checkpoints are "
+                              "not supported yet; use a bf16/fp16/fp32 checkpoint")
+    fam = family_of(hf)
+    try:
+        return FAMILIES[fam][1](hf)
+    except KeyError as e:
+        raise ConfigError(f"config.json of a {fam} model lacks the field {e.args[0]!r}") from e
+
+
+def config_to_hf(cfg: ModelConfig, family: str) -> dict:
+    arch, _, to_hf, _ = FAMILIES[family]
+    return {"architectures": [arch], "model_type": family, **to_hf(cfg)}
+
+
+def guess_family(cfg: ModelConfig) -> str:
+    """The HF family whose architecture matches `cfg` (for save_pretrained without an explicit family)."""
+    if cfg.attention == "mla":
+        return "deepseek_v3"
+    if cfg.mlp == "moe":
+        if cfg.attn_sinks or cfg.activation == "swiglu_oss":
+            return "gpt_oss"
+        return "qwen3_moe" if cfg.qk_norm else "mixtral"
+    if cfg.pos_emb == "learned":
+        return "gpt2"
+    if cfg.norm_position == "sandwich":
+        return "gemma2"
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.qkv_bias and not cfg.bias:
+        return "qwen2"
+    return "mistral" if cfg.sliding_window else "llama"
+
+
+# tensors ---------------------------------------------------------------------------------------------
+def _weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file holding it (single file or sharded with an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        wm = json.loads(index.read_text()).get("weight_map", {})
+        return {k: path / v for k, v in wm.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path} "
+                              "(only safetensors checkpoints are loaded: no pickle)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _target(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The lmforge tensor (or slice 'x#e' of a stacked one) a rule reads or writes."""
+    base, _, idx = name.partition("#")
+    if base not in tensors:
+        raise CheckpointError(f"lmforge model has no tensor {base!r} (config and family rules disagree)")
+    t = tensors[base]
+    return t[int(idx)] if idx else t
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
+
+
+class _Reader:
+    """Opens each safetensors file once (memory-mapped) and hands out single tensors."""
+
+    def __init__(self, files: dict[str, Path]):
+        from safetensors import safe_open
+
+        self.files, self.handles, self._open = files, {}, safe_open
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        if path not in self.handles:
+            self.handles[path] = self._open(str(path), "pt")
+        h = self.handles[path]
+        dtype = h.get_slice(name).get_dtype()
+        if dtype in UNSUPPORTED_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}: quantized checkpoints are not supported yet")
+        return h.get_tensor(name)
+
+
+def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, family: str | None = None):
+    """Build a Transformer from a HF-format directory; see the module docstring."""
+    from lmforge.model.transformer import Transformer
+
+    path = Path(path)
+    hf = read_hf_config(path)
+    cfg = config_from_hf(hf)
+    fam = family or family_of(hf)
+    dtype = dtype or getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
+    files = _weight_files(path)
+    rules = FAMILIES[fam][3](cfg)
+    _check_names(rules, files, cfg, fam)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device or "cpu")
+    model.to(dtype)
+    _init_buffers(model)
+    reader, own = _Reader(files), _tensors(model)
+    with torch.no_grad():
+        for rule in rules:
+            outs = rule.to_lm([reader.get(n).to(dtype) for n in rule.hf])
+            for name, t in zip(rule.lm, outs):
+                dst = _target(own, name)
+                if tuple(dst.shape) != tuple(t.shape):
+                    raise CheckpointError(f"tensor {rule.hf[0]!r} has shape {tuple(t.shape)} after conversion; "
+                                          f"{name} expects {tuple(dst.shape)} (config.json and weights disagree)")
+                dst.copy_(t)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model.eval()
+
+
+def _check_names(rules, files: dict, cfg: ModelConfig, fam: str) -> None:
+    wanted = {n for r in rules for n in r.hf}
+    missing = sorted(wanted - set(files))
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing) for a {fam} model "
+                              f"with the config in config.json")
+    extra = sorted(n for n in set(files) - wanted if not IGNORED.search(n) and not _ignorable(n, cfg, fam))
+    if extra:
+        raise CheckpointError(f"checkpoint has unexpected tensor {extra[0]!r} ({len(extra)} unexpected) "
+                              f"for a {fam} model")
+
+
+def _ignorable(name: str, cfg: ModelConfig, fam: str) -> bool:
+    if name == "lm_head.weight" and cfg.tie_embeddings:
+        return True  # some writers store the tied head anyway
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return fam == "deepseek_v3" and m is not None and int(m.group(1)) >= cfg.n_layers  # MTP layers
+
+
+def _init_buffers(model: torch.nn.Module) -> None:
+    """Recompute the non-persistent buffers that to_empty() left uninitialised (RoPE tables, ...)."""
+    from lmforge.model.layers.moe import MoE
+    from lmforge.model.layers.position import SinusoidalPositions, sinusoidal_table
+    from lmforge.model.layers.rope import RotaryEmbedding, scaled_inv_freq
+
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            inv, _ = scaled_inv_freq(m.head_dim, m.theta, m.scaling, m.max_seq_len)
+            m.inv_freq = inv.float().to(m.inv_freq.device)
+        elif isinstance(m, SinusoidalPositions):
+            m.table = sinusoidal_table(m.table.shape[0], m.dim).to(m.table.device)
+        elif isinstance(m, MoE):
+            m.e_bias.zero_()
+
+
+# saving ----------------------------------------------------------------------------------------------
+def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: str | None = None,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and safetensors weights (sharded with an index above max_shard_bytes)."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    fam = family or guess_family(cfg)
+    if cfg.mtp is not None or cfg.block != "sequential":
+        raise ConfigError("save_pretrained: model.mtp / model.block='parallel' have no HF equivalent here")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf_cfg = config_to_hf(cfg, fam)
+    p = next(model.parameters())
+    hf_cfg["dtype"] = str(dtype or p.dtype).removeprefix("torch.")
+    tensors: dict[str, torch.Tensor] = {}
+    own = _tensors(model)
+    with torch.no_grad():
+        for rule in FAMILIES[fam][3](cfg):
+            outs = rule.to_hf([_target(own, n).detach().cpu() for n in rule.lm])
+            for name, t in zip(rule.hf, outs):
+                tensors[name] = t.to(dtype or t.dtype).contiguous().clone()
+    shards, cur, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name], size = t, size + nbytes
+    shards.append(cur)
+    _write_shards(path, shards, save_file)
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+
+
+def _write_shards(path: Path, shards: list[dict], save_file) -> None:
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        tmp = path / "model.safetensors.tmp"
+        save_file(shards[0], str(tmp), metadata=meta)
+        os.replace(tmp, path / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata=meta)
+        for k, t in shard.items():
+            weight_map[k] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

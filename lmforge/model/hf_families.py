@@ -1,0 +1,286 @@
+"""HF `transformers` model families <-> ModelConfig and parameter names (used by lmforge.model.hf).
+
+Each family gives: cfg_from_hf(config.json dict) -> ModelConfig, cfg_to_hf(ModelConfig) -> dict, and
+rules(cfg) -> [Rule]: which HF tensors make which lmforge tensors, with the conversion both ways
+(transposes of GPT-2's Conv1D, fused q|k|v or gate|up, Gemma's 1+w norms, stacked experts).
+An lmforge name 'x#e' is slice e (dim 0) of a stacked parameter 'x'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig, RopeScaling
+
+Fn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+def _same(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return ts
+
+
+@dataclass
+class Rule:
+    hf: tuple[str, ...]
+    lm: tuple[str, ...]
+    to_lm: Fn = _same
+    to_hf: Fn = _same
+
+
+def one(hf: str, lm: str, to_lm: Callable = None, to_hf: Callable = None) -> Rule:
+    return Rule((hf,), (lm,), (lambda t: [to_lm(t[0])]) if to_lm else _same,
+                (lambda t: [to_hf(t[0])]) if to_hf else _same)
+
+
+def linear(hf: str, lm: str, bias: bool) -> list[Rule]:
+    return [one(f"{hf}.weight", f"{lm}.weight")] + ([one(f"{hf}.bias", f"{lm}.bias")] if bias else [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# config helpers
+LAYER_TYPE = {"sliding_attention": "sliding", "full_attention": "full"}
+HF_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu", "gelu_new": "gelu_tanh"}
+
+
+def rope_from_hf(d: dict, default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
+    """Read transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling` fields."""
+    rp = dict(d.get("rope_parameters") or {})
+    if not rp:
+        rp = dict(d.get("rope_scaling") or {})
+        rp.setdefault("rope_theta", d.get("rope_theta", default_theta))
+    theta = float(rp.get("rope_theta", d.get("rope_theta", default_theta)))
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    names = {"linear": "linear", "dynamic": "dynamic", "yarn": "yarn", "longrope": "longrope", "llama3": "llama3"}
+    if kind not in names:
+        raise ConfigError(f"config.json rope_parameters.rope_type={kind!r} is not supported; "
+                          f"supported: {sorted(names)}")
+    kw = dict(kind=names[kind], factor=float(rp.get("factor") or 1.0),
+              original_max_seq_len=rp.get("original_max_position_embeddings"))
+    for hf_key, key in (("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
+                        ("mscale_all_dim", "mscale_all_dim"), ("attention_factor", "attention_factor"),
+                        ("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor")):
+        if rp.get(hf_key) is not None:
+            kw[key] = float(rp[hf_key])
+    if "truncate" in rp:
+        kw["yarn_truncate"] = bool(rp["truncate"])
+    for key in ("short_factor", "long_factor"):
+        if rp.get(key) is not None:
+            kw[key] = tuple(float(v) for v in rp[key])
+    return theta, RopeScaling(**kw)
+
+
+def rope_to_hf(cfg: ModelConfig) -> dict:
+    rp: dict = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    sc = cfg.rope_scaling
+    if sc is None:
+        return rp
+    rp.update(rope_type=sc.kind, factor=sc.factor)
+    if sc.original_max_seq_len is not None:
+        rp["original_max_position_embeddings"] = sc.original_max_seq_len
+    if sc.kind == "yarn":
+        rp.update(beta_fast=sc.beta_fast, beta_slow=sc.beta_slow, truncate=sc.yarn_truncate)
+        if sc.mscale:
+            rp.update(mscale=sc.mscale, mscale_all_dim=sc.mscale_all_dim)
+    if sc.kind == "llama3":
+        rp.update(low_freq_factor=sc.low_freq_factor, high_freq_factor=sc.high_freq_factor)
+    if sc.kind == "longrope":
+        rp.update(short_factor=list(sc.short_factor), long_factor=list(sc.long_factor))
+    if sc.attention_factor is not None:
+        rp["attention_factor"] = sc.attention_factor
+    return rp
+
+
+def _act(d: dict, key: str = "hidden_act") -> str:
+    act = d.get(key, "silu")
+    if act not in HF_ACT:
+        raise ConfigError(f"config.json {key}={act!r} is not supported; supported: {sorted(HF_ACT)}")
+    return HF_ACT[act]
+
+
+def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
+    window = d.get("sliding_window") or 0
+    types = d.get("layer_types")
+    if types is not None:
+        types = tuple(LAYER_TYPE.get(t, t) for t in types)
+        if not window or "sliding" not in types:
+            return 0, None
+        return int(window), types
+    if d.get("use_sliding_window") is False:
+        return 0, None
+    return int(window), None
+
+
+def llama_cfg(d: dict, **extra) -> ModelConfig:
+    """The Llama-like core shared by Llama, Mistral, Qwen2/3, Gemma 2, Mixtral, Qwen3-MoE, gpt-oss."""
+    theta, scaling = rope_from_hf(d, extra.pop("default_theta", 10000.0))
+    window, types = _layer_types(d, d["num_hidden_layers"])
+    kw = dict(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
+              n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads"),
+              head_dim=d.get("head_dim"), d_ff=d.get("intermediate_size"),
+              max_seq_len=d.get("max_position_embeddings", 2048), pos_emb="rope", rope_theta=theta,
+              rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6),
+              activation=_act(d), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+              bias=bool(d.get("mlp_bias", False)), qkv_bias=bool(d.get("attention_bias", False)),
+              sliding_window=window, layer_types=types, scaled_residual_init=False,
+              init_std=d.get("initializer_range", 0.02))
+    kw.update(extra)
+    return ModelConfig(**kw)
+
+
+def llama_cfg_to_hf(cfg: ModelConfig) -> dict:
+    d = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+             num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
+             intermediate_size=cfg.ff, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+             rope_parameters=rope_to_hf(cfg), tie_word_embeddings=cfg.tie_embeddings,
+             attention_bias=bool(cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias),
+             hidden_act={v: k for k, v in HF_ACT.items()}[cfg.activation] if cfg.activation in HF_ACT.values()
+             else cfg.activation, initializer_range=cfg.init_std)
+    if cfg.sliding_window:
+        d["sliding_window"] = cfg.sliding_window
+        if cfg.layer_types is not None:
+            d["layer_types"] = [f"{t}_attention" for t in cfg.layer_types]
+    else:
+        d["sliding_window"] = None
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------
+# parameter-name rules
+def embed_rules(cfg: ModelConfig, prefix: str = "model.") -> list[Rule]:
+    rules = [one(f"{prefix}embed_tokens.weight", "tok_emb.weight"), one(f"{prefix}norm.weight", "final_norm.weight")]
+    if not cfg.tie_embeddings:
+        rules.append(one("lm_head.weight", "lm_head.weight"))
+    return rules
+
+
+def attn_rules(cfg: ModelConfig, i: int) -> list[Rule]:
+    hf, lm = f"model.layers.{i}.self_attn", f"blocks.{i}.attn"
+    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    rules = []
+    for h, l in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv")):
+        rules += linear(f"{hf}.{h}", f"{lm}.{l}", qkv_bias)
+    rules += linear(f"{hf}.o_proj", f"{lm}.wo", cfg.bias)
+    if cfg.qk_norm:
+        rules += [one(f"{hf}.q_norm.weight", f"{lm}.q_norm.weight"), one(f"{hf}.k_norm.weight", f"{lm}.k_norm.weight")]
+    if cfg.attn_sinks:
+        rules.append(one(f"{hf}.sinks", f"{lm}.sinks"))
+    return rules
+
+
+def mla_rules(cfg: ModelConfig, i: int) -> list[Rule]:
+    hf, lm = f"model.layers.{i}.self_attn", f"blocks.{i}.attn"
+    if cfg.mla_cfg.q_lora_rank > 0:
+        rules = [one(f"{hf}.q_a_proj.weight", f"{lm}.wq_a.weight"), one(f"{hf}.q_b_proj.weight", f"{lm}.wq_b.weight"),
+                 one(f"{hf}.q_a_layernorm.weight", f"{lm}.q_norm.weight")]
+    else:
+        rules = [one(f"{hf}.q_proj.weight", f"{lm}.wq.weight")]
+    return rules + [one(f"{hf}.kv_a_proj_with_mqa.weight", f"{lm}.wkv_a.weight"),
+                    one(f"{hf}.kv_a_layernorm.weight", f"{lm}.kv_norm.weight"),
+                    one(f"{hf}.kv_b_proj.weight", f"{lm}.wkv_b.weight"),
+                    one(f"{hf}.o_proj.weight", f"{lm}.wo.weight")]
+
+
+def dense_mlp_rules(hf: str, lm: str, bias: bool = False) -> list[Rule]:
+    return (linear(f"{hf}.gate_proj", f"{lm}.gate", bias) + linear(f"{hf}.up_proj", f"{lm}.up", bias)
+            + linear(f"{hf}.down_proj", f"{lm}.down", bias))
+
+
+def expert_rules(cfg: ModelConfig, hf: str, lm: str, names=("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
+    rules = []
+    for e in range(cfg.moe_cfg.n_experts):
+        for h, l in zip(names, ("w_gate", "w_up", "w_down")):
+            rules.append(one(f"{hf}.experts.{e}.{h}.weight", f"{lm}.{l}#{e}"))
+    return rules
+
+
+def norm_rules(cfg: ModelConfig, i: int, gemma: bool = False) -> list[Rule]:
+    hf, lm = f"model.layers.{i}", f"blocks.{i}"
+    plus = dict(to_lm=lambda t: t + 1, to_hf=lambda t: t - 1) if gemma else {}
+    pairs = [("input_layernorm", "norm1")]
+    if cfg.norm_position == "sandwich":
+        pairs += [("post_attention_layernorm", "post_attn_norm"), ("pre_feedforward_layernorm", "norm2"),
+                  ("post_feedforward_layernorm", "post_mlp_norm")]
+    else:
+        pairs += [("post_attention_layernorm", "norm2")]
+    return [one(f"{hf}.{h}.weight", f"{lm}.{l}.weight", **plus) for h, l in pairs]
+
+
+def llama_rules(cfg: ModelConfig, gemma: bool = False) -> list[Rule]:
+    rules = embed_rules(cfg)
+    if gemma:
+        rules[1] = one("model.norm.weight", "final_norm.weight", lambda t: t + 1, lambda t: t - 1)
+    for i in range(cfg.n_layers):
+        rules += attn_rules(cfg, i) + norm_rules(cfg, i, gemma)
+        rules += dense_mlp_rules(f"model.layers.{i}.mlp", f"blocks.{i}.mlp", cfg.bias)
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPT-2: Conv1D weights are stored (in, out); c_attn fuses q|k|v
+def gpt2_cfg(d: dict) -> ModelConfig:
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if d.get(flag):
+            raise ConfigError(f"config.json {flag}=true is not supported for GPT-2")
+    if d.get("scale_attn_weights") is False:
+        raise ConfigError("config.json scale_attn_weights=false is not supported for GPT-2")
+    return ModelConfig(vocab_size=d["vocab_size"], d_model=d["n_embd"], n_layers=d["n_layer"], n_heads=d["n_head"],
+                       d_ff=d.get("n_inner"), max_seq_len=d.get("n_positions", 1024), pos_emb="learned",
+                       norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                       activation=_act(d, "activation_function"), bias=True,
+                       tie_embeddings=bool(d.get("tie_word_embeddings", True)), init_std=d.get("initializer_range", 0.02))
+
+
+def gpt2_cfg_to_hf(cfg: ModelConfig) -> dict:
+    return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+                n_inner=cfg.ff, n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
+                activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(cfg.activation, cfg.activation),
+                tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)
+
+
+def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
+    d = cfg.d_model
+    T = lambda t: t.t().contiguous()  # noqa: E731  Conv1D (in, out) <-> Linear (out, in)
+    rules = [one("transformer.wte.weight", "tok_emb.weight"), one("transformer.wpe.weight", "pos_emb.weight"),
+             one("transformer.ln_f.weight", "final_norm.weight"), one("transformer.ln_f.bias", "final_norm.bias")]
+    if not cfg.tie_embeddings:
+        rules.append(one("lm_head.weight", "lm_head.weight"))
+    for i in range(cfg.n_layers):
+        hf, lm = f"transformer.h.{i}", f"blocks.{i}"
+        qkv = tuple(f"{lm}.attn.{w}" for w in ("wq", "wk", "wv"))
+        rules += [Rule((f"{hf}.attn.c_attn.weight",), tuple(f"{n}.weight" for n in qkv),
+                       lambda t: [w.t().contiguous() for w in t[0].split(d, dim=1)],
+                       lambda t: [torch.cat([w.t() for w in t], dim=1)]),
+                  Rule((f"{hf}.attn.c_attn.bias",), tuple(f"{n}.bias" for n in qkv),
+                       lambda t: list(t[0].split(d)), lambda t: [torch.cat(t)])]
+        for h, l in (("attn.c_proj", "attn.wo"), ("mlp.c_fc", "mlp.up"), ("mlp.c_proj", "mlp.down")):
+            rules += [one(f"{hf}.{h}.weight", f"{lm}.{l}.weight", T, T), one(f"{hf}.{h}.bias", f"{lm}.{l}.bias")]
+        for h, l in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            rules += [one(f"{hf}.{h}.weight", f"{lm}.{l}.weight"), one(f"{hf}.{h}.bias", f"{lm}.{l}.bias")]
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------------
+def gemma2_cfg(d: dict) -> ModelConfig:
+    return llama_cfg(d, activation=_act(d, "hidden_activation" if "hidden_activation" in d else "hidden_act"),
+                     norm_position="sandwich", embed_scale=math.sqrt(d["hidden_size"]),
+                     attn_scale=d.get("query_pre_attn_scalar", 256) ** -0.5,
+                     attn_softcap=d.get("attn_logit_softcapping") or 0.0,
+                     logit_softcap=d.get("final_logit_softcapping") or 0.0,
+                     tie_embeddings=bool(d.get("tie_word_embeddings", True)))
+
+
+def gemma2_cfg_to_hf(cfg: ModelConfig) -> dict:
+    d = llama_cfg_to_hf(cfg)
+    d.pop("hidden_act")
+    qpas = (cfg.attn_scale or cfg.hd ** -0.5) ** -2
+    qpas = round(qpas) if abs(qpas - round(qpas)) < 1e-6 else qpas
+    d.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=qpas,
+             attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=cfg.logit_softcap or None)
+    return d

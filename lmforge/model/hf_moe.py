@@ -1,0 +1,145 @@
+"""HF mixture-of-experts families <-> ModelConfig and parameter names: Mixtral, Qwen3-MoE,
+DeepSeek-V3 (MLA + sigmoid group-limited routing + shared experts) and gpt-oss (sinks, alternating
+sliding windows, YaRN, fused biased experts). Companion of hf_families.py."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig
+from lmforge.model.hf_families import (Rule, attn_rules, dense_mlp_rules, embed_rules, expert_rules, llama_cfg,
+                                       llama_cfg_to_hf, mla_rules, norm_rules, one, rope_from_hf, rope_to_hf)
+
+
+def mixtral_cfg(d: dict) -> ModelConfig:
+    moe = MoEConfig(n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"], d_expert=d["intermediate_size"],
+                    norm_topk=True, aux_loss=0.0)
+    return llama_cfg(d, mlp="moe", moe=moe)
+
+
+def mixtral_cfg_to_hf(cfg: ModelConfig) -> dict:
+    m = cfg.moe_cfg
+    return {**llama_cfg_to_hf(cfg), "num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k,
+            "intermediate_size": m.d_expert or cfg.ff}
+
+
+def mixtral_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = embed_rules(cfg)
+    for i in range(cfg.n_layers):
+        hf = f"model.layers.{i}.block_sparse_moe"
+        rules += attn_rules(cfg, i) + norm_rules(cfg, i) + [one(f"{hf}.gate.weight", f"blocks.{i}.mlp.router.weight")]
+        rules += expert_rules(cfg, hf, f"blocks.{i}.mlp", ("w1", "w3", "w2"))
+    return rules
+
+
+def qwen3_moe_cfg(d: dict) -> ModelConfig:
+    if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
+        raise ConfigError("config.json mlp_only_layers / decoder_sparse_step != 1 are not supported "
+                          "(lmforge supports dense layers only as a prefix: model.moe.dense_layers)")
+    moe = MoEConfig(n_experts=d.get("num_experts") or d["num_local_experts"], top_k=d["num_experts_per_tok"], d_expert=d["moe_intermediate_size"],
+                    norm_topk=bool(d.get("norm_topk_prob", False)))
+    return llama_cfg(d, mlp="moe", moe=moe, qk_norm=True)
+
+
+def qwen3_moe_cfg_to_hf(cfg: ModelConfig) -> dict:
+    m = cfg.moe_cfg
+    return {**llama_cfg_to_hf(cfg), "num_experts": m.n_experts, "num_experts_per_tok": m.top_k,
+            "moe_intermediate_size": m.d_expert or cfg.ff, "norm_topk_prob": m.norm_topk,
+            "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def qwen3_moe_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = embed_rules(cfg)
+    for i in range(cfg.n_layers):
+        hf = f"model.layers.{i}.mlp"
+        rules += attn_rules(cfg, i) + norm_rules(cfg, i) + [one(f"{hf}.gate.weight", f"blocks.{i}.mlp.router.weight")]
+        rules += expert_rules(cfg, hf, f"blocks.{i}.mlp")
+    return rules
+
+
+# DeepSeek-V3 --------------------------------------------------------------------------------------
+def deepseek_v3_cfg(d: dict) -> ModelConfig:
+    if d.get("topk_method", "noaux_tc") != "noaux_tc" or d.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError("config.json topk_method/scoring_func: only DeepSeek-V3's noaux_tc + sigmoid are supported")
+    theta, scaling = rope_from_hf(d)
+    mla = MLAConfig(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
+                    qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
+                    v_head_dim=d["v_head_dim"])
+    moe = MoEConfig(n_experts=d["n_routed_experts"], top_k=d["num_experts_per_tok"], d_expert=d["moe_intermediate_size"],
+                    n_shared=d.get("n_shared_experts") or 0, score="sigmoid", norm_topk=bool(d.get("norm_topk_prob", True)),
+                    routed_scale=float(d.get("routed_scaling_factor", 1.0)), n_groups=d.get("n_group") or 1,
+                    topk_groups=d.get("topk_group") or 1, dense_layers=d.get("first_k_dense_replace", 0))
+    return ModelConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
+                       n_heads=d["num_attention_heads"], head_dim=d["qk_nope_head_dim"] + d["qk_rope_head_dim"],
+                       d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 4096),
+                       rope_theta=theta, rope_scaling=scaling,
+                       rope_layout="interleaved" if d.get("rope_interleave", True) else "half",
+                       norm_eps=d.get("rms_norm_eps", 1e-6), activation="swiglu", attention="mla", mla=mla,
+                       mlp="moe", moe=moe, bias=bool(d.get("attention_bias", False)), qkv_bias=None,
+                       tie_embeddings=bool(d.get("tie_word_embeddings", False)), scaled_residual_init=False)
+
+
+def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
+    m, a = cfg.moe_cfg, cfg.mla_cfg
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads, intermediate_size=cfg.ff,
+                moe_intermediate_size=m.d_expert or cfg.ff, n_routed_experts=m.n_experts, num_experts_per_tok=m.top_k,
+                n_shared_experts=m.n_shared, routed_scaling_factor=m.routed_scale, n_group=m.n_groups,
+                topk_group=m.topk_groups, norm_topk_prob=m.norm_topk, first_k_dense_replace=m.dense_layers,
+                kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank or None, qk_nope_head_dim=a.qk_nope_head_dim,
+                qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, head_dim=a.qk_rope_head_dim,
+                rope_interleave=cfg.rope_layout == "interleaved", rope_parameters=rope_to_hf(cfg),
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.bias,
+                tie_word_embeddings=cfg.tie_embeddings, num_nextn_predict_layers=0)
+
+
+def deepseek_v3_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = embed_rules(cfg)
+    for i in range(cfg.n_layers):
+        hf, lm = f"model.layers.{i}.mlp", f"blocks.{i}.mlp"
+        rules += mla_rules(cfg, i) + norm_rules(cfg, i)
+        if not cfg.is_moe_layer(i):
+            rules += dense_mlp_rules(hf, lm)
+            continue
+        rules += [one(f"{hf}.gate.weight", f"{lm}.router.weight"),
+                  one(f"{hf}.gate.e_score_correction_bias", f"{lm}.e_bias")]
+        rules += expert_rules(cfg, hf, lm)
+        if cfg.moe_cfg.n_shared:
+            rules += dense_mlp_rules(f"{hf}.shared_experts", f"{lm}.shared")
+    return rules
+
+
+# gpt-oss ------------------------------------------------------------------------------------------
+def gpt_oss_cfg(d: dict) -> ModelConfig:
+    moe = MoEConfig(n_experts=d["num_local_experts"], top_k=d.get("num_experts_per_tok", 4),
+                    d_expert=d["intermediate_size"], norm_topk=True, router_bias=True, expert_bias=True)
+    return llama_cfg(d, mlp="moe", moe=moe, activation="swiglu_oss", attn_sinks=True,
+                     qkv_bias=bool(d.get("attention_bias", True)), bias=bool(d.get("attention_bias", True)))
+
+
+def gpt_oss_cfg_to_hf(cfg: ModelConfig) -> dict:
+    m = cfg.moe_cfg
+    d = llama_cfg_to_hf(cfg)
+    d.pop("hidden_act")
+    return {**d, "num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k, "intermediate_size": m.d_expert or cfg.ff,
+            "attention_bias": cfg.bias, "swiglu_limit": 7.0}
+
+
+def gpt_oss_rules(cfg: ModelConfig) -> list[Rule]:
+    """Experts are fused: gate_up_proj (E, d, 2·ff) with gate/up interleaved on the last dim, down_proj (E, ff, d)."""
+    rules = embed_rules(cfg)
+    for i in range(cfg.n_layers):
+        hf, lm = f"model.layers.{i}.mlp", f"blocks.{i}.mlp"
+        rules += attn_rules(cfg, i) + norm_rules(cfg, i)
+        rules += [one(f"{hf}.router.weight", f"{lm}.router.weight"), one(f"{hf}.router.bias", f"{lm}.router.bias"),
+                  Rule((f"{hf}.experts.gate_up_proj",), (f"{lm}.w_gate", f"{lm}.w_up"),
+                       lambda t: [t[0][..., 0::2].transpose(1, 2).contiguous(), t[0][..., 1::2].transpose(1, 2).contiguous()],
+                       lambda t: [torch.stack((t[0], t[1]), dim=2).flatten(1, 2).transpose(1, 2).contiguous()]),
+                  Rule((f"{hf}.experts.gate_up_proj_bias",), (f"{lm}.b_gate", f"{lm}.b_up"),
+                       lambda t: [t[0][..., 0::2].contiguous(), t[0][..., 1::2].contiguous()],
+                       lambda t: [torch.stack((t[0], t[1]), dim=-1).flatten(-2)]),
+                  one(f"{hf}.experts.down_proj", f"{lm}.w_down", lambda t: t.transpose(1, 2).contiguous(),
+                      lambda t: t.transpose(1, 2).contiguous()),
+                  one(f"{hf}.experts.down_proj_bias", f"{lm}.b_down")]
+    return rules

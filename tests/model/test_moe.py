@@ -1,0 +1,164 @@
+"""Mixture of experts: grouped dispatch == per-expert loop; routing equals a dense all-experts reference;
+capacity dropping; balancing losses vs their formulas; aux-loss-free bias; upcycling; model hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.config import ModelConfig, MoEConfig
+from lmforge.model.layers.moe import MoE
+from lmforge.model.transformer import Transformer
+from lmforge.model.upcycle import upcycle
+
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, mlp="moe")
+
+
+def _moe(activation="swiglu", **kw) -> MoE:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(BASE, activation=activation, moe=MoEConfig(**{"n_experts": 4, "top_k": 2, "d_expert": 16, **kw}))
+    m = MoE(cfg, 0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+def _dense_reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, weighted by a dense (N, E) gate that is zero off the top-k."""
+    flat = x.reshape(-1, x.shape[-1])
+    scores = m.router(flat).float()
+    scores = scores.softmax(-1) if m.m.score == "softmax" else scores.sigmoid()
+    top = scores.topk(m.k, -1)
+    w = top.values / top.values.sum(-1, keepdim=True) if m.m.norm_topk else top.values
+    gate = torch.zeros_like(scores).scatter(1, top.indices, w * m.m.routed_scale)
+    outs = torch.stack([m._one_expert(flat, e) for e in range(m.E)], 1)  # (N, E, d)
+    y = (gate[..., None] * outs).sum(1)
+    if m.shared is not None:
+        y = y + m.shared(flat)
+    return y.view_as(x)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(score="sigmoid", routed_scale=2.5, n_shared=1),
+                                dict(norm_topk=False, expert_bias=True, router_bias=True)])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "swiglu_oss"])
+def test_routing_matches_dense_reference_and_dispatches_agree(kw, activation):
+    m = _moe(activation, **kw)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    want = _dense_reference(m, x)
+    m.dispatch = "grouped"
+    got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    g_grouped = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    m.dispatch = "loop"
+    loop = m(x)
+    torch.testing.assert_close(loop, got, rtol=1e-5, atol=1e-5)
+    loop.square().sum().backward()
+    for a, b in zip(g_grouped, [x.grad] + [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_fallback_equals_grouped_mm():
+    from lmforge.model.layers.moe import _grouped_linear, _padded_linear
+
+    x, w = torch.randn(10, 8), torch.randn(3, 16, 8)
+    counts = torch.tensor([3, 0, 7])
+    want = torch.cat([x[:3] @ w[0].T, x[3:] @ w[2].T])
+    torch.testing.assert_close(_padded_linear(x, w, counts), want)
+    torch.testing.assert_close(_grouped_linear(x, w, counts), want)
+
+
+def test_capacity_drops_late_tokens_and_dropless_keeps_all():
+    m = _moe(capacity_factor=0.5)
+    x = torch.randn(1, 16, 32)
+    cap = m.capacity(16)
+    assert cap == math.ceil(0.5 * 16 * 2 / 4)
+    idx, *_ = m.route(x.view(-1, 32))
+    keep = m._keep_mask(idx)
+    for e in range(4):  # at most `cap` kept per expert, and they are the earliest assignments
+        pos = torch.where((idx == e).reshape(-1))[0]
+        kept = keep.reshape(-1)[pos]
+        assert kept.sum() == min(cap, len(pos)) and kept[: int(kept.sum())].all()
+    m.dispatch = "loop"
+    loop = m(x)
+    m.dispatch = "grouped"
+    torch.testing.assert_close(m(x), loop, rtol=1e-5, atol=1e-5)
+    assert float(m.last_stats["dropped"]) == pytest.approx(1 - float(keep.float().mean()))
+    assert _moe(capacity_factor=0.0).capacity(16) is None
+
+
+def test_balance_losses_match_formulas():
+    m = _moe(aux_loss=0.1, z_loss=0.01, seq_aux_loss=0.05)
+    x = torch.randn(2, 5, 32)
+    m(x)
+    flat = x.view(-1, 32)
+    logits = m.router(flat)
+    p = logits.softmax(-1)
+    idx = p.topk(2, -1).indices
+    f = torch.bincount(idx.reshape(-1), minlength=4).float() / idx.numel()
+    switch = 4 * (f * p.mean(0)).sum()  # Fedus et al. eq. 4 (f over the N·k assignments)
+    z = torch.logsumexp(logits, -1).square().mean()
+    seq = 0.0
+    for b in range(2):
+        hit = torch.bincount(idx.view(2, 10)[b], minlength=4).float()
+        seq += ((hit * 4 / (2 * 5)) * p.view(2, 5, 4)[b].mean(0)).sum() / 2
+    want = 0.1 * switch + 0.01 * z + 0.05 * seq
+    torch.testing.assert_close(m.last_aux, want, rtol=1e-5, atol=1e-6)
+
+
+def test_aux_free_bias_moves_towards_underloaded_experts():
+    m = _moe(score="sigmoid", bias_update_rate=0.01).train()
+    m(torch.randn(4, 8, 32))
+    load = m.last_stats["load"]
+    assert torch.equal(m.e_bias, 0.01 * torch.sign(load.mean() - load))
+    m.eval()
+    before = m.e_bias.clone()
+    m(torch.randn(4, 8, 32))
+    assert torch.equal(m.e_bias, before)  # only updated while training
+
+
+def test_noisy_gating_only_in_training():
+    m = _moe(noisy=True)
+    x = torch.randn(2, 8, 32)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    assert not torch.allclose(a, m(x))
+
+
+def test_model_aux_loss_stats_and_flops():
+    cfg = dataclasses.replace(BASE, d_ff=32, moe=MoEConfig(n_experts=4, top_k=1, d_expert=32, aux_loss=0.01, dense_layers=1))
+    model = Transformer(cfg)
+    assert type(model.blocks[0].mlp).__name__ == "MLP" and isinstance(model.blocks[1].mlp, MoE)
+    model(torch.randint(0, 64, (2, 8)))
+    aux = model.aux_loss()
+    aux.backward()
+    assert aux.item() > 0 and model.blocks[1].mlp.router.weight.grad.abs().sum() > 0
+    stats = model.moe_stats()
+    assert sum(stats[f"moe/load_e{i}"] for i in range(4)) == pytest.approx(1.0)
+    assert stats["moe/aux_loss"] == pytest.approx(aux.item()) and stats["moe/dropped_frac"] == 0.0
+    dense = Transformer(dataclasses.replace(cfg, mlp="dense"))
+    # one of 4 experts active: the same matmul FLOPs as a dense model with d_ff = d_expert (+ router)
+    router = 2 * 32 * 4
+    assert model.flops_per_token(8, training=False) == dense.flops_per_token(8, training=False) + router
+    assert Transformer(dataclasses.replace(cfg, mlp="dense")).aux_loss() is None
+    assert set(model.param_roles().values()) <= {"embedding", "head", "matrix", "vector"}
+
+
+def test_upcycled_model_equals_dense():
+    torch.manual_seed(0)
+    dense = Transformer(dataclasses.replace(BASE, mlp="dense")).eval()
+    moe = upcycle(dense, MoEConfig(n_experts=4, top_k=2)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(moe(ids), dense(ids), rtol=1e-5, atol=1e-5)
+    noisy = upcycle(dense, MoEConfig(n_experts=4, top_k=2), noise_std=0.01)
+    assert not torch.equal(noisy.blocks[0].mlp.w_up[0], noisy.blocks[0].mlp.w_up[1])

@@ -1,0 +1,92 @@
+"""RoPE context extension: inverse frequencies and attention factors equal transformers' RoPE
+initialisation functions for every kind; NTK-aware equals its closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.model.config import ModelConfig, RopeScaling
+from lmforge.model.layers.rope import RotaryEmbedding, scaled_inv_freq
+from lmforge.model.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+
+HD, MAX = 64, 4096
+CASES = {
+    "linear": (dict(factor=4.0), RopeScaling(kind="linear", factor=4.0)),
+    "llama3": (dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=512),
+               RopeScaling(kind="llama3", factor=8.0, original_max_seq_len=512)),
+    "yarn": (dict(factor=8.0, original_max_position_embeddings=512, beta_fast=32.0, beta_slow=1.0),
+             RopeScaling(kind="yarn", factor=8.0, original_max_seq_len=512)),
+    "yarn_untruncated": (dict(factor=8.0, original_max_position_embeddings=512, truncate=False),
+                         RopeScaling(kind="yarn", factor=8.0, original_max_seq_len=512, yarn_truncate=False)),
+    "yarn_deepseek": (dict(factor=40.0, original_max_position_embeddings=512, mscale=1.0, mscale_all_dim=0.8),
+                      RopeScaling(kind="yarn", factor=40.0, original_max_seq_len=512, mscale=1.0, mscale_all_dim=0.8)),
+}
+
+
+def _hf(kind: str, params: dict, seq_len=None):
+    rope_type = kind.split("_")[0]
+    cfg = transformers.LlamaConfig(hidden_size=HD * 4, num_attention_heads=4, max_position_embeddings=MAX,
+                                   rope_parameters=dict(rope_type=rope_type, rope_theta=10000.0, **params))
+    inv, attn = ROPE_INIT_FUNCTIONS[rope_type](cfg, None, seq_len)
+    return inv, float(attn)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_static_kinds_match_transformers(name):
+    params, sc = CASES[name]
+    want_inv, want_attn = _hf(name, params)
+    inv, attn = scaled_inv_freq(HD, 10000.0, sc, MAX)
+    torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
+    assert attn == pytest.approx(want_attn, rel=1e-9)
+
+
+def test_yarn_ramp_interpolates_low_keeps_high_frequencies():
+    _, sc = CASES["yarn"]
+    inv, attn = scaled_inv_freq(HD, 10000.0, sc, MAX)
+    base, _ = scaled_inv_freq(HD, 10000.0, None, MAX)
+    assert inv[0] == base[0] and torch.allclose(inv[-1], base[-1] / 8)
+    assert attn == pytest.approx(0.1 * math.log(8) + 1)
+
+
+@pytest.mark.parametrize("seq_len", [100, 4096, 10000])
+def test_dynamic_ntk_matches_transformers(seq_len):
+    want_inv, _ = _hf("dynamic", dict(factor=4.0), seq_len)
+    inv, _ = scaled_inv_freq(HD, 10000.0, RopeScaling(kind="dynamic", factor=4.0), MAX, seq_len)
+    torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
+    rope = RotaryEmbedding(HD, 10000.0, scaling=RopeScaling(kind="dynamic", factor=4.0), max_seq_len=MAX)
+    cos, _ = rope.cos_sin(torch.tensor([[seq_len - 1]]))
+    torch.testing.assert_close(cos[0, 0], torch.cos((seq_len - 1) * want_inv), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq_len", [None, 513])
+def test_longrope_short_long_switch_matches_transformers(seq_len):
+    short, long = [1.0 + 0.1 * i for i in range(HD // 2)], [2.0 + 0.3 * i for i in range(HD // 2)]
+    params = dict(short_factor=short, long_factor=long, original_max_position_embeddings=512)
+    want_inv, want_attn = _hf("longrope", params, seq_len)
+    sc = RopeScaling(kind="longrope", original_max_seq_len=512, short_factor=tuple(short), long_factor=tuple(long))
+    inv, attn = scaled_inv_freq(HD, 10000.0, sc, MAX, seq_len)
+    torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
+    assert attn == pytest.approx(want_attn) and attn == pytest.approx(math.sqrt(1 + math.log(8) / math.log(512)))
+
+
+def test_ntk_aware_is_a_base_change():
+    inv, attn = scaled_inv_freq(HD, 10000.0, RopeScaling(kind="ntk", factor=4.0), MAX)
+    theta = 10000.0 * 4.0 ** (HD / (HD - 2))
+    want = 1.0 / theta ** (torch.arange(0, HD, 2).double() / HD)
+    torch.testing.assert_close(inv.double(), want, rtol=1e-6, atol=0)
+    assert attn == 1.0 and torch.isclose(inv[0], torch.tensor(1.0))  # the highest frequency is untouched
+
+
+def test_attention_factor_scales_cos_sin_in_the_model():
+    cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=2, max_seq_len=64,
+                      rope_scaling=RopeScaling(kind="yarn", factor=4.0, original_max_seq_len=16))
+    model = Transformer(cfg)
+    cos, sin = model.rope.cos_sin(torch.arange(3)[None])
+    assert model.rope.attention_scale == pytest.approx(0.1 * math.log(4) + 1)
+    torch.testing.assert_close(cos[0, 0], torch.full((8,), model.rope.attention_scale))

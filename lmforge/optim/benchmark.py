@@ -1,0 +1,235 @@
+"""The optimizer benchmark behind `lmforge bench optimizers` and bench/optimizers.py.
+
+Every optimizer trains the same model (ModelConfig.from_depth) on the same byte-level text, in the same
+batch order, for the same number of tokens, at a few learning rates around a per-optimizer default; the
+best rate (by final validation loss) represents it. Reported per optimizer: best final validation loss,
+steps and training wall time to reach a target loss (by default the best AdamW final loss, so the ratio
+of steps is the "speed-up over tuned AdamW" that modded-nanogpt and Vyas et al. quote), optimizer state
+bytes per parameter, and the validation-loss curves (plot). The loop is a deliberately plain one (no
+trainer, no checkpoints) so only the optimizer differs between runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import check
+
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DEFAULT_LR = {"adamw": 3e-3, "torch_adamw": 3e-3, "lion": 3e-4, "adafactor": 3e-3, "shampoo": 3e-3,
+              "soap": 3e-3, "muon": 0.02, "dion": 0.02}
+"""centre of each optimizer's learning-rate sweep (Lion ~10x below Adam; Muon/Dion at Jordan et al.'s 0.02)"""
+
+@dataclass(frozen=True, kw_only=True)
+class OptimBenchConfig:
+    optimizers: tuple[str, ...] = ("adamw", "lion", "adafactor", "shampoo", "soap", "muon", "dion")
+    depth: int = 2
+    """model = ModelConfig.from_depth(depth) with a byte vocabulary (257)"""
+    seq_len: int = 64
+    batch_size: int = 8
+    steps: int = 200
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    adam_lr: float = 3e-3
+    """Muon/Dion: AdamW rate of embeddings, head and vectors"""
+    lr_points: int = 3
+    """learning rates per optimizer: centre * lr_factor^k, k = -(lr_points // 2) ..."""
+    lr_factor: float = 3.0
+    eval_every: int = 20
+    eval_batches: int = 8
+    target_loss: float = 0.0
+    """loss to time; 0 = the best final validation loss of AdamW (or of the first optimizer)"""
+    data: str = ""
+    """text file; '' = ../shared/data/tinyshakespeare/input.txt, else Python's own sources"""
+    device: str = "auto"
+    threads: int = 1
+    """CPU threads for torch (1 is fastest on a shared machine); 0 = torch's default"""
+    seed: int = 0
+    time_budget_s: float = 0.0
+    """stop starting new runs after this many seconds (0 = no limit); every optimizer's centre learning
+    rate runs first, so a cut-off sweep still compares all optimizers"""
+    out: str = "runs/bench_optimizers"
+    """directory for results.json and loss_curves.png"""
+
+    def __post_init__(self) -> None:
+        from lmforge.optim import OPTIMIZERS
+
+        for name in self.optimizers:
+            check(name in OPTIMIZERS, f"optimizers: {name!r} is unknown; choose from {sorted(OPTIMIZERS)}")
+        for f in ("depth", "seq_len", "batch_size", "steps", "lr_points", "eval_every", "eval_batches"):
+            check(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
+        check(self.lr_factor > 1, f"lr_factor must be > 1, got {self.lr_factor}")
+
+def corpus_bytes(path: str = "") -> np.ndarray:
+    """Byte-level token ids (ByteTokenizer ids 0..255) of the benchmark text."""
+    p = Path(path) if path else SHAKESPEARE
+    if p.is_file():
+        return np.frombuffer(p.read_bytes(), dtype=np.uint8).astype(np.int64)
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    text = b"".join(f.read_bytes() for f in sorted(lib.glob("*.py"))[:200])
+    return np.frombuffer(text, dtype=np.uint8).astype(np.int64)
+
+def _device(spec: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
+
+def _batches(ids: np.ndarray, n: int, cfg: OptimBenchConfig, seed: int, dev) -> list[tuple]:
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(ids) - cfg.seq_len - 1, size=(n, cfg.batch_size))
+    out = []
+    for row in starts:
+        x = np.stack([ids[s : s + cfg.seq_len + 1] for s in row])
+        t = torch.from_numpy(x).to(dev)
+        out.append((t[:, :-1], t[:, 1:]))
+    return out
+
+def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
+    """Train one (optimizer, lr); returns its curve, final loss, time and state memory."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.optim import build_optimizer, lr_multiplier, optimizer_state_bytes
+    from lmforge.optim.config import OptimConfig
+
+    dev = train[0][0].device
+    torch.manual_seed(cfg.seed)
+    model = Transformer(ModelConfig.from_depth(cfg.depth, vocab_size=257, max_seq_len=cfg.seq_len)).to(dev)
+    ocfg = OptimConfig(name=name, lr=lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+                       warmup_steps=cfg.warmup_steps, adam_lr=cfg.adam_lr, min_lr_ratio=0.1)
+    opt = build_optimizer(model, ocfg)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad(), amp:
+            losses = [torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item()
+                      for x, y in val]
+        model.train()
+        return float(np.mean(losses))
+
+    curve, train_time = [{"step": 0, "val_loss": evaluate(), "time": 0.0}], 0.0
+    for step, (x, y) in enumerate(train[: cfg.steps], start=1):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_multiplier(ocfg, step - 1, cfg.steps)
+        with amp:
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - t0
+        if not math.isfinite(loss.item()):
+            break
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            curve.append({"step": step, "val_loss": evaluate(), "time": train_time})
+    n_params = sum(p.numel() for p in model.parameters())
+    final = curve[-1]["val_loss"] if curve[-1]["step"] == cfg.steps else float("inf")
+    return {"optimizer": name, "lr": lr, "final_val_loss": final, "curve": curve, "wall_time": train_time,
+            "state_bytes_per_param": optimizer_state_bytes(opt) / n_params, "n_params": n_params}
+
+def to_target(curve: list[dict], target: float) -> tuple[float, float]:
+    """(steps, seconds) at which the validation loss first reaches `target`, interpolated linearly
+    between evaluations; (inf, inf) if it never does."""
+    for prev, cur in zip(curve, curve[1:]):
+        if cur["val_loss"] <= target:
+            f = (prev["val_loss"] - target) / max(prev["val_loss"] - cur["val_loss"], 1e-12)
+            return (prev["step"] + f * (cur["step"] - prev["step"]), prev["time"] + f * (cur["time"] - prev["time"]))
+    return float("inf"), float("inf")
+
+def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
+    dev = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ids = corpus_bytes(cfg.data)
+    split = int(0.9 * len(ids))
+    train = _batches(ids[:split], cfg.steps, cfg, cfg.seed, dev)
+    val = _batches(ids[split:], cfg.eval_batches, cfg, cfg.seed + 1, dev)
+    runs, t_start = [], time.perf_counter()
+    offsets = sorted(range(-(cfg.lr_points // 2), cfg.lr_points - cfg.lr_points // 2), key=abs)
+    for k in offsets:  # centre rates first, then the neighbours
+        for name in cfg.optimizers:
+            if cfg.time_budget_s and time.perf_counter() - t_start > cfg.time_budget_s:
+                log(f"time budget reached; skipping {name} at offset {k}")
+                continue
+            lr = DEFAULT_LR[name] * cfg.lr_factor**k
+            r = run_one(cfg, name, lr, train, val)
+            log(f"{name:>10} lr={lr:.3g}: final val {r['final_val_loss']:.4f} ({r['wall_time']:.1f}s)")
+            runs.append(r)
+    best = {}
+    for r in runs:
+        if r["optimizer"] not in best or r["final_val_loss"] < best[r["optimizer"]]["final_val_loss"]:
+            best[r["optimizer"]] = r
+    ref = best.get("adamw", best[cfg.optimizers[0]])
+    target = cfg.target_loss or ref["final_val_loss"]
+    summary = []
+    for name, r in best.items():
+        steps, secs = to_target(r["curve"], target)
+        summary.append({"optimizer": name, "best_lr": r["lr"], "final_val_loss": r["final_val_loss"],
+                        "steps_to_target": steps, "time_to_target": secs, "wall_time": r["wall_time"],
+                        "state_bytes_per_param": r["state_bytes_per_param"]})
+    ref_steps = to_target(ref["curve"], target)[0]
+    for s in summary:
+        s["speedup_vs_ref"] = ref_steps / s["steps_to_target"] if math.isfinite(s["steps_to_target"]) else 0.0
+    return {"config": asdict(cfg), "device": str(dev), "target_loss": target, "reference": ref["optimizer"],
+            "tokens": cfg.steps * cfg.batch_size * cfg.seq_len, "n_params": ref["n_params"],
+            "summary": summary, "runs": runs}
+
+def format_table(result: dict) -> str:
+    lines = [f"target val loss {result['target_loss']:.4f} (best final of {result['reference']}); "
+             f"{result['tokens']:,} tokens; {result['n_params']:,} params; device {result['device']}",
+             "| optimizer | best lr | final val loss | steps to target | speed-up vs ref | time to target (s) "
+             "| wall (s) | state bytes/param |", "|---|---|---|---|---|---|---|---|"]
+    for s in sorted(result["summary"], key=lambda s: s["final_val_loss"]):
+        lines.append(f"| {s['optimizer']} | {s['best_lr']:.3g} | {s['final_val_loss']:.4f} | "
+                     f"{s['steps_to_target']:.0f} | {s['speedup_vs_ref']:.2f}x | {s['time_to_target']:.1f} | "
+                     f"{s['wall_time']:.1f} | {s['state_bytes_per_param']:.2f} |")
+    return "\n".join(lines)
+
+def plot_curves(result: dict, path: str | Path) -> Path:
+    from lmforge.errors import require
+
+    mpl = require("matplotlib", "plot")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = {s["optimizer"]: s["best_lr"] for s in result["summary"]}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result["runs"]:
+        if best.get(r["optimizer"]) == r["lr"]:
+            c = r["curve"]
+            ax.plot([p["step"] for p in c], [p["val_loss"] for p in c], label=f"{r['optimizer']} (lr {r['lr']:.3g})")
+    ax.axhline(result["target_loss"], color="gray", ls=":", lw=1, label="target")
+    ax.set(xlabel="step", ylabel="validation loss (nats/byte)", title="optimizers at their best learning rate")
+    lo = min(s["final_val_loss"] for s in result["summary"])
+    ax.set_ylim(lo - 0.1, lo + 1.2)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+def main_run(cfg: OptimBenchConfig) -> dict:
+    """Run, print the table, write results.json and loss_curves.png under cfg.out."""
+    import json
+
+    result = run_benchmark(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    plot_curves(result, out / "loss_curves.png")
+    print(format_table(result))
+    return result
+

@@ -9,6 +9,7 @@ follows, and encodes the pieces independently.
 from __future__ import annotations
 
 import re as _re
+import sys
 from functools import lru_cache
 from typing import Iterable, Iterator
 
@@ -29,6 +30,32 @@ PATTERNS: dict[str, str] = {
         r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+""",
     ]),
 }
+
+# The same splits restricted to ASCII text, for Python's `re`, which runs them about 3x faster than
+# `regex` runs the Unicode versions: on ASCII, \p{L} is [A-Za-z], \p{N} is [0-9] and \s is [\t-\r ]
+# (\x1c-\x1f are not White_Space). Tests check both give the same pieces on random ASCII.
+_W = r"\t\n\x0b\x0c\r "
+_ASCII_PATTERNS: dict[str, str] = {
+    PATTERNS["gpt2"]: (rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]++| ?[0-9]++| ?[^{_W}A-Za-z0-9]++|[{_W}]++$"""
+                       rf"""|[{_W}]+(?![^{_W}])|[{_W}]"""),
+    PATTERNS["cl100k"]: (rf"""'(?i:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?+[A-Za-z]++|[0-9]{{1,3}}+"""
+                         rf"""| ?[^{_W}A-Za-z0-9]++[\r\n]*+|[{_W}]++$|[{_W}]*[\r\n]|[{_W}]+(?![^{_W}])|[{_W}]"""),
+}
+
+
+@lru_cache(maxsize=16)
+def ascii_pattern(pat: str) -> _re.Pattern | None:
+    """The stdlib-`re` twin of a named pattern for pure-ASCII text (Python >= 3.11), else None."""
+    if pat not in _ASCII_PATTERNS or sys.version_info < (3, 11):
+        return None
+    return _re.compile(_ASCII_PATTERNS[pat])
+
+
+def findall(pat: str, text: str) -> list[str]:
+    """Pre-tokens of `text` (no specials in it), through the ASCII twin when it applies."""
+    fast = ascii_pattern(pat) if text.isascii() else None
+    return (fast or compile_pattern(pat)).findall(text)
+
 
 # A newline between two printable ASCII characters ("x\ny") is a pre-token boundary for every named
 # pattern, whatever comes before or after: no alternative matches a newline followed by a non-space,
@@ -119,8 +146,7 @@ def last_safe_cut(text: str, pat: str, specials: tuple[str, ...], end: int) -> i
             if m.start() >= end:
                 break
             spans.append((m.start(), m.end()))
-            if m.end() <= end:
-                cuts.append(m.end())
+            cuts.append(m.end())
     if has_safe_cuts(pat):
         for m in _SAFE_CUT.finditer(text, max(0, end - (1 << 16)), end):
             p = m.start()

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tokenizer.pretokenize import (check_specials, compile_pattern, resolve_pattern, safe_byte_cut,
-                                           safe_pieces, split_specials)
+from lmforge.tokenizer.pretokenize import (check_specials, findall, resolve_pattern, safe_byte_cut, safe_pieces,
+                                           split_specials)
 
 CHUNK_BYTES = 4 << 20  # per worker task: big enough to amortise process overhead, small for memory
 _INLINE_BYTES = 2 << 20  # below this, counting in-process beats starting workers
@@ -45,15 +45,18 @@ def decode_counting(data: bytes) -> tuple[str, int]:
 
 def count_text(text: str, pat: str, specials: tuple[str, ...]) -> Counter:
     """Pre-token (bytes) -> count for one text; specials are cut out and not counted."""
-    rx = compile_pattern(pat)
     pieces: Counter = Counter()
     for seg, is_special in split_specials(text, specials):
         if not is_special:
             pieces.update(safe_pieces(seg, pat))
     counts: Counter = Counter()
     for piece, n in pieces.items():
-        for tok in rx.findall(piece):
-            counts[tok] += n
+        toks = findall(pat, piece)
+        if n == 1:
+            counts.update(toks)  # C-level counting for the common case
+        else:
+            for tok in toks:
+                counts[tok] += n
     return Counter({t.encode("utf-8"): n for t, n in counts.items()})
 
 
@@ -200,23 +203,29 @@ class _MergeState:
         self.tokens.append(self.tokens[a] + self.tokens[b])
         self.keys.append(_desc_key(self.tokens[new]))
         delta: dict[tuple[int, int], int] = defaultdict(int)
-        for wi in self.where.pop((a, b), ()):
-            w, n = self.words[wi], self.counts[wi]
-            out, i, last = [], 0, len(w) - 1
-            while i <= last:
-                if i < last and w[i] == a and w[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
+        where = self.where
+        for wi in where.pop((a, b), ()):
+            w = self.words[wi]
+            out = _replace_pair(w, a, b, new)
             if len(out) == len(w):
                 continue  # stale index entry: an earlier merge already removed the pair here
-            for p in zip(w, w[1:]):
-                delta[p] -= n
-            for p in zip(out, out[1:]):
-                delta[p] += n
-                self.where[p].add(wi)
+            n, last = self.counts[wi], len(out) - 1
+            # Only the neighbours of each merged occurrence change: (L, a) -> (L, new) and
+            # (b, R) -> (new, R). Between two adjacent occurrences the old pair is (b, a); it is
+            # handled once, as the left side of the second occurrence.
+            for k, t in enumerate(out):
+                if t != new:
+                    continue
+                if k > 0:
+                    left = out[k - 1]
+                    delta[(b if left == new else left, a)] -= n
+                    delta[(left, new)] += n
+                    where[(left, new)].add(wi)
+                if k < last and out[k + 1] != new:
+                    right = out[k + 1]
+                    delta[(b, right)] -= n
+                    delta[(new, right)] += n
+                    where[(new, right)].add(wi)
             self.words[wi] = out
         self.pairs.pop((a, b), None)
         for p, d in delta.items():
@@ -225,6 +234,26 @@ class _MergeState:
                 if n > 0:
                     heapq.heappush(self.heap, (-n, self.keys[p[0]], self.keys[p[1]], p[0], p[1]))
         return new
+
+
+def _replace_pair(w: list[int], a: int, b: int, new: int) -> list[int]:
+    """w with every (a, b), scanned left to right without overlap, replaced by `new`."""
+    out: list[int] = []
+    i, n = 0, len(w)
+    while True:
+        try:
+            j = w.index(a, i)
+        except ValueError:
+            break
+        if j + 1 < n and w[j + 1] == b:
+            out.extend(w[i:j])
+            out.append(new)
+            i = j + 2
+        else:
+            out.extend(w[i:j + 1])
+            i = j + 1
+    out.extend(w[i:])
+    return out
 
 
 def learn_merges(word_counts: dict[bytes, int], num_merges: int, progress: bool = True) -> list[tuple[bytes, bytes]]:

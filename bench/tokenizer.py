@@ -1,0 +1,166 @@
+"""Tokenizer benchmark: lmforge's BPE trainer and encoder against HF `tokenizers` and tiktoken.
+
+On one corpus (../shared/data texts + the Python standard library's sources, repeated up to --mb
+megabytes), side by side in one run:
+  1. training time for --vocab tokens: `lmforge.train_bpe` vs HF's BpeTrainer (byte-level, same
+     vocabulary size, same special token); goal <= 3x HF's time;
+  2. encoding MB/s on --encode-mb of that text: lmforge's `encode` vs tiktoken with the same ranks
+     (goal >= 0.9x), for the trained vocabulary and GPT-2's; the pure-Python reference encoder too;
+  3. compression (bytes/token) of the two trained tokenizers on the same text; goal: within 1%.
+
+    python bench/tokenizer.py --mb 100 --vocab 32000
+    python bench/tokenizer.py --mb 10 --vocab 8000     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SPECIAL = "<|endoftext|>"
+
+
+def source_files() -> list[Path]:
+    """Text sources: the shared corpora (prose, Q&A, HTML) and the stdlib's .py files."""
+    exts = {".txt", ".jsonl", ".csv", ".html", ".md"}
+    shared = sorted(p for p in SHARED.rglob("*") if p.is_file() and p.suffix in exts and "gpt2" not in p.parts)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    py = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
+    return shared + py
+
+
+def build_corpus(mb: float, path: Path) -> Path:
+    """Concatenate the sources (one per line-separated block), repeating them until `mb` MB."""
+    if path.is_file() and path.stat().st_size >= mb * 1e6:
+        return path
+    target, size = int(mb * 1e6), 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        while size < target:
+            for f in source_files():
+                data = f.read_bytes()[: target - size]
+                out.write(data + b"\n")
+                size += len(data) + 1
+                if size >= target:
+                    break
+    return path
+
+
+def timed(fn, *args, repeat: int = 1, **kwargs):
+    """(result of the last call, best wall time in seconds)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def train_hf(path: Path, vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[SPECIAL], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(path)], trainer)
+    return tok
+
+
+def tiktoken_for(tok):
+    import tiktoken
+
+    return tiktoken.Encoding("bench", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(), special_tokens={})
+
+
+def encode_rows(name: str, tok, text: str, repeat: int) -> list[dict]:
+    enc = tiktoken_for(tok)
+    mb = len(text.encode()) / 1e6
+    ours, t_ours = timed(tok.encode, text, repeat=repeat)
+    ref, t_tik = timed(enc.encode_ordinary, text, repeat=repeat)
+    assert ours == ref, "lmforge and tiktoken disagree"
+    lines = text.splitlines(keepends=True)
+    batch = [("".join(lines[i:i + 200])) for i in range(0, len(lines), 200)]
+    _, tb_ours = timed(tok.encode_batch, batch, repeat=repeat)
+    _, tb_tik = timed(enc.encode_ordinary_batch, batch, repeat=repeat)
+    sample = text[: 1_000_000]
+    tok.reference.cache.clear()
+    ref_ids, t_ref = timed(tok.encode_reference, sample)
+    assert ref_ids == tok.encode(sample)
+    return [
+        {"vocab": name, "mode": "single", "lmforge_MBps": mb / t_ours, "tiktoken_MBps": mb / t_tik,
+         "ratio": t_tik / t_ours, "reference_MBps": len(sample.encode()) / 1e6 / t_ref},
+        {"vocab": name, "mode": "batch", "lmforge_MBps": mb / tb_ours, "tiktoken_MBps": mb / tb_tik,
+         "ratio": tb_tik / tb_ours, "reference_MBps": None},
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=100.0, help="corpus size in MB (repeats the sources)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--encode-mb", type=float, default=10.0, help="text used for encoding and compression")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=3, help="encoding timings: best of this many runs")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tokenizer.json"))
+    args = ap.parse_args()
+
+    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.train import train_bpe
+
+    corpus = build_corpus(args.mb, Path(tempfile.gettempdir()) / "lmforge_bench" / f"corpus_{args.mb:g}MB.txt")
+    size_mb = corpus.stat().st_size / 1e6
+    print(f"corpus {corpus} ({size_mb:.1f} MB), vocab {args.vocab}, {args.workers} workers")
+    stats: dict = {}
+    ours, t_ours = timed(train_bpe, [corpus], args.vocab, [SPECIAL], workers=args.workers, progress=False,
+                         stats=stats)
+    hf, t_hf = timed(train_hf, corpus, args.vocab)
+    assert ours.vocab_size == hf.get_vocab_size() == args.vocab
+    print(f"train: lmforge {t_ours:.1f}s, HF {t_hf:.1f}s, ratio {t_ours / t_hf:.2f}x "
+          f"({stats['distinct_pretokens']:,} distinct pre-tokens)")
+
+    with open(corpus, "rb") as f:
+        text = f.read(int(args.encode_mb * 1e6)).decode("utf-8", errors="replace")
+    n_bytes = len(text.encode())
+    lines = text.splitlines(keepends=True)
+    hf_tokens = sum(len(e.ids) for e in hf.encode_batch(["".join(lines[i:i + 200]) for i in range(0, len(lines), 200)]))
+    bpt_ours, bpt_hf = n_bytes / len(ours.encode(text)), n_bytes / hf_tokens
+
+    gpt2 = Tokenizer.from_gpt2_files(SHARED / "gpt2" / "vocab.json", SHARED / "gpt2" / "merges.txt")
+    enc_rows = encode_rows(f"trained-{args.vocab}", ours, text, args.repeat) + encode_rows("gpt2", gpt2, text, args.repeat)
+
+    result = {
+        "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
+        "corpus_mb": size_mb, "vocab": args.vocab, "workers": args.workers,
+        "train": {"lmforge_s": t_ours, "hf_s": t_hf, "ratio": t_ours / t_hf, **stats},
+        "compression": {"text_mb": n_bytes / 1e6, "lmforge_bytes_per_token": bpt_ours, "hf_bytes_per_token": bpt_hf,
+                        "relative_diff": bpt_ours / bpt_hf - 1},
+        "encode": enc_rows,
+    }
+    print(f"\n| corpus | vocab | lmforge train | HF train | ratio (goal <= 3x) |\n|---|---|---|---|---|\n"
+          f"| {size_mb:.0f} MB | {args.vocab} | {t_ours:.1f} s | {t_hf:.1f} s | {t_ours / t_hf:.2f}x |")
+    print(f"\n| bytes/token on {n_bytes / 1e6:.0f} MB | lmforge | HF | difference (goal within 1%) |\n|---|---|---|---|\n"
+          f"| | {bpt_ours:.4f} | {bpt_hf:.4f} | {100 * (bpt_ours / bpt_hf - 1):+.2f}% |")
+    print("\n| vocab | mode | lmforge MB/s | tiktoken MB/s | ratio (goal >= 0.9) | pure-Python reference MB/s |\n"
+          "|---|---|---|---|---|---|")
+    for r in enc_rows:
+        refs = f"{r['reference_MBps']:.2f}" if r["reference_MBps"] else "-"
+        print(f"| {r['vocab']} | {r['mode']} | {r['lmforge_MBps']:.2f} | {r['tiktoken_MBps']:.2f} | "
+              f"{r['ratio']:.2f} | {refs} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

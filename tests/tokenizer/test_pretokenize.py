@@ -1,0 +1,44 @@
+"""Pre-tokenization helpers: the ASCII `re` twins of the named patterns split exactly like the
+`regex` originals, and the cut points used for parallel and streamed work do not change the splits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import regex
+
+from lmforge.tokenizer.pretokenize import PATTERNS, ascii_pattern, last_safe_cut, safe_pieces
+
+ALPHABET = [chr(i) for i in range(128)] + ["'s", "'ll", "'VE", "  ", "\n", "\r\n", "\n\n", "abc", "123"] * 6
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k"])
+def test_ascii_twin_splits_like_regex(name):
+    fast, slow = ascii_pattern(PATTERNS[name]), regex.compile(PATTERNS[name])
+    assert fast is not None
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 60)))
+        assert fast.findall(text) == slow.findall(text), text
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k", "o200k"])
+def test_safe_pieces_do_not_change_pretokens(name):
+    rng = random.Random(1)
+    words = ["x", "y\n", "\n", " ", "  ", "\t", "é", "日本", "🙂", "'s", "12", ".", "(", "\r\n", "<|endoftext|>"]
+    rx = regex.compile(PATTERNS[name])
+    for _ in range(500):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 80)))
+        pieces = safe_pieces(text, PATTERNS[name])
+        assert "".join(pieces) == text
+        assert [t for p in pieces for t in rx.findall(p)] == rx.findall(text), text
+
+
+def test_last_safe_cut_respects_specials():
+    specials = ("<|a|>", "<|a|><|a|>")
+    text = "x\ny<|a|><|a|>z\nw tail"
+    end = len(text) - max(map(len, specials))
+    cut = last_safe_cut(text, PATTERNS["gpt2"], specials, end)
+    assert text[:cut] == "x\ny<|a|><|a|>"  # after the complete longer special, not inside it
+    assert last_safe_cut("no cut here", "custom(regex)", (), 5) == 0

@@ -1,0 +1,94 @@
+"""Bad HF checkpoints fail with errors naming the tensor or field; sharded checkpoints load; loading is
+memory-mapped tensor by tensor (no state dict of the whole checkpoint)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, d_ff=48)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    model.save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+def _edit(path, fn):
+    tensors = load_file(str(path / "model.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_round_trip_llama_and_config(ckpt):
+    path, model = ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_size"] == 32
+    back = Transformer.from_pretrained(path)
+    ids = torch.randint(0, 64, (1, 7))
+    torch.testing.assert_close(back(ids), model(ids))
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model = Transformer(CFG).eval()
+    from lmforge.model.hf import save_pretrained
+
+    save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
+    ids = torch.randint(0, 64, (1, 5))
+    torch.testing.assert_close(Transformer.from_pretrained(tmp_path)(ids), model(ids))
+
+
+def test_missing_unexpected_and_misshapen_tensors(ckpt):
+    path, _ = ckpt
+    name = "model.layers.1.self_attn.k_proj.weight"
+    _edit(path, lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        Transformer.from_pretrained(path)
+    _edit(path, lambda t: t.update({name: torch.zeros(16, 32), "model.layers.0.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.extra.weight'"):
+        Transformer.from_pretrained(path)
+    _edit(path, lambda t: (t.pop("model.layers.0.extra.weight"), t.update({name: torch.zeros(8, 32)})))
+    with pytest.raises(CheckpointError, match=r"k_proj.weight.*\(8, 32\).*\(16, 32\)"):
+        Transformer.from_pretrained(path)
+
+
+def test_unknown_architecture_quantized_and_missing_field(ckpt):
+    path, _ = ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "rwkv", "architectures": ["RwkvForCausalLM"]}))
+    with pytest.raises(ConfigError, match="model_type='rwkv'"):
+        Transformer.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
+    with pytest.raises(CheckpointError, match="quantized.*mxfp4|mxfp4.*quantized"):
+        Transformer.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
+    with pytest.raises(ConfigError, match="hidden_size"):
+        Transformer.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    _edit(path, lambda t: t.update({"model.norm.weight": torch.zeros(32, dtype=torch.uint8)}))
+    with pytest.raises(CheckpointError, match="model.norm.weight.*U8"):
+        Transformer.from_pretrained(path)
+    with pytest.raises(CheckpointError, match="config.json"):
+        Transformer.from_pretrained(path / "nowhere")
+
+
+def test_weights_are_read_tensor_by_tensor(ckpt, monkeypatch):
+    """No call ever materialises the whole checkpoint: safetensors.torch.load_file is not used."""
+    path, _ = ckpt
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("loaded the whole file"))
+    model = Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    assert model.tok_emb.weight.dtype == torch.bfloat16 and not model.training

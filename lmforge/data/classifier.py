@@ -1,8 +1,14 @@
 """A fastText-style quality classifier (Joulin et al. 2017, "Bag of Tricks for Efficient Text
-Classification"), trained from scratch: word unigrams and bigrams hashed into `buckets` rows of an
-embedding table, averaged, then one linear layer and a softmax. DCLM (Li et al. 2024) showed such a
-classifier, trained on high-quality positives against random web negatives, is the best filter they
+Classification"), trained from scratch in numpy: word unigrams and bigrams hashed into `buckets` rows
+of an embedding table, averaged, then one linear layer and a softmax. DCLM (Li et al. 2024) showed such
+a classifier, trained on high-quality positives against random web negatives, is the best filter they
 tried; the `quality` stage keeps documents whose positive probability clears a threshold.
+
+Training uses AdaGrad (Duchi et al. 2011) on mini-batches rather than fastText's per-example SGD: with
+a zero-initialised output layer, plain SGD on averaged features barely moves on small example sets,
+while AdaGrad's per-row step sizes suit sparse hashed features. Gradients are written out by hand:
+for a bag b with hidden h_b = mean of its rows, dL/dz = (p - y) / B, dW = dz^T h, and every row in
+the bag receives dz_b W / |b|.
 """
 
 from __future__ import annotations
@@ -14,8 +20,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 from lmforge.config import check
 from lmforge.data.document import Document
@@ -29,15 +33,15 @@ CONFIG_NAME = "quality_classifier.json"
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifierConfig:
-    """buckets: hashed feature rows; dim: embedding size; ngrams: longest word n-gram used; training
-    options as fastText's supervised mode (SGD, linearly decaying learning rate)."""
+    """buckets: hashed feature rows; dim: embedding size; ngrams: longest word n-gram used; epochs,
+    lr (AdaGrad), batch_size, seed: training; max_words: words of a text that are featurised."""
 
     buckets: int = 1 << 18
     dim: int = 16
     ngrams: int = 2
     epochs: int = 5
     lr: float = 0.5
-    batch_size: int = 32
+    batch_size: int = 16
     seed: int = 0
     max_words: int = 2000
 
@@ -45,6 +49,7 @@ class ClassifierConfig:
         check(self.buckets >= 16, f"classifier.buckets must be >= 16, got {self.buckets}")
         check(self.dim >= 1 and self.ngrams >= 1 and self.epochs >= 1,
               "classifier.dim, ngrams and epochs must be >= 1")
+        check(self.lr > 0 and self.batch_size >= 1, "classifier.lr must be > 0 and batch_size >= 1")
 
 
 def features(text: str, cfg: ClassifierConfig) -> np.ndarray:
@@ -56,73 +61,89 @@ def features(text: str, cfg: ClassifierConfig) -> np.ndarray:
     return (np.concatenate(hs) % np.uint64(cfg.buckets)).astype(np.int64)
 
 
-class HashedNgramClassifier(nn.Module):
-    """EmbeddingBag(mean) over hashed n-grams -> Linear(dim, 2). Label 1 = high quality."""
+def _pack(feats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat ids, bag start offsets, bag index of each id)."""
+    lens = np.array([len(f) for f in feats])
+    offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return np.concatenate(feats), offsets, np.repeat(np.arange(len(feats)), lens)
+
+
+class HashedNgramClassifier:
+    """Mean of hashed n-gram embeddings -> linear -> softmax over {low, high} quality."""
 
     def __init__(self, cfg: ClassifierConfig = ClassifierConfig()):
-        super().__init__()
         self.cfg = cfg
-        self.emb = nn.EmbeddingBag(cfg.buckets, cfg.dim, mode="mean")
-        self.out = nn.Linear(cfg.dim, 2)
-        nn.init.uniform_(self.emb.weight, -1.0 / cfg.dim, 1.0 / cfg.dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        rng = np.random.default_rng(cfg.seed)
+        self.emb = rng.uniform(-1 / cfg.dim, 1 / cfg.dim, size=(cfg.buckets, cfg.dim)).astype(np.float32)
+        self.w = np.zeros((2, cfg.dim), dtype=np.float32)
+        self.b = np.zeros(2, dtype=np.float32)
 
-    def forward(self, flat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return self.out(self.emb(flat, offsets))  # (B, 2)
+    def _forward(self, feats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, tuple]:
+        flat, offsets, bag = _pack(feats)
+        lens = np.diff(np.concatenate([offsets, [len(flat)]]))[:, None]
+        h = np.add.reduceat(self.emb[flat], offsets, axis=0) / lens  # (B, dim)
+        z = h @ self.w.T + self.b  # (B, 2)
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True), h, (flat, bag, lens)
 
-    def _pack(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = [features(t, self.cfg) for t in texts]
-        offsets = torch.tensor(np.cumsum([0] + [len(f) for f in feats[:-1]]), dtype=torch.long)
-        return torch.from_numpy(np.concatenate(feats)), offsets
-
-    @torch.no_grad()
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """(N,) probability that each text is high quality."""
         if not texts:
             return np.zeros(0)
-        return torch.softmax(self(*self._pack(texts)), dim=-1)[:, 1].numpy()
+        return self._forward([features(t, self.cfg) for t in texts])[0][:, 1].astype(np.float64)
 
     def fit(self, texts: list[str], labels: list[int]) -> list[float]:
-        """SGD with a learning rate decaying linearly to 0 (fastText's schedule); returns epoch losses."""
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        y = torch.tensor(labels, dtype=torch.long)
-        steps = self.cfg.epochs * -(-len(texts) // self.cfg.batch_size)
-        opt = torch.optim.SGD(self.parameters(), lr=self.cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+        """Mini-batch AdaGrad on the cross-entropy; returns the mean loss of each epoch."""
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed)
+        feats, y = [features(t, cfg) for t in texts], np.asarray(labels)
+        g_emb = np.zeros(cfg.buckets, dtype=np.float32)  # AdaGrad accumulators (one per embedding row)
+        g_w, g_b = np.zeros_like(self.w), np.zeros_like(self.b)
         losses = []
-        for _ in range(self.cfg.epochs):
-            perm, total = torch.randperm(len(texts), generator=g), 0.0
-            for i in range(0, len(texts), self.cfg.batch_size):
-                idx = perm[i:i + self.cfg.batch_size]
-                loss = nn.functional.cross_entropy(self(*self._pack([texts[j] for j in idx])), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss) * len(idx)
+        for _ in range(cfg.epochs):
+            perm, total = rng.permutation(len(texts)), 0.0
+            for i in range(0, len(texts), cfg.batch_size):
+                idx = perm[i:i + cfg.batch_size]
+                p, h, (flat, bag, lens) = self._forward([feats[j] for j in idx])
+                total -= float(np.log(p[np.arange(len(idx)), y[idx]] + 1e-12).sum())
+                dz = p.copy()
+                dz[np.arange(len(idx)), y[idx]] -= 1
+                dz /= len(idx)
+                dw, db = dz.T @ h, dz.sum(axis=0)
+                drow = (dz @ self.w / lens)[bag]  # (len(flat), dim): gradient of each bag member
+                g_w += dw * dw
+                g_b += db * db
+                self.w -= cfg.lr * dw / (np.sqrt(g_w) + 1e-8)
+                self.b -= cfg.lr * db / (np.sqrt(g_b) + 1e-8)
+                rows, inv = np.unique(flat, return_inverse=True)
+                grad = np.zeros((len(rows), cfg.dim), dtype=np.float32)
+                np.add.at(grad, inv, drow)
+                g_emb[rows] += (grad * grad).mean(axis=1)
+                self.emb[rows] -= cfg.lr * grad / (np.sqrt(g_emb[rows])[:, None] + 1e-8)
             losses.append(total / len(texts))
         return losses
 
     def save(self, directory: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.numpy import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(d / FILE_NAME))
+        save_file({"emb": self.emb, "w": self.w, "b": self.b}, str(d / FILE_NAME))
         (d / CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         return d
 
     @classmethod
     def load(cls, directory: str | Path) -> "HashedNgramClassifier":
-        from safetensors.torch import load_file
+        from safetensors.numpy import load_file
 
         d = Path(directory)
         if not (d / FILE_NAME).is_file() or not (d / CONFIG_NAME).is_file():
             raise DataError(f"no quality classifier in {d} (train one with `lmforge data train-classifier`)")
         model = cls(ClassifierConfig(**json.loads((d / CONFIG_NAME).read_text())))
-        model.load_state_dict(load_file(str(d / FILE_NAME)))
-        return model.eval()
+        tensors = load_file(str(d / FILE_NAME))
+        model.emb, model.w, model.b = tensors["emb"], tensors["w"], tensors["b"]
+        return model
 
 
 def train_classifier(positive: Iterable[str], negative: Iterable[str],
@@ -131,10 +152,9 @@ def train_classifier(positive: Iterable[str], negative: Iterable[str],
     pos, neg = list(positive), list(negative)
     if not pos or not neg:
         raise DataError(f"need positive and negative examples, got {len(pos)} and {len(neg)}")
-    torch.manual_seed(cfg.seed)
     model = HashedNgramClassifier(cfg)
     model.fit(pos + neg, [1] * len(pos) + [0] * len(neg))
-    return model.eval()
+    return model
 
 
 @dataclass(frozen=True, kw_only=True)

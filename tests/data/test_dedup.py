@@ -1,0 +1,174 @@
+"""Exact, line-level, MinHash and Bloom dedup, and decontamination, against known answers."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from lmforge.data.bloom import BloomDedupConfig, BloomFilter, bloom_dedup
+from lmforge.data.decontam import DecontamConfig, decontam
+from lmforge.data.document import Document
+from lmforge.data.exact import ExactDedupConfig, LineDedupConfig, exact_dedup, line_dedup
+from lmforge.data.hashing import batch_word_ngram_hashes, text_ngram_hashes
+from lmforge.data.minhash import (MinHashConfig, choose_bands_rows, cluster, jaccard, minhash_dedup,
+                                  signatures)
+from lmforge.data.stage import StageContext
+from lmforge.data.synthetic import near_duplicate_corpus
+from tests.data.conftest import shared
+
+
+def _groups(roots: list[int]) -> list[list[int]]:
+    g = collections.defaultdict(list)
+    for i, r in enumerate(roots):
+        g[r].append(i)
+    return sorted(sorted(v) for v in g.values() if len(v) > 1)
+
+
+def test_exact_dedup_keeps_first():
+    docs = [Document(id="a", text="Hello  World"), Document(id="b", text="hello world"),
+            Document(id="c", text="other"), Document(id="d", text="Hello World")]
+    out = exact_dedup(ExactDedupConfig(), docs, StageContext())
+    assert [d.drop for d in out] == [None, "exact_duplicate", None, "exact_duplicate"]
+    assert out[1].meta["dup_of"] == "a"
+    docs = [Document(id="a", text="Hello  World"), Document(id="b", text="hello world")]
+    assert [d.drop for d in exact_dedup(ExactDedupConfig(normalize=False), docs, StageContext())] == [None, None]
+
+
+def _line_docs() -> list[Document]:
+    return [Document(id="1", text="Home | About\nFirst story text.\nCopyright 2021"),
+            Document(id="2", text="Home | About\nSecond story text.\nCopyright 2023"),
+            Document(id="3", text="home |  about\ncopyright 1999")]
+
+
+def test_line_dedup_all_mode_drops_every_copy():
+    ctx = StageContext()
+    out = line_dedup(LineDedupConfig(mode="all"), _line_docs(), ctx)
+    assert [d.text for d in out] == ["First story text.", "Second story text.", ""]
+    assert [d.drop for d in out] == [None, None, "line_dedup:empty"]
+    assert ctx.counters["line_dedup.lines_removed"] == 6  # digits normalised: the copyright lines match
+
+
+def test_line_dedup_first_mode_keeps_first_occurrence():
+    out = line_dedup(LineDedupConfig(mode="first"), _line_docs(), StageContext())
+    assert [d.text for d in out] == ["Home | About\nFirst story text.\nCopyright 2021", "Second story text.", ""]
+    assert out[1].meta["lines_removed"] == 2 and out[2].drop == "line_dedup:empty"
+
+
+def test_bands_rows_match_datasketch_choice():
+    lsh = pytest.importorskip("datasketch.lsh")
+    for t in (0.5, 0.7, 0.8, 0.9):
+        for n in (64, 128, 256):
+            assert choose_bands_rows(t, n) == lsh._optimal_param(t, n, 0.5, 0.5)
+    assert choose_bands_rows(0.8, 128) == (9, 13)
+
+
+def test_signature_agreement_estimates_jaccard():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, size=2000, dtype=np.uint64)
+    other = np.concatenate([base[:1500], rng.integers(0, 2**63, size=500, dtype=np.uint64)])
+    true = jaccard(np.unique(base), np.unique(other))  # 1500 / 2500 = 0.6
+    sig = signatures([base, other], num_perm=1024)
+    assert true == pytest.approx(0.6)
+    assert (sig[0] == sig[1]).mean() == pytest.approx(true, abs=0.05)  # std ~ sqrt(.24/1024) = .015
+
+
+def test_batch_shingles_match_per_document_sets():
+    texts = ["The cat sat on the mat, and the dog sat on the log.", "", "one two", "Ünïcode wörds ça va très bien ok"]
+    hashes, counts = batch_word_ngram_hashes(texts, 3)
+    assert counts.tolist() == [11, 0, 1, 5]
+    assert len(np.unique(hashes[:11])) == len(text_ngram_hashes(texts[0], 3)) == 10  # "sat on the" twice
+
+
+def test_minhash_finds_exactly_the_planted_clusters():
+    texts, clusters = near_duplicate_corpus(n_unique=400, n_clusters=40, copies=3, edit_frac=0.005, seed=1)
+    assert _groups(cluster(texts, MinHashConfig(threshold=0.8))) == clusters
+    docs = [Document(id=str(i), text=t) for i, t in enumerate(texts)]
+    before = [d.text for d in docs]
+    out = minhash_dedup(MinHashConfig(), docs, StageContext())
+    kept = [d for d in out if d.drop is None]
+    assert len(kept) == 400 + 40
+    assert all(d.text == t for d, t in zip(out, before))  # kept (and dropped) texts unchanged
+    assert all(d.meta == {} for d in kept)
+    for c in clusters:
+        assert out[c[0]].drop is None and all(out[i].meta["dup_of"] == str(c[0]) for i in c[1:])
+
+
+def test_minhash_verification_rejects_false_candidates():
+    """With bands of 1 row every shared shingle makes a candidate; true Jaccard must then decide."""
+    a = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    b = "alpha beta gamma delta epsilon omega psi chi phi upsilon"
+    cfg = MinHashConfig(threshold=0.8, num_perm=64, ngram=1, bands=64, rows=1)
+    assert _groups(cluster([a, b], cfg)) == []
+    assert _groups(cluster([a, b], MinHashConfig(threshold=0.8, num_perm=64, ngram=1, bands=64, rows=1,
+                                                  verify=False))) == [[0, 1]]
+
+
+def test_minhash_clusters_equal_datasketch():
+    ds = pytest.importorskip("datasketch")
+    texts, clusters = near_duplicate_corpus(n_unique=150, n_clusters=20, copies=2, edit_frac=0.005, seed=2)
+    b, r = choose_bands_rows(0.8, 128)
+    lsh = ds.MinHashLSH(threshold=0.8, num_perm=128, params=(b, r))
+    sigs = []
+    for i, t in enumerate(texts):
+        m = ds.MinHash(num_perm=128)
+        w = t.lower().split()
+        m.update_batch([" ".join(w[k:k + 5]).encode() for k in range(len(w) - 4)])
+        lsh.insert(str(i), m)
+        sigs.append(m)
+    parent = list(range(len(texts)))
+    for i, m in enumerate(sigs):
+        for j in map(int, lsh.query(m)):
+            lo, hi = sorted((i, j))
+            while parent[hi] != hi:
+                hi = parent[hi]
+            while parent[lo] != lo:
+                lo = parent[lo]
+            parent[max(lo, hi)] = min(lo, hi)
+    def root(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+    assert _groups([root(i) for i in range(len(texts))]) == clusters == _groups(cluster(texts))
+
+
+def test_bloom_filter_false_positive_rate():
+    bf = BloomFilter(capacity=20_000, fp_rate=0.01)
+    rng = np.random.default_rng(0)
+    bf.add(rng.integers(0, 2**63, size=20_000, dtype=np.uint64))
+    assert bf.k == 7 and bf.m == 191_702  # m = -n ln p / ln(2)^2, k = m/n ln 2
+    fp = bf.contains(rng.integers(0, 2**63, size=50_000, dtype=np.uint64)).mean()
+    assert 0.005 < fp < 0.02
+
+
+def test_bloom_paragraph_and_ngram_dedup():
+    p1 = "The mayor opened the new bridge on Monday morning in front of a large crowd."
+    p2 = "Traffic is expected to fall in the old town centre once the bridge is in full use."
+    docs = [Document(id="a", text=f"{p1}\n{p2}"), Document(id="b", text=f"Short intro.\n{p1}"),
+            Document(id="c", text=p2)]
+    ctx = StageContext()
+    out = bloom_dedup(BloomDedupConfig(capacity=1000, fp_rate=1e-6), docs, ctx)
+    assert [d.text for d in out] == [f"{p1}\n{p2}", "Short intro.", ""]
+    assert [d.drop for d in out] == [None, None, "bloom:empty"] and ctx.counters["bloom.paragraphs_removed"] == 2
+    near = p1.replace("Monday", "Tuesday")  # 13-grams: most survive the one-word change
+    docs = [Document(id="a", text=p1), Document(id="b", text=near)]
+    out = bloom_dedup(BloomDedupConfig(unit="ngram", ngram=5, overlap=0.5, capacity=1000), docs, StageContext())
+    assert [d.drop for d in out] == [None, "bloom:empty"]
+    out = bloom_dedup(BloomDedupConfig(unit="ngram", ngram=5, overlap=0.9, capacity=1000),
+                      [Document(id="a", text=p1), Document(id="b", text=near)], StageContext())
+    assert [d.drop for d in out] == [None, None]
+
+
+def test_decontamination_against_gsm8k_and_mmlu():
+    gsm = shared("gsm8k", "test.jsonl")
+    mmlu = shared("mmlu", "test", "astronomy_test.csv")
+    q = json.loads(gsm.read_text().splitlines()[5])["question"]
+    docs = [Document(id="leak", text=f"Homework help forum. {q} Thanks in advance!"),
+            Document(id="clean", text="The committee met on Tuesday to review the annual budget and plans for "
+                                      "the new library, and residents asked about opening hours."),
+            Document(id="mmlu", text=mmlu.read_text().splitlines()[3])]
+    out = decontam(DecontamConfig(eval_paths=(str(gsm), str(mmlu)), ngram=13), docs, StageContext())
+    assert [d.drop for d in out] == ["decontam", None, "decontam"]
+    assert out[0].meta["eval_ngram_matches"] == len(text_ngram_hashes(q, 13))

@@ -99,8 +99,9 @@ def _json_doc(path: Path, lineno: int, line: bytes, text_key: str, id_key: str) 
     if bad:
         meta["decode_errors"] = bad
     doc_id = rec.get(id_key)
+    drop = rec.get("drop") if isinstance(rec.get("drop"), str) else None  # rejected records we wrote
     return Document(id=str(doc_id) if doc_id is not None else stable_id(str(path), str(lineno)),
-                    text=rec.get(text_key) or "", meta=meta)
+                    text=rec.get(text_key) or "", meta=meta, drop=drop)
 
 
 def read_jsonl(path: str | Path, *, text_key: str = "text", id_key: str = "id") -> Iterator[Document]:

@@ -1,0 +1,172 @@
+"""Pipelines end to end: the shared web pages, nothing lost on bad input, resume after a kill,
+mixing, token shards, config errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import load_toml
+from lmforge.data.document import Document
+from lmforge.data.executor import run_local
+from lmforge.data.mix import MixConfig, mix
+from lmforge.data.pipeline import load_pipeline
+from lmforge.data.readers import read_documents
+from lmforge.data.shards import TokenFile
+from lmforge.data.stage import StageContext
+from lmforge.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+WEB_STAGES = """
+[[stages]]
+stage = "extract"
+[[stages]]
+stage = "langid"
+languages = ["en"]
+threshold = 0.5
+[[stages]]
+stage = "pii"
+[[stages]]
+stage = "gopher"
+[[stages]]
+stage = "exact_dedup"
+[[stages]]
+stage = "minhash_dedup"
+[[stages]]
+stage = "c4"
+[[stages]]
+stage = "tokenize"
+"""
+
+
+def _write_pipeline(tmp_path: Path, inputs: str, body: str, out: str = "run", extra: str = "") -> Path:
+    p = tmp_path / "pipeline.toml"
+    p.write_text(f"{extra}\n[input]\n{inputs}\n[output]\ndir = \"{tmp_path / out}\"\n{body}")
+    return p
+
+
+def _kept(run: Path) -> list[Document]:
+    return [d for f in sorted((run / "data").glob("*")) for d in read_documents(f)]
+
+
+def _rejected(run: Path) -> list[Document]:
+    return [d for f in sorted((run / "rejected").glob("*.jsonl")) for d in read_documents(f)]
+
+
+def test_web_pages_pipeline_accounts_for_every_page(tmp_path, web_html):
+    p = _write_pipeline(tmp_path, f'paths = ["{web_html}/*.html"]\nfiles_per_shard = 30', WEB_STAGES,
+                        extra="workers = 2\nprogress = false")
+    report = run_local(load_pipeline(p))
+    b = report["balance"]
+    assert b["input_docs"] == 109 and b["balanced"] and b["added_docs"] == 0
+    kept, rejected = _kept(tmp_path / "run"), _rejected(tmp_path / "run")
+    assert len(kept) == b["kept_docs"] and len(rejected) == b["rejected_docs"]
+    assert len({d.id for d in kept} | {d.id for d in rejected}) == 109
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == ["read", "extract", "langid", "pii", "gopher", "exact_dedup", "minhash_dedup", "c4",
+                            "tokenize"]
+    assert stages["langid"]["rejected"]["langid:language"] >= 70  # the German and French pages
+    assert all(d.meta["language"] == "en" for d in kept)
+    assert (tmp_path / "run" / "report.png").stat().st_size > 5000
+    assert "balanced" in (tmp_path / "run" / "report.md").read_text()
+    shards = [TokenFile(f) for f in sorted((tmp_path / "run" / "tokens").glob("*.bin"))]
+    assert sum(s.header["num_docs"] for s in shards) == len(kept)
+    assert sum(len(s) for s in shards) == sum(d.meta["num_tokens"] + 1 for d in kept)  # + one separator each
+    first = shards[0]
+    ids = first.tokens.tolist()
+    text = bytes(i for i in ids[1: ids.index(256, 1) if 256 in ids[1:] else len(ids)]).decode()
+    assert text in {d.text for d in kept}
+
+
+def test_nothing_lost_on_bad_input(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    good = "The river flooded the valley after three days of heavy rain in the hills."
+    (d / "a.jsonl").write_text(json.dumps({"id": "ok1", "text": good}) + "\nnot json\n" +
+                               json.dumps({"id": "empty", "text": "   "}) + "\n" +
+                               json.dumps({"id": "huge", "text": "word " * 400_000}) + "\n")
+    gz = gzip.compress("".join(json.dumps({"id": f"z{i}", "text": good + f" {i}"}) + "\n"
+                               for i in range(200)).encode())
+    (d / "b.jsonl.gz").write_bytes(gz[: len(gz) // 2])
+    (d / "c.txt").write_bytes(b"caf\xe9 \xff\xfe " + good.encode())
+    (d / "e.txt").write_bytes(b"")
+    body = '[[stages]]\nstage = "pii"\n[[stages]]\nstage = "exact_dedup"\n[[stages]]\nstage = "fineweb"\n'
+    p = _write_pipeline(tmp_path, f'paths = ["{d}"]', body, extra="progress = false")
+    report = run_local(load_pipeline(p))
+    b = report["balance"]
+    read = report["stages"][0]
+    assert read["rejected"] == {"read_error:bad_json": 1, "empty": 2, "read_error:truncated_archive": 1}
+    assert b["balanced"] and b["input_docs"] == b["kept_docs"] + b["rejected_docs"]
+    kept = {x.id: x for x in _kept(tmp_path / "run")}
+    assert "ok1" in kept and "huge" not in kept  # one 2 MB line: a dup-line-free but punctuation-free page
+    assert [x.drop for x in _rejected(tmp_path / "run") if x.id == "huge"] == ["fineweb:line_punct_ratio"]
+    txt = [x for x in kept.values() if x.meta.get("decode_errors")]
+    assert len(txt) == 1 and txt[0].meta["decode_errors"] == 3
+
+
+def test_killed_run_resumes_without_redoing_shards(tmp_path, web_html):
+    p = _write_pipeline(tmp_path, f'paths = ["{web_html}/*.html"]\nfiles_per_shard = 8',
+                        '[[stages]]\nstage = "extract"\n[[stages]]\nstage = "gopher"\n', extra="progress = false")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "data", "run", str(p), "--workers", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = tmp_path / "run" / "_work" / "p0"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(markers.glob("*.done.json"))) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {m.name: m.stat().st_mtime_ns for m in markers.glob("*.done.json")}
+    assert len(done_before) >= 3
+    report = run_local(load_pipeline(p))
+    assert report["shards"] == {"total": 14, "processed": 14 - len(done_before), "skipped": len(done_before)}
+    assert {m.name: m.stat().st_mtime_ns for m in markers.glob("*.done.json") if m.name in done_before} == done_before
+    assert report["balance"]["balanced"] and report["balance"]["input_docs"] == 109
+    assert len(_kept(tmp_path / "run")) == report["balance"]["kept_docs"]
+
+
+def test_mix_weights():
+    docs = [Document(id=f"a{i}", text="x", meta={"source": "web/a.jsonl"}) for i in range(400)]
+    docs += [Document(id=f"b{i}", text="x", meta={"source": "books/b.jsonl"}) for i in range(400)]
+    cfg = MixConfig(weights={"web/*": 0.25, "books/*": 2.5})
+    ctx = StageContext()
+    out = mix(cfg, docs, ctx)
+    web = [d for d in out if d.id.startswith("a") and d.drop is None]
+    books = [d for d in out if d.id.startswith("b")]
+    assert 80 <= len(web) <= 120 and 900 <= len(books) <= 1100
+    assert ctx.counters["mix.copies_added"] == len(books) - 400
+    assert [d.id for d in mix(cfg, [Document(id=d.id, text="x", meta=dict(d.meta)) for d in docs[:400]],
+                              StageContext()) if d.drop is None] == [d.id for d in web]
+    assert sum(d.drop == "mix:downsampled" for d in out) == 400 - len(web)
+
+
+def test_config_errors(tmp_path):
+    bad_stage = _write_pipeline(tmp_path, 'paths = ["x.jsonl"]', '[[stages]]\nstage = "nope"\n')
+    with pytest.raises(ConfigError, match="is not a stage"):
+        load_pipeline(bad_stage)
+    bad_key = _write_pipeline(tmp_path, 'paths = ["x.jsonl"]', '[[stages]]\nstage = "gopher"\nmin_wrds = 3\n')
+    with pytest.raises(ConfigError, match="min_wrds"):
+        load_pipeline(bad_key)
+    no_extract = _write_pipeline(tmp_path, 'paths = ["x/*.html"]', '[[stages]]\nstage = "gopher"\n')
+    with pytest.raises(ConfigError, match="extract"):
+        load_pipeline(no_extract)
+    with pytest.raises(ConfigError, match="threshold"):
+        load_pipeline(_write_pipeline(tmp_path, 'paths = ["x.jsonl"]', '[[stages]]\nstage = "langid"\nthreshold = 2\n'))
+
+
+def test_example_pipelines_parse():
+    for f in sorted((ROOT / "examples" / "data").glob("*.toml")):
+        data = load_toml(f)
+        data["output"]["dir"] = "/tmp/unused"
+        from lmforge.config import from_dict
+        from lmforge.data.pipeline import PipelineConfig
+
+        assert from_dict(PipelineConfig, data).stages

@@ -40,14 +40,15 @@ def source_files() -> list[Path]:
 
 def build_corpus(mb: float, path: Path) -> Path:
     """Concatenate the sources (one per line-separated block), repeating them until `mb` MB."""
-    if path.is_file() and path.stat().st_size >= mb * 1e6:
+    if path.is_file() and path.stat().st_size >= mb * 1e6 and path.stat().st_mtime > Path(__file__).stat().st_mtime:
         return path
     target, size = int(mb * 1e6), 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as out:
         while size < target:
             for f in source_files():
-                data = f.read_bytes()[: target - size]
+                # valid UTF-8 only (some stdlib test files are deliberately not): HF refuses the rest
+                data = f.read_bytes().decode("utf-8", errors="replace")[: target - size].encode()
                 out.write(data + b"\n")
                 size += len(data) + 1
                 if size >= target:
@@ -124,6 +125,7 @@ def main() -> None:
     stats: dict = {}
     ours, t_ours = timed(train_bpe, [corpus], args.vocab, [SPECIAL], workers=args.workers, progress=False,
                          stats=stats)
+    print(f"lmforge trained in {t_ours:.1f}s", flush=True)
     hf, t_hf = timed(train_hf, corpus, args.vocab)
     assert ours.vocab_size == hf.get_vocab_size() == args.vocab
     print(f"train: lmforge {t_ours:.1f}s, HF {t_hf:.1f}s, ratio {t_ours / t_hf:.2f}x "

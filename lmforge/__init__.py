@@ -19,7 +19,6 @@ _EXPORTS = {
     "KVCache": "lmforge.model.cache",
     "TrainConfig": "lmforge.train.config",
     "Trainer": "lmforge.train.trainer",
-    "train": "lmforge.train.trainer",
     "ByteTokenizer": "lmforge.tokenizer.byte",
     "load_tokenizer": "lmforge.tokenizer.load",
     "Tokenizer": "lmforge.tokenizer.bpe",
@@ -28,10 +27,12 @@ _EXPORTS = {
     "SamplingParams": "lmforge.infer.sampling",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted([*_EXPORTS, "train"]) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "train":  # the package lmforge.train is callable: lf.train(cfg)
+        return importlib.import_module("lmforge.train")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -1,1 +1,20 @@
-"""Pretraining: TrainConfig, the Trainer loop, token-file batches, checkpoints and metrics."""
+"""Pretraining: TrainConfig, the Trainer loop, token-file batches, checkpoints and metrics.
+
+`lmforge.train` is both this package and the public function `lf.train(cfg)`: once a submodule is
+imported, Python binds the package to the attribute `lmforge.train`, so the package itself is made
+callable (it runs `lmforge.train.trainer.train`).
+"""
+
+import sys
+import types
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, cfg):
+        """Train as `lmforge train` does; see lmforge.train.trainer.train."""
+        from lmforge.train.trainer import train
+
+        return train(cfg)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

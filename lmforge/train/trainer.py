@@ -89,7 +89,9 @@ class Trainer:
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # model + loss compiled as one graph, so the fp32 logits never round-trip through memory
+        self.forward_loss = torch.compile(self._forward_loss) if cfg.compile else self._forward_loss
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.flops_per_token = (self.model.flops_per_token(d.seq_len)
                                 if hasattr(self.model, "flops_per_token") else None)
         self.peak = peak_flops(self.device, "bf16" if use_bf16 else "fp32")
@@ -139,39 +141,53 @@ class Trainer:
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x, y
 
-    def train_step(self) -> dict[str, float]:
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        loss, ce = lm_loss(logits, y, self.cfg.model.z_loss)
+        aux_fn = getattr(self.model, "aux_loss", None)  # MoE balancing losses, if the model has them
+        aux = aux_fn() if callable(aux_fn) else None
+        return (loss + aux if aux is not None else loss), ce
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step. Loss and grad norm stay on the device (no host sync); `flush()` reads
+        them in one go at log time and stops the run on a NaN/inf loss."""
         cfg = self.cfg
         mult = lr_multiplier(cfg.optim, self.step, cfg.max_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
         total = torch.zeros((), device=self.device)
-        aux_fn = getattr(self.model, "aux_loss", None)
         for _ in range(cfg.grad_accum):
             x, y = self._batch()
             with self.autocast:
-                logits = self.forward(x)
-                loss, ce = lm_loss(logits, y, cfg.model.z_loss)
-                aux = aux_fn() if callable(aux_fn) else None
-                if aux is not None:
-                    loss = loss + aux
+                loss, ce = self.forward_loss(x, y)
             (loss / cfg.grad_accum).backward()
             total += ce.detach()
-        loss_val = total.item() / cfg.grad_accum
-        if not math.isfinite(loss_val):
-            self.optimizer.zero_grad(set_to_none=True)
-            where = self.last_checkpoint or "none was written"
-            raise TrainingDiverged(f"loss became {loss_val} at step {self.step + 1}; stopped. Last good "
-                                   f"checkpoint: {where}. Lower optim.lr or raise optim.warmup_steps")
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.optim.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         else:
-            gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += cfg.tokens_per_step
-        return {"loss": loss_val, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": gnorm}
+        stats = {"loss": total / cfg.grad_accum, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": gnorm}
+        self._pending.append((self.step, stats["loss"], gnorm))
+        return stats
+
+    def flush(self) -> dict[str, float]:
+        """Read the pending per-step losses (one host sync); raise TrainingDiverged on the first bad one."""
+        if not self._pending:
+            return {}
+        steps = [s for s, _, _ in self._pending]
+        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in self._pending]).tolist()
+        self._pending.clear()
+        for step, (loss, _) in zip(steps, values):
+            if not math.isfinite(loss):
+                where = self.last_checkpoint or "none was written"
+                raise TrainingDiverged(f"loss became {loss} at step {step}; stopped. Last good checkpoint: "
+                                       f"{where}. Lower optim.lr or raise optim.warmup_steps")
+        return {"loss": values[-1][0], "grad_norm": values[-1][1]}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -182,7 +198,7 @@ class Trainer:
         nats, n_tok, n_bytes = 0.0, 0, 0.0
         for x, y in self.val_batches:
             with self.autocast:
-                logits = self.forward(x.to(self.device))
+                logits = self.model(x.to(self.device))
             y = y.to(self.device)
             nats += float(token_losses(logits, y).double().sum())
             n_tok += y.numel()
@@ -218,10 +234,11 @@ class Trainer:
             if self.step == 0:
                 ev = self._log_eval(bar)
             while self.step < cfg.max_steps:
-                stats = self.train_step()
-                self.elapsed = time.perf_counter() - t_start
+                lr = self.train_step()["lr"]
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    stats = {**self.flush(), "lr": lr}
+                    self.elapsed = time.perf_counter() - t_start
                     now = time.perf_counter()
                     tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
                     t_last, tok_last = now, self.tokens
@@ -233,11 +250,16 @@ class Trainer:
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}",
                                     tok_s=f"{tps:,.0f}", mfu=f"{row.get('mfu', 0):.1%}")
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    self.flush()
                     ev = self._log_eval(bar)
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                    self.flush()  # never checkpoint weights that a NaN step has already touched
+                    self.elapsed = time.perf_counter() - t_start
                     self.save()
         except KeyboardInterrupt:
             bar.close()
+            self.elapsed = time.perf_counter() - t_start
+            self.flush()
             if self.step > 0 and (self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
                 self.save()
             tqdm.write(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}; "

@@ -31,6 +31,26 @@ def test_adamw_matches_torch_over_100_steps():
         assert (a - b).abs().max().item() < 1e-6
 
 
+def test_fused_adamw_matches_foreach_path():
+    torch.manual_seed(1)
+    a = [torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(16))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    o1 = AdamW(a, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
+    o2 = AdamW(b, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    for _ in range(100):
+        for x, y in zip(a, b):
+            g = torch.randn_like(x)
+            x.grad, y.grad = g.clone(), g.clone()
+        o1.step()
+        o2.step()
+    for x, y in zip(a, b):
+        assert (x - y).abs().max().item() < 1e-5
+    o3 = AdamW([torch.nn.Parameter(b[0].detach().clone())], lr=1e-2, fused=True)
+    o3.load_state_dict({"state": {0: o2.state_dict()["state"][0]}, "param_groups": [
+        {**o2.state_dict()["param_groups"][0], "params": [0]}]})
+    assert float(o3.state[o3.param_groups[0]["params"][0]]["step"]) == 100
+
+
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "wsd"])
 def test_schedules(schedule):
     cfg = OptimConfig(schedule=schedule, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)

@@ -1,0 +1,187 @@
+"""Architecture benchmarks (issue 4): MoE dispatch, MLA vs GQA vs MHA decode, MoE vs dense training.
+
+1. MoE layer tokens/s, forward + backward: grouped dispatch (tokens sorted by expert, torch._grouped_mm or
+   a padded batched matmul) vs the per-expert loop reference.
+2. KV-cache bytes per token and decode step time at equal width (same d_model, heads, layers):
+   MHA, GQA (n_kv = H/4), MLA (latent r + shared rope key, absorbed inference path).
+3. Training throughput (forward, loss + aux loss, backward, AdamW) of an MoE model vs a dense model with the
+   same active parameters per token (dense d_ff = top_k · d_expert).
+
+    python bench/architectures.py --device cpu
+    python bench/architectures.py --device cuda          # bf16, larger sizes
+Writes bench/results/architectures_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.cache import KVCache
+from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig
+from lmforge.model.layers.mla import MLACache
+from lmforge.model.layers.moe import MoE
+from lmforge.model.transformer import Transformer
+
+SIZES = {  # device -> sizes of each section
+    "cpu": dict(moe=dict(d=256, E=8, k=2, de=512, tokens=2048), moe_fine=dict(d=256, E=32, k=4, de=128, tokens=2048),
+                dec=dict(d=512, H=8, layers=4, r=128, rope=32, batch=4, prefix=256, steps=16),
+                train=dict(d=256, layers=4, H=4, E=8, k=2, de=256, seq=256, batch=8, steps=4)),
+    "cuda": dict(moe=dict(d=2048, E=8, k=2, de=5632, tokens=16384), moe_fine=dict(d=2048, E=64, k=8, de=1024, tokens=16384),
+                 dec=dict(d=2048, H=16, layers=8, r=512, rope=64, batch=16, prefix=2048, steps=32),
+                 train=dict(d=1024, layers=8, H=16, E=8, k=2, de=2048, seq=1024, batch=16, steps=8)),
+}
+
+
+def _timeit(fn, reps: int, device: str) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_moe(device: str, dtype, s: dict, reps: int) -> list[dict]:
+    cfg = ModelConfig(d_model=s["d"], n_heads=4, n_layers=1, mlp="moe",
+                      moe=MoEConfig(n_experts=s["E"], top_k=s["k"], d_expert=s["de"]))
+    layer = MoE(cfg, 0).to(device, dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02)
+    x = torch.randn(1, s["tokens"], s["d"], device=device, dtype=dtype, requires_grad=True)
+    rows = []
+    for dispatch in ("grouped", "loop"):
+        layer.dispatch = dispatch
+
+        def step():
+            layer(x).float().square().mean().backward()
+
+        sec = _timeit(step, reps, device)
+        rows.append(dict(experts=s["E"], top_k=s["k"], d_model=s["d"], d_expert=s["de"], tokens=s["tokens"],
+                         dispatch=dispatch, tokens_per_s=s["tokens"] / sec, ms=sec * 1e3))
+    return rows
+
+
+def _dec_configs(s: dict) -> dict[str, ModelConfig]:
+    hd = s["d"] // s["H"]
+    base = ModelConfig(vocab_size=8192, d_model=s["d"], n_layers=s["layers"], n_heads=s["H"],
+                       max_seq_len=s["prefix"] + s["steps"] + 8)
+    return {"MHA": base, f"GQA (kv={s['H'] // 4})": dataclasses.replace(base, n_kv_heads=s["H"] // 4),
+            f"MLA (r={s['r']})": dataclasses.replace(base, attention="mla", mla=MLAConfig(
+                kv_lora_rank=s["r"], q_lora_rank=0, qk_nope_head_dim=hd, qk_rope_head_dim=s["rope"], v_head_dim=hd))}
+
+
+@torch.no_grad()
+def bench_decode(device: str, dtype, s: dict, reps: int) -> list[dict]:
+    rows = []
+    for name, cfg in _dec_configs(s).items():
+        model = Transformer(cfg).to(device, dtype).eval()
+        mla = cfg.attention == "mla"
+        per_tok = MLACache.bytes_per_token(cfg, 2) if mla else cfg.n_layers * 2 * cfg.kv_heads * cfg.hd * 2
+        ids = torch.randint(0, cfg.vocab_size, (s["batch"], s["prefix"]), device=device)
+        step_ids = ids[:, :1]
+
+        def decode():
+            cache = (MLACache if mla else KVCache).for_model(model, s["batch"], cfg.max_seq_len, dtype=dtype)
+            model(ids, cache=cache)
+            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+            sync()
+            t = time.perf_counter()
+            for _ in range(s["steps"]):
+                model(step_ids, cache=cache)
+            sync()
+            return (time.perf_counter() - t) / s["steps"]
+
+        step = statistics.median(decode() for _ in range(reps))
+        rows.append(dict(attention=name, cache_bytes_per_token_bf16=per_tok, params=model.num_params(),
+                         batch=s["batch"], context=s["prefix"], decode_step_ms=step * 1e3))
+        del model
+    mha = rows[0]["cache_bytes_per_token_bf16"]
+    for r in rows:
+        r["cache_vs_mha"] = r["cache_bytes_per_token_bf16"] / mha
+    return rows
+
+
+def bench_train(device: str, dtype, s: dict, reps: int) -> list[dict]:
+    base = ModelConfig(vocab_size=8192, d_model=s["d"], n_layers=s["layers"], n_heads=s["H"], max_seq_len=s["seq"])
+    cfgs = {"dense": dataclasses.replace(base, d_ff=s["k"] * s["de"]),
+            f"MoE {s['E']}x{s['de']} top-{s['k']}": dataclasses.replace(
+                base, mlp="moe", moe=MoEConfig(n_experts=s["E"], top_k=s["k"], d_expert=s["de"], aux_loss=0.01))}
+    rows = []
+    for name, cfg in cfgs.items():
+        model = Transformer(cfg).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ids = torch.randint(0, cfg.vocab_size, (s["batch"], s["seq"] + 1), device=device)
+
+        def step():
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(ids[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                aux = model.aux_loss()
+                loss = loss + aux if aux is not None else loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        sec = _timeit(step, reps, device)
+        rows.append(dict(model=name, params=model.num_params(), active_flops_per_token=model.flops_per_token(s["seq"]),
+                         tokens_per_s=s["batch"] * s["seq"] / sec, step_ms=sec * 1e3))
+        del model, opt
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:,.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sections", default="moe,decode,train")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    s = SIZES["cuda" if dev == "cuda" else "cpu"]
+    torch.manual_seed(0)
+    hw = torch.cuda.get_device_name() if dev == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    result = dict(date=datetime.now(timezone.utc).isoformat(timespec="minutes"), hardware=hw, dtype=str(dtype),
+                  torch=torch.__version__, grouped_mm=hasattr(torch, "_grouped_mm"))
+    print(f"# {hw}, {dtype}, torch {torch.__version__}, {result['date']}")
+    sections = args.sections.split(",")
+    if "moe" in sections:
+        result["moe_layer"] = bench_moe(dev, dtype, s["moe"], args.reps) + bench_moe(dev, dtype, s["moe_fine"], args.reps)
+        print("\n## MoE layer, forward+backward\n" + _table(result["moe_layer"]))
+    if "decode" in sections:
+        result["decode"] = bench_decode(dev, dtype, s["dec"], args.reps)
+        print("\n## KV cache and decode step at equal width\n" + _table(result["decode"]))
+    if "train" in sections:
+        result["train"] = bench_train(dev, dtype, s["train"], args.reps)
+        print("\n## Training step, MoE vs dense with equal active parameters\n" + _table(result["train"]))
+    out = Path(args.out or Path(__file__).parent / "results" / f"architectures_{dev}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

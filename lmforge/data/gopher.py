@@ -7,11 +7,13 @@ reason is the first failing rule.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 from lmforge.config import check
 from lmforge.data.document import Document
+from lmforge.data.hashing import ngram_hashes, word_hashes
 from lmforge.data.stage import StageContext
 
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
@@ -97,30 +99,51 @@ def _dup_fractions(pieces: list[str]) -> tuple[float, float]:
     return dup_n / len(pieces), dup_chars / max(total, 1)
 
 
-def top_ngram_char_frac(words: list[str], n: int) -> float:
-    """Characters covered by the most frequent word n-gram (count x its characters) / all word characters."""
-    if len(words) < n:
-        return 0.0
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    gram, count = grams.most_common(1)[0]
-    if count < 2:
-        return 0.0
-    return count * sum(len(w) for w in gram) / max(sum(len(w) for w in words), 1)
+class _Words:
+    """A document's words with their hashes and lengths, computed once for all n."""
+
+    def __init__(self, words: list[str]):
+        self.words = words
+        self.hashes = word_hashes(words)
+        self.lens = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
 
 
-def dup_ngram_char_frac(words: list[str], n: int) -> float:
+def _ngram_ids(w: _Words, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first index of each distinct n-gram, occurrences of each, distinct-id of each position), with
+    n-grams identified by 64-bit hashes of their words (collisions are negligible at 2^-64)."""
+    g = ngram_hashes(w.hashes, n)
+    _, first, inv, counts = np.unique(g, return_index=True, return_inverse=True, return_counts=True)
+    return first, counts, inv
+
+
+def top_ngram_char_frac(words: list[str] | _Words, n: int) -> float:
+    """Characters covered by the most frequent word n-gram (count x its characters) / all word
+    characters. Ties go to the n-gram seen first."""
+    w = words if isinstance(words, _Words) else _Words(words)
+    if len(w.words) < n:
+        return 0.0
+    first, counts, _ = _ngram_ids(w, n)
+    best = counts.max()
+    if best < 2:
+        return 0.0
+    start = int(first[counts == best].min())
+    return float(best * w.lens[start:start + n].sum() / max(w.lens.sum(), 1))
+
+
+def dup_ngram_char_frac(words: list[str] | _Words, n: int) -> float:
     """Characters of the words covered by any n-gram occurring more than once / all word characters
     (each word counted once even if several duplicate n-grams cover it)."""
-    if len(words) < n:
+    w = words if isinstance(words, _Words) else _Words(words)
+    if len(w.words) < n:
         return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    covered = bytearray(len(words))
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i:i + n] = b"\1" * n
-    dup = sum(len(w) for w, c in zip(words, covered) if c)
-    return dup / max(sum(len(w) for w in words), 1)
+    _, counts, inv = _ngram_ids(w, n)
+    starts = np.flatnonzero(counts[inv] > 1)
+    if not len(starts):
+        return 0.0
+    cover = np.zeros(len(w.words) + 1, dtype=np.int64)  # +1 at each start, -1 n words later
+    np.add.at(cover, starts, 1)
+    np.add.at(cover, starts + n, -1)
+    return float(w.lens[np.cumsum(cover[:-1]) > 0].sum() / max(w.lens.sum(), 1))
 
 
 def repetition_failures(text: str, cfg: GopherConfig) -> list[str]:
@@ -138,7 +161,7 @@ def repetition_failures(text: str, cfg: GopherConfig) -> list[str]:
         fails.append("dup_line_char_frac")
     if para_chars > cfg.max_dup_para_char_frac:
         fails.append("dup_para_char_frac")
-    words = words_of(text)
+    words = _Words(words_of(text))
     for n, thr in zip((2, 3, 4), cfg.top_ngram_max_char_frac):
         if top_ngram_char_frac(words, n) > thr:
             fails.append(f"top_{n}gram")

@@ -98,8 +98,8 @@ class PipelineConfig:
 
 
 def load_pipeline(path: str | Path, **overrides: Any) -> PipelineConfig:
-    """Read a pipeline TOML file; relative input paths and output dir are resolved against the file's
-    directory unless they exist relative to the current one."""
+    """Read a pipeline TOML file (relative paths in it are relative to the current directory);
+    `overrides` replace top-level keys."""
     data = load_toml(path)
     data.update(overrides)
     return from_dict(PipelineConfig, data)

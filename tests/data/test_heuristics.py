@@ -95,3 +95,39 @@ def test_fineweb_rules():
     assert "dup_line_chars" in fineweb_failures(dup, FineWebConfig())
     short = "\n".join(["Home.", "About us.", "Contact.", GOOD])
     assert fineweb_failures(short, FineWebConfig()) == ["short_lines"]
+
+
+def _reference_top(words: list[str], n: int) -> float:
+    """Plain-Python definitions the hashed versions must match."""
+    from collections import Counter
+
+    if len(words) < n:
+        return 0.0
+    gram, count = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
+    return 0.0 if count < 2 else count * sum(map(len, gram)) / sum(map(len, words))
+
+
+def _reference_dup(words: list[str], n: int) -> float:
+    from collections import Counter
+
+    if len(words) < n:
+        return 0.0
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    covered = [False] * len(words)
+    for i, g in enumerate(grams):
+        if counts[g] > 1:
+            covered[i:i + n] = [True] * n
+    return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
+
+
+def test_hashed_ngram_rules_match_reference():
+    import random
+
+    rng = random.Random(0)
+    vocab = ["a", "bb", "ccc", "dddd", "the", "of", "and", "x" * 9]
+    for _ in range(200):
+        words = [rng.choice(vocab) for _ in range(rng.randint(0, 60))]
+        for n in (2, 3, 4, 5, 7, 10):
+            assert top_ngram_char_frac(words, n) == pytest.approx(_reference_top(words, n))
+            assert dup_ngram_char_frac(words, n) == pytest.approx(_reference_dup(words, n))

@@ -1,0 +1,57 @@
+"""The Ray Data executor gives the same documents and accounting as the local one (small local Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from lmforge.data.executor import run_local
+from lmforge.data.pipeline import load_pipeline
+from lmforge.data.readers import read_documents
+
+
+def test_ray_matches_local(tmp_path, web_html):
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'lmforge[ray]')")
+    pytest.importorskip("ray.data")
+    (tmp_path / "extra.jsonl").write_text(json.dumps({"id": "j1", "text": "bad json follows"}) + "\n{oops\n")
+    pages = sorted(web_html.glob("*.html"))[:10]
+    paths = ", ".join(f'"{p}"' for p in pages)
+    (tmp_path / "p.toml").write_text(f"""
+workers = 2
+progress = false
+[input]
+paths = [{paths}, "{tmp_path / 'extra.jsonl'}"]
+files_per_shard = 4
+[output]
+dir = "{tmp_path / 'local'}"
+[[stages]]
+stage = "extract"
+[[stages]]
+stage = "gopher"
+[[stages]]
+stage = "minhash_dedup"
+[[stages]]
+stage = "c4"
+min_sentences = 2
+[[stages]]
+stage = "tokenize"
+""")
+    cfg = load_pipeline(tmp_path / "p.toml")
+    local = run_local(cfg)
+    from lmforge.data.ray_executor import run_ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        rcfg = dataclasses.replace(cfg, executor="ray", output=dataclasses.replace(cfg.output, dir=str(tmp_path / "ray")))
+        remote = run_ray(rcfg)
+    finally:
+        ray.shutdown()
+    assert remote["balance"] == local["balance"] and local["balance"]["input_docs"] == 12
+    strip = lambda st: [{k: v for k, v in s.items() if k != "seconds"} for s in st]  # noqa: E731
+    assert strip(remote["stages"]) == strip(local["stages"])
+    kept = lambda d: sorted((x.id, x.text) for f in (d / "data").glob("*") for x in read_documents(f))  # noqa: E731
+    assert kept(tmp_path / "ray") == kept(tmp_path / "local") and len(kept(tmp_path / "local")) > 0
+    tokens = lambda d: sum(f.stat().st_size > 0 for f in (d / "tokens").glob("*.bin"))  # noqa: E731
+    assert tokens(tmp_path / "ray") >= 1

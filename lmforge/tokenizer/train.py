@@ -107,7 +107,8 @@ def _tasks(source, pat: str, specials: tuple[str, ...]) -> tuple[Iterator, int |
         paths = [Path(s) for s in source]
         for p in paths:
             if not p.is_file():
-                raise DataError(f"training input not found: {p}")
+                raise DataError(f"training input not found: {str(p)[:80]!r} (strings in a list are file paths; "
+                                "pass texts as an iterator, e.g. iter(texts))")
         total = sum(p.stat().st_size for p in paths)
         tasks = ((str(p), a, b, pat, specials) for p in paths for a, b in file_ranges(p, pat, specials))
         return ((_count_range, t) for t in tasks), total
@@ -119,7 +120,7 @@ def _tasks(source, pat: str, specials: tuple[str, ...]) -> tuple[Iterator, int |
                 raise DataError(f"training texts must be str, got {type(text).__name__}")
             batch.append(text)
             size += len(text)
-            if size >= CHUNK_BYTES:
+            if size >= CHUNK_BYTES // 4:  # smaller than file chunks: texts often come in a few MB
                 yield _count_texts, (batch, pat, specials)
                 batch, size = [], 0
         if batch:
@@ -203,30 +204,10 @@ class _MergeState:
         self.tokens.append(self.tokens[a] + self.tokens[b])
         self.keys.append(_desc_key(self.tokens[new]))
         delta: dict[tuple[int, int], int] = defaultdict(int)
-        where = self.where
-        for wi in where.pop((a, b), ()):
-            w = self.words[wi]
-            out = _replace_pair(w, a, b, new)
-            if len(out) == len(w):
-                continue  # stale index entry: an earlier merge already removed the pair here
-            n, last = self.counts[wi], len(out) - 1
-            # Only the neighbours of each merged occurrence change: (L, a) -> (L, new) and
-            # (b, R) -> (new, R). Between two adjacent occurrences the old pair is (b, a); it is
-            # handled once, as the left side of the second occurrence.
-            for k, t in enumerate(out):
-                if t != new:
-                    continue
-                if k > 0:
-                    left = out[k - 1]
-                    delta[(b if left == new else left, a)] -= n
-                    delta[(left, new)] += n
-                    where[(left, new)].add(wi)
-                if k < last and out[k + 1] != new:
-                    right = out[k + 1]
-                    delta[(b, right)] -= n
-                    delta[(new, right)] += n
-                    where[(new, right)].add(wi)
-            self.words[wi] = out
+        for wi in self.where.pop((a, b), ()):
+            out = self._merge_word(wi, a, b, new, delta)
+            if out is not None:
+                self.words[wi] = out
         self.pairs.pop((a, b), None)
         for p, d in delta.items():
             if d and p != (a, b):
@@ -235,25 +216,43 @@ class _MergeState:
                     heapq.heappush(self.heap, (-n, self.keys[p[0]], self.keys[p[1]], p[0], p[1]))
         return new
 
-
-def _replace_pair(w: list[int], a: int, b: int, new: int) -> list[int]:
-    """w with every (a, b), scanned left to right without overlap, replaced by `new`."""
-    out: list[int] = []
-    i, n = 0, len(w)
-    while True:
+    def _merge_word(self, wi: int, a: int, b: int, new: int, delta: dict) -> list[int] | None:
+        """Word wi with every (a, b), left to right, replaced by `new`; records pair-count changes in
+        `delta`. Only neighbours of a merged occurrence change: (L, a) -> (L, new), (b, R) -> (new, R);
+        between two adjacent occurrences the old pair (b, a) is counted once, as the second's left side.
+        None when the pair is no longer in the word (a stale index entry)."""
+        w, where = self.words[wi], self.where
         try:
-            j = w.index(a, i)
+            j = w.index(a)
         except ValueError:
-            break
-        if j + 1 < n and w[j + 1] == b:
-            out.extend(w[i:j])
-            out.append(new)
-            i = j + 2
-        else:
-            out.extend(w[i:j + 1])
-            i = j + 1
-    out.extend(w[i:])
-    return out
+            return None
+        n, size, i, out, merged = self.counts[wi], len(w), 0, [], False
+        while True:
+            if j + 1 < size and w[j + 1] == b:
+                out.extend(w[i:j])
+                if out:
+                    left = out[-1]
+                    delta[(b if left == new else left, a)] -= n
+                    delta[(left, new)] += n
+                    where[(left, new)].add(wi)
+                out.append(new)
+                i, merged = j + 2, True
+                if i < size and not (w[i] == a and i + 1 < size and w[i + 1] == b):
+                    right = w[i]
+                    delta[(b, right)] -= n
+                    delta[(new, right)] += n
+                    where[(new, right)].add(wi)
+            else:
+                out.extend(w[i:j + 1])
+                i = j + 1
+            try:
+                j = w.index(a, i)
+            except ValueError:
+                break
+        if not merged:
+            return None
+        out.extend(w[i:])
+        return out
 
 
 def learn_merges(word_counts: dict[bytes, int], num_merges: int, progress: bool = True) -> list[tuple[bytes, bytes]]:

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tokenizer.pretokenize import safe_byte_cut
+from lmforge.tokenizer.pretokenize import PATTERNS, safe_byte_cut
 from lmforge.tokenizer.train import decode_counting, file_ranges
 
 EOT = "<|endoftext|>"
@@ -78,10 +78,12 @@ def _split_point(path: Path, val_fraction: float, pat: str, specials: tuple[str,
 
 def _encode_tasks(tok, files: list[Path], val_fraction: float) -> Iterator[tuple[str, tuple[str, int, int, bool]]]:
     specials = tuple(tok.special_tokens)
+    # The byte tokenizer has no pattern; any cut suits it, so the GPT-2 pattern's cut points do.
+    pat = getattr(tok, "pattern", PATTERNS["gpt2"])
     for f in files:
-        cut = _split_point(f, val_fraction, tok.pattern, specials)
+        cut = _split_point(f, val_fraction, pat, specials)
         for split, a, b in (("train", 0, cut), ("val", cut, f.stat().st_size)):
-            for s, e in (file_ranges(f, tok.pattern, specials, start=a, end=b) if b > a else []):
+            for s, e in (file_ranges(f, pat, specials, start=a, end=b) if b > a else []):
                 yield split, (str(f), s, e, s == a)
 
 

@@ -106,3 +106,12 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         lmforge_main(["tokenizer", "train", "--input", "x", "--vocab-size", "100", "--out", str(tmp_path)])
+
+
+def test_encode_with_byte_tokenizer(corpus, tmp_path):
+    out = tmp_path / "bytes"
+    assert lmforge_main(["tokenizer", "encode", "--tokenizer", "byte", "--input", str(corpus[1]), "--out", str(out),
+                         "--progress", "False"]) == 0
+    shard = TokenFile(out / "train.bin")
+    assert shard.tokenizer == "byte" and shard.doc_sep == 256
+    assert _docs(shard) == [list(d.encode()) for d in corpus[1].read_text().split("<|endoftext|>")]

@@ -1,6 +1,7 @@
 """Training throughput and MFU of the real Trainer step (forward, loss, backward, clip, AdamW).
 
-Models from the depth dial (ModelConfig.from_depth): depth 16 (~304M params) and depth 25 (~929M),
+Models from the depth dial (ModelConfig.from_depth): depth 16 (~304M params) and depth 24 (~834M)
+or 26 (~1.03B) around the ~900M point (depth 25, ~929M, can only have 64-wide heads),
 seq 2048, bf16 autocast, torch.compile, on a GPU; MFU = tokens/s · flops_per_token / peak, with the
 PaLM/nanochat FLOP convention (6·matmul params + 12·layers·heads·head_dim·seq) and the H100's dense
 bf16 peak 989.5 TFLOP/s. The full-stack peer nanochat reaches 44% (286M) and 49% (896M) on an H100.
@@ -26,13 +27,12 @@ from lmforge.optim.config import OptimConfig
 from lmforge.train.config import DataConfig, TrainConfig
 from lmforge.train.trainer import Trainer
 
-NANOCHAT_MFU = {16: "44% (286M)", 25: "49% (896M)"}
+NANOCHAT_MFU = {16: "44% (286M)", 24: "49% (896M)", 25: "49% (896M)", 26: "49% (896M)"}
 
 
 def run_one(depth: int, args, shard: Path) -> dict:
     model = ModelConfig.from_depth(depth, vocab_size=args.vocab, max_seq_len=args.seq)
-    batch = args.batch if depth < 20 else max(1, args.batch // 2)
-    accum = 1 if depth < 20 else 2
+    batch, accum = args.batch, 1
     cfg = TrainConfig(
         model=model, data=DataConfig(train=(str(shard),), seq_len=args.seq, batch_size=batch, val_fraction=0.01),
         optim=OptimConfig(name=args.optim, lr=3e-4, warmup_steps=0), run_dir=tempfile.mkdtemp(),
@@ -66,7 +66,7 @@ def run_one(depth: int, args, shard: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--depths", default="16,25")
+    ap.add_argument("--depths", default="16,24,26")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=50304)

@@ -303,9 +303,12 @@ class ModelConfig:
 
     @classmethod
     def from_depth(cls, depth: int, **overrides) -> "ModelConfig":
-        """nanochat's single dial: d_model = 64·depth, depth heads of 64, Llama-style blocks with ReLU²."""
+        """nanochat's single dial: d_model = 64·depth, Llama-style blocks with ReLU² and QK-norm.
+        Heads are 128 wide when the width allows (even depth), else 64: on Hopper GPUs flash
+        attention runs markedly faster with 128-wide heads."""
         check(depth >= 1, f"depth must be >= 1, got {depth}")
-        base = dict(d_model=64 * depth, n_layers=depth, n_heads=depth, head_dim=64, activation="relu2",
+        hd = 128 if (64 * depth) % 128 == 0 else 64
+        base = dict(d_model=64 * depth, n_layers=depth, n_heads=64 * depth // hd, head_dim=hd, activation="relu2",
                     d_ff=4 * 64 * depth, pos_emb="rope", norm="rmsnorm", qk_norm=True, tie_embeddings=False)
         base.update(overrides)
         return cls(**base)

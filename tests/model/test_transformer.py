@@ -35,7 +35,9 @@ def test_glu_width_and_depth_dial():
     assert ModelConfig(d_model=768, activation="swiglu").ff == 2048  # 8/3·768 = 2048
     assert ModelConfig(d_model=1000, n_heads=10, activation="swiglu").ff == 2688  # 2666.7 -> multiple of 64
     c = ModelConfig.from_depth(6)
-    assert (c.d_model, c.n_layers, c.n_heads, c.hd) == (384, 6, 6, 64)
+    assert (c.d_model, c.n_layers, c.n_heads, c.hd) == (384, 6, 3, 128)
+    c = ModelConfig.from_depth(5)  # 320 is not a multiple of 128: 64-wide heads
+    assert (c.d_model, c.n_heads, c.hd) == (320, 5, 64)
 
 
 @pytest.mark.parametrize("cfg", [

@@ -143,3 +143,15 @@ def test_table_round_trip(tmp_path, suffix):
     runs = load_runs(write_rows(rows, tmp_path / f"runs{suffix}"))
     np.testing.assert_allclose(runs.n, [r["N"] for r in rows])
     np.testing.assert_allclose(runs.c, [6 * r["N"] * r["D"] for r in rows])
+
+
+def test_plots_write_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lmforge.scaling.plots import frontier_plot, isoflop_plot, predicted_vs_observed
+
+    runs = runs_from_rows(_isoflop_rows())
+    fr = fit_isoflop(runs)
+    paths = [isoflop_plot(runs, fr, tmp_path / "iso.png"), frontier_plot(fr, tmp_path / "fr.png", TRUE),
+             predicted_vs_observed(runs, TRUE, tmp_path / "pvo.png")]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

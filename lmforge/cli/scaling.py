@@ -1,0 +1,66 @@
+"""`lmforge scaling ...`: scaling-law sweeps and fits.
+
+    lmforge scaling sweep [--budgets 3e10 1e11 3e11 --depths 1 2 3 4 --out runs/scaling_sweep]
+    lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
+    lmforge scaling flops --depth 12 --tokens 1e9      (6ND and the exact count for a from_depth model)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from lmforge.cli.common import parse_config, run_group
+
+
+def _sweep(argv: list[str]) -> int:
+    from lmforge.scaling.sweep import SweepConfig, main_sweep
+
+    main_sweep(parse_config(SweepConfig, argv, prog="lmforge scaling sweep",
+                            description="Train a grid of from_depth models over FLOP budgets; write runs.csv."))
+    return 0
+
+
+def _fit(argv: list[str]) -> int:
+    from lmforge.scaling.report import FitConfig, run_fits, write_report
+
+    cfg = parse_config(FitConfig, argv, prog="lmforge scaling fit",
+                       description="Kaplan and Chinchilla (approaches 1-3) fits, predictions, CIs and plots.")
+    report = run_fits(cfg)
+    path = write_report(cfg, report)
+    print(json.dumps({k: v for k, v in report.items() if k != "approach1"}, indent=1, default=float))
+    print(f"wrote {path}")
+    return 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlopsArgs:
+    depth: int = 12
+    tokens: float = 1e9
+    seq_len: int = 1024
+    vocab_size: int = 50304
+
+
+def _flops(argv: list[str]) -> int:
+    from lmforge.model.config import ModelConfig
+    from lmforge.scaling.flops import flops_6nd, flops_per_token, num_params
+
+    a = parse_config(FlopsArgs, argv, prog="lmforge scaling flops", description="FLOPs of a from_depth model.",
+                     config_file=False)
+    cfg = ModelConfig.from_depth(a.depth, vocab_size=a.vocab_size, max_seq_len=a.seq_len)
+    n = num_params(cfg)
+    print(f"N = {n:,} ({num_params(cfg, exclude_embeddings=True):,} without embeddings)")
+    print(f"6ND         = {flops_6nd(n, a.tokens):.4g} FLOPs")
+    print(f"exact count = {flops_per_token(cfg, a.seq_len) * a.tokens:.4g} FLOPs (seq_len {a.seq_len})")
+    return 0
+
+
+COMMANDS = {
+    "sweep": (_sweep, "train a grid of models over FLOP budgets and record final losses"),
+    "fit": (_fit, "fit scaling laws to a run table; predict compute-optimal N, D; plots"),
+    "flops": (_flops, "6ND and the exact FLOP count of a model"),
+}
+
+
+def main(argv: list[str]) -> int:
+    return run_group("scaling", argv, COMMANDS)

@@ -1,0 +1,118 @@
+"""`lmforge scaling fit`: every fit the table allows, predictions for chosen budgets, plots, one JSON.
+
+Fits that the data cannot support (e.g. approach 2 without 3 sizes per budget) are reported as skipped
+with their reason; a fit that runs but does not converge raises, as everywhere in lmforge.scaling.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.config import check
+from lmforge.scaling.bootstrap import bootstrap
+from lmforge.scaling.inference import inference_aware_optimum
+from lmforge.scaling.isoflop import fit_envelope, fit_isoflop
+from lmforge.scaling.parametric import fit_parametric
+from lmforge.scaling.powerlaw import FitError, fit_power_law
+from lmforge.scaling.table import Runs, load_runs
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitConfig:
+    table: str = "runs/scaling_sweep/runs.csv"
+    """run table (CSV/JSON with columns N, D, loss[, C, budget]) written by `lmforge scaling sweep`"""
+    curves: str = ""
+    """curves.json for approach 1 ('' = curves.json beside the table, if present)"""
+    predict: tuple[float, ...] = (1e12, 1e13)
+    """FLOP budgets to predict the compute-optimal N, D and loss for"""
+    inference_tokens: float = 0.0
+    """if > 0, also the inference-aware optimum (Sardana et al.) at the loss of the largest predict budget"""
+    bootstrap: int = 100
+    """bootstrap resamples for confidence intervals (0 = none)"""
+    out: str = ""
+    """directory for fit.json and the plots ('' = beside the table)"""
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        check(all(c > 0 for c in self.predict), f"predict budgets must be > 0, got {self.predict}")
+        check(self.bootstrap >= 0, f"bootstrap must be >= 0, got {self.bootstrap}")
+        check(self.inference_tokens >= 0, f"inference_tokens must be >= 0, got {self.inference_tokens}")
+
+
+def _try(report: dict, key: str, fn):
+    try:
+        return fn()
+    except FitError as e:
+        report.setdefault("skipped", {})[key] = str(e)
+        return None
+
+
+def _kaplan(runs: Runs) -> dict:
+    """L(C) over the per-budget best runs; L(N) over the best run per size (the data-rich limit)."""
+    out = {}
+    best_c = [runs.loss[runs.budget == c].min() for c in np.unique(runs.budget)]
+    out["L(C)"] = str(fit_power_law(np.unique(runs.budget), best_c, variable="C"))
+    best_n = [runs.loss[runs.n == n].min() for n in np.unique(runs.n)]
+    out["L(N)"] = str(fit_power_law(np.unique(runs.n), best_n, variable="N"))
+    return out
+
+
+def run_fits(cfg: FitConfig) -> dict:
+    runs = load_runs(cfg.table)
+    report: dict = {"table": cfg.table, "n_runs": len(runs)}
+    report["kaplan"] = _try(report, "kaplan", lambda: _kaplan(runs))
+    iso = _try(report, "approach2", lambda: fit_isoflop(runs))
+    par = _try(report, "approach3", lambda: fit_parametric(runs))
+    curves_path = Path(cfg.curves) if cfg.curves else Path(cfg.table).with_name("curves.json")
+    env = None
+    if curves_path.is_file():
+        curves = [(c["N"], [t for t, _ in c["curve"]], [l for _, l in c["curve"]])
+                  for c in json.loads(curves_path.read_text()) if len(c["curve"]) >= 2]
+        env = _try(report, "approach1", lambda: fit_envelope(curves))
+    preds = {}
+    for name, fit in (("approach1", env), ("approach2", iso), ("approach3", par)):
+        if fit is not None:
+            report[name] = fit.as_dict()
+            n_opt, d_opt = fit.compute_optimal(np.array(cfg.predict))
+            preds[name] = [{"C": c, "N_opt": float(n), "D_opt": float(d)} for c, n, d in zip(cfg.predict, n_opt, d_opt)]
+    if par is not None:
+        for p in preds["approach3"]:
+            p["loss"] = float(par.predict(p["N_opt"], p["D_opt"]))
+    report["predictions"] = preds
+    if cfg.bootstrap:
+        if iso is not None:
+            report["approach2_ci90"] = _try(report, "bootstrap2", lambda: bootstrap(
+                runs, lambda r: {"a": fit_isoflop(r).a, "b": fit_isoflop(r).b}, n=cfg.bootstrap))
+        if par is not None:
+            report["approach3_ci90"] = _try(report, "bootstrap3", lambda: bootstrap(
+                runs, lambda r: {k: v for k, v in fit_parametric(r, n_starts=2).as_dict().items()
+                                 if k in ("E", "alpha", "beta", "a")}, n=min(cfg.bootstrap, 50), by_budget=False))
+    if par is not None and cfg.inference_tokens:
+        target = preds["approach3"][-1]["loss"]
+        opt = _try(report, "inference", lambda: inference_aware_optimum(par, target, cfg.inference_tokens))
+        if opt is not None:
+            report["inference_aware"] = {"target_loss": target, "N": opt.n, "D_train": opt.d_train,
+                                         "train_flops": opt.train_flops, "total_flops": opt.total_flops}
+    report["_objects"] = (runs, iso, par)
+    return report
+
+
+def write_report(cfg: FitConfig, report: dict) -> Path:
+    from lmforge.scaling.plots import frontier_plot, isoflop_plot, predicted_vs_observed
+
+    runs, iso, par = report.pop("_objects")
+    out = Path(cfg.out) if cfg.out else Path(cfg.table).parent
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.plots:
+        if iso is not None:
+            report["plots"] = [str(isoflop_plot(runs, iso, out / "isoflop.png")),
+                               str(frontier_plot(iso, out / "frontier.png", par))]
+        if par is not None:
+            report.setdefault("plots", []).append(str(predicted_vs_observed(runs, par, out / "predicted_vs_observed.png")))
+    path = out / "fit.json"
+    path.write_text(json.dumps(report, indent=1, default=float))
+    return path

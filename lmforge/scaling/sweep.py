@@ -1,0 +1,155 @@
+"""Scaling sweeps: train a grid of models over several FLOP budgets and record their final losses.
+
+For each budget C and each depth d (model = ModelConfig.from_depth(d), nanochat's single dial), the run
+gets D = C / (6 N) tokens, i.e. steps = D / tokens_per_step; (C, d) pairs that would get fewer than
+`min_steps` or more than `max_steps` steps are left out of the plan. Each run is an ordinary trainer run
+(`lmforge.train.trainer.train`) in its own directory; the table (N, D, C, C_exact, budget, loss, ...) goes
+to runs.csv and runs.json, and the evaluation curves to curves.json for Chinchilla's approach 1.
+A finished run leaves result.json in its directory, so re-running a sweep only trains what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.config import check
+from lmforge.scaling.flops import flops_per_token, num_params
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    budgets: tuple[float, ...] = (3e10, 1e11, 3e11)
+    """training FLOP budgets C (6ND convention)"""
+    depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    width: int = 16
+    """width per layer of depth: d_model = width·depth, heads of `width` (nanochat's dial uses 64; 16 gives
+    finer steps in N for CPU-sized grids)"""
+    seq_len: int = 64
+    batch_size: int = 16
+    min_steps: int = 20
+    max_steps: int = 5000
+    lr: float = 3e-3
+    optimizer: str = "adamw"
+    warmup_frac: float = 0.05
+    evals: int = 5
+    """evaluations per run (for approach 1's training curves)"""
+    eval_batches: int = 8
+    data: str = ""
+    """text file (byte level); '' = ../shared/data/tinyshakespeare, else Python's sources"""
+    out: str = "runs/scaling_sweep"
+    device: str = "auto"
+    threads: int = 1
+    """CPU threads for torch (0 = torch's default)"""
+    seed: int = 0
+    dry_run: bool = False
+    """print the plan (N, D, steps per run) and stop"""
+
+    def __post_init__(self) -> None:
+        check(len(self.budgets) >= 1 and all(b > 0 for b in self.budgets), f"budgets must be > 0, got {self.budgets}")
+        check(len(self.depths) >= 1 and all(d >= 1 for d in self.depths), f"depths must be >= 1, got {self.depths}")
+        check(0 < self.min_steps <= self.max_steps, f"need 0 < min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        check(self.width >= 2 and self.width % 2 == 0, f"width must be even and >= 2, got {self.width}")
+        check(self.evals >= 1, f"evals must be >= 1, got {self.evals}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size
+
+
+def _model_cfg(cfg: SweepConfig, depth: int):
+    from lmforge.model.config import ModelConfig
+
+    w = cfg.width
+    return ModelConfig.from_depth(depth, vocab_size=257, max_seq_len=cfg.seq_len, d_model=w * depth, head_dim=w,
+                                  d_ff=4 * w * depth)
+
+
+def plan(cfg: SweepConfig) -> list[dict]:
+    """The runs of the grid that fit [min_steps, max_steps]: budget, depth, N, steps, D."""
+    rows = []
+    for c in cfg.budgets:
+        for d in cfg.depths:
+            n = num_params(_model_cfg(cfg, d))
+            steps = round(c / (6 * n) / cfg.tokens_per_step)
+            if cfg.min_steps <= steps <= cfg.max_steps:
+                rows.append({"budget": c, "depth": d, "N": n, "steps": steps, "D": steps * cfg.tokens_per_step})
+    return rows
+
+
+def _write_shards(cfg: SweepConfig) -> tuple[str, str]:
+    from lmforge.data.shards import write_tokens
+    from lmforge.optim.benchmark import corpus_bytes
+
+    ids = corpus_bytes(cfg.data)
+    split = int(0.9 * len(ids))
+    out = Path(cfg.out) / "data"
+    train = write_tokens(out / "train.bin", ids[:split], vocab_size=257, tokenizer="byte")
+    val = write_tokens(out / "val.bin", ids[split:], vocab_size=257, tokenizer="byte")
+    return str(train), str(val)
+
+
+def _train_cfg(cfg: SweepConfig, run: dict, shards: tuple[str, str], run_dir: Path):
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import DataConfig, TrainConfig
+
+    steps = run["steps"]
+    return TrainConfig(
+        model=_model_cfg(cfg, run["depth"]),
+        data=DataConfig(train=(shards[0],), val=(shards[1],), seq_len=cfg.seq_len, batch_size=cfg.batch_size),
+        optim=OptimConfig(name=cfg.optimizer, lr=cfg.lr, warmup_steps=max(1, int(cfg.warmup_frac * steps)),
+                          schedule="cosine", min_lr_ratio=0.1),
+        run_dir=str(run_dir), max_steps=steps, eval_every=max(1, steps // cfg.evals), eval_batches=cfg.eval_batches,
+        log_every=max(1, steps // 10), ckpt_every=steps, seed=cfg.seed, device=cfg.device, progress=False,
+        plot=False, resume=False)
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
+    """Train every planned run (reusing finished ones); returns (table rows, curves)."""
+    import torch
+
+    from lmforge.train.trainer import train
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    shards = _write_shards(cfg)
+    rows, curves = [], []
+    for run in plan(cfg):
+        run_dir = Path(cfg.out) / f"C{run['budget']:.0e}_d{run['depth']}"
+        done = run_dir / "result.json"
+        if done.is_file():
+            rec = json.loads(done.read_text())
+        else:
+            res = train(_train_cfg(cfg, run, shards, run_dir))
+            evals = [(h["tokens"], h["val_loss"]) for h in res.history if "val_loss" in h and h.get("tokens")]
+            rec = {**run, "loss": res.final_val_loss, "wall_time": res.wall_time,
+                   "C": 6.0 * run["N"] * run["D"],
+                   "C_exact": flops_per_token(_model_cfg(cfg, run["depth"]), cfg.seq_len) * run["D"],
+                   "curve": evals}
+            done.write_text(json.dumps(rec))
+        log(f"C={run['budget']:.1e} depth={run['depth']} N={run['N']:,} steps={run['steps']}: "
+            f"val loss {rec['loss']:.4f} ({rec['wall_time']:.0f}s)")
+        curves.append({"N": rec["N"], "curve": rec.pop("curve")})
+        rows.append(rec)
+    return rows, curves
+
+
+def main_sweep(cfg: SweepConfig) -> list[dict]:
+    from lmforge.scaling.table import write_rows
+
+    if cfg.dry_run:
+        for r in plan(cfg):
+            print(f"C={r['budget']:.1e} depth={r['depth']} N={r['N']:,} D={r['D']:,} steps={r['steps']}")
+        return []
+    rows, curves = run_sweep(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(cfg.out)
+    write_rows(rows, out / "runs.csv")
+    write_rows(rows, out / "runs.json")
+    (out / "curves.json").write_text(json.dumps(curves))
+    print(f"{len(rows)} runs -> {out / 'runs.csv'}; fit with: lmforge scaling fit --table {out / 'runs.csv'}")
+    return rows
+
+
+__all__ = ["SweepConfig", "plan", "run_sweep", "main_sweep"]

@@ -32,7 +32,8 @@ NANOCHAT_MFU = {16: "44% (286M)", 24: "49% (896M)", 25: "49% (896M)", 26: "49% (
 
 def run_one(depth: int, args, shard: Path) -> dict:
     model = ModelConfig.from_depth(depth, vocab_size=args.vocab, max_seq_len=args.seq)
-    batch, accum = args.batch, 1
+    # above ~500M params, two micro-batches of half size keep activations within 80 GB
+    batch, accum = (args.batch, 1) if depth < 20 else (max(1, args.batch // 2), 2)
     cfg = TrainConfig(
         model=model, data=DataConfig(train=(str(shard),), seq_len=args.seq, batch_size=batch, val_fraction=0.01),
         optim=OptimConfig(name=args.optim, lr=3e-4, warmup_steps=0), run_dir=tempfile.mkdtemp(),

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig, RopeScaling
+from lmforge.model.config import ModelConfig, RopeScaling
 
 Fn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 

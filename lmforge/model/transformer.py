@@ -11,7 +11,6 @@ multi-token-prediction heads (layers/mtp.py). HF checkpoints: from_pretrained / 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
@@ -165,6 +164,8 @@ class Transformer(nn.Module):
                                            if self.mtp is not None and training else [])
         if self.mtp is not None and not training:
             linear -= sum(m.weight.numel() for m in self.mtp.modules() if isinstance(m, nn.Linear))
+        elif self.mtp is not None:  # each depth runs the shared output head once more
+            linear += self.mtp.depth * self.lm_head.weight.numel()
         attn = sum(self._attn_flops(b.attn, seq_len) for b in attn_blocks)
         forward = 2 * linear + attn
         return float(3 * forward if training else forward)

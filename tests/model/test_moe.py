@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lmforge.model.config import ModelConfig, MoEConfig
 from lmforge.model.layers.moe import MoE

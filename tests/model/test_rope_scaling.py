@@ -90,3 +90,19 @@ def test_attention_factor_scales_cos_sin_in_the_model():
     cos, sin = model.rope.cos_sin(torch.arange(3)[None])
     assert model.rope.attention_scale == pytest.approx(0.1 * math.log(4) + 1)
     torch.testing.assert_close(cos[0, 0], torch.full((8,), model.rope.attention_scale))
+
+
+def test_hf_config_rope_fields_old_and_new_format():
+    from lmforge.model.hf_families import rope_from_hf, rope_to_hf
+
+    old = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    theta, sc = rope_from_hf(old)
+    assert theta == 500000.0 and sc.kind == "llama3" and sc.factor == 8.0 and sc.original_max_seq_len == 8192
+    new = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}}
+    theta, sc = rope_from_hf(new)
+    cfg = ModelConfig(n_layers=1, rope_theta=theta, rope_scaling=sc)
+    assert rope_to_hf(cfg)["rope_type"] == "yarn" and rope_to_hf(cfg)["factor"] == 4.0
+    assert rope_from_hf({"rope_theta": 1e4}) == (1e4, None)
+    with pytest.raises(Exception, match="rope_type='su'"):
+        rope_from_hf({"rope_scaling": {"type": "su"}})

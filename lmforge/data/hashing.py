@@ -68,36 +68,47 @@ def text_ngram_hashes(text: str, n: int, unit: str = "word") -> np.ndarray:
 _BYTES = np.arange(256)
 _IS_WORD = (_BYTES >= 0x80) | ((_BYTES | 0x20) >= 97) & ((_BYTES | 0x20) <= 122) | ((_BYTES >= 48) & (_BYTES <= 57)) \
     | (_BYTES == 95)
-_LOWER_PLUS_1 = (np.where((_BYTES >= 65) & (_BYTES <= 90), _BYTES | 0x20, _BYTES) + 1).astype(np.uint64)
-_POW = np.ones(64, dtype=np.uint64)
-with np.errstate(over="ignore"):
-    for _i in range(1, 64):
-        _POW[_i] = _POW[_i - 1] * _P
+# bytes.translate table: ASCII letters lowercased, other word bytes kept, every other byte a space
+_TO_SPACES = bytes((c | 0x20 if 65 <= c <= 90 else c) if _IS_WORD[c] else 32 for c in range(256))
+_P_INV = np.uint64(pow(int(_P), -1, 2**64))
+_POWERS: dict[str, np.ndarray] = {}
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P^i and P^-i mod 2^64 for i < n (memoised, grown by doubling)."""
+    if len(_POWERS.get("p", ())) < n:
+        m = max(n, 2 * len(_POWERS.get("p", ())), 1 << 16)
+        with np.errstate(over="ignore"):
+            for key, base in (("p", _P), ("inv", _P_INV)):
+                t = np.full(m, base, dtype=np.uint64)
+                t[0] = 1
+                _POWERS[key] = np.cumprod(t, dtype=np.uint64)
+    return _POWERS["p"], _POWERS["inv"]
 
 
 def batch_word_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Word n-gram hashes of many texts in one pass of numpy operations over their UTF-8 bytes.
 
     Words are maximal runs of ASCII letters/digits/underscore or non-ASCII bytes (so accented and CJK
-    text stays inside words), ASCII lowercased. Returns (hashes, counts): hashes of all documents
-    concatenated in order (duplicates kept: MinHash of a multiset equals that of its set) and the
-    number belonging to each document. A document with 1..n-1 words gets one hash of all its words.
+    text stays inside words), ASCII lowercased. A word's hash is sum_k b_k P^k over its bytes, read off
+    one prefix sum of the whole buffer: (S[end] - S[start]) P^-start, with P odd hence invertible mod
+    2^64. Returns (hashes, counts): the hashes of all documents concatenated in order (duplicates
+    kept: MinHash of a multiset equals that of its set) and the number belonging to each document. A
+    document with 1..n-1 words gets one hash of all its words.
     """
-    raw = "\n".join(texts).encode("utf-8", "surrogatepass")
-    b = np.frombuffer(raw, dtype=np.uint8)
-    isword = _IS_WORD[b]
-    start_flags = isword.copy()
-    start_flags[1:] &= ~isword[:-1]
-    starts_byte = np.flatnonzero(start_flags)
-    wb = _LOWER_PLUS_1[b[isword]]
-    compact_start = np.flatnonzero(start_flags[isword])
-    word_id = np.cumsum(start_flags[isword]) - 1
-    pos = np.arange(len(wb)) - compact_start[word_id] if len(wb) else np.zeros(0, dtype=np.int64)
+    enc = [t.encode("utf-8", "surrogatepass") for t in texts]
+    buf = (b" " + b" ".join(enc) + b" ").translate(_TO_SPACES)
+    a = np.frombuffer(buf, dtype=np.uint8)
+    pw, inv = _power_tables(len(a))
+    isword = a != 32
+    # the buffer starts and ends with a space, so word/space transitions alternate start, end, ...
+    edges = np.flatnonzero(isword[1:] != isword[:-1]) + 1
+    starts, ends = edges[0::2], edges[1::2]  # first byte of each word, one past its last
     with np.errstate(over="ignore"):
-        contrib = wb * _POW[np.minimum(pos, 63)]
-    wh = mix64(np.add.reduceat(contrib, compact_start)) if len(compact_start) else np.zeros(0, np.uint64)
-    doc_start = np.concatenate([[0], np.cumsum([len(t.encode("utf-8", "surrogatepass")) + 1 for t in texts])[:-1]])
-    word_doc = np.searchsorted(doc_start, starts_byte, side="right") - 1
+        prefix = np.cumsum(a * pw[: len(a)], dtype=np.uint64)  # S[i] = sum_{k<=i} a_k P^k
+        wh = mix64((prefix[ends - 1] - prefix[starts - 1]) * inv[starts])
+    doc_start = np.cumsum([1] + [len(e) + 1 for e in enc[:-1]])
+    word_doc = np.searchsorted(doc_start, starts, side="right") - 1
     words_per_doc = np.bincount(word_doc, minlength=len(texts))
     m = max(len(wh) - n + 1, 0)
     acc = np.zeros(m, dtype=np.uint64)

@@ -25,7 +25,7 @@ from lmforge.data.document import Document
 from lmforge.data.hashing import batch_word_ngram_hashes, char_ngram_hashes
 from lmforge.data.stage import StageContext
 
-_CHUNK = 1 << 13  # shingles per signature block: num_perm x 8192 x 8 bytes = 8 MiB at 128 perms
+_CHUNK = 1 << 12  # shingles per signature block: num_perm x 4096 x 8 bytes = 4 MiB at 128 perms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,8 +86,11 @@ def signatures_flat(hashes: np.ndarray, counts: np.ndarray, num_perm: int = 128,
     a, b = permutations(num_perm, seed)
     n = len(counts)
     out = np.full((n, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    if not n or not counts.any():
+        return out
     ends = np.cumsum(counts)
     nonempty = np.flatnonzero(counts)
+    buf = np.empty((num_perm, _CHUNK + int(counts.max())), dtype=np.uint64)  # reused: no page faults
     start = 0
     while start < len(nonempty):
         # a block of documents holding about _CHUNK shingles (at least one document)
@@ -96,10 +99,11 @@ def signatures_flat(hashes: np.ndarray, counts: np.ndarray, num_perm: int = 128,
         idx = nonempty[start:stop]
         hi = ends[idx[-1]]
         x = hashes[lo:hi] & np.uint64(0xFFFFFFFF)  # (S,)
+        h = buf[:, : hi - lo]  # (num_perm, S)
         with np.errstate(over="ignore"):
-            h = a * x[None, :]  # (num_perm, S), wrapping mod 2^64
-        h += b
-        h >>= np.uint64(32)
+            np.multiply(a, x[None, :], out=h)  # wrapping mod 2^64
+        np.add(h, b, out=h)
+        np.right_shift(h, np.uint64(32), out=h)
         out[idx] = np.minimum.reduceat(h, ends[idx] - counts[idx] - lo, axis=1).T
         start = stop
     return out

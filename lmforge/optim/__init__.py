@@ -69,7 +69,7 @@ def _hybrid(groups: list[dict], cfg, flag: str) -> list[dict]:
 def _muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
     return Muon(_hybrid(groups, cfg, "use_muon"), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                 ns_steps=cfg.ns_steps, scale=cfg.muon_scale, weight_decay=cfg.weight_decay,
-                betas=tuple(cfg.betas), eps=cfg.eps)
+                betas=tuple(cfg.betas), eps=cfg.eps, qk_clip_tau=cfg.qk_clip_tau)
 
 
 def _dion(groups: list[dict], cfg) -> torch.optim.Optimizer:

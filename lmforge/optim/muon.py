@@ -13,7 +13,7 @@ NS5 is the quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X, A = X X
 X = M / ||M||_F, with (a, b, c) = (3.4445, -4.7750, 2.0315) chosen to push small singular values up fast
 rather than to converge: after 5 steps the singular values lie roughly in [0.7, 1.2], not at exactly 1.
 Embeddings, the head and vectors (role != "matrix") are updated by AdamW inside the same optimizer
-(groups with use_muon=False). MuonClip's QK-clip lives in `lmforge.optim.qk_clip`.
+(groups with use_muon=False). MuonClip's QK-clip (`clip_qk_`, math in `lmforge.optim.qk_clip`) is on when qk_clip_tau > 0.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from lmforge.optim.adam_core import adamw_step_
 from lmforge.optim.base import PerParamOptimizer, apply_step_
+from lmforge.optim.qk_clip import qk_clip_
 
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)
 CUBIC_COEFFS = (1.5, -0.5, 0.0)
@@ -60,10 +61,11 @@ class Muon(PerParamOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, scale: str = "shape", weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, qk_clip_tau: float = 0.0):
         if lr < 0 or not 0 <= momentum < 1 or ns_steps < 1 or weight_decay < 0:
             raise ValueError(f"invalid Muon hyper-parameters lr={lr} momentum={momentum} ns_steps={ns_steps}")
         shape_scale(1, 1, scale)
+        self.qk_clip_tau = qk_clip_tau
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       scale=scale, weight_decay=weight_decay, betas=betas, eps=eps,
                                       use_muon=True))
@@ -80,6 +82,15 @@ class Muon(PerParamOptimizer):
         o = newton_schulz(m, group["ns_steps"], dtype=ns_dtype)
         scale = shape_scale(g.shape[0], g.shape[1], group["scale"])
         apply_step_(p, o.reshape(p.shape).mul_(scale), group["lr"], group["weight_decay"])
+
+    def clip_qk_(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """MuonClip: call after step() with [(W_q, W_k, max logit per query head, head_dim)] as measured in
+        this step's forward pass; rescales W_q, W_k where a head's max logit exceeded qk_clip_tau.
+        Returns the per-head factors gamma. No-op when qk_clip_tau = 0. (With QK-norm the logits do not
+        depend on the scale of W_q, W_k, so MuonClip is for models without it, like Kimi K2's MLA.)"""
+        if not self.qk_clip_tau:
+            return []
+        return [qk_clip_(wq, wk, m, self.qk_clip_tau, hd) for wq, wk, m, hd in layers]
 
     def update(self, p: torch.Tensor, group: dict) -> None:
         if group["use_muon"] and p.dim() >= 2:

@@ -82,8 +82,9 @@ def fit_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], n_points: i
     return _frontier(np.exp(grid), n_opt, np.exp(table[best, np.arange(n_points)]))
 
 
-def fit_isoflop(runs: Runs, min_per_budget: int = 3) -> Frontier:
-    """Approach 2 on a run table grouped by its `budget` column (C = 6ND when absent)."""
+def fit_isoflop(runs: Runs, min_per_budget: int = 3, extrapolate: bool = False) -> Frontier:
+    """Approach 2 on a run table grouped by its `budget` column (C = 6ND when absent). A vertex outside the
+    sizes trained at its budget is an error unless `extrapolate` (the parabola is only trusted inside)."""
     budgets = np.unique(runs.budget)
     flops, n_opt, loss_opt, parabolas = [], [], [], {}
     for c in budgets:
@@ -96,6 +97,10 @@ def fit_isoflop(runs: Runs, min_per_budget: int = 3) -> Frontier:
             raise FitError(f"IsoFLOP budget C={c:.3g}: loss vs log N has no minimum (parabola opens down); "
                            "train smaller and larger models at this budget so they bracket the optimum")
         x_opt = -c1 / (2 * c2)
+        if not extrapolate and not x.min() <= x_opt <= x.max():
+            raise FitError(f"IsoFLOP budget C={c:.3g}: the fitted minimum N={np.exp(x_opt):.3g} lies outside the "
+                           f"sizes trained ({sel.n.min():.3g}..{sel.n.max():.3g}); add sizes beyond it so they "
+                           "bracket the optimum (or pass extrapolate=True)")
         flops.append(c)
         n_opt.append(np.exp(x_opt))
         loss_opt.append(c0 + c1 * x_opt + c2 * x_opt**2)

@@ -36,6 +36,8 @@ class FitConfig:
     out: str = ""
     """directory for fit.json and the plots ('' = beside the table)"""
     plots: bool = True
+    extrapolate: bool = False
+    """approach 2: accept IsoFLOP minima outside the sizes trained at a budget"""
 
     def __post_init__(self) -> None:
         check(all(c > 0 for c in self.predict), f"predict budgets must be > 0, got {self.predict}")
@@ -61,11 +63,15 @@ def _kaplan(runs: Runs) -> dict:
     return out
 
 
+def _ab(frontier) -> dict[str, float]:
+    return {"a": frontier.a, "b": frontier.b}
+
+
 def run_fits(cfg: FitConfig) -> dict:
     runs = load_runs(cfg.table)
     report: dict = {"table": cfg.table, "n_runs": len(runs)}
     report["kaplan"] = _try(report, "kaplan", lambda: _kaplan(runs))
-    iso = _try(report, "approach2", lambda: fit_isoflop(runs))
+    iso = _try(report, "approach2", lambda: fit_isoflop(runs, extrapolate=cfg.extrapolate))
     par = _try(report, "approach3", lambda: fit_parametric(runs))
     curves_path = Path(cfg.curves) if cfg.curves else Path(cfg.table).with_name("curves.json")
     env = None
@@ -86,7 +92,7 @@ def run_fits(cfg: FitConfig) -> dict:
     if cfg.bootstrap:
         if iso is not None:
             report["approach2_ci90"] = _try(report, "bootstrap2", lambda: bootstrap(
-                runs, lambda r: {"a": fit_isoflop(r).a, "b": fit_isoflop(r).b}, n=cfg.bootstrap))
+                runs, lambda r: _ab(fit_isoflop(r, extrapolate=cfg.extrapolate)), n=cfg.bootstrap))
         if par is not None:
             report["approach3_ci90"] = _try(report, "bootstrap3", lambda: bootstrap(
                 runs, lambda r: {k: v for k, v in fit_parametric(r, n_starts=2).as_dict().items()

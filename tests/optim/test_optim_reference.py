@@ -173,3 +173,17 @@ def test_qk_clip_caps_max_logit_at_tau(n_kv):
     torch.testing.assert_close(after[clipped], torch.full_like(after[clipped], tau), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(after[~clipped], before[~clipped])
     assert bool((gamma[clipped] < 1).all())
+
+
+def test_muon_clip_uses_configured_tau():
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+
+    attn = torch.nn.ModuleDict({"wq": torch.nn.Linear(8, 8, bias=False), "wk": torch.nn.Linear(8, 8, bias=False)})
+    opt = build_optimizer(attn, OptimConfig(name="muon", lr=0.02, qk_clip_tau=10.0))
+    wq0 = attn["wq"].weight.detach().clone()
+    gammas = opt.clip_qk_([(attn["wq"].weight, attn["wk"].weight, torch.tensor([40.0, 5.0]), 4)])
+    torch.testing.assert_close(gammas[0], torch.tensor([0.25, 1.0]))
+    torch.testing.assert_close(attn["wq"].weight[:4], wq0[:4] * 0.5)  # sqrt(gamma) on each side
+    torch.testing.assert_close(attn["wq"].weight[4:], wq0[4:])
+    assert build_optimizer(attn, OptimConfig(name="muon")).clip_qk_([]) == []

@@ -119,6 +119,10 @@ def test_errors_are_clear(tmp_path):
     upside_down = [dict(r, loss=10 - r["loss"]) for r in rows]
     with pytest.raises(FitError, match="no minimum"):
         fit_isoflop(runs_from_rows(upside_down))
+    one_sided = [r for r in rows if r["N"] > TRUE.compute_optimal(r["budget"])[0] * 1.5]
+    with pytest.raises(FitError, match="outside the sizes trained"):
+        fit_isoflop(runs_from_rows(one_sided))
+    assert fit_isoflop(runs_from_rows(one_sided), extrapolate=True).a > 0
     with pytest.raises(FitError, match="at least 2 budgets"):
         fit_isoflop(runs_from_rows(rows[:9]))
     with pytest.raises(FitError, match="does not fall"):

@@ -30,6 +30,7 @@ from lmforge.model.layers.mlp import ACT, GATED, MLP, glu
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x (M, in) sorted by expert, counts (E,) rows per expert, w (E, out, in) -> (M, out)."""
     E, out_dim, in_dim = w.shape
+    w = w.to(x.dtype)  # under autocast x is bf16 while the stacked expert weights stay fp32
     aligned = (in_dim * x.element_size()) % 16 == 0 and (out_dim * x.element_size()) % 16 == 0
     if hasattr(torch, "_grouped_mm") and aligned and x.shape[0] > 0:
         offs = counts.cumsum(0).to(torch.int32)
@@ -143,8 +144,8 @@ class MoE(nn.Module):
         order = order[keep.reshape(-1)[order]]  # drop over-capacity assignments
         tok = order // self.k
         counts = torch.bincount(flat[order], minlength=self.E)
-        y = self._expert_mlp(x[tok], counts) * w.reshape(-1)[order, None].to(x.dtype)
-        return x.new_zeros(x.shape).index_add_(0, tok, y)
+        y = self._expert_mlp(x[tok], counts) * w.reshape(-1)[order, None]
+        return x.new_zeros(x.shape).index_add_(0, tok, y.to(x.dtype))
 
     def experts_loop(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
                      ) -> torch.Tensor:
@@ -153,7 +154,7 @@ class MoE(nn.Module):
         for e in range(self.E):
             tok, slot = torch.where((idx == e) & keep)
             if tok.numel():
-                out.index_add_(0, tok, self._one_expert(x[tok], e) * w[tok, slot, None].to(x.dtype))
+                out.index_add_(0, tok, (self._one_expert(x[tok], e) * w[tok, slot, None]).to(x.dtype))
         return out
 
     # forward ------------------------------------------------------------------------------------

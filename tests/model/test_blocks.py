@@ -107,3 +107,11 @@ def test_default_behaviour_unchanged():
     model = Transformer(CFG)
     assert all(b.attn.window == 0 and b.attn.sinks is None and b.kind == "pre" for b in model.blocks)
     assert model.aux_loss() is None and model.moe_stats() == {}
+
+
+@pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny", "gemma2-tiny"])
+def test_architecture_presets_run(name):
+    model = Transformer(ModelConfig.preset(name, vocab_size=64))
+    logits = model(torch.randint(0, 64, (1, 6)))
+    assert logits.shape == (1, 6, 64) and torch.isfinite(logits).all()
+    assert (model.aux_loss() is None) == (name == "gemma2-tiny")

@@ -6,6 +6,7 @@ reason is the first failing rule.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -13,13 +14,14 @@ import numpy as np
 
 from lmforge.config import check
 from lmforge.data.document import Document
-from lmforge.data.hashing import ngram_hashes, word_hashes
+from lmforge.data.hashing import ngram_hashes
 from lmforge.data.stage import StageContext
 
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 BULLETS = ("•", "‣", "○", "●", "◦", "▪", "-", "*", "·")
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 _PUNCT_STRIP = "\"'“”‘’.,;:!?()[]{}«»"
+_ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")  # a whitespace token holding at least one letter
 
 
 def words_of(text: str) -> list[str]:
@@ -65,7 +67,7 @@ def quality_failures(text: str, cfg: GopherConfig) -> list[str]:
         fails.append("word_count")
     if n == 0:
         return fails
-    mean_len = sum(len(w) for w in words) / n
+    mean_len = sum(map(len, words)) / n
     if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
         fails.append("mean_word_length")
     symbols = text.count("#") + text.count("...") + text.count("…")
@@ -76,12 +78,24 @@ def quality_failures(text: str, cfg: GopherConfig) -> list[str]:
         fails.append("bullet_lines")
     if lines and sum(ln.endswith(("...", "…")) for ln in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
         fails.append("ellipsis_lines")
-    if sum(any(c.isalpha() for c in w) for w in words) / n < cfg.min_alpha_words_ratio:
+    if len(_ALPHA_WORD.findall(text)) / n < cfg.min_alpha_words_ratio:
         fails.append("alpha_words")
-    stop = set(cfg.stop_words)
-    if sum(w.lower().strip(_PUNCT_STRIP) in stop for w in words) < cfg.min_stop_words:
+    found = 0
+    for _ in _stop_word_pattern(cfg.stop_words).finditer(text):
+        found += 1
+        if found >= cfg.min_stop_words:
+            break
+    if found < cfg.min_stop_words:
         fails.append("stop_words")
     return fails
+
+
+@functools.lru_cache(maxsize=8)
+def _stop_word_pattern(stop_words: tuple[str, ...]) -> re.Pattern:
+    """A whitespace token that is a stop word, ignoring case and surrounding punctuation."""
+    punct = re.escape(_PUNCT_STRIP)
+    alts = "|".join(re.escape(w) for w in stop_words)
+    return re.compile(rf"(?<!\S)[{punct}]*(?:{alts})[{punct}]*(?!\S)", re.IGNORECASE)
 
 
 def _dup_fractions(pieces: list[str]) -> tuple[float, float]:
@@ -104,8 +118,10 @@ class _Words:
 
     def __init__(self, words: list[str]):
         self.words = words
-        self.hashes = word_hashes(words)
-        self.lens = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+        # Python's str hash is salted per process, which is fine here: n-grams are only compared
+        # within one document, in one process; it is much faster than a deterministic hash per word.
+        self.hashes = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+        self.lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
 
 
 def _ngram_ids(w: _Words, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -96,19 +96,24 @@ def batch_word_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.nd
     kept: MinHash of a multiset equals that of its set) and the number belonging to each document. A
     document with 1..n-1 words gets one hash of all its words.
     """
-    enc = [t.encode("utf-8", "surrogatepass") for t in texts]
-    buf = (b" " + b" ".join(enc) + b" ").translate(_TO_SPACES)
+    joined = "\x00".join(texts)
+    buf = (b" " + joined.encode("utf-8", "surrogatepass") + b" ")
     a = np.frombuffer(buf, dtype=np.uint8)
+    seps = np.flatnonzero(a == 0)  # document boundaries (NUL never occurs inside a text, checked)
+    if len(seps) != len(texts) - 1 and texts:
+        seps = np.cumsum([len(t.encode("utf-8", "surrogatepass")) + 1 for t in texts[:-1]], dtype=np.int64)
+    a = np.frombuffer(buf.translate(_TO_SPACES), dtype=np.uint8)
     pw, inv = _power_tables(len(a))
     isword = a != 32
     # the buffer starts and ends with a space, so word/space transitions alternate start, end, ...
     edges = np.flatnonzero(isword[1:] != isword[:-1]) + 1
     starts, ends = edges[0::2], edges[1::2]  # first byte of each word, one past its last
+    prefix = np.empty(len(a), dtype=np.uint64)
     with np.errstate(over="ignore"):
-        prefix = np.cumsum(a * pw[: len(a)], dtype=np.uint64)  # S[i] = sum_{k<=i} a_k P^k
+        np.multiply(a, pw[: len(a)], out=prefix)
+        np.cumsum(prefix, out=prefix)  # S[i] = sum_{k<=i} a_k P^k
         wh = mix64((prefix[ends - 1] - prefix[starts - 1]) * inv[starts])
-    doc_start = np.cumsum([1] + [len(e) + 1 for e in enc[:-1]])
-    word_doc = np.searchsorted(doc_start, starts, side="right") - 1
+    word_doc = np.searchsorted(seps, starts, side="right")
     words_per_doc = np.bincount(word_doc, minlength=len(texts))
     m = max(len(wh) - n + 1, 0)
     acc = np.zeros(m, dtype=np.uint64)

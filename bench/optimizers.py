@@ -2,7 +2,7 @@
 
 'cpu' (default): depth-2 byte-level model, 200 steps x 512 tokens, 3 learning rates per optimizer
 (~10 min on 2 shared cores). 'gpu': depth-6 model, 600 steps x 8192 tokens, bf16 autocast (one H100,
-under 8 min). Prints a markdown table; writes results.json and loss_curves.png to --out.
+under 8 min; new runs stop after 330 s, every optimizer's centre learning rate first). Prints a markdown table; writes results.json and loss_curves.png to --out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from lmforge.optim.benchmark import OptimBenchConfig, main_run
 SETTINGS = {
     "cpu": OptimBenchConfig(out="runs/bench_optimizers_cpu"),
     "gpu": OptimBenchConfig(depth=6, seq_len=256, batch_size=32, steps=600, warmup_steps=60, eval_every=50,
-                            eval_batches=16, time_budget_s=400, out="runs/bench_optimizers_gpu"),
+                            eval_batches=16, precondition_frequency=25, time_budget_s=330,
+                            out="runs/bench_optimizers_gpu"),
 }
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class OptimBenchConfig:
     weight_decay: float = 0.0
     adam_lr: float = 3e-3
     """Muon/Dion: AdamW rate of embeddings, head and vectors"""
+    precondition_frequency: int = 10
+    """Shampoo/SOAP: steps between preconditioner (inverse root / eigenbasis) refreshes"""
     lr_points: int = 3
     """learning rates per optimizer: centre * lr_factor^k, k = -(lr_points // 2) ..."""
     lr_factor: float = 3.0
@@ -103,7 +105,8 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
     torch.manual_seed(cfg.seed)
     model = Transformer(ModelConfig.from_depth(cfg.depth, vocab_size=257, max_seq_len=cfg.seq_len)).to(dev)
     ocfg = OptimConfig(name=name, lr=lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-                       warmup_steps=cfg.warmup_steps, adam_lr=cfg.adam_lr, min_lr_ratio=0.1)
+                       warmup_steps=cfg.warmup_steps, adam_lr=cfg.adam_lr, min_lr_ratio=0.1,
+                       precondition_frequency=cfg.precondition_frequency)
     opt = build_optimizer(model, ocfg)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -155,6 +158,9 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
     split = int(0.9 * len(ids))
     train = _batches(ids[:split], cfg.steps, cfg, cfg.seed, dev)
     val = _batches(ids[split:], cfg.eval_batches, cfg, cfg.seed + 1, dev)
+    if dev.type == "cuda":  # TF32 matmuls, and one short discarded run so CUDA start-up is not timed
+        torch.set_float32_matmul_precision("high")
+        run_one(replace(cfg, steps=3, eval_every=3), cfg.optimizers[0], DEFAULT_LR[cfg.optimizers[0]], train, val)
     runs, t_start = [], time.perf_counter()
     offsets = sorted(range(-(cfg.lr_points // 2), cfg.lr_points - cfg.lr_points // 2), key=abs)
     for k in offsets:  # centre rates first, then the neighbours

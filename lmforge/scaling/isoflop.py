@@ -12,7 +12,7 @@ the budget: the sizes tried do not bracket the optimum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -34,6 +34,8 @@ class Frontier:
     b: float
     parabolas: dict = field(default_factory=dict)
     """approach 2: budget -> (c2, c1, c0) of loss = c2 x^2 + c1 x + c0, x = log N"""
+    dropped: dict = field(default_factory=dict)
+    """approach 2 with drop_unbracketed: budget -> why it was left out of the frontier"""
 
     def compute_optimal(self, flops) -> tuple[np.ndarray, np.ndarray]:
         c = np.asarray(flops, dtype=np.float64)
@@ -41,6 +43,7 @@ class Frontier:
 
     def as_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "n_coef": self.n_coef, "d_coef": self.d_coef,
+                "dropped": {f"{c:.3g}": why for c, why in self.dropped.items()},
                 "points": [{"C": float(c), "N_opt": float(n), "D_opt": float(d), "loss": float(l)}
                            for c, n, d, l in zip(self.flops, self.n_opt, self.d_opt, self.loss_opt)]}
 
@@ -82,30 +85,46 @@ def fit_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], n_points: i
     return _frontier(np.exp(grid), n_opt, np.exp(table[best, np.arange(n_points)]))
 
 
-def fit_isoflop(runs: Runs, min_per_budget: int = 3, extrapolate: bool = False) -> Frontier:
-    """Approach 2 on a run table grouped by its `budget` column (C = 6ND when absent). A vertex outside the
-    sizes trained at its budget is an error unless `extrapolate` (the parabola is only trusted inside)."""
-    budgets = np.unique(runs.budget)
-    flops, n_opt, loss_opt, parabolas = [], [], [], {}
-    for c in budgets:
+def _vertex(sel: Runs, c: float, extrapolate: bool) -> tuple[float, float, tuple[float, float, float]]:
+    """(N_opt, loss at N_opt, parabola) of one budget's IsoFLOP profile, or FitError saying why not."""
+    x = np.log(sel.n)
+    c2, c1, c0 = np.polyfit(x, sel.loss, 2)
+    if c2 <= 0:
+        raise FitError(f"IsoFLOP budget C={c:.3g}: loss vs log N has no minimum (parabola opens down); "
+                       "train smaller and larger models at this budget so they bracket the optimum")
+    x_opt = -c1 / (2 * c2)
+    if not extrapolate and not x.min() <= x_opt <= x.max():
+        raise FitError(f"IsoFLOP budget C={c:.3g}: the fitted minimum N={np.exp(x_opt):.3g} lies outside the "
+                       f"sizes trained ({sel.n.min():.3g}..{sel.n.max():.3g}); add sizes beyond it so they "
+                       "bracket the optimum (or pass extrapolate=True)")
+    return float(np.exp(x_opt)), float(c0 + c1 * x_opt + c2 * x_opt**2), (float(c2), float(c1), float(c0))
+
+
+def fit_isoflop(runs: Runs, min_per_budget: int = 3, extrapolate: bool = False,
+                drop_unbracketed: bool = False) -> Frontier:
+    """Approach 2 on a run table grouped by its `budget` column (C = 6ND when absent).
+
+    A budget whose vertex lies outside the sizes trained at it (or that has no vertex) is an error, unless
+    `extrapolate` (trust the parabola outside) or `drop_unbracketed` (leave the budget out, recording why
+    in `Frontier.dropped`; at least 2 budgets must remain)."""
+    flops, n_opt, loss_opt, parabolas, dropped = [], [], [], {}, {}
+    for c in np.unique(runs.budget):
         sel = runs.take(np.flatnonzero(runs.budget == c))
         if len(np.unique(sel.n)) < min_per_budget:
-            continue  # too few sizes to place a vertex; budgets like this are reported below if all fail
-        x = np.log(sel.n)
-        c2, c1, c0 = np.polyfit(x, sel.loss, 2)
-        if c2 <= 0:
-            raise FitError(f"IsoFLOP budget C={c:.3g}: loss vs log N has no minimum (parabola opens down); "
-                           "train smaller and larger models at this budget so they bracket the optimum")
-        x_opt = -c1 / (2 * c2)
-        if not extrapolate and not x.min() <= x_opt <= x.max():
-            raise FitError(f"IsoFLOP budget C={c:.3g}: the fitted minimum N={np.exp(x_opt):.3g} lies outside the "
-                           f"sizes trained ({sel.n.min():.3g}..{sel.n.max():.3g}); add sizes beyond it so they "
-                           "bracket the optimum (or pass extrapolate=True)")
-        flops.append(c)
-        n_opt.append(np.exp(x_opt))
-        loss_opt.append(c0 + c1 * x_opt + c2 * x_opt**2)
-        parabolas[float(c)] = (float(c2), float(c1), float(c0))
+            dropped[float(c)] = f"only {len(np.unique(sel.n))} model sizes (< {min_per_budget})"
+            continue
+        try:
+            n, loss, parabola = _vertex(sel, float(c), extrapolate)
+        except FitError as e:
+            if not drop_unbracketed:
+                raise
+            dropped[float(c)] = str(e)
+            continue
+        flops.append(float(c))
+        n_opt.append(n)
+        loss_opt.append(loss)
+        parabolas[float(c)] = parabola
     if len(flops) < 2:
-        raise FitError(f"approach 2 needs at least 2 budgets with >= {min_per_budget} model sizes each; "
-                       f"got {len(flops)} of {len(budgets)} budgets")
-    return _frontier(flops, n_opt, loss_opt, parabolas)
+        raise FitError(f"approach 2 needs at least 2 budgets with >= {min_per_budget} model sizes bracketing "
+                       f"their optimum; got {len(flops)}. Left out: {dropped}")
+    return replace(_frontier(flops, n_opt, loss_opt, parabolas), dropped=dropped)

@@ -38,6 +38,9 @@ class FitConfig:
     plots: bool = True
     extrapolate: bool = False
     """approach 2: accept IsoFLOP minima outside the sizes trained at a budget"""
+    strict: bool = False
+    """approach 2: fail on a budget whose minimum is not bracketed (default: leave it out, with the reason
+    recorded under approach2.dropped)"""
 
     def __post_init__(self) -> None:
         check(all(c > 0 for c in self.predict), f"predict budgets must be > 0, got {self.predict}")
@@ -63,6 +66,10 @@ def _kaplan(runs: Runs) -> dict:
     return out
 
 
+def _iso(runs: Runs, cfg: FitConfig):
+    return fit_isoflop(runs, extrapolate=cfg.extrapolate, drop_unbracketed=not cfg.strict)
+
+
 def _ab(frontier) -> dict[str, float]:
     return {"a": frontier.a, "b": frontier.b}
 
@@ -71,7 +78,7 @@ def run_fits(cfg: FitConfig) -> dict:
     runs = load_runs(cfg.table)
     report: dict = {"table": cfg.table, "n_runs": len(runs)}
     report["kaplan"] = _try(report, "kaplan", lambda: _kaplan(runs))
-    iso = _try(report, "approach2", lambda: fit_isoflop(runs, extrapolate=cfg.extrapolate))
+    iso = _try(report, "approach2", lambda: _iso(runs, cfg))
     par = _try(report, "approach3", lambda: fit_parametric(runs))
     curves_path = Path(cfg.curves) if cfg.curves else Path(cfg.table).with_name("curves.json")
     env = None
@@ -92,7 +99,7 @@ def run_fits(cfg: FitConfig) -> dict:
     if cfg.bootstrap:
         if iso is not None:
             report["approach2_ci90"] = _try(report, "bootstrap2", lambda: bootstrap(
-                runs, lambda r: _ab(fit_isoflop(r, extrapolate=cfg.extrapolate)), n=cfg.bootstrap))
+                runs, lambda r: _ab(_iso(r, cfg)), n=cfg.bootstrap))
         if par is not None:
             report["approach3_ci90"] = _try(report, "bootstrap3", lambda: bootstrap(
                 runs, lambda r: {k: v for k, v in fit_parametric(r, n_starts=2).as_dict().items()

@@ -123,6 +123,11 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(FitError, match="outside the sizes trained"):
         fit_isoflop(runs_from_rows(one_sided))
     assert fit_isoflop(runs_from_rows(one_sided), extrapolate=True).a > 0
+    # one budget trained only above its optimum: dropped (with the reason kept) when asked, fit on the rest
+    c0 = rows[0]["budget"]
+    mixed = [r for r in rows if r["budget"] != c0 or r in one_sided]
+    fr = fit_isoflop(runs_from_rows(mixed), drop_unbracketed=True)
+    assert list(fr.dropped) == [c0] and "outside" in fr.dropped[c0] and len(fr.flops) == 4
     with pytest.raises(FitError, match="at least 2 budgets"):
         fit_isoflop(runs_from_rows(rows[:9]))
     with pytest.raises(FitError, match="does not fall"):

@@ -105,16 +105,23 @@ def _act(d: dict, key: str = "hidden_act") -> str:
 
 
 def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) as transformers fills them: explicit `layer_types`, else the family's
+    default pattern (Gemma 2 / gpt-oss alternate from a sliding first layer; Qwen2 slides from
+    max_window_layers on; Mistral slides everywhere)."""
     window = d.get("sliding_window") or 0
     types = d.get("layer_types")
-    if types is not None:
-        types = tuple(LAYER_TYPE.get(t, t) for t in types)
-        if not window or "sliding" not in types:
-            return 0, None
-        return int(window), types
-    if d.get("use_sliding_window") is False:
+    if types is None and d.get("model_type") in ("gemma2", "gpt_oss"):
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+    if types is None and d.get("model_type") in ("qwen2", "qwen3", "qwen3_moe"):
+        use = d.get("use_sliding_window", False)
+        types = ["sliding_attention" if use and i >= d.get("max_window_layers", 0) else "full_attention"
+                 for i in range(n_layers)]
+    if types is None:
+        return int(window), None
+    types = tuple(LAYER_TYPE.get(t, t) for t in types)
+    if not window or "sliding" not in types:
         return 0, None
-    return int(window), None
+    return int(window), types
 
 
 def llama_cfg(d: dict, **extra) -> ModelConfig:
@@ -143,9 +150,9 @@ def llama_cfg_to_hf(cfg: ModelConfig) -> dict:
              hidden_act={v: k for k, v in HF_ACT.items()}[cfg.activation] if cfg.activation in HF_ACT.values()
              else cfg.activation, initializer_range=cfg.init_std)
     if cfg.sliding_window:
-        d["sliding_window"] = cfg.sliding_window
-        if cfg.layer_types is not None:
-            d["layer_types"] = [f"{t}_attention" for t in cfg.layer_types]
+        types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
+        d.update(sliding_window=cfg.sliding_window, layer_types=[f"{t}_attention" for t in types],
+                 use_sliding_window=True, max_window_layers=0)  # the last two for Qwen2-style configs
     else:
         d["sliding_window"] = None
     return d

@@ -92,3 +92,17 @@ def test_weights_are_read_tensor_by_tensor(ckpt, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("loaded the whole file"))
     model = Transformer.from_pretrained(path, dtype=torch.bfloat16)
     assert model.tok_emb.weight.dtype == torch.bfloat16 and not model.training
+
+
+def test_sliding_layer_defaults_follow_transformers():
+    from lmforge.model.hf import config_from_hf
+
+    core = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48)
+    gemma = config_from_hf(dict(core, model_type="gemma2", sliding_window=4096, head_dim=8))
+    assert [gemma.layer_type(i) for i in range(4)] == ["sliding", "full", "sliding", "full"]
+    mistral = config_from_hf(dict(core, model_type="mistral", sliding_window=4096))
+    assert [mistral.layer_type(i) for i in range(4)] == ["sliding"] * 4
+    qwen = config_from_hf(dict(core, model_type="qwen2", sliding_window=4096, use_sliding_window=True,
+                               max_window_layers=2))
+    assert [qwen.layer_type(i) for i in range(4)] == ["full", "full", "sliding", "sliding"]
+    assert config_from_hf(dict(core, model_type="qwen2", sliding_window=4096)).sliding_window == 0

@@ -115,3 +115,17 @@ def test_architecture_presets_run(name):
     logits = model(torch.randint(0, 64, (1, 6)))
     assert logits.shape == (1, 6, 64) and torch.isfinite(logits).all()
     assert (model.aux_loss() is None) == (name == "gemma2-tiny")
+
+
+@pytest.mark.parametrize("types", [None, ("sliding", "full")])
+def test_rolling_sliding_window_cache_is_exact_and_bounded(types):
+    from lmforge.model.layers.sliding import SlidingWindowCache
+
+    model = Transformer(dataclasses.replace(CFG, sliding_window=3, layer_types=types)).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = SlidingWindowCache.for_model(model)
+        steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    assert cache.stored_tokens(0) == 2 and cache.stored_tokens(1) == (2 if types is None else 12)

@@ -57,7 +57,9 @@ class Transformer(nn.Module):
         cfg = self.cfg
         resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
+            if name.endswith("mlp.noise.weight"):
+                nn.init.zeros_(p)  # noise std starts at softplus(0) for every token (Shazeer et al. 2017)
+            elif p.dim() >= 2:
                 nn.init.normal_(p, 0.0, resid_std if name.endswith(RESIDUAL_OUTPUTS) else cfg.init_std)
             elif name.endswith(("bias", "sinks", "b_up", "b_gate", "b_down")):
                 nn.init.zeros_(p)

@@ -166,9 +166,8 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     rules = FAMILIES[fam][3](cfg)
     _check_names(rules, files, cfg, fam)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg).to(dtype)  # cast while on meta: storage is allocated once, in `dtype`
     model.to_empty(device=device or "cpu")
-    model.to(dtype)
     _init_buffers(model)
     reader, own = _Reader(files), _tensors(model)
     with torch.no_grad():

@@ -66,17 +66,20 @@ def timed(fn, *args, repeat: int = 1, **kwargs):
     return out, best
 
 
-def duel(f, g, arg, repeat: int):
-    """Best times of f(arg) and g(arg), alternating runs so both see the same machine load (the dev box
-    is shared); also checks they return the same ids."""
-    tf = tg = float("inf")
+def duel(f, g, arg, repeat: int) -> dict:
+    """Best wall and CPU times of f(arg) and g(arg), alternating runs so both see the same load (the dev
+    box is shared with other jobs, so wall times wander; CPU time of the same work wanders less).
+    Also checks that both return the same ids."""
+    best = {"f_wall": float("inf"), "g_wall": float("inf"), "f_cpu": float("inf"), "g_cpu": float("inf")}
     for _ in range(repeat):
-        a, t = timed(f, arg)
-        tf = min(tf, t)
-        b, t = timed(g, arg)
-        tg = min(tg, t)
-        assert a == b, "lmforge and tiktoken disagree"
-    return tf, tg
+        outs = []
+        for name, fn in (("f", f), ("g", g)):
+            c0, t0 = time.process_time(), time.perf_counter()
+            outs.append(fn(arg))
+            best[f"{name}_wall"] = min(best[f"{name}_wall"], time.perf_counter() - t0)
+            best[f"{name}_cpu"] = min(best[f"{name}_cpu"], time.process_time() - c0)
+        assert outs[0] == outs[1], "lmforge and tiktoken disagree"
+    return best
 
 
 def train_hf(path: Path, vocab: int):
@@ -100,20 +103,55 @@ def tiktoken_for(tok):
 def encode_rows(name: str, tok, text: str, repeat: int) -> list[dict]:
     enc = tiktoken_for(tok)
     mb = len(text.encode()) / 1e6
-    t_ours, t_tik = duel(tok.encode, enc.encode_ordinary, text, repeat)
     lines = text.splitlines(keepends=True)
     batch = [("".join(lines[i:i + 200])) for i in range(0, len(lines), 200)]
-    tb_ours, tb_tik = duel(tok.encode_batch, enc.encode_ordinary_batch, batch, repeat)
+    rows = []
+    for mode, f, g, arg in (("single", tok.encode, enc.encode_ordinary, text),
+                            ("batch", tok.encode_batch, enc.encode_ordinary_batch, batch)):
+        d = duel(f, g, arg, repeat)
+        rows.append({"vocab": name, "mode": mode, "lmforge_MBps": mb / d["f_wall"], "tiktoken_MBps": mb / d["g_wall"],
+                     "ratio": d["g_wall"] / d["f_wall"], "cpu_ratio": d["g_cpu"] / d["f_cpu"], "reference_MBps": None})
     sample = text[: 1_000_000]
     tok.reference.cache.clear()
     ref_ids, t_ref = timed(tok.encode_reference, sample)
     assert ref_ids == tok.encode(sample)
-    return [
-        {"vocab": name, "mode": "single", "lmforge_MBps": mb / t_ours, "tiktoken_MBps": mb / t_tik,
-         "ratio": t_tik / t_ours, "reference_MBps": len(sample.encode()) / 1e6 / t_ref},
-        {"vocab": name, "mode": "batch", "lmforge_MBps": mb / tb_ours, "tiktoken_MBps": mb / tb_tik,
-         "ratio": tb_tik / tb_ours, "reference_MBps": None},
-    ]
+    rows[0]["reference_MBps"] = len(sample.encode()) / 1e6 / t_ref
+    return rows
+
+
+def train_both(corpus: Path, args, cache: Path) -> tuple[dict, object, object]:
+    """Train both tokenizers (or, with --encode-only, reload the ones the last full run saved)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.train import train_bpe
+
+    ours_path, hf_path = cache / f"lmforge_{args.mb:g}MB_{args.vocab}", cache / f"hf_{args.mb:g}MB_{args.vocab}.json"
+    if args.encode_only:
+        return json.loads(Path(args.out).read_text())["train"], Tokenizer.load(ours_path), HFTokenizer.from_file(str(hf_path))
+    stats: dict = {}
+    ours, t_ours = timed(train_bpe, [corpus], args.vocab, [SPECIAL], workers=args.workers, progress=False,
+                         stats=stats)
+    print(f"lmforge trained in {t_ours:.1f}s", flush=True)
+    hf, t_hf = timed(train_hf, corpus, args.vocab)
+    assert ours.vocab_size == hf.get_vocab_size() == args.vocab
+    ours.save(ours_path)
+    hf.save(str(hf_path))
+    return {"lmforge_s": t_ours, "hf_s": t_hf, "ratio": t_ours / t_hf, **stats}, ours, hf
+
+
+def print_tables(r: dict) -> None:
+    t, c = r["train"], r["compression"]
+    print(f"\n| corpus | vocab | lmforge train | HF train | ratio (goal <= 3x) |\n|---|---|---|---|---|\n"
+          f"| {r['corpus_mb']:.0f} MB | {r['vocab']} | {t['lmforge_s']:.1f} s | {t['hf_s']:.1f} s | {t['ratio']:.2f}x |")
+    print(f"\n| bytes/token on {c['text_mb']:.0f} MB | lmforge | HF | difference (goal within 1%) |\n|---|---|---|---|\n"
+          f"| | {c['lmforge_bytes_per_token']:.4f} | {c['hf_bytes_per_token']:.4f} | {100 * c['relative_diff']:+.2f}% |")
+    print("\n| vocab | mode | lmforge MB/s | tiktoken MB/s | wall ratio | CPU-time ratio (goal >= 0.9) "
+          "| pure-Python reference MB/s |\n|---|---|---|---|---|---|---|")
+    for e in r["encode"]:
+        refs = f"{e['reference_MBps']:.2f}" if e["reference_MBps"] else "-"
+        print(f"| {e['vocab']} | {e['mode']} | {e['lmforge_MBps']:.2f} | {e['tiktoken_MBps']:.2f} | "
+              f"{e['ratio']:.2f} | {e['cpu_ratio']:.2f} | {refs} |")
 
 
 def main() -> None:
@@ -123,23 +161,18 @@ def main() -> None:
     ap.add_argument("--encode-mb", type=float, default=10.0, help="text used for encoding and compression")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3, help="encoding timings: best of this many runs")
+    ap.add_argument("--encode-only", action="store_true", help="reuse the tokenizers and training times of the "
+                    "last full run with the same --mb/--vocab/--out")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tokenizer.json"))
     args = ap.parse_args()
 
     from lmforge.tokenizer.bpe import Tokenizer
-    from lmforge.tokenizer.train import train_bpe
 
-    corpus = build_corpus(args.mb, Path(tempfile.gettempdir()) / "lmforge_bench" / f"corpus_{args.mb:g}MB.txt")
+    cache = Path(tempfile.gettempdir()) / "lmforge_bench"
+    corpus = build_corpus(args.mb, cache / f"corpus_{args.mb:g}MB.txt")
     size_mb = corpus.stat().st_size / 1e6
     print(f"corpus {corpus} ({size_mb:.1f} MB), vocab {args.vocab}, {args.workers} workers")
-    stats: dict = {}
-    ours, t_ours = timed(train_bpe, [corpus], args.vocab, [SPECIAL], workers=args.workers, progress=False,
-                         stats=stats)
-    print(f"lmforge trained in {t_ours:.1f}s", flush=True)
-    hf, t_hf = timed(train_hf, corpus, args.vocab)
-    assert ours.vocab_size == hf.get_vocab_size() == args.vocab
-    print(f"train: lmforge {t_ours:.1f}s, HF {t_hf:.1f}s, ratio {t_ours / t_hf:.2f}x "
-          f"({stats['distinct_pretokens']:,} distinct pre-tokens)")
+    train, ours, hf = train_both(corpus, args, cache)
 
     with open(corpus, "rb") as f:
         text = f.read(int(args.encode_mb * 1e6)).decode("utf-8", errors="replace")
@@ -150,25 +183,14 @@ def main() -> None:
 
     gpt2 = Tokenizer.from_gpt2_files(SHARED / "gpt2" / "vocab.json", SHARED / "gpt2" / "merges.txt")
     enc_rows = encode_rows(f"trained-{args.vocab}", ours, text, args.repeat) + encode_rows("gpt2", gpt2, text, args.repeat)
-
     result = {
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
-        "corpus_mb": size_mb, "vocab": args.vocab, "workers": args.workers,
-        "train": {"lmforge_s": t_ours, "hf_s": t_hf, "ratio": t_ours / t_hf, **stats},
+        "corpus_mb": size_mb, "vocab": args.vocab, "workers": args.workers, "train": train,
         "compression": {"text_mb": n_bytes / 1e6, "lmforge_bytes_per_token": bpt_ours, "hf_bytes_per_token": bpt_hf,
                         "relative_diff": bpt_ours / bpt_hf - 1},
         "encode": enc_rows,
     }
-    print(f"\n| corpus | vocab | lmforge train | HF train | ratio (goal <= 3x) |\n|---|---|---|---|---|\n"
-          f"| {size_mb:.0f} MB | {args.vocab} | {t_ours:.1f} s | {t_hf:.1f} s | {t_ours / t_hf:.2f}x |")
-    print(f"\n| bytes/token on {n_bytes / 1e6:.0f} MB | lmforge | HF | difference (goal within 1%) |\n|---|---|---|---|\n"
-          f"| | {bpt_ours:.4f} | {bpt_hf:.4f} | {100 * (bpt_ours / bpt_hf - 1):+.2f}% |")
-    print("\n| vocab | mode | lmforge MB/s | tiktoken MB/s | ratio (goal >= 0.9) | pure-Python reference MB/s |\n"
-          "|---|---|---|---|---|---|")
-    for r in enc_rows:
-        refs = f"{r['reference_MBps']:.2f}" if r["reference_MBps"] else "-"
-        print(f"| {r['vocab']} | {r['mode']} | {r['lmforge_MBps']:.2f} | {r['tiktoken_MBps']:.2f} | "
-              f"{r['ratio']:.2f} | {refs} |")
+    print_tables(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

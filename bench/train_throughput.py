@@ -34,10 +34,13 @@ def run_one(depth: int, args, shard: Path) -> dict:
     model = ModelConfig.from_depth(depth, vocab_size=args.vocab, max_seq_len=args.seq)
     # above ~500M params, two micro-batches of half size keep activations within 80 GB
     batch, accum = (args.batch, 1) if depth < 20 else (max(1, args.batch // 2), 2)
+    if args.batch_large:  # one micro-batch per step where memory allows (fewer, larger launches)
+        batch, accum = (2 * args.batch, 1) if depth < 20 else (args.batch, 1)
     cfg = TrainConfig(
         model=model, data=DataConfig(train=(str(shard),), seq_len=args.seq, batch_size=batch, val_fraction=0.01),
         optim=OptimConfig(name=args.optim, lr=3e-4, warmup_steps=0), run_dir=tempfile.mkdtemp(),
         max_steps=10_000, grad_accum=accum, device=args.device, compile=args.compile, progress=False,
+        sdpa_backend=args.sdpa,
         plot=False, resume=False, eval_batches=1)
     tr = Trainer(cfg)
     n_params = tr.model.num_params()
@@ -75,6 +78,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--sdpa", default="auto", help="attention kernel: auto|flash|cudnn|efficient|math (comma list)")
+    ap.add_argument("--batch-large", action="store_true", help="double the micro-batch, no accumulation")
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     args = ap.parse_args()
     if args.device.startswith("cuda"):
@@ -84,15 +89,24 @@ def main() -> None:
     shard = write_tokens(tmp / "rand.bin", rng.integers(0, args.vocab, 4_000_000), vocab_size=args.vocab,
                          tokenizer="byte")
     rows = []
+    backends = args.sdpa.split(",")
     for d in [int(x) for x in args.depths.split(",")]:
-        rows.append(run_one(d, args, shard))
-        r = rows[-1]
-        print(f"depth {d}: {r['params_M']:.0f}M params, {r['tok_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}", flush=True)
+        for backend in backends:
+            args.sdpa = backend
+            try:
+                rows.append({**run_one(d, args, shard), "sdpa": backend})
+            except RuntimeError as e:  # e.g. a kernel that does not support these shapes
+                print(f"depth {d} sdpa={backend}: failed: {str(e).splitlines()[0]}", flush=True)
+                continue
+            r = rows[-1]
+            print(f"depth {d} sdpa={backend}: {r['params_M']:.0f}M params, {r['tok_per_s']:,.0f} tok/s, "
+                  f"MFU {r['mfu']:.1%}", flush=True)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\ndevice: {dev}; seq {args.seq}; compile={args.compile}; optimizer {args.optim}")
-    print(f"{'depth':>5} {'params':>8} {'tok/step':>9} {'step ms':>9} {'tok/s':>10} {'MFU':>7} {'mem GiB':>8}  nanochat")
+    print(f"{'depth':>5} {'sdpa':>6} {'params':>8} {'tok/step':>9} {'step ms':>9} {'tok/s':>10} {'MFU':>7} "
+          f"{'mem GiB':>8}  nanochat")
     for r in rows:
-        print(f"{r['depth']:>5} {r['params_M']:>7.0f}M {r['tokens_per_step']:>9} {r['step_ms']:>9.1f} "
+        print(f"{r['depth']:>5} {r['sdpa']:>6} {r['params_M']:>7.0f}M {r['tokens_per_step']:>9} {r['step_ms']:>9.1f} "
               f"{r['tok_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['peak_mem_GiB']:>8.1f}  {r['nanochat_mfu']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": dev, "rows": rows, "args": vars(args)}, indent=2))

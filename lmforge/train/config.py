@@ -59,6 +59,9 @@ class TrainConfig:
     """'auto' = bf16 autocast on CUDA, fp32 on CPU"""
     compile: bool = False
     """torch.compile the model"""
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """attention kernel for scaled_dot_product_attention ('auto' lets torch choose; 'cudnn' is often
+    fastest on Hopper GPUs)"""
     resume: bool = True
     """continue from the newest checkpoint in run_dir when there is one"""
     tokenizer: str = ""

@@ -58,6 +58,17 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
     return out
 
 
+def sdpa_context(backend: str):
+    """A context that restricts scaled_dot_product_attention to one kernel ('auto': no restriction)."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([names[backend]])
+
+
 def _resolve_tokenizer(spec: str | None, shard_dir: Path):
     from lmforge.tokenizer.load import load_tokenizer
 
@@ -158,7 +169,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(cfg.grad_accum):
             x, y = self._batch()
-            with self.autocast:
+            with self.autocast, sdpa_context(cfg.sdpa_backend):
                 loss, ce = self.forward_loss(x, y)
             (loss / cfg.grad_accum).backward()
             total += ce.detach()
@@ -197,7 +208,7 @@ class Trainer:
         self.model.eval()
         nats, n_tok, n_bytes = 0.0, 0, 0.0
         for x, y in self.val_batches:
-            with self.autocast:
+            with self.autocast, sdpa_context(self.cfg.sdpa_backend):
                 logits = self.model(x.to(self.device))
             y = y.to(self.device)
             nats += float(token_losses(logits, y).double().sum())

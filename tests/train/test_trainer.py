@@ -162,3 +162,10 @@ def test_grad_accum_equals_big_batch(tmp_path):
     b.train_step()
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_backend_choice_gives_the_same_losses(tmp_path):
+    shard = make_shard(tmp_path / "t.bin")
+    a = _losses(train(tiny_config(shard, tmp_path / "a", max_steps=5)))
+    b = _losses(train(tiny_config(shard, tmp_path / "b", max_steps=5, sdpa_backend="math")))
+    np.testing.assert_allclose(a, b, rtol=1e-4)

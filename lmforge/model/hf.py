@@ -13,6 +13,7 @@ Families and their name rules: hf_families.py (dense) and hf_moe.py (mixture of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -163,6 +164,8 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     fam = family or family_of(hf)
     dtype = dtype or getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
     files = _weight_files(path)
+    if cfg.mtp is not None and not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in files):
+        cfg = dataclasses.replace(cfg, mtp=None)  # config announces MTP layers the file does not hold
     rules = FAMILIES[fam][3](cfg)
     _check_names(rules, files, cfg, fam)
     with torch.device("meta"):
@@ -200,7 +203,10 @@ def _ignorable(name: str, cfg: ModelConfig, fam: str) -> bool:
     if name == "lm_head.weight" and cfg.tie_embeddings:
         return True  # some writers store the tied head anyway
     m = re.match(r"model\.layers\.(\d+)\.", name)
-    return fam == "deepseek_v3" and m is not None and int(m.group(1)) >= cfg.n_layers  # MTP layers
+    if fam != "deepseek_v3" or m is None or int(m.group(1)) < cfg.n_layers:
+        return False
+    # MTP layers: all of them when not loaded, else only their copies of the shared embedding/head
+    return cfg.mtp is None or name.endswith(("embed_tokens.weight", "shared_head.head.weight"))
 
 
 def _init_buffers(model: torch.nn.Module) -> None:
@@ -227,8 +233,9 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
 
     cfg = model.cfg
     fam = family or guess_family(cfg)
-    if cfg.mtp is not None or cfg.block != "sequential":
-        raise ConfigError("save_pretrained: model.mtp / model.block='parallel' have no HF equivalent here")
+    if cfg.block != "sequential" or (cfg.mtp is not None and (fam != "deepseek_v3" or cfg.mtp.kind != "sequential")):
+        raise ConfigError("save_pretrained: model.block='parallel' and model.mtp (except DeepSeek-V3's sequential "
+                          "MTP) have no HF equivalent")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_cfg = config_to_hf(cfg, fam)

@@ -4,10 +4,12 @@ sliding windows, YaRN, fused biased experts). Companion of hf_families.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig
+from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from lmforge.model.hf_families import (Rule, attn_rules, dense_mlp_rules, embed_rules, expert_rules, llama_cfg,
                                        llama_cfg_to_hf, mla_rules, norm_rules, one, rope_from_hf, rope_to_hf)
 
@@ -77,7 +79,8 @@ def deepseek_v3_cfg(d: dict) -> ModelConfig:
                        rope_layout="interleaved" if d.get("rope_interleave", True) else "half",
                        norm_eps=d.get("rms_norm_eps", 1e-6), activation="swiglu", attention="mla", mla=mla,
                        mlp="moe", moe=moe, bias=bool(d.get("attention_bias", False)), qkv_bias=None,
-                       tie_embeddings=bool(d.get("tie_word_embeddings", False)), scaled_residual_init=False)
+                       tie_embeddings=bool(d.get("tie_word_embeddings", False)), scaled_residual_init=False,
+                       mtp=MTPConfig(depth=d["num_nextn_predict_layers"]) if d.get("num_nextn_predict_layers") else None)
 
 
 def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
@@ -91,11 +94,33 @@ def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
                 qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, head_dim=a.qk_rope_head_dim,
                 rope_interleave=cfg.rope_layout == "interleaved", rope_parameters=rope_to_hf(cfg),
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.bias,
-                tie_word_embeddings=cfg.tie_embeddings, num_nextn_predict_layers=0)
+                tie_word_embeddings=cfg.tie_embeddings,
+                num_nextn_predict_layers=cfg.mtp.depth if cfg.mtp is not None else 0)
+
+
+def _deepseek_mtp_rules(cfg: ModelConfig) -> list[Rule]:
+    """MTP module k is stored as model.layers.{n_layers + k}: a full decoder layer plus enorm, hnorm,
+    eh_proj (input [emb; h], the reverse of our [h; emb] order: halves swapped) and shared_head.norm.
+    Its embed_tokens / shared_head.head copies of the shared tensors are not read."""
+    last = cfg.n_layers - 1
+    layer = [r for r in deepseek_v3_rules(dataclasses.replace(cfg, mtp=None))
+             if any(n.startswith(f"model.layers.{last}.") for n in r.hf)]
+    d, rules = cfg.d_model, []
+    swap = lambda t: torch.cat((t[:, d:], t[:, :d]), dim=1)  # noqa: E731
+    for k in range(cfg.mtp.depth):
+        hf, lm = f"model.layers.{cfg.n_layers + k}", f"mtp.modules_.{k}"
+        rules += [Rule(tuple(n.replace(f"model.layers.{last}.", f"{hf}.") for n in r.hf),
+                       tuple(n.replace(f"blocks.{last}.", f"{lm}.block.") for n in r.lm), r.to_lm, r.to_hf)
+                  for r in layer]
+        rules += [one(f"{hf}.enorm.weight", f"{lm}.e_norm.weight"), one(f"{hf}.hnorm.weight", f"{lm}.h_norm.weight"),
+                  one(f"{hf}.eh_proj.weight", f"{lm}.proj.weight", swap, swap),
+                  one(f"{hf}.shared_head.norm.weight", f"mtp.norms.{k}.weight")]
+    return rules
 
 
 def deepseek_v3_rules(cfg: ModelConfig) -> list[Rule]:
     rules = embed_rules(cfg)
+    rules += _deepseek_mtp_rules(cfg) if cfg.mtp is not None else []
     for i in range(cfg.n_layers):
         hf, lm = f"model.layers.{i}.mlp", f"blocks.{i}.mlp"
         rules += mla_rules(cfg, i) + norm_rules(cfg, i)

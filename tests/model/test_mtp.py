@@ -29,7 +29,7 @@ def test_sequential_mtp_follows_deepseek_v3_equations():
             T = 9 - k
             x = mod.proj(torch.cat((mod.h_norm(prev[:, :T]), mod.e_norm(model.tok_emb(ids[:, k:]))), -1))
             prev = mod.block(x, (rope[0][:, :T], rope[1][:, :T]), "causal")
-            torch.testing.assert_close(extra[k - 1], model.lm_head(model.mtp.norm(prev)))
+            torch.testing.assert_close(extra[k - 1], model.lm_head(model.mtp.norms[k - 1](prev)))
 
 
 def test_mtp_loss_in_training_forward():
@@ -58,3 +58,25 @@ def test_parallel_heads():
     assert model.flops_per_token(6, training=True) > 3 * Transformer(dataclasses.replace(CFG, mtp=None)).flops_per_token(6, training=False)
     with pytest.raises(Exception, match="model.mtp"):
         Transformer(dataclasses.replace(CFG, mtp=None)).forward_mtp(ids)
+
+
+def test_deepseek_v3_mtp_layers_round_trip_through_hf_format(tmp_path):
+    from lmforge.model.config import MLAConfig, MoEConfig
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, attention="mla",
+                      rope_layout="interleaved", mla=MLAConfig(kv_lora_rank=16, q_lora_rank=8, qk_nope_head_dim=8,
+                                                               qk_rope_head_dim=4, v_head_dim=8),
+                      mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, score="sigmoid", n_shared=1,
+                                               dense_layers=1), mtp=MTPConfig(depth=1))
+    model = Transformer(cfg).eval()
+    model.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "model.layers.2.eh_proj.weight" in f.keys() and "model.layers.2.mlp.gate.weight" in f.keys()
+    back = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        (m1, e1), (m2, e2) = model.forward_mtp(ids), back.forward_mtp(ids)
+    torch.testing.assert_close(m1, m2)
+    torch.testing.assert_close(e1[0], e2[0])

@@ -42,7 +42,8 @@ class MTP(nn.Module):
             self.modules_ = nn.ModuleList(MTPModule(cfg) for _ in range(self.depth))
         else:
             self.modules_ = nn.ModuleList(Block(cfg, cfg.n_layers - 1) for _ in range(self.depth))
-        self.norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        # each depth's own final norm before the shared head (DeepSeek-V3's shared_head.norm)
+        self.norms = nn.ModuleList(build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) for _ in range(self.depth))
 
     def heads(self, h: torch.Tensor, input_ids: torch.Tensor, embed, rope) -> list[torch.Tensor]:
         """h (B, T, d) trunk output -> D hidden states; rope: (cos, sin) for positions 0..T-1 or None."""
@@ -50,13 +51,13 @@ class MTP(nn.Module):
         T = h.shape[1]
         for k, mod in enumerate(self.modules_, start=1):
             if self.kind == "parallel":
-                out.append(self.norm(mod(h, rope, "causal")))
+                out.append(self.norms[k - 1](mod(h, rope, "causal")))
                 continue
             if T - k <= 0:
                 break
             r = None if rope is None else (rope[0][:, : T - k], rope[1][:, : T - k])
             prev = mod(prev[:, : T - k], embed(input_ids[:, k:]), r)
-            out.append(self.norm(prev))
+            out.append(self.norms[k - 1](prev))
         return out
 
     def loss(self, logits: list[torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:

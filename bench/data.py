@@ -72,8 +72,8 @@ def bench_minhash(n_docs: int, repeats: int) -> dict:
         return ds.MinHash.bulk(datasketch_shingles(texts, 5), num_perm=128)
 
     shingles = datasketch_shingles(texts, 5)
-    t_ds_sig, _ = best_of(ds_sigs, 1)
-    t_ds_sig_only, _ = best_of(lambda: ds.MinHash.bulk(shingles, num_perm=128), 1)
+    t_ds_sig, _ = best_of(ds_sigs, repeats)
+    t_ds_sig_only, _ = best_of(lambda: ds.MinHash.bulk(shingles, num_perm=128), repeats)
 
     def ds_dedup():
         sigs = ds_sigs()
@@ -94,7 +94,7 @@ def bench_minhash(n_docs: int, repeats: int) -> dict:
                     parent[max(a, c)] = min(a, c)
         return [find(i) for i in range(len(sigs))]
 
-    t_ds_dedup, ds_roots = best_of(ds_dedup, 1)
+    t_ds_dedup, ds_roots = best_of(ds_dedup, repeats)
     n = len(texts)
     return {
         "docs": n, "words_per_doc": 300, "num_perm": 128, "ngram": 5, "threshold": 0.8, "bands": b, "rows": r,

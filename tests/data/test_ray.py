@@ -12,6 +12,7 @@ from lmforge.data.pipeline import load_pipeline
 from lmforge.data.readers import read_documents
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own deprecated settings
 def test_ray_matches_local(tmp_path, web_html):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'lmforge[ray]')")
     pytest.importorskip("ray.data")

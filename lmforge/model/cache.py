@@ -137,14 +137,22 @@ class StaticKVCache:
         return cls(cfg.n_layers, batch_size, cfg.kv_heads, cfg.hd, max_len or cfg.max_seq_len,
                    device=p.device, dtype=dtype or p.dtype)
 
+    def view(self, batch_size: int) -> "StaticKVCache":
+        """The first batch_size rows as a cache of their own: same storage and write slot, so graphs
+        captured for a smaller batch bucket read and write this cache's memory."""
+        v = object.__new__(StaticKVCache)
+        v.k, v.v, v.pad = self.k[:, :batch_size], self.v[:, :batch_size], self.pad[:batch_size]
+        v.max_len, v.pos, v._slots, v.length = self.max_len, self.pos, self._slots, 0
+        return v
+
     def start(self, pad: torch.Tensor | list[int] | None = None) -> None:
         """Begin a new batch: empty cache, rows left-padded by pad[b] slots."""
         self.pos.zero_()
         self.length = 0
-        if pad is None:
-            self.pad.zero_()
-        else:
-            self.pad.copy_(torch.as_tensor(pad, dtype=torch.long))
+        self.pad.zero_()
+        if pad is not None:
+            pad = torch.as_tensor(pad, dtype=torch.long)
+            self.pad[: len(pad)].copy_(pad)
 
     def positions(self, T: int) -> torch.Tensor:
         """(B, T) token positions of the next T slots: slot index minus the row's padding."""

@@ -1,0 +1,95 @@
+"""Fast GPU decoding: one decode step captured as a CUDA graph per batch-size bucket.
+
+At batch 1 a decode step is a few hundred small kernels; launching them from Python costs more than
+running them. A CUDA graph replays the whole recorded step with one launch, provided that every tensor
+it touches keeps its address and shape - hence `StaticKVCache` (write slot and masks on the device,
+attention over all max_len slots) and static token/logit buffers. Batches run in the smallest captured
+bucket that fits (extra rows compute garbage that nobody reads). Optionally the step is first compiled
+with torch.compile (fuses norms, RoPE and the MLP activation into few kernels). The CPU path runs the
+same static-cache step eagerly (use_graphs=False), which tests compare against `PlainDecoder`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.cache import StaticKVCache
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class GraphDecoder:
+    """Decoder (see lmforge.infer.engine) over a StaticKVCache of max_batch rows x max_len slots."""
+
+    def __init__(self, model, max_batch: int, max_len: int, *, use_graphs: bool | None = None,
+                 compile: bool = False, buckets: tuple[int, ...] = BUCKETS):
+        self.model = model
+        self.cache = StaticKVCache.for_model(model, max_batch, max_len)
+        self.use_graphs = self.cache.k.is_cuda if use_graphs is None else use_graphs
+        self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.batch_size = 1
+
+    def bind(self, batch_size: int) -> "GraphDecoder":
+        if batch_size > self.buckets[-1]:
+            raise LmforgeError(f"batch of {batch_size} rows > the decoder's max_batch={self.buckets[-1]}")
+        self.batch_size = batch_size
+        return self
+
+    def bucket(self, batch_size: int) -> int:
+        return next(b for b in self.buckets if b >= batch_size)
+
+    def _forward(self, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (b, 1) -> logits (b, V) of one decode step at the cache's current slot."""
+        return self.model(tokens, cache.positions(1), cache=cache)[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        B, T = ids.shape
+        if T >= self.cache.max_len:
+            raise LmforgeError(f"prompt of {T} tokens does not fit the decoder's cache of {self.cache.max_len}")
+        self.bind(B)
+        self.cache.start(pad)
+        view = self.cache.view(B)
+        return self.model(ids, view.positions(T).clamp(min=0), cache=view)[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        B = self.batch_size
+        if self.cache.length + 1 > self.cache.max_len:
+            raise LmforgeError(f"decoder cache is full ({self.cache.max_len} slots)")
+        if not self.use_graphs:
+            view = self.cache.view(B)
+            out = self.forward(view, tokens[:, None])
+        else:
+            graph, tok_buf, out_buf = self.graphs.get(self.bucket(B)) or self.capture(self.bucket(B))
+            tok_buf[:B, 0].copy_(tokens)
+            graph.replay()
+            out = out_buf[:B]
+        self.cache.length += 1
+        return out
+
+    @torch.no_grad()
+    def capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """Record one decode step for bucket b. Warm-up runs (on a side stream, as torch requires) write
+        only the slot the next real step overwrites, and the write slot is restored afterwards."""
+        view = self.cache.view(b)
+        tok_buf = torch.zeros(b, 1, dtype=torch.long, device=self.cache.k.device)
+        saved = self.cache.pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                view.length = 0  # keep torch.compile's guards stable across calls
+                self.forward(view, tok_buf)
+                self.cache.pos.copy_(saved)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        view.length = 0
+        with torch.cuda.graph(graph):
+            out_buf = self.forward(view, tok_buf)
+        self.cache.pos.copy_(saved)
+        self.graphs[b] = (graph, tok_buf, out_buf)
+        return self.graphs[b]

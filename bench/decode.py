@@ -1,0 +1,292 @@
+"""Decode speed (issue 5): lmforge's plain, CUDA-graph and compiled+graph decode paths, HF transformers
+generate() on the same weights, and speculative decoding, in one run on one GPU.
+
+    python bench/decode.py                # H100: Llama-shaped 1.1B, bf16, 128-token prompt, 256 new tokens
+    python bench/decode.py --quick        # tiny fp32 model on CPU: checks the script and HF weight mapping
+
+Prints a table and writes JSON (bench/results/decode.json, or $OUT/decode.json when OUT is set). Every
+fast path's greedy tokens are compared with the plain path's ("agree" = length of the common prefix /
+tokens generated; bf16 rounding differs between attention kernels, so late divergence can be legitimate).
+Roofline: batch-1 decode must read every weight once per token, so tokens/s <= copy bandwidth / weight
+bytes, with the bandwidth measured here by a device-to-device copy (bytes read + written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.infer.cuda_graph import GraphDecoder  # noqa: E402
+from lmforge.infer.engine import PlainDecoder  # noqa: E402
+from lmforge.infer.llm import LLM  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+
+LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632,
+                max_seq_len=512, pos_emb="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False)
+TINY = dict(LLAMA_1B, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, init_std=0.2)
+
+
+class IdTokenizer:
+    """Token ids in, nothing out: the benchmark never needs text."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.eot_id = vocab_size, None
+
+    def encode(self, text: str) -> list[int]:
+        return [0]
+
+    def decode(self, ids) -> str:
+        return ""
+
+    def token_bytes(self, i: int) -> bytes:
+        return b""
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read and written (median of 10)."""
+    n = 1 << 28 if dev.type == "cuda" else 1 << 22
+    a, b = torch.empty(n, dtype=torch.float32, device=dev), torch.empty(n, dtype=torch.float32, device=dev)
+    times = []
+    for i in range(13):
+        sync(dev)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(dev)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * 4 * n / sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def greedy_loop(decoder, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, float, float]:
+    """Prefill + (new-1) decode steps with argmax, no host sync inside the loop.
+    Returns tokens (B, new), prefill seconds, decode seconds."""
+    dev = prompt.device
+    sync(dev)
+    t0 = time.perf_counter()
+    logits = decoder.prefill(prompt, torch.zeros(prompt.shape[0], dtype=torch.long, device=dev))
+    out = [logits.argmax(-1)]
+    sync(dev)
+    t1 = time.perf_counter()
+    for _ in range(new - 1):
+        out.append(decoder.step(out[-1]).argmax(-1))
+    sync(dev)
+    return torch.stack(out, 1), t1 - t0, time.perf_counter() - t1
+
+
+def agree(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the common-prefix length / row length."""
+    eq = (a.cpu() == b.cpu()).long().cumprod(1)
+    return float(eq.sum(1).float().mean() / a.shape[1])
+
+
+def to_hf(model: Transformer):
+    """The same weights in transformers' LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.cfg
+    hcfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ff,
+                       num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.kv_heads,
+                       max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                       tie_word_embeddings=False, attn_implementation="sdpa")
+    p = next(model.parameters())
+    with torch.device(p.device):
+        hf = LlamaForCausalLM(hcfg).to(p.dtype)
+    names = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "final_norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    for i in range(c.n_layers):
+        for hf_name, ours in (("self_attn.q_proj", "attn.wq"), ("self_attn.k_proj", "attn.wk"),
+                              ("self_attn.v_proj", "attn.wv"), ("self_attn.o_proj", "attn.wo"),
+                              ("mlp.gate_proj", "mlp.gate"), ("mlp.up_proj", "mlp.up"), ("mlp.down_proj", "mlp.down"),
+                              ("input_layernorm", "norm1"), ("post_attention_layernorm", "norm2")):
+            names[f"model.layers.{i}.{hf_name}.weight"] = f"blocks.{i}.{ours}.weight"
+    ours = model.state_dict()
+    hf.load_state_dict({k: ours[v] for k, v in names.items()}, strict=True)
+    return hf.eval()
+
+
+@torch.no_grad()
+def hf_generate(hf, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, float]:
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+              pad_token_id=0, eos_token_id=None)
+    hf.generate(prompt, **dict(kw, max_new_tokens=2, min_new_tokens=2))  # warm-up
+    sync(prompt.device)
+    t0 = time.perf_counter()
+    out = hf.generate(prompt, **kw)
+    sync(prompt.device)
+    return out[:, prompt.shape[1]:], time.perf_counter() - t0
+
+
+def layer_skip_draft(model: Transformer, n_layers: int) -> Transformer:
+    """Self-speculative draft (Zhang et al. 2024, Draft & Verify): the target's first n_layers blocks with
+    its embedding, final norm and head - no extra weights to train or store."""
+    import dataclasses
+
+    cfg = dataclasses.replace(model.cfg, n_layers=n_layers)
+    p = next(model.parameters())
+    with torch.device(p.device):
+        draft = Transformer(cfg).to(p.dtype)
+    draft.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith("blocks.") or int(k.split(".")[1]) < n_layers})
+    return draft.eval()
+
+
+class Report:
+    """Rows of results, printed as a table and rewritten to JSON after each one (partial runs keep data)."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta, self.rows = path, meta, []
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=2))
+
+    def table(self) -> str:
+        head = f"| {'variant':<34} | batch | decode tok/s | end-to-end tok/s | agree | note |"
+        lines = [head, "|" + "---|" * 6]
+        for r in self.rows:
+            lines.append(f"| {r['variant']:<34} | {r['batch']:>5} | {r.get('decode_tok_s', float('nan')):>12.1f} | "
+                         f"{r.get('e2e_tok_s', float('nan')):>16.1f} | {r.get('agree', float('nan')):.3f} | "
+                         f"{r.get('note', '')} |")
+        return "\n".join(lines)
+
+
+def run_loop(rep: Report, name: str, decoder, prompt, new: int, ref=None, note: str = ""):
+    toks, pre, dec = greedy_loop(decoder, prompt, new)
+    B = prompt.shape[0]
+    rep.add(variant=name, batch=B, prefill_s=pre, decode_s=dec, decode_tok_s=B * (new - 1) / dec,
+            e2e_tok_s=B * new / (pre + dec), agree=agree(toks, ref) if ref is not None else 1.0, note=note)
+    return toks
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny fp32 model on CPU (script check)")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args(argv)
+    dev = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    new, batches = args.new_tokens, [int(b) for b in args.batches.split(",")]
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Transformer(ModelConfig(**(TINY if args.quick else LLAMA_1B))).to(dtype).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth(dev)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    rep = Report(out_dir / ("decode_quick.json" if args.quick else "decode.json"), {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "command": "python bench/decode.py " + " ".join(argv or sys.argv[1:]),
+        "params": model.num_params(), "weight_bytes": weight_bytes, "copy_bandwidth_Bps": bw,
+        "roofline_tok_s": bw / weight_bytes, "prompt_len": args.prompt_len, "new_tokens": new})
+    print(f"{rep.meta['device']}: {model.num_params() / 1e9:.3f}B params, {weight_bytes / 1e9:.2f} GB, "
+          f"copy {bw / 1e12:.2f} TB/s -> roofline {bw / weight_bytes:.0f} tok/s at batch 1", flush=True)
+    gen = torch.Generator().manual_seed(1)
+    prompts = {B: torch.randint(0, model.cfg.vocab_size, (B, args.prompt_len), generator=gen).to(dev)
+               for B in batches}
+    max_len = args.prompt_len + new + 8
+    refs, graph = {}, GraphDecoder(model, max(batches), max_len)
+    for B in batches:
+        refs[B] = run_loop(rep, "plain (eager, KVCache)", PlainDecoder(model, B, max_len), prompts[B], new)
+        run_loop(rep, "static cache, eager", GraphDecoder(model, B, max_len, use_graphs=False), prompts[B], new,
+                 refs[B])
+        if dev.type == "cuda":
+            graph.capture(graph.bucket(B))
+            run_loop(rep, "static cache + CUDA graph", graph.bind(B), prompts[B], new, refs[B])
+    bench_generate(rep, model, prompts[max(batches)], new, refs[max(batches)])
+    bench_speculative(rep, model, prompts[batches[0]][:1], new, refs[batches[0]][:1])
+    if not args.no_hf:
+        bench_hf(rep, model, prompts, new, refs)
+    if dev.type == "cuda" and not args.no_compile:
+        comp = GraphDecoder(model, max(batches), max_len, compile=True)
+        for B in batches:
+            t0 = time.perf_counter()
+            comp.capture(comp.bucket(B))
+            run_loop(rep, "torch.compile + CUDA graph", comp.bind(B), prompts[B], new, refs[B],
+                     note=f"compile+capture {time.perf_counter() - t0:.0f}s")
+    print("\n" + rep.table())
+    print(f"\nroofline (batch 1): {rep.meta['roofline_tok_s']:.0f} tok/s; JSON: {rep.path}")
+
+
+def bench_generate(rep: Report, model, prompt, new: int, ref) -> None:
+    """The user-facing path: LLM.generate with per-row stopping, detokenization and bookkeeping."""
+    llm = LLM(model, IdTokenizer(model.cfg.vocab_size), max_batch_size=prompt.shape[0])
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    ids = prompt.tolist()
+    llm.generate(ids, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # capture graphs
+    sync(prompt.device)
+    t0 = time.perf_counter()
+    outs = llm.generate(ids, sp)
+    sync(prompt.device)
+    dt = time.perf_counter() - t0
+    toks = torch.tensor([o.token_ids for o in outs])
+    rep.add(variant="LLM.generate" + (" (CUDA graphs)" if llm.cuda_graphs else ""), batch=len(ids),
+            e2e_tok_s=len(ids) * new / dt, agree=agree(toks, ref), note="includes per-step host work")
+
+
+def bench_speculative(rep: Report, model, prompt, new: int, ref) -> None:
+    """Greedy speculative decoding (eager) against eager greedy decoding of the same prompt."""
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    L = model.cfg.max_seq_len
+    base = next(r for r in rep.rows if r["variant"].startswith("plain") and r["batch"] == prompt.shape[0])
+    base_s = base["prefill_s"] + base["decode_s"]
+    n_draft = 2 if model.cfg.n_layers > 4 else 1
+    draft = layer_skip_draft(model, n_draft)
+    for name, drafter, k in ((f"speculative, {n_draft}-layer self-draft", None, 4),
+                             ("speculative, prompt lookup (n-gram)", "ngram", 4)):
+        ids = prompt[0].tolist()
+        make = (lambda: NGramDrafter(vocab_size=model.cfg.vocab_size)) if drafter else \
+            (lambda: ModelDrafter(draft, len(ids) + new + k + 1))
+        speculative_generate(model, make(), ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                             k, set(), L)  # warm-up
+        toks, st = speculative_generate(model, make(), ids, sp, k, set(), L)
+        sync(prompt.device)
+        m = st.as_dict(len(toks))
+        rep.add(variant=name, batch=1, e2e_tok_s=new / st.seconds, agree=agree(torch.tensor([toks]), ref),
+                acceptance=m["acceptance_rate"], speedup_vs_eager=base_s / st.seconds,
+                note=f"k={k}, accept {m['acceptance_rate']:.2f}, {m['tokens_per_forward']:.2f} tok/forward, "
+                     f"{base_s / st.seconds:.2f}x vs plain eager")
+
+
+def bench_hf(rep: Report, model, prompts: dict, new: int, refs: dict) -> None:
+    try:
+        hf = to_hf(model)
+    except Exception as e:  # transformers missing or changed: report, keep the other results
+        rep.add(variant="HF transformers generate()", batch=0, note=f"skipped: {type(e).__name__}: {e}")
+        return
+    import transformers
+
+    for B, prompt in prompts.items():
+        toks, dt = hf_generate(hf, prompt, new)
+        rep.add(variant=f"HF transformers {transformers.__version__} generate()", batch=B, e2e_tok_s=B * new / dt,
+                agree=agree(toks, refs[B]), note="same weights, sdpa, greedy")
+    del hf
+
+
+if __name__ == "__main__":
+    main()

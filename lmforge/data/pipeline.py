@@ -85,6 +85,9 @@ class PipelineConfig:
         check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
         check(self.executor in ("local", "ray"), f"executor must be 'local' or 'ray', got {self.executor!r}")
         built = self.built_stages()
+        names = [spec.name for spec, _ in built]
+        check("tokenize" not in names[:-1], "the `tokenize` stage must be the last stage (it writes the token "
+              "shards, so every stage after it would be ignored there)")
         raw_input = self.input.format in ("html", "warc") or any(
             p.endswith((".html", ".htm", ".warc", ".warc.gz")) for p in self.input.paths)
         if raw_input:

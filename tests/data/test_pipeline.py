@@ -158,6 +158,9 @@ def test_config_errors(tmp_path):
     no_extract = _write_pipeline(tmp_path, 'paths = ["x/*.html"]', '[[stages]]\nstage = "gopher"\n')
     with pytest.raises(ConfigError, match="extract"):
         load_pipeline(no_extract)
+    with pytest.raises(ConfigError, match="last stage"):
+        load_pipeline(_write_pipeline(tmp_path, 'paths = ["x.jsonl"]',
+                                      '[[stages]]\nstage = "tokenize"\n[[stages]]\nstage = "c4"\n'))
     with pytest.raises(ConfigError, match="threshold"):
         load_pipeline(_write_pipeline(tmp_path, 'paths = ["x.jsonl"]', '[[stages]]\nstage = "langid"\nthreshold = 2\n'))
 

@@ -118,3 +118,21 @@ def test_train_classifier_cli_and_quality_stage(tmp_path):
     res = quality(QualityConfig(model=str(out), threshold=0.5), docs, StageContext())
     assert res[0].meta["quality_score"] > 0.5 > res[1].meta["quality_score"]
     assert [d.drop for d in res] == [None, "quality:low_score"]
+
+
+def test_perplexity_stage_with_an_lmforge_checkpoint(tmp_path):
+    """A tiny lmforge Transformer saved as a checkpoint directory scores documents through the stage."""
+    import lmforge as lf
+    from lmforge.data.perplexity import perplexity_filter
+
+    cfg = lf.ModelConfig.preset("llama-tiny", vocab_size=257, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                max_seq_len=64)
+    model = lf.Transformer(cfg).eval()
+    model.save_pretrained(tmp_path)
+    ByteTokenizer().save(tmp_path)
+    text = "the cat sat on the mat " * 5
+    want = perplexity(model, ByteTokenizer(), text, context=32)
+    docs = perplexity_filter(PerplexityConfig(model=str(tmp_path), context=32, max_perplexity=1e9),
+                             [Document(id="a", text=text)], StageContext())
+    assert docs[0].meta["perplexity"] == pytest.approx(want, rel=1e-4) and docs[0].drop is None
+    assert 100 < want < 600  # an untrained model is close to uniform over 257 ids

@@ -7,7 +7,7 @@
 3. Training throughput (forward, loss + aux loss, backward, AdamW) of an MoE model vs a dense model with the
    same active parameters per token (dense d_ff = top_k · d_expert).
 
-    python bench/architectures.py --device cpu
+    python bench/architectures.py --device cpu --threads 1
     python bench/architectures.py --device cuda          # bf16, larger sizes
 Writes bench/results/architectures_<device>.json.
 """
@@ -63,6 +63,7 @@ def bench_moe(device: str, dtype, s: dict, reps: int) -> list[dict]:
         for p in layer.parameters():
             p.normal_(0, 0.02)
     x = torch.randn(1, s["tokens"], s["d"], device=device, dtype=dtype, requires_grad=True)
+    kernel = _grouped_kernel(layer, x)
     rows = []
     for dispatch in ("grouped", "loop"):
         layer.dispatch = dispatch
@@ -72,8 +73,20 @@ def bench_moe(device: str, dtype, s: dict, reps: int) -> list[dict]:
 
         sec = _timeit(step, reps, device)
         rows.append(dict(experts=s["E"], top_k=s["k"], d_model=s["d"], d_expert=s["de"], tokens=s["tokens"],
-                         dispatch=dispatch, tokens_per_s=s["tokens"] / sec, ms=sec * 1e3))
+                         dispatch=dispatch if dispatch == "loop" else f"grouped ({kernel})", tokens_per_s=s["tokens"] / sec, ms=sec * 1e3))
     return rows
+
+
+def _grouped_kernel(layer: MoE, x: torch.Tensor) -> str:
+    """Which kernel the grouped path gets here: torch._grouped_mm, or the padded-bmm fallback."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "padded bmm"
+    try:
+        offs = torch.tensor([8] * layer.E, device=x.device).cumsum(0).to(torch.int32)
+        torch._grouped_mm(x[0, : 8 * layer.E].detach(), layer.w_up.detach().transpose(-2, -1), offs=offs)
+        return "_grouped_mm"
+    except RuntimeError:
+        return "padded bmm"
 
 
 def _dec_configs(s: dict) -> dict[str, ModelConfig]:
@@ -158,7 +171,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sections", default="moe,decode,train")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); on a shared "
+                    "machine 1 avoids OpenMP threads spinning while descheduled")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     s = SIZES["cuda" if dev == "cuda" else "cpu"]

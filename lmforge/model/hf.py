@@ -184,7 +184,16 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
                 dst.copy_(t)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
+    _check_filled(model, rules, fam)
     return model.eval()
+
+
+def _check_filled(model, rules, fam: str) -> None:
+    """Every parameter must have come from the checkpoint (to_empty leaves garbage in the rest)."""
+    filled = {n.partition("#")[0] for r in rules for n in r.lm}
+    unfilled = sorted(n for n, _ in model.named_parameters() if n not in filled)
+    if unfilled:
+        raise CheckpointError(f"no checkpoint tensor fills {unfilled[0]!r} ({len(unfilled)} unfilled) in the {fam} rules")
 
 
 def _check_names(rules, files: dict, cfg: ModelConfig, fam: str) -> None:

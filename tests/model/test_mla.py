@@ -59,7 +59,11 @@ def test_absorbed_cache_path_equals_naive_logits():
             cache = MLACache.for_model(model, 2, 16)
             prefill = model(ids[:, :7], cache=cache)
             steps = [model(ids[:, t:t + 1], cache=cache) for t in range(7, 11)]
-            whole = model(ids, cache=MLACache.for_model(model, 2, 16))
+            whole = model(ids, cache=MLACache.for_model(model, 2, 16))  # naive prefill over cached latents
+            for block in model.blocks:
+                block.attn.absorb_max_tokens = 64
+            absorbed_prefill = model(ids, cache=MLACache.for_model(model, 2, 16))
+        torch.testing.assert_close(absorbed_prefill, naive, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.cat([prefill, *steps], 1), naive, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(whole, naive, rtol=1e-5, atol=1e-5)
         assert cache.length == 11 and cache.c.shape[-1] == 12 and cache.k_rope.shape[-1] == 4

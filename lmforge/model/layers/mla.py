@@ -49,6 +49,7 @@ class MLA(nn.Module):
         self.rope_layout, self.softcap, self.impl, self.dropout = cfg.rope_layout, cfg.attn_softcap, cfg.attn_impl, cfg.dropout
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self._default_scale(cfg, qk)
+        self.absorb_max_tokens = 1  # with a cache, steps of at most this many new tokens use the absorbed path
 
     @staticmethod
     def _default_scale(cfg, qk: int) -> float:
@@ -83,7 +84,10 @@ class MLA(nn.Module):
             if not isinstance(cache, MLACache):
                 raise LmforgeError("attention='mla' needs an MLACache (lmforge.model.layers.mla.MLACache.for_model)")
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
-            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+            # decode steps attend over the latents directly; a long prefill is cheaper expanded per head
+            # (r + d_rope numbers per score instead of d_nope + d_rope), as DeepSeek's inference does
+            run = self._absorbed if T <= self.absorb_max_tokens else self._naive
+            out = run(q_nope, q_rope, c_kv, k_rope, mask)
         else:
             out = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.H * self.d_v))

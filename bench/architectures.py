@@ -101,9 +101,14 @@ def _dec_configs(s: dict) -> dict[str, ModelConfig]:
 @torch.no_grad()
 def bench_decode(device: str, dtype, s: dict, reps: int) -> list[dict]:
     rows = []
-    for name, cfg in _dec_configs(s).items():
+    configs = list(_dec_configs(s).items())
+    configs.append((configs[-1][0] + ", latents expanded each step", configs[-1][1]))
+    for name, cfg in configs:
         model = Transformer(cfg).to(device, dtype).eval()
         mla = cfg.attention == "mla"
+        if "expanded" in name:  # no absorption: rebuild every head's keys/values from all latents each step
+            for block in model.blocks:
+                block.attn.absorb_max_tokens = 0
         per_tok = MLACache.bytes_per_token(cfg, 2) if mla else cfg.n_layers * 2 * cfg.kv_heads * cfg.hd * 2
         ids = torch.randint(0, cfg.vocab_size, (s["batch"], s["prefix"]), device=device)
         step_ids = ids[:, :1]
@@ -185,18 +190,20 @@ def main() -> None:
                   torch=torch.__version__, grouped_mm=hasattr(torch, "_grouped_mm"))
     print(f"# {hw}, {dtype}, torch {torch.__version__}, {result['date']}")
     sections = args.sections.split(",")
-    if "moe" in sections:
-        result["moe_layer"] = bench_moe(dev, dtype, s["moe"], args.reps) + bench_moe(dev, dtype, s["moe_fine"], args.reps)
-        print("\n## MoE layer, forward+backward\n" + _table(result["moe_layer"]))
-    if "decode" in sections:
-        result["decode"] = bench_decode(dev, dtype, s["dec"], args.reps)
-        print("\n## KV cache and decode step at equal width\n" + _table(result["decode"]))
-    if "train" in sections:
-        result["train"] = bench_train(dev, dtype, s["train"], args.reps)
-        print("\n## Training step, MoE vs dense with equal active parameters\n" + _table(result["train"]))
     out = Path(args.out or Path(__file__).parent / "results" / f"architectures_{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    runs = [("moe", "moe_layer", "MoE layer, forward+backward",
+             lambda: bench_moe(dev, dtype, s["moe"], args.reps) + bench_moe(dev, dtype, s["moe_fine"], args.reps)),
+            ("decode", "decode", "KV cache and decode step at equal width",
+             lambda: bench_decode(dev, dtype, s["dec"], args.reps)),
+            ("train", "train", "Training step, MoE vs dense with equal active parameters",
+             lambda: bench_train(dev, dtype, s["train"], args.reps))]
+    for key, field, title, fn in runs:
+        if key not in sections:
+            continue
+        result[field] = fn()
+        print(f"\n## {title}\n" + _table(result[field]))
+        out.write_text(json.dumps(result, indent=2))  # after every section: a later failure keeps these
     print(f"\nwrote {out}")
 
 

@@ -186,18 +186,22 @@ def cluster_shingles(hashes: np.ndarray, counts: np.ndarray, cfg: MinHashConfig)
     bands, rows = (cfg.bands, cfg.rows) if cfg.bands else choose_bands_rows(cfg.threshold, cfg.num_perm)
     sig = signatures_flat(hashes, counts, cfg.num_perm, cfg.seed)
     ends = np.cumsum(counts)
-    sets: dict[int, np.ndarray] = {}
+    sets: dict[int, set[int]] = {}
 
-    def shingle_set(i: int) -> np.ndarray:
+    def shingle_set(i: int) -> set[int]:  # Python sets: cheaper than sorting for a few hundred items
         if i not in sets:
-            sets[i] = np.unique(hashes[ends[i] - counts[i]:ends[i]])
+            sets[i] = set(hashes[ends[i] - counts[i]:ends[i]].tolist())
         return sets[i]
+
+    def set_jaccard(a: set[int], b: set[int]) -> float:
+        inter = len(a & b)
+        return inter / (len(a) + len(b) - inter)
 
     uf = UnionFind(len(counts))
     for i, j in sorted(candidate_pairs(band_keys(sig, bands, rows), cfg.max_bucket_pairs)):
-        if not counts[i] or not counts[j]:
-            continue
-        if not cfg.verify or jaccard(shingle_set(i), shingle_set(j)) >= cfg.threshold:
+        if not counts[i] or not counts[j] or uf.find(i) == uf.find(j):
+            continue  # already joined through other verified pairs: no need to verify this one
+        if not cfg.verify or set_jaccard(shingle_set(i), shingle_set(j)) >= cfg.threshold:
             uf.union(i, j)
     return [uf.find(i) for i in range(len(counts))]
 

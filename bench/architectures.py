@@ -64,6 +64,11 @@ def bench_moe(device: str, dtype, s: dict, reps: int) -> list[dict]:
             p.normal_(0, 0.02)
     x = torch.randn(1, s["tokens"], s["d"], device=device, dtype=dtype, requires_grad=True)
     kernel = _grouped_kernel(layer, x)
+    with torch.no_grad():  # the fast path must agree with its reference on this device and dtype
+        layer.dispatch = "loop"
+        ref = layer(x).float()
+        layer.dispatch = "grouped"
+        diff = (layer(x).float() - ref).abs().max().item() / ref.abs().max().item()
     rows = []
     for dispatch in ("grouped", "loop"):
         layer.dispatch = dispatch
@@ -73,7 +78,8 @@ def bench_moe(device: str, dtype, s: dict, reps: int) -> list[dict]:
 
         sec = _timeit(step, reps, device)
         rows.append(dict(experts=s["E"], top_k=s["k"], d_model=s["d"], d_expert=s["de"], tokens=s["tokens"],
-                         dispatch=dispatch if dispatch == "loop" else f"grouped ({kernel})", tokens_per_s=s["tokens"] / sec, ms=sec * 1e3))
+                         dispatch=dispatch if dispatch == "loop" else f"grouped ({kernel})", tokens_per_s=s["tokens"] / sec, ms=sec * 1e3,
+                         rel_diff_vs_loop=diff if dispatch == "grouped" else 0.0))
     return rows
 
 

@@ -1,0 +1,83 @@
+"""The `lmforge` command: help, config files with overrides, and one-line errors for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.train.checkpoint import checkpoint_dirs
+
+from .train.helpers import make_shard
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "train", "sample", "tokenizer"):
+        assert f"  {cmd}" in out
+
+
+@pytest.mark.parametrize("cmd", ["train", "demo", "sample"])
+def test_every_command_has_useful_help(cmd):
+    r = run(cmd, "--help")
+    assert r.returncode == 0 and "usage" in r.stdout.lower() and "--" in r.stdout
+
+
+def test_train_from_toml_with_overrides(tmp_path):
+    shard = make_shard(tmp_path / "t.bin")
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"""
+run_dir = "{tmp_path / 'run'}"
+max_steps = 50
+eval_every = 10
+device = "cpu"
+progress = false
+plot = false
+[model]
+vocab_size = 257
+d_model = 32
+n_layers = 1
+n_heads = 2
+max_seq_len = 16
+[data]
+train = ["{shard}"]
+seq_len = 16
+batch_size = 4
+[optim]
+lr = 0.003
+""")
+    r = run("train", "--config", str(toml), "--max-steps", "6", "--ckpt-every", "3")
+    assert r.returncode == 0, r.stderr
+    assert "done: 6 steps" in r.stdout
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_000003", "step_000006"]
+
+
+def test_bad_config_gives_one_line_error(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("[model]\nd_modle = 64\n")
+    r = run("train", "--config", str(toml))
+    assert r.returncode == 2
+    assert "unknown config key 'model.d_modle'" in r.stderr and "Traceback" not in r.stderr
+    toml.write_text("[model]\nd_model = 30\nn_heads = 4\n")
+    r = run("train", "--config", str(toml))
+    assert "model.d_model=30 must be divisible by model.n_heads=4" in r.stderr
+    r = run("train", "--config", str(tmp_path / "nope.toml"))
+    assert "config file not found" in r.stderr
+    r = run("--debug", "train", "--config", str(tmp_path / "nope.toml"))
+    assert "Traceback" in r.stderr  # --debug shows the traceback
+
+
+def test_missing_token_file_is_a_clear_error(tmp_path):
+    r = run("train", "--data.train", str(tmp_path / "missing.bin"), "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "token file not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_command():
+    r = run("frobnicate")
+    assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr

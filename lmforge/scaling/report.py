@@ -57,13 +57,12 @@ def _try(report: dict, key: str, fn):
 
 
 def _kaplan(runs: Runs) -> dict:
-    """L(C) over the per-budget best runs; L(N) over the best run per size (the data-rich limit)."""
-    out = {}
-    best_c = [runs.loss[runs.budget == c].min() for c in np.unique(runs.budget)]
-    out["L(C)"] = str(fit_power_law(np.unique(runs.budget), best_c, variable="C"))
-    best_n = [runs.loss[runs.n == n].min() for n in np.unique(runs.n)]
-    out["L(N)"] = str(fit_power_law(np.unique(runs.n), best_n, variable="N"))
-    return out
+    """L(C) through the best run of each budget (Kaplan et al. eq. 1.3, the compute frontier). L(N) and L(D)
+    need runs that are not limited by the other variable, which an IsoFLOP grid does not have; fit them
+    with `fit_power_law` on such sweeps."""
+    best = [runs.loss[runs.budget == c].min() for c in np.unique(runs.budget)]
+    law = fit_power_law(np.unique(runs.budget), best, variable="C")
+    return {"L(C)": str(law), "C_c": law.x_c, "alpha_C": law.alpha}
 
 
 def _iso(runs: Runs, cfg: FitConfig):

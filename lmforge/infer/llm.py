@@ -47,12 +47,17 @@ class LLM:
             raise ConfigError(f"draft must be None, 'ngram' or a model, got {draft!r}")
 
     @classmethod
-    def load(cls, path, device: str = "cpu", **kwargs) -> "LLM":
-        """Open a run or checkpoint directory written by lmforge's trainer."""
+    def load(cls, path, device: str = "cpu", *, tokenizer=None, **kwargs) -> "LLM":
+        """Open a run or checkpoint directory written by lmforge's trainer. `tokenizer` (an object or a
+        spec for lmforge.tokenizer.load.load_tokenizer) replaces or supplies the checkpoint's own."""
+        from lmforge.tokenizer.load import load_tokenizer
         from lmforge.train.checkpoint import load_model
 
-        model, tokenizer = load_model(path, device=device)
-        return cls(model, tokenizer, **kwargs)
+        model, saved = load_model(path, device=device)
+        tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer or saved
+        if tok is None:
+            raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one (e.g. --tokenizer byte)")
+        return cls(model, tok, **kwargs)
 
     @property
     def max_seq_len(self) -> int:
@@ -101,12 +106,20 @@ class LLM:
                 for i, (p, ids) in enumerate(zip(prompts, encoded))]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the text of one sample as it is produced (complete UTF-8 characters only)."""
+        """Yield the text of one sample as it is produced: complete UTF-8 characters only, and text that
+        might begin a stop string is held back until it is known not to."""
         params = params or SamplingParams()
         seq = Sequence(self.encode(prompt, params), generator=self._generator(params, 0))
-        for events in self._run([seq], params):
-            for _, piece in events:
-                yield piece
+        emitted = 0
+        for _ in self._run([seq], params):
+            if seq.finish is not None:
+                break
+            ready = len(seq.text) - _stop_prefix_len(seq.text, params.stop)
+            if ready > emitted:
+                yield seq.text[emitted:ready]
+                emitted = ready
+        if len(seq.text) > emitted:  # the final text, already cut before any stop string
+            yield seq.text[emitted:]
 
     # ---------------------------------------------------------------------------------------------
     def _generator(self, params: SamplingParams, sample_index: int) -> torch.Generator | None:
@@ -131,3 +144,14 @@ class LLM:
         decoder = self._decoder(len(seqs), max_len)
         return run_batch(decoder, seqs, params, self.tokenizer, vocab_size=self.model.cfg.vocab_size,
                          max_seq_len=self.max_seq_len, device=self.device)
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):  # longest first
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

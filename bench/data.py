@@ -182,7 +182,7 @@ def main() -> None:
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
                  platform.machine(), "cpus": os.cpu_count()}
     if args.only in (None, "minhash"):
-        res["minhash"] = m = bench_minhash(args.docs, 3)
+        res["minhash"] = m = bench_minhash(args.docs, 5)
         print(f"\nMinHash, {m['docs']} docs x ~300 words, 128 perms, word 5-grams, t=0.8 (b={m['bands']}, r={m['rows']})")
         print(f"{'':32}{'lmforge':>12}{'datasketch':>12}{'speed-up':>10}")
         for label, a, b in [("signatures/s (from text)", "lmforge_sigs_per_s", "datasketch_sigs_per_s"),

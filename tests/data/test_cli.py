@@ -1,0 +1,61 @@
+"""`lmforge data ...` in-process: stages listing, and a run over WARC + zstd JSONL + Parquet inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.data.document import Document
+from lmforge.data.readers import read_documents
+from lmforge.data.report import load_report
+from lmforge.data.stages import STAGES
+from lmforge.data.writers import write_jsonl, write_parquet
+from tests.data.test_readers import _warc_bytes
+
+TEXT = ("The river flooded the valley after three days of heavy rain. Farmers moved their animals to higher "
+        "ground. The army helped to build walls of sandbags. Schools were closed for the week.")
+
+
+def test_stages_command_lists_every_stage(capsys):
+    assert main(["data", "stages"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in STAGES) and len(STAGES) == 15
+
+
+def test_run_command_on_mixed_formats(tmp_path, capsys):
+    pytest.importorskip("warcio")
+    d = tmp_path / "in"
+    d.mkdir()
+    page = f"<html><body><nav>Home | About</nav><p>{TEXT}</p></body></html>".encode()
+    (d / "a.warc.gz").write_bytes(_warc_bytes([("response", "http://a.example/", page),
+                                               ("conversion", "http://b.example/", (TEXT + " Wet.").encode())]))
+    write_jsonl(d / "b.jsonl.zst", [Document(id="z1", text=TEXT + " Zstd."), Document(id="z2", text=TEXT)])
+    write_parquet(d / "c.parquet", [Document(id="p1", text=TEXT + " Parquet.", meta={"url": "u"})])
+    (tmp_path / "p.toml").write_text(f"""
+[input]
+paths = ["{d}"]
+[output]
+dir = "{tmp_path / 'ignored'}"
+format = "parquet"
+[[stages]]
+stage = "extract"
+[[stages]]
+stage = "exact_dedup"
+[[stages]]
+stage = "pii"
+""")
+    out = tmp_path / "run"
+    assert main(["data", "run", str(tmp_path / "p.toml"), "--output", str(out), "--progress", "False"]) == 0
+    assert "balanced" in capsys.readouterr().out
+    report = load_report(out)
+    assert report["balance"] == {"input_docs": 5, "added_docs": 0, "kept_docs": 4, "rejected_docs": 1,
+                                 "balanced": True}
+    kept = {x.id: x for f in (out / "data").glob("*.parquet") for x in read_documents(f)}
+    assert len(kept) == 4 and kept["p1"].meta["url"] == "u"
+    warc = [x for x in kept.values() if x.meta.get("url") == "http://a.example/"]
+    assert warc and warc[0].text == TEXT  # navigation boilerplate removed
+    rejected = [x for f in (out / "rejected").glob("*.jsonl") for x in read_documents(f)]
+    assert [x.drop for x in rejected] == ["exact_duplicate"] and rejected[0].id == "z2"
+    assert json.loads((out / "pipeline.json").read_text())["output_format"] == "parquet"

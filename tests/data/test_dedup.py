@@ -172,3 +172,11 @@ def test_decontamination_against_gsm8k_and_mmlu():
     out = decontam(DecontamConfig(eval_paths=(str(gsm), str(mmlu)), ngram=13), docs, StageContext())
     assert [d.drop for d in out] == ["decontam", None, "decontam"]
     assert out[0].meta["eval_ngram_matches"] == len(text_ngram_hashes(q, 13))
+
+
+def test_minhash_character_shingles():
+    base = "Breaking: the city council approved the new budget for parks and libraries on Monday evening."
+    texts = [base, base.replace("Monday", "Tuesday"), "A completely different sentence about astronomy."]
+    cfg = MinHashConfig(threshold=0.7, unit="char", ngram=5, num_perm=256)
+    assert _groups(cluster(texts, cfg)) == [[0, 1]]
+    assert _groups(cluster(texts, MinHashConfig(threshold=0.7, unit="word", ngram=5))) == []  # too few words

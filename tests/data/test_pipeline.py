@@ -173,3 +173,24 @@ def test_example_pipelines_parse():
         from lmforge.data.pipeline import PipelineConfig
 
         assert from_dict(PipelineConfig, data).stages
+
+
+def test_tokenize_stage_with_a_trained_bpe_tokenizer(tmp_path):
+    """Token shards through `load_tokenizer(dir)` with lmforge's BPE tokenizer, decoded back exactly."""
+    import lmforge as lf
+    from lmforge.data.tokenize import TokenizeConfig, tokenize
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. the dog sat on the log. " * 50)
+    tok = lf.train_bpe([str(corpus)], vocab_size=300, special_tokens=["<|endoftext|>"])
+    tok_dir = tmp_path / "tok"
+    tok.save(tok_dir)
+    docs = [Document(id="a", text="the cat sat on the log."), Document(id="b", text="a dog on a mat")]
+    tokenize(TokenizeConfig(tokenizer=str(tok_dir)), docs, StageContext(shard="s0", workdir=tmp_path))
+    shard = TokenFile(tmp_path / "tokens" / "s0.bin")
+    ids = shard.tokens.tolist()
+    eot = tok.eot_id
+    assert shard.header["num_docs"] == 2 and shard.doc_sep == eot and shard.vocab_size == tok.vocab_size
+    parts = [p for p in tok.decode(ids).split("<|endoftext|>") if p]
+    assert parts == ["the cat sat on the log.", "a dog on a mat"]
+    assert docs[0].meta["num_tokens"] < len("the cat sat on the log.")  # merges were applied

@@ -137,10 +137,37 @@ def _check_run_dir(cfg: PipelineConfig) -> None:
     write_json_atomic(saved, mine)
 
 
-def run_local(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run (or resume) the pipeline; returns the report (also written to output.dir)."""
+def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], done: dict[str, dict],
+                   desc: str) -> dict[str, dict]:
+    """Run the shards of map phase p that have no marker yet, in a process pool; returns all stats."""
     from tqdm.auto import tqdm
 
+    todo = [s for s in shards if s not in done]
+    bar = tqdm(total=len(shards), initial=len(done), desc=desc, disable=not cfg.progress, unit="shard")
+    args = [(cfg, p, s, shards[s]) for s in todo]
+    if cfg.workers == 1 or len(todo) == 1:
+        results: Any = (run_map_shard(*a) for a in args)
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(min(cfg.workers, len(todo)))
+        results = pool.imap_unordered(_run_map_shard_args, args)
+    try:
+        for st in results:
+            done[st["shard"]] = st
+            bar.update()
+    finally:
+        bar.close()
+        if not (cfg.workers == 1 or len(todo) == 1):
+            pool.close()
+            pool.join()
+    return done
+
+
+def run_local(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns the report (also written to output.dir).
+
+    A map phase resumes shard by shard; a global phase is all-or-nothing (it needs every document), so a
+    run killed inside one redoes that phase."""
     _check_run_dir(cfg)
     layout = RunLayout(cfg)
     shards = make_shards(cfg.input)
@@ -148,31 +175,18 @@ def run_local(cfg: PipelineConfig) -> dict[str, Any]:
     skipped = processed = 0
     for p, phase in enumerate(phases(cfg.built_stages())):
         done = {s: json.loads(layout.marker(p, s).read_text()) for s in shards if layout.marker(p, s).is_file()}
-        todo = [s for s in shards if s not in done]
-        skipped += len(done)
-        processed += len(todo)
-        desc = f"phase {p + 1}/{layout.n_phases} [{', '.join(spec.name for spec, _ in phase) or 'copy'}]"
-        if not todo:
-            all_stats += done.values()
+        if len(done) == len(shards):
+            skipped += len(shards)
+            all_stats += [done[s] for s in shards]
             continue
+        desc = f"phase {p + 1}/{layout.n_phases} [{', '.join(spec.name for spec, _ in phase) or 'copy'}]"
         if phase and phase[0][0].kind == "global":
-            new = run_global_phase(cfg, p, shards) if done.keys() != shards.keys() else []
-            done = {st["shard"]: st for st in new}
+            processed += len(shards)
+            done = {st["shard"]: st for st in run_global_phase(cfg, p, shards)}
         else:
-            bar = tqdm(total=len(shards), initial=len(done), desc=desc, disable=not cfg.progress, unit="shard")
-            args = [(cfg, p, s, shards[s]) for s in todo]
-            if cfg.workers == 1 or len(todo) == 1:
-                results = (run_map_shard(*a) for a in args)
-                for st in results:
-                    done[st["shard"]] = st
-                    bar.update()
-            else:
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                with ctx.Pool(min(cfg.workers, len(todo))) as pool:
-                    for st in pool.imap_unordered(_run_map_shard_args, args):
-                        done[st["shard"]] = st
-                        bar.update()
-            bar.close()
+            skipped += len(done)
+            processed += len(shards) - len(done)
+            done = _run_map_phase(cfg, p, shards, done, desc)
         all_stats += [done[s] for s in shards]
         if p > 0:
             for s in shards:

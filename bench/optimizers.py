@@ -15,7 +15,7 @@ from lmforge.optim.benchmark import OptimBenchConfig, main_run
 SETTINGS = {
     "cpu": OptimBenchConfig(out="runs/bench_optimizers_cpu"),
     "gpu": OptimBenchConfig(depth=6, seq_len=256, batch_size=32, steps=600, warmup_steps=60, eval_every=50,
-                            eval_batches=16, precondition_frequency=25, time_budget_s=330,
+                            eval_batches=16, precondition_frequency=25, block_size=1536, time_budget_s=300,
                             out="runs/bench_optimizers_gpu"),
 }
 

@@ -11,6 +11,7 @@ trainer, no checkpoints) so only the optimizer differs between runs.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -41,10 +42,17 @@ class OptimBenchConfig:
     adam_lr: float = 3e-3
     """Muon/Dion: AdamW rate of embeddings, head and vectors"""
     precondition_frequency: int = 10
+    block_size: int = 256
+    """Shampoo: block side; SOAP: sides longer than this are left unrotated"""
     """Shampoo/SOAP: steps between preconditioner (inverse root / eigenbasis) refreshes"""
     lr_points: int = 3
     """learning rates per optimizer: centre * lr_factor^k, k = -(lr_points // 2) ..."""
     lr_factor: float = 3.0
+    lrs: tuple[float, ...] = ()
+    """explicit learning rates for every optimizer (replaces the centre·factor^k grid)"""
+    merge: str = ""
+    """results.json of an earlier run on the same data and seed whose runs join this one's summary
+    (e.g. to extend one optimizer's sweep past the edge of its grid)"""
     eval_every: int = 20
     eval_batches: int = 8
     target_loss: float = 0.0
@@ -106,7 +114,7 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
     model = Transformer(ModelConfig.from_depth(cfg.depth, vocab_size=257, max_seq_len=cfg.seq_len)).to(dev)
     ocfg = OptimConfig(name=name, lr=lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
                        warmup_steps=cfg.warmup_steps, adam_lr=cfg.adam_lr, min_lr_ratio=0.1,
-                       precondition_frequency=cfg.precondition_frequency)
+                       precondition_frequency=cfg.precondition_frequency, block_size=cfg.block_size)
     opt = build_optimizer(model, ocfg)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -141,6 +149,11 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
     return {"optimizer": name, "lr": lr, "final_val_loss": final, "curve": curve, "wall_time": train_time,
             "state_bytes_per_param": optimizer_state_bytes(opt) / n_params, "n_params": n_params}
 
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
 def to_target(curve: list[dict], target: float) -> tuple[float, float]:
     """(steps, seconds) at which the validation loss first reaches `target`, interpolated linearly
     between evaluations; (inf, inf) if it never does."""
@@ -163,15 +176,18 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
         run_one(replace(cfg, steps=3, eval_every=3), cfg.optimizers[0], DEFAULT_LR[cfg.optimizers[0]], train, val)
     runs, t_start = [], time.perf_counter()
     offsets = sorted(range(-(cfg.lr_points // 2), cfg.lr_points - cfg.lr_points // 2), key=abs)
-    for k in offsets:  # centre rates first, then the neighbours
+    for k in range(len(cfg.lrs)) if cfg.lrs else offsets:  # centre rates first, then the neighbours
         for name in cfg.optimizers:
             if cfg.time_budget_s and time.perf_counter() - t_start > cfg.time_budget_s:
                 log(f"time budget reached; skipping {name} at offset {k}")
                 continue
-            lr = DEFAULT_LR[name] * cfg.lr_factor**k
+            lr = cfg.lrs[k] if cfg.lrs else DEFAULT_LR[name] * cfg.lr_factor**k
             r = run_one(cfg, name, lr, train, val)
             log(f"{name:>10} lr={lr:.3g}: final val {r['final_val_loss']:.4f} ({r['wall_time']:.1f}s)")
             runs.append(r)
+            _write_json(Path(cfg.out) / "partial.json", {"runs": runs})  # survives a killed sweep
+    if cfg.merge:
+        runs = json.loads(Path(cfg.merge).read_text())["runs"] + runs
     result = summarize(runs, cfg.target_loss)
     return {"config": asdict(cfg), "device": str(dev), "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
             **result}
@@ -236,12 +252,9 @@ def plot_curves(result: dict, path: str | Path) -> Path:
 
 def main_run(cfg: OptimBenchConfig) -> dict:
     """Run, print the table, write results.json and loss_curves.png under cfg.out."""
-    import json
-
     result = run_benchmark(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+    _write_json(out / "results.json", result)
     plot_curves(result, out / "loss_curves.png")
     print(format_table(result))
     return result

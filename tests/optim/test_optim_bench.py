@@ -17,9 +17,9 @@ def test_to_target_interpolates_between_evaluations():
     assert to_target(curve, 1.0) == (math.inf, math.inf)
 
 
-def test_short_benchmark_reports_memory_and_speedup():
+def test_short_benchmark_reports_memory_and_speedup(tmp_path):
     cfg = OptimBenchConfig(optimizers=("adamw", "lion"), depth=1, seq_len=16, batch_size=4, steps=12,
-                           warmup_steps=2, lr_points=1, eval_every=6, eval_batches=2)
+                           warmup_steps=2, lr_points=1, eval_every=6, eval_batches=2, out=str(tmp_path))
     result = run_benchmark(cfg, log=lambda s: None)
     by = {s["optimizer"]: s for s in result["summary"]}
     assert by["adamw"]["state_bytes_per_param"] == pytest.approx(8.0)  # fp32 m and v
@@ -28,3 +28,4 @@ def test_short_benchmark_reports_memory_and_speedup():
     for r in result["runs"]:
         assert r["curve"][-1]["val_loss"] < r["curve"][0]["val_loss"]
     assert "| adamw |" in format_table(result)
+    assert (tmp_path / "partial.json").is_file()  # written after every run

@@ -6,7 +6,9 @@ generate() on the same weights, and speculative decoding, in one run on one GPU.
 
 Prints a table and writes JSON (bench/results/decode.json, or $OUT/decode.json when OUT is set). Every
 fast path's greedy tokens are compared with the plain path's ("agree" = length of the common prefix /
-tokens generated; bf16 rounding differs between attention kernels, so late divergence can be legitimate).
+tokens generated, for paths that run free; fast decode paths are fed the plain path's tokens and "agree" is
+the fraction of steps whose argmax equals it - random-init logits have near-ties that bf16 rounding in
+different attention kernels can flip, after which free-running outputs diverge legitimately).
 Roofline: batch-1 decode must read every weight once per token, so tokens/s <= copy bandwidth / weight
 bytes, with the bandwidth measured here by a device-to-device copy (bytes read + written).
 """
@@ -27,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.infer.cuda_graph import GraphDecoder  # noqa: E402
-from lmforge.infer.engine import PlainDecoder  # noqa: E402
+from lmforge.infer.engine import PlainDecoder, decode_attention  # noqa: E402
 from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402
@@ -76,9 +78,12 @@ def copy_bandwidth(dev: torch.device) -> float:
 
 
 @torch.no_grad()
-def greedy_loop(decoder, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, float, float]:
-    """Prefill + (new-1) decode steps with argmax, no host sync inside the loop.
-    Returns tokens (B, new), prefill seconds, decode seconds."""
+def greedy_loop(decoder, prompt: torch.Tensor, new: int, force: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, float, float]:
+    """Prefill + (new-1) decode steps with argmax, no host sync inside the loop. With `force` (B, new)
+    the step after token i is fed force[:, i] (teacher forcing by the reference path's tokens), so each
+    step's argmax can be compared with the reference's even after a bf16 near-tie flipped one.
+    Returns argmax tokens (B, new), prefill seconds, decode seconds."""
     dev = prompt.device
     sync(dev)
     t0 = time.perf_counter()
@@ -86,14 +91,14 @@ def greedy_loop(decoder, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, 
     out = [logits.argmax(-1)]
     sync(dev)
     t1 = time.perf_counter()
-    for _ in range(new - 1):
-        out.append(decoder.step(out[-1]).argmax(-1))
+    for i in range(new - 1):
+        out.append(decoder.step(out[-1] if force is None else force[:, i]).argmax(-1))
     sync(dev)
     return torch.stack(out, 1), t1 - t0, time.perf_counter() - t1
 
 
 def agree(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of the common-prefix length / row length."""
+    """Mean over rows of the common-prefix length / row length (free-running comparison)."""
     eq = (a.cpu() == b.cpu()).long().cumprod(1)
     return float(eq.sum(1).float().mean() / a.shape[1])
 
@@ -173,10 +178,13 @@ class Report:
 
 
 def run_loop(rep: Report, name: str, decoder, prompt, new: int, ref=None, note: str = ""):
-    toks, pre, dec = greedy_loop(decoder, prompt, new)
+    """Time one path; against a reference, teacher-forced: agree = fraction of steps whose argmax equals
+    the reference path's token."""
+    toks, pre, dec = greedy_loop(decoder, prompt, new, force=ref)
     B = prompt.shape[0]
+    match = float((toks.cpu() == ref.cpu()).float().mean()) if ref is not None else 1.0
     rep.add(variant=name, batch=B, prefill_s=pre, decode_s=dec, decode_tok_s=B * (new - 1) / dec,
-            e2e_tok_s=B * new / (pre + dec), agree=agree(toks, ref) if ref is not None else 1.0, note=note)
+            e2e_tok_s=B * new / (pre + dec), agree=match, note=note)
     return toks
 
 
@@ -186,8 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--hf", default="both", choices=["default", "off", "both", "none"],
+                    help="HF generate() runs: torch's default SDPA backends, cuDNN attention off, both, none")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-batches", default="1", help="batch sizes to run the torch.compile variant at")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
@@ -218,17 +228,25 @@ def main(argv: list[str] | None = None) -> None:
         if dev.type == "cuda":
             graph.capture(graph.bucket(B))
             run_loop(rep, "static cache + CUDA graph", graph.bind(B), prompts[B], new, refs[B])
+            rkv = GraphDecoder(model, B, max_len, repeat_kv=True)
+            rkv.capture(B)
+            run_loop(rep, "CUDA graph, kv heads repeated", rkv, prompts[B], new, refs[B])
+            del rkv
     bench_generate(rep, model, prompts[max(batches)], new, refs[max(batches)])
     bench_speculative(rep, model, prompts[batches[0]][:1], new, refs[batches[0]][:1])
-    if not args.no_hf:
-        bench_hf(rep, model, prompts, new, refs)
+    for cudnn in {"default": [True], "off": [False], "both": [True, False], "none": []}[args.hf]:
+        bench_hf(rep, model, prompts, new, refs, cudnn)
     if dev.type == "cuda" and not args.no_compile:
-        comp = GraphDecoder(model, max(batches), max_len, compile=True)
-        for B in batches:
+        for B in [int(b) for b in args.compile_batches.split(",")]:
+            best = max((r for r in rep.rows if r["batch"] == B and "graph" in r["variant"]),
+                       key=lambda r: r["decode_tok_s"])
+            repeat = "repeated" in best["variant"]
+            comp = GraphDecoder(model, B, max_len, compile=True, repeat_kv=repeat)
             t0 = time.perf_counter()
-            comp.capture(comp.bucket(B))
-            run_loop(rep, "torch.compile + CUDA graph", comp.bind(B), prompts[B], new, refs[B],
-                     note=f"compile+capture {time.perf_counter() - t0:.0f}s")
+            comp.capture(B)
+            run_loop(rep, "torch.compile + CUDA graph" + (", kv repeated" if repeat else ""), comp, prompts[B],
+                     new, refs[B], note=f"compile+capture {time.perf_counter() - t0:.0f}s")
+            del comp
     print("\n" + rep.table())
     print(f"\nroofline (batch 1): {rep.meta['roofline_tok_s']:.0f} tok/s; JSON: {rep.path}")
 
@@ -253,8 +271,13 @@ def bench_speculative(rep: Report, model, prompt, new: int, ref) -> None:
     """Greedy speculative decoding (eager) against eager greedy decoding of the same prompt."""
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     L = model.cfg.max_seq_len
-    base = next(r for r in rep.rows if r["variant"].startswith("plain") and r["batch"] == prompt.shape[0])
-    base_s = base["prefill_s"] + base["decode_s"]
+    ids = prompt[0].tolist()
+    # baseline: the same eager loop with no drafts (one target forward per token)
+    speculative_generate(model, NGramDrafter(vocab_size=model.cfg.vocab_size), ids, sp, 0, set(), L)
+    toks, st = speculative_generate(model, NGramDrafter(vocab_size=model.cfg.vocab_size), ids, sp, 0, set(), L)
+    base_s = st.seconds
+    rep.add(variant="eager loop, no draft (spec. baseline)", batch=1, e2e_tok_s=new / base_s,
+            agree=agree(torch.tensor([toks]), ref), note="target forward per token")
     n_draft = 2 if model.cfg.n_layers > 4 else 1
     draft = layer_skip_draft(model, n_draft)
     for name, drafter, k in ((f"speculative, {n_draft}-layer self-draft", None, 4),
@@ -268,12 +291,13 @@ def bench_speculative(rep: Report, model, prompt, new: int, ref) -> None:
         sync(prompt.device)
         m = st.as_dict(len(toks))
         rep.add(variant=name, batch=1, e2e_tok_s=new / st.seconds, agree=agree(torch.tensor([toks]), ref),
-                acceptance=m["acceptance_rate"], speedup_vs_eager=base_s / st.seconds,
+                acceptance=m["acceptance_rate"], speedup_vs_no_draft=base_s / st.seconds,
                 note=f"k={k}, accept {m['acceptance_rate']:.2f}, {m['tokens_per_forward']:.2f} tok/forward, "
-                     f"{base_s / st.seconds:.2f}x vs plain eager")
+                     f"{base_s / st.seconds:.2f}x vs no draft")
 
 
-def bench_hf(rep: Report, model, prompts: dict, new: int, refs: dict) -> None:
+def bench_hf(rep: Report, model, prompts: dict, new: int, refs: dict, cudnn: bool) -> None:
+    """HF generate() on the same weights; cudnn=False runs it under the same SDPA backend choice as ours."""
     try:
         hf = to_hf(model)
     except Exception as e:  # transformers missing or changed: report, keep the other results
@@ -281,10 +305,14 @@ def bench_hf(rep: Report, model, prompts: dict, new: int, refs: dict) -> None:
         return
     import transformers
 
+    import contextlib
+
     for B, prompt in prompts.items():
-        toks, dt = hf_generate(hf, prompt, new)
+        with contextlib.nullcontext() if cudnn else decode_attention():
+            toks, dt = hf_generate(hf, prompt, new)
         rep.add(variant=f"HF transformers {transformers.__version__} generate()", batch=B, e2e_tok_s=B * new / dt,
-                agree=agree(toks, refs[B]), note="same weights, sdpa, greedy")
+                agree=agree(toks, refs[B]),
+                note="same weights, sdpa, greedy" + ("" if cudnn else ", cuDNN attention off"))
     del hf
 
 

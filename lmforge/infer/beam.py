@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.infer.detok import safe_decode
-from lmforge.infer.engine import stop_ids
+from lmforge.infer.engine import decode_attention, stop_ids
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.cache import KVCache
@@ -23,6 +23,7 @@ def _norm(score: float, length: int, alpha: float) -> float:
 
 
 @torch.inference_mode()
+@decode_attention()
 def beam_search(llm, prompt, ids: list[int], params: SamplingParams) -> RequestOutput:
     model, W = llm.model, params.beam_width
     eos = stop_ids(params, llm.tokenizer)

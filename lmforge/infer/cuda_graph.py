@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.infer.engine import decode_attention
 from lmforge.model.cache import StaticKVCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -23,9 +24,10 @@ class GraphDecoder:
     """Decoder (see lmforge.infer.engine) over a StaticKVCache of max_batch rows x max_len slots."""
 
     def __init__(self, model, max_batch: int, max_len: int, *, use_graphs: bool | None = None,
-                 compile: bool = False, buckets: tuple[int, ...] = BUCKETS):
+                 compile: bool = False, repeat_kv: bool = False, buckets: tuple[int, ...] = BUCKETS):
         self.model = model
-        self.cache = StaticKVCache.for_model(model, max_batch, max_len)
+        max_len = -(-max_len // 16) * 16  # aligned key count: fused attention kernels want it
+        self.cache = StaticKVCache.for_model(model, max_batch, max_len, repeat_kv=repeat_kv)
         self.use_graphs = self.cache.k.is_cuda if use_graphs is None else use_graphs
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
@@ -53,7 +55,8 @@ class GraphDecoder:
         self.bind(B)
         self.cache.start(pad)
         view = self.cache.view(B)
-        return self.model(ids, view.positions(T).clamp(min=0), cache=view)[:, -1]
+        with decode_attention():
+            return self.model(ids, view.positions(T).clamp(min=0), cache=view)[:, -1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -61,8 +64,8 @@ class GraphDecoder:
         if self.cache.length + 1 > self.cache.max_len:
             raise LmforgeError(f"decoder cache is full ({self.cache.max_len} slots)")
         if not self.use_graphs:
-            view = self.cache.view(B)
-            out = self.forward(view, tokens[:, None])
+            with decode_attention():
+                out = self.forward(self.cache.view(B), tokens[:, None])
         else:
             graph, tok_buf, out_buf = self.graphs.get(self.bucket(B)) or self.capture(self.bucket(B))
             tok_buf[:B, 0].copy_(tokens)
@@ -80,7 +83,7 @@ class GraphDecoder:
         saved = self.cache.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), decode_attention():
             for _ in range(3):
                 view.length = 0  # keep torch.compile's guards stable across calls
                 self.forward(view, tok_buf)
@@ -88,7 +91,7 @@ class GraphDecoder:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         view.length = 0
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), decode_attention():
             out_buf = self.forward(view, tok_buf)
         self.cache.pos.copy_(saved)
         self.graphs[b] = (graph, tok_buf, out_buf)

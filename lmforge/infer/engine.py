@@ -21,6 +21,15 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.model.cache import KVCache
 
 
+def decode_attention():
+    """Context for decoding forwards: SDPA may use flash, memory-efficient or math kernels, not cuDNN's.
+    cuDNN attention builds an execution plan for every new key length - a new one at every decode step -
+    which made eager decoding ~5x slower on an H100 (the first bench/decode.py run, 2026-11-23)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 class Decoder(Protocol):
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor: ...
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
@@ -49,12 +58,14 @@ class PlainDecoder:
         self.cache.set_padding(pad)
         self.pad = pad
         positions = (torch.arange(ids.shape[1], device=ids.device)[None] - pad[:, None]).clamp(min=0)
-        return self.model(ids, positions, cache=self.cache)[:, -1]
+        with decode_attention():
+            return self.model(ids, positions, cache=self.cache)[:, -1]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = (self.cache.length - self.pad)[:, None]
-        return self.model(tokens[:, None], positions, cache=self.cache)[:, 0]
+        with decode_attention():
+            return self.model(tokens[:, None], positions, cache=self.cache)[:, 0]
 
 
 @dataclass

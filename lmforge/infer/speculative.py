@@ -22,7 +22,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.infer.detok import safe_decode
-from lmforge.infer.engine import stop_ids
+from lmforge.infer.engine import decode_attention, stop_ids
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
@@ -120,6 +120,7 @@ class SpecStats:
 
 
 @torch.inference_mode()
+@decode_attention()
 def speculative_generate(target, drafter, prompt: list[int], params: SamplingParams, k: int, eos: set[int],
                          max_seq_len: int, gen: torch.Generator | None = None) -> tuple[list[int], SpecStats]:
     """Generate up to params.max_tokens tokens for one prompt; returns them and the acceptance stats."""

@@ -28,6 +28,18 @@ def test_static_decoder_matches_plain_path(arch, tok):
     assert [o.token_ids for o in static] == [o.token_ids for o in plain]
 
 
+def test_repeated_kv_heads_give_the_same_logits():
+    model = tiny_model("llama")  # 4 query heads, 2 kv heads
+    ids = torch.randint(0, 257, (2, 7))
+    pad = torch.tensor([0, 3])
+    outs = []
+    for repeat in (False, True):
+        dec = GraphDecoder(model, 2, 16, use_graphs=False, repeat_kv=repeat)
+        outs.append(torch.stack([dec.prefill(ids, pad), dec.step(torch.tensor([5, 6])), dec.step(torch.tensor([7, 8]))]))
+    assert dec.cache.k.shape[2] == 4
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_tokens_match_plain_path(tok):
@@ -35,3 +47,9 @@ def test_cuda_graph_tokens_match_plain_path(tok):
     plain = LLM(model, tok, cuda_graphs=False).generate(PROMPTS, SP)
     graphs = LLM(model, tok, cuda_graphs=True).generate(PROMPTS, SP)  # bucket 8 for 5 rows
     assert [o.token_ids for o in graphs] == [o.token_ids for o in plain]
+    dec = GraphDecoder(model, 1, 64, repeat_kv=True, compile=False)
+    ids = torch.tensor([tok.encode("Hello there")], device="cuda")
+    out = [int(dec.prefill(ids, torch.zeros(1, dtype=torch.long, device="cuda")).argmax())]
+    for _ in range(9):
+        out.append(int(dec.step(torch.tensor(out[-1:], device="cuda")).argmax()))
+    assert out == plain[0].token_ids

@@ -119,10 +119,15 @@ class StaticKVCache:
     Python, so the graph runner advances it itself."""
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 repeat_kv: int = 1):
+        # repeat_kv > 1 stores each kv head once per query head of its group, so attention sees plain MHA
+        # and SDPA can use a fused kernel with a mask (its GQA mode falls back to unfused math with masks);
+        # costs repeat_kv x the cache memory and reads - worthwhile at batch 1, not at large batches
+        shape = (n_layers, batch_size, n_kv_heads * repeat_kv, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.repeat_kv = repeat_kv
         self.max_len = max_len
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -130,19 +135,20 @@ class StaticKVCache:
         self.length = 0
 
     @classmethod
-    def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None
-                  ) -> "StaticKVCache":
+    def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
+                  repeat_kv: bool = False) -> "StaticKVCache":
         cfg = model.cfg
         p = next(model.parameters())
         return cls(cfg.n_layers, batch_size, cfg.kv_heads, cfg.hd, max_len or cfg.max_seq_len,
-                   device=p.device, dtype=dtype or p.dtype)
+                   device=p.device, dtype=dtype or p.dtype,
+                   repeat_kv=cfg.n_heads // cfg.kv_heads if repeat_kv else 1)
 
     def view(self, batch_size: int) -> "StaticKVCache":
         """The first batch_size rows as a cache of their own: same storage and write slot, so graphs
         captured for a smaller batch bucket read and write this cache's memory."""
         v = object.__new__(StaticKVCache)
         v.k, v.v, v.pad = self.k[:, :batch_size], self.v[:, :batch_size], self.pad[:batch_size]
-        v.max_len, v.pos, v._slots, v.length = self.max_len, self.pos, self._slots, 0
+        v.max_len, v.pos, v._slots, v.length, v.repeat_kv = self.max_len, self.pos, self._slots, 0, self.repeat_kv
         return v
 
     def start(self, pad: torch.Tensor | list[int] | None = None) -> None:
@@ -160,6 +166,8 @@ class StaticKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.pos + self._slots[: k.shape[2]]
+        if self.repeat_kv > 1:  # (B, KV, T, hd) -> (B, H, T, hd), heads in attention's group order
+            k, v = k.repeat_interleave(self.repeat_kv, dim=1), v.repeat_interleave(self.repeat_kv, dim=1)
         self.k[layer].index_copy_(2, idx, k.to(self.k.dtype))
         self.v[layer].index_copy_(2, idx, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]

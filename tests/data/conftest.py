@@ -1,4 +1,4 @@
-"""Fixtures for the data-pipeline tests: the shared web pages and evaluation sets, when present."""
+"""Fixtures for the data-pipeline tests: the shared web pages (../shared/data, skipped when absent)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def shared(*parts: str) -> Path:
-    p = SHARED.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"shared data not found: {p} (these tests need ../shared/data)")
-    return p
+from tests.conftest import shared_data as shared  # noqa: F401  (re-exported for the test modules)
 
 
 @pytest.fixture

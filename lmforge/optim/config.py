@@ -58,7 +58,8 @@ class OptimConfig:
     """Muon update scale: 'shape' = sqrt(max(1, rows/cols)) (Jordan et al.), 'rms' = 0.2·sqrt(max(rows, cols))
     to match AdamW's update RMS (Moonlight, Liu et al. 2025)"""
     qk_clip_tau: float = 0.0
-    """MuonClip (Kimi K2): cap on the max attention logit per head, enforced by rescaling W_q, W_k; 0 = off"""
+    """MuonClip (Kimi K2): cap on the max attention logit per head, enforced by rescaling W_q, W_k in
+    `Muon.clip_qk_` after each step, given the max logits the forward pass measured; 0 = off"""
     rank: int = 16
     """Dion: rank of the low-rank orthonormalised update (capped at min(rows, cols))"""
     # Shampoo / SOAP / Adafactor ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from lmforge.scaling.flops import flops_per_token, num_params
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    budgets: tuple[float, ...] = (3e10, 1e11, 3e11)
+    budgets: tuple[float, ...] = (3e10, 1e11, 3e11, 1e12)
     """training FLOP budgets C (6ND convention)"""
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     width: int = 16

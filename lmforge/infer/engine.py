@@ -14,6 +14,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.outputs import CompletionOutput
 from lmforge.infer.processors import TokenHistory, apply_processors, build_processors, sample
@@ -46,17 +47,39 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[to
     return ids.to(device), pad.to(device)
 
 
+def is_mla(model) -> bool:
+    return getattr(model.cfg, "attention", "mha") == "mla"
+
+
+def new_cache(model, batch_size: int, max_len: int):
+    """The model's own cache kind: MLA's latent cache, else the contiguous KVCache (which also serves
+    sliding-window layers: their window mask is applied by attention on top of the cache's mask)."""
+    if is_mla(model):
+        from lmforge.model.layers.mla import MLACache
+
+        return MLACache.for_model(model, batch_size, max_len)
+    return KVCache.for_model(model, batch_size, max_len)
+
+
+def supports_padding(model) -> bool:
+    """Whether rows of different prompt lengths can share a batch (the cache must mask padding)."""
+    return not is_mla(model)
+
+
 class PlainDecoder:
     """Reference decoder: eager forwards into a contiguous KVCache with per-row padding masks.
     A left-padded row's token in slot s has position s - pad (pad slots get position 0; never seen)."""
 
     def __init__(self, model, batch_size: int, max_len: int):
         self.model = model
-        self.cache = KVCache.for_model(model, batch_size, max_len)
+        self.cache = new_cache(model, batch_size, max_len)
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        self.cache.set_padding(pad)
+        if hasattr(self.cache, "set_padding"):
+            self.cache.set_padding(pad)
+        elif bool((pad > 0).any()):
+            raise LmforgeError(f"{type(self.cache).__name__} cannot mask padding: batch equal-length prompts")
         self.pad = pad
         positions = (torch.arange(ids.shape[1], device=ids.device)[None] - pad[:, None]).clamp(min=0)
         with decode_attention():

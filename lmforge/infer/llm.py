@@ -15,7 +15,7 @@ from typing import Iterator, Sequence as Seq
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.engine import PlainDecoder, Sequence, run_batch
+from lmforge.infer.engine import PlainDecoder, Sequence, is_mla, run_batch, supports_padding
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.sampling import SamplingParams
 
@@ -87,6 +87,9 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode(p, params, i) for i, p in enumerate(prompts)]
+        if is_mla(self.model) and (params.beam_width > 1 or self.draft is not None):
+            raise ConfigError("beam search and speculative decoding need a KVCache (rows reordered or "
+                              "rewound); MLA models support plain and batched sampling only")
         if params.beam_width > 1:
             from lmforge.infer.beam import beam_search
 
@@ -97,8 +100,8 @@ class LLM:
             return [speculative_request(self, p, ids, params) for p, ids in zip(prompts, encoded)]
         seqs = [Sequence(ids, index=j, generator=self._generator(params, j))
                 for ids in encoded for j in range(params.n)]
-        for start in range(0, len(seqs), self.max_batch_size):
-            for _ in self._run(seqs[start:start + self.max_batch_size], params):
+        for batch in self._batches(seqs):
+            for _ in self._run(batch, params):
                 pass
         n = params.n
         return [RequestOutput(p if isinstance(p, str) else None, ids,
@@ -129,8 +132,18 @@ class LLM:
         g.manual_seed(params.seed * 1_000_003 + sample_index)
         return g
 
+    def _batches(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Chunks of at most max_batch_size rows; equal prompt lengths only when the cache cannot pad."""
+        groups = [seqs]
+        if not supports_padding(self.model):
+            by_len: dict[int, list[Sequence]] = {}
+            for s in seqs:
+                by_len.setdefault(len(s.prompt), []).append(s)
+            groups = list(by_len.values())
+        return [g[i:i + self.max_batch_size] for g in groups for i in range(0, len(g), self.max_batch_size)]
+
     def _decoder(self, batch_size: int, max_len: int):
-        if self.cuda_graphs:
+        if self.cuda_graphs and supports_padding(self.model):  # the static cache has no MLA layout yet
             from lmforge.infer.cuda_graph import GraphDecoder
 
             if self._graph_decoder is None:

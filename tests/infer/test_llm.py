@@ -124,3 +124,20 @@ def test_invalid_utf8_generation_never_crashes(tok):
     out = llm.generate("q", sp)[0]
     assert out.token_ids == [0xF0] * 3 and "\ufffd" in out.text
     assert "".join(llm.stream("q", sp)) == out.text
+
+
+def test_mla_and_sliding_window_models(tok):
+    """Other attention layouts: MLA (its own latent cache, equal-length batches) and sliding windows."""
+    from lmforge.model.config import MLAConfig
+
+    mla = tiny_model("llama", attention="mla", rope_layout="interleaved", n_kv_heads=None,
+                     mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                   v_head_dim=8))
+    swa = tiny_model("llama", sliding_window=4)
+    prompts = ["Hello there", "a", "The quick brown fox", "b"]
+    for model in (mla, swa):
+        outs = LLM(model, tok).generate(prompts, GREEDY)
+        for p, o in zip(prompts, outs):
+            assert o.token_ids == full_greedy(model, tok.encode(p), 12)
+    with pytest.raises(ConfigError, match="MLA"):
+        LLM(mla, tok).generate("x", SamplingParams(temperature=0, beam_width=2))

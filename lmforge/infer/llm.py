@@ -25,8 +25,9 @@ Prompt = str | list[int]
 class LLM:
     """Generate text with any model honouring `model(ids, positions=None, cache=None) -> logits`.
 
-    draft: None, a smaller model sharing the tokenizer, or "ngram" (prompt-lookup drafting) to decode with
-    speculative decoding (batch of one row at a time; see lmforge.infer.speculative).
+    draft: None, a smaller model sharing the tokenizer, "ngram" (prompt-lookup drafting) or "mtp" (the
+    model's own parallel MTP heads) to decode with speculative decoding (one row at a time; see
+    lmforge.infer.speculative).
     cuda_graphs: use the CUDA-graph decode path (default: when the model is on a GPU)."""
 
     def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4,
@@ -43,8 +44,8 @@ class LLM:
         if vocab is not None and vocab > model.cfg.vocab_size:
             raise ConfigError(f"tokenizer vocab_size={vocab} is larger than the model's "
                               f"vocab_size={model.cfg.vocab_size}: this tokenizer was not made for this model")
-        if draft is not None and draft != "ngram" and not isinstance(draft, torch.nn.Module):
-            raise ConfigError(f"draft must be None, 'ngram' or a model, got {draft!r}")
+        if draft is not None and draft not in ("ngram", "mtp") and not isinstance(draft, torch.nn.Module):
+            raise ConfigError(f"draft must be None, 'ngram', 'mtp' or a model, got {draft!r}")
 
     @classmethod
     def load(cls, path, device: str = "cpu", *, tokenizer=None, **kwargs) -> "LLM":

@@ -8,9 +8,9 @@ all k pass, one more from p_{k+1}. Every emitted token is then distributed exact
 sample (Leviathan et al., Theorem 3.5). Greedy decoding accepts a draft iff it is the target's argmax,
 so it reproduces the target's greedy output token for token.
 
-Drafters: a smaller model (`ModelDrafter`) or prompt lookup (`NGramDrafter`, Saxena 2023): copy the
+Drafters: a smaller model (`ModelDrafter`), prompt lookup (`NGramDrafter`, Saxena 2023): copy the
 tokens that followed the latest earlier occurrence of the context's last n-gram (a deterministic draft:
-q is one-hot). One sequence at a time; both caches are rewound past rejected tokens.
+q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`). One sequence at a time; both caches are rewound past rejected tokens.
 """
 
 from __future__ import annotations
@@ -106,6 +106,29 @@ class NGramDrafter:
         pass
 
 
+class MTPDrafter:
+    """Drafts from the target's own multi-token-prediction heads (Gloeckle et al. 2024 'parallel' heads:
+    at the last position, head k predicts token t+1+k; the main head gives the first draft). One uncached
+    `forward_mtp` per round - the hook, not yet a fast path; verification keeps the output exact."""
+
+    def __init__(self, model):
+        mtp = getattr(model.cfg, "mtp", None)
+        if mtp is None or mtp.kind != "parallel":
+            raise ConfigError("draft='mtp' needs a model with parallel MTP heads (model.mtp.kind='parallel')")
+        self.model = model
+
+    def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen) -> tuple[list[int], torch.Tensor]:
+        dev = next(self.model.parameters()).device
+        main, heads = self.model.forward_mtp(torch.tensor([ctx], device=dev))
+        logits = torch.cat([main[0, -1:]] + [h[0, -1:] for h in heads])[:k]
+        q = _probs(logits, procs, greedy)
+        drafts = [int(q[i].argmax()) if greedy else _draw(q[i], gen) for i in range(q.shape[0])]
+        return drafts, q
+
+    def accept(self, ctx_len: int) -> None:
+        pass
+
+
 @dataclass
 class SpecStats:
     drafted: int = 0
@@ -165,8 +188,12 @@ def speculative_request(llm, prompt, ids: list[int], params: SamplingParams) -> 
     eos = stop_ids(params, llm.tokenizer)
     outputs, total = [], SpecStats()
     for j in range(params.n):
-        drafter = (NGramDrafter(vocab_size=llm.model.cfg.vocab_size) if llm.draft == "ngram"
-                   else ModelDrafter(llm.draft, len(ids) + params.max_tokens + llm.num_draft_tokens + 1))
+        if llm.draft == "ngram":
+            drafter = NGramDrafter(vocab_size=llm.model.cfg.vocab_size)
+        elif llm.draft == "mtp":
+            drafter = MTPDrafter(llm.model)
+        else:
+            drafter = ModelDrafter(llm.draft, len(ids) + params.max_tokens + llm.num_draft_tokens + 1)
         toks, st = speculative_generate(llm.model, drafter, ids, params, llm.num_draft_tokens, eos,
                                         llm.max_seq_len, llm._generator(params, j))
         for f in ("drafted", "accepted", "target_forwards", "seconds"):

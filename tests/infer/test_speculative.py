@@ -88,3 +88,15 @@ def test_speculative_rejects_unsupported_params(tok):
     llm = LLM(tiny_model("llama"), tok, draft="ngram")
     with pytest.raises(ConfigError, match="penalties"):
         llm.generate("x", SamplingParams(repetition_penalty=1.3))
+
+
+def test_mtp_heads_as_draft(tok):
+    from lmforge.model.config import MTPConfig
+
+    target = tiny_model("llama", mtp=MTPConfig(kind="parallel", depth=2))
+    llm = LLM(target, tok, draft="mtp", num_draft_tokens=3)
+    out = llm.generate("abcab", SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))[0]
+    assert out.token_ids == full_greedy(target, tok.encode("abcab"), 15)
+    assert out.metrics["acceptance_rate"] >= 1 / 3 - 1e-9  # the main head's draft is always the target's
+    with pytest.raises(ConfigError, match="parallel MTP"):
+        LLM(tiny_model("llama"), tok, draft="mtp").generate("x", SamplingParams(temperature=0, max_tokens=2))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model.layers.attention import attention, math_attention, window_mask
+from lmforge.model.layers.attention import attention, window_mask
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import _yarn_mscale, apply_rope
 
@@ -115,8 +115,25 @@ class MLA(nn.Module):
         v = c_kv[:, None]  # (B, 1, S, r)
         if self.window > 0 and k.shape[2] > self.window:
             mask = window_mask(mask, q.shape[2], k.shape[2], self.window, q.device)
-        out_lat = math_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)  # (B, H, T, r)
+        out_lat = _shared_kv_attention(q, k[:, 0], v[:, 0], mask, self.scale, self.softcap)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)
+
+
+def _shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, softcap: float
+                         ) -> torch.Tensor:
+    """q (B, H, T, d); one key/value head shared by all query heads: k (B, S, d), v (B, S, dv).
+    Heads fold into the query axis, (B, H·T, d) @ (B, d, S), so the shared latents are never copied per head."""
+    B, H, T, d = q.shape
+    S = k.shape[1]
+    s = torch.bmm(q.reshape(B, H * T, d), k.transpose(1, 2)).view(B, H, T, S).float() * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if isinstance(mask, str):
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1).to(v.dtype)
+    return torch.bmm(p.view(B, H * T, S), v).view(B, H, T, v.shape[-1])
 
 
 class MLACache:

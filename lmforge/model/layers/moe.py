@@ -30,7 +30,9 @@ from lmforge.model.layers.mlp import ACT, GATED, MLP, glu
 def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x (M, in) sorted by expert, counts (E,) rows per expert, w (E, out, in) -> (M, out)."""
     E, out_dim, in_dim = w.shape
-    w = w.to(x.dtype)  # under autocast x is bf16 while the stacked expert weights stay fp32
+    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover _grouped_mm/bmm of 3-D weights
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    w = w.to(x.dtype)
     aligned = (in_dim * x.element_size()) % 16 == 0 and (out_dim * x.element_size()) % 16 == 0
     if hasattr(torch, "_grouped_mm") and aligned and x.shape[0] > 0:
         offs = counts.cumsum(0).to(torch.int32)
@@ -105,7 +107,7 @@ class MoE(nn.Module):
     # experts ------------------------------------------------------------------------------------
     def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, d) sorted by expert with `counts` rows each -> (M, d) grouped through all experts."""
-        e = torch.repeat_interleave(torch.arange(self.E, device=x.device), counts)
+        e = None if self.b_up is None else torch.repeat_interleave(torch.arange(self.E, device=x.device), counts)
         up = _grouped_linear(x, self.w_up, counts)
         if self.b_up is not None:
             up = up + self.b_up[e]

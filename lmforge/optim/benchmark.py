@@ -206,7 +206,9 @@ def summarize(runs: list[dict], target_loss: float = 0.0) -> dict:
     summary = []
     for name, r in best.items():
         steps, secs = to_target(r["curve"], target)
+        low = min(r["curve"], key=lambda p: p["val_loss"])  # differs from the final loss once it overfits
         summary.append({"optimizer": name, "best_lr": r["lr"], "final_val_loss": r["final_val_loss"],
+                        "min_val_loss": low["val_loss"], "min_val_step": low["step"],
                         "steps_to_target": steps, "time_to_target": secs, "wall_time": r["wall_time"],
                         "state_bytes_per_param": r["state_bytes_per_param"],
                         "speedup_vs_ref": ref_steps / steps if math.isfinite(steps) else 0.0})
@@ -217,13 +219,15 @@ def summarize(runs: list[dict], target_loss: float = 0.0) -> dict:
 def format_table(result: dict) -> str:
     lines = [f"target val loss {result['target_loss']:.4f} (best final of {result['reference']}); "
              f"{result['tokens']:,} tokens; {result['n_params']:,} params; device {result['device']}",
-             "| optimizer | best lr | final val loss | steps to target | speed-up vs ref | time to target (s) "
-             "| wall (s) | state bytes/param |", "|---|---|---|---|---|---|---|---|"]
+             "| optimizer | best lr | final val loss | min val loss (step) | steps to target | speed-up vs ref "
+             "| time to target (s) | wall (s) | state bytes/param |", "|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(result["summary"], key=lambda s: s["final_val_loss"]):
         lines.append(f"| {s['optimizer']} | {s['best_lr']:.3g} | {s['final_val_loss']:.4f} | "
-                     f"{s['steps_to_target']:.0f} | {s['speedup_vs_ref']:.2f}x | {s['time_to_target']:.1f} | "
-                     f"{s['wall_time']:.1f} | {s['state_bytes_per_param']:.2f} |")
+                     f"{s['min_val_loss']:.4f} ({s['min_val_step']}) | {s['steps_to_target']:.0f} | "
+                     f"{s['speedup_vs_ref']:.2f}x | {s['time_to_target']:.1f} | {s['wall_time']:.1f} | "
+                     f"{s['state_bytes_per_param']:.2f} |")
     return "\n".join(lines)
+
 
 def plot_curves(result: dict, path: str | Path) -> Path:
     from lmforge.errors import require

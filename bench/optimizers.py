@@ -2,7 +2,8 @@
 
 'cpu' (default): depth-2 byte-level model, 200 steps x 512 tokens, 3 learning rates per optimizer
 (~10 min on 2 shared cores). 'gpu': depth-6 model, 600 steps x 8192 tokens, bf16 autocast (one H100,
-under 8 min; new runs stop after 330 s, every optimizer's centre learning rate first). Prints a markdown table; writes results.json and loss_curves.png to --out.
+under 8 min; new runs stop after 300 s, every optimizer's centre learning rate first).
+Prints a markdown table; writes results.json and loss_curves.png to --out.
 The 'gpu' setting's 4.9M tokens are ~5 passes over tinyshakespeare, so its fastest optimizers overfit
 (docs/benchmarks.md); give it a larger --data file for a data-unlimited comparison.
 """

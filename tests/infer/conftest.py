@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from infer_helpers import ARCHS
+from .infer_helpers import ARCHS
 
 from lmforge.tokenizer.byte import ByteTokenizer
 

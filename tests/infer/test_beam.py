@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from infer_helpers import full_greedy, tiny_model
+from .infer_helpers import full_greedy, tiny_model
 
 from lmforge.infer.beam import beam_search
 from lmforge.infer.llm import LLM

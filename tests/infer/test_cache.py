@@ -7,7 +7,7 @@ import torch
 from lmforge.infer.engine import PlainDecoder, left_pad
 from lmforge.model.cache import KVCache, StaticKVCache, padded_causal_mask
 
-from infer_helpers import full_greedy, tiny_model
+from .infer_helpers import full_greedy, tiny_model
 
 
 def cached_greedy(model, prompt, n, cache_cls=KVCache):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from infer_helpers import tiny_model
+from .infer_helpers import tiny_model
 
 from lmforge.cli import generate as gen_cli
 from lmforge.cli import sample as sample_cli

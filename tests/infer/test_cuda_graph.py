@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from infer_helpers import tiny_model
+from .infer_helpers import tiny_model
 
 from lmforge.infer.cuda_graph import GraphDecoder
 from lmforge.infer.llm import LLM

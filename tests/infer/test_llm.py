@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from infer_helpers import full_greedy, tiny_model
+from .infer_helpers import full_greedy, tiny_model
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.detok import StreamDecoder

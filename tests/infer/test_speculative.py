@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from infer_helpers import full_greedy, tiny_model
+from .infer_helpers import full_greedy, tiny_model
 
 from lmforge.errors import ConfigError
 from lmforge.infer.llm import LLM

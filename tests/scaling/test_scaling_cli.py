@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,7 @@ import pytest
 from lmforge.scaling.sweep import SweepConfig, plan
 from lmforge.scaling.table import write_rows
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_scaling_fits import A_TRUE, _isoflop_rows  # noqa: E402
+from .test_scaling_fits import A_TRUE, _isoflop_rows
 
 
 def test_plan_allocates_tokens_by_budget():

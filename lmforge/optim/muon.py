@@ -33,19 +33,21 @@ CUBIC_COEFFS = (1.5, -0.5, 0.0)
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, coeffs: tuple[float, float, float] = NS5_COEFFS,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Approximate polar factor U V^T of a 2-D matrix by `steps` Newton–Schulz iterations."""
-    if g.dim() != 2:
-        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(g.shape)}")
+    """Approximate polar factor U V^T of a matrix by `steps` Newton–Schulz iterations. Leading dims are
+    a batch: a stacked (experts, out, in) MoE weight is orthogonalised expert by expert."""
+    if g.dim() < 2:
+        raise ValueError(f"newton_schulz needs a matrix (or a batch of them), got shape {tuple(g.shape)}")
     a, b, c = coeffs
     x = g.to(dtype or g.dtype)
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the smaller Gram matrix X X^T
-        x = x.T
-    x = x / (x.norm() + 1e-7)  # Frobenius norm >= spectral norm, so all singular values start <= 1
+        x = x.mT
+    # Frobenius norm >= spectral norm, so every singular value starts <= 1
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(g.dtype)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 def shape_scale(rows: int, cols: int, mode: str) -> float:
@@ -80,7 +82,7 @@ class Muon(PerParamOptimizer):
         m = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
         ns_dtype = torch.bfloat16 if p.is_cuda else None  # bf16 is stable for NS5 (Jordan et al.) and fast
         o = newton_schulz(m, group["ns_steps"], dtype=ns_dtype)
-        scale = shape_scale(g.shape[0], g.shape[1], group["scale"])
+        scale = shape_scale(g.shape[-2], g.shape[-1], group["scale"])
         apply_step_(p, o.reshape(p.shape).mul_(scale), group["lr"], group["weight_decay"])
 
     def clip_qk_(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]) -> list[torch.Tensor]:

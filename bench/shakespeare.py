@@ -33,8 +33,8 @@ def char_shards(out: Path) -> tuple[Path, Path, int]:
     lut = {c: i for i, c in enumerate(chars)}
     ids = np.fromiter((lut[c] for c in text), dtype=np.int64, count=len(text))
     n = int(0.9 * len(ids))  # nanoGPT's split: first 90% train, last 10% validation
-    tr = write_tokens(out / "train.bin", ids[:n], vocab_size=len(chars), tokenizer="char")
-    va = write_tokens(out / "val.bin", ids[n:], vocab_size=len(chars), tokenizer="char")
+    tr = write_tokens(out / "train.bin", ids[:n], vocab_size=len(chars), tokenizer="")
+    va = write_tokens(out / "val.bin", ids[n:], vocab_size=len(chars), tokenizer="")
     return tr, va, len(chars)
 
 

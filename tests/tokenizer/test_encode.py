@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
@@ -15,14 +14,7 @@ from lmforge.tokenizer.pretokenize import PATTERNS
 from lmforge.tokenizer.train import train_bpe
 
 tiktoken = pytest.importorskip("tiktoken")
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def shared(*parts: str) -> Path:
-    p = SHARED.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"shared data not found: {p}")
-    return p
+from ..conftest import shared_data as shared
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
@@ -15,14 +14,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.pretokenize import PATTERNS
 from lmforge.tokenizer.train import count_pretokens, train_bpe
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def shared(*parts: str) -> Path:
-    p = SHARED.joinpath(*parts)
-    if not p.exists():
-        pytest.skip(f"shared data not found: {p}")
-    return p
+from ..conftest import shared_data as shared
 
 
 def naive_train(texts: list[str], num_merges: int, specials: list[str], pat: str) -> list[tuple[bytes, bytes]]:

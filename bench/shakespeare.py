@@ -47,7 +47,6 @@ def main() -> None:
     args = ap.parse_args()
     if not DATA.exists():
         raise SystemExit(f"needs {DATA}")
-    torch.set_num_threads(torch.get_num_threads())
     tmp = Path(tempfile.mkdtemp())
     tr, va, vocab = char_shards(tmp)
     nanogpt = ModelConfig(vocab_size=vocab, d_model=128, n_layers=4, n_heads=4, max_seq_len=64, pos_emb="learned",

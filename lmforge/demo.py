@@ -8,6 +8,7 @@ bits-per-byte, then sample from the trained model.
 
 from __future__ import annotations
 
+import shutil
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -87,6 +88,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     from lmforge.train.config import DataConfig, TrainConfig
 
     out = Path(cfg.out)
+    # the demo owns its directory: a re-run replaces the previous demo's checkpoints and log
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
     docs = stdlib_corpus(int(cfg.corpus_mb * 1e6))
     n_bytes = sum(len(d.encode()) for d in docs)
@@ -108,8 +112,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from lmforge.infer.llm import LLM
     from lmforge.infer.sampling import SamplingParams
 
-    model, _ = __import__("lmforge.train.checkpoint", fromlist=["load_model"]).load_model(result.checkpoint)
-    llm = LLM(model, tok)
+    llm = LLM.load(result.checkpoint)
     prompts = ["def ", "class "][: cfg.samples] or ["def "]
     outs = llm.generate(prompts, SamplingParams(temperature=0.8, top_k=50, max_tokens=96, seed=cfg.seed))
     for p, o in zip(prompts, outs):

@@ -103,7 +103,7 @@ def _train_cfg(cfg: SweepConfig, run: dict, shards: tuple[str, str], run_dir: Pa
                           schedule="cosine", min_lr_ratio=0.1),
         run_dir=str(run_dir), max_steps=steps, eval_every=max(1, steps // cfg.evals), eval_batches=cfg.eval_batches,
         log_every=max(1, steps // 10), ckpt_every=steps, seed=cfg.seed, device=cfg.device, progress=False,
-        plot=False, resume=False)
+        plot=False, resume=True)  # a sweep killed mid-way continues its runs
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:

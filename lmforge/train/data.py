@@ -58,7 +58,7 @@ def open_splits(train: tuple[str, ...], val: tuple[str, ...], val_fraction: floa
     va = [s for s in va if len(s) >= need]
     if not tr:
         raise DataError(f"the training shards hold fewer than seq_len+1={need} tokens; add data or lower data.seq_len")
-    if not va and val_fraction > 0 or (val_files and not va):
+    if not va and (val_fraction > 0 or val_files):
         raise DataError(f"the validation split holds fewer than seq_len+1={need} tokens; "
                         "raise data.val_fraction, give data.val shards, or lower data.seq_len")
     return tr, va

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmforge.config import to_dict
-from lmforge.errors import DataError, TrainingDiverged
+from lmforge.errors import ConfigError, DataError, TrainingDiverged
 from lmforge.optim import build_optimizer, lr_multiplier
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.config import TrainConfig
@@ -110,6 +110,10 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if cfg.resume:
             self._maybe_resume()
+        elif ckpt.checkpoint_dirs(self.run_dir):
+            # a fresh run must not mix its metrics and checkpoints with an older run's
+            raise ConfigError(f"run_dir {self.run_dir} already holds checkpoints of another run and resume=False; "
+                              "use a new run_dir, set resume=true to continue it, or delete it")
 
     # state ---------------------------------------------------------------------------------------
     def _train_state(self) -> dict[str, Any]:
@@ -234,6 +238,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
+        if self.step == 0:  # a fresh run starts a fresh log
+            self.metrics.path.unlink(missing_ok=True)
         write_json_atomic(self.run_dir / "config.json", {"config": to_dict(cfg), "seed": cfg.seed, **run_metadata()})
         self.model.train()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
@@ -267,6 +273,8 @@ class Trainer:
                     self.flush()  # never checkpoint weights that a NaN step has already touched
                     self.elapsed = time.perf_counter() - t_start
                     self.save()
+            if not ev:  # resumed at (or past) the last step: report the finished model's validation loss
+                ev = self._log_eval(bar)
         except KeyboardInterrupt:
             bar.close()
             self.elapsed = time.perf_counter() - t_start

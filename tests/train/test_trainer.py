@@ -169,3 +169,19 @@ def test_sdpa_backend_choice_gives_the_same_losses(tmp_path):
     a = _losses(train(tiny_config(shard, tmp_path / "a", max_steps=5)))
     b = _losses(train(tiny_config(shard, tmp_path / "b", max_steps=5, sdpa_backend="math")))
     np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_fresh_run_refuses_a_directory_with_another_runs_checkpoints(tmp_path):
+    shard = make_shard(tmp_path / "t.bin")
+    train(tiny_config(shard, tmp_path / "run", max_steps=4, ckpt_every=4))
+    with pytest.raises(ConfigError, match="already holds checkpoints.*resume"):
+        Trainer(tiny_config(shard, tmp_path / "run", max_steps=4, resume=False))
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == ["step_000004"]  # nothing lost
+
+
+def test_rerun_of_a_finished_run_reports_its_validation_loss(tmp_path):
+    shard = make_shard(tmp_path / "t.bin")
+    cfg = tiny_config(shard, tmp_path / "run", max_steps=6, ckpt_every=6)
+    first = train(cfg)
+    again = train(cfg)  # resumes at step 6 = max_steps: no training, same final evaluation
+    assert again.steps == 6 and again.final_val_loss == pytest.approx(first.final_val_loss, rel=1e-6)

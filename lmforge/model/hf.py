@@ -222,12 +222,11 @@ def _init_buffers(model: torch.nn.Module) -> None:
     """Recompute the non-persistent buffers that to_empty() left uninitialised (RoPE tables, ...)."""
     from lmforge.model.layers.moe import MoE
     from lmforge.model.layers.position import SinusoidalPositions, sinusoidal_table
-    from lmforge.model.layers.rope import RotaryEmbedding, scaled_inv_freq
+    from lmforge.model.layers.rope import RotaryEmbedding
 
     for m in model.modules():
         if isinstance(m, RotaryEmbedding):
-            inv, _ = scaled_inv_freq(m.head_dim, m.theta, m.scaling, m.max_seq_len)
-            m.inv_freq = inv.float().to(m.inv_freq.device)
+            m.reset_tables()
         elif isinstance(m, SinusoidalPositions):
             m.table = sinusoidal_table(m.table.shape[0], m.dim).to(m.table.device)
         elif isinstance(m, MoE):
@@ -251,7 +250,7 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     p = next(model.parameters())
     hf_cfg["dtype"] = str(dtype or p.dtype).removeprefix("torch.")
     tensors: dict[str, torch.Tensor] = {}
-    own = _tensors(model)
+    own = {**_tensors(model), **model.state_dict()}  # state_dict names fused projections' parts
     with torch.no_grad():
         for rule in FAMILIES[fam][3](cfg):
             outs = rule.to_hf([_target(own, n).detach().cpu() for n in rule.lm])

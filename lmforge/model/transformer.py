@@ -48,6 +48,16 @@ class Transformer(nn.Module):
         self.mtp = MTP(cfg) if cfg.mtp is not None else None
         self._mtp_loss: torch.Tensor | None = None
         self.reset_parameters()
+        if cfg.fused_proj:  # after init: a fused model starts from the same weights as an unfused one
+            self.fuse_projections()
+
+    def fuse_projections(self) -> "Transformer":
+        """Stack q/k/v and gate/up weights so each group is one matmul (layers/fused.py); in place.
+        The function, the parameter count and the state_dict keys do not change."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "fuse"):
+                m.fuse()
+        return self
 
     # --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -89,15 +99,17 @@ class Transformer(nn.Module):
         """The trunk: (B, T) ids -> last hidden states (B, T, d) before the final norm, and the rope tables."""
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
+        n_positions = None  # host-side bound on the positions, when known without reading them
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+            n_positions = offset + T
         elif positions.dim() == 1:
             positions = positions.expand(B, T)
         x = self.embed(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions).to(x.dtype)
         x = self.drop(x)
-        rope = self.rope.cos_sin(positions) if self.rope is not None else None
+        rope = self.rope.cos_sin(positions, n_positions) if self.rope is not None else None
         mask = cache.mask(T, input_ids.device) if cache is not None else "causal"
         for block in self.blocks:
             x = block(x, rope, mask, cache)

@@ -64,6 +64,9 @@ def test_hf_round_trip(name, tmp_path):
         ours = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.float32)
         got = ours(ids)
     assert (got - want).abs().max().item() <= 1e-4
+    ours.fuse_projections()  # same function; export must still write the unfused HF names
+    with torch.no_grad():
+        assert (ours(ids) - want).abs().max().item() <= 1e-4
     ours.save_pretrained(tmp_path / "lm")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lm", attn_implementation="eager").float().eval()
     with torch.no_grad():

@@ -137,3 +137,16 @@ def test_attention_softcap_and_explicit_mask():
     torch.testing.assert_close(attention(q, k, v, mask, scale=0.3), attention(q, k, v, "causal", scale=0.3))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
     torch.testing.assert_close(math_attention(q, k, v, mask, scale=0.3), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_tables_equal_the_formula_and_grow_past_max_seq_len():
+    rope = RotaryEmbedding(16, 500.0, max_seq_len=8)
+    pos = torch.tensor([[0, 3, 7, 20]])  # 20 is past the table: it grows
+    cos, sin = rope.cos_sin(pos)
+    angles = pos.double()[..., None] * (1.0 / 500.0 ** (torch.arange(0, 16, 2).double() / 16))
+    torch.testing.assert_close(cos.double(), angles.cos(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin.double(), angles.sin(), atol=1e-6, rtol=0)
+    assert rope.cos_table.shape[0] >= 21
+    rope = rope.to(torch.bfloat16)  # a bf16 model keeps fp32 angles and tables
+    assert rope.cos_table.dtype == rope.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(rope.cos_sin(pos)[0].double(), angles.cos(), atol=1e-6, rtol=0)

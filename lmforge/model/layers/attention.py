@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.layers.fused import fuse_linears
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import apply_rope
 
@@ -90,6 +91,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
         self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=cfg.bias)
+        self.wqkv: nn.Linear | None = None  # set by fuse(): q, k, v in one matmul
+        self.qkv_sizes: list[int] = []
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rope_layout = cfg.rope_layout
@@ -99,12 +102,21 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
+    def fuse(self) -> None:
+        """Compute q, k, v with one matmul (lmforge.model.layers.fused); checkpoints keep wq/wk/wv."""
+        if self.wqkv is None:
+            self.qkv_sizes = fuse_linears(self, "wqkv", ("wq", "wk", "wv"))
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Mask,
                 cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

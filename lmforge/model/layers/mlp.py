@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.model.layers.fused import fuse_linears
+
 ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -42,7 +44,18 @@ class MLP(nn.Module):
         self.gate = nn.Linear(d_model, d_ff, bias=bias) if self.gated else None
         self.down = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.gate_up: nn.Linear | None = None  # set by fuse(): gate and up in one matmul
+
+    def fuse(self) -> None:
+        """Compute gate and up with one matmul (lmforge.model.layers.fused); checkpoints keep both names."""
+        if self.gated and self.gate_up is None:
+            fuse_linears(self, "gate_up", ("gate", "up"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = glu(self.activation, self.gate(x), self.up(x)) if self.gated else ACT[self.activation](self.up(x))
+        if self.gate_up is not None:
+            h = glu(self.activation, *self.gate_up(x).chunk(2, dim=-1))
+        elif self.gated:
+            h = glu(self.activation, self.gate(x), self.up(x))
+        else:
+            h = ACT[self.activation](self.up(x))
         return self.dropout(self.down(h))

@@ -198,9 +198,12 @@ class MoE(nn.Module):
 def upcycle_mlp(moe: MoE, mlp: MLP, noise_std: float = 0.0) -> None:
     """Sparse upcycling (Komatsuzaki et al. 2023): every expert starts as a copy of the dense MLP
     (optionally perturbed), the router from N(0, 0.02) so routing starts near uniform."""
-    if moe.w_up.shape[1] != mlp.up.weight.shape[0]:
-        from lmforge.errors import ConfigError
+    from lmforge.errors import ConfigError
 
+    if getattr(mlp, "gate_up", None) is not None:
+        raise ConfigError("upcycling reads the dense MLP's gate and up weights: upcycle a model built with "
+                          "model.fused_proj=false")
+    if moe.w_up.shape[1] != mlp.up.weight.shape[0]:
         raise ConfigError(f"upcycling needs model.moe.d_expert == dense d_ff ({mlp.up.weight.shape[0]}), "
                           f"got {moe.w_up.shape[1]}")
     pairs = [(moe.w_up, mlp.up), (moe.w_down, mlp.down)] + ([(moe.w_gate, mlp.gate)] if moe.gated else [])

@@ -1,0 +1,60 @@
+"""Fused projections: several Linear layers that read the same input become one wider Linear.
+
+q, k and v all project the attention input, gate and up both project the MLP input; one matmul with
+the weights stacked row-wise computes all of them at once, and the output is split afterwards. The
+arithmetic is the same (each output element is the same dot product), but one big kernel replaces
+several small ones: at batch-1 decode every kernel launch and every partly-filled GPU wave costs time
+that rivals the weight reads themselves. Checkpoints do not change: the module's state_dict still
+shows the parts under their own names (split on save, stacked again on load), so a fused model loads
+unfused checkpoints and HF weights, and writes files an unfused model reads.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+
+def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...]) -> list[int]:
+    """Replace module.<parts> (Linears on the same input, all with or all without bias) by module.<fused>,
+    whose output is the parts' outputs concatenated in order; the parts become None. Returns their
+    output sizes, for `torch.split`."""
+    lins = [getattr(module, p) for p in parts]
+    first = lins[0]
+    has_bias = first.bias is not None
+    if any(l.in_features != first.in_features or (l.bias is not None) != has_bias for l in lins):
+        raise ValueError(f"cannot fuse {parts}: they differ in input size or bias")
+    sizes = [l.out_features for l in lins]
+    out = nn.Linear(first.in_features, sum(sizes), bias=has_bias, device=first.weight.device,
+                    dtype=first.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([l.weight for l in lins]))
+        if has_bias:
+            out.bias.copy_(torch.cat([l.bias for l in lins]))
+    out.weight.requires_grad_(first.weight.requires_grad)
+    for p in parts:
+        setattr(module, p, None)
+    setattr(module, fused, out)
+    module.register_state_dict_post_hook(partial(_split_keys, fused, parts, sizes))
+    module.register_load_state_dict_pre_hook(partial(_join_keys, fused, parts))
+    return sizes
+
+
+def _split_keys(fused, parts, sizes, module, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: '<prefix><fused>.weight' -> one key per part (copies, so no tensors share memory)."""
+    for kind in ("weight", "bias"):
+        key = f"{prefix}{fused}.{kind}"
+        if key in state_dict:
+            for p, t in zip(parts, state_dict.pop(key).split(sizes, dim=0)):
+                state_dict[f"{prefix}{p}.{kind}"] = t.clone()
+
+
+def _join_keys(fused, parts, module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: stack the parts' keys into '<prefix><fused>.*' (a file holding the fused
+    key itself, or missing a part, is left alone so load_state_dict reports it as usual)."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{p}.{kind}" for p in parts]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])

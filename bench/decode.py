@@ -168,10 +168,10 @@ class Report:
         self.path.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=2))
 
     def table(self) -> str:
-        head = f"| {'variant':<34} | batch | decode tok/s | end-to-end tok/s | agree | note |"
+        head = f"| {'variant':<50} | batch | decode tok/s | end-to-end tok/s | agree | note |"
         lines = [head, "|" + "---|" * 6]
         for r in self.rows:
-            lines.append(f"| {r['variant']:<34} | {r['batch']:>5} | {r.get('decode_tok_s', float('nan')):>12.1f} | "
+            lines.append(f"| {r['variant']:<50} | {r['batch']:>5} | {r.get('decode_tok_s', float('nan')):>12.1f} | "
                          f"{r.get('e2e_tok_s', float('nan')):>16.1f} | {r.get('agree', float('nan')):.3f} | "
                          f"{r.get('note', '')} |")
         return "\n".join(lines)
@@ -188,17 +188,29 @@ def run_loop(rep: Report, name: str, decoder, prompt, new: int, ref=None, note: 
     return toks
 
 
+SECTIONS = ("plain", "graph", "generate", "spec", "hf", "compile")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny fp32 model on CPU (script check)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS)
+                    + ", gemv (matrix-vector bandwidth per weight shape), profile (kernel tables)")
+    ap.add_argument("--fuse", default="on", choices=["on", "off", "both"],
+                    help="fused q/k/v and gate/up projections for the graph and compile paths ('both': off, then on)")
     ap.add_argument("--hf", default="both", choices=["default", "off", "both", "none"],
                     help="HF generate() runs: torch's default SDPA backends, cuDNN attention off, both, none")
+    ap.add_argument("--kernel-configs", help="JSON of Triton block configs (a run's kernel_configs) to run again with")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-batches", default="1", help="batch sizes to run the torch.compile variant at")
+    ap.add_argument("--compile-modes", default="default",
+                    help="torch.compile modes for the compile section (comma list; 'default', 'max-autotune-no-cudagraphs', "
+                         "'cdt' = default mode with inductor's coordinate-descent tuning)")
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
     dev = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     new, batches = args.new_tokens, [int(b) for b in args.batches.split(",")]
@@ -220,35 +232,150 @@ def main(argv: list[str] | None = None) -> None:
     prompts = {B: torch.randint(0, model.cfg.vocab_size, (B, args.prompt_len), generator=gen).to(dev)
                for B in batches}
     max_len = args.prompt_len + new + 8
-    refs, graph = {}, GraphDecoder(model, max(batches), max_len)
-    for B in batches:
+    refs = {}
+    for B in batches:  # the reference tokens every fast path is compared with
         refs[B] = run_loop(rep, "plain (eager, KVCache)", PlainDecoder(model, B, max_len), prompts[B], new)
-        run_loop(rep, "static cache, eager", GraphDecoder(model, B, max_len, use_graphs=False), prompts[B], new,
-                 refs[B])
-        if dev.type == "cuda":
-            graph.capture(graph.bucket(B))
-            run_loop(rep, "static cache + CUDA graph", graph.bind(B), prompts[B], new, refs[B])
-            rkv = GraphDecoder(model, B, max_len, repeat_kv=True)
-            rkv.capture(B)
-            run_loop(rep, "CUDA graph, kv heads repeated", rkv, prompts[B], new, refs[B])
-            del rkv
-    bench_generate(rep, model, prompts[max(batches)], new, refs[max(batches)])
-    bench_speculative(rep, model, prompts[batches[0]][:1], new, refs[batches[0]][:1])
-    for cudnn in {"default": [True], "off": [False], "both": [True, False], "none": []}[args.hf]:
-        bench_hf(rep, model, prompts, new, refs, cudnn)
-    if dev.type == "cuda" and not args.no_compile:
-        for B in [int(b) for b in args.compile_batches.split(",")]:
-            best = max((r for r in rep.rows if r["batch"] == B and "graph" in r["variant"]),
-                       key=lambda r: r["decode_tok_s"])
-            repeat = "repeated" in best["variant"]
-            comp = GraphDecoder(model, B, max_len, compile=True, repeat_kv=repeat)
-            t0 = time.perf_counter()
-            comp.capture(B)
-            run_loop(rep, "torch.compile + CUDA graph" + (", kv repeated" if repeat else ""), comp, prompts[B],
-                     new, refs[B], note=f"compile+capture {time.perf_counter() - t0:.0f}s")
-            del comp
+    for fused in {"on": [True], "off": [False], "both": [False, True]}[args.fuse]:
+        if fused:
+            model.fuse_projections()
+        tag = ", fused q/k/v + gate/up" if fused else ""
+        if "gemv" in sections and dev.type == "cuda":
+            print(gemv_table(model), flush=True)
+        if "graph" in sections:
+            graph = GraphDecoder(model, max(batches), max_len, kernels=False)
+            for B in batches:
+                run_loop(rep, "static cache, eager" + tag,
+                         GraphDecoder(model, B, max_len, use_graphs=False, kernels=False), prompts[B], new, refs[B])
+                if dev.type == "cuda":
+                    graph.capture(graph.bucket(B))
+                    run_loop(rep, "static cache + CUDA graph" + tag, graph.bind(B), prompts[B], new, refs[B])
+            del graph
+            if 1 in batches and fused and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+                bench_kernels(rep, model, prompts[1], new, refs[1], max_len, profile="profile" in sections,
+                              configs=args.kernel_configs)
+        if "compile" in sections and dev.type == "cuda" and not args.no_compile:
+            for mode in args.compile_modes.split(","):
+                for B in [int(b) for b in args.compile_batches.split(",")]:
+                    bench_compiled(rep, model, prompts[B], new, refs[B], max_len, mode, tag,
+                                   profile="profile" in sections and B == 1)
+    if "generate" in sections:
+        bench_generate(rep, model, prompts[max(batches)], new, refs[max(batches)])
+    if "spec" in sections:
+        bench_speculative(rep, model, prompts[batches[0]][:1], new, refs[batches[0]][:1])
+    if "hf" in sections:
+        for cudnn in {"default": [True], "off": [False], "both": [True, False], "none": []}[args.hf]:
+            bench_hf(rep, model, prompts, new, refs, cudnn)
     print("\n" + rep.table())
     print(f"\nroofline (batch 1): {rep.meta['roofline_tok_s']:.0f} tok/s; JSON: {rep.path}")
+
+
+def bench_compiled(rep: Report, model, prompt, new: int, ref, max_len: int, mode: str, tag: str,
+                   profile: bool = False) -> None:
+    """torch.compile + CUDA graph at one batch size; mode 'cdt' turns on inductor's coordinate-descent
+    tuning of kernel launch parameters (gpt-fast's setting)."""
+    import torch._inductor.config as inductor
+
+    B = prompt.shape[0]
+    inductor.coordinate_descent_tuning = mode == "cdt"
+    torch._dynamo.reset()
+    comp = GraphDecoder(model, B, max_len, compile=True if mode in ("default", "cdt") else mode, kernels=False)
+    t0 = time.perf_counter()
+    comp.capture(B)
+    name = "torch.compile" + ("" if mode == "default" else f" ({mode})") + " + CUDA graph" + tag
+    run_loop(rep, name, comp, prompt, new, ref, note=f"compile+capture {time.perf_counter() - t0:.0f}s")
+    if profile:
+        from profiling import kernel_table
+
+        tok = ref[:, 0]
+        comp.cache.length = comp.cache.max_len // 2
+        comp.cache.pos.fill_(comp.cache.length)
+        eager = torch.no_grad()(comp.forward)  # the compiled step without the graph: one launch per kernel
+        print(f"\n[{name}] compiled step, no graph:\n" + kernel_table(
+            lambda: eager(comp.cache.view(B), tok[:, None]), calls=10), flush=True)
+        graph = comp.graphs[B][0]
+        print(f"\n[{name}] graph replay:\n" + kernel_table(graph.replay, calls=10), flush=True)
+    del comp
+    inductor.coordinate_descent_tuning = False
+
+
+def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profile: bool = False,
+                  configs: str | None = None) -> None:
+    """Batch 1 on lmforge.infer.kernel_step (Triton kernels), captured in a CUDA graph on a GPU."""
+    from lmforge.infer.kernel_step import unsupported
+
+    if unsupported(model):
+        rep.add(variant="Triton kernel step", batch=1, note=f"skipped: {unsupported(model)}")
+        return
+    dec = GraphDecoder(model, 1, max_len, kernels=True)
+    t0 = time.perf_counter()
+    if dec.use_graphs:
+        dec.capture(1)
+    run_loop(rep, "Triton kernel step" + (" + CUDA graph" if dec.use_graphs else ", eager"), dec, prompt, new, ref,
+             note=f"tune+capture {time.perf_counter() - t0:.0f}s")
+    from lmforge.kernels.decode import tuned_configs, use_configs
+
+    rep.meta["kernel_configs"] = tuned_configs()  # the tuned block shapes
+    if configs:  # again with block shapes from an earlier run instead of this run's tuning
+        use_configs(json.loads(Path(configs).read_text()))
+        dec = GraphDecoder(model, 1, max_len, kernels=True)
+        if dec.use_graphs:
+            dec.capture(1)
+        run_loop(rep, "Triton kernel step" + (" + CUDA graph" if dec.use_graphs else ", eager") + ", given configs",
+                 dec, prompt, new, ref, note=configs)
+    if profile and dec.use_graphs:
+        from profiling import kernel_table
+
+        print("\n[Triton kernel step + CUDA graph] graph replay:\n" + kernel_table(dec.graphs[1][0].replay, calls=10),
+              flush=True)
+
+
+@torch.no_grad()
+def gemv_table(model) -> str:
+    """Batch-1 matrix-vector products per distinct weight shape, cuBLAS (F.linear) and lmforge's Triton
+    gemv: GB/s of weight reads. 100 products over distinct copies of the matrix (>= 256 MB in all, so the
+    50 MB L2 cache cannot serve them) are captured in one CUDA graph: Python launch cost is excluded,
+    each kernel's own fixed cost is not."""
+    from lmforge.kernels.decode import available, gemv
+
+    shapes = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and not name.startswith("tok_emb"):
+            shapes.setdefault(tuple(p.shape), []).append(name)
+    lines = ["weight (out x in)  count   cuBLAS us   GB/s   % copy BW   Triton us   GB/s   % copy BW"]
+    dev = next(model.parameters()).device
+    bw = copy_bandwidth(dev)
+    for (n_out, n_in), names in sorted(shapes.items()):
+        nbytes = n_out * n_in * 2
+        ws = [torch.randn(n_out, n_in, device=dev, dtype=torch.bfloat16) for _ in range(max(1, -(-(256 << 20) // nbytes)))]
+        x = torch.randn(n_in, device=dev, dtype=torch.bfloat16)
+        row = f"{n_out:>6} x {n_in:<6}   {len(names):>5}"
+        impls = {"cublas": lambda w: torch.nn.functional.linear(x[None], w)}
+        if available(dev):
+            impls["triton"] = lambda w: gemv(x, w)
+        for fn in impls.values():
+            fn(ws[0])  # tune (Triton) before capture
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn(ws[0])
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for i in range(100):
+                    fn(ws[i % len(ws)])
+            g.replay()
+            times = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                g.replay()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) / 100)
+            t = sorted(times)[2]
+            row += f"   {t * 1e6:>9.1f}   {nbytes / t / 1e9:>5.0f}   {nbytes / t / bw:>8.0%}"
+        lines.append(row)
+        del ws
+    return "\n".join(lines)
 
 
 def bench_generate(rep: Report, model, prompt, new: int, ref) -> None:

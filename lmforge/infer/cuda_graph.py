@@ -26,15 +26,41 @@ class GraphDecoder:
     """Decoder (see lmforge.infer.engine) over a StaticKVCache of max_batch rows x max_len slots."""
 
     def __init__(self, model, max_batch: int, max_len: int, *, use_graphs: bool | None = None,
-                 compile: bool = False, repeat_kv: bool = False, buckets: tuple[int, ...] = BUCKETS):
+                 compile: bool | str = False, repeat_kv: bool = False, buckets: tuple[int, ...] = BUCKETS,
+                 kernels: bool | None = None):
+        """compile: False, True (torch.compile's default mode) or a torch.compile mode name.
+        kernels: run the batch-1 bucket on lmforge.infer.kernel_step's Triton kernels (default: on a GPU
+        with triton installed, for the models they support)."""
         self.model = model
         max_len = -(-max_len // 16) * 16  # aligned key count: fused attention kernels want it
         self.cache = StaticKVCache.for_model(model, max_batch, max_len, repeat_kv=repeat_kv)
+        if getattr(model, "rope", None) is not None:  # positions are not checked on the GPU: cover every slot
+            model.rope.reserve(max_len)
         self.use_graphs = self.cache.k.is_cuda if use_graphs is None else use_graphs
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
-        self.forward = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        mode = compile if isinstance(compile, str) else None
+        self.forward = torch.compile(self._forward, dynamic=False, mode=mode) if compile else self._forward
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.batch_size = 1
+        self.kernel_step = self._kernel_step(model, kernels)
+
+    def _kernel_step(self, model, kernels: bool | None):
+        if kernels is False or (kernels is None and not self.cache.k.is_cuda) or self.cache.repeat_kv > 1:
+            return None
+        from lmforge.kernels.decode import available
+        from lmforge.infer.kernel_step import KernelStep, unsupported
+
+        why = "triton is not installed (pip install 'lmforge[kernels]')" if not available(self.cache.k.device) \
+            else unsupported(model)
+        if why is None:
+            return KernelStep(model, self.cache.view(1))
+        if kernels:
+            raise LmforgeError(f"kernels=True, but the batch-1 kernel step cannot run: {why}")
+        return None
+
+    def step_fn(self, bucket: int):
+        """The function one decode step of this bucket runs (and a graph captures)."""
+        return self.kernel_step if bucket == 1 and self.kernel_step is not None else self.forward
 
     def bind(self, batch_size: int) -> "GraphDecoder":
         if batch_size > self.buckets[-1]:
@@ -65,7 +91,7 @@ class GraphDecoder:
         if self.cache.length + 1 > self.cache.max_len:
             raise LmforgeError(f"decoder cache is full ({self.cache.max_len} slots)")
         if not self.use_graphs:
-            out = self.forward(self.cache.view(B), tokens[:, None])
+            out = self.step_fn(self.bucket(B))(self.cache.view(B), tokens[:, None])[:B]
         else:
             graph, tok_buf, out_buf = self.graphs.get(self.bucket(B)) or self.capture(self.bucket(B))
             tok_buf[:B, 0].copy_(tokens)
@@ -86,13 +112,13 @@ class GraphDecoder:
         with torch.cuda.stream(side):
             for _ in range(3):
                 view.length = 0  # keep torch.compile's guards stable across calls
-                self.forward(view, tok_buf)
+                self.step_fn(b)(view, tok_buf)
                 self.cache.pos.copy_(saved)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         view.length = 0
         with torch.cuda.graph(graph):
-            out_buf = self.forward(view, tok_buf)
+            out_buf = self.step_fn(b)(view, tok_buf)
         self.cache.pos.copy_(saved)
         self.graphs[b] = (graph, tok_buf, out_buf)
         return self.graphs[b]

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf", default="both", choices=["default", "off", "both", "none"],
                     help="HF generate() runs: torch's default SDPA backends, cuDNN attention off, both, none")
     ap.add_argument("--kernel-configs", help="JSON of Triton block configs (a run's kernel_configs) to run again with")
+    ap.add_argument("--tune-step", action="store_true", help="also run the kernel step after KernelStep.tune()")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-batches", default="1", help="batch sizes to run the torch.compile variant at")
     ap.add_argument("--compile-modes", default="default",
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             del graph
             if 1 in batches and fused and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
                 bench_kernels(rep, model, prompts[1], new, refs[1], max_len, profile="profile" in sections,
-                              configs=args.kernel_configs)
+                              configs=args.kernel_configs, tune_step=args.tune_step)
         if "compile" in sections and dev.type == "cuda" and not args.no_compile:
             for mode in args.compile_modes.split(","):
                 for B in [int(b) for b in args.compile_batches.split(",")]:
@@ -299,7 +300,7 @@ def bench_compiled(rep: Report, model, prompt, new: int, ref, max_len: int, mode
 
 
 def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profile: bool = False,
-                  configs: str | None = None) -> None:
+                  configs: str | None = None, tune_step: bool = False) -> None:
     """Batch 1 on lmforge.infer.kernel_step (Triton kernels), captured in a CUDA graph on a GPU."""
     from lmforge.infer.kernel_step import unsupported
 
@@ -315,6 +316,17 @@ def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profi
     from lmforge.kernels.decode import tuned_configs, use_configs
 
     rep.meta["kernel_configs"] = tuned_configs()  # the tuned block shapes
+    if tune_step and dec.use_graphs:  # again with configurations chosen by timing the whole step
+        dec = GraphDecoder(model, 1, max_len, kernels=True)
+        dec.prefill(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))
+        t0 = time.perf_counter()
+        dec.kernel_step.tune(dec.cache.view(1), rounds=2, reps=50)
+        dec.capture(1)
+        rep.meta["kernel_configs_step_tuned"] = tuned_configs()
+        (Path(rep.path).parent / "kernel_configs.json").write_text(json.dumps(tuned_configs(), indent=1))
+        note = f"tuning {time.perf_counter() - t0:.0f}s"
+        for i in range(3):  # three timings of the same graph: the spread is the measurement noise
+            run_loop(rep, "Triton kernel step + CUDA graph, step-tuned", dec, prompt, new, ref, note=f"{note}, timing {i + 1}/3")
     if configs:  # again with block shapes from an earlier run instead of this run's tuning
         use_configs(json.loads(Path(configs).read_text()))
         dec = GraphDecoder(model, 1, max_len, kernels=True)

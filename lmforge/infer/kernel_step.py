@@ -9,6 +9,8 @@ general path instead.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from lmforge.kernels import decode as kd
@@ -70,3 +72,48 @@ class KernelStep:
         kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=cfg.norm_eps, out=self.logits.view(-1),
                 bump=cache.pos)
         return self.logits
+
+    @torch.no_grad()
+    def tune(self, cache: StaticKVCache, rounds: int = 1, reps: int = 20) -> dict:
+        """Choose each kernel's block configuration by timing the whole step, captured in a CUDA graph,
+        one shape at a time with the others fixed (coordinate descent). The kernels tune themselves on
+        first use by timing each kernel alone, which is noisy and blind to how neighbouring kernels
+        overlap; this costs about a minute (JIT-compiling every candidate) and gains up to ~10% at batch 1.
+        Call it with the cache in a realistic state (after a prefill). Returns {shape key: best seconds}."""
+        if not cache.k.is_cuda:
+            return {}
+        tok = torch.zeros(1, 1, dtype=torch.long, device=cache.k.device)
+        saved = cache.pos.clone()
+        kd._used = set()
+        try:
+            self(cache, tok)
+            keys = sorted(kd._used, key=repr)
+        finally:
+            kd._used = None
+            cache.pos.copy_(saved)
+
+        def step_seconds() -> float:
+            self(cache, tok)  # compiles the candidate outside the capture
+            cache.pos.copy_(saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self(cache, tok)
+                cache.pos.copy_(saved)  # every replay decodes at the same position
+            graph.replay()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                graph.replay()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / reps
+
+        best = {}
+        for _ in range(rounds):
+            for key in keys:
+                times = {}
+                for cfg in kd.candidates(key):
+                    kd._best_config[key] = cfg
+                    times[cfg] = step_seconds()
+                kd._best_config[key] = min(times, key=times.get)
+                best[key] = times[kd._best_config[key]]
+        return best

@@ -269,6 +269,24 @@ def _launch_gemv(cfg, x, w, norm, eps, glu, residual, out, N, K, bump=None):
 _l2_flush: torch.Tensor | None = None
 
 
+_used: set | None = None  # when a set: every configuration lookup records its key (KernelStep.tune)
+
+
+def _chosen(key, tune=None) -> tuple:
+    if key not in _best_config and tune is not None:
+        tune()
+    if _used is not None:
+        _used.add(key)
+    return _best_config[key]
+
+
+def candidates(key) -> tuple[tuple[int, ...], ...]:
+    """The configurations a shape key may take."""
+    if key[0] == "qkv_rope":
+        return tuple(c for c in GEMV_CONFIGS if (key[3] // 2) % c[0] == 0)
+    return {"gemv": GEMV_CONFIGS, "add": ADD_CONFIGS, "attend": ATTEND_CONFIGS}[key[0]]
+
+
 def tuned_configs() -> dict[str, list[int]]:
     """The block configurations chosen so far, as JSON-ready {repr(shape key): config}."""
     return {repr(k): list(v) for k, v in _best_config.items()}
@@ -330,17 +348,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
                                                        num_warps=warps)
 
         key = ("add", N, K, str(w.dtype))
-        if key not in _best_config:
-            scratch = out.clone()
-            _tune(key, lambda cfg: add(cfg, scratch), ADD_CONFIGS)
-        add(_best_config[key])
+        scratch = out.clone() if key not in _best_config else None
+        add(_chosen(key, lambda: _tune(key, lambda cfg: add(cfg, scratch), ADD_CONFIGS)))
         return out
     out = torch.empty(N, dtype=w.dtype, device=w.device) if out is None else out
     key = ("gemv", N, K, glu, norm is not None, residual is not None, str(w.dtype))
     if key not in _best_config:  # tune on scratch outputs: timing runs must not touch `out` / `residual`
         scratch, r = torch.empty_like(out), residual.clone() if residual is not None else None
         _tune(key, lambda cfg: _launch_gemv(cfg, x, w, norm, eps, glu, r, scratch, N, K))
-    _launch_gemv(_best_config[key], x, w, norm, eps, glu, residual, out, N, K, bump)
+    _launch_gemv(_chosen(key), x, w, norm, eps, glu, residual, out, N, K, bump)
     return out
 
 
@@ -367,8 +383,8 @@ def qkv_rope(x, w, norm, eps: float, cos, sin, pos: torch.Tensor, pad: torch.Ten
     key = ("qkv_rope", n_heads, n_kv, hd, K, str(w.dtype))
     if key not in _best_config:  # timing runs rewrite the same cache slot with the same values
         scratch = torch.empty_like(out)
-        _tune(key, lambda cfg: run(cfg, scratch), [c for c in GEMV_CONFIGS if (hd // 2) % c[0] == 0])
-    run(_best_config[key])
+        _tune(key, lambda cfg: run(cfg, scratch), candidates(key))
+    run(_chosen(key))
     return out
 
 
@@ -399,7 +415,7 @@ def attend(q, k_cache, v_cache, pos: torch.Tensor, pad: torch.Tensor, scale: flo
         if key not in _best_config:
             scratch = torch.empty_like(out)
             _tune(key, lambda cfg: run(cfg, scratch), ATTEND_CONFIGS)
-        config = _best_config[key]
+        config = _chosen(key)
     run(config)
     return out
 

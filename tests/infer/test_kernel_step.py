@@ -48,3 +48,15 @@ def test_unsupported_models_are_named_and_refused():
     with pytest.raises(LmforgeError, match="kernel step cannot run"):
         GraphDecoder(gpt2, 1, 16, use_graphs=False, kernels=True)
     assert GraphDecoder(gpt2, 1, 16, use_graphs=False).kernel_step is None  # auto: general path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="step-level tuning times CUDA graphs")
+def test_step_tuning_keeps_the_tokens():
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).cuda()
+    prompt = torch.randint(0, 257, (1, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    ref_toks, _ = _greedy(PlainDecoder(model, 1, 40), prompt, 6)
+    dec = GraphDecoder(model, 1, 40, kernels=True)
+    dec.prefill(prompt, torch.zeros(1, dtype=torch.long, device="cuda"))
+    assert dec.kernel_step.tune(dec.cache.view(1), reps=2)  # one timing per candidate of each shape
+    toks, _ = _greedy(dec, prompt, 6)
+    assert toks == ref_toks

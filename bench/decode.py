@@ -317,16 +317,23 @@ def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profi
 
     rep.meta["kernel_configs"] = tuned_configs()  # the tuned block shapes
     if tune_step and dec.use_graphs:  # again with configurations chosen by timing the whole step
-        dec = GraphDecoder(model, 1, max_len, kernels=True)
-        dec.prefill(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))
-        t0 = time.perf_counter()
-        dec.kernel_step.tune(dec.cache.view(1), rounds=2, reps=50)
-        dec.capture(1)
-        rep.meta["kernel_configs_step_tuned"] = tuned_configs()
-        (Path(rep.path).parent / "kernel_configs.json").write_text(json.dumps(tuned_configs(), indent=1))
-        note = f"tuning {time.perf_counter() - t0:.0f}s"
-        for i in range(3):  # three timings of the same graph: the spread is the measurement noise
-            run_loop(rep, "Triton kernel step + CUDA graph, step-tuned", dec, prompt, new, ref, note=f"{note}, timing {i + 1}/3")
+        import lmforge.kernels.decode as kd
+
+        for pdl in (False, True):  # programmatic dependent launch off / on (where the GPU has it)
+            kd.PDL = pdl
+            dec = GraphDecoder(model, 1, max_len, kernels=True)
+            dec.prefill(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))
+            t0 = time.perf_counter()
+            dec.kernel_step.tune(dec.cache.view(1), rounds=2, reps=50)
+            dec.capture(1)
+            tag = ", PDL" if kd._pdl_enabled() else ""
+            rep.meta["kernel_configs_step_tuned" + tag.replace(", ", "_")] = tuned_configs()
+            (Path(rep.path).parent / f"kernel_configs{tag.replace(', ', '_')}.json").write_text(
+                json.dumps(tuned_configs(), indent=1))
+            note = f"tuning {time.perf_counter() - t0:.0f}s"
+            for i in range(3):  # three timings of the same graph: the spread is the measurement noise
+                run_loop(rep, "Triton kernel step + CUDA graph, step-tuned" + tag, dec, prompt, new, ref,
+                         note=f"{note}, timing {i + 1}/3")
     if configs:  # again with block shapes from an earlier run instead of this run's tuning
         use_configs(json.loads(Path(configs).read_text()))
         dec = GraphDecoder(model, 1, max_len, kernels=True)

@@ -78,8 +78,8 @@ class KernelStep:
         """Choose each kernel's block configuration by timing the whole step, captured in a CUDA graph,
         one shape at a time with the others fixed (coordinate descent). The kernels tune themselves on
         first use by timing each kernel alone, which is noisy and blind to how neighbouring kernels
-        overlap; this costs about a minute (JIT-compiling every candidate) and gains up to ~10% at batch 1.
-        Call it with the cache in a realistic state (after a prefill). Returns {shape key: best seconds}."""
+        overlap; this costs about a minute (JIT-compiling every candidate) and gained 3-20% over
+        per-kernel tuning at batch 1 on an H100 (docs/benchmarks.md). Call it with the cache in a realistic state (after a prefill). Returns {shape key: best seconds}."""
         if not cache.k.is_cuda:
             return {}
         tok = torch.zeros(1, 1, dtype=torch.long, device=cache.k.device)

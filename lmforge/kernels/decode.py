@@ -29,8 +29,30 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # the `kernels` extra; callers check available()
     triton = None
+
+# Programmatic dependent launch (Hopper+): a kernel may be launched while the one before it is still
+# finishing and waits (gdc_wait) only where it first reads that kernel's results, hiding launch latency
+# between the ~110 kernels of a decode step. On by default where supported; `PDL = False` turns it off.
+PDL = os.environ.get("LMFORGE_PDL", "1") != "0"
+
+
+def _pdl_enabled() -> bool:
+    if not (PDL and triton is not None and torch.cuda.is_available()) or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _launch_opts() -> dict:
+    """Extra launch arguments: the PDL constexpr, and the launch flag where it is on."""
+    on = _pdl_enabled()
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
 
 def available(device: torch.device | str) -> bool:
@@ -91,7 +113,10 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, g_ptr, r_ptr, out_ptr, bump_ptr, N, K, eps,
                      NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, BUMP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # let the next kernel launch now; wait for the previous one's results
+            gdc_launch_dependents()
+            gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
@@ -131,7 +156,10 @@ if triton is not None:
                 tl.atomic_add(bump_ptr, 1)
 
     @triton.jit
-    def _embed_kernel(ids_ptr, emb_ptr, out_ptr, D, BLOCK: tl.constexpr):
+    def _embed_kernel(ids_ptr, emb_ptr, out_ptr, D, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         """out (fp32) = emb[ids[0]]: the token's embedding row as the residual stream."""
         d = tl.arange(0, BLOCK)
         row = tl.load(ids_ptr).to(tl.int64)
@@ -139,10 +167,13 @@ if triton is not None:
 
     @triton.jit
     def _gemv_add_kernel(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr):
+                         SPLIT_K: tl.constexpr, PDL: tl.constexpr):
         """out += W x into an fp32 out, with the K dimension split over SPLIT_K programs per row block
         whose partial sums meet by atomic adds: matrices with few rows (o-projection, down-projection)
         otherwise leave most of the GPU idle."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
@@ -157,10 +188,14 @@ if triton is not None:
 
     @triton.jit
     def _qkv_rope_kernel(x_ptr, w_ptr, g_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr, q_ptr, k_ptr, v_ptr, stride_h,
-                         H, KV, K, eps, HD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         H, KV, K, eps, HD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PDL: tl.constexpr):
         """Normed q/k/v projection with RoPE and the cache write as its epilogue. Program p computes rows
         j and j + hd/2 (j in one BLOCK_N slice of the first half) of one head - exactly the pairs RoPE
         rotates together - so the rotation needs no other program's output."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         HALF: tl.constexpr = HD // 2
         per_head = HALF // BLOCK_N
         head = tl.program_id(0) // per_head  # 0..H-1: q heads, then KV k heads, then KV v heads
@@ -202,12 +237,15 @@ if triton is not None:
     @triton.jit
     def _attend_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_ml_ptr, count_ptr, out_ptr, pos_ptr, pad_ptr,
                        stride_h, scale, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr,
-                       SPLITS: tl.constexpr):
+                       SPLITS: tl.constexpr, PDL: tl.constexpr):
         """Program (h, sp): query head h over the sp-th of SPLITS equal slices of the slots pad..pos
         (flash-decoding: short decode attention needs more programs than heads to fill the GPU). Each
         writes its slice's unnormalised output, running max and denominator, then counts itself done;
         the last of a head's programs combines the slices (the "last block reduces" pattern, so no
         second kernel launch)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         h, sp = tl.program_id(0), tl.program_id(1)
         kv = h // GROUP
         end = tl.load(pos_ptr) + 1  # slots pad..pos hold this row's keys (pos: the new token's)
@@ -263,7 +301,7 @@ def _launch_gemv(cfg, x, w, norm, eps, glu, residual, out, N, K, bump=None):
     _gemv_kernel[(triton.cdiv(N, bn),)](
         x, w, norm if norm is not None else x, residual if residual is not None else out, out,
         bump if bump is not None else out, N, K, eps, NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None,
-        BUMP=bump is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        BUMP=bump is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts())
 
 
 _l2_flush: torch.Tensor | None = None
@@ -345,7 +383,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         def add(cfg, o=out):
             bn, bk, warps, sk = cfg
             _gemv_add_kernel[(triton.cdiv(N, bn), sk)](x, w, o, N, K, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
-                                                       num_warps=warps)
+                                                       num_warps=warps, **_launch_opts())
 
         key = ("add", N, K, str(w.dtype))
         scratch = out.clone() if key not in _best_config else None
@@ -363,7 +401,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
 def embed(ids: torch.Tensor, emb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (D,) fp32 = emb[ids[0]] (ids on the device, so a captured graph serves every token)."""
     D = emb.shape[1]
-    _embed_kernel[(1,)](ids, emb, out, D, BLOCK=triton.next_power_of_2(D), num_warps=4)
+    _embed_kernel[(1,)](ids, emb, out, D, BLOCK=triton.next_power_of_2(D), num_warps=4, **_launch_opts())
     return out
 
 
@@ -378,7 +416,7 @@ def qkv_rope(x, w, norm, eps: float, cos, sin, pos: torch.Tensor, pad: torch.Ten
         bn, bk, warps = cfg
         _qkv_rope_kernel[((n_heads + 2 * n_kv) * (hd // 2 // bn),)](
             x, w, norm, cos, sin, pos, pad, q, k_cache, v_cache, k_cache.stride(0), n_heads, n_kv, K, eps,
-            HD=hd, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+            HD=hd, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts())
 
     key = ("qkv_rope", n_heads, n_kv, hd, K, str(w.dtype))
     if key not in _best_config:  # timing runs rewrite the same cache slot with the same values
@@ -408,7 +446,7 @@ def attend(q, k_cache, v_cache, pos: torch.Tensor, pad: torch.Tensor, scale: flo
         splits, block, warps = cfg
         _attend_kernel[(H, splits)](q, k_cache, v_cache, work[0], work[1], work[2], o, pos, pad,
                                     k_cache.stride(0), scale, GROUP=H // k_cache.shape[0], HD=hd,
-                                    BLOCK_S=block, SPLITS=splits, num_warps=warps)
+                                    BLOCK_S=block, SPLITS=splits, num_warps=warps, **_launch_opts())
 
     if config is None:
         key = ("attend", H, k_cache.shape[0], hd, k_cache.shape[1])

@@ -48,8 +48,10 @@ class GraphDecoder:
         self.kernel_step = self._kernel_step(model, kernels)
 
     def _kernel_step(self, model, kernels: bool | None):
-        if kernels is False or (kernels is None and not self.cache.k.is_cuda) or self.cache.repeat_kv > 1:
+        if kernels is False or self.cache.repeat_kv > 1:
             return None
+        if kernels is None and not (self.cache.k.is_cuda and torch.cuda.get_device_capability(self.cache.k.device)[0] >= 8):
+            return None  # automatic only on GPUs the kernels were written for (Ampere and newer)
         from lmforge.kernels.decode import available
         from lmforge.infer.kernel_step import KernelStep, unsupported
 

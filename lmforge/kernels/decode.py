@@ -21,6 +21,7 @@ definitions used by the tests (run on CPU with TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -40,7 +41,13 @@ PDL = os.environ.get("LMFORGE_PDL", "1") != "0"
 
 
 def _pdl_enabled() -> bool:
-    if not (PDL and triton is not None and torch.cuda.is_available()) or os.environ.get("TRITON_INTERPRET") == "1":
+    return PDL and _pdl_supported()
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported() -> bool:
+    """This Triton can launch with PDL and the GPU is Hopper or newer (checked once: launches are hot)."""
+    if triton is None or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -51,8 +58,10 @@ def _pdl_enabled() -> bool:
 
 def _launch_opts() -> dict:
     """Extra launch arguments: the PDL constexpr, and the launch flag where it is on."""
-    on = _pdl_enabled()
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    return _PDL_ON if _pdl_enabled() else _PDL_OFF
+
+
+_PDL_ON, _PDL_OFF = {"PDL": True, "launch_pdl": True}, {"PDL": False}
 
 
 def available(device: torch.device | str) -> bool:

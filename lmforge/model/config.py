@@ -185,7 +185,8 @@ class ModelConfig:
     attn_impl: Literal["sdpa", "math"] = "sdpa"
     """'sdpa' = torch scaled_dot_product_attention (flash/efficient kernels); 'math' = plain reference"""
     fused_proj: bool = False
-    """compute q/k/v (and a GLU's gate/up) with one matmul each; same function and checkpoint names"""
+    """compute q/k/v (and a GLU's gate/up) with one matmul each; same function and checkpoint names
+    (matrix optimizers such as Muon or Shampoo then see one stacked matrix per group)"""
     # MLP
     activation: Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "swiglu", "geglu", "geglu_tanh",
                         "swiglu_oss"] = "swiglu"

@@ -34,6 +34,8 @@ def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...]) -> list[
         if has_bias:
             out.bias.copy_(torch.cat([l.bias for l in lins]))
     out.weight.requires_grad_(first.weight.requires_grad)
+    if has_bias:
+        out.bias.requires_grad_(first.bias.requires_grad)
     for p in parts:
         setattr(module, p, None)
     setattr(module, fused, out)

@@ -24,6 +24,7 @@ from lmforge.model.layers.mtp import MTP
 from lmforge.model.layers.norm import build_norm
 from lmforge.model.layers.position import LearnedPositions, SinusoidalPositions
 from lmforge.model.layers.rope import RotaryEmbedding
+from lmforge.model.meta import AttnMetadata
 
 RESIDUAL_OUTPUTS = ("attn.wo.weight", "mlp.down.weight", "mlp.w_down", "mlp.shared.down.weight")
 
@@ -79,12 +80,13 @@ class Transformer(nn.Module):
             if isinstance(m, MoE):
                 m.e_bias.zero_()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None
-                ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                meta: AttnMetadata | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V). positions (B, T) or (T,) default to
-        cache.length + arange(T); `cache` (lmforge.model.cache, or MLACache for MLA) is written in place.
+        cache.length + arange(T); `cache` (lmforge.model.cache, or MLACache for MLA) is written in place;
+        `meta` (lmforge.model.meta) describes the token layout, e.g. packed documents.
         In training with multi-token prediction, the MTP loss of this batch is kept for aux_loss()."""
-        h, rope = self.hidden(input_ids, positions, cache)
+        h, rope = self.hidden(input_ids, positions, cache, meta)
         self._mtp_loss = None
         if self.mtp is not None and self.training and cache is None:
             extra = [self.logits(x) for x in self.mtp.heads(h, input_ids, self.embed, rope)]
@@ -95,7 +97,8 @@ class Transformer(nn.Module):
         x = self.tok_emb(input_ids)
         return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
 
-    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None):
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+               meta: AttnMetadata | None = None):
         """The trunk: (B, T) ids -> last hidden states (B, T, d) before the final norm, and the rope tables."""
         B, T = input_ids.shape
         offset = cache.length if cache is not None else 0
@@ -110,7 +113,10 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(positions).to(x.dtype)
         x = self.drop(x)
         rope = self.rope.cos_sin(positions, n_positions) if self.rope is not None else None
-        mask = cache.mask(T, input_ids.device) if cache is not None else "causal"
+        doc_mask = meta.doc_mask() if meta is not None else None
+        if doc_mask is not None and cache is not None:
+            raise ConfigError("packed documents (meta.doc_ids) are a training layout; run them without a cache")
+        mask = cache.mask(T, input_ids.device) if cache is not None else (doc_mask if doc_mask is not None else "causal")
         for block in self.blocks:
             x = block(x, rope, mask, cache)
         if cache is not None:

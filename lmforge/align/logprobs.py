@@ -1,0 +1,90 @@
+"""Per-token log-probabilities, entropies and masked reductions: the exact semantics every post-training
+objective shares.
+
+`token_logprobs` computes log p(target) in fp32 without materialising a (B, T, V) fp32 log-softmax: the
+log-normaliser is accumulated over vocabulary chunks, and the backward pass recomputes each chunk's
+softmax from the saved logits (in their own dtype) and the (B, T) log-normaliser. At a 128k vocabulary
+in bf16 that saves two fp32 copies of the logits per batch.
+
+Masked reductions: `masked_mean` over an all-zero mask is 0/0 = NaN by design (an empty selection has no
+mean; objectives must not hide that); `masked_sum` of an empty selection is 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_CHUNK = 8192  # vocabulary entries per chunk
+
+
+def _logsumexp_chunked(logits: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(..., V) -> (...) fp32 logsumexp, one vocabulary chunk in fp32 at a time."""
+    V = logits.shape[-1]
+    m = torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
+    s = torch.zeros(logits.shape[:-1], device=logits.device)
+    for lo in range(0, V, chunk):
+        z = logits[..., lo:lo + chunk].float()
+        m_new = torch.maximum(m, z.amax(-1))
+        # rescale the running sum to the new maximum (online softmax, Milakov & Gimelshein 2018)
+        s = s * torch.exp(m - m_new).nan_to_num(0.0) + torch.exp(z - m_new[..., None]).sum(-1)
+        m = m_new
+    return m + torch.log(s)
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = _logsumexp_chunked(logits, chunk)
+        picked = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk = chunk
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        # d logp(t) / d z_j = 1[j = t] - softmax(z)_j, recomputed chunk by chunk
+        out = torch.empty_like(logits)
+        V = logits.shape[-1]
+        for lo in range(0, V, ctx.chunk):
+            p = torch.exp(logits[..., lo:lo + ctx.chunk].float() - lse[..., None])
+            out[..., lo:lo + ctx.chunk] = (-p * grad[..., None]).to(out.dtype)
+        idx = targets.clamp(min=0)[..., None]
+        out.scatter_add_(-1, idx, grad[..., None].to(out.dtype))
+        return out, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """logits (B, T, V) any float dtype, targets (B, T) -> log p(targets) (B, T) in fp32, differentiable.
+    Negative targets (-100 = ignore) give a finite, meaningless value: mask them out."""
+    return _TokenLogProbs.apply(logits, targets, chunk)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """(B, T, V) -> (B, T) fp32 entropy of each position's distribution, H = lse - sum p·z (no grad)."""
+    lse = _logsumexp_chunked(logits, chunk)
+    acc = torch.zeros_like(lse)
+    for lo in range(0, logits.shape[-1], chunk):
+        z = logits[..., lo:lo + chunk].float()
+        acc += (torch.exp(z - lse[..., None]) * z).sum(-1)
+    return lse - acc
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of values where mask is true (over `dim`, or everything)."""
+    v = values * mask.to(values.dtype)
+    return v.sum() if dim is None else v.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over the masked entries; NaN where the mask selects nothing (see module docstring)."""
+    return masked_sum(values, mask, dim) / mask.to(values.dtype).sum() if dim is None else \
+        masked_sum(values, mask, dim) / mask.to(values.dtype).sum(dim)
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
+                      average: bool = False, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """(B,) sum (or mean, SimPO's length normalisation) of log p(target) over each row's masked tokens."""
+    lp = token_logprobs(logits, targets, chunk=chunk)
+    return masked_mean(lp, mask, dim=-1) if average else masked_sum(lp, mask, dim=-1)

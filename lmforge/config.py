@@ -121,9 +121,21 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return _coerce_scalar(tp, value, where)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+def _default(f: dataclasses.Field, base: Any) -> Any:
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | None = None) -> T:
     """Build dataclass `cls` from a nested dict; unknown keys and values of the wrong type raise a
-    ConfigError naming the key."""
+    ConfigError naming the key. Missing keys keep the defaults, of `base` when given; a partial table for
+    a nested config fills in that field's default (TrainConfig's [model] starts from its default model,
+    as `--model.x` flags do)."""
     if not isinstance(data, dict):
         raise _bad(where or cls.__name__, cls, data)
     hints = _hints(cls)
@@ -134,10 +146,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
         )
-    kwargs = {}
+    kwargs = {name: getattr(base, name) for name in fields} if base is not None else {}
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(hints[name], value, path)
+        default = _default(fields[name], base) if isinstance(value, dict) else None
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            kwargs[name] = from_dict(type(default), value, path, base=default)
+        else:
+            kwargs[name] = _coerce(hints[name], value, path)
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -184,17 +200,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML or JSON config file as a plain dict."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return load_toml(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a JSON object of settings")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path) -> T:
     """Load a TOML or JSON file into `cls`."""
-    path = Path(path)
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-    else:
-        data = load_toml(path)
-    return from_dict(cls, data)
+    return from_dict(cls, read_config_file(path))
 
 
 def check(cond: bool, message: str) -> None:

@@ -41,6 +41,33 @@ def _required_flags(cls: type, argv: list[str]) -> dict[str, str]:
     return out
 
 
+def _bool_flags(cls: type, prefix: str = "") -> set[str]:
+    """Names of the bool options of a config, nested ones as 'section.name' (and bare, for flattened ones)."""
+    import dataclasses
+    import typing
+
+    out: set[str] = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        tp = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+        if tp is bool:
+            out |= {prefix + name, name}
+        elif dataclasses.is_dataclass(tp):
+            out |= _bool_flags(tp, f"{prefix}{name}.")
+    return out
+
+
+def bare_bools(cls: type, argv: list[str]) -> list[str]:
+    """`--restart` alone means `--restart True` (the options otherwise take an explicit True/False)."""
+    names = _bool_flags(cls)
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        nxt = argv[i + 1] if i + 1 < len(argv) else "--"
+        if a.startswith("--") and "=" not in a and a[2:].replace("-", "_") in names and nxt.startswith("--"):
+            out.append("True")
+    return out
+
+
 def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
@@ -55,7 +82,7 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
             data = read_config_file(path)
             default = from_dict(cls, {**_required_flags(cls, argv), **data})
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
-    return tyro.cli(cls, args=argv, prog=prog, description=description, default=default,
+    return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
                     config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands))
 
 

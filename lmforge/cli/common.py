@@ -83,7 +83,9 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
             default = from_dict(cls, {**_required_flags(cls, argv), **data})
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
     return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
-                    config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands))
+                    config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands,
+                            # a comment above a group of fields is a section label, not a field's help
+                            tyro.conf.HelptextFromCommentsOff))
 
 
 def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[list[str]], int | None], str]]) -> int:

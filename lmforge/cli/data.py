@@ -87,7 +87,8 @@ class TrainClassifierArgs:
     negative: tuple[str, ...]
     out: str
     text_key: str = "text"
-    holdout: float = 0.1  # share of examples kept aside to report accuracy
+    holdout: float = 0.1
+    """share of examples kept aside to report accuracy"""
     buckets: int = 1 << 18
     dim: int = 16
     ngrams: int = 2

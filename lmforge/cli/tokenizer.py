@@ -20,8 +20,10 @@ class TrainArgs:
     vocab_size: int
     out: str
     special: tuple[str, ...] = ("<|endoftext|>",)
-    pattern: str = "gpt2"  # "gpt2", "cl100k", "o200k" or a custom pre-tokenization regex
-    export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = ()  # also write these formats into --out
+    pattern: str = "gpt2"
+    """'gpt2', 'cl100k', 'o200k' or a custom pre-tokenization regex"""
+    export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = ()
+    """also write these formats into --out"""
     workers: Optional[int] = None
     progress: bool = True
 
@@ -35,10 +37,13 @@ class TrainArgs:
 class EncodeArgs:
     """Encode text files into token shards (OUT/train.bin, and OUT/val.bin with --val-fraction)."""
 
-    tokenizer: str  # "byte", a tokenizer directory or its lmforge_tokenizer.json
+    tokenizer: str
+    """'byte', a tokenizer directory or file: lmforge JSON, HF tokenizer.json, GPT-2 vocab.json + merges.txt,
+    or a tiktoken rank file"""
     input: tuple[str, ...]
     out: str
-    val_fraction: float = 0.0  # the last this-much of every file goes to val.bin
+    val_fraction: float = 0.0
+    """the last this-much of every file goes to val.bin"""
     workers: Optional[int] = None
     progress: bool = True
 
@@ -52,9 +57,12 @@ class StatsArgs:
     """Compression (bytes per token) and vocabulary use of a tokenizer on text files."""
 
     tokenizer: str
+    """'byte' or a tokenizer directory or file (any format load_tokenizer reads)"""
     input: tuple[str, ...]
-    top: int = 10  # list the most frequent tokens
-    json: bool = False  # print the numbers as JSON
+    top: int = 10
+    """list the most frequent tokens"""
+    json: bool = False
+    """print the numbers as JSON"""
     workers: Optional[int] = None
     progress: bool = False
 

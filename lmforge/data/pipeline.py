@@ -1,7 +1,7 @@
 """Pipeline configuration: a TOML file with [input], [output] and an ordered list of [[stages]].
 
     [input]
-    paths = ["../shared/data/web_html/*.html"]
+    paths = ["crawl/*.html"]
     files_per_shard = 20
 
     [output]

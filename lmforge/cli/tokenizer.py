@@ -85,7 +85,7 @@ def train(argv: list[str]) -> int:
           f"{len(files)} file(s), {stats['distinct_pretokens']:,} distinct pre-tokens, "
           f"{time.perf_counter() - t0:.1f}s -> {path}")
     if stats["undecodable_bytes"]:
-        print(f"note: {stats['undecodable_bytes']:,} undecodable bytes were read as U+FFFD")
+        print(undecodable_note(stats["undecodable_bytes"], kept=False))
     return 0
 
 
@@ -101,10 +101,18 @@ def encode(argv: list[str]) -> int:
     for split, path in rep.shards.items():
         print(f"{split}: {rep.tokens[split]:,} tokens, {rep.docs[split]:,} documents -> {path}")
     total = sum(rep.tokens.values())
-    print(f"{rep.bytes:,} bytes, {rep.bytes / max(total, 1):.3f} bytes/token, {rep.bytes / 1e6 / secs:.1f} MB/s")
+    print(f"{rep.bytes:,} bytes, {rep.bytes / max(total, 1):.3f} bytes/token, {rep.bytes / 1e6 / secs:.1f} MB/s, "
+          f"{rep.undecodable_bytes:,} undecodable bytes (not UTF-8)")
     if rep.undecodable_bytes:
-        print(f"note: {rep.undecodable_bytes:,} undecodable bytes were read as U+FFFD")
+        print(undecodable_note(rep.undecodable_bytes, kept=hasattr(tok, "encode_bytes")))
     return 0
+
+
+def undecodable_note(n: int, kept: bool) -> str:
+    if kept:
+        return f"note: the byte tokenizer kept the {n:,} bytes that are not UTF-8 as they are"
+    return (f"note: {n:,} bytes that are not UTF-8 were replaced by U+FFFD and are lost to training; "
+            f"--tokenizer byte keeps every byte as it is")
 
 
 def stats(argv: list[str]) -> int:

@@ -58,3 +58,18 @@ def test_unreadable_specs_are_one_line_errors(tmp_path):
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(DataError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_non_utf8_bytes_are_counted_and_the_byte_tokenizer_keeps_them(exported, tmp_path, capsys):
+    from lmforge.data.shards import TokenFile
+
+    raw = b"caf\xe9 ok \xff\xfe end<|endoftext|>second \x80doc"
+    (tmp_path / "bad.txt").write_bytes(raw)
+    for name, tok in (("bpe", str(exported / "all")), ("byte", "byte")):
+        assert main(["tokenizer", "encode", "--tokenizer", tok, "--input", str(tmp_path / "bad.txt"), "--out",
+                     str(tmp_path / name), "--progress", "False"]) == 0
+        out = capsys.readouterr().out
+        assert "4 undecodable bytes (not UTF-8)" in out
+        assert ("kept the 4 bytes" if name == "byte" else "were replaced by U+FFFD") in out
+    ids = TokenFile(tmp_path / "byte" / "train.bin").tokens.tolist()
+    assert ids == [256, *raw.split(b"<|endoftext|>")[0], 256, *raw.split(b"<|endoftext|>")[1]]  # every byte kept

@@ -18,6 +18,7 @@ class SampleConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
     prompt: str = "\n"
+    """text the samples continue (default: a newline)"""
     sampling: Sampling = sampling_field(max_tokens=200)
     """how to sample (lmforge.SamplingParams; CLI default temperature 0.8, top-p 0.95)"""
     tokenizer: str | None = None

@@ -17,7 +17,8 @@ from lmforge.data.stage import StageContext
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
-    """tokenizer: a spec for `lmforge.tokenizer.load.load_tokenizer` ("byte" or a tokenizer directory);
+    """tokenizer: a spec for `lmforge.tokenizer.load.load_tokenizer` ("byte", a tokenizer directory or file
+    in any format it reads);
     out_dir: where `<shard>.bin` files go (relative to the pipeline's output directory)."""
 
     tokenizer: str = "byte"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
+from lmforge.errors import LmforgeError
 from lmforge.train.checkpoint import checkpoint_dirs
 
 from .train.helpers import make_shard
@@ -64,24 +65,25 @@ lr = 0.003
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_000003", "step_000006"]
 
 
-def test_bad_config_gives_one_line_error(tmp_path):
+def test_bad_config_gives_one_line_error(tmp_path, capsys):
     toml = tmp_path / "bad.toml"
     toml.write_text("[model]\nd_modle = 64\n")
-    r = run("train", "--config", str(toml))
-    assert r.returncode == 2
-    assert "unknown config key 'model.d_modle'" in r.stderr and "Traceback" not in r.stderr
+    assert main(["train", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.d_modle'" in err and "Traceback" not in err
     toml.write_text("[model]\nd_model = 30\nn_heads = 4\n")
-    r = run("train", "--config", str(toml))
-    assert "model.d_model=30 must be divisible by model.n_heads=4" in r.stderr
-    r = run("train", "--config", str(tmp_path / "nope.toml"))
-    assert "config file not found" in r.stderr
-    r = run("--debug", "train", "--config", str(tmp_path / "nope.toml"))
-    assert "Traceback" in r.stderr  # --debug shows the traceback
+    assert main(["train", "--config", str(toml)]) == 2
+    assert "model.d_model=30 must be divisible by model.n_heads=4" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    with pytest.raises(LmforgeError, match="config file not found"):  # --debug lets the traceback through
+        main(["--debug", "train", "--config", str(tmp_path / "nope.toml")])
 
 
-def test_missing_token_file_is_a_clear_error(tmp_path):
-    r = run("train", "--data.train", str(tmp_path / "missing.bin"), "--run-dir", str(tmp_path / "r"))
-    assert r.returncode == 2 and "token file not found" in r.stderr and "Traceback" not in r.stderr
+def test_missing_token_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--data.train", str(tmp_path / "missing.bin"), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "token file not found" in err and "Traceback" not in err
 
 
 def test_unknown_command():

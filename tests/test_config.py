@@ -53,3 +53,17 @@ def test_python_configs_accept_dicts_and_paths():
 def test_saved_configs_round_trip(name):
     cfg = TrainConfig(model=PRESETS[name], data=DataConfig(train=("a.bin", "b.bin")))
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+
+
+def test_a_partial_toml_table_starts_from_the_field_default_like_cli_flags(tmp_path):
+    """[model] d_model = 128 changes one field of TrainConfig's default model, as --model.d-model does."""
+    import dataclasses
+
+    from lmforge.cli.common import parse_config
+
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\nd_model = 128\n")
+    default = TrainConfig()
+    want = dataclasses.replace(default, model=dataclasses.replace(default.model, d_model=128))
+    assert load_config(TrainConfig, path) == want
+    assert parse_config(TrainConfig, ["--model.d-model", "128"], prog="t", description="") == want

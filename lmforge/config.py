@@ -7,11 +7,12 @@ This module turns nested dicts (from TOML or JSON) into them, refusing unknown k
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 from lmforge.errors import ConfigError
@@ -28,38 +29,116 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    """How an annotation reads in an error message: 'an integer', 'a list of strings', ..."""
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if _is_dataclass_type(tp):
+        return f"a table of {tp.__name__} settings"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple:
+        inner = args[0] if args else Any
+        return f"a list of {_type_name(inner).split(' ', 1)[-1]}s" if inner in names else "a list"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _bad(where: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{where} = {value!r}: expected {_type_name(tp)}")
+
+
+def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(where, tp, value)
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _bad(where, tp, value)
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _bad(where, tp, value)
+        return float(value)
+    if tp is str:
+        if isinstance(value, PurePath):
+            return str(value)
+        if not isinstance(value, str):
+            raise _bad(where, tp, value)
+    return value
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a TOML/JSON value to the annotated field type (nested dataclasses, tuples)."""
-    origin = typing.get_origin(tp)
+    """Convert a TOML/JSON/Python value to the annotated field type, or raise a ConfigError naming the
+    key and the expected type. Only the type changes, never the meaning: a table becomes its nested
+    dataclass, a list a tuple, one path string a 1-tuple of paths, 6 a float, 6.0 an int."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table of settings, got {value!r}")
+            raise _bad(where, tp, value)
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and type(None) in args:
             return None
         for a in args:
-            if _is_dataclass_type(a) and isinstance(value, dict):
-                return from_dict(a, value, where)
-        return _coerce(args[0], value, where) if len(args) == 1 else value
-    if origin is tuple and isinstance(value, list):
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        return tuple(_coerce(inner, v, where) for v in value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is typing.Literal and value not in typing.get_args(tp):
-        choices = ", ".join(repr(a) for a in typing.get_args(tp))
-        raise ConfigError(f"{where}={value!r} is not one of {choices}")
-    return value
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError:
+                continue
+        raise _bad(where, tp, value)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, PurePath)) and args and args[0] is str:
+            value = [value]  # one path where a list of paths is expected
+        if not isinstance(value, (list, tuple)):
+            raise _bad(where, tp, value)
+        if len(args) == 2 and args[1] is Ellipsis or not args:
+            inner = args[0] if args else Any
+            return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} = {value!r}: expected {len(args)} values")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (dict, list) and not isinstance(value, origin):
+        raise _bad(where, tp, value)
+    return _coerce_scalar(tp, value, where)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from a nested dict; unknown keys raise ConfigError naming them."""
-    hints = typing.get_type_hints(cls)
+def _default(f: dataclasses.Field, base: Any) -> Any:
+    if base is not None:
+        return getattr(base, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | None = None) -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and values of the wrong type raise a
+    ConfigError naming the key. Missing keys keep the defaults, of `base` when given; a partial table for
+    a nested config fills in that field's default (TrainConfig's [model] starts from its default model,
+    as `--model.x` flags do)."""
+    if not isinstance(data, dict):
+        raise _bad(where or cls.__name__, cls, data)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -67,14 +146,32 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
         )
-    kwargs = {}
+    kwargs = {name: getattr(base, name) for name in fields} if base is not None else {}
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(hints[name], value, path)
+        default = _default(fields[name], base) if isinstance(value, dict) else None
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            kwargs[name] = from_dict(type(default), value, path, base=default)
+        else:
+            kwargs[name] = _coerce(hints[name], value, path)
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def coerce_fields(cfg: Any, where: str = "") -> None:
+    """For `__post_init__`: accept what a user would naturally pass in Python (a dict for a nested
+    config, a path string for a list of paths, a list for a tuple) and refuse wrong types with the key
+    and expected type. Values keep their meaning; only their type is normalised (frozen-safe)."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        new = _coerce(hints[f.name], value, f"{where}.{f.name}" if where else f.name)
+        if new is not value:
+            object.__setattr__(cfg, f.name, new)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -103,17 +200,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML or JSON config file as a plain dict."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return load_toml(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a JSON object of settings")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path) -> T:
     """Load a TOML or JSON file into `cls`."""
-    path = Path(path)
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-    else:
-        data = load_toml(path)
-    return from_dict(cls, data)
+    return from_dict(cls, read_config_file(path))
 
 
 def check(cond: bool, message: str) -> None:

@@ -121,5 +121,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("-" * 60)
     bpb = f", {result.final_val_bpb:.3f} bits/byte" if result.final_val_bpb else ""
     print(f"validation loss {result.final_val_loss:.3f}{bpb}; done in {time.perf_counter() - t0:.0f}s")
-    print(f"run directory: {out.resolve()} (metrics.jsonl, loss.png, checkpoints/)")
+    files = ", ".join(n for n in ("metrics.jsonl", "loss.png") if (out / n).exists())
+    print(f"run directory: {out.resolve()} ({files}, checkpoints/)")
     return {"val_loss": result.final_val_loss, "val_bpb": result.final_val_bpb, "run_dir": str(out)}

@@ -57,8 +57,29 @@ def run_metadata() -> dict[str, Any]:
 
 
 def pick_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'. Any other name is checked against what this torch
+    build and machine offer, so a wrong one is a one-line error instead of a traceback mid-run."""
     import torch
+
+    from lmforge.errors import ConfigError
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    hint = "use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device torch knows; {hint}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"device {name!r}: CUDA is not available (torch {torch.__version__}, {build}); "
+                              f"use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {name!r}: Apple MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {name!r} is not supported by lmforge; {hint}")
     return name

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
+from lmforge.errors import LmforgeError
 from lmforge.train.checkpoint import checkpoint_dirs
 
 from .train.helpers import make_shard
@@ -55,29 +56,70 @@ lr = 0.003
     r = run("train", "--config", str(toml), "--max-steps", "6", "--ckpt-every", "3")
     assert r.returncode == 0, r.stderr
     assert "done: 6 steps" in r.stdout
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    n = Transformer(ModelConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                                max_seq_len=16)).num_params()
+    assert r.stdout.startswith(f"model: {n / 1e6:,.2f}M parameters")  # the model size, before training
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_000003", "step_000006"]
 
 
-def test_bad_config_gives_one_line_error(tmp_path):
+def test_bad_config_gives_one_line_error(tmp_path, capsys):
     toml = tmp_path / "bad.toml"
     toml.write_text("[model]\nd_modle = 64\n")
-    r = run("train", "--config", str(toml))
-    assert r.returncode == 2
-    assert "unknown config key 'model.d_modle'" in r.stderr and "Traceback" not in r.stderr
+    assert main(["train", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.d_modle'" in err and "Traceback" not in err
     toml.write_text("[model]\nd_model = 30\nn_heads = 4\n")
-    r = run("train", "--config", str(toml))
-    assert "model.d_model=30 must be divisible by model.n_heads=4" in r.stderr
-    r = run("train", "--config", str(tmp_path / "nope.toml"))
-    assert "config file not found" in r.stderr
-    r = run("--debug", "train", "--config", str(tmp_path / "nope.toml"))
-    assert "Traceback" in r.stderr  # --debug shows the traceback
+    assert main(["train", "--config", str(toml)]) == 2
+    assert "model.d_model=30 must be divisible by model.n_heads=4" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    with pytest.raises(LmforgeError, match="config file not found"):  # --debug lets the traceback through
+        main(["--debug", "train", "--config", str(tmp_path / "nope.toml")])
 
 
-def test_missing_token_file_is_a_clear_error(tmp_path):
-    r = run("train", "--data.train", str(tmp_path / "missing.bin"), "--run-dir", str(tmp_path / "r"))
-    assert r.returncode == 2 and "token file not found" in r.stderr and "Traceback" not in r.stderr
+def test_missing_token_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--data.train", str(tmp_path / "missing.bin"), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "token file not found" in err and "Traceback" not in err
 
 
 def test_unknown_command():
     r = run("frobnicate")
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+
+
+def _section_labels() -> set[str]:
+    """Comments that head a group of config fields (tyro would show them as a field's help)."""
+    import inspect
+    import re
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import DataConfig, TrainConfig
+
+    src = "".join(inspect.getsource(c) for c in (ModelConfig, OptimConfig, DataConfig, TrainConfig))
+    return {m.strip() for m in re.findall(r"^ {4}# ([^\n]+)$", src, flags=re.M)}
+
+
+@pytest.mark.parametrize("argv", [["train"], ["sample"], ["generate"], ["chat"], ["tokenizer", "encode"],
+                                  ["data", "run"]])
+def test_no_option_help_is_only_a_section_label(argv, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # one line, boxes and wrapping aside
+    labels = _section_labels()
+    assert "positions" in labels and "norms" in labels
+    assert not [lab for lab in labels if f" {lab} (default:" in text]
+
+
+def test_train_help_lists_optimizers_and_schedules(capsys):
+    from lmforge.optim import OPTIMIZERS, SCHEDULES
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert f"--optim.name: {', '.join(sorted(OPTIMIZERS))}" in out
+    assert f"--optim.schedule: {', '.join(sorted(SCHEDULES))}" in out

@@ -8,38 +8,41 @@ Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves. Ctrl-C stop
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from lmforge.cli.sample import hyphens_to_fields
+from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field
 
 
 @dataclass(frozen=True, kw_only=True)
 class ChatConfig:
     checkpoint: str
+    """run directory, checkpoint directory, or HF-format model directory"""
     template: str = "chatml"
     """chat template: chatml | llama3 | plain"""
     system: str = ""
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int | None = None
+    """system message that opens every conversation"""
+    sampling: Sampling = sampling_field(max_tokens=512)
+    """how to sample (lmforge.SamplingParams; CLI default temperature 0.8, top-p 0.95); the template's stop
+    strings are added, and long conversations are cut from the left"""
     tokenizer: str | None = None
+    """tokenizer when the checkpoint has none or to replace it: 'byte', a directory or file of lmforge JSON,
+    GPT-2 vocab.json + merges.txt, HF tokenizer.json, or a tiktoken rank file"""
     device: str = "cpu"
+    """'cpu', 'cuda', 'cuda:1', ... or 'auto'"""
 
 
 def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,
               write: Callable[[str], object] = sys.stdout.write) -> list[dict[str, str]]:
     """Run the conversation until /exit or end of input; returns the final history."""
     from lmforge.infer.chat_template import get_template
-    from lmforge.infer.sampling import SamplingParams
 
     template = get_template(cfg.template)
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(start)
-    sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                        stop=template.stop, truncate_prompt=True)
+    sp = dataclasses.replace(cfg.sampling, stop=tuple(cfg.sampling.stop) + tuple(template.stop), truncate_prompt=True)
     while True:
         try:
             line = read("you> ")
@@ -77,12 +80,11 @@ def _answer(llm, prompt: str, sp, write) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.cli.common import parse_config
-    from lmforge.infer.llm import LLM
+    from lmforge.cli.common import load_llm, parse_config
 
-    cfg = parse_config(ChatConfig, hyphens_to_fields(argv, ChatConfig), prog="lmforge chat",
+    cfg = parse_config(ChatConfig, normalize_argv(argv, ChatConfig), prog="lmforge chat",
                        description="Chat with a checkpoint in the terminal (/reset, /exit; Ctrl-C stops an answer).")
-    llm = LLM.load(cfg.checkpoint, device=cfg.device, tokenizer=cfg.tokenizer)
+    llm = load_llm(cfg)
     print(f"lmforge chat: template {cfg.template}; /reset to start over, /exit to leave, Ctrl-C stops an answer")
     chat_loop(llm, cfg)
     return 0

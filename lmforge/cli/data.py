@@ -16,10 +16,16 @@ class RunArgs:
     """Run (or resume) a data pipeline described by a TOML file."""
 
     pipeline: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PIPELINE.toml")]
-    workers: Optional[int] = None  # overrides the file's `workers`
-    executor: Optional[Literal["local", "ray"]] = None  # overrides the file's `executor`
-    output: Optional[str] = None  # overrides [output] dir
+    workers: Optional[int] = None
+    """overrides the file's `workers`"""
+    executor: Optional[Literal["local", "ray"]] = None
+    """overrides the file's `executor`"""
+    output: Optional[str] = None
+    """overrides [output] dir"""
+    restart: bool = False
+    """discard an earlier run in the output directory and start over (needed when the inputs changed)"""
     progress: bool = True
+    """show progress bars"""
 
 
 def run(argv: list[str]) -> int:
@@ -38,16 +44,29 @@ def run(argv: list[str]) -> int:
         changes["output"] = dataclasses.replace(cfg.output, dir=args.output)
     cfg = dataclasses.replace(cfg, **changes)
     if cfg.executor == "ray":
+        from lmforge.data.executor import _check_run_dir
         from lmforge.data.ray_executor import run_ray
 
+        if args.restart:
+            _check_run_dir(cfg, restart=True)
         report = run_ray(cfg)
     else:
         from lmforge.data.executor import run_local
 
-        report = run_local(cfg)
+        report = run_local(cfg, restart=args.restart)
     print(report_markdown(report))
+    print(reuse_line(report, cfg.output.dir))
     print(f"kept documents: {report['output']}; report: {cfg.output.dir}/report.md")
     return 0 if report["balance"]["balanced"] else 1
+
+
+def reuse_line(report: dict, out_dir: str) -> str:
+    """What an earlier run contributed to this one."""
+    sh = report.get("shards") or {}
+    if not sh.get("skipped"):
+        return f"fresh run: {sh.get('processed', '?')} shard-phase(s) processed"
+    return (f"reused {sh['skipped']} finished shard-phase(s) of the earlier run in {out_dir} (same pipeline, "
+            f"inputs unchanged: same file names, sizes and modification times); processed {sh['processed']} now")
 
 
 def stages(argv: list[str]) -> int:
@@ -68,7 +87,8 @@ class TrainClassifierArgs:
     negative: tuple[str, ...]
     out: str
     text_key: str = "text"
-    holdout: float = 0.1  # share of examples kept aside to report accuracy
+    holdout: float = 0.1
+    """share of examples kept aside to report accuracy"""
     buckets: int = 1 << 18
     dim: int = 16
     ngrams: int = 2

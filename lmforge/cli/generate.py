@@ -1,7 +1,7 @@
 """`lmforge generate`: batch generation, prompts from arguments or a file, one JSON line per prompt.
 
-    lmforge generate --checkpoint runs/demo --prompts "Once" "Twice" --max_tokens 32
-    lmforge generate --checkpoint runs/demo --prompts_file prompts.txt --output out.jsonl --n 4 --seed 0
+    lmforge generate --checkpoint runs/demo --prompts "Once" "Twice" --max-tokens 32
+    lmforge generate --checkpoint runs/demo --prompts-file prompts.txt --output out.jsonl --n 4 --seed 0
 
 A prompts file is plain text (one prompt per line; \\n escapes allowed) or JSONL with a "prompt" field.
 """
@@ -13,32 +13,28 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.cli.sample import hyphens_to_fields
+from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field, top_logprobs_rows, warn_if_past_context
 from lmforge.errors import DataError, LmforgeError
 
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
     checkpoint: str
+    """run directory, checkpoint directory, or HF-format model directory"""
     prompts: tuple[str, ...] = ()
     prompts_file: str | None = None
+    """plain text (one prompt per line; \\n escapes allowed) or JSONL with a "prompt" field"""
     output: str | None = None
     """JSONL file to write (default: standard output)"""
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    n: int = 1
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    beam_width: int = 1
-    truncate_prompt: bool = False
+    sampling: Sampling = sampling_field(max_tokens=64)
+    """how to sample (lmforge.SamplingParams; CLI default temperature 0.8, top-p 0.95)"""
     batch_size: int = 64
+    """prompts decoded together"""
     tokenizer: str | None = None
+    """tokenizer when the checkpoint has none or to replace it: 'byte', a directory or file of lmforge JSON,
+    GPT-2 vocab.json + merges.txt, HF tokenizer.json, or a tiktoken rank file"""
     device: str = "cpu"
+    """'cpu', 'cuda', 'cuda:1', ... or 'auto'"""
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -58,33 +54,43 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
             else:
                 prompts.append(line.replace("\\n", "\n"))
     if not prompts:
-        raise LmforgeError("no prompts: give --prompts TEXT ... or --prompts_file FILE")
+        raise LmforgeError("no prompts: give --prompts TEXT ... or --prompts-file FILE")
     return prompts
 
 
-def main(argv: list[str]) -> int:
-    from lmforge.cli.common import parse_config
-    from lmforge.infer.llm import LLM
-    from lmforge.infer.sampling import SamplingParams
+def _open_output(path: str | None):
+    if path is None:
+        return sys.stdout
+    if not Path(path).parent.is_dir():
+        raise DataError(f"--output {path}: directory {Path(path).parent} does not exist; create it first")
+    return open(path, "w", encoding="utf-8")
 
-    cfg = parse_config(GenerateConfig, hyphens_to_fields(argv, GenerateConfig), prog="lmforge generate",
+
+def result_row(r, sp, tok) -> dict:
+    """The JSON line of one prompt's result."""
+    row = {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+    if sp.logprobs is not None:
+        row["logprobs"] = r.logprobs
+        row["top_logprobs"] = top_logprobs_rows(tok, r.outputs[0].top_logprobs)
+    if sp.n > 1 or sp.beam_width > 1:
+        row["samples"] = [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
+                          for o in r.outputs]
+    return row
+
+
+def main(argv: list[str]) -> int:
+    from lmforge.cli.common import load_llm, parse_config
+
+    cfg = parse_config(GenerateConfig, normalize_argv(argv, GenerateConfig), prog="lmforge generate",
                        description="Generate from many prompts; write one JSON line per prompt.")
     prompts = read_prompts(cfg)
-    llm = LLM.load(cfg.checkpoint, device=cfg.device, tokenizer=cfg.tokenizer, max_batch_size=cfg.batch_size)
-    sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                        min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, n=cfg.n, seed=cfg.seed,
-                        stop=cfg.stop, logprobs=cfg.logprobs, beam_width=cfg.beam_width,
-                        truncate_prompt=cfg.truncate_prompt)
-    out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout
+    llm = load_llm(cfg, max_batch_size=cfg.batch_size)
+    sp = cfg.sampling
+    warn_if_past_context(llm, [len(llm.tokenizer.encode(p)) for p in prompts], sp)
+    out = _open_output(cfg.output)
     try:
         for r in llm.generate(prompts, sp):
-            row = {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
-            if cfg.logprobs is not None:
-                row["logprobs"] = r.logprobs
-            if cfg.n > 1:
-                row["samples"] = [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
-                                  for o in r.outputs]
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.write(json.dumps(result_row(r, sp, llm.tokenizer), ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()

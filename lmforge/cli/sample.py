@@ -1,59 +1,53 @@
 """`lmforge sample`: print samples from a checkpoint.
 
     lmforge sample --checkpoint runs/demo --prompt "def " --temperature 0.8 --top-k 50 --max-tokens 200
+    lmforge sample --checkpoint runs/demo --prompt "def " --temperature 0 --logprobs 3   (top 3 per token)
+
+Every `SamplingParams` field is a flag (`lmforge sample --help` lists them); `--num-samples` is `--n`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from lmforge.config import check
+from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field, top_logprobs_rows, warn_if_past_context
 
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
     checkpoint: str
-    """run directory or checkpoint directory"""
+    """run directory, checkpoint directory, or HF-format model directory"""
     prompt: str = "\n"
-    max_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    num_samples: int = 1
-    seed: int | None = None
+    """text the samples continue (default: a newline)"""
+    sampling: Sampling = sampling_field(max_tokens=200)
+    """how to sample (lmforge.SamplingParams; CLI default temperature 0.8, top-p 0.95)"""
     tokenizer: str | None = None
-    """tokenizer spec when the checkpoint has none ('byte' or a path)"""
+    """tokenizer when the checkpoint has none or to replace it: 'byte', a directory or file of lmforge JSON,
+    GPT-2 vocab.json + merges.txt, HF tokenizer.json, or a tiktoken rank file"""
     device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+    """'cpu', 'cuda', 'cuda:1', ... or 'auto'"""
 
 
-def hyphens_to_fields(argv: list[str], cls) -> list[str]:
-    """Accept --top-k for the field top_k (the generated options keep field names as they are)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = []
-    for a in argv:
-        flag, eq, val = a.partition("=")
-        if flag.startswith("--") and flag[2:].replace("-", "_") in names:
-            a = "--" + flag[2:].replace("-", "_") + eq + val
-        out.append(a)
-    return out
+def print_logprobs(tok, output) -> None:
+    """One line per generated token: its log-probability and the K most likely alternatives."""
+    rows = top_logprobs_rows(tok, output.top_logprobs) or [[] for _ in output.token_ids]
+    for t, lp, top in zip(output.token_ids, output.logprobs or [], rows):
+        alts = ", ".join(f"{r['token']!r} {r['logprob']:.3f}" for r in top)
+        print(f"  {tok.decode([t])!r:>12} {lp:8.3f}" + (f"   top: {alts}" if alts else ""))
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.cli.common import parse_config
-    from lmforge.infer.llm import LLM
-    from lmforge.infer.sampling import SamplingParams
+    from lmforge.cli.common import load_llm, parse_config
 
-    cfg = parse_config(SampleConfig, hyphens_to_fields(argv, SampleConfig), prog="lmforge sample",
-                       description="Print samples from a checkpoint.", config_file=False)
-    llm = LLM.load(cfg.checkpoint, device=cfg.device, tokenizer=cfg.tokenizer)
-    sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                        n=cfg.num_samples, seed=cfg.seed)
+    cfg = parse_config(SampleConfig, normalize_argv(argv, SampleConfig, {"num_samples": "n"}), prog="lmforge sample",
+                       description="Print samples from a checkpoint.")
+    llm = load_llm(cfg)
+    sp = cfg.sampling
+    warn_if_past_context(llm, [len(llm.tokenizer.encode(cfg.prompt))], sp)
     out = llm.generate([cfg.prompt], sp)[0]
     for i, o in enumerate(out.outputs):
         print(f"--- sample {i + 1}/{len(out.outputs)} ({len(o.token_ids)} tokens, {o.finish_reason}) ---")
         print(cfg.prompt + o.text)
+        if sp.logprobs is not None:
+            print_logprobs(llm.tokenizer, o)
     return 0

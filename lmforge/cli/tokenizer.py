@@ -20,8 +20,10 @@ class TrainArgs:
     vocab_size: int
     out: str
     special: tuple[str, ...] = ("<|endoftext|>",)
-    pattern: str = "gpt2"  # "gpt2", "cl100k", "o200k" or a custom pre-tokenization regex
-    export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = ()  # also write these formats into --out
+    pattern: str = "gpt2"
+    """'gpt2', 'cl100k', 'o200k' or a custom pre-tokenization regex"""
+    export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = ()
+    """also write these formats into --out"""
     workers: Optional[int] = None
     progress: bool = True
 
@@ -35,10 +37,13 @@ class TrainArgs:
 class EncodeArgs:
     """Encode text files into token shards (OUT/train.bin, and OUT/val.bin with --val-fraction)."""
 
-    tokenizer: str  # "byte", a tokenizer directory or its lmforge_tokenizer.json
+    tokenizer: str
+    """'byte', a tokenizer directory or file: lmforge JSON, HF tokenizer.json, GPT-2 vocab.json + merges.txt,
+    or a tiktoken rank file"""
     input: tuple[str, ...]
     out: str
-    val_fraction: float = 0.0  # the last this-much of every file goes to val.bin
+    val_fraction: float = 0.0
+    """the last this-much of every file goes to val.bin"""
     workers: Optional[int] = None
     progress: bool = True
 
@@ -52,9 +57,12 @@ class StatsArgs:
     """Compression (bytes per token) and vocabulary use of a tokenizer on text files."""
 
     tokenizer: str
+    """'byte' or a tokenizer directory or file (any format load_tokenizer reads)"""
     input: tuple[str, ...]
-    top: int = 10  # list the most frequent tokens
-    json: bool = False  # print the numbers as JSON
+    top: int = 10
+    """list the most frequent tokens"""
+    json: bool = False
+    """print the numbers as JSON"""
     workers: Optional[int] = None
     progress: bool = False
 
@@ -77,7 +85,7 @@ def train(argv: list[str]) -> int:
           f"{len(files)} file(s), {stats['distinct_pretokens']:,} distinct pre-tokens, "
           f"{time.perf_counter() - t0:.1f}s -> {path}")
     if stats["undecodable_bytes"]:
-        print(f"note: {stats['undecodable_bytes']:,} undecodable bytes were read as U+FFFD")
+        print(undecodable_note(stats["undecodable_bytes"], kept=False))
     return 0
 
 
@@ -93,10 +101,18 @@ def encode(argv: list[str]) -> int:
     for split, path in rep.shards.items():
         print(f"{split}: {rep.tokens[split]:,} tokens, {rep.docs[split]:,} documents -> {path}")
     total = sum(rep.tokens.values())
-    print(f"{rep.bytes:,} bytes, {rep.bytes / max(total, 1):.3f} bytes/token, {rep.bytes / 1e6 / secs:.1f} MB/s")
+    print(f"{rep.bytes:,} bytes, {rep.bytes / max(total, 1):.3f} bytes/token, {rep.bytes / 1e6 / secs:.1f} MB/s, "
+          f"{rep.undecodable_bytes:,} undecodable bytes (not UTF-8)")
     if rep.undecodable_bytes:
-        print(f"note: {rep.undecodable_bytes:,} undecodable bytes were read as U+FFFD")
+        print(undecodable_note(rep.undecodable_bytes, kept=hasattr(tok, "encode_bytes")))
     return 0
+
+
+def undecodable_note(n: int, kept: bool) -> str:
+    if kept:
+        return f"note: the byte tokenizer kept the {n:,} bytes that are not UTF-8 as they are"
+    return (f"note: {n:,} bytes that are not UTF-8 were replaced by U+FFFD and are lost to training; "
+            f"--tokenizer byte keeps every byte as it is")
 
 
 def stats(argv: list[str]) -> int:

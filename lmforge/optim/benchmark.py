@@ -58,7 +58,7 @@ class OptimBenchConfig:
     target_loss: float = 0.0
     """loss to time; 0 = the best final validation loss of AdamW (or of the first optimizer)"""
     data: str = ""
-    """text file; '' = ../shared/data/tinyshakespeare/input.txt, else Python's own sources"""
+    """text file; '' = Python's own sources (tinyshakespeare when the developers' data folder is present)"""
     device: str = "auto"
     threads: int = 1
     """CPU threads for torch (1 is fastest on a shared machine); 0 = torch's default"""

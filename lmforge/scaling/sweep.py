@@ -38,7 +38,8 @@ class SweepConfig:
     """evaluations per run (for approach 1's training curves)"""
     eval_batches: int = 8
     data: str = ""
-    """text file (byte level); '' = ../shared/data/tinyshakespeare, else Python's sources"""
+    """text file (byte level); '' = Python's own sources (tinyshakespeare when the developers' data
+    folder is present)"""
     out: str = "runs/scaling_sweep"
     device: str = "auto"
     threads: int = 1

@@ -28,6 +28,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Raw bytes -> ids, one per byte: bytes that are not valid UTF-8 are kept, not replaced."""
+        return list(data)
+
     def decode(self, ids) -> str:
         out, buf = [], bytearray()
         inv = {v: k for k, v in self.special_ids.items()}

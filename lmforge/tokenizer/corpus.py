@@ -54,11 +54,16 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
     path, start, end, first = task
     with open(path, "rb") as f:
         f.seek(start)
-        text, bad = decode_counting(f.read(end - start))
+        raw = f.read(end - start)
+    text, bad = decode_counting(raw)
     tok = _TOK
     sep = EOT if tok.eot_id is not None else None
-    docs = text.split(sep) if sep else [text]
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    if hasattr(tok, "encode_bytes"):  # the byte tokenizer keeps bytes that are not UTF-8 as they are
+        docs_b = raw.split(sep.encode()) if sep else [raw]
+        pieces = [(np.asarray(tok.encode_bytes(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs_b)]
+        return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad
+    docs = text.split(sep) if sep else [text]
     pieces = [(np.asarray(tok.encode(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs)]
     return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad  # empty docs are dropped
 

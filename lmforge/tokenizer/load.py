@@ -1,5 +1,17 @@
-"""Open any lmforge tokenizer from a spec: "byte", a directory holding lmforge_tokenizer.json, or
-that JSON file itself (its "type" field says which class reads it)."""
+"""Open a tokenizer from a spec, in every format lmforge reads:
+
+    "byte"                                  the byte tokenizer
+    lmforge JSON                            lmforge_tokenizer.json (or a directory holding it); its "type"
+                                            field says which class reads it
+    HF tokenizer.json                       a byte-level BPE `tokenizer.json` (or a directory holding one)
+    GPT-2 files                             a directory with vocab.json + merges.txt (or its vocab.json)
+    tiktoken rank file                      "base64 rank" lines (`tokenizer train --export tiktoken`);
+                                            the format holds no pattern or special tokens, so the GPT-2
+                                            pattern is used and <|endoftext|> takes the first free id
+                                            (256 in lmforge-trained files, after the last rank in GPT-2's)
+
+A directory holding several formats (what `tokenizer train --export ...` writes) opens the lmforge JSON.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +21,66 @@ from pathlib import Path
 from lmforge.errors import DataError
 from lmforge.tokenizer.byte import FILE_NAME, ByteTokenizer
 
+FORMATS = "'byte', lmforge_tokenizer.json, HF tokenizer.json, GPT-2 vocab.json + merges.txt, a .tiktoken rank file"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"tokenizer file {path} is corrupt: {e}") from e
+    if not isinstance(data, dict):
+        raise DataError(f"tokenizer file {path} holds no JSON object")
+    return data
+
+
+def _from_json(path: Path):
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    data = _read_json(path)
+    kind = data.get("type")
+    if kind == "byte":
+        return ByteTokenizer.from_dict(data)
+    if kind == "bpe":
+        return Tokenizer.load(path)
+    if "model" in data:
+        return Tokenizer.from_hf(path)
+    if (path.parent / "merges.txt").is_file() and all(isinstance(v, int) for v in data.values()):
+        return Tokenizer.from_gpt2_files(path, path.parent / "merges.txt")
+    raise DataError(f"tokenizer file {path} is none of the formats lmforge reads ({FORMATS})")
+
+
+def _from_tiktoken(path: Path):
+    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.formats import read_tiktoken
+
+    ranks = set(read_tiktoken(path).values())
+    # the first free id: lmforge-trained files leave 256 free for it, GPT-2's puts it after the last rank
+    eot = next(i for i in range(len(ranks) + 1) if i not in ranks)
+    return Tokenizer.from_tiktoken(path, {"<|endoftext|>": eot})
+
+
+def _in_directory(path: Path) -> Path:
+    """The file of a tokenizer directory, in order of preference."""
+    for name in (FILE_NAME, "tokenizer.json", "vocab.json"):
+        if (path / name).is_file():
+            return path / name
+    ranks = sorted(path.glob("*.tiktoken"))
+    if ranks:
+        return ranks[0]
+    raise DataError(f"no tokenizer in directory {path} (looked for {FORMATS})")
+
 
 def load_tokenizer(spec: str | Path):
+    """A tokenizer object from a spec (see the module docstring for what it may be)."""
     spec = str(spec)
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec)
     if path.is_dir():
-        path = path / FILE_NAME
+        path = _in_directory(path)
     if not path.is_file():
-        raise DataError(f"tokenizer not found: {spec} (give 'byte', a tokenizer directory or its {FILE_NAME})")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"tokenizer file {path} is corrupt: {e}") from e
-    kind = data.get("type") if isinstance(data, dict) else None
-    if kind == "byte":
-        return ByteTokenizer.from_dict(data)
-    if kind == "bpe":
-        from lmforge.tokenizer.bpe import Tokenizer
-
-        return Tokenizer.load(path)
-    raise DataError(f"tokenizer file {path} has unknown type {kind!r} (expected 'byte' or 'bpe')")
+        raise DataError(f"tokenizer not found: {spec} (give {FORMATS}, or a directory holding one)")
+    if path.suffix == ".json":
+        return _from_json(path)
+    return _from_tiktoken(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.model.config import ModelConfig
 from lmforge.optim.config import OptimConfig
 
@@ -31,6 +31,7 @@ class DataConfig:
     """UTF-8 bytes per token of the eval data, for bits-per-byte; 0 = measure it from the tokenizer"""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "data")  # a path string for train/val, lists for tuples
         check(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
@@ -73,6 +74,7 @@ class TrainConfig:
     wandb: bool = False
 
     def __post_init__(self) -> None:
+        coerce_fields(self)  # plain dicts for model/data/optim; wrong types name the key
         check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
         check(self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum}")
         for name in ("eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last"):

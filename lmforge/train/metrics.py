@@ -2,15 +2,15 @@
 and the loss-curve plot.
 
 MFU = achieved model FLOPs/s ÷ peak FLOPs/s (PaLM, Chowdhery et al. 2022, appendix B), where model
-FLOPs come from `Transformer.flops_per_token`. GPU peaks are the datasheet dense bf16 rates; on a
-CPU there is no datasheet number, so the peak is the fp32 matmul rate measured once on this machine.
+FLOPs come from `Transformer.flops_per_token`. GPU peaks are the datasheet dense bf16 rates. A CPU has
+no datasheet number, and a peak measured at start-up on a shared machine depends on what else runs
+(a 1024² matmul timed once gave MFUs of 124-171%), so on CPU only tokens/s is reported.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from functools import lru_cache
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,6 @@ GPU_PEAK_BF16 = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12, "L4": 121e1
                  "4090": 165.2e12, "3090": 71e12}
 
 
-@lru_cache(maxsize=None)
-def _cpu_matmul_peak(n: int = 1024, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 def peak_flops(device: torch.device | str, dtype: str = "bf16") -> float | None:
     device = torch.device(device)
     if device.type == "cuda":
@@ -41,9 +29,7 @@ def peak_flops(device: torch.device | str, dtype: str = "bf16") -> float | None:
             if key in name:
                 return peak if dtype == "bf16" else peak / 2  # tf32 dense is half the bf16 rate
         return None
-    if device.type == "cpu":
-        return _cpu_matmul_peak()
-    return None
+    return None  # CPU and others: no trustworthy peak, so no MFU (tokens/s only)
 
 
 class MetricsLog:
@@ -56,14 +42,14 @@ class MetricsLog:
         if tensorboard:
             from lmforge.errors import require
 
-            require("tensorboard", "dev")
+            require("tensorboard", "tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if wandb:
             from lmforge.errors import require
 
-            self.wb = require("wandb", "dev")
+            self.wb = require("wandb", "wandb")
             self.wb.init(project="lmforge", dir=str(run_dir), config=config or {})
 
     def truncate_after(self, step: int) -> None:
@@ -105,13 +91,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """loss.png: training loss and validation loss against step. Returns None without matplotlib."""
+    """loss.png: training loss and validation loss against step. Without matplotlib, says so on stderr
+    and returns None."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("note: matplotlib is not installed, so no loss.png was written (pip install 'lmforge[plot]'); "
+              "the losses are in metrics.jsonl", file=sys.stderr)
         return None
     rows = read_metrics(run_dir)
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]

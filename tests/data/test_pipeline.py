@@ -194,3 +194,43 @@ def test_tokenize_stage_with_a_trained_bpe_tokenizer(tmp_path):
     parts = [p for p in tok.decode(ids).split("<|endoftext|>") if p]
     assert parts == ["the cat sat on the log.", "a dog on a mat"]
     assert docs[0].meta["num_tokens"] < len("the cat sat on the log.")  # merges were applied
+
+
+def test_missing_extra_stops_the_run_before_it_starts(tmp_path, monkeypatch, capsys):
+    """Without resiliparse, `extract` would reject every page as a parse error and exit 0: refuse instead."""
+    from lmforge.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.html").write_text("<html><body><p>Hello there, this is a page.</p></body></html>")
+    p = _write_pipeline(tmp_path, f'paths = ["{tmp_path / "in"}"]', '[[stages]]\nstage = "extract"\n',
+                        extra="progress = false")
+    monkeypatch.setitem(sys.modules, "resiliparse", None)  # import resiliparse now fails, as when not installed
+    assert main(["data", "run", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'extract' needs the 'resiliparse' package" in err and "pip install 'lmforge[data]'" in err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_rerun_detects_changed_inputs_and_says_what_it_reused(tmp_path, capsys):
+    from lmforge.cli import main
+
+    d = tmp_path / "in"
+    d.mkdir()
+    text = "The river flooded the valley after three days of heavy rain in the hills."
+    for name in ("a", "b"):
+        (d / f"{name}.jsonl").write_text(json.dumps({"id": name, "text": f"{text} {name}"}) + "\n")
+    p = _write_pipeline(tmp_path, f'paths = ["{d}"]', '[[stages]]\nstage = "pii"\n', extra="progress = false")
+    assert main(["data", "run", str(p)]) == 0
+    assert "fresh run: 2 shard-phase(s) processed" in capsys.readouterr().out
+    assert main(["data", "run", str(p)]) == 0
+    assert "reused 2 finished shard-phase(s)" in capsys.readouterr().out
+    (d / "c.jsonl").write_text(json.dumps({"id": "c", "text": text}) + "\n")
+    assert main(["data", "run", str(p)]) == 2
+    assert "the inputs changed since the run" in (err := capsys.readouterr().err) and "1 new (c.jsonl)" in err
+    (d / "c.jsonl").unlink()
+    (d / "a.jsonl").write_text(json.dumps({"id": "a2", "text": text + " again"}) + "\n")
+    assert main(["data", "run", str(p)]) == 2
+    assert "1 changed size or time (a.jsonl)" in capsys.readouterr().err
+    assert main(["data", "run", str(p), "--restart"]) == 0
+    assert "fresh run" in capsys.readouterr().out
+    assert sorted(x.id for x in _kept(tmp_path / "run")) == ["a2", "b"]

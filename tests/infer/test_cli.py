@@ -7,19 +7,33 @@ import json
 import pytest
 from .infer_helpers import tiny_model
 
+import dataclasses
+
+import torch
+
 from lmforge.cli import generate as gen_cli
 from lmforge.cli import sample as sample_cli
 from lmforge.cli.chat import ChatConfig, chat_loop
+from lmforge.cli.common import parse_config
+from lmforge.cli.generate import GenerateConfig
+from lmforge.cli.sample import SampleConfig
+from lmforge.cli.sampling import normalize_argv
 from lmforge.errors import LmforgeError
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 
 
+def _save_checkpoint(*args, **kwargs):
+    try:
+        from lmforge.checkpoint import save_checkpoint
+    except ImportError:  # before checkpoints moved out of lmforge.train
+        from lmforge.train.checkpoint import save_checkpoint
+    return save_checkpoint(*args, **kwargs)
+
+
 @pytest.fixture
 def ckpt(tmp_path, tok):
-    from lmforge.train.checkpoint import save_checkpoint
-
-    return save_checkpoint(tmp_path / "run", 1, tiny_model("llama"), tokenizer=tok)
+    return _save_checkpoint(tmp_path / "run", 1, tiny_model("llama"), tokenizer=tok)
 
 
 def test_llm_load_matches_in_memory_model(ckpt, tok):
@@ -88,3 +102,123 @@ def test_chat_loop_streams_resets_and_survives_ctrl_c():
     assert llm.prompts[1].count("<|im_start|>user") == 1  # the reset dropped the first exchange
     assert hist[-1] == {"role": "assistant", "content": "Hello"}  # the interrupted answer is kept
     assert llm.prompts[2].endswith("<|im_start|>assistant\n") and len(llm.prompts) == 3
+
+
+def test_sampling_options_are_one_nested_SamplingParams():
+    """No command re-declares SamplingParams' fields; every spelling of a flag reaches the same field."""
+    sp_fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    for cls in (SampleConfig, GenerateConfig, ChatConfig):
+        assert not sp_fields & {f.name for f in dataclasses.fields(cls)}, cls.__name__
+        assert cls(checkpoint="-").sampling.temperature == 0.8  # one CLI default temperature
+    argv = ["--checkpoint", "c", "--sampling.top_k", "5", "--temperature", "0.5", "--max-tokens", "7",
+            "--stop", "x", "--seed=3"]
+    cfg = parse_config(GenerateConfig, normalize_argv(argv, GenerateConfig), prog="t", description="")
+    assert cfg.sampling == SamplingParams(temperature=0.5, top_p=0.95, top_k=5, max_tokens=7, stop=("x",), seed=3)
+
+
+def test_generate_top_logprobs_equal_a_full_forward(ckpt, tmp_path, tok):
+    out = tmp_path / "o.jsonl"
+    gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "hello", "--output", str(out), "--max-tokens", "4",
+                  "--temperature", "0", "--logprobs", "3", "--ignore-eos", "True"])
+    row = json.loads(out.read_text())
+    prompt = tok.encode("hello")
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny_model("llama")(torch.tensor([prompt + row["token_ids"]]))[0].double(), -1)
+    assert len(row["top_logprobs"]) == len(row["token_ids"]) == 4
+    for t, (chosen, top) in enumerate(zip(row["token_ids"], row["top_logprobs"])):
+        values, ids = ref[len(prompt) - 1 + t].topk(3)
+        assert [r["id"] for r in top] == ids.tolist() and top[0]["id"] == chosen  # greedy picks the best
+        assert [r["logprob"] for r in top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert row["logprobs"][t] == pytest.approx(values[0].item(), abs=1e-4)
+        assert top[0]["token"] == tok.decode([chosen])
+
+
+def test_sample_prints_top_logprobs(ckpt, capsys):
+    sample_cli.main(["--checkpoint", str(ckpt), "--prompt", "ab", "--max-tokens", "3", "--temperature", "0",
+                     "--logprobs", "2"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "top:" in ln]
+    assert len(lines) == 3 and all(ln.count("'") >= 4 for ln in lines)
+
+
+def test_beam_width_implies_temperature_zero(ckpt, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "ab", "--output", str(out), "--max-tokens", "4",
+                  "--beam-width", "3", "--n", "2"])
+    assert "beam search is deterministic; using --temperature 0" in capsys.readouterr().err
+    row = json.loads(out.read_text())
+    ref = LLM.load(ckpt).generate("ab", SamplingParams(beam_width=3, n=2, temperature=0, top_p=0.95, max_tokens=4))
+    assert [s["token_ids"] for s in row["samples"]] == [o.token_ids for o in ref[0].outputs]
+
+
+def test_max_tokens_past_the_context_warns(ckpt, capsys):
+    sample_cli.main(["--checkpoint", str(ckpt), "--prompt", "abcd", "--max-tokens", "130", "--temperature", "0",
+                     "--ignore-eos", "True"])
+    cap = capsys.readouterr()
+    assert "--max-tokens 130 with a 4-token prompt goes past the model's 128-token context" in cap.err
+    assert "(124 tokens, length)" in cap.out
+
+
+def test_sample_reads_a_config_file(ckpt, tmp_path, capsys):
+    toml = tmp_path / "s.toml"
+    toml.write_text('prompt = "ab"\n[sampling]\ntemperature = 0\nmax_tokens = 5\n')
+    assert sample_cli.main(["--config", str(toml), "--checkpoint", str(ckpt)]) == 0
+    greedy = LLM.load(ckpt).generate("ab", SamplingParams(temperature=0, max_tokens=5))[0].text
+    assert capsys.readouterr().out.splitlines()[1:] == ("ab" + greedy).splitlines()
+
+
+def test_bad_generate_inputs_are_one_line_errors(ckpt, tmp_path):
+    with pytest.raises(LmforgeError, match="--prompts-file FILE"):
+        gen_cli.main(["--checkpoint", str(ckpt)])
+    with pytest.raises(LmforgeError, match="directory .*missing does not exist"):
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", "--output", str(tmp_path / "missing" / "x.jsonl")])
+    with pytest.raises(LmforgeError, match="device 'tpu' is not a device torch knows"):
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", "--device", "tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(LmforgeError, match="device 'cuda': CUDA is not available"):
+            sample_cli.main(["--checkpoint", str(ckpt), "--device", "cuda"])
+
+
+def test_tokenizer_flag_reads_gpt2_files(tmp_path, capsys):
+    import lmforge as lf
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. " * 30)
+    bpe = lf.train_bpe([str(corpus)], vocab_size=270, special_tokens=["<|endoftext|>"])
+    bpe.save_gpt2(tmp_path / "gpt2")
+    ckpt = _save_checkpoint(tmp_path / "run", 1, tiny_model("llama", vocab_size=bpe.vocab_size))  # no tokenizer
+    sample_cli.main(["--checkpoint", str(ckpt), "--tokenizer", str(tmp_path / "gpt2"), "--prompt", "the cat",
+                     "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "True"])
+    greedy = LLM(tiny_model("llama", vocab_size=bpe.vocab_size), bpe).generate(
+        "the cat", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].text
+    assert capsys.readouterr().out.splitlines()[1:] == ("the cat" + greedy).splitlines()
+
+
+def test_sample_from_a_hf_model_directory(tmp_path, capsys):
+    """A HF-format directory (config.json + safetensors + tokenizer.json) through `lmforge sample`: greedy
+    tokens equal HF transformers' own generate()."""
+    transformers = pytest.importorskip("transformers")
+    import lmforge as lf
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat. " * 30)
+    bpe = lf.train_bpe([str(corpus)], vocab_size=270, special_tokens=["<|endoftext|>"])
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=bpe.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    bpe.save_hf(tmp_path / "hf")
+    try:
+        LLM.load(tmp_path / "hf")
+    except LmforgeError as e:
+        if "manifest" in str(e):
+            pytest.skip("LLM.load does not read HF-format model directories in this branch yet (the loader is "
+                        f"lmforge.checkpoint's, issue 16 §2): {e}")
+        raise
+    prompt = bpe.encode("the cat")
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[0, len(prompt):].tolist()
+    sample_cli.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "the cat", "--max-tokens", "6",
+                     "--temperature", "0", "--ignore-eos", "True"])
+    assert capsys.readouterr().out.splitlines()[1:] == ("the cat" + bpe.decode(ref)).splitlines()

@@ -1,0 +1,80 @@
+"""What `lmforge sample | generate | chat` share: their sampling options are one nested `SamplingParams`
+(its fields are the flags: `--temperature 0.7`, or `--sampling.temperature 0.7`), with one CLI default
+temperature, and the checks a user wants before generating starts.
+
+The CLI default is temperature 0.8 with top-p 0.95 for all three commands (the library's
+`SamplingParams()` default is temperature 1, the model's raw distribution): plain sampling from a small
+model wanders, and one default keeps the commands comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import field
+from typing import Annotated, Any
+
+import tyro
+
+from lmforge.infer.sampling import SamplingParams
+
+CLI_TEMPERATURE = 0.8
+CLI_TOP_P = 0.95
+
+# the nested options, flattened by tyro: --temperature, --top-p, ... (no "sampling." prefix needed)
+Sampling = Annotated[SamplingParams, tyro.conf.OmitArgPrefixes]
+
+
+def sampling_field(**overrides: Any):
+    """A dataclass field holding the CLI's default SamplingParams (with per-command overrides)."""
+    return field(default_factory=lambda: SamplingParams(**{"temperature": CLI_TEMPERATURE, "top_p": CLI_TOP_P,
+                                                           **overrides}))
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def normalize_argv(argv: list[str], cls: type, aliases: dict[str, str] | None = None) -> list[str]:
+    """Flags as tyro expects them whatever the user typed: --top-k or --top_k or --sampling.top_k all
+    name the field top_k; `aliases` maps old flag names (--num-samples) to fields (n). A beam width > 1
+    without a temperature implies temperature 0 (beam search is deterministic), said on stderr."""
+    names = {f.name for f in dataclasses.fields(cls)} | {f.name for f in dataclasses.fields(SamplingParams)}
+    aliases = aliases or {}
+    out = []
+    for a in argv:
+        flag, eq, val = a.partition("=")
+        if flag.startswith("--"):
+            name = flag[2:].removeprefix("sampling.").replace("-", "_")
+            name = aliases.get(name, name)
+            if name in names:
+                a = "--" + name + eq + val
+        out.append(a)
+    beam = _flag_value(out, "--beam_width")
+    if beam is not None and beam.isdigit() and int(beam) > 1 and _flag_value(out, "--temperature") is None:
+        print("note: beam search is deterministic; using --temperature 0", file=sys.stderr)
+        out += ["--temperature", "0"]
+    return out
+
+
+def warn_if_past_context(llm, prompt_lengths: list[int], sp: SamplingParams) -> None:
+    """Say (once, on stderr) when --max-tokens cannot be reached because the context window ends first."""
+    context = llm.max_seq_len
+    longest = max(prompt_lengths, default=0)
+    if longest + sp.max_tokens > context:
+        room = max(context - longest, 0)
+        print(f"warning: --max-tokens {sp.max_tokens} with a {longest}-token prompt goes past the model's "
+              f"{context}-token context; generation stops after at most {room} new tokens", file=sys.stderr)
+
+
+def top_logprobs_rows(tok, top: list[dict[int, float]] | None) -> list[list[dict[str, Any]]] | None:
+    """Per generated token, its K most likely alternatives as [{"id", "token", "logprob"}], best first."""
+    if top is None:
+        return None
+    return [[{"id": int(i), "token": tok.decode([int(i)]), "logprob": float(lp)}
+             for i, lp in sorted(step.items(), key=lambda kv: -kv[1])] for step in top]

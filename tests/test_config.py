@@ -1,0 +1,69 @@
+"""Config loading: wrong types name the key and the expected type; plain dicts and path strings are
+accepted where a user would pass them, with the same meaning as the typed values."""
+
+from __future__ import annotations
+
+import pytest
+
+import lmforge as lf
+from lmforge.config import from_dict, load_config, to_dict
+from lmforge.errors import ConfigError
+from lmforge.model.config import PRESETS
+from lmforge.train.config import DataConfig, TrainConfig
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[model]\nd_model = "big"\n', "model.d_model = 'big': expected an integer"),
+    ("max_steps = 6.5\n", "max_steps = 6.5: expected an integer"),
+    ("[data]\ntrain = [1]\n", "data.train[0] = 1: expected a string"),
+    ('[optim]\nlr = "fast"\n', "optim.lr = 'fast': expected a number"),
+    ('progress = "yes"\n', "progress = 'yes': expected true or false"),
+    ("model = 3\n", "model = 3: expected a table of ModelConfig settings"),
+    ("[optim]\nbetas = [0.9]\n", "optim.betas = [0.9]: expected 2 values"),
+])
+def test_toml_type_errors_name_the_key_and_type(tmp_path, toml, message):
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, path)
+    assert str(e.value) == message
+
+
+def test_toml_path_string_is_one_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('max_steps = 6.0\n[data]\ntrain = "x.bin"\n')
+    cfg = load_config(TrainConfig, path)
+    assert cfg.data.train == ("x.bin",) and cfg.max_steps == 6 and type(cfg.max_steps) is int
+
+
+def test_python_configs_accept_dicts_and_paths():
+    a = TrainConfig(model=dict(vocab_size=257, d_model=32, n_layers=1, n_heads=2, max_seq_len=16),
+                    data=dict(train="x.bin", seq_len=16), optim=dict(lr=1e-3, betas=[0.8, 0.9]))
+    b = TrainConfig(model=lf.ModelConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=2, max_seq_len=16),
+                    data=DataConfig(train=("x.bin",), seq_len=16),
+                    optim=from_dict(TrainConfig, {"optim": {"lr": 1e-3, "betas": [0.8, 0.9]}}).optim)
+    assert a == b and a.optim.betas == (0.8, 0.9)
+    with pytest.raises(ConfigError, match=r"data.seq_len = '16': expected an integer"):
+        TrainConfig(data=dict(seq_len="16"))
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.trian'"):
+        TrainConfig(data=dict(trian="x.bin"))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_saved_configs_round_trip(name):
+    cfg = TrainConfig(model=PRESETS[name], data=DataConfig(train=("a.bin", "b.bin")))
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+
+
+def test_a_partial_toml_table_starts_from_the_field_default_like_cli_flags(tmp_path):
+    """[model] d_model = 128 changes one field of TrainConfig's default model, as --model.d-model does."""
+    import dataclasses
+
+    from lmforge.cli.common import parse_config
+
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\nd_model = 128\n")
+    default = TrainConfig()
+    want = dataclasses.replace(default, model=dataclasses.replace(default.model, d_model=128))
+    assert load_config(TrainConfig, path) == want
+    assert parse_config(TrainConfig, ["--model.d-model", "128"], prog="t", description="") == want

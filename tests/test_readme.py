@@ -1,0 +1,94 @@
+"""Every fenced example in README.md runs: Python blocks as written, shell commands at toy size (in
+process, through `lmforge.cli.main`, with flags appended that shrink the run), so the README stays true."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+# flags appended to a command so that it runs in seconds (later flags win)
+TOY = {
+    "demo": ["--steps", "3", "--corpus-mb", "0.05", "--tokenizer", "byte", "--depth", "1", "--seq-len", "32",
+             "--batch-size", "2", "--samples", "1", "--device", "cpu"],
+    "train": ["--max-steps", "4", "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "4", "--data.batch-size",
+              "2", "--data.seq-len", "32", "--model.d-model", "32", "--model.n-layers", "1", "--model.n-heads", "2",
+              "--model.n-kv-heads", "1", "--progress", "False"],
+    "tokenizer": ["--progress", "False"],
+    "sample": ["--max-tokens", "8"],
+    "generate": ["--max-tokens", "8"],
+}
+NOT_RUN = ("pip ", "python -m pytest")  # installing, and the test suite itself
+
+
+def fenced(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def shell_commands() -> list[list[str]]:
+    """The `lmforge ...` commands of the README's bash blocks, in order, as argv lists (without `lmforge`)."""
+    out = []
+    for block in fenced("bash"):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            for part in line.split("&&") if line and not line.startswith("#") else []:
+                part = part.strip()
+                if part.startswith(NOT_RUN):
+                    continue
+                argv = shlex.split(part)
+                assert argv[0] == "lmforge", f"README runs something other than lmforge: {part!r}"
+                out.append(argv[1:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus() -> str:
+    from lmforge.demo import stdlib_corpus
+
+    return "\n".join(stdlib_corpus(100_000))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, corpus):
+    """A fresh directory with a small corpus.txt (Python's own sources) and the repo's examples/."""
+    (tmp_path / "corpus.txt").write_text(corpus)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_readme_python_blocks_run_as_written(workdir, capsys):
+    blocks = fenced("python")
+    assert blocks and all("..." not in b for b in blocks)
+    for code in blocks:
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)
+    result = scope["result"]
+    assert result.steps == scope["cfg"].max_steps and result.final_val_loss < math.log(scope["tok"].vocab_size) - 1  # it learned
+    assert isinstance(scope["out"][0].text, str) and len(scope["out"][0].token_ids) >= 1
+    assert "validation loss" in capsys.readouterr().out
+
+
+def test_readme_shell_commands_run_at_toy_size(workdir, capsys):
+    commands = shell_commands()
+    assert [c[0] for c in commands] == ["demo", "tokenizer", "tokenizer", "train", "sample", "generate", "--help"]
+    for argv in commands:
+        extra = TOY.get(argv[0], [])
+        assert main([*argv, *extra]) == 0, argv
+    from lmforge.data.shards import TokenFile
+
+    assert len(TokenFile(workdir / "shards" / "train.bin")) > 0 and (workdir / "tok" / "tokenizer.json").is_file()
+    assert list((workdir / "runs" / "tiny" / "checkpoints").glob("step_000004"))
+    rows = [json.loads(line) for line in (workdir / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["To be", "Or not"] and all(len(r["samples"]) == 2 for r in rows)
+    out = capsys.readouterr().out
+    assert "--- sample 1/1" in out and "top:" in out  # sample --logprobs 3 prints the top 3 per token

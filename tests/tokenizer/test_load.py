@@ -1,0 +1,75 @@
+"""`load_tokenizer` reads every format the README lists, and what `lmforge tokenizer train --export`
+writes reads back to the same ids (checked against HF `tokenizers` for tokenizer.json)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.errors import DataError
+from lmforge.tokenizer.load import load_tokenizer
+
+TEXT = "def add(a, b):\n    return a + b  # the sum<|endoftext|>print(add(1, 2))\n"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    (d / "corpus.txt").write_text("def f(x):\n    return x * 2\n" * 40 + "the cat sat on the mat. " * 40)
+    assert main(["tokenizer", "train", "--input", str(d / "corpus.txt"), "--vocab-size", "300", "--out",
+                 str(d / "all"), "--export", "hf", "gpt2", "tiktoken", "--progress", "False"]) == 0
+    return d
+
+
+def _alone(exported, tmp_path, *names):
+    """A directory holding only the named files of the export."""
+    out = tmp_path / "_".join(names).replace(".", "_")
+    out.mkdir()
+    for n in names:
+        shutil.copy(exported / "all" / n, out / n)
+    return out
+
+
+@pytest.mark.parametrize("files", [("lmforge_tokenizer.json",), ("tokenizer.json",), ("vocab.json", "merges.txt"),
+                                   ("bpe.tiktoken",)])
+def test_every_exported_format_reads_back(exported, tmp_path, files):
+    ref = load_tokenizer(exported / "all")
+    d = _alone(exported, tmp_path, *files)
+    for spec in (d, d / files[0]):  # the directory or its file
+        tok = load_tokenizer(spec)
+        assert tok.encode(TEXT) == ref.encode(TEXT) and tok.decode(tok.encode(TEXT)) == TEXT
+        assert tok.vocab_size == ref.vocab_size and tok.eot_id == ref.eot_id
+
+
+def test_hf_tokenizer_json_matches_hf_tokenizers(exported):
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer.from_file(str(exported / "all" / "tokenizer.json"))
+    assert load_tokenizer(exported / "all" / "tokenizer.json").encode(TEXT) == hf.encode(TEXT).ids
+
+
+def test_unreadable_specs_are_one_line_errors(tmp_path):
+    (tmp_path / "x.json").write_text('{"hello": "world"}')
+    with pytest.raises(DataError, match="none of the formats"):
+        load_tokenizer(tmp_path / "x.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no tokenizer in directory"):
+        load_tokenizer(tmp_path / "empty")
+    with pytest.raises(DataError, match="tokenizer not found"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_non_utf8_bytes_are_counted_and_the_byte_tokenizer_keeps_them(exported, tmp_path, capsys):
+    from lmforge.data.shards import TokenFile
+
+    raw = b"caf\xe9 ok \xff\xfe end<|endoftext|>second \x80doc"
+    (tmp_path / "bad.txt").write_bytes(raw)
+    for name, tok in (("bpe", str(exported / "all")), ("byte", "byte")):
+        assert main(["tokenizer", "encode", "--tokenizer", tok, "--input", str(tmp_path / "bad.txt"), "--out",
+                     str(tmp_path / name), "--progress", "False"]) == 0
+        out = capsys.readouterr().out
+        assert "4 undecodable bytes (not UTF-8)" in out
+        assert ("kept the 4 bytes" if name == "byte" else "were replaced by U+FFFD") in out
+    ids = TokenFile(tmp_path / "byte" / "train.bin").tokens.tolist()
+    assert ids == [256, *raw.split(b"<|endoftext|>")[0], 256, *raw.split(b"<|endoftext|>")[1]]  # every byte kept

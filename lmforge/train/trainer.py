@@ -264,8 +264,8 @@ class Trainer:
                     if self.flops_per_token and self.peak:
                         row["mfu"] = tps * self.flops_per_token / self.peak
                     self.metrics.log(row)
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}",
-                                    tok_s=f"{tps:,.0f}", mfu=f"{row.get('mfu', 0):.1%}")
+                    extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}", **extra)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self.flush()
                     ev = self._log_eval(bar)

@@ -12,6 +12,7 @@ Nothing is imported here (no side effects at import); the map of the package:
     gopher.py, c4.py, fineweb.py        heuristic filters with per-rule counts
     perplexity.py    CCNet-style perplexity scoring with any lmforge causal LM
     classifier.py    fastText-style hashed n-gram quality classifier (+ classifier_train.py)
+    fasttext_model.py  real fastText .bin/.ftz models in numpy; fasttext_stages.py: toxicity / nsfw stages
     exact.py         exact document and line-level dedup; minhash.py: MinHash-LSH fuzzy dedup
     bloom.py         Bloom-filter paragraph / n-gram dedup; decontam.py: eval-set n-gram overlap
     mix.py           source weights; tokenize.py: token shards (shards.py) for the trainer

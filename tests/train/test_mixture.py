@@ -9,7 +9,7 @@ from lmforge.errors import ConfigError
 from lmforge.train.config import DataConfig, PhaseConfig, SourceConfig
 from lmforge.train.trainer import Trainer, train
 
-from .helpers import make_shard, tiny_config
+from .helpers import fit_interrupted_at, make_shard, tiny_config
 
 
 def _mixed(tmp_path, run, **over):
@@ -41,17 +41,7 @@ def test_a_mixed_run_resumes_bit_exactly(tmp_path):
     rows = [r for r in full.history if "tokens/hq" in r]
     assert rows[-1]["tokens/hq"] + rows[-1]["tokens/web"] == rows[-1]["tokens"]
     cfg = _mixed(tmp_path, "b")
-    tr = Trainer(cfg)
-    real = tr.train_step
-
-    def stop():
-        if tr.step == 4:
-            raise KeyboardInterrupt
-        return real()
-
-    tr.train_step = stop
-    with pytest.raises(KeyboardInterrupt):
-        tr.fit()
+    fit_interrupted_at(Trainer(cfg), 4)
     again = train(cfg)
     assert [r["loss"] for r in again.history if "loss" in r] == [r["loss"] for r in full.history if "loss" in r]
 

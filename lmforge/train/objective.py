@@ -28,7 +28,10 @@ Batch = dict[str, torch.Tensor]
 @runtime_checkable
 class DataSource(Protocol):
     """Yields training batches; its state round-trips through checkpoints so a resumed run sees the
-    exact batches the uninterrupted run would have seen."""
+    exact batches the uninterrupted run would have seen. `state_dict` returns a snapshot (copies, not
+    live references): the Trainer takes one at every step start to roll an interrupted step back.
+    Optional: `log_stats() -> dict[str, float]`, merged into every metrics row (e.g. tokens per source
+    of a data mixture, lmforge.train.mixture)."""
 
     def next_batch(self) -> Batch: ...
 

@@ -340,6 +340,10 @@ class ExampleSource:
         self.pos += len(chunk)
         return self.collate(chunk)
 
+    def log_stats(self) -> dict[str, float]:
+        """Epochs completed so far, fractional (for metrics.jsonl)."""
+        return {"epoch": self.epoch + self.pos / max(1, len(self._epoch_units()))}
+
     def batches(self) -> list[dict[str, torch.Tensor]]:
         """The first epoch's batches in order (for a fixed validation set)."""
         units = self._epoch_units()

@@ -134,6 +134,10 @@ def posttrain(cfg: PostTrainConfig):
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.init, device=device)
+    mcfg = model.cfg
+    if cfg.data.seq_len > mcfg.max_seq_len and mcfg.pos_emb not in ("rope", "none"):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the init model's max_seq_len={mcfg.max_seq_len} "
+                          f"({mcfg.pos_emb} positions); lower data.seq_len")
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok
     if tok is None:
         raise LmforgeError(f"{cfg.init} holds no tokenizer; set tokenizer = 'byte' or a tokenizer path")

@@ -154,6 +154,7 @@ def test_example_source_resumes_exactly():
     src = D.ExampleSource(exs, 2, lambda rows: D.packed_batch(rows, 48), seed=3, pack_len=48)
     for _ in range(3):
         src.next_batch()
+    assert src.log_stats()["epoch"] == pytest.approx(6 / len(src._epoch_units()))
     state = src.state_dict()
     want = [src.next_batch() for _ in range(6)]  # crosses an epoch boundary
     again = D.ExampleSource(exs, 2, lambda rows: D.packed_batch(rows, 48), seed=3, pack_len=48)

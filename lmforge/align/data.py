@@ -158,22 +158,25 @@ def read_jsonl(path: str | Path, report: DataReport, on_error: str):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             report.records += 1
             where = f"{path.name}:{i}"
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-            except (json.JSONDecodeError, DataError) as e:
-                if on_error == "raise":
-                    raise DataError(f"{where}: not a JSON object ({e})") from e
+                rec = json.loads(raw.decode("utf-8"))
+                problem = None if isinstance(rec, dict) else f"a {type(rec).__name__}, not an object"
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8: {e.reason} at byte {e.start}"
+            except json.JSONDecodeError as e:
+                problem = f"not JSON: {e}"
+            if problem is None:
+                yield where, rec
+            elif on_error == "raise":
+                raise DataError(f"{where}: the record is {problem}; fix the line or set data.on_error='skip'")
+            else:
                 report.reject("bad_json", where)
-                continue
-            yield where, rec
 
 
 def _truncate(ex: Example, max_tokens: int, report: DataReport, where: str) -> Example:
@@ -182,8 +185,8 @@ def _truncate(ex: Example, max_tokens: int, report: DataReport, where: str) -> E
         report.truncated += 1
         ids, mask = ids[:max_tokens], mask[:max_tokens]
     if not any(mask[1:]):
-        raise RecordError("no_trainable_tokens", f"{where}: no trainable tokens left (after truncation to {max_tokens} tokens); "
-                        "raise data.seq_len or shorten the prompt")
+        raise RecordError("no_trainable_tokens", f"{where}: no trainable tokens within its first {max_tokens} "
+                          "tokens (seq_len + 1); raise data.seq_len or shorten the prompt")
     return ids, mask
 
 

@@ -72,7 +72,10 @@ def test_bad_records_name_file_line_and_field_or_are_counted(tmp_path):
     items, rep = D.load_records((str(f),), enc, "sft", 64, "skip")
     assert len(items) == 2 and rep.records == 5 and rep.used == 2
     assert rep.rejected == {"no_assistant_turn": 1, "bad_json": 1, "unknown_format": 1}
-    assert rep.first["bad_json"] == "d.jsonl:3" and "3 records" not in rep.summary()
+    assert rep.first["bad_json"] == "d.jsonl:3" and "2 used" in rep.summary()
+    (tmp_path / "bin.jsonl").write_bytes(b'{"messages": "\xff"}\n')
+    with pytest.raises(DataError, match=r"^bin.jsonl:1: the record is not UTF-8: invalid start byte at byte 14"):
+        D.load_records((str(tmp_path / "bin.jsonl"),), enc, "sft", 64, "raise")
     p = _write(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
                                       {"prompt": "q", "chosen": "a", "rejected": "a"}])
     with pytest.raises(DataError, match=r"^p.jsonl:2: fields 'chosen' and 'rejected' are identical"):
@@ -84,7 +87,7 @@ def test_bad_records_name_file_line_and_field_or_are_counted(tmp_path):
 
 def test_long_examples_are_truncated_and_counted(tmp_path):
     f = _write(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "x" * 100}, {"prompt": "y" * 100, "completion": "z"}])
-    with pytest.raises(DataError, match="d.jsonl:2: no trainable tokens left"):
+    with pytest.raises(DataError, match="d.jsonl:2: no trainable tokens within its first 17"):
         D.load_records((str(f),), D.Encoder(TOK, "plain"), "sft", 16, "raise")
     items, rep = D.load_records((str(f),), D.Encoder(TOK, "plain"), "sft", 16, "skip")
     assert rep.truncated == 2 and len(items[0][0]) == 17 and rep.rejected == {"no_trainable_tokens": 1}

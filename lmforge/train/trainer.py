@@ -324,7 +324,7 @@ class Trainer:
         self._call("on_log", row)
         self.metrics.log(row)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}",
-                        mfu=f"{row.get('mfu', 0):.1%}")
+                        **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
 
     def _is_log_step(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps

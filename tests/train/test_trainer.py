@@ -35,7 +35,7 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["config"]["model"]["d_model"] == 32 and "git_hash" in meta and "lmforge_version" in meta
     row = next(r for r in res.history if "tok_per_s" in r)
-    assert row["tok_per_s"] > 0 and 0 < row["mfu"] < 1
+    assert row["tok_per_s"] > 0 and ("mfu" not in row or 0 < row["mfu"] < 1)  # no MFU where no peak is known
 
 
 def test_resume_is_bitwise_exact(tmp_path):

@@ -1,7 +1,8 @@
 """Supervised fine-tuning: the SFT objective, with NEFTune noise as an option.
 
     token_mean      sum of -log p(target) over trained tokens / their number (TRL's and HF's default:
-                    long answers weigh more)
+                    long answers weigh more). With grad_accum > 1 each micro-batch is normalised by its
+                    own token count (HF normalises by the whole accumulated batch's count)
     sequence_mean   mean over examples of each example's mean token loss (every answer weighs the same);
                     in packed rows an example is a document of `doc_ids`
 

@@ -2,7 +2,11 @@
 
 Pretraining, SFT, reward models, DPO and its family, distillation and RL differ only in their DataSource
 and Objective (lmforge.train.objective); `Trainer(cfg)` with a TrainConfig builds pretraining's pieces
-(lmforge.train.pretrain), and `train(cfg)` is `lmforge train`.
+(lmforge.train.pretrain), and `train(cfg)` is `lmforge train`. By hand, e.g. SFT:
+
+    src, val, report = build_sources(PostDataConfig(train=("chat.jsonl",)), tok, "sft", seed=0)  # align.data
+    Trainer(model, build_optimizer(model, OptimConfig(lr=1e-4)), src, SFTObjective(),
+            config=LoopConfig(run_dir="runs/sft", max_steps=500)).fit()
 
 One optimizer step = grad_accum micro-batches, mean loss backward, global-norm clipping, the scheduled
 learning rate, optimizer step. Every eval_every steps the evaluator runs (validation loss / perplexity /

@@ -101,6 +101,15 @@ def sha256_file(path: Path) -> str:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it to read it would
+    race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -45,9 +45,6 @@ from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metr
 from lmforge.train.objective import Batch, DataSource, Objective
 from lmforge.utils import pick_device, run_metadata, write_json_atomic
 
-# re-exported for code that imported them from here before the pretraining pieces moved
-from lmforge.train.pretrain import token_byte_lengths  # noqa: F401, E402
-
 
 @dataclass
 class TrainResult:

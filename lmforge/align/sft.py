@@ -1,8 +1,8 @@
 """Supervised fine-tuning: the SFT objective, with NEFTune noise as an option.
 
     token_mean      sum of -log p(target) over trained tokens / their number (TRL's and HF's default:
-                    long answers weigh more). With grad_accum > 1 each micro-batch is normalised by its
-                    own token count (HF normalises by the whole accumulated batch's count)
+                    long answers weigh more); with grad_accum, over all micro-batches' tokens together
+                    (`batch_weight`), as HF/TRL normalise
     sequence_mean   mean over examples of each example's mean token loss (every answer weighs the same);
                     in packed rows an example is a document of `doc_ids`
 
@@ -79,13 +79,17 @@ def neftune(model: torch.nn.Module, alpha: float):
             handle.remove()
 
 
+def document_keys(mask: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) id of each token's document, unique across the batch: its row, or (row, doc_id) when packed."""
+    B, T = mask.shape
+    rows = torch.arange(B, device=mask.device)[:, None]
+    return rows * (T + 1) + (doc_ids if doc_ids is not None else torch.zeros_like(mask, dtype=torch.long))
+
+
 def sequence_mean(values: torch.Tensor, mask: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
     """Mean over documents of each document's masked mean of `values` (B, T). A document is a row, or a
     (row, doc_id) pair in packed rows; documents without masked tokens do not count."""
-    B, T = values.shape
-    doc = doc_ids if doc_ids is not None else torch.zeros_like(values, dtype=torch.long)
-    key = (torch.arange(B, device=values.device)[:, None] * (T + 1) + doc)[mask]  # one id per document
-    uniq, inv = torch.unique(key, return_inverse=True)
+    uniq, inv = torch.unique(document_keys(mask, doc_ids)[mask], return_inverse=True)
     sums = torch.zeros(len(uniq), dtype=values.dtype, device=values.device).index_add(0, inv, values[mask])
     counts = torch.bincount(inv, minlength=len(uniq)).to(values.dtype)
     return (sums / counts).mean()
@@ -114,6 +118,14 @@ class SFTObjective:
         with torch.no_grad():
             acc = masked_mean((logits.argmax(-1) == targets).float(), mask)
         return loss, {"loss": loss.detach(), "mean_token_accuracy": acc, "num_tokens": mask.sum().float()}
+
+    def batch_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """Items this loss averages over (trained tokens, or examples with sequence_mean): the Trainer
+        weighs accumulated micro-batches by it, so grad_accum x B rows = one batch of grad_accum*B rows."""
+        mask = batch["loss_mask"] & (batch["targets"] != -100)
+        if self.cfg.loss == "token_mean":
+            return int(mask.sum())
+        return int(torch.unique(document_keys(mask, batch.get("doc_ids"))[mask]).numel())
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -197,14 +197,25 @@ class Trainer:
             if fn is not None:
                 fn(self, *args)
 
-    def _next_batch(self) -> Batch:
-        batch = self.data.next_batch()
-        if self.flops_per_token is None and hasattr(self.model, "flops_per_token"):
-            self.flops_per_token = self.model.flops_per_token(batch["input_ids"].shape[-1]) \
-                if "input_ids" in batch else None
+    def _to_device(self, batch: Batch) -> Batch:
+        if self.flops_per_token is None and hasattr(self.model, "flops_per_token") and "input_ids" in batch:
+            self.flops_per_token = self.model.flops_per_token(batch["input_ids"].shape[-1])
         if self.device.type == "cuda":
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _micro_batches(self) -> list[tuple[Batch, float | None]]:
+        """The step's grad_accum micro-batches on the device, each with its share of the step's loss:
+        None = 1/grad_accum, or, for objectives with `batch_weight(batch)` (the items their loss averages
+        over, e.g. SFT's trained tokens), the micro-batch's share of the step's items, so accumulated
+        micro-batches give the loss of one big batch (as HF/TRL normalise). Weights are read on the host
+        before the transfer, so no device sync."""
+        raw = [self.data.next_batch() for _ in range(self.cfg.grad_accum)]
+        weigh = getattr(self.objective, "batch_weight", None)
+        weights = [float(weigh(b)) for b in raw] if weigh is not None else []
+        total = sum(weights)
+        shares = [w / total for w in weights] if total > 0 else [None] * len(raw)
+        return [(self._to_device(b), share) for b, share in zip(raw, shares)]
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step. Metrics and grad norm stay on the device (no host sync); `flush()` reads
@@ -218,15 +229,14 @@ class Trainer:
             g["lr"] = g["base_lr"] * mult
         sums: dict[str, torch.Tensor] = {}
         n_tokens = 0
-        for _ in range(cfg.grad_accum):
-            batch = self._next_batch()
+        for batch, share in self._micro_batches():
             n_tokens += batch_tokens(batch)
             with self.autocast, sdpa_context(cfg.sdpa_backend):
                 loss, metrics = self.loss_fn(self.model, batch)
-            (loss / cfg.grad_accum).backward()
+            (loss / cfg.grad_accum if share is None else loss * share).backward()
             metrics = {"loss": loss, **metrics}
             for k, v in metrics.items():
-                v = v.detach().float()
+                v = v.detach().float() if share is None else v.detach().float() * (share * cfg.grad_accum)
                 sums[k] = sums[k] + v if k in sums else v
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.optim.grad_clip > 0:

@@ -81,3 +81,45 @@ def test_neftune_matches_hf_hook_and_its_bound():
     model.train()
     model(ids)
     torch.testing.assert_close(seen["emb"], clean)  # the hook is gone after the context
+
+
+class _Batches:
+    """A DataSource over fixed batches."""
+
+    def __init__(self, batches):
+        self.batches, self.i = batches, 0
+
+    def next_batch(self):
+        self.i += 1
+        return self.batches[self.i - 1]
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+@pytest.mark.parametrize("loss", ["token_mean", "sequence_mean"])
+def test_accumulated_micro_batches_train_like_one_big_batch(tmp_path, loss):
+    from lmforge.align import data as D
+    from lmforge.optim.config import OptimConfig
+    from lmforge.tokenizer.byte import ByteTokenizer
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.trainer import Trainer
+
+    enc = D.Encoder(ByteTokenizer(), "plain")
+    exs = [enc.prompt_completion("q" * (i + 1), "a" * (3 * i + 1), f"x:{i}") for i in range(8)]
+    small, big = D.pad_batch(exs[:3]), D.pad_batch(exs[3:])  # 3 and 5 examples
+    assert small["loss_mask"].sum() != big["loss_mask"].sum()  # unequal micro-batches: weighting matters
+    params = []
+    for run, batches in (("one", [D.pad_batch(exs)]), ("two", [small, big])):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
+        cfg = LoopConfig(run_dir=str(tmp_path / run), max_steps=1, grad_accum=len(batches), device="cpu",
+                         progress=False, plot=False, optim=OptimConfig(grad_clip=0.0, warmup_steps=0))
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        Trainer(model, opt, _Batches(batches), SFTObjective(SFTConfig(loss=loss)), config=cfg).train_step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -127,11 +127,12 @@ class Encoder:
 
     def chat(self, messages: Any, where: str) -> Example:
         if not isinstance(messages, list) or not messages:
-            raise RecordError("bad_messages", f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+            raise RecordError("bad_messages",
+                              f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
         if self.loss_on == "assistant" and not any(isinstance(m, dict) and m.get("role") == "assistant"
                                                    for m in messages):
-            raise RecordError("no_assistant_turn", f"{where}: field 'messages' has no assistant turn, so nothing would be trained; "
-                            "add one or set data.loss_on='all'")
+            raise RecordError("no_assistant_turn", f"{where}: field 'messages' has no assistant turn, so nothing "
+                              "would be trained; add one or set data.loss_on='all'")
         try:
             return self._pieces(self.template.segments(messages))
         except (LmforgeError, AttributeError) as e:
@@ -142,14 +143,15 @@ class Encoder:
         concatenated (+ the end-of-text token); message lists go through the chat template."""
         for fname, v in (("prompt", prompt), (name, completion)):
             if not (isinstance(v, str) and v) and not (isinstance(v, list) and v):
-                raise RecordError(f"bad_{fname}", f"{where}: field {fname!r} must be a non-empty string or list of messages")
+                raise RecordError(f"bad_{fname}",
+                                  f"{where}: field {fname!r} must be a non-empty string or list of messages")
         if isinstance(prompt, list) != isinstance(completion, list):
-            raise RecordError("mixed_formats", f"{where}: fields 'prompt' and {name!r} must both be strings or both message lists")
+            raise RecordError("mixed_formats",
+                              f"{where}: fields 'prompt' and {name!r} must both be strings or both message lists")
         if isinstance(prompt, list):  # conversational: the completion's assistant turns are trained
             return self.chat(prompt + completion, where)
-        else:
-            p, c_ids = self.tok.encode(prompt), self.tok.encode(completion)
-            c_ids = c_ids + ([self.eos] if self.eos is not None else [])
+        p, c_ids = self.tok.encode(prompt), self.tok.encode(completion)
+        c_ids = c_ids + ([self.eos] if self.eos is not None else [])
         return p + c_ids, [self.loss_on == "all"] * len(p) + [True] * len(c_ids)
 
 
@@ -200,14 +202,16 @@ def encode_record(enc: Encoder, rec: dict, kind: str, where: str, max_tokens: in
             return fit(enc.chat(rec["messages"], where))
         if "prompt" in rec and "completion" in rec:
             return fit(enc.prompt_completion(rec["prompt"], rec["completion"], where))
-        raise RecordError("unknown_format", f"{where}: expected field 'messages' (chat) or 'prompt' + 'completion'; got {sorted(rec)}")
+        raise RecordError("unknown_format", f"{where}: expected field 'messages' (chat) or 'prompt' + "
+                                            f"'completion'; got {sorted(rec)}")
     if kind == "preference":
         for f in ("prompt", "chosen", "rejected"):
             if f not in rec:
-                raise RecordError(f"missing_{f}", f"{where}: preference record lacks field {f!r} (needs prompt, chosen, rejected)")
+                raise RecordError(f"missing_{f}",
+                                  f"{where}: preference record lacks field {f!r} (needs prompt, chosen, rejected)")
         if rec["chosen"] == rec["rejected"]:
-            raise RecordError("chosen_equals_rejected", f"{where}: fields 'chosen' and 'rejected' are identical, so the pair teaches nothing; "
-                            "remove the record")
+            raise RecordError("chosen_equals_rejected", f"{where}: fields 'chosen' and 'rejected' are identical, so "
+                              "the pair teaches nothing; remove the record")
         return (fit(enc.prompt_completion(rec["prompt"], rec["chosen"], where, "chosen")),
                 fit(enc.prompt_completion(rec["prompt"], rec["rejected"], where, "rejected")))
     if kind == "kto":
@@ -305,7 +309,8 @@ def packed_batch(rows: list[list[Example]], seq_len: int) -> dict[str, torch.Ten
 
 def pair_batch(pairs: list[tuple[Example, Example]]) -> dict[str, torch.Tensor]:
     """Preference pairs -> chosen_* and rejected_* (each side padded to its own longest row)."""
-    return {**pad_batch([c for c, _ in pairs], prefix="chosen_"), **pad_batch([r for _, r in pairs], prefix="rejected_")}
+    return {**pad_batch([c for c, _ in pairs], prefix="chosen_"),
+            **pad_batch([r for _, r in pairs], prefix="rejected_")}
 
 
 def kto_batch(items: list[tuple[Example, bool]]) -> dict[str, torch.Tensor]:

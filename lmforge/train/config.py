@@ -88,7 +88,8 @@ class LoopConfig:
     max_steps: int = 1000
     grad_accum: int = 1
     eval_every: int = 100
-    """evaluate (validation loss / perplexity / bits-per-byte, or the objective's metrics) every N steps and at the end"""
+    """evaluate (validation loss / perplexity / bits-per-byte, or the objective's metrics) every N steps and
+    at the end"""
     eval_batches: int = 20
     log_every: int = 10
     ckpt_every: int = 500

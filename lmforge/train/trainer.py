@@ -371,7 +371,8 @@ class Trainer:
         if not consistent:
             tqdm.write(f"interrupted inside the optimizer update of step {self.step + 1}: no consistent state "
                        f"to save; resume from {self.last_checkpoint}")
-        elif self.step > 0 and (self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
+        elif self.step > 0 and (self.last_checkpoint is None
+                                or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
             self.save()
         tqdm.write(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}; "
                    "run the same command again to resume")

@@ -86,7 +86,8 @@ def test_bad_records_name_file_line_and_field_or_are_counted(tmp_path):
 
 
 def test_long_examples_are_truncated_and_counted(tmp_path):
-    f = _write(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "x" * 100}, {"prompt": "y" * 100, "completion": "z"}])
+    f = _write(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "x" * 100},
+                                      {"prompt": "y" * 100, "completion": "z"}])
     with pytest.raises(DataError, match="d.jsonl:2: no trainable tokens within its first 17"):
         D.load_records((str(f),), D.Encoder(TOK, "plain"), "sft", 16, "raise")
     items, rep = D.load_records((str(f),), D.Encoder(TOK, "plain"), "sft", 16, "skip")

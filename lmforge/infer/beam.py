@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from lmforge.infer.detok import safe_decode
-from lmforge.infer.engine import decode_attention, stop_ids
+from lmforge.infer.decoders import decode_attention
+from lmforge.infer.request import stop_ids
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.cache import KVCache

@@ -22,7 +22,8 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.infer.detok import safe_decode
-from lmforge.infer.engine import decode_attention, stop_ids
+from lmforge.infer.decoders import decode_attention
+from lmforge.infer.request import stop_ids
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.sampling import SamplingParams

@@ -47,11 +47,14 @@ def test_stop_string_cuts_text(tok):
 
 
 def test_seed_reproducible_and_n_samples(tok):
-    llm = LLM(tiny_model("llama"), tok)
+    """A seed gives prompt i (and sample j) its own stream (issue 16 §5): identical prompts differ, and the
+    samples do not depend on how the batch is formed."""
+    model = tiny_model("llama")
     sp = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, n=3, seed=123, ignore_eos=True)
-    a = llm.generate(["hi", "there"], sp)
-    b = llm.generate(["there"], sp)  # other batch companions: same samples
-    assert [o.token_ids for o in a[1].outputs] == [o.token_ids for o in b[0].outputs]
+    a = LLM(model, tok).generate(["hi", "there", "hi"], sp)
+    b = LLM(model, tok, max_batch_size=1).generate(["hi", "there", "hi"], sp)  # one sequence at a time
+    assert [[o.token_ids for o in r.outputs] for r in a] == [[o.token_ids for o in r.outputs] for r in b]
+    assert a[0].token_ids != a[2].token_ids  # same prompt, its own stream
     assert len(a[0].outputs) == 3 and a[0].text == a[0].outputs[0].text
     assert len({tuple(o.token_ids) for o in a[0].outputs}) > 1
 

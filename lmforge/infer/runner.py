@@ -1,0 +1,94 @@
+"""The model runner: turns a scheduled batch into one forward and one batched sampling call.
+
+Inputs of a step are one flat row (1, N): the new tokens of every scheduled sequence back to back,
+decodes first (lmforge.model.meta explains the layout). The host builds token ids, positions, slot
+mapping, context lengths and logits indices as Python lists and sends them to the device in one copy
+(plus one for the block tables); the model computes logits only at the sampled positions; sampling
+runs for all rows at once; the only device->host sync of the step is reading the sampled tokens.
+
+Two backends share that interface:
+  PagedRunner      the engine's path: paged KV cache (lmforge.infer.kv) of the model's cache_spec()
+  RecomputeRunner  for models without cache_spec() (e.g. a HF model behind lmforge.infer.hf_wrapper):
+                   every sampled sequence is recomputed from scratch, the plain reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.infer.kv import new_paged_cache
+from lmforge.infer.request import Sequence
+from lmforge.infer.sampler import Row, Sampled, sample_rows
+from lmforge.infer.scheduler import Batch
+from lmforge.model.meta import AttnMetadata
+
+Step = list[tuple[int, Row]]
+"""sampling rows of a step: (index of the chunk whose last token's logits are used, row)"""
+
+
+class PagedRunner:
+    def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None):
+        self.model, self.block_size, self.device = model, block_size, torch.device(device)
+        self.cache = new_paged_cache(cache_spec, num_blocks, block_size, device, dtype)
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None) -> Sampled:
+        self.cache.copy_blocks(batch.copies)
+        ids, meta = self.prepare(batch, rows)
+        logits = self.model(ids, cache=self.cache, meta=meta)[0]  # (M, V): sampled positions only
+        return sample_rows(logits, [r for _, r in rows], vocab_limit)
+
+    def prepare(self, batch: Batch, rows: Step) -> tuple[torch.Tensor, AttnMetadata]:
+        bs = self.block_size
+        ids, pos, slots, ctx, qlens, ends, tables = [], [], [], [], [], [], []
+        for seq, n in batch.chunks:
+            s, table = seq.num_computed, seq.block_table
+            ids += seq.tokens[s:s + n]
+            pos += range(s, s + n)
+            slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
+            ctx.append(s + n)
+            qlens.append(n)
+            ends.append(len(ids) - 1)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        N, S = len(ids), len(ctx)
+        logits_idx = [ends[c] for c, _ in rows]
+        flat = torch.tensor(ids + pos + slots + ctx + logits_idx, dtype=torch.long).to(self.device, non_blocking=True)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        meta = AttnMetadata(
+            positions=flat[N:2 * N][None], slot_mapping=flat[2 * N:3 * N],
+            context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:],
+            block_tables=block_tables.to(self.device, non_blocking=True), query_lens_host=tuple(qlens),
+            context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs)
+        return flat[:N][None], meta
+
+
+class RecomputeRunner:
+    """No cache: each sampling sequence runs its whole token list through the model."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, torch.device(device)
+
+    @torch.inference_mode()
+    def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None) -> Sampled:
+        if not rows:
+            return Sampled(torch.empty(0, dtype=torch.long), None, None, None)
+        logits = []
+        for c, _ in rows:
+            seq, n = batch.chunks[c]
+            ids = torch.tensor([seq.tokens[:seq.num_computed + n]], device=self.device)
+            logits.append(self.model(ids)[0, -1])
+        return sample_rows(torch.stack(logits), [r for _, r in rows], vocab_limit)
+
+
+def sampling_rows(batch: Batch, make_rows) -> Step:
+    """(chunk index, row) for every chunk that reaches the end of its sequence's tokens."""
+    out: Step = []
+    for c, (seq, n) in enumerate(batch.chunks):
+        if seq.num_computed + n == len(seq.tokens):
+            out += [(c, r) for r in make_rows(seq)]
+    return out
+
+
+def row_for(seq: Sequence, generator) -> Row:
+    return Row(seq.params, generator, seq.tokens, seq.request.prompt_len)

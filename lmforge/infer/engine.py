@@ -250,7 +250,8 @@ class Engine:
     def stats(self) -> dict:
         p = self.pool
         return {"num_blocks": p.num_blocks, "used_blocks": p.num_used, "peak_used_blocks": self.peak_used_blocks,
-                "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks}
+                "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
+                "preemptions": self.scheduler.num_preemptions}
 
 
 def _limits(model, spec) -> tuple[int, int]:

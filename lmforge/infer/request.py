@@ -78,9 +78,11 @@ class Sequence:
         """Add one sampled token, update text and finish state; return the newly visible text."""
         params = self.params
         self.tokens.append(tok)
-        if tok in eos:
+        if tok in eos:  # the stop token is not text; a character it cut short still shows (as U+FFFD)
             self.finish = "stop"
-            return ""
+            tail = self.decoder.flush()
+            self.text += tail
+            return tail
         piece = self.decoder.push(tok)
         self.text += piece
         if params.stop:

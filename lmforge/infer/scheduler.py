@@ -59,6 +59,7 @@ class Scheduler:
         self.config, self.pool = config, pool
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -138,3 +139,4 @@ class Scheduler:
         seq.num_computed, seq.block_keys, seq.status = 0, [], Status.WAITING
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
+        self.num_preemptions += 1

@@ -1,4 +1,4 @@
-"""The static-cache decoder (CUDA-graph path) gives the plain path's tokens; graphs themselves on GPU."""
+"""The static-cache decoder (CUDA-graph path) gives the engine's tokens; graphs themselves on GPU."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from .infer_helpers import tiny_model
 
 from lmforge.infer.cuda_graph import GraphDecoder
+from lmforge.infer.decoders import left_pad
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 
@@ -14,18 +15,21 @@ PROMPTS = ["Hello there", "a", "The quick brown fox", "xyz", "12"]
 SP = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-class StaticLLM(LLM):
-    """An LLM forced onto the static-cache decoder (eager on CPU)."""
+def graph_greedy(dec: GraphDecoder, prompts: list[list[int]], n: int, device="cpu") -> list[list[int]]:
+    """Left-padded batch on the static cache: prefill, then n - 1 greedy steps."""
+    ids, pad = left_pad(prompts, device=device)
+    toks = [dec.prefill(ids, pad).argmax(-1)]
+    for _ in range(n - 1):
+        toks.append(dec.step(toks[-1]).argmax(-1))
+    return torch.stack(toks, 1).tolist()
 
-    def _decoder(self, batch_size, max_len):
-        return GraphDecoder(self.model, 8, self.max_seq_len, use_graphs=self.cuda_graphs).bind(batch_size)
 
-
-def test_static_decoder_matches_plain_path(arch, tok):
+def test_static_decoder_matches_engine(arch, tok):
     model = tiny_model(arch)
-    plain = LLM(model, tok, cuda_graphs=False).generate(PROMPTS, SP)
-    static = StaticLLM(model, tok, cuda_graphs=False).generate(PROMPTS, SP)
-    assert [o.token_ids for o in static] == [o.token_ids for o in plain]
+    engine = LLM(model, tok).generate(PROMPTS, SP)
+    static = graph_greedy(GraphDecoder(model, 8, 64, use_graphs=False, kernels=False),
+                          [tok.encode(p) for p in PROMPTS], SP.max_tokens)
+    assert static == [o.token_ids for o in engine]
 
 
 def test_repeated_kv_heads_give_the_same_logits():
@@ -45,8 +49,8 @@ def test_repeated_kv_heads_give_the_same_logits():
 def test_cuda_graph_tokens_match_plain_path(tok):
     model = tiny_model("llama").cuda()
     plain = LLM(model, tok, cuda_graphs=False).generate(PROMPTS, SP)
-    graphs = LLM(model, tok, cuda_graphs=True).generate(PROMPTS, SP)  # bucket 8 for 5 rows
-    assert [o.token_ids for o in graphs] == [o.token_ids for o in plain]
+    graphs = graph_greedy(GraphDecoder(model, 8, 64), [tok.encode(p) for p in PROMPTS], 10, "cuda")  # bucket 8
+    assert graphs == [o.token_ids for o in plain]
     dec = GraphDecoder(model, 1, 64, repeat_kv=True, compile=False)
     ids = torch.tensor([tok.encode("Hello there")], device="cuda")
     out = [int(dec.prefill(ids, torch.zeros(1, dtype=torch.long, device="cuda")).argmax())]

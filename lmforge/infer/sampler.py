@@ -1,9 +1,9 @@
 """Batched per-row sampling: one call turns the step's logits rows into tokens, each row under its own
 request's SamplingParams and random stream.
 
-Rows are grouped by their SamplingParams object (requests added with the same params share one), and
-each group runs the processors of lmforge.infer.processors once over its rows, so a batch of 256 rows
-with one params costs one pass. Penalties see each row's own history. Ids at or beyond `vocab_limit` (a
+Rows are grouped by the SamplingParams fields that shape the distribution (temperature, filters,
+penalties, bias: not max_tokens, stop or seed), and each group runs the processors of
+lmforge.infer.processors once over its rows, so a batch of 256 rows of one kind costs one pass. Penalties see each row's own history. Ids at or beyond `vocab_limit` (a
 model vocabulary padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are never drawn.
 Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions.
 Nothing here reads the device: the caller syncs once, on the returned tensors.
@@ -39,6 +39,15 @@ class Sampled:
     """(M, K) most likely tokens, K the largest logprobs any row asked for"""
 
 
+_SHAPING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+            "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def _kind(p: SamplingParams) -> tuple:
+    """Rows with equal keys are processed together (same processors, same arguments)."""
+    return tuple(getattr(p, f) for f in _SHAPING) + (tuple(sorted(p.logit_bias.items())),)
+
+
 def _history(rows: list[Row], vocab: int, device) -> TokenHistory:
     hist = TokenHistory.start([r.tokens for r in rows], vocab, device)
     for i, r in enumerate(rows):
@@ -61,9 +70,9 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         logits = logits.clone()
         logits[:, vocab_limit:] = float("-inf")
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
-        groups.setdefault(id(r.params), []).append(i)
+        groups.setdefault(_kind(r.params), []).append(i)
     for idx in groups.values():
         params = rows[idx[0]].params
         sub = logits if len(idx) == len(rows) else logits[idx]

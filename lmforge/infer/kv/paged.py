@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.model.cache import CacheSpec, contiguous_mask
-from lmforge.model.layers.attention import AttnSpec, attend_with, attention, visible
+from lmforge.model.layers.attention import AttnSpec, attend_with, visible
 
 
 def _kernel(device: torch.device):
@@ -50,13 +50,25 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
                            probs_hook=None) -> torch.Tensor:
     """Plain gather-then-attend: q (B, H, hd), caches (num_blocks, block_size, KV, hd), block_tables
-    (B, max_blocks) int32, context_lens (B,) int32 -> (B, H, hd). Same signature as the kernel."""
-    B, M = block_tables.shape
-    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # (B, KV, M*bs, hd)
+    (B, max_blocks) int32, context_lens (B,) int32 -> (B, H, hd). Same signature as the kernel.
+    Each kv head's G = H / KV query heads are one (G, hd) @ (hd, S) product, so keys are gathered once
+    and never repeated per query head (math_attention's repeat would double the bytes at GQA 2:1)."""
+    B, H, hd = q.shape
+    KV = k_cache.shape[2]
+    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # (B, KV, S, hd), S = max_blocks * bs
     v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
-    mask = decode_mask(context_lens, k.shape[2], window)
-    out = attention(q[:, :, None], k, v, mask, scale=scale, softcap=softcap, sinks=sinks, probs_hook=probs_hook)
-    return out[:, :, 0]
+    s = (q.view(B, KV, H // KV, hd) @ k.transpose(-2, -1)).float() * scale  # (B, KV, G, S)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~decode_mask(context_lens, k.shape[2], window), float("-inf"))  # mask (B, 1, 1, S)
+    if sinks is not None:  # one extra logit per head, dropped after the softmax
+        sink = sinks.float().view(1, KV, H // KV, 1).expand(B, -1, -1, 1)
+        p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1)
+    if probs_hook is not None:
+        probs_hook(p.reshape(B, H, 1, -1))
+    return (p.to(v.dtype) @ v).reshape(B, H, hd)
 
 
 class _Paged:
@@ -109,7 +121,7 @@ class PagedKVCache(_Paged):
         if nd:
             qd = q[0, :, :nd].transpose(0, 1)  # (nd, H, hd)
             kernel = _kernel(q.device) if hook is None else None
-            args = (qd, kc, vc, meta.block_tables[:nd], meta.context_lens[:nd])
+            args = (qd.contiguous(), kc, vc, meta.block_tables[:nd], meta.context_lens[:nd])
             kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
             od = kernel(*args, **kw) if kernel is not None else paged_decode_reference(*args, **kw, probs_hook=hook)
             out[0, :, :nd] = od.transpose(0, 1)

@@ -95,8 +95,9 @@ class Engine:
             tokens = c.num_kv_tokens
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
             reserve = 2 * 2**30 + c.max_num_batched_tokens * 64 * 1024  # activations of one forward
-            tokens = int(total * c.gpu_memory_utilization - (total - free) - reserve) // per_token
+            tokens = int(free - total * (1 - c.gpu_memory_utilization) - reserve) // per_token
         else:
             tokens = min(c.max_num_seqs * self.max_seq_len, 2**30 // per_token)
         if tokens < c.block_size:

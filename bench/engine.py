@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmforge.infer.detok import IdTokenizer  # noqa: E402
 from lmforge.infer.engine import Engine, EngineConfig  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
@@ -52,22 +53,6 @@ SHAPES = {
 }
 COMMON = dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", max_seq_len=4096)
 SMOKE = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, init_std=0.2)
-
-
-class IdTokenizer:
-    """Token ids in, nothing out: the benchmark never needs text."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size, self.eot_id = vocab_size, None
-
-    def encode(self, text: str) -> list[int]:
-        return [0]
-
-    def decode(self, ids) -> str:
-        return ""
-
-    def token_bytes(self, i: int) -> bytes:
-        return b""
 
 
 def sync(dev) -> None:

@@ -113,8 +113,6 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if params.beam_width > 1:
-            raise ConfigError("beam search runs through LLM.generate (lmforge.infer.beam), not add_request")
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise LmforgeError(f"request id {rid!r} is already in use; pass another request_id")
@@ -126,6 +124,10 @@ class Engine:
                                "gpu_memory_utilization, or lower max_tokens")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals))
         req.seqs.append(self._sequence(req, 0, list(ids)))
+        if params.beam_width > 1:
+            from lmforge.infer.beam import BeamSearch
+
+            req.strategy, req.forked = BeamSearch(req, self.tokenizer, self.max_seq_len), True
         self.requests[rid] = req
         self.scheduler.add(req.seqs[0])
         return rid
@@ -184,12 +186,15 @@ class Engine:
         samples_of: dict[int, int] = {}
         for r, (c, _) in enumerate(rows):
             seq = batch.chunks[c][0]
+            changed[seq.request.request_id] = seq.request
+            if seq.request.strategy is not None:
+                seq.request.strategy.on_logits(self, seq, sampled.logits[r])
+                continue
             j = samples_of[seq.seq_id] = samples_of.get(seq.seq_id, -1) + 1
             if j == 0 and not seq.request.forked:
                 self._fork(seq)
             target = seq if j == 0 else seq.request.seqs[j]
             self._accept(target, r, tokens[r], logprobs, top)
-            changed[seq.request.request_id] = seq.request
         outs = []
         for req in changed.values():
             if req.finished:
@@ -199,6 +204,8 @@ class Engine:
 
     def _rows(self, seq: Sequence):
         req = seq.request
+        if req.strategy is not None:
+            return [row_for(seq, None)]
         if not req.forked:  # the first sample of each of the n sequences comes from these logits
             return [row_for(seq, self._generator(req.params, j)) for j in range(req.params.n)]
         return [row_for(seq, seq.generator)]
@@ -215,16 +222,19 @@ class Engine:
 
     def _fork(self, parent: Sequence) -> None:
         """The request's other samples: copies of the parent that share its blocks (copy-on-write)."""
-        req = parent.request
         after = parent
-        for j in range(1, req.params.n):
-            child = self._sequence(req, j, list(parent.tokens))
-            child.num_computed, child.block_keys = parent.num_computed, list(parent.block_keys)
-            child.block_table = self.pool.fork(parent.block_table)
-            req.seqs.append(child)
-            self.scheduler.add_running(child, after)
-            after = child
-        req.forked = True
+        for j in range(1, parent.request.params.n):
+            after = self.fork(parent, j, after)
+        parent.request.forked = True
+
+    def fork(self, parent: Sequence, index: int, after: Sequence | None = None) -> Sequence:
+        """A copy of parent (tokens, cache blocks shared copy-on-write) running right behind `after`."""
+        child = self._sequence(parent.request, index, list(parent.tokens))
+        child.num_computed, child.block_keys = parent.num_computed, list(parent.block_keys)
+        child.block_table = self.pool.fork(parent.block_table)
+        parent.request.seqs.append(child)
+        self.scheduler.add_running(child, after or parent)
+        return child
 
     def _accept(self, seq: Sequence, row: int, tok: int, logprobs, top) -> None:
         params = seq.params

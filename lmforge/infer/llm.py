@@ -8,8 +8,8 @@
 Prompts are validated and queued as engine requests, run to completion with continuous batching, and
 returned as `RequestOutput`s in prompt order. With a seed, prompt i gets its own stream derived from the
 seed and i (vLLM-style), so identical prompts give different samples and no prompt's samples depend on
-the others. Beam search and speculative decoding still decode one prompt at a time (beam.py,
-speculative.py) until they move onto the engine as strategies.
+the others. Beam search runs on the engine (lmforge.infer.beam); speculative decoding still decodes one
+prompt at a time (speculative.py) until it moves onto the engine as a strategy.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode(p, params, i) for i, p in enumerate(prompts)]
-        if params.beam_width > 1 or self.draft is not None:
-            return self._one_by_one(prompts, encoded, params)
+        if self.draft is not None and params.beam_width == 1:
+            return self._speculative(prompts, encoded, params)
         ids = [self.engine.add_request(e, self._params(params, i)) for i, e in enumerate(encoded)]
         done: dict[str, RequestOutput] = {}
         try:
@@ -131,14 +131,10 @@ class LLM:
             return None
         return torch.Generator(device=self.device).manual_seed(seed_for(params.seed, sample_index))
 
-    def _one_by_one(self, prompts, encoded, params: SamplingParams) -> list[RequestOutput]:
+    def _speculative(self, prompts, encoded, params: SamplingParams) -> list[RequestOutput]:
         if getattr(self.model, "cfg", None) is not None and self.model.cfg.attention == "mla":
-            raise ConfigError("beam search and speculative decoding need a KVCache (rows reordered or "
-                              "rewound); MLA models support plain and batched sampling only")
-        if params.beam_width > 1:
-            from lmforge.infer.beam import beam_search
-
-            return [beam_search(self, p, ids, params) for p, ids in zip(prompts, encoded)]
+            raise ConfigError("speculative decoding needs a KVCache it can rewind; MLA models support "
+                              "sampling and beam search only")
         from lmforge.infer.speculative import speculative_request
 
         return [speculative_request(self, p, ids, self._params(params, i))

@@ -121,6 +121,10 @@ class Request:
     forked: bool = False
     """whether the n samples exist yet (they fork after the first sequence's prefill)"""
     aborted: bool = False
+    strategy: object | None = None
+    """decodes this request instead of sampling (beam search: lmforge.infer.beam); gets each row's logits"""
+    done: bool = False
+    """set by a strategy when it has its outputs"""
 
     @property
     def prompt_len(self) -> int:
@@ -128,9 +132,9 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.aborted or (self.forked and all(s.finish is not None for s in self.seqs))
+        return self.aborted or self.done or (self.forked and all(s.finish is not None for s in self.seqs))
 
     def output(self) -> RequestOutput:
-        outs = [s.output() for s in sorted(self.seqs, key=lambda s: s.index)]
+        outs = getattr(self.strategy, "outputs", None) or [s.output() for s in sorted(self.seqs, key=lambda s: s.index)]
         return RequestOutput(self.prompt, list(self.prompt_ids), outs, request_id=self.request_id,
                              finished=self.finished)

@@ -37,6 +37,8 @@ class Sampled:
     top_values: torch.Tensor | None
     top_ids: torch.Tensor | None
     """(M, K) most likely tokens, K the largest logprobs any row asked for"""
+    logits: torch.Tensor | None = None
+    """(M, V) float logits before any processor (ids beyond the vocabulary limit at -inf), for strategies"""
 
 
 _SHAPING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
@@ -94,11 +96,11 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> Sampled:
     want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     if not want:
-        return Sampled(tokens, None, None, None)
+        return Sampled(tokens, None, None, None, logits)
     logp = logits.log_softmax(-1)
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
     k = min(max(want), logp.shape[-1])
     if k == 0:
-        return Sampled(tokens, chosen, None, None)
+        return Sampled(tokens, chosen, None, None, logits)
     top = logp.topk(k, dim=-1)
-    return Sampled(tokens, chosen, top.values, top.indices)
+    return Sampled(tokens, chosen, top.values, top.indices, logits)

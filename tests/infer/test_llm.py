@@ -142,5 +142,7 @@ def test_mla_and_sliding_window_models(tok):
         outs = LLM(model, tok).generate(prompts, GREEDY)
         for p, o in zip(prompts, outs):
             assert o.token_ids == full_greedy(model, tok.encode(p), 12)
+    beams = LLM(mla, tok).generate("x", SamplingParams(temperature=0, beam_width=2, max_tokens=4, ignore_eos=True))
+    assert len(beams[0].token_ids) == 4  # beam search runs on MLA's paged latents too
     with pytest.raises(ConfigError, match="MLA"):
-        LLM(mla, tok).generate("x", SamplingParams(temperature=0, beam_width=2))
+        LLM(mla, tok, draft="ngram").generate("x", GREEDY)

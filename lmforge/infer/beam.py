@@ -17,6 +17,7 @@ import torch
 from lmforge.infer.detok import safe_decode
 from lmforge.infer.outputs import CompletionOutput
 from lmforge.infer.request import Sequence, stop_ids
+from lmforge.infer.runner import row_for
 
 
 def _norm(score: float, length: int, alpha: float) -> float:
@@ -37,8 +38,14 @@ class BeamSearch:
         self.finished: list[tuple[float, list[int], list[float], str]] = []
         self.outputs: list[CompletionOutput] | None = None
 
-    def on_logits(self, engine, seq: Sequence, logits: torch.Tensor) -> None:
-        self.pending[seq.seq_id] = logits.float().log_softmax(-1)
+    def claims(self, seq: Sequence) -> bool:
+        return True
+
+    def rows(self, seq: Sequence, n: int):
+        return [(0, row_for(seq, None))]
+
+    def on_logits(self, engine, seq: Sequence, rows: list[int], sampled) -> None:
+        self.pending[seq.seq_id] = sampled.logits[rows[0]].float().log_softmax(-1)
         live = [s for s in self.request.seqs if s.seq_id in self.hyp]
         if all(s.seq_id in self.pending for s in live):
             self._expand(engine, live)

@@ -63,7 +63,12 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+    """draft: None, or speculative decoding for every request (beam searches aside) with this drafter:
+    'ngram' (prompt lookup), 'mtp' (the model's parallel MTP heads), a draft model sharing the tokenizer,
+    or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, draft=None,
+                 num_draft_tokens: int = 4):
         self.config = config = config or EngineConfig()
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -85,6 +90,13 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    chunked_prefill=config.chunked_prefill), self.pool)
+        self.num_draft_tokens = num_draft_tokens
+        self.make_drafter = None
+        if draft is not None:
+            from lmforge.infer.speculative import make_drafter_factory
+
+            check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+            self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, num_draft_tokens)
         self.requests: dict[str, Request] = {}
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
         self.peak_used_blocks = 0
@@ -123,11 +135,17 @@ class Engine:
                                f"blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
                                "gpu_memory_utilization, or lower max_tokens")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals))
+        # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
+        req.generators = [self._generator(params, j) for j in range(params.n)]
         req.seqs.append(self._sequence(req, 0, list(ids)))
         if params.beam_width > 1:
             from lmforge.infer.beam import BeamSearch
 
             req.strategy, req.forked = BeamSearch(req, self.tokenizer, self.max_seq_len), True
+        elif self.make_drafter is not None:
+            from lmforge.infer.speculative import Speculative
+
+            req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens)
         self.requests[rid] = req
         self.scheduler.add(req.seqs[0])
         return rid
@@ -173,42 +191,63 @@ class Engine:
             if self.scheduler.has_work():
                 raise LmforgeError("the scheduler could not fit any sequence in the KV pool; raise num_kv_tokens")
             return []
+        self._draft(batch)
         rows = sampling_rows(batch, self._rows)
         sampled = self.runner.execute(batch, rows, self.vocab_limit)
         tokens = sampled.tokens.tolist()  # the step's one device->host sync
-        logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top = (sampled.top_values.tolist(), sampled.top_ids.tolist()) if sampled.top_values is not None else None
         for seq, n in batch.chunks:
             seq.num_computed += n
-            self._register_blocks(seq)
-        self.peak_used_blocks = max(self.peak_used_blocks, self.pool.num_used)
         changed: dict[str, Request] = {}
         samples_of: dict[int, int] = {}
-        for r, (c, _) in enumerate(rows):
+        claimed: dict[int, tuple[Sequence, list[int]]] = {}
+        for r, (c, _, _) in enumerate(rows):
             seq = batch.chunks[c][0]
             changed[seq.request.request_id] = seq.request
-            if seq.request.strategy is not None:
-                seq.request.strategy.on_logits(self, seq, sampled.logits[r])
+            if _claims(seq):
+                claimed.setdefault(seq.seq_id, (seq, []))[1].append(r)
                 continue
             j = samples_of[seq.seq_id] = samples_of.get(seq.seq_id, -1) + 1
             if j == 0 and not seq.request.forked:
                 self._fork(seq)
             target = seq if j == 0 else seq.request.seqs[j]
-            self._accept(target, r, tokens[r], logprobs, top)
+            k = target.params.logprobs
+            self.accept(target, tokens[r], lps[r] if lps else None,
+                        dict(zip(top[1][r][:k], top[0][r][:k])) if k and top else {})
+        for seq, idx in claimed.values():
+            seq.request.strategy.on_logits(self, seq, idx, sampled)
+        for seq, _ in batch.chunks:  # after strategies cut rejected drafts: only verified tokens are named
+            self._register_blocks(seq)
+        self.peak_used_blocks = max(self.peak_used_blocks, self.pool.num_used)
         outs = []
         for req in changed.values():
             if req.finished:
-                del self.requests[req.request_id]
+                self.requests.pop(req.request_id, None)
             outs.append(req.output())
         return outs
 
-    def _rows(self, seq: Sequence):
+    def _draft(self, batch) -> None:
+        """Speculative requests scheduled for their last token extend that chunk by their drafts (the
+        scheduler reserved room for them: Request.lookahead)."""
+        extended = False
+        for i, (seq, n) in enumerate(batch.chunks):
+            draft = getattr(seq.request.strategy, "draft", None)
+            if draft is not None and n == seq.remaining:
+                d = draft(self, seq, batch.room.get(seq.seq_id, 0))
+                if d:
+                    batch.chunks[i], extended = (seq, n + d), True
+        if extended:
+            batch.chunks.sort(key=lambda c: c[1] != 1)
+
+    def _rows(self, seq: Sequence, n: int):
+        """(tokens back from the chunk's end, row) of every logits row this chunk needs."""
         req = seq.request
-        if req.strategy is not None:
-            return [row_for(seq, None)]
+        if _claims(seq):
+            return req.strategy.rows(seq, n)
         if not req.forked:  # the first sample of each of the n sequences comes from these logits
-            return [row_for(seq, self._generator(req.params, j)) for j in range(req.params.n)]
-        return [row_for(seq, seq.generator)]
+            return [(0, row_for(seq, g)) for g in req.generators]
+        return [(0, row_for(seq, seq.generator))]
 
     def _generator(self, params: SamplingParams, j: int) -> torch.Generator | None:
         if params.seed is None or params.greedy:
@@ -216,7 +255,8 @@ class Engine:
         return torch.Generator(device=self.device).manual_seed(seed_for(params.seed, j))
 
     def _sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:
-        seq = Sequence(next(self._seq_ids), req, index, tokens, self._generator(req.params, index))
+        gen = req.generators[index] if index < len(req.generators) else None
+        seq = Sequence(next(self._seq_ids), req, index, tokens, gen)
         seq.decoder = StreamDecoder(self.tokenizer)
         return seq
 
@@ -236,20 +276,20 @@ class Engine:
         self.scheduler.add_running(child, after or parent)
         return child
 
-    def _accept(self, seq: Sequence, row: int, tok: int, logprobs, top) -> None:
-        params = seq.params
-        if params.logprobs is not None:
-            seq.logprobs.append(logprobs[row])
-            k = params.logprobs
-            seq.top.append(dict(zip(top[1][row][:k], top[0][row][:k])) if k and top else {})
-        seq.append(tok, stop_ids(params, self.tokenizer), self.max_seq_len)
+    def accept(self, seq: Sequence, tok: int, logprob: float | None = None, top: dict | None = None) -> None:
+        """Append one generated token (with its logprob and top-k when the request asks for them)."""
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(logprob)
+            seq.top.append(top or {})
+        seq.append(tok, stop_ids(seq.params, self.tokenizer), self.max_seq_len)
         if seq.finish is not None:
+            self._register_blocks(seq)  # its blocks stay cached for later prompts with the same prefix
             self.scheduler.finish(seq)
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Name every newly filled block by its prefix key, so later requests can reuse it."""
         bs, full = self.pool.block_size, seq.num_computed // self.pool.block_size
-        if len(seq.block_keys) >= full or not self.pool.prefix_caching:
+        if len(seq.block_keys) >= full or not self.pool.prefix_caching or seq.status == Status.FINISHED:
             return
         parent = seq.block_keys[-1] if seq.block_keys else None
         keys = self.pool.block_keys(seq.tokens[: full * bs], parent, len(seq.block_keys))
@@ -263,6 +303,12 @@ class Engine:
         return {"num_blocks": p.num_blocks, "used_blocks": p.num_used, "peak_used_blocks": self.peak_used_blocks,
                 "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
                 "preemptions": self.scheduler.num_preemptions}
+
+
+def _claims(seq: Sequence) -> bool:
+    """Whether the request's strategy (beam search, speculative decoding) handles this sequence's logits."""
+    strategy = seq.request.strategy
+    return strategy is not None and strategy.claims(seq)
 
 
 def _limits(model, spec) -> tuple[int, int]:

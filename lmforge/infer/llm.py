@@ -8,8 +8,8 @@
 Prompts are validated and queued as engine requests, run to completion with continuous batching, and
 returned as `RequestOutput`s in prompt order. With a seed, prompt i gets its own stream derived from the
 seed and i (vLLM-style), so identical prompts give different samples and no prompt's samples depend on
-the others. Beam search runs on the engine (lmforge.infer.beam); speculative decoding still decodes one
-prompt at a time (speculative.py) until it moves onto the engine as a strategy.
+the others. Beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative) are
+strategies running on the same engine, for all prompts at once.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ class LLM:
         self.num_draft_tokens = num_draft_tokens
         self.device = next(model.parameters()).device
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.config = config or EngineConfig(max_num_seqs=max_batch_size)
-        self.engine = Engine(model, tokenizer, self.config)
         if draft is not None and draft not in ("ngram", "mtp") and not isinstance(draft, torch.nn.Module):
             raise ConfigError(f"draft must be None, 'ngram', 'mtp' or a model, got {draft!r}")
+        self.config = config or EngineConfig(max_num_seqs=max_batch_size)
+        self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens)
 
     @classmethod
     def load(cls, path, device: str = "cpu", *, tokenizer=None, **kwargs) -> "LLM":
@@ -81,8 +81,6 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode(p, params, i) for i, p in enumerate(prompts)]
-        if self.draft is not None and params.beam_width == 1:
-            return self._speculative(prompts, encoded, params)
         ids = [self.engine.add_request(e, self._params(params, i)) for i, e in enumerate(encoded)]
         done: dict[str, RequestOutput] = {}
         try:
@@ -125,20 +123,6 @@ class LLM:
     def _params(params: SamplingParams, index: int) -> SamplingParams:
         """Prompt `index`'s own seed (issue 16 §5): seeded prompts never share a random stream."""
         return params if params.seed is None else dataclasses.replace(params, seed=seed_for(params.seed, index))
-
-    def _generator(self, params: SamplingParams, sample_index: int) -> torch.Generator | None:
-        if params.seed is None or params.greedy:
-            return None
-        return torch.Generator(device=self.device).manual_seed(seed_for(params.seed, sample_index))
-
-    def _speculative(self, prompts, encoded, params: SamplingParams) -> list[RequestOutput]:
-        if getattr(self.model, "cfg", None) is not None and self.model.cfg.attention == "mla":
-            raise ConfigError("speculative decoding needs a KVCache it can rewind; MLA models support "
-                              "sampling and beam search only")
-        from lmforge.infer.speculative import speculative_request
-
-        return [speculative_request(self, p, ids, self._params(params, i))
-                for i, (p, ids) in enumerate(zip(prompts, encoded))]
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

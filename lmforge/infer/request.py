@@ -125,6 +125,10 @@ class Request:
     """decodes this request instead of sampling (beam search: lmforge.infer.beam); gets each row's logits"""
     done: bool = False
     """set by a strategy when it has its outputs"""
+    generators: list = field(default_factory=list)
+    """one torch.Generator (or None) per sample"""
+    lookahead: int = 0
+    """cache slots the scheduler reserves beyond a decode token (speculative drafts)"""
 
     @property
     def prompt_len(self) -> int:
@@ -135,6 +139,7 @@ class Request:
         return self.aborted or self.done or (self.forked and all(s.finish is not None for s in self.seqs))
 
     def output(self) -> RequestOutput:
-        outs = getattr(self.strategy, "outputs", None) or [s.output() for s in sorted(self.seqs, key=lambda s: s.index)]
-        return RequestOutput(self.prompt, list(self.prompt_ids), outs, request_id=self.request_id,
-                             finished=self.finished)
+        outs = getattr(self.strategy, "outputs", None) or [s.output() for s in self.seqs]
+        metrics = self.strategy.metrics() if hasattr(self.strategy, "metrics") else {}
+        return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
+                             request_id=self.request_id, finished=self.finished)

@@ -23,8 +23,8 @@ from lmforge.infer.sampler import Row, Sampled, sample_rows
 from lmforge.infer.scheduler import Batch
 from lmforge.model.meta import AttnMetadata
 
-Step = list[tuple[int, Row]]
-"""sampling rows of a step: (index of the chunk whose last token's logits are used, row)"""
+Step = list[tuple[int, int, Row]]
+"""logits rows of a step: (chunk index, tokens back from the chunk's last token, row)"""
 
 
 class PagedRunner:
@@ -37,7 +37,7 @@ class PagedRunner:
         self.cache.copy_blocks(batch.copies)
         ids, meta = self.prepare(batch, rows)
         logits = self.model(ids, cache=self.cache, meta=meta)[0]  # (M, V): sampled positions only
-        return sample_rows(logits, [r for _, r in rows], vocab_limit)
+        return sample_rows(logits, [r for _, _, r in rows], vocab_limit)
 
     def prepare(self, batch: Batch, rows: Step) -> tuple[torch.Tensor, AttnMetadata]:
         bs = self.block_size
@@ -53,7 +53,7 @@ class PagedRunner:
             tables.append(table)
         width = max(len(t) for t in tables)
         N, S = len(ids), len(ctx)
-        logits_idx = [ends[c] for c, _ in rows]
+        logits_idx = [ends[c] - back for c, back, _ in rows]
         flat = torch.tensor(ids + pos + slots + ctx + logits_idx, dtype=torch.long).to(self.device, non_blocking=True)
         block_tables = np.zeros((S, width), dtype=np.int32)  # numpy row fills: ~3x faster than nested lists
         for i, t in enumerate(tables):
@@ -78,19 +78,20 @@ class RecomputeRunner:
         if not rows:
             return Sampled(torch.empty(0, dtype=torch.long), None, None, None)
         logits = []
-        for c, _ in rows:
+        for c, back, _ in rows:
             seq, n = batch.chunks[c]
-            ids = torch.tensor([seq.tokens[:seq.num_computed + n]], device=self.device)
+            ids = torch.tensor([seq.tokens[:seq.num_computed + n - back]], device=self.device)
             logits.append(self.model(ids)[0, -1])
-        return sample_rows(torch.stack(logits), [r for _, r in rows], vocab_limit)
+        return sample_rows(torch.stack(logits), [r for _, _, r in rows], vocab_limit)
 
 
 def sampling_rows(batch: Batch, make_rows) -> Step:
-    """(chunk index, row) for every chunk that reaches the end of its sequence's tokens."""
+    """The logits rows of every chunk that reaches the end of its sequence's tokens:
+    make_rows(seq, n) -> [(tokens back from the chunk's end, row)]."""
     out: Step = []
     for c, (seq, n) in enumerate(batch.chunks):
         if seq.num_computed + n == len(seq.tokens):
-            out += [(c, r) for r in make_rows(seq)]
+            out += [(c, back, r) for back, r in make_rows(seq, n)]
     return out
 
 

@@ -9,7 +9,9 @@ Plain Python over `Sequence` objects and a `BlockPool`; no model, no tensors (te
   2. then waiting sequences in arrival order (preempted ones first), while the budget, max_num_seqs and
      the pool allow; a prompt longer than the budget is split across steps (chunked prefill) unless
      chunked_prefill is off. Nothing is admitted in a step that preempted (it would only thrash).
-A new sequence first reuses the longest cached prefix of its tokens (lmforge.infer.blocks).
+A new sequence first reuses the longest cached prefix of its tokens (lmforge.infer.blocks). A running
+sequence whose request has a lookahead (speculative decoding) gets budget and blocks for that many
+draft tokens beyond its last one; the engine adds the drafts to its chunk.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class Batch:
     copies: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) blocks to copy before the forward (copy-on-write)"""
     preempted: list[Sequence] = field(default_factory=list)
+    room: dict[int, int] = field(default_factory=dict)
+    """seq_id -> draft tokens reserved beyond the scheduled ones (speculative lookahead)"""
 
     @property
     def num_tokens(self) -> int:
@@ -92,15 +96,18 @@ class Scheduler:
             if n == 0 or (n < seq.remaining and not self.config.chunked_prefill):
                 kept.append(seq)
                 continue
-            while not self.pool.can_append(seq.block_table, seq.num_computed, n):
+            extra = min(seq.request.lookahead, budget - n) if n == seq.remaining else 0  # room for drafts
+            while not self.pool.can_append(seq.block_table, seq.num_computed, n + extra):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
             else:
-                batch.copies += self.pool.append(seq.block_table, seq.num_computed, n)
+                batch.copies += self.pool.append(seq.block_table, seq.num_computed, n + extra)
                 batch.chunks.append((seq, n))
-                budget -= n
+                if extra:
+                    batch.room[seq.seq_id] = extra
+                budget -= n + extra
                 kept.append(seq)
         self.running = kept
         if not batch.preempted:

@@ -144,5 +144,5 @@ def test_mla_and_sliding_window_models(tok):
             assert o.token_ids == full_greedy(model, tok.encode(p), 12)
     beams = LLM(mla, tok).generate("x", SamplingParams(temperature=0, beam_width=2, max_tokens=4, ignore_eos=True))
     assert len(beams[0].token_ids) == 4  # beam search runs on MLA's paged latents too
-    with pytest.raises(ConfigError, match="MLA"):
-        LLM(mla, tok, draft="ngram").generate("x", GREEDY)
+    spec = LLM(mla, tok, draft="ngram").generate(prompts, GREEDY)  # drafts verified on paged latents
+    assert [o.token_ids for o in spec] == [full_greedy(mla, tok.encode(p), 12) for p in prompts]

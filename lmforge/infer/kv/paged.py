@@ -54,21 +54,24 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Each kv head's G = H / KV query heads are one (G, hd) @ (hd, S) product, so keys are gathered once
     and never repeated per query head (math_attention's repeat would double the bytes at GQA 2:1)."""
     B, H, hd = q.shape
-    KV = k_cache.shape[2]
-    k = k_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)  # (B, KV, S, hd), S = max_blocks * bs
-    v = v_cache[block_tables.long()].flatten(1, 2).transpose(1, 2)
-    s = (q.view(B, KV, H // KV, hd) @ k.transpose(-2, -1)).float() * scale  # (B, KV, G, S)
+    KV, bt = k_cache.shape[2], block_tables.long()
+    # gathered straight into (KV, B, max_blocks, bs, hd), so (KV·B) is one batch dim of both products
+    k = k_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd)  # (KV·B, S, hd)
+    v = v_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd)
+    qg = q.view(B, KV, H // KV, hd).transpose(0, 1).reshape(KV * B, H // KV, hd)
+    s = torch.bmm(qg, k.transpose(1, 2)).float().view(KV, B, H // KV, -1) * scale  # (KV, B, G, S)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~decode_mask(context_lens, k.shape[2], window), float("-inf"))  # mask (B, 1, 1, S)
+    s = s.masked_fill(~decode_mask(context_lens, s.shape[-1], window)[None, :, 0], float("-inf"))
     if sinks is not None:  # one extra logit per head, dropped after the softmax
-        sink = sinks.float().view(1, KV, H // KV, 1).expand(B, -1, -1, 1)
+        sink = sinks.float().view(1, KV, H // KV, 1).transpose(0, 1).expand(-1, B, -1, 1)
         p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
     else:
         p = torch.softmax(s, dim=-1)
     if probs_hook is not None:
-        probs_hook(p.reshape(B, H, 1, -1))
-    return (p.to(v.dtype) @ v).reshape(B, H, hd)
+        probs_hook(p.transpose(0, 1).reshape(B, H, 1, -1))
+    out = torch.bmm(p.to(v.dtype).view(KV * B, H // KV, -1), v)  # (KV·B, G, hd)
+    return out.view(KV, B, H // KV, hd).transpose(0, 1).reshape(B, H, hd)
 
 
 class _Paged:

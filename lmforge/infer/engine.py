@@ -52,6 +52,9 @@ class EngineConfig:
     num_kv_tokens: int | None = None
     """fixed KV budget in tokens (rounded down to blocks); default on CPU: min(max_num_seqs x context,
     1 GiB of cache)"""
+    cuda_graphs: bool | None = None
+    """decode-only steps replay CUDA graphs per batch bucket (lmforge.infer.graphs); None = on a GPU.
+    True on a CPU runs the same static-buffer step eagerly (what tests check)"""
 
     def __post_init__(self) -> None:
         check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
@@ -85,7 +88,10 @@ class Engine:
             self.runner = RecomputeRunner(model, self.device)
         else:
             num_blocks = self._num_blocks(spec)
-            self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device)
+            graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
+            self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device,
+                                      graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
+                                      max_batch=config.max_num_seqs)
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,

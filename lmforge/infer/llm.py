@@ -34,7 +34,7 @@ class LLM:
 
     draft: None, a smaller model sharing the tokenizer, "ngram" (prompt-lookup drafting) or "mtp" (the
     model's own parallel MTP heads) to decode with speculative decoding (lmforge.infer.speculative).
-    cuda_graphs: kept for callers; the engine's CUDA-graph backend is not built yet (eager decode).
+    cuda_graphs: decode steps replay CUDA graphs (default: on a GPU; EngineConfig.cuda_graphs).
     max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs)."""
 
     def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4,
@@ -47,7 +47,7 @@ class LLM:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if draft is not None and draft not in ("ngram", "mtp") and not isinstance(draft, torch.nn.Module):
             raise ConfigError(f"draft must be None, 'ngram', 'mtp' or a model, got {draft!r}")
-        self.config = config or EngineConfig(max_num_seqs=max_batch_size)
+        self.config = config or EngineConfig(max_num_seqs=max_batch_size, cuda_graphs=cuda_graphs)
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens)
 
     @classmethod

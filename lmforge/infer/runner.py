@@ -28,15 +28,30 @@ Step = list[tuple[int, int, Row]]
 
 
 class PagedRunner:
-    def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None):
+    """graphs: None, or "eager" / "cuda": decode-only steps through lmforge.infer.graphs (static buffers;
+    "cuda" replays captured CUDA graphs)."""
+
+    def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
+                 graphs: str | None = None, max_batch: int = 256):
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
-        self.cache = new_paged_cache(cache_spec, num_blocks, block_size, device, dtype)
+        # one block more than the pool hands out: the graphs' padding rows write there
+        self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype)
+        self.graphs = None
+        if graphs is not None:
+            from lmforge.infer.graphs import DecodeGraphs
+
+            max_blocks = -(-cache_spec.max_seq_len // block_size)
+            self.graphs = DecodeGraphs(model, self.cache, block_size, num_blocks, max_batch, max_blocks,
+                                       use_graphs=graphs == "cuda")
 
     @torch.inference_mode()
     def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None) -> Sampled:
         self.cache.copy_blocks(batch.copies)
-        ids, meta = self.prepare(batch, rows)
-        logits = self.model(ids, cache=self.cache, meta=meta)[0]  # (M, V): sampled positions only
+        if self.graphs is not None and self.graphs.fits(batch):
+            logits = self.graphs.run(batch)[[c for c, _, _ in rows]]  # one row per chunk end
+        else:
+            ids, meta = self.prepare(batch, rows)
+            logits = self.model(ids, cache=self.cache, meta=meta)[0]  # (M, V): sampled positions only
         return sample_rows(logits, [r for _, _, r in rows], vocab_limit)
 
     def prepare(self, batch: Batch, rows: Step) -> tuple[torch.Tensor, AttnMetadata]:

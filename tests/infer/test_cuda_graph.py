@@ -1,4 +1,5 @@
-"""The static-cache decoder (CUDA-graph path) gives the engine's tokens; graphs themselves on GPU."""
+"""CUDA graphs: the engine's decode graphs (lmforge.infer.graphs) and the static-cache decoder give the
+engine's eager tokens; graphs themselves on GPU."""
 
 from __future__ import annotations
 
@@ -57,3 +58,15 @@ def test_cuda_graph_tokens_match_plain_path(tok):
     for _ in range(9):
         out.append(int(dec.step(torch.tensor(out[-1:], device="cuda")).argmax()))
     assert out == plain[0].token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_decode_graphs_match_eager(tok):
+    model = tiny_model("llama").cuda()
+    prompts = PROMPTS * 3  # 15 rows: bucket 16, rows finishing at different steps
+    eager = LLM(model, tok, cuda_graphs=False).generate(prompts, SP)
+    llm = LLM(model, tok, cuda_graphs=True)
+    graphs = llm.generate(prompts, SP)
+    assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
+    assert any(g is not None for g, _, _ in llm.engine.runner.graphs.entries.values())

@@ -61,6 +61,7 @@ def random_mix(rng: random.Random, model, tok, n_requests: int):
     ("llama", dict(block_size=4, max_num_batched_tokens=16, num_kv_tokens=96)),  # chunks, preemption, hits
     ("gpt2", dict(block_size=8, max_num_batched_tokens=40, num_kv_tokens=512)),
     ("mqa-softcap", dict(block_size=4, max_num_batched_tokens=7, num_kv_tokens=128, max_num_seqs=3)),
+    ("llama", dict(block_size=4, max_num_batched_tokens=16, num_kv_tokens=96, cuda_graphs=True)),  # static decode
 ])
 def test_random_mix_equals_reference_one_by_one(arch, config, tok):
     model = tiny_model(arch, init_std=0.3)

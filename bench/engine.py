@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.infer.detok import IdTokenizer  # noqa: E402
 from lmforge.infer.engine import Engine, EngineConfig  # noqa: E402
+from lmforge.infer.kv.paged import decode_kernel  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
@@ -96,7 +97,10 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
     sync(dev)
     wall = time.perf_counter() - t0
     st = engine.stats()
-    return {"seconds": wall, "output_tokens": out_tokens, "tok_s": out_tokens / wall, "steps": steps,
+    graphs = getattr(engine.runner, "graphs", None)
+    return {"graphs": "off" if graphs is None else (graphs.failed or f"{len(graphs.entries)} captured"),
+            "decode": "triton kernel" if decode_kernel(torch.device(dev)) else "gather reference",
+            "seconds": wall, "output_tokens": out_tokens, "tok_s": out_tokens / wall, "steps": steps,
             "ttft_mean_s": sum(first.values()) / max(len(first), 1), "kv_util_at_peak": util_at_peak,
             "peak_blocks": st["peak_used_blocks"], "pool_blocks": st["num_blocks"],
             "prefix_hit_rate": st["prefix_hit_rate"], "preemptions": st["preemptions"]}
@@ -255,7 +259,8 @@ def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> li
     return [(shared + [rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], 32) for _ in range(n)]
 
 
-NOTES = ("greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note")
+NOTES = ("greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
+         "graphs", "decode")
 
 
 def print_row(row) -> None:

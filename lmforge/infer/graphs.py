@@ -13,6 +13,8 @@ Mixed steps (prefill chunks) run eagerly, as before.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lmforge.model.meta import AttnMetadata
@@ -32,9 +34,11 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks, self.use_graphs = _bucket(max_batch), max_blocks, use_graphs
         self.entries: dict[tuple[int, int], tuple] = {}
         self.pool = None
+        self.failed: str | None = None
+        """why capture failed (decode then runs eagerly, with a warning): kept for benchmarks' notes"""
 
     def fits(self, batch) -> bool:
-        return batch.num_decodes == len(batch.chunks) and len(batch.chunks) <= self.max_batch
+        return self.failed is None and batch.num_decodes == len(batch.chunks) and len(batch.chunks) <= self.max_batch
 
     def run(self, batch) -> torch.Tensor:
         """logits (B, V) of a decode-only batch, one row per chunk."""
@@ -86,8 +90,14 @@ class DecodeGraphs:
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = step()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = step()
+        except RuntimeError as e:  # an op that cannot be captured: the model still runs, eagerly
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            warnings.warn(f"CUDA graph capture failed ({self.failed}); decoding eagerly", stacklevel=2)
+            self.entries[(Bp, W)] = (None, bufs, step)
+            return self.entries[(Bp, W)]
         self.pool = graph.pool()
         self.entries[(Bp, W)] = (graph, bufs, out)
         return self.entries[(Bp, W)]

@@ -22,7 +22,7 @@ from lmforge.model.cache import CacheSpec, contiguous_mask
 from lmforge.model.layers.attention import AttnSpec, attend_with, visible
 
 
-def _kernel(device: torch.device):
+def decode_kernel(device: torch.device):
     """The Triton paged decode kernel, when it exists and can run here; None otherwise."""
     if device.type != "cuda":
         return None
@@ -123,7 +123,7 @@ class PagedKVCache(_Paged):
         nd, hook = meta.num_decodes, self._hook(layer)
         if nd:
             qd = q[0, :, :nd].transpose(0, 1)  # (nd, H, hd)
-            kernel = _kernel(q.device) if hook is None else None
+            kernel = decode_kernel(q.device) if hook is None else None
             args = (qd.contiguous(), kc, vc, meta.block_tables[:nd], meta.context_lens[:nd])
             kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
             od = kernel(*args, **kw) if kernel is not None else paged_decode_reference(*args, **kw, probs_hook=hook)

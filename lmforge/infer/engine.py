@@ -27,6 +27,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.decoders import PlainDecoder, decode_attention, left_pad  # noqa: F401 (kernel step, bench)
 from lmforge.infer.detok import StreamDecoder
+from lmforge.infer.kv.paged import DECODE
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
 from lmforge.infer.runner import PagedRunner, RecomputeRunner, row_for, sampling_rows
@@ -52,6 +53,9 @@ class EngineConfig:
     num_kv_tokens: int | None = None
     """fixed KV budget in tokens (rounded down to blocks); default on CPU: min(max_num_seqs x context,
     1 GiB of cache)"""
+    decode_attention: str = "auto"
+    """paged decode attention: 'auto' (the Triton kernel on a GPU when importable, else the reference),
+    'kernel' (always; on a CPU through Triton's interpreter) or 'reference' (gather, then attend)"""
     cuda_graphs: bool | None = None
     """decode-only steps replay CUDA graphs per batch bucket (lmforge.infer.graphs); None = on a GPU.
     True on a CPU runs the same static-buffer step eagerly (what tests check)"""
@@ -63,6 +67,7 @@ class EngineConfig:
         check(self.num_kv_tokens is None or self.num_kv_tokens >= self.block_size,
               f"num_kv_tokens must be >= block_size ({self.block_size}), got {self.num_kv_tokens}")
         SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
+        check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
 
 
 class Engine:
@@ -91,7 +96,7 @@ class Engine:
             graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
             self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device,
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
-                                      max_batch=config.max_num_seqs)
+                                      max_batch=config.max_num_seqs, decode=config.decode_attention)
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,

@@ -32,10 +32,10 @@ class PagedRunner:
     "cuda" replays captured CUDA graphs)."""
 
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
-                 graphs: str | None = None, max_batch: int = 256):
+                 graphs: str | None = None, max_batch: int = 256, decode: str = "auto"):
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
         # one block more than the pool hands out: the graphs' padding rows write there
-        self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype)
+        self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode)
         self.graphs = None
         if graphs is not None:
             from lmforge.infer.graphs import DecodeGraphs

@@ -47,3 +47,23 @@ def test_score_hook_sees_attention_probabilities(tok):
     assert {layer for layer, _, _ in seen} == {0, 1}
     assert all(abs(total - 1) < 1e-5 for _, _, total in seen)
     assert seen[0][1] == (1, 4, 5, 5) and seen[-1][1][2] == 1  # prefill (1, H, T, S), then a decode row
+
+
+def test_engine_through_the_triton_decode_kernel(tok):
+    """decode_attention='kernel' (Triton's interpreter on CPU): the engine's tokens equal the reference's."""
+    pytest.importorskip("lmforge.kernels.paged_attention")
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.llm import LLM
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.kernels.decode import available
+
+    from .infer_helpers import tiny_model
+
+    if not available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+    model = tiny_model("llama", sliding_window=5, attn_softcap=20.0)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = ["hello", "a longer prompt"]
+    want = LLM(model, tok, config=EngineConfig(decode_attention="reference")).generate(prompts, sp)
+    got = LLM(model, tok, config=EngineConfig(decode_attention="kernel", block_size=4)).generate(prompts, sp)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]

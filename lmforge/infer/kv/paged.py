@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.model.cache import CacheSpec, contiguous_mask
 from lmforge.model.layers.attention import AttnSpec, attend_with, visible
 
 
-def decode_kernel(device: torch.device):
-    """The Triton paged decode kernel, when it exists and can run here; None otherwise."""
-    if device.type != "cuda":
+DECODE = ("auto", "kernel", "reference")
+
+
+def decode_kernel(device: torch.device, mode: str = "auto"):
+    """The Triton paged decode kernel for mode 'kernel' (an error if it cannot be imported; on a CPU it
+    runs in Triton's interpreter) and for 'auto' on a CUDA device when importable; None = the reference."""
+    if mode == "reference" or (mode == "auto" and device.type != "cuda"):
         return None
     try:
         from lmforge.kernels.paged_attention import paged_decode_attention
     except ImportError:
+        if mode == "kernel":
+            raise LmforgeError("decode_attention='kernel' needs lmforge.kernels.paged_attention and triton "
+                               "(pip install 'lmforge[kernels]')") from None
         return None
     return paged_decode_attention
 
@@ -103,9 +111,11 @@ class _Paged:
 
 
 class PagedKVCache(_Paged):
-    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None):
+    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
+                 decode: str = "auto"):
         dtype = dtype or spec.dtype
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
+        self.kernel = decode_kernel(self.device, decode)  # resolved once: no import per layer call
         shape = lambda l: (num_blocks, block_size, l.kv_heads, l.head_dim)  # noqa: E731
         self.k = [torch.zeros(shape(l), device=device, dtype=dtype) for l in spec.layers]
         self.v = [torch.zeros(shape(l), device=device, dtype=dtype) for l in spec.layers]
@@ -123,7 +133,7 @@ class PagedKVCache(_Paged):
         nd, hook = meta.num_decodes, self._hook(layer)
         if nd:
             qd = q[0, :, :nd].transpose(0, 1)  # (nd, H, hd)
-            kernel = decode_kernel(q.device) if hook is None else None
+            kernel = self.kernel if hook is None else None
             args = (qd.contiguous(), kc, vc, meta.block_tables[:nd], meta.context_lens[:nd])
             kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
             od = kernel(*args, **kw) if kernel is not None else paged_decode_reference(*args, **kw, probs_hook=hook)
@@ -143,7 +153,8 @@ class PagedLatentCache(_Paged):
     """MLA's latents in blocks: decode tokens attend through the absorbed path (MQA over latents),
     prefill chunks through the per-head expansion (lmforge.model.layers.mla)."""
 
-    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None):
+    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
+                 decode: str = "auto"):
         dtype = dtype or spec.dtype
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
         self.c = [torch.zeros(num_blocks, block_size, l.latent_rank, device=device, dtype=dtype) for l in spec.layers]
@@ -178,6 +189,7 @@ class PagedLatentCache(_Paged):
         return out
 
 
-def new_paged_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None):
+def new_paged_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
+                    decode: str = "auto"):
     kind = PagedLatentCache if spec.latent else PagedKVCache
-    return kind(spec, num_blocks, block_size, device, dtype)
+    return kind(spec, num_blocks, block_size, device, dtype, decode)

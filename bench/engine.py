@@ -15,6 +15,8 @@ Sections (--sections, comma-separated; default all):
   hf_batch    HF's continuous batching generate_batch on --hf-batch-requests (one max_new_tokens for all)
   baseline    lmforge's previous static-batch LLM (--baseline-src DIR = the pre-engine package) in a
               subprocess, fixed 512 new tokens, batch 64 (first shape only)
+  batch1      one request (128-token prompt, 256 new): the one-sequence path (the Triton kernel step
+              when lmforge.infer.kernel_step supports paged caches and the model; issue: 1,206 tok/s at 1.1B)
   prefix      --requests requests sharing a 2,048-token prefix (+ 16-64 own tokens, 32 new): throughput and
               mean time-to-first-token with prefix caching on vs off (first shape only)
 Roofline per decode step: max(bytes / copy bandwidth, FLOPs / matmul peak) with bytes = weights + the KV
@@ -99,6 +101,7 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
     st = engine.stats()
     graphs = getattr(engine.runner, "graphs", None)
     return {"graphs": "off" if graphs is None else (graphs.failed or f"{len(graphs.entries)} captured"),
+            "kernel_step": getattr(engine.runner, "kernel_step", None) is not None,
             "decode": "triton kernel" if decode_kernel(torch.device(dev)) else "gather reference",
             "seconds": wall, "output_tokens": out_tokens, "tok_s": out_tokens / wall, "steps": steps,
             "ttft_mean_s": sum(first.values()) / max(len(first), 1), "kv_util_at_peak": util_at_peak,
@@ -260,7 +263,7 @@ def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> li
 
 
 NOTES = ("greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
-         "graphs", "decode")
+         "graphs", "decode", "kernel_step")
 
 
 def print_row(row) -> None:
@@ -288,7 +291,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy fp32 models on CPU")
     ap.add_argument("--shapes", default="qwen3-0.6b,llama-1.1b")
-    ap.add_argument("--sections", default="check,offline,fixed,prefix,baseline,hf,hf_batch")
+    ap.add_argument("--sections", default="check,offline,fixed,batch1,prefix,baseline,hf,hf_batch")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--hf-requests", type=int, default=32, help="HF baselines run on the first N requests")
     ap.add_argument("--hf-batch", type=int, default=32)
@@ -335,6 +338,10 @@ def main(argv=None) -> dict:
             bound = roofline(model, fixed, dev, bw, peak)
             add(f"engine, {args.fixed_new} new each", {**guarded(run_engine, model, fixed, config, dev), **bound},
                 bound["roofline_tok_s"])
+        if "batch1" in sections:
+            one = [(workload(1, 128, 128, V, seed=3)[0][0], 16 if args.smoke else 256)]
+            run_engine(model, one, config, dev)  # warm-up: capture, kernel tuning
+            add("engine, batch 1 (128 prompt, 256 new)", guarded(run_engine, model, one, config, dev))
         if si == 0 and "prefix" in sections:
             pre = prefix_workload(args.requests, prefix_len, V, 16, 64)
             for on in (False, True):

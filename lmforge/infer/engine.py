@@ -59,6 +59,9 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     """decode-only steps replay CUDA graphs per batch bucket (lmforge.infer.graphs); None = on a GPU.
     True on a CPU runs the same static-buffer step eagerly (what tests check)"""
+    kernel_step: bool | None = None
+    """one-sequence decode steps on the Triton kernel step (lmforge.infer.kernel_step); None = on an
+    Ampere-or-newer GPU for the models it supports; True = always (an error if it cannot run)"""
 
     def __post_init__(self) -> None:
         check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
@@ -96,7 +99,8 @@ class Engine:
             graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
             self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device,
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
-                                      max_batch=config.max_num_seqs, decode=config.decode_attention)
+                                      max_batch=config.max_num_seqs, decode=config.decode_attention,
+                                      kernel_step=self._use_kernel_step(model))
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
@@ -111,6 +115,22 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
         self.peak_used_blocks = 0
+
+    def _use_kernel_step(self, model) -> bool:
+        want = self.config.kernel_step
+        if want is False:
+            return False
+        from lmforge.infer.graphs import kernel_step_available
+
+        why = kernel_step_available()
+        if why is None:
+            from lmforge.infer.kernel_step import unsupported
+
+            why = unsupported(model)
+        if want and why is not None:
+            raise ConfigError(f"kernel_step=True, but the batch-1 kernel step cannot run: {why}")
+        gpu = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8
+        return why is None and (want or gpu)
 
     def _num_blocks(self, spec) -> int:
         c, per_token = self.config, spec.bytes_per_token()

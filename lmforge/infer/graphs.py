@@ -101,3 +101,45 @@ class DecodeGraphs:
         self.pool = graph.pool()
         self.entries[(Bp, W)] = (graph, bufs, out)
         return self.entries[(Bp, W)]
+
+
+def kernel_step_available() -> str | None:
+    """Why the batch-1 Triton kernel step cannot serve as a backend here (None: it can)."""
+    try:
+        from lmforge.infer import kernel_step
+        from lmforge.kernels.decode import available
+    except ImportError as e:
+        return f"cannot import it ({e})"
+    if not hasattr(kernel_step, "PagedKV"):
+        return "this lmforge.infer.kernel_step predates paged caches"
+    return None if available("cuda" if torch.cuda.is_available() else "cpu") else "triton is not available"
+
+
+class BatchOneKernel:
+    """Steps that decode one sequence run on lmforge.infer.kernel_step's Triton kernels (Llama-style
+    models; 5 kernels per block): the step reads and writes the engine's paged cache through a one-row
+    block table, and on a GPU replays one captured CUDA graph. The caller's model is never modified
+    (the step runs on a fused copy)."""
+
+    def __init__(self, model, cache, max_blocks: int, use_graphs: bool):
+        from lmforge.infer.kernel_step import KernelStep, PagedKV
+
+        self.table = torch.zeros(1, max_blocks, dtype=torch.int32, device=cache.device)
+        self.step = KernelStep(model, PagedKV(k=cache.k, v=cache.v, block_table=self.table))
+        self.use_graphs, self.captured, self.device = use_graphs, False, cache.device
+
+    def fits(self, batch) -> bool:
+        return len(batch.chunks) == 1 and batch.num_decodes == 1
+
+    def run(self, batch) -> torch.Tensor:
+        seq = batch.chunks[0][0]
+        p = seq.num_computed
+        self.table[0, :len(seq.block_table)].copy_(torch.tensor(seq.block_table, dtype=torch.int32))
+        token = torch.tensor([seq.tokens[p]], device=self.device)
+        position = torch.tensor([p], device=self.device)
+        if not self.use_graphs:
+            return self.step.step(token, position).clone()
+        if not self.captured:
+            self.step.capture()
+            self.captured = True
+        return self.step.replay(token, position).clone()  # the step reuses one logits buffer

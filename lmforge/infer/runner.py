@@ -32,7 +32,7 @@ class PagedRunner:
     "cuda" replays captured CUDA graphs)."""
 
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
-                 graphs: str | None = None, max_batch: int = 256, decode: str = "auto"):
+                 graphs: str | None = None, max_batch: int = 256, decode: str = "auto", kernel_step: bool = False):
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
         # one block more than the pool hands out: the graphs' padding rows write there
         self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode)
@@ -43,11 +43,19 @@ class PagedRunner:
             max_blocks = -(-cache_spec.max_seq_len // block_size)
             self.graphs = DecodeGraphs(model, self.cache, block_size, num_blocks, max_batch, max_blocks,
                                        use_graphs=graphs == "cuda")
+        self.kernel_step = None
+        if kernel_step:
+            from lmforge.infer.graphs import BatchOneKernel
+
+            self.kernel_step = BatchOneKernel(model, self.cache, -(-cache_spec.max_seq_len // block_size),
+                                              use_graphs=graphs == "cuda")
 
     @torch.inference_mode()
     def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None) -> Sampled:
         self.cache.copy_blocks(batch.copies)
-        if self.graphs is not None and self.graphs.fits(batch):
+        if self.kernel_step is not None and self.kernel_step.fits(batch):
+            logits = self.kernel_step.run(batch)[[0 for _ in rows]]
+        elif self.graphs is not None and self.graphs.fits(batch):
             logits = self.graphs.run(batch)[[c for c, _, _ in rows]]  # one row per chunk end
         else:
             ids, meta = self.prepare(batch, rows)

@@ -18,6 +18,7 @@ paged cache, and a model without one runs on the plain recompute path.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +161,9 @@ class Engine:
         if rid in self.requests:
             raise LmforgeError(f"request id {rid!r} is already in use; pass another request_id")
         ids = self.encode(prompt, params)
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            warnings.warn(f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
+                          f"({self.max_seq_len}); generation stops there (finish_reason 'length')", stacklevel=2)
         need = self.pool.blocks_for(min(len(ids) + params.max_tokens, self.max_seq_len))
         if need > self.pool.num_blocks:
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens needs {need} KV "

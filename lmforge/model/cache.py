@@ -33,6 +33,7 @@ class LayerCacheSpec:
     """'full' | 'sliding' (keys behind the window are never read) | 'latent' (MLA)"""
     window: int = 0
     kv_heads: int = 0
+    query_heads: int = 0
     head_dim: int = 0
     latent_rank: int = 0
     """latent kind: width of c_kv"""
@@ -54,6 +55,13 @@ class CacheSpec:
     @property
     def latent(self) -> bool:
         return self.layers[0].kind == "latent"
+
+    @classmethod
+    def of(cls, model) -> "CacheSpec":
+        """model.cache_spec(), with a one-line error for models that do not describe their cache."""
+        if not hasattr(model, "cache_spec"):
+            raise LmforgeError(f"{type(model).__name__} has no cache_spec(): it cannot use lmforge's caches")
+        return model.cache_spec()
 
     def bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         size = torch.empty((), dtype=dtype or self.dtype).element_size()
@@ -103,10 +111,10 @@ class KVCache(_Hooked):
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None
                   ) -> "KVCache":
-        cfg = model.cfg
-        p = next(model.parameters())
-        return cls(cfg.n_layers, batch_size, cfg.kv_heads, cfg.hd, max_len or cfg.max_seq_len,
-                   device=p.device, dtype=dtype or p.dtype)
+        spec, p = CacheSpec.of(model), next(model.parameters())
+        layer = spec.layers[0]
+        return cls(len(spec.layers), batch_size, layer.kv_heads, layer.head_dim, max_len or spec.max_seq_len,
+                   device=p.device, dtype=dtype or spec.dtype)
 
     @property
     def batch_size(self) -> int:
@@ -194,11 +202,11 @@ class StaticKVCache(_Hooked):
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   repeat_kv: bool = False) -> "StaticKVCache":
-        cfg = model.cfg
-        p = next(model.parameters())
-        return cls(cfg.n_layers, batch_size, cfg.kv_heads, cfg.hd, max_len or cfg.max_seq_len,
-                   device=p.device, dtype=dtype or p.dtype,
-                   repeat_kv=cfg.n_heads // cfg.kv_heads if repeat_kv else 1)
+        spec, p = CacheSpec.of(model), next(model.parameters())
+        layer = spec.layers[0]
+        return cls(len(spec.layers), batch_size, layer.kv_heads, layer.head_dim, max_len or spec.max_seq_len,
+                   device=p.device, dtype=dtype or spec.dtype,
+                   repeat_kv=layer.query_heads // layer.kv_heads if repeat_kv else 1)
 
     def view(self, batch_size: int) -> "StaticKVCache":
         """The first batch_size rows as a cache of their own: same storage and write slot, so graphs

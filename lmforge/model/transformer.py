@@ -109,7 +109,7 @@ class Transformer(nn.Module):
                                              rope_dim=m.qk_rope_head_dim))
             else:
                 layers.append(LayerCacheSpec(kind="sliding" if window else "full", window=window,
-                                             kv_heads=cfg.kv_heads, head_dim=cfg.hd))
+                                             kv_heads=cfg.kv_heads, query_heads=cfg.n_heads, head_dim=cfg.hd))
         return CacheSpec(layers=tuple(layers), dtype=p.dtype, max_seq_len=cfg.max_seq_len, vocab_size=cfg.vocab_size)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

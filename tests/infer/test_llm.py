@@ -99,7 +99,8 @@ def test_bad_input_errors(tok):
 
 def test_context_window_ends_with_length(tok):
     llm = LLM(tiny_model("llama"), tok)
-    out = llm.generate("a" * 120, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    with pytest.warns(UserWarning, match="max_tokens=50 after a 120-token prompt passes the context window"):
+        out = llm.generate("a" * 120, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model.cache import _Hooked, contiguous_mask
+from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask
 from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, check_legacy_mask, DENSE
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import _yarn_mscale, apply_rope
@@ -144,10 +144,10 @@ class MLACache(_Hooked):
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype=None) -> "MLACache":
-        cfg, p = model.cfg, next(model.parameters())
-        m = cfg.mla_cfg
-        return cls(cfg.n_layers, batch_size, m.kv_lora_rank, m.qk_rope_head_dim, max_len or cfg.max_seq_len,
-                   device=p.device, dtype=dtype or p.dtype)
+        spec, p = CacheSpec.of(model), next(model.parameters())
+        layer = spec.layers[0]
+        return cls(len(spec.layers), batch_size, layer.latent_rank, layer.rope_dim, max_len or spec.max_seq_len,
+                   device=p.device, dtype=dtype or spec.dtype)
 
     @staticmethod
     def bytes_per_token(cfg, dtype_bytes: int = 2) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.model.cache import _Hooked, contiguous_mask
+from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask
 from lmforge.model.layers.attention import AttnSpec, attend_with
 
 
@@ -25,8 +25,7 @@ class SlidingWindowCache(_Hooked):
 
     @classmethod
     def for_model(cls, model) -> "SlidingWindowCache":
-        cfg = model.cfg
-        return cls([cfg.sliding_window if cfg.layer_type(i) == "sliding" else 0 for i in range(cfg.n_layers)])
+        return cls([layer.window for layer in CacheSpec.of(model).layers])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, KV, T, hd) -> all keys this step's queries may see: (B, KV, kept + T, hd)."""

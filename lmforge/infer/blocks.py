@@ -45,6 +45,9 @@ class BlockPool:
         self.idle: OrderedDict[int, None] = OrderedDict()  # ref 0 but holding a cached prefix (LRU first)
         self.cached: dict[int, int] = {}  # key -> block
         self.stats = PrefixStats()
+        self.null = num_blocks
+        """a block id never handed out: table entries of blocks dropped behind a sliding window point here
+        (the cache has one block more, never read unmasked)"""
 
     # accounting --------------------------------------------------------------------------------------
     @property
@@ -73,6 +76,8 @@ class BlockPool:
 
     def hold(self, b: int) -> None:
         """One more holder of block b (a prefix hit or a fork)."""
+        if b == self.null:
+            return
         if self.ref[b] == 0:
             self.idle.pop(b, None)
         self.ref[b] += 1
@@ -80,6 +85,8 @@ class BlockPool:
     def release(self, table: list[int]) -> None:
         """Drop one hold on each block (tail first, so that a prefix's first blocks stay cached longest)."""
         for b in reversed(table):
+            if b == self.null:
+                continue
             self.ref[b] -= 1
             if self.ref[b] == 0:
                 if self.key[b] is not None:
@@ -109,6 +116,14 @@ class BlockPool:
         while len(table) < self.blocks_for(num_tokens + new_tokens):
             table.append(self._take())
         return copies
+
+    def drop_behind(self, table: list[int], first_visible: int) -> None:
+        """Sliding-window models: release the blocks wholly before position first_visible (no query from
+        now on can see them), keeping the table's positions (their entries become `null`)."""
+        for i in range(min(first_visible // self.block_size, len(table))):
+            if table[i] != self.null:
+                self.release([table[i]])
+                table[i] = self.null
 
     def fork(self, table: list[int]) -> list[int]:
         for b in table:

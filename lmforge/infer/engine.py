@@ -103,6 +103,9 @@ class Engine:
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
                                       kernel_step=self._use_kernel_step(model))
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
+        # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
+        windows = [layer.window for layer in spec.layers] if spec is not None else [0]
+        self.window = min(windows) if all(windows) else 0
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    chunked_prefill=config.chunked_prefill), self.pool)
@@ -165,6 +168,8 @@ class Engine:
             warnings.warn(f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
                           f"({self.max_seq_len}); generation stops there (finish_reason 'length')", stacklevel=2)
         need = self.pool.blocks_for(min(len(ids) + params.max_tokens, self.max_seq_len))
+        if self.window:  # blocks behind the window are dropped after every step
+            need = min(need, self.pool.blocks_for(self.window + self.config.max_num_batched_tokens) + 1)
         if need > self.pool.num_blocks:
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens needs {need} KV "
                                f"blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
@@ -254,6 +259,8 @@ class Engine:
             seq.request.strategy.on_logits(self, seq, idx, sampled)
         for seq, _ in batch.chunks:  # after strategies cut rejected drafts: only verified tokens are named
             self._register_blocks(seq)
+            if self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed
+                self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1)
         self.peak_used_blocks = max(self.peak_used_blocks, self.pool.num_used)
         outs = []
         for req in changed.values():

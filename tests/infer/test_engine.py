@@ -201,3 +201,21 @@ def test_async_engine_streams_each_request(tok):
     a, b, engine = asyncio.run(main())
     assert [len(o.token_ids) for o in a] == [1, 2, 3, 4, 5] and a[-1].finished and not a[0].finished
     assert a[-1].token_ids == want and len(b[-1].token_ids) <= 3 and not engine.engine.has_unfinished()
+
+
+def test_sliding_window_blocks_are_freed_behind_the_window(tok):
+    """Every layer slides (window 4): blocks wholly behind the window return to the pool as sequences
+    advance, so a long generation holds O(window) blocks; the tokens stay the reference's."""
+    model = tiny_model("llama", sliding_window=4, init_std=0.3)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine = Engine(model, tok, EngineConfig(block_size=2, num_kv_tokens=64, max_num_batched_tokens=8))
+    prompts = ["a prompt of some length", "hi"]
+    ids = [engine.add_request(p, sp) for p in prompts]
+    engine.add_request("forked", SamplingParams(temperature=0.8, n=2, seed=3, max_tokens=30))
+    outs, peak = {}, 0
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step()})
+        peak = max(peak, engine.pool.num_used)
+    for rid, p in zip(ids, prompts):
+        assert outs[rid].token_ids == reference(model, tok, tok.encode(p), sp)[0]
+    assert peak <= 4 * (4 // 2 + 2) and engine.pool.num_used == 0 and all(r == 0 for r in engine.pool.ref)

@@ -96,13 +96,13 @@ class BlockPool:
         table.clear()
 
     def can_append(self, table: list[int], num_tokens: int, new_tokens: int) -> bool:
-        return self.needed(table, num_tokens, new_tokens) <= self.num_free
+        return self.needed(table, num_tokens, new_tokens) <= len(self.fresh) + len(self.idle)
 
     def needed(self, table: list[int], num_tokens: int, new_tokens: int) -> int:
         """Fresh blocks that writing new_tokens after the first num_tokens takes (copy-on-write included)."""
-        extra = max(0, self.blocks_for(num_tokens + new_tokens) - len(table))
-        writes_shared = num_tokens % self.block_size and self.ref[table[num_tokens // self.block_size]] > 1
-        return extra + bool(writes_shared)
+        bs = self.block_size
+        extra = max(0, -(-(num_tokens + new_tokens) // bs) - len(table))
+        return extra + bool(num_tokens % bs and self.ref[table[num_tokens // bs]] > 1)
 
     def append(self, table: list[int], num_tokens: int, new_tokens: int) -> list[tuple[int, int]]:
         """Make `table` cover num_tokens + new_tokens; returns the (src, dst) blocks to copy first."""

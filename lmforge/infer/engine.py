@@ -18,6 +18,7 @@ paged cache, and a model without one runs on the plain recompute path.
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from lmforge.infer.kv.paged import DECODE
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
 from lmforge.infer.runner import PagedRunner, RecomputeRunner, row_for, sampling_rows
+from lmforge.infer.sampler import kind_of
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 
@@ -174,7 +176,9 @@ class Engine:
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens needs {need} KV "
                                f"blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
                                "gpu_memory_utilization, or lower max_tokens")
-        req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals))
+        req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals),
+                      kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer)),
+                      arrival_time=time.perf_counter())
         # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
         req.generators = [self._generator(params, j) for j in range(params.n)]
         req.seqs.append(self._sequence(req, 0, list(ids)))
@@ -224,8 +228,9 @@ class Engine:
         return bool(self.requests)
 
     # the loop ------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one forward over the scheduled tokens; return the outputs of requests that changed."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one forward over the scheduled tokens; return the outputs of requests that changed (only
+        those that finished with finished_only: building outputs costs host time at large batches)."""
         batch = self.scheduler.schedule()
         if not batch.chunks:
             if self.scheduler.has_work():
@@ -264,9 +269,11 @@ class Engine:
         self.peak_used_blocks = max(self.peak_used_blocks, self.pool.num_used)
         outs = []
         for req in changed.values():
-            if req.finished:
+            done = req.finished
+            if done:
                 self.requests.pop(req.request_id, None)
-            outs.append(req.output())
+            if done or not finished_only:
+                outs.append(req.output())
         return outs
 
     def _draft(self, batch) -> None:
@@ -323,7 +330,9 @@ class Engine:
         if seq.params.logprobs is not None:
             seq.logprobs.append(logprob)
             seq.top.append(top or {})
-        seq.append(tok, stop_ids(seq.params, self.tokenizer), self.max_seq_len)
+        if seq.request.first_token_time is None:
+            seq.request.first_token_time = time.perf_counter()
+        seq.append(tok, seq.request.eos, self.max_seq_len)
         if seq.finish is not None:
             self._register_blocks(seq)  # its blocks stay cached for later prompts with the same prefix
             self.scheduler.finish(seq)

@@ -85,9 +85,8 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         try:
             while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
+                for out in self.engine.step(finished_only=True):
+                    done[out.request_id] = out
         except BaseException:
             for rid in ids:
                 if rid not in done and rid in self.engine.requests:
@@ -105,7 +104,7 @@ class LLM:
         emitted = 0
         try:
             while rid in self.engine.requests:
-                self.engine.step()
+                self.engine.step(finished_only=True)
                 if seq.finish is not None:
                     break
                 ready = len(seq.text) - _stop_prefix_len(seq.text, params.stop)

@@ -127,6 +127,13 @@ class Request:
     """set by a strategy when it has its outputs"""
     generators: list = field(default_factory=list)
     """one torch.Generator (or None) per sample"""
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    """time.perf_counter() when added and when its first token was sampled"""
+    eos: frozenset = frozenset()
+    """token ids that end a sample (stop_ids), computed once"""
+    kind: tuple = ()
+    """the sampler's grouping key of params (lmforge.infer.sampler.kind_of), computed once"""
     lookahead: int = 0
     """cache slots the scheduler reserves beyond a decode token (speculative drafts)"""
 
@@ -141,5 +148,7 @@ class Request:
     def output(self) -> RequestOutput:
         outs = getattr(self.strategy, "outputs", None) or [s.output() for s in self.seqs]
         metrics = self.strategy.metrics() if hasattr(self.strategy, "metrics") else {}
+        if self.first_token_time is not None:
+            metrics["time_to_first_token_s"] = self.first_token_time - self.arrival_time
         return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
                              request_id=self.request_id, finished=self.finished)

@@ -119,4 +119,5 @@ def sampling_rows(batch: Batch, make_rows) -> Step:
 
 
 def row_for(seq: Sequence, generator) -> Row:
-    return Row(seq.params, generator, seq.tokens, seq.request.prompt_len)
+    req = seq.request
+    return Row(req.params, generator, seq.tokens, req.prompt_len, req.kind)

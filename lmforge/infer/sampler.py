@@ -26,6 +26,8 @@ class Row:
     tokens: list[int]
     """the sequence so far (prompt + output), for penalties"""
     prompt_len: int
+    kind: tuple = ()
+    """rows of equal kind are processed together (`kind_of`); () = computed from params"""
 
 
 @dataclass
@@ -45,7 +47,7 @@ _SHAPING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cuto
             "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
-def _kind(p: SamplingParams) -> tuple:
+def kind_of(p: SamplingParams) -> tuple:
     """Rows with equal keys are processed together (same processors, same arguments)."""
     return tuple(getattr(p, f) for f in _SHAPING) + (tuple(sorted(p.logit_bias.items())),)
 
@@ -74,7 +76,7 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
-        groups.setdefault(_kind(r.params), []).append(i)
+        groups.setdefault(r.kind or kind_of(r.params), []).append(i)
     for idx in groups.values():
         params = rows[idx[0]].params
         sub = logits if len(idx) == len(rows) else logits[idx]

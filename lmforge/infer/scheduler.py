@@ -89,9 +89,9 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------------
     def schedule(self) -> Batch:
         batch, budget = Batch(), self.config.max_num_batched_tokens
-        queue, kept = list(self.running), []
+        queue, kept = deque(self.running), []
         while queue:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             n = min(seq.remaining, budget)
             if n == 0 or (n < seq.remaining and not self.config.chunked_prefill):
                 kept.append(seq)

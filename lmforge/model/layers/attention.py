@@ -159,10 +159,16 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.spec = AttnSpec(scale=self.scale, window=self.window, softcap=self.softcap, sinks=self.sinks,
-                             impl=self.impl)
-        self.train_spec = AttnSpec(scale=self.scale, window=self.window, softcap=self.softcap, sinks=self.sinks,
-                                   impl=self.impl, dropout=cfg.dropout)
+        self._build_specs()
+
+    def _build_specs(self) -> None:
+        kw = dict(scale=self.scale, window=self.window, softcap=self.softcap, sinks=self.sinks, impl=self.impl)
+        self.spec, self.train_spec = AttnSpec(**kw), AttnSpec(**kw, dropout=self.dropout)
+
+    def current_spec(self) -> AttnSpec:
+        if self.spec.sinks is not self.sinks:  # the Parameter was replaced (load_state_dict(assign=True), ...)
+            self._build_specs()
+        return self.train_spec if self.training else self.spec
 
     def fuse(self) -> None:
         """Compute q, k, v with one matmul (lmforge.model.layers.fused); checkpoints keep wq/wk/wv."""
@@ -185,8 +191,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope, self.rope_layout), apply_rope(k, *rope, self.rope_layout)
-        spec = self.train_spec if self.training else self.spec
-        out = (cache if cache is not None else DENSE).attend(self.layer_idx, q, k, v, spec, meta)
+        out = (cache if cache is not None else DENSE).attend(self.layer_idx, q, k, v, self.current_spec(), meta)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)))
 
 

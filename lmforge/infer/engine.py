@@ -52,7 +52,7 @@ class EngineConfig:
     prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     """on a GPU, the KV pool takes this fraction of the device memory minus what is in use and a
-    reserve for activations"""
+    reserve for activations, at most max_num_seqs x context tokens"""
     num_kv_tokens: int | None = None
     """fixed KV budget in tokens (rounded down to blocks); default on CPU: min(max_num_seqs x context,
     1 GiB of cache)"""
@@ -147,6 +147,7 @@ class Engine:
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
             reserve = 2 * 2**30 + c.max_num_batched_tokens * 64 * 1024  # activations of one forward
             tokens = int(free - total * (1 - c.gpu_memory_utilization) - reserve) // per_token
+            tokens = min(tokens, c.max_num_seqs * self.max_seq_len)  # never more than the batch can hold
         else:
             tokens = min(c.max_num_seqs * self.max_seq_len, 2**30 // per_token)
         if tokens < c.block_size:

@@ -9,6 +9,7 @@ Sections (--sections, comma-separated; default all):
   offline     nano-vllm's workload: --requests prompts, prompt and output lengths uniform in [100, 1024],
               ignore EOS; output tokens/s, the workload's roofline and the fraction reached, KV memory
               utilisation at peak (tokens held / slots of the blocks in use; > 1 where prefixes share blocks)
+              and the pool's occupancy then (tokens held / slots allocated)
   fixed       the same prompts with 512 new tokens each (the issue's 2026-12-01 measurements: old path
               4,991 tok/s at batch 64, roofline ~38,000)
   hf          HF generate(), padded static batches of --hf-batch sorted by prompt length (first shape only)
@@ -83,7 +84,7 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
     ttft: list[float] = []
     for prompt, new in reqs:
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-    out_tokens, peak_used, util_at_peak, steps = 0, 0, 0.0, 0
+    out_tokens, peak_used, util_at_peak, occupancy, steps = 0, 0, 0.0, 0.0, 0
     while engine.has_unfinished():
         outs = engine.step(finished_only=True)
         steps += 1
@@ -94,6 +95,7 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
         if used >= peak_used and used:
             held = sum(s.num_computed for s in engine.scheduler.running)
             peak_used, util_at_peak = used, held / (used * engine.pool.block_size)
+            occupancy = held / (engine.pool.num_blocks * engine.pool.block_size)
     sync(dev)
     wall = time.perf_counter() - t0
     st = engine.stats()
@@ -103,6 +105,7 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
             "decode": "triton kernel" if decode_kernel(torch.device(dev)) else "gather reference",
             "seconds": wall, "output_tokens": out_tokens, "tok_s": out_tokens / wall, "steps": steps,
             "ttft_mean_s": sum(ttft) / max(len(ttft), 1), "kv_util_at_peak": util_at_peak,
+            "pool_occupancy_at_peak": occupancy,
             "peak_blocks": st["peak_used_blocks"], "pool_blocks": st["num_blocks"],
             "prefix_hit_rate": st["prefix_hit_rate"], "preemptions": st["preemptions"]}
 

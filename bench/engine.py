@@ -263,7 +263,7 @@ def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> li
     return [(shared + [rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], 32) for _ in range(n)]
 
 
-NOTES = ("greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
+NOTES = ("greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "pool_occupancy_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
          "graphs", "decode", "kernel_step")
 
 

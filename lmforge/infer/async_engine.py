@@ -6,7 +6,8 @@
 
 One background task runs `Engine.step()` in a worker thread while any request is unfinished (the event
 loop stays free to accept requests); requests are added and aborted between steps, on the loop, so the
-engine is only ever touched by one thread at a time. Leaving the `async for` early aborts the request.
+engine is only ever touched by one thread at a time. Closing the stream early (leave the `async for`
+inside `contextlib.aclosing(...)`, as a server does when a client disconnects) aborts the request.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ vocabularies; a HF model through the wrapper; the asyncio front."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 import pytest
@@ -219,3 +220,25 @@ def test_sliding_window_blocks_are_freed_behind_the_window(tok):
     for rid, p in zip(ids, prompts):
         assert outs[rid].token_ids == reference(model, tok, tok.encode(p), sp)[0]
     assert peak <= 4 * (4 // 2 + 2) and engine.pool.num_used == 0 and all(r == 0 for r in engine.pool.ref)
+
+
+def test_leaving_a_stream_early_aborts_the_request(tok):
+    from lmforge.infer.llm import LLM
+
+    llm = LLM(tiny_model("llama"), tok, config=EngineConfig(block_size=4))
+    stream = llm.stream("hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                logit_bias={i: -100.0 for i in range(128, 257)}))
+    next(stream)
+    stream.close()
+    assert not llm.engine.has_unfinished() and llm.engine.pool.num_used == 0
+
+    async def main():
+        engine = AsyncEngine(Engine(tiny_model("llama"), tok))
+        sp = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+        async with contextlib.aclosing(engine.generate("hi", sp)) as stream:
+            async for _ in stream:
+                break  # the client goes away
+        return engine.engine
+
+    engine = asyncio.run(main())
+    assert not engine.has_unfinished() and engine.pool.num_used == 0

@@ -288,13 +288,13 @@ def guarded(fn, *a, **kw) -> dict:
             torch.cuda.empty_cache()
 
 
-def main(argv=None) -> dict:
+def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy fp32 models on CPU")
     ap.add_argument("--shapes", default="qwen3-0.6b,llama-1.1b")
     ap.add_argument("--sections", default="check,offline,fixed,batch1,prefix,baseline,hf,hf_batch")
     ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--hf-requests", type=int, default=32, help="HF baselines run on the first N requests")
+    ap.add_argument("--hf-requests", type=int, default=32, help="HF generate() runs on the first N requests")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--hf-batch-requests", type=int, default=16, help="generate_batch runs on the first N requests")
     ap.add_argument("--fixed-new", type=int, default=512)
@@ -305,75 +305,79 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.smoke:
         args.requests, args.hf_requests, args.hf_batch, args.fixed_new = 12, 6, 3, 16
-        args.hf_batch_requests = 3
-        args.max_num_batched_tokens = 64
-    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        args.hf_batch_requests, args.max_num_batched_tokens = 3, 64
+    args.sections = set(args.sections.split(","))
+    return args
+
+
+def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float, add) -> None:
+    """Every section for one model shape; add(name, result, roofline) records a row."""
     lo, hi, prefix_len = (4, 24, 48) if args.smoke else (100, 1024, 2048)
-    sections = set(args.sections.split(","))
-    bw, peak = measure_device(dev)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_tokens=4096 if args.smoke else None)
+    model, sections = build(shape, args, dev, dtype), args.sections
+    V = model.cfg.vocab_size
+    reqs = workload(args.requests, lo, hi, V)
+    fixed = [(p, args.fixed_new) for p, _ in reqs]
+    run_engine(model, reqs[:4], config, dev)  # warm-up (kernels, allocator)
+    if "check" in sections:
+        add("check: engine greedy vs full recompute", guarded(check, model, dev))
+    for name, work in (("offline", reqs), ("fixed", fixed)):
+        if name in sections:
+            bound = roofline(model, work, dev, bw, peak)
+            label = "engine, offline workload" if name == "offline" else f"engine, {args.fixed_new} new each"
+            add(label, {**guarded(run_engine, model, work, config, dev), **bound}, bound["roofline_tok_s"])
+    if "batch1" in sections:
+        one = [(workload(1, 128, 128, V, seed=3)[0][0], 16 if args.smoke else 256)]
+        run_engine(model, one, config, dev)  # warm-up: capture, kernel tuning
+        add("engine, batch 1 (128 prompt, 256 new)", guarded(run_engine, model, one, config, dev))
+    if first and "prefix" in sections:
+        pre = prefix_workload(args.requests, prefix_len, V, 16, 64)
+        for on in (False, True):
+            add(f"shared {prefix_len}-token prefix, prefix caching {'on' if on else 'off'}",
+                guarded(run_engine, model, pre, dataclasses.replace(config, prefix_caching=on), dev))
+    if first and "baseline" in sections:
+        res = ({"error": "no --baseline-src"} if args.baseline_src is None
+               else guarded(run_baseline, shape, args, fixed[:64], dev, dtype))
+        add(f"previous static-batch LLM, batch 64, {args.fixed_new} new", res)
+    if first and sections & {"hf", "hf_batch"}:
+        del model
+        hf = guarded(hf_model, shape, args, dev, dtype)
+        if "hf" in sections:
+            sub = reqs[: args.hf_requests]
+            add(f"HF generate(), batches of {args.hf_batch}, {len(sub)} requests",
+                hf if isinstance(hf, dict) else guarded(run_hf_generate, hf, sub, args.hf_batch, dev))
+        if "hf_batch" in sections:
+            sub = reqs[: args.hf_batch_requests]
+            add(f"HF generate_batch, {len(sub)} requests",
+                hf if isinstance(hf, dict) else guarded(run_hf_batch, hf, sub, dev))
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    bw, peak = measure_device(dev)
     rows, results = [], {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                          "copy_bandwidth_GBs": bw / 1e9, "matmul_TFLOPs": peak / 1e12, "variants": {}}
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (("engine_smoke" if args.smoke else "engine_" + args.shapes.replace(",", "_")) + ".json")
+    print(f"device {results['device']}: copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     for si, shape in enumerate(args.shapes.split(",")):
-        model = build(shape, args, dev, dtype)
-        V = model.cfg.vocab_size
-        reqs = workload(args.requests, lo, hi, V)
-        fixed = [(p, args.fixed_new) for p, _ in reqs]
-        run_engine(model, reqs[:4], config, dev)  # warm-up (kernels, allocator)
-
-        def add(name, res, bound=None):
+        def add(name, res, bound=None, shape=shape):
             results["variants"][f"{shape}/{name}"] = res
             frac = res.get("tok_s", 0) / bound if bound and "tok_s" in res else None
             rows.append((shape, name, res, frac))
             print_row(rows[-1])
+            path.write_text(json.dumps(results, indent=1))  # a run cut short keeps what it measured
 
-        if "check" in sections:
-            add("check: engine greedy vs full recompute", guarded(check, model, dev))
-        if "offline" in sections:
-            bound = roofline(model, reqs, dev, bw, peak)
-            res = guarded(run_engine, model, reqs, config, dev)
-            add("engine, offline workload", {**res, **bound}, bound["roofline_tok_s"])
-        if "fixed" in sections:
-            bound = roofline(model, fixed, dev, bw, peak)
-            add(f"engine, {args.fixed_new} new each", {**guarded(run_engine, model, fixed, config, dev), **bound},
-                bound["roofline_tok_s"])
-        if "batch1" in sections:
-            one = [(workload(1, 128, 128, V, seed=3)[0][0], 16 if args.smoke else 256)]
-            run_engine(model, one, config, dev)  # warm-up: capture, kernel tuning
-            add("engine, batch 1 (128 prompt, 256 new)", guarded(run_engine, model, one, config, dev))
-        if si == 0 and "prefix" in sections:
-            pre = prefix_workload(args.requests, prefix_len, V, 16, 64)
-            for on in (False, True):
-                add(f"shared {prefix_len}-token prefix, prefix caching {'on' if on else 'off'}",
-                    guarded(run_engine, model, pre, dataclasses.replace(config, prefix_caching=on), dev))
-        if si == 0 and "baseline" in sections:
-            res = ({"error": "no --baseline-src"} if args.baseline_src is None
-                   else guarded(run_baseline, shape, args, fixed[:64], dev, dtype))
-            add(f"previous static-batch LLM, batch 64, {args.fixed_new} new", res)
-        if si == 0 and sections & {"hf", "hf_batch"}:
-            hf = guarded(hf_model, shape, args, dev, dtype)
-            sub = reqs[: args.hf_requests]
-            if "hf" in sections:
-                add(f"HF generate(), batches of {args.hf_batch}, {len(sub)} requests",
-                    hf if isinstance(hf, dict) else guarded(run_hf_generate, hf, sub, args.hf_batch, dev))
-            if "hf_batch" in sections:
-                sub = reqs[: args.hf_batch_requests]
-                add(f"HF generate_batch, {len(sub)} requests",
-                    hf if isinstance(hf, dict) else guarded(run_hf_batch, hf, sub, dev))
-            del hf
-        del model
+        run_shape(shape, si == 0, args, dev, dtype, bw, peak, add)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\ndevice {results['device']}: copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s")
-    print(f"{'shape':<12} {'variant':<58} {'tok/s':>9} {'roofline':>9} {'frac':>6}  notes")
+    print(f"\n{'shape':<12} {'variant':<58} {'tok/s':>9} {'roofline':>9} {'frac':>6}  notes")
     for row in rows:
         print_row(row)
-    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out.mkdir(parents=True, exist_ok=True)
-    name = "engine_smoke" if args.smoke else "engine_" + args.shapes.replace(",", "_")
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     return results
 
 

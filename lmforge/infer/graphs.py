@@ -4,7 +4,7 @@ At large batch a decode step is a few hundred small kernels per layer stack; lau
 costs milliseconds the GPU then waits for. A CUDA graph replays the whole recorded forward with one
 launch, provided every tensor it touches keeps its address and shape. So a step whose chunks are all
 single tokens runs in static buffers of a bucket: B' >= B rows (powers of two) and W' >= the longest
-block table (powers of two), one graph per (B', W') captured on first use, all sharing one memory pool.
+block table (`_width`), one graph per (B', W') captured on first use, all sharing one memory pool.
 Rows beyond B write their keys to a scratch block the pool never hands out and attend to one key, so
 they compute finite garbage nobody reads. Sampling runs outside the graph on the real rows' logits.
 On a CPU (tests) the same static-buffer step runs eagerly (use_graphs=False): the logic is the same.
@@ -26,6 +26,12 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _width(n: int) -> int:
+    """Block-table width bucket: powers of two up to 32, then multiples of 32 (a gather over the table
+    reads at most 32 blocks more than the longest row, and a long context needs few graphs)."""
+    return _bucket(n) if n <= 32 else -(-n // 32) * 32
+
+
 class DecodeGraphs:
     def __init__(self, model, cache, block_size: int, scratch_block: int, max_batch: int, max_blocks: int,
                  use_graphs: bool):
@@ -43,7 +49,7 @@ class DecodeGraphs:
     def run(self, batch) -> torch.Tensor:
         """logits (B, V) of a decode-only batch, one row per chunk."""
         B, bs = len(batch.chunks), self.block_size
-        W = min(_bucket(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
+        W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
         key = (_bucket(B), W)
         graph, bufs, out = self.entries.get(key) or self._capture(*key)
         Bp = key[0]

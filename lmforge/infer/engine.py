@@ -98,7 +98,8 @@ class Engine:
             num_blocks = -(-config.max_num_seqs * self.max_seq_len // config.block_size)
             self.runner = RecomputeRunner(model, self.device)
         else:
-            num_blocks = self._num_blocks(spec)
+            draft_bytes = draft.cache_spec().bytes_per_token() if hasattr(draft, "cache_spec") else 0
+            num_blocks = self._num_blocks(spec, draft_bytes)
             graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
             self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device,
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
@@ -112,12 +113,16 @@ class Engine:
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    chunked_prefill=config.chunked_prefill), self.pool)
         self.num_draft_tokens = num_draft_tokens
-        self.make_drafter = None
+        self.make_drafter, self.draft_model = None, None
         if draft is not None:
             from lmforge.infer.speculative import make_drafter_factory
 
             check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
             self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, num_draft_tokens)
+            if isinstance(self.runner, PagedRunner) and hasattr(draft, "cache_spec"):
+                from lmforge.infer.draft import PagedDraftModel
+
+                self.draft_model = PagedDraftModel(draft, num_blocks, config.block_size, self.device)
         self.requests: dict[str, Request] = {}
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
         self.peak_used_blocks = 0
@@ -138,8 +143,9 @@ class Engine:
         gpu = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8
         return why is None and (want or gpu)
 
-    def _num_blocks(self, spec) -> int:
-        c, per_token = self.config, spec.bytes_per_token()
+    def _num_blocks(self, spec, extra_per_token: int = 0) -> int:
+        """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids."""
+        c, per_token = self.config, spec.bytes_per_token() + extra_per_token
         if c.num_kv_tokens is not None:
             tokens = c.num_kv_tokens
         elif self.device.type == "cuda":
@@ -237,6 +243,8 @@ class Engine:
             if self.scheduler.has_work():
                 raise LmforgeError("the scheduler could not fit any sequence in the KV pool; raise num_kv_tokens")
             return []
+        if self.draft_model is not None:  # copy-on-write copies apply to the draft's cache too
+            self.draft_model.copy_blocks(batch.copies)
         self._draft(batch)
         rows = sampling_rows(batch, self._rows)
         sampled = self.runner.execute(batch, rows, self.vocab_limit)
@@ -279,16 +287,27 @@ class Engine:
 
     def _draft(self, batch) -> None:
         """Speculative requests scheduled for their last token extend that chunk by their drafts (the
-        scheduler reserved room for them: Request.lookahead)."""
-        extended = False
+        scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once."""
+        todo = []
         for i, (seq, n) in enumerate(batch.chunks):
-            draft = getattr(seq.request.strategy, "draft", None)
-            if draft is not None and n == seq.remaining:
-                d = draft(self, seq, batch.room.get(seq.seq_id, 0))
-                if d:
-                    batch.chunks[i], extended = (seq, n + d), True
-        if extended:
-            batch.chunks.sort(key=lambda c: c[1] != 1)
+            strategy = seq.request.strategy
+            if hasattr(strategy, "budget") and n == seq.remaining:
+                k = strategy.budget(self, seq, batch.room.get(seq.seq_id, 0))
+                if k is not None:
+                    todo.append((i, seq, k))
+        if not todo:
+            return
+        if self.draft_model is not None:
+            from lmforge.infer.speculative import _probs
+
+            items = [(s, k, s.request.strategy.procs, s.params.greedy) for _, s, k in todo if k > 0]
+            drafts = self.draft_model.propose(items, _probs) if items else {}
+        else:
+            drafts = {s.seq_id: s.request.strategy.propose(s, k) for _, s, k in todo}
+        for i, seq, _ in todo:
+            d = seq.request.strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
+            batch.chunks[i] = (seq, batch.chunks[i][1] + d)
+        batch.chunks.sort(key=lambda c: c[1] != 1)
 
     def _rows(self, seq: Sequence, n: int):
         """(tokens back from the chunk's end, row) of every logits row this chunk needs."""
@@ -337,6 +356,8 @@ class Engine:
         if seq.finish is not None:
             self._register_blocks(seq)  # its blocks stay cached for later prompts with the same prefix
             self.scheduler.finish(seq)
+            if self.draft_model is not None:
+                self.draft_model.forget(seq)
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Name every newly filled block by its prefix key, so later requests can reuse it."""

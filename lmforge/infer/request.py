@@ -60,6 +60,8 @@ class Sequence:
     decoder: StreamDecoder | None = None
     num_cached_tokens: int = 0
     """prompt tokens found in the prefix cache at admission"""
+    preemptions: int = 0
+    """times this sequence lost its cache blocks (state kept beside the cache, e.g. a draft's, restarts)"""
 
     @property
     def params(self) -> SamplingParams:

@@ -144,6 +144,7 @@ class Scheduler:
         """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""
         self.pool.release(seq.block_table)
         seq.num_computed, seq.block_keys, seq.status = 0, [], Status.WAITING
+        seq.preemptions += 1
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         self.num_preemptions += 1

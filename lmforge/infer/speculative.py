@@ -165,17 +165,23 @@ class Speculative:
     def claims(self, seq) -> bool:
         return seq.seq_id in self.pending
 
-    def draft(self, engine, seq, room: int) -> int:
-        """Propose drafts after seq's pending token (forked sequences only: the prefill samples normally)."""
+    def budget(self, engine, seq, room: int) -> int | None:
+        """Drafts seq may take this step; None before its first token (the prefill samples normally)."""
         if not seq.request.forked:
-            return 0
+            return None
         p = seq.params
-        budget = min(self.k, room, p.max_tokens - seq.num_output - 1, engine.max_seq_len - len(seq.tokens) - 1)
+        return max(0, min(self.k, room, p.max_tokens - seq.num_output - 1, engine.max_seq_len - len(seq.tokens) - 1))
+
+    def propose(self, seq, budget: int) -> tuple[list[int], torch.Tensor | None]:
+        """Drafts from this request's own per-sequence drafter (prompt lookup, MTP, a drafter object)."""
+        if budget <= 0:
+            return [], None
         drafter = self.drafters.get(seq.seq_id) or self.drafters.setdefault(seq.seq_id, self.make_drafter(seq))
-        drafts, q = [], None
-        if budget > 0:
-            with torch.inference_mode():
-                drafts, q = drafter.propose(seq.tokens, budget, self.procs, p.greedy, seq.generator)
+        with torch.inference_mode():
+            return drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator)
+
+    def set_drafts(self, seq, drafts: list[int], q) -> int:
+        """The target scores them this step: they join the sequence's tokens until verified."""
         self.pending[seq.seq_id] = (drafts, q)
         seq.tokens += drafts
         return len(drafts)
@@ -210,7 +216,10 @@ class Speculative:
                 return
             if i < a:
                 seq.num_computed += 1  # an accepted draft was this forward's input at its position
-        self.drafters[seq.seq_id].accept(len(seq.tokens) - 1)
+        if seq.seq_id in self.drafters:
+            self.drafters[seq.seq_id].accept(len(seq.tokens) - 1)
+        if engine.draft_model is not None:
+            engine.draft_model.accept(seq, len(seq.tokens) - 1)
 
     def metrics(self) -> dict:
         return self.stats.as_dict(sum(s.num_output for s in self.request.seqs))
@@ -223,7 +232,7 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
     if draft == "mtp":
         MTPDrafter(model)  # raises now if the model has no parallel MTP heads
         return lambda seq: MTPDrafter(model)
-    if isinstance(draft, torch.nn.Module):
+    if isinstance(draft, torch.nn.Module):  # only without a paged draft model (lmforge.infer.draft)
         return lambda seq: ModelDrafter(draft, seq.request.prompt_len + seq.params.max_tokens + k + 1)
     if hasattr(draft, "propose"):
         return lambda seq: draft

@@ -133,3 +133,21 @@ def test_speculative_generate_wrapper(tok):
     toks, st = speculative_generate(target, NGramDrafter(vocab_size=257), [1, 2, 3, 1, 2], SamplingParams(
         temperature=0, max_tokens=9, ignore_eos=True), 3, set(), 128)
     assert toks == full_greedy(target, [1, 2, 3, 1, 2], 9) and st.target_forwards <= 9
+
+
+def test_draft_model_drafts_for_the_batch_under_preemption(tok):
+    """The draft model keeps a paged cache on the target's block ids and drafts for every sequence in one
+    forward per round; a small pool forces preemptions (the draft restarts), prefixes are shared, n = 2."""
+    from lmforge.infer.engine import EngineConfig
+
+    target = tiny_model("llama", init_std=0.3)
+    drafter = tiny_model("llama", seed=5, n_layers=1, init_std=0.3)
+    prompts = ["abcabcabc", "abcabcxyz", "hello", "q"]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)
+    want = LLM(target, tok).generate(prompts, sp)
+    config = EngineConfig(block_size=4, num_kv_tokens=48, max_num_batched_tokens=10)
+    llm = LLM(target, tok, draft=drafter, num_draft_tokens=3, config=config)
+    got = llm.generate(prompts, sp)
+    assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in want]
+    assert llm.engine.draft_model is not None and llm.engine.stats()["preemptions"] > 0
+    assert sum(r.metrics["accepted"] for r in got) > 0 and llm.engine.pool.num_used == 0

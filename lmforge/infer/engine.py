@@ -29,7 +29,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.decoders import PlainDecoder, decode_attention, left_pad  # noqa: F401 (kernel step, bench)
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.kv.paged import DECODE
+from lmforge.infer.kv.paged import DECODE, decode_kernel
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
 from lmforge.infer.runner import PagedRunner, RecomputeRunner, row_for, sampling_rows
@@ -100,7 +100,10 @@ class Engine:
         else:
             draft_bytes = draft.cache_spec().bytes_per_token() if hasattr(draft, "cache_spec") else 0
             num_blocks = self._num_blocks(spec, draft_bytes)
-            graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
+            # graphs pad every row's block table to a bucket: worth it over the kernel, which reads only each
+            # row's keys, not over the gather reference (default: on a GPU when the kernel is there)
+            kernel = decode_kernel(self.device, config.decode_attention) is not None
+            graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda" and kernel
             self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device,
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
@@ -246,6 +249,8 @@ class Engine:
         if self.draft_model is not None:  # copy-on-write copies apply to the draft's cache too
             self.draft_model.copy_blocks(batch.copies)
         self._draft(batch)
+        # decodes first, shortest context first (caches that gather blocks pad less per group of rows)
+        batch.chunks.sort(key=lambda c: (c[1] != 1, len(c[0].block_table) if c[1] == 1 else 0))
         rows = sampling_rows(batch, self._rows)
         sampled = self.runner.execute(batch, rows, self.vocab_limit)
         tokens = sampled.tokens.tolist()  # the step's one device->host sync

@@ -86,8 +86,15 @@ class PagedRunner:
             positions=flat[N:2 * N][None], slot_mapping=flat[2 * N:3 * N],
             context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:],
             block_tables=block_tables.to(self.device, non_blocking=True), query_lens_host=tuple(qlens),
-            context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs)
+            context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs,
+            decode_groups=decode_groups([len(t) for t in tables[:batch.num_decodes]]))
         return flat[:N][None], meta
+
+
+def decode_groups(widths: list[int], rows_per_group: int = 64) -> tuple[tuple[int, int, int], ...]:
+    """(lo, hi, max width) over runs of decode rows sorted by table width (the engine sorts them)."""
+    return tuple((lo, min(lo + rows_per_group, len(widths)), max(widths[lo:lo + rows_per_group]))
+                 for lo in range(0, len(widths), rows_per_group))
 
 
 class RecomputeRunner:

@@ -49,6 +49,9 @@ class AttnMetadata:
     context_lens_host: tuple[int, ...] = ()
     num_decodes: int = 0
     """the first num_decodes sequences have exactly one query each (decode steps)"""
+    decode_groups: tuple[tuple[int, int, int], ...] = ()
+    """(first row, end row, block-table width) of decode rows sorted by context length, for caches that
+    gather a group's blocks (the padded width then follows the group, not the batch); () = one group"""
     block_size: int = 0
 
     @classmethod
@@ -65,6 +68,11 @@ class AttnMetadata:
         same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=self.doc_ids.device).tril()
         return (same & causal)[:, None]
+
+    def groups(self) -> tuple[tuple[int, int, int], ...]:
+        if self.decode_groups or not self.num_decodes:
+            return self.decode_groups
+        return ((0, self.num_decodes, self.block_tables.shape[1]),)
 
     @property
     def cu_seqlens_q(self) -> list[int]:

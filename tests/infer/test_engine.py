@@ -242,3 +242,22 @@ def test_leaving_a_stream_early_aborts_the_request(tok):
 
     engine = asyncio.run(main())
     assert not engine.has_unfinished() and engine.pool.num_used == 0
+
+
+def test_many_decode_rows_run_in_groups_of_similar_length(tok):
+    """More than 64 decode rows: the gather reference attends per group of rows sorted by context
+    length (AttnMetadata.decode_groups); every row still gets the reference's tokens."""
+    from lmforge.infer.runner import decode_groups
+
+    assert decode_groups([1, 1, 2, 5, 7], rows_per_group=2) == ((0, 2, 1), (2, 4, 5), (4, 5, 7))
+    model = tiny_model("llama")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 250) for _ in range(rng.randrange(1, 40))] for _ in range(70)]
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=4096))
+    ids = [engine.add_request(p, sp) for p in prompts]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step(finished_only=True)})
+    for rid, p in zip(ids, prompts):
+        assert outs[rid].token_ids == reference(model, tok, p, sp)[0]

@@ -131,13 +131,15 @@ class PagedKVCache(_Paged):
         self._write(vc, v[0].transpose(0, 1), meta.slot_mapping)
         out = torch.empty_like(q)
         nd, hook = meta.num_decodes, self._hook(layer)
-        if nd:
-            qd = q[0, :, :nd].transpose(0, 1)  # (nd, H, hd)
-            kernel = self.kernel if hook is None else None
-            args = (qd.contiguous(), kc, vc, meta.block_tables[:nd], meta.context_lens[:nd])
-            kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
+        kernel = self.kernel if hook is None else None
+        kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
+        # the kernel reads each row's own keys; the reference gathers a group's widest table, so it runs
+        # over groups of rows of similar context length (meta.decode_groups)
+        for lo, hi, width in ((0, nd, meta.block_tables.shape[1]),) if kernel is not None else meta.groups():
+            qd = q[0, :, lo:hi].transpose(0, 1).contiguous()  # (rows, H, hd)
+            args = (qd, kc, vc, meta.block_tables[lo:hi, :width], meta.context_lens[lo:hi])
             od = kernel(*args, **kw) if kernel is not None else paged_decode_reference(*args, **kw, probs_hook=hook)
-            out[0, :, :nd] = od.transpose(0, 1)
+            out[0, :, lo:hi] = od.transpose(0, 1)
         for i, start, n, ctx in self._prefills(meta):
             if ctx == n:  # a whole prompt: its keys are the fresh ones
                 ki, vi = k[:, :, start:start + n], v[:, :, start:start + n]

@@ -4,6 +4,7 @@
     python bench/engine.py --smoke                  # toy fp32 models on CPU: checks every section runs
 
 Sections (--sections, comma-separated; default all):
+  profile     where a steady decode step's time goes (schedule, inputs, attention, other forward, sampling)
   check       the engine's greedy tokens on a few prompts vs the full-recompute reference (agreement: bf16
               near-ties of random weights may flip late tokens; fp32 --smoke must agree exactly)
   offline     nano-vllm's workload: --requests prompts, prompt and output lengths uniform in [100, 1024],
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge.infer.detok import IdTokenizer  # noqa: E402
 from lmforge.infer.engine import Engine, EngineConfig  # noqa: E402
 from lmforge.infer.kv.paged import decode_kernel  # noqa: E402
+from lmforge.infer.runner import sample_rows as sample_rows_original  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
@@ -108,6 +110,46 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
             "pool_occupancy_at_peak": occupancy,
             "peak_blocks": st["peak_used_blocks"], "pool_blocks": st["num_blocks"],
             "prefix_hit_rate": st["prefix_hit_rate"], "preemptions": st["preemptions"]}
+
+
+def profile(model, dev, config: EngineConfig, batch: int, prompt: int) -> dict:
+    """Where a steady decode step's time goes (ms), at `batch` sequences of ~`prompt` tokens: scheduling,
+    input building, the forward (its attention calls apart), sampling and the engine's bookkeeping.
+    Each part is timed between device syncs, so the parts add up to more than a free-running step."""
+    engine = Engine(model, IdTokenizer(model.cfg.vocab_size), config)
+    for p, _ in workload(batch, prompt, prompt, model.cfg.vocab_size, seed=4):
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    while any(s.num_computed < len(s.tokens) - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step(finished_only=True)  # until every prompt is in the cache
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            sync(dev)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return run
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.runner.prepare = timed("inputs", engine.runner.prepare)
+    cache = engine.runner.cache
+    attend = "attend_latent" if hasattr(cache, "attend_latent") else "attend"
+    setattr(cache, attend, timed("attention", getattr(cache, attend)))
+    import lmforge.infer.runner as runner_mod
+    runner_mod.sample_rows = timed("sampling", runner_mod.sample_rows)
+    step = timed("step", engine.step)
+    n = 8
+    try:
+        for _ in range(n):
+            step(finished_only=True)
+    finally:
+        runner_mod.sample_rows = sample_rows_original
+    out = {k: 1e3 * v / n for k, v in spent.items()}
+    out["forward_other"] = out["step"] - sum(out.get(k, 0) for k in ("schedule", "inputs", "attention", "sampling"))
+    return {"ms_per_step": {k: round(v, 2) for k, v in out.items()}, "batch": len(engine.scheduler.running)}
 
 
 def check(model, dev) -> dict:
@@ -263,7 +305,7 @@ def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> li
     return [(shared + [rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], 32) for _ in range(n)]
 
 
-NOTES = ("greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "pool_occupancy_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
+NOTES = ("ms_per_step", "batch", "greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "pool_occupancy_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
          "graphs", "decode", "kernel_step")
 
 
@@ -292,7 +334,7 @@ def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy fp32 models on CPU")
     ap.add_argument("--shapes", default="qwen3-0.6b,llama-1.1b")
-    ap.add_argument("--sections", default="check,offline,fixed,batch1,prefix,baseline,hf,hf_batch")
+    ap.add_argument("--sections", default="check,profile,offline,fixed,batch1,prefix,baseline,hf,hf_batch")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--hf-requests", type=int, default=32, help="HF generate() runs on the first N requests")
     ap.add_argument("--hf-batch", type=int, default=32)
@@ -322,6 +364,9 @@ def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float,
     run_engine(model, reqs[:4], config, dev)  # warm-up (kernels, allocator)
     if "check" in sections:
         add("check: engine greedy vs full recompute", guarded(check, model, dev))
+    if "profile" in sections:
+        n, p = (8, 20) if args.smoke else (args.max_num_seqs, 1024)
+        add(f"profile: decode step at batch {n}, ~{p} context", guarded(profile, model, dev, config, n, p))
     for name, work in (("offline", reqs), ("fixed", fixed)):
         if name in sections:
             bound = roofline(model, work, dev, bw, peak)

@@ -134,10 +134,22 @@ class BatchOneKernel:
         self.step = KernelStep(model, PagedKV(k=cache.k, v=cache.v, block_table=self.table))
         self.use_graphs, self.captured, self.device = use_graphs, False, cache.device
 
-    def fits(self, batch) -> bool:
-        return len(batch.chunks) == 1 and batch.num_decodes == 1
+    failed: str | None = None
 
-    def run(self, batch) -> torch.Tensor:
+    def fits(self, batch) -> bool:
+        return self.failed is None and len(batch.chunks) == 1 and batch.num_decodes == 1
+
+    def run(self, batch) -> torch.Tensor | None:
+        """Logits (1, V), or None (and the general path from now on, with a warning) if the kernels fail."""
+        try:
+            return self._run(batch)
+        except Exception as e:  # noqa: BLE001 - kernels that cannot compile here must not stop serving
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            warnings.warn(f"the batch-1 kernel step failed ({self.failed}); decoding on the general path",
+                          stacklevel=2)
+            return None
+
+    def _run(self, batch) -> torch.Tensor:
         seq = batch.chunks[0][0]
         p = seq.num_computed
         self.table[0, :len(seq.block_table)].copy_(torch.tensor(seq.block_table, dtype=torch.int32))

@@ -53,8 +53,9 @@ class PagedRunner:
     @torch.inference_mode()
     def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None) -> Sampled:
         self.cache.copy_blocks(batch.copies)
-        if self.kernel_step is not None and self.kernel_step.fits(batch):
-            logits = self.kernel_step.run(batch)[[0 for _ in rows]]
+        logits = self.kernel_step.run(batch) if self.kernel_step is not None and self.kernel_step.fits(batch) else None
+        if logits is not None:
+            logits = logits[[0 for _ in rows]]
         elif self.graphs is not None and self.graphs.fits(batch):
             logits = self.graphs.run(batch)[[c for c, _, _ in rows]]  # one row per chunk end
         else:

@@ -88,3 +88,31 @@ def test_engine_batch_one_on_the_kernel_step(tok):
     llm = LLM(model, tok, config=EngineConfig(kernel_step=True, block_size=4))
     assert llm.generate("hello there", sp)[0].token_ids == want.token_ids
     assert llm.engine.runner.kernel_step is not None
+
+
+def test_a_failing_decode_kernel_falls_back_to_the_reference(tok):
+    """A kernel that cannot run here (e.g. does not compile) warns once; serving goes on, same tokens."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    from .infer_helpers import tiny_model
+
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    def run(kernel):
+        engine = Engine(model, tok)
+        engine.runner.cache.kernel = kernel
+        rid = engine.add_request("hello", sp)
+        out = None
+        while engine.has_unfinished():
+            out = next((o for o in engine.step() if o.request_id == rid), out)
+        return out.token_ids, engine.runner.cache.kernel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("does not compile")
+
+    want, _ = run(None)
+    with pytest.warns(UserWarning, match="paged decode kernel failed .*does not compile"):
+        got, left = run(broken)
+    assert got == want and left is None

@@ -16,6 +16,8 @@ Sequence i's queries are its last query_lens[i] keys: the mask is `contiguous_ma
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lmforge.errors import LmforgeError
@@ -84,6 +86,19 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 class _Paged:
     score_hook = None
+    kernel = None
+
+    def _kernel(self, kernel, args, kw) -> torch.Tensor | None:
+        """The kernel's output; None (and the reference from now on, with a warning) if it fails to run."""
+        try:
+            return kernel(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here must not stop serving
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # inside a graph capture: the capture's own fallback handles it
+            self.kernel = None
+            warnings.warn(f"paged decode kernel failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                          "using the reference attention", stacklevel=3)
+            return None
 
     def _hook(self, layer: int):
         return None if self.score_hook is None else (lambda p: self.score_hook(layer, p))
@@ -138,7 +153,9 @@ class PagedKVCache(_Paged):
         for lo, hi, width in ((0, nd, meta.block_tables.shape[1]),) if kernel is not None else meta.groups():
             qd = q[0, :, lo:hi].transpose(0, 1).contiguous()  # (rows, H, hd)
             args = (qd, kc, vc, meta.block_tables[lo:hi, :width], meta.context_lens[lo:hi])
-            od = kernel(*args, **kw) if kernel is not None else paged_decode_reference(*args, **kw, probs_hook=hook)
+            od = self._kernel(kernel, args, kw) if kernel is not None else None
+            if od is None:
+                od = paged_decode_reference(*args, **kw, probs_hook=hook)
             out[0, :, lo:hi] = od.transpose(0, 1)
         for i, start, n, ctx in self._prefills(meta):
             if ctx == n:  # a whole prompt: its keys are the fresh ones

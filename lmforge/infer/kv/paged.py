@@ -150,7 +150,8 @@ class PagedKVCache(_Paged):
         kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
         # the kernel reads each row's own keys; the reference gathers a group's widest table, so it runs
         # over groups of rows of similar context length (meta.decode_groups)
-        for lo, hi, width in ((0, nd, meta.block_tables.shape[1]),) if kernel is not None else meta.groups():
+        groups = meta.groups() if kernel is None or not nd else ((0, nd, meta.block_tables.shape[1]),)
+        for lo, hi, width in groups:
             qd = q[0, :, lo:hi].transpose(0, 1).contiguous()  # (rows, H, hd)
             args = (qd, kc, vc, meta.block_tables[lo:hi, :width], meta.context_lens[lo:hi])
             od = self._kernel(kernel, args, kw) if kernel is not None else None

@@ -12,7 +12,9 @@ as one flat forward and samples every row at once (lmforge.infer.runner), and th
 tokens, forks the n samples of a request after its prefill, registers full blocks for prefix caching,
 detokenizes, applies stop conditions and frees finished sequences. Requests join and leave at every
 step. The model is used as given: `model(ids, positions, cache, meta)`; its `cache_spec()` sizes the
-paged cache, and a model without one runs on the plain recompute path.
+paged cache, and a model without one runs on the plain recompute path. A request's strategy may take
+over its logits: beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative,
+drafting for the whole batch with a draft model: lmforge.infer.draft).
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ mapping, context lengths and logits indices as Python lists and sends them to th
 (plus one for the block tables); the model computes logits only at the sampled positions; sampling
 runs for all rows at once; the only device->host sync of the step is reading the sampled tokens.
 
-Two backends share that interface:
-  PagedRunner      the engine's path: paged KV cache (lmforge.infer.kv) of the model's cache_spec()
+Two runners share that interface:
+  PagedRunner      the engine's path: paged KV cache (lmforge.infer.kv) of the model's cache_spec(), with
+                   two optional backends (lmforge.infer.graphs): decode-only steps replayed from CUDA
+                   graphs per (batch, block-table width) bucket, and one-sequence steps on the Triton
+                   kernel step; mixed steps (prefill chunks) run eagerly.
   RecomputeRunner  for models without cache_spec() (e.g. a HF model behind lmforge.infer.hf_wrapper):
                    every sampled sequence is recomputed from scratch, the plain reference path.
 """

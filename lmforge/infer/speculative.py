@@ -72,7 +72,7 @@ class ModelDrafter:
     def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen) -> tuple[list[int], torch.Tensor]:
         dev = self.cache.k.device
         feed = ctx[self.cache.length:]
-        drafts, qs = [], [torch.zeros(0, self.model.cfg.vocab_size, device=dev)]
+        drafts, qs = [], [torch.zeros(0, self.model.cache_spec().vocab_size, device=dev)]
         for i in range(k):
             logits = self.model(torch.tensor([feed], device=dev), cache=self.cache)[0, -1:]
             q = _probs(logits, procs, greedy)[0]

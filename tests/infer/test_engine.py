@@ -94,16 +94,17 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tok):
     def run(config, others: int):
         engine = Engine(model, tok, EngineConfig(**config))
         for i in range(others):
-            engine.add_request(f"other {i}", SamplingParams(temperature=0.9, max_tokens=5 + i, ignore_eos=True))
+            engine.add_request(f"other {i}", SamplingParams(temperature=0.9, max_tokens=5 + 3 * i, ignore_eos=True))
         rid = engine.add_request("seeded", sp)
         while engine.has_unfinished():
             for o in engine.step():
                 if o.request_id == rid and o.finished:
                     out = o
-        return [o.token_ids for o in out.outputs]
+        return [o.token_ids for o in out.outputs], engine.stats()["preemptions"]
 
-    alone = run(dict(), 0)
-    assert alone == run(dict(block_size=4, max_num_batched_tokens=5, num_kv_tokens=64), 4)
+    alone, _ = run(dict(), 0)
+    crowded, preemptions = run(dict(block_size=4, max_num_batched_tokens=5, num_kv_tokens=48), 4)
+    assert alone == crowded and preemptions > 0  # preempted, recomputed, same samples
     assert alone[0] != alone[1]
 
 

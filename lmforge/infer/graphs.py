@@ -14,6 +14,7 @@ Mixed steps (prefill chunks) run eagerly, as before.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +39,7 @@ class DecodeGraphs:
         self.model, self.cache, self.block_size = model, cache, block_size
         self.scratch_slot = scratch_block * block_size
         self.max_batch, self.max_blocks, self.use_graphs = _bucket(max_batch), max_blocks, use_graphs
-        self.entries: dict[tuple[int, int], tuple] = {}
+        self.entries: dict[tuple[int, int], _Entry] = {}
         self.pool = None
         self.failed: str | None = None
         """why capture failed (decode then runs eagerly, with a warning): kept for benchmarks' notes"""
@@ -51,7 +52,7 @@ class DecodeGraphs:
         B, bs = len(batch.chunks), self.block_size
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
         key = (_bucket(B), W)
-        graph, bufs, out = self.entries.get(key) or self._capture(*key)
+        entry = self.entries.get(key) or self._capture(*key)
         Bp = key[0]
         pos = [s.num_computed for s, _ in batch.chunks]
         host = torch.zeros(4, Bp, dtype=torch.long)
@@ -64,31 +65,32 @@ class DecodeGraphs:
         tables = torch.zeros(Bp, W, dtype=torch.int32)
         for i, (s, _) in enumerate(batch.chunks):
             tables[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
-        bufs["host"].copy_(host, non_blocking=True)
-        bufs["tables"].copy_(tables, non_blocking=True)
-        if graph is not None:
-            graph.replay()
-        else:
-            out = out()  # the eager static-buffer step
-        return out[:B]
+        entry.host.copy_(host, non_blocking=True)
+        entry.tables.copy_(tables, non_blocking=True)
+        if entry.graph is not None:
+            entry.graph.replay()
+            return entry.out[:B]
+        return entry.step()[:B]  # the eager static-buffer step
 
-    def _capture(self, Bp: int, W: int) -> tuple:
+    def _capture(self, Bp: int, W: int) -> "_Entry":
         dev = self.cache.device
         host = torch.zeros(4, Bp, dtype=torch.long, device=dev)
         host[2], host[3] = self.scratch_slot, 1
-        bufs = {"host": host, "tables": torch.zeros(Bp, W, dtype=torch.int32, device=dev)}
+        tables = torch.zeros(Bp, W, dtype=torch.int32, device=dev)
         meta = AttnMetadata(positions=host[1][None], slot_mapping=host[2], context_lens=host[3].to(torch.int32),
-                            logits_indices=torch.arange(Bp, device=dev), block_tables=bufs["tables"],
+                            logits_indices=torch.arange(Bp, device=dev), block_tables=tables,
                             query_lens_host=(1,) * Bp, context_lens_host=(1,) * Bp, num_decodes=Bp,
                             block_size=self.block_size)
 
         def step() -> torch.Tensor:
-            meta.context_lens.copy_(host[3])  # int32 view of the lengths, refreshed inside the graph
+            meta.context_lens.copy_(host[3])  # int32 copy of the lengths, refreshed inside the graph
             return self.model(host[0][None], cache=self.cache, meta=meta)[0]
 
+        # the entry holds every tensor the step reads (meta's too): a graph replays raw addresses, so a
+        # tensor freed after capture would be read as whatever reuses its memory
+        entry = self.entries[(Bp, W)] = _Entry(host, tables, meta, step)
         if not self.use_graphs:
-            self.entries[(Bp, W)] = (None, bufs, step)
-            return self.entries[(Bp, W)]
+            return entry
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture, as torch requires
@@ -102,11 +104,23 @@ class DecodeGraphs:
         except RuntimeError as e:  # an op that cannot be captured: the model still runs, eagerly
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             warnings.warn(f"CUDA graph capture failed ({self.failed}); decoding eagerly", stacklevel=2)
-            self.entries[(Bp, W)] = (None, bufs, step)
-            return self.entries[(Bp, W)]
+            return entry
         self.pool = graph.pool()
-        self.entries[(Bp, W)] = (graph, bufs, out)
-        return self.entries[(Bp, W)]
+        entry.graph, entry.out = graph, out
+        return entry
+
+
+@dataclass
+class _Entry:
+    """One (batch, width) bucket: its input buffers, the metadata built over them, the step, its graph."""
+
+    host: torch.Tensor
+    """(4, B') int64 on the device: token, position, cache slot, context length of each row"""
+    tables: torch.Tensor
+    meta: AttnMetadata
+    step: object
+    graph: object | None = None
+    out: torch.Tensor | None = None
 
 
 def kernel_step_available() -> str | None:

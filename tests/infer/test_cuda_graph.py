@@ -69,4 +69,23 @@ def test_engine_decode_graphs_match_eager(tok):
     llm = LLM(model, tok, cuda_graphs=True)
     graphs = llm.generate(prompts, SP)
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
-    assert any(g is not None for g, _, _ in llm.engine.runner.graphs.entries.values())
+    assert any(e.graph is not None for e in llm.engine.runner.graphs.entries.values())
+
+
+def test_decode_graph_entries_keep_every_tensor_they_read(tok):
+    """A replayed graph reads raw addresses: every tensor its step reads must stay referenced by the
+    entry after capture (the H200 run of 08:10 replayed freed context_lens / logits_indices)."""
+    import gc
+    import weakref
+
+    llm = LLM(tiny_model("llama"), tok, cuda_graphs=True)
+    llm.generate(PROMPTS, SP)
+    entries = llm.engine.runner.graphs.entries
+    assert entries
+    for e in entries.values():
+        m = e.meta
+        refs = [weakref.ref(t) for t in (m.positions, m.slot_mapping, m.context_lens, m.logits_indices,
+                                           m.block_tables)]
+        gc.collect()
+        assert all(r() is not None for r in refs)
+        assert m.block_tables is e.tables and m.positions.data_ptr() == e.host[1].data_ptr()

@@ -59,14 +59,16 @@ def test_engine_through_the_triton_decode_kernel(tok):
 
     from .infer_helpers import tiny_model
 
-    if not available("cuda" if torch.cuda.is_available() else "cpu"):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not available(dev):
         pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
-    model = tiny_model("llama", sliding_window=5, attn_softcap=20.0)
+    model = tiny_model("llama", sliding_window=5, attn_softcap=20.0).to(dev)  # fp32: the two must agree exactly
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = ["hello", "a longer prompt"]
-    want = LLM(model, tok, config=EngineConfig(decode_attention="reference")).generate(prompts, sp)
-    got = LLM(model, tok, config=EngineConfig(decode_attention="kernel", block_size=4)).generate(prompts, sp)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    want = LLM(model, tok, config=EngineConfig(decode_attention="reference", cuda_graphs=False)).generate(prompts, sp)
+    for graphs in (False, True):  # on a GPU, True replays captured graphs around the kernel
+        llm = LLM(model, tok, config=EngineConfig(decode_attention="kernel", block_size=4, cuda_graphs=graphs))
+        assert [o.token_ids for o in llm.generate(prompts, sp)] == [o.token_ids for o in want]
 
 
 def test_engine_batch_one_on_the_kernel_step(tok):
@@ -82,7 +84,7 @@ def test_engine_batch_one_on_the_kernel_step(tok):
     why = kernel_step_available()
     if why is not None:
         pytest.skip(f"kernel step: {why}")
-    model = tiny_model("llama")
+    model = tiny_model("llama").to("cuda" if torch.cuda.is_available() else "cpu")
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     want = LLM(model, tok, config=EngineConfig(kernel_step=False)).generate("hello there", sp)[0]
     llm = LLM(model, tok, config=EngineConfig(kernel_step=True, block_size=4))

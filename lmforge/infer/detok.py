@@ -55,3 +55,20 @@ def _decode_one(tokenizer, i: int) -> str:
         return tokenizer.decode([i])
     except UnicodeDecodeError:
         return "\ufffd"
+
+
+class IdTokenizer:
+    """Token ids in, no text out: for benchmarks and token-level callers (RL rollouts, evaluation by ids)
+    that never need text. No end-of-text id."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.eot_id = vocab_size, None
+
+    def encode(self, text: str) -> list[int]:
+        raise TypeError("IdTokenizer takes token ids, not text")
+
+    def decode(self, ids) -> str:
+        return ""
+
+    def token_bytes(self, i: int) -> bytes:
+        return b""

@@ -1,197 +1,402 @@
-"""The batched decode loop: left-padded prefill of every prompt in one forward, then one token per row
-per step, each row stopping on its own (stop token, stop string, max_tokens, context window).
+"""The engine: the one generation loop (continuous batching over a paged KV cache).
 
-A `Decoder` owns the model and its cache and exposes prefill(ids, pad) -> last logits (B, V) and
-step(tokens (B,)) -> logits (B, V). `PlainDecoder` is the reference (contiguous KVCache, eager forwards);
-`lmforge.infer.cuda_graph.GraphDecoder` is the fast GPU path with the same interface.
-Finished rows stay in the batch (their tokens are ignored) so that the batch shape never changes.
+    engine = Engine(model, tokenizer, EngineConfig())
+    rid = engine.add_request("Once upon", SamplingParams(max_tokens=64))
+    while engine.has_unfinished():
+        for out in engine.step():          # RequestOutputs that changed this step
+            ...                            # out.finished, out.outputs[j].text / token_ids
+    engine.abort(rid)                      # (any time) drop a request and free its blocks
+
+Each step the scheduler picks sequences and token counts (lmforge.infer.scheduler), the runner runs them
+as one flat forward and samples every row at once (lmforge.infer.runner), and the engine appends the
+tokens, forks the n samples of a request after its prefill, registers full blocks for prefix caching,
+detokenizes, applies stop conditions and frees finished sequences. Requests join and leave at every
+step. The model is used as given: `model(ids, positions, cache, meta)`; its `cache_spec()` sizes the
+paged cache, and a model without one runs on the plain recompute path. A request's strategy may take
+over its logits: beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative,
+drafting for the whole batch with a draft model: lmforge.infer.draft).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+import itertools
+import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.config import check
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.blocks import BlockPool
+from lmforge.infer.decoders import PlainDecoder, decode_attention, left_pad  # noqa: F401 (kernel step, bench)
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.outputs import CompletionOutput
-from lmforge.infer.processors import TokenHistory, apply_processors, build_processors, sample
+from lmforge.infer.kv.paged import DECODE, decode_kernel
+from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
+from lmforge.infer.runner import PagedRunner, RecomputeRunner, row_for, sampling_rows
+from lmforge.infer.sampler import kind_of
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model.cache import KVCache
+from lmforge.infer.scheduler import Scheduler, SchedulerConfig
+
+Prompt = str | list[int]
 
 
-def decode_attention():
-    """Context for eager decoding, whose key length grows every step: SDPA may use flash, memory-efficient
-    or math kernels, not cuDNN's, which builds an execution plan for each new key length (H100, 1.1B,
-    batch 1: 10.8 -> 74 tok/s with this; bench/decode.py, 2026-11-23). The static-shape CUDA-graph path
-    does not need it (one plan, built at capture)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    block_size: int = 16
+    """tokens per KV cache block"""
+    max_num_seqs: int = 256
+    """sequences decoded together at most"""
+    max_num_batched_tokens: int = 4096
+    """tokens per forward at most (prefill chunks + decode tokens)"""
+    chunked_prefill: bool = True
+    prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    """on a GPU, the KV pool takes this fraction of the device memory minus what is in use and a
+    reserve for activations, at most max_num_seqs x context tokens"""
+    num_kv_tokens: int | None = None
+    """fixed KV budget in tokens (rounded down to blocks); default on CPU: min(max_num_seqs x context,
+    1 GiB of cache)"""
+    decode_attention: str = "auto"
+    """paged decode attention: 'auto' (the Triton kernel on a GPU when importable, else the reference),
+    'kernel' (always; on a CPU through Triton's interpreter) or 'reference' (gather, then attend)"""
+    cuda_graphs: bool | None = None
+    """decode-only steps replay CUDA graphs per batch bucket (lmforge.infer.graphs); None = on a GPU.
+    True on a CPU runs the same static-buffer step eagerly (what tests check)"""
+    kernel_step: bool | None = None
+    """one-sequence decode steps on the Triton kernel step (lmforge.infer.kernel_step); None = on an
+    Ampere-or-newer GPU for the models it supports; True = always (an error if it cannot run)"""
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-class Decoder(Protocol):
-    def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor: ...
-    def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
-
-
-def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-align prompts in a (B, T) tensor; return it and pad (B,) = padding slots per row."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
-    pad = torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
-    return ids.to(device), pad.to(device)
-
-
-def is_mla(model) -> bool:
-    return getattr(model.cfg, "attention", "mha") == "mla"
-
-
-def new_cache(model, batch_size: int, max_len: int):
-    """The model's own cache kind: MLA's latent cache, else the contiguous KVCache (which also serves
-    sliding-window layers: their window mask is applied by attention on top of the cache's mask)."""
-    if is_mla(model):
-        from lmforge.model.layers.mla import MLACache
-
-        return MLACache.for_model(model, batch_size, max_len)
-    return KVCache.for_model(model, batch_size, max_len)
+    def __post_init__(self) -> None:
+        check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        check(0 < self.gpu_memory_utilization <= 1,
+              f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
+        check(self.num_kv_tokens is None or self.num_kv_tokens >= self.block_size,
+              f"num_kv_tokens must be >= block_size ({self.block_size}), got {self.num_kv_tokens}")
+        SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
+        check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
 
 
-def supports_padding(model) -> bool:
-    """Whether rows of different prompt lengths can share a batch (the cache must mask padding)."""
-    return not is_mla(model)
+class Engine:
+    """draft: None, or speculative decoding for every request (beam searches aside) with this drafter:
+    'ngram' (prompt lookup), 'mtp' (the model's parallel MTP heads), a draft model sharing the tokenizer,
+    or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round."""
 
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, draft=None,
+                 num_draft_tokens: int = 4):
+        self.config = config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        spec = model.cache_spec() if hasattr(model, "cache_spec") else None
+        self.max_seq_len, self.vocab_size = _limits(model, spec)
+        tok_vocab = getattr(tokenizer, "vocab_size", None)
+        if tok_vocab is not None and tok_vocab > self.vocab_size:
+            raise ConfigError(f"tokenizer vocab_size={tok_vocab} is larger than the model's vocab_size="
+                              f"{self.vocab_size}: this tokenizer was not made for this model")
+        self.vocab_limit = tok_vocab if tok_vocab is not None and tok_vocab < self.vocab_size else None
+        if spec is None:
+            num_blocks = -(-config.max_num_seqs * self.max_seq_len // config.block_size)
+            self.runner = RecomputeRunner(model, self.device)
+        else:
+            draft_bytes = draft.cache_spec().bytes_per_token() if hasattr(draft, "cache_spec") else 0
+            num_blocks = self._num_blocks(spec, draft_bytes)
+            # graphs pad every row's block table to a bucket: worth it over the kernel, which reads only each
+            # row's keys, not over the gather reference (default: on a GPU when the kernel is there)
+            kernel = decode_kernel(self.device, config.decode_attention) is not None
+            graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda" and kernel
+            self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device,
+                                      graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
+                                      max_batch=config.max_num_seqs, decode=config.decode_attention,
+                                      kernel_step=self._use_kernel_step(model))
+        self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
+        # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
+        windows = [layer.window for layer in spec.layers] if spec is not None else [0]
+        self.window = min(windows) if all(windows) else 0
+        self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                                   chunked_prefill=config.chunked_prefill), self.pool)
+        self.num_draft_tokens = num_draft_tokens
+        self.make_drafter, self.draft_model = None, None
+        if draft is not None:
+            from lmforge.infer.speculative import make_drafter_factory
 
-class PlainDecoder:
-    """Reference decoder: eager forwards into a contiguous KVCache with per-row padding masks.
-    A left-padded row's token in slot s has position s - pad (pad slots get position 0; never seen)."""
+            check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+            self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, num_draft_tokens)
+            if isinstance(self.runner, PagedRunner) and hasattr(draft, "cache_spec"):
+                from lmforge.infer.draft import PagedDraftModel
 
-    def __init__(self, model, batch_size: int, max_len: int):
-        self.model = model
-        self.cache = new_cache(model, batch_size, max_len)
+                self.draft_model = PagedDraftModel(draft, num_blocks, config.block_size, self.device)
+        self.requests: dict[str, Request] = {}
+        self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
+        self.peak_used_blocks = 0
 
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.cache, "set_padding"):
-            self.cache.set_padding(pad)
-        elif bool((pad > 0).any()):
-            raise LmforgeError(f"{type(self.cache).__name__} cannot mask padding: batch equal-length prompts")
-        self.pad = pad
-        positions = (torch.arange(ids.shape[1], device=ids.device)[None] - pad[:, None]).clamp(min=0)
-        with decode_attention():
-            return self.model(ids, positions, cache=self.cache)[:, -1]
+    def _use_kernel_step(self, model) -> bool:
+        want = self.config.kernel_step
+        if want is False:
+            return False
+        from lmforge.infer.graphs import kernel_step_available
 
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = (self.cache.length - self.pad)[:, None]
-        with decode_attention():
-            return self.model(tokens[:, None], positions, cache=self.cache)[:, 0]
+        why = kernel_step_available()
+        if why is None:
+            from lmforge.infer.kernel_step import unsupported
 
+            why = unsupported(model)
+        if want and why is not None:
+            raise ConfigError(f"kernel_step=True, but the batch-1 kernel step cannot run: {why}")
+        gpu = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8
+        return why is None and (want or gpu)
 
-@dataclass
-class Sequence:
-    """One sample being generated: its prompt, its tokens so far and how (if) it finished."""
+    def _num_blocks(self, spec, extra_per_token: int = 0) -> int:
+        """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids."""
+        c, per_token = self.config, spec.bytes_per_token() + extra_per_token
+        if c.num_kv_tokens is not None:
+            tokens = c.num_kv_tokens
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
+            reserve = 2 * 2**30 + c.max_num_batched_tokens * 64 * 1024  # activations of one forward
+            tokens = int(free - total * (1 - c.gpu_memory_utilization) - reserve) // per_token
+            tokens = min(tokens, c.max_num_seqs * self.max_seq_len)  # never more than the batch can hold
+        else:
+            tokens = min(c.max_num_seqs * self.max_seq_len, 2**30 // per_token)
+        if tokens < c.block_size:
+            raise LmforgeError(f"no memory left for the KV cache ({tokens} tokens); raise "
+                               "gpu_memory_utilization or set num_kv_tokens")
+        return tokens // c.block_size
 
-    prompt: list[int]
-    index: int = 0
-    generator: torch.Generator | None = None
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[dict[int, float]] = field(default_factory=list)
-    text: str = ""
-    finish: str | None = None
-    decoder: StreamDecoder | None = None
+    # requests ------------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+                    ) -> str:
+        """Queue a prompt (text or token ids); returns its id. Bad input raises a one-line error and
+        leaves the engine as it was."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.requests:
+            raise LmforgeError(f"request id {rid!r} is already in use; pass another request_id")
+        ids = self.encode(prompt, params)
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            warnings.warn(f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
+                          f"({self.max_seq_len}); generation stops there (finish_reason 'length')", stacklevel=2)
+        need = self.pool.blocks_for(min(len(ids) + params.max_tokens, self.max_seq_len))
+        if self.window:  # blocks behind the window are dropped after every step
+            need = min(need, self.pool.blocks_for(self.window + self.config.max_num_batched_tokens) + 1)
+        if need > self.pool.num_blocks:
+            raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens needs {need} KV "
+                               f"blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
+                               "gpu_memory_utilization, or lower max_tokens")
+        req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals),
+                      kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer)),
+                      arrival_time=time.perf_counter())
+        # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
+        req.generators = [self._generator(params, j) for j in range(params.n)]
+        req.seqs.append(self._sequence(req, 0, list(ids)))
+        if params.beam_width > 1:
+            from lmforge.infer.beam import BeamSearch
 
-    def output(self, params: SamplingParams) -> CompletionOutput:
-        want = params.logprobs is not None
-        return CompletionOutput(
-            index=self.index, text=self.text, token_ids=list(self.tokens), finish_reason=self.finish or "length",
-            logprobs=list(self.logprobs) if want else None, top_logprobs=list(self.top) if want else None,
-            cumulative_logprob=sum(self.logprobs) if want else None)
+            req.strategy, req.forked = BeamSearch(req, self.tokenizer, self.max_seq_len), True
+        elif self.make_drafter is not None:
+            from lmforge.infer.speculative import Speculative
 
+            req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens)
+        self.requests[rid] = req
+        self.scheduler.add(req.seqs[0])
+        return rid
 
-def stop_ids(params: SamplingParams, tokenizer) -> set[int]:
-    ids = set(params.stop_token_ids)
-    eot = getattr(tokenizer, "eot_id", None)
-    if eot is not None and not params.ignore_eos:
-        ids.add(int(eot))
-    return ids
+    def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:
+        """Tokenize and validate one prompt (ids are checked against the model's vocabulary)."""
+        if not isinstance(prompt, (str, list, tuple)):
+            raise LmforgeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        if not ids:
+            raise LmforgeError(f"prompt {index} is empty: give at least one token of text")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise LmforgeError(f"prompt {index} has token id {bad[0]} outside the model's vocabulary "
+                               f"[0, {self.vocab_size})")
+        if len(ids) >= self.max_seq_len:
+            if not params.truncate_prompt:
+                raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
+                                   f"{self.max_seq_len}; shorten it or set truncate_prompt=True")
+            ids = ids[-max(1, self.max_seq_len - params.max_tokens):]
+        return [int(t) for t in ids]
 
+    def abort(self, request_id: str) -> RequestOutput:
+        """Stop a request now, free its blocks, and return its output so far."""
+        req = self.requests.pop(str(request_id), None)
+        if req is None:
+            raise LmforgeError(f"no running request with id {request_id!r} (finished, aborted or never added)")
+        req.aborted = True
+        for s in req.seqs:
+            if s.status != Status.FINISHED:
+                s.finish = s.finish or "abort"
+                self.scheduler.finish(s)
+        return req.output()
 
-def _record(seq: Sequence, tok: int, params: SamplingParams, eos: set[int], max_seq_len: int) -> str:
-    """Append one token to seq, update its text and finish state; return the new visible text."""
-    seq.tokens.append(tok)
-    if tok in eos:
-        seq.finish = "stop"
-        return ""
-    piece = seq.decoder.push(tok)
-    seq.text += piece
-    if params.stop:
-        window = seq.text[-(len(piece) + max(map(len, params.stop))):]
-        hits = [seq.text.find(s, len(seq.text) - len(window)) for s in params.stop]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            cut = min(hits)
-            piece = piece[: max(0, len(piece) - (len(seq.text) - cut))]
-            seq.text, seq.finish = seq.text[:cut], "stop"
-            return piece
-    if len(seq.tokens) >= params.max_tokens or len(seq.prompt) + len(seq.tokens) >= max_seq_len:
-        seq.finish = "length"
-        tail = seq.decoder.flush()
-        seq.text += tail
-        piece += tail
-    return piece
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
 
-
-def run_batch(decoder: Decoder, seqs: list[Sequence], params: SamplingParams, tokenizer, *,
-              vocab_size: int, max_seq_len: int, device=None) -> Iterator[list[tuple[int, str]]]:
-    """Generate for every sequence at once; yields, after each step, (row, new text) for rows that
-    produced visible text. Sequences are filled in place."""
-    procs = build_processors(params)
-    eos = stop_ids(params, tokenizer)
-    for s in seqs:
-        s.decoder = StreamDecoder(tokenizer)
-    ids, pad = left_pad([s.prompt for s in seqs], device=device)
-    logits = decoder.prefill(ids, pad)
-    needs_history = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
-    hist = TokenHistory.start([s.prompt for s in seqs], vocab_size, device) if needs_history else None
-    gens = [s.generator for s in seqs]
-    while True:
-        logits = logits.float()
-        proc = apply_processors(procs, logits, hist)
-        tokens = sample(proc, params.greedy, gens)
-        if hist is not None:
-            hist.add(tokens)
-        chosen = _logprobs(logits, tokens, params.logprobs)
-        events = []
-        for row, (s, tok) in enumerate(zip(seqs, tokens.tolist())):
-            if s.finish is not None:
+    # the loop ------------------------------------------------------------------------------------
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one forward over the scheduled tokens; return the outputs of requests that changed (only
+        those that finished with finished_only: building outputs costs host time at large batches)."""
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            if self.scheduler.has_work():
+                raise LmforgeError("the scheduler could not fit any sequence in the KV pool; raise num_kv_tokens")
+            return []
+        if self.draft_model is not None:  # copy-on-write copies apply to the draft's cache too
+            self.draft_model.copy_blocks(batch.copies)
+        self._draft(batch)
+        # decodes first, shortest context first (caches that gather blocks pad less per group of rows)
+        batch.chunks.sort(key=lambda c: (c[1] != 1, len(c[0].block_table) if c[1] == 1 else 0))
+        rows = sampling_rows(batch, self._rows)
+        sampled = self.runner.execute(batch, rows, self.vocab_limit)
+        tokens = sampled.tokens.tolist()  # the step's one device->host sync
+        lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        top = (sampled.top_values.tolist(), sampled.top_ids.tolist()) if sampled.top_values is not None else None
+        for seq, n in batch.chunks:
+            seq.num_computed += n
+        changed: dict[str, Request] = {}
+        samples_of: dict[int, int] = {}
+        claimed: dict[int, tuple[Sequence, list[int]]] = {}
+        for r, (c, _, _) in enumerate(rows):
+            seq = batch.chunks[c][0]
+            changed[seq.request.request_id] = seq.request
+            if _claims(seq):
+                claimed.setdefault(seq.seq_id, (seq, []))[1].append(r)
                 continue
-            if chosen is not None:
-                s.logprobs.append(chosen[0][row])
-                s.top.append(chosen[1][row])
-            piece = _record(s, tok, params, eos, max_seq_len)
-            if piece:
-                events.append((row, piece))
-        yield events
-        if all(s.finish is not None for s in seqs):
+            j = samples_of[seq.seq_id] = samples_of.get(seq.seq_id, -1) + 1
+            if j == 0 and not seq.request.forked:
+                self._fork(seq)
+            target = seq if j == 0 else seq.request.seqs[j]
+            k = target.params.logprobs
+            self.accept(target, tokens[r], lps[r] if lps else None,
+                        dict(zip(top[1][r][:k], top[0][r][:k])) if k and top else {})
+        for seq, idx in claimed.values():
+            seq.request.strategy.on_logits(self, seq, idx, sampled)
+        for seq, _ in batch.chunks:  # after strategies cut rejected drafts: only verified tokens are named
+            self._register_blocks(seq)
+            if self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed
+                self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1)
+        self.peak_used_blocks = max(self.peak_used_blocks, self.pool.num_used)
+        outs = []
+        for req in changed.values():
+            done = req.finished
+            if done:
+                self.requests.pop(req.request_id, None)
+            if done or not finished_only:
+                outs.append(req.output())
+        return outs
+
+    def _draft(self, batch) -> None:
+        """Speculative requests scheduled for their last token extend that chunk by their drafts (the
+        scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once."""
+        todo = []
+        for i, (seq, n) in enumerate(batch.chunks):
+            strategy = seq.request.strategy
+            if hasattr(strategy, "budget") and n == seq.remaining:
+                k = strategy.budget(self, seq, batch.room.get(seq.seq_id, 0))
+                if k is not None:
+                    todo.append((i, seq, k))
+        if not todo:
             return
-        logits = decoder.step(tokens)
+        if self.draft_model is not None:
+            from lmforge.infer.speculative import _probs
+
+            items = [(s, k, s.request.strategy.procs, s.params.greedy) for _, s, k in todo if k > 0]
+            drafts = self.draft_model.propose(items, _probs) if items else {}
+        else:
+            drafts = {s.seq_id: s.request.strategy.propose(s, k) for _, s, k in todo}
+        for i, seq, _ in todo:
+            d = seq.request.strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
+            batch.chunks[i] = (seq, batch.chunks[i][1] + d)
+        batch.chunks.sort(key=lambda c: c[1] != 1)
+
+    def _rows(self, seq: Sequence, n: int):
+        """(tokens back from the chunk's end, row) of every logits row this chunk needs."""
+        req = seq.request
+        if _claims(seq):
+            return req.strategy.rows(seq, n)
+        if not req.forked:  # the first sample of each of the n sequences comes from these logits
+            return [(0, row_for(seq, g)) for g in req.generators]
+        return [(0, row_for(seq, seq.generator))]
+
+    def _generator(self, params: SamplingParams, j: int) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed_for(params.seed, j))
+
+    def _sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:
+        gen = req.generators[index] if index < len(req.generators) else None
+        seq = Sequence(next(self._seq_ids), req, index, tokens, gen)
+        seq.decoder = StreamDecoder(self.tokenizer)
+        return seq
+
+    def _fork(self, parent: Sequence) -> None:
+        """The request's other samples: copies of the parent that share its blocks (copy-on-write)."""
+        after = parent
+        for j in range(1, parent.request.params.n):
+            after = self.fork(parent, j, after)
+        parent.request.forked = True
+
+    def fork(self, parent: Sequence, index: int, after: Sequence | None = None) -> Sequence:
+        """A copy of parent (tokens, cache blocks shared copy-on-write) running right behind `after`."""
+        child = self._sequence(parent.request, index, list(parent.tokens))
+        child.num_computed, child.block_keys = parent.num_computed, list(parent.block_keys)
+        child.block_table = self.pool.fork(parent.block_table)
+        parent.request.seqs.append(child)
+        self.scheduler.add_running(child, after or parent)
+        return child
+
+    def accept(self, seq: Sequence, tok: int, logprob: float | None = None, top: dict | None = None) -> None:
+        """Append one generated token (with its logprob and top-k when the request asks for them)."""
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(logprob)
+            seq.top.append(top or {})
+        if seq.request.first_token_time is None:
+            seq.request.first_token_time = time.perf_counter()
+        seq.append(tok, seq.request.eos, self.max_seq_len)
+        if seq.finish is not None:
+            self._register_blocks(seq)  # its blocks stay cached for later prompts with the same prefix
+            self.scheduler.finish(seq)
+            if self.draft_model is not None:
+                self.draft_model.forget(seq)
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Name every newly filled block by its prefix key, so later requests can reuse it."""
+        bs, full = self.pool.block_size, seq.num_computed // self.pool.block_size
+        if len(seq.block_keys) >= full or not self.pool.prefix_caching or seq.status == Status.FINISHED:
+            return
+        parent = seq.block_keys[-1] if seq.block_keys else None
+        keys = self.pool.block_keys(seq.tokens[: full * bs], parent, len(seq.block_keys))
+        for i, key in enumerate(keys, start=len(seq.block_keys)):
+            self.pool.register(seq.block_table[i], key)
+        seq.block_keys += keys
+
+    # statistics ----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        p = self.pool
+        return {"num_blocks": p.num_blocks, "used_blocks": p.num_used, "peak_used_blocks": self.peak_used_blocks,
+                "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
+                "preemptions": self.scheduler.num_preemptions}
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int | None
-              ) -> tuple[list[float], list[dict[int, float]]] | None:
-    """Chosen tokens' log-probabilities under the raw model distribution, and each row's top-k."""
-    if k is None:
-        return None
-    logp = logits.log_softmax(-1)
-    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1).tolist()
-    if k == 0:
-        return chosen, [{} for _ in chosen]
-    vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    top = [dict(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-    return chosen, top
+def _claims(seq: Sequence) -> bool:
+    """Whether the request's strategy (beam search, speculative decoding) handles this sequence's logits."""
+    strategy = seq.request.strategy
+    return strategy is not None and strategy.claims(seq)
+
+
+def _limits(model, spec) -> tuple[int, int]:
+    """(context window, vocabulary size) from the cache spec, or from the model's own attributes."""
+    if spec is not None:
+        return spec.max_seq_len, spec.vocab_size
+    try:
+        return int(model.max_seq_len), int(model.vocab_size)
+    except AttributeError:
+        raise ConfigError(f"{type(model).__name__} has neither cache_spec() nor max_seq_len/vocab_size; "
+                          "wrap it (lmforge.infer.hf_wrapper.HFCausalLM for transformers models)") from None

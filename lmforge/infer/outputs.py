@@ -11,7 +11,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
-    """'stop' (stop token or string) or 'length' (max_tokens or the context window)"""
+    """'stop' (stop token or string), 'length' (max_tokens or the context window) or 'abort'"""
     logprobs: list[float] | None = None
     """log-probability of each generated token under the model (log_softmax of the raw logits)"""
     top_logprobs: list[dict[int, float]] | None = None
@@ -26,6 +26,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     metrics: dict = field(default_factory=dict)
     """speculative decoding: acceptance rate, drafted / accepted tokens, target forwards"""
+    request_id: str | None = None
+    finished: bool = True
+    """False for the engine's intermediate outputs of a request still generating"""
 
     # the first sample's fields, so the common n=1 case reads outs[0].text
     @property

@@ -83,6 +83,25 @@ class SamplingParams:
         check(self.beam_width == 1 or self.temperature == 0,
               f"beam search is deterministic: set temperature=0 (got {self.temperature})")
 
+    @classmethod
+    def from_dict(cls, options: dict) -> "SamplingParams":
+        """From plain options (a request body, a TOML table); an unknown key is a one-line error."""
+        import dataclasses
+
+        from lmforge.errors import ConfigError
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown sampling option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
+        opts = dict(options)
+        for name in ("stop", "stop_token_ids"):
+            if isinstance(opts.get(name), list):
+                opts[name] = tuple(opts[name])
+        if isinstance(opts.get("stop"), str):
+            opts["stop"] = (opts["stop"],)
+        return cls(**opts)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

@@ -10,20 +10,25 @@ so it reproduces the target's greedy output token for token.
 
 Drafters: a smaller model (`ModelDrafter`), prompt lookup (`NGramDrafter`, Saxena 2023): copy the
 tokens that followed the latest earlier occurrence of the context's last n-gram (a deterministic draft:
-q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`). One sequence at a time; both caches are rewound past rejected tokens.
+q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`).
+
+`Speculative` is the strategy that runs it on the engine, for every sequence of every request at once:
+the scheduler reserves cache room for k drafts beyond a sequence's pending token (Request.lookahead),
+the drafter proposes, the target scores pending token + drafts as one chunk of the engine's flat batch
+with logits at each of those positions, and the verified tokens go through the engine's usual token
+path (stop tokens, stop strings, logprobs, max_tokens). Rejected drafts are cut from the sequence; the
+cache slots they wrote are simply overwritten later (attention only reads up to each context length).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.infer.detok import safe_decode
-from lmforge.infer.engine import decode_attention, stop_ids
-from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.cache import KVCache
@@ -67,7 +72,7 @@ class ModelDrafter:
     def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen) -> tuple[list[int], torch.Tensor]:
         dev = self.cache.k.device
         feed = ctx[self.cache.length:]
-        drafts, qs = [], [torch.zeros(0, self.model.cfg.vocab_size, device=dev)]
+        drafts, qs = [], [torch.zeros(0, self.model.cache_spec().vocab_size, device=dev)]
         for i in range(k):
             logits = self.model(torch.tensor([feed], device=dev), cache=self.cache)[0, -1:]
             q = _probs(logits, procs, greedy)[0]
@@ -142,64 +147,114 @@ class SpecStats:
                 "tokens_per_forward": emitted / max(self.target_forwards, 1), "seconds": self.seconds}
 
 
-@torch.inference_mode()
-@decode_attention()
+class Speculative:
+    """The strategy of one request on an engine with a draft (see the module docstring)."""
+
+    def __init__(self, request, make_drafter, k: int):
+        p = request.params
+        if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty:
+            raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties; "
+                              "drop them or generate without a draft")
+        self.request, self.make_drafter, self.k = request, make_drafter, k
+        self.procs = build_processors(p)
+        self.drafters: dict[int, object] = {}
+        self.pending: dict[int, tuple[list[int], torch.Tensor]] = {}
+        self.stats = SpecStats(target_forwards=1)  # the prefill forward gives the first token
+        request.lookahead = k
+
+    def claims(self, seq) -> bool:
+        return seq.seq_id in self.pending
+
+    def budget(self, engine, seq, room: int) -> int | None:
+        """Drafts seq may take this step; None before its first token (the prefill samples normally)."""
+        if not seq.request.forked:
+            return None
+        p = seq.params
+        return max(0, min(self.k, room, p.max_tokens - seq.num_output - 1, engine.max_seq_len - len(seq.tokens) - 1))
+
+    def propose(self, seq, budget: int) -> tuple[list[int], torch.Tensor | None]:
+        """Drafts from this request's own per-sequence drafter (prompt lookup, MTP, a drafter object)."""
+        if budget <= 0:
+            return [], None
+        drafter = self.drafters.get(seq.seq_id) or self.drafters.setdefault(seq.seq_id, self.make_drafter(seq))
+        with torch.inference_mode():
+            return drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator)
+
+    def set_drafts(self, seq, drafts: list[int], q) -> int:
+        """The target scores them this step: they join the sequence's tokens until verified."""
+        self.pending[seq.seq_id] = (drafts, q)
+        seq.tokens += drafts
+        return len(drafts)
+
+    def rows(self, seq, n: int):
+        from lmforge.infer.runner import row_for
+
+        d = len(self.pending[seq.seq_id][0])
+        return [(d - i, row_for(seq, None)) for i in range(d + 1)]
+
+    def on_logits(self, engine, seq, rows: list[int], sampled) -> None:
+        drafts, q = self.pending.pop(seq.seq_id)
+        logits = sampled.logits[rows]  # (d + 1, V): after the pending token and after each draft
+        p = _probs(logits, self.procs, seq.params.greedy)
+        q = q.to(p.device) if drafts else p[:0]
+        a, nxt = verify(p, q, drafts, seq.generator)
+        st = self.stats
+        st.drafted, st.accepted, st.target_forwards = st.drafted + len(drafts), st.accepted + a, st.target_forwards + 1
+        L = len(seq.tokens) - len(drafts)
+        del seq.tokens[L:]
+        seq.num_computed = L  # the pending token's keys were written in this forward
+        new = drafts[:a] + [nxt]
+        k = seq.params.logprobs
+        logp = logits.float().log_softmax(-1) if k is not None else None
+        for i, tok in enumerate(new):
+            top = {}
+            if k:
+                vals, ids = logp[i].topk(min(k, logp.shape[-1]))
+                top = dict(zip(ids.tolist(), vals.tolist()))
+            engine.accept(seq, tok, float(logp[i, tok]) if logp is not None else None, top)
+            if seq.finish is not None:
+                return
+            if i < a:
+                seq.num_computed += 1  # an accepted draft was this forward's input at its position
+        if seq.seq_id in self.drafters:
+            self.drafters[seq.seq_id].accept(len(seq.tokens) - 1)
+        if engine.draft_model is not None:
+            engine.draft_model.accept(seq, len(seq.tokens) - 1)
+
+    def metrics(self) -> dict:
+        return self.stats.as_dict(sum(s.num_output for s in self.request.seqs))
+
+
+def make_drafter_factory(draft, model, vocab_size: int, k: int):
+    """seq -> a fresh drafter for it: draft is 'ngram', 'mtp', a draft model, or a drafter object."""
+    if draft == "ngram":
+        return lambda seq: NGramDrafter(vocab_size=vocab_size)
+    if draft == "mtp":
+        MTPDrafter(model)  # raises now if the model has no parallel MTP heads
+        return lambda seq: MTPDrafter(model)
+    if isinstance(draft, torch.nn.Module):  # only without a paged draft model (lmforge.infer.draft)
+        return lambda seq: ModelDrafter(draft, seq.request.prompt_len + seq.params.max_tokens + k + 1)
+    if hasattr(draft, "propose"):
+        return lambda seq: draft
+    raise ConfigError(f"draft must be None, 'ngram', 'mtp', a draft model or a drafter, got {draft!r}")
+
+
 def speculative_generate(target, drafter, prompt: list[int], params: SamplingParams, k: int, eos: set[int],
                          max_seq_len: int, gen: torch.Generator | None = None) -> tuple[list[int], SpecStats]:
-    """Generate up to params.max_tokens tokens for one prompt; returns them and the acceptance stats."""
-    procs, stats, t0 = build_processors(params), SpecStats(), time.perf_counter()
-    dev = next(target.parameters()).device
-    budget = min(params.max_tokens, max_seq_len - len(prompt))
-    cache = KVCache.for_model(target, 1, len(prompt) + budget + k + 1)
-    ctx = list(prompt)
-    if len(ctx) > 1:  # the cache holds all but the last context token, which each round feeds
-        target(torch.tensor([ctx[:-1]], device=dev), cache=cache)
-    out: list[int] = []
-    while len(out) < budget:
-        drafts, q = drafter.propose(ctx, min(k, budget - len(out) - 1), procs, params.greedy, gen)
-        logits = target(torch.tensor([ctx[-1:] + drafts], device=dev), cache=cache)[0]
-        stats.target_forwards += 1
-        p = _probs(logits, procs, params.greedy)
-        a, nxt = verify(p, q.to(p.device), drafts, gen)
-        stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + a
-        new = drafts[:a] + [nxt]
-        ctx += new
-        out += new
-        cache.rewind(len(ctx) - 1)
-        drafter.accept(len(ctx) - 1)
-        if any(t in eos for t in new):
-            break
-    for i, t in enumerate(out):  # cut after the first stop token
-        if t in eos:
-            out = out[: i + 1]
-            break
+    """One prompt on a fresh engine with this drafter (for benchmarks and tests); returns the tokens and
+    the acceptance stats. gen seeds the request's random stream."""
+    from lmforge.infer.detok import IdTokenizer
+    from lmforge.infer.engine import Engine, EngineConfig
+
+    seed = int(torch.randint(2**62, (1,), generator=gen)) if gen is not None else params.seed
+    params = dataclasses.replace(params, seed=seed, stop_token_ids=tuple(eos), n=1)
+    vocab = target.cache_spec().vocab_size
+    tokens = min(max_seq_len, len(prompt) + params.max_tokens + k + 1)
+    engine = Engine(target, IdTokenizer(vocab), EngineConfig(num_kv_tokens=-(-tokens // 16) * 16 + 16),
+                    draft=drafter, num_draft_tokens=k)
+    rid = engine.add_request(list(prompt), params)
+    stats, out, t0 = engine.requests[rid].strategy.stats, None, time.perf_counter()
+    while engine.has_unfinished():
+        out = next((o for o in engine.step() if o.request_id == rid and o.finished), out)
     stats.seconds = time.perf_counter() - t0
-    return out[:budget], stats
-
-
-def speculative_request(llm, prompt, ids: list[int], params: SamplingParams) -> RequestOutput:
-    """LLM.generate's path when the LLM has a draft: n samples of one prompt, with acceptance metrics."""
-    if params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty:
-        raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties; "
-                          "drop them or generate without a draft")
-    if params.logprobs is not None or params.stop:
-        raise ConfigError("speculative decoding returns no logprobs and has no stop strings; "
-                          "generate without a draft for those")
-    eos = stop_ids(params, llm.tokenizer)
-    outputs, total = [], SpecStats()
-    for j in range(params.n):
-        if llm.draft == "ngram":
-            drafter = NGramDrafter(vocab_size=llm.model.cfg.vocab_size)
-        elif llm.draft == "mtp":
-            drafter = MTPDrafter(llm.model)
-        else:
-            drafter = ModelDrafter(llm.draft, len(ids) + params.max_tokens + llm.num_draft_tokens + 1)
-        toks, st = speculative_generate(llm.model, drafter, ids, params, llm.num_draft_tokens, eos,
-                                        llm.max_seq_len, llm._generator(params, j))
-        for f in ("drafted", "accepted", "target_forwards", "seconds"):
-            setattr(total, f, getattr(total, f) + getattr(st, f))
-        finish = "stop" if toks and toks[-1] in eos else "length"
-        outputs.append(CompletionOutput(j, safe_decode(llm.tokenizer, [t for t in toks if t not in eos]),
-                                        toks, finish))
-    emitted = sum(len(o.token_ids) for o in outputs)
-    return RequestOutput(prompt if isinstance(prompt, str) else None, ids, outputs, total.as_dict(emitted))
+    return out.token_ids, stats

@@ -1,24 +1,85 @@
-"""KV caches: objects the model writes keys and values into during generation.
+"""KV caches: objects attention layers hand their q, k, v to (the model <-> cache seam).
 
-The interface every cache keeps (the model calls nothing else):
-  cache.length               tokens already stored (the next token's position for unpadded batches)
-  cache.update(layer, k, v)  store this step's k, v (B, KV, T, hd); return all keys/values so far
-  cache.mask(T, device)      the attention mask for T new queries ("causal", None or a bool tensor
-                             broadcastable to (B, H, T, S), True = attend)
-  cache.advance(T)           called once per forward, after every layer has written
+Every cache kind keeps one interface (the model calls nothing else):
+  cache.attend(layer, q, k, v, spec, meta) -> out   store this step's keys/values, build the mask for where
+                                                    this kind keeps its queries and keys, attend; q (B, H, T,
+                                                    hd), k/v (B, KV, T, hd) after RoPE, spec an AttnSpec
+  cache.attend_latent(layer, mla, ...)              the same for MLA's latents (latent caches only)
+  cache.advance(T)                                  called once per forward, after every layer (stateful kinds)
+  cache.score_hook                                  None, or f(layer, probs (B, H, T, S)): KV policies
+                                                    (StreamingLLM, H2O, SnapKV) see the attention weights
+So masking lives in one place per kind. The kinds: `DENSE` (no cache: training, recompute; in
+layers/attention.py), KVCache (contiguous, the reference), StaticKVCache (CUDA graphs), MLACache
+(layers/mla.py), SlidingWindowCache (layers/sliding.py) and the engine's paged caches (lmforge.infer.kv).
 
-Two layouts live here:
-  KVCache        contiguous, grows by slicing; left-padded batches get per-row masks (`set_padding`),
-                 and it can be rewound (speculative decoding) or have its rows reordered (beam search).
-  StaticKVCache  fixed shapes for CUDA graphs: the write slot is a device tensor and attention always
-                 spans max_len keys with a mask, so one captured decode step serves every position.
+`model.cache_spec()` returns a `CacheSpec`: what a cache must hold per layer, so engines size and build
+caches without reading the model's config.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, visible
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerCacheSpec:
+    kind: str
+    """'full' | 'sliding' (keys behind the window are never read) | 'latent' (MLA)"""
+    window: int = 0
+    kv_heads: int = 0
+    query_heads: int = 0
+    head_dim: int = 0
+    latent_rank: int = 0
+    """latent kind: width of c_kv"""
+    rope_dim: int = 0
+    """latent kind: width of the shared rope key"""
+
+    @property
+    def numbers_per_token(self) -> int:
+        return self.latent_rank + self.rope_dim if self.kind == "latent" else 2 * self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSpec:
+    layers: tuple[LayerCacheSpec, ...]
+    dtype: torch.dtype
+    max_seq_len: int
+    vocab_size: int
+
+    @property
+    def latent(self) -> bool:
+        return self.layers[0].kind == "latent"
+
+    @classmethod
+    def of(cls, model) -> "CacheSpec":
+        """model.cache_spec(), with a one-line error for models that do not describe their cache."""
+        if not hasattr(model, "cache_spec"):
+            raise LmforgeError(f"{type(model).__name__} has no cache_spec(): it cannot use lmforge's caches")
+        return model.cache_spec()
+
+    def bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        size = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return sum(layer.numbers_per_token for layer in self.layers) * size
+
+
+def contiguous_mask(T: int, S: int, window: int, device) -> Mask:
+    """Mask for T queries that are the last T of S contiguous keys (query i at position S - T + i)."""
+    if window > 0 and S > window:
+        return visible(torch.arange(S - T, S, device=device), torch.arange(S, device=device), window)
+    return None if T == 1 else "causal"
+
+
+class _Hooked:
+    score_hook = None
+
+    def _probs_hook(self, layer: int):
+        return None if self.score_hook is None else (lambda p: self.score_hook(layer, p))
 
 
 def padded_causal_mask(pad: torch.Tensor, q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -34,8 +95,9 @@ def padded_causal_mask(pad: torch.Tensor, q_pos: torch.Tensor, n_keys: int) -> t
     return ((causal[None] & real[:, None]) | own[None])[:, None]
 
 
-class KVCache:
-    """Contiguous, pre-allocated cache: k and v of shape (n_layers, B, KV, max_len, hd)."""
+class KVCache(_Hooked):
+    """Contiguous, pre-allocated cache: k and v of shape (n_layers, B, KV, max_len, hd). Row b's queries
+    are its newest keys; left-padded rows (`set_padding`) hide their pad slots."""
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
@@ -49,10 +111,10 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None
                   ) -> "KVCache":
-        cfg = model.cfg
-        p = next(model.parameters())
-        return cls(cfg.n_layers, batch_size, cfg.kv_heads, cfg.hd, max_len or cfg.max_seq_len,
-                   device=p.device, dtype=dtype or p.dtype)
+        spec, p = CacheSpec.of(model), next(model.parameters())
+        layer = spec.layers[0]
+        return cls(len(spec.layers), batch_size, layer.kv_heads, layer.head_dim, max_len or spec.max_seq_len,
+                   device=p.device, dtype=dtype or spec.dtype)
 
     @property
     def batch_size(self) -> int:
@@ -77,15 +139,18 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def mask(self, T: int, device: torch.device | None = None):
-        if self.pad is not None:
-            q_pos = torch.arange(self.length, self.length + T, device=self.k.device)
-            return padded_causal_mask(self.pad, q_pos, self.length + T)
-        if self.length == 0:
-            return "causal"
-        if T == 1:
-            return None  # one new query sees every stored key
-        return "causal"  # attention aligns the causal mask bottom-right (queries are the newest keys)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta=None
+               ) -> torch.Tensor:
+        T, S = k.shape[2], self.length + k.shape[2]
+        k_all, v_all = self.update(layer, k, v)
+        if self.pad is not None:  # slot differences are position differences within a row
+            slots = torch.arange(S, device=self.k.device)
+            mask = padded_causal_mask(self.pad, slots[S - T:], S)
+            if spec.window > 0:
+                mask = mask & visible(slots[S - T:], slots, spec.window)
+        else:
+            mask = contiguous_mask(T, S, spec.window, q.device)
+        return attend_with(q, k_all, v_all, mask, spec, self._probs_hook(layer))
 
     def advance(self, T: int) -> None:
         self.length += T
@@ -109,7 +174,7 @@ class KVCache:
             self.pad = self.pad.index_select(0, rows)
 
 
-class StaticKVCache:
+class StaticKVCache(_Hooked):
     """Fixed-shape cache for CUDA-graph decoding (the gpt-fast / vLLM recipe).
 
     Every tensor a forward reads or writes keeps its address and shape: the write slot `pos` is a 0-d
@@ -137,18 +202,17 @@ class StaticKVCache:
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   repeat_kv: bool = False) -> "StaticKVCache":
-        cfg = model.cfg
-        p = next(model.parameters())
-        return cls(cfg.n_layers, batch_size, cfg.kv_heads, cfg.hd, max_len or cfg.max_seq_len,
-                   device=p.device, dtype=dtype or p.dtype,
-                   repeat_kv=cfg.n_heads // cfg.kv_heads if repeat_kv else 1)
+        spec, p = CacheSpec.of(model), next(model.parameters())
+        layer = spec.layers[0]
+        return cls(len(spec.layers), batch_size, layer.kv_heads, layer.head_dim, max_len or spec.max_seq_len,
+                   device=p.device, dtype=dtype or spec.dtype,
+                   repeat_kv=layer.query_heads // layer.kv_heads if repeat_kv else 1)
 
     def view(self, batch_size: int) -> "StaticKVCache":
         """The first batch_size rows as a cache of their own: same storage and write slot, so graphs
         captured for a smaller batch bucket read and write this cache's memory."""
-        v = object.__new__(StaticKVCache)
-        v.k, v.v, v.pad = self.k[:, :batch_size], self.v[:, :batch_size], self.pad[:batch_size]
-        v.max_len, v.pos, v._slots, v.length, v.repeat_kv = self.max_len, self.pos, self._slots, 0, self.repeat_kv
+        v = copy.copy(self)
+        v.k, v.v, v.pad, v.length = self.k[:, :batch_size], self.v[:, :batch_size], self.pad[:batch_size], 0
         return v
 
     def start(self, pad: torch.Tensor | list[int] | None = None) -> None:
@@ -172,8 +236,17 @@ class StaticKVCache:
         self.v[layer].index_copy_(2, idx, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
-    def mask(self, T: int, device: torch.device | None = None) -> torch.Tensor:
-        return padded_causal_mask(self.pad, self.pos + self._slots[:T], self.max_len)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta=None
+               ) -> torch.Tensor:
+        """Attention over all max_len slots. The queries sit at slots pos..pos+T-1, which are NOT the
+        last keys (unwritten slots follow): the window is measured from those slots (issue 11 §0: a
+        window assuming the queries were the last keys hid the wrong keys on this path)."""
+        k_all, v_all = self.update(layer, k, v)
+        q_slots = self.pos + self._slots[: q.shape[2]]
+        mask = padded_causal_mask(self.pad, q_slots, self.max_len)
+        if spec.window > 0:
+            mask = mask & visible(q_slots, self._slots, spec.window)
+        return attend_with(q, k_all, v_all, mask, spec, self._probs_hook(layer))
 
     def advance(self, T: int) -> None:
         self.pos.add_(T)

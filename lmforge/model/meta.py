@@ -5,13 +5,21 @@ caller builds one `AttnMetadata` per forward and passes it as `model(ids, positi
 every attention layer hands it, with its q, k, v, to the cache (or to the cache-free attention used in
 training), which is the one place that turns it into masks.
 
-Fields so far:
-  doc_ids   (B, T) int: packed training rows. A token attends only to earlier tokens of the same
-            document (no cross-document attention), so a packed row gives the same per-token outputs
-            as its documents run one by one, provided positions restart at 0 per document
-            (`packed_positions`).
-The inference engine adds what paged decoding needs (per-sequence query/key lengths, slot mapping, block
-tables); tree masks for Medusa/EAGLE come later, through the same object.
+Two layouts use it:
+  packed training rows   doc_ids (B, T): a token attends only to earlier tokens of its own document, so
+                         a packed row gives the per-token outputs of its documents run one by one, provided
+                         positions restart at 0 per document (`packed_positions`).
+  the engine's varlen row  one flattened row (1, N) holding, back to back, the new tokens of several
+                         sequences (vLLM / nano-vllm layout): decode tokens first (one each), then prefill
+                         chunks. Sequence i owns query tokens [cu_seqlens_q[i], cu_seqlens_q[i+1]) and, after
+                         this step's keys are written, context_lens[i] keys in the paged cache, found
+                         through block_tables[i]; its queries are its last query_lens[i] keys (positions
+                         context_lens[i] - query_lens[i] ...). slot_mapping gives each new token's flat cache
+                         slot (block * block_size + offset). Host-side copies of the lengths (`*_host`)
+                         let caches loop over sequences without reading the device.
+logits_indices (either layout): flat indices into the B*T tokens where logits are wanted; the model
+applies its output head only there (a prefill then never materialises T x V logits).
+Tree masks for Medusa/EAGLE come later, through the same object.
 """
 
 from __future__ import annotations
@@ -25,6 +33,26 @@ import torch
 class AttnMetadata:
     doc_ids: torch.Tensor | None = None
     """(B, T) document index of each token in a packed row; None = one document per row"""
+    positions: torch.Tensor | None = None
+    """(B, T) position of each token; the model uses it when no positions argument is given"""
+    logits_indices: torch.Tensor | None = None
+    """(M,) flat token indices whose logits the model returns, as (1, M, V); None = every token"""
+    # the engine's varlen layout (B = 1) -------------------------------------------------------------
+    slot_mapping: torch.Tensor | None = None
+    """(N,) int64 flat cache slot each new token's key/value is written to"""
+    block_tables: torch.Tensor | None = None
+    """(S, max_blocks) int32 cache blocks of each sequence (rows padded with block 0, never read)"""
+    context_lens: torch.Tensor | None = None
+    """(S,) int32 keys each sequence attends over after this step's writes"""
+    query_lens_host: tuple[int, ...] = ()
+    """new tokens of each sequence this step (host copy); their sum is N"""
+    context_lens_host: tuple[int, ...] = ()
+    num_decodes: int = 0
+    """the first num_decodes sequences have exactly one query each (decode steps)"""
+    decode_groups: tuple[tuple[int, int, int], ...] = ()
+    """(first row, end row, block-table width) of decode rows sorted by context length, for caches that
+    gather a group's blocks (the padded width then follows the group, not the batch); () = one group"""
+    block_size: int = 0
 
     @classmethod
     def packed(cls, doc_ids: torch.Tensor) -> "AttnMetadata":
@@ -40,6 +68,19 @@ class AttnMetadata:
         same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=self.doc_ids.device).tril()
         return (same & causal)[:, None]
+
+    def groups(self) -> tuple[tuple[int, int, int], ...]:
+        if self.decode_groups or not self.num_decodes:
+            return self.decode_groups
+        return ((0, self.num_decodes, self.block_tables.shape[1]),)
+
+    @property
+    def cu_seqlens_q(self) -> list[int]:
+        """Host offsets of each sequence's queries in the flat row: [0, q0, q0+q1, ...]."""
+        out = [0]
+        for n in self.query_lens_host:
+            out.append(out[-1] + n)
+        return out
 
 
 def packed_positions(doc_ids: torch.Tensor) -> torch.Tensor:

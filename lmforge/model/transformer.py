@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.cache import CacheSpec, LayerCacheSpec
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers.block import ATTENTION, MLPS, Block  # noqa: F401  (registries re-exported)
 from lmforge.model.layers.mla import MLA
@@ -82,16 +83,34 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 meta: AttnMetadata | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V). positions (B, T) or (T,) default to
-        cache.length + arange(T); `cache` (lmforge.model.cache, or MLACache for MLA) is written in place;
-        `meta` (lmforge.model.meta) describes the token layout, e.g. packed documents.
+        """input_ids (B, T) -> logits (B, T, V). positions (B, T) or (T,) default to meta.positions, else
+        cache.length + arange(T); `cache` (lmforge.model.cache, lmforge.infer.kv) is written in place;
+        `meta` (lmforge.model.meta) describes the token layout (packed documents, the engine's varlen
+        row); with meta.logits_indices only those flat positions get logits: (1, M, V).
         In training with multi-token prediction, the MTP loss of this batch is kept for aux_loss()."""
         h, rope = self.hidden(input_ids, positions, cache, meta)
         self._mtp_loss = None
         if self.mtp is not None and self.training and cache is None:
             extra = [self.logits(x) for x in self.mtp.heads(h, input_ids, self.embed, rope)]
             self._mtp_loss = self.mtp.loss(extra, input_ids) if extra else None
+        if meta is not None and meta.logits_indices is not None:
+            h = h.flatten(0, 1)[meta.logits_indices][None]
         return self.logits(self.final_norm(h) if self.final_norm is not None else h)
+
+    def cache_spec(self) -> CacheSpec:
+        """What a KV cache must hold for this model, per layer (engines read this, never cfg)."""
+        cfg, p = self.cfg, next(self.parameters())
+        layers = []
+        for i in range(cfg.n_layers):
+            window = cfg.sliding_window if cfg.layer_type(i) == "sliding" else 0
+            if cfg.attention == "mla":
+                m = cfg.mla_cfg
+                layers.append(LayerCacheSpec(kind="latent", window=window, latent_rank=m.kv_lora_rank,
+                                             rope_dim=m.qk_rope_head_dim))
+            else:
+                layers.append(LayerCacheSpec(kind="sliding" if window else "full", window=window,
+                                             kv_heads=cfg.kv_heads, query_heads=cfg.n_heads, head_dim=cfg.hd))
+        return CacheSpec(layers=tuple(layers), dtype=p.dtype, max_seq_len=cfg.max_seq_len, vocab_size=cfg.vocab_size)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids)
@@ -101,8 +120,10 @@ class Transformer(nn.Module):
                meta: AttnMetadata | None = None):
         """The trunk: (B, T) ids -> last hidden states (B, T, d) before the final norm, and the rope tables."""
         B, T = input_ids.shape
-        offset = cache.length if cache is not None else 0
+        offset = getattr(cache, "length", 0)
         n_positions = None  # host-side bound on the positions, when known without reading them
+        if positions is None and meta is not None and meta.positions is not None:
+            positions = meta.positions
         if positions is None:
             positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
             n_positions = offset + T
@@ -113,13 +134,11 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(positions).to(x.dtype)
         x = self.drop(x)
         rope = self.rope.cos_sin(positions, n_positions) if self.rope is not None else None
-        doc_mask = meta.doc_mask() if meta is not None else None
-        if doc_mask is not None and cache is not None:
+        if meta is not None and meta.doc_ids is not None and cache is not None:
             raise ConfigError("packed documents (meta.doc_ids) are a training layout; run them without a cache")
-        mask = cache.mask(T, input_ids.device) if cache is not None else (doc_mask if doc_mask is not None else "causal")
         for block in self.blocks:
-            x = block(x, rope, mask, cache)
-        if cache is not None:
+            x = block(x, rope, None, cache, meta)
+        if cache is not None and hasattr(cache, "advance"):
             cache.advance(T)
         return x, rope
 

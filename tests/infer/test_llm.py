@@ -47,11 +47,14 @@ def test_stop_string_cuts_text(tok):
 
 
 def test_seed_reproducible_and_n_samples(tok):
-    llm = LLM(tiny_model("llama"), tok)
+    """A seed gives prompt i (and sample j) its own stream (issue 16 §5): identical prompts differ, and the
+    samples do not depend on how the batch is formed."""
+    model = tiny_model("llama")
     sp = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, n=3, seed=123, ignore_eos=True)
-    a = llm.generate(["hi", "there"], sp)
-    b = llm.generate(["there"], sp)  # other batch companions: same samples
-    assert [o.token_ids for o in a[1].outputs] == [o.token_ids for o in b[0].outputs]
+    a = LLM(model, tok).generate(["hi", "there", "hi"], sp)
+    b = LLM(model, tok, max_batch_size=1).generate(["hi", "there", "hi"], sp)  # one sequence at a time
+    assert [[o.token_ids for o in r.outputs] for r in a] == [[o.token_ids for o in r.outputs] for r in b]
+    assert a[0].token_ids != a[2].token_ids  # same prompt, its own stream
     assert len(a[0].outputs) == 3 and a[0].text == a[0].outputs[0].text
     assert len({tuple(o.token_ids) for o in a[0].outputs}) > 1
 
@@ -96,7 +99,8 @@ def test_bad_input_errors(tok):
 
 def test_context_window_ends_with_length(tok):
     llm = LLM(tiny_model("llama"), tok)
-    out = llm.generate("a" * 120, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    with pytest.warns(UserWarning, match="max_tokens=50 after a 120-token prompt passes the context window"):
+        out = llm.generate("a" * 120, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
 
 
@@ -139,5 +143,7 @@ def test_mla_and_sliding_window_models(tok):
         outs = LLM(model, tok).generate(prompts, GREEDY)
         for p, o in zip(prompts, outs):
             assert o.token_ids == full_greedy(model, tok.encode(p), 12)
-    with pytest.raises(ConfigError, match="MLA"):
-        LLM(mla, tok).generate("x", SamplingParams(temperature=0, beam_width=2))
+    beams = LLM(mla, tok).generate("x", SamplingParams(temperature=0, beam_width=2, max_tokens=4, ignore_eos=True))
+    assert len(beams[0].token_ids) == 4  # beam search runs on MLA's paged latents too
+    spec = LLM(mla, tok, draft="ngram").generate(prompts, GREEDY)  # drafts verified on paged latents
+    assert [o.token_ids for o in spec] == [full_greedy(mla, tok.encode(p), 12) for p in prompts]

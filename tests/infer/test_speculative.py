@@ -1,4 +1,5 @@
-"""Speculative decoding is exact: greedy equals target greedy; sampled tokens follow the target's law."""
+"""Speculative decoding on the engine is exact: greedy equals target greedy (with stop strings and
+logprobs kept, many requests at once); sampled tokens follow the target's law."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from .infer_helpers import full_greedy, tiny_model
 
 from lmforge.errors import ConfigError
+from lmforge.infer.detok import IdTokenizer
+from lmforge.infer.engine import Engine
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate, verify
@@ -60,15 +63,18 @@ def test_sampled_sequences_follow_target_distribution():
         exact = torch.zeros(V, V)
         for a in range(V):
             exact[a] = p1[a] * target(torch.tensor([prompt + [a]]))[0, -1].softmax(-1)
-    sp = SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True)
-    g = torch.Generator().manual_seed(1)
-    counts = torch.zeros(V, V)
     N = 700
+    engine = Engine(target, IdTokenizer(V), draft=draft, num_draft_tokens=2)
+    for i in range(N):  # all at once: one batch of speculative sequences, each on its own seeded stream
+        # 3 tokens: the prefill samples the first, the second (and maybe third) come through a draft
+        engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=i))
+    counts = torch.zeros(V, V)
     accepted = 0
-    for _ in range(N):
-        toks, st = speculative_generate(target, ModelDrafter(draft, 8), prompt, sp, 2, set(), 128, g)
-        counts[toks[0], toks[1]] += 1
-        accepted += st.accepted
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                counts[o.token_ids[0], o.token_ids[1]] += 1
+                accepted += o.metrics["accepted"]
     expected = exact * N
     chi2 = float(((counts - expected) ** 2 / expected.clamp(min=1e-9)).sum())
     assert chi2 < 37.7, chi2
@@ -100,3 +106,48 @@ def test_mtp_heads_as_draft(tok):
     assert out.metrics["acceptance_rate"] >= 1 / 3 - 1e-9  # the main head's draft is always the target's
     with pytest.raises(ConfigError, match="parallel MTP"):
         LLM(tiny_model("llama"), tok, draft="mtp").generate("x", SamplingParams(temperature=0, max_tokens=2))
+
+
+def test_batched_speculative_keeps_stop_strings_and_logprobs(tok):
+    """Many prompts at once through the draft model, with stop strings, stop tokens, logprobs and n = 2:
+    the same outputs as the engine without a draft."""
+    target = tiny_model("llama", init_std=0.3)
+    drafter = tiny_model("llama", seed=5, n_layers=1, init_std=0.3)
+    prompts = ["abcabcabc", "hello", "xyz xyz", "q"]
+    plain = LLM(target, tok).generate(prompts, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True))
+    stop = plain[0].text[5:7]
+    sp = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, stop=(stop,), logprobs=2, n=2,
+                        stop_token_ids=(plain[3].token_ids[6],))
+    want = LLM(target, tok).generate(prompts, sp)
+    got = LLM(target, tok, draft=drafter, num_draft_tokens=3).generate(prompts, sp)
+    for w, g in zip(want, got):
+        for a, b in zip(w.outputs, g.outputs):
+            assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+            assert [sorted(t) for t in a.top_logprobs] == [sorted(t) for t in b.top_logprobs]
+    assert got[0].outputs[0].finish_reason == "stop" and sum(g.metrics["accepted"] for g in got) > 0
+
+
+def test_speculative_generate_wrapper(tok):
+    target = tiny_model("llama")
+    toks, st = speculative_generate(target, NGramDrafter(vocab_size=257), [1, 2, 3, 1, 2], SamplingParams(
+        temperature=0, max_tokens=9, ignore_eos=True), 3, set(), 128)
+    assert toks == full_greedy(target, [1, 2, 3, 1, 2], 9) and st.target_forwards <= 9
+
+
+def test_draft_model_drafts_for_the_batch_under_preemption(tok):
+    """The draft model keeps a paged cache on the target's block ids and drafts for every sequence in one
+    forward per round; a small pool forces preemptions (the draft restarts), prefixes are shared, n = 2."""
+    from lmforge.infer.engine import EngineConfig
+
+    target = tiny_model("llama", init_std=0.3)
+    drafter = tiny_model("llama", seed=5, n_layers=1, init_std=0.3)
+    prompts = ["abcabcabc", "abcabcxyz", "hello", "q"]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)
+    want = LLM(target, tok).generate(prompts, sp)
+    config = EngineConfig(block_size=4, num_kv_tokens=48, max_num_batched_tokens=10)
+    llm = LLM(target, tok, draft=drafter, num_draft_tokens=3, config=config)
+    got = llm.generate(prompts, sp)
+    assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in want]
+    assert llm.engine.draft_model is not None and llm.engine.stats()["preemptions"] > 0
+    assert sum(r.metrics["accepted"] for r in got) > 0 and llm.engine.pool.num_used == 0

@@ -5,10 +5,11 @@ Gemma 2 / gpt-oss), learned attention sinks (gpt-oss), RoPE, and a KV cache.
 Two implementations compute the same function:
   sdpa  torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels)
   math  the plain formula softmax(q kᵀ / sqrt(d) + mask) v in fp32 - the reference
-Masks are either the string "causal" (query i sees keys <= i), None (every key visible: one-token
-decode), or a bool tensor broadcastable to (B, H, T, S), True = attend. A sliding-window layer turns
-its mask into a tensor that also hides keys `window` or more positions behind the query; keys are
-taken to sit at positions 0..S-1 (a contiguous cache), so any cache works: old keys are just masked.
+Masks are either the string "causal" (query i sees keys <= i, bottom-right aligned: the queries are
+the last T of the S keys), None (every key visible: one-token decode), or a bool tensor broadcastable to
+(B, H, T, S), True = attend. Attention layers never build masks: they hand q, k, v and their `AttnSpec`
+to the cache (`cache.attend`, lmforge.model.cache), the one place per cache kind that knows where its
+queries and keys sit and turns that, the window and the metadata into a mask.
 Attention sinks (gpt-oss) add one learned logit per head to every softmax denominator, letting a head
 put weight on "nothing"; the sink column is dropped after the softmax.
 """
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataclasses import dataclass
+from typing import Callable
+
 from lmforge.model.layers.fused import fuse_linears
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import apply_rope
@@ -28,22 +32,41 @@ from lmforge.model.layers.rope import apply_rope
 Mask = torch.Tensor | str | None
 
 
+@dataclass(frozen=True, eq=False)
+class AttnSpec:
+    """What a cache needs to know about one attention layer, built once per layer."""
+
+    scale: float
+    window: int = 0
+    """keys at position <= query position - window are hidden (0 = full attention)"""
+    softcap: float = 0.0
+    sinks: torch.Tensor | None = None
+    """(H,) learned sink logits (the layer's Parameter, so it follows .to() and load_state_dict)"""
+    impl: str = "sdpa"
+    dropout: float = 0.0
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """The one mask rule: a query at position p sees keys at positions j <= p, and j > p - window when
+    window > 0. q_pos (..., T), k_pos (..., S) -> bool (..., T, S)."""
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    return (diff >= 0) & (diff < window) if window > 0 else diff >= 0
+
+
 def window_mask(mask: Mask, T: int, S: int, window: int, device) -> torch.Tensor:
-    """Combine `mask` with a sliding window: query i (at position S-T+i) sees keys in (pos-window, pos]."""
-    q_pos = torch.arange(S - T, S, device=device)[:, None]
-    k_pos = torch.arange(S, device=device)[None, :]
-    allowed = (q_pos - k_pos) < window  # (T, S)
-    if isinstance(mask, str):
-        allowed = allowed & (k_pos <= q_pos)
-    elif mask is not None:
+    """Combine `mask` with a sliding window for queries that are the LAST T of S contiguous keys (query i
+    at position S-T+i); caches whose queries sit elsewhere must call `visible` with their positions."""
+    allowed = visible(torch.arange(S - T, S, device=device), torch.arange(S, device=device), window)
+    if mask is not None and not isinstance(mask, str):
         allowed = allowed & mask
     return allowed
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, scale: float,
-                   softcap: float = 0.0, dropout_p: float = 0.0, sinks: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """Reference attention. q (B, H, T, hd); k, v (B, KV, S, hd) with H a multiple of KV."""
+                   softcap: float = 0.0, dropout_p: float = 0.0, sinks: torch.Tensor | None = None,
+                   probs_hook: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Reference attention. q (B, H, T, hd); k, v (B, KV, S, hd) with H a multiple of KV.
+    probs_hook receives the attention probabilities (B, H, T, S) (KV policies such as H2O read them)."""
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hd): each kv head serves `rep` query heads
     v = v.repeat_interleave(rep, dim=1)
@@ -62,16 +85,19 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
         p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
     else:
         p = torch.softmax(s, dim=-1)
+    if probs_hook is not None:
+        probs_hook(p)
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
     return (p @ v.float()).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, scale: float,
-              softcap: float = 0.0, dropout_p: float = 0.0, impl: str = "sdpa", sinks: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    if impl == "math" or softcap > 0 or sinks is not None:  # SDPA has neither: use the reference formula
-        return math_attention(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks)
+              softcap: float = 0.0, dropout_p: float = 0.0, impl: str = "sdpa", sinks: torch.Tensor | None = None,
+              probs_hook: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    if impl == "math" or softcap > 0 or sinks is not None or probs_hook is not None:  # SDPA has none of these
+        return math_attention(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks,
+                              probs_hook=probs_hook)
     causal = isinstance(mask, str)
     if causal and q.shape[2] != k.shape[2]:  # SDPA's is_causal aligns top-left; we need bottom-right
         T, S = q.shape[2], k.shape[2]
@@ -79,6 +105,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, 
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=None if causal else mask, is_causal=causal, dropout_p=dropout_p, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_with(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, spec: AttnSpec,
+                probs_hook: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """`attention` with a layer's spec: what every cache kind calls once it has its keys and mask."""
+    return attention(q, k, v, mask, scale=spec.scale, softcap=spec.softcap, dropout_p=spec.dropout,
+                     impl=spec.impl, sinks=spec.sinks, probs_hook=probs_hook)
+
+
+class DenseAttention:
+    """The cache-free kind (training, full recompute): each row's T tokens attend causally among
+    themselves, within their own document when meta.doc_ids packs several (lmforge.model.meta), and
+    within the layer's window. Stateless; `DENSE` is the one instance layers use when cache is None."""
+
+    def mask(self, T: int, spec: AttnSpec, meta, device) -> Mask:
+        mask = meta.doc_mask() if meta is not None else None
+        if spec.window > 0 and T > spec.window:
+            pos = torch.arange(T, device=device)  # keys and queries are the same T tokens
+            win = visible(pos, pos, spec.window)
+            mask = win if mask is None else mask & win
+        return "causal" if mask is None else mask
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta=None
+               ) -> torch.Tensor:
+        return attend_with(q, k, v, self.mask(q.shape[2], spec, meta, q.device), spec)
+
+    def attend_latent(self, layer: int, mla, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta=None):
+        """MLA without a cache: per-head keys and values expanded from the latents (mla.naive)."""
+        return mla.naive(q_nope, q_rope, c_kv, k_rope, self.mask(q_nope.shape[2], spec, meta, q_nope.device), spec)
+
+
+DENSE = DenseAttention()
 
 
 class Attention(nn.Module):
@@ -101,14 +159,26 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self._build_specs()
+
+    def _build_specs(self) -> None:
+        kw = dict(scale=self.scale, window=self.window, softcap=self.softcap, sinks=self.sinks, impl=self.impl)
+        self.spec, self.train_spec = AttnSpec(**kw), AttnSpec(**kw, dropout=self.dropout)
+
+    def current_spec(self) -> AttnSpec:
+        if self.spec.sinks is not self.sinks:  # the Parameter was replaced (load_state_dict(assign=True), ...)
+            self._build_specs()
+        return self.train_spec if self.training else self.spec
 
     def fuse(self) -> None:
         """Compute q, k, v with one matmul (lmforge.model.layers.fused); checkpoints keep wq/wk/wv."""
         if self.wqkv is None:
             self.qkv_sizes = fuse_linears(self, "wqkv", ("wq", "wk", "wv"))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Mask,
-                cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: Mask = None,
+                cache=None, meta=None) -> torch.Tensor:
+        """mask: only "causal"/None (callers from before the cache seam); the cache builds the real mask."""
+        check_legacy_mask(mask)
         B, T, _ = x.shape
         if self.wqkv is not None:
             q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
@@ -121,10 +191,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope, self.rope_layout), apply_rope(k, *rope, self.rope_layout)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd): all keys so far
-        if self.window > 0 and k.shape[2] > self.window:
-            mask = window_mask(mask, T, k.shape[2], self.window, x.device)
-        out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
-                        dropout_p=self.dropout if self.training else 0.0, impl=self.impl, sinks=self.sinks)
+        out = (cache if cache is not None else DENSE).attend(self.layer_idx, q, k, v, self.current_spec(), meta)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)))
+
+
+def check_legacy_mask(mask) -> None:
+    if mask is not None and mask != "causal":
+        raise ValueError("attention layers take no mask any more: pass a cache and AttnMetadata")

@@ -42,14 +42,15 @@ class Block(nn.Module):
         self.post_attn_norm = norm() if sandwich else None
         self.post_mlp_norm = norm() if sandwich else None
 
-    def forward(self, x: torch.Tensor, rope, mask, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask=None, cache=None, meta=None) -> torch.Tensor:
+        """cache / meta go to attention (lmforge.model.cache); mask is only "causal"/None (old callers)."""
         if self.kind == "post":
-            x = self.norm1(x + self.attn(x, rope, mask, cache))
+            x = self.norm1(x + self.attn(x, rope, mask, cache, meta))
             return self.norm2(x + self.mlp(x))
         if self.kind == "parallel":
             h = self.norm1(x)
-            return x + self.attn(h, rope, mask, cache) + self.mlp(h)
-        a = self.attn(self.norm1(x), rope, mask, cache)
+            return x + self.attn(h, rope, mask, cache, meta) + self.mlp(h)
+        a = self.attn(self.norm1(x), rope, mask, cache, meta)
         x = x + (self.post_attn_norm(a) if self.post_attn_norm is not None else a)
         m = self.mlp(self.norm2(x))
         return x + (self.post_mlp_norm(m) if self.post_mlp_norm is not None else m)

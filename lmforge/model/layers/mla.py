@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model.layers.attention import attention, window_mask
+from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask
+from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, check_legacy_mask, DENSE
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import _yarn_mscale, apply_rope
 
@@ -50,6 +51,9 @@ class MLA(nn.Module):
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self._default_scale(cfg, qk)
         self.absorb_max_tokens = 1  # with a cache, steps of at most this many new tokens use the absorbed path
+        self.spec = AttnSpec(scale=self.scale, window=self.window, softcap=self.softcap, impl=self.impl)
+        self.train_spec = AttnSpec(scale=self.scale, window=self.window, softcap=self.softcap, impl=self.impl,
+                                   dropout=cfg.dropout)
 
     @staticmethod
     def _default_scale(cfg, qk: int) -> float:
@@ -76,46 +80,38 @@ class MLA(nn.Module):
             k_rope = apply_rope(k_rope, *rope, self.rope_layout)
         return self.kv_norm(c), k_rope
 
-    def forward(self, x: torch.Tensor, rope, mask, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask: Mask = None, cache=None, meta=None) -> torch.Tensor:
+        """The cache (or DENSE without one) gets the latents and attends through `naive` / `absorbed`."""
+        check_legacy_mask(mask)
         B, T, _ = x.shape
         q_nope, q_rope = self._queries(x, rope)
         c_kv, k_rope = self._latents(x, rope)
-        if cache is not None:
-            if not isinstance(cache, MLACache):
-                raise LmforgeError("attention='mla' needs an MLACache (lmforge.model.layers.mla.MLACache.for_model)")
-            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
-            # decode steps attend over the latents directly; a long prefill is cheaper expanded per head
-            # (r + d_rope numbers per score instead of d_nope + d_rope), as DeepSeek's inference does
-            run = self._absorbed if T <= self.absorb_max_tokens else self._naive
-            out = run(q_nope, q_rope, c_kv, k_rope, mask)
-        else:
-            out = self._naive(q_nope, q_rope, c_kv, k_rope, mask)
+        if cache is not None and not hasattr(cache, "attend_latent"):
+            raise TypeError(f"attention='mla' needs a latent cache (MLACache or the engine's), got {type(cache).__name__}")
+        spec = self.train_spec if self.training else self.spec
+        out = (cache if cache is not None else DENSE).attend_latent(self.layer_idx, self, q_nope, q_rope, c_kv,
+                                                                     k_rope, spec, meta)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.H * self.d_v))
 
-    def _naive(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
-        """Materialise per-head keys/values from the latents: (B, H, T, d_v)."""
+    def naive(self, q_nope, q_rope, c_kv, k_rope, mask: Mask, spec: AttnSpec) -> torch.Tensor:
+        """Materialise per-head keys/values from the latents: (B, H, T, d_v). c_kv (B, S, r), k_rope
+        (B, 1, S, d_r); `mask` is the cache's, for these S keys."""
         B, S, _ = c_kv.shape
         kv = self.wkv_b(c_kv).view(B, S, self.H, self.d_nope + self.d_v).transpose(1, 2)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, self.H, S, self.d_rope)), dim=-1)
-        if self.window > 0 and S > self.window:
-            mask = window_mask(mask, q.shape[2], S, self.window, q.device)
-        return attention(q, k, v, mask, scale=self.scale, softcap=self.softcap,
-                         dropout_p=self.dropout if self.training else 0.0, impl=self.impl)
+        return attend_with(q, k, v, mask, spec)
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
+    def absorbed(self, q_nope, q_rope, c_kv, k_rope, mask: Mask, spec: AttnSpec) -> torch.Tensor:
         """Attention over the cached latents: W_uk absorbed into the query, W_uv into the output."""
         w = self.wkv_b.weight.view(self.H, self.d_nope + self.d_v, self.r)
         w_uk, w_uv = w.split([self.d_nope, self.d_v], dim=1)  # (H, d_n, r), (H, d_v, r)
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         # one "head" of width r + d_r shared by all H query heads (MQA over latents)
         q = torch.cat((q_lat, q_rope), dim=-1)
-        k = torch.cat((c_kv[:, None], k_rope), dim=-1)  # (B, 1, S, r + d_r)
-        v = c_kv[:, None]  # (B, 1, S, r)
-        if self.window > 0 and k.shape[2] > self.window:
-            mask = window_mask(mask, q.shape[2], k.shape[2], self.window, q.device)
-        out_lat = _shared_kv_attention(q, k[:, 0], v[:, 0], mask, self.scale, self.softcap)  # (B, H, T, r)
+        k = torch.cat((c_kv, k_rope[:, 0]), dim=-1)  # (B, S, r + d_r)
+        out_lat = _shared_kv_attention(q, k, c_kv, mask, spec.scale, spec.softcap)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)
 
 
@@ -136,9 +132,9 @@ def _shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     return torch.bmm(p.view(B, H * T, S), v).view(B, H, T, v.shape[-1])
 
 
-class MLACache:
-    """Latent cache for MLA: per layer c_kv (B, max_len, r) and the shared rope key (B, 1, max_len, d_r).
-    Same interface as lmforge.model.cache.KVCache (length, update, mask, advance)."""
+class MLACache(_Hooked):
+    """Latent cache for MLA: per layer c_kv (B, max_len, r) and the shared rope key (B, 1, max_len, d_r),
+    contiguous (the queries are the newest latents). Same interface as lmforge.model.cache.KVCache."""
 
     def __init__(self, n_layers: int, batch_size: int, kv_lora_rank: int, rope_dim: int, max_len: int, *,
                  device=None, dtype: torch.dtype = torch.float32):
@@ -148,10 +144,10 @@ class MLACache:
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None, *, dtype=None) -> "MLACache":
-        cfg, p = model.cfg, next(model.parameters())
-        m = cfg.mla_cfg
-        return cls(cfg.n_layers, batch_size, m.kv_lora_rank, m.qk_rope_head_dim, max_len or cfg.max_seq_len,
-                   device=p.device, dtype=dtype or p.dtype)
+        spec, p = CacheSpec.of(model), next(model.parameters())
+        layer = spec.layers[0]
+        return cls(len(spec.layers), batch_size, layer.latent_rank, layer.rope_dim, max_len or spec.max_seq_len,
+                   device=p.device, dtype=dtype or spec.dtype)
 
     @staticmethod
     def bytes_per_token(cfg, dtype_bytes: int = 2) -> int:
@@ -167,8 +163,15 @@ class MLACache:
         self.k_rope[layer, :, :, self.length:end] = k_rope
         return self.c[layer, :, :end], self.k_rope[layer, :, :, :end]
 
-    def mask(self, T: int, device=None):
-        return None if self.length > 0 and T == 1 else "causal"
+    def attend_latent(self, layer: int, mla: MLA, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta=None
+                      ) -> torch.Tensor:
+        T = c_kv.shape[1]
+        c_kv, k_rope = self.update(layer, c_kv, k_rope)
+        mask = contiguous_mask(T, c_kv.shape[1], spec.window, c_kv.device)
+        # decode steps attend over the latents directly; a long prefill is cheaper expanded per head
+        # (r + d_rope numbers per score instead of d_nope + d_rope), as DeepSeek's inference does
+        run = mla.absorbed if T <= mla.absorb_max_tokens else mla.naive
+        return run(q_nope, q_rope, c_kv, k_rope, mask, spec)
 
     def advance(self, T: int) -> None:
         self.length += T

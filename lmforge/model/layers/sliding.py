@@ -1,6 +1,6 @@
 """A KV cache for sliding-window layers (Mistral's rolling buffer): a layer with window W keeps only its
 last W-1 keys/values, so its memory stays O(W) however long the generation; full-attention layers keep
-everything. Same interface as lmforge.model.cache.KVCache (length, update, mask, advance).
+everything. Same interface as lmforge.model.cache.KVCache (attend, advance).
 
 Why it is exact: keys are stored after RoPE, so their positions travel with them; the returned keys are
 contiguous and end with the T new ones, and attention only uses relative offsets (causal bottom-right
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask
+from lmforge.model.layers.attention import AttnSpec, attend_with
 
-class SlidingWindowCache:
+
+class SlidingWindowCache(_Hooked):
     def __init__(self, windows: list[int]):
         """windows[i]: the window of layer i (0 = full attention, keep every key)."""
         self.windows = list(windows)
@@ -22,8 +25,7 @@ class SlidingWindowCache:
 
     @classmethod
     def for_model(cls, model) -> "SlidingWindowCache":
-        cfg = model.cfg
-        return cls([cfg.sliding_window if cfg.layer_type(i) == "sliding" else 0 for i in range(cfg.n_layers)])
+        return cls([layer.window for layer in CacheSpec.of(model).layers])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, KV, T, hd) -> all keys this step's queries may see: (B, KV, kept + T, hd)."""
@@ -34,8 +36,11 @@ class SlidingWindowCache:
         self.k[layer], self.v[layer] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
         return k, v
 
-    def mask(self, T: int, device=None):
-        return None if self.length > 0 and T == 1 else "causal"
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta=None
+               ) -> torch.Tensor:
+        k, v = self.update(layer, k, v)  # the queries are the last T of these keys
+        mask = contiguous_mask(q.shape[2], k.shape[2], spec.window, q.device)
+        return attend_with(q, k, v, mask, spec, self._probs_hook(layer))
 
     def advance(self, T: int) -> None:
         self.length += T

@@ -1,0 +1,436 @@
+"""Serving throughput of the engine (issue 11 §7), side by side in one run on one GPU.
+
+    python bench/engine.py [--baseline-src DIR]     # H200: Qwen3-0.6B and 1.1B Llama shapes, random init, bf16
+    python bench/engine.py --smoke                  # toy fp32 models on CPU: checks every section runs
+
+Sections (--sections, comma-separated; default all):
+  profile     where a steady decode step's time goes (schedule, inputs, attention, other forward, sampling)
+  check       the engine's greedy tokens on a few prompts vs the full-recompute reference (agreement: bf16
+              near-ties of random weights may flip late tokens; fp32 --smoke must agree exactly)
+  offline     nano-vllm's workload: --requests prompts, prompt and output lengths uniform in [100, 1024],
+              ignore EOS; output tokens/s, the workload's roofline and the fraction reached, KV memory
+              utilisation at peak (tokens held / slots of the blocks in use; > 1 where prefixes share blocks)
+              and the pool's occupancy then (tokens held / slots allocated)
+  fixed       the same prompts with 512 new tokens each (the issue's 2026-12-01 measurements: old path
+              4,991 tok/s at batch 64, roofline ~38,000)
+  hf          HF generate(), padded static batches of --hf-batch sorted by prompt length (first shape only)
+  hf_batch    HF's continuous batching generate_batch on --hf-batch-requests (one max_new_tokens for all)
+  baseline    lmforge's previous static-batch LLM (--baseline-src DIR = the pre-engine package) in a
+              subprocess, fixed 512 new tokens, batch 64 (first shape only)
+  batch1      one request (128-token prompt, 256 new): the one-sequence path (the Triton kernel step
+              when lmforge.infer.kernel_step supports paged caches and the model; issue: 1,206 tok/s at 1.1B)
+  prefix      --requests requests sharing a 2,048-token prefix (+ 16-64 own tokens, 32 new): throughput and
+              mean time-to-first-token with prefix caching on vs off (first shape only)
+Roofline per decode step: max(bytes / copy bandwidth, FLOPs / matmul peak) with bytes = weights + the KV
+of every live sequence, FLOPs = 2 x params x live sequences (+ attention); prefill adds its FLOPs. Copy
+bandwidth and the bf16 matmul peak are measured here. Prints a table; writes JSON to $OUT (or bench/results)
+/engine_<shapes>.json. Rows print as they finish, so a run cut short still reports what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.infer.detok import IdTokenizer  # noqa: E402
+from lmforge.infer.engine import Engine, EngineConfig  # noqa: E402
+from lmforge.infer.kv.paged import decode_kernel  # noqa: E402
+from lmforge.infer.runner import sample_rows as sample_rows_original  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+
+SHAPES = {
+    "qwen3-0.6b": dict(vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       d_ff=3072, qk_norm=True, tie_embeddings=True, rope_theta=1e6),
+    "llama-1.1b": dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632,
+                       tie_embeddings=False),
+}
+COMMON = dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", max_seq_len=4096)
+SMOKE = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, init_std=0.2)
+
+
+def sync(dev) -> None:
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(shape: str, args, dev, dtype) -> Transformer:
+    kw = {**COMMON, **SHAPES[shape], **(SMOKE if args.smoke else {})}
+    torch.manual_seed(0)
+    with torch.device(dev):
+        return Transformer(ModelConfig(**kw)).to(dtype).eval()
+
+
+def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], rng.randint(lo, hi)) for _ in range(n)]
+
+
+def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
+    """All requests at t=0; returns wall time, output tokens, mean TTFT and peak KV utilisation."""
+    engine = Engine(model, IdTokenizer(model.cfg.vocab_size), config)
+    sync(dev)
+    t0 = time.perf_counter()
+    ttft: list[float] = []
+    for prompt, new in reqs:
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
+    out_tokens, peak_used, util_at_peak, occupancy, steps = 0, 0, 0.0, 0.0, 0
+    while engine.has_unfinished():
+        outs = engine.step(finished_only=True)
+        steps += 1
+        for o in outs:
+            out_tokens += len(o.token_ids)
+            ttft.append(o.metrics["time_to_first_token_s"])
+        used = engine.pool.num_used
+        if used >= peak_used and used:
+            held = sum(s.num_computed for s in engine.scheduler.running)
+            peak_used, util_at_peak = used, held / (used * engine.pool.block_size)
+            occupancy = held / (engine.pool.num_blocks * engine.pool.block_size)
+    sync(dev)
+    wall = time.perf_counter() - t0
+    st = engine.stats()
+    graphs = getattr(engine.runner, "graphs", None)
+    return {"graphs": "off" if graphs is None else (graphs.failed or f"{len(graphs.entries)} captured"),
+            "kernel_step": getattr(engine.runner, "kernel_step", None) is not None,
+            "decode": "triton kernel" if decode_kernel(torch.device(dev)) else "gather reference",
+            "seconds": wall, "output_tokens": out_tokens, "tok_s": out_tokens / wall, "steps": steps,
+            "ttft_mean_s": sum(ttft) / max(len(ttft), 1), "kv_util_at_peak": util_at_peak,
+            "pool_occupancy_at_peak": occupancy,
+            "peak_blocks": st["peak_used_blocks"], "pool_blocks": st["num_blocks"],
+            "prefix_hit_rate": st["prefix_hit_rate"], "preemptions": st["preemptions"]}
+
+
+def profile(model, dev, config: EngineConfig, batch: int, prompt: int) -> dict:
+    """Where a steady decode step's time goes (ms), at `batch` sequences of ~`prompt` tokens: scheduling,
+    input building, the forward (its attention calls apart), sampling and the engine's bookkeeping.
+    Each part is timed between device syncs, so the parts add up to more than a free-running step."""
+    engine = Engine(model, IdTokenizer(model.cfg.vocab_size), config)
+    for p, _ in workload(batch, prompt, prompt, model.cfg.vocab_size, seed=4):
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    sync(dev)
+    t0 = time.perf_counter()
+    engine.step(finished_only=True)  # a prefill step: max_num_batched_tokens of prompts
+    sync(dev)
+    prefill_ms = 1e3 * (time.perf_counter() - t0)
+    while any(s.num_computed < len(s.tokens) - 1 for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step(finished_only=True)  # until every prompt is in the cache
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            sync(dev)
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return run
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine.runner.prepare = timed("inputs", engine.runner.prepare)
+    cache = engine.runner.cache
+    attend = "attend_latent" if hasattr(cache, "attend_latent") else "attend"
+    setattr(cache, attend, timed("attention", getattr(cache, attend)))
+    import lmforge.infer.runner as runner_mod
+    runner_mod.sample_rows = timed("sampling", runner_mod.sample_rows)
+    step = timed("step", engine.step)
+    n = 8
+    try:
+        for _ in range(n):
+            step(finished_only=True)
+    finally:
+        runner_mod.sample_rows = sample_rows_original
+    out = {k: 1e3 * v / n for k, v in spent.items()}
+    out["forward_other"] = out["step"] - sum(out.get(k, 0) for k in ("schedule", "inputs", "attention", "sampling"))
+    out["first_prefill_step"] = prefill_ms
+    return {"ms_per_step": {k: round(v, 2) for k, v in out.items()}, "batch": len(engine.scheduler.running)}
+
+
+def check(model, dev) -> dict:
+    """Greedy agreement of the engine with full recompute on 4 prompts x 16 tokens."""
+    V = model.cfg.vocab_size
+    reqs = workload(4, 8, 40, V, seed=1)
+    engine = Engine(model, IdTokenizer(V), EngineConfig(block_size=16, num_kv_tokens=4096))
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)) for p, _ in reqs]
+    got = {}
+    while engine.has_unfinished():
+        got.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    agree = []
+    with torch.no_grad():
+        for rid, (prompt, _) in zip(ids, reqs):
+            seq = torch.tensor([prompt + got[rid]], device=dev)
+            want = model(seq)[0, len(prompt) - 1:-1].argmax(-1).tolist()  # teacher-forced reference argmax
+            agree.append(sum(a == b for a, b in zip(want, got[rid])) / len(want))
+    return {"greedy_agreement": sum(agree) / len(agree)}
+
+
+def roofline(model, reqs, dev, bw: float, peak: float) -> dict:
+    """Tokens/s bound of the whole workload, all requests decoding together (they fit on the device)."""
+    params = sum(p.numel() for p in model.parameters())
+    wbytes = params * next(model.parameters()).element_size()
+    kv_tok = model.cache_spec().bytes_per_token()
+    cfg = model.cfg
+    attn_flops_per_key = 4 * cfg.n_heads * cfg.hd * cfg.n_layers
+    prefill = sum(2 * params * len(p) + attn_flops_per_key * len(p) ** 2 / 2 for p, _ in reqs) / peak
+    total, out = prefill, sum(n for _, n in reqs)
+    for t in range(max(n for _, n in reqs)):
+        live = [(len(p) + t) for p, n in reqs if n > t]
+        bytes_ = wbytes + kv_tok * sum(live)
+        flops = 2 * params * len(live) + attn_flops_per_key * sum(live)
+        total += max(bytes_ / bw, flops / peak)
+    return {"roofline_tok_s": out / total, "weights_GB": wbytes / 1e9, "kv_bytes_per_token": kv_tok}
+
+
+def measure_device(dev) -> tuple[float, float]:
+    """(copy bandwidth bytes/s counting read + write, bf16 matmul FLOP/s), medians."""
+    n, m = (1 << 28, 8192) if dev.type == "cuda" else (1 << 22, 512)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    a, b = torch.empty(n, device=dev), torch.empty(n, device=dev)
+    x, y = torch.randn(m, m, device=dev, dtype=dt), torch.randn(m, m, device=dev, dtype=dt)
+
+    def median(fn) -> float:
+        ts = []
+        for i in range(8):
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts[2:])[len(ts[2:]) // 2]
+
+    return 8 * n / median(lambda: b.copy_(a)), 2 * m ** 3 / median(lambda: x @ y)
+
+
+def hf_model(shape: str, args, dev, dtype):
+    import transformers
+
+    s = {**COMMON, **SHAPES[shape], **(SMOKE if args.smoke else {})}
+    kw = dict(vocab_size=s["vocab_size"], hidden_size=s["d_model"], intermediate_size=s["d_ff"],
+              num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
+              max_position_embeddings=s["max_seq_len"], tie_word_embeddings=s["tie_embeddings"])
+    if shape.startswith("qwen3"):
+        cfg = transformers.Qwen3Config(**kw, head_dim=s.get("head_dim", s["d_model"] // s["n_heads"]))
+        cls = transformers.Qwen3ForCausalLM
+    else:
+        cfg, cls = transformers.LlamaConfig(**kw), transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    with torch.device(dev):
+        return cls(cfg).to(dtype).eval()
+
+
+@torch.no_grad()
+def run_hf_generate(hf, reqs, batch: int, dev) -> dict:
+    order = sorted(reqs, key=lambda r: len(r[0]))
+    sync(dev)
+    t0, useful = time.perf_counter(), 0
+    for i in range(0, len(order), batch):
+        chunk = order[i:i + batch]
+        T = max(len(p) for p, _ in chunk)
+        ids = torch.tensor([[0] * (T - len(p)) + p for p, _ in chunk], device=dev)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p, _ in chunk], device=dev)
+        new = max(n for _, n in chunk)
+        hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                    pad_token_id=0, eos_token_id=None)
+        useful += sum(n for _, n in chunk)  # tokens past a request's own length are padding work
+    sync(dev)
+    wall = time.perf_counter() - t0
+    return {"seconds": wall, "output_tokens": useful, "tok_s": useful / wall}
+
+
+@torch.no_grad()
+def run_hf_batch(hf, reqs, dev) -> dict:
+    from transformers import GenerationConfig
+
+    new = max(n for _, n in reqs)
+    cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    sync(dev)
+    t0 = time.perf_counter()
+    out = hf.generate_batch(inputs=[p for p, _ in reqs], generation_config=cfg)
+    sync(dev)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    return {"seconds": wall, "output_tokens": tokens, "tok_s": tokens / wall, "note": f"all requests {new} new"}
+
+
+BASELINE = """
+import json, sys, time, torch
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+kw, prompts, new, batch, dev, dtype = json.loads(sys.argv[1])
+torch.manual_seed(0)
+with torch.device(dev):
+    model = Transformer(ModelConfig(**kw)).to(getattr(torch, dtype)).eval()
+class Tok:
+    vocab_size, eot_id = kw["vocab_size"], None
+    def encode(self, t): return [0]
+    def decode(self, ids): return ""
+    def token_bytes(self, i): return b""
+llm = LLM(model, Tok(), max_batch_size=batch)
+sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+if dev == "cuda": torch.cuda.synchronize()
+t0 = time.perf_counter()
+outs = llm.generate(prompts, sp)
+if dev == "cuda": torch.cuda.synchronize()
+wall = time.perf_counter() - t0
+n = sum(len(o.token_ids) for o in outs)
+print("RESULT " + json.dumps({"seconds": wall, "output_tokens": n, "tok_s": n / wall}))
+"""
+
+
+def run_baseline(shape: str, args, reqs, dev, dtype) -> dict:
+    kw = {**COMMON, **SHAPES[shape], **(SMOKE if args.smoke else {})}
+    env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve()))
+    payload = json.dumps([kw, [p for p, _ in reqs], args.fixed_new, 64, dev.type, str(dtype).split(".")[-1]])
+    proc = subprocess.run([sys.executable, "-c", BASELINE, payload], env=env, capture_output=True, text=True,
+                          timeout=args.baseline_timeout)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(line[7:])
+
+
+def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(2)
+    shared = [rng.randrange(vocab) for _ in range(prefix_len)]
+    return [(shared + [rng.randrange(vocab) for _ in range(rng.randint(lo, hi))], 32) for _ in range(n)]
+
+
+NOTES = ("ms_per_step", "batch", "greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "pool_occupancy_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
+         "graphs", "decode", "kernel_step")
+
+
+def print_row(row) -> None:
+    shape, name, res, frac = row
+    tok = f"{res['tok_s']:.0f}" if "tok_s" in res else "-"
+    roof = f"{res['roofline_tok_s']:.0f}" if "roofline_tok_s" in res else "-"
+    notes = res.get("error") or ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in res.items() if k in NOTES)
+    print(f"{shape:<12} {name:<58} {tok:>9} {roof:>9} {f'{frac:.1%}' if frac else '-':>6}  {notes}", flush=True)
+
+
+def guarded(fn, *a, **kw) -> dict:
+    """A failing variant is reported in the table instead of ending the run; cached device memory is
+    released after each (the next variant sizes its KV pool from free memory)."""
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001 - the benchmark reports every failure and goes on
+        return {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def parse(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy fp32 models on CPU")
+    ap.add_argument("--shapes", default="qwen3-0.6b,llama-1.1b")
+    ap.add_argument("--sections", default="check,profile,offline,fixed,batch1,prefix,baseline,hf,hf_batch")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--hf-requests", type=int, default=32, help="HF generate() runs on the first N requests")
+    ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--hf-batch-requests", type=int, default=16, help="generate_batch runs on the first N requests")
+    ap.add_argument("--fixed-new", type=int, default=512)
+    ap.add_argument("--baseline-src", default=None, help="folder holding the pre-engine lmforge package")
+    ap.add_argument("--baseline-timeout", type=int, default=240)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.requests, args.hf_requests, args.hf_batch, args.fixed_new = 12, 6, 3, 16
+        args.hf_batch_requests, args.max_num_batched_tokens = 3, 64
+    args.sections = set(args.sections.split(","))
+    return args
+
+
+def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float, add) -> None:
+    """Every section for one model shape; add(name, result, roofline) records a row."""
+    lo, hi, prefix_len = (4, 24, 48) if args.smoke else (100, 1024, 2048)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          num_kv_tokens=4096 if args.smoke else None)
+    model, sections = build(shape, args, dev, dtype), args.sections
+    V = model.cfg.vocab_size
+    reqs = workload(args.requests, lo, hi, V)
+    fixed = [(p, args.fixed_new) for p, _ in reqs]
+    run_engine(model, reqs[:4], config, dev)  # warm-up (kernels, allocator)
+    if "check" in sections:
+        add("check: engine greedy vs full recompute", guarded(check, model, dev))
+    if "profile" in sections:
+        n, p = (8, 20) if args.smoke else (args.max_num_seqs, 1024)
+        add(f"profile: decode step at batch {n}, ~{p} context", guarded(profile, model, dev, config, n, p))
+    for name, work in (("offline", reqs), ("fixed", fixed)):
+        if name in sections:
+            bound = roofline(model, work, dev, bw, peak)
+            label = "engine, offline workload" if name == "offline" else f"engine, {args.fixed_new} new each"
+            add(label, {**guarded(run_engine, model, work, config, dev), **bound}, bound["roofline_tok_s"])
+    if "batch1" in sections:
+        one = [(workload(1, 128, 128, V, seed=3)[0][0], 16 if args.smoke else 256)]
+        run_engine(model, one, config, dev)  # warm-up: capture, kernel tuning
+        add("engine, batch 1 (128 prompt, 256 new)", guarded(run_engine, model, one, config, dev))
+    if first and "prefix" in sections:
+        pre = prefix_workload(args.requests, prefix_len, V, 16, 64)
+        for on in (False, True):
+            add(f"shared {prefix_len}-token prefix, prefix caching {'on' if on else 'off'}",
+                guarded(run_engine, model, pre, dataclasses.replace(config, prefix_caching=on), dev))
+    if first and "baseline" in sections:
+        res = ({"error": "no --baseline-src"} if args.baseline_src is None
+               else guarded(run_baseline, shape, args, fixed[:64], dev, dtype))
+        add(f"previous static-batch LLM, batch 64, {args.fixed_new} new", res)
+    if first and sections & {"hf", "hf_batch"}:
+        del model
+        hf = guarded(hf_model, shape, args, dev, dtype)
+        if "hf" in sections:
+            sub = reqs[: args.hf_requests]
+            add(f"HF generate(), batches of {args.hf_batch}, {len(sub)} requests",
+                hf if isinstance(hf, dict) else guarded(run_hf_generate, hf, sub, args.hf_batch, dev))
+        if "hf_batch" in sections:
+            sub = reqs[: args.hf_batch_requests]
+            add(f"HF generate_batch, {len(sub)} requests",
+                hf if isinstance(hf, dict) else guarded(run_hf_batch, hf, sub, dev))
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    bw, peak = measure_device(dev)
+    rows, results = [], {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                         "copy_bandwidth_GBs": bw / 1e9, "matmul_TFLOPs": peak / 1e12, "variants": {}}
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (("engine_smoke" if args.smoke else "engine_" + args.shapes.replace(",", "_")) + ".json")
+    print(f"device {results['device']}: copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+    for si, shape in enumerate(args.shapes.split(",")):
+        def add(name, res, bound=None, shape=shape):
+            results["variants"][f"{shape}/{name}"] = res
+            frac = res.get("tok_s", 0) / bound if bound and "tok_s" in res else None
+            rows.append((shape, name, res, frac))
+            print_row(rows[-1])
+            path.write_text(json.dumps(results, indent=1))  # a run cut short keeps what it measured
+
+        run_shape(shape, si == 0, args, dev, dtype, bw, peak, add)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\n{'shape':<12} {'variant':<58} {'tok/s':>9} {'roofline':>9} {'frac':>6}  notes")
+    for row in rows:
+        print_row(row)
+    return results
+
+
+if __name__ == "__main__":
+    main()

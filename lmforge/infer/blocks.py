@@ -1,0 +1,166 @@
+"""The paged block pool: which cache blocks are free, who holds each, and which hold a known prefix.
+
+Blocks are reference-counted: `n > 1` samples (and beam candidates) fork from their parent and share its
+blocks; a sequence about to write into a block someone else also holds gets a private copy first
+(copy-on-write; the engine copies the contents in the cache, `BlockPool.append` reports the pairs).
+
+Prefix caching (SGLang's RadixAttention idea, vLLM's block-hash form): a block that is full gets the
+key hash((parent block's key, its token ids)), so a key names the whole prefix up to the block's end. A
+new sequence walks its prompt block by block and reuses every block whose key is cached. Blocks nobody
+holds any more keep their contents and key and sit in an LRU list; they are reused as they are on a hit,
+and evicted (key dropped) only when a fresh block is needed and no never-used block is left.
+Why a hash chain rather than a radix tree: blocks are the unit of sharing anyway (a tree would still
+match at block granularity), lookup is one dict probe per block, eviction is an LRU of whole blocks
+with no tree to rebalance, and forked or preempted sequences need no tree surgery. Keys are Python
+hashes of (parent key, token tuple): the dict compares the token tuple on a hash match, so two prefixes
+collide only if their parents' 64-bit keys collide.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class PrefixStats:
+    queried_blocks: int = 0
+    hit_blocks: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_blocks / max(self.queried_blocks, 1)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int = 16, prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise LmforgeError(f"a block pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.ref = [0] * num_blocks
+        self.key: list[int | None] = [None] * num_blocks
+        self.fresh: deque[int] = deque(range(num_blocks))  # never used, or used and evicted
+        self.idle: OrderedDict[int, None] = OrderedDict()  # ref 0 but holding a cached prefix (LRU first)
+        self.cached: dict[int, int] = {}  # key -> block
+        self.stats = PrefixStats()
+        self.null = num_blocks
+        """a block id never handed out: table entries of blocks dropped behind a sliding window point here
+        (the cache has one block more, never read unmasked)"""
+
+    # accounting --------------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self.fresh) + len(self.idle)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # allocation ----------------------------------------------------------------------------------------
+    def _take(self) -> int:
+        if self.fresh:
+            b = self.fresh.popleft()
+        elif self.idle:
+            b, _ = self.idle.popitem(last=False)  # least recently used cached block
+            del self.cached[self.key[b]]
+            self.key[b] = None
+        else:
+            raise LmforgeError("the KV block pool is exhausted (the scheduler should have preempted)")
+        self.ref[b] = 1
+        return b
+
+    def hold(self, b: int) -> None:
+        """One more holder of block b (a prefix hit or a fork)."""
+        if b == self.null:
+            return
+        if self.ref[b] == 0:
+            self.idle.pop(b, None)
+        self.ref[b] += 1
+
+    def release(self, table: list[int]) -> None:
+        """Drop one hold on each block (tail first, so that a prefix's first blocks stay cached longest)."""
+        for b in reversed(table):
+            if b == self.null:
+                continue
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if self.key[b] is not None:
+                    self.idle[b] = None
+                else:
+                    self.fresh.append(b)
+        table.clear()
+
+    def can_append(self, table: list[int], num_tokens: int, new_tokens: int) -> bool:
+        return self.needed(table, num_tokens, new_tokens) <= len(self.fresh) + len(self.idle)
+
+    def needed(self, table: list[int], num_tokens: int, new_tokens: int) -> int:
+        """Fresh blocks that writing new_tokens after the first num_tokens takes (copy-on-write included)."""
+        bs = self.block_size
+        extra = max(0, -(-(num_tokens + new_tokens) // bs) - len(table))
+        return extra + bool(num_tokens % bs and self.ref[table[num_tokens // bs]] > 1)
+
+    def append(self, table: list[int], num_tokens: int, new_tokens: int) -> list[tuple[int, int]]:
+        """Make `table` cover num_tokens + new_tokens; returns the (src, dst) blocks to copy first."""
+        copies = []
+        i = num_tokens // self.block_size
+        if num_tokens % self.block_size and self.ref[table[i]] > 1:  # copy-on-write of a shared tail
+            dst = self._take()
+            copies.append((table[i], dst))
+            self.ref[table[i]] -= 1
+            table[i] = dst
+        while len(table) < self.blocks_for(num_tokens + new_tokens):
+            table.append(self._take())
+        return copies
+
+    def drop_behind(self, table: list[int], first_visible: int) -> None:
+        """Sliding-window models: release the blocks wholly before position first_visible (no query from
+        now on can see them), keeping the table's positions (their entries become `null`)."""
+        for i in range(min(first_visible // self.block_size, len(table))):
+            if table[i] != self.null:
+                self.release([table[i]])
+                table[i] = self.null
+
+    def fork(self, table: list[int]) -> list[int]:
+        for b in table:
+            self.hold(b)
+        return list(table)
+
+    # prefix caching ------------------------------------------------------------------------------------
+    def block_keys(self, tokens: list[int], parent: int | None = None, start_block: int = 0) -> list[int]:
+        """Keys of the full blocks of tokens from block start_block on, chained from `parent`."""
+        keys, bs = [], self.block_size
+        for i in range(start_block, len(tokens) // bs):
+            parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
+            keys.append(parent)
+        return keys
+
+    def lookup(self, tokens: list[int]) -> list[int]:
+        """Blocks holding the longest cached prefix of tokens, leaving at least the last token to compute
+        (its logits are needed) - not yet held: `hold` each one to use it."""
+        if not self.prefix_caching:
+            return []
+        usable = (len(tokens) - 1) // self.block_size
+        hits = []
+        for key in self.block_keys(tokens[: usable * self.block_size]):
+            b = self.cached.get(key)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def count_lookup(self, num_tokens: int, hits: int) -> None:
+        """Hit-rate statistics of one admitted sequence (blocks it could have hit, blocks it did)."""
+        if self.prefix_caching:
+            self.stats.queried_blocks += (num_tokens - 1) // self.block_size
+            self.stats.hit_blocks += hits
+
+    def register(self, b: int, key: int) -> None:
+        """Block b is full and holds the prefix named by key."""
+        if self.prefix_caching and self.key[b] is None and key not in self.cached:
+            self.key[b] = key
+            self.cached[key] = b

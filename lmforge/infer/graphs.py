@@ -1,0 +1,177 @@
+"""The runner's CUDA-graph backend: decode-only steps replayed from captured graphs.
+
+At large batch a decode step is a few hundred small kernels per layer stack; launching them from Python
+costs milliseconds the GPU then waits for. A CUDA graph replays the whole recorded forward with one
+launch, provided every tensor it touches keeps its address and shape. So a step whose chunks are all
+single tokens runs in static buffers of a bucket: B' >= B rows (powers of two) and W' >= the longest
+block table (`_width`), one graph per (B', W') captured on first use, all sharing one memory pool.
+Rows beyond B write their keys to a scratch block the pool never hands out and attend to one key, so
+they compute finite garbage nobody reads. Sampling runs outside the graph on the real rows' logits.
+On a CPU (tests) the same static-buffer step runs eagerly (use_graphs=False): the logic is the same.
+Mixed steps (prefill chunks) run eagerly, as before.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.model.meta import AttnMetadata
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _width(n: int) -> int:
+    """Block-table width bucket: powers of two up to 32, then multiples of 32 (a gather over the table
+    reads at most 32 blocks more than the longest row, and a long context needs few graphs)."""
+    return _bucket(n) if n <= 32 else -(-n // 32) * 32
+
+
+class DecodeGraphs:
+    def __init__(self, model, cache, block_size: int, scratch_block: int, max_batch: int, max_blocks: int,
+                 use_graphs: bool):
+        self.model, self.cache, self.block_size = model, cache, block_size
+        self.scratch_slot = scratch_block * block_size
+        self.max_batch, self.max_blocks, self.use_graphs = _bucket(max_batch), max_blocks, use_graphs
+        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.pool = None
+        self.failed: str | None = None
+        """why capture failed (decode then runs eagerly, with a warning): kept for benchmarks' notes"""
+
+    def fits(self, batch) -> bool:
+        return self.failed is None and batch.num_decodes == len(batch.chunks) and len(batch.chunks) <= self.max_batch
+
+    def run(self, batch) -> torch.Tensor:
+        """logits (B, V) of a decode-only batch, one row per chunk."""
+        B, bs = len(batch.chunks), self.block_size
+        W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
+        key = (_bucket(B), W)
+        entry = self.entries.get(key) or self._capture(*key)
+        Bp = key[0]
+        pos = [s.num_computed for s, _ in batch.chunks]
+        host = torch.zeros(4, Bp, dtype=torch.long)
+        host[0, :B] = torch.tensor([s.tokens[p] for (s, _), p in zip(batch.chunks, pos)])
+        host[1, :B] = torch.tensor(pos)
+        host[2] = self.scratch_slot
+        host[2, :B] = torch.tensor([s.block_table[p // bs] * bs + p % bs for (s, _), p in zip(batch.chunks, pos)])
+        host[3] = 1
+        host[3, :B] = host[1, :B] + 1
+        tables = torch.zeros(Bp, W, dtype=torch.int32)
+        for i, (s, _) in enumerate(batch.chunks):
+            tables[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        entry.host.copy_(host, non_blocking=True)
+        entry.tables.copy_(tables, non_blocking=True)
+        if entry.graph is not None:
+            entry.graph.replay()
+            return entry.out[:B]
+        return entry.step()[:B]  # the eager static-buffer step
+
+    def _capture(self, Bp: int, W: int) -> "_Entry":
+        dev = self.cache.device
+        host = torch.zeros(4, Bp, dtype=torch.long, device=dev)
+        host[2], host[3] = self.scratch_slot, 1
+        tables = torch.zeros(Bp, W, dtype=torch.int32, device=dev)
+        meta = AttnMetadata(positions=host[1][None], slot_mapping=host[2], context_lens=host[3].to(torch.int32),
+                            logits_indices=torch.arange(Bp, device=dev), block_tables=tables,
+                            query_lens_host=(1,) * Bp, context_lens_host=(1,) * Bp, num_decodes=Bp,
+                            block_size=self.block_size)
+
+        def step() -> torch.Tensor:
+            meta.context_lens.copy_(host[3])  # int32 copy of the lengths, refreshed inside the graph
+            return self.model(host[0][None], cache=self.cache, meta=meta)[0]
+
+        # the entry holds every tensor the step reads (meta's too): a graph replays raw addresses, so a
+        # tensor freed after capture would be read as whatever reuses its memory
+        entry = self.entries[(Bp, W)] = _Entry(host, tables, meta, step)
+        if not self.use_graphs:
+            return entry
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture, as torch requires
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = step()
+        except RuntimeError as e:  # an op that cannot be captured: the model still runs, eagerly
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            warnings.warn(f"CUDA graph capture failed ({self.failed}); decoding eagerly", stacklevel=2)
+            return entry
+        self.pool = graph.pool()
+        entry.graph, entry.out = graph, out
+        return entry
+
+
+@dataclass
+class _Entry:
+    """One (batch, width) bucket: its input buffers, the metadata built over them, the step, its graph."""
+
+    host: torch.Tensor
+    """(4, B') int64 on the device: token, position, cache slot, context length of each row"""
+    tables: torch.Tensor
+    meta: AttnMetadata
+    step: object
+    graph: object | None = None
+    out: torch.Tensor | None = None
+
+
+def kernel_step_available() -> str | None:
+    """Why the batch-1 Triton kernel step cannot serve as a backend here (None: it can)."""
+    try:
+        from lmforge.infer import kernel_step
+        from lmforge.kernels.decode import available
+    except ImportError as e:
+        return f"cannot import it ({e})"
+    if not hasattr(kernel_step, "PagedKV"):
+        return "this lmforge.infer.kernel_step predates paged caches"
+    return None if available("cuda" if torch.cuda.is_available() else "cpu") else "triton is not available"
+
+
+class BatchOneKernel:
+    """Steps that decode one sequence run on lmforge.infer.kernel_step's Triton kernels (Llama-style
+    models; 5 kernels per block): the step reads and writes the engine's paged cache through a one-row
+    block table, and on a GPU replays one captured CUDA graph. The caller's model is never modified
+    (the step runs on a fused copy)."""
+
+    def __init__(self, model, cache, max_blocks: int, use_graphs: bool):
+        from lmforge.infer.kernel_step import KernelStep, PagedKV
+
+        self.table = torch.zeros(1, max_blocks, dtype=torch.int32, device=cache.device)
+        self.step = KernelStep(model, PagedKV(k=cache.k, v=cache.v, block_table=self.table))
+        self.use_graphs, self.captured, self.device = use_graphs, False, cache.device
+
+    failed: str | None = None
+
+    def fits(self, batch) -> bool:
+        return self.failed is None and len(batch.chunks) == 1 and batch.num_decodes == 1
+
+    def run(self, batch) -> torch.Tensor | None:
+        """Logits (1, V), or None (and the general path from now on, with a warning) if the kernels fail."""
+        try:
+            return self._run(batch)
+        except Exception as e:  # noqa: BLE001 - kernels that cannot compile here must not stop serving
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            warnings.warn(f"the batch-1 kernel step failed ({self.failed}); decoding on the general path",
+                          stacklevel=2)
+            return None
+
+    def _run(self, batch) -> torch.Tensor:
+        seq = batch.chunks[0][0]
+        p = seq.num_computed
+        self.table[0, :len(seq.block_table)].copy_(torch.tensor(seq.block_table, dtype=torch.int32))
+        token = torch.tensor([seq.tokens[p]], device=self.device)
+        position = torch.tensor([p], device=self.device)
+        if not self.use_graphs:
+            return self.step.step(token, position).clone()
+        if not self.captured:
+            self.step.capture()
+            self.captured = True
+        return self.step.replay(token, position).clone()  # the step reuses one logits buffer

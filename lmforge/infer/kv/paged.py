@@ -1,0 +1,215 @@
+"""Paged caches (Kwon et al. 2023, "Efficient Memory Management for LLM Serving with PagedAttention").
+
+Keys and values live in fixed-size blocks of one pre-allocated pool per layer, k and v of shape
+(num_blocks, block_size, n_kv_heads, head_dim) (MLA: latents (num_blocks, block_size, r) and rope keys
+(num_blocks, block_size, d_r)); a sequence's block table lists its blocks in order, so its token at
+position p sits in block table[p // block_size], row p % block_size. The engine's forward is one flat
+row of N new tokens (lmforge.model.meta.AttnMetadata): every layer first writes the N new keys at their
+slots, then attends
+  decode tokens (the first meta.num_decodes sequences, one query each): batched, through the Triton
+      paged decode kernel when lmforge.kernels.paged_attention is importable on a CUDA device, else
+      through `paged_decode_reference` (gather every block of the batch, then masked attention);
+  prefill chunks: one sequence at a time, over the fresh keys when the chunk is the whole context
+      (SDPA's causal kernel), else over its gathered blocks.
+Sequence i's queries are its last query_lens[i] keys: the mask is `contiguous_mask` over its context.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model.cache import CacheSpec, contiguous_mask
+from lmforge.model.layers.attention import AttnSpec, attend_with, visible
+
+
+DECODE = ("auto", "kernel", "reference")
+
+
+def decode_kernel(device: torch.device, mode: str = "auto"):
+    """The Triton paged decode kernel for mode 'kernel' (an error if it cannot be imported; on a CPU it
+    runs in Triton's interpreter) and for 'auto' on a CUDA device when importable; None = the reference."""
+    if mode == "reference" or (mode == "auto" and device.type != "cuda"):
+        return None
+    try:
+        from lmforge.kernels.paged_attention import paged_decode_attention
+    except ImportError:
+        if mode == "kernel":
+            raise LmforgeError("decode_attention='kernel' needs lmforge.kernels.paged_attention and triton "
+                               "(pip install 'lmforge[kernels]')") from None
+        return None
+    return paged_decode_attention
+
+
+def gather(pool: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n slots of a sequence: pool (num_blocks, block_size, ...) and its table row -> (n, ...)."""
+    bs = pool.shape[1]
+    return pool[table[: -(-n // bs)].long()].flatten(0, 1)[:n]
+
+
+def decode_mask(context_lens: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
+    """(B, 1, 1, n_keys): decode query b (at position context_lens[b] - 1) sees its gathered keys."""
+    k_pos = torch.arange(n_keys, device=context_lens.device)
+    return visible((context_lens.long() - 1)[:, None], k_pos, window)[:, None]
+
+
+def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
+                           softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
+                           probs_hook=None) -> torch.Tensor:
+    """Plain gather-then-attend: q (B, H, hd), caches (num_blocks, block_size, KV, hd), block_tables
+    (B, max_blocks) int32, context_lens (B,) int32 -> (B, H, hd). Same signature as the kernel.
+    Each kv head's G = H / KV query heads are one (G, hd) @ (hd, S) product, so keys are gathered once
+    and never repeated per query head (math_attention's repeat would double the bytes at GQA 2:1)."""
+    B, H, hd = q.shape
+    KV, bt = k_cache.shape[2], block_tables.long()
+    # gathered straight into (KV, B, max_blocks, bs, hd), so (KV·B) is one batch dim of both products
+    k = k_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd)  # (KV·B, S, hd)
+    v = v_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd)
+    qg = q.view(B, KV, H // KV, hd).transpose(0, 1).reshape(KV * B, H // KV, hd)
+    s = torch.bmm(qg, k.transpose(1, 2)).float().view(KV, B, H // KV, -1) * scale  # (KV, B, G, S)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~decode_mask(context_lens, s.shape[-1], window)[None, :, 0], float("-inf"))
+    if sinks is not None:  # one extra logit per head, dropped after the softmax
+        sink = sinks.float().view(1, KV, H // KV, 1).transpose(0, 1).expand(-1, B, -1, 1)
+        p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1)
+    if probs_hook is not None:
+        probs_hook(p.transpose(0, 1).reshape(B, H, 1, -1))
+    out = torch.bmm(p.to(v.dtype).view(KV * B, H // KV, -1), v)  # (KV·B, G, hd)
+    return out.view(KV, B, H // KV, hd).transpose(0, 1).reshape(B, H, hd)
+
+
+class _Paged:
+    score_hook = None
+    kernel = None
+
+    def _kernel(self, kernel, args, kw) -> torch.Tensor | None:
+        """The kernel's output; None (and the reference from now on, with a warning) if it fails to run."""
+        try:
+            return kernel(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here must not stop serving
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # inside a graph capture: the capture's own fallback handles it
+            self.kernel = None
+            warnings.warn(f"paged decode kernel failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                          "using the reference attention", stacklevel=3)
+            return None
+
+    def _hook(self, layer: int):
+        return None if self.score_hook is None else (lambda p: self.score_hook(layer, p))
+
+    @staticmethod
+    def _write(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:
+        """new (N, ...) -> pool slots (flat index block * block_size + offset)."""
+        pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, new.to(pool.dtype))
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block src's contents into block dst, in every layer's pools."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        for pool in self.pools():
+            pool.index_copy_(0, dst, pool.index_select(0, src))
+
+    @staticmethod
+    def _prefills(meta):
+        """(sequence index, query start, query count, context length) of each prefill chunk."""
+        cu = meta.cu_seqlens_q
+        for i in range(meta.num_decodes, len(meta.query_lens_host)):
+            yield i, cu[i], meta.query_lens_host[i], meta.context_lens_host[i]
+
+
+class PagedKVCache(_Paged):
+    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
+                 decode: str = "auto"):
+        dtype = dtype or spec.dtype
+        self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
+        self.kernel = decode_kernel(self.device, decode)  # resolved once: no import per layer call
+        shape = lambda l: (num_blocks, block_size, l.kv_heads, l.head_dim)  # noqa: E731
+        self.k = [torch.zeros(shape(l), device=device, dtype=dtype) for l in spec.layers]
+        self.v = [torch.zeros(shape(l), device=device, dtype=dtype) for l in spec.layers]
+
+    def pools(self) -> list[torch.Tensor]:
+        return self.k + self.v
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta
+               ) -> torch.Tensor:
+        """q (1, H, N, hd), k/v (1, KV, N, hd) of the step's flat row -> (1, H, N, hd)."""
+        kc, vc = self.k[layer], self.v[layer]
+        self._write(kc, k[0].transpose(0, 1), meta.slot_mapping)
+        self._write(vc, v[0].transpose(0, 1), meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd, hook = meta.num_decodes, self._hook(layer)
+        kernel = self.kernel if hook is None else None
+        kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
+        # the kernel reads each row's own keys; the reference gathers a group's widest table, so it runs
+        # over groups of rows of similar context length (meta.decode_groups)
+        groups = meta.groups() if kernel is None or not nd else ((0, nd, meta.block_tables.shape[1]),)
+        for lo, hi, width in groups:
+            qd = q[0, :, lo:hi].transpose(0, 1).contiguous()  # (rows, H, hd)
+            args = (qd, kc, vc, meta.block_tables[lo:hi, :width], meta.context_lens[lo:hi])
+            od = self._kernel(kernel, args, kw) if kernel is not None else None
+            if od is None:
+                od = paged_decode_reference(*args, **kw, probs_hook=hook)
+            out[0, :, lo:hi] = od.transpose(0, 1)
+        for i, start, n, ctx in self._prefills(meta):
+            if ctx == n:  # a whole prompt: its keys are the fresh ones
+                ki, vi = k[:, :, start:start + n], v[:, :, start:start + n]
+            else:
+                ki = gather(kc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
+                vi = gather(vc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
+            mask = contiguous_mask(n, ctx, spec.window, q.device)
+            out[:, :, start:start + n] = attend_with(q[:, :, start:start + n], ki, vi, mask, spec, hook)
+        return out
+
+
+class PagedLatentCache(_Paged):
+    """MLA's latents in blocks: decode tokens attend through the absorbed path (MQA over latents),
+    prefill chunks through the per-head expansion (lmforge.model.layers.mla)."""
+
+    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
+                 decode: str = "auto"):
+        dtype = dtype or spec.dtype
+        self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
+        self.c = [torch.zeros(num_blocks, block_size, l.latent_rank, device=device, dtype=dtype) for l in spec.layers]
+        self.kr = [torch.zeros(num_blocks, block_size, l.rope_dim, device=device, dtype=dtype) for l in spec.layers]
+
+    def pools(self) -> list[torch.Tensor]:
+        return self.c + self.kr
+
+    def attend_latent(self, layer: int, mla, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta) -> torch.Tensor:
+        """q_nope/q_rope (1, H, N, .), c_kv (1, N, r), k_rope (1, 1, N, d_r) -> (1, H, N, d_v)."""
+        cc, kc = self.c[layer], self.kr[layer]
+        self._write(cc, c_kv[0], meta.slot_mapping)
+        self._write(kc, k_rope[0, 0], meta.slot_mapping)
+        out = q_nope.new_empty(*q_nope.shape[:3], mla.d_v)
+        nd = meta.num_decodes
+        if nd:
+            tables = meta.block_tables[:nd].long()
+            c = cc[tables].flatten(1, 2).to(c_kv.dtype)  # (nd, S, r)
+            kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (nd, 1, S, d_r)
+            mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window)
+            qn, qr = q_nope[0, :, :nd].transpose(0, 1)[:, :, None], q_rope[0, :, :nd].transpose(0, 1)[:, :, None]
+            out[0, :, :nd] = mla.absorbed(qn, qr, c, kr, mask, spec)[:, :, 0].transpose(0, 1)
+        for i, start, n, ctx in self._prefills(meta):
+            if ctx == n:
+                c, kr = c_kv[:, start:start + n], k_rope[:, :, start:start + n]
+            else:
+                c = gather(cc, meta.block_tables[i], ctx)[None].to(c_kv.dtype)
+                kr = gather(kc, meta.block_tables[i], ctx)[None, None].to(c_kv.dtype)
+            mask = contiguous_mask(n, ctx, spec.window, q_nope.device)
+            sl = slice(start, start + n)
+            out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec)
+        return out
+
+
+def new_paged_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
+                    decode: str = "auto"):
+    kind = PagedLatentCache if spec.latent else PagedKVCache
+    return kind(spec, num_blocks, block_size, device, dtype, decode)

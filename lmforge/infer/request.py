@@ -1,0 +1,156 @@
+"""Requests and sequences: what the engine tracks for each prompt and each of its samples.
+
+A `Request` is one prompt with its own SamplingParams; it owns `params.n` `Sequence`s (one per sample).
+The first sequence is prefilled alone; when its prompt is done, the other n - 1 fork from it and share
+its cache blocks (lmforge.infer.blocks), each drawing its first token from the same logits with its own
+random stream. A sequence holds its tokens (prompt + output), how many of them have keys in the cache
+(num_computed), its block table, and its text, built incrementally so that stop strings end it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.infer.detok import StreamDecoder
+from lmforge.infer.outputs import CompletionOutput, RequestOutput
+from lmforge.infer.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+def stop_ids(params: SamplingParams, tokenizer) -> set[int]:
+    ids = set(params.stop_token_ids)
+    eot = getattr(tokenizer, "eot_id", None)
+    if eot is not None and not params.ignore_eos:
+        ids.add(int(eot))
+    return ids
+
+
+def seed_for(seed: int, index: int) -> int:
+    """A distinct, fixed stream for item `index` under `seed` (prompt i of a batch, sample j of a request),
+    so identical prompts do not draw identical samples and a stream never depends on batch companions."""
+    return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: "Request"
+    index: int
+    """sample index within the request (CompletionOutput.index)"""
+    tokens: list[int]
+    generator: torch.Generator | None = None
+    num_computed: int = 0
+    """tokens whose keys/values are in the cache"""
+    block_table: list[int] = field(default_factory=list)
+    block_keys: list[int] = field(default_factory=list)
+    """prefix keys of the leading full blocks (lmforge.infer.blocks)"""
+    status: Status = Status.WAITING
+    logprobs: list[float] = field(default_factory=list)
+    top: list[dict[int, float]] = field(default_factory=list)
+    text: str = ""
+    finish: str | None = None
+    decoder: StreamDecoder | None = None
+    num_cached_tokens: int = 0
+    """prompt tokens found in the prefix cache at admission"""
+    preemptions: int = 0
+    """times this sequence lost its cache blocks (state kept beside the cache, e.g. a draft's, restarts)"""
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.request.prompt_len
+
+    @property
+    def remaining(self) -> int:
+        """tokens still to run through the model before this sequence can sample"""
+        return len(self.tokens) - self.num_computed
+
+    def append(self, tok: int, eos: set[int], max_seq_len: int) -> str:
+        """Add one sampled token, update text and finish state; return the newly visible text."""
+        params = self.params
+        self.tokens.append(tok)
+        if tok in eos:  # the stop token is not text; a character it cut short still shows (as U+FFFD)
+            self.finish = "stop"
+            tail = self.decoder.flush()
+            self.text += tail
+            return tail
+        piece = self.decoder.push(tok)
+        self.text += piece
+        if params.stop:
+            window = self.text[-(len(piece) + max(map(len, params.stop))):]
+            hits = [self.text.find(s, len(self.text) - len(window)) for s in params.stop]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                cut = min(hits)
+                piece = piece[: max(0, len(piece) - (len(self.text) - cut))]
+                self.text, self.finish = self.text[:cut], "stop"
+                return piece
+        if self.num_output >= params.max_tokens or len(self.tokens) >= max_seq_len:
+            self.finish = "length"
+            tail = self.decoder.flush()
+            self.text += tail
+            piece += tail
+        return piece
+
+    def output(self) -> CompletionOutput:
+        want = self.params.logprobs is not None
+        return CompletionOutput(
+            index=self.index, text=self.text, token_ids=self.tokens[self.request.prompt_len:],
+            finish_reason=self.finish or "length", logprobs=list(self.logprobs) if want else None,
+            top_logprobs=list(self.top) if want else None,
+            cumulative_logprob=sum(self.logprobs) if want else None)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    seqs: list[Sequence] = field(default_factory=list)
+    forked: bool = False
+    """whether the n samples exist yet (they fork after the first sequence's prefill)"""
+    aborted: bool = False
+    strategy: object | None = None
+    """decodes this request instead of sampling (beam search: lmforge.infer.beam); gets each row's logits"""
+    done: bool = False
+    """set by a strategy when it has its outputs"""
+    generators: list = field(default_factory=list)
+    """one torch.Generator (or None) per sample"""
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    """time.perf_counter() when added and when its first token was sampled"""
+    eos: frozenset = frozenset()
+    """token ids that end a sample (stop_ids), computed once"""
+    kind: tuple = ()
+    """the sampler's grouping key of params (lmforge.infer.sampler.kind_of), computed once"""
+    lookahead: int = 0
+    """cache slots the scheduler reserves beyond a decode token (speculative drafts)"""
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.aborted or self.done or (self.forked and all(s.finish is not None for s in self.seqs))
+
+    def output(self) -> RequestOutput:
+        outs = getattr(self.strategy, "outputs", None) or [s.output() for s in self.seqs]
+        metrics = self.strategy.metrics() if hasattr(self.strategy, "metrics") else {}
+        if self.first_token_time is not None:
+            metrics["time_to_first_token_s"] = self.first_token_time - self.arrival_time
+        return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
+                             request_id=self.request_id, finished=self.finished)

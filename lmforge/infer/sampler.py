@@ -1,0 +1,108 @@
+"""Batched per-row sampling: one call turns the step's logits rows into tokens, each row under its own
+request's SamplingParams and random stream.
+
+Rows are grouped by the SamplingParams fields that shape the distribution (temperature, filters,
+penalties, bias: not max_tokens, stop or seed), and each group runs the processors of
+lmforge.infer.processors once over its rows, so a batch of 256 rows of one kind costs one pass. Penalties see each row's own history. Ids at or beyond `vocab_limit` (a
+model vocabulary padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are never drawn.
+Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions.
+Nothing here reads the device: the caller syncs once, on the returned tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.infer.processors import TokenHistory, apply_processors, build_processors
+from lmforge.infer.sampling import SamplingParams
+
+
+@dataclass
+class Row:
+    params: SamplingParams
+    generator: torch.Generator | None
+    tokens: list[int]
+    """the sequence so far (prompt + output), for penalties"""
+    prompt_len: int
+    kind: tuple = ()
+    """rows of equal kind are processed together (`kind_of`); () = computed from params"""
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor
+    """(M,) int64"""
+    logprobs: torch.Tensor | None
+    """(M,) log-probability of each chosen token under the raw model distribution (rows asking for it)"""
+    top_values: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    """(M, K) most likely tokens, K the largest logprobs any row asked for"""
+    logits: torch.Tensor | None = None
+    """(M, V) float logits before any processor (ids beyond the vocabulary limit at -inf), for strategies"""
+
+
+_SHAPING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+            "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def kind_of(p: SamplingParams) -> tuple:
+    """Rows with equal keys are processed together (same processors, same arguments)."""
+    return tuple(getattr(p, f) for f in _SHAPING) + (tuple(sorted(p.logit_bias.items())),)
+
+
+def _history(rows: list[Row], vocab: int, device) -> TokenHistory:
+    hist = TokenHistory.start([r.tokens for r in rows], vocab, device)
+    for i, r in enumerate(rows):
+        out = r.tokens[r.prompt_len:]
+        if out:
+            hist.counts[i].index_add_(0, torch.tensor(out, device=device), torch.ones(len(out), device=device))
+    return hist
+
+
+def _draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
+    if all(g is None for g in gens):
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(gens)])
+
+
+def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None = None) -> Sampled:
+    """logits (M, V) raw model outputs, one per row -> Sampled."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r.kind or kind_of(r.params), []).append(i)
+    for idx in groups.values():
+        params = rows[idx[0]].params
+        sub = logits if len(idx) == len(rows) else logits[idx]
+        procs = build_processors(params)
+        penalties = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
+        hist = _history([rows[i] for i in idx], logits.shape[-1], logits.device) if penalties else None
+        sub = apply_processors(procs, sub, hist)
+        if params.greedy:
+            chosen = sub.argmax(-1)
+        else:
+            chosen = _draw(sub.softmax(-1), [rows[i].generator for i in idx])
+        if len(idx) == len(rows):
+            tokens = chosen
+        else:
+            tokens[idx] = chosen
+    return _logprobs(logits, tokens, rows)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> Sampled:
+    want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+    if not want:
+        return Sampled(tokens, None, None, None, logits)
+    logp = logits.log_softmax(-1)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    k = min(max(want), logp.shape[-1])
+    if k == 0:
+        return Sampled(tokens, chosen, None, None, logits)
+    top = logp.topk(k, dim=-1)
+    return Sampled(tokens, chosen, top.values, top.indices, logits)

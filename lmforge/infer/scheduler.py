@@ -1,0 +1,150 @@
+"""The scheduler: which sequences run this step, and how many of their tokens (continuous batching).
+
+Plain Python over `Sequence` objects and a `BlockPool`; no model, no tensors (tested alone). Each step:
+  1. running sequences, oldest first, each with all its pending tokens (1 for a decode, the rest of a
+     prompt for a chunked prefill) within the step's token budget. When the pool cannot hold a sequence's
+     next tokens, the NEWEST running sequence is preempted by recompute (its blocks are freed, it goes
+     back to the front of the queue with its tokens so far, and is prefilled again later: the output is
+     the same, and its random stream simply continues); if it is the sequence itself, it waits.
+  2. then waiting sequences in arrival order (preempted ones first), while the budget, max_num_seqs and
+     the pool allow; a prompt longer than the budget is split across steps (chunked prefill) unless
+     chunked_prefill is off. Nothing is admitted in a step that preempted (it would only thrash).
+A new sequence first reuses the longest cached prefix of its tokens (lmforge.infer.blocks). A running
+sequence whose request has a lookahead (speculative decoding) gets budget and blocks for that many
+draft tokens beyond its last one; the engine adds the drafts to its chunk.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from lmforge.config import check
+from lmforge.infer.blocks import BlockPool
+from lmforge.infer.request import Sequence, Status
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    """sequences in the running batch at most"""
+    max_num_batched_tokens: int = 4096
+    """tokens per forward at most (decode tokens + prefill chunks)"""
+    chunked_prefill: bool = True
+    """split prompts longer than the remaining budget across steps"""
+
+    def __post_init__(self) -> None:
+        check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        check(self.max_num_batched_tokens >= 1,
+              f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class Batch:
+    chunks: list[tuple[Sequence, int]] = field(default_factory=list)
+    """(sequence, new tokens) in run order: one-token chunks (decodes) first"""
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    """(src, dst) blocks to copy before the forward (copy-on-write)"""
+    preempted: list[Sequence] = field(default_factory=list)
+    room: dict[int, int] = field(default_factory=dict)
+    """seq_id -> draft tokens reserved beyond the scheduled ones (speculative lookahead)"""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for _, n in self.chunks if n == 1)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+        self.config, self.pool = config, pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence, after: Sequence) -> None:
+        """A fork of `after` (holding its blocks already) joins the batch right behind it."""
+        seq.status = Status.RUNNING
+        self.running.insert(self.running.index(after) + 1, seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and release its blocks."""
+        if seq.status == Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        self.pool.release(seq.block_table)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------------------------------------
+    def schedule(self) -> Batch:
+        batch, budget = Batch(), self.config.max_num_batched_tokens
+        queue, kept = deque(self.running), []
+        while queue:
+            seq = queue.popleft()
+            n = min(seq.remaining, budget)
+            if n == 0 or (n < seq.remaining and not self.config.chunked_prefill):
+                kept.append(seq)
+                continue
+            extra = min(seq.request.lookahead, budget - n) if n == seq.remaining else 0  # room for drafts
+            while not self.pool.can_append(seq.block_table, seq.num_computed, n + extra):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                batch.copies += self.pool.append(seq.block_table, seq.num_computed, n + extra)
+                batch.chunks.append((seq, n))
+                if extra:
+                    batch.room[seq.seq_id] = extra
+                budget -= n + extra
+                kept.append(seq)
+        self.running = kept
+        if not batch.preempted:
+            budget = self._admit(batch, budget)
+        batch.chunks.sort(key=lambda c: c[1] != 1)  # stable: decodes first, each group in order
+        return batch
+
+    def _admit(self, batch: Batch, budget: int) -> int:
+        pool = self.pool
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            hits = pool.lookup(seq.tokens)
+            start = len(hits) * pool.block_size
+            n = min(len(seq.tokens) - start, budget)
+            if n < len(seq.tokens) - start and not self.config.chunked_prefill:
+                break
+            idle_hits = sum(1 for b in hits if pool.ref[b] == 0)  # holding them takes them off the free list
+            if pool.blocks_for(start + n) - len(hits) + idle_hits > pool.num_free:
+                break
+            for b in hits:
+                pool.hold(b)
+            pool.count_lookup(len(seq.tokens), len(hits))
+            seq.block_table, seq.num_computed, seq.num_cached_tokens = list(hits), start, start
+            seq.block_keys = pool.block_keys(seq.tokens[:start])
+            batch.copies += pool.append(seq.block_table, start, n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.chunks.append((seq, n))
+            budget -= n
+        return budget
+
+    def _preempt(self, seq: Sequence, batch: Batch) -> None:
+        """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""
+        self.pool.release(seq.block_table)
+        seq.num_computed, seq.block_keys, seq.status = 0, [], Status.WAITING
+        seq.preemptions += 1
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,264 @@
+"""The engine against the plain reference decoder (full recompute, one request at a time, fp32): random
+request mixes under chunked prefill, preemption and prefix hits; seeds; aborts; bad input; padded
+vocabularies; a HF model through the wrapper; the asyncio front."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.async_engine import AsyncEngine
+from lmforge.infer.engine import Engine, EngineConfig
+from lmforge.infer.sampling import SamplingParams
+from lmforge.tokenizer.byte import ByteTokenizer
+
+from .infer_helpers import tiny_model
+
+
+def reference(model, tok, prompt: list[int], params: SamplingParams) -> tuple[list[int], list[float], str]:
+    """Greedy by full recompute, then the stop rules applied by hand: tokens, their logprobs, text."""
+    ids, lps = list(prompt), []
+    stops = set(params.stop_token_ids)
+    with torch.no_grad():
+        for _ in range(min(params.max_tokens, model.cfg.max_seq_len - len(prompt))):
+            logp = model(torch.tensor([ids]))[0, -1].log_softmax(-1)
+            ids.append(int(logp.argmax()))
+            lps.append(float(logp[ids[-1]]))
+            if ids[-1] in stops:
+                break
+    out = ids[len(prompt):]
+    for i in range(1, len(out) + 1):
+        text = tok.decode([t for t in out[:i] if t not in stops])
+        hit = [text.find(s) for s in params.stop if s in text]
+        if hit:
+            return out[:i], lps[:i], text[: min(hit)]
+    return out, lps, tok.decode([t for t in out if t not in stops])
+
+
+def random_mix(rng: random.Random, model, tok, n_requests: int):
+    shared = [rng.randrange(1, 250) for _ in range(13)]
+    mix = []
+    for i in range(n_requests):
+        own = [rng.randrange(1, 250) for _ in range(rng.randrange(1, 30))]
+        prompt = (shared + own) if i % 2 else own
+        probe = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        toks, _, text = reference(model, tok, prompt, probe)
+        kw = dict(temperature=0, ignore_eos=True, max_tokens=rng.randrange(1, 17), n=rng.choice([1, 1, 2]),
+                  logprobs=rng.choice([None, 2]))
+        if i % 3 == 1:
+            kw["stop_token_ids"] = (toks[rng.randrange(len(toks))],)
+        elif i % 3 == 2 and len(text) > 3 and text[2:4].isascii():  # (a U+FFFD would match partial bytes)
+            kw["stop"] = (text[2:4],)
+        mix.append((prompt, SamplingParams(**kw)))
+    return mix
+
+
+@pytest.mark.parametrize("arch,config", [
+    ("llama", dict(block_size=4, max_num_batched_tokens=16, num_kv_tokens=96)),  # chunks, preemption, hits
+    ("gpt2", dict(block_size=8, max_num_batched_tokens=40, num_kv_tokens=512)),
+    ("mqa-softcap", dict(block_size=4, max_num_batched_tokens=7, num_kv_tokens=128, max_num_seqs=3)),
+    ("llama", dict(block_size=4, max_num_batched_tokens=16, num_kv_tokens=96, cuda_graphs=True)),  # static decode
+])
+def test_random_mix_equals_reference_one_by_one(arch, config, tok):
+    model = tiny_model(arch, init_std=0.3)
+    mix = random_mix(random.Random(len(arch)), model, tok, 10)
+    engine = Engine(model, tok, EngineConfig(**config))
+    ids = [engine.add_request(p, sp) for p, sp in mix]
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    for rid, (prompt, sp) in zip(ids, mix):
+        want_toks, want_lps, want_text = reference(model, tok, prompt, sp)
+        assert len(done[rid].outputs) == sp.n
+        for o in done[rid].outputs:
+            assert o.token_ids == want_toks and o.text == want_text, rid
+            if sp.logprobs is not None:
+                assert o.logprobs == pytest.approx(want_lps, abs=1e-4)
+                assert all(len(t) == 2 and tt in t for t, tt in zip(o.top_logprobs, o.token_ids))
+    stats = engine.stats()
+    assert stats["used_blocks"] == 0 and all(r == 0 for r in engine.pool.ref)  # no leak
+    assert stats["prefix_hit_blocks"] > 0
+    if arch == "llama":
+        assert stats["preemptions"] > 0
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tok):
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=1.0, top_k=50, max_tokens=10, n=2, seed=7, ignore_eos=True)
+
+    def run(config, others: int):
+        engine = Engine(model, tok, EngineConfig(**config))
+        for i in range(others):
+            engine.add_request(f"other {i}", SamplingParams(temperature=0.9, max_tokens=5 + 3 * i, ignore_eos=True))
+        rid = engine.add_request("seeded", sp)
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.request_id == rid and o.finished:
+                    out = o
+        return [o.token_ids for o in out.outputs], engine.stats()["preemptions"]
+
+    alone, _ = run(dict(), 0)
+    crowded, preemptions = run(dict(block_size=4, max_num_batched_tokens=5, num_kv_tokens=48), 4)
+    assert alone == crowded and preemptions > 0  # preempted, recomputed, same samples
+    assert alone[0] != alone[1]
+
+
+def test_abort_frees_blocks_and_others_finish(tok):
+    model = tiny_model("llama")
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    a, b = engine.add_request("keep going", sp), engine.add_request("to abort", SamplingParams(max_tokens=50, n=3))
+    engine.step()
+    engine.step()
+    out = engine.abort(b)
+    assert out.finished and {o.finish_reason for o in out.outputs} == {"abort"}
+    with pytest.raises(LmforgeError, match="no running request with id '1'"):
+        engine.abort(b)
+    final = None
+    while engine.has_unfinished():
+        final = engine.step()[0]
+    assert final.request_id == a and final.token_ids == reference(model, tok, tok.encode("keep going"), sp)[0]
+    assert engine.pool.num_used == 0
+
+
+def test_bad_input_is_a_one_line_error_and_the_engine_keeps_serving(tok):
+    model = tiny_model("llama")
+    engine = Engine(model, tok, EngineConfig(num_kv_tokens=64, block_size=16))
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    good = engine.add_request("fine", sp)
+    engine.step()
+    bad = [("a" * 200, sp, "200 tokens.*context window is 128"),
+           ([1, 999], sp, "token id 999"),
+           ("", sp, "empty"),
+           ("x" * 60, SamplingParams(max_tokens=60), "needs 8 KV blocks but the pool has 4"),
+           ("ok", {"temperature": 0}, "SamplingParams")]
+    for prompt, params, msg in bad:
+        with pytest.raises(LmforgeError, match=msg) as e:
+            engine.add_request(prompt, params)
+        assert "\n" not in str(e.value)
+    with pytest.raises(LmforgeError, match="already in use"):
+        engine.add_request("dup", sp, request_id=good)
+    with pytest.raises(ConfigError, match="unknown sampling option 'temprature'"):
+        SamplingParams.from_dict({"temprature": 0.5})
+    with pytest.raises(ConfigError, match="vocab_size=1000"):
+        Engine(tiny_model("llama", vocab_size=300), ByteTokenizer([f"<s{i}>" for i in range(744)]))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[-1].token_ids == reference(model, tok, tok.encode("fine"), sp)[0]
+
+
+def test_padded_vocabulary_never_samples_an_undecodable_id(tok):
+    model = tiny_model("llama", vocab_size=320)  # 257 byte tokens in 320 rows
+    engine = Engine(model, tok)
+    rid = engine.add_request("x", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                  logit_bias={300: 100.0, 319: 100.0}))
+    engine.add_request("y", SamplingParams(temperature=1.5, max_tokens=30, ignore_eos=True, seed=1,
+                                           logit_bias={i: 8.0 for i in range(257, 320)}))
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert all(t < 257 for o in outs.values() for t in o.token_ids)
+    assert len(outs[rid].token_ids) == 4
+
+
+def test_hf_model_through_the_wrapper_matches_hf_greedy(tok):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.infer.hf_wrapper import HFCausalLM
+    from lmforge.infer.llm import LLM
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    prompts = ["Hello", "a longer prompt here"]
+    outs = LLM(HFCausalLM(hf), tok).generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        ids = torch.tensor([tok.encode(p)])
+        want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert o.token_ids == want
+
+
+def test_async_engine_streams_each_request(tok):
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = reference(model, tok, tok.encode("one"), sp)[0]
+
+    async def main():
+        engine = AsyncEngine(Engine(model, tok))
+
+        async def collect(prompt, params):
+            return [o async for o in engine.generate(prompt, params)]
+
+        a, b = await asyncio.gather(collect("one", sp), collect("two", SamplingParams(temperature=0, max_tokens=3)))
+        with pytest.raises(LmforgeError, match="empty"):
+            await collect("", sp)
+        return a, b, engine
+
+    a, b, engine = asyncio.run(main())
+    assert [len(o.token_ids) for o in a] == [1, 2, 3, 4, 5] and a[-1].finished and not a[0].finished
+    assert a[-1].token_ids == want and len(b[-1].token_ids) <= 3 and not engine.engine.has_unfinished()
+
+
+def test_sliding_window_blocks_are_freed_behind_the_window(tok):
+    """Every layer slides (window 4): blocks wholly behind the window return to the pool as sequences
+    advance, so a long generation holds O(window) blocks; the tokens stay the reference's."""
+    model = tiny_model("llama", sliding_window=4, init_std=0.3)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine = Engine(model, tok, EngineConfig(block_size=2, num_kv_tokens=64, max_num_batched_tokens=8))
+    prompts = ["a prompt of some length", "hi"]
+    ids = [engine.add_request(p, sp) for p in prompts]
+    engine.add_request("forked", SamplingParams(temperature=0.8, n=2, seed=3, max_tokens=30))
+    outs, peak = {}, 0
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step()})
+        peak = max(peak, engine.pool.num_used)
+    for rid, p in zip(ids, prompts):
+        assert outs[rid].token_ids == reference(model, tok, tok.encode(p), sp)[0]
+    assert peak <= 4 * (4 // 2 + 2) and engine.pool.num_used == 0 and all(r == 0 for r in engine.pool.ref)
+
+
+def test_leaving_a_stream_early_aborts_the_request(tok):
+    from lmforge.infer.llm import LLM
+
+    llm = LLM(tiny_model("llama"), tok, config=EngineConfig(block_size=4))
+    stream = llm.stream("hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                logit_bias={i: -100.0 for i in range(128, 257)}))
+    next(stream)
+    stream.close()
+    assert not llm.engine.has_unfinished() and llm.engine.pool.num_used == 0
+
+    async def main():
+        engine = AsyncEngine(Engine(tiny_model("llama"), tok))
+        sp = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+        async with contextlib.aclosing(engine.generate("hi", sp)) as stream:
+            async for _ in stream:
+                break  # the client goes away
+        return engine.engine
+
+    engine = asyncio.run(main())
+    assert not engine.has_unfinished() and engine.pool.num_used == 0
+
+
+def test_many_decode_rows_run_in_groups_of_similar_length(tok):
+    """More than 64 decode rows: the gather reference attends per group of rows sorted by context
+    length (AttnMetadata.decode_groups); every row still gets the reference's tokens."""
+    from lmforge.infer.runner import decode_groups
+
+    assert decode_groups([1, 1, 2, 5, 7], rows_per_group=2) == ((0, 2, 1), (2, 4, 5), (4, 5, 7))
+    model = tiny_model("llama")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 250) for _ in range(rng.randrange(1, 40))] for _ in range(70)]
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=4096))
+    ids = [engine.add_request(p, sp) for p in prompts]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step(finished_only=True)})
+    for rid, p in zip(ids, prompts):
+        assert outs[rid].token_ids == reference(model, tok, p, sp)[0]

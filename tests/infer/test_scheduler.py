@@ -1,0 +1,156 @@
+"""Scheduler and block pool without a model: admission order, token budget, chunked prefill, preemption,
+fairness, prefix hits, copy-on-write and block accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.blocks import BlockPool
+from lmforge.infer.request import Request, Sequence, Status
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.scheduler import Scheduler, SchedulerConfig
+
+
+def seq(i: int, prompt_len: int, first: int = 0) -> Sequence:
+    ids = list(range(first, first + prompt_len))
+    return Sequence(i, Request(str(i), None, ids, SamplingParams(), i), 0, list(ids))
+
+
+def run(sched: Scheduler, batch) -> None:
+    """What the engine does after a forward: count computed tokens; a finished prefill samples one token."""
+    for s, n in batch.chunks:
+        s.num_computed += n
+        if s.remaining == 0:
+            s.tokens.append(7)
+
+
+def make(num_blocks=64, block_size=4, **kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(**kw), BlockPool(num_blocks, block_size))
+
+
+def test_admission_in_arrival_order_within_budget():
+    sched = make(max_num_batched_tokens=10)
+    seqs = [seq(i, 4) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    b = sched.schedule()
+    assert [(s.seq_id, n) for s, n in b.chunks] == [(0, 4), (1, 4), (2, 2)]  # third is chunked
+    assert b.num_tokens == 10 and [s.seq_id for s in sched.waiting] == [3]
+    run(sched, b)
+    b = sched.schedule()  # decodes first, then the rest of seq 2, then seq 3 within the budget
+    assert [(s.seq_id, n) for s, n in b.chunks] == [(0, 1), (1, 1), (2, 2), (3, 4)]
+
+
+def test_no_chunking_waits_for_room():
+    sched = make(max_num_batched_tokens=6, chunked_prefill=False)
+    sched.add(seq(0, 4))
+    sched.add(seq(1, 4))
+    b = sched.schedule()
+    assert [(s.seq_id, n) for s, n in b.chunks] == [(0, 4)]
+
+
+def test_max_num_seqs_limits_the_batch():
+    sched = make(max_num_seqs=2)
+    for i in range(3):
+        sched.add(seq(i, 3))
+    assert [s.seq_id for s, _ in sched.schedule().chunks] == [0, 1]
+
+
+def test_preemption_takes_the_newest_and_resumes_it_first():
+    sched = make(num_blocks=4, block_size=4)  # 16 slots
+    a, b, c = seq(0, 4), seq(1, 4), seq(2, 3)
+    for s in (a, b, c):
+        sched.add(s)
+    batch = sched.schedule()
+    assert len(batch.chunks) == 3 and sched.pool.num_free == 1
+    run(sched, batch)  # a: 5 tokens, b: 5, c: 4 -> a and b each need a second block, one is free
+    batch = sched.schedule()
+    assert batch.preempted == [c] and c.status == Status.WAITING and c.block_table == []
+    assert [s.seq_id for s, _ in batch.chunks] == [0, 1]
+    assert c.num_computed == 0 and len(c.tokens) == 4 and sched.waiting[0] is c
+    run(sched, batch)
+    sched.finish(a)
+    batch = sched.schedule()  # room again: c is re-prefilled with all its tokens
+    assert (c, 4) in batch.chunks
+
+
+def test_running_sequences_are_never_starved_by_new_prompts():
+    sched = make(max_num_batched_tokens=8)
+    first = seq(0, 8)
+    sched.add(first)
+    run(sched, sched.schedule())
+    for i in range(1, 6):
+        sched.add(seq(i, 8))
+    for _ in range(5):
+        b = sched.schedule()
+        assert b.chunks[0] == (first, 1)  # one decode every step, whatever waits
+        run(sched, b)
+
+
+def test_prefix_hits_reuse_full_blocks_and_leave_the_last_token():
+    pool = BlockPool(16, 4)
+    sched = Scheduler(SchedulerConfig(), pool)
+    a = seq(0, 10)
+    sched.add(a)
+    run(sched, sched.schedule())
+    keys = pool.block_keys(a.tokens[:8])
+    for i, k in enumerate(keys):
+        pool.register(a.block_table[i], k)
+    b = seq(1, 9)  # same first 9 tokens: 2 full blocks hit
+    sched.add(b)
+    batch = sched.schedule()
+    assert (b, 1) in batch.chunks and b.num_computed == 8 and b.block_table[:2] == a.block_table[:2]
+    assert pool.ref[a.block_table[0]] == 2
+    c = seq(2, 8)  # 8 tokens = 2 blocks, but the last token must be computed: only 1 block hits
+    sched.add(c)
+    batch = sched.schedule()
+    assert (c, 4) in batch.chunks and c.num_cached_tokens == 4
+    assert pool.stats.hit_blocks == 3 and pool.stats.queried_blocks == 2 + 2 + 1
+
+
+def test_released_prefix_blocks_stay_cached_until_evicted_lru():
+    pool = BlockPool(3, 2)
+    t = [pool._take() for _ in range(3)]
+    for i, b in enumerate(t):
+        pool.register(b, 100 + i)
+    pool.release([t[0]])
+    pool.release([t[1]])
+    assert pool.num_free == 2 and pool.lookup([0] * 3) == []
+    assert pool._take() == t[0] and 100 not in pool.cached and 101 in pool.cached  # least recently used
+    pool.hold(t[1])  # a hit takes it back off the free list
+    assert pool.num_free == 0
+    with pytest.raises(LmforgeError, match="exhausted"):
+        pool._take()
+
+
+def test_fork_shares_blocks_and_copies_on_write():
+    pool = BlockPool(8, 4)
+    table = []
+    pool.append(table, 0, 6)  # 2 blocks, the second half full
+    child = pool.fork(table)
+    assert pool.ref[table[1]] == 2 and pool.needed(child, 6, 1) == 1
+    copies = pool.append(child, 6, 1)
+    assert copies == [(table[1], child[1])] and child[0] == table[0] and child[1] != table[1]
+    assert pool.ref[table[1]] == 1 and pool.append(table, 6, 1) == []  # the parent now writes alone
+    pool.release(child)
+    pool.release(table)
+    assert pool.num_free == 8
+
+
+def test_block_accounting_returns_to_empty():
+    sched = make(num_blocks=6, block_size=4, max_num_batched_tokens=7)
+    seqs = [seq(i, 3 + 2 * i, first=10 * i) for i in range(5)]
+    for s in seqs:
+        sched.add(s)
+    for step in range(40):
+        b = sched.schedule()
+        run(sched, b)
+        for s, _ in b.chunks:
+            if len(s.tokens) >= 12 and s.status == Status.RUNNING:
+                sched.finish(s)
+        if step == 3:
+            sched.finish(seqs[4])  # an abort, wherever it is
+        if not sched.has_work():
+            break
+    assert not sched.has_work() and sched.pool.num_free == 6 and all(r == 0 for r in sched.pool.ref)

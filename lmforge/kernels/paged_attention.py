@@ -1,0 +1,227 @@
+"""Decode attention over a paged KV cache (Triton), beside the plain PyTorch reference it must match.
+
+A paged cache (vLLM's PagedAttention, Kwon et al. 2023) keeps every sequence's keys in fixed-size blocks
+of one shared pool; row b's key j lives in block `block_tables[b, j // block_size]` at offset
+`j % block_size`. Per layer:
+
+    k_cache, v_cache   (num_blocks, block_size, n_kv_heads, head_dim)   any strides, last dim contiguous
+    block_tables       (B, max_blocks) int32                             entries past a row's end unused
+    context_lens       (B,) int32: row b attends to its keys 0..context_lens[b]-1 (its new token included)
+    q                  (B, H, head_dim), one query per row (decode) -> out (B, H, head_dim)
+
+The kernel is flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context inference") in one
+launch, as `lmforge.kernels.decode.attend`: program (b, kv head, split) takes one slice of the row's keys,
+keeps an online softmax in fp32 and writes its slice's unnormalised output with its running max and
+denominator; the last program of a (b, kv head) to finish combines the slices ("last block reduces", so no
+second launch). Each program serves all GROUP = H / n_kv query heads of its kv head (GQA / MQA without
+repeating K/V: every key is read once, and q·kᵀ / p·v are (GROUP, slots) matrix products on tensor cores).
+Keys are gathered slot by slot through the block table, so slices and tiles need not align with blocks.
+Options, each as in `lmforge.model.layers.attention.math_attention`: soft-capping (Gemma 2:
+c·tanh(s/c) of the scaled scores), a sliding window (query at position p sees keys in (p - window, p]),
+learned sinks (gpt-oss: one extra logit per head in the softmax denominator).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lmforge.kernels.decode import _launch_opts, triton
+
+if triton is not None:
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
+                               softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None
+                               ) -> torch.Tensor:
+    """Plain definition: gather each row's blocks into a contiguous (S, KV, hd) cache, then the model's
+    reference attention (fp32) over its visible keys."""
+    from lmforge.model.layers.attention import math_attention
+
+    bs = k_cache.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        n = int(context_lens[b])
+        if n == 0:
+            continue
+        blocks = block_tables[b, : -(-n // bs)].long()
+        lo = max(0, n - window) if window > 0 else 0
+        k = k_cache[blocks].flatten(0, 1)[lo:n]  # (S, KV, hd)
+        v = v_cache[blocks].flatten(0, 1)[lo:n]
+        o = math_attention(q[b][None, :, None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
+                           scale=scale, softcap=softcap, sinks=sinks)  # (1, H, 1, hd)
+        out[b] = o[0, :, 0]
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
+                             part_o_ptr, part_ml_ptr, count_ptr,
+                             s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV,
+                             GROUP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
+                             BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+                             SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
+                             START: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+        """Program (b·KV + kv head, split). GP >= 16 rows (GROUP padded, tl.dot needs 16) by HDP >= 16
+        columns (head_dim padded); padded rows and columns load zeros and are never stored."""
+        if PDL:  # launch the next kernel now; wait for the previous one's results (q, the new key)
+            gdc_launch_dependents()
+            gdc_wait()
+        row, sp = tl.program_id(0), tl.program_id(1)
+        b, kvh = row // KV, row % KV
+        n = tl.load(ctx_ptr + b)
+        lo0 = 0
+        if WINDOW:  # keys at positions <= (n - 1) - window are outside the window
+            lo0 = tl.maximum(n - window, 0)
+        if START:  # a static cache row's left padding: its keys start at slot start[b]
+            lo0 = tl.maximum(lo0, tl.load(start_ptr + b))
+        chunk = tl.cdiv(n - lo0, SPLITS)
+        lo = lo0 + sp * chunk
+        hi = tl.minimum(lo + chunk, n)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, HDP)
+        g_ok, d_ok = g < GROUP, d < HD
+        heads = kvh * GROUP + g
+        # tiles go to tl.dot as fp32: tf32 holds bf16/fp16 values exactly (and p more finely than bf16)
+        q = tl.load(q_ptr + (b * H + heads)[:, None] * HD + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        acc = tl.zeros([GP, HDP], dtype=tl.float32)
+        for s0 in range(lo, hi, BLOCK_S):  # every tile starts on a visible key: no all-masked tile
+            s = s0 + tl.arange(0, BLOCK_S)
+            ok = s < hi
+            page = tl.load(bt_ptr + b * s_bt + s // BS, mask=ok, other=0).to(tl.int64)
+            slot = s % BS
+            kv_ok = ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + page[:, None] * s_kb + slot[:, None] * s_ks + kvh * s_kh + d[None, :],
+                        mask=kv_ok, other=0.0).to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S) fp32
+            if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
+                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + page[:, None] * s_vb + slot[:, None] * s_vs + kvh * s_vh + d[None, :],
+                        mask=kv_ok, other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            m_i = m_new
+        o_off = (b * H + heads)[:, None] * HD + d[None, :]
+        o_mask = g_ok[:, None] & d_ok[None, :]
+        if SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=g_ok, other=float("-inf")).to(tl.float32)
+        if SPLITS == 1:
+            m_all = m_i
+            if SINKS:
+                m_all = tl.maximum(m_all, sink)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty row: zeros, not NaN
+            alpha = tl.exp(m_i - m_all)
+            den = l_i * alpha
+            if SINKS:
+                den += tl.exp(sink - m_all)
+            den = tl.where(den == 0.0, 1.0, den)
+            tl.store(out_ptr + o_off, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            part = row * SPLITS + sp
+            tl.store(part_o_ptr + (part * GP + g)[:, None] * HDP + d[None, :], acc)
+            tl.store(part_ml_ptr + (part * GP + g) * 2, m_i)
+            tl.store(part_ml_ptr + (part * GP + g) * 2 + 1, l_i)
+            tl.debug_barrier()  # every thread's stores precede the (release) count below
+            done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+            if done == SPLITS - 1:  # the last slice of this (row, kv head) combines all of them
+                sps = tl.arange(0, SPLITS)
+                ml = part_ml_ptr + ((row * SPLITS + sps)[:, None] * GP + g[None, :]) * 2  # (SPLITS, GP)
+                # .cg loads skip the (incoherent) L1 cache: the slices were written by other SMs
+                m = tl.load(ml, cache_modifier=".cg")
+                l = tl.load(ml + 1, cache_modifier=".cg")
+                m_all = tl.max(m, 0)
+                if SINKS:
+                    m_all = tl.maximum(m_all, sink)
+                m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                w = tl.exp(m - m_all[None, :])  # (SPLITS, GP); empty slices have m = -inf: weight 0
+                den = tl.sum(w * l, 0)
+                if SINKS:
+                    den += tl.exp(sink - m_all)
+                den = tl.where(den == 0.0, 1.0, den)
+                o = tl.zeros([GP, HDP], dtype=tl.float32)
+                for i in range(SPLITS):
+                    wi = tl.sum(tl.where(sps[:, None] == i, w, 0.0), 0)  # (GP,) row i of w
+                    po = tl.load(part_o_ptr + ((row * SPLITS + i) * GP + g)[:, None] * HDP + d[None, :],
+                                 cache_modifier=".cg")
+                    o += wi[:, None] * po
+                tl.store(out_ptr + o_off, (o / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+                tl.store(count_ptr + row, 0)  # ready for the next call
+
+
+# (slices per row, keys per tile, warps); None: chosen from the batch shape by default_config
+PagedConfig = tuple[int, int, int]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_config(batch: int, n_kv: int, max_keys: int, device: torch.device) -> PagedConfig:
+    """Enough slices for about two programs per SM (132 on an H100/H200), at most one per 64 keys."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
+    splits = 1
+    while batch * n_kv * splits < 2 * sms and splits < 32 and 64 * splits * 2 <= max_keys:
+        splits *= 2
+    return splits, 64, 4
+
+
+def workspace(batch: int, n_heads: int, n_kv: int, head_dim: int, splits: int, device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial outputs (B·KV·splits·GP, HDP), maxima and denominators (B·KV·splits·GP, 2), per-(row, kv
+    head) counters (zero; each call leaves them zero again)."""
+    gp, hdp = _pad(n_heads // n_kv), _pad(head_dim)
+    rows = batch * n_kv * splits * gp
+    return (torch.empty(rows, hdp, dtype=torch.float32, device=device),
+            torch.empty(rows, 2, dtype=torch.float32, device=device),
+            torch.zeros(batch * n_kv, dtype=torch.int32, device=device))
+
+
+def _pad(n: int) -> int:
+    """A tile side for n: a power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
+                           softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
+                           config: PagedConfig | None = None, out: torch.Tensor | None = None,
+                           work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
+    graphs or tune: `config` (slices, keys per tile, warps), `out`, `work` (from workspace(), sized for
+    config's slices), `start` ((B,) first visible slot per row: a static cache's left padding)."""
+    B, H, hd = q.shape
+    KV = k_cache.shape[2]
+    if H % KV:
+        raise ValueError(f"{H} query heads are not a multiple of {KV} kv heads")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or not q.is_contiguous():
+        raise ValueError("paged_decode_attention needs contiguous q and a contiguous last cache dimension")
+    splits, block, warps = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device)
+    out = torch.empty_like(q) if out is None else out
+    if splits > 1 and work is None:
+        work = workspace(B, H, KV, hd, splits, q.device)
+    work = work or (out, out, out)
+    _paged_attend_kernel[(B * KV, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, start if start is not None else context_lens,
+        sinks if sinks is not None else q, out, work[0], work[1], work[2],
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H, KV,
+        GROUP=H // KV, GP=_pad(H // KV), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
+        BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
+        START=start is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, **_launch_opts())
+    return out

@@ -10,7 +10,7 @@ of one shared pool; row b's key j lives in block `block_tables[b, j // block_siz
     q                  (B, H, head_dim), one query per row (decode) -> out (B, H, head_dim)
 
 The kernel is flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context inference") in one
-launch, as `lmforge.kernels.decode.attend`: program (b, kv head, split) takes one slice of the row's keys,
+launch: program (b, kv head, split) takes one slice of the row's keys,
 keeps an online softmax in fp32 and writes its slice's unnormalised output with its running max and
 denominator; the last program of a (b, kv head) to finish combines the slices ("last block reduces", so no
 second launch). Each program serves all GROUP = H / n_kv query heads of its kv head (GQA / MQA without
@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from lmforge.kernels.decode import _launch_opts, triton
+from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, triton
 
 if triton is not None:
     import triton.language as tl
@@ -199,11 +199,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
                            config: PagedConfig | None = None, out: torch.Tensor | None = None,
-                           work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+                           work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None,
+                           pdl: bool = PDL_DEFAULT) -> torch.Tensor:
     """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
     graphs or tune: `config` (slices, keys per tile, warps), `out`, `work` (from workspace(), sized for
-    config's slices), `start` ((B,) first visible slot per row: a static cache's left padding)."""
+    config's slices), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
+    (programmatic dependent launch where the GPU has it)."""
     B, H, hd = q.shape
     KV = k_cache.shape[2]
     if H % KV:
@@ -223,5 +224,5 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=H // KV, GP=_pad(H // KV), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
         BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
         START=start is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=warps, **_launch_opts())
+        num_warps=warps, **_launch_opts(pdl))
     return out

@@ -292,11 +292,12 @@ if triton is not None:
 # shape keys and candidate block shapes -------------------------------------------------------------------
 # gemv / qkv_rope: (rows per program, columns per loop step, warps); add: + K splits. The first candidate
 # of each list is the default (the H100's picks for a 1B model, 2026-11-23); BLOCK_K = 2048 (the whole row
-# of a 2048-wide model) puts a program's whole share of the weights in flight before its PDL wait.
+# of a 2048-wide model), or K splits with BLOCK_K · splits >= K, put a program's whole share of the weights
+# in flight before its PDL wait.
 GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024, 8), (8, 512, 4), (16, 256, 4),
                 (32, 256, 8), (1, 2048, 4))
-ADD_CONFIGS = ((4, 256, 4, 4), (4, 512, 4, 4), (2, 1024, 4, 2), (4, 1024, 4, 2), (2, 2048, 4, 1), (4, 2048, 8, 1),
-               (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
+ADD_CONFIGS = ((4, 256, 4, 4), (4, 512, 4, 4), (2, 1024, 4, 2), (4, 1024, 4, 2), (4, 1024, 4, 6), (2, 2048, 4, 3),
+               (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
 # paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps)
 ATTEND_CONFIGS = ((16, 16, 4), (32, 16, 4), (8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 16, 2), (32, 16, 2))
 

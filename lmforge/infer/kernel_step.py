@@ -142,6 +142,9 @@ class KernelStep:
         return self._run(token, position, self.kv, self.configs)
 
     def _run(self, token, position, kv: PagedKV, configs: KernelConfigs, bump: torch.Tensor | None = None):
+        """One step. Attention reads the cached keys before its PDL wait when `position` is an input the
+        caller wrote before the step; not when the previous step's head kernel advances it (`bump`: the
+        StaticKVCache form), as it may still be running."""
         cfg, m, x, eps = self.cfg, self.model, self.x, self.cfg.norm_eps
         opts = dict(pdl=self.pdl, prefetch=self.prefetch)
         c_qkv, c_att, c_o, c_gu, c_down, c_head = (configs.get(k) for k in self._keys)
@@ -152,7 +155,8 @@ class KernelStep:
                         kv.k[i], kv.v[i], kv.block_table, self.ctx, pad=kv.start, out=self.q[0], config=c_qkv, **opts)
             pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
                                       softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
-                                      out=self.o, work=self._workspace(att[0]), start=kv.start, pdl=self.pdl)
+                                      out=self.o, work=self._workspace(att[0]), start=kv.start, pdl=self.pdl,
+                                      early_positions=position if bump is None else None)
             kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
             kd.gemv(x, wgu, norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
             kd.gemv(self.h, wd, residual=x, out=x, config=c_down, **opts)

@@ -61,21 +61,48 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 if triton is not None:
 
     @triton.jit
+    def _kv_tile(ptr, bt_ptr, b, s_bt, s, ok, kvh, s_b, s_s, s_h, d, d_ok, BS: tl.constexpr):
+        """(BLOCK_S, HDP) fp32 tile of keys or values at positions s (where ok) of row b, kv head kvh: each
+        position's block looked up in the row's block table."""
+        page = tl.load(bt_ptr + b * s_bt + s // BS, mask=ok, other=0).to(tl.int64)
+        return tl.load(ptr + page[:, None] * s_b + (s % BS)[:, None] * s_s + kvh * s_h + d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+        """One tile of the online softmax (Milakov & Gimelshein 2018) for GP query rows; tiles go to tl.dot
+        as fp32 (tf32 holds bf16/fp16 values exactly, and p more finely than bf16)."""
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
+        if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
+            scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+        scores = tl.where(ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+
+    @triton.jit
     def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
                              part_o_ptr, part_ml_ptr, count_ptr,
                              s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV,
                              GROUP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
                              BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
-                             START: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                             START: tl.constexpr, EARLY: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         """Program (b·KV + kv head, split). GP >= 16 rows (GROUP padded, tl.dot needs 16) by HDP >= 16
-        columns (head_dim padded); padded rows and columns load zeros and are never stored."""
-        if PDL:  # launch the next kernel now; wait for the previous one's results (q, the new key)
-            gdc_launch_dependents()
-            gdc_wait()
+        columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
+        holds positions (context - 1) written before the previous kernel ran, and every key but the last
+        is from earlier steps, so the program reads them before its PDL wait and only the new key after."""
         row, sp = tl.program_id(0), tl.program_id(1)
         b, kvh = row // KV, row % KV
-        n = tl.load(ctx_ptr + b)
+        if PDL:  # launch the next kernel now
+            gdc_launch_dependents()
+        if EARLY:
+            n = tl.load(ctx_ptr + b) + 1
+        else:
+            if PDL:  # wait for the previous kernel's results (q, the new key, the key count)
+                gdc_wait()
+            n = tl.load(ctx_ptr + b)
         lo0 = 0
         if WINDOW:  # keys at positions <= (n - 1) - window are outside the window
             lo0 = tl.maximum(n - window, 0)
@@ -88,32 +115,33 @@ if triton is not None:
         d = tl.arange(0, HDP)
         g_ok, d_ok = g < GROUP, d < HD
         heads = kvh * GROUP + g
-        # tiles go to tl.dot as fp32: tf32 holds bf16/fp16 values exactly (and p more finely than bf16)
+        s = lo + tl.arange(0, BLOCK_S)  # the first tile, peeled off the loop
+        ok = s < hi
+        if EARLY:
+            old = ok & (s < n - 1)
+            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, old, kvh, s_kb, s_ks, s_kh, d, d_ok, BS)
+            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, old, kvh, s_vb, s_vs, s_vh, d, d_ok, BS)
+            if PDL:
+                gdc_wait()
+            new = ok & (s == n - 1)  # the new key, written by the previous kernel (zeros elsewhere)
+            k += _kv_tile(k_ptr, bt_ptr, b, s_bt, s, new, kvh, s_kb, s_ks, s_kh, d, d_ok, BS)
+            v += _kv_tile(v_ptr, bt_ptr, b, s_bt, s, new, kvh, s_vb, s_vs, s_vh, d, d_ok, BS)
+        else:
+            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS)
+            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS)
         q = tl.load(q_ptr + (b * H + heads)[:, None] * HD + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
                     other=0.0).to(tl.float32)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, HDP], dtype=tl.float32)
-        for s0 in range(lo, hi, BLOCK_S):  # every tile starts on a visible key: no all-masked tile
+        if lo < hi:  # an empty slice (short rows, many splits) keeps m = -inf, l = 0
+            m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+        for s0 in range(lo + BLOCK_S, hi, BLOCK_S):  # every tile starts on a visible key: none all-masked
             s = s0 + tl.arange(0, BLOCK_S)
             ok = s < hi
-            page = tl.load(bt_ptr + b * s_bt + s // BS, mask=ok, other=0).to(tl.int64)
-            slot = s % BS
-            kv_ok = ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + page[:, None] * s_kb + slot[:, None] * s_ks + kvh * s_kh + d[None, :],
-                        mask=kv_ok, other=0.0).to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S) fp32
-            if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
-                scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
-            scores = tl.where(ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + page[:, None] * s_vb + slot[:, None] * s_vs + kvh * s_vh + d[None, :],
-                        mask=kv_ok, other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-            m_i = m_new
+            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS)
+            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS)
+            m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
         o_off = (b * H + heads)[:, None] * HD + d[None, :]
         o_mask = g_ok[:, None] & d_ok[None, :]
         if SINKS:
@@ -138,26 +166,26 @@ if triton is not None:
             done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
             if done == SPLITS - 1:  # the last slice of this (row, kv head) combines all of them
                 sps = tl.arange(0, SPLITS)
-                ml = part_ml_ptr + ((row * SPLITS + sps)[:, None] * GP + g[None, :]) * 2  # (SPLITS, GP)
-                # .cg loads skip the (incoherent) L1 cache: the slices were written by other SMs
-                m = tl.load(ml, cache_modifier=".cg")
-                l = tl.load(ml + 1, cache_modifier=".cg")
-                m_all = tl.max(m, 0)
-                if SINKS:
-                    m_all = tl.maximum(m_all, sink)
-                m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-                w = tl.exp(m - m_all[None, :])  # (SPLITS, GP); empty slices have m = -inf: weight 0
-                den = tl.sum(w * l, 0)
-                if SINKS:
-                    den += tl.exp(sink - m_all)
-                den = tl.where(den == 0.0, 1.0, den)
-                o = tl.zeros([GP, HDP], dtype=tl.float32)
-                for i in range(SPLITS):
-                    wi = tl.sum(tl.where(sps[:, None] == i, w, 0.0), 0)  # (GP,) row i of w
-                    po = tl.load(part_o_ptr + ((row * SPLITS + i) * GP + g)[:, None] * HDP + d[None, :],
-                                 cache_modifier=".cg")
-                    o += wi[:, None] * po
-                tl.store(out_ptr + o_off, (o / den[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+                # one query head at a time, unrolled: each head's (SPLITS, HDP) partials are independent
+                # loads the compiler can issue together (a rolled loop would wait out each one's latency)
+                for gi in tl.static_range(GROUP):
+                    part = (row * SPLITS + sps) * GP + gi  # (SPLITS,)
+                    # .cg loads skip the (incoherent) L1 cache: the slices were written by other SMs
+                    m = tl.load(part_ml_ptr + 2 * part, cache_modifier=".cg")
+                    l = tl.load(part_ml_ptr + 2 * part + 1, cache_modifier=".cg")
+                    o = tl.load(part_o_ptr + part[:, None] * HDP + d[None, :], cache_modifier=".cg")
+                    m_all = tl.max(m, 0)
+                    if SINKS:
+                        sink_g = tl.load(sinks_ptr + kvh * GROUP + gi).to(tl.float32)
+                        m_all = tl.maximum(m_all, sink_g)
+                    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                    w = tl.exp(m - m_all)  # empty slices have m = -inf: weight 0
+                    den = tl.sum(w * l, 0)
+                    if SINKS:
+                        den += tl.exp(sink_g - m_all)
+                    den = tl.where(den == 0.0, 1.0, den)
+                    tl.store(out_ptr + (b * H + kvh * GROUP + gi) * HD + d,
+                             (tl.sum(w[:, None] * o, 0) / den).to(out_ptr.dtype.element_ty), mask=d_ok)
                 tl.store(count_ptr + row, 0)  # ready for the next call
 
 
@@ -200,11 +228,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
                            config: PagedConfig | None = None, out: torch.Tensor | None = None,
                            work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None,
-                           pdl: bool = PDL_DEFAULT) -> torch.Tensor:
+                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
     """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
     graphs or tune: `config` (slices, keys per tile, warps), `out`, `work` (from workspace(), sized for
     config's slices), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
-    (programmatic dependent launch where the GPU has it)."""
+    (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
+    position, used instead of context_lens: written before the step began and with every other key from
+    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step)."""
     B, H, hd = q.shape
     KV = k_cache.shape[2]
     if H % KV:
@@ -216,13 +246,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if splits > 1 and work is None:
         work = workspace(B, H, KV, hd, splits, q.device)
     work = work or (out, out, out)
+    ctx = early_positions if early_positions is not None else context_lens
     _paged_attend_kernel[(B * KV, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, start if start is not None else context_lens,
+        q, k_cache, v_cache, block_tables, ctx, start if start is not None else ctx,
         sinks if sinks is not None else q, out, work[0], work[1], work[2],
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H, KV,
         GROUP=H // KV, GP=_pad(H // KV), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
         BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
-        START=start is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        START=start is not None, EARLY=early_positions is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps, **_launch_opts(pdl))
     return out

@@ -43,6 +43,9 @@ def _check(args, tol, **kw):
     for config in (None, (1, 16, 4), (4, 32, 4)):  # default; one slice; several slices, some empty
         got = paged_decode_attention(*args, config=config, **kw)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # the kernel step's form: positions instead of lengths, old keys and the new one read separately
+    got = paged_decode_attention(*args, config=(2, 16, 4), early_positions=(args[4] - 1).long(), **kw)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("H,KV,hd,bs", [(4, 4, 64, 16), (8, 2, 128, 32), (6, 1, 64, 16), (4, 2, 16, 16)])

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
+from lmforge.kernels.paged_attention import (  # noqa: E402
+    default_config, paged_decode_attention, paged_decode_attention_ref)
 
 
 def timed(fn, dev: torch.device, reps: int) -> float:
@@ -56,7 +57,8 @@ def copy_bandwidth(dev: torch.device) -> float:
     return 2 * 4 * n / timed(lambda: b.copy_(a), dev, 10)
 
 
-def one_shape(B: int, ctx: int, H: int, KV: int, hd: int, bs: int, dev, dtype, reps: int, ref_limit: int) -> dict:
+def one_shape(B: int, ctx: int, H: int, KV: int, hd: int, bs: int, dev, dtype, reps: int, ref_limit: int,
+              smoke: bool = False) -> dict:
     g = torch.Generator(device=dev).manual_seed(B * ctx)
     nb = ctx // bs
     k_cache = torch.randn(B * nb, bs, KV, hd, device=dev, dtype=dtype, generator=g)
@@ -70,6 +72,16 @@ def one_shape(B: int, ctx: int, H: int, KV: int, hd: int, bs: int, dev, dtype, r
     out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale)
     t = timed(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale), dev, reps)
     row.update(kernel_s=t, kernel_rows_s=B / t, kernel_GBs=kv_bytes / t / 1e9)
+    splits, block, warps = default_config(B, KV, ctx, dev, hd)
+    tried = {(splits, block, warps): t}
+    if not smoke:  # a few neighbours of the default configuration: is it the best?
+        for cfg in {(splits, 64 // (hd // 64), 4), (splits * 2, block, 4), (max(1, splits // 2), block, 4),
+                    (splits, block * 2, 8)} - set(tried):
+            tried[cfg] = timed(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale,
+                                                              config=cfg), dev, reps)
+    best = min(tried, key=tried.get)
+    row.update(default_config=[splits, block, warps], best_config=list(best), best_s=tried[best],
+               best_GBs=kv_bytes / tried[best] / 1e9)
     if B * ctx <= ref_limit:
         want = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale=scale)
         row["max_err"] = float((out.float() - want.float()).abs().max())
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     for B in batches:
         for ctx in contexts:
             try:
-                rows.append(one_shape(B, ctx, H, KV, hd, 16, dev, dtype, reps, ref_limit=64 * 4096))
+                rows.append(one_shape(B, ctx, H, KV, hd, 16, dev, dtype, reps, ref_limit=64 * 4096, smoke=args.smoke))
             except Exception as e:  # noqa: BLE001  (report, keep the other shapes)
                 import traceback
 
@@ -126,11 +138,12 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
             path.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     nan = float("nan")
-    lines = ["| batch | context | KV GB | kernel rows/s | kernel GB/s | % copy BW | SDPA (contiguous) rows/s | SDPA GB/s "
-             "| kernel / SDPA | reference rows/s | max err |", "|" + "---|" * 11]
+    lines = ["| batch | context | KV GB | kernel rows/s | kernel GB/s | % copy BW | best config: GB/s | SDPA (contiguous) "
+             "rows/s | SDPA GB/s | SDPA time / kernel time | reference rows/s | max err |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['context']} | {r['kv_GB']:.3f} | {r['kernel_rows_s']:,.0f} | "
-                     f"{r['kernel_GBs']:,.0f} | {r['kernel_GBs'] * 1e9 / bw:.0%} | {r.get('sdpa_rows_s', nan):,.0f} | "
+                     f"{r['kernel_GBs']:,.0f} | {r['kernel_GBs'] * 1e9 / bw:.0%} | {tuple(r['best_config'])}: "
+                     f"{r['best_GBs']:,.0f} | {r.get('sdpa_rows_s', nan):,.0f} | "
                      f"{r.get('sdpa_GBs', nan):,.0f} | {r.get('sdpa_s', nan) / r['kernel_s']:.2f}x | "
                      f"{r.get('ref_rows_s', nan):,.0f} | {r.get('max_err', r.get('max_err_vs_sdpa', nan)):.2e} |")
     print("\n" + "\n".join(lines) + f"\n\nJSON: {path}")

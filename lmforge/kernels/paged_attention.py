@@ -198,13 +198,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_config(batch: int, n_kv: int, max_keys: int, device: torch.device) -> PagedConfig:
-    """Enough slices for about two programs per SM (132 on an H100/H200), at most one per 64 keys."""
+def default_config(batch: int, n_kv: int, max_keys: int, device: torch.device, head_dim: int = 128
+                   ) -> PagedConfig:
+    """Enough slices for about two programs per SM (132 on an H100/H200), each with at least two tiles
+    of keys; tiles of 64 keys (32 at head dim 128: a fp32 K and V tile then take 64 registers a thread)."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
+    block = 64 if head_dim <= 64 else 32
     splits = 1
-    while batch * n_kv * splits < 2 * sms and splits < 32 and 64 * splits * 2 <= max_keys:
+    while batch * n_kv * splits < 2 * sms and splits < 32 and block * splits * 4 <= max_keys:
         splits *= 2
-    return splits, 64, 4
+    return splits, block, 4
 
 
 def workspace(batch: int, n_heads: int, n_kv: int, head_dim: int, splits: int, device
@@ -241,7 +244,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"{H} query heads are not a multiple of {KV} kv heads")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or not q.is_contiguous():
         raise ValueError("paged_decode_attention needs contiguous q and a contiguous last cache dimension")
-    splits, block, warps = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device)
+    splits, block, warps = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device, hd)
     out = torch.empty_like(q) if out is None else out
     if splits > 1 and work is None:
         work = workspace(B, H, KV, hd, splits, q.device)

@@ -238,10 +238,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
     position, used instead of context_lens: written before the step began and with every other key from
     earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"paged_decode_attention wants q (B, H, hd) and k/v caches (blocks, block_size, KV, hd) "
+                         f"alike; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     B, H, hd = q.shape
     KV = k_cache.shape[2]
     if H % KV:
         raise ValueError(f"{H} query heads are not a multiple of {KV} kv heads")
+    if block_tables.shape[0] != B or context_lens.shape[0] != B or block_tables.is_floating_point():
+        raise ValueError(f"block_tables must be integer (B={B}, max_blocks) and context_lens (B,); got "
+                         f"{tuple(block_tables.shape)} {block_tables.dtype} and {tuple(context_lens.shape)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or not q.is_contiguous():
         raise ValueError("paged_decode_attention needs contiguous q and a contiguous last cache dimension")
     splits, block, warps = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device, hd)

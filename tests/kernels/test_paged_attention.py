@@ -112,3 +112,16 @@ def test_static_cache_layout_with_left_padding():
                                  start=torch.tensor([pad], dtype=torch.int32, device=DEV))
     want = paged_decode_attention_ref(q, view(k[:, pad:]), view(v[:, pad:]), table, lens - pad, scale=0.25)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_shapes_are_named():
+    from lmforge.kernels.paged_attention import paged_decode_attention
+
+    q, k, v, t, lens = _paged(2, 4, 2, 16, 16, [5, 9], seed=8)
+    with pytest.raises(ValueError, match="multiple of 3 kv heads"):
+        paged_decode_attention(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1), t, lens,
+                               scale=1.0)
+    with pytest.raises(ValueError, match="caches"):
+        paged_decode_attention(q, k[..., :8], v[..., :8], t, lens, scale=1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(q, k, v, t[:1], lens, scale=1.0)

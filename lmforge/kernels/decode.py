@@ -21,6 +21,9 @@ Weights do not depend on the previous kernel, so each GEMV issues the loads of i
 empty, ~112 times per token - overlap the previous kernel's tail instead. With a tile as wide as the
 matrix (BLOCK_K = K) a program's whole share of the weights is in flight before the wait.
 
+Weights are loaded with an evict-first L2 policy: each is read once per token and the 2 GB of a 1B model
+would only push the activations, KV cache and partial sums out of the 50 MB L2.
+
 Block shapes are explicit arguments (`config`), chosen by lmforge.kernels.tuning (no module state). Every
 kernel is fp32 inside (bf16 weights and activations in memory). `*_ref` functions are the plain
 definitions used by the tests (run on CPU with TRITON_INTERPRET=1).
@@ -129,9 +132,9 @@ if triton is not None:
         u_at = w_at + N * K  # GLU: the up rows follow the gate rows
         if PREFETCH:  # the first weight tile does not depend on the previous kernel: load it before waiting
             m0 = row_ok[:, None] & (cols < K)[None, :]
-            w_next = tl.load(w_at, mask=m0, other=0.0)
+            w_next = tl.load(w_at, mask=m0, other=0.0, eviction_policy="evict_first")
             if GLU:
-                u_next = tl.load(u_at, mask=m0, other=0.0)
+                u_next = tl.load(u_at, mask=m0, other=0.0, eviction_policy="evict_first")
         if PDL:  # let the next kernel launch now; wait for the previous one's results
             gdc_launch_dependents()
             gdc_wait()
@@ -151,15 +154,15 @@ if triton is not None:
             if PREFETCH:  # software pipeline: this tile was loaded one step ahead
                 w = w_next
                 m1 = row_ok[:, None] & (kk + BLOCK_K < K)[None, :]
-                w_next = tl.load(w_at + k0 + BLOCK_K, mask=m1, other=0.0)
+                w_next = tl.load(w_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy="evict_first")
                 if GLU:
                     wu = u_next
-                    u_next = tl.load(u_at + k0 + BLOCK_K, mask=m1, other=0.0)
+                    u_next = tl.load(u_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy="evict_first")
             else:
                 m = row_ok[:, None] & k_ok[None, :]
-                w = tl.load(w_at + k0, mask=m, other=0.0)
+                w = tl.load(w_at + k0, mask=m, other=0.0, eviction_policy="evict_first")
                 if GLU:
-                    wu = tl.load(u_at + k0, mask=m, other=0.0)
+                    wu = tl.load(u_at + k0, mask=m, other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * xk[None, :]
             if GLU:
                 acc_up += wu.to(tl.float32) * xk[None, :]
@@ -201,7 +204,8 @@ if triton is not None:
         first = tl.program_id(1) * BLOCK_K
         w_at = w_ptr + rows[:, None] * K + cols[None, :]
         if PREFETCH:
-            w_next = tl.load(w_at + first, mask=row_ok[:, None] & (first + cols < K)[None, :], other=0.0)
+            w_next = tl.load(w_at + first, mask=row_ok[:, None] & (first + cols < K)[None, :], other=0.0,
+                             eviction_policy="evict_first")
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -213,9 +217,11 @@ if triton is not None:
             if PREFETCH:
                 w = w_next
                 nxt = k0 + BLOCK_K * SPLIT_K
-                w_next = tl.load(w_at + nxt, mask=row_ok[:, None] & (nxt + cols < K)[None, :], other=0.0)
+                w_next = tl.load(w_at + nxt, mask=row_ok[:, None] & (nxt + cols < K)[None, :], other=0.0,
+                                 eviction_policy="evict_first")
             else:
-                w = tl.load(w_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
             acc += w.to(tl.float32) * xk[None, :]
         tl.atomic_add(out_ptr + rows, tl.sum(acc, 1), mask=row_ok)
 
@@ -238,8 +244,8 @@ if triton is not None:
         w2_at = w1_at + HALF * K
         if PREFETCH:
             m0 = (cols < K)[None, :]
-            w1_next = tl.load(w1_at, mask=m0, other=0.0)
-            w2_next = tl.load(w2_at, mask=m0, other=0.0)
+            w1_next = tl.load(w1_at, mask=m0, other=0.0, eviction_policy="evict_first")
+            w2_next = tl.load(w2_at, mask=m0, other=0.0, eviction_policy="evict_first")
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -255,11 +261,11 @@ if triton is not None:
             if PREFETCH:
                 w1, w2 = w1_next, w2_next
                 m1 = (kk + BLOCK_K < K)[None, :]
-                w1_next = tl.load(w1_at + k0 + BLOCK_K, mask=m1, other=0.0)
-                w2_next = tl.load(w2_at + k0 + BLOCK_K, mask=m1, other=0.0)
+                w1_next = tl.load(w1_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy="evict_first")
+                w2_next = tl.load(w2_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy="evict_first")
             else:
-                w1 = tl.load(w1_at + k0, mask=k_ok[None, :], other=0.0)
-                w2 = tl.load(w2_at + k0, mask=k_ok[None, :], other=0.0)
+                w1 = tl.load(w1_at + k0, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                w2 = tl.load(w2_at + k0, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
             acc1 += w1.to(tl.float32) * xk[None, :]
             acc2 += w2.to(tl.float32) * xk[None, :]
         inv_rms = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)

@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
             rep.add(variant="Triton kernel step", batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
+        # inference never mutates the model it is given (the kernel step fuses its own copy)
+        rep.meta["model_still_unfused"] = all(b.attn.wqkv is None and b.attn.wq is not None for b in model.blocks)
     for fused in {"on": [True], "off": [False], "both": [False, True]}[args.fuse]:
         m = fused_copy(model) if fused else model  # the model itself stays unfused
         tag = ", fused q/k/v + gate/up" if fused else ""

@@ -24,6 +24,7 @@ learned sinks (gpt-oss: one extra logit per head in the softmax denominator).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -61,17 +62,20 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 if triton is not None:
 
     @triton.jit
-    def _kv_tile(ptr, bt_ptr, b, s_bt, s, ok, kvh, s_b, s_s, s_h, d, d_ok, BS: tl.constexpr):
-        """(BLOCK_S, HDP) fp32 tile of keys or values at positions s (where ok) of row b, kv head kvh: each
+    def _kv_tile(ptr, bt_ptr, b, s_bt, s, ok, kvh, s_b, s_s, s_h, d, d_ok, BS: tl.constexpr, F32: tl.constexpr):
+        """(BLOCK_S, HDP) tile of keys or values at positions s (where ok) of row b, kv head kvh: each
         position's block looked up in the row's block table."""
         page = tl.load(bt_ptr + b * s_bt + s // BS, mask=ok, other=0).to(tl.int64)
-        return tl.load(ptr + page[:, None] * s_b + (s % BS)[:, None] * s_s + kvh * s_h + d[None, :],
-                       mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        t = tl.load(ptr + page[:, None] * s_b + (s % BS)[:, None] * s_s + kvh * s_h + d[None, :],
+                    mask=ok[:, None] & d_ok[None, :], other=0.0)
+        if F32:
+            t = t.to(tl.float32)
+        return t
 
     @triton.jit
     def _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-        """One tile of the online softmax (Milakov & Gimelshein 2018) for GP query rows; tiles go to tl.dot
-        as fp32 (tf32 holds bf16/fp16 values exactly, and p more finely than bf16)."""
+        """One tile of the online softmax (Milakov & Gimelshein 2018) for GP query rows: q·kᵀ and p·v on
+        tensor cores in the cache's dtype (p rounded to it, as FlashAttention does), fp32 accumulation."""
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
         if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
             scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
@@ -79,7 +83,7 @@ if triton is not None:
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
     @triton.jit
     def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
@@ -88,7 +92,8 @@ if triton is not None:
                              GROUP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
                              BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
-                             START: tl.constexpr, EARLY: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                             START: tl.constexpr, EARLY: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr,
+                             PDL: tl.constexpr):
         """Program (b·KV + kv head, split). GP >= 16 rows (GROUP padded, tl.dot needs 16) by HDP >= 16
         columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
         holds positions (context - 1) written before the previous kernel ran, and every key but the last
@@ -119,18 +124,20 @@ if triton is not None:
         ok = s < hi
         if EARLY:
             old = ok & (s < n - 1)
-            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, old, kvh, s_kb, s_ks, s_kh, d, d_ok, BS)
-            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, old, kvh, s_vb, s_vs, s_vh, d, d_ok, BS)
+            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, old, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, old, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
             if PDL:
                 gdc_wait()
             new = ok & (s == n - 1)  # the new key, written by the previous kernel (zeros elsewhere)
-            k += _kv_tile(k_ptr, bt_ptr, b, s_bt, s, new, kvh, s_kb, s_ks, s_kh, d, d_ok, BS)
-            v += _kv_tile(v_ptr, bt_ptr, b, s_bt, s, new, kvh, s_vb, s_vs, s_vh, d, d_ok, BS)
+            k += _kv_tile(k_ptr, bt_ptr, b, s_bt, s, new, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v += _kv_tile(v_ptr, bt_ptr, b, s_bt, s, new, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
         else:
-            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS)
-            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS)
+            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
         q = tl.load(q_ptr + (b * H + heads)[:, None] * HD + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0)
+        if F32:
+            q = q.to(tl.float32)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, HDP], dtype=tl.float32)
@@ -139,8 +146,8 @@ if triton is not None:
         for s0 in range(lo + BLOCK_S, hi, BLOCK_S):  # every tile starts on a visible key: none all-masked
             s = s0 + tl.arange(0, BLOCK_S)
             ok = s < hi
-            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS)
-            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS)
+            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
             m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
         o_off = (b * H + heads)[:, None] * HD + d[None, :]
         o_mask = g_ok[:, None] & d_ok[None, :]
@@ -158,10 +165,10 @@ if triton is not None:
             den = tl.where(den == 0.0, 1.0, den)
             tl.store(out_ptr + o_off, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
-            part = row * SPLITS + sp
-            tl.store(part_o_ptr + (part * GP + g)[:, None] * HDP + d[None, :], acc)
-            tl.store(part_ml_ptr + (part * GP + g) * 2, m_i)
-            tl.store(part_ml_ptr + (part * GP + g) * 2 + 1, l_i)
+            mine = (row * SPLITS + sp) * GP + g  # this slice's rows of the partial results
+            tl.store(part_o_ptr + mine[:, None] * HDP + d[None, :], acc)
+            tl.store(part_ml_ptr + mine * 2, m_i)
+            tl.store(part_ml_ptr + mine * 2 + 1, l_i)
             tl.debug_barrier()  # every thread's stores precede the (release) count below
             done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
             if done == SPLITS - 1:  # the last slice of this (row, kv head) combines all of them
@@ -264,6 +271,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=H // KV, GP=_pad(H // KV), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
         BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
         START=start is not None, EARLY=early_positions is not None,
+        F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=warps, **_launch_opts(pdl))
     return out

@@ -305,8 +305,9 @@ GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024,
 ADD_CONFIGS = ((4, 256, 4, 4), (4, 512, 4, 4), (2, 1024, 4, 2), (4, 1024, 4, 2), (4, 1024, 4, 6), (2, 2048, 4, 3),
                (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
 # paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps)
-ATTEND_CONFIGS = ((16, 16, 4), (32, 16, 4), (8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 16, 2), (32, 16, 2), (1, 64, 4),
-                  (2, 64, 4))
+# (tiles of 64 keys want 8 warps: with 4 a thread holds more than 255 registers and spills, sm_90)
+ATTEND_CONFIGS = ((16, 16, 4), (32, 16, 4), (8, 32, 4), (16, 32, 4), (8, 16, 2), (32, 16, 2), (1, 64, 8), (2, 64, 8),
+                  (4, 64, 8))
 
 
 def gemv_key(N: int, K: int, *, glu: bool = False, norm: bool = False, residual: bool = False, dtype=None) -> tuple:

@@ -120,7 +120,7 @@ if triton is not None:
         d = tl.arange(0, HDP)
         g_ok, d_ok = g < GROUP, d < HD
         heads = kvh * GROUP + g
-        s = lo + tl.arange(0, BLOCK_S)  # the first tile, peeled off the loop
+        s = lo + tl.arange(0, BLOCK_S)  # the first tile, loaded before the loop
         ok = s < hi
         if EARLY:
             old = ok & (s < n - 1)
@@ -141,14 +141,16 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, HDP], dtype=tl.float32)
-        if lo < hi:  # an empty slice (short rows, many splits) keeps m = -inf, l = 0
+        # every tile starts on a visible key (none all-masked; an empty slice keeps m = -inf, l = 0). The
+        # next tile's loads are issued before this tile's arithmetic (register double-buffering), so a
+        # program keeps two tiles of keys in flight
+        for s0 in range(lo, hi, BLOCK_S):
+            s_next = s0 + BLOCK_S + tl.arange(0, BLOCK_S)
+            ok_next = s_next < hi
+            k_next = _kv_tile(k_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v_next = _kv_tile(v_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
             m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
-        for s0 in range(lo + BLOCK_S, hi, BLOCK_S):  # every tile starts on a visible key: none all-masked
-            s = s0 + tl.arange(0, BLOCK_S)
-            ok = s < hi
-            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-            m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+            k, v, ok = k_next, v_next, ok_next
         o_off = (b * H + heads)[:, None] * HD + d[None, :]
         o_mask = g_ok[:, None] & d_ok[None, :]
         if SINKS:
@@ -207,14 +209,15 @@ def _sm_count(device_index: int) -> int:
 
 def default_config(batch: int, n_kv: int, max_keys: int, device: torch.device, head_dim: int = 128
                    ) -> PagedConfig:
-    """Enough slices for about two programs per SM (132 on an H100/H200), each with at least two tiles
-    of keys; tiles of 64 keys (32 at head dim 128: a fp32 K and V tile then take 64 registers a thread)."""
+    """Enough slices for about two programs per SM (132 on an H100/H200), each with at least two tiles of
+    keys; tiles of 32 keys, with 8 warps at head dim 128 (4 would need more than 255 registers a thread:
+    two K and two V tiles are in flight; sm_90, Triton 3.9)."""
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
-    block = 64 if head_dim <= 64 else 32
+    block, warps = 32, (4 if head_dim <= 64 else 8)
     splits = 1
     while batch * n_kv * splits < 2 * sms and splits < 32 and block * splits * 4 <= max_keys:
         splits *= 2
-    return splits, block, 4
+    return splits, block, warps
 
 
 def workspace(batch: int, n_heads: int, n_kv: int, head_dim: int, splits: int, device

@@ -146,3 +146,81 @@ def test_coordinate_descent_finds_the_separable_optimum():
     seconds = lambda c: cost(c) + (0 if c.get(("b",)) == (7,) else 1)  # noqa: E731
     tuned, best = coordinate_descent(KernelConfigs(), space, seconds)
     assert tuned.get(("a",)) == (2,) and tuned.get(("b",)) == (7,) and best[repr(("b",))] == 0
+
+
+def compile_for_hopper() -> dict[str, tuple[int, int]]:
+    """Compile every kernel (defaults and the shapes of a 1B Llama step) for sm_90 with Triton's own
+    ptxas, no GPU needed; {name: (registers, spill bytes)}. Run without TRITON_INTERPRET (a subprocess)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lmforge.kernels import paged_attention as pa
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+    def build(fn, types: dict, consts: dict, warps: int) -> tuple[int, int]:
+        sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr") else "i32")
+               for n in fn.arg_names}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
+        return int(regs), int(stack)
+
+    out = {}
+    attn = {"bt_ptr": "*i32", "ctx_ptr": "*i64", "start_ptr": "*i64", "count_ptr": "*i32", "part_o_ptr": "*fp32",
+            "part_ml_ptr": "*fp32", "scale": "fp32", "softcap": "fp32"}
+    for early, (splits, block, warps) in ((True, kd.ATTEND_CONFIGS[0]), (False, (4, 32, 8))):
+        for opts in (dict(SOFTCAP=False, WINDOW=False, SINKS=False, START=False),
+                     dict(SOFTCAP=True, WINDOW=True, SINKS=True, START=True)):
+            out[f"attend early={early} {opts['SINKS']}"] = build(pa._paged_attend_kernel, attn, dict(
+                GROUP=8, GP=16, HD=64 if early else 128, HDP=64 if early else 128, BS=16, BLOCK_S=block, SPLITS=splits,
+                EARLY=early, F32=False, PRECISION="tf32", PDL=True, **opts), warps)
+    bn, bk, warps = kd.GEMV_CONFIGS[0]
+    for glu in (False, True):
+        out[f"gemv glu={glu}"] = build(kd._gemv_kernel, {"x_ptr": "*fp32", "r_ptr": "*fp32", "bump_ptr": "*i64",
+                                                        "eps": "fp32"},
+                                       dict(NORM=True, GLU=glu, RESIDUAL=not glu, BUMP=not glu, BLOCK_N=bn, BLOCK_K=bk,
+                                            PREFETCH=True, PDL=True), warps)
+    bn, bk, warps, sk = kd.ADD_CONFIGS[0]
+    out["add"] = build(kd._gemv_add_kernel, {"out_ptr": "*fp32"},
+                       dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, PREFETCH=True, PDL=True), warps)
+    bn, bk, warps = kd.GEMV_CONFIGS[0]
+    out["qkv_rope"] = build(kd._qkv_rope_kernel, {"x_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                                                  "pos_ptr": "*i64", "pad_ptr": "*i64", "bt_ptr": "*i32",
+                                                  "ctx_ptr": "*i32", "eps": "fp32"},
+                            dict(HD=64, BS=16, PAD=True, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=True, PDL=True), warps)
+    out["embed"] = build(kd._embed_kernel, {"ids_ptr": "*i64", "out_ptr": "*fp32"}, dict(BLOCK=2048, PDL=True), 4)
+    return out
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """The interpreter runs a kernel as Python and misses what only the compiler checks (a name given two
+    types in different branches broke a GPU run once); compile every kernel for sm_90 in a subprocess
+    without TRITON_INTERPRET, and check the default configurations fit in registers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    code = "import json; from tests.kernels.test_decode_kernels import compile_for_hopper as c; print(json.dumps(c()))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    assert run.returncode == 0, run.stderr[-3000:]
+    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(usage) == 9 and all(spill == 0 for _, spill in usage.values()), usage

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -220,7 +221,11 @@ class KernelStep:
         pos = torch.full((1,), context - 1, dtype=torch.long, device=self.x.device)  # the last scratch slot
 
         def seconds(configs: KernelConfigs) -> float:
-            self._run(tok, pos, kv, configs)  # compiles the candidate outside the capture
+            try:
+                self._run(tok, pos, kv, configs)  # compiles the candidate outside the capture
+            except Exception as e:  # noqa: BLE001  (e.g. a block shape this Triton cannot compile)
+                warnings.warn(f"kernel config candidate skipped: {type(e).__name__}: {str(e)[:200]}", stacklevel=2)
+                return float("inf")
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._run(tok, pos, kv, configs)

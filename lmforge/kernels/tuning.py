@@ -101,13 +101,15 @@ def coordinate_descent(configs: KernelConfigs, space: Mapping[tuple, Iterable[tu
                        seconds: Callable[[KernelConfigs], float], rounds: int = 1
                        ) -> tuple[KernelConfigs, dict[str, float]]:
     """Tune one shape key at a time over its candidates with the others fixed, keeping the fastest
-    (`seconds(configs)` times a whole step with them), for `rounds` passes over the keys. Returns the
-    tuned set and {repr(key): best seconds}."""
+    (`seconds(configs)` times a whole step with them; inf for a candidate that cannot run), for `rounds`
+    passes over the keys. Returns the tuned set and {repr(key): best seconds}."""
     best: dict[str, float] = {}
     for _ in range(rounds):
         for key, cands in space.items():
             times = {tuple(c): seconds(configs.with_config(key, c)) for c in cands}
             pick = min(times, key=times.get)
+            if times[pick] == float("inf"):  # no candidate ran: keep what the set had
+                continue
             configs = configs.with_config(key, pick)
             best[repr(key)] = times[pick]
     return configs, best

@@ -146,6 +146,8 @@ def test_coordinate_descent_finds_the_separable_optimum():
     seconds = lambda c: cost(c) + (0 if c.get(("b",)) == (7,) else 1)  # noqa: E731
     tuned, best = coordinate_descent(KernelConfigs(), space, seconds)
     assert tuned.get(("a",)) == (2,) and tuned.get(("b",)) == (7,) and best[repr(("b",))] == 0
+    never = lambda c: float("inf")  # noqa: E731  (no candidate can run: the set is kept)
+    assert coordinate_descent(tuned, space, never)[0] == tuned
 
 
 def compile_for_hopper() -> dict[str, tuple[int, int]]:

@@ -201,8 +201,8 @@ class KernelStep:
         shape = (n,) + tuple(k0.shape[1:])
         new = lambda: torch.empty_strided(shape, (max(k0.stride(0), 1),) + k0.stride()[1:], dtype=k0.dtype,  # noqa: E731
                                           device=k0.device).normal_()
-        table = torch.zeros(1, width, dtype=torch.int32, device=k0.device)
-        table[0, :n] = torch.arange(n, dtype=torch.int32)
+        table = torch.zeros(1, width, dtype=self.kv.block_table.dtype, device=k0.device)
+        table[0, :n] = torch.arange(n)
         start = torch.zeros_like(self.kv.start) if self.kv.start is not None else None
         return PagedKV(k=[new() for _ in self.layers], v=[new() for _ in self.layers], block_table=table, start=start)
 

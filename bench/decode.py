@@ -204,13 +204,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS)
-                    + ", gemv (matrix-vector bandwidth per weight shape), profile (kernel tables)")
+                    + ", gemv (matrix-vector bandwidth per weight shape), profile (the kernel step's kernel table), "
+                      "profile-compile (the compiled step's)")
     ap.add_argument("--fuse", default="on", choices=["on", "off", "both"],
                     help="fused q/k/v and gate/up projections for the graph and compile paths ('both': off, then on)")
     ap.add_argument("--hf", default="both", choices=["default", "off", "both", "none"],
                     help="HF generate() runs: torch's default SDPA backends, cuDNN attention off, both, none")
     ap.add_argument("--kernel-configs", help="a KernelConfigs JSON file (lmforge.kernels.tuning) for the kernel step")
     ap.add_argument("--no-tune", action="store_true", help="kernel step: no tuning when the disk cache has no configs")
+    ap.add_argument("--tune-candidates", type=int, help="kernel step: tune over the first N candidates of each shape")
+    ap.add_argument("--kernel-variants", default="full", choices=["short", "full"],
+                    help="short: tuned, reloaded from disk, previous variant; full: + no PDL, GraphDecoder's bucket")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-batches", default="1", help="batch sizes to run the torch.compile variant at")
     ap.add_argument("--compile-modes", default="default",
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         seed_kernel_cache(out_dir)
         try:  # a kernel failure must not cost the rest of the run
             bench_kernels(rep, model, prompts[1], new, refs[1], max_len, profile="profile" in sections,
-                          configs=args.kernel_configs, tune=not args.no_tune)
+                          configs=args.kernel_configs, tune=not args.no_tune, max_candidates=args.tune_candidates,
+                          full=args.kernel_variants == "full")
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -272,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.compile_modes.split(","):
                 for B in [int(b) for b in args.compile_batches.split(",")]:
                     bench_compiled(rep, m, prompts[B], new, refs[B], max_len, mode, tag,
-                                   profile="profile" in sections and B == 1)
+                                   profile="profile-compile" in sections and B == 1)
         del m
     if "generate" in sections:
         bench_generate(rep, model, prompts[max(batches)], new, refs[max(batches)])
@@ -315,7 +320,8 @@ def bench_compiled(rep: Report, model, prompt, new: int, ref, max_len: int, mode
 
 
 def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profile: bool = False,
-                  configs: str | None = None, tune: bool = True) -> None:
+                  configs: str | None = None, tune: bool = True, max_candidates: int | None = None,
+                  full: bool = True) -> None:
     """Batch 1 on lmforge.infer.kernel_step over a paged cache (shuffled blocks of 16), as a model runner
     drives it: step(token, position) captured once, replayed per token (the prompt is fed token by token).
     Block shapes come from the on-disk cache (LMFORGE_KERNEL_CACHE) or are tuned on first use and saved;
@@ -363,25 +369,36 @@ def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profi
     ks = KernelStep(model, kv, configs=given, autotune=tune and graphs)
     source = "given file" if given else ("disk cache" if ks.configs.gpu else "defaults")
     if ks.autotune:
-        ks.tune(context=T + new // 2)
+        ks.tune(context=T + new // 2, max_candidates=max_candidates)
         source = f"tuned on first use in {time.perf_counter() - t0:.0f}s, saved to disk"
     rep.meta["kernel_configs"] = ks.configs.to_json()
-    for i in range(3 if graphs else 1):  # three timings of one graph: the spread is the noise
+    print(f"kernel configs ({source}): {json.dumps(ks.configs.to_json()['configs'])}", flush=True)
+    for i in range(2 if graphs else 1):  # two timings of one graph: the spread is the noise
         run("Triton kernel step (paged)" + (" + CUDA graph, PDL + weight prefetch" if graphs else ", eager"), ks,
             f"configs: {source}; timing {i + 1}")
     if not graphs:
         return
-    again = KernelStep(model, kv)  # a fresh step: its configs come from the disk cache
-    loaded = "equal to the tuned set" if again.configs == ks.configs else "DIFFERENT from the tuned set"
-    run("Triton kernel step (paged), configs reloaded from disk", again, f"loaded set {loaded}")
-    del again
-    run("previous variant: PDL, no weight prefetch before the wait", KernelStep(model, kv, configs=ks.configs,
-                                                                                 prefetch=False), "same configs")
-    run("no PDL, no prefetch", KernelStep(model, kv, configs=ks.configs, pdl=False, prefetch=False), "same configs")
-    dec = GraphDecoder(model, 1, max_len, kernels=True)
-    dec.capture(1)
-    run_loop(rep, "GraphDecoder batch-1 bucket (static cache, kernel step)", dec, prompt, new, ref,
-             note="configs from the disk cache" if dec.kernel_step.configs.gpu else "default configs")
+    variants = [("Triton kernel step (paged), configs reloaded from disk", lambda: KernelStep(model, kv), None),
+                ("previous variant: PDL, no weight prefetch before the wait",
+                 lambda: KernelStep(model, kv, configs=ks.configs, prefetch=False), "same configs")]
+    if full:
+        variants.append(("no PDL, no prefetch", lambda: KernelStep(model, kv, configs=ks.configs, pdl=False,
+                                                                   prefetch=False), "same configs"))
+    for name, make, note in variants:
+        try:  # one variant failing must not cost the others
+            step = make()
+            if note is None:  # a fresh step: its configs come from the disk cache
+                note = f"loaded set {'equal to' if step.configs == ks.configs else 'DIFFERENT from'} the tuned set"
+            run(name, step, note)
+            del step
+        except Exception as e:  # noqa: BLE001
+            rep.add(variant=name, batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:150]}")
+    if full:
+        dec = GraphDecoder(model, 1, max_len, kernels=True)
+        dec.capture(1)
+        run_loop(rep, "GraphDecoder batch-1 bucket (static cache, kernel step)", dec, prompt, new, ref,
+                 note="configs from the disk cache" if dec.kernel_step.configs.gpu else "default configs")
+    print("\n" + rep.table(), flush=True)  # now, in case a later section runs out of time
     if profile:
         from profiling import kernel_table
 

@@ -297,16 +297,16 @@ if triton is not None:
 
 # shape keys and candidate block shapes -------------------------------------------------------------------
 # gemv / qkv_rope: (rows per program, columns per loop step, warps); add: + K splits. The first candidate
-# of each list is the default (the H100's picks for a 1B model, 2026-11-23); BLOCK_K = 2048 (the whole row
-# of a 2048-wide model), or K splits with BLOCK_K · splits >= K, put a program's whole share of the weights
-# in flight before its PDL wait.
-GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024, 8), (8, 512, 4), (16, 256, 4),
-                (32, 256, 8), (1, 2048, 4))
+# of each list is the default (the H100's picks for a 1B model, 2026-11-23) and the likeliest come first
+# (a short tune takes the first few). BLOCK_K = 2048 (the whole row of a 2048-wide model), or K splits
+# with BLOCK_K · splits >= K, put a program's whole share of the weights in flight before its PDL wait.
+GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024, 8), (32, 256, 8), (8, 512, 4),
+                (16, 256, 4), (1, 2048, 4))
 ADD_CONFIGS = ((4, 256, 4, 4), (4, 512, 4, 4), (2, 1024, 4, 2), (4, 1024, 4, 2), (4, 1024, 4, 6), (2, 2048, 4, 3),
                (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
 # paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps)
 # (tiles of 64 keys want 8 warps: with 4 a thread holds more than 255 registers and spills, sm_90)
-ATTEND_CONFIGS = ((16, 16, 4), (32, 16, 4), (8, 32, 4), (16, 32, 4), (8, 16, 2), (32, 16, 2), (1, 64, 8), (2, 64, 8),
+ATTEND_CONFIGS = ((16, 16, 4), (32, 16, 4), (8, 32, 4), (16, 32, 4), (2, 64, 8), (8, 16, 2), (32, 16, 2), (1, 64, 8),
                   (4, 64, 8))
 
 

@@ -338,7 +338,8 @@ def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profi
     bs, T = 16, prompt.shape[1]
     n_blocks = -(-(T + new + 1) // bs)
     gen = torch.Generator().manual_seed(3)
-    pool = lambda: torch.zeros(n_blocks + 4, bs, c.kv_heads, c.hd, dtype=prompt_dtype(model), device=dev)  # noqa: E731
+    dtype = next(model.parameters()).dtype
+    pool = lambda: torch.zeros(n_blocks + 4, bs, c.kv_heads, c.hd, dtype=dtype, device=dev)  # noqa: E731
     kv = PagedKV(k=[pool() for _ in range(c.n_layers)], v=[pool() for _ in range(c.n_layers)],
                  block_table=torch.randperm(n_blocks + 4, generator=gen)[:n_blocks].to(torch.int32)[None].to(dev))
     given = KernelConfigs.load(Path(configs)) if configs else None
@@ -403,10 +404,6 @@ def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profi
         from profiling import kernel_table
 
         print("\n[Triton kernel step] graph replay:\n" + kernel_table(ks.graph.replay, calls=10), flush=True)
-
-
-def prompt_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
 
 
 def seed_kernel_cache(out_dir: Path) -> None:

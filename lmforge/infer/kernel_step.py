@@ -16,8 +16,10 @@ in a CUDA graph. Public surface:
         autotune  with configs=None and nothing cached: tune at capture() and save the set to disk
     logits = ks.step(token, position)   token (1,) long, position (1,) or () int, both device tensors:
                   writes the token's k/v at `position` (block block_table[0, position // block_size]),
-                  attends to positions 0..position; -> (1, V) logits, one buffer reused by every call
-    ks.capture()                        record step(ks.token, ks.position) in a CUDA graph (GPU)
+                  attends to positions 0..position; -> (1, V) logits, one buffer reused by every call.
+                  `position` and the block table must be written by ordinary stream work before the
+                  step (any torch op or copy; the attention kernels read them before their PDL wait)
+    ks.capture(pool=None)               record step(ks.token, ks.position) in a CUDA graph (GPU)
     logits = ks.replay(token, position) copy the inputs into ks.token / ks.position, replay the graph
     ks.tune(context=512)                time candidates on private scratch caches; save; use them
 

@@ -302,8 +302,8 @@ if triton is not None:
 # with BLOCK_K · splits >= K, put a program's whole share of the weights in flight before its PDL wait.
 GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024, 8), (32, 256, 8), (8, 512, 4),
                 (16, 256, 4), (1, 2048, 4))
-ADD_CONFIGS = ((4, 256, 4, 4), (4, 512, 4, 4), (2, 1024, 4, 2), (4, 1024, 4, 2), (4, 1024, 4, 6), (2, 2048, 4, 3),
-               (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
+ADD_CONFIGS = ((4, 256, 4, 4), (4, 1024, 4, 2), (4, 1024, 4, 6), (4, 2048, 8, 3), (2, 1024, 4, 2), (4, 512, 4, 4),
+               (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
 # paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps)
 # (tiles of 64 keys want 8 warps: with 4 a thread holds more than 255 registers and spills, sm_90)
 ATTEND_CONFIGS = ((16, 16, 4), (32, 16, 4), (8, 32, 4), (16, 32, 4), (2, 64, 8), (8, 16, 2), (32, 16, 2), (1, 64, 8),

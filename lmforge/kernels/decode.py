@@ -300,7 +300,7 @@ if triton is not None:
 # of each list is the default (the H100's picks for a 1B model, 2026-11-23) and the likeliest come first
 # (a short tune takes the first few). BLOCK_K = 2048 (the whole row of a 2048-wide model), or K splits
 # with BLOCK_K · splits >= K, put a program's whole share of the weights in flight before its PDL wait.
-GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024, 8), (32, 256, 8), (8, 512, 4),
+GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (32, 256, 8), (8, 1024, 8), (8, 512, 4),
                 (16, 256, 4), (1, 2048, 4))
 ADD_CONFIGS = ((4, 256, 4, 4), (4, 1024, 4, 2), (4, 1024, 4, 6), (4, 2048, 8, 3), (2, 1024, 4, 2), (4, 512, 4, 4),
                (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))

@@ -380,7 +380,7 @@ def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profi
     if not graphs:
         return
     variants = [("Triton kernel step (paged), configs reloaded from disk", lambda: KernelStep(model, kv), None),
-                ("previous variant: PDL, no weight prefetch before the wait",
+                ("previous variant: PDL, no loads before the PDL wait",
                  lambda: KernelStep(model, kv, configs=ks.configs, prefetch=False), "same configs")]
     if full:
         variants.append(("no PDL, no prefetch", lambda: KernelStep(model, kv, configs=ks.configs, pdl=False,

@@ -97,8 +97,9 @@ class KernelStep:
 
     def __init__(self, model, kv: "PagedKV | StaticKVCache", *, configs: KernelConfigs | None = None,
                  autotune: bool = False, pdl: bool = kd.PDL_DEFAULT, prefetch: bool = True):
-        """pdl / prefetch: programmatic dependent launch and weight prefetch before the PDL wait (both
-        on by default where the GPU supports PDL; off: the previous variant, for benchmarks)."""
+        """pdl / prefetch: programmatic dependent launch, and loads issued before the PDL wait (weights'
+        first tiles, cached keys) - both on by default where the GPU supports PDL; prefetch=False is the
+        previous variant, for benchmarks."""
         why = unsupported(model)
         if why is not None:
             raise LmforgeError(f"the batch-1 kernel step does not support {why}")
@@ -159,7 +160,7 @@ class KernelStep:
             pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
                                       softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
                                       out=self.o, work=self._workspace(att[0]), start=kv.start, pdl=self.pdl,
-                                      early_positions=position if bump is None else None)
+                                      early_positions=position if bump is None and self.prefetch else None)
             kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
             kd.gemv(x, wgu, norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
             kd.gemv(self.h, wd, residual=x, out=x, config=c_down, **opts)

@@ -7,9 +7,9 @@ the head: 5·L + 2 launches instead of ~15·L. All buffers are allocated once, s
 in a CUDA graph. Public surface:
 
     ks = KernelStep(model, kv, configs=None, autotune=False)
-        model     an lmforge Transformer that `unsupported(model)` accepts. Never modified: the step runs
-                  on fused_copy(model) (lmforge.model.layers.fused), which shares every unfused weight and
-                  owns stacked q/k/v and gate/up ones - a snapshot: build a new step after changing weights
+        model     an lmforge Transformer that `unsupported(model)` accepts. Read, never modified: the
+                  kernels take its own q/k/v and gate/up weights (no stacked copy, no extra memory; later
+                  changes to the weights are seen), only RoPE tables are the step's own
         kv        PagedKV (per-layer (num_blocks, block_size, KV, hd) caches + a (1, max_blocks) int32
                   block table the caller fills), or a StaticKVCache (its row 0, left padding respected)
         configs   KernelConfigs; None: the set cached on disk for this GPU and model shape, else defaults
@@ -28,6 +28,7 @@ in a CUDA graph. Public surface:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
@@ -40,7 +41,6 @@ from lmforge.kernels import decode as kd
 from lmforge.kernels import paged_attention as pa
 from lmforge.kernels.tuning import KernelConfigs, coordinate_descent, gpu_name
 from lmforge.model.cache import StaticKVCache
-from lmforge.model.layers.fused import fused_copy
 
 
 def unsupported(model) -> str | None:
@@ -67,6 +67,19 @@ def model_signature(model) -> str:
     c, dtype = model.cfg, next(model.parameters()).dtype
     return (f"llama-d{c.d_model}-l{c.n_layers}-h{c.n_heads}-kv{c.kv_heads}-hd{c.hd}-ff{c.ff}-v{c.vocab_size}-"
             f"{str(dtype).removeprefix('torch.')}")
+
+
+def _qkv_weights(attn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's own q, k, v weights (views of the stacked one in a fused model)."""
+    if attn.wqkv is not None:
+        return tuple(attn.wqkv.weight.split(attn.qkv_sizes))
+    return attn.wq.weight, attn.wk.weight, attn.wv.weight
+
+
+def _gate_up_weights(mlp) -> tuple[torch.Tensor, torch.Tensor]:
+    if mlp.gate_up is not None:
+        return tuple(mlp.gate_up.weight.chunk(2))
+    return mlp.gate.weight, mlp.up.weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +117,13 @@ class KernelStep:
         if why is not None:
             raise LmforgeError(f"the batch-1 kernel step does not support {why}")
         self.kv = PagedKV.from_static(kv) if isinstance(kv, StaticKVCache) else kv
-        m = fused_copy(model)
-        m.rope.reserve(self.kv.max_positions)  # the copy's own tables: the caller's model is untouched
-        cfg, p = m.cfg, next(m.parameters())
-        self.model, self.cfg, self.pdl, self.prefetch = m, cfg, pdl, prefetch
-        self.layers = [(b.norm1.weight, b.attn.wqkv.weight, b.attn.wo.weight, b.norm2.weight, b.mlp.gate_up.weight,
-                        b.mlp.down.weight, b.attn) for b in m.blocks]
-        self.signature, self.gpu = model_signature(m), gpu_name(p.device)
+        self.rope = copy.deepcopy(model.rope)  # tables covering every cache slot; the model's stay as they are
+        self.rope.reserve(self.kv.max_positions)
+        cfg, p = model.cfg, next(model.parameters())
+        self.model, self.cfg, self.pdl, self.prefetch = model, cfg, pdl, prefetch
+        self.layers = [(b.norm1.weight, _qkv_weights(b.attn), b.attn.wo.weight, b.norm2.weight,
+                        _gate_up_weights(b.mlp), b.mlp.down.weight, b.attn) for b in model.blocks]
+        self.signature, self.gpu = model_signature(model), gpu_name(p.device)
         cached = KernelConfigs.cached(self.gpu, self.signature) if configs is None and p.is_cuda else None
         self.configs = configs or cached or KernelConfigs(model=self.signature)
         self.autotune = autotune and configs is None and cached is None and p.is_cuda
@@ -128,10 +141,11 @@ class KernelStep:
     def keys(self) -> dict[tuple, tuple[tuple[int, ...], ...]]:
         """The shape keys this step's kernels look up, with their candidate configurations."""
         c, w = self.cfg, self.layers[0]
-        dt = w[1].dtype
-        keys = [kd.qkv_rope_key(c.n_heads, c.kv_heads, c.hd, c.d_model, dt), kd.attend_key(c.n_heads, c.kv_heads, c.hd),
-                kd.add_key(c.d_model, c.n_heads * c.hd, dt), kd.gemv_key(c.ff, c.d_model, glu=True, norm=True, dtype=dt),
-                kd.add_key(c.d_model, c.ff, dt), kd.gemv_key(c.vocab_size, c.d_model, norm=True, dtype=dt)]
+        dt = w[1][0].dtype
+        keys = [kd.qkv_rope_key(c.n_heads, c.kv_heads, c.hd, c.d_model, dt),
+                kd.attend_key(c.n_heads, c.kv_heads, c.hd), kd.add_key(c.d_model, c.n_heads * c.hd, dt),
+                kd.gemv_key(c.ff, c.d_model, glu=True, norm=True, dtype=dt), kd.add_key(c.d_model, c.ff, dt),
+                kd.gemv_key(c.vocab_size, c.d_model, norm=True, dtype=dt)]
         return {k: kd.candidates(k) for k in dict.fromkeys(keys)}
 
     def _workspace(self, splits: int):
@@ -155,14 +169,14 @@ class KernelStep:
         att = c_att or kd.ATTEND_CONFIGS[0]
         kd.embed(token.reshape(1), m.tok_emb.weight, x, pdl=self.pdl)
         for i, (g1, wqkv, wo, g2, wgu, wd, attn) in enumerate(self.layers):
-            kd.qkv_rope(x, wqkv, g1, eps, m.rope.cos_table, m.rope.sin_table, position, cfg.n_heads, cfg.kv_heads,
+            kd.qkv_rope(x, wqkv, g1, eps, self.rope.cos_table, self.rope.sin_table, position, cfg.n_heads, cfg.kv_heads,
                         kv.k[i], kv.v[i], kv.block_table, self.ctx, pad=kv.start, out=self.q[0], config=c_qkv, **opts)
             pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
                                       softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
                                       out=self.o, work=self._workspace(att[0]), start=kv.start, pdl=self.pdl,
                                       early_positions=position if bump is None and self.prefetch else None)
             kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
-            kd.gemv(x, wgu, norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
+            kd.gemv(x, wgu[0], up=wgu[1], norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
             kd.gemv(self.h, wd, residual=x, out=x, config=c_down, **opts)
         kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=eps, out=self.logits.view(-1), bump=bump,
                 config=c_head, **opts)

@@ -7,11 +7,12 @@ only 55-85% of bandwidth on the 8-46 MB matrices of a 1B model. These kernels fo
 the matmuls into them, giving five kernels per Llama block instead of ~15:
 
   gemv           y = W · x with optional RMSNorm of x in front (gain applied on the fly), an optional
-                 SwiGLU epilogue (W holds gate rows, then up rows: y = silu(W_g x) · W_u x) and an
+                 SwiGLU epilogue (y = silu(W_g x) · W_u x, the two as separate tensors or stacked) and an
                  optional residual add (y = r + W x, in place into r; split-K with atomic adds for an
                  fp32 residual)
-  qkv_rope       RMSNorm + the fused q/k/v projection, with RoPE (half-split) and the write of the new
-                 token's k and v into a paged cache (lmforge.kernels.paged_attention's layout) as epilogue
+  qkv_rope       RMSNorm + the q, k and v projections in one launch (the model's own three matrices, no
+                 stacked copy), with RoPE (half-split) and the write of the new token's k and v into a
+                 paged cache (lmforge.kernels.paged_attention's layout) as epilogue
   attention      lmforge.kernels.paged_attention (flash-decoding over the cache's blocks, one launch)
 
 Launch gaps. On Hopper every kernel is launched with programmatic dependent launch (PDL): it may start
@@ -79,8 +80,11 @@ def available(device: torch.device | str) -> bool:
 
 # references --------------------------------------------------------------------------------------------
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-5,
-             glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x (K,), w (N, K) or (2N, K) with glu -> (N,), in fp32, cast to the residual's dtype (w's without one)."""
+             glu: bool = False, up: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (K,), w (N, K) or, with glu, (2N, K) gate rows then up rows (or w (N, K) gate and `up` (N, K)) ->
+    (N,), in fp32, cast to the residual's dtype (w's without one)."""
+    if up is not None:
+        w = torch.cat([w, up])
     xf = x.float()
     if norm is not None:
         xf = F.rms_norm(xf, (xf.shape[-1],), norm.float(), eps)
@@ -113,7 +117,8 @@ def rope_cache_ref(qkv, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k
 
 def qkv_rope_ref(x, w, norm, eps: float, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k_cache, v_cache,
                  block_table) -> torch.Tensor:
-    """RMSNorm + fused q/k/v projection, then rope_cache_ref."""
+    """RMSNorm + the q/k/v projection (w stacked, or a (wq, wk, wv) tuple), then rope_cache_ref."""
+    w = torch.cat(w) if isinstance(w, (tuple, list)) else w
     return rope_cache_ref(gemv_ref(x, w, norm=norm, eps=eps), cos, sin, pos, pad, n_heads, n_kv, k_cache, v_cache,
                           block_table)
 
@@ -122,14 +127,14 @@ def qkv_rope_ref(x, w, norm, eps: float, cos, sin, pos: int, pad: int, n_heads: 
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, g_ptr, r_ptr, out_ptr, bump_ptr, N, K, eps,
+    def _gemv_kernel(x_ptr, w_ptr, u_ptr, g_ptr, r_ptr, out_ptr, bump_ptr, N, K, eps,
                      NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, BUMP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
         w_at = w_ptr + rows[:, None] * K + cols[None, :]
-        u_at = w_at + N * K  # GLU: the up rows follow the gate rows
+        u_at = u_ptr + rows[:, None] * K + cols[None, :]  # GLU: the up projection's rows
         if PREFETCH:  # the first weight tile does not depend on the previous kernel: load it before waiting
             m0 = row_ok[:, None] & (cols < K)[None, :]
             w_next = tl.load(w_at, mask=m0, other=0.0, eviction_policy="evict_first")
@@ -226,8 +231,8 @@ if triton is not None:
         tl.atomic_add(out_ptr + rows, tl.sum(acc, 1), mask=row_ok)
 
     @triton.jit
-    def _qkv_rope_kernel(x_ptr, w_ptr, g_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr, q_ptr, k_ptr, v_ptr, bt_ptr,
-                         ctx_ptr, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, H, KV, K, eps, HD: tl.constexpr,
+    def _qkv_rope_kernel(x_ptr, wq_ptr, wk_ptr, wv_ptr, g_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr, q_ptr, k_ptr,
+                         v_ptr, bt_ptr, ctx_ptr, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, H, KV, K, eps, HD: tl.constexpr,
                          BS: tl.constexpr, PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PREFETCH: tl.constexpr, PDL: tl.constexpr):
         """Normed q/k/v projection with RoPE and the cache write as its epilogue. Program p computes rows
@@ -238,9 +243,14 @@ if triton is not None:
         per_head = HALF // BLOCK_N
         head = tl.program_id(0) // per_head  # 0..H-1: q heads, then KV k heads, then KV v heads
         j = (tl.program_id(0) % per_head) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = head * HD + j
         cols = tl.arange(0, BLOCK_K)
-        w1_at = w_ptr + rows[:, None] * K + cols[None, :]
+        if head < H:  # the head's rows in its own projection (the model's wq, wk, wv: no stacked copy)
+            w_head = wq_ptr + head * HD * K
+        elif head < H + KV:
+            w_head = wk_ptr + (head - H) * HD * K
+        else:
+            w_head = wv_ptr + (head - H - KV) * HD * K
+        w1_at = w_head + j[:, None] * K + cols[None, :]
         w2_at = w1_at + HALF * K
         if PREFETCH:
             m0 = (cols < K)[None, :]
@@ -340,15 +350,21 @@ def _pow2(k: int) -> int:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-5,
-         glu: bool = False, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         glu: bool = False, up: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+         out: torch.Tensor | None = None,
          bump: torch.Tensor | None = None, config: tuple[int, ...] | None = None, pdl: bool = PDL_DEFAULT,
          prefetch: bool = True) -> torch.Tensor:
     """Kernel version of gemv_ref. With `residual`, `out` may be the residual tensor itself (updated in
     place: each program reads and writes only its own rows); an fp32 residual without norm or GLU is
     accumulated into by split-K atomic adds (config from ADD_CONFIGS; see `add_key`), every other case
     takes a GEMV_CONFIGS config (`gemv_key`). `out` must not alias x. `bump`: a one-element integer tensor
-    the kernel adds 1 to (not with residual accumulation)."""
-    N, K = (w.shape[0] // 2 if glu else w.shape[0]), w.shape[1]
+    the kernel adds 1 to (not with residual accumulation). glu: `up` holds the up rows, or w stacks them
+    after the gate rows."""
+    if glu and up is None:
+        w, up = w.chunk(2)  # views: no copy
+    N, K = w.shape
+    if w.stride(0) != K or (up is not None and up.stride(0) != K):
+        raise ValueError("gemv needs weights with contiguous rows")
     if out is not None and out is residual and out.dtype == torch.float32 and norm is None and not glu:
         bn, bk, warps, sk = config or ADD_CONFIGS[0]
         bk = min(bk, _pow2(K))
@@ -359,7 +375,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
     bn, bk, warps = config or GEMV_CONFIGS[0]
     bk = min(bk, _pow2(K))
     _gemv_kernel[(triton.cdiv(N, bn),)](
-        x, w, norm if norm is not None else x, residual if residual is not None else out, out,
+        x, w, up if up is not None else w, norm if norm is not None else x,
+        residual if residual is not None else out, out,
         bump if bump is not None else out, N, K, eps, NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None,
         BUMP=bump is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch))
     return out
@@ -379,14 +396,20 @@ def qkv_rope(x, w, norm, eps: float, cos, sin, pos: torch.Tensor, n_heads: int, 
     """Kernel version of qkv_rope_ref. pos (the new token's slot), pad (left padding, optional) and
     block_table (1, max_blocks) are device tensors read by the kernel (graph-safe); it also writes
     context_len[0] = pos + 1. k_cache, v_cache: (num_blocks, block_size, KV, hd), any strides with the
-    last dimension contiguous (a static cache row (KV, S, hd) is `.permute(1, 0, 2)[None]`, one block)."""
+    last dimension contiguous (a static cache row (KV, S, hd) is `.permute(1, 0, 2)[None]`, one block).
+    w: the stacked q/k/v weight or a (wq, wk, wv) tuple (a model's own, unfused projections)."""
     hd = k_cache.shape[-1]
-    out = torch.empty(n_heads, hd, dtype=w.dtype, device=w.device) if out is None else out
-    bn, bk, warps = config or candidates(qkv_rope_key(n_heads, n_kv, hd, w.shape[1], w.dtype))[0]
-    bk = min(bk, _pow2(w.shape[1]))
+    wq, wk, wv = w if isinstance(w, (tuple, list)) else w.split([n_heads * hd, n_kv * hd, n_kv * hd])
+    K = wq.shape[1]
+    if any(t.stride(0) != K for t in (wq, wk, wv)):
+        raise ValueError("qkv_rope needs weights with contiguous rows")
+    out = torch.empty(n_heads, hd, dtype=wq.dtype, device=wq.device) if out is None else out
+    bn, bk, warps = config or candidates(qkv_rope_key(n_heads, n_kv, hd, K, wq.dtype))[0]
+    bk = min(bk, _pow2(K))
     _qkv_rope_kernel[((n_heads + 2 * n_kv) * (hd // 2 // bn),)](
-        x, w, norm, cos, sin, pos, pad if pad is not None else pos, out, k_cache, v_cache, block_table, context_len,
+        x, wq, wk, wv, norm, cos, sin, pos, pad if pad is not None else pos, out, k_cache, v_cache, block_table,
+        context_len,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), n_heads, n_kv, w.shape[1], eps, HD=hd, BS=k_cache.shape[1], PAD=pad is not None,
+        v_cache.stride(2), n_heads, n_kv, K, eps, HD=hd, BS=k_cache.shape[1], PAD=pad is not None,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch))
     return out

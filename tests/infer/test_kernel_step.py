@@ -95,6 +95,9 @@ def test_kernel_step_on_paged_cache_matches_the_full_forward(arch):
     got = [step.step(ids[0, t:t + 1], torch.tensor([t], device=DEV)).clone() for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=1e-4)
     _assert_unchanged(model, snap)
+    # the kernels read the model's own weights: no stacked copy exists
+    assert step.layers[0][1][0].data_ptr() == model.blocks[0].attn.wq.weight.data_ptr()
+    assert step.layers[0][4][1].data_ptr() == model.blocks[0].mlp.up.weight.data_ptr()
 
 
 def _coarse(step: KernelStep) -> KernelConfigs:

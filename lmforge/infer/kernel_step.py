@@ -135,7 +135,7 @@ class KernelStep:
         self.token = torch.zeros(1, dtype=torch.long, device=p.device)
         self.position = torch.zeros(1, dtype=torch.long, device=p.device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self._work = {}  # attention workspaces by slice count
+        self._work = {}  # attention workspaces by (slice count, one head per program)
         self._keys = list(self.keys())
 
     def keys(self) -> dict[tuple, tuple[tuple[int, ...], ...]]:
@@ -148,11 +148,14 @@ class KernelStep:
                 kd.gemv_key(c.vocab_size, c.d_model, norm=True, dtype=dt)]
         return {k: kd.candidates(k) for k in dict.fromkeys(keys)}
 
-    def _workspace(self, splits: int):
-        if splits not in self._work:
+    def _workspace(self, config: tuple[int, ...]):
+        """Attention's partial results for a config (its slice count and heads per program)."""
+        splits, per_head = config[0], len(config) > 3 and config[3] == 1
+        if (splits, per_head) not in self._work:
             c = self.cfg
-            self._work[splits] = pa.workspace(1, c.n_heads, c.kv_heads, c.hd, splits, self.x.device)
-        return self._work[splits]
+            self._work[splits, per_head] = pa.workspace(1, c.n_heads, c.kv_heads, c.hd, splits, self.x.device,
+                                                        per_head)
+        return self._work[splits, per_head]
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -173,7 +176,7 @@ class KernelStep:
                         kv.k[i], kv.v[i], kv.block_table, self.ctx, pad=kv.start, out=self.q[0], config=c_qkv, **opts)
             pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
                                       softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
-                                      out=self.o, work=self._workspace(att[0]), start=kv.start, pdl=self.pdl,
+                                      out=self.o, work=self._workspace(att), start=kv.start, pdl=self.pdl,
                                       early_positions=position if bump is None and self.prefetch else None)
             kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
             kd.gemv(x, wgu[0], up=wgu[1], norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)

@@ -314,10 +314,12 @@ GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (32, 256,
                 (16, 256, 4), (1, 2048, 4))
 ADD_CONFIGS = ((4, 256, 4, 4), (4, 1024, 4, 2), (4, 1024, 4, 6), (4, 2048, 8, 3), (2, 1024, 4, 2), (4, 512, 4, 4),
                (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
-# paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps)
-# (tiles of 64 keys want 8 warps: with 4 a thread holds more than 255 registers and spills, sm_90)
-ATTEND_CONFIGS = ((16, 16, 4), (32, 16, 4), (8, 32, 4), (16, 32, 4), (2, 64, 8), (8, 16, 2), (32, 16, 2), (1, 64, 8),
-                  (4, 64, 8))
+# paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps), and with a 4th
+# entry 1 one query head per program (H x slices programs at batch 1 instead of KV x slices; the previous
+# per-head kernel's shape on the H100 was (32, 16, 1)). 64-key tiles want 8 warps (with 4 a thread needs
+# more than 255 registers, sm_90).
+ATTEND_CONFIGS = ((16, 16, 4), (2, 64, 8), (32, 16, 1, 1), (16, 16, 2, 1), (8, 32, 2, 1), (16, 16, 4, 1),
+                  (32, 16, 2, 1), (32, 16, 4), (8, 32, 4), (16, 32, 4), (8, 16, 2), (1, 64, 8), (4, 64, 8))
 
 
 def gemv_key(N: int, K: int, *, glu: bool = False, norm: bool = False, residual: bool = False, dtype=None) -> tuple:

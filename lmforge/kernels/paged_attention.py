@@ -89,17 +89,21 @@ if triton is not None:
     def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
                              part_o_ptr, part_ml_ptr, count_ptr,
                              s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV,
-                             GROUP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr,
+                             GROUP: tl.constexpr, QPP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
+                             HDP: tl.constexpr,
                              BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                              START: tl.constexpr, EARLY: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr,
                              PDL: tl.constexpr):
-        """Program (b·KV + kv head, split). GP >= 16 rows (GROUP padded, tl.dot needs 16) by HDP >= 16
-        columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
+        """Program (b·H/QPP + head group, split) for QPP query heads: all GROUP heads of one kv head (every
+        key read once), or one head (QPP = 1: GROUP times the programs, for short rows at batch 1, where
+        parallelism matters more than re-reading keys from L2). GP >= 16 rows (QPP padded, tl.dot needs 16)
+        by HDP >= 16 columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
         holds positions (context - 1) written before the previous kernel ran, and every key but the last
         is from earlier steps, so the program reads them before its PDL wait and only the new key after."""
         row, sp = tl.program_id(0), tl.program_id(1)
-        b, kvh = row // KV, row % KV
+        b, first = row // (H // QPP), (row % (H // QPP)) * QPP  # batch row, first query head
+        kvh = first // GROUP
         if PDL:  # launch the next kernel now
             gdc_launch_dependents()
         if EARLY:
@@ -118,8 +122,8 @@ if triton is not None:
         hi = tl.minimum(lo + chunk, n)
         g = tl.arange(0, GP)
         d = tl.arange(0, HDP)
-        g_ok, d_ok = g < GROUP, d < HD
-        heads = kvh * GROUP + g
+        g_ok, d_ok = g < QPP, d < HD
+        heads = first + g
         s = lo + tl.arange(0, BLOCK_S)  # the first tile, loaded before the loop
         ok = s < hi
         if EARLY:
@@ -177,7 +181,7 @@ if triton is not None:
                 sps = tl.arange(0, SPLITS)
                 # one query head at a time, unrolled: each head's (SPLITS, HDP) partials are independent
                 # loads the compiler can issue together (a rolled loop would wait out each one's latency)
-                for gi in tl.static_range(GROUP):
+                for gi in tl.static_range(QPP):
                     part = (row * SPLITS + sps) * GP + gi  # (SPLITS,)
                     # .cg loads skip the (incoherent) L1 cache: the slices were written by other SMs
                     m = tl.load(part_ml_ptr + 2 * part, cache_modifier=".cg")
@@ -185,7 +189,7 @@ if triton is not None:
                     o = tl.load(part_o_ptr + part[:, None] * HDP + d[None, :], cache_modifier=".cg")
                     m_all = tl.max(m, 0)
                     if SINKS:
-                        sink_g = tl.load(sinks_ptr + kvh * GROUP + gi).to(tl.float32)
+                        sink_g = tl.load(sinks_ptr + first + gi).to(tl.float32)
                         m_all = tl.maximum(m_all, sink_g)
                     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
                     w = tl.exp(m - m_all)  # empty slices have m = -inf: weight 0
@@ -193,13 +197,13 @@ if triton is not None:
                     if SINKS:
                         den += tl.exp(sink_g - m_all)
                     den = tl.where(den == 0.0, 1.0, den)
-                    tl.store(out_ptr + (b * H + kvh * GROUP + gi) * HD + d,
+                    tl.store(out_ptr + (b * H + first + gi) * HD + d,
                              (tl.sum(w[:, None] * o, 0) / den).to(out_ptr.dtype.element_ty), mask=d_ok)
                 tl.store(count_ptr + row, 0)  # ready for the next call
 
 
-# (slices per row, keys per tile, warps); None: chosen from the batch shape by default_config
-PagedConfig = tuple[int, int, int]
+# None: chosen from the batch shape by default_config
+PagedConfig = tuple[int, ...]  # (slices, keys per tile, warps) or (..., 1): one query head per program
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,15 +224,16 @@ def default_config(batch: int, n_kv: int, max_keys: int, device: torch.device, h
     return splits, block, warps
 
 
-def workspace(batch: int, n_heads: int, n_kv: int, head_dim: int, splits: int, device
+def workspace(batch: int, n_heads: int, n_kv: int, head_dim: int, splits: int, device, per_head: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial outputs (B·KV·splits·GP, HDP), maxima and denominators (B·KV·splits·GP, 2), per-(row, kv
-    head) counters (zero; each call leaves them zero again)."""
-    gp, hdp = _pad(n_heads // n_kv), _pad(head_dim)
-    rows = batch * n_kv * splits * gp
+    """Partial outputs (P·splits·GP, HDP), maxima and denominators (P·splits·GP, 2) and per-program-row
+    counters (P; zero, and each call leaves them zero again), P = B·KV programs rows (B·H per_head)."""
+    qpp = 1 if per_head else n_heads // n_kv
+    programs, gp, hdp = batch * n_heads // qpp, _pad(qpp), _pad(head_dim)
+    rows = programs * splits * gp
     return (torch.empty(rows, hdp, dtype=torch.float32, device=device),
             torch.empty(rows, 2, dtype=torch.float32, device=device),
-            torch.zeros(batch * n_kv, dtype=torch.int32, device=device))
+            torch.zeros(programs, dtype=torch.int32, device=device))
 
 
 def _pad(n: int) -> int:
@@ -243,8 +248,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None,
                            early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
     """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
-    graphs or tune: `config` (slices, keys per tile, warps), `out`, `work` (from workspace(), sized for
-    config's slices), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
+    graphs or tune: `config` (slices, keys per tile, warps[, 1 = one query head per program]), `out`,
+    `work` (from workspace(), sized for the config), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
     (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
     position, used instead of context_lens: written before the step began and with every other key from
     earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step)."""
@@ -260,18 +265,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{tuple(block_tables.shape)} {block_tables.dtype} and {tuple(context_lens.shape)}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or not q.is_contiguous():
         raise ValueError("paged_decode_attention needs contiguous q and a contiguous last cache dimension")
-    splits, block, warps = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device, hd)
+    config = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device, hd)
+    (splits, block, warps), per_head = config[:3], len(config) > 3 and config[3] == 1
+    qpp = 1 if per_head else H // KV
+    if splits & (splits - 1) or block & (block - 1) or block < 16:
+        raise ValueError(f"paged attention config {config}: slices must be a power of two, keys per tile a "
+                         "power of two >= 16")
     out = torch.empty_like(q) if out is None else out
     if splits > 1 and work is None:
-        work = workspace(B, H, KV, hd, splits, q.device)
+        work = workspace(B, H, KV, hd, splits, q.device, per_head)
     work = work or (out, out, out)
     ctx = early_positions if early_positions is not None else context_lens
-    _paged_attend_kernel[(B * KV, splits)](
+    _paged_attend_kernel[(B * H // qpp, splits)](
         q, k_cache, v_cache, block_tables, ctx, start if start is not None else ctx,
         sinks if sinks is not None else q, out, work[0], work[1], work[2],
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H, KV,
-        GROUP=H // KV, GP=_pad(H // KV), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
+        GROUP=H // KV, QPP=qpp, GP=_pad(qpp), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
         BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
         START=start is not None, EARLY=early_positions is not None,
         F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)

@@ -191,12 +191,13 @@ def compile_for_hopper() -> dict[str, tuple[int, int]]:
     out = {}
     attn = {"bt_ptr": "*i32", "ctx_ptr": "*i64", "start_ptr": "*i64", "count_ptr": "*i32", "part_o_ptr": "*fp32",
             "part_ml_ptr": "*fp32", "scale": "fp32", "softcap": "fp32"}
-    for early, (splits, block, warps) in ((True, kd.ATTEND_CONFIGS[0]), (False, (4, 32, 8))):
+    for early, (splits, block, warps), qpp in ((True, kd.ATTEND_CONFIGS[0], 8), (False, (4, 32, 8), 8),
+                                               (True, kd.ATTEND_CONFIGS[2][:3], 1)):
         for opts in (dict(SOFTCAP=False, WINDOW=False, SINKS=False, START=False),
                      dict(SOFTCAP=True, WINDOW=True, SINKS=True, START=True)):
-            out[f"attend early={early} {opts['SINKS']}"] = build(pa._paged_attend_kernel, attn, dict(
-                GROUP=8, GP=16, HD=64 if early else 128, HDP=64 if early else 128, BS=16, BLOCK_S=block, SPLITS=splits,
-                EARLY=early, F32=False, PRECISION="tf32", PDL=True, **opts), warps)
+            out[f"attend early={early} qpp={qpp} {opts['SINKS']}"] = build(pa._paged_attend_kernel, attn, dict(
+                GROUP=8, QPP=qpp, GP=16, HD=64 if early else 128, HDP=64 if early else 128, BS=16, BLOCK_S=block,
+                SPLITS=splits, EARLY=early, F32=False, PRECISION="tf32", PDL=True, **opts), warps)
     bn, bk, warps = kd.GEMV_CONFIGS[0]
     for glu in (False, True):
         out[f"gemv glu={glu}"] = build(kd._gemv_kernel, {"x_ptr": "*fp32", "r_ptr": "*fp32", "bump_ptr": "*i64",
@@ -235,4 +236,4 @@ def test_kernels_compile_for_hopper_without_spills():
         pytest.skip("Triton's ptxas is not available")
     assert run.returncode == 0, run.stderr[-3000:]
     usage = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(usage) == 9 and all(spill == 0 for _, spill in usage.values()), usage
+    assert len(usage) == 11 and all(spill == 0 for _, spill in usage.values()), usage

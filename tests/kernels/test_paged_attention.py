@@ -40,11 +40,12 @@ def _check(args, tol, **kw):
     from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
     want = paged_decode_attention_ref(*args, **kw)
-    for config in (None, (1, 16, 4), (4, 32, 4)):  # default; one slice; several slices, some empty
+    # default; one slice; several slices, some empty; one query head per program
+    for config in (None, (1, 16, 4), (4, 32, 4), (4, 16, 2, 1)):
         got = paged_decode_attention(*args, config=config, **kw)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     # the kernel step's form: positions instead of lengths, old keys and the new one read separately
-    got = paged_decode_attention(*args, config=(2, 16, 4), early_positions=(args[4] - 1).long(), **kw)
+    got = paged_decode_attention(*args, config=(2, 16, 4, 1), early_positions=(args[4] - 1).long(), **kw)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
@@ -76,7 +77,7 @@ def test_empty_row_gives_zeros():
 
     q, k, v, t, lens = _paged(2, 4, 2, 16, 16, [20, 1], seed=5)
     lens[1] = 0
-    for config in ((1, 16, 4), (4, 16, 4)):
+    for config in ((1, 16, 4), (4, 16, 4), (4, 16, 4, 1)):
         out = paged_decode_attention(q, k, v, t, lens, scale=0.25, config=config)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
 

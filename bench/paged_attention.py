@@ -75,7 +75,7 @@ def one_shape(B: int, ctx: int, H: int, KV: int, hd: int, bs: int, dev, dtype, r
     splits, block, warps = default_config(B, KV, ctx, dev, hd)
     tried = {(splits, block, warps): t}
     if not smoke:  # a few neighbours of the default configuration: is it the best?
-        for cfg in {(splits, 16, warps), (splits, 64, 8), (splits * 2, block, warps)} - set(tried):
+        for cfg in {(splits, 32, 8), (splits * 2, block, warps), (max(1, splits // 2), block, warps)} - set(tried):
             tried[cfg] = timed(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale,
                                                               config=cfg), dev, reps)
     best = min(tried, key=tried.get)

@@ -259,6 +259,15 @@ if triton is not None:
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
+        # the epilogue's small loads (slot, block, RoPE angles) go out first: their latency hides behind
+        # the main loop instead of following it
+        pos = tl.load(pos_ptr)
+        rpos = pos
+        if PAD:  # a static cache row's left padding: the token's position is its slot minus the padding
+            rpos = pos - tl.load(pad_ptr)
+        c = tl.load(cos_ptr + rpos * HALF + j)
+        s = tl.load(sin_ptr + rpos * HALF + j)
+        page = tl.load(bt_ptr + pos // BS).to(tl.int64)  # the slot's block: block_table[pos // BS]
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNorm folded in, as in _gemv_kernel
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -280,18 +289,10 @@ if triton is not None:
             acc2 += w2.to(tl.float32) * xk[None, :]
         inv_rms = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
         y1, y2 = tl.sum(acc1, 1) * inv_rms, tl.sum(acc2, 1) * inv_rms
-        pos = tl.load(pos_ptr)
         if tl.program_id(0) == 0:
             tl.store(ctx_ptr, (pos + 1).to(ctx_ptr.dtype.element_ty))
-        rpos = pos
-        if PAD:  # a static cache row's left padding: the token's position is its slot minus the padding
-            rpos = pos - tl.load(pad_ptr)
         if head < H + KV:  # q and k heads rotate by the token's position
-            c = tl.load(cos_ptr + rpos * HALF + j)
-            s = tl.load(sin_ptr + rpos * HALF + j)
             y1, y2 = y1 * c - y2 * s, y1 * s + y2 * c
-        # the slot's place in the paged cache: block block_table[pos // BS], offset pos % BS
-        page = tl.load(bt_ptr + pos // BS).to(tl.int64)
         if head < H:
             tl.store(q_ptr + head * HD + j, y1.to(q_ptr.dtype.element_ty))
             tl.store(q_ptr + head * HD + HALF + j, y2.to(q_ptr.dtype.element_ty))

@@ -383,8 +383,10 @@ def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profi
                 ("previous variant: PDL, no loads before the PDL wait",
                  lambda: KernelStep(model, kv, configs=ks.configs, prefetch=False), "same configs")]
     if full:
-        variants.append(("no PDL, no prefetch", lambda: KernelStep(model, kv, configs=ks.configs, pdl=False,
-                                                                   prefetch=False), "same configs"))
+        variants += [("no evict-first L2 hint on weight loads",
+                      lambda: KernelStep(model, kv, configs=ks.configs, evict=False), "same configs"),
+                     ("no PDL, no prefetch", lambda: KernelStep(model, kv, configs=ks.configs, pdl=False,
+                                                                prefetch=False), "same configs")]
     for name, make, note in variants:
         try:  # one variant failing must not cost the others
             step = make()

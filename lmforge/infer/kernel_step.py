@@ -109,10 +109,10 @@ class KernelStep:
     """Batch-1 decode on Triton kernels; see the module docstring for the surface."""
 
     def __init__(self, model, kv: "PagedKV | StaticKVCache", *, configs: KernelConfigs | None = None,
-                 autotune: bool = False, pdl: bool = kd.PDL_DEFAULT, prefetch: bool = True):
+                 autotune: bool = False, pdl: bool = kd.PDL_DEFAULT, prefetch: bool = True, evict: bool = True):
         """pdl / prefetch: programmatic dependent launch, and loads issued before the PDL wait (weights'
         first tiles, cached keys) - both on by default where the GPU supports PDL; prefetch=False is the
-        previous variant, for benchmarks."""
+        previous variant, for benchmarks; evict: weights loaded with an evict-first L2 policy."""
         why = unsupported(model)
         if why is not None:
             raise LmforgeError(f"the batch-1 kernel step does not support {why}")
@@ -120,7 +120,7 @@ class KernelStep:
         self.rope = copy.deepcopy(model.rope)  # tables covering every cache slot; the model's stay as they are
         self.rope.reserve(self.kv.max_positions)
         cfg, p = model.cfg, next(model.parameters())
-        self.model, self.cfg, self.pdl, self.prefetch = model, cfg, pdl, prefetch
+        self.model, self.cfg, self.pdl, self.prefetch, self.evict = model, cfg, pdl, prefetch, evict
         self.layers = [(b.norm1.weight, _qkv_weights(b.attn), b.attn.wo.weight, b.norm2.weight,
                         _gate_up_weights(b.mlp), b.mlp.down.weight, b.attn) for b in model.blocks]
         self.signature, self.gpu = model_signature(model), gpu_name(p.device)
@@ -167,7 +167,7 @@ class KernelStep:
         caller wrote before the step; not when the previous step's head kernel advances it (`bump`: the
         StaticKVCache form), as it may still be running."""
         cfg, m, x, eps = self.cfg, self.model, self.x, self.cfg.norm_eps
-        opts = dict(pdl=self.pdl, prefetch=self.prefetch)
+        opts = dict(pdl=self.pdl, prefetch=self.prefetch, evict=self.evict)
         c_qkv, c_att, c_o, c_gu, c_down, c_head = (configs.get(k) for k in self._keys)
         att = c_att or kd.ATTEND_CONFIGS[0]
         kd.embed(token.reshape(1), m.tok_emb.weight, x, pdl=self.pdl)

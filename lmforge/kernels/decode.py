@@ -62,13 +62,13 @@ def pdl_supported() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and torch.cuda.get_device_capability()[0] >= 9
 
 
-def _launch_opts(pdl: bool = PDL_DEFAULT, prefetch: bool | None = None) -> dict:
-    """Extra launch arguments: the PDL constexpr and launch flag where PDL is on and supported, and the
-    PREFETCH constexpr for kernels that take it (default: on with PDL - without it nothing overlaps)."""
+def _launch_opts(pdl: bool = PDL_DEFAULT, prefetch: bool | None = None, evict: bool = True) -> dict:
+    """Extra launch arguments: the PDL constexpr and launch flag where PDL is on and supported, and for the
+    GEMV kernels the PREFETCH constexpr and the weights' L2 policy (EVICT)."""
     on = pdl and pdl_supported()
     opts = {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
     if prefetch is not None:
-        opts["PREFETCH"] = prefetch
+        opts.update(PREFETCH=prefetch, EVICT="evict_first" if evict else "")
     return opts
 
 
@@ -129,7 +129,8 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, u_ptr, g_ptr, r_ptr, out_ptr, bump_ptr, N, K, eps,
                      NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, BUMP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr,
+                     PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
@@ -137,9 +138,9 @@ if triton is not None:
         u_at = u_ptr + rows[:, None] * K + cols[None, :]  # GLU: the up projection's rows
         if PREFETCH:  # the first weight tile does not depend on the previous kernel: load it before waiting
             m0 = row_ok[:, None] & (cols < K)[None, :]
-            w_next = tl.load(w_at, mask=m0, other=0.0, eviction_policy="evict_first")
+            w_next = tl.load(w_at, mask=m0, other=0.0, eviction_policy=EVICT)
             if GLU:
-                u_next = tl.load(u_at, mask=m0, other=0.0, eviction_policy="evict_first")
+                u_next = tl.load(u_at, mask=m0, other=0.0, eviction_policy=EVICT)
         if PDL:  # let the next kernel launch now; wait for the previous one's results
             gdc_launch_dependents()
             gdc_wait()
@@ -159,15 +160,15 @@ if triton is not None:
             if PREFETCH:  # software pipeline: this tile was loaded one step ahead
                 w = w_next
                 m1 = row_ok[:, None] & (kk + BLOCK_K < K)[None, :]
-                w_next = tl.load(w_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy="evict_first")
+                w_next = tl.load(w_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy=EVICT)
                 if GLU:
                     wu = u_next
-                    u_next = tl.load(u_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy="evict_first")
+                    u_next = tl.load(u_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy=EVICT)
             else:
                 m = row_ok[:, None] & k_ok[None, :]
-                w = tl.load(w_at + k0, mask=m, other=0.0, eviction_policy="evict_first")
+                w = tl.load(w_at + k0, mask=m, other=0.0, eviction_policy=EVICT)
                 if GLU:
-                    wu = tl.load(u_at + k0, mask=m, other=0.0, eviction_policy="evict_first")
+                    wu = tl.load(u_at + k0, mask=m, other=0.0, eviction_policy=EVICT)
             acc += w.to(tl.float32) * xk[None, :]
             if GLU:
                 acc_up += wu.to(tl.float32) * xk[None, :]
@@ -199,7 +200,8 @@ if triton is not None:
 
     @triton.jit
     def _gemv_add_kernel(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                         SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr,
+                         PDL: tl.constexpr):
         """out += W x into an fp32 out, with the K dimension split over SPLIT_K programs per row block
         whose partial sums meet by atomic adds: matrices with few rows (o-projection, down-projection)
         otherwise leave most of the GPU idle."""
@@ -210,7 +212,7 @@ if triton is not None:
         w_at = w_ptr + rows[:, None] * K + cols[None, :]
         if PREFETCH:
             w_next = tl.load(w_at + first, mask=row_ok[:, None] & (first + cols < K)[None, :], other=0.0,
-                             eviction_policy="evict_first")
+                             eviction_policy=EVICT)
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -223,10 +225,10 @@ if triton is not None:
                 w = w_next
                 nxt = k0 + BLOCK_K * SPLIT_K
                 w_next = tl.load(w_at + nxt, mask=row_ok[:, None] & (nxt + cols < K)[None, :], other=0.0,
-                                 eviction_policy="evict_first")
+                                 eviction_policy=EVICT)
             else:
                 w = tl.load(w_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0,
-                            eviction_policy="evict_first")
+                            eviction_policy=EVICT)
             acc += w.to(tl.float32) * xk[None, :]
         tl.atomic_add(out_ptr + rows, tl.sum(acc, 1), mask=row_ok)
 
@@ -234,7 +236,7 @@ if triton is not None:
     def _qkv_rope_kernel(x_ptr, wq_ptr, wk_ptr, wv_ptr, g_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr, q_ptr, k_ptr,
                          v_ptr, bt_ptr, ctx_ptr, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, H, KV, K, eps, HD: tl.constexpr,
                          BS: tl.constexpr, PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                         PREFETCH: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr):
         """Normed q/k/v projection with RoPE and the cache write as its epilogue. Program p computes rows
         j and j + hd/2 (j in one BLOCK_N slice of the first half) of one head - exactly the pairs RoPE
         rotates together - so the rotation needs no other program's output. Program 0 also writes the
@@ -254,8 +256,8 @@ if triton is not None:
         w2_at = w1_at + HALF * K
         if PREFETCH:
             m0 = (cols < K)[None, :]
-            w1_next = tl.load(w1_at, mask=m0, other=0.0, eviction_policy="evict_first")
-            w2_next = tl.load(w2_at, mask=m0, other=0.0, eviction_policy="evict_first")
+            w1_next = tl.load(w1_at, mask=m0, other=0.0, eviction_policy=EVICT)
+            w2_next = tl.load(w2_at, mask=m0, other=0.0, eviction_policy=EVICT)
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -280,11 +282,11 @@ if triton is not None:
             if PREFETCH:
                 w1, w2 = w1_next, w2_next
                 m1 = (kk + BLOCK_K < K)[None, :]
-                w1_next = tl.load(w1_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy="evict_first")
-                w2_next = tl.load(w2_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy="evict_first")
+                w1_next = tl.load(w1_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy=EVICT)
+                w2_next = tl.load(w2_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy=EVICT)
             else:
-                w1 = tl.load(w1_at + k0, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-                w2 = tl.load(w2_at + k0, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                w1 = tl.load(w1_at + k0, mask=k_ok[None, :], other=0.0, eviction_policy=EVICT)
+                w2 = tl.load(w2_at + k0, mask=k_ok[None, :], other=0.0, eviction_policy=EVICT)
             acc1 += w1.to(tl.float32) * xk[None, :]
             acc2 += w2.to(tl.float32) * xk[None, :]
         inv_rms = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
@@ -356,7 +358,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
          glu: bool = False, up: torch.Tensor | None = None, residual: torch.Tensor | None = None,
          out: torch.Tensor | None = None,
          bump: torch.Tensor | None = None, config: tuple[int, ...] | None = None, pdl: bool = PDL_DEFAULT,
-         prefetch: bool = True) -> torch.Tensor:
+         prefetch: bool = True, evict: bool = True) -> torch.Tensor:
     """Kernel version of gemv_ref. With `residual`, `out` may be the residual tensor itself (updated in
     place: each program reads and writes only its own rows); an fp32 residual without norm or GLU is
     accumulated into by split-K atomic adds (config from ADD_CONFIGS; see `add_key`), every other case
@@ -372,7 +374,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         bn, bk, warps, sk = config or ADD_CONFIGS[0]
         bk = min(bk, _pow2(K))
         _gemv_add_kernel[(triton.cdiv(N, bn), sk)](x, w, out, N, K, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
-                                                   num_warps=warps, **_launch_opts(pdl, prefetch))
+                                                   num_warps=warps, **_launch_opts(pdl, prefetch, evict))
         return out
     out = torch.empty(N, dtype=w.dtype, device=w.device) if out is None else out
     bn, bk, warps = config or GEMV_CONFIGS[0]
@@ -381,7 +383,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
         x, w, up if up is not None else w, norm if norm is not None else x,
         residual if residual is not None else out, out,
         bump if bump is not None else out, N, K, eps, NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None,
-        BUMP=bump is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch))
+        BUMP=bump is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch, evict))
     return out
 
 
@@ -395,7 +397,7 @@ def embed(ids: torch.Tensor, emb: torch.Tensor, out: torch.Tensor, *, pdl: bool 
 def qkv_rope(x, w, norm, eps: float, cos, sin, pos: torch.Tensor, n_heads: int, n_kv: int, k_cache, v_cache,
              block_table: torch.Tensor, context_len: torch.Tensor, *, pad: torch.Tensor | None = None,
              out: torch.Tensor | None = None, config: tuple[int, int, int] | None = None, pdl: bool = PDL_DEFAULT,
-             prefetch: bool = True) -> torch.Tensor:
+             prefetch: bool = True, evict: bool = True) -> torch.Tensor:
     """Kernel version of qkv_rope_ref. pos (the new token's slot), pad (left padding, optional) and
     block_table (1, max_blocks) are device tensors read by the kernel (graph-safe); it also writes
     context_len[0] = pos + 1. k_cache, v_cache: (num_blocks, block_size, KV, hd), any strides with the
@@ -414,5 +416,5 @@ def qkv_rope(x, w, norm, eps: float, cos, sin, pos: torch.Tensor, n_heads: int, 
         context_len,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), n_heads, n_kv, K, eps, HD=hd, BS=k_cache.shape[1], PAD=pad is not None,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch))
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch, evict))
     return out

@@ -203,15 +203,16 @@ def compile_for_hopper() -> dict[str, tuple[int, int]]:
         out[f"gemv glu={glu}"] = build(kd._gemv_kernel, {"x_ptr": "*fp32", "r_ptr": "*fp32", "bump_ptr": "*i64",
                                                         "eps": "fp32"},
                                        dict(NORM=True, GLU=glu, RESIDUAL=not glu, BUMP=not glu, BLOCK_N=bn, BLOCK_K=bk,
-                                            PREFETCH=True, PDL=True), warps)
+                                            PREFETCH=True, EVICT="evict_first", PDL=True), warps)
     bn, bk, warps, sk = kd.ADD_CONFIGS[0]
     out["add"] = build(kd._gemv_add_kernel, {"out_ptr": "*fp32"},
-                       dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, PREFETCH=True, PDL=True), warps)
+                       dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, PREFETCH=True, EVICT="evict_first", PDL=True), warps)
     bn, bk, warps = kd.GEMV_CONFIGS[0]
     out["qkv_rope"] = build(kd._qkv_rope_kernel, {"x_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
                                                   "pos_ptr": "*i64", "pad_ptr": "*i64", "bt_ptr": "*i32",
                                                   "ctx_ptr": "*i32", "eps": "fp32"},
-                            dict(HD=64, BS=16, PAD=True, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=True, PDL=True), warps)
+                            dict(HD=64, BS=16, PAD=True, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=True, EVICT="evict_first",
+                                 PDL=True), warps)
     out["embed"] = build(kd._embed_kernel, {"ids_ptr": "*i64", "out_ptr": "*fp32"}, dict(BLOCK=2048, PDL=True), 4)
     return out
 

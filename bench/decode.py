@@ -3,6 +3,8 @@ generate() on the same weights, and speculative decoding, in one run on one GPU.
 
     python bench/decode.py                # H100: Llama-shaped 1.1B, bf16, 128-token prompt, 256 new tokens
     python bench/decode.py --quick        # tiny fp32 model on CPU: checks the script and HF weight mapping
+    python bench/decode.py --batches 1 --sections plain,kernels,compile --hf none     # batch-1 kernel step (H200)
+    TRITON_INTERPRET=1 python bench/decode.py --smoke --batches 1 --sections plain,kernels --hf none --new-tokens 4
 
 Prints a table and writes JSON (bench/results/decode.json, or $OUT/decode.json when OUT is set). Every
 fast path's greedy tokens are compared with the plain path's ("agree" = length of the common prefix /
@@ -34,6 +36,7 @@ from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.layers.fused import fused_copy  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 
 LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632,
@@ -168,10 +171,13 @@ class Report:
         self.path.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=2))
 
     def table(self) -> str:
-        head = f"| {'variant':<50} | batch | decode tok/s | end-to-end tok/s | agree | note |"
-        lines = [head, "|" + "---|" * 6]
+        head = f"| {'variant':<60} | batch | decode tok/s | % roofline | end-to-end tok/s | agree | note |"
+        lines = [head, "|" + "---|" * 7]
+        roof = self.meta["roofline_tok_s"]
         for r in self.rows:
-            lines.append(f"| {r['variant']:<50} | {r['batch']:>5} | {r.get('decode_tok_s', float('nan')):>12.1f} | "
+            dec = r.get("decode_tok_s", float("nan"))
+            pct = f"{dec / roof:>10.1%}" if r["batch"] == 1 and dec == dec else " " * 10
+            lines.append(f"| {r['variant']:<60} | {r['batch']:>5} | {dec:>12.1f} | {pct} | "
                          f"{r.get('e2e_tok_s', float('nan')):>16.1f} | {r.get('agree', float('nan')):.3f} | "
                          f"{r.get('note', '')} |")
         return "\n".join(lines)
@@ -188,23 +194,27 @@ def run_loop(rep: Report, name: str, decoder, prompt, new: int, ref=None, note: 
     return toks
 
 
-SECTIONS = ("plain", "graph", "generate", "spec", "hf", "compile")
+SECTIONS = ("plain", "graph", "kernels", "generate", "spec", "hf", "compile")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny fp32 model on CPU (script check)")
+    ap.add_argument("--quick", "--smoke", action="store_true", help="tiny fp32 model on CPU (script check)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS)
-                    + ", gemv (matrix-vector bandwidth per weight shape), profile (kernel tables)")
+                    + ", gemv (matrix-vector bandwidth per weight shape), profile (the kernel step's kernel table), "
+                      "profile-compile (the compiled step's)")
     ap.add_argument("--fuse", default="on", choices=["on", "off", "both"],
                     help="fused q/k/v and gate/up projections for the graph and compile paths ('both': off, then on)")
     ap.add_argument("--hf", default="both", choices=["default", "off", "both", "none"],
                     help="HF generate() runs: torch's default SDPA backends, cuDNN attention off, both, none")
-    ap.add_argument("--kernel-configs", help="JSON of Triton block configs (a run's kernel_configs) to run again with")
-    ap.add_argument("--tune-step", action="store_true", help="also run the kernel step after KernelStep.tune()")
+    ap.add_argument("--kernel-configs", help="a KernelConfigs JSON file (lmforge.kernels.tuning) for the kernel step")
+    ap.add_argument("--no-tune", action="store_true", help="kernel step: no tuning when the disk cache has no configs")
+    ap.add_argument("--tune-candidates", type=int, help="kernel step: tune over the first N candidates of each shape")
+    ap.add_argument("--kernel-variants", default="full", choices=["short", "full"],
+                    help="short: tuned, reloaded from disk, previous variant; full: + no PDL, GraphDecoder's bucket")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-batches", default="1", help="batch sizes to run the torch.compile variant at")
     ap.add_argument("--compile-modes", default="default",
@@ -236,29 +246,39 @@ def main(argv: list[str] | None = None) -> None:
     refs = {}
     for B in batches:  # the reference tokens every fast path is compared with
         refs[B] = run_loop(rep, "plain (eager, KVCache)", PlainDecoder(model, B, max_len), prompts[B], new)
+    if "kernels" in sections and 1 in batches and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        seed_kernel_cache(out_dir)
+        try:  # a kernel failure must not cost the rest of the run
+            bench_kernels(rep, model, prompts[1], new, refs[1], max_len, profile="profile" in sections,
+                          configs=args.kernel_configs, tune=not args.no_tune, max_candidates=args.tune_candidates,
+                          full=args.kernel_variants == "full")
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            rep.add(variant="Triton kernel step", batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
+        # inference never mutates the model it is given (the kernel step fuses its own copy)
+        rep.meta["model_still_unfused"] = all(b.attn.wqkv is None and b.attn.wq is not None for b in model.blocks)
     for fused in {"on": [True], "off": [False], "both": [False, True]}[args.fuse]:
-        if fused:
-            model.fuse_projections()
+        m = fused_copy(model) if fused else model  # the model itself stays unfused
         tag = ", fused q/k/v + gate/up" if fused else ""
         if "gemv" in sections and dev.type == "cuda":
-            print(gemv_table(model), flush=True)
+            print(gemv_table(m), flush=True)
         if "graph" in sections:
-            graph = GraphDecoder(model, max(batches), max_len, kernels=False)
+            graph = GraphDecoder(m, max(batches), max_len, kernels=False)
             for B in batches:
                 run_loop(rep, "static cache, eager" + tag,
-                         GraphDecoder(model, B, max_len, use_graphs=False, kernels=False), prompts[B], new, refs[B])
+                         GraphDecoder(m, B, max_len, use_graphs=False, kernels=False), prompts[B], new, refs[B])
                 if dev.type == "cuda":
                     graph.capture(graph.bucket(B))
                     run_loop(rep, "static cache + CUDA graph" + tag, graph.bind(B), prompts[B], new, refs[B])
             del graph
-            if 1 in batches and fused and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-                bench_kernels(rep, model, prompts[1], new, refs[1], max_len, profile="profile" in sections,
-                              configs=args.kernel_configs, tune_step=args.tune_step)
         if "compile" in sections and dev.type == "cuda" and not args.no_compile:
             for mode in args.compile_modes.split(","):
                 for B in [int(b) for b in args.compile_batches.split(",")]:
-                    bench_compiled(rep, model, prompts[B], new, refs[B], max_len, mode, tag,
-                                   profile="profile" in sections and B == 1)
+                    bench_compiled(rep, m, prompts[B], new, refs[B], max_len, mode, tag,
+                                   profile="profile-compile" in sections and B == 1)
+        del m
     if "generate" in sections:
         bench_generate(rep, model, prompts[max(batches)], new, refs[max(batches)])
     if "spec" in sections:
@@ -300,52 +320,110 @@ def bench_compiled(rep: Report, model, prompt, new: int, ref, max_len: int, mode
 
 
 def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profile: bool = False,
-                  configs: str | None = None, tune_step: bool = False) -> None:
-    """Batch 1 on lmforge.infer.kernel_step (Triton kernels), captured in a CUDA graph on a GPU."""
-    from lmforge.infer.kernel_step import unsupported
+                  configs: str | None = None, tune: bool = True, max_candidates: int | None = None,
+                  full: bool = True) -> None:
+    """Batch 1 on lmforge.infer.kernel_step over a paged cache (shuffled blocks of 16), as a model runner
+    drives it: step(token, position) captured once, replayed per token (the prompt is fed token by token).
+    Block shapes come from the on-disk cache (LMFORGE_KERNEL_CACHE) or are tuned on first use and saved;
+    a second step then loads them from disk. Ablations with the same shapes: the previous variant (no
+    weight prefetch before the PDL wait), and no PDL at all. Last, GraphDecoder's batch-1 bucket (static
+    cache), which builds its own KernelStep and so also reads the disk cache."""
+    from lmforge.infer.kernel_step import KernelStep, PagedKV, unsupported
+    from lmforge.kernels.tuning import KernelConfigs
 
     if unsupported(model):
         rep.add(variant="Triton kernel step", batch=1, note=f"skipped: {unsupported(model)}")
         return
-    dec = GraphDecoder(model, 1, max_len, kernels=True)
+    dev, c = prompt.device, model.cfg
+    bs, T = 16, prompt.shape[1]
+    n_blocks = -(-(T + new + 1) // bs)
+    gen = torch.Generator().manual_seed(3)
+    dtype = next(model.parameters()).dtype
+    pool = lambda: torch.zeros(n_blocks + 4, bs, c.kv_heads, c.hd, dtype=dtype, device=dev)  # noqa: E731
+    kv = PagedKV(k=[pool() for _ in range(c.n_layers)], v=[pool() for _ in range(c.n_layers)],
+                 block_table=torch.randperm(n_blocks + 4, generator=gen)[:n_blocks].to(torch.int32)[None].to(dev))
+    given = KernelConfigs.load(Path(configs)) if configs else None
+    graphs = dev.type == "cuda"
+
+    def run(name: str, ks: KernelStep, note: str) -> None:
+        if graphs:
+            ks.capture()
+        call = ks.replay if graphs else ks.step
+        positions = torch.arange(T + new, device=dev)
+        sync(dev)
+        t0 = time.perf_counter()
+        for t in range(T):  # the prompt, one token per step (no prefill kernel at batch 1)
+            logits = call(prompt[0, t:t + 1], positions[t:t + 1])
+        out = [logits.argmax(-1)]
+        sync(dev)
+        t1 = time.perf_counter()
+        for i in range(new - 1):
+            out.append(call(ref[0, i:i + 1], positions[T + i:T + i + 1]).argmax(-1))
+        sync(dev)
+        dec = time.perf_counter() - t1
+        toks = torch.stack(out, 1)
+        rep.add(variant=name, batch=1, prefill_s=t1 - t0, decode_s=dec, decode_tok_s=(new - 1) / dec,
+                e2e_tok_s=new / (time.perf_counter() - t0), agree=float((toks.cpu() == ref.cpu()).float().mean()),
+                pct_roofline=(new - 1) / dec / rep.meta["roofline_tok_s"], note=note)
+
     t0 = time.perf_counter()
-    if dec.use_graphs:
-        dec.capture(1)
-    run_loop(rep, "Triton kernel step" + (" + CUDA graph" if dec.use_graphs else ", eager"), dec, prompt, new, ref,
-             note=f"tune+capture {time.perf_counter() - t0:.0f}s")
-    from lmforge.kernels.decode import tuned_configs, use_configs
-
-    rep.meta["kernel_configs"] = tuned_configs()  # the tuned block shapes
-    if tune_step and dec.use_graphs:  # again with configurations chosen by timing the whole step
-        import lmforge.kernels.decode as kd
-
-        for pdl in (False, True):  # programmatic dependent launch off / on (where the GPU has it)
-            kd.PDL = pdl
-            dec = GraphDecoder(model, 1, max_len, kernels=True)
-            dec.prefill(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))
-            t0 = time.perf_counter()
-            dec.kernel_step.tune(dec.cache.view(1), rounds=2, reps=50)
-            dec.capture(1)
-            tag = ", PDL" if kd._pdl_enabled() else ""
-            rep.meta["kernel_configs_step_tuned" + tag.replace(", ", "_")] = tuned_configs()
-            (Path(rep.path).parent / f"kernel_configs{tag.replace(', ', '_')}.json").write_text(
-                json.dumps(tuned_configs(), indent=1))
-            note = f"tuning {time.perf_counter() - t0:.0f}s"
-            for i in range(3):  # three timings of the same graph: the spread is the measurement noise
-                run_loop(rep, "Triton kernel step + CUDA graph, step-tuned" + tag, dec, prompt, new, ref,
-                         note=f"{note}, timing {i + 1}/3")
-    if configs:  # again with block shapes from an earlier run instead of this run's tuning
-        use_configs(json.loads(Path(configs).read_text()))
+    ks = KernelStep(model, kv, configs=given, autotune=tune and graphs)
+    source = "given file" if given else ("disk cache" if ks.configs.gpu else "defaults")
+    if ks.autotune:
+        ks.tune(context=T + new // 2, max_candidates=max_candidates)
+        source = f"tuned on first use in {time.perf_counter() - t0:.0f}s, saved to disk"
+    rep.meta["kernel_configs"] = ks.configs.to_json()
+    print(f"kernel configs ({source}): {json.dumps(ks.configs.to_json()['configs'])}", flush=True)
+    for i in range(2 if graphs else 1):  # two timings of one graph: the spread is the noise
+        run("Triton kernel step (paged)" + (" + CUDA graph, PDL + weight prefetch" if graphs else ", eager"), ks,
+            f"configs: {source}; timing {i + 1}")
+    if not graphs:
+        return
+    variants = [("Triton kernel step (paged), configs reloaded from disk", lambda: KernelStep(model, kv), None),
+                ("previous variant: PDL, no loads before the PDL wait",
+                 lambda: KernelStep(model, kv, configs=ks.configs, prefetch=False), "same configs")]
+    if full:
+        variants += [("no evict-first L2 hint on weight loads",
+                      lambda: KernelStep(model, kv, configs=ks.configs, evict=False), "same configs"),
+                     ("no PDL, no prefetch", lambda: KernelStep(model, kv, configs=ks.configs, pdl=False,
+                                                                prefetch=False), "same configs")]
+    for name, make, note in variants:
+        try:  # one variant failing must not cost the others
+            step = make()
+            if note is None:  # a fresh step: its configs come from the disk cache
+                note = f"loaded set {'equal to' if step.configs == ks.configs else 'DIFFERENT from'} the tuned set"
+            run(name, step, note)
+            del step
+        except Exception as e:  # noqa: BLE001
+            rep.add(variant=name, batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:150]}")
+    if full:
         dec = GraphDecoder(model, 1, max_len, kernels=True)
-        if dec.use_graphs:
-            dec.capture(1)
-        run_loop(rep, "Triton kernel step" + (" + CUDA graph" if dec.use_graphs else ", eager") + ", given configs",
-                 dec, prompt, new, ref, note=configs)
-    if profile and dec.use_graphs:
+        dec.capture(1)
+        run_loop(rep, "GraphDecoder batch-1 bucket (static cache, kernel step)", dec, prompt, new, ref,
+                 note="configs from the disk cache" if dec.kernel_step.configs.gpu else "default configs")
+    print("\n" + rep.table(), flush=True)  # now, in case a later section runs out of time
+    if profile:
         from profiling import kernel_table
 
-        print("\n[Triton kernel step + CUDA graph] graph replay:\n" + kernel_table(dec.graphs[1][0].replay, calls=10),
-              flush=True)
+        print("\n[Triton kernel step] graph replay:\n" + kernel_table(ks.graph.replay, calls=10), flush=True)
+
+
+def seed_kernel_cache(out_dir: Path) -> None:
+    """Without LMFORGE_KERNEL_CACHE set, the kernel config cache is <out>/kernel_cache, seeded with the
+    sets committed under bench/configs/kernels/ (an earlier run's, per GPU and model shape): a run on a
+    fresh machine then loads instead of tuning, and a new set comes back with the results."""
+    import shutil
+
+    from lmforge.kernels.tuning import CACHE_ENV
+
+    if os.environ.get(CACHE_ENV):
+        return
+    cache = out_dir / "kernel_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ[CACHE_ENV] = str(cache)
+    for f in (Path(__file__).parent / "configs" / "kernels").glob("*.json"):
+        if not (cache / f.name).exists():
+            shutil.copy(f, cache / f.name)
 
 
 @torch.no_grad()

@@ -7,15 +7,26 @@ only 55-85% of bandwidth on the 8-46 MB matrices of a 1B model. These kernels fo
 the matmuls into them, giving five kernels per Llama block instead of ~15:
 
   gemv           y = W · x with optional RMSNorm of x in front (gain applied on the fly), an optional
-                 SwiGLU epilogue (W holds gate rows, then up rows: y = silu(W_g x) · W_u x) and an
-                 optional residual add (y = r + W x, in place into r)
-  qkv_rope       RMSNorm + the fused q/k/v projection, with RoPE (half-split) and the cache write of the
-                 new token's k and v as epilogue
-  attend         one query per head against the cache's valid slots (GQA: head h reads kv head
-                 h // group), online softmax in fp32 over slices of the slots in parallel, combined
-                 by the last slice's program (flash-decoding in one launch); reads only written slots
+                 SwiGLU epilogue (y = silu(W_g x) · W_u x, the two as separate tensors or stacked) and an
+                 optional residual add (y = r + W x, in place into r; split-K with atomic adds for an
+                 fp32 residual)
+  qkv_rope       RMSNorm + the q, k and v projections in one launch (the model's own three matrices, no
+                 stacked copy), with RoPE (half-split) and the write of the new token's k and v into a
+                 paged cache (lmforge.kernels.paged_attention's layout) as epilogue
+  attention      lmforge.kernels.paged_attention (flash-decoding over the cache's blocks, one launch)
 
-Everything is fp32 inside (bf16 weights and activations in memory). `*_ref` functions are the plain
+Launch gaps. On Hopper every kernel is launched with programmatic dependent launch (PDL): it may start
+while the previous kernel still runs, and waits (gdc_wait) only before reading that kernel's results.
+Weights do not depend on the previous kernel, so each GEMV issues the loads of its first weight tile
+*before* waiting (PREFETCH): the first microseconds of every kernel - when its memory pipeline would sit
+empty, ~112 times per token - overlap the previous kernel's tail instead. With a tile as wide as the
+matrix (BLOCK_K = K) a program's whole share of the weights is in flight before the wait.
+
+Weights are loaded with an evict-first L2 policy: each is read once per token and the 2 GB of a 1B model
+would only push the activations, KV cache and partial sums out of the 50 MB L2.
+
+Block shapes are explicit arguments (`config`), chosen by lmforge.kernels.tuning (no module state). Every
+kernel is fp32 inside (bf16 weights and activations in memory). `*_ref` functions are the plain
 definitions used by the tests (run on CPU with TRITON_INTERPRET=1).
 """
 
@@ -34,18 +45,13 @@ try:
 except ImportError:  # the `kernels` extra; callers check available()
     triton = None
 
-# Programmatic dependent launch (Hopper+): a kernel may be launched while the one before it is still
-# finishing and waits (gdc_wait) only where it first reads that kernel's results, hiding launch latency
-# between the ~110 kernels of a decode step. On by default where supported; `PDL = False` turns it off.
-PDL = os.environ.get("LMFORGE_PDL", "1") != "0"
-
-
-def _pdl_enabled() -> bool:
-    return PDL and _pdl_supported()
+# Programmatic dependent launch (Hopper+), on by default where supported; LMFORGE_PDL=0 turns the default
+# off (launchers also take pdl=False)
+PDL_DEFAULT = os.environ.get("LMFORGE_PDL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
-def _pdl_supported() -> bool:
+def pdl_supported() -> bool:
     """This Triton can launch with PDL and the GPU is Hopper or newer (checked once: launches are hot)."""
     if triton is None or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return False
@@ -56,12 +62,14 @@ def _pdl_supported() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and torch.cuda.get_device_capability()[0] >= 9
 
 
-def _launch_opts() -> dict:
-    """Extra launch arguments: the PDL constexpr, and the launch flag where it is on."""
-    return _PDL_ON if _pdl_enabled() else _PDL_OFF
-
-
-_PDL_ON, _PDL_OFF = {"PDL": True, "launch_pdl": True}, {"PDL": False}
+def _launch_opts(pdl: bool = PDL_DEFAULT, prefetch: bool | None = None, evict: bool = True) -> dict:
+    """Extra launch arguments: the PDL constexpr and launch flag where PDL is on and supported, and for the
+    GEMV kernels the PREFETCH constexpr and the weights' L2 policy (EVICT)."""
+    on = pdl and pdl_supported()
+    opts = {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    if prefetch is not None:
+        opts.update(PREFETCH=prefetch, EVICT="evict_first" if evict else "")
+    return opts
 
 
 def available(device: torch.device | str) -> bool:
@@ -72,8 +80,11 @@ def available(device: torch.device | str) -> bool:
 
 # references --------------------------------------------------------------------------------------------
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-5,
-             glu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x (K,), w (N, K) or (2N, K) with glu -> (N,), in fp32, cast to the residual's dtype (w's without one)."""
+             glu: bool = False, up: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (K,), w (N, K) or, with glu, (2N, K) gate rows then up rows (or w (N, K) gate and `up` (N, K)) ->
+    (N,), in fp32, cast to the residual's dtype (w's without one)."""
+    if up is not None:
+        w = torch.cat([w, up])
     xf = x.float()
     if norm is not None:
         xf = F.rms_norm(xf, (xf.shape[-1],), norm.float(), eps)
@@ -86,8 +97,10 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = No
     return y.to(w.dtype)
 
 
-def rope_cache_ref(qkv, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k_cache, v_cache) -> torch.Tensor:
-    """qkv (H·hd + 2·KV·hd,) -> rotated q (H, hd); writes rotated k and v into cache[:, pos] ((KV, S, hd))."""
+def rope_cache_ref(qkv, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k_cache, v_cache,
+                   block_table) -> torch.Tensor:
+    """qkv (H·hd + 2·KV·hd,) -> rotated q (H, hd), rotated by position pos - pad; writes rotated k and v
+    into slot pos of a paged cache ((num_blocks, block_size, KV, hd), row block_table (1, max_blocks))."""
     hd = k_cache.shape[-1]
     q, k, v = qkv.float().split([n_heads * hd, n_kv * hd, n_kv * hd])
     c, s = cos[pos - pad].float(), sin[pos - pad].float()
@@ -96,39 +109,41 @@ def rope_cache_ref(qkv, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k
         t1, t2 = t.view(-1, hd).chunk(2, dim=-1)
         return torch.cat((t1 * c - t2 * s, t1 * s + t2 * c), dim=-1)
 
-    k_cache[:, pos] = rot(k).to(k_cache.dtype)
-    v_cache[:, pos] = v.view(n_kv, hd).to(v_cache.dtype)
+    page, slot = int(block_table[0, pos // k_cache.shape[1]]), pos % k_cache.shape[1]
+    k_cache[page, slot] = rot(k).to(k_cache.dtype)
+    v_cache[page, slot] = v.view(n_kv, hd).to(v_cache.dtype)
     return rot(q).to(qkv.dtype)
 
 
-def qkv_rope_ref(x, w, norm, eps: float, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k_cache, v_cache
-                 ) -> torch.Tensor:
-    """RMSNorm + fused q/k/v projection, then rope_cache_ref."""
-    return rope_cache_ref(gemv_ref(x, w, norm=norm, eps=eps), cos, sin, pos, pad, n_heads, n_kv, k_cache, v_cache)
-
-
-def attend_ref(q, k_cache, v_cache, pos: int, pad: int, scale: float) -> torch.Tensor:
-    """q (H, hd) against slots pad..pos of k/v_cache (KV, S, hd) -> (H, hd)."""
-    group = q.shape[0] // k_cache.shape[0]
-    k = k_cache[:, pad:pos + 1].float().repeat_interleave(group, dim=0)
-    v = v_cache[:, pad:pos + 1].float().repeat_interleave(group, dim=0)
-    p = torch.softmax((k @ q.float()[:, :, None]).squeeze(-1) * scale, dim=-1)  # (H, n)
-    return (p[:, None, :] @ v).squeeze(1).to(q.dtype)
+def qkv_rope_ref(x, w, norm, eps: float, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k_cache, v_cache,
+                 block_table) -> torch.Tensor:
+    """RMSNorm + the q/k/v projection (w stacked, or a (wq, wk, wv) tuple), then rope_cache_ref."""
+    w = torch.cat(w) if isinstance(w, (tuple, list)) else w
+    return rope_cache_ref(gemv_ref(x, w, norm=norm, eps=eps), cos, sin, pos, pad, n_heads, n_kv, k_cache, v_cache,
+                          block_table)
 
 
 # kernels -----------------------------------------------------------------------------------------------
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, g_ptr, r_ptr, out_ptr, bump_ptr, N, K, eps,
+    def _gemv_kernel(x_ptr, w_ptr, u_ptr, g_ptr, r_ptr, out_ptr, bump_ptr, N, K, eps,
                      NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, BUMP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # let the next kernel launch now; wait for the previous one's results
-            gdc_launch_dependents()
-            gdc_wait()
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr,
+                     PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
+        w_at = w_ptr + rows[:, None] * K + cols[None, :]
+        u_at = u_ptr + rows[:, None] * K + cols[None, :]  # GLU: the up projection's rows
+        if PREFETCH:  # the first weight tile does not depend on the previous kernel: load it before waiting
+            m0 = row_ok[:, None] & (cols < K)[None, :]
+            w_next = tl.load(w_at, mask=m0, other=0.0, eviction_policy=EVICT)
+            if GLU:
+                u_next = tl.load(u_at, mask=m0, other=0.0, eviction_policy=EVICT)
+        if PDL:  # let the next kernel launch now; wait for the previous one's results
+            gdc_launch_dependents()
+            gdc_wait()
         # RMSNorm folds into the same pass: W (g * x / rms) = (W (g * x)) / rms, and every program reads
         # all of x anyway, so it sums x^2 on the way and scales its dot products at the end
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -142,11 +157,20 @@ if triton is not None:
             if NORM:
                 ss += xk * xk
                 xk = xk * tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            m = row_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0.0)
+            if PREFETCH:  # software pipeline: this tile was loaded one step ahead
+                w = w_next
+                m1 = row_ok[:, None] & (kk + BLOCK_K < K)[None, :]
+                w_next = tl.load(w_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy=EVICT)
+                if GLU:
+                    wu = u_next
+                    u_next = tl.load(u_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy=EVICT)
+            else:
+                m = row_ok[:, None] & k_ok[None, :]
+                w = tl.load(w_at + k0, mask=m, other=0.0, eviction_policy=EVICT)
+                if GLU:
+                    wu = tl.load(u_at + k0, mask=m, other=0.0, eviction_policy=EVICT)
             acc += w.to(tl.float32) * xk[None, :]
             if GLU:
-                wu = tl.load(w_ptr + (rows[:, None] + N) * K + kk[None, :], mask=m, other=0.0)
                 acc_up += wu.to(tl.float32) * xk[None, :]
         y = tl.sum(acc, 1)
         if NORM:
@@ -166,51 +190,86 @@ if triton is not None:
 
     @triton.jit
     def _embed_kernel(ids_ptr, emb_ptr, out_ptr, D, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """out (fp32) = emb[ids[0]]: the token's embedding row as the residual stream."""
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
-        """out (fp32) = emb[ids[0]]: the token's embedding row as the residual stream."""
         d = tl.arange(0, BLOCK)
         row = tl.load(ids_ptr).to(tl.int64)
         tl.store(out_ptr + d, tl.load(emb_ptr + row * D + d, mask=d < D, other=0.0).to(tl.float32), mask=d < D)
 
     @triton.jit
     def _gemv_add_kernel(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+                         SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr,
+                         PDL: tl.constexpr):
         """out += W x into an fp32 out, with the K dimension split over SPLIT_K programs per row block
         whose partial sums meet by atomic adds: matrices with few rows (o-projection, down-projection)
         otherwise leave most of the GPU idle."""
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
+        first = tl.program_id(1) * BLOCK_K
+        w_at = w_ptr + rows[:, None] * K + cols[None, :]
+        if PREFETCH:
+            w_next = tl.load(w_at + first, mask=row_ok[:, None] & (first + cols < K)[None, :], other=0.0,
+                             eviction_policy=EVICT)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(tl.program_id(1) * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        for k0 in range(first, K, BLOCK_K * SPLIT_K):
             kk = k0 + cols
             k_ok = kk < K
             xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if PREFETCH:
+                w = w_next
+                nxt = k0 + BLOCK_K * SPLIT_K
+                w_next = tl.load(w_at + nxt, mask=row_ok[:, None] & (nxt + cols < K)[None, :], other=0.0,
+                                 eviction_policy=EVICT)
+            else:
+                w = tl.load(w_at + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                            eviction_policy=EVICT)
             acc += w.to(tl.float32) * xk[None, :]
         tl.atomic_add(out_ptr + rows, tl.sum(acc, 1), mask=row_ok)
 
     @triton.jit
-    def _qkv_rope_kernel(x_ptr, w_ptr, g_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr, q_ptr, k_ptr, v_ptr, stride_h,
-                         H, KV, K, eps, HD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PDL: tl.constexpr):
+    def _qkv_rope_kernel(x_ptr, wq_ptr, wk_ptr, wv_ptr, g_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr, q_ptr, k_ptr,
+                         v_ptr, bt_ptr, ctx_ptr, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, H, KV, K, eps, HD: tl.constexpr,
+                         BS: tl.constexpr, PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PREFETCH: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr):
         """Normed q/k/v projection with RoPE and the cache write as its epilogue. Program p computes rows
         j and j + hd/2 (j in one BLOCK_N slice of the first half) of one head - exactly the pairs RoPE
-        rotates together - so the rotation needs no other program's output."""
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+        rotates together - so the rotation needs no other program's output. Program 0 also writes the
+        row's key count (pos + 1) for the attention kernel."""
         HALF: tl.constexpr = HD // 2
         per_head = HALF // BLOCK_N
         head = tl.program_id(0) // per_head  # 0..H-1: q heads, then KV k heads, then KV v heads
         j = (tl.program_id(0) % per_head) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = head * HD + j
         cols = tl.arange(0, BLOCK_K)
+        if head < H:  # the head's rows in its own projection (the model's wq, wk, wv: no stacked copy)
+            w_head = wq_ptr + head * HD * K
+        elif head < H + KV:
+            w_head = wk_ptr + (head - H) * HD * K
+        else:
+            w_head = wv_ptr + (head - H - KV) * HD * K
+        w1_at = w_head + j[:, None] * K + cols[None, :]
+        w2_at = w1_at + HALF * K
+        if PREFETCH:
+            m0 = (cols < K)[None, :]
+            w1_next = tl.load(w1_at, mask=m0, other=0.0, eviction_policy=EVICT)
+            w2_next = tl.load(w2_at, mask=m0, other=0.0, eviction_policy=EVICT)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        # the epilogue's small loads (slot, block, RoPE angles) go out first: their latency hides behind
+        # the main loop instead of following it
+        pos = tl.load(pos_ptr)
+        rpos = pos
+        if PAD:  # a static cache row's left padding: the token's position is its slot minus the padding
+            rpos = pos - tl.load(pad_ptr)
+        c = tl.load(cos_ptr + rpos * HALF + j)
+        s = tl.load(sin_ptr + rpos * HALF + j)
+        page = tl.load(bt_ptr + pos // BS).to(tl.int64)  # the slot's block: block_table[pos // BS]
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNorm folded in, as in _gemv_kernel
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -220,255 +279,142 @@ if triton is not None:
             xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             ss += xk * xk
             xk = xk * tl.load(g_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            w1 = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=k_ok[None, :], other=0.0)
-            w2 = tl.load(w_ptr + (rows[:, None] + HALF) * K + kk[None, :], mask=k_ok[None, :], other=0.0)
+            if PREFETCH:
+                w1, w2 = w1_next, w2_next
+                m1 = (kk + BLOCK_K < K)[None, :]
+                w1_next = tl.load(w1_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy=EVICT)
+                w2_next = tl.load(w2_at + k0 + BLOCK_K, mask=m1, other=0.0, eviction_policy=EVICT)
+            else:
+                w1 = tl.load(w1_at + k0, mask=k_ok[None, :], other=0.0, eviction_policy=EVICT)
+                w2 = tl.load(w2_at + k0, mask=k_ok[None, :], other=0.0, eviction_policy=EVICT)
             acc1 += w1.to(tl.float32) * xk[None, :]
             acc2 += w2.to(tl.float32) * xk[None, :]
         inv_rms = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
         y1, y2 = tl.sum(acc1, 1) * inv_rms, tl.sum(acc2, 1) * inv_rms
-        pos = tl.load(pos_ptr)
-        if head < H + KV:  # q and k heads rotate by the token's position (slot minus the row's padding)
-            c = tl.load(cos_ptr + (pos - tl.load(pad_ptr)) * HALF + j)
-            s = tl.load(sin_ptr + (pos - tl.load(pad_ptr)) * HALF + j)
+        if tl.program_id(0) == 0:
+            tl.store(ctx_ptr, (pos + 1).to(ctx_ptr.dtype.element_ty))
+        if head < H + KV:  # q and k heads rotate by the token's position
             y1, y2 = y1 * c - y2 * s, y1 * s + y2 * c
         if head < H:
             tl.store(q_ptr + head * HD + j, y1.to(q_ptr.dtype.element_ty))
             tl.store(q_ptr + head * HD + HALF + j, y2.to(q_ptr.dtype.element_ty))
         elif head < H + KV:
-            dst = k_ptr + (head - H) * stride_h + pos * HD
+            dst = k_ptr + page * s_kb + (pos % BS) * s_ks + (head - H) * s_kh
             tl.store(dst + j, y1.to(k_ptr.dtype.element_ty))
             tl.store(dst + HALF + j, y2.to(k_ptr.dtype.element_ty))
         else:
-            dst = v_ptr + (head - H - KV) * stride_h + pos * HD
+            dst = v_ptr + page * s_vb + (pos % BS) * s_vs + (head - H - KV) * s_vh
             tl.store(dst + j, y1.to(v_ptr.dtype.element_ty))
             tl.store(dst + HALF + j, y2.to(v_ptr.dtype.element_ty))
 
-    @triton.jit
-    def _attend_kernel(q_ptr, k_ptr, v_ptr, part_o_ptr, part_ml_ptr, count_ptr, out_ptr, pos_ptr, pad_ptr,
-                       stride_h, scale, GROUP: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr,
-                       SPLITS: tl.constexpr, PDL: tl.constexpr):
-        """Program (h, sp): query head h over the sp-th of SPLITS equal slices of the slots pad..pos
-        (flash-decoding: short decode attention needs more programs than heads to fill the GPU). Each
-        writes its slice's unnormalised output, running max and denominator, then counts itself done;
-        the last of a head's programs combines the slices (the "last block reduces" pattern, so no
-        second kernel launch)."""
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-        h, sp = tl.program_id(0), tl.program_id(1)
-        kv = h // GROUP
-        end = tl.load(pos_ptr) + 1  # slots pad..pos hold this row's keys (pos: the new token's)
-        start = tl.load(pad_ptr)
-        chunk = tl.cdiv(end - start, SPLITS)
-        lo = start + sp * chunk
-        hi = tl.minimum(lo + chunk, end)
-        d = tl.arange(0, HD)
-        q = tl.load(q_ptr + h * HD + d).to(tl.float32) * scale
-        m_i = tl.full([1], float("-inf"), tl.float32)
-        l_i = tl.zeros([1], dtype=tl.float32)
-        acc = tl.zeros([HD], dtype=tl.float32)
-        base = kv * stride_h
-        for s0 in range(lo, hi, BLOCK_S):  # every block starts on a valid slot: no all-masked block
-            s = s0 + tl.arange(0, BLOCK_S)
-            ok = s < hi
-            k = tl.load(k_ptr + base + s[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 0))
-            p = tl.exp(scores - m_new)
-            alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + base + s[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            m_i = m_new
-        part = h * SPLITS + sp
-        tl.store(part_o_ptr + part * HD + d, acc)
-        one = tl.arange(0, 1)
-        tl.store(part_ml_ptr + 2 * part + one, m_i)
-        tl.store(part_ml_ptr + 2 * part + 1 + one, l_i)
-        tl.debug_barrier()  # every thread's stores precede the (release) count below
-        done = tl.atomic_add(count_ptr + h, 1, sem="acq_rel", scope="gpu")
-        if done == SPLITS - 1:  # the last slice of head h: combine all of them
-            sps = tl.arange(0, SPLITS)
-            # .cg loads skip the (incoherent) L1 cache: the slices were written by other SMs
-            m = tl.load(part_ml_ptr + 2 * (h * SPLITS + sps), cache_modifier=".cg")
-            l = tl.load(part_ml_ptr + 2 * (h * SPLITS + sps) + 1, cache_modifier=".cg")
-            w = tl.exp(m - tl.max(m, 0))  # empty slices have m = -inf: weight 0
-            o = tl.load(part_o_ptr + (h * SPLITS + sps)[:, None] * HD + d[None, :], cache_modifier=".cg")
-            tl.store(out_ptr + h * HD + d, (tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)).to(out_ptr.dtype.element_ty))
-            tl.store(count_ptr + h, 0)  # ready for the next layer / step
+
+# shape keys and candidate block shapes -------------------------------------------------------------------
+# gemv / qkv_rope: (rows per program, columns per loop step, warps); add: + K splits. The first candidate
+# of each list is the default (the H100's picks for a 1B model, 2026-11-23) and the likeliest come first
+# (a short tune takes the first few). BLOCK_K = 2048 (the whole row of a 2048-wide model), or K splits
+# with BLOCK_K · splits >= K, put a program's whole share of the weights in flight before its PDL wait.
+GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (32, 256, 8), (8, 1024, 8), (8, 512, 4),
+                (16, 256, 4), (1, 2048, 4))
+ADD_CONFIGS = ((4, 256, 4, 4), (4, 1024, 4, 2), (4, 1024, 4, 6), (4, 2048, 8, 3), (2, 1024, 4, 2), (4, 512, 4, 4),
+               (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
+# paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps), and with a 4th
+# entry 1 one query head per program (H x slices programs at batch 1 instead of KV x slices; the previous
+# per-head kernel's shape on the H100 was (32, 16, 1)). 64-key tiles want 8 warps (with 4 a thread needs
+# more than 255 registers, sm_90).
+ATTEND_CONFIGS = ((16, 16, 4), (2, 64, 8), (32, 16, 1, 1), (16, 16, 2, 1), (8, 32, 2, 1), (16, 16, 4, 1),
+                  (32, 16, 2, 1), (32, 16, 4), (8, 32, 4), (16, 32, 4), (8, 16, 2), (1, 64, 8), (4, 64, 8))
 
 
-# launchers ---------------------------------------------------------------------------------------------
-# (rows per program, columns per loop step, warps); the first small-N shapes want few rows per program
-GEMV_CONFIGS = ((8, 512, 4), (8, 256, 4), (16, 256, 4), (16, 512, 8), (4, 512, 4), (4, 1024, 4), (2, 1024, 4),
-                (2, 512, 2), (32, 256, 8), (8, 1024, 8), (4, 2048, 8), (2, 2048, 8), (8, 2048, 8), (16, 1024, 8))
-_best_config: dict[tuple, tuple[int, int, int]] = {}
+def gemv_key(N: int, K: int, *, glu: bool = False, norm: bool = False, residual: bool = False, dtype=None) -> tuple:
+    return ("gemv", N, K, glu, norm, residual, str(dtype))
 
 
-def _launch_gemv(cfg, x, w, norm, eps, glu, residual, out, N, K, bump=None):
-    bn, bk, warps = cfg
-    _gemv_kernel[(triton.cdiv(N, bn),)](
-        x, w, norm if norm is not None else x, residual if residual is not None else out, out,
-        bump if bump is not None else out, N, K, eps, NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None,
-        BUMP=bump is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts())
+def add_key(N: int, K: int, dtype) -> tuple:
+    return ("add", N, K, str(dtype))
 
 
-_l2_flush: torch.Tensor | None = None
+def qkv_rope_key(n_heads: int, n_kv: int, head_dim: int, K: int, dtype) -> tuple:
+    return ("qkv_rope", n_heads, n_kv, head_dim, K, str(dtype))
 
 
-_used: set | None = None  # when a set: every configuration lookup records its key (KernelStep.tune)
+def attend_key(n_heads: int, n_kv: int, head_dim: int) -> tuple:
+    return ("attend", n_heads, n_kv, head_dim)
 
 
-def _chosen(key, tune=None) -> tuple:
-    if key not in _best_config and tune is not None:
-        tune()
-    if _used is not None:
-        _used.add(key)
-    return _best_config[key]
-
-
-def candidates(key) -> tuple[tuple[int, ...], ...]:
-    """The configurations a shape key may take."""
+def candidates(key: tuple) -> tuple[tuple[int, ...], ...]:
+    """The block configurations a shape key may take (the first is the default)."""
     if key[0] == "qkv_rope":
         return tuple(c for c in GEMV_CONFIGS if (key[3] // 2) % c[0] == 0)
     return {"gemv": GEMV_CONFIGS, "add": ADD_CONFIGS, "attend": ATTEND_CONFIGS}[key[0]]
 
 
-def tuned_configs() -> dict[str, list[int]]:
-    """The block configurations chosen so far, as JSON-ready {repr(shape key): config}."""
-    return {repr(k): list(v) for k, v in _best_config.items()}
-
-
-def use_configs(configs: dict[str, list[int]]) -> None:
-    """Take configurations (from tuned_configs() of an earlier run) instead of tuning those shapes: tuning
-    times single kernels, which is noisy, so a known-good set makes runs comparable."""
-    import ast
-
-    _best_config.update({ast.literal_eval(k): tuple(v) for k, v in configs.items()})
-
-
-def _tune(key, run, configs=GEMV_CONFIGS) -> tuple[int, int, int]:
-    """Pick the fastest block configuration for one matrix shape. On CUDA each candidate is timed on a
-    cold L2 cache (a 128 MB write evicts the weight first, as in a real decode step, where a layer's
-    weights are not read again before the next token); elsewhere the first configuration is taken."""
-    global _l2_flush
-    if key not in _best_config:
-        if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-            _best_config[key] = configs[0]
-        else:
-            _l2_flush = torch.empty(32 << 20, dtype=torch.float32, device="cuda") if _l2_flush is None else _l2_flush
-            for _ in range(20):  # bring the clocks up first: idle-clocked early candidates would look slow
-                _l2_flush.zero_()
-            times = {}
-            for cfg in configs:
-                run(cfg)  # compile
-                samples = []
-                for _ in range(9):
-                    _l2_flush.zero_()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    run(cfg)
-                    end.record()
-                    torch.cuda.synchronize()
-                    samples.append(start.elapsed_time(end))
-                times[cfg] = sorted(samples)[4]
-            _best_config[key] = min(times, key=times.get)
-    return _best_config[key]
-
-
-ADD_CONFIGS = tuple((bn, bk, w, sk) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)
-                    for sk in (1, 2, 4, 8) if bn * bk <= 8192)
+# launchers ---------------------------------------------------------------------------------------------
+def _pow2(k: int) -> int:
+    """The widest useful tile for rows of k columns (a wider one only loads masked lanes)."""
+    return triton.next_power_of_2(k)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-5,
-         glu: bool = False, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-         bump: torch.Tensor | None = None) -> torch.Tensor:
+         glu: bool = False, up: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+         out: torch.Tensor | None = None,
+         bump: torch.Tensor | None = None, config: tuple[int, ...] | None = None, pdl: bool = PDL_DEFAULT,
+         prefetch: bool = True, evict: bool = True) -> torch.Tensor:
     """Kernel version of gemv_ref. With `residual`, `out` may be the residual tensor itself (updated in
-    place: each program reads and writes only its own rows; an fp32 residual without norm or GLU is
-    accumulated into by split-K atomic adds); `out` must not alias x. `bump`: a one-element integer
-    tensor the kernel adds 1 to (not with residual accumulation)."""
-    N, K = (w.shape[0] // 2 if glu else w.shape[0]), w.shape[1]
+    place: each program reads and writes only its own rows); an fp32 residual without norm or GLU is
+    accumulated into by split-K atomic adds (config from ADD_CONFIGS; see `add_key`), every other case
+    takes a GEMV_CONFIGS config (`gemv_key`). `out` must not alias x. `bump`: a one-element integer tensor
+    the kernel adds 1 to (not with residual accumulation). glu: `up` holds the up rows, or w stacks them
+    after the gate rows."""
+    if glu and up is None:
+        w, up = w.chunk(2)  # views: no copy
+    N, K = w.shape
+    if w.stride(0) != K or (up is not None and up.stride(0) != K):
+        raise ValueError("gemv needs weights with contiguous rows")
     if out is not None and out is residual and out.dtype == torch.float32 and norm is None and not glu:
-        def add(cfg, o=out):
-            bn, bk, warps, sk = cfg
-            _gemv_add_kernel[(triton.cdiv(N, bn), sk)](x, w, o, N, K, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
-                                                       num_warps=warps, **_launch_opts())
-
-        key = ("add", N, K, str(w.dtype))
-        scratch = out.clone() if key not in _best_config else None
-        add(_chosen(key, lambda: _tune(key, lambda cfg: add(cfg, scratch), ADD_CONFIGS)))
+        bn, bk, warps, sk = config or ADD_CONFIGS[0]
+        bk = min(bk, _pow2(K))
+        _gemv_add_kernel[(triton.cdiv(N, bn), sk)](x, w, out, N, K, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
+                                                   num_warps=warps, **_launch_opts(pdl, prefetch, evict))
         return out
     out = torch.empty(N, dtype=w.dtype, device=w.device) if out is None else out
-    key = ("gemv", N, K, glu, norm is not None, residual is not None, str(w.dtype))
-    if key not in _best_config:  # tune on scratch outputs: timing runs must not touch `out` / `residual`
-        scratch, r = torch.empty_like(out), residual.clone() if residual is not None else None
-        _tune(key, lambda cfg: _launch_gemv(cfg, x, w, norm, eps, glu, r, scratch, N, K))
-    _launch_gemv(_chosen(key), x, w, norm, eps, glu, residual, out, N, K, bump)
+    bn, bk, warps = config or GEMV_CONFIGS[0]
+    bk = min(bk, _pow2(K))
+    _gemv_kernel[(triton.cdiv(N, bn),)](
+        x, w, up if up is not None else w, norm if norm is not None else x,
+        residual if residual is not None else out, out,
+        bump if bump is not None else out, N, K, eps, NORM=norm is not None, GLU=glu, RESIDUAL=residual is not None,
+        BUMP=bump is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch, evict))
     return out
 
 
-def embed(ids: torch.Tensor, emb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def embed(ids: torch.Tensor, emb: torch.Tensor, out: torch.Tensor, *, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
     """out (D,) fp32 = emb[ids[0]] (ids on the device, so a captured graph serves every token)."""
     D = emb.shape[1]
-    _embed_kernel[(1,)](ids, emb, out, D, BLOCK=triton.next_power_of_2(D), num_warps=4, **_launch_opts())
+    _embed_kernel[(1,)](ids, emb, out, D, BLOCK=triton.next_power_of_2(D), num_warps=4, **_launch_opts(pdl))
     return out
 
 
-def qkv_rope(x, w, norm, eps: float, cos, sin, pos: torch.Tensor, pad: torch.Tensor, n_heads: int, n_kv: int,
-             k_cache, v_cache, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Kernel version of qkv_rope_ref; pos and pad are 1-element device tensors (graph-safe)."""
+def qkv_rope(x, w, norm, eps: float, cos, sin, pos: torch.Tensor, n_heads: int, n_kv: int, k_cache, v_cache,
+             block_table: torch.Tensor, context_len: torch.Tensor, *, pad: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, config: tuple[int, int, int] | None = None, pdl: bool = PDL_DEFAULT,
+             prefetch: bool = True, evict: bool = True) -> torch.Tensor:
+    """Kernel version of qkv_rope_ref. pos (the new token's slot), pad (left padding, optional) and
+    block_table (1, max_blocks) are device tensors read by the kernel (graph-safe); it also writes
+    context_len[0] = pos + 1. k_cache, v_cache: (num_blocks, block_size, KV, hd), any strides with the
+    last dimension contiguous (a static cache row (KV, S, hd) is `.permute(1, 0, 2)[None]`, one block).
+    w: the stacked q/k/v weight or a (wq, wk, wv) tuple (a model's own, unfused projections)."""
     hd = k_cache.shape[-1]
-    out = torch.empty(n_heads, hd, dtype=w.dtype, device=w.device) if out is None else out
-    K = w.shape[1]
-
-    def run(cfg, q=out):
-        bn, bk, warps = cfg
-        _qkv_rope_kernel[((n_heads + 2 * n_kv) * (hd // 2 // bn),)](
-            x, w, norm, cos, sin, pos, pad, q, k_cache, v_cache, k_cache.stride(0), n_heads, n_kv, K, eps,
-            HD=hd, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts())
-
-    key = ("qkv_rope", n_heads, n_kv, hd, K, str(w.dtype))
-    if key not in _best_config:  # timing runs rewrite the same cache slot with the same values
-        scratch = torch.empty_like(out)
-        _tune(key, lambda cfg: run(cfg, scratch), candidates(key))
-    run(_chosen(key))
+    wq, wk, wv = w if isinstance(w, (tuple, list)) else w.split([n_heads * hd, n_kv * hd, n_kv * hd])
+    K = wq.shape[1]
+    if any(t.stride(0) != K for t in (wq, wk, wv)):
+        raise ValueError("qkv_rope needs weights with contiguous rows")
+    out = torch.empty(n_heads, hd, dtype=wq.dtype, device=wq.device) if out is None else out
+    bn, bk, warps = config or candidates(qkv_rope_key(n_heads, n_kv, hd, K, wq.dtype))[0]
+    bk = min(bk, _pow2(K))
+    _qkv_rope_kernel[((n_heads + 2 * n_kv) * (hd // 2 // bn),)](
+        x, wq, wk, wv, norm, cos, sin, pos, pad if pad is not None else pos, out, k_cache, v_cache, block_table,
+        context_len,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), n_heads, n_kv, K, eps, HD=hd, BS=k_cache.shape[1], PAD=pad is not None,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch, evict))
     return out
-
-
-ATTEND_SPLITS = 32  # the most slices a configuration may use (sizes the workspace)
-# (slices, slots per loop step, warps); tuned per head count and head size at the first call on a GPU
-ATTEND_CONFIGS = ((16, 64, 2), (8, 64, 2), (8, 64, 4), (4, 128, 4), (16, 32, 1), (32, 32, 1), (32, 16, 1))
-
-
-def attend(q, k_cache, v_cache, pos: torch.Tensor, pad: torch.Tensor, scale: float,
-           out: torch.Tensor | None = None, work: tuple[torch.Tensor, ...] | None = None,
-           config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Kernel version of attend_ref; reads slots pad..pos only (pos read on the device). `work`: the
-    partial-result buffers and per-head counters of attend_workspace, allocated here when not given;
-    `config` (slices, block, warps) overrides the tuned one."""
-    H, hd = q.shape
-    out = torch.empty_like(q) if out is None else out
-    if work is None:
-        work = attend_workspace(H, hd, q.device)
-
-    def run(cfg, o=out):
-        splits, block, warps = cfg
-        _attend_kernel[(H, splits)](q, k_cache, v_cache, work[0], work[1], work[2], o, pos, pad,
-                                    k_cache.stride(0), scale, GROUP=H // k_cache.shape[0], HD=hd,
-                                    BLOCK_S=block, SPLITS=splits, num_warps=warps, **_launch_opts())
-
-    if config is None:
-        key = ("attend", H, k_cache.shape[0], hd, k_cache.shape[1])
-        if key not in _best_config:
-            scratch = torch.empty_like(out)
-            _tune(key, lambda cfg: run(cfg, scratch), ATTEND_CONFIGS)
-        config = _chosen(key)
-    run(config)
-    return out
-
-
-def attend_workspace(n_heads: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(H, SPLITS, hd) partial outputs, (H, SPLITS, 2) maxima and denominators, (H,) counters (zero)."""
-    return (torch.empty(n_heads, ATTEND_SPLITS, head_dim, dtype=torch.float32, device=device),
-            torch.empty(n_heads, ATTEND_SPLITS, 2, dtype=torch.float32, device=device),
-            torch.zeros(n_heads, dtype=torch.int32, device=device))

@@ -23,43 +23,80 @@ def test_gemv_matches_reference(N, K, norm, glu, residual):
     gain = (1 + 0.1 * torch.randn(K, generator=g)).to(DEV) if norm else None
     r = torch.randn(N, generator=g).to(DEV) if residual else None
     want = kd.gemv_ref(x, w, norm=gain, glu=glu, residual=r)
-    got = kd.gemv(x, w, norm=gain, glu=glu, residual=r.clone() if r is not None else None)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a tile narrower than K (several loop steps, prefetched one ahead), one wider; prefetch off
+    for config, prefetch in (((8, 16, 4), True), ((4, 1024, 4), True), ((8, 16, 4), False)):
+        got = kd.gemv(x, w, norm=gain, glu=glu, residual=r.clone() if r is not None else None, config=config,
+                      prefetch=prefetch)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if glu:  # gate and up as two separate tensors (a model's unfused projections)
+        gate, up = (t.clone() for t in w.chunk(2))
+        torch.testing.assert_close(kd.gemv(x, gate, up=up, norm=gain, glu=True, config=(8, 16, 4)), want,
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_residual_in_place(dtype):
     """fp32 residual: split-K atomic accumulation (_gemv_add_kernel); bf16: the plain kernel's epilogue."""
     x, w = torch.randn(600, device=DEV), torch.randn(24, 600, device=DEV).to(dtype)
-    r = torch.randn(24, device=DEV).to(dtype)
-    want = kd.gemv_ref(x, w, residual=r)
-    kd.gemv(x, w, residual=r, out=r)
+    r0 = torch.randn(24, device=DEV).to(dtype)
+    want = kd.gemv_ref(x, w, residual=r0)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding step of values ~30
-    torch.testing.assert_close(r, want, atol=tol, rtol=tol)
+    configs = [(4, 64, 4, 3), (8, 1024, 4, 1), (2, 128, 4, 2)] if dtype == torch.float32 else [(4, 64, 4)]
+    for config in configs:  # K splits whose strides leave ragged tails; one tile; prefetch on and off
+        for prefetch in (True, False):
+            r = r0.clone()
+            kd.gemv(x, w, residual=r, out=r, config=config, prefetch=prefetch)
+            torch.testing.assert_close(r, want, atol=tol, rtol=tol)
+
+
+def _static_and_paged(KV, hd, S, g):
+    """The same keys in a static cache row (KV, S, hd) and in a shuffled paged pool (blocks of 16)."""
+    static = [torch.randn(KV, S, hd, generator=g) for _ in range(2)]
+    n_blocks = S // 16
+    table = torch.randperm(n_blocks + 2, generator=g)[:n_blocks].to(torch.int32)[None]
+    paged = []
+    for t in static:
+        pool = torch.randn(n_blocks + 2, 16, KV, hd, generator=g)
+        pool[table[0].long()] = t.permute(1, 0, 2).reshape(n_blocks, 16, KV, hd)
+        paged.append(pool)
+    return static, paged, table
 
 
 @pytest.mark.parametrize("pad", [0, 3])
-def test_qkv_rope_and_attend_match_reference(pad):
+@pytest.mark.parametrize("layout", ["static", "paged"])
+def test_qkv_rope_matches_reference(pad, layout):
+    """Static layout: the cache row seen as one block with permuted strides, left padding shifts RoPE
+    positions; paged: the new k, v land in block table[pos // 16] at pos % 16."""
     from lmforge.model.layers.rope import RotaryEmbedding
 
-    H, KV, hd, S, pos, d = 8, 2, 16, 40, 29, 48
+    H, KV, hd, S, pos, d = 8, 2, 16, 48, 29, 48
     g = torch.Generator().manual_seed(pad)
     rope = RotaryEmbedding(hd, 10000.0, max_seq_len=S).to(DEV)
     x = torch.randn(d, generator=g).to(DEV)
     w = (torch.randn((H + 2 * KV) * hd, d, generator=g) / d ** 0.5).to(DEV)
     gain = (1 + 0.1 * torch.randn(d, generator=g)).to(DEV)
-    caches = [torch.randn(KV, S, hd, generator=g).to(DEV) for _ in range(2)]
-    ref_k, ref_v = caches[0].clone(), caches[1].clone()
-    q_ref = kd.qkv_rope_ref(x, w, gain, 1e-5, rope.cos_table, rope.sin_table, pos, pad, H, KV, ref_k, ref_v)
-    k, v = caches[0].clone(), caches[1].clone()
-    pos_t, pad_t = torch.tensor([pos], device=DEV), torch.tensor([pad], device=DEV)
-    q = kd.qkv_rope(x, w, gain, 1e-5, rope.cos_table, rope.sin_table, pos_t, pad_t, H, KV, k, v)
-    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-5)  # slot pos written, the rest untouched
-    torch.testing.assert_close(v, ref_v, atol=1e-5, rtol=1e-5)
-    for cfg in ((4, 8, 1), (16, 64, 2), (32, 16, 1)):  # several blocks per slice; one; empty slices
-        out = kd.attend(q, k, v, pos_t, pad_t, scale=hd ** -0.5, config=cfg)
-        torch.testing.assert_close(out, kd.attend_ref(q_ref, ref_k, ref_v, pos, pad, hd ** -0.5), atol=1e-5, rtol=1e-5)
+    static, paged, table = _static_and_paged(KV, hd, S, g)
+    if layout == "static":
+        caches = [t.to(DEV) for t in static]
+        view = lambda t: t.permute(1, 0, 2)[None]  # noqa: E731
+        table = torch.zeros(1, 1, dtype=torch.int32)
+    else:
+        caches, view = [t.to(DEV) for t in paged], (lambda t: t)  # noqa: E731
+    table = table.to(DEV)
+    ref = [t.clone() for t in caches]
+    q_ref = kd.qkv_rope_ref(x, w, gain, 1e-5, rope.cos_table, rope.sin_table, pos, pad, H, KV, view(ref[0]),
+                            view(ref[1]), table)
+    parts = tuple(t.clone() for t in w.split([H * hd, KV * hd, KV * hd]))  # separate wq, wk, wv tensors
+    for config, prefetch, weights in (((4, 16, 4), True, w), ((8, 64, 4), True, parts), ((2, 16, 4), False, w)):
+        k, v = caches[0].clone(), caches[1].clone()
+        ctx = torch.zeros(1, dtype=torch.int32, device=DEV)
+        q = kd.qkv_rope(x, weights, gain, 1e-5, rope.cos_table, rope.sin_table, torch.tensor([pos], device=DEV), H, KV,
+                        view(k), view(v), table, ctx, pad=torch.tensor([pad], device=DEV) if pad else None,
+                        config=config, prefetch=prefetch)
+        torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k, ref[0], atol=1e-5, rtol=1e-5)  # slot pos written, the rest untouched
+        torch.testing.assert_close(v, ref[1], atol=1e-5, rtol=1e-5)
+        assert int(ctx) == pos + 1
 
 
 def test_rope_cache_reference_equals_the_model_rope():
@@ -69,8 +106,8 @@ def test_rope_cache_reference_equals_the_model_rope():
     H, KV, hd = 4, 2, 8
     rope = RotaryEmbedding(hd, 500.0, max_seq_len=16)
     qkv = torch.randn((H + 2 * KV) * hd)
-    k, v = torch.zeros(KV, 16, hd), torch.zeros(KV, 16, hd)
-    q = kd.rope_cache_ref(qkv, rope.cos_table, rope.sin_table, 9, 2, H, KV, k, v)
+    k, v = torch.zeros(1, 16, KV, hd), torch.zeros(1, 16, KV, hd)
+    q = kd.rope_cache_ref(qkv, rope.cos_table, rope.sin_table, 9, 2, H, KV, k, v, torch.zeros(1, 1, dtype=torch.int32))
     cos, sin = rope.cos_sin(torch.tensor([[7]]))
     want = apply_rope(qkv[: H * hd].view(1, H, 1, hd), cos, sin)  # (B, H, T, hd)
     torch.testing.assert_close(q, want.view(H, hd), atol=1e-6, rtol=1e-6)
@@ -85,3 +122,119 @@ def test_embed_and_bump():
     x, w = torch.randn(24, device=DEV), torch.randn(9, 24, device=DEV)
     torch.testing.assert_close(kd.gemv(x, w, bump=pos), kd.gemv_ref(x, w), atol=1e-5, rtol=1e-5)
     assert int(pos) == 6  # incremented once, whatever the number of programs
+
+
+def test_kernel_configs_round_trip_and_cache_path(tmp_path, monkeypatch):
+    from lmforge.errors import ConfigError
+    from lmforge.kernels.tuning import KernelConfigs, cache_path
+
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path))
+    key = kd.add_key(2048, 5632, torch.bfloat16)
+    c = KernelConfigs(gpu="NVIDIA H200", model="llama-d2048").with_config(key, (4, 512, 4, 2))
+    assert c.get(key) == (4, 512, 4, 2) and c.get(kd.add_key(1, 2, torch.bfloat16)) is None
+    path = c.save()
+    assert path == cache_path("NVIDIA H200", "llama-d2048") and path.parent == tmp_path
+    assert KernelConfigs.cached("NVIDIA H200", "llama-d2048") == c
+    assert KernelConfigs.cached("NVIDIA H100 80GB HBM3", "llama-d2048") is None  # per GPU model
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="delete it"):
+        KernelConfigs.cached("NVIDIA H200", "llama-d2048")
+    with pytest.raises(ConfigError, match="positive ints"):
+        KernelConfigs(table={"k": (4, 0)})
+
+
+def test_coordinate_descent_finds_the_separable_optimum():
+    from lmforge.kernels.tuning import KernelConfigs, coordinate_descent
+
+    space = {("a",): ((1,), (2,), (3,)), ("b",): ((5,), (7,))}
+    cost = lambda c: abs(c.get(("a",))[0] - 2) if c.get(("a",)) else 9  # noqa: E731
+    seconds = lambda c: cost(c) + (0 if c.get(("b",)) == (7,) else 1)  # noqa: E731
+    tuned, best = coordinate_descent(KernelConfigs(), space, seconds)
+    assert tuned.get(("a",)) == (2,) and tuned.get(("b",)) == (7,) and best[repr(("b",))] == 0
+    never = lambda c: float("inf")  # noqa: E731  (no candidate can run: the set is kept)
+    assert coordinate_descent(tuned, space, never)[0] == tuned
+
+
+def compile_for_hopper() -> dict[str, tuple[int, int]]:
+    """Compile every kernel (defaults and the shapes of a 1B Llama step) for sm_90 with Triton's own
+    ptxas, no GPU needed; {name: (registers, spill bytes)}. Run without TRITON_INTERPRET (a subprocess)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lmforge.kernels import paged_attention as pa
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+    def build(fn, types: dict, consts: dict, warps: int) -> tuple[int, int]:
+        sig = {n: "constexpr" if n in consts else types.get(n, "*bf16" if n.endswith("_ptr") else "i32")
+               for n in fn.arg_names}
+        # what Triton's launcher specializes on at run time: pointers and integers that are multiples of 16
+        # (every shape, stride and weight offset of a 1B Llama step is)
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                   if n not in consts and (sig[n].startswith("*") or n in ("N", "K", "u_off", "k_off", "v_off")
+                                           or n.startswith("s_"))}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=aligned)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
+        return int(regs), int(stack)
+
+    out = {}
+    attn = {"bt_ptr": "*i32", "ctx_ptr": "*i64", "start_ptr": "*i64", "count_ptr": "*i32", "part_o_ptr": "*fp32",
+            "part_ml_ptr": "*fp32", "scale": "fp32", "softcap": "fp32"}
+    for early, (splits, block, warps), qpp in ((True, kd.ATTEND_CONFIGS[0], 8), (False, (4, 32, 8), 8),
+                                               (True, kd.ATTEND_CONFIGS[2][:3], 1)):
+        for opts in (dict(SOFTCAP=False, WINDOW=False, SINKS=False, START=False),
+                     dict(SOFTCAP=True, WINDOW=True, SINKS=True, START=True)):
+            out[f"attend early={early} qpp={qpp} {opts['SINKS']}"] = build(pa._paged_attend_kernel, attn, dict(
+                GROUP=8, QPP=qpp, GP=16, HD=64 if early else 128, HDP=64 if early else 128, BS=16, BLOCK_S=block,
+                SPLITS=splits, EARLY=early, F32=False, PRECISION="tf32", PDL=True, **opts), warps)
+    bn, bk, warps = kd.GEMV_CONFIGS[0]
+    for glu in (False, True):
+        out[f"gemv glu={glu}"] = build(kd._gemv_kernel, {"x_ptr": "*fp32", "r_ptr": "*fp32", "bump_ptr": "*i64",
+                                                        "eps": "fp32"},
+                                       dict(NORM=True, GLU=glu, RESIDUAL=not glu, BUMP=not glu, BLOCK_N=bn, BLOCK_K=bk,
+                                            PREFETCH=True, EVICT="evict_first", PDL=True), warps)
+    bn, bk, warps, sk = kd.ADD_CONFIGS[0]
+    out["add"] = build(kd._gemv_add_kernel, {"out_ptr": "*fp32"},
+                       dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, PREFETCH=True, EVICT="evict_first", PDL=True), warps)
+    bn, bk, warps = kd.GEMV_CONFIGS[0]
+    out["qkv_rope"] = build(kd._qkv_rope_kernel, {"x_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                                                  "pos_ptr": "*i64", "pad_ptr": "*i64", "bt_ptr": "*i32",
+                                                  "ctx_ptr": "*i32", "eps": "fp32"},
+                            dict(HD=64, BS=16, PAD=True, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=True, EVICT="evict_first",
+                                 PDL=True), warps)
+    out["embed"] = build(kd._embed_kernel, {"ids_ptr": "*i64", "out_ptr": "*fp32"}, dict(BLOCK=2048, PDL=True), 4)
+    return out
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """The interpreter runs a kernel as Python and misses what only the compiler checks (a name given two
+    types in different branches broke a GPU run once); compile every kernel for sm_90 in a subprocess
+    without TRITON_INTERPRET, and check the default configurations fit in registers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    code = "import json; from tests.kernels.test_decode_kernels import compile_for_hopper as c; print(json.dumps(c()))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode and "ptxas" in run.stderr and "not found" in run.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    assert run.returncode == 0, run.stderr[-3000:]
+    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(usage) == 11 and all(spill == 0 for _, spill in usage.values()), usage

@@ -96,3 +96,26 @@ def test_upcycling_a_fused_model_is_refused():
     dense = Transformer(ModelConfig(**dict(CONFIGS["llama_gqa_swiglu"], fused_proj=True)))
     with pytest.raises(ConfigError, match="fused_proj=false"):
         upcycle(dense, MoEConfig(n_experts=4, top_k=2))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_copy_leaves_the_model_alone(name):
+    """Inference fuses a copy: same logits; the model keeps its Parameter objects, values, state_dict
+    keys and unfused modules; the copy shares every weight it did not stack."""
+    from lmforge.model.layers.fused import fused_copy
+
+    plain, _ = _pair(name)
+    params = {n: (p, p.detach().clone()) for n, p in plain.named_parameters()}
+    keys = list(plain.state_dict())
+    copy = fused_copy(plain)
+    assert copy.blocks[0].attn.wqkv is not None and plain.blocks[0].attn.wqkv is None
+    assert plain.blocks[0].attn.wq is not None
+    now = dict(plain.named_parameters())
+    assert set(now) == set(params) and list(plain.state_dict()) == keys
+    for n, (p, value) in params.items():
+        assert now[n] is p and torch.equal(p.detach(), value), n
+    assert copy.tok_emb.weight is plain.tok_emb.weight and copy.blocks[0].attn.wo.weight is plain.blocks[0].attn.wo.weight
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(copy(ids), plain(ids), atol=1e-5, rtol=1e-5)
+    assert set(copy.state_dict()) == set(keys)  # the copy still saves under the unfused names

@@ -7,10 +7,17 @@ several small ones: at batch-1 decode every kernel launch and every partly-fille
 that rivals the weight reads themselves. Checkpoints do not change: the module's state_dict still
 shows the parts under their own names (split on save, stacked again on load), so a fused model loads
 unfused checkpoints and HF weights, and writes files an unfused model reads.
+
+Fusing in place (`Transformer.fuse_projections()`, or `fused_proj = true` for training) changes the
+model's Parameters. Inference must not do that to the model it is given: `fused_copy(model)` returns a
+copy that shares every other parameter and buffer with the model and owns the stacked weights, leaving
+the model's parameters, their identities and its state_dict as they were.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 from functools import partial
 
 import torch
@@ -60,3 +67,16 @@ def _join_keys(fused, parts, module, state_dict, prefix, *args) -> None:
         keys = [f"{prefix}{p}.{kind}" for p in parts]
         if all(k in state_dict for k in keys):
             state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
+def fused_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose fusable projections (modules with a `fuse()` method: attention q/k/v, gated
+    MLP gate/up) are fused; every other parameter and buffer is the model's own tensor (no copy), the
+    stacked weights are new (the parts' bytes once more; none for a model already fused). `model` is not
+    changed. A snapshot: later changes to the model's q/k/v or gate/up weights do not reach the copy."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    out = copy.deepcopy(model, shared)
+    for m in out.modules():
+        if m is not out and hasattr(m, "fuse"):
+            m.fuse()
+    return out

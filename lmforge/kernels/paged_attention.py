@@ -1,0 +1,290 @@
+"""Decode attention over a paged KV cache (Triton), beside the plain PyTorch reference it must match.
+
+A paged cache (vLLM's PagedAttention, Kwon et al. 2023) keeps every sequence's keys in fixed-size blocks
+of one shared pool; row b's key j lives in block `block_tables[b, j // block_size]` at offset
+`j % block_size`. Per layer:
+
+    k_cache, v_cache   (num_blocks, block_size, n_kv_heads, head_dim)   any strides, last dim contiguous
+    block_tables       (B, max_blocks) int32                             entries past a row's end unused
+    context_lens       (B,) int32: row b attends to its keys 0..context_lens[b]-1 (its new token included)
+    q                  (B, H, head_dim), one query per row (decode) -> out (B, H, head_dim)
+
+The kernel is flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context inference") in one
+launch: program (b, kv head, split) takes one slice of the row's keys,
+keeps an online softmax in fp32 and writes its slice's unnormalised output with its running max and
+denominator; the last program of a (b, kv head) to finish combines the slices ("last block reduces", so no
+second launch). Each program serves all GROUP = H / n_kv query heads of its kv head (GQA / MQA without
+repeating K/V: every key is read once, and q·kᵀ / p·v are (GROUP, slots) matrix products on tensor cores).
+Keys are gathered slot by slot through the block table, so slices and tiles need not align with blocks.
+Options, each as in `lmforge.model.layers.attention.math_attention`: soft-capping (Gemma 2:
+c·tanh(s/c) of the scaled scores), a sliding window (query at position p sees keys in (p - window, p]),
+learned sinks (gpt-oss: one extra logit per head in the softmax denominator).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, triton
+
+if triton is not None:
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
+                               softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None
+                               ) -> torch.Tensor:
+    """Plain definition: gather each row's blocks into a contiguous (S, KV, hd) cache, then the model's
+    reference attention (fp32) over its visible keys."""
+    from lmforge.model.layers.attention import math_attention
+
+    bs = k_cache.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        n = int(context_lens[b])
+        if n == 0:
+            continue
+        blocks = block_tables[b, : -(-n // bs)].long()
+        lo = max(0, n - window) if window > 0 else 0
+        k = k_cache[blocks].flatten(0, 1)[lo:n]  # (S, KV, hd)
+        v = v_cache[blocks].flatten(0, 1)[lo:n]
+        o = math_attention(q[b][None, :, None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], None,
+                           scale=scale, softcap=softcap, sinks=sinks)  # (1, H, 1, hd)
+        out[b] = o[0, :, 0]
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _kv_tile(ptr, bt_ptr, b, s_bt, s, ok, kvh, s_b, s_s, s_h, d, d_ok, BS: tl.constexpr, F32: tl.constexpr):
+        """(BLOCK_S, HDP) tile of keys or values at positions s (where ok) of row b, kv head kvh: each
+        position's block looked up in the row's block table."""
+        page = tl.load(bt_ptr + b * s_bt + s // BS, mask=ok, other=0).to(tl.int64)
+        t = tl.load(ptr + page[:, None] * s_b + (s % BS)[:, None] * s_s + kvh * s_h + d[None, :],
+                    mask=ok[:, None] & d_ok[None, :], other=0.0)
+        if F32:
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+        """One tile of the online softmax (Milakov & Gimelshein 2018) for GP query rows: q·kᵀ and p·v on
+        tensor cores in the cache's dtype (p rounded to it, as FlashAttention does), fp32 accumulation."""
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
+        if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
+            scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
+        scores = tl.where(ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+    @triton.jit
+    def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
+                             part_o_ptr, part_ml_ptr, count_ptr,
+                             s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV,
+                             GROUP: tl.constexpr, QPP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
+                             HDP: tl.constexpr,
+                             BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+                             SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
+                             START: tl.constexpr, EARLY: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr,
+                             PDL: tl.constexpr):
+        """Program (b·H/QPP + head group, split) for QPP query heads: all GROUP heads of one kv head (every
+        key read once), or one head (QPP = 1: GROUP times the programs, for short rows at batch 1, where
+        parallelism matters more than re-reading keys from L2). GP >= 16 rows (QPP padded, tl.dot needs 16)
+        by HDP >= 16 columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
+        holds positions (context - 1) written before the previous kernel ran, and every key but the last
+        is from earlier steps, so the program reads them before its PDL wait and only the new key after."""
+        row, sp = tl.program_id(0), tl.program_id(1)
+        b, first = row // (H // QPP), (row % (H // QPP)) * QPP  # batch row, first query head
+        kvh = first // GROUP
+        if PDL:  # launch the next kernel now
+            gdc_launch_dependents()
+        if EARLY:
+            n = tl.load(ctx_ptr + b) + 1
+        else:
+            if PDL:  # wait for the previous kernel's results (q, the new key, the key count)
+                gdc_wait()
+            n = tl.load(ctx_ptr + b)
+        lo0 = 0
+        if WINDOW:  # keys at positions <= (n - 1) - window are outside the window
+            lo0 = tl.maximum(n - window, 0)
+        if START:  # a static cache row's left padding: its keys start at slot start[b]
+            lo0 = tl.maximum(lo0, tl.load(start_ptr + b))
+        chunk = tl.cdiv(n - lo0, SPLITS)
+        lo = lo0 + sp * chunk
+        hi = tl.minimum(lo + chunk, n)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, HDP)
+        g_ok, d_ok = g < QPP, d < HD
+        heads = first + g
+        s = lo + tl.arange(0, BLOCK_S)  # the first tile, loaded before the loop
+        ok = s < hi
+        if EARLY:
+            old = ok & (s < n - 1)
+            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, old, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, old, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+            if PDL:
+                gdc_wait()
+            new = ok & (s == n - 1)  # the new key, written by the previous kernel (zeros elsewhere)
+            k += _kv_tile(k_ptr, bt_ptr, b, s_bt, s, new, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v += _kv_tile(v_ptr, bt_ptr, b, s_bt, s, new, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+        else:
+            k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+        q = tl.load(q_ptr + (b * H + heads)[:, None] * HD + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        acc = tl.zeros([GP, HDP], dtype=tl.float32)
+        # every tile starts on a visible key (none all-masked; an empty slice keeps m = -inf, l = 0). The
+        # next tile's loads are issued before this tile's arithmetic (register double-buffering), so a
+        # program keeps two tiles of keys in flight
+        for s0 in range(lo, hi, BLOCK_S):
+            s_next = s0 + BLOCK_S + tl.arange(0, BLOCK_S)
+            ok_next = s_next < hi
+            k_next = _kv_tile(k_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+            v_next = _kv_tile(v_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+            m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+            k, v, ok = k_next, v_next, ok_next
+        o_off = (b * H + heads)[:, None] * HD + d[None, :]
+        o_mask = g_ok[:, None] & d_ok[None, :]
+        if SINKS:
+            sink = tl.load(sinks_ptr + heads, mask=g_ok, other=float("-inf")).to(tl.float32)
+        if SPLITS == 1:
+            m_all = m_i
+            if SINKS:
+                m_all = tl.maximum(m_all, sink)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty row: zeros, not NaN
+            alpha = tl.exp(m_i - m_all)
+            den = l_i * alpha
+            if SINKS:
+                den += tl.exp(sink - m_all)
+            den = tl.where(den == 0.0, 1.0, den)
+            tl.store(out_ptr + o_off, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            mine = (row * SPLITS + sp) * GP + g  # this slice's rows of the partial results
+            tl.store(part_o_ptr + mine[:, None] * HDP + d[None, :], acc)
+            tl.store(part_ml_ptr + mine * 2, m_i)
+            tl.store(part_ml_ptr + mine * 2 + 1, l_i)
+            tl.debug_barrier()  # every thread's stores precede the (release) count below
+            done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+            if done == SPLITS - 1:  # the last slice of this (row, kv head) combines all of them
+                sps = tl.arange(0, SPLITS)
+                # one query head at a time, unrolled: each head's (SPLITS, HDP) partials are independent
+                # loads the compiler can issue together (a rolled loop would wait out each one's latency)
+                for gi in tl.static_range(QPP):
+                    part = (row * SPLITS + sps) * GP + gi  # (SPLITS,)
+                    # .cg loads skip the (incoherent) L1 cache: the slices were written by other SMs
+                    m = tl.load(part_ml_ptr + 2 * part, cache_modifier=".cg")
+                    l = tl.load(part_ml_ptr + 2 * part + 1, cache_modifier=".cg")
+                    o = tl.load(part_o_ptr + part[:, None] * HDP + d[None, :], cache_modifier=".cg")
+                    m_all = tl.max(m, 0)
+                    if SINKS:
+                        sink_g = tl.load(sinks_ptr + first + gi).to(tl.float32)
+                        m_all = tl.maximum(m_all, sink_g)
+                    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                    w = tl.exp(m - m_all)  # empty slices have m = -inf: weight 0
+                    den = tl.sum(w * l, 0)
+                    if SINKS:
+                        den += tl.exp(sink_g - m_all)
+                    den = tl.where(den == 0.0, 1.0, den)
+                    tl.store(out_ptr + (b * H + first + gi) * HD + d,
+                             (tl.sum(w[:, None] * o, 0) / den).to(out_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(count_ptr + row, 0)  # ready for the next call
+
+
+# None: chosen from the batch shape by default_config
+PagedConfig = tuple[int, ...]  # (slices, keys per tile, warps) or (..., 1): one query head per program
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_config(batch: int, n_kv: int, max_keys: int, device: torch.device, head_dim: int = 128
+                   ) -> PagedConfig:
+    """Enough slices for about two programs per SM (132 on an H100/H200), each with at least four tiles of
+    keys; tiles of 64 keys and 8 warps (the fastest of the shapes tried on an H200 at batch 32-256, head
+    dim 128, 2026-12-02; 4 warps would need more than 255 registers a thread)."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 8
+    block, warps = 64, 8
+    splits = 1
+    while batch * n_kv * splits < 2 * sms and splits < 32 and block * splits * 4 <= max_keys:
+        splits *= 2
+    return splits, block, warps
+
+
+def workspace(batch: int, n_heads: int, n_kv: int, head_dim: int, splits: int, device, per_head: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial outputs (P·splits·GP, HDP), maxima and denominators (P·splits·GP, 2) and per-program-row
+    counters (P; zero, and each call leaves them zero again), P = B·KV programs rows (B·H per_head)."""
+    qpp = 1 if per_head else n_heads // n_kv
+    programs, gp, hdp = batch * n_heads // qpp, _pad(qpp), _pad(head_dim)
+    rows = programs * splits * gp
+    return (torch.empty(rows, hdp, dtype=torch.float32, device=device),
+            torch.empty(rows, 2, dtype=torch.float32, device=device),
+            torch.zeros(programs, dtype=torch.int32, device=device))
+
+
+def _pad(n: int) -> int:
+    """A tile side for n: a power of two, at least 16 (tl.dot's smallest)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
+                           softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
+                           config: PagedConfig | None = None, out: torch.Tensor | None = None,
+                           work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None,
+                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
+    """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
+    graphs or tune: `config` (slices, keys per tile, warps[, 1 = one query head per program]), `out`,
+    `work` (from workspace(), sized for the config), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
+    (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
+    position, used instead of context_lens: written before the step began and with every other key from
+    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"paged_decode_attention wants q (B, H, hd) and k/v caches (blocks, block_size, KV, hd) "
+                         f"alike; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    B, H, hd = q.shape
+    KV = k_cache.shape[2]
+    if H % KV:
+        raise ValueError(f"{H} query heads are not a multiple of {KV} kv heads")
+    if block_tables.shape[0] != B or context_lens.shape[0] != B or block_tables.is_floating_point():
+        raise ValueError(f"block_tables must be integer (B={B}, max_blocks) and context_lens (B,); got "
+                         f"{tuple(block_tables.shape)} {block_tables.dtype} and {tuple(context_lens.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or not q.is_contiguous():
+        raise ValueError("paged_decode_attention needs contiguous q and a contiguous last cache dimension")
+    config = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device, hd)
+    (splits, block, warps), per_head = config[:3], len(config) > 3 and config[3] == 1
+    qpp = 1 if per_head else H // KV
+    if splits & (splits - 1) or block & (block - 1) or block < 16:
+        raise ValueError(f"paged attention config {config}: slices must be a power of two, keys per tile a "
+                         "power of two >= 16")
+    out = torch.empty_like(q) if out is None else out
+    if splits > 1 and work is None:
+        work = workspace(B, H, KV, hd, splits, q.device, per_head)
+    work = work or (out, out, out)
+    ctx = early_positions if early_positions is not None else context_lens
+    _paged_attend_kernel[(B * H // qpp, splits)](
+        q, k_cache, v_cache, block_tables, ctx, start if start is not None else ctx,
+        sinks if sinks is not None else q, out, work[0], work[1], work[2],
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H, KV,
+        GROUP=H // KV, QPP=qpp, GP=_pad(qpp), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
+        BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
+        START=start is not None, EARLY=early_positions is not None,
+        F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, **_launch_opts(pdl))
+    return out

@@ -1,0 +1,115 @@
+"""Kernel block shapes as an explicit object, tuned per GPU model and cached on disk.
+
+Block shapes (rows per program, tile width, warps, K splits, attention slices) move a batch-1 decode step
+by 10-30%, and the best ones differ between an H100 and an H200. `KernelConfigs` holds one set for one
+(GPU name, model shape); kernels take their config as an argument (no module state), and whoever builds
+a decode step owns the object. `coordinate_descent` tunes a set by timing a caller-supplied function
+(lmforge.infer.kernel_step times the whole captured step: timing kernels alone is noisy and blind to how
+neighbours overlap). Sets are saved as JSON, one file per GPU and model shape, under
+$LMFORGE_KERNEL_CACHE (default ~/.cache/lmforge/kernels/):
+
+    {"gpu": "NVIDIA H200", "model": "llama-d2048-l22-h32-kv4-hd64-ff5632-v32000-bfloat16",
+     "configs": {"('add', 2048, 2048, 'torch.bfloat16')": [4, 512, 4, 4], ...}}
+
+Keys are repr() of the kernels' shape keys (lmforge.kernels.decode.*_key); a shape missing from a set
+runs with its default configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import ConfigError
+
+CACHE_ENV = "LMFORGE_KERNEL_CACHE"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfigs:
+    gpu: str = ""
+    """the device name these configs were tuned on (torch.cuda.get_device_name()); "" = untuned defaults"""
+    model: str = ""
+    """the model shape they were tuned for (model_signature())"""
+    table: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    """repr(shape key) -> block configuration"""
+
+    def __post_init__(self):
+        for k, v in self.table.items():
+            if not isinstance(k, str) or not isinstance(v, tuple) or not all(isinstance(i, int) and i > 0 for i in v):
+                raise ConfigError(f"KernelConfigs.table[{k!r}] = {v!r}: expected a tuple of positive ints")
+
+    def get(self, key: tuple) -> tuple[int, ...] | None:
+        return self.table.get(repr(key))
+
+    def with_config(self, key: tuple, config: tuple[int, ...]) -> "KernelConfigs":
+        """A copy with one shape's configuration set."""
+        return dataclasses.replace(self, table={**self.table, repr(key): tuple(config)})
+
+    def to_json(self) -> dict:
+        return {"gpu": self.gpu, "model": self.model, "configs": {k: list(v) for k, v in self.table.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "KernelConfigs":
+        return cls(gpu=d.get("gpu", ""), model=d.get("model", ""),
+                   table={k: tuple(v) for k, v in d.get("configs", {}).items()})
+
+    def save(self, path: Path | None = None) -> Path:
+        """Write to `path` (default: this GPU and model's file in the cache directory), atomically."""
+        path = Path(path) if path is not None else cache_path(self.gpu, self.model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "KernelConfigs":
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError(f"kernel config file {path} is unreadable ({e}); delete it to tune again") from e
+
+    @classmethod
+    def cached(cls, gpu: str, model: str) -> "KernelConfigs | None":
+        """The set saved for this GPU and model shape, or None."""
+        path = cache_path(gpu, model)
+        return cls.load(path) if path.exists() else None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lmforge" / "kernels")
+
+
+def cache_path(gpu: str, model: str) -> Path:
+    slug = lambda s: re.sub(r"[^A-Za-z0-9.-]+", "_", s).strip("_") or "none"  # noqa: E731
+    return cache_dir() / f"{slug(gpu)}__{slug(model)}.json"
+
+
+def gpu_name(device: torch.device | str) -> str:
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def coordinate_descent(configs: KernelConfigs, space: Mapping[tuple, Iterable[tuple[int, ...]]],
+                       seconds: Callable[[KernelConfigs], float], rounds: int = 1
+                       ) -> tuple[KernelConfigs, dict[str, float]]:
+    """Tune one shape key at a time over its candidates with the others fixed, keeping the fastest
+    (`seconds(configs)` times a whole step with them; inf for a candidate that cannot run), for `rounds`
+    passes over the keys. Returns the tuned set and {repr(key): best seconds}."""
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for key, cands in space.items():
+            times = {tuple(c): seconds(configs.with_config(key, c)) for c in cands}
+            pick = min(times, key=times.get)
+            if times[pick] == float("inf"):  # no candidate ran: keep what the set had
+                continue
+            configs = configs.with_config(key, pick)
+            best[repr(key)] = times[pick]
+    return configs, best

@@ -1,0 +1,128 @@
+"""Paged decode attention (lmforge/kernels/paged_attention.py): the Triton kernel against the plain
+gather-then-attend reference, and the reference against dense attention over a contiguous cache. On CPU
+the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.kernels.decode import available
+from lmforge.model.layers.attention import math_attention
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+
+
+def _paged(B, H, KV, hd, bs, lens, dtype=torch.float32, seed=0):
+    """Random q and a pool of blocks handed out to the rows in a shuffled (non-contiguous) order, with
+    unused blocks in between holding garbage; max_blocks covers the longest row plus one spare column."""
+    from lmforge.kernels import paged_attention as pa  # noqa: F401  (import check)
+
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // bs) for n in lens]
+    max_blocks = max(need) + 1
+    n_blocks = sum(need) + 5
+    perm = torch.randperm(n_blocks, generator=g)
+    tables = torch.full((B, max_blocks), n_blocks + 7, dtype=torch.int32)  # out-of-range: must be unread
+    used = 0
+    for b, k in enumerate(need):
+        tables[b, :k] = perm[used:used + k].to(torch.int32)
+        used += k
+    k_cache = torch.randn(n_blocks, bs, KV, hd, generator=g).to(dtype)
+    v_cache = torch.randn(n_blocks, bs, KV, hd, generator=g).to(dtype)
+    q = torch.randn(B, H, hd, generator=g).to(dtype)
+    to = lambda t: t.to(DEV)  # noqa: E731
+    return to(q), to(k_cache), to(v_cache), to(tables), to(torch.tensor(lens, dtype=torch.int32))
+
+
+def _check(args, tol, **kw):
+    from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+
+    want = paged_decode_attention_ref(*args, **kw)
+    # default; one slice; several slices, some empty; one query head per program
+    for config in (None, (1, 16, 4), (4, 32, 4), (4, 16, 2, 1)):
+        got = paged_decode_attention(*args, config=config, **kw)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # the kernel step's form: positions instead of lengths, old keys and the new one read separately
+    got = paged_decode_attention(*args, config=(2, 16, 4, 1), early_positions=(args[4] - 1).long(), **kw)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("H,KV,hd,bs", [(4, 4, 64, 16), (8, 2, 128, 32), (6, 1, 64, 16), (4, 2, 16, 16)])
+def test_paged_kernel_matches_reference(H, KV, hd, bs):
+    """MHA, GQA, MQA (group 6: padded to 16 rows), head dims 16/64/128, block sizes 16/32; rows of different
+    lengths: partial last blocks, a single key, exact block multiples."""
+    lens = [37, 1, 2 * bs, 70]
+    _check(_paged(4, H, KV, hd, bs, lens, seed=H + hd), 1e-4, scale=hd ** -0.5)
+
+
+@pytest.mark.parametrize("softcap,window,sinks", [(5.0, 0, False), (0.0, 20, False), (0.0, 0, True),
+                                                  (30.0, 9, True)])
+def test_paged_kernel_softcap_window_sinks(softcap, window, sinks):
+    args = _paged(3, 8, 2, 64, 16, [45, 5, 33], seed=int(softcap) + window)
+    s = torch.randn(8, generator=torch.Generator().manual_seed(3)).to(DEV) if sinks else None
+    _check(args, 1e-4, scale=0.125, softcap=softcap, window=window, sinks=s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_kernel_half_precision(dtype):
+    args = _paged(2, 8, 2, 64, 16, [50, 19], dtype=dtype, seed=4)
+    _check(args, 2e-2, scale=0.125)
+
+
+def test_empty_row_gives_zeros():
+    """A padding row of a batch bucket (context 0) must not produce NaN."""
+    from lmforge.kernels.paged_attention import paged_decode_attention
+
+    q, k, v, t, lens = _paged(2, 4, 2, 16, 16, [20, 1], seed=5)
+    lens[1] = 0
+    for config in ((1, 16, 4), (4, 16, 4), (4, 16, 4, 1)):
+        out = paged_decode_attention(q, k, v, t, lens, scale=0.25, config=config)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_reference_equals_dense_attention():
+    """The reference's gathering is right: a paged cache holding the same keys as a contiguous one gives
+    the model's attention of the last query over all keys (and over the last `window` ones)."""
+    from lmforge.kernels.paged_attention import paged_decode_attention_ref
+
+    q, k, v, t, lens = _paged(1, 4, 2, 16, 16, [41], seed=6)
+    blocks = t[0, :3].long()
+    kd, vd = k[blocks].flatten(0, 1)[:41], v[blocks].flatten(0, 1)[:41]  # (S, KV, hd)
+    for window in (0, 10):
+        keep = slice(41 - window, 41) if window else slice(0, 41)
+        want = math_attention(q[:, :, None], kd[keep].transpose(0, 1)[None], vd[keep].transpose(0, 1)[None], None,
+                              scale=0.25)
+        got = paged_decode_attention_ref(q, k, v, t, lens, scale=0.25, window=window)
+        torch.testing.assert_close(got, want[:, :, 0])
+
+
+def test_static_cache_layout_with_left_padding():
+    """A static cache row (KV, S, hd) seen as one block of S slots (permuted strides), keys from `start`."""
+    from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+
+    g = torch.Generator().manual_seed(7)
+    KV, S, hd, H, pad, n = 2, 48, 16, 4, 5, 30
+    k, v = torch.randn(KV, S, hd, generator=g).to(DEV), torch.randn(KV, S, hd, generator=g).to(DEV)
+    q = torch.randn(1, H, hd, generator=g).to(DEV)
+    view = lambda t: t.permute(1, 0, 2)[None]  # noqa: E731  (1 block, S slots, KV, hd), not contiguous
+    table = torch.zeros(1, 1, dtype=torch.int32, device=DEV)
+    lens = torch.tensor([n], dtype=torch.int32, device=DEV)
+    got = paged_decode_attention(q, view(k), view(v), table, lens, scale=0.25, config=(2, 16, 4),
+                                 start=torch.tensor([pad], dtype=torch.int32, device=DEV))
+    want = paged_decode_attention_ref(q, view(k[:, pad:]), view(v[:, pad:]), table, lens - pad, scale=0.25)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_shapes_are_named():
+    from lmforge.kernels.paged_attention import paged_decode_attention
+
+    q, k, v, t, lens = _paged(2, 4, 2, 16, 16, [5, 9], seed=8)
+    with pytest.raises(ValueError, match="multiple of 3 kv heads"):
+        paged_decode_attention(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1), t, lens,
+                               scale=1.0)
+    with pytest.raises(ValueError, match="caches"):
+        paged_decode_attention(q, k[..., :8], v[..., :8], t, lens, scale=1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        paged_decode_attention(q, k, v, t[:1], lens, scale=1.0)

@@ -88,3 +88,51 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
     """(B,) sum (or mean, SimPO's length normalisation) of log p(target) over each row's masked tokens."""
     lp = token_logprobs(logits, targets, chunk=chunk)
     return masked_mean(lp, mask, dim=-1) if average else masked_sum(lp, mask, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model-facing helpers: the batch layout of lmforge.train.objective, optionally under a key prefix
+# ("chosen_", "rejected_", "kl_") so one batch carries several sequences per example.
+
+def response_mask(batch: dict, prefix: str = "") -> torch.Tensor:
+    """(B, T) bool: positions whose target counts (loss_mask if given, and never a -100 target)."""
+    targets = batch[f"{prefix}targets"]
+    mask = targets >= 0
+    lm = batch.get(f"{prefix}loss_mask")
+    return mask & lm.bool() if lm is not None else mask
+
+
+def model_inputs(batch: dict, prefix: str = "") -> tuple[torch.Tensor, dict]:
+    """(input_ids, kwargs) for `model(ids, positions=..., meta=...)`; packed rows pass their doc ids."""
+    kwargs = {}
+    if batch.get(f"{prefix}positions") is not None:
+        kwargs["positions"] = batch[f"{prefix}positions"]
+    if batch.get(f"{prefix}doc_ids") is not None:
+        from lmforge.model.meta import AttnMetadata
+
+        kwargs["meta"] = AttnMetadata.packed(batch[f"{prefix}doc_ids"])
+    return batch[f"{prefix}input_ids"], kwargs
+
+
+def batch_logps(model: torch.nn.Module, batch: dict, prefixes: tuple[str, ...] = ("",), *,
+                average: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Sequence log-probs of several prefixed sequences of a batch in ONE forward when their shapes
+    match (chosen and rejected concatenated along the batch, as TRL does), else one forward each.
+    Returns per prefix: sequence sums (or means) (B,), token log-probs (B, T), masks (B, T)."""
+    shapes = {tuple(batch[f"{p}input_ids"].shape) for p in prefixes}
+    packed = any(batch.get(f"{p}doc_ids") is not None or batch.get(f"{p}positions") is not None for p in prefixes)
+    if len(prefixes) > 1 and len(shapes) == 1 and not packed:
+        ids = torch.cat([batch[f"{p}input_ids"] for p in prefixes])
+        targets = torch.cat([batch[f"{p}targets"] for p in prefixes])
+        masks = torch.cat([response_mask(batch, p) for p in prefixes])
+        tok = token_logprobs(model(ids), targets)
+        split = lambda x: list(x.chunk(len(prefixes)))  # noqa: E731
+        toks, ms = split(tok), split(masks)
+    else:
+        toks, ms = [], []
+        for p in prefixes:
+            ids, kwargs = model_inputs(batch, p)
+            toks.append(token_logprobs(model(ids, **kwargs), batch[f"{p}targets"]))
+            ms.append(response_mask(batch, p))
+    seqs = [masked_mean(t, m, dim=-1) if average else masked_sum(t, m, dim=-1) for t, m in zip(toks, ms)]
+    return seqs, toks, ms

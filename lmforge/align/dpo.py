@@ -67,6 +67,16 @@ def reference_logps(ref: Frozen | None, batch: dict, prefixes: tuple[str, ...], 
     return ref.sequence_logps(batch, prefixes, average=average)
 
 
+class Stateless:
+    """Objectives with nothing to save (no reference model, no running statistics)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class ReferenceHolder:
     """Objectives with a frozen reference: identity in state_dict, vocabulary checked once."""
 

@@ -10,12 +10,10 @@ nll_loss, log_odds_ratio (mean log sigmoid), log_odds_chosen (mean log odds rati
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.dpo import PAIR
+from lmforge.align.dpo import PAIR, Stateless
 from lmforge.align.frozen import check_beta
 from lmforge.align.logprobs import batch_logps, masked_mean
 from lmforge.align.losses import orpo_log_odds, preference_metrics
@@ -30,7 +28,7 @@ class ORPOConfig:
         check_beta(self.beta)
 
 
-class ORPOObjective:
+class ORPOObjective(Stateless):
     Config = ORPOConfig
 
     def __init__(self, cfg: ORPOConfig | None = None):
@@ -46,9 +44,3 @@ class ORPOObjective:
         metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": ratio.detach().mean(),
                         "log_odds_chosen": log_odds.detach().mean()})
         return nll - lam * ratio.mean(), metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass

@@ -89,3 +89,16 @@ def trl_gkd(student_logits, teacher_logits, labels, beta, temperature):
 
     return GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=beta,
                                            temperature=temperature)
+
+
+def trl_reward(r_c, r_r, margin=None, center=None):
+    """TRL RewardTrainer.compute_loss on given rewards (the model's logits are [chosen; rejected])."""
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    logits = torch.cat([r_c, r_r])[:, None]
+    inputs = {"attention_mask": torch.ones(len(logits), 2, dtype=torch.long)}
+    if margin is not None:
+        inputs["margin"] = margin
+    me = _self(args=SimpleNamespace(center_rewards_coefficient=center))
+    loss = RewardTrainer.compute_loss(me, lambda **kw: SimpleNamespace(logits=logits), inputs)
+    return loss, {k: v[-1] for k, v in me._metrics["train"].items()}

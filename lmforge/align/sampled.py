@@ -55,15 +55,18 @@ def distillation_records(teacher, examples: Sequence[Example], params: SamplingP
 
 
 def preference_pairs(policy, task: Task, examples: Sequence[Example], params: SamplingParams, *,
-                     render: Render | None = None, pairs_per_prompt: int = 1, seed: int = 0
-                     ) -> tuple[list[dict], dict[str, int]]:
+                     render: Render | None = None, pairs_per_prompt: int = 1, seed: int = 0,
+                     reference_fallback: bool = False) -> tuple[list[dict], dict[str, int]]:
     """{"prompt", "chosen", "rejected"}: a verified-correct and a verified-wrong sample of one prompt.
-    Needs params.n >= 2; prompts whose samples are all right or all wrong give no pair (counted)."""
+    Needs params.n >= 2; prompts whose samples are all right or all wrong give no pair (counted), unless
+    reference_fallback: then an all-wrong prompt's chosen side is the example's reference solution
+    (counted as from_reference; off-policy, so not what "sampled pairs" measure)."""
     if params.n < 2:
         raise ConfigError(f"preference_pairs needs SamplingParams(n >= 2) samples per prompt, got n={params.n}")
     render = render or chat_prompt()
     rng = random.Random(seed)
-    pairs, stats = [], {"prompts": len(examples), "samples": 0, "correct": 0, "all_correct": 0, "all_wrong": 0}
+    pairs, stats = [], {"prompts": len(examples), "samples": 0, "correct": 0, "all_correct": 0, "all_wrong": 0,
+                        "from_reference": 0}
     for ex, texts in zip(examples, sample(policy, examples, params, render)):
         good = list(dict.fromkeys(t for t in texts if task.verify(ex, t)))
         bad = list(dict.fromkeys(t for t in texts if not task.verify(ex, t)))
@@ -71,9 +74,12 @@ def preference_pairs(policy, task: Task, examples: Sequence[Example], params: Sa
         stats["correct"] += sum(task.verify(ex, t) for t in texts)
         if not bad:
             stats["all_correct"] += 1
-        elif not good:
+        elif not good and not reference_fallback:
             stats["all_wrong"] += 1
         else:
+            if not good:
+                good = [ex.solution]
+                stats["from_reference"] += 1
             for _ in range(pairs_per_prompt):
                 pairs.append({"prompt": render(ex), "chosen": rng.choice(good), "rejected": rng.choice(bad)})
     stats["pairs"] = len(pairs)

@@ -63,10 +63,14 @@ def test_preference_pairs_and_kto_records_follow_the_verifier():
     task = TASKS["sort"]()
     exs, llm = _task_model(task, lambda i: [{0}, {0, 1, 2}, set(), {1}][i])
     pairs, stats = preference_pairs(llm, task, exs, SamplingParams(n=3, seed=0))
-    assert stats == {"prompts": 4, "samples": 12, "correct": 5, "all_correct": 1, "all_wrong": 1, "pairs": 2}
+    assert stats == {"prompts": 4, "samples": 12, "correct": 5, "all_correct": 1, "all_wrong": 1, "pairs": 2,
+                     "from_reference": 0}
     for p in pairs:
         ex = next(e for e in exs if chat_prompt()(e) == p["prompt"])
         assert task.verify(ex, p["chosen"]) and not task.verify(ex, p["rejected"])
+    with_ref, stats = preference_pairs(llm, task, exs, SamplingParams(n=3, seed=0), reference_fallback=True)
+    assert stats["pairs"] == 3 and stats["from_reference"] == 1 and stats["all_wrong"] == 0
+    assert with_ref[1]["chosen"] == exs[2].solution
     recs, stats = kto_records(llm, task, exs, SamplingParams(n=3, seed=0))
     assert stats == {"prompts": 4, "records": 6, "desirable": 3, "undesirable": 3}  # distinct samples only
     with pytest.raises(ConfigError, match="n >= 2"):

@@ -1,0 +1,172 @@
+"""DPO vs IPO vs KTO vs SimPO vs ORPO on the same verifier-made preference pairs and the same budget.
+
+    1. SFT a small byte-level lmforge model on a verifiable task's reference solutions (lmforge.tasks)
+    2. sample 4 completions per train prompt from it; the task's verifier splits them into correct and
+       wrong; one (correct, wrong) pair per prompt that has both (lmforge.align.sampled.preference_pairs);
+       held-out pairs are sampled the same way on test prompts
+    3. from the SFT model (also the frozen reference), each objective trains for the same steps, batch
+       and learning rate; KTO sees each pair as one desirable and one undesirable example
+    4. report held-out greedy accuracy and the mean chosen-minus-rejected log-prob margin on held-out
+       pairs, before (the SFT model) and after, as a table, JSON and a plot
+
+Hyper-parameters are each method's usual defaults (TRL / the papers), not tuned here: DPO beta 0.1,
+IPO beta 0.1, KTO beta 0.1, SimPO beta 2.0 gamma 1.0 (the paper's gamma/beta = 0.5), ORPO lambda 0.1.
+The loop is bench/align_common.train until lmforge.train's Trainer takes objectives.
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~1 minute on CPU
+    PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.align_common import (RENDER, STOP, TOK, Clock, SFTLoss, accuracy, cycle, model, rows, train,
+                                write_json)
+from lmforge.align.dpo import DPOConfig, DPOObjective
+from lmforge.align.kto import KTOConfig, KTOObjective
+from lmforge.align.logprobs import batch_logps
+from lmforge.align.orpo import ORPOConfig, ORPOObjective
+from lmforge.align.sampled import preference_pairs
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
+from lmforge.tasks import TASKS
+
+METHODS = {
+    "dpo": lambda ref: DPOObjective(DPOConfig(beta=0.1), reference=ref),
+    "ipo": lambda ref: DPOObjective(DPOConfig(beta=0.1, loss_type="ipo"), reference=ref),
+    "kto": lambda ref: KTOObjective(KTOConfig(beta=0.1), reference=ref),
+    "simpo": lambda ref: DPOObjective(DPOConfig(beta=2.0, loss_type="simpo", simpo_gamma=1.0)),
+    "orpo": lambda ref: ORPOObjective(ORPOConfig(beta=0.1)),
+}
+
+
+def pair_batch(pairs: list[dict], T: int, device: str) -> dict:
+    p = [x["prompt"] for x in pairs]
+    return {**rows(p, [x["chosen"] + "\n" for x in pairs], T, device, "chosen_"),
+            **rows(p, [x["rejected"] + "\n" for x in pairs], T, device, "rejected_")}
+
+
+def kto_batch(pairs: list[dict], T: int, device: str) -> dict:
+    """Each pair as two unpaired rows (chosen desirable, rejected not); KL rows pair every prompt with
+    the next row's completion (TRL's mismatched pairs)."""
+    prompts = [x["prompt"] for x in pairs] * 2
+    comps = [x["chosen"] + "\n" for x in pairs] + [x["rejected"] + "\n" for x in pairs]
+    label = torch.tensor([True] * len(pairs) + [False] * len(pairs), device=device)
+    return {**rows(prompts, comps, T, device), **rows(prompts, comps[1:] + comps[:1], T, device, "kl_"),
+            "label": label}
+
+
+@torch.no_grad()
+def margin(model, pairs: list[dict], T: int, device: str, batch: int = 64) -> float:
+    """Mean over pairs of log p(chosen) - log p(rejected) (sums over the completion tokens)."""
+    model.eval()
+    diffs = []
+    for i in range(0, len(pairs), batch):
+        (c, r), _, _ = batch_logps(model, pair_batch(pairs[i:i + batch], T, device), ("chosen_", "rejected_"))
+        diffs.append(c - r)
+    model.train()
+    return float(torch.cat(diffs).mean())
+
+
+def sample_pairs(sft, task, examples, args, seed):
+    params = SamplingParams(n=args.samples, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=seed)
+    out = preference_pairs(LLM(sft, TOK, cuda_graphs=False), task, examples, params, seed=seed,
+                           reference_fallback=args.smoke)
+    sft.train()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the script on CPU")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--task", default="count")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--d", type=int, default=96)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--T", type=int, default=96)
+    ap.add_argument("--sft-steps", type=int, default=1500)
+    ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--pref-steps", type=int, default=150)
+    ap.add_argument("--pref-lr", type=float, default=2e-4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--pair-prompts", type=int, default=1200)
+    ap.add_argument("--eval", type=int, default=400)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=12)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.d, args.layers, args.sft_steps, args.pref_steps = 32, 1, 60, 10
+        args.pair_prompts, args.eval, args.batch = 64, 48, 8
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    clock, dev = Clock(), args.device
+    task = TASKS[args.task]()
+    train_ex = task.examples("train", max(args.pair_prompts, 4000 if not args.smoke else 200), seed=args.seed)
+    test_ex = task.examples("test", args.eval, seed=args.seed)
+
+    sft = model(args.d, args.layers, 4, args.T, args.seed, dev)
+    sft_data = cycle(lambda ex: rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], args.T, dev),
+                     train_ex, args.batch, args.seed)
+    sft_log = train(sft, SFTLoss(), sft_data, args.sft_steps, args.sft_lr, log_every=max(1, args.sft_steps // 10))
+    print(f"[{clock()}s] SFT done: loss {sft_log[-1]['loss']:.3f}", flush=True)
+
+    # --smoke's toy model is rarely right: its pairs fall back to the reference solution as chosen
+    pairs, pair_stats = sample_pairs(sft, task, train_ex[:args.pair_prompts], args, args.seed)
+    held_pairs, held_stats = sample_pairs(sft, task, test_ex, args, args.seed + 1)
+    print(f"[{clock()}s] pairs: train {pair_stats} held-out {held_stats}", flush=True)
+    if len(pairs) < args.batch or not held_pairs:
+        raise SystemExit("too few verifier-made pairs at this size; train the SFT model longer")
+
+    before = {"accuracy": accuracy(sft, task, test_ex, args.max_tokens), "margin": margin(sft, held_pairs, args.T, dev)}
+    results = {"before": before}
+    for name, make in METHODS.items():
+        policy = copy.deepcopy(sft)
+        obj = make(copy.deepcopy(sft))
+        batcher = (lambda b: kto_batch(b, args.T, dev)) if name == "kto" else (lambda b: pair_batch(b, args.T, dev))
+        log = train(policy, obj, cycle(batcher, pairs, args.batch // (2 if name == "kto" else 1), args.seed),
+                    args.pref_steps, args.pref_lr, log_every=max(1, args.pref_steps // 5))
+        results[name] = {"accuracy": accuracy(policy, task, test_ex, args.max_tokens),
+                         "margin": margin(policy, held_pairs, args.T, dev),
+                         "train_margin_after": margin(policy, pairs[:256], args.T, dev), "log": log}
+        print(f"[{clock()}s] {name}: acc {results[name]['accuracy']:.3f} margin {results[name]['margin']:.2f}",
+              flush=True)
+
+    payload = {"args": vars(args), "sft_log": sft_log, "pairs": pair_stats, "held_out_pairs": held_stats,
+               "results": results, "seconds": clock()}
+    path = write_json("align_compare_smoke.json" if args.smoke else "align_compare.json", payload)
+    plot(results, path.with_suffix(".png"))
+    print(f"\ntask {args.task}: {len(pairs)} train pairs, {len(held_pairs)} held-out pairs, "
+          f"{args.pref_steps} steps x batch {args.batch} pairs (KTO: same rows, unpaired)")
+    print("| method | held-out accuracy | held-out margin (nats) |\n|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['accuracy']:.3f} | {r['margin']:+.2f} |")
+    print(f"wrote {path}")
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if n != "before"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, title in zip(axes, ("accuracy", "margin"), ("held-out accuracy", "held-out log-prob margin")):
+        ax.bar(names, [results[n][key] for n in names], color="tab:blue")
+        ax.axhline(results["before"][key], color="k", ls="--", label="SFT (before)")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.align_common import (RENDER, STOP, TOK, Clock, SFTLoss, accuracy, cycle, model, rows, train,
                                 write_json)
-from lmforge.align.dpo import DPOConfig, DPOObjective
-from lmforge.align.kto import KTOConfig, KTOObjective
-from lmforge.align.logprobs import batch_logps
-from lmforge.align.orpo import ORPOConfig, ORPOObjective
-from lmforge.align.sampled import preference_pairs
-from lmforge.infer.llm import LLM
-from lmforge.infer.sampling import SamplingParams
-from lmforge.tasks import TASKS
+from lmforge.align.dpo import DPOConfig, DPOObjective  # noqa: E402
+from lmforge.align.kto import KTOConfig, KTOObjective  # noqa: E402
+from lmforge.align.logprobs import batch_logps  # noqa: E402
+from lmforge.align.orpo import ORPOConfig, ORPOObjective  # noqa: E402
+from lmforge.align.sampled import preference_pairs  # noqa: E402
+from lmforge.infer.llm import LLM  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.tasks import TASKS  # noqa: E402
 
 METHODS = {
     "dpo": lambda ref: DPOObjective(DPOConfig(beta=0.1), reference=ref),

@@ -1,0 +1,126 @@
+"""Distillation evidence: does a small student learn more from a larger lmforge-trained teacher than from the
+data alone, at equal steps?
+
+    teacher  a larger byte-level model SFT-trained on a verifiable task (lmforge.tasks)
+    students the same small model, initialisation, batches, steps and learning rate, trained on
+      data          cross-entropy on the reference solutions
+      token-KD      forward KL to the teacher's next-token distributions on the same rows
+                    (DistillObjective, temperature 1, no data term)
+      token-JSD     GKD's generalised JSD (beta 0.5) on the same rows
+      seq-KD        cross-entropy on the teacher's greedy outputs for the train prompts (Kim & Rush 2016)
+      seq-KD+verify cross-entropy on teacher samples the task's verifier accepts (West et al. 2022)
+    reported: held-out loss of the reference completions (token mean) and held-out greedy accuracy
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_distill.py --smoke   # toy sizes, CPU
+    PYTHONPATH=$PWD python bench/align_distill.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.align_common import (RENDER, STOP, TOK, Clock, SFTLoss, accuracy, completion_loss,  # noqa: E402
+                                cycle, model, rows, train, write_json)
+from lmforge.align.distill import DistillConfig, DistillObjective  # noqa: E402
+from lmforge.align.sampled import distillation_records  # noqa: E402
+from lmforge.infer.llm import LLM  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.tasks import TASKS  # noqa: E402
+
+
+def data_rows(args):
+    return lambda ex: rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], args.T, args.device)
+
+
+def record_rows(args):
+    return lambda recs: rows([r["prompt"] for r in recs], [r["completion"] + "\n" for r in recs], args.T,
+                             args.device)
+
+
+def teacher_records(teacher, task, examples, args, verify: bool):
+    params = (SamplingParams(n=4, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=args.seed)
+              if verify else SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=STOP))
+    recs, stats = distillation_records(LLM(teacher, TOK, cuda_graphs=False), examples, params,
+                                       task=task if verify else None, render=RENDER)
+    teacher.train()
+    return recs, stats
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--task", default="count")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", default="192,4", help="d_model,n_layers")
+    ap.add_argument("--student", default="64,2")
+    ap.add_argument("--T", type=int, default=96)
+    ap.add_argument("--teacher-steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--train", type=int, default=4000)
+    ap.add_argument("--eval", type=int, default=400)
+    ap.add_argument("--max-tokens", type=int, default=12)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.teacher, args.student, args.teacher_steps, args.steps = "48,2", "32,1", 80, 40
+        args.train, args.eval, args.batch = 200, 48, 8
+    clock, dev = Clock(), args.device
+    task = TASKS[args.task]()
+    train_ex = task.examples("train", args.train, seed=args.seed)
+    test_ex = task.examples("test", args.eval, seed=args.seed)
+    (td, tl), (sd, sl) = (map(int, s.split(",")) for s in (args.teacher, args.student))
+
+    teacher = model(td, tl, 4, args.T, args.seed + 100, dev)
+    train(teacher, SFTLoss(), cycle(data_rows(args), train_ex, args.batch, args.seed + 100), args.teacher_steps, args.lr)
+    results = {"teacher": {"loss": completion_loss(teacher, test_ex, args.T, dev),
+                           "accuracy": accuracy(teacher, task, test_ex, args.max_tokens),
+                           "params": teacher.num_params()}}
+    print(f"[{clock()}s] teacher {results['teacher']}", flush=True)
+    greedy, greedy_stats = teacher_records(teacher, task, train_ex, args, verify=False)
+    verified, verified_stats = teacher_records(teacher, task, train_ex, args, verify=True)
+    print(f"[{clock()}s] seq-KD records {greedy_stats}; verified {verified_stats}", flush=True)
+
+    variants = {
+        "data": (SFTLoss(), train_ex, data_rows(args)),
+        "token-KD": (DistillObjective(DistillConfig(divergence="forward_kl"), teacher=teacher), train_ex, data_rows(args)),
+        "token-JSD": (DistillObjective(DistillConfig(divergence="jsd", beta=0.5), teacher=teacher), train_ex, data_rows(args)),
+        "seq-KD": (SFTLoss(), greedy, record_rows(args)),
+        "seq-KD+verify": (SFTLoss(), verified, record_rows(args)),
+    }
+    for name, (objective, records, make) in variants.items():
+        if len(records) < args.batch:
+            results[name] = {"skipped": f"{len(records)} records"}
+            continue
+        student = model(sd, sl, 4, args.T, args.seed, dev)  # same init for every student
+        log = train(student, objective, cycle(make, records, args.batch, args.seed), args.steps, args.lr,
+                    log_every=max(1, args.steps // 5))
+        results[name] = {"loss": completion_loss(student, test_ex, args.T, dev),
+                         "accuracy": accuracy(student, task, test_ex, args.max_tokens),
+                         "params": student.num_params(), "log": log}
+        print(f"[{clock()}s] {name}: held-out loss {results[name]['loss']:.4f} acc {results[name]['accuracy']:.3f}",
+              flush=True)
+
+    payload = {"args": vars(args), "records": {"greedy": greedy_stats, "verified": verified_stats},
+               "results": results, "seconds": clock()}
+    path = write_json("align_distill_smoke.json" if args.smoke else "align_distill.json", payload)
+    print(f"\ntask {args.task}: teacher {args.teacher} ({results['teacher']['params']:,} params), student "
+          f"{args.student}, {args.steps} steps x batch {args.batch} for every student")
+    print("| model | held-out loss (nats/token) | held-out accuracy |\n|---|---|---|")
+    for name, r in results.items():
+        if "skipped" in r:
+            print(f"| {name} | skipped: {r['skipped']} | |")
+        else:
+            print(f"| {name} | {r['loss']:.4f} | {r['accuracy']:.3f} |")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.align_common import (RENDER, STOP, TOK, Clock, SFTLoss, accuracy, cycle, model, rows, train,
+from bench.align_common import (RENDER, STOP, TOK, Clock, SFTLoss, accuracy, cycle, model, rows, train,  # noqa: E402
                                 write_json)
 from lmforge.align.dpo import DPOConfig, DPOObjective  # noqa: E402
 from lmforge.align.kto import KTOConfig, KTOObjective  # noqa: E402

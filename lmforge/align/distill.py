@@ -93,7 +93,7 @@ class DistillObjective(ReferenceHolder):
         if teacher is None:
             if self.ref is None:
                 raise ConfigError("DistillObjective needs teacher= or precomputed teacher_logits in the batch")
-            teacher = self.ref.logits(ids, **kwargs)
+            teacher = self.ref.logits(batch)
         if teacher.shape[-1] != logits.shape[-1]:
             raise ConfigError(f"teacher logits have vocab {teacher.shape[-1]} but the student's have "
                               f"{logits.shape[-1]}; distil between models sharing one tokenizer")

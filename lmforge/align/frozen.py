@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmforge.align.logprobs import batch_logps
+from lmforge.align.logprobs import batch_logps, model_inputs
 from lmforge.errors import CheckpointError, ConfigError
 
 
@@ -76,11 +76,15 @@ class Frozen:
                               f"use a {self.role} built with the same tokenizer")
 
     # forward ----------------------------------------------------------------------------------------
+    def _moved(self, batch: dict, prefixes: tuple[str, ...]) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                if any(k.startswith(p) for p in prefixes)}
+
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        out_device = ids.device
-        kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return self.model(ids.to(self.device), **kwargs).to(out_device)
+    def logits(self, batch: dict, prefix: str = "") -> torch.Tensor:
+        """(B, T, V) logits of the batch's `prefix` rows, returned on the batch's device."""
+        ids, kwargs = model_inputs(self._moved(batch, (prefix,)), prefix)
+        return self.model(ids, **kwargs).to(batch[f"{prefix}input_ids"].device)
 
     @torch.no_grad()
     def sequence_logps(self, batch: dict, prefixes: tuple[str, ...], *, average: bool = False
@@ -91,9 +95,8 @@ class Frozen:
             self._cache.move_to_end(key)
             return list(self._cache[key].to(batch[f"{prefixes[0]}input_ids"].device).unbind(0))
         out_device = batch[f"{prefixes[0]}input_ids"].device
-        moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-                 if any(k.startswith(p) for p in prefixes)}
-        seqs = [s.to(out_device) for s in batch_logps(self.model, moved, prefixes, average=average)[0]]
+        seqs = [s.to(out_device) for s in batch_logps(self.model, self._moved(batch, prefixes), prefixes,
+                                                      average=average)[0]]
         if key is not None:
             self._cache[key] = torch.stack(seqs).cpu()
             if len(self._cache) > self.cache_size:

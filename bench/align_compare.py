@@ -13,8 +13,9 @@ Hyper-parameters are each method's usual defaults (TRL / the papers), not tuned 
 IPO beta 0.1, KTO beta 0.1, SimPO beta 2.0 gamma 1.0 (the paper's gamma/beta = 0.5), ORPO lambda 0.1.
 The loop is bench/align_common.train until lmforge.train's Trainer takes objectives.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~1 minute on CPU
-    PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~20 s on CPU
+    PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run (~1 min on a GPU;
+                                                                               # ~0.15 s/step on one CPU core)
 """
 
 from __future__ import annotations
@@ -93,13 +94,13 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=96)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--T", type=int, default=96)
-    ap.add_argument("--sft-steps", type=int, default=1500)
+    ap.add_argument("--sft-steps", type=int, default=1000)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
-    ap.add_argument("--pref-steps", type=int, default=150)
-    ap.add_argument("--pref-lr", type=float, default=2e-4)
+    ap.add_argument("--pref-steps", type=int, default=200)
+    ap.add_argument("--pref-lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--pair-prompts", type=int, default=1200)
-    ap.add_argument("--eval", type=int, default=400)
+    ap.add_argument("--pair-prompts", type=int, default=2000)
+    ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=12)
     args = ap.parse_args(argv)
@@ -122,8 +123,11 @@ def main(argv=None):
     pairs, pair_stats = sample_pairs(sft, task, train_ex[:args.pair_prompts], args, args.seed)
     held_pairs, held_stats = sample_pairs(sft, task, test_ex, args, args.seed + 1)
     print(f"[{clock()}s] pairs: train {pair_stats} held-out {held_stats}", flush=True)
-    if len(pairs) < args.batch or not held_pairs:
-        raise SystemExit("too few verifier-made pairs at this size; train the SFT model longer")
+    if len(pairs) < args.batch or not held_pairs:  # report what happened instead of failing the run
+        print(f"too few verifier-made pairs ({len(pairs)} train, {len(held_pairs)} held-out) at this size")
+        write_json(f"align_compare_{args.task}_s{args.seed}.json", {"args": vars(args), "sft_log": sft_log,
+                   "pairs": pair_stats, "held_out_pairs": held_stats, "results": None})
+        return
 
     before = {"accuracy": accuracy(sft, task, test_ex, args.max_tokens), "margin": margin(sft, held_pairs, args.T, dev)}
     results = {"before": before}
@@ -141,7 +145,7 @@ def main(argv=None):
 
     payload = {"args": vars(args), "sft_log": sft_log, "pairs": pair_stats, "held_out_pairs": held_stats,
                "results": results, "seconds": clock()}
-    path = write_json("align_compare_smoke.json" if args.smoke else "align_compare.json", payload)
+    path = write_json(f"align_compare_{args.task}_s{args.seed}{'_smoke' if args.smoke else ''}.json", payload)
     plot(results, path.with_suffix(".png"))
     print(f"\ntask {args.task}: {len(pairs)} train pairs, {len(held_pairs)} held-out pairs, "
           f"{args.pref_steps} steps x batch {args.batch} pairs (KTO: same rows, unpaired)")
@@ -152,7 +156,11 @@ def main(argv=None):
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

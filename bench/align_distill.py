@@ -66,7 +66,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--train", type=int, default=4000)
-    ap.add_argument("--eval", type=int, default=400)
+    ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=12)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -110,7 +110,7 @@ def main(argv=None):
 
     payload = {"args": vars(args), "records": {"greedy": greedy_stats, "verified": verified_stats},
                "results": results, "seconds": clock()}
-    path = write_json("align_distill_smoke.json" if args.smoke else "align_distill.json", payload)
+    path = write_json(f"align_distill_{args.task}_s{args.seed}{'_smoke' if args.smoke else ''}.json", payload)
     print(f"\ntask {args.task}: teacher {args.teacher} ({results['teacher']['params']:,} params), student "
           f"{args.student}, {args.steps} steps x batch {args.batch} for every student")
     print("| model | held-out loss (nats/token) | held-out accuracy |\n|---|---|---|")

@@ -85,7 +85,7 @@ def sample_pairs(sft, task, examples, args, seed):
     return out
 
 
-def main(argv=None):
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the script on CPU")
     ap.add_argument("--device", default="cpu")
@@ -107,7 +107,30 @@ def main(argv=None):
     if args.smoke:
         args.d, args.layers, args.sft_steps, args.pref_steps = 32, 1, 60, 10
         args.pair_prompts, args.eval, args.batch = 64, 48, 8
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return args
+
+
+def run_methods(sft, task, pairs, held_pairs, test_ex, args, clock) -> dict:
+    """Every method from a copy of the SFT model (its frozen reference another copy), same steps/batch."""
+    dev = args.device
+    results = {"before": {"accuracy": accuracy(sft, task, test_ex, args.max_tokens),
+                          "margin": margin(sft, held_pairs, args.T, dev)}}
+    for name, make in METHODS.items():
+        policy = copy.deepcopy(sft)
+        obj = make(copy.deepcopy(sft))
+        batcher = (lambda b: kto_batch(b, args.T, dev)) if name == "kto" else (lambda b: pair_batch(b, args.T, dev))
+        log = train(policy, obj, cycle(batcher, pairs, args.batch, args.seed), args.pref_steps, args.pref_lr,
+                    log_every=max(1, args.pref_steps // 5))
+        results[name] = {"accuracy": accuracy(policy, task, test_ex, args.max_tokens),
+                         "margin": margin(policy, held_pairs, args.T, dev),
+                         "train_margin_after": margin(policy, pairs[:256], args.T, dev), "log": log}
+        print(f"[{clock()}s] {name}: acc {results[name]['accuracy']:.3f} margin {results[name]['margin']:.2f}",
+              flush=True)
+    return results
+
+
+def main(argv=None):
+    args = parse(argv)
     clock, dev = Clock(), args.device
     task = TASKS[args.task]()
     train_ex = task.examples("train", max(args.pair_prompts, 4000 if not args.smoke else 200), seed=args.seed)
@@ -129,26 +152,14 @@ def main(argv=None):
                    "pairs": pair_stats, "held_out_pairs": held_stats, "results": None})
         return
 
-    before = {"accuracy": accuracy(sft, task, test_ex, args.max_tokens), "margin": margin(sft, held_pairs, args.T, dev)}
-    results = {"before": before}
-    for name, make in METHODS.items():
-        policy = copy.deepcopy(sft)
-        obj = make(copy.deepcopy(sft))
-        batcher = (lambda b: kto_batch(b, args.T, dev)) if name == "kto" else (lambda b: pair_batch(b, args.T, dev))
-        log = train(policy, obj, cycle(batcher, pairs, args.batch // (2 if name == "kto" else 1), args.seed),
-                    args.pref_steps, args.pref_lr, log_every=max(1, args.pref_steps // 5))
-        results[name] = {"accuracy": accuracy(policy, task, test_ex, args.max_tokens),
-                         "margin": margin(policy, held_pairs, args.T, dev),
-                         "train_margin_after": margin(policy, pairs[:256], args.T, dev), "log": log}
-        print(f"[{clock()}s] {name}: acc {results[name]['accuracy']:.3f} margin {results[name]['margin']:.2f}",
-              flush=True)
+    results = run_methods(sft, task, pairs, held_pairs, test_ex, args, clock)
 
     payload = {"args": vars(args), "sft_log": sft_log, "pairs": pair_stats, "held_out_pairs": held_stats,
                "results": results, "seconds": clock()}
     path = write_json(f"align_compare_{args.task}_s{args.seed}{'_smoke' if args.smoke else ''}.json", payload)
     plot(results, path.with_suffix(".png"))
     print(f"\ntask {args.task}: {len(pairs)} train pairs, {len(held_pairs)} held-out pairs, "
-          f"{args.pref_steps} steps x batch {args.batch} pairs (KTO: same rows, unpaired)")
+          f"{args.pref_steps} steps x batch {args.batch} pairs (KTO: the same pairs as 2x batch unpaired rows)")
     print("| method | held-out accuracy | held-out margin (nats) |\n|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['accuracy']:.3f} | {r['margin']:+.2f} |")

@@ -52,11 +52,15 @@ class KTOObjective(ReferenceHolder):
         cfg = self.cfg
         has_kl = "kl_input_ids" in batch
         prefixes = ("", "kl_") if has_kl else ("",)
-        seqs, _, _ = batch_logps(model, batch, prefixes)
+        pi = batch_logps(model, batch)[0][0]
         ref_keys = ("ref_logps", "ref_kl_logps") if has_kl else ("ref_logps",)
         refs = reference_logps(self.ref, batch, prefixes, average=False, keys=ref_keys)
-        pi, ref = seqs[0], refs[0]
-        kl = kto_kl(seqs[1], refs[1]) if has_kl else torch.zeros((), device=pi.device)
+        ref = refs[0]
+        if has_kl:  # z0 carries no gradient, so the policy's KL rows run without autograd (as TRL)
+            with torch.no_grad():
+                kl = kto_kl(batch_logps(model, batch, ("kl_",))[0][0], refs[1])
+        else:
+            kl = torch.zeros((), device=pi.device)
         good = batch["label"].bool()
         losses = kto_loss(pi, ref, good, kl, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                           undesirable_weight=cfg.undesirable_weight)

@@ -106,9 +106,23 @@ class RewardObjective(Stateless):
                       "mean_reward": both.mean(), "min_reward": both.min(), "max_reward": both.max()}
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClassificationConfig:
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+
+
 class ClassificationObjective(Stateless):
+    Config = ClassificationConfig
+
+    def __init__(self, cfg: ClassificationConfig | None = None):
+        self.cfg = cfg or ClassificationConfig()
+
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = scores(model, batch).float()
         label = batch["label"].long()
-        loss = nn.functional.cross_entropy(logits, label)
+        loss = nn.functional.cross_entropy(logits, label, label_smoothing=self.cfg.label_smoothing)
         return loss, {"accuracy": (logits.argmax(-1) == label).float().mean()}

@@ -116,18 +116,20 @@ def model_inputs(batch: dict, prefix: str = "") -> tuple[torch.Tensor, dict]:
 
 def batch_logps(model: torch.nn.Module, batch: dict, prefixes: tuple[str, ...] = ("",), *,
                 average: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Sequence log-probs of several prefixed sequences of a batch in ONE forward when their shapes
-    match (chosen and rejected concatenated along the batch, as TRL does), else one forward each.
-    Returns per prefix: sequence sums (or means) (B,), token log-probs (B, T), masks (B, T)."""
-    shapes = {tuple(batch[f"{p}input_ids"].shape) for p in prefixes}
+    """Sequence log-probs of several prefixed sequences of a batch in ONE forward (chosen and rejected
+    concatenated along the batch, as TRL does; the shorter side right-padded, which a causal model's
+    earlier positions never see), or one forward each for packed rows.
+    Returns per prefix: sequence sums (or means) (B,), token log-probs (B, T_prefix), masks (B, T_prefix)."""
     packed = any(batch.get(f"{p}doc_ids") is not None or batch.get(f"{p}positions") is not None for p in prefixes)
-    if len(prefixes) > 1 and len(shapes) == 1 and not packed:
-        ids = torch.cat([batch[f"{p}input_ids"] for p in prefixes])
-        targets = torch.cat([batch[f"{p}targets"] for p in prefixes])
-        masks = torch.cat([response_mask(batch, p) for p in prefixes])
+    if len(prefixes) > 1 and not packed:
+        lens = [batch[f"{p}input_ids"].shape[1] for p in prefixes]
+        T = max(lens)
+        pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+        ids = torch.cat([pad(batch[f"{p}input_ids"], 0) for p in prefixes])
+        targets = torch.cat([pad(batch[f"{p}targets"], -100) for p in prefixes])
         tok = token_logprobs(model(ids), targets)
-        split = lambda x: list(x.chunk(len(prefixes)))  # noqa: E731
-        toks, ms = split(tok), split(masks)
+        toks = [t[:, :n] for t, n in zip(tok.chunk(len(prefixes)), lens)]
+        ms = [response_mask(batch, p) for p in prefixes]
     else:
         toks, ms = [], []
         for p in prefixes:

@@ -92,7 +92,7 @@ def cycle(make, records: list, batch: int, seed: int):
 
 def accuracy(model, task, examples, max_tokens: int) -> float:
     """Greedy exact-match accuracy through the engine front door."""
-    llm = LLM(model, TOK, cuda_graphs=False)
+    llm = LLM(model, TOK, cuda_graphs=False, max_batch_size=256)
     outs = llm.generate([RENDER(e) for e in examples],
                         SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=STOP))
     model.train()

@@ -79,8 +79,8 @@ def margin(model, pairs: list[dict], T: int, device: str, batch: int = 64) -> fl
 
 def sample_pairs(sft, task, examples, args, seed):
     params = SamplingParams(n=args.samples, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=seed)
-    out = preference_pairs(LLM(sft, TOK, cuda_graphs=False), task, examples, params, seed=seed,
-                           reference_fallback=args.smoke)
+    llm = LLM(sft, TOK, cuda_graphs=False, max_batch_size=256)
+    out = preference_pairs(llm, task, examples, params, seed=seed, reference_fallback=args.smoke)
     sft.train()
     return out
 

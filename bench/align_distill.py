@@ -46,8 +46,8 @@ def record_rows(args):
 def teacher_records(teacher, task, examples, args, verify: bool):
     params = (SamplingParams(n=4, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=args.seed)
               if verify else SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=STOP))
-    recs, stats = distillation_records(LLM(teacher, TOK, cuda_graphs=False), examples, params,
-                                       task=task if verify else None, render=RENDER)
+    llm = LLM(teacher, TOK, cuda_graphs=False, max_batch_size=256)
+    recs, stats = distillation_records(llm, examples, params, task=task if verify else None, render=RENDER)
     teacher.train()
     return recs, stats
 
@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--train", type=int, default=4000)
+    ap.add_argument("--train", type=int, default=3000)
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=12)
     args = ap.parse_args(argv)
@@ -79,7 +79,8 @@ def main(argv=None):
     (td, tl), (sd, sl) = (map(int, s.split(",")) for s in (args.teacher, args.student))
 
     teacher = model(td, tl, 4, args.T, args.seed + 100, dev)
-    train(teacher, SFTLoss(), cycle(data_rows(args), train_ex, args.batch, args.seed + 100), args.teacher_steps, args.lr)
+    train(teacher, SFTLoss(), cycle(data_rows(args), train_ex, args.batch, args.seed + 100), args.teacher_steps,
+          args.lr)
     results = {"teacher": {"loss": completion_loss(teacher, test_ex, args.T, dev),
                            "accuracy": accuracy(teacher, task, test_ex, args.max_tokens),
                            "params": teacher.num_params()}}
@@ -90,8 +91,10 @@ def main(argv=None):
 
     variants = {
         "data": (SFTLoss(), train_ex, data_rows(args)),
-        "token-KD": (DistillObjective(DistillConfig(divergence="forward_kl"), teacher=teacher), train_ex, data_rows(args)),
-        "token-JSD": (DistillObjective(DistillConfig(divergence="jsd", beta=0.5), teacher=teacher), train_ex, data_rows(args)),
+        "token-KD": (DistillObjective(DistillConfig(divergence="forward_kl"), teacher=teacher), train_ex,
+                     data_rows(args)),
+        "token-JSD": (DistillObjective(DistillConfig(divergence="jsd", beta=0.5), teacher=teacher), train_ex,
+                      data_rows(args)),
         "seq-KD": (SFTLoss(), greedy, record_rows(args)),
         "seq-KD+verify": (SFTLoss(), verified, record_rows(args)),
     }

@@ -37,7 +37,8 @@ def test_masked_mean_matches_trl_gkd(kind, beta):
     labels = torch.randint(0, 13, (2, 5))
     labels[0, :2] = -100
     mask = labels != -100
-    ours = (token_divergence(s, t, kind=kind, beta=beta if kind == "jsd" else 0.5, temperature=1.5) * mask).sum() / mask.sum()
+    div = token_divergence(s, t, kind=kind, beta=beta if kind == "jsd" else 0.5, temperature=1.5)
+    ours = (div * mask).sum() / mask.sum()
     theirs = trl_gkd(s, t, labels, beta, 1.5)
     g1, = torch.autograd.grad(ours, s)
     g2, = torch.autograd.grad(theirs, s)

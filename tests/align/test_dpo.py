@@ -71,7 +71,8 @@ def test_objective_matches_trl_dpo_trainer(loss_type):
     with torch.no_grad():
         ref_c, ref_r = ((token_logprobs(ref(batch[f"{p}input_ids"]), batch[f"{p}targets"])
                          * batch[f"{p}loss_mask"]).sum(-1) for p in ("chosen_", "rejected_"))
-    tok_c, tok_r = (token_logprobs(model(batch[f"{p}input_ids"]), batch[f"{p}targets"]) for p in ("chosen_", "rejected_"))
+    tok_c, tok_r = (token_logprobs(model(batch[f"{p}input_ids"]), batch[f"{p}targets"])
+                    for p in ("chosen_", "rejected_"))
     t_loss, t_metrics = trl_dpo(loss_type, 0.2, tok_c, tok_r, batch["chosen_loss_mask"], batch["rejected_loss_mask"],
                                 ref_c, ref_r)
     t_loss.backward()

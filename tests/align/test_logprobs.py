@@ -60,10 +60,12 @@ def test_batch_logps_one_forward_equals_separate_and_packed_rows():
     (c, r), _, _ = batch_logps(model, batch, ("chosen_", "rejected_"))
     alone = [batch_logps(model, batch, (p,))[0][0] for p in ("chosen_", "rejected_")]
     torch.testing.assert_close(torch.stack([c, r]), torch.stack(alone))
-    shorter = {**batch, **{f"rejected_{k}": batch[f"rejected_{k}"][:, :7] for k in ("input_ids", "targets", "loss_mask")}}
-    (c2, r2), (tc, tr), _ = batch_logps(model, shorter, ("chosen_", "rejected_"))  # padded to one forward
+    keys = ("input_ids", "targets", "loss_mask")
+    shorter = {**batch, **{f"rejected_{k}": batch[f"rejected_{k}"][:, :7] for k in keys}}
+    (c2, r2), (_, tr), _ = batch_logps(model, shorter, ("chosen_", "rejected_"))  # padded to one forward
+    r_alone = batch_logps(model, shorter, ("rejected_",))[0][0]
     assert tr.shape == (3, 7)
-    torch.testing.assert_close(torch.stack([c2, r2]), torch.stack([c, batch_logps(model, shorter, ("rejected_",))[0][0]]))
+    torch.testing.assert_close(torch.stack([c2, r2]), torch.stack([c, r_alone]))
     # pack row 0 of chosen and row 0 of rejected into one row of twice the length
     doc = torch.tensor([[0] * 10 + [1] * 10])
     packed = {k: torch.cat([batch[f"chosen_{k}"][:1], batch[f"rejected_{k}"][:1]], 1)

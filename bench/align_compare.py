@@ -103,6 +103,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--sft-cache", default="", help="load the SFT model from this file if it exists, else save it")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--sft-only", action="store_true", help="stop after SFT (with --sft-cache: split a CPU run)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.d, args.layers, args.sft_steps, args.pref_steps = 32, 1, 60, 10
@@ -110,12 +113,28 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def sft_model(args, train_ex):
+    """The SFT model every method starts from (and its log); cached in --sft-cache when given."""
+    sft = model(args.d, args.layers, 4, args.T, args.seed, args.device)
+    if args.sft_cache and Path(args.sft_cache).exists():
+        saved = torch.load(args.sft_cache, map_location=args.device)
+        sft.load_state_dict(saved["model"])
+        return sft, saved["log"]
+    data = cycle(lambda ex: rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], args.T, args.device),
+                 train_ex, args.batch, args.seed)
+    log = train(sft, SFTLoss(), data, args.sft_steps, args.sft_lr, log_every=max(1, args.sft_steps // 10))
+    if args.sft_cache:
+        torch.save({"model": sft.state_dict(), "log": log}, args.sft_cache)
+    return sft, log
+
+
 def run_methods(sft, task, pairs, held_pairs, test_ex, args, clock) -> dict:
     """Every method from a copy of the SFT model (its frozen reference another copy), same steps/batch."""
     dev = args.device
     results = {"before": {"accuracy": accuracy(sft, task, test_ex, args.max_tokens),
                           "margin": margin(sft, held_pairs, args.T, dev)}}
-    for name, make in METHODS.items():
+    for name in args.methods.split(","):
+        make = METHODS[name]
         policy = copy.deepcopy(sft)
         obj = make(copy.deepcopy(sft))
         batcher = (lambda b: kto_batch(b, args.T, dev)) if name == "kto" else (lambda b: pair_batch(b, args.T, dev))
@@ -136,11 +155,10 @@ def main(argv=None):
     train_ex = task.examples("train", max(args.pair_prompts, 4000 if not args.smoke else 200), seed=args.seed)
     test_ex = task.examples("test", args.eval, seed=args.seed)
 
-    sft = model(args.d, args.layers, 4, args.T, args.seed, dev)
-    sft_data = cycle(lambda ex: rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], args.T, dev),
-                     train_ex, args.batch, args.seed)
-    sft_log = train(sft, SFTLoss(), sft_data, args.sft_steps, args.sft_lr, log_every=max(1, args.sft_steps // 10))
+    sft, sft_log = sft_model(args, train_ex)
     print(f"[{clock()}s] SFT done: loss {sft_log[-1]['loss']:.3f}", flush=True)
+    if args.sft_only:
+        return
 
     # --smoke's toy model is rarely right: its pairs fall back to the reference solution as chosen
     pairs, pair_stats = sample_pairs(sft, task, train_ex[:args.pair_prompts], args, args.seed)

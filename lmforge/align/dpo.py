@@ -85,6 +85,9 @@ class ReferenceHolder:
 
     def _check(self, model: torch.nn.Module) -> None:
         if not self._checked and self.ref is not None:
+            if self.ref.model is model:
+                raise ConfigError(f"the {self.ref.role} is the model being trained (and is now frozen); pass a "
+                                  f"separate copy, e.g. copy.deepcopy(model) before training")
             self.ref.check_vocab(model)
             self._checked = True
 

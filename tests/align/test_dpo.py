@@ -117,6 +117,9 @@ def test_bad_config_and_vocab_mismatch():
         DPOConfig(beta=0.0)
     with pytest.raises(ConfigError, match="loss_type"):
         DPOConfig(loss_type="kto")
+    same = tiny_model(0)
+    with pytest.raises(ConfigError, match="separate copy"):
+        DPOObjective(DPOConfig(), reference=same).loss(same, pair_batch())
     obj = DPOObjective(DPOConfig(), reference=tiny_model(1, vocab_size=50))
     with pytest.raises(ConfigError, match="vocab_size=50"):
         obj.loss(tiny_model(0), pair_batch())

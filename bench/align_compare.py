@@ -10,8 +10,15 @@
        pairs, before (the SFT model) and after, as a table, JSON and a plot
 
 Hyper-parameters are each method's usual defaults (TRL / the papers), not tuned here: DPO beta 0.1,
-IPO beta 0.1, KTO beta 0.1, SimPO beta 2.0 gamma 1.0 (the paper's gamma/beta = 0.5), ORPO lambda 0.1.
+IPO beta 0.1, KTO beta 0.1, SimPO beta 2.0 gamma 1.0 (the paper's gamma/beta = 0.5), ORPO lambda 0.1;
+learning rate 1e-4 for all, about 2 epochs over the pairs at the default sizes (TRL's usual 1-3).
 The loop is bench/align_common.train until lmforge.train's Trainer takes objectives.
+
+A CPU run split into short jobs (2 shared cores; each under ~3 minutes):
+    python bench/align_compare.py --d 64 --layers 2 --T 80 --batch 16 --sft-steps 500 \
+        --sft-cache /tmp/sft.pt --sft-only
+    python bench/align_compare.py --d 64 --layers 2 --T 80 --batch 16 --sft-cache /tmp/sft.pt \
+        --pref-steps 100 --pair-prompts 400 --eval 300 --methods dpo,ipo,kto      (then simpo,orpo)
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~20 s on CPU
     PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run (~1 min on a GPU;
@@ -96,10 +103,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--T", type=int, default=96)
     ap.add_argument("--sft-steps", type=int, default=1000)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
-    ap.add_argument("--pref-steps", type=int, default=200)
+    ap.add_argument("--pref-steps", type=int, default=100)
     ap.add_argument("--pref-lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--pair-prompts", type=int, default=2000)
+    ap.add_argument("--pair-prompts", type=int, default=4000)
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=12)

@@ -68,6 +68,9 @@ def main(argv=None):
     ap.add_argument("--train", type=int, default=3000)
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--teacher-cache", default="", help="load the teacher from this file if it exists, else save it")
+    ap.add_argument("--teacher-only", action="store_true", help="stop after training the teacher")
+    ap.add_argument("--variants", default="data,token-KD,token-JSD,seq-KD,seq-KD+verify")
     args = ap.parse_args(argv)
     if args.smoke:
         args.teacher, args.student, args.teacher_steps, args.steps = "48,2", "32,1", 80, 40
@@ -79,14 +82,22 @@ def main(argv=None):
     (td, tl), (sd, sl) = (map(int, s.split(",")) for s in (args.teacher, args.student))
 
     teacher = model(td, tl, 4, args.T, args.seed + 100, dev)
-    train(teacher, SFTLoss(), cycle(data_rows(args), train_ex, args.batch, args.seed + 100), args.teacher_steps,
-          args.lr)
+    if args.teacher_cache and Path(args.teacher_cache).exists():
+        teacher.load_state_dict(torch.load(args.teacher_cache, map_location=dev))
+    else:
+        train(teacher, SFTLoss(), cycle(data_rows(args), train_ex, args.batch, args.seed + 100), args.teacher_steps,
+              args.lr)
+        if args.teacher_cache:
+            torch.save(teacher.state_dict(), args.teacher_cache)
+        if args.teacher_only:
+            return
     results = {"teacher": {"loss": completion_loss(teacher, test_ex, args.T, dev),
                            "accuracy": accuracy(teacher, task, test_ex, args.max_tokens),
                            "params": teacher.num_params()}}
     print(f"[{clock()}s] teacher {results['teacher']}", flush=True)
-    greedy, greedy_stats = teacher_records(teacher, task, train_ex, args, verify=False)
-    verified, verified_stats = teacher_records(teacher, task, train_ex, args, verify=True)
+    seq = any(v.startswith("seq") for v in args.variants.split(","))
+    greedy, greedy_stats = teacher_records(teacher, task, train_ex, args, verify=False) if seq else ([], {})
+    verified, verified_stats = teacher_records(teacher, task, train_ex, args, verify=True) if seq else ([], {})
     print(f"[{clock()}s] seq-KD records {greedy_stats}; verified {verified_stats}", flush=True)
 
     variants = {
@@ -98,7 +109,8 @@ def main(argv=None):
         "seq-KD": (SFTLoss(), greedy, record_rows(args)),
         "seq-KD+verify": (SFTLoss(), verified, record_rows(args)),
     }
-    for name, (objective, records, make) in variants.items():
+    for name in args.variants.split(","):
+        objective, records, make = variants[name]
         if len(records) < args.batch:
             results[name] = {"skipped": f"{len(records)} records"}
             continue

@@ -141,18 +141,27 @@ def run_methods(sft, task, pairs, held_pairs, test_ex, args, clock) -> dict:
     results = {"before": {"accuracy": accuracy(sft, task, test_ex, args.max_tokens),
                           "margin": margin(sft, held_pairs, args.T, dev)}}
     for name in args.methods.split(","):
-        make = METHODS[name]
-        policy = copy.deepcopy(sft)
-        obj = make(copy.deepcopy(sft))
-        batcher = (lambda b: kto_batch(b, args.T, dev)) if name == "kto" else (lambda b: pair_batch(b, args.T, dev))
-        log = train(policy, obj, cycle(batcher, pairs, args.batch, args.seed), args.pref_steps, args.pref_lr,
-                    log_every=max(1, args.pref_steps // 5))
-        results[name] = {"accuracy": accuracy(policy, task, test_ex, args.max_tokens),
-                         "margin": margin(policy, held_pairs, args.T, dev),
-                         "train_margin_after": margin(policy, pairs[:256], args.T, dev), "log": log}
+        try:
+            results[name] = run_method(name, sft, task, pairs, held_pairs, test_ex, args)
+        except Exception as e:  # one broken method must not lose the others' rows
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"[{clock()}s] {name} FAILED: {results[name]['error']}", flush=True)
+            continue
         print(f"[{clock()}s] {name}: acc {results[name]['accuracy']:.3f} margin {results[name]['margin']:.2f}",
               flush=True)
     return results
+
+
+def run_method(name, sft, task, pairs, held_pairs, test_ex, args) -> dict:
+    dev = args.device
+    policy = copy.deepcopy(sft)
+    obj = METHODS[name](copy.deepcopy(sft))
+    batcher = (lambda b: kto_batch(b, args.T, dev)) if name == "kto" else (lambda b: pair_batch(b, args.T, dev))
+    log = train(policy, obj, cycle(batcher, pairs, args.batch, args.seed), args.pref_steps, args.pref_lr,
+                log_every=max(1, args.pref_steps // 5))
+    return {"accuracy": accuracy(policy, task, test_ex, args.max_tokens),
+            "margin": margin(policy, held_pairs, args.T, dev),
+            "train_margin_after": margin(policy, pairs[:256], args.T, dev), "log": log}
 
 
 def main(argv=None):
@@ -187,7 +196,8 @@ def main(argv=None):
           f"{args.pref_steps} steps x batch {args.batch} pairs (KTO: the same pairs as 2x batch unpaired rows)")
     print("| method | held-out accuracy | held-out margin (nats) |\n|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['accuracy']:.3f} | {r['margin']:+.2f} |")
+        print(f"| {name} | {r['accuracy']:.3f} | {r['margin']:+.2f} |" if "error" not in r else
+              f"| {name} | failed: {r['error'][:80]} | |")
     print(f"wrote {path}")
 
 
@@ -201,7 +211,7 @@ def plot(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in results if n != "before"]
+    names = [n for n in results if n != "before" and "error" not in results[n]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key, title in zip(axes, ("accuracy", "margin"), ("held-out accuracy", "held-out log-prob margin")):
         ax.bar(names, [results[n][key] for n in names], color="tab:blue")

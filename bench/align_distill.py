@@ -52,6 +52,17 @@ def teacher_records(teacher, task, examples, args, verify: bool):
     return recs, stats
 
 
+def run_student(objective, records, make, task, test_ex, args) -> dict:
+    """The small model, from the same initialisation every time, trained on `records` by `objective`."""
+    sd, sl = map(int, args.student.split(","))
+    student = model(sd, sl, 4, args.T, args.seed, args.device)
+    log = train(student, objective, cycle(make, records, args.batch, args.seed), args.steps, args.lr,
+                log_every=max(1, args.steps // 5))
+    return {"loss": completion_loss(student, test_ex, args.T, args.device),
+            "accuracy": accuracy(student, task, test_ex, args.max_tokens), "params": student.num_params(),
+            "log": log}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true")
@@ -79,7 +90,7 @@ def main(argv=None):
     task = TASKS[args.task]()
     train_ex = task.examples("train", args.train, seed=args.seed)
     test_ex = task.examples("test", args.eval, seed=args.seed)
-    (td, tl), (sd, sl) = (map(int, s.split(",")) for s in (args.teacher, args.student))
+    td, tl = map(int, args.teacher.split(","))
 
     teacher = model(td, tl, 4, args.T, args.seed + 100, dev)
     if args.teacher_cache and Path(args.teacher_cache).exists():
@@ -114,12 +125,12 @@ def main(argv=None):
         if len(records) < args.batch:
             results[name] = {"skipped": f"{len(records)} records"}
             continue
-        student = model(sd, sl, 4, args.T, args.seed, dev)  # same init for every student
-        log = train(student, objective, cycle(make, records, args.batch, args.seed), args.steps, args.lr,
-                    log_every=max(1, args.steps // 5))
-        results[name] = {"loss": completion_loss(student, test_ex, args.T, dev),
-                         "accuracy": accuracy(student, task, test_ex, args.max_tokens),
-                         "params": student.num_params(), "log": log}
+        try:
+            results[name] = run_student(objective, records, make, task, test_ex, args)
+        except Exception as e:  # one broken variant must not lose the others' rows
+            results[name] = {"skipped": f"failed: {type(e).__name__}: {e}"[:100]}
+            print(f"[{clock()}s] {name} {results[name]['skipped']}", flush=True)
+            continue
         print(f"[{clock()}s] {name}: held-out loss {results[name]['loss']:.4f} acc {results[name]['accuracy']:.3f}",
               flush=True)
 

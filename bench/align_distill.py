@@ -78,9 +78,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--train", type=int, default=3000)
     ap.add_argument("--eval", type=int, default=1000)
+    ap.add_argument("--record-prompts", type=int, default=0, help="prompts the teacher answers for seq-KD (0 = all)")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--teacher-cache", default="", help="load the teacher from this file if it exists, else save it")
-    ap.add_argument("--teacher-only", action="store_true", help="stop after training the teacher")
+    ap.add_argument("--teacher-only", action="store_true",
+                    help="stop after training the teacher (a cached one is trained --teacher-steps more)")
     ap.add_argument("--variants", default="data,token-KD,token-JSD,seq-KD,seq-KD+verify")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -93,9 +95,10 @@ def main(argv=None):
     td, tl = map(int, args.teacher.split(","))
 
     teacher = model(td, tl, 4, args.T, args.seed + 100, dev)
-    if args.teacher_cache and Path(args.teacher_cache).exists():
+    cached = bool(args.teacher_cache) and Path(args.teacher_cache).exists()
+    if cached:
         teacher.load_state_dict(torch.load(args.teacher_cache, map_location=dev))
-    else:
+    if not cached or args.teacher_only:  # --teacher-only on a cached teacher trains it further (chunks)
         train(teacher, SFTLoss(), cycle(data_rows(args), train_ex, args.batch, args.seed + 100), args.teacher_steps,
               args.lr)
         if args.teacher_cache:
@@ -107,8 +110,9 @@ def main(argv=None):
                            "params": teacher.num_params()}}
     print(f"[{clock()}s] teacher {results['teacher']}", flush=True)
     seq = any(v.startswith("seq") for v in args.variants.split(","))
-    greedy, greedy_stats = teacher_records(teacher, task, train_ex, args, verify=False) if seq else ([], {})
-    verified, verified_stats = teacher_records(teacher, task, train_ex, args, verify=True) if seq else ([], {})
+    prompts = train_ex[:args.record_prompts or None]
+    greedy, greedy_stats = teacher_records(teacher, task, prompts, args, verify=False) if seq else ([], {})
+    verified, verified_stats = teacher_records(teacher, task, prompts, args, verify=True) if seq else ([], {})
     print(f"[{clock()}s] seq-KD records {greedy_stats}; verified {verified_stats}", flush=True)
 
     variants = {

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-trl = pytest.importorskip("trl")
+
+
+def _trl():
+    """Skip only the TRL comparisons (not the equation tests beside them) when trl is not installed."""
+    return pytest.importorskip("trl")
 
 
 class _Acc:
@@ -40,6 +44,7 @@ def _outputs(log_probs):
 
 def trl_dpo(loss_type, beta, tok_c, tok_r, mask_c, mask_r, ref_c, ref_r):
     """TRL DPOTrainer._compute_loss; tok_*/mask_* (B, T) per-token log-probs of the completions."""
+    _trl()
     from trl.trainer.dpo_trainer import DPOTrainer
 
     B, T = tok_c.shape
@@ -56,6 +61,7 @@ def trl_dpo(loss_type, beta, tok_c, tok_r, mask_c, mask_r, ref_c, ref_r):
 
 def trl_kto(beta, tok, mask, label, ref, kl_logps, ref_kl_logps, w_d=1.0, w_u=1.0):
     """TRL KTOTrainer._compute_loss with precomputed reference and KL log-probs."""
+    _trl()
     from trl.trainer.kto_trainer import KTOTrainer
 
     B, T = tok.shape
@@ -72,6 +78,7 @@ def trl_kto(beta, tok, mask, label, ref, kl_logps, ref_kl_logps, w_d=1.0, w_u=1.
 
 
 def trl_cpo(loss_type, beta, avg_c, avg_r, gamma=0.5, label_smoothing=0.0):
+    _trl()
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
     me = _self(beta=beta, loss_type=loss_type, simpo_gamma=gamma, label_smoothing=label_smoothing)
@@ -79,12 +86,14 @@ def trl_cpo(loss_type, beta, avg_c, avg_r, gamma=0.5, label_smoothing=0.0):
 
 
 def trl_orpo_ratio(lam, avg_c, avg_r):
+    _trl()
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
     return ORPOTrainer.odds_ratio_loss(_self(beta=lam), avg_c, avg_r)
 
 
 def trl_gkd(student_logits, teacher_logits, labels, beta, temperature):
+    _trl()
     from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
     return GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=beta,
@@ -93,6 +102,7 @@ def trl_gkd(student_logits, teacher_logits, labels, beta, temperature):
 
 def trl_reward(r_c, r_r, margin=None, center=None):
     """TRL RewardTrainer.compute_loss on given rewards (the model's logits are [chosen; rejected])."""
+    _trl()
     from trl.trainer.reward_trainer import RewardTrainer
 
     logits = torch.cat([r_c, r_r])[:, None]

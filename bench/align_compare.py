@@ -63,13 +63,12 @@ def pair_batch(pairs: list[dict], T: int, device: str) -> dict:
 
 
 def kto_batch(pairs: list[dict], T: int, device: str) -> dict:
-    """Each pair as two unpaired rows (chosen desirable, rejected not); KL rows pair every prompt with
-    the next row's completion (TRL's mismatched pairs)."""
+    """Each pair as two unpaired rows (chosen desirable, rejected not); the objective builds its KL rows
+    (every prompt with the next row's completion, TRL's mismatched pairs)."""
     prompts = [x["prompt"] for x in pairs] * 2
     comps = [x["chosen"] + "\n" for x in pairs] + [x["rejected"] + "\n" for x in pairs]
     label = torch.tensor([True] * len(pairs) + [False] * len(pairs), device=device)
-    return {**rows(prompts, comps, T, device), **rows(prompts, comps[1:] + comps[:1], T, device, "kl_"),
-            "label": label}
+    return {**rows(prompts, comps, T, device), "label": label}
 
 
 @torch.no_grad()

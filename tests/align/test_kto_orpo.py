@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lmforge.align.kto import KTOConfig, KTOObjective
+from lmforge.align.kto import KTOConfig, KTOObjective, mismatched_rows
 from lmforge.align.logprobs import token_logprobs
 from lmforge.align.losses import kto_kl, kto_loss, log1mexp, orpo_ratio_loss
 from lmforge.align.orpo import ORPOConfig, ORPOObjective
@@ -70,6 +70,36 @@ def test_kto_objective_matches_trl(weights):
         torch.testing.assert_close(a, b)
     for k in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
         assert metrics[k].item() == pytest.approx(t_metrics[k], abs=1e-5), k
+
+
+def test_kto_builds_mismatched_rows_itself():
+    """Without kl_* keys the objective pairs each prompt with the next row's completion: the same loss as
+    those rows given explicitly, built here from the raw token lists."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 41, (n,), generator=g) for n in (3, 5, 2)]
+    comps = [torch.randint(0, 41, (n,), generator=g) for n in (4, 2, 6)]
+
+    def build(pairs):
+        T = max(len(p) + len(c) for p, c in pairs) - 1
+        ids, tgt = torch.zeros(len(pairs), T, dtype=torch.long), torch.full((len(pairs), T), -100)
+        for i, (p, c) in enumerate(pairs):
+            full = torch.cat([p, c])
+            ids[i, :len(full) - 1] = full[:-1]
+            tgt[i, len(p) - 1:len(full) - 1] = c
+        return ids, tgt
+
+    ids, tgt = build(list(zip(prompts, comps)))
+    batch = {"input_ids": ids, "targets": tgt, "loss_mask": tgt >= 0, "label": torch.tensor([True, False, True])}
+    kl_ids, kl_tgt = build([(prompts[i], comps[(i + 1) % 3]) for i in range(3)])
+    rows = mismatched_rows(batch)
+    assert torch.equal(rows["kl_input_ids"], kl_ids) and torch.equal(rows["kl_targets"], kl_tgt)
+    model, ref = tiny_model(0), tiny_model(1)
+    auto = KTOObjective(reference=ref).loss(model, batch)
+    explicit = KTOObjective(reference=ref).loss(model, {**batch, **rows})
+    torch.testing.assert_close(auto[0], explicit[0])
+    assert auto[1]["kl"] == explicit[1]["kl"]
+    no_kl = KTOObjective(KTOConfig(kl=False), reference=ref).loss(model, batch)[1]["kl"]
+    assert no_kl.item() == 0.0
 
 
 def test_orpo_objective_matches_trl():

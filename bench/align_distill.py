@@ -83,7 +83,7 @@ def main(argv=None):
     ap.add_argument("--teacher-cache", default="", help="load the teacher from this file if it exists, else save it")
     ap.add_argument("--teacher-only", action="store_true",
                     help="stop after training the teacher (a cached one is trained --teacher-steps more)")
-    ap.add_argument("--variants", default="data,token-KD,token-JSD,seq-KD,seq-KD+verify")
+    ap.add_argument("--variants", default="data,token-KD,seq-KD+verify,seq-KD,token-JSD")
     args = ap.parse_args(argv)
     if args.smoke:
         args.teacher, args.student, args.teacher_steps, args.steps = "48,2", "32,1", 80, 40
@@ -109,23 +109,25 @@ def main(argv=None):
                            "accuracy": accuracy(teacher, task, test_ex, args.max_tokens),
                            "params": teacher.num_params()}}
     print(f"[{clock()}s] teacher {results['teacher']}", flush=True)
-    seq = any(v.startswith("seq") for v in args.variants.split(","))
     prompts = train_ex[:args.record_prompts or None]
-    greedy, greedy_stats = teacher_records(teacher, task, prompts, args, verify=False) if seq else ([], {})
-    verified, verified_stats = teacher_records(teacher, task, prompts, args, verify=True) if seq else ([], {})
-    print(f"[{clock()}s] seq-KD records {greedy_stats}; verified {verified_stats}", flush=True)
+    stats: dict = {}
+
+    def seq_records(verify: bool):  # the teacher answers only when a sequence-level variant runs
+        recs, stats["verified" if verify else "greedy"] = teacher_records(teacher, task, prompts, args, verify)
+        print(f"[{clock()}s] seq-KD records ({'verified' if verify else 'greedy'}) {stats}", flush=True)
+        return recs
 
     variants = {
-        "data": (SFTLoss(), train_ex, data_rows(args)),
-        "token-KD": (DistillObjective(DistillConfig(divergence="forward_kl"), teacher=teacher), train_ex,
-                     data_rows(args)),
-        "token-JSD": (DistillObjective(DistillConfig(divergence="jsd", beta=0.5), teacher=teacher), train_ex,
-                      data_rows(args)),
-        "seq-KD": (SFTLoss(), greedy, record_rows(args)),
-        "seq-KD+verify": (SFTLoss(), verified, record_rows(args)),
+        "data": lambda: (SFTLoss(), train_ex, data_rows(args)),
+        "token-KD": lambda: (DistillObjective(DistillConfig(divergence="forward_kl"), teacher=teacher), train_ex,
+                             data_rows(args)),
+        "token-JSD": lambda: (DistillObjective(DistillConfig(divergence="jsd", beta=0.5), teacher=teacher),
+                              train_ex, data_rows(args)),
+        "seq-KD": lambda: (SFTLoss(), seq_records(False), record_rows(args)),
+        "seq-KD+verify": lambda: (SFTLoss(), seq_records(True), record_rows(args)),
     }
     for name in args.variants.split(","):
-        objective, records, make = variants[name]
+        objective, records, make = variants[name]()
         if len(records) < args.batch:
             results[name] = {"skipped": f"{len(records)} records"}
             continue
@@ -138,7 +140,7 @@ def main(argv=None):
         print(f"[{clock()}s] {name}: held-out loss {results[name]['loss']:.4f} acc {results[name]['accuracy']:.3f}",
               flush=True)
 
-    payload = {"args": vars(args), "records": {"greedy": greedy_stats, "verified": verified_stats},
+    payload = {"args": vars(args), "records": stats,
                "results": results, "seconds": clock()}
     path = write_json(f"align_distill_{args.task}_s{args.seed}{'_smoke' if args.smoke else ''}.json", payload)
     print(f"\ntask {args.task}: teacher {args.teacher} ({results['teacher']['params']:,} params), student "

@@ -36,14 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.align_common import (RENDER, STOP, TOK, Clock, SFTLoss, accuracy, cycle, model, rows, train,  # noqa: E402
-                                write_json)
+from bench.align_common import (RENDER, STOP, Clock, Engine, SFTLoss, accuracy, cycle,  # noqa: E402
+                                model, rows, train, write_json)
 from lmforge.align.dpo import DPOConfig, DPOObjective  # noqa: E402
 from lmforge.align.kto import KTOConfig, KTOObjective  # noqa: E402
 from lmforge.align.logprobs import batch_logps  # noqa: E402
 from lmforge.align.orpo import ORPOConfig, ORPOObjective  # noqa: E402
 from lmforge.align.sampled import preference_pairs  # noqa: E402
-from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.tasks import TASKS  # noqa: E402
 
@@ -85,7 +84,7 @@ def margin(model, pairs: list[dict], T: int, device: str, batch: int = 64) -> fl
 
 def sample_pairs(sft, task, examples, args, seed):
     params = SamplingParams(n=args.samples, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=seed)
-    llm = LLM(sft, TOK, cuda_graphs=False, max_batch_size=256)
+    llm = Engine(sft)
     out = preference_pairs(llm, task, examples, params, seed=seed, reference_fallback=args.smoke)
     sft.train()
     return out

@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.align_common import (RENDER, STOP, TOK, Clock, SFTLoss, accuracy, completion_loss,  # noqa: E402
-                                cycle, model, rows, train, write_json)
+from bench.align_common import (RENDER, STOP, Clock, Engine, SFTLoss, accuracy,  # noqa: E402
+                                completion_loss, cycle, model, rows, train, write_json)
 from lmforge.align.distill import DistillConfig, DistillObjective  # noqa: E402
 from lmforge.align.sampled import distillation_records  # noqa: E402
-from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.tasks import TASKS  # noqa: E402
 
@@ -46,7 +45,7 @@ def record_rows(args):
 def teacher_records(teacher, task, examples, args, verify: bool):
     params = (SamplingParams(n=4, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=args.seed)
               if verify else SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=STOP))
-    llm = LLM(teacher, TOK, cuda_graphs=False, max_batch_size=256)
+    llm = Engine(teacher)
     recs, stats = distillation_records(llm, examples, params, task=task if verify else None, render=RENDER)
     teacher.train()
     return recs, stats

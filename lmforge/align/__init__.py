@@ -1,2 +1,12 @@
 """Post-training: objectives for the one Trainer (SFT, reward models, DPO and its family, distillation,
-RL), the log-prob and masked-reduction utilities they share, and data builders (chat, preferences)."""
+RL), the log-prob and masked-reduction utilities they share, and data builders (chat, preferences).
+
+  logprobs.py   chunked fp32 token log-probs, entropy, masked reductions, batch_logps over prefixed rows
+  losses.py     DPO / cDPO / IPO / SimPO / KTO / ORPO / Bradley-Terry as pure functions of log-probs
+  frozen.py     Frozen: reference and teacher models (eval, no grad, other device, identity, cache)
+  dpo.py        DPOObjective (sigmoid, ipo, simpo)      kto.py   KTOObjective     orpo.py  ORPOObjective
+  reward.py     SequenceHead, RewardObjective, ClassificationObjective
+  distill.py    DistillObjective (forward KL, reverse KL, generalised JSD)
+  sampled.py    data by sampling + verifying: sequence-level / verified distillation, preference pairs
+  cai.py        Constitutional AI: critique -> revise (SL-CAI), AI preference labels (RL-CAI)
+"""

@@ -88,3 +88,53 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
     """(B,) sum (or mean, SimPO's length normalisation) of log p(target) over each row's masked tokens."""
     lp = token_logprobs(logits, targets, chunk=chunk)
     return masked_mean(lp, mask, dim=-1) if average else masked_sum(lp, mask, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model-facing helpers: the batch layout of lmforge.train.objective, optionally under a key prefix
+# ("chosen_", "rejected_", "kl_") so one batch carries several sequences per example.
+
+def response_mask(batch: dict, prefix: str = "") -> torch.Tensor:
+    """(B, T) bool: positions whose target counts (loss_mask if given, and never a -100 target)."""
+    targets = batch[f"{prefix}targets"]
+    mask = targets >= 0
+    lm = batch.get(f"{prefix}loss_mask")
+    return mask & lm.bool() if lm is not None else mask
+
+
+def model_inputs(batch: dict, prefix: str = "") -> tuple[torch.Tensor, dict]:
+    """(input_ids, kwargs) for `model(ids, positions=..., meta=...)`; packed rows pass their doc ids."""
+    kwargs = {}
+    if batch.get(f"{prefix}positions") is not None:
+        kwargs["positions"] = batch[f"{prefix}positions"]
+    if batch.get(f"{prefix}doc_ids") is not None:
+        from lmforge.model.meta import AttnMetadata
+
+        kwargs["meta"] = AttnMetadata.packed(batch[f"{prefix}doc_ids"])
+    return batch[f"{prefix}input_ids"], kwargs
+
+
+def batch_logps(model: torch.nn.Module, batch: dict, prefixes: tuple[str, ...] = ("",), *,
+                average: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Sequence log-probs of several prefixed sequences of a batch in ONE forward (chosen and rejected
+    concatenated along the batch, as TRL does; the shorter side right-padded, which a causal model's
+    earlier positions never see), or one forward each for packed rows.
+    Returns per prefix: sequence sums (or means) (B,), token log-probs (B, T_prefix), masks (B, T_prefix)."""
+    packed = any(batch.get(f"{p}doc_ids") is not None or batch.get(f"{p}positions") is not None for p in prefixes)
+    if len(prefixes) > 1 and not packed:
+        lens = [batch[f"{p}input_ids"].shape[1] for p in prefixes]
+        T = max(lens)
+        pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+        ids = torch.cat([pad(batch[f"{p}input_ids"], 0) for p in prefixes])
+        targets = torch.cat([pad(batch[f"{p}targets"], -100) for p in prefixes])
+        tok = token_logprobs(model(ids), targets)
+        toks = [t[:, :n] for t, n in zip(tok.chunk(len(prefixes)), lens)]
+        ms = [response_mask(batch, p) for p in prefixes]
+    else:
+        toks, ms = [], []
+        for p in prefixes:
+            ids, kwargs = model_inputs(batch, p)
+            toks.append(token_logprobs(model(ids, **kwargs), batch[f"{p}targets"]))
+            ms.append(response_mask(batch, p))
+    seqs = [masked_mean(t, m, dim=-1) if average else masked_sum(t, m, dim=-1) for t, m in zip(toks, ms)]
+    return seqs, toks, ms

@@ -45,3 +45,33 @@ def test_masked_reductions_empty_mask():
     assert float(masked_sum(v, none)) == 0.0
     assert math.isnan(float(masked_mean(v, none)))
     assert float(masked_mean(v, torch.tensor([True, False, True]))) == 2.0
+
+
+def test_batch_logps_one_forward_equals_separate_and_packed_rows():
+    """chosen+rejected in one concatenated forward = one forward each; a packed row (doc_ids, positions
+    restarting) gives each document the log-probs it has alone."""
+    from lmforge.align.logprobs import batch_logps
+    from lmforge.model.meta import packed_positions
+
+    from .helpers import pair_batch, tiny_model
+
+    model = tiny_model(0)
+    batch = pair_batch()
+    (c, r), _, _ = batch_logps(model, batch, ("chosen_", "rejected_"))
+    alone = [batch_logps(model, batch, (p,))[0][0] for p in ("chosen_", "rejected_")]
+    torch.testing.assert_close(torch.stack([c, r]), torch.stack(alone))
+    keys = ("input_ids", "targets", "loss_mask")
+    shorter = {**batch, **{f"rejected_{k}": batch[f"rejected_{k}"][:, :7] for k in keys}}
+    (c2, r2), (_, tr), _ = batch_logps(model, shorter, ("chosen_", "rejected_"))  # padded to one forward
+    r_alone = batch_logps(model, shorter, ("rejected_",))[0][0]
+    assert tr.shape == (3, 7)
+    torch.testing.assert_close(torch.stack([c2, r2]), torch.stack([c, r_alone]))
+    # pack row 0 of chosen and row 0 of rejected into one row of twice the length
+    doc = torch.tensor([[0] * 10 + [1] * 10])
+    packed = {k: torch.cat([batch[f"chosen_{k}"][:1], batch[f"rejected_{k}"][:1]], 1)
+              for k in ("input_ids", "targets", "loss_mask")}
+    packed.update(doc_ids=doc, positions=packed_positions(doc))
+    _, (tok,), (mask,) = batch_logps(model, packed)
+    row = (tok * mask)[0]
+    got = torch.stack([row[:10].sum(), row[10:].sum()])
+    torch.testing.assert_close(got, torch.stack([c[0], r[0]]))

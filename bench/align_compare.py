@@ -1,0 +1,224 @@
+"""DPO vs IPO vs KTO vs SimPO vs ORPO on the same verifier-made preference pairs and the same budget.
+
+    1. SFT a small byte-level lmforge model on a verifiable task's reference solutions (lmforge.tasks)
+    2. sample 4 completions per train prompt from it; the task's verifier splits them into correct and
+       wrong; one (correct, wrong) pair per prompt that has both (lmforge.align.sampled.preference_pairs);
+       held-out pairs are sampled the same way on test prompts
+    3. from the SFT model (also the frozen reference), each objective trains for the same steps, batch
+       and learning rate; KTO sees each pair as one desirable and one undesirable example
+    4. report held-out greedy accuracy and the mean chosen-minus-rejected log-prob margin on held-out
+       pairs, before (the SFT model) and after, as a table, JSON and a plot
+
+Hyper-parameters are each method's usual defaults (TRL / the papers), not tuned here: DPO beta 0.1,
+IPO beta 0.1, KTO beta 0.1, SimPO beta 2.0 gamma 1.0 (the paper's gamma/beta = 0.5), ORPO lambda 0.1;
+learning rate 1e-4 for all, about 2 epochs over the pairs at the default sizes (TRL's usual 1-3).
+The loop is bench/align_common.train until lmforge.train's Trainer takes objectives.
+
+A CPU run split into short jobs (2 shared cores; each under ~3 minutes):
+    python bench/align_compare.py --d 64 --layers 2 --T 80 --batch 16 --sft-steps 500 \
+        --sft-cache /tmp/sft.pt --sft-only
+    python bench/align_compare.py --d 64 --layers 2 --T 80 --batch 16 --sft-cache /tmp/sft.pt \
+        --pref-steps 100 --pair-prompts 400 --eval 300 --methods dpo,ipo,kto      (then simpo,orpo)
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~20 s on CPU
+    PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run (~1 min on a GPU;
+                                                                               # ~0.15 s/step on one CPU core)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.align_common import (RENDER, STOP, Clock, Engine, SFTLoss, accuracy, cycle,  # noqa: E402
+                                model, rows, train, write_json)
+from lmforge.align.dpo import DPOConfig, DPOObjective  # noqa: E402
+from lmforge.align.kto import KTOConfig, KTOObjective  # noqa: E402
+from lmforge.align.logprobs import batch_logps  # noqa: E402
+from lmforge.align.orpo import ORPOConfig, ORPOObjective  # noqa: E402
+from lmforge.align.sampled import preference_pairs  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.tasks import TASKS  # noqa: E402
+
+METHODS = {
+    "dpo": lambda ref: DPOObjective(DPOConfig(beta=0.1), reference=ref),
+    "ipo": lambda ref: DPOObjective(DPOConfig(beta=0.1, loss_type="ipo"), reference=ref),
+    "kto": lambda ref: KTOObjective(KTOConfig(beta=0.1), reference=ref),
+    "simpo": lambda ref: DPOObjective(DPOConfig(beta=2.0, loss_type="simpo", simpo_gamma=1.0)),
+    "orpo": lambda ref: ORPOObjective(ORPOConfig(beta=0.1)),
+}
+
+
+def pair_batch(pairs: list[dict], T: int, device: str) -> dict:
+    p = [x["prompt"] for x in pairs]
+    return {**rows(p, [x["chosen"] + "\n" for x in pairs], T, device, "chosen_"),
+            **rows(p, [x["rejected"] + "\n" for x in pairs], T, device, "rejected_")}
+
+
+def kto_batch(pairs: list[dict], T: int, device: str) -> dict:
+    """Each pair as two unpaired rows (chosen desirable, rejected not); the objective builds its KL rows
+    (every prompt with the next row's completion, TRL's mismatched pairs)."""
+    prompts = [x["prompt"] for x in pairs] * 2
+    comps = [x["chosen"] + "\n" for x in pairs] + [x["rejected"] + "\n" for x in pairs]
+    label = torch.tensor([True] * len(pairs) + [False] * len(pairs), device=device)
+    return {**rows(prompts, comps, T, device), "label": label}
+
+
+@torch.no_grad()
+def margin(model, pairs: list[dict], T: int, device: str, batch: int = 64) -> float:
+    """Mean over pairs of log p(chosen) - log p(rejected) (sums over the completion tokens)."""
+    model.eval()
+    diffs = []
+    for i in range(0, len(pairs), batch):
+        (c, r), _, _ = batch_logps(model, pair_batch(pairs[i:i + batch], T, device), ("chosen_", "rejected_"))
+        diffs.append(c - r)
+    model.train()
+    return float(torch.cat(diffs).mean())
+
+
+def sample_pairs(sft, task, examples, args, seed):
+    params = SamplingParams(n=args.samples, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=seed)
+    llm = Engine(sft)
+    out = preference_pairs(llm, task, examples, params, seed=seed, reference_fallback=args.smoke)
+    sft.train()
+    return out
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the script on CPU")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--task", default="count")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--d", type=int, default=96)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--T", type=int, default=96)
+    ap.add_argument("--sft-steps", type=int, default=1000)
+    ap.add_argument("--sft-lr", type=float, default=3e-3)
+    ap.add_argument("--pref-steps", type=int, default=100)
+    ap.add_argument("--pref-lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--pair-prompts", type=int, default=4000)
+    ap.add_argument("--eval", type=int, default=1000)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--sft-cache", default="", help="load the SFT model from this file if it exists, else save it")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--sft-only", action="store_true", help="stop after SFT (with --sft-cache: split a CPU run)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.d, args.layers, args.sft_steps, args.pref_steps = 32, 1, 60, 10
+        args.pair_prompts, args.eval, args.batch = 64, 48, 8
+    return args
+
+
+def sft_model(args, train_ex):
+    """The SFT model every method starts from (and its log); cached in --sft-cache when given."""
+    sft = model(args.d, args.layers, 4, args.T, args.seed, args.device)
+    if args.sft_cache and Path(args.sft_cache).exists():
+        saved = torch.load(args.sft_cache, map_location=args.device)
+        sft.load_state_dict(saved["model"])
+        return sft, saved["log"]
+    data = cycle(lambda ex: rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], args.T, args.device),
+                 train_ex, args.batch, args.seed)
+    log = train(sft, SFTLoss(), data, args.sft_steps, args.sft_lr, log_every=max(1, args.sft_steps // 10))
+    if args.sft_cache:
+        torch.save({"model": sft.state_dict(), "log": log}, args.sft_cache)
+    return sft, log
+
+
+def run_methods(sft, task, pairs, held_pairs, test_ex, args, clock) -> dict:
+    """Every method from a copy of the SFT model (its frozen reference another copy), same steps/batch."""
+    dev = args.device
+    results = {"before": {"accuracy": accuracy(sft, task, test_ex, args.max_tokens),
+                          "margin": margin(sft, held_pairs, args.T, dev)}}
+    for name in args.methods.split(","):
+        try:
+            results[name] = run_method(name, sft, task, pairs, held_pairs, test_ex, args)
+        except Exception as e:  # one broken method must not lose the others' rows
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"[{clock()}s] {name} FAILED: {results[name]['error']}", flush=True)
+            continue
+        print(f"[{clock()}s] {name}: acc {results[name]['accuracy']:.3f} margin {results[name]['margin']:.2f}",
+              flush=True)
+    return results
+
+
+def run_method(name, sft, task, pairs, held_pairs, test_ex, args) -> dict:
+    dev = args.device
+    policy = copy.deepcopy(sft)
+    obj = METHODS[name](copy.deepcopy(sft))
+    batcher = (lambda b: kto_batch(b, args.T, dev)) if name == "kto" else (lambda b: pair_batch(b, args.T, dev))
+    log = train(policy, obj, cycle(batcher, pairs, args.batch, args.seed), args.pref_steps, args.pref_lr,
+                log_every=max(1, args.pref_steps // 5))
+    return {"accuracy": accuracy(policy, task, test_ex, args.max_tokens),
+            "margin": margin(policy, held_pairs, args.T, dev),
+            "train_margin_after": margin(policy, pairs[:256], args.T, dev), "log": log}
+
+
+def main(argv=None):
+    args = parse(argv)
+    clock, dev = Clock(), args.device
+    task = TASKS[args.task]()
+    train_ex = task.examples("train", max(args.pair_prompts, 4000 if not args.smoke else 200), seed=args.seed)
+    test_ex = task.examples("test", args.eval, seed=args.seed)
+
+    sft, sft_log = sft_model(args, train_ex)
+    print(f"[{clock()}s] SFT done: loss {sft_log[-1]['loss']:.3f}", flush=True)
+    if args.sft_only:
+        return
+
+    # --smoke's toy model is rarely right: its pairs fall back to the reference solution as chosen
+    pairs, pair_stats = sample_pairs(sft, task, train_ex[:args.pair_prompts], args, args.seed)
+    held_pairs, held_stats = sample_pairs(sft, task, test_ex, args, args.seed + 1)
+    print(f"[{clock()}s] pairs: train {pair_stats} held-out {held_stats}", flush=True)
+    if len(pairs) < args.batch or not held_pairs:  # report what happened instead of failing the run
+        print(f"too few verifier-made pairs ({len(pairs)} train, {len(held_pairs)} held-out) at this size")
+        write_json(f"align_compare_{args.task}_s{args.seed}.json", {"args": vars(args), "sft_log": sft_log,
+                   "pairs": pair_stats, "held_out_pairs": held_stats, "results": None})
+        return
+
+    results = run_methods(sft, task, pairs, held_pairs, test_ex, args, clock)
+
+    payload = {"args": vars(args), "sft_log": sft_log, "pairs": pair_stats, "held_out_pairs": held_stats,
+               "results": results, "seconds": clock()}
+    path = write_json(f"align_compare_{args.task}_s{args.seed}{'_smoke' if args.smoke else ''}.json", payload)
+    plot(results, path.with_suffix(".png"))
+    print(f"\ntask {args.task}: {len(pairs)} train pairs, {len(held_pairs)} held-out pairs, "
+          f"{args.pref_steps} steps x batch {args.batch} pairs (KTO: the same pairs as 2x batch unpaired rows)")
+    print("| method | held-out accuracy | held-out margin (nats) |\n|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['accuracy']:.3f} | {r['margin']:+.2f} |" if "error" not in r else
+              f"| {name} | failed: {r['error'][:80]} | |")
+    print(f"wrote {path}")
+
+
+def plot(results: dict, path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if n != "before" and "error" not in results[n]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, title in zip(axes, ("accuracy", "margin"), ("held-out accuracy", "held-out log-prob margin")):
+        ax.bar(names, [results[n][key] for n in names], color="tab:blue")
+        ax.axhline(results["before"][key], color="k", ls="--", label="SFT (before)")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Distillation evidence: does a small student learn more from a larger lmforge-trained teacher than from the
+data alone, at equal steps?
+
+    teacher  a larger byte-level model SFT-trained on a verifiable task (lmforge.tasks)
+    students the same small model, initialisation, batches, steps and learning rate, trained on
+      data          cross-entropy on the reference solutions
+      token-KD      forward KL to the teacher's next-token distributions on the same rows
+                    (DistillObjective, temperature 1, no data term)
+      token-JSD     GKD's generalised JSD (beta 0.5) on the same rows
+      seq-KD        cross-entropy on the teacher's greedy outputs for the train prompts (Kim & Rush 2016)
+      seq-KD+verify cross-entropy on teacher samples the task's verifier accepts (West et al. 2022)
+    reported: held-out loss of the reference completions (token mean) and held-out greedy accuracy
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_distill.py --smoke   # toy sizes, CPU
+    PYTHONPATH=$PWD python bench/align_distill.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.align_common import (RENDER, STOP, Clock, Engine, SFTLoss, accuracy,  # noqa: E402
+                                completion_loss, cycle, model, rows, train, write_json)
+from lmforge.align.distill import DistillConfig, DistillObjective  # noqa: E402
+from lmforge.align.sampled import distillation_records  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.tasks import TASKS  # noqa: E402
+
+
+def data_rows(args):
+    return lambda ex: rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], args.T, args.device)
+
+
+def record_rows(args):
+    return lambda recs: rows([r["prompt"] for r in recs], [r["completion"] + "\n" for r in recs], args.T,
+                             args.device)
+
+
+def teacher_records(teacher, task, examples, args, verify: bool):
+    params = (SamplingParams(n=4, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=args.seed)
+              if verify else SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=STOP))
+    llm = Engine(teacher)
+    recs, stats = distillation_records(llm, examples, params, task=task if verify else None, render=RENDER)
+    teacher.train()
+    return recs, stats
+
+
+def run_student(objective, records, make, task, test_ex, args) -> dict:
+    """The small model, from the same initialisation every time, trained on `records` by `objective`."""
+    sd, sl = map(int, args.student.split(","))
+    student = model(sd, sl, 4, args.T, args.seed, args.device)
+    log = train(student, objective, cycle(make, records, args.batch, args.seed), args.steps, args.lr,
+                log_every=max(1, args.steps // 5))
+    return {"loss": completion_loss(student, test_ex, args.T, args.device),
+            "accuracy": accuracy(student, task, test_ex, args.max_tokens), "params": student.num_params(),
+            "log": log}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--task", default="count")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", default="192,4", help="d_model,n_layers")
+    ap.add_argument("--student", default="64,2")
+    ap.add_argument("--T", type=int, default=96)
+    ap.add_argument("--teacher-steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--train", type=int, default=3000)
+    ap.add_argument("--eval", type=int, default=1000)
+    ap.add_argument("--record-prompts", type=int, default=0, help="prompts the teacher answers for seq-KD (0 = all)")
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--teacher-cache", default="", help="load the teacher from this file if it exists, else save it")
+    ap.add_argument("--teacher-only", action="store_true",
+                    help="stop after training the teacher (a cached one is trained --teacher-steps more)")
+    ap.add_argument("--variants", default="data,token-KD,seq-KD+verify,seq-KD,token-JSD")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.teacher, args.student, args.teacher_steps, args.steps = "48,2", "32,1", 80, 40
+        args.train, args.eval, args.batch = 200, 48, 8
+    clock, dev = Clock(), args.device
+    task = TASKS[args.task]()
+    train_ex = task.examples("train", args.train, seed=args.seed)
+    test_ex = task.examples("test", args.eval, seed=args.seed)
+    td, tl = map(int, args.teacher.split(","))
+
+    teacher = model(td, tl, 4, args.T, args.seed + 100, dev)
+    cached = bool(args.teacher_cache) and Path(args.teacher_cache).exists()
+    if cached:
+        teacher.load_state_dict(torch.load(args.teacher_cache, map_location=dev))
+    if not cached or args.teacher_only:  # --teacher-only on a cached teacher trains it further (chunks)
+        train(teacher, SFTLoss(), cycle(data_rows(args), train_ex, args.batch, args.seed + 100), args.teacher_steps,
+              args.lr)
+        if args.teacher_cache:
+            torch.save(teacher.state_dict(), args.teacher_cache)
+        if args.teacher_only:
+            return
+    results = {"teacher": {"loss": completion_loss(teacher, test_ex, args.T, dev),
+                           "accuracy": accuracy(teacher, task, test_ex, args.max_tokens),
+                           "params": teacher.num_params()}}
+    print(f"[{clock()}s] teacher {results['teacher']}", flush=True)
+    prompts = train_ex[:args.record_prompts or None]
+    stats: dict = {}
+
+    def seq_records(verify: bool):  # the teacher answers only when a sequence-level variant runs
+        recs, stats["verified" if verify else "greedy"] = teacher_records(teacher, task, prompts, args, verify)
+        print(f"[{clock()}s] seq-KD records ({'verified' if verify else 'greedy'}) {stats}", flush=True)
+        return recs
+
+    variants = {
+        "data": lambda: (SFTLoss(), train_ex, data_rows(args)),
+        "token-KD": lambda: (DistillObjective(DistillConfig(divergence="forward_kl"), teacher=teacher), train_ex,
+                             data_rows(args)),
+        "token-JSD": lambda: (DistillObjective(DistillConfig(divergence="jsd", beta=0.5), teacher=teacher),
+                              train_ex, data_rows(args)),
+        "seq-KD": lambda: (SFTLoss(), seq_records(False), record_rows(args)),
+        "seq-KD+verify": lambda: (SFTLoss(), seq_records(True), record_rows(args)),
+    }
+    for name in args.variants.split(","):
+        objective, records, make = variants[name]()
+        if len(records) < args.batch:
+            results[name] = {"skipped": f"{len(records)} records"}
+            continue
+        try:
+            results[name] = run_student(objective, records, make, task, test_ex, args)
+        except Exception as e:  # one broken variant must not lose the others' rows
+            results[name] = {"skipped": f"failed: {type(e).__name__}: {e}"[:100]}
+            print(f"[{clock()}s] {name} {results[name]['skipped']}", flush=True)
+            continue
+        print(f"[{clock()}s] {name}: held-out loss {results[name]['loss']:.4f} acc {results[name]['accuracy']:.3f}",
+              flush=True)
+
+    payload = {"args": vars(args), "records": stats,
+               "results": results, "seconds": clock()}
+    path = write_json(f"align_distill_{args.task}_s{args.seed}{'_smoke' if args.smoke else ''}.json", payload)
+    print(f"\ntask {args.task}: teacher {args.teacher} ({results['teacher']['params']:,} params), student "
+          f"{args.student}, {args.steps} steps x batch {args.batch} for every student")
+    print("| model | held-out loss (nats/token) | held-out accuracy |\n|---|---|---|")
+    for name, r in results.items():
+        if "skipped" in r:
+            print(f"| {name} | skipped: {r['skipped']} | |")
+        else:
+            print(f"| {name} | {r['loss']:.4f} | {r['accuracy']:.3f} |")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

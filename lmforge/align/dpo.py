@@ -1,0 +1,133 @@
+"""DPO and its pairwise relatives as an Objective: sigmoid (DPO / conservative DPO), IPO, SimPO.
+
+    obj = DPOObjective(DPOConfig(beta=0.1, loss_type="sigmoid"), reference=sft_model)
+    loss, metrics = obj.loss(policy, batch)
+
+Batch keys (lmforge.train.objective layout, prefixed per sequence):
+  chosen_input_ids / chosen_targets / chosen_loss_mask      (B, T) the preferred completion
+  rejected_input_ids / rejected_targets / rejected_loss_mask (B, T) the other one
+  [chosen_positions, chosen_doc_ids, ... for packed rows]
+  ref_chosen_logps / ref_rejected_logps (B,)  optional precomputed reference log-prob sums, used
+                                               instead of running the reference
+Sequence log-probs are sums over the completion tokens; IPO divides each log-ratio by its completion's
+length and SimPO uses per-token means (both as TRL). The equations are in lmforge.align.losses; metrics
+are named as TRL logs them (rewards = beta * summed log-ratio; SimPO: beta * mean log-prob).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmforge.align.frozen import Frozen, check_beta
+from lmforge.align.logprobs import batch_logps
+from lmforge.align.losses import PAIR_LOSSES, dpo_loss, ipo_loss, preference_metrics, simpo_loss
+from lmforge.errors import ConfigError
+
+PAIR = ("chosen_", "rejected_")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOConfig:
+    beta: float = 0.1
+    """KL-anchor strength (DPO's beta, IPO's tau, SimPO's reward scale)"""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) | ipo | simpo"""
+    label_smoothing: float = 0.0
+    """probability that a label is flipped (conservative DPO); sigmoid and simpo only"""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma"""
+    reference_device: str | None = None
+    """run the reference on this device (default: where it is)"""
+    reference_cache: int = 0
+    """cache the reference log-probs of this many batches (multi-epoch runs see batches again)"""
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        if self.loss_type not in PAIR_LOSSES:
+            raise ConfigError(f"loss_type={self.loss_type!r} is not one of {PAIR_LOSSES}; KTO and ORPO have their "
+                              f"own objectives (lmforge.align.kto:KTOObjective, lmforge.align.orpo:ORPOObjective)")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5); 0 = plain DPO")
+        if self.label_smoothing and self.loss_type == "ipo":
+            raise ConfigError("label_smoothing applies to loss_type 'sigmoid' or 'simpo', not 'ipo'; set it to 0")
+        if self.reference_cache < 0:
+            raise ConfigError(f"reference_cache={self.reference_cache} must be >= 0 (0 = no cache)")
+
+
+def reference_logps(ref: Frozen | None, batch: dict, prefixes: tuple[str, ...], *, average: bool,
+                    keys: tuple[str, ...]) -> list[torch.Tensor]:
+    """Precomputed reference log-probs from the batch when present, else the reference model's."""
+    if all(k in batch for k in keys):
+        return [batch[k] for k in keys]
+    if ref is None:
+        raise ConfigError(f"this objective needs a reference model or the batch keys {keys}; pass reference=")
+    return ref.sequence_logps(batch, prefixes, average=average)
+
+
+class Stateless:
+    """Objectives with nothing to save (no reference model, no running statistics)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class ReferenceHolder:
+    """Objectives with a frozen reference: identity in state_dict, vocabulary checked once."""
+
+    ref: Frozen | None
+    _checked: bool = False
+
+    def _check(self, model: torch.nn.Module) -> None:
+        if not self._checked and self.ref is not None:
+            if self.ref.model is model:
+                raise ConfigError(f"the {self.ref.role} is the model being trained (and is now frozen); pass a "
+                                  f"separate copy, e.g. copy.deepcopy(model) before training")
+            self.ref.check_vocab(model)
+            self._checked = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.ref.identity() if self.ref is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.ref is not None and state.get("reference"):
+            self.ref.check_identity(state["reference"])
+
+
+class DPOObjective(ReferenceHolder):
+    Config = DPOConfig
+
+    def __init__(self, cfg: DPOConfig | None = None, *, reference: torch.nn.Module | None = None,
+                 reference_path: str | None = None):
+        self.cfg = cfg = cfg or DPOConfig()
+        if cfg.loss_type == "simpo":
+            self.ref = None  # SimPO has no reference: none is run, none is held
+        elif reference is not None:
+            self.ref = Frozen(reference, role="reference", device=cfg.reference_device, path=reference_path,
+                              cache_size=cfg.reference_cache)
+        else:
+            self.ref = None  # then the batches must carry ref_chosen_logps / ref_rejected_logps
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._check(model)
+        cfg = self.cfg
+        (pi_c, pi_r), _, (m_c, m_r) = batch_logps(model, batch, PAIR, average=cfg.loss_type == "simpo")
+        if cfg.loss_type == "simpo":
+            losses = simpo_loss(pi_c, pi_r, beta=cfg.beta, gamma=cfg.simpo_gamma,
+                                label_smoothing=cfg.label_smoothing)
+            rc, rr = cfg.beta * pi_c, cfg.beta * pi_r
+        else:
+            ref_c, ref_r = reference_logps(self.ref, batch, PAIR, average=False,
+                                           keys=("ref_chosen_logps", "ref_rejected_logps"))
+            if cfg.loss_type == "ipo":
+                n_c, n_r = m_c.sum(-1).clamp(min=1), m_r.sum(-1).clamp(min=1)
+                losses = ipo_loss(pi_c / n_c, pi_r / n_r, ref_c / n_c, ref_r / n_r, beta=cfg.beta)
+            else:
+                losses = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+            rc, rr = cfg.beta * (pi_c - ref_c), cfg.beta * (pi_r - ref_r)
+        return losses.mean(), preference_metrics(rc, rr, pi_c, pi_r)

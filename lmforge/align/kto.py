@@ -1,0 +1,101 @@
+"""KTO (Ethayarajh et al. 2024): preference optimisation from unpaired good/bad completions.
+
+    obj = KTOObjective(KTOConfig(beta=0.1), reference=sft_model)
+
+Batch keys: input_ids / targets / loss_mask (B, T) one completion per row, label (B,) bool (True =
+desirable); kl_input_ids / kl_targets / kl_loss_mask (B, T) the same prompts with MISMATCHED completions
+(another row's), whose policy-vs-reference log-ratio estimates the reference point z0; when the batch has
+none they are built from its own rows (`mismatched_rows`: row i's prompt + row i+1's completion, as TRL),
+or z0 = 0 with KTOConfig(kl=False) (TRL's calculate_KL=False); ref_logps / ref_kl_logps (B,) optional
+precomputed reference log-prob sums.
+Loss per example as in lmforge.align.losses.kto_loss, averaged over the batch; metrics as TRL logs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.align.dpo import ReferenceHolder, reference_logps
+from lmforge.align.frozen import Frozen, check_beta
+from lmforge.align.logprobs import batch_logps, response_mask
+from lmforge.align.losses import kto_kl, kto_loss
+from lmforge.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class KTOConfig:
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    """lambda_D: raise it when desirable examples are rarer (the paper keeps w_d n_d / (w_u n_u) in [1, 4/3])"""
+    undesirable_weight: float = 1.0
+    kl: bool = True
+    """estimate z0 from mismatched pairs (False: z0 = 0, cheaper)"""
+    reference_device: str | None = None
+    reference_cache: int = 0
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        for name in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+
+
+def mismatched_rows(batch: dict) -> dict:
+    """kl_input_ids / kl_targets / kl_loss_mask: row i's prompt followed by row (i+1) mod B's completion.
+    A row's prompt is its tokens up to its first counted target, its completion the counted targets
+    (one contiguous span per row, as prompt/completion data has); rows are right-padded."""
+    ids, tgt, mask = batch["input_ids"], batch["targets"], response_mask(batch)
+    parts = []
+    for b in range(ids.shape[0]):
+        pos = mask[b].nonzero().flatten()
+        if len(pos) == 0:
+            raise ConfigError(f"KTO row {b} has no completion token to score; drop the example")
+        start, end = int(pos[0]), int(pos[-1])
+        parts.append((ids[b, :start + 1], tgt[b, start:end + 1]))  # prompt (+ its last token), completion
+    rows = [torch.cat([p, parts[(i + 1) % len(parts)][1]]) for i, (p, _) in enumerate(parts)]
+    T = max(len(r) for r in rows) - 1
+    out_ids = torch.zeros(len(rows), T, dtype=ids.dtype, device=ids.device)
+    out_tgt = torch.full((len(rows), T), -100, dtype=tgt.dtype, device=ids.device)
+    for i, (r, (p, _)) in enumerate(zip(rows, parts)):
+        out_ids[i, :len(r) - 1] = r[:-1]
+        out_tgt[i, len(p) - 1:len(r) - 1] = r[len(p):]
+    return {"kl_input_ids": out_ids, "kl_targets": out_tgt, "kl_loss_mask": out_tgt >= 0}
+
+
+class KTOObjective(ReferenceHolder):
+    Config = KTOConfig
+
+    def __init__(self, cfg: KTOConfig | None = None, *, reference: torch.nn.Module | None = None,
+                 reference_path: str | None = None):
+        self.cfg = cfg = cfg or KTOConfig()
+        self.ref = (Frozen(reference, role="reference", device=cfg.reference_device, path=reference_path,
+                           cache_size=cfg.reference_cache) if reference is not None else None)
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._check(model)
+        cfg = self.cfg
+        if cfg.kl and "kl_input_ids" not in batch:
+            batch = {**batch, **mismatched_rows(batch)}
+        has_kl = "kl_input_ids" in batch
+        prefixes = ("", "kl_") if has_kl else ("",)
+        pi = batch_logps(model, batch)[0][0]
+        ref_keys = ("ref_logps", "ref_kl_logps") if has_kl else ("ref_logps",)
+        refs = reference_logps(self.ref, batch, prefixes, average=False, keys=ref_keys)
+        ref = refs[0]
+        if has_kl:  # z0 carries no gradient, so the policy's KL rows run without autograd (as TRL)
+            with torch.no_grad():
+                kl = kto_kl(batch_logps(model, batch, ("kl_",))[0][0], refs[1])
+        else:
+            kl = torch.zeros((), device=pi.device)
+        good = batch["label"].bool()
+        losses = kto_loss(pi, ref, good, kl, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                          undesirable_weight=cfg.undesirable_weight)
+        rewards = cfg.beta * (pi - ref).detach()
+        nan = torch.full((), float("nan"), device=pi.device)
+        mean = lambda x, m: x[m].mean() if m.any() else nan  # noqa: E731  (TRL logs only present classes)
+        metrics = {"kl": kl, "rewards/chosen": mean(rewards, good), "rewards/rejected": mean(rewards, ~good),
+                   "logps/chosen": mean(pi.detach(), good), "logps/rejected": mean(pi.detach(), ~good)}
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        return losses.mean(), metrics

@@ -1,0 +1,128 @@
+"""Reward models and sequence classifiers: a linear head on the last hidden state of a language model.
+
+    rm = SequenceHead(lm, out_dim=1)                 # reward model: one scalar per sequence
+    obj = RewardObjective(RewardConfig(margin=False))
+    clf = SequenceHead(lm, out_dim=4, train_backbone=False)   # head-only fine-tuning (a linear probe)
+    obj = ClassificationObjective()
+
+The head reads the final-norm hidden state at one position per row: `{prefix}score_index` (B,) when the
+batch gives it, else the last position whose target counts (`loss_mask`), i.e. the state that has read the
+whole prompt and response but the final token (an end-of-turn marker in chat data), else the last position.
+
+RewardObjective: Bradley-Terry pairwise loss on chosen_* / rejected_* rows (optional per-pair `margin`
+(B,) key, Llama 2; optional reward centring, Eisenstein et al. 2023, as TRL's center_rewards_coefficient);
+metrics as TRL's RewardTrainer: accuracy, margin, mean/min/max_reward.
+ClassificationObjective: cross-entropy of `label` (B,) long; metric accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+from lmforge.align.dpo import PAIR, Stateless
+from lmforge.align.logprobs import model_inputs
+from lmforge.align.losses import bradley_terry_loss
+from lmforge.errors import ConfigError
+
+
+class SequenceHead(nn.Module):
+    """backbone (a Transformer: .hidden(), .final_norm, .cfg.d_model) + Linear(d_model, out_dim).
+    train_backbone=False freezes the backbone (head-only fine-tuning; it runs without autograd)."""
+
+    def __init__(self, backbone: nn.Module, out_dim: int = 1, *, train_backbone: bool = True):
+        super().__init__()
+        if not hasattr(backbone, "hidden"):
+            raise ConfigError(f"{type(backbone).__name__} has no .hidden(ids) trunk; use an lmforge Transformer")
+        self.backbone, self.train_backbone = backbone, train_backbone
+        d = backbone.cfg.d_model
+        self.head = nn.Linear(d, out_dim)
+        nn.init.normal_(self.head.weight, std=1 / (d + 1) ** 0.5)  # as InstructGPT's / TRL's value heads
+        nn.init.zeros_(self.head.bias)
+        if not train_backbone:
+            backbone.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, index: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """(B, T) ids -> (B, out_dim) scores read at `index` (B,) (default: the last position)."""
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            h, _ = self.backbone.hidden(input_ids, kwargs.get("positions"), None, kwargs.get("meta"))
+            norm = self.backbone.final_norm
+            h = norm(h) if norm is not None else h
+        if index is None:
+            index = torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
+        last = h[torch.arange(h.shape[0], device=h.device), index]  # (B, d)
+        return self.head(last.to(self.head.weight.dtype))
+
+
+def score_index(batch: dict, prefix: str = "") -> torch.Tensor | None:
+    """(B,) position read by the head: explicit, else the last loss_mask position, else None (the last)."""
+    if f"{prefix}score_index" in batch:
+        return batch[f"{prefix}score_index"]
+    mask = batch.get(f"{prefix}loss_mask")
+    if mask is None:
+        return None
+    mask = mask.bool()
+    if not mask.any(-1).all():
+        row = int((~mask.any(-1)).nonzero()[0])
+        raise ConfigError(f"row {row} of {prefix}loss_mask selects no token, so it has no position to score; "
+                          f"drop the example or give {prefix}score_index")
+    T = mask.shape[1]
+    return T - 1 - mask.flip(-1).int().argmax(-1)
+
+
+def scores(model: nn.Module, batch: dict, prefix: str = "") -> torch.Tensor:
+    if not isinstance(model, SequenceHead):
+        raise ConfigError(f"this objective needs a model with a head: wrap it, SequenceHead(model, out_dim), "
+                          f"not a bare {type(model).__name__}")
+    ids, kwargs = model_inputs(batch, prefix)
+    return model(ids, score_index(batch, prefix), **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    center_rewards_coefficient: float = 0.0
+    """weight of mean((r_c + r_r)^2), keeping rewards centred on 0 (0 = off)"""
+
+    def __post_init__(self):
+        if self.center_rewards_coefficient < 0:
+            raise ConfigError(f"center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0")
+
+
+class RewardObjective(Stateless):
+    Config = RewardConfig
+
+    def __init__(self, cfg: RewardConfig | None = None):
+        self.cfg = cfg or RewardConfig()
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r = scores(model, batch, PAIR[0]).squeeze(-1)
+        r_r = scores(model, batch, PAIR[1]).squeeze(-1)
+        loss = bradley_terry_loss(r, r_r, batch.get("margin")).mean()
+        if self.cfg.center_rewards_coefficient:
+            loss = loss + self.cfg.center_rewards_coefficient * ((r + r_r) ** 2).mean()
+        both = torch.cat([r, r_r]).detach()
+        return loss, {"accuracy": (r > r_r).float().mean(), "margin": (r - r_r).detach().mean(),
+                      "mean_reward": both.mean(), "min_reward": both.min(), "max_reward": both.max()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassificationConfig:
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+
+
+class ClassificationObjective(Stateless):
+    Config = ClassificationConfig
+
+    def __init__(self, cfg: ClassificationConfig | None = None):
+        self.cfg = cfg or ClassificationConfig()
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = scores(model, batch).float()
+        label = batch["label"].long()
+        loss = nn.functional.cross_entropy(logits, label, label_smoothing=self.cfg.label_smoothing)
+        return loss, {"accuracy": (logits.argmax(-1) == label).float().mean()}

@@ -1,0 +1,23 @@
+"""Verifiable tasks: problems with exact checkers, for post-training small models and measuring it.
+
+    from lmforge.tasks import TASKS
+    task = TASKS["arithmetic"]()
+    ex = task.examples("test", 100, seed=0)[0]
+    task.verify(ex, "...\\nAnswer: 843")
+
+Generated: arithmetic (step-checkable working), countdown, sort, reverse, count, format (answer in tags).
+From files (../shared/data): gsm8k, mmlu.
+"""
+
+from lmforge.tasks.arithmetic import Arithmetic
+from lmforge.tasks.base import Example, Task
+from lmforge.tasks.countdown import Countdown
+from lmforge.tasks.datasets import GSM8K, MMLU
+from lmforge.tasks.format import FormatCompliance
+from lmforge.tasks.listops import Counting, Reversal, Sorting
+
+TASKS: dict[str, type[Task]] = {"arithmetic": Arithmetic, "countdown": Countdown, "sort": Sorting,
+                                "reverse": Reversal, "count": Counting, "format": FormatCompliance,
+                                "gsm8k": GSM8K, "mmlu": MMLU}
+
+__all__ = ["TASKS", "Example", "Task"]

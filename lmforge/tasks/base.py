@@ -1,0 +1,96 @@
+"""The verifiable-task interface: a seeded generator, several prompt phrasings, a parser and a verifier.
+
+    task = TASKS["arithmetic"]()
+    train = task.examples("train", 1000, seed=0)      # list[Example]
+    ok = task.verify(example, completion_text)          # exact checker
+
+Splits never overlap: a generated problem goes to "test" when a hash of its identity (`key`) falls in the
+test bucket, else to "train", so no seed or count can put one problem in both. Datasets with their own
+splits (GSM8K, MMLU) keep them.
+
+Completions end with a final line `Answer: ...` (the format tasks use their own tags instead); `parse`
+reads it, `verify` compares it with the example's canonical answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmforge.errors import ConfigError
+
+SPLITS = ("train", "test")
+ANSWER_RE = re.compile(r"answer\s*[:=]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Example:
+    prompt: str
+    """the question in one of the task's phrasings"""
+    answer: str
+    """canonical final answer"""
+    solution: str
+    """a reference completion (working, then the final answer line), for SFT"""
+    key: str
+    """the problem's identity (independent of the phrasing): the split is a function of it"""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def final_answer(completion: str) -> str | None:
+    """The text after the LAST 'Answer:' in the completion, or None."""
+    found = ANSWER_RE.findall(completion)
+    return found[-1].strip() if found else None
+
+
+def in_test_split(key: str, test_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return h / 2 ** 64 < test_fraction
+
+
+class Task:
+    """Generated tasks: subclasses give `name`, `templates`, `problem(rng)` and `render(problem)`."""
+
+    name: str = "task"
+    templates: tuple[str, ...] = ("{question}",)
+    test_fraction: float = 0.1
+
+    def problem(self, rng: random.Random) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def render(self, problem: dict[str, Any], template: str) -> Example:
+        raise NotImplementedError
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        """n distinct problems of `split`, phrasings drawn at random; deterministic in (split, n, seed)."""
+        if split not in SPLITS:
+            raise ConfigError(f"split={split!r} must be one of {SPLITS}")
+        rng = random.Random(f"{self.name}:{split}:{seed}")
+        out, seen = [], set()
+        for _ in range(200 * n + 1000):
+            if len(out) == n:
+                return out
+            ex = self.render(self.problem(rng), rng.choice(self.templates))
+            if ex.key in seen or in_test_split(ex.key, self.test_fraction) != (split == "test"):
+                continue
+            seen.add(ex.key)
+            out.append(ex)
+        raise ConfigError(f"task {self.name!r} has fewer than {n} distinct {split} problems at these settings; "
+                          f"ask for fewer or widen the task's ranges")
+
+    def parse(self, completion: str, example: Example | None = None) -> str | None:
+        return final_answer(completion)
+
+    def verify(self, example: Example, completion: str) -> bool:
+        got = self.parse(completion, example)
+        return got is not None and normalize(got) == normalize(example.answer)
+
+
+def normalize(answer: str) -> str:
+    """Compare answers modulo spacing, case, a trailing period and thousands separators in numbers."""
+    a = " ".join(answer.strip().rstrip(".").split()).lower()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", a):  # 1,234 -> 1234
+        return a.replace(",", "")
+    return re.sub(r"\s*,\s*", ", ", a)  # lists: "1,2 ,3" -> "1, 2, 3"

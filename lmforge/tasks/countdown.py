@@ -1,0 +1,87 @@
+"""Countdown: combine the given numbers with + - * / (each exactly once) to reach the target.
+
+Many expressions are right, so `verify` checks the model's expression (numbers used, exact rational
+value), not equality with the reference solution (the generator's own expression). This is the task of
+TinyZero (Pan et al. 2025) and Gandhi et al. 2025's cognitive-behaviour study.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+from collections import Counter
+from fractions import Fraction
+from typing import Any
+
+from lmforge.tasks.base import Example, Task
+
+OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
+       ast.Div: lambda x, y: x / y}
+
+
+def evaluate(expr: str) -> tuple[Fraction, list[int]] | None:
+    """Exact value and the integer literals of an expression of + - * / and parentheses; None if the
+    text is anything else (names, calls, powers, unary minus) or divides by zero."""
+    try:
+        tree = ast.parse(expr.strip(), mode="eval").body
+    except (SyntaxError, ValueError):
+        return None
+    nums: list[int] = []
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            nums.append(node.value)
+            return Fraction(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+            left, right = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Div) and right == 0:
+                raise ZeroDivisionError
+            return OPS[type(node.op)](left, right)
+        raise ValueError("not an arithmetic expression")
+
+    try:
+        return ev(tree), nums
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+class Countdown(Task):
+    name = "countdown"
+    templates = ("Using the numbers {nums}, each exactly once, with + - * / make {target}.",
+                 "Reach {target} from {nums} (use every number once; + - * / allowed).",
+                 "Numbers: {nums}. Target: {target}. Write an expression that uses each number once.")
+
+    def __init__(self, *, count: int = 3, max_number: int = 20, max_target: int = 100):
+        self.count, self.max_number, self.max_target = count, max_number, max_target
+
+    def problem(self, rng: random.Random) -> dict[str, Any]:
+        while True:
+            nums = [rng.randint(1, self.max_number) for _ in range(self.count)]
+            expr, value = self._combine(rng, [(str(n), Fraction(n)) for n in nums])
+            if value.denominator == 1 and 0 < value <= self.max_target:
+                return {"nums": nums, "target": int(value), "expr": expr}
+
+    @staticmethod
+    def _combine(rng: random.Random, items: list[tuple[str, Fraction]]) -> tuple[str, Fraction]:
+        """Join random pairs with random operators until one expression is left."""
+        items = list(items)
+        while len(items) > 1:
+            (ea, va), (eb, vb) = items.pop(rng.randrange(len(items))), items.pop(rng.randrange(len(items)))
+            op = rng.choice("+-*/" if vb != 0 else "+-*")
+            value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va / vb if vb else va}[op]
+            items.append((f"({ea} {op} {eb})", value))
+        expr, value = items[0]
+        return (expr[1:-1] if expr.startswith("(") else expr), value
+
+    def render(self, problem: dict[str, Any], template: str) -> Example:
+        nums = ", ".join(map(str, problem["nums"]))
+        return Example(prompt=template.format(nums=nums, target=problem["target"]), answer=problem["expr"],
+                       solution=f"Answer: {problem['expr']}",
+                       key=f"{sorted(problem['nums'])}->{problem['target']}",
+                       meta={"nums": problem["nums"], "target": problem["target"]})
+
+    def verify(self, example: Example, completion: str) -> bool:
+        expr = self.parse(completion, example)
+        got = evaluate(expr.split("=")[0]) if expr else None
+        return (got is not None and got[0] == example.meta["target"]
+                and Counter(got[1]) == Counter(example.meta["nums"]))

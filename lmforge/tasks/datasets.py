@@ -1,0 +1,95 @@
+"""GSM8K and MMLU behind the task interface (parse / verify / examples), for models large enough to try.
+
+Files (see ../shared/data/README.md): gsm8k/{train,test}.jsonl with {"question", "answer"} (the final
+answer after '#### '); mmlu/{dev,val,test}/*.csv rows question,A,B,C,D,answer. Their own splits are
+kept: GSM8K train/test; MMLU train = dev + val (few-shot and tuning), test = test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from pathlib import Path
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.tasks.base import SPLITS, Example, Task, final_answer
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+class _FileTask(Task):
+    subdir = ""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else DEFAULT_ROOT
+        if not (self.root / self.subdir).is_dir():
+            raise DataError(f"{self.name} data not found under {self.root / self.subdir}; "
+                            f"pass root= the folder holding {self.subdir}/")
+
+    def load(self, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
+        """n examples of the split in a seeded random order (all of them when n is None)."""
+        if split not in SPLITS:
+            raise ConfigError(f"split={split!r} must be one of {SPLITS}")
+        rows = self.load(split)
+        random.Random(f"{self.name}:{seed}").shuffle(rows)
+        return rows if n is None else rows[:n]
+
+
+class GSM8K(_FileTask):
+    name, subdir = "gsm8k", "gsm8k"
+    templates = ("{q}", "Question: {q}\nSolve step by step and end with 'Answer: <number>'.")
+
+    def load(self, split: str) -> list[Example]:
+        out = []
+        path = self.root / "gsm8k" / f"{split}.jsonl"
+        for i, line in enumerate(path.read_text().splitlines()):
+            rec = json.loads(line)
+            work, _, ans = rec["answer"].rpartition("####")
+            work = re.sub(r"<<[^>]*>>", "", work).strip()  # drop the calculator annotations
+            ans = ans.strip().replace(",", "")
+            out.append(Example(prompt=self.templates[i % len(self.templates)].format(q=rec["question"]),
+                               answer=ans, solution=f"{work}\nAnswer: {ans}", key=f"gsm8k:{split}:{i}"))
+        return out
+
+    def parse(self, completion: str, example: Example | None = None) -> str | None:
+        """'Answer: N', else GSM8K's '#### N', else the last number in the text."""
+        text = final_answer(completion) or (completion.rpartition("####")[2] if "####" in completion else completion)
+        nums = NUMBER_RE.findall(text)
+        return nums[-1].replace("$", "").replace(",", "").rstrip(".") if nums else None
+
+    def verify(self, example: Example, completion: str) -> bool:
+        got = self.parse(completion, example)
+        try:
+            return got is not None and float(got) == float(example.answer)
+        except ValueError:
+            return False
+
+
+class MMLU(_FileTask):
+    name, subdir = "mmlu", "mmlu"
+    templates = ("{q}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer with the letter of the correct option.",)
+
+    def load(self, split: str) -> list[Example]:
+        out = []
+        for part in (("dev", "val") if split == "train" else ("test",)):
+            for path in sorted((self.root / "mmlu" / part).glob("*.csv")):
+                subject = path.stem.rsplit("_", 1)[0]
+                with path.open(newline="") as f:
+                    for i, row in enumerate(csv.reader(f)):
+                        q, a, b, c, d, ans = row
+                        out.append(Example(prompt=self.templates[0].format(q=q, A=a, B=b, C=c, D=d), answer=ans,
+                                           solution=f"Answer: {ans}", key=f"mmlu:{part}:{subject}:{i}",
+                                           meta={"subject": subject}))
+        return out
+
+    def parse(self, completion: str, example: Example | None = None) -> str | None:
+        """The letter after 'Answer:', else the first standalone A-D."""
+        text = final_answer(completion) or completion
+        m = re.search(r"\b([ABCD])\b", text)
+        return m.group(1) if m else None

@@ -1,0 +1,62 @@
+"""Sorting, reversal and counting: short algorithmic tasks a small model can learn, with exact answers."""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Any
+
+from lmforge.tasks.base import Example, Task
+
+
+class Sorting(Task):
+    name = "sort"
+    templates = ("Sort in ascending order: {items}", "Put these numbers in increasing order: {items}",
+                 "Arrange from smallest to largest: {items}")
+
+    def __init__(self, *, length: tuple[int, int] = (3, 7), max_value: int = 99):
+        self.length, self.max_value = length, max_value
+
+    def problem(self, rng: random.Random) -> dict[str, Any]:
+        return {"items": [rng.randint(0, self.max_value) for _ in range(rng.randint(*self.length))]}
+
+    def render(self, problem: dict[str, Any], template: str) -> Example:
+        items = problem["items"]
+        answer = ", ".join(map(str, sorted(items)))
+        return Example(prompt=template.format(items=", ".join(map(str, items))), answer=answer,
+                       solution=f"Answer: {answer}", key=f"sort:{items}")
+
+
+class Reversal(Task):
+    name = "reverse"
+    templates = ("Reverse the letters: {word}", "Write {word} backwards.", "Spell {word} in reverse order.")
+
+    def __init__(self, *, length: tuple[int, int] = (3, 8)):
+        self.length = length
+
+    def problem(self, rng: random.Random) -> dict[str, Any]:
+        return {"word": "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*self.length)))}
+
+    def render(self, problem: dict[str, Any], template: str) -> Example:
+        word = problem["word"]
+        return Example(prompt=template.format(word=word), answer=word[::-1], solution=f"Answer: {word[::-1]}",
+                       key=f"reverse:{word}")
+
+
+class Counting(Task):
+    name = "count"
+    templates = ("How many times does '{ch}' occur in {text}?", "Count the letter {ch} in: {text}",
+                 "In the string {text}, how many {ch}s are there?")
+
+    def __init__(self, *, length: tuple[int, int] = (5, 12), alphabet: str = "abcd"):
+        self.length, self.alphabet = length, alphabet
+
+    def problem(self, rng: random.Random) -> dict[str, Any]:
+        text = "".join(rng.choice(self.alphabet) for _ in range(rng.randint(*self.length)))
+        return {"text": text, "ch": rng.choice(self.alphabet)}
+
+    def render(self, problem: dict[str, Any], template: str) -> Example:
+        text, ch = problem["text"], problem["ch"]
+        n = text.count(ch)
+        return Example(prompt=template.format(text=text, ch=ch), answer=str(n), solution=f"Answer: {n}",
+                       key=f"count:{ch}:{text}")

@@ -1,0 +1,134 @@
+"""KTO and ORPO: paper equations on fixed numbers, and the objectives on a tiny model against TRL's
+KTOTrainer / ORPOTrainer code fed the same model's log-probs (loss, metrics, parameter gradients)."""
+
+import math
+
+import pytest
+import torch
+
+from lmforge.align.kto import KTOConfig, KTOObjective, mismatched_rows
+from lmforge.align.logprobs import token_logprobs
+from lmforge.align.losses import kto_kl, kto_loss, log1mexp, orpo_ratio_loss
+from lmforge.align.orpo import ORPOConfig, ORPOObjective
+from lmforge.errors import ConfigError
+
+from .helpers import grads, pair_batch, sequences, tiny_model
+from .trl_ref import trl_kto, trl_orpo_ratio
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_equation_on_fixed_numbers():
+    pi, ref = torch.tensor([-4.0, -6.0, -5.0]), torch.tensor([-5.0, -5.0, -5.5])
+    good = torch.tensor([True, False, True])
+    z0 = kto_kl(torch.tensor([-3.0, -4.0]), torch.tensor([-3.2, -4.4]))  # mean(0.2, 0.4) = 0.3
+    assert z0.item() == pytest.approx(0.3)
+    assert kto_kl(torch.tensor([-5.0]), torch.tensor([-4.0])).item() == 0.0  # clamped at 0
+    got = kto_loss(pi, ref, good, z0, beta=0.5, desirable_weight=1.5, undesirable_weight=0.8)
+    r = [1.0, -1.0, 0.5]
+    want = [1.5 * (1 - _sig(0.5 * (r[0] - 0.3))), 0.8 * (1 - _sig(0.5 * (0.3 - r[1]))),
+            1.5 * (1 - _sig(0.5 * (r[2] - 0.3)))]
+    torch.testing.assert_close(got, torch.tensor(want))
+
+
+def test_orpo_equation_and_log1mexp():
+    x = torch.tensor([-1e-6, -0.1, -0.69, -0.7, -5.0, -40.0], dtype=torch.float64)
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50  # exact enough where the naive log(1 - exp(x)) cancels (x near 0, x << 0)
+    want = torch.tensor([float(mpmath.log(1 - mpmath.exp(v))) for v in x.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x), want, rtol=1e-12, atol=0)
+    c, r = torch.tensor([-0.5]), torch.tensor([-1.5])
+    pc, pr = math.exp(-0.5), math.exp(-1.5)
+    odds = (pc / (1 - pc)) / (pr / (1 - pr))
+    assert orpo_ratio_loss(c, r).item() == pytest.approx(-math.log(_sig(math.log(odds))), rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.3, 0.7)])
+def test_kto_objective_matches_trl(weights):
+    model, ref = tiny_model(0), tiny_model(1)
+    B, T, V = 4, 10, 41
+    batch = {**sequences(B, T, V, [2, 3, 2, 4], 5), **sequences(B, T, V, [2, 3, 2, 4], 6, "kl_"),
+             "label": torch.tensor([True, False, True, False])}
+    obj = KTOObjective(KTOConfig(beta=0.3, desirable_weight=weights[0], undesirable_weight=weights[1]),
+                       reference=ref)
+    loss, metrics = obj.loss(model, batch)
+    loss.backward()
+    g_ours = grads(model)
+
+    def seq(m, p):
+        return (token_logprobs(m(batch[f"{p}input_ids"]), batch[f"{p}targets"]) * batch[f"{p}loss_mask"]).sum(-1)
+
+    with torch.no_grad():
+        ref_lp, ref_kl, kl_lp = seq(ref, ""), seq(ref, "kl_"), seq(model, "kl_")
+    tok = token_logprobs(model(batch["input_ids"]), batch["targets"])
+    t_loss, t_metrics = trl_kto(0.3, tok, batch["loss_mask"], batch["label"], ref_lp, kl_lp, ref_kl, *weights)
+    t_loss.backward()
+    torch.testing.assert_close(loss, t_loss)
+    for a, b in zip(g_ours, grads(model)):
+        torch.testing.assert_close(a, b)
+    for k in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert metrics[k].item() == pytest.approx(t_metrics[k], abs=1e-5), k
+
+
+def test_kto_builds_mismatched_rows_itself():
+    """Without kl_* keys the objective pairs each prompt with the next row's completion: the same loss as
+    those rows given explicitly, built here from the raw token lists."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 41, (n,), generator=g) for n in (3, 5, 2)]
+    comps = [torch.randint(0, 41, (n,), generator=g) for n in (4, 2, 6)]
+
+    def build(pairs):
+        T = max(len(p) + len(c) for p, c in pairs) - 1
+        ids, tgt = torch.zeros(len(pairs), T, dtype=torch.long), torch.full((len(pairs), T), -100)
+        for i, (p, c) in enumerate(pairs):
+            full = torch.cat([p, c])
+            ids[i, :len(full) - 1] = full[:-1]
+            tgt[i, len(p) - 1:len(full) - 1] = c
+        return ids, tgt
+
+    ids, tgt = build(list(zip(prompts, comps)))
+    batch = {"input_ids": ids, "targets": tgt, "loss_mask": tgt >= 0, "label": torch.tensor([True, False, True])}
+    kl_ids, kl_tgt = build([(prompts[i], comps[(i + 1) % 3]) for i in range(3)])
+    rows = mismatched_rows(batch)
+    assert torch.equal(rows["kl_input_ids"], kl_ids) and torch.equal(rows["kl_targets"], kl_tgt)
+    model, ref = tiny_model(0), tiny_model(1)
+    auto = KTOObjective(reference=ref).loss(model, batch)
+    explicit = KTOObjective(reference=ref).loss(model, {**batch, **rows})
+    torch.testing.assert_close(auto[0], explicit[0])
+    assert auto[1]["kl"] == explicit[1]["kl"]
+    no_kl = KTOObjective(KTOConfig(kl=False), reference=ref).loss(model, batch)[1]["kl"]
+    assert no_kl.item() == 0.0
+
+
+def test_orpo_objective_matches_trl():
+    model = tiny_model(0)
+    batch = pair_batch()
+    obj = ORPOObjective(ORPOConfig(beta=0.25))
+    loss, metrics = obj.loss(model, batch)
+    loss.backward()
+    g_ours = grads(model)
+    # TRL: average_log_prob=True for the odds, chosen NLL = token-mean cross-entropy, loss = nll - mean(ratio)
+    toks = {p: token_logprobs(model(batch[f"{p}input_ids"]), batch[f"{p}targets"]) for p in ("chosen_", "rejected_")}
+    avg = {p: (toks[p] * batch[f"{p}loss_mask"]).sum(-1) / batch[f"{p}loss_mask"].sum(-1) for p in toks}
+    nll = torch.nn.functional.cross_entropy(model(batch["chosen_input_ids"]).flatten(0, 1),
+                                            batch["chosen_targets"].flatten(), ignore_index=-100)
+    ratio, rc, rr, log_odds_ratio, log_odds_chosen = trl_orpo_ratio(0.25, avg["chosen_"], avg["rejected_"])
+    t_loss = nll - ratio.mean()
+    t_loss.backward()
+    torch.testing.assert_close(loss, t_loss)
+    for a, b in zip(g_ours, grads(model)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(metrics["rewards/chosen"], rc.mean())
+    torch.testing.assert_close(metrics["log_odds_ratio"], log_odds_ratio)
+    torch.testing.assert_close(metrics["log_odds_chosen"], log_odds_chosen)
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="beta"):
+        KTOConfig(beta=-1)
+    with pytest.raises(ConfigError, match="desirable_weight"):
+        KTOConfig(desirable_weight=0)
+    with pytest.raises(ConfigError, match="beta"):
+        ORPOConfig(beta=0)

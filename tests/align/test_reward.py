@@ -1,0 +1,70 @@
+"""Reward model and classifier heads: Bradley-Terry loss vs its equation and TRL's RewardTrainer (loss,
+metrics, gradients); the head reads the intended position; head-only training leaves the trunk alone."""
+
+import math
+
+import pytest
+import torch
+
+from lmforge.align.losses import bradley_terry_loss
+from lmforge.align.reward import ClassificationObjective, RewardConfig, RewardObjective, SequenceHead
+from lmforge.errors import ConfigError
+
+from .helpers import grads, pair_batch, tiny_model
+from .trl_ref import trl_reward
+
+
+def test_bradley_terry_equation():
+    got = bradley_terry_loss(torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5]), torch.tensor([0.5, 0.0]))
+    want = [-math.log(1 / (1 + math.exp(-(1.0 - 0.5)))), -math.log(1 / (1 + math.exp(1.0)))]
+    torch.testing.assert_close(got, torch.tensor(want))
+
+
+@pytest.mark.parametrize("margin,center", [(False, None), (True, 0.01)])
+def test_reward_objective_matches_trl(margin, center):
+    torch.manual_seed(0)
+    model = SequenceHead(tiny_model(0))
+    batch = pair_batch(B=3)
+    if margin:
+        batch["margin"] = torch.tensor([0.5, 0.0, 1.0])
+    obj = RewardObjective(RewardConfig(center_rewards_coefficient=center or 0.0))
+    loss, metrics = obj.loss(model, batch)
+    loss.backward()
+    g_ours = grads(model)
+    idx = {p: batch[f"{p}loss_mask"].shape[1] - 1 - batch[f"{p}loss_mask"].flip(-1).int().argmax(-1)
+           for p in ("chosen_", "rejected_")}
+    r = {p: model(batch[f"{p}input_ids"], idx[p]).squeeze(-1) for p in idx}
+    t_loss, t_metrics = trl_reward(r["chosen_"], r["rejected_"], batch.get("margin"), center)
+    t_loss.backward()
+    torch.testing.assert_close(loss, t_loss)
+    for a, b in zip(g_ours, grads(model)):
+        torch.testing.assert_close(a, b)
+    for k in ("accuracy", "margin", "mean_reward", "min_reward", "max_reward"):
+        assert metrics[k].item() == pytest.approx(t_metrics[k], abs=1e-6), k
+
+
+def test_head_reads_last_counted_position_and_head_only_freezes_trunk():
+    lm = tiny_model(0)
+    clf = SequenceHead(lm, out_dim=3, train_backbone=False)
+    ids = torch.randint(0, 41, (2, 7))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 2:5], mask[1, 1:7] = True, True
+    h = lm.final_norm(lm.hidden(ids)[0])
+    want = clf.head(torch.stack([h[0, 4], h[1, 6]]))
+    batch = {"input_ids": ids, "loss_mask": mask, "label": torch.tensor([2, 0])}
+    loss, metrics = ClassificationObjective().loss(clf, batch)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(want, batch["label"]))
+    loss.backward()
+    assert all(p.grad is None for p in lm.parameters()) and clf.head.weight.grad is not None
+    full = SequenceHead(tiny_model(0), out_dim=3)
+    ClassificationObjective().loss(full, batch)[0].backward()
+    assert all(p.grad is not None for p in full.backbone.blocks.parameters())  # the trunk trains
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="SequenceHead"):
+        RewardObjective().loss(tiny_model(0), pair_batch())
+    batch = pair_batch()
+    batch["chosen_loss_mask"][1] = False
+    with pytest.raises(ConfigError, match="row 1 of chosen_loss_mask"):
+        RewardObjective().loss(SequenceHead(tiny_model(0)), batch)

@@ -1,0 +1,505 @@
+"""FlashAttention-2 (Dao 2023) forward and backward in Triton, beside a PyTorch tiled reference.
+
+Attention softmax(s) v with s = scale · q kᵀ (optionally soft-capped, c·tanh(s/c), Gemma 2) is computed
+one (BLOCK_M queries × BLOCK_N keys) tile at a time, never materialising the N × N scores:
+
+  forward (Algorithm 1)   per query block, a running row max m and denominator l are updated tile by
+                          tile ("online softmax": acc ← acc·e^(m_old - m_new) + P V); the output is
+                          acc / l and the only other thing kept is the logsumexp L = m + log l, (B, H, N)
+  backward (Algorithm 2)  P = exp(s - L) is recomputed from q, k and L; with D = rowsum(dO ∘ O)
+                          (the preprocessing step, = rowsum(P ∘ dP)): dV = Pᵀ dO, dP = dO Vᵀ,
+                          dS = P ∘ (dP - D), dQ = scale · dS K, dK = scale · dSᵀ Q
+
+The Triton backward runs two kernels instead of the paper's single loop with atomic dQ adds: one program
+per key block accumulates dK, dV over the query blocks (and over the query heads of its GQA group, so K/V
+are never repeated in memory), and one per query block accumulates dQ. That recomputes s and dP once more
+(7 matmuls per tile pair instead of 5) but is deterministic and needs no fp32 dQ buffer.
+
+Inside the kernels scores are kept in base 2: log2(e) is folded into the scale so each exponential is one
+exp2 (the MUFU unit's native op). Per query block the keys split into fully visible tiles (no mask
+arithmetic) and the few tiles on the causal diagonal, the sliding-window edge or the sequence end, which
+are masked; tiles entirely above the diagonal or behind the window are never visited.
+
+Layout: q (B, H, N, hd), k and v (B, KV, N, hd), any strides with a contiguous last dim; query head h
+reads kv head h // (H / KV). Variable length: `cu_seqlens` (n_docs + 1,) are cumulative document lengths
+over the B·N tokens taken row after row (documents do not cross rows; with B = 1 this is the usual packed
+layout); a token attends only within its document. The window keeps keys i - window < j <= i (causal only).
+
+flash_reference.py holds the same algorithm as explicit PyTorch loops over tiles, for reading; the tests
+compare both to the plain math attention (lmforge.model.layers.attention.math_attention).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.kernels.flash_reference import flash_attention_ref, flash_attention_ref_backward  # noqa: F401
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the `kernels` extra; flash_attention() raises a one-line error
+    triton = None
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32: tests and the interpreter (tf32 dots on GPU)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) document ids of packed rows -> (n_docs + 1,) int32 cumulative lengths over the B·N tokens; a
+    document starts where the id changes and at every row start (lmforge.model.meta.AttnMetadata)."""
+    B, N = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = starts.flatten().nonzero().flatten()
+    return torch.cat((idx, idx.new_tensor([B * N]))).to(torch.int32)
+
+
+# kernels ------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2·log2(e): e^(2x) as one exp2
+
+    @triton.jit
+    def _scores2(qk, scale, softcap, SOFTCAP: tl.constexpr):
+        """Logits in base 2 (s · log2 e) and, with capping, tanh(s/c) for the backward's chain rule."""
+        if SOFTCAP:
+            t = _tanh(qk * (scale / softcap))
+            return t * (softcap * 1.4426950408889634), t
+        else:
+            return qk * (scale * 1.4426950408889634), qk
+
+    @triton.jit
+    def _visible_tile(q_idx, k_idx, L, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+        """Broadcast (query, key) positions -> True where the key is visible (and both lie in the document)."""
+        ok = (q_idx < L) & (k_idx < L)
+        if CAUSAL:
+            ok = ok & (k_idx <= q_idx)
+        if WINDOW > 0:
+            ok = ok & (q_idx - k_idx < WINDOW)
+        return ok
+
+    @triton.jit
+    def _program(heads, cu_ptr, N, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (block, document·heads + head) -> (block start, head, row, first token, length) of its
+        document (a whole row without cu_seqlens; with them, documents never cross rows)."""
+        start, head, doc = tl.program_id(0) * BLOCK, tl.program_id(1) % heads, tl.program_id(1) // heads
+        if VARLEN:
+            first = tl.load(cu_ptr + doc)
+            b = first // N
+            return start, head, b.to(tl.int64), first - b * N, tl.load(cu_ptr + doc + 1) - first
+        else:
+            return start, head, doc.to(tl.int64), 0, N
+
+    @triton.jit
+    def _key_ranges(m0, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr):
+        """Keys a query block [m0, m0 + BLOCK_M) visits, as [lo, full_lo) masked, [full_lo, full_hi) fully
+        visible, [full_hi, hi) masked (the diagonal and the document end)."""
+        hi = L
+        if CAUSAL:
+            hi = tl.minimum(L, m0 + BLOCK_M)
+        lo = 0
+        full_lo = 0
+        if WINDOW > 0:  # the first row sees keys > m0 - WINDOW; the last row all of a tile from m0+BM-WINDOW
+            lo = tl.maximum(m0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+            full_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(m0 + BLOCK_M - WINDOW, 0), BLOCK_N) * BLOCK_N, lo), hi)
+        full_hi = L // BLOCK_N * BLOCK_N
+        if CAUSAL:  # a tile is below the diagonal when its last key <= the block's first query
+            full_hi = tl.minimum(full_hi, (m0 + 1) // BLOCK_N * BLOCK_N)
+        return lo, full_lo, tl.maximum(full_hi, full_lo), hi
+
+    @triton.jit
+    def _query_ranges(n0, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                      WINDOW: tl.constexpr):
+        """Queries a key block [n0, n0 + BLOCK_N) is seen by, split like _key_ranges."""
+        lo = 0
+        full_lo = 0
+        if CAUSAL:  # a query tile is fully past the diagonal from m0 >= the block's last key
+            lo = n0 // BLOCK_M * BLOCK_M
+            full_lo = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+        hi = L
+        if WINDOW > 0:
+            hi = tl.minimum(L, n0 + BLOCK_N - 1 + WINDOW)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        full_hi = L // BLOCK_M * BLOCK_M
+        if WINDOW > 0:  # every query of the tile still sees the block's first key
+            full_hi = tl.minimum(full_hi, (n0 + WINDOW) // BLOCK_M * BLOCK_M)
+        return lo, full_lo, tl.maximum(full_hi, full_lo), hi
+
+    @triton.jit
+    def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, L, scale, softcap,
+                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            if MASKED:
+                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=offs_n[None, :] < L, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
+            else:
+                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])  # (HEAD_DIM, BLOCK_N)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
+            s, _ = _scores2(tl.dot(q, kt), scale, softcap, SOFTCAP)  # (BLOCK_M, BLOCK_N), base 2
+            if MASKED:
+                s = tl.where(_visible_tile(offs_m[:, None], offs_n[None, :], L, CAUSAL, WINDOW), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASKED:  # a row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                shift = m_new
+            p = tl.exp2(s - shift[:, None])
+            alpha = tl.exp2(m_i - shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                    sob, soh, son, H, N, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (query block, document·H + head): Algorithm 1 for BLOCK_M queries of one head."""
+        m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M)
+        if m0 >= L:
+            return
+        kvh = h // GROUP
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * sqb + h * sqh + (t0 + offs_m[:, None]) * sqn + offs_d[None, :],
+                    mask=offs_m[:, None] < L, other=0.0)
+        k_base = K + b * skb + kvh * skh + t0 * skn
+        v_base = V + b * svb + kvh * svh + t0 * svn
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        lo, full_lo, full_hi, hi = _key_ranges(m0, L, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, lo, full_lo, L, scale,
+                                   softcap, True, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, full_lo, full_hi, L, scale,
+                                   softcap, False, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, full_hi, hi, L, scale,
+                                   softcap, True, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
+        row_ok = offs_m < L
+        l_safe = tl.where(row_ok, l_i, 1.0)
+        tl.store(O + b * sob + h * soh + (t0 + offs_m[:, None]) * son + offs_d[None, :],
+                 (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # back to natural log: L = m + ln l
+        tl.store(LSE + (b * H + h) * N + t0 + offs_m, lse, mask=row_ok)
+
+    @triton.jit
+    def _bwd_pre_kernel(O, DO, Dl, H, N, sob, soh, son, sdb, sdh, sdn, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr):
+        """D = rowsum(dO ∘ O), (B, H, N) fp32 (Algorithm 2's preprocessing)."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = tl.program_id(1)
+        b, h = (bh // H).to(tl.int64), bh % H
+        offs_d = tl.arange(0, HEAD_DIM)
+        ok = offs_m[:, None] < N
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=ok, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=ok, other=0.0)
+        tl.store(Dl + bh.to(tl.int64) * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
+
+    @triton.jit
+    def _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, sqn, sdon, offs_n, lo, hi, L, scale, softcap,
+                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """dK, dV of one key block over query blocks [lo, hi), working on transposed tiles (keys × queries)."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            if MASKED:
+                qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None], mask=offs_m[None, :] < L, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=offs_m < L, other=0.0)
+                delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
+            else:
+                qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None])  # (HEAD_DIM, BLOCK_M)
+                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :])  # (BLOCK_M, HEAD_DIM)
+                lse = tl.load(lse_base + offs_m)
+                delta = tl.load(d_base + offs_m)
+            s, t = _scores2(tl.dot(k, qt), scale, softcap, SOFTCAP)  # (BLOCK_N, BLOCK_M)
+            pt = tl.exp2(s - lse[None, :] * 1.4426950408889634)
+            if MASKED:
+                pt = tl.where(_visible_tile(offs_m[None, :], offs_n[:, None], L, CAUSAL, WINDOW), pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(v, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            if SOFTCAP:
+                dst = dst * (1.0 - t * t)
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+        return dk, dv
+
+    @triton.jit
+    def _bwd_kv_kernel(Q, K, V, DO, LSE, Dl, DK, DV, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh,
+                       svn, sdob, sdoh, sdon, H, KV, N, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (key block, document·KV + kv head): dK, dV summed over the GROUP query heads sharing it.
+        DK/DV have K/V's strides."""
+        n0, kvh, b, t0, L = _program(KV, CU, N, VARLEN, BLOCK_N)
+        if n0 >= L:
+            return
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        kv_ok = offs_n[:, None] < L
+        k_ptrs = b * skb + kvh * skh + (t0 + offs_n[:, None]) * skn + offs_d[None, :]
+        v_ptrs = b * svb + kvh * svh + (t0 + offs_n[:, None]) * svn + offs_d[None, :]
+        k = tl.load(K + k_ptrs, mask=kv_ok, other=0.0)
+        v = tl.load(V + v_ptrs, mask=kv_ok, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        lo, full_lo, full_hi, hi = _query_ranges(n0, L, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+        for g in range(GROUP):
+            h = kvh * GROUP + g
+            q_base = Q + b * sqb + h * sqh + t0 * sqn
+            do_base = DO + b * sdob + h * sdoh + t0 * sdon
+            row = (b * H + h) * N + t0
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, LSE + row, Dl + row, sqn, sdon, offs_n, lo,
+                                   full_lo, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, BLOCK_M, HEAD_DIM)
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, LSE + row, Dl + row, sqn, sdon, offs_n, full_lo,
+                                   full_hi, L, scale, softcap, False, CAUSAL, WINDOW, SOFTCAP, BLOCK_M, HEAD_DIM)
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, LSE + row, Dl + row, sqn, sdon, offs_n, full_hi,
+                                   hi, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, BLOCK_M, HEAD_DIM)
+        tl.store(DK + k_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(DV + v_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+    @triton.jit
+    def _bwd_q_tiles(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, lo, hi, L, scale, softcap,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_DIM)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            if MASKED:
+                kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < L, other=0.0)
+                vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None], mask=offs_n[None, :] < L, other=0.0)
+            else:
+                kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None])  # (HEAD_DIM, BLOCK_N)
+                vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None])
+            s, t = _scores2(tl.dot(q, kt), scale, softcap, SOFTCAP)
+            p = tl.exp2(s - lse[:, None])
+            if MASKED:
+                p = tl.where(_visible_tile(offs_m[:, None], offs_n[None, :], L, CAUSAL, WINDOW), p, 0.0)
+            ds = p * (tl.dot(do, vt) - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        return dq
+
+    @triton.jit
+    def _bwd_q_kernel(Q, K, V, DO, LSE, Dl, DQ, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                      sdob, sdoh, sdon, H, N, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                      WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (query block, document·H + head): dQ over the same key tiles as the forward. DQ has Q's strides."""
+        m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M)
+        if m0 >= L:
+            return
+        kvh = h // GROUP
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < L
+        q_ptrs = b * sqb + h * sqh + (t0 + offs_m[:, None]) * sqn + offs_d[None, :]
+        q = tl.load(Q + q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + (t0 + offs_m[:, None]) * sdon + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        row = (b * H + h) * N + t0 + offs_m
+        lse = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(Dl + row, mask=row_ok, other=0.0)
+        k_base = K + b * skb + kvh * skh + t0 * skn
+        v_base = V + b * svb + kvh * svh + t0 * svn
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        lo, full_lo, full_hi, hi = _key_ranges(m0, L, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+        dq = _bwd_q_tiles(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, lo, full_lo, L, scale, softcap,
+                          True, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
+        dq = _bwd_q_tiles(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, full_lo, full_hi, L, scale,
+                          softcap, False, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
+        dq = _bwd_q_tiles(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, full_hi, hi, L, scale, softcap,
+                          True, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
+        tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# launchers ----------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, warps, stages) candidates, autotuned per shape on the first call on a GPU. Hopper
+# wants 128-row query tiles (a warpgroup's wgmma is 64 rows; two of them per 8-warp program) and deep
+# enough software pipelining (stages) to hide the K/V loads; the backward's key-block kernel prefers tall
+# key tiles and short query tiles (its accumulators dK, dV are BLOCK_N × hd each), the dQ kernel the reverse.
+FWD_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (64, 64, 4, 4))
+BWD_KV_CONFIGS = ((32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4))
+BWD_Q_CONFIGS = ((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4))
+# the CPU interpreter: one small configuration (tests need several tiles per sequence, and unequal tiles)
+INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "kv": (16, 32, 4, 1), "q": (32, 16, 4, 1)}
+_KEY = ["N", "HEAD_DIM", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN"]
+
+
+def _tuned(kernel, kind: str, candidates):
+    """Autotuned over `candidates` on a GPU; LMFORGE_FLASH_TUNE=0 takes the first one (tests: no tuning
+    runs, fewer compilations)."""
+    if _interpreting():
+        candidates = (INTERPRET_CONFIGS[kind],)
+    cands = candidates[:1] if os.environ.get("LMFORGE_FLASH_TUNE", "1") == "0" else candidates
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in cands]
+    return triton.autotune(configs, key=_KEY)(kernel)
+
+
+_kernels: dict[str, object] = {}
+
+
+def _kernel(kind: str):
+    """The autotuned kernels, built at first use (the interpreter switch is read then, not at import)."""
+    if not _kernels:
+        _kernels.update(fwd=_tuned(_fwd_kernel, "fwd", FWD_CONFIGS), kv=_tuned(_bwd_kv_kernel, "kv", BWD_KV_CONFIGS),
+                        q=_tuned(_bwd_q_kernel, "q", BWD_Q_CONFIGS))
+    return _kernels[kind]
+
+
+def _strides(*ts: torch.Tensor) -> list[int]:
+    return [s for t in ts for s in t.stride()[:3]]
+
+
+def _flags(q, k, causal, window, softcap, cu_seqlens) -> dict:
+    return dict(GROUP=q.shape[1] // k.shape[1], HEAD_DIM=q.shape[3], CAUSAL=causal, WINDOW=window,
+                SOFTCAP=softcap > 0, VARLEN=cu_seqlens is not None)
+
+
+def _grid(cu_seqlens, max_len, B, heads):
+    docs = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    return lambda meta: (triton.cdiv(max_len, meta["BLOCK_M"]), docs * heads)
+
+
+def _forward(q, k, v, causal, scale, window, softcap, cu_seqlens, max_len):
+    B, H, N, _ = q.shape
+    o = torch.empty_like(q)  # q's strides: a (B, N, H, hd) projection's transpose stays a view downstream
+    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens if cu_seqlens is not None else lse
+    _kernel("fwd")[_grid(cu_seqlens, max_len, B, H)](
+        q, k, v, o, lse, cu, scale, softcap, *_strides(q, k, v, o), H, N, **_flags(q, k, causal, window, softcap, cu_seqlens))
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, causal, scale, window, softcap, cu_seqlens, max_len):
+    B, H, N, hd = q.shape
+    KV = k.shape[1]
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty_like(lse)
+    _bwd_pre_kernel[(triton.cdiv(N, 64), B * H)](o, do, delta, H, N, *_strides(o, do), HEAD_DIM=hd, BLOCK_M=64)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # same strides (_dense)
+    cu = cu_seqlens if cu_seqlens is not None else lse
+    flags = _flags(q, k, causal, window, softcap, cu_seqlens)
+    docs = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _kernel("kv")[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), docs * KV)](
+        q, k, v, do, lse, delta, dk, dv, cu, scale, softcap, *_strides(q, k, v, do), H, KV, N, **flags)
+    _kernel("q")[_grid(cu_seqlens, max_len, B, H)](
+        q, k, v, do, lse, delta, dq, cu, scale, softcap, *_strides(q, k, v, do), H, N, **flags)
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    """Saves q, k, v (the inputs) and only O and the (B, H, N) logsumexp; the backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, window, softcap, cu_seqlens, max_len):
+        o, lse = _forward(q, k, v, causal, scale, window, softcap, cu_seqlens, max_len)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (causal, scale, window, softcap, cu_seqlens, max_len)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*_backward(do, q, k, v, o, lse, *ctx.args), None, None, None, None, None, None)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, hd) contiguous, or the transpose of a contiguous (B, N, H, hd): layouts whose empty_like
+    has the same strides (the kernels write gradients with their input's strides)."""
+    return t if t.is_contiguous() or t.transpose(1, 2).is_contiguous() else t.contiguous()
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernel cannot run these tensors here (one line), or None."""
+    if triton is None:
+        return "flash_attention needs triton (pip install 'lmforge[kernels]')"
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        return (f"flash_attention takes q (B, H, N, hd) and k, v (B, KV, N, hd); got {tuple(q.shape)}, "
+                f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[3] not in HEAD_DIMS:
+        return f"flash_attention supports head dims {HEAD_DIMS}, got {q.shape[3]}; use attn_impl='sdpa'"
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return (f"flash_attention takes q, k, v of one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, "
+                f"{v.dtype}; cast them or use attn_impl='sdpa'")
+    if q.device.type != "cuda" and not _interpreting():
+        return f"flash_attention runs on CUDA GPUs (or with TRITON_INTERPRET=1), got device {q.device}"
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
+        cap = "%d.%d" % torch.cuda.get_device_capability(q.device)
+        return f"flash_attention needs a GPU of compute capability >= 8.0 (Ampere), got {cap}; use attn_impl='sdpa'"
+    return None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                    scale: float | None = None, window: int = 0, softcap: float = 0.0,
+                    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+    """softmax(scale · q kᵀ [capped, masked]) v; q (B, H, N, hd), k and v (B, KV, N, hd) -> (B, H, N, hd),
+    differentiable. `window` > 0 keeps keys i - window < j <= i (causal only); `softcap` > 0 caps logits at
+    ±softcap; `cu_seqlens` (n_docs + 1,) int32 packs documents (module docstring), `max_seqlen` is their
+    longest length (computed, with a device sync, when not given)."""
+    reason = unsupported(q, k, v)
+    if reason is not None:
+        raise LmforgeError(reason)
+    B, H, N, hd = q.shape
+    if k.shape[0] != B or k.shape[2] != N or H % k.shape[1]:
+        raise ConfigError(f"flash_attention: k, v {tuple(k.shape)} must be (B={B}, KV, N={N}, {hd}) with KV "
+                          f"dividing H={H} (for fewer queries than keys use attn_impl='sdpa')")
+    if window < 0 or (window > 0 and not causal):
+        raise ConfigError(f"flash_attention: window={window} must be >= 0 and needs causal=True")
+    if cu_seqlens is not None:
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ConfigError(f"cu_seqlens must be a 1-D int tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max())
+    scale = hd ** -0.5 if scale is None else float(scale)
+    return FlashAttention.apply(_dense(q), _dense(k), _dense(v), bool(causal), scale, int(window), float(softcap),
+                                cu_seqlens, N if cu_seqlens is None else max_seqlen)
+
+
+def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: float,
+                              softcap: float = 0.0, window: int = 0, doc_ids: torch.Tensor | None = None,
+                              dropout_p: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """attn_impl = "triton" for lmforge.model.layers.attention: `mask` is the layer's mask before any
+    window is applied ("causal", None = all keys, or a bool tensor), `window` the layer's sliding window,
+    `doc_ids` (B, N) the packed documents of AttnMetadata (their bool mask is then ignored). What the
+    kernel cannot do (a cache with fewer queries than keys, other mask tensors, dropout, attention sinks,
+    an unsupported head dim, dtype or GPU) falls back to the reference path with a one-line warning."""
+    from lmforge.model.layers.attention import attention, window_mask
+
+    reason = unsupported(q, k, v)
+    if reason is None:
+        if q.shape[2] != k.shape[2]:
+            reason = f"flash_attention needs as many queries as keys (got {q.shape[2]} and {k.shape[2]}: a cache)"
+        elif dropout_p > 0 or sinks is not None:
+            reason = "flash_attention has no attention dropout or sinks"
+        elif not (isinstance(mask, str) or mask is None or doc_ids is not None):
+            reason = "flash_attention takes causal, full or packed-document masks, not arbitrary mask tensors"
+        elif window > 0 and not (isinstance(mask, str) or doc_ids is not None):
+            reason = "flash_attention's sliding window is causal only"
+    if reason is None:
+        cu = cu_seqlens_from_doc_ids(doc_ids) if doc_ids is not None else None
+        return flash_attention(q, k, v, causal=isinstance(mask, str) or doc_ids is not None, scale=scale,
+                               window=window, softcap=softcap, cu_seqlens=cu)
+    warnings.warn(f"{reason}; using attn_impl='sdpa' for this call", stacklevel=2)
+    if window > 0 and k.shape[2] > window:
+        mask = window_mask(mask, q.shape[2], k.shape[2], window, q.device)
+    return attention(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p, impl="sdpa", sinks=sinks)

@@ -212,10 +212,11 @@ if triton is not None:
         tl.store(Dl + bh.to(tl.int64) * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
 
     @triton.jit
-    def _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, sqn, sdon, offs_n, lo, hi, L, scale, softcap,
-                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """dK, dV of one key block over query blocks [lo, hi), working on transposed tiles (keys × queries)."""
+    def _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, dqa_base, sqn, sdon, offs_n, lo, hi, L,
+                      scale, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                      SOFTCAP: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """dK, dV of one key block over query blocks [lo, hi), working on transposed tiles (keys × queries);
+        with DQ_ATOMIC also each tile's share of dQ, added into an fp32 (B, H, N, hd) buffer (FA2's way)."""
         offs_d = tl.arange(0, HEAD_DIM)
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -239,13 +240,17 @@ if triton is not None:
             if SOFTCAP:
                 dst = dst * (1.0 - t * t)
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+            if DQ_ATOMIC:
+                dq = tl.dot(tl.trans(dst).to(k.dtype), k) * scale  # (BLOCK_M, HEAD_DIM)
+                tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=offs_m[:, None] < L,
+                              sem="relaxed")
         return dk, dv
 
     @triton.jit
-    def _bwd_kv_kernel(Q, K, V, DO, LSE, Dl, DK, DV, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh,
+    def _bwd_kv_kernel(Q, K, V, DO, LSE, Dl, DK, DV, DQA, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh,
                        svn, sdob, sdoh, sdon, H, KV, N, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (key block, document·KV + kv head): dK, dV summed over the GROUP query heads sharing it.
         DK/DV have K/V's strides."""
         n0, kvh, b, t0, L = _program(KV, CU, N, VARLEN, BLOCK_N)
@@ -266,12 +271,16 @@ if triton is not None:
             q_base = Q + b * sqb + h * sqh + t0 * sqn
             do_base = DO + b * sdob + h * sdoh + t0 * sdon
             row = (b * H + h) * N + t0
-            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, LSE + row, Dl + row, sqn, sdon, offs_n, lo,
-                                   full_lo, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, BLOCK_M, HEAD_DIM)
-            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, LSE + row, Dl + row, sqn, sdon, offs_n, full_lo,
-                                   full_hi, L, scale, softcap, False, CAUSAL, WINDOW, SOFTCAP, BLOCK_M, HEAD_DIM)
-            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, LSE + row, Dl + row, sqn, sdon, offs_n, full_hi,
-                                   hi, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, BLOCK_M, HEAD_DIM)
+            lse_base, d_base, dqa_base = LSE + row, Dl + row, DQA + row * HEAD_DIM
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, dqa_base, sqn, sdon, offs_n, lo,
+                                   full_lo, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, DQ_ATOMIC, BLOCK_M,
+                                   HEAD_DIM)
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, dqa_base, sqn, sdon, offs_n,
+                                   full_lo, full_hi, L, scale, softcap, False, CAUSAL, WINDOW, SOFTCAP, DQ_ATOMIC,
+                                   BLOCK_M, HEAD_DIM)
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, dqa_base, sqn, sdon, offs_n,
+                                   full_hi, hi, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, DQ_ATOMIC, BLOCK_M,
+                                   HEAD_DIM)
         tl.store(DK + k_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
         tl.store(DV + v_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
@@ -342,16 +351,17 @@ BWD_Q_CONFIGS = ((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 
 # the CPU interpreter: one small configuration (tests need several tiles per sequence, and unequal tiles)
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "kv": (16, 32, 4, 1), "q": (32, 16, 4, 1)}
 _KEY = ["N", "HEAD_DIM", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN"]
+DQ_MODES = ("kernel", "atomic")
 
 
-def _tuned(kernel, kind: str, candidates):
+def _tuned(kernel, kind: str, candidates, **kw):
     """Autotuned over `candidates` on a GPU; LMFORGE_FLASH_TUNE=0 takes the first one (tests: no tuning
     runs, fewer compilations)."""
     if _interpreting():
         candidates = (INTERPRET_CONFIGS[kind],)
     cands = candidates[:1] if os.environ.get("LMFORGE_FLASH_TUNE", "1") == "0" else candidates
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in cands]
-    return triton.autotune(configs, key=_KEY)(kernel)
+    return triton.autotune(configs, **{"key": _KEY, **kw})(kernel)
 
 
 _kernels: dict[str, object] = {}
@@ -360,8 +370,9 @@ _kernels: dict[str, object] = {}
 def _kernel(kind: str):
     """The autotuned kernels, built at first use (the interpreter switch is read then, not at import)."""
     if not _kernels:
-        _kernels.update(fwd=_tuned(_fwd_kernel, "fwd", FWD_CONFIGS), kv=_tuned(_bwd_kv_kernel, "kv", BWD_KV_CONFIGS),
-                        q=_tuned(_bwd_q_kernel, "q", BWD_Q_CONFIGS))
+        # the key-block kernel's timing runs add into the dQ buffer: zeroed before each
+        _kernels.update(fwd=_tuned(_fwd_kernel, "fwd", FWD_CONFIGS), q=_tuned(_bwd_q_kernel, "q", BWD_Q_CONFIGS),
+                        kv=_tuned(_bwd_kv_kernel, "kv", BWD_KV_CONFIGS, key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQA"]))
     return _kernels[kind]
 
 
@@ -389,18 +400,24 @@ def _forward(q, k, v, causal, scale, window, softcap, cu_seqlens, max_len):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, scale, window, softcap, cu_seqlens, max_len):
+def _backward(do, q, k, v, o, lse, causal, scale, window, softcap, cu_seqlens, max_len, dq_mode):
     B, H, N, hd = q.shape
     KV = k.shape[1]
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = torch.empty_like(lse)
     _bwd_pre_kernel[(triton.cdiv(N, 64), B * H)](o, do, delta, H, N, *_strides(o, do), HEAD_DIM=hd, BLOCK_M=64)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # same strides (_dense)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # k's and v's strides (_dense)
+    atomic = dq_mode == "atomic"
+    dqa = torch.zeros(B, H, N, hd, dtype=torch.float32, device=q.device) if atomic else delta.new_zeros(1)
     cu = cu_seqlens if cu_seqlens is not None else lse
     flags = _flags(q, k, causal, window, softcap, cu_seqlens)
     docs = B if cu_seqlens is None else cu_seqlens.numel() - 1
     _kernel("kv")[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), docs * KV)](
-        q, k, v, do, lse, delta, dk, dv, cu, scale, softcap, *_strides(q, k, v, do), H, KV, N, **flags)
+        q, k, v, do, lse, delta, dk, dv, dqa, cu, scale, softcap, *_strides(q, k, v, do), H, KV, N, **flags,
+        DQ_ATOMIC=atomic)
+    if atomic:
+        return dqa.to(q.dtype), dk, dv
+    dq = torch.empty_like(q)
     _kernel("q")[_grid(cu_seqlens, max_len, B, H)](
         q, k, v, do, lse, delta, dq, cu, scale, softcap, *_strides(q, k, v, do), H, N, **flags)
     return dq, dk, dv
@@ -410,16 +427,16 @@ class FlashAttention(torch.autograd.Function):
     """Saves q, k, v (the inputs) and only O and the (B, H, N) logsumexp; the backward recomputes P."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, window, softcap, cu_seqlens, max_len):
+    def forward(ctx, q, k, v, causal, scale, window, softcap, cu_seqlens, max_len, dq_mode):
         o, lse = _forward(q, k, v, causal, scale, window, softcap, cu_seqlens, max_len)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (causal, scale, window, softcap, cu_seqlens, max_len)
+        ctx.args = (causal, scale, window, softcap, cu_seqlens, max_len, dq_mode)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*_backward(do, q, k, v, o, lse, *ctx.args), None, None, None, None, None, None)
+        return (*_backward(do, q, k, v, o, lse, *ctx.args), None, None, None, None, None, None, None)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -450,11 +467,14 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     scale: float | None = None, window: int = 0, softcap: float = 0.0,
-                    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+                    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                    dq_mode: str = "kernel") -> torch.Tensor:
     """softmax(scale · q kᵀ [capped, masked]) v; q (B, H, N, hd), k and v (B, KV, N, hd) -> (B, H, N, hd),
     differentiable. `window` > 0 keeps keys i - window < j <= i (causal only); `softcap` > 0 caps logits at
     ±softcap; `cu_seqlens` (n_docs + 1,) int32 packs documents (module docstring), `max_seqlen` is their
-    longest length (computed, with a device sync, when not given)."""
+    longest length (computed, with a device sync, when not given). `dq_mode`: "kernel" computes dQ in its
+    own pass (deterministic), "atomic" adds it from the key-block pass into an fp32 buffer (FA2's way:
+    5 matmuls per tile pair instead of 7, run-to-run differences in the last bits)."""
     reason = unsupported(q, k, v)
     if reason is not None:
         raise LmforgeError(reason)
@@ -462,6 +482,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if k.shape[0] != B or k.shape[2] != N or H % k.shape[1]:
         raise ConfigError(f"flash_attention: k, v {tuple(k.shape)} must be (B={B}, KV, N={N}, {hd}) with KV "
                           f"dividing H={H} (for fewer queries than keys use attn_impl='sdpa')")
+    if dq_mode not in DQ_MODES:
+        raise ConfigError(f"flash_attention: dq_mode={dq_mode!r} is not one of {DQ_MODES}")
     if window < 0 or (window > 0 and not causal):
         raise ConfigError(f"flash_attention: window={window} must be >= 0 and needs causal=True")
     if cu_seqlens is not None:
@@ -472,7 +494,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             max_seqlen = int(cu_seqlens.diff().max())
     scale = hd ** -0.5 if scale is None else float(scale)
     return FlashAttention.apply(_dense(q), _dense(k), _dense(v), bool(causal), scale, int(window), float(softcap),
-                                cu_seqlens, N if cu_seqlens is None else max_seqlen)
+                                cu_seqlens, N if cu_seqlens is None else max_seqlen, dq_mode)
 
 
 def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: float,

@@ -64,11 +64,12 @@ CASES = [(2, 2, 2, 48, False, 0, 0.0), (1, 4, 2, 70, True, 0, 0.0), (1, 3, 1, 77
 
 
 @needs_triton
-@pytest.mark.parametrize("B,H,KV,N,causal,window,softcap", CASES)
-def test_kernel_outputs_and_gradients_match_math(B, H, KV, N, causal, window, softcap):
+@pytest.mark.parametrize("B,H,KV,N,causal,window,softcap,dq_mode", [c + ("kernel",) for c in CASES]
+                         + [CASES[1] + ("atomic",), CASES[2] + ("atomic",)])
+def test_kernel_outputs_and_gradients_match_math(B, H, KV, N, causal, window, softcap, dq_mode):
     q, k, v = _inputs(B, H, KV, N, 64, heads_inner=causal, seed=N)
     want = _math(q, k, v, causal=causal, window=window, softcap=softcap, scale=0.2)
-    got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, scale=0.2)
+    got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, scale=0.2, dq_mode=dq_mode)
     _assert_matches(got, want, (q, k, v))
 
 
@@ -137,9 +138,9 @@ def test_without_a_gpu_or_interpreter_the_error_names_the_device(monkeypatch):
 # GPU: bf16/fp16 at real sizes against the fp32 math attention -------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("hd", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal,window,softcap,KV", [(True, 0, 0.0, 2), (False, 0, 0.0, 8), (True, 256, 30.0, 1)])
+@pytest.mark.parametrize("hd,dtype,causal,window,softcap,KV", [
+    (128, torch.bfloat16, True, 0, 0.0, 2), (64, torch.bfloat16, False, 0, 0.0, 8),
+    (128, torch.float16, True, 256, 30.0, 1), (64, torch.float16, True, 0, 0.0, 8)])
 def test_gpu_kernel_matches_math(hd, dtype, causal, window, softcap, KV):
     q, k, v = _inputs(2, 8, KV, 1000, hd, dtype=dtype, heads_inner=True)
     want = _math(q, k, v, causal=causal, window=window, softcap=softcap)

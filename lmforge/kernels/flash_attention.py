@@ -90,10 +90,13 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _program(heads, cu_ptr, N, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    def _program(heads, cu_ptr, N, VARLEN: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
         """Program (block, document·heads + head) -> (block start, head, row, first token, length) of its
-        document (a whole row without cu_seqlens; with them, documents never cross rows)."""
-        start, head, doc = tl.program_id(0) * BLOCK, tl.program_id(1) % heads, tl.program_id(1) // heads
+        document (a whole row without cu_seqlens; with them, documents never cross rows). REVERSE hands
+        the first programs the last blocks: causal query blocks late in the sequence have the most keys,
+        and starting the longest programs first shortens the tail of the last wave."""
+        pid = tl.num_programs(0) - 1 - tl.program_id(0) if REVERSE else tl.program_id(0)
+        start, head, doc = pid * BLOCK, tl.program_id(1) % heads, tl.program_id(1) // heads
         if VARLEN:
             first = tl.load(cu_ptr + doc)
             b = first // N
@@ -161,7 +164,7 @@ if triton is not None:
             p = tl.exp2(s - shift[:, None])
             alpha = tl.exp2(m_i - shift)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulates in the MMA's registers
             m_i = m_new
         return acc, l_i, m_i
 
@@ -171,7 +174,7 @@ if triton is not None:
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (query block, document·H + head): Algorithm 1 for BLOCK_M queries of one head."""
-        m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M)
+        m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M, CAUSAL)
         if m0 >= L:
             return
         kvh = h // GROUP
@@ -234,12 +237,12 @@ if triton is not None:
             pt = tl.exp2(s - lse[None, :] * 1.4426950408889634)
             if MASKED:
                 pt = tl.where(_visible_tile(offs_m[None, :], offs_n[:, None], L, CAUSAL, WINDOW), pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
+            dv = tl.dot(pt.to(do.dtype), do, dv)
             dpt = tl.dot(v, tl.trans(do))
             dst = pt * (dpt - delta[None, :])
             if SOFTCAP:
                 dst = dst * (1.0 - t * t)
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
             if DQ_ATOMIC:
                 dq = tl.dot(tl.trans(dst).to(k.dtype), k) * scale  # (BLOCK_M, HEAD_DIM)
                 tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=offs_m[:, None] < L,
@@ -253,7 +256,7 @@ if triton is not None:
                        DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (key block, document·KV + kv head): dK, dV summed over the GROUP query heads sharing it.
         DK/DV have K/V's strides."""
-        n0, kvh, b, t0, L = _program(KV, CU, N, VARLEN, BLOCK_N)
+        n0, kvh, b, t0, L = _program(KV, CU, N, VARLEN, BLOCK_N, False)  # early key blocks: most work
         if n0 >= L:
             return
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -304,7 +307,7 @@ if triton is not None:
             ds = p * (tl.dot(do, vt) - delta[:, None])
             if SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
         return dq
 
     @triton.jit
@@ -313,7 +316,7 @@ if triton is not None:
                       WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (query block, document·H + head): dQ over the same key tiles as the forward. DQ has Q's strides."""
-        m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M)
+        m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M, CAUSAL)
         if m0 >= L:
             return
         kvh = h // GROUP
@@ -341,27 +344,43 @@ if triton is not None:
 
 
 # launchers ----------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, warps, stages) candidates, autotuned per shape on the first call on a GPU. Hopper
-# wants 128-row query tiles (a warpgroup's wgmma is 64 rows; two of them per 8-warp program) and deep
-# enough software pipelining (stages) to hide the K/V loads; the backward's key-block kernel prefers tall
-# key tiles and short query tiles (its accumulators dK, dV are BLOCK_N × hd each), the dQ kernel the reverse.
-FWD_CONFIGS = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (64, 64, 4, 4))
-BWD_KV_CONFIGS = ((32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4))
-BWD_Q_CONFIGS = ((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4))
+# (BLOCK_M, BLOCK_N, warps, stages) candidates per head dim, autotuned per shape at the first call on a
+# GPU. Hopper wants 128-row query tiles (a warpgroup's wgmma is 64 rows) and software pipelining (stages
+# of cp.async K/V loads). Lists are pruned to configurations that do not spill registers on sm_90
+# (checked with ptxas, Triton 3.9, 2026-12-02): 4 warps cannot hold a 128 × 128 fp32 accumulator plus
+# the score tile, and the key-block backward (accumulators dK and dV, BLOCK_N × hd each) needs 8 warps
+# or short key tiles at hd 128.
+CONFIGS = {
+    "fwd": {64: ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (64, 64, 4, 4)),
+            128: ((128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 4))},
+    "kv": {64: ((32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 4)),
+           128: ((32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 4))},
+    "q": {64: ((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4)),
+          128: ((128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3))},
+}
 # the CPU interpreter: one small configuration (tests need several tiles per sequence, and unequal tiles)
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "kv": (16, 32, 4, 1), "q": (32, 16, 4, 1)}
 _KEY = ["N", "HEAD_DIM", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN"]
 DQ_MODES = ("kernel", "atomic")
 
 
-def _tuned(kernel, kind: str, candidates, **kw):
-    """Autotuned over `candidates` on a GPU; LMFORGE_FLASH_TUNE=0 takes the first one (tests: no tuning
-    runs, fewer compilations)."""
-    if _interpreting():
-        candidates = (INTERPRET_CONFIGS[kind],)
-    cands = candidates[:1] if os.environ.get("LMFORGE_FLASH_TUNE", "1") == "0" else candidates
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in cands]
-    return triton.autotune(configs, **{"key": _KEY, **kw})(kernel)
+def _tuned(kernel, kind: str, **kw):
+    """Autotuned over CONFIGS[kind][head dim] on a GPU; LMFORGE_FLASH_TUNE=0 takes the first of each
+    list (tests: no timing runs, fewer compilations)."""
+    per_hd = {hd: (INTERPRET_CONFIGS[kind],) for hd in HEAD_DIMS} if _interpreting() else CONFIGS[kind]
+    if os.environ.get("LMFORGE_FLASH_TUNE", "1") == "0":
+        per_hd = {hd: c[:1] for hd, c in per_hd.items()}
+
+    configs, head_dim = [], {}  # head_dim: id(config) -> the head dim it is a candidate for
+    for hd, cands in per_hd.items():
+        for bm, bn, w, s in cands:
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+            head_dim[id(configs[-1])] = hd
+
+    def prune(configs, named_args, **kwargs):
+        return [c for c in configs if head_dim[id(c)] == kwargs["HEAD_DIM"]]
+
+    return triton.autotune(configs, **{"key": _KEY, "prune_configs_by": {"early_config_prune": prune}, **kw})(kernel)
 
 
 _kernels: dict[str, object] = {}
@@ -371,8 +390,8 @@ def _kernel(kind: str):
     """The autotuned kernels, built at first use (the interpreter switch is read then, not at import)."""
     if not _kernels:
         # the key-block kernel's timing runs add into the dQ buffer: zeroed before each
-        _kernels.update(fwd=_tuned(_fwd_kernel, "fwd", FWD_CONFIGS), q=_tuned(_bwd_q_kernel, "q", BWD_Q_CONFIGS),
-                        kv=_tuned(_bwd_kv_kernel, "kv", BWD_KV_CONFIGS, key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQA"]))
+        _kernels.update(fwd=_tuned(_fwd_kernel, "fwd"), q=_tuned(_bwd_q_kernel, "q"),
+                        kv=_tuned(_bwd_kv_kernel, "kv", key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQA"]))
     return _kernels[kind]
 
 

@@ -45,9 +45,9 @@ def sdpa_variant(backend: str):
     return run
 
 
-def triton_variant(dq_mode: str):
+def triton_variant(dq_mode: str, tma: bool | None = None):
     def run(q, k, v):
-        return fa.flash_attention(q, k, v, causal=True, dq_mode=dq_mode)
+        return fa.flash_attention(q, k, v, causal=True, dq_mode=dq_mode, tma=tma)
     return run
 
 
@@ -105,8 +105,8 @@ def measure(rows, name, run, B, H, N, hd, dev, dtype):
 
 def table(rows) -> str:
     base = {(r["hd"], r["seq"]): r for r in rows if r["variant"] == "sdpa-flash" and "fwd_tflops" in r}
-    lines = ["| variant | hd | seq | batch×heads | fwd TFLOP/s | ×flash | fwd+bwd TFLOP/s | ×flash | err out / grad |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| variant | hd | seq | batch×heads | fwd TFLOP/s | ×flash | fwd+bwd TFLOP/s | ×flash | err out / grad |"]
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         b = base.get((r["hd"], r["seq"]))
         if "fwd_tflops" not in r:
@@ -115,8 +115,9 @@ def table(rows) -> str:
             continue
         x1 = f"{r['fwd_tflops'] / b['fwd_tflops']:.2f}" if b else "-"
         x2 = f"{r['fwdbwd_tflops'] / b['fwdbwd_tflops']:.2f}" if b else "-"
-        lines.append(f"| {r['variant']} | {r['hd']} | {r['seq']} | {r['batch']}×{r['heads']} | {r['fwd_tflops']:.4g} | "
-                     f"{x1} | {r['fwdbwd_tflops']:.4g} | {x2} | {r['err_out']:.1e} / {r['err_grad']:.1e}"
+        shape = f"| {r['variant']} | {r['hd']} | {r['seq']} | {r['batch']}×{r['heads']} |"
+        lines.append(f"{shape} {r['fwd_tflops']:.4g} | {x1} | {r['fwdbwd_tflops']:.4g} | {x2} |"
+                     f" {r['err_out']:.1e} / {r['err_grad']:.1e}"
                      f"{'' if r['ok'] else ' FAIL'} |")
     return "\n".join(lines)
 
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="batch · seq")
     ap.add_argument("--width", type=int, default=2048, help="heads · head dim")
     ap.add_argument("--variants", default="triton,sdpa-flash,sdpa-cudnn",
-                    help="comma list of: triton (dQ by its own kernel), triton-atomic (dQ by atomic adds), "
-                         "sdpa-flash, sdpa-cudnn")
+                    help="comma list of: triton (dQ by its own kernel, TMA loads on Hopper), triton-atomic (dQ "
+                         "by atomic adds), triton-ptr (no TMA: pointer loads), sdpa-flash, sdpa-cudnn")
     ap.add_argument("--max-seconds", type=float, default=270, help="stop starting new shapes after this")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     seqs = [96] if args.smoke else [int(s) for s in args.seqs.split(",")]
     tokens, width = (256, 128) if args.smoke else (args.tokens, args.width)
     variants = {"triton": triton_variant("kernel"), "triton-atomic": triton_variant("atomic"),
+                "triton-ptr": triton_variant("kernel", tma=False),
                 "sdpa-flash": sdpa_variant("flash"), "sdpa-cudnn": sdpa_variant("cudnn")}
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",

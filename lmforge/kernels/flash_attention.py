@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -141,19 +142,31 @@ if triton is not None:
         return lo, full_lo, tl.maximum(full_hi, full_lo), hi
 
     @triton.jit
-    def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, lo, hi, L, scale, softcap,
-                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        offs_d = tl.arange(0, HEAD_DIM)
+    def _rows(X, b, head, t0, sb, sh, sn, r0, L, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+              TMA: tl.constexpr):
+        """(ROWS, HEAD_DIM) tile: positions r0 .. r0 + ROWS - 1 of a document (first token t0, length L) in
+        one head. TMA: X is a (B, heads, N, hd) tensor descriptor and the copy engine fetches the tile
+        (rows past the document are read - the callers mask their scores - and zeros past the tensor);
+        otherwise X is a pointer with strides sb, sh, sn, and MASKED loads zeros past the document."""
+        if TMA:
+            return X.load([b.to(tl.int32), head, t0 + r0, 0]).reshape(ROWS, HEAD_DIM)
+        else:
+            r = r0 + tl.arange(0, ROWS)
+            ptrs = X + b * sb + head * sh + (t0 + r)[:, None] * sn + tl.arange(0, HEAD_DIM)[None, :]
+            if MASKED:
+                return tl.load(ptrs, mask=r[:, None] < L, other=0.0)
+            else:
+                return tl.load(ptrs)
+
+    @triton.jit
+    def _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, lo, hi, L, scale,
+                   softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                   TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            if MASKED:
-                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=offs_n[None, :] < L, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=offs_n[:, None] < L, other=0.0)
-            else:
-                kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None])  # (HEAD_DIM, BLOCK_N)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :])
-            s, _ = _scores2(tl.dot(q, kt), scale, softcap, SOFTCAP)  # (BLOCK_M, BLOCK_N), base 2
+            k = _rows(K, b, kvh, t0, skb, skh, skn, n0, L, BLOCK_N, HEAD_DIM, MASKED, TMA)
+            v = _rows(V, b, kvh, t0, svb, svh, svn, n0, L, BLOCK_N, HEAD_DIM, MASKED, TMA)
+            s, _ = _scores2(tl.dot(q, tl.trans(k)), scale, softcap, SOFTCAP)  # (BLOCK_M, BLOCK_N), base 2
             if MASKED:
                 s = tl.where(_visible_tile(offs_m[:, None], offs_n[None, :], L, CAUSAL, WINDOW), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -171,7 +184,7 @@ if triton is not None:
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     sob, soh, son, H, N, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (query block, document·H + head): Algorithm 1 for BLOCK_M queries of one head."""
         m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M, CAUSAL)
@@ -182,18 +195,16 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + (t0 + offs_m[:, None]) * sqn + offs_d[None, :],
                     mask=offs_m[:, None] < L, other=0.0)
-        k_base = K + b * skb + kvh * skh + t0 * skn
-        v_base = V + b * svb + kvh * svh + t0 * svn
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         lo, full_lo, full_hi, hi = _key_ranges(m0, L, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, lo, full_lo, L, scale,
-                                   softcap, True, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, full_lo, full_hi, L, scale,
-                                   softcap, False, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, skn, svn, offs_m, full_hi, hi, L, scale,
-                                   softcap, True, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, lo,
+                                   full_lo, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, full_lo,
+                                   full_hi, L, scale, softcap, False, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, full_hi,
+                                   hi, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
         row_ok = offs_m < L
         l_safe = tl.where(row_ok, l_i, 1.0)
         tl.store(O + b * sob + h * soh + (t0 + offs_m[:, None]) * son + offs_d[None, :],
@@ -215,47 +226,44 @@ if triton is not None:
         tl.store(Dl + bh.to(tl.int64) * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
 
     @triton.jit
-    def _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, dqa_base, sqn, sdon, offs_n, lo, hi, L,
-                      scale, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                      SOFTCAP: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """dK, dV of one key block over query blocks [lo, hi), working on transposed tiles (keys × queries);
+    def _bwd_kv_tiles(dk, dv, k, v, Q, DO, b, h, t0, sqb, sqh, sqn, sdob, sdoh, sdon, lse_base, d_base, dqa_base,
+                      offs_n, lo, hi, L, scale, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                      WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr,
+                      BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """dK, dV of one key block over query blocks [lo, hi) of head h, on transposed tiles (keys × queries);
         with DQ_ATOMIC also each tile's share of dQ, added into an fp32 (B, H, N, hd) buffer (FA2's way)."""
-        offs_d = tl.arange(0, HEAD_DIM)
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
+            q = _rows(Q, b, h, t0, sqb, sqh, sqn, m0, L, BLOCK_M, HEAD_DIM, MASKED, TMA)
+            do = _rows(DO, b, h, t0, sdob, sdoh, sdon, m0, L, BLOCK_M, HEAD_DIM, MASKED, TMA)
             if MASKED:
-                qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None], mask=offs_m[None, :] < L, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
                 lse = tl.load(lse_base + offs_m, mask=offs_m < L, other=0.0)
                 delta = tl.load(d_base + offs_m, mask=offs_m < L, other=0.0)
             else:
-                qt = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None])  # (HEAD_DIM, BLOCK_M)
-                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :])  # (BLOCK_M, HEAD_DIM)
                 lse = tl.load(lse_base + offs_m)
                 delta = tl.load(d_base + offs_m)
-            s, t = _scores2(tl.dot(k, qt), scale, softcap, SOFTCAP)  # (BLOCK_N, BLOCK_M)
+            s, t = _scores2(tl.dot(k, tl.trans(q)), scale, softcap, SOFTCAP)  # (BLOCK_N, BLOCK_M)
             pt = tl.exp2(s - lse[None, :] * 1.4426950408889634)
             if MASKED:
                 pt = tl.where(_visible_tile(offs_m[None, :], offs_n[:, None], L, CAUSAL, WINDOW), pt, 0.0)
             dv = tl.dot(pt.to(do.dtype), do, dv)
-            dpt = tl.dot(v, tl.trans(do))
-            dst = pt * (dpt - delta[None, :])
+            dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ - D)
             if SOFTCAP:
                 dst = dst * (1.0 - t * t)
-            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk)
+            dk = tl.dot(dst.to(q.dtype), q, dk)
             if DQ_ATOMIC:
                 dq = tl.dot(tl.trans(dst).to(k.dtype), k) * scale  # (BLOCK_M, HEAD_DIM)
-                tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=offs_m[:, None] < L,
-                              sem="relaxed")
+                tl.atomic_add(dqa_base + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], dq,
+                              mask=offs_m[:, None] < L, sem="relaxed")
         return dk, dv
 
     @triton.jit
     def _bwd_kv_kernel(Q, K, V, DO, LSE, Dl, DK, DV, DQA, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh,
                        svn, sdob, sdoh, sdon, H, KV, N, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
-                       DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program (key block, document·KV + kv head): dK, dV summed over the GROUP query heads sharing it.
-        DK/DV have K/V's strides."""
+        K, V, DK, DV are pointers (DK/DV with K/V's strides); Q and DO descriptors with TMA."""
         n0, kvh, b, t0, L = _program(KV, CU, N, VARLEN, BLOCK_N, False)  # early key blocks: most work
         if n0 >= L:
             return
@@ -271,75 +279,65 @@ if triton is not None:
         lo, full_lo, full_hi, hi = _query_ranges(n0, L, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
         for g in range(GROUP):
             h = kvh * GROUP + g
-            q_base = Q + b * sqb + h * sqh + t0 * sqn
-            do_base = DO + b * sdob + h * sdoh + t0 * sdon
             row = (b * H + h) * N + t0
             lse_base, d_base, dqa_base = LSE + row, Dl + row, DQA + row * HEAD_DIM
-            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, dqa_base, sqn, sdon, offs_n, lo,
-                                   full_lo, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, DQ_ATOMIC, BLOCK_M,
-                                   HEAD_DIM)
-            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, dqa_base, sqn, sdon, offs_n,
-                                   full_lo, full_hi, L, scale, softcap, False, CAUSAL, WINDOW, SOFTCAP, DQ_ATOMIC,
-                                   BLOCK_M, HEAD_DIM)
-            dk, dv = _bwd_kv_tiles(dk, dv, k, v, q_base, do_base, lse_base, d_base, dqa_base, sqn, sdon, offs_n,
-                                   full_hi, hi, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, DQ_ATOMIC, BLOCK_M,
-                                   HEAD_DIM)
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, Q, DO, b, h, t0, sqb, sqh, sqn, sdob, sdoh, sdon, lse_base, d_base,
+                                   dqa_base, offs_n, lo, full_lo, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP,
+                                   DQ_ATOMIC, TMA, BLOCK_M, HEAD_DIM)
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, Q, DO, b, h, t0, sqb, sqh, sqn, sdob, sdoh, sdon, lse_base, d_base,
+                                   dqa_base, offs_n, full_lo, full_hi, L, scale, softcap, False, CAUSAL, WINDOW,
+                                   SOFTCAP, DQ_ATOMIC, TMA, BLOCK_M, HEAD_DIM)
+            dk, dv = _bwd_kv_tiles(dk, dv, k, v, Q, DO, b, h, t0, sqb, sqh, sqn, sdob, sdoh, sdon, lse_base, d_base,
+                                   dqa_base, offs_n, full_hi, hi, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP,
+                                   DQ_ATOMIC, TMA, BLOCK_M, HEAD_DIM)
         tl.store(DK + k_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
         tl.store(DV + v_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
     @triton.jit
-    def _bwd_q_tiles(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, lo, hi, L, scale, softcap,
-                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-        offs_d = tl.arange(0, HEAD_DIM)
+    def _bwd_q_tiles(dq, q, do, lse, delta, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, lo, hi, L,
+                     scale, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     SOFTCAP: tl.constexpr, TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            if MASKED:
-                kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=offs_n[None, :] < L, other=0.0)
-                vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None], mask=offs_n[None, :] < L, other=0.0)
-            else:
-                kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None])  # (HEAD_DIM, BLOCK_N)
-                vt = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None])
-            s, t = _scores2(tl.dot(q, kt), scale, softcap, SOFTCAP)
+            k = _rows(K, b, kvh, t0, skb, skh, skn, n0, L, BLOCK_N, HEAD_DIM, MASKED, TMA)
+            v = _rows(V, b, kvh, t0, svb, svh, svn, n0, L, BLOCK_N, HEAD_DIM, MASKED, TMA)
+            s, t = _scores2(tl.dot(q, tl.trans(k)), scale, softcap, SOFTCAP)
             p = tl.exp2(s - lse[:, None])
             if MASKED:
                 p = tl.where(_visible_tile(offs_m[:, None], offs_n[None, :], L, CAUSAL, WINDOW), p, 0.0)
-            ds = p * (tl.dot(do, vt) - delta[:, None])
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             if SOFTCAP:
                 ds = ds * (1.0 - t * t)
-            dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq)
+            dq = tl.dot(ds.to(k.dtype), k, dq)
         return dq
 
     @triton.jit
     def _bwd_q_kernel(Q, K, V, DO, LSE, Dl, DQ, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                       sdob, sdoh, sdon, H, N, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                      WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+                      WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (query block, document·H + head): dQ over the same key tiles as the forward. DQ has Q's strides."""
+        """Program (query block, document·H + head): dQ over the same key tiles as the forward. DQ has Q's
+        strides; K and V are descriptors with TMA."""
         m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M, CAUSAL)
         if m0 >= L:
             return
-        kvh = h // GROUP
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < L
-        q_ptrs = b * sqb + h * sqh + (t0 + offs_m[:, None]) * sqn + offs_d[None, :]
+        q_ptrs = b * sqb + h * sqh + (t0 + offs_m[:, None]) * sqn + tl.arange(0, HEAD_DIM)[None, :]
         q = tl.load(Q + q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + (t0 + offs_m[:, None]) * sdon + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0)
+        do = _rows(DO, b, h, t0, sdob, sdoh, sdon, m0, L, BLOCK_M, HEAD_DIM, True, False)
         row = (b * H + h) * N + t0 + offs_m
         lse = tl.load(LSE + row, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(Dl + row, mask=row_ok, other=0.0)
-        k_base = K + b * skb + kvh * skh + t0 * skn
-        v_base = V + b * svb + kvh * svh + t0 * svn
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         lo, full_lo, full_hi, hi = _key_ranges(m0, L, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-        dq = _bwd_q_tiles(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, lo, full_lo, L, scale, softcap,
-                          True, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
-        dq = _bwd_q_tiles(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, full_lo, full_hi, L, scale,
-                          softcap, False, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
-        dq = _bwd_q_tiles(dq, q, do, lse, delta, k_base, v_base, skn, svn, offs_m, full_hi, hi, L, scale, softcap,
-                          True, CAUSAL, WINDOW, SOFTCAP, BLOCK_N, HEAD_DIM)
+        kvh = h // GROUP
+        dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, lo, full_lo,
+                          L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
+        dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, full_lo,
+                          full_hi, L, scale, softcap, False, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
+        dq = _bwd_q_tiles(dq, q, do, lse, delta, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, full_hi, hi,
+                          L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
         tl.store(DQ + q_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -360,21 +358,27 @@ CONFIGS = {
 }
 # the CPU interpreter: one small configuration (tests need several tiles per sequence, and unequal tiles)
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "kv": (16, 32, 4, 1), "q": (32, 16, 4, 1)}
-_KEY = ["N", "HEAD_DIM", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN"]
+_KEY = ["N", "HEAD_DIM", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN", "TMA"]
 DQ_MODES = ("kernel", "atomic")
 
 
-def _tuned(kernel, kind: str, **kw):
+def _tuned(kernel, kind: str, tiles: dict[str, str], **kw):
     """Autotuned over CONFIGS[kind][head dim] on a GPU; LMFORGE_FLASH_TUNE=0 takes the first of each
-    list (tests: no timing runs, fewer compilations)."""
+    list (tests: no timing runs, fewer compilations). `tiles`: TMA descriptor arguments -> the block size
+    of their tiles ("BLOCK_M" or "BLOCK_N"), set on the descriptor before each launch."""
     per_hd = {hd: (INTERPRET_CONFIGS[kind],) for hd in HEAD_DIMS} if _interpreting() else CONFIGS[kind]
     if os.environ.get("LMFORGE_FLASH_TUNE", "1") == "0":
         per_hd = {hd: c[:1] for hd, c in per_hd.items()}
 
+    def set_tiles(nargs):
+        for name, block in tiles.items():
+            if not isinstance(nargs[name], torch.Tensor):
+                nargs[name].block_shape = [1, 1, nargs[block], nargs["HEAD_DIM"]]
+
     configs, head_dim = [], {}  # head_dim: id(config) -> the head dim it is a candidate for
     for hd, cands in per_hd.items():
         for bm, bn, w, s in cands:
-            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=set_tiles))
             head_dim[id(configs[-1])] = hd
 
     def prune(configs, named_args, **kwargs):
@@ -390,55 +394,67 @@ def _kernel(kind: str):
     """The autotuned kernels, built at first use (the interpreter switch is read then, not at import)."""
     if not _kernels:
         # the key-block kernel's timing runs add into the dQ buffer: zeroed before each
-        _kernels.update(fwd=_tuned(_fwd_kernel, "fwd"), q=_tuned(_bwd_q_kernel, "q"),
-                        kv=_tuned(_bwd_kv_kernel, "kv", key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQA"]))
+        _kernels.update(fwd=_tuned(_fwd_kernel, "fwd", {"K": "BLOCK_N", "V": "BLOCK_N"}),
+                        q=_tuned(_bwd_q_kernel, "q", {"K": "BLOCK_N", "V": "BLOCK_N"}),
+                        kv=_tuned(_bwd_kv_kernel, "kv", {"Q": "BLOCK_M", "DO": "BLOCK_M"},
+                                  key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQA"]))
     return _kernels[kind]
+
+
+class _Opts(NamedTuple):
+    causal: bool
+    scale: float
+    window: int
+    softcap: float
+    cu_seqlens: torch.Tensor | None
+    max_len: int  # longest document (N without cu_seqlens): the grid's block count
+    dq_mode: str
+    tma: bool
 
 
 def _strides(*ts: torch.Tensor) -> list[int]:
     return [s for t in ts for s in t.stride()[:3]]
 
 
-def _flags(q, k, causal, window, softcap, cu_seqlens) -> dict:
-    return dict(GROUP=q.shape[1] // k.shape[1], HEAD_DIM=q.shape[3], CAUSAL=causal, WINDOW=window,
-                SOFTCAP=softcap > 0, VARLEN=cu_seqlens is not None)
+def _launch(kind: str, grid_block: str, heads: int, opt: _Opts, tensors: list, tma: tuple[int, ...], *args, **kw):
+    """Launch kernel `kind` on (document blocks, documents · heads) programs; tensors[i] for i in `tma`
+    are passed as TMA descriptors when opt.tma."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    q, k = tensors[0], tensors[1]
+    docs = q.shape[0] if opt.cu_seqlens is None else opt.cu_seqlens.numel() - 1
+    tiled = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[3]]) if opt.tma and i in tma
+             else t for i, t in enumerate(tensors)]
+    cu = opt.cu_seqlens if opt.cu_seqlens is not None else q
+    _kernel(kind)[lambda meta: (triton.cdiv(opt.max_len, meta[grid_block]), docs * heads)](
+        *tiled, cu, opt.scale, opt.softcap, *args, GROUP=q.shape[1] // k.shape[1], HEAD_DIM=q.shape[3],
+        CAUSAL=opt.causal, WINDOW=opt.window, SOFTCAP=opt.softcap > 0, VARLEN=opt.cu_seqlens is not None,
+        TMA=opt.tma, **kw)
 
 
-def _grid(cu_seqlens, max_len, B, heads):
-    docs = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    return lambda meta: (triton.cdiv(max_len, meta["BLOCK_M"]), docs * heads)
-
-
-def _forward(q, k, v, causal, scale, window, softcap, cu_seqlens, max_len):
+def _forward(q, k, v, opt: _Opts):
     B, H, N, _ = q.shape
     o = torch.empty_like(q)  # q's strides: a (B, N, H, hd) projection's transpose stays a view downstream
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    cu = cu_seqlens if cu_seqlens is not None else lse
-    _kernel("fwd")[_grid(cu_seqlens, max_len, B, H)](
-        q, k, v, o, lse, cu, scale, softcap, *_strides(q, k, v, o), H, N, **_flags(q, k, causal, window, softcap, cu_seqlens))
+    _launch("fwd", "BLOCK_M", H, opt, [q, k, v, o, lse], (1, 2), *_strides(q, k, v, o), H, N)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, scale, window, softcap, cu_seqlens, max_len, dq_mode):
+def _backward(do, q, k, v, o, lse, opt: _Opts):
     B, H, N, hd = q.shape
-    KV = k.shape[1]
     do = do if do.stride(-1) == 1 else do.contiguous()
+    opt = opt._replace(tma=opt.tma and _tma_ok(do))
     delta = torch.empty_like(lse)
     _bwd_pre_kernel[(triton.cdiv(N, 64), B * H)](o, do, delta, H, N, *_strides(o, do), HEAD_DIM=hd, BLOCK_M=64)
     dk, dv = torch.empty_like(k), torch.empty_like(v)  # k's and v's strides (_dense)
-    atomic = dq_mode == "atomic"
+    atomic = opt.dq_mode == "atomic"
     dqa = torch.zeros(B, H, N, hd, dtype=torch.float32, device=q.device) if atomic else delta.new_zeros(1)
-    cu = cu_seqlens if cu_seqlens is not None else lse
-    flags = _flags(q, k, causal, window, softcap, cu_seqlens)
-    docs = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    _kernel("kv")[lambda meta: (triton.cdiv(max_len, meta["BLOCK_N"]), docs * KV)](
-        q, k, v, do, lse, delta, dk, dv, dqa, cu, scale, softcap, *_strides(q, k, v, do), H, KV, N, **flags,
-        DQ_ATOMIC=atomic)
+    _launch("kv", "BLOCK_N", k.shape[1], opt, [q, k, v, do, lse, delta, dk, dv, dqa], (0, 3),
+            *_strides(q, k, v, do), H, k.shape[1], N, DQ_ATOMIC=atomic)
     if atomic:
         return dqa.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
-    _kernel("q")[_grid(cu_seqlens, max_len, B, H)](
-        q, k, v, do, lse, delta, dq, cu, scale, softcap, *_strides(q, k, v, do), H, N, **flags)
+    _launch("q", "BLOCK_M", H, opt, [q, k, v, do, lse, delta, dq], (1, 2), *_strides(q, k, v, do), H, N)
     return dq, dk, dv
 
 
@@ -446,16 +462,21 @@ class FlashAttention(torch.autograd.Function):
     """Saves q, k, v (the inputs) and only O and the (B, H, N) logsumexp; the backward recomputes P."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, window, softcap, cu_seqlens, max_len, dq_mode):
-        o, lse = _forward(q, k, v, causal, scale, window, softcap, cu_seqlens, max_len)
+    def forward(ctx, q, k, v, opt: _Opts):
+        o, lse = _forward(q, k, v, opt)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (causal, scale, window, softcap, cu_seqlens, max_len, dq_mode)
+        ctx.opt = opt
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*_backward(do, q, k, v, o, lse, *ctx.args), None, None, None, None, None, None, None)
+        return (*_backward(do, q, k, v, o, lse, ctx.opt), None)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA reads tensors whose base and strides (but the last, 1) are multiples of 16 bytes."""
+    return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -487,13 +508,14 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     scale: float | None = None, window: int = 0, softcap: float = 0.0,
                     cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                    dq_mode: str = "kernel") -> torch.Tensor:
+                    dq_mode: str = "kernel", tma: bool | None = None) -> torch.Tensor:
     """softmax(scale · q kᵀ [capped, masked]) v; q (B, H, N, hd), k and v (B, KV, N, hd) -> (B, H, N, hd),
     differentiable. `window` > 0 keeps keys i - window < j <= i (causal only); `softcap` > 0 caps logits at
     ±softcap; `cu_seqlens` (n_docs + 1,) int32 packs documents (module docstring), `max_seqlen` is their
     longest length (computed, with a device sync, when not given). `dq_mode`: "kernel" computes dQ in its
     own pass (deterministic), "atomic" adds it from the key-block pass into an fp32 buffer (FA2's way:
-    5 matmuls per tile pair instead of 7, run-to-run differences in the last bits)."""
+    5 matmuls per tile pair instead of 7, run-to-run differences in the last bits). `tma`: fetch the tiles
+    streamed through the inner loops with Hopper's tensor memory accelerator (default: on sm_90+)."""
     reason = unsupported(q, k, v)
     if reason is not None:
         raise LmforgeError(reason)
@@ -511,9 +533,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:
             max_seqlen = int(cu_seqlens.diff().max())
-    scale = hd ** -0.5 if scale is None else float(scale)
-    return FlashAttention.apply(_dense(q), _dense(k), _dense(v), bool(causal), scale, int(window), float(softcap),
-                                cu_seqlens, N if cu_seqlens is None else max_seqlen, dq_mode)
+    q, k, v = _dense(q), _dense(k), _dense(v)
+    if tma is None:
+        tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    opt = _Opts(bool(causal), hd ** -0.5 if scale is None else float(scale), int(window), float(softcap), cu_seqlens,
+                N if cu_seqlens is None else max_seqlen, dq_mode, bool(tma) and all(map(_tma_ok, (q, k, v))))
+    return FlashAttention.apply(q, k, v, opt)
 
 
 def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: float,

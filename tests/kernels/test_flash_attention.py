@@ -64,12 +64,14 @@ CASES = [(2, 2, 2, 48, False, 0, 0.0), (1, 4, 2, 70, True, 0, 0.0), (1, 3, 1, 77
 
 
 @needs_triton
-@pytest.mark.parametrize("B,H,KV,N,causal,window,softcap,dq_mode", [c + ("kernel",) for c in CASES]
-                         + [CASES[1] + ("atomic",), CASES[2] + ("atomic",)])
-def test_kernel_outputs_and_gradients_match_math(B, H, KV, N, causal, window, softcap, dq_mode):
+@pytest.mark.parametrize("B,H,KV,N,causal,window,softcap,dq_mode,tma", [c + ("kernel", False) for c in CASES]
+                         + [CASES[1] + ("atomic", True), CASES[2] + ("atomic", False), CASES[3] + ("kernel", True)])
+def test_kernel_outputs_and_gradients_match_math(B, H, KV, N, causal, window, softcap, dq_mode, tma):
+    """Every variant; `tma` runs the tile loads through tensor descriptors (Hopper's TMA on a GPU)."""
     q, k, v = _inputs(B, H, KV, N, 64, heads_inner=causal, seed=N)
     want = _math(q, k, v, causal=causal, window=window, softcap=softcap, scale=0.2)
-    got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, scale=0.2, dq_mode=dq_mode)
+    got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, scale=0.2, dq_mode=dq_mode,
+                             tma=tma)
     _assert_matches(got, want, (q, k, v))
 
 
@@ -81,8 +83,11 @@ def test_packed_documents_match_per_document_masks():
     q, k, v = _inputs(2, 2, 1, 40, 64, heads_inner=True)
     want = _math(q, k, v, causal=True, window=6, doc_ids=doc_ids)
     got = fa.flash_attention_for_model(q, k, v, "causal", scale=64 ** -0.5, window=6, doc_ids=doc_ids)
-    assert fa.cu_seqlens_from_doc_ids(doc_ids).tolist() == [0, 13, 33, 40, 80]
+    cu = fa.cu_seqlens_from_doc_ids(doc_ids)
+    assert cu.tolist() == [0, 13, 33, 40, 80]
     _assert_matches(got, want, (q, k, v))
+    tiled = fa.flash_attention(q, k, v, scale=64 ** -0.5, window=6, cu_seqlens=cu, tma=True)  # reads past documents
+    _assert_matches(tiled, _math(q, k, v, causal=True, window=6, doc_ids=doc_ids), (q, k, v))
 
 
 @needs_triton

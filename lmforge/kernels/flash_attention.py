@@ -358,47 +358,42 @@ CONFIGS = {
 }
 # the CPU interpreter: one small configuration (tests need several tiles per sequence, and unequal tiles)
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "kv": (16, 32, 4, 1), "q": (32, 16, 4, 1)}
-_KEY = ["N", "HEAD_DIM", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN", "TMA"]
+_KEY = ["N", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN", "TMA"]
 DQ_MODES = ("kernel", "atomic")
 
 
-def _tuned(kernel, kind: str, tiles: dict[str, str], **kw):
-    """Autotuned over CONFIGS[kind][head dim] on a GPU; LMFORGE_FLASH_TUNE=0 takes the first of each
-    list (tests: no timing runs, fewer compilations). `tiles`: TMA descriptor arguments -> the block size
-    of their tiles ("BLOCK_M" or "BLOCK_N"), set on the descriptor before each launch."""
-    per_hd = {hd: (INTERPRET_CONFIGS[kind],) for hd in HEAD_DIMS} if _interpreting() else CONFIGS[kind]
+def _tuned(kernel, kind: str, hd: int, tiles: dict[str, str], **kw):
+    """`kernel` autotuned over CONFIGS[kind][hd] on a GPU; LMFORGE_FLASH_TUNE=0 takes the first (tests:
+    no timing runs, fewer compilations). `tiles`: TMA descriptor arguments -> the block size of their
+    tiles ("BLOCK_M" or "BLOCK_N"), set on the descriptor before each launch."""
+    cands = (INTERPRET_CONFIGS[kind],) if _interpreting() else CONFIGS[kind][hd]
     if os.environ.get("LMFORGE_FLASH_TUNE", "1") == "0":
-        per_hd = {hd: c[:1] for hd, c in per_hd.items()}
+        cands = cands[:1]
 
     def set_tiles(nargs):
         for name, block in tiles.items():
             if not isinstance(nargs[name], torch.Tensor):
                 nargs[name].block_shape = [1, 1, nargs[block], nargs["HEAD_DIM"]]
 
-    configs, head_dim = [], {}  # head_dim: id(config) -> the head dim it is a candidate for
-    for hd, cands in per_hd.items():
-        for bm, bn, w, s in cands:
-            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=set_tiles))
-            head_dim[id(configs[-1])] = hd
-
-    def prune(configs, named_args, **kwargs):
-        return [c for c in configs if head_dim[id(c)] == kwargs["HEAD_DIM"]]
-
-    return triton.autotune(configs, **{"key": _KEY, "prune_configs_by": {"early_config_prune": prune}, **kw})(kernel)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=set_tiles)
+               for bm, bn, w, s in cands]
+    return triton.autotune(configs, **{"key": _KEY, **kw})(kernel)
 
 
-_kernels: dict[str, object] = {}
+_kernels: dict[tuple[str, int], object] = {}
 
 
-def _kernel(kind: str):
-    """The autotuned kernels, built at first use (the interpreter switch is read then, not at import)."""
-    if not _kernels:
-        # the key-block kernel's timing runs add into the dQ buffer: zeroed before each
-        _kernels.update(fwd=_tuned(_fwd_kernel, "fwd", {"K": "BLOCK_N", "V": "BLOCK_N"}),
-                        q=_tuned(_bwd_q_kernel, "q", {"K": "BLOCK_N", "V": "BLOCK_N"}),
-                        kv=_tuned(_bwd_kv_kernel, "kv", {"Q": "BLOCK_M", "DO": "BLOCK_M"},
-                                  key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQA"]))
-    return _kernels[kind]
+def _kernel(kind: str, hd: int):
+    """The autotuned kernel for one head dim, built at first use (the interpreter switch is read then)."""
+    if (kind, hd) not in _kernels:
+        _kernels[kind, hd] = {
+            "fwd": lambda: _tuned(_fwd_kernel, "fwd", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}),
+            "q": lambda: _tuned(_bwd_q_kernel, "q", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}),
+            # the key-block kernel's timing runs add into the dQ buffer: zeroed before each
+            "kv": lambda: _tuned(_bwd_kv_kernel, "kv", hd, {"Q": "BLOCK_M", "DO": "BLOCK_M"},
+                                 key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQA"]),
+        }[kind]()
+    return _kernels[kind, hd]
 
 
 class _Opts(NamedTuple):
@@ -426,7 +421,7 @@ def _launch(kind: str, grid_block: str, heads: int, opt: _Opts, tensors: list, t
     tiled = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[3]]) if opt.tma and i in tma
              else t for i, t in enumerate(tensors)]
     cu = opt.cu_seqlens if opt.cu_seqlens is not None else q
-    _kernel(kind)[lambda meta: (triton.cdiv(opt.max_len, meta[grid_block]), docs * heads)](
+    _kernel(kind, q.shape[3])[lambda meta: (triton.cdiv(opt.max_len, meta[grid_block]), docs * heads)](
         *tiled, cu, opt.scale, opt.softcap, *args, GROUP=q.shape[1] // k.shape[1], HEAD_DIM=q.shape[3],
         CAUSAL=opt.causal, WINDOW=opt.window, SOFTCAP=opt.softcap > 0, VARLEN=opt.cu_seqlens is not None,
         TMA=opt.tma, **kw)

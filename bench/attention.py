@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma list of: triton (dQ by its own kernel, TMA loads on Hopper), triton-atomic (dQ "
                          "by atomic adds), triton-ptr (no TMA: pointer loads), sdpa-flash, sdpa-cudnn")
     ap.add_argument("--max-seconds", type=float, default=270, help="stop starting new shapes after this")
+    ap.add_argument("--precompile", action="store_true",
+                    help="first compile every Triton candidate configuration in parallel processes, one per "
+                         "variant and head dim (Triton's disk cache keeps them; the autotuner compiles serially)")
+    ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -145,16 +150,31 @@ def main(argv: list[str] | None = None) -> None:
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": getattr(fa.triton, "__version__", None),
             "command": "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    head_dims, names = [int(h) for h in args.head_dims.split(",")], args.variants.split(",")
+    if args.warm_only:  # a --precompile worker: one forward and backward per variant compiles its candidates
+        for hd in head_dims:
+            for name in names:
+                q, k, v = (torch.randn(2, width // hd, seqs[0], hd, device=dev, dtype=dtype, requires_grad=True)
+                           for _ in range(3))
+                variants[name](q, k, v).sum().backward()
+        return
+    if args.precompile and dev.type == "cuda":
+        t = time.time()
+        procs = [subprocess.Popen([sys.executable, __file__, "--warm-only", "--variants", name, "--head-dims", str(hd),
+                                   "--seqs", str(seqs[0])]) for name in names if name.startswith("triton")
+                 for hd in head_dims]
+        print(f"precompiled in {len(procs)} processes: exit codes {[p.wait() for p in procs]}, "
+              f"{time.time() - t:.0f} s", flush=True)
     print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}", flush=True)
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / ("attention_smoke.json" if args.smoke
                                                                                else "attention.json")
     rows, start = [], time.time()
-    for hd in [int(h) for h in args.head_dims.split(",")]:
+    for hd in head_dims:
         for N in seqs:
             if time.time() - start > args.max_seconds:
                 print(f"time budget spent: skipping hd={hd} seq={N}", flush=True)
                 continue
-            for name in args.variants.split(","):
+            for name in names:
                 measure(rows, name, variants[name], max(tokens // N, 1), width // hd, N, hd, dev, dtype)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({**meta, "rows": rows}, indent=2))

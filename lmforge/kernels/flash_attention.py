@@ -145,11 +145,15 @@ if triton is not None:
     def _rows(X, b, head, t0, sb, sh, sn, r0, L, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
               TMA: tl.constexpr):
         """(ROWS, HEAD_DIM) tile: positions r0 .. r0 + ROWS - 1 of a document (first token t0, length L) in
-        one head. TMA: X is a (B, heads, N, hd) tensor descriptor and the copy engine fetches the tile
-        (rows past the document are read - the callers mask their scores - and zeros past the tensor);
-        otherwise X is a pointer with strides sb, sh, sn, and MASKED loads zeros past the document."""
-        if TMA:
+        one head. TMA = 1 or 2: X is a tensor descriptor over (B, heads, N, hd), or over (B, N, heads, hd)
+        for the model's transposed projections (descriptor dimensions follow memory order), and the copy
+        engine fetches the tile (rows past the document are read - the callers mask their scores - and
+        zeros past the tensor); TMA = 0: X is a pointer with strides sb, sh, sn, and MASKED loads zeros
+        past the document."""
+        if TMA == 1:
             return X.load([b.to(tl.int32), head, t0 + r0, 0]).reshape(ROWS, HEAD_DIM)
+        elif TMA == 2:
+            return X.load([b.to(tl.int32), t0 + r0, head, 0]).reshape(ROWS, HEAD_DIM)
         else:
             r = r0 + tl.arange(0, ROWS)
             ptrs = X + b * sb + head * sh + (t0 + r)[:, None] * sn + tl.arange(0, HEAD_DIM)[None, :]
@@ -372,8 +376,9 @@ def _tuned(kernel, kind: str, hd: int, tiles: dict[str, str], **kw):
 
     def set_tiles(nargs):
         for name, block in tiles.items():
-            if not isinstance(nargs[name], torch.Tensor):
-                nargs[name].block_shape = [1, 1, nargs[block], nargs["HEAD_DIM"]]
+            if nargs["TMA"]:
+                rows, hd = nargs[block], nargs["HEAD_DIM"]
+                nargs[name].block_shape = [1, 1, rows, hd] if nargs["TMA"] == 1 else [1, rows, 1, hd]
 
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=set_tiles)
                for bm, bn, w, s in cands]
@@ -404,7 +409,7 @@ class _Opts(NamedTuple):
     cu_seqlens: torch.Tensor | None
     max_len: int  # longest document (N without cu_seqlens): the grid's block count
     dq_mode: str
-    tma: bool
+    tma: bool  # wanted; a launch uses it when its streamed tensors share one layout
 
 
 def _strides(*ts: torch.Tensor) -> list[int]:
@@ -413,18 +418,23 @@ def _strides(*ts: torch.Tensor) -> list[int]:
 
 def _launch(kind: str, grid_block: str, heads: int, opt: _Opts, tensors: list, tma: tuple[int, ...], *args, **kw):
     """Launch kernel `kind` on (document blocks, documents · heads) programs; tensors[i] for i in `tma`
-    are passed as TMA descriptors when opt.tma."""
+    are passed as TMA descriptors when opt.tma, with dimensions in memory order (TMA = 1: heads outside
+    the sequence, 2: heads inside it)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     q, k = tensors[0], tensors[1]
     docs = q.shape[0] if opt.cu_seqlens is None else opt.cu_seqlens.numel() - 1
-    tiled = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[3]]) if opt.tma and i in tma
-             else t for i, t in enumerate(tensors)]
+    modes = {1 if tensors[i].stride(1) >= tensors[i].stride(2) else 2 for i in tma}
+    mode = modes.pop() if opt.tma and len(modes) == 1 else 0
+    tiled = list(tensors)
+    for i in tma if mode else ():
+        t = tensors[i] if mode == 1 else tensors[i].transpose(1, 2)
+        tiled[i] = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[3]])
     cu = opt.cu_seqlens if opt.cu_seqlens is not None else q
     _kernel(kind, q.shape[3])[lambda meta: (triton.cdiv(opt.max_len, meta[grid_block]), docs * heads)](
         *tiled, cu, opt.scale, opt.softcap, *args, GROUP=q.shape[1] // k.shape[1], HEAD_DIM=q.shape[3],
         CAUSAL=opt.causal, WINDOW=opt.window, SOFTCAP=opt.softcap > 0, VARLEN=opt.cu_seqlens is not None,
-        TMA=opt.tma, **kw)
+        TMA=mode, **kw)
 
 
 def _forward(q, k, v, opt: _Opts):

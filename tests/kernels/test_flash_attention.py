@@ -51,7 +51,7 @@ def _assert_matches(got, want, inputs, tol_out=TOL_OUT, tol_grad=TOL_GRAD):
     """Outputs, then gradients for one random dO, each relative to its largest value (dK, dV of GQA
     sum over query heads)."""
     torch.testing.assert_close(got.double(), want, atol=tol_out, rtol=tol_out)
-    do = torch.randn_like(want)
+    do = torch.randn_like(got).double()  # got's layout: TMA reads dO in the same memory order as q
     for g, w in zip(_grads(got, inputs, do), _grads(want, inputs, do)):
         top = max(w.abs().max().item(), 1.0)
         torch.testing.assert_close(g.double() / top, w.double() / top, atol=tol_grad, rtol=tol_grad)

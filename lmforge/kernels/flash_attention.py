@@ -10,15 +10,18 @@ one (BLOCK_M queries × BLOCK_N keys) tile at a time, never materialising the N 
                           (the preprocessing step, = rowsum(P ∘ dP)): dV = Pᵀ dO, dP = dO Vᵀ,
                           dS = P ∘ (dP - D), dQ = scale · dS K, dK = scale · dSᵀ Q
 
-The Triton backward runs two kernels instead of the paper's single loop with atomic dQ adds: one program
-per key block accumulates dK, dV over the query blocks (and over the query heads of its GQA group, so K/V
-are never repeated in memory), and one per query block accumulates dQ. That recomputes s and dP once more
-(7 matmuls per tile pair instead of 5) but is deterministic and needs no fp32 dQ buffer.
+The Triton backward's main kernel gives one program to each key block, accumulating dK, dV over the
+query blocks and over the query heads of its GQA group (K/V are never repeated in memory). dQ comes from
+a second kernel with one program per query block (dq_mode="kernel": recomputes s and dP once more, 7
+matmuls per tile pair instead of 5, deterministic), or - the paper's way - from fp32 atomic adds in the
+key-block pass (dq_mode="atomic").
 
 Inside the kernels scores are kept in base 2: log2(e) is folded into the scale so each exponential is one
 exp2 (the MUFU unit's native op). Per query block the keys split into fully visible tiles (no mask
 arithmetic) and the few tiles on the causal diagonal, the sliding-window edge or the sequence end, which
-are masked; tiles entirely above the diagonal or behind the window are never visited.
+are masked; tiles entirely above the diagonal or behind the window are never visited. On Hopper the tiles
+streamed through the inner loops (K, V in the forward; Q, dO or K, V in the backward) come by TMA tensor
+descriptors: the copy engine fetches them asynchronously, freeing registers and issue slots.
 
 Layout: q (B, H, N, hd), k and v (B, KV, N, hd), any strides with a contiguous last dim; query head h
 reads kv head h // (H / KV). Variable length: `cu_seqlens` (n_docs + 1,) are cumulative document lengths
@@ -38,7 +41,6 @@ from typing import NamedTuple
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.kernels.flash_reference import flash_attention_ref, flash_attention_ref_backward  # noqa: F401
 
 try:
     import triton
@@ -510,6 +512,17 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     return None
 
 
+def _check_documents(cu: list[int], B: int, N: int) -> int:
+    """Validate cumulative document lengths over B rows of N tokens; return the longest length."""
+    lengths = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    if not lengths or cu[0] != 0 or cu[-1] != B * N or min(lengths) < 0:
+        raise ConfigError(f"cu_seqlens must rise from 0 to B·N = {B * N}, got {cu[:4]}...{cu[-2:]}")
+    crossing = [(s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s and s // N != (e - 1) // N]
+    if crossing:
+        raise ConfigError(f"cu_seqlens: document {crossing[0]} crosses a row boundary (rows of N = {N} tokens)")
+    return max(lengths)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     scale: float | None = None, window: int = 0, softcap: float = 0.0,
                     cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
@@ -536,8 +549,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ConfigError(f"cu_seqlens must be a 1-D int tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        if max_seqlen is None:
-            max_seqlen = int(cu_seqlens.diff().max())
+        if max_seqlen is None:  # one device sync anyway: check the documents too
+            max_seqlen = _check_documents(cu_seqlens.tolist(), B, N)
     q, k, v = _dense(q), _dense(k), _dense(v)
     if tma is None:
         tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.kernels import flash_attention as fa
 from lmforge.kernels.flash_reference import flash_attention_ref, flash_attention_ref_backward, visible
 from lmforge.model.layers.attention import math_attention
@@ -132,6 +132,32 @@ def test_unsupported_inputs_raise_one_line_or_fall_back(hd, dtype, match):
         got = fa.flash_attention_for_model(q, k, v, "causal", scale=0.3)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
     torch.testing.assert_close(got, want)
+
+
+@needs_triton
+def test_model_entry_point_matches_the_layer_attention():
+    """flash_attention_for_model is what attn_impl='triton' calls: all keys visible (mask None) runs the
+    kernel; a cache (fewer queries than keys) falls back to SDPA with a warning; both equal attention()."""
+    from lmforge.model.layers.attention import attention
+
+    q, k, v = _inputs(1, 4, 2, 24, 64)
+    got = fa.flash_attention_for_model(q, k, v, None, scale=0.3, softcap=2.0)
+    assert got.grad_fn is not None and type(got.grad_fn).__name__ == "FlashAttentionBackward"
+    want = attention(q, k, v, None, scale=0.3, softcap=2.0, impl="math")
+    torch.testing.assert_close(got, want, atol=TOL_OUT, rtol=TOL_OUT)
+    with pytest.warns(UserWarning, match="as many queries as keys"):
+        got = fa.flash_attention_for_model(q[:, :, -3:], k, v, "causal", scale=0.3)
+    torch.testing.assert_close(got, attention(q[:, :, -3:], k, v, "causal", scale=0.3, impl="math"),
+                               atol=TOL_OUT, rtol=TOL_OUT)
+
+
+@needs_triton
+@pytest.mark.parametrize("cu,match", [([0, 5, 30], "rise from 0"), ([0, 12, 40], "crosses a row"),
+                                      ([0, 20, 10, 40], "rise from 0")])
+def test_bad_documents_are_named(cu, match):
+    q, k, v = _inputs(2, 2, 2, 20, 64)
+    with pytest.raises(ConfigError, match=match):
+        fa.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu))
 
 
 def test_without_a_gpu_or_interpreter_the_error_names_the_device(monkeypatch):

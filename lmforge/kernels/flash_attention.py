@@ -523,6 +523,7 @@ def _check_documents(cu: list[int], B: int, N: int) -> int:
     return max(lengths)
 
 
+@torch.compiler.disable  # a graph break under torch.compile: the autotuner and descriptors are host code
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     scale: float | None = None, window: int = 0, softcap: float = 0.0,
                     cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,

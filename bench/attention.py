@@ -80,11 +80,14 @@ def reference(q, k, v, do, dev):
 
 
 def measure(rows, name, run, B, H, N, hd, dev, dtype):
-    g = torch.Generator(device=dev).manual_seed(N + hd)
-    q, k, v, do = (torch.randn(B, H, N, hd, device=dev, dtype=dtype, generator=g) for _ in range(4))
-    ref = reference(q, k, v, do, dev)
     row = dict(variant=name, hd=hd, seq=N, batch=B, heads=H)
+    q = k = v = do = ref = None
     try:
+        if run is None:
+            raise KeyError(f"unknown variant {name!r}")
+        g = torch.Generator(device=dev).manual_seed(N + hd)
+        q, k, v, do = (torch.randn(B, H, N, hd, device=dev, dtype=dtype, generator=g) for _ in range(4))
+        ref = reference(q, k, v, do, dev)
         row["err_out"], row["err_grad"] = errors(run, q, k, v, do, ref)
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         fwd_flops = 4 * B * H * N * N * hd / 2
@@ -96,7 +99,7 @@ def measure(rows, name, run, B, H, N, hd, dev, dtype):
         if name.startswith("triton"):
             row["configs"] = {kind: str(getattr(fa._kernel(kind, hd), "best_config", "")) for kind in ("fwd", "kv", "q")}
     except Exception as e:  # one backend missing (cuDNN on CPU, an old GPU) must not end the run
-        row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
     rows.append(row)
     print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     del q, k, v, do, ref
@@ -131,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=16384, help="batch · seq")
     ap.add_argument("--width", type=int, default=2048, help="heads · head dim")
     ap.add_argument("--variants", default="triton,sdpa-flash,sdpa-cudnn",
-                    help="comma list of: triton (dQ by its own kernel, TMA loads on Hopper), triton-atomic (dQ "
-                         "by atomic adds), triton-ptr (no TMA: pointer loads), sdpa-flash, sdpa-cudnn")
+                    help="comma list of: triton (the defaults: dQ by its own kernel, TMA per TMA_DEFAULT), "
+                         "triton-atomic (dQ by atomic adds), triton-tma / triton-ptr (TMA or pointer tile loads), "
+                         "sdpa-flash, sdpa-cudnn")
     ap.add_argument("--max-seconds", type=float, default=270, help="stop starting new shapes after this")
     ap.add_argument("--precompile", action="store_true",
                     help="first compile every Triton candidate configuration in parallel processes, one per "
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     seqs = [96] if args.smoke else [int(s) for s in args.seqs.split(",")]
     tokens, width = (256, 128) if args.smoke else (args.tokens, args.width)
     variants = {"triton": triton_variant("kernel"), "triton-atomic": triton_variant("atomic"),
-                "triton-ptr": triton_variant("kernel", tma=False),
+                "triton-tma": triton_variant("kernel", tma=True), "triton-ptr": triton_variant("kernel", tma=False),
                 "sdpa-flash": sdpa_variant("flash"), "sdpa-cudnn": sdpa_variant("cudnn")}
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
@@ -169,17 +173,19 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / ("attention_smoke.json" if args.smoke
                                                                                else "attention.json")
     rows, start = [], time.time()
-    for hd in head_dims:
-        for N in seqs:
-            if time.time() - start > args.max_seconds:
-                print(f"time budget spent: skipping hd={hd} seq={N}", flush=True)
-                continue
-            for name in names:
-                measure(rows, name, variants[name], max(tokens // N, 1), width // hd, N, hd, dev, dtype)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    print(f"\n{time.time() - start:.0f} s; {out}\n")
-    print(table(rows))
+    try:
+        for N in seqs:  # short sequences first: a time-budget cut loses the longest for both head dims
+            for hd in head_dims:
+                if time.time() - start > args.max_seconds:
+                    print(f"time budget spent: skipping hd={hd} seq={N}", flush=True)
+                    continue
+                for name in names:
+                    measure(rows, name, variants.get(name), max(tokens // N, 1), width // hd, N, hd, dev, dtype)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    finally:  # the table even when a run is cut short
+        print(f"\n{time.time() - start:.0f} s; {out}\n")
+        print(table(rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ except ImportError:  # the `kernels` extra; flash_attention() raises a one-line 
     triton = None
 
 HEAD_DIMS = (64, 128)
+# TMA tile loads on Hopper: off by default until measured on the GPU (bench/attention.py, variant triton-tma)
+TMA_DEFAULT = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32: tests and the interpreter (tf32 dots on GPU)
 
 
@@ -534,7 +536,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     longest length (computed, with a device sync, when not given). `dq_mode`: "kernel" computes dQ in its
     own pass (deterministic), "atomic" adds it from the key-block pass into an fp32 buffer (FA2's way:
     5 matmuls per tile pair instead of 7, run-to-run differences in the last bits). `tma`: fetch the tiles
-    streamed through the inner loops with Hopper's tensor memory accelerator (default: on sm_90+)."""
+    streamed through the inner loops with Hopper's tensor memory accelerator (sm_90+; None = TMA_DEFAULT)."""
     reason = unsupported(q, k, v)
     if reason is not None:
         raise LmforgeError(reason)
@@ -554,7 +556,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             max_seqlen = _check_documents(cu_seqlens.tolist(), B, N)
     q, k, v = _dense(q), _dense(k), _dense(v)
     if tma is None:
-        tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+        tma = TMA_DEFAULT and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     opt = _Opts(bool(causal), hd ** -0.5 if scale is None else float(scale), int(window), float(softcap), cu_seqlens,
                 N if cu_seqlens is None else max_seqlen, dq_mode, bool(tma) and all(map(_tma_ok, (q, k, v))))
     return FlashAttention.apply(q, k, v, opt)

@@ -169,13 +169,14 @@ def test_without_a_gpu_or_interpreter_the_error_names_the_device(monkeypatch):
 # GPU: bf16/fp16 at real sizes against the fp32 math attention -------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("hd,dtype,causal,window,softcap,KV", [
-    (128, torch.bfloat16, True, 0, 0.0, 2), (64, torch.bfloat16, False, 0, 0.0, 8),
-    (128, torch.float16, True, 256, 30.0, 1), (64, torch.float16, True, 0, 0.0, 8)])
-def test_gpu_kernel_matches_math(hd, dtype, causal, window, softcap, KV):
-    q, k, v = _inputs(2, 8, KV, 1000, hd, dtype=dtype, heads_inner=True)
+@pytest.mark.parametrize("hd,dtype,causal,window,softcap,KV,tma", [
+    (128, torch.bfloat16, True, 0, 0.0, 2, True), (64, torch.bfloat16, False, 0, 0.0, 8, False),
+    (128, torch.float16, True, 256, 30.0, 1, True), (64, torch.float16, True, 0, 0.0, 8, False),
+    (64, torch.bfloat16, True, 0, 0.0, 8, True)])
+def test_gpu_kernel_matches_math(hd, dtype, causal, window, softcap, KV, tma):
+    q, k, v = _inputs(2, 8, KV, 1000, hd, dtype=dtype, heads_inner=hd == 128)  # TMA descriptors of both layouts
     want = _math(q, k, v, causal=causal, window=window, softcap=softcap)
-    got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap)
+    got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, tma=tma)
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     _assert_matches(got, want, (q, k, v), tol, tol)
 
@@ -188,3 +189,5 @@ def test_gpu_packed_documents():
     want = _math(q, k, v, causal=True, doc_ids=doc_ids.cuda())
     got = fa.flash_attention_for_model(q, k, v, "causal", scale=128 ** -0.5, doc_ids=doc_ids.cuda())
     _assert_matches(got, want, (q, k, v), 2e-2, 2e-2)
+    got = fa.flash_attention(q, k, v, cu_seqlens=fa.cu_seqlens_from_doc_ids(doc_ids.cuda()), tma=True)
+    _assert_matches(got, _math(q, k, v, causal=True, doc_ids=doc_ids.cuda()), (q, k, v), 2e-2, 2e-2)

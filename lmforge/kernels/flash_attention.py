@@ -20,8 +20,9 @@ Inside the kernels scores are kept in base 2: log2(e) is folded into the scale s
 exp2 (the MUFU unit's native op). Per query block the keys split into fully visible tiles (no mask
 arithmetic) and the few tiles on the causal diagonal, the sliding-window edge or the sequence end, which
 are masked; tiles entirely above the diagonal or behind the window are never visited. On Hopper the tiles
-streamed through the inner loops (K, V in the forward; Q, dO or K, V in the backward) come by TMA tensor
-descriptors: the copy engine fetches them asynchronously, freeing registers and issue slots.
+streamed through the inner loops (K, V in the forward; Q, dO or K, V in the backward) can come by TMA
+tensor descriptors (`tma=True`; TMA_DEFAULT): the copy engine fetches them asynchronously, freeing
+registers and issue slots; otherwise they are cp.async loads pipelined over `num_stages` buffers.
 
 Layout: q (B, H, N, hd), k and v (B, KV, N, hd), any strides with a contiguous last dim; query head h
 reads kv head h // (H / KV). Variable length: `cu_seqlens` (n_docs + 1,) are cumulative document lengths

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -126,7 +127,17 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def precompile(names, head_dims, seq):
+    """Compile every Triton candidate in parallel processes, one per variant and head dim: the autotuner
+    compiles serially, and Triton's disk cache hands the binaries to this process."""
+    t = time.time()
+    procs = [subprocess.Popen([sys.executable, __file__, "--warm-only", "--variants", name, "--head-dims", str(hd),
+                               "--seqs", str(seq)]) for name in names if name.startswith("triton") for hd in head_dims]
+    print(f"precompiled in {len(procs)} processes: exit codes {[p.wait() for p in procs]}, {time.time() - t:.0f} s",
+          flush=True)
+
+
+def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy sizes")
     ap.add_argument("--seqs", default="1024,2048,4096,8192,16384")
@@ -137,12 +148,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma list of: triton (the defaults: dQ by its own kernel, TMA per TMA_DEFAULT), "
                          "triton-atomic (dQ by atomic adds), triton-tma / triton-ptr (TMA or pointer tile loads), "
                          "sdpa-flash, sdpa-cudnn")
-    ap.add_argument("--max-seconds", type=float, default=270, help="stop starting new shapes after this")
-    ap.add_argument("--precompile", action="store_true",
-                    help="first compile every Triton candidate configuration in parallel processes, one per "
-                         "variant and head dim (Triton's disk cache keeps them; the autotuner compiles serially)")
+    ap.add_argument("--late-variants", default="", help="variants measured after the rest, at the longest seq only")
+    ap.add_argument("--max-seconds", type=float, default=270,
+                    help="start no new shape after this many seconds from the start (compilation included)")
+    ap.add_argument("--precompile", action="store_true", help="compile the Triton candidates in parallel first")
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    start, args = time.time(), parse(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # an outer `timeout`: still print the table
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     seqs = [96] if args.smoke else [int(s) for s in args.seqs.split(",")]
@@ -150,11 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     variants = {"triton": triton_variant("kernel"), "triton-atomic": triton_variant("atomic"),
                 "triton-tma": triton_variant("kernel", tma=True), "triton-ptr": triton_variant("kernel", tma=False),
                 "sdpa-flash": sdpa_variant("flash"), "sdpa-cudnn": sdpa_variant("cudnn")}
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "triton": getattr(fa.triton, "__version__", None),
-            "command": "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     head_dims, names = [int(h) for h in args.head_dims.split(",")], args.variants.split(",")
+    late = [n for n in args.late_variants.split(",") if n]
     if args.warm_only:  # a --precompile worker: one forward and backward per variant compiles its candidates
         for hd in head_dims:
             for name in names:
@@ -162,27 +175,27 @@ def main(argv: list[str] | None = None) -> None:
                            for _ in range(3))
                 variants[name](q, k, v).sum().backward()
         return
-    if args.precompile and dev.type == "cuda":
-        t = time.time()
-        procs = [subprocess.Popen([sys.executable, __file__, "--warm-only", "--variants", name, "--head-dims", str(hd),
-                                   "--seqs", str(seqs[0])]) for name in names if name.startswith("triton")
-                 for hd in head_dims]
-        print(f"precompiled in {len(procs)} processes: exit codes {[p.wait() for p in procs]}, "
-              f"{time.time() - t:.0f} s", flush=True)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": getattr(fa.triton, "__version__", None),
+            "command": "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}", flush=True)
+    if args.precompile and dev.type == "cuda":
+        precompile(names + late, head_dims, seqs[0])
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / ("attention_smoke.json" if args.smoke
                                                                                else "attention.json")
-    rows, start = [], time.time()
+    # short sequences first (a time-budget cut loses the longest for both head dims), then the late variants
+    plan = [(N, hd, names) for N in seqs for hd in head_dims] + [(seqs[-1], hd, late) for hd in head_dims if late]
+    rows = []
     try:
-        for N in seqs:  # short sequences first: a time-budget cut loses the longest for both head dims
-            for hd in head_dims:
-                if time.time() - start > args.max_seconds:
-                    print(f"time budget spent: skipping hd={hd} seq={N}", flush=True)
-                    continue
-                for name in names:
-                    measure(rows, name, variants.get(name), max(tokens // N, 1), width // hd, N, hd, dev, dtype)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        for N, hd, which in plan:
+            if time.time() - start > args.max_seconds:
+                print(f"time budget spent: skipping hd={hd} seq={N} {which}", flush=True)
+                continue
+            for name in which:
+                measure(rows, name, variants.get(name), max(tokens // N, 1), width // hd, N, hd, dev, dtype)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     finally:  # the table even when a run is cut short
         print(f"\n{time.time() - start:.0f} s; {out}\n")
         print(table(rows), flush=True)

@@ -109,7 +109,9 @@ def measure(rows, name, run, B, H, N, hd, dev, dtype):
 
 
 def table(rows) -> str:
+    """Rows by head dim, then sequence length (in measuring order within a shape)."""
     base = {(r["hd"], r["seq"]): r for r in rows if r["variant"] == "sdpa-flash" and "fwd_tflops" in r}
+    rows = sorted(rows, key=lambda r: (r["hd"], r["seq"]))
     lines = ["| variant | hd | seq | batch×heads | fwd TFLOP/s | ×flash | fwd+bwd TFLOP/s | ×flash | err out / grad |"]
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
@@ -184,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         precompile(names + late, head_dims, seqs[0])
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / ("attention_smoke.json" if args.smoke
                                                                                else "attention.json")
-    # short sequences first (a time-budget cut loses the longest for both head dims), then the late variants
-    plan = [(N, hd, names) for N in seqs for hd in head_dims] + [(seqs[-1], hd, late) for hd in head_dims if late]
+    # sequences in the order given (a time-budget cut loses the last), then the late variants
+    plan = [(N, hd, names) for N in seqs for hd in head_dims] + [(max(seqs), hd, late) for hd in head_dims if late]
     rows = []
     try:
         for N, hd, which in plan:

@@ -1,0 +1,193 @@
+"""FlashAttention-2 (lmforge/kernels/flash_attention.py) and its tiled PyTorch reference against the plain
+math attention (fp32). Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), at small shapes in fp32; the `gpu` tests run bf16/fp16 at real sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.kernels import flash_attention as fa
+from lmforge.kernels.flash_reference import flash_attention_ref, flash_attention_ref_backward, visible
+from lmforge.model.layers.attention import math_attention
+from lmforge.model.meta import AttnMetadata
+
+needs_triton = pytest.mark.skipif(fa.triton is None or (not torch.cuda.is_available() and not fa._interpreting()),
+                                  reason="needs triton (the `kernels` extra): a GPU, or TRITON_INTERPRET=1 on CPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 inputs: exact dots in the interpreter, tf32 tensor-core dots on a GPU
+TOL_OUT, TOL_GRAD = (2e-5, 5e-5) if DEV == "cpu" else (5e-3, 1e-2)
+
+
+def _inputs(B, H, KV, N, hd, dtype=torch.float32, device=DEV, seed=0, heads_inner=False):
+    g = torch.Generator().manual_seed(seed)
+    if heads_inner:  # (B, N, H, hd) transposed: the model's layout after its projections
+        q = torch.randn(B, N, H, hd, generator=g).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, N, hd, generator=g)
+    k, v = torch.randn(B, KV, N, hd, generator=g), torch.randn(B, KV, N, hd, generator=g)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
+
+
+def _math(q, k, v, *, causal, window=0, softcap=0.0, scale=None, doc_ids=None):
+    """The plain formula (fp32 inside) as fp64, with the layer's masks built the ordinary way (bool tensors)."""
+    N = q.shape[2]
+    mask = "causal" if causal else None
+    if doc_ids is not None:
+        mask = AttnMetadata.packed(doc_ids).doc_mask()
+    if window > 0:
+        pos = torch.arange(N, device=q.device)
+        mask = visible(pos, pos, True, window) & (mask if doc_ids is not None else True)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return math_attention(q.double(), k.double(), v.double(), mask, scale=scale, softcap=softcap).double()
+
+
+def _grads(out, inputs, do):
+    return torch.autograd.grad(out, inputs, do.to(out.dtype))
+
+
+def _assert_matches(got, want, inputs, tol_out=TOL_OUT, tol_grad=TOL_GRAD):
+    """Outputs, then gradients for one random dO, each relative to its largest value (dK, dV of GQA
+    sum over query heads)."""
+    torch.testing.assert_close(got.double(), want, atol=tol_out, rtol=tol_out)
+    do = torch.randn_like(got).double()  # got's layout: TMA reads dO in the same memory order as q
+    for g, w in zip(_grads(got, inputs, do), _grads(want, inputs, do)):
+        top = max(w.abs().max().item(), 1.0)
+        torch.testing.assert_close(g.double() / top, w.double() / top, atol=tol_grad, rtol=tol_grad)
+
+
+# (B, H, KV, N, causal, window, softcap): MHA non-causal; GQA causal over partial tiles; MQA with a
+# window narrower than a tile; soft-capping
+CASES = [(2, 2, 2, 48, False, 0, 0.0), (1, 4, 2, 70, True, 0, 0.0), (1, 3, 1, 77, True, 20, 0.0),
+         (1, 2, 1, 50, True, 0, 4.0)]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,H,KV,N,causal,window,softcap,dq_mode,tma", [c + ("kernel", False) for c in CASES]
+                         + [CASES[1] + ("atomic", True), CASES[2] + ("atomic", False), CASES[3] + ("kernel", True)])
+def test_kernel_outputs_and_gradients_match_math(B, H, KV, N, causal, window, softcap, dq_mode, tma):
+    """Every variant; `tma` runs the tile loads through tensor descriptors (Hopper's TMA on a GPU)."""
+    q, k, v = _inputs(B, H, KV, N, 64, heads_inner=causal, seed=N)
+    want = _math(q, k, v, causal=causal, window=window, softcap=softcap, scale=0.2)
+    got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, scale=0.2, dq_mode=dq_mode,
+                             tma=tma)
+    _assert_matches(got, want, (q, k, v))
+
+
+@needs_triton
+def test_packed_documents_match_per_document_masks():
+    """cu_seqlens over two rows: documents of 13, 20 and 7 tokens, then one of 40, with a sliding window;
+    equal to the math attention under the model's own packed-document mask."""
+    doc_ids = torch.tensor([[0] * 13 + [1] * 20 + [2] * 7, [0] * 40], device=DEV)
+    q, k, v = _inputs(2, 2, 1, 40, 64, heads_inner=True)
+    want = _math(q, k, v, causal=True, window=6, doc_ids=doc_ids)
+    got = fa.flash_attention_for_model(q, k, v, "causal", scale=64 ** -0.5, window=6, doc_ids=doc_ids)
+    cu = fa.cu_seqlens_from_doc_ids(doc_ids)
+    assert cu.tolist() == [0, 13, 33, 40, 80]
+    _assert_matches(got, want, (q, k, v))
+    tiled = fa.flash_attention(q, k, v, scale=64 ** -0.5, window=6, cu_seqlens=cu, tma=True)  # reads past documents
+    _assert_matches(tiled, _math(q, k, v, causal=True, window=6, doc_ids=doc_ids), (q, k, v))
+
+
+@needs_triton
+def test_saves_only_inputs_output_and_logsumexp():
+    q, k, v = _inputs(1, 2, 1, 40, 64)
+    out = fa.flash_attention(q, k, v, causal=True)
+    saved = out.grad_fn.saved_tensors
+    assert [t.data_ptr() for t in saved[:4]] == [t.data_ptr() for t in (q, k, v, out)] and len(saved) == 5
+    lse = saved[4]  # (B, H, N) fp32: logsumexp of each query's scaled, masked scores - nothing N × N
+    assert lse.shape == (1, 2, 40) and lse.dtype == torch.float32
+    s = (q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5
+    s = s.masked_fill(~torch.ones(40, 40, dtype=torch.bool, device=DEV).tril(), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=TOL_OUT, rtol=TOL_OUT)
+
+
+@pytest.mark.parametrize("causal,window,softcap,blocks", [(True, 0, 0.0, (16, 16)), (False, 0, 3.0, (32, 8)),
+                                                          (True, 9, 0.0, (8, 32))])
+def test_tiled_reference_matches_math(causal, window, softcap, blocks):
+    """The PyTorch tiled algorithm (forward and Algorithm 2), GQA with packed documents."""
+    q, k, v = _inputs(2, 4, 2, 37, 8, device="cpu")
+    doc_ids = torch.tensor([[0] * 20 + [1] * 17, [0] * 37])
+    cu = fa.cu_seqlens_from_doc_ids(doc_ids) if causal else None
+    want = _math(q, k, v, causal=causal, window=window, softcap=softcap, doc_ids=doc_ids if causal else None)
+    o, lse = flash_attention_ref(q.detach(), k.detach(), v.detach(), causal=causal, window=window,
+                                 softcap=softcap, cu_seqlens=cu, block_m=blocks[0], block_n=blocks[1])
+    torch.testing.assert_close(o.double(), want, atol=1e-6, rtol=1e-5)
+    do = torch.randn_like(want)
+    got = flash_attention_ref_backward(do, q.detach(), k.detach(), v.detach(), o, lse, causal=causal, window=window,
+                                       softcap=softcap, cu_seqlens=cu, block_m=blocks[1], block_n=blocks[0])
+    for g, w in zip(got, _grads(want, (q, k, v), do)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("hd,dtype,match", [(96, torch.float32, "head dims"), (64, torch.float64, "dtype")])
+def test_unsupported_inputs_raise_one_line_or_fall_back(hd, dtype, match):
+    q, k, v = _inputs(1, 2, 2, 8, hd, dtype=dtype)
+    with pytest.raises(LmforgeError, match=match) as err:
+        fa.flash_attention(q, k, v)
+    assert "\n" not in str(err.value)
+    with pytest.warns(UserWarning, match=match):
+        got = fa.flash_attention_for_model(q, k, v, "causal", scale=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    torch.testing.assert_close(got, want)
+
+
+@needs_triton
+def test_model_entry_point_matches_the_layer_attention():
+    """flash_attention_for_model is what attn_impl='triton' calls: all keys visible (mask None) runs the
+    kernel; a cache (fewer queries than keys) falls back to SDPA with a warning; both equal attention()."""
+    from lmforge.model.layers.attention import attention
+
+    q, k, v = _inputs(1, 4, 2, 24, 64)
+    got = fa.flash_attention_for_model(q, k, v, None, scale=0.3, softcap=2.0)
+    assert got.grad_fn is not None and type(got.grad_fn).__name__ == "FlashAttentionBackward"
+    want = attention(q, k, v, None, scale=0.3, softcap=2.0, impl="math")
+    torch.testing.assert_close(got, want, atol=TOL_OUT, rtol=TOL_OUT)
+    with pytest.warns(UserWarning, match="as many queries as keys"):
+        got = fa.flash_attention_for_model(q[:, :, -3:], k, v, "causal", scale=0.3)
+    torch.testing.assert_close(got, attention(q[:, :, -3:], k, v, "causal", scale=0.3, impl="math"),
+                               atol=TOL_OUT, rtol=TOL_OUT)
+
+
+@needs_triton
+@pytest.mark.parametrize("cu,match", [([0, 5, 30], "rise from 0"), ([0, 12, 40], "crosses a row"),
+                                      ([0, 20, 10, 40], "rise from 0")])
+def test_bad_documents_are_named(cu, match):
+    q, k, v = _inputs(2, 2, 2, 20, 64)
+    with pytest.raises(ConfigError, match=match):
+        fa.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu))
+
+
+def test_without_a_gpu_or_interpreter_the_error_names_the_device(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _inputs(1, 2, 2, 8, 64, device="cpu")
+    assert ("device cpu" if fa.triton is not None else "needs triton") in fa.unsupported(q, k, v)
+
+
+# GPU: bf16/fp16 at real sizes against the fp32 math attention -------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hd,dtype,causal,window,softcap,KV,tma", [
+    (128, torch.bfloat16, True, 0, 0.0, 2, True), (64, torch.bfloat16, False, 0, 0.0, 8, False),
+    (128, torch.float16, True, 256, 30.0, 1, True), (64, torch.float16, True, 0, 0.0, 8, False),
+    (64, torch.bfloat16, True, 0, 0.0, 8, True)])
+def test_gpu_kernel_matches_math(hd, dtype, causal, window, softcap, KV, tma):
+    q, k, v = _inputs(2, 8, KV, 1000, hd, dtype=dtype, heads_inner=hd == 128)  # TMA descriptors of both layouts
+    want = _math(q, k, v, causal=causal, window=window, softcap=softcap)
+    got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, tma=tma)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    _assert_matches(got, want, (q, k, v), tol, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_packed_documents():
+    doc_ids = torch.repeat_interleave(torch.arange(7), torch.tensor([300, 1, 129, 570, 64, 900, 84])).view(2, 1024)
+    q, k, v = _inputs(2, 4, 2, 1024, 128, dtype=torch.bfloat16, heads_inner=True)
+    want = _math(q, k, v, causal=True, doc_ids=doc_ids.cuda())
+    got = fa.flash_attention_for_model(q, k, v, "causal", scale=128 ** -0.5, doc_ids=doc_ids.cuda())
+    _assert_matches(got, want, (q, k, v), 2e-2, 2e-2)
+    got = fa.flash_attention(q, k, v, cu_seqlens=fa.cu_seqlens_from_doc_ids(doc_ids.cuda()), tma=True)
+    _assert_matches(got, _math(q, k, v, causal=True, doc_ids=doc_ids.cuda()), (q, k, v), 2e-2, 2e-2)

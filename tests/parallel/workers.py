@@ -1,0 +1,135 @@
+"""Functions the distributed tests run on every rank (module level, so spawned processes import them).
+Each returns plain tensors/numbers; the tests compare them with one process on the full batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+from lmforge.optim import build_optimizer
+from lmforge.optim.config import OptimConfig
+from lmforge.train.loss import lm_loss
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, tie_embeddings=True,
+                  attn_impl="math")
+OPT = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+MUON = OptimConfig(name="muon", lr=2e-2, adam_lr=1e-2, weight_decay=0.1)
+B, T, STEPS = 8, 8, 3
+
+
+def model(cfg: ModelConfig = CFG) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(cfg)
+
+
+def batches(steps: int = STEPS, b: int = B, t: int = T, vocab: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        w = torch.randint(0, vocab, (b, t + 1), generator=g)
+        out.append((w[:, :-1], w[:, 1:]))
+    return out
+
+
+def local(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous slice of the global batch (dim 0)."""
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n]
+
+
+def loss_of(m, x, y) -> torch.Tensor:
+    return lm_loss(m(x), y)[0]
+
+
+def reference(opt_cfg: OptimConfig = OPT, steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """One process, full batch: the parameters every layout must reach."""
+    m = model()
+    opt = build_optimizer(m, opt_cfg)
+    for x, y in batches(steps):
+        loss_of(m, x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+def params_of(m) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+# -- from-scratch DDP and ZeRO vs torch DDP / FSDP2 ----------------------------------------------------
+def _ddp(kind: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    from lmforge.parallel.ddp import BucketedDDP, NaiveDDP
+
+    m = model()
+    wrapped = NaiveDDP(m) if kind == "naive" else BucketedDDP(m, bucket_mb=0.01)
+    opt = build_optimizer(m, OPT)
+    for x, y in batches():
+        loss_of(wrapped, local(x, rank, world), local(y, rank, world)).backward()
+        wrapped.sync_gradients() if kind == "naive" else wrapped.finish_gradient_sync()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return params_of(m)
+
+
+def _zero(stage: int, rank: int, world: int, opt_cfg: OptimConfig = OPT, accum: int = 1):
+    from lmforge.parallel.zero import ZeroOptimizer, owned_numel, state_bytes
+
+    m = model()
+    zero = ZeroOptimizer(m, build_optimizer(m, opt_cfg), stage)
+    memory = None
+    for i, (x, y) in enumerate(batches()):
+        xs, ys = local(x, rank, world), local(y, rank, world)
+        for xa, ya in zip(xs.chunk(accum), ys.chunk(accum)):
+            (loss_of(m, xa, ya) / accum).backward()
+        if i == 1:  # after one step the optimizer state exists; gradients are those of step 2
+            memory = {**state_bytes(zero), "n_owned": owned_numel(zero)}
+        zero.step()
+    return zero.full_parameters(), memory
+
+
+def _torch_ddp(rank: int, world: int) -> dict[str, torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    m = model()
+    ddp = DistributedDataParallel(m)
+    opt = build_optimizer(m, OPT)
+    for x, y in batches():
+        loss_of(ddp, local(x, rank, world), local(y, rank, world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return params_of(m)
+
+
+def _fsdp2(rank: int, world: int) -> dict[str, torch.Tensor]:
+    from lmforge.parallel.fsdp import apply_fsdp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    m = model()
+    apply_fsdp(m, init_device_mesh("cpu", (world,)))
+    opt = build_optimizer(m, OPT)
+    for x, y in batches():
+        loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
+
+
+def data_parallel_suite(rank: int, world: int) -> dict:
+    """Every data-parallel implementation on the same steps; rank 0 reports parameters, every rank memory."""
+    out: dict = {}
+    for kind in ("naive", "bucketed"):
+        out[kind] = _ddp(kind, rank, world)
+    out["memory"] = {}
+    for stage in (1, 2, 3):
+        out[f"zero{stage}"], out["memory"][stage] = _zero(stage, rank, world)
+    out["zero2_accum"], _ = _zero(2, rank, world, accum=2)
+    out["zero2_muon"], _ = _zero(2, rank, world, MUON)
+    out["torch_ddp"] = _torch_ddp(rank, world)
+    out["fsdp2"] = _fsdp2(rank, world)
+    out["n_params"] = sum(p.numel() for p in model().parameters())
+    if rank != 0:
+        out = {"memory": out["memory"], "n_params": out["n_params"]}
+    dist.barrier()
+    return out

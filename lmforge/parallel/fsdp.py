@@ -17,6 +17,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.errors import ConfigError
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: a Transformer's ModuleList, or a pipeline stage's ModuleDict."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ConfigError(f"parallelism needs a model with .blocks (an lmforge Transformer), got {type(model).__name__}")
+    return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -27,12 +37,7 @@ def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str = "fp32", reduce_dtyp
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        from lmforge.errors import ConfigError
-
-        raise ConfigError(f"apply_fsdp needs a model with .blocks (lmforge Transformer), got {type(model).__name__}")
-    for block in blocks:
+    for block in blocks_of(model):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model

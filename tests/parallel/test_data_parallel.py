@@ -88,3 +88,14 @@ def test_partition_is_balanced_and_deterministic():
 def test_bad_stage_is_refused():
     with pytest.raises(ConfigError, match="stage=4"):
         zero_memory(10, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def sharded_matrix():
+    return run_local(w.sharded_matrix_suite, 2, timeout=120, start_method="fork")[0]
+
+
+@pytest.mark.parametrize("name, cfg", [("muon", w.MUON), ("dion", w.DION)])
+def test_matrix_optimizers_on_fsdp2_shards_match_one_process(sharded_matrix, name, cfg):
+    """ShardedMuon gathers whole matrices; ShardedDion moves only rank-r factors: both equal the unsharded step."""
+    assert _maxdiff(sharded_matrix[name], w.reference(cfg)) < ATOL

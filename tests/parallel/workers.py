@@ -133,3 +133,27 @@ def data_parallel_suite(rank: int, world: int) -> dict:
         out = {"memory": out["memory"], "n_params": out["n_params"]}
     dist.barrier()
     return out
+
+
+# -- matrix optimizers on FSDP2 shards, MuonClip's max logits ---------------------------------------------
+DION = OptimConfig(name="dion", lr=2e-2, adam_lr=1e-2, weight_decay=0.1, rank=4)
+
+
+def sharded_matrix_suite(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmforge.parallel.fsdp import apply_fsdp
+    from lmforge.parallel.matrix_optim import ShardedDion, ShardedMuon
+
+    out = {}
+    for name, cfg, cls in (("muon", MUON, ShardedMuon), ("dion", DION, ShardedDion)):
+        m = model()
+        apply_fsdp(m, init_device_mesh("cpu", (world,)))
+        opt = cls.from_optimizer(build_optimizer(m, cfg))
+        for x, y in batches():
+            loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[name] = {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
+    dist.barrier()
+    return out if rank == 0 else {}

@@ -55,6 +55,8 @@ class ParallelConfig:
         check(self.activation_checkpoint in ("none", "full", "selective"),
               f"parallel.activation_checkpoint={self.activation_checkpoint!r}; choose none, full or selective")
         check(not self.loss_parallel or self.tp > 1, "parallel.loss_parallel needs tp > 1")
+        check(self.pp == 1 or self.cp == 1, f"parallel.cp={self.cp} with pp={self.pp}: pipeline stages do not carry "
+                                            "context-parallel positions yet; use one of them")
 
     @property
     def world_size(self) -> int:
@@ -87,9 +89,15 @@ class ParallelConfig:
             if self.sequence_parallel and self.tp > 1 and model_cfg.pos_emb in ("learned", "sinusoidal"):
                 raise ConfigError(f"parallel.sequence_parallel with pos_emb={model_cfg.pos_emb!r}: use rope or set "
                                   "sequence_parallel=false")
-        if seq_len is not None and seq_len % (self.cp * (self.tp if self.sequence_parallel else 1)):
-            raise ConfigError(f"seq_len={seq_len} must be divisible by parallel.cp={self.cp}"
-                              + (f" x tp={self.tp} (sequence parallel)" if self.sequence_parallel and self.tp > 1 else ""))
+            if self.cp > 1 and (model_cfg.attention != "mha" or model_cfg.sliding_window):
+                raise ConfigError(f"parallel.cp={self.cp} supports full mha/gqa attention; this model has attention="
+                                  f"{model_cfg.attention!r}, sliding_window={model_cfg.sliding_window}")
+        # context parallel: 2·cp load-balanced chunks; sequence parallel splits each rank's tokens by tp
+        split = (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+        if seq_len is not None and seq_len % split:
+            raise ConfigError(f"seq_len={seq_len} must be divisible by {split} (2 x parallel.cp={self.cp}"
+                              + (f" x tp={self.tp} for sequence parallelism" if self.sequence_parallel and self.tp > 1
+                                 else "") + ")")
         dp = self.dp_replicate * self.dp_shard
         if batch_size is not None and batch_size % (dp * (self.n_microbatches if self.pp > 1 else 1)):
             raise ConfigError(f"batch_size={batch_size} must be divisible by the data-parallel size {dp}"

@@ -23,11 +23,13 @@ def data_parallel_mesh(mesh):
     so they shard parameters too), with dp_replicate in front for HSDP; None without data parallelism."""
     names = mesh.mesh_dim_names or ()
     shard = [n for n in ("dp_shard", "cp") if n in names]
-    if len(shard) == 2:
+    replicate = ["dp_replicate"] if "dp_replicate" in names else []
+    if not shard:
+        return submesh(mesh, *replicate) if replicate else None
+    if len(shard) == 2:  # a flattened dim is reachable from the root mesh by its new name
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         shard = ["dp_shard_cp"]
-    dims = (["dp_replicate"] if "dp_replicate" in names else []) + shard
-    return submesh(mesh, *dims) if dims else None
+    return mesh[tuple(replicate + shard)] if replicate else mesh[shard[0]]
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh) -> nn.Module:

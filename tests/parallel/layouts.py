@@ -12,6 +12,7 @@ import torch.distributed as dist
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 from lmforge.optim import build_optimizer
+from lmforge.parallel.cp import context_parallel_inputs
 from lmforge.parallel.config import ParallelConfig, build_mesh, submesh
 from lmforge.parallel.parallelize import dp_rank_and_size, parallelize
 from lmforge.parallel.pp import build_schedule, split_stage
@@ -33,12 +34,16 @@ LAYOUTS_2 = {
     "pp_1f1b": dict(pp=2, pp_schedule="1f1b", microbatches=4),
     "fsdp_ac_full": dict(dp_shard=2, activation_checkpoint="full"),
     "fsdp_ac_selective": dict(dp_shard=2, activation_checkpoint="selective"),
+    "cp": dict(cp=2),
 }
 LAYOUTS_4 = {
     "hsdp": dict(dp_replicate=2, dp_shard=2),
     "fsdp_tp": dict(dp_shard=2, tp=2),
     "pp_fsdp": dict(pp=2, dp_shard=2, microbatches=2),
     "pp_tp": dict(pp=2, tp=2, microbatches=2),
+    "fsdp_cp": dict(dp_shard=2, cp=2),
+    "tp_cp": dict(tp=2, cp=2),
+    "hsdp_cp": dict(dp_replicate=2, cp=2),
 }
 
 
@@ -81,7 +86,7 @@ class Run:
         self.mesh = build_mesh(self.cfg)
         self.dp_rank, self.dp_size = dp_rank_and_size(self.mesh)
         full = model()
-        self.pp_mesh = submesh(self.mesh, "pp")
+        self.pp_mesh, self.cp_mesh = submesh(self.mesh, "pp"), submesh(self.mesh, "cp")
         if self.pp_mesh is not None:
             self.stage = self.pp_mesh.get_local_rank()
             self.model = split_stage(full, self.stage, self.cfg.pp)
@@ -109,8 +114,11 @@ class Run:
                 from torch.distributed.tensor.parallel import loss_parallel
 
                 ctx = loss_parallel()
+            kw = {}
+            if self.cp_mesh is not None:  # this rank's tokens of every sequence, K/V gathered in attention
+                x, y, kw["positions"], kw["cache"] = context_parallel_inputs(x, y, self.cp_mesh)
             with ctx:
-                loss = loss_of(self.model, x, y)
+                loss = lm_loss(self.model(x, **kw), y)[0]
                 loss.backward()
             loss = loss.detach()
             loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss

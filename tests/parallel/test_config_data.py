@@ -22,7 +22,7 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2
     (dict(pp=3), 3, "pp=3 must divide n_layers=4"),
     (dict(dp_shard=3), 3, "batch_size=8 must be divisible by the data-parallel size 3"),
     (dict(pp=2, microbatches=3), 2, r"batch_size=8 must be divisible .* microbatches=3"),
-    (dict(cp=3), 3, "seq_len=8 must be divisible by parallel.cp=3"),
+    (dict(cp=3), 3, r"seq_len=8 must be divisible by 6 \(2 x parallel.cp=3\)"),
 ])
 def test_bad_layouts_name_the_value(layout, world, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -43,6 +43,10 @@ def test_model_features_tp_cannot_split_are_refused():
         ParallelConfig(tp=2).validate(2, dataclasses.replace(CFG, tie_embeddings=True))
     with pytest.raises(ConfigError, match="loss_parallel needs tp > 1"):
         ParallelConfig(loss_parallel=True)
+    with pytest.raises(ConfigError, match="sliding_window=4"):
+        ParallelConfig(cp=2).validate(2, dataclasses.replace(CFG, sliding_window=4))
+    with pytest.raises(ConfigError, match="parallel.cp=2 with pp=2"):
+        ParallelConfig(cp=2, pp=2)
 
 
 def test_world_size_mismatch_with_launch():
@@ -96,3 +100,18 @@ def test_resume_on_a_different_world_size():
     assert torch.equal(torch.cat(parts), expect)
     with pytest.raises(DataError, match="saved for 12 windows"):
         RankBatches(np.arange(100), 4, 6, 0, 1, seed=3).load_state_dict(state)
+
+
+def test_context_and_sequence_parallel_split_the_sequence_together():
+    with pytest.raises(ConfigError, match=r"seq_len=12 must be divisible by 8 .* tp=2 for sequence"):
+        ParallelConfig(cp=2, tp=2).validate(4, CFG, seq_len=12)
+
+
+def test_load_balanced_positions_pair_early_and_late_chunks():
+    from lmforge.parallel.cp import load_balanced_positions
+
+    got = [load_balanced_positions(8, r, 2).tolist() for r in range(2)]
+    assert got == [[0, 1, 6, 7], [2, 3, 4, 5]]
+    assert sorted(sum(got, [])) == list(range(8))
+    with pytest.raises(ConfigError, match="seq_len=6 must be divisible by 2·cp=4"):
+        load_balanced_positions(6, 0, 2)

@@ -5,6 +5,7 @@
     torchrun --nproc-per-node N bench/scaling_gpus.py pp --schedule gpipe|1f1b --microbatches 8
     torchrun --nproc-per-node N bench/scaling_gpus.py cp                       # longest sequence on N GPUs (cp=N)
     torchrun --nproc-per-node N bench/scaling_gpus.py optim --optim adamw|muon|dion
+    torchrun --nproc-per-node N bench/scaling_gpus.py moe [--ep] --depth 12
     ... add --smoke for a CPU/gloo toy run (torchrun --nproc-per-node 2 ... --smoke)
 
 dp --impl: lmforge_ddp (per-parameter all-reduce), lmforge_bucketed, zero1, zero2, zero3 (lmforge.parallel,
@@ -12,8 +13,8 @@ teaching versions), torch_ddp, fsdp2. Reported per GPU: tokens/s, MFU, peak memo
 formula's model-state bytes (fp32 weights and grads, AdamW m and v: 4 + 4 + 8 bytes/param) for comparison.
 Scaling efficiency = tokens/s per GPU at N / at 1, computed from the JSON files of the 1..N runs.
 pp: bubble = 1 - m·t_stage / t_step, t_stage one stage's forward+backward of one micro-batch timed alone;
-against (p-1)/(m+p-1). MoE expert parallelism is not built yet (lmforge.parallel has no all-to-all
-dispatch): the run is refused with that message. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 ...).
+against (p-1)/(m+p-1). moe: a depth-12 MoE (16 experts, top-2) with experts split over the GPUs
+(--ep, all-to-all dispatch) or replicated; both average the other gradients with the same all-reduce. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 ...).
 Rank 0 prints one JSON line and writes bench/results/scaling_gpus/<config>_<variant>_n<N>.json.
 """
 
@@ -255,12 +256,48 @@ def run_optim(args, rank, world, device) -> dict:
             "fsdp_comm_gib_per_step": fsdp_bytes / 2**30 * (world - 1) / world}
 
 
-RUNS = {"dp": run_dp, "big": run_big, "pp": run_pp, "cp": run_cp, "optim": run_optim}
+# -- MoE: experts split over the GPUs (all-to-all) vs replicated on every GPU -------------------------------
+def run_moe(args, rank, world, device) -> dict:
+    from lmforge.model.config import MoEConfig
+    from lmforge.parallel.ddp import broadcast_module_
+    from lmforge.parallel.ep import apply_ep, sync_gradients
+
+    d = 64 * args.depth
+    cfg = ModelConfig.from_depth(args.depth, vocab_size=args.vocab, max_seq_len=args.seq, mlp="moe",
+                                 activation="swiglu", moe=MoEConfig(n_experts=args.experts, top_k=2, d_expert=d))
+    model = on_device(cfg, device)
+    fpt = model.flops_per_token(args.seq)
+    broadcast_module_(model)
+    if args.ep:
+        apply_ep(model)
+    opt = build_optimizer(model, ADAMW)
+    batches = random_batches(args.warmup, args.batch * world, args.seq, args.vocab, device)
+    local = [(x[rank * args.batch:(rank + 1) * args.batch], y[rank * args.batch:(rank + 1) * args.batch])
+             for x, y in batches]
+
+    def step(x, y):  # the same gradient all-reduce code for both layouts; EP skips the experts' grads
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = lm_loss(model(x), y)[0]
+        loss.backward()
+        sync_gradients(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    r = timed(step, local, device, args.warmup, args.steps)
+    tps = args.batch * args.seq / r["step_s"]
+    return {**r, "params_per_gpu": sum(p.numel() for p in model.parameters()), "tok_s_per_gpu": tps,
+            "mfu_active": mfu(fpt, tps, device), "experts": args.experts}
+
+
+RUNS = {"dp": run_dp, "big": run_big, "pp": run_pp, "cp": run_cp, "optim": run_optim, "moe": run_moe}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", choices=[*RUNS, "moe"])
+    ap.add_argument("config", choices=list(RUNS))
+    ap.add_argument("--ep", action="store_true", help="moe: experts split over the GPUs (else replicated)")
+    ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--impl", default="fsdp2",
                     choices=["lmforge_ddp", "lmforge_bucketed", "zero1", "zero2", "zero3", "torch_ddp", "fsdp2"])
     ap.add_argument("--tp", type=int, default=1)
@@ -278,8 +315,6 @@ def main() -> None:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
-    if args.config == "moe":
-        raise SystemExit("moe: expert parallelism (all-to-all dispatch) is not built in lmforge.parallel yet")
     if args.smoke:
         args.depth, args.seq, args.batch, args.vocab, args.warmup, args.steps = 2, 32, 2, 256, 2, 3
         args.compile, args.max_seq, args.microbatches = False, 128, min(args.microbatches, 4)
@@ -288,7 +323,8 @@ def main() -> None:
     out = RUNS[args.config](args, rank, world, device)
     sync(device)
     variant = {"dp": args.impl, "big": f"tp{args.tp}_{args.ac}", "pp": f"{args.schedule}_m{args.microbatches}",
-               "cp": "cp", "optim": args.optim}[args.config]
+               "cp": "cp", "optim": args.optim,
+               "moe": "ep" if args.ep else "replicated"}[args.config]
     if rank == 0:
         meta = {"config": args.config, "variant": variant, "world": world, "seq": args.seq, "batch": args.batch,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

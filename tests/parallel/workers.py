@@ -157,3 +157,31 @@ def sharded_matrix_suite(rank: int, world: int) -> dict:
         out[name] = {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
     dist.barrier()
     return out if rank == 0 else {}
+
+
+# -- expert parallelism ----------------------------------------------------------------------------------
+def moe_cfg() -> ModelConfig:
+    from lmforge.model.config import MoEConfig
+
+    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attn_impl="math",
+                       activation="swiglu", mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=16))
+
+
+def expert_parallel_suite(rank: int, world: int) -> dict:
+    from lmforge.parallel.ddp import broadcast_module_
+    from lmforge.parallel.ep import apply_ep, sync_gradients
+
+    m = model(moe_cfg())
+    broadcast_module_(m)
+    apply_ep(m)
+    opt = build_optimizer(m, OPT)
+    losses = []
+    for x, y in batches():
+        loss = loss_of(m, local(x, rank, world), local(y, rank, world))
+        loss.backward()
+        sync_gradients(m)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    out = {"params": params_of(m), "losses": torch.stack(losses)}
+    return out

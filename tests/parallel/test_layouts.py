@@ -2,7 +2,8 @@
 tensor parallel (with and without sequence parallel, vocabulary-parallel loss), pipeline parallel
 (GPipe, 1F1B), activation checkpointing (full, selective), context parallel on 2 processes; HSDP,
 FSDP x TP, PP x FSDP, PP x TP, FSDP x CP, TP x CP, HSDP x CP on 4. Each trains the same tiny model for 3 AdamW steps on the same global batches and must give
-one process's loss curve: tolerance 1e-5 absolute (fp32; measured <= 5e-7, the summation order).
+one process's loss curve and global gradient norms (clipped at 0.5) through ParallelRunner: tolerance
+1e-5 (absolute for losses, relative for norms; fp32, measured <= 5e-7: the summation order).
 Distributed checkpoints: written by 2 FSDP ranks after step 2, resumed by 4 ranks as FSDP x TP and by
 one plain process; step 3 matches the uninterrupted run."""
 
@@ -36,14 +37,20 @@ def ref():
     return L.reference()
 
 
+def _same_curve(got, want) -> None:
+    """Losses and the global gradient norms (clipped to 0.5 every step) within TOL of one process."""
+    assert [l for l, _ in got] == pytest.approx([l for l, _ in want], abs=TOL)
+    assert [n for _, n in got] == pytest.approx([n for _, n in want], rel=TOL)
+
+
 @pytest.mark.parametrize("name", list(L.LAYOUTS_2))
 def test_two_process_layout_matches_one_process(world2, ref, name):
-    assert world2[name] == pytest.approx(ref[0], abs=TOL)
+    _same_curve(world2[name], ref[0])
 
 
 @pytest.mark.parametrize("name", list(L.LAYOUTS_4))
 def test_four_process_layout_matches_one_process(world4, ref, name):
-    assert world4[name] == pytest.approx(ref[0], abs=TOL)
+    _same_curve(world4[name], ref[0])
 
 
 def _close(a: dict, b: dict) -> float:
@@ -52,11 +59,11 @@ def _close(a: dict, b: dict) -> float:
 
 
 def test_checkpoint_from_2_fsdp_ranks_resumes_on_4_ranks_fsdp_x_tp(world4, ref):
-    assert world4["resumed"] == pytest.approx(ref[0][2], abs=TOL)
+    assert world4["resumed"] == pytest.approx(ref[0][2][0], abs=TOL)
     assert _close(world4["resumed_params"], ref[1]) < 5e-5
 
 
 def test_checkpoint_from_2_fsdp_ranks_resumes_in_one_process(world2, ckpt_dir, ref):
-    losses, params = L.reference(resume=ckpt_dir)
-    assert losses == pytest.approx(ref[0][2:], abs=TOL)
+    curve, params = L.reference(resume=ckpt_dir)
+    _same_curve(curve, ref[0][2:])
     assert _close(params, ref[1]) < 5e-5

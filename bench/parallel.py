@@ -76,7 +76,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/parallel.json")
     args = ap.parse_args()
     if args.smoke:
-        args.depth, args.seq, args.batch, args.vocab, args.warmup, args.steps, args.no_compile = 2, 64, 2, 512, 2, 3, True
+        args.depth, args.seq, args.batch, args.vocab = 2, 64, 2, 512
+        args.warmup, args.steps, args.no_compile = 2, 3, True
     rank, world, device = join()
     torch._dynamo.config.cache_size_limit = 64  # five variants x per-block graphs: no silent fall-back to eager
     cfg = ModelConfig.from_depth(args.depth, vocab_size=args.vocab, max_seq_len=args.seq)

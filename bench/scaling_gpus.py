@@ -14,7 +14,8 @@ formula's model-state bytes (fp32 weights and grads, AdamW m and v: 4 + 4 + 8 by
 Scaling efficiency = tokens/s per GPU at N / at 1, computed from the JSON files of the 1..N runs.
 pp: bubble = 1 - m·t_stage / t_step, t_stage one stage's forward+backward of one micro-batch timed alone;
 against (p-1)/(m+p-1). moe: a depth-12 MoE (16 experts, top-2) with experts split over the GPUs
-(--ep, all-to-all dispatch) or replicated; both average the other gradients with the same all-reduce. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 ...).
+(--ep, all-to-all dispatch) or replicated; both average the other gradients with the same all-reduce.
+NVLink multicast stays off (NCCL_NVLS_ENABLE=0 ...).
 Rank 0 prints one JSON line and writes bench/results/scaling_gpus/<config>_<variant>_n<N>.json.
 """
 
@@ -330,7 +331,8 @@ def main() -> None:
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "torch": torch.__version__, "smoke": args.smoke}
         row = {**meta, **out}
-        path = Path("bench/results/scaling_gpus") / f"{args.config}_{variant}_n{world}{'_smoke' if args.smoke else ''}.json"
+        name = f"{args.config}_{variant}_n{world}{'_smoke' if args.smoke else ''}.json"
+        path = Path("bench/results/scaling_gpus") / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k not in ("by_seq",)}))

@@ -45,7 +45,8 @@ def load_balanced_positions(seq_len: int, rank: int, cp: int) -> torch.Tensor:
     if seq_len % (2 * cp):
         raise ConfigError(f"seq_len={seq_len} must be divisible by 2·cp={2 * cp} for context parallelism")
     c = seq_len // (2 * cp)
-    return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
+    early, late = rank * c, (2 * cp - 1 - rank) * c
+    return torch.cat([torch.arange(early, early + c), torch.arange(late, late + c)])
 
 
 class ContextParallelKV:

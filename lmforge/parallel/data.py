@@ -27,7 +27,8 @@ class RankBatches:
         self.rank, self.world, self.seed = rank, world, seed
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
-            raise DataError(f"{len(tokens)} tokens hold no window of seq_len+1={seq_len + 1}; add data or lower seq_len")
+            raise DataError(f"{len(tokens)} tokens hold no window of seq_len+1={seq_len + 1}; "
+                            "add data or lower seq_len")
         self.position = 0  # windows consumed by all ranks together since the start
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 

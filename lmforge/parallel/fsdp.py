@@ -23,7 +23,8 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks: a Transformer's ModuleList, or a pipeline stage's ModuleDict."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ConfigError(f"parallelism needs a model with .blocks (an lmforge Transformer), got {type(model).__name__}")
+        raise ConfigError("parallelism needs a model with .blocks (an lmforge Transformer), "
+                          f"got {type(model).__name__}")
     return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
 
 

@@ -42,7 +42,8 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_
         "final_norm": SequenceParallel() if sequence_parallel else None,
     }
     # a pipeline stage lacks the embedding or the head
-    parallelize_module(model, tp_mesh, {k: v for k, v in top.items() if v is not None and getattr(model, k, None) is not None})
+    present = {k: v for k, v in top.items() if v is not None and getattr(model, k, None) is not None}
+    parallelize_module(model, tp_mesh, present)
     if sequence_parallel and hasattr(model, "seq_shards"):  # a pipeline stage
         model.seq_shards = tp
     for block in blocks_of(model):

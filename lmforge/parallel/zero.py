@@ -35,9 +35,6 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.parallel.ddp import broadcast_module_
 
-ADAM_MIXED_BYTES = {"param": 2, "grad": 2, "optim": 12}
-
-
 def zero_memory(n_params: int, world: int, stage: int, *, param: float = 2, grad: float = 2, optim: float = 12,
                 n_owned: int | None = None) -> dict[str, float]:
     """Model-state bytes per rank under ZeRO `stage` (0 = plain DDP). Defaults are mixed-precision Adam

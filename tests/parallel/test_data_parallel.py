@@ -17,7 +17,7 @@ from lmforge.parallel.zero import partition, zero_memory
 from tests.parallel import workers as w
 
 ATOL = 5e-5
-KINDS = ("naive", "bucketed", "zero1", "zero2", "zero3", "zero2_accum", "torch_ddp", "fsdp2")
+KINDS = ("naive", "bucketed", "bucketed_accum", "zero1", "zero2", "zero3", "zero2_accum", "torch_ddp", "fsdp2")
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
@@ -46,6 +46,14 @@ def test_same_parameters_as_torch(suite, kind):
     _, results = suite
     assert _maxdiff(results[0][kind], results[0]["torch_ddp"]) < ATOL
     assert _maxdiff(results[0][kind], results[0]["fsdp2"]) < ATOL
+
+
+def test_bucketed_all_reduces_start_during_backward(suite):
+    """Every bucket (several: 0.01 MB each) was launched by a gradient hook before backward returned."""
+    _, results = suite
+    for kind in ("bucketed", "bucketed_accum"):
+        for started, n in results[0][f"{kind}_launched"]:
+            assert n > 3 and started == n
 
 
 def test_zero_runs_muon_on_whole_matrices(suite, ref):

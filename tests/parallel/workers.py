@@ -59,18 +59,32 @@ def params_of(m) -> dict[str, torch.Tensor]:
 
 
 # -- from-scratch DDP and ZeRO vs torch DDP / FSDP2 ----------------------------------------------------
-def _ddp(kind: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+def _ddp(kind: str, rank: int, world: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """kind: naive | bucketed | bucketed_accum (two micro-batches, the first under no_sync). Also returns,
+    per step, (buckets whose all-reduce had started before backward returned, buckets): the overlap."""
     from lmforge.parallel.ddp import BucketedDDP, NaiveDDP
 
     m = model()
     wrapped = NaiveDDP(m) if kind == "naive" else BucketedDDP(m, bucket_mb=0.01)
     opt = build_optimizer(m, OPT)
+    launched = []
     for x, y in batches():
-        loss_of(wrapped, local(x, rank, world), local(y, rank, world)).backward()
-        wrapped.sync_gradients() if kind == "naive" else wrapped.finish_gradient_sync()
+        xs, ys = local(x, rank, world), local(y, rank, world)
+        if kind == "bucketed_accum":
+            h = xs.shape[0] // 2
+            with wrapped.no_sync():
+                (loss_of(wrapped, xs[:h], ys[:h]) * 0.5).backward()
+            (loss_of(wrapped, xs[h:], ys[h:]) * 0.5).backward()
+        else:
+            loss_of(wrapped, xs, ys).backward()
+        if kind == "naive":
+            wrapped.sync_gradients()
+        else:
+            launched.append((len(wrapped._inflight), len(wrapped.buckets)))
+            wrapped.finish_gradient_sync()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return params_of(m)
+    return params_of(m), launched
 
 
 def _zero(stage: int, rank: int, world: int, opt_cfg: OptimConfig = OPT, accum: int = 1):
@@ -119,8 +133,8 @@ def _fsdp2(rank: int, world: int) -> dict[str, torch.Tensor]:
 def data_parallel_suite(rank: int, world: int) -> dict:
     """Every data-parallel implementation on the same steps; rank 0 reports parameters, every rank memory."""
     out: dict = {}
-    for kind in ("naive", "bucketed"):
-        out[kind] = _ddp(kind, rank, world)
+    for kind in ("naive", "bucketed", "bucketed_accum"):
+        out[kind], out[f"{kind}_launched"] = _ddp(kind, rank, world)
     out["memory"] = {}
     for stage in (1, 2, 3):
         out[f"zero{stage}"], out["memory"][stage] = _zero(stage, rank, world)

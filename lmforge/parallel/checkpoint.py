@@ -55,3 +55,12 @@ def load_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state.get("optim") or {},
                    options=StateDictOptions(strict=False))
     return state.get("extra")
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights as plain CPU tensors on rank 0 ({} elsewhere; call on all ranks): what
+    rank 0 writes as an ordinary lmforge/HF checkpoint (model.safetensors) for inference. One pipeline
+    stage holds only its own blocks: gather each stage's and merge them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

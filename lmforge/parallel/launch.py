@@ -45,6 +45,17 @@ def init_distributed(backend: str | None = None, expected_world: int | None = No
     return rank, world
 
 
+def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
+    """The command that re-runs `lmforge <argv>` on `nproc` local processes under torchrun (for
+    `lmforge train --nproc N`: exec this with --nproc removed; every process then calls init_distributed)."""
+    import sys
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "lmforge", *argv]
+
+
 def _worker(rank: int, fn: Callable, world: int, store: str, out_dir: str, args: tuple) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

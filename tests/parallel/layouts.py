@@ -103,6 +103,9 @@ def layout_suite(rank: int, world: int, layouts: dict, ckpt: str | None = None, 
         for x, y in batches(2):
             run.step(x, y)
         save_distributed(ckpt, run.model, run.opt)
+        from lmforge.parallel.checkpoint import gather_full_state_dict
+
+        out["full_state_after_2"] = gather_full_state_dict(run.model)
     if resume is not None:  # resume as FSDP x TP and take step 3
         from lmforge.parallel.checkpoint import load_distributed
 

@@ -56,6 +56,18 @@ def test_world_size_mismatch_with_launch():
         init_distributed(expected_world=2)
 
 
+def test_torchrun_command_for_nproc():
+    import sys
+
+    from lmforge.parallel.launch import torchrun_argv
+
+    assert torchrun_argv(4, ["train", "--config", "x.toml"]) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "lmforge",
+        "train", "--config", "x.toml"]
+    with pytest.raises(ConfigError, match="--nproc must be >= 1, got 0"):
+        torchrun_argv(0, [])
+
+
 def test_bubble_fraction_formula():
     assert bubble_fraction(1, 8) == 0
     assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
@@ -84,6 +96,15 @@ def test_global_order_does_not_depend_on_world_size():
     one = _epoch_windows(1, 4)
     for world in (2, 3):
         assert _epoch_windows(world, 4) == one
+
+
+def test_windows_never_cross_shards():
+    shards = [np.arange(0, 10), np.arange(100, 113)]  # 2 and 3 windows of seq_len 4 (plus boundary token)
+    rb = RankBatches(shards, 4, 5, 0, 1, seed=0)
+    x, y = rb.next()
+    rows = sorted(torch.cat([x, y[:, -1:]], 1).tolist())
+    assert rows == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [100, 101, 102, 103, 104], [104, 105, 106, 107, 108],
+                    [108, 109, 110, 111, 112]]
 
 
 def test_resume_on_a_different_world_size():

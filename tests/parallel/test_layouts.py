@@ -67,3 +67,8 @@ def test_checkpoint_from_2_fsdp_ranks_resumes_in_one_process(world2, ckpt_dir, r
     curve, params = L.reference(resume=ckpt_dir)
     _same_curve(curve, ref[0][2:])
     assert _close(params, ref[1]) < 5e-5
+
+
+def test_sharded_weights_gather_into_a_plain_state_dict_on_rank_0(world2):
+    """What rank 0 writes as model.safetensors: the FSDP-sharded weights after 2 steps, whole."""
+    assert _close(world2["full_state_after_2"], L.reference(steps=2)[1]) < 5e-5

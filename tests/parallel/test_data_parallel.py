@@ -17,7 +17,8 @@ from lmforge.parallel.zero import partition, zero_memory
 from tests.parallel import workers as w
 
 ATOL = 5e-5
-KINDS = ("naive", "bucketed", "bucketed_accum", "zero1", "zero2", "zero3", "zero2_accum", "torch_ddp", "fsdp2")
+KINDS = ("naive", "bucketed", "bucketed_accum", "zero1", "zero2", "zero3", "zero2_accum", "zero3_accum", "torch_ddp",
+         "fsdp2")
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])

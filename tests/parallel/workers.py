@@ -139,6 +139,7 @@ def data_parallel_suite(rank: int, world: int) -> dict:
     for stage in (1, 2, 3):
         out[f"zero{stage}"], out["memory"][stage] = _zero(stage, rank, world)
     out["zero2_accum"], _ = _zero(2, rank, world, accum=2)
+    out["zero3_accum"], _ = _zero(3, rank, world, accum=2)
     out["zero2_muon"], _ = _zero(2, rank, world, MUON)
     out["torch_ddp"] = _torch_ddp(rank, world)
     out["fsdp2"] = _fsdp2(rank, world)

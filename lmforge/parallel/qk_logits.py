@@ -5,8 +5,9 @@ S_max^h = max_{b,i,j} q_i^h . k_j^h / sqrt(d) (over visible keys) exceeded tau g
 on each attention module recomputes q and k from the module's input and takes the max without autograd:
 one extra Q K^T per layer, the price of measuring (a kernel could emit the row max it already has).
 
-    rec = MaxLogitRecorder(model)
-    loss.backward(); opt.step(); opt.clip_qk_(rec.layers()); rec.reset()
+    rec = MaxLogitRecorder(model)                 # before parallelising: the hooks survive FSDP2
+    loss.backward(); opt.step(); rec.all_reduce_(); opt.clip_qk_(rec.layers()); rec.reset()
+    # on FSDP2-sharded weights: clip_qk_(rec.layers(), tau) below instead of Muon.clip_qk_
 """
 
 from __future__ import annotations
@@ -70,9 +71,44 @@ class MaxLogitRecorder:
             raise ConfigError("QK-clip needs separate wq/wk weights; build the model with fused_proj=false")
         return [(a.wq.weight, a.wk.weight, self.max[a], a.hd) for a in self.attns if a in self.max]
 
+    def all_reduce_(self, group=None) -> None:
+        """Max over the data-parallel ranks (each saw its own tokens): call before clipping."""
+        import torch.distributed as dist
+
+        for m in self.max.values():
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+
     def reset(self) -> None:
         self.max.clear()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _scale_rows_(w: torch.Tensor, rows: torch.Tensor) -> None:
+    """w *= rows (n, 1), on whole weights or on this rank's rows of an FSDP2 Shard(0) DTensor."""
+    if hasattr(w, "to_local"):
+        from lmforge.parallel.matrix_optim import _is_row_sharded, _own_rows
+
+        _is_row_sharded(w)
+        w.to_local().mul_(_own_rows(rows, w).to_local().to(w.dtype))
+    else:
+        w.mul_(rows.to(w.dtype))
+
+
+@torch.no_grad()
+def clip_qk_(layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]], tau: float) -> list[torch.Tensor]:
+    """QK-clip (lmforge.optim.qk_clip) on whole or FSDP2-sharded W_q, W_k: the per-row factors qk_clip_
+    applies are found by running it on columns of ones, then each rank scales its own rows (no gather).
+    Returns gamma per query head for each layer."""
+    from lmforge.optim.qk_clip import qk_clip_
+
+    gammas = []
+    for wq, wk, max_logits, hd in layers:
+        rq = torch.ones(wq.shape[0], 1, device=max_logits.device)
+        rk = torch.ones(wk.shape[0], 1, device=max_logits.device)
+        gammas.append(qk_clip_(rq, rk, max_logits, tau, hd))
+        _scale_rows_(wq, rq)
+        _scale_rows_(wk, rk)
+    return gammas

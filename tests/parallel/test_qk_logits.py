@@ -62,3 +62,25 @@ def test_qk_clip_caps_the_next_forward_at_tau():
     model(ids)
     after = torch.stack([m for _, _, m, _ in rec.layers()])
     torch.testing.assert_close(after, before.clamp(max=tau), rtol=1e-4, atol=1e-4)
+
+
+def test_max_logits_all_reduced_over_fsdp2_ranks_and_clip_on_shards():
+    """2 ranks, each half the batch: the all-reduced max equals one process's on the whole batch, and
+    QK-clip applied to the FSDP2-sharded W_q, W_k equals the clip of the whole matrices."""
+    from lmforge.optim.qk_clip import qk_clip_
+    from lmforge.parallel.launch import run_local
+    from tests.parallel import workers as w
+
+    got = run_local(w.qk_clip_suite, 2, timeout=120, start_method="fork")[0]
+    m = w.model()
+    rec = MaxLogitRecorder(m)
+    with torch.no_grad():
+        m(w.batches()[0][0])
+        want = [mx.clone() for _, _, mx, _ in rec.layers()]
+        for wq, wk, mx, hd in rec.layers():
+            assert bool((mx > w.TAU).any()) and bool((mx < w.TAU).any())
+            qk_clip_(wq, wk, mx, w.TAU, hd)
+    for a, b in zip(got["max"], want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(got["params"][name], p.detach(), rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=
 OPT = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
 MUON = OptimConfig(name="muon", lr=2e-2, adam_lr=1e-2, weight_decay=0.1)
 B, T, STEPS = 8, 8, 3
+TAU = 0.04  # below some heads' max logit in the tiny model: QK-clip acts on those heads
 
 
 def model(cfg: ModelConfig = CFG) -> Transformer:
@@ -200,3 +201,24 @@ def expert_parallel_suite(rank: int, world: int) -> dict:
         losses.append(loss.detach())
     out = {"params": params_of(m), "losses": torch.stack(losses)}
     return out
+
+
+def qk_clip_suite(rank: int, world: int) -> dict:
+    """Max logits recorded on each rank's slice under FSDP2, all-reduced, then QK-clip on the shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmforge.parallel.fsdp import apply_fsdp
+    from lmforge.parallel.qk_logits import MaxLogitRecorder, clip_qk_
+
+    m = model()
+    rec = MaxLogitRecorder(m)
+    apply_fsdp(m, init_device_mesh("cpu", (world,)))
+    x, _ = batches()[0]
+    with torch.no_grad():
+        m(local(x, rank, world))
+    m.reshard()  # the root unit keeps its gathered weights after forward until a backward that never comes
+    rec.all_reduce_()
+    maxes = [mx.clone() for _, _, mx, _ in rec.layers()]
+    clip_qk_(rec.layers(), TAU)
+    out = {"max": maxes, "params": {k: v.full_tensor().clone() for k, v in m.named_parameters()}}
+    return out if rank == 0 else {}

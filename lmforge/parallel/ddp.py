@@ -117,8 +117,10 @@ class BucketedDDP(nn.Module):
             flat.div_(self.world)
             offset = 0
             for p in self.buckets[i]:
-                n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(
-                    flat[offset:offset + n].view_as(p))
-                offset += n
+                averaged = flat[offset:offset + p.numel()].view_as(p)
+                if p.grad is None:  # a parameter this forward did not use: zeros were sent for it
+                    p.grad = averaged.clone()
+                else:
+                    p.grad.copy_(averaged)
+                offset += p.numel()
         self._reset()

@@ -47,7 +47,7 @@ VARIANTS = {
 def build(name: str, cfg: ModelConfig, device, compile_: bool):
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
-    fpt = model.flops_per_token(cfg.max_seq_len)
+    fpt, n_params = model.flops_per_token(cfg.max_seq_len), model.num_params()
     layout = VARIANTS[name]
     if layout is None:
         if compile_:
@@ -59,7 +59,7 @@ def build(name: str, cfg: ModelConfig, device, compile_: bool):
         parallelize(model, pc, build_mesh(pc, device.type))
         autocast = False  # FSDP's MixedPrecisionPolicy casts the gathered weights to bf16
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=3e-4, warmup_steps=0))
-    return make_step(model, opt, device, bf16_autocast=autocast), fpt
+    return make_step(model, opt, device, bf16_autocast=autocast), fpt, n_params
 
 
 def main() -> None:
@@ -84,28 +84,39 @@ def main() -> None:
     batches = random_batches(args.warmup, args.batch, args.seq, args.vocab, device)
     rows = []
     for name in args.variants.split(","):
-        step, fpt = build(name, cfg, device, not args.no_compile)
-        r = timed(step, batches, device, args.warmup, args.steps)
-        tps = args.batch * args.seq / r["step_s"]
-        rows.append({"variant": name, **r, "tok_s": tps, "mfu": mfu(fpt, tps, device)})
-        print(f"done {name}: {r['step_s']:.3f} s/step, losses {r['losses']}", flush=True)
-        del step
+        try:  # one failing variant must not cost the others' numbers
+            step, fpt, n_params = build(name, cfg, device, not args.no_compile)
+            r = timed(step, batches, device, args.warmup, args.steps)
+            tps = args.batch * args.seq / r["step_s"]
+            rows.append({"variant": name, **r, "tok_s": tps, "mfu": mfu(fpt, tps, device), "params": n_params})
+            # a line per variant as it finishes, in case the run is cut short before the table
+            print(f"done {name}: {r['step_s']:.3f} s/step {tps:.0f} tok/s MFU {rows[-1]['mfu'] or 0:.1%} "
+                  f"peak {r['peak_gib']:.1f} GiB losses {[round(x, 4) for x in r['losses']]}", flush=True)
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            print(f"FAILED {name}: {rows[-1]['error']}", flush=True)
+        step = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = rows[0]
-    for r in rows:
+    ok_rows = [r for r in rows if "error" not in r]
+    base = ok_rows[0] if ok_rows else None
+    for r in ok_rows:
         r["loss_diff"] = max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))
         r["ok"] = r["loss_diff"] < (0.03 if device.type == "cuda" else 1e-3)
         r["overhead"] = r["step_s"] / base["step_s"] - 1
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "depth": args.depth,
-            "params": Transformer(cfg).num_params() if args.smoke else None, "seq": args.seq, "batch": args.batch,
+            "params": ok_rows[0]["params"] if ok_rows else None, "seq": args.seq, "batch": args.batch,
             "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(json.dumps(meta))
-    print(f"{'variant':<20} {'s/step':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'vs plain':>9} {'loss diff':>10} ok")
+    print(f"{'variant':<20} {'s/step':>8} {'tok/s':>9} {'MFU':>6} {'peak GiB':>9} {'vs ' + rows[0]['variant']:>9} "
+          f"{'loss diff':>10} ok")
     for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<20} {r['error']}")
+            continue
         m = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         print(f"{r['variant']:<20} {r['step_s']:>8.3f} {r['tok_s']:>9.0f} {m:>6} {r['peak_gib']:>9.1f} "
               f"{r['overhead']:>+9.1%} {r['loss_diff']:>10.4f} {r['ok']}")

@@ -136,3 +136,15 @@ def test_load_balanced_positions_pair_early_and_late_chunks():
     assert sorted(sum(got, [])) == list(range(8))
     with pytest.raises(ConfigError, match="seq_len=6 must be divisible by 2·cp=4"):
         load_balanced_positions(6, 0, 2)
+
+
+def test_parallel_section_of_a_toml_config_loads():
+    """`[parallel]` in a run's TOML file becomes a ParallelConfig (lmforge.config), unknown keys refused."""
+    from lmforge.config import from_dict, to_dict
+
+    cfg = from_dict(ParallelConfig, {"dp_shard": 2, "tp": 2, "pp_schedule": "gpipe",
+                                     "activation_checkpoint": "selective"})
+    assert cfg == ParallelConfig(dp_shard=2, tp=2, pp_schedule="gpipe", activation_checkpoint="selective")
+    assert from_dict(ParallelConfig, to_dict(cfg)) == cfg and cfg.world_size == 4
+    with pytest.raises(ConfigError, match="tp_size"):
+        from_dict(ParallelConfig, {"tp_size": 2})

@@ -2,7 +2,8 @@
 tensor parallel (with and without sequence parallel, vocabulary-parallel loss), pipeline parallel
 (GPipe, 1F1B), activation checkpointing (full, selective), context parallel on 2 processes; HSDP,
 FSDP x TP, PP x FSDP, PP x TP, FSDP x CP, TP x CP, HSDP x CP on 4. Each trains the same tiny model
-for 3 AdamW steps on the same global batches and must give one process's loss curve and global gradient norms (clipped at 0.5) through ParallelRunner: tolerance
+for 3 AdamW steps on the same global batches and must give one process's loss curve and global
+gradient norms (clipped at 0.5) through ParallelRunner: tolerance
 1e-5 (absolute for losses, relative for norms; fp32, measured <= 5e-7: the summation order).
 Distributed checkpoints: written by 2 FSDP ranks after step 2, resumed by 4 ranks as FSDP x TP and by
 one plain process; step 3 matches the uninterrupted run."""

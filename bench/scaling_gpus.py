@@ -4,7 +4,7 @@
     torchrun --nproc-per-node N bench/scaling_gpus.py big --tp 1|2             # Llama-3-8B shape, FSDP2 (+TP), SAC
     torchrun --nproc-per-node N bench/scaling_gpus.py pp --schedule gpipe|1f1b --microbatches 8
     torchrun --nproc-per-node N bench/scaling_gpus.py cp                       # longest sequence on N GPUs (cp=N)
-    torchrun --nproc-per-node N bench/scaling_gpus.py optim --optim adamw|muon|dion
+    torchrun --nproc-per-node N bench/scaling_gpus.py optim --optim adamw|muon|muon_owner|dion
     torchrun --nproc-per-node N bench/scaling_gpus.py moe [--ep] --depth 12
     ... add --smoke for a CPU/gloo toy run (torchrun --nproc-per-node 2 ... --smoke)
 
@@ -240,20 +240,25 @@ def run_optim(args, rank, world, device) -> dict:
     model = on_device(cfg, device)
     matrices = [p for n, p in model.named_parameters() if p.dim() >= 2 and model.param_roles()[n] == "matrix"]
     rank_r = 64
-    extra = {"adamw": 0, "muon": sum(p.numel() * 4 for p in matrices),  # all-gather each fp32 momentum
-             "dion": sum((p.shape[0] + p[0].numel()) * min(rank_r, *p.shape) * 4 for p in matrices)}[args.optim]
+    # bytes each rank receives per step, on average: an all-gather brings (N-1)/N of every fp32 momentum
+    # matrix to every rank; gather-to-owner + scatter moves each matrix twice, once in total: 2 (N-1)/N^2
+    full = sum(p.numel() * 4 for p in matrices)
+    extra = {"adamw": 0, "muon": full * (world - 1) / world, "muon_owner": 2 * full * (world - 1) / world**2,
+             "dion": sum((p.shape[0] + p[0].numel()) * min(rank_r, *p.shape) * 4 for p in matrices)
+             * (world - 1) / world}[args.optim]
     fsdp_bytes = 3 * model.num_params() * 2  # bf16 all-gather forward + backward, reduce-scatter grads (fp32 = 2x)
     pc = ParallelConfig(dp_shard=world, param_dtype="bf16")
     parallelize(model, pc, build_mesh(pc, device.type))
-    ocfg = OptimConfig(name=args.optim, lr=0.02 if args.optim != "adamw" else 3e-4, adam_lr=3e-4, rank=rank_r,
-                       warmup_steps=0)
+    ocfg = OptimConfig(name=args.optim.removesuffix("_owner"), lr=0.02 if args.optim != "adamw" else 3e-4,
+                       adam_lr=3e-4, rank=rank_r, warmup_steps=0)
     opt = build_optimizer(model, ocfg)
-    opt = {"muon": ShardedMuon.from_optimizer, "dion": ShardedDion.from_optimizer}.get(args.optim, lambda o: o)(opt)
+    opt = {"muon": ShardedMuon.from_optimizer, "dion": ShardedDion.from_optimizer,
+           "muon_owner": lambda o: ShardedMuon.from_optimizer(o, owner_compute=True)}.get(args.optim, lambda o: o)(opt)
     batches = random_batches(args.warmup, args.batch * world, args.seq, args.vocab, device)
     local = [(x[rank * args.batch:(rank + 1) * args.batch], y[rank * args.batch:(rank + 1) * args.batch])
              for x, y in batches]
     r = timed(make_step(model, opt, device, bf16_autocast=False, clip=0), local, device, args.warmup, args.steps)
-    return {**r, "optimizer_comm_gib_per_step": extra / 2**30 * (world - 1) / world,
+    return {**r, "optimizer_comm_gib_per_step": extra / 2**30,
             "fsdp_comm_gib_per_step": fsdp_bytes / 2**30 * (world - 1) / world}
 
 
@@ -305,7 +310,7 @@ def main() -> None:
     ap.add_argument("--ac", default="selective", choices=["none", "full", "selective"])
     ap.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
     ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--optim", default="adamw", choices=["adamw", "muon", "dion"])
+    ap.add_argument("--optim", default="adamw", choices=["adamw", "muon", "muon_owner", "dion"])
     ap.add_argument("--depth", type=int, default=24)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--max-seq", type=int, default=262144)

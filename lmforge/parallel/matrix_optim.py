@@ -5,8 +5,9 @@ orthogonalised update of a matrix is not the concatenation of its row blocks' up
 
   ShardedMuon  gathers the whole momentum matrix (one all-gather of m·n values per matrix, the same
                volume FSDP spends gathering the weight), runs Newton-Schulz on it, keeps its own rows.
-               Every rank repeats the NS work; production versions (Moonlight, Liu et al. 2025 sec. 2.3)
-               give each matrix to one rank and scatter the result, dividing that compute by N.
+               Every rank repeats the NS work; with owner_compute=True each matrix is gathered to one
+               rank (round robin), orthogonalised there and its rows scattered back (as Moonlight, Liu
+               et al. 2025 sec. 2.3, distributes the work): NS compute divided by N.
   ShardedDion  Dion's distributed form (Ahn et al. 2025, Algorithm 3): the momentum stays sharded by
                rows and only rank-r factors travel. With B = [B_1; ...; B_N] (rows per rank) and Q (n x r)
                replicated:  B Q = [B_1 Q; ...] (all-gather m x r) -> P = QR(B Q), each rank keeps its rows
@@ -47,27 +48,73 @@ def _own_rows(full: torch.Tensor, like) -> torch.Tensor:
 
 
 class ShardedMuon(Muon):
+    """owner_compute=False (the reference): every rank all-gathers each momentum matrix and runs NS on it.
+    owner_compute=True: matrix j is gathered to rank j mod N only, orthogonalised there, and its rows
+    scattered back - the same result with 1/N of the Newton-Schulz work per rank and no all-gather."""
+
+    def __init__(self, *args, owner_compute: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.owner_compute = owner_compute
+        self._matrix_index = 0
+
     @classmethod
-    def from_optimizer(cls, opt: Muon) -> "ShardedMuon":
+    def from_optimizer(cls, opt: Muon, owner_compute: bool = False) -> "ShardedMuon":
         d = opt.defaults
         return cls(opt.param_groups, lr=d["lr"], momentum=d["momentum"], nesterov=d["nesterov"],
                    ns_steps=d["ns_steps"], scale=d["scale"], weight_decay=d["weight_decay"], betas=d["betas"],
-                   eps=d["eps"], qk_clip_tau=opt.qk_clip_tau)
+                   eps=d["eps"], qk_clip_tau=opt.qk_clip_tau, owner_compute=owner_compute)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._matrix_index = 0  # owners rotate over the matrices in the same order on every rank
+        return super().step(closure)
+
+    def _orthogonalise(self, m: torch.Tensor, group: dict) -> torch.Tensor:
+        """(rows, cols) whole momentum -> the scaled NS5 update."""
+        o = newton_schulz(m, group["ns_steps"], dtype=torch.bfloat16 if m.is_cuda else None)
+        return o * shape_scale(m.shape[0], m.shape[1], group["scale"])
+
+    def _owner_update(self, m, group: dict) -> torch.Tensor:
+        """This rank's rows of the update, computed on the matrix's owner: gather rows, NS, scatter rows."""
+        pg = m.device_mesh.get_group()
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        owner = self._matrix_index % world
+        self._matrix_index += 1
+        rows = [len(c) for c in torch.arange(m.shape[0]).chunk(world)]  # FSDP2's torch.chunk row split
+        rows += [0] * (world - len(rows))
+        local = m.to_local().reshape(rows[rank], -1)
+        padded = local.new_zeros(max(rows), local.shape[1])  # gloo/NCCL gather and scatter want equal sizes
+        padded[:rows[rank]] = local
+        parts = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+        src = dist.get_global_rank(pg, owner)
+        dist.gather(padded, parts, dst=src, group=pg)
+        out = None
+        if rank == owner:
+            o = self._orthogonalise(torch.cat([t[:r] for t, r in zip(parts, rows)]), group)
+            out = [padded.new_zeros(padded.shape) for _ in range(world)]
+            for t, chunk in zip(out, o.split(rows)):
+                t[:chunk.shape[0]] = chunk
+        dist.scatter(padded, out, src=src, group=pg)
+        return padded[:rows[rank]].reshape(m.to_local().shape)
 
     def update(self, p: torch.Tensor, group: dict) -> None:
         if not (group["use_muon"] and p.dim() >= 2 and _is_row_sharded(p)):
             return super().update(p, group)
+        from torch.distributed.tensor import DTensor
+
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)  # a DTensor: sharded like the weight
         buf = state["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(p.grad)
         m = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-        full = m.full_tensor()  # (m, n...) the whole matrix on every rank
-        o = newton_schulz(full.reshape(full.shape[0], -1), group["ns_steps"],
-                          dtype=torch.bfloat16 if full.is_cuda else None).reshape(full.shape)
-        o = o * shape_scale(full.shape[0], full[0].numel(), group["scale"])
-        apply_step_(p, _own_rows(o, p), group["lr"], group["weight_decay"])
+        if self.owner_compute:
+            local = self._owner_update(m, group)
+            o = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        else:
+            full = m.full_tensor()  # (m, n...) the whole matrix on every rank
+            o = _own_rows(self._orthogonalise(full.reshape(full.shape[0], -1), group).reshape(full.shape), p)
+        apply_step_(p, o, group["lr"], group["weight_decay"])
 
 
 class ShardedDion(Dion):
@@ -93,7 +140,9 @@ class ShardedDion(Dion):
             state["q"] = column_normalize(q0)
         b = state["momentum_buffer"].to_local().reshape(-1, n) + g
         group_ = p.device_mesh.get_group()
-        bq = DTensor.from_local(b @ state["q"], p.device_mesh, p.placements).full_tensor()  # (m, r) gathered
+        r = state["q"].shape[1]
+        bq = DTensor.from_local(b @ state["q"], p.device_mesh, p.placements, shape=(m, r),
+                                stride=(r, 1)).full_tensor()  # (m, r) gathered; shards may be uneven
         p_full, _ = torch.linalg.qr(bq)
         p_i = _own_rows(p_full, p).to_local()  # (m_i, r)
         r_mat = b.T @ p_i  # (n, r): this rank's share of B^T P

@@ -44,11 +44,11 @@ def loss_of(m, x, y) -> torch.Tensor:
     return lm_loss(m(x), y)[0]
 
 
-def reference(opt_cfg: OptimConfig = OPT, steps: int = STEPS) -> dict[str, torch.Tensor]:
+def reference(opt_cfg: OptimConfig = OPT, steps: int = STEPS, b: int = B) -> dict[str, torch.Tensor]:
     """One process, full batch: the parameters every layout must reach."""
     m = model()
     opt = build_optimizer(m, opt_cfg)
-    for x, y in batches(steps):
+    for x, y in batches(steps, b):
         loss_of(m, x, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -156,17 +156,20 @@ DION = OptimConfig(name="dion", lr=2e-2, adam_lr=1e-2, weight_decay=0.1, rank=4)
 
 
 def sharded_matrix_suite(rank: int, world: int) -> dict:
+    """On 3 ranks the 32- and 128-row matrices split unevenly (11/11/10 rows): FSDP2's torch.chunk split."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from lmforge.parallel.fsdp import apply_fsdp
     from lmforge.parallel.matrix_optim import ShardedDion, ShardedMuon
 
     out = {}
-    for name, cfg, cls in (("muon", MUON, ShardedMuon), ("dion", DION, ShardedDion)):
+    builds = (("muon", MUON, ShardedMuon.from_optimizer), ("dion", DION, ShardedDion.from_optimizer),
+              ("muon_owner", MUON, lambda o: ShardedMuon.from_optimizer(o, owner_compute=True)))
+    for name, cfg, build in builds:
         m = model()
         apply_fsdp(m, init_device_mesh("cpu", (world,)))
-        opt = cls.from_optimizer(build_optimizer(m, cfg))
-        for x, y in batches():
+        opt = build(build_optimizer(m, cfg))
+        for x, y in batches(b=2 * world):
             loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

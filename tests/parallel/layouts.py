@@ -41,6 +41,7 @@ LAYOUTS_4 = {
     "tp_cp": dict(tp=2, cp=2),
     "hsdp_cp": dict(dp_replicate=2, cp=2),
 }
+LAYOUTS_8 = {"pp_fsdp_tp": dict(pp=2, dp_shard=2, tp=2, microbatches=2)}  # 3-D
 
 
 def model() -> Transformer:

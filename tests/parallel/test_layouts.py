@@ -1,10 +1,10 @@
 """Production layouts on torch.distributed (gloo, CPU): FSDP2 (resharded or kept after forward), DDP,
 tensor parallel (with and without sequence parallel, vocabulary-parallel loss), pipeline parallel
 (GPipe, 1F1B), activation checkpointing (full, selective), context parallel on 2 processes; HSDP,
-FSDP x TP, PP x FSDP, PP x TP, FSDP x CP, TP x CP, HSDP x CP on 4. Each trains the same tiny model
-for 3 AdamW steps on the same global batches and must give one process's loss curve and global
-gradient norms (clipped at 0.5) through ParallelRunner: tolerance
-1e-5 (absolute for losses, relative for norms; fp32, measured <= 5e-7: the summation order).
+FSDP x TP, PP x FSDP, PP x TP, FSDP x CP, TP x CP, HSDP x CP on 4; PP x FSDP x TP on 8. Each trains
+the same tiny model for 3 AdamW steps on the same global batches and must give one process's loss
+curve and global gradient norms (clipped at 0.5) through ParallelRunner: tolerance 1e-5 (absolute for
+losses, relative for norms; fp32, measured <= 5e-7: the summation order).
 Distributed checkpoints: written by 2 FSDP ranks after step 2, resumed by 4 ranks as FSDP x TP and by
 one plain process; step 3 matches the uninterrupted run."""
 
@@ -34,6 +34,11 @@ def world4(world2, ckpt_dir):  # after world2 has written the checkpoint
 
 
 @pytest.fixture(scope="module")
+def world8():
+    return run_local(L.layout_suite, 8, L.LAYOUTS_8, timeout=150, start_method="fork")[0]
+
+
+@pytest.fixture(scope="module")
 def ref():
     return L.reference()
 
@@ -52,6 +57,11 @@ def test_two_process_layout_matches_one_process(world2, ref, name):
 @pytest.mark.parametrize("name", list(L.LAYOUTS_4))
 def test_four_process_layout_matches_one_process(world4, ref, name):
     _same_curve(world4[name], ref[0])
+
+
+@pytest.mark.parametrize("name", list(L.LAYOUTS_8))
+def test_eight_process_3d_layout_matches_one_process(world8, ref, name):
+    _same_curve(world8[name], ref[0])
 
 
 def _close(a: dict, b: dict) -> float:

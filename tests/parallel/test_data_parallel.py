@@ -28,7 +28,7 @@ def suite(request):
 
 @pytest.fixture(scope="module")
 def ref():
-    return {"adamw": w.reference(w.OPT), "muon": w.reference(w.MUON)}
+    return {"adamw": w.reference(w.OPT), "muon": w.reference(w.MUON), "dion": w.reference(w.DION)}
 
 
 def _maxdiff(a: dict, b: dict) -> float:
@@ -57,10 +57,11 @@ def test_bucketed_all_reduces_start_during_backward(suite):
             assert n > 3 and started == n
 
 
-def test_zero_runs_muon_on_whole_matrices(suite, ref):
-    """Muon needs each matrix whole: ZeRO's per-tensor partition lets the owner orthogonalise it."""
+def test_zero_runs_matrix_optimizers_on_whole_matrices(suite, ref):
+    """Muon and Dion need each matrix whole: ZeRO's per-tensor partition lets the owner step it."""
     _, results = suite
     assert _maxdiff(results[0]["zero2_muon"], ref["muon"]) < ATOL
+    assert _maxdiff(results[0]["zero3_dion"], ref["dion"]) < ATOL
 
 
 @pytest.mark.parametrize("stage", (1, 2, 3))

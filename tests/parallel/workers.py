@@ -142,6 +142,7 @@ def data_parallel_suite(rank: int, world: int) -> dict:
     out["zero2_accum"], _ = _zero(2, rank, world, accum=2)
     out["zero3_accum"], _ = _zero(3, rank, world, accum=2)
     out["zero2_muon"], _ = _zero(2, rank, world, MUON)
+    out["zero3_dion"], _ = _zero(3, rank, world, DION)
     out["torch_ddp"] = _torch_ddp(rank, world)
     out["fsdp2"] = _fsdp2(rank, world)
     out["n_params"] = sum(p.numel() for p in model().parameters())

@@ -192,7 +192,7 @@ def _stage_fb(stage_mod, x, y, last: bool):
 
 # -- context parallel: the longest sequence ------------------------------------------------------------
 def run_cp(args, rank, world, device) -> dict:
-    from lmforge.parallel.cp import context_parallel_inputs
+    from lmforge.parallel.runner import ParallelRunner
 
     results, seq = [], args.seq
     cfg0 = depth_model(args)
@@ -203,24 +203,20 @@ def run_cp(args, rank, world, device) -> dict:
         try:
             model = on_device(cfg, device)
             fpt = model.flops_per_token(seq)
-            mesh = build_mesh(pc, device.type)
-            parallelize(model, pc, mesh)
-            opt = build_optimizer(model, ADAMW)
-            cp_mesh = mesh["cp"]
+            runner = ParallelRunner(model, pc, device=device, seq_len=seq)
+            opt = build_optimizer(runner.model, ADAMW)
 
             def step(x, y):
-                xl, yl, pos, kv = context_parallel_inputs(x, y, cp_mesh)
-                loss = lm_loss(model(xl, positions=pos, cache=kv), yl)[0]
-                loss.backward()
+                loss = runner.forward_backward(x, y)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                return loss.detach()
+                return loss
 
             r = timed(step, random_batches(2, 1, seq, args.vocab, device), device, 2, 3)
         except torch.cuda.OutOfMemoryError:
             ok.zero_()
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        model = opt = None
+        model = runner = opt = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if not bool(ok):

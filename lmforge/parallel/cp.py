@@ -9,7 +9,8 @@ every rank the same work). Attention needs no reordering of the gathered keys: t
 global positions of queries and keys.
 
 No model change: `ContextParallelKV` keeps the cache interface (update/mask/length/advance), so
-attention hands it its k, v and gets every rank's back. Training layout only (causal, full attention:
+attention hands it its k, v and gets every rank's back; `apply_cp` passes it (and the positions) to the
+model through a forward pre-hook, and `shard_batch` gives each rank its tokens of a batch. Training layout only (causal, full attention:
 sliding windows, MLA and multi-token prediction are refused or skipped).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from lmforge.errors import ConfigError
 
@@ -70,9 +72,35 @@ class ContextParallelKV:
         pass
 
 
-def context_parallel_inputs(x: torch.Tensor, y: torch.Tensor, cp_mesh):
-    """This rank's tokens of (B, T) inputs/targets, their global positions, and the KV gatherer to pass
-    as the model's cache:  model(x_l, positions=pos, cache=kv); loss on y_l."""
-    pos = load_balanced_positions(x.shape[1], cp_mesh.get_local_rank(), cp_mesh.size()).to(x.device)
-    return x[:, pos], y[:, pos], pos, ContextParallelKV(pos, cp_mesh.get_group())
+def shard_batch(batch: dict[str, torch.Tensor], cp_mesh) -> dict[str, torch.Tensor]:
+    """This rank's tokens of every (B, T) tensor of a training batch (input_ids, targets, loss_mask...),
+    and their global positions as batch["positions"] (B, T/cp)."""
+    if "doc_ids" in batch:
+        raise ConfigError("context parallelism with packed documents (doc_ids) is not supported; "
+                          "set parallel.cp=1 or train without packing")
+    T = batch["input_ids"].shape[1]
+    pos = load_balanced_positions(T, cp_mesh.get_local_rank(), cp_mesh.size()).to(batch["input_ids"].device)
+    out = {k: v[:, pos] if v.dim() >= 2 and v.shape[1] == T else v for k, v in batch.items()}
+    out["positions"] = pos.expand(batch["input_ids"].shape[0], -1)
+    return out
 
+
+def apply_cp(model: nn.Module, cp_mesh) -> nn.Module:
+    """Make `model(local_ids)` context-parallel in training mode: a forward pre-hook turns a call on this
+    rank's tokens into model(local_ids, positions=global positions, cache=ContextParallelKV), so objectives
+    that call model(batch["input_ids"]) run unchanged on shard_batch's output. Eval mode is untouched
+    (evaluation sees whole sequences)."""
+    group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
+
+    def hook(module, args, kwargs):
+        if not module.training or kwargs.get("cache") is not None:
+            return None
+        ids = args[0] if args else kwargs["input_ids"]
+        pos = kwargs.get("positions")
+        if pos is None:
+            pos = load_balanced_positions(ids.shape[1] * cp, rank, cp).to(ids.device)
+        pos = pos[0] if pos.dim() == 2 else pos  # every row of a batch holds the same positions
+        return args, {**kwargs, "positions": pos, "cache": ContextParallelKV(pos, group)}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig, build_mesh, submesh
-from lmforge.parallel.cp import context_parallel_inputs
+from lmforge.parallel.cp import apply_cp, shard_batch
 from lmforge.parallel.parallelize import dp_rank_and_size, parallelize
 from lmforge.parallel.pp import build_schedule, split_stage
 from lmforge.train.loss import lm_loss
@@ -49,6 +50,8 @@ class ParallelRunner:
         self._scale = 1.0
         if self.pp_mesh is None:
             self.model = parallelize(model, cfg, self.mesh)
+            if self.cp_mesh is not None:
+                apply_cp(self.model, self.cp_mesh)
             return
         self.stage = self.pp_mesh.get_local_rank()
         self.first, self.last = self.stage == 0, self.stage == cfg.pp - 1
@@ -68,19 +71,34 @@ class ParallelRunner:
             self.schedule.step(*([x] if self.first else []), **({"target": y, "losses": losses} if self.last else {}))
             # the schedule averages micro-batch gradients; losses are the scaled micro-batch losses
             return torch.stack(losses).mean().detach() / scale if self.last else torch.zeros((), device=self.device)
-        kw = {}
         if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
-            x, y, kw["positions"], kw["cache"] = context_parallel_inputs(x, y, self.cp_mesh)
-        ctx = contextlib.nullcontext()
-        if self.cfg.loss_parallel:
-            from torch.distributed.tensor.parallel import loss_parallel
-
-            ctx = loss_parallel()
-        with ctx:
-            loss = self.loss_fn(self.model(x, **kw), y)
+            b = shard_batch({"input_ids": x, "targets": y}, self.cp_mesh)
+            x, y = b["input_ids"], b["targets"]
+        with self._loss_context():
+            loss = self.loss_fn(self.model(x), y)
             (loss * scale).backward()
         loss = loss.detach()
         return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+    def objective_step(self, batch: dict[str, torch.Tensor], objective, scale: float = 1.0):
+        """Forward and backward of an lmforge.train Objective on this rank's batch (dict of (B, T) tensors):
+        objective.loss(model, batch) -> (loss, metrics). Not for pipeline layouts (a stage has no logits)."""
+        if self.pp_mesh is not None:
+            raise ConfigError("pipeline parallel runs the LM loss of forward_backward; objectives with their "
+                              "own model calls need parallel.pp=1")
+        if self.cp_mesh is not None:
+            batch = shard_batch(batch, self.cp_mesh)
+        with self._loss_context():
+            loss, metrics = objective.loss(self.model, batch)
+            (loss * scale).backward()
+        return loss.detach(), metrics
+
+    def _loss_context(self):
+        if not self.cfg.loss_parallel:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
 
     def global_loss(self, local: torch.Tensor) -> torch.Tensor:
         """Mean over the data-parallel (and context-parallel) ranks of their local losses, on every rank."""

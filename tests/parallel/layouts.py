@@ -12,6 +12,7 @@ from lmforge.model.transformer import Transformer
 from lmforge.optim import build_optimizer
 from lmforge.parallel.config import ParallelConfig
 from lmforge.parallel.runner import ParallelRunner
+from lmforge.train.loss import lm_loss
 from tests.parallel.workers import OPT, batches, local, loss_of
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
@@ -31,6 +32,7 @@ LAYOUTS_2 = {
     "fsdp_ac_full": dict(dp_shard=2, activation_checkpoint="full"),
     "fsdp_ac_selective": dict(dp_shard=2, activation_checkpoint="selective"),
     "cp": dict(cp=2),
+    "cp_objective": dict(cp=2, objective=True),
 }
 LAYOUTS_4 = {
     "hsdp": dict(dp_replicate=2, dp_shard=2),
@@ -40,6 +42,7 @@ LAYOUTS_4 = {
     "fsdp_cp": dict(dp_shard=2, cp=2),
     "tp_cp": dict(tp=2, cp=2),
     "hsdp_cp": dict(dp_replicate=2, cp=2),
+    "fsdp_tp_objective": dict(dp_shard=2, tp=2, loss_parallel=True, objective=True),
 }
 LAYOUTS_8 = {"pp_fsdp_tp": dict(pp=2, dp_shard=2, tp=2, microbatches=2)}  # 3-D
 
@@ -75,17 +78,33 @@ def full_params(m) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in m.named_parameters()}
 
 
+class LMObjective:
+    """The shape of lmforge.train's objectives: loss(model, batch) calls model(batch["input_ids"])."""
+
+    def loss(self, m, batch):
+        loss = lm_loss(m(batch["input_ids"]), batch["targets"])[0]
+        return loss, {"loss": loss.detach()}
+
+
 class Run:
-    """One rank's share of a layout: a ParallelRunner and its optimizer, one clipped step per call."""
+    """One rank's share of a layout: a ParallelRunner and its optimizer, one clipped step per call.
+    objective=True steps through runner.objective_step (an Objective on a batch dict) instead."""
 
     def __init__(self, layout: dict, world: int):
+        layout = dict(layout)
+        self.objective = LMObjective() if layout.pop("objective", False) else None
         self.runner = ParallelRunner(model(), ParallelConfig(**layout), seq_len=8, batch_size=8)
         self.model = self.runner.model
         self.opt = build_optimizer(self.model, OPT)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         r = self.runner
-        loss = r.forward_backward(local(x, r.dp_rank, r.dp_size), local(y, r.dp_rank, r.dp_size))
+        x, y = local(x, r.dp_rank, r.dp_size), local(y, r.dp_rank, r.dp_size)
+        if self.objective is not None:
+            loss = r.objective_step({"input_ids": x, "targets": y}, self.objective)[0]
+            loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+        else:
+            loss = r.forward_backward(x, y)
         norm = r.clip_grad_norm_(CLIP)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -4,7 +4,8 @@ tensor parallel (with and without sequence parallel, vocabulary-parallel loss), 
 FSDP x TP, PP x FSDP, PP x TP, FSDP x CP, TP x CP, HSDP x CP on 4; PP x FSDP x TP on 8. Each trains
 the same tiny model for 3 AdamW steps on the same global batches and must give one process's loss
 curve and global gradient norms (clipped at 0.5) through ParallelRunner: tolerance 1e-5 (absolute for
-losses, relative for norms; fp32, measured <= 5e-7: the summation order).
+losses, relative for norms; fp32, measured <= 5e-7: the summation order). Two layouts (CP; FSDP x TP
+with loss parallelism) step through objective_step, an lmforge.train-style Objective on a batch dict.
 Distributed checkpoints: written by 2 FSDP ranks after step 2, resumed by 4 ranks as FSDP x TP and by
 one plain process; step 3 matches the uninterrupted run."""
 

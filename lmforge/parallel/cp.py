@@ -10,8 +10,9 @@ global positions of queries and keys.
 
 No model change: `ContextParallelKV` keeps the cache interface (update/mask/length/advance), so
 attention hands it its k, v and gets every rank's back; `apply_cp` passes it (and the positions) to the
-model through a forward pre-hook, and `shard_batch` gives each rank its tokens of a batch. Training layout only (causal, full attention:
-sliding windows, MLA and multi-token prediction are refused or skipped).
+model through a forward pre-hook, and `shard_batch` gives each rank its tokens of a batch. Training
+layout only (causal, full attention: sliding windows, MLA, packed documents and multi-token prediction
+are refused or skipped).
 """
 
 from __future__ import annotations

@@ -62,9 +62,20 @@ class ParallelRunner:
         self.schedule = build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(), cfg.n_microbatches,
                                        cfg.pp_schedule, lambda out, y: self.loss_fn(out, y) * self._scale, self.device)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def _grad_sync(self, sync: bool) -> None:
+        """FSDP2 reduce-scatters after every backward unless told not to: with gradient accumulation only
+        the last micro-batch needs it (the others accumulate unsharded gradients locally)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(sync)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0, sync: bool = True
+                         ) -> torch.Tensor:
         """Forward and backward of this rank's rows (x, y: (B_local, T)); gradients accumulate scaled by
-        `scale` (1/grad_accum). Returns the detached local mean loss (zero on pipeline stages but the last)."""
+        `scale` (1/grad_accum); sync=False on all but the last micro-batch skips FSDP's reduce-scatter.
+        Returns the detached local mean loss (zero on pipeline stages but the last)."""
+        self._grad_sync(sync)
         if self.pp_mesh is not None:
             self._scale = scale
             losses: list[torch.Tensor] = []
@@ -80,9 +91,10 @@ class ParallelRunner:
         loss = loss.detach()
         return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
-    def objective_step(self, batch: dict[str, torch.Tensor], objective, scale: float = 1.0):
+    def objective_step(self, batch: dict[str, torch.Tensor], objective, scale: float = 1.0, sync: bool = True):
         """Forward and backward of an lmforge.train Objective on this rank's batch (dict of (B, T) tensors):
         objective.loss(model, batch) -> (loss, metrics). Not for pipeline layouts (a stage has no logits)."""
+        self._grad_sync(sync)
         if self.pp_mesh is not None:
             raise ConfigError("pipeline parallel runs the LM loss of forward_backward; objectives with their "
                               "own model calls need parallel.pp=1")

@@ -33,6 +33,7 @@ LAYOUTS_2 = {
     "fsdp_ac_selective": dict(dp_shard=2, activation_checkpoint="selective"),
     "cp": dict(cp=2),
     "cp_objective": dict(cp=2, objective=True),
+    "fsdp_accum_no_sync": dict(dp_shard=2, accum=2),
 }
 LAYOUTS_4 = {
     "hsdp": dict(dp_replicate=2, dp_shard=2),
@@ -88,11 +89,13 @@ class LMObjective:
 
 class Run:
     """One rank's share of a layout: a ParallelRunner and its optimizer, one clipped step per call.
-    objective=True steps through runner.objective_step (an Objective on a batch dict) instead."""
+    objective=True steps through runner.objective_step (an Objective on a batch dict) instead; accum=n
+    splits each step into n micro-batches."""
 
     def __init__(self, layout: dict, world: int):
         layout = dict(layout)
         self.objective = LMObjective() if layout.pop("objective", False) else None
+        self.accum = layout.pop("accum", 1)  # micro-batches per step, reduce-scatter on the last only
         self.runner = ParallelRunner(model(), ParallelConfig(**layout), seq_len=8, batch_size=8)
         self.model = self.runner.model
         self.opt = build_optimizer(self.model, OPT)
@@ -104,7 +107,9 @@ class Run:
             loss = r.objective_step({"input_ids": x, "targets": y}, self.objective)[0]
             loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
         else:
-            loss = r.forward_backward(x, y)
+            parts = list(zip(x.chunk(self.accum), y.chunk(self.accum)))
+            loss = sum(r.forward_backward(xa, ya, 1 / self.accum, sync=i == len(parts) - 1)
+                       for i, (xa, ya) in enumerate(parts)) / self.accum
         norm = r.clip_grad_norm_(CLIP)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -1,0 +1,126 @@
+"""ParallelConfig: how a training run is laid out over its processes, and the device mesh built from it.
+
+The world is factored as  pp x dp_replicate x dp_shard x cp x tp  (outermost first, as torchtitan does:
+tensor parallelism, the most communication-hungry, on the innermost and fastest links). Data-parallel
+ranks are dp_replicate x dp_shard (HSDP when both > 1); context-parallel ranks also shard the FSDP
+parameters (FSDP runs over the flattened dp_shard x cp dimension), since they see different tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmforge.config import check
+from lmforge.errors import ConfigError
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    dp_replicate: int = 1
+    """replicated data-parallel groups (DDP across them; HSDP when dp_shard > 1 too)"""
+    dp_shard: int = 1
+    """FSDP2 shard group size (1 = no FSDP)"""
+    tp: int = 1
+    """tensor-parallel degree: attention heads and MLP width split across ranks (divides n_heads, n_kv_heads)"""
+    pp: int = 1
+    """pipeline stages (divides n_layers)"""
+    cp: int = 1
+    """context-parallel degree: each rank holds seq_len / cp tokens of every sequence"""
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    microbatches: int = 0
+    """pipeline micro-batches per step; 0 = 2·pp"""
+    sequence_parallel: bool = True
+    """with tp > 1: norms and residual stream sharded along the sequence (Korthikanti et al. 2022)"""
+    loss_parallel: bool = False
+    """with tp > 1: cross-entropy on vocabulary-sharded logits (the full logits never exist on one rank)"""
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    reshard_after_forward: bool = True
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    """'full': recompute every block; 'selective': keep matmul/attention outputs, recompute the rest"""
+    ac_every: int = 1
+    """with 'full': checkpoint every n-th block only (layer-selective)"""
+    compile: bool = False
+    """torch.compile each block after parallelisation"""
+
+    def __post_init__(self) -> None:
+        for name in DIMS:
+            check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        check(self.pp_schedule in ("gpipe", "1f1b"), f"parallel.pp_schedule={self.pp_schedule!r}; choose gpipe or 1f1b")
+        check(self.microbatches >= 0, f"parallel.microbatches must be >= 0, got {self.microbatches}")
+        check(self.ac_every >= 1, f"parallel.ac_every must be >= 1, got {self.ac_every}")
+        check(self.activation_checkpoint in ("none", "full", "selective"),
+              f"parallel.activation_checkpoint={self.activation_checkpoint!r}; choose none, full or selective")
+        check(not self.loss_parallel or self.tp > 1, "parallel.loss_parallel needs tp > 1")
+        check(self.pp == 1 or self.cp == 1, f"parallel.cp={self.cp} with pp={self.pp}: pipeline stages do not carry "
+                                            "context-parallel positions yet; use one of them")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def n_microbatches(self) -> int:
+        return self.microbatches or 2 * self.pp
+
+    def validate(self, world_size: int, model_cfg=None, *, seq_len: int | None = None,
+                 batch_size: int | None = None) -> None:
+        """One-line errors for a layout that does not fit the launch or the model."""
+        if self.world_size != world_size:
+            sizes = " x ".join(f"{d}={getattr(self, d)}" for d in DIMS if getattr(self, d) > 1) or "all 1"
+            raise ConfigError(f"the parallel layout ({sizes}) needs world_size={self.world_size} but the launch has "
+                              f"{world_size} processes; make the product of the sizes equal the process count")
+        if model_cfg is not None:
+            heads, kv = model_cfg.n_heads, model_cfg.kv_heads
+            if heads % self.tp or kv % self.tp:
+                raise ConfigError(f"parallel.tp={self.tp} must divide n_heads={heads} and n_kv_heads={kv}")
+            if model_cfg.n_layers % self.pp:
+                raise ConfigError(f"parallel.pp={self.pp} must divide n_layers={model_cfg.n_layers}")
+            if self.tp > 1 and model_cfg.tie_embeddings:
+                raise ConfigError("parallel.tp > 1 with model.tie_embeddings: the embedding and head are sharded "
+                                  "along different dims; untie them (tie_embeddings=false)")
+            if self.tp > 1 and (model_cfg.mlp != "dense" or model_cfg.attention != "mha" or model_cfg.attn_sinks
+                                or model_cfg.fused_proj):
+                raise ConfigError("parallel.tp > 1 supports dense MLPs and mha attention without sinks or fused "
+                                  "projections; set tp=1 for this model")
+            if self.sequence_parallel and self.tp > 1 and model_cfg.pos_emb in ("learned", "sinusoidal"):
+                raise ConfigError(f"parallel.sequence_parallel with pos_emb={model_cfg.pos_emb!r}: use rope or set "
+                                  "sequence_parallel=false")
+            if self.cp > 1 and (model_cfg.attention != "mha" or model_cfg.sliding_window):
+                raise ConfigError(f"parallel.cp={self.cp} supports full mha/gqa attention; this model has attention="
+                                  f"{model_cfg.attention!r}, sliding_window={model_cfg.sliding_window}")
+        # context parallel: 2·cp load-balanced chunks; sequence parallel splits each rank's tokens by tp
+        split = (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+        if seq_len is not None and seq_len % split:
+            raise ConfigError(f"seq_len={seq_len} must be divisible by {split} (2 x parallel.cp={self.cp}"
+                              + (f" x tp={self.tp} for sequence parallelism" if self.sequence_parallel and self.tp > 1
+                                 else "") + ")")
+        dp = self.dp_replicate * self.dp_shard
+        if batch_size is not None and batch_size % (dp * (self.n_microbatches if self.pp > 1 else 1)):
+            raise ConfigError(f"batch_size={batch_size} must be divisible by the data-parallel size {dp}"
+                              + (f" x microbatches={self.n_microbatches}" if self.pp > 1 else ""))
+
+
+def build_mesh(cfg: ParallelConfig, device_type: str = "cpu"):
+    """The named device mesh of the dims with size > 1 (a 1-D 'dp_shard' mesh of size 1 if none)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    names = [d for d in DIMS if getattr(cfg, d) > 1]
+    if not names:
+        names = ["dp_shard"]
+    mesh = init_device_mesh(device_type, tuple(getattr(cfg, d) for d in names), mesh_dim_names=tuple(names))
+    return mesh
+
+
+def submesh(mesh, *names: str):
+    """mesh[names] restricted to the names present (None if none are)."""
+    present = tuple(n for n in names if n in (mesh.mesh_dim_names or ()))
+    if not present:
+        return None
+    return mesh[present] if len(present) > 1 else mesh[present[0]]
+
+
+__all__ = ["ParallelConfig", "build_mesh", "submesh", "ConfigError", "DIMS"]

@@ -1,0 +1,88 @@
+"""Process groups for the parallel code: join one (from torchrun's environment or explicit values), and
+run a function on N local processes with a time limit (CPU tests and teaching examples, gloo backend).
+
+Under `torchrun --nproc-per-node N`, every process reads RANK / WORLD_SIZE / LOCAL_RANK from its
+environment and `init_distributed()` joins the group. For tests, `run_local(fn, world_size)` starts the
+processes itself (torch.multiprocessing), rendezvous through a file (no ports to collide), and returns
+each rank's return value, or raises if any rank failed or the time limit passed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from lmforge.errors import ConfigError, LmforgeError
+
+# NVLink SHARP / multicast stays off on the lent multi-GPU machines (their KINDS.md): set before NCCL starts
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def init_distributed(backend: str | None = None, expected_world: int | None = None) -> tuple[int, int]:
+    """Join the process group described by torchrun's environment; returns (rank, world_size).
+
+    `expected_world` (e.g. a config's product of mesh sizes) must equal the launched WORLD_SIZE."""
+    for k, v in NO_MULTICAST_ENV.items():
+        os.environ.setdefault(k, v)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise ConfigError("no distributed environment (RANK, WORLD_SIZE unset): launch with "
+                              "`torchrun --nproc-per-node N ...`")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if expected_world is not None and expected_world != world:
+        raise ConfigError(f"the parallel layout needs world_size={expected_world} processes but {world} were "
+                          f"launched; launch with --nproc-per-node {expected_world} or change the layout")
+    return rank, world
+
+
+def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
+    """The command that re-runs `lmforge <argv>` on `nproc` local processes under torchrun (for
+    `lmforge train --nproc N`: exec this with --nproc removed; every process then calls init_distributed)."""
+    import sys
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "lmforge", *argv]
+
+
+def _worker(rank: int, fn: Callable, world: int, store: str, out_dir: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 120.0,
+              start_method: str = "spawn") -> list[Any]:
+    """Run fn(rank, world_size, *args) on `world_size` local processes joined by gloo; return the ranks'
+    results (tensors, numbers, dicts of them) in rank order. fn must be importable (module level)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="lmforge_dist_") as tmp:
+        ctx = mp.start_processes(_worker, args=(fn, world_size, f"{tmp}/store", tmp, args), nprocs=world_size,
+                                 join=False, start_method=start_method)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise LmforgeError(f"distributed run of {fn.__name__} on {world_size} processes passed its "
+                                       f"{timeout:.0f} s limit")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

@@ -1,0 +1,142 @@
+"""ParallelRunner: one rank's share of a training layout, with the three calls a training loop needs -
+forward+backward of this rank's part of a batch, the global loss, and gradient clipping over all shards.
+
+    runner = ParallelRunner(model, ParallelConfig(dp_shard=4, tp=2), device=device)
+    opt = build_optimizer(runner.model, cfg.optim)            # after parallelisation: over DTensor shards
+    for micro in range(accum):
+        x, y = rank_batches.next()                            # this data-parallel rank's rows
+        loss = runner.forward_backward(x, y, scale=1 / accum)
+    norm = runner.clip_grad_norm_(1.0); opt.step(); opt.zero_grad()
+    log(runner.global_loss(loss))
+
+Pipeline layouts hold one stage per pp rank: forward_backward runs the whole schedule (GPipe or 1F1B over
+cfg.n_microbatches micro-batches of x); only the last stage sees a loss. Context parallel ranks take
+their load-balanced tokens of each sequence; loss_parallel computes the cross-entropy on vocabulary
+shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.parallel.config import ParallelConfig, build_mesh, submesh
+from lmforge.parallel.cp import apply_cp, shard_batch
+from lmforge.parallel.parallelize import dp_rank_and_size, parallelize
+from lmforge.parallel.pp import build_schedule, split_stage
+from lmforge.train.loss import lm_loss
+
+
+def default_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return lm_loss(logits, targets)[0]
+
+
+class ParallelRunner:
+    def __init__(self, model: nn.Module, cfg: ParallelConfig, *, device: torch.device | str = "cpu",
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = default_loss,
+                 seq_len: int | None = None, batch_size: int | None = None):
+        """`model` is the whole model on every rank (or on the meta device for large ones); batch_size is
+        the global batch, checked against the layout."""
+        self.cfg, self.device, self.loss_fn = cfg, torch.device(device), loss_fn
+        cfg.validate(dist.get_world_size(), getattr(model, "cfg", None), seq_len=seq_len, batch_size=batch_size)
+        self.mesh = build_mesh(cfg, self.device.type)
+        self.dp_rank, self.dp_size = dp_rank_and_size(self.mesh)
+        self.pp_mesh, self.cp_mesh = submesh(self.mesh, "pp"), submesh(self.mesh, "cp")
+        self._scale = 1.0
+        if self.pp_mesh is None:
+            self.model = parallelize(model, cfg, self.mesh)
+            if self.cp_mesh is not None:
+                apply_cp(self.model, self.cp_mesh)
+            return
+        self.stage = self.pp_mesh.get_local_rank()
+        self.first, self.last = self.stage == 0, self.stage == cfg.pp - 1
+        self.model = split_stage(model, self.stage, cfg.pp)
+        rest = [n for n in self.mesh.mesh_dim_names if n != "pp"]
+        if rest:
+            parallelize(self.model, cfg, submesh(self.mesh, *rest))
+        self.schedule = build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(), cfg.n_microbatches,
+                                       cfg.pp_schedule, lambda out, y: self.loss_fn(out, y) * self._scale, self.device)
+
+    def _grad_sync(self, sync: bool) -> None:
+        """FSDP2 reduce-scatters after every backward unless told not to: with gradient accumulation only
+        the last micro-batch needs it (the others accumulate unsharded gradients locally)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(sync)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0, sync: bool = True
+                         ) -> torch.Tensor:
+        """Forward and backward of this rank's rows (x, y: (B_local, T)); gradients accumulate scaled by
+        `scale` (1/grad_accum); sync=False on all but the last micro-batch skips FSDP's reduce-scatter.
+        Returns the detached local mean loss (zero on pipeline stages but the last)."""
+        self._grad_sync(sync)
+        if self.pp_mesh is not None:
+            self._scale = scale
+            losses: list[torch.Tensor] = []
+            self.schedule.step(*([x] if self.first else []), **({"target": y, "losses": losses} if self.last else {}))
+            # the schedule averages micro-batch gradients; losses are the scaled micro-batch losses
+            return torch.stack(losses).mean().detach() / scale if self.last else torch.zeros((), device=self.device)
+        if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
+            b = shard_batch({"input_ids": x, "targets": y}, self.cp_mesh)
+            x, y = b["input_ids"], b["targets"]
+        with self._loss_context():
+            loss = self.loss_fn(self.model(x), y)
+            (loss * scale).backward()
+        loss = loss.detach()
+        return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+    def objective_step(self, batch: dict[str, torch.Tensor], objective, scale: float = 1.0, sync: bool = True):
+        """Forward and backward of an lmforge.train Objective on this rank's batch (dict of (B, T) tensors):
+        objective.loss(model, batch) -> (loss, metrics). Not for pipeline layouts (a stage has no logits)."""
+        self._grad_sync(sync)
+        if self.pp_mesh is not None:
+            raise ConfigError("pipeline parallel runs the LM loss of forward_backward; objectives with their "
+                              "own model calls need parallel.pp=1")
+        if self.cp_mesh is not None:
+            batch = shard_batch(batch, self.cp_mesh)
+        with self._loss_context():
+            loss, metrics = objective.loss(self.model, batch)
+            (loss * scale).backward()
+        return loss.detach(), metrics
+
+    def _loss_context(self):
+        if not self.cfg.loss_parallel:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
+    def global_loss(self, local: torch.Tensor) -> torch.Tensor:
+        """Mean over the data-parallel (and context-parallel) ranks of their local losses, on every rank."""
+        loss = local.detach().float().clone()
+        if self.pp_mesh is not None:
+            loss = loss * self.cfg.pp  # only the last stage's world / pp ranks hold a loss
+        dist.all_reduce(loss)
+        return loss / dist.get_world_size()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global L2 norm of all gradients across every shard, stage and replica; clip to max_norm if > 0.
+        DTensor gradients are grouped by mesh and placement (a TP model without sequence parallelism mixes
+        DTensor weights with plain norm gains); each group's norm is reduced over its own mesh."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        groups: dict = {}
+        for g in grads:
+            key = (g.device_mesh, tuple(g.placements)) if hasattr(g, "device_mesh") else None
+            groups.setdefault(key, []).append(g)
+        sq = torch.zeros((), device=self.device)
+        for key, gs in groups.items():
+            n = torch.nn.utils.get_total_norm(gs)
+            sq = sq + (n.full_tensor() if key is not None else n).float().square()
+        if self.pp_mesh is not None:  # stages hold disjoint parameters: add their squared norms
+            dist.all_reduce(sq, group=self.pp_mesh.get_group())
+        norm = sq.sqrt()
+        if max_norm > 0:  # scale the local shards in place: no communication, no host sync
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([g.to_local() if hasattr(g, "to_local") else g for g in grads], coef)
+        return norm

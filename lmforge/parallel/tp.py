@@ -1,0 +1,66 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) with DTensor's parallelize_module, from outside.
+
+Within a block, the first matmul of each pair is split by output columns and the second by input rows,
+so a block needs one all-reduce forward and one backward (sec. 3):
+    attention  wq, wk, wv  column-parallel: each rank computes n_heads / tp whole heads
+               wo          row-parallel: partial sums of the heads, reduced
+    MLP        up, gate    column-parallel;  down  row-parallel
+Sequence parallelism (Korthikanti et al. 2022): between blocks the residual stream, the norms and
+dropout are split along the sequence instead of replicated; the all-reduce becomes a reduce-scatter
+after wo/down and an all-gather before wq/up (same bytes, activations 1/tp the size).
+Loss parallelism: the head is column-parallel over the vocabulary and the cross-entropy reduces the
+sharded logits' max and sum-exp across ranks, so the (tokens x vocab) logits are never gathered.
+
+Heads are whole per rank, so each attention module's head counts are set to the local ones.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.parallel.fsdp import blocks_of
+
+
+def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_parallel: bool = False) -> nn.Module:
+    """Shard an lmforge Transformer over the 1-D `tp_mesh` in place."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    tp = tp_mesh.size()
+    cfg = model.cfg
+    if cfg.n_heads % tp or cfg.kv_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} must divide n_heads={cfg.n_heads} and n_kv_heads={cfg.kv_heads}")
+    if cfg.tie_embeddings:
+        raise ConfigError("parallel.tp > 1 with model.tie_embeddings: untie them (tie_embeddings=false)")
+    seq = Shard(1) if sequence_parallel else Replicate()
+    top = {
+        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                   use_local_output=not loss_parallel),
+        "final_norm": SequenceParallel() if sequence_parallel else None,
+    }
+    # a pipeline stage lacks the embedding or the head
+    present = {k: v for k, v in top.items() if v is not None and getattr(model, k, None) is not None}
+    parallelize_module(model, tp_mesh, present)
+    if sequence_parallel and hasattr(model, "seq_shards"):  # a pipeline stage
+        model.seq_shards = tp
+    for block in blocks_of(model):
+        plan = {
+            "attn": PrepareModuleInput(input_layouts=(seq, None, None, None),
+                                       desired_input_layouts=(Replicate(), None, None, None)),
+            "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=seq),
+            "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+            "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel(output_layouts=seq),
+        }
+        if block.mlp.gate is not None:
+            plan["mlp.gate"] = ColwiseParallel()
+        if sequence_parallel:
+            plan.update({name: SequenceParallel() for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm")
+                         if getattr(block, name) is not None})
+        parallelize_module(block, tp_mesh, plan)
+        block.attn.n_heads //= tp  # the local heads: forward views q as (B, T, n_heads / tp, hd)
+        block.attn.n_kv //= tp
+    return model

@@ -1,0 +1,142 @@
+"""Rank functions for the production layouts (FSDP2, DDP, TP, PP, their 2-D mixes) and distributed
+checkpoints: each trains the same untied tiny model on the same global batches and reports the global
+loss of every step, to compare with one process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+from lmforge.optim import build_optimizer
+from lmforge.parallel.config import ParallelConfig
+from lmforge.parallel.runner import ParallelRunner
+from lmforge.train.loss import lm_loss
+from tests.parallel.workers import OPT, batches, local, loss_of
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                  activation="swiglu", attn_impl="math")
+STEPS = 3
+CLIP = 0.5  # below the gradient norms of these steps (about 1-2): clipping is exercised
+
+LAYOUTS_2 = {
+    "fsdp": dict(dp_shard=2),
+    "fsdp_keep_gathered": dict(dp_shard=2, reshard_after_forward=False),
+    "ddp": dict(dp_replicate=2),
+    "tp_sp": dict(tp=2),
+    "tp_no_sp": dict(tp=2, sequence_parallel=False),
+    "tp_loss_parallel": dict(tp=2, loss_parallel=True),
+    "pp_gpipe": dict(pp=2, pp_schedule="gpipe", microbatches=4),
+    "pp_1f1b": dict(pp=2, pp_schedule="1f1b", microbatches=4),
+    "fsdp_ac_full": dict(dp_shard=2, activation_checkpoint="full"),
+    "fsdp_ac_selective": dict(dp_shard=2, activation_checkpoint="selective"),
+    "cp": dict(cp=2),
+    "cp_objective": dict(cp=2, objective=True),
+    "fsdp_accum_no_sync": dict(dp_shard=2, accum=2),
+}
+LAYOUTS_4 = {
+    "hsdp": dict(dp_replicate=2, dp_shard=2),
+    "fsdp_tp": dict(dp_shard=2, tp=2),
+    "pp_fsdp": dict(pp=2, dp_shard=2, microbatches=2),
+    "pp_tp": dict(pp=2, tp=2, microbatches=2),
+    "fsdp_cp": dict(dp_shard=2, cp=2),
+    "tp_cp": dict(tp=2, cp=2),
+    "hsdp_cp": dict(dp_replicate=2, cp=2),
+    "fsdp_tp_objective": dict(dp_shard=2, tp=2, loss_parallel=True, objective=True),
+}
+LAYOUTS_8 = {"pp_fsdp_tp": dict(pp=2, dp_shard=2, tp=2, microbatches=2)}  # 3-D
+
+
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(CFG)
+
+
+def reference(steps: int = STEPS, resume: str | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, full batch: (loss, gradient norm) of every step and the final parameters. With `resume`, load a
+    distributed checkpoint written after step 2 and take step 3 only."""
+    m = model()
+    opt = build_optimizer(m, OPT)
+    todo = batches(steps)
+    if resume is not None:
+        from lmforge.parallel.checkpoint import load_distributed
+
+        load_distributed(resume, m, opt)
+        todo = todo[2:]
+    out = []
+    for x, y in todo:
+        loss = loss_of(m, x, y)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(m.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append((float(loss.detach()), float(norm)))
+    return out, full_params(m)
+
+
+def full_params(m) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in m.named_parameters()}
+
+
+class LMObjective:
+    """The shape of lmforge.train's objectives: loss(model, batch) calls model(batch["input_ids"])."""
+
+    def loss(self, m, batch):
+        loss = lm_loss(m(batch["input_ids"]), batch["targets"])[0]
+        return loss, {"loss": loss.detach()}
+
+
+class Run:
+    """One rank's share of a layout: a ParallelRunner and its optimizer, one clipped step per call.
+    objective=True steps through runner.objective_step (an Objective on a batch dict) instead; accum=n
+    splits each step into n micro-batches."""
+
+    def __init__(self, layout: dict, world: int):
+        layout = dict(layout)
+        self.objective = LMObjective() if layout.pop("objective", False) else None
+        self.accum = layout.pop("accum", 1)  # micro-batches per step, reduce-scatter on the last only
+        self.runner = ParallelRunner(model(), ParallelConfig(**layout), seq_len=8, batch_size=8)
+        self.model = self.runner.model
+        self.opt = build_optimizer(self.model, OPT)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        r = self.runner
+        x, y = local(x, r.dp_rank, r.dp_size), local(y, r.dp_rank, r.dp_size)
+        if self.objective is not None:
+            loss = r.objective_step({"input_ids": x, "targets": y}, self.objective)[0]
+            loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+        else:
+            parts = list(zip(x.chunk(self.accum), y.chunk(self.accum)))
+            loss = sum(r.forward_backward(xa, ya, 1 / self.accum, sync=i == len(parts) - 1)
+                       for i, (xa, ya) in enumerate(parts)) / self.accum
+        norm = r.clip_grad_norm_(CLIP)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(r.global_loss(loss)), float(norm)
+
+
+def layout_suite(rank: int, world: int, layouts: dict, ckpt: str | None = None, resume: str | None = None) -> dict:
+    out = {}
+    for name, layout in layouts.items():
+        run = Run(layout, world)
+        out[name] = [run.step(x, y) for x, y in batches(STEPS)]  # [(loss, grad norm)] per step
+    if ckpt is not None:  # 2 steps with FSDP on this world, then save
+        from lmforge.parallel.checkpoint import save_distributed
+
+        run = Run(dict(dp_shard=world), world)
+        for x, y in batches(2):
+            run.step(x, y)
+        save_distributed(ckpt, run.model, run.opt)
+        from lmforge.parallel.checkpoint import gather_full_state_dict
+
+        out["full_state_after_2"] = gather_full_state_dict(run.model)
+    if resume is not None:  # resume as FSDP x TP and take step 3
+        from lmforge.parallel.checkpoint import load_distributed
+
+        run = Run(dict(dp_shard=world // 2, tp=2), world)
+        load_distributed(resume, run.model, run.opt)
+        out["resumed"] = run.step(*batches(3)[2])[0]
+        out["resumed_params"] = full_params(run.model)
+    dist.barrier()
+    return out if rank == 0 else {}

@@ -1,0 +1,150 @@
+"""ParallelConfig validation (bad meshes give one-line errors naming the value), the pipeline bubble
+formula, and rank-aware batches (every window once per epoch across ranks; resumable on any world size)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.model.config import ModelConfig
+from lmforge.parallel.config import ParallelConfig
+from lmforge.parallel.data import RankBatches
+from lmforge.parallel.pp import bubble_fraction
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=16)
+
+
+@pytest.mark.parametrize("layout, world, match", [
+    (dict(dp_shard=2, tp=2), 2, "needs world_size=4 but the launch has 2"),
+    (dict(tp=4), 4, "tp=4 must divide n_heads=4 and n_kv_heads=2"),
+    (dict(pp=3), 3, "pp=3 must divide n_layers=4"),
+    (dict(dp_shard=3), 3, "batch_size=8 must be divisible by the data-parallel size 3"),
+    (dict(pp=2, microbatches=3), 2, r"batch_size=8 must be divisible .* microbatches=3"),
+    (dict(cp=3), 3, r"seq_len=8 must be divisible by 6 \(2 x parallel.cp=3\)"),
+])
+def test_bad_layouts_name_the_value(layout, world, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        ParallelConfig(**layout).validate(world, CFG, seq_len=8, batch_size=8)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [("tp", 0), ("pp_schedule", "zb"), ("ac_every", 0), ("dp_shard", -1)])
+def test_bad_fields_are_refused(field, value):
+    with pytest.raises(ConfigError, match=f"parallel.{field}"):
+        ParallelConfig(**{field: value})
+
+
+def test_model_features_tp_cannot_split_are_refused():
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        ParallelConfig(tp=2).validate(2, dataclasses.replace(CFG, tie_embeddings=True))
+    with pytest.raises(ConfigError, match="loss_parallel needs tp > 1"):
+        ParallelConfig(loss_parallel=True)
+    with pytest.raises(ConfigError, match="sliding_window=4"):
+        ParallelConfig(cp=2).validate(2, dataclasses.replace(CFG, sliding_window=4))
+    with pytest.raises(ConfigError, match="parallel.cp=2 with pp=2"):
+        ParallelConfig(cp=2, pp=2)
+
+
+def test_world_size_mismatch_with_launch():
+    from lmforge.parallel.launch import init_distributed
+
+    with pytest.raises(ConfigError, match="torchrun"):  # no RANK in the environment of the test process
+        init_distributed(expected_world=2)
+
+
+def test_torchrun_command_for_nproc():
+    import sys
+
+    from lmforge.parallel.launch import torchrun_argv
+
+    assert torchrun_argv(4, ["train", "--config", "x.toml"]) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "lmforge",
+        "train", "--config", "x.toml"]
+    with pytest.raises(ConfigError, match="--nproc must be >= 1, got 0"):
+        torchrun_argv(0, [])
+
+
+def test_bubble_fraction_formula():
+    assert bubble_fraction(1, 8) == 0
+    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    assert bubble_fraction(4, 28) == pytest.approx(0.0967741935)
+
+
+def _epoch_windows(world: int, steps: int) -> list[int]:
+    tokens = np.arange(4 * 12 + 1)  # 12 windows of seq_len 4
+    ranks = [RankBatches(tokens, 4, 6, r, world, seed=3) for r in range(world)]
+    seen = []
+    for _ in range(steps):
+        for rb in ranks:
+            x, y = rb.next()
+            assert torch.equal(y[:, :-1], x[:, 1:])
+            seen += [int(row[0]) // 4 for row in x]
+    return seen
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_window_once_per_epoch_across_ranks(world):
+    seen = _epoch_windows(world, steps=4)  # 4 steps x 6 windows = 2 epochs of 12
+    assert sorted(seen[:12]) == list(range(12)) and sorted(seen[12:]) == list(range(12))
+
+
+def test_global_order_does_not_depend_on_world_size():
+    one = _epoch_windows(1, 4)
+    for world in (2, 3):
+        assert _epoch_windows(world, 4) == one
+
+
+def test_windows_never_cross_shards():
+    shards = [np.arange(0, 10), np.arange(100, 113)]  # 2 and 3 windows of seq_len 4 (plus boundary token)
+    rb = RankBatches(shards, 4, 5, 0, 1, seed=0)
+    x, y = rb.next()
+    rows = sorted(torch.cat([x, y[:, -1:]], 1).tolist())
+    assert rows == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [100, 101, 102, 103, 104], [104, 105, 106, 107, 108],
+                    [108, 109, 110, 111, 112]]
+
+
+def test_resume_on_a_different_world_size():
+    tokens = np.arange(4 * 12 + 1)
+    a = RankBatches(tokens, 4, 6, 0, 1, seed=3)
+    a.next()
+    state = a.state_dict()
+    expect = a.next()[0]
+    parts = []
+    for r in range(2):
+        b = RankBatches(tokens, 4, 6, r, 2, seed=3)
+        b.load_state_dict(state)
+        parts.append(b.next()[0])
+    assert torch.equal(torch.cat(parts), expect)
+    with pytest.raises(DataError, match="saved for 12 windows"):
+        RankBatches(np.arange(100), 4, 6, 0, 1, seed=3).load_state_dict(state)
+
+
+def test_context_and_sequence_parallel_split_the_sequence_together():
+    with pytest.raises(ConfigError, match=r"seq_len=12 must be divisible by 8 .* tp=2 for sequence"):
+        ParallelConfig(cp=2, tp=2).validate(4, CFG, seq_len=12)
+
+
+def test_load_balanced_positions_pair_early_and_late_chunks():
+    from lmforge.parallel.cp import load_balanced_positions
+
+    got = [load_balanced_positions(8, r, 2).tolist() for r in range(2)]
+    assert got == [[0, 1, 6, 7], [2, 3, 4, 5]]
+    assert sorted(sum(got, [])) == list(range(8))
+    with pytest.raises(ConfigError, match="seq_len=6 must be divisible by 2·cp=4"):
+        load_balanced_positions(6, 0, 2)
+
+
+def test_parallel_section_of_a_toml_config_loads():
+    """`[parallel]` in a run's TOML file becomes a ParallelConfig (lmforge.config), unknown keys refused."""
+    from lmforge.config import from_dict, to_dict
+
+    cfg = from_dict(ParallelConfig, {"dp_shard": 2, "tp": 2, "pp_schedule": "gpipe",
+                                     "activation_checkpoint": "selective"})
+    assert cfg == ParallelConfig(dp_shard=2, tp=2, pp_schedule="gpipe", activation_checkpoint="selective")
+    assert from_dict(ParallelConfig, to_dict(cfg)) == cfg and cfg.world_size == 4
+    with pytest.raises(ConfigError, match="tp_size"):
+        from_dict(ParallelConfig, {"tp_size": 2})

@@ -1,0 +1,86 @@
+"""Production layouts on torch.distributed (gloo, CPU): FSDP2 (resharded or kept after forward), DDP,
+tensor parallel (with and without sequence parallel, vocabulary-parallel loss), pipeline parallel
+(GPipe, 1F1B), activation checkpointing (full, selective), context parallel on 2 processes; HSDP,
+FSDP x TP, PP x FSDP, PP x TP, FSDP x CP, TP x CP, HSDP x CP on 4; PP x FSDP x TP on 8. Each trains
+the same tiny model for 3 AdamW steps on the same global batches and must give one process's loss
+curve and global gradient norms (clipped at 0.5) through ParallelRunner: tolerance 1e-5 (absolute for
+losses, relative for norms; fp32, measured <= 5e-7: the summation order). Two layouts (CP; FSDP x TP
+with loss parallelism) step through objective_step, an lmforge.train-style Objective on a batch dict.
+Distributed checkpoints: written by 2 FSDP ranks after step 2, resumed by 4 ranks as FSDP x TP and by
+one plain process; step 3 matches the uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.parallel.launch import run_local
+from tests.parallel import layouts as L
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dcp") / "step_2")
+
+
+@pytest.fixture(scope="module")
+def world2(ckpt_dir):
+    return run_local(L.layout_suite, 2, L.LAYOUTS_2, ckpt_dir, None, timeout=150, start_method="fork")[0]
+
+
+@pytest.fixture(scope="module")
+def world4(world2, ckpt_dir):  # after world2 has written the checkpoint
+    return run_local(L.layout_suite, 4, L.LAYOUTS_4, None, ckpt_dir, timeout=150, start_method="fork")[0]
+
+
+@pytest.fixture(scope="module")
+def world8():
+    return run_local(L.layout_suite, 8, L.LAYOUTS_8, timeout=150, start_method="fork")[0]
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return L.reference()
+
+
+def _same_curve(got, want) -> None:
+    """Losses and the global gradient norms (clipped to 0.5 every step) within TOL of one process."""
+    assert [l for l, _ in got] == pytest.approx([l for l, _ in want], abs=TOL)
+    assert [n for _, n in got] == pytest.approx([n for _, n in want], rel=TOL)
+
+
+@pytest.mark.parametrize("name", list(L.LAYOUTS_2))
+def test_two_process_layout_matches_one_process(world2, ref, name):
+    _same_curve(world2[name], ref[0])
+
+
+@pytest.mark.parametrize("name", list(L.LAYOUTS_4))
+def test_four_process_layout_matches_one_process(world4, ref, name):
+    _same_curve(world4[name], ref[0])
+
+
+@pytest.mark.parametrize("name", list(L.LAYOUTS_8))
+def test_eight_process_3d_layout_matches_one_process(world8, ref, name):
+    _same_curve(world8[name], ref[0])
+
+
+def _close(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_checkpoint_from_2_fsdp_ranks_resumes_on_4_ranks_fsdp_x_tp(world4, ref):
+    assert world4["resumed"] == pytest.approx(ref[0][2][0], abs=TOL)
+    assert _close(world4["resumed_params"], ref[1]) < 5e-5
+
+
+def test_checkpoint_from_2_fsdp_ranks_resumes_in_one_process(world2, ckpt_dir, ref):
+    curve, params = L.reference(resume=ckpt_dir)
+    _same_curve(curve, ref[0][2:])
+    assert _close(params, ref[1]) < 5e-5
+
+
+def test_sharded_weights_gather_into_a_plain_state_dict_on_rank_0(world2):
+    """What rank 0 writes as model.safetensors: the FSDP-sharded weights after 2 steps, whole."""
+    assert _close(world2["full_state_after_2"], L.reference(steps=2)[1]) < 5e-5

@@ -1,0 +1,228 @@
+"""Functions the distributed tests run on every rank (module level, so spawned processes import them).
+Each returns plain tensors/numbers; the tests compare them with one process on the full batch."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+from lmforge.optim import build_optimizer
+from lmforge.optim.config import OptimConfig
+from lmforge.train.loss import lm_loss
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, tie_embeddings=True,
+                  attn_impl="math")
+OPT = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+MUON = OptimConfig(name="muon", lr=2e-2, adam_lr=1e-2, weight_decay=0.1)
+B, T, STEPS = 8, 8, 3
+TAU = 0.04  # below some heads' max logit in the tiny model: QK-clip acts on those heads
+
+
+def model(cfg: ModelConfig = CFG) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(cfg)
+
+
+def batches(steps: int = STEPS, b: int = B, t: int = T, vocab: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        w = torch.randint(0, vocab, (b, t + 1), generator=g)
+        out.append((w[:, :-1], w[:, 1:]))
+    return out
+
+
+def local(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous slice of the global batch (dim 0)."""
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n]
+
+
+def loss_of(m, x, y) -> torch.Tensor:
+    return lm_loss(m(x), y)[0]
+
+
+def reference(opt_cfg: OptimConfig = OPT, steps: int = STEPS, b: int = B) -> dict[str, torch.Tensor]:
+    """One process, full batch: the parameters every layout must reach."""
+    m = model()
+    opt = build_optimizer(m, opt_cfg)
+    for x, y in batches(steps, b):
+        loss_of(m, x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+def params_of(m) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.named_parameters()}
+
+
+# -- from-scratch DDP and ZeRO vs torch DDP / FSDP2 ----------------------------------------------------
+def _ddp(kind: str, rank: int, world: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """kind: naive | bucketed | bucketed_accum (two micro-batches, the first under no_sync). Also returns,
+    per step, (buckets whose all-reduce had started before backward returned, buckets): the overlap."""
+    from lmforge.parallel.ddp import BucketedDDP, NaiveDDP
+
+    m = model()
+    wrapped = NaiveDDP(m) if kind == "naive" else BucketedDDP(m, bucket_mb=0.01)
+    opt = build_optimizer(m, OPT)
+    launched = []
+    for x, y in batches():
+        xs, ys = local(x, rank, world), local(y, rank, world)
+        if kind == "bucketed_accum":
+            h = xs.shape[0] // 2
+            with wrapped.no_sync():
+                (loss_of(wrapped, xs[:h], ys[:h]) * 0.5).backward()
+            (loss_of(wrapped, xs[h:], ys[h:]) * 0.5).backward()
+        else:
+            loss_of(wrapped, xs, ys).backward()
+        if kind == "naive":
+            wrapped.sync_gradients()
+        else:
+            launched.append((len(wrapped._inflight), len(wrapped.buckets)))
+            wrapped.finish_gradient_sync()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return params_of(m), launched
+
+
+def _zero(stage: int, rank: int, world: int, opt_cfg: OptimConfig = OPT, accum: int = 1):
+    from lmforge.parallel.zero import ZeroOptimizer, owned_numel, state_bytes
+
+    m = model()
+    zero = ZeroOptimizer(m, build_optimizer(m, opt_cfg), stage)
+    memory = None
+    for i, (x, y) in enumerate(batches()):
+        xs, ys = local(x, rank, world), local(y, rank, world)
+        for xa, ya in zip(xs.chunk(accum), ys.chunk(accum)):
+            (loss_of(m, xa, ya) / accum).backward()
+        if i == 1:  # after one step the optimizer state exists; gradients are those of step 2
+            memory = {**state_bytes(zero), "n_owned": owned_numel(zero)}
+        zero.step()
+    return zero.full_parameters(), memory
+
+
+def _torch_ddp(rank: int, world: int) -> dict[str, torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    m = model()
+    ddp = DistributedDataParallel(m)
+    opt = build_optimizer(m, OPT)
+    for x, y in batches():
+        loss_of(ddp, local(x, rank, world), local(y, rank, world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return params_of(m)
+
+
+def _fsdp2(rank: int, world: int) -> dict[str, torch.Tensor]:
+    from lmforge.parallel.fsdp import apply_fsdp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    m = model()
+    apply_fsdp(m, init_device_mesh("cpu", (world,)))
+    opt = build_optimizer(m, OPT)
+    for x, y in batches():
+        loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
+
+
+def data_parallel_suite(rank: int, world: int) -> dict:
+    """Every data-parallel implementation on the same steps; rank 0 reports parameters, every rank memory."""
+    out: dict = {}
+    for kind in ("naive", "bucketed", "bucketed_accum"):
+        out[kind], out[f"{kind}_launched"] = _ddp(kind, rank, world)
+    out["memory"] = {}
+    for stage in (1, 2, 3):
+        out[f"zero{stage}"], out["memory"][stage] = _zero(stage, rank, world)
+    out["zero2_accum"], _ = _zero(2, rank, world, accum=2)
+    out["zero3_accum"], _ = _zero(3, rank, world, accum=2)
+    out["zero2_muon"], _ = _zero(2, rank, world, MUON)
+    out["zero3_dion"], _ = _zero(3, rank, world, DION)
+    out["torch_ddp"] = _torch_ddp(rank, world)
+    out["fsdp2"] = _fsdp2(rank, world)
+    out["n_params"] = sum(p.numel() for p in model().parameters())
+    if rank != 0:
+        out = {"memory": out["memory"], "n_params": out["n_params"]}
+    dist.barrier()
+    return out
+
+
+# -- matrix optimizers on FSDP2 shards, MuonClip's max logits ---------------------------------------------
+DION = OptimConfig(name="dion", lr=2e-2, adam_lr=1e-2, weight_decay=0.1, rank=4)
+
+
+def sharded_matrix_suite(rank: int, world: int) -> dict:
+    """On 3 ranks the 32- and 128-row matrices split unevenly (11/11/10 rows): FSDP2's torch.chunk split."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmforge.parallel.fsdp import apply_fsdp
+    from lmforge.parallel.matrix_optim import ShardedDion, ShardedMuon
+
+    out = {}
+    builds = (("muon", MUON, ShardedMuon.from_optimizer), ("dion", DION, ShardedDion.from_optimizer),
+              ("muon_owner", MUON, lambda o: ShardedMuon.from_optimizer(o, owner_compute=True)))
+    for name, cfg, build in builds:
+        m = model()
+        apply_fsdp(m, init_device_mesh("cpu", (world,)))
+        opt = build(build_optimizer(m, cfg))
+        for x, y in batches(b=2 * world):
+            loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[name] = {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
+    dist.barrier()
+    return out if rank == 0 else {}
+
+
+# -- expert parallelism ----------------------------------------------------------------------------------
+def moe_cfg() -> ModelConfig:
+    from lmforge.model.config import MoEConfig
+
+    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attn_impl="math",
+                       activation="swiglu", mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=16))
+
+
+def expert_parallel_suite(rank: int, world: int) -> dict:
+    from lmforge.parallel.ddp import broadcast_module_
+    from lmforge.parallel.ep import apply_ep, sync_gradients
+
+    m = model(moe_cfg())
+    broadcast_module_(m)
+    apply_ep(m)
+    opt = build_optimizer(m, OPT)
+    losses = []
+    for x, y in batches():
+        loss = loss_of(m, local(x, rank, world), local(y, rank, world))
+        loss.backward()
+        sync_gradients(m)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    out = {"params": params_of(m), "losses": torch.stack(losses)}
+    return out
+
+
+def qk_clip_suite(rank: int, world: int) -> dict:
+    """Max logits recorded on each rank's slice under FSDP2, all-reduced, then QK-clip on the shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmforge.parallel.fsdp import apply_fsdp
+    from lmforge.parallel.qk_logits import MaxLogitRecorder, clip_qk_
+
+    m = model()
+    rec = MaxLogitRecorder(m)
+    apply_fsdp(m, init_device_mesh("cpu", (world,)))
+    x, _ = batches()[0]
+    with torch.no_grad():
+        m(local(x, rank, world))
+    m.reshard()  # the root unit keeps its gathered weights after forward until a backward that never comes
+    rec.all_reduce_()
+    maxes = [mx.clone() for _, _, mx, _ in rec.layers()]
+    clip_qk_(rec.layers(), TAU)
+    out = {"max": maxes, "params": {k: v.full_tensor().clone() for k, v in m.named_parameters()}}
+    return out if rank == 0 else {}

@@ -1,0 +1,194 @@
+"""Dropless MoE training kernels (MegaBlocks-style, Gale et al. 2023): grouped GEMM in Triton, forward and
+backward, over variable-sized expert groups - no padding to a capacity, no token dropped, no host sync.
+
+The assignments (token, expert) are sorted by expert, so expert e owns rows [o_e, o_e + n_e) of the
+permuted activations X (M = N·k rows). One projection of every expert is then one launch:
+
+    forward   Y[g_e]  = X[g_e] W_e^T          W (E, out, in)
+    backward  dX[g_e] = dY[g_e] W_e           (the same kernel, W read untransposed)
+              dW_e    = dY[g_e]^T X[g_e]      (one reduction over the group's rows per output tile)
+
+Row tiles never straddle two experts: expert e gets ceil(n_e / BM) tiles, so the launch has at most
+ceil(M / BM) + E row tiles; each program finds its expert by scanning the E counts on the GPU (the
+counts never visit the host, unlike a tile list built in Python). Tokens are permuted and un-permuted
+(weighted by the router) with plain gather / index_add as in MoE.experts_grouped; TritonMoE plugs the
+kernels into lmforge.model.layers.moe.MoE, whose per-expert loop stays the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lmforge.kernels.decode import available, triton
+from lmforge.model.layers.mlp import ACT, glu
+from lmforge.model.layers.moe import MoE
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["available", "grouped_mm", "grouped_mm_ref", "TritonMoE"]
+
+
+def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, in) sorted by expert with counts (E,) rows each, w (E, out, in) -> (M, out), one matmul per expert."""
+    return torch.cat([xe @ w[e].T for e, xe in enumerate(x.split(counts.tolist()))]) if len(x) else \
+        x.new_zeros(0, w.shape[1])
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(names: tuple[str, str, str]) -> list:
+    """Autotuning candidates for bf16 on Hopper (one small config in the CPU interpreter)."""
+    if _INTERPRET:
+        return [triton.Config(dict(zip(names, (16, 16, 16))), num_warps=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+    return [triton.Config(dict(zip(names, s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
+
+
+if triton is not None:
+
+    @triton.autotune(configs=_configs(("BM", "BN", "BK")), key=["N", "K", "s_bk"])
+    @triton.jit
+    def _gmm_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, N, K, E, s_am, s_be, s_bk, s_bn, s_cm,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """C[g_e] = A[g_e] @ B_e, B_e[k, n] at b_ptr + e·s_be + k·s_bk + n·s_bn; A, C row-major."""
+        tile = tl.program_id(0)
+        expert, row0, row_end = -1, 0, 0
+        seen, start = 0, 0
+        for e in range(E):  # which expert owns row tile `tile`: tiles are numbered expert by expert
+            cnt = tl.load(counts_ptr + e)
+            nt = tl.cdiv(cnt, BM)
+            hit = (tile >= seen) & (tile < seen + nt)
+            expert = tl.where(hit, e, expert)
+            row0 = tl.where(hit, start + (tile - seen) * BM, row0)
+            row_end = tl.where(hit, start + cnt, row_end)
+            seen += nt
+            start += cnt
+        if expert >= 0:
+            rows = row0 + tl.arange(0, BM)
+            cols = tl.program_id(1) * BN + tl.arange(0, BN)
+            kk = tl.arange(0, BK)
+            a_rows = a_ptr + rows[:, None].to(tl.int64) * s_am
+            b_base = b_ptr + expert.to(tl.int64) * s_be + cols[None, :] * s_bn
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                a = tl.load(a_rows + (k0 + kk)[None, :], mask=(rows[:, None] < row_end) & (k0 + kk[None, :] < K),
+                            other=0.0)
+                b = tl.load(b_base + (k0 + kk)[:, None] * s_bk, mask=(k0 + kk[:, None] < K) & (cols[None, :] < N),
+                            other=0.0)
+                acc = tl.dot(a, b, acc)
+            tl.store(c_ptr + rows[:, None].to(tl.int64) * s_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                     mask=(rows[:, None] < row_end) & (cols[None, :] < N))
+
+    @triton.autotune(configs=_configs(("BO", "BI", "BR")), key=["OUT", "IN"])
+    @triton.jit
+    def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, counts_ptr, OUT, IN, E, s_x, s_dy,
+                          BO: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr):
+        """dW[e] (OUT, IN) = dY[g_e]^T X[g_e]: program (e, out tile) x (in tile) sums over the group's rows."""
+        n_o = tl.cdiv(OUT, BO)
+        e = tl.program_id(0) // n_o
+        o = (tl.program_id(0) % n_o) * BO + tl.arange(0, BO)
+        i = tl.program_id(1) * BI + tl.arange(0, BI)
+        start = 0
+        for j in range(e):
+            start += tl.load(counts_ptr + j)
+        end = start + tl.load(counts_ptr + e)
+        r = tl.arange(0, BR)
+        acc = tl.zeros([BO, BI], dtype=tl.float32)
+        for r0 in range(start, end, BR):
+            rr = r0 + r
+            dyt = tl.load(dy_ptr + rr[None, :].to(tl.int64) * s_dy + o[:, None], mask=(rr[None, :] < end) & (o[:, None] < OUT),
+                          other=0.0)
+            x = tl.load(x_ptr + rr[:, None].to(tl.int64) * s_x + i[None, :], mask=(rr[:, None] < end) & (i[None, :] < IN),
+                        other=0.0)
+            acc = tl.dot(dyt, x, acc)
+        tl.store(dw_ptr + e.to(tl.int64) * OUT * IN + o[:, None] * IN + i[None, :], acc.to(dw_ptr.dtype.element_ty),
+                 mask=(o[:, None] < OUT) & (i[None, :] < IN))
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """a (M, K) grouped by counts, b (E, K, N) any strides -> (M, N) = a[g_e] @ b[e]."""
+    M, K = a.shape
+    E, _, N = b.shape
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    if M == 0:
+        return c
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) + E, triton.cdiv(N, meta["BN"]))  # noqa: E731
+    _gmm_kernel[grid](a, b, c, counts, N, K, E, a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0))
+    return c
+
+
+def _gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor, E: int, dtype: torch.dtype) -> torch.Tensor:
+    """x (M, IN), dy (M, OUT) grouped by counts -> (E, OUT, IN); experts without rows get zeros."""
+    OUT, IN = dy.shape[1], x.shape[1]
+    dw = torch.empty(E, OUT, IN, device=x.device, dtype=dtype)
+    grid = lambda meta: (E * triton.cdiv(OUT, meta["BO"]), triton.cdiv(IN, meta["BI"]))  # noqa: E731
+    _gmm_wgrad_kernel[grid](x, dy, dw, counts, OUT, IN, E, x.stride(0), dy.stride(0))
+    return dw
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        ctx.save_for_backward(x, w, counts)
+        return _gmm(x, w.transpose(1, 2), counts)  # B_e = W_e^T, read through strides
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, counts = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = _gmm(dy, w, counts) if ctx.needs_input_grad[0] else None
+        dw = _gmm_wgrad(x, dy, counts, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, in) sorted by expert, counts (E,) rows per expert (on x's device), w (E, out, in) -> (M, out),
+    differentiable in x and w. Under autocast both are cast to the autocast dtype (as F.linear would)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    w = w.to(x.dtype)
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    return _GroupedMM.apply(x.contiguous(), w, counts.to(torch.int32))
+
+
+class TritonMoE(MoE):
+    """MoE whose dropless grouped dispatch runs on the Triton grouped GEMM; same parameters and names
+    (lmforge.kernels.apply_fused_kernels swaps it in). The permutation avoids torch.bincount, whose CUDA
+    version reads the maximum id on the host (a sync per call)."""
+
+    def experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
+                        ) -> torch.Tensor:
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        if self.capacity(x.shape[0]) is not None:
+            order = order[keep.reshape(-1)[order]]  # drop over-capacity assignments
+        tok = order // self.k
+        counts = torch.zeros(self.E, device=x.device, dtype=torch.int32).index_add_(
+            0, flat[order], torch.ones_like(order, dtype=torch.int32))
+        y = self._expert_mlp(x[tok], counts) * w.reshape(-1)[order, None]
+        return x.new_zeros(x.shape).index_add_(0, tok, y.to(x.dtype))
+
+    def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        e = None if self.b_up is None else torch.repeat_interleave(
+            torch.arange(self.E, device=x.device), counts.long(), output_size=x.shape[0])
+        bias = (lambda b: 0 if b is None else b[e])  # noqa: E731
+        up = grouped_mm(x, self.w_up, counts) + bias(self.b_up)
+        if self.gated:
+            gate = grouped_mm(x, self.w_gate, counts) + bias(self.b_gate)
+            h = _glu(self.activation, gate, up)
+        else:
+            h = ACT[self.activation](up)
+        return grouped_mm(h, self.w_down, counts) + bias(self.b_down)
+
+
+def _glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if activation == "swiglu" and gate.is_cuda:
+        from lmforge.kernels.swiglu import swiglu
+
+        return swiglu(gate, up)
+    return glu(activation, gate, up)

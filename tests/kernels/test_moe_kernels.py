@@ -95,3 +95,41 @@ def test_grouped_mm_bf16_gpu():
         res.append((y, xi.grad, wi.grad))
     for got, want in zip(res[1], res[0]):
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
+def test_apply_fused_kernels_keeps_loss_and_gradients():
+    """A model with RMSNorm, QK-norm, SwiGLU and MoE blocks: the same loss and gradients after the swap."""
+    import copy
+
+    from lmforge.kernels.fused_ce import fused_lm_loss
+    from lmforge.kernels.training import apply_fused_kernels
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.loss import lm_loss
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, qk_norm=True,
+                      mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, dense_layers=1))
+    ref = Transformer(cfg).to(DEV)
+    fast = copy.deepcopy(ref)
+    swapped = apply_fused_kernels(fast)
+    assert sum(".mlp" in n and "blocks.1" in n for n in swapped) == 1  # the MoE layer
+    assert any("q_norm" in n for n in swapped) and "final_norm" in swapped
+    x, y = torch.randint(0, 64, (2, 9), device=DEV), torch.randint(0, 64, (2, 9), device=DEV)
+    losses = [lm_loss(ref(x), y, 1e-3)[0], fused_lm_loss(fast, x, y, 1e-3, chunk_size=8)[0]]
+    for m, loss in zip((ref, fast), losses):
+        (loss + m.aux_loss()).backward() if m.aux_loss() is not None else loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=lambda s: f"{name}: {s}")
+
+
+def test_apply_fused_kernels_falls_back_with_notice(monkeypatch, capsys):
+    from lmforge.kernels.training import apply_fused_kernels
+    from lmforge.model.transformer import Transformer
+
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for devices without Triton support")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter: no Triton device
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
+    assert apply_fused_kernels(model) == []
+    assert "fused kernels not applied" in capsys.readouterr().err
+    assert type(model.final_norm).__name__ == "RMSNorm"

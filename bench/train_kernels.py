@@ -101,29 +101,20 @@ def bench_kernels(s: dict, dev: str, dtype, args) -> list[dict]:
     rows = []
     for name, make, fused, ref, fwd_bytes, bwd_bytes in kernel_cases(s, dev, dtype):
         inputs = make()
-        dy = torch.randn_like(ref(*inputs))
         want = ref(*inputs).float()
-        variants = {"triton": fused, "eager": ref, "torch.compile": torch.compile(ref)}
-        for variant, fn in variants.items():
-            if _over_budget(args):
-                rows.append(dict(kernel=name, variant=variant, error="skipped: time budget"))
-                continue
-            try:
-                got = fn(*inputs).float()
-                err = ((got - want).abs().max() / want.abs().max()).item()
+        dy = torch.randn_like(want).to(dtype)
 
-                def fwd_bwd():
-                    torch.autograd.backward(fn(*inputs), dy)
+        def measure(fn):
+            got = fn(*inputs).float()
+            with torch.no_grad():
+                f_ms = timeit(lambda: fn(*inputs), s["reps"], dev)
+            fb_ms = timeit(lambda: torch.autograd.backward(fn(*inputs), dy), s["reps"], dev)
+            return dict(fwd_ms=f_ms, fwd_GBps=fwd_bytes / f_ms / 1e6, fwd_bwd_ms=fb_ms,
+                        fwd_bwd_GBps=(fwd_bytes + bwd_bytes) / fb_ms / 1e6,
+                        max_rel_err=((got - want).abs().max() / want.abs().max()).item())
 
-                with torch.no_grad():
-                    f_ms = timeit(lambda: fn(*inputs), s["reps"], dev)
-                fb_ms = timeit(fwd_bwd, s["reps"], dev)
-                rows.append(dict(kernel=name, variant=variant, fwd_ms=f_ms, fwd_GBps=fwd_bytes / f_ms / 1e6,
-                                 fwd_bwd_ms=fb_ms, fwd_bwd_GBps=(fwd_bytes + bwd_bytes) / fb_ms / 1e6,
-                                 max_rel_err=err))
-            except Exception as ex:  # noqa: BLE001 - one variant failing must not stop the run
-                rows.append(dict(kernel=name, variant=variant, error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"))
-            print(rows[-1], flush=True)
+        for variant, fn in {"triton": fused, "eager": ref, "torch.compile": torch.compile(ref)}.items():
+            rows.append(guarded(dict(kernel=name, variant=variant), args, lambda: measure(fn)))
     return rows
 
 
@@ -137,97 +128,108 @@ def bench_memory(s: dict, dev: str, dtype, args) -> list[dict]:
         plain = lambda h: fused_ce.linear_cross_entropy_ref(h, w, y, 1e-4)  # noqa: E731
         variants = {"fused (chunked)": lambda h: fused_ce.fused_linear_cross_entropy(h, w, y, 1e-4),
                     "eager h@W^T + lm_loss": plain, "torch.compile(h@W^T + lm_loss)": torch.compile(plain)}
-        want = None
-        for variant, fn in variants.items():
-            if _over_budget(args):
-                rows.append(dict(vocab=V, variant=variant, error="skipped: time budget"))
-                continue
-            try:
-                h = h0.clone().requires_grad_()
+        ref_loss = []
 
-                def step():
-                    w.grad = h.grad = None
-                    with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
-                        loss = fn(h)[0]
-                    loss.backward()
-                    return loss
+        def measure(fn):
+            h = h0.clone().requires_grad_()
 
-                loss = step()
-                want = loss.item() if want is None else want
-                ms = timeit(step, max(1, s["reps"] // 2), dev)
-                if dev == "cuda":
-                    w.grad = h.grad = None
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    step()
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-                else:
-                    peak = float("nan")
-                rows.append(dict(vocab=V, tokens=s["tokens"], d=s["d"], variant=variant, loss=loss.item(),
-                                 loss_diff=abs(loss.item() - want), fwd_bwd_ms=ms, peak_extra_GiB=peak))
-            except Exception as ex:  # noqa: BLE001
-                rows.append(dict(vocab=V, variant=variant, error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"))
-            print(rows[-1], flush=True)
-            w.grad = None
+            def step():
+                w.grad = h.grad = None
+                with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = fn(h)[0]
+                loss.backward()
+                return loss.item()
+
+            ms = timeit(step, max(1, s["reps"] // 2), dev)
+            peak = float("nan")
+            w.grad = h.grad = None
             if dev == "cuda":
-                torch.cuda.empty_cache()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            loss = step()
+            if dev == "cuda":
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            ref_loss.append(loss)
+            return dict(tokens=s["tokens"], d=s["d"], loss=loss, loss_diff=abs(loss - ref_loss[0]), fwd_bwd_ms=ms,
+                        peak_extra_GiB=peak)
+
+        for variant, fn in variants.items():
+            rows.append(guarded(dict(vocab=V, variant=variant), args, lambda: measure(fn)))
+            w.grad = None
     return rows
 
 
 # 3. training-step MFU ------------------------------------------------------------------------------------
-def bench_mfu(s: dict, dev: str, args) -> list[dict]:
+def random_shard(vocab: int) -> Path:
     import numpy as np
 
     from lmforge.data.shards import write_tokens
 
-    shard = write_tokens(Path(tempfile.mkdtemp()) / "rand.bin", np.random.default_rng(0).integers(0, 50304, 2_000_000),
-                         vocab_size=50304, tokenizer="byte")
+    return write_tokens(Path(tempfile.mkdtemp()) / "rand.bin", np.random.default_rng(0).integers(0, vocab, 2_000_000),
+                        vocab_size=vocab, tokenizer="byte")
+
+
+def bench_mfu(s: dict, dev: str, args) -> list[dict]:
+    from lmforge.kernels.training import apply_fused_kernels
+    from lmforge.model.config import ModelConfig
+
+    shard = random_shard(50304)
     rows = []
     for depth in s["depths"]:
-        for variant in args.mfu_variants.split(","):
-            if _over_budget(args):
-                rows.append(dict(depth=depth, variant=variant, error="skipped: time budget"))
-                continue
-            try:
-                rows.append(dict(depth=depth, variant=variant, **mfu_one(depth, variant, shard, s, dev, args)))
-            except Exception as ex:  # noqa: BLE001
-                rows.append(dict(depth=depth, variant=variant, error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:120]}"))
-            print(rows[-1], flush=True)
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+        mcfg = ModelConfig.from_depth(depth, vocab_size=50304, max_seq_len=s["seq"])
+        batch = s["batch"] if depth < 20 else s["batch"] // 2  # bench/train_throughput.py --batch-large
+        for variant in args.mfu_variants.split(","):  # plain | kernels | loss | kernels+loss
+            prepare = apply_fused_kernels if "kernels" in variant else None
+            rows.append(guarded(dict(depth=depth, variant=variant), args, lambda: trainer_throughput(
+                mcfg, shard, batch, s["seq"], dev, args, prepare=prepare, fused_loss="loss" in variant,
+                compile=dev == "cuda")))
     return rows
 
 
-def mfu_one(depth: int, variant: str, shard: Path, s: dict, dev: str, args) -> dict:
-    """variant: 'plain', 'kernels' (apply_fused_kernels), 'loss' (fused loss), 'kernels+loss'."""
-    from lmforge.kernels.training import apply_fused_kernels
-    from lmforge.model.config import ModelConfig
+def guarded(key: dict, args, fn) -> dict:
+    """key + fn()'s results, or key + the error / the budget skip; printed at once (a later kill keeps it)."""
+    if _over_budget(args):
+        row = dict(key, error="skipped: time budget")
+    else:
+        try:
+            row = dict(key, **fn())
+        except Exception as ex:  # noqa: BLE001 - one variant failing must not stop the run
+            row = dict(key, error=f"{type(ex).__name__}: {str(ex).splitlines()[0][:120] if str(ex) else ''}")
+    print(row, flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, *, prepare=None,
+                       fused_loss: bool = False, compile: bool = True) -> dict:
+    """tokens/s and MFU of the real Trainer.train_step, as bench/train_throughput.py measures them. `prepare`
+    transforms the built model (e.g. apply_fused_kernels); fused_loss routes the objective through
+    kernels.fused_ce (Trainer.forward_loss replaced here; the trainer option is the lead's to add)."""
     from lmforge.model.transformer import Transformer
     from lmforge.optim.config import OptimConfig
     from lmforge.train.config import DataConfig, TrainConfig
     from lmforge.train.trainer import Trainer
 
-    mcfg = ModelConfig.from_depth(depth, vocab_size=50304, max_seq_len=s["seq"])
-    batch = s["batch"] if depth < 20 else s["batch"] // 2  # bench/train_throughput.py --batch-large
-    cfg = TrainConfig(model=mcfg, data=DataConfig(train=(str(shard),), seq_len=s["seq"], batch_size=batch,
-                                                  val_fraction=0.01),
+    cfg = TrainConfig(model=mcfg, data=DataConfig(train=(str(shard),), seq_len=seq, batch_size=batch, val_fraction=0.01),
                       optim=OptimConfig(name="adamw", lr=3e-4, warmup_steps=0), run_dir=tempfile.mkdtemp(),
-                      max_steps=10_000, device=dev, compile=dev == "cuda", progress=False,
+                      max_steps=10_000, device=dev, compile=compile, progress=False,
                       sdpa_backend="cudnn" if dev == "cuda" else "auto", plot=False, resume=False, eval_batches=1)
-    model = Transformer(mcfg)
-    if "kernels" in variant:
-        model = model.to(dev)
-        apply_fused_kernels(model)
+    torch.manual_seed(0)
+    model = Transformer(mcfg).to(dev)
+    if prepare is not None:
+        prepare(model)
     tr = Trainer(cfg, model=model)
-    if "loss" in variant:  # the objective through the fused head; the trunk compiled as the trainer would
+    if fused_loss:  # the objective through the fused head; the trunk compiled as the trainer would
         trunk = lambda x: tr.model.final_norm(tr.model.hidden(x)[0])  # noqa: E731
-        trunk = torch.compile(trunk) if cfg.compile else trunk
+        trunk = torch.compile(trunk) if compile else trunk
 
         def forward_loss(x, y):
             loss, ce = fused_ce.fused_linear_cross_entropy(trunk(x), tr.model.lm_head.weight, y, mcfg.z_loss)
-            return loss, ce
+            aux = tr.model.aux_loss()
+            return (loss + aux if aux is not None else loss), ce
 
         tr.forward_loss = forward_loss
     for _ in range(args.warmup):
@@ -252,6 +254,23 @@ def _table(title: str, rows: list[dict]) -> str:
     fmt = lambda v: f"{v:,.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"\n## {title}", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     return "\n".join(lines + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
+
+
+def run_sections(sections: dict, keys: list[str], result: dict, out: Path) -> None:
+    """Run the chosen sections (title, fn) in order, saving JSON after each; then print every table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        try:
+            result[key] = sections[key][1]()
+        except Exception as ex:  # noqa: BLE001
+            print(f"section {key} failed: {type(ex).__name__}: {ex}", file=sys.stderr)
+            result[key] = [dict(error=f"{type(ex).__name__}: {str(ex)[:200]}")]
+        out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\n# {result['hardware']}, {result['dtype']}, torch {torch.__version__}, {result['date']}, "
+          f"{time.perf_counter() - T0:.0f} s")
+    for key in keys:
+        print(_table(sections[key][0], result[key]))
+    print(f"\nwrote {out}")
 
 
 def main() -> None:
@@ -279,21 +298,7 @@ def main() -> None:
     sections = {"kernels": ("Fused kernels vs eager / torch.compile (fwd, fwd+bwd)", lambda: bench_kernels(s, dev, dtype, args)),
                 "memory": ("LM head + loss, forward+backward: peak memory beyond inputs", lambda: bench_memory(s, dev, dtype, args)),
                 "mfu": ("Trainer step MFU (bf16, compile, cuDNN attention, seq 2048)", lambda: bench_mfu(s, dev, args))}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for key in args.sections.split(","):
-        title, fn = sections[key]
-        try:
-            result[key] = fn()
-        except Exception as ex:  # noqa: BLE001
-            print(f"section {key} failed: {type(ex).__name__}: {ex}", file=sys.stderr)
-            result[key] = [dict(error=f"{type(ex).__name__}: {str(ex)[:200]}")]
-        out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"\n# {hw}, {dtype}, torch {torch.__version__}, {result['date']}, {time.perf_counter() - T0:.0f} s")
-    for key in args.sections.split(","):
-        print(_table(sections[key][0], result[key]))
-    print(f"\nwrote {out}")
-
+    run_sections(sections, args.sections.split(","), result, Path(args.out))
 
 if __name__ == "__main__":
     main()

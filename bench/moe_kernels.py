@@ -38,7 +38,9 @@ SIZES = {
     "smoke": dict(layers=[dict(d=32, E=4, k=2, de=32, tokens=64)],
                   train=dict(d=32, layers=2, H=2, E=4, k=2, de=32, seq=16, batch=2), reps=1),
 }
-VARIANTS = {"triton": (TritonMoE, "grouped"), "grouped (torch)": (MoE, "grouped"), "loop": (MoE, "loop")}
+# name -> (class, dispatch, TritonMoE.gemm): "gather dispatch + _grouped_mm" separates the dispatch's gain from the GEMM's
+VARIANTS = {"triton": (TritonMoE, "grouped", "triton"), "gather dispatch + _grouped_mm": (TritonMoE, "grouped", "torch"),
+            "grouped (torch)": (MoE, "grouped", None), "loop": (MoE, "loop", None)}
 
 
 def bench_layer(s: dict, dev: str, dtype, args) -> list[dict]:
@@ -55,18 +57,20 @@ def bench_layer(s: dict, dev: str, dtype, args) -> list[dict]:
         with torch.no_grad():
             want = ref(x).float()
 
-        def measure(cls, dispatch):
+        def measure(cls, dispatch, gemm):
             layer = cls(cfg, 0).to(dev, dtype)
             layer.load_state_dict(ref.state_dict())
             layer.dispatch = dispatch
+            if gemm:
+                layer.gemm = gemm
             with torch.no_grad():
                 diff = ((layer(x).float() - want).abs().max() / want.abs().max()).item()
             ms = timeit(lambda: layer(x).float().square().mean().backward(), s["reps"], dev)
             return dict(ms=ms, tokens_per_s=sz["tokens"] / ms * 1e3, rel_diff_vs_loop=diff)
 
         shape = dict(experts=sz["E"], top_k=sz["k"], d_model=sz["d"], d_expert=sz["de"], tokens=sz["tokens"])
-        for name, (cls, dispatch) in VARIANTS.items():
-            rows.append(guarded(dict(shape, dispatch=name), args, lambda: measure(cls, dispatch)))
+        for name, variant in VARIANTS.items():
+            rows.append(guarded(dict(shape, dispatch=name), args, lambda: measure(*variant)))
     return rows
 
 
@@ -77,10 +81,17 @@ def bench_train(s: dict, dev: str, args) -> list[dict]:
     moe = dataclasses.replace(base, mlp="moe", moe=MoEConfig(n_experts=t["E"], top_k=t["k"], d_expert=t["de"],
                                                               aux_loss=0.01))
     shard = random_shard(8192)
-    triton_moe = lambda model: apply_fused_kernels(model, kinds=("moe",))  # noqa: E731
+
+    def triton_moe(gemm: str):
+        def prepare(model):
+            for name in apply_fused_kernels(model, kinds=("moe",)):
+                model.get_submodule(name).gemm = gemm
+        return prepare
+
+    label = f"MoE {t['E']}x{t['de']} top-{t['k']}"
     runs = [("dense", dataclasses.replace(base, d_ff=t["k"] * t["de"]), None),
-            (f"MoE {t['E']}x{t['de']} top-{t['k']}, grouped (torch)", moe, None),
-            (f"MoE {t['E']}x{t['de']} top-{t['k']}, triton", moe, triton_moe)]
+            (f"{label}, grouped (torch)", moe, None), (f"{label}, triton", moe, triton_moe("triton")),
+            (f"{label}, gather dispatch + _grouped_mm", moe, triton_moe("torch"))]
     rows = [guarded(dict(model=name), args, lambda: trainer_throughput(
         cfg, shard, t["batch"], t["seq"], dev, args, prepare=prep, compile=False)) for name, cfg, prep in runs]
     dense = rows[0].get("tok_per_s")

@@ -156,24 +156,67 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return _GroupedMM.apply(x.contiguous(), w, counts.to(torch.int32))
 
 
+class _GatherTokens(torch.autograd.Function):
+    """x (N, d) -> x[order // k] (M = N·k, d): each token copied once per assignment, in expert order. The
+    backward sums each token's k copies through the inverse permutation - a gather, where autograd's
+    indexing backward would scatter-add with atomics or a sort."""
+
+    @staticmethod
+    def forward(ctx, x, order, inv, k: int):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g[inv].view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """y[perm] for a permutation perm, with backward g[inv] (inv = perm's inverse): gathers both ways."""
+
+    @staticmethod
+    def forward(ctx, y, perm, inv):
+        ctx.save_for_backward(inv)
+        return y[perm]
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g[inv], None, None
+
+
 class TritonMoE(MoE):
     """MoE whose dropless grouped dispatch runs on the Triton grouped GEMM; same parameters and names
-    (lmforge.kernels.apply_fused_kernels swaps it in). The permutation avoids torch.bincount, whose CUDA
-    version reads the maximum id on the host (a sync per call)."""
+    (lmforge.kernels.apply_fused_kernels swaps it in). Dropless, every token has exactly k assignments,
+    so permuting and un-permuting are gathers through the sort order and its inverse (no index_add, no
+    atomics) and the expert counts come from index_add_ (torch.bincount on CUDA reads the ids' min and
+    max on the host: a sync). With a capacity factor it keeps MoE.experts_grouped's dropping.
+    `gemm = "torch"` runs the same dispatch on torch._grouped_mm (lmforge.model.layers.moe)."""
+
+    gemm = "triton"
 
     def experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
                         ) -> torch.Tensor:
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
         if self.capacity(x.shape[0]) is not None:
-            order = order[keep.reshape(-1)[order]]  # drop over-capacity assignments
-        tok = order // self.k
+            return super().experts_grouped(x, idx, w, keep)
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)  # (M,) assignment ids t·k + j, grouped by expert
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         counts = torch.zeros(self.E, device=x.device, dtype=torch.int32).index_add_(
-            0, flat[order], torch.ones_like(order, dtype=torch.int32))
-        y = self._expert_mlp(x[tok], counts) * w.reshape(-1)[order, None]
-        return x.new_zeros(x.shape).index_add_(0, tok, y.to(x.dtype))
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # gather the (M, d) rows in the GEMM's dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = self._expert_mlp(_GatherTokens.apply(x, order, inv, k), counts)  # (M, d) in expert order
+        y = _Permute.apply(y, inv, order).view(N, k, -1)  # back to (token, choice) order
+        return (y.float() * w[..., None]).sum(1).to(dtype)  # weighted by the router (its gradient trains the router)
 
     def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.gemm == "torch":
+            return super()._expert_mlp(x, counts.long())
         e = None if self.b_up is None else torch.repeat_interleave(
             torch.arange(self.E, device=x.device), counts.long(), output_size=x.shape[0])
         bias = (lambda b: 0 if b is None else b[e])  # noqa: E731

@@ -108,6 +108,9 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
     """h (..., d), weight (V, d), targets (...) -> (loss, cross-entropy), equal to lm_loss(h @ W^T, ...)
     without the full logits. Under autocast h and W are cast to the autocast dtype, as F.linear would be;
     the loss is differentiable in h and W (the plain cross-entropy is for logging)."""
+    if weight.dim() != 2 or h.shape[-1] != weight.shape[1] or h.shape[:-1] != targets.shape:
+        raise ValueError(f"fused linear + cross-entropy takes h (..., d), weight (V, d), targets (...); got h "
+                         f"{tuple(h.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     h2 = h.reshape(-1, h.shape[-1]).to(dtype).contiguous()

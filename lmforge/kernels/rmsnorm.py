@@ -74,6 +74,8 @@ def _blocks(D: int) -> tuple[int, int, int]:
     return block_m, block_d, 4 if block_d <= 1024 else 8
 
 
+MAX_DIM = 65536  # one row per program in registers/shared memory; wider rows need a two-pass kernel
+
 # backward programs: a few per SM of an H100/H200 (132 SMs); a constant rather than a device query, which
 # torch.compile would have to trace
 _BWD_PROGRAMS = 528
@@ -111,6 +113,9 @@ class _RMSNormFn(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """x (..., D), weight (D,) -> (..., D) in x's dtype; differentiable in x and weight."""
+    if weight.shape != (x.shape[-1],) or x.shape[-1] > MAX_DIM:
+        raise ValueError(f"fused RMSNorm takes x (..., D) with D <= {MAX_DIM} and weight (D,); got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}: use lmforge.model.layers.norm.RMSNorm for other shapes")
     return _RMSNormFn.apply(x, weight, eps)
 
 

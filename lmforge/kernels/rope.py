@@ -90,4 +90,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "h
     differentiable in x (the angles are constants)."""
     if layout not in ("half", "interleaved"):
         raise ValueError(f"unknown rope layout {layout!r}: 'half' or 'interleaved'")
+    if x.dim() != 4 or x.shape[-1] % 2 or cos.shape[-1] != x.shape[-1] // 2:
+        raise ValueError(f"fused RoPE takes x (B, H, T, hd) with an even head dim and cos/sin (B, T, hd/2); got x "
+                         f"{tuple(x.shape)}, cos {tuple(cos.shape)}")
     return _RopeFn.apply(x, cos, sin, layout)

@@ -63,3 +63,9 @@ def test_fused_ce_bf16_autocast_gpu():
     torch.testing.assert_close(got[0], want[0], atol=1e-3, rtol=1e-3)
     for g, r in zip(got[2:], want[2:]):
         torch.testing.assert_close(g, r, atol=2e-3 * r.abs().max().item(), rtol=2e-2)
+
+
+def test_fused_ce_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match=r"weight \(10, 5\)"):
+        kc.fused_linear_cross_entropy(torch.randn(3, 4, device=DEV), torch.randn(10, 5, device=DEV),
+                                      torch.zeros(3, dtype=torch.long, device=DEV))

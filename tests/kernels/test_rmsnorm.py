@@ -53,3 +53,8 @@ def test_rmsnorm_bf16_gpu():
     for g, r in zip(got[:2], want[:2]):
         torch.testing.assert_close(g.float(), r.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got[2], want[2], atol=1e-1, rtol=1e-2)  # sum of 4096 rows of bf16 products
+
+
+def test_rmsnorm_rejects_mismatched_weight():
+    with pytest.raises(ValueError, match=r"weight \(7,\)"):
+        kr.rms_norm(torch.randn(2, 8, device=DEV), torch.ones(7, device=DEV))

@@ -40,3 +40,9 @@ def test_rope_matches_reference(layout, B, H, T, hd):
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_rope_bf16_gpu(layout):
     _check(4, 16, 512, 128, layout, torch.bfloat16, 1e-2)
+
+
+def test_rope_rejects_odd_head_dim():
+    x = torch.randn(1, 2, 3, 5, device=DEV)
+    with pytest.raises(ValueError, match=r"even head dim.*\(1, 2, 3, 5\)"):
+        kp.rope(x, torch.ones(1, 3, 2, device=DEV), torch.zeros(1, 3, 2, device=DEV))

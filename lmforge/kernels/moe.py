@@ -52,10 +52,17 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(("BM", "BN", "BK")), key=["N", "K", "s_bk"])
     @triton.jit
-    def _gmm_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, N, K, E, s_am, s_be, s_bk, s_bn, s_cm,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _gmm_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, M, N, K, E, s_am, s_be, s_bk, s_bn, s_cm,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
         """C[g_e] = A[g_e] @ B_e, B_e[k, n] at b_ptr + e·s_be + k·s_bk + n·s_bn; A, C row-major."""
-        tile = tl.program_id(0)
+        # programs sweep all column tiles of GROUP_M row tiles before moving on, so those rows of A stay
+        # in L2 while they are reused (row-major order would re-read all of A once per column tile)
+        n_m, n_n = tl.cdiv(M, BM) + E, tl.cdiv(N, BN)
+        pid = tl.program_id(0)
+        first_m = (pid // (GROUP_M * n_n)) * GROUP_M
+        group_m = tl.minimum(n_m - first_m, GROUP_M)
+        tile = first_m + (pid % (GROUP_M * n_n)) % group_m
+        tile_n = (pid % (GROUP_M * n_n)) // group_m
         expert, row0, row_end = -1, 0, 0
         seen, start = 0, 0
         for e in range(E):  # which expert owns row tile `tile`: tiles are numbered expert by expert
@@ -69,7 +76,7 @@ if triton is not None:
             start += cnt
         if expert >= 0:
             rows = row0 + tl.arange(0, BM)
-            cols = tl.program_id(1) * BN + tl.arange(0, BN)
+            cols = tile_n * BN + tl.arange(0, BN)
             kk = tl.arange(0, BK)
             a_rows = a_ptr + rows[:, None].to(tl.int64) * s_am
             b_base = b_ptr + expert.to(tl.int64) * s_be + cols[None, :] * s_bn
@@ -116,8 +123,9 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
     c = torch.empty(M, N, device=a.device, dtype=a.dtype)
     if M == 0:
         return c
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) + E, triton.cdiv(N, meta["BN"]))  # noqa: E731
-    _gmm_kernel[grid](a, b, c, counts, N, K, E, a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0))
+    grid = lambda meta: ((triton.cdiv(M, meta["BM"]) + E) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    _gmm_kernel[grid](a, b, c, counts, M, N, K, E, a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
+                      GROUP_M=8)
     return c
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not km.available(DEV), reason="needs triton: a G
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64, mlp="moe")
 
 
-@pytest.mark.parametrize("counts", [[5, 0, 17, 1], [0, 0, 3, 0], [40, 2, 0, 9]])
+@pytest.mark.parametrize("counts", [[5, 0, 17, 1], [0, 0, 3, 0], [40, 2, 0, 9], [100, 37, 0, 60]])
 def test_grouped_mm_matches_per_expert_matmuls(counts):
     E, out_dim, in_dim = len(counts), 24, 40
     counts = torch.tensor(counts, device=DEV)

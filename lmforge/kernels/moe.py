@@ -116,6 +116,35 @@ if triton is not None:
                  mask=(o[:, None] < OUT) & (i[None, :] < IN))
 
 
+    @triton.jit
+    def _combine_kernel(y_ptr, w_ptr, inv_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[t] = Σ_j w[t, j] · y[inv[t·K + j]]: un-permute and router weighting in one pass over y."""
+        t = tl.program_id(0).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for j in tl.static_range(K):
+                row = tl.load(inv_ptr + t * K + j)
+                acc += tl.load(w_ptr + t * K + j) * tl.load(y_ptr + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+            tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+    @triton.jit
+    def _combine_bwd_kernel(g_ptr, y_ptr, w_ptr, inv_ptr, dy_ptr, dw_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dy[inv[t·K + j]] = w[t, j] · g[t] (each row of dy written once: no atomics); dw[t, j] = <g[t], y[...]>."""
+        t = tl.program_id(0).to(tl.int64)
+        for j in tl.static_range(K):
+            row = tl.load(inv_ptr + t * K + j)
+            wj = tl.load(w_ptr + t * K + j)
+            dot = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                g = tl.load(g_ptr + t * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+                tl.store(dy_ptr + row * D + cols, (wj * g).to(dy_ptr.dtype.element_ty), mask=cols < D)
+                dot += g * y
+            tl.store(dw_ptr + t * K + j, tl.sum(dot, 0))
+
+
 def _gmm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """a (M, K) grouped by counts, b (E, K, N) any strides -> (M, N) = a[g_e] @ b[e]."""
     M, K = a.shape
@@ -181,25 +210,38 @@ class _GatherTokens(torch.autograd.Function):
         return g[inv].view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
 
 
-class _Permute(torch.autograd.Function):
-    """y[perm] for a permutation perm, with backward g[inv] (inv = perm's inverse): gathers both ways."""
+class _Combine(torch.autograd.Function):
+    """(M, d) expert outputs in expert order -> (N, d) tokens, out[t] = Σ_j w[t, j] · y[inv[t·k + j]]; the
+    gradient reaches y (a permutation: gathered, not scattered with atomics) and the router weights w."""
 
     @staticmethod
-    def forward(ctx, y, perm, inv):
-        ctx.save_for_backward(inv)
-        return y[perm]
+    def forward(ctx, y, w, inv, out_dtype: torch.dtype):
+        N, k = w.shape
+        out = torch.empty(N, y.shape[1], device=y.device, dtype=out_dtype)
+        if N:
+            _combine_kernel[(N,)](y, w, inv, out, y.shape[1], K=k, BLOCK_D=_block_d(y.shape[1]))
+        ctx.save_for_backward(y, w, inv)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        (inv,) = ctx.saved_tensors
-        return g[inv], None, None
+        y, w, inv = ctx.saved_tensors
+        dy, dw = torch.empty_like(y), torch.empty(w.shape, device=w.device, dtype=torch.float32)
+        if w.shape[0]:
+            _combine_bwd_kernel[(w.shape[0],)](g.contiguous(), y, w, inv, dy, dw, y.shape[1], K=w.shape[1],
+                                               BLOCK_D=_block_d(y.shape[1]))
+        return dy, dw.to(w.dtype), None, None
+
+
+def _block_d(D: int) -> int:
+    return min(triton.next_power_of_2(D), 2048)
 
 
 class TritonMoE(MoE):
     """MoE whose dropless grouped dispatch runs on the Triton grouped GEMM; same parameters and names
     (lmforge.kernels.apply_fused_kernels swaps it in). Dropless, every token has exactly k assignments,
-    so permuting and un-permuting are gathers through the sort order and its inverse (no index_add, no
-    atomics) and the expert counts come from index_add_ (torch.bincount on CUDA reads the ids' min and
+    so permuting is a gather through the sort order, and un-permuting (with the router weighting) one
+    Triton pass that gathers through its inverse - no index_add, no atomics - and the expert counts come from index_add_ (torch.bincount on CUDA reads the ids' min and
     max on the host: a sync). With a capacity factor it keeps MoE.experts_grouped's dropping.
     `gemm = "torch"` runs the same dispatch on torch._grouped_mm (lmforge.model.layers.moe)."""
 
@@ -219,8 +261,7 @@ class TritonMoE(MoE):
         if torch.is_autocast_enabled(x.device.type):  # gather the (M, d) rows in the GEMM's dtype
             x = x.to(torch.get_autocast_dtype(x.device.type))
         y = self._expert_mlp(_GatherTokens.apply(x, order, inv, k), counts)  # (M, d) in expert order
-        y = _Permute.apply(y, inv, order).view(N, k, -1)  # back to (token, choice) order
-        return (y.float() * w[..., None]).sum(1).to(dtype)  # weighted by the router (its gradient trains the router)
+        return _Combine.apply(y.contiguous(), w.contiguous(), inv, dtype)  # w's gradient trains the router
 
     def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if self.gemm == "torch":

@@ -38,8 +38,10 @@ SIZES = {
     "smoke": dict(layers=[dict(d=32, E=4, k=2, de=32, tokens=64)],
                   train=dict(d=32, layers=2, H=2, E=4, k=2, de=32, seq=16, batch=2), reps=1),
 }
-# name -> (class, dispatch, TritonMoE.gemm): "gather dispatch + _grouped_mm" separates the dispatch's gain from the GEMM's
-VARIANTS = {"triton": (TritonMoE, "grouped", "triton"), "gather dispatch + _grouped_mm": (TritonMoE, "grouped", "torch"),
+# name -> (class, dispatch, TritonMoE.gemm); "gather dispatch + _grouped_mm" separates the dispatch's gain
+# from the GEMM's
+VARIANTS = {"triton": (TritonMoE, "grouped", "triton"),
+            "gather dispatch + _grouped_mm": (TritonMoE, "grouped", "torch"),
             "grouped (torch)": (MoE, "grouped", None), "loop": (MoE, "loop", None)}
 
 

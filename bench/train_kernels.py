@@ -213,7 +213,8 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
     from lmforge.train.config import DataConfig, TrainConfig
     from lmforge.train.trainer import Trainer
 
-    cfg = TrainConfig(model=mcfg, data=DataConfig(train=(str(shard),), seq_len=seq, batch_size=batch, val_fraction=0.01),
+    data = DataConfig(train=(str(shard),), seq_len=seq, batch_size=batch, val_fraction=0.01)
+    cfg = TrainConfig(model=mcfg, data=data,
                       optim=OptimConfig(name="adamw", lr=3e-4, warmup_steps=0), run_dir=tempfile.mkdtemp(),
                       max_steps=10_000, device=dev, compile=compile, progress=False,
                       sdpa_backend="cudnn" if dev == "cuda" else "auto", plot=False, resume=False, eval_batches=1)
@@ -295,8 +296,10 @@ def main() -> None:
     hw = torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter)"
     result = dict(date=datetime.now(timezone.utc).isoformat(timespec="minutes"), hardware=hw, torch=torch.__version__,
                   dtype=str(dtype), sizes=s)
-    sections = {"kernels": ("Fused kernels vs eager / torch.compile (fwd, fwd+bwd)", lambda: bench_kernels(s, dev, dtype, args)),
-                "memory": ("LM head + loss, forward+backward: peak memory beyond inputs", lambda: bench_memory(s, dev, dtype, args)),
+    sections = {"kernels": ("Fused kernels vs eager / torch.compile (fwd, fwd+bwd)",
+                            lambda: bench_kernels(s, dev, dtype, args)),
+                "memory": ("LM head + loss, forward+backward: peak memory beyond inputs",
+                           lambda: bench_memory(s, dev, dtype, args)),
                 "mfu": ("Trainer step MFU (bf16, compile, cuDNN attention, seq 2048)", lambda: bench_mfu(s, dev, args))}
     run_sections(sections, args.sections.split(","), result, Path(args.out))
 

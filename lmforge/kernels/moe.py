@@ -107,14 +107,13 @@ if triton is not None:
         acc = tl.zeros([BO, BI], dtype=tl.float32)
         for r0 in range(start, end, BR):
             rr = r0 + r
-            dyt = tl.load(dy_ptr + rr[None, :].to(tl.int64) * s_dy + o[:, None], mask=(rr[None, :] < end) & (o[:, None] < OUT),
-                          other=0.0)
-            x = tl.load(x_ptr + rr[:, None].to(tl.int64) * s_x + i[None, :], mask=(rr[:, None] < end) & (i[None, :] < IN),
-                        other=0.0)
+            dyt = tl.load(dy_ptr + rr[None, :].to(tl.int64) * s_dy + o[:, None],
+                          mask=(rr[None, :] < end) & (o[:, None] < OUT), other=0.0)  # (BO, BR): dY^T
+            x = tl.load(x_ptr + rr[:, None].to(tl.int64) * s_x + i[None, :],
+                        mask=(rr[:, None] < end) & (i[None, :] < IN), other=0.0)
             acc = tl.dot(dyt, x, acc)
-        tl.store(dw_ptr + e.to(tl.int64) * OUT * IN + o[:, None] * IN + i[None, :], acc.to(dw_ptr.dtype.element_ty),
-                 mask=(o[:, None] < OUT) & (i[None, :] < IN))
-
+        tl.store(dw_ptr + e.to(tl.int64) * OUT * IN + o[:, None] * IN + i[None, :],
+                 acc.to(dw_ptr.dtype.element_ty), mask=(o[:, None] < OUT) & (i[None, :] < IN))
 
     @triton.jit
     def _combine_kernel(y_ptr, w_ptr, inv_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -125,7 +124,8 @@ if triton is not None:
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
             for j in tl.static_range(K):
                 row = tl.load(inv_ptr + t * K + j)
-                acc += tl.load(w_ptr + t * K + j) * tl.load(y_ptr + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+                yj = tl.load(y_ptr + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+                acc += tl.load(w_ptr + t * K + j) * yj
             tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < D)
 
     @triton.jit
@@ -241,9 +241,9 @@ class TritonMoE(MoE):
     """MoE whose dropless grouped dispatch runs on the Triton grouped GEMM; same parameters and names
     (lmforge.kernels.apply_fused_kernels swaps it in). Dropless, every token has exactly k assignments,
     so permuting is a gather through the sort order, and un-permuting (with the router weighting) one
-    Triton pass that gathers through its inverse - no index_add, no atomics - and the expert counts come from index_add_ (torch.bincount on CUDA reads the ids' min and
-    max on the host: a sync). With a capacity factor it keeps MoE.experts_grouped's dropping.
-    `gemm = "torch"` runs the same dispatch on torch._grouped_mm (lmforge.model.layers.moe)."""
+    Triton pass that gathers through its inverse - no index_add, no atomics - and the expert counts come
+    from index_add_ (torch.bincount on CUDA reads the ids' min and max on the host: a sync). With a
+    capacity factor it keeps MoE.experts_grouped's dropping. `gemm = "torch"` runs the same dispatch on torch._grouped_mm (lmforge.model.layers.moe)."""
 
     gemm = "triton"
 

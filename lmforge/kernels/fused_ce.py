@@ -18,6 +18,8 @@ Reference: lmforge.train.loss.lm_loss(h @ W^T, targets, z_loss).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lmforge.errors import ConfigError
@@ -66,9 +68,31 @@ if triton is not None:
 
 
 def _chunk_rows(N: int, V: int, elt: int) -> int:
-    """Rows per chunk: about 256 MB of logits (1k rows at vocab 128k in bf16), a power of two."""
-    rows = max(256, min(8192, (1 << 28) // (V * elt)))
+    """Rows per chunk: about 512 MB of logits (2k rows at vocab 128k in bf16), a power of two."""
+    rows = max(256, min(8192, (1 << 29) // (V * elt)))
     return min(1 << (rows.bit_length() - 1), max(N, 1))
+
+
+def _accumulate(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """dw (fp32) += a @ b: on CUDA in the GEMM's fp32 epilogue where torch has it (addmm with out_dtype),
+    else through a (V, d) product in the matmul dtype."""
+    if a.is_cuda and a.dtype != dw.dtype and _fp32_addmm(a.device.index or 0, a.dtype):
+        torch.addmm(dw, a, b, out_dtype=dw.dtype, out=dw)
+    else:
+        dw.add_(a @ b)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_addmm(device: int, dtype: torch.dtype) -> bool:
+    """Whether this torch accumulates a `dtype` GEMM into an fp32 tensor in place, correctly (probed once)."""
+    g = torch.Generator(device=f"cuda:{device}").manual_seed(0)
+    a, b = (torch.randn(64, 64, device=f"cuda:{device}", generator=g).to(dtype) for _ in range(2))
+    acc = torch.ones(64, 64, device=f"cuda:{device}")
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool(torch.allclose(acc, 1 + a.float() @ b.float(), atol=1e-2, rtol=1e-2))
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -86,7 +110,7 @@ class _FusedLinearCE(torch.autograd.Function):
             _ce_kernel[(hc.shape[0],)](z, z.stride(0), targets[s:s + chunk], loss[s:], lse[s:], V, z_loss,
                                        ignore_index, BLOCK_V=block_v, num_warps=16 if h.is_cuda else 4)
             torch.mm(z, weight, out=dh[s:s + chunk])
-            dw.add_(z.T @ hc)  # fp32 sum of the chunks' (V, d) products in the matmul dtype
+            _accumulate(dw, z.T, hc)
         n = (targets != ignore_index).sum()
         ce = loss.sum() / n
         total = ce + z_loss * lse.square().sum() / n if z_loss > 0 else ce.clone()

@@ -12,6 +12,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lmforge.cli.demo", "train a small LM on Python's own sources and sample from it (no downloads)"),
     "train": ("lmforge.cli.train", "pretrain a model from a TOML config (--config FILE --section.key value)"),
+    "sft": ("lmforge.cli.sft", "supervised fine-tuning on chat JSONL (--config FILE)"),
+    "dpo": ("lmforge.cli.dpo", "preference optimisation: DPO / IPO / SimPO (--config FILE)"),
+    "rm": ("lmforge.cli.rm", "train a reward model on preference pairs (--config FILE)"),
+    "distill": ("lmforge.cli.distill", "distill a teacher into the model (--config FILE)"),
     "sample": ("lmforge.cli.sample", "sample text from a checkpoint"),
     "generate": ("lmforge.cli.generate", "batch generation from prompts to JSONL"),
     "chat": ("lmforge.cli.chat", "terminal chat with a checkpoint"),

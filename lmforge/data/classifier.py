@@ -2,7 +2,9 @@
 Classification"), trained from scratch in numpy: word unigrams and bigrams hashed into `buckets` rows
 of an embedding table, averaged, then one linear layer and a softmax. DCLM (Li et al. 2024) showed such
 a classifier, trained on high-quality positives against random web negatives, is the best filter they
-tried; the `quality` stage keeps documents whose positive probability clears a threshold.
+tried; the `quality` stage keeps documents whose positive probability clears a threshold. It also
+takes a real fastText model file (DCLM's `openhermes_reddit_eli5_vs_rw_v2_bigram_200k_train.bin`,
+label `hq`), read by `fasttext_model` without the fasttext package.
 
 Training uses AdaGrad (Duchi et al. 2011) on mini-batches rather than fastText's per-example SGD: with
 a zero-initialised output layer, plain SGD on averaged features barely moves on small example sets,
@@ -22,6 +24,7 @@ from typing import Iterable
 import numpy as np
 
 from lmforge.config import check
+from lmforge.data import fasttext_stages
 from lmforge.data.document import Document
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.stage import StageContext
@@ -159,14 +162,18 @@ def train_classifier(positive: Iterable[str], negative: Iterable[str],
 
 @dataclass(frozen=True, kw_only=True)
 class QualityConfig:
-    """model: a directory written by `lmforge data train-classifier`; threshold: keep documents whose
-    positive probability is >= it (0 = score only)."""
+    """model: a directory written by `lmforge data train-classifier`, or a fastText .bin/.ftz file;
+    threshold: keep documents whose positive probability is >= it (0 = score only); label: the
+    positive label of a fastText model; max_chars: characters a fastText model sees."""
 
     model: str
     threshold: float = 0.5
+    label: str = "hq"
+    max_chars: int = 100_000
 
     def __post_init__(self) -> None:
-        check(bool(self.model), "quality.model must name a classifier directory")
+        check(bool(self.model), "quality.model must name a classifier directory or a fastText .bin/.ftz file")
+        check(self.max_chars > 0, f"quality.max_chars must be > 0, got {self.max_chars}")
         check(0.0 <= self.threshold <= 1.0, f"quality.threshold must be in [0, 1], got {self.threshold}")
 
 
@@ -177,7 +184,14 @@ def _load(directory: str) -> HashedNgramClassifier:
 
 def quality(cfg: QualityConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Set `meta.quality_score`; reject `quality:low_score` below the threshold."""
-    scores = _load(cfg.model).predict_proba([d.text for d in docs])
+    if Path(cfg.model).suffix in (".bin", ".ftz") or Path(cfg.model).is_file():
+        model = fasttext_stages.model_or_reject(cfg.model, docs, "quality")
+        if model is None:
+            return docs
+        scores = [fasttext_stages.label_score(model, fasttext_stages.one_line(d.text, cfg.max_chars), cfg.label)
+                  for d in docs]
+    else:
+        scores = _load(cfg.model).predict_proba([d.text for d in docs])
     for d, s in zip(docs, scores):
         d.meta["quality_score"] = round(float(s), 4)
         if s < cfg.threshold:

@@ -3,8 +3,9 @@
 Line-level dedup follows CCNet (Wenzek et al. 2019), which removes paragraphs (newline-separated
 lines) occurring elsewhere in the corpus: mode "all" drops every copy of a line seen more than once
 (CCNet's choice: repeated lines are boilerplate wherever they appear); mode "first" keeps its first
-occurrence. Lines are compared after normalisation (lowercase, digits to 0, whitespace collapsed), as
-CCNet does, so dates and counters do not hide boilerplate.
+occurrence. Lines are compared exactly by default, as CCNet's and C4's line dedup do, so "see doc3.txt"
+and "see doc4.txt" stay distinct; `normalize=True` compares them after lowercasing, digits to 0 and
+whitespace collapsing, which also catches boilerplate that differs only in dates and counters.
 """
 
 from __future__ import annotations
@@ -51,19 +52,23 @@ def exact_dedup(cfg: ExactDedupConfig, docs: list[Document], ctx: StageContext) 
 @dataclass(frozen=True, kw_only=True)
 class LineDedupConfig:
     """mode: "all" drops every copy of a repeated line, "first" keeps the first; min_chars: shorter
-    lines are never treated as duplicates (kept as they are)."""
+    lines are never treated as duplicates (kept as they are); normalize: compare lines after lowercasing,
+    digits -> 0 and whitespace collapsing instead of exactly."""
 
     mode: str = "all"
     min_chars: int = 0
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         check(self.mode in ("all", "first"), f"line_dedup.mode must be 'all' or 'first', got {self.mode!r}")
         check(self.min_chars >= 0, f"line_dedup.min_chars must be >= 0, got {self.min_chars}")
 
 
-def line_key(line: str) -> bytes:
-    norm = _DIGITS.sub("0", " ".join(line.lower().split()))
-    return hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+def line_key(line: str, normalize: bool = False) -> bytes:
+    """A 64-bit key of one line: the line exactly, or its normalised form."""
+    if normalize:
+        line = _DIGITS.sub("0", " ".join(line.lower().split()))
+    return hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 
 def line_dedup(cfg: LineDedupConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
@@ -75,7 +80,7 @@ def line_dedup(cfg: LineDedupConfig, docs: list[Document], ctx: StageContext) ->
     counts: Counter[bytes] = Counter()
     if cfg.mode == "all":
         for d in docs:
-            counts.update(line_key(ln) for ln in d.text.split("\n") if eligible(ln))
+            counts.update(line_key(ln, cfg.normalize) for ln in d.text.split("\n") if eligible(ln))
     seen: set[bytes] = set()
     for d in docs:
         kept, removed = [], 0
@@ -83,7 +88,7 @@ def line_dedup(cfg: LineDedupConfig, docs: list[Document], ctx: StageContext) ->
             if not eligible(ln):
                 kept.append(ln)
                 continue
-            k = line_key(ln)
+            k = line_key(ln, cfg.normalize)
             dup = counts[k] > 1 if cfg.mode == "all" else k in seen
             seen.add(k)
             if dup:
@@ -95,11 +100,14 @@ def line_dedup(cfg: LineDedupConfig, docs: list[Document], ctx: StageContext) ->
 
 
 def set_kept_lines(d: Document, kept: list[str], removed: int, meta_key: str, stage: str,
-                   ctx: StageContext) -> None:
-    """Write back the surviving lines of a line/paragraph dedup; reject `<stage>:empty` if none remain."""
+                   ctx: StageContext, sep: str = "\n") -> None:
+    """Write back the surviving pieces (joined by `sep`) of a line/paragraph dedup; reject
+    `<stage>:empty` if none remain. The document keeps its own trailing newlines whether or not
+    anything was removed (removing the last line must not take the final newline with it)."""
     if removed:
         d.meta[meta_key] = removed
         ctx.count(f"{stage}.{meta_key}", removed)
-        d.text = "\n".join(kept).strip()
+        text = sep.join(kept).rstrip("\n")
+        d.text = text + d.text[len(d.text.rstrip("\n")):] if text.strip() else ""
     if not d.text.strip():
         d.reject(f"{stage}:empty")

@@ -3,7 +3,8 @@
 whose loader reads the bundled file and has no download path (the "full" model would be fetched).
 
 CCNet (Wenzek et al. 2019) and FineWeb use the same fastText model family; FineWeb keeps English pages
-with score >= 0.65.
+with score >= 0.65. `model = "path/lid.176.bin"` (or any fastText language classifier, .bin or .ftz)
+runs that model instead, through lmforge's numpy reader (`fasttext_model`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.config import check
+from lmforge.data import fasttext_stages
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 from lmforge.errors import require
@@ -21,11 +23,13 @@ from lmforge.errors import require
 @dataclass(frozen=True, kw_only=True)
 class LangIdConfig:
     """languages: keep only these ISO codes (empty = label only, keep all); threshold: minimum score of
-    the top label to keep; max_chars: characters of the text given to the model."""
+    the top label to keep; max_chars: characters of the text given to the model; model: a fastText
+    .bin/.ftz language classifier (labels `__label__<code>`), empty = the bundled lid.176 lite model."""
 
     languages: tuple[str, ...] = ()
     threshold: float = 0.0
     max_chars: int = 2000
+    model: str = ""
 
     def __post_init__(self) -> None:
         check(0.0 <= self.threshold <= 1.0, f"langid.threshold must be in [0, 1], got {self.threshold}")
@@ -49,8 +53,14 @@ def detect_language(text: str, max_chars: int = 2000) -> tuple[str, float]:
 
 def langid(cfg: LangIdConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Label `meta.language` / `meta.language_score`; reject by language and threshold."""
+    model = fasttext_stages.model_or_reject(cfg.model, docs, "langid") if cfg.model else None
+    if cfg.model and model is None:
+        return docs
     for d in docs:
-        lang, score = detect_language(d.text, cfg.max_chars)
+        if model is None:
+            lang, score = detect_language(d.text, cfg.max_chars)
+        else:
+            lang, score = fasttext_stages.top_label(model, fasttext_stages.one_line(d.text, cfg.max_chars))
         d.meta["language"], d.meta["language_score"] = lang, round(score, 4)
         if cfg.languages and lang not in cfg.languages:
             d.reject("langid:language")

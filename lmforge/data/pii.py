@@ -1,4 +1,4 @@
-"""PII masking: e-mail addresses, US phone numbers, IPv4 and IPv6 addresses become replacement tokens
+"""PII masking: e-mail addresses, US phone numbers (formatted, bare 10-digit and +1 forms), IPv4 and IPv6 addresses become replacement tokens
 (the `|||EMAIL_ADDRESS|||` style of Dolma, Soldaini et al. 2024), with counts per document in
 `meta.pii`. Regexes find candidates; IP candidates are validated with `ipaddress` so that version
 strings and clock times are not masked.
@@ -23,6 +23,11 @@ PHONE = re.compile(
     r"(?:\(\d{3}\)[\s.-]?\d{3}[\s.-]\d{4}|\d{3}([\s.-])\d{3}\1\d{4})"
     r"(?![\w-])"
 )
+# Unformatted US numbers: 10 digits (optionally after +1) whose area code starts with 2-9 as NANP area
+# codes do (which rules out Unix timestamps and 1234567890-style counters), standing alone: not part of
+# a longer number, a decimal, an identifier, or a path/query in a URL (see `_URL`).
+PHONE_BARE = re.compile(r"(?<![\w+/=?&#.:%-])(?:\+1[\s.-]?)?[2-9]\d{9}(?![\w/-]|[.,:]\d)")
+_URL = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|\bwww\.)\S+", re.I)
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
 IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d+\.\d+\.\d+\.\d+|[0-9A-Fa-f]{0,4})(?![\w:]|\.\d)")
@@ -62,7 +67,7 @@ def mask_pii(text: str, cfg: PIIConfig = PIIConfig()) -> tuple[str, dict[str, in
 
     def sub(pattern: re.Pattern, kind: str, token: str, text: str, valid=None) -> str:
         def repl(m: re.Match) -> str:
-            if valid is not None and not valid(m.group(0)):
+            if valid is not None and not valid(m.group(0), m.start()):
                 return m.group(0)
             counts[kind] += 1
             return token
@@ -71,11 +76,14 @@ def mask_pii(text: str, cfg: PIIConfig = PIIConfig()) -> tuple[str, dict[str, in
     if "email" in cfg.kinds:
         text = sub(EMAIL, "email", cfg.email_token, text)
     if "ipv6" in cfg.kinds:
-        text = sub(IPV6_CANDIDATE, "ipv6", cfg.ip_token, text, _valid_ipv6)
+        text = sub(IPV6_CANDIDATE, "ipv6", cfg.ip_token, text, lambda s, _: _valid_ipv6(s))
     if "ipv4" in cfg.kinds:
         text = sub(IPV4, "ipv4", cfg.ip_token, text)
     if "phone" in cfg.kinds:
         text = sub(PHONE, "phone", cfg.phone_token, text)
+        urls = [m.span() for m in _URL.finditer(text)]
+        text = sub(PHONE_BARE, "phone", cfg.phone_token, text,
+                   lambda _, at: not any(a <= at < b for a, b in urls))
     return text, counts
 
 

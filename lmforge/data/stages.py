@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.config import from_dict
-from lmforge.data import (bloom, c4, classifier, decontam, exact, extract, fineweb, gopher, langid,
-                          minhash, mix, perplexity, pii, tokenize)
+from lmforge.data import (bloom, c4, classifier, decontam, exact, extract, fasttext_stages, fineweb, gopher,
+                          langid, minhash, mix, perplexity, pii, tokenize)
 from lmforge.data.stage import StageSpec
 from lmforge.errors import ConfigError
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec("extract", extract.ExtractConfig, extract.extract, "map", "HTML bytes -> main text (resiliparse)"),
+    StageSpec("extract", extract.ExtractConfig, extract.extract, "map", "HTML bytes -> main text (resiliparse + rules, or trafilatura)"),
     StageSpec("langid", langid.LangIdConfig, langid.langid, "map", "language label/score; keep languages"),
     StageSpec("pii", pii.PIIConfig, pii.pii, "map", "mask e-mails, phones, IPv4/IPv6"),
     StageSpec("gopher", gopher.GopherConfig, gopher.gopher, "map", "Gopher quality + repetition rules"),
@@ -24,7 +24,11 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("perplexity", perplexity.PerplexityConfig, perplexity.perplexity_filter, "map",
               "CCNet-style LM perplexity score/filter"),
     StageSpec("quality", classifier.QualityConfig, classifier.quality, "map",
-              "hashed n-gram classifier score/filter (DCLM)"),
+              "hashed n-gram or fastText classifier score/filter (DCLM)"),
+    StageSpec("toxicity", fasttext_stages.ToxicityConfig, fasttext_stages.toxicity, "map",
+              "fastText toxicity classifier score/filter (Dolma Jigsaw)"),
+    StageSpec("nsfw", fasttext_stages.NSFWConfig, fasttext_stages.nsfw, "map",
+              "fastText NSFW classifier score/filter (Dolma Jigsaw)"),
     StageSpec("decontam", decontam.DecontamConfig, decontam.decontam, "map", "drop eval-set n-gram overlaps"),
     StageSpec("mix", mix.MixConfig, mix.mix, "map", "down/up-sample by source weight"),
     StageSpec("tokenize", tokenize.TokenizeConfig, tokenize.tokenize, "map", "write token shards"),

@@ -16,6 +16,25 @@ from lmforge.optim.config import OptimConfig
 
 
 @dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """One named data source of a mixture (mid-training)."""
+
+    name: str
+    train: tuple[str, ...] = ()
+    val: tuple[str, ...] = ()
+    """validation shards; if empty, the last data.val_fraction of the source's training tokens"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseConfig:
+    """From `start` (a fraction of max_steps) on, rows come from the sources in proportion to `weights`
+    (one per data.sources entry, in order; normalised)."""
+
+    start: float = 0.0
+    weights: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train: tuple[str, ...] = ()
     """token shard files (lmforge.data.shards) to train on"""
@@ -29,6 +48,11 @@ class DataConfig:
     """'random': windows at random offsets (nanoGPT); 'sequential': consecutive windows, epoch by epoch"""
     bytes_per_token: float = 0.0
     """UTF-8 bytes per token of the eval data, for bits-per-byte; 0 = measure it from the tokenizer"""
+    sources: tuple[SourceConfig, ...] = ()
+    """a data mixture instead of `train`: named sources ([[data.sources]] name, train, val)"""
+    phases: tuple[PhaseConfig, ...] = ()
+    """the mixture's schedule ([[data.phases]] start, weights), e.g. a high-quality mix from start = 0.8,
+    the WSD decay when optim.decay_fraction = 0.2 (OLMo 2's mid-training)"""
 
     def __post_init__(self) -> None:
         coerce_fields(self, "data")  # a path string for train/val, lists for tuples
@@ -36,18 +60,37 @@ class DataConfig:
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
         check(self.bytes_per_token >= 0, f"data.bytes_per_token must be >= 0, got {self.bytes_per_token}")
+        if self.sources or self.phases:
+            self._check_mixture()
+
+    def _check_mixture(self) -> None:
+        names = [s.name for s in self.sources]
+        check(bool(self.sources) and not self.train and not self.val,
+              "data.sources replaces data.train/data.val: give the shards inside each [[data.sources]]")
+        check(len(set(names)) == len(names), f"data.sources names must be unique, got {names}")
+        check(bool(self.phases), "data.sources needs at least one [[data.phases]] entry (start = 0, weights = [...])")
+        starts = [p.start for p in self.phases]
+        check(starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:])) and starts[-1] < 1,
+              f"data.phases starts must begin at 0 and increase within [0, 1), got {starts}")
+        for i, p in enumerate(self.phases):
+            check(len(p.weights) == len(names) and all(w >= 0 for w in p.weights) and sum(p.weights) > 0,
+                  f"data.phases[{i}].weights must be {len(names)} non-negative numbers (one per source "
+                  f"{names}) with a positive sum, got {list(p.weights)}")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("llama-tiny"))
-    data: DataConfig = field(default_factory=DataConfig)
+class LoopConfig:
+    """Settings of the training loop itself, shared by every objective. TrainConfig (pretraining) and the
+    post-training configs extend it, so their TOML files keep these keys at the top level; a field is
+    declared once here rather than copied into each config."""
+
     optim: OptimConfig = field(default_factory=OptimConfig)
     run_dir: str = "runs/default"
     max_steps: int = 1000
     grad_accum: int = 1
     eval_every: int = 100
-    """evaluate validation loss / perplexity / bits-per-byte every N steps (and at the end)"""
+    """evaluate (validation loss / perplexity / bits-per-byte, or the objective's metrics) every N steps and
+    at the end"""
     eval_batches: int = 20
     log_every: int = 10
     ckpt_every: int = 500
@@ -59,14 +102,15 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """'auto' = bf16 autocast on CUDA, fp32 on CPU"""
     compile: bool = False
-    """torch.compile the model"""
+    """torch.compile the model and loss"""
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     """attention kernel for scaled_dot_product_attention ('auto' lets torch choose; 'cudnn' is often
     fastest on Hopper GPUs)"""
     resume: bool = True
     """continue from the newest checkpoint in run_dir when there is one"""
-    tokenizer: str = ""
-    """tokenizer spec saved with checkpoints ('' = the one named in the training shard header)"""
+    reset_optimizer: bool = False
+    """on resume, start the optimizer's state fresh instead of refusing a checkpoint made with another
+    optimizer (weights, data position and step are still restored)"""
     progress: bool = True
     plot: bool = True
     """write loss.png in the run directory at the end (needs matplotlib)"""
@@ -79,6 +123,19 @@ class TrainConfig:
         check(self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum}")
         for name in ("eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopConfig):
+    """Pretraining: a model built from [model], trained on the token shards of [data]."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("llama-tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: str = ""
+    """tokenizer spec saved with checkpoints ('' = the one named in the training shard header)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.data.seq_len <= self.model.max_seq_len or self.model.pos_emb in ("rope", "none"),
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 

@@ -65,7 +65,8 @@ def open_splits(train: tuple[str, ...], val: tuple[str, ...], val_fraction: floa
 
 
 class BatchSampler:
-    """Yields (x, y) LongTensors of shape (batch_size, seq_len)."""
+    """Pretraining's DataSource (lmforge.train.objective): batches {"input_ids": x, "targets": y} of
+    (batch_size, seq_len) LongTensors."""
 
     def __init__(self, splits: list[Split], batch_size: int, seq_len: int, mode: str, seed: int):
         self.splits, self.batch_size, self.seq_len, self.mode = splits, batch_size, seq_len, mode
@@ -93,6 +94,10 @@ class BatchSampler:
         take = self._random_window if self.mode == "random" else self._sequential_window
         w = torch.from_numpy(np.stack([take() for _ in range(self.batch_size)]))
         return w[:, :-1], w[:, 1:]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        x, y = self.next()
+        return {"input_ids": x, "targets": y}
 
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state(), "shard": self.shard, "pos": self.pos, "epoch": self.epoch}

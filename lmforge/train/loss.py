@@ -1,8 +1,11 @@
 """The language-modelling loss: mean next-token cross-entropy, plus PaLM's z-loss
 z · mean(logsumexp(logits)²) (Chowdhery et al. 2022, sec. 5), which keeps the softmax normaliser near
-1 and the logits from drifting."""
+1 and the logits from drifting. `LMObjective` is pretraining's Objective (lmforge.train.objective):
+this loss plus the model's own auxiliary losses (MoE balancing and router z-losses, MTP)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,3 +28,28 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy (B, T), in nats."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            reduction="none").view(targets.shape)
+
+
+class LMObjective:
+    """Next-token cross-entropy (+ z-loss) of model(input_ids) against targets, plus model.aux_loss()
+    when the model has one. Metrics: loss = the plain cross-entropy (what the golden curve and the
+    validation loss measure), aux_loss when there is one. Stateless."""
+
+    def __init__(self, z_loss: float = 0.0):
+        self.z_loss = z_loss
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["input_ids"])
+        loss, ce = lm_loss(logits, batch["targets"], self.z_loss)
+        aux_fn = getattr(model, "aux_loss", None)  # MoE balancing losses, MTP, if the model has them
+        aux = aux_fn() if callable(aux_fn) else None
+        if aux is None:
+            return loss, {"loss": ce}
+        return loss + aux, {"loss": ce, "aux_loss": aux.detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

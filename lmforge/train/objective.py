@@ -28,7 +28,10 @@ Batch = dict[str, torch.Tensor]
 @runtime_checkable
 class DataSource(Protocol):
     """Yields training batches; its state round-trips through checkpoints so a resumed run sees the
-    exact batches the uninterrupted run would have seen."""
+    exact batches the uninterrupted run would have seen. `state_dict` returns a snapshot (copies, not
+    live references): the Trainer takes one at every step start to roll an interrupted step back.
+    Optional: `log_stats() -> dict[str, float]`, merged into every metrics row (e.g. tokens per source
+    of a data mixture, lmforge.train.mixture)."""
 
     def next_batch(self) -> Batch: ...
 
@@ -45,7 +48,10 @@ class Objective(Protocol):
     names follow TRL where TRL logs the same quantity (rewards/chosen, rewards/margins, ...).
     Frozen extra models (reference policy, teacher, reward model) belong to the objective: eval mode,
     requires_grad False, possibly on another device. `state_dict` holds what a resumed run needs, e.g. a
-    reference model's identity (path and checksum), never its weights a second time."""
+    reference model's identity (path and checksum), never its weights a second time.
+    Optional: `batch_weight(batch) -> int`, the number of items the loss averages over (trained tokens,
+    pairs...), read on the host; with grad_accum the Trainer weighs micro-batches by it so accumulation
+    equals one big batch. Without it every micro-batch weighs 1/grad_accum."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 

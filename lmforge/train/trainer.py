@@ -1,32 +1,48 @@
-"""The training loop: `Trainer(cfg).fit()` or `train(cfg)`, the same as `lmforge train`.
+"""The one training loop: `Trainer(model, optimizer, data, objective, config=..., hooks=...)`.
 
-One optimizer step = grad_accum micro-batches of (batch_size, seq_len) tokens, mean loss backward,
-global-norm clipping, the scheduled learning rate, optimizer step. Every eval_every steps the fixed
-validation windows give loss, perplexity and bits-per-byte. Checkpoints hold everything needed to
-resume bit-exactly (weights, optimizer, sampler and RNG state); Ctrl-C writes one before exiting;
-a NaN/inf loss stops the run and leaves the last good checkpoint in place.
+Pretraining, SFT, reward models, DPO and its family, distillation and RL differ only in their DataSource
+and Objective (lmforge.train.objective); `Trainer(cfg)` with a TrainConfig builds pretraining's pieces
+(lmforge.train.pretrain), and `train(cfg)` is `lmforge train`. By hand, e.g. SFT:
+
+    src, val, report = build_sources(PostDataConfig(train=("chat.jsonl",)), tok, "sft", seed=0)  # align.data
+    Trainer(model, build_optimizer(model, OptimConfig(lr=1e-4)), src, SFTObjective(),
+            config=LoopConfig(run_dir="runs/sft", max_steps=500)).fit()
+
+One optimizer step = grad_accum micro-batches, mean loss backward, global-norm clipping, the scheduled
+learning rate, optimizer step. Every eval_every steps the evaluator runs (validation loss / perplexity /
+bits-per-byte for pretraining). Checkpoints hold everything needed to resume bit-exactly: weights,
+optimizer (refused if it was another optimizer), data-source, objective and RNG state.
+
+Interrupts: SIGINT (Ctrl-C) and SIGTERM (what job schedulers send) only set a flag while `fit` runs; the
+loop stops at the next step boundary, writes a checkpoint of that state and raises KeyboardInterrupt, so
+resuming is bit-exact. A second signal stops at once. A KeyboardInterrupt raised inside a step (a second
+Ctrl-C, or one raised by code) rolls the step back to its start when the optimizer has not begun
+updating the weights (grads dropped, data-source and RNG state restored from the step-start snapshot);
+inside the optimizer update no consistent state exists and no checkpoint is written.
+A NaN/inf loss stops the run and leaves the last good checkpoint in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
+from lmforge import checkpoint as ckpt
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
-from lmforge.optim import build_optimizer, lr_multiplier
-from lmforge.train import checkpoint as ckpt
-from lmforge.train.config import TrainConfig
-from lmforge.train.data import BatchSampler, eval_windows, open_splits
-from lmforge.train.loss import lm_loss, token_losses
+from lmforge.optim import lr_multiplier
+from lmforge.train.config import LoopConfig, TrainConfig
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
+from lmforge.train.objective import Batch, DataSource, Objective
 from lmforge.utils import pick_device, run_metadata, write_json_atomic
 
 
@@ -39,23 +55,7 @@ class TrainResult:
     wall_time: float
     checkpoint: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
-    """UTF-8 bytes each token id stands for (special tokens count 0), for bits-per-byte."""
-    if tokenizer is None:
-        return None
-    out = torch.zeros(vocab_size, dtype=torch.float64)
-    vocab = getattr(tokenizer, "vocab", None)
-    specials = getattr(tokenizer, "special_tokens", None) or []
-    special_bytes = {s.encode() if isinstance(s, str) else s for s in specials}
-    if isinstance(vocab, dict):
-        for i, b in vocab.items():
-            if i < vocab_size and b not in special_bytes:
-                out[i] = len(b)
-    else:  # byte-level: ids < 256 are one byte each
-        out[: min(256, vocab_size)] = 1
-    return out
+    final_eval: dict[str, float] = field(default_factory=dict)
 
 
 def sdpa_context(backend: str):
@@ -69,45 +69,61 @@ def sdpa_context(backend: str):
     return sdpa_kernel([names[backend]])
 
 
-def _resolve_tokenizer(spec: str | None, shard_dir: Path):
-    from lmforge.tokenizer.load import load_tokenizer
+def batch_tokens(batch: Batch) -> int:
+    """Tokens a batch feeds the model: every `*input_ids` tensor (both sides of a preference pair)."""
+    return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
-    if not spec:
-        return None
-    if spec != "byte" and not Path(spec).exists() and (shard_dir / spec).exists():
-        spec = str(shard_dir / spec)
-    return load_tokenizer(spec)
+
+def optimizer_name(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> str:
+    return f"{cfg.optim.name}/{type(optimizer).__name__}"
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None):
-        from lmforge.model.transformer import Transformer
+    """hooks: objects with any of on_step_end(trainer, stats), on_log(trainer, row), on_eval(trainer,
+    metrics), on_save(trainer, path). evaluator: model -> dict of floats (run under no_grad and eval
+    mode). extra_meta: JSON-able facts stored in every checkpoint's config.json (e.g. the chat template)."""
 
-        self.cfg = cfg
+    def __init__(self, model: torch.nn.Module | TrainConfig, optimizer: torch.optim.Optimizer | None = None,
+                 data: DataSource | None = None, objective: Objective | None = None, *,
+                 config: LoopConfig | None = None, hooks: Iterable[Any] = (),
+                 evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None, tokenizer=None,
+                 extra_meta: dict[str, Any] | None = None):
+        if isinstance(model, TrainConfig):  # Trainer(cfg): pretraining built from its config
+            from lmforge.train.pretrain import pretraining_parts
+
+            model, optimizer, data, objective, config, evaluator, tokenizer = pretraining_parts(model)
+        if optimizer is None or data is None or objective is None or config is None:
+            raise ConfigError("Trainer needs model, optimizer, data, objective and config (or one TrainConfig)")
+        self.cfg = cfg = config
         self.device = torch.device(pick_device(cfg.device))
         self.run_dir = Path(cfg.run_dir)
-        torch.manual_seed(cfg.seed)
-        self.model = (model if model is not None else Transformer(cfg.model)).to(self.device)
-        d = cfg.data
-        self.train_splits, val_splits = open_splits(d.train, d.val, d.val_fraction, d.seq_len, cfg.model.vocab_size)
-        first = self.train_splits[0].file
-        self.tokenizer = tokenizer or _resolve_tokenizer(cfg.tokenizer or first.tokenizer, first.path.parent)
-        self.sampler = BatchSampler(self.train_splits, d.batch_size, d.seq_len, d.sampling, cfg.seed)
-        self.val_batches = eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len)
-        self.id_bytes = token_byte_lengths(self.tokenizer, cfg.model.vocab_size)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.model = model.to(self.device)
+        self.optimizer, self.data, self.objective = optimizer, data, objective
+        self.hooks, self.evaluator, self.tokenizer = list(hooks), evaluator, tokenizer
+        self.extra_meta = dict(extra_meta or {})
+        for g in self.optimizer.param_groups:
+            g.setdefault("base_lr", g["lr"])
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
         # model + loss compiled as one graph, so the fp32 logits never round-trip through memory
-        self.forward_loss = torch.compile(self._forward_loss) if cfg.compile else self._forward_loss
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.flops_per_token = (self.model.flops_per_token(d.seq_len)
-                                if hasattr(self.model, "flops_per_token") else None)
+        self.loss_fn = torch.compile(objective.loss) if cfg.compile else objective.loss
+        self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.flops_per_token: float | None = None  # known at the first batch (it depends on seq_len)
         self.peak = peak_flops(self.device, "bf16" if use_bf16 else "fp32")
         self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=to_dict(cfg))
         self.last_checkpoint: Path | None = None
+        # None = at a step boundary; "micro" = forward/backward; "update" = inside optimizer.step;
+        # "updated" = weights updated, counters not yet
+        self._phase: str | None = None
+        self._in_flight: tuple[int, dict[str, torch.Tensor]] = (0, {})
+        self._step_hooks = hasattr(optimizer, "register_step_pre_hook")
+        if self._step_hooks:  # torch optimizers: know exactly when the weights start and stop changing
+            optimizer.register_step_pre_hook(self._set_phase("update"))
+            optimizer.register_step_post_hook(self._set_phase("updated"))
+        self._snapshot: dict[str, Any] = {}
+        self._stop_signal: int | None = None
         if cfg.resume:
             self._maybe_resume()
         elif ckpt.checkpoint_dirs(self.run_dir):
@@ -116,125 +132,250 @@ class Trainer:
                               "use a new run_dir, set resume=true to continue it, or delete it")
 
     # state ---------------------------------------------------------------------------------------
-    def _train_state(self) -> dict[str, Any]:
-        state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"torch_rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
+    def _set_rng_state(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def _train_state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                "optimizer": self.optimizer.state_dict(), "optimizer_name": optimizer_name(self.optimizer, self.cfg),
+                "data": self.data.state_dict(), "objective": self.objective.state_dict(), **self._rng_state()}
+
     def save(self) -> Path:
         self.last_checkpoint = ckpt.save_checkpoint(
             self.run_dir, self.step, self.model, train_state=self._train_state(), tokenizer=self.tokenizer,
-            keep_last=self.cfg.keep_last, extra={"tokens": self.tokens})
+            keep_last=self.cfg.keep_last, extra={"tokens": self.tokens, **self.extra_meta})
+        self._call("on_save", self.last_checkpoint)
         return self.last_checkpoint
 
+    def _load_optimizer(self, state: dict[str, Any], path: Path) -> None:
+        saved, now = state.get("optimizer_name"), optimizer_name(self.optimizer, self.cfg)
+        if self.cfg.reset_optimizer:
+            tqdm.write(f"reset_optimizer: {now} starts with fresh state (checkpoint had {saved or 'unknown'})")
+            return
+        if saved is not None and saved != now:
+            raise ConfigError(f"{path} was trained with optimizer {saved} but the config says {now}; resume with "
+                              f"the same optim.name, or set reset_optimizer=true to start {now} fresh")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{path}: the optimizer state does not fit this optimizer ({e!r}); use the same "
+                              "optim settings, or set reset_optimizer=true to start it fresh") from e
+
     def _maybe_resume(self) -> None:
+        for p in ckpt.clean_partial(self.run_dir):
+            tqdm.write(f"removed {p} (a checkpoint a killed run did not finish writing)")
         found = ckpt.checkpoint_dirs(self.run_dir)
         if not found:
             return
         path = found[-1]
-        _, meta = ckpt.model_config_of(path)
-        ckpt.check_same_model(meta["model"], self.cfg.model)
+        meta = ckpt._verify(path)
+        if "model" in meta and hasattr(self.model, "cfg"):
+            ckpt.check_same_model(meta["model"], self.model.cfg)
         ckpt.load_weights(self.model, path)
         state = ckpt.load_train_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._load_optimizer(state, path)
+        self.data.load_state_dict(state["data"] if "data" in state else state["sampler"])
+        self.objective.load_state_dict(state.get("objective", {}))
+        self._set_rng_state(state)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.metrics.truncate_after(self.step)
         self.last_checkpoint = path
         tqdm.write(f"resumed from {path} at step {self.step}")
 
     # steps ---------------------------------------------------------------------------------------
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.sampler.next()
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
+    def _call(self, name: str, *args) -> None:
+        for h in self.hooks:
+            fn = getattr(h, name, None)
+            if fn is not None:
+                fn(self, *args)
 
-    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        loss, ce = lm_loss(logits, y, self.cfg.model.z_loss)
-        aux_fn = getattr(self.model, "aux_loss", None)  # MoE balancing losses, if the model has them
-        aux = aux_fn() if callable(aux_fn) else None
-        return (loss + aux if aux is not None else loss), ce
+    def _to_device(self, batch: Batch) -> Batch:
+        if self.flops_per_token is None and hasattr(self.model, "flops_per_token") and "input_ids" in batch:
+            self.flops_per_token = self.model.flops_per_token(batch["input_ids"].shape[-1])
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _micro_batches(self) -> list[tuple[Batch, float | None]]:
+        """The step's grad_accum micro-batches on the device, each with its share of the step's loss:
+        None = 1/grad_accum, or, for objectives with `batch_weight(batch)` (the items their loss averages
+        over, e.g. SFT's trained tokens), the micro-batch's share of the step's items, so accumulated
+        micro-batches give the loss of one big batch (as HF/TRL normalise). Weights are read on the host
+        before the transfer, so no device sync."""
+        raw = [self.data.next_batch() for _ in range(self.cfg.grad_accum)]
+        weigh = getattr(self.objective, "batch_weight", None)
+        weights = [float(weigh(b)) for b in raw] if weigh is not None else []
+        total = sum(weights)
+        shares = [w / total for w in weights] if total > 0 else [None] * len(raw)
+        return [(self._to_device(b), share) for b, share in zip(raw, shares)]
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step. Loss and grad norm stay on the device (no host sync); `flush()` reads
+        """One optimizer step. Metrics and grad norm stay on the device (no host sync); `flush()` reads
         them in one go at log time and stops the run on a NaN/inf loss."""
         cfg = self.cfg
+        # step-start snapshot (small: generator states and positions) for rolling back an interrupt
+        self._snapshot = {"data": self.data.state_dict(), **self._rng_state()}
+        self._phase = "micro"
         mult = lr_multiplier(cfg.optim, self.step, cfg.max_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
-        total = torch.zeros((), device=self.device)
-        for _ in range(cfg.grad_accum):
-            x, y = self._batch()
+        sums: dict[str, torch.Tensor] = {}
+        n_tokens = 0
+        for batch, share in self._micro_batches():
+            n_tokens += batch_tokens(batch)
             with self.autocast, sdpa_context(cfg.sdpa_backend):
-                loss, ce = self.forward_loss(x, y)
-            (loss / cfg.grad_accum).backward()
-            total += ce.detach()
+                loss, metrics = self.loss_fn(self.model, batch)
+            (loss / cfg.grad_accum if share is None else loss * share).backward()
+            metrics = {"loss": loss, **metrics}
+            for k, v in metrics.items():
+                v = v.detach().float() if share is None else v.detach().float() * (share * cfg.grad_accum)
+                sums[k] = sums[k] + v if k in sums else v
         params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.optim.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens += cfg.tokens_per_step
-        stats = {"loss": total / cfg.grad_accum, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": gnorm}
-        self._pending.append((self.step, stats["loss"], gnorm))
+        stats = {k: v / cfg.grad_accum for k, v in sums.items()}
+        stats["grad_norm"] = gnorm
+        self._in_flight = (n_tokens, stats)
+        if not self._step_hooks:
+            self._phase = "update"
+        self.optimizer.step()  # the step hooks move _phase to "update", then "updated"
+        self._phase = "updated"
+        self._finish_step()
+        stats = {**stats, "lr": self.optimizer.param_groups[0]["lr"]}
+        self._call("on_step_end", stats)
         return stats
 
+    def _finish_step(self) -> None:
+        n_tokens, stats = self._in_flight
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += n_tokens
+        self._pending.append((self.step, stats))
+        self._phase = None
+
+    def _set_phase(self, phase: str) -> Callable:
+        def hook(*_):
+            self._phase = phase
+        return hook
+
+    def _to_boundary(self) -> bool:
+        """After an interrupt inside a step: back to the step's start while the weights are untouched,
+        forward to its end once the update is complete; False inside the update (no consistent state)."""
+        if self._phase == "update":
+            return False
+        if self._phase == "updated":
+            self._finish_step()
+        elif self._phase == "micro":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.data.load_state_dict(self._snapshot["data"])
+            self._set_rng_state(self._snapshot)
+            self._phase = None
+        return True
+
     def flush(self) -> dict[str, float]:
-        """Read the pending per-step losses (one host sync); raise TrainingDiverged on the first bad one."""
+        """Read the pending per-step metrics (one host sync); raise TrainingDiverged on the first bad loss."""
         if not self._pending:
             return {}
-        steps = [s for s, _, _ in self._pending]
-        values = torch.stack([torch.stack([l.float(), g.float()]) for _, l, g in self._pending]).tolist()
+        keys = list(self._pending[-1][1])
+        steps = [s for s, _ in self._pending]
+        values = torch.stack([torch.stack([m[k].float().to(self.device) for k in keys])
+                              for _, m in self._pending]).tolist()
         self._pending.clear()
-        for step, (loss, _) in zip(steps, values):
-            if not math.isfinite(loss):
+        i = keys.index("loss")
+        for step, row in zip(steps, values):
+            if not math.isfinite(row[i]):
                 where = self.last_checkpoint or "none was written"
-                raise TrainingDiverged(f"loss became {loss} at step {step}; stopped. Last good checkpoint: "
+                raise TrainingDiverged(f"loss became {row[i]} at step {step}; stopped. Last good checkpoint: "
                                        f"{where}. Lower optim.lr or raise optim.warmup_steps")
-        return {"loss": values[-1][0], "grad_norm": values[-1][1]}
+        return dict(zip(keys, values[-1]))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss, perplexity and bits-per-byte over the fixed validation windows."""
-        if not self.val_batches:
+        """The evaluator's metrics (validation loss, perplexity, bits-per-byte for pretraining)."""
+        if self.evaluator is None:
             return {}
         self.model.eval()
-        nats, n_tok, n_bytes = 0.0, 0, 0.0
-        for x, y in self.val_batches:
+        try:
             with self.autocast, sdpa_context(self.cfg.sdpa_backend):
-                logits = self.model(x.to(self.device))
-            y = y.to(self.device)
-            nats += float(token_losses(logits, y).double().sum())
-            n_tok += y.numel()
-            if self.id_bytes is not None:
-                n_bytes += float(self.id_bytes[y.cpu()].sum())
-        self.model.train()
-        out = {"val_loss": nats / n_tok, "val_ppl": math.exp(min(nats / n_tok, 50.0))}
-        if self.cfg.data.bytes_per_token > 0:
-            out["val_bpb"] = nats / n_tok / math.log(2) / self.cfg.data.bytes_per_token
-        elif n_bytes > 0:
-            out["val_bpb"] = nats / (math.log(2) * n_bytes)
-        return out
+                return self.evaluator(self.model)
+        finally:
+            self.model.train()
 
     # loop ----------------------------------------------------------------------------------------
     def _log_eval(self, bar) -> dict[str, float]:
         ev = self.evaluate()
         if ev:
             self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
-            bpb = f" | bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
-            bar.write(f"step {self.step:>6} | val loss {ev['val_loss']:.4f} | ppl {ev['val_ppl']:.2f}{bpb}")
+            bar.write(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            self._call("on_eval", ev)
         return ev
+
+    def _log_step(self, bar, t_start: float) -> None:
+        stats = {**self.flush(), "lr": self.optimizer.param_groups[0]["lr"]}
+        now = time.perf_counter()
+        self.elapsed = now - t_start
+        tps = (self.tokens - self._tok_last) / max(now - self._t_last, 1e-9)
+        self._t_last, self._tok_last, self._logged_step = now, self.tokens, self.step
+        row = {"step": self.step, "tokens": self.tokens, **stats, "tok_per_s": tps, "elapsed": self.elapsed}
+        if self.flops_per_token and self.peak:
+            row["mfu"] = tps * self.flops_per_token / self.peak
+        data_stats = getattr(self.data, "log_stats", None)
+        if callable(data_stats):
+            row.update(data_stats())
+        self._call("on_log", row)
+        self.metrics.log(row)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}",
+                        **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+
+    def _is_log_step(self) -> bool:
+        return self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping at the end of this step (again to stop at once)")
+
+    @contextlib.contextmanager
+    def _deferred_signals(self):
+        """SIGINT/SIGTERM set a flag the loop reads at step boundaries (main thread only; elsewhere
+        Python delivers signals to the main thread anyway)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        # a signal the process was started ignoring (e.g. SIGINT of a background job) stays ignored
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+               if signal.getsignal(s) is not signal.SIG_IGN}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _interrupted(self, bar, t_start: float) -> None:
+        consistent = self._to_boundary()
+        if self._pending and self._logged_step != self.step and self._is_log_step():
+            self._log_step(bar, t_start)  # a step completed by _to_boundary, or interrupted before its log
+        self.elapsed = time.perf_counter() - t_start
+        self.flush()
+        if not consistent:
+            tqdm.write(f"interrupted inside the optimizer update of step {self.step + 1}: no consistent state "
+                       f"to save; resume from {self.last_checkpoint}")
+        elif self.step > 0 and (self.last_checkpoint is None
+                                or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
+            self.save()
+        tqdm.write(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}; "
+                   "run the same command again to resume")
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -245,44 +386,32 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
                    desc="train", unit="step")
         ev: dict[str, float] = {}
-        t_last, tok_last = time.perf_counter(), self.tokens
+        self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
         t_start = time.perf_counter() - self.elapsed
+        self._stop_signal = None
         try:
-            if self.step == 0:
-                ev = self._log_eval(bar)
-            while self.step < cfg.max_steps:
-                lr = self.train_step()["lr"]
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    stats = {**self.flush(), "lr": lr}
-                    self.elapsed = time.perf_counter() - t_start
-                    now = time.perf_counter()
-                    tps = (self.tokens - tok_last) / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, self.tokens
-                    row = {"step": self.step, "tokens": self.tokens, **stats, "tok_per_s": tps,
-                           "elapsed": self.elapsed}
-                    if self.flops_per_token and self.peak:
-                        row["mfu"] = tps * self.flops_per_token / self.peak
-                    self.metrics.log(row)
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}",
-                                    tok_s=f"{tps:,.0f}", mfu=f"{row.get('mfu', 0):.1%}")
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                    self.flush()
+            with self._deferred_signals():
+                if self.step == 0:
                     ev = self._log_eval(bar)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.flush()  # never checkpoint weights that a NaN step has already touched
-                    self.elapsed = time.perf_counter() - t_start
-                    self.save()
-            if not ev:  # resumed at (or past) the last step: report the finished model's validation loss
-                ev = self._log_eval(bar)
+                while self.step < cfg.max_steps:
+                    if self._stop_signal is not None:
+                        raise KeyboardInterrupt
+                    self.train_step()
+                    bar.update(1)
+                    if self._is_log_step():
+                        self._log_step(bar, t_start)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                        self.flush()
+                        ev = self._log_eval(bar)
+                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+                        self.flush()  # never checkpoint weights that a NaN step has already touched
+                        self.elapsed = time.perf_counter() - t_start
+                        self.save()
+                if not ev:  # resumed at (or past) the last step: report the finished model's evaluation
+                    ev = self._log_eval(bar)
         except KeyboardInterrupt:
+            self._interrupted(bar, t_start)
             bar.close()
-            self.elapsed = time.perf_counter() - t_start
-            self.flush()
-            if self.step > 0 and (self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
-                self.save()
-            tqdm.write(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}; "
-                       "run the same command again to resume")
             raise
         finally:
             bar.close()
@@ -290,7 +419,7 @@ class Trainer:
         if cfg.plot:
             plot_losses(self.run_dir)
         return TrainResult(self.run_dir, self.step, ev.get("val_loss"), ev.get("val_bpb"), self.elapsed,
-                           self.last_checkpoint, read_metrics(self.run_dir))
+                           self.last_checkpoint, read_metrics(self.run_dir), ev)
 
 
 def train(cfg: TrainConfig) -> TrainResult:

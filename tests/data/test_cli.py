@@ -21,7 +21,7 @@ TEXT = ("The river flooded the valley after three days of heavy rain. Farmers mo
 def test_stages_command_lists_every_stage(capsys):
     assert main(["data", "stages"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in STAGES) and len(STAGES) == 15
+    assert all(name in out for name in STAGES) and len(STAGES) == 17
 
 
 def test_run_command_on_mixed_formats(tmp_path, capsys):

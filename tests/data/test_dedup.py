@@ -45,16 +45,41 @@ def _line_docs() -> list[Document]:
 
 def test_line_dedup_all_mode_drops_every_copy():
     ctx = StageContext()
-    out = line_dedup(LineDedupConfig(mode="all"), _line_docs(), ctx)
+    out = line_dedup(LineDedupConfig(mode="all", normalize=True), _line_docs(), ctx)
     assert [d.text for d in out] == ["First story text.", "Second story text.", ""]
     assert [d.drop for d in out] == [None, None, "line_dedup:empty"]
     assert ctx.counters["line_dedup.lines_removed"] == 6  # digits normalised: the copyright lines match
 
 
 def test_line_dedup_first_mode_keeps_first_occurrence():
-    out = line_dedup(LineDedupConfig(mode="first"), _line_docs(), StageContext())
+    out = line_dedup(LineDedupConfig(mode="first", normalize=True), _line_docs(), StageContext())
     assert [d.text for d in out] == ["Home | About\nFirst story text.\nCopyright 2021", "Second story text.", ""]
     assert out[1].meta["lines_removed"] == 2 and out[2].drop == "line_dedup:empty"
+
+
+def test_line_dedup_is_exact_by_default():
+    """CCNet/C4 compare lines exactly: lines differing in one digit or in case are distinct."""
+    docs = [Document(id="1", text="Intro one.\nsee doc3.txt\nHome | About\n"),
+            Document(id="2", text="Intro two.\nsee doc4.txt\nHome | About\n"),
+            Document(id="3", text="home |  about\nSEE DOC3.TXT\n")]
+    ctx = StageContext()
+    out = line_dedup(LineDedupConfig(), docs, ctx)
+    assert [d.text for d in out] == ["Intro one.\nsee doc3.txt\n", "Intro two.\nsee doc4.txt\n",
+                                     "home |  about\nSEE DOC3.TXT\n"]
+    assert ctx.counters["line_dedup.lines_removed"] == 2
+    normed = line_dedup(LineDedupConfig(normalize=True), [Document(id=d.id, text=t) for d, t in zip(docs, [
+        "Intro one.\nsee doc3.txt\nHome | About\n", "Intro two.\nsee doc4.txt\nHome | About\n",
+        "home |  about\nSEE DOC3.TXT\n"])], StageContext())
+    assert [d.text for d in normed] == ["Intro one.\n", "Intro two.\n", ""]  # digits -> 0, case folded
+
+
+def test_line_dedup_keeps_trailing_newline_consistently():
+    docs = [Document(id="a", text="kept a\nshared\n"), Document(id="b", text="kept b\n\n"),
+            Document(id="c", text="shared\nkept c"), Document(id="d", text="kept d\n")]
+    out = line_dedup(LineDedupConfig(), docs, StageContext())
+    # changed (a, c) and unchanged (b, d) documents both end exactly as they did
+    assert [d.text for d in out] == ["kept a\n", "kept b\n\n", "kept c", "kept d\n"]
+    assert [d.meta.get("lines_removed") for d in out] == [1, None, 1, None]
 
 
 def test_bands_rows_match_datasketch_choice():

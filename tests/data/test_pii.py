@@ -49,3 +49,17 @@ def test_stage_counts_per_document_and_kinds():
     assert "pii" not in out[1].meta and out[1].drop is None
     only_mail = mask_pii("x@y.com 8.8.8.8", PIIConfig(kinds=("email",), email_token="<EMAIL>"))
     assert only_mail == ("<EMAIL> 8.8.8.8", {"email": 1})
+
+
+def test_bare_and_plus_one_us_phones():
+    text = ("Call 2831823829 today, or +12831823829, +1 2831823829, +1-283-182-3829. Fax: 6175550123.")
+    masked, counts = mask_pii(text)
+    assert masked == f"Call {P} today, or {P}, {P}, {P}. Fax: {P}."
+    assert counts["phone"] == 5
+
+
+def test_long_numbers_that_are_not_bare_phones():
+    text = ("Founded in 1998, revised 2023. See https://example.com/item/2831823829?ref=6175550123 and "
+            "www.shop.com/p-2831823829.html; order id=2831823829; ts 1700000000 and 1234567890; "
+            "account 28318238291234; pi 3.2831823829; big 0012831823829; sum 2831823829.50 USD")
+    assert mask_pii(text) == (text, {"email": 0, "phone": 0, "ipv4": 0, "ipv6": 0})

@@ -38,3 +38,19 @@ def tiny_config(shard: Path, run_dir: Path, **overrides) -> TrainConfig:
     )
     base.update(overrides)
     return TrainConfig(**base)
+
+
+def fit_interrupted_at(tr, step: int) -> None:
+    """Run tr.fit() with a Ctrl-C (KeyboardInterrupt) arriving just before step `step + 1` begins."""
+    import pytest
+
+    real = tr.train_step
+
+    def interrupt():
+        if tr.step == step:
+            raise KeyboardInterrupt
+        return real()
+
+    tr.train_step = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()

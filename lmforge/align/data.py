@@ -1,0 +1,386 @@
+"""Post-training data: JSONL records -> token examples with loss masks -> batches for the Trainer.
+
+Record formats (one JSON object per line; TRL's field names):
+  chat                {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
+  prompt/completion   {"prompt": str | messages, "completion": str | messages}
+  preference          {"prompt": ..., "chosen": ..., "rejected": ...}              (DPO family, reward models)
+  unpaired (KTO)      {"prompt": ..., "completion": ..., "label": true | false}
+
+An example is (ids, mask): mask[i] is true where token i is trained on as a target. Chat goes through the
+chat template of lmforge.infer.chat_template: with loss_on="assistant" only the assistant turns' content and
+end markers count (TRL's assistant_only_loss); loss_on="all" trains on every token. Batches carry the keys
+of lmforge.train.objective: input_ids, targets (-100 where not trained), loss_mask; packed rows add
+doc_ids and positions restarting per document (lmforge.model.meta), so several examples share a row
+without attending to each other; preference pairs become chosen_* / rejected_*, KTO adds `label`.
+
+Bad records raise a one-line DataError naming file:line and field (on_error="raise"), or with
+on_error="skip" are counted per reason in a DataReport that the caller prints and saves: never dropped
+silently. Examples longer than seq_len + 1 tokens are truncated, and counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from lmforge.config import check
+from lmforge.errors import DataError, LmforgeError
+from lmforge.infer.chat_template import ChatTemplate, get_template
+from lmforge.model.meta import packed_positions
+
+Example = tuple[list[int], list[bool]]
+IGNORE = -100
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostDataConfig:
+    train: tuple[str, ...] = ()
+    """JSONL files of chat / prompt-completion / preference / KTO records"""
+    val: tuple[str, ...] = ()
+    """validation JSONL files; if empty, the last `val_fraction` of the training records is held out"""
+    val_fraction: float = 0.05
+    template: str = "chatml"
+    """chat template (chatml | llama3 | plain); its special tokens must be special tokens of the tokenizer"""
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """'assistant': loss on assistant turns / completions only; 'all': on every token"""
+    seq_len: int = 512
+    batch_size: int = 8
+    """rows per micro-batch (a packed row holds several examples)"""
+    packing: bool = True
+    """pack several examples per row (per-document attention, positions restart); SFT only"""
+    on_error: Literal["raise", "skip"] = "raise"
+    """a malformed record stops the run with its file:line ('raise') or is counted and reported ('skip')"""
+
+    def __post_init__(self) -> None:
+        check(self.seq_len > 1, f"data.seq_len must be > 1, got {self.seq_len}")
+        check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
+        check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
+        check(self.loss_on in ("assistant", "all"), f"data.loss_on must be 'assistant' or 'all', got {self.loss_on!r}")
+
+
+@dataclass
+class DataReport:
+    """Records read, used, truncated, and rejected per reason (with the first place each reason occurred)."""
+
+    records: int = 0
+    used: int = 0
+    truncated: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def reject(self, reason: str, message: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.first.setdefault(reason, message)
+
+    def summary(self) -> str:
+        bad = ", ".join(f"{n} {r} (first: {self.first[r]})" for r, n in self.rejected.items()) or "none"
+        return (f"{self.records} records: {self.used} used, {self.truncated} truncated to seq_len, "
+                f"rejected: {bad}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"records": self.records, "used": self.used, "truncated": self.truncated,
+                "rejected": self.rejected, "first": self.first}
+
+
+# tokenizing records -------------------------------------------------------------------------------
+def check_template(tokenizer, template: ChatTemplate) -> None:
+    """Every <|...|> marker of the template must be one special token of the tokenizer; otherwise the
+    model sees it as ordinary text and never learns where turns end."""
+    for marker in dict.fromkeys(re.findall(r"<\|[^|]*\|>", template.bos + template.header + template.end)):
+        ids = tokenizer.encode(marker)
+        if len(ids) != 1:
+            raise DataError(f"chat template {template.name!r} uses {marker} but the tokenizer encodes it as "
+                            f"{len(ids)} tokens, not one special token: use a tokenizer with that special token "
+                            "or data.template='plain'")
+
+
+class RecordError(DataError):
+    """A bad record: `reason` is the short key a DataReport counts it under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Encoder:
+    """Records -> examples, for one tokenizer, template and loss setting."""
+
+    def __init__(self, tokenizer, template: str, loss_on: str = "assistant"):
+        self.tok, self.template, self.loss_on = tokenizer, get_template(template), loss_on
+        check_template(tokenizer, self.template)
+        self.eos = getattr(tokenizer, "eot_id", None)
+
+    def _pieces(self, pieces: list[tuple[str, bool]]) -> Example:
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, train in pieces:
+            t = self.tok.encode(text) if text else []
+            ids += t
+            mask += [train or self.loss_on == "all"] * len(t)
+        return ids, mask
+
+    def chat(self, messages: Any, where: str) -> Example:
+        if not isinstance(messages, list) or not messages:
+            raise RecordError("bad_messages",
+                              f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+        if self.loss_on == "assistant" and not any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                   for m in messages):
+            raise RecordError("no_assistant_turn", f"{where}: field 'messages' has no assistant turn, so nothing "
+                              "would be trained; add one or set data.loss_on='all'")
+        try:
+            return self._pieces(self.template.segments(messages))
+        except (LmforgeError, AttributeError) as e:
+            raise RecordError("bad_messages", f"{where}: field 'messages': {e}") from e
+
+    def prompt_completion(self, prompt: Any, completion: Any, where: str, name: str = "completion") -> Example:
+        """Loss on the completion only (TRL's completion_only_loss) unless loss_on='all'. Strings are
+        concatenated (+ the end-of-text token); message lists go through the chat template."""
+        for fname, v in (("prompt", prompt), (name, completion)):
+            if not (isinstance(v, str) and v) and not (isinstance(v, list) and v):
+                raise RecordError(f"bad_{fname}",
+                                  f"{where}: field {fname!r} must be a non-empty string or list of messages")
+        if isinstance(prompt, list) != isinstance(completion, list):
+            raise RecordError("mixed_formats",
+                              f"{where}: fields 'prompt' and {name!r} must both be strings or both message lists")
+        if isinstance(prompt, list):  # conversational: the completion's assistant turns are trained
+            return self.chat(prompt + completion, where)
+        p, c_ids = self.tok.encode(prompt), self.tok.encode(completion)
+        c_ids = c_ids + ([self.eos] if self.eos is not None else [])
+        return p + c_ids, [self.loss_on == "all"] * len(p) + [True] * len(c_ids)
+
+
+def read_jsonl(path: str | Path, report: DataReport, on_error: str):
+    """(file:line, record) for every line; undecodable lines raise or are counted."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            report.records += 1
+            where = f"{path.name}:{i}"
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+                problem = None if isinstance(rec, dict) else f"a {type(rec).__name__}, not an object"
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8: {e.reason} at byte {e.start}"
+            except json.JSONDecodeError as e:
+                problem = f"not JSON: {e}"
+            if problem is None:
+                yield where, rec
+            elif on_error == "raise":
+                raise DataError(f"{where}: the record is {problem}; fix the line or set data.on_error='skip'")
+            else:
+                report.reject("bad_json", where)
+
+
+def _truncate(ex: Example, max_tokens: int, report: DataReport, where: str) -> Example:
+    ids, mask = ex
+    if len(ids) > max_tokens:
+        report.truncated += 1
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
+    if not any(mask[1:]):
+        raise RecordError("no_trainable_tokens", f"{where}: no trainable tokens within its first {max_tokens} "
+                          "tokens (seq_len + 1); raise data.seq_len or shorten the prompt")
+    return ids, mask
+
+
+def encode_record(enc: Encoder, rec: dict, kind: str, where: str, max_tokens: int, report: DataReport):
+    """One record -> an SFT example, a (chosen, rejected) pair, or (example, label) for KTO."""
+    def fit(ex):
+        return _truncate(ex, max_tokens, report, where)
+
+    if kind == "sft":
+        if "messages" in rec:
+            return fit(enc.chat(rec["messages"], where))
+        if "prompt" in rec and "completion" in rec:
+            return fit(enc.prompt_completion(rec["prompt"], rec["completion"], where))
+        raise RecordError("unknown_format", f"{where}: expected field 'messages' (chat) or 'prompt' + "
+                                            f"'completion'; got {sorted(rec)}")
+    if kind == "preference":
+        for f in ("prompt", "chosen", "rejected"):
+            if f not in rec:
+                raise RecordError(f"missing_{f}",
+                                  f"{where}: preference record lacks field {f!r} (needs prompt, chosen, rejected)")
+        if rec["chosen"] == rec["rejected"]:
+            raise RecordError("chosen_equals_rejected", f"{where}: fields 'chosen' and 'rejected' are identical, so "
+                              "the pair teaches nothing; remove the record")
+        return (fit(enc.prompt_completion(rec["prompt"], rec["chosen"], where, "chosen")),
+                fit(enc.prompt_completion(rec["prompt"], rec["rejected"], where, "rejected")))
+    if kind == "kto":
+        if not isinstance(rec.get("label"), bool):
+            raise RecordError("bad_label", f"{where}: field 'label' must be true (desirable) or false (undesirable), "
+                            f"got {rec.get('label')!r}")
+        return fit(enc.prompt_completion(rec.get("prompt"), rec.get("completion"), where)), rec["label"]
+    raise DataError(f"unknown data kind {kind!r}; choose sft, preference or kto")
+
+
+def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, on_error: str
+                 ) -> tuple[list, DataReport]:
+    """All usable items of `files` (see encode_record) and the report of what was read."""
+    report = DataReport()
+    items = []
+    for path in files:
+        for where, rec in read_jsonl(path, report, on_error):
+            try:
+                items.append(encode_record(enc, rec, kind, where, seq_len + 1, report))
+                report.used += 1
+            except RecordError as e:
+                if on_error == "raise":
+                    raise
+                report.reject(e.reason, where)
+    if not items:
+        raise DataError(f"no usable {kind} records in {list(files)}: {report.summary()}")
+    return items, report
+
+
+# batches -----------------------------------------------------------------------------------------
+def _triplet(ex: Example) -> tuple[list[int], list[int], list[bool]]:
+    """(ids, mask) -> model inputs, next-token targets, and which targets count."""
+    ids, mask = ex
+    return ids[:-1], ids[1:], mask[1:]
+
+
+def pad_batch(examples: list[Example], length: int | None = None, prefix: str = "") -> dict[str, torch.Tensor]:
+    """One example per row, right-padded to the longest (or `length`); padding is masked out."""
+    trips = [_triplet(e) for e in examples]
+    T = length or max(len(x) for x, _, _ in trips)
+    ids = torch.zeros(len(trips), T, dtype=torch.long)
+    tgt = torch.full((len(trips), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros(len(trips), T, dtype=torch.bool)
+    for r, (x, y, m) in enumerate(trips):
+        ids[r, :len(x)] = torch.tensor(x)
+        mask[r, :len(m)] = torch.tensor(m, dtype=torch.bool)
+        tgt[r, :len(y)] = torch.where(mask[r, :len(y)], torch.tensor(y), IGNORE)
+    return {f"{prefix}input_ids": ids, f"{prefix}targets": tgt, f"{prefix}loss_mask": mask}
+
+
+def pack_rows(examples: list[Example], seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of the examples in each row of `seq_len` input tokens (each example
+    takes len(ids) - 1 positions). Longest first, each into the fullest row that still has room."""
+    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i][0]) - 1))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for i in order:
+        need = len(examples[i][0]) - 1
+        if need > seq_len:
+            raise DataError(f"an example of {need + 1} tokens does not fit a row of seq_len={seq_len}; "
+                            "truncate examples to seq_len + 1 tokens (load_records does)")
+        k = bisect.bisect_left(free, (need, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - need > 0:
+            bisect.insort(free, (room - need, r))
+    return rows
+
+
+def packed_batch(rows: list[list[Example]], seq_len: int) -> dict[str, torch.Tensor]:
+    """Rows of several examples: doc_ids number the examples of a row (padding gets its own id),
+    positions restart at 0 per example, targets never cross an example boundary."""
+    B = len(rows)
+    ids = torch.zeros(B, seq_len, dtype=torch.long)
+    tgt = torch.full((B, seq_len), IGNORE, dtype=torch.long)
+    mask = torch.zeros(B, seq_len, dtype=torch.bool)
+    doc = torch.zeros(B, seq_len, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d, ex in enumerate(row):
+            x, y, m = _triplet(ex)
+            n = len(x)
+            ids[r, at:at + n] = torch.tensor(x)
+            mask[r, at:at + n] = torch.tensor(m, dtype=torch.bool)
+            tgt[r, at:at + n] = torch.where(mask[r, at:at + n], torch.tensor(y), IGNORE)
+            doc[r, at:at + n] = d
+            at += n
+        doc[r, at:] = len(row)
+    return {"input_ids": ids, "targets": tgt, "loss_mask": mask, "doc_ids": doc, "positions": packed_positions(doc)}
+
+
+def pair_batch(pairs: list[tuple[Example, Example]]) -> dict[str, torch.Tensor]:
+    """Preference pairs -> chosen_* and rejected_* (each side padded to its own longest row)."""
+    return {**pad_batch([c for c, _ in pairs], prefix="chosen_"),
+            **pad_batch([r for _, r in pairs], prefix="rejected_")}
+
+
+def kto_batch(items: list[tuple[Example, bool]]) -> dict[str, torch.Tensor]:
+    return {**pad_batch([e for e, _ in items]), "label": torch.tensor([lab for _, lab in items])}
+
+
+class ExampleSource:
+    """A DataSource over encoded items: each epoch a seeded permutation, cut into batches (SFT with
+    packing: the permuted examples are packed into rows first, then the rows are shuffled). The state is
+    (epoch, position), since an epoch's order is a function of (seed, epoch): resume is exact."""
+
+    def __init__(self, items: list, batch_size: int, collate: Callable[[list], dict[str, torch.Tensor]], *,
+                 seed: int = 0, pack_len: int | None = None):
+        self.items, self.batch_size, self.collate, self.seed, self.pack_len = items, batch_size, collate, seed, pack_len
+        self.epoch, self.pos = 0, 0
+        self._order: list | None = None
+
+    def _epoch_units(self) -> list:
+        """The epoch's batch units: items, or (with packing) rows of items."""
+        if self._order is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            perm = [self.items[i] for i in torch.randperm(len(self.items), generator=g).tolist()]
+            if self.pack_len is not None:
+                rows = [[perm[i] for i in row] for row in pack_rows(perm, self.pack_len)]
+                perm = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+            self._order = perm
+        return self._order
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        units = self._epoch_units()
+        if self.pos >= len(units):
+            self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+            units = self._epoch_units()
+        chunk = units[self.pos:self.pos + self.batch_size]
+        self.pos += len(chunk)
+        return self.collate(chunk)
+
+    def log_stats(self) -> dict[str, float]:
+        """Epochs completed so far, fractional (for metrics.jsonl)."""
+        return {"epoch": self.epoch + self.pos / max(1, len(self._epoch_units()))}
+
+    def batches(self) -> list[dict[str, torch.Tensor]]:
+        """The first epoch's batches in order (for a fixed validation set)."""
+        units = self._epoch_units()
+        return [self.collate(units[i:i + self.batch_size]) for i in range(0, len(units), self.batch_size)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
+
+
+def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int
+                  ) -> tuple[ExampleSource, ExampleSource | None, DataReport]:
+    """Training and validation sources for `kind` ('sft', 'preference', 'kto') from cfg's files."""
+    if not cfg.train:
+        raise DataError("no training data: set data.train to one or more JSONL files")
+    enc = Encoder(tokenizer, cfg.template, cfg.loss_on)
+    items, report = load_records(cfg.train, enc, kind, cfg.seq_len, cfg.on_error)
+    if cfg.val:
+        val, _ = load_records(cfg.val, enc, kind, cfg.seq_len, cfg.on_error)
+    else:
+        n_val = int(len(items) * cfg.val_fraction)
+        items, val = (items[:len(items) - n_val], items[len(items) - n_val:]) if n_val else (items, [])
+    pack = cfg.seq_len if kind == "sft" and cfg.packing else None
+    if kind == "sft":
+        collate = (lambda rows: packed_batch(rows, cfg.seq_len)) if pack else pad_batch
+    else:
+        collate = pair_batch if kind == "preference" else kto_batch
+    train = ExampleSource(items, cfg.batch_size, collate, seed=seed, pack_len=pack)
+    valid = ExampleSource(val, cfg.batch_size, collate, seed=seed + 1, pack_len=pack) if val else None
+    return train, valid, report

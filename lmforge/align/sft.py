@@ -1,0 +1,153 @@
+"""Supervised fine-tuning: the SFT objective, with NEFTune noise as an option.
+
+    token_mean      sum of -log p(target) over trained tokens / their number (TRL's and HF's default:
+                    long answers weigh more); with grad_accum, over all micro-batches' tokens together
+                    (`batch_weight`), as HF/TRL normalise
+    sequence_mean   mean over examples of each example's mean token loss (every answer weighs the same);
+                    in packed rows an example is a document of `doc_ids`
+
+NEFTune (Jain et al. 2023, "NEFTune: Noisy Embeddings Improve Instruction Finetuning", Alg. 1): in
+training, the token embeddings get uniform noise ε ~ U(-1, 1) scaled by α / sqrt(L·d), L the sequence
+length and d the embedding width; as in HF/TRL, L is the batch's padded (or packed) row length.
+
+`model_logits(model, batch, prefix)` runs the forward every post-training objective shares: packed rows
+pass their positions and document ids (lmforge.model.meta.AttnMetadata) so documents never attend to each
+other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from lmforge.align.logprobs import masked_mean, token_logprobs
+from lmforge.config import check
+from lmforge.errors import ConfigError
+from lmforge.model.meta import AttnMetadata
+
+
+@dataclass(frozen=True, kw_only=True)
+class SFTConfig:
+    loss: Literal["token_mean", "sequence_mean"] = "token_mean"
+    """token_mean: every trained token weighs the same; sequence_mean: every example weighs the same"""
+    neftune_alpha: float = 0.0
+    """NEFTune noise scale α (5 in the paper; 0 = off)"""
+
+    def __post_init__(self) -> None:
+        check(self.loss in ("token_mean", "sequence_mean"),
+              f"sft.loss must be 'token_mean' or 'sequence_mean', got {self.loss!r}")
+        check(self.neftune_alpha >= 0, f"sft.neftune_alpha must be >= 0, got {self.neftune_alpha}")
+
+
+def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """(B, T, V) logits of batch[prefix + 'input_ids']; packed rows (doc_ids present) attend per document."""
+    ids = batch[prefix + "input_ids"]
+    doc = batch.get(prefix + "doc_ids")
+    if doc is None:
+        return model(ids)
+    return model(ids, batch[prefix + "positions"], meta=AttnMetadata.packed(doc))
+
+
+def input_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    emb = getattr(model, "tok_emb", None)
+    if emb is None and hasattr(model, "get_input_embeddings"):
+        emb = model.get_input_embeddings()
+    if not isinstance(emb, torch.nn.Module):
+        raise ConfigError(f"NEFTune needs the model's token embedding (model.tok_emb or get_input_embeddings()); "
+                          f"{type(model).__name__} has neither: set sft.neftune_alpha=0")
+    return emb
+
+
+@contextlib.contextmanager
+def neftune(model: torch.nn.Module, alpha: float):
+    """Within the context, the model's token embeddings get NEFTune noise while model.training."""
+    def hook(module, inputs, out):
+        if not module.training:
+            return out
+        mag = alpha / math.sqrt(out.shape[-2] * out.shape[-1])  # α / sqrt(L·d)
+        return out + torch.zeros_like(out).uniform_(-mag, mag)
+
+    handle = input_embedding(model).register_forward_hook(hook) if alpha > 0 else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def document_keys(mask: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) id of each token's document, unique across the batch: its row, or (row, doc_id) when packed."""
+    B, T = mask.shape
+    rows = torch.arange(B, device=mask.device)[:, None]
+    return rows * (T + 1) + (doc_ids if doc_ids is not None else torch.zeros_like(mask, dtype=torch.long))
+
+
+def sequence_mean(values: torch.Tensor, mask: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+    """Mean over documents of each document's masked mean of `values` (B, T). A document is a row, or a
+    (row, doc_id) pair in packed rows; documents without masked tokens do not count."""
+    uniq, inv = torch.unique(document_keys(mask, doc_ids)[mask], return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=values.dtype, device=values.device).index_add(0, inv, values[mask])
+    counts = torch.bincount(inv, minlength=len(uniq)).to(values.dtype)
+    return (sums / counts).mean()
+
+
+class SFTObjective:
+    """Negative log-likelihood of the trained targets. Metrics (TRL's names): loss, mean_token_accuracy,
+    num_tokens (trained tokens in the batch). Stateless."""
+
+    Config = SFTConfig
+
+    def __init__(self, cfg: SFTConfig | None = None):
+        self.cfg = cfg or SFTConfig()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with neftune(model, self.cfg.neftune_alpha):
+            logits = model_logits(model, batch)
+        targets = batch["targets"]
+        mask = batch["loss_mask"] & (targets != -100)
+        nll = -token_logprobs(logits, targets)
+        if self.cfg.loss == "token_mean":
+            loss = masked_mean(nll, mask)
+        else:
+            loss = sequence_mean(nll, mask, batch.get("doc_ids"))
+        with torch.no_grad():
+            acc = masked_mean((logits.argmax(-1) == targets).float(), mask)
+        return loss, {"loss": loss.detach(), "mean_token_accuracy": acc, "num_tokens": mask.sum().float()}
+
+    def batch_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """Items this loss averages over (trained tokens, or examples with sequence_mean): the Trainer
+        weighs accumulated micro-batches by it, so grad_accum x B rows = one batch of grad_accum*B rows."""
+        mask = batch["loss_mask"] & (batch["targets"] != -100)
+        if self.cfg.loss == "token_mean":
+            return int(mask.sum())
+        return int(torch.unique(document_keys(mask, batch.get("doc_ids"))[mask]).numel())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class ObjectiveEvaluator:
+    """Mean of an objective's metrics over fixed batches, for the Trainer's evaluator slot (keys get a
+    `val_` prefix: val_loss, val_mean_token_accuracy, val_rewards/accuracies, ...)."""
+
+    def __init__(self, objective, batches: list[dict[str, torch.Tensor]]):
+        self.objective, self.batches = objective, batches
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        if not self.batches:
+            return {}
+        device = next(model.parameters()).device
+        sums: dict[str, float] = {}
+        for b in self.batches:
+            _, metrics = self.objective.loss(model, {k: v.to(device) for k, v in b.items()})
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {f"val_{k}": v / len(self.batches) for k, v in sums.items()}

@@ -1,0 +1,303 @@
+"""Checkpoints: directories written atomically, verified at load, refused rather than half-loaded.
+
+    RUN_DIR/checkpoints/step_000500/
+        config.json          model config (or the model's class) + lmforge version + git hash + step
+        model.safetensors    weights (tied tensors stored once)
+        train_state.pt       optimizer, data-source, objective and RNG state (loaded with weights_only=True)
+        lmforge_tokenizer.json
+        manifest.json        byte size and SHA-256 of every file above, written last
+
+A checkpoint is built in a hidden `.tmp_step_*` directory and renamed into place, so a crash never leaves
+a partial `step_*`; a kill can leave the temporary directory, which `clean_partial` removes at resume.
+On load every file's size and checksum is checked against the manifest (streamed, ~1.5 GB/s), so a
+truncated or same-size-corrupted file is refused instead of producing NaNs later. Files get the mode
+the umask allows (0644 under umask 022), so a shared run folder is readable by collaborators.
+
+`load_model` also opens a HF-format model directory (config.json + safetensors of a supported family,
+with its tokenizer.json), so every `--checkpoint` option and `LLM.load` accept downloaded models.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import from_dict, to_dict
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.utils import run_metadata
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_DIR = re.compile(r"^\.tmp_step_\d+_(\d+)$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "manifest.json").is_file()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_partial(run_dir: str | Path) -> list[Path]:
+    """Remove `.tmp_step_*` directories left by writers that were killed (their pid is gone, or is
+    this process); a live writer's directory is left alone. Returns what was removed."""
+    root = Path(run_dir) / "checkpoints"
+    removed = []
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _TMP_DIR.match(p.name)
+        if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with tied tensors kept once (safetensors refuses shared storage)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        key = t.data_ptr()
+        if key in seen and t.numel() > 0:
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def model_meta(model: torch.nn.Module) -> dict[str, Any]:
+    """What config.json records about the model: its ModelConfig when it has one (lmforge's Transformer),
+    otherwise only its class, so any nn.Module honouring the model interface can be checkpointed."""
+    from lmforge.model.config import ModelConfig
+
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, ModelConfig):
+        return {"model": to_dict(cfg)}
+    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it to read it would
+    race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(folder: Path) -> None:
+    """mkstemp-style writers create 0600 files; give every file the mode a plain open() would."""
+    mask = _umask()
+    for p in folder.iterdir():
+        p.chmod(0o666 & ~mask)
+    folder.chmod(0o777 & ~mask)
+
+
+def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer, extra) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"step": step, **model_meta(model), **run_metadata(), **(extra or {})}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(_state_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    files = sorted(p for p in tmp.iterdir())
+    manifest = {"files": {p.name: p.stat().st_size for p in files},
+                "sha256": {p.name: sha256_file(p) for p in files}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _honour_umask(tmp)
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno in _DISK_FULL) or "No space left on device" in str(e)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, train_state: dict | None = None,
+                    tokenizer=None, keep_last: int | None = None, extra: dict | None = None) -> Path:
+    """Write RUN_DIR/checkpoints/step_{step:06d} atomically; keep the newest `keep_last` checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        _write(tmp, step, model, train_state, tokenizer, extra)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise CheckpointError(f"disk full at {tmp} while writing the step {step} checkpoint; it was not "
+                                  f"written and earlier checkpoints are intact: free space and resume") from e
+        raise
+    if keep_last:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _verify(ckpt: Path, checksums: bool = True) -> dict[str, Any]:
+    """Check every manifest file's size and (when recorded) SHA-256; return config.json."""
+    man = ckpt / "manifest.json"
+    if not man.is_file():
+        raise CheckpointError(f"{ckpt} is incomplete (no manifest.json); it was not fully written")
+    try:
+        manifest = json.loads(man.read_text())
+        sizes, sums = manifest["files"], manifest.get("sha256", {})
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{man} is corrupt: {e}") from e
+    for name, size in sizes.items():
+        p = ckpt / name
+        if not p.is_file() or p.stat().st_size != size:
+            got = p.stat().st_size if p.is_file() else "missing"
+            raise CheckpointError(f"{p} is truncated or damaged ({got} bytes, expected {size}); "
+                                  "use an earlier checkpoint")
+        if checksums and name in sums and sha256_file(p) != sums[name]:
+            raise CheckpointError(f"{p} is corrupted (SHA-256 differs from manifest.json); use an earlier checkpoint")
+    return json.loads((ckpt / "config.json").read_text())
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A HF-format model directory: config.json naming a model_type/architecture, no lmforge manifest."""
+    f = path / "config.json"
+    if not f.is_file() or (path / "manifest.json").exists():
+        return False
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (lmforge's or HF's), or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "manifest.json").is_file() or (path / "model.safetensors").is_file() or is_hf_dir(path):
+        return path
+    found = checkpoint_dirs(path)
+    if not found:
+        raise CheckpointError(f"no checkpoint found in {path} (expected {path}/checkpoints/step_*/ "
+                              "or a HF model directory with config.json)")
+    return found[-1]
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, str]:
+    """Path and weights checksum of a checkpoint: what an objective saves about a frozen reference or
+    teacher model instead of its weights, and checks when a run resumes."""
+    ckpt = resolve_checkpoint(path)
+    sums = {}
+    if (ckpt / "manifest.json").is_file():
+        sums = json.loads((ckpt / "manifest.json").read_text()).get("sha256", {})
+    weights = sorted(ckpt.glob("*.safetensors"))
+    digest = hashlib.sha256("".join(sums.get(w.name) or sha256_file(w) for w in weights).encode()).hexdigest()
+    return {"path": str(ckpt.resolve()), "sha256": digest}
+
+
+def model_config_of(ckpt: Path):
+    from lmforge.model.config import ModelConfig
+
+    meta = _verify(ckpt)
+    if "model" not in meta:
+        raise CheckpointError(f"{ckpt} holds a {meta.get('model_class', 'custom')} model, not an lmforge "
+                              "Transformer; build that model yourself and load_weights(model, path)")
+    return from_dict(ModelConfig, meta["model"], "model"), meta
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load weights, refusing missing/unexpected/mis-shaped tensors (nothing is half-loaded)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(ckpt / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: {e}") from e
+    own = model.state_dict()
+    shared = {n for n in own if n not in state and any(own[n].data_ptr() == own[m].data_ptr()
+                                                      for m in state if m in own)}
+    missing = sorted(set(own) - set(state) - shared)
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, t in state.items():
+        if t.shape != own[name].shape:
+            raise CheckpointError(f"{ckpt}: tensor {name} has shape {tuple(t.shape)}, model expects "
+                                  f"{tuple(own[name].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def check_same_model(saved: dict, current) -> None:
+    cur = to_dict(current)
+    diff = [k for k in sorted(set(saved) | set(cur)) if saved.get(k) != cur.get(k)]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"checkpoint was made with model.{k}={saved.get(k)!r} but the config says "
+                          f"{cur.get(k)!r}; use the same model config or a new run_dir")
+
+
+def load_train_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged pickles
+        raise CheckpointError(f"cannot read {ckpt / 'train_state.pt'}: {e}") from e
+
+
+def _load_hf(path: Path):
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    model = Transformer.from_pretrained(path)
+    tok = Tokenizer.from_hf(path) if (path / "tokenizer.json").is_file() else None
+    return model, tok
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a checkpoint, a run directory or a HF model directory; tokenizer is None
+    if none was saved."""
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.byte import FILE_NAME
+    from lmforge.tokenizer.load import load_tokenizer
+
+    ckpt = resolve_checkpoint(path)
+    if is_hf_dir(ckpt):
+        model, tok = _load_hf(ckpt)
+    else:
+        cfg, _ = model_config_of(ckpt)
+        model = Transformer(cfg)
+        load_weights(model, ckpt)
+        tok = load_tokenizer(ckpt) if (ckpt / FILE_NAME).is_file() else None
+    return model.to(device).eval(), tok

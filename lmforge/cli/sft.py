@@ -1,0 +1,33 @@
+"""`lmforge sft --config FILE.toml [--data.packing false ...]`: supervised fine-tuning of a checkpoint on
+chat or prompt/completion JSONL (lmforge.train.posttrain); `run_objective` also serves dpo, rm, distill."""
+
+from __future__ import annotations
+
+from lmforge.cli.common import parse_config
+
+HELP = {
+    "sft": "Supervised fine-tuning on chat / prompt-completion JSONL (loss on assistant turns).",
+    "dpo": "Direct preference optimisation (and IPO / SimPO via [dpo] loss_type) on preference-pair JSONL.",
+    "rm": "Train a Bradley-Terry reward model (scalar head) on preference-pair JSONL.",
+    "distill": "Token-level distillation from a teacher model (set teacher = 'DIR').",
+}
+
+
+def run_objective(name: str, argv: list[str]) -> int:
+    from lmforge.errors import ConfigError
+    from lmforge.train.posttrain import config_class, posttrain
+
+    cls = config_class(name)
+    cfg = parse_config(cls, argv, prog=f"lmforge {name}", description=HELP[name] + " Resumable: run it again.")
+    if cfg.objective != name:
+        raise ConfigError(f"objective = {cfg.objective!r} in the config, but this is `lmforge {name}`; "
+                          f"remove the key or run `lmforge {cfg.objective}`")
+    result = posttrain(cfg)
+    ev = ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items()) or "no validation data"
+    print(f"done: {result.steps} steps in {result.wall_time:.0f}s ({ev}); run directory {result.run_dir} "
+          f"(checkpoint {result.checkpoint})")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_objective("sft", argv)

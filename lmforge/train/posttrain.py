@@ -1,0 +1,194 @@
+"""Post-training runs on the one Trainer: `lmforge sft | dpo | rm | distill --config FILE.toml`.
+
+    init = "runs/demo"                 # checkpoint, run or HF model directory to start from
+    max_steps = 200                    # every LoopConfig key (lr schedule, eval, checkpoints, resume)
+    [data]                             # PostDataConfig: JSONL files, chat template, packing, seq_len
+    train = ["chat.jsonl"]
+    [optim]
+    lr = 1e-4
+    [sft]                              # the objective's own options: a section named after the command
+    neftune_alpha = 5.0                # (its class's `Config`, e.g. [dpo] beta = 0.1)
+
+Objectives resolve by name through OBJECTIVES, lazily imported "module:Class" paths, so an objective
+plugs in by adding one line. An objective class is built as Class(Class.Config(...)) plus, when its
+constructor takes them, reference=/reference_path= (DPO, KTO: a frozen copy of `reference`, by default
+the init model) or teacher=/teacher_path= (distillation). The run directory holds metrics.jsonl,
+loss.png, metrics.png (reward margins, accuracies), data_report.json and checkpoints that LLM.load and
+`lmforge chat` open (config.json records the chat template).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.align.data import PostDataConfig, build_sources
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.train.config import LoopConfig
+from lmforge.utils import pick_device, write_json_atomic
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    path: str
+    """'module:Class' of the objective"""
+    data: str
+    """record kind it trains on: sft | preference | kto (lmforge.align.data)"""
+    wrap: str | None = None
+    """'module:Class' wrapping the loaded model (a reward model's scalar head)"""
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "sft": ObjectiveSpec("lmforge.align.sft:SFTObjective", "sft"),
+    "dpo": ObjectiveSpec("lmforge.align.dpo:DPOObjective", "preference"),
+    "rm": ObjectiveSpec("lmforge.align.reward:RewardObjective", "preference", wrap="lmforge.align.reward:SequenceHead"),
+    "distill": ObjectiveSpec("lmforge.align.distill:DistillObjective", "sft"),
+    "kto": ObjectiveSpec("lmforge.align.kto:KTOObjective", "kto"),
+    "orpo": ObjectiveSpec("lmforge.align.orpo:ORPOObjective", "preference"),
+}
+
+
+def resolve(path: str):
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot import {path} ({e}); is this lmforge version complete?") from e
+
+
+def objective_spec(name: str) -> ObjectiveSpec:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostTrainConfig(LoopConfig):
+    objective: str = "sft"
+    """sft | dpo | rm | distill | kto | orpo (set by the command)"""
+    init: str = ""
+    """checkpoint, run directory or HF model directory to start from"""
+    reference: str = ""
+    """frozen reference model for DPO/KTO ('' = the init model)"""
+    teacher: str = ""
+    """teacher model for distillation"""
+    tokenizer: str = ""
+    """tokenizer spec ('' = the one saved with the init model)"""
+    data: PostDataConfig = field(default_factory=PostDataConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        objective_spec(self.objective)
+
+
+def config_class(name: str) -> type[PostTrainConfig]:
+    """PostTrainConfig plus a section `name` holding the objective's own Config (defaults applied), so
+    TOML files and the generated CLI reach its options as [name] / --name.key."""
+    options = getattr(resolve(objective_spec(name).path), "Config", None)
+    extra = [("objective", str, field(default=name))]
+    if options is not None:
+        extra.append((name, options, field(default_factory=options)))
+    return dataclasses.make_dataclass(f"{name.upper()}RunConfig", extra, bases=(PostTrainConfig,), frozen=True,
+                                      kw_only=True)
+
+
+def _frozen_model(path: str, role: str, device: str):
+    from lmforge.checkpoint import load_model
+
+    if not path:
+        raise ConfigError(f"this objective needs a {role} model: set {role} = 'checkpoint or HF directory'")
+    model, _ = load_model(path, device=device)
+    return model
+
+
+def build_objective(cfg: PostTrainConfig, init_path: str, device: str):
+    cls = resolve(objective_spec(cfg.objective).path)
+    options = getattr(cfg, cfg.objective, None)
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    for role, path in (("reference", cfg.reference or init_path), ("teacher", cfg.teacher)):
+        if role in params and not (role == "reference" and getattr(options, "loss_type", "") == "simpo"):
+            kwargs[role] = _frozen_model(path, role, device)
+            if f"{role}_path" in params:
+                kwargs[f"{role}_path"] = path
+    return cls(options, **kwargs) if options is not None else cls(**kwargs)
+
+
+def posttrain(cfg: PostTrainConfig):
+    """Run one post-training objective as configured; returns the Trainer's TrainResult."""
+    from lmforge.checkpoint import load_model
+    from lmforge.optim import build_optimizer
+    from lmforge.tokenizer.load import load_tokenizer
+    from lmforge.train.trainer import Trainer
+    from lmforge.align.sft import ObjectiveEvaluator
+
+    if not cfg.init:
+        raise ConfigError("init is not set: give the checkpoint, run or HF directory to start from (init = 'runs/x')")
+    spec = objective_spec(cfg.objective)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(cfg.init, device=device)
+    mcfg = model.cfg
+    if cfg.data.seq_len > mcfg.max_seq_len and mcfg.pos_emb not in ("rope", "none"):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the init model's max_seq_len={mcfg.max_seq_len} "
+                          f"({mcfg.pos_emb} positions); lower data.seq_len")
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok
+    if tok is None:
+        raise LmforgeError(f"{cfg.init} holds no tokenizer; set tokenizer = 'byte' or a tokenizer path")
+    train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "data_report.json", report.to_dict())
+    print(f"data: {report.summary()}")
+    objective = build_objective(cfg, cfg.init, device)
+    if spec.wrap:
+        model = resolve(spec.wrap)(model)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    evaluator = ObjectiveEvaluator(objective, val_src.batches()[:cfg.eval_batches]) if val_src else None
+    trainer = Trainer(model, optimizer, train_src, objective, config=cfg, evaluator=evaluator, tokenizer=tok,
+                      extra_meta={"objective": cfg.objective, "chat_template": cfg.data.template})
+    result = trainer.fit()
+    if cfg.plot:
+        plot_metrics(run_dir)
+    return result
+
+
+PLOTTED = ("rewards/margins", "rewards/accuracies", "accuracy", "margin", "mean_token_accuracy",
+           "val_rewards/margins", "val_rewards/accuracies", "val_accuracy", "val_mean_token_accuracy")
+
+
+def plot_metrics(run_dir: str | Path, keys: tuple[str, ...] = PLOTTED) -> Path | None:
+    """metrics.png: every logged metric of `keys` against step, one panel each (None without matplotlib
+    or without such metrics)."""
+    from lmforge.train.metrics import read_metrics
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no metrics.png (pip install matplotlib)")
+        return None
+    rows = read_metrics(run_dir)
+    present = [k for k in keys if any(k in r for r in rows)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], present):
+        ax.plot(*zip(*[(r["step"], r[k]) for r in rows if k in r]), "o-" if k.startswith("val_") else "-")
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "metrics.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,118 @@
+"""Pretraining as pieces of the one Trainer: a model from ModelConfig, windows of token shards as the data
+source, LMObjective as the objective, and validation loss / perplexity / bits-per-byte over fixed windows
+as the evaluator. `pretraining_parts(cfg)` builds them in the order the golden loss curve depends on
+(seed, model init, data, optimizer)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from lmforge.optim import build_optimizer
+from lmforge.train.config import TrainConfig
+from lmforge.train.data import BatchSampler, eval_windows, open_splits
+from lmforge.train.loss import LMObjective, token_losses
+from lmforge.utils import pick_device
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
+    """UTF-8 bytes each token id stands for (special tokens count 0), for bits-per-byte."""
+    if tokenizer is None:
+        return None
+    out = torch.zeros(vocab_size, dtype=torch.float64)
+    vocab = getattr(tokenizer, "vocab", None)
+    specials = getattr(tokenizer, "special_tokens", None) or []
+    special_bytes = {s.encode() if isinstance(s, str) else s for s in specials}
+    if isinstance(vocab, dict):
+        for i, b in vocab.items():
+            if i < vocab_size and b not in special_bytes:
+                out[i] = len(b)
+    else:  # byte-level: ids < 256 are one byte each
+        out[: min(256, vocab_size)] = 1
+    return out
+
+
+class LMEvaluator:
+    """Validation loss, perplexity and bits-per-byte of a model over fixed (x, y) batches. Called by the
+    Trainer under no_grad, eval mode and its autocast."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], id_bytes: torch.Tensor | None,
+                 bytes_per_token: float = 0.0):
+        self.batches, self.id_bytes, self.bytes_per_token = batches, id_bytes, bytes_per_token
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        if not self.batches:
+            return {}
+        device = next(model.parameters()).device
+        nats, n_tok, n_bytes = 0.0, 0, 0.0
+        for x, y in self.batches:
+            logits = model(x.to(device))
+            y = y.to(device)
+            nats += float(token_losses(logits, y).double().sum())
+            n_tok += y.numel()
+            if self.id_bytes is not None:
+                n_bytes += float(self.id_bytes[y.cpu()].sum())
+        out = {"val_loss": nats / n_tok, "val_ppl": math.exp(min(nats / n_tok, 50.0))}
+        if self.bytes_per_token > 0:
+            out["val_bpb"] = nats / n_tok / math.log(2) / self.bytes_per_token
+        elif n_bytes > 0:
+            out["val_bpb"] = nats / (math.log(2) * n_bytes)
+        return out
+
+
+def _resolve_tokenizer(spec: str | None, shard_dir: Path):
+    from lmforge.tokenizer.load import load_tokenizer
+
+    if not spec:
+        return None
+    if spec != "byte" and not Path(spec).exists() and (shard_dir / spec).exists():
+        spec = str(shard_dir / spec)
+    return load_tokenizer(spec)
+
+
+def _mixture(cfg: TrainConfig):
+    """The MixtureSource of data.sources/phases, the first shard (for its tokenizer) and the validation
+    splits of all sources together."""
+    from lmforge.train.mixture import MixtureSource
+
+    d = cfg.data
+    samplers, val = {}, []
+    for i, src in enumerate(d.sources):
+        tr, va = open_splits(src.train, src.val, d.val_fraction, d.seq_len, cfg.model.vocab_size)
+        samplers[src.name] = BatchSampler(tr, 1, d.seq_len, d.sampling, cfg.seed + 1 + i)
+        val += va
+    phases = [(round(p.start * cfg.max_steps), list(p.weights)) for p in d.phases]
+    mix = MixtureSource(samplers, phases, batch_size=d.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
+    return mix, samplers[d.sources[0].name].splits[0].file, val
+
+
+class Parts(NamedTuple):
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: Any
+    objective: LMObjective
+    config: TrainConfig
+    evaluator: LMEvaluator
+    tokenizer: Any
+
+
+def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> Parts:
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(cfg.seed)
+    model = (model if model is not None else Transformer(cfg.model)).to(pick_device(cfg.device))
+    d = cfg.data
+    if d.sources:
+        sampler, first, val_splits = _mixture(cfg)
+    else:
+        train_splits, val_splits = open_splits(d.train, d.val, d.val_fraction, d.seq_len, cfg.model.vocab_size)
+        first = train_splits[0].file
+        sampler = BatchSampler(train_splits, d.batch_size, d.seq_len, d.sampling, cfg.seed)
+    tokenizer = tokenizer or _resolve_tokenizer(cfg.tokenizer or first.tokenizer, first.path.parent)
+    evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
+                            token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token)
+    optimizer = build_optimizer(model, cfg.optim)
+    return Parts(model, optimizer, sampler, LMObjective(cfg.model.z_loss), cfg, evaluator, tokenizer)

@@ -1,0 +1,177 @@
+"""Post-training on the one Trainer: `lmforge sft` end to end (run dir, LLM.load), exact resume, and an
+objective with a reference model resolved through the registry (preference batches, identity saved)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import checkpoint as ckpt
+from lmforge.align.sft import model_logits
+from lmforge.align.logprobs import sequence_logprobs
+from lmforge.train import posttrain as PT
+from lmforge.train.trainer import train
+
+from ..train.helpers import make_shard, tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny byte-level model pretrained for a few steps, and chat / preference JSONL files."""
+    tmp = tmp_path_factory.mktemp("post")
+    shard = make_shard(tmp / "t.bin")
+    base_cfg = tiny_config(shard, tmp / "base", max_steps=4, ckpt_every=4, eval_every=4)
+    train(dataclasses.replace(base_cfg, model=dataclasses.replace(base_cfg.model, max_seq_len=64)))
+    words = ["cat", "dog", "mat", "sun", "red", "tree", "river", "house"]
+    chat, pairs = [], []
+    for i in range(48):
+        w = words[i % 8] + words[(i * 3) % 8]
+        chat.append({"messages": [{"role": "user", "content": f"reverse {w}"},
+                                  {"role": "assistant", "content": w[::-1]}]})
+        pairs.append({"prompt": f"reverse {w}\n", "chosen": w[::-1], "rejected": w})
+    (tmp / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return tmp
+
+
+def _toml(base, run, objective="sft", max_steps=12, extra=""):
+    return f"""
+init = "{base / 'base'}"
+run_dir = "{run}"
+max_steps = {max_steps}
+eval_every = 6
+eval_batches = 2
+log_every = 1
+ckpt_every = 6
+device = "cpu"
+progress = false
+seed = 0
+{extra}
+[optim]
+lr = 3e-3
+warmup_steps = 2
+[data]
+train = ["{base / ('chat.jsonl' if objective == 'sft' else 'pairs.jsonl')}"]
+template = "plain"
+seq_len = 64
+batch_size = 4
+val_fraction = 0.25
+"""
+
+
+def _cfg(base, run, objective="sft", **over):
+    from lmforge.config import from_dict
+    import tomllib
+
+    data = tomllib.loads(_toml(base, run, objective))
+    data.update(over)
+    return from_dict(PT.config_class(objective), data)
+
+
+def _losses(result):
+    return [r["loss"] for r in result.history if "loss" in r]
+
+
+def test_lmforge_sft_command_end_to_end(base, tmp_path):
+    (tmp_path / "sft.toml").write_text(_toml(base, tmp_path / "run") + "[sft]\nneftune_alpha = 5.0\n")
+    out = subprocess.run([sys.executable, "-m", "lmforge", "sft", "--config", str(tmp_path / "sft.toml"),
+                          "--max_steps", "8"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "data: 48 records: 48 used, 0 truncated" in out.stdout and "done: 8 steps" in out.stdout
+    run = tmp_path / "run"
+    assert [p.name for p in ckpt.checkpoint_dirs(run)] == ["step_000006", "step_000008"]
+    meta = json.loads((ckpt.checkpoint_dirs(run)[-1] / "config.json").read_text())
+    assert meta["objective"] == "sft" and meta["chat_template"] == "plain"
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["sft"]["neftune_alpha"] == 5.0 and saved["max_steps"] == 8
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows) and any("mean_token_accuracy" in r for r in rows)
+    from lmforge.infer.llm import LLM
+
+    llm = LLM.load(run)
+    assert llm.model.cfg.d_model == 32 and llm.tokenizer.encode("a") == [97]
+
+
+def test_sft_learns_and_resumes_bit_exactly(base, tmp_path, monkeypatch):
+    from lmforge.train.trainer import Trainer
+
+    full = PT.posttrain(_cfg(base, tmp_path / "a", plot=False))
+    evals = [r["val_loss"] for r in full.history if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.5  # the assistant answers are being learned
+    cfg = _cfg(base, tmp_path / "b", plot=False, ckpt_every=100)
+
+    class Stop:  # Ctrl-C right after step 5
+        def on_step_end(self, trainer, stats):
+            if trainer.step == 5:
+                raise KeyboardInterrupt
+
+    init = Trainer.__init__
+
+    def with_hook(self, *a, **k):
+        init(self, *a, **k)
+        self.hooks.append(Stop())
+
+    monkeypatch.setattr(Trainer, "__init__", with_hook)
+    with pytest.raises(KeyboardInterrupt):
+        PT.posttrain(cfg)
+    monkeypatch.setattr(Trainer, "__init__", init)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "b")] == ["step_000005"]
+    assert _losses(PT.posttrain(cfg)) == _losses(full)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MarginConfig:
+    beta: float = 0.5
+
+
+class MarginObjective:
+    """A DPO-shaped test objective: -logsigmoid(beta * (policy - reference) margin)."""
+
+    Config = MarginConfig
+    built: list = []
+
+    def __init__(self, cfg=None, *, reference=None, reference_path=None):
+        self.cfg, self.ref, self.path = cfg, reference.eval().requires_grad_(False), reference_path
+        MarginObjective.built.append(self)
+
+    def _logps(self, model, batch):
+        return [sequence_logprobs(model_logits(model, batch, p), batch[p + "targets"], batch[p + "loss_mask"])
+                for p in ("chosen_", "rejected_")]
+
+    def loss(self, model, batch):
+        pc, pr = self._logps(model, batch)
+        with torch.no_grad():
+            rc, rr = self._logps(self.ref, batch)
+        margin = self.cfg.beta * ((pc - rc) - (pr - rr))
+        return -torch.nn.functional.logsigmoid(margin).mean(), {"rewards/margins": margin.detach().mean()}
+
+    def state_dict(self):
+        return {"reference": ckpt.checkpoint_identity(self.path)}
+
+    def load_state_dict(self, state):
+        assert state["reference"] == ckpt.checkpoint_identity(self.path)
+
+
+def test_a_registered_objective_gets_its_reference_and_preference_batches(base, tmp_path, monkeypatch):
+    monkeypatch.setitem(PT.OBJECTIVES, "dpo", PT.ObjectiveSpec(f"{__name__}:MarginObjective", "preference"))
+    MarginObjective.built.clear()
+    cfg = _cfg(base, tmp_path / "run", "dpo", dpo={"beta": 0.25}, max_steps=6, plot=True)
+    res = PT.posttrain(cfg)
+    obj = MarginObjective.built[-1]
+    assert obj.cfg.beta == 0.25 and obj.path == str(base / "base")
+    policy, _ = ckpt.load_model(tmp_path / "run")
+    ref, _ = ckpt.load_model(base / "base")
+    assert all(torch.equal(a, b) for a, b in zip(obj.ref.parameters(), ref.parameters()))  # untouched
+    assert not all(torch.equal(a, b) for a, b in zip(policy.parameters(), ref.parameters()))
+    margins = [r["rewards/margins"] for r in res.history if "rewards/margins" in r]
+    assert margins[-1] > margins[0] and (tmp_path / "run" / "metrics.png").is_file()
+    state = ckpt.load_train_state(ckpt.checkpoint_dirs(tmp_path / "run")[-1])
+    assert state["objective"]["reference"]["path"].endswith("step_000004")  # identity, not weights
+    assert not any(k.startswith("ref") for k in state) and "optimizer_name" in state

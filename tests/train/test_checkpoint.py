@@ -1,0 +1,115 @@
+"""Checkpoint directories: any nn.Module, checksums, umask, disk full, partial folders, HF directories."""
+
+import errno
+import os
+import stat
+
+import pytest
+import torch
+
+from lmforge import checkpoint as ckpt
+from lmforge.errors import CheckpointError
+
+
+def _toy():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def test_any_module_round_trips_and_the_old_import_path_still_works(tmp_path):
+    from lmforge.train import checkpoint as old
+
+    assert old.save_checkpoint is ckpt.save_checkpoint
+    model = _toy()
+    path = ckpt.save_checkpoint(tmp_path, 3, model, train_state={"step": 3})
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    ckpt.load_weights(other, path)
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    assert ckpt.load_train_state(path) == {"step": 3}
+    with pytest.raises(CheckpointError, match="torch.nn.modules.container.Sequential model"):
+        ckpt.load_model(tmp_path)
+
+
+def test_same_size_corruption_is_refused(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, 1, _toy())
+    w = path / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte inside the last tensor: size unchanged
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupted .SHA-256"):
+        ckpt._verify(path)
+
+
+def test_files_honour_the_umask(tmp_path):
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    old = os.umask(0o022)
+    try:
+        path = ckpt.save_checkpoint(tmp_path, 1, _toy(), train_state={}, tokenizer=ByteTokenizer())
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = _toy()
+    good = ckpt.save_checkpoint(tmp_path, 1, model, train_state={"a": 1})
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"disk full at .*\.tmp_step_000002_\d+ while writing the step 2"):
+        ckpt.save_checkpoint(tmp_path, 2, model, train_state={"a": 2})
+    assert ckpt.checkpoint_dirs(tmp_path) == [good]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    ckpt._verify(good)
+
+
+def test_partial_folders_of_dead_writers_are_cleaned(tmp_path):
+    root = tmp_path / "checkpoints"
+    dead = root / ".tmp_step_000005_999999999"  # no such pid
+    alive = root / f".tmp_step_000006_{os.getppid()}"  # a live process (our parent)
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    assert ckpt.clean_partial(tmp_path) == [dead]
+    assert not dead.exists() and alive.exists()
+
+
+def _tiny_hf_dir(path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenizer.train import train_bpe
+
+    ours = train_bpe(iter(["the cat sat on the mat, the dog ran past the red house. " * 20]), 300,
+                     special_tokens=["<|endoftext|>"], progress=False, workers=1)
+    path.mkdir()
+    ours.save_hf(path / "tokenizer.json")
+    hf_tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=hf_tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(path)
+    return hf, hf_tok
+
+
+def test_hf_model_directory_loads_with_its_tokenizer(tmp_path):
+    hf, hf_tok = _tiny_hf_dir(tmp_path / "hf")
+    model, tok = ckpt.load_model(tmp_path / "hf")
+    text = "the red cat ran"
+    assert tok.encode(text) == hf_tok.encode(text).ids
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    from lmforge.infer.llm import LLM
+    from lmforge.infer.sampling import SamplingParams
+
+    out = LLM.load(tmp_path / "hf").generate([text], SamplingParams(temperature=0.0, max_tokens=5))[0]
+    ref = hf.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert out.token_ids == ref

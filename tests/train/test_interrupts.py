@@ -1,0 +1,163 @@
+"""Ctrl-C / SIGTERM at many points of a step: the checkpoint is the state at a step boundary, so the
+resumed run's losses equal the uninterrupted run's bit for bit (issue 16 §1)."""
+
+import dataclasses
+import signal
+
+import pytest
+
+from lmforge import checkpoint as ckpt
+from lmforge.errors import ConfigError
+from lmforge.train.trainer import Trainer, train
+
+from .helpers import make_shard, tiny_config
+
+K = 7  # the step during which the interrupt lands (off any eval/checkpoint boundary)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("interrupts")
+    shard = make_shard(tmp / "t.bin")
+    full = _losses(train(tiny_config(shard, tmp / "full", max_steps=20, eval_every=10, ckpt_every=100)))
+    return shard, full
+
+
+def _losses(result):
+    return [r["loss"] for r in result.history if "loss" in r]
+
+
+class _Interrupt:
+    """At step K, `fire()` delivers `kind`: a real signal (SIGINT/SIGTERM, once or twice) or a
+    KeyboardInterrupt raised in place."""
+
+    def __init__(self, tr, kind, after_step=K):
+        self.tr, self.kind, self.after_step, self.done = tr, kind, after_step, False
+
+    def fire(self):
+        if self.done or self.tr.step != self.after_step:
+            return
+        self.done = True
+        if self.kind == "raise":
+            raise KeyboardInterrupt
+        sig = signal.SIGTERM if self.kind == "sigterm" else signal.SIGINT
+        for _ in range(2 if self.kind == "twice" else 1):
+            signal.raise_signal(sig)
+
+
+def _wrap(obj, name, before, intr):
+    real = getattr(obj, name)
+
+    def wrapped(*a, **k):
+        if before:
+            intr.fire()
+        out = real(*a, **k)
+        if not before:
+            intr.fire()
+        return out
+
+    setattr(obj, name, wrapped)
+
+
+class _Hook:
+    def __init__(self, intr, name):
+        setattr(self, name, lambda trainer, *a: intr.fire())
+
+
+def _arm(tr, point, intr):
+    if point == "next_batch":
+        _wrap(tr.data, "next_batch", False, intr)  # after the sampler drew the batch
+    elif point == "forward":
+        _wrap(tr, "loss_fn", True, intr)
+    elif point == "backward":
+        tr.model.tok_emb.weight.register_hook(lambda g: intr.fire())
+    elif point == "before_optimizer":
+        _wrap(tr.optimizer, "step", True, intr)
+    elif point == "after_optimizer":
+        _wrap(tr.optimizer, "step", False, intr)
+    elif point == "eval":
+        intr.after_step = 10
+        _wrap(tr, "evaluator", True, intr)
+    else:  # a hook point
+        tr.hooks.append(_Hook(intr, point))
+
+
+def _interrupted_run(shard, run_dir, point, kind):
+    cfg = tiny_config(shard, run_dir, max_steps=20, eval_every=10, ckpt_every=100)
+    tr = Trainer(cfg)
+    intr = _Interrupt(tr, kind)
+    _arm(tr, point, intr)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert intr.done
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    return cfg
+
+
+SIGNAL_POINTS = ["next_batch", "forward", "backward", "before_optimizer", "after_optimizer", "on_step_end",
+                 "on_log", "eval"]
+
+
+@pytest.mark.parametrize("point", SIGNAL_POINTS)
+def test_a_signal_anywhere_in_a_step_checkpoints_the_step_boundary(setup, tmp_path, point):
+    shard, full = setup
+    cfg = _interrupted_run(shard, tmp_path / "run", point, "sigint")
+    # the step in flight finishes, then the loop stops (hooks and eval run after step K's update)
+    want = {"eval": 10, "on_step_end": K, "on_log": K}.get(point, K + 1)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{want:06d}"]
+    assert _losses(train(cfg)) == full
+
+
+@pytest.mark.parametrize("kind", ["sigterm", "twice"])
+def test_sigterm_is_ctrl_c_and_a_second_signal_stops_at_once(setup, tmp_path, kind):
+    shard, full = setup
+    cfg = _interrupted_run(shard, tmp_path / "run", "forward", kind)
+    # SIGTERM waits for the step to end; a second SIGINT interrupts the forward: rolled back to step K
+    want = K + 1 if kind == "sigterm" else K
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{want:06d}"]
+    assert _losses(train(cfg)) == full
+
+
+@pytest.mark.parametrize("point", ["next_batch", "forward", "backward", "before_optimizer", "after_optimizer"])
+def test_an_interrupt_raised_in_a_step_goes_to_a_boundary(setup, tmp_path, point):
+    """Raised before the update: the step is rolled back; after it: the step is completed."""
+    shard, full = setup
+    cfg = _interrupted_run(shard, tmp_path / "run", point, "raise")
+    want = K + 1 if point == "after_optimizer" else K
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{want:06d}"]
+    assert _losses(train(cfg)) == full
+
+
+def test_an_interrupt_inside_the_update_writes_no_checkpoint(setup, tmp_path):
+    shard, _ = setup
+    tr = Trainer(tiny_config(shard, tmp_path / "run", max_steps=20, ckpt_every=100))
+    intr = _Interrupt(tr, "raise")
+    tr.optimizer.register_step_pre_hook(lambda *_: intr.fire())  # runs after the trainer's own pre-hook
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert intr.done and ckpt.checkpoint_dirs(tmp_path / "run") == []
+
+
+def test_resuming_with_another_optimizer_refuses_unless_asked(setup, tmp_path):
+    shard, _ = setup
+    cfg = tiny_config(shard, tmp_path / "run", max_steps=4, ckpt_every=4)
+    train(cfg)
+    for name in ("lion", "muon"):
+        other = dataclasses.replace(cfg, max_steps=6, optim=dataclasses.replace(cfg.optim, name=name))
+        with pytest.raises(ConfigError, match=f"trained with optimizer adamw/AdamW but the config says {name}/"):
+            Trainer(other)
+    fresh = Trainer(dataclasses.replace(other, reset_optimizer=True))
+    assert fresh.step == 4 and not fresh.optimizer.state  # weights and step restored, optimizer fresh
+    fresh.fit()
+    assert fresh.step == 6
+
+
+def test_partial_checkpoint_folders_are_removed_at_resume(setup, tmp_path):
+    shard, _ = setup
+    cfg = tiny_config(shard, tmp_path / "run", max_steps=4, ckpt_every=4)
+    train(cfg)
+    junk = tmp_path / "run" / "checkpoints" / ".tmp_step_000008_999999999"
+    junk.mkdir()
+    (junk / "model.safetensors").write_bytes(b"\0" * 100)
+    Trainer(cfg)
+    assert not junk.exists()

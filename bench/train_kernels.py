@@ -6,7 +6,7 @@
              h @ W^T then lm_loss (eager and compiled) vs the chunked fused linear + cross-entropy
 3. mfu       the real Trainer step (as bench/train_throughput.py: bf16 autocast, torch.compile, seq 2048,
              cuDNN attention, one micro-batch) at depth 16 (304M) and 24 (834M), plain vs
-             apply_fused_kernels(model) and/or the fused loss (Trainer.forward_loss replaced in this script)
+             apply_fused_kernels(model) and/or the fused loss (kernels.fused_ce.FusedLMObjective)
 
 Every variant is checked against its reference first and timed only if it agrees; a variant that fails
 prints its error and the run goes on. A time budget (--budget) skips what would not fit. Table last;
@@ -206,11 +206,12 @@ def guarded(key: dict, args, fn) -> dict:
 def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, *, prepare=None,
                        fused_loss: bool = False, compile: bool = True) -> dict:
     """tokens/s and MFU of the real Trainer.train_step, as bench/train_throughput.py measures them. `prepare`
-    transforms the built model (e.g. apply_fused_kernels); fused_loss routes the objective through
-    kernels.fused_ce (Trainer.forward_loss replaced here; the trainer option is the lead's to add)."""
+    transforms the built model (e.g. apply_fused_kernels); fused_loss trains with kernels.fused_ce's
+    FusedLMObjective instead of pretraining's LMObjective."""
     from lmforge.model.transformer import Transformer
     from lmforge.optim.config import OptimConfig
     from lmforge.train.config import DataConfig, TrainConfig
+    from lmforge.train.pretrain import pretraining_parts
     from lmforge.train.trainer import Trainer
 
     data = DataConfig(train=(str(shard),), seq_len=seq, batch_size=batch, val_fraction=0.01)
@@ -218,21 +219,14 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
                       optim=OptimConfig(name="adamw", lr=3e-4, warmup_steps=0), run_dir=tempfile.mkdtemp(),
                       max_steps=10_000, device=dev, compile=compile, progress=False,
                       sdpa_backend="cudnn" if dev == "cuda" else "auto", plot=False, resume=False, eval_batches=1)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(dev)
     if prepare is not None:
         prepare(model)
-    tr = Trainer(cfg, model=model)
-    if fused_loss:  # the objective through the fused head; the trunk compiled as the trainer would
-        trunk = lambda x: tr.model.final_norm(tr.model.hidden(x)[0])  # noqa: E731
-        trunk = torch.compile(trunk) if compile else trunk
-
-        def forward_loss(x, y):
-            loss, ce = fused_ce.fused_linear_cross_entropy(trunk(x), tr.model.lm_head.weight, y, mcfg.z_loss)
-            aux = tr.model.aux_loss()
-            return (loss + aux if aux is not None else loss), ce
-
-        tr.forward_loss = forward_loss
+    parts = pretraining_parts(cfg, model=model)
+    objective = fused_ce.FusedLMObjective(mcfg.z_loss) if fused_loss else parts.objective
+    tr = Trainer(parts.model, parts.optimizer, parts.data, objective, config=cfg, evaluator=parts.evaluator,
+                 tokenizer=parts.tokenizer)
     for _ in range(args.warmup):
         tr.train_step()
     _sync(dev)

@@ -24,18 +24,17 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.kernels.decode import available, triton
+from lmforge.train.loss import LMObjective, lm_loss
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["available", "fused_linear_cross_entropy", "fused_lm_loss", "linear_cross_entropy_ref"]
+__all__ = ["available", "fused_linear_cross_entropy", "fused_lm_loss", "FusedLMObjective", "linear_cross_entropy_ref"]
 
 
 def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0,
                              ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """The unfused definition: full logits h W^T, then lm_loss -> (loss, cross-entropy)."""
-    from lmforge.train.loss import lm_loss
-
     return lm_loss(h @ weight.to(h.dtype).T, targets, z_loss, ignore_index)
 
 
@@ -155,4 +154,28 @@ def fused_lm_loss(model, x: torch.Tensor, y: torch.Tensor, z_loss: float = 0.0, 
     h, _ = model.hidden(x)
     if model.final_norm is not None:
         h = model.final_norm(h)
-    return fused_linear_cross_entropy(h, model.lm_head.weight, y, z_loss, chunk_size=chunk_size)
+    return _eager_head(h, model.lm_head.weight, y, z_loss, chunk_size)
+
+
+@torch.compiler.disable
+def _eager_head(h, weight, y, z_loss, chunk_size):
+    """The chunk loop stays out of torch.compile's graph (the trunk before it is compiled as usual)."""
+    return fused_linear_cross_entropy(h, weight, y, z_loss, chunk_size=chunk_size)
+
+
+class FusedLMObjective(LMObjective):
+    """Pretraining's objective (lmforge.train.loss.LMObjective: cross-entropy + z-loss + the model's aux
+    losses) with the LM head and loss fused: for Trainer(model, optimizer, data, FusedLMObjective(z), ...)."""
+
+    def __init__(self, z_loss: float = 0.0, chunk_size: int | None = None):
+        super().__init__(z_loss)
+        self.chunk_size = chunk_size
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, ce = fused_lm_loss(model, batch["input_ids"], batch["targets"], self.z_loss, self.chunk_size)
+        aux_fn = getattr(model, "aux_loss", None)
+        aux = aux_fn() if callable(aux_fn) else None
+        if aux is None:
+            return loss, {"loss": ce}
+        return loss + aux, {"loss": ce, "aux_loss": aux.detach()}

@@ -69,3 +69,27 @@ def test_fused_ce_rejects_shape_mismatch():
     with pytest.raises(ValueError, match=r"weight \(10, 5\)"):
         kc.fused_linear_cross_entropy(torch.randn(3, 4, device=DEV), torch.randn(10, 5, device=DEV),
                                       torch.zeros(3, dtype=torch.long, device=DEV))
+
+
+def test_fused_objective_matches_lm_objective():
+    """FusedLMObjective is LMObjective with the fused head: same loss, metrics and gradients (MoE aux included)."""
+    import copy
+
+    from lmforge.model.config import ModelConfig, MoEConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.loss import LMObjective
+
+    cfg = ModelConfig(vocab_size=80, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, mlp="moe",
+                      moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, aux_loss=0.01))
+    ref = Transformer(cfg).to(DEV)
+    fused = copy.deepcopy(ref)
+    batch = {"input_ids": torch.randint(0, 80, (2, 8), device=DEV), "targets": torch.randint(0, 80, (2, 8), device=DEV)}
+    batch["targets"][0, :2] = -100
+    pairs = ((LMObjective(1e-3), ref), (kc.FusedLMObjective(1e-3, chunk_size=6), fused))
+    outs = [obj.loss(m, batch) for obj, m in pairs]
+    for loss, _ in outs:
+        loss.backward()
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    assert outs[1][1].keys() == outs[0][1].keys() == {"loss", "aux_loss"}
+    for a, b in zip(ref.parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4)

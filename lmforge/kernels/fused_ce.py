@@ -29,7 +29,8 @@ from lmforge.train.loss import LMObjective, lm_loss
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["available", "fused_linear_cross_entropy", "fused_lm_loss", "FusedLMObjective", "linear_cross_entropy_ref"]
+__all__ = ["available", "fused_linear_cross_entropy", "fused_lm_loss", "FusedLMObjective",
+           "linear_cross_entropy_ref"]
 
 
 def linear_cross_entropy_ref(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0,

@@ -243,7 +243,8 @@ class TritonMoE(MoE):
     so permuting is a gather through the sort order, and un-permuting (with the router weighting) one
     Triton pass that gathers through its inverse - no index_add, no atomics - and the expert counts come
     from index_add_ (torch.bincount on CUDA reads the ids' min and max on the host: a sync). With a
-    capacity factor it keeps MoE.experts_grouped's dropping. `gemm = "torch"` runs the same dispatch on torch._grouped_mm (lmforge.model.layers.moe)."""
+    capacity factor it keeps MoE.experts_grouped's dropping. `gemm = "torch"` runs the same dispatch on
+    torch._grouped_mm (lmforge.model.layers.moe)."""
 
     gemm = "triton"
 

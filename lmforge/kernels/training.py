@@ -7,7 +7,7 @@ functions do): the model code keeps its plain layers, which stay the references.
 
 Each module's class is replaced by a subclass that only overrides the forward (or the dispatch), so
 parameters, buffers and state-dict names are untouched and checkpoints load either way. The loss side is
-kernels.fused_ce.fused_lm_loss (the trainer's objective calls it instead of lm_loss(model(x), y)); RoPE is
+kernels.fused_ce.FusedLMObjective (pretraining's objective with the LM head and loss fused); RoPE is
 kernels.rope.rope, a drop-in for layers.rope.apply_rope at its call in the attention layer.
 """
 

@@ -53,7 +53,8 @@ if triton is not None:
     @triton.autotune(configs=_configs(("BM", "BN", "BK")), key=["N", "K", "s_bk"])
     @triton.jit
     def _gmm_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, M, N, K, E, s_am, s_be, s_bk, s_bn, s_cm,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    PRECISION: tl.constexpr):
         """C[g_e] = A[g_e] @ B_e, B_e[k, n] at b_ptr + e·s_be + k·s_bk + n·s_bn; A, C row-major."""
         # programs sweep all column tiles of GROUP_M row tiles before moving on, so those rows of A stay
         # in L2 while they are reused (row-major order would re-read all of A once per column tile)
@@ -86,14 +87,14 @@ if triton is not None:
                             other=0.0)
                 b = tl.load(b_base + (k0 + kk)[:, None] * s_bk, mask=(k0 + kk[:, None] < K) & (cols[None, :] < N),
                             other=0.0)
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
             tl.store(c_ptr + rows[:, None].to(tl.int64) * s_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
                      mask=(rows[:, None] < row_end) & (cols[None, :] < N))
 
     @triton.autotune(configs=_configs(("BO", "BI", "BR")), key=["OUT", "IN"])
     @triton.jit
     def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, counts_ptr, OUT, IN, E, s_x, s_dy,
-                          BO: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr):
+                          BO: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr):
         """dW[e] (OUT, IN) = dY[g_e]^T X[g_e]: program (e, out tile) x (in tile) sums over the group's rows."""
         n_o = tl.cdiv(OUT, BO)
         e = tl.program_id(0) // n_o
@@ -111,7 +112,7 @@ if triton is not None:
                           mask=(rr[None, :] < end) & (o[:, None] < OUT), other=0.0)  # (BO, BR): dY^T
             x = tl.load(x_ptr + rr[:, None].to(tl.int64) * s_x + i[None, :],
                         mask=(rr[:, None] < end) & (i[None, :] < IN), other=0.0)
-            acc = tl.dot(dyt, x, acc)
+            acc = tl.dot(dyt, x, acc, input_precision=PRECISION)
         tl.store(dw_ptr + e.to(tl.int64) * OUT * IN + o[:, None] * IN + i[None, :],
                  acc.to(dw_ptr.dtype.element_ty), mask=(o[:, None] < OUT) & (i[None, :] < IN))
 
@@ -145,6 +146,11 @@ if triton is not None:
             tl.store(dw_ptr + t * K + j, tl.sum(dot, 0))
 
 
+def _precision(t: torch.Tensor) -> str:
+    """fp32 operands multiply in full fp32 ("ieee"), as torch's matmul does by default, not TF32."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
 def _gmm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """a (M, K) grouped by counts, b (E, K, N) any strides -> (M, N) = a[g_e] @ b[e]."""
     M, K = a.shape
@@ -154,7 +160,7 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor
         return c
     grid = lambda meta: ((triton.cdiv(M, meta["BM"]) + E) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
     _gmm_kernel[grid](a, b, c, counts, M, N, K, E, a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
-                      GROUP_M=8)
+                      GROUP_M=8, PRECISION=_precision(a))
     return c
 
 
@@ -163,7 +169,7 @@ def _gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor, E: int, 
     OUT, IN = dy.shape[1], x.shape[1]
     dw = torch.empty(E, OUT, IN, device=x.device, dtype=dtype)
     grid = lambda meta: (E * triton.cdiv(OUT, meta["BO"]), triton.cdiv(IN, meta["BI"]))  # noqa: E731
-    _gmm_wgrad_kernel[grid](x, dy, dw, counts, OUT, IN, E, x.stride(0), dy.stride(0))
+    _gmm_wgrad_kernel[grid](x, dy, dw, counts, OUT, IN, E, x.stride(0), dy.stride(0), PRECISION=_precision(x))
     return dw
 
 

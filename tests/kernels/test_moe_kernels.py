@@ -135,3 +135,26 @@ def test_apply_fused_kernels_falls_back_with_notice(monkeypatch, capsys):
     assert apply_fused_kernels(model) == []
     assert "fused kernels not applied" in capsys.readouterr().err
     assert type(model.final_norm).__name__ == "RMSNorm"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_moe_matches_loop_bf16_autocast_gpu():
+    cfg = dataclasses.replace(BASE, d_model=256, activation="swiglu", moe=MoEConfig(
+        n_experts=8, top_k=2, d_expert=512, dispatch="loop"))
+    ref = MoE(cfg, 0).cuda()
+    fast = km.TritonMoE(cfg, 0).cuda()
+    fast.load_state_dict(ref.state_dict())
+    fast.dispatch = "grouped"
+    x = torch.randn(4, 256, 256, device="cuda")
+    grads = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(xi)
+        y.float().square().mean().backward()
+        grads.append([y.float(), xi.grad] + [p.grad for p in m.parameters()])
+    names = ["y", "x"] + [n for n, _ in ref.named_parameters()]
+    for name, got, want in zip(names, grads[1], grads[0]):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=3e-2 * scale, rtol=3e-2, msg=lambda s: f"{name}: {s}")

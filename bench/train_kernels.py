@@ -179,11 +179,14 @@ def bench_mfu(s: dict, dev: str, args) -> list[dict]:
     for depth in s["depths"]:
         mcfg = ModelConfig.from_depth(depth, vocab_size=50304, max_seq_len=s["seq"])
         batch = s["batch"] if depth < 20 else s["batch"] // 2  # bench/train_throughput.py --batch-large
-        for variant in args.mfu_variants.split(","):  # plain | kernels | loss | kernels+loss
+        # plain | kernels | loss | kernels+loss, each optionally "@eager" (no torch.compile: fast to start)
+        for variant in args.mfu_variants.split(","):
             prepare = apply_fused_kernels if "kernels" in variant else None
+            compile = dev == "cuda" and not variant.endswith("@eager")
+            b = batch if compile else max(1, batch // 2)  # eager keeps every intermediate: half the batch fits
             rows.append(guarded(dict(depth=depth, variant=variant), args, lambda: trainer_throughput(
-                mcfg, shard, batch, s["seq"], dev, args, prepare=prepare, fused_loss="loss" in variant,
-                compile=dev == "cuda")))
+                mcfg, shard, b, s["seq"], dev, args, prepare=prepare, fused_loss="loss" in variant,
+                compile=compile)))
     return rows
 
 

@@ -4,6 +4,8 @@ functions do): the model code keeps its plain layers, which stay the references.
     apply_fused_kernels(model)   RMSNorm (incl. QK-norm)  -> kernels.rmsnorm.FusedRMSNorm
                                  MLP with SwiGLU          -> kernels.swiglu.FusedSwiGLUMLP
                                  MoE                      -> kernels.moe.TritonMoE (grouped GEMM dispatch)
+                                 modules with a `rope_fn`  -> rope_fn = kernels.rope.rope (once the attention
+                                                              layer calls its RoPE through such an attribute)
 
 Each module's class is replaced by a subclass that only overrides the forward (or the dispatch), so
 parameters, buffers and state-dict names are untouched and checkpoints load either way. The loss side is
@@ -13,6 +15,7 @@ kernels.rope.rope, a drop-in for layers.rope.apply_rope at its call in the atten
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -23,7 +26,7 @@ from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MoE
 from lmforge.model.layers.norm import RMSNorm
 
-KINDS = ("norm", "swiglu", "moe")
+KINDS = ("norm", "swiglu", "moe", "rope")
 
 
 def unsupported(device: torch.device | str) -> str | None:
@@ -43,19 +46,23 @@ def apply_fused_kernels(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> lis
     the kernels do not support, prints a one-line notice and leaves the model as it is."""
     from lmforge.kernels.moe import TritonMoE
     from lmforge.kernels.rmsnorm import FusedRMSNorm
+    from lmforge.kernels.rope import rope
     from lmforge.kernels.swiglu import FusedSwiGLUMLP
 
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown fused kernel kind(s) {bad}: choose from {KINDS}")
-    param = next(model.parameters(), None)
-    why = unsupported(param.device) if param is not None else "the model has no parameters"
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    why = unsupported(t.device) if t is not None else "the model has no parameters or buffers"
     if why is not None:
         print(f"fused kernels not applied: {why}; the plain layers run instead", file=sys.stderr)
         return []
     swaps = {RMSNorm: ("norm", FusedRMSNorm), MLP: ("swiglu", FusedSwiGLUMLP), MoE: ("moe", TritonMoE)}
     done = []
     for name, m in model.named_modules():
+        if "rope" in kinds and callable(getattr(m, "rope_fn", None)):
+            m.rope_fn = rope
+            done.append(name)
         kind, cls = swaps.get(type(m), (None, None))
         if kind not in kinds or (kind == "swiglu" and m.activation != "swiglu"):
             continue

@@ -158,3 +158,25 @@ def test_triton_moe_matches_loop_bf16_autocast_gpu():
     for name, got, want in zip(names, grads[1], grads[0]):
         scale = want.abs().max().item()
         torch.testing.assert_close(got, want, atol=3e-2 * scale, rtol=3e-2, msg=lambda s: f"{name}: {s}")
+
+
+def test_apply_fused_kernels_sets_rope_fn():
+    """A module that calls RoPE through a `rope_fn` attribute gets the Triton kernel (and keeps its output)."""
+    from lmforge.kernels import rope as kp
+    from lmforge.kernels.training import apply_fused_kernels
+    from lmforge.model.layers.rope import RotaryEmbedding, apply_rope
+
+    class Rotated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rot = RotaryEmbedding(8, max_seq_len=8)
+            self.rope_fn = apply_rope
+
+        def forward(self, x):
+            return self.rope_fn(x, *self.rot.cos_sin(torch.arange(4, device=x.device).expand(1, 4), 4), "half")
+
+    m = Rotated().to(DEV)
+    x = torch.randn(1, 2, 4, 8, device=DEV)
+    want = m(x)
+    assert apply_fused_kernels(m, kinds=("rope",)) == [""] and m.rope_fn is kp.rope
+    torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,293 @@
+"""Dropless MoE training kernels (MegaBlocks-style, Gale et al. 2023): grouped GEMM in Triton, forward and
+backward, over variable-sized expert groups - no padding to a capacity, no token dropped, no host sync.
+
+The assignments (token, expert) are sorted by expert, so expert e owns rows [o_e, o_e + n_e) of the
+permuted activations X (M = N·k rows). One projection of every expert is then one launch:
+
+    forward   Y[g_e]  = X[g_e] W_e^T          W (E, out, in)
+    backward  dX[g_e] = dY[g_e] W_e           (the same kernel, W read untransposed)
+              dW_e    = dY[g_e]^T X[g_e]      (one reduction over the group's rows per output tile)
+
+Row tiles never straddle two experts: expert e gets ceil(n_e / BM) tiles, so the launch has at most
+ceil(M / BM) + E row tiles; each program finds its expert by scanning the E counts on the GPU (the
+counts never visit the host, unlike a tile list built in Python). Tokens are permuted and un-permuted
+(weighted by the router) with plain gather / index_add as in MoE.experts_grouped; TritonMoE plugs the
+kernels into lmforge.model.layers.moe.MoE, whose per-expert loop stays the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lmforge.kernels.decode import available, triton
+from lmforge.model.layers.mlp import ACT, glu
+from lmforge.model.layers.moe import MoE
+
+if triton is not None:
+    import triton.language as tl
+
+__all__ = ["available", "grouped_mm", "grouped_mm_ref", "TritonMoE"]
+
+
+def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, in) sorted by expert with counts (E,) rows each, w (E, out, in) -> (M, out), one matmul per expert."""
+    return torch.cat([xe @ w[e].T for e, xe in enumerate(x.split(counts.tolist()))]) if len(x) else \
+        x.new_zeros(0, w.shape[1])
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(names: tuple[str, str, str]) -> list:
+    """Autotuning candidates for bf16 on Hopper (one small config in the CPU interpreter)."""
+    if _INTERPRET:
+        return [triton.Config(dict(zip(names, (16, 16, 16))), num_warps=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]  # few: each is compiled and timed per new shape
+    return [triton.Config(dict(zip(names, s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
+
+
+if triton is not None:
+
+    @triton.autotune(configs=_configs(("BM", "BN", "BK")), key=["N", "K", "s_bk"])
+    @triton.jit
+    def _gmm_kernel(a_ptr, b_ptr, c_ptr, counts_ptr, M, N, K, E, s_am, s_be, s_bk, s_bn, s_cm,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    PRECISION: tl.constexpr):
+        """C[g_e] = A[g_e] @ B_e, B_e[k, n] at b_ptr + e·s_be + k·s_bk + n·s_bn; A, C row-major."""
+        # programs sweep all column tiles of GROUP_M row tiles before moving on, so those rows of A stay
+        # in L2 while they are reused (row-major order would re-read all of A once per column tile)
+        n_m, n_n = tl.cdiv(M, BM) + E, tl.cdiv(N, BN)
+        pid = tl.program_id(0)
+        first_m = (pid // (GROUP_M * n_n)) * GROUP_M
+        group_m = tl.minimum(n_m - first_m, GROUP_M)
+        tile = first_m + (pid % (GROUP_M * n_n)) % group_m
+        tile_n = (pid % (GROUP_M * n_n)) // group_m
+        expert, row0, row_end = -1, 0, 0
+        seen, start = 0, 0
+        for e in range(E):  # which expert owns row tile `tile`: tiles are numbered expert by expert
+            cnt = tl.load(counts_ptr + e)
+            nt = tl.cdiv(cnt, BM)
+            hit = (tile >= seen) & (tile < seen + nt)
+            expert = tl.where(hit, e, expert)
+            row0 = tl.where(hit, start + (tile - seen) * BM, row0)
+            row_end = tl.where(hit, start + cnt, row_end)
+            seen += nt
+            start += cnt
+        if expert >= 0:
+            rows = row0 + tl.arange(0, BM)
+            cols = tile_n * BN + tl.arange(0, BN)
+            kk = tl.arange(0, BK)
+            a_rows = a_ptr + rows[:, None].to(tl.int64) * s_am
+            b_base = b_ptr + expert.to(tl.int64) * s_be + cols[None, :] * s_bn
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                a = tl.load(a_rows + (k0 + kk)[None, :], mask=(rows[:, None] < row_end) & (k0 + kk[None, :] < K),
+                            other=0.0)
+                b = tl.load(b_base + (k0 + kk)[:, None] * s_bk, mask=(k0 + kk[:, None] < K) & (cols[None, :] < N),
+                            other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            tl.store(c_ptr + rows[:, None].to(tl.int64) * s_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                     mask=(rows[:, None] < row_end) & (cols[None, :] < N))
+
+    @triton.autotune(configs=_configs(("BO", "BI", "BR")), key=["OUT", "IN"])
+    @triton.jit
+    def _gmm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, counts_ptr, OUT, IN, E, s_x, s_dy,
+                          BO: tl.constexpr, BI: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr):
+        """dW[e] (OUT, IN) = dY[g_e]^T X[g_e]: program (e, out tile) x (in tile) sums over the group's rows."""
+        n_o = tl.cdiv(OUT, BO)
+        e = tl.program_id(0) // n_o
+        o = (tl.program_id(0) % n_o) * BO + tl.arange(0, BO)
+        i = tl.program_id(1) * BI + tl.arange(0, BI)
+        start = 0
+        for j in range(e):
+            start += tl.load(counts_ptr + j)
+        end = start + tl.load(counts_ptr + e)
+        r = tl.arange(0, BR)
+        acc = tl.zeros([BO, BI], dtype=tl.float32)
+        for r0 in range(start, end, BR):
+            rr = r0 + r
+            dyt = tl.load(dy_ptr + rr[None, :].to(tl.int64) * s_dy + o[:, None],
+                          mask=(rr[None, :] < end) & (o[:, None] < OUT), other=0.0)  # (BO, BR): dY^T
+            x = tl.load(x_ptr + rr[:, None].to(tl.int64) * s_x + i[None, :],
+                        mask=(rr[:, None] < end) & (i[None, :] < IN), other=0.0)
+            acc = tl.dot(dyt, x, acc, input_precision=PRECISION)
+        tl.store(dw_ptr + e.to(tl.int64) * OUT * IN + o[:, None] * IN + i[None, :],
+                 acc.to(dw_ptr.dtype.element_ty), mask=(o[:, None] < OUT) & (i[None, :] < IN))
+
+    @triton.jit
+    def _combine_kernel(y_ptr, w_ptr, inv_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[t] = Σ_j w[t, j] · y[inv[t·K + j]]: un-permute and router weighting in one pass over y."""
+        t = tl.program_id(0).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for j in tl.static_range(K):
+                row = tl.load(inv_ptr + t * K + j)
+                yj = tl.load(y_ptr + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+                acc += tl.load(w_ptr + t * K + j) * yj
+            tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+    @triton.jit
+    def _combine_bwd_kernel(g_ptr, y_ptr, w_ptr, inv_ptr, dy_ptr, dw_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dy[inv[t·K + j]] = w[t, j] · g[t] (each row of dy written once: no atomics); dw[t, j] = <g[t], y[...]>."""
+        t = tl.program_id(0).to(tl.int64)
+        for j in tl.static_range(K):
+            row = tl.load(inv_ptr + t * K + j)
+            wj = tl.load(w_ptr + t * K + j)
+            dot = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                g = tl.load(g_ptr + t * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + row * D + cols, mask=cols < D, other=0.0).to(tl.float32)
+                tl.store(dy_ptr + row * D + cols, (wj * g).to(dy_ptr.dtype.element_ty), mask=cols < D)
+                dot += g * y
+            tl.store(dw_ptr + t * K + j, tl.sum(dot, 0))
+
+
+def _precision(t: torch.Tensor) -> str:
+    """fp32 operands multiply in full fp32 ("ieee"), as torch's matmul does by default, not TF32."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """a (M, K) grouped by counts, b (E, K, N) any strides -> (M, N) = a[g_e] @ b[e]."""
+    M, K = a.shape
+    E, _, N = b.shape
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    if M == 0:
+        return c
+    grid = lambda meta: ((triton.cdiv(M, meta["BM"]) + E) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    _gmm_kernel[grid](a, b, c, counts, M, N, K, E, a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
+                      GROUP_M=8, PRECISION=_precision(a))
+    return c
+
+
+def _gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor, E: int, dtype: torch.dtype) -> torch.Tensor:
+    """x (M, IN), dy (M, OUT) grouped by counts -> (E, OUT, IN); experts without rows get zeros."""
+    OUT, IN = dy.shape[1], x.shape[1]
+    dw = torch.empty(E, OUT, IN, device=x.device, dtype=dtype)
+    grid = lambda meta: (E * triton.cdiv(OUT, meta["BO"]), triton.cdiv(IN, meta["BI"]))  # noqa: E731
+    _gmm_wgrad_kernel[grid](x, dy, dw, counts, OUT, IN, E, x.stride(0), dy.stride(0), PRECISION=_precision(x))
+    return dw
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        ctx.save_for_backward(x, w, counts)
+        return _gmm(x, w.transpose(1, 2), counts)  # B_e = W_e^T, read through strides
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, counts = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = _gmm(dy, w, counts) if ctx.needs_input_grad[0] else None
+        dw = _gmm_wgrad(x, dy, counts, w.shape[0], w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x (M, in) sorted by expert, counts (E,) rows per expert (on x's device), w (E, out, in) -> (M, out),
+    differentiable in x and w. Under autocast both are cast to the autocast dtype (as F.linear would)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    w = w.to(x.dtype)
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    return _GroupedMM.apply(x.contiguous(), w, counts.to(torch.int32))
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x (N, d) -> x[order // k] (M = N·k, d): each token copied once per assignment, in expert order. The
+    backward sums each token's k copies through the inverse permutation - a gather, where autograd's
+    indexing backward would scatter-add with atomics or a sort."""
+
+    @staticmethod
+    def forward(ctx, x, order, inv, k: int):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g[inv].view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """(M, d) expert outputs in expert order -> (N, d) tokens, out[t] = Σ_j w[t, j] · y[inv[t·k + j]]; the
+    gradient reaches y (a permutation: gathered, not scattered with atomics) and the router weights w."""
+
+    @staticmethod
+    def forward(ctx, y, w, inv, out_dtype: torch.dtype):
+        N, k = w.shape
+        out = torch.empty(N, y.shape[1], device=y.device, dtype=out_dtype)
+        if N:
+            _combine_kernel[(N,)](y, w, inv, out, y.shape[1], K=k, BLOCK_D=_block_d(y.shape[1]))
+        ctx.save_for_backward(y, w, inv)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        y, w, inv = ctx.saved_tensors
+        dy, dw = torch.empty_like(y), torch.empty(w.shape, device=w.device, dtype=torch.float32)
+        if w.shape[0]:
+            _combine_bwd_kernel[(w.shape[0],)](g.contiguous(), y, w, inv, dy, dw, y.shape[1], K=w.shape[1],
+                                               BLOCK_D=_block_d(y.shape[1]))
+        return dy, dw.to(w.dtype), None, None
+
+
+def _block_d(D: int) -> int:
+    return min(triton.next_power_of_2(D), 2048)
+
+
+class TritonMoE(MoE):
+    """MoE whose dropless grouped dispatch runs on the Triton grouped GEMM; same parameters and names
+    (lmforge.kernels.apply_fused_kernels swaps it in). Dropless, every token has exactly k assignments,
+    so permuting is a gather through the sort order, and un-permuting (with the router weighting) one
+    Triton pass that gathers through its inverse - no index_add, no atomics - and the expert counts come
+    from index_add_ (torch.bincount on CUDA reads the ids' min and max on the host: a sync). With a
+    capacity factor it keeps MoE.experts_grouped's dropping. `gemm = "torch"` runs the same dispatch on
+    torch._grouped_mm (lmforge.model.layers.moe)."""
+
+    gemm = "triton"
+
+    def experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
+                        ) -> torch.Tensor:
+        if self.capacity(x.shape[0]) is not None:
+            return super().experts_grouped(x, idx, w, keep)
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)  # (M,) assignment ids t·k + j, grouped by expert
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        counts = torch.zeros(self.E, device=x.device, dtype=torch.int32).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # gather the (M, d) rows in the GEMM's dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = self._expert_mlp(_GatherTokens.apply(x, order, inv, k), counts)  # (M, d) in expert order
+        return _Combine.apply(y.contiguous(), w.contiguous(), inv, dtype)  # w's gradient trains the router
+
+    def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.gemm == "torch":
+            return super()._expert_mlp(x, counts.long())
+        e = None if self.b_up is None else torch.repeat_interleave(
+            torch.arange(self.E, device=x.device), counts.long(), output_size=x.shape[0])
+        bias = (lambda b: 0 if b is None else b[e])  # noqa: E731
+        up = grouped_mm(x, self.w_up, counts) + bias(self.b_up)
+        if self.gated:
+            gate = grouped_mm(x, self.w_gate, counts) + bias(self.b_gate)
+            h = _glu(self.activation, gate, up)
+        else:
+            h = ACT[self.activation](up)
+        return grouped_mm(h, self.w_down, counts) + bias(self.b_down)
+
+
+def _glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if activation == "swiglu" and gate.is_cuda:
+        from lmforge.kernels.swiglu import swiglu
+
+        return swiglu(gate, up)
+    return glu(activation, gate, up)

@@ -1,0 +1,71 @@
+"""Put the fused training kernels into a built model, from outside it (as torchtitan's `parallelize`
+functions do): the model code keeps its plain layers, which stay the references.
+
+    apply_fused_kernels(model)   RMSNorm (incl. QK-norm)  -> kernels.rmsnorm.FusedRMSNorm
+                                 MLP with SwiGLU          -> kernels.swiglu.FusedSwiGLUMLP
+                                 MoE                      -> kernels.moe.TritonMoE (grouped GEMM dispatch)
+                                 modules with a `rope_fn`  -> rope_fn = kernels.rope.rope (once the attention
+                                                              layer calls its RoPE through such an attribute)
+
+Each module's class is replaced by a subclass that only overrides the forward (or the dispatch), so
+parameters, buffers and state-dict names are untouched and checkpoints load either way. The loss side is
+kernels.fused_ce.FusedLMObjective (pretraining's objective with the LM head and loss fused); RoPE is
+kernels.rope.rope, a drop-in for layers.rope.apply_rope at its call in the attention layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+from torch import nn
+
+from lmforge.kernels.decode import available
+from lmforge.model.layers.mlp import MLP
+from lmforge.model.layers.moe import MoE
+from lmforge.model.layers.norm import RMSNorm
+
+KINDS = ("norm", "swiglu", "moe", "rope")
+
+
+def unsupported(device: torch.device | str) -> str | None:
+    """Why the Triton training kernels cannot run on `device`, or None when they can."""
+    dev = torch.device(device)
+    if not available(dev):
+        return f"Triton kernels need a CUDA GPU and the `kernels` extra (got device {dev.type!r})"
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 0):
+        name = torch.cuda.get_device_name(dev)
+        return f"the bf16 Triton kernels need compute capability >= 8.0 (Ampere); {name} has " \
+               f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}"
+    return None
+
+
+def apply_fused_kernels(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> list[str]:
+    """Swap the fused kernels into `model` in place; returns the names of the swapped modules. On a device
+    the kernels do not support, prints a one-line notice and leaves the model as it is."""
+    from lmforge.kernels.moe import TritonMoE
+    from lmforge.kernels.rmsnorm import FusedRMSNorm
+    from lmforge.kernels.rope import rope
+    from lmforge.kernels.swiglu import FusedSwiGLUMLP
+
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown fused kernel kind(s) {bad}: choose from {KINDS}")
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    why = unsupported(t.device) if t is not None else "the model has no parameters or buffers"
+    if why is not None:
+        print(f"fused kernels not applied: {why}; the plain layers run instead", file=sys.stderr)
+        return []
+    swaps = {RMSNorm: ("norm", FusedRMSNorm), MLP: ("swiglu", FusedSwiGLUMLP), MoE: ("moe", TritonMoE)}
+    done = []
+    for name, m in model.named_modules():
+        if "rope" in kinds and callable(getattr(m, "rope_fn", None)):
+            m.rope_fn = rope
+            done.append(name)
+        kind, cls = swaps.get(type(m), (None, None))
+        if kind not in kinds or (kind == "swiglu" and m.activation != "swiglu"):
+            continue
+        m.__class__ = cls  # a forward-only subclass: same attributes, parameters and names
+        done.append(name)
+    return done

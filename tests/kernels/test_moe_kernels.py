@@ -1,0 +1,182 @@
+"""Triton grouped GEMM and dropless MoE dispatch (lmforge/kernels/moe.py) against the per-expert loop:
+outputs and gradients of the inputs, the expert weights and the router (probabilities and weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lmforge.kernels import moe as km
+from lmforge.model.config import ModelConfig, MoEConfig
+from lmforge.model.layers.moe import MoE
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not km.available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64, mlp="moe")
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 17, 1], [0, 0, 3, 0], [40, 2, 0, 9], [100, 37, 0, 60]])
+def test_grouped_mm_matches_per_expert_matmuls(counts):
+    E, out_dim, in_dim = len(counts), 24, 40
+    counts = torch.tensor(counts, device=DEV)
+    x = torch.randn(int(counts.sum()), in_dim, device=DEV)
+    w = torch.randn(E, out_dim, in_dim, device=DEV)
+    dy = torch.randn(x.shape[0], out_dim, device=DEV)
+    res = []
+    for fn in (km.grouped_mm_ref, km.grouped_mm):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xi, wi, counts)
+        y.backward(dy)
+        res.append((y, xi.grad, wi.grad))
+    for got, want in zip(res[1], res[0]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def _pair(activation: str, **kw) -> tuple[MoE, MoE]:
+    cfg = dataclasses.replace(BASE, activation=activation, moe=MoEConfig(
+        **{"n_experts": 5, "top_k": 2, "d_expert": 16, "dispatch": "loop", **kw}))
+    ref = MoE(cfg, 0).to(DEV)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    fast = km.TritonMoE(cfg, 0).to(DEV)
+    fast.load_state_dict(ref.state_dict())
+    fast.dispatch = "grouped"
+    return ref, fast
+
+
+@pytest.mark.parametrize("activation,kw,gemm", [("swiglu", {}, "triton"), ("swiglu", {}, "torch"),
+                                                ("gelu", dict(expert_bias=True, n_shared=1), "triton"),
+                                                ("swiglu", dict(capacity_factor=0.75), "triton")])
+def test_triton_moe_matches_loop(activation, kw, gemm):
+    ref, fast = _pair(activation, **kw)
+    fast.gemm = gemm  # "torch": the same dispatch on torch._grouped_mm
+    x = torch.randn(2, 11, 32, device=DEV)
+    grads = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        grads.append([y, xi.grad] + [p.grad for p in m.parameters()])
+    names = ["y", "x"] + [n for n, _ in ref.named_parameters()]
+    for name, got, want in zip(names, grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda s: f"{name}: {s}")
+
+
+def test_triton_dispatch_router_probability_gradients():
+    """The un-permutation weights the expert outputs by the router's probabilities: their gradient
+    (what trains the router) equals the loop's."""
+    ref, fast = _pair("swiglu")
+    x = torch.randn(13, 32, device=DEV)
+    idx = torch.randint(0, 5, (13, 2), device=DEV)
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    w = torch.rand(13, 2, device=DEV)
+    grads = []
+    for run in (ref.experts_loop, fast.experts_grouped):
+        wi = w.clone().requires_grad_()
+        run(x, idx, wi, keep).sin().sum().backward()
+        grads.append(wi.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_mm_bf16_gpu():
+    E, d, de = 8, 1024, 1536
+    counts = torch.tensor([700, 0, 1300, 5, 2048, 333, 17, 900], device="cuda")
+    x = torch.randn(int(counts.sum()), d, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(E, de, d, device="cuda") / d ** 0.5).to(torch.bfloat16)
+    dy = torch.randn(x.shape[0], de, device="cuda", dtype=torch.bfloat16)
+    res = []
+    for fn in (km.grouped_mm_ref, km.grouped_mm):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xi, wi, counts)
+        y.backward(dy)
+        res.append((y, xi.grad, wi.grad))
+    for got, want in zip(res[1], res[0]):
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
+def test_apply_fused_kernels_keeps_loss_and_gradients():
+    """A model with RMSNorm, QK-norm, SwiGLU and MoE blocks: the same loss and gradients after the swap."""
+    import copy
+
+    from lmforge.kernels.fused_ce import fused_lm_loss
+    from lmforge.kernels.training import apply_fused_kernels
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.loss import lm_loss
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, qk_norm=True,
+                      mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, dense_layers=1))
+    ref = Transformer(cfg).to(DEV)
+    fast = copy.deepcopy(ref)
+    swapped = apply_fused_kernels(fast)
+    assert sum(".mlp" in n and "blocks.1" in n for n in swapped) == 1  # the MoE layer
+    assert any("q_norm" in n for n in swapped) and "final_norm" in swapped
+    x, y = torch.randint(0, 64, (2, 9), device=DEV), torch.randint(0, 64, (2, 9), device=DEV)
+    losses = [lm_loss(ref(x), y, 1e-3)[0], fused_lm_loss(fast, x, y, 1e-3, chunk_size=8)[0]]
+    for m, loss in zip((ref, fast), losses):
+        (loss + m.aux_loss()).backward()  # aux_loss: the MoE layer's balancing losses (weight 0 here)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=lambda s: f"{name}: {s}")
+
+
+def test_apply_fused_kernels_falls_back_with_notice(monkeypatch, capsys):
+    from lmforge.kernels.training import apply_fused_kernels
+    from lmforge.model.transformer import Transformer
+
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for devices without Triton support")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter: no Triton device
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
+    assert apply_fused_kernels(model) == []
+    assert "fused kernels not applied" in capsys.readouterr().err
+    assert type(model.final_norm).__name__ == "RMSNorm"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_moe_matches_loop_bf16_autocast_gpu():
+    cfg = dataclasses.replace(BASE, d_model=256, activation="swiglu", moe=MoEConfig(
+        n_experts=8, top_k=2, d_expert=512, dispatch="loop"))
+    ref = MoE(cfg, 0).cuda()
+    fast = km.TritonMoE(cfg, 0).cuda()
+    fast.load_state_dict(ref.state_dict())
+    fast.dispatch = "grouped"
+    x = torch.randn(4, 256, 256, device="cuda")
+    grads = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(xi)
+        y.float().square().mean().backward()
+        grads.append([y.float(), xi.grad] + [p.grad for p in m.parameters()])
+    names = ["y", "x"] + [n for n, _ in ref.named_parameters()]
+    for name, got, want in zip(names, grads[1], grads[0]):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, atol=3e-2 * scale, rtol=3e-2, msg=lambda s: f"{name}: {s}")
+
+
+def test_apply_fused_kernels_sets_rope_fn():
+    """A module that calls RoPE through a `rope_fn` attribute gets the Triton kernel (and keeps its output)."""
+    from lmforge.kernels import rope as kp
+    from lmforge.kernels.training import apply_fused_kernels
+    from lmforge.model.layers.rope import RotaryEmbedding, apply_rope
+
+    class Rotated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rot = RotaryEmbedding(8, max_seq_len=8)
+            self.rope_fn = apply_rope
+
+        def forward(self, x):
+            return self.rope_fn(x, *self.rot.cos_sin(torch.arange(4, device=x.device).expand(1, 4), 4), "half")
+
+    m = Rotated().to(DEV)
+    x = torch.randn(1, 2, 4, 8, device=DEV)
+    want = m(x)
+    assert apply_fused_kernels(m, kinds=("rope",)) == [""] and m.rope_fn is kp.rope
+    torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)

@@ -8,8 +8,8 @@ Load balance for causal attention: the sequence is cut into 2·cp chunks and ran
 every rank the same work). Attention needs no reordering of the gathered keys: the mask compares the
 global positions of queries and keys.
 
-No model change: `ContextParallelKV` keeps the cache interface (update/mask/length/advance), so
-attention hands it its k, v and gets every rank's back; `apply_cp` passes it (and the positions) to the
+No model change: `ContextParallelKV` is a cache kind (`attend`, lmforge.model.layers.attention), so
+attention hands it its q, k, v and it attends over every rank's keys; `apply_cp` passes it (and the positions) to the
 model through a forward pre-hook, and `shard_batch` gives each rank its tokens of a batch. Training
 layout only (causal, full attention: sliding windows, MLA, packed documents and multi-token prediction
 are refused or skipped).
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.layers.attention import attend_with
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -65,6 +66,14 @@ class ContextParallelKV:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _GatherSequence.apply(k, self.group), _GatherSequence.apply(v, self.group)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec, meta=None
+               ) -> torch.Tensor:
+        """The cache seam (lmforge.model.layers.attention): local queries over every rank's keys."""
+        if spec.window > 0:
+            raise ConfigError("context parallelism supports full-attention layers only (no sliding windows)")
+        k, v = self.update(layer, k, v)
+        return attend_with(q, k, v, self.mask(q.shape[2], q.device), spec)
 
     def mask(self, T: int, device=None) -> torch.Tensor:
         return self._mask.to(device) if device is not None else self._mask

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.model.layers.attention import Attention, window_mask
+from lmforge.model.layers.attention import Attention, visible
 from lmforge.model.layers.rope import apply_rope
 
 
@@ -49,19 +49,21 @@ class MaxLogitRecorder:
 
     @torch.no_grad()
     def _hook(self, attn: Attention, args, out) -> None:
-        x, rope, mask = args[0], args[1], args[2]
-        if len(args) > 3 and args[3] is not None:
+        # Attention.forward(x, rope, mask, cache, meta): the mask argument is legacy (always causal now)
+        x, rope = args[0], args[1]
+        cache = args[3] if len(args) > 3 else None
+        meta = args[4] if len(args) > 4 else None
+        if cache is not None:
             return  # decoding with a cache: not a training step
         q, k = _q_k(attn, x, rope)
         k = k.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)  # (B, H, T, hd)
         s = (q.float() @ k.float().transpose(-2, -1)) * attn.scale  # (B, H, T, T)
-        T = s.shape[-1]
-        if attn.window > 0 and T > attn.window:
-            mask = window_mask(mask, T, T, attn.window, s.device)
-        if isinstance(mask, str):
-            mask = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
+        pos = torch.arange(s.shape[-1], device=s.device)
+        allowed = visible(pos, pos, attn.window)  # (T, T): causal, and inside the window on sliding layers
+        doc = meta.doc_mask() if meta is not None else None  # packed rows: (B, 1, T, T) same-document keys
+        if doc is not None:
+            allowed = allowed & doc
+        s = s.masked_fill(~allowed, float("-inf"))
         m = s.amax(dim=(0, 2, 3))  # (H,)
         self.max[attn] = torch.maximum(self.max[attn], m) if attn in self.max else m
 

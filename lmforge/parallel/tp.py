@@ -48,8 +48,8 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_
         model.seq_shards = tp
     for block in blocks_of(model):
         plan = {
-            "attn": PrepareModuleInput(input_layouts=(seq, None, None, None),
-                                       desired_input_layouts=(Replicate(), None, None, None)),
+            "attn": PrepareModuleInput(input_layouts=(seq, None, None, None, None),
+                                       desired_input_layouts=(Replicate(), None, None, None, None)),
             "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
             "attn.wo": RowwiseParallel(output_layouts=seq),
             "mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),

@@ -187,8 +187,10 @@ class ModelConfig:
     'full'; alternate them for Gemma 2 / gpt-oss"""
     attn_sinks: bool = False
     """a learned per-head sink logit in every softmax denominator (gpt-oss)"""
-    attn_impl: Literal["sdpa", "math"] = "sdpa"
-    """'sdpa' = torch scaled_dot_product_attention (flash/efficient kernels); 'math' = plain reference"""
+    attn_impl: Literal["sdpa", "math", "triton"] = "sdpa"
+    """'sdpa' = torch scaled_dot_product_attention (flash/efficient kernels); 'math' = plain reference;
+    'triton' = lmforge.kernels.flash_attention (FlashAttention-2 in Triton) for training and full forwards
+    (sliding windows, soft-caps and packed documents included; a one-line warning and SDPA where it cannot run)"""
     fused_proj: bool = False
     """compute q/k/v (and a GLU's gate/up) with one matmul each; same function and checkpoint names
     (matrix optimizers such as Muon or Shampoo then see one stacked matrix per group)"""

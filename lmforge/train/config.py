@@ -133,6 +133,12 @@ class TrainConfig(LoopConfig):
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: str = ""
     """tokenizer spec saved with checkpoints ('' = the one named in the training shard header)"""
+    fused_kernels: bool = False
+    """swap in lmforge.kernels' Triton RMSNorm / SwiGLU / RoPE / dropless-MoE modules (same parameters and
+    checkpoint names; a one-line notice and no change where Triton cannot run)"""
+    fused_loss: bool = False
+    """fused linear + cross-entropy chunked over tokens (lmforge.kernels.fused_ce): never materialises the
+    (tokens x vocab) logits"""
 
     def __post_init__(self) -> None:
         super().__post_init__()

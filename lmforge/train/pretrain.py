@@ -114,5 +114,14 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
     tokenizer = tokenizer or _resolve_tokenizer(cfg.tokenizer or first.tokenizer, first.path.parent)
     evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
                             token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token)
+    if cfg.fused_kernels:  # from outside the model: same parameters, so built before the optimizer or not
+        from lmforge.kernels.training import apply_fused_kernels
+
+        apply_fused_kernels(model)
     optimizer = build_optimizer(model, cfg.optim)
-    return Parts(model, optimizer, sampler, LMObjective(cfg.model.z_loss), cfg, evaluator, tokenizer)
+    objective = LMObjective(cfg.model.z_loss)
+    if cfg.fused_loss:
+        from lmforge.kernels.fused_ce import FusedLMObjective
+
+        objective = FusedLMObjective(cfg.model.z_loss)
+    return Parts(model, optimizer, sampler, objective, cfg, evaluator, tokenizer)

@@ -95,6 +95,8 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, scale: float,
               softcap: float = 0.0, dropout_p: float = 0.0, impl: str = "sdpa", sinks: torch.Tensor | None = None,
               probs_hook: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    if impl == "triton":  # a cache's attention (queries other than the keys): the kernel serves training
+        impl = "sdpa"
     if impl == "math" or softcap > 0 or sinks is not None or probs_hook is not None:  # SDPA has none of these
         return math_attention(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p, sinks=sinks,
                               probs_hook=probs_hook)
@@ -129,6 +131,12 @@ class DenseAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta=None
                ) -> torch.Tensor:
+        if spec.impl == "triton":  # FlashAttention-2 in Triton takes the window and documents itself
+            from lmforge.kernels.flash_attention import flash_attention_for_model
+
+            return flash_attention_for_model(q, k, v, "causal", scale=spec.scale, softcap=spec.softcap,
+                                             window=spec.window, doc_ids=None if meta is None else meta.doc_ids,
+                                             dropout_p=spec.dropout, sinks=spec.sinks)
         return attend_with(q, k, v, self.mask(q.shape[2], spec, meta, q.device), spec)
 
     def attend_latent(self, layer: int, mla, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta=None):

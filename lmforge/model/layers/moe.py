@@ -145,7 +145,7 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         order = order[keep.reshape(-1)[order]]  # drop over-capacity assignments
         tok = order // self.k
-        counts = torch.bincount(flat[order], minlength=self.E)
+        counts = _count(flat[order], self.E)
         y = self._expert_mlp(x[tok], counts) * w.reshape(-1)[order, None]
         return x.new_zeros(x.shape).index_add_(0, tok, y.to(x.dtype))
 
@@ -175,7 +175,7 @@ class MoE(nn.Module):
     def _balance(self, idx, keep, scores, logits, B: int, T: int) -> None:
         """Auxiliary losses and load statistics of this forward; the aux-loss-free bias update."""
         m, E, k = self.m, self.E, self.k
-        load = torch.bincount(idx.reshape(-1), minlength=E).float()  # assignments per expert
+        load = _count(idx.reshape(-1), E).float()  # assignments per expert
         f = load / load.sum()
         probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores normalised per token
         aux = logits.new_zeros(())
@@ -215,3 +215,9 @@ def upcycle_mlp(moe: MoE, mlp: MLP, noise_std: float = 0.0) -> None:
         if b is not None and lin is not None and lin.bias is not None:
             b.copy_(lin.bias.expand_as(b))
     nn.init.normal_(moe.router.weight, 0.0, 0.02)
+
+
+def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of each of 0..n-1 in ids, as bincount(ids, minlength=n) but without its device->host
+    sync on a GPU (bincount reads ids.max() to size its output): two syncs per MoE layer per forward."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))

@@ -271,7 +271,7 @@ from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
-kw, prompts, new, batch, dev, dtype = json.loads(sys.argv[1])
+kw, prompts, new, batch, dev, dtype = json.loads(open(sys.argv[1]).read())
 torch.manual_seed(0)
 with torch.device(dev):
     model = Transformer(ModelConfig(**kw)).to(getattr(torch, dtype)).eval()
@@ -297,8 +297,13 @@ def run_baseline(shape: str, args, reqs, dev, dtype) -> dict:
     kw = {**COMMON, **SHAPES[shape], **(SMOKE if args.smoke else {})}
     env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve()))
     payload = json.dumps([kw, [p for p, _ in reqs], args.fixed_new, 64, dev.type, str(dtype).split(".")[-1]])
-    proc = subprocess.run([sys.executable, "-c", BASELINE, payload], env=env, capture_output=True, text=True,
-                          timeout=args.baseline_timeout)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:  # prompts passed by file (argv has a size limit)
+        f.write(payload)
+        f.flush()
+        proc = subprocess.run([sys.executable, "-c", BASELINE, f.name], env=env, capture_output=True, text=True,
+                              timeout=args.baseline_timeout)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}

@@ -24,10 +24,9 @@ from typing import Any, Literal
 
 import torch
 
-from lmforge.align.logprobs import masked_mean, token_logprobs
+from lmforge.align.logprobs import masked_mean, model_inputs, token_logprobs
 from lmforge.config import check
 from lmforge.errors import ConfigError
-from lmforge.model.meta import AttnMetadata
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,11 +44,8 @@ class SFTConfig:
 
 def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
     """(B, T, V) logits of batch[prefix + 'input_ids']; packed rows (doc_ids present) attend per document."""
-    ids = batch[prefix + "input_ids"]
-    doc = batch.get(prefix + "doc_ids")
-    if doc is None:
-        return model(ids)
-    return model(ids, batch[prefix + "positions"], meta=AttnMetadata.packed(doc))
+    ids, kwargs = model_inputs(batch, prefix)
+    return model(ids, **kwargs)
 
 
 def input_embedding(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """Data-parallel pretraining through the one Trainer on 2 gloo processes (CPU): the same loss curve as one
-process on the same global batch (FSDP2 and DDP layouts), and a checkpoint written by 2 processes resumes
-in 1 process with the uninterrupted run's losses.
+process on the same global batch (FSDP2 and DDP layouts), and checkpoints written by 2 processes resume in
+1 process, and by 1 process in 2, with the uninterrupted run's losses.
 
 Tolerance: 1e-4 absolute on each step's loss. The ranks' gradients are summed in another order than one
 process's batch (about 1e-7 relative); Adam's normalised step carries that into the weights.
@@ -56,6 +56,12 @@ def test_two_processes_match_one_and_resume_in_one(single, tmp_path, layout):
     shutil.rmtree(run / "checkpoints" / "step_000010")
     resumed = _losses(train(tiny_config(shard, run, **STEPS)).history)
     np.testing.assert_allclose(resumed, ref, atol=ATOL, rtol=0)
+    # and the other way: the 1-process step-5 checkpoint resumes on 2 processes (weights and optimizer sharded)
+    from1 = tmp_path / "from1"
+    shutil.copytree(ref_run, from1)
+    shutil.rmtree(from1 / "checkpoints" / "step_000010")
+    got = run_local(_train_worker, 2, str(shard), str(from1), layout, timeout=120, start_method="fork")
+    np.testing.assert_allclose(got[0], ref, atol=ATOL, rtol=0)
 
 
 def test_trainer_refuses_model_parallel_layouts(tmp_path):

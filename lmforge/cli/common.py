@@ -11,16 +11,18 @@ from lmforge.errors import ConfigError
 T = TypeVar("T")
 
 
-def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+def _split_config_flag(argv: list[str], flag: str = "--config", what: str = "a file path"
+                       ) -> tuple[str | None, list[str]]:
+    """(value of `flag` or None, the other arguments)."""
     rest, path, i = [], None, 0
     while i < len(argv):
         a = argv[i]
-        if a == "--config":
+        if a == flag:
             if i + 1 >= len(argv):
-                raise ConfigError("--config needs a file path")
+                raise ConfigError(f"{flag} needs {what}")
             path, i = argv[i + 1], i + 2
             continue
-        if a.startswith("--config="):
+        if a.startswith(f"{flag}="):
             path = a.split("=", 1)[1]
         else:
             rest.append(a)

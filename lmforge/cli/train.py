@@ -1,8 +1,9 @@
-"""`lmforge train --config run.toml [--optim.lr 1e-3 ...]`: pretrain a model (see TrainConfig)."""
+"""`lmforge train --config run.toml [--nproc N] [--optim.lr 1e-3 ...]`: pretrain a model (see TrainConfig);
+--nproc N re-runs the command on N local processes under torchrun (the [parallel] layout, FSDP2 by default)."""
 
 from __future__ import annotations
 
-from lmforge.cli.common import parse_config
+from lmforge.cli.common import _split_config_flag, parse_config
 
 
 def _description() -> str:
@@ -10,7 +11,8 @@ def _description() -> str:
 
     return ("Pretrain a language model on token shards (lmforge tokenizer encode).\n\n"
             f"--optim.name: {', '.join(sorted(OPTIMIZERS))}\n"
-            f"--optim.schedule: {', '.join(sorted(SCHEDULES))}")
+            f"--optim.schedule: {', '.join(sorted(SCHEDULES))}\n"
+            "--nproc N: train on N local processes (torchrun; [parallel] dp_shard / dp_replicate)")
 
 
 def model_summary(cfg) -> str:
@@ -23,13 +25,36 @@ def model_summary(cfg) -> str:
             f"{cfg.max_steps} steps x {cfg.tokens_per_step:,} tokens = {cfg.max_steps * cfg.tokens_per_step:,} tokens")
 
 
+def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """`--nproc N` / `--nproc=N` out of argv: (N or None, the other arguments)."""
+    from lmforge.errors import ConfigError
+
+    nproc, rest = _split_config_flag(argv, "--nproc", "a number of processes")
+    if nproc is not None and not nproc.isdigit():
+        raise ConfigError(f"--nproc must be a whole number of processes, got {nproc!r}")
+    return (int(nproc) if nproc is not None else None), rest
+
+
 def main(argv: list[str]) -> int:
+    import os
+
     from lmforge.train.config import TrainConfig
     from lmforge.train.trainer import train
 
+    nproc, argv = pop_nproc(argv)
+    if nproc is not None and nproc > 1 and "RANK" not in os.environ:  # re-run this command under torchrun
+        import subprocess
+
+        from lmforge.parallel.launch import torchrun_argv
+
+        return subprocess.call(torchrun_argv(nproc, ["train", *argv]))
     cfg = parse_config(TrainConfig, argv, prog="lmforge train", description=_description())
-    print(model_summary(cfg), flush=True)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        print(model_summary(cfg), flush=True)
     result = train(cfg)
+    if not rank0:
+        return 0
     val = f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "n/a"
     print(f"done: {result.steps} steps in {result.wall_time:.0f}s, val loss {val}; "
           f"run directory {result.run_dir} (checkpoint {result.checkpoint})")

@@ -13,6 +13,7 @@ from typing import Literal
 from lmforge.config import check, coerce_fields
 from lmforge.model.config import ModelConfig
 from lmforge.optim.config import OptimConfig
+from lmforge.parallel.config import ParallelConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,11 +140,17 @@ class TrainConfig(LoopConfig):
     fused_loss: bool = False
     """fused linear + cross-entropy chunked over tokens (lmforge.kernels.fused_ce): never materialises the
     (tokens x vocab) logits"""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """[parallel] layout over the processes (`lmforge train --nproc N`); the trainer runs dp_shard (FSDP2) and
+    dp_replicate (DDP); data.batch_size is then the global micro-batch, split over the ranks"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.data.seq_len <= self.model.max_seq_len or self.model.pos_emb in ("rope", "none"),
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        from lmforge.train.distributed import check_trainer_layout
+
+        check_trainer_layout(self.parallel)
 
     @property
     def tokens_per_step(self) -> int:

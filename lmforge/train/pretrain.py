@@ -15,7 +15,7 @@ from lmforge.optim import build_optimizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.data import BatchSampler, eval_windows, open_splits
 from lmforge.train.loss import LMObjective, token_losses
-from lmforge.utils import pick_device
+from lmforge.train.distributed import RankRows, join, train_device
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
@@ -102,8 +102,9 @@ class Parts(NamedTuple):
 def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> Parts:
     from lmforge.model.transformer import Transformer
 
-    torch.manual_seed(cfg.seed)
-    model = (model if model is not None else Transformer(cfg.model)).to(pick_device(cfg.device))
+    par = join(cfg.parallel)
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
+    model = (model if model is not None else Transformer(cfg.model)).to(train_device(cfg.device))
     d = cfg.data
     if d.sources:
         sampler, first, val_splits = _mixture(cfg)
@@ -118,6 +119,11 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
         from lmforge.kernels.training import apply_fused_kernels
 
         apply_fused_kernels(model)
+    if par is not None:  # parallelise before the optimizer: FSDP2 replaces the parameters by their shards
+        from lmforge.parallel.runner import ParallelRunner
+
+        runner = ParallelRunner(model, par, device=train_device(cfg.device), seq_len=d.seq_len, batch_size=d.batch_size)
+        model, sampler = runner.model, RankRows(sampler, runner.dp_rank, runner.dp_size, d.batch_size)
     optimizer = build_optimizer(model, cfg.optim)
     objective = LMObjective(cfg.model.z_loss)
     if cfg.fused_loss:

@@ -40,10 +40,11 @@ from lmforge import checkpoint as ckpt
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
 from lmforge.optim import lr_multiplier
+from lmforge.train import distributed as ddp
 from lmforge.train.config import LoopConfig, TrainConfig
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 from lmforge.train.objective import Batch, DataSource, Objective
-from lmforge.utils import pick_device, run_metadata, write_json_atomic
+from lmforge.utils import run_metadata, write_json_atomic
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Trainer:
         if optimizer is None or data is None or objective is None or config is None:
             raise ConfigError("Trainer needs model, optimizer, data, objective and config (or one TrainConfig)")
         self.cfg = cfg = config
-        self.device = torch.device(pick_device(cfg.device))
+        self.device = ddp.train_device(cfg.device)
+        self.rank, self.world = ddp.rank_and_world()  # only rank 0 writes metrics, plots and checkpoints
         self.run_dir = Path(cfg.run_dir)
         self.model = model.to(self.device)
         self.optimizer, self.data, self.objective = optimizer, data, objective
@@ -112,7 +114,8 @@ class Trainer:
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.flops_per_token: float | None = None  # known at the first batch (it depends on seq_len)
         self.peak = peak_flops(self.device, "bf16" if use_bf16 else "fp32")
-        self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=to_dict(cfg))
+        self.metrics = (MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=to_dict(cfg))
+                        if self.rank == 0 else ddp.NullLog())
         self.last_checkpoint: Path | None = None
         # None = at a step boundary; "micro" = forward/backward; "update" = inside optimizer.step;
         # "updated" = weights updated, counters not yet
@@ -143,19 +146,39 @@ class Trainer:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def _train_state(self) -> dict[str, Any]:
+    def _train_state(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                "optimizer": self.optimizer.state_dict(), "optimizer_name": optimizer_name(self.optimizer, self.cfg),
+                "optimizer": optimizer_state, "optimizer_name": optimizer_name(self.optimizer, self.cfg),
                 "data": self.data.state_dict(), "objective": self.objective.state_dict(), **self._rng_state()}
 
     def save(self) -> Path:
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.run_dir, self.step, self.model, train_state=self._train_state(), tokenizer=self.tokenizer,
-            keep_last=self.cfg.keep_last, extra={"tokens": self.tokens, **self.extra_meta})
+        model, opt_state = self.model, None
+        if self.world > 1:  # full weights and optimizer state gathered on rank 0: an ordinary checkpoint
+            weights, opt_state = ddp.gather_states(self.model, self.optimizer)
+            model = ddp.Gathered(self.model, weights)
+        if self.rank == 0:
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.run_dir, self.step, model, train_state=self._train_state(opt_state or self.optimizer.state_dict()),
+                tokenizer=self.tokenizer, keep_last=self.cfg.keep_last, extra={"tokens": self.tokens, **self.extra_meta})
+        if self.world > 1:
+            torch.distributed.barrier()  # no rank reads it (or moves on to resume) before it is written
+            self.last_checkpoint = ddp.checkpoint_path(self.run_dir, self.step)
         self._call("on_save", self.last_checkpoint)
         return self.last_checkpoint
 
-    def _load_optimizer(self, state: dict[str, Any], path: Path) -> None:
+    def _load_weights_and_optimizer(self, state: dict[str, Any], path: Path) -> None:
+        if self.world == 1:
+            ckpt.load_weights(self.model, path)
+            self._load_optimizer(state, path)
+            return
+        from safetensors.torch import load_file
+
+        reset = self.cfg.reset_optimizer
+        self._load_optimizer(state, path, check_only=True)
+        ddp.load_states(self.model, self.optimizer, load_file(str(path / "model.safetensors")),
+                        None if reset else state["optimizer"])
+
+    def _load_optimizer(self, state: dict[str, Any], path: Path, check_only: bool = False) -> None:
         saved, now = state.get("optimizer_name"), optimizer_name(self.optimizer, self.cfg)
         if self.cfg.reset_optimizer:
             tqdm.write(f"reset_optimizer: {now} starts with fresh state (checkpoint had {saved or 'unknown'})")
@@ -163,6 +186,8 @@ class Trainer:
         if saved is not None and saved != now:
             raise ConfigError(f"{path} was trained with optimizer {saved} but the config says {now}; resume with "
                               f"the same optim.name, or set reset_optimizer=true to start {now} fresh")
+        if check_only:
+            return
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, ValueError) as e:
@@ -170,7 +195,7 @@ class Trainer:
                               "optim settings, or set reset_optimizer=true to start it fresh") from e
 
     def _maybe_resume(self) -> None:
-        for p in ckpt.clean_partial(self.run_dir):
+        for p in (ckpt.clean_partial(self.run_dir) if self.rank == 0 else []):
             tqdm.write(f"removed {p} (a checkpoint a killed run did not finish writing)")
         found = ckpt.checkpoint_dirs(self.run_dir)
         if not found:
@@ -179,9 +204,8 @@ class Trainer:
         meta = ckpt._verify(path)
         if "model" in meta and hasattr(self.model, "cfg"):
             ckpt.check_same_model(meta["model"], self.model.cfg)
-        ckpt.load_weights(self.model, path)
         state = ckpt.load_train_state(path)
-        self._load_optimizer(state, path)
+        self._load_weights_and_optimizer(state, path)
         self.data.load_state_dict(state["data"] if "data" in state else state["sampler"])
         self.objective.load_state_dict(state.get("objective", {}))
         self._set_rng_state(state)
@@ -244,7 +268,13 @@ class Trainer:
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         stats = {k: v / cfg.grad_accum for k, v in sums.items()}
-        stats["grad_norm"] = gnorm
+        if self.world > 1:  # the global mean over the ranks' (equal-sized) shares of the batch
+            keys = list(stats)
+            both = torch.stack([stats[k] for k in keys])
+            torch.distributed.all_reduce(both)
+            stats = dict(zip(keys, both / self.world))
+            n_tokens *= self.world
+        stats["grad_norm"] = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
         self._in_flight = (n_tokens, stats)
         if not self._step_hooks:
             self._phase = "update"
@@ -379,11 +409,13 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        if self.step == 0:  # a fresh run starts a fresh log
-            self.metrics.path.unlink(missing_ok=True)
-        write_json_atomic(self.run_dir / "config.json", {"config": to_dict(cfg), "seed": cfg.seed, **run_metadata()})
+        if self.rank == 0:
+            if self.step == 0:  # a fresh run starts a fresh log
+                self.metrics.path.unlink(missing_ok=True)
+            write_json_atomic(self.run_dir / "config.json",
+                              {"config": to_dict(cfg), "seed": cfg.seed, **run_metadata()})
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or self.rank > 0, dynamic_ncols=True,
                    desc="train", unit="step")
         ev: dict[str, float] = {}
         self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
@@ -416,10 +448,10 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
-        if cfg.plot:
+        if cfg.plot and self.rank == 0:
             plot_losses(self.run_dir)
         return TrainResult(self.run_dir, self.step, ev.get("val_loss"), ev.get("val_bpb"), self.elapsed,
-                           self.last_checkpoint, read_metrics(self.run_dir), ev)
+                           self.last_checkpoint, read_metrics(self.run_dir) if self.rank == 0 else [], ev)
 
 
 def train(cfg: TrainConfig) -> TrainResult:

@@ -17,18 +17,16 @@ Every stage trains through lmforge's Trainer with lmforge.align's objectives and
 
 Hyper-parameters are each method's usual defaults (TRL / the papers), not tuned here: DPO beta 0.1,
 IPO beta 0.1, KTO beta 0.1, SimPO beta 2.0 gamma 1.0 (the paper's gamma/beta = 0.5), ORPO lambda 0.1;
-learning rate 1e-4 for all, about 2 epochs over the pairs at the default sizes (TRL's usual 1-3); the
+learning rate 1e-4 for all, 100 steps x 32 pairs (~1.3 epochs over the ~2400 pairs of the default sizes); the
 reward model the same steps, batch and learning rate (--rm-steps / --rm-lr).
 
-A CPU run split into short jobs (2 shared cores; each under ~3 minutes):
-    python bench/align_compare.py --d 64 --layers 2 --T 80 --batch 16 --sft-steps 500 \
-        --sft-cache /tmp/sft.pt --sft-only
-    python bench/align_compare.py --d 64 --layers 2 --T 80 --batch 16 --sft-cache /tmp/sft.pt \
-        --pref-steps 100 --pair-prompts 400 --eval 300 --methods dpo,ipo,kto      (then simpo,orpo)
+A CPU run split into two jobs (2 shared cores, 2026-12-02: SFT ~3 min, the rest ~5 min):
+    python bench/align_compare.py --sft-cache /tmp/sft.pt --sft-only
+    python bench/align_compare.py --sft-cache /tmp/sft.pt
+(a rerun with the same --sft-cache skips SFT; --methods dpo,ipo,kto splits the second job further)
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~20 s on CPU
-    PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run (~1 min on a GPU;
-                                                                               # ~0.15 s/step on one CPU core)
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~5 s on CPU
+    PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run on a GPU
 """
 
 from __future__ import annotations

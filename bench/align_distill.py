@@ -14,7 +14,10 @@ data alone, at equal steps?
 Teacher and students train through lmforge's Trainer (bench/align_common.fit) with SFTObjective /
 DistillObjective over lmforge.align.data ExampleSources.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_distill.py --smoke   # toy sizes, CPU
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_distill.py --smoke   # toy sizes, ~6 s on CPU
+    # CPU, two jobs (teacher 128,3 instead of the default 192,4):
+    python bench/align_distill.py --teacher 128,3 --batch 32 --teacher-steps 1500 --teacher-cache /tmp/t.pt --teacher-only
+    python bench/align_distill.py --teacher 128,3 --batch 32 --teacher-cache /tmp/t.pt
     PYTHONPATH=$PWD python bench/align_distill.py --device cuda
 """
 

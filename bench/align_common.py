@@ -1,33 +1,46 @@
-"""Shared pieces of the post-training benches (bench/align_compare.py, bench/align_distill.py): byte-level
-rows from prompt/completion text, a minimal optimisation loop over an Objective, greedy task accuracy and
-held-out losses.
+"""Shared pieces of the post-training benches (bench/align_compare.py, bench/align_distill.py): task
+examples as lmforge.align.data records and DataSources, training through lmforge's one Trainer, greedy
+task accuracy and held-out losses.
 
-The loop here is a stand-in until lmforge.train's Trainer(model, optimizer, data, objective) lands: AdamW,
-constant learning rate after a short warm-up, gradient clipping at 1.0, `objective.loss(model, batch)`.
+Training is `Trainer(model, optimizer, data, objective)` (lmforge.train.trainer) with lmforge's AdamW, a
+constant learning rate after a linear warm-up over the first 5% of steps, no weight decay and global-norm
+clipping at 1.0; the data are lmforge.align.data ExampleSources over records encoded as `lmforge sft|dpo|rm`
+would encode them from JSONL (prompt/completion strings: only the completion and its end-of-text token
+are trained), one example per row, unpacked, so a batch is `batch` examples (or pairs) for every method.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from lmforge.align.logprobs import masked_mean, token_logprobs
+from lmforge.align.data import (DataReport, Encoder, ExampleSource, encode_record, kto_batch, pad_batch,
+                                pair_batch)
+from lmforge.align.logprobs import token_logprobs
 from lmforge.align.sampled import chat_prompt
+from lmforge.align.sft import model_logits
 from lmforge.infer.llm import LLM
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
+from lmforge.optim import build_optimizer
+from lmforge.optim.config import OptimConfig
 from lmforge.tokenizer.load import load_tokenizer
+from lmforge.train.config import LoopConfig
+from lmforge.train.trainer import Trainer
 
 TOK = load_tokenizer("byte")
 RENDER = chat_prompt("plain")
 STOP = ("\n",)
+ENCODER = Encoder(TOK, "plain")
+COLLATE = {"sft": pad_batch, "preference": pair_batch, "kto": kto_batch}
 
 
 def model(d: int, layers: int, heads: int, seq: int, seed: int, device: str) -> Transformer:
@@ -36,59 +49,48 @@ def model(d: int, layers: int, heads: int, seq: int, seed: int, device: str) -> 
                                    max_seq_len=seq)).to(device)
 
 
-def rows(prompts: list[str], completions: list[str], T: int, device: str, prefix: str = "") -> dict:
-    """Byte rows: input_ids (B, T), targets = next token on the completion only (-100 elsewhere)."""
-    B = len(prompts)
-    ids = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.full((B, T), -100, dtype=torch.long)
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        pi, ci = TOK.encode(p), TOK.encode(c)
-        seq = (pi + ci)[:T + 1]
-        ids[b, :len(seq) - 1] = torch.tensor(seq[:-1])
-        tgt = torch.tensor(seq[1:])
-        tgt[:len(pi) - 1] = -100
-        targets[b, :len(seq) - 1] = tgt
-    return {f"{prefix}input_ids": ids.to(device), f"{prefix}targets": targets.to(device),
-            f"{prefix}loss_mask": (targets >= 0).to(device)}
+def sft_records(examples) -> list[dict]:
+    """Task examples -> prompt/completion records (the reference solution, ended by the stop string)."""
+    return [{"prompt": RENDER(e), "completion": e.solution + "\n"} for e in examples]
 
 
-class SFTLoss:
-    """Token-mean cross-entropy on the completion (a stand-in for posttrain's SFT objective)."""
-
-    def loss(self, model, batch):
-        lp = token_logprobs(model(batch["input_ids"]), batch["targets"])
-        ce = -masked_mean(lp, batch["loss_mask"])
-        return ce, {"loss": ce.detach()}
+def encode(records: list[dict], kind: str, T: int) -> list:
+    """Records -> lmforge.align.data items (sft examples, (chosen, rejected) pairs, (example, label)),
+    truncated to T + 1 tokens; a bad record raises its one-line DataError."""
+    report = DataReport()
+    return [encode_record(ENCODER, r, kind, f"record {i}", T + 1, report) for i, r in enumerate(records)]
 
 
-def train(model, objective, batches, steps: int, lr: float, log_every: int = 0) -> list[dict]:
-    """`steps` AdamW updates over the batch iterator; returns the logged metrics (floats)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warm = max(1, steps // 20)
-    log = []
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warm)
-        loss, metrics = objective.loss(model, next(batches))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            log.append({"step": step, "loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}})
-    return log
+def source(records: list[dict], kind: str, T: int, batch: int, seed: int) -> ExampleSource:
+    """A DataSource of `batch` records per batch, reshuffled each epoch (kind: sft | preference | kto)."""
+    return ExampleSource(encode(records, kind, T), batch, COLLATE[kind], seed=seed)
 
 
-def cycle(make, records: list, batch: int, seed: int):
-    """Endless shuffled batches: make(list_of_records) -> batch dict."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch + 1, batch):
-            yield make([records[j] for j in order[i:i + batch]])
+def fixed_batches(records: list[dict], kind: str, T: int, batch: int = 64) -> list[dict]:
+    """The records in order, as batches (held-out evaluation)."""
+    items, collate = encode(records, kind, T), COLLATE[kind]
+    return [collate(items[i:i + batch]) for i in range(0, len(items), batch)]
+
+
+def loop_config(steps: int, lr: float, device: str, run_dir: str, seed: int = 0) -> LoopConfig:
+    optim = OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, schedule="constant",
+                        warmup_steps=max(1, steps // 20))
+    return LoopConfig(optim=optim, run_dir=run_dir, max_steps=steps, log_every=max(1, steps // 10),
+                      eval_every=steps, ckpt_every=steps, keep_last=1, seed=seed, device=device, dtype="fp32",
+                      resume=False, progress=False, plot=False)
+
+
+def fit(model, objective, data, steps: int, lr: float, device: str) -> list[dict]:
+    """`steps` optimizer steps of lmforge's Trainer on `data` with `objective`, in a scratch run
+    directory (removed afterwards); returns the Trainer's logged metrics rows."""
+    run_dir = tempfile.mkdtemp(prefix="align_bench_")
+    try:
+        cfg = loop_config(steps, lr, device, run_dir)
+        result = Trainer(model, build_optimizer(model, cfg.optim), data, objective, config=cfg).fit()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return [{k: v for k, v in r.items() if k not in ("tokens", "tok_per_s", "elapsed")}
+            for r in result.history if "loss" in r]
 
 
 class Engine:
@@ -144,10 +146,9 @@ def completion_loss(model, examples, T: int, device: str, batch: int = 64) -> fl
     """Token-mean cross-entropy of the reference completions (held-out loss)."""
     model.eval()
     tot, n = 0.0, 0
-    for i in range(0, len(examples), batch):
-        ex = examples[i:i + batch]
-        b = rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], T, device)
-        lp = token_logprobs(model(b["input_ids"]), b["targets"])
+    for b in fixed_batches(sft_records(examples), "sft", T, batch):
+        b = {k: v.to(device) for k, v in b.items()}
+        lp = token_logprobs(model_logits(model, b), b["targets"])
         tot += float(-(lp * b["loss_mask"]).sum())
         n += int(b["loss_mask"].sum())
     model.train()

@@ -8,21 +8,25 @@
        and learning rate; KTO sees each pair as one desirable and one undesirable example
     4. report held-out greedy accuracy and the mean chosen-minus-rejected log-prob margin on held-out
        pairs, before (the SFT model) and after, as a table, JSON and a plot
+    5. a reward model: the SFT model with a scalar head (SequenceHead), Bradley-Terry loss
+       (RewardObjective) on the same train pairs; held-out pair accuracy (r(chosen) > r(rejected))
+       before (random head) and after
+
+Every stage trains through lmforge's Trainer with lmforge.align's objectives and ExampleSources
+(bench/align_common.fit), as `lmforge sft|dpo|rm` do.
 
 Hyper-parameters are each method's usual defaults (TRL / the papers), not tuned here: DPO beta 0.1,
 IPO beta 0.1, KTO beta 0.1, SimPO beta 2.0 gamma 1.0 (the paper's gamma/beta = 0.5), ORPO lambda 0.1;
-learning rate 1e-4 for all, about 2 epochs over the pairs at the default sizes (TRL's usual 1-3).
-The loop is bench/align_common.train until lmforge.train's Trainer takes objectives.
+learning rate 1e-4 for all, 100 steps x 32 pairs (~1.3 epochs over the ~2400 pairs of the default sizes); the
+reward model the same steps, batch and learning rate (--rm-steps / --rm-lr).
 
-A CPU run split into short jobs (2 shared cores; each under ~3 minutes):
-    python bench/align_compare.py --d 64 --layers 2 --T 80 --batch 16 --sft-steps 500 \
-        --sft-cache /tmp/sft.pt --sft-only
-    python bench/align_compare.py --d 64 --layers 2 --T 80 --batch 16 --sft-cache /tmp/sft.pt \
-        --pref-steps 100 --pair-prompts 400 --eval 300 --methods dpo,ipo,kto      (then simpo,orpo)
+A CPU run split into two jobs (2 shared cores, 2026-12-02: SFT ~3 min, the rest ~5 min):
+    python bench/align_compare.py --sft-cache /tmp/sft.pt --sft-only
+    python bench/align_compare.py --sft-cache /tmp/sft.pt
+(a rerun with the same --sft-cache skips SFT; --methods dpo,ipo,kto splits the second job further)
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~20 s on CPU
-    PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run (~1 min on a GPU;
-                                                                               # ~0.15 s/step on one CPU core)
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_compare.py --smoke   # toy sizes, ~5 s on CPU
+    PYTHONPATH=$PWD python bench/align_compare.py --device cuda                # the full run on a GPU
 """
 
 from __future__ import annotations
@@ -36,13 +40,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.align_common import (RENDER, STOP, Clock, Engine, SFTLoss, accuracy, cycle,  # noqa: E402
-                                model, rows, train, write_json)
+from bench.align_common import (STOP, Clock, Engine, accuracy, fit, fixed_batches, model,  # noqa: E402
+                                sft_records, source, write_json)
 from lmforge.align.dpo import DPOConfig, DPOObjective  # noqa: E402
 from lmforge.align.kto import KTOConfig, KTOObjective  # noqa: E402
 from lmforge.align.logprobs import batch_logps  # noqa: E402
 from lmforge.align.orpo import ORPOConfig, ORPOObjective  # noqa: E402
+from lmforge.align.reward import RewardObjective, SequenceHead, scores  # noqa: E402
 from lmforge.align.sampled import preference_pairs  # noqa: E402
+from lmforge.align.sft import SFTObjective  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.tasks import TASKS  # noqa: E402
 
@@ -55,31 +61,40 @@ METHODS = {
 }
 
 
-def pair_batch(pairs: list[dict], T: int, device: str) -> dict:
-    p = [x["prompt"] for x in pairs]
-    return {**rows(p, [x["chosen"] + "\n" for x in pairs], T, device, "chosen_"),
-            **rows(p, [x["rejected"] + "\n" for x in pairs], T, device, "rejected_")}
-
-
-def kto_batch(pairs: list[dict], T: int, device: str) -> dict:
-    """Each pair as two unpaired rows (chosen desirable, rejected not); the objective builds its KL rows
+def kto_records(pairs: list[dict]) -> list[dict]:
+    """Each pair as two unpaired records (chosen desirable, rejected not); KTOObjective builds its KL rows
     (every prompt with the next row's completion, TRL's mismatched pairs)."""
-    prompts = [x["prompt"] for x in pairs] * 2
-    comps = [x["chosen"] + "\n" for x in pairs] + [x["rejected"] + "\n" for x in pairs]
-    label = torch.tensor([True] * len(pairs) + [False] * len(pairs), device=device)
-    return {**rows(prompts, comps, T, device), "label": label}
+    return ([{"prompt": x["prompt"], "completion": x["chosen"], "label": True} for x in pairs]
+            + [{"prompt": x["prompt"], "completion": x["rejected"], "label": False} for x in pairs])
+
+
+def pair_records(pairs: list[dict]) -> list[dict]:
+    """Verifier-made pairs as preference records, each completion ended by the stop string."""
+    return [{"prompt": x["prompt"], "chosen": x["chosen"] + "\n", "rejected": x["rejected"] + "\n"} for x in pairs]
 
 
 @torch.no_grad()
-def margin(model, pairs: list[dict], T: int, device: str, batch: int = 64) -> float:
+def margin(model, pairs: list[dict], T: int, device: str) -> float:
     """Mean over pairs of log p(chosen) - log p(rejected) (sums over the completion tokens)."""
     model.eval()
     diffs = []
-    for i in range(0, len(pairs), batch):
-        (c, r), _, _ = batch_logps(model, pair_batch(pairs[i:i + batch], T, device), ("chosen_", "rejected_"))
+    for b in fixed_batches(pair_records(pairs), "preference", T):
+        (c, r), _, _ = batch_logps(model, {k: v.to(device) for k, v in b.items()}, ("chosen_", "rejected_"))
         diffs.append(c - r)
     model.train()
     return float(torch.cat(diffs).mean())
+
+
+@torch.no_grad()
+def pair_accuracy(rm, pairs: list[dict], T: int, device: str) -> float:
+    """Fraction of pairs the reward model scores r(chosen) > r(rejected)."""
+    rm.eval()
+    right = []
+    for b in fixed_batches(pair_records(pairs), "preference", T):
+        b = {k: v.to(device) for k, v in b.items()}
+        right.append(scores(rm, b, "chosen_")[:, 0] > scores(rm, b, "rejected_")[:, 0])
+    rm.train()
+    return float(torch.cat(right).float().mean())
 
 
 def sample_pairs(sft, task, examples, args, seed):
@@ -108,9 +123,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval", type=int, default=1000)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--rm-steps", type=int, default=0, help="reward-model steps (0 = --pref-steps)")
+    ap.add_argument("--rm-lr", type=float, default=0.0, help="reward-model learning rate (0 = --pref-lr)")
     ap.add_argument("--sft-cache", default="", help="load the SFT model from this file if it exists, else save it")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--sft-only", action="store_true", help="stop after SFT (with --sft-cache: split a CPU run)")
+    ap.add_argument("--no-rm", action="store_true", help="skip the reward-model stage")
     args = ap.parse_args(argv)
     if args.smoke:
         args.d, args.layers, args.sft_steps, args.pref_steps = 32, 1, 60, 10
@@ -125,9 +143,8 @@ def sft_model(args, train_ex):
         saved = torch.load(args.sft_cache, map_location=args.device)
         sft.load_state_dict(saved["model"])
         return sft, saved["log"]
-    data = cycle(lambda ex: rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], args.T, args.device),
-                 train_ex, args.batch, args.seed)
-    log = train(sft, SFTLoss(), data, args.sft_steps, args.sft_lr, log_every=max(1, args.sft_steps // 10))
+    data = source(sft_records(train_ex), "sft", args.T, args.batch, args.seed)
+    log = fit(sft, SFTObjective(), data, args.sft_steps, args.sft_lr, args.device)
     if args.sft_cache:
         torch.save({"model": sft.state_dict(), "log": log}, args.sft_cache)
     return sft, log
@@ -154,12 +171,25 @@ def run_method(name, sft, task, pairs, held_pairs, test_ex, args) -> dict:
     dev = args.device
     policy = copy.deepcopy(sft)
     obj = METHODS[name](copy.deepcopy(sft))
-    batcher = (lambda b: kto_batch(b, args.T, dev)) if name == "kto" else (lambda b: pair_batch(b, args.T, dev))
-    log = train(policy, obj, cycle(batcher, pairs, args.batch, args.seed), args.pref_steps, args.pref_lr,
-                log_every=max(1, args.pref_steps // 5))
+    if name == "kto":  # the same pairs as 2x batch unpaired rows
+        data = source(kto_records(pair_records(pairs)), "kto", args.T, 2 * args.batch, args.seed)
+    else:
+        data = source(pair_records(pairs), "preference", args.T, args.batch, args.seed)
+    log = fit(policy, obj, data, args.pref_steps, args.pref_lr, dev)
     return {"accuracy": accuracy(policy, task, test_ex, args.max_tokens),
             "margin": margin(policy, held_pairs, args.T, dev),
             "train_margin_after": margin(policy, pairs[:256], args.T, dev), "log": log}
+
+
+def reward_model(sft, pairs, held_pairs, args) -> dict:
+    """A scalar head on a copy of the SFT model, Bradley-Terry on the train pairs; held-out pair accuracy."""
+    torch.manual_seed(args.seed)
+    rm = SequenceHead(copy.deepcopy(sft)).to(args.device)
+    before = pair_accuracy(rm, held_pairs, args.T, args.device)
+    data = source(pair_records(pairs), "preference", args.T, args.batch, args.seed)
+    log = fit(rm, RewardObjective(), data, args.rm_steps or args.pref_steps, args.rm_lr or args.pref_lr, args.device)
+    return {"accuracy_before": before, "accuracy": pair_accuracy(rm, held_pairs, args.T, args.device),
+            "train_accuracy": pair_accuracy(rm, pairs[:256], args.T, args.device), "log": log}
 
 
 def main(argv=None):
@@ -184,10 +214,14 @@ def main(argv=None):
                    "pairs": pair_stats, "held_out_pairs": held_stats, "results": None})
         return
 
+    rm = None if args.no_rm else reward_model(sft, pairs, held_pairs, args)
+    if rm is not None:
+        print(f"[{clock()}s] reward model: held-out pair accuracy {rm['accuracy_before']:.3f} -> {rm['accuracy']:.3f}",
+              flush=True)
     results = run_methods(sft, task, pairs, held_pairs, test_ex, args, clock)
 
     payload = {"args": vars(args), "sft_log": sft_log, "pairs": pair_stats, "held_out_pairs": held_stats,
-               "results": results, "seconds": clock()}
+               "reward_model": rm, "results": results, "seconds": clock()}
     path = write_json(f"align_compare_{args.task}_s{args.seed}{'_smoke' if args.smoke else ''}.json", payload)
     plot(results, path.with_suffix(".png"))
     print(f"\ntask {args.task}: {len(pairs)} train pairs, {len(held_pairs)} held-out pairs, "
@@ -196,6 +230,10 @@ def main(argv=None):
     for name, r in results.items():
         print(f"| {name} | {r['accuracy']:.3f} | {r['margin']:+.2f} |" if "error" not in r else
               f"| {name} | failed: {r['error'][:80]} | |")
+    if rm is not None:
+        print(f"reward model (SFT + scalar head, {args.rm_steps or args.pref_steps} steps): held-out pair accuracy "
+              f"{rm['accuracy_before']:.3f} (untrained head) -> {rm['accuracy']:.3f} (train pairs "
+              f"{rm['train_accuracy']:.3f})")
     print(f"wrote {path}")
 
 

@@ -11,7 +11,13 @@ data alone, at equal steps?
       seq-KD+verify cross-entropy on teacher samples the task's verifier accepts (West et al. 2022)
     reported: held-out loss of the reference completions (token mean) and held-out greedy accuracy
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_distill.py --smoke   # toy sizes, CPU
+Teacher and students train through lmforge's Trainer (bench/align_common.fit) with SFTObjective /
+DistillObjective over lmforge.align.data ExampleSources.
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/align_distill.py --smoke   # toy sizes, ~6 s on CPU
+    # CPU, two jobs (teacher 128,3 instead of the default 192,4):
+    python bench/align_distill.py --teacher 128,3 --batch 32 --teacher-steps 1500 --teacher-cache /tmp/t.pt --teacher-only
+    python bench/align_distill.py --teacher 128,3 --batch 32 --teacher-cache /tmp/t.pt
     PYTHONPATH=$PWD python bench/align_distill.py --device cuda
 """
 
@@ -25,21 +31,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.align_common import (RENDER, STOP, Clock, Engine, SFTLoss, accuracy,  # noqa: E402
-                                completion_loss, cycle, model, rows, train, write_json)
+from bench.align_common import (RENDER, STOP, Clock, Engine, accuracy, completion_loss,  # noqa: E402
+                                fit, model, sft_records, source, write_json)
 from lmforge.align.distill import DistillConfig, DistillObjective  # noqa: E402
 from lmforge.align.sampled import distillation_records  # noqa: E402
+from lmforge.align.sft import SFTObjective  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.tasks import TASKS  # noqa: E402
 
 
-def data_rows(args):
-    return lambda ex: rows([RENDER(e) for e in ex], [e.solution + "\n" for e in ex], args.T, args.device)
-
-
-def record_rows(args):
-    return lambda recs: rows([r["prompt"] for r in recs], [r["completion"] + "\n" for r in recs], args.T,
-                             args.device)
+def teacher_sft_records(recs: list[dict]) -> list[dict]:
+    """The teacher's outputs as prompt/completion records, ended by the stop string."""
+    return [{"prompt": r["prompt"], "completion": r["completion"] + "\n"} for r in recs]
 
 
 def teacher_records(teacher, task, examples, args, verify: bool):
@@ -51,12 +54,12 @@ def teacher_records(teacher, task, examples, args, verify: bool):
     return recs, stats
 
 
-def run_student(objective, records, make, task, test_ex, args) -> dict:
+def run_student(objective, records, task, test_ex, args) -> dict:
     """The small model, from the same initialisation every time, trained on `records` by `objective`."""
     sd, sl = map(int, args.student.split(","))
     student = model(sd, sl, 4, args.T, args.seed, args.device)
-    log = train(student, objective, cycle(make, records, args.batch, args.seed), args.steps, args.lr,
-                log_every=max(1, args.steps // 5))
+    log = fit(student, objective, source(records, "sft", args.T, args.batch, args.seed), args.steps, args.lr,
+              args.device)
     return {"loss": completion_loss(student, test_ex, args.T, args.device),
             "accuracy": accuracy(student, task, test_ex, args.max_tokens), "params": student.num_params(),
             "log": log}
@@ -98,8 +101,8 @@ def main(argv=None):
     if cached:
         teacher.load_state_dict(torch.load(args.teacher_cache, map_location=dev))
     if not cached or args.teacher_only:  # --teacher-only on a cached teacher trains it further (chunks)
-        train(teacher, SFTLoss(), cycle(data_rows(args), train_ex, args.batch, args.seed + 100), args.teacher_steps,
-              args.lr)
+        fit(teacher, SFTObjective(), source(sft_records(train_ex), "sft", args.T, args.batch, args.seed + 100),
+            args.teacher_steps, args.lr, dev)
         if args.teacher_cache:
             torch.save(teacher.state_dict(), args.teacher_cache)
         if args.teacher_only:
@@ -114,24 +117,23 @@ def main(argv=None):
     def seq_records(verify: bool):  # the teacher answers only when a sequence-level variant runs
         recs, stats["verified" if verify else "greedy"] = teacher_records(teacher, task, prompts, args, verify)
         print(f"[{clock()}s] seq-KD records ({'verified' if verify else 'greedy'}) {stats}", flush=True)
-        return recs
+        return teacher_sft_records(recs)
 
+    data = sft_records(train_ex)
     variants = {
-        "data": lambda: (SFTLoss(), train_ex, data_rows(args)),
-        "token-KD": lambda: (DistillObjective(DistillConfig(divergence="forward_kl"), teacher=teacher), train_ex,
-                             data_rows(args)),
-        "token-JSD": lambda: (DistillObjective(DistillConfig(divergence="jsd", beta=0.5), teacher=teacher),
-                              train_ex, data_rows(args)),
-        "seq-KD": lambda: (SFTLoss(), seq_records(False), record_rows(args)),
-        "seq-KD+verify": lambda: (SFTLoss(), seq_records(True), record_rows(args)),
+        "data": lambda: (SFTObjective(), data),
+        "token-KD": lambda: (DistillObjective(DistillConfig(divergence="forward_kl"), teacher=teacher), data),
+        "token-JSD": lambda: (DistillObjective(DistillConfig(divergence="jsd", beta=0.5), teacher=teacher), data),
+        "seq-KD": lambda: (SFTObjective(), seq_records(False)),
+        "seq-KD+verify": lambda: (SFTObjective(), seq_records(True)),
     }
     for name in args.variants.split(","):
-        objective, records, make = variants[name]()
+        objective, records = variants[name]()
         if len(records) < args.batch:
             results[name] = {"skipped": f"{len(records)} records"}
             continue
         try:
-            results[name] = run_student(objective, records, make, task, test_ex, args)
+            results[name] = run_student(objective, records, task, test_ex, args)
         except Exception as e:  # one broken variant must not lose the others' rows
             results[name] = {"skipped": f"failed: {type(e).__name__}: {e}"[:100]}
             print(f"[{clock()}s] {name} {results[name]['skipped']}", flush=True)

@@ -1,0 +1,52 @@
+"""The post-training benches train through lmforge's Trainer (bench/align_common.fit): their data and
+their training must equal a plain implementation of what the bench documents."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from bench.align_common import TOK, encode, fit, source
+from tests.align.helpers import tiny_model
+
+T = 24
+
+
+def test_records_train_the_completion_only():
+    """A prompt/completion record: inputs are the tokens but the last, targets the next tokens on the
+    completion (+ end-of-text when the tokenizer has one), -100 on the prompt."""
+    (ids, mask), = encode([{"prompt": "Q: 12\nA: ", "completion": "3\n"}], "sft", T)
+    p, c = TOK.encode("Q: 12\nA: "), TOK.encode("3\n") + ([TOK.eot_id] if TOK.eot_id is not None else [])
+    assert ids == p + c
+    assert mask == [False] * len(p) + [True] * len(c)
+    batch = source([{"prompt": "Q: 12\nA: ", "completion": "3\n"}] * 2, "sft", T, 2, 0).next_batch()
+    want = torch.tensor([-100] * (len(p) - 1) + c)
+    assert torch.equal(batch["targets"][0], want) and torch.equal(batch["input_ids"][0], torch.tensor(ids[:-1]))
+
+
+def test_fit_equals_a_plain_adamw_loop():
+    """fit(model, SFT objective, source) = torch AdamW (betas 0.9/0.95, no decay), constant lr after a
+    linear warm-up over steps // 20, clipping at 1.0, masked token-mean cross-entropy on the same batches."""
+    from lmforge.align.sft import SFTObjective
+
+    records = [{"prompt": f"{a}+{b}=", "completion": f"{a + b}\n"} for a in range(6) for b in range(5)]
+    steps, lr = 40, 3e-3
+    model = tiny_model(vocab_size=TOK.vocab_size)
+    ref = copy.deepcopy(model)
+    fit(model, SFTObjective(), source(records, "sft", T, 4, seed=3), steps, lr, "cpu")
+
+    data = source(records, "sft", T, 4, seed=3)
+    opt = torch.optim.AdamW(ref.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warm)
+        b = data.next_batch()
+        logits = ref(b["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

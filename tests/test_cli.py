@@ -8,7 +8,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
-from lmforge.train.checkpoint import checkpoint_dirs
+from lmforge.checkpoint import checkpoint_dirs
 
 from .train.helpers import make_shard
 

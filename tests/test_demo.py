@@ -26,7 +26,7 @@ def test_demo_rerun_in_same_directory_keeps_the_new_run(tmp_path, capsys):
                batch_size=4, samples=1, device="cpu")
     run_demo(DemoConfig(steps=6, **cfg))
     run_demo(DemoConfig(steps=3, **cfg))  # fewer steps: its checkpoint must not lose to the old step_000006
-    from lmforge.train.checkpoint import checkpoint_dirs
+    from lmforge.checkpoint import checkpoint_dirs
     from lmforge.train.metrics import read_metrics
 
     assert [p.name for p in checkpoint_dirs(tmp_path / "demo")] == ["step_000003"]

@@ -56,10 +56,7 @@ class LLM:
         spec for lmforge.tokenizer.load.load_tokenizer) replaces or supplies the checkpoint's own."""
         from lmforge.tokenizer.load import load_tokenizer
 
-        try:
-            from lmforge.checkpoint import load_model
-        except ImportError:  # before checkpoint reading moved out of the training package
-            from lmforge.train.checkpoint import load_model
+        from lmforge.checkpoint import load_model
         model, saved = load_model(path, device=device)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer or saved
         if tok is None:

@@ -27,7 +27,7 @@ def _save_checkpoint(*args, **kwargs):
     try:
         from lmforge.checkpoint import save_checkpoint
     except ImportError:  # before checkpoints moved out of lmforge.train
-        from lmforge.train.checkpoint import save_checkpoint
+        from lmforge.checkpoint import save_checkpoint
     return save_checkpoint(*args, **kwargs)
 
 

@@ -12,7 +12,7 @@ from lmforge.errors import ConfigError
 from lmforge.model.config import PRESETS, ModelConfig, MoEConfig
 from lmforge.model.transformer import Transformer
 from lmforge.model.upcycle import upcycle
-from lmforge.train.checkpoint import _state_for_save, load_weights
+from lmforge.checkpoint import _state_for_save, load_weights
 
 CONFIGS = {
     "llama_gqa_swiglu": dict(PRESETS["llama-tiny"].__dict__, vocab_size=97, d_model=64, n_heads=4, n_kv_heads=2),

@@ -11,7 +11,7 @@ import torch
 
 from lmforge.data.shards import TokenFile, write_tokens
 from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from lmforge.train import checkpoint as ckpt
+from lmforge import checkpoint as ckpt
 from lmforge.train.trainer import Trainer, train
 
 from .helpers import fit_interrupted_at, make_shard, tiny_config

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.infer.cuda_graph import GraphDecoder  # noqa: E402
-from lmforge.infer.engine import PlainDecoder, decode_attention  # noqa: E402
+from lmforge.infer.decoders import PlainDecoder, decode_attention  # noqa: E402
 from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402

@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.demo import stdlib_corpus  # noqa: E402
-from lmforge.infer.engine import PlainDecoder  # noqa: E402
+from lmforge.infer.decoders import PlainDecoder  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402

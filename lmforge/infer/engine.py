@@ -29,7 +29,6 @@ import torch
 from lmforge.config import check
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.blocks import BlockPool
-from lmforge.infer.decoders import PlainDecoder, decode_attention, left_pad  # noqa: F401 (kernel step, bench)
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.kv.paged import DECODE, decode_kernel
 from lmforge.infer.outputs import RequestOutput

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.infer.engine import PlainDecoder, left_pad
+from lmforge.infer.decoders import PlainDecoder, left_pad
 from lmforge.model.cache import KVCache, StaticKVCache, padded_causal_mask
 
 from .infer_helpers import full_greedy, tiny_model

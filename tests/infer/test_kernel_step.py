@@ -10,7 +10,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.cuda_graph import GraphDecoder
-from lmforge.infer.engine import PlainDecoder
+from lmforge.infer.decoders import PlainDecoder
 from lmforge.infer.kernel_step import KernelStep, PagedKV, unsupported
 from lmforge.kernels import decode as kd
 from lmforge.kernels.decode import available

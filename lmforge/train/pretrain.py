@@ -6,6 +6,7 @@ as the evaluator. `pretraining_parts(cfg)` builds them in the order the golden l
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -127,7 +128,13 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
     optimizer = build_optimizer(model, cfg.optim)
     objective = LMObjective(cfg.model.z_loss)
     if cfg.fused_loss:
-        from lmforge.kernels.fused_ce import FusedLMObjective
+        from lmforge.kernels.decode import available
 
-        objective = FusedLMObjective(cfg.model.z_loss)
+        if available(next(model.parameters()).device):
+            from lmforge.kernels.fused_ce import FusedLMObjective
+
+            objective = FusedLMObjective(cfg.model.z_loss)
+        else:  # as fused_kernels does: say so once, train with the plain loss
+            print("fused_loss not applied: Triton kernels need a CUDA GPU (pip install 'lmforge[kernels]'); "
+                  "the plain loss runs instead", file=sys.stderr)
     return Parts(model, optimizer, sampler, objective, cfg, evaluator, tokenizer)

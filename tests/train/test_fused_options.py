@@ -21,3 +21,12 @@ def test_fused_loss_follows_the_plain_curve(tmp_path):
                                       fused_loss=True, fused_kernels=True)))
     assert len(plain) == len(fused) == 8
     assert fused == pytest.approx(plain, abs=2e-4)
+
+
+def test_fused_loss_without_triton_device_falls_back_with_a_notice(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU without the interpreter: no Triton device
+    shard = make_shard(tmp_path / "t.bin")
+    plain = _losses(train(tiny_config(shard, tmp_path / "a", max_steps=4, eval_every=4, ckpt_every=4)))
+    fused = _losses(train(tiny_config(shard, tmp_path / "b", max_steps=4, eval_every=4, ckpt_every=4, fused_loss=True)))
+    assert fused == plain
+    assert "fused_loss not applied" in capsys.readouterr().err

@@ -83,3 +83,15 @@ def pick_device(name: str = "auto") -> str:
     elif dev.type != "cpu":
         raise ConfigError(f"device {name!r} is not supported by lmforge; {hint}")
     return name
+
+
+def process_pool(workers: int, **kwargs):
+    """A multiprocessing Pool whose workers do not inherit this process's threads: 'forkserver' where the
+    platform has it, else 'spawn'. A plain fork copies the locks of every running thread (torch's
+    intra-op pool, tqdm's monitor, a gloo group) mid-use, so a forked worker can deadlock; Python 3.14
+    drops fork as the default for that reason. Worker functions and their arguments must be picklable
+    and importable (module level)."""
+    import multiprocessing as mp
+
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn").Pool(workers, **kwargs)

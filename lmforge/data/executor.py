@@ -15,7 +15,6 @@ A shard whose marker exists is skipped, so a killed run resumes where it stopped
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import shutil
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
 from lmforge.data.writers import write_docs, write_jsonl
 from lmforge.errors import ConfigError
-from lmforge.utils import write_json_atomic
+from lmforge.utils import process_pool, write_json_atomic
 
 
 class RunLayout:
@@ -168,8 +167,7 @@ def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], d
     if cfg.workers == 1 or len(todo) == 1:
         results: Any = (run_map_shard(*a) for a in args)
     else:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(min(cfg.workers, len(todo)))
+        pool = process_pool(min(cfg.workers, len(todo)))
         results = pool.imap_unordered(_run_map_shard_args, args)
     try:
         for st in results:

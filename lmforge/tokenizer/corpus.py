@@ -104,10 +104,9 @@ def _run_ordered(tok, tasks: list, workers: int | None, progress: bool, total: i
             results = map(_encode_range, tasks)
             yield from _tick(results, bar)
             return
-        import multiprocessing as mp
+        from lmforge.utils import process_pool
 
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers, initializer=_init, initargs=(tok,)) as pool:
+        with process_pool(workers, initializer=_init, initargs=(tok,)) as pool:
             yield from _tick(pool.imap(_encode_range, tasks), bar)
     finally:
         bar.close()

@@ -151,10 +151,10 @@ def count_pretokens(source, pat: str, specials: tuple[str, ...], workers: int | 
         for t in tasks:
             add(_call(t))
         return counts, stats
-    import multiprocessing as mp
+    from lmforge.utils import process_pool
 
     # At most 2 tasks per worker in flight, so a long stream of texts is never all in memory.
-    with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers) as pool:
+    with process_pool(workers) as pool:
         pending: deque = deque()
         for t in tasks:
             pending.append(pool.apply_async(_call, (t,)))

@@ -71,27 +71,6 @@ def test_engine_through_the_triton_decode_kernel(tok):
         assert [o.token_ids for o in llm.generate(prompts, sp)] == [o.token_ids for o in want]
 
 
-def test_engine_batch_one_on_the_kernel_step(tok):
-    """kernel_step=True: one-sequence decode steps run lmforge.infer.kernel_step's Triton kernels over the
-    engine's paged cache (Triton's interpreter on CPU) and give the engine's tokens."""
-    from lmforge.infer.engine import EngineConfig
-    from lmforge.infer.graphs import kernel_step_available
-    from lmforge.infer.llm import LLM
-    from lmforge.infer.sampling import SamplingParams
-
-    from .infer_helpers import tiny_model
-
-    why = kernel_step_available()
-    if why is not None:
-        pytest.skip(f"kernel step: {why}")
-    model = tiny_model("llama").to("cuda" if torch.cuda.is_available() else "cpu")
-    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    want = LLM(model, tok, config=EngineConfig(kernel_step=False)).generate("hello there", sp)[0]
-    llm = LLM(model, tok, config=EngineConfig(kernel_step=True, block_size=4))
-    assert llm.generate("hello there", sp)[0].token_ids == want.token_ids
-    assert llm.engine.runner.kernel_step is not None
-
-
 def test_a_failing_decode_kernel_falls_back_to_the_reference(tok):
     """A kernel that cannot run here (e.g. does not compile) warns once; serving goes on, same tokens."""
     from lmforge.infer.engine import Engine

@@ -213,8 +213,8 @@ def bench_engine(rep: Report, model, prompts: list[list[int]], new: int, ref: to
     return toks, llm
 
 
-def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, object, str]]:
-    """(name, setup(llm) -> note, note) of the kernel-step rows. The first row's configs come from
+def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, object]]:
+    """(name, setup(llm) -> note) of the kernel-step rows. The first row's configs come from
     --kernel-configs, --tune-step (tuned now, saved to the disk cache) or the disk cache; later rows
     reload them from disk or switch one launch option off (the ablations)."""
     from lmforge.kernels.tuning import KernelConfigs
@@ -250,14 +250,14 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
             return "same configs"
         return setup
 
-    rows = [("Triton kernel step", first, "")]
+    rows = [("Triton kernel step", first)]
     if dev.type != "cuda":
         return rows
-    rows += [("kernel step, configs reloaded from disk", reloaded, ""),
-             ("kernel step, no loads before the PDL wait", option(prefetch=False), "")]
+    rows += [("kernel step, configs reloaded from disk", reloaded),
+             ("kernel step, no loads before the PDL wait", option(prefetch=False))]
     if args.kernel_variants == "full":
-        rows += [("kernel step, no evict-first L2 hint", option(evict=False), ""),
-                 ("kernel step, no PDL, no prefetch", option(pdl=False, prefetch=False), "")]
+        rows += [("kernel step, no evict-first L2 hint", option(evict=False)),
+                 ("kernel step, no PDL, no prefetch", option(pdl=False, prefetch=False))]
     return rows
 
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             bench_kernel_step(rep, model, prompts[B], new, refs[B], args, dev, cfg(kernel_step=True, cuda_graphs=None),
                               profile="profile" in sections)
     if "spec" in sections:
-        bench_speculative(rep, model, torch.tensor(prompts[batches[0]][:1]), new, refs[batches[0]][:1])
+        bench_speculative(rep, model, torch.tensor(prompts[batches[0]][:1], device=dev), new, refs[batches[0]][:1])
     if "hf" in sections:
         for cudnn in {"default": [True], "off": [False], "both": [True, False], "none": []}[args.hf]:
             bench_hf(rep, model, {B: torch.tensor(p, device=dev) for B, p in prompts.items()}, new, refs, cudnn)
@@ -342,9 +342,9 @@ def bench_kernel_step(rep: Report, model, prompts: list[list[int]], new: int, re
         rep.add(variant="Triton kernel step", batch=1, note=f"skipped: {why}")
         return
     seed_kernel_cache(Path(rep.path).parent)
-    for name, setup, note in kernel_variants(args, dev, context=len(prompts[0]) + new // 2):
+    for name, setup in kernel_variants(args, dev, context=len(prompts[0]) + new // 2):
         try:  # a kernel failure must not cost the rest of the run
-            _, llm = bench_engine(rep, model, prompts, new, ref, "engine, " + name, config, setup, note)
+            _, llm = bench_engine(rep, model, prompts, new, ref, "engine, " + name, config, setup)
         except Exception as e:  # noqa: BLE001
             rep.add(variant="engine, " + name, batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
             continue

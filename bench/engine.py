@@ -20,7 +20,7 @@ Sections (--sections, comma-separated; default all):
               shape only). --baseline-src DIR: a folder holding an older lmforge package, e.g. the last
               commit before the engine: `mkdir DIR && git archive e9e944e^ lmforge | tar -x -C DIR`
   batch1      one request (128-token prompt, 256 new): the one-sequence path (the Triton kernel step
-              when lmforge.infer.kernel_step supports paged caches and the model; issue: 1,206 tok/s at 1.1B)
+              when lmforge.infer.kernel_step supports the model; issue: 1,206 tok/s at 1.1B)
   prefix      --requests requests sharing a 2,048-token prefix (+ 16-64 own tokens, 32 new): throughput and
               mean time-to-first-token with prefix caching on vs off, both on one KV pool of
               --prefix-kv-tokens (first shape only)

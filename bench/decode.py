@@ -1,23 +1,32 @@
-"""Decode speed (issue 5): lmforge's plain, CUDA-graph and compiled+graph decode paths, HF transformers
-generate() on the same weights, and speculative decoding, in one run on one GPU.
+"""Decode speed (issue 5) through the engine: the model runner's decode backends side by side in one run on
+one GPU - plain eager paged steps, CUDA-graph decode (lmforge.infer.graphs.DecodeGraphs) and, at batch 1,
+the Triton kernel step (lmforge.infer.kernel_step through graphs.BatchOneKernel) - with HF transformers
+generate() on the same weights and speculative decoding.
 
-    python bench/decode.py                # H100: Llama-shaped 1.1B, bf16, 128-token prompt, 256 new tokens
+    python bench/decode.py                # H200: Llama-shaped 1.1B, bf16, 128-token prompt, 256 new tokens
     python bench/decode.py --quick        # tiny fp32 model on CPU: checks the script and HF weight mapping
-    python bench/decode.py --batches 1 --sections plain,kernels,compile --hf none     # batch-1 kernel step (H200)
-    TRITON_INTERPRET=1 python bench/decode.py --smoke --batches 1 --sections plain,kernels --hf none --new-tokens 4
+    python bench/decode.py --batches 1 --sections plain,graph,kernels --hf none --tune-step   # batch 1 (H200)
+    TRITON_INTERPRET=1 python bench/decode.py --quick --batches 1 --sections plain,kernels --hf none --new-tokens 4
 
-Prints a table and writes JSON (bench/results/decode.json, or $OUT/decode.json when OUT is set). Every
-fast path's greedy tokens are compared with the plain path's ("agree" = length of the common prefix /
-tokens generated, for paths that run free; fast decode paths are fed the plain path's tokens and "agree" is
-the fraction of steps whose argmax equals it - random-init logits have near-ties that bf16 rounding in
-different attention kernels can flip, after which free-running outputs diverge legitimately).
+Each variant is an `LLM` whose EngineConfig picks the backend (cuda_graphs, kernel_step); B random prompts
+run to `new` greedy tokens each. A full warm-up run comes first (graph captures, kernel compilation), then
+a timed run: prefill up to every request's first token, decode from there to the last token
+(decode tok/s = B x (new - 1) / decode seconds). Prefix caching is off, so the timed run's prefill is real.
+The KV pool is sized to the batch, the same for every variant. The kernel step's block shapes come from the
+disk cache (seeded from bench/configs/kernels/), a --kernel-configs file, or --tune-step (tuned now, on the
+whole captured step, and saved). "agree" = common prefix with the plain eager engine's tokens / tokens
+generated: random-init logits have near-ties that bf16 rounding in different kernels can flip, after which
+free-running outputs diverge legitimately.
 Roofline: batch-1 decode must read every weight once per token, so tokens/s <= copy bandwidth / weight
 bytes, with the bandwidth measured here by a device-to-device copy (bytes read + written).
+
+Prints a table and writes JSON (bench/results/decode.json, or $OUT/decode.json when OUT is set).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -30,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmforge.infer.cuda_graph import GraphDecoder  # noqa: E402
-from lmforge.infer.decoders import PlainDecoder, decode_attention  # noqa: E402
+from lmforge.infer.detok import IdTokenizer  # noqa: E402
+from lmforge.infer.engine import EngineConfig  # noqa: E402
 from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402
@@ -42,22 +51,7 @@ from lmforge.model.transformer import Transformer  # noqa: E402
 LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632,
                 max_seq_len=512, pos_emb="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False)
 TINY = dict(LLAMA_1B, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, init_std=0.2)
-
-
-class IdTokenizer:
-    """Token ids in, nothing out: the benchmark never needs text."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size, self.eot_id = vocab_size, None
-
-    def encode(self, text: str) -> list[int]:
-        return [0]
-
-    def decode(self, ids) -> str:
-        return ""
-
-    def token_bytes(self, i: int) -> bytes:
-        return b""
+SECTIONS = ("plain", "graph", "kernels", "spec", "hf")
 
 
 def sync(dev: torch.device) -> None:
@@ -80,24 +74,13 @@ def copy_bandwidth(dev: torch.device) -> float:
     return 2 * 4 * n / sorted(times)[len(times) // 2]
 
 
-@torch.no_grad()
-def greedy_loop(decoder, prompt: torch.Tensor, new: int, force: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, float, float]:
-    """Prefill + (new-1) decode steps with argmax, no host sync inside the loop. With `force` (B, new)
-    the step after token i is fed force[:, i] (teacher forcing by the reference path's tokens), so each
-    step's argmax can be compared with the reference's even after a bf16 near-tie flipped one.
-    Returns argmax tokens (B, new), prefill seconds, decode seconds."""
-    dev = prompt.device
-    sync(dev)
-    t0 = time.perf_counter()
-    logits = decoder.prefill(prompt, torch.zeros(prompt.shape[0], dtype=torch.long, device=dev))
-    out = [logits.argmax(-1)]
-    sync(dev)
-    t1 = time.perf_counter()
-    for i in range(new - 1):
-        out.append(decoder.step(out[-1] if force is None else force[:, i]).argmax(-1))
-    sync(dev)
-    return torch.stack(out, 1), t1 - t0, time.perf_counter() - t1
+def decode_attention():
+    """Context for HF's eager decoding, whose key length grows every step: SDPA may use flash,
+    memory-efficient or math kernels, not cuDNN's, which builds an execution plan for each new key length
+    (H100, 1.1B, batch 1: 10.8 -> 74 tok/s with this; 2026-11-23)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def agree(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -183,18 +166,99 @@ class Report:
         return "\n".join(lines)
 
 
-def run_loop(rep: Report, name: str, decoder, prompt, new: int, ref=None, note: str = ""):
-    """Time one path; against a reference, teacher-forced: agree = fraction of steps whose argmax equals
-    the reference path's token."""
-    toks, pre, dec = greedy_loop(decoder, prompt, new, force=ref)
-    B = prompt.shape[0]
-    match = float((toks.cpu() == ref.cpu()).float().mean()) if ref is not None else 1.0
-    rep.add(variant=name, batch=B, prefill_s=pre, decode_s=dec, decode_tok_s=B * (new - 1) / dec,
-            e2e_tok_s=B * new / (pre + dec), agree=match, note=note)
-    return toks
+def engine_run(llm: LLM, prompts: list[list[int]], new: int) -> tuple[torch.Tensor, float, float]:
+    """Greedy generation of every prompt on the engine: tokens (B, new), prefill seconds (until every
+    request has its first token), decode seconds (from there to the last token)."""
+    engine, dev = llm.engine, llm.device
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    sync(dev)
+    t0 = time.perf_counter()
+    rids = [engine.add_request(p, sp) for p in prompts]
+    reqs, done = [engine.requests[r] for r in rids], {}
+    while any(r.first_token_time is None for r in reqs):
+        done.update((o.request_id, o.token_ids) for o in engine.step(finished_only=True))
+    t1 = time.perf_counter()  # a step ends by reading its sampled tokens: the device is idle here
+    while engine.has_unfinished():
+        done.update((o.request_id, o.token_ids) for o in engine.step(finished_only=True))
+    sync(dev)
+    return torch.tensor([done[r] for r in rids]), t1 - t0, time.perf_counter() - t1
 
 
-SECTIONS = ("plain", "graph", "kernels", "generate", "spec", "hf", "compile")
+def kv_tokens(batch: int, prompt_len: int, new: int, block_size: int = 16) -> int:
+    """The pool every variant gets: room for the batch's sequences, one block of slack each."""
+    return batch * (-(-(prompt_len + new) // block_size) + 1) * block_size
+
+
+def bench_engine(rep: Report, model, prompts: list[list[int]], new: int, ref: torch.Tensor | None, name: str,
+                 config: EngineConfig, setup=None, note: str = "") -> tuple[torch.Tensor, LLM]:
+    """Warm-up run, then the timed run of one variant. setup(llm) -> note: backend options before the
+    warm-up (kernel configs, tuning). Returns the tokens (ref None: this variant is the reference) and
+    the LLM."""
+    llm = LLM(model, IdTokenizer(model.cfg.vocab_size), config=config)
+    if setup is not None:
+        note = "; ".join(filter(None, [note, setup(llm)]))
+    engine_run(llm, prompts, new)
+    toks, pre, dec = engine_run(llm, prompts, new)
+    B = len(prompts)
+    runner = llm.engine.runner
+    if runner.graphs is not None and runner.graphs.failed:
+        note += f"; graph capture FAILED ({runner.graphs.failed}), ran eagerly"
+    if runner.kernel_step is not None and runner.kernel_step.failed:
+        note += f"; kernel step FAILED ({runner.kernel_step.failed}), ran on the general path"
+    row = dict(variant=name, batch=B, prefill_s=pre, decode_s=dec, decode_tok_s=B * (new - 1) / max(dec, 1e-9),
+               e2e_tok_s=B * new / (pre + dec), agree=1.0 if ref is None else agree(toks, ref), note=note)
+    if B == 1:
+        row["pct_roofline"] = row["decode_tok_s"] / rep.meta["roofline_tok_s"]
+    rep.add(**row)
+    return toks, llm
+
+
+def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, object]]:
+    """(name, setup(llm) -> note) of the kernel-step rows. The first row's configs come from
+    --kernel-configs, --tune-step (tuned now, saved to the disk cache) or the disk cache; later rows
+    reload them from disk or switch one launch option off (the ablations)."""
+    from lmforge.kernels.tuning import KernelConfigs
+
+    given = KernelConfigs.load(Path(args.kernel_configs)) if args.kernel_configs else None
+    tuned = {}
+
+    def first(llm: LLM) -> str:
+        step = llm.engine.runner.kernel_step.step
+        if given is not None:
+            step.configs = given
+            source = "given file"
+        elif args.tune_step and dev.type == "cuda":
+            t0 = time.perf_counter()
+            step.tune(context=context, max_candidates=args.tune_candidates)
+            source = f"tuned now in {time.perf_counter() - t0:.0f}s, saved to disk"
+        else:
+            source = "disk cache" if step.configs.gpu else "defaults" + (" (tuning needs CUDA)" if args.tune_step else "")
+        tuned["configs"] = step.configs
+        print(f"kernel configs ({source}): {json.dumps(step.configs.to_json()['configs'])}", flush=True)
+        return f"configs: {source}"
+
+    def reloaded(llm: LLM) -> str:
+        same = llm.engine.runner.kernel_step.step.configs == tuned.get("configs")
+        return f"loaded set {'equal to' if same else 'DIFFERENT from'} the first row's"
+
+    def option(**off):
+        def setup(llm: LLM) -> str:
+            step = llm.engine.runner.kernel_step.step
+            step.configs = tuned.get("configs", step.configs)
+            for k, v in off.items():
+                setattr(step, k, v)
+            return "same configs"
+        return setup
+
+    rows = [("Triton kernel step", first)]
+    if dev.type != "cuda":
+        return rows
+    rows += [("kernel step, configs reloaded from disk", reloaded),
+             ("kernel step, no loads before the PDL wait", option(prefetch=False))]
+    if args.kernel_variants == "full":
+        rows += [("kernel step, no evict-first L2 hint", option(evict=False)),
+                 ("kernel step, no PDL, no prefetch", option(pdl=False, prefetch=False))]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,22 +268,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS)
-                    + ", gemv (matrix-vector bandwidth per weight shape), profile (the kernel step's kernel table), "
-                      "profile-compile (the compiled step's)")
-    ap.add_argument("--fuse", default="on", choices=["on", "off", "both"],
-                    help="fused q/k/v and gate/up projections for the graph and compile paths ('both': off, then on)")
+                    + " (plain always runs: it is the reference), gemv (matrix-vector bandwidth per weight "
+                      "shape), profile (the kernel step's kernel table)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="graph section: also a CUDA-graph row on a copy with fused q/k/v and gate/up projections")
     ap.add_argument("--hf", default="both", choices=["default", "off", "both", "none"],
                     help="HF generate() runs: torch's default SDPA backends, cuDNN attention off, both, none")
     ap.add_argument("--kernel-configs", help="a KernelConfigs JSON file (lmforge.kernels.tuning) for the kernel step")
-    ap.add_argument("--no-tune", action="store_true", help="kernel step: no tuning when the disk cache has no configs")
-    ap.add_argument("--tune-candidates", type=int, help="kernel step: tune over the first N candidates of each shape")
+    ap.add_argument("--tune-step", action="store_true",
+                    help="kernel step: tune its block shapes now on the whole captured step (saved to the disk cache)")
+    ap.add_argument("--tune-candidates", type=int, help="--tune-step over the first N candidates of each shape")
     ap.add_argument("--kernel-variants", default="full", choices=["short", "full"],
-                    help="short: tuned, reloaded from disk, previous variant; full: + no PDL, GraphDecoder's bucket")
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--compile-batches", default="1", help="batch sizes to run the torch.compile variant at")
-    ap.add_argument("--compile-modes", default="default",
-                    help="torch.compile modes for the compile section (comma list; 'default', 'max-autotune-no-cudagraphs', "
-                         "'cdt' = default mode with inductor's coordinate-descent tuning)")
+                    help="short: configs as chosen, reloaded from disk, no prefetch; full: + no evict hint, no PDL")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
     dev = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
@@ -239,173 +299,64 @@ def main(argv: list[str] | None = None) -> None:
         "roofline_tok_s": bw / weight_bytes, "prompt_len": args.prompt_len, "new_tokens": new})
     print(f"{rep.meta['device']}: {model.num_params() / 1e9:.3f}B params, {weight_bytes / 1e9:.2f} GB, "
           f"copy {bw / 1e12:.2f} TB/s -> roofline {bw / weight_bytes:.0f} tok/s at batch 1", flush=True)
+    if "gemv" in sections and dev.type == "cuda":
+        print(gemv_table(model), flush=True)
     gen = torch.Generator().manual_seed(1)
-    prompts = {B: torch.randint(0, model.cfg.vocab_size, (B, args.prompt_len), generator=gen).to(dev)
+    prompts = {B: torch.randint(0, model.cfg.vocab_size, (B, args.prompt_len), generator=gen).tolist()
                for B in batches}
-    max_len = args.prompt_len + new + 8
     refs = {}
-    for B in batches:  # the reference tokens every fast path is compared with
-        refs[B] = run_loop(rep, "plain (eager, KVCache)", PlainDecoder(model, B, max_len), prompts[B], new)
-    if "kernels" in sections and 1 in batches and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        seed_kernel_cache(out_dir)
-        try:  # a kernel failure must not cost the rest of the run
-            bench_kernels(rep, model, prompts[1], new, refs[1], max_len, profile="profile" in sections,
-                          configs=args.kernel_configs, tune=not args.no_tune, max_candidates=args.tune_candidates,
-                          full=args.kernel_variants == "full")
-        except Exception as e:  # noqa: BLE001
-            import traceback
-
-            traceback.print_exc()
-            rep.add(variant="Triton kernel step", batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
-        # inference never mutates the model it is given (the kernel step fuses its own copy)
-        rep.meta["model_still_unfused"] = all(b.attn.wqkv is None and b.attn.wq is not None for b in model.blocks)
-    for fused in {"on": [True], "off": [False], "both": [False, True]}[args.fuse]:
-        m = fused_copy(model) if fused else model  # the model itself stays unfused
-        tag = ", fused q/k/v + gate/up" if fused else ""
-        if "gemv" in sections and dev.type == "cuda":
-            print(gemv_table(m), flush=True)
+    for B in batches:
+        base = dict(max_num_seqs=B, num_kv_tokens=kv_tokens(B, args.prompt_len, new), prefix_caching=False,
+                    kernel_step=False)
+        cfg = lambda **kw: EngineConfig(**{**base, **kw})  # noqa: E731
+        refs[B], _ = bench_engine(rep, model, prompts[B], new, None, "engine, plain eager paged steps",
+                                  cfg(cuda_graphs=False))
         if "graph" in sections:
-            graph = GraphDecoder(m, max(batches), max_len, kernels=False)
-            for B in batches:
-                run_loop(rep, "static cache, eager" + tag,
-                         GraphDecoder(m, B, max_len, use_graphs=False, kernels=False), prompts[B], new, refs[B])
-                if dev.type == "cuda":
-                    graph.capture(graph.bucket(B))
-                    run_loop(rep, "static cache + CUDA graph" + tag, graph.bind(B), prompts[B], new, refs[B])
-            del graph
-        if "compile" in sections and dev.type == "cuda" and not args.no_compile:
-            for mode in args.compile_modes.split(","):
-                for B in [int(b) for b in args.compile_batches.split(",")]:
-                    bench_compiled(rep, m, prompts[B], new, refs[B], max_len, mode, tag,
-                                   profile="profile-compile" in sections and B == 1)
-        del m
-    if "generate" in sections:
-        bench_generate(rep, model, prompts[max(batches)], new, refs[max(batches)])
+            graphs = "CUDA-graph decode" if dev.type == "cuda" else "graph-bucket decode (eager static buffers, CPU)"
+            bench_engine(rep, model, prompts[B], new, refs[B], "engine, " + graphs, cfg(cuda_graphs=True))
+            if args.fuse:
+                bench_engine(rep, fused_copy(model), prompts[B], new, refs[B],
+                             "engine, " + graphs + ", fused q/k/v + gate/up", cfg(cuda_graphs=True))
+        if "kernels" in sections and B == 1:
+            bench_kernel_step(rep, model, prompts[B], new, refs[B], args, dev, cfg(kernel_step=True, cuda_graphs=None),
+                              profile="profile" in sections)
     if "spec" in sections:
-        bench_speculative(rep, model, prompts[batches[0]][:1], new, refs[batches[0]][:1])
+        bench_speculative(rep, model, torch.tensor(prompts[batches[0]][:1], device=dev), new, refs[batches[0]][:1])
     if "hf" in sections:
         for cudnn in {"default": [True], "off": [False], "both": [True, False], "none": []}[args.hf]:
-            bench_hf(rep, model, prompts, new, refs, cudnn)
+            bench_hf(rep, model, {B: torch.tensor(p, device=dev) for B, p in prompts.items()}, new, refs, cudnn)
     print("\n" + rep.table())
     print(f"\nroofline (batch 1): {rep.meta['roofline_tok_s']:.0f} tok/s; JSON: {rep.path}")
 
 
-def bench_compiled(rep: Report, model, prompt, new: int, ref, max_len: int, mode: str, tag: str,
-                   profile: bool = False) -> None:
-    """torch.compile + CUDA graph at one batch size; mode 'cdt' turns on inductor's coordinate-descent
-    tuning of kernel launch parameters (gpt-fast's setting)."""
-    import torch._inductor.config as inductor
+def bench_kernel_step(rep: Report, model, prompts: list[list[int]], new: int, ref, args, dev: torch.device,
+                      config: EngineConfig, profile: bool) -> None:
+    """The kernel-step rows (batch 1), or one row saying why they cannot run here."""
+    from lmforge.infer.graphs import kernel_step_available
+    from lmforge.infer.kernel_step import unsupported
 
-    B = prompt.shape[0]
-    inductor.coordinate_descent_tuning = mode == "cdt"
-    torch._dynamo.reset()
-    comp = GraphDecoder(model, B, max_len, compile=True if mode in ("default", "cdt") else mode, kernels=False)
-    t0 = time.perf_counter()
-    comp.capture(B)
-    name = "torch.compile" + ("" if mode == "default" else f" ({mode})") + " + CUDA graph" + tag
-    run_loop(rep, name, comp, prompt, new, ref, note=f"compile+capture {time.perf_counter() - t0:.0f}s")
-    if profile:
-        from profiling import kernel_table
-
-        tok = ref[:, 0]
-        comp.cache.length = comp.cache.max_len // 2
-        comp.cache.pos.fill_(comp.cache.length)
-        eager = torch.no_grad()(comp.forward)  # the compiled step without the graph: one launch per kernel
-        print(f"\n[{name}] compiled step, no graph:\n" + kernel_table(
-            lambda: eager(comp.cache.view(B), tok[:, None]), calls=10), flush=True)
-        graph = comp.graphs[B][0]
-        print(f"\n[{name}] graph replay:\n" + kernel_table(graph.replay, calls=10), flush=True)
-    del comp
-    inductor.coordinate_descent_tuning = False
-
-
-def bench_kernels(rep: Report, model, prompt, new: int, ref, max_len: int, profile: bool = False,
-                  configs: str | None = None, tune: bool = True, max_candidates: int | None = None,
-                  full: bool = True) -> None:
-    """Batch 1 on lmforge.infer.kernel_step over a paged cache (shuffled blocks of 16), as a model runner
-    drives it: step(token, position) captured once, replayed per token (the prompt is fed token by token).
-    Block shapes come from the on-disk cache (LMFORGE_KERNEL_CACHE) or are tuned on first use and saved;
-    a second step then loads them from disk. Ablations with the same shapes: the previous variant (no
-    weight prefetch before the PDL wait), and no PDL at all. Last, GraphDecoder's batch-1 bucket (static
-    cache), which builds its own KernelStep and so also reads the disk cache."""
-    from lmforge.infer.kernel_step import KernelStep, PagedKV, unsupported
-    from lmforge.kernels.tuning import KernelConfigs
-
-    if unsupported(model):
-        rep.add(variant="Triton kernel step", batch=1, note=f"skipped: {unsupported(model)}")
+    why = kernel_step_available() or unsupported(model)
+    if why is None and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        why = "no GPU (TRITON_INTERPRET=1 runs it in Triton's interpreter)"
+    if why is not None:
+        rep.add(variant="Triton kernel step", batch=1, note=f"skipped: {why}")
         return
-    dev, c = prompt.device, model.cfg
-    bs, T = 16, prompt.shape[1]
-    n_blocks = -(-(T + new + 1) // bs)
-    gen = torch.Generator().manual_seed(3)
-    dtype = next(model.parameters()).dtype
-    pool = lambda: torch.zeros(n_blocks + 4, bs, c.kv_heads, c.hd, dtype=dtype, device=dev)  # noqa: E731
-    kv = PagedKV(k=[pool() for _ in range(c.n_layers)], v=[pool() for _ in range(c.n_layers)],
-                 block_table=torch.randperm(n_blocks + 4, generator=gen)[:n_blocks].to(torch.int32)[None].to(dev))
-    given = KernelConfigs.load(Path(configs)) if configs else None
-    graphs = dev.type == "cuda"
-
-    def run(name: str, ks: KernelStep, note: str) -> None:
-        if graphs:
-            ks.capture()
-        call = ks.replay if graphs else ks.step
-        positions = torch.arange(T + new, device=dev)
-        sync(dev)
-        t0 = time.perf_counter()
-        for t in range(T):  # the prompt, one token per step (no prefill kernel at batch 1)
-            logits = call(prompt[0, t:t + 1], positions[t:t + 1])
-        out = [logits.argmax(-1)]
-        sync(dev)
-        t1 = time.perf_counter()
-        for i in range(new - 1):
-            out.append(call(ref[0, i:i + 1], positions[T + i:T + i + 1]).argmax(-1))
-        sync(dev)
-        dec = time.perf_counter() - t1
-        toks = torch.stack(out, 1)
-        rep.add(variant=name, batch=1, prefill_s=t1 - t0, decode_s=dec, decode_tok_s=(new - 1) / dec,
-                e2e_tok_s=new / (time.perf_counter() - t0), agree=float((toks.cpu() == ref.cpu()).float().mean()),
-                pct_roofline=(new - 1) / dec / rep.meta["roofline_tok_s"], note=note)
-
-    t0 = time.perf_counter()
-    ks = KernelStep(model, kv, configs=given, autotune=tune and graphs)
-    source = "given file" if given else ("disk cache" if ks.configs.gpu else "defaults")
-    if ks.autotune:
-        ks.tune(context=T + new // 2, max_candidates=max_candidates)
-        source = f"tuned on first use in {time.perf_counter() - t0:.0f}s, saved to disk"
-    rep.meta["kernel_configs"] = ks.configs.to_json()
-    print(f"kernel configs ({source}): {json.dumps(ks.configs.to_json()['configs'])}", flush=True)
-    for i in range(2 if graphs else 1):  # two timings of one graph: the spread is the noise
-        run("Triton kernel step (paged)" + (" + CUDA graph, PDL + weight prefetch" if graphs else ", eager"), ks,
-            f"configs: {source}; timing {i + 1}")
-    if not graphs:
-        return
-    variants = [("Triton kernel step (paged), configs reloaded from disk", lambda: KernelStep(model, kv), None),
-                ("previous variant: PDL, no loads before the PDL wait",
-                 lambda: KernelStep(model, kv, configs=ks.configs, prefetch=False), "same configs")]
-    if full:
-        variants += [("no evict-first L2 hint on weight loads",
-                      lambda: KernelStep(model, kv, configs=ks.configs, evict=False), "same configs"),
-                     ("no PDL, no prefetch", lambda: KernelStep(model, kv, configs=ks.configs, pdl=False,
-                                                                prefetch=False), "same configs")]
-    for name, make, note in variants:
-        try:  # one variant failing must not cost the others
-            step = make()
-            if note is None:  # a fresh step: its configs come from the disk cache
-                note = f"loaded set {'equal to' if step.configs == ks.configs else 'DIFFERENT from'} the tuned set"
-            run(name, step, note)
-            del step
+    seed_kernel_cache(Path(rep.path).parent)
+    for name, setup in kernel_variants(args, dev, context=len(prompts[0]) + new // 2):
+        try:  # a kernel failure must not cost the rest of the run
+            _, llm = bench_engine(rep, model, prompts, new, ref, "engine, " + name, config, setup)
         except Exception as e:  # noqa: BLE001
-            rep.add(variant=name, batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:150]}")
-    if full:
-        dec = GraphDecoder(model, 1, max_len, kernels=True)
-        dec.capture(1)
-        run_loop(rep, "GraphDecoder batch-1 bucket (static cache, kernel step)", dec, prompt, new, ref,
-                 note="configs from the disk cache" if dec.kernel_step.configs.gpu else "default configs")
-    print("\n" + rep.table(), flush=True)  # now, in case a later section runs out of time
-    if profile:
-        from profiling import kernel_table
+            rep.add(variant="engine, " + name, batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        graph = llm.engine.runner.kernel_step.step.graph
+        if profile and name == "Triton kernel step" and graph is not None:
+            from profiling import kernel_table
 
-        print("\n[Triton kernel step] graph replay:\n" + kernel_table(ks.graph.replay, calls=10), flush=True)
+            print("\n[Triton kernel step] graph replay:\n" + kernel_table(graph.replay, calls=10), flush=True)
+        del llm
+    # inference never mutates the model it is given (the kernel step reads its weights as they are)
+    rep.meta["model_still_unfused"] = all(b.attn.wqkv is None and b.attn.wq is not None for b in model.blocks)
+    print("\n" + rep.table(), flush=True)  # now, in case a later section runs out of time
 
 
 def seed_kernel_cache(out_dir: Path) -> None:
@@ -475,22 +426,6 @@ def gemv_table(model) -> str:
     return "\n".join(lines)
 
 
-def bench_generate(rep: Report, model, prompt, new: int, ref) -> None:
-    """The user-facing path: LLM.generate with per-row stopping, detokenization and bookkeeping."""
-    llm = LLM(model, IdTokenizer(model.cfg.vocab_size), max_batch_size=prompt.shape[0])
-    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    ids = prompt.tolist()
-    llm.generate(ids, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # capture graphs
-    sync(prompt.device)
-    t0 = time.perf_counter()
-    outs = llm.generate(ids, sp)
-    sync(prompt.device)
-    dt = time.perf_counter() - t0
-    toks = torch.tensor([o.token_ids for o in outs])
-    rep.add(variant="LLM.generate" + (" (CUDA graphs)" if llm.cuda_graphs else ""), batch=len(ids),
-            e2e_tok_s=len(ids) * new / dt, agree=agree(toks, ref), note="includes per-step host work")
-
-
 def bench_speculative(rep: Report, model, prompt, new: int, ref) -> None:
     """Greedy speculative decoding (eager) against eager greedy decoding of the same prompt."""
     sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
@@ -528,8 +463,6 @@ def bench_hf(rep: Report, model, prompts: dict, new: int, refs: dict, cudnn: boo
         rep.add(variant="HF transformers generate()", batch=0, note=f"skipped: {type(e).__name__}: {e}")
         return
     import transformers
-
-    import contextlib
 
     for B, prompt in prompts.items():
         with contextlib.nullcontext() if cudnn else decode_attention():

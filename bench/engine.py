@@ -9,18 +9,22 @@ Sections (--sections, comma-separated; default all):
               near-ties of random weights may flip late tokens; fp32 --smoke must agree exactly)
   offline     nano-vllm's workload: --requests prompts, prompt and output lengths uniform in [100, 1024],
               ignore EOS; output tokens/s, the workload's roofline and the fraction reached, KV memory
-              utilisation at peak (tokens held / slots of the blocks in use; > 1 where prefixes share blocks)
-              and the pool's occupancy then (tokens held / slots allocated)
+              utilisation at peak (Engine.stats(): tokens stored in the distinct blocks in use / their
+              slots, shared blocks once) and the pool's occupancy then (tokens stored / the pool's slots)
   fixed       the same prompts with 512 new tokens each (the issue's 2026-12-01 measurements: old path
               4,991 tok/s at batch 64, roofline ~38,000)
   hf          HF generate(), padded static batches of --hf-batch sorted by prompt length (first shape only)
-  hf_batch    HF's continuous batching generate_batch on --hf-batch-requests (one max_new_tokens for all)
-  baseline    lmforge's previous static-batch LLM (--baseline-src DIR = the pre-engine package) in a
-              subprocess, fixed 512 new tokens, batch 64 (first shape only)
+  hf_batch    HF's continuous batching generate_batch (transformers >= 5) on --hf-batch-requests (one
+              max_new_tokens for all; the time includes its cache allocation and CUDA-graph warm-up)
+  baseline    lmforge's previous static-batch LLM in a subprocess, fixed 512 new tokens, batch 64 (first
+              shape only). --baseline-src DIR: a folder holding an older lmforge package, e.g. the last
+              commit before the engine: `mkdir DIR && git archive e9e944e^ lmforge | tar -x -C DIR`
   batch1      one request (128-token prompt, 256 new): the one-sequence path (the Triton kernel step
-              when lmforge.infer.kernel_step supports paged caches and the model; issue: 1,206 tok/s at 1.1B)
+              when lmforge.infer.kernel_step supports the model; issue: 1,206 tok/s at 1.1B)
   prefix      --requests requests sharing a 2,048-token prefix (+ 16-64 own tokens, 32 new): throughput and
-              mean time-to-first-token with prefix caching on vs off (first shape only)
+              mean time-to-first-token with prefix caching on vs off, both on one KV pool of
+              --prefix-kv-tokens (first shape only)
+Rows that cannot run say why in one line (skipped: ...) and the run goes on.
 Roofline per decode step: max(bytes / copy bandwidth, FLOPs / matmul peak) with bytes = weights + the KV
 of every live sequence, FLOPs = 2 x params x live sequences (+ attention); prefill adds its FLOPs. Copy
 bandwidth and the bf16 matmul peak are measured here. Prints a table; writes JSON to $OUT (or bench/results)
@@ -79,25 +83,20 @@ def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[tuple[
 
 
 def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
-    """All requests at t=0; returns wall time, output tokens, mean TTFT and peak KV utilisation."""
+    """All requests at t=0; returns wall time, output tokens, mean TTFT and KV utilisation at peak."""
     engine = Engine(model, IdTokenizer(model.cfg.vocab_size), config)
     sync(dev)
     t0 = time.perf_counter()
     ttft: list[float] = []
     for prompt, new in reqs:
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-    out_tokens, peak_used, util_at_peak, occupancy, steps = 0, 0, 0.0, 0.0, 0
+    out_tokens, steps = 0, 0
     while engine.has_unfinished():
         outs = engine.step(finished_only=True)
         steps += 1
         for o in outs:
             out_tokens += len(o.token_ids)
             ttft.append(o.metrics["time_to_first_token_s"])
-        used = engine.pool.num_used
-        if used >= peak_used and used:
-            held = sum(s.num_computed for s in engine.scheduler.running)
-            peak_used, util_at_peak = used, held / (used * engine.pool.block_size)
-            occupancy = held / (engine.pool.num_blocks * engine.pool.block_size)
     sync(dev)
     wall = time.perf_counter() - t0
     st = engine.stats()
@@ -106,8 +105,8 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
             "kernel_step": getattr(engine.runner, "kernel_step", None) is not None,
             "decode": "triton kernel" if decode_kernel(torch.device(dev)) else "gather reference",
             "seconds": wall, "output_tokens": out_tokens, "tok_s": out_tokens / wall, "steps": steps,
-            "ttft_mean_s": sum(ttft) / max(len(ttft), 1), "kv_util_at_peak": util_at_peak,
-            "pool_occupancy_at_peak": occupancy,
+            "ttft_mean_s": sum(ttft) / max(len(ttft), 1), "kv_util_at_peak": st["kv_utilization_at_peak"],
+            "pool_occupancy_at_peak": st["kv_utilization_at_peak"] * st["peak_used_blocks"] / st["num_blocks"],
             "peak_blocks": st["peak_used_blocks"], "pool_blocks": st["num_blocks"],
             "prefix_hit_rate": st["prefix_hit_rate"], "preemptions": st["preemptions"]}
 
@@ -214,8 +213,10 @@ def measure_device(dev) -> tuple[float, float]:
 
 
 def hf_model(shape: str, args, dev, dtype):
-    import transformers
-
+    try:
+        import transformers
+    except ImportError:
+        return {"error": "skipped: transformers is not installed (pip install 'lmforge[hf]')"}
     s = {**COMMON, **SHAPES[shape], **(SMOKE if args.smoke else {})}
     kw = dict(vocab_size=s["vocab_size"], hidden_size=s["d_model"], intermediate_size=s["d_ff"],
               num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
@@ -250,15 +251,19 @@ def run_hf_generate(hf, reqs, batch: int, dev) -> dict:
 
 
 @torch.no_grad()
-def run_hf_batch(hf, reqs, dev) -> dict:
-    from transformers import GenerationConfig
+def run_hf_batch(hf, reqs, dev, smoke: bool) -> dict:
+    import transformers
 
+    if not hasattr(hf, "generate_batch"):
+        return {"error": f"skipped: transformers {transformers.__version__} has no generate_batch (needs >= 5)"}
     new = max(n for _, n in reqs)
-    cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
+    cfg = transformers.GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)
+    # on a CPU it sizes its cache from the machine's memory (30 s of fill_ for a toy model): a small one
+    cb = transformers.ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=64) if smoke else None
     sync(dev)
     t0 = time.perf_counter()
-    out = hf.generate_batch(inputs=[p for p, _ in reqs], generation_config=cfg)
+    out = hf.generate_batch(inputs=[p for p, _ in reqs], generation_config=cfg, continuous_batching_config=cb)
     sync(dev)
     wall = time.perf_counter() - t0
     tokens = sum(len(o.generated_tokens) for o in out.values())
@@ -266,7 +271,10 @@ def run_hf_batch(hf, reqs, dev) -> dict:
 
 
 BASELINE = """
-import json, sys, time, torch
+import json, sys, time
+sys.path.insert(0, sys.argv[2])  # the older package first (python -c also puts the working folder on the path)
+import torch
+import lmforge
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.config import ModelConfig
@@ -289,25 +297,33 @@ outs = llm.generate(prompts, sp)
 if dev == "cuda": torch.cuda.synchronize()
 wall = time.perf_counter() - t0
 n = sum(len(o.token_ids) for o in outs)
-print("RESULT " + json.dumps({"seconds": wall, "output_tokens": n, "tok_s": n / wall}))
+print("RESULT " + json.dumps({"seconds": wall, "output_tokens": n, "tok_s": n / wall, "package": lmforge.__file__}))
 """
 
 
 def run_baseline(shape: str, args, reqs, dev, dtype) -> dict:
+    if args.baseline_src is None:
+        return {"error": "skipped: no --baseline-src DIR (a folder holding an older lmforge package)"}
+    src = Path(args.baseline_src).resolve()
+    if not (src / "lmforge" / "__init__.py").is_file():
+        return {"error": f"skipped: --baseline-src {src} holds no lmforge/__init__.py (give the folder above the package)"}
     kw = {**COMMON, **SHAPES[shape], **(SMOKE if args.smoke else {})}
-    env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_src).resolve()))
+    env = dict(os.environ, PYTHONPATH=str(src))
     payload = json.dumps([kw, [p for p, _ in reqs], args.fixed_new, 64, dev.type, str(dtype).split(".")[-1]])
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:  # prompts passed by file (argv has a size limit)
         f.write(payload)
         f.flush()
-        proc = subprocess.run([sys.executable, "-c", BASELINE, f.name], env=env, capture_output=True, text=True,
-                              timeout=args.baseline_timeout)
+        proc = subprocess.run([sys.executable, "-c", BASELINE, f.name, str(src)], env=env, capture_output=True,
+                              text=True, timeout=args.baseline_timeout)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(line[7:])
+        return {"error": "baseline failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    res = json.loads(line[7:])
+    if not Path(res.pop("package")).resolve().is_relative_to(src):
+        return {"error": f"baseline imported lmforge from outside {src}: its numbers would be this version's"}
+    return res
 
 
 def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> list[tuple[list[int], int]]:
@@ -353,12 +369,15 @@ def parse(argv) -> argparse.Namespace:
     ap.add_argument("--fixed-new", type=int, default=512)
     ap.add_argument("--baseline-src", default=None, help="folder holding the pre-engine lmforge package")
     ap.add_argument("--baseline-timeout", type=int, default=240)
+    ap.add_argument("--prefix-kv-tokens", type=int, default=1 << 18,
+                    help="prefix section: the KV pool (tokens) of both runs; without prefix caching --requests "
+                         "x ~2.1k tokens do not all fit, with it they do")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     args = ap.parse_args(argv)
     if args.smoke:
         args.requests, args.hf_requests, args.hf_batch, args.fixed_new = 12, 6, 3, 16
-        args.hf_batch_requests, args.max_num_batched_tokens = 3, 64
+        args.hf_batch_requests, args.max_num_batched_tokens, args.prefix_kv_tokens = 3, 64, 1024
     args.sections = set(args.sections.split(","))
     return args
 
@@ -386,16 +405,17 @@ def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float,
     if "batch1" in sections:
         one = [(workload(1, 128, 128, V, seed=3)[0][0], 16 if args.smoke else 256)]
         run_engine(model, one, config, dev)  # warm-up: capture, kernel tuning
-        add("engine, batch 1 (128 prompt, 256 new)", guarded(run_engine, model, one, config, dev))
+        add(f"engine, batch 1 (128 prompt, {one[0][1]} new)", guarded(run_engine, model, one, config, dev))
     if first and "prefix" in sections:
         pre = prefix_workload(args.requests, prefix_len, V, 16, 64)
+        pool = dataclasses.replace(config, num_kv_tokens=args.prefix_kv_tokens)  # equal memory for both
         for on in (False, True):
-            add(f"shared {prefix_len}-token prefix, prefix caching {'on' if on else 'off'}",
-                guarded(run_engine, model, pre, dataclasses.replace(config, prefix_caching=on), dev))
+            add(f"shared {prefix_len}-token prefix, prefix caching {'on' if on else 'off'}, "
+                f"{args.prefix_kv_tokens} KV tokens",
+                guarded(run_engine, model, pre, dataclasses.replace(pool, prefix_caching=on), dev))
     if first and "baseline" in sections:
-        res = ({"error": "no --baseline-src"} if args.baseline_src is None
-               else guarded(run_baseline, shape, args, fixed[:64], dev, dtype))
-        add(f"previous static-batch LLM, batch 64, {args.fixed_new} new", res)
+        add(f"previous static-batch LLM, batch 64, {args.fixed_new} new",
+            guarded(run_baseline, shape, args, fixed[:64], dev, dtype))
     if first and sections & {"hf", "hf_batch"}:
         del model
         hf = guarded(hf_model, shape, args, dev, dtype)
@@ -406,7 +426,7 @@ def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float,
         if "hf_batch" in sections:
             sub = reqs[: args.hf_batch_requests]
             add(f"HF generate_batch, {len(sub)} requests",
-                hf if isinstance(hf, dict) else guarded(run_hf_batch, hf, sub, dev))
+                hf if isinstance(hf, dict) else guarded(run_hf_batch, hf, sub, dev, args.smoke))
 
 
 def main(argv=None) -> dict:

@@ -10,8 +10,8 @@ prompts is timed:
     loop bench/decode.py uses as its speculative baseline, so every row differs only in its drafter
     (it still pays the loop's per-token host work: a verify step, and NGramDrafter's context scan, whose
     result k=0 discards - tens of microseconds per token);
-  * plain: PlainDecoder's greedy loop (no host sync per token) - how much that bookkeeping costs, for
-    reference;
+  * plain: the engine's greedy decode with no drafter (LLM.generate, batch 1) - how much the
+    speculative strategy's bookkeeping costs, for reference;
   * ModelDrafter(draft) for several k, and prompt lookup (NGramDrafter, Saxena 2023).
 
 Per row: tokens/s, acceptance rate (accepted / drafted), tokens per target forward, speed-up over the
@@ -52,7 +52,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.demo import stdlib_corpus  # noqa: E402
-from lmforge.infer.decoders import PlainDecoder  # noqa: E402
+from lmforge.infer.engine import EngineConfig  # noqa: E402
+from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
@@ -217,14 +218,10 @@ def timed(fn, dev: torch.device):
 
 @torch.inference_mode()
 def plain_greedy(model: Transformer, prompt: list[int], new: int) -> list[int]:
-    """PlainDecoder: prefill, then one step per token with argmax fed back on the device (no host sync)."""
-    dev = next(model.parameters()).device
-    dec = PlainDecoder(model, 1, len(prompt) + new)
-    ids = torch.tensor([prompt], device=dev)
-    out = [dec.prefill(ids, torch.zeros(1, dtype=torch.long, device=dev)).argmax(-1)]
-    for _ in range(new - 1):
-        out.append(dec.step(out[-1]).argmax(-1))
-    return torch.cat(out).tolist()
+    """The engine with no drafter: LLM.generate of one prompt, greedy (a pool sized to it, as
+    speculative_generate's)."""
+    llm = LLM(model, ByteTokenizer(), config=EngineConfig(max_num_seqs=1, num_kv_tokens=len(prompt) + new + 16))
+    return llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))[0].token_ids
 
 
 @torch.inference_mode()
@@ -335,7 +332,7 @@ def measure(rep: Report, target, draft, target32, prompts: list[list[int]], args
             secs += dt
         return outs, {"seconds": secs, "tokens": sum(map(len, outs))}
 
-    variants = [("PlainDecoder greedy loop (reference)", None, plain)]
+    variants = [("engine, no drafter (LLM.generate)", None, plain)]
     variants += [(f"draft model ({args.draft_layers}L, d{args.draft_dim})", k,
                   lambda k=k: run_variant(lambda n: ModelDrafter(draft, n), k, target, prompts, args, dev))
                  for k in args.k_list]

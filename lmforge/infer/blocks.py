@@ -14,6 +14,14 @@ match at block granularity), lookup is one dict probe per block, eviction is an 
 with no tree to rebalance, and forked or preempted sequences need no tree surgery. Keys are Python
 hashes of (parent key, token tuple): the dict compares the token tuple on a hash match, so two prefixes
 collide only if their parents' 64-bit keys collide.
+
+KV memory utilisation: the fraction of the allocated KV slots that hold tokens, = tokens stored in the
+distinct blocks in use / (blocks in use x block_size). A block shared by several sequences (a prefix hit,
+the n samples of a request, beams) is counted once, so the fraction never exceeds 1 - summing each
+sequence's length instead counts a shared prefix once per holder. The pool learns each block's fill from
+`append` (the slots a step is about to write, which it has written by the time anyone reads the numbers;
+slots reserved for speculative drafts count as written even when the drafts are rejected), and records the
+utilisation when the blocks in use reach their peak (`peak_used`, `peak_utilization`).
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ class BlockPool:
         self.idle: OrderedDict[int, None] = OrderedDict()  # ref 0 but holding a cached prefix (LRU first)
         self.cached: dict[int, int] = {}  # key -> block
         self.stats = PrefixStats()
+        self.filled = [0] * num_blocks  # token slots written in each block (kept while a cached block idles)
+        self.tokens_held = 0  # sum of `filled` over the blocks in use (ref > 0)
+        self.peak_used, self.peak_utilization = 0, 0.0
         self.null = num_blocks
         """a block id never handed out: table entries of blocks dropped behind a sliding window point here
         (the cache has one block more, never read unmasked)"""
@@ -61,6 +72,21 @@ class BlockPool:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @property
+    def utilization(self) -> float:
+        """Tokens stored in the blocks in use / their slots (each shared block once); 0 when none is."""
+        return self.tokens_held / (self.num_used * self.block_size) if self.num_used else 0.0
+
+    def _fill(self, b: int, upto: int) -> None:
+        """Block b (in use) holds tokens in its first `upto` slots."""
+        if upto > self.filled[b]:
+            self.tokens_held += upto - self.filled[b]
+            self.filled[b] = upto
+
+    def _note_peak(self) -> None:
+        if self.num_used >= self.peak_used:  # at a tie, the later state: its blocks are fuller
+            self.peak_used, self.peak_utilization = self.num_used, self.utilization
+
     # allocation ----------------------------------------------------------------------------------------
     def _take(self) -> int:
         if self.fresh:
@@ -68,7 +94,7 @@ class BlockPool:
         elif self.idle:
             b, _ = self.idle.popitem(last=False)  # least recently used cached block
             del self.cached[self.key[b]]
-            self.key[b] = None
+            self.key[b], self.filled[b] = None, 0
         else:
             raise LmforgeError("the KV block pool is exhausted (the scheduler should have preempted)")
         self.ref[b] = 1
@@ -80,6 +106,7 @@ class BlockPool:
             return
         if self.ref[b] == 0:
             self.idle.pop(b, None)
+            self.tokens_held += self.filled[b]
         self.ref[b] += 1
 
     def release(self, table: list[int]) -> None:
@@ -89,9 +116,11 @@ class BlockPool:
                 continue
             self.ref[b] -= 1
             if self.ref[b] == 0:
+                self.tokens_held -= self.filled[b]
                 if self.key[b] is not None:
                     self.idle[b] = None
                 else:
+                    self.filled[b] = 0
                     self.fresh.append(b)
         table.clear()
 
@@ -106,15 +135,19 @@ class BlockPool:
 
     def append(self, table: list[int], num_tokens: int, new_tokens: int) -> list[tuple[int, int]]:
         """Make `table` cover num_tokens + new_tokens; returns the (src, dst) blocks to copy first."""
-        copies = []
-        i = num_tokens // self.block_size
-        if num_tokens % self.block_size and self.ref[table[i]] > 1:  # copy-on-write of a shared tail
+        copies, bs = [], self.block_size
+        i = num_tokens // bs
+        if num_tokens % bs and self.ref[table[i]] > 1:  # copy-on-write of a shared tail
             dst = self._take()
             copies.append((table[i], dst))
             self.ref[table[i]] -= 1
             table[i] = dst
-        while len(table) < self.blocks_for(num_tokens + new_tokens):
+        end = num_tokens + new_tokens
+        while len(table) < self.blocks_for(end):
             table.append(self._take())
+        for j in range(i, self.blocks_for(end)):  # the copied head of a CoW block, then the new slots
+            self._fill(table[j], min(bs, end - j * bs))
+        self._note_peak()
         return copies
 
     def drop_behind(self, table: list[int], first_visible: int) -> None:

@@ -378,8 +378,12 @@ class Engine:
 
     # statistics ----------------------------------------------------------------------------------
     def stats(self) -> dict:
+        """Pool and scheduler counters. kv_utilization: tokens stored in the distinct blocks in use / their
+        slots, each shared block (prefix hits, n samples, beams) counted once, so it is at most 1
+        (lmforge.infer.blocks); *_at_peak: when the most blocks were in use (peak_used_blocks)."""
         p = self.pool
-        return {"num_blocks": p.num_blocks, "used_blocks": p.num_used, "peak_used_blocks": self.peak_used_blocks,
+        return {"num_blocks": p.num_blocks, "used_blocks": p.num_used, "peak_used_blocks": p.peak_used,
+                "kv_utilization": p.utilization, "kv_utilization_at_peak": p.peak_utilization,
                 "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
                 "preemptions": self.scheduler.num_preemptions}
 

@@ -13,6 +13,7 @@ Mixed steps (prefill chunks) run eagerly, as before.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
 
@@ -126,12 +127,10 @@ class _Entry:
 def kernel_step_available() -> str | None:
     """Why the batch-1 Triton kernel step cannot serve as a backend here (None: it can)."""
     try:
-        from lmforge.infer import kernel_step
+        importlib.import_module("lmforge.infer.kernel_step")  # its kernels' modules import here
         from lmforge.kernels.decode import available
     except ImportError as e:
         return f"cannot import it ({e})"
-    if not hasattr(kernel_step, "PagedKV"):
-        return "this lmforge.infer.kernel_step predates paged caches"
     return None if available("cuda" if torch.cuda.is_available() else "cpu") else "triton is not available"
 
 

@@ -10,8 +10,8 @@ in a CUDA graph. Public surface:
         model     an lmforge Transformer that `unsupported(model)` accepts. Read, never modified: the
                   kernels take its own q/k/v and gate/up weights (no stacked copy, no extra memory; later
                   changes to the weights are seen), only RoPE tables are the step's own
-        kv        PagedKV (per-layer (num_blocks, block_size, KV, hd) caches + a (1, max_blocks) int32
-                  block table the caller fills), or a StaticKVCache (its row 0, left padding respected)
+        kv        PagedKV: per-layer (num_blocks, block_size, KV, hd) caches + a (1, max_blocks) int32
+                  block table the caller fills (lmforge.infer.graphs.BatchOneKernel: the engine's cache)
         configs   KernelConfigs; None: the set cached on disk for this GPU and model shape, else defaults
         autotune  with configs=None and nothing cached: tune at capture() and save the set to disk
     logits = ks.step(token, position)   token (1,) long, position (1,) or () int, both device tensors:
@@ -40,7 +40,6 @@ from lmforge.errors import LmforgeError
 from lmforge.kernels import decode as kd
 from lmforge.kernels import paged_attention as pa
 from lmforge.kernels.tuning import KernelConfigs, coordinate_descent, gpu_name
-from lmforge.model.cache import StaticKVCache
 
 
 def unsupported(model) -> str | None:
@@ -90,15 +89,6 @@ class PagedKV:
     v: Sequence[torch.Tensor]
     block_table: torch.Tensor
     """(1, max_blocks) int32 on the device; the caller keeps it filled for the positions it decodes"""
-    start: torch.Tensor | None = None
-    """(1,) first visible slot (a static cache row's left padding); RoPE positions are slot - start"""
-
-    @classmethod
-    def from_static(cls, cache: StaticKVCache) -> "PagedKV":
-        """Row 0 of a StaticKVCache ((L, B, KV, S, hd)) as one block of S slots (a strided view)."""
-        view = lambda t: t.permute(1, 0, 2)[None]  # noqa: E731  (KV, S, hd) -> (1, S, KV, hd)
-        return cls(k=[view(t) for t in cache.k[:, 0]], v=[view(t) for t in cache.v[:, 0]],
-                   block_table=torch.zeros(1, 1, dtype=torch.int32, device=cache.k.device), start=cache.pad[:1])
 
     @property
     def max_positions(self) -> int:
@@ -108,7 +98,7 @@ class PagedKV:
 class KernelStep:
     """Batch-1 decode on Triton kernels; see the module docstring for the surface."""
 
-    def __init__(self, model, kv: "PagedKV | StaticKVCache", *, configs: KernelConfigs | None = None,
+    def __init__(self, model, kv: PagedKV, *, configs: KernelConfigs | None = None,
                  autotune: bool = False, pdl: bool = kd.PDL_DEFAULT, prefetch: bool = True, evict: bool = True):
         """pdl / prefetch: programmatic dependent launch, and loads issued before the PDL wait (weights'
         first tiles, cached keys) - both on by default where the GPU supports PDL; prefetch=False is the
@@ -116,7 +106,7 @@ class KernelStep:
         why = unsupported(model)
         if why is not None:
             raise LmforgeError(f"the batch-1 kernel step does not support {why}")
-        self.kv = PagedKV.from_static(kv) if isinstance(kv, StaticKVCache) else kv
+        self.kv = kv
         self.rope = copy.deepcopy(model.rope)  # tables covering every cache slot; the model's stay as they are
         self.rope.reserve(self.kv.max_positions)
         cfg, p = model.cfg, next(model.parameters())
@@ -162,10 +152,9 @@ class KernelStep:
         """Logits (1, V) of `token` at `position`; see the module docstring."""
         return self._run(token, position, self.kv, self.configs)
 
-    def _run(self, token, position, kv: PagedKV, configs: KernelConfigs, bump: torch.Tensor | None = None):
-        """One step. Attention reads the cached keys before its PDL wait when `position` is an input the
-        caller wrote before the step; not when the previous step's head kernel advances it (`bump`: the
-        StaticKVCache form), as it may still be running."""
+    def _run(self, token, position, kv: PagedKV, configs: KernelConfigs):
+        """One step. `position` is an input the caller wrote before the step, so attention may read the
+        cached keys before its PDL wait (with prefetch)."""
         cfg, m, x, eps = self.cfg, self.model, self.x, self.cfg.norm_eps
         opts = dict(pdl=self.pdl, prefetch=self.prefetch, evict=self.evict)
         c_qkv, c_att, c_o, c_gu, c_down, c_head = (configs.get(k) for k in self._keys)
@@ -173,23 +162,17 @@ class KernelStep:
         kd.embed(token.reshape(1), m.tok_emb.weight, x, pdl=self.pdl)
         for i, (g1, wqkv, wo, g2, wgu, wd, attn) in enumerate(self.layers):
             kd.qkv_rope(x, wqkv, g1, eps, self.rope.cos_table, self.rope.sin_table, position, cfg.n_heads, cfg.kv_heads,
-                        kv.k[i], kv.v[i], kv.block_table, self.ctx, pad=kv.start, out=self.q[0], config=c_qkv, **opts)
+                        kv.k[i], kv.v[i], kv.block_table, self.ctx, out=self.q[0], config=c_qkv, **opts)
             pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
                                       softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
-                                      out=self.o, work=self._workspace(att), start=kv.start, pdl=self.pdl,
-                                      early_positions=position if bump is None and self.prefetch else None)
+                                      out=self.o, work=self._workspace(att), pdl=self.pdl,
+                                      early_positions=position if self.prefetch else None)
             kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
             kd.gemv(x, wgu[0], up=wgu[1], norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
             kd.gemv(self.h, wd, residual=x, out=x, config=c_down, **opts)
-        kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=eps, out=self.logits.view(-1), bump=bump,
-                config=c_head, **opts)
+        kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=eps, out=self.logits.view(-1), config=c_head,
+                **opts)
         return self.logits
-
-    @torch.no_grad()
-    def __call__(self, cache: StaticKVCache, tokens: torch.Tensor) -> torch.Tensor:
-        """The StaticKVCache form (lmforge.infer.cuda_graph.GraphDecoder's step function): decode tokens
-        (1, 1) at the cache's write slot and advance it (cache.pos += 1, by the head's kernel)."""
-        return self._run(tokens.reshape(1), cache.pos, self.kv, self.configs, bump=cache.pos)
 
     @torch.no_grad()
     def capture(self, pool=None) -> None:
@@ -223,8 +206,7 @@ class KernelStep:
                                           device=k0.device).normal_()
         table = torch.zeros(1, width, dtype=self.kv.block_table.dtype, device=k0.device)
         table[0, :n] = torch.arange(n)
-        start = torch.zeros_like(self.kv.start) if self.kv.start is not None else None
-        return PagedKV(k=[new() for _ in self.layers], v=[new() for _ in self.layers], block_table=table, start=start)
+        return PagedKV(k=[new() for _ in self.layers], v=[new() for _ in self.layers], block_table=table)
 
     @torch.no_grad()
     def tune(self, context: int = 512, rounds: int = 1, reps: int = 20, save: bool = True,

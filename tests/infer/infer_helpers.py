@@ -27,10 +27,11 @@ def tiny_model(arch: str = "llama", vocab_size: int = 257, seed: int = 0, **over
 
 
 def full_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Reference: recompute the whole sequence every step, no cache."""
-    ids = list(prompt)
+    """The reference every decode path is tested against: greedy tokens by running the whole sequence
+    through the model at every step, one request at a time, no cache."""
+    ids, dev = list(prompt), next(model.parameters()).device
     with torch.no_grad():
         for _ in range(n):
-            logits = model(torch.tensor([ids]))
+            logits = model(torch.tensor([ids], device=dev))
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.infer.decoders import PlainDecoder, left_pad
 from lmforge.model.cache import KVCache, StaticKVCache, padded_causal_mask
 
 from .infer_helpers import full_greedy, tiny_model
@@ -46,14 +45,20 @@ def test_static_cache_equals_contiguous(arch):
 
 
 def test_left_padded_rows_match_unpadded(arch):
-    """Each row of a left-padded batch gets exactly the logits it gets alone."""
+    """Each row of a left-padded batch in the contiguous KVCache gets exactly the logits it gets alone
+    (a padded row's token in slot s has position s - pad; pad slots get position 0, never attended)."""
     model = tiny_model(arch)
     prompts = [[7, 8, 9, 10, 11, 12, 13], [50, 60], [1, 2, 3, 4]]
-    ids, pad = left_pad(prompts)
-    dec = PlainDecoder(model, 3, 12)
-    batched = [dec.prefill(ids, pad)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    pad = torch.tensor([T - len(p) for p in prompts])
+    cache = KVCache.for_model(model, 3, 12)
+    cache.set_padding(pad)
     nxt = torch.tensor([3, 4, 5])
-    batched += [dec.step(nxt), dec.step(nxt + 1)]
+    with torch.no_grad():
+        batched = [model(ids, (torch.arange(T) - pad[:, None]).clamp(min=0), cache=cache)[:, -1]]
+        for t in (nxt, nxt + 1):
+            batched.append(model(t[:, None], (cache.length - pad)[:, None], cache=cache)[:, 0])
     for b, p in enumerate(prompts):
         with torch.no_grad():
             alone = model(torch.tensor([p + [3 + b, 4 + b]]))[0]

@@ -1,35 +1,27 @@
 """The batch-1 Triton kernel decode step (lmforge/infer/kernel_step.py) computes the model's decode step:
-same logits as the model's full forward (paged cache) and as the plain decoder (static cache, through
-GraphDecoder), and it never changes the model it is given. On CPU the kernels run in Triton's
-interpreter (tests/conftest.py), on a GPU for real (and inside a CUDA graph)."""
+on its own over a paged cache, the model's full-forward logits; as the engine's backend
+(lmforge.infer.graphs.BatchOneKernel), the full-recompute reference's greedy tokens and log-probabilities;
+and it never changes the model it is given. On CPU the kernels run in Triton's interpreter
+(tests/conftest.py), on a GPU for real (and inside a CUDA graph)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lmforge.errors import LmforgeError
-from lmforge.infer.cuda_graph import GraphDecoder
-from lmforge.infer.decoders import PlainDecoder
+from lmforge.errors import ConfigError
+from lmforge.infer.detok import IdTokenizer
+from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kernel_step import KernelStep, PagedKV, unsupported
-from lmforge.kernels import decode as kd
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
 from lmforge.kernels.decode import available
 from lmforge.kernels.tuning import KernelConfigs
 
-from .infer_helpers import tiny_model
+from .infer_helpers import full_greedy, tiny_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
-
-
-def _greedy(decoder, prompt: torch.Tensor, n: int) -> tuple[list[int], list[torch.Tensor]]:
-    logits = decoder.prefill(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))
-    toks, all_logits = [int(logits.argmax())], [logits.clone()]
-    for _ in range(n - 1):
-        logits = decoder.step(torch.tensor(toks[-1:], device=prompt.device))
-        toks.append(int(logits.argmax()))
-        all_logits.append(logits.clone())  # graph and kernel paths reuse one output buffer
-    return toks, all_logits
 
 
 def _snapshot(model) -> tuple:
@@ -50,17 +42,26 @@ def _assert_unchanged(model, snap) -> None:
 
 
 @pytest.mark.parametrize("kv_heads", [1, 4])
-def test_kernel_step_on_static_cache_matches_the_model(kv_heads):
+def test_engine_kernel_step_matches_the_full_recompute(kv_heads):
+    """The engine's one-sequence decode steps on the kernel step (block size 4: the table spans blocks)
+    give the reference's greedy tokens and, within float tolerance, its log-probabilities."""
     model = tiny_model("llama", n_heads=4, n_kv_heads=kv_heads, d_model=64, head_dim=16).to(DEV)
     snap = _snapshot(model)
-    prompt = torch.randint(0, 257, (1, 9), generator=torch.Generator().manual_seed(kv_heads)).to(DEV)
-    ref_toks, ref_logits = _greedy(PlainDecoder(model, 1, 40), prompt, 5)
-    dec = GraphDecoder(model, 1, 40, use_graphs=DEV == "cuda", kernels=True)
-    assert dec.kernel_step is not None
-    dec.kernel_step.configs = _coarse(dec.kernel_step)
-    toks, logits = _greedy(dec, prompt, 5)
-    assert toks == ref_toks
-    torch.testing.assert_close(torch.cat(logits), torch.cat(ref_logits), atol=1e-4, rtol=1e-4)
+    prompt = torch.randint(0, 257, (9,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
+    llm = LLM(model, IdTokenizer(257), config=EngineConfig(kernel_step=True, block_size=4))
+    backend = llm.engine.runner.kernel_step
+    backend.step.configs = _coarse(backend.step)
+    steps = []
+    run = backend.run
+    backend.run = lambda batch: steps.append(1) or run(batch)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, logprobs=1, ignore_eos=True))[0]
+    assert len(steps) == 4 and backend.failed is None  # every decode step (the first token is the prefill's)
+    assert out.token_ids == full_greedy(model, prompt, 5)
+    ids = prompt + out.token_ids
+    with torch.no_grad():
+        logp = model(torch.tensor([ids], device=DEV))[0].log_softmax(-1)
+    want = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(want, abs=1e-4)
     _assert_unchanged(model, snap)
 
 
@@ -113,9 +114,9 @@ def test_unsupported_models_are_named_and_refused():
     gpt2 = tiny_model("gpt2")
     assert "RMSNorm" in unsupported(gpt2) or "positions" in unsupported(gpt2) or "biases" in unsupported(gpt2)
     assert unsupported(tiny_model("llama")) is None
-    with pytest.raises(LmforgeError, match="kernel step cannot run"):
-        GraphDecoder(gpt2, 1, 16, use_graphs=False, kernels=True)
-    assert GraphDecoder(gpt2, 1, 16, use_graphs=False).kernel_step is None  # auto: general path
+    with pytest.raises(ConfigError, match="kernel step cannot run"):
+        Engine(gpt2, IdTokenizer(257), EngineConfig(kernel_step=True))
+    assert Engine(gpt2, IdTokenizer(257)).runner.kernel_step is None  # auto: the general path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times CUDA graphs")

@@ -1,5 +1,6 @@
 """The paged decode reference (gather blocks, then grouped attention) against math_attention over each
-row's keys laid out contiguously; the engine's paged cache with a score hook sees the probabilities."""
+row's keys laid out contiguously; the engine's paged cache with a score hook sees the probabilities; the
+Triton decode kernel in the engine and its fallback; the block pool's KV utilisation with shared blocks."""
 
 from __future__ import annotations
 
@@ -71,27 +72,6 @@ def test_engine_through_the_triton_decode_kernel(tok):
         assert [o.token_ids for o in llm.generate(prompts, sp)] == [o.token_ids for o in want]
 
 
-def test_engine_batch_one_on_the_kernel_step(tok):
-    """kernel_step=True: one-sequence decode steps run lmforge.infer.kernel_step's Triton kernels over the
-    engine's paged cache (Triton's interpreter on CPU) and give the engine's tokens."""
-    from lmforge.infer.engine import EngineConfig
-    from lmforge.infer.graphs import kernel_step_available
-    from lmforge.infer.llm import LLM
-    from lmforge.infer.sampling import SamplingParams
-
-    from .infer_helpers import tiny_model
-
-    why = kernel_step_available()
-    if why is not None:
-        pytest.skip(f"kernel step: {why}")
-    model = tiny_model("llama").to("cuda" if torch.cuda.is_available() else "cpu")
-    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    want = LLM(model, tok, config=EngineConfig(kernel_step=False)).generate("hello there", sp)[0]
-    llm = LLM(model, tok, config=EngineConfig(kernel_step=True, block_size=4))
-    assert llm.generate("hello there", sp)[0].token_ids == want.token_ids
-    assert llm.engine.runner.kernel_step is not None
-
-
 def test_a_failing_decode_kernel_falls_back_to_the_reference(tok):
     """A kernel that cannot run here (e.g. does not compile) warns once; serving goes on, same tokens."""
     from lmforge.infer.engine import Engine
@@ -118,3 +98,79 @@ def test_a_failing_decode_kernel_falls_back_to_the_reference(tok):
     with pytest.warns(UserWarning, match="paged decode kernel failed .*does not compile"):
         got, left = run(broken)
     assert got == want and left is None
+
+
+def _utilization(pool, lengths: dict[int, int], tables: dict[int, list[int]]) -> float:
+    """Reference: the distinct blocks the sequences hold, each filled to the furthest any holder wrote
+    (sequence i holds lengths[i] tokens in tables[i]), over their slots."""
+    bs, fill = pool.block_size, {}
+    for i, table in tables.items():
+        for j, b in enumerate(table):
+            fill[b] = max(fill.get(b, 0), min(bs, max(0, lengths[i] - j * bs)))
+    return sum(fill.values()) / (len(fill) * bs)
+
+
+def test_pool_utilization_counts_shared_blocks_once():
+    """A prefix hit and a fork share blocks: utilisation stays the held fraction of distinct slots (the
+    sum of sequence lengths would give 26 tokens for 20 slots here), and the peak keeps its value."""
+    from lmforge.infer.blocks import BlockPool
+
+    pool = BlockPool(16, 4)
+    tables, lengths = {0: []}, {0: 10}
+    pool.append(tables[0], 0, 10)  # blocks of 4, 4, 2 tokens
+    for b, key in zip(tables[0], pool.block_keys(list(range(10)))):
+        pool.register(b, key)
+    assert pool.utilization == _utilization(pool, lengths, tables) == 10 / 12
+    hits = pool.lookup(list(range(8)) + [50, 51, 52])  # a second prompt sharing the first 8 tokens
+    for b in hits:
+        pool.hold(b)
+    tables[1], lengths[1] = list(hits), 11
+    pool.append(tables[1], 8, 3)
+    assert len(hits) == 2 and pool.num_used == 4
+    assert pool.utilization == _utilization(pool, lengths, tables) == 13 / 16
+    tables[2], lengths[2] = pool.fork(tables[0]), 11  # an n > 1 sample of the first: shares all 3 blocks
+    pool.append(tables[2], 10, 1)  # its first own token: copy-on-write of the shared tail block
+    assert pool.num_used == 5 and pool.utilization == _utilization(pool, lengths, tables) == 16 / 20
+    assert sum(lengths.values()) / (pool.num_used * 4) > 1  # what counting per sequence would claim
+    for t in tables.values():
+        pool.release(t)
+    assert pool.num_used == 0 and pool.tokens_held == 0 and pool.utilization == 0
+    assert (pool.peak_used, pool.peak_utilization) == (5, 16 / 20)
+    again = pool.lookup(list(range(8)) + [9])  # idle cached blocks come back full
+    for b in again:
+        pool.hold(b)
+    assert pool.tokens_held == 8 and pool.utilization == 1.0
+
+
+def test_engine_kv_utilization_at_peak_with_shared_prefixes_and_samples(tok):
+    """Requests sharing a prefix, each with n=3 samples: the engine reports the peak's utilisation (<= 1),
+    equal to the reference computed from every running sequence's blocks after each schedule (summing
+    sequence lengths instead gives > 1). No sliding window here: tables hold no null entries."""
+    from lmforge.infer.engine import Engine, EngineConfig
+    from lmforge.infer.sampling import SamplingParams
+
+    from .infer_helpers import tiny_model
+
+    engine = Engine(tiny_model("llama"), tok, EngineConfig(block_size=4, max_num_batched_tokens=32))
+    schedule, peak = engine.scheduler.schedule, [0, 0.0, 0.0]
+
+    def watched():
+        batch = schedule()
+        n = {id(s): k for s, k in batch.chunks}
+        seqs, used = engine.scheduler.running, engine.pool.num_used
+        lengths = {i: s.num_computed + n.get(id(s), 0) for i, s in enumerate(seqs)}
+        util = _utilization(engine.pool, lengths, {i: s.block_table for i, s in enumerate(seqs)})
+        if used >= peak[0]:
+            peak[:] = used, util, sum(lengths.values()) / (used * 4)  # the last: per-sequence counting
+        return batch
+
+    engine.scheduler.schedule = watched
+    shared = "a system prompt all share. "
+    for i, own in enumerate(["first", "second one", "3"]):
+        engine.add_request(shared + own, SamplingParams(n=3, temperature=1.0, seed=i, max_tokens=9, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    st = engine.stats()
+    assert st["prefix_hit_blocks"] > 0 and st["used_blocks"] == 0
+    assert st["peak_used_blocks"] == peak[0]
+    assert st["kv_utilization_at_peak"] == pytest.approx(peak[1]) and 0.5 < peak[1] <= 1 < peak[2]

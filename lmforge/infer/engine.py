@@ -19,6 +19,8 @@ drafting for the whole batch with a draft model: lmforge.infer.draft).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 import time
 import warnings
@@ -33,8 +35,8 @@ from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.kv.paged import DECODE, decode_kernel
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
-from lmforge.infer.runner import PagedRunner, RecomputeRunner, row_for, sampling_rows
-from lmforge.infer.sampler import kind_of
+from lmforge.infer.runner import Extra, PagedRunner, RecomputeRunner, row_for, sampling_rows
+from lmforge.infer.sampler import kind_of, token_logprobs
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 
@@ -80,7 +82,9 @@ class EngineConfig:
 class Engine:
     """draft: None, or speculative decoding for every request (beam searches aside) with this drafter:
     'ngram' (prompt lookup), 'mtp' (the model's parallel MTP heads), a draft model sharing the tokenizer,
-    or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round."""
+    or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round. A drafter object
+    with `uses_hidden_states = True` (EAGLE/Medusa style) gets the target's final hidden state with each
+    context: the model must accept `return_hidden=True` (lmforge's Transformer does)."""
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, draft=None,
                  num_draft_tokens: int = 4):
@@ -118,6 +122,10 @@ class Engine:
                                                    chunked_prefill=config.chunked_prefill), self.pool)
         self.num_draft_tokens = num_draft_tokens
         self.make_drafter, self.draft_model = None, None
+        self.wants_hidden = bool(getattr(draft, "uses_hidden_states", False))
+        if self.wants_hidden and "return_hidden" not in inspect.signature(model.forward).parameters:
+            raise ConfigError(f"the drafter reads hidden states but {type(model).__name__}.forward has no "
+                              "return_hidden option; use a drafter without uses_hidden_states")
         if draft is not None:
             from lmforge.infer.speculative import make_drafter_factory
 
@@ -238,10 +246,46 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    # weights -------------------------------------------------------------------------------------
+    def update_weights(self, weights=None) -> None:
+        """The model's weights changed (RL rollouts generate with the policy a Trainer is updating).
+
+        weights: None = the engine's model itself was changed in place (it is the very module the
+        trainer steps); a state_dict or a module with the same parameter names = copied into the
+        engine's model in place (load_state_dict, strict). Then what was computed from the old weights
+        is dropped: the prefix cache (reset_prefix_cache). The decode backends stay valid without a
+        rebuild: CUDA graphs replay the parameters' addresses and the kernel step reads the model's own
+        weight tensors, and in-place updates (optimizer steps, copy_, load_state_dict) keep both; if the
+        parameters were replaced by new tensors, the runner rebuilds them. A separate draft model is not
+        touched. Refused while requests are running: their cached keys come from the old weights."""
+        self._refuse_while_running("update_weights")
+        if weights is not None:
+            state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+            with torch.no_grad():
+                self.model.load_state_dict(state)
+        self.runner.refresh_weights()
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (and the hit statistics): later prompts compute all their keys.
+        Refused while requests are running (they hold and extend cached blocks)."""
+        self._refuse_while_running("reset_prefix_cache")
+        self.pool.reset_prefix_cache()
+
+    def _refuse_while_running(self, what: str) -> None:
+        if self.requests:
+            raise LmforgeError(f"{what} with {len(self.requests)} request(s) running; let them finish "
+                               "(has_unfinished() is False) or abort them first")
+
     # the loop ------------------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one forward over the scheduled tokens; return the outputs of requests that changed (only
-        those that finished with finished_only: building outputs costs host time at large batches)."""
+        those that finished with finished_only: building outputs costs host time at large batches).
+        The model runs in eval mode, whatever mode a trainer sharing it left it in (restored after)."""
+        with _eval_mode(self.model):
+            return self._step(finished_only)
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             if self.scheduler.has_work():
@@ -252,8 +296,10 @@ class Engine:
         self._draft(batch)
         # decodes first, shortest context first (caches that gather blocks pad less per group of rows)
         batch.chunks.sort(key=lambda c: (c[1] != 1, len(c[0].block_table) if c[1] == 1 else 0))
-        rows = sampling_rows(batch, self._rows)
-        sampled = self.runner.execute(batch, rows, self.vocab_limit)
+        rows, extra = sampling_rows(batch, self._rows), self._prompt_rows(batch)
+        sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, self.wants_hidden)
+        if extra:
+            self._record_prompt_logprobs(batch, extra, sampled.extra)
         tokens = sampled.tokens.tolist()  # the step's one device->host sync
         lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top = (sampled.top_values.tolist(), sampled.top_ids.tolist()) if sampled.top_values is not None else None
@@ -272,6 +318,8 @@ class Engine:
             if j == 0 and not seq.request.forked:
                 self._fork(seq)
             target = seq if j == 0 else seq.request.seqs[j]
+            if sampled.hidden is not None:
+                target.hidden = sampled.hidden[r]
             k = target.params.logprobs
             self.accept(target, tokens[r], lps[r] if lps else None,
                         dict(zip(top[1][r][:k], top[0][r][:k])) if k and top else {})
@@ -314,6 +362,31 @@ class Engine:
             d = seq.request.strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
             batch.chunks[i] = (seq, batch.chunks[i][1] + d)
         batch.chunks.sort(key=lambda c: c[1] != 1)
+
+    def _prompt_rows(self, batch) -> Extra:
+        """(chunk, tokens back from its end) of each prompt position computed this step whose next
+        token's log-prob its request owes: position p gives prompt token p + 1's."""
+        out = []
+        for c, (seq, n) in enumerate(batch.chunks):
+            req = seq.request
+            if req.needs_prompt_logprobs:
+                end = seq.num_computed + n - 1
+                first = max(seq.num_computed, len(req.prompt_logprobs) - 1)  # owed after a preemption only once
+                out += [(c, end - p) for p in range(first, min(end + 1, req.prompt_len - 1))]
+        return out
+
+    def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
+        """Append each extra row's {prompt token: log-prob, top-k...} to its request (positions in order)."""
+        seqs = [batch.chunks[c][0] for c, _ in extra]
+        positions = [s.num_computed + batch.chunks[c][1] - 1 - back for s, (c, back) in zip(seqs, extra)]
+        targets = [s.tokens[p + 1] for s, p in zip(seqs, positions)]
+        k = max(s.params.prompt_logprobs for s in seqs)
+        chosen, values, ids = token_logprobs(logits, torch.tensor(targets, device=logits.device), k, self.vocab_limit)
+        chosen = chosen.tolist()
+        top = zip(ids.tolist(), values.tolist()) if ids is not None else ([[], []] for _ in seqs)
+        for seq, tok, lp, (top_ids, top_values) in zip(seqs, targets, chosen, top):
+            kk = seq.params.prompt_logprobs
+            seq.request.prompt_logprobs.append({tok: lp, **dict(zip(top_ids[:kk], top_values[:kk]))})
 
     def _rows(self, seq: Sequence, n: int):
         """(tokens back from the chunk's end, row) of every logits row this chunk needs."""
@@ -382,6 +455,20 @@ class Engine:
         return {"num_blocks": p.num_blocks, "used_blocks": p.num_used, "peak_used_blocks": self.peak_used_blocks,
                 "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
                 "preemptions": self.scheduler.num_preemptions}
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Forwards without dropout or training-only work (MoE noise, MTP losses) even when a Trainer that
+    shares the module has put it in train mode; its mode is restored after."""
+    training = model.training
+    if training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if training:
+            model.train()
 
 
 def _claims(seq: Sequence) -> bool:

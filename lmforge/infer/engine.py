@@ -6,6 +6,7 @@
         for out in engine.step():          # RequestOutputs that changed this step
             ...                            # out.finished, out.outputs[j].text / token_ids
     engine.abort(rid)                      # (any time) drop a request and free its blocks
+    engine.update_weights()                # (between generations) the model's weights changed
 
 Each step the scheduler picks sequences and token counts (lmforge.infer.scheduler), the runner runs them
 as one flat forward and samples every row at once (lmforge.infer.runner), and the engine appends the
@@ -15,6 +16,19 @@ step. The model is used as given: `model(ids, positions, cache, meta)`; its `cac
 paged cache, and a model without one runs on the plain recompute path. A request's strategy may take
 over its logits: beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative,
 drafting for the whole batch with a draft model: lmforge.infer.draft).
+
+What later work attaches to:
+  evaluation   SamplingParams(prompt_logprobs=k): the step's forward also takes logits at the prompt
+               positions of each chunk (logits_indices extended; chunked prefill and preemption keep
+               each position's log-prob exactly once), RequestOutput.prompt_logprobs; LLM.score is
+               lm-eval's loglikelihood on top. Cost: chunk length x V logits for those requests, and
+               no prefix-cache hits for them (their positions must be computed; vLLM does the same).
+  RL rollouts  the engine may hold the very module a Trainer updates in place; update_weights() then
+               drops what the old weights computed (the prefix cache), or copies a state_dict in.
+               Steps run the model in eval mode and hand it back in the mode they found it.
+  drafters     a drafter with `uses_hidden_states` gets the target's final hidden state with each
+               context (Transformer.forward(return_hidden=True); Sampled.hidden for strategies).
+  servers      lmforge.infer.async_engine streams each request and aborts one without the others.
 """
 
 from __future__ import annotations
@@ -261,8 +275,13 @@ class Engine:
         self._refuse_while_running("update_weights")
         if weights is not None:
             state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-            with torch.no_grad():
-                self.model.load_state_dict(state)
+            try:
+                with torch.no_grad():
+                    self.model.load_state_dict(state)  # copy_ per tensor: any dtype and device
+            except RuntimeError as e:  # torch's message: a header line, then one line per problem
+                detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
+                raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); "
+                                   "pass a state_dict of the same architecture") from None
         self.runner.refresh_weights()
         self.reset_prefix_cache()
 

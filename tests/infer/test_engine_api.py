@@ -118,6 +118,18 @@ def test_score_is_lm_eval_loglikelihood(tok):
             llm.score([bad])
 
 
+def test_generate_command_writes_prompt_logprobs(tok):
+    from lmforge.cli.generate import result_row
+
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    row = result_row(LLM(model, tok).generate("hey", sp)[0], sp, tok)
+    logp = full_logprobs(model, tok.encode("hey"))
+    assert row["prompt_logprobs"][0] is None and len(row["prompt_logprobs"]) == 3
+    e = next(e for e in row["prompt_logprobs"][1] if e["token"] == "e")
+    assert e["logprob"] == pytest.approx(float(logp[0, tok.encode("e")[0]]), abs=1e-4)
+
+
 def test_prompt_logprobs_must_be_non_negative():
     with pytest.raises(LmforgeError, match="prompt_logprobs must be None or >= 0, got -1"):
         SamplingParams(prompt_logprobs=-1)
@@ -171,6 +183,8 @@ def test_update_weights_from_a_state_dict_or_module_and_refused_while_running(to
     llm.update_weights(tiny_model("llama", seed=2))
     assert llm.engine.runner.graphs is not graphs
     assert llm.generate("hello", sp)[0].token_ids == full_greedy(tiny_model("llama", seed=2), tok.encode("hello"), 6)
+    with pytest.raises(LmforgeError, match="do not fit the engine's model .*size mismatch for tok_emb.weight"):
+        llm.update_weights(tiny_model("llama", d_model=64))
     rid = llm.engine.add_request("busy", sp)
     with pytest.raises(LmforgeError, match="update_weights with 1 request.*abort") as e:
         llm.update_weights()

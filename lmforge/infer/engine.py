@@ -480,14 +480,16 @@ class Engine:
 def _eval_mode(model):
     """Forwards without dropout or training-only work (MoE noise, MTP losses) even when a Trainer that
     shares the module has put it in train mode; its mode is restored after."""
-    training = model.training
-    if training:
-        model.eval()
+    if not model.training:  # the engine's own eval mode: nothing to switch
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]  # submodules a trainer keeps in eval stay so
+    model.eval()
     try:
         yield
     finally:
-        if training:
-            model.train()
+        for m, training in modes:
+            m.training = training
 
 
 def _claims(seq: Sequence) -> bool:

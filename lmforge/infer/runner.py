@@ -83,8 +83,10 @@ class PagedRunner:
             logits = self.graphs.run(batch)[[c for c, _, _ in rows]]  # one row per chunk end
         else:
             ids, meta = self.prepare(batch, rows, extra)
-            out = self.model(ids, cache=self.cache, meta=meta, **({"return_hidden": True} if hidden else {}))
-            logits, states = (out[0][0], out[1][0]) if hidden else (out[0], None)  # (M + E, V): those rows only
+            if hidden:  # (1, M + E, V), (1, M + E, d): those rows only
+                logits, states = (t[0] for t in self.model(ids, cache=self.cache, meta=meta, return_hidden=True))
+            else:
+                logits = self.model(ids, cache=self.cache, meta=meta)[0]
         return _split(logits, states, rows, vocab_limit)
 
     def prepare(self, batch: Batch, rows: Step, extra: Extra = ()) -> tuple[torch.Tensor, AttnMetadata]:
@@ -142,8 +144,8 @@ class RecomputeRunner:
         for c in dict.fromkeys(c for c, _ in wanted):
             seq, n = batch.chunks[c]
             ids = torch.tensor([seq.tokens[:seq.num_computed + n]], device=self.device)
-            out = self.model(ids, return_hidden=True) if hidden else (self.model(ids), None)
-            outs[c] = (out[0][0], out[1][0] if hidden else None)  # (T, V), (T, d)
+            logits, states = self.model(ids, return_hidden=True) if hidden else (self.model(ids), None)
+            outs[c] = (logits[0], states[0] if hidden else None)  # (T, V), (T, d)
         logits = torch.stack([outs[c][0][-1 - back] for c, back in wanted])
         states = torch.stack([outs[c][1][-1 - back] for c, back in wanted]) if hidden else None
         return _split(logits, states, rows, vocab_limit)

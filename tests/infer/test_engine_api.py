@@ -288,5 +288,6 @@ def test_the_engine_runs_a_model_left_in_train_mode_in_eval_mode(tok):
     want = full_greedy(model, tok.encode("hi"), 6)
     llm = LLM(model, tok)
     model.train()
+    model.blocks[0].mlp.eval()  # a part the trainer keeps in eval mode stays so
     assert llm.generate("hi", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].token_ids == want
-    assert model.training
+    assert model.training and model.blocks[1].mlp.training and not model.blocks[0].mlp.training

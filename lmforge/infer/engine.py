@@ -387,11 +387,10 @@ class Engine:
         token's log-prob its request owes: position p gives prompt token p + 1's."""
         out = []
         for c, (seq, n) in enumerate(batch.chunks):
-            req = seq.request
-            if req.needs_prompt_logprobs:
+            req, owed = seq.request, seq.request.owed_prompt_logprob
+            if owed is not None:  # each owed once, also when a preempted sequence recomputes its prompt
                 end = seq.num_computed + n - 1
-                first = max(seq.num_computed, len(req.prompt_logprobs) - 1)  # owed after a preemption only once
-                out += [(c, end - p) for p in range(first, min(end + 1, req.prompt_len - 1))]
+                out += [(c, end - p) for p in range(max(seq.num_computed, owed - 1), min(end + 1, req.prompt_len - 1))]
         return out
 
     def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:

@@ -81,9 +81,17 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode(p, params, i) for i, p in enumerate(prompts)]
-        ids = [self.engine.add_request(e, self._params(params, i)) for i, e in enumerate(encoded)]
+        outs = self._run([(e, self._params(params, i)) for i, e in enumerate(encoded)])
+        return [dataclasses.replace(o, prompt=p if isinstance(p, str) else None) for o, p in zip(outs, prompts)]
+
+    def _run(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:
+        """Queue every (token ids, params) and step the engine until all finish (in order). On any error,
+        also a bad request halfway through queueing, the requests queued so far are aborted."""
+        ids: list[str] = []
         done: dict[str, RequestOutput] = {}
         try:
+            for prompt, params in requests:
+                ids.append(self.engine.add_request(prompt, params))
             while len(done) < len(ids):
                 for out in self.engine.step(finished_only=True):
                     done[out.request_id] = out
@@ -92,8 +100,7 @@ class LLM:
                 if rid not in done and rid in self.engine.requests:
                     self.engine.abort(rid)
             raise
-        return [dataclasses.replace(done[rid], prompt=p if isinstance(p, str) else None)
-                for rid, p in zip(ids, prompts)]
+        return [done[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one sample as it is produced: complete UTF-8 characters only, and text that
@@ -124,10 +131,11 @@ class LLM:
         to the continuation, context + continuation is tokenized whole and the continuation is what
         follows the context's own tokens; token ids are taken as they are. An empty context is the
         tokenizer's end-of-text token. Too long a pair loses its oldest context tokens (the window holds
-        max_seq_len - 1 of them). All pairs run as one batch of requests with prompt_logprobs=1."""
+        max_seq_len - 1 of them). All pairs run as one batch of requests with prompt log-probs from the
+        continuation on, so contexts shared by several pairs come from the prefix cache."""
         pairs = [self._pair(ctx, cont, i) for i, (ctx, cont) in enumerate(pairs)]
-        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1, ignore_eos=True)
-        outs = self.generate([ctx + cont for ctx, cont in pairs], params) if pairs else []
+        outs = self._run([(ctx + cont, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=1,
+                                                      prompt_logprobs_start=len(ctx))) for ctx, cont in pairs])
         scores = []
         for (ctx, cont), out in zip(pairs, outs):
             steps = out.prompt_logprobs[len(ctx):]  # each holds its prompt token and the argmax

@@ -146,17 +146,19 @@ class Request:
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
-            self.prompt_logprobs = [None]
+            self.prompt_logprobs = [None] * min(self.params.prompt_logprobs_start, self.prompt_len)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
     @property
-    def needs_prompt_logprobs(self) -> bool:
-        """Prompt positions whose log-probs are still owed: they must be computed, not taken from the
-        prefix cache (a preempted sequence recomputing its prompt owes none twice)."""
-        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+    def owed_prompt_logprob(self) -> int | None:
+        """The first prompt token whose log-prob is still owed (None: none is). Positions from this
+        token's predecessor on must be computed, not taken from the prefix cache; a preempted sequence
+        recomputing its prompt owes none twice."""
+        owed = len(self.prompt_logprobs) if self.prompt_logprobs is not None else self.prompt_len
+        return owed if owed < self.prompt_len else None
 
     @property
     def finished(self) -> bool:

@@ -35,10 +35,10 @@ def run(engine: Engine, requests) -> list:
     return [done[i] for i in ids]
 
 
-def check_prompt_logprobs(model, prompt: list[int], got, k: int) -> None:
+def check_prompt_logprobs(model, prompt: list[int], got, k: int, start: int = 1) -> None:
     logp = full_logprobs(model, prompt)
-    assert len(got) == len(prompt) and got[0] is None
-    for t in range(1, len(prompt)):
+    assert len(got) == len(prompt) and got[:start] == [None] * start
+    for t in range(start, len(prompt)):
         want_top = logp[t - 1].topk(k)
         want = {prompt[t]: float(logp[t - 1, prompt[t]]),
                 **dict(zip(want_top.indices.tolist(), want_top.values.tolist()))}
@@ -85,6 +85,19 @@ def test_prompt_logprobs_equal_a_full_forward(arch, config, tok):
         assert engine.stats()["preemptions"] > 0
 
 
+def test_prompt_logprobs_from_a_start_token_reuse_the_cached_prefix_before_it(tok):
+    model = tiny_model("llama", init_std=0.3)
+    shared = list(range(1, 23))
+    prompt = shared + [40, 41, 42, 43, 44]
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    run(engine, [(shared + [9], SamplingParams(max_tokens=1))])
+    sp = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1, prompt_logprobs_start=10)
+    out, = run(engine, [(prompt, sp)])
+    assert engine.stats()["prefix_hit_blocks"] == 2  # of 5 cached: those ending before position 9 (token 10's)
+    check_prompt_logprobs(model, prompt, out.prompt_logprobs, 1, start=10)
+    assert out.token_ids == full_greedy(model, prompt, 3)
+
+
 def test_prompt_logprobs_on_the_recompute_runner_and_a_padded_vocabulary(tok):
     model = tiny_model("llama", vocab_size=300)
     prompt = tok.encode("scoring on the plain path")
@@ -105,6 +118,12 @@ def test_score_is_lm_eval_loglikelihood(tok):
     # strings: the context's trailing whitespace moves to the continuation; too long: oldest context dropped
     refs = [(tok.encode("abc"), greedy), (tok.encode("abc"), [5, 6, 7]),
             (tok.encode("Question: 2+2 ="), tok.encode(" 4")), ([9] * 125, [1, 2])]
+    # multiple choice: the shared context is computed once, the others take it from the prefix cache
+    context = tok.encode("Which of these is a colour? Answer:")
+    choices = [tok.encode(c) for c in (" red", " seven", " quickly")]
+    got += llm.score([(context, c) for c in choices])
+    refs += [(context, c) for c in choices]
+    assert llm.engine.stats()["prefix_hit_blocks"] >= 2 * ((len(context) - 1) // 4)
     for (ctx, cont), (lp, is_greedy) in zip(refs, got):
         logp = full_logprobs(model, ctx + cont)[len(ctx) - 1:-1]
         assert lp == pytest.approx(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
@@ -133,6 +152,15 @@ def test_generate_command_writes_prompt_logprobs(tok):
 def test_prompt_logprobs_must_be_non_negative():
     with pytest.raises(LmforgeError, match="prompt_logprobs must be None or >= 0, got -1"):
         SamplingParams(prompt_logprobs=-1)
+    with pytest.raises(LmforgeError, match="prompt_logprobs_start must be >= 1"):
+        SamplingParams(prompt_logprobs=0, prompt_logprobs_start=0)
+
+
+def test_a_request_refused_halfway_through_a_batch_leaves_nothing_queued(tok):
+    llm = LLM(tiny_model("llama"), tok, config=EngineConfig(block_size=4, num_kv_tokens=32))
+    with pytest.raises(LmforgeError, match="KV blocks"):
+        llm.generate(["ok", "x" * 40], SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished() and llm.engine.pool.num_used == 0
 
 
 # weight updates (RL rollouts) ------------------------------------------------------------------------

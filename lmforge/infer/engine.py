@@ -21,8 +21,9 @@ What later work attaches to:
   evaluation   SamplingParams(prompt_logprobs=k): the step's forward also takes logits at the prompt
                positions of each chunk (logits_indices extended; chunked prefill and preemption keep
                each position's log-prob exactly once), RequestOutput.prompt_logprobs; LLM.score is
-               lm-eval's loglikelihood on top. Cost: chunk length x V logits for those requests, and
-               no prefix-cache hits for them (their positions must be computed; vLLM does the same).
+               lm-eval's loglikelihood on top. Cost: chunk length x V logits for those requests, whose
+               owed positions are computed, not taken from the prefix cache (vLLM skips the cache for
+               them altogether; prompt_logprobs_start lets a shared context still hit it).
   RL rollouts  the engine may hold the very module a Trainer updates in place; update_weights() then
                drops what the old weights computed (the prefix cache), or copies a state_dict in.
                Steps run the model in eval mode and hand it back in the mode they found it.

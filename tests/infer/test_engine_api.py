@@ -85,6 +85,21 @@ def test_prompt_logprobs_equal_a_full_forward(arch, config, tok):
         assert engine.stats()["preemptions"] > 0
 
 
+@pytest.mark.parametrize("kw", [dict(beam_width=2, n=2), dict(draft="ngram")])
+def test_prompt_logprobs_beside_beam_search_and_speculative_decoding(kw, tok):
+    model = tiny_model("llama", init_std=0.3)
+    draft = kw.pop("draft", None)
+    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=8), draft=draft)
+    prompt = tok.encode("the cat and the cat and the")
+    out, = run(engine, [(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=2,
+                                                 **kw))])
+    check_prompt_logprobs(model, prompt, out.prompt_logprobs, 2)
+    if draft is not None:  # speculative greedy is the target's greedy
+        assert out.token_ids == full_greedy(model, prompt, 12) and out.metrics["drafted"] > 0
+    else:
+        assert len(out.outputs) == 2
+
+
 def test_prompt_logprobs_from_a_start_token_reuse_the_cached_prefix_before_it(tok):
     model = tiny_model("llama", init_std=0.3)
     shared = list(range(1, 23))

@@ -183,7 +183,7 @@ def sgd_step(model, lr: float = 0.5) -> None:
     """One optimizer step on the very module the engine holds, in train mode (as a Trainer does)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    ids = torch.arange(1, 40)[None]
+    ids = torch.arange(1, 40, device=next(model.parameters()).device)[None]
     torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:]).backward()
     opt.step()
 
@@ -211,6 +211,29 @@ def test_update_weights_after_an_optimizer_step_equals_a_fresh_engine(config, to
     # without the update, the cached prefix keys from the old weights leak into the new model's output
     leaked = run(stale, [(prompts[1], sp)])[0]
     assert stale.stats()["prefix_hit_blocks"] > 0 and leaked.logprobs != pytest.approx(fresh[1].logprobs, abs=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_update_weights_keeps_captured_cuda_graphs_and_the_kernel_step_valid(tok):
+    """On a GPU: decode steps replay captured graphs (and the batch-1 kernel step where it runs); an
+    in-place optimizer step leaves them valid, so after update_weights they decode the new weights."""
+    model = tiny_model("llama", init_std=0.3).cuda()
+    prompts = ["one prompt", "and another one"]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    engine = Engine(model, tok, EngineConfig(cuda_graphs=True))
+    run(engine, [(p, sp) for p in prompts])
+    run(engine, [(prompts[0], sp)])  # batch 1: the kernel step, where it can run
+    graphs = engine.runner.graphs
+    assert graphs.entries
+    sgd_step(model)
+    engine.update_weights()
+    assert engine.runner.graphs is graphs  # nothing recaptured
+    for batch in ([(p, sp) for p in prompts], [(prompts[0], sp)]):
+        got = run(engine, batch)
+        fresh = run(Engine(copy.deepcopy(model).eval(), tok, EngineConfig(cuda_graphs=False, kernel_step=False)), batch)
+        for a, f in zip(got, fresh):
+            assert a.token_ids == f.token_ids and a.logprobs == pytest.approx(f.logprobs, abs=1e-3)
 
 
 def test_update_weights_from_a_state_dict_or_module_and_refused_while_running(tok):

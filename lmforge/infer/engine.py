@@ -50,8 +50,8 @@ from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.kv.paged import DECODE, decode_kernel
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
-from lmforge.infer.runner import Extra, PagedRunner, RecomputeRunner, row_for, sampling_rows
-from lmforge.infer.sampler import kind_of, token_logprobs
+from lmforge.infer.runner import Extra, PagedRunner, RecomputeRunner, prompt_rows, row_for, sampling_rows
+from lmforge.infer.sampler import kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 
@@ -316,7 +316,7 @@ class Engine:
         self._draft(batch)
         # decodes first, shortest context first (caches that gather blocks pad less per group of rows)
         batch.chunks.sort(key=lambda c: (c[1] != 1, len(c[0].block_table) if c[1] == 1 else 0))
-        rows, extra = sampling_rows(batch, self._rows), self._prompt_rows(batch)
+        rows, extra = sampling_rows(batch, self._rows), prompt_rows(batch)
         sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, self.wants_hidden)
         if extra:
             self._record_prompt_logprobs(batch, extra, sampled.extra)
@@ -383,29 +383,14 @@ class Engine:
             batch.chunks[i] = (seq, batch.chunks[i][1] + d)
         batch.chunks.sort(key=lambda c: c[1] != 1)
 
-    def _prompt_rows(self, batch) -> Extra:
-        """(chunk, tokens back from its end) of each prompt position computed this step whose next
-        token's log-prob its request owes: position p gives prompt token p + 1's."""
-        out = []
-        for c, (seq, n) in enumerate(batch.chunks):
-            req, owed = seq.request, seq.request.owed_prompt_logprob
-            if owed is not None:  # each owed once, also when a preempted sequence recomputes its prompt
-                end = seq.num_computed + n - 1
-                out += [(c, end - p) for p in range(max(seq.num_computed, owed - 1), min(end + 1, req.prompt_len - 1))]
-        return out
-
     def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
-        """Append each extra row's {prompt token: log-prob, top-k...} to its request (positions in order)."""
+        """Append each extra row's entry to its request (rows come in position order; the row at
+        position p is prompt token p + 1's)."""
         seqs = [batch.chunks[c][0] for c, _ in extra]
-        positions = [s.num_computed + batch.chunks[c][1] - 1 - back for s, (c, back) in zip(seqs, extra)]
-        targets = [s.tokens[p + 1] for s, p in zip(seqs, positions)]
-        k = max(s.params.prompt_logprobs for s in seqs)
-        chosen, values, ids = token_logprobs(logits, torch.tensor(targets, device=logits.device), k, self.vocab_limit)
-        chosen = chosen.tolist()
-        top = zip(ids.tolist(), values.tolist()) if ids is not None else ([[], []] for _ in seqs)
-        for seq, tok, lp, (top_ids, top_values) in zip(seqs, targets, chosen, top):
-            kk = seq.params.prompt_logprobs
-            seq.request.prompt_logprobs.append({tok: lp, **dict(zip(top_ids[:kk], top_values[:kk]))})
+        targets = [s.tokens[s.num_computed + batch.chunks[c][1] - back] for s, (c, back) in zip(seqs, extra)]
+        entries = logprob_entries(logits, targets, [s.params.prompt_logprobs for s in seqs], self.vocab_limit)
+        for seq, entry in zip(seqs, entries):
+            seq.request.prompt_logprobs.append(entry)
 
     def _rows(self, seq: Sequence, n: int):
         """(tokens back from the chunk's end, row) of every logits row this chunk needs."""

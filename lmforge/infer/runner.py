@@ -173,6 +173,19 @@ def sampling_rows(batch: Batch, make_rows) -> Step:
     return out
 
 
+def prompt_rows(batch: Batch) -> Extra:
+    """The extra rows of a step: each prompt position computed now whose next token's log-prob its
+    request owes (position p gives prompt token p + 1's; each once, also when a preempted sequence
+    recomputes its prompt)."""
+    out: Extra = []
+    for c, (seq, n) in enumerate(batch.chunks):
+        req, owed = seq.request, seq.request.owed_prompt_logprob
+        if owed is not None:
+            end = seq.num_computed + n - 1
+            out += [(c, end - p) for p in range(max(seq.num_computed, owed - 1), min(end + 1, req.prompt_len - 1))]
+    return out
+
+
 def row_for(seq: Sequence, generator) -> Row:
     req = seq.request
     return Row(req.params, generator, seq.tokens, req.prompt_len, req.kind)

@@ -106,6 +106,15 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> Sa
     return Sampled(tokens, *token_logprobs(logits, tokens, max(want)), logits)
 
 
+def logprob_entries(logits: torch.Tensor, targets: list[int], ks: list[int], vocab_limit: int | None = None
+                    ) -> list[dict[int, float]]:
+    """Per row: {target: log p(target), then the row's k most likely ids: their log p} (vLLM's prompt
+    log-prob entries; the target first, and once if it is among the top k)."""
+    chosen, values, ids = token_logprobs(logits, torch.tensor(targets, device=logits.device), max(ks), vocab_limit)
+    top = zip(ids.tolist(), values.tolist()) if ids is not None else (([], []) for _ in targets)
+    return [{t: lp, **dict(zip(i[:k], v[:k]))} for t, lp, k, (i, v) in zip(targets, chosen.tolist(), ks, top)]
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab_limit: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """logits (M, V), tokens (M,) -> log p(tokens) (M,) and the k most likely (values, ids) (M, k) (None

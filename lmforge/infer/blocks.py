@@ -192,6 +192,15 @@ class BlockPool:
             self.stats.queried_blocks += (num_tokens - 1) // self.block_size
             self.stats.hit_blocks += hits
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (keys, idle blocks, hit statistics), e.g. after a weight update."""
+        for b in self.idle:
+            self.fresh.append(b)
+        self.idle.clear()
+        self.cached.clear()
+        self.key = [None] * self.num_blocks
+        self.stats = PrefixStats()
+
     def register(self, b: int, key: int) -> None:
         """Block b is full and holds the prefix named by key."""
         if self.prefix_caching and self.key[b] is None and key not in self.cached:

@@ -6,6 +6,7 @@
         for out in engine.step():          # RequestOutputs that changed this step
             ...                            # out.finished, out.outputs[j].text / token_ids
     engine.abort(rid)                      # (any time) drop a request and free its blocks
+    engine.update_weights()                # (between generations) the model's weights changed
 
 Each step the scheduler picks sequences and token counts (lmforge.infer.scheduler), the runner runs them
 as one flat forward and samples every row at once (lmforge.infer.runner), and the engine appends the
@@ -15,10 +16,26 @@ step. The model is used as given: `model(ids, positions, cache, meta)`; its `cac
 paged cache, and a model without one runs on the plain recompute path. A request's strategy may take
 over its logits: beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative,
 drafting for the whole batch with a draft model: lmforge.infer.draft).
+
+What later work attaches to:
+  evaluation   SamplingParams(prompt_logprobs=k): the step's forward also takes logits at the prompt
+               positions of each chunk (logits_indices extended; chunked prefill and preemption keep
+               each position's log-prob exactly once), RequestOutput.prompt_logprobs; LLM.score is
+               lm-eval's loglikelihood on top. Cost: chunk length x V logits for those requests, whose
+               owed positions are computed, not taken from the prefix cache (vLLM skips the cache for
+               them altogether; prompt_logprobs_start lets a shared context still hit it).
+  RL rollouts  the engine may hold the very module a Trainer updates in place; update_weights() then
+               drops what the old weights computed (the prefix cache), or copies a state_dict in.
+               Steps run the model in eval mode and hand it back in the mode they found it.
+  drafters     a drafter with `uses_hidden_states` gets the target's final hidden state with each
+               context (Transformer.forward(return_hidden=True); Sampled.hidden for strategies).
+  servers      lmforge.infer.async_engine streams each request and aborts one without the others.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 import time
 import warnings
@@ -33,8 +50,8 @@ from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.kv.paged import DECODE, decode_kernel
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
-from lmforge.infer.runner import PagedRunner, RecomputeRunner, row_for, sampling_rows
-from lmforge.infer.sampler import kind_of
+from lmforge.infer.runner import Extra, PagedRunner, RecomputeRunner, prompt_rows, row_for, sampling_rows
+from lmforge.infer.sampler import kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 
@@ -80,7 +97,9 @@ class EngineConfig:
 class Engine:
     """draft: None, or speculative decoding for every request (beam searches aside) with this drafter:
     'ngram' (prompt lookup), 'mtp' (the model's parallel MTP heads), a draft model sharing the tokenizer,
-    or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round."""
+    or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round. A drafter object
+    with `uses_hidden_states = True` (EAGLE/Medusa style) gets the target's final hidden state with each
+    context: the model must accept `return_hidden=True` (lmforge's Transformer does)."""
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, draft=None,
                  num_draft_tokens: int = 4):
@@ -118,6 +137,10 @@ class Engine:
                                                    chunked_prefill=config.chunked_prefill), self.pool)
         self.num_draft_tokens = num_draft_tokens
         self.make_drafter, self.draft_model = None, None
+        self.wants_hidden = bool(getattr(draft, "uses_hidden_states", False))
+        if self.wants_hidden and "return_hidden" not in inspect.signature(model.forward).parameters:
+            raise ConfigError(f"the drafter reads hidden states but {type(model).__name__}.forward has no "
+                              "return_hidden option; use a drafter without uses_hidden_states")
         if draft is not None:
             from lmforge.infer.speculative import make_drafter_factory
 
@@ -238,10 +261,51 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    # weights -------------------------------------------------------------------------------------
+    def update_weights(self, weights=None) -> None:
+        """The model's weights changed (RL rollouts generate with the policy a Trainer is updating).
+
+        weights: None = the engine's model itself was changed in place (it is the very module the
+        trainer steps); a state_dict or a module with the same parameter names = copied into the
+        engine's model in place (load_state_dict, strict). Then what was computed from the old weights
+        is dropped: the prefix cache (reset_prefix_cache). The decode backends stay valid without a
+        rebuild: CUDA graphs replay the parameters' addresses and the kernel step reads the model's own
+        weight tensors, and in-place updates (optimizer steps, copy_, load_state_dict) keep both; if the
+        parameters were replaced by new tensors, the runner rebuilds them. A separate draft model is not
+        touched. Refused while requests are running: their cached keys come from the old weights."""
+        self._refuse_while_running("update_weights")
+        if weights is not None:
+            state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+            try:
+                with torch.no_grad():
+                    self.model.load_state_dict(state)  # copy_ per tensor: any dtype and device
+            except RuntimeError as e:  # torch's message: a header line, then one line per problem
+                detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
+                raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); "
+                                   "pass a state_dict of the same architecture") from None
+        self.runner.refresh_weights()
+        self.reset_prefix_cache()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (and the hit statistics): later prompts compute all their keys.
+        Refused while requests are running (they hold and extend cached blocks)."""
+        self._refuse_while_running("reset_prefix_cache")
+        self.pool.reset_prefix_cache()
+
+    def _refuse_while_running(self, what: str) -> None:
+        if self.requests:
+            raise LmforgeError(f"{what} with {len(self.requests)} request(s) running; let them finish "
+                               "(has_unfinished() is False) or abort them first")
+
     # the loop ------------------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one forward over the scheduled tokens; return the outputs of requests that changed (only
-        those that finished with finished_only: building outputs costs host time at large batches)."""
+        those that finished with finished_only: building outputs costs host time at large batches).
+        The model runs in eval mode, whatever mode a trainer sharing it left it in (restored after)."""
+        with _eval_mode(self.model):
+            return self._step(finished_only)
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.chunks:
             if self.scheduler.has_work():
@@ -252,8 +316,10 @@ class Engine:
         self._draft(batch)
         # decodes first, shortest context first (caches that gather blocks pad less per group of rows)
         batch.chunks.sort(key=lambda c: (c[1] != 1, len(c[0].block_table) if c[1] == 1 else 0))
-        rows = sampling_rows(batch, self._rows)
-        sampled = self.runner.execute(batch, rows, self.vocab_limit)
+        rows, extra = sampling_rows(batch, self._rows), prompt_rows(batch)
+        sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, self.wants_hidden)
+        if extra:
+            self._record_prompt_logprobs(batch, extra, sampled.extra)
         tokens = sampled.tokens.tolist()  # the step's one device->host sync
         lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top = (sampled.top_values.tolist(), sampled.top_ids.tolist()) if sampled.top_values is not None else None
@@ -272,6 +338,8 @@ class Engine:
             if j == 0 and not seq.request.forked:
                 self._fork(seq)
             target = seq if j == 0 else seq.request.seqs[j]
+            if sampled.hidden is not None:
+                target.hidden = sampled.hidden[r]
             k = target.params.logprobs
             self.accept(target, tokens[r], lps[r] if lps else None,
                         dict(zip(top[1][r][:k], top[0][r][:k])) if k and top else {})
@@ -314,6 +382,15 @@ class Engine:
             d = seq.request.strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
             batch.chunks[i] = (seq, batch.chunks[i][1] + d)
         batch.chunks.sort(key=lambda c: c[1] != 1)
+
+    def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
+        """Append each extra row's entry to its request (rows come in position order; the row at
+        position p is prompt token p + 1's)."""
+        seqs = [batch.chunks[c][0] for c, _ in extra]
+        targets = [s.tokens[s.num_computed + batch.chunks[c][1] - back] for s, (c, back) in zip(seqs, extra)]
+        entries = logprob_entries(logits, targets, [s.params.prompt_logprobs for s in seqs], self.vocab_limit)
+        for seq, entry in zip(seqs, entries):
+            seq.request.prompt_logprobs.append(entry)
 
     def _rows(self, seq: Sequence, n: int):
         """(tokens back from the chunk's end, row) of every logits row this chunk needs."""
@@ -386,6 +463,22 @@ class Engine:
                 "kv_utilization": p.utilization, "kv_utilization_at_peak": p.peak_utilization,
                 "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
                 "preemptions": self.scheduler.num_preemptions}
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Forwards without dropout or training-only work (MoE noise, MTP losses) even when a Trainer that
+    shares the module has put it in train mode; its mode is restored after."""
+    if not model.training:  # the engine's own eval mode: nothing to switch
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]  # submodules a trainer keeps in eval stay so
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _claims(seq: Sequence) -> bool:

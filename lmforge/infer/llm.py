@@ -4,12 +4,15 @@
     outs = llm.generate(["Once upon"], SamplingParams(temperature=0.8, top_p=0.95, max_tokens=64))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].outputs   # all n samples
     for piece in llm.stream("Once upon", params): ...
+    llm.score([("The capital of France is", " Paris")])   # [(sum log-prob, is greedy)]: lm-eval's loglikelihood
+    llm.update_weights()                   # after a trainer changed the model in place (RL rollouts)
 
 Prompts are validated and queued as engine requests, run to completion with continuous batching, and
 returned as `RequestOutput`s in prompt order. With a seed, prompt i gets its own stream derived from the
 seed and i (vLLM-style), so identical prompts give different samples and no prompt's samples depend on
 the others. Beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative) are
-strategies running on the same engine, for all prompts at once.
+strategies running on the same engine, for all prompts at once. Scoring is generation with prompt
+log-probs (SamplingParams.prompt_logprobs), batched like any other requests.
 """
 
 from __future__ import annotations
@@ -78,9 +81,17 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self.encode(p, params, i) for i, p in enumerate(prompts)]
-        ids = [self.engine.add_request(e, self._params(params, i)) for i, e in enumerate(encoded)]
+        outs = self._run([(e, self._params(params, i)) for i, e in enumerate(encoded)])
+        return [dataclasses.replace(o, prompt=p if isinstance(p, str) else None) for o, p in zip(outs, prompts)]
+
+    def _run(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:
+        """Queue every (token ids, params) and step the engine until all finish (in order). On any error,
+        also a bad request halfway through queueing, the requests queued so far are aborted."""
+        ids: list[str] = []
         done: dict[str, RequestOutput] = {}
         try:
+            for prompt, params in requests:
+                ids.append(self.engine.add_request(prompt, params))
             while len(done) < len(ids):
                 for out in self.engine.step(finished_only=True):
                     done[out.request_id] = out
@@ -89,8 +100,7 @@ class LLM:
                 if rid not in done and rid in self.engine.requests:
                     self.engine.abort(rid)
             raise
-        return [dataclasses.replace(done[rid], prompt=p if isinstance(p, str) else None)
-                for rid, p in zip(ids, prompts)]
+        return [done[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one sample as it is produced: complete UTF-8 characters only, and text that
@@ -113,6 +123,55 @@ class LLM:
                 self.engine.abort(rid)
         if len(seq.text) > emitted:  # the final text, already cut before any stop string
             yield seq.text[emitted:]
+
+    def score(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list[tuple[float, bool]]:
+        """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
+        log-probs given everything before them, and whether the continuation is the greedy one (each of
+        its tokens an argmax). Strings are split as lm-eval does: the context's trailing whitespace moves
+        to the continuation, context + continuation is tokenized whole and the continuation is what
+        follows the context's own tokens; token ids are taken as they are. An empty context is the
+        tokenizer's end-of-text token. Too long a pair loses its oldest context tokens (the window holds
+        max_seq_len - 1 of them). All pairs run as one batch of requests with prompt log-probs from the
+        continuation on, so contexts shared by several pairs come from the prefix cache."""
+        pairs = [self._pair(ctx, cont, i) for i, (ctx, cont) in enumerate(pairs)]
+        outs = self._run([(ctx + cont, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=1,
+                                                      prompt_logprobs_start=len(ctx))) for ctx, cont in pairs])
+        scores = []
+        for (ctx, cont), out in zip(pairs, outs):
+            steps = out.prompt_logprobs[len(ctx):]  # each holds its prompt token and the argmax
+            scores.append((sum(d[t] for d, t in zip(steps, cont)),
+                           all(d[t] >= max(d.values()) for d, t in zip(steps, cont))))
+        return scores
+
+    def _pair(self, context: Prompt, continuation: Prompt, index: int) -> tuple[list[int], list[int]]:
+        if isinstance(context, str) and isinstance(continuation, str):
+            stripped = context.rstrip()
+            context, continuation = stripped, context[len(stripped):] + continuation
+            whole = self.tokenizer.encode(context + continuation)
+            ctx = self.tokenizer.encode(context) if context else []
+            ctx, cont = whole[:len(ctx)], whole[len(ctx):]
+        elif isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple)):
+            ctx, cont = list(context), list(continuation)
+        else:
+            raise LmforgeError(f"pair {index}: context and continuation must both be strings or both token id "
+                               f"lists, got {type(context).__name__} and {type(continuation).__name__}")
+        if not cont:
+            raise LmforgeError(f"pair {index} has an empty continuation: there is nothing to score")
+        if not ctx:
+            eot = getattr(self.tokenizer, "eot_id", None)
+            if eot is None:
+                raise LmforgeError(f"pair {index} has an empty context and the tokenizer has no end-of-text "
+                                   "token to stand for it; give at least one context token")
+            ctx = [int(eot)]
+        keep = self.max_seq_len - 1
+        if len(cont) >= keep:
+            raise LmforgeError(f"pair {index}: a {len(cont)}-token continuation leaves no context in the "
+                               f"{self.max_seq_len}-token window; shorten it below {keep} tokens")
+        return ctx[max(0, len(ctx) + len(cont) - keep):], cont
+
+    def update_weights(self, weights=None) -> None:
+        """Engine.update_weights: None after the model changed in place, else a state_dict or module."""
+        self.engine.update_weights(weights)
 
     # ---------------------------------------------------------------------------------------------
     @staticmethod

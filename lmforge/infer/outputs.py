@@ -27,6 +27,9 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
     """speculative decoding: acceptance rate, drafted / accepted tokens, target forwards"""
     request_id: str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """with SamplingParams.prompt_logprobs=k: per prompt token, None for the first, then {token id:
+    log-probability} holding the prompt token itself and the k most likely tokens at its position"""
     finished: bool = True
     """False for the engine's intermediate outputs of a request still generating"""
 

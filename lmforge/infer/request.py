@@ -62,6 +62,9 @@ class Sequence:
     """prompt tokens found in the prefix cache at admission"""
     preemptions: int = 0
     """times this sequence lost its cache blocks (state kept beside the cache, e.g. a draft's, restarts)"""
+    hidden: torch.Tensor | None = None
+    """(d,) the model's final hidden state at the position of tokens[-2], whose logits gave the newest
+    token (kept only for drafters that read hidden states: Engine(draft=...) with uses_hidden_states)"""
 
     @property
     def params(self) -> SamplingParams:
@@ -138,10 +141,24 @@ class Request:
     """the sampler's grouping key of params (lmforge.infer.sampler.kind_of), computed once"""
     lookahead: int = 0
     """cache slots the scheduler reserves beyond a decode token (speculative drafts)"""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """filled as the prompt is computed when params.prompt_logprobs is set: [None, {...}, ...]"""
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None] * min(self.params.prompt_logprobs_start, self.prompt_len)
 
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def owed_prompt_logprob(self) -> int | None:
+        """The first prompt token whose log-prob is still owed (None: none is). Positions from this
+        token's predecessor on must be computed, not taken from the prefix cache; a preempted sequence
+        recomputing its prompt owes none twice."""
+        owed = len(self.prompt_logprobs) if self.prompt_logprobs is not None else self.prompt_len
+        return owed if owed < self.prompt_len else None
 
     @property
     def finished(self) -> bool:
@@ -153,4 +170,5 @@ class Request:
         if self.first_token_time is not None:
             metrics["time_to_first_token_s"] = self.first_token_time - self.arrival_time
         return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
-                             request_id=self.request_id, finished=self.finished)
+                             request_id=self.request_id, finished=self.finished,
+                             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)

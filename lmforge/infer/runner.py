@@ -28,6 +28,8 @@ from lmforge.model.meta import AttnMetadata
 
 Step = list[tuple[int, int, Row]]
 """logits rows of a step: (chunk index, tokens back from the chunk's last token, row)"""
+Extra = list[tuple[int, int]]
+"""positions whose raw logits a step also returns, not sampled (prompt log-probs): (chunk index, back)"""
 
 
 class PagedRunner:
@@ -39,34 +41,55 @@ class PagedRunner:
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
         # one block more than the pool hands out: the graphs' padding rows write there
         self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode)
-        self.graphs = None
+        self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step)
+        self._make_backends()
+
+    def _make_backends(self) -> None:
+        """The decode backends (lmforge.infer.graphs). Both read the model's parameters in place: CUDA
+        graphs replay their addresses, the kernel step takes the model's own weight tensors."""
+        graphs, num_blocks, max_batch, max_blocks, kernel_step = self._backends
+        self.graphs, self.kernel_step = None, None
         if graphs is not None:
             from lmforge.infer.graphs import DecodeGraphs
 
-            max_blocks = -(-cache_spec.max_seq_len // block_size)
-            self.graphs = DecodeGraphs(model, self.cache, block_size, num_blocks, max_batch, max_blocks,
+            self.graphs = DecodeGraphs(self.model, self.cache, self.block_size, num_blocks, max_batch, max_blocks,
                                        use_graphs=graphs == "cuda")
-        self.kernel_step = None
         if kernel_step:
             from lmforge.infer.graphs import BatchOneKernel
 
-            self.kernel_step = BatchOneKernel(model, self.cache, -(-cache_spec.max_seq_len // block_size),
-                                              use_graphs=graphs == "cuda")
+            self.kernel_step = BatchOneKernel(self.model, self.cache, max_blocks, use_graphs=graphs == "cuda")
+        self._addresses = _addresses(self.model)
+
+    def refresh_weights(self) -> None:
+        """The model's weights changed. Changed in place (optimizer steps, load_state_dict, copy_), the
+        backends stay valid; if parameters were replaced or moved (new storage), they are rebuilt, since
+        captured graphs would read the old addresses."""
+        if _addresses(self.model) != self._addresses:
+            self._make_backends()
 
     @torch.inference_mode()
-    def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None) -> Sampled:
+    def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None, extra: Extra = (),
+                hidden: bool = False) -> Sampled:
+        """Sample `rows`; also return the raw logits at `extra` positions and, with hidden, the final
+        hidden states of both (those steps run eagerly: the backends give one logits row per chunk)."""
         self.cache.copy_blocks(batch.copies)
-        logits = self.kernel_step.run(batch) if self.kernel_step is not None and self.kernel_step.fits(batch) else None
+        plain = not extra and not hidden
+        logits = (self.kernel_step.run(batch) if plain and self.kernel_step is not None and self.kernel_step.fits(batch)
+                  else None)
+        states = None
         if logits is not None:
             logits = logits[[0 for _ in rows]]
-        elif self.graphs is not None and self.graphs.fits(batch):
+        elif plain and self.graphs is not None and self.graphs.fits(batch):
             logits = self.graphs.run(batch)[[c for c, _, _ in rows]]  # one row per chunk end
         else:
-            ids, meta = self.prepare(batch, rows)
-            logits = self.model(ids, cache=self.cache, meta=meta)[0]  # (M, V): sampled positions only
-        return sample_rows(logits, [r for _, _, r in rows], vocab_limit)
+            ids, meta = self.prepare(batch, rows, extra)
+            if hidden:  # (1, M + E, V), (1, M + E, d): those rows only
+                logits, states = (t[0] for t in self.model(ids, cache=self.cache, meta=meta, return_hidden=True))
+            else:
+                logits = self.model(ids, cache=self.cache, meta=meta)[0]
+        return _split(logits, states, rows, vocab_limit)
 
-    def prepare(self, batch: Batch, rows: Step) -> tuple[torch.Tensor, AttnMetadata]:
+    def prepare(self, batch: Batch, rows: Step, extra: Extra = ()) -> tuple[torch.Tensor, AttnMetadata]:
         bs = self.block_size
         ids, pos, slots, ctx, qlens, ends, tables = [], [], [], [], [], [], []
         for seq, n in batch.chunks:
@@ -80,7 +103,7 @@ class PagedRunner:
             tables.append(table)
         width = max(len(t) for t in tables)
         N, S = len(ids), len(ctx)
-        logits_idx = [ends[c] - back for c, back, _ in rows]
+        logits_idx = [ends[c] - back for c, back, _ in rows] + [ends[c] - back for c, back in extra]
         flat = torch.tensor(ids + pos + slots + ctx + logits_idx, dtype=torch.long).to(self.device, non_blocking=True)
         block_tables = np.zeros((S, width), dtype=np.int32)  # numpy row fills: ~3x faster than nested lists
         for i, t in enumerate(tables):
@@ -107,16 +130,37 @@ class RecomputeRunner:
     def __init__(self, model, device):
         self.model, self.device = model, torch.device(device)
 
+    def refresh_weights(self) -> None:
+        pass  # nothing here depends on the weights
+
     @torch.inference_mode()
-    def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None) -> Sampled:
-        if not rows:
+    def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None, extra: Extra = (),
+                hidden: bool = False) -> Sampled:
+        """As PagedRunner.execute: one forward over each chunk's sequence up to the chunk's end."""
+        wanted = [(c, back) for c, back, _ in rows] + list(extra)
+        if not wanted:
             return Sampled(torch.empty(0, dtype=torch.long), None, None, None)
-        logits = []
-        for c, back, _ in rows:
+        outs = {}
+        for c in dict.fromkeys(c for c, _ in wanted):
             seq, n = batch.chunks[c]
-            ids = torch.tensor([seq.tokens[:seq.num_computed + n - back]], device=self.device)
-            logits.append(self.model(ids)[0, -1])
-        return sample_rows(torch.stack(logits), [r for _, _, r in rows], vocab_limit)
+            ids = torch.tensor([seq.tokens[:seq.num_computed + n]], device=self.device)
+            logits, states = self.model(ids, return_hidden=True) if hidden else (self.model(ids), None)
+            outs[c] = (logits[0], states[0] if hidden else None)  # (T, V), (T, d)
+        logits = torch.stack([outs[c][0][-1 - back] for c, back in wanted])
+        states = torch.stack([outs[c][1][-1 - back] for c, back in wanted]) if hidden else None
+        return _split(logits, states, rows, vocab_limit)
+
+
+def _split(logits: torch.Tensor, hidden: torch.Tensor | None, rows: Step, vocab_limit: int | None) -> Sampled:
+    """logits (M + E, V): sample the first M (the rows), keep the rest raw (the extra positions)."""
+    out = sample_rows(logits[:len(rows)], [r for _, _, r in rows], vocab_limit)
+    out.extra = logits[len(rows):] if logits.shape[0] > len(rows) else None
+    out.hidden = hidden
+    return out
+
+
+def _addresses(model) -> list[int]:
+    return [p.data_ptr() for p in model.parameters()]
 
 
 def sampling_rows(batch: Batch, make_rows) -> Step:
@@ -126,6 +170,19 @@ def sampling_rows(batch: Batch, make_rows) -> Step:
     for c, (seq, n) in enumerate(batch.chunks):
         if seq.num_computed + n == len(seq.tokens):
             out += [(c, back, r) for back, r in make_rows(seq, n)]
+    return out
+
+
+def prompt_rows(batch: Batch) -> Extra:
+    """The extra rows of a step: each prompt position computed now whose next token's log-prob its
+    request owes (position p gives prompt token p + 1's; each once, also when a preempted sequence
+    recomputes its prompt)."""
+    out: Extra = []
+    for c, (seq, n) in enumerate(batch.chunks):
+        req, owed = seq.request, seq.request.owed_prompt_logprob
+        if owed is not None:
+            end = seq.num_computed + n - 1
+            out += [(c, end - p) for p in range(max(seq.num_computed, owed - 1), min(end + 1, req.prompt_len - 1))]
     return out
 
 

@@ -41,6 +41,10 @@ class Sampled:
     """(M, K) most likely tokens, K the largest logprobs any row asked for"""
     logits: torch.Tensor | None = None
     """(M, V) float logits before any processor (ids beyond the vocabulary limit at -inf), for strategies"""
+    extra: torch.Tensor | None = None
+    """(E, V) raw model logits at the step's extra positions (prompt log-probs), not sampled"""
+    hidden: torch.Tensor | None = None
+    """(M + E, d) the model's final hidden states at the sampled rows, then the extra ones (when asked)"""
 
 
 _SHAPING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
@@ -99,10 +103,31 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> Sa
     want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     if not want:
         return Sampled(tokens, None, None, None, logits)
+    return Sampled(tokens, *token_logprobs(logits, tokens, max(want)), logits)
+
+
+def logprob_entries(logits: torch.Tensor, targets: list[int], ks: list[int], vocab_limit: int | None = None
+                    ) -> list[dict[int, float]]:
+    """Per row: {target: log p(target), then the row's k most likely ids: their log p} (vLLM's prompt
+    log-prob entries; the target first, and once if it is among the top k)."""
+    chosen, values, ids = token_logprobs(logits, torch.tensor(targets, device=logits.device), max(ks), vocab_limit)
+    top = zip(ids.tolist(), values.tolist()) if ids is not None else (([], []) for _ in targets)
+    return [{t: lp, **dict(zip(i[:k], v[:k]))} for t, lp, k, (i, v) in zip(targets, chosen.tolist(), ks, top)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab_limit: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """logits (M, V), tokens (M,) -> log p(tokens) (M,) and the k most likely (values, ids) (M, k) (None
+    for k = 0) under log_softmax of the logits, ids at or beyond vocab_limit excluded: the semantics of
+    generated and prompt log-probs alike."""
+    logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, vocab_limit:] = float("-inf")
     logp = logits.log_softmax(-1)
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
-    k = min(max(want), logp.shape[-1])
+    k = min(k, logp.shape[-1])
     if k == 0:
-        return Sampled(tokens, chosen, None, None, logits)
+        return chosen, None, None
     top = logp.topk(k, dim=-1)
-    return Sampled(tokens, chosen, top.values, top.indices, logits)
+    return chosen, top.values, top.indices

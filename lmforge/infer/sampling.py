@@ -48,6 +48,13 @@ class SamplingParams:
     """reproducible sampling: the same seed gives the same samples, whatever else is in the batch"""
     logprobs: int | None = None
     """None = no logprobs; k >= 0 = the chosen token's log-probability plus the k most likely ones"""
+    prompt_logprobs: int | None = None
+    """None = off; k >= 0 = for every prompt token after the first, its log-probability given the tokens
+    before it plus the k most likely tokens there (RequestOutput.prompt_logprobs; vLLM semantics). The
+    positions they need are computed, not taken from the prefix cache"""
+    prompt_logprobs_start: int = 1
+    """with prompt_logprobs: the first prompt token that gets them (earlier ones get None, and their
+    positions may come from the prefix cache: scoring continuations of one shared context)"""
     beam_width: int = 1
     """> 1 = beam search (deterministic; sampling fields must stay off); n best beams are returned"""
     length_penalty: float = 1.0
@@ -77,6 +84,10 @@ class SamplingParams:
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
         check(self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}")
+        check(self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+              f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs}")
+        check(self.prompt_logprobs_start >= 1,
+              f"prompt_logprobs_start must be >= 1 (the first token has no log-prob), got {self.prompt_logprobs_start}")
         check(self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}")
         check(self.beam_width == 1 or self.n <= self.beam_width,
               f"n={self.n} beams asked for but beam_width={self.beam_width}")

@@ -9,7 +9,8 @@ Plain Python over `Sequence` objects and a `BlockPool`; no model, no tensors (te
   2. then waiting sequences in arrival order (preempted ones first), while the budget, max_num_seqs and
      the pool allow; a prompt longer than the budget is split across steps (chunked prefill) unless
      chunked_prefill is off. Nothing is admitted in a step that preempted (it would only thrash).
-A new sequence first reuses the longest cached prefix of its tokens (lmforge.infer.blocks). A running
+A new sequence first reuses the longest cached prefix of its tokens (lmforge.infer.blocks), up to the
+positions whose logits its request's prompt log-probs still need. A running
 sequence whose request has a lookahead (speculative decoding) gets budget and blocks for that many
 draft tokens beyond its last one; the engine adds the drafts to its chunk.
 """
@@ -119,7 +120,9 @@ class Scheduler:
         pool = self.pool
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            hits = pool.lookup(seq.tokens)
+            owed = seq.request.owed_prompt_logprob  # cached blocks must end before its predecessor
+            tokens = seq.tokens if owed is None else seq.tokens[:owed]
+            hits = pool.lookup(tokens)
             start = len(hits) * pool.block_size
             n = min(len(seq.tokens) - start, budget)
             if n < len(seq.tokens) - start and not self.config.chunked_prefill:
@@ -129,7 +132,7 @@ class Scheduler:
                 break
             for b in hits:
                 pool.hold(b)
-            pool.count_lookup(len(seq.tokens), len(hits))
+            pool.count_lookup(len(tokens), len(hits))
             seq.block_table, seq.num_computed, seq.num_cached_tokens = list(hits), start, start
             seq.block_keys = pool.block_keys(seq.tokens[:start])
             batch.copies += pool.append(seq.block_table, start, n)

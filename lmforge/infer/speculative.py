@@ -10,7 +10,10 @@ so it reproduces the target's greedy output token for token.
 
 Drafters: a smaller model (`ModelDrafter`), prompt lookup (`NGramDrafter`, Saxena 2023): copy the
 tokens that followed the latest earlier occurrence of the context's last n-gram (a deterministic draft:
-q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`).
+q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`). A drafter object is
+anything with `propose(ctx, k, procs, greedy, gen) -> (drafts, q (len(drafts), V))` and `accept(ctx_len)`;
+with `uses_hidden_states = True` (EAGLE, Medusa) propose also gets `hidden=`: the target's final hidden
+state (after its final norm, Transformer.forward(return_hidden=True)) at ctx[-2], whose logits gave ctx[-1].
 
 `Speculative` is the strategy that runs it on the engine, for every sequence of every request at once:
 the scheduler reserves cache room for k drafts beyond a sequence's pending token (Request.lookahead),
@@ -177,8 +180,10 @@ class Speculative:
         if budget <= 0:
             return [], None
         drafter = self.drafters.get(seq.seq_id) or self.drafters.setdefault(seq.seq_id, self.make_drafter(seq))
+        # EAGLE/Medusa-style drafters also read the target's features at the context's second-to-last token
+        kw = {"hidden": seq.hidden} if getattr(drafter, "uses_hidden_states", False) else {}
         with torch.inference_mode():
-            return drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator)
+            return drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, **kw)
 
     def set_drafts(self, seq, drafts: list[int], q) -> int:
         """The target scores them this step: they join the sequence's tokens until verified."""
@@ -198,6 +203,8 @@ class Speculative:
         p = _probs(logits, self.procs, seq.params.greedy)
         q = q.to(p.device) if drafts else p[:0]
         a, nxt = verify(p, q, drafts, seq.generator)
+        if sampled.hidden is not None:  # features of the last verified input token, whose logits gave nxt
+            seq.hidden = sampled.hidden[rows[a]]
         st = self.stats
         st.drafted, st.accepted, st.target_forwards = st.drafted + len(drafts), st.accepted + a, st.target_forwards + 1
         L = len(seq.tokens) - len(drafts)

@@ -82,11 +82,15 @@ class Transformer(nn.Module):
                 m.e_bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                meta: AttnMetadata | None = None) -> torch.Tensor:
+                meta: AttnMetadata | None = None, *, return_hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, T) -> logits (B, T, V). positions (B, T) or (T,) default to meta.positions, else
         cache.length + arange(T); `cache` (lmforge.model.cache, lmforge.infer.kv) is written in place;
         `meta` (lmforge.model.meta) describes the token layout (packed documents, the engine's varlen
         row); with meta.logits_indices only those flat positions get logits: (1, M, V).
+        return_hidden: also return the final hidden states at the same positions, (B, T, d) or (1, M, d),
+        taken AFTER the final norm: the LM head's input (logits = lm_head(hidden), soft-cap aside), which
+        is what EAGLE's and Medusa's draft heads read (HF's last_hidden_state).
         In training with multi-token prediction, the MTP loss of this batch is kept for aux_loss()."""
         h, rope = self.hidden(input_ids, positions, cache, meta)
         self._mtp_loss = None
@@ -95,7 +99,8 @@ class Transformer(nn.Module):
             self._mtp_loss = self.mtp.loss(extra, input_ids) if extra else None
         if meta is not None and meta.logits_indices is not None:
             h = h.flatten(0, 1)[meta.logits_indices][None]
-        return self.logits(self.final_norm(h) if self.final_norm is not None else h)
+        h = self.final_norm(h) if self.final_norm is not None else h
+        return (self.logits(h), h) if return_hidden else self.logits(h)
 
     def cache_spec(self) -> CacheSpec:
         """What a KV cache must hold for this model, per layer (engines read this, never cfg)."""

@@ -1,0 +1,359 @@
+"""The engine's interface for evaluation, RL rollouts, EAGLE-style drafters and servers, against plain
+references (fp32, CPU, tiny models): prompt log-probs and LLM.score against log_softmax of one full
+forward; update_weights against a freshly built engine on the new weights; hidden states against the
+model's own trunk; per-request streaming and abort on the asyncio front."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.infer.async_engine import AsyncEngine
+from lmforge.infer.engine import Engine, EngineConfig
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.speculative import NGramDrafter
+
+from .infer_helpers import full_greedy, tiny_model
+
+
+def full_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(T, V) log_softmax of one uncached forward over ids."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0].float().log_softmax(-1)
+
+
+def run(engine: Engine, requests) -> list:
+    ids = [engine.add_request(p, sp) for p, sp in requests]
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return [done[i] for i in ids]
+
+
+def check_prompt_logprobs(model, prompt: list[int], got, k: int, start: int = 1) -> None:
+    logp = full_logprobs(model, prompt)
+    assert len(got) == len(prompt) and got[:start] == [None] * start
+    for t in range(start, len(prompt)):
+        want_top = logp[t - 1].topk(k)
+        want = {prompt[t]: float(logp[t - 1, prompt[t]]),
+                **dict(zip(want_top.indices.tolist(), want_top.values.tolist()))}
+        assert got[t].keys() == want.keys(), t
+        assert list(got[t].values()) == pytest.approx(list(want.values()), abs=1e-4), t
+
+
+class NoCacheSpec(torch.nn.Module):
+    """A model without cache_spec(): the engine's plain recompute runner."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.max_seq_len, self.vocab_size = model, model.cfg.max_seq_len, model.cfg.vocab_size
+
+    def forward(self, ids, positions=None, cache=None, meta=None, *, return_hidden=False):
+        return self.inner(ids, return_hidden=return_hidden)
+
+
+# prompt log-probs and scoring ------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,config", [
+    ("llama", dict(block_size=4, max_num_batched_tokens=7, num_kv_tokens=64)),  # chunks, preemption
+    ("gpt2", dict(block_size=4, max_num_batched_tokens=64)),
+    ("mqa-softcap", dict(block_size=8, max_num_batched_tokens=5, max_num_seqs=2)),
+])
+def test_prompt_logprobs_equal_a_full_forward(arch, config, tok):
+    """Under chunked prefill, preemption and prefix-cache hits of other requests: every prompt token
+    after the first gets log p(token | prefix) and the top-k, as log_softmax of one full forward."""
+    model = tiny_model(arch, init_std=0.3)
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(1, 250, (13,), generator=g).tolist()
+    prompts = [shared + torch.randint(1, 250, (n,), generator=g).tolist() for n in (5, 11, 2)] + [[7], shared]
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    asks = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=k, n=n, logprobs=lp)
+            for k, n, lp in [(2, 1, None), (0, 2, 1), (3, 1, None), (1, 1, None)]]
+    # the first request fills the prefix cache; the others ask for prompt log-probs on the same prefix
+    engine = Engine(model, tok, EngineConfig(**config))
+    outs = run(engine, [(prompts[0], plain)] + list(zip(prompts[1:], asks)))
+    assert outs[0].prompt_logprobs is None
+    for prompt, sp, out in zip(prompts[1:], asks, outs[1:]):
+        check_prompt_logprobs(model, prompt, out.prompt_logprobs, sp.prompt_logprobs)
+        assert all(o.token_ids == full_greedy(model, prompt, 6) for o in out.outputs)
+    assert engine.pool.num_used == 0
+    if arch == "llama":
+        assert engine.stats()["preemptions"] > 0
+
+
+@pytest.mark.parametrize("kw", [dict(beam_width=2, n=2), dict(draft="ngram")])
+def test_prompt_logprobs_beside_beam_search_and_speculative_decoding(kw, tok):
+    model = tiny_model("llama", init_std=0.3)
+    draft = kw.pop("draft", None)
+    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=8), draft=draft)
+    prompt = tok.encode("the cat and the cat and the")
+    out, = run(engine, [(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=2,
+                                                 **kw))])
+    check_prompt_logprobs(model, prompt, out.prompt_logprobs, 2)
+    if draft is not None:  # speculative greedy is the target's greedy
+        assert out.token_ids == full_greedy(model, prompt, 12) and out.metrics["drafted"] > 0
+    else:
+        assert len(out.outputs) == 2
+
+
+def test_prompt_logprobs_from_a_start_token_reuse_the_cached_prefix_before_it(tok):
+    model = tiny_model("llama", init_std=0.3)
+    shared = list(range(1, 23))
+    prompt = shared + [40, 41, 42, 43, 44]
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    run(engine, [(shared + [9], SamplingParams(max_tokens=1))])
+    sp = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1, prompt_logprobs_start=10)
+    out, = run(engine, [(prompt, sp)])
+    assert engine.stats()["prefix_hit_blocks"] == 2  # of 5 cached: those ending before position 9 (token 10's)
+    check_prompt_logprobs(model, prompt, out.prompt_logprobs, 1, start=10)
+    assert out.token_ids == full_greedy(model, prompt, 3)
+
+
+def test_prompt_logprobs_on_the_recompute_runner_and_a_padded_vocabulary(tok):
+    model = tiny_model("llama", vocab_size=300)
+    prompt = tok.encode("scoring on the plain path")
+    out, = run(Engine(NoCacheSpec(model), tok), [(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2))])
+    logp = full_logprobs(model, prompt)[:, :257].log_softmax(-1)  # ids past the tokenizer never count
+    for t in range(1, len(prompt)):
+        assert out.prompt_logprobs[t][prompt[t]] == pytest.approx(float(logp[t - 1, prompt[t]]), abs=1e-4)
+        assert max(out.prompt_logprobs[t]) < 257
+
+
+def test_score_is_lm_eval_loglikelihood(tok):
+    model = tiny_model("llama", init_std=0.3)
+    llm = LLM(model, tok, config=EngineConfig(block_size=4, max_num_batched_tokens=16))
+    greedy = full_greedy(model, tok.encode("abc"), 5)
+    abc = tok.encode("abc")
+    pairs = [(abc, greedy), (abc, [5, 6, 7]), ("Question: 2+2 =", " 4"), ([9] * 130, [1, 2])]
+    got = llm.score(pairs)
+    # strings: the context's trailing whitespace moves to the continuation; too long: oldest context dropped
+    refs = [(tok.encode("abc"), greedy), (tok.encode("abc"), [5, 6, 7]),
+            (tok.encode("Question: 2+2 ="), tok.encode(" 4")), ([9] * 125, [1, 2])]
+    # multiple choice: the shared context is computed once, the others take it from the prefix cache
+    context = tok.encode("Which of these is a colour? Answer:")
+    choices = [tok.encode(c) for c in (" red", " seven", " quickly")]
+    got += llm.score([(context, c) for c in choices])
+    refs += [(context, c) for c in choices]
+    assert llm.engine.stats()["prefix_hit_blocks"] >= 2 * ((len(context) - 1) // 4)
+    for (ctx, cont), (lp, is_greedy) in zip(refs, got):
+        logp = full_logprobs(model, ctx + cont)[len(ctx) - 1:-1]
+        assert lp == pytest.approx(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
+        assert is_greedy == (logp.argmax(-1).tolist() == cont)
+    assert got[0][1] and not got[1][1]
+    assert llm.score([("abc ", "d")])[0][0] == pytest.approx(llm.score([("abc", " d")])[0][0])
+    assert llm.score([("", "x")]) == llm.score([([tok.eot_id], tok.encode("x"))])  # lm-eval's empty context
+    for bad, msg in [(("x", ""), "empty continuation"), (("x", [1]), "both be strings"),
+                     (([1], [2] * 127), "no context")]:
+        with pytest.raises(LmforgeError, match=msg):
+            llm.score([bad])
+
+
+def test_generate_command_writes_prompt_logprobs(tok):
+    from lmforge.cli.generate import result_row
+
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    row = result_row(LLM(model, tok).generate("hey", sp)[0], sp, tok)
+    logp = full_logprobs(model, tok.encode("hey"))
+    assert row["prompt_logprobs"][0] is None and len(row["prompt_logprobs"]) == 3
+    e = next(e for e in row["prompt_logprobs"][1] if e["token"] == "e")
+    assert e["logprob"] == pytest.approx(float(logp[0, tok.encode("e")[0]]), abs=1e-4)
+
+
+def test_prompt_logprobs_must_be_non_negative():
+    with pytest.raises(LmforgeError, match="prompt_logprobs must be None or >= 0, got -1"):
+        SamplingParams(prompt_logprobs=-1)
+    with pytest.raises(LmforgeError, match="prompt_logprobs_start must be >= 1"):
+        SamplingParams(prompt_logprobs=0, prompt_logprobs_start=0)
+
+
+def test_a_request_refused_halfway_through_a_batch_leaves_nothing_queued(tok):
+    llm = LLM(tiny_model("llama"), tok, config=EngineConfig(block_size=4, num_kv_tokens=32))
+    with pytest.raises(LmforgeError, match="KV blocks"):
+        llm.generate(["ok", "x" * 40], SamplingParams(max_tokens=4))
+    assert not llm.engine.has_unfinished() and llm.engine.pool.num_used == 0
+
+
+# weight updates (RL rollouts) ------------------------------------------------------------------------
+def sgd_step(model, lr: float = 0.5) -> None:
+    """One optimizer step on the very module the engine holds, in train mode (as a Trainer does)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    ids = torch.arange(1, 40, device=next(model.parameters()).device)[None]
+    torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:]).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("config", [dict(block_size=4), dict(block_size=4, cuda_graphs=True)])
+def test_update_weights_after_an_optimizer_step_equals_a_fresh_engine(config, tok):
+    model = tiny_model("llama", init_std=0.3)
+    prompts = ["a shared system prompt, then one", "a shared system prompt, then two"]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    engine, stale = Engine(model, tok, EngineConfig(**config)), Engine(model, tok, EngineConfig(**config))
+    before = [run(engine, [(p, sp)])[0].logprobs for p in prompts]  # one after the other: prefix hits
+    run(stale, [(prompts[0], sp)])
+    assert engine.stats()["prefix_hit_blocks"] > 0
+
+    sgd_step(model)  # leaves the model in train mode: the engine runs it in eval mode regardless
+    engine.update_weights()
+    assert engine.stats()["prefix_hit_blocks"] == 0 and not engine.pool.cached
+    first = run(engine, [(prompts[0], sp)])
+    assert engine.stats()["prefix_hit_blocks"] == 0 and model.training  # nothing cached came from old weights
+    after = first + run(engine, [(prompts[1], sp)])
+    fresh = run(Engine(copy.deepcopy(model).eval(), tok, EngineConfig(**config)), [(p, sp) for p in prompts])
+    for a, f, b in zip(after, fresh, before):
+        assert a.token_ids == f.token_ids and a.logprobs == pytest.approx(f.logprobs, abs=1e-5)
+        assert a.logprobs != pytest.approx(b, abs=1e-3)  # the step did change the model
+    # without the update, the cached prefix keys from the old weights leak into the new model's output
+    leaked = run(stale, [(prompts[1], sp)])[0]
+    assert stale.stats()["prefix_hit_blocks"] > 0 and leaked.logprobs != pytest.approx(fresh[1].logprobs, abs=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_update_weights_keeps_captured_cuda_graphs_and_the_kernel_step_valid(tok):
+    """On a GPU: decode steps replay captured graphs (and the batch-1 kernel step where it runs); an
+    in-place optimizer step leaves them valid, so after update_weights they decode the new weights."""
+    model = tiny_model("llama", init_std=0.3).cuda()
+    prompts = ["one prompt", "and another one"]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    engine = Engine(model, tok, EngineConfig(cuda_graphs=True))
+    run(engine, [(p, sp) for p in prompts])
+    run(engine, [(prompts[0], sp)])  # batch 1: the kernel step, where it can run
+    graphs = engine.runner.graphs
+    assert graphs.entries
+    sgd_step(model)
+    engine.update_weights()
+    assert engine.runner.graphs is graphs  # nothing recaptured
+    for batch in ([(p, sp) for p in prompts], [(prompts[0], sp)]):
+        got = run(engine, batch)
+        fresh = run(Engine(copy.deepcopy(model).eval(), tok, EngineConfig(cuda_graphs=False, kernel_step=False)), batch)
+        for a, f in zip(got, fresh):
+            assert a.token_ids == f.token_ids and a.logprobs == pytest.approx(f.logprobs, abs=1e-3)
+
+
+def test_update_weights_from_a_state_dict_or_module_and_refused_while_running(tok):
+    model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(model, tok, config=EngineConfig(block_size=4, cuda_graphs=True))
+    graphs = llm.engine.runner.graphs
+    llm.update_weights(other.state_dict())
+    assert llm.generate("hello", sp)[0].token_ids == full_greedy(other, tok.encode("hello"), 6)
+    assert llm.engine.runner.graphs is graphs  # copied in place: captured graphs stay valid
+    for p in model.parameters():  # new storage: the decode backends are rebuilt
+        p.data = p.data.clone()
+    llm.update_weights(tiny_model("llama", seed=2))
+    assert llm.engine.runner.graphs is not graphs
+    assert llm.generate("hello", sp)[0].token_ids == full_greedy(tiny_model("llama", seed=2), tok.encode("hello"), 6)
+    with pytest.raises(LmforgeError, match="do not fit the engine's model .*size mismatch for tok_emb.weight"):
+        llm.update_weights(tiny_model("llama", d_model=64))
+    rid = llm.engine.add_request("busy", sp)
+    with pytest.raises(LmforgeError, match="update_weights with 1 request.*abort") as e:
+        llm.update_weights()
+    assert "\n" not in str(e.value)
+    llm.engine.abort(rid)
+    llm.update_weights()
+
+
+# hidden states (EAGLE-style drafters) ----------------------------------------------------------------
+def reference_hidden(model, ids: list[int]) -> torch.Tensor:
+    """(T, d) the trunk's last hidden states through the final norm, computed by hand."""
+    with torch.no_grad():
+        h, _ = model.hidden(torch.tensor([ids]))
+        return model.final_norm(h)[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_forward_returns_the_final_hidden_states_at_logits_indices(arch):
+    from lmforge.model.meta import AttnMetadata
+
+    model = tiny_model(arch)
+    ids = torch.randint(1, 250, (1, 12), generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([0, 5, 11])
+    logits, hidden = model(ids, meta=AttnMetadata(logits_indices=idx), return_hidden=True)
+    assert torch.allclose(hidden[0], reference_hidden(model, ids[0].tolist())[idx], atol=1e-6)
+    assert torch.allclose(logits, model(ids)[:, idx], atol=1e-6)
+    assert torch.allclose(model.lm_head(hidden), logits, atol=1e-6)  # the LM head's input
+
+
+class HiddenProbe(NGramDrafter):
+    """Prompt lookup that also records the hidden state the engine hands it with each context."""
+
+    uses_hidden_states = True
+
+    def __init__(self):
+        super().__init__(vocab_size=257)
+        self.seen: list[tuple[list[int], torch.Tensor]] = []
+
+    def propose(self, ctx, k, procs, greedy, gen, hidden=None):
+        self.seen.append((list(ctx), hidden.clone()))
+        return super().propose(ctx, k, procs, greedy, gen)
+
+
+@pytest.mark.parametrize("no_spec", [False, True])
+def test_drafters_get_the_target_hidden_state_of_their_context(no_spec, tok):
+    model = tiny_model("llama", init_std=0.3)
+    probe = HiddenProbe()
+    engine = Engine(NoCacheSpec(model) if no_spec else model, tok, EngineConfig(block_size=4), draft=probe,
+                    num_draft_tokens=3)
+    prompts = ["abcabcabcabc", "the cat and the cat and the"]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = run(engine, [(p, sp) for p in prompts])
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == full_greedy(model, tok.encode(p), 12)
+    assert len(probe.seen) > 4 and any(o.metrics["accepted"] > 0 for o in outs)
+    for ctx, hidden in probe.seen:  # features at ctx[-2], whose logits gave ctx[-1]
+        assert torch.allclose(hidden, reference_hidden(model, ctx[:-1])[-1], atol=1e-5)
+
+
+def test_a_hidden_state_drafter_needs_a_model_that_returns_them(tok):
+    class LogitsOnly(NoCacheSpec):
+        def forward(self, ids, positions=None, cache=None, meta=None):
+            return self.inner(ids)
+
+    with pytest.raises(LmforgeError, match="no return_hidden option"):
+        Engine(LogitsOnly(tiny_model("llama")), tok, draft=HiddenProbe())
+
+
+# the asyncio front, as a server uses it ---------------------------------------------------------------
+def test_async_streams_per_request_and_abort_leaves_the_others_running(tok):
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(Engine(model, tok, EngineConfig(block_size=4)))
+        seen: dict[str, list] = {"a": [], "b": [], "c": []}
+
+        async def consume(rid, prompt):
+            async for out in engine.generate(prompt, sp, request_id=rid):
+                seen[rid].append(out)
+                if rid == "a" and len(out.token_ids) == 3:
+                    await engine.abort("b")
+
+        await asyncio.gather(consume("a", "first"), consume("b", "second"), consume("c", "third"))
+        return seen, engine.engine
+
+    seen, engine = asyncio.run(main())
+    assert [len(o.token_ids) for o in seen["a"]] == list(range(1, 13))  # one output per step, in order
+    assert seen["a"][-1].token_ids == full_greedy(model, tok.encode("first"), 12)
+    assert seen["c"][-1].token_ids == full_greedy(model, tok.encode("third"), 12) and seen["c"][-1].finished
+    b = seen["b"][-1]
+    assert b.finished and b.finish_reason == "abort" and 2 <= len(b.token_ids) < 12
+    assert b.token_ids == full_greedy(model, tok.encode("second"), 12)[:len(b.token_ids)]
+    assert not engine.has_unfinished() and engine.pool.num_used == 0
+
+
+def test_the_engine_runs_a_model_left_in_train_mode_in_eval_mode(tok):
+    """A Trainer sharing the module leaves it in train mode: the engine's steps run without dropout and
+    hand the module back in train mode."""
+    model = tiny_model("llama", dropout=0.5)
+    want = full_greedy(model, tok.encode("hi"), 6)
+    llm = LLM(model, tok)
+    model.train()
+    model.blocks[0].mlp.eval()  # a part the trainer keeps in eval mode stays so
+    assert llm.generate("hi", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].token_ids == want
+    assert model.training and model.blocks[1].mlp.training and not model.blocks[0].mlp.training

@@ -1,5 +1,5 @@
 """Pieces for benchmarks that train through the one Trainer (lmforge.train.trainer): a DataSource over
-fixed batches, a hook that times optimizer steps, and `scratch_fit`, a run in a throw-away directory.
+fixed batches, a hook that times optimizer steps, and a Trainer whose run directory is thrown away.
 
 A benchmark trains with the same loop as `lmforge train` and `lmforge sft`, so what it measures is what
 users run; these pieces only hand the loop its batches, read its clock and discard its run directory:
@@ -10,16 +10,17 @@ users run; these pieces only hand the loop its batches, read its clock and disca
     timer.times          # seconds of each timed step, the device synchronised at every step end
 
 Throughput benchmarks that need neither evaluation nor the final checkpoint call `Trainer.train_step()`
-(one optimizer step, hooks included) a fixed number of times instead of `fit()`, as
-bench/train_throughput.py does.
+(one optimizer step, hooks included) of a `scratch_trainer` a fixed number of times instead of `fit()`,
+as bench/train_throughput.py does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -84,12 +85,22 @@ class StepTimer:
         return sum(self.times)
 
 
+@contextlib.contextmanager
+def scratch_trainer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: DataSource,
+                    objective: Objective, config: LoopConfig, *, hooks: Iterable[Any] = (),
+                    evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> Iterator[Trainer]:
+    """A Trainer whose run directory is temporary, deleted on exit (with the metrics and checkpoint
+    `fit()` writes there). The run starts fresh (resume off) with no progress bar and no plot; every
+    other setting comes from `config`."""
+    with tempfile.TemporaryDirectory(prefix="lmforge_scratch_") as run_dir:
+        cfg = replace(config, run_dir=run_dir, resume=False, progress=False, plot=False)
+        yield Trainer(model, optimizer, data, objective, config=cfg, hooks=hooks, evaluator=evaluator)
+
+
 def scratch_fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: DataSource, objective: Objective,
                 config: LoopConfig, *, hooks: Iterable[Any] = (),
                 evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> TrainResult:
-    """`Trainer(...).fit()` in a temporary run directory, deleted when it returns: its metrics rows come
-    back in the result's history; its checkpoint (written at the last step) is not kept. The run starts
-    fresh (resume off) with no progress bar and no plot; every other setting comes from `config`."""
-    with tempfile.TemporaryDirectory(prefix="lmforge_scratch_") as run_dir:
-        cfg = replace(config, run_dir=run_dir, resume=False, progress=False, plot=False)
-        return Trainer(model, optimizer, data, objective, config=cfg, hooks=hooks, evaluator=evaluator).fit()
+    """`fit()` of a scratch_trainer: the metrics rows come back in the result's history; the checkpoint
+    written at the last step is not kept."""
+    with scratch_trainer(model, optimizer, data, objective, config, hooks=hooks, evaluator=evaluator) as trainer:
+        return trainer.fit()

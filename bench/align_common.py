@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from lmforge.optim import build_optimizer
 from lmforge.optim.config import OptimConfig
 from lmforge.tokenizer.load import load_tokenizer
 from lmforge.train.config import LoopConfig
-from lmforge.train.trainer import Trainer
+from lmforge.train.harness import scratch_fit
 
 TOK = load_tokenizer("byte")
 RENDER = chat_prompt("plain")
@@ -72,23 +70,18 @@ def fixed_batches(records: list[dict], kind: str, T: int, batch: int = 64) -> li
     return [collate(items[i:i + batch]) for i in range(0, len(items), batch)]
 
 
-def loop_config(steps: int, lr: float, device: str, run_dir: str, seed: int = 0) -> LoopConfig:
+def loop_config(steps: int, lr: float, device: str, seed: int = 0) -> LoopConfig:
     optim = OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, schedule="constant",
                         warmup_steps=max(1, steps // 20))
-    return LoopConfig(optim=optim, run_dir=run_dir, max_steps=steps, log_every=max(1, steps // 10),
-                      eval_every=steps, ckpt_every=steps, keep_last=1, seed=seed, device=device, dtype="fp32",
-                      resume=False, progress=False, plot=False)
+    return LoopConfig(optim=optim, max_steps=steps, log_every=max(1, steps // 10), eval_every=steps,
+                      ckpt_every=steps, keep_last=1, seed=seed, device=device, dtype="fp32")
 
 
 def fit(model, objective, data, steps: int, lr: float, device: str) -> list[dict]:
     """`steps` optimizer steps of lmforge's Trainer on `data` with `objective`, in a scratch run
-    directory (removed afterwards); returns the Trainer's logged metrics rows."""
-    run_dir = tempfile.mkdtemp(prefix="align_bench_")
-    try:
-        cfg = loop_config(steps, lr, device, run_dir)
-        result = Trainer(model, build_optimizer(model, cfg.optim), data, objective, config=cfg).fit()
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    directory (lmforge.train.harness.scratch_fit); returns the Trainer's logged metrics rows."""
+    cfg = loop_config(steps, lr, device)
+    result = scratch_fit(model, build_optimizer(model, cfg.optim), data, objective, cfg)
     return [{k: v for k, v in r.items() if k not in ("tokens", "tok_per_s", "elapsed")}
             for r in result.history if "loss" in r]
 

@@ -18,7 +18,12 @@ DistillObjective over lmforge.align.data ExampleSources.
     # CPU, two jobs (teacher 128,3 instead of the default 192,4):
     python bench/align_distill.py --teacher 128,3 --batch 32 --teacher-steps 1500 --teacher-cache /tmp/t.pt --teacher-only
     python bench/align_distill.py --teacher 128,3 --batch 32 --teacher-cache /tmp/t.pt
-    PYTHONPATH=$PWD python bench/align_distill.py --device cuda
+    PYTHONPATH=$PWD python bench/align_distill.py --device cuda               # one H200, est. ~4 minutes
+
+Sizes come from SIZES by --smoke / --device (explicit flags win). The CPU-sized teachers, trained for 16-21
+epochs over 3,000 examples, were no better than the student (docs/benchmarks.md), so no distillation effect
+was possible; the GPU size trains a 10.8M-parameter teacher on 100,000 examples. The time estimate is launch-bound eager steps
+(~7,000 optimizer steps at ~15 ms, ~5,000 engine steps of 256 rows for the teacher's records and accuracy).
 """
 
 from __future__ import annotations
@@ -65,31 +70,53 @@ def run_student(objective, records, task, test_ex, args) -> dict:
             "log": log}
 
 
-def main(argv=None):
+SIZES = {
+    "cpu": dict(teacher="192,4", student="64,2", teacher_steps=2000, teacher_lr=0.0, steps=600, train=3000, eval=1000,
+                batch=32, record_prompts=0),
+    # --smoke: toy sizes that check the script in seconds
+    "smoke": dict(teacher="48,2", student="32,1", teacher_steps=80, teacher_lr=0.0, steps=40, train=200, eval=48,
+                  batch=8, record_prompts=0),
+    # --device cuda: a 10.8M-parameter teacher (nanoGPT's 6 x 384 shape and its rate 1e-3) on ~1.3 epochs of
+    # 100,000 examples, so that it does not overfit a small set; the students as on CPU; the teacher answers
+    # 16,000 prompts for sequence-level KD
+    "cuda": dict(teacher="384,6", student="64,2", teacher_steps=4000, teacher_lr=1e-3, steps=600, train=100_000,
+                 eval=2000, batch=32, record_prompts=16_000),
+}
+
+
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the script on CPU")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--task", default="count")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--teacher", default="192,4", help="d_model,n_layers")
-    ap.add_argument("--student", default="64,2")
+    sized = "(default: SIZES[smoke|cpu|cuda] by --smoke / --device)"
+    ap.add_argument("--teacher", help=f"d_model,n_layers {sized}")
+    ap.add_argument("--student", help=f"d_model,n_layers {sized}")
     ap.add_argument("--T", type=int, default=96)
-    ap.add_argument("--teacher-steps", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--teacher-steps", type=int, help=sized)
+    ap.add_argument("--teacher-lr", type=float, help=f"0 = --lr {sized}")
+    ap.add_argument("--steps", type=int, help=f"steps of every student {sized}")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--train", type=int, default=3000)
-    ap.add_argument("--eval", type=int, default=1000)
-    ap.add_argument("--record-prompts", type=int, default=0, help="prompts the teacher answers for seq-KD (0 = all)")
+    ap.add_argument("--batch", type=int, help=sized)
+    ap.add_argument("--train", type=int, help=f"training examples {sized}")
+    ap.add_argument("--eval", type=int, help=f"held-out prompts {sized}")
+    ap.add_argument("--record-prompts", type=int, help=f"prompts the teacher answers for seq-KD (0 = all) {sized}")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--teacher-cache", default="", help="load the teacher from this file if it exists, else save it")
     ap.add_argument("--teacher-only", action="store_true",
                     help="stop after training the teacher (a cached one is trained --teacher-steps more)")
     ap.add_argument("--variants", default="data,token-KD,seq-KD+verify,seq-KD,token-JSD")
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.teacher, args.student, args.teacher_steps, args.steps = "48,2", "32,1", 80, 40
-        args.train, args.eval, args.batch = 200, 48, 8
+    size = SIZES["smoke" if args.smoke else "cuda" if args.device.startswith("cuda") else "cpu"]
+    for k, v in size.items():  # flags given explicitly win
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
     clock, dev = Clock(), args.device
     task = TASKS[args.task]()
     train_ex = task.examples("train", args.train, seed=args.seed)
@@ -102,7 +129,7 @@ def main(argv=None):
         teacher.load_state_dict(torch.load(args.teacher_cache, map_location=dev))
     if not cached or args.teacher_only:  # --teacher-only on a cached teacher trains it further (chunks)
         fit(teacher, SFTObjective(), source(sft_records(train_ex), "sft", args.T, args.batch, args.seed + 100),
-            args.teacher_steps, args.lr, dev)
+            args.teacher_steps, args.teacher_lr or args.lr, dev)
         if args.teacher_cache:
             torch.save(teacher.state_dict(), args.teacher_cache)
         if args.teacher_only:

@@ -4,8 +4,8 @@
    a padded batched matmul) vs the per-expert loop reference.
 2. KV-cache bytes per token and decode step time at equal width (same d_model, heads, layers):
    MHA, GQA (n_kv = H/4), MLA (latent r + shared rope key, absorbed inference path).
-3. Training throughput (forward, loss + aux loss, backward, AdamW) of an MoE model vs a dense model with the
-   same active parameters per token (dense d_ff = top_k · d_expert).
+3. Training throughput (the Trainer's step: forward, loss + aux loss, backward, AdamW) of an MoE model vs a
+   dense model with the same active parameters per token (dense d_ff = top_k · d_expert).
 
     python bench/architectures.py --device cpu --threads 1
     python bench/architectures.py --device cuda          # bf16, larger sizes
@@ -24,13 +24,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.model.cache import KVCache
 from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig
 from lmforge.model.layers.mla import MLACache
 from lmforge.model.layers.moe import MoE
 from lmforge.model.transformer import Transformer
+from lmforge.optim.config import OptimConfig
+from lmforge.train.config import LoopConfig
+from lmforge.train.harness import FixedBatches, StepTimer, scratch_trainer
+from lmforge.train.loss import LMObjective
 
 SIZES = {  # device -> sizes of each section
     "cpu": dict(moe=dict(d=256, E=8, k=2, de=512, tokens=2048), moe_fine=dict(d=256, E=32, k=4, de=128, tokens=2048),
@@ -141,30 +144,28 @@ def bench_decode(device: str, dtype, s: dict, reps: int) -> list[dict]:
 
 
 def bench_train(device: str, dtype, s: dict, reps: int) -> list[dict]:
+    """Steps of the Trainer (pretraining's LMObjective: cross-entropy + the MoE aux loss; torch AdamW at
+    lr 1e-4, no clipping) on one fixed batch: the median of `reps` steps after one warm-up step."""
     base = ModelConfig(vocab_size=8192, d_model=s["d"], n_layers=s["layers"], n_heads=s["H"], max_seq_len=s["seq"])
     cfgs = {"dense": dataclasses.replace(base, d_ff=s["k"] * s["de"]),
             f"MoE {s['E']}x{s['de']} top-{s['k']}": dataclasses.replace(
                 base, mlp="moe", moe=MoEConfig(n_experts=s["E"], top_k=s["k"], d_expert=s["de"], aux_loss=0.01))}
+    loop = LoopConfig(optim=OptimConfig(lr=1e-4, schedule="constant", grad_clip=0.0), max_steps=reps + 1,
+                      device=device, dtype="fp32" if dtype == torch.float32 else "bf16")
     rows = []
     for name, cfg in cfgs.items():
-        model = Transformer(cfg).to(device).train()
+        model = Transformer(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids = torch.randint(0, cfg.vocab_size, (s["batch"], s["seq"] + 1), device=device)
-
-        def step():
-            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(ids[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-                aux = model.aux_loss()
-                loss = loss + aux if aux is not None else loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        sec = _timeit(step, reps, device)
+        ids = torch.randint(0, cfg.vocab_size, (s["batch"], s["seq"] + 1))
+        timer = StepTimer()
+        with scratch_trainer(model, opt, FixedBatches([{"input_ids": ids[:, :-1], "targets": ids[:, 1:]}]),
+                             LMObjective(), loop, hooks=[timer]) as trainer:
+            for _ in range(loop.max_steps):
+                trainer.train_step()
+        sec = statistics.median(timer.times)
         rows.append(dict(model=name, params=model.num_params(), active_flops_per_token=model.flops_per_token(s["seq"]),
                          tokens_per_s=s["batch"] * s["seq"] / sec, step_ms=sec * 1e3))
-        del model, opt
+        del model, opt, trainer
     return rows
 
 

@@ -2,7 +2,7 @@
 
 Chat examples with a long-tailed length distribution (log-normal answer lengths, as real SFT sets have)
 go through the real data path (lmforge.align.data: chat template, assistant-only loss mask) and the
-SFT objective's forward + backward + AdamW step, in three layouts:
+Trainer's step (lmforge.train.trainer: SFT objective, forward + backward + AdamW), in three layouts:
   padded         one example per row, padded to the batch's longest (random order)
   length-grouped one example per row, batches of similar lengths (TRL's group_by_length)
   packed         several examples per row (best-fit decreasing), per-document attention and positions
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,10 @@ from lmforge.align import data as D
 from lmforge.align.sft import SFTObjective
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
+from lmforge.optim.config import OptimConfig
 from lmforge.tokenizer.byte import ByteTokenizer
+from lmforge.train.config import LoopConfig
+from lmforge.train.harness import FixedBatches, StepTimer, scratch_trainer
 
 
 def chat_examples(n: int, seq_len: int, seed: int = 0) -> list[D.Example]:
@@ -74,26 +76,17 @@ def check_equal(model, examples, seq_len: int) -> float:
 
 
 def time_layout(model, batches, device, dtype, real_tokens: int) -> dict:
-    obj = SFTObjective()
+    """One pass over `batches` with the Trainer's step (SFT objective, torch AdamW at lr 1e-4, no
+    clipping), after one untimed warm-up step on the first batch; steps timed by a StepTimer hook."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else torch.autocast("cpu", enabled=False)
-
-    def step(b):
-        b = {k: v.to(device) for k, v in b.items()}
-        with ctx:
-            loss, _ = obj.loss(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step(batches[0])  # warm-up
-    sync()
-    t = time.perf_counter()
-    for b in batches:
-        step(b)
-    sync()
-    secs = time.perf_counter() - t
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-4, schedule="constant", grad_clip=0.0), max_steps=len(batches) + 1,
+                     device=str(device), dtype=dtype)
+    timer = StepTimer()
+    with scratch_trainer(model, opt, FixedBatches([batches[0], *batches]), SFTObjective(), cfg,
+                         hooks=[timer]) as trainer:
+        for _ in range(cfg.max_steps):
+            trainer.train_step()
+    secs = timer.total
     slots = sum(b["input_ids"].numel() for b in batches)
     return {"batches": len(batches), "rows": sum(b["input_ids"].shape[0] for b in batches),
             "real_frac": real_tokens / slots, "seconds": secs, "real_tok_per_s": real_tokens / secs}

@@ -3,7 +3,8 @@
 bench/decode.py's speculative rows measure nothing useful: its models have random weights, so a draft
 almost never matches the target (acceptance ~0). Here a target and a small draft are first trained on the
 same byte stream - the source of Python's standard library (lmforge.demo.stdlib_corpus), one token per
-byte (lmforge's ByteTokenizer) - each for a fixed wall-clock budget, and then greedy decoding of held-out
+byte (lmforge's ByteTokenizer) - each through lmforge's Trainer for a fixed wall-clock budget (a hook
+ends the run and decays the learning rate over elapsed time), and then greedy decoding of held-out
 prompts is timed:
 
   * baseline: `speculative_generate` with no drafts (k=0): one eager target forward per token, the same
@@ -58,10 +59,12 @@ from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
-from lmforge.optim.adamw import AdamW  # noqa: E402
-from lmforge.optim.groups import role_groups  # noqa: E402
+from lmforge.optim import build_optimizer  # noqa: E402
+from lmforge.optim.config import OptimConfig  # noqa: E402
 from lmforge.tokenizer.byte import ByteTokenizer  # noqa: E402
-from lmforge.train.loss import lm_loss  # noqa: E402
+from lmforge.train.config import LoopConfig  # noqa: E402
+from lmforge.train.harness import scratch_trainer  # noqa: E402
+from lmforge.train.loss import LMObjective, lm_loss  # noqa: E402
 
 QUICK = dict(corpus_mb=0.5, target_dim=64, target_layers=2, draft_dim=32, draft_layers=1, max_seq_len=128,
              seq_len=64, batch_size=8, target_seconds=8.0, draft_seconds=4.0, max_steps=300, warmup=20,
@@ -150,39 +153,84 @@ def argmax_agreement(target: Transformer, draft: Transformer, val: torch.Tensor,
         return float((target(x).argmax(-1) == draft(x).argmax(-1)).float().mean())
 
 
+class RandomWindows:
+    """DataSource (lmforge.train.objective): batch_size windows at uniformly random offsets of an
+    in-memory token stream, drawn with a seeded CPU generator (its state is the source's state)."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int, seed: int):
+        self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        starts = torch.randint(0, len(self.data) - self.seq_len - 1, (self.batch_size,), generator=self.gen)
+        x, y = windows(self.data, starts, self.seq_len)
+        return {"input_ids": x, "targets": y}
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+
+
+class BudgetSpent(Exception):
+    """Raised by WallClock when the training time budget is spent; ends Trainer.fit after a full step."""
+
+
+class WallClock:
+    """Trainer hook: a training budget in seconds of wall clock instead of steps. The clock starts after
+    the first step (CUDA start-up, torch.compile). The step count is not known in advance, so the
+    learning rate decays linearly to 10% over elapsed time: after every step the hook scales the
+    optimizer's base rates, to which the Trainer's constant schedule applies the warm-up (in steps).
+    When the budget is spent it raises BudgetSpent (a hook has no other way to stop fit). It prints a
+    progress line at a logged step about every eighth of the budget."""
+
+    def __init__(self, name: str, seconds: float):
+        self.name, self.seconds = name, seconds
+        self.t0: float | None = None
+        self.base: list[float] = []
+        self.tokens0, self.last_print = 0, 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0 if self.t0 is not None else 0.0
+
+    def on_step_end(self, trainer, stats: dict) -> None:
+        groups = trainer.optimizer.param_groups
+        if self.t0 is None:
+            float(stats["loss"])  # wait for the first step before starting the clock
+            self.t0, self.base, self.tokens0 = time.perf_counter(), [g["base_lr"] for g in groups], trainer.tokens
+            return
+        elapsed = self.elapsed()
+        if elapsed >= self.seconds:
+            raise BudgetSpent
+        for g, base in zip(groups, self.base):
+            g["base_lr"] = base * (1 - 0.9 * min(1.0, elapsed / self.seconds))
+
+    def on_log(self, trainer, row: dict) -> None:
+        elapsed = self.elapsed()
+        if elapsed - self.last_print >= self.seconds / 8:
+            self.last_print = elapsed
+            print(f"  [{self.name}] step {row['step']}, {elapsed:.0f}s, loss {row['loss']:.3f}, "
+                  f"{(row['tokens'] - self.tokens0) / max(elapsed, 1e-9):,.0f} tok/s", flush=True)
+
+
 def train_for(name: str, model: Transformer, train: torch.Tensor, val: torch.Tensor, seconds: float, lr: float,
               args, dev: torch.device) -> dict:
-    """AdamW on random windows for `seconds` of wall clock (or max_steps). The step count is not known
-    in advance, so the learning rate decays linearly to 10% over elapsed time after a warmup in steps.
-    The clock starts after the first step (CUDA start-up, torch.compile)."""
-    opt = AdamW(role_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
-    fwd = torch.compile(model) if args.compile else model
-    gen = torch.Generator(device=dev).manual_seed(args.seed)
-    step, t0, last_log, loss = 0, None, 0.0, float("nan")
-    while True:
-        elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
-        if elapsed >= seconds or (args.max_steps and step >= args.max_steps):
-            break
-        mult = min(1.0, (step + 1) / args.warmup) * (1 - 0.9 * min(1.0, elapsed / seconds))
-        for g in opt.param_groups:
-            g["lr"] = lr * mult
-        x, y = windows(train, torch.randint(0, len(train) - args.seq_len - 1, (args.batch_size,), device=dev,
-                                            generator=gen), args.seq_len)
-        with autocast(dev):
-            l, _ = lm_loss(fwd(x), y)
-        l.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if t0 is None:
-            float(l.detach())  # wait for the first step before starting the clock
-            t0 = time.perf_counter()
-        elif step % 20 == 0 and elapsed - last_log >= seconds / 8:
-            loss, last_log = float(l.detach()), elapsed
-            print(f"  [{name}] step {step}, {elapsed:.0f}s, loss {loss:.3f}, "
-                  f"{(step - 1) * x.numel() / max(elapsed, 1e-9):,.0f} tok/s", flush=True)
-    secs = time.perf_counter() - t0 if t0 is not None else 0.0
+    """The Trainer (pretraining's LMObjective, AdamW with weight decay 0.1, clipping at 1.0) on random
+    windows for `seconds` of wall clock (WallClock) or args.max_steps steps, whichever ends first."""
+    optim = OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0, schedule="constant",
+                        warmup_steps=args.warmup)
+    steps = args.max_steps or 10**12  # 10**12: the clock ends the run
+    loop = LoopConfig(optim=optim, max_steps=steps, log_every=20, eval_every=steps, ckpt_every=steps, keep_last=1,
+                      seed=args.seed, device=str(dev), compile=args.compile)
+    clock = WallClock(name, seconds)
+    data = RandomWindows(train, args.batch_size, args.seq_len, args.seed)
+    with scratch_trainer(model, build_optimizer(model, optim), data, LMObjective(), loop, hooks=[clock]) as trainer:
+        try:
+            trainer.fit()
+        except BudgetSpent:
+            pass
+    step, secs = trainer.step, clock.elapsed()
     res = {"steps": step, "train_tokens": step * args.batch_size * args.seq_len, "train_seconds": secs,
            "lr": lr, "val_loss": val_loss(model, val, args, dev)}
     print(f"  [{name}] {step} steps in {secs:.0f}s; val loss {res['val_loss']:.3f} nats/byte "
@@ -415,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"corpus: {stats['files']} files, {stats['train_bytes'] / 1e6:.1f} MB train, "
           f"{stats['val_bytes'] / 1e6:.2f} MB held out ({time.perf_counter() - t0:.0f}s)", flush=True)
     prompts = prompts_from(held, args.prompts, args.prompt_len)
-    data = (train.to(dev), val.to(dev))
+    data = (train, val.to(dev))  # the Trainer moves each training batch to the device
     target, t_info = build_and_train("target", args.target_dim, args.target_layers, args.target_seconds,
                                      args.target_lr, data, args, dev)
     draft, d_info = build_and_train("draft", args.draft_dim, args.draft_layers, args.draft_seconds,

@@ -214,32 +214,30 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
     from lmforge.model.transformer import Transformer
     from lmforge.optim.config import OptimConfig
     from lmforge.train.config import DataConfig, TrainConfig
+    from lmforge.train.harness import scratch_trainer
     from lmforge.train.pretrain import pretraining_parts
-    from lmforge.train.trainer import Trainer
 
     data = DataConfig(train=(str(shard),), seq_len=seq, batch_size=batch, val_fraction=0.01)
-    cfg = TrainConfig(model=mcfg, data=data,
-                      optim=OptimConfig(name="adamw", lr=3e-4, warmup_steps=0), run_dir=tempfile.mkdtemp(),
-                      max_steps=10_000, device=dev, compile=compile, progress=False,
-                      sdpa_backend="cudnn" if dev == "cuda" else "auto", plot=False, resume=False, eval_batches=1)
+    cfg = TrainConfig(model=mcfg, data=data, optim=OptimConfig(name="adamw", lr=3e-4, warmup_steps=0),
+                      max_steps=10_000, device=dev, compile=compile,
+                      sdpa_backend="cudnn" if dev == "cuda" else "auto", eval_batches=1)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(dev)
     if prepare is not None:
         prepare(model)
     parts = pretraining_parts(cfg, model=model)
     objective = fused_ce.FusedLMObjective(mcfg.z_loss) if fused_loss else parts.objective
-    tr = Trainer(parts.model, parts.optimizer, parts.data, objective, config=cfg, evaluator=parts.evaluator,
-                 tokenizer=parts.tokenizer)
-    for _ in range(args.warmup):
-        tr.train_step()
-    _sync(dev)
     times = []
-    for _ in range(args.blocks):
-        t = time.perf_counter()
-        for _ in range(args.steps):
+    with scratch_trainer(parts.model, parts.optimizer, parts.data, objective, cfg) as tr:
+        for _ in range(args.warmup):
             tr.train_step()
         _sync(dev)
-        times.append((time.perf_counter() - t) / args.steps)
+        for _ in range(args.blocks):
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                tr.train_step()
+            _sync(dev)
+            times.append((time.perf_counter() - t) / args.steps)
     step_s = statistics.median(times)
     tps = cfg.tokens_per_step / step_s
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")

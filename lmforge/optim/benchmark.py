@@ -5,12 +5,16 @@ batch order, for the same number of tokens, at a few learning rates around a per
 best rate (by final validation loss) represents it. Reported per optimizer: best final validation loss,
 steps and training wall time to reach a target loss (by default the best AdamW final loss, so the ratio
 of steps is the "speed-up over tuned AdamW" that modded-nanogpt and Vyas et al. quote), optimizer state
-bytes per parameter, and the validation-loss curves (plot). The loop is a deliberately plain one (no
-trainer, no checkpoints) so only the optimizer differs between runs.
+bytes per parameter, and the validation-loss curves (plot). Every run trains through the one Trainer
+(lmforge.train.trainer: the schedule, global-norm clipping at 1.0 and bf16 autocast on CUDA of `lmforge
+train`) in a scratch run directory, with the same settings for all, so only the optimizer differs between
+runs; training time is the sum of the device-synchronised step times (lmforge.train.harness.StepTimer),
+evaluations excluded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -92,61 +96,67 @@ def corpus_bytes(path: str = "") -> np.ndarray:
 def _device(spec: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
 
-def _batches(ids: np.ndarray, n: int, cfg: OptimBenchConfig, seed: int, dev) -> list[tuple]:
+def _batches(ids: np.ndarray, n: int, cfg: OptimBenchConfig, seed: int) -> list[dict[str, torch.Tensor]]:
+    """n batches of batch_size random windows, as {"input_ids", "targets"} CPU tensors."""
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - cfg.seq_len - 1, size=(n, cfg.batch_size))
     out = []
     for row in starts:
-        x = np.stack([ids[s : s + cfg.seq_len + 1] for s in row])
-        t = torch.from_numpy(x).to(dev)
-        out.append((t[:, :-1], t[:, 1:]))
+        t = torch.from_numpy(np.stack([ids[s : s + cfg.seq_len + 1] for s in row]))
+        out.append({"input_ids": t[:, :-1], "targets": t[:, 1:]})
     return out
 
+class _Curve:
+    """Trainer hook: the validation-loss curve, each point with the training time spent until then."""
+
+    def __init__(self, timer):
+        self.timer, self.points = timer, []
+
+    def on_eval(self, trainer, metrics: dict) -> None:
+        self.points.append({"step": trainer.step, "val_loss": metrics["val_loss"], "time": self.timer.total})
+
 def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
-    """Train one (optimizer, lr); returns its curve, final loss, time and state memory."""
+    """Train one (optimizer, lr) with the Trainer; returns its curve, final loss, time and state memory.
+
+    A run that diverges (non-finite loss; the Trainer stops at the next evaluation) keeps its curve up to
+    its last good evaluation and gets final loss inf."""
+    from lmforge.errors import TrainingDiverged
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
-    from lmforge.optim import build_optimizer, lr_multiplier, optimizer_state_bytes
+    from lmforge.optim import build_optimizer, optimizer_state_bytes
     from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.harness import FixedBatches, StepTimer, scratch_fit
+    from lmforge.train.loss import LMObjective
 
-    dev = train[0][0].device
+    dev = _device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = Transformer(ModelConfig.from_depth(cfg.depth, vocab_size=257, max_seq_len=cfg.seq_len)).to(dev)
+    model = Transformer(ModelConfig.from_depth(cfg.depth, vocab_size=257, max_seq_len=cfg.seq_len))
     ocfg = OptimConfig(name=name, lr=lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
                        warmup_steps=cfg.warmup_steps, adam_lr=cfg.adam_lr, min_lr_ratio=0.1,
                        precondition_frequency=cfg.precondition_frequency, block_size=cfg.block_size)
     opt = build_optimizer(model, ocfg)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # metrics are read (and a NaN loss caught) at evaluations only: no extra host sync between them
+    loop = LoopConfig(optim=ocfg, max_steps=cfg.steps, eval_every=cfg.eval_every, log_every=cfg.eval_every,
+                      ckpt_every=cfg.steps, keep_last=1, seed=cfg.seed, device=str(dev))
+    timer = StepTimer()
+    curve = _Curve(timer)
 
-    def evaluate() -> float:
-        model.eval()
-        with torch.no_grad(), amp:
-            losses = [torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item()
-                      for x, y in val]
-        model.train()
-        return float(np.mean(losses))
+    def evaluate(model) -> dict[str, float]:  # the Trainer runs it under no_grad, eval mode and its autocast
+        losses = [torch.nn.functional.cross_entropy(model(b["input_ids"].to(dev)).flatten(0, 1).float(),
+                                                    b["targets"].to(dev).flatten()).item() for b in val]
+        return {"val_loss": float(np.mean(losses))}
 
-    curve, train_time = [{"step": 0, "val_loss": evaluate(), "time": 0.0}], 0.0
-    for step, (x, y) in enumerate(train[: cfg.steps], start=1):
-        t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_multiplier(ocfg, step - 1, cfg.steps)
-        with amp:
-            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        train_time += time.perf_counter() - t0
-        if not math.isfinite(loss.item()):
-            break
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            curve.append({"step": step, "val_loss": evaluate(), "time": train_time})
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer's evaluation lines: progress, not results
+            scratch_fit(model, opt, FixedBatches(train[: cfg.steps]), LMObjective(), loop, hooks=[timer, curve],
+                        evaluator=evaluate)
+    except TrainingDiverged:
+        pass
     n_params = sum(p.numel() for p in model.parameters())
-    final = curve[-1]["val_loss"] if curve[-1]["step"] == cfg.steps else float("inf")
-    return {"optimizer": name, "lr": lr, "final_val_loss": final, "curve": curve, "wall_time": train_time,
+    points = curve.points
+    final = points[-1]["val_loss"] if points[-1]["step"] == cfg.steps else float("inf")
+    return {"optimizer": name, "lr": lr, "final_val_loss": final, "curve": points, "wall_time": timer.total,
             "state_bytes_per_param": optimizer_state_bytes(opt) / n_params, "n_params": n_params}
 
 def _write_json(path: Path, obj) -> None:
@@ -169,8 +179,8 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     ids = corpus_bytes(cfg.data)
     split = int(0.9 * len(ids))
-    train = _batches(ids[:split], cfg.steps, cfg, cfg.seed, dev)
-    val = _batches(ids[split:], cfg.eval_batches, cfg, cfg.seed + 1, dev)
+    train = _batches(ids[:split], cfg.steps, cfg, cfg.seed)
+    val = _batches(ids[split:], cfg.eval_batches, cfg, cfg.seed + 1)
     if dev.type == "cuda":  # TF32 matmuls, and one short discarded run so CUDA start-up is not timed
         torch.set_float32_matmul_precision("high")
         run_one(replace(cfg, steps=3, eval_every=3), cfg.optimizers[0], DEFAULT_LR[cfg.optimizers[0]], train, val)

@@ -50,3 +50,15 @@ def test_fit_equals_a_plain_adamw_loop():
         opt.step()
     for (name, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bench_sizes_follow_device_and_explicit_flags_win():
+    from bench import align_compare, align_distill
+
+    gpu = align_compare.parse(["--device", "cuda"])
+    assert (gpu.d, gpu.layers, gpu.sft_examples) == (256, 6, 100_000)
+    assert align_compare.parse([]).d == 96 and align_compare.parse(["--smoke"]).d == 32
+    assert align_compare.parse(["--device", "cuda", "--layers", "2"]).layers == 2
+    d = align_distill.parse(["--device", "cuda:0", "--steps", "7"])
+    assert (d.teacher, d.teacher_lr, d.train, d.steps) == ("384,6", 1e-3, 100_000, 7)
+    assert align_distill.parse(["--smoke"]).teacher == "48,2"

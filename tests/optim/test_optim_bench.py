@@ -29,3 +29,47 @@ def test_short_benchmark_reports_memory_and_speedup(tmp_path):
         assert r["curve"][-1]["val_loss"] < r["curve"][0]["val_loss"]
     assert "| adamw |" in format_table(result)
     assert (tmp_path / "partial.json").is_file()  # written after every run
+
+
+def test_runs_train_through_the_trainer_like_a_plain_loop():
+    """run_one (the Trainer) = a plain loop: cosine schedule with warm-up, clipping at 1.0, evaluations
+    every eval_every steps on the same batches."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.optim import build_optimizer, lr_multiplier
+    from lmforge.optim.benchmark import _batches, corpus_bytes, run_one
+    from lmforge.optim.config import OptimConfig
+
+    cfg = OptimBenchConfig(optimizers=("lion",), depth=1, seq_len=16, batch_size=4, steps=8, warmup_steps=2,
+                           eval_every=4, eval_batches=2, device="cpu")
+    ids = corpus_bytes()[:20000]
+    train, val = _batches(ids, cfg.steps, cfg, 0), _batches(ids, cfg.eval_batches, cfg, 1)
+    got = run_one(cfg, "lion", 1e-3, train, val)
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(ModelConfig.from_depth(1, vocab_size=257, max_seq_len=16))
+    ocfg = OptimConfig(name="lion", lr=1e-3, weight_decay=0.0, warmup_steps=2, min_lr_ratio=0.1)
+    opt = build_optimizer(model, ocfg)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([F.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["targets"].flatten()).item()
+                                  for b in val]))
+
+    want = [val_loss()]
+    for step, b in enumerate(train):
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_multiplier(ocfg, step, cfg.steps)
+        F.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["targets"].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if (step + 1) % 4 == 0:
+            want.append(val_loss())
+    assert [p["step"] for p in got["curve"]] == [0, 4, 8]
+    assert [p["val_loss"] for p in got["curve"]] == pytest.approx(want, rel=1e-5)
+    assert got["final_val_loss"] == got["curve"][-1]["val_loss"] and got["wall_time"] > 0

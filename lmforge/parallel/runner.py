@@ -79,8 +79,7 @@ class ParallelRunner:
         self.first, self.last = self.stage == 0, self.stage == cfg.pp - 1
         self.model = split_stage(model, self.stage, cfg.pp)
         rest = [n for n in self.mesh.mesh_dim_names if n != "pp"]
-        if rest:
-            parallelize(self.model, cfg, submesh(self.mesh, *rest))
+        parallelize(self.model, cfg, submesh(self.mesh, *rest) if rest else None)
         self.schedule = build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(), cfg.n_microbatches,
                                        cfg.pp_schedule, lambda out, y: self.loss_fn(out, y) * self._scale, self.device)
 

@@ -319,7 +319,7 @@ class Trainer:
         runner = self.runner
         if runner is None:
             loss, metrics = self.loss_fn(self.model, batch)
-            (loss if scale == 1 else loss * scale).backward()
+            (loss * scale).backward()
             return loss, metrics
         if runner.pp_mesh is not None:
             return runner.forward_backward(batch["input_ids"], batch["targets"], scale, sync), {}

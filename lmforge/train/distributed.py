@@ -18,7 +18,13 @@ the parameter names in its id order beside it ("optimizer_params"), so any layou
 
 Interrupts: a SIGINT/SIGTERM reaching any one rank sets that rank's stop flag; the ranks all-reduce their
 flags at every step boundary (one tiny CPU all-reduce, no device sync), so all stop at the same step and
-write one checkpoint together.
+write one checkpoint together. Under torchrun a Ctrl-C reaches torchrun only (its workers run in their
+own sessions); it forwards the signal once to every worker and kills those still running 30 s later
+(torchrun --shutdown-timeout), so a step plus a checkpoint must fit in that time.
+
+Validation: LMEvaluator splits each validation batch's rows over the ranks (runner.eval_nats) and
+all-reduces the sums. An evaluator of another objective runs on every rank as given: on N processes it
+must split its own work (or be left out).
 """
 
 from __future__ import annotations

@@ -44,11 +44,14 @@ def _train_worker(rank: int, world: int, shard: str, run_dir: str, layout: dict)
 
 
 def _layouts_worker(rank: int, world: int, shard: str, root: str, layouts: dict) -> dict:
-    """Each layout trains the tiny model for STEPS; per layout: (losses, validation losses, rows this rank
-    fed the model in one more evaluation)."""
+    """Each layout (a ParallelConfig's fields, and grad_accum) trains the tiny model for STEPS; per layout:
+    (losses, validation losses, rows this rank fed the model in one more evaluation)."""
     out = {}
     for name, layout in layouts.items():
-        tr = Trainer(tiny_config(shard, f"{root}/{name}", parallel=ParallelConfig(**layout), **STEPS))
+        layout = dict(layout)
+        accum = layout.pop("grad_accum", 1)
+        tr = Trainer(tiny_config(shard, f"{root}/{name}", parallel=ParallelConfig(**layout), grad_accum=accum,
+                                 **STEPS))
         res = tr.fit()
         rows = []
         hook = tr.model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]) if args else None)
@@ -103,11 +106,13 @@ def _same_as_one_process(got, ref, ref_val, rows_per_rank: int) -> None:
     assert rows == rows_per_rank * 4  # eval_batches=4: this rank's rows of each, not the whole batch
 
 
-LAYOUTS_2 = {"tp": dict(tp=2), "cp": dict(cp=2), "pp": dict(pp=2)}
+LAYOUTS_2 = {"tp": dict(tp=2), "cp": dict(cp=2), "pp": dict(pp=2),
+             "cp_accum": dict(cp=2, grad_accum=2)}  # FSDP over the cp ranks reduce-scatters on the last micro-batch
 
 
 def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(single, tmp_path):
-    """tp=2, cp=2, pp=2 through the Trainer: one process's losses and validation losses; a validation batch's
+    """tp=2, cp=2, pp=2 (and cp=2 with 2 micro-batches a step) through the Trainer: one process's losses and
+    validation losses; a validation batch's
     8 rows are split between the cp ranks (4 each) and shared by the tp ranks and the pipeline (which splits
     them into micro-batches: the first stage is called once per micro-batch of 2 rows); the tp=2 and pp=2
     step-5 checkpoints resume in one process, and the 1-process step-5 checkpoint resumes as pp=2."""
@@ -119,6 +124,8 @@ def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(si
     got = run_local(_layouts_worker, 2, str(shard), str(tmp_path), layouts, timeout=120, start_method="fork")[0]
     for name, rows in (("tp", 8), ("cp", 4), ("pp", 8)):
         _same_as_one_process(got[name], ref, ref_val, rows)
+    accum = train(tiny_config(shard, tmp_path / "accum", grad_accum=2, **STEPS)).history
+    _same_as_one_process(got["cp_accum"], _losses(accum), _val(accum), 4)
     np.testing.assert_allclose(got["from1"][0], ref, atol=ATOL, rtol=0)  # steps 1-5 from the copied log
     for name in ("tp", "pp"):
         _resume_in_one_process(shard, tmp_path / name, ref)

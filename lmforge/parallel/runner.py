@@ -66,7 +66,7 @@ class ParallelRunner:
         coords = dict(zip(self.mesh.mesh_dim_names, self.mesh.get_coordinate()))
         # the rank that reports a replica's validation sums: tp rank 0 of the last pipeline stage
         self.reports = coords.get("tp", 0) == 0 and coords.get("pp", cfg.pp - 1) == cfg.pp - 1
-        # the rank that holds its pipeline stage's full state for checkpoints: coordinate 0 but along pp
+        # the rank that gathers its pipeline stage's full state for checkpoints: coordinate 0 on every dim but pp
         self.stage_leader = all(c == 0 for n, c in coords.items() if n != "pp")
         # tiny host-side all-reduces (validation sums, the Trainer's stop flag) never wait for the GPU
         self.cpu_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")

@@ -138,6 +138,16 @@ def test_fsdp_x_tp_on_four_processes_matches_one_process(single, tmp_path):
     _same_as_one_process(got["fsdp_tp"], ref, ref_val, 4)
 
 
+def test_layout_is_checked_against_model_and_batch_in_the_config(tmp_path):
+    from lmforge.model.config import ModelConfig
+
+    tied = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, tie_embeddings=True)
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        tiny_config(tmp_path / "t.bin", tmp_path / "run", model=tied, parallel=ParallelConfig(tp=2))
+    with pytest.raises(ConfigError, match="batch_size=8 must be divisible by the data-parallel size 1 x microbatches=16"):
+        tiny_config(tmp_path / "t.bin", tmp_path / "run", parallel=ParallelConfig(pp=2, microbatches=16))
+
+
 def test_pipeline_refuses_other_objectives(single, tmp_path):
     got = run_local(_refusal_worker, 2, str(single[0]), str(tmp_path), timeout=60, start_method="fork")
     assert "parallel.pp=2 trains the plain LM loss" in got[0] and "z_loss" in got[0]

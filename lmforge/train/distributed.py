@@ -151,7 +151,8 @@ def gather_states(runner, optimizer: torch.optim.Optimizer) -> tuple[dict, dict,
                                                          get_optimizer_state_dict)
 
     model, pp = runner.model, runner.pp_mesh is not None
-    # cpu_offload gathers onto global rank 0 only; a pipeline needs every stage's first rank to hold its stage
+    # cpu_offload gathers onto global rank 0 only; a pipeline needs every stage's first rank to hold its stage,
+    # so there each rank of a stage briefly holds the stage's full state on its device
     opts = StateDictOptions(full_state_dict=True, cpu_offload=not pp)
     weights = get_model_state_dict(model, options=opts)
     osd = get_optimizer_state_dict(model, optimizer, options=opts)

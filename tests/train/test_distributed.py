@@ -40,7 +40,7 @@ def _val(history):
 
 def _train_worker(rank: int, world: int, shard: str, run_dir: str, layout: dict) -> list[float]:
     res = train(tiny_config(shard, run_dir, parallel=ParallelConfig(**layout), **STEPS))
-    return _losses(res.history)
+    return _losses(res.history) + [res.final_val_loss]
 
 
 def _layouts_worker(rank: int, world: int, shard: str, root: str, layouts: dict) -> dict:
@@ -71,12 +71,13 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2}], ids=["fsdp2", "ddp"])
 def test_two_processes_match_one_and_resume_in_one(single, tmp_path, layout):
-    shard, ref, ref_run, _ = single
+    shard, ref, ref_run, ref_val = single
     run = tmp_path / "run"
     got = run_local(_train_worker, 2, str(shard), str(run), layout, timeout=120, start_method="fork")
-    assert got[1] == []  # only rank 0 reads (and writes) the metrics
-    assert len(got[0]) == len(ref) == STEPS["max_steps"]
-    np.testing.assert_allclose(got[0], ref, atol=ATOL, rtol=0)
+    # every rank gets the final validation loss; only rank 0 reads (and writes) the metrics
+    assert got[1] == [pytest.approx(got[0][-1], abs=1e-12)]
+    assert len(got[0]) == len(ref) + 1 == STEPS["max_steps"] + 1
+    np.testing.assert_allclose(got[0], ref + ref_val[-1:], atol=ATOL, rtol=0)
     # an ordinary checkpoint (what LLM.load opens) with the 1-process run's weights
     a, b = (load_model(r / "checkpoints" / "step_000005")[0].state_dict() for r in (run, ref_run))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
@@ -89,7 +90,7 @@ def test_two_processes_match_one_and_resume_in_one(single, tmp_path, layout):
     shutil.copytree(ref_run, from1)
     shutil.rmtree(from1 / "checkpoints" / "step_000010")
     got = run_local(_train_worker, 2, str(shard), str(from1), layout, timeout=120, start_method="fork")
-    np.testing.assert_allclose(got[0], ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got[0], ref + ref_val[-1:], atol=ATOL, rtol=0)
 
 
 def _resume_in_one_process(shard, run: Path, ref: list[float]) -> None:

@@ -1,9 +1,13 @@
 """Shared pieces of the parallelism benchmarks (bench/parallel.py on one GPU, bench/scaling_gpus.py under
-torchrun): joining the process group, one timed training step per layout, MFU and memory."""
+torchrun): joining the process group, one timed training step per layout, MFU and memory.
+
+A layout's step is the one Trainer's train_step with its ParallelRunner (trainer_step): what `lmforge train`
+runs is what is timed. Only the teaching data-parallel implementations (lmforge DDP, ZeRO, torch DDP) and
+expert parallelism keep a loop of their own in scaling_gpus.py: they are not layouts of the runner."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -13,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from lmforge.parallel.launch import NO_MULTICAST_ENV
-from lmforge.train.loss import lm_loss
 from lmforge.train.metrics import peak_flops
 
 
@@ -75,21 +78,38 @@ def mfu(model_flops_per_token: float, tokens_per_s: float, device) -> float | No
     return tokens_per_s * model_flops_per_token / peak if peak else None
 
 
-def autocast(device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+class Feed:
+    """The DataSource of a timed Trainer: its next batch is the one the bench hands to step(x, y)."""
+
+    def __init__(self):
+        self.batch: dict[str, torch.Tensor] = {}
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
-def make_step(model, optimizer, device, *, bf16_autocast: bool, clip: float = 1.0, loss_ctx=None):
-    """One optimizer step: forward + loss (under autocast if asked), backward, clip, step."""
+def trainer_step(model, optimizer, optim_cfg, device, *, runner=None, bf16_autocast: bool, clip: float = 1.0):
+    """One optimizer step of the one Trainer (lmforge.train.Trainer.train_step: forward + LM loss under
+    autocast if asked, backward, global-norm clip, scheduled lr, step), through `runner` (a ParallelRunner)
+    on N processes. Returns step(x, y) -> the step's (global) loss, for `timed`."""
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.loss import LMObjective
+    from lmforge.train.trainer import Trainer
+
+    feed = Feed()
+    cfg = LoopConfig(optim=dataclasses.replace(optim_cfg, grad_clip=clip), run_dir=tempfile.mkdtemp(),
+                     max_steps=10**9, device=str(device), dtype="bf16" if bf16_autocast else "fp32",
+                     resume=False, progress=False, plot=False)
+    trainer = Trainer(model, optimizer, feed, LMObjective(), config=cfg, runner=runner)
+
     def step(x, y):
-        with autocast(device, bf16_autocast), (loss_ctx() if loss_ctx else contextlib.nullcontext()):
-            loss = lm_loss(model(x), y)[0]
-            loss.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        feed.batch = {"input_ids": x, "targets": y}
+        return trainer.train_step()["loss"]
 
     return step
-

@@ -17,6 +17,10 @@ against (p-1)/(m+p-1). moe: a depth-12 MoE (16 experts, top-2) with experts spli
 (--ep, all-to-all dispatch) or replicated; both average the other gradients with the same all-reduce.
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0 ...).
 Rank 0 prints one JSON line and writes bench/results/scaling_gpus/<config>_<variant>_n<N>.json.
+
+big, pp, cp and optim time the one Trainer's train_step through its ParallelRunner (what `lmforge train`
+runs; parallel_common.trainer_step). dp and moe keep their own loop: the teaching DDP/ZeRO versions, torch
+DDP and expert parallelism are not layouts of the runner, and every dp variant is timed by the same loop.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parallel_common import join, make_step, mfu, random_batches, sync, timed  # noqa: E402
+from parallel_common import join, mfu, random_batches, sync, timed, trainer_step  # noqa: E402
 
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
@@ -38,6 +42,7 @@ from lmforge.optim import build_optimizer  # noqa: E402
 from lmforge.optim.config import OptimConfig  # noqa: E402
 from lmforge.parallel.config import ParallelConfig, build_mesh  # noqa: E402
 from lmforge.parallel.parallelize import parallelize  # noqa: E402
+from lmforge.parallel.runner import ParallelRunner  # noqa: E402
 from lmforge.parallel.zero import zero_memory  # noqa: E402
 from lmforge.train.loss import lm_loss  # noqa: E402
 
@@ -110,20 +115,20 @@ def run_dp(args, rank, world, device) -> dict:
 
 
 # -- an 8B model: FSDP2 (+ TP) with selective activation checkpointing -------------------------------------
-def build_big(cfg: ModelConfig, pc: ParallelConfig, device) -> torch.nn.Module:
+def build_big(cfg: ModelConfig, pc: ParallelConfig, device) -> ParallelRunner:
     """Build on the meta device, parallelise, then allocate only this rank's shards and initialise them."""
     from lmforge.model.layers.rope import RotaryEmbedding
 
     with torch.device("meta"):
-        model = Transformer(cfg)
-    parallelize(model, pc, build_mesh(pc, device.type))
+        runner = ParallelRunner(Transformer(cfg), pc, device=device)
+    model = runner.model
     model.to_empty(device=device)
     fresh = RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_layout, cfg.rope_scaling, cfg.max_seq_len)
     for name, buf in fresh.named_buffers():  # buffers are not parameters: to_empty left them uninitialised
         model.rope.get_buffer(name).copy_(buf)
     torch.manual_seed(0)
     model.reset_parameters()
-    return model
+    return runner
 
 
 def run_big(args, rank, world, device) -> dict:
@@ -133,11 +138,13 @@ def run_big(args, rank, world, device) -> dict:
     pc = ParallelConfig(dp_shard=world // args.tp, tp=args.tp, param_dtype="bf16", activation_checkpoint=args.ac,
                         compile=args.compile)
     pc.validate(world, cfg, seq_len=args.seq, batch_size=args.batch * pc.dp_shard)
-    model = build_big(cfg, pc, device)
+    runner = build_big(cfg, pc, device)
+    model = runner.model
     fpt = Transformer.flops_per_token(model, args.seq)
-    opt = build_optimizer(model, ADAMW)
-    batches = random_batches(args.warmup, args.batch, args.seq, cfg.vocab_size, device, seed=rank // args.tp)
-    r = timed(make_step(model, opt, device, bf16_autocast=False), batches, device, args.warmup, args.steps)
+    step = trainer_step(model, build_optimizer(model, ADAMW), ADAMW, device, runner=runner, bf16_autocast=False)
+    # host batches, as the Trainer reads them; the tp ranks of one data-parallel rank share theirs
+    batches = random_batches(args.warmup, args.batch, args.seq, cfg.vocab_size, "cpu", seed=rank // args.tp)
+    r = timed(step, batches, device, args.warmup, args.steps)
     tps = args.batch * args.seq / r["step_s"] * pc.dp_shard / world  # tokens per GPU: tp ranks share a batch
     return {**r, "params": sum(p.numel() for p in model.parameters()), "tok_s_per_gpu": tps,
             "mfu": mfu(fpt, tps, device), "layout": f"dp_shard={pc.dp_shard} tp={pc.tp} ac={args.ac}"}
@@ -145,36 +152,23 @@ def run_big(args, rank, world, device) -> dict:
 
 # -- pipeline bubble ------------------------------------------------------------------------------------
 def run_pp(args, rank, world, device) -> dict:
-    from lmforge.parallel.pp import bubble_fraction, build_schedule, split_stage
+    from lmforge.parallel.pp import bubble_fraction
 
     cfg = depth_model(args)
-    pc = ParallelConfig(pp=world, pp_schedule=args.schedule, microbatches=args.microbatches)
-    pc.validate(world, cfg, seq_len=args.seq, batch_size=args.batch * args.microbatches)
-    mesh = build_mesh(pc, device.type)
-    stage_mod = split_stage(on_device(cfg, "cpu"), rank, world).to(device)
-    if args.compile:
-        for b in stage_mod.blocks.values():
-            b.compile()
-    loss_fn = lambda out, y: lm_loss(out, y)[0]  # noqa: E731
-    sched = build_schedule(stage_mod, rank, world, mesh.get_group(), args.microbatches, args.schedule, loss_fn, device)
+    pc = ParallelConfig(pp=world, pp_schedule=args.schedule, microbatches=args.microbatches, compile=args.compile)
+    runner = ParallelRunner(on_device(cfg, device), pc, device=device, seq_len=args.seq,
+                            batch_size=args.batch * args.microbatches)
+    stage_mod, first, last = runner.model, runner.first, runner.last
     opt = build_optimizer(stage_mod, ADAMW)
-    batches = random_batches(args.warmup, args.batch * args.microbatches, args.seq, args.vocab, device)
-    first, last = rank == 0, rank == world - 1
-
-    def step(x, y):
-        losses = []
-        sched.step(*([x] if first else []), **({"target": y, "losses": losses} if last else {}))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss = torch.stack(losses).mean().detach() if last else torch.zeros((), device=device)
-        dist.all_reduce(loss)  # only the last stage has it
-        return loss
-
+    # no clipping: a step is the schedule and the optimizer, so that all but m stage passes are bubble
+    step = trainer_step(stage_mod, opt, ADAMW, device, runner=runner, bf16_autocast=False, clip=0)
+    batches = random_batches(args.warmup, args.batch * args.microbatches, args.seq, args.vocab, "cpu")
     r = timed(step, batches, device, args.warmup, args.steps)
     # one stage's forward + backward on one micro-batch, alone (inputs of the right shape for this stage)
     mb = args.batch
-    x = batches[0][0][:mb] if first else torch.randn(mb, args.seq, cfg.d_model, device=device, requires_grad=True)
-    t_stage = timed(lambda x_, y_: _stage_fb(stage_mod, x_, y_, last), [(x, batches[0][1][:mb])], device,
+    x = (batches[0][0][:mb].to(device) if first
+         else torch.randn(mb, args.seq, cfg.d_model, device=device, requires_grad=True))
+    t_stage = timed(lambda x_, y_: _stage_fb(stage_mod, x_, y_, last), [(x, batches[0][1][:mb].to(device))], device,
                     2, max(3, args.steps))["step_s"]
     opt.zero_grad(set_to_none=True)
     t = torch.tensor([t_stage], device=device)
@@ -192,8 +186,6 @@ def _stage_fb(stage_mod, x, y, last: bool):
 
 # -- context parallel: the longest sequence ------------------------------------------------------------
 def run_cp(args, rank, world, device) -> dict:
-    from lmforge.parallel.runner import ParallelRunner
-
     results, seq = [], args.seq
     cfg0 = depth_model(args)
     while seq <= args.max_seq:
@@ -205,18 +197,12 @@ def run_cp(args, rank, world, device) -> dict:
             fpt = model.flops_per_token(seq)
             runner = ParallelRunner(model, pc, device=device, seq_len=seq)
             opt = build_optimizer(runner.model, ADAMW)
-
-            def step(x, y):
-                loss = runner.forward_backward(x, y)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
-
-            r = timed(step, random_batches(2, 1, seq, args.vocab, device), device, 2, 3)
+            step = trainer_step(runner.model, opt, ADAMW, device, runner=runner, bf16_autocast=False)
+            r = timed(step, random_batches(2, 1, seq, args.vocab, "cpu"), device, 2, 3)
         except torch.cuda.OutOfMemoryError:
             ok.zero_()
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        model = runner = opt = None
+        model = runner = opt = step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if not bool(ok):
@@ -243,17 +229,17 @@ def run_optim(args, rank, world, device) -> dict:
              "dion": sum((p.shape[0] + p[0].numel()) * min(rank_r, *p.shape) * 4 for p in matrices)
              * (world - 1) / world}[args.optim]
     fsdp_bytes = 3 * model.num_params() * 2  # bf16 all-gather forward + backward, reduce-scatter grads (fp32 = 2x)
-    pc = ParallelConfig(dp_shard=world, param_dtype="bf16")
-    parallelize(model, pc, build_mesh(pc, device.type))
+    runner = ParallelRunner(model, ParallelConfig(dp_shard=world, param_dtype="bf16"), device=device)
     ocfg = OptimConfig(name=args.optim.removesuffix("_owner"), lr=0.02 if args.optim != "adamw" else 3e-4,
                        adam_lr=3e-4, rank=rank_r, warmup_steps=0)
     opt = build_optimizer(model, ocfg)
     opt = {"muon": ShardedMuon.from_optimizer, "dion": ShardedDion.from_optimizer,
            "muon_owner": lambda o: ShardedMuon.from_optimizer(o, owner_compute=True)}.get(args.optim, lambda o: o)(opt)
-    batches = random_batches(args.warmup, args.batch * world, args.seq, args.vocab, device)
+    batches = random_batches(args.warmup, args.batch * world, args.seq, args.vocab, "cpu")
     local = [(x[rank * args.batch:(rank + 1) * args.batch], y[rank * args.batch:(rank + 1) * args.batch])
              for x, y in batches]
-    r = timed(make_step(model, opt, device, bf16_autocast=False, clip=0), local, device, args.warmup, args.steps)
+    step = trainer_step(model, opt, ocfg, device, runner=runner, bf16_autocast=False, clip=0)
+    r = timed(step, local, device, args.warmup, args.steps)
     return {**r, "optimizer_comm_gib_per_step": extra / 2**30,
             "fsdp_comm_gib_per_step": fsdp_bytes / 2**30 * (world - 1) / world}
 

@@ -12,7 +12,7 @@ def _description() -> str:
     return ("Pretrain a language model on token shards (lmforge tokenizer encode).\n\n"
             f"--optim.name: {', '.join(sorted(OPTIMIZERS))}\n"
             f"--optim.schedule: {', '.join(sorted(SCHEDULES))}\n"
-            "--nproc N: train on N local processes (torchrun; [parallel] dp_shard / dp_replicate)")
+            "--nproc N: train on N local processes (torchrun; [parallel] dp_shard, dp_replicate, tp, pp, cp)")
 
 
 def model_summary(cfg) -> str:

@@ -6,6 +6,8 @@ functions are the example). Every transform here is tested on CPU with gloo agai
   zero.py          ZeRO-1/2/3 from scratch (per-tensor partitions: any lmforge optimizer) + memory formula
   config.py        ParallelConfig (pp x dp_replicate x dp_shard x cp x tp), validation, device mesh
   parallelize.py   apply a ParallelConfig: TP -> activation checkpointing -> compile -> FSDP2 / DDP
+  runner.py        ParallelRunner: one rank's forward/backward, global-norm clipping, global loss and
+                   validation rows; the Trainer's step strategy on N processes (lmforge.train.distributed)
   fsdp.py          FSDP2 (fully_shard per block + root, mixed precision, reshard-after-forward)
   tp.py            tensor + sequence parallel (DTensor parallelize_module), vocabulary-parallel loss
   pp.py            pipeline stages and GPipe / 1F1B schedules (torch.distributed.pipelining)

@@ -33,8 +33,9 @@ def data_parallel_mesh(mesh):
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh) -> nn.Module:
-    """Parallelise `model` (a Transformer or a pipeline stage) in place over `mesh` and return it."""
-    tp_mesh = submesh(mesh, "tp")
+    """Parallelise `model` (a Transformer or a pipeline stage) in place over `mesh` and return it. mesh=None
+    (a pipeline stage with no other dims) applies only activation checkpointing and compile."""
+    tp_mesh = submesh(mesh, "tp") if mesh is not None else None
     if tp_mesh is not None:
         apply_tp(model, tp_mesh, sequence_parallel=cfg.sequence_parallel, loss_parallel=cfg.loss_parallel)
     if cfg.activation_checkpoint != "none":
@@ -42,7 +43,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh) -> nn.Module:
     if cfg.compile:
         for block in blocks_of(model):
             block.compile()
-    dp_mesh = data_parallel_mesh(mesh)
+    dp_mesh = data_parallel_mesh(mesh) if mesh is not None else None
     names = dp_mesh.mesh_dim_names if dp_mesh is not None else ()
     if dp_mesh is not None and names != ("dp_replicate",):
         apply_fsdp(model, dp_mesh, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype,

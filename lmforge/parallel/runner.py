@@ -1,5 +1,7 @@
-"""ParallelRunner: one rank's share of a training layout, with the three calls a training loop needs -
-forward+backward of this rank's part of a batch, the global loss, and gradient clipping over all shards.
+"""ParallelRunner: one rank's share of a training layout, with the calls a training loop needs -
+forward+backward of this rank's part of a batch, the global loss, gradient clipping over all shards, and
+validation nats over this rank's rows. lmforge.train.Trainer drives it (`Trainer(..., runner=runner)`);
+by hand:
 
     runner = ParallelRunner(model, ParallelConfig(dp_shard=4, tp=2), device=device)
     opt = build_optimizer(runner.model, cfg.optim)            # after parallelisation: over DTensor shards
@@ -9,6 +11,7 @@ forward+backward of this rank's part of a batch, the global loss, and gradient c
     norm = runner.clip_grad_norm_(1.0); opt.step(); opt.zero_grad()
     log(runner.global_loss(loss))
 
+objective_step runs any objective's loss(model, batch) instead of the LM loss (not on pipelines).
 Pipeline layouts hold one stage per pp rank: forward_backward runs the whole schedule (GPipe or 1F1B over
 cfg.n_microbatches micro-batches of x); only the last stage sees a loss. Context parallel ranks take
 their load-balanced tokens of each sequence; loss_parallel computes the cross-entropy on vocabulary
@@ -29,11 +32,19 @@ from lmforge.parallel.config import ParallelConfig, build_mesh, submesh
 from lmforge.parallel.cp import apply_cp, shard_batch
 from lmforge.parallel.parallelize import dp_rank_and_size, parallelize
 from lmforge.parallel.pp import build_schedule, split_stage
-from lmforge.train.loss import lm_loss
+from lmforge.train.loss import lm_loss, token_losses
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def default_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return lm_loss(logits, targets)[0]
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value as an ordinary tensor (a replicated loss of a tensor-parallel model)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class ParallelRunner:
@@ -48,6 +59,17 @@ class ParallelRunner:
         self.dp_rank, self.dp_size = dp_rank_and_size(self.mesh)
         self.pp_mesh, self.cp_mesh = submesh(self.mesh, "pp"), submesh(self.mesh, "cp")
         self._scale = 1.0
+        self.eval_rank, self.eval_size = self.dp_rank, self.dp_size  # rows of a validation batch (eval_nats)
+        if self.cp_mesh is not None:
+            self.eval_rank = self.eval_rank * cfg.cp + self.cp_mesh.get_local_rank()
+            self.eval_size *= cfg.cp
+        coords = dict(zip(self.mesh.mesh_dim_names, self.mesh.get_coordinate()))
+        # the rank that reports a replica's validation sums: tp rank 0 of the last pipeline stage
+        self.reports = coords.get("tp", 0) == 0 and coords.get("pp", cfg.pp - 1) == cfg.pp - 1
+        # the rank that gathers its pipeline stage's full state for checkpoints: coordinate 0 on every dim but pp
+        self.stage_leader = all(c == 0 for n, c in coords.items() if n != "pp")
+        # tiny host-side all-reduces (validation sums, the Trainer's stop flag) never wait for the GPU
+        self.cpu_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         if self.pp_mesh is None:
             self.model = parallelize(model, cfg, self.mesh)
             if self.cp_mesh is not None:
@@ -57,8 +79,7 @@ class ParallelRunner:
         self.first, self.last = self.stage == 0, self.stage == cfg.pp - 1
         self.model = split_stage(model, self.stage, cfg.pp)
         rest = [n for n in self.mesh.mesh_dim_names if n != "pp"]
-        if rest:
-            parallelize(self.model, cfg, submesh(self.mesh, *rest))
+        parallelize(self.model, cfg, submesh(self.mesh, *rest) if rest else None)
         self.schedule = build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(), cfg.n_microbatches,
                                        cfg.pp_schedule, lambda out, y: self.loss_fn(out, y) * self._scale, self.device)
 
@@ -88,12 +109,13 @@ class ParallelRunner:
         with self._loss_context():
             loss = self.loss_fn(self.model(x), y)
             (loss * scale).backward()
-        loss = loss.detach()
-        return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+        return plain(loss.detach())
 
-    def objective_step(self, batch: dict[str, torch.Tensor], objective, scale: float = 1.0, sync: bool = True):
-        """Forward and backward of an lmforge.train Objective on this rank's batch (dict of (B, T) tensors):
-        objective.loss(model, batch) -> (loss, metrics). Not for pipeline layouts (a stage has no logits)."""
+    def objective_step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn, scale: float = 1.0,
+                       sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of an objective's loss on this rank's batch (dict of (B, T) tensors):
+        loss_fn(model, batch) -> (loss, metrics), e.g. an lmforge.train Objective's `loss`. Returns the
+        detached local loss and metrics as plain tensors. Not for pipeline layouts (a stage has no logits)."""
         self._grad_sync(sync)
         if self.pp_mesh is not None:
             raise ConfigError("pipeline parallel runs the LM loss of forward_backward; objectives with their "
@@ -101,9 +123,32 @@ class ParallelRunner:
         if self.cp_mesh is not None:
             batch = shard_batch(batch, self.cp_mesh)
         with self._loss_context():
-            loss, metrics = objective.loss(self.model, batch)
+            loss, metrics = loss_fn(self.model, batch)
             (loss * scale).backward()
-        return loss.detach(), metrics
+        return plain(loss.detach()), {k: plain(v.detach()) for k, v in metrics.items()}
+
+    @torch.no_grad()
+    def eval_nats(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only, for validation: (summed next-token nats, targets) of this rank's share of the rows
+        of the global (x, y). Rows are split over the data-parallel and context-parallel ranks (in eval mode
+        context-parallel ranks see whole sequences, so they take rows as data-parallel ranks do); the
+        ranks of one tensor-parallel group or pipeline share rows, and only one of them (tp rank 0 of the
+        last stage) reports, the others return (0, no targets): summed over all ranks, every row counts
+        once. Call in eval mode on every rank."""
+        x, y = (t.tensor_split(self.eval_size)[self.eval_rank] for t in (x, y))
+        if self.pp_mesh is not None:
+            self._scale = 1.0
+            losses: list[torch.Tensor] = []
+            self.schedule.eval(*([x] if self.first else []), **({"target": y, "losses": losses} if self.last else {}))
+            # micro-batches of equal size: the sum of their mean losses x their tokens
+            nats = (torch.stack(losses).double().sum() * (y.numel() / len(losses)) if self.last
+                    else torch.zeros((), dtype=torch.float64, device=self.device))
+        else:
+            with self._loss_context():
+                nats = plain(token_losses(self.model(x), y).double().sum())
+        if not self.reports:
+            return torch.zeros_like(nats), y[:0]
+        return nats, y
 
     def _loss_context(self):
         if not self.cfg.loss_parallel:
@@ -113,7 +158,8 @@ class ParallelRunner:
         return loss_parallel()
 
     def global_loss(self, local: torch.Tensor) -> torch.Tensor:
-        """Mean over the data-parallel (and context-parallel) ranks of their local losses, on every rank."""
+        """Mean over the data-parallel (and context-parallel) ranks of their local losses, on every rank.
+        Element-wise: a stack of several per-rank means (loss and metrics) is reduced in one call."""
         loss = local.detach().float().clone()
         if self.pp_mesh is not None:
             loss = loss * self.cfg.pp  # only the last stage's world / pp ranks hold a loss

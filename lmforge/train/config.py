@@ -141,16 +141,17 @@ class TrainConfig(LoopConfig):
     """fused linear + cross-entropy chunked over tokens (lmforge.kernels.fused_ce): never materialises the
     (tokens x vocab) logits"""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """[parallel] layout over the processes (`lmforge train --nproc N`); the trainer runs dp_shard (FSDP2) and
-    dp_replicate (DDP); data.batch_size is then the global micro-batch, split over the ranks"""
+    """[parallel] layout over the processes (`lmforge train --nproc N`): dp_shard (FSDP2), dp_replicate (DDP),
+    tp, pp (the plain LM loss), cp and their products; data.batch_size is then the global micro-batch, split
+    over the data-parallel ranks"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.data.seq_len <= self.model.max_seq_len or self.model.pos_emb in ("rope", "none"),
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        from lmforge.train.distributed import check_trainer_layout
-
-        check_trainer_layout(self.parallel)
+        if self.parallel.world_size > 1:  # the layout's fit to the model and batch, before any process starts
+            self.parallel.validate(self.parallel.world_size, self.model, seq_len=self.data.seq_len,
+                                   batch_size=self.data.batch_size)
 
     @property
     def tokens_per_step(self) -> int:

@@ -1,13 +1,30 @@
-"""Data-parallel pretraining: the pieces the one Trainer needs when `lmforge train` runs on N processes
-(`lmforge train --nproc N`, or torchrun directly).
+"""Multi-process pretraining: the pieces the one Trainer needs when `lmforge train` runs on N processes
+(`lmforge train --nproc N`, or torchrun directly), in any [parallel] layout: data parallel (dp_shard =
+FSDP2, dp_replicate = DDP), tensor (tp), pipeline (pp), context (cp) parallel and their 2-D/3-D meshes.
 
-Every rank builds the same model from the same seed, lmforge.parallel applies the layout (FSDP2 over
-parallel.dp_shard, DDP over parallel.dp_replicate), and every rank walks the same global batch stream
-and keeps its own contiguous rows of it (RankRows): the data state is the single-process state, so a
-run resumes on any number of ranks and the loss curve equals one process on the same global batch.
-Checkpoints are ordinary lmforge checkpoints: the full weights and optimizer state are gathered to
-rank 0, which writes them (LLM.load opens them; a 1-process run resumes from them), and every rank
-reads them back into its own shards.
+Every rank builds the same model from the same seed; a lmforge.parallel.runner.ParallelRunner applies the
+layout and is the Trainer's step strategy (forward/backward per micro-batch, global-norm clipping over
+DTensor shards and stages, the global loss, validation over this rank's rows). Every rank walks the same
+global batch stream and keeps its data-parallel rank's contiguous rows of it (RankRows; tensor-parallel
+and pipeline ranks of one replica read the same rows, context-parallel ranks cut them along the
+sequence): the data state is the single-process state, so a run resumes on any layout and the loss curve
+equals one process on the same global batch.
+
+Checkpoints are ordinary lmforge checkpoints: the full weights and optimizer state are gathered to rank 0
+(DTensor shards all-gathered; a pipeline's stages each gathered on their first rank, then merged on rank
+0), which writes them (LLM.load opens them; a 1-process run resumes from them), and every rank reads them
+back into its own shards. The optimizer state is stored as a single-process optimizer.state_dict() with
+the parameter names in its id order beside it ("optimizer_params"), so any layout maps it back by name.
+
+Interrupts: a SIGINT/SIGTERM reaching any one rank sets that rank's stop flag; the ranks all-reduce their
+flags at every step boundary (one tiny CPU all-reduce, no device sync), so all stop at the same step and
+write one checkpoint together. Under torchrun a Ctrl-C reaches torchrun only (its workers run in their
+own sessions); it forwards the signal once to every worker and kills those still running 30 s later
+(torchrun --shutdown-timeout), so a step plus a checkpoint must fit in that time.
+
+Validation: LMEvaluator splits each validation batch's rows over the ranks (runner.eval_nats) and
+all-reduces the sums. An evaluator of another objective runs on every rank as given: on N processes it
+must split its own work (or be left out).
 """
 
 from __future__ import annotations
@@ -29,12 +46,6 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def check_trainer_layout(par: ParallelConfig) -> None:
-    if par.tp > 1 or par.pp > 1 or par.cp > 1:
-        raise ConfigError(f"parallel.tp={par.tp}, pp={par.pp}, cp={par.cp}: the trainer runs data-parallel layouts "
-                          "only for now; use parallel.dp_shard (FSDP2) and/or parallel.dp_replicate (DDP)")
-
-
 def join(par: ParallelConfig) -> ParallelConfig | None:
     """Join the process group when launched by torchrun or asked for > 1 process; None = single process.
     Launched on N ranks with no [parallel] layout, FSDP2 over all of them (dp_shard = N)."""
@@ -45,8 +56,22 @@ def join(par: ParallelConfig) -> ParallelConfig | None:
     _, world = init_distributed(expected_world=None if par.world_size == 1 else par.world_size)
     if par.world_size == 1 and world > 1:
         par = dataclasses.replace(par, dp_shard=world)
-    check_trainer_layout(par)
     return par if world > 1 else None
+
+
+def check_runner(runner, world: int, objective) -> None:
+    """One-line errors for a process group without a layout, and a pipeline asked for another loss."""
+    if runner is None:
+        if world > 1:
+            raise ConfigError(f"the Trainer runs on {world} processes but was given no runner: pass runner="
+                              "ParallelRunner(model, ParallelConfig(...)) (lmforge.parallel.runner), as "
+                              "pretraining does from [parallel]")
+        return
+    from lmforge.train.loss import LMObjective
+
+    if runner.pp_mesh is not None and not (type(objective) is LMObjective and objective.z_loss == 0):
+        raise ConfigError(f"parallel.pp={runner.cfg.pp} trains the plain LM loss through the pipeline schedule; "
+                          f"{type(objective).__name__} (or model.z_loss > 0) needs parallel.pp=1")
 
 
 def train_device(device: str) -> torch.device:
@@ -80,42 +105,95 @@ class RankRows:
         return getattr(self.source, name)
 
 
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+def param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Parameter names in the optimizer's order: index i of a plain optimizer.state_dict() is names[i]."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def gather_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(weights, optimizer state) as full CPU tensors on rank 0 (empty elsewhere; call on all ranks). The
-    optimizer state is keyed like a single-process optimizer.state_dict() (integer ids)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def _to_cpu(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_to_cpu(v) for v in tree]
+    return tree
 
-    from lmforge.parallel.checkpoint import gather_full_state_dict
 
-    weights = gather_full_state_dict(model)
-    full = get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    ids = {n: i for i, n in enumerate(_param_names(model, optimizer))}
-    plain = optimizer.state_dict()
-    plain["state"] = {ids[n]: s for n, s in full.get("state", {}).items()}
-    return weights, plain
+def _merge_stages(parts: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """One model's (weights, name-keyed optimizer state) from its pipeline stages' (in stage order).
+    Stages hold disjoint parameters; their optimizer groups are merged by role in lmforge.optim's ROLES
+    order, each the stages' parameters in stage order: the groups a single-process build_optimizer makes."""
+    from lmforge.optim.groups import ROLES
+
+    weights, state, groups = {}, {}, {}
+    for w, osd in parts:
+        weights.update(w)
+        state.update(osd["state"])
+        for g in osd["param_groups"]:
+            if g.get("role") not in ROLES:
+                raise ConfigError("checkpointing a pipeline merges optimizer groups by role: build the optimizer "
+                                  "with lmforge.optim.build_optimizer (groups with a 'role' key)")
+            if g["role"] in groups:
+                groups[g["role"]]["params"] += g["params"]
+            else:
+                groups[g["role"]] = {**g, "params": list(g["params"])}
+    ordered = [groups[r] for r in ROLES if r in groups]
+    return weights, {"state": state, "param_groups": ordered}
+
+
+def gather_states(runner, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, list[str]]:
+    """(weights, optimizer state, parameter names) as full CPU tensors on rank 0 (empty elsewhere; call on
+    all ranks). The optimizer state is keyed like a single-process optimizer.state_dict() (integer ids);
+    names[i] is the parameter of id i."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    model, pp = runner.model, runner.pp_mesh is not None
+    # cpu_offload gathers onto global rank 0 only; a pipeline needs every stage's first rank to hold its stage,
+    # so there each rank of a stage briefly holds the stage's full state on its device
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=not pp)
+    weights = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if pp:
+        stage = (_to_cpu(weights), _to_cpu(osd)) if runner.stage_leader else None
+        weights, osd = {}, {"state": {}, "param_groups": []}
+        if runner.stage_leader:  # the leaders form rank 0's pipeline group
+            parts = [None] * runner.cfg.pp if dist.get_rank() == 0 else None
+            dist.gather_object(stage, parts, dst=0, group=runner.pp_mesh.get_group())
+            if parts is not None:
+                weights, osd = _merge_stages(parts)
+    groups = osd.get("param_groups", [])  # empty but on rank 0
+    names = [n for g in groups for n in g["params"]]
+    ids = {n: i for i, n in enumerate(names)}
+    plain = {"state": {ids[n]: s for n, s in osd.get("state", {}).items()},
+             "param_groups": [{**g, "params": [ids[n] for n in g["params"]]} for g in groups]}
+    return weights, plain, names
 
 
 def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict,
-                opt_state: dict | None) -> None:
-    """Load full weights (and a single-process-format optimizer state) into this rank's shards."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+                opt_state: dict | None, names: list[str] | None) -> None:
+    """Load full weights and a single-process-format optimizer state (its parameter names in id order:
+    `names`) into this rank's shards; a pipeline stage takes its own parameters of both."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
 
     opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=opts)
+    mine = get_model_state_dict(model).keys()  # this rank's parameter names (no communication)
+    set_model_state_dict(model, {k: v for k, v in weights.items() if k in mine}, options=opts)
     if optimizer is None or opt_state is None:
         return
-    names = _param_names(model, optimizer)
     named = {"state": {names[i]: s for i, s in opt_state["state"].items()},
              "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, named, options=opts)
+
+
+def any_rank(flag: bool, group) -> bool:
+    """True on every rank when `flag` is True on any (call on all ranks)."""
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 class Gathered:

@@ -38,24 +38,33 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
 
 class LMEvaluator:
     """Validation loss, perplexity and bits-per-byte of a model over fixed (x, y) batches. Called by the
-    Trainer under no_grad, eval mode and its autocast."""
+    Trainer under no_grad, eval mode and its autocast.
+
+    With a ParallelRunner (N processes), each rank evaluates only its share of every batch's rows
+    (runner.eval_nats) and the sums of nats, tokens and bytes are all-reduced: the same metrics as one
+    process, computed once, not once per rank."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], id_bytes: torch.Tensor | None,
-                 bytes_per_token: float = 0.0):
+                 bytes_per_token: float = 0.0, runner=None):
         self.batches, self.id_bytes, self.bytes_per_token = batches, id_bytes, bytes_per_token
+        self.runner = runner
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.batches:
             return {}
         device = next(model.parameters()).device
-        nats, n_tok, n_bytes = 0.0, 0, 0.0
+        sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
         for x, y in self.batches:
-            logits = model(x.to(device))
-            y = y.to(device)
-            nats += float(token_losses(logits, y).double().sum())
-            n_tok += y.numel()
-            if self.id_bytes is not None:
-                n_bytes += float(self.id_bytes[y.cpu()].sum())
+            x, y = x.to(device), y.to(device)
+            if self.runner is None:
+                nats = token_losses(model(x), y).double().sum()
+            else:  # this rank's rows; y = the targets it reports (none on ranks that share another's rows)
+                nats, y = self.runner.eval_nats(x, y)
+            n_bytes = float(self.id_bytes[y.cpu()].sum()) if self.id_bytes is not None else 0.0
+            sums += torch.tensor([float(nats), y.numel(), n_bytes], dtype=torch.float64)
+        if self.runner is not None:
+            torch.distributed.all_reduce(sums, group=self.runner.cpu_group)
+        nats, n_tok, n_bytes = sums.tolist()
         out = {"val_loss": nats / n_tok, "val_ppl": math.exp(min(nats / n_tok, 50.0))}
         if self.bytes_per_token > 0:
             out["val_bpb"] = nats / n_tok / math.log(2) / self.bytes_per_token
@@ -98,6 +107,7 @@ class Parts(NamedTuple):
     config: TrainConfig
     evaluator: LMEvaluator
     tokenizer: Any
+    runner: Any  # lmforge.parallel.runner.ParallelRunner on N processes, else None
 
 
 def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> Parts:
@@ -114,17 +124,18 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
         first = train_splits[0].file
         sampler = BatchSampler(train_splits, d.batch_size, d.seq_len, d.sampling, cfg.seed)
     tokenizer = tokenizer or _resolve_tokenizer(cfg.tokenizer or first.tokenizer, first.path.parent)
-    evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
-                            token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token)
     if cfg.fused_kernels:  # from outside the model: same parameters, so built before the optimizer or not
         from lmforge.kernels.training import apply_fused_kernels
 
         apply_fused_kernels(model)
-    if par is not None:  # parallelise before the optimizer: FSDP2 replaces the parameters by their shards
+    runner = None
+    if par is not None:  # parallelise before the optimizer: FSDP2 and TP replace the parameters by their shards
         from lmforge.parallel.runner import ParallelRunner
 
         runner = ParallelRunner(model, par, device=train_device(cfg.device), seq_len=d.seq_len, batch_size=d.batch_size)
         model, sampler = runner.model, RankRows(sampler, runner.dp_rank, runner.dp_size, d.batch_size)
+    evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
+                            token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token, runner)
     optimizer = build_optimizer(model, cfg.optim)
     objective = LMObjective(cfg.model.z_loss)
     if cfg.fused_loss:
@@ -137,4 +148,4 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
         else:  # as fused_kernels does: say so once, train with the plain loss
             print("fused_loss not applied: Triton kernels need a CUDA GPU (pip install 'lmforge[kernels]'); "
                   "the plain loss runs instead", file=sys.stderr)
-    return Parts(model, optimizer, sampler, objective, cfg, evaluator, tokenizer)
+    return Parts(model, optimizer, sampler, objective, cfg, evaluator, tokenizer, runner)

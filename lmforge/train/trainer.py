@@ -13,12 +13,23 @@ learning rate, optimizer step. Every eval_every steps the evaluator runs (valida
 bits-per-byte for pretraining). Checkpoints hold everything needed to resume bit-exactly: weights,
 optimizer (refused if it was another optimizer), data-source, objective and RNG state.
 
+N processes (torchrun, `lmforge train --nproc N`): a lmforge.parallel.runner.ParallelRunner is the step
+strategy (`Trainer(..., runner=runner)`; pretraining builds it from [parallel]). Each micro-batch is this
+rank's share through the runner (objective_step; a pipeline runs the LM loss through its schedule and
+refuses other objectives), clipping is the runner's global norm over DTensor shards and stages, logged
+metrics are its global mean, and checkpoints gather the full weights and optimizer state onto rank 0 as an
+ordinary checkpoint that resumes on any layout (lmforge.train.distributed). Only rank 0 writes metrics,
+plots and checkpoints.
+
 Interrupts: SIGINT (Ctrl-C) and SIGTERM (what job schedulers send) only set a flag while `fit` runs; the
 loop stops at the next step boundary, writes a checkpoint of that state and raises KeyboardInterrupt, so
-resuming is bit-exact. A second signal stops at once. A KeyboardInterrupt raised inside a step (a second
-Ctrl-C, or one raised by code) rolls the step back to its start when the optimizer has not begun
-updating the weights (grads dropped, data-source and RNG state restored from the step-start snapshot);
-inside the optimizer update no consistent state exists and no checkpoint is written.
+resuming is bit-exact. On N processes the ranks all-reduce their flags at every step boundary (one tiny
+CPU all-reduce), so a signal reaching any one rank stops all of them at the same step, with one
+checkpoint. A second signal stops at once. A KeyboardInterrupt raised inside a step (a second Ctrl-C, or
+one raised by code) rolls the step back to its start when the optimizer has not begun updating the
+weights (grads dropped, data-source and RNG state restored from the step-start snapshot); inside the
+optimizer update no consistent state exists and no checkpoint is written; on N processes a rank that
+leaves inside a step writes none either (the others are inside its collectives).
 A NaN/inf loss stops the run and leaves the last good checkpoint in place.
 """
 
@@ -31,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -45,6 +56,9 @@ from lmforge.train.config import LoopConfig, TrainConfig
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 from lmforge.train.objective import Batch, DataSource, Objective
 from lmforge.utils import run_metadata, write_json_atomic
+
+if TYPE_CHECKING:
+    from lmforge.parallel.runner import ParallelRunner
 
 
 @dataclass
@@ -88,16 +102,18 @@ class Trainer:
                  data: DataSource | None = None, objective: Objective | None = None, *,
                  config: LoopConfig | None = None, hooks: Iterable[Any] = (),
                  evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None, tokenizer=None,
-                 extra_meta: dict[str, Any] | None = None):
+                 extra_meta: dict[str, Any] | None = None, runner: ParallelRunner | None = None):
         if isinstance(model, TrainConfig):  # Trainer(cfg): pretraining built from its config
             from lmforge.train.pretrain import pretraining_parts
 
-            model, optimizer, data, objective, config, evaluator, tokenizer = pretraining_parts(model)
+            model, optimizer, data, objective, config, evaluator, tokenizer, runner = pretraining_parts(model)
         if optimizer is None or data is None or objective is None or config is None:
             raise ConfigError("Trainer needs model, optimizer, data, objective and config (or one TrainConfig)")
         self.cfg = cfg = config
         self.device = ddp.train_device(cfg.device)
         self.rank, self.world = ddp.rank_and_world()  # only rank 0 writes metrics, plots and checkpoints
+        self.runner = runner
+        ddp.check_runner(runner, self.world, objective)
         self.run_dir = Path(cfg.run_dir)
         self.model = model.to(self.device)
         self.optimizer, self.data, self.objective = optimizer, data, objective
@@ -127,6 +143,7 @@ class Trainer:
             optimizer.register_step_post_hook(self._set_phase("updated"))
         self._snapshot: dict[str, Any] = {}
         self._stop_signal: int | None = None
+        self._at_agreed_stop = False  # the KeyboardInterrupt is the stop all ranks agreed on at a step boundary
         if cfg.resume:
             self._maybe_resume()
         elif ckpt.checkpoint_dirs(self.run_dir):
@@ -146,19 +163,22 @@ class Trainer:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
-    def _train_state(self, optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    def _train_state(self, optimizer_state: dict[str, Any], names: list[str]) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                 "optimizer": optimizer_state, "optimizer_name": optimizer_name(self.optimizer, self.cfg),
+                "optimizer_params": names,  # parameter names in id order: any layout maps the state back
                 "data": self.data.state_dict(), "objective": self.objective.state_dict(), **self._rng_state()}
 
     def save(self) -> Path:
-        model, opt_state = self.model, None
-        if self.world > 1:  # full weights and optimizer state gathered on rank 0: an ordinary checkpoint
-            weights, opt_state = ddp.gather_states(self.model, self.optimizer)
+        if self.runner is not None:  # full weights and optimizer state gathered on rank 0: an ordinary checkpoint
+            weights, opt_state, names = ddp.gather_states(self.runner, self.optimizer)
             model = ddp.Gathered(self.model, weights)
+        else:
+            model, opt_state = self.model, self.optimizer.state_dict()
+            names = ddp.param_names(self.model, self.optimizer)
         if self.rank == 0:
             self.last_checkpoint = ckpt.save_checkpoint(
-                self.run_dir, self.step, model, train_state=self._train_state(opt_state or self.optimizer.state_dict()),
+                self.run_dir, self.step, model, train_state=self._train_state(opt_state, names),
                 tokenizer=self.tokenizer, keep_last=self.cfg.keep_last, extra={"tokens": self.tokens, **self.extra_meta})
         if self.world > 1:
             torch.distributed.barrier()  # no rank reads it (or moves on to resume) before it is written
@@ -167,8 +187,13 @@ class Trainer:
         return self.last_checkpoint
 
     def _load_weights_and_optimizer(self, state: dict[str, Any], path: Path) -> None:
-        if self.world == 1:
+        # checkpoints written before the names were stored: the optimizer's own order (every layout but pp)
+        names = state.get("optimizer_params") or ddp.param_names(self.model, self.optimizer)
+        if self.runner is None:
             ckpt.load_weights(self.model, path)
+            if names != ddp.param_names(self.model, self.optimizer) and not self.cfg.reset_optimizer:
+                raise ConfigError(f"{path}: the optimizer state lists its parameters in another order than this "
+                                  "optimizer; use the same optim settings, or set reset_optimizer=true")
             self._load_optimizer(state, path)
             return
         from safetensors.torch import load_file
@@ -176,7 +201,7 @@ class Trainer:
         reset = self.cfg.reset_optimizer
         self._load_optimizer(state, path, check_only=True)
         ddp.load_states(self.model, self.optimizer, load_file(str(path / "model.safetensors")),
-                        None if reset else state["optimizer"])
+                        None if reset else state["optimizer"], names)
 
     def _load_optimizer(self, state: dict[str, Any], path: Path, check_only: bool = False) -> None:
         saved, now = state.get("optimizer_name"), optimizer_name(self.optimizer, self.cfg)
@@ -212,7 +237,8 @@ class Trainer:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.metrics.truncate_after(self.step)
         self.last_checkpoint = path
-        tqdm.write(f"resumed from {path} at step {self.step}")
+        if self.rank == 0:
+            tqdm.write(f"resumed from {path} at step {self.step}")
 
     # steps ---------------------------------------------------------------------------------------
     def _call(self, name: str, *args) -> None:
@@ -253,28 +279,29 @@ class Trainer:
             g["lr"] = g["base_lr"] * mult
         sums: dict[str, torch.Tensor] = {}
         n_tokens = 0
-        for batch, share in self._micro_batches():
+        micro = self._micro_batches()
+        for i, (batch, share) in enumerate(micro):
             n_tokens += batch_tokens(batch)
             with self.autocast, sdpa_context(cfg.sdpa_backend):
-                loss, metrics = self.loss_fn(self.model, batch)
-            (loss / cfg.grad_accum if share is None else loss * share).backward()
+                loss, metrics = self._forward_backward(batch, 1 / cfg.grad_accum if share is None else share,
+                                                       sync=i == len(micro) - 1)
             metrics = {"loss": loss, **metrics}
             for k, v in metrics.items():
                 v = v.detach().float() if share is None else v.detach().float() * (share * cfg.grad_accum)
                 sums[k] = sums[k] + v if k in sums else v
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.optim.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        else:
-            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         stats = {k: v / cfg.grad_accum for k, v in sums.items()}
-        if self.world > 1:  # the global mean over the ranks' (equal-sized) shares of the batch
+        if self.runner is None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if cfg.optim.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        else:  # the norm over every shard, stage and replica; the mean over the ranks' equal shares of the batch
+            gnorm = self.runner.clip_grad_norm_(cfg.optim.grad_clip)
             keys = list(stats)
-            both = torch.stack([stats[k] for k in keys])
-            torch.distributed.all_reduce(both)
-            stats = dict(zip(keys, both / self.world))
-            n_tokens *= self.world
-        stats["grad_norm"] = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+            stats = dict(zip(keys, self.runner.global_loss(torch.stack([stats[k] for k in keys]))))
+            n_tokens *= self.runner.dp_size
+        stats["grad_norm"] = gnorm
         self._in_flight = (n_tokens, stats)
         if not self._step_hooks:
             self._phase = "update"
@@ -284,6 +311,19 @@ class Trainer:
         stats = {**stats, "lr": self.optimizer.param_groups[0]["lr"]}
         self._call("on_step_end", stats)
         return stats
+
+    def _forward_backward(self, batch: Batch, scale: float, sync: bool) -> tuple[torch.Tensor, dict]:
+        """One micro-batch's forward and backward, its gradients scaled by `scale`: in this process, or this
+        rank's share through the ParallelRunner (a pipeline runs the LM loss through its schedule; sync=False
+        lets FSDP skip the reduce-scatter until the step's last micro-batch)."""
+        runner = self.runner
+        if runner is None:
+            loss, metrics = self.loss_fn(self.model, batch)
+            (loss * scale).backward()
+            return loss, metrics
+        if runner.pp_mesh is not None:
+            return runner.forward_backward(batch["input_ids"], batch["targets"], scale, sync), {}
+        return runner.objective_step(batch, self.loss_fn, scale, sync)
 
     def _finish_step(self) -> None:
         n_tokens, stats = self._in_flight
@@ -346,7 +386,8 @@ class Trainer:
         ev = self.evaluate()
         if ev:
             self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
-            bar.write(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            if self.rank == 0:
+                bar.write(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             self._call("on_eval", ev)
         return ev
 
@@ -358,7 +399,7 @@ class Trainer:
         self._t_last, self._tok_last, self._logged_step = now, self.tokens, self.step
         row = {"step": self.step, "tokens": self.tokens, **stats, "tok_per_s": tps, "elapsed": self.elapsed}
         if self.flops_per_token and self.peak:
-            row["mfu"] = tps * self.flops_per_token / self.peak
+            row["mfu"] = tps * self.flops_per_token / (self.peak * self.world)
         data_stats = getattr(self.data, "log_stats", None)
         if callable(data_stats):
             row.update(data_stats())
@@ -375,6 +416,11 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_signal = signum
         tqdm.write(f"{signal.Signals(signum).name}: stopping at the end of this step (again to stop at once)")
+
+    def _stop_requested(self) -> bool:
+        """At a step boundary: has a signal arrived, on this rank or (all-reduced) on any other?"""
+        stop = self._stop_signal is not None
+        return ddp.any_rank(stop, self.runner.cpu_group) if self.runner is not None else stop
 
     @contextlib.contextmanager
     def _deferred_signals(self):
@@ -393,6 +439,11 @@ class Trainer:
                 signal.signal(s, h)
 
     def _interrupted(self, bar, t_start: float) -> None:
+        if self.runner is not None and not self._at_agreed_stop:
+            # this rank alone left a step (a second signal): the others wait inside its collectives, so no
+            # common state can be saved; under torchrun they fail in turn and torchrun ends them
+            tqdm.write(f"rank {self.rank} stopped inside step {self.step + 1}; resume from {self.last_checkpoint}")
+            return
         consistent = self._to_boundary()
         if self._pending and self._logged_step != self.step and self._is_log_step():
             self._log_step(bar, t_start)  # a step completed by _to_boundary, or interrupted before its log
@@ -404,8 +455,9 @@ class Trainer:
         elif self.step > 0 and (self.last_checkpoint is None
                                 or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
             self.save()
-        tqdm.write(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}; "
-                   "run the same command again to resume")
+        if self.rank == 0:
+            tqdm.write(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}; "
+                       "run the same command again to resume")
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -420,13 +472,14 @@ class Trainer:
         ev: dict[str, float] = {}
         self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
         t_start = time.perf_counter() - self.elapsed
-        self._stop_signal = None
+        self._stop_signal, self._at_agreed_stop = None, False
         try:
             with self._deferred_signals():
                 if self.step == 0:
                     ev = self._log_eval(bar)
                 while self.step < cfg.max_steps:
-                    if self._stop_signal is not None:
+                    if self._stop_requested():
+                        self._at_agreed_stop = True
                         raise KeyboardInterrupt
                     self.train_step()
                     bar.update(1)

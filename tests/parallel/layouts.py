@@ -104,8 +104,7 @@ class Run:
         r = self.runner
         x, y = local(x, r.dp_rank, r.dp_size), local(y, r.dp_rank, r.dp_size)
         if self.objective is not None:
-            loss = r.objective_step({"input_ids": x, "targets": y}, self.objective)[0]
-            loss = loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+            loss = r.objective_step({"input_ids": x, "targets": y}, self.objective.loss)[0]
         else:
             parts = list(zip(x.chunk(self.accum), y.chunk(self.accum)))
             loss = sum(r.forward_backward(xa, ya, 1 / self.accum, sync=i == len(parts) - 1)

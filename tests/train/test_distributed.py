@@ -1,14 +1,19 @@
-"""Data-parallel pretraining through the one Trainer on 2 gloo processes (CPU): the same loss curve as one
-process on the same global batch (FSDP2 and DDP layouts), and checkpoints written by 2 processes resume in
-1 process, and by 1 process in 2, with the uninterrupted run's losses.
+"""Multi-process pretraining through the one Trainer on gloo processes (CPU): the same loss curve and
+validation loss as one process on the same global batch for FSDP2, DDP, tensor, context and pipeline
+parallel on 2 processes and FSDP x TP on 4; checkpoints written by one layout resume in another (2
+processes -> 1, tp=2 -> 1, pp=2 -> 1, 1 -> 2, 1 -> pp=2) with the uninterrupted run's losses; validation
+splits the rows over the ranks instead of repeating them; a SIGTERM to one rank stops both at the same step
+with one checkpoint, and the resumed run equals the uninterrupted one bit for bit.
 
-Tolerance: 1e-4 absolute on each step's loss. The ranks' gradients are summed in another order than one
-process's batch (about 1e-7 relative); Adam's normalised step carries that into the weights.
+Tolerance: 1e-4 absolute on each step's loss and validation loss. The ranks' gradients are summed in
+another order than one process's batch (about 1e-7 relative); Adam's normalised step carries that into the
+weights.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +22,7 @@ from lmforge.checkpoint import load_model
 from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.parallel.launch import run_local
-from lmforge.train.trainer import train
+from lmforge.train.trainer import Trainer, train
 
 from .helpers import make_shard, tiny_config
 
@@ -29,26 +34,50 @@ def _losses(history):
     return [r["loss"] for r in history if "loss" in r]
 
 
+def _val(history):
+    return [r["val_loss"] for r in history if "val_loss" in r]
+
+
 def _train_worker(rank: int, world: int, shard: str, run_dir: str, layout: dict) -> list[float]:
     res = train(tiny_config(shard, run_dir, parallel=ParallelConfig(**layout), **STEPS))
-    return _losses(res.history)
+    return _losses(res.history) + [res.final_val_loss]
+
+
+def _layouts_worker(rank: int, world: int, shard: str, root: str, layouts: dict) -> dict:
+    """Each layout (a ParallelConfig's fields, and grad_accum) trains the tiny model for STEPS; per layout:
+    (losses, validation losses, rows this rank fed the model in one more evaluation)."""
+    out = {}
+    for name, layout in layouts.items():
+        layout = dict(layout)
+        accum = layout.pop("grad_accum", 1)
+        tr = Trainer(tiny_config(shard, f"{root}/{name}", parallel=ParallelConfig(**layout), grad_accum=accum,
+                                 **STEPS))
+        res = tr.fit()
+        rows = []
+        hook = tr.model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]) if args else None)
+        tr.evaluate()
+        hook.remove()
+        out[name] = (_losses(res.history), _val(res.history), sum(rows))
+    return out
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     shard = make_shard(tmp / "t.bin")
-    return shard, _losses(train(tiny_config(shard, tmp / "run", **STEPS)).history), tmp / "run"
+    res = train(tiny_config(shard, tmp / "run", **STEPS))
+    return shard, _losses(res.history), tmp / "run", _val(res.history)
 
 
 @pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2}], ids=["fsdp2", "ddp"])
 def test_two_processes_match_one_and_resume_in_one(single, tmp_path, layout):
-    shard, ref, ref_run = single
+    shard, ref, ref_run, ref_val = single
     run = tmp_path / "run"
     got = run_local(_train_worker, 2, str(shard), str(run), layout, timeout=120, start_method="fork")
-    assert got[1] == []  # only rank 0 reads (and writes) the metrics
-    assert len(got[0]) == len(ref) == STEPS["max_steps"]
-    np.testing.assert_allclose(got[0], ref, atol=ATOL, rtol=0)
+    # every rank gets the final validation loss; only rank 0 reads (and writes) the metrics
+    assert got[1] == [pytest.approx(got[0][-1], abs=1e-12)]
+    assert len(got[0]) == len(ref) + 1 == STEPS["max_steps"] + 1
+    np.testing.assert_allclose(got[0], ref + ref_val[-1:], atol=ATOL, rtol=0)
     # an ordinary checkpoint (what LLM.load opens) with the 1-process run's weights
     a, b = (load_model(r / "checkpoints" / "step_000005")[0].state_dict() for r in (run, ref_run))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
@@ -61,12 +90,112 @@ def test_two_processes_match_one_and_resume_in_one(single, tmp_path, layout):
     shutil.copytree(ref_run, from1)
     shutil.rmtree(from1 / "checkpoints" / "step_000010")
     got = run_local(_train_worker, 2, str(shard), str(from1), layout, timeout=120, start_method="fork")
-    np.testing.assert_allclose(got[0], ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got[0], ref + ref_val[-1:], atol=ATOL, rtol=0)
 
 
-def test_trainer_refuses_model_parallel_layouts(tmp_path):
-    with pytest.raises(ConfigError, match="data-parallel layouts only.*dp_shard"):
-        tiny_config(tmp_path / "t.bin", tmp_path / "run", parallel=ParallelConfig(tp=2))
+def _resume_in_one_process(shard, run: Path, ref: list[float]) -> None:
+    """The layout's step-5 checkpoint, resumed in one process: the rest of the uninterrupted curve."""
+    shutil.rmtree(run / "checkpoints" / "step_000010")
+    np.testing.assert_allclose(_losses(train(tiny_config(shard, run, **STEPS)).history), ref, atol=ATOL, rtol=0)
+
+
+def _same_as_one_process(got, ref, ref_val, rows_per_rank: int) -> None:
+    losses, val, rows = got
+    assert len(losses) == STEPS["max_steps"] and len(val) == 3  # evaluated at steps 0, 5, 10
+    np.testing.assert_allclose(losses, ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(val, ref_val, atol=ATOL, rtol=0)
+    assert rows == rows_per_rank * 4  # eval_batches=4: this rank's rows of each, not the whole batch
+
+
+LAYOUTS_2 = {"tp": dict(tp=2), "cp": dict(cp=2), "pp": dict(pp=2),
+             "cp_accum": dict(cp=2, grad_accum=2)}  # FSDP over the cp ranks reduce-scatters on the last micro-batch
+
+
+def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(single, tmp_path):
+    """tp=2, cp=2, pp=2 (and cp=2 with 2 micro-batches a step) through the Trainer: one process's losses and
+    validation losses; a validation batch's
+    8 rows are split between the cp ranks (4 each) and shared by the tp ranks and the pipeline (which splits
+    them into micro-batches: the first stage is called once per micro-batch of 2 rows); the tp=2 and pp=2
+    step-5 checkpoints resume in one process, and the 1-process step-5 checkpoint resumes as pp=2."""
+    shard, ref, ref_run, ref_val = single
+    from1 = tmp_path / "from1"
+    shutil.copytree(ref_run, from1)
+    shutil.rmtree(from1 / "checkpoints" / "step_000010")
+    layouts = {**LAYOUTS_2, "from1": dict(pp=2)}
+    got = run_local(_layouts_worker, 2, str(shard), str(tmp_path), layouts, timeout=120, start_method="fork")[0]
+    for name, rows in (("tp", 8), ("cp", 4), ("pp", 8)):
+        _same_as_one_process(got[name], ref, ref_val, rows)
+    accum = train(tiny_config(shard, tmp_path / "accum", grad_accum=2, **STEPS)).history
+    _same_as_one_process(got["cp_accum"], _losses(accum), _val(accum), 4)
+    np.testing.assert_allclose(got["from1"][0], ref, atol=ATOL, rtol=0)  # steps 1-5 from the copied log
+    for name in ("tp", "pp"):
+        _resume_in_one_process(shard, tmp_path / name, ref)
+
+
+def test_fsdp_x_tp_on_four_processes_matches_one_process(single, tmp_path):
+    shard, ref, _, ref_val = single
+    got = run_local(_layouts_worker, 4, str(shard), str(tmp_path), {"fsdp_tp": dict(dp_shard=2, tp=2, loss_parallel=True)},
+                    timeout=150, start_method="fork")[0]
+    _same_as_one_process(got["fsdp_tp"], ref, ref_val, 4)
+
+
+def test_layout_is_checked_against_model_and_batch_in_the_config(tmp_path):
+    from lmforge.model.config import ModelConfig
+
+    tied = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, tie_embeddings=True)
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        tiny_config(tmp_path / "t.bin", tmp_path / "run", model=tied, parallel=ParallelConfig(tp=2))
+    with pytest.raises(ConfigError, match="batch_size=8 must be divisible by the data-parallel size 1 x microbatches=16"):
+        tiny_config(tmp_path / "t.bin", tmp_path / "run", parallel=ParallelConfig(pp=2, microbatches=16))
+
+
+def test_pipeline_refuses_other_objectives(single, tmp_path):
+    got = run_local(_refusal_worker, 2, str(single[0]), str(tmp_path), timeout=60, start_method="fork")
+    assert "parallel.pp=2 trains the plain LM loss" in got[0] and "z_loss" in got[0]
+
+
+def _refusal_worker(rank: int, world: int, shard: str, run_dir: str) -> str:
+    from lmforge.model.config import ModelConfig
+
+    model = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, z_loss=1e-4)
+    try:
+        Trainer(tiny_config(shard, run_dir, model=model, parallel=ParallelConfig(pp=2), **STEPS))
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+def _sigterm_worker(rank: int, world: int, shard: str, root: str, part: str) -> dict:
+    """part 'first': an uninterrupted run, then one whose rank 1 alone gets a SIGTERM during step 5;
+    part 'resume': the interrupted run again, from its checkpoint."""
+    import signal
+
+    cfg = dict(STEPS, ckpt_every=100, parallel=ParallelConfig(dp_shard=2))
+    if part == "resume":
+        return {"losses": _losses(train(tiny_config(shard, f"{root}/cut", **cfg)).history)}
+
+    class SigtermRank1:
+        def on_step_end(self, trainer, stats):
+            if rank == 1 and trainer.step == 4:
+                signal.raise_signal(signal.SIGTERM)
+
+    full = _losses(train(tiny_config(shard, f"{root}/full", **cfg)).history)
+    tr = Trainer(tiny_config(shard, f"{root}/cut", **cfg))
+    tr.hooks.append(SigtermRank1())
+    try:
+        tr.fit()
+    except KeyboardInterrupt:
+        pass
+    return {"full": full, "stopped_at": tr.step, "checkpoint": str(tr.last_checkpoint)}
+
+
+def test_sigterm_to_one_rank_stops_all_at_one_step_and_resumes_bit_exactly(single, tmp_path):
+    shard = str(single[0])
+    got = run_local(_sigterm_worker, 2, shard, str(tmp_path), "first", timeout=120, start_method="fork")
+    assert [g["stopped_at"] for g in got] == [4, 4]
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_000004"]
+    resumed = run_local(_sigterm_worker, 2, shard, str(tmp_path), "resume", timeout=120, start_method="fork")
+    assert resumed[0]["losses"] == got[0]["full"]  # bit for bit (read back from the metrics log)
 
 
 def test_cli_nproc_launches_torchrun(single, tmp_path):
@@ -77,7 +206,7 @@ def test_cli_nproc_launches_torchrun(single, tmp_path):
 
     from lmforge.train.metrics import read_metrics
 
-    shard, ref, _ = single
+    shard, ref, _, _ = single
     toml = tmp_path / "run.toml"
     toml.write_text(f"""run_dir = "{tmp_path / 'run'}"
 max_steps = 10

@@ -173,16 +173,12 @@ class RandomWindows:
         self.gen.set_state(state["gen"])
 
 
-class BudgetSpent(Exception):
-    """Raised by WallClock when the training time budget is spent; ends Trainer.fit after a full step."""
-
-
 class WallClock:
     """Trainer hook: a training budget in seconds of wall clock instead of steps. The clock starts after
     the first step (CUDA start-up, torch.compile). The step count is not known in advance, so the
     learning rate decays linearly to 10% over elapsed time: after every step the hook scales the
     optimizer's base rates, to which the Trainer's constant schedule applies the warm-up (in steps).
-    When the budget is spent it raises BudgetSpent (a hook has no other way to stop fit). It prints a
+    When the budget is spent it asks the Trainer to stop (Trainer.request_stop). It prints a
     progress line at a logged step about every eighth of the budget."""
 
     def __init__(self, name: str, seconds: float):
@@ -202,7 +198,8 @@ class WallClock:
             return
         elapsed = self.elapsed()
         if elapsed >= self.seconds:
-            raise BudgetSpent
+            trainer.request_stop(f"{self.seconds:.0f} s training budget spent")
+            return
         for g, base in zip(groups, self.base):
             g["base_lr"] = base * (1 - 0.9 * min(1.0, elapsed / self.seconds))
 
@@ -226,10 +223,7 @@ def train_for(name: str, model: Transformer, train: torch.Tensor, val: torch.Ten
     clock = WallClock(name, seconds)
     data = RandomWindows(train, args.batch_size, args.seq_len, args.seed)
     with scratch_trainer(model, build_optimizer(model, optim), data, LMObjective(), loop, hooks=[clock]) as trainer:
-        try:
-            trainer.fit()
-        except BudgetSpent:
-            pass
+        trainer.fit()
     step, secs = trainer.step, clock.elapsed()
     res = {"steps": step, "train_tokens": step * args.batch_size * args.seq_len, "train_seconds": secs,
            "lr": lr, "val_loss": val_loss(model, val, args, dev)}

@@ -189,11 +189,11 @@ def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     set_optimizer_state_dict(model, optimizer, named, options=opts)
 
 
-def any_rank(flag: bool, group) -> bool:
-    """True on every rank when `flag` is True on any (call on all ranks)."""
-    t = torch.tensor([int(flag)])
+def max_over_ranks(value: int, group) -> int:
+    """The largest of the ranks' `value`s, on every rank (call on all ranks; e.g. OR-ed stop flags)."""
+    t = torch.tensor([int(value)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return int(t.item())
 
 
 class Gathered:

@@ -71,6 +71,8 @@ class TrainResult:
     checkpoint: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
     final_eval: dict[str, float] = field(default_factory=dict)
+    stop_reason: str | None = None
+    """why fit ended before max_steps when a hook called Trainer.request_stop (None = it ran to max_steps)"""
 
 
 def sdpa_context(backend: str):
@@ -250,8 +252,10 @@ class Trainer:
     def _to_device(self, batch: Batch) -> Batch:
         if self.flops_per_token is None and hasattr(self.model, "flops_per_token") and "input_ids" in batch:
             self.flops_per_token = self.model.flops_per_token(batch["input_ids"].shape[-1])
-        if self.device.type == "cuda":
-            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.device.type == "cuda":  # host rows pinned for an asynchronous copy; device tensors (e.g.
+            # rollouts sampled on the GPU) are used where they are
+            return {k: (v.pin_memory().to(self.device, non_blocking=True) if v.device.type == "cpu" else v.to(self.device))
+                    for k, v in batch.items()}
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _micro_batches(self) -> list[tuple[Batch, float | None]]:
@@ -386,7 +390,7 @@ class Trainer:
         ev = self.evaluate()
         if ev:
             self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
-            if self.rank == 0:
+            if self.cfg.progress and self.rank == 0:
                 bar.write(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             self._call("on_eval", ev)
         return ev
@@ -417,10 +421,21 @@ class Trainer:
         self._stop_signal = signum
         tqdm.write(f"{signal.Signals(signum).name}: stopping at the end of this step (again to stop at once)")
 
-    def _stop_requested(self) -> bool:
-        """At a step boundary: has a signal arrived, on this rank or (all-reduced) on any other?"""
-        stop = self._stop_signal is not None
-        return ddp.any_rank(stop, self.runner.cpu_group) if self.runner is not None else stop
+    def request_stop(self, reason: str = "requested by a hook") -> None:
+        """End `fit` at the end of the current step as if max_steps were reached there: evaluate, write a
+        checkpoint, return (TrainResult.stop_reason says why). For hooks: early stopping, a time budget, a
+        target metric. Under several ranks, one rank asking is enough (agreed at the step boundary)."""
+        self._stop_reason = reason
+
+    def _stop_requested(self) -> tuple[bool, bool]:
+        """At a step boundary: (a signal arrived, a hook asked to stop), on this rank or, all-reduced in
+        one call, on any other."""
+        code = 2 * (self._stop_signal is not None) + (self._stop_reason is not None)
+        if self.runner is not None:
+            code = ddp.max_over_ranks(code, self.runner.cpu_group)
+        if code & 1 and self._stop_reason is None:
+            self._stop_reason = "requested by a hook on another rank"
+        return bool(code & 2), bool(code & 1)
 
     @contextlib.contextmanager
     def _deferred_signals(self):
@@ -459,6 +474,11 @@ class Trainer:
             tqdm.write(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}; "
                        "run the same command again to resume")
 
+    def _save_at_boundary(self, t_start: float) -> None:
+        self.flush()  # never checkpoint weights that a NaN step has already touched
+        self.elapsed = time.perf_counter() - t_start
+        self.save()
+
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.rank == 0:
@@ -470,28 +490,42 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or self.rank > 0, dynamic_ncols=True,
                    desc="train", unit="step")
         ev: dict[str, float] = {}
+        ev_step = -1
         self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
         t_start = time.perf_counter() - self.elapsed
-        self._stop_signal, self._at_agreed_stop = None, False
+        self._stop_signal, self._at_agreed_stop, self._stop_reason = None, False, None
         try:
             with self._deferred_signals():
                 if self.step == 0:
-                    ev = self._log_eval(bar)
+                    ev, ev_step = self._log_eval(bar), 0
+                asked = False
                 while self.step < cfg.max_steps:
-                    if self._stop_requested():
+                    signalled, asked = self._stop_requested()  # one check (one all-reduce) per boundary
+                    if signalled:
                         self._at_agreed_stop = True
                         raise KeyboardInterrupt
+                    if asked:
+                        break
                     self.train_step()
                     bar.update(1)
                     if self._is_log_step():
                         self._log_step(bar, t_start)
                     if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                         self.flush()
-                        ev = self._log_eval(bar)
+                        ev, ev_step = self._log_eval(bar), self.step
                     if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                        self.flush()  # never checkpoint weights that a NaN step has already touched
-                        self.elapsed = time.perf_counter() - t_start
-                        self.save()
+                        self._save_at_boundary(t_start)
+                if asked and self.step < cfg.max_steps:  # a hook's stop: end as a last step would
+                    if self._logged_step != self.step:
+                        self._log_step(bar, t_start)
+                    if ev_step != self.step:
+                        self.flush()
+                        ev = self._log_eval(bar)
+                    if self.step > 0 and (self.last_checkpoint is None
+                                          or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
+                        self._save_at_boundary(t_start)
+                    if self.rank == 0:
+                        tqdm.write(f"stopped at step {self.step}: {self._stop_reason}")
                 if not ev:  # resumed at (or past) the last step: report the finished model's evaluation
                     ev = self._log_eval(bar)
         except KeyboardInterrupt:
@@ -504,7 +538,8 @@ class Trainer:
         if cfg.plot and self.rank == 0:
             plot_losses(self.run_dir)
         return TrainResult(self.run_dir, self.step, ev.get("val_loss"), ev.get("val_bpb"), self.elapsed,
-                           self.last_checkpoint, read_metrics(self.run_dir) if self.rank == 0 else [], ev)
+                           self.last_checkpoint, read_metrics(self.run_dir) if self.rank == 0 else [], ev,
+                           self._stop_reason if self.step < cfg.max_steps else None)
 
 
 def train(cfg: TrainConfig) -> TrainResult:

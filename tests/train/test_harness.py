@@ -68,3 +68,29 @@ def test_scratch_fit_trains_like_a_plain_loop_and_times_every_step():
     scratch_fit(fresh, build_optimizer(fresh, ocfg), FixedBatches(bs), LMObjective(), cfg, hooks=[timer],
                 evaluator=lambda m: {"val_loss": 0.0})
     assert len(timer.times) == steps  # the step-0 evaluation started the clock
+
+
+def test_a_hook_stops_fit_at_a_step_boundary_with_eval_and_checkpoint(tmp_path):
+    """Trainer.request_stop from a hook ends fit after that step as a last step would (evaluated,
+    checkpointed, stop_reason given); a later fit of the same run resumes there and runs to max_steps."""
+    from lmforge.train.trainer import Trainer
+
+    class StopAt:
+        def on_step_end(self, trainer, stats):
+            if trainer.step == 3:
+                trainer.request_stop("target reached")
+
+    def make(hooks):
+        model = tiny_model()
+        ocfg = OptimConfig(lr=1e-2, warmup_steps=0)
+        cfg = LoopConfig(optim=ocfg, run_dir=str(tmp_path / "run"), max_steps=8, eval_every=100, ckpt_every=100,
+                         device="cpu", dtype="fp32", progress=False, plot=False)
+        return Trainer(model, build_optimizer(model, ocfg), FixedBatches(_batches(4)), LMObjective(), config=cfg,
+                       hooks=hooks, evaluator=lambda m: {"val_loss": 1.0})
+
+    res = make([StopAt()]).fit()
+    assert res.steps == 3 and res.stop_reason == "target reached"
+    assert res.checkpoint.name == "step_000003" and res.final_eval == {"val_loss": 1.0}
+    assert [r["step"] for r in res.history if "val_loss" in r] == [0, 3]
+    again = make([]).fit()
+    assert again.steps == 8 and again.stop_reason is None and again.checkpoint.name == "step_000008"

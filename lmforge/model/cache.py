@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, visible
+from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, tree_visible, visible
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,8 +143,13 @@ class KVCache(_Hooked):
                ) -> torch.Tensor:
         T, S = k.shape[2], self.length + k.shape[2]
         k_all, v_all = self.update(layer, k, v)
-        if self.pad is not None:  # slot differences are position differences within a row
-            slots = torch.arange(S, device=self.k.device)
+        tree = meta.tree_parents if meta is not None else None
+        slots = torch.arange(S, device=self.k.device)
+        if tree is not None:  # a candidate tree (lmforge.model.meta); its window is measured on depths
+            mask = tree_visible(tree.to(q.device), S, spec.window)[:, None]
+            if self.pad is not None:  # ancestors precede their children, so slot order agrees
+                mask = mask & padded_causal_mask(self.pad, slots[S - T:], S)
+        elif self.pad is not None:  # slot differences are position differences within a row
             mask = padded_causal_mask(self.pad, slots[S - T:], S)
             if spec.window > 0:
                 mask = mask & visible(slots[S - T:], slots, spec.window)
@@ -164,6 +169,18 @@ class KVCache(_Hooked):
         if not 0 <= length <= self.length:
             raise LmforgeError(f"cannot rewind a cache of {self.length} tokens to {length}")
         self.length = length
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        """After a tree step written from slot `start`: move the accepted root-to-node path's keys and
+        values (tree indices, lmforge.model.meta.accepted_slots) to slots start.. and forget the rest.
+        Every row keeps the same path (one tree per batch)."""
+        if start + len(path) > self.length or any(start + t >= self.length for t in path):
+            raise LmforgeError(f"keep_path: path {path} from slot {start} lies past the cache's {self.length} tokens")
+        src = torch.tensor([start + t for t in path], device=self.k.device)
+        dst = torch.arange(start, start + len(path), device=self.k.device)
+        for pool in (self.k, self.v):
+            pool.index_copy_(3, dst, pool.index_select(3, src))
+        self.length = start + len(path)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (and reorder/duplicate) batch rows: beam search reorders beams, finished rows are dropped."""

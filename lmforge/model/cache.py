@@ -258,6 +258,9 @@ class StaticKVCache(_Hooked):
         """Attention over all max_len slots. The queries sit at slots pos..pos+T-1, which are NOT the
         last keys (unwritten slots follow): the window is measured from those slots (issue 11 §0: a
         window assuming the queries were the last keys hid the wrong keys on this path)."""
+        if meta is not None and meta.tree_parents is not None:
+            raise LmforgeError("tree attention (meta.tree_parents) runs on KVCache or the paged caches, "
+                               "not on the static CUDA-graph cache")
         k_all, v_all = self.update(layer, k, v)
         q_slots = self.pos + self._slots[: q.shape[2]]
         mask = padded_causal_mask(self.pad, q_slots, self.max_len)

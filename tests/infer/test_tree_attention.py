@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.infer.kv import PagedKVCache
+from lmforge.infer.kv import new_paged_cache
 from lmforge.model.cache import KVCache
+from lmforge.model.config import MLAConfig
 from lmforge.model.meta import AttnMetadata, accepted_slots, check_tree, tree_positions
 
 from .infer_helpers import tiny_model
@@ -20,15 +21,18 @@ PROMPT, OTHER = [5, 17, 99, 3, 42, 7], [8, 1, 64, 30, 2]
 TOKENS = [11, 23, 8, 40, 2, 77, 31]
 PARENTS = [-1, 0, 0, 1, 1, 2, 5]  # two roots' worth of branching: 0 -> {1 -> {3, 4}, 2 -> 5 -> 6}
 PATH = [0, 2, 5, 6]  # the branch a verifier accepts
+MLA = dict(attention="mla", rope_layout="interleaved", n_kv_heads=None,
+           mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
 VARIANTS = {"full": dict(), "sliding": dict(sliding_window=3),
-            "softcap-sinks": dict(attn_softcap=5.0, attn_sinks=True, sliding_window=4)}
+            "softcap-sinks": dict(attn_softcap=5.0, attn_sinks=True, sliding_window=4),
+            "mla-sliding": {**MLA, "sliding_window": 3}}
 
 
 def model_for(name: str):
     model = tiny_model("llama", **VARIANTS[name], init_std=0.3)
     with torch.no_grad():
         for b in model.blocks:
-            if b.attn.sinks is not None:
+            if getattr(b.attn, "sinks", None) is not None:
                 b.attn.sinks.normal_()
     return model
 
@@ -66,7 +70,7 @@ def test_dense_tree_row_matches_each_branch(name):
     torch.testing.assert_close(got[P - 1], full_logits(model, PROMPT), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", [n for n in VARIANTS if not n.startswith("mla")])
 def test_contiguous_cache_tree_step_then_compacted_branch(name):
     model = model_for(name)
     P = len(PROMPT)
@@ -83,14 +87,14 @@ def test_contiguous_cache_tree_step_then_compacted_branch(name):
     torch.testing.assert_close(nxt, full_logits(model, accepted + [9]), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["full", "sliding"])
+@pytest.mark.parametrize("name", ["full", "sliding", "mla-sliding"])
 def test_paged_tree_step_beside_a_decode_row(name):
     """Step 1 prefills two sequences; step 2 decodes OTHER (a decode row) and scores the tree of the first
     sequence (a chunk with tree_parents); then the accepted branch is moved to consecutive slots through
     the block table and both sequences decode on."""
     model = model_for(name)
     P, Q, T = len(PROMPT), len(OTHER), len(TOKENS)
-    cache = PagedKVCache(model.cache_spec(), 16, BS)
+    cache = new_paged_cache(model.cache_spec(), 16, BS)  # K/V blocks, or MLA latents
     tables = [[0, 1, 2, 3], [4, 5, 6]]
 
     def run(ids, pos, meta):
@@ -123,3 +127,13 @@ def test_bad_trees_are_named():
     cache.advance(4)
     with pytest.raises(Exception, match="past the cache"):
         cache.keep_path(2, [0, 5])
+
+
+def test_the_static_cache_refuses_trees():
+    from lmforge.model.cache import StaticKVCache
+
+    model = model_for("full")
+    cache = StaticKVCache.for_model(model, 1, 16)
+    cache.start()
+    with pytest.raises(Exception, match="static CUDA-graph cache"), torch.no_grad():
+        model(torch.tensor([TOKENS]), cache=cache, meta=AttnMetadata.tree(PARENTS))

@@ -28,6 +28,12 @@ Layout: q (B, H, N, hd), k and v (B, KV, N, hd), any strides with a contiguous l
 reads kv head h // (H / KV). Variable length: `cu_seqlens` (n_docs + 1,) are cumulative document lengths
 over the B·N tokens taken row after row (documents do not cross rows; with B = 1 this is the usual packed
 layout); a token attends only within its document. The window keeps keys i - window < j <= i (causal only).
+Separate key lengths (`cu_seqlens_k`, forward only: the engine's prefill, lmforge.infer.kv.paged): document
+d has Lq queries and Lk >= Lq keys of its own, its queries being the last Lq keys (bottom-right causal:
+query m sits at key position Lk - Lq + m), so chunks continuing a cached context attend in the same launch
+as fresh prompts. Attention sinks (gpt-oss, `sinks` (H,)): the online softmax starts from m = sink, l = 1
+instead of m = -inf, l = 0, so the sink sits in every denominator and in L; the backward needs nothing
+more for dQ, dK, dV, and the sinks' own gradient is -Σ_t e^(sink - L_t) D_t.
 
 flash_reference.py holds the same algorithm as explicit PyTorch loops over tiles, for reading; the tests
 compare both to the plain math attention (lmforge.model.layers.attention.math_attention).
@@ -401,6 +407,10 @@ def _kernel(kind: str, hd: int):
     if (kind, hd) not in _kernels:
         _kernels[kind, hd] = {
             "fwd": lambda: _tuned(_fwd_kernel, "fwd", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}, key=_FWD_KEY),
+            # the engine's prefill (cu_seqlens_k): N, its token count, changes every step, and tuning
+            # again for each would stall serving; one tuning per layer kind serves every step
+            "prefill": lambda: _tuned(_fwd_kernel, "fwd", hd, {"K": "BLOCK_N", "V": "BLOCK_N"},
+                                      key=[k for k in _FWD_KEY if k != "N"]),
             "q": lambda: _tuned(_bwd_q_kernel, "q", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}),
             # the key-block kernel's timing runs add into the dQ buffer: zeroed before each
             "kv": lambda: _tuned(_bwd_kv_kernel, "kv", hd, {"Q": "BLOCK_M", "DO": "BLOCK_M"},
@@ -451,10 +461,10 @@ def _forward(q, k, v, opt: _Opts):
     B, H, N, _ = q.shape
     o = torch.empty_like(q)  # q's strides: a (B, N, H, hd) projection's transpose stays a view downstream
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    cu_k, sink = opt.cu_seqlens_k, opt.sinks
-    _launch("fwd", "BLOCK_M", H, opt, [q, k, v, o, lse], (1, 2), *_strides(q, k, v, o), H, N,
-            q if cu_k is None else cu_k, lse if sink is None else sink, KV_LENS=cu_k is not None,
-            SINKS=sink is not None)
+    cu_k, sink = opt.cu_seqlens_k, opt.sinks  # unused pointer arguments get a tensor at hand
+    _launch("fwd" if cu_k is None else "prefill", "BLOCK_M", H, opt, [q, k, v, o, lse], (1, 2),
+            *_strides(q, k, v, o), H, N, q if cu_k is None else cu_k, lse if sink is None else sink,
+            KV_LENS=cu_k is not None, SINKS=sink is not None)
     return o, lse
 
 

@@ -40,9 +40,11 @@ the rest (the contiguous cache's length, the engine's sequence length). Later st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import torch
 
+Built = TypeVar("Built")
 
 @dataclass
 class AttnMetadata:
@@ -72,8 +74,7 @@ class AttnMetadata:
     tree_parents: torch.Tensor | None = None
     """(B, T) parent of each new token among its sequence's new tokens (in the varlen row: an index
     within its own chunk), -1 = the context's last token; None = a causal chain"""
-    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-    """derived tensors built once per forward, not once per layer (document mask, cu_seqlens)"""
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def packed(cls, doc_ids: torch.Tensor) -> "AttnMetadata":
@@ -89,26 +90,35 @@ class AttnMetadata:
         check_tree(parents)
         return cls(tree_parents=parents, **kw)
 
+    def derived(self, name: str, build: Callable[[], Built]) -> Built:
+        """build(), computed at the first call of a forward and kept on this object: what layers derive
+        from the layout (masks, cu_seqlens, gather indices) is built once per forward, not per layer."""
+        if name not in self._derived:
+            self._derived[name] = build()
+        return self._derived[name]
+
     def doc_mask(self) -> torch.Tensor | None:
         """(B, 1, T, T) bool, True = attend: causal and within the same document; None without doc_ids."""
         if self.doc_ids is None:
             return None
-        if "doc_mask" not in self._memo:
+
+        def build():
             T = self.doc_ids.shape[1]
             same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=self.doc_ids.device).tril()
-            self._memo["doc_mask"] = (same & causal)[:, None]
-        return self._memo["doc_mask"]
+            return (same & causal)[:, None]
+        return self.derived("doc_mask", build)
 
     def documents(self) -> tuple[torch.Tensor, int] | None:
         """(cu_seqlens, longest document) of the packed rows for varlen kernels; None without doc_ids.
         Reading the longest length syncs with the device once per forward, not once per layer."""
         if self.doc_ids is None:
             return None
-        if "documents" not in self._memo:
+
+        def build():
             cu = cu_seqlens_from_doc_ids(self.doc_ids)
-            self._memo["documents"] = (cu, int((cu[1:] - cu[:-1]).max()))
-        return self._memo["documents"]
+            return cu, int((cu[1:] - cu[:-1]).max())
+        return self.derived("documents", build)
 
     def groups(self) -> tuple[tuple[int, int, int], ...]:
         if self.decode_groups or not self.num_decodes:

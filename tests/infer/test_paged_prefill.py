@@ -61,7 +61,7 @@ def test_batched_prefill_matches_per_sequence_reference(window, softcap, sinks, 
         with torch.no_grad():
             out[mode] = cache.attend(0, q, k, v, spec, meta)
         assert (cache.prefill_kernel is not None) == (mode == "kernel")
-    layout = meta._memo["prefill"]
+    layout = paged.prefill_layout(meta, BS)  # built by the first layer's call, kept for the others
     assert (layout["slots"] is None) == (before[1:] == [0] * 4)
     assert layout["cu_k"].tolist() == [0, *torch.tensor([b + n for b, n in zip(before, qlens)][1:]).cumsum(0).tolist()]
     torch.testing.assert_close(out["kernel"], out["reference"], atol=2e-5, rtol=2e-5)
@@ -96,3 +96,41 @@ def test_a_failing_prefill_kernel_warns_and_falls_back():
         got = made["kernel"].attend(0, q, k, k, AttnSpec(scale=0.3), meta)
     assert made["kernel"].prefill_kernel is None
     torch.testing.assert_close(got, made["reference"].attend(0, q, k, k, AttnSpec(scale=0.3), meta))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [0, 256])
+def test_gpu_batched_prefill_bf16(window):
+    """64 sequences, half continuing cached contexts of up to 1000 tokens, hd 128, bf16: the varlen kernel
+    against the per-sequence reference (SDPA)."""
+    g = torch.Generator().manual_seed(3)
+    before = [int(x) * (i % 2) for i, x in enumerate(torch.randint(0, 1000, (64,), generator=g))]
+    qlens = [int(x) for x in torch.randint(1, 300, (64,), generator=g)]
+    bs, hd, nb = 16, 128, 0
+    tables = []
+    for b, n in zip(before, qlens):
+        need = -(-(b + n) // bs)
+        tables.append(list(range(nb, nb + need)))
+        nb += need
+    spec = CacheSpec(layers=(LayerCacheSpec(kind="full", kv_heads=2, query_heads=16, head_dim=hd),),
+                     dtype=torch.bfloat16, max_seq_len=2048, vocab_size=8)
+    made = {m: paged.PagedKVCache(spec, nb, bs, "cuda", prefill=m) for m in ("kernel", "reference")}
+    for a, b in zip(made["kernel"].pools(), made["reference"].pools()):
+        a.normal_()
+        b.copy_(a)
+    slots = [t[p // bs] * bs + p % bs for t, b, n in zip(tables, before, qlens) for p in range(b, b + n)]
+    width = max(map(len, tables))
+    ctx = [b + n for b, n in zip(before, qlens)]
+    meta = AttnMetadata(slot_mapping=torch.tensor(slots, device="cuda"), block_size=bs,
+                        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                                  device="cuda"),
+                        context_lens=torch.tensor(ctx, dtype=torch.int32, device="cuda"),
+                        query_lens_host=tuple(qlens), context_lens_host=tuple(ctx))
+    N = sum(qlens)
+    q = torch.randn(1, 16, N, hd, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, N, hd, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    spec_ = AttnSpec(scale=hd ** -0.5, window=window)
+    with torch.no_grad():
+        got, want = (made[m].attend(0, q, k, v, spec_, meta) for m in ("kernel", "reference"))
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

@@ -166,12 +166,12 @@ class _Paged:
 
 
 def prefill_layout(meta, block_size: int) -> dict:
-    """The step's prefill chunks packed for a varlen kernel, built once per forward (meta's memo):
+    """The step's prefill chunks packed for a varlen kernel, built once per forward (meta.derived):
     cu_q/cu_k (P + 1,) int32 offsets of each chunk's queries (from the first prefill token) and of its
     keys, their longest query count, and `slots` (sum of context lengths,) the cache slot of every key
     of every chunk's context, in order (None when every chunk is a whole prompt: its keys are the fresh
     ones). One device index per step gathers all chunks' keys; only host lengths are read."""
-    if "prefill" not in meta._memo:
+    def build() -> dict:
         nd, dev = meta.num_decodes, meta.block_tables.device
         qlens, ctx = meta.query_lens_host[nd:], meta.context_lens_host[nd:]
         cu_q = torch.tensor([0, *qlens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -183,8 +183,8 @@ def prefill_layout(meta, block_size: int) -> dict:
                                           output_size=total)  # the chunk each key belongs to
             pos = torch.arange(total, device=dev) - cu_k.to(dev).long()[seq]  # its position in the chunk
             slots = meta.block_tables[nd:].long()[seq, pos // block_size] * block_size + pos % block_size
-        meta._memo["prefill"] = dict(cu_q=cu_q.to(dev), cu_k=cu_k.to(dev), longest=max(qlens), slots=slots)
-    return meta._memo["prefill"]
+        return dict(cu_q=cu_q.to(dev), cu_k=cu_k.to(dev), longest=max(qlens), slots=slots)
+    return meta.derived("prefill", build)
 
 
 class PagedKVCache(_Paged):

@@ -144,6 +144,15 @@ def precompile(names, head_dims, seq):
 # Examples packed back to back into rows (lmforge.align.data), each a document of AttnMetadata.doc_ids:
 # attn_impl="sdpa" gives SDPA the (B, 1, T, T) document mask (no fused causal kernel, T² mask reads),
 # attn_impl="triton" runs the FlashAttention-2 kernel on cu_seqlens (tiles across documents skipped).
+def failure(e: Exception) -> str:
+    """A row's note when its variant failed (one missing backend must not end a run)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def show(row: dict) -> None:
+    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
 def packed_doc_ids(B: int, N: int, mean_len: int, dev) -> torch.Tensor:
     """(B, N) document ids: log-normal example lengths (median mean_len, 16..N tokens) packed row by row."""
     g = torch.Generator().manual_seed(N)
@@ -193,7 +202,7 @@ def measure_packed(rows, N: int, B: int, mean_len: int, smoke: bool, dev, dtype)
             row["err_out"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
             row["fwdbwd_ms"] = bench_ms(lambda: run(qq, kk, vv).backward(do), dev)
         except Exception as e:  # noqa: BLE001 - one variant failing must not end the run
-            row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            row["note"] = failure(e)
         rows.append(row)
     ids = torch.randint(0, 256, (B, N), device=dev)
     pos = packed_positions(doc)
@@ -207,13 +216,12 @@ def measure_packed(rows, N: int, B: int, mean_len: int, smoke: bool, dev, dtype)
                 F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()).backward()
             row["fwdbwd_ms"] = bench_ms(step, dev)
         except Exception as e:  # noqa: BLE001
-            row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            row["note"] = failure(e)
         rows.append(row)
     for r in rows[-4:]:
         if "fwdbwd_ms" in r:
             r["tokens_per_s"] = B * N / r["fwdbwd_ms"] * 1e3
-        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
-              flush=True)
+        show(r)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -12,9 +12,9 @@ Scenarios, each one engine step built as the runner builds it (lmforge.model.met
            blocks of 16 (chunked prefill, prefix-cache hits: the kernel's keys come from one gather)
 Shapes: Qwen3-0.6B's attention (16 query heads, 8 kv heads, head dim 128); the model level runs a
 28-layer Transformer of that width with random weights, logits at each chunk's last token only. The
-kernel's layer output is compared with the reference's (max |error| / max |reference|). Timing: median
-of CUDA-event-timed calls. Prints a table and writes JSON ($OUT/prefill_attention.json, else
-bench/results/).
+kernel's layer output is compared with the reference's (max |error| / max |reference|). Timing: the
+median of triton.testing.do_bench (bench/attention.py's bench_ms). Prints a table and writes JSON
+($OUT/prefill_attention.json, else bench/results/).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "--smoke" in sys.argv:  # read when lmforge.kernels defines its kernels
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from attention import bench_ms, failure, show  # noqa: E402  (bench/attention.py)
 from lmforge.infer.kv import PagedKVCache  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.layers.attention import AttnSpec  # noqa: E402
@@ -43,24 +44,6 @@ from lmforge.model.meta import AttnMetadata  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 
 BS = 16
-
-
-def timed_ms(fn, dev, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def step(S: int, L: int, C: int, dev) -> tuple[AttnMetadata, list[int], int]:
@@ -116,18 +99,16 @@ def measure(rows, scenario: str, S: int, L: int, C: int, model, args, dev, dtype
         try:
             with torch.inference_mode():
                 outs[mode] = cache.attend(0, q, k, v, attn_spec, fresh_meta(meta))
-                row["layer_ms"] = timed_ms(lambda: cache.attend(0, q, k, v, attn_spec, fresh_meta(meta)), dev,
-                                           args.reps)
-                row["model_ms"] = timed_ms(lambda: model(ids, cache=cache, meta=fresh_meta(meta)), dev, args.model_reps)
+                row["layer_ms"] = bench_ms(lambda: cache.attend(0, q, k, v, attn_spec, fresh_meta(meta)), dev)
+                row["model_ms"] = bench_ms(lambda: model(ids, cache=cache, meta=fresh_meta(meta)), dev)
             row["tokens_per_s"] = N / row["model_ms"] * 1e3
             if mode == "kernel" and "reference" in outs:
                 ref = outs["reference"].float()
                 row["err"] = ((outs[mode].float() - ref).abs().max() / ref.abs().max()).item()
         except Exception as e:  # noqa: BLE001 - one variant failing must not end the run
-            row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            row["note"] = failure(e)
         rows.append(row)
-        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
+        show(row)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -156,14 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seqs", default="64,256", help="sequences per step")
     ap.add_argument("--prompt-len", type=int, default=64, help="median new tokens per sequence")
     ap.add_argument("--context-len", type=int, default=512, help="chunked scenario: median cached tokens")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--model-reps", type=int, default=5)
     args = ap.parse_args(argv)
     start = time.time()
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if args.smoke:
-        seqs, L, C, args.reps, args.model_reps = [4], 12, 20, 1, 1
+        seqs, L, C = [4], 12, 20
         cfg = ModelConfig.preset("llama-tiny", d_model=128, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=256)
     else:
         seqs, L, C = [int(s) for s in args.seqs.split(",")], args.prompt_len, args.context_len

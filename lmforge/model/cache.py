@@ -146,7 +146,8 @@ class KVCache(_Hooked):
         tree = meta.tree_parents if meta is not None else None
         slots = torch.arange(S, device=self.k.device)
         if tree is not None:  # a candidate tree (lmforge.model.meta); its window is measured on depths
-            mask = tree_visible(tree.to(q.device), S, spec.window)[:, None]
+            mask = meta.derived(("tree", S, spec.window),
+                                lambda: tree_visible(tree.to(q.device), S, spec.window)[:, None])
             if self.pad is not None:  # ancestors precede their children, so slot order agrees
                 mask = mask & padded_causal_mask(self.pad, slots[S - T:], S)
         elif self.pad is not None:  # slot differences are position differences within a row

@@ -39,12 +39,14 @@ the rest (the contiguous cache's length, the engine's sequence length). Later st
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 
 Built = TypeVar("Built")
+
 
 @dataclass
 class AttnMetadata:
@@ -90,7 +92,7 @@ class AttnMetadata:
         check_tree(parents)
         return cls(tree_parents=parents, **kw)
 
-    def derived(self, name: str, build: Callable[[], Built]) -> Built:
+    def derived(self, name: Hashable, build: Callable[[], Built]) -> Built:
         """build(), computed at the first call of a forward and kept on this object: what layers derive
         from the layout (masks, cu_seqlens, gather indices) is built once per forward, not per layer."""
         if name not in self._derived:

@@ -162,7 +162,8 @@ class _Paged:
         """A prefill chunk's mask: its n queries are the last n of its ctx keys, in a chain or a tree."""
         if meta.tree_parents is None:
             return contiguous_mask(n, ctx, window, device)
-        return tree_visible(meta.tree_parents[0, start:start + n].to(device), ctx, window)
+        return meta.derived(("tree", start, ctx, window),  # built by the first layer, kept for the rest
+                            lambda: tree_visible(meta.tree_parents[0, start:start + n].to(device), ctx, window))
 
 
 def prefill_layout(meta, block_size: int) -> dict:

@@ -142,7 +142,8 @@ class DenseAttention:
     def mask(self, T: int, spec: AttnSpec, meta, device) -> Mask:
         mask = meta.doc_mask() if meta is not None else None
         if meta is not None and meta.tree_parents is not None:  # the window is measured on tree depths
-            tree = tree_visible(meta.tree_parents.to(device), T, spec.window)[:, None]
+            tree = meta.derived(("tree", T, spec.window),
+                                lambda: tree_visible(meta.tree_parents.to(device), T, spec.window)[:, None])
             return tree if mask is None else mask & tree
         if spec.window > 0 and T > spec.window:
             pos = torch.arange(T, device=device)  # keys and queries are the same T tokens

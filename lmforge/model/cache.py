@@ -147,7 +147,7 @@ class KVCache(_Hooked):
         slots = torch.arange(S, device=self.k.device)
         if tree is not None:  # a candidate tree (lmforge.model.meta); its window is measured on depths
             mask = meta.derived(("tree", S, spec.window),
-                                lambda: tree_visible(tree.to(q.device), S, spec.window)[:, None])
+                                lambda: tree_visible(meta.parents_for(T).to(q.device), S, spec.window)[:, None])
             if self.pad is not None:  # ancestors precede their children, so slot order agrees
                 mask = mask & padded_causal_mask(self.pad, slots[S - T:], S)
         elif self.pad is not None:  # slot differences are position differences within a row

@@ -94,10 +94,18 @@ class AttnMetadata:
 
     def derived(self, name: Hashable, build: Callable[[], Built]) -> Built:
         """build(), computed at the first call of a forward and kept on this object: what layers derive
-        from the layout (masks, cu_seqlens, gather indices) is built once per forward, not per layer."""
+        from the layout (masks, cu_seqlens, gather indices) is built once per forward, not per layer.
+        So a metadata object describes one forward: build a new one rather than change its fields."""
         if name not in self._derived:
             self._derived[name] = build()
         return self._derived[name]
+
+    def parents_for(self, T: int) -> torch.Tensor:
+        """tree_parents, checked against the forward's T new tokens per row."""
+        if self.tree_parents.shape[-1] != T:
+            raise ValueError(f"tree_parents holds {self.tree_parents.shape[-1]} tokens per row but the forward has "
+                             f"{T}: give one parent per new token")
+        return self.tree_parents
 
     def doc_mask(self) -> torch.Tensor | None:
         """(B, 1, T, T) bool, True = attend: causal and within the same document; None without doc_ids."""

@@ -123,6 +123,8 @@ def test_bad_trees_are_named():
         check_tree(torch.tensor([-1, 0, 3, 1]))
     with pytest.raises(ValueError, match="token 3's parent is 1"):
         accepted_slots(PARENTS, [0, 2, 3], 0)
+    with pytest.raises(ValueError, match="holds 7 tokens per row but the forward has 3"), torch.no_grad():
+        model_for("full")(torch.tensor([TOKENS[:3]]), meta=AttnMetadata.tree(PARENTS))
     cache = KVCache(1, 1, 1, 4, 8)
     cache.advance(4)
     with pytest.raises(Exception, match="past the cache"):

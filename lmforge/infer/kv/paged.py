@@ -163,7 +163,8 @@ class _Paged:
         if meta.tree_parents is None:
             return contiguous_mask(n, ctx, window, device)
         return meta.derived(("tree", start, ctx, window),  # built by the first layer, kept for the rest
-                            lambda: tree_visible(meta.tree_parents[0, start:start + n].to(device), ctx, window))
+                            lambda: tree_visible(meta.parents_for(len(meta.slot_mapping))[0, start:start + n]
+                                                 .to(device), ctx, window))
 
 
 def prefill_layout(meta, block_size: int) -> dict:

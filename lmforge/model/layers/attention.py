@@ -143,7 +143,7 @@ class DenseAttention:
         mask = meta.doc_mask() if meta is not None else None
         if meta is not None and meta.tree_parents is not None:  # the window is measured on tree depths
             tree = meta.derived(("tree", T, spec.window),
-                                lambda: tree_visible(meta.tree_parents.to(device), T, spec.window)[:, None])
+                                lambda: tree_visible(meta.parents_for(T).to(device), T, spec.window)[:, None])
             return tree if mask is None else mask & tree
         if spec.window > 0 and T > spec.window:
             pos = torch.arange(T, device=device)  # keys and queries are the same T tokens

@@ -230,3 +230,30 @@ def test_gpu_packed_documents():
     _assert_matches(got, want, (q, k, v), 2e-2, 2e-2)
     got = fa.flash_attention(q, k, v, cu_seqlens=cu_seqlens_from_doc_ids(doc_ids.cuda()), tma=True)
     _assert_matches(got, _math(q, k, v, causal=True, doc_ids=doc_ids.cuda()), (q, k, v), 2e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_key_lengths_and_sinks():
+    """The engine's prefill shape: 40 chunks of 1-300 queries over 1-1300 keys, hd 128, bf16, with sinks
+    and a window, against the fp32 math attention per chunk; then sinks' gradient at a training shape."""
+    g = torch.Generator().manual_seed(5)
+    qlens = torch.randint(1, 300, (40,), generator=g)
+    klens = qlens + torch.randint(0, 1000, (40,), generator=g) * (torch.arange(40) % 2)
+    q, k, v = (t.detach() for t in _inputs(1, 16, 2, int(klens.sum()), 128, dtype=torch.bfloat16))
+    q = q[:, :, :int(qlens.sum())]
+    sinks = torch.randn(16, device=DEV)
+    cu_q, cu_k = (torch.cat((n.new_zeros(1), n.cumsum(0))).to(DEV) for n in (qlens, klens))
+    with torch.no_grad():
+        got = fa.flash_attention(q, k, v, window=256, cu_seqlens=cu_q, cu_seqlens_k=cu_k, sinks=sinks)
+    for i in range(40):
+        nq, nk = int(qlens[i]), int(klens[i])
+        ks = slice(int(cu_k[i]), int(cu_k[i + 1]))
+        mask = visible(torch.arange(nk - nq, nk, device=DEV), torch.arange(nk, device=DEV), True, 256)
+        want = math_attention(q[:, :, int(cu_q[i]):int(cu_q[i + 1])].float(), k[:, :, ks].float(),
+                              v[:, :, ks].float(), mask, scale=128 ** -0.5, sinks=sinks)
+        torch.testing.assert_close(got[:, :, int(cu_q[i]):int(cu_q[i + 1])].float(), want, atol=2e-2, rtol=2e-2)
+    q, k, v = _inputs(2, 8, 2, 1000, 64, dtype=torch.bfloat16)
+    sinks = torch.randn(8, device=DEV, requires_grad=True)
+    want = math_attention(q.float(), k.float(), v.float(), "causal", scale=0.125, sinks=sinks).double()
+    _assert_matches(fa.flash_attention(q, k, v, scale=0.125, sinks=sinks), want, (q, k, v, sinks), 2e-2, 2e-2)

@@ -3,6 +3,7 @@ backends, forward and forward+backward, causal, in one run on one GPU.
 
     python bench/attention.py            # H100/H200: bf16, seq 1k-16k, head dims 64 and 128
     python bench/attention.py --smoke    # CPU, Triton interpreter, toy sizes: checks the script
+    python bench/attention.py --packed   # packed SFT rows: document mask (SDPA) vs varlen (Triton)
 
 Shapes follow the FlashAttention papers: batch · seq = 16k tokens and heads · head_dim = 2048, so every
 point fills the GPU. Each variant's output and q/k/v gradients are first compared with SDPA's (the math
@@ -139,6 +140,127 @@ def precompile(names, head_dims, seq):
           flush=True)
 
 
+# packed SFT rows ----------------------------------------------------------------------------------------
+# Examples packed back to back into rows (lmforge.align.data), each a document of AttnMetadata.doc_ids:
+# attn_impl="sdpa" gives SDPA the (B, 1, T, T) document mask (no fused causal kernel, T² mask reads),
+# attn_impl="triton" runs the FlashAttention-2 kernel on cu_seqlens (tiles across documents skipped).
+def failure(e: Exception) -> str:
+    """A row's note when its variant failed (one missing backend must not end a run)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
+def show(row: dict) -> None:
+    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def packed_doc_ids(B: int, N: int, mean_len: int, dev) -> torch.Tensor:
+    """(B, N) document ids: log-normal example lengths (median mean_len, 16..N tokens) packed row by row."""
+    g = torch.Generator().manual_seed(N)
+    rows = []
+    for _ in range(B):
+        ids, doc = [], 0
+        while len(ids) < N:
+            n = int(torch.empty(1).log_normal_(0.0, 0.8, generator=g).item() * mean_len)
+            ids += [doc] * min(max(n, 16), N - len(ids))
+            doc += 1
+        rows.append(ids)
+    return torch.tensor(rows, device=dev)
+
+
+def packed_model(impl: str, smoke: bool, N: int, dev, dtype):
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    size = dict(d_model=128, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=256) if smoke else \
+        dict(d_model=2048, n_layers=8, n_heads=16, n_kv_heads=4, vocab_size=32000)  # hd 128, GQA 4:1
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**size, max_seq_len=N, attn_impl=impl)).to(dev, dtype)
+
+
+def measure_packed(rows, N: int, B: int, mean_len: int, smoke: bool, dev, dtype):
+    """One row per variant: attention alone (one layer's q, k, v) and the model's fwd+bwd step."""
+    from lmforge.model.layers.attention import attention
+    from lmforge.model.meta import AttnMetadata, packed_positions
+
+    doc = packed_doc_ids(B, N, mean_len, dev)
+    meta = AttnMetadata.packed(doc)
+    docs = int(meta.documents()[0].numel() - 1)
+    H, KV, hd = (2, 1, 64) if smoke else (16, 4, 128)
+    g = torch.Generator(device=dev).manual_seed(N)
+    q, do = (torch.randn(B, H, N, hd, device=dev, dtype=dtype, generator=g) for _ in range(2))
+    k, v = (torch.randn(B, KV, N, hd, device=dev, dtype=dtype, generator=g) for _ in range(2))
+    attn = {"mask-sdpa": lambda q, k, v: attention(q, k, v, AttnMetadata.packed(doc).doc_mask(), scale=hd ** -0.5),
+            "varlen-triton": lambda q, k, v: fa.flash_attention(q, k, v, cu_seqlens=AttnMetadata.packed(doc)
+                                                                .documents()[0])}
+    ref = None
+    for name, run in attn.items():
+        row = dict(level="attention", variant=name, seq=N, batch=B, docs=docs)
+        try:
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = run(qq, kk, vv)
+            ref = out.detach().float() if ref is None else ref
+            row["err_out"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+            row["fwdbwd_ms"] = bench_ms(lambda: run(qq, kk, vv).backward(do), dev)
+        except Exception as e:  # noqa: BLE001 - one variant failing must not end the run
+            row["note"] = failure(e)
+        rows.append(row)
+    ids = torch.randint(0, 256, (B, N), device=dev)
+    pos = packed_positions(doc)
+    for impl, name in (("sdpa", "mask-sdpa"), ("triton", "varlen-triton")):
+        row = dict(level="model", variant=name, seq=N, batch=B, docs=docs)
+        try:
+            model = packed_model(impl, smoke, N, dev, dtype)
+
+            def step():  # a new AttnMetadata per step, as the SFT data source builds one per batch
+                logits = model(ids, positions=pos, meta=AttnMetadata.packed(doc))
+                F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()).backward()
+            row["fwdbwd_ms"] = bench_ms(step, dev)
+        except Exception as e:  # noqa: BLE001
+            row["note"] = failure(e)
+        rows.append(row)
+    for r in rows[-4:]:
+        if "fwdbwd_ms" in r:
+            r["tokens_per_s"] = B * N / r["fwdbwd_ms"] * 1e3
+        show(r)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def packed_table(rows) -> str:
+    base = {(r["level"], r["seq"]): r for r in rows if r["variant"] == "mask-sdpa" and "fwdbwd_ms" in r}
+    lines = ["| level | variant | seq | rows | documents | fwd+bwd ms | tokens/s | ×mask | err out |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        head = f"| {r['level']} | {r['variant']} | {r['seq']} | {r['batch']} | {r['docs']} |"
+        if "fwdbwd_ms" not in r:
+            lines.append(f"{head} - | - | - | {r.get('note', '')} |")
+            continue
+        b = base.get((r["level"], r["seq"]))
+        x = f"{b['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}" if b else "-"
+        err = f"{r['err_out']:.1e}" if "err_out" in r else "-"
+        lines.append(f"{head} {r['fwdbwd_ms']:.4g} | {r['tokens_per_s']:.4g} | {x} | {err} |")
+    return "\n".join(lines)
+
+
+def main_packed(args, dev, dtype, meta, start) -> None:
+    seqs = [96] if args.smoke else [int(s) for s in args.seqs.split(",")]
+    tokens = 192 if args.smoke else args.tokens
+    name = "attention_packed_smoke.json" if args.smoke else "attention_packed.json"
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / name
+    rows = []
+    try:
+        for N in seqs:
+            if time.time() - start > args.max_seconds:
+                print(f"time budget spent: skipping seq={N}", flush=True)
+                continue
+            measure_packed(rows, N, max(tokens // N, 1), 24 if args.smoke else args.mean_doc, args.smoke, dev, dtype)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    finally:
+        print(f"\n{time.time() - start:.0f} s; {out}\n")
+        print(packed_table(rows), flush=True)
+
+
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, toy sizes")
@@ -154,6 +276,9 @@ def parse(argv):
     ap.add_argument("--max-seconds", type=float, default=270,
                     help="start no new shape after this many seconds from the start (compilation included)")
     ap.add_argument("--precompile", action="store_true", help="compile the Triton candidates in parallel first")
+    ap.add_argument("--packed", action="store_true",
+                    help="packed SFT rows instead: document mask (SDPA) vs varlen (Triton), attention and model")
+    ap.add_argument("--mean-doc", type=int, default=400, help="--packed: median example length in tokens")
     ap.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -182,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__, "triton": getattr(fa.triton, "__version__", None),
             "command": "python bench/attention.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}", flush=True)
+    if args.packed:
+        return main_packed(args, dev, dtype, meta, start)
     if args.precompile and dev.type == "cuda":
         precompile(names + late, head_dims, seqs[0])
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / ("attention_smoke.json" if args.smoke

@@ -28,6 +28,12 @@ Layout: q (B, H, N, hd), k and v (B, KV, N, hd), any strides with a contiguous l
 reads kv head h // (H / KV). Variable length: `cu_seqlens` (n_docs + 1,) are cumulative document lengths
 over the B·N tokens taken row after row (documents do not cross rows; with B = 1 this is the usual packed
 layout); a token attends only within its document. The window keeps keys i - window < j <= i (causal only).
+Separate key lengths (`cu_seqlens_k`, forward only: the engine's prefill, lmforge.infer.kv.paged): document
+d has Lq queries and Lk >= Lq keys of its own, its queries being the last Lq keys (bottom-right causal:
+query m sits at key position Lk - Lq + m), so chunks continuing a cached context attend in the same launch
+as fresh prompts. Attention sinks (gpt-oss, `sinks` (H,)): the online softmax starts from m = sink, l = 1
+instead of m = -inf, l = 0, so the sink sits in every denominator and in L; the backward needs nothing
+more for dQ, dK, dV, and the sinks' own gradient is -Σ_t e^(sink - L_t) D_t.
 
 flash_reference.py holds the same algorithm as explicit PyTorch loops over tiles, for reading; the tests
 compare both to the plain math attention (lmforge.model.layers.attention.math_attention).
@@ -57,16 +63,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32: tests and the i
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, N) document ids of packed rows -> (n_docs + 1,) int32 cumulative lengths over the B·N tokens; a
-    document starts where the id changes and at every row start (lmforge.model.meta.AttnMetadata)."""
-    B, N = doc_ids.shape
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    idx = starts.flatten().nonzero().flatten()
-    return torch.cat((idx, idx.new_tensor([B * N]))).to(torch.int32)
 
 
 # kernels ------------------------------------------------------------------------------------------------
@@ -192,28 +188,40 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(Q, K, V, O, LSE, CU, scale, softcap, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                    sob, soh, son, H, N, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (query block, document·H + head): Algorithm 1 for BLOCK_M queries of one head."""
+                    sob, soh, son, H, N, CU_K, SINK, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr,
+                    KV_LENS: tl.constexpr, SINKS: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        """Program (query block, document·H + head): Algorithm 1 for BLOCK_M queries of one head. KV_LENS:
+        keys have their own cumulative lengths CU_K and a document's L queries are its last L of LK keys
+        (query m at key position LK - L + m); SINKS: one learned logit per head joins every denominator."""
         m0, h, b, t0, L = _program(H, CU, N, VARLEN, BLOCK_M, CAUSAL)
         if m0 >= L:
             return
+        tk0, LK = t0, L
+        if KV_LENS:
+            tk0 = tl.load(CU_K + tl.program_id(1) // H)
+            LK = tl.load(CU_K + tl.program_id(1) // H + 1) - tk0
         kvh = h // GROUP
         offs_m = m0 + tl.arange(0, BLOCK_M)
+        pos_m = offs_m + (LK - L)  # query positions among the keys (bottom-right aligned)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + (t0 + offs_m[:, None]) * sqn + offs_d[None, :],
                     mask=offs_m[:, None] < L, other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
+        if SINKS:  # the sink starts the online softmax: m = sink (base 2), l = e^0 = 1, nothing accumulated
+            m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINK + h).to(tl.float32) * 1.4426950408889634
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        lo, full_lo, full_hi, hi = _key_ranges(m0, L, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, lo,
-                                   full_lo, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, full_lo,
-                                   full_hi, L, scale, softcap, False, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, t0, skb, skh, skn, svb, svh, svn, offs_m, full_hi,
-                                   hi, L, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
+        lo, full_lo, full_hi, hi = _key_ranges(m0 + LK - L, LK, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, tk0, skb, skh, skn, svb, svh, svn, pos_m, lo,
+                                   full_lo, LK, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, tk0, skb, skh, skn, svb, svh, svn, pos_m, full_lo,
+                                   full_hi, LK, scale, softcap, False, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, kvh, tk0, skb, skh, skn, svb, svh, svn, pos_m, full_hi,
+                                   hi, LK, scale, softcap, True, CAUSAL, WINDOW, SOFTCAP, TMA, BLOCK_N, HEAD_DIM)
         row_ok = offs_m < L
         l_safe = tl.where(row_ok, l_i, 1.0)
         tl.store(O + b * sob + h * soh + (t0 + offs_m[:, None]) * son + offs_d[None, :],
@@ -368,6 +376,7 @@ CONFIGS = {
 # the CPU interpreter: one small configuration (tests need several tiles per sequence, and unequal tiles)
 INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "kv": (16, 32, 4, 1), "q": (32, 16, 4, 1)}
 _KEY = ["N", "GROUP", "CAUSAL", "WINDOW", "SOFTCAP", "VARLEN", "TMA"]
+_FWD_KEY = _KEY + ["KV_LENS", "SINKS"]
 DQ_MODES = ("kernel", "atomic")
 
 
@@ -397,7 +406,11 @@ def _kernel(kind: str, hd: int):
     """The autotuned kernel for one head dim, built at first use (the interpreter switch is read then)."""
     if (kind, hd) not in _kernels:
         _kernels[kind, hd] = {
-            "fwd": lambda: _tuned(_fwd_kernel, "fwd", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}),
+            "fwd": lambda: _tuned(_fwd_kernel, "fwd", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}, key=_FWD_KEY),
+            # the engine's prefill (cu_seqlens_k): N, its token count, changes every step, and tuning
+            # again for each would stall serving; one tuning per layer kind serves every step
+            "prefill": lambda: _tuned(_fwd_kernel, "fwd", hd, {"K": "BLOCK_N", "V": "BLOCK_N"},
+                                      key=[k for k in _FWD_KEY if k != "N"]),
             "q": lambda: _tuned(_bwd_q_kernel, "q", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}),
             # the key-block kernel's timing runs add into the dQ buffer: zeroed before each
             "kv": lambda: _tuned(_bwd_kv_kernel, "kv", hd, {"Q": "BLOCK_M", "DO": "BLOCK_M"},
@@ -413,6 +426,8 @@ class _Opts(NamedTuple):
     softcap: float
     cu_seqlens: torch.Tensor | None
     max_len: int  # longest document (N without cu_seqlens): the grid's block count
+    cu_seqlens_k: torch.Tensor | None  # keys' own document lengths (forward only)
+    sinks: torch.Tensor | None  # (H,) fp32 sink logits
     dq_mode: str
     tma: bool  # wanted; a launch uses it when its streamed tensors share one layout
 
@@ -446,7 +461,10 @@ def _forward(q, k, v, opt: _Opts):
     B, H, N, _ = q.shape
     o = torch.empty_like(q)  # q's strides: a (B, N, H, hd) projection's transpose stays a view downstream
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    _launch("fwd", "BLOCK_M", H, opt, [q, k, v, o, lse], (1, 2), *_strides(q, k, v, o), H, N)
+    cu_k, sink = opt.cu_seqlens_k, opt.sinks  # unused pointer arguments get a tensor at hand
+    _launch("fwd" if cu_k is None else "prefill", "BLOCK_M", H, opt, [q, k, v, o, lse], (1, 2),
+            *_strides(q, k, v, o), H, N, q if cu_k is None else cu_k, lse if sink is None else sink,
+            KV_LENS=cu_k is not None, SINKS=sink is not None)
     return o, lse
 
 
@@ -462,26 +480,31 @@ def _backward(do, q, k, v, o, lse, opt: _Opts):
     _launch("kv", "BLOCK_N", k.shape[1], opt, [q, k, v, do, lse, delta, dk, dv, dqa], (0, 3),
             *_strides(q, k, v, do), H, k.shape[1], N, DQ_ATOMIC=atomic)
     if atomic:
-        return dqa.to(q.dtype), dk, dv
-    dq = torch.empty_like(q)
-    _launch("q", "BLOCK_M", H, opt, [q, k, v, do, lse, delta, dq], (1, 2), *_strides(q, k, v, do), H, N)
-    return dq, dk, dv
+        dq = dqa.to(q.dtype)
+    else:
+        dq = torch.empty_like(q)
+        _launch("q", "BLOCK_M", H, opt, [q, k, v, do, lse, delta, dq], (1, 2), *_strides(q, k, v, do), H, N)
+    # P = e^(s - L) already counts the sink in L, so dQ, dK, dV need nothing more; the sink's own column has
+    # dP = 0, so dS_sink = P_sink (0 - D) and d sink_h = -Σ_t e^(sink_h - L_t) D_t
+    dsinks = None if opt.sinks is None else -((opt.sinks[:, None] - lse).exp() * delta).sum((0, 2))
+    return dq, dk, dv, dsinks
 
 
 class FlashAttention(torch.autograd.Function):
     """Saves q, k, v (the inputs) and only O and the (B, H, N) logsumexp; the backward recomputes P."""
 
     @staticmethod
-    def forward(ctx, q, k, v, opt: _Opts):
+    def forward(ctx, q, k, v, sinks, opt: _Opts):
         o, lse = _forward(q, k, v, opt)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.opt = opt
+        ctx.opt, ctx.sinks_dtype = opt, None if sinks is None else sinks.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*_backward(do, q, k, v, o, lse, ctx.opt), None)
+        dq, dk, dv, dsinks = _backward(do, q, k, v, o, lse, ctx.opt)
+        return dq, dk, dv, None if dsinks is None else dsinks.to(ctx.sinks_dtype), None
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -526,15 +549,27 @@ def _check_documents(cu: list[int], B: int, N: int) -> int:
     return max(lengths)
 
 
+def _check_key_documents(cu_q: list[int], cu_k: list[int], Nk: int) -> None:
+    """Keys' cumulative lengths: one entry per query document, rising to Nk, never fewer keys than queries."""
+    lengths = [(eq - sq, ek - sk) for sq, eq, sk, ek in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:])]
+    if len(cu_k) != len(cu_q) or cu_k[0] != 0 or cu_k[-1] != Nk or any(lk < lq for lq, lk in lengths):
+        raise ConfigError(f"cu_seqlens_k must rise from 0 to the {Nk} keys, one entry per query document, with at "
+                          f"least as many keys as queries per document; got {cu_k[:4]}...{cu_k[-2:]}")
+
+
 @torch.compiler.disable  # a graph break under torch.compile: the autotuner and descriptors are host code
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     scale: float | None = None, window: int = 0, softcap: float = 0.0,
                     cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                    cu_seqlens_k: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
                     dq_mode: str = "kernel", tma: bool | None = None) -> torch.Tensor:
     """softmax(scale · q kᵀ [capped, masked]) v; q (B, H, N, hd), k and v (B, KV, N, hd) -> (B, H, N, hd),
     differentiable. `window` > 0 keeps keys i - window < j <= i (causal only); `softcap` > 0 caps logits at
     ±softcap; `cu_seqlens` (n_docs + 1,) int32 packs documents (module docstring), `max_seqlen` is their
-    longest length (computed, with a device sync, when not given). `dq_mode`: "kernel" computes dQ in its
+    longest length (computed, with a device sync, when not given). `cu_seqlens_k` (forward only, B = 1):
+    the keys' own document lengths over k's Nk tokens; a document's Lq queries are then its last Lq of Lk
+    keys (bottom-right causal: chunked prefill over a cached context). `sinks` (H,): one learned logit per
+    head in every softmax denominator (gpt-oss), with its gradient. `dq_mode`: "kernel" computes dQ in its
     own pass (deterministic), "atomic" adds it from the key-block pass into an fp32 buffer (FA2's way:
     5 matmuls per tile pair instead of 7, run-to-run differences in the last bits). `tma`: fetch the tiles
     streamed through the inner loops with Hopper's tensor memory accelerator (sm_90+; None = TMA_DEFAULT)."""
@@ -542,51 +577,65 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if reason is not None:
         raise LmforgeError(reason)
     B, H, N, hd = q.shape
-    if k.shape[0] != B or k.shape[2] != N or H % k.shape[1]:
+    if k.shape[0] != B or (k.shape[2] != N and cu_seqlens_k is None) or H % k.shape[1]:
         raise ConfigError(f"flash_attention: k, v {tuple(k.shape)} must be (B={B}, KV, N={N}, {hd}) with KV "
-                          f"dividing H={H} (for fewer queries than keys use attn_impl='sdpa')")
+                          f"dividing H={H} (for fewer queries than keys pass cu_seqlens_k)")
     if dq_mode not in DQ_MODES:
         raise ConfigError(f"flash_attention: dq_mode={dq_mode!r} is not one of {DQ_MODES}")
     if window < 0 or (window > 0 and not causal):
         raise ConfigError(f"flash_attention: window={window} must be >= 0 and needs causal=True")
+    if cu_seqlens_k is not None and (cu_seqlens is None or B != 1):
+        raise ConfigError("flash_attention: cu_seqlens_k needs cu_seqlens and one packed row (B = 1)")
+    if cu_seqlens_k is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ConfigError("flash_attention: cu_seqlens_k is forward only (inference); run under torch.no_grad()")
     if cu_seqlens is not None:
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ConfigError(f"cu_seqlens must be a 1-D int tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        if cu_seqlens_k is not None:
+            cu_seqlens_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:  # one device sync anyway: check the documents too
             max_seqlen = _check_documents(cu_seqlens.tolist(), B, N)
+            if cu_seqlens_k is not None:
+                _check_key_documents(cu_seqlens.tolist(), cu_seqlens_k.tolist(), k.shape[2])
+    if sinks is not None and sinks.shape != (H,):
+        raise ConfigError(f"flash_attention: sinks must be one logit per query head ({H},), got {tuple(sinks.shape)}")
     q, k, v = _dense(q), _dense(k), _dense(v)
     if tma is None:
         tma = TMA_DEFAULT and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     opt = _Opts(bool(causal), hd ** -0.5 if scale is None else float(scale), int(window), float(softcap), cu_seqlens,
-                N if cu_seqlens is None else max_seqlen, dq_mode, bool(tma) and all(map(_tma_ok, (q, k, v))))
-    return FlashAttention.apply(q, k, v, opt)
+                N if cu_seqlens is None else max_seqlen, cu_seqlens_k,
+                None if sinks is None else sinks.detach().float().contiguous(), dq_mode,
+                bool(tma) and all(map(_tma_ok, (q, k, v))))
+    return FlashAttention.apply(q, k, v, sinks, opt)
 
 
 def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: float,
-                              softcap: float = 0.0, window: int = 0, doc_ids: torch.Tensor | None = None,
-                              dropout_p: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                              softcap: float = 0.0, window: int = 0,
+                              documents: tuple[torch.Tensor, int] | None = None, dropout_p: float = 0.0,
+                              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """attn_impl = "triton" for lmforge.model.layers.attention: `mask` is the layer's mask before any
     window is applied ("causal", None = all keys, or a bool tensor), `window` the layer's sliding window,
-    `doc_ids` (B, N) the packed documents of AttnMetadata (their bool mask is then ignored). What the
-    kernel cannot do (a cache with fewer queries than keys, other mask tensors, dropout, attention sinks,
-    an unsupported head dim, dtype or GPU) falls back to the reference path with a one-line warning."""
+    `documents` the (cu_seqlens, longest length) of packed rows (AttnMetadata.documents(), computed once
+    per forward; their bool mask is then ignored). What the kernel cannot do (a cache with fewer queries
+    than keys, other mask tensors, dropout, an unsupported head dim, dtype or GPU) falls back to the
+    reference path with a one-line warning."""
     from lmforge.model.layers.attention import attention, window_mask
 
     reason = unsupported(q, k, v)
     if reason is None:
         if q.shape[2] != k.shape[2]:
             reason = f"flash_attention needs as many queries as keys (got {q.shape[2]} and {k.shape[2]}: a cache)"
-        elif dropout_p > 0 or sinks is not None:
-            reason = "flash_attention has no attention dropout or sinks"
-        elif not (isinstance(mask, str) or mask is None or doc_ids is not None):
+        elif dropout_p > 0:
+            reason = "flash_attention has no attention dropout"
+        elif not (isinstance(mask, str) or mask is None or documents is not None):
             reason = "flash_attention takes causal, full or packed-document masks, not arbitrary mask tensors"
-        elif window > 0 and not (isinstance(mask, str) or doc_ids is not None):
+        elif window > 0 and not (isinstance(mask, str) or documents is not None):
             reason = "flash_attention's sliding window is causal only"
     if reason is None:
-        cu = cu_seqlens_from_doc_ids(doc_ids) if doc_ids is not None else None
-        return flash_attention(q, k, v, causal=isinstance(mask, str) or doc_ids is not None, scale=scale,
-                               window=window, softcap=softcap, cu_seqlens=cu)
+        cu, longest = documents if documents is not None else (None, None)
+        return flash_attention(q, k, v, causal=isinstance(mask, str) or documents is not None, scale=scale,
+                               window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest, sinks=sinks)
     warnings.warn(f"{reason}; using attn_impl='sdpa' for this call", stacklevel=2)
     if window > 0 and k.shape[2] > window:
         mask = window_mask(mask, q.shape[2], k.shape[2], window, q.device)

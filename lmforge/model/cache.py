@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, visible
+from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, tree_visible, visible
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,8 +143,14 @@ class KVCache(_Hooked):
                ) -> torch.Tensor:
         T, S = k.shape[2], self.length + k.shape[2]
         k_all, v_all = self.update(layer, k, v)
-        if self.pad is not None:  # slot differences are position differences within a row
-            slots = torch.arange(S, device=self.k.device)
+        tree = meta.tree_parents if meta is not None else None
+        slots = torch.arange(S, device=self.k.device)
+        if tree is not None:  # a candidate tree (lmforge.model.meta); its window is measured on depths
+            mask = meta.derived(("tree", S, spec.window),
+                                lambda: tree_visible(meta.parents_for(T).to(q.device), S, spec.window)[:, None])
+            if self.pad is not None:  # ancestors precede their children, so slot order agrees
+                mask = mask & padded_causal_mask(self.pad, slots[S - T:], S)
+        elif self.pad is not None:  # slot differences are position differences within a row
             mask = padded_causal_mask(self.pad, slots[S - T:], S)
             if spec.window > 0:
                 mask = mask & visible(slots[S - T:], slots, spec.window)
@@ -164,6 +170,18 @@ class KVCache(_Hooked):
         if not 0 <= length <= self.length:
             raise LmforgeError(f"cannot rewind a cache of {self.length} tokens to {length}")
         self.length = length
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        """After a tree step written from slot `start`: move the accepted root-to-node path's keys and
+        values (tree indices, lmforge.model.meta.accepted_slots) to slots start.. and forget the rest.
+        Every row keeps the same path (one tree per batch)."""
+        if start + len(path) > self.length or any(start + t >= self.length for t in path):
+            raise LmforgeError(f"keep_path: path {path} from slot {start} lies past the cache's {self.length} tokens")
+        src = torch.tensor([start + t for t in path], device=self.k.device)
+        dst = torch.arange(start, start + len(path), device=self.k.device)
+        for pool in (self.k, self.v):
+            pool.index_copy_(3, dst, pool.index_select(3, src))
+        self.length = start + len(path)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (and reorder/duplicate) batch rows: beam search reorders beams, finished rows are dropped."""
@@ -241,6 +259,9 @@ class StaticKVCache(_Hooked):
         """Attention over all max_len slots. The queries sit at slots pos..pos+T-1, which are NOT the
         last keys (unwritten slots follow): the window is measured from those slots (issue 11 §0: a
         window assuming the queries were the last keys hid the wrong keys on this path)."""
+        if meta is not None and meta.tree_parents is not None:
+            raise LmforgeError("tree attention (meta.tree_parents) runs on KVCache or the paged caches, "
+                               "not on the static CUDA-graph cache")
         k_all, v_all = self.update(layer, k, v)
         q_slots = self.pos + self._slots[: q.shape[2]]
         mask = padded_causal_mask(self.pad, q_slots, self.max_len)

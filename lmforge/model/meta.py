@@ -19,14 +19,33 @@ Two layouts use it:
                          let caches loop over sequences without reading the device.
 logits_indices (either layout): flat indices into the B*T tokens where logits are wanted; the model
 applies its output head only there (a prefill then never materialises T x V logits).
-Tree masks for Medusa/EAGLE come later, through the same object.
+
+Tree attention (Medusa, Cai et al. 2024 §2.1.2; EAGLE, Li et al. 2024): `tree_parents` lays a tree over
+each sequence's new tokens, so one forward scores several candidate continuations. Token t's parent is
+the index of another new token of its sequence (always an earlier one: trees are stored in topological
+order), or -1 when t hangs off the context's last token. A new token sees the whole context and its own
+ancestors among the new tokens (itself included), never its siblings or cousins; its position is the
+context length plus its depth (`tree_positions`), which the caller passes as the model's positions.
+Every attention kind (the cache-free DENSE, the contiguous KVCache, the paged caches' reference path)
+turns this into its mask with `attention.tree_visible`, the window measured on those positions. Each
+node's logits are then those of its root-to-node branch run alone.
+A speculative step with a tree: (1) write the context's pending token and the candidate tree in one
+forward, meta.tree_parents = the tree, positions = tree_positions; (2) verify the branches against the
+logits and pick the longest accepted root-to-leaf path; (3) the tree's K/V sit in consecutive slots in
+tree order, so the accepted path's slots are not contiguous: move them to the first len(path) slots
+after the context (`KVCache.keep_path`, paged caches' `move_slots` with `accepted_slots`), then forget
+the rest (the contiguous cache's length, the engine's sequence length). Later steps see a plain chain.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
+
+Built = TypeVar("Built")
 
 
 @dataclass
@@ -53,6 +72,11 @@ class AttnMetadata:
     """(first row, end row, block-table width) of decode rows sorted by context length, for caches that
     gather a group's blocks (the padded width then follows the group, not the batch); () = one group"""
     block_size: int = 0
+    # tree attention (either layout) ------------------------------------------------------------------
+    tree_parents: torch.Tensor | None = None
+    """(B, T) parent of each new token among its sequence's new tokens (in the varlen row: an index
+    within its own chunk), -1 = the context's last token; None = a causal chain"""
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def packed(cls, doc_ids: torch.Tensor) -> "AttnMetadata":
@@ -60,14 +84,51 @@ class AttnMetadata:
             raise ValueError(f"doc_ids must be (B, T), got shape {tuple(doc_ids.shape)}")
         return cls(doc_ids=doc_ids)
 
+    @classmethod
+    def tree(cls, parents: torch.Tensor | list[int], **kw) -> "AttnMetadata":
+        """Metadata for B rows of T new tokens laid out as trees: parents (B, T) or one tree (T,)."""
+        parents = torch.as_tensor(parents, dtype=torch.long)
+        parents = parents[None] if parents.dim() == 1 else parents
+        check_tree(parents)
+        return cls(tree_parents=parents, **kw)
+
+    def derived(self, name: Hashable, build: Callable[[], Built]) -> Built:
+        """build(), computed at the first call of a forward and kept on this object: what layers derive
+        from the layout (masks, cu_seqlens, gather indices) is built once per forward, not per layer.
+        So a metadata object describes one forward: build a new one rather than change its fields."""
+        if name not in self._derived:
+            self._derived[name] = build()
+        return self._derived[name]
+
+    def parents_for(self, T: int) -> torch.Tensor:
+        """tree_parents, checked against the forward's T new tokens per row."""
+        if self.tree_parents.shape[-1] != T:
+            raise ValueError(f"tree_parents holds {self.tree_parents.shape[-1]} tokens per row but the forward has "
+                             f"{T}: give one parent per new token")
+        return self.tree_parents
+
     def doc_mask(self) -> torch.Tensor | None:
         """(B, 1, T, T) bool, True = attend: causal and within the same document; None without doc_ids."""
         if self.doc_ids is None:
             return None
-        T = self.doc_ids.shape[1]
-        same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.doc_ids.device).tril()
-        return (same & causal)[:, None]
+
+        def build():
+            T = self.doc_ids.shape[1]
+            same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=self.doc_ids.device).tril()
+            return (same & causal)[:, None]
+        return self.derived("doc_mask", build)
+
+    def documents(self) -> tuple[torch.Tensor, int] | None:
+        """(cu_seqlens, longest document) of the packed rows for varlen kernels; None without doc_ids.
+        Reading the longest length syncs with the device once per forward, not once per layer."""
+        if self.doc_ids is None:
+            return None
+
+        def build():
+            cu = cu_seqlens_from_doc_ids(self.doc_ids)
+            return cu, int((cu[1:] - cu[:-1]).max())
+        return self.derived("documents", build)
 
     def groups(self) -> tuple[tuple[int, int, int], ...]:
         if self.decode_groups or not self.num_decodes:
@@ -92,3 +153,58 @@ def packed_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     # index of the most recent document start at or before each token
     start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - start_idx
+
+
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) document ids of packed rows -> (n_docs + 1,) int32 cumulative lengths over the B·N tokens; a
+    document starts where the id changes and at every row start (the varlen kernels' layout)."""
+    B, N = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = starts.flatten().nonzero().flatten()
+    return torch.cat((idx, idx.new_tensor([B * N]))).to(torch.int32)
+
+
+def check_tree(parents: torch.Tensor) -> None:
+    """One-line error unless every parent is -1 or an earlier token of the same row (topological order)."""
+    t = torch.arange(parents.shape[-1], device=parents.device)
+    bad = (parents < -1) | (parents >= t)
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0]) % parents.shape[-1]
+        raise ValueError(f"tree_parents: token {i} has parent {int(parents.flatten()[bad.flatten()][0])}; a "
+                         "parent must be -1 (the context) or an earlier token: list tree nodes parents first")
+
+
+def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+    """(..., T) parents -> (..., T) depth of each token (roots: 0). Parents precede children."""
+    depth = torch.zeros_like(parents)
+    for t in range(1, parents.shape[-1]):
+        p = parents[..., t]
+        depth[..., t] = torch.where(p >= 0, depth.gather(-1, p.clamp(min=0)[..., None])[..., 0] + 1, 0)
+    return depth
+
+
+def tree_ancestors(parents: torch.Tensor) -> torch.Tensor:
+    """(..., T) parents -> (..., T, T) bool: [t, u] = u is t or one of its ancestors."""
+    T = parents.shape[-1]
+    anc = torch.eye(T, dtype=torch.bool, device=parents.device).expand(*parents.shape, T).clone()
+    for t in range(1, T):
+        p = parents[..., t]
+        from_parent = anc.gather(-2, p.clamp(min=0)[..., None, None].expand(*p.shape, 1, T))[..., 0, :]
+        anc[..., t, :] |= from_parent & (p >= 0)[..., None]
+    return anc
+
+
+def tree_positions(parents: torch.Tensor, context_len: int | torch.Tensor) -> torch.Tensor:
+    """Positions of tree tokens after context_len context tokens: context_len + depth."""
+    return tree_depths(parents) + (context_len[..., None] if torch.is_tensor(context_len) else context_len)
+
+
+def accepted_slots(parents: list[int], path: list[int], first_slot: int) -> tuple[list[int], list[int]]:
+    """(src, dst) slot lists moving the accepted root-to-node `path` of a tree written from `first_slot`
+    (one slot per tree token, in tree order) to consecutive slots from first_slot; unchanged slots left out."""
+    for a, b in zip([-1] + path[:-1], path):
+        if parents[b] != a:
+            raise ValueError(f"accepted path {path}: token {b}'s parent is {parents[b]}, not {a}")
+    moves = [(first_slot + t, first_slot + i) for i, t in enumerate(path) if t != i]
+    return [s for s, _ in moves], [d for _, d in moves]

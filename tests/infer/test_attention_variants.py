@@ -4,6 +4,8 @@ eagerly here) once applied sliding windows as if its queries were its last keys.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -31,8 +33,8 @@ PROMPT = [5, 17, 99, 3, 42, 7, 11]
 NEW = 10
 
 
-def variant_model(name: str):
-    model = tiny_model("llama", **VARIANTS[name], init_std=0.3)
+def variant_model(name: str, **extra):
+    model = tiny_model("llama", **VARIANTS[name], init_std=0.3, **extra)
     if name == "sinks":
         with torch.no_grad():
             for b in model.blocks:
@@ -89,10 +91,26 @@ def test_every_cache_kind_matches_full_recompute(name):
 def test_paged_engine_matches_full_recompute(name, tok):
     """The engine's paged caches (K/V blocks or MLA latents), prefills in 5-token chunks, a second
     request hitting the first's cached prefix, decodes batched: tokens and logprobs of the reference."""
+    check_engine(variant_model(name), tok)
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if not n.startswith("mla")])
+def test_paged_engine_batched_prefill_kernel_matches_full_recompute(name, tok, monkeypatch):
+    """The same with every step's prefill chunks in one varlen FlashAttention call (Triton's interpreter
+    on CPU; head_dim 64, the kernel's smallest). MLA prefills stay per sequence (q/k and v widths differ)."""
+    pytest.importorskip("triton")
+    from lmforge.infer import runner
+    from lmforge.infer.kv import new_paged_cache
+
+    monkeypatch.setattr(runner, "new_paged_cache", functools.partial(new_paged_cache, prefill="kernel"))
+    engine = check_engine(variant_model(name, head_dim=64), tok)
+    assert engine.runner.cache.prefill_kernel is not None  # it ran without failing over to the reference
+
+
+def check_engine(model, tok):
     from lmforge.infer.engine import Engine, EngineConfig
     from lmforge.infer.sampling import SamplingParams
 
-    model = variant_model(name)
     prompts = [PROMPT, PROMPT[:5] + [1, 2, 3, 4, 5, 6]]
     engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=5))
     sp = SamplingParams(temperature=0, max_tokens=NEW, logprobs=0, ignore_eos=True)
@@ -106,3 +124,4 @@ def test_paged_engine_matches_full_recompute(name, tok):
         assert outs[rid].token_ids == want_tokens
         torch.testing.assert_close(torch.tensor(outs[rid].logprobs), want_lp, atol=1e-4, rtol=1e-4)
     assert engine.stats()["prefix_hit_blocks"] == 1
+    return engine

@@ -11,7 +11,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.kernels import flash_attention as fa
 from lmforge.kernels.flash_reference import flash_attention_ref, flash_attention_ref_backward, visible
 from lmforge.model.layers.attention import math_attention
-from lmforge.model.meta import AttnMetadata
+from lmforge.model.meta import AttnMetadata, cu_seqlens_from_doc_ids
 
 needs_triton = pytest.mark.skipif(fa.triton is None or (not torch.cuda.is_available() and not fa._interpreting()),
                                   reason="needs triton (the `kernels` extra): a GPU, or TRITON_INTERPRET=1 on CPU")
@@ -82,12 +82,50 @@ def test_packed_documents_match_per_document_masks():
     doc_ids = torch.tensor([[0] * 13 + [1] * 20 + [2] * 7, [0] * 40], device=DEV)
     q, k, v = _inputs(2, 2, 1, 40, 64, heads_inner=True)
     want = _math(q, k, v, causal=True, window=6, doc_ids=doc_ids)
-    got = fa.flash_attention_for_model(q, k, v, "causal", scale=64 ** -0.5, window=6, doc_ids=doc_ids)
-    cu = fa.cu_seqlens_from_doc_ids(doc_ids)
-    assert cu.tolist() == [0, 13, 33, 40, 80]
+    meta = AttnMetadata.packed(doc_ids)
+    got = fa.flash_attention_for_model(q, k, v, "causal", scale=64 ** -0.5, window=6, documents=meta.documents())
+    cu, longest = meta.documents()
+    assert cu.tolist() == [0, 13, 33, 40, 80] and longest == 40 and meta.documents()[0] is cu  # once per forward
     _assert_matches(got, want, (q, k, v))
     tiled = fa.flash_attention(q, k, v, scale=64 ** -0.5, window=6, cu_seqlens=cu, tma=True)  # reads past documents
     _assert_matches(tiled, _math(q, k, v, causal=True, window=6, doc_ids=doc_ids), (q, k, v))
+
+
+@needs_triton
+@pytest.mark.parametrize("window,softcap,sinks", [(0, 0.0, False), (6, 3.0, False), (0, 0.0, True)])
+def test_key_lengths_put_queries_at_the_end_of_their_keys(window, softcap, sinks):
+    """cu_seqlens_k (chunked prefill over cached contexts): document i's queries are the last of its keys,
+    bottom-right causal; a whole prompt (5 of 5), a decode-like single query (1 of 30), a chunk (20 of
+    45) - equal to the math attention per document with `visible` at those positions."""
+    qlens, klens = [5, 1, 20, 7], [5, 30, 45, 7]
+    q, k, v = (t.detach() for t in _inputs(1, 4, 2, sum(klens), 64))
+    q = q[:, :, :sum(qlens)]
+    sink = torch.randn(4, device=DEV) if sinks else None
+    cu_q, cu_k = (torch.tensor([0, *n]).cumsum(0).to(DEV) for n in (qlens, klens))
+    with torch.no_grad():
+        got = fa.flash_attention(q, k, v, scale=0.3, window=window, softcap=softcap, cu_seqlens=cu_q,
+                                 cu_seqlens_k=cu_k, sinks=sink)
+    want = []
+    for i, (nq, nk) in enumerate(zip(qlens, klens)):
+        ks = slice(int(cu_k[i]), int(cu_k[i + 1]))
+        mask = visible(torch.arange(nk - nq, nk, device=DEV), torch.arange(nk, device=DEV), True, window)
+        want.append(math_attention(q[:, :, int(cu_q[i]):int(cu_q[i + 1])].double(), k[:, :, ks].double(),
+                                   v[:, :, ks].double(), mask, scale=0.3, softcap=softcap, sinks=sink))
+    torch.testing.assert_close(got.double(), torch.cat(want, 2), atol=TOL_OUT, rtol=TOL_OUT)
+    with pytest.raises(ConfigError, match="cu_seqlens_k must rise"):
+        fa.flash_attention(q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k.flip(0))
+    with pytest.raises(ConfigError, match="forward only"):
+        fa.flash_attention(q.requires_grad_(), k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+
+
+@needs_triton
+def test_sinks_outputs_and_gradients_match_math():
+    """Learned sinks (gpt-oss) start the online softmax; their gradient -Σ e^(sink - L) D is checked too."""
+    q, k, v = _inputs(1, 4, 2, 40, 64, heads_inner=True)
+    sinks = torch.randn(4, device=DEV, requires_grad=True)
+    want = math_attention(q.double(), k.double(), v.double(), "causal", scale=0.2, sinks=sinks.double())
+    got = fa.flash_attention(q, k, v, scale=0.2, sinks=sinks)
+    _assert_matches(got, want, (q, k, v, sinks))
 
 
 @needs_triton
@@ -109,7 +147,7 @@ def test_tiled_reference_matches_math(causal, window, softcap, blocks):
     """The PyTorch tiled algorithm (forward and Algorithm 2), GQA with packed documents."""
     q, k, v = _inputs(2, 4, 2, 37, 8, device="cpu")
     doc_ids = torch.tensor([[0] * 20 + [1] * 17, [0] * 37])
-    cu = fa.cu_seqlens_from_doc_ids(doc_ids) if causal else None
+    cu = cu_seqlens_from_doc_ids(doc_ids) if causal else None
     want = _math(q, k, v, causal=causal, window=window, softcap=softcap, doc_ids=doc_ids if causal else None)
     o, lse = flash_attention_ref(q.detach(), k.detach(), v.detach(), causal=causal, window=window,
                                  softcap=softcap, cu_seqlens=cu, block_m=blocks[0], block_n=blocks[1])
@@ -187,7 +225,35 @@ def test_gpu_packed_documents():
     doc_ids = torch.repeat_interleave(torch.arange(7), torch.tensor([300, 1, 129, 570, 64, 900, 84])).view(2, 1024)
     q, k, v = _inputs(2, 4, 2, 1024, 128, dtype=torch.bfloat16, heads_inner=True)
     want = _math(q, k, v, causal=True, doc_ids=doc_ids.cuda())
-    got = fa.flash_attention_for_model(q, k, v, "causal", scale=128 ** -0.5, doc_ids=doc_ids.cuda())
+    got = fa.flash_attention_for_model(q, k, v, "causal", scale=128 ** -0.5,
+                                       documents=AttnMetadata.packed(doc_ids.cuda()).documents())
     _assert_matches(got, want, (q, k, v), 2e-2, 2e-2)
-    got = fa.flash_attention(q, k, v, cu_seqlens=fa.cu_seqlens_from_doc_ids(doc_ids.cuda()), tma=True)
+    got = fa.flash_attention(q, k, v, cu_seqlens=cu_seqlens_from_doc_ids(doc_ids.cuda()), tma=True)
     _assert_matches(got, _math(q, k, v, causal=True, doc_ids=doc_ids.cuda()), (q, k, v), 2e-2, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_key_lengths_and_sinks():
+    """The engine's prefill shape: 40 chunks of 1-300 queries over 1-1300 keys, hd 128, bf16, with sinks
+    and a window, against the fp32 math attention per chunk; then sinks' gradient at a training shape."""
+    g = torch.Generator().manual_seed(5)
+    qlens = torch.randint(1, 300, (40,), generator=g)
+    klens = qlens + torch.randint(0, 1000, (40,), generator=g) * (torch.arange(40) % 2)
+    q, k, v = (t.detach() for t in _inputs(1, 16, 2, int(klens.sum()), 128, dtype=torch.bfloat16))
+    q = q[:, :, :int(qlens.sum())]
+    sinks = torch.randn(16, device=DEV)
+    cu_q, cu_k = (torch.cat((n.new_zeros(1), n.cumsum(0))).to(DEV) for n in (qlens, klens))
+    with torch.no_grad():
+        got = fa.flash_attention(q, k, v, window=256, cu_seqlens=cu_q, cu_seqlens_k=cu_k, sinks=sinks)
+    for i in range(40):
+        nq, nk = int(qlens[i]), int(klens[i])
+        ks = slice(int(cu_k[i]), int(cu_k[i + 1]))
+        mask = visible(torch.arange(nk - nq, nk, device=DEV), torch.arange(nk, device=DEV), True, 256)
+        want = math_attention(q[:, :, int(cu_q[i]):int(cu_q[i + 1])].float(), k[:, :, ks].float(),
+                              v[:, :, ks].float(), mask, scale=128 ** -0.5, sinks=sinks)
+        torch.testing.assert_close(got[:, :, int(cu_q[i]):int(cu_q[i + 1])].float(), want, atol=2e-2, rtol=2e-2)
+    q, k, v = _inputs(2, 8, 2, 1000, 64, dtype=torch.bfloat16)
+    sinks = torch.randn(8, device=DEV, requires_grad=True)
+    want = math_attention(q.float(), k.float(), v.float(), "causal", scale=0.125, sinks=sinks).double()
+    _assert_matches(fa.flash_attention(q, k, v, scale=0.125, sinks=sinks), want, (q, k, v, sinks), 2e-2, 2e-2)

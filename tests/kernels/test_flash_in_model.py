@@ -1,7 +1,9 @@
 """attn_impl="triton": a Transformer on the Triton FlashAttention-2 kernel gives the SDPA model's logits and
-gradients (CPU: Triton's interpreter), for plain causal rows, sliding windows and packed documents."""
+gradients (CPU: Triton's interpreter), for plain causal rows, sliding windows and packed documents (the
+varlen kernel on cu_seqlens against the (T x T) document mask), with soft-caps and learned sinks."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -13,19 +15,26 @@ from lmforge.model.transformer import Transformer
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("extra,packed", [(dict(), False), (dict(sliding_window=5), False), (dict(), True)])
+@pytest.mark.parametrize("extra,packed", [(dict(), False), (dict(sliding_window=5), False), (dict(), True),
+                                          (dict(attn_sinks=True, sliding_window=4, attn_softcap=3.0), True)])
 def test_triton_attention_model_matches_sdpa(extra, packed):
     cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=32, **extra)
     torch.manual_seed(0)
     ref = Transformer(cfg)
+    if cfg.attn_sinks:
+        with torch.no_grad():
+            ref.blocks[0].attn.sinks.normal_()
     fast = Transformer(dataclasses.replace(cfg, attn_impl="triton"))
     fast.load_state_dict(ref.state_dict())
-    ids = torch.randint(0, 64, (1, 16))
+    ids = torch.randint(0, 64, (2, 16))
     kw = {}
-    if packed:
-        doc = torch.tensor([[0] * 6 + [1] * 10])
+    if packed:  # SFT rows: examples back to back, positions restarting per example
+        doc = torch.tensor([[0] * 6 + [1] * 10, [0] * 3 + [1] * 9 + [2] * 4])
         kw = dict(positions=packed_positions(doc), meta=AttnMetadata.packed(doc))
-    out_ref, out_fast = ref(ids, **kw), fast(ids, **kw)
+    out_ref = ref(ids, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the kernel itself, not a fallback to SDPA
+        out_fast = fast(ids, **kw)
     torch.testing.assert_close(out_fast, out_ref, atol=2e-4, rtol=2e-4)
     out_ref.square().mean().backward()
     out_fast.square().mean().backward()

@@ -9,9 +9,14 @@ slots, then attends
   decode tokens (the first meta.num_decodes sequences, one query each): batched, through the Triton
       paged decode kernel when lmforge.kernels.paged_attention is importable on a CUDA device, else
       through `paged_decode_reference` (gather every block of the batch, then masked attention);
-  prefill chunks: one sequence at a time, over the fresh keys when the chunk is the whole context
-      (SDPA's causal kernel), else over its gathered blocks.
-Sequence i's queries are its last query_lens[i] keys: the mask is `contiguous_mask` over its context.
+  prefill chunks: all of a step's chunks in one call of the Triton FlashAttention-2 kernel in varlen
+      form (`prefill="kernel"`, or "auto" on a CUDA device when the kernel takes the layer's shapes):
+      the queries packed by cu_seqlens_q, the keys of every chunk's context gathered from the blocks in
+      one index (or the fresh keys themselves when every chunk is a whole prompt) and packed by
+      cu_seqlens_k; else (`prefill="reference"`, a probs hook, a tree, or no kernel) one sequence at a
+      time, over the fresh keys when the chunk is the whole context, else over its gathered blocks.
+Sequence i's queries are its last query_lens[i] keys: the mask is `contiguous_mask` over its context
+(bottom-right causal), or `tree_visible` when meta.tree_parents lays a candidate tree over them.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model.cache import CacheSpec, contiguous_mask
-from lmforge.model.layers.attention import AttnSpec, attend_with, visible
+from lmforge.model.layers.attention import AttnSpec, attend_with, tree_visible, visible
 
 
 DECODE = ("auto", "kernel", "reference")
+PREFILL = DECODE
 
 
 def decode_kernel(device: torch.device, mode: str = "auto"):
@@ -41,6 +47,21 @@ def decode_kernel(device: torch.device, mode: str = "auto"):
                                "(pip install 'lmforge[kernels]')") from None
         return None
     return paged_decode_attention
+
+
+def prefill_kernel(device: torch.device, mode: str = "auto"):
+    """The Triton FlashAttention-2 kernel (varlen) for prefill chunks, chosen like `decode_kernel`."""
+    if mode not in PREFILL:
+        raise LmforgeError(f"prefill attention must be one of {PREFILL}, got {mode!r}")
+    if mode == "reference" or (mode == "auto" and device.type != "cuda"):
+        return None
+    from lmforge.kernels import flash_attention as fa
+
+    if fa.triton is None:
+        if mode == "kernel":
+            raise LmforgeError("prefill attention 'kernel' needs triton (pip install 'lmforge[kernels]')")
+        return None
+    return fa
 
 
 def gather(pool: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
@@ -88,15 +109,17 @@ class _Paged:
     score_hook = None
     kernel = None
 
-    def _kernel(self, kernel, args, kw) -> torch.Tensor | None:
-        """The kernel's output; None (and the reference from now on, with a warning) if it fails to run."""
+    def _kernel(self, kernel, args, kw, which: str = "kernel") -> torch.Tensor | None:
+        """The kernel's output; None (and the reference from now on, with a warning) if it fails to run.
+        which: the attribute holding it ("kernel": decode, "prefill_kernel")."""
         try:
             return kernel(*args, **kw)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot compile here must not stop serving
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # inside a graph capture: the capture's own fallback handles it
-            self.kernel = None
-            warnings.warn(f"paged decode kernel failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            setattr(self, which, None)
+            name = "decode kernel" if which == "kernel" else "prefill kernel"
+            warnings.warn(f"paged {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                           "using the reference attention", stacklevel=3)
             return None
 
@@ -117,6 +140,16 @@ class _Paged:
         for pool in self.pools():
             pool.index_copy_(0, dst, pool.index_select(0, src))
 
+    def move_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy the keys/values (latents) at flat slots src to slots dst in every layer: compacts a tree
+        step's accepted path (lmforge.model.meta.accepted_slots)."""
+        if not src:
+            return
+        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        for pool in self.pools():
+            flat = pool.view(-1, *pool.shape[2:])
+            flat.index_copy_(0, d, flat.index_select(0, s))
+
     @staticmethod
     def _prefills(meta):
         """(sequence index, query start, query count, context length) of each prefill chunk."""
@@ -124,13 +157,47 @@ class _Paged:
         for i in range(meta.num_decodes, len(meta.query_lens_host)):
             yield i, cu[i], meta.query_lens_host[i], meta.context_lens_host[i]
 
+    @staticmethod
+    def _chunk_mask(meta, start: int, n: int, ctx: int, window: int, device):
+        """A prefill chunk's mask: its n queries are the last n of its ctx keys, in a chain or a tree."""
+        if meta.tree_parents is None:
+            return contiguous_mask(n, ctx, window, device)
+        return meta.derived(("tree", start, ctx, window),  # built by the first layer, kept for the rest
+                            lambda: tree_visible(meta.parents_for(len(meta.slot_mapping))[0, start:start + n]
+                                                 .to(device), ctx, window))
+
+
+def prefill_layout(meta, block_size: int) -> dict:
+    """The step's prefill chunks packed for a varlen kernel, built once per forward (meta.derived):
+    cu_q/cu_k (P + 1,) int32 offsets of each chunk's queries (from the first prefill token) and of its
+    keys, their longest query count, and `slots` (sum of context lengths,) the cache slot of every key
+    of every chunk's context, in order (None when every chunk is a whole prompt: its keys are the fresh
+    ones). One device index per step gathers all chunks' keys; only host lengths are read."""
+    def build() -> dict:
+        nd, dev = meta.num_decodes, meta.block_tables.device
+        qlens, ctx = meta.query_lens_host[nd:], meta.context_lens_host[nd:]
+        cu_q = torch.tensor([0, *qlens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        cu_k = torch.tensor([0, *ctx], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        slots = None
+        if qlens != ctx:
+            total = int(cu_k[-1])
+            seq = torch.repeat_interleave(torch.arange(len(ctx), device=dev), torch.tensor(ctx, device=dev),
+                                          output_size=total)  # the chunk each key belongs to
+            pos = torch.arange(total, device=dev) - cu_k.to(dev).long()[seq]  # its position in the chunk
+            slots = meta.block_tables[nd:].long()[seq, pos // block_size] * block_size + pos % block_size
+        return dict(cu_q=cu_q.to(dev), cu_k=cu_k.to(dev), longest=max(qlens), slots=slots)
+    return meta.derived("prefill", build)
+
 
 class PagedKVCache(_Paged):
+    """prefill: how prefill chunks attend, 'auto' | 'kernel' | 'reference' (module docstring)."""
+
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
-                 decode: str = "auto"):
+                 decode: str = "auto", prefill: str = "auto"):
         dtype = dtype or spec.dtype
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
         self.kernel = decode_kernel(self.device, decode)  # resolved once: no import per layer call
+        self.prefill_kernel, self.prefill_mode = prefill_kernel(self.device, prefill), prefill
         shape = lambda l: (num_blocks, block_size, l.kv_heads, l.head_dim)  # noqa: E731
         self.k = [torch.zeros(shape(l), device=device, dtype=dtype) for l in spec.layers]
         self.v = [torch.zeros(shape(l), device=device, dtype=dtype) for l in spec.layers]
@@ -158,23 +225,50 @@ class PagedKVCache(_Paged):
             if od is None:
                 od = paged_decode_reference(*args, **kw, probs_hook=hook)
             out[0, :, lo:hi] = od.transpose(0, 1)
+        if nd < len(meta.query_lens_host):
+            self._prefill(layer, q, k, v, spec, meta, out, hook)
+        return out
+
+    def _prefill(self, layer: int, q, k, v, spec: AttnSpec, meta, out: torch.Tensor, hook) -> None:
+        """Every prefill chunk of the step: one varlen kernel call, or the per-sequence reference."""
+        kc, vc, nd = self.k[layer], self.v[layer], meta.num_decodes
+        fa = self.prefill_kernel if hook is None and meta.tree_parents is None else None
+        if fa is not None:
+            reason = fa.unsupported(q, k, v)
+            if reason is not None and self.prefill_mode == "kernel":
+                raise LmforgeError(f"prefill attention 'kernel': {reason}")
+            fa = None if reason is not None else fa
+        if fa is not None:
+            lay = prefill_layout(meta, self.block_size)
+            if lay["slots"] is None:
+                ki, vi = k[:, :, nd:], v[:, :, nd:]
+            else:  # (1, KV, sum ctx, hd) views of one gather per pool
+                ki = kc.view(-1, *kc.shape[2:])[lay["slots"]].to(q.dtype)[None].transpose(1, 2)
+                vi = vc.view(-1, *vc.shape[2:])[lay["slots"]].to(q.dtype)[None].transpose(1, 2)
+            kw = dict(causal=True, scale=spec.scale, window=spec.window, softcap=spec.softcap, sinks=spec.sinks,
+                      cu_seqlens=lay["cu_q"], max_seqlen=lay["longest"], cu_seqlens_k=lay["cu_k"])
+            o = self._kernel(fa.flash_attention, (q[:, :, nd:], ki, vi), kw, "prefill_kernel")
+            if o is not None:
+                out[:, :, nd:] = o
+                return
         for i, start, n, ctx in self._prefills(meta):
             if ctx == n:  # a whole prompt: its keys are the fresh ones
                 ki, vi = k[:, :, start:start + n], v[:, :, start:start + n]
             else:
                 ki = gather(kc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
                 vi = gather(vc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
-            mask = contiguous_mask(n, ctx, spec.window, q.device)
+            mask = self._chunk_mask(meta, start, n, ctx, spec.window, q.device)
             out[:, :, start:start + n] = attend_with(q[:, :, start:start + n], ki, vi, mask, spec, hook)
-        return out
 
 
 class PagedLatentCache(_Paged):
     """MLA's latents in blocks: decode tokens attend through the absorbed path (MQA over latents),
-    prefill chunks through the per-head expansion (lmforge.model.layers.mla)."""
+    prefill chunks through the per-head expansion (lmforge.model.layers.mla), one sequence at a time
+    (`prefill` is accepted for the common signature: MLA's query/key width differs from its value width,
+    which the flash kernel does not take)."""
 
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
-                 decode: str = "auto"):
+                 decode: str = "auto", prefill: str = "auto"):
         dtype = dtype or spec.dtype
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
         self.c = [torch.zeros(num_blocks, block_size, l.latent_rank, device=device, dtype=dtype) for l in spec.layers]
@@ -203,13 +297,13 @@ class PagedLatentCache(_Paged):
             else:
                 c = gather(cc, meta.block_tables[i], ctx)[None].to(c_kv.dtype)
                 kr = gather(kc, meta.block_tables[i], ctx)[None, None].to(c_kv.dtype)
-            mask = contiguous_mask(n, ctx, spec.window, q_nope.device)
+            mask = self._chunk_mask(meta, start, n, ctx, spec.window, q_nope.device)
             sl = slice(start, start + n)
             out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec)
         return out
 
 
 def new_paged_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
-                    decode: str = "auto"):
+                    decode: str = "auto", prefill: str = "auto"):
     kind = PagedLatentCache if spec.latent else PagedKVCache
-    return kind(spec, num_blocks, block_size, device, dtype, decode)
+    return kind(spec, num_blocks, block_size, device, dtype, decode, prefill)

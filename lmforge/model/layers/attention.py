@@ -9,7 +9,11 @@ Masks are either the string "causal" (query i sees keys <= i, bottom-right align
 the last T of the S keys), None (every key visible: one-token decode), or a bool tensor broadcastable to
 (B, H, T, S), True = attend. Attention layers never build masks: they hand q, k, v and their `AttnSpec`
 to the cache (`cache.attend`, lmforge.model.cache), the one place per cache kind that knows where its
-queries and keys sit and turns that, the window and the metadata into a mask.
+queries and keys sit and turns that, the window and the metadata into a mask with `visible` (the one
+rule: a query sees keys at positions <= its own, within the window), narrowed by `tree_visible` to a
+token's ancestors when AttnMetadata.tree_parents lays candidate trees over the new tokens.
+With attn_impl="triton", cache-free attention (training) runs the Triton FlashAttention-2 kernel
+(lmforge.kernels.flash_attention), packed rows in its varlen form (cu_seqlens from meta.documents()).
 Attention sinks (gpt-oss) add one learned logit per head to every softmax denominator, letting a head
 put weight on "nothing"; the sink column is dropped after the softmax.
 """
@@ -28,6 +32,7 @@ from typing import Callable
 from lmforge.model.layers.fused import fuse_linears
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import apply_rope
+from lmforge.model.meta import tree_ancestors, tree_depths
 
 Mask = torch.Tensor | str | None
 
@@ -51,6 +56,19 @@ def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> torch.
     window > 0. q_pos (..., T), k_pos (..., S) -> bool (..., T, S)."""
     diff = q_pos[..., :, None] - k_pos[..., None, :]
     return (diff >= 0) & (diff < window) if window > 0 else diff >= 0
+
+
+def tree_visible(parents: torch.Tensor, n_keys: int, window: int = 0) -> torch.Tensor:
+    """`visible` for a tree of T new tokens (lmforge.model.meta: parents (..., T), -1 = the context) that
+    are the last T of n_keys keys in slot order: a new token sees every context key and its ancestors
+    (itself included), the window measured on positions context + depth. -> bool (..., T, n_keys)."""
+    T = parents.shape[-1]
+    ctx = n_keys - T
+    depth = tree_depths(parents)
+    k_pos = torch.cat((torch.arange(ctx, device=parents.device).expand(*parents.shape[:-1], ctx), ctx + depth), -1)
+    related = torch.cat((torch.ones(*parents.shape, ctx, dtype=torch.bool, device=parents.device),
+                         tree_ancestors(parents)), -1)
+    return visible(ctx + depth, k_pos, window) & related
 
 
 def window_mask(mask: Mask, T: int, S: int, window: int, device) -> torch.Tensor:
@@ -123,6 +141,10 @@ class DenseAttention:
 
     def mask(self, T: int, spec: AttnSpec, meta, device) -> Mask:
         mask = meta.doc_mask() if meta is not None else None
+        if meta is not None and meta.tree_parents is not None:  # the window is measured on tree depths
+            tree = meta.derived(("tree", T, spec.window),
+                                lambda: tree_visible(meta.parents_for(T).to(device), T, spec.window)[:, None])
+            return tree if mask is None else mask & tree
         if spec.window > 0 and T > spec.window:
             pos = torch.arange(T, device=device)  # keys and queries are the same T tokens
             win = visible(pos, pos, spec.window)
@@ -131,11 +153,12 @@ class DenseAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta=None
                ) -> torch.Tensor:
-        if spec.impl == "triton":  # FlashAttention-2 in Triton takes the window and documents itself
+        if spec.impl == "triton" and (meta is None or meta.tree_parents is None):
+            # FlashAttention-2 in Triton takes the window and packed documents (cu_seqlens) itself
             from lmforge.kernels.flash_attention import flash_attention_for_model
 
             return flash_attention_for_model(q, k, v, "causal", scale=spec.scale, softcap=spec.softcap,
-                                             window=spec.window, doc_ids=None if meta is None else meta.doc_ids,
+                                             window=spec.window, documents=None if meta is None else meta.documents(),
                                              dropout_p=spec.dropout, sinks=spec.sinks)
         return attend_with(q, k, v, self.mask(q.shape[2], spec, meta, q.device), spec)
 

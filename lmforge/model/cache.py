@@ -192,6 +192,13 @@ class KVCache(_Hooked):
             self.pad = self.pad.index_select(0, rows)
 
 
+def refuse_trees(meta, cache: str) -> None:
+    """Caches whose mask assumes a causal chain of new tokens refuse candidate trees (one-line error)."""
+    if meta is not None and meta.tree_parents is not None:
+        raise LmforgeError(f"tree attention (meta.tree_parents) runs on KVCache, the no-cache path or the paged "
+                           f"caches, not on {cache}")
+
+
 class StaticKVCache(_Hooked):
     """Fixed-shape cache for CUDA-graph decoding (the gpt-fast / vLLM recipe).
 
@@ -259,9 +266,7 @@ class StaticKVCache(_Hooked):
         """Attention over all max_len slots. The queries sit at slots pos..pos+T-1, which are NOT the
         last keys (unwritten slots follow): the window is measured from those slots (issue 11 §0: a
         window assuming the queries were the last keys hid the wrong keys on this path)."""
-        if meta is not None and meta.tree_parents is not None:
-            raise LmforgeError("tree attention (meta.tree_parents) runs on KVCache or the paged caches, "
-                               "not on the static CUDA-graph cache")
+        refuse_trees(meta, "the static CUDA-graph cache")
         k_all, v_all = self.update(layer, k, v)
         q_slots = self.pos + self._slots[: q.shape[2]]
         mask = padded_causal_mask(self.pad, q_slots, self.max_len)

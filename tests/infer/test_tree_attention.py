@@ -131,11 +131,19 @@ def test_bad_trees_are_named():
         cache.keep_path(2, [0, 5])
 
 
-def test_the_static_cache_refuses_trees():
+@pytest.mark.parametrize("kind", ["static", "mla", "sliding"])
+def test_caches_that_assume_a_chain_refuse_trees(kind):
     from lmforge.model.cache import StaticKVCache
+    from lmforge.model.layers.mla import MLACache
+    from lmforge.model.layers.sliding import SlidingWindowCache
 
-    model = model_for("full")
-    cache = StaticKVCache.for_model(model, 1, 16)
-    cache.start()
-    with pytest.raises(Exception, match="static CUDA-graph cache"), torch.no_grad():
+    model = model_for({"static": "full", "mla": "mla-sliding", "sliding": "sliding"}[kind])
+    if kind == "static":
+        cache = StaticKVCache.for_model(model, 1, 16)
+        cache.start()
+    else:
+        cache = (MLACache.for_model(model, 1, 16) if kind == "mla" else SlidingWindowCache.for_model(model))
+    where = {"static": "static CUDA-graph cache", "mla": "contiguous MLA latent cache",
+             "sliding": "sliding-window ring cache"}[kind]
+    with pytest.raises(Exception, match=where), torch.no_grad():
         model(torch.tensor([TOKENS]), cache=cache, meta=AttnMetadata.tree(PARENTS))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask
+from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask, refuse_trees
 from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, check_legacy_mask, DENSE
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import _yarn_mscale, apply_rope
@@ -165,6 +165,7 @@ class MLACache(_Hooked):
 
     def attend_latent(self, layer: int, mla: MLA, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta=None
                       ) -> torch.Tensor:
+        refuse_trees(meta, "the contiguous MLA latent cache")
         T = c_kv.shape[1]
         c_kv, k_rope = self.update(layer, c_kv, k_rope)
         mask = contiguous_mask(T, c_kv.shape[1], spec.window, c_kv.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask
+from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask, refuse_trees
 from lmforge.model.layers.attention import AttnSpec, attend_with
 
 
@@ -38,6 +38,7 @@ class SlidingWindowCache(_Hooked):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta=None
                ) -> torch.Tensor:
+        refuse_trees(meta, "the sliding-window ring cache")
         k, v = self.update(layer, k, v)  # the queries are the last T of these keys
         mask = contiguous_mask(q.shape[2], k.shape[2], spec.window, q.device)
         return attend_with(q, k, v, mask, spec, self._probs_hook(layer))

@@ -67,6 +67,13 @@ def _moe_layer(cfg: ModelConfig, dispatch: str, gemm: str) -> MoE:
     return layer
 
 
+def _init(layer: MoE) -> MoE:
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02)
+    return layer
+
+
 def _auto_name(layer: MoE, x: torch.Tensor) -> str:
     """Which grouped matmul gemm 'auto' resolves to for these operands."""
     names = {"grouped_mm_torch": "torch", "grouped_mm": "triton", "grouped_mm_loop": "loop"}
@@ -78,10 +85,7 @@ def bench_layer(s: dict, dev: str, dtype, args) -> list[dict]:
     for sz in s["layers"]:
         cfg = ModelConfig(d_model=sz["d"], n_heads=4, n_layers=1, mlp="moe",
                           moe=MoEConfig(n_experts=sz["E"], top_k=sz["k"], d_expert=sz["de"]))
-        ref = _moe_layer(cfg, "loop", "auto").to(dev, dtype)
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.normal_(0, 0.02)
+        ref = _init(_moe_layer(cfg, "loop", "auto").to(dev, dtype))
         x = torch.randn(1, sz["tokens"], sz["d"], device=dev, dtype=dtype, requires_grad=True)
         with torch.no_grad():
             want = ref(x).float()
@@ -151,7 +155,7 @@ def profile_layer(s: dict, dev: str, dtype, args) -> list[dict]:
     x = torch.randn(1, t["batch"] * t["seq"], t["d"], device=dev, dtype=dtype, requires_grad=True)
     rows = []
     for name, layer in (("dense MLP, Triton SwiGLU", FusedSwiGLUMLP(t["d"], t["k"] * t["de"], "swiglu")),
-                        ("TritonMoE, gemm auto", _moe_layer(cfg, "triton", "auto"))):
+                        ("TritonMoE, gemm auto", _init(_moe_layer(cfg, "triton", "auto")))):
         layer = layer.to(dev, dtype)
         table = kernel_table(lambda: layer(x).float().square().mean().backward(), calls=5)
         print(f"\n### {name}: forward+backward, {x.shape[1]} tokens\n{table}", flush=True)

@@ -139,11 +139,12 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
 
 def combine(y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype
             ) -> torch.Tensor:
-    """y (N·k, d) expert outputs in expert order -> (N, d): out[t] = Σ_j w[t, j]·y[inv[t·k + j]] in fp32;
-    the gradient reaches y (through the permutation, gathered) and the router weights w."""
+    """y (N·k, d) expert outputs in expert order -> (N, d): out[t] = Σ_j w[t, j]·y[inv[t·k + j]] in y's dtype
+    (as a dense MLP's output is under autocast; fp32 products would move twice the bytes); the gradient
+    reaches y (through the permutation, gathered) and the router weights w."""
     N, k = w.shape
     rows = GatherRows.apply(y, inv, order, 1).view(N, k, -1)  # back in token order
-    return (rows * w.unsqueeze(-1)).sum(1).to(dtype)
+    return (rows * w.to(y.dtype).unsqueeze(-1)).sum(1).to(dtype)
 
 
 def autocast_to(x: torch.Tensor) -> torch.Tensor:

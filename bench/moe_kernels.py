@@ -116,22 +116,28 @@ def bench_layer(s: dict, dev: str, dtype, args) -> list[dict]:
     return rows
 
 
+def _swap(kind: str):
+    """A Trainer `prepare` putting one kind of fused kernel into the model; an error where none runs."""
+    def prepare(model):
+        if not apply_fused_kernels(model, kinds=(kind,)):
+            raise RuntimeError(f"no {kind} kernel applied on this device (CPU: TRITON_INTERPRET=1)")
+    return prepare
+
+
 def bench_train(s: dict, dev: str, args) -> list[dict]:
     """The real Trainer step (fused AdamW, bf16 autocast), eager as the earlier MoE/dense ratios."""
     t = s["train"]
     base = ModelConfig(vocab_size=8192, d_model=t["d"], n_layers=t["layers"], n_heads=t["H"], max_seq_len=t["seq"])
     shard = random_shard(8192)
     dense = dataclasses.replace(base, d_ff=t["k"] * t["de"])
-    runs = [("dense", dense, None),
-            ("dense, Triton SwiGLU", dense, lambda m: apply_fused_kernels(m, kinds=("swiglu",)))]
+    runs = [("dense", dense, None), ("dense, Triton SwiGLU", dense, _swap("swiglu"))]
     label = f"MoE {t['E']}x{t['de']} top-{t['k']}"
     for name, (dispatch, gemm) in VARIANTS.items():
         if dispatch == "loop":
             continue  # the Trainer's MoE rows all use the grouped dispatch; the loop is the layer's reference
         moe = dataclasses.replace(base, mlp="moe", moe=MoEConfig(n_experts=t["E"], top_k=t["k"], d_expert=t["de"],
                                                                   aux_loss=0.01, gemm=gemm))
-        prep = (lambda m: apply_fused_kernels(m, kinds=("moe",))) if dispatch == "triton" else None
-        runs.append((f"{label}, {name}", moe, prep))
+        runs.append((f"{label}, {name}", moe, _swap("moe") if dispatch == "triton" else None))
     rows = [guarded(dict(model=name), args, lambda: trainer_throughput(
         cfg, shard, t["batch"], t["seq"], dev, args, prepare=prep, compile=False)) for name, cfg, prep in runs]
     base_tps = rows[0].get("tok_per_s")

@@ -275,8 +275,8 @@ class TritonMoE(MoE):
     def _gemm(self, x: torch.Tensor):
         if self.gemm != "auto":
             return pick_gemm(self.gemm, x, self.w_down.shape[1:])
-        cutlass = grouped_mm_applies(x, self.w_down.shape[1:]) and grouped_mm_sync_free(x)
-        return pick_gemm("torch" if cutlass else "triton", x, self.w_down.shape[1:])
+        sync_free = grouped_mm_applies(x, self.w_down.shape[1:]) and grouped_mm_sync_free(x)
+        return pick_gemm("torch" if sync_free else "triton", x, self.w_down.shape[1:])
 
     @staticmethod
     def _act(activation: str, gu: torch.Tensor) -> torch.Tensor:

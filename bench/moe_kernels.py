@@ -1,17 +1,29 @@
-"""Dropless MoE training kernels (lmforge/kernels/moe.py) on one GPU, in one run:
+"""Dropless MoE training (lmforge/model/layers/moe.py, lmforge/kernels/moe.py): every dispatch and grouped
+matmul side by side against a dense MLP of the same active FLOPs, in one run:
 
-1. layer   an MoE layer's forward+backward: Triton grouped GEMM (TritonMoE) vs the existing grouped dispatch
-           (torch._grouped_mm, or its padded-bmm fallback) vs the per-expert loop (the reference; every
-           variant's output is compared with it first), at bench/architectures.py's two GPU shapes
-2. train   the real Trainer step (forward, CE + aux loss, backward, fused AdamW; bf16 autocast, eager as
-           bench/architectures.py measured it) of an MoE model vs a dense model with the same active FLOPs per token
-           (dense d_ff = top_k · d_expert): tokens/s and the MoE/dense ratio (2026-11-23 H100: 0.60x)
+1. layer    one layer's forward+backward: a dense SwiGLU MLP with d_ff = top_k · d_expert (plain, and with
+            the Triton SwiGLU), then the MoE variants below (each output is first compared with the
+            per-expert loop's); tokens/s and vs_best_dense, the ratio to the faster dense MLP
+2. train    the real Trainer step (forward, CE + aux loss, backward, fused AdamW; bf16 autocast, eager as
+            bench/architectures.py measured it) of a dense model and of the MoE variants at equal active
+            FLOPs per token (dense d_ff = top_k · d_expert): tokens/s and the MoE/dense ratios (goal >= 0.85x):
+            vs_dense to the plain dense model (the baseline of the earlier 0.64-0.73x), vs_best_dense to
+            the faster of it and the dense model with the Triton SwiGLU
+3. profile  (CUDA) kernel tables of the dense MLP and of the TritonMoE layer (gemm auto) at the train
+            section's layer shape: where the MoE's extra time goes
 
-Every variant is wrapped so a failure prints and the run goes on; table last; JSON in
-bench/results/moe_kernels.json.
+MoE variants: the dispatch ("torch": MoE's sorted gather/combine in PyTorch; "triton": TritonMoE, i.e.
+apply_fused_kernels, whose gather backward, combine and fused SwiGLU are Triton kernels) times the grouped
+matmul (model.moe.gemm: "torch" = torch._grouped_mm, "triton" = the Triton grouped GEMM, "loop" = one matmul
+per expert; "auto" names what it picked), and the per-expert loop dispatch (the reference).
 
-    python bench/moe_kernels.py                          # H200, ~1.5 minutes
-    TRITON_INTERPRET=1 python bench/moe_kernels.py --smoke
+A failing variant prints its error and the run goes on; a time budget skips what would not fit. Tables last;
+JSON in bench/results/moe_kernels.json.
+
+    python bench/moe_kernels.py                                   # one H200: ~3-4 minutes
+    TRITON_INTERPRET=1 python bench/moe_kernels.py --smoke        # CPU, toy sizes (~3 minutes on 2 busy
+                                                                  # cores; without the interpreter the
+                                                                  # Triton rows print their error)
 """
 
 from __future__ import annotations
@@ -25,24 +37,47 @@ from pathlib import Path
 import torch
 
 from lmforge.kernels.moe import TritonMoE
+from lmforge.kernels.swiglu import FusedSwiGLUMLP
 from lmforge.kernels.training import apply_fused_kernels
 from lmforge.model.config import ModelConfig, MoEConfig
+from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MoE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_kernels import guarded, random_shard, run_sections, timeit, trainer_throughput  # noqa: E402
 
 SIZES = {
-    "gpu": dict(layers=[dict(d=2048, E=8, k=2, de=5632, tokens=16384), dict(d=2048, E=64, k=8, de=1024, tokens=16384)],
+    "gpu": dict(layers=[dict(d=2048, E=8, k=2, de=5632, tokens=16384), dict(d=2048, E=64, k=8, de=1024, tokens=16384),
+                        dict(d=1024, E=8, k=2, de=2048, tokens=16384)],
                 train=dict(d=1024, layers=8, H=16, E=8, k=2, de=2048, seq=1024, batch=16), reps=5),
     "smoke": dict(layers=[dict(d=32, E=4, k=2, de=32, tokens=64)],
                   train=dict(d=32, layers=2, H=2, E=4, k=2, de=32, seq=16, batch=2), reps=1),
 }
-# name -> (class, dispatch, TritonMoE.gemm); "gather dispatch + _grouped_mm" separates the dispatch's gain
-# from the GEMM's
-VARIANTS = {"triton": (TritonMoE, "grouped", "triton"),
-            "gather dispatch + _grouped_mm": (TritonMoE, "grouped", "torch"),
-            "grouped (torch)": (MoE, "grouped", None), "loop": (MoE, "loop", None)}
+# name -> (dispatch, gemm); dispatch "loop" is MoE.experts_loop, "torch" MoE's sorted dispatch, "triton" TritonMoE's
+VARIANTS = {"loop dispatch (reference)": ("loop", "auto"),
+            "torch dispatch, gemm loop": ("torch", "loop"), "torch dispatch, gemm torch": ("torch", "torch"),
+            "torch dispatch, gemm triton": ("torch", "triton"),
+            "triton dispatch, gemm torch": ("triton", "torch"), "triton dispatch, gemm triton": ("triton", "triton"),
+            "triton dispatch, gemm auto": ("triton", "auto")}
+
+
+def _moe_layer(cfg: ModelConfig, dispatch: str, gemm: str) -> MoE:
+    layer = (TritonMoE if dispatch == "triton" else MoE)(cfg, 0)
+    layer.dispatch, layer.gemm = ("loop" if dispatch == "loop" else "grouped"), gemm
+    return layer
+
+
+def _init(layer: MoE) -> MoE:
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02)
+    return layer
+
+
+def _auto_name(layer: MoE, x: torch.Tensor) -> str:
+    """Which grouped matmul gemm 'auto' resolves to for these operands."""
+    names = {"grouped_mm_torch": "torch", "grouped_mm": "triton", "grouped_mm_loop": "loop"}
+    return names[layer._gemm(x.reshape(-1, x.shape[-1])).__name__]
 
 
 def bench_layer(s: dict, dev: str, dtype, args) -> list[dict]:
@@ -50,78 +85,111 @@ def bench_layer(s: dict, dev: str, dtype, args) -> list[dict]:
     for sz in s["layers"]:
         cfg = ModelConfig(d_model=sz["d"], n_heads=4, n_layers=1, mlp="moe",
                           moe=MoEConfig(n_experts=sz["E"], top_k=sz["k"], d_expert=sz["de"]))
-        ref = MoE(cfg, 0).to(dev, dtype)
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.normal_(0, 0.02)
+        ref = _init(_moe_layer(cfg, "loop", "auto").to(dev, dtype))
         x = torch.randn(1, sz["tokens"], sz["d"], device=dev, dtype=dtype, requires_grad=True)
-        ref.dispatch = "loop"
         with torch.no_grad():
             want = ref(x).float()
-
-        def measure(cls, dispatch, gemm):
-            layer = cls(cfg, 0).to(dev, dtype)
-            layer.load_state_dict(ref.state_dict())
-            layer.dispatch = dispatch
-            if gemm:
-                layer.gemm = gemm
-            with torch.no_grad():
-                diff = ((layer(x).float() - want).abs().max() / want.abs().max()).item()
-            ms = timeit(lambda: layer(x).float().square().mean().backward(), s["reps"], dev)
-            return dict(ms=ms, tokens_per_s=sz["tokens"] / ms * 1e3, rel_diff_vs_loop=diff)
-
         shape = dict(experts=sz["E"], top_k=sz["k"], d_model=sz["d"], d_expert=sz["de"], tokens=sz["tokens"])
-        for name, variant in VARIANTS.items():
-            rows.append(guarded(dict(shape, dispatch=name), args, lambda: measure(*variant)))
+
+        def measure(layer, check: bool):
+            row = {}
+            if check:
+                with torch.no_grad():
+                    row["rel_diff_vs_loop"] = ((layer(x).float() - want).abs().max() / want.abs().max()).item()
+            ms = timeit(lambda: layer(x).float().square().mean().backward(), s["reps"], dev)
+            return dict(row, ms=ms, tokens_per_s=sz["tokens"] / ms * 1e3)
+
+        for name, cls in (("dense MLP", MLP), ("dense MLP, Triton SwiGLU", FusedSwiGLUMLP)):
+            rows.append(guarded(dict(shape, variant=name), args, lambda: measure(
+                cls(sz["d"], sz["k"] * sz["de"], "swiglu").to(dev, dtype), check=False)))
+        dense = max((r["tokens_per_s"] for r in rows[-2:] if "tokens_per_s" in r), default=None)
+        for name, (dispatch, gemm) in VARIANTS.items():
+            def run(dispatch=dispatch, gemm=gemm):
+                layer = _moe_layer(cfg, dispatch, gemm).to(dev, dtype)
+                layer.load_state_dict(ref.state_dict())
+                picked = dict(auto_picks=_auto_name(layer, x)) if gemm == "auto" and dispatch != "loop" else {}
+                return dict(measure(layer, check=True), **picked)
+            row = guarded(dict(shape, variant=name), args, run)
+            if dense and "tokens_per_s" in row:
+                row["vs_best_dense"] = row["tokens_per_s"] / dense
+            rows.append(row)
     return rows
 
 
+def _swap(kind: str):
+    """A Trainer `prepare` putting one kind of fused kernel into the model; an error where none runs."""
+    def prepare(model):
+        if not apply_fused_kernels(model, kinds=(kind,)):
+            raise RuntimeError(f"no {kind} kernel applied on this device (CPU: TRITON_INTERPRET=1)")
+    return prepare
+
+
 def bench_train(s: dict, dev: str, args) -> list[dict]:
-    """The real Trainer step (fused AdamW, bf16 autocast), eager as the 0.60x of docs/benchmarks.md."""
+    """The real Trainer step (fused AdamW, bf16 autocast), eager as the earlier MoE/dense ratios."""
     t = s["train"]
     base = ModelConfig(vocab_size=8192, d_model=t["d"], n_layers=t["layers"], n_heads=t["H"], max_seq_len=t["seq"])
-    moe = dataclasses.replace(base, mlp="moe", moe=MoEConfig(n_experts=t["E"], top_k=t["k"], d_expert=t["de"],
-                                                              aux_loss=0.01))
     shard = random_shard(8192)
-
-    def triton_moe(gemm: str):
-        def prepare(model):
-            for name in apply_fused_kernels(model, kinds=("moe",)):
-                model.get_submodule(name).gemm = gemm
-        return prepare
-
+    dense = dataclasses.replace(base, d_ff=t["k"] * t["de"])
+    runs = [("dense", dense, None), ("dense, Triton SwiGLU", dense, _swap("swiglu"))]
     label = f"MoE {t['E']}x{t['de']} top-{t['k']}"
-    runs = [("dense", dataclasses.replace(base, d_ff=t["k"] * t["de"]), None),
-            (f"{label}, grouped (torch)", moe, None), (f"{label}, triton", moe, triton_moe("triton")),
-            (f"{label}, gather dispatch + _grouped_mm", moe, triton_moe("torch"))]
+    for name, (dispatch, gemm) in VARIANTS.items():
+        if dispatch == "loop":
+            continue  # the Trainer's MoE rows all use the grouped dispatch; the loop is the layer's reference
+        moe = dataclasses.replace(base, mlp="moe", moe=MoEConfig(n_experts=t["E"], top_k=t["k"], d_expert=t["de"],
+                                                                  aux_loss=0.01, gemm=gemm))
+        runs.append((f"{label}, {name}", moe, _swap("moe") if dispatch == "triton" else None))
     rows = [guarded(dict(model=name), args, lambda: trainer_throughput(
         cfg, shard, t["batch"], t["seq"], dev, args, prepare=prep, compile=False)) for name, cfg, prep in runs]
-    dense = rows[0].get("tok_per_s")
-    for r in rows:
-        if dense and "tok_per_s" in r:
-            r["vs_dense"] = r["tok_per_s"] / dense
+    base_tps = rows[0].get("tok_per_s")
+    best = max((r["tok_per_s"] for r in rows[:2] if "tok_per_s" in r), default=None)
+    for r in rows[2:]:
+        if "tok_per_s" in r:
+            r.update(vs_dense=r["tok_per_s"] / base_tps if base_tps else None,
+                     vs_best_dense=r["tok_per_s"] / best if best else None)
+    return rows
+
+
+def profile_layer(s: dict, dev: str, dtype, args) -> list[dict]:
+    """Kernel tables (bench/profiling.py) of one forward+backward at the train section's layer shape."""
+    if dev != "cuda":
+        return [dict(note="profile needs CUDA (torch.profiler's kernel times)")]
+    from profiling import kernel_table
+
+    t = s["train"]
+    cfg = ModelConfig(d_model=t["d"], n_heads=4, n_layers=1, mlp="moe",
+                      moe=MoEConfig(n_experts=t["E"], top_k=t["k"], d_expert=t["de"]))
+    x = torch.randn(1, t["batch"] * t["seq"], t["d"], device=dev, dtype=dtype, requires_grad=True)
+    rows = []
+    for name, layer in (("dense MLP, Triton SwiGLU", FusedSwiGLUMLP(t["d"], t["k"] * t["de"], "swiglu")),
+                        ("TritonMoE, gemm auto", _init(_moe_layer(cfg, "triton", "auto")))):
+        layer = layer.to(dev, dtype)
+        table = kernel_table(lambda: layer(x).float().square().mean().backward(), calls=5)
+        print(f"\n### {name}: forward+backward, {x.shape[1]} tokens\n{table}", flush=True)
+        rows.append(dict(layer=name, table=table.splitlines()[-1]))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="toy sizes on CPU (TRITON_INTERPRET=1)")
-    ap.add_argument("--sections", default="layer,train")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on CPU (TRITON_INTERPRET=1 for the Triton rows)")
+    ap.add_argument("--sections", default="layer,train,profile")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--budget", type=float, default=110.0, help="seconds; later variants are skipped past it")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
     ap.add_argument("--out", default="bench/results/moe_kernels.json")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     s = SIZES["smoke" if args.smoke else "gpu"]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     result = dict(date=datetime.now(timezone.utc).isoformat(timespec="minutes"), dtype=str(dtype),
-                  hardware=torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter)",
+                  hardware=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                   grouped_mm=hasattr(torch, "_grouped_mm"))
-    sections = {"layer": ("MoE layer forward+backward", lambda: bench_layer(s, dev, dtype, args)),
-                "train": ("MoE vs dense Trainer step at equal active FLOPs (eager, bf16 autocast)",
-                          lambda: bench_train(s, dev, args))}
+    sections = {"layer": ("MoE layer forward+backward vs a dense MLP of equal active FLOPs",
+                          lambda: bench_layer(s, dev, dtype, args)),
+                "train": ("MoE vs dense Trainer step at equal active FLOPs (eager, bf16 autocast on CUDA)",
+                          lambda: bench_train(s, dev, args)),
+                "profile": ("Kernel profiles (tables printed above)", lambda: profile_layer(s, dev, dtype, args))}
     run_sections(sections, args.sections.split(","), result, Path(args.out))
 
 

@@ -10,9 +10,14 @@ permuted activations X (M = N·k rows). One projection of every expert is then o
 
 Row tiles never straddle two experts: expert e gets ceil(n_e / BM) tiles, so the launch has at most
 ceil(M / BM) + E row tiles; each program finds its expert by scanning the E counts on the GPU (the
-counts never visit the host, unlike a tile list built in Python). Tokens are permuted and un-permuted
-(weighted by the router) with plain gather / index_add as in MoE.experts_grouped; TritonMoE plugs the
-kernels into lmforge.model.layers.moe.MoE, whose per-expert loop stays the reference.
+counts never visit the host, unlike a tile list built in Python). `grouped_mm` is model.moe.gemm='triton';
+its reference is lmforge.model.layers.moe.grouped_mm_loop.
+
+TritonMoE (swapped in by lmforge.kernels.apply_fused_kernels) keeps MoE's dropless dispatch and runs its
+other steps as Triton kernels: the un-permutation with the router weighting (one gather pass, no atomics),
+the gather's backward (the same kernel with unit weights), and SwiGLU on the fused [gate | up] rows
+straight into one fused gradient. Its gemm 'auto' is torch._grouped_mm where that runs CUTLASS without a
+host sync (sm90/sm100, bf16; and CPU), else the Triton grouped GEMM. The per-expert loop stays the reference.
 """
 
 from __future__ import annotations
@@ -22,19 +27,13 @@ import os
 import torch
 
 from lmforge.kernels.decode import available, triton
-from lmforge.model.layers.mlp import ACT, glu
-from lmforge.model.layers.moe import MoE
+from lmforge.kernels.swiglu import _launch as _swiglu_launch
+from lmforge.model.layers.moe import MoE, glu_fused, grouped_mm_applies, grouped_mm_sync_free, pick_gemm
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["available", "grouped_mm", "grouped_mm_ref", "TritonMoE"]
-
-
-def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x (M, in) sorted by expert with counts (E,) rows each, w (E, out, in) -> (M, out), one matmul per expert."""
-    return torch.cat([xe @ w[e].T for e, xe in enumerate(x.split(counts.tolist()))]) if len(x) else \
-        x.new_zeros(0, w.shape[1])
+__all__ = ["available", "grouped_mm", "TritonMoE"]
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -200,9 +199,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 
 
 class _GatherTokens(torch.autograd.Function):
-    """x (N, d) -> x[order // k] (M = N·k, d): each token copied once per assignment, in expert order. The
-    backward sums each token's k copies through the inverse permutation - a gather, where autograd's
-    indexing backward would scatter-add with atomics or a sort."""
+    """x (N, d) -> x[order // k] (N·k, d), each token once per assignment in expert order; the backward sums
+    each token's k gradient rows in one pass (the combine kernel with unit weights) - no scatter."""
 
     @staticmethod
     def forward(ctx, x, order, inv, k: int):
@@ -213,7 +211,8 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (inv,) = ctx.saved_tensors
-        return g[inv].view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+        ones = torch.ones(inv.numel() // ctx.k, ctx.k, device=g.device)
+        return _combine(g.contiguous(), ones, inv, g.dtype), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -222,12 +221,8 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, w, inv, out_dtype: torch.dtype):
-        N, k = w.shape
-        out = torch.empty(N, y.shape[1], device=y.device, dtype=out_dtype)
-        if N:
-            _combine_kernel[(N,)](y, w, inv, out, y.shape[1], K=k, BLOCK_D=_block_d(y.shape[1]))
         ctx.save_for_backward(y, w, inv)
-        return out
+        return _combine(y, w, inv, out_dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -239,55 +234,61 @@ class _Combine(torch.autograd.Function):
         return dy, dw.to(w.dtype), None, None
 
 
+def _combine(y: torch.Tensor, w: torch.Tensor, inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    N, k = w.shape
+    out = torch.empty(N, y.shape[1], device=y.device, dtype=out_dtype)
+    if N:
+        _combine_kernel[(N,)](y, w, inv, out, y.shape[1], K=k, BLOCK_D=_block_d(y.shape[1]))
+    return out
+
+
 def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(D), 2048)
 
 
+class _FusedSwiGLU(torch.autograd.Function):
+    """silu(gate)·up of the (M, 2·de) [gate | up] rows, read in place; the backward writes dgate and dup
+    into one (M, 2·de) gradient (chunk's backward would concatenate two)."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        g, u = gu.chunk(2, dim=-1)
+        h = torch.empty(g.shape, device=gu.device, dtype=gu.dtype)
+        if h.numel():
+            _swiglu_launch(g, u, None, h, None, None, backward=False)
+        ctx.save_for_backward(gu)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        (gu,) = ctx.saved_tensors
+        dgu = torch.empty_like(gu)
+        if dgu.numel():
+            _swiglu_launch(*gu.chunk(2, dim=-1), dh.contiguous(), None, *dgu.chunk(2, dim=-1), backward=True)
+        return dgu
+
+
 class TritonMoE(MoE):
-    """MoE whose dropless grouped dispatch runs on the Triton grouped GEMM; same parameters and names
-    (lmforge.kernels.apply_fused_kernels swaps it in). Dropless, every token has exactly k assignments,
-    so permuting is a gather through the sort order, and un-permuting (with the router weighting) one
-    Triton pass that gathers through its inverse - no index_add, no atomics - and the expert counts come
-    from index_add_ (torch.bincount on CUDA reads the ids' min and max on the host: a sync). With a
-    capacity factor it keeps MoE.experts_grouped's dropping. `gemm = "torch"` runs the same dispatch on
-    torch._grouped_mm (lmforge.model.layers.moe)."""
+    """MoE whose dropless grouped dispatch runs its steps in Triton (module docstring); same parameters
+    and names. With a capacity factor it keeps MoE's dropping path (on the chosen grouped matmul)."""
 
-    gemm = "triton"
+    def _gemm(self, x: torch.Tensor):
+        if self.gemm != "auto":
+            return pick_gemm(self.gemm, x, self.w_down.shape[1:])
+        sync_free = grouped_mm_applies(x, self.w_down.shape[1:]) and grouped_mm_sync_free(x)
+        return pick_gemm("torch" if sync_free else "triton", x, self.w_down.shape[1:])
 
-    def experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
-                        ) -> torch.Tensor:
-        if self.capacity(x.shape[0]) is not None:
-            return super().experts_grouped(x, idx, w, keep)
-        N, k = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)  # (M,) assignment ids t·k + j, grouped by expert
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        counts = torch.zeros(self.E, device=x.device, dtype=torch.int32).index_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):  # gather the (M, d) rows in the GEMM's dtype
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        y = self._expert_mlp(_GatherTokens.apply(x, order, inv, k), counts)  # (M, d) in expert order
+    @staticmethod
+    def _act(activation: str, gu: torch.Tensor) -> torch.Tensor:
+        if activation == "swiglu" and available(gu.device) and gu.stride(-1) == 1:
+            return _FusedSwiGLU.apply(gu)
+        return glu_fused(activation, gu)
+
+    @staticmethod
+    def _gather(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        return _GatherTokens.apply(x, order, inv, k)
+
+    @staticmethod
+    def _combine(y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype
+                 ) -> torch.Tensor:
         return _Combine.apply(y.contiguous(), w.contiguous(), inv, dtype)  # w's gradient trains the router
-
-    def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if self.gemm == "torch":
-            return super()._expert_mlp(x, counts.long())
-        e = None if self.b_up is None else torch.repeat_interleave(
-            torch.arange(self.E, device=x.device), counts.long(), output_size=x.shape[0])
-        bias = (lambda b: 0 if b is None else b[e])  # noqa: E731
-        up = grouped_mm(x, self.w_up, counts) + bias(self.b_up)
-        if self.gated:
-            gate = grouped_mm(x, self.w_gate, counts) + bias(self.b_gate)
-            h = _glu(self.activation, gate, up)
-        else:
-            h = ACT[self.activation](up)
-        return grouped_mm(h, self.w_down, counts) + bias(self.b_down)
-
-
-def _glu(activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if activation == "swiglu" and gate.is_cuda:
-        from lmforge.kernels.swiglu import swiglu
-
-        return swiglu(gate, up)
-    return glu(activation, gate, up)

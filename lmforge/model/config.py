@@ -103,6 +103,9 @@ class MoEConfig:
     capacity_factor: float = 0.0
     """> 0: each expert takes at most ceil(cf·tokens·k/E) tokens, the rest are dropped; 0 = dropless"""
     dispatch: Literal["grouped", "loop"] = "grouped"
+    gemm: Literal["auto", "torch", "triton", "loop"] = "auto"
+    """the grouped dispatch's expert matmuls: 'torch' = torch._grouped_mm, 'triton' = lmforge.kernels.moe,
+    'loop' = one matmul per expert (the reference); 'auto' picks per device and dtype (lmforge.model.layers.moe)"""
     dense_layers: int = 0
     """the first `dense_layers` blocks keep a dense MLP (DeepSeek-V3 first_k_dense_replace)"""
 
@@ -119,6 +122,8 @@ class MoEConfig:
         for name in ("aux_loss", "z_loss", "seq_aux_loss", "bias_update_rate", "capacity_factor"):
             check(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
         check(self.dense_layers >= 0, f"model.moe.dense_layers must be >= 0, got {self.dense_layers}")
+        check(self.gemm in ("auto", "torch", "triton", "loop"),
+              f"model.moe.gemm={self.gemm!r}; choose auto, torch, triton or loop")
 
 
 @dataclass(frozen=True, kw_only=True)

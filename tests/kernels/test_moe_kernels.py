@@ -10,7 +10,7 @@ import torch
 
 from lmforge.kernels import moe as km
 from lmforge.model.config import ModelConfig, MoEConfig
-from lmforge.model.layers.moe import MoE
+from lmforge.model.layers.moe import MoE, grouped_mm_loop, grouped_mm_torch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not km.available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
@@ -25,7 +25,7 @@ def test_grouped_mm_matches_per_expert_matmuls(counts):
     w = torch.randn(E, out_dim, in_dim, device=DEV)
     dy = torch.randn(x.shape[0], out_dim, device=DEV)
     res = []
-    for fn in (km.grouped_mm_ref, km.grouped_mm):
+    for fn in (grouped_mm_loop, km.grouped_mm):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(xi, wi, counts)
         y.backward(dy)
@@ -48,11 +48,17 @@ def _pair(activation: str, **kw) -> tuple[MoE, MoE]:
 
 
 @pytest.mark.parametrize("activation,kw,gemm", [("swiglu", {}, "triton"), ("swiglu", {}, "torch"),
+                                                ("swiglu", dict(expert_bias=True), "loop"),
                                                 ("gelu", dict(expert_bias=True, n_shared=1), "triton"),
-                                                ("swiglu", dict(capacity_factor=0.75), "triton")])
+                                                ("swiglu", dict(capacity_factor=0.75), "triton"),
+                                                ("swiglu", {}, "plain MoE, triton")])
 def test_triton_moe_matches_loop(activation, kw, gemm):
+    """Every grouped matmul under TritonMoE's Triton dispatch steps, and the Triton GEMM under the plain
+    MoE's torch dispatch (model.moe.gemm='triton' without apply_fused_kernels)."""
     ref, fast = _pair(activation, **kw)
-    fast.gemm = gemm  # "torch": the same dispatch on torch._grouped_mm
+    if gemm.startswith("plain"):
+        fast.__class__ = MoE
+    fast.gemm = gemm.split()[-1]
     x = torch.randn(2, 11, 32, device=DEV)
     grads = []
     for m in (ref, fast):
@@ -63,6 +69,17 @@ def test_triton_moe_matches_loop(activation, kw, gemm):
     names = ["y", "x"] + [n for n, _ in ref.named_parameters()]
     for name, got, want in zip(names, grads[1], grads[0]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda s: f"{name}: {s}")
+
+
+def test_triton_moe_auto_gemm():
+    """gemm 'auto': torch._grouped_mm where it runs without a host sync (CPU; sm90/sm100 in bf16), else Triton."""
+    from lmforge.model.layers.moe import grouped_mm_sync_free, grouped_mm_torch
+
+    _, fast = _pair("swiglu")
+    x = torch.randn(4, 32, device=DEV)
+    assert fast._gemm(x) is (grouped_mm_torch if grouped_mm_sync_free(x) else km.grouped_mm)
+    fast.gemm = "loop"
+    assert fast._gemm(x).__name__ == "grouped_mm_loop"
 
 
 def test_triton_dispatch_router_probability_gradients():
@@ -90,13 +107,39 @@ def test_grouped_mm_bf16_gpu():
     w = (torch.randn(E, de, d, device="cuda") / d ** 0.5).to(torch.bfloat16)
     dy = torch.randn(x.shape[0], de, device="cuda", dtype=torch.bfloat16)
     res = []
-    for fn in (km.grouped_mm_ref, km.grouped_mm):
+    for fn in (grouped_mm_loop, km.grouped_mm, grouped_mm_torch):
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         y = fn(xi, wi, counts)
         y.backward(dy)
         res.append((y, xi.grad, wi.grad))
-    for got, want in zip(res[1], res[0]):
-        torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+    for fast in res[1:]:
+        for got, want in zip(fast, res[0]):
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls,gemm", [(km.TritonMoE, "triton"), (km.TritonMoE, "auto"), (MoE, "torch")])
+def test_moe_has_no_host_sync_gpu(cls, gemm):
+    """Dropless forward and backward under bf16 autocast never wait on the GPU: counts stay on the device
+    (torch._grouped_mm only where it runs CUTLASS; TritonMoE's 'auto' picks Triton elsewhere)."""
+    from lmforge.model.layers.moe import grouped_mm_sync_free
+
+    if gemm == "torch" and not grouped_mm_sync_free(torch.zeros(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("torch._grouped_mm reads the offsets on the host off sm90/sm100")
+    cfg = dataclasses.replace(BASE, d_model=256, moe=MoEConfig(n_experts=8, top_k=2, d_expert=512))
+    layer = cls(cfg, 0).cuda()
+    layer.gemm = gemm
+    x = torch.randn(2, 128, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()  # warm-up: Triton autotuning synchronises
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            layer(x).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_apply_fused_kernels_keeps_loss_and_gradients():
@@ -139,13 +182,14 @@ def test_apply_fused_kernels_falls_back_with_notice(monkeypatch, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_triton_moe_matches_loop_bf16_autocast_gpu():
+@pytest.mark.parametrize("gemm", ["auto", "triton", "torch"])
+def test_triton_moe_matches_loop_bf16_autocast_gpu(gemm):
     cfg = dataclasses.replace(BASE, d_model=256, activation="swiglu", moe=MoEConfig(
         n_experts=8, top_k=2, d_expert=512, dispatch="loop"))
     ref = MoE(cfg, 0).cuda()
     fast = km.TritonMoE(cfg, 0).cuda()
     fast.load_state_dict(ref.state_dict())
-    fast.dispatch = "grouped"
+    fast.dispatch, fast.gemm = "grouped", gemm
     x = torch.randn(4, 256, 256, device="cuda")
     grads = []
     for m in (ref, fast):

@@ -64,14 +64,86 @@ def test_routing_matches_dense_reference_and_dispatches_agree(kw, activation):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_padded_fallback_equals_grouped_mm():
-    from lmforge.model.layers.moe import _grouped_linear, _padded_linear
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+@pytest.mark.parametrize("counts", [[3, 0, 7], [0, 0, 10], [4, 4, 2]])
+def test_grouped_mm_torch_matches_per_expert_matmuls(counts):
+    """torch._grouped_mm (offsets from the counts, on the device) against one matmul per expert: outputs
+    and the gradients of its backward's grouped matmuls (dX, and dW over the same offsets)."""
+    from lmforge.model.layers.moe import grouped_mm_loop, grouped_mm_torch
 
-    x, w = torch.randn(10, 8), torch.randn(3, 16, 8)
-    counts = torch.tensor([3, 0, 7])
-    want = torch.cat([x[:3] @ w[0].T, x[3:] @ w[2].T])
-    torch.testing.assert_close(_padded_linear(x, w, counts), want)
-    torch.testing.assert_close(_grouped_linear(x, w, counts), want)
+    x, w, counts = torch.randn(10, 8), torch.randn(3, 16, 8), torch.tensor(counts)
+    dy = torch.randn(10, 16)
+    want = torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate(zip([0, *counts.cumsum(0)], counts.cumsum(0)))])
+    res = []
+    for fn in (grouped_mm_loop, grouped_mm_torch):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xi, wi, counts)
+        y.backward(dy)
+        res.append((y, xi.grad, wi.grad))
+    torch.testing.assert_close(res[0][0], want)
+    for got, ref in zip(res[1], res[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gemm", ["torch", "loop"])
+@pytest.mark.parametrize("activation,kw", [("swiglu", dict(expert_bias=True, n_shared=1)),
+                                           ("gelu", dict(expert_bias=True)), ("swiglu_oss", dict(norm_topk=False)),
+                                           ("swiglu", dict(capacity_factor=0.6))])
+def test_grouped_gemms_match_loop_dispatch(gemm, activation, kw):
+    """The sorted dispatch on each grouped matmul (model.moe.gemm) = the per-expert loop: outputs, input and
+    every parameter's gradient (router included, through the combine's weights)."""
+    if gemm == "torch" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    m = _moe(activation, **kw)
+    x = torch.randn(2, 9, 32)
+    res = []
+    for dispatch in ("loop", "grouped"):
+        m.dispatch, m.gemm = dispatch, gemm
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.sin().sum().backward()
+        res.append([y, xi.grad] + [p.grad.clone() for p in m.parameters()])
+    names = ["y", "x"] + [n for n, _ in m.named_parameters()]
+    for name, got, want in zip(names, res[1], res[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
+def test_grouped_dispatch_under_bf16_autocast():
+    """Under autocast the rows are gathered and multiplied in bf16 (weights cast once, stacked), the output
+    returns in the residual's dtype and the gradients in the parameters' fp32: close to the loop's."""
+    m = _moe("swiglu")
+    x = torch.randn(2, 16, 32)
+    res = []
+    for dispatch in ("loop", "grouped"):
+        m.dispatch = dispatch
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().mean().backward()
+        res.append([y] + [p.grad for p in m.parameters()])
+    assert res[1][0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in res[1][1:])
+    for got, want in zip(res[1], res[0]):
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+def test_gemm_choice_and_errors(monkeypatch):
+    from lmforge.errors import ConfigError
+    from lmforge.model.layers.moe import grouped_mm_loop, grouped_mm_torch, pick_gemm
+
+    x = torch.randn(4, 32)
+    if hasattr(torch, "_grouped_mm"):
+        assert pick_gemm("auto", x, (32, 16)) is grouped_mm_torch  # CPU fp32, rows of 16-byte multiples
+    assert pick_gemm("auto", x, (32, 6)) is grouped_mm_loop  # 24-byte rows: _grouped_mm refuses them
+    assert pick_gemm("auto", x.double(), (32, 16)) is grouped_mm_loop
+    with pytest.raises(ConfigError, match="gemm='auto' or 'loop'"):
+        pick_gemm("torch", x, (32, 6))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="needs Triton on a CUDA device"):
+        pick_gemm("triton", x, (32, 16))
+    with pytest.raises(ConfigError, match="model.moe.gemm"):
+        MoEConfig(gemm="cutlass")
 
 
 def test_capacity_drops_late_tokens_and_dropless_keeps_all():

@@ -11,51 +11,150 @@ nudged by ±rate towards under-loaded experts and used only to choose experts, n
 Capacity factor cf > 0 keeps at most ceil(cf·N·k/E) assignments per expert (earlier tokens first);
 the rest are dropped (their residual passes through). cf = 0 is dropless.
 
-Dispatch: `grouped` sorts the N·k assignments by expert and runs each projection as one grouped
-matmul (`torch._grouped_mm` where available, else a padded batched matmul); `loop` runs experts one
-by one and is the reference the fast path is tested against. Expert weights are stacked (E, out, in).
+Dispatch: `grouped` (dropless) sorts the N·k assignments by expert once, so expert e owns rows
+[o_e, o_e + n_e) of the permuted activations (MegaBlocks, Gale et al. 2023: no capacity, no padding), and
+runs every projection of all experts as one grouped matmul, gate and up together over the stacked
+(E, 2·d_expert, d) weights. Rows are gathered into expert order and back through the sort's inverse, so
+no step reads a count on the host. `gemm` picks the grouped matmul (model.moe.gemm):
+
+    torch   torch._grouped_mm (CUTLASS on sm90/sm100 in bf16, without a host sync; CPU in fp32/bf16/fp16)
+    triton  lmforge.kernels.moe.grouped_mm (any CUDA GPU, no host sync)
+    loop    one matmul per expert over its rows: the grouped matmuls' reference (counts on the host)
+    auto    torch where it applies (dims of 16 bytes, fp32/bf16/fp16), else loop
+
+`loop` dispatch runs experts one by one over torch.where's tokens and is the reference the grouped path is
+tested against. With a capacity factor the grouped path drops over-capacity assignments (a host sync: the
+kept count sizes the rows). Expert weights are stacked (E, out, in).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.errors import ConfigError
 from lmforge.model.layers.mlp import ACT, GATED, MLP, glu
 
-
-def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x (M, in) sorted by expert, counts (E,) rows per expert, w (E, out, in) -> (M, out)."""
-    E, out_dim, in_dim = w.shape
-    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover _grouped_mm/bmm of 3-D weights
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    w = w.to(x.dtype)
-    aligned = (in_dim * x.element_size()) % 16 == 0 and (out_dim * x.element_size()) % 16 == 0
-    if hasattr(torch, "_grouped_mm") and aligned and x.shape[0] > 0:
-        offs = counts.cumsum(0).to(torch.int32)
-        try:
-            y = torch._grouped_mm(x.contiguous(), w.transpose(-2, -1), offs=offs)
-            if y.requires_grad:  # the CPU backward wants a dense incoming gradient
-                y.register_hook(lambda g: g.contiguous())
-            return y
-        except RuntimeError:
-            pass  # dtype/device without a grouped kernel: fall through to the padded path
-    return _padded_linear(x, w, counts)
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _padded_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Pad every expert's rows to the largest count and use one batched matmul (E, C, in) @ (E, in, out)."""
-    E = w.shape[0]
-    C = int(counts.max()) if counts.numel() else 0
-    starts = counts.cumsum(0) - counts
-    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
-    slot = torch.arange(x.shape[0], device=x.device) - starts[expert]
-    padded = x.new_zeros(E, C, x.shape[1])
-    padded[expert, slot] = x
-    return torch.bmm(padded, w.transpose(-2, -1))[expert, slot]
+def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Reference: x (M, in) sorted by expert with counts (E,) rows each, w (E, out, in) -> (M, out), one
+    matmul per expert."""
+    if not len(x):
+        return x.new_zeros(0, w.shape[1])
+    return torch.cat([xe @ w[e].T for e, xe in enumerate(x.split(counts.tolist()))])
+
+
+def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_mm_loop on torch._grouped_mm: offsets are the groups' cumulative ends, built on the device;
+    its backward is two more grouped matmuls (dX with W_e, dW_e = dY[g_e]^T X[g_e] over the same offsets)."""
+    if not len(x):
+        return x.new_zeros(0, w.shape[1])
+    y = torch._grouped_mm(x.contiguous(), w.transpose(-2, -1), offs=counts.cumsum(0, dtype=torch.int32))
+    if y.requires_grad:  # the CPU backward wants a dense incoming gradient
+        y.register_hook(lambda g: g.contiguous())
+    return y
+
+
+def grouped_mm_applies(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """torch._grouped_mm takes these operands: fp32/bf16/fp16 (CUDA: any GPU, with a host sync off its
+    sm90/sm100 bf16 kernel) and rows of 16 bytes' multiples for every width in `dims`."""
+    return hasattr(torch, "_grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+        and all(d * x.element_size() % 16 == 0 for d in dims)
+
+
+def grouped_mm_sync_free(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs without a device->host sync: on CPU, and CUTLASS's bf16 kernel on sm90/sm100
+    (elsewhere on CUDA it falls back to a loop over offs.cpu())."""
+    return x.device.type == "cpu" or (x.dtype == torch.bfloat16 and x.is_cuda
+                                      and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+
+
+def pick_gemm(gemm: str, x: torch.Tensor, dims: tuple[int, ...]) -> GroupedMM:
+    """The grouped matmul `gemm` names (model.moe.gemm) for operands like x with widths `dims`."""
+    if gemm == "auto":
+        gemm = "torch" if grouped_mm_applies(x, dims) else "loop"
+    if gemm == "triton":
+        from lmforge.kernels.moe import available, grouped_mm
+
+        if not available(x.device):
+            raise ConfigError(f"model.moe.gemm='triton' needs Triton on a CUDA device (got {x.device.type}); "
+                              "use gemm='auto'")
+        return grouped_mm
+    if gemm == "torch" and not grouped_mm_applies(x, dims):
+        raise ConfigError(f"model.moe.gemm='torch': torch._grouped_mm needs fp32/bf16/fp16 and widths {dims} "
+                          f"of 16-byte multiples (got {x.dtype}); use gemm='auto' or 'loop'")
+    return {"torch": grouped_mm_torch, "loop": grouped_mm_loop}[gemm]
+
+
+class StackCast(torch.autograd.Function):
+    """(E, out_i, in) weights -> (E, Σ out_i, in) in `dtype`: one copy per weight, as the cast alone would
+    be under autocast (torch.cat of casts copies twice; slice assignment clones the gradient per slice)."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *ws: torch.Tensor) -> torch.Tensor:
+        ctx.sizes, ctx.dtypes = [w.shape[1] for w in ws], [w.dtype for w in ws]
+        out = ws[0].new_empty(ws[0].shape[0], sum(ctx.sizes), ws[0].shape[2], dtype=dtype)
+        for part, w in zip(out.split(ctx.sizes, 1), ws):
+            part.copy_(w)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return None, *(p.to(dt) for p, dt in zip(g.split(ctx.sizes, 1), ctx.dtypes))
+
+
+class GatherRows(torch.autograd.Function):
+    """x (N, d) -> x[order // k] (N·k, d) for a permutation `order` of the N·k assignments t·k + j and its
+    inverse `inv`: row t lands on the k places its assignments take. The backward sums each row's k copies
+    through inv (k = 1: a permutation and its inverse) - gathers, where autograd's indexing backward would
+    scatter-add with atomics or a sort."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x[order // k] if k > 1 else x[order]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        g = g[inv]
+        return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
+
+
+def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """idx (N, k) expert ids -> order (N·k,): assignment ids t·k + j grouped by expert (stable: tokens in
+    order within an expert), its inverse permutation inv, and counts (E,) assignments per expert."""
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=idx.device))
+    return order, inv, _count(flat, n_experts)
+
+
+def combine(y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype
+            ) -> torch.Tensor:
+    """y (N·k, d) expert outputs in expert order -> (N, d): out[t] = Σ_j w[t, j]·y[inv[t·k + j]] in y's dtype
+    (as a dense MLP's output is under autocast; fp32 products would move twice the bytes); the gradient
+    reaches y (through the permutation, gathered) and the router weights w."""
+    N, k = w.shape
+    rows = GatherRows.apply(y, inv, order, 1).view(N, k, -1)  # back in token order
+    return (rows * w.to(y.dtype).unsqueeze(-1)).sum(1).to(dtype)
+
+
+def autocast_to(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype where autocast is on: it does not cover grouped matmuls of 3-D weights."""
+    return x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
+
+
+def glu_fused(activation: str, gu: torch.Tensor) -> torch.Tensor:
+    """act(gate)·up of the fused (M, 2·d_expert) [gate | up] projection."""
+    return glu(activation, *gu.chunk(2, dim=-1))
 
 
 class MoE(nn.Module):
@@ -77,7 +176,7 @@ class MoE(nn.Module):
         self.shared = MLP(d, m.n_shared * de, cfg.activation, cfg.bias) if m.n_shared > 0 else None
         # aux-loss-free balancing bias (DeepSeek-V3 e_score_correction_bias): selection only
         self.register_buffer("e_bias", torch.zeros(self.E))
-        self.dispatch = m.dispatch
+        self.dispatch, self.gemm = m.dispatch, m.gemm
         self.last_aux: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
 
@@ -105,21 +204,25 @@ class MoE(nn.Module):
         return math.ceil(cf * n_tokens * self.k / self.E) if cf > 0 else None
 
     # experts ------------------------------------------------------------------------------------
-    def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (M, d) sorted by expert with `counts` rows each -> (M, d) grouped through all experts."""
-        e = None if self.b_up is None else torch.repeat_interleave(torch.arange(self.E, device=x.device), counts)
-        up = _grouped_linear(x, self.w_up, counts)
-        if self.b_up is not None:
-            up = up + self.b_up[e]
+    def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, mm: GroupedMM | None = None,
+                    act: Callable[[str, torch.Tensor], torch.Tensor] = glu_fused) -> torch.Tensor:
+        """x (M, d) sorted by expert with `counts` rows each -> (M, d) through every expert's MLP: two grouped
+        matmuls `mm` (default: gemm 'auto'), gate and up as one over their stacked weights, then down;
+        `act` is the gated activation of the fused [gate | up] rows."""
+        x = autocast_to(x)
+        mm = mm or pick_gemm("auto", x, self.w_down.shape[1:])
+        e = None if self.b_up is None else torch.repeat_interleave(
+            torch.arange(self.E, device=x.device), counts, output_size=x.shape[0])  # each row's expert
         if self.gated:
-            gate = _grouped_linear(x, self.w_gate, counts)
-            if self.b_gate is not None:
-                gate = gate + self.b_gate[e]
-            h = glu(self.activation, gate, up)
+            up = mm(x, StackCast.apply(x.dtype, self.w_gate, self.w_up), counts)  # (M, 2·d_expert)
+            if e is not None:
+                up = up + torch.cat([self.b_gate, self.b_up], 1).to(x.dtype)[e]
+            h = act(self.activation, up)
         else:
-            h = ACT[self.activation](up)
-        y = _grouped_linear(h, self.w_down, counts)
-        return y + self.b_down[e] if self.b_down is not None else y
+            up = mm(x, self.w_up.to(x.dtype), counts)
+            h = ACT[self.activation](up if e is None else up + self.b_up.to(x.dtype)[e])
+        y = mm(h, self.w_down.to(x.dtype), counts)
+        return y if e is None else y + self.b_down.to(x.dtype)[e]
 
     def _one_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         up = F.linear(x, self.w_up[e], None if self.b_up is None else self.b_up[e])
@@ -141,13 +244,36 @@ class MoE(nn.Module):
 
     def experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
                         ) -> torch.Tensor:
+        """Dropless: the N·k assignments sorted by expert once, rows gathered into that order (in the
+        matmuls' dtype under autocast: half the bytes), the expert MLP as grouped matmuls, and the outputs
+        gathered back and weighted by the router (whose weights get their gradient here)."""
+        if self.capacity(x.shape[0]) is not None:
+            return self._experts_dropping(x, idx, w, keep)
+        order, inv, counts = sort_by_expert(idx, self.E)
+        rows = self._gather(autocast_to(x), order, inv, self.k)  # (N·k, d) in expert order
+        y = self._expert_mlp(rows, counts, self._gemm(rows), self._act)
+        return self._combine(y, w, order, inv, x.dtype)
+
+    def _experts_dropping(self, x, idx, w, keep) -> torch.Tensor:
+        """With a capacity: the kept assignments in expert order, their outputs added back per token."""
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         order = order[keep.reshape(-1)[order]]  # drop over-capacity assignments
         tok = order // self.k
-        counts = _count(flat[order], self.E)
-        y = self._expert_mlp(x[tok], counts) * w.reshape(-1)[order, None]
-        return x.new_zeros(x.shape).index_add_(0, tok, y.to(x.dtype))
+        rows = autocast_to(x)[tok]
+        y = self._expert_mlp(rows, _count(flat[order], self.E), self._gemm(rows), self._act)
+        return x.new_zeros(x.shape).index_add_(0, tok, (y * w.reshape(-1)[order, None]).to(x.dtype))
+
+    # the grouped path's steps, which lmforge.kernels.moe.TritonMoE replaces with Triton kernels
+    def _gemm(self, x: torch.Tensor) -> GroupedMM:
+        return pick_gemm(self.gemm, x, self.w_down.shape[1:])
+
+    _act = staticmethod(glu_fused)
+    _combine = staticmethod(combine)
+
+    @staticmethod
+    def _gather(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        return GatherRows.apply(x, order, inv, k)
 
     def experts_loop(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
                      ) -> torch.Tensor:
@@ -198,8 +324,6 @@ class MoE(nn.Module):
 def upcycle_mlp(moe: MoE, mlp: MLP, noise_std: float = 0.0) -> None:
     """Sparse upcycling (Komatsuzaki et al. 2023): every expert starts as a copy of the dense MLP
     (optionally perturbed), the router from N(0, 0.02) so routing starts near uniform."""
-    from lmforge.errors import ConfigError
-
     if getattr(mlp, "gate_up", None) is not None:
         raise ConfigError("upcycling reads the dense MLP's gate and up weights: upcycle a model built with "
                           "model.fused_proj=false")

@@ -1,7 +1,8 @@
 """Architecture benchmarks (issue 4): MoE dispatch, MLA vs GQA vs MHA decode, MoE vs dense training.
 
-1. MoE layer tokens/s, forward + backward: grouped dispatch (tokens sorted by expert, torch._grouped_mm or
-   a padded batched matmul) vs the per-expert loop reference.
+1. MoE layer tokens/s, forward + backward: grouped dispatch (tokens sorted by expert, model.moe.gemm='auto':
+   torch._grouped_mm where it applies, else one matmul per expert over the sorted rows) vs the per-expert
+   loop reference. bench/moe_kernels.py compares every gemm (torch, Triton, loop) side by side.
 2. KV-cache bytes per token and decode step time at equal width (same d_model, heads, layers):
    MHA, GQA (n_kv = H/4), MLA (latent r + shared rope key, absorbed inference path).
 3. Training throughput (the Trainer's step: forward, loss + aux loss, backward, AdamW) of an MoE model vs a
@@ -87,15 +88,10 @@ def bench_moe(device: str, dtype, s: dict, reps: int) -> list[dict]:
 
 
 def _grouped_kernel(layer: MoE, x: torch.Tensor) -> str:
-    """Which kernel the grouped path gets here: torch._grouped_mm, or the padded-bmm fallback."""
-    if not hasattr(torch, "_grouped_mm"):
-        return "padded bmm"
-    try:
-        offs = torch.tensor([8] * layer.E, device=x.device).cumsum(0).to(torch.int32)
-        torch._grouped_mm(x[0, : 8 * layer.E].detach(), layer.w_up.detach().transpose(-2, -1), offs=offs)
-        return "_grouped_mm"
-    except RuntimeError:
-        return "padded bmm"
+    """Which grouped matmul gemm='auto' picks here (lmforge.model.layers.moe.pick_gemm)."""
+    from lmforge.model.layers.moe import grouped_mm_applies
+
+    return "_grouped_mm" if grouped_mm_applies(x, (layer.w_up.shape[1], layer.w_up.shape[2])) else "loop over experts"
 
 
 def _dec_configs(s: dict) -> dict[str, ModelConfig]:

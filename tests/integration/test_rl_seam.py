@@ -5,7 +5,8 @@ What must hold, each checked against the training forward in fp32:
   - the engine's sampled-token log-probs are the policy's own, before and after every optimizer step (no
     stale weights, no stale prefix cache: the classic rollout bug), so the ratio new/old at the start of
     a step is 1;
-  - the rollout source checkpoints with the Trainer and resumes to the bit-identical next batch.
+  - the rollout source checkpoints with the Trainer and resumes to the bit-identical next batch, also
+    after a Ctrl-C in the middle of sampling.
 The source and the objective live here, not in the library: the RL issue builds the real ones on this
 seam (docs: "RL rollouts on the engine and the Trainer").
 """
@@ -220,3 +221,28 @@ def test_rollout_source_resumes_to_the_identical_batch(tmp_path):
     assert expected.keys() == got.keys()
     for k in expected:
         assert torch.equal(expected[k], got[k]), k
+
+
+def test_an_interrupt_inside_the_rollouts_resumes_exactly(tmp_path, monkeypatch):
+    """Ctrl-C while the engine samples the second step's rollouts: LLM.generate aborts its requests, the
+    Trainer rolls the source back to the step's start and checkpoints step 1; resumed, the run ends on the
+    uninterrupted run's weights."""
+    reference, _, _ = setup(tmp_path / "reference", steps=2)
+    reference.fit()
+    trainer, llm, src = setup(tmp_path / "run", steps=2)
+    step = llm.engine.step
+
+    def interrupted(*args, **kwargs):
+        if trainer.step == 1:
+            monkeypatch.setattr(llm.engine, "step", step)
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert not llm.engine.has_unfinished() and src.state_dict()["batches"] == 1
+    resumed, _, _ = setup(tmp_path / "run", steps=2)
+    resumed.fit()
+    for p, q in zip(resumed.model.parameters(), reference.model.parameters()):
+        assert torch.equal(p, q)

@@ -104,7 +104,7 @@ class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, draft=None,
                  num_draft_tokens: int = 4):
         self.config = config = config or EngineConfig()
-        self.model = model.eval()
+        self.model = model  # its mode is the caller's (a Trainer may share it): steps switch to eval mode
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         spec = model.cache_spec() if hasattr(model, "cache_spec") else None
@@ -272,8 +272,12 @@ class Engine:
         rebuild: CUDA graphs replay the parameters' addresses and the kernel step reads the model's own
         weight tensors, and in-place updates (optimizer steps, copy_, load_state_dict) keep both; if the
         parameters were replaced by new tensors, the runner rebuilds them. A separate draft model is not
-        touched. Refused while requests are running: their cached keys come from the old weights."""
+        touched. Refused while requests are running (their cached keys come from the old weights) and for
+        a model moved since the engine was built (e.g. by Trainer(model); the KV cache stays behind)."""
         self._refuse_while_running("update_weights")
+        if (device := next(self.model.parameters()).device) != self.device:
+            raise LmforgeError(f"update_weights: the model moved from {self.device} to {device} after the engine "
+                               f"was built; move it first (model.to('{device}')), then build the engine")
         if weights is not None:
             state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
             try:

@@ -42,7 +42,7 @@ class LLM:
 
     def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4,
                  cuda_graphs: bool | None = None, max_batch_size: int = 64, config: EngineConfig | None = None):
-        self.model = model.eval()
+        self.model = model  # left in its mode (a Trainer may share it); the engine's steps run it in eval mode
         self.tokenizer = tokenizer
         self.draft = draft.eval() if isinstance(draft, torch.nn.Module) else draft
         self.num_draft_tokens = num_draft_tokens

@@ -84,8 +84,10 @@ class BlockPool:
             self.filled[b] = upto
 
     def _note_peak(self) -> None:
-        if self.num_used >= self.peak_used:  # at a tie, the later state: its blocks are fuller
-            self.peak_used, self.peak_utilization = self.num_used, self.utilization
+        used = self.num_blocks - len(self.fresh) - len(self.idle)  # num_used, inlined: once per sequence-step
+        if used >= self.peak_used:  # at a tie, the later state: its blocks are fuller
+            self.peak_used = used
+            self.peak_utilization = self.tokens_held / (used * self.block_size) if used else 0.0
 
     # allocation ----------------------------------------------------------------------------------------
     def _take(self) -> int:
@@ -143,9 +145,10 @@ class BlockPool:
             self.ref[table[i]] -= 1
             table[i] = dst
         end = num_tokens + new_tokens
-        while len(table) < self.blocks_for(end):
+        last = self.blocks_for(end)
+        while len(table) < last:
             table.append(self._take())
-        for j in range(i, self.blocks_for(end)):  # the copied head of a CoW block, then the new slots
+        for j in range(i, last):  # the copied head of a CoW block, then the new slots
             self._fill(table[j], min(bs, end - j * bs))
         self._note_peak()
         return copies

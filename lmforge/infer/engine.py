@@ -399,7 +399,9 @@ class Engine:
             return req.strategy.rows(seq, n)
         if not req.forked:  # the first sample of each of the n sequences comes from these logits
             return [(0, row_for(seq, g)) for g in req.generators]
-        return [(0, row_for(seq, seq.generator))]
+        if seq.row is None:
+            seq.row = row_for(seq, seq.generator)
+        return [(0, seq.row)]
 
     def _generator(self, params: SamplingParams, j: int) -> torch.Generator | None:
         if params.seed is None or params.greedy:

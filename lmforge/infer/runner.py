@@ -94,9 +94,14 @@ class PagedRunner:
         ids, pos, slots, ctx, qlens, ends, tables = [], [], [], [], [], [], []
         for seq, n in batch.chunks:
             s, table = seq.num_computed, seq.block_table
-            ids += seq.tokens[s:s + n]
-            pos += range(s, s + n)
-            slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
+            if n == 1:  # a decode (most rows of a large batch): no slices or ranges to build
+                ids.append(seq.tokens[s])
+                pos.append(s)
+                slots.append(table[s // bs] * bs + s % bs)
+            else:
+                ids += seq.tokens[s:s + n]
+                pos += range(s, s + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
             ctx.append(s + n)
             qlens.append(n)
             ends.append(len(ids) - 1)

@@ -5,7 +5,8 @@ Rows are grouped by the SamplingParams fields that shape the distribution (tempe
 penalties, bias: not max_tokens, stop or seed), and each group runs the processors of
 lmforge.infer.processors once over its rows, so a batch of 256 rows of one kind costs one pass. Penalties see each row's own history. Ids at or beyond `vocab_limit` (a
 model vocabulary padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are never drawn.
-Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions.
+Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions;
+the draw itself is one batched exponential race (`draw`), only the noise of seeded rows is filled per row.
 Nothing here reads the device: the caller syncs once, on the returned tensors.
 """
 
@@ -65,10 +66,20 @@ def _history(rows: list[Row], vocab: int, device) -> TokenHistory:
     return hist
 
 
-def _draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
+def draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
+    """probs (B, V) -> (B,) one token per row by the exponential race: argmax(p / q) with q ~ Exp(1) is
+    a draw from p (the Gumbel-max trick, exponentiated). torch.multinomial(p, 1) computes exactly this,
+    so the tokens equal per-row multinomial calls bit for bit: a row with a generator fills its own row
+    of q from it (the draw multinomial(p[i:i + 1], 1, generator=g) makes, whatever else is in the batch),
+    then one division and one argmax serve every row. No per-row sampling call, and no device sync
+    (multinomial reads its input's min and max on the host to validate it). probs is overwritten."""
+    q = torch.empty_like(probs)
     if all(g is None for g in gens):
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(gens)])
+        q.exponential_()
+    else:
+        for i, g in enumerate(gens):
+            q[i].exponential_(generator=g)
+    return probs.div_(q).argmax(-1)
 
 
 def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None = None) -> Sampled:
@@ -91,7 +102,7 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         if params.greedy:
             chosen = sub.argmax(-1)
         else:
-            chosen = _draw(sub.softmax(-1), [rows[i].generator for i in idx])
+            chosen = draw(sub.softmax(-1), [rows[i].generator for i in idx])
         if len(idx) == len(rows):
             tokens = chosen
         else:

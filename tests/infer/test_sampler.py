@@ -52,3 +52,33 @@ def test_greedy_rows_take_the_argmax():
     logits = torch.randn(64, 1000)
     rows = [_row(SamplingParams(temperature=0)) for _ in range(64)]
     assert torch.equal(sample_rows(logits, rows).tokens, logits.argmax(-1))
+
+
+def test_plain_rows_with_their_own_values_equal_each_rows_own_chain():
+    """Temperature / top-k / top-p rows of different values run as one batched group (kind PLAIN): each
+    row's processed logits and seeded token equal its own build_processors chain, bit for bit (CPU)."""
+    from lmforge.infer.processors import apply_processors, batched_processors, build_processors
+    from lmforge.infer.sampler import PLAIN, kind_of
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 300) * 3
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(), SamplingParams(top_p=0.8),
+              SamplingParams(temperature=1.3, top_k=40, top_p=0.9), SamplingParams(top_k=1000),
+              SamplingParams(temperature=0.5), SamplingParams(temperature=0.7, top_k=5, seed=3)]
+    assert {kind_of(p) for p in params} == {PLAIN}
+    batched = apply_processors(batched_processors(params), logits, None)
+    for i, p in enumerate(params):
+        assert torch.equal(batched[i], apply_processors(build_processors(p), logits[i:i + 1], None)[0])
+    ref = [torch.multinomial(apply_processors(build_processors(p), logits[i:i + 1], None).softmax(-1), 1,
+                             generator=torch.Generator().manual_seed(i)).item() for i, p in enumerate(params)]
+    out = sample_rows(logits, [Row(p, torch.Generator().manual_seed(i), [1], 1) for i, p in enumerate(params)])
+    assert out.tokens.tolist() == ref
+
+
+def test_greedy_rows_share_one_group_whatever_their_filters():
+    from lmforge.infer.sampler import GREEDY, kind_of
+
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, top_p=0.5, min_p=0.2)]
+    assert {kind_of(p) for p in params} == {GREEDY}
+    assert kind_of(SamplingParams(temperature=0, repetition_penalty=1.2)) != GREEDY
+    assert kind_of(SamplingParams(min_p=0.1)) not in (GREEDY, ("plain",))

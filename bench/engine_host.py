@@ -14,7 +14,10 @@ prefix-block registration, outputs). On a CPU, `sample` includes the sampler's t
 logits, which a GPU does in well under a millisecond; `--vocab 1024` shows the part that is Python and
 per-op dispatch (what a GPU step pays too, as kernel launches).
 
-Steps: `decode` = every sequence decodes one token (the steady state of the offline workload); `mixed` =
+Steps: `decode` = every sequence decodes one token (the steady state of the offline workload), through
+runner.prepare; `graphs` = the same through the CUDA-graph backend's static buffers (lmforge.infer.graphs,
+run eagerly here: its input building is what a GPU's decode-only steps pay; prepare = graphs.run minus
+the stub forward); `mixed` =
 the same decodes plus a 512-token prompt prefilled whole in the step (a new request arriving; it is
 aborted after the step so the batch stays put). Prompts of the decoding sequences are uniform in
 [100, 1024] tokens, as in bench/engine.py's offline workload; greedy, EOS ignored, ids-only tokenizer.
@@ -73,10 +76,10 @@ def params_for(sampling: str, i: int) -> SamplingParams:
     return SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=2048, ignore_eos=True)
 
 
-def decoding_engine(batch: int, vocab: int, sampling: str) -> tuple[Engine, StubModel]:
+def decoding_engine(batch: int, vocab: int, sampling: str, graphs: bool = False) -> tuple[Engine, StubModel]:
     """An engine whose `batch` sequences have their prompts in the cache: the next step is decode-only."""
     model = StubModel(vocab, batch + 1)
-    config = EngineConfig(max_num_seqs=batch + 1, num_kv_tokens=(batch + 1) * 4096)
+    config = EngineConfig(max_num_seqs=batch + 1, num_kv_tokens=(batch + 1) * 4096, cuda_graphs=graphs)
     engine = Engine(model, IdTokenizer(vocab), config)
     rng = random.Random(0)
     for i in range(batch):
@@ -101,14 +104,15 @@ def timed_phases(engine: Engine, model: StubModel, spent: dict[str, float]):
         setattr(obj, name, run)
         return lambda: setattr(obj, name, fn) if obj is runner_mod else delattr(obj, name)
 
-    undo = [wrap(engine.scheduler, "schedule", "schedule"), wrap(engine.runner, "prepare", "prepare"),
+    inputs = (engine.runner.graphs, "run") if engine.runner.graphs is not None else (engine.runner, "prepare")
+    undo = [wrap(engine.scheduler, "schedule", "schedule"), wrap(*inputs, "prepare"),
             wrap(model, "forward", "forward"), wrap(runner_mod, "sample_rows", "sample")]
     return lambda: [u() for u in undo]
 
 
 def measure(batch: int, kind: str, steps: int, vocab: int, sampling: str, prof: cProfile.Profile | None) -> dict:
     """Median ms per phase over `steps` timed steps (medians: the box is shared and single steps stall)."""
-    engine, model = decoding_engine(batch, vocab, sampling)
+    engine, model = decoding_engine(batch, vocab, sampling, graphs=kind == "graphs")
     rng = random.Random(1)
     spent = dict.fromkeys(PHASES + ("step",), 0.0)
     undo = timed_phases(engine, model, spent)
@@ -126,6 +130,8 @@ def measure(batch: int, kind: str, steps: int, vocab: int, sampling: str, prof: 
             spent["step"] = time.perf_counter() - t0
             if prof is not None:
                 prof.disable()
+            if kind == "graphs":  # graphs.run calls the forward
+                spent["prepare"] -= spent["forward"]
             if i > 0:
                 spent["post"] = spent["step"] - sum(spent[p] for p in PHASES if p != "post")
                 samples.append(dict(spent))
@@ -151,7 +157,7 @@ def main(argv=None) -> list[dict]:
     print(f"{'batch':>5} {'step':>6} " + " ".join(f"{p:>9}" for p in PHASES + ("total",)) + f" {'us/seq':>8}")
     rows = []
     for batch in map(int, args.batches.split(",")):
-        for kind in ("decode", "mixed"):
+        for kind in ("decode", "graphs", "mixed"):
             prof = cProfile.Profile() if args.profile and batch == 256 and kind == "decode" else None
             row = measure(batch, kind, args.steps, args.vocab, args.sampling, prof)
             rows.append(row)

@@ -169,20 +169,23 @@ class BlockPool:
     # prefix caching ------------------------------------------------------------------------------------
     def block_keys(self, tokens: list[int], parent: int | None = None, start_block: int = 0) -> list[int]:
         """Keys of the full blocks of tokens from block start_block on, chained from `parent`."""
-        keys, bs = [], self.block_size
+        return list(self._keys(tokens, parent, start_block))
+
+    def _keys(self, tokens: list[int], parent: int | None = None, start_block: int = 0):
+        bs = self.block_size
         for i in range(start_block, len(tokens) // bs):
             parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
-            keys.append(parent)
-        return keys
+            yield parent
 
     def lookup(self, tokens: list[int]) -> list[int]:
         """Blocks holding the longest cached prefix of tokens, leaving at least the last token to compute
-        (its logits are needed) - not yet held: `hold` each one to use it."""
+        (its logits are needed) - not yet held: `hold` each one to use it. Hashes up to the first miss
+        only (a sequence waiting for room is looked up again every step)."""
         if not self.prefix_caching:
             return []
         usable = (len(tokens) - 1) // self.block_size
         hits = []
-        for key in self.block_keys(tokens[: usable * self.block_size]):
+        for key in self._keys(tokens[: usable * self.block_size]):
             b = self.cached.get(key)
             if b is None:
                 break

@@ -2,7 +2,8 @@
 definition; `build_processors(params)` chains the ones a SamplingParams turns on, in the usual order:
 penalties and bias on the raw logits, then temperature, then the truncation filters (each computed on
 the distribution left by the previous one). Filters remove tokens by setting their logit to -inf and
-always keep the most likely token, so no distribution becomes empty.
+always keep the most likely token, so no distribution becomes empty. `batched_processors(params list)`
+is the same chain over rows that set only temperature, top-k and top-p, each with its own values.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ def top_k(logits: torch.Tensor, hist: TokenHistory | None, k: int | list[int]) -
         ks = [j if 0 < j < V else 0 for j in k]
         if not any(ks):
             return logits
-        at = torch.tensor([max(j, 1) - 1 for j in ks], device=logits.device)[:, None]
-        kth = logits.topk(max(ks), dim=-1).values.gather(-1, at)  # (B, 1): each row's own k-th largest
-        kth = kth.masked_fill(torch.tensor(ks, device=logits.device)[:, None] == 0, NEG_INF)
+        kk = torch.tensor(ks, device=logits.device)[:, None]
+        kth = logits.topk(max(ks), dim=-1).values.gather(-1, (kk - 1).clamp(min=0))  # (B, 1): row's k-th largest
+        kth = kth.masked_fill(kk == 0, NEG_INF)
     return _keep(logits, logits >= kth)
 
 

@@ -4,6 +4,7 @@
     python bench/engine_host.py --vocab 1024          # the same loop with tiny logits: Python alone
     python bench/engine_host.py --profile             # + cProfile of the batch-256 decode steps (top functions)
     python bench/engine_host.py --sampling seeded     # rows sampling at temperature 0.8 with their own seeds
+    python bench/engine_host.py --device cuda         # on a GPU: host work with real launches (CUDA graphs on)
 
 A stub model stands in for the transformer: it honours the engine's model interface (`cache_spec()`,
 `model(ids, cache=, meta=)` returning (1, M, V) logits at meta.logits_indices) and returns a fixed logits
@@ -76,10 +77,12 @@ def params_for(sampling: str, i: int) -> SamplingParams:
     return SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=2048, ignore_eos=True)
 
 
-def decoding_engine(batch: int, vocab: int, sampling: str, graphs: bool = False) -> tuple[Engine, StubModel]:
+def decoding_engine(batch: int, vocab: int, sampling: str, graphs: bool = False, device: str = "cpu"
+                    ) -> tuple[Engine, StubModel]:
     """An engine whose `batch` sequences have their prompts in the cache: the next step is decode-only."""
-    model = StubModel(vocab, batch + 1)
-    config = EngineConfig(max_num_seqs=batch + 1, num_kv_tokens=(batch + 1) * 4096, cuda_graphs=graphs)
+    model = StubModel(vocab, batch + 1).to(device)
+    config = EngineConfig(max_num_seqs=batch + 1, num_kv_tokens=(batch + 1) * 4096, cuda_graphs=graphs,
+                          kernel_step=False)
     engine = Engine(model, IdTokenizer(vocab), config)
     rng = random.Random(0)
     for i in range(batch):
@@ -110,9 +113,10 @@ def timed_phases(engine: Engine, model: StubModel, spent: dict[str, float]):
     return lambda: [u() for u in undo]
 
 
-def measure(batch: int, kind: str, steps: int, vocab: int, sampling: str, prof: cProfile.Profile | None) -> dict:
+def measure(batch: int, kind: str, steps: int, vocab: int, sampling: str, prof: cProfile.Profile | None,
+            device: str = "cpu") -> dict:
     """Median ms per phase over `steps` timed steps (medians: the box is shared and single steps stall)."""
-    engine, model = decoding_engine(batch, vocab, sampling, graphs=kind == "graphs")
+    engine, model = decoding_engine(batch, vocab, sampling, graphs=kind == "graphs", device=device)
     rng = random.Random(1)
     spent = dict.fromkeys(PHASES + ("step",), 0.0)
     undo = timed_phases(engine, model, spent)
@@ -150,16 +154,19 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per row (after one warm-up step)")
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--sampling", choices=("greedy", "seeded"), default="greedy")
+    ap.add_argument("--device", default="cpu", help="cuda: the same host work with the logits on a GPU "
+                    "(launches instead of CPU tensor work; post includes the step's one sync)")
     ap.add_argument("--profile", action="store_true", help="cProfile the batch-256 decode row; print the top 25")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"host ms per step, V={args.vocab}, {args.sampling}, {args.steps} steps, torch {torch.__version__}")
+    print(f"host ms per step, V={args.vocab}, {args.sampling}, {args.steps} steps, {args.device}, "
+          f"torch {torch.__version__}")
     print(f"{'batch':>5} {'step':>6} " + " ".join(f"{p:>9}" for p in PHASES + ("total",)) + f" {'us/seq':>8}")
     rows = []
     for batch in map(int, args.batches.split(",")):
         for kind in ("decode", "graphs", "mixed"):
             prof = cProfile.Profile() if args.profile and batch == 256 and kind == "decode" else None
-            row = measure(batch, kind, args.steps, args.vocab, args.sampling, prof)
+            row = measure(batch, kind, args.steps, args.vocab, args.sampling, prof, args.device)
             rows.append(row)
             ms = row["ms"]
             print(f"{batch:>5} {kind:>6} " + " ".join(f"{ms[p]:>9.3f}" for p in PHASES + ("step",))

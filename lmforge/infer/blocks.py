@@ -84,8 +84,10 @@ class BlockPool:
             self.filled[b] = upto
 
     def _note_peak(self) -> None:
-        if self.num_used >= self.peak_used:  # at a tie, the later state: its blocks are fuller
-            self.peak_used, self.peak_utilization = self.num_used, self.utilization
+        used = self.num_blocks - len(self.fresh) - len(self.idle)  # num_used, inlined: once per sequence-step
+        if used >= self.peak_used:  # at a tie, the later state: its blocks are fuller
+            self.peak_used = used
+            self.peak_utilization = self.tokens_held / (used * self.block_size) if used else 0.0
 
     # allocation ----------------------------------------------------------------------------------------
     def _take(self) -> int:
@@ -143,9 +145,10 @@ class BlockPool:
             self.ref[table[i]] -= 1
             table[i] = dst
         end = num_tokens + new_tokens
-        while len(table) < self.blocks_for(end):
+        last = self.blocks_for(end)
+        while len(table) < last:
             table.append(self._take())
-        for j in range(i, self.blocks_for(end)):  # the copied head of a CoW block, then the new slots
+        for j in range(i, last):  # the copied head of a CoW block, then the new slots
             self._fill(table[j], min(bs, end - j * bs))
         self._note_peak()
         return copies
@@ -166,20 +169,23 @@ class BlockPool:
     # prefix caching ------------------------------------------------------------------------------------
     def block_keys(self, tokens: list[int], parent: int | None = None, start_block: int = 0) -> list[int]:
         """Keys of the full blocks of tokens from block start_block on, chained from `parent`."""
-        keys, bs = [], self.block_size
+        return list(self._keys(tokens, parent, start_block))
+
+    def _keys(self, tokens: list[int], parent: int | None = None, start_block: int = 0):
+        bs = self.block_size
         for i in range(start_block, len(tokens) // bs):
             parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
-            keys.append(parent)
-        return keys
+            yield parent
 
     def lookup(self, tokens: list[int]) -> list[int]:
         """Blocks holding the longest cached prefix of tokens, leaving at least the last token to compute
-        (its logits are needed) - not yet held: `hold` each one to use it."""
+        (its logits are needed) - not yet held: `hold` each one to use it. Hashes up to the first miss
+        only (a sequence waiting for room is looked up again every step)."""
         if not self.prefix_caching:
             return []
         usable = (len(tokens) - 1) // self.block_size
         hits = []
-        for key in self.block_keys(tokens[: usable * self.block_size]):
+        for key in self._keys(tokens[: usable * self.block_size]):
             b = self.cached.get(key)
             if b is None:
                 break

@@ -17,6 +17,18 @@ paged cache, and a model without one runs on the plain recompute path. A request
 over its logits: beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative,
 drafting for the whole batch with a draft model: lmforge.infer.draft).
 
+Host work per step (bench/engine_host.py, a zero-cost stub model, one CPU core): ~2.3 ms at 256 decoding
+sequences (~9 us per sequence: scheduling and block accounting, input building, grouping and drawing
+samples, appending tokens, detokenizing, stop checks, prefix-block registration), paid while the GPU
+waits: the host reads step t's tokens, then builds step t + 1. vLLM v1's async scheduling hides it: a
+decode's shape (one token, its slot, its blocks) does not depend on the token's value, so step t + 1 is
+scheduled and its inputs built while step t runs, its input ids taken on the device from step t's
+sampled tokens; the host reads step t's tokens one step late and applies stop conditions then (a
+sequence that finished at step t computes one more token, thrown away, and holds its blocks a step
+longer). Not done here: the runner (graphs included) would take input ids from a device tensor of last
+step's samples, and the engine would accept tokens a step late, with strategies (beam search,
+speculative decoding) that need the tokens first running synchronously.
+
 What later work attaches to:
   evaluation   SamplingParams(prompt_logprobs=k): the step's forward also takes logits at the prompt
                positions of each chunk (logits_indices extended; chunked prefill and preemption keep
@@ -403,7 +415,9 @@ class Engine:
             return req.strategy.rows(seq, n)
         if not req.forked:  # the first sample of each of the n sequences comes from these logits
             return [(0, row_for(seq, g)) for g in req.generators]
-        return [(0, row_for(seq, seq.generator))]
+        if seq.row is None:
+            seq.row = row_for(seq, seq.generator)
+        return [(0, seq.row)]
 
     def _generator(self, params: SamplingParams, j: int) -> torch.Generator | None:
         if params.seed is None or params.greedy:

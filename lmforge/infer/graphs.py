@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.infer.runner import host_block_tables
 from lmforge.model.meta import AttnMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -56,18 +57,14 @@ class DecodeGraphs:
         entry = self.entries.get(key) or self._capture(*key)
         Bp = key[0]
         pos = [s.num_computed for s, _ in batch.chunks]
-        host = torch.zeros(4, Bp, dtype=torch.long)
-        host[0, :B] = torch.tensor([s.tokens[p] for (s, _), p in zip(batch.chunks, pos)])
-        host[1, :B] = torch.tensor(pos)
-        host[2] = self.scratch_slot
-        host[2, :B] = torch.tensor([s.block_table[p // bs] * bs + p % bs for (s, _), p in zip(batch.chunks, pos)])
-        host[3] = 1
-        host[3, :B] = host[1, :B] + 1
-        tables = torch.zeros(Bp, W, dtype=torch.int32)
-        for i, (s, _) in enumerate(batch.chunks):
-            tables[i, :len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        pad = Bp - B
+        host = torch.tensor([[s.tokens[p] for (s, _), p in zip(batch.chunks, pos)] + [0] * pad,
+                             pos + [0] * pad,
+                             [s.block_table[p // bs] * bs + p % bs for (s, _), p in zip(batch.chunks, pos)]
+                             + [self.scratch_slot] * pad,
+                             [p + 1 for p in pos] + [1] * pad])
         entry.host.copy_(host, non_blocking=True)
-        entry.tables.copy_(tables, non_blocking=True)
+        entry.tables.copy_(host_block_tables([s.block_table for s, _ in batch.chunks], Bp, W), non_blocking=True)
         if entry.graph is not None:
             entry.graph.replay()
             return entry.out[:B]

@@ -2,7 +2,8 @@
 definition; `build_processors(params)` chains the ones a SamplingParams turns on, in the usual order:
 penalties and bias on the raw logits, then temperature, then the truncation filters (each computed on
 the distribution left by the previous one). Filters remove tokens by setting their logit to -inf and
-always keep the most likely token, so no distribution becomes empty.
+always keep the most likely token, so no distribution becomes empty. `batched_processors(params list)`
+is the same chain over rows that set only temperature, top-k and top-p, each with its own values.
 """
 
 from __future__ import annotations
@@ -76,17 +77,27 @@ def _keep(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~keep, NEG_INF)
 
 
-def top_k(logits: torch.Tensor, hist: TokenHistory | None, k: int) -> torch.Tensor:
-    """Keep the k largest logits (ties with the k-th are kept too) (Fan et al. 2018)."""
-    if k >= logits.shape[-1]:
-        return logits
-    kth = logits.topk(k, dim=-1).values[..., -1:]
+def top_k(logits: torch.Tensor, hist: TokenHistory | None, k: int | list[int]) -> torch.Tensor:
+    """Keep the k largest logits (ties with the k-th are kept too) (Fan et al. 2018). k: one for every
+    row, or a list of one per row (0 = that row unfiltered)."""
+    V = logits.shape[-1]
+    if isinstance(k, int):
+        if k >= V:
+            return logits
+        kth = logits.topk(k, dim=-1).values[..., -1:]
+    else:
+        ks = [j if 0 < j < V else 0 for j in k]
+        if not any(ks):
+            return logits
+        kk = torch.tensor(ks, device=logits.device)[:, None]
+        kth = logits.topk(max(ks), dim=-1).values.gather(-1, (kk - 1).clamp(min=0))  # (B, 1): row's k-th largest
+        kth = kth.masked_fill(kk == 0, NEG_INF)
     return _keep(logits, logits >= kth)
 
 
-def top_p(logits: torch.Tensor, hist: TokenHistory | None, p: float) -> torch.Tensor:
+def top_p(logits: torch.Tensor, hist: TokenHistory | None, p: float | torch.Tensor) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al. 2020, eq. 2): the smallest set of most likely tokens whose
-    probability mass reaches p."""
+    probability mass reaches p. p: one for every row, or (B, 1) per row (inf = that row unfiltered)."""
     probs, order = logits.softmax(-1).sort(-1, descending=True)
     mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
     keep_sorted = mass_before < p
@@ -150,6 +161,26 @@ def build_processors(params: SamplingParams) -> list[Processor]:
                (params.epsilon_cutoff != 0.0, partial(epsilon, eps=params.epsilon_cutoff)),
                (params.eta_cutoff != 0.0, partial(eta, eta_=params.eta_cutoff)))
     return procs + [proc for on, proc in filters if on]
+
+
+def batched_processors(params: list[SamplingParams], device=None) -> list[Processor]:
+    """One chain for rows that set only temperature, top_k and top_p (no penalties, bias or other filter),
+    each row with its own values: build_processors' functions and order with per-row arguments. A row
+    whose option is off comes out as build_processors leaves it (divided by 1, k = 0, p = inf), so each
+    row equals its own chain. All rows at one temperature divide by that number, as build_processors
+    does; mixed temperatures divide by a (B, 1) tensor (on a GPU, division by a Python number runs as a
+    multiplication by its reciprocal, so such rows may differ from their own chain in the last bit)."""
+    procs: list[Processor] = []
+    temps = {p.temperature for p in params}
+    if temps != {1.0}:
+        t = temps.pop() if len(temps) == 1 else torch.tensor([[p.temperature] for p in params], device=device)
+        procs.append(partial(temperature, t=t))
+    if any(p.top_k for p in params):
+        procs.append(partial(top_k, k=[p.top_k for p in params]))
+    if any(p.top_p != 1.0 for p in params):
+        ps = [[p.top_p if p.top_p != 1.0 else math.inf] for p in params]
+        procs.append(partial(top_p, p=torch.tensor(ps, device=device)))
+    return procs
 
 
 def apply_processors(procs: list[Processor], logits: torch.Tensor, hist: TokenHistory | None) -> torch.Tensor:

@@ -58,6 +58,8 @@ class Sequence:
     text: str = ""
     finish: str | None = None
     decoder: StreamDecoder | None = None
+    row: object | None = None
+    """the sampler's Row of this sequence (lmforge.infer.sampler.Row), built once: its fields never change"""
     num_cached_tokens: int = 0
     """prompt tokens found in the prefix cache at admission"""
     preemptions: int = 0

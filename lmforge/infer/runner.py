@@ -2,9 +2,9 @@
 
 Inputs of a step are one flat row (1, N): the new tokens of every scheduled sequence back to back,
 decodes first (lmforge.model.meta explains the layout). The host builds token ids, positions, slot
-mapping, context lengths and logits indices as Python lists and sends them to the device in one copy
-(plus one for the block tables); the model computes logits only at the sampled positions; sampling
-runs for all rows at once; the only device->host sync of the step is reading the sampled tokens.
+mapping, context lengths, logits indices and block tables and sends them to the device in one copy; the
+model computes logits only at the sampled positions; sampling runs for all rows at once; the only
+device->host sync of the step is reading the sampled tokens.
 
 Two runners share that interface:
   PagedRunner      the engine's path: paged KV cache (lmforge.infer.kv) of the model's cache_spec(), with
@@ -80,7 +80,7 @@ class PagedRunner:
         if logits is not None:
             logits = logits[[0 for _ in rows]]
         elif plain and self.graphs is not None and self.graphs.fits(batch):
-            logits = self.graphs.run(batch)[[c for c, _, _ in rows]]  # one row per chunk end
+            logits = _take(self.graphs.run(batch), [c for c, _, _ in rows])  # one row per chunk end
         else:
             ids, meta = self.prepare(batch, rows, extra)
             if hidden:  # (1, M + E, V), (1, M + E, d): those rows only
@@ -94,9 +94,14 @@ class PagedRunner:
         ids, pos, slots, ctx, qlens, ends, tables = [], [], [], [], [], [], []
         for seq, n in batch.chunks:
             s, table = seq.num_computed, seq.block_table
-            ids += seq.tokens[s:s + n]
-            pos += range(s, s + n)
-            slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
+            if n == 1:  # a decode (most rows of a large batch): no slices or ranges to build
+                ids.append(seq.tokens[s])
+                pos.append(s)
+                slots.append(table[s // bs] * bs + s % bs)
+            else:
+                ids += seq.tokens[s:s + n]
+                pos += range(s, s + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
             ctx.append(s + n)
             qlens.append(n)
             ends.append(len(ids) - 1)
@@ -104,18 +109,25 @@ class PagedRunner:
         width = max(len(t) for t in tables)
         N, S = len(ids), len(ctx)
         logits_idx = [ends[c] - back for c, back, _ in rows] + [ends[c] - back for c, back in extra]
-        flat = torch.tensor(ids + pos + slots + ctx + logits_idx, dtype=torch.long).to(self.device, non_blocking=True)
-        block_tables = np.zeros((S, width), dtype=np.int32)  # numpy row fills: ~3x faster than nested lists
-        for i, t in enumerate(tables):
-            block_tables[i, :len(t)] = t
-        block_tables = torch.from_numpy(block_tables)
+        M = 3 * N + S + len(logits_idx)  # then the block tables, flattened: all in the step's one copy
+        flat = torch.cat([torch.tensor(ids + pos + slots + ctx + logits_idx, dtype=torch.long),
+                          host_block_tables(tables, S, width).view(-1).long()]).to(self.device, non_blocking=True)
         meta = AttnMetadata(
             positions=flat[N:2 * N][None], slot_mapping=flat[2 * N:3 * N],
-            context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:],
-            block_tables=block_tables.to(self.device, non_blocking=True), query_lens_host=tuple(qlens),
+            context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:M],
+            block_tables=flat[M:].view(S, width).to(torch.int32), query_lens_host=tuple(qlens),
             context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs,
             decode_groups=decode_groups([len(t) for t in tables[:batch.num_decodes]]))
         return flat[:N][None], meta
+
+
+def host_block_tables(tables: list[list[int]], rows: int, width: int) -> torch.Tensor:
+    """(rows, width) int32 host tensor: table i left-aligned in row i, the rest 0. Numpy row fills: ~3x
+    faster than nested lists and ~8x faster than a tensor per row (256 rows: ~0.2 ms on a CPU core)."""
+    out = np.zeros((rows, width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = t
+    return torch.from_numpy(out)
 
 
 def decode_groups(widths: list[int], rows_per_group: int = 64) -> tuple[tuple[int, int, int], ...]:
@@ -149,6 +161,11 @@ class RecomputeRunner:
         logits = torch.stack([outs[c][0][-1 - back] for c, back in wanted])
         states = torch.stack([outs[c][1][-1 - back] for c, back in wanted]) if hidden else None
         return _split(logits, states, rows, vocab_limit)
+
+
+def _take(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """logits[idx], without an index copy and a gather when idx is 0, 1, ... (every chunk samples once)."""
+    return logits[:len(idx)] if idx == list(range(len(idx))) else logits[idx]
 
 
 def _split(logits: torch.Tensor, hidden: torch.Tensor | None, rows: Step, vocab_limit: int | None) -> Sampled:

@@ -3,9 +3,13 @@ request's SamplingParams and random stream.
 
 Rows are grouped by the SamplingParams fields that shape the distribution (temperature, filters,
 penalties, bias: not max_tokens, stop or seed), and each group runs the processors of
-lmforge.infer.processors once over its rows, so a batch of 256 rows of one kind costs one pass. Penalties see each row's own history. Ids at or beyond `vocab_limit` (a
-model vocabulary padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are never drawn.
-Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions.
+lmforge.infer.processors once over its rows, so a batch of 256 rows of one kind costs one pass. The
+common cases share a group whatever their values: greedy rows without penalties or bias take one
+argmax, and rows that set only temperature, top-k and top-p run one chain with per-row arguments
+(`PLAIN`). Penalties see each row's own history. Ids at or beyond `vocab_limit` (a model vocabulary
+padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are never drawn.
+Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions;
+the draw itself is one batched exponential race (`draw`), only the noise of seeded rows is filled per row.
 Nothing here reads the device: the caller syncs once, on the returned tensors.
 """
 
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.infer.processors import TokenHistory, apply_processors, build_processors
+from lmforge.infer.processors import TokenHistory, apply_processors, batched_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
 
 
@@ -51,8 +55,19 @@ _SHAPING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cuto
             "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
+PLAIN, GREEDY = ("plain",), ("greedy",)
+"""kinds of rows that need no processor but temperature, top-k and top-p (PLAIN: one batched group,
+whatever their values: lmforge.infer.processors.batched_processors) or none at all (GREEDY: the argmax)"""
+
+
 def kind_of(p: SamplingParams) -> tuple:
-    """Rows with equal keys are processed together (same processors, same arguments)."""
+    """Rows with equal keys are processed together: the same processors with the same arguments, or
+    PLAIN / GREEDY rows with their own arguments."""
+    unbiased = p.repetition_penalty == 1 and not p.frequency_penalty and not p.presence_penalty and not p.logit_bias
+    if unbiased and p.greedy:  # greedy ignores the filters (build_processors)
+        return GREEDY
+    if unbiased and (p.min_p, p.typical_p, p.epsilon_cutoff, p.eta_cutoff) == (0.0, 1.0, 0.0, 0.0):
+        return PLAIN
     return tuple(getattr(p, f) for f in _SHAPING) + (tuple(sorted(p.logit_bias.items())),)
 
 
@@ -65,10 +80,20 @@ def _history(rows: list[Row], vocab: int, device) -> TokenHistory:
     return hist
 
 
-def _draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
+def draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
+    """probs (B, V) -> (B,) one token per row by the exponential race: argmax(p / q) with q ~ Exp(1) is
+    a draw from p (the Gumbel-max trick, exponentiated). torch.multinomial(p, 1) computes exactly this,
+    so the tokens equal per-row multinomial calls bit for bit: a row with a generator fills its own row
+    of q from it (the draw multinomial(p[i:i + 1], 1, generator=g) makes, whatever else is in the batch),
+    then one division and one argmax serve every row. No per-row sampling call, and no device sync
+    (multinomial reads its input's min and max on the host to validate it). probs is overwritten."""
+    q = torch.empty_like(probs)
     if all(g is None for g in gens):
-        return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(gens)])
+        q.exponential_()
+    else:
+        for i, g in enumerate(gens):
+            q[i].exponential_(generator=g)
+    return probs.div_(q).argmax(-1)
 
 
 def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None = None) -> Sampled:
@@ -81,17 +106,19 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r.kind or kind_of(r.params), []).append(i)
-    for idx in groups.values():
+    for kind, idx in groups.items():
         params = rows[idx[0]].params
         sub = logits if len(idx) == len(rows) else logits[idx]
-        procs = build_processors(params)
-        penalties = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
-        hist = _history([rows[i] for i in idx], logits.shape[-1], logits.device) if penalties else None
-        sub = apply_processors(procs, sub, hist)
+        if kind == PLAIN:
+            sub = apply_processors(batched_processors([rows[i].params for i in idx], logits.device), sub, None)
+        elif kind != GREEDY:
+            penalties = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
+            hist = _history([rows[i] for i in idx], logits.shape[-1], logits.device) if penalties else None
+            sub = apply_processors(build_processors(params), sub, hist)
         if params.greedy:
             chosen = sub.argmax(-1)
         else:
-            chosen = _draw(sub.softmax(-1), [rows[i].generator for i in idx])
+            chosen = draw(sub.softmax(-1), [rows[i].generator for i in idx])
         if len(idx) == len(rows):
             tokens = chosen
         else:

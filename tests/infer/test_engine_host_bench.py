@@ -1,0 +1,22 @@
+"""bench/engine_host.py runs on a CPU and its stub model drives the real engine loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import engine_host
+
+
+@pytest.mark.parametrize("kind", ["decode", "graphs", "mixed"])
+def test_host_bench_times_every_phase(kind):
+    row = engine_host.measure(batch=3, kind=kind, steps=2, vocab=64, sampling="seeded", prof=None)
+    ms = row["ms"]
+    assert set(ms) == set(engine_host.PHASES) | {"step"}
+    assert all(ms[p] >= 0 for p in ("schedule", "prepare", "forward", "sample")) and ms["step"] > 0
+
+
+def test_stub_engine_decodes_every_sequence_one_token_a_step():
+    engine, _ = engine_host.decoding_engine(4, 64, "greedy")
+    before = [len(s.tokens) for s in engine.scheduler.running]
+    engine.step(finished_only=True)
+    assert [len(s.tokens) for s in engine.scheduler.running] == [n + 1 for n in before]

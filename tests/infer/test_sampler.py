@@ -1,0 +1,84 @@
+"""The batched sampler against its per-row reference: the same tokens, bit for bit."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.infer.sampler import Row, draw, sample_rows
+from lmforge.infer.sampling import SamplingParams
+
+
+def _gens(seeds):
+    return [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_draw_equals_per_row_multinomial_with_each_rows_generator():
+    torch.manual_seed(0)
+    probs = torch.randn(6, 300).mul(3).softmax(-1)
+    seeds = [1, None, 2, 3, None, 4]  # unseeded rows draw from the default stream, in row order
+    torch.manual_seed(5)
+    ref = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(_gens(seeds))])
+    torch.manual_seed(5)
+    assert torch.equal(draw(probs.clone(), _gens(seeds)), ref)
+
+
+def test_draw_without_generators_equals_batched_multinomial():
+    probs = torch.randn(8, 500).softmax(-1)
+    torch.manual_seed(3)
+    ref = torch.multinomial(probs, 1).squeeze(-1)
+    torch.manual_seed(3)
+    assert torch.equal(draw(probs.clone(), [None] * 8), ref)
+
+
+def _row(params: SamplingParams, seed: int | None = None) -> Row:
+    return Row(params, None if seed is None else torch.Generator().manual_seed(seed), [1, 2, 3], 3)
+
+
+def test_seeded_rows_do_not_depend_on_their_batch_companions():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 400) * 2
+    plain = SamplingParams(temperature=0.9, top_p=0.9)
+    alone = [sample_rows(logits[i:i + 1], [_row(plain, seed=10 + i)]).tokens.item() for i in range(5)]
+    # the same rows among unseeded, greedy and differently processed companions, in another order
+    others = [_row(SamplingParams(temperature=0)), _row(SamplingParams(top_k=3)), _row(plain)]
+    order = [4, 0, 3, 1, 2]
+    mixed_logits = torch.cat([torch.randn(3, 400), logits[order]])
+    out = sample_rows(mixed_logits, others + [_row(plain, seed=10 + i) for i in order]).tokens.tolist()
+    assert out[3:] == [alone[i] for i in order]
+    assert out[0] == mixed_logits[0].argmax().item()
+
+
+def test_greedy_rows_take_the_argmax():
+    logits = torch.randn(64, 1000)
+    rows = [_row(SamplingParams(temperature=0)) for _ in range(64)]
+    assert torch.equal(sample_rows(logits, rows).tokens, logits.argmax(-1))
+
+
+def test_plain_rows_with_their_own_values_equal_each_rows_own_chain():
+    """Temperature / top-k / top-p rows of different values run as one batched group (kind PLAIN): each
+    row's processed logits and seeded token equal its own build_processors chain, bit for bit (CPU)."""
+    from lmforge.infer.processors import apply_processors, batched_processors, build_processors
+    from lmforge.infer.sampler import PLAIN, kind_of
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 300) * 3
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(), SamplingParams(top_p=0.8),
+              SamplingParams(temperature=1.3, top_k=40, top_p=0.9), SamplingParams(top_k=1000),
+              SamplingParams(temperature=0.5), SamplingParams(temperature=0.7, top_k=5, seed=3)]
+    assert {kind_of(p) for p in params} == {PLAIN}
+    batched = apply_processors(batched_processors(params), logits, None)
+    for i, p in enumerate(params):
+        assert torch.equal(batched[i], apply_processors(build_processors(p), logits[i:i + 1], None)[0])
+    ref = [torch.multinomial(apply_processors(build_processors(p), logits[i:i + 1], None).softmax(-1), 1,
+                             generator=torch.Generator().manual_seed(i)).item() for i, p in enumerate(params)]
+    out = sample_rows(logits, [Row(p, torch.Generator().manual_seed(i), [1], 1) for i, p in enumerate(params)])
+    assert out.tokens.tolist() == ref
+
+
+def test_greedy_rows_share_one_group_whatever_their_filters():
+    from lmforge.infer.sampler import GREEDY, kind_of
+
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, top_p=0.5, min_p=0.2)]
+    assert {kind_of(p) for p in params} == {GREEDY}
+    assert kind_of(SamplingParams(temperature=0, repetition_penalty=1.2)) != GREEDY
+    assert kind_of(SamplingParams(min_p=0.1)) not in (GREEDY, ("plain",))

@@ -59,7 +59,7 @@ from lmforge.config import check
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.kv.paged import DECODE, decode_kernel
+from lmforge.infer.kv.paged import DECODE, PREFILL, decode_kernel
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
 from lmforge.infer.runner import Extra, PagedRunner, RecomputeRunner, prompt_rows, row_for, sampling_rows
@@ -89,6 +89,10 @@ class EngineConfig:
     decode_attention: str = "auto"
     """paged decode attention: 'auto' (the Triton kernel on a GPU when importable, else the reference),
     'kernel' (always; on a CPU through Triton's interpreter) or 'reference' (gather, then attend)"""
+    prefill_attention: str = "auto"
+    """prefill chunks of a step: 'auto' (one varlen FlashAttention call on a GPU when Triton is there, else
+    the reference), 'kernel' (always; Triton's interpreter on a CPU) or 'reference' (one sequence at a
+    time, over its gathered blocks)"""
     cuda_graphs: bool | None = None
     """decode-only steps replay CUDA graphs per batch bucket (lmforge.infer.graphs); None = on a GPU.
     True on a CPU runs the same static-buffer step eagerly (what tests check)"""
@@ -104,6 +108,8 @@ class EngineConfig:
               f"num_kv_tokens must be >= block_size ({self.block_size}), got {self.num_kv_tokens}")
         SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
         check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
+        check(self.prefill_attention in PREFILL,
+              f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
 
 
 class Engine:
@@ -139,6 +145,7 @@ class Engine:
             self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device,
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
+                                      prefill=config.prefill_attention,
                                       kernel_step=self._use_kernel_step(model))
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
         # when every layer slides (Mistral), blocks behind the window are freed as sequences advance

@@ -37,10 +37,11 @@ class PagedRunner:
     "cuda" replays captured CUDA graphs)."""
 
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
-                 graphs: str | None = None, max_batch: int = 256, decode: str = "auto", kernel_step: bool = False):
+                 graphs: str | None = None, max_batch: int = 256, decode: str = "auto", prefill: str = "auto",
+                 kernel_step: bool = False):
         self.model, self.block_size, self.device = model, block_size, torch.device(device)
         # one block more than the pool hands out: the graphs' padding rows write there
-        self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode)
+        self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode, prefill)
         self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step)
         self._make_backends()
 

@@ -4,7 +4,6 @@ eagerly here) once applied sliding windows as if its queries were its last keys.
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -95,24 +94,20 @@ def test_paged_engine_matches_full_recompute(name, tok):
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if not n.startswith("mla")])
-def test_paged_engine_batched_prefill_kernel_matches_full_recompute(name, tok, monkeypatch):
+def test_paged_engine_batched_prefill_kernel_matches_full_recompute(name, tok):
     """The same with every step's prefill chunks in one varlen FlashAttention call (Triton's interpreter
     on CPU; head_dim 64, the kernel's smallest). MLA prefills stay per sequence (q/k and v widths differ)."""
     pytest.importorskip("triton")
-    from lmforge.infer import runner
-    from lmforge.infer.kv import new_paged_cache
-
-    monkeypatch.setattr(runner, "new_paged_cache", functools.partial(new_paged_cache, prefill="kernel"))
-    engine = check_engine(variant_model(name, head_dim=64), tok)
+    engine = check_engine(variant_model(name, head_dim=64), tok, prefill_attention="kernel")
     assert engine.runner.cache.prefill_kernel is not None  # it ran without failing over to the reference
 
 
-def check_engine(model, tok):
+def check_engine(model, tok, **config):
     from lmforge.infer.engine import Engine, EngineConfig
     from lmforge.infer.sampling import SamplingParams
 
     prompts = [PROMPT, PROMPT[:5] + [1, 2, 3, 4, 5, 6]]
-    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=5))
+    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=5, **config))
     sp = SamplingParams(temperature=0, max_tokens=NEW, logprobs=0, ignore_eos=True)
     ids = [engine.add_request(p, sp) for p in prompts]
     outs = {}

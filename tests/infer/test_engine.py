@@ -147,6 +147,9 @@ def test_bad_input_is_a_one_line_error_and_the_engine_keeps_serving(tok):
         SamplingParams.from_dict({"temprature": 0.5})
     with pytest.raises(ConfigError, match="vocab_size=1000"):
         Engine(tiny_model("llama", vocab_size=300), ByteTokenizer([f"<s{i}>" for i in range(744)]))
+    for field in ("decode_attention", "prefill_attention"):
+        with pytest.raises(ConfigError, match=f"{field} must be one of"):
+            EngineConfig(**{field: "fast"})
     outs = []
     while engine.has_unfinished():
         outs += engine.step()

@@ -28,16 +28,19 @@ TOY = {
     "generate": ["--max-tokens", "8"],
 }
 NOT_RUN = ("pip ", "python -m pytest")  # installing, and the test suite itself
+NOT_RUN_BLOCK = "# not run"  # a block whose first line says so is documentation only (docs/*.md)
 
 
-def fenced(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def fenced(lang: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
 
 
-def shell_commands() -> list[list[str]]:
-    """The `lmforge ...` commands of the README's bash blocks, in order, as argv lists (without `lmforge`)."""
+def shell_commands(text: str = README) -> list[list[str]]:
+    """The `lmforge ...` commands of the bash blocks of `text`, in order, as argv lists (without `lmforge`)."""
     out = []
-    for block in fenced("bash"):
+    for block in fenced("bash", text):
+        if block.startswith(NOT_RUN_BLOCK):
+            continue
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
             for part in line.split("&&") if line and not line.startswith("#") else []:

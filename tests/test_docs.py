@@ -1,0 +1,65 @@
+"""The guides' examples run: every ```python block of docs/inference.md and docs/training.md, in order and
+in one namespace per guide, in a scratch directory (the asserts inside them check real values against a
+reference), then the guide's `lmforge` shell commands at toy size, as tests/test_readme.py does for the
+README. A bash or toml block whose first line starts with "# not run" is documentation only; a toml block
+whose first line is "# NAME.toml" is written to NAME.toml before the commands run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.checkpoint import checkpoint_dirs
+
+from .test_readme import NOT_RUN_BLOCK, TOY, fenced, shell_commands
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """A fresh working directory; one thread (tiny models run faster on one than on two contended ones)."""
+    monkeypatch.chdir(tmp_path)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(n)
+
+
+def run_guide(name: str) -> tuple[dict, list[list[str]]]:
+    """Run the guide's python blocks in one namespace, write its named toml files, run its shell commands
+    (with TOY's flags appended); returns the namespace and the commands that ran."""
+    text = (DOCS / name).read_text()
+    blocks = fenced("python", text)
+    assert blocks and all("..." not in b for b in blocks), f"{name}: a python block is not runnable as written"
+    scope: dict = {}
+    for code in blocks:
+        exec(compile(code, str(DOCS / name), "exec"), scope)
+    for block in fenced("toml", text):
+        first = block.splitlines()[0]
+        if not first.startswith(NOT_RUN_BLOCK):
+            Path(first.removeprefix("# ").strip()).write_text(block)
+    commands = shell_commands(text)
+    for argv in commands:
+        assert main([*argv, *TOY.get(argv[0], [])]) == 0, argv
+    return scope, commands
+
+
+def test_inference_guide_runs(scratch, capsys):
+    scope, commands = run_guide("inference.md")
+    assert [c[0] for c in commands] == ["generate", "sample"]  # chat is interactive: documented, not run
+    assert scope["out"].text.startswith(" sat on the log.")
+    rows = [json.loads(line) for line in (scratch / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["the dog", "the cat"] and all(len(r["samples"]) == 2 for r in rows)
+    assert "top:" in capsys.readouterr().out  # sample --logprobs 3 prints the top tokens per step
+
+
+def test_training_guide_runs(scratch):
+    scope, commands = run_guide("training.md")
+    assert commands == [["sft", "--config", "sft.toml"]]  # train --nproc and the README's train: not run here
+    assert scope["result"].stop_reason == "copying learned"
+    assert [p.name for p in checkpoint_dirs(scratch / "runs" / "sft-cli")][-1] == "step_000006"

@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("lmforge.cli.dpo", "preference optimisation: DPO / IPO / SimPO (--config FILE)"),
     "rm": ("lmforge.cli.rm", "train a reward model on preference pairs (--config FILE)"),
     "distill": ("lmforge.cli.distill", "distill a teacher into the model (--config FILE)"),
+    "kto": ("lmforge.cli.kto", "KTO on unpaired desirable / undesirable completions (--config FILE)"),
+    "orpo": ("lmforge.cli.orpo", "ORPO: SFT plus an odds-ratio preference term, no reference (--config FILE)"),
     "sample": ("lmforge.cli.sample", "sample text from a checkpoint"),
     "generate": ("lmforge.cli.generate", "batch generation from prompts to JSONL"),
     "chat": ("lmforge.cli.chat", "terminal chat with a checkpoint"),

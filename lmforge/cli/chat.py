@@ -20,8 +20,9 @@ from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field
 class ChatConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
-    template: str = "chatml"
-    """chat template: chatml | llama3 | plain"""
+    template: str | None = None
+    """chat template: chatml | llama3 | plain; default: the one the checkpoint was fine-tuned with (lmforge
+    sft/dpo/... record it), else chatml"""
     system: str = ""
     """system message that opens every conversation"""
     sampling: Sampling = sampling_field(max_tokens=512)
@@ -39,7 +40,7 @@ def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,
     """Run the conversation until /exit or end of input; returns the final history."""
     from lmforge.infer.chat_template import get_template
 
-    template = get_template(cfg.template)
+    template = get_template(cfg.template or "chatml")
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(start)
     sp = dataclasses.replace(cfg.sampling, stop=tuple(cfg.sampling.stop) + tuple(template.stop), truncate_prompt=True)
@@ -79,11 +80,28 @@ def _answer(llm, prompt: str, sp, write) -> str:
     return "".join(parts)
 
 
+def saved_template(checkpoint: str) -> str | None:
+    """The chat template a fine-tuned checkpoint records in its config.json (None: none recorded, e.g. a
+    pretrained or HF checkpoint)."""
+    import json
+
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.errors import LmforgeError
+
+    try:
+        meta = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
+    except (OSError, ValueError, LmforgeError):  # loading the checkpoint reports what is wrong with it
+        return None
+    return meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
+
+
 def main(argv: list[str]) -> int:
     from lmforge.cli.common import load_llm, parse_config
 
     cfg = parse_config(ChatConfig, normalize_argv(argv, ChatConfig), prog="lmforge chat",
                        description="Chat with a checkpoint in the terminal (/reset, /exit; Ctrl-C stops an answer).")
+    if cfg.template is None:
+        cfg = dataclasses.replace(cfg, template=saved_template(cfg.checkpoint) or "chatml")
     llm = load_llm(cfg)
     print(f"lmforge chat: template {cfg.template}; /reset to start over, /exit to leave, Ctrl-C stops an answer")
     chat_loop(llm, cfg)

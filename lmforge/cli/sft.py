@@ -1,5 +1,5 @@
 """`lmforge sft --config FILE.toml [--data.packing false ...]`: supervised fine-tuning of a checkpoint on
-chat or prompt/completion JSONL (lmforge.train.posttrain); `run_objective` also serves dpo, rm, distill."""
+chat or prompt/completion JSONL (lmforge.train.posttrain); `run_objective` also serves dpo, rm, distill, kto and orpo."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ HELP = {
     "dpo": "Direct preference optimisation (and IPO / SimPO via [dpo] loss_type) on preference-pair JSONL.",
     "rm": "Train a Bradley-Terry reward model (scalar head) on preference-pair JSONL.",
     "distill": "Token-level distillation from a teacher model (set teacher = 'DIR').",
+    "kto": "Kahneman-Tversky optimisation on unpaired JSONL ({prompt, completion, label: true|false}).",
+    "orpo": "Odds-ratio preference optimisation (SFT + odds-ratio term, no reference model) on pair JSONL.",
 }
 
 

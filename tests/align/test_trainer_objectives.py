@@ -3,6 +3,7 @@ objective with a reference model resolved through the registry (preference batch
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -175,3 +176,27 @@ def test_a_registered_objective_gets_its_reference_and_preference_batches(base, 
     state = ckpt.load_train_state(ckpt.checkpoint_dirs(tmp_path / "run")[-1])
     assert state["objective"]["reference"]["path"].endswith("step_000004")  # identity, not weights
     assert not any(k.startswith("ref") for k in state) and "optimizer_name" in state
+
+
+@pytest.mark.parametrize("name", ["kto", "orpo"])
+def test_lmforge_kto_and_orpo_commands_train_and_chat_reads_the_template(name, base, tmp_path):
+    """`lmforge kto` (unpaired labelled completions) and `lmforge orpo` (pairs, no reference) run end to end
+    like the other objectives; `lmforge chat` then defaults to the template the run recorded."""
+    from lmforge.cli import main
+    from lmforge.cli.chat import saved_template
+
+    data = base / "pairs.jsonl"
+    if name == "kto":
+        data = tmp_path / "unpaired.jsonl"
+        rows = [json.loads(line) for line in (base / "pairs.jsonl").read_text().splitlines()]
+        data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"})
+                                + "\n" for r in rows for side in ("chosen", "rejected")))
+    toml = _toml(base, tmp_path / "run", "dpo", max_steps=6).replace(str(base / "pairs.jsonl"), str(data))
+    (tmp_path / f"{name}.toml").write_text(toml)
+    assert main([name, "--config", str(tmp_path / f"{name}.toml"), "--plot", "False"]) == 0
+    meta = json.loads((ckpt.checkpoint_dirs(tmp_path / "run")[-1] / "config.json").read_text())
+    assert meta["objective"] == name
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and all(map(math.isfinite, losses))
+    assert saved_template(str(tmp_path / "run")) == "plain" and saved_template(str(base / "base")) is None

@@ -29,6 +29,9 @@ def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...]) -> list[
     whose output is the parts' outputs concatenated in order; the parts become None. Returns their
     output sizes, for `torch.split`."""
     lins = [getattr(module, p) for p in parts]
+    if any(type(l) is not nn.Linear for l in lins):  # e.g. a LoRALinear: stacking .weight would drop its adapter
+        raise ValueError(f"cannot fuse {parts}: they are {[type(l).__name__ for l in lins]}, not plain nn.Linear; "
+                         "merge_lora(model) first")
     first = lins[0]
     has_bias = first.bias is not None
     if any(l.in_features != first.in_features or (l.bias is not None) != has_bias for l in lins):

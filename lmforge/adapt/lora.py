@@ -1,0 +1,208 @@
+"""LoRA: low-rank adapters on a frozen model (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large
+Language Models").
+
+A Linear layer y = x W^T + b (W: (out, in)) is fine-tuned as
+
+    y = x W^T + b + scale · dropout(x) A^T B^T          A: (r, in), B: (out, r), r << min(in, out)
+
+with W and b frozen (eq. 3 of the paper: ΔW = BA). A starts Kaiming-uniform and B at zero, so the adapted
+model starts as the base model; scale = alpha / r (section 4.1), or alpha / sqrt(r) with rsLoRA (Kalajdzievski
+2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"), which keeps the update's size
+independent of r. Initialisation, scale and forward are PEFT's (`peft.LoraConfig`), tested equal.
+
+    lora_cfg = LoRAConfig(r=8, alpha=16, targets=("wq", "wk", "wv", "wo"), trainable=("head",))
+    apply_lora(model, lora_cfg)          # in place: matching Linears -> LoRALinear, everything else frozen
+    print(trainable_parameters(model))   # trainable 12,288 of 1,234,567 (1.00%)
+    ... train with the one Trainer (only requires_grad parameters reach the optimizer) ...
+    state = lora_state_dict(model, lora_cfg)   # adapters + the modules kept trainable: a small checkpoint
+    load_lora(model, state)                    # into a model given the same apply_lora
+    merge_lora(model)                          # W += scale·BA, LoRALinear -> nn.Linear: a plain model again
+
+Targets are module-name patterns (fnmatch): a pattern matches a module whose dotted name it matches, or
+whose name ends with "." + pattern, as PEFT's target_modules list. lmforge's Transformer names its Linears
+attn.wq / wk / wv / wo, mlp.gate / up / down and lm_head (HF checkpoints load into the same names). A model
+built with fused_proj=true has attn.wqkv and mlp.gate_up instead; LoRA on those adapts the stacked
+projection with one A, a different (smaller) adapter than one per part.
+
+LoRALinear keeps the base layer's `weight` and `bias` under their own names, so a LoRA model's state_dict
+is the base model's plus `*.lora_A` / `*.lora_B`. Merge before serving or before the fused CUDA kernel
+paths, which read `.weight` alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    r: int = 8
+    """rank of the update BA"""
+    alpha: float = 16.0
+    """the update is scaled by alpha / r (alpha / sqrt(r) with rslora)"""
+    dropout: float = 0.0
+    """dropout on the adapter's input (PEFT's lora_dropout)"""
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+    """module-name patterns of the nn.Linear layers to adapt"""
+    trainable: tuple[str, ...] = ()
+    """module-name patterns of modules kept fully trainable (e.g. a classification head: "head")"""
+    rslora: bool = False
+    """rank-stabilised scale alpha / sqrt(r)"""
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"r={self.r!r} must be a positive integer (the adapter rank, e.g. 8)")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha={self.alpha} must be > 0 (e.g. 2 * r)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("targets", "trainable"):
+            v = getattr(self, name)
+            if isinstance(v, str) or not all(isinstance(p, str) and p for p in v):
+                raise ConfigError(f"{name}={v!r} must be a tuple of module-name patterns, e.g. ('wq', 'wv')")
+        if not self.targets:
+            raise ConfigError("targets=() adapts nothing; name the Linear layers, e.g. ('wq', 'wk', 'wv', 'wo')")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear (the base layer's own weight and bias Parameters) plus scale · B A."""
+
+    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) | None: shared, frozen
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        # adapters in fp32 over a half-precision base, as PEFT (autocast_adapter_dtype)
+        dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=base.weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default, as LoRA's and PEFT's code
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        delta = F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)  # (..., out)
+        return (out + delta * self.scale).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale · B A, (out, in), in the base weight's dtype."""
+        return (self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, scale={self.scale:g}"
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, p) or fnmatchcase(name, "*." + p) for p in patterns)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """In place: every nn.Linear matching cfg.targets becomes a LoRALinear; every other parameter is frozen
+    except those of modules matching cfg.trainable. Returns the model. Refuses a pattern that matches
+    nothing, and a model that already has adapters."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ConfigError(f"{type(model).__name__} already has LoRA adapters; merge_lora(model) first, or "
+                          "apply_lora to a fresh model")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for p in cfg.targets:
+        if not any(matches(n, (p,)) for n in linears):
+            raise ConfigError(f"LoRA target {p!r} matches no nn.Linear of {type(model).__name__}; its Linear "
+                              f"layers are named {', '.join(_linear_names(model))}")
+    kept = [n for n, _ in model.named_modules() if n and matches(n, cfg.trainable)]
+    for p in cfg.trainable:
+        if not any(matches(n, (p,)) for n in kept):
+            raise ConfigError(f"trainable pattern {p!r} matches no module of {type(model).__name__}; "
+                              "name a module, e.g. 'head'")
+    model.requires_grad_(False)
+    for name in kept:
+        model.get_submodule(name).requires_grad_(True)
+    for name in linears:
+        if matches(name, cfg.targets):
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            setattr(owner, child, LoRALinear(getattr(owner, child), cfg.r, cfg.scale, cfg.dropout))
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """In place: fold scale · B A into each base weight and put a plain nn.Linear (the same weight and bias
+    Parameters) back in the LoRALinear's place. The function is unchanged up to rounding; requires_grad
+    stays as apply_lora left it (model.requires_grad_(True) to train it in full). Returns the model."""
+    for name, lora in lora_layers(model).items():
+        lora.weight.add_(lora.delta_weight())
+        plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
+        plain.weight, plain.bias = lora.weight, lora.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, plain)
+    return model
+
+
+def lora_state_dict(model: nn.Module, cfg: LoRAConfig) -> dict[str, torch.Tensor]:
+    """The adapter checkpoint: every LoRA A and B, and the parameters of the modules cfg.trainable names
+    (detached; the same keys as model.state_dict())."""
+    if not lora_layers(model):
+        raise ConfigError(f"{type(model).__name__} has no LoRA adapters; apply_lora(model, cfg) first")
+    return {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
+            if n.endswith((".lora_A", ".lora_B")) or matches(n.rpartition(".")[0], cfg.trainable)}
+
+
+@torch.no_grad()
+def load_lora(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an adapter checkpoint (lora_state_dict) into a model given the same apply_lora. Refuses a
+    missing adapter, an unknown key or a shape mismatch before copying anything."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    needed = [n for n in params if n.endswith((".lora_A", ".lora_B"))]
+    missing = [n for n in needed if n not in state]
+    unknown = [n for n in state if n not in params]
+    if not needed or missing or unknown:
+        raise ConfigError(f"adapter state does not fit this model: missing {missing[:3]}, unknown {unknown[:3]}; "
+                          "apply_lora with the config the adapters were trained with, then load_lora")
+    for n, t in state.items():
+        if t.shape != params[n].shape:
+            raise ConfigError(f"adapter tensor {n} has shape {tuple(t.shape)}, the model expects "
+                              f"{tuple(params[n].shape)}; use the same r and targets")
+    for n, t in state.items():
+        params[n].copy_(t)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} of {self.total:,} ({100 * self.fraction:.2f}%)"
+
+
+def trainable_parameters(model: nn.Module) -> ParamCount:
+    """Trainable and total parameter counts (tied parameters once), as PEFT's print_trainable_parameters."""
+    params = list(model.parameters())
+    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))

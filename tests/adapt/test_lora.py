@@ -1,0 +1,160 @@
+"""LoRA vs PEFT (same adapters: equal outputs and equal gradients of A and B; rsLoRA scale; merged
+weights), merge keeps the function, adapter-only checkpoints, one-line errors, and LoRA classification
+fine-tuning on the one Trainer: only adapters and the head change, and a resumed run is bit-exact."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.adapt import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_state_dict, merge_lora,
+                           trainable_parameters)
+from lmforge.align.reward import ClassificationObjective, SequenceHead
+from lmforge.errors import ConfigError
+from lmforge.optim import build_optimizer
+from lmforge.optim.config import OptimConfig
+from lmforge.train.config import LoopConfig
+from lmforge.train.harness import FixedBatches
+from lmforge.train.trainer import Trainer
+
+from ..align.helpers import tiny_model
+
+ALL = ("wq", "wk", "wv", "wo", "gate", "up", "down")
+IDS = torch.randint(0, 41, (3, 9), generator=torch.Generator().manual_seed(1))
+
+
+def randomise_b(model: nn.Module, seed: int = 0) -> None:
+    """Give every B a nonzero value (at init B = 0, so A's gradient would be zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_matches_peft_outputs_gradients_and_merge(rslora):
+    peft = pytest.importorskip("peft")
+    base = tiny_model(0, n_layers=2)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        target_modules=list(ALL), r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=rslora))
+    cfg = LoRAConfig(r=4, alpha=8, targets=ALL, rslora=rslora)
+    ours = apply_lora(base, cfg)
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, LoRALinear)}
+    assert len(layers) == 2 * len(ALL)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, m in layers.items():
+            theirs = ref.base_model.model.get_submodule(name)
+            assert theirs.scaling["default"] == pytest.approx(m.scale) == pytest.approx(8 / (2 if rslora else 4))
+            theirs.lora_B["default"].weight.copy_(0.1 * torch.randn(m.lora_B.shape, generator=g))
+            m.lora_A.copy_(theirs.lora_A["default"].weight)
+            m.lora_B.copy_(theirs.lora_B["default"].weight)
+    out, want = ours(IDS), ref(IDS)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    out.square().mean().backward()
+    want.square().mean().backward()
+    for name, m in layers.items():
+        theirs = ref.base_model.model.get_submodule(name)
+        torch.testing.assert_close(m.lora_A.grad, theirs.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(m.lora_B.grad, theirs.lora_B["default"].weight.grad, rtol=1e-5, atol=1e-7)
+    assert {n for n, p in ours.named_parameters() if p.grad is not None} == \
+        {f"{n}.lora_{x}" for n in layers for x in "AB"}
+    assert trainable_parameters(ours).trainable == sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    merged, ref_merged = merge_lora(ours), ref.merge_and_unload()
+    for name in layers:
+        assert type(merged.get_submodule(name)) is nn.Linear
+        torch.testing.assert_close(merged.get_submodule(name).weight, ref_merged.get_submodule(name).weight)
+
+
+def test_init_is_the_base_model_and_merge_keeps_the_function():
+    base = tiny_model(0)
+    want = base(IDS)
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(r=2, alpha=4, targets=("attn.w?", "mlp.*")))
+    for m in model.modules():
+        if isinstance(m, LoRALinear):  # nn.Linear's default: Kaiming-uniform, bound 1/sqrt(fan_in)
+            assert m.lora_A.abs().max() <= m.in_features ** -0.5 and m.lora_A.std() > 0 and not m.lora_B.any()
+    torch.testing.assert_close(model(IDS), want, rtol=0, atol=0)
+    randomise_b(model)
+    adapted = model(IDS)
+    assert (adapted - want).abs().max() > 1e-3
+    keys = set(model.state_dict())
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == {k for k in keys if "lora_" not in k} == set(base.state_dict())
+    torch.testing.assert_close(model(IDS), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_checkpoint_roundtrip_and_counts():
+    cfg = LoRAConfig(r=2, targets=("wq", "wv"), trainable=("head",))
+    model = apply_lora(SequenceHead(tiny_model(0), out_dim=3), cfg)
+    randomise_b(model)
+    state = lora_state_dict(model, cfg)
+    assert sorted(state) == ["backbone.blocks.0.attn.wq.lora_A", "backbone.blocks.0.attn.wq.lora_B",
+                             "backbone.blocks.0.attn.wv.lora_A", "backbone.blocks.0.attn.wv.lora_B",
+                             "head.bias", "head.weight"]
+    count = trainable_parameters(model)
+    assert count.trainable == sum(t.numel() for t in state.values()) == 2 * (2 * 16 + 16 * 2) + 3 * 16 + 3
+    assert count.total == sum(p.numel() for p in model.parameters()) and str(count).startswith("trainable 179 of")
+    other = apply_lora(SequenceHead(tiny_model(0), out_dim=3), cfg)
+    load_lora(other, state)
+    torch.testing.assert_close(other(IDS), model(IDS), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="missing .*wv.lora_A"):
+        load_lora(other, {k: v for k, v in state.items() if "wv.lora_A" not in k})
+    with pytest.raises(ConfigError, match="use the same r"):
+        load_lora(apply_lora(SequenceHead(tiny_model(0), out_dim=3), LoRAConfig(r=4, targets=("wq", "wv"))), state)
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="'q' matches no nn.Linear .* named down, gate, lm_head, up, wk, wo, wq, wv"):
+        apply_lora(tiny_model(0), LoRAConfig(targets=("q",)))
+    fused = tiny_model(0, fused_proj=True)
+    with pytest.raises(ConfigError, match="'wk' matches no .*wqkv"):
+        apply_lora(fused, LoRAConfig(targets=("wk",)))
+    apply_lora(fused, LoRAConfig(targets=("wqkv",)))  # the stacked projection is a Linear like any other
+    with pytest.raises(ConfigError, match="already has LoRA"):
+        apply_lora(fused, LoRAConfig(targets=("wo",)))
+    with pytest.raises(ValueError, match="merge_lora"):  # fusing would drop the adapters of wq, wk, wv
+        apply_lora(tiny_model(0), LoRAConfig()).fuse_projections()
+    with pytest.raises(ConfigError, match="'head' matches no module"):
+        apply_lora(tiny_model(0), LoRAConfig(trainable=("head",)))
+    for bad, field in [({"r": 0}, "r=0"), ({"dropout": 1.0}, "dropout"), ({"targets": "wq"}, "targets"),
+                       ({"targets": ()}, "adapts nothing")]:
+        with pytest.raises(ConfigError, match=field):
+            LoRAConfig(**bad)
+
+
+def _classify_run(run_dir, hooks=()):
+    torch.manual_seed(0)
+    model = apply_lora(SequenceHead(tiny_model(0), out_dim=3),
+                       LoRAConfig(r=2, dropout=0.1, targets=ALL, trainable=("head",)))
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 41, (4, 8), generator=g), "label": torch.randint(0, 3, (4,), generator=g)}
+               for _ in range(3)]
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=1), run_dir=str(run_dir), max_steps=4, log_every=1,
+                     eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False, plot=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model, build_optimizer(model, cfg.optim), FixedBatches(batches), ClassificationObjective(),
+                      config=cfg, hooks=hooks)
+    return trainer, before
+
+
+def test_trainer_changes_only_adapters_and_head_and_resumes_bit_exactly(tmp_path):
+    trainer, before = _classify_run(tmp_path / "a")
+    trainer.fit()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n in before if "lora_" in n or n.startswith("head.")}
+
+    class Stop:  # Ctrl-C after step 2: a checkpoint of that state, then resume
+        def on_step_end(self, trainer, stats):
+            if trainer.step == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _classify_run(tmp_path / "b", hooks=[Stop()])[0].fit()
+    resumed = _classify_run(tmp_path / "b")[0]
+    assert resumed.step == 2
+    resumed.fit()
+    for (n, p), q in zip(resumed.model.named_parameters(), trainer.model.parameters()):
+        assert torch.equal(p, q), n

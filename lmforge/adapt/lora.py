@@ -132,6 +132,14 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         if not any(matches(n, (p,)) for n in kept):
             raise ConfigError(f"trainable pattern {p!r} matches no module of {type(model).__name__}; "
                               "name a module, e.g. 'head'")
+    owners: dict[int, list[str]] = {}
+    for n, prm in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(prm), []).append(n)
+    for name in linears:
+        tied = owners[id(model.get_submodule(name).weight)]
+        if matches(name, cfg.targets) and len(tied) > 1:  # merging would change the other owner too
+            raise ConfigError(f"{name}.weight is tied to {[t for t in tied if t != name + '.weight'][0]}; LoRA on "
+                              f"it could not be merged without changing both; leave {name} out of targets")
     model.requires_grad_(False)
     for name in kept:
         model.get_submodule(name).requires_grad_(True)

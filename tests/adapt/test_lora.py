@@ -117,6 +117,8 @@ def test_errors_name_the_fix():
         apply_lora(fused, LoRAConfig(targets=("wo",)))
     with pytest.raises(ValueError, match="merge_lora"):  # fusing would drop the adapters of wq, wk, wv
         apply_lora(tiny_model(0), LoRAConfig()).fuse_projections()
+    with pytest.raises(ConfigError, match="lm_head.weight is tied to tok_emb.weight"):
+        apply_lora(tiny_model(0, tie_embeddings=True), LoRAConfig(targets=("lm_head",)))
     with pytest.raises(ConfigError, match="'head' matches no module"):
         apply_lora(tiny_model(0), LoRAConfig(trainable=("head",)))
     for bad, field in [({"r": 0}, "r=0"), ({"dropout": 1.0}, "dropout"), ({"targets": "wq"}, "targets"),

@@ -111,43 +111,48 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(name, p) or fnmatchcase(name, "*." + p) for p in patterns)
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+def _matching(model: nn.Module, names: list[str], patterns: tuple[str, ...], what: str, kind: str, hint: str
+              ) -> list[str]:
+    """The names matching any pattern; refuses a pattern that matches none of them."""
+    for p in patterns:
+        if not any(matches(n, (p,)) for n in names):
+            raise ConfigError(f"{what} {p!r} matches no {kind} of {type(model).__name__}; {hint}")
+    return [n for n in names if matches(n, patterns)]
+
+
+def _refuse_tied(model: nn.Module, targets: list[str]) -> None:
+    """A tied weight (lm_head = tok_emb) cannot take a merged update without changing its other owner."""
+    owners: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(n)
+    for name in targets:
+        other = [o for o in owners[id(model.get_submodule(name).weight)] if o != f"{name}.weight"]
+        if other:
+            raise ConfigError(f"{name}.weight is tied to {other[0]}; LoRA on it could not be merged without "
+                              f"changing both; leave {name} out of targets")
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """In place: every nn.Linear matching cfg.targets becomes a LoRALinear; every other parameter is frozen
     except those of modules matching cfg.trainable. Returns the model. Refuses a pattern that matches
-    nothing, and a model that already has adapters."""
+    nothing, a tied target weight, and a model that already has adapters."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} already has LoRA adapters; merge_lora(model) first, or "
                           "apply_lora to a fresh model")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for p in cfg.targets:
-        if not any(matches(n, (p,)) for n in linears):
-            raise ConfigError(f"LoRA target {p!r} matches no nn.Linear of {type(model).__name__}; its Linear "
-                              f"layers are named {', '.join(_linear_names(model))}")
-    kept = [n for n, _ in model.named_modules() if n and matches(n, cfg.trainable)]
-    for p in cfg.trainable:
-        if not any(matches(n, (p,)) for n in kept):
-            raise ConfigError(f"trainable pattern {p!r} matches no module of {type(model).__name__}; "
-                              "name a module, e.g. 'head'")
-    owners: dict[int, list[str]] = {}
-    for n, prm in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(prm), []).append(n)
-    for name in linears:
-        tied = owners[id(model.get_submodule(name).weight)]
-        if matches(name, cfg.targets) and len(tied) > 1:  # merging would change the other owner too
-            raise ConfigError(f"{name}.weight is tied to {[t for t in tied if t != name + '.weight'][0]}; LoRA on "
-                              f"it could not be merged without changing both; leave {name} out of targets")
+    short = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    targets = _matching(model, linears, cfg.targets, "LoRA target", "nn.Linear",
+                        f"its Linear layers are named {', '.join(short)}")
+    kept = _matching(model, [n for n, _ in model.named_modules() if n], cfg.trainable, "trainable pattern",
+                     "module", "name a module, e.g. 'head'")
+    _refuse_tied(model, targets)
     model.requires_grad_(False)
     for name in kept:
         model.get_submodule(name).requires_grad_(True)
-    for name in linears:
-        if matches(name, cfg.targets):
-            parent, _, child = name.rpartition(".")
-            owner = model.get_submodule(parent)
-            setattr(owner, child, LoRALinear(getattr(owner, child), cfg.r, cfg.scale, cfg.dropout))
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), cfg.r, cfg.scale, cfg.dropout))
     return model
 
 

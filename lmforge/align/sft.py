@@ -27,6 +27,7 @@ import torch
 from lmforge.align.logprobs import masked_mean, model_inputs, token_logprobs
 from lmforge.config import check
 from lmforge.errors import ConfigError
+from lmforge.train.distributed import eval_rows, sum_over_ranks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,19 +132,46 @@ class SFTObjective:
 
 
 class ObjectiveEvaluator:
-    """Mean of an objective's metrics over fixed batches, for the Trainer's evaluator slot (keys get a
-    `val_` prefix: val_loss, val_mean_token_accuracy, val_rewards/accuracies, ...)."""
+    """Mean over fixed batches of an objective's metrics, for the Trainer's evaluator slot (keys get a
+    `val_` prefix: val_loss, val_mean_token_accuracy, val_rewards/accuracies, ...).
 
-    def __init__(self, objective, batches: list[dict[str, torch.Tensor]]):
-        self.objective, self.batches = objective, batches
+    A batch's metrics are combined from shares of its rows: each share's metric weighted by the items the
+    objective averages over (its `batch_weight`, e.g. SFT's trained tokens; else the share's rows), and
+    `num_*` counts summed. With a ParallelRunner (N processes) each rank evaluates only its share of every
+    batch (lmforge.train.distributed.eval_rows, the rows pretraining's LMEvaluator splits) and the
+    weighted sums are added up in one all-reduce (sum_over_ranks): the single-process numbers, computed
+    once. That holds for metrics that are means over those items (SFT token_mean, the DPO family's and a
+    reward model's pair means); batch-level statistics (KTO's KL estimate and per-label means, a reward
+    model's min/max, ORPO's token-mean nll, distillation's token means, sequence_mean's token accuracy)
+    come out as the shares' weighted mean instead: leave out the runner to evaluate whole batches on
+    every rank."""
+
+    def __init__(self, objective, batches: list[dict[str, torch.Tensor]], runner=None):
+        self.objective, self.batches, self.runner = objective, batches, runner
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.batches:
             return {}
         device = next(model.parameters()).device
-        sums: dict[str, float] = {}
+        keys: list[str] = []
+        rows = []  # per batch: this rank's weighted metric sums, then its weight
         for b in self.batches:
-            _, metrics = self.objective.loss(model, {k: v.to(device) for k, v in b.items()})
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        return {f"val_{k}": v / len(self.batches) for k, v in sums.items()}
+            share = b if self.runner is None else eval_rows(self.runner, b)
+            w = self._weight(share)
+            with contextlib.nullcontext() if self.runner is None else self.runner._loss_context():  # as in training
+                _, metrics = self.objective.loss(model, {k: v.to(device) for k, v in share.items()})
+            keys = keys or list(metrics)
+            # every rank runs the forward (FSDP gathers inside it); a share without items adds nothing
+            rows.append([float(metrics[k]) * (1.0 if k.startswith("num_") else w) if w > 0 else 0.0
+                         for k in keys] + [w])
+        sums = sum_over_ranks(torch.tensor(rows, dtype=torch.float64), self.runner)
+        sums = sums[sums[:, -1] > 0]  # batches with nothing to average over do not count
+        return {f"val_{k}": float((sums[:, i] / (1.0 if k.startswith("num_") else sums[:, -1])).mean())
+                for i, k in enumerate(keys)}
+
+    def _weight(self, share: dict[str, torch.Tensor]) -> float:
+        """Items the share's metrics average over (0 on a rank that shares another's rows and does not report)."""
+        if self.runner is not None and not self.runner.reports:
+            return 0.0
+        weigh = getattr(self.objective, "batch_weight", None)
+        return float(weigh(share)) if weigh is not None else float(next(iter(share.values())).shape[0])

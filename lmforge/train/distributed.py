@@ -22,9 +22,10 @@ write one checkpoint together. Under torchrun a Ctrl-C reaches torchrun only (it
 own sessions); it forwards the signal once to every worker and kills those still running 30 s later
 (torchrun --shutdown-timeout), so a step plus a checkpoint must fit in that time.
 
-Validation: LMEvaluator splits each validation batch's rows over the ranks (runner.eval_nats) and
-all-reduces the sums. An evaluator of another objective runs on every rank as given: on N processes it
-must split its own work (or be left out).
+Validation: every evaluator given the runner splits each validation batch's rows over the ranks and adds
+up the ranks' sums in one host-side all-reduce (sum_over_ranks): pretraining's LMEvaluator through
+runner.eval_nats, the post-training objectives' ObjectiveEvaluator (lmforge.align.sft) through eval_rows.
+The metrics are the single process's, computed once rather than once per rank.
 """
 
 from __future__ import annotations
@@ -187,6 +188,21 @@ def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     named = {"state": {names[i]: s for i, s in opt_state["state"].items()},
              "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, named, options=opts)
+
+
+def eval_rows(runner, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's share of a validation batch's rows (all of them (B, ...)), split as runner.eval_nats
+    splits them: over the data-parallel and context-parallel ranks (runner.eval_rank of eval_size); the
+    ranks of one tensor-parallel group get the same rows, and only one of them reports (runner.reports)."""
+    return {k: v.tensor_split(runner.eval_size)[runner.eval_rank] for k, v in batch.items()}
+
+
+def sum_over_ranks(sums: torch.Tensor, runner) -> torch.Tensor:
+    """The ranks' validation sums (a float64 host tensor) added up in place in one all-reduce on the
+    runner's CPU group (call on all ranks); returned as given without a runner."""
+    if runner is not None:
+        dist.all_reduce(sums, group=runner.cpu_group)
+    return sums
 
 
 def max_over_ranks(value: int, group) -> int:

@@ -16,7 +16,7 @@ from lmforge.optim import build_optimizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.data import BatchSampler, eval_windows, open_splits
 from lmforge.train.loss import LMObjective, token_losses
-from lmforge.train.distributed import RankRows, join, train_device
+from lmforge.train.distributed import RankRows, join, sum_over_ranks, train_device
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
@@ -62,9 +62,7 @@ class LMEvaluator:
                 nats, y = self.runner.eval_nats(x, y)
             n_bytes = float(self.id_bytes[y.cpu()].sum()) if self.id_bytes is not None else 0.0
             sums += torch.tensor([float(nats), y.numel(), n_bytes], dtype=torch.float64)
-        if self.runner is not None:
-            torch.distributed.all_reduce(sums, group=self.runner.cpu_group)
-        nats, n_tok, n_bytes = sums.tolist()
+        nats, n_tok, n_bytes = sum_over_ranks(sums, self.runner).tolist()
         out = {"val_loss": nats / n_tok, "val_ppl": math.exp(min(nats / n_tok, 50.0))}
         if self.bytes_per_token > 0:
             out["val_bpb"] = nats / n_tok / math.log(2) / self.bytes_per_token

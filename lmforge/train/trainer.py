@@ -21,24 +21,17 @@ metrics are its global mean, and checkpoints gather the full weights and optimiz
 ordinary checkpoint that resumes on any layout (lmforge.train.distributed). Only rank 0 writes metrics,
 plots and checkpoints.
 
-Interrupts: SIGINT (Ctrl-C) and SIGTERM (what job schedulers send) only set a flag while `fit` runs; the
-loop stops at the next step boundary, writes a checkpoint of that state and raises KeyboardInterrupt, so
-resuming is bit-exact. On N processes the ranks all-reduce their flags at every step boundary (one tiny
-CPU all-reduce), so a signal reaching any one rank stops all of them at the same step, with one
-checkpoint. A second signal stops at once. A KeyboardInterrupt raised inside a step (a second Ctrl-C, or
-one raised by code) rolls the step back to its start when the optimizer has not begun updating the
-weights (grads dropped, data-source and RNG state restored from the step-start snapshot); inside the
-optimizer update no consistent state exists and no checkpoint is written; on N processes a rank that
-leaves inside a step writes none either (the others are inside its collectives).
-A NaN/inf loss stops the run and leaves the last good checkpoint in place.
+Interrupts (lmforge.train.interrupts, an object the Trainer owns): SIGINT/SIGTERM only set a flag; the
+loop stops at the next step boundary (agreed over the ranks), writes a checkpoint of that state and raises
+KeyboardInterrupt, so resuming is bit-exact; a KeyboardInterrupt inside a step rolls it back to its start
+(or forward to its end). A hook ends the run early with `request_stop`. A NaN/inf loss stops the run and
+leaves the last good checkpoint in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +46,7 @@ from lmforge.errors import ConfigError, DataError, TrainingDiverged
 from lmforge.optim import lr_multiplier
 from lmforge.train import distributed as ddp
 from lmforge.train.config import LoopConfig, TrainConfig
+from lmforge.train.interrupts import Interrupts, rng_state, set_rng_state
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 from lmforge.train.objective import Batch, DataSource, Objective
 from lmforge.utils import run_metadata, write_json_atomic
@@ -135,17 +129,8 @@ class Trainer:
         self.metrics = (MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=to_dict(cfg))
                         if self.rank == 0 else ddp.NullLog())
         self.last_checkpoint: Path | None = None
-        # None = at a step boundary; "micro" = forward/backward; "update" = inside optimizer.step;
-        # "updated" = weights updated, counters not yet
-        self._phase: str | None = None
-        self._in_flight: tuple[int, dict[str, torch.Tensor]] = (0, {})
-        self._step_hooks = hasattr(optimizer, "register_step_pre_hook")
-        if self._step_hooks:  # torch optimizers: know exactly when the weights start and stop changing
-            optimizer.register_step_pre_hook(self._set_phase("update"))
-            optimizer.register_step_post_hook(self._set_phase("updated"))
-        self._snapshot: dict[str, Any] = {}
-        self._stop_signal: int | None = None
-        self._at_agreed_stop = False  # the KeyboardInterrupt is the stop all ranks agreed on at a step boundary
+        self._in_flight: tuple[int, dict[str, torch.Tensor]] = (0, {})  # the step's tokens and metrics
+        self.interrupts = Interrupts(optimizer)  # signals, stop requests, the step's phase
         if cfg.resume:
             self._maybe_resume()
         elif ckpt.checkpoint_dirs(self.run_dir):
@@ -154,22 +139,11 @@ class Trainer:
                               "use a new run_dir, set resume=true to continue it, or delete it")
 
     # state ---------------------------------------------------------------------------------------
-    def _rng_state(self) -> dict[str, Any]:
-        state = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def _set_rng_state(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-
     def _train_state(self, optimizer_state: dict[str, Any], names: list[str]) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                 "optimizer": optimizer_state, "optimizer_name": optimizer_name(self.optimizer, self.cfg),
                 "optimizer_params": names,  # parameter names in id order: any layout maps the state back
-                "data": self.data.state_dict(), "objective": self.objective.state_dict(), **self._rng_state()}
+                "data": self.data.state_dict(), "objective": self.objective.state_dict(), **rng_state()}
 
     def save(self) -> Path:
         if self.runner is not None:  # full weights and optimizer state gathered on rank 0: an ordinary checkpoint
@@ -235,7 +209,7 @@ class Trainer:
         self._load_weights_and_optimizer(state, path)
         self.data.load_state_dict(state["data"] if "data" in state else state["sampler"])
         self.objective.load_state_dict(state.get("objective", {}))
-        self._set_rng_state(state)
+        set_rng_state(state)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.metrics.truncate_after(self.step)
         self.last_checkpoint = path
@@ -275,9 +249,7 @@ class Trainer:
         """One optimizer step. Metrics and grad norm stay on the device (no host sync); `flush()` reads
         them in one go at log time and stops the run on a NaN/inf loss."""
         cfg = self.cfg
-        # step-start snapshot (small: generator states and positions) for rolling back an interrupt
-        self._snapshot = {"data": self.data.state_dict(), **self._rng_state()}
-        self._phase = "micro"
+        self.interrupts.begin_step(self.data)
         mult = lr_multiplier(cfg.optim, self.step, cfg.max_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
@@ -307,10 +279,9 @@ class Trainer:
             n_tokens *= self.runner.dp_size
         stats["grad_norm"] = gnorm
         self._in_flight = (n_tokens, stats)
-        if not self._step_hooks:
-            self._phase = "update"
-        self.optimizer.step()  # the step hooks move _phase to "update", then "updated"
-        self._phase = "updated"
+        self.interrupts.begin_update()
+        self.optimizer.step()  # a torch optimizer's step hooks also mark the update's start and end
+        self.interrupts.end_update()
         self._finish_step()
         stats = {**stats, "lr": self.optimizer.param_groups[0]["lr"]}
         self._call("on_step_end", stats)
@@ -335,26 +306,7 @@ class Trainer:
         self.step += 1
         self.tokens += n_tokens
         self._pending.append((self.step, stats))
-        self._phase = None
-
-    def _set_phase(self, phase: str) -> Callable:
-        def hook(*_):
-            self._phase = phase
-        return hook
-
-    def _to_boundary(self) -> bool:
-        """After an interrupt inside a step: back to the step's start while the weights are untouched,
-        forward to its end once the update is complete; False inside the update (no consistent state)."""
-        if self._phase == "update":
-            return False
-        if self._phase == "updated":
-            self._finish_step()
-        elif self._phase == "micro":
-            self.optimizer.zero_grad(set_to_none=True)
-            self.data.load_state_dict(self._snapshot["data"])
-            self._set_rng_state(self._snapshot)
-            self._phase = None
-        return True
+        self.interrupts.phase = None
 
     def flush(self) -> dict[str, float]:
         """Read the pending per-step metrics (one host sync); raise TrainingDiverged on the first bad loss."""
@@ -415,64 +367,15 @@ class Trainer:
     def _is_log_step(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps
 
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self._stop_signal = signum
-        tqdm.write(f"{signal.Signals(signum).name}: stopping at the end of this step (again to stop at once)")
-
     def request_stop(self, reason: str = "requested by a hook") -> None:
         """End `fit` at the end of the current step as if max_steps were reached there: evaluate, write a
         checkpoint, return (TrainResult.stop_reason says why). For hooks: early stopping, a time budget, a
         target metric. Under several ranks, one rank asking is enough (agreed at the step boundary)."""
-        self._stop_reason = reason
+        self.interrupts.reason = reason
 
-    def _stop_requested(self) -> tuple[bool, bool]:
-        """At a step boundary: (a signal arrived, a hook asked to stop), on this rank or, all-reduced in
-        one call, on any other."""
-        code = 2 * (self._stop_signal is not None) + (self._stop_reason is not None)
-        if self.runner is not None:
-            code = ddp.max_over_ranks(code, self.runner.cpu_group)
-        if code & 1 and self._stop_reason is None:
-            self._stop_reason = "requested by a hook on another rank"
-        return bool(code & 2), bool(code & 1)
-
-    @contextlib.contextmanager
-    def _deferred_signals(self):
-        """SIGINT/SIGTERM set a flag the loop reads at step boundaries (main thread only; elsewhere
-        Python delivers signals to the main thread anyway)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        # a signal the process was started ignoring (e.g. SIGINT of a background job) stays ignored
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
-               if signal.getsignal(s) is not signal.SIG_IGN}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-    def _interrupted(self, bar, t_start: float) -> None:
-        if self.runner is not None and not self._at_agreed_stop:
-            # this rank alone left a step (a second signal): the others wait inside its collectives, so no
-            # common state can be saved; under torchrun they fail in turn and torchrun ends them
-            tqdm.write(f"rank {self.rank} stopped inside step {self.step + 1}; resume from {self.last_checkpoint}")
-            return
-        consistent = self._to_boundary()
-        if self._pending and self._logged_step != self.step and self._is_log_step():
-            self._log_step(bar, t_start)  # a step completed by _to_boundary, or interrupted before its log
-        self.elapsed = time.perf_counter() - t_start
-        self.flush()
-        if not consistent:
-            tqdm.write(f"interrupted inside the optimizer update of step {self.step + 1}: no consistent state "
-                       f"to save; resume from {self.last_checkpoint}")
-        elif self.step > 0 and (self.last_checkpoint is None
-                                or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
-            self.save()
-        if self.rank == 0:
-            tqdm.write(f"interrupted at step {self.step}; checkpoint {self.last_checkpoint}; "
-                       "run the same command again to resume")
+    def has_current_checkpoint(self) -> bool:
+        """Whether the last checkpoint written is of the current step."""
+        return self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:06d}")
 
     def _save_at_boundary(self, t_start: float) -> None:
         self.flush()  # never checkpoint weights that a NaN step has already touched
@@ -493,17 +396,14 @@ class Trainer:
         ev_step = -1
         self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
         t_start = time.perf_counter() - self.elapsed
-        self._stop_signal, self._at_agreed_stop, self._stop_reason = None, False, None
+        self.interrupts.reset()
         try:
-            with self._deferred_signals():
+            with self.interrupts.deferred_signals():
                 if self.step == 0:
                     ev, ev_step = self._log_eval(bar), 0
                 asked = False
                 while self.step < cfg.max_steps:
-                    signalled, asked = self._stop_requested()  # one check (one all-reduce) per boundary
-                    if signalled:
-                        self._at_agreed_stop = True
-                        raise KeyboardInterrupt
+                    asked = self.interrupts.at_boundary(self.runner)  # one all-reduce; raises on a signal
                     if asked:
                         break
                     self.train_step()
@@ -521,15 +421,14 @@ class Trainer:
                     if ev_step != self.step:
                         self.flush()
                         ev = self._log_eval(bar)
-                    if self.step > 0 and (self.last_checkpoint is None
-                                          or not self.last_checkpoint.name.endswith(f"{self.step:06d}")):
+                    if self.step > 0 and not self.has_current_checkpoint():
                         self._save_at_boundary(t_start)
                     if self.rank == 0:
-                        tqdm.write(f"stopped at step {self.step}: {self._stop_reason}")
+                        tqdm.write(f"stopped at step {self.step}: {self.interrupts.reason}")
                 if not ev:  # resumed at (or past) the last step: report the finished model's evaluation
                     ev = self._log_eval(bar)
         except KeyboardInterrupt:
-            self._interrupted(bar, t_start)
+            self.interrupts.interrupted(self, bar, t_start)
             bar.close()
             raise
         finally:
@@ -539,7 +438,7 @@ class Trainer:
             plot_losses(self.run_dir)
         return TrainResult(self.run_dir, self.step, ev.get("val_loss"), ev.get("val_bpb"), self.elapsed,
                            self.last_checkpoint, read_metrics(self.run_dir) if self.rank == 0 else [], ev,
-                           self._stop_reason if self.step < cfg.max_steps else None)
+                           self.interrupts.reason if self.step < cfg.max_steps else None)
 
 
 def train(cfg: TrainConfig) -> TrainResult:

@@ -1,0 +1,161 @@
+"""Stopping the one training loop at a step boundary: the `Interrupts` a lmforge.train.trainer.Trainer owns.
+
+SIGINT (Ctrl-C) and SIGTERM (what job schedulers send) only set a flag while `fit` runs; the loop stops at
+the next step boundary, writes a checkpoint of that state and raises KeyboardInterrupt, so resuming is
+bit-exact. On N processes the ranks all-reduce their flags at every step boundary (one tiny CPU
+all-reduce), so a signal reaching any one rank stops all of them at the same step, with one checkpoint.
+A second signal stops at once. A hook's Trainer.request_stop travels in the same all-reduce and ends
+`fit` as a last step would.
+
+A KeyboardInterrupt raised inside a step (a second Ctrl-C, or one raised by code) lands in one of the
+step's phases, which this object tracks:
+
+    None       at a step boundary
+    "micro"    forward/backward of the micro-batches   -> roll back: grads dropped, data-source and RNG
+                                                          state restored from the step-start snapshot
+    "update"   inside optimizer.step                   -> no consistent state: no checkpoint is written
+    "updated"  weights updated, counters not yet       -> roll forward: the step is finished
+
+On N processes a rank that leaves inside a step writes no checkpoint either (the others are inside its
+collectives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from lmforge.train import distributed as ddp
+
+if TYPE_CHECKING:
+    from lmforge.train.trainer import Trainer
+
+
+def rng_state() -> dict[str, Any]:
+    """The CPU (and CUDA) generator states: part of a checkpoint and of the step-start snapshot."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+class Interrupts:
+    """The stop flags of one `fit` and the phase of the step in flight (see the module docstring)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.phase: str | None = None
+        self.snapshot: dict[str, Any] = {}
+        self.signal: int | None = None  # the first SIGINT/SIGTERM received
+        self.reason: str | None = None  # why a hook asked to stop (Trainer.request_stop)
+        self.agreed = False  # the KeyboardInterrupt is the stop all ranks agreed on at a step boundary
+        self._step_hooks = hasattr(optimizer, "register_step_pre_hook")
+        if self._step_hooks:  # torch optimizers: know exactly when the weights start and stop changing
+            optimizer.register_step_pre_hook(self._set_phase("update"))
+            optimizer.register_step_post_hook(self._set_phase("updated"))
+
+    def _set_phase(self, phase: str) -> Callable:
+        def hook(*_):
+            self.phase = phase
+        return hook
+
+    def reset(self) -> None:
+        """A new `fit`: no signal, no agreed stop, no hook's request."""
+        self.signal, self.agreed, self.reason = None, False, None
+
+    # the step's phases ----------------------------------------------------------------------------
+    def begin_step(self, data) -> None:
+        """Snapshot (small: generator states and positions) for rolling the step back."""
+        self.snapshot = {"data": data.state_dict(), **rng_state()}
+        self.phase = "micro"
+
+    def begin_update(self) -> None:
+        if not self._step_hooks:  # otherwise the optimizer's pre-hook says so from inside optimizer.step
+            self.phase = "update"
+
+    def end_update(self) -> None:
+        self.phase = "updated"
+
+    def to_boundary(self, trainer: Trainer) -> bool:
+        """After an interrupt inside a step: back to the step's start while the weights are untouched,
+        forward to its end once the update is complete; False inside the update (no consistent state)."""
+        if self.phase == "update":
+            return False
+        if self.phase == "updated":
+            trainer._finish_step()
+        elif self.phase == "micro":
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.data.load_state_dict(self.snapshot["data"])
+            set_rng_state(self.snapshot)
+            self.phase = None
+        return True
+
+    # signals and stop requests ----------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping at the end of this step (again to stop at once)")
+
+    @contextlib.contextmanager
+    def deferred_signals(self):
+        """SIGINT/SIGTERM set a flag the loop reads at step boundaries (main thread only; elsewhere
+        Python delivers signals to the main thread anyway)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        # a signal the process was started ignoring (e.g. SIGINT of a background job) stays ignored
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+               if signal.getsignal(s) is not signal.SIG_IGN}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def at_boundary(self, runner) -> bool:
+        """At a step boundary: raise KeyboardInterrupt if a signal arrived, else say whether a hook asked to
+        stop; on N processes both are all-reduced over the ranks in one call, so all ranks agree."""
+        code = 2 * (self.signal is not None) + (self.reason is not None)
+        if runner is not None:
+            code = ddp.max_over_ranks(code, runner.cpu_group)
+        if code & 1 and self.reason is None:
+            self.reason = "requested by a hook on another rank"
+        if code & 2:
+            self.agreed = True
+            raise KeyboardInterrupt
+        return bool(code & 1)
+
+    def interrupted(self, trainer: Trainer, bar, t_start: float) -> None:
+        """After a KeyboardInterrupt left the loop: to the nearest step boundary, its pending log row,
+        and a checkpoint of it where one is consistent (and not already written)."""
+        if trainer.runner is not None and not self.agreed:
+            # this rank alone left a step (a second signal): the others wait inside its collectives, so no
+            # common state can be saved; under torchrun they fail in turn and torchrun ends them
+            tqdm.write(f"rank {trainer.rank} stopped inside step {trainer.step + 1}; "
+                       f"resume from {trainer.last_checkpoint}")
+            return
+        consistent = self.to_boundary(trainer)
+        if trainer._pending and trainer._logged_step != trainer.step and trainer._is_log_step():
+            trainer._log_step(bar, t_start)  # a step completed by to_boundary, or interrupted before its log
+        trainer.elapsed = time.perf_counter() - t_start
+        trainer.flush()
+        if not consistent:
+            tqdm.write(f"interrupted inside the optimizer update of step {trainer.step + 1}: no consistent state "
+                       f"to save; resume from {trainer.last_checkpoint}")
+        elif trainer.step > 0 and not trainer.has_current_checkpoint():
+            trainer.save()
+        if trainer.rank == 0:
+            tqdm.write(f"interrupted at step {trainer.step}; checkpoint {trainer.last_checkpoint}; "
+                       "run the same command again to resume")

@@ -1,0 +1,62 @@
+"""Post-training evaluation on 2 processes: each rank evaluates its share of every validation batch's rows
+(as pretraining's LMEvaluator does) and the metrics equal the whole batches' on one process."""
+
+import pytest
+import torch
+
+from lmforge.align.dpo import DPOConfig, DPOObjective
+from lmforge.align.sft import ObjectiveEvaluator, SFTObjective
+from lmforge.parallel.config import ParallelConfig
+from lmforge.parallel.launch import run_local
+
+from .helpers import TINY, sequences, tiny_model
+
+T = 10
+
+
+def _cases() -> dict:
+    """Objective and validation batches (5 and 3 rows: uneven shares, rows with different numbers of
+    trained tokens) per case."""
+    V = TINY.vocab_size
+    sft = [sequences(5, T, V, [2, 3, 4, 5, 6], seed=0), sequences(3, T, V, [7, 2, 3], seed=1)]
+    pairs = [{**sequences(B, T, V, lens, seed, "chosen_"), **sequences(B, T, V, lens, seed + 1, "rejected_")}
+             for B, lens, seed in ((5, [2, 3, 4, 2, 3], 2), (3, [4, 2, 3], 4))]
+    return {"sft": (SFTObjective(), sft), "dpo": (DPOObjective(DPOConfig(beta=0.2), reference=tiny_model(1)), pairs)}
+
+
+def _evaluate(model, objective, batches, runner=None) -> tuple[dict, int]:
+    """The evaluator's metrics as the Trainer calls it (no_grad, eval mode), and the rows the model saw."""
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    model.eval()
+    with torch.no_grad():
+        metrics = ObjectiveEvaluator(objective, batches, runner)(model)
+    hook.remove()
+    return metrics, sum(rows)
+
+
+def _worker(rank: int, world: int) -> dict:
+    from lmforge.parallel.runner import ParallelRunner
+
+    runner = ParallelRunner(tiny_model(0), ParallelConfig(dp_shard=world), device="cpu")
+    return {name: _evaluate(runner.model, obj, batches, runner) for name, (obj, batches) in _cases().items()}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_local(_worker, 2, timeout=60, start_method="fork")
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_two_processes_split_the_rows_and_match_one_process(two_ranks, name):
+    objective, batches = _cases()[name]
+    model = tiny_model(0).eval()
+    with torch.no_grad():  # reference: each whole batch's metrics, averaged over the batches
+        per_batch = [objective.loss(model, b)[1] for b in batches]
+    ref = {f"val_{k}": sum(float(m[k]) for m in per_batch) / len(per_batch) for k in per_batch[0]}
+    one, rows_one = _evaluate(model, objective, batches)
+    assert one == pytest.approx(ref, rel=1e-6)
+    (m0, rows0), (m1, rows1) = (r[name] for r in two_ranks)
+    assert m0 == m1 and list(m0) == list(ref)
+    assert m0 == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert rows0 + rows1 == rows_one and rows0 < rows_one and rows1 < rows_one  # each row evaluated once

@@ -1,5 +1,7 @@
-"""`lmforge sft --config FILE.toml [--data.packing false ...]`: supervised fine-tuning of a checkpoint on
-chat or prompt/completion JSONL (lmforge.train.posttrain); `run_objective` also serves dpo, rm, distill, kto and orpo."""
+"""`lmforge sft --config FILE.toml [--nproc N] [--data.packing false ...]`: supervised fine-tuning of a
+checkpoint on chat or prompt/completion JSONL (lmforge.train.posttrain); `run_objective` also serves dpo, rm,
+distill, kto and orpo. --nproc N re-runs the command on N local processes under torchrun, data parallel
+([parallel] dp_shard = FSDP2 by default, or dp_replicate = DDP), as `lmforge train --nproc N` does."""
 
 from __future__ import annotations
 
@@ -16,15 +18,24 @@ HELP = {
 
 
 def run_objective(name: str, argv: list[str]) -> int:
+    import os
+
+    from lmforge.cli.train import relaunch
     from lmforge.errors import ConfigError
     from lmforge.train.posttrain import config_class, posttrain
 
+    rc, argv = relaunch(name, argv)
+    if rc is not None:
+        return rc
     cls = config_class(name)
-    cfg = parse_config(cls, argv, prog=f"lmforge {name}", description=HELP[name] + " Resumable: run it again.")
+    cfg = parse_config(cls, argv, prog=f"lmforge {name}", description=HELP[name] + " Resumable: run it again; "
+                       "--nproc N trains on N local processes (data parallel).")
     if cfg.objective != name:
         raise ConfigError(f"objective = {cfg.objective!r} in the config, but this is `lmforge {name}`; "
                           f"remove the key or run `lmforge {cfg.objective}`")
     result = posttrain(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     ev = ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items()) or "no validation data"
     print(f"done: {result.steps} steps in {result.wall_time:.0f}s ({ev}); run directory {result.run_dir} "
           f"(checkpoint {result.checkpoint})")

@@ -35,19 +35,30 @@ def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
     return (int(nproc) if nproc is not None else None), rest
 
 
+def relaunch(command: str, argv: list[str]) -> tuple[int | None, list[str]]:
+    """`lmforge COMMAND --nproc N ...` with N > 1, outside torchrun: re-run it under torchrun on N local
+    processes and return (its exit code, []); otherwise (None, argv without --nproc) to run here."""
+    import os
+
+    nproc, argv = pop_nproc(argv)
+    if nproc is not None and nproc > 1 and "RANK" not in os.environ:
+        import subprocess
+
+        from lmforge.parallel.launch import torchrun_argv
+
+        return subprocess.call(torchrun_argv(nproc, [command, *argv])), []
+    return None, argv
+
+
 def main(argv: list[str]) -> int:
     import os
 
     from lmforge.train.config import TrainConfig
     from lmforge.train.trainer import train
 
-    nproc, argv = pop_nproc(argv)
-    if nproc is not None and nproc > 1 and "RANK" not in os.environ:  # re-run this command under torchrun
-        import subprocess
-
-        from lmforge.parallel.launch import torchrun_argv
-
-        return subprocess.call(torchrun_argv(nproc, ["train", *argv]))
+    rc, argv = relaunch("train", argv)
+    if rc is not None:
+        return rc
     cfg = parse_config(TrainConfig, argv, prog="lmforge train", description=_description())
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:

@@ -76,7 +76,8 @@ class AttnMetadata:
     tree_parents: torch.Tensor | None = None
     """(B, T) parent of each new token among its sequence's new tokens (in the varlen row: an index
     within its own chunk), -1 = the context's last token; None = a causal chain"""
-    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # never passed, but an init field: dataclasses.replace (FSDP2's cast of forward inputs) copies every field
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def packed(cls, doc_ids: torch.Tensor) -> "AttnMetadata":

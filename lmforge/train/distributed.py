@@ -1,6 +1,8 @@
-"""Multi-process pretraining: the pieces the one Trainer needs when `lmforge train` runs on N processes
+"""Multi-process training: the pieces the one Trainer needs when `lmforge train` runs on N processes
 (`lmforge train --nproc N`, or torchrun directly), in any [parallel] layout: data parallel (dp_shard =
 FSDP2, dp_replicate = DDP), tensor (tp), pipeline (pp), context (cp) parallel and their 2-D/3-D meshes.
+Post-training (`lmforge sft|dpo|... --nproc N`, lmforge.train.posttrain) uses the same pieces, data
+parallel only: join() the group, distribute() the model and data source, pass the runner to the Trainer.
 
 Every rank builds the same model from the same seed; a lmforge.parallel.runner.ParallelRunner applies the
 layout and is the Trainer's step strategy (forward/backward per micro-batch, global-norm clipping over
@@ -83,18 +85,37 @@ def train_device(device: str) -> torch.device:
     return d
 
 
+def distribute(model: torch.nn.Module, source, par: ParallelConfig | None, *, device: torch.device, seq_len: int,
+               batch_size: int):
+    """(model, data source, runner) of this process: as given with runner None on one process (par from
+    join() is None), else the model laid out by a ParallelRunner (call before building the optimizer: FSDP2
+    and TP replace the parameters by their shards) and the source cut to this rank's rows (RankRows)."""
+    if par is None:
+        return model, source, None
+    from lmforge.parallel.runner import ParallelRunner
+
+    runner = ParallelRunner(model, par, device=device, seq_len=seq_len, batch_size=batch_size)
+    return runner.model, RankRows(source, runner.dp_rank, runner.dp_size, batch_size), runner
+
+
 class RankRows:
     """A DataSource wrapper: the wrapped source yields the global batch (identically on every rank, same
-    seed); rank r of N keeps rows [r·B/N, (r+1)·B/N). State is the wrapped source's (global) state."""
+    seed); rank r of N keeps rows [r·B/N, (r+1)·B/N). State is the wrapped source's (global) state.
+    A shorter batch (a post-training epoch's last) is split as evenly as its rows allow (tensor_split);
+    the Trainer then weighs each rank's loss by its share of the rows or items (Trainer._micro_batches)."""
 
     def __init__(self, source, rank: int, world: int, batch_size: int):
         if batch_size % world:
             raise ConfigError(f"data.batch_size={batch_size} must be divisible by the data-parallel size {world}")
-        self.source, self.rank, self.per = source, rank, batch_size // world
+        self.source, self.rank, self.world = source, rank, world
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        lo = self.rank * self.per
-        return {k: v[lo:lo + self.per] for k, v in self.source.next_batch().items()}
+        batch = self.source.next_batch()
+        rows = len(next(iter(batch.values())))
+        if rows < self.world:
+            raise ConfigError(f"a batch of {rows} rows cannot feed {self.world} data-parallel ranks (the epoch's last "
+                              "batch): choose data.batch_size so that the epoch's rows leave no such remainder")
+        return {k: v.tensor_split(self.world)[self.rank] for k, v in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()

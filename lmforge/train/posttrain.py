@@ -15,6 +15,12 @@ constructor takes them, reference=/reference_path= (DPO, KTO: a frozen copy of `
 the init model) or teacher=/teacher_path= (distillation). The run directory holds metrics.jsonl,
 loss.png, metrics.png (reward margins, accuracies), data_report.json and checkpoints that LLM.load and
 `lmforge chat` open (config.json records the chat template).
+
+`--nproc N` (or torchrun) trains data parallel as `lmforge train` does (lmforge.train.distributed):
+[parallel] dp_shard (FSDP2, the default over N ranks) or dp_replicate (DDP); data.batch_size is the global
+batch, split over the ranks; rank 0 writes the metrics and the gathered checkpoint; validation splits its
+rows over the ranks. Frozen reference and teacher models are replicated whole on every rank. Tensor,
+pipeline and context parallel are refused: the objectives call the model themselves on full logits.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import torch
 
 from lmforge.align.data import PostDataConfig, build_sources
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
-from lmforge.utils import pick_device, write_json_atomic
+from lmforge.train.distributed import distribute, join, rank_and_world, train_device
+from lmforge.utils import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -81,10 +89,16 @@ class PostTrainConfig(LoopConfig):
     tokenizer: str = ""
     """tokenizer spec ('' = the one saved with the init model)"""
     data: PostDataConfig = field(default_factory=PostDataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """[parallel] data-parallel layout over the processes (`--nproc N`): dp_shard (FSDP2) or dp_replicate (DDP)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         objective_spec(self.objective)
+        other = {d: getattr(self.parallel, d) for d in ("tp", "pp", "cp") if getattr(self.parallel, d) > 1}
+        if other:
+            raise ConfigError(f"post-training runs data parallel only, got parallel {other}: use dp_shard / "
+                              "dp_replicate and set tp = pp = cp = 1")
 
 
 def config_class(name: str) -> type[PostTrainConfig]:
@@ -131,8 +145,9 @@ def posttrain(cfg: PostTrainConfig):
     if not cfg.init:
         raise ConfigError("init is not set: give the checkpoint, run or HF directory to start from (init = 'runs/x')")
     spec = objective_spec(cfg.objective)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    par = join(cfg.parallel)
+    device = train_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical heads and data order
     model, tok = load_model(cfg.init, device=device)
     mcfg = model.cfg
     if cfg.data.seq_len > mcfg.max_seq_len and mcfg.pos_emb not in ("rope", "none"):
@@ -143,19 +158,23 @@ def posttrain(cfg: PostTrainConfig):
         raise LmforgeError(f"{cfg.init} holds no tokenizer; set tokenizer = 'byte' or a tokenizer path")
     train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "data_report.json", report.to_dict())
-    print(f"data: {report.summary()}")
-    objective = build_objective(cfg, cfg.init, device)
+    rank0 = rank_and_world()[0] == 0
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "data_report.json", report.to_dict())
+        print(f"data: {report.summary()}")
+    objective = build_objective(cfg, cfg.init, device)  # frozen models: whole on every rank
     if spec.wrap:
         model = resolve(spec.wrap)(model)
     model.train()
+    model, train_src, runner = distribute(model, train_src, par, device=device, seq_len=cfg.data.seq_len,
+                                          batch_size=cfg.data.batch_size)
     optimizer = build_optimizer(model, cfg.optim)
-    evaluator = ObjectiveEvaluator(objective, val_src.batches()[:cfg.eval_batches]) if val_src else None
+    evaluator = ObjectiveEvaluator(objective, val_src.batches()[:cfg.eval_batches], runner) if val_src else None
     trainer = Trainer(model, optimizer, train_src, objective, config=cfg, evaluator=evaluator, tokenizer=tok,
-                      extra_meta={"objective": cfg.objective, "chat_template": cfg.data.template})
+                      extra_meta={"objective": cfg.objective, "chat_template": cfg.data.template}, runner=runner)
     result = trainer.fit()
-    if cfg.plot:
+    if cfg.plot and rank0:
         plot_metrics(run_dir)
     return result
 

@@ -16,7 +16,7 @@ from lmforge.optim import build_optimizer
 from lmforge.train.config import TrainConfig
 from lmforge.train.data import BatchSampler, eval_windows, open_splits
 from lmforge.train.loss import LMObjective, token_losses
-from lmforge.train.distributed import RankRows, join, sum_over_ranks, train_device
+from lmforge.train.distributed import distribute, join, sum_over_ranks, train_device
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
@@ -126,12 +126,8 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
         from lmforge.kernels.training import apply_fused_kernels
 
         apply_fused_kernels(model)
-    runner = None
-    if par is not None:  # parallelise before the optimizer: FSDP2 and TP replace the parameters by their shards
-        from lmforge.parallel.runner import ParallelRunner
-
-        runner = ParallelRunner(model, par, device=train_device(cfg.device), seq_len=d.seq_len, batch_size=d.batch_size)
-        model, sampler = runner.model, RankRows(sampler, runner.dp_rank, runner.dp_size, d.batch_size)
+    model, sampler, runner = distribute(model, sampler, par, device=train_device(cfg.device), seq_len=d.seq_len,
+                                        batch_size=d.batch_size)
     evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
                             token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token, runner)
     optimizer = build_optimizer(model, cfg.optim)

@@ -85,6 +85,10 @@ def batch_tokens(batch: Batch) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
 
+def batch_rows(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
 def optimizer_name(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> str:
     return f"{cfg.optim.name}/{type(optimizer).__name__}"
 
@@ -237,11 +241,17 @@ class Trainer:
         None = 1/grad_accum, or, for objectives with `batch_weight(batch)` (the items their loss averages
         over, e.g. SFT's trained tokens), the micro-batch's share of the step's items, so accumulated
         micro-batches give the loss of one big batch (as HF/TRL normalise). Weights are read on the host
-        before the transfer, so no device sync."""
+        before the transfer, so no device sync. On N ranks the total is the ranks' mean (one host all-reduce):
+        the ranks' gradients are averaged, so each share is then its part of the global batch's items x N
+        (rows for objectives without batch_weight)."""
         raw = [self.data.next_batch() for _ in range(self.cfg.grad_accum)]
         weigh = getattr(self.objective, "batch_weight", None)
+        if weigh is None and self.runner is not None:  # ranks' shares of a short batch differ: weigh by rows
+            weigh = batch_rows
         weights = [float(weigh(b)) for b in raw] if weigh is not None else []
         total = sum(weights)
+        if weigh is not None and self.runner is not None:
+            total = float(ddp.sum_over_ranks(torch.tensor([total], dtype=torch.float64), self.runner)) / self.world
         shares = [w / total for w in weights] if total > 0 else [None] * len(raw)
         return [(self._to_device(b), share) for b, share in zip(raw, shares)]
 

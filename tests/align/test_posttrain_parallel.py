@@ -1,0 +1,108 @@
+"""Post-training on 2 gloo processes (CPU) through the one Trainer: SFT under FSDP2 and DPO under DDP (its
+frozen reference replicated on both ranks) give the 1-process loss curve and final validation metrics on
+the same global batch, rank 0 writes each checkpoint once, and the 2-process step-3 checkpoint resumes in
+one process with the rest of the uninterrupted curve; `lmforge sft --nproc 2` runs under torchrun. tp /
+pp / cp are refused in the config.
+
+Tolerance: 1e-4 absolute, as for pretraining (tests/train/test_distributed.py): the ranks' gradients are
+summed in another order than one process's (about 1e-7 relative) and Adam's normalised step carries that
+into the weights. SFT's packed rows hold unequal numbers of trained tokens per rank: the Trainer weighs
+each rank's token-mean loss by its share of the global batch's tokens, so the curve still matches.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+
+import numpy as np
+import pytest
+
+from lmforge.checkpoint import checkpoint_dirs, load_model
+from lmforge.config import from_dict
+from lmforge.errors import ConfigError
+from lmforge.parallel.launch import run_local
+from lmforge.train import posttrain as PT
+
+from .test_trainer_objectives import base  # noqa: F401  (the tiny checkpoint and JSONL files)
+
+ATOL = 1e-4
+LAYOUT = {"sft": {"dp_shard": 2}, "dpo": {"dp_replicate": 2}}
+
+
+def _cfg(base: str, run: str, objective: str, parallel: dict | None = None):
+    data = tomllib.loads(f"""
+init = "{base}/base"
+run_dir = "{run}"
+max_steps = 6
+eval_every = 3
+eval_batches = 2
+log_every = 1
+ckpt_every = 3
+device = "cpu"
+progress = false
+plot = false
+seed = 0
+[optim]
+lr = 3e-3
+warmup_steps = 2
+[data]
+train = ["{base}/{'chat' if objective == 'sft' else 'pairs'}.jsonl"]
+template = "plain"
+seq_len = 64
+batch_size = 4
+val_fraction = 0.25
+""")
+    data["parallel"] = parallel or {}
+    return from_dict(PT.config_class(objective), data)
+
+
+def _losses(result) -> list[float]:
+    return [r["loss"] for r in result.history if "loss" in r]
+
+
+def _worker(rank: int, world: int, base: str, run: str, objective: str) -> dict:
+    res = PT.posttrain(_cfg(base, run, objective, LAYOUT[objective]))
+    return {"losses": _losses(res), "final_eval": res.final_eval}
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective):
+    ref = PT.posttrain(_cfg(str(base), str(tmp_path / "one"), objective))
+    ref_losses = _losses(ref)
+    run = tmp_path / "two"
+    got = run_local(_worker, 2, str(base), str(run), objective, timeout=120, start_method="fork")
+    assert len(ref_losses) == 6 and got[1]["losses"] == []  # only rank 0 logs
+    np.testing.assert_allclose(got[0]["losses"], ref_losses, atol=ATOL, rtol=0)
+    for r in got:  # every rank gets the same final validation metrics: the 1-process ones
+        assert r["final_eval"].keys() == ref.final_eval.keys() and len(ref.final_eval) >= 2
+        for k, v in ref.final_eval.items():
+            assert r["final_eval"][k] == pytest.approx(v, abs=ATOL), k
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_000003", "step_000006"]  # written once, by rank 0
+    a, b = (load_model(r / "checkpoints" / "step_000006")[0].state_dict() for r in (run, tmp_path / "one"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
+    # the 2-process step-3 checkpoint resumes in one process: the rest of the uninterrupted curve
+    shutil.rmtree(run / "checkpoints" / "step_000006")
+    resumed = _losses(PT.posttrain(_cfg(str(base), str(run), objective)))
+    np.testing.assert_allclose(resumed, ref_losses[-len(resumed):], atol=ATOL, rtol=0)
+    assert len(resumed) >= 3
+
+
+def test_tensor_pipeline_context_parallel_are_refused(base, tmp_path):
+    with pytest.raises(ConfigError, match="data parallel only.*'tp': 2"):
+        _cfg(str(base), str(tmp_path), "sft", {"tp": 2})
+
+
+def test_lmforge_sft_nproc_2_runs_under_torchrun(base, tmp_path):
+    """`lmforge sft --nproc 2` re-runs itself on 2 processes: one run directory, one report line."""
+    import subprocess
+    import sys
+
+    from .test_trainer_objectives import REPO, _toml
+
+    (tmp_path / "sft.toml").write_text(_toml(base, tmp_path / "run", max_steps=2))
+    out = subprocess.run([sys.executable, "-m", "lmforge", "sft", "--config", str(tmp_path / "sft.toml"), "--nproc", "2"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("done: 2 steps") == 1
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_000002"]

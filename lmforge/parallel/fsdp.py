@@ -20,8 +20,11 @@ from torch import nn
 from lmforge.errors import ConfigError
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks: a Transformer's ModuleList, or a pipeline stage's ModuleDict."""
+    """The repeated blocks: a Transformer's ModuleList, a pipeline stage's ModuleDict, or those of a
+    wrapped Transformer's `.backbone` (a reward model's SequenceHead)."""
     blocks = getattr(model, "blocks", None)
+    if blocks is None and hasattr(model, "backbone"):
+        blocks = getattr(model.backbone, "blocks", None)
     if blocks is None:
         raise ConfigError("parallelism needs a model with .blocks (an lmforge Transformer), "
                           f"got {type(model).__name__}")

@@ -92,7 +92,8 @@ def model_meta(model: torch.nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "cfg", None)
     if isinstance(cfg, ModelConfig):
         return {"model": to_dict(cfg)}
-    return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    cls = getattr(model, "model_class", type(model))  # a gathered sharded model names the class it shards
+    return {"model_class": f"{cls.__module__}.{cls.__qualname__}"}
 
 
 def sha256_file(path: Path) -> str:

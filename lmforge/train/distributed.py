@@ -238,6 +238,10 @@ class Gathered:
 
     def __init__(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]):
         self.cfg, self._weights = getattr(model, "cfg", None), weights
+        # the class a single process would record: FSDP2 swaps in a subclass FSDP<Name>(FSDPModule, Name)
+        from torch.distributed.fsdp import FSDPModule
+
+        self.model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._weights

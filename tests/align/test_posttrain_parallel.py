@@ -12,6 +12,7 @@ each rank's token-mean loss by its share of the global batch's tokens, so the cu
 
 from __future__ import annotations
 
+import json
 import shutil
 import tomllib
 
@@ -83,6 +84,8 @@ def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective):
     assert [p.name for p in checkpoint_dirs(run)] == ["step_000003", "step_000006"]  # written once, by rank 0
     a, b = (load_file(r / "checkpoints" / "step_000006" / "model.safetensors") for r in (run, tmp_path / "one"))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
+    meta = [json.loads((r / "checkpoints" / "step_000006" / "config.json").read_text()) for r in (run, tmp_path / "one")]
+    assert meta[0].get("model") == meta[1].get("model") and meta[0].get("model_class") == meta[1].get("model_class")
     # the 2-process step-3 checkpoint resumes in one process: the rest of the uninterrupted curve
     shutil.rmtree(run / "checkpoints" / "step_000006")
     resumed = _losses(PT.posttrain(_cfg(str(base), str(run), objective)))

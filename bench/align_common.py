@@ -24,7 +24,6 @@ from lmforge.align.logprobs import token_logprobs
 from lmforge.align.sampled import chat_prompt
 from lmforge.align.sft import model_logits
 from lmforge.infer.llm import LLM
-from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
@@ -87,42 +86,14 @@ def fit(model, objective, data, steps: int, lr: float, device: str) -> list[dict
 
 
 class Engine:
-    """LLM.generate, or - if the engine raises (its internals are being rewritten) - a cache-free decoder
-    with the same front door (rows of equal prompt length batched, the whole prefix re-run per token), so
-    a bench run still yields its numbers; the switch is printed."""
+    """LLM.generate on a fresh engine per call: the model trains between calls, so nothing an engine
+    caches (prefix blocks) may outlive one call."""
 
     def __init__(self, model):
-        self.model, self.tokenizer, self.failed = model, TOK, None
+        self.model, self.tokenizer = model, TOK
 
     def generate(self, prompts, params: SamplingParams):
-        if self.failed is None:
-            try:
-                return LLM(self.model, TOK, cuda_graphs=False, max_batch_size=256).generate(prompts, params)
-            except Exception as e:  # noqa: BLE001
-                self.failed = f"{type(e).__name__}: {e}"
-                print(f"LLM.generate failed ({self.failed[:200]}); using the cache-free decoder", flush=True)
-        return self._plain(prompts, params)
-
-    @torch.no_grad()
-    def _plain(self, prompts, params: SamplingParams) -> list[RequestOutput]:
-        self.model.eval()
-        dev = next(self.model.parameters()).device
-        g = torch.Generator(device=dev).manual_seed(params.seed or 0)
-        rows = [(i, j, TOK.encode(p)) for i, p in enumerate(prompts) for j in range(params.n)]
-        texts: dict[tuple[int, int], str] = {}
-        for L in sorted({len(r[2]) for r in rows}):
-            group = [r for r in rows if len(r[2]) == L]
-            ids = torch.tensor([r[2] for r in group], device=dev)
-            for _ in range(params.max_tokens):
-                logits = self.model(ids)[:, -1].float()
-                nxt = (logits.argmax(-1) if params.temperature == 0 else
-                       torch.multinomial((logits / params.temperature).softmax(-1), 1, generator=g)[:, 0])
-                ids = torch.cat([ids, nxt[:, None]], 1)
-            for (i, j, p), out in zip(group, ids[:, L:].tolist()):
-                text = TOK.decode([t for t in out if t < 256])
-                texts[i, j] = min((text.split(s)[0] for s in params.stop), key=len) if params.stop else text
-        return [RequestOutput(p, [], [CompletionOutput(j, texts[i, j], [], "stop") for j in range(params.n)])
-                for i, p in enumerate(prompts)]
+        return LLM(self.model, TOK, cuda_graphs=False, max_batch_size=256).generate(prompts, params)
 
 
 def accuracy(model, task, examples, max_tokens: int) -> float:

@@ -219,8 +219,8 @@ def eval_rows(runner, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def sum_over_ranks(sums: torch.Tensor, runner) -> torch.Tensor:
-    """The ranks' validation sums (a float64 host tensor) added up in place in one all-reduce on the
-    runner's CPU group (call on all ranks); returned as given without a runner."""
+    """The ranks' sums (a float64 host tensor: validation sums, a step's loss weights) added up in place in
+    one all-reduce on the runner's CPU group (call on all ranks); returned as given without a runner."""
     if runner is not None:
         dist.all_reduce(sums, group=runner.cpu_group)
     return sums

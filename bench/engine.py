@@ -11,6 +11,8 @@ Sections (--sections, comma-separated; default all):
               ignore EOS; output tokens/s, the workload's roofline and the fraction reached, KV memory
               utilisation at peak (Engine.stats(): tokens stored in the distinct blocks in use / their
               slots, shared blocks once) and the pool's occupancy then (tokens stored / the pool's slots)
+  unfused     the offline workload with EngineConfig(fused_kernels=False): the model's plain layers (the
+              default on a GPU runs Triton RMSNorm / RoPE / SwiGLU on a view of the model)
   fixed       the same prompts with 512 new tokens each (the issue's 2026-12-01 measurements: old path
               4,991 tok/s at batch 64, roofline ~38,000)
   hf          HF generate(), padded static batches of --hf-batch sorted by prompt length (first shape only)
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -91,6 +94,15 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
     for prompt, new in reqs:
         engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
     out_tokens, steps = 0, 0
+    trace: list[tuple[int, int, float]] = []  # per step: (decode rows, prefill tokens, seconds)
+    schedule = engine.scheduler.schedule
+
+    def traced_schedule():
+        batch = schedule()
+        trace.append((batch.num_decodes, batch.num_tokens - batch.num_decodes, time.perf_counter()))
+        return batch
+
+    engine.scheduler.schedule = traced_schedule
     while engine.has_unfinished():
         outs = engine.step(finished_only=True)
         steps += 1
@@ -100,24 +112,41 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
     sync(dev)
     wall = time.perf_counter() - t0
     st = engine.stats()
+    ends = [t for _, _, t in trace[1:]] + [t0 + wall]  # a step's time: until the next schedule (each syncs)
+    phases = {"mixed": [0, 0.0], "decode": [0, 0.0]}
+    by_batch: dict[int, list[float]] = {}
+    for (dec, pre, start), end in zip(trace, ends):
+        ph = phases["mixed" if pre else "decode"]
+        ph[0] += 1
+        ph[1] += end - start
+        if not pre:
+            by_batch.setdefault(dec // 64 * 64, []).append(end - start)
     graphs = getattr(engine.runner, "graphs", None)
     return {"graphs": "off" if graphs is None else (graphs.failed or f"{len(graphs.entries)} captured"),
             "kernel_step": getattr(engine.runner, "kernel_step", None) is not None,
+            "fused_kernels": getattr(engine.runner, "model", model) is not model,
             "decode": "triton kernel" if decode_kernel(torch.device(dev)) else "gather reference",
             "seconds": wall, "output_tokens": out_tokens, "tok_s": out_tokens / wall, "steps": steps,
             "ttft_mean_s": sum(ttft) / max(len(ttft), 1), "kv_util_at_peak": st["kv_utilization_at_peak"],
             "pool_occupancy_at_peak": st["kv_utilization_at_peak"] * st["peak_used_blocks"] / st["num_blocks"],
             "peak_blocks": st["peak_used_blocks"], "pool_blocks": st["num_blocks"],
-            "prefix_hit_rate": st["prefix_hit_rate"], "preemptions": st["preemptions"]}
+            "prefix_hit_rate": st["prefix_hit_rate"], "preemptions": st["preemptions"],
+            "steps_with_prefill": phases["mixed"][0], "prefill_phase_s": phases["mixed"][1],
+            "decode_steps": phases["decode"][0], "decode_phase_s": phases["decode"][1],
+            "decode_ms_by_batch": {f"{b}-{b + 63}": round(1e3 * sorted(v)[len(v) // 2], 2)
+                                   for b, v in sorted(by_batch.items())}}
 
 
 def profile(model, dev, config: EngineConfig, batch: int, prompt: int) -> dict:
     """Where a steady decode step's time goes (ms), at `batch` sequences of ~`prompt` tokens: scheduling,
     input building, the forward (its attention calls apart), sampling and the engine's bookkeeping.
     Each part is timed between device syncs, so the parts add up to more than a free-running step."""
+    # a pool for this batch only: the sync-timed steps make graph capture fail, and a failed capture's
+    # memory is not always released to the variants after this one
+    config = dataclasses.replace(config, num_kv_tokens=(batch + 32) * (prompt + 600))
     engine = Engine(model, IdTokenizer(model.cfg.vocab_size), config)
     for p, _ in workload(batch, prompt, prompt, model.cfg.vocab_size, seed=4):
-        engine.add_request(p, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=512, ignore_eos=True))
     sync(dev)
     t0 = time.perf_counter()
     engine.step(finished_only=True)  # a prefill step: max_num_batched_tokens of prompts
@@ -151,10 +180,35 @@ def profile(model, dev, config: EngineConfig, batch: int, prompt: int) -> dict:
             step(finished_only=True)
     finally:
         runner_mod.sample_rows = sample_rows_original
+    # the profiler last: CUDA-graph capture fails once CUPTI is attached (the timed steps captured)
+    print(f"  a decode step at batch {len(engine.scheduler.running)}:", flush=True)
+    kernel_table(dev, lambda: engine.step(finished_only=True), 3)
+    for p, _ in workload(32, prompt, prompt, model.cfg.vocab_size, seed=5):
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    print("  a step with prefill chunks:", flush=True)
+    kernel_table(dev, lambda: engine.step(finished_only=True), 1)
     out = {k: 1e3 * v / n for k, v in spent.items()}
     out["forward_other"] = out["step"] - sum(out.get(k, 0) for k in ("schedule", "inputs", "attention", "sampling"))
     out["first_prefill_step"] = prefill_ms
     return {"ms_per_step": {k: round(v, 2) for k, v in out.items()}, "batch": len(engine.scheduler.running)}
+
+
+def kernel_table(dev, fn, steps: int, top: int = 18) -> None:
+    """Print the device kernels of `steps` calls of fn (torch.profiler), most time first, per call."""
+    if torch.device(dev).type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    sync(dev)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        sync(dev)
+    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in rows)
+    print(f"  kernels per step (device total {total / 1e3 / steps:.2f} ms):", flush=True)
+    for e in rows[:top]:
+        print(f"  {e.self_device_time_total / 1e3 / steps:8.3f} ms {e.count // steps:5d}x  {e.key[:90]}", flush=True)
 
 
 def check(model, dev) -> dict:
@@ -333,7 +387,8 @@ def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> li
 
 
 NOTES = ("ms_per_step", "batch", "greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "pool_occupancy_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
-         "graphs", "decode", "kernel_step")
+         "graphs", "decode", "kernel_step", "fused_kernels", "steps_with_prefill", "prefill_phase_s", "decode_steps",
+         "decode_phase_s", "decode_ms_by_batch")
 
 
 def print_row(row) -> None:
@@ -353,6 +408,7 @@ def guarded(fn, *a, **kw) -> dict:
     except Exception as e:  # noqa: BLE001 - the benchmark reports every failure and goes on
         return {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"}
     finally:
+        gc.collect()  # an engine's KV pool and captured graphs sit in reference cycles
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -361,7 +417,7 @@ def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy fp32 models on CPU")
     ap.add_argument("--shapes", default="qwen3-0.6b,llama-1.1b")
-    ap.add_argument("--sections", default="check,profile,offline,fixed,batch1,prefix,baseline,hf,hf_batch")
+    ap.add_argument("--sections", default="check,profile,offline,unfused,fixed,batch1,prefix,baseline,hf,hf_batch")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--hf-requests", type=int, default=32, help="HF generate() runs on the first N requests")
     ap.add_argument("--hf-batch", type=int, default=32)
@@ -391,20 +447,22 @@ def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float,
     V = model.cfg.vocab_size
     reqs = workload(args.requests, lo, hi, V)
     fixed = [(p, args.fixed_new) for p, _ in reqs]
-    run_engine(model, reqs[:4], config, dev)  # warm-up (kernels, allocator)
+    guarded(run_engine, model, reqs[:4], config, dev)  # warm-up (kernels, allocator)
     if "check" in sections:
         add("check: engine greedy vs full recompute", guarded(check, model, dev))
     if "profile" in sections:
         n, p = (8, 20) if args.smoke else (args.max_num_seqs, 1024)
         add(f"profile: decode step at batch {n}, ~{p} context", guarded(profile, model, dev, config, n, p))
-    for name, work in (("offline", reqs), ("fixed", fixed)):
+    unfused = dataclasses.replace(config, fused_kernels=False)
+    for name, work, cfg in (("offline", reqs, config), ("unfused", reqs, unfused), ("fixed", fixed, config)):
         if name in sections:
             bound = roofline(model, work, dev, bw, peak)
-            label = "engine, offline workload" if name == "offline" else f"engine, {args.fixed_new} new each"
-            add(label, {**guarded(run_engine, model, work, config, dev), **bound}, bound["roofline_tok_s"])
+            label = {"offline": "engine, offline workload", "fixed": f"engine, {args.fixed_new} new each",
+                     "unfused": "engine, offline workload, plain layers (no fused kernels)"}[name]
+            add(label, {**guarded(run_engine, model, work, cfg, dev), **bound}, bound["roofline_tok_s"])
     if "batch1" in sections:
         one = [(workload(1, 128, 128, V, seed=3)[0][0], 16 if args.smoke else 256)]
-        run_engine(model, one, config, dev)  # warm-up: capture, kernel tuning
+        guarded(run_engine, model, one, config, dev)  # warm-up: capture, kernel tuning
         add(f"engine, batch 1 (128 prompt, {one[0][1]} new)", guarded(run_engine, model, one, config, dev))
     if first and "prefix" in sections:
         pre = prefix_workload(args.requests, prefix_len, V, 16, 64)

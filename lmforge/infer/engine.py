@@ -99,6 +99,10 @@ class EngineConfig:
     kernel_step: bool | None = None
     """one-sequence decode steps on the Triton kernel step (lmforge.infer.kernel_step); None = on an
     Ampere-or-newer GPU for the models it supports; True = always (an error if it cannot run)"""
+    fused_kernels: bool | None = None
+    """decode-only steps run with Triton RMSNorm / RoPE / SwiGLU kernels on a view of the model that shares
+    its weights (lmforge.kernels.training.kernel_view; the model is not changed); None = on a GPU where they
+    run; True = always (on a CPU through Triton's interpreter; an error where they cannot run)"""
 
     def __post_init__(self) -> None:
         check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
@@ -146,7 +150,8 @@ class Engine:
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
                                       prefill=config.prefill_attention,
-                                      kernel_step=self._use_kernel_step(model))
+                                      kernel_step=self._use_kernel_step(model),
+                                      fused_kernels=self._use_fused_kernels())
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
         # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
         windows = [layer.window for layer in spec.layers] if spec is not None else [0]
@@ -188,6 +193,14 @@ class Engine:
             raise ConfigError(f"kernel_step=True, but the batch-1 kernel step cannot run: {why}")
         gpu = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8
         return why is None and (want or gpu)
+
+    def _use_fused_kernels(self) -> bool:
+        want = self.config.fused_kernels
+        if want is not None:
+            return want
+        from lmforge.kernels.training import unsupported
+
+        return self.device.type == "cuda" and unsupported(self.device) is None
 
     def _num_blocks(self, spec, extra_per_token: int = 0) -> int:
         """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids."""

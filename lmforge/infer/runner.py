@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.infer.kv import new_paged_cache
 from lmforge.infer.request import Sequence
 from lmforge.infer.sampler import Row, Sampled, sample_rows
@@ -34,12 +35,16 @@ Extra = list[tuple[int, int]]
 
 class PagedRunner:
     """graphs: None, or "eager" / "cuda": decode-only steps through lmforge.infer.graphs (static buffers;
-    "cuda" replays captured CUDA graphs)."""
+    "cuda" replays captured CUDA graphs). fused_kernels: forwards run on lmforge.kernels.training.kernel_view
+    of the model (Triton RMSNorm, RoPE and SwiGLU; a copy sharing the model's parameters, the model itself
+    untouched) in decode-only steps: there a layer's dozens of small elementwise kernels are most of the
+    non-attention time; steps with prefill chunks run the plain model."""
 
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
                  graphs: str | None = None, max_batch: int = 256, decode: str = "auto", prefill: str = "auto",
-                 kernel_step: bool = False):
-        self.model, self.block_size, self.device = model, block_size, torch.device(device)
+                 kernel_step: bool = False, fused_kernels: bool = False):
+        self.source, self.block_size, self.device = model, block_size, torch.device(device)
+        self.fused_kernels = fused_kernels
         # one block more than the pool hands out: the graphs' padding rows write there
         self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode, prefill)
         self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step)
@@ -49,7 +54,14 @@ class PagedRunner:
         """The decode backends (lmforge.infer.graphs). Both read the model's parameters in place: CUDA
         graphs replay their addresses, the kernel step takes the model's own weight tensors."""
         graphs, num_blocks, max_batch, max_blocks, kernel_step = self._backends
-        self.graphs, self.kernel_step = None, None
+        self.graphs, self.kernel_step, self.model = None, None, self.source
+        if self.fused_kernels:
+            from lmforge.kernels.training import kernel_view
+
+            self.model = kernel_view(self.source)
+            if self.model is None:
+                raise LmforgeError("fused_kernels=True but the Triton kernels cannot run on this device; "
+                                   "set fused_kernels=None (on where they run) or False")
         if graphs is not None:
             from lmforge.infer.graphs import DecodeGraphs
 
@@ -58,14 +70,14 @@ class PagedRunner:
         if kernel_step:
             from lmforge.infer.graphs import BatchOneKernel
 
-            self.kernel_step = BatchOneKernel(self.model, self.cache, max_blocks, use_graphs=graphs == "cuda")
-        self._addresses = _addresses(self.model)
+            self.kernel_step = BatchOneKernel(self.source, self.cache, max_blocks, use_graphs=graphs == "cuda")
+        self._addresses = _addresses(self.source)
 
     def refresh_weights(self) -> None:
         """The model's weights changed. Changed in place (optimizer steps, load_state_dict, copy_), the
         backends stay valid; if parameters were replaced or moved (new storage), they are rebuilt, since
-        captured graphs would read the old addresses."""
-        if _addresses(self.model) != self._addresses:
+        captured graphs would read the old addresses (and a kernel view would hold the old tensors)."""
+        if _addresses(self.source) != self._addresses:
             self._make_backends()
 
     @torch.inference_mode()
@@ -84,10 +96,13 @@ class PagedRunner:
             logits = _take(self.graphs.run(batch), [c for c, _, _ in rows])  # one row per chunk end
         else:
             ids, meta = self.prepare(batch, rows, extra)
+            # the kernel view serves decode-only steps; prefill chunks run the plain layers, whose kernels are
+            # already large at thousands of tokens (and measured faster there on an H200: docs/benchmarks.md)
+            model = self.model if batch.num_decodes == len(batch.chunks) else self.source
             if hidden:  # (1, M + E, V), (1, M + E, d): those rows only
-                logits, states = (t[0] for t in self.model(ids, cache=self.cache, meta=meta, return_hidden=True))
+                logits, states = (t[0] for t in model(ids, cache=self.cache, meta=meta, return_hidden=True))
             else:
-                logits = self.model(ids, cache=self.cache, meta=meta)[0]
+                logits = model(ids, cache=self.cache, meta=meta)[0]
         return _split(logits, states, rows, vocab_limit)
 
     def prepare(self, batch: Batch, rows: Step, extra: Extra = ()) -> tuple[torch.Tensor, AttnMetadata]:

@@ -7,6 +7,9 @@ functions do): the model code keeps its plain layers, which stay the references.
                                  modules with a `rope_fn`  -> rope_fn = kernels.rope.rope (once the attention
                                                               layer calls its RoPE through such an attribute)
 
+    kernel_view(model)           a copy of the model with those kernels in, sharing every parameter and
+                                 buffer (the model itself unchanged): the inference engine's forward on a GPU
+
 Each module's class is replaced by a subclass that only overrides the forward (or the dispatch), so
 parameters, buffers and state-dict names are untouched and checkpoints load either way. The loss side is
 kernels.fused_ce.FusedLMObjective (pretraining's objective with the LM head and loss fused); RoPE is
@@ -15,6 +18,7 @@ kernels.rope.rope, a drop-in for layers.rope.apply_rope at its call in the atten
 
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
 
@@ -69,3 +73,17 @@ def apply_fused_kernels(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> lis
         m.__class__ = cls  # a forward-only subclass: same attributes, parameters and names
         done.append(name)
     return done
+
+
+def kernel_view(model: nn.Module, kinds: tuple[str, ...] = ("norm", "swiglu", "rope")) -> nn.Module | None:
+    """A copy of `model` whose layers run the fused kernels, sharing every parameter and buffer with it (no
+    weight is copied; in-place weight updates reach both), the model itself when it has no layer to swap,
+    or None where the kernels cannot run (no notice: the caller keeps the plain model). `model` itself is not changed, so the engine can use this for its
+    forwards without touching the model a trainer or the user holds. MoE stays out by default: its
+    dispatch is a training choice (`model.moe.gemm`)."""
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if t is None or unsupported(t.device) is not None:
+        return None
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    view = copy.deepcopy(model, shared)
+    return view if apply_fused_kernels(view, kinds) else model  # no layer to swap: the model as it is

@@ -357,3 +357,41 @@ def test_the_engine_runs_a_model_left_in_train_mode_in_eval_mode(tok):
     model.blocks[0].mlp.eval()  # a part the trainer keeps in eval mode stays so
     assert llm.generate("hi", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].token_ids == want
     assert model.training and model.blocks[1].mlp.training and not model.blocks[0].mlp.training
+
+
+# fused kernels on a view of the model -----------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "mqa-softcap"])
+def test_fused_kernel_view_decodes_like_the_plain_model_and_leaves_it_untouched(arch, tok):
+    """EngineConfig(fused_kernels=True): forwards run Triton RMSNorm / RoPE / SwiGLU (Triton's interpreter
+    on a CPU) on a copy sharing the model's weights; tokens and log-probs equal the plain engine's, the
+    caller's modules keep their classes, and an in-place weight update reaches the view."""
+    from lmforge.kernels.decode import available
+
+    if not available("cpu"):
+        pytest.skip("needs triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
+    model = tiny_model(arch, init_std=0.3)
+    classes = [type(m) for m in model.modules()]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    reqs = [(p, sp) for p in ("first prompt", "the second, longer prompt")]
+    cfg = dict(block_size=4, cuda_graphs=True)
+    fused = Engine(model, tok, EngineConfig(**cfg, fused_kernels=True))
+    view = fused.runner.model
+    assert view is not model and [type(m) for m in model.modules()] == classes
+    assert any(type(m).__name__ == "FusedRMSNorm" for m in view.modules())
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters()))  # shared, not copied
+    want = run(Engine(model, tok, EngineConfig(**cfg, fused_kernels=False)), reqs)
+    for got, ref in zip(run(fused, reqs), want):
+        assert got.token_ids == ref.token_ids and got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+    sgd_step(model)
+    fused.update_weights()
+    want = run(Engine(copy.deepcopy(model).eval(), tok, EngineConfig(**cfg, fused_kernels=False)), reqs)
+    for got, ref in zip(run(fused, reqs), want):
+        assert got.token_ids == ref.token_ids and got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+
+
+def test_fused_kernels_default_off_on_a_cpu_and_refused_where_they_cannot_run(tok, monkeypatch):
+    model = tiny_model("llama")
+    assert Engine(model, tok, EngineConfig()).runner.model is model
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(LmforgeError, match="fused_kernels=True but the Triton kernels cannot run"):
+        Engine(model, tok, EngineConfig(fused_kernels=True))

@@ -185,6 +185,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rope_layout = cfg.rope_layout
+        self.rope_fn = apply_rope  # lmforge.kernels.training swaps in the Triton kernel (same arguments)
         self.softcap, self.impl, self.dropout = cfg.attn_softcap, cfg.attn_impl, cfg.dropout
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(self.hd)
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
@@ -215,13 +216,13 @@ class Attention(nn.Module):
             q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        if self.q_norm is not None:
+        q, k = q.view(B, T, self.n_heads, self.hd), k.view(B, T, self.n_kv, self.hd)
+        if self.q_norm is not None:  # over head_dim, on the contiguous (B, T, heads, hd) layout: no copy
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope, self.rope_layout), apply_rope(k, *rope, self.rope_layout)
+            q, k = self.rope_fn(q, *rope, self.rope_layout), self.rope_fn(k, *rope, self.rope_layout)
         out = (cache if cache is not None else DENSE).attend(self.layer_idx, q, k, v, self.current_spec(), meta)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)))
 

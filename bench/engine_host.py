@@ -20,7 +20,10 @@ runner.prepare; `graphs` = the same through the CUDA-graph backend's static buff
 run eagerly here: its input building is what a GPU's decode-only steps pay; prepare = graphs.run minus
 the stub forward); `mixed` =
 the same decodes plus a 512-token prompt prefilled whole in the step (a new request arriving; it is
-aborted after the step so the batch stays put). Prompts of the decoding sequences are uniform in
+aborted after the step so the batch stays put); `async` = the decode steps with async scheduling
+(EngineConfig.async_scheduling; the other rows run without it): the same host work in another order
+(each step launches the next before `post` reads the previous one), none of it on the device's critical
+path on a GPU while it stays below the device's step time (~12 ms at batch 256 on an H200). Prompts of the decoding sequences are uniform in
 [100, 1024] tokens, as in bench/engine.py's offline workload; greedy, EOS ignored, ids-only tokenizer.
 Prints a table of median ms per step and per phase (the total is the median step, not the phases' sum); writes JSON to $OUT (or bench/results)/engine_host.json.
 """
@@ -50,6 +53,7 @@ from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model.cache import CacheSpec, LayerCacheSpec  # noqa: E402
 
 PHASES = ("schedule", "prepare", "forward", "sample", "post")
+KINDS = ("decode", "graphs", "mixed", "async")
 
 
 class StubModel(torch.nn.Module):
@@ -77,12 +81,12 @@ def params_for(sampling: str, i: int) -> SamplingParams:
     return SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=2048, ignore_eos=True)
 
 
-def decoding_engine(batch: int, vocab: int, sampling: str, graphs: bool = False, device: str = "cpu"
-                    ) -> tuple[Engine, StubModel]:
+def decoding_engine(batch: int, vocab: int, sampling: str, graphs: bool = False, device: str = "cpu",
+                    async_scheduling: bool = False) -> tuple[Engine, StubModel]:
     """An engine whose `batch` sequences have their prompts in the cache: the next step is decode-only."""
     model = StubModel(vocab, batch + 1).to(device)
     config = EngineConfig(max_num_seqs=batch + 1, num_kv_tokens=(batch + 1) * 4096, cuda_graphs=graphs,
-                          kernel_step=False)
+                          kernel_step=False, async_scheduling=async_scheduling)
     engine = Engine(model, IdTokenizer(vocab), config)
     rng = random.Random(0)
     for i in range(batch):
@@ -116,7 +120,8 @@ def timed_phases(engine: Engine, model: StubModel, spent: dict[str, float]):
 def measure(batch: int, kind: str, steps: int, vocab: int, sampling: str, prof: cProfile.Profile | None,
             device: str = "cpu") -> dict:
     """Median ms per phase over `steps` timed steps (medians: the box is shared and single steps stall)."""
-    engine, model = decoding_engine(batch, vocab, sampling, graphs=kind == "graphs", device=device)
+    engine, model = decoding_engine(batch, vocab, sampling, graphs=kind == "graphs", device=device,
+                                    async_scheduling=kind == "async")
     rng = random.Random(1)
     spent = dict.fromkeys(PHASES + ("step",), 0.0)
     undo = timed_phases(engine, model, spent)
@@ -164,7 +169,7 @@ def main(argv=None) -> list[dict]:
     print(f"{'batch':>5} {'step':>6} " + " ".join(f"{p:>9}" for p in PHASES + ("total",)) + f" {'us/seq':>8}")
     rows = []
     for batch in map(int, args.batches.split(",")):
-        for kind in ("decode", "graphs", "mixed"):
+        for kind in KINDS:
             prof = cProfile.Profile() if args.profile and batch == 256 and kind == "decode" else None
             row = measure(batch, kind, args.steps, args.vocab, args.sampling, prof, args.device)
             rows.append(row)

@@ -19,15 +19,22 @@ drafting for the whole batch with a draft model: lmforge.infer.draft).
 
 Host work per step (bench/engine_host.py, a zero-cost stub model, one CPU core): ~2.3 ms at 256 decoding
 sequences (~9 us per sequence: scheduling and block accounting, input building, grouping and drawing
-samples, appending tokens, detokenizing, stop checks, prefix-block registration), paid while the GPU
-waits: the host reads step t's tokens, then builds step t + 1. vLLM v1's async scheduling hides it: a
-decode's shape (one token, its slot, its blocks) does not depend on the token's value, so step t + 1 is
-scheduled and its inputs built while step t runs, its input ids taken on the device from step t's
-sampled tokens; the host reads step t's tokens one step late and applies stop conditions then (a
-sequence that finished at step t computes one more token, thrown away, and holds its blocks a step
-longer). Not done here: the runner (graphs included) would take input ids from a device tensor of last
-step's samples, and the engine would accept tokens a step late, with strategies (beam search,
-speculative decoding) that need the tokens first running synchronously.
+samples, appending tokens, detokenizing, stop checks, prefix-block registration). Async scheduling
+(EngineConfig.async_scheduling, on a GPU by default; vLLM v1's idea) takes most of it off the device's
+critical path: a decode's shape (one token, its slot, its blocks) does not depend on the token's value,
+so each step() first schedules and launches the next step, its decode input ids copied on the device
+from the pending step's sampled tokens (runner.LateIds, in the eager inputs, the CUDA-graph static
+buffer and the kernel step alike), and only then reads the pending step's tokens and does the host work
+above while the device runs the new one (lmforge.infer.pending). Stop conditions are thus applied one
+step late: a sample that ends by EOS, a stop id or a stop string has computed one more token, dropped
+and never shown, and holds its blocks a step longer; max_tokens and the context window are known ahead,
+so no row is scheduled past them. Prefill chunks overlap too (their sampled rows become decodes of the
+next step the same way). A step's tokens are read at once, as without async scheduling, when the next
+step needs their values: any row of a beam search or speculative request (strategies: any draft turns it
+off for the engine), penalties (the sampler reads the history), prompt log-probs, the first sample of a
+request with n > 1 (its samples fork from it), and the recompute runner (which takes it off). Seeded
+streams draw in the same order, so samples equal the synchronous engine's; update_weights and
+reset_prefix_cache read a pending step (its rows all finished or aborted) first.
 
 What later work attaches to:
   evaluation   SamplingParams(prompt_logprobs=k): the step's forward also takes logits at the prompt
@@ -61,6 +68,7 @@ from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.kv.paged import DECODE, PREFILL, decode_kernel
 from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.pending import Launched, overlaps
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
 from lmforge.infer.runner import Extra, PagedRunner, RecomputeRunner, prompt_rows, row_for, sampling_rows
 from lmforge.infer.sampler import kind_of, logprob_entries
@@ -103,6 +111,12 @@ class EngineConfig:
     """decode-only steps run with Triton RMSNorm / RoPE / SwiGLU kernels on a view of the model that shares
     its weights (lmforge.kernels.training.kernel_view; the model is not changed); None = on a GPU where they
     run; True = always (on a CPU through Triton's interpreter; an error where they cannot run)"""
+    async_scheduling: bool | None = None
+    """launch the next step before reading this one's tokens, so the host's work per step (scheduling,
+    inputs, appending tokens, stop checks) runs while the device computes (lmforge.infer.pending); None =
+    on a GPU. True on a CPU runs the same order of work (what tests check). Steps whose token values are
+    needed before the next one still read them at once: beam search, speculative decoding (any draft),
+    penalties, prompt log-probs, a request's first sample when n > 1, and the recompute runner"""
 
     def __post_init__(self) -> None:
         check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
@@ -114,6 +128,8 @@ class EngineConfig:
         check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
         check(self.prefill_attention in PREFILL,
               f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
+        check(self.async_scheduling in (None, True, False),
+              f"async_scheduling must be None, True or False, got {self.async_scheduling!r}")
 
 
 class Engine:
@@ -174,6 +190,9 @@ class Engine:
                 from lmforge.infer.draft import PagedDraftModel
 
                 self.draft_model = PagedDraftModel(draft, num_blocks, config.block_size, self.device)
+        on = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
+        self.async_scheduling = on and isinstance(self.runner, PagedRunner) and draft is None
+        self._pending: Launched | None = None  # a step whose tokens the host has not read yet
         self.requests: dict[str, Request] = {}
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
         self.peak_used_blocks = 0
@@ -244,7 +263,7 @@ class Engine:
                                "gpu_memory_utilization, or lower max_tokens")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals),
                       kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer)),
-                      arrival_time=time.perf_counter())
+                      arrival_time=time.perf_counter(), max_len=min(len(ids) + params.max_tokens, self.max_seq_len))
         # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
         req.generators = [self._generator(params, j) for j in range(params.n)]
         req.seqs.append(self._sequence(req, 0, list(ids)))
@@ -256,6 +275,8 @@ class Engine:
             from lmforge.infer.speculative import Speculative
 
             req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens)
+        penalties = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
+        req.overlaps = req.strategy is None and not penalties and params.prompt_logprobs is None
         self.requests[rid] = req
         self.scheduler.add(req.seqs[0])
         return rid
@@ -307,6 +328,7 @@ class Engine:
         touched. Refused while requests are running (their cached keys come from the old weights) and for
         a model moved since the engine was built (e.g. by Trainer(model); the KV cache stays behind)."""
         self._refuse_while_running("update_weights")
+        self._drain()
         if (device := next(self.model.parameters()).device) != self.device:
             raise LmforgeError(f"update_weights: the model moved from {self.device} to {device} after the engine "
                                f"was built; move it first (model.to('{device}')), then build the engine")
@@ -326,12 +348,20 @@ class Engine:
         """Forget every cached prefix (and the hit statistics): later prompts compute all their keys.
         Refused while requests are running (they hold and extend cached blocks)."""
         self._refuse_while_running("reset_prefix_cache")
+        self._drain()
         self.pool.reset_prefix_cache()
 
     def _refuse_while_running(self, what: str) -> None:
         if self.requests:
             raise LmforgeError(f"{what} with {len(self.requests)} request(s) running; let them finish "
                                "(has_unfinished() is False) or abort them first")
+
+    def _drain(self) -> None:
+        """Read a step still pending with no request running (its rows are all finished or aborted ones,
+        dropped), so that nothing on the device still uses the old weights or cache."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._finish(pending, {})
 
     # the loop ------------------------------------------------------------------------------------
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
@@ -342,30 +372,74 @@ class Engine:
             return self._step(finished_only)
 
     def _step(self, finished_only: bool) -> list[RequestOutput]:
+        """Launch the next step, then read the pending one (async scheduling: lmforge.infer.pending) and
+        the new one unless it overlaps the next. Outputs are built once, after both."""
+        prev, self._pending = self._pending, None
+        try:
+            step = self._launch(prev)
+        except BaseException:
+            self._pending = prev  # its tokens are still the sequences' next ones: read them next time
+            raise
+        changed: dict[str, Request] = {}
+        if prev is not None:
+            self._finish(prev, changed)
+        if step is not None and step.overlap:
+            self._pending = step
+        elif step is not None:
+            self._finish(step, changed)
+        outs = []
+        for req in changed.values():
+            done = req.finished
+            if done:
+                self.requests.pop(req.request_id, None)
+            if done or not finished_only:
+                outs.append(req.output())
+        return outs
+
+    def _launch(self, prev: Launched | None) -> Launched | None:
+        """Schedule a step and queue its forward and sampling on the device (None: nothing to run).
+        With prev pending, decode inputs that are prev's samples are copied on the device."""
         batch = self.scheduler.schedule()
         if not batch.chunks:
-            if self.scheduler.has_work():
+            if prev is None and self.scheduler.has_work():
                 raise LmforgeError("the scheduler could not fit any sequence in the KV pool; raise num_kv_tokens")
-            return []
+            return None
         if self.draft_model is not None:  # copy-on-write copies apply to the draft's cache too
             self.draft_model.copy_blocks(batch.copies)
         self._draft(batch)
         # decodes first, shortest context first (caches that gather blocks pad less per group of rows)
         batch.chunks.sort(key=lambda c: (c[1] != 1, len(c[0].block_table) if c[1] == 1 else 0))
         rows, extra = sampling_rows(batch, self._rows), prompt_rows(batch)
-        sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, self.wants_hidden)
+        late = prev.late_ids(batch) if prev is not None else None
+        sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, self.wants_hidden, late)
         if extra:
             self._record_prompt_logprobs(batch, extra, sampled.extra)
-        tokens = sampled.tokens.tolist()  # the step's one device->host sync
-        lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
-        top = (sampled.top_values.tolist(), sampled.top_ids.tolist()) if sampled.top_values is not None else None
         for seq, n in batch.chunks:
             seq.num_computed += n
-        changed: dict[str, Request] = {}
+        step = Launched(batch, rows, sampled, self.async_scheduling and overlaps(batch, rows, extra))
+        if step.overlap:
+            step.hold_tokens()
+            sampled.logits = None  # (M, V), for strategies only: not kept alive a step longer
+            for seq, _ in batch.chunks:  # full blocks of known tokens: the next schedule may hit them, as in sync
+                self._register_blocks(seq)
+        return step
+
+    def _finish(self, step: Launched, changed: dict[str, Request]) -> None:
+        """Read a launched step's tokens (the step's one device->host sync) and append them: forks after a
+        prefill, strategies, prefix-block registration; the requests that changed go into `changed`."""
+        batch, rows, sampled = step.batch, step.rows, step.sampled
+        tokens = sampled.tokens.tolist()
+        lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
+        top = (sampled.top_values.tolist(), sampled.top_ids.tolist()) if sampled.top_values is not None else None
+        stale = step.stale()
         samples_of: dict[int, int] = {}
         claimed: dict[int, tuple[Sequence, list[int]]] = {}
         for r, (c, _, _) in enumerate(rows):
             seq = batch.chunks[c][0]
+            if step.overlap:
+                seq.inflight -= 1
+            if seq.seq_id in stale:
+                continue
             changed[seq.request.request_id] = seq.request
             if _claims(seq):
                 claimed.setdefault(seq.seq_id, (seq, []))[1].append(r)
@@ -386,14 +460,6 @@ class Engine:
             if self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed
                 self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1)
         self.peak_used_blocks = max(self.peak_used_blocks, self.pool.num_used)
-        outs = []
-        for req in changed.values():
-            done = req.finished
-            if done:
-                self.requests.pop(req.request_id, None)
-            if done or not finished_only:
-                outs.append(req.output())
-        return outs
 
     def _draft(self, batch) -> None:
         """Speculative requests scheduled for their last token extend that chunk by their drafts (the
@@ -482,7 +548,9 @@ class Engine:
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Name every newly filled block by its prefix key, so later requests can reuse it."""
-        bs, full = self.pool.block_size, seq.num_computed // self.pool.block_size
+        # a token still on the device (async scheduling) may already be computed: name known tokens only
+        bs = self.pool.block_size
+        full = min(seq.num_computed, len(seq.tokens)) // bs
         if len(seq.block_keys) >= full or not self.pool.prefix_caching or seq.status == Status.FINISHED:
             return
         parent = seq.block_keys[-1] if seq.block_keys else None

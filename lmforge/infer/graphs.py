@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.infer.runner import host_block_tables
+from lmforge.infer.runner import LateIds, host_block_tables, token_at
 from lmforge.model.meta import AttnMetadata
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -49,8 +49,9 @@ class DecodeGraphs:
     def fits(self, batch) -> bool:
         return self.failed is None and batch.num_decodes == len(batch.chunks) and len(batch.chunks) <= self.max_batch
 
-    def run(self, batch) -> torch.Tensor:
-        """logits (B, V) of a decode-only batch, one row per chunk."""
+    def run(self, batch, late: LateIds | None = None) -> torch.Tensor:
+        """logits (B, V) of a decode-only batch, one row per chunk; late: input ids still on the device,
+        copied into the static buffer after the host's."""
         B, bs = len(batch.chunks), self.block_size
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
         key = (_bucket(B), W)
@@ -58,13 +59,15 @@ class DecodeGraphs:
         Bp = key[0]
         pos = [s.num_computed for s, _ in batch.chunks]
         pad = Bp - B
-        host = torch.tensor([[s.tokens[p] for (s, _), p in zip(batch.chunks, pos)] + [0] * pad,
+        host = torch.tensor([[token_at(s, p) for (s, _), p in zip(batch.chunks, pos)] + [0] * pad,
                              pos + [0] * pad,
                              [s.block_table[p // bs] * bs + p % bs for (s, _), p in zip(batch.chunks, pos)]
                              + [self.scratch_slot] * pad,
                              [p + 1 for p in pos] + [1] * pad])
         entry.host.copy_(host, non_blocking=True)
         entry.tables.copy_(host_block_tables([s.block_table for s, _ in batch.chunks], Bp, W), non_blocking=True)
+        if late is not None:
+            late.write(entry.host[0])
         if entry.graph is not None:
             entry.graph.replay()
             return entry.out[:B]
@@ -149,21 +152,23 @@ class BatchOneKernel:
     def fits(self, batch) -> bool:
         return self.failed is None and len(batch.chunks) == 1 and batch.num_decodes == 1
 
-    def run(self, batch) -> torch.Tensor | None:
+    def run(self, batch, late: LateIds | None = None) -> torch.Tensor | None:
         """Logits (1, V), or None (and the general path from now on, with a warning) if the kernels fail."""
         try:
-            return self._run(batch)
+            return self._run(batch, late)
         except Exception as e:  # noqa: BLE001 - kernels that cannot compile here must not stop serving
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             warnings.warn(f"the batch-1 kernel step failed ({self.failed}); decoding on the general path",
                           stacklevel=2)
             return None
 
-    def _run(self, batch) -> torch.Tensor:
+    def _run(self, batch, late: LateIds | None) -> torch.Tensor:
         seq = batch.chunks[0][0]
         p = seq.num_computed
         self.table[0, :len(seq.block_table)].copy_(torch.tensor(seq.block_table, dtype=torch.int32))
-        token = torch.tensor([seq.tokens[p]], device=self.device)
+        token = torch.tensor([token_at(seq, p)], device=self.device)
+        if late is not None:
+            late.write(token)
         position = torch.tensor([p], device=self.device)
         if not self.use_graphs:
             return self.step.step(token, position).clone()

@@ -64,6 +64,9 @@ class Sequence:
     """prompt tokens found in the prefix cache at admission"""
     preemptions: int = 0
     """times this sequence lost its cache blocks (state kept beside the cache, e.g. a draft's, restarts)"""
+    inflight: int = 0
+    """tokens sampled on the device but not read by the host yet (async scheduling: lmforge.infer.pending);
+    they count as this sequence's next tokens when it is scheduled"""
     hidden: torch.Tensor | None = None
     """(d,) the model's final hidden state at the position of tokens[-2], whose logits gave the newest
     token (kept only for drafters that read hidden states: Engine(draft=...) with uses_hidden_states)"""
@@ -79,7 +82,7 @@ class Sequence:
     @property
     def remaining(self) -> int:
         """tokens still to run through the model before this sequence can sample"""
-        return len(self.tokens) - self.num_computed
+        return len(self.tokens) + self.inflight - self.num_computed
 
     def append(self, tok: int, eos: set[int], max_seq_len: int) -> str:
         """Add one sampled token, update text and finish state; return the newly visible text."""
@@ -143,6 +146,11 @@ class Request:
     """the sampler's grouping key of params (lmforge.infer.sampler.kind_of), computed once"""
     lookahead: int = 0
     """cache slots the scheduler reserves beyond a decode token (speculative drafts)"""
+    max_len: int = 0
+    """a sample ends ('length') at this many tokens: prompt + max_tokens, at most the context window"""
+    overlaps: bool = False
+    """its steps may run ahead of reading its tokens (async scheduling, lmforge.infer.pending): nothing
+    before the next step needs their values (no strategy, no penalties, no prompt log-probs)"""
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """filled as the prompt is computed when params.prompt_logprobs is set: [None, {...}, ...]"""
 

@@ -17,6 +17,8 @@ Two runners share that interface:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -31,6 +33,28 @@ Step = list[tuple[int, int, Row]]
 """logits rows of a step: (chunk index, tokens back from the chunk's last token, row)"""
 Extra = list[tuple[int, int]]
 """positions whose raw logits a step also returns, not sampled (prompt log-probs): (chunk index, back)"""
+
+
+@dataclass
+class LateIds:
+    """Input ids of a step that are not on the host yet (async scheduling, lmforge.infer.pending): decode
+    chunk chunks[i] takes the previous step's sample tokens[rows[i]], copied on the device. The host
+    writes a placeholder 0 there (`token_at`); a decode chunk's id sits at its chunk index (decodes first)."""
+
+    tokens: torch.Tensor
+    """(M,) int64 on the device: the previous step's sampled tokens"""
+    chunks: list[int]
+    rows: list[int]
+
+    def write(self, ids: torch.Tensor) -> None:
+        """ids (>= max(chunks) + 1,) int64 on the device: fill the late positions in place (no sync)."""
+        idx = torch.tensor([self.chunks, self.rows]).to(ids.device, non_blocking=True)
+        ids.index_copy_(0, idx[0], self.tokens.index_select(0, idx[1]))
+
+
+def token_at(seq: Sequence, p: int) -> int:
+    """seq's token at position p, or the placeholder 0 when it is still on the device (LateIds)."""
+    return seq.tokens[p] if p < len(seq.tokens) else 0
 
 
 class PagedRunner:
@@ -82,20 +106,21 @@ class PagedRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None, extra: Extra = (),
-                hidden: bool = False) -> Sampled:
+                hidden: bool = False, late: LateIds | None = None) -> Sampled:
         """Sample `rows`; also return the raw logits at `extra` positions and, with hidden, the final
-        hidden states of both (those steps run eagerly: the backends give one logits row per chunk)."""
+        hidden states of both (those steps run eagerly: the backends give one logits row per chunk).
+        late: decode inputs still on the device (the previous step's samples), copied in there."""
         self.cache.copy_blocks(batch.copies)
         plain = not extra and not hidden
-        logits = (self.kernel_step.run(batch) if plain and self.kernel_step is not None and self.kernel_step.fits(batch)
-                  else None)
+        logits = (self.kernel_step.run(batch, late) if plain and self.kernel_step is not None
+                  and self.kernel_step.fits(batch) else None)
         states = None
         if logits is not None:
             logits = logits[[0 for _ in rows]]
         elif plain and self.graphs is not None and self.graphs.fits(batch):
-            logits = _take(self.graphs.run(batch), [c for c, _, _ in rows])  # one row per chunk end
+            logits = _take(self.graphs.run(batch, late), [c for c, _, _ in rows])  # one row per chunk end
         else:
-            ids, meta = self.prepare(batch, rows, extra)
+            ids, meta = self.prepare(batch, rows, extra, late)
             # the kernel view serves decode-only steps; prefill chunks run the plain layers, whose kernels are
             # already large at thousands of tokens (and measured faster there on an H200: docs/benchmarks.md)
             model = self.model if batch.num_decodes == len(batch.chunks) else self.source
@@ -105,13 +130,14 @@ class PagedRunner:
                 logits = model(ids, cache=self.cache, meta=meta)[0]
         return _split(logits, states, rows, vocab_limit)
 
-    def prepare(self, batch: Batch, rows: Step, extra: Extra = ()) -> tuple[torch.Tensor, AttnMetadata]:
+    def prepare(self, batch: Batch, rows: Step, extra: Extra = (), late: LateIds | None = None
+                ) -> tuple[torch.Tensor, AttnMetadata]:
         bs = self.block_size
         ids, pos, slots, ctx, qlens, ends, tables = [], [], [], [], [], [], []
         for seq, n in batch.chunks:
             s, table = seq.num_computed, seq.block_table
             if n == 1:  # a decode (most rows of a large batch): no slices or ranges to build
-                ids.append(seq.tokens[s])
+                ids.append(seq.tokens[s] if s < len(seq.tokens) else 0)  # 0: a LateIds placeholder
                 pos.append(s)
                 slots.append(table[s // bs] * bs + s % bs)
             else:
@@ -134,6 +160,8 @@ class PagedRunner:
             block_tables=flat[M:].view(S, width).to(torch.int32), query_lens_host=tuple(qlens),
             context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs,
             decode_groups=decode_groups([len(t) for t in tables[:batch.num_decodes]]))
+        if late is not None:
+            late.write(flat[:N])
         return flat[:N][None], meta
 
 
@@ -163,8 +191,12 @@ class RecomputeRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None, extra: Extra = (),
-                hidden: bool = False) -> Sampled:
-        """As PagedRunner.execute: one forward over each chunk's sequence up to the chunk's end."""
+                hidden: bool = False, late: LateIds | None = None) -> Sampled:
+        """As PagedRunner.execute: one forward over each chunk's sequence up to the chunk's end (every
+        token read on the host: the engine never schedules ahead of this runner)."""
+        if late is not None:
+            raise LmforgeError("the recompute runner needs every input token on the host; run it without "
+                               "async scheduling")
         wanted = [(c, back) for c, back, _ in rows] + list(extra)
         if not wanted:
             return Sampled(torch.empty(0, dtype=torch.long), None, None, None)
@@ -197,11 +229,11 @@ def _addresses(model) -> list[int]:
 
 
 def sampling_rows(batch: Batch, make_rows) -> Step:
-    """The logits rows of every chunk that reaches the end of its sequence's tokens:
-    make_rows(seq, n) -> [(tokens back from the chunk's end, row)]."""
+    """The logits rows of every chunk that reaches the end of its sequence's tokens (those still on the
+    device included): make_rows(seq, n) -> [(tokens back from the chunk's end, row)]."""
     out: Step = []
     for c, (seq, n) in enumerate(batch.chunks):
-        if seq.num_computed + n == len(seq.tokens):
+        if seq.num_computed + n == len(seq.tokens) + seq.inflight:
             out += [(c, back, r) for back, r in make_rows(seq, n)]
     return out
 

@@ -12,7 +12,9 @@ Plain Python over `Sequence` objects and a `BlockPool`; no model, no tensors (te
 A new sequence first reuses the longest cached prefix of its tokens (lmforge.infer.blocks), up to the
 positions whose logits its request's prompt log-probs still need. A running
 sequence whose request has a lookahead (speculative decoding) gets budget and blocks for that many
-draft tokens beyond its last one; the engine adds the drafts to its chunk.
+draft tokens beyond its last one; the engine adds the drafts to its chunk. Under async scheduling a
+sequence's newest token may still be on the device (Sequence.inflight): it is scheduled as a decode all
+the same, unless that token is its last (max_tokens or the context window).
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class Scheduler:
         queue, kept = deque(self.running), []
         while queue:
             seq = queue.popleft()
+            if seq.inflight and len(seq.tokens) + seq.inflight >= seq.request.max_len:
+                kept.append(seq)  # its last token is on the device: it finishes when the host reads it
+                continue
             n = min(seq.remaining, budget)
             if n == 0 or (n < seq.remaining and not self.config.chunked_prefill):
                 kept.append(seq)
@@ -120,6 +125,8 @@ class Scheduler:
         pool = self.pool
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.inflight:  # preempted with a token on the device: its prompt is known once that is read
+                break
             owed = seq.request.owed_prompt_logprob  # cached blocks must end before its predecessor
             tokens = seq.tokens if owed is None else seq.tokens[:owed]
             hits = pool.lookup(tokens)

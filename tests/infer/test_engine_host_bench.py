@@ -7,7 +7,7 @@ import pytest
 from bench import engine_host
 
 
-@pytest.mark.parametrize("kind", ["decode", "graphs", "mixed"])
+@pytest.mark.parametrize("kind", engine_host.KINDS)
 def test_host_bench_times_every_phase(kind):
     row = engine_host.measure(batch=3, kind=kind, steps=2, vocab=64, sampling="seeded", prof=None)
     ms = row["ms"]
@@ -15,8 +15,10 @@ def test_host_bench_times_every_phase(kind):
     assert all(ms[p] >= 0 for p in ("schedule", "prepare", "forward", "sample")) and ms["step"] > 0
 
 
-def test_stub_engine_decodes_every_sequence_one_token_a_step():
-    engine, _ = engine_host.decoding_engine(4, 64, "greedy")
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stub_engine_decodes_every_sequence_one_token_a_step(async_scheduling):
+    engine, _ = engine_host.decoding_engine(4, 64, "greedy", async_scheduling=async_scheduling)
     before = [len(s.tokens) for s in engine.scheduler.running]
     engine.step(finished_only=True)
     assert [len(s.tokens) for s in engine.scheduler.running] == [n + 1 for n in before]
+    assert engine.async_scheduling == (engine._pending is not None) == async_scheduling

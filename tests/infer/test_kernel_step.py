@@ -41,21 +41,23 @@ def _assert_unchanged(model, snap) -> None:
     assert [b.attn.wqkv is None and b.mlp.gate_up is None for b in model.blocks] == unfused == [True] * len(unfused)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 4])
-def test_engine_kernel_step_matches_the_full_recompute(kv_heads):
+@pytest.mark.parametrize("kv_heads,async_scheduling", [(1, False), (4, False), (1, True)])
+def test_engine_kernel_step_matches_the_full_recompute(kv_heads, async_scheduling):
     """The engine's one-sequence decode steps on the kernel step (block size 4: the table spans blocks)
-    give the reference's greedy tokens and, within float tolerance, its log-probabilities."""
+    give the reference's greedy tokens and, within float tolerance, its log-probabilities; also with
+    async scheduling, where each decode's input token is copied from the previous step's sample."""
     model = tiny_model("llama", n_heads=4, n_kv_heads=kv_heads, d_model=64, head_dim=16).to(DEV)
     snap = _snapshot(model)
     prompt = torch.randint(0, 257, (9,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
-    llm = LLM(model, IdTokenizer(257), config=EngineConfig(kernel_step=True, block_size=4))
+    config = EngineConfig(kernel_step=True, block_size=4, async_scheduling=async_scheduling)
+    llm = LLM(model, IdTokenizer(257), config=config)
     backend = llm.engine.runner.kernel_step
     backend.step.configs = _coarse(backend.step)
     steps = []
     run = backend.run
-    backend.run = lambda batch: steps.append(1) or run(batch)
+    backend.run = lambda batch, late=None: steps.append(late is not None) or run(batch, late)
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, logprobs=1, ignore_eos=True))[0]
-    assert len(steps) == 4 and backend.failed is None  # every decode step (the first token is the prefill's)
+    assert steps == [async_scheduling] * 4 and backend.failed is None  # every decode (the first token: prefill)
     assert out.token_ids == full_greedy(model, prompt, 5)
     ids = prompt + out.token_ids
     with torch.no_grad():

@@ -13,6 +13,8 @@ Sections (--sections, comma-separated; default all):
               slots, shared blocks once) and the pool's occupancy then (tokens stored / the pool's slots)
   unfused     the offline workload with EngineConfig(fused_kernels=False): the model's plain layers (the
               default on a GPU runs Triton RMSNorm / RoPE / SwiGLU on a view of the model)
+  sync        the offline workload with EngineConfig(async_scheduling=False): the host reads each step's
+              tokens before building the next (the default on a GPU overlaps them)
   fixed       the same prompts with 512 new tokens each (the issue's 2026-12-01 measurements: old path
               4,991 tok/s at batch 64, roofline ~38,000)
   hf          HF generate(), padded static batches of --hf-batch sorted by prompt length (first shape only)
@@ -125,6 +127,7 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
     return {"graphs": "off" if graphs is None else (graphs.failed or f"{len(graphs.entries)} captured"),
             "kernel_step": getattr(engine.runner, "kernel_step", None) is not None,
             "fused_kernels": getattr(engine.runner, "model", model) is not model,
+            "async": engine.async_scheduling,
             "decode": "triton kernel" if decode_kernel(torch.device(dev)) else "gather reference",
             "seconds": wall, "output_tokens": out_tokens, "tok_s": out_tokens / wall, "steps": steps,
             "ttft_mean_s": sum(ttft) / max(len(ttft), 1), "kv_util_at_peak": st["kv_utilization_at_peak"],
@@ -387,7 +390,7 @@ def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> li
 
 
 NOTES = ("ms_per_step", "batch", "greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "pool_occupancy_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
-         "graphs", "decode", "kernel_step", "fused_kernels", "steps_with_prefill", "prefill_phase_s", "decode_steps",
+         "graphs", "decode", "kernel_step", "fused_kernels", "async", "steps_with_prefill", "prefill_phase_s", "decode_steps",
          "decode_phase_s", "decode_ms_by_batch")
 
 
@@ -417,7 +420,7 @@ def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy fp32 models on CPU")
     ap.add_argument("--shapes", default="qwen3-0.6b,llama-1.1b")
-    ap.add_argument("--sections", default="check,profile,offline,unfused,fixed,batch1,prefix,baseline,hf,hf_batch")
+    ap.add_argument("--sections", default="check,profile,offline,unfused,sync,fixed,batch1,prefix,baseline,hf,hf_batch")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--hf-requests", type=int, default=32, help="HF generate() runs on the first N requests")
     ap.add_argument("--hf-batch", type=int, default=32)
@@ -450,15 +453,15 @@ def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float,
     guarded(run_engine, model, reqs[:4], config, dev)  # warm-up (kernels, allocator)
     if "check" in sections:
         add("check: engine greedy vs full recompute", guarded(check, model, dev))
-    if "profile" in sections:
-        n, p = (8, 20) if args.smoke else (args.max_num_seqs, 1024)
-        add(f"profile: decode step at batch {n}, ~{p} context", guarded(profile, model, dev, config, n, p))
     unfused = dataclasses.replace(config, fused_kernels=False)
-    for name, work, cfg in (("offline", reqs, config), ("unfused", reqs, unfused), ("fixed", fixed, config)):
+    sync = dataclasses.replace(config, async_scheduling=False)
+    for name, work, cfg in (("offline", reqs, config), ("unfused", reqs, unfused), ("sync", reqs, sync),
+                            ("fixed", fixed, config)):
         if name in sections:
             bound = roofline(model, work, dev, bw, peak)
             label = {"offline": "engine, offline workload", "fixed": f"engine, {args.fixed_new} new each",
-                     "unfused": "engine, offline workload, plain layers (no fused kernels)"}[name]
+                     "unfused": "engine, offline workload, plain layers (no fused)",
+                     "sync": "engine, offline workload, no async scheduling"}[name]
             # warm-up on the workload's own prompts (2 new tokens each): Triton compiles a kernel variant per
             # shape class on first use (prefill's varlen attention, the fused layers), which is not serving
             guarded(run_engine, model, [(p, 2) for p, _ in work], cfg, dev)
@@ -477,6 +480,9 @@ def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float,
     if first and "baseline" in sections:
         add(f"previous static-batch LLM, batch 64, {args.fixed_new} new",
             guarded(run_baseline, shape, args, fixed[:64], dev, dtype))
+    if "profile" in sections:  # last: its sync-timed steps break graph capture (see profile())
+        n, p = (8, 20) if args.smoke else (args.max_num_seqs, 1024)
+        add(f"profile: decode step at batch {n}, ~{p} context", guarded(profile, model, dev, config, n, p))
     if first and sections & {"hf", "hf_batch"}:
         del model
         hf = guarded(hf_model, shape, args, dev, dtype)

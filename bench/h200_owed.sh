@@ -28,8 +28,8 @@ case "${1:-}" in
   engine)    # issue 11: offline throughput vs roofline, KV utilisation, prefix caching on/off, batch 1, old path
     base=(); [ -d .gpu/baseline/lmforge ] && base=(--baseline-src .gpu/baseline)
     run engine_qwen 420 python bench/engine.py --shapes qwen3-0.6b \
-        --sections check,profile,offline,unfused,fixed,batch1,prefix,baseline "${base[@]}"
-    run engine_llama 150 python bench/engine.py --shapes llama-1.1b --sections check,offline,unfused,fixed,batch1
+        --sections check,offline,unfused,sync,fixed,batch1,prefix,baseline,profile "${base[@]}"
+    run engine_llama 150 python bench/engine.py --shapes llama-1.1b --sections check,offline,unfused,sync,fixed,batch1
     run engine_host 60 python bench/engine_host.py --device cuda --vocab 151936 ;;
   hf)        # issue 11: HF generate() and HF's continuous batching on the same workload
     run engine_hf 420 python bench/engine.py --shapes qwen3-0.6b --sections hf,hf_batch ;;

@@ -58,7 +58,6 @@ import inspect
 import itertools
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -66,7 +65,8 @@ from lmforge.config import check
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.kv.paged import DECODE, PREFILL, decode_kernel
+from lmforge.infer.config import EngineConfig, limits, pool_blocks, use_fused_kernels, use_kernel_step
+from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.pending import Launched, overlaps
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
@@ -76,60 +76,6 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 
 Prompt = str | list[int]
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    block_size: int = 16
-    """tokens per KV cache block"""
-    max_num_seqs: int = 256
-    """sequences decoded together at most"""
-    max_num_batched_tokens: int = 4096
-    """tokens per forward at most (prefill chunks + decode tokens)"""
-    chunked_prefill: bool = True
-    prefix_caching: bool = True
-    gpu_memory_utilization: float = 0.9
-    """on a GPU, the KV pool takes this fraction of the device memory minus what is in use and a
-    reserve for activations, at most max_num_seqs x context tokens"""
-    num_kv_tokens: int | None = None
-    """fixed KV budget in tokens (rounded down to blocks); default on CPU: min(max_num_seqs x context,
-    1 GiB of cache)"""
-    decode_attention: str = "auto"
-    """paged decode attention: 'auto' (the Triton kernel on a GPU when importable, else the reference),
-    'kernel' (always; on a CPU through Triton's interpreter) or 'reference' (gather, then attend)"""
-    prefill_attention: str = "auto"
-    """prefill chunks of a step: 'auto' (one varlen FlashAttention call on a GPU when Triton is there, else
-    the reference), 'kernel' (always; Triton's interpreter on a CPU) or 'reference' (one sequence at a
-    time, over its gathered blocks)"""
-    cuda_graphs: bool | None = None
-    """decode-only steps replay CUDA graphs per batch bucket (lmforge.infer.graphs); None = on a GPU.
-    True on a CPU runs the same static-buffer step eagerly (what tests check)"""
-    kernel_step: bool | None = None
-    """one-sequence decode steps on the Triton kernel step (lmforge.infer.kernel_step); None = on an
-    Ampere-or-newer GPU for the models it supports; True = always (an error if it cannot run)"""
-    fused_kernels: bool | None = None
-    """decode-only steps run with Triton RMSNorm / RoPE / SwiGLU kernels on a view of the model that shares
-    its weights (lmforge.kernels.training.kernel_view; the model is not changed); None = on a GPU where they
-    run; True = always (on a CPU through Triton's interpreter; an error where they cannot run)"""
-    async_scheduling: bool | None = None
-    """launch the next step before reading this one's tokens, so the host's work per step (scheduling,
-    inputs, appending tokens, stop checks) runs while the device computes (lmforge.infer.pending); None =
-    on a GPU. True on a CPU runs the same order of work (what tests check). Steps whose token values are
-    needed before the next one still read them at once: beam search, speculative decoding (any draft),
-    penalties, prompt log-probs, a request's first sample when n > 1, and the recompute runner"""
-
-    def __post_init__(self) -> None:
-        check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        check(0 < self.gpu_memory_utilization <= 1,
-              f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
-        check(self.num_kv_tokens is None or self.num_kv_tokens >= self.block_size,
-              f"num_kv_tokens must be >= block_size ({self.block_size}), got {self.num_kv_tokens}")
-        SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
-        check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
-        check(self.prefill_attention in PREFILL,
-              f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
-        check(self.async_scheduling in (None, True, False),
-              f"async_scheduling must be None, True or False, got {self.async_scheduling!r}")
 
 
 class Engine:
@@ -146,7 +92,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         spec = model.cache_spec() if hasattr(model, "cache_spec") else None
-        self.max_seq_len, self.vocab_size = _limits(model, spec)
+        self.max_seq_len, self.vocab_size = limits(model, spec)
         tok_vocab = getattr(tokenizer, "vocab_size", None)
         if tok_vocab is not None and tok_vocab > self.vocab_size:
             raise ConfigError(f"tokenizer vocab_size={tok_vocab} is larger than the model's vocab_size="
@@ -157,7 +103,7 @@ class Engine:
             self.runner = RecomputeRunner(model, self.device)
         else:
             draft_bytes = draft.cache_spec().bytes_per_token() if hasattr(draft, "cache_spec") else 0
-            num_blocks = self._num_blocks(spec, draft_bytes)
+            num_blocks = pool_blocks(config, spec, self.device, self.max_seq_len, draft_bytes)
             # graphs pad every row's block table to a bucket: worth it over the kernel, which reads only each
             # row's keys, not over the gather reference (default: on a GPU when the kernel is there)
             kernel = decode_kernel(self.device, config.decode_attention) is not None
@@ -166,8 +112,8 @@ class Engine:
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
                                       prefill=config.prefill_attention,
-                                      kernel_step=self._use_kernel_step(model),
-                                      fused_kernels=self._use_fused_kernels())
+                                      kernel_step=use_kernel_step(config, model, self.device),
+                                      fused_kernels=use_fused_kernels(config, self.device))
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
         # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
         windows = [layer.window for layer in spec.layers] if spec is not None else [0]
@@ -196,48 +142,6 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
         self.peak_used_blocks = 0
-
-    def _use_kernel_step(self, model) -> bool:
-        want = self.config.kernel_step
-        if want is False:
-            return False
-        from lmforge.infer.graphs import kernel_step_available
-
-        why = kernel_step_available()
-        if why is None:
-            from lmforge.infer.kernel_step import unsupported
-
-            why = unsupported(model)
-        if want and why is not None:
-            raise ConfigError(f"kernel_step=True, but the batch-1 kernel step cannot run: {why}")
-        gpu = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 8
-        return why is None and (want or gpu)
-
-    def _use_fused_kernels(self) -> bool:
-        want = self.config.fused_kernels
-        if want is not None:
-            return want
-        from lmforge.kernels.training import unsupported
-
-        return self.device.type == "cuda" and unsupported(self.device) is None
-
-    def _num_blocks(self, spec, extra_per_token: int = 0) -> int:
-        """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids."""
-        c, per_token = self.config, spec.bytes_per_token() + extra_per_token
-        if c.num_kv_tokens is not None:
-            tokens = c.num_kv_tokens
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # torch's cache
-            reserve = 2 * 2**30 + c.max_num_batched_tokens * 64 * 1024  # activations of one forward
-            tokens = int(free - total * (1 - c.gpu_memory_utilization) - reserve) // per_token
-            tokens = min(tokens, c.max_num_seqs * self.max_seq_len)  # never more than the batch can hold
-        else:
-            tokens = min(c.max_num_seqs * self.max_seq_len, 2**30 // per_token)
-        if tokens < c.block_size:
-            raise LmforgeError(f"no memory left for the KV cache ({tokens} tokens); raise "
-                               "gpu_memory_utilization or set num_kv_tokens")
-        return tokens // c.block_size
 
     # requests ------------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
@@ -591,14 +495,3 @@ def _claims(seq: Sequence) -> bool:
     """Whether the request's strategy (beam search, speculative decoding) handles this sequence's logits."""
     strategy = seq.request.strategy
     return strategy is not None and strategy.claims(seq)
-
-
-def _limits(model, spec) -> tuple[int, int]:
-    """(context window, vocabulary size) from the cache spec, or from the model's own attributes."""
-    if spec is not None:
-        return spec.max_seq_len, spec.vocab_size
-    try:
-        return int(model.max_seq_len), int(model.vocab_size)
-    except AttributeError:
-        raise ConfigError(f"{type(model).__name__} has neither cache_spec() nor max_seq_len/vocab_size; "
-                          "wrap it (lmforge.infer.hf_wrapper.HFCausalLM for transformers models)") from None

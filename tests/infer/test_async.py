@@ -217,3 +217,26 @@ def test_config_and_where_it_runs(tok):
             return self.inner(ids)
 
     assert not Engine(NoCacheSpec(), tok, EngineConfig(async_scheduling=True)).async_scheduling
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_defaults_equal_the_plain_synchronous_engine(tok):
+    """On a GPU the defaults stack every backend: CUDA graphs, the batch-1 kernel step, the fused-kernel
+    view and async scheduling. Tokens, texts and finish reasons equal the synchronous engine on the plain
+    model without graphs (fp32 weights, so near-ties do not flip)."""
+    model = tiny_model("llama", init_std=0.3).cuda()
+    rng = random.Random(7)
+    mix = random_mix(rng, 12)
+    plain = dict(block_size=4, async_scheduling=False, cuda_graphs=False, kernel_step=False, fused_kernels=False)
+    first, _ = run(model, tok, [(p, SamplingParams(**kw)) for p, kw in mix], plain)
+    mix = with_stops(rng, mix, first)
+    want, _ = run(model, tok, mix, plain, {3: 2})
+    got, engine = run(model, tok, mix, dict(block_size=4), {3: 2})
+    assert engine.async_scheduling and engine.runner.model is not model and engine.runner.graphs.entries
+    for g, w in zip(got, want):
+        for a, b in zip(g.outputs, w.outputs):
+            assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+    one = [([5, 6, 7], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]  # batch 1: the kernel step
+    assert run(model, tok, one, dict(block_size=4))[0][0].outputs[0].token_ids == \
+        run(model, tok, one, plain)[0][0].outputs[0].token_ids

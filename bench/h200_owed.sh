@@ -2,11 +2,13 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: gputests engine hf decode kernels prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order:
-# engine (issue 11's throughput goal), gputests (every CUDA-only test), decode, kernels (issue 14's MFU and
-# FlashAttention rows), moe, align (issue 12's evidence), prefill, hf, parallel.
+# engine (issue 11's throughput goal: the A/B of the fused view and async scheduling, both unmeasured),
+# gputests (every CUDA-only test; async + fused view + graphs against the plain engine among them), paged
+# (is the slot-major pool what keeps the paged kernel at 0.5-0.7x SDPA?), kernels (issue 14's compiled
+# MFU), moe, decode, parallel, prefill, hf. (align ran on 2026-12-02.)
 # The previous static-batch path for `engine`: before the call, snapshot the pre-engine package into an
 # ignored folder that the device call carries (e.g. carry [".gpu"]):
 #     mkdir -p .gpu/baseline && git archive e9e944e^ lmforge | tar -x -C .gpu/baseline
@@ -31,6 +33,8 @@ case "${1:-}" in
         --sections check,offline,unfused,sync,fixed,batch1,prefix,baseline,profile "${base[@]}"
     run engine_llama 150 python bench/engine.py --shapes llama-1.1b --sections check,offline,unfused,sync,fixed,batch1
     run engine_host 60 python bench/engine_host.py --device cuda --vocab 151936 ;;
+  paged)     # issue 11: paged decode attention vs SDPA over a contiguous cache, slot- vs head-major pool
+    run paged 300 python bench/paged_attention.py ;;
   hf)        # issue 11: HF generate() and HF's continuous batching on the same workload
     run engine_hf 420 python bench/engine.py --shapes qwen3-0.6b --sections hf,hf_batch ;;
   decode)    # issues 11 and 14: batch-1 decode through the engine's backends, kernel step tuned (goal 80%)
@@ -48,5 +52,5 @@ case "${1:-}" in
     run moe 560 python bench/moe_kernels.py ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
     run parallel 540 python bench/parallel.py ;;
-  *) echo "usage: bash bench/h200_owed.sh gputests|engine|hf|decode|kernels|prefill|align|moe|parallel" >&2; exit 2 ;;
+  *) echo "usage: bash bench/h200_owed.sh gputests|engine|paged|hf|decode|kernels|prefill|align|moe|parallel" >&2; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order:
 # engine (issue 11's throughput goal: the A/B of the fused view and async scheduling, both unmeasured),
@@ -39,8 +39,11 @@ case "${1:-}" in
     run engine_hf 420 python bench/engine.py --shapes qwen3-0.6b --sections hf,hf_batch ;;
   decode)    # issues 11 and 14: batch-1 decode through the engine's backends, kernel step tuned (goal 80%)
     run decode 540 python bench/decode.py --tune-step --hf default ;;
-  kernels)   # issue 14: compiled training MFU with the fused kernels at 304M / 834M (goal 55% / 58%)
-    run train_kernels 560 python bench/train_kernels.py --sections mfu --depths 16,24 \
+  kernels)   # issue 14: compiled training MFU with the fused kernels at 304M (goal 55%); each variant compiles
+    run train_kernels 560 python bench/train_kernels.py --sections mfu --depths 16 \
+        --mfu-variants plain,loss,kernels+loss ;;
+  kernels24) # issue 14: the same at 834M (goal 58%)
+    run train_kernels24 560 python bench/train_kernels.py --sections mfu --depths 24 \
         --mfu-variants plain,loss,kernels+loss ;;
   prefill)   # issues 11 and 12: batched varlen prefill vs the per-sequence loop; packed rows on the kernel
     run prefill 300 python bench/prefill_attention.py
@@ -52,5 +55,5 @@ case "${1:-}" in
     run moe 560 python bench/moe_kernels.py ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
     run parallel 540 python bench/parallel.py ;;
-  *) echo "usage: bash bench/h200_owed.sh gputests|engine|paged|hf|decode|kernels|prefill|align|moe|parallel" >&2; exit 2 ;;
+  *) echo "usage: bash bench/h200_owed.sh gputests|engine|paged|hf|decode|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
 esac

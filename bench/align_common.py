@@ -11,6 +11,7 @@ are trained), one example per row, unpacked, so a batch is `batch` examples (or 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -38,6 +39,30 @@ RENDER = chat_prompt("plain")
 STOP = ("\n",)
 ENCODER = Encoder(TOK, "plain")
 COLLATE = {"sft": pad_batch, "preference": pair_batch, "kto": kto_batch}
+
+
+SIZED = "(default: SIZES[smoke|cpu|cuda] by --smoke / --device)"
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The flags both evidence benches share; each adds its own (size-dependent ones default to None)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the script on CPU")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--task", default="count")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--T", type=int, default=96)
+    ap.add_argument("--max-tokens", type=int, default=12)
+    return ap
+
+
+def sized_args(args: argparse.Namespace, sizes: dict[str, dict]) -> argparse.Namespace:
+    """Fill every flag left at None from the sizes of the run kind (smoke / cpu / cuda by --device)."""
+    size = sizes["smoke" if args.smoke else "cuda" if args.device.startswith("cuda") else "cpu"]
+    for k, v in size.items():  # flags given explicitly win
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 def model(d: int, layers: int, heads: int, seq: int, seed: int, device: str) -> Transformer:

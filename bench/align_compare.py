@@ -46,8 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.align_common import (STOP, Clock, Engine, accuracy, fit, fixed_batches, model,  # noqa: E402
-                                sft_records, source, write_json)
+from bench.align_common import (SIZED, STOP, Clock, Engine, accuracy, fit, fixed_batches, model,  # noqa: E402
+                                parser, sft_records, sized_args, source, write_json)
 from lmforge.align.dpo import DPOConfig, DPOObjective  # noqa: E402
 from lmforge.align.kto import KTOConfig, KTOObjective  # noqa: E402
 from lmforge.align.logprobs import batch_logps  # noqa: E402
@@ -126,15 +126,9 @@ SIZES = {
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the script on CPU")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--task", default="count")
-    ap.add_argument("--seed", type=int, default=0)
-    sized = "(default: SIZES[smoke|cpu|cuda] by --smoke / --device)"
+    ap, sized = parser(__doc__), SIZED
     ap.add_argument("--d", type=int, help=f"model width {sized}")
     ap.add_argument("--layers", type=int, help=sized)
-    ap.add_argument("--T", type=int, default=96)
     ap.add_argument("--sft-steps", type=int, help=sized)
     ap.add_argument("--sft-lr", type=float, help=sized)
     ap.add_argument("--sft-examples", type=int, help=f"SFT examples; the pair prompts are the first of them {sized}")
@@ -144,19 +138,13 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--pair-prompts", type=int, help=sized)
     ap.add_argument("--eval", type=int, help=f"held-out prompts {sized}")
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--rm-steps", type=int, default=0, help="reward-model steps (0 = --pref-steps)")
     ap.add_argument("--rm-lr", type=float, default=0.0, help="reward-model learning rate (0 = --pref-lr)")
     ap.add_argument("--sft-cache", default="", help="load the SFT model from this file if it exists, else save it")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--sft-only", action="store_true", help="stop after SFT (with --sft-cache: split a CPU run)")
     ap.add_argument("--no-rm", action="store_true", help="skip the reward-model stage")
-    args = ap.parse_args(argv)
-    size = SIZES["smoke" if args.smoke else "cuda" if args.device.startswith("cuda") else "cpu"]
-    for k, v in size.items():  # flags given explicitly win
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return sized_args(ap.parse_args(argv), SIZES)
 
 
 def sft_model(args, train_ex):

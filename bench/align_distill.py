@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.align_common import (RENDER, STOP, Clock, Engine, accuracy, completion_loss,  # noqa: E402
-                                fit, model, sft_records, source, write_json)
+from bench.align_common import (RENDER, SIZED, STOP, Clock, Engine, accuracy, completion_loss,  # noqa: E402
+                                fit, model, parser, sft_records, sized_args, source, write_json)
 from lmforge.align.distill import DistillConfig, DistillObjective  # noqa: E402
 from lmforge.align.sampled import distillation_records  # noqa: E402
 from lmforge.align.sft import SFTObjective  # noqa: E402
@@ -85,15 +85,9 @@ SIZES = {
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="toy sizes: checks the script on CPU")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--task", default="count")
-    ap.add_argument("--seed", type=int, default=0)
-    sized = "(default: SIZES[smoke|cpu|cuda] by --smoke / --device)"
+    ap, sized = parser(__doc__), SIZED
     ap.add_argument("--teacher", help=f"d_model,n_layers {sized}")
     ap.add_argument("--student", help=f"d_model,n_layers {sized}")
-    ap.add_argument("--T", type=int, default=96)
     ap.add_argument("--teacher-steps", type=int, help=sized)
     ap.add_argument("--teacher-lr", type=float, help=f"0 = --lr {sized}")
     ap.add_argument("--steps", type=int, help=f"steps of every student {sized}")
@@ -102,17 +96,11 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--train", type=int, help=f"training examples {sized}")
     ap.add_argument("--eval", type=int, help=f"held-out prompts {sized}")
     ap.add_argument("--record-prompts", type=int, help=f"prompts the teacher answers for seq-KD (0 = all) {sized}")
-    ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--teacher-cache", default="", help="load the teacher from this file if it exists, else save it")
     ap.add_argument("--teacher-only", action="store_true",
                     help="stop after training the teacher (a cached one is trained --teacher-steps more)")
     ap.add_argument("--variants", default="data,token-KD,seq-KD+verify,seq-KD,token-JSD")
-    args = ap.parse_args(argv)
-    size = SIZES["smoke" if args.smoke else "cuda" if args.device.startswith("cuda") else "cpu"]
-    for k, v in size.items():  # flags given explicitly win
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return sized_args(ap.parse_args(argv), SIZES)
 
 
 def main(argv=None):

@@ -95,3 +95,18 @@ def process_pool(workers: int, **kwargs):
 
     methods = mp.get_all_start_methods()
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn").Pool(workers, **kwargs)
+
+
+def to_device(data, device, dtype=None):
+    """`data` (a host tensor, or what torch.tensor takes) on `device`, without waiting for the work already
+    queued there. A plain host-to-GPU copy (`torch.tensor(x, device='cuda')`, `.to('cuda')`) synchronises
+    the stream first, so the host would wait for the step in flight: async scheduling (lmforge.infer.pending)
+    launches a step's inputs while the previous step runs. Host memory is pinned (PyTorch caches pinned
+    blocks and keeps each until its copy is done), then copied non-blocking."""
+    import torch
+
+    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    device = torch.device(device if device is not None else "cpu")
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -21,6 +21,7 @@ import torch
 
 from lmforge.infer.runner import LateIds, host_block_tables, token_at
 from lmforge.model.meta import AttnMetadata
+from lmforge.utils import to_device
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -64,8 +65,8 @@ class DecodeGraphs:
                              [s.block_table[p // bs] * bs + p % bs for (s, _), p in zip(batch.chunks, pos)]
                              + [self.scratch_slot] * pad,
                              [p + 1 for p in pos] + [1] * pad])
-        entry.host.copy_(host, non_blocking=True)
-        entry.tables.copy_(host_block_tables([s.block_table for s, _ in batch.chunks], Bp, W), non_blocking=True)
+        entry.host.copy_(to_device(host, entry.host.device))  # (copied in place: the graph reads these buffers)
+        entry.tables.copy_(to_device(host_block_tables([s.block_table for s, _ in batch.chunks], Bp, W), entry.tables.device))
         if late is not None:
             late.write(entry.host[0])
         if entry.graph is not None:
@@ -165,11 +166,11 @@ class BatchOneKernel:
     def _run(self, batch, late: LateIds | None) -> torch.Tensor:
         seq = batch.chunks[0][0]
         p = seq.num_computed
-        self.table[0, :len(seq.block_table)].copy_(torch.tensor(seq.block_table, dtype=torch.int32))
-        token = torch.tensor([token_at(seq, p)], device=self.device)
+        self.table[0, :len(seq.block_table)].copy_(to_device(torch.tensor(seq.block_table, dtype=torch.int32),
+                                                             self.device))
+        token, position = to_device([[token_at(seq, p)], [p]], self.device)
         if late is not None:
             late.write(token)
-        position = torch.tensor([p], device=self.device)
         if not self.use_graphs:
             return self.step.step(token, position).clone()
         if not self.captured:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from lmforge.infer.sampling import SamplingParams
+from lmforge.utils import to_device
 
 NEG_INF = float("-inf")
 
@@ -61,8 +62,8 @@ def frequency_presence_penalty(logits: torch.Tensor, hist: TokenHistory, frequen
 
 
 def logit_bias(logits: torch.Tensor, hist: TokenHistory | None, bias: dict[int, float]) -> torch.Tensor:
-    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
-    vals = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    ids = to_device(torch.tensor(list(bias), dtype=torch.long), logits.device)
+    vals = to_device(torch.tensor(list(bias.values()), dtype=logits.dtype), logits.device)
     return logits.index_add(-1, ids, vals.expand(logits.shape[0], -1))
 
 
@@ -89,7 +90,7 @@ def top_k(logits: torch.Tensor, hist: TokenHistory | None, k: int | list[int]) -
         ks = [j if 0 < j < V else 0 for j in k]
         if not any(ks):
             return logits
-        kk = torch.tensor(ks, device=logits.device)[:, None]
+        kk = to_device(ks, logits.device)[:, None]
         kth = logits.topk(max(ks), dim=-1).values.gather(-1, (kk - 1).clamp(min=0))  # (B, 1): row's k-th largest
         kth = kth.masked_fill(kk == 0, NEG_INF)
     return _keep(logits, logits >= kth)
@@ -173,13 +174,13 @@ def batched_processors(params: list[SamplingParams], device=None) -> list[Proces
     procs: list[Processor] = []
     temps = {p.temperature for p in params}
     if temps != {1.0}:
-        t = temps.pop() if len(temps) == 1 else torch.tensor([[p.temperature] for p in params], device=device)
+        t = temps.pop() if len(temps) == 1 else to_device([[p.temperature] for p in params], device)
         procs.append(partial(temperature, t=t))
     if any(p.top_k for p in params):
         procs.append(partial(top_k, k=[p.top_k for p in params]))
     if any(p.top_p != 1.0 for p in params):
         ps = [[p.top_p if p.top_p != 1.0 else math.inf] for p in params]
-        procs.append(partial(top_p, p=torch.tensor(ps, device=device)))
+        procs.append(partial(top_p, p=to_device(ps, device)))
     return procs
 
 

@@ -28,6 +28,7 @@ from lmforge.infer.request import Sequence
 from lmforge.infer.sampler import Row, Sampled, sample_rows
 from lmforge.infer.scheduler import Batch
 from lmforge.model.meta import AttnMetadata
+from lmforge.utils import to_device
 
 Step = list[tuple[int, int, Row]]
 """logits rows of a step: (chunk index, tokens back from the chunk's last token, row)"""
@@ -48,7 +49,7 @@ class LateIds:
 
     def write(self, ids: torch.Tensor) -> None:
         """ids (>= max(chunks) + 1,) int64 on the device: fill the late positions in place (no sync)."""
-        idx = torch.tensor([self.chunks, self.rows]).to(ids.device, non_blocking=True)
+        idx = to_device([self.chunks, self.rows], ids.device)
         ids.index_copy_(0, idx[0], self.tokens.index_select(0, idx[1]))
 
 
@@ -152,8 +153,8 @@ class PagedRunner:
         N, S = len(ids), len(ctx)
         logits_idx = [ends[c] - back for c, back, _ in rows] + [ends[c] - back for c, back in extra]
         M = 3 * N + S + len(logits_idx)  # then the block tables, flattened: all in the step's one copy
-        flat = torch.cat([torch.tensor(ids + pos + slots + ctx + logits_idx, dtype=torch.long),
-                          host_block_tables(tables, S, width).view(-1).long()]).to(self.device, non_blocking=True)
+        flat = to_device(torch.cat([torch.tensor(ids + pos + slots + ctx + logits_idx, dtype=torch.long),
+                                    host_block_tables(tables, S, width).view(-1).long()]), self.device)
         meta = AttnMetadata(
             positions=flat[N:2 * N][None], slot_mapping=flat[2 * N:3 * N],
             context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:M],

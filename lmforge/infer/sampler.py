@@ -21,6 +21,7 @@ import torch
 
 from lmforge.infer.processors import TokenHistory, apply_processors, batched_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
+from lmforge.utils import to_device
 
 
 @dataclass
@@ -106,20 +107,22 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r.kind or kind_of(r.params), []).append(i)
-    for kind, idx in groups.items():
-        params = rows[idx[0]].params
-        sub = logits if len(idx) == len(rows) else logits[idx]
+    for kind, rows_of in groups.items():
+        params = rows[rows_of[0]].params
+        # a device index (an index list is copied to the GPU with a stream sync)
+        idx = None if len(rows_of) == len(rows) else to_device(rows_of, logits.device)
+        sub = logits if idx is None else logits[idx]
         if kind == PLAIN:
-            sub = apply_processors(batched_processors([rows[i].params for i in idx], logits.device), sub, None)
+            sub = apply_processors(batched_processors([rows[i].params for i in rows_of], logits.device), sub, None)
         elif kind != GREEDY:
             penalties = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
-            hist = _history([rows[i] for i in idx], logits.shape[-1], logits.device) if penalties else None
+            hist = _history([rows[i] for i in rows_of], logits.shape[-1], logits.device) if penalties else None
             sub = apply_processors(build_processors(params), sub, hist)
         if params.greedy:
             chosen = sub.argmax(-1)
         else:
-            chosen = draw(sub.softmax(-1), [rows[i].generator for i in idx])
-        if len(idx) == len(rows):
+            chosen = draw(sub.softmax(-1), [rows[i].generator for i in rows_of])
+        if idx is None:
             tokens = chosen
         else:
             tokens[idx] = chosen

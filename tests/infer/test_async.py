@@ -240,3 +240,34 @@ def test_gpu_defaults_equal_the_plain_synchronous_engine(tok):
     one = [([5, 6, 7], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]  # batch 1: the kernel step
     assert run(model, tok, one, dict(block_size=4))[0][0].outputs[0].token_ids == \
         run(model, tok, one, plain)[0][0].outputs[0].token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_launching_a_step_never_waits_for_the_device(tok):
+    """Async scheduling only overlaps if launching step t + 1 never synchronises with the stream (a plain
+    host-to-GPU copy, an index list, .item()): with CUDA's sync debug mode set to error, launches of
+    decode steps with greedy, seeded top-k and per-row top-p rows raise on any such call."""
+    model = tiny_model("llama", init_std=0.3).cuda()
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    for i, sp in enumerate([SamplingParams(temperature=0, max_tokens=64, ignore_eos=True),
+                            SamplingParams(temperature=0.8, top_k=5, seed=1, max_tokens=64, ignore_eos=True),
+                            SamplingParams(temperature=0.6, top_p=0.9, max_tokens=64, ignore_eos=True)]):
+        engine.add_request([5 + i, 6, 7], sp)
+    for _ in range(4):  # prefill, graph capture, warm-up
+        engine.step()
+    launch, launched = engine._launch, []
+
+    def checked(prev):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step = launch(prev)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        launched.append(step is not None and step.overlap)
+        return step
+
+    engine._launch = checked
+    for _ in range(3):
+        engine.step()
+    assert launched == [True, True, True]

@@ -28,6 +28,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.model.cache import CacheSpec, contiguous_mask
 from lmforge.model.layers.attention import AttnSpec, attend_with, tree_visible, visible
+from lmforge.utils import to_device
 
 
 DECODE = ("auto", "kernel", "reference")
@@ -135,8 +136,7 @@ class _Paged:
         """Copy-on-write: block src's contents into block dst, in every layer's pools."""
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        src, dst = to_device([[s for s, _ in pairs], [d for _, d in pairs]], self.device)
         for pool in self.pools():
             pool.index_copy_(0, dst, pool.index_select(0, src))
 
@@ -145,7 +145,7 @@ class _Paged:
         step's accepted path (lmforge.model.meta.accepted_slots)."""
         if not src:
             return
-        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        s, d = to_device([src, dst], self.device)
         for pool in self.pools():
             flat = pool.view(-1, *pool.shape[2:])
             flat.index_copy_(0, d, flat.index_select(0, s))
@@ -179,13 +179,15 @@ def prefill_layout(meta, block_size: int) -> dict:
         cu_q = torch.tensor([0, *qlens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         cu_k = torch.tensor([0, *ctx], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         slots = None
+        # host tensors reach the device without a stream sync (lmforge.utils.to_device)
+        cu_q, cu_k = to_device(cu_q, dev), to_device(cu_k, dev)
         if qlens != ctx:
-            total = int(cu_k[-1])
-            seq = torch.repeat_interleave(torch.arange(len(ctx), device=dev), torch.tensor(ctx, device=dev),
+            total = sum(ctx)
+            seq = torch.repeat_interleave(torch.arange(len(ctx), device=dev), to_device(list(ctx), dev),
                                           output_size=total)  # the chunk each key belongs to
-            pos = torch.arange(total, device=dev) - cu_k.to(dev).long()[seq]  # its position in the chunk
+            pos = torch.arange(total, device=dev) - cu_k.long()[seq]  # its position in the chunk
             slots = meta.block_tables[nd:].long()[seq, pos // block_size] * block_size + pos % block_size
-        return dict(cu_q=cu_q.to(dev), cu_k=cu_k.to(dev), longest=max(qlens), slots=slots)
+        return dict(cu_q=cu_q, cu_k=cu_k, longest=max(qlens), slots=slots)
     return meta.derived("prefill", build)
 
 

@@ -144,9 +144,10 @@ def profile(model, dev, config: EngineConfig, batch: int, prompt: int) -> dict:
     """Where a steady decode step's time goes (ms), at `batch` sequences of ~`prompt` tokens: scheduling,
     input building, the forward (its attention calls apart), sampling and the engine's bookkeeping.
     Each part is timed between device syncs, so the parts add up to more than a free-running step."""
-    # a pool for this batch only: the sync-timed steps make graph capture fail, and a failed capture's
-    # memory is not always released to the variants after this one
-    config = dataclasses.replace(config, num_kv_tokens=(batch + 32) * (prompt + 600))
+    # eager, synchronous steps (each part is timed between syncs, which a graph capture cannot contain),
+    # on a pool for this batch only
+    config = dataclasses.replace(config, num_kv_tokens=(batch + 32) * (prompt + 600), cuda_graphs=False,
+                                 async_scheduling=False)
     engine = Engine(model, IdTokenizer(model.cfg.vocab_size), config)
     for p, _ in workload(batch, prompt, prompt, model.cfg.vocab_size, seed=4):
         engine.add_request(p, SamplingParams(temperature=0, max_tokens=512, ignore_eos=True))
@@ -183,7 +184,7 @@ def profile(model, dev, config: EngineConfig, batch: int, prompt: int) -> dict:
             step(finished_only=True)
     finally:
         runner_mod.sample_rows = sample_rows_original
-    # the profiler last: CUDA-graph capture fails once CUPTI is attached (the timed steps captured)
+    # the kernel tables last (CUDA-graph capture fails once CUPTI is attached, for any later engine)
     print(f"  a decode step at batch {len(engine.scheduler.running)}:", flush=True)
     kernel_table(dev, lambda: engine.step(finished_only=True), 3)
     for p, _ in workload(32, prompt, prompt, model.cfg.vocab_size, seed=5):

@@ -44,7 +44,7 @@ class EngineConfig:
     """one-sequence decode steps on the Triton kernel step (lmforge.infer.kernel_step); None = on an
     Ampere-or-newer GPU for the models it supports; True = always (an error if it cannot run)"""
     fused_kernels: bool | None = None
-    """decode-only steps run with Triton RMSNorm / RoPE / SwiGLU kernels on a view of the model that shares
+    """forwards run with Triton RMSNorm / RoPE / SwiGLU kernels on a view of the model that shares
     its weights (lmforge.kernels.training.kernel_view; the model is not changed); None = on a GPU where they
     run; True = always (on a CPU through Triton's interpreter; an error where they cannot run)"""
     async_scheduling: bool | None = None
@@ -87,7 +87,7 @@ def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:
 
 
 def use_fused_kernels(config: EngineConfig, device: torch.device) -> bool:
-    """Whether decode-only steps run on the fused-kernel view of the model (EngineConfig.fused_kernels)."""
+    """Whether forwards run on the fused-kernel view of the model (EngineConfig.fused_kernels)."""
     want = config.fused_kernels
     if want is not None:
         return want

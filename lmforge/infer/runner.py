@@ -62,8 +62,8 @@ class PagedRunner:
     """graphs: None, or "eager" / "cuda": decode-only steps through lmforge.infer.graphs (static buffers;
     "cuda" replays captured CUDA graphs). fused_kernels: forwards run on lmforge.kernels.training.kernel_view
     of the model (Triton RMSNorm, RoPE and SwiGLU; a copy sharing the model's parameters, the model itself
-    untouched) in decode-only steps: there a layer's dozens of small elementwise kernels are most of the
-    non-attention time; steps with prefill chunks run the plain model."""
+    untouched): at decode a layer's dozens of small elementwise kernels are most of the non-attention time,
+    at prefill the plain layers' fp32 passes over every token's activations are."""
 
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
                  graphs: str | None = None, max_batch: int = 256, decode: str = "auto", prefill: str = "auto",
@@ -117,18 +117,15 @@ class PagedRunner:
                   and self.kernel_step.fits(batch) else None)
         states = None
         if logits is not None:
-            logits = logits[[0 for _ in rows]]
+            logits = logits[:1].repeat(len(rows), 1)  # every row samples the one sequence (no index list)
         elif plain and self.graphs is not None and self.graphs.fits(batch):
             logits = _take(self.graphs.run(batch, late), [c for c, _, _ in rows])  # one row per chunk end
         else:
             ids, meta = self.prepare(batch, rows, extra, late)
-            # the kernel view serves decode-only steps; prefill chunks run the plain layers, whose kernels are
-            # already large at thousands of tokens (and measured faster there on an H200: docs/benchmarks.md)
-            model = self.model if batch.num_decodes == len(batch.chunks) else self.source
             if hidden:  # (1, M + E, V), (1, M + E, d): those rows only
-                logits, states = (t[0] for t in model(ids, cache=self.cache, meta=meta, return_hidden=True))
+                logits, states = (t[0] for t in self.model(ids, cache=self.cache, meta=meta, return_hidden=True))
             else:
-                logits = model(ids, cache=self.cache, meta=meta)[0]
+                logits = self.model(ids, cache=self.cache, meta=meta)[0]
         return _split(logits, states, rows, vocab_limit)
 
     def prepare(self, batch: Batch, rows: Step, extra: Extra = (), late: LateIds | None = None

@@ -4,8 +4,8 @@ functions do): the model code keeps its plain layers, which stay the references.
     apply_fused_kernels(model)   RMSNorm (incl. QK-norm)  -> kernels.rmsnorm.FusedRMSNorm
                                  MLP with SwiGLU          -> kernels.swiglu.FusedSwiGLUMLP
                                  MoE                      -> kernels.moe.TritonMoE (grouped GEMM dispatch)
-                                 modules with a `rope_fn`  -> rope_fn = kernels.rope.rope (once the attention
-                                                              layer calls its RoPE through such an attribute)
+                                 modules with a `rope_fn`  -> rope_fn = kernels.rope.rope (attention layers of
+                                                              RoPE models call their RoPE through it)
 
     kernel_view(model)           a copy of the model with those kernels in, sharing every parameter and
                                  buffer (the model itself unchanged): the inference engine's forward on a GPU
@@ -18,7 +18,6 @@ kernels.rope.rope, a drop-in for layers.rope.apply_rope at its call in the atten
 
 from __future__ import annotations
 
-import copy
 import itertools
 import sys
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.kernels.decode import available
+from lmforge.model.layers.fused import shared_copy
 from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MoE
 from lmforge.model.layers.norm import RMSNorm
@@ -84,6 +84,5 @@ def kernel_view(model: nn.Module, kinds: tuple[str, ...] = ("norm", "swiglu", "r
     t = next(itertools.chain(model.parameters(), model.buffers()), None)
     if t is None or unsupported(t.device) is not None:
         return None
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    view = copy.deepcopy(model, shared)
+    view = shared_copy(model)
     return view if apply_fused_kernels(view, kinds) else model  # no layer to swap: the model as it is

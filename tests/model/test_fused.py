@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.model.config import PRESETS, ModelConfig, MoEConfig
+from lmforge.model.config import PRESETS, ModelConfig, MoEConfig, MTPConfig
 from lmforge.model.transformer import Transformer
 from lmforge.model.upcycle import upcycle
 from lmforge.checkpoint import _state_for_save, load_weights
@@ -119,3 +119,27 @@ def test_fused_copy_leaves_the_model_alone(name):
     with torch.no_grad():
         torch.testing.assert_close(copy(ids), plain(ids), atol=1e-5, rtol=1e-5)
     assert set(copy.state_dict()) == set(keys)  # the copy still saves under the unfused names
+
+
+def test_copies_of_a_model_that_just_trained_share_its_tensors():
+    """A forward with grad leaves non-leaf tensors on modules (MoE's aux loss, MTP's loss), which deepcopy
+    refuses: the inference copies (fused_copy, the engine's kernel view) share them instead, and still
+    leave the model's classes alone."""
+    from lmforge.kernels.decode import available
+    from lmforge.kernels.training import kernel_view
+    from lmforge.model.layers.fused import fused_copy
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**dict(CONFIGS["llama_gqa_swiglu"], mtp=MTPConfig(depth=1),
+                                           moe=MoEConfig(n_experts=4, top_k=2, d_expert=32))))
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    model(ids).sum().backward()
+    assert model.aux_loss().grad_fn is not None  # non-leaf tensors held by modules
+    classes = [type(m) for m in model.modules()]
+    copies = [fused_copy(model)] + ([kernel_view(model)] if available("cpu") else [])
+    model.eval()
+    with torch.no_grad():
+        want = model(ids)
+        for c in copies:
+            torch.testing.assert_close(c.eval()(ids), want, atol=1e-4, rtol=1e-4)
+    assert [type(m) for m in model.modules()] == classes

@@ -185,7 +185,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rope_layout = cfg.rope_layout
-        self.rope_fn = apply_rope  # lmforge.kernels.training swaps in the Triton kernel (same arguments)
+        # RoPE models: lmforge.kernels.training swaps in the Triton kernel (same arguments)
+        self.rope_fn = apply_rope if cfg.pos_emb == "rope" else None
         self.softcap, self.impl, self.dropout = cfg.attn_softcap, cfg.attn_impl, cfg.dropout
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(self.hd)
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
@@ -217,7 +218,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q, k = q.view(B, T, self.n_heads, self.hd), k.view(B, T, self.n_kv, self.hd)
-        if self.q_norm is not None:  # over head_dim, on the contiguous (B, T, heads, hd) layout: no copy
+        if self.q_norm is not None:  # over head_dim, before the head transpose (no transposed-view copy)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)

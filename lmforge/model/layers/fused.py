@@ -72,13 +72,24 @@ def _join_keys(fused, parts, module, state_dict, prefix, *args) -> None:
             state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules that holds the model's own tensors: parameters, buffers and any tensor a
+    module keeps as an attribute (e.g. MoE's last aux loss, a non-leaf tensor that deepcopy refuses), none
+    of them copied. Module-level changes to the copy (classes, fused projections, hooks) leave `model` alone."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    for m in model.modules():
+        for v in vars(m).values():
+            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+            shared.update((id(t), t) for t in items if isinstance(t, torch.Tensor))
+    return copy.deepcopy(model, shared)
+
+
 def fused_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` whose fusable projections (modules with a `fuse()` method: attention q/k/v, gated
     MLP gate/up) are fused; every other parameter and buffer is the model's own tensor (no copy), the
     stacked weights are new (the parts' bytes once more; none for a model already fused). `model` is not
     changed. A snapshot: later changes to the model's q/k/v or gate/up weights do not reach the copy."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    out = copy.deepcopy(model, shared)
+    out = shared_copy(model)
     for m in out.modules():
         if m is not out and hasattr(m, "fuse"):
             m.fuse()

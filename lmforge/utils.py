@@ -110,3 +110,8 @@ def to_device(data, device, dtype=None):
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def copy_in(dst, src) -> None:
+    """Copy host tensor `src` into device tensor `dst` in place, without a stream sync (as to_device)."""
+    dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=True)

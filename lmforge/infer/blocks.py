@@ -200,7 +200,8 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (keys, idle blocks, hit statistics), e.g. after a weight update."""
-        for b in self.idle:
+        for b in self.idle:  # back to fresh: empty, as _take expects
+            self.filled[b] = 0
             self.fresh.append(b)
         self.idle.clear()
         self.cached.clear()

@@ -141,7 +141,6 @@ class Engine:
         self._pending: Launched | None = None  # a step whose tokens the host has not read yet
         self.requests: dict[str, Request] = {}
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
-        self.peak_used_blocks = 0
 
     # requests ------------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
@@ -363,7 +362,6 @@ class Engine:
             self._register_blocks(seq)
             if self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed
                 self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1)
-        self.peak_used_blocks = max(self.peak_used_blocks, self.pool.num_used)
 
     def _draft(self, batch) -> None:
         """Speculative requests scheduled for their last token extend that chunk by their drafts (the
@@ -387,7 +385,6 @@ class Engine:
         for i, seq, _ in todo:
             d = seq.request.strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
             batch.chunks[i] = (seq, batch.chunks[i][1] + d)
-        batch.chunks.sort(key=lambda c: c[1] != 1)
 
     def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
         """Append each extra row's entry to its request (rows come in position order; the row at

@@ -21,7 +21,7 @@ import torch
 
 from lmforge.infer.runner import LateIds, host_block_tables, token_at
 from lmforge.model.meta import AttnMetadata
-from lmforge.utils import to_device
+from lmforge.utils import copy_in, to_device
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -65,8 +65,8 @@ class DecodeGraphs:
                              [s.block_table[p // bs] * bs + p % bs for (s, _), p in zip(batch.chunks, pos)]
                              + [self.scratch_slot] * pad,
                              [p + 1 for p in pos] + [1] * pad])
-        entry.host.copy_(to_device(host, entry.host.device))  # (copied in place: the graph reads these buffers)
-        entry.tables.copy_(to_device(host_block_tables([s.block_table for s, _ in batch.chunks], Bp, W), entry.tables.device))
+        copy_in(entry.host, host)  # in place: the graph reads these buffers
+        copy_in(entry.tables, host_block_tables([s.block_table for s, _ in batch.chunks], Bp, W))
         if late is not None:
             late.write(entry.host[0])
         if entry.graph is not None:

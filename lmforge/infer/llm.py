@@ -132,7 +132,11 @@ class LLM:
         follows the context's own tokens; token ids are taken as they are. An empty context is the
         tokenizer's end-of-text token. Too long a pair loses its oldest context tokens (the window holds
         max_seq_len - 1 of them). All pairs run as one batch of requests with prompt log-probs from the
-        continuation on, so contexts shared by several pairs come from the prefix cache."""
+        continuation on (admitted together, pairs sharing a context each compute it: the prefix cache serves
+        contexts of earlier calls)."""
+        for i, p in enumerate(pairs):
+            if not isinstance(p, (tuple, list)) or len(p) != 2:
+                raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
         pairs = [self._pair(ctx, cont, i) for i, (ctx, cont) in enumerate(pairs)]
         outs = self._run([(ctx + cont, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=1,
                                                       prompt_logprobs_start=len(ctx))) for ctx, cont in pairs])

@@ -87,6 +87,8 @@ class PagedRunner:
             if self.model is None:
                 raise LmforgeError("fused_kernels=True but the Triton kernels cannot run on this device; "
                                    "set fused_kernels=None (on where they run) or False")
+            if self.model is not self.source:  # a copy only ever generates (Engine.step's eval mode is the source's)
+                self.model.eval()
         if graphs is not None:
             from lmforge.infer.graphs import DecodeGraphs
 
@@ -135,7 +137,7 @@ class PagedRunner:
         for seq, n in batch.chunks:
             s, table = seq.num_computed, seq.block_table
             if n == 1:  # a decode (most rows of a large batch): no slices or ranges to build
-                ids.append(seq.tokens[s] if s < len(seq.tokens) else 0)  # 0: a LateIds placeholder
+                ids.append(token_at(seq, s))
                 pos.append(s)
                 slots.append(table[s // bs] * bs + s % bs)
             else:
@@ -211,7 +213,7 @@ class RecomputeRunner:
 
 def _take(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """logits[idx], without an index copy and a gather when idx is 0, 1, ... (every chunk samples once)."""
-    return logits[:len(idx)] if idx == list(range(len(idx))) else logits[idx]
+    return logits[:len(idx)] if idx == list(range(len(idx))) else logits[to_device(idx, logits.device)]
 
 
 def _split(logits: torch.Tensor, hidden: torch.Tensor | None, rows: Step, vocab_limit: int | None) -> Sampled:

@@ -88,11 +88,9 @@ def draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tenso
     of q from it (the draw multinomial(p[i:i + 1], 1, generator=g) makes, whatever else is in the batch),
     then one division and one argmax serve every row. No per-row sampling call, and no device sync
     (multinomial reads its input's min and max on the host to validate it). probs is overwritten."""
-    q = torch.empty_like(probs)
-    if all(g is None for g in gens):
-        q.exponential_()
-    else:
-        for i, g in enumerate(gens):
+    q = torch.empty_like(probs).exponential_()  # one launch for the rows without a generator
+    for i, g in enumerate(gens):
+        if g is not None:
             q[i].exponential_(generator=g)
     return probs.div_(q).argmax(-1)
 

@@ -395,3 +395,40 @@ def test_fused_kernels_default_off_on_a_cpu_and_refused_where_they_cannot_run(to
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(LmforgeError, match="fused_kernels=True but the Triton kernels cannot run"):
         Engine(model, tok, EngineConfig(fused_kernels=True))
+
+
+def test_block_accounting_survives_prefix_cache_resets(tok):
+    """update_weights resets the prefix cache every RL iteration: idle cached blocks go back to the fresh
+    list empty, so the tokens-held count (kv utilization) never drifts."""
+    model = tiny_model("llama")
+    engine = Engine(model, tok, EngineConfig(block_size=4, num_kv_tokens=64))  # 16 blocks: every one reused
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    held = []
+    for _ in range(4):
+        for prompt in ("a prompt that fills several blocks", "another prompt, also long"):
+            engine.add_request(prompt, sp)
+            while engine.has_unfinished():
+                engine.step()
+                held.append(engine.pool.tokens_held)
+            assert engine.pool.tokens_held == 0
+        assert engine.pool.idle
+        engine.update_weights()
+    assert min(held) >= 0 and 0 < engine.stats()["kv_utilization_at_peak"] <= 1
+
+
+def test_score_refuses_what_is_not_a_pair(tok):
+    llm = LLM(tiny_model("llama"), tok)
+    with pytest.raises(LmforgeError, match=r"pair 1 must be \(context, continuation\), got 'ab'"):
+        llm.score([("a", "b"), "ab"])
+
+
+def test_the_fused_view_generates_in_eval_mode_whatever_the_model_mode(tok):
+    from lmforge.kernels.decode import available
+
+    if not available("cpu"):
+        pytest.skip("needs triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
+    model = tiny_model("llama", dropout=0.5).train()  # a Trainer's model, mid-training
+    engine = Engine(model, tok, EngineConfig(fused_kernels=True))
+    assert not engine.runner.model.training and model.training
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert run(engine, [("same prompt", sp)])[0].token_ids == run(engine, [("same prompt", sp)])[0].token_ids

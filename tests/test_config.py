@@ -67,3 +67,18 @@ def test_a_partial_toml_table_starts_from_the_field_default_like_cli_flags(tmp_p
     want = dataclasses.replace(default, model=dataclasses.replace(default.model, d_model=128))
     assert load_config(TrainConfig, path) == want
     assert parse_config(TrainConfig, ["--model.d-model", "128"], prog="t", description="") == want
+
+
+def test_a_pipeline_is_refused_for_losses_it_would_drop():
+    """pp > 1 trains the plain LM loss stage by stage: an MoE model's balancing loss or an MTP loss would
+    silently vanish, so the config says so before anything launches."""
+    from lmforge.model.config import ModelConfig, MoEConfig, MTPConfig
+    from lmforge.parallel.config import ParallelConfig
+
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2)
+    with pytest.raises(ConfigError, match="drop this model's MoE balancing loss; set parallel.pp=1"):
+        TrainConfig(model=ModelConfig(**base, mlp="moe", moe=MoEConfig(n_experts=4, top_k=2)),
+                    parallel=ParallelConfig(pp=2))
+    with pytest.raises(ConfigError, match="drop this model's MTP loss"):
+        TrainConfig(model=ModelConfig(**base, mtp=MTPConfig()), parallel=ParallelConfig(pp=2))
+    TrainConfig(model=ModelConfig(**base), parallel=ParallelConfig(pp=2))  # a dense model is fine

@@ -175,12 +175,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module, cfg: LoRAConfig) -> dict[str, torch.Tensor]:
-    """The adapter checkpoint: every LoRA A and B, and the parameters of the modules cfg.trainable names
-    (detached; the same keys as model.state_dict())."""
+    """The adapter checkpoint: every LoRA A and B, and every parameter apply_lora left trainable (those of
+    the modules cfg.trainable names and of their submodules; detached; the same keys as
+    model.state_dict())."""
     if not lora_layers(model):
         raise ConfigError(f"{type(model).__name__} has no LoRA adapters; apply_lora(model, cfg) first")
     return {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
-            if n.endswith((".lora_A", ".lora_B")) or matches(n.rpartition(".")[0], cfg.trainable)}
+            if n.endswith((".lora_A", ".lora_B")) or p.requires_grad}
 
 
 @torch.no_grad()

@@ -156,8 +156,11 @@ class ObjectiveEvaluator:
         keys: list[str] = []
         rows = []  # per batch: this rank's weighted metric sums, then its weight
         for b in self.batches:
-            share = b if self.runner is None else eval_rows(self.runner, b)
-            w = self._weight(share)
+            # a batch with fewer rows than ranks to split it over (a short last one): every rank runs all of
+            # it (each must join the forward's collectives) and the first one reports it
+            whole = self.runner is None or next(iter(b.values())).shape[0] < self.runner.eval_size
+            share = b if whole else eval_rows(self.runner, b)
+            w = self._weight(share) if self.runner is None or not whole or self.runner.eval_rank == 0 else 0.0
             with contextlib.nullcontext() if self.runner is None else self.runner._loss_context():  # as in training
                 _, metrics = self.objective.loss(model, {k: v.to(device) for k, v in share.items()})
             keys = keys or list(metrics)

@@ -72,9 +72,10 @@ def warn_if_past_context(llm, prompt_lengths: list[int], sp: SamplingParams) -> 
               f"{context}-token context; generation stops after at most {room} new tokens", file=sys.stderr)
 
 
-def top_logprobs_rows(tok, top: list[dict[int, float]] | None) -> list[list[dict[str, Any]]] | None:
-    """Per generated token, its K most likely alternatives as [{"id", "token", "logprob"}], best first."""
+def top_logprobs_rows(tok, top: list[dict[int, float] | None] | None) -> list[list[dict[str, Any]] | None] | None:
+    """Per token, its K most likely alternatives as [{"id", "token", "logprob"}], best first (None stays None)."""
     if top is None:
         return None
-    return [[{"id": int(i), "token": tok.decode([int(i)]), "logprob": float(lp)}
+    return [None if step is None else  # (prompt positions before prompt_logprobs_start)
+            [{"id": int(i), "token": tok.decode([int(i)]), "logprob": float(lp)}
              for i, lp in sorted(step.items(), key=lambda kv: -kv[1])] for step in top]

@@ -30,8 +30,8 @@ def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
     from lmforge.errors import ConfigError
 
     nproc, rest = _split_config_flag(argv, "--nproc", "a number of processes")
-    if nproc is not None and not nproc.isdigit():
-        raise ConfigError(f"--nproc must be a whole number of processes, got {nproc!r}")
+    if nproc is not None and (not nproc.isdigit() or int(nproc) < 1):
+        raise ConfigError(f"--nproc must be a whole number of processes >= 1, got {nproc!r}")
     return (int(nproc) if nproc is not None else None), rest
 
 

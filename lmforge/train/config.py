@@ -149,6 +149,10 @@ class TrainConfig(LoopConfig):
         super().__post_init__()
         check(self.data.seq_len <= self.model.max_seq_len or self.model.pos_emb in ("rope", "none"),
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        moe = any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))
+        check(self.parallel.pp == 1 or not (moe or self.model.mtp is not None),
+              f"parallel.pp={self.parallel.pp} runs the plain LM loss through the pipeline schedule, which would "
+              f"drop this model's {'MoE balancing' if moe else 'MTP'} loss; set parallel.pp=1 (use dp_shard/tp)")
         if self.parallel.world_size > 1:  # the layout's fit to the model and batch, before any process starts
             self.parallel.validate(self.parallel.world_size, self.model, seq_len=self.data.seq_len,
                                    batch_size=self.data.batch_size)

@@ -106,6 +106,23 @@ def test_adapter_checkpoint_roundtrip_and_counts():
         load_lora(apply_lora(SequenceHead(tiny_model(0), out_dim=3), LoRAConfig(r=4, targets=("wq", "wv"))), state)
 
 
+def test_adapter_checkpoint_holds_every_trainable_parameter_of_a_named_subtree():
+    """trainable names a module whose parameters live in its submodules (a block's MLP): all of them are
+    trained, so all of them are saved, and a fresh model loads the same function."""
+    cfg = LoRAConfig(r=2, targets=("wq",), trainable=("blocks.0.mlp",))
+    model = apply_lora(tiny_model(0), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".mlp." in n:
+                p.add_(0.1)  # as if trained
+    state = lora_state_dict(model, cfg)
+    mlp = {n for n, p in model.named_parameters() if n.startswith("blocks.0.mlp.")}
+    assert mlp and mlp <= set(state)
+    other = apply_lora(tiny_model(0), cfg)
+    load_lora(other, state)
+    torch.testing.assert_close(other(IDS), model(IDS), rtol=0, atol=0)
+
+
 def test_errors_name_the_fix():
     with pytest.raises(ConfigError, match="'q' matches no nn.Linear .* named down, gate, lm_head, up, wk, wo, wq, wv"):
         apply_lora(tiny_model(0), LoRAConfig(targets=("q",)))

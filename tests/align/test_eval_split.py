@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lmforge.align.dpo import DPOConfig, DPOObjective
+from lmforge.align.kto import KTOConfig, KTOObjective
 from lmforge.align.sft import ObjectiveEvaluator, SFTObjective
 from lmforge.parallel.config import ParallelConfig
 from lmforge.parallel.launch import run_local
@@ -21,7 +22,9 @@ def _cases() -> dict:
     sft = [sequences(5, T, V, [2, 3, 4, 5, 6], seed=0), sequences(3, T, V, [7, 2, 3], seed=1)]
     pairs = [{**sequences(B, T, V, lens, seed, "chosen_"), **sequences(B, T, V, lens, seed + 1, "rejected_")}
              for B, lens, seed in ((5, [2, 3, 4, 2, 3], 2), (3, [4, 2, 3], 4))]
-    return {"sft": (SFTObjective(), sft), "dpo": (DPOObjective(DPOConfig(beta=0.2), reference=tiny_model(1)), pairs)}
+    kto = [{**sequences(1, T, V, [3], seed=6), "label": torch.tensor([1])}]  # fewer rows than ranks
+    return {"sft": (SFTObjective(), sft), "dpo": (DPOObjective(DPOConfig(beta=0.2), reference=tiny_model(1)), pairs),
+            "kto_short": (KTOObjective(KTOConfig(beta=0.2), reference=tiny_model(1)), kto)}
 
 
 def _evaluate(model, objective, batches, runner=None) -> tuple[dict, int]:
@@ -60,3 +63,15 @@ def test_two_processes_split_the_rows_and_match_one_process(two_ranks, name):
     assert m0 == m1 and list(m0) == list(ref)
     assert m0 == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert rows0 + rows1 == rows_one and rows0 < rows_one and rows1 < rows_one  # each row evaluated once
+
+
+def test_a_batch_with_fewer_rows_than_ranks_runs_whole_and_counts_once(two_ranks):
+    """A short last validation batch (1 row, 2 ranks): each rank runs all of it (both join the forward) and
+    one reports, so the metrics equal one process's (KTO's mismatched rows need at least one row)."""
+    objective, batches = _cases()["kto_short"]
+    model = tiny_model(0).eval()
+    one, rows_one = _evaluate(model, objective, batches)
+    (m0, rows0), (m1, rows1) = (r["kto_short"] for r in two_ranks)
+    # (a row of one class: the other class's metrics are NaN, on one process too)
+    assert m0 == pytest.approx(m1, nan_ok=True) and m0 == pytest.approx(one, rel=1e-5, abs=1e-6, nan_ok=True)
+    assert rows0 == rows1 == rows_one

@@ -222,3 +222,13 @@ def test_sample_from_a_hf_model_directory(tmp_path, capsys):
     sample_cli.main(["--checkpoint", str(tmp_path / "hf"), "--prompt", "the cat", "--max-tokens", "6",
                      "--temperature", "0", "--ignore-eos", "True"])
     assert capsys.readouterr().out.splitlines()[1:] == ("the cat" + bpe.decode(ref)).splitlines()
+
+
+def test_prompt_logprob_rows_before_the_start_stay_empty():
+    """--prompt_logprobs K --prompt_logprobs_start S: positions before S have no entry (None), which the
+    JSON rows keep as null instead of failing on them."""
+    from lmforge.cli.sampling import top_logprobs_rows
+    from lmforge.tokenizer.load import load_tokenizer
+
+    rows = top_logprobs_rows(load_tokenizer("byte"), [None, {104: -0.5, 105: -1.5}])
+    assert rows[0] is None and [r["id"] for r in rows[1]] == [104, 105] and rows[1][0]["logprob"] == -0.5

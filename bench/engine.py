@@ -5,6 +5,8 @@
 
 Sections (--sections, comma-separated; default all):
   profile     where a steady decode step's time goes (schedule, inputs, attention, other forward, sampling)
+              and its kernels (bench/profiling.py), eager; last shape only, after its throughput rows (the
+              profiler's CUPTI makes later CUDA-graph captures fail)
   check       the engine's greedy tokens on a few prompts vs the full-recompute reference (agreement: bf16
               near-ties of random weights may flip late tokens; fp32 --smoke must agree exactly)
   offline     nano-vllm's workload: --requests prompts, prompt and output lengths uniform in [100, 1024],
@@ -184,35 +186,15 @@ def profile(model, dev, config: EngineConfig, batch: int, prompt: int) -> dict:
             step(finished_only=True)
     finally:
         runner_mod.sample_rows = sample_rows_original
-    # the kernel tables last (CUDA-graph capture fails once CUPTI is attached, for any later engine)
-    print(f"  a decode step at batch {len(engine.scheduler.running)}:", flush=True)
-    kernel_table(dev, lambda: engine.step(finished_only=True), 3)
-    for p, _ in workload(32, prompt, prompt, model.cfg.vocab_size, seed=5):
-        engine.add_request(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    print("  a step with prefill chunks:", flush=True)
-    kernel_table(dev, lambda: engine.step(finished_only=True), 1)
+    if torch.device(dev).type == "cuda":  # last (CUDA-graph capture fails once CUPTI is attached, for any later engine)
+        from profiling import kernel_table
+
+        print(f"  kernels of a decode step at batch {len(engine.scheduler.running)}:", flush=True)
+        print(kernel_table(lambda: engine.step(finished_only=True), calls=3, rows=18), flush=True)
     out = {k: 1e3 * v / n for k, v in spent.items()}
     out["forward_other"] = out["step"] - sum(out.get(k, 0) for k in ("schedule", "inputs", "attention", "sampling"))
     out["first_prefill_step"] = prefill_ms
     return {"ms_per_step": {k: round(v, 2) for k, v in out.items()}, "batch": len(engine.scheduler.running)}
-
-
-def kernel_table(dev, fn, steps: int, top: int = 18) -> None:
-    """Print the device kernels of `steps` calls of fn (torch.profiler), most time first, per call."""
-    if torch.device(dev).type != "cuda":
-        return
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    sync(dev)
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        sync(dev)
-    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    rows.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in rows)
-    print(f"  kernels per step (device total {total / 1e3 / steps:.2f} ms):", flush=True)
-    for e in rows[:top]:
-        print(f"  {e.self_device_time_total / 1e3 / steps:8.3f} ms {e.count // steps:5d}x  {e.key[:90]}", flush=True)
 
 
 def check(model, dev) -> dict:
@@ -442,7 +424,7 @@ def parse(argv) -> argparse.Namespace:
     return args
 
 
-def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float, add) -> None:
+def run_shape(shape: str, first: bool, last: bool, args, dev, dtype, bw: float, peak: float, add) -> None:
     """Every section for one model shape; add(name, result, roofline) records a row."""
     lo, hi, prefix_len = (4, 24, 48) if args.smoke else (100, 1024, 2048)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -481,7 +463,7 @@ def run_shape(shape: str, first: bool, args, dev, dtype, bw: float, peak: float,
     if first and "baseline" in sections:
         add(f"previous static-batch LLM, batch 64, {args.fixed_new} new",
             guarded(run_baseline, shape, args, fixed[:64], dev, dtype))
-    if "profile" in sections:  # last: its sync-timed steps break graph capture (see profile())
+    if last and "profile" in sections:  # its kernel table attaches CUPTI: no graph capture after it
         n, p = (8, 20) if args.smoke else (args.max_num_seqs, 1024)
         add(f"profile: decode step at batch {n}, ~{p} context", guarded(profile, model, dev, config, n, p))
     if first and sections & {"hf", "hf_batch"}:
@@ -508,7 +490,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / (("engine_smoke" if args.smoke else "engine_" + args.shapes.replace(",", "_")) + ".json")
     print(f"device {results['device']}: copy {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
-    for si, shape in enumerate(args.shapes.split(",")):
+    shapes = args.shapes.split(",")
+    for si, shape in enumerate(shapes):
         def add(name, res, bound=None, shape=shape):
             results["variants"][f"{shape}/{name}"] = res
             frac = res.get("tok_s", 0) / bound if bound and "tok_s" in res else None
@@ -516,7 +499,7 @@ def main(argv=None) -> dict:
             print_row(rows[-1])
             path.write_text(json.dumps(results, indent=1))  # a run cut short keeps what it measured
 
-        run_shape(shape, si == 0, args, dev, dtype, bw, peak, add)
+        run_shape(shape, si == 0, si == len(shapes) - 1, args, dev, dtype, bw, peak, add)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     print(f"\n{'shape':<12} {'variant':<58} {'tok/s':>9} {'roofline':>9} {'frac':>6}  notes")

@@ -75,7 +75,7 @@ def step(S: int, L: int, C: int, dev) -> tuple[AttnMetadata, list[int], int]:
 
 def fresh_meta(meta: AttnMetadata) -> AttnMetadata:
     """A copy without the per-forward memo: each timed call builds its layout as a real step does."""
-    return dataclasses.replace(meta)  # the memo is no init field: the copy starts without it
+    return dataclasses.replace(meta, _derived={})  # (replace() would copy the memo dict itself)
 
 
 def measure(rows, scenario: str, S: int, L: int, C: int, model, args, dev, dtype):

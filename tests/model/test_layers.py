@@ -150,3 +150,26 @@ def test_rope_tables_equal_the_formula_and_grow_past_max_seq_len():
     rope = rope.to(torch.bfloat16)  # a bf16 model keeps fp32 angles and tables
     assert rope.cos_table.dtype == rope.inv_freq.dtype == torch.float32
     torch.testing.assert_close(rope.cos_sin(pos)[0].double(), angles.cos(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls", [RMSNorm, LayerNorm])
+def test_norms_one_launch_on_cuda_equal_the_fp32_upcast_reference(cls):
+    """On CUDA with input and weight in one dtype the norms call PyTorch's kernel directly (fp32 inside):
+    outputs and gradients equal the explicit upcast-then-cast path to bf16 rounding."""
+    torch.manual_seed(0)
+    norm = cls(256).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    b = norm.bias.float() if getattr(norm, "bias", None) is not None else None
+    ref = (F.rms_norm(ref_x.float(), (256,), norm.weight.float(), norm.eps) if cls is RMSNorm else
+           F.layer_norm(ref_x.float(), (256,), norm.weight.float(), b, norm.eps)).to(torch.bfloat16)
+    out = norm(x)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, atol=3e-2, rtol=3e-2)

@@ -58,8 +58,13 @@ def copy_bandwidth(dev: torch.device) -> float:
     return 2 * 4 * n / timed(lambda: b.copy_(a), dev, 10)
 
 
+SWEEP = [(s, b, w) for s in (1, 2, 4, 8, 16) for b in (32, 64, 128) for w in (4, 8)] + \
+        [(s, b, w, 0, st) for s in (1, 2) for b in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
+"""--sweep: every (slices, keys per tile, warps) here, not only the default's neighbours"""
+
+
 def one_shape(B: int, ctx: int, H: int, KV: int, hd: int, bs: int, dev, dtype, reps: int, ref_limit: int,
-              smoke: bool = False) -> dict:
+              smoke: bool = False, sweep: bool = False) -> dict:
     g = torch.Generator(device=dev).manual_seed(B * ctx)
     nb = ctx // bs
     k_cache = torch.randn(B * nb, bs, KV, hd, device=dev, dtype=dtype, generator=g)
@@ -73,15 +78,18 @@ def one_shape(B: int, ctx: int, H: int, KV: int, hd: int, bs: int, dev, dtype, r
     out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale)
     t = timed(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale), dev, reps)
     row.update(kernel_s=t, kernel_rows_s=B / t, kernel_GBs=kv_bytes / t / 1e9)
-    splits, block, warps = default_config(B, KV, ctx, dev, hd)
-    tried = {(splits, block, warps): t}
+    default = tuple(default_config(B, KV, ctx, dev, hd))
+    splits, block, warps = default[:3]
+    tried = {default: t}
     if not smoke:  # a few neighbours of the default configuration: is it the best?
-        for cfg in {(splits, 32, 8), (splits * 2, block, warps), (max(1, splits // 2), block, warps)} - set(tried):
+        near = {(splits, 32, 8), (splits * 2, block, warps), (max(1, splits // 2), block, warps)}
+        for cfg in (set(SWEEP) if sweep else near) - set(tried):
             tried[cfg] = timed(lambda: paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=scale,
                                                               config=cfg), dev, reps)
     best = min(tried, key=tried.get)
-    row.update(default_config=[splits, block, warps], best_config=list(best), best_s=tried[best],
-               best_GBs=kv_bytes / tried[best] / 1e9)
+    row.update(default_config=list(default), best_config=list(best), best_s=tried[best],
+               best_GBs=kv_bytes / tried[best] / 1e9,
+               tried_GBs={"/".join(map(str, c)): round(kv_bytes / t / 1e9) for c, t in sorted(tried.items())})
     # the same kernel on a head-major pool: (blocks, KV, block_size, hd) memory seen through a
     # (blocks, block_size, KV, hd) view (the kernel takes strides), so one kv head's keys of a block are one
     # contiguous 16 x hd run instead of block_size rows KV x hd apart: is the engine's slot-major layout
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="32,64,128,256")
     ap.add_argument("--contexts", default="512,1024,2048,4096")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="time every configuration of SWEEP at every shape")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
@@ -138,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     for B in batches:
         for ctx in contexts:
             try:
-                rows.append(one_shape(B, ctx, H, KV, hd, 16, dev, dtype, reps, ref_limit=64 * 4096, smoke=args.smoke))
+                rows.append(one_shape(B, ctx, H, KV, hd, 16, dev, dtype, reps, ref_limit=64 * 4096, smoke=args.smoke,
+                                     sweep=args.sweep))
             except Exception as e:  # noqa: BLE001  (report, keep the other shapes)
                 import traceback
 

@@ -115,3 +115,29 @@ def to_device(data, device, dtype=None):
 def copy_in(dst, src) -> None:
     """Copy host tensor `src` into device tensor `dst` in place, without a stream sync (as to_device)."""
     dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=True)
+
+
+class HostCopy:
+    """Device tensors (None allowed) copied to pinned host memory behind the work queued so far; `get()`
+    waits for those copies only. A plain `.tolist()` / `.cpu()` of a CUDA tensor waits for everything queued
+    on the stream, so reading step t's tokens after launching step t + 1 would wait for t + 1 as well and
+    undo async scheduling's overlap (lmforge.infer.pending). On the CPU the tensors are kept as they are."""
+
+    def __init__(self, *tensors):
+        import torch
+
+        self.event = None
+        if any(t is not None and t.is_cuda for t in tensors):
+            self.tensors = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                 .copy_(t, non_blocking=True) for t in tensors)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tensors = tensors
+
+    def get(self) -> tuple:
+        """The host tensors, once their copies are done."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.tensors

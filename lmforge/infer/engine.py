@@ -315,6 +315,7 @@ class Engine:
         rows, extra = sampling_rows(batch, self._rows), prompt_rows(batch)
         late = prev.late_ids(batch) if prev is not None else None
         sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, self.wants_hidden, late)
+        sampled.to_host()  # queued before the next step: reading it later waits for this step only
         if extra:
             self._record_prompt_logprobs(batch, extra, sampled.extra)
         for seq, n in batch.chunks:
@@ -331,9 +332,8 @@ class Engine:
         """Read a launched step's tokens (the step's one device->host sync) and append them: forks after a
         prefill, strategies, prefix-block registration; the requests that changed go into `changed`."""
         batch, rows, sampled = step.batch, step.rows, step.sampled
-        tokens = sampled.tokens.tolist()
-        lps = sampled.logprobs.tolist() if sampled.logprobs is not None else None
-        top = (sampled.top_values.tolist(), sampled.top_ids.tolist()) if sampled.top_values is not None else None
+        tokens, lps, top_values, top_ids = sampled.read()
+        top = (top_values, top_ids) if top_values is not None else None
         stale = step.stale()
         samples_of: dict[int, int] = {}
         claimed: dict[int, tuple[Sequence, list[int]]] = {}

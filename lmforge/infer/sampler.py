@@ -21,7 +21,7 @@ import torch
 
 from lmforge.infer.processors import TokenHistory, apply_processors, batched_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
-from lmforge.utils import to_device
+from lmforge.utils import HostCopy, to_device
 
 
 @dataclass
@@ -50,6 +50,19 @@ class Sampled:
     """(E, V) raw model logits at the step's extra positions (prompt log-probs), not sampled"""
     hidden: torch.Tensor | None = None
     """(M + E, d) the model's final hidden states at the sampled rows, then the extra ones (when asked)"""
+    copy: HostCopy | None = None
+    """tokens, logprobs, top values and ids on their way to the host (`to_host`)"""
+
+    def to_host(self) -> None:
+        """Queue the copies of tokens, logprobs and top-k to host memory now, right behind the step that
+        sampled them, so that reading them (`read`) waits for that step only, not for one launched since."""
+        self.copy = HostCopy(self.tokens, self.logprobs, self.top_values, self.top_ids)
+
+    def read(self) -> tuple[list, list | None, list | None, list | None]:
+        """(tokens, logprobs, top values, top ids) as host lists (None where not asked for)."""
+        if self.copy is None:
+            self.to_host()
+        return tuple(None if t is None else t.tolist() for t in self.copy.get())
 
 
 _SHAPING = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",

@@ -271,3 +271,34 @@ def test_gpu_launching_a_step_never_waits_for_the_device(tok):
     for _ in range(3):
         engine.step()
     assert launched == [True, True, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_reading_a_step_does_not_wait_for_the_next(tok):
+    """The overlap itself: step t's tokens are copied to the host right behind step t, so reading them
+    (after step t + 1 is launched) returns while t + 1 still runs. A plain .tolist() would wait for
+    everything queued, t + 1 included, and the host would then build t + 2 with the device idle. Here
+    every launch first queues ~50 ms of device sleep: step() must return long before it ends."""
+    import time
+
+    model = tiny_model("llama", init_std=0.3).cuda()
+    engine = Engine(model, tok, EngineConfig(block_size=4, kernel_step=False))
+    for i in range(3):
+        engine.add_request([5 + i, 6, 7], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    for _ in range(4):  # prefill, graph capture, warm-up
+        engine.step()
+    torch.cuda.synchronize()
+    execute = engine.runner.execute
+
+    def slow(*args, **kwargs):
+        torch.cuda._sleep(100_000_000)  # ~50 ms at the H200's ~2 GHz
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = slow
+    t0 = time.perf_counter()
+    engine.step()  # launches t + 1 (behind its sleep), then reads t
+    took = time.perf_counter() - t0
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy and took < 0.025, f"step() took {took * 1e3:.1f} ms; device busy after it: {busy}"

@@ -40,8 +40,8 @@ def _check(args, tol, **kw):
     from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
     want = paged_decode_attention_ref(*args, **kw)
-    # default; one slice; several slices, some empty; one query head per program
-    for config in (None, (1, 16, 4), (4, 32, 4), (4, 16, 2, 1)):
+    # default; one slice; several slices, some empty; one query head per program; the software pipeline
+    for config in (None, (1, 16, 4), (4, 32, 4), (4, 16, 2, 1), (2, 16, 4, 0, 3)):
         got = paged_decode_attention(*args, config=config, **kw)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     # the kernel step's form: positions instead of lengths, old keys and the new one read separately

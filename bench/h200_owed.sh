@@ -4,11 +4,10 @@
 #
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
 #
-# Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order:
-# engine (issue 11's throughput goal: the A/B of the fused view and async scheduling, both unmeasured),
-# gputests (every CUDA-only test; async + fused view + graphs against the plain engine among them), paged
-# (is the slot-major pool what keeps the paged kernel at 0.5-0.7x SDPA?), kernels (issue 14's compiled
-# MFU), moe, decode, parallel, prefill, hf. (align ran on 2026-12-02.)
+# Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (2026-12-02 17:00 UTC): kernels and kernels24 (issue 14's compiled MFU goals), moe, parallel, prefill, then
+# decode (--tune-step). engine, paged, hf, gputests and align ran on 2026-12-02 (docs/benchmarks.md); rerun
+# engine + gputests after any change to the engine's GPU paths.
 # The previous static-batch path for `engine`: before the call, snapshot the pre-engine package into an
 # ignored folder that the device call carries (e.g. carry [".gpu"]):
 #     mkdir -p .gpu/baseline && git archive e9e944e^ lmforge | tar -x -C .gpu/baseline

@@ -174,24 +174,35 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+SCALE = ".lora_scale"
+"""key suffix of each adapter's scale in an adapter checkpoint (not a model tensor: load_lora checks it)"""
+
+
 def lora_state_dict(model: nn.Module, cfg: LoRAConfig) -> dict[str, torch.Tensor]:
-    """The adapter checkpoint: every LoRA A and B, and every parameter apply_lora left trainable (those of
-    the modules cfg.trainable names and of their submodules; detached; the same keys as
-    model.state_dict())."""
-    if not lora_layers(model):
+    """The adapter checkpoint: every LoRA A and B, every parameter apply_lora left trainable (those of the
+    modules cfg.trainable names and of their submodules; detached; keys as in model.state_dict()), and each
+    adapter's scale as `<layer>.lora_scale` (fp64 scalars), which load_lora checks: adapters trained at one
+    alpha / r are wrong at another."""
+    layers = lora_layers(model)
+    if not layers:
         raise ConfigError(f"{type(model).__name__} has no LoRA adapters; apply_lora(model, cfg) first")
-    return {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
-            if n.endswith((".lora_A", ".lora_B")) or p.requires_grad}
+    state = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
+             if n.endswith((".lora_A", ".lora_B")) or p.requires_grad}
+    return {**state, **{n + SCALE: torch.tensor(m.scale, dtype=torch.float64) for n, m in layers.items()}}
 
 
 @torch.no_grad()
 def load_lora(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load an adapter checkpoint (lora_state_dict) into a model given the same apply_lora. Refuses a
-    missing adapter, an unknown key or a shape mismatch before copying anything."""
+    missing adapter, an unknown key, a shape mismatch or another scale (alpha, r, rslora) before copying
+    anything. (Checkpoints without scales, from before they were saved, load unchecked.)"""
     params = dict(model.named_parameters(remove_duplicate=False))
+    layers = lora_layers(model)
+    scales = {n[: -len(SCALE)]: float(t) for n, t in state.items() if n.endswith(SCALE)}
+    state = {n: t for n, t in state.items() if not n.endswith(SCALE)}
     needed = [n for n in params if n.endswith((".lora_A", ".lora_B"))]
     missing = [n for n in needed if n not in state]
-    unknown = [n for n in state if n not in params]
+    unknown = [n for n in state if n not in params] + [n + SCALE for n in scales if n not in layers]
     if not needed or missing or unknown:
         raise ConfigError(f"adapter state does not fit this model: missing {missing[:3]}, unknown {unknown[:3]}; "
                           "apply_lora with the config the adapters were trained with, then load_lora")
@@ -199,6 +210,10 @@ def load_lora(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if t.shape != params[n].shape:
             raise ConfigError(f"adapter tensor {n} has shape {tuple(t.shape)}, the model expects "
                               f"{tuple(params[n].shape)}; use the same r and targets")
+    for n, scale in scales.items():
+        if not math.isclose(scale, layers[n].scale, rel_tol=1e-12):
+            raise ConfigError(f"adapter {n} was trained with scale {scale:g}, this model's LoRAConfig gives "
+                              f"{layers[n].scale:g}; use the same alpha, r and rslora")
     for n, t in state.items():
         params[n].copy_(t)
 

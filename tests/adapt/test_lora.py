@@ -92,10 +92,13 @@ def test_adapter_checkpoint_roundtrip_and_counts():
     randomise_b(model)
     state = lora_state_dict(model, cfg)
     assert sorted(state) == ["backbone.blocks.0.attn.wq.lora_A", "backbone.blocks.0.attn.wq.lora_B",
+                             "backbone.blocks.0.attn.wq.lora_scale",
                              "backbone.blocks.0.attn.wv.lora_A", "backbone.blocks.0.attn.wv.lora_B",
-                             "head.bias", "head.weight"]
+                             "backbone.blocks.0.attn.wv.lora_scale", "head.bias", "head.weight"]
+    assert float(state["backbone.blocks.0.attn.wq.lora_scale"]) == cfg.scale == 8.0
+    tensors = {k: v for k, v in state.items() if not k.endswith("lora_scale")}
     count = trainable_parameters(model)
-    assert count.trainable == sum(t.numel() for t in state.values()) == 2 * (2 * 16 + 16 * 2) + 3 * 16 + 3
+    assert count.trainable == sum(t.numel() for t in tensors.values()) == 2 * (2 * 16 + 16 * 2) + 3 * 16 + 3
     assert count.total == sum(p.numel() for p in model.parameters()) and str(count).startswith("trainable 179 of")
     other = apply_lora(SequenceHead(tiny_model(0), out_dim=3), cfg)
     load_lora(other, state)
@@ -104,6 +107,13 @@ def test_adapter_checkpoint_roundtrip_and_counts():
         load_lora(other, {k: v for k, v in state.items() if "wv.lora_A" not in k})
     with pytest.raises(ConfigError, match="use the same r"):
         load_lora(apply_lora(SequenceHead(tiny_model(0), out_dim=3), LoRAConfig(r=4, targets=("wq", "wv"))), state)
+    for changed in (dict(alpha=8.0), dict(rslora=True)):  # same shapes, another scale: refused, nothing copied
+        third = apply_lora(SequenceHead(tiny_model(0), out_dim=3), LoRAConfig(**{**vars(cfg), **changed}))
+        before = {n: p.clone() for n, p in third.named_parameters()}
+        with pytest.raises(ConfigError, match="trained with scale 8, .* gives (4|11.3137); use the same alpha"):
+            load_lora(third, state)
+        assert all(torch.equal(p, before[n]) for n, p in third.named_parameters())
+    load_lora(other, tensors)  # an adapter file from before scales were saved still loads
 
 
 def test_adapter_checkpoint_holds_every_trainable_parameter_of_a_named_subtree():

@@ -24,15 +24,17 @@ def run_objective(name: str, argv: list[str]) -> int:
     from lmforge.errors import ConfigError
     from lmforge.train.posttrain import config_class, posttrain
 
-    rc, argv = relaunch(name, argv)
+    def parse(args: list[str]):
+        cfg = parse_config(config_class(name), args, prog=f"lmforge {name}", description=HELP[name] +
+                           " Resumable: run it again; --nproc N trains on N local processes (data parallel).")
+        if cfg.objective != name:
+            raise ConfigError(f"objective = {cfg.objective!r} in the config, but this is `lmforge {name}`; "
+                              f"remove the key or run `lmforge {cfg.objective}`")
+        return cfg
+
+    rc, cfg = relaunch(name, argv, parse)
     if rc is not None:
         return rc
-    cls = config_class(name)
-    cfg = parse_config(cls, argv, prog=f"lmforge {name}", description=HELP[name] + " Resumable: run it again; "
-                       "--nproc N trains on N local processes (data parallel).")
-    if cfg.objective != name:
-        raise ConfigError(f"objective = {cfg.objective!r} in the config, but this is `lmforge {name}`; "
-                          f"remove the key or run `lmforge {cfg.objective}`")
     result = posttrain(cfg)
     if os.environ.get("RANK", "0") != "0":
         return 0

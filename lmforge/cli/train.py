@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from lmforge.cli.common import _split_config_flag, parse_config
 
 
@@ -35,19 +37,22 @@ def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
     return (int(nproc) if nproc is not None else None), rest
 
 
-def relaunch(command: str, argv: list[str]) -> tuple[int | None, list[str]]:
-    """`lmforge COMMAND --nproc N ...` with N > 1, outside torchrun: re-run it under torchrun on N local
-    processes and return (its exit code, []); otherwise (None, argv without --nproc) to run here."""
+def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any]) -> tuple[int | None, Any]:
+    """`lmforge COMMAND --nproc N ...`: the arguments without --nproc are parsed here first (`parse`), so
+    that --help and a bad config answer once, before any process starts; then with N > 1, outside torchrun,
+    the command re-runs under torchrun on N local processes: (its exit code, None). Otherwise (None, the
+    parsed config) to run here."""
     import os
 
     nproc, argv = pop_nproc(argv)
+    cfg = parse(argv)
     if nproc is not None and nproc > 1 and "RANK" not in os.environ:
         import subprocess
 
         from lmforge.parallel.launch import torchrun_argv
 
-        return subprocess.call(torchrun_argv(nproc, [command, *argv])), []
-    return None, argv
+        return subprocess.call(torchrun_argv(nproc, [command, *argv])), None
+    return None, cfg
 
 
 def main(argv: list[str]) -> int:
@@ -56,10 +61,10 @@ def main(argv: list[str]) -> int:
     from lmforge.train.config import TrainConfig
     from lmforge.train.trainer import train
 
-    rc, argv = relaunch("train", argv)
+    rc, cfg = relaunch("train", argv, lambda a: parse_config(TrainConfig, a, prog="lmforge train",
+                                                            description=_description()))
     if rc is not None:
         return rc
-    cfg = parse_config(TrainConfig, argv, prog="lmforge train", description=_description())
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         print(model_summary(cfg), flush=True)

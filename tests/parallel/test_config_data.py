@@ -148,3 +148,25 @@ def test_parallel_section_of_a_toml_config_loads():
     assert from_dict(ParallelConfig, to_dict(cfg)) == cfg and cfg.world_size == 4
     with pytest.raises(ConfigError, match="tp_size"):
         from_dict(ParallelConfig, {"tp_size": 2})
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_nproc_parses_the_config_once_before_launching(command, tmp_path, monkeypatch, capsys):
+    """A bad config under --nproc N answers once, in the launching process, instead of once per rank after
+    torchrun started N of them; a good one is what the relaunch carries."""
+    import subprocess
+
+    from lmforge.cli import main
+
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda argv: launched.append(argv) or 0)
+    monkeypatch.delenv("RANK", raising=False)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nno_such_key = 1\n")
+    assert main([command, "--config", str(bad), "--nproc", "2"]) == 2
+    assert "unknown config key 'optim.no_such_key'" in capsys.readouterr().err and launched == []
+    if command == "sft":
+        wrong = tmp_path / "wrong.toml"
+        wrong.write_text('objective = "dpo"\n')
+        assert main([command, "--config", str(wrong), "--nproc", "2"]) == 2
+        assert "this is `lmforge sft`" in capsys.readouterr().err and launched == []

@@ -98,11 +98,18 @@ def distribute(model: torch.nn.Module, source, par: ParallelConfig | None, *, de
     return runner.model, RankRows(source, runner.dp_rank, runner.dp_size, batch_size), runner
 
 
+class Repeated(dict):
+    """A batch a rank runs only to join the step's collectives: rows another rank trains on, which the
+    Trainer gives no weight (RankRows, when a batch has fewer rows than ranks)."""
+
+
 class RankRows:
     """A DataSource wrapper: the wrapped source yields the global batch (identically on every rank, same
     seed); rank r of N keeps rows [r·B/N, (r+1)·B/N). State is the wrapped source's (global) state.
     A shorter batch (a post-training epoch's last) is split as evenly as its rows allow (tensor_split);
-    the Trainer then weighs each rank's loss by its share of the rows or items (Trainer._micro_batches)."""
+    the Trainer then weighs each rank's loss by its share of the rows or items (Trainer._micro_batches).
+    With fewer rows than ranks, ranks past the rows repeat the first row as a `Repeated` batch: every
+    rank must still run the forward and backward (FSDP and DDP communicate inside them), at weight 0."""
 
     def __init__(self, source, rank: int, world: int, batch_size: int):
         if batch_size % world:
@@ -112,10 +119,9 @@ class RankRows:
     def next_batch(self) -> dict[str, torch.Tensor]:
         batch = self.source.next_batch()
         rows = len(next(iter(batch.values())))
-        if rows < self.world:
-            raise ConfigError(f"a batch of {rows} rows cannot feed {self.world} data-parallel ranks (the epoch's last "
-                              "batch): choose data.batch_size so that the epoch's rows leave no such remainder")
-        return {k: v.tensor_split(self.world)[self.rank] for k, v in batch.items()}
+        if rows <= self.rank:
+            return Repeated({k: v[:1] for k, v in batch.items()})
+        return {k: v.tensor_split(min(rows, self.world))[self.rank] for k, v in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()

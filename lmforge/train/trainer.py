@@ -248,11 +248,13 @@ class Trainer:
         weigh = getattr(self.objective, "batch_weight", None)
         if weigh is None and self.runner is not None:  # ranks' shares of a short batch differ: weigh by rows
             weigh = batch_rows
-        weights = [float(weigh(b)) for b in raw] if weigh is not None else []
+        weights = [0.0 if isinstance(b, ddp.Repeated) else float(weigh(b)) for b in raw] if weigh is not None else []
         total = sum(weights)
         if weigh is not None and self.runner is not None:
             total = float(ddp.sum_over_ranks(torch.tensor([total], dtype=torch.float64), self.runner)) / self.world
         shares = [w / total for w in weights] if total > 0 else [None] * len(raw)
+        # a rank's repeated rows (a batch shorter than the ranks: RankRows) join the step at no weight
+        shares = [0.0 if isinstance(b, ddp.Repeated) else s for b, s in zip(raw, shares)]
         return [(self._to_device(b), share) for b, share in zip(raw, shares)]
 
     def train_step(self) -> dict[str, Any]:

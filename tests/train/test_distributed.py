@@ -239,3 +239,50 @@ warmup_steps = 5
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("done: 10 steps") == 1  # rank 0 reports
     np.testing.assert_allclose(_losses(read_metrics(tmp_path / "run")), ref, atol=ATOL, rtol=0)
+
+
+def _short_batches_fit(run_dir: str, layout: dict | None) -> list[float]:
+    """4 steps over batches of 4, 1, 4 and 1 rows (a post-training epoch's short last batch) with the
+    one Trainer: on one process, or on this rank's rows through RankRows and a ParallelRunner."""
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.distributed import RankRows
+    from lmforge.train.harness import FixedBatches
+    from lmforge.train.loss import LMObjective
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for rows in (4, 1, 4, 1):
+        ids = torch.randint(0, 41, (rows, 9), generator=g)
+        batches.append({"input_ids": ids[:, :-1], "targets": ids[:, 1:]})
+    data, runner = FixedBatches(batches), None
+    if layout is not None:
+        from lmforge.parallel.runner import ParallelRunner
+
+        runner = ParallelRunner(model, ParallelConfig(**layout), device="cpu")
+        model, data = runner.model, RankRows(data, runner.dp_rank, runner.dp_size, 4)
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=4, log_every=1,
+                     eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False, plot=False)
+    trainer = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg, runner=runner)
+    return _losses(trainer.fit().history)
+
+
+def _short_batches_worker(rank: int, world: int, run_dir: str, layout: dict) -> list[float]:
+    return _short_batches_fit(run_dir, layout)
+
+
+@pytest.mark.parametrize("layout", [dict(dp_replicate=2), dict(dp_shard=2)])
+def test_batch_with_fewer_rows_than_ranks_trains_as_one_process(tmp_path, layout):
+    """The 1-row batches: rank 0 trains on the row, rank 1 repeats it at weight 0 (both must join DDP's
+    all-reduce / FSDP's collectives), so the loss curve is one process's (it used to stop the run)."""
+    ref = _short_batches_fit(str(tmp_path / "one"), None)
+    got = run_local(_short_batches_worker, 2, str(tmp_path / "two"), layout, timeout=120, start_method="fork")
+    assert len(ref) == 4 and got[1] == []  # only rank 0 logs
+    np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)

@@ -314,7 +314,13 @@ def pair_batch(pairs: list[tuple[Example, Example]]) -> dict[str, torch.Tensor]:
 
 
 def kto_batch(items: list[tuple[Example, bool]]) -> dict[str, torch.Tensor]:
-    return {**pad_batch([e for e, _ in items]), "label": torch.tensor([lab for _, lab in items])}
+    """Unpaired examples -> input_ids / targets / loss_mask, label, and KTO's mismatched rows kl_* (row i's
+    prompt + row i+1's completion) paired over the whole batch here, before data-parallel ranks split its
+    rows: N ranks then estimate KTO's reference point from the pairs one process would use."""
+    from lmforge.align.kto import mismatched_rows
+
+    batch = pad_batch([e for e, _ in items])
+    return {**batch, **mismatched_rows(batch), "label": torch.tensor([lab for _, lab in items])}
 
 
 class ExampleSource:

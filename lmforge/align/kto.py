@@ -5,9 +5,11 @@
 Batch keys: input_ids / targets / loss_mask (B, T) one completion per row, label (B,) bool (True =
 desirable); kl_input_ids / kl_targets / kl_loss_mask (B, T) the same prompts with MISMATCHED completions
 (another row's), whose policy-vs-reference log-ratio estimates the reference point z0; when the batch has
-none they are built from its own rows (`mismatched_rows`: row i's prompt + row i+1's completion, as TRL),
-or z0 = 0 with KTOConfig(kl=False) (TRL's calculate_KL=False); ref_logps / ref_kl_logps (B,) optional
-precomputed reference log-prob sums.
+none they are built from its own rows (`mismatched_rows`: row i's prompt + row i+1's completion, as TRL;
+lmforge's KTO data pairs them over the global batch, lmforge.align.data.kto_batch), or z0 = 0 with
+KTOConfig(kl=False) (TRL's calculate_KL=False); ref_logps / ref_kl_logps (B,) optional precomputed
+reference log-prob sums. On N data-parallel processes z0 is the mean over every rank's mismatched rows (one
+all-reduce, as TRL gathers it over processes), so the ranks share one reference point.
 Loss per example as in lmforge.align.losses.kto_loss, averaged over the batch; metrics as TRL logs them.
 """
 
@@ -40,6 +42,18 @@ class KTOConfig:
         for name in ("desirable_weight", "undesirable_weight"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B,) over the rows of every process in torch.distributed's default group (post-training's
+    ranks are all data parallel), or x.mean() without one. Every rank must call it (a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x.mean()
+    sums = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+    dist.all_reduce(sums)
+    return sums[0] / sums[1]
 
 
 def mismatched_rows(batch: dict) -> dict:
@@ -78,7 +92,7 @@ class KTOObjective(ReferenceHolder):
         cfg = self.cfg
         if cfg.kl and "kl_input_ids" not in batch:
             batch = {**batch, **mismatched_rows(batch)}
-        has_kl = "kl_input_ids" in batch
+        has_kl = cfg.kl
         prefixes = ("", "kl_") if has_kl else ("",)
         pi = batch_logps(model, batch)[0][0]
         ref_keys = ("ref_logps", "ref_kl_logps") if has_kl else ("ref_logps",)
@@ -86,7 +100,7 @@ class KTOObjective(ReferenceHolder):
         ref = refs[0]
         if has_kl:  # z0 carries no gradient, so the policy's KL rows run without autograd (as TRL)
             with torch.no_grad():
-                kl = kto_kl(batch_logps(model, batch, ("kl_",))[0][0], refs[1])
+                kl = kto_kl(batch_logps(model, batch, ("kl_",))[0][0], refs[1], mean=mean_over_ranks)
         else:
             kl = torch.zeros((), device=pi.device)
         good = batch["label"].bool()

@@ -48,10 +48,11 @@ def simpo_loss(avg_c: torch.Tensor, avg_r: torch.Tensor, *, beta: float, gamma: 
     return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
-def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+def kto_kl(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, mean=torch.mean) -> torch.Tensor:
     """KTO's reference point z0: the batch-mean log-ratio on mismatched (prompt, completion) pairs,
-    clamped at 0 and detached (the paper treats it as a constant; TRL does the same)."""
-    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    clamped at 0 and detached (the paper treats it as a constant; TRL does the same). `mean` reduces the
+    rows (lmforge.align.kto.mean_over_ranks: over every data-parallel rank's rows)."""
+    return mean(kl_logps - ref_kl_logps).detach().clamp(min=0)
 
 
 def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor | float, *,

@@ -29,8 +29,12 @@ from lmforge.train import posttrain as PT
 from .test_trainer_objectives import base  # noqa: F401  (the tiny checkpoint and JSONL files)
 
 ATOL = 1e-4
-LAYOUT = {"sft": {"dp_shard": 2}, "dpo": {"dp_replicate": 2}, "rm": {"dp_shard": 2}}
-BATCH_LEVEL = {"val_min_reward", "val_max_reward"}  # the ranks' shares' weighted mean (see ObjectiveEvaluator)
+LAYOUT = {"sft": {"dp_shard": 2}, "dpo": {"dp_replicate": 2}, "rm": {"dp_shard": 2}, "kto": {"dp_shard": 2}}
+DATA = {"sft": "chat", "kto": "unpaired"}
+BATCH_LEVEL = {"val_min_reward", "val_max_reward",  # the ranks' shares' weighted mean (see ObjectiveEvaluator)
+               # KTO's per-label means: a share without one label has NaN there (val_loss and val_kl are checked)
+               "val_rewards/chosen", "val_rewards/rejected", "val_rewards/margins", "val_logps/chosen",
+               "val_logps/rejected"}
 
 
 def _cfg(base: str, run: str, objective: str, parallel: dict | None = None):
@@ -50,7 +54,7 @@ seed = 0
 lr = 3e-3
 warmup_steps = 2
 [data]
-train = ["{base}/{'chat' if objective == 'sft' else 'pairs'}.jsonl"]
+train = ["{base}/{DATA.get(objective, 'pairs')}.jsonl"]
 template = "plain"
 seq_len = 64
 batch_size = 4
@@ -69,7 +73,7 @@ def _worker(rank: int, world: int, base: str, run: str, objective: str) -> dict:
     return {"losses": _losses(res), "final_eval": res.final_eval}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "rm"])
+@pytest.mark.parametrize("objective", ["sft", "dpo", "rm", "kto"])
 def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective):
     ref = PT.posttrain(_cfg(str(base), str(tmp_path / "one"), objective))
     ref_losses = _losses(ref)

@@ -39,6 +39,9 @@ def base(tmp_path_factory):
         pairs.append({"prompt": f"reverse {w}\n", "chosen": w[::-1], "rejected": w})
     (tmp / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
     (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    unpaired = [{"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
+                for i, p in enumerate(pairs)]
+    (tmp / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
     return tmp
 
 

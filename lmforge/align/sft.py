@@ -141,7 +141,8 @@ class ObjectiveEvaluator:
     batch (lmforge.train.distributed.eval_rows, the rows pretraining's LMEvaluator splits) and the
     weighted sums are added up in one all-reduce (sum_over_ranks): the single-process numbers, computed
     once. That holds for metrics that are means over those items (SFT token_mean, the DPO family's and a
-    reward model's pair means); batch-level statistics (KTO's KL estimate and per-label means, a reward
+    reward model's pair means, KTO's reference point: a mean over all ranks); batch-level statistics
+    (KTO's per-label means: NaN on a share without that label, a reward
     model's min/max, ORPO's token-mean nll, distillation's token means, sequence_mean's token accuracy)
     come out as the shares' weighted mean instead: leave out the runner to evaluate whole batches on
     every rank."""

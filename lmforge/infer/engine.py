@@ -366,6 +366,8 @@ class Engine:
     def _draft(self, batch) -> None:
         """Speculative requests scheduled for their last token extend that chunk by their drafts (the
         scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once."""
+        if self.make_drafter is None:  # no request has a drafting strategy
+            return
         todo = []
         for i, (seq, n) in enumerate(batch.chunks):
             strategy = seq.request.strategy

@@ -172,7 +172,14 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.aborted or self.done or (self.forked and all(s.finish is not None for s in self.seqs))
+        if self.aborted or self.done:
+            return True
+        if not self.forked:
+            return False
+        for s in self.seqs:  # a loop, not all(generator): read for every running request each step
+            if s.finish is None:
+                return False
+        return True
 
     def output(self) -> RequestOutput:
         outs = getattr(self.strategy, "outputs", None) or [s.output() for s in self.seqs]

@@ -152,8 +152,10 @@ class PagedRunner:
         N, S = len(ids), len(ctx)
         logits_idx = [ends[c] - back for c, back, _ in rows] + [ends[c] - back for c, back in extra]
         M = 3 * N + S + len(logits_idx)  # then the block tables, flattened: all in the step's one copy
-        flat = to_device(torch.cat([torch.tensor(ids + pos + slots + ctx + logits_idx, dtype=torch.long),
-                                    host_block_tables(tables, S, width).view(-1).long()]), self.device)
+        # numpy turns a list of ints into an array ~4x faster than torch.tensor
+        flat = to_device(torch.from_numpy(np.concatenate([np.array(ids + pos + slots + ctx + logits_idx, np.int64),
+                                                          host_block_tables(tables, S, width).numpy().ravel()])),
+                         self.device)
         meta = AttnMetadata(
             positions=flat[N:2 * N][None], slot_mapping=flat[2 * N:3 * N],
             context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:M],
@@ -234,7 +236,8 @@ def sampling_rows(batch: Batch, make_rows) -> Step:
     out: Step = []
     for c, (seq, n) in enumerate(batch.chunks):
         if seq.num_computed + n == len(seq.tokens) + seq.inflight:
-            out += [(c, back, r) for back, r in make_rows(seq, n)]
+            for back, r in make_rows(seq, n):
+                out.append((c, back, r))
     return out
 
 
@@ -244,7 +247,10 @@ def prompt_rows(batch: Batch) -> Extra:
     recomputes its prompt)."""
     out: Extra = []
     for c, (seq, n) in enumerate(batch.chunks):
-        req, owed = seq.request, seq.request.owed_prompt_logprob
+        req = seq.request
+        if req.prompt_logprobs is None:  # not asked for (owed_prompt_logprob is None): most rows
+            continue
+        owed = req.owed_prompt_logprob
         if owed is not None:
             end = seq.num_computed + n - 1
             out += [(c, end - p) for p in range(max(seq.num_computed, owed - 1), min(end + 1, req.prompt_len - 1))]

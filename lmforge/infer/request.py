@@ -104,7 +104,8 @@ class Sequence:
                 piece = piece[: max(0, len(piece) - (len(self.text) - cut))]
                 self.text, self.finish = self.text[:cut], "stop"
                 return piece
-        if self.num_output >= params.max_tokens or len(self.tokens) >= max_seq_len:
+        length = len(self.tokens)  # (num_output without its two property lookups: once per token)
+        if length - len(self.request.prompt_ids) >= params.max_tokens or length >= max_seq_len:
             self.finish = "length"
             tail = self.decoder.flush()
             self.text += tail

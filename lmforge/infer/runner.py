@@ -49,7 +49,7 @@ class LateIds:
 
     def write(self, ids: torch.Tensor) -> None:
         """ids (>= max(chunks) + 1,) int64 on the device: fill the late positions in place (no sync)."""
-        idx = to_device([self.chunks, self.rows], ids.device)
+        idx = to_device(torch.from_numpy(np.array([self.chunks, self.rows], np.int64)), ids.device)
         ids.index_copy_(0, idx[0], self.tokens.index_select(0, idx[1]))
 
 

@@ -148,7 +148,8 @@ class PagedRunner:
             qlens.append(n)
             ends.append(len(ids) - 1)
             tables.append(table)
-        width = max(len(t) for t in tables)
+        widths = [len(t) for t in tables]
+        width = max(widths)
         N, S = len(ids), len(ctx)
         logits_idx = [ends[c] - back for c, back, _ in rows] + [ends[c] - back for c, back in extra]
         M = 3 * N + S + len(logits_idx)  # then the block tables, flattened: all in the step's one copy
@@ -161,7 +162,7 @@ class PagedRunner:
             context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:M],
             block_tables=flat[M:].view(S, width).to(torch.int32), query_lens_host=tuple(qlens),
             context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs,
-            decode_groups=decode_groups([len(t) for t in tables[:batch.num_decodes]]))
+            decode_groups=decode_groups(widths[:batch.num_decodes]))
         if late is not None:
             late.write(flat[:N])
         return flat[:N][None], meta

@@ -137,15 +137,26 @@ class BlockPool:
 
     def append(self, table: list[int], num_tokens: int, new_tokens: int) -> list[tuple[int, int]]:
         """Make `table` cover num_tokens + new_tokens; returns the (src, dst) blocks to copy first."""
-        copies, bs = [], self.block_size
-        i = num_tokens // bs
-        if num_tokens % bs and self.ref[table[i]] > 1:  # copy-on-write of a shared tail
+        copies = self.try_append(table, num_tokens, new_tokens)
+        if copies is None:
+            raise LmforgeError("the KV block pool is exhausted (the scheduler should have preempted)")
+        return copies
+
+    def try_append(self, table: list[int], num_tokens: int, new_tokens: int) -> list[tuple[int, int]] | None:
+        """append, or None (nothing changed) when the free blocks cannot cover it: the scheduler's one
+        call per sequence and step (can_append, then append, looks the table up twice)."""
+        bs = self.block_size
+        i, end = num_tokens // bs, num_tokens + new_tokens
+        last = -(-end // bs)
+        cow = num_tokens % bs and self.ref[table[i]] > 1  # a shared tail is copied before the write
+        if max(0, last - len(table)) + bool(cow) > len(self.fresh) + len(self.idle):  # needed()
+            return None
+        copies = []
+        if cow:
             dst = self._take()
             copies.append((table[i], dst))
             self.ref[table[i]] -= 1
             table[i] = dst
-        end = num_tokens + new_tokens
-        last = self.blocks_for(end)
         while len(table) < last:
             table.append(self._take())
         for j in range(i, last):  # the copied head of a CoW block, then the new slots

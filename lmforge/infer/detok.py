@@ -15,16 +15,20 @@ class StreamDecoder:
 
     Uses the tokenizer's `token_bytes(id)` when it has one (exact bytes, fed through an incremental UTF-8
     decoder); otherwise decodes the whole id list each step and holds back trailing U+FFFD, which is how
-    tokenizers render an incomplete character."""
+    tokenizers render an incomplete character. A tokenizer with `has_text = False` (IdTokenizer) makes no
+    text: nothing is decoded (host time per token at large batches)."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        self.has_text = getattr(tokenizer, "has_text", True)
         self.by_bytes = callable(getattr(tokenizer, "token_bytes", None))
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids: list[int] = []
         self.emitted = 0
 
     def push(self, token_id: int) -> str:
+        if not self.has_text:
+            return ""
         if self.by_bytes:
             return self.utf8.decode(self.tok.token_bytes(int(token_id)))
         self.ids.append(int(token_id))
@@ -35,6 +39,8 @@ class StreamDecoder:
         return piece
 
     def flush(self) -> str:
+        if not self.has_text:
+            return ""
         if self.by_bytes:
             return self.utf8.decode(b"", final=True)
         text = safe_decode(self.tok, self.ids)
@@ -60,6 +66,8 @@ def _decode_one(tokenizer, i: int) -> str:
 class IdTokenizer:
     """Token ids in, no text out: for benchmarks and token-level callers (RL rollouts, evaluation by ids)
     that never need text. No end-of-text id."""
+
+    has_text = False
 
     def __init__(self, vocab_size: int):
         self.vocab_size, self.eot_id = vocab_size, None

@@ -17,9 +17,10 @@ paged cache, and a model without one runs on the plain recompute path. A request
 over its logits: beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative,
 drafting for the whole batch with a draft model: lmforge.infer.draft).
 
-Host work per step (bench/engine_host.py, a zero-cost stub model, one CPU core): ~2.3 ms at 256 decoding
-sequences (~9 us per sequence: scheduling and block accounting, input building, grouping and drawing
-samples, appending tokens, detokenizing, stop checks, prefix-block registration). Async scheduling
+Host work per step (bench/engine_host.py --vocab 1024, a zero-cost stub model, one CPU core, 2026-12):
+~2.1 ms at 256 decoding sequences (~8 us per sequence: scheduling and block accounting ~0.4 ms, input
+building ~0.5, grouping and drawing samples, then appending tokens, detokenizing, stop checks,
+prefix-block registration ~0.8). Async scheduling
 (EngineConfig.async_scheduling, on a GPU by default; vLLM v1's idea) takes most of it off the device's
 critical path: a decode's shape (one token, its slot, its blocks) does not depend on the token's value,
 so each step() first schedules and launches the next step, its decode input ids copied on the device
@@ -366,6 +367,8 @@ class Engine:
     def _draft(self, batch) -> None:
         """Speculative requests scheduled for their last token extend that chunk by their drafts (the
         scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once."""
+        if self.make_drafter is None:  # no request has a drafting strategy
+            return
         todo = []
         for i, (seq, n) in enumerate(batch.chunks):
             strategy = seq.request.strategy

@@ -17,6 +17,7 @@ import importlib
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmforge.infer.runner import LateIds, host_block_tables, token_at
@@ -57,16 +58,17 @@ class DecodeGraphs:
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
         key = (_bucket(B), W)
         entry = self.entries.get(key) or self._capture(*key)
-        Bp = key[0]
-        pos = [s.num_computed for s, _ in batch.chunks]
-        pad = Bp - B
-        host = torch.tensor([[token_at(s, p) for (s, _), p in zip(batch.chunks, pos)] + [0] * pad,
-                             pos + [0] * pad,
-                             [s.block_table[p // bs] * bs + p % bs for (s, _), p in zip(batch.chunks, pos)]
-                             + [self.scratch_slot] * pad,
-                             [p + 1 for p in pos] + [1] * pad])
-        copy_in(entry.host, host)  # in place: the graph reads these buffers
-        copy_in(entry.tables, host_block_tables([s.block_table for s, _ in batch.chunks], Bp, W))
+        ids, pos, slots = [], [], []
+        for seq, _ in batch.chunks:
+            p = seq.num_computed
+            ids.append(token_at(seq, p))
+            pos.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+        host = np.zeros((4, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
+        host[0, :B], host[1, :B], host[2, :B], host[2, B:], host[3] = ids, pos, slots, self.scratch_slot, 1
+        host[3, :B] += host[1, :B]  # context length: position + 1
+        copy_in(entry.host, torch.from_numpy(host))  # in place: the graph reads these buffers
+        copy_in(entry.tables, host_block_tables([s.block_table for s, _ in batch.chunks], key[0], W))
         if late is not None:
             late.write(entry.host[0])
         if entry.graph is not None:

@@ -104,7 +104,8 @@ class Sequence:
                 piece = piece[: max(0, len(piece) - (len(self.text) - cut))]
                 self.text, self.finish = self.text[:cut], "stop"
                 return piece
-        if self.num_output >= params.max_tokens or len(self.tokens) >= max_seq_len:
+        length = len(self.tokens)  # (num_output without its two property lookups: once per token)
+        if length - len(self.request.prompt_ids) >= params.max_tokens or length >= max_seq_len:
             self.finish = "length"
             tail = self.decoder.flush()
             self.text += tail
@@ -172,7 +173,14 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.aborted or self.done or (self.forked and all(s.finish is not None for s in self.seqs))
+        if self.aborted or self.done:
+            return True
+        if not self.forked:
+            return False
+        for s in self.seqs:  # a loop, not all(generator): read for every running request each step
+            if s.finish is None:
+                return False
+        return True
 
     def output(self) -> RequestOutput:
         outs = getattr(self.strategy, "outputs", None) or [s.output() for s in self.seqs]

@@ -98,23 +98,28 @@ class Scheduler:
             if seq.inflight and len(seq.tokens) + seq.inflight >= seq.request.max_len:
                 kept.append(seq)  # its last token is on the device: it finishes when the host reads it
                 continue
-            n = min(seq.remaining, budget)
-            if n == 0 or (n < seq.remaining and not self.config.chunked_prefill):
+            remaining = seq.remaining
+            n = min(remaining, budget)
+            if n == 0 or (n < remaining and not self.config.chunked_prefill):
                 kept.append(seq)
                 continue
-            extra = min(seq.request.lookahead, budget - n) if n == seq.remaining else 0  # room for drafts
-            while not self.pool.can_append(seq.block_table, seq.num_computed, n + extra):
+            extra = min(seq.request.lookahead, budget - n) if n == remaining else 0  # room for drafts
+            copies = self.pool.try_append(seq.block_table, seq.num_computed, n + extra)
+            while copies is None:  # no room: preempt the newest running sequence (this one last)
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
-            else:
-                batch.copies += self.pool.append(seq.block_table, seq.num_computed, n + extra)
-                batch.chunks.append((seq, n))
-                if extra:
-                    batch.room[seq.seq_id] = extra
-                budget -= n + extra
-                kept.append(seq)
+                copies = self.pool.try_append(seq.block_table, seq.num_computed, n + extra)
+            if copies is None:
+                continue
+            if copies:
+                batch.copies += copies
+            batch.chunks.append((seq, n))
+            if extra:
+                batch.room[seq.seq_id] = extra
+            budget -= n + extra
+            kept.append(seq)
         self.running = kept
         if not batch.preempted:
             budget = self._admit(batch, budget)

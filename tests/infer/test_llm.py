@@ -7,7 +7,7 @@ import torch
 from .infer_helpers import full_greedy, tiny_model
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.detok import StreamDecoder
+from lmforge.infer.detok import IdTokenizer, StreamDecoder
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer.byte import ByteTokenizer
@@ -119,6 +119,11 @@ def test_stream_decoder_without_token_bytes():
 
     d = StreamDecoder(DecodeOnly())
     assert "".join(d.push(b) for b in "é€x".encode()) + d.flush() == "é€x"
+
+
+def test_stream_decoder_of_an_ids_only_tokenizer_makes_no_text():
+    d = StreamDecoder(IdTokenizer(8))
+    assert [d.push(i) for i in range(8)] == [""] * 8 and d.flush() == ""
 
 
 def test_invalid_utf8_generation_never_crashes(tok):

@@ -138,6 +138,28 @@ def test_fork_shares_blocks_and_copies_on_write():
     assert pool.num_free == 8
 
 
+def _snapshot(p: BlockPool) -> tuple:
+    return p.ref, p.filled, p.tokens_held, list(p.fresh), p.peak_used, p.peak_utilization
+
+
+def test_try_append_is_can_append_then_append():
+    """The scheduler's one call: the blocks, copies and fill of append when there is room; None and an
+    untouched pool when there is not (copy-on-write blocks counted)."""
+    pools, tables = [BlockPool(4, 4), BlockPool(4, 4)], [[], []]
+    for pool, table in zip(pools, tables):
+        pool.append(table, 0, 6)
+    children = [pool.fork(table) for pool, table in zip(pools, tables)]
+    for new in (1, 5, 6, 7):  # a CoW copy, then 1, 2, 3 (too many) blocks more
+        fits = pools[0].can_append(children[0], 6, new)
+        copies = pools[1].try_append(children[1], 6, new)
+        assert (copies is not None) == fits
+        if fits:
+            assert copies == pools[0].append(children[0], 6, new) and children[1] == children[0]
+        assert _snapshot(pools[1]) == _snapshot(pools[0])
+    with pytest.raises(LmforgeError, match="exhausted"):
+        pools[0].append(children[0], 12, 12)
+
+
 def test_block_accounting_returns_to_empty():
     sched = make(num_blocks=6, block_size=4, max_num_batched_tokens=7)
     seqs = [seq(i, 3 + 2 * i, first=10 * i) for i in range(5)]

@@ -30,7 +30,10 @@ Sections (--sections, comma-separated; default all):
   prefix      --requests requests sharing a 2,048-token prefix (+ 16-64 own tokens, 32 new): throughput and
               mean time-to-first-token with prefix caching on vs off, both on one KV pool of
               --prefix-kv-tokens (first shape only)
-Rows that cannot run say why in one line (skipped: ...) and the run goes on.
+Rows that cannot run say why in one line (skipped: ...) and the run goes on. Every engine row reports its
+first-use work inside the timed run (`first_use`: Triton kernel variants compiled, decode CUDA graphs
+captured, and the seconds each took; bench/profiling.one_time_costs): a fresh Engine captures its graphs
+as batch buckets first occur, and a step shape the warm-up did not reach compiles new kernel variants.
 Roofline per decode step: max(bytes / copy bandwidth, FLOPs / matmul peak) with bytes = weights + the KV
 of every live sequence, FLOPs = 2 x params x live sequences (+ attention); prefill adds its FLOPs. Copy
 bandwidth and the bf16 matmul peak are measured here. Prints a table; writes JSON to $OUT (or bench/results)
@@ -107,13 +110,16 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
         return batch
 
     engine.scheduler.schedule = traced_schedule
-    while engine.has_unfinished():
-        outs = engine.step(finished_only=True)
-        steps += 1
-        for o in outs:
-            out_tokens += len(o.token_ids)
-            ttft.append(o.metrics["time_to_first_token_s"])
-    sync(dev)
+    from profiling import one_time_costs
+
+    with one_time_costs(engine) as once:  # first-use work inside the timed run: say how much
+        while engine.has_unfinished():
+            outs = engine.step(finished_only=True)
+            steps += 1
+            for o in outs:
+                out_tokens += len(o.token_ids)
+                ttft.append(o.metrics["time_to_first_token_s"])
+        sync(dev)
     wall = time.perf_counter() - t0
     st = engine.stats()
     ends = [t for _, _, t in trace[1:]] + [t0 + wall]  # a step's time: until the next schedule (each syncs)
@@ -139,7 +145,10 @@ def run_engine(model, reqs, config: EngineConfig, dev) -> dict:
             "steps_with_prefill": phases["mixed"][0], "prefill_phase_s": phases["mixed"][1],
             "decode_steps": phases["decode"][0], "decode_phase_s": phases["decode"][1],
             "decode_ms_by_batch": {f"{b}-{b + 63}": round(1e3 * sorted(v)[len(v) // 2], 2)
-                                   for b, v in sorted(by_batch.items())}}
+                                   for b, v in sorted(by_batch.items())},
+            "first_use": (f"{once['triton_compiles']} Triton compiles {once['triton_compile_s']:.2f} s "
+                          f"{dict(sorted(once['compiled'].items(), key=lambda kv: -kv[1])[:3])}, "
+                          f"{once['graph_captures']} graph captures {once['graph_capture_s']:.2f} s")}
 
 
 def profile(model, dev, config: EngineConfig, batch: int, prompt: int) -> dict:
@@ -374,7 +383,7 @@ def prefix_workload(n: int, prefix_len: int, vocab: int, lo: int, hi: int) -> li
 
 NOTES = ("ms_per_step", "batch", "greedy_agreement", "ttft_mean_s", "kv_util_at_peak", "pool_occupancy_at_peak", "prefix_hit_rate", "preemptions", "seconds", "note",
          "graphs", "decode", "kernel_step", "fused_kernels", "async", "steps_with_prefill", "prefill_phase_s", "decode_steps",
-         "decode_phase_s", "decode_ms_by_batch")
+         "decode_phase_s", "decode_ms_by_batch", "first_use")
 
 
 def print_row(row) -> None:

@@ -1,4 +1,5 @@
-"""Where the GPU time goes: a kernel table for a few calls of a function (torch.profiler, CUDA activity).
+"""Where the GPU time goes: a kernel table for a few calls of a function (torch.profiler, CUDA activity), and
+the one-time costs (Triton compilations, CUDA-graph captures) inside a timed block.
 
     from profiling import kernel_table
     print(kernel_table(lambda: step(), calls=5))
@@ -10,8 +11,9 @@ the GPU sat idle: launch latency, host work, synchronisation).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -42,3 +44,54 @@ def kernel_table(fn: Callable[[], object], calls: int = 5, rows: int = 25, width
     lines.append(f"GPU kernel time {total / 1e3:.3f} ms/call in {launches:.0f} kernels; wall {wall * 1e3:.3f} ms/call "
                  f"(GPU busy {total / 1e6 / wall:.0%})")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def one_time_costs(engine=None) -> Iterator[dict]:
+    """What a timed block spends on first-use work rather than serving: Triton kernel variants compiled (or
+    loaded from Triton's disk cache) - each new constexpr set or integer-argument specialisation is one -
+    and, given an Engine, its decode CUDA graphs captured. Yields a dict filled on exit: triton_compiles,
+    triton_compile_s, compiled (kernel name -> count), graph_captures, graph_capture_s. Triton versions
+    without knobs.runtime's compile hooks report no compiles."""
+    out = {"triton_compiles": 0, "triton_compile_s": 0.0, "compiled": {}, "graph_captures": 0, "graph_capture_s": 0.0}
+    started: list[float] = []
+    restore = []
+    try:
+        from triton import knobs
+
+        rt = knobs.runtime
+        old = (rt.jit_cache_hook, rt.jit_post_compile_hook)
+    except (ImportError, AttributeError):
+        rt = None
+    if rt is not None:
+        def before(**_):
+            started.append(time.perf_counter())
+            return None  # compile as usual
+
+        def after(*, fn, **_):
+            out["triton_compiles"] += 1
+            out["compiled"][fn.name] = out["compiled"].get(fn.name, 0) + 1
+            if started:
+                out["triton_compile_s"] += time.perf_counter() - started.pop()
+
+        rt.jit_cache_hook, rt.jit_post_compile_hook = before, after
+        restore.append(lambda: (setattr(rt, "jit_cache_hook", old[0]), setattr(rt, "jit_post_compile_hook", old[1])))
+    graphs = getattr(getattr(engine, "runner", None), "graphs", None)
+    if graphs is not None:
+        capture = graphs._capture
+
+        def timed_capture(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return capture(*a, **kw)
+            finally:
+                out["graph_captures"] += 1
+                out["graph_capture_s"] += time.perf_counter() - t0
+
+        graphs._capture = timed_capture
+        restore.append(lambda: delattr(graphs, "_capture"))
+    try:
+        yield out
+    finally:
+        for undo in restore:
+            undo()

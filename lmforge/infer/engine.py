@@ -17,25 +17,26 @@ paged cache, and a model without one runs on the plain recompute path. A request
 over its logits: beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative,
 drafting for the whole batch with a draft model: lmforge.infer.draft).
 
-Host work per step (bench/engine_host.py --vocab 1024, a zero-cost stub model, one CPU core, 2026-12):
-~2.1 ms at 256 decoding sequences (~8 us per sequence: scheduling and block accounting ~0.4 ms, input
-building ~0.5, grouping and drawing samples, then appending tokens, detokenizing, stop checks,
-prefix-block registration ~0.8). Async scheduling
-(EngineConfig.async_scheduling, on a GPU by default; vLLM v1's idea) takes most of it off the device's
-critical path: a decode's shape (one token, its slot, its blocks) does not depend on the token's value,
-so each step() first schedules and launches the next step, its decode input ids copied on the device
-from the pending step's sampled tokens (runner.LateIds, in the eager inputs, the CUDA-graph static
-buffer and the kernel step alike), and only then reads the pending step's tokens and does the host work
-above while the device runs the new one (lmforge.infer.pending). Stop conditions are thus applied one
-step late: a sample that ends by EOS, a stop id or a stop string has computed one more token, dropped
-and never shown, and holds its blocks a step longer; max_tokens and the context window are known ahead,
-so no row is scheduled past them. Prefill chunks overlap too (their sampled rows become decodes of the
-next step the same way). A step's tokens are read at once, as without async scheduling, when the next
-step needs their values: any row of a beam search or speculative request (strategies: any draft turns it
-off for the engine), penalties (the sampler reads the history), prompt log-probs, the first sample of a
-request with n > 1 (its samples fork from it), and the recompute runner (which takes it off). Seeded
-streams draw in the same order, so samples equal the synchronous engine's; update_weights and
-reset_prefix_cache read a pending step (its rows all finished or aborted) first.
+Host work per step (bench/engine_host.py --vocab 1024, a zero-cost stub model, one CPU core, 2026-12): ~2.1 ms
+at 256 decoding sequences (~8 us per sequence: scheduling and block accounting ~0.4 ms, input building ~0.5,
+grouping and drawing samples, then appending tokens, detokenizing, stop checks, prefix-block registration
+~0.8). Async scheduling (EngineConfig.async_scheduling, on a GPU by default; vLLM v1's idea) takes most of it
+off the device's critical path: a decode's shape (one token, its slot, its blocks) does not depend on the
+token's value, so each step() first schedules and launches the next step, its decode input ids copied on the
+device from the pending step's sampled tokens (runner.LateIds, in the eager inputs, the CUDA-graph static
+buffer and the kernel step alike), and only then reads the pending step's tokens and does the host work above
+while the device runs the new one (lmforge.infer.pending). The tokens are copied to pinned host memory right
+behind their step and read through an event (lmforge.utils.HostCopy): a plain .tolist() would wait for the
+step launched after it too (measured on an H200: slower than not overlapping at all). With the next step
+launched first, stop conditions are applied one step late: a sample that ends by EOS, a stop id or a stop
+string has computed one more token, dropped and never shown, and holds its blocks a step longer; max_tokens
+and the context window are known ahead, so no row is scheduled past them. Prefill chunks overlap too (their
+sampled rows become decodes of the next step the same way). A step's tokens are read at once, as without async
+scheduling, when the next step needs their values: any row of a beam search or speculative request
+(strategies: any draft turns it off for the engine), penalties (the sampler reads the history), prompt
+log-probs, the first sample of a request with n > 1 (its samples fork from it), and the recompute runner
+(which takes it off). Seeded streams draw in the same order, so samples equal the synchronous engine's;
+update_weights and reset_prefix_cache read a pending step (its rows all finished or aborted) first.
 
 What later work attaches to:
   evaluation   SamplingParams(prompt_logprobs=k): the step's forward also takes logits at the prompt

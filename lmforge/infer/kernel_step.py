@@ -1,7 +1,8 @@
-"""A batch-1 decode step made of Triton kernels, for Llama-style models (a model-runner backend).
+"""A batch-1 decode step made of Triton kernels, for Llama-style models, QK-norm ones (Qwen3) included (a
+model-runner backend).
 
 The same function as one decode step of the model for one sequence, in five kernels per block
-(lmforge.kernels.decode, lmforge.kernels.paged_attention) - norm + q/k/v + RoPE + cache write, paged
+(lmforge.kernels.decode, lmforge.kernels.paged_attention) - norm + q/k/v (+ QK-norm) + RoPE + cache write, paged
 attention, o-projection + residual, norm + gate/up + SwiGLU, down + residual - plus the embedding and
 the head: 5·L + 2 launches instead of ~15·L. All buffers are allocated once, so a step can be captured
 in a CUDA graph. Public surface:
@@ -53,7 +54,7 @@ def unsupported(model) -> str | None:
         (cfg.pos_emb == "rope" and cfg.rope_layout == "half", "positions other than half-split RoPE"),
         (model.rope is None or not model.rope._seq_dependent, "length-dependent RoPE scaling"),
         (cfg.activation == "swiglu", f"activation {cfg.activation!r} (SwiGLU only)"),
-        (not (cfg.bias or cfg.qkv_bias or cfg.qk_norm), "biases or QK-norm"),
+        (not (cfg.bias or cfg.qkv_bias), "biases"),
         (cfg.logit_softcap == 0, "logit soft-capping"),
         (cfg.embed_scale == 1.0, "scaled embeddings"),
         (cfg.hd & (cfg.hd - 1) == 0 and cfg.hd >= 8, f"head_dim {cfg.hd} (a power of two >= 8 is needed)"),
@@ -132,7 +133,7 @@ class KernelStep:
         """The shape keys this step's kernels look up, with their candidate configurations."""
         c, w = self.cfg, self.layers[0]
         dt = w[1][0].dtype
-        keys = [kd.qkv_rope_key(c.n_heads, c.kv_heads, c.hd, c.d_model, dt),
+        keys = [kd.qkv_rope_key(c.n_heads, c.kv_heads, c.hd, c.d_model, dt, c.qk_norm),
                 kd.attend_key(c.n_heads, c.kv_heads, c.hd), kd.add_key(c.d_model, c.n_heads * c.hd, dt),
                 kd.gemv_key(c.ff, c.d_model, glu=True, norm=True, dtype=dt), kd.add_key(c.d_model, c.ff, dt),
                 kd.gemv_key(c.vocab_size, c.d_model, norm=True, dtype=dt)]
@@ -161,8 +162,9 @@ class KernelStep:
         att = c_att or kd.ATTEND_CONFIGS[0]
         kd.embed(token.reshape(1), m.tok_emb.weight, x, pdl=self.pdl)
         for i, (g1, wqkv, wo, g2, wgu, wd, attn) in enumerate(self.layers):
+            qk = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.q_norm is not None else None
             kd.qkv_rope(x, wqkv, g1, eps, self.rope.cos_table, self.rope.sin_table, position, cfg.n_heads, cfg.kv_heads,
-                        kv.k[i], kv.v[i], kv.block_table, self.ctx, out=self.q[0], config=c_qkv, **opts)
+                        kv.k[i], kv.v[i], kv.block_table, self.ctx, qk_norm=qk, out=self.q[0], config=c_qkv, **opts)
             pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
                                       softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
                                       out=self.o, work=self._workspace(att), pdl=self.pdl,

@@ -98,11 +98,15 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = No
 
 
 def rope_cache_ref(qkv, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k_cache, v_cache,
-                   block_table) -> torch.Tensor:
+                   block_table, qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """qkv (H·hd + 2·KV·hd,) -> rotated q (H, hd), rotated by position pos - pad; writes rotated k and v
-    into slot pos of a paged cache ((num_blocks, block_size, KV, hd), row block_table (1, max_blocks))."""
+    into slot pos of a paged cache ((num_blocks, block_size, KV, hd), row block_table (1, max_blocks)).
+    qk_norm = (q gain, k gain, eps): QK-norm (Qwen3, OLMo 2) - RMSNorm over each q and k head before RoPE."""
     hd = k_cache.shape[-1]
     q, k, v = qkv.float().split([n_heads * hd, n_kv * hd, n_kv * hd])
+    if qk_norm is not None:
+        gq, gk, eps = qk_norm
+        q, k = (F.rms_norm(t.view(-1, hd), (hd,), g.float(), eps) for t, g in ((q, gq), (k, gk)))
     c, s = cos[pos - pad].float(), sin[pos - pad].float()
 
     def rot(t):
@@ -116,11 +120,11 @@ def rope_cache_ref(qkv, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k
 
 
 def qkv_rope_ref(x, w, norm, eps: float, cos, sin, pos: int, pad: int, n_heads: int, n_kv: int, k_cache, v_cache,
-                 block_table) -> torch.Tensor:
+                 block_table, qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """RMSNorm + the q/k/v projection (w stacked, or a (wq, wk, wv) tuple), then rope_cache_ref."""
     w = torch.cat(w) if isinstance(w, (tuple, list)) else w
     return rope_cache_ref(gemv_ref(x, w, norm=norm, eps=eps), cos, sin, pos, pad, n_heads, n_kv, k_cache, v_cache,
-                          block_table)
+                          block_table, qk_norm)
 
 
 # kernels -----------------------------------------------------------------------------------------------
@@ -234,13 +238,15 @@ if triton is not None:
 
     @triton.jit
     def _qkv_rope_kernel(x_ptr, wq_ptr, wk_ptr, wv_ptr, g_ptr, cos_ptr, sin_ptr, pos_ptr, pad_ptr, q_ptr, k_ptr,
-                         v_ptr, bt_ptr, ctx_ptr, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, H, KV, K, eps, HD: tl.constexpr,
-                         BS: tl.constexpr, PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PREFETCH: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr):
+                         v_ptr, bt_ptr, ctx_ptr, qn_ptr, kn_ptr, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, H, KV, K, eps,
+                         qk_eps, HD: tl.constexpr, BS: tl.constexpr, PAD: tl.constexpr, QK_NORM: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr,
+                         PDL: tl.constexpr):
         """Normed q/k/v projection with RoPE and the cache write as its epilogue. Program p computes rows
         j and j + hd/2 (j in one BLOCK_N slice of the first half) of one head - exactly the pairs RoPE
-        rotates together - so the rotation needs no other program's output. Program 0 also writes the
-        row's key count (pos + 1) for the attention kernel."""
+        rotates together - so the rotation needs no other program's output. QK_NORM (BLOCK_N = hd/2: one
+        program holds a whole head) RMS-normalises each q and k head with its gain (qn_ptr, kn_ptr) before
+        the rotation. Program 0 also writes the row's key count (pos + 1) for the attention kernel."""
         HALF: tl.constexpr = HD // 2
         per_head = HALF // BLOCK_N
         head = tl.program_id(0) // per_head  # 0..H-1: q heads, then KV k heads, then KV v heads
@@ -291,6 +297,15 @@ if triton is not None:
             acc2 += w2.to(tl.float32) * xk[None, :]
         inv_rms = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
         y1, y2 = tl.sum(acc1, 1) * inv_rms, tl.sum(acc2, 1) * inv_rms
+        if QK_NORM:
+            if head < H + KV:  # a q or k head, all of it in this program: its RMS, then its gain
+                if head < H:
+                    gain = qn_ptr
+                else:
+                    gain = kn_ptr
+                head_rms = 1.0 / tl.sqrt((tl.sum(y1 * y1, 0) + tl.sum(y2 * y2, 0)) / HD + qk_eps)
+                y1 = y1 * head_rms * tl.load(gain + j).to(tl.float32)
+                y2 = y2 * head_rms * tl.load(gain + HALF + j).to(tl.float32)
         if tl.program_id(0) == 0:
             tl.store(ctx_ptr, (pos + 1).to(ctx_ptr.dtype.element_ty))
         if head < H + KV:  # q and k heads rotate by the token's position
@@ -317,6 +332,9 @@ GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (32, 256,
                 (16, 256, 4), (1, 2048, 4))
 ADD_CONFIGS = ((4, 256, 4, 4), (4, 1024, 4, 2), (4, 1024, 4, 6), (4, 2048, 8, 3), (2, 1024, 4, 2), (4, 512, 4, 4),
                (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
+# qkv_rope with QK-norm: (columns per loop step, warps) for BLOCK_N = hd / 2 rows per half-head (two fp32
+# accumulators of BLOCK_N x BLOCK_K: narrow column tiles keep them in registers)
+QK_NORM_TILES = ((128, 8), (64, 4), (256, 8), (32, 4))
 # paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps), and with a 4th
 # entry 1 one query head per program (H x slices programs at batch 1 instead of KV x slices; the previous
 # per-head kernel's shape on the H100 was (32, 16, 1)). 64-key tiles want 8 warps (with 4 a thread needs
@@ -333,8 +351,9 @@ def add_key(N: int, K: int, dtype) -> tuple:
     return ("add", N, K, str(dtype))
 
 
-def qkv_rope_key(n_heads: int, n_kv: int, head_dim: int, K: int, dtype) -> tuple:
-    return ("qkv_rope", n_heads, n_kv, head_dim, K, str(dtype))
+def qkv_rope_key(n_heads: int, n_kv: int, head_dim: int, K: int, dtype, qk_norm: bool = False) -> tuple:
+    """(the key of models without QK-norm predates it: their tuned configs keep their key)"""
+    return ("qkv_rope", n_heads, n_kv, head_dim, K, str(dtype)) + (("qk_norm",) if qk_norm else ())
 
 
 def attend_key(n_heads: int, n_kv: int, head_dim: int) -> tuple:
@@ -343,6 +362,8 @@ def attend_key(n_heads: int, n_kv: int, head_dim: int) -> tuple:
 
 def candidates(key: tuple) -> tuple[tuple[int, ...], ...]:
     """The block configurations a shape key may take (the first is the default)."""
+    if key[0] == "qkv_rope" and key[-1] == "qk_norm":  # one program per head: BLOCK_N = hd / 2
+        return tuple((key[3] // 2, bk, warps) for bk, warps in QK_NORM_TILES)
     if key[0] == "qkv_rope":
         return tuple(c for c in GEMV_CONFIGS if (key[3] // 2) % c[0] == 0)
     return {"gemv": GEMV_CONFIGS, "add": ADD_CONFIGS, "attend": ATTEND_CONFIGS}[key[0]]
@@ -396,25 +417,31 @@ def embed(ids: torch.Tensor, emb: torch.Tensor, out: torch.Tensor, *, pdl: bool 
 
 def qkv_rope(x, w, norm, eps: float, cos, sin, pos: torch.Tensor, n_heads: int, n_kv: int, k_cache, v_cache,
              block_table: torch.Tensor, context_len: torch.Tensor, *, pad: torch.Tensor | None = None,
-             out: torch.Tensor | None = None, config: tuple[int, int, int] | None = None, pdl: bool = PDL_DEFAULT,
-             prefetch: bool = True, evict: bool = True) -> torch.Tensor:
+             qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, out: torch.Tensor | None = None,
+             config: tuple[int, int, int] | None = None, pdl: bool = PDL_DEFAULT, prefetch: bool = True,
+             evict: bool = True) -> torch.Tensor:
     """Kernel version of qkv_rope_ref. pos (the new token's slot), pad (left padding, optional) and
     block_table (1, max_blocks) are device tensors read by the kernel (graph-safe); it also writes
     context_len[0] = pos + 1. k_cache, v_cache: (num_blocks, block_size, KV, hd), any strides with the
     last dimension contiguous (a static cache row (KV, S, hd) is `.permute(1, 0, 2)[None]`, one block).
-    w: the stacked q/k/v weight or a (wq, wk, wv) tuple (a model's own, unfused projections)."""
+    w: the stacked q/k/v weight or a (wq, wk, wv) tuple (a model's own, unfused projections). qk_norm:
+    (q gain (hd,), k gain (hd,), eps), which needs configs with BLOCK_N = hd / 2 (qkv_rope_key's candidates)."""
     hd = k_cache.shape[-1]
     wq, wk, wv = w if isinstance(w, (tuple, list)) else w.split([n_heads * hd, n_kv * hd, n_kv * hd])
     K = wq.shape[1]
     if any(t.stride(0) != K for t in (wq, wk, wv)):
         raise ValueError("qkv_rope needs weights with contiguous rows")
     out = torch.empty(n_heads, hd, dtype=wq.dtype, device=wq.device) if out is None else out
-    bn, bk, warps = config or candidates(qkv_rope_key(n_heads, n_kv, hd, K, wq.dtype))[0]
+    bn, bk, warps = config or candidates(qkv_rope_key(n_heads, n_kv, hd, K, wq.dtype, qk_norm is not None))[0]
+    if qk_norm is not None and bn != hd // 2:
+        raise ValueError(f"qkv_rope with QK-norm needs one program per head: BLOCK_N = {hd // 2}, got config "
+                         f"{(bn, bk, warps)}")
     bk = min(bk, _pow2(K))
+    qn, kn, qk_eps = qk_norm if qk_norm is not None else (norm, norm, 0.0)
     _qkv_rope_kernel[((n_heads + 2 * n_kv) * (hd // 2 // bn),)](
         x, wq, wk, wv, norm, cos, sin, pos, pad if pad is not None else pos, out, k_cache, v_cache, block_table,
-        context_len,
+        context_len, qn, kn,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), n_heads, n_kv, K, eps, HD=hd, BS=k_cache.shape[1], PAD=pad is not None,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch, evict))
+        v_cache.stride(2), n_heads, n_kv, K, eps, float(qk_eps), HD=hd, BS=k_cache.shape[1], PAD=pad is not None,
+        QK_NORM=qk_norm is not None, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_launch_opts(pdl, prefetch, evict))
     return out

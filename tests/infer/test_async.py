@@ -221,11 +221,12 @@ def test_config_and_where_it_runs(tok):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_defaults_equal_the_plain_synchronous_engine(tok):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_gpu_defaults_equal_the_plain_synchronous_engine(tok, qk_norm):
     """On a GPU the defaults stack every backend: CUDA graphs, the batch-1 kernel step, the fused-kernel
     view and async scheduling. Tokens, texts and finish reasons equal the synchronous engine on the plain
-    model without graphs (fp32 weights, so near-ties do not flip)."""
-    model = tiny_model("llama", init_std=0.3).cuda()
+    model without graphs (fp32 weights, so near-ties do not flip); also for a QK-norm (Qwen3) model."""
+    model = tiny_model("llama", init_std=0.3, qk_norm=qk_norm).cuda()
     rng = random.Random(7)
     mix = random_mix(rng, 12)
     plain = dict(block_size=4, async_scheduling=False, cuda_graphs=False, kernel_step=False, fused_kernels=False)

@@ -41,12 +41,14 @@ def _assert_unchanged(model, snap) -> None:
     assert [b.attn.wqkv is None and b.mlp.gate_up is None for b in model.blocks] == unfused == [True] * len(unfused)
 
 
-@pytest.mark.parametrize("kv_heads,async_scheduling", [(1, False), (4, False), (1, True)])
-def test_engine_kernel_step_matches_the_full_recompute(kv_heads, async_scheduling):
+@pytest.mark.parametrize("kv_heads,async_scheduling,qk_norm", [(1, False, False), (4, False, False),
+                                                                (1, True, False), (2, True, True)])
+def test_engine_kernel_step_matches_the_full_recompute(kv_heads, async_scheduling, qk_norm):
     """The engine's one-sequence decode steps on the kernel step (block size 4: the table spans blocks)
     give the reference's greedy tokens and, within float tolerance, its log-probabilities; also with
-    async scheduling, where each decode's input token is copied from the previous step's sample."""
-    model = tiny_model("llama", n_heads=4, n_kv_heads=kv_heads, d_model=64, head_dim=16).to(DEV)
+    async scheduling, where each decode's input token is copied from the previous step's sample, and
+    for a QK-norm model (Qwen3)."""
+    model = tiny_model("llama", n_heads=4, n_kv_heads=kv_heads, d_model=64, head_dim=16, qk_norm=qk_norm).to(DEV)
     snap = _snapshot(model)
     prompt = torch.randint(0, 257, (9,), generator=torch.Generator().manual_seed(kv_heads)).tolist()
     config = EngineConfig(kernel_step=True, block_size=4, async_scheduling=async_scheduling)
@@ -81,14 +83,18 @@ def _paged_kv(model, n_positions: int, block_size: int, seed: int) -> PagedKV:
 @pytest.mark.parametrize("arch", [
     dict(n_kv_heads=2),
     dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0),  # Mistral / gpt-oss attention
+    dict(n_kv_heads=2, qk_norm=True, tie_embeddings=True),  # Qwen3
 ])
 def test_kernel_step_on_paged_cache_matches_the_full_forward(arch):
     """step(token, position) token by token = the model's logits at every position of one forward."""
     model = tiny_model("llama", n_heads=4, d_model=64, head_dim=16, **arch).to(DEV)
-    if model.blocks[0].attn.sinks is not None:
-        with torch.no_grad():
-            for b in model.blocks:
+    with torch.no_grad():
+        for b in model.blocks:
+            if b.attn.sinks is not None:
                 b.attn.sinks.normal_()
+            if b.attn.q_norm is not None:  # gains away from 1, so that a gain read from the wrong place shows
+                b.attn.q_norm.weight.normal_(1.0, 0.3)
+                b.attn.k_norm.weight.normal_(1.0, 0.3)
     snap = _snapshot(model)
     ids = torch.randint(0, 257, (1, 8), generator=torch.Generator().manual_seed(2)).to(DEV)
     with torch.no_grad():
@@ -115,7 +121,8 @@ def _coarse(step: KernelStep) -> KernelConfigs:
 def test_unsupported_models_are_named_and_refused():
     gpt2 = tiny_model("gpt2")
     assert "RMSNorm" in unsupported(gpt2) or "positions" in unsupported(gpt2) or "biases" in unsupported(gpt2)
-    assert unsupported(tiny_model("llama")) is None
+    assert unsupported(tiny_model("llama")) is None and unsupported(tiny_model("llama", qk_norm=True)) is None
+    assert unsupported(tiny_model("llama", qkv_bias=True)) == "biases"
     with pytest.raises(ConfigError, match="kernel step cannot run"):
         Engine(gpt2, IdTokenizer(257), EngineConfig(kernel_step=True))
     assert Engine(gpt2, IdTokenizer(257)).runner.kernel_step is None  # auto: the general path

@@ -99,6 +99,55 @@ def test_qkv_rope_matches_reference(pad, layout):
         assert int(ctx) == pos + 1
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_qkv_rope_with_qk_norm_matches_reference_and_the_model(fused):
+    """QK-norm (Qwen3): each q and k head RMS-normalised with its gain before RoPE, one program per head;
+    the reference equals the model's own attention block's q and k (RMSNorm, projection, QK-norm, RoPE)."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.layers.rope import RotaryEmbedding, apply_rope
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    H, KV, hd, d, S, pos = 4, 2, 16, 32, 32, 11
+    model = Transformer(ModelConfig(vocab_size=64, d_model=d, n_layers=1, n_heads=H, n_kv_heads=KV, head_dim=hd,
+                                    qk_norm=True, max_seq_len=S))
+    block, attn = model.blocks[0], model.blocks[0].attn
+    with torch.no_grad():
+        for g in (attn.q_norm.weight, attn.k_norm.weight, block.norm1.weight):
+            g.normal_(1.0, 0.2)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(d, generator=g)
+    qk = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach(), attn.q_norm.eps)
+    w = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]).detach()
+    rope = RotaryEmbedding(hd, 10000.0, max_seq_len=S)
+    static, paged, table = _static_and_paged(KV, hd, S, g)
+    ref = [t.clone() for t in paged]
+    q_ref = kd.qkv_rope_ref(x, w, block.norm1.weight.detach(), block.norm1.eps, rope.cos_table, rope.sin_table, pos, 0,
+                            H, KV, ref[0], ref[1], table, qk_norm=qk)
+    with torch.no_grad():  # the model's own path for the query: norm1, wq, q_norm, RoPE
+        h = block.norm1(x[None, None])
+        q_model = attn.q_norm(attn.wq(h).view(1, 1, H, hd)).transpose(1, 2)
+        cos, sin = rope.cos_sin(torch.tensor([[pos]]))
+        q_model = apply_rope(q_model, cos, sin).view(H, hd)
+    torch.testing.assert_close(q_ref, q_model, atol=1e-5, rtol=1e-5)
+    weights = w if fused else tuple(t.clone() for t in w.split([H * hd, KV * hd, KV * hd]))
+    k, v = (t.clone().to(DEV) for t in paged)
+    ctx = torch.zeros(1, dtype=torch.int32, device=DEV)
+    key = kd.qkv_rope_key(H, KV, hd, d, w.dtype, qk_norm=True)
+    assert key[-1] == "qk_norm" and all(c[0] == hd // 2 for c in kd.candidates(key))
+    q = kd.qkv_rope(x.to(DEV), tuple(t.to(DEV) for t in weights) if not fused else weights.to(DEV),
+                    block.norm1.weight.detach().to(DEV), block.norm1.eps, rope.cos_table.to(DEV),
+                    rope.sin_table.to(DEV), torch.tensor([pos], device=DEV), H, KV, k, v, table.to(DEV), ctx,
+                    qk_norm=tuple(t.to(DEV) if torch.is_tensor(t) else t for t in qk), config=(hd // 2, 16, 4))
+    torch.testing.assert_close(q.cpu(), q_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k.cpu(), ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v.cpu(), ref[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one program per head: BLOCK_N = 8"):
+        kd.qkv_rope(x.to(DEV), w.to(DEV), block.norm1.weight.detach().to(DEV), block.norm1.eps, rope.cos_table.to(DEV),
+                    rope.sin_table.to(DEV), torch.tensor([pos], device=DEV), H, KV, k, v, table.to(DEV), ctx,
+                    qk_norm=tuple(t.to(DEV) if torch.is_tensor(t) else t for t in qk), config=(4, 16, 4))
+
+
 def test_rope_cache_reference_equals_the_model_rope():
     """The reference rotation is the model's own apply_rope at position pos - pad."""
     from lmforge.model.layers.rope import RotaryEmbedding, apply_rope
@@ -217,8 +266,14 @@ def compile_for_hopper() -> dict[str, tuple[int, int]]:
     out["qkv_rope"] = build(kd._qkv_rope_kernel, {"x_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
                                                   "pos_ptr": "*i64", "pad_ptr": "*i64", "bt_ptr": "*i32",
                                                   "ctx_ptr": "*i32", "eps": "fp32"},
-                            dict(HD=64, BS=16, PAD=True, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=True, EVICT="evict_first",
-                                 PDL=True), warps)
+                            dict(HD=64, BS=16, PAD=True, QK_NORM=False, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=True,
+                                 EVICT="evict_first", PDL=True), warps)
+    bk, warps = kd.QK_NORM_TILES[0]  # Qwen3-0.6B's head dim: one program per head, 64 rows per half
+    out["qkv_rope qk_norm"] = build(kd._qkv_rope_kernel, {"x_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                                                          "pos_ptr": "*i64", "pad_ptr": "*i64", "bt_ptr": "*i32",
+                                                          "ctx_ptr": "*i32", "eps": "fp32", "qk_eps": "fp32"},
+                                    dict(HD=128, BS=16, PAD=False, QK_NORM=True, BLOCK_N=64, BLOCK_K=bk, PREFETCH=True,
+                                         EVICT="evict_first", PDL=True), warps)
     out["embed"] = build(kd._embed_kernel, {"ids_ptr": "*i64", "out_ptr": "*fp32"}, dict(BLOCK=2048, PDL=True), 4)
     return out
 
@@ -243,4 +298,4 @@ def test_kernels_compile_for_hopper_without_spills():
         pytest.skip("Triton's ptxas is not available")
     assert run.returncode == 0, run.stderr[-3000:]
     usage = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(usage) == 13 and all(spill == 0 for _, spill in usage.values()), usage
+    assert len(usage) == 14 and all(spill == 0 for _, spill in usage.values()), usage

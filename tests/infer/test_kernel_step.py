@@ -83,11 +83,11 @@ def _paged_kv(model, n_positions: int, block_size: int, seed: int) -> PagedKV:
 @pytest.mark.parametrize("arch", [
     dict(n_kv_heads=2),
     dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0),  # Mistral / gpt-oss attention
-    dict(n_kv_heads=2, qk_norm=True, tie_embeddings=True),  # Qwen3
+    dict(n_kv_heads=2, qk_norm=True, tie_embeddings=True, d_model=48),  # Qwen3: heads x head_dim != d_model
 ])
 def test_kernel_step_on_paged_cache_matches_the_full_forward(arch):
     """step(token, position) token by token = the model's logits at every position of one forward."""
-    model = tiny_model("llama", n_heads=4, d_model=64, head_dim=16, **arch).to(DEV)
+    model = tiny_model("llama", **{"n_heads": 4, "d_model": 64, "head_dim": 16, **arch}).to(DEV)
     with torch.no_grad():
         for b in model.blocks:
             if b.attn.sinks is not None:

@@ -86,16 +86,18 @@ def test_grouped_mm_torch_matches_per_expert_matmuls(counts):
 
 
 @pytest.mark.parametrize("gemm", ["torch", "loop"])
+@pytest.mark.parametrize("tokens", [9, 40])  # 36 rows: gate and up one grouped matmul each; 160: stacked
 @pytest.mark.parametrize("activation,kw", [("swiglu", dict(expert_bias=True, n_shared=1)),
                                            ("gelu", dict(expert_bias=True)), ("swiglu_oss", dict(norm_topk=False)),
                                            ("swiglu", dict(capacity_factor=0.6))])
-def test_grouped_gemms_match_loop_dispatch(gemm, activation, kw):
+def test_grouped_gemms_match_loop_dispatch(gemm, activation, kw, tokens):
     """The sorted dispatch on each grouped matmul (model.moe.gemm) = the per-expert loop: outputs, input and
-    every parameter's gradient (router included, through the combine's weights)."""
+    every parameter's gradient (router included, through the combine's weights); with fewer routed rows
+    than the weights hold (E x d = 128) gate and up run separately, with more over their stacked copy."""
     if gemm == "torch" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no torch._grouped_mm")
     m = _moe(activation, **kw)
-    x = torch.randn(2, 9, 32)
+    x = torch.randn(2, tokens, 32)
     res = []
     for dispatch in ("loop", "grouped"):
         m.dispatch, m.gemm = dispatch, gemm
@@ -126,6 +128,29 @@ def test_grouped_dispatch_under_bf16_autocast():
     assert res[1][0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in res[1][1:])
     for got, want in zip(res[1], res[0]):
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
+
+
+def test_inference_with_matching_dtype_copies_no_expert_weights(monkeypatch):
+    """A decode step (few rows, weights already in the activations' dtype) must not stack every expert's
+    gate and up weights (a copy of all of them per layer per step): StackCast is not called, and the
+    output is the loop's; a training-sized batch still takes the stacked matmul."""
+    from lmforge.model.layers import moe as moe_mod
+
+    m = _moe("swiglu", expert_bias=True).eval()
+    calls = []
+    stack = moe_mod.StackCast.apply
+    monkeypatch.setattr(moe_mod.StackCast, "apply", lambda *a: calls.append(1) or stack(*a))
+    x = torch.randn(4, 1, 32)  # 4 sequences decoding one token each
+    with torch.no_grad():
+        m.dispatch = "loop"
+        want = m(x)
+        m.dispatch = "grouped"
+        got = m(x)
+    assert calls == []
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        m(torch.randn(2, 40, 32))
+    assert calls == [1]
 
 
 def test_gemm_choice_and_errors(monkeypatch):

@@ -206,14 +206,22 @@ class MoE(nn.Module):
     # experts ------------------------------------------------------------------------------------
     def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, mm: GroupedMM | None = None,
                     act: Callable[[str, torch.Tensor], torch.Tensor] = glu_fused) -> torch.Tensor:
-        """x (M, d) sorted by expert with `counts` rows each -> (M, d) through every expert's MLP: two grouped
-        matmuls `mm` (default: gemm 'auto'), gate and up as one over their stacked weights, then down;
-        `act` is the gated activation of the fused [gate | up] rows."""
+        """x (M, d) sorted by expert with `counts` rows each -> (M, d) through every expert's MLP: grouped
+        matmuls `mm` (default: gemm 'auto') - gate and up as one over their stacked weights where the
+        weights are cast anyway (autocast) or the rows outnumber them (training batches), else one each -
+        then down; `act` is the gated activation of the fused [gate | up] rows."""
         x = autocast_to(x)
         mm = mm or pick_gemm("auto", x, self.w_down.shape[1:])
         e = None if self.b_up is None else torch.repeat_interleave(
             torch.arange(self.E, device=x.device), counts, output_size=x.shape[0])  # each row's expert
-        if self.gated:
+        if self.gated and self.w_gate.dtype == x.dtype and x.shape[0] < self.E * x.shape[1]:
+            # no cast to make and fewer rows than the weights hold (a decode step): two grouped matmuls on the
+            # weights as they are, not a stacked copy of every expert's gate and up weights each forward
+            gate, up = mm(x, self.w_gate, counts), mm(x, self.w_up, counts)
+            if e is not None:
+                gate, up = gate + self.b_gate.to(x.dtype)[e], up + self.b_up.to(x.dtype)[e]
+            h = glu(self.activation, gate, up)
+        elif self.gated:  # the cast copies the weights anyway: stacked, one grouped matmul for both
             up = mm(x, StackCast.apply(x.dtype, self.w_gate, self.w_up), counts)  # (M, 2·d_expert)
             if e is not None:
                 up = up + torch.cat([self.b_gate, self.b_up], 1).to(x.dtype)[e]

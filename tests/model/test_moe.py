@@ -169,6 +169,11 @@ def test_gemm_choice_and_errors(monkeypatch):
         pick_gemm("triton", x, (32, 16))
     with pytest.raises(ConfigError, match="model.moe.gemm"):
         MoEConfig(gemm="cutlass")
+    # torch 2.8's _grouped_mm ran only bf16 on sm90 (elsewhere it raised): auto must not pick it there
+    monkeypatch.setattr(torch, "__version__", "2.8.0+cpu")
+    assert pick_gemm("auto", x, (32, 16)) is grouped_mm_loop
+    with pytest.raises(ConfigError, match="torch >= 2.9 off sm90 bf16 .*torch 2.8.0"):
+        pick_gemm("torch", x, (32, 16))
 
 
 def test_capacity_drops_late_tokens_and_dropless_keeps_all():

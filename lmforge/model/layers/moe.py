@@ -62,10 +62,20 @@ def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> 
 
 
 def grouped_mm_applies(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
-    """torch._grouped_mm takes these operands: fp32/bf16/fp16 (CUDA: any GPU, with a host sync off its
-    sm90/sm100 bf16 kernel) and rows of 16 bytes' multiples for every width in `dims`."""
-    return hasattr(torch, "_grouped_mm") and x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-        and all(d * x.element_size() % 16 == 0 for d in dims)
+    """torch._grouped_mm takes these operands: fp32/bf16/fp16 and rows of 16 bytes' multiples for every
+    width in `dims`; from torch 2.9 on any device (CPU and GPUs without its CUTLASS kernel through a
+    fallback loop, with a host sync), in torch 2.8 only bf16 on sm90 (anything else raises)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or any(d * x.element_size() % 16 for d in dims):
+        return False
+    if _torch_version() >= (2, 9):
+        return True
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 
 def grouped_mm_sync_free(x: torch.Tensor) -> bool:
@@ -87,8 +97,9 @@ def pick_gemm(gemm: str, x: torch.Tensor, dims: tuple[int, ...]) -> GroupedMM:
                               "use gemm='auto'")
         return grouped_mm
     if gemm == "torch" and not grouped_mm_applies(x, dims):
-        raise ConfigError(f"model.moe.gemm='torch': torch._grouped_mm needs fp32/bf16/fp16 and widths {dims} "
-                          f"of 16-byte multiples (got {x.dtype}); use gemm='auto' or 'loop'")
+        raise ConfigError(f"model.moe.gemm='torch': torch._grouped_mm needs fp32/bf16/fp16, widths {dims} of "
+                          f"16-byte multiples and torch >= 2.9 off sm90 bf16 (got {x.dtype} on {x.device.type}, "
+                          f"torch {torch.__version__}); use gemm='auto' or 'loop'")
     return {"torch": grouped_mm_torch, "loop": grouped_mm_loop}[gemm]
 
 

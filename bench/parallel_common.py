@@ -7,8 +7,10 @@ expert parallelism keep a loop of their own in scaling_gpus.py: they are not lay
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 
@@ -30,6 +32,7 @@ def join() -> tuple[int, int, torch.device]:
             dist.init_process_group("nccl" if cuda else "gloo")
         else:
             store = tempfile.mktemp(prefix="lmforge_bench_store_")
+            atexit.register(lambda: os.path.exists(store) and os.remove(store))
             dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -103,7 +106,9 @@ def trainer_step(model, optimizer, optim_cfg, device, *, runner=None, bf16_autoc
     from lmforge.train.trainer import Trainer
 
     feed = Feed()
-    cfg = LoopConfig(optim=dataclasses.replace(optim_cfg, grad_clip=clip), run_dir=tempfile.mkdtemp(),
+    run_dir = tempfile.mkdtemp(prefix="lmforge_bench_")  # the Trainer's (unused) run directory, removed at exit
+    atexit.register(shutil.rmtree, run_dir, ignore_errors=True)
+    cfg = LoopConfig(optim=dataclasses.replace(optim_cfg, grad_clip=clip), run_dir=run_dir,
                      max_steps=10**9, device=str(device), dtype="bf16" if bf16_autocast else "fp32",
                      resume=False, progress=False, plot=False)
     trainer = Trainer(model, optimizer, feed, LMObjective(), config=cfg, runner=runner)

@@ -142,10 +142,10 @@ class ObjectiveEvaluator:
     weighted sums are added up in one all-reduce (sum_over_ranks): the single-process numbers, computed
     once. That holds for metrics that are means over those items (SFT token_mean, the DPO family's and a
     reward model's pair means, KTO's reference point: a mean over all ranks); batch-level statistics
-    (KTO's per-label means: NaN on a share without that label, a reward
-    model's min/max, ORPO's token-mean nll, distillation's token means, sequence_mean's token accuracy)
-    come out as the shares' weighted mean instead: leave out the runner to evaluate whole batches on
-    every rank."""
+    (KTO's per-label means, a reward model's min/max, ORPO's token-mean nll, distillation's token means,
+    sequence_mean's token accuracy) come out as the shares' weighted mean instead: leave out the runner to
+    evaluate whole batches on every rank. A metric a share or batch cannot define (NaN: KTO's mean over a
+    label it lacks) is averaged over those that do; NaN only if none does."""
 
     def __init__(self, objective, batches: list[dict[str, torch.Tensor]], runner=None):
         self.objective, self.batches, self.runner = objective, batches, runner
@@ -155,7 +155,7 @@ class ObjectiveEvaluator:
             return {}
         device = next(model.parameters()).device
         keys: list[str] = []
-        rows = []  # per batch: this rank's weighted metric sums, then its weight
+        rows = []  # per batch: this rank's weighted sum of each metric, then the weight behind each
         for b in self.batches:
             # a batch with fewer rows than ranks to split it over (a short last one): every rank runs all of
             # it (each must join the forward's collectives) and the first one reports it
@@ -165,13 +165,21 @@ class ObjectiveEvaluator:
             with contextlib.nullcontext() if self.runner is None else self.runner._loss_context():  # as in training
                 _, metrics = self.objective.loss(model, {k: v.to(device) for k, v in share.items()})
             keys = keys or list(metrics)
-            # every rank runs the forward (FSDP gathers inside it); a share without items adds nothing
-            rows.append([float(metrics[k]) * (1.0 if k.startswith("num_") else w) if w > 0 else 0.0
-                         for k in keys] + [w])
+            # every rank runs the forward (FSDP gathers inside it); a share without items adds nothing, and
+            # neither does a metric the share cannot define (NaN: e.g. KTO's mean over a label it lacks)
+            values = [float(metrics[k]) for k in keys]
+            counts = [k.startswith("num_") for k in keys]
+            use = [w > 0 and math.isfinite(v) for v in values]
+            rows.append([v * (1.0 if c else w) if u else 0.0 for v, c, u in zip(values, counts, use)]
+                        + [(1.0 if c else w) if u else 0.0 for c, u in zip(counts, use)])
         sums = sum_over_ranks(torch.tensor(rows, dtype=torch.float64), self.runner)
-        sums = sums[sums[:, -1] > 0]  # batches with nothing to average over do not count
-        return {f"val_{k}": float((sums[:, i] / (1.0 if k.startswith("num_") else sums[:, -1])).mean())
-                for i, k in enumerate(keys)}
+        out = {}
+        for i, k in enumerate(keys):  # per batch: counts summed, means weighted; then the mean over batches
+            total, weight = sums[:, i], sums[:, len(keys) + i]
+            ok = weight > 0
+            per_batch = total[ok] if k.startswith("num_") else total[ok] / weight[ok]
+            out[f"val_{k}"] = float(per_batch.mean()) if ok.any() else float("nan")
+        return out
 
     def _weight(self, share: dict[str, torch.Tensor]) -> float:
         """Items the share's metrics average over (0 on a rank that shares another's rows and does not report)."""

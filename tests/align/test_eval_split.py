@@ -75,3 +75,22 @@ def test_a_batch_with_fewer_rows_than_ranks_runs_whole_and_counts_once(two_ranks
     # (a row of one class: the other class's metrics are NaN, on one process too)
     assert m0 == pytest.approx(m1, nan_ok=True) and m0 == pytest.approx(one, rel=1e-5, abs=1e-6, nan_ok=True)
     assert rows0 == rows1 == rows_one
+
+
+def test_a_metric_a_batch_cannot_define_is_left_out_not_nan():
+    """KTO's per-label means over a batch without that label are NaN; the evaluator averages each metric
+    over the batches that define it (one process here), instead of returning NaN for the whole run."""
+    objective, _ = _cases()["kto_short"]
+    V = TINY.vocab_size
+    both = {**sequences(4, T, V, [2, 3, 4, 2], seed=8), "label": torch.tensor([1, 0, 1, 0])}
+    good = {**sequences(2, T, V, [3, 2], seed=9), "label": torch.tensor([1, 1])}
+    model = tiny_model(0).eval()
+    with torch.no_grad():
+        per_batch = [objective.loss(model, b)[1] for b in (both, good)]
+        metrics = ObjectiveEvaluator(objective, [both, good])(model)
+    assert torch.isnan(per_batch[1]["rewards/rejected"])
+    assert metrics["val_rewards/rejected"] == pytest.approx(float(per_batch[0]["rewards/rejected"]), rel=1e-6)
+    assert metrics["val_rewards/chosen"] == pytest.approx(
+        (float(per_batch[0]["rewards/chosen"]) + float(per_batch[1]["rewards/chosen"])) / 2, rel=1e-6)
+    assert metrics["val_kl"] == pytest.approx((float(per_batch[0]["kl"]) + float(per_batch[1]["kl"])) / 2,
+                                              rel=1e-6, abs=1e-9)

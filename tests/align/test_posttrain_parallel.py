@@ -85,6 +85,7 @@ def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective):
         assert r["final_eval"].keys() == ref.final_eval.keys() and len(ref.final_eval) >= 2
         for k in ref.final_eval.keys() - BATCH_LEVEL:
             assert r["final_eval"][k] == pytest.approx(ref.final_eval[k], abs=ATOL), k
+        assert all(np.isfinite(v) for v in r["final_eval"].values())  # a share lacking a label adds no NaN
     assert [p.name for p in checkpoint_dirs(run)] == ["step_000003", "step_000006"]  # written once, by rank 0
     a, b = (load_file(r / "checkpoints" / "step_000006" / "model.safetensors") for r in (run, tmp_path / "one"))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL

@@ -143,16 +143,15 @@ class BlockPool:
         return copies
 
     def try_append(self, table: list[int], num_tokens: int, new_tokens: int) -> list[tuple[int, int]] | None:
-        """append, or None (nothing changed) when the free blocks cannot cover it: the scheduler's one
-        call per sequence and step (can_append, then append, looks the table up twice)."""
+        """append, or None (nothing changed) when the free blocks cannot cover it (the scheduler's one call
+        per sequence and step)."""
+        if not self.can_append(table, num_tokens, new_tokens):
+            return None
         bs = self.block_size
         i, end = num_tokens // bs, num_tokens + new_tokens
         last = -(-end // bs)
-        cow = num_tokens % bs and self.ref[table[i]] > 1  # a shared tail is copied before the write
-        if max(0, last - len(table)) + bool(cow) > len(self.fresh) + len(self.idle):  # needed()
-            return None
         copies = []
-        if cow:
+        if num_tokens % bs and self.ref[table[i]] > 1:  # copy-on-write of a shared tail
             dst = self._take()
             copies.append((table[i], dst))
             self.ref[table[i]] -= 1

@@ -180,8 +180,7 @@ class Engine:
             from lmforge.infer.speculative import Speculative
 
             req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens)
-        penalties = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
-        req.overlaps = req.strategy is None and not penalties and params.prompt_logprobs is None
+        req.overlaps = req.strategy is None and not params.penalized and params.prompt_logprobs is None
         self.requests[rid] = req
         self.scheduler.add(req.seqs[0])
         return rid

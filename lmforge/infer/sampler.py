@@ -77,7 +77,7 @@ whatever their values: lmforge.infer.processors.batched_processors) or none at a
 def kind_of(p: SamplingParams) -> tuple:
     """Rows with equal keys are processed together: the same processors with the same arguments, or
     PLAIN / GREEDY rows with their own arguments."""
-    unbiased = p.repetition_penalty == 1 and not p.frequency_penalty and not p.presence_penalty and not p.logit_bias
+    unbiased = not p.penalized and not p.logit_bias
     if unbiased and p.greedy:  # greedy ignores the filters (build_processors)
         return GREEDY
     if unbiased and (p.min_p, p.typical_p, p.epsilon_cutoff, p.eta_cutoff) == (0.0, 1.0, 0.0, 0.0):
@@ -126,8 +126,7 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         if kind == PLAIN:
             sub = apply_processors(batched_processors([rows[i].params for i in rows_of], logits.device), sub, None)
         elif kind != GREEDY:
-            penalties = params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty
-            hist = _history([rows[i] for i in rows_of], logits.shape[-1], logits.device) if penalties else None
+            hist = _history([rows[i] for i in rows_of], logits.shape[-1], logits.device) if params.penalized else None
             sub = apply_processors(build_processors(params), sub, hist)
         if params.greedy:
             chosen = sub.argmax(-1)

@@ -116,3 +116,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty reads the sequence's history (repetition, frequency or presence)."""
+        return self.repetition_penalty != 1 or bool(self.frequency_penalty) or bool(self.presence_penalty)

@@ -155,7 +155,7 @@ class Speculative:
 
     def __init__(self, request, make_drafter, k: int):
         p = request.params
-        if p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty:
+        if p.penalized:
             raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties; "
                               "drop them or generate without a draft")
         self.request, self.make_drafter, self.k = request, make_drafter, k

@@ -24,6 +24,7 @@ import bisect
 import json
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -313,14 +314,14 @@ def pair_batch(pairs: list[tuple[Example, Example]]) -> dict[str, torch.Tensor]:
             **pad_batch([r for _, r in pairs], prefix="rejected_")}
 
 
-def kto_batch(items: list[tuple[Example, bool]]) -> dict[str, torch.Tensor]:
-    """Unpaired examples -> input_ids / targets / loss_mask, label, and KTO's mismatched rows kl_* (row i's
-    prompt + row i+1's completion) paired over the whole batch here, before data-parallel ranks split its
-    rows: N ranks then estimate KTO's reference point from the pairs one process would use."""
+def kto_batch(items: list[tuple[Example, bool]], kl: bool = True) -> dict[str, torch.Tensor]:
+    """Unpaired examples -> input_ids / targets / loss_mask, label, and (kl) KTO's mismatched rows kl_*
+    (row i's prompt + row i+1's completion) paired over the whole batch here, before data-parallel ranks
+    split its rows: N ranks then estimate KTO's reference point from the pairs one process would use."""
     from lmforge.align.kto import mismatched_rows
 
     batch = pad_batch([e for e, _ in items])
-    return {**batch, **mismatched_rows(batch), "label": torch.tensor([lab for _, lab in items])}
+    return {**batch, **(mismatched_rows(batch) if kl else {}), "label": torch.tensor([lab for _, lab in items])}
 
 
 class ExampleSource:
@@ -370,9 +371,10 @@ class ExampleSource:
         self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
 
 
-def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int
+def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows: bool = True
                   ) -> tuple[ExampleSource, ExampleSource | None, DataReport]:
-    """Training and validation sources for `kind` ('sft', 'preference', 'kto') from cfg's files."""
+    """Training and validation sources for `kind` ('sft', 'preference', 'kto') from cfg's files; kl_rows:
+    KTO batches carry their mismatched rows (off for KTOConfig(kl=False), which does not read them)."""
     if not cfg.train:
         raise DataError("no training data: set data.train to one or more JSONL files")
     enc = Encoder(tokenizer, cfg.template, cfg.loss_on)
@@ -386,7 +388,7 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int
     if kind == "sft":
         collate = (lambda rows: packed_batch(rows, cfg.seq_len)) if pack else pad_batch
     else:
-        collate = pair_batch if kind == "preference" else kto_batch
+        collate = pair_batch if kind == "preference" else partial(kto_batch, kl=kl_rows)
     train = ExampleSource(items, cfg.batch_size, collate, seed=seed, pack_len=pack)
     valid = ExampleSource(val, cfg.batch_size, collate, seed=seed + 1, pack_len=pack) if val else None
     return train, valid, report

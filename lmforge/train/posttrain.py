@@ -156,7 +156,8 @@ def posttrain(cfg: PostTrainConfig):
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok
     if tok is None:
         raise LmforgeError(f"{cfg.init} holds no tokenizer; set tokenizer = 'byte' or a tokenizer path")
-    train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed)
+    kto = getattr(cfg, "kto", None)  # KTOConfig(kl=False) reads no mismatched rows: the data builds none
+    train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed, kl_rows=getattr(kto, "kl", True))
     run_dir = Path(cfg.run_dir)
     rank0 = rank_and_world()[0] == 0
     if rank0:

@@ -151,6 +151,11 @@ def test_preference_and_kto_batches_have_the_documented_keys():
     assert (b["rejected_targets"][b["rejected_loss_mask"]].tolist() == list(b"no way") + [TOK.eot_id])
     k = D.kto_batch([(c, True), (r, False)])
     assert k["label"].tolist() == [True, False] and k["input_ids"].shape == (2, len(r[0]) - 1)
+    from lmforge.align.kto import mismatched_rows  # the mismatched rows, paired over the whole batch
+
+    assert {n: t.tolist() for n, t in mismatched_rows(k).items()} == \
+        {n: k[n].tolist() for n in ("kl_input_ids", "kl_targets", "kl_loss_mask")}
+    assert not any(n.startswith("kl_") for n in D.kto_batch([(c, True), (r, False)], kl=False))
 
 
 def test_example_source_resumes_exactly():

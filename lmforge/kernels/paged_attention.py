@@ -292,9 +292,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"paged attention config {config}: early_positions needs stages = 0 (register "
                          "double-buffering: the first tile is read before the PDL wait)")
     qpp = 1 if per_head else H // KV
-    if splits & (splits - 1) or block & (block - 1) or block < 16:
+    if splits & (splits - 1) or block & (block - 1) or block < 16 or not 0 <= stages <= 8:
         raise ValueError(f"paged attention config {config}: slices must be a power of two, keys per tile a "
-                         "power of two >= 16")
+                         "power of two >= 16, pipeline stages 0 (register double-buffering) to 8")
     out = torch.empty_like(q) if out is None else out
     if splits > 1 and work is None:
         work = workspace(B, H, KV, hd, splits, q.device, per_head)

@@ -126,3 +126,7 @@ def test_bad_shapes_are_named():
         paged_decode_attention(q, k[..., :8], v[..., :8], t, lens, scale=1.0)
     with pytest.raises(ValueError, match="block_tables"):
         paged_decode_attention(q, k, v, t[:1], lens, scale=1.0)
+    with pytest.raises(ValueError, match="pipeline stages 0 .* to 8"):
+        paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4, 0, -1))
+    with pytest.raises(ValueError, match="early_positions needs stages = 0"):
+        paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4, 0, 2), early_positions=lens.long() - 1)

@@ -126,7 +126,8 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
         # model + loss compiled as one graph, so the fp32 logits never round-trip through memory
-        self.loss_fn = torch.compile(objective.loss) if cfg.compile else objective.loss
+        tune = {"coordinate_descent_tuning": True} if cfg.compile_tune else None
+        self.loss_fn = torch.compile(objective.loss, options=tune) if cfg.compile else objective.loss
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.flops_per_token: float | None = None  # known at the first batch (it depends on seq_len)
         self.peak = peak_flops(self.device, "bf16" if use_bf16 else "fp32")

@@ -8,7 +8,9 @@ matmul side by side against a dense MLP of the same active FLOPs, in one run:
             bench/architectures.py measured it) of a dense model and of the MoE variants at equal active
             FLOPs per token (dense d_ff = top_k · d_expert): tokens/s and the MoE/dense ratios (goal >= 0.85x):
             vs_dense to the plain dense model (the baseline of the earlier 0.64-0.73x), vs_best_dense to
-            the faster of it and the dense model with the Triton SwiGLU
+            the faster of it and the dense model with the Triton SwiGLU; then (CUDA) the dense model and two
+            MoE variants under torch.compile, the Trainer's default, each against the compiled dense model
+            (--profile-step prints the kernel tables of the compiled dense and PyTorch-dispatch MoE steps)
 3. profile  (CUDA) kernel tables of the dense MLP and of the TritonMoE layer (gemm auto) at the train
             section's layer shape: where the MoE's extra time goes
 
@@ -125,27 +127,37 @@ def _swap(kind: str):
 
 
 def bench_train(s: dict, dev: str, args) -> list[dict]:
-    """The real Trainer step (fused AdamW, bf16 autocast), eager as the earlier MoE/dense ratios."""
+    """The real Trainer step (fused AdamW, bf16 autocast): eager, as the earlier MoE/dense ratios were
+    measured, then (CUDA, --compiled) under torch.compile, the way the Trainer trains by default."""
     t = s["train"]
     base = ModelConfig(vocab_size=8192, d_model=t["d"], n_layers=t["layers"], n_heads=t["H"], max_seq_len=t["seq"])
     shard = random_shard(8192)
     dense = dataclasses.replace(base, d_ff=t["k"] * t["de"])
-    runs = [("dense", dense, None), ("dense, Triton SwiGLU", dense, _swap("swiglu"))]
     label = f"MoE {t['E']}x{t['de']} top-{t['k']}"
-    for name, (dispatch, gemm) in VARIANTS.items():
-        if dispatch == "loop":
-            continue  # the Trainer's MoE rows all use the grouped dispatch; the loop is the layer's reference
-        moe = dataclasses.replace(base, mlp="moe", moe=MoEConfig(n_experts=t["E"], top_k=t["k"], d_expert=t["de"],
-                                                                  aux_loss=0.01, gemm=gemm))
-        runs.append((f"{label}, {name}", moe, _swap("moe") if dispatch == "triton" else None))
+
+    def moe(gemm: str) -> ModelConfig:
+        return dataclasses.replace(base, mlp="moe", moe=MoEConfig(n_experts=t["E"], top_k=t["k"],
+                                                                   d_expert=t["de"], aux_loss=0.01, gemm=gemm))
+    # (name, config, prepare, compile); the Trainer's MoE rows all use the grouped dispatch (the loop is the
+    # layer section's reference)
+    runs = [("dense", dense, None, False), ("dense, Triton SwiGLU", dense, _swap("swiglu"), False)]
+    runs += [(f"{label}, {name}", moe(gemm), _swap("moe") if dispatch == "triton" else None, False)
+             for name, (dispatch, gemm) in VARIANTS.items() if dispatch != "loop"]
+    if dev == "cuda" and args.compiled:
+        runs += [("dense, compiled", dense, None, True),
+                 (f"{label}, torch dispatch, gemm torch, compiled", moe("torch"), None, True),
+                 (f"{label}, triton dispatch, gemm auto, compiled", moe("auto"), _swap("moe"), True)]
+    compiled_first = [name for name, _, _, comp in runs if comp][:2]  # --profile-step: the dense and one MoE
     rows = [guarded(dict(model=name), args, lambda: trainer_throughput(
-        cfg, shard, t["batch"], t["seq"], dev, args, prepare=prep, compile=False)) for name, cfg, prep in runs]
-    base_tps = rows[0].get("tok_per_s")
-    best = max((r["tok_per_s"] for r in rows[:2] if "tok_per_s" in r), default=None)
-    for r in rows[2:]:
-        if "tok_per_s" in r:
-            r.update(vs_dense=r["tok_per_s"] / base_tps if base_tps else None,
-                     vs_best_dense=r["tok_per_s"] / best if best else None)
+        cfg, shard, t["batch"], t["seq"], dev, args, prepare=prep, compile=comp,
+        profile=args.profile_step and name in compiled_first)) for name, cfg, prep, comp in runs]
+    for mode in (False, True):  # each MoE row against the dense rows of its own mode (eager or compiled)
+        group = [(r, run) for r, run in zip(rows, runs) if run[3] == mode]
+        dense_tps = [r.get("tok_per_s") for r, run in group if run[1] is dense]
+        best = max((v for v in dense_tps if v), default=None)
+        for r, run in group:
+            if run[1] is not dense and "tok_per_s" in r and dense_tps and dense_tps[0]:
+                r.update(vs_dense=r["tok_per_s"] / dense_tps[0], vs_best_dense=r["tok_per_s"] / best)
     return rows
 
 
@@ -176,6 +188,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time dense and MoE Trainer steps under torch.compile (CUDA)")
+    ap.add_argument("--profile-step", action="store_true",
+                    help="kernel tables of the compiled dense and MoE Trainer steps (train section, CUDA)")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
     ap.add_argument("--out", default="bench/results/moe_kernels.json")
     args = ap.parse_args()
@@ -187,7 +203,7 @@ def main() -> None:
                   grouped_mm=hasattr(torch, "_grouped_mm"))
     sections = {"layer": ("MoE layer forward+backward vs a dense MLP of equal active FLOPs",
                           lambda: bench_layer(s, dev, dtype, args)),
-                "train": ("MoE vs dense Trainer step at equal active FLOPs (eager, bf16 autocast on CUDA)",
+                "train": ("MoE vs dense Trainer step at equal active FLOPs (eager, then compiled; bf16 autocast on CUDA)",
                           lambda: bench_train(s, dev, args)),
                 "profile": ("Kernel profiles (tables printed above)", lambda: profile_layer(s, dev, dtype, args))}
     run_sections(sections, args.sections.split(","), result, Path(args.out))

@@ -1,8 +1,9 @@
 """Where the GPU time goes: a kernel table for a few calls of a function (torch.profiler, CUDA activity), and
 the one-time costs (Triton compilations, CUDA-graph captures) inside a timed block.
 
-    from profiling import kernel_table
+    from profiling import host_table, kernel_table
     print(kernel_table(lambda: step(), calls=5))
+    print(host_table(lambda: step()))      # host enqueue time and the CUDA runtime calls (syncs show here)
 
 Rows are kernels grouped by name with their GPU time per call of `fn`, launches per call and share of the
 total; a last line compares the summed kernel time with the wall time per call (the difference is time
@@ -43,6 +44,40 @@ def kernel_table(fn: Callable[[], object], calls: int = 5, rows: int = 25, width
     launches = sum(n for _, n in kernels.values()) / calls
     lines.append(f"GPU kernel time {total / 1e3:.3f} ms/call in {launches:.0f} kernels; wall {wall * 1e3:.3f} ms/call "
                  f"(GPU busy {total / 1e6 / wall:.0%})")
+    return "\n".join(lines)
+
+
+def host_table(fn: Callable[[], object], calls: int = 3, rows: int = 12) -> str:
+    """The host side of `fn`: seconds for one call to return when started on an idle GPU (pure enqueue time
+    when `fn` never waits for the GPU; about the GPU time when it does), and the CUDA runtime calls it makes
+    (torch.profiler, CPU activity) with host microseconds and counts per call - a cudaStreamSynchronize,
+    cudaMemcpy (not Async), cudaEventSynchronize or cudaFree inside `fn` is the host waiting for the GPU.
+    The profiled block ends with one cudaDeviceSynchronize of its own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    enqueue = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        enqueue.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    api: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda"):
+            a = api.setdefault(e.name, [0.0, 0])
+            a[0] += e.cpu_time_total
+            a[1] += 1
+    lines = [f"host: {min(enqueue) * 1e3:.2f} ms for one call to return from an idle GPU (min of {calls})",
+             f"{'CUDA runtime call':<40} {'us/call':>10} {'count':>8}"]
+    for name, (t, n) in sorted(api.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{name:<40} {t / calls:>10.1f} {n / calls:>8.1f}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,10 @@
              h @ W^T then lm_loss (eager and compiled) vs the chunked fused linear + cross-entropy
 3. mfu       the real Trainer step (as bench/train_throughput.py: bf16 autocast, torch.compile, seq 2048,
              cuDNN attention, one micro-batch) at depth 16 (304M) and 24 (834M), plain vs
-             apply_fused_kernels(model) and/or the fused loss (kernels.fused_ce.FusedLMObjective)
+             apply_fused_kernels(model) and/or the fused loss (kernels.fused_ce.FusedLMObjective); a variant
+             may add Inductor's coordinate-descent tuning (+cdt: TrainConfig.compile_tune); each row
+             reports its first step's seconds (the compile) and Dynamo's graphs and graph breaks; --profile
+             prints the first variant's kernel table
 
 Every variant is checked against its reference first and timed only if it agrees; a variant that fails
 prints its error and the run goes on. A time budget (--budget) skips what would not fit. Table last;
@@ -179,14 +182,15 @@ def bench_mfu(s: dict, dev: str, args) -> list[dict]:
     for depth in s["depths"]:
         mcfg = ModelConfig.from_depth(depth, vocab_size=50304, max_seq_len=s["seq"])
         batch = s["batch"] if depth < 20 else s["batch"] // 2  # bench/train_throughput.py --batch-large
-        # plain | kernels | loss | kernels+loss, each optionally "@eager" (no torch.compile: fast to start)
-        for variant in args.mfu_variants.split(","):
+        # plain | kernels | loss | kernels+loss, each optionally with "@eager" (no torch.compile: fast to
+        # start) or "+cdt" (TrainConfig.compile_tune: Inductor's coordinate-descent tuning of its kernels)
+        for i, variant in enumerate(args.mfu_variants.split(",")):
             prepare = apply_fused_kernels if "kernels" in variant else None
             compile = dev == "cuda" and not variant.endswith("@eager")
             b = batch if compile else max(1, batch // 2)  # eager keeps every intermediate: half the batch fits
             rows.append(guarded(dict(depth=depth, variant=variant), args, lambda: trainer_throughput(
                 mcfg, shard, b, s["seq"], dev, args, prepare=prepare, fused_loss="loss" in variant,
-                compile=compile)))
+                compile=compile, tune="+cdt" in variant, profile=args.profile and i == 0)))
     return rows
 
 
@@ -207,10 +211,12 @@ def guarded(key: dict, args, fn) -> dict:
 
 
 def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, *, prepare=None,
-                       fused_loss: bool = False, compile: bool = True) -> dict:
+                       fused_loss: bool = False, compile: bool = True, tune: bool = False, profile: bool = False
+                       ) -> dict:
     """tokens/s and MFU of the real Trainer.train_step, as bench/train_throughput.py measures them. `prepare`
     transforms the built model (e.g. apply_fused_kernels); fused_loss trains with kernels.fused_ce's
-    FusedLMObjective instead of pretraining's LMObjective."""
+    FusedLMObjective instead of pretraining's LMObjective; tune is TrainConfig.compile_tune; profile prints
+    a kernel table of one step."""
     from lmforge.model.transformer import Transformer
     from lmforge.optim.config import OptimConfig
     from lmforge.train.config import DataConfig, TrainConfig
@@ -219,7 +225,7 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
 
     data = DataConfig(train=(str(shard),), seq_len=seq, batch_size=batch, val_fraction=0.01)
     cfg = TrainConfig(model=mcfg, data=data, optim=OptimConfig(name="adamw", lr=3e-4, warmup_steps=0),
-                      max_steps=10_000, device=dev, compile=compile,
+                      max_steps=10_000, device=dev, compile=compile, compile_tune=tune,
                       sdpa_backend="cudnn" if dev == "cuda" else "auto", eval_batches=1)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(dev)
@@ -228,8 +234,15 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
     parts = pretraining_parts(cfg, model=model)
     objective = fused_ce.FusedLMObjective(mcfg.z_loss) if fused_loss else parts.objective
     times = []
+    if compile:  # a fresh compile cache per variant: counts below are this variant's, no cache-limit fallbacks
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     with scratch_trainer(parts.model, parts.optimizer, parts.data, objective, cfg) as tr:
-        for _ in range(args.warmup):
+        t0 = time.perf_counter()
+        tr.train_step()  # compiles under torch.compile
+        _sync(dev)
+        first_s = time.perf_counter() - t0
+        for _ in range(args.warmup - 1):
             tr.train_step()
         _sync(dev)
         for _ in range(args.blocks):
@@ -238,11 +251,20 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
                 tr.train_step()
             _sync(dev)
             times.append((time.perf_counter() - t) / args.steps)
+        if profile and dev == "cuda":
+            from profiling import host_table, kernel_table
+
+            print(f"\nkernels of one training step ({mcfg.n_layers} layers, {batch} x {seq}):\n"
+                  + kernel_table(tr.train_step, calls=2, rows=45, width=110) + "\n" + host_table(tr.train_step),
+                  flush=True)
     step_s = statistics.median(times)
     tps = cfg.tokens_per_step / step_s
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+    graphs = dict(graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
+                  graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values())) if compile else {}
     return dict(params_M=tr.model.num_params() / 1e6, tokens_per_step=cfg.tokens_per_step, step_ms=step_s * 1e3,
-                tok_per_s=tps, mfu=tps * tr.flops_per_token / tr.peak if tr.peak else float("nan"), peak_mem_GiB=mem)
+                tok_per_s=tps, mfu=tps * tr.flops_per_token / tr.peak if tr.peak else float("nan"), peak_mem_GiB=mem,
+                first_step_s=first_s, **graphs)
 
 
 def _table(title: str, rows: list[dict]) -> str:
@@ -278,6 +300,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="kernel table of the first MFU variant's step")
     ap.add_argument("--budget", type=float, default=170.0, help="seconds; later variants are skipped past it")
     ap.add_argument("--out", default="bench/results/train_kernels.json")
     args = ap.parse_args()

@@ -3,6 +3,7 @@ loss curve as the plain LM objective (CPU: Triton's interpreter); fused_kernels 
 
 import pytest
 
+from lmforge.train.config import DataConfig
 from lmforge.train.trainer import train
 
 from .helpers import make_shard, tiny_config
@@ -16,9 +17,12 @@ def _losses(res):
 
 def test_fused_loss_follows_the_plain_curve(tmp_path):
     shard = make_shard(tmp_path / "t.bin")
-    plain = _losses(train(tiny_config(shard, tmp_path / "a", max_steps=8, eval_every=8, ckpt_every=8)))
-    fused = _losses(train(tiny_config(shard, tmp_path / "b", max_steps=8, eval_every=8, ckpt_every=8,
-                                      fused_loss=True, fused_kernels=True)))
+    # rows of 2 and one validation batch: Triton's interpreter runs each kernel program as Python (RoPE
+    # launches one per position; at the helpers' 8 rows and 4 validation batches this test took ~3 minutes)
+    small = dict(max_steps=8, eval_every=8, ckpt_every=8, eval_batches=1,
+                 data=DataConfig(train=(str(shard),), seq_len=32, batch_size=2))
+    plain = _losses(train(tiny_config(shard, tmp_path / "a", **small)))
+    fused = _losses(train(tiny_config(shard, tmp_path / "b", fused_loss=True, fused_kernels=True, **small)))
     assert len(plain) == len(fused) == 8
     assert fused == pytest.approx(plain, abs=2e-4)
 

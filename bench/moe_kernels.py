@@ -9,7 +9,7 @@ matmul side by side against a dense MLP of the same active FLOPs, in one run:
             FLOPs per token (dense d_ff = top_k · d_expert): tokens/s and the MoE/dense ratios (goal >= 0.85x):
             vs_dense to the plain dense model (the baseline of the earlier 0.64-0.73x), vs_best_dense to
             the faster of it and the dense model with the Triton SwiGLU; then (CUDA) the dense model and two
-            MoE variants under torch.compile, the Trainer's default, each against the compiled dense model
+            MoE variants under torch.compile (TrainConfig.compile), each against the compiled dense model
             (--profile-step prints the kernel tables of the compiled dense and PyTorch-dispatch MoE steps)
 3. profile  (CUDA) kernel tables of the dense MLP and of the TritonMoE layer (gemm auto) at the train
             section's layer shape: where the MoE's extra time goes
@@ -128,7 +128,7 @@ def _swap(kind: str):
 
 def bench_train(s: dict, dev: str, args) -> list[dict]:
     """The real Trainer step (fused AdamW, bf16 autocast): eager, as the earlier MoE/dense ratios were
-    measured, then (CUDA, --compiled) under torch.compile, the way the Trainer trains by default."""
+    measured, then (CUDA, --compiled) under torch.compile, as the GPU MFU benchmarks train."""
     t = s["train"]
     base = ModelConfig(vocab_size=8192, d_model=t["d"], n_layers=t["layers"], n_heads=t["H"], max_seq_len=t["seq"])
     shard = random_shard(8192)

@@ -106,7 +106,7 @@ class LoopConfig:
     """torch.compile the model and loss"""
     compile_tune: bool = False
     """with compile: Inductor's coordinate-descent tuning of the block sizes of the kernels it generates
-    (norms, RoPE, activations, loss); +1-2% MFU at 304M on an H200, paid once as 20-130 s more compile"""
+    (norms, RoPE, activations, loss); +2-3% MFU at 304M on an H200, paid once as 20-130 s more compile"""
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     """attention kernel for scaled_dot_product_attention ('auto' lets torch choose; 'cudnn' is often
     fastest on Hopper GPUs)"""
@@ -125,6 +125,8 @@ class LoopConfig:
         coerce_fields(self)  # plain dicts for model/data/optim; wrong types name the key
         check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
         check(self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum}")
+        check(self.compile or not self.compile_tune,
+              "compile_tune = true tunes the kernels torch.compile generates: set compile = true as well")
         for name in ("eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
 

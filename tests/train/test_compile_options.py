@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.train.trainer import Trainer
 
 from .helpers import make_shard, tiny_config
@@ -15,6 +16,11 @@ def test_compile_tune_reaches_torch_compile(tmp_path, monkeypatch, tune):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", compile=True, compile_tune=tune))
     assert seen == [dict(options={"coordinate_descent_tuning": True} if tune else None)]
+
+
+def test_compile_tune_without_compile_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="compile_tune = true .* set compile = true"):
+        tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", compile_tune=True)
 
 
 @pytest.mark.gpu

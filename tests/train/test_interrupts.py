@@ -15,6 +15,17 @@ from .helpers import make_shard, tiny_config
 K = 7  # the step during which the interrupt lands (off any eval/checkpoint boundary)
 
 
+@pytest.fixture(autouse=True)
+def python_signal_defaults():
+    """Python's own handlers for the tests' duration: a process started in the background (nohup, `cmd &`
+    from a script) inherits SIGINT ignored, and the Trainer rightly leaves ignored signals alone."""
+    old = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                               (signal.SIGTERM, signal.SIG_DFL))}
+    yield
+    for s, h in old.items():
+        signal.signal(s, h)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interrupts")

@@ -190,7 +190,8 @@ def bench_mfu(s: dict, dev: str, args) -> list[dict]:
             b = batch if compile else max(1, batch // 2)  # eager keeps every intermediate: half the batch fits
             rows.append(guarded(dict(depth=depth, variant=variant), args, lambda: trainer_throughput(
                 mcfg, shard, b, s["seq"], dev, args, prepare=prepare, fused_loss="loss" in variant,
-                compile=compile, tune="+cdt" in variant, profile=args.profile and i == 0)))
+                compile=compile, tune="+cdt" in variant, graphs="+cg" in variant,
+                bf16_residual="+bf16res" in variant, profile=args.profile and i == 0)))
     return rows
 
 
@@ -211,11 +212,13 @@ def guarded(key: dict, args, fn) -> dict:
 
 
 def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, *, prepare=None,
-                       fused_loss: bool = False, compile: bool = True, tune: bool = False, profile: bool = False
+                       fused_loss: bool = False, compile: bool = True, tune: bool = False, graphs: bool = False,
+                       bf16_residual: bool = False, profile: bool = False
                        ) -> dict:
     """tokens/s and MFU of the real Trainer.train_step, as bench/train_throughput.py measures them. `prepare`
     transforms the built model (e.g. apply_fused_kernels); fused_loss trains with kernels.fused_ce's
-    FusedLMObjective instead of pretraining's LMObjective; tune is TrainConfig.compile_tune; profile prints
+    FusedLMObjective instead of pretraining's LMObjective; tune is TrainConfig.compile_tune, graphs
+    TrainConfig.compile_cudagraphs, bf16_residual TrainConfig.bf16_residual; profile prints
     a kernel table of one step."""
     from lmforge.model.transformer import Transformer
     from lmforge.optim.config import OptimConfig
@@ -225,7 +228,8 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
 
     data = DataConfig(train=(str(shard),), seq_len=seq, batch_size=batch, val_fraction=0.01)
     cfg = TrainConfig(model=mcfg, data=data, optim=OptimConfig(name="adamw", lr=3e-4, warmup_steps=0),
-                      max_steps=10_000, device=dev, compile=compile, compile_tune=tune,
+                      max_steps=10_000, device=dev, compile=compile, compile_tune=tune, compile_cudagraphs=graphs,
+                      bf16_residual=bf16_residual,
                       sdpa_backend="cudnn" if dev == "cuda" else "auto", eval_batches=1)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(dev)

@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.optim import build_optimizer
-from lmforge.train.config import TrainConfig
+from lmforge.train.config import TrainConfig, uses_bf16
 from lmforge.train.data import BatchSampler, eval_windows, open_splits
 from lmforge.train.loss import LMObjective, token_losses
 from lmforge.train.distributed import distribute, join, sum_over_ranks, train_device
@@ -122,6 +123,13 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
         first = train_splits[0].file
         sampler = BatchSampler(train_splits, d.batch_size, d.seq_len, d.sampling, cfg.seed)
     tokenizer = tokenizer or _resolve_tokenizer(cfg.tokenizer or first.tokenizer, first.path.parent)
+    if cfg.bf16_residual:
+        if not uses_bf16(cfg, train_device(cfg.device)):
+            raise ConfigError(f"bf16_residual = true needs bf16 autocast (dtype = '{cfg.dtype}' on "
+                              f"{train_device(cfg.device).type} trains in fp32): set dtype = 'bf16' or drop it")
+        if not hasattr(model, "residual_dtype"):
+            raise ConfigError(f"bf16_residual applies to lmforge's Transformer, not {type(model).__name__}")
+        model.residual_dtype = torch.bfloat16
     if cfg.fused_kernels:  # from outside the model: same parameters, so built before the optimizer or not
         from lmforge.kernels.training import apply_fused_kernels
 

@@ -45,7 +45,7 @@ from lmforge.config import to_dict
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
 from lmforge.optim import lr_multiplier
 from lmforge.train import distributed as ddp
-from lmforge.train.config import LoopConfig, TrainConfig
+from lmforge.train.config import LoopConfig, TrainConfig, uses_bf16
 from lmforge.train.interrupts import Interrupts, rng_state, set_rng_state
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 from lmforge.train.objective import Batch, DataSource, Objective
@@ -122,12 +122,13 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        use_bf16 = uses_bf16(cfg, self.device)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
         # model + loss compiled as one graph, so the fp32 logits never round-trip through memory
-        tune = {"coordinate_descent_tuning": True} if cfg.compile_tune else None
-        self.loss_fn = torch.compile(objective.loss, options=tune) if cfg.compile else objective.loss
+        options = {k: True for k, on in (("coordinate_descent_tuning", cfg.compile_tune),
+                                         ("triton.cudagraphs", cfg.compile_cudagraphs)) if on}
+        self.loss_fn = torch.compile(objective.loss, options=options or None) if cfg.compile else objective.loss
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.flops_per_token: float | None = None  # known at the first batch (it depends on seq_len)
         self.peak = peak_flops(self.device, "bf16" if use_bf16 else "fp32")

@@ -10,24 +10,31 @@ from lmforge.train.trainer import Trainer
 from .helpers import make_shard, tiny_config
 
 
-@pytest.mark.parametrize("tune", [False, True])
-def test_compile_tune_reaches_torch_compile(tmp_path, monkeypatch, tune):
+@pytest.mark.parametrize("tune,graphs,options", [
+    (False, False, None),
+    (True, False, {"coordinate_descent_tuning": True}),
+    (False, True, {"triton.cudagraphs": True}),
+    (True, True, {"coordinate_descent_tuning": True, "triton.cudagraphs": True})])
+def test_compile_options_reach_torch_compile(tmp_path, monkeypatch, tune, graphs, options):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
-    Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", compile=True, compile_tune=tune))
-    assert seen == [dict(options={"coordinate_descent_tuning": True} if tune else None)]
+    Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", compile=True, compile_tune=tune,
+                        compile_cudagraphs=graphs))
+    assert seen == [dict(options=options)]
 
 
-def test_compile_tune_without_compile_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="compile_tune = true .* set compile = true"):
-        tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", compile_tune=True)
+@pytest.mark.parametrize("key", ["compile_tune", "compile_cudagraphs"])
+def test_compile_options_without_compile_are_refused(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"{key} = true .* set compile = true"):
+        tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", **{key: True})
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile", [False, True])
-def test_train_step_never_waits_for_the_gpu(tmp_path, compile):
-    tr = Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", device="cuda", compile=compile))
+@pytest.mark.parametrize("compile,graphs", [(False, False), (True, False), (True, True)])
+def test_train_step_never_waits_for_the_gpu(tmp_path, compile, graphs):
+    tr = Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", device="cuda", compile=compile,
+                             compile_cudagraphs=graphs))
     for _ in range(2):  # first steps: compile, allocator and pinned-memory warm-up
         tr.train_step()
     torch.cuda.synchronize()
@@ -38,3 +45,18 @@ def test_train_step_never_waits_for_the_gpu(tmp_path, compile):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert tr.step == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudagraph_replay_trains_as_the_compiled_step(tmp_path):
+    """compile_cudagraphs changes how kernels are launched, not what they compute: the same seeds give the
+    same losses step for step (fp32 on the GPU, so no bf16 rounding differences between the two)."""
+    losses = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        tr = Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / f"run{graphs}", device="cuda",
+                                 dtype="fp32", compile=True, compile_cudagraphs=graphs))
+        losses[graphs] = [float(tr.train_step()["loss"]) for _ in range(6)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert losses[True][-1] < losses[True][0]

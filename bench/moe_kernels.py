@@ -10,7 +10,7 @@ matmul side by side against a dense MLP of the same active FLOPs, in one run:
             vs_dense to the plain dense model (the baseline of the earlier 0.64-0.73x), vs_best_dense to
             the faster of it and the dense model with the Triton SwiGLU; then (CUDA) the dense model and two
             MoE variants under torch.compile (TrainConfig.compile), each against the compiled dense model
-            (--profile-step prints the kernel tables of the compiled dense and PyTorch-dispatch MoE steps)
+            (--profile-step [eager|compiled] prints the kernel tables of that mode's first dense and MoE steps)
 3. profile  (CUDA) kernel tables of the dense MLP and of the TritonMoE layer (gemm auto) at the train
             section's layer shape: where the MoE's extra time goes
 
@@ -129,7 +129,7 @@ def _swap(kind: str):
 def bench_train(s: dict, dev: str, args) -> list[dict]:
     """The real Trainer step (fused AdamW, bf16 autocast): eager, as the earlier MoE/dense ratios were
     measured, then (CUDA, --compiled) under torch.compile, as the GPU MFU benchmarks train."""
-    t = s["train"]
+    t = dict(s["train"], **({"batch": args.train_batch} if args.train_batch else {}))
     base = ModelConfig(vocab_size=8192, d_model=t["d"], n_layers=t["layers"], n_heads=t["H"], max_seq_len=t["seq"])
     shard = random_shard(8192)
     dense = dataclasses.replace(base, d_ff=t["k"] * t["de"])
@@ -147,10 +147,16 @@ def bench_train(s: dict, dev: str, args) -> list[dict]:
         runs += [("dense, compiled", dense, None, True),
                  (f"{label}, torch dispatch, gemm torch, compiled", moe("torch"), None, True),
                  (f"{label}, triton dispatch, gemm auto, compiled", moe("auto"), _swap("moe"), True)]
-    compiled_first = [name for name, _, _, comp in runs if comp][:2]  # --profile-step: the dense and one MoE
+    if args.train_rows:  # only the rows whose names hold one of these (the dense rows are always kept)
+        keep = args.train_rows.split("|")
+        runs = [r for r in runs if r[1] is dense or any(k in r[0] for k in keep)]
+    # --profile-step eager|compiled: the first dense row and the first MoE row of that mode
+    same_mode = [(name, cfg) for name, cfg, _, comp in runs if comp == (args.profile_step == "compiled")]
+    profiled = {next((n for n, c in same_mode if c is dense), None),
+                next((n for n, c in same_mode if c is not dense), None)}
     rows = [guarded(dict(model=name), args, lambda: trainer_throughput(
         cfg, shard, t["batch"], t["seq"], dev, args, prepare=prep, compile=comp,
-        profile=args.profile_step and name in compiled_first)) for name, cfg, prep, comp in runs]
+        profile=args.profile_step is not None and name in profiled)) for name, cfg, prep, comp in runs]
     for mode in (False, True):  # each MoE row against the dense rows of its own mode (eager or compiled)
         group = [(r, run) for r, run in zip(rows, runs) if run[3] == mode]
         dense_tps = [r.get("tok_per_s") for r, run in group if run[1] is dense]
@@ -190,8 +196,11 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                     help="also time dense and MoE Trainer steps under torch.compile (CUDA)")
-    ap.add_argument("--profile-step", action="store_true",
-                    help="kernel tables of the compiled dense and MoE Trainer steps (train section, CUDA)")
+    ap.add_argument("--profile-step", nargs="?", const="compiled", choices=["eager", "compiled"], default=None,
+                    help="kernel tables of the first dense and MoE Trainer steps of that mode (train section, CUDA)")
+    ap.add_argument("--train-batch", type=int, default=None, help="rows of seq tokens per train step (default 16)")
+    ap.add_argument("--train-rows", default=None,
+                    help="'|'-separated: only the train rows whose names hold one of these (and the dense rows)")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
     ap.add_argument("--out", default="bench/results/moe_kernels.json")
     args = ap.parse_args()

@@ -263,3 +263,14 @@ def test_upcycled_model_equals_dense():
     torch.testing.assert_close(moe(ids), dense(ids), rtol=1e-5, atol=1e-5)
     noisy = upcycle(dense, MoEConfig(n_experts=4, top_k=2), noise_std=0.01)
     assert not torch.equal(noisy.blocks[0].mlp.w_up[0], noisy.blocks[0].mlp.w_up[1])
+
+
+def test_expert_counts_compiled_equal_bincount():
+    """_count's compiled form (a one-hot sum: Inductor's int64 index_add_ is a slow sort-based index_put_ on
+    GPUs) counts as the eager index_add_ and bincount do."""
+    from lmforge.model.layers.moe import _count
+
+    ids = torch.randint(0, 6, (200,))
+    compiled = torch.compile(lambda i: _count(i, 8), fullgraph=True)
+    for got in (_count(ids, 8), compiled(ids)):
+        assert got.dtype == torch.long and torch.equal(got, torch.bincount(ids, minlength=8))

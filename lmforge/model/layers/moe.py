@@ -55,10 +55,27 @@ def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> 
     its backward is two more grouped matmuls (dX with W_e, dW_e = dY[g_e]^T X[g_e] over the same offsets)."""
     if not len(x):
         return x.new_zeros(0, w.shape[1])
-    y = torch._grouped_mm(x.contiguous(), w.transpose(-2, -1), offs=counts.cumsum(0, dtype=torch.int32))
-    if y.requires_grad:  # the CPU backward wants a dense incoming gradient
-        y.register_hook(lambda g: g.contiguous())
-    return y
+    return _GroupedLinear.apply(x.contiguous(), w, counts.cumsum(0, dtype=torch.int32))
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y = x_g @ W_e^T per group on torch._grouped_mm, with a backward that writes dW in W's own (E, out, in)
+    layout: dW = grouped (dY^T, X) over the row offsets. torch's derivative of _grouped_mm(x, W^T) produces
+    (E, in, out) and leaves a transposing copy to every consumer (the cast back to fp32 master weights read
+    it column by column: ~1 ms per MoE layer on an H200)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch._grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None
+        dw = torch._grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 def grouped_mm_applies(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
@@ -362,5 +379,10 @@ def upcycle_mlp(moe: MoE, mlp: MLP, noise_std: float = 0.0) -> None:
 
 def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
     """Occurrences of each of 0..n-1 in ids, as bincount(ids, minlength=n) but without its device->host
-    sync on a GPU (bincount reads ids.max() to size its output): two syncs per MoE layer per forward."""
+    sync on a GPU (bincount reads ids.max() to size its output): two syncs per MoE layer per forward.
+    Under torch.compile as a one-hot sum, which Inductor fuses into one reduction: its lowering of the int64
+    index_add_ is a sort-based index_put_ (1.1 ms per MoE layer at 32k assignments on an H200, 16% of the
+    compiled step)."""
+    if torch.compiler.is_compiling():
+        return (ids.unsqueeze(-1) == torch.arange(n, device=ids.device)).sum(0)
     return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids, torch.ones_like(ids))

@@ -31,10 +31,11 @@ def test_compile_options_without_compile_are_refused(tmp_path, key):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile,graphs", [(False, False), (True, False), (True, True)])
-def test_train_step_never_waits_for_the_gpu(tmp_path, compile, graphs):
+@pytest.mark.parametrize("compile,graphs,bf16_residual", [(False, False, False), (True, False, False),
+                                                          (True, True, False), (True, False, True)])
+def test_train_step_never_waits_for_the_gpu(tmp_path, compile, graphs, bf16_residual):
     tr = Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", device="cuda", compile=compile,
-                             compile_cudagraphs=graphs))
+                             compile_cudagraphs=graphs, bf16_residual=bf16_residual))
     for _ in range(2):  # first steps: compile, allocator and pinned-memory warm-up
         tr.train_step()
     torch.cuda.synchronize()

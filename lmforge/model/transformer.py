@@ -32,8 +32,8 @@ RESIDUAL_OUTPUTS = ("attn.wo.weight", "mlp.down.weight", "mlp.w_down", "mlp.shar
 
 class Transformer(nn.Module):
     residual_dtype: torch.dtype | None = None
-    """the residual stream's dtype when set (TrainConfig.bf16_residual): the embedding's output is cast once,
-    and every block's add keeps it; None = the embedding's dtype (fp32 master weights: fp32 under autocast)"""
+    """the residual stream's dtype under autocast when set (TrainConfig.bf16_residual): the embedding's output
+    is cast once and every block's add keeps it; None, or autocast off = the embedding's dtype"""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -142,8 +142,8 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions).to(x.dtype)
         x = self.drop(x)
-        if self.residual_dtype is not None:
-            x = x.to(self.residual_dtype)
+        if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.residual_dtype)  # outside autocast (eval, generation in fp32) the weights' dtype
         rope = self.rope.cos_sin(positions, n_positions) if self.rope is not None else None
         if meta is not None and meta.doc_ids is not None and cache is not None:
             raise ConfigError("packed documents (meta.doc_ids) are a training layout; run them without a cache")

@@ -41,3 +41,16 @@ def test_training_follows_the_fp32_residual_run(tmp_path):
 def test_bf16_residual_without_bf16_autocast_is_refused(tmp_path, dtype):
     with pytest.raises(ConfigError, match="bf16_residual = true needs bf16 autocast"):
         Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", dtype=dtype, bf16_residual=True))
+
+
+def test_outside_autocast_the_trained_model_runs_in_its_weights_dtype(tmp_path):
+    """The residual cast applies under autocast only: the trained model still runs as plain fp32 afterwards
+    (evaluation, generation) - a bf16 stream into fp32 weights would be a dtype-mismatch error."""
+    tr = _trainer(tmp_path, "run", bf16_residual=True)
+    tr.train_step()
+    ids = torch.randint(0, 257, (2, 8))
+    with torch.no_grad():
+        logits = tr.model(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, _ = tr.model.hidden(ids)
+    assert logits.dtype == torch.float32 and h.dtype == torch.bfloat16

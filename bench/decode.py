@@ -250,9 +250,24 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
             return "same configs"
         return setup
 
+    def persistent(llm: LLM) -> str:
+        """The one-launch layer (lmforge.kernels.decode_layer): its layer shape tuned now with --tune-step,
+        from the first row's set (the head's config) otherwise."""
+        step = llm.engine.runner.kernel_step.step
+        step.configs = tuned.get("configs", step.configs)
+        step.persistent = True
+        source = "first row's set + disk/default layer config"
+        if args.tune_step and dev.type == "cuda":
+            t0 = time.perf_counter()
+            step.tune(context=context, max_candidates=args.tune_candidates)
+            source = f"layer config tuned now in {time.perf_counter() - t0:.0f}s"
+        print(f"persistent kernel configs ({source}): {json.dumps(step.configs.to_json()['configs'])}", flush=True)
+        return source
+
     rows = [("Triton kernel step", first)]
     if dev.type != "cuda":
         return rows
+    rows += [("kernel step, persistent layer kernel (1 launch per layer)", persistent)]
     rows += [("kernel step, configs reloaded from disk", reloaded),
              ("kernel step, no loads before the PDL wait", option(prefetch=False))]
     if args.kernel_variants == "full":
@@ -349,10 +364,10 @@ def bench_kernel_step(rep: Report, model, prompts: list[list[int]], new: int, re
             rep.add(variant="engine, " + name, batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
             continue
         graph = llm.engine.runner.kernel_step.step.graph
-        if profile and name == "Triton kernel step" and graph is not None:
+        if profile and (name == "Triton kernel step" or "persistent" in name) and graph is not None:
             from profiling import kernel_table
 
-            print("\n[Triton kernel step] graph replay:\n" + kernel_table(graph.replay, calls=10), flush=True)
+            print(f"\n[{name}] graph replay:\n" + kernel_table(graph.replay, calls=10), flush=True)
         del llm
     # inference never mutates the model it is given (the kernel step reads its weights as they are)
     rep.meta["model_still_unfused"] = all(b.attn.wqkv is None and b.attn.wq is not None for b in model.blocks)

@@ -39,8 +39,13 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.kernels import decode as kd
+from lmforge.kernels import decode_layer as dl
 from lmforge.kernels import paged_attention as pa
 from lmforge.kernels.tuning import KernelConfigs, coordinate_descent, gpu_name
+
+
+PERSISTENT_DEFAULT = False
+"""whether KernelStep runs each layer as one persistent launch by default (where the model allows it)"""
 
 
 def unsupported(model) -> str | None:
@@ -100,10 +105,14 @@ class KernelStep:
     """Batch-1 decode on Triton kernels; see the module docstring for the surface."""
 
     def __init__(self, model, kv: PagedKV, *, configs: KernelConfigs | None = None,
-                 autotune: bool = False, pdl: bool = kd.PDL_DEFAULT, prefetch: bool = True, evict: bool = True):
+                 autotune: bool = False, pdl: bool = kd.PDL_DEFAULT, prefetch: bool = True, evict: bool = True,
+                 persistent: bool | None = None):
         """pdl / prefetch: programmatic dependent launch, and loads issued before the PDL wait (weights'
         first tiles, cached keys) - both on by default where the GPU supports PDL; prefetch=False is the
-        previous variant, for benchmarks; evict: weights loaded with an evict-first L2 policy."""
+        previous variant, for benchmarks; evict: weights loaded with an evict-first L2 policy.
+        persistent: each layer as one launch of lmforge.kernels.decode_layer (one program per SM, grid
+        barriers between its five phases) instead of five kernels; None = PERSISTENT_DEFAULT where the model
+        allows it (not with QK-norm)."""
         why = unsupported(model)
         if why is not None:
             raise LmforgeError(f"the batch-1 kernel step does not support {why}")
@@ -112,12 +121,17 @@ class KernelStep:
         self.rope.reserve(self.kv.max_positions)
         cfg, p = model.cfg, next(model.parameters())
         self.model, self.cfg, self.pdl, self.prefetch, self.evict = model, cfg, pdl, prefetch, evict
+        if persistent and cfg.qk_norm:
+            raise LmforgeError("the persistent layer kernel does not support QK-norm; use persistent=False")
+        self.persistent = PERSISTENT_DEFAULT and not cfg.qk_norm if persistent is None else persistent
         self.layers = [(b.norm1.weight, _qkv_weights(b.attn), b.attn.wo.weight, b.norm2.weight,
                         _gate_up_weights(b.mlp), b.mlp.down.weight, b.attn) for b in model.blocks]
         self.signature, self.gpu = model_signature(model), gpu_name(p.device)
         cached = KernelConfigs.cached(self.gpu, self.signature) if configs is None and p.is_cuda else None
         self.configs = configs or cached or KernelConfigs(model=self.signature)
-        self.autotune = autotune and configs is None and cached is None and p.is_cuda
+        # tune on first use when nothing was given and the disk set lacks a shape this mode runs
+        self.autotune = (autotune and configs is None and p.is_cuda
+                         and (cached is None or any(cached.get(k) is None for k in self.keys())))
         new = lambda *shape: torch.zeros(*shape, dtype=p.dtype, device=p.device)  # noqa: E731
         self.x = torch.zeros(cfg.d_model, dtype=torch.float32, device=p.device)  # the residual stream, fp32
         self.q, self.o = new(1, cfg.n_heads, cfg.hd), new(1, cfg.n_heads, cfg.hd)
@@ -127,16 +141,19 @@ class KernelStep:
         self.position = torch.zeros(1, dtype=torch.long, device=p.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self._work = {}  # attention workspaces by (slice count, one head per program)
-        self._keys = list(self.keys())
+        self._layer_work = None  # the persistent layer kernel's buffers, made on first use
 
     def keys(self) -> dict[tuple, tuple[tuple[int, ...], ...]]:
-        """The shape keys this step's kernels look up, with their candidate configurations."""
+        """The shape keys this step's kernels look up (in the current mode), with their candidates."""
         c, w = self.cfg, self.layers[0]
         dt = w[1][0].dtype
+        head = kd.gemv_key(c.vocab_size, c.d_model, norm=True, dtype=dt)
+        if self.persistent:
+            return {dl.layer_key(c.d_model, c.n_heads, c.kv_heads, c.hd, c.ff, dt): dl.LAYER_CONFIGS,
+                    head: kd.candidates(head)}
         keys = [kd.qkv_rope_key(c.n_heads, c.kv_heads, c.hd, c.d_model, dt, c.qk_norm),
                 kd.attend_key(c.n_heads, c.kv_heads, c.hd), kd.add_key(c.d_model, c.n_heads * c.hd, dt),
-                kd.gemv_key(c.ff, c.d_model, glu=True, norm=True, dtype=dt), kd.add_key(c.d_model, c.ff, dt),
-                kd.gemv_key(c.vocab_size, c.d_model, norm=True, dtype=dt)]
+                kd.gemv_key(c.ff, c.d_model, glu=True, norm=True, dtype=dt), kd.add_key(c.d_model, c.ff, dt), head]
         return {k: kd.candidates(k) for k in dict.fromkeys(keys)}
 
     def _workspace(self, config: tuple[int, ...]):
@@ -158,7 +175,9 @@ class KernelStep:
         cached keys before its PDL wait (with prefetch)."""
         cfg, m, x, eps = self.cfg, self.model, self.x, self.cfg.norm_eps
         opts = dict(pdl=self.pdl, prefetch=self.prefetch, evict=self.evict)
-        c_qkv, c_att, c_o, c_gu, c_down, c_head = (configs.get(k) for k in self._keys)
+        if self.persistent:
+            return self._run_persistent(token, position, kv, configs, opts)
+        c_qkv, c_att, c_o, c_gu, c_down, c_head = (configs.get(k) for k in self.keys())
         att = c_att or kd.ATTEND_CONFIGS[0]
         kd.embed(token.reshape(1), m.tok_emb.weight, x, pdl=self.pdl)
         for i, (g1, wqkv, wo, g2, wgu, wd, attn) in enumerate(self.layers):
@@ -172,6 +191,24 @@ class KernelStep:
             kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
             kd.gemv(x, wgu[0], up=wgu[1], norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
             kd.gemv(self.h, wd, residual=x, out=x, config=c_down, **opts)
+        kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=eps, out=self.logits.view(-1), config=c_head,
+                **opts)
+        return self.logits
+
+    def _run_persistent(self, token, position, kv: PagedKV, configs: KernelConfigs, opts: dict):
+        """One step as 1 + L + 1 launches: the embedding (which also zeroes the layers' barrier counters),
+        one persistent kernel per layer, the head."""
+        cfg, m, x, eps = self.cfg, self.model, self.x, self.cfg.norm_eps
+        c_layer, c_head = (configs.get(k) for k in self.keys())
+        if self._layer_work is None:
+            self._layer_work = dl.workspace(cfg.n_layers, cfg.n_heads, cfg.hd, cfg.ff, self.h.dtype, x.device)
+        work = self._layer_work
+        kd.embed(token.reshape(1), m.tok_emb.weight, x, zero=work.sync, pdl=self.pdl)
+        for i, (g1, wqkv, wo, g2, wgu, wd, attn) in enumerate(self.layers):
+            dl.decode_layer(x, g1, wqkv, self.rope.cos_table, self.rope.sin_table, position.reshape(1), kv.k[i],
+                            kv.v[i], kv.block_table, wo, g2, wgu, wd, work, i, eps=eps, scale=attn.scale,
+                            softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=c_layer,
+                            pdl=self.pdl, evict=self.evict)
         kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=eps, out=self.logits.view(-1), config=c_head,
                 **opts)
         return self.logits

@@ -193,11 +193,16 @@ if triton is not None:
                 tl.atomic_add(bump_ptr, 1)
 
     @triton.jit
-    def _embed_kernel(ids_ptr, emb_ptr, out_ptr, D, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """out (fp32) = emb[ids[0]]: the token's embedding row as the residual stream."""
+    def _embed_kernel(ids_ptr, emb_ptr, out_ptr, zero_ptr, D, BLOCK: tl.constexpr, NZERO: tl.constexpr,
+                      PDL: tl.constexpr):
+        """out (fp32) = emb[ids[0]]: the token's embedding row as the residual stream; and NZERO int32
+        counters at zero_ptr set to 0 (the step's grid-barrier counters, lmforge.kernels.decode_layer)."""
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
+        if NZERO > 0:
+            z = tl.arange(0, NZERO)
+            tl.store(zero_ptr + z, tl.zeros([NZERO], dtype=tl.int32))
         d = tl.arange(0, BLOCK)
         row = tl.load(ids_ptr).to(tl.int64)
         tl.store(out_ptr + d, tl.load(emb_ptr + row * D + d, mask=d < D, other=0.0).to(tl.float32), mask=d < D)
@@ -408,10 +413,16 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
     return out
 
 
-def embed(ids: torch.Tensor, emb: torch.Tensor, out: torch.Tensor, *, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
-    """out (D,) fp32 = emb[ids[0]] (ids on the device, so a captured graph serves every token)."""
+def embed(ids: torch.Tensor, emb: torch.Tensor, out: torch.Tensor, *, zero: torch.Tensor | None = None,
+          pdl: bool = PDL_DEFAULT) -> torch.Tensor:
+    """out (D,) fp32 = emb[ids[0]] (ids on the device, so a captured graph serves every token); `zero`: a
+    contiguous int32 tensor whose length is a power of two, set to zeros by the same launch."""
     D = emb.shape[1]
-    _embed_kernel[(1,)](ids, emb, out, D, BLOCK=triton.next_power_of_2(D), num_warps=4, **_launch_opts(pdl))
+    n = 0 if zero is None else zero.numel()
+    if n & (n - 1) or (zero is not None and (zero.dtype != torch.int32 or not zero.is_contiguous())):
+        raise ValueError("embed(zero=...) takes a contiguous int32 tensor with a power-of-two length")
+    _embed_kernel[(1,)](ids, emb, out, zero if zero is not None else out, D, BLOCK=triton.next_power_of_2(D),
+                        NZERO=n, num_warps=4, **_launch_opts(pdl))
     return out
 
 

@@ -94,6 +94,28 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
     @triton.jit
+    def _combine_head(part_o_ptr, part_ml_ptr, parts, d, HDP: tl.constexpr, sinks_ptr, head, SINKS: tl.constexpr):
+        """Query head `head`'s output (HDP,) fp32 from its slices' partial results at rows `parts` (SLICES,):
+        each slice's running max m, denominator l and unnormalised output, rescaled to the common max (and
+        the head's learned sink logit with SINKS). .cg loads skip the (incoherent) L1 cache: the slices were
+        written by other SMs."""
+        if SINKS:
+            sink = tl.load(sinks_ptr + head).to(tl.float32)
+        m = tl.load(part_ml_ptr + 2 * parts, cache_modifier=".cg")
+        l = tl.load(part_ml_ptr + 2 * parts + 1, cache_modifier=".cg")
+        o = tl.load(part_o_ptr + parts[:, None] * HDP + d[None, :], cache_modifier=".cg")
+        m_all = tl.max(m, 0)
+        if SINKS:
+            m_all = tl.maximum(m_all, sink)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty row: zeros, not NaN
+        w = tl.exp(m - m_all)  # empty slices have m = -inf: weight 0
+        den = tl.sum(w * l, 0)
+        if SINKS:
+            den += tl.exp(sink - m_all)
+        den = tl.where(den == 0.0, 1.0, den)
+        return tl.sum(w[:, None] * o, 0) / den
+
+    @triton.jit
     def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
                              part_o_ptr, part_ml_ptr, count_ptr,
                              s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV,
@@ -196,23 +218,9 @@ if triton is not None:
                 # one query head at a time, unrolled: each head's (SPLITS, HDP) partials are independent
                 # loads the compiler can issue together (a rolled loop would wait out each one's latency)
                 for gi in tl.static_range(QPP):
-                    part = (row * SPLITS + sps) * GP + gi  # (SPLITS,)
-                    # .cg loads skip the (incoherent) L1 cache: the slices were written by other SMs
-                    m = tl.load(part_ml_ptr + 2 * part, cache_modifier=".cg")
-                    l = tl.load(part_ml_ptr + 2 * part + 1, cache_modifier=".cg")
-                    o = tl.load(part_o_ptr + part[:, None] * HDP + d[None, :], cache_modifier=".cg")
-                    m_all = tl.max(m, 0)
-                    if SINKS:
-                        sink_g = tl.load(sinks_ptr + first + gi).to(tl.float32)
-                        m_all = tl.maximum(m_all, sink_g)
-                    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-                    w = tl.exp(m - m_all)  # empty slices have m = -inf: weight 0
-                    den = tl.sum(w * l, 0)
-                    if SINKS:
-                        den += tl.exp(sink_g - m_all)
-                    den = tl.where(den == 0.0, 1.0, den)
-                    tl.store(out_ptr + (b * H + first + gi) * HD + d,
-                             (tl.sum(w[:, None] * o, 0) / den).to(out_ptr.dtype.element_ty), mask=d_ok)
+                    o = _combine_head(part_o_ptr, part_ml_ptr, (row * SPLITS + sps) * GP + gi, d, HDP, sinks_ptr,
+                                      first + gi, SINKS)
+                    tl.store(out_ptr + (b * H + first + gi) * HD + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
                 tl.store(count_ptr + row, 0)  # ready for the next call
 
 

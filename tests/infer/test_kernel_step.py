@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.detok import IdTokenizer
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kernel_step import KernelStep, PagedKV, unsupported
@@ -80,13 +80,16 @@ def _paged_kv(model, n_positions: int, block_size: int, seed: int) -> PagedKV:
     return PagedKV(k=[new() for _ in range(c.n_layers)], v=[new() for _ in range(c.n_layers)], block_table=table)
 
 
-@pytest.mark.parametrize("arch", [
-    dict(n_kv_heads=2),
-    dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0),  # Mistral / gpt-oss attention
-    dict(n_kv_heads=2, qk_norm=True, tie_embeddings=True, d_model=48),  # Qwen3: heads x head_dim != d_model
+@pytest.mark.parametrize("arch,persistent", [
+    (dict(n_kv_heads=2), False),
+    (dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0), False),  # Mistral / gpt-oss attention
+    (dict(n_kv_heads=2, qk_norm=True, tie_embeddings=True, d_model=48), False),  # Qwen3: heads x hd != d_model
+    (dict(n_kv_heads=2), True),
+    (dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0, d_model=48), True),
 ])
-def test_kernel_step_on_paged_cache_matches_the_full_forward(arch):
-    """step(token, position) token by token = the model's logits at every position of one forward."""
+def test_kernel_step_on_paged_cache_matches_the_full_forward(arch, persistent):
+    """step(token, position) token by token = the model's logits at every position of one forward; with
+    the five kernels per layer and with the persistent one-launch layer (lmforge.kernels.decode_layer)."""
     model = tiny_model("llama", **{"n_heads": 4, "d_model": 64, "head_dim": 16, **arch}).to(DEV)
     with torch.no_grad():
         for b in model.blocks:
@@ -99,7 +102,7 @@ def test_kernel_step_on_paged_cache_matches_the_full_forward(arch):
     ids = torch.randint(0, 257, (1, 8), generator=torch.Generator().manual_seed(2)).to(DEV)
     with torch.no_grad():
         want = model(ids)[0]  # (T, V)
-    step = KernelStep(model, _paged_kv(model, 8, 4, seed=3))
+    step = KernelStep(model, _paged_kv(model, 8, 4, seed=3), persistent=persistent)
     step.configs = _coarse(step)
     got = [step.step(ids[0, t:t + 1], torch.tensor([t], device=DEV)).clone() for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=1e-4)
@@ -111,11 +114,25 @@ def test_kernel_step_on_paged_cache_matches_the_full_forward(arch):
 
 def _coarse(step: KernelStep) -> KernelConfigs:
     """Few programs per kernel (the interpreter's time grows with them); two attention slices."""
-    pick = {"gemv": (32, 256, 8), "add": (8, 1024, 8, 1), "qkv_rope": (8, 512, 4), "attend": (2, 16, 4)}
+    pick = {"gemv": (32, 256, 8), "add": (8, 1024, 8, 1), "qkv_rope": (8, 512, 4), "attend": (2, 16, 4),
+            "layer": (4, 8, 4, 8, 16, 2, 16, 4, 1, 2, 1)}
     configs = KernelConfigs()
     for key in step.keys():
         configs = configs.with_config(key, pick[key[0]])
     return configs
+
+
+def test_persistent_mode_keys_and_refusals():
+    """The persistent mode looks up one layer shape and the head; QK-norm models are refused in it."""
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
+    kv = _paged_kv(model, 4, 4, seed=1)
+    assert [k[0] for k in KernelStep(model, kv, persistent=True).keys()] == ["layer", "gemv"]
+    assert [k[0] for k in KernelStep(model, kv, persistent=False).keys()] == ["qkv_rope", "attend", "add", "gemv",
+                                                                             "add", "gemv"]
+    qwen = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16, qk_norm=True).to(DEV)
+    with pytest.raises(LmforgeError, match="QK-norm"):
+        KernelStep(qwen, kv, persistent=True)
+    assert not KernelStep(qwen, kv).persistent  # the default falls back to the five kernels
 
 
 def test_unsupported_models_are_named_and_refused():

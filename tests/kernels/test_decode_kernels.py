@@ -165,8 +165,12 @@ def test_rope_cache_reference_equals_the_model_rope():
 def test_embed_and_bump():
     emb = torch.randn(11, 24, device=DEV)
     out = torch.zeros(24, device=DEV)
-    kd.embed(torch.tensor([7], device=DEV), emb, out)
+    counters = torch.arange(1, 9, dtype=torch.int32, device=DEV)
+    kd.embed(torch.tensor([7], device=DEV), emb, out, zero=counters)
     torch.testing.assert_close(out, emb[7])
+    assert counters.tolist() == [0] * 8  # the step's grid-barrier counters, reset by the same launch
+    with pytest.raises(ValueError, match="power-of-two"):
+        kd.embed(torch.tensor([7], device=DEV), emb, out, zero=counters[:6])
     pos = torch.tensor([5], device=DEV)
     x, w = torch.randn(24, device=DEV), torch.randn(9, 24, device=DEV)
     torch.testing.assert_close(kd.gemv(x, w, bump=pos), kd.gemv_ref(x, w), atol=1e-5, rtol=1e-5)
@@ -274,7 +278,19 @@ def compile_for_hopper() -> dict[str, tuple[int, int]]:
                                                           "ctx_ptr": "*i32", "eps": "fp32", "qk_eps": "fp32"},
                                     dict(HD=128, BS=16, PAD=False, QK_NORM=True, BLOCK_N=64, BLOCK_K=bk, PREFETCH=True,
                                          EVICT="evict_first", PDL=True), warps)
-    out["embed"] = build(kd._embed_kernel, {"ids_ptr": "*i64", "out_ptr": "*fp32"}, dict(BLOCK=2048, PDL=True), 4)
+    from lmforge.kernels import decode_layer as dl
+
+    for config in dl.LAYER_CONFIGS[:1]:  # the persistent layer at a 1B Llama's shape, every phase and barrier
+        bq, bo, bg, bd, bk, splits, block, warps, _, stages, _ = config
+        out[f"layer {config}"] = build(dl._layer_kernel, {
+            "x_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "bt_ptr": "*i32",
+            "part_o_ptr": "*fp32", "part_ml_ptr": "*fp32", "count_ptr": "*i32", "sync_ptr": "*i32",
+            "sinks_ptr": "*fp32", "eps": "fp32", "scale": "fp32", "softcap": "fp32"}, dict(
+            D=2048, DP=2048, FF=5632, HD=64, HDP=64, OK=2048, BS=16, BN_QKV=bq, BN_O=bo, BN_GU=bg,
+            BN_DOWN=bd, BK=bk, SPLITS=splits, BLOCK_S=block, QPP=1, GP=16, STAGES=stages, SOFTCAP=False, WINDOW=False,
+            SINKS=False, F32=False, PRECISION="tf32", PHASE=-1, EVICT="evict_first", PDL=True), warps)
+    out["embed"] = build(kd._embed_kernel, {"ids_ptr": "*i64", "out_ptr": "*fp32", "zero_ptr": "*i32"},
+                         dict(BLOCK=2048, NZERO=32, PDL=True), 4)
     return out
 
 
@@ -298,4 +314,4 @@ def test_kernels_compile_for_hopper_without_spills():
         pytest.skip("Triton's ptxas is not available")
     assert run.returncode == 0, run.stderr[-3000:]
     usage = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(usage) == 14 and all(spill == 0 for _, spill in usage.values()), usage
+    assert len(usage) == 15 and all(spill == 0 for _, spill in usage.values()), usage

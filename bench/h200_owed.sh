@@ -40,8 +40,10 @@ case "${1:-}" in
     run paged 300 python bench/paged_attention.py ;;
   hf)        # issue 11: HF generate() and HF's continuous batching on the same workload
     run engine_hf 420 python bench/engine.py --shapes qwen3-0.6b --sections hf,hf_batch ;;
-  decode)    # issues 11 and 14: batch-1 decode through the engine's backends, kernel step tuned (goal 80%)
-    run decode 540 python bench/decode.py --tune-step --hf default ;;
+  decode)    # issues 11 and 14: batch-1 decode through the engine's backends, kernel step tuned (goal 80%), and the
+             # persistent one-launch layer (lmforge/kernels/decode_layer.py) on its own: every config, each phase
+    run decode_layer 150 python bench/decode_layer.py
+    run decode 420 python bench/decode.py --tune-step --hf default ;;
   kernels)   # issue 14: compiled training MFU at 304M (goal 55%), kernel table of the plain step; each variant compiles
     run train_kernels 580 python bench/train_kernels.py --sections mfu --depths 16 --budget 480 --profile \
         --mfu-variants plain,plain+bf16res,loss+cdt+bf16res ;;

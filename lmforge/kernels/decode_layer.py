@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 
 import torch
 
@@ -411,8 +412,14 @@ def _resident(args, consts: dict, warps: int, opts: dict, want: int, device: tor
     resident, so a config asking for more programs per SM than fit gets fewer)."""
     key = (tuple(sorted(consts.items())), warps, want, str(device))
     if key not in _RESIDENT:
-        kernel = _layer_kernel.warmup(*args, **consts, PHASE=-1, num_warps=warps, grid=(1,), **opts)
-        kernel._init_handles()
+        try:
+            kernel = _layer_kernel.warmup(*args, **consts, PHASE=-1, num_warps=warps, grid=(1,), **opts)
+            kernel._init_handles()
+        except (AttributeError, TypeError) as e:  # a Triton without these internals: one program per SM is safe
+            warnings.warn(f"decode_layer: cannot read the kernel's resource use ({e}); one program per SM",
+                          stacklevel=3)
+            _RESIDENT[key] = 1
+            return 1
         props = torch.cuda.get_device_properties(device)
         per_warp = -(-kernel.n_regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
         fits = [getattr(props, "regs_per_multiprocessor", 65536) // max(per_warp * warps, 1),

@@ -374,15 +374,14 @@ if triton is not None:
 LayerConfig = tuple[int, ...]
 """(q/k/v pair-rows per tile, o rows per tile, gate/up rows per tile, down rows per tile, columns per tile,
 attention slices, keys per attention tile, warps, attention unit: 1 = one query head, 2 = all query heads of a
-kv head, whose keys are then read once; weight tiles: 0 = register double-buffering, >= 1 Triton's software
-pipeline with that many stages (1: none);
+kv head, whose keys are then read once; weight tiles: 1 = double-buffered in registers, >= 2 = through Triton's
+software pipeline with that many stages;
 programs per SM, as many as fit)"""
-LAYER_CONFIGS: tuple[LayerConfig, ...] = (
-    (16, 16, 16, 16, 256, 4, 32, 4, 1, 0, 2), (16, 16, 16, 16, 256, 4, 32, 4, 1, 1, 3),
-    (8, 8, 8, 8, 256, 4, 32, 4, 1, 0, 3), (16, 16, 16, 16, 256, 4, 32, 8, 1, 0, 2),
-    (8, 8, 8, 8, 256, 4, 32, 4, 1, 3, 2), (4, 4, 4, 4, 2048, 4, 32, 8, 1, 0, 1),
-    (8, 8, 8, 8, 512, 4, 32, 4, 1, 0, 2), (16, 16, 16, 16, 256, 8, 16, 4, 1, 0, 2),
-    (16, 16, 16, 16, 256, 16, 16, 4, 2, 0, 2),
+LAYER_CONFIGS: tuple[LayerConfig, ...] = (  # the first two: the fastest on the H200 (bench/decode_layer.py)
+    (8, 8, 8, 8, 512, 4, 32, 4, 1, 1, 2), (8, 8, 8, 8, 256, 4, 32, 4, 1, 3, 2),
+    (16, 16, 16, 16, 256, 4, 32, 4, 1, 1, 2), (8, 8, 8, 8, 256, 4, 32, 4, 1, 1, 3),
+    (16, 16, 16, 16, 256, 4, 32, 8, 1, 1, 2), (4, 4, 4, 4, 2048, 4, 32, 8, 1, 1, 1),
+    (16, 16, 16, 16, 256, 8, 16, 4, 1, 1, 2), (16, 16, 16, 16, 256, 16, 16, 4, 2, 1, 2),
 )
 
 
@@ -493,7 +492,8 @@ def decode_layer(x: torch.Tensor, g1: torch.Tensor, wqkv: tuple[torch.Tensor, to
     consts = dict(D=D, DP=triton.next_power_of_2(D), FF=FF, HD=hd, HDP=_pad(hd), OK=H * hd,
                   BS=k_cache.shape[1], BN_QKV=bn_qkv, BN_O=bn_o, BN_GU=bn_gu, BN_DOWN=bn_down,
                   BK=min(bk, triton.next_power_of_2(max(D, H * hd, FF))), SPLITS=splits, BLOCK_S=block_s,
-                  QPP=qpp, GP=_pad(qpp), STAGES=stages, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
+                  QPP=qpp, GP=_pad(qpp), STAGES=0 if stages == 1 else stages,  # 0: register double-buffering
+                  SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
                   F32=x.dtype == wq.dtype or interpret,  # fp32 models; the interpreter's bf16 dot is wrong (3.9)
                   PRECISION="ieee" if wq.dtype == torch.float32 else "tf32")
     args = (x, g1, wq, wk, wv, cos, sin, pos, block_table, k_cache, v_cache, work.q, work.o, wo, g2, wg, wu, work.h,

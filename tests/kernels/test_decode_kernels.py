@@ -287,8 +287,9 @@ def compile_for_hopper() -> dict[str, tuple[int, int]]:
             "part_o_ptr": "*fp32", "part_ml_ptr": "*fp32", "count_ptr": "*i32", "sync_ptr": "*i32",
             "sinks_ptr": "*fp32", "eps": "fp32", "scale": "fp32", "softcap": "fp32"}, dict(
             D=2048, DP=2048, FF=5632, HD=64, HDP=64, OK=2048, BS=16, BN_QKV=bq, BN_O=bo, BN_GU=bg,
-            BN_DOWN=bd, BK=bk, SPLITS=splits, BLOCK_S=block, QPP=1, GP=16, STAGES=stages, SOFTCAP=False, WINDOW=False,
-            SINKS=False, F32=False, PRECISION="tf32", PHASE=-1, EVICT="evict_first", PDL=True), warps)
+            BN_DOWN=bd, BK=bk, SPLITS=splits, BLOCK_S=block, QPP=1, GP=16, STAGES=0 if stages == 1 else stages,
+            SOFTCAP=False, WINDOW=False, SINKS=False, F32=False, PRECISION="tf32", PHASE=-1, EVICT="evict_first",
+            PDL=True), warps)
     out["embed"] = build(kd._embed_kernel, {"ids_ptr": "*i64", "out_ptr": "*fp32", "zero_ptr": "*i32"},
                          dict(BLOCK=2048, NZERO=32, PDL=True), 4)
     return out

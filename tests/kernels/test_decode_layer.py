@@ -69,7 +69,7 @@ def test_decode_layer_matches_the_references(H, KV, hd, D, FF, n_old):
     t = _layer(H, KV, hd, D, FF, n_old, bs=4, seed=H * D + n_old)
     eps, scale = 1e-5, hd ** -0.5
     want, kc, vc = _reference(t, n_old, eps, scale)
-    for config in ((4, 8, 4, 8, 32, 4, 16, 4, 1, 3, 1), (2, 4, 2, 4, 16, 2, 16, 4, 2, 0, 1),
+    for config in ((4, 8, 4, 8, 32, 4, 16, 4, 1, 3, 1), (2, 4, 2, 4, 16, 2, 16, 4, 2, 1, 1),
                    (1, 16, 8, 16, 128, 1, 32, 4, 1, 2, 1)):
         for n_programs in (3, 5):
             x, kc2, vc2 = _run(t, n_old, config, eps, scale, n_programs=n_programs)
@@ -84,14 +84,14 @@ def test_decode_layer_attention_options():
     sinks = torch.randn(4, generator=torch.Generator().manual_seed(1)).to(DEV)
     for attn in (dict(softcap=3.0), dict(window=5), dict(sinks=sinks)):
         want = _reference(t, 13, 1e-5, 0.25, **attn)[0]
-        got = _run(t, 13, (4, 8, 4, 8, 32, 4, 16, 4, 1, 0, 1), 1e-5, 0.25, n_programs=4, **attn)[0]
+        got = _run(t, 13, (4, 8, 4, 8, 32, 4, 16, 4, 1, 1, 1), 1e-5, 0.25, n_programs=4, **attn)[0]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_decode_layer_refuses_bad_configs():
     t = _layer(4, 2, 16, 64, 96, 3, bs=4, seed=1)
     with pytest.raises(ValueError, match="slices a power of two"):
-        _run(t, 3, (4, 8, 4, 8, 32, 3, 16, 4, 1, 2, 1), 1e-5, 0.25)
+        _run(t, 3, (4, 8, 4, 8, 32, 3, 16, 4, 1, 1, 1), 1e-5, 0.25)
     with pytest.raises(ValueError, match="contiguous"):
         t["wo"] = t["wo"].t()
         _run(t, 3, None, 1e-5, 0.25)

@@ -5,7 +5,8 @@
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 03:55 UTC): decode (--tune-step: 67.7%, goal 80%; a persistent kernel was never tried), moe
+# (2026-12-03 07:15 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; the persistent one-launch layer of
+# lmforge/kernels/decode_layer.py was tried in three forms and is slower, 47.7 vs ~35 us per layer), moe
 # (the compiled MoE at 0.75x: profile it again with --profile-step compiled), kernels/kernels24 (goals met
 # with bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +

@@ -115,7 +115,7 @@ def test_kernel_step_on_paged_cache_matches_the_full_forward(arch, persistent):
 def _coarse(step: KernelStep) -> KernelConfigs:
     """Few programs per kernel (the interpreter's time grows with them); two attention slices."""
     pick = {"gemv": (32, 256, 8), "add": (8, 1024, 8, 1), "qkv_rope": (8, 512, 4), "attend": (2, 16, 4),
-            "layer": (4, 8, 4, 8, 16, 2, 16, 4, 1, 1, 1)}
+            "layer": (8, 16, 16, 16, 64, 2, 16, 4, 1, 1, 1)}
     configs = KernelConfigs()
     for key in step.keys():
         configs = configs.with_config(key, pick[key[0]])

@@ -71,11 +71,11 @@ def test_decode_layer_matches_the_references(H, KV, hd, D, FF, n_old):
     want, kc, vc = _reference(t, n_old, eps, scale)
     for config in ((4, 8, 4, 8, 32, 4, 16, 4, 1, 3, 1), (2, 4, 2, 4, 16, 2, 16, 4, 2, 1, 1),
                    (1, 16, 8, 16, 128, 1, 32, 4, 1, 2, 1)):
-        for n_programs in (3, 5):
-            x, kc2, vc2 = _run(t, n_old, config, eps, scale, n_programs=n_programs)
-            torch.testing.assert_close(x, want, atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(kc2, kc, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(vc2, vc, atol=1e-5, rtol=1e-5)
+        n_programs = 3 if config[-2] == 3 else 5  # (the interpreter's time grows with programs and launches)
+        x, kc2, vc2 = _run(t, n_old, config, eps, scale, n_programs=n_programs)
+        torch.testing.assert_close(x, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(kc2, kc, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vc2, vc, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_layer_attention_options():

@@ -222,15 +222,21 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
     given = KernelConfigs.load(Path(args.kernel_configs)) if args.kernel_configs else None
     tuned = {}
 
+    def tune_now(step) -> str | None:
+        """With --tune-step on a GPU: tune the step's current mode now (saved to disk); how long it took."""
+        if not (args.tune_step and dev.type == "cuda"):
+            return None
+        t0 = time.perf_counter()
+        step.tune(context=context, max_candidates=args.tune_candidates)
+        return f"tuned now in {time.perf_counter() - t0:.0f}s"
+
     def first(llm: LLM) -> str:
         step = llm.engine.runner.kernel_step.step
         if given is not None:
             step.configs = given
             source = "given file"
-        elif args.tune_step and dev.type == "cuda":
-            t0 = time.perf_counter()
-            step.tune(context=context, max_candidates=args.tune_candidates)
-            source = f"tuned now in {time.perf_counter() - t0:.0f}s, saved to disk"
+        elif (took := tune_now(step)) is not None:
+            source = f"{took}, saved to disk"
         else:
             source = "disk cache" if step.configs.gpu else "defaults" + (" (tuning needs CUDA)" if args.tune_step else "")
         tuned["configs"] = step.configs
@@ -256,11 +262,8 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
         step = llm.engine.runner.kernel_step.step
         step.configs = tuned.get("configs", step.configs)
         step.persistent = True
-        source = "first row's set + disk/default layer config"
-        if args.tune_step and dev.type == "cuda":
-            t0 = time.perf_counter()
-            step.tune(context=context, max_candidates=args.tune_candidates)
-            source = f"layer config tuned now in {time.perf_counter() - t0:.0f}s"
+        took = tune_now(step)
+        source = f"layer config {took}" if took else "first row's set + disk/default layer config"
         print(f"persistent kernel configs ({source}): {json.dumps(step.configs.to_json()['configs'])}", flush=True)
         return source
 

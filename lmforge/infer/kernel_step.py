@@ -4,10 +4,12 @@ model-runner backend).
 The same function as one decode step of the model for one sequence, in five kernels per block
 (lmforge.kernels.decode, lmforge.kernels.paged_attention) - norm + q/k/v (+ QK-norm) + RoPE + cache write, paged
 attention, o-projection + residual, norm + gate/up + SwiGLU, down + residual - plus the embedding and
-the head: 5·L + 2 launches instead of ~15·L. All buffers are allocated once, so a step can be captured
-in a CUDA graph. Public surface:
+the head: 5·L + 2 launches instead of ~15·L. With persistent=True each block is one launch of
+lmforge.kernels.decode_layer instead (grid barriers between the same five phases; L + 2 launches) - measured
+slower on an H200 (docs/benchmarks.md), so off by default. All buffers are allocated once, so a step can be
+captured in a CUDA graph. Public surface:
 
-    ks = KernelStep(model, kv, configs=None, autotune=False)
+    ks = KernelStep(model, kv, configs=None, autotune=False, persistent=None)
         model     an lmforge Transformer that `unsupported(model)` accepts. Read, never modified: the
                   kernels take its own q/k/v and gate/up weights (no stacked copy, no extra memory; later
                   changes to the weights are seen), only RoPE tables are the step's own
@@ -110,9 +112,9 @@ class KernelStep:
         """pdl / prefetch: programmatic dependent launch, and loads issued before the PDL wait (weights'
         first tiles, cached keys) - both on by default where the GPU supports PDL; prefetch=False is the
         previous variant, for benchmarks; evict: weights loaded with an evict-first L2 policy.
-        persistent: each layer as one launch of lmforge.kernels.decode_layer (one program per SM, grid
-        barriers between its five phases) instead of five kernels; None = PERSISTENT_DEFAULT where the model
-        allows it (not with QK-norm)."""
+        persistent: each layer as one launch of lmforge.kernels.decode_layer (programs resident on every SM,
+        grid barriers between its five phases) instead of five kernels; None = PERSISTENT_DEFAULT where the
+        model allows it (not with QK-norm). The attribute may be switched later (benchmarks do)."""
         why = unsupported(model)
         if why is not None:
             raise LmforgeError(f"the batch-1 kernel step does not support {why}")
@@ -124,6 +126,7 @@ class KernelStep:
         if persistent and cfg.qk_norm:
             raise LmforgeError("the persistent layer kernel does not support QK-norm; use persistent=False")
         self.persistent = PERSISTENT_DEFAULT and not cfg.qk_norm if persistent is None else persistent
+        self._key_cache: dict[bool, dict] = {}  # keys() per mode: looked up at every step
         self.layers = [(b.norm1.weight, _qkv_weights(b.attn), b.attn.wo.weight, b.norm2.weight,
                         _gate_up_weights(b.mlp), b.mlp.down.weight, b.attn) for b in model.blocks]
         self.signature, self.gpu = model_signature(model), gpu_name(p.device)
@@ -145,6 +148,11 @@ class KernelStep:
 
     def keys(self) -> dict[tuple, tuple[tuple[int, ...], ...]]:
         """The shape keys this step's kernels look up (in the current mode), with their candidates."""
+        if self.persistent not in self._key_cache:
+            self._key_cache[self.persistent] = self._make_keys()
+        return self._key_cache[self.persistent]
+
+    def _make_keys(self) -> dict[tuple, tuple[tuple[int, ...], ...]]:
         c, w = self.cfg, self.layers[0]
         dt = w[1][0].dtype
         head = kd.gemv_key(c.vocab_size, c.d_model, norm=True, dtype=dt)

@@ -137,8 +137,9 @@ if triton is not None:
                    D: tl.constexpr, DP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    STAGES: tl.constexpr, EVICT: tl.constexpr):
         """Pair-rows [lo, hi) in tiles of BN pair-rows x BK columns, (w1, w2) the first (loaded by the
-        caller), the rest through Triton's software pipeline; each row block's dot products accumulate
-        elementwise and are reduced once, after its last column tile."""
+        caller), the rest double-buffered in registers (STAGES 0) or through Triton's software pipeline;
+        each row block's dot products accumulate elementwise and are reduced once, after its last column
+        tile."""
         NKT: tl.constexpr = (D + BK - 1) // BK
         cols = tl.arange(0, BK)
         inv = _inv_rms(x_ptr, D, DP, eps)
@@ -480,12 +481,16 @@ def decode_layer(x: torch.Tensor, g1: torch.Tensor, wqkv: tuple[torch.Tensor, to
             raise ValueError(f"decode_layer: a weight of shape {tuple(w.shape)} (strides {w.stride()}) where a "
                              f"contiguous {shape} was expected")
     bn_qkv, bn_o, bn_gu, bn_down, bk, splits, block_s, warps, qpp, stages, per_sm = config or LAYER_CONFIGS[0]
-    if splits & (splits - 1) or block_s < 16 or block_s & (block_s - 1) or qpp not in (1, 2):
-        raise ValueError(f"decode_layer config {config}: slices a power of two, keys per tile a power of two "
-                         ">= 16, and 1 (one query head per attention unit) or 2 (all of a kv head's) last")
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731  (Triton tiles)
+    if not (all(map(pow2, (bn_qkv, bn_o, bn_gu, bn_down, bk, splits, block_s, warps))) and block_s >= 16
+            and qpp in (1, 2) and stages >= 1 and per_sm >= 1):
+        raise ValueError(f"decode_layer config {config}: tile sides, warps and slices a power of two, keys per "
+                         "tile a power of two >= 16, the attention unit 1 (one query head) or 2 (all of a kv "
+                         "head's), stages and programs per SM >= 1 (see LayerConfig)")
     qpp = 1 if qpp == 1 else H // KV
     if H * splits * 16 > work.part_o.shape[0]:
-        raise ValueError(f"decode_layer config {config}: {splits} slices need a larger workspace")
+        raise ValueError(f"decode_layer config {config}: {splits} slices need a larger workspace "
+                         f"(workspace(..., max_splits={splits}))")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     split = interpret if split is None else split
     P = n_programs or programs(x.device)

@@ -14,10 +14,12 @@ counts never visit the host, unlike a tile list built in Python). `grouped_mm` i
 its reference is lmforge.model.layers.moe.grouped_mm_loop.
 
 TritonMoE (swapped in by lmforge.kernels.apply_fused_kernels) keeps MoE's dropless dispatch and runs its
-other steps as Triton kernels: the un-permutation with the router weighting (one gather pass, no atomics),
-the gather's backward (the same kernel with unit weights), and SwiGLU on the fused [gate | up] rows
-straight into one fused gradient. Its gemm 'auto' is torch._grouped_mm where that runs CUTLASS without a
-host sync (sm90/sm100, bf16; and CPU), else the Triton grouped GEMM. The per-expert loop stays the reference.
+other steps as Triton kernels: the routing after the router's matmul (softmax or sigmoid, + bias, top-k,
+renormalisation: one kernel forward and one backward where PyTorch launches ~8 each), the un-permutation
+with the router weighting (one gather pass, no atomics), the gather's backward (the same kernel with unit
+weights), and SwiGLU on the fused [gate | up] rows straight into one fused gradient. gemm 'auto' (MoE's)
+is torch._grouped_mm where that runs CUTLASS without a host sync (sm90/sm100, bf16; and CPU), else the Triton
+grouped GEMM on a GPU. The per-expert loop stays the reference.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from lmforge.kernels.decode import available, triton
 from lmforge.kernels.swiglu import _launch as _swiglu_launch
-from lmforge.model.layers.moe import MoE, glu_fused, grouped_mm_applies, grouped_mm_sync_free, pick_gemm
+from lmforge.model.layers.moe import MoE, glu_fused
 
 if triton is not None:
     import triton.language as tl
@@ -145,6 +147,84 @@ if triton is not None:
             tl.store(dw_ptr + t * K + j, tl.sum(dot, 0))
 
 
+if triton is not None:
+    @triton.jit
+    def _route_kernel(x_ptr, bias_ptr, idx_ptr, w_ptr, s_ptr, N, E, scale, K: tl.constexpr, KP: tl.constexpr,
+                      SOFTMAX: tl.constexpr, NORM: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr):
+        """Rows of the router logits x (N, E) -> scores s (softmax or sigmoid, fp32), the top-K ids of s + bias
+        (the lowest id on a tie), and their scores, renormalised to sum to one (NORM) and scaled."""
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        cols = tl.arange(0, BE)
+        kk = tl.arange(0, KP)
+        inside = (rows[:, None] < N) & (cols[None, :] < E)
+        offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        x = tl.where(cols[None, :] < E, x, -float("inf"))  # padded experts out (padded rows stay finite)
+        if SOFTMAX:
+            p = tl.exp(x - tl.max(x, 1)[:, None])
+            s = p / tl.sum(p, 1)[:, None]
+        else:
+            s = tl.sigmoid(x)
+        tl.store(s_ptr + offs, s, mask=inside)
+        bias = tl.load(bias_ptr + cols, mask=cols < E, other=0.0)
+        choice = tl.where(cols[None, :] < E, s + bias[None, :], -float("inf"))
+        ids = tl.zeros([BN, KP], dtype=tl.int64)
+        w = tl.zeros([BN, KP], dtype=tl.float32)
+        for j in tl.static_range(K):
+            best = tl.max(choice, 1)
+            pick = tl.min(tl.where(choice == best[:, None], cols[None, :], BE), 1)
+            hit = cols[None, :] == pick[:, None]
+            ids = tl.where(kk[None, :] == j, pick[:, None].to(tl.int64), ids)
+            w = tl.where(kk[None, :] == j, tl.sum(tl.where(hit, s, 0.0), 1)[:, None], w)
+            choice = tl.where(hit, -float("inf"), choice)
+        if NORM:
+            w = w / (tl.sum(w, 1)[:, None] + 1e-20)
+        out = rows[:, None].to(tl.int64) * K + kk[None, :]
+        kept = (rows[:, None] < N) & (kk[None, :] < K)
+        tl.store(idx_ptr + out, ids, mask=kept)
+        tl.store(w_ptr + out, w * scale, mask=kept)
+
+    @triton.jit
+    def _route_bwd_kernel(s_ptr, idx_ptr, dw_ptr, ds_ptr, dx_ptr, N, E, scale, HAS_DW: tl.constexpr,
+                          HAS_DS: tl.constexpr, K: tl.constexpr, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
+                          BN: tl.constexpr, BE: tl.constexpr):
+        """dx (N, E) from the gradients of the scores (ds: the balancing losses) and of the chosen weights (dw):
+        with S = Σ_chosen s, w_c = scale·s_c/S gives ds_m += scale·(dw_m - Σ_c dw_c s_c/S)/S for chosen m
+        (scale·dw_m without NORM); then through the softmax (s·(ds - Σ s·ds)) or the sigmoid (ds·s·(1 - s))."""
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        cols = tl.arange(0, BE)
+        inside = (rows[:, None] < N) & (cols[None, :] < E)
+        offs = rows[:, None].to(tl.int64) * E + cols[None, :]
+        s = tl.load(s_ptr + offs, mask=inside, other=0.0)
+        if HAS_DS:
+            ds = tl.load(ds_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        else:
+            ds = tl.zeros([BN, BE], dtype=tl.float32)
+        if HAS_DW:
+            r64 = rows.to(tl.int64) * K
+            total = tl.zeros([BN], dtype=tl.float32)
+            dot = tl.zeros([BN], dtype=tl.float32)
+            for j in tl.static_range(K):
+                idj = tl.load(idx_ptr + r64 + j, mask=rows < N, other=-1)
+                sj = tl.sum(tl.where(cols[None, :] == idj[:, None], s, 0.0), 1)
+                total += sj
+                dot += tl.load(dw_ptr + r64 + j, mask=rows < N, other=0.0).to(tl.float32) * sj
+            total += 1e-20
+            for j in tl.static_range(K):
+                idj = tl.load(idx_ptr + r64 + j, mask=rows < N, other=-1)
+                dwj = tl.load(dw_ptr + r64 + j, mask=rows < N, other=0.0).to(tl.float32)
+                if NORM:
+                    dsj = scale * (dwj - dot / total) / total
+                else:
+                    dsj = scale * dwj
+                ds += tl.where(cols[None, :] == idj[:, None], dsj[:, None], 0.0)
+        if SOFTMAX:
+            dx = s * (ds - tl.sum(s * ds, 1)[:, None])
+        else:
+            dx = ds * s * (1.0 - s)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+
+
 def _precision(t: torch.Tensor) -> str:
     """fp32 operands multiply in full fp32 ("ieee"), as torch's matmul does by default, not TF32."""
     return "ieee" if t.dtype == torch.float32 else "tf32"
@@ -246,6 +326,50 @@ def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(D), 2048)
 
 
+def _route_blocks(E: int) -> tuple[int, int]:
+    """(rows per program, padded experts) of the routing kernels: ~4k scores per program."""
+    BE = triton.next_power_of_2(E)
+    return max(1, min(128, 4096 // BE)), BE
+
+
+class _Route(torch.autograd.Function):
+    """Router logits (N, E) -> top-k ids (N, k) int64, their weights (N, k) fp32 and the scores (N, E) fp32 in
+    one pass; MoE.route's softmax / sigmoid, + bias, top-k, gather, renormalisation and scale (its reference).
+    The backward returns the logits' gradient in their dtype, from the weights' and the scores' gradients."""
+
+    @staticmethod
+    def forward(ctx, logits, bias, k: int, softmax: bool, norm: bool, scale: float):
+        N, E = logits.shape
+        logits = logits.contiguous()
+        idx = torch.empty(N, k, device=logits.device, dtype=torch.long)
+        w = torch.empty(N, k, device=logits.device, dtype=torch.float32)
+        s = torch.empty(N, E, device=logits.device, dtype=torch.float32)
+        BN, BE = _route_blocks(E)
+        if N:
+            _route_kernel[(triton.cdiv(N, BN),)](logits, bias.float().contiguous(), idx, w, s, N, E, float(scale),
+                                                 K=k, KP=triton.next_power_of_2(k), SOFTMAX=softmax, NORM=norm,
+                                                 BN=BN, BE=BE)
+        ctx.save_for_backward(s, idx)
+        ctx.mark_non_differentiable(idx)
+        ctx.cfg = (k, softmax, norm, float(scale), logits.dtype)
+        return idx, w, s
+
+    @staticmethod
+    def backward(ctx, _didx, dw, ds):
+        s, idx = ctx.saved_tensors
+        k, softmax, norm, scale, dtype = ctx.cfg
+        N, E = s.shape
+        dx = torch.empty(N, E, device=s.device, dtype=dtype)
+        BN, BE = _route_blocks(E)
+        if N:
+            dw = None if dw is None else dw.contiguous()
+            ds = None if ds is None else ds.contiguous()
+            _route_bwd_kernel[(triton.cdiv(N, BN),)](s, idx, s if dw is None else dw, s if ds is None else ds, dx,
+                                                     N, E, scale, HAS_DW=dw is not None, HAS_DS=ds is not None, K=k,
+                                                     SOFTMAX=softmax, NORM=norm, BN=BN, BE=BE)
+        return dx, None, None, None, None, None
+
+
 class _FusedSwiGLU(torch.autograd.Function):
     """silu(gate)·up of the (M, 2·de) [gate | up] rows, read in place; the backward writes dgate and dup
     into one (M, 2·de) gradient (chunk's backward would concatenate two)."""
@@ -272,11 +396,16 @@ class TritonMoE(MoE):
     """MoE whose dropless grouped dispatch runs its steps in Triton (module docstring); same parameters
     and names. With a capacity factor it keeps MoE's dropping path (on the chosen grouped matmul)."""
 
-    def _gemm(self, x: torch.Tensor):
-        if self.gemm != "auto":
-            return pick_gemm(self.gemm, x, self.w_down.shape[1:])
-        sync_free = grouped_mm_applies(x, self.w_down.shape[1:]) and grouped_mm_sync_free(x)
-        return pick_gemm("torch" if sync_free else "triton", x, self.w_down.shape[1:])
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MoE.route with everything after the router's matmul in one kernel (_Route) where it applies: no
+        noise in training, no expert groups, at most 256 experts; the logits are returned in the router's
+        output dtype."""
+        m = self.m
+        if (self.noise is not None and self.training) or m.n_groups > 1 or self.E > 256 or not available(x.device):
+            return super().route(x)
+        logits = self.router(x)
+        idx, w, scores = _Route.apply(logits, self.e_bias, self.k, m.score == "softmax", m.norm_topk, m.routed_scale)
+        return idx, w, scores, logits
 
     @staticmethod
     def _act(activation: str, gu: torch.Tensor) -> torch.Tensor:

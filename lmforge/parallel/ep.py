@@ -86,11 +86,10 @@ class ExpertParallelMoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         idx, w, scores, logits = moe.route(flat)
-        keep = torch.ones_like(idx, dtype=torch.bool)
         y = self._dispatch(flat, idx, w)
         if moe.shared is not None:
             y = y + moe.shared(flat)
-        moe._balance(idx, keep, scores, logits, B, T)
+        moe._balance(idx, None, scores, logits, B, T)  # dropless
         return y.view(B, T, d)
 
     def _dispatch(self, flat: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

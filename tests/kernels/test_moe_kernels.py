@@ -98,6 +98,47 @@ def test_triton_dispatch_router_probability_gradients():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=3, norm_topk=False), dict(top_k=1),
+                                dict(score="sigmoid", routed_scale=2.5), dict(score="sigmoid", norm_topk=False),
+                                dict(n_experts=40, top_k=6, router_bias=True)])
+def test_fused_routing_matches_moe_route(kw):
+    """TritonMoE.route (one kernel after the router's matmul, forward and backward) == MoE.route: ids, weights,
+    scores, and the router's gradients through the weights and the scores (the balancing losses' path),
+    with a nonzero aux-loss-free bias choosing the experts, over rows that do not fill a program's block."""
+    ref, fast = _pair("swiglu", **kw)
+    with torch.no_grad():
+        ref.e_bias.normal_(0, 0.05)
+        fast.e_bias.copy_(ref.e_bias)
+    x = torch.randn(77, 32, device=DEV)
+    out = []
+    for m in (ref, fast):
+        m.zero_grad()
+        idx, w, scores, logits = m.route(x)
+        (w.sin().sum() + (scores * torch.linspace(0, 3, scores.shape[1], device=DEV)).square().sum()).backward()
+        out.append((idx, w, scores, logits.float(), m.router.weight.grad.clone()))
+    (ri, rw, rs, rl, rg), (fi, fw, fs, fl, fg) = out
+    assert fi.dtype == torch.long and torch.equal(fi, ri)
+    for got, want in ((fw, rw), (fs, rs), (fl, rl), (fg, rg)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    x.requires_grad_()
+    fast.route(x)[1].sum().backward()  # only the weights' gradient (the scores unused)
+    x2 = x.detach().clone().requires_grad_()
+    ref.route(x2)[1].sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_routing_falls_back_where_it_does_not_apply():
+    """Expert groups and training noise keep MoE.route (the kernel does neither): same ids and weights."""
+    for kw in (dict(n_groups=5, topk_groups=2, n_experts=10), dict(noisy=True)):
+        ref, fast = _pair("swiglu", **kw)
+        x = torch.randn(9, 32, device=DEV)
+        torch.manual_seed(0)
+        want = ref.route(x)
+        torch.manual_seed(0)
+        got = fast.route(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grouped_mm_bf16_gpu():

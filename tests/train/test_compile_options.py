@@ -10,6 +10,15 @@ from lmforge.train.trainer import Trainer
 from .helpers import make_shard, tiny_config
 
 
+def _moe_model():
+    import dataclasses
+
+    from lmforge.model.config import ModelConfig, MoEConfig
+
+    return dataclasses.replace(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32),
+                               mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=32, aux_loss=0.01))
+
+
 @pytest.mark.parametrize("tune,graphs,options", [
     (False, False, None),
     (True, False, {"coordinate_descent_tuning": True}),
@@ -31,11 +40,13 @@ def test_compile_options_without_compile_are_refused(tmp_path, key):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile,graphs,bf16_residual", [(False, False, False), (True, False, False),
-                                                          (True, True, False), (True, False, True)])
-def test_train_step_never_waits_for_the_gpu(tmp_path, compile, graphs, bf16_residual):
+@pytest.mark.parametrize("compile,graphs,bf16_residual,moe", [
+    (False, False, False, False), (True, False, False, False), (True, True, False, False),
+    (True, False, True, False), (False, False, False, True), (True, True, False, True)])
+def test_train_step_never_waits_for_the_gpu(tmp_path, compile, graphs, bf16_residual, moe):
+    extra = dict(model=_moe_model()) if moe else {}
     tr = Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", device="cuda", compile=compile,
-                             compile_cudagraphs=graphs, bf16_residual=bf16_residual))
+                             compile_cudagraphs=graphs, bf16_residual=bf16_residual, **extra))
     for _ in range(2):  # first steps: compile, allocator and pinned-memory warm-up
         tr.train_step()
     torch.cuda.synchronize()
@@ -50,14 +61,17 @@ def test_train_step_never_waits_for_the_gpu(tmp_path, compile, graphs, bf16_resi
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cudagraph_replay_trains_as_the_compiled_step(tmp_path):
+@pytest.mark.parametrize("moe", [False, True])
+def test_cudagraph_replay_trains_as_the_compiled_step(tmp_path, moe):
     """compile_cudagraphs changes how kernels are launched, not what they compute: the same seeds give the
-    same losses step for step (fp32 on the GPU, so no bf16 rounding differences between the two)."""
+    same losses step for step (fp32 on the GPU, so no bf16 rounding differences between the two); also for
+    an MoE model (its dropless dispatch keeps counts on the device, so the whole step is one graph)."""
     losses = {}
+    extra = dict(model=_moe_model()) if moe else {}
     for graphs in (False, True):
         torch.manual_seed(0)
         tr = Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / f"run{graphs}", device="cuda",
-                                 dtype="fp32", compile=True, compile_cudagraphs=graphs))
+                                 dtype="fp32", compile=True, compile_cudagraphs=graphs, **extra))
         losses[graphs] = [float(tr.train_step()["loss"]) for _ in range(6)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     assert losses[True][-1] < losses[True][0]

@@ -17,10 +17,12 @@ runs every projection of all experts as one grouped matmul, gate and up together
 (E, 2·d_expert, d) weights. Rows are gathered into expert order and back through the sort's inverse, so
 no step reads a count on the host. `gemm` picks the grouped matmul (model.moe.gemm):
 
-    torch   torch._grouped_mm (CUTLASS on sm90/sm100 in bf16, without a host sync; CPU in fp32/bf16/fp16)
+    torch   torch._grouped_mm (CUTLASS on sm90/sm100 in bf16, without a host sync; CPU in fp32/bf16/fp16;
+            other CUDA cases through a loop over the offsets on the host, which torch.compile refuses)
     triton  lmforge.kernels.moe.grouped_mm (any CUDA GPU, no host sync)
     loop    one matmul per expert over its rows: the grouped matmuls' reference (counts on the host)
-    auto    torch where it applies (dims of 16 bytes, fp32/bf16/fp16), else loop
+    auto    torch where it runs without a host sync (dims of 16 bytes; CPU, or bf16 on sm90/sm100), else
+            triton on a CUDA GPU with Triton, else loop
 
 `loop` dispatch runs experts one by one over torch.where's tokens and is the reference the grouped path is
 tested against. With a capacity factor the grouped path drops over-capacity assignments (a host sync: the
@@ -102,10 +104,19 @@ def grouped_mm_sync_free(x: torch.Tensor) -> bool:
                                       and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
 
 
+def _triton_runs(device: torch.device) -> bool:
+    try:
+        from lmforge.kernels.moe import available
+    except ImportError:
+        return False
+    return available(device)
+
+
 def pick_gemm(gemm: str, x: torch.Tensor, dims: tuple[int, ...]) -> GroupedMM:
     """The grouped matmul `gemm` names (model.moe.gemm) for operands like x with widths `dims`."""
     if gemm == "auto":
-        gemm = "torch" if grouped_mm_applies(x, dims) else "loop"
+        gemm = "torch" if grouped_mm_applies(x, dims) and grouped_mm_sync_free(x) else \
+            "triton" if x.is_cuda and _triton_runs(x.device) else "loop"
     if gemm == "triton":
         from lmforge.kernels.moe import available, grouped_mm
 
@@ -156,13 +167,21 @@ class GatherRows(torch.autograd.Function):
         return (g.view(-1, ctx.k, g.shape[-1]).sum(1) if ctx.k > 1 else g), None, None, None
 
 
-def sort_by_expert(idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sort_by_expert(idx: torch.Tensor, n_experts: int, counts: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """idx (N, k) expert ids -> order (N·k,): assignment ids t·k + j grouped by expert (stable: tokens in
-    order within an expert), its inverse permutation inv, and counts (E,) assignments per expert."""
+    order within an expert), its inverse permutation inv, and counts (E,) assignments per expert (counted
+    here unless given). The ids are sorted as the narrowest integer that holds them: a GPU radix sort makes
+    one pass per key byte (8 for topk's int64 ids, 1 for uint8)."""
     flat = idx.reshape(-1)
-    order = flat.argsort(stable=True)
+    order = flat.to(_key_dtype(n_experts)).argsort(stable=True)
     inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=idx.device))
-    return order, inv, _count(flat, n_experts)
+    return order, inv, _count(flat, n_experts) if counts is None else counts
+
+
+def _key_dtype(n: int) -> torch.dtype:
+    """The narrowest sortable integer dtype holding 0..n-1."""
+    return torch.uint8 if n <= 256 else torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
 
 
 def combine(y: torch.Tensor, w: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, dtype: torch.dtype
@@ -225,7 +244,7 @@ class MoE(nn.Module):
         w = scores.gather(1, idx)
         if self.m.norm_topk:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return idx, w * self.m.routed_scale, scores, logits
+        return idx, (w if self.m.routed_scale == 1 else w * self.m.routed_scale), scores, logits
 
     def capacity(self, n_tokens: int) -> int | None:
         cf = self.m.capacity_factor
@@ -269,28 +288,31 @@ class MoE(nn.Module):
             h = ACT[self.activation](up)
         return F.linear(h, self.w_down[e], None if self.b_down is None else self.b_down[e])
 
-    def _keep_mask(self, idx: torch.Tensor) -> torch.Tensor:
-        """(N, k) bool: assignments within capacity; earlier tokens (and higher choices) win."""
+    def _keep_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """(N, k) bool: assignments within capacity; earlier tokens (and higher choices) win. None when
+        dropless (every assignment kept)."""
         cap = self.capacity(idx.shape[0])
         if cap is None:
-            return torch.ones_like(idx, dtype=torch.bool)
+            return None
         onehot = F.one_hot(idx.reshape(-1), self.E)  # (N·k, E) in token order
         rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # position of each assignment in its expert's queue
         return (rank < cap).view_as(idx)
 
-    def experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
-                        ) -> torch.Tensor:
+    def experts_grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor | None,
+                        counts: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dropless: the N·k assignments sorted by expert once, rows gathered into that order (in the
         matmuls' dtype under autocast: half the bytes), the expert MLP as grouped matmuls, and the outputs
-        gathered back and weighted by the router (whose weights get their gradient here)."""
+        gathered back and weighted by the router (whose weights get their gradient here). `counts`: the
+        assignments per expert where the caller has them; the output is in `dtype` (default x's)."""
+        dtype = dtype or x.dtype
         if self.capacity(x.shape[0]) is not None:
-            return self._experts_dropping(x, idx, w, keep)
-        order, inv, counts = sort_by_expert(idx, self.E)
+            return self._experts_dropping(x, idx, w, keep, dtype)
+        order, inv, counts = sort_by_expert(idx, self.E, counts)
         rows = self._gather(autocast_to(x), order, inv, self.k)  # (N·k, d) in expert order
         y = self._expert_mlp(rows, counts, self._gemm(rows), self._act)
-        return self._combine(y, w, order, inv, x.dtype)
+        return self._combine(y, w, order, inv, dtype)
 
-    def _experts_dropping(self, x, idx, w, keep) -> torch.Tensor:
+    def _experts_dropping(self, x, idx, w, keep, dtype: torch.dtype) -> torch.Tensor:
         """With a capacity: the kept assignments in expert order, their outputs added back per token."""
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
@@ -298,7 +320,7 @@ class MoE(nn.Module):
         tok = order // self.k
         rows = autocast_to(x)[tok]
         y = self._expert_mlp(rows, _count(flat[order], self.E), self._gemm(rows), self._act)
-        return x.new_zeros(x.shape).index_add_(0, tok, (y * w.reshape(-1)[order, None]).to(x.dtype))
+        return x.new_zeros(x.shape, dtype=dtype).index_add_(0, tok, (y * w.reshape(-1)[order, None]).to(dtype))
 
     # the grouped path's steps, which lmforge.kernels.moe.TritonMoE replaces with Triton kernels
     def _gemm(self, x: torch.Tensor) -> GroupedMM:
@@ -311,12 +333,12 @@ class MoE(nn.Module):
     def _gather(x: torch.Tensor, order: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
         return GatherRows.apply(x, order, inv, k)
 
-    def experts_loop(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor
+    def experts_loop(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor | None
                      ) -> torch.Tensor:
         """Reference: one expert at a time over the tokens routed to it."""
         out = x.new_zeros(x.shape)
         for e in range(self.E):
-            tok, slot = torch.where((idx == e) & keep)
+            tok, slot = torch.where(idx == e if keep is None else (idx == e) & keep)
             if tok.numel():
                 out.index_add_(0, tok, (self._one_expert(x[tok], e) * w[tok, slot, None]).to(x.dtype))
         return out
@@ -325,35 +347,46 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         flat = x.reshape(-1, d)
-        idx, w, scores, logits = self.route(flat)
+        xa = autocast_to(flat)  # cast once for the router, the experts and the shared experts (as each would)
+        idx, w, scores, logits = self.route(xa)
         keep = self._keep_mask(idx)
-        run = self.experts_grouped if self.dispatch == "grouped" else self.experts_loop
-        y = run(flat, idx, w, keep)
+        counts = _count(idx.reshape(-1), self.E)  # assignments per expert: the sort's groups and the load
+        if self.dispatch == "grouped":
+            y = self.experts_grouped(xa, idx, w, keep, counts, flat.dtype)
+        else:
+            y = self.experts_loop(flat, idx, w, keep)
         if self.shared is not None:
-            y = y + self.shared(flat)
-        self._balance(idx, keep, scores, logits, B, T)
+            y = y + self.shared(xa)
+        self._balance(idx, keep, scores, logits, B, T, counts)
         return y.view(B, T, d)
 
-    def _balance(self, idx, keep, scores, logits, B: int, T: int) -> None:
-        """Auxiliary losses and load statistics of this forward; the aux-loss-free bias update."""
+    def _balance(self, idx, keep, scores, logits, B: int, T: int, load: torch.Tensor | None = None) -> None:
+        """Auxiliary losses and load statistics of this forward; the aux-loss-free bias update. `load`: the
+        assignments per expert where the caller counted them; keep None = nothing dropped."""
         m, E, k = self.m, self.E, self.k
-        load = _count(idx.reshape(-1), E).float()  # assignments per expert
-        f = load / load.sum()
-        probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores normalised per token
-        aux = logits.new_zeros(())
+        if load is None:
+            load = _count(idx.reshape(-1), E)
+        f = load / idx.numel()  # fraction of the N·k assignments per expert (float)
+        # sigmoid scores normalised per token (softmax rows already sum to one)
+        probs = scores if m.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        aux = None
         if m.aux_loss > 0:  # Switch (Fedus et al. 2021, eq. 4), GShard
-            aux = aux + m.aux_loss * E * (f * probs.mean(0)).sum()
+            aux = torch.dot(f, probs.mean(0)) * (m.aux_loss * E)
         if m.z_loss > 0:  # ST-MoE (Zoph et al. 2022, eq. 5)
-            aux = aux + m.z_loss * torch.logsumexp(logits, -1).square().mean()
+            z = torch.logsumexp(logits.float(), -1).square().mean() * m.z_loss
+            aux = z if aux is None else aux + z
         if m.seq_aux_loss > 0:  # DeepSeek-V3 eq. 17-20, per sequence then averaged
             hit = F.one_hot(idx.view(B, T * k), E).float().sum(1)  # (B, E)
             f_seq = hit * E / (k * T)
-            aux = aux + m.seq_aux_loss * (f_seq * probs.view(B, T, E).mean(1)).sum(-1).mean()
-        self.last_aux = aux
+            s = (f_seq * probs.view(B, T, E).mean(1)).sum(-1).mean() * m.seq_aux_loss
+            aux = s if aux is None else aux + s
+        self.last_aux = logits.new_zeros((), dtype=torch.float32) if aux is None else aux
         if m.bias_update_rate > 0 and self.training:  # DeepSeek-V3 §2.1.2
             with torch.no_grad():
-                self.e_bias += m.bias_update_rate * torch.sign(load.mean() - load)
-        self.last_stats = {"load": f.detach(), "dropped": (~keep).float().mean().detach()}
+                n = load.float()
+                self.e_bias += m.bias_update_rate * torch.sign(n.mean() - n)
+        dropped = f.new_zeros(()) if keep is None else (~keep).float().mean()
+        self.last_stats = {"load": f.detach(), "dropped": dropped.detach()}
 
 
 @torch.no_grad()

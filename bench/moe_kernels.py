@@ -192,8 +192,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="toy sizes on CPU (TRITON_INTERPRET=1 for the Triton rows)")
     ap.add_argument("--sections", default="layer,train,profile")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--blocks", type=int, default=2)
+    # the eager MoE step is close to host-bound (its host time varies by machine): more, shorter blocks than
+    # bench/train_kernels.py's default, and the median of them
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                     help="also time dense and MoE Trainer steps under torch.compile (CUDA)")
     ap.add_argument("--profile-step", nargs="?", const="compiled", choices=["eager", "compiled"], default=None,

@@ -5,10 +5,12 @@
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 07:15 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; the persistent one-launch layer of
-# lmforge/kernels/decode_layer.py was tried in three forms and is slower, 47.7 vs ~35 us per layer), moe
-# (the compiled MoE at 0.75x: profile it again with --profile-step compiled), kernels/kernels24 (goals met
-# with bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
+# (2026-12-03 10:20 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; the persistent one-launch layer of
+# lmforge/kernels/decode_layer.py was tried in three forms and is slower, 47.7 vs ~35 us per layer; first run
+# bench/decode_mlp.py, the MLP in one launch instead of two, never run on a GPU yet: if it beats the two
+# kernels per layer, move it into the kernel step), moe (eager goal met 2026-12-03 09:30: 0.866-0.883x; the
+# compiled MoE at 0.75x: profile it with --profile-step compiled), kernels/kernels24 (goals met with
+# bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
 # gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long
 # tail of warnings can push a result out of the call's printed tail). Each call may land on another H200:
@@ -41,10 +43,12 @@ case "${1:-}" in
     run paged 300 python bench/paged_attention.py ;;
   hf)        # issue 11: HF generate() and HF's continuous batching on the same workload
     run engine_hf 420 python bench/engine.py --shapes qwen3-0.6b --sections hf,hf_batch ;;
-  decode)    # issues 11 and 14: batch-1 decode through the engine's backends, kernel step tuned (goal 80%), and the
-             # persistent one-launch layer (lmforge/kernels/decode_layer.py) on its own: every config, each phase
-    run decode_layer 150 python bench/decode_layer.py
-    run decode 420 python bench/decode.py --tune-step --hf default ;;
+  decode)    # issues 11 and 14: the one-launch MLP prototype vs the kernel step's two MLP kernels, the persistent
+             # one-launch layer (lmforge/kernels/decode_layer.py) on its own (every config, each phase), and
+             # batch-1 decode through the engine's backends, kernel step tuned (goal 80%)
+    run decode_mlp 200 python bench/decode_mlp.py
+    run decode_layer 120 python bench/decode_layer.py
+    run decode 270 python bench/decode.py --tune-step --hf default ;;
   kernels)   # issue 14: compiled training MFU at 304M (goal 55%), kernel table of the plain step; each variant compiles
     run train_kernels 580 python bench/train_kernels.py --sections mfu --depths 16 --budget 480 --profile \
         --mfu-variants plain,plain+bf16res,loss+cdt+bf16res ;;
@@ -57,8 +61,9 @@ case "${1:-}" in
   align)     # issue 12: SFT -> RM -> DPO family, and distillation from a better teacher, at H200 sizes
     run align_compare 290 python bench/align_compare.py --device cuda
     run align_distill 290 python bench/align_distill.py --device cuda ;;
-  moe)       # issue 14: dropless MoE variants vs dense at equal active FLOPs (goal >= 0.85x)
-    run moe 380 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 330
+  moe)       # issue 14: dropless MoE variants vs dense at equal active FLOPs (goal >= 0.85x), host vs GPU time
+    run moe_host 80 python bench/moe_step_host.py --profile
+    run moe 300 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 260
     run moe64 200 python bench/moe_kernels.py --sections train --no-compiled --train-batch 64 \
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)

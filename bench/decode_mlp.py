@@ -101,8 +101,9 @@ if kd.triton is not None:
             tl.atomic_add(out_ptr + nn, part, mask=n_ok)
 
 
-# (BJ, BLOCK_K, BLOCK_N, warps)
-FUSED_CONFIGS = tuple(itertools.product((16, 32, 64), (256, 512), (64, 128), (4, 8)))
+# (BJ, BLOCK_K, BLOCK_N, warps): two BJ x BLOCK_K fp32 accumulators per program, kept within 16k values
+FUSED_CONFIGS = tuple((bj, bk, bn, w) for (bj, bk), bn, w in itertools.product(
+    ((8, 512), (8, 1024), (16, 256), (16, 512), (32, 256)), (64, 128), (4, 8)))
 
 
 def fused_mlp(x, g, wg, wu, wd, out, zero, *, down_t: bool, config, eps: float = 1e-5, pdl=True, prefetch=True):

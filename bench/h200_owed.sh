@@ -5,7 +5,7 @@
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 10:20 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; the persistent one-launch layer of
+# (2026-12-03 09:50 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; the persistent one-launch layer of
 # lmforge/kernels/decode_layer.py was tried in three forms and is slower, 47.7 vs ~35 us per layer; first run
 # bench/decode_mlp.py, the MLP in one launch instead of two, never run on a GPU yet: if it beats the two
 # kernels per layer, move it into the kernel step), moe (eager goal met 2026-12-03 09:30: 0.866-0.883x; the

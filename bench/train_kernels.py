@@ -213,13 +213,15 @@ def guarded(key: dict, args, fn) -> dict:
 
 def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, *, prepare=None,
                        fused_loss: bool = False, compile: bool = True, tune: bool = False, graphs: bool = False,
-                       bf16_residual: bool = False, profile: bool = False
+                       bf16_residual: bool = False, profile: bool = False, host: bool = False
                        ) -> dict:
     """tokens/s and MFU of the real Trainer.train_step, as bench/train_throughput.py measures them. `prepare`
     transforms the built model (e.g. apply_fused_kernels); fused_loss trains with kernels.fused_ce's
     FusedLMObjective instead of pretraining's LMObjective; tune is TrainConfig.compile_tune, graphs
     TrainConfig.compile_cudagraphs, bf16_residual TrainConfig.bf16_residual; profile prints
-    a kernel table of one step."""
+    a kernel table of one step; host (CUDA) adds host_ms, the seconds one step takes to return when started on
+    an idle GPU (min of 3: its enqueue time unless it waits for the GPU), and syncs, whether any call in a step
+    synchronises with the GPU (torch.cuda.set_sync_debug_mode)."""
     from lmforge.model.transformer import Transformer
     from lmforge.optim.config import OptimConfig
     from lmforge.train.config import DataConfig, TrainConfig
@@ -255,6 +257,7 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
                 tr.train_step()
             _sync(dev)
             times.append((time.perf_counter() - t) / args.steps)
+        extra = _host_time(tr.train_step) if host and dev == "cuda" else {}
         if profile and dev == "cuda":
             from profiling import host_table, kernel_table
 
@@ -268,7 +271,28 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
                   graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values())) if compile else {}
     return dict(params_M=tr.model.num_params() / 1e6, tokens_per_step=cfg.tokens_per_step, step_ms=step_s * 1e3,
                 tok_per_s=tps, mfu=tps * tr.flops_per_token / tr.peak if tr.peak else float("nan"), peak_mem_GiB=mem,
-                first_step_s=first_s, **graphs)
+                first_step_s=first_s, **graphs, **extra)
+
+
+def _host_time(step) -> dict:
+    """host_ms: min over 3 steps of the time one takes to return when started on an idle GPU; syncs: whether a
+    step makes a call that synchronises with the GPU."""
+    hosts = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        hosts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        syncs = False
+    except RuntimeError:
+        syncs = True
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return dict(host_ms=min(hosts) * 1e3, syncs=syncs)
 
 
 def _table(title: str, rows: list[dict]) -> str:

@@ -1,20 +1,19 @@
 """TrainConfig.compile_tune reaches torch.compile; on a GPU, Trainer.train_step never waits for the device
 (the claim its MFU rests on: the host queues step t + 1 while the GPU runs step t)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.model.config import ModelConfig, MoEConfig
 from lmforge.train.trainer import Trainer
 
 from .helpers import make_shard, tiny_config
 
 
 def _moe_model():
-    import dataclasses
-
-    from lmforge.model.config import ModelConfig, MoEConfig
-
     return dataclasses.replace(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32),
                                mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=32, aux_loss=0.01))
 

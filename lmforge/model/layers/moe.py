@@ -104,19 +104,13 @@ def grouped_mm_sync_free(x: torch.Tensor) -> bool:
                                       and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
 
 
-def _triton_runs(device: torch.device) -> bool:
-    try:
-        from lmforge.kernels.moe import available
-    except ImportError:
-        return False
-    return available(device)
-
-
 def pick_gemm(gemm: str, x: torch.Tensor, dims: tuple[int, ...]) -> GroupedMM:
     """The grouped matmul `gemm` names (model.moe.gemm) for operands like x with widths `dims`."""
     if gemm == "auto":
+        from lmforge.kernels.decode import available  # (Triton imported there only if installed)
+
         gemm = "torch" if grouped_mm_applies(x, dims) and grouped_mm_sync_free(x) else \
-            "triton" if x.is_cuda and _triton_runs(x.device) else "loop"
+            "triton" if x.is_cuda and available(x.device) else "loop"
     if gemm == "triton":
         from lmforge.kernels.moe import available, grouped_mm
 

@@ -5,11 +5,11 @@
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 09:50 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; the persistent one-launch layer of
-# lmforge/kernels/decode_layer.py was tried in three forms and is slower, 47.7 vs ~35 us per layer; first run
-# bench/decode_mlp.py, the MLP in one launch instead of two, never run on a GPU yet: if it beats the two
-# kernels per layer, move it into the kernel step), moe (eager goal met 2026-12-03 09:30: 0.866-0.883x; the
-# compiled MoE at 0.75x: profile it with --profile-step compiled), kernels/kernels24 (goals met with
+# (2026-12-03 12:00 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
+# step's time goes - attention ~5 us and the small kernels' boundaries ~1.5-2 us each per layer; the one-launch
+# and ticketed MLPs of bench/decode_mlp.py, L2 prefetches and the persistent layer all measured slower), moe
+# (eager goal met 2026-12-03 09:30: 0.866-0.883x; the compiled MoE at 0.75x: profile it with --profile-step
+# compiled), kernels/kernels24 (goals met with
 # bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
 # gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long
@@ -43,11 +43,11 @@ case "${1:-}" in
     run paged 300 python bench/paged_attention.py ;;
   hf)        # issue 11: HF generate() and HF's continuous batching on the same workload
     run engine_hf 420 python bench/engine.py --shapes qwen3-0.6b --sections hf,hf_batch ;;
-  decode)    # issues 11 and 14: the one-launch MLP prototype vs the kernel step's two MLP kernels, the persistent
-             # one-launch layer (lmforge/kernels/decode_layer.py) on its own (every config, each phase), and
-             # batch-1 decode through the engine's backends, kernel step tuned (goal 80%)
-    run decode_mlp 200 python bench/decode_mlp.py
-    run decode_layer 120 python bench/decode_layer.py
+  decode)    # issues 11 and 14: where the kernel step's time goes (each kind of kernel left out, tuned now), the
+             # one-launch / ticketed MLP prototypes vs the two MLP kernels, and batch-1 decode through the
+             # engine's backends, kernel step tuned (goal 80%)
+    run decode_parts 200 python bench/decode_parts.py --tune
+    run decode_mlp 120 python bench/decode_mlp.py
     run decode 270 python bench/decode.py --tune-step --hf default ;;
   kernels)   # issue 14: compiled training MFU at 304M (goal 55%), kernel table of the plain step; each variant compiles
     run train_kernels 580 python bench/train_kernels.py --sections mfu --depths 16 --budget 480 --profile \

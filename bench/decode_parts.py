@@ -1,0 +1,179 @@
+"""Where the batch-1 kernel step's time goes (issue 14's decode goal): the step captured in a CUDA graph with
+each kind of kernel left out in turn, and with each kind alone, next to what its weight bytes would take at
+the measured bandwidth.
+
+    python bench/decode_parts.py                   # H200: the 1.1B Llama shape, bf16, 384 cached positions
+    TRITON_INTERPRET=1 python bench/decode_parts.py --tiny --reps 1     # CPU: checks the script
+
+Kinds: embed, qkv (norm + q/k/v + RoPE + cache write), attn (paged attention), o (o-projection + residual),
+gu (norm + gate/up + SwiGLU), down (down projection + residual), head (final norm + lm_head). A kind is left
+out by replacing its launcher with a no-op while the step is captured (lmforge.infer.kernel_step itself is
+not changed); with PDL the kernels overlap, so "step without it" says what a kind really costs
+(marginal = full step - step without it), and "alone" what it costs with only its own kind's boundaries.
+Bounds: a read-only stream (torch's sum over 2 GB of bf16) and one gemv over all the layers' weights stacked
+into one matrix (the step's weight stream with no kernel boundaries at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from lmforge.infer import kernel_step as kstep  # noqa: E402
+from lmforge.kernels import decode as kd  # noqa: E402
+from lmforge.kernels import paged_attention as pa  # noqa: E402
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+
+KINDS = ("embed", "qkv", "attn", "o", "gu", "down", "head")
+
+
+def build(tiny: bool, context: int, dev: str):
+    from decode import LLAMA_1B, TINY
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Transformer(ModelConfig(**(TINY if tiny else LLAMA_1B))).to(dtype).eval()
+    c, bs = model.cfg, 16
+    blocks = -(-(context + 1) // bs)
+    new = lambda: torch.randn(blocks, bs, c.kv_heads, c.hd, device=dev).to(dtype)  # noqa: E731
+    kv = kstep.PagedKV(k=[new() for _ in model.blocks], v=[new() for _ in model.blocks],
+                       block_table=torch.randperm(blocks, device=dev).to(torch.int32)[None])
+    return model, kv
+
+
+class Filter:
+    """Launchers of the kernel step replaced by ones that skip the kinds in `skip`."""
+
+    def __init__(self, step: kstep.KernelStep):
+        self.step, self.skip = step, set()
+        self.orig = dict(gemv=kd.gemv, qkv_rope=kd.qkv_rope, embed=kd.embed, attn=pa.paged_decode_attention)
+
+    def kind(self, x, glu=False, residual=None, **_) -> str:
+        if glu:
+            return "gu"
+        if residual is None:
+            return "head"
+        return "o" if x.data_ptr() == self.step.o.data_ptr() else "down"
+
+    def __enter__(self):
+        o = self.orig
+        kd.gemv = lambda x, w, **kw: None if self.kind(x, **kw) in self.skip else o["gemv"](x, w, **kw)
+        kd.qkv_rope = lambda *a, **kw: None if "qkv" in self.skip else o["qkv_rope"](*a, **kw)
+        kd.embed = lambda *a, **kw: None if "embed" in self.skip else o["embed"](*a, **kw)
+        pa.paged_decode_attention = lambda *a, **kw: None if "attn" in self.skip else o["attn"](*a, **kw)
+        return self
+
+    def __exit__(self, *exc):
+        kd.gemv, kd.qkv_rope, kd.embed = self.orig["gemv"], self.orig["qkv_rope"], self.orig["embed"]
+        pa.paged_decode_attention = self.orig["attn"]
+
+
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes of weight matrices each kind reads per token (the small norm gains left out)."""
+    n = lambda p: p.numel() * p.element_size()  # noqa: E731
+    b = model.blocks
+    return dict(embed=model.cfg.d_model * 2, qkv=sum(n(p) for x in b for p in x.attn.parameters()) - sum(n(x.attn.wo.weight) for x in b),
+                attn=0, o=sum(n(x.attn.wo.weight) for x in b), gu=sum(n(x.mlp.gate.weight) + n(x.mlp.up.weight) for x in b),
+                down=sum(n(x.mlp.down.weight) for x in b), head=n(model.lm_head.weight))
+
+
+def timer(reps: int):
+    if torch.cuda.is_available():
+        from decode_layer import timed
+
+        return lambda fn: timed(fn, reps=reps)
+    import time
+
+    def cpu(fn):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+    return cpu
+
+
+def bounds(model, timed, dev) -> list[tuple[str, float, int]]:
+    """(name, seconds, bytes): a read-only stream and one gemv over every layer weight stacked."""
+    if dev != "cuda":
+        return []
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.bfloat16, device=dev).normal_()
+    rows = [("read-only stream (torch sum, 2.1 GB bf16)", timed(lambda: a.sum()), 2 * n)]
+    del a
+    D = model.cfg.d_model
+    w = torch.cat([p.detach().reshape(-1, D) for name, p in model.named_parameters()
+                   if p.dim() == 2 and p.shape[-1] == D and not name.startswith("tok_emb")])
+    x = torch.randn(D, device=dev, dtype=w.dtype)
+    for c in kd.GEMV_CONFIGS:
+        rows.append((f"one gemv over all weights with {D} columns {c}", timed(lambda: kd.gemv(x, w, config=c)),
+                     w.numel() * 2))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the tiny fp32 model (CPU check)")
+    ap.add_argument("--context", type=int, default=384)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--tune", action="store_true", help="then tune the step's configs now (not saved) and time it")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not kd.available(dev):
+        raise SystemExit("needs Triton on a GPU, or TRITON_INTERPRET=1 on CPU")
+    model, kv = build(args.tiny, args.context, dev)
+    if dev == "cuda" and "LMFORGE_KERNEL_CACHE" not in __import__("os").environ:
+        __import__("os").environ["LMFORGE_KERNEL_CACHE"] = str(Path(__file__).parent / "configs" / "kernels")
+    step = kstep.KernelStep(model, kv)
+    print(f"configs: {'disk cache' if step.configs.gpu else 'defaults'} {step.configs.to_json()['configs']}")
+    tok = torch.zeros(1, dtype=torch.long, device=dev)
+    pos = torch.full((1,), args.context, dtype=torch.long, device=dev)
+    timed = timer(args.reps)
+    f = Filter(step)
+    with f:
+        full = timed(lambda: step.step(tok, pos))
+        without, alone = {}, {}
+        for k in KINDS:
+            f.skip = {k}
+            without[k] = timed(lambda: step.step(tok, pos))
+            f.skip = set(KINDS) - {k}
+            alone[k] = timed(lambda: step.step(tok, pos))
+    wb = weight_bytes(model)
+    total = sum(wb.values())
+    bw = None
+    rows = bounds(model, timed, dev)
+    if rows:
+        bw = rows[0][2] / rows[0][1]
+    print(f"\nfull step {full * 1e6:.1f} us = {1 / full:.0f} tok/s; weights {total / 1e9:.3f} GB"
+          + (f"; read stream {bw / 1e12:.2f} TB/s -> {total / bw * 1e6:.1f} us ({bw / total:.0f} tok/s)" if bw else ""))
+    print(f"{'kind':<6} {'MB':>8} {'alone us':>9} {'GB/s':>7} {'marginal us':>12} {'GB/s':>7} {'ideal us':>9}")
+    for k in KINDS:
+        m = full - without[k]
+        gbs = lambda t: f"{wb[k] / t / 1e9:>7.0f}" if wb[k] and t > 0 else f"{'-':>7}"  # noqa: E731
+        ideal = f"{wb[k] / bw * 1e6:>9.1f}" if bw else f"{'-':>9}"
+        print(f"{k:<6} {wb[k] / 1e6:>8.1f} {alone[k] * 1e6:>9.1f} {gbs(alone[k])} {m * 1e6:>12.1f} {gbs(m)} {ideal}")
+    print(f"sum of marginals {sum(full - without[k] for k in KINDS) * 1e6:.1f} us of {full * 1e6:.1f}")
+    for name, t, nbytes in rows:
+        print(f"{name:<60} {t * 1e6:>9.1f} us {nbytes / t / 1e9:>7.0f} GB/s")
+    if args.tune and dev == "cuda":
+        step.tune(context=args.context, save=False)
+        t = timed(lambda: step.step(tok, pos))
+        print(f"\nconfigs tuned now: {t * 1e6:.1f} us, {1 / t:.0f} tok/s" + (f", {total / bw / t:.1%} of the read stream"
+              if bw else "") + f"; {json.dumps(step.configs.to_json()['configs'])}", flush=True)
+    if dev == "cuda":
+        from profiling import kernel_table
+
+        step.capture()
+        print("\n" + kernel_table(lambda: step.replay(tok, pos), calls=10))
+
+
+if __name__ == "__main__":
+    main()

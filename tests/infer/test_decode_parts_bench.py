@@ -1,0 +1,37 @@
+"""bench/decode_parts.py leaves out exactly the kinds of kernel it is asked to: run through one kernel step (Triton's
+interpreter on CPU), its launch filter sees every launch of the step under the right kind, and a left-out kind
+launches nothing."""
+
+import pytest
+import torch
+
+from lmforge.infer import kernel_step as kstep
+from lmforge.kernels import decode as kd
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not kd.available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+
+
+def test_filter_sees_every_kernel_by_kind_and_skips_what_it_is_told():
+    from bench import decode_parts as P
+
+    model, kv = P.build(tiny=True, context=5, dev=DEV)
+    step = kstep.KernelStep(model, kv)
+    tok, pos = torch.zeros(1, dtype=torch.long, device=DEV), torch.full((1,), 5, dtype=torch.long, device=DEV)
+    f = P.Filter(step)
+    seen = []
+    kind = f.kind
+    f.kind = lambda x, **kw: seen.append(kind(x, **kw)) or seen[-1]
+    with f:
+        want = step.step(tok, pos).clone()
+        f.skip = {"head"}
+        step.logits.zero_()
+        step.step(tok, pos)
+    assert seen[:3 * model.cfg.n_layers + 1] == ["o", "gu", "down"] * model.cfg.n_layers + ["head"]
+    assert torch.equal(step.logits, torch.zeros_like(step.logits))  # the head left out: logits never written
+    assert kd.gemv is f.orig["gemv"]  # the launchers are restored on exit
+    torch.testing.assert_close(step.step(tok, pos), want)
+    # every matrix but the embedding's once, plus the one embedding row (norm gains are not counted)
+    matrices = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2) - \
+        model.tok_emb.weight.numel() * model.tok_emb.weight.element_size()
+    assert sum(P.weight_bytes(model).values()) == matrices + model.cfg.d_model * 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lmforge.infer import kernel_step as kstep  # noqa: E402
 from lmforge.kernels import decode as kd  # noqa: E402
 from lmforge.kernels import paged_attention as pa  # noqa: E402
+from lmforge.kernels.tuning import CACHE_ENV  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 
@@ -130,8 +132,8 @@ def main() -> None:
     if not kd.available(dev):
         raise SystemExit("needs Triton on a GPU, or TRITON_INTERPRET=1 on CPU")
     model, kv = build(args.tiny, args.context, dev)
-    if dev == "cuda" and "LMFORGE_KERNEL_CACHE" not in __import__("os").environ:
-        __import__("os").environ["LMFORGE_KERNEL_CACHE"] = str(Path(__file__).parent / "configs" / "kernels")
+    if dev == "cuda":  # the shipped config sets (read only: --tune does not save)
+        os.environ.setdefault(CACHE_ENV, str(Path(__file__).parent / "configs" / "kernels"))
     step = kstep.KernelStep(model, kv)
     print(f"configs: {'disk cache' if step.configs.gpu else 'defaults'} {step.configs.to_json()['configs']}")
     tok = torch.zeros(1, dtype=torch.long, device=dev)

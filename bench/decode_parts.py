@@ -134,7 +134,7 @@ def main() -> None:
     model, kv = build(args.tiny, args.context, dev)
     if dev == "cuda":  # the shipped config sets (read only: --tune does not save)
         os.environ.setdefault(CACHE_ENV, str(Path(__file__).parent / "configs" / "kernels"))
-    step = kstep.KernelStep(model, kv)
+    step = kstep.KernelStep(model, kv, persistent=False)  # the five kernels per layer the filter knows
     print(f"configs: {'disk cache' if step.configs.gpu else 'defaults'} {step.configs.to_json()['configs']}")
     tok = torch.zeros(1, dtype=torch.long, device=dev)
     pos = torch.full((1,), args.context, dtype=torch.long, device=dev)

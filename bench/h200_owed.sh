@@ -62,7 +62,7 @@ case "${1:-}" in
     run align_compare 290 python bench/align_compare.py --device cuda
     run align_distill 290 python bench/align_distill.py --device cuda ;;
   moe)       # issue 14: dropless MoE variants vs dense at equal active FLOPs (goal >= 0.85x), host vs GPU time
-    run moe_host 80 python bench/moe_step_host.py --profile
+    run moe_host 80 python bench/moe_step_host.py --profile --out "$out/moe_step_host.json"
     run moe 300 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 260
     run moe64 200 python bench/moe_kernels.py --sections train --no-compiled --train-batch 64 \
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;

@@ -121,51 +121,21 @@ def bounds(model, timed, dev) -> list[tuple[str, float, int]]:
     return rows
 
 
-def fused_vs_separate(step: kstep.KernelStep, shipped, contexts: list[int], timed, dev: str) -> None:
-    """us per step at each context: the separate attention and o kernels (the shipped set's attention config,
-    and the current set's if it differs) against every fused candidate of the attention key, the rest of the
-    set as the current one has it."""
-    key = next(k for k in step.keys() if k[0] == "attend")
-    now = step.configs
-    rows = {f"separate {shipped.get(key)} (shipped)": now.with_config(key, shipped.get(key) or kd.ATTEND_CONFIGS[0])}
-    if len(now.get(key) or ()) <= 5 and now.get(key) != shipped.get(key):
-        rows[f"separate {now.get(key)} (current set)"] = now
-    for c in kd.candidates(key):
-        if len(c) > 5:
-            rows[f"fused {c}"] = now.with_config(key, c)
-    print(f"\nattention + o-projection fused vs separate (us per step; the rest of the set: "
-          f"{'tuned now' if now is not shipped else 'shipped'})")
-    print(f"{'':<40}" + "".join(f"{f'ctx {c}':>11}" for c in contexts))
-    for name, configs in rows.items():
-        step.configs = configs
-        cells = []
-        for c in contexts:
-            pos = torch.full((1,), c, dtype=torch.long, device=dev)
-            cells.append(f"{timed(lambda: step.step(step.token, pos)) * 1e6:>11.1f}")
-        print(f"{name:<40}" + "".join(cells), flush=True)
-    step.configs = now
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the tiny fp32 model (CPU check)")
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--tune", action="store_true", help="then tune the step's configs now (not saved) and time it")
-    ap.add_argument("--fused-contexts", default="",
-                    help="then, at these cached positions (e.g. 384,1024,4096), the step with each fused attention + "
-                         "o-projection candidate against the separate kernels (the shipped set's, and the tuned one's)")
     args = ap.parse_args()
-    contexts = [int(c) for c in args.fused_contexts.split(",") if c]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if not kd.available(dev):
         raise SystemExit("needs Triton on a GPU, or TRITON_INTERPRET=1 on CPU")
-    model, kv = build(args.tiny, max([args.context] + contexts), dev)
+    model, kv = build(args.tiny, args.context, dev)
     if dev == "cuda":  # the shipped config sets (read only: --tune does not save)
         os.environ.setdefault(CACHE_ENV, str(Path(__file__).parent / "configs" / "kernels"))
     step = kstep.KernelStep(model, kv, persistent=False)  # the five kernels per layer the filter knows
     print(f"configs: {'disk cache' if step.configs.gpu else 'defaults'} {step.configs.to_json()['configs']}")
-    shipped = step.configs
     tok = torch.zeros(1, dtype=torch.long, device=dev)
     pos = torch.full((1,), args.context, dtype=torch.long, device=dev)
     timed = timer(args.reps)
@@ -200,8 +170,6 @@ def main() -> None:
         t = timed(lambda: step.step(tok, pos))
         print(f"\nconfigs tuned now: {t * 1e6:.1f} us, {1 / t:.0f} tok/s" + (f", {total / bw / t:.1%} of the read stream"
               if bw else "") + f"; {json.dumps(step.configs.to_json()['configs'])}", flush=True)
-    if contexts:
-        fused_vs_separate(step, shipped, contexts, timed, dev)
     if dev == "cuda":
         from profiling import kernel_table
 

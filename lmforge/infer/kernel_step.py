@@ -4,9 +4,7 @@ model-runner backend).
 The same function as one decode step of the model for one sequence, in five kernels per block
 (lmforge.kernels.decode, lmforge.kernels.paged_attention) - norm + q/k/v (+ QK-norm) + RoPE + cache write, paged
 attention, o-projection + residual, norm + gate/up + SwiGLU, down + residual - plus the embedding and
-the head: 5·L + 2 launches instead of ~15·L. An attention config with a 6th entry fuses the o-projection into
-the attention kernel (four kernels per block; the tuner's choice over short contexts, see
-lmforge.kernels.paged_attention). With persistent=True each block is one launch of
+the head: 5·L + 2 launches instead of ~15·L. With persistent=True each block is one launch of
 lmforge.kernels.decode_layer instead (grid barriers between the same five phases; L + 2 launches) - measured
 slower on an H200 (docs/benchmarks.md), so off by default. All buffers are allocated once, so a step can be
 captured in a CUDA graph. Public surface:
@@ -189,7 +187,6 @@ class KernelStep:
             return self._run_persistent(token, position, kv, configs, opts)
         c_qkv, c_att, c_o, c_gu, c_down, c_head = (configs.get(k) for k in self.keys())
         att = c_att or kd.ATTEND_CONFIGS[0]
-        fused = len(att) > 5  # the o-projection as the attention kernel's epilogue: four kernels per block
         kd.embed(token.reshape(1), m.tok_emb.weight, x, pdl=self.pdl)
         for i, (g1, wqkv, wo, g2, wgu, wd, attn) in enumerate(self.layers):
             qk = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.q_norm is not None else None
@@ -198,10 +195,8 @@ class KernelStep:
             pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
                                       softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
                                       out=self.o, work=self._workspace(att), pdl=self.pdl,
-                                      early_positions=position if self.prefetch else None,
-                                      wo=wo if fused else None, residual=x.view(1, -1) if fused else None)
-            if not fused:
-                kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
+                                      early_positions=position if self.prefetch else None)
+            kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
             kd.gemv(x, wgu[0], up=wgu[1], norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
             kd.gemv(self.h, wd, residual=x, out=x, config=c_down, **opts)
         kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=eps, out=self.logits.view(-1), config=c_head,

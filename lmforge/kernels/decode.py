@@ -343,13 +343,9 @@ QK_NORM_TILES = ((128, 8), (64, 4), (256, 8), (32, 4))
 # paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps), and with a 4th
 # entry 1 one query head per program (H x slices programs at batch 1 instead of KV x slices; the previous
 # per-head kernel's shape on the H100 was (32, 16, 1)). 64-key tiles want 8 warps (with 4 a thread needs
-# more than 255 registers, sm_90). Six entries (1, keys per tile, warps, unit, 1, rows): the o-projection fused
-# into the attention kernel, `rows` rows of W_o per program (unit 2: all query heads of a kv head, 1: one), every
-# program over all keys - fewer launches and the W_o stream overlapping attention, for short contexts.
+# more than 255 registers, sm_90).
 ATTEND_CONFIGS = ((16, 16, 4), (2, 64, 8), (32, 16, 1, 1), (16, 16, 2, 1), (8, 32, 2, 1), (16, 16, 4, 1),
-                  (32, 16, 2, 1), (32, 16, 4), (8, 32, 4), (16, 32, 4), (8, 16, 2), (1, 64, 8), (4, 64, 8),
-                  (1, 64, 8, 2, 1, 64), (1, 32, 4, 2, 1, 32), (1, 64, 8, 2, 1, 32), (1, 32, 8, 2, 1, 64),
-                  (1, 32, 4, 2, 1, 16), (1, 64, 8, 2, 1, 128), (1, 32, 4, 1, 1, 256))
+                  (32, 16, 2, 1), (32, 16, 4), (8, 32, 4), (16, 32, 4), (8, 16, 2), (1, 64, 8), (4, 64, 8))
 
 
 def gemv_key(N: int, K: int, *, glu: bool = False, norm: bool = False, residual: bool = False, dtype=None) -> tuple:

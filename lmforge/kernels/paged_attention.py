@@ -117,35 +117,23 @@ if triton is not None:
 
     @triton.jit
     def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
-                             part_o_ptr, part_ml_ptr, count_ptr, wo_ptr, res_ptr,
-                             s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV, D,
+                             part_o_ptr, part_ml_ptr, count_ptr,
+                             s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV,
                              GROUP: tl.constexpr, QPP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
                              HDP: tl.constexpr,
                              BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                              START: tl.constexpr, EARLY: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr,
-                             PDL: tl.constexpr, STAGES: tl.constexpr, OROWS: tl.constexpr, QP: tl.constexpr):
+                             PDL: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·H/QPP + head group, split) for QPP query heads: all GROUP heads of one kv head (every
         key read once), or one head (QPP = 1: GROUP times the programs, for short rows at batch 1, where
         parallelism matters more than re-reading keys from L2). GP >= 16 rows (QPP padded, tl.dot needs 16)
         by HDP >= 16 columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
         holds positions (context - 1) written before the previous kernel ran, and every key but the last
-        is from earlier steps, so the program reads them before its PDL wait and only the new key after.
-        OROWS > 0: the o-projection as epilogue - axis 1 numbers blocks of OROWS rows of W_o (D, H·HD) instead
-        of slices; every program attends over all keys (SPLITS = 1), multiplies its QPP heads' outputs by its
-        rows' QPP·HD columns of W_o (loaded before the PDL wait: weights do not depend on the previous kernel)
-        and adds the product into the fp32 residual res (B, D) atomically. QP: QPP rounded up to a power of 2."""
+        is from earlier steps, so the program reads them before its PDL wait and only the new key after."""
         row, sp = tl.program_id(0), tl.program_id(1)
         b, first = row // (H // QPP), (row % (H // QPP)) * QPP  # batch row, first query head
         kvh = first // GROUP
-        if OROWS:
-            sp = 0
-            r = tl.program_id(1) * OROWS + tl.arange(0, OROWS)  # this program's rows of W_o and the residual
-            r_ok = r < D
-            c = tl.arange(0, QP * HDP)  # its columns: heads first..first+QPP-1, HDP (HD padded) per head
-            c_ok = (c // HDP < QPP) & (c % HDP < HD)
-            w_o = tl.load(wo_ptr + r[:, None] * (H * HD) + (first * HD + (c // HDP) * HD + c % HDP)[None, :],
-                          mask=r_ok[:, None] & c_ok[None, :], other=0.0, eviction_policy="evict_first")
         if PDL:  # launch the next kernel now
             gdc_launch_dependents()
         if EARLY:
@@ -217,14 +205,7 @@ if triton is not None:
             if SINKS:
                 den += tl.exp(sink - m_all)
             den = tl.where(den == 0.0, 1.0, den)
-            o = (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty)
-            if OROWS:  # residual[rows] += W_o[rows, this program's columns] · o (o rounded as the model's is)
-                o = tl.where(g_ok[:, None], o.to(tl.float32), 0.0)  # padded rows attend too: drop them
-                o_flat = tl.sum(tl.reshape(o, [GP // QP, QP * HDP]), 0)  # rows 0..QP-1 flattened (the rest are 0)
-                y = tl.sum(w_o.to(tl.float32) * o_flat[None, :], 1)
-                tl.atomic_add(res_ptr + b * D + r, y, mask=r_ok)
-            else:
-                tl.store(out_ptr + o_off, o, mask=o_mask)
+            tl.store(out_ptr + o_off, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
         else:
             mine = (row * SPLITS + sp) * GP + g  # this slice's rows of the partial results
             tl.store(part_o_ptr + mine[:, None] * HDP + d[None, :], acc)
@@ -245,10 +226,8 @@ if triton is not None:
 
 # None: chosen from the batch shape by default_config
 PagedConfig = tuple[int, ...]
-"""(slices, keys per tile, warps[, unit[, stages[, o rows]]]): unit 1 = one query head per program (any other
-value: all query heads of a kv head); stages >= 2 = Triton's software pipeline over the key tiles with that many
-stages (0 or 1: register double-buffering); o rows: with the o-projection fused (`wo`), rows of W_o per program
-(slices must be 1)"""
+"""(slices, keys per tile, warps[, per head[, stages]]): per head 1 = one query head per program; stages > 0
+= Triton's software pipeline over the key tiles with that many stages (0: register double-buffering)"""
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,20 +274,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
                            config: PagedConfig | None = None, out: torch.Tensor | None = None,
                            work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None,
-                           early_positions: torch.Tensor | None = None, wo: torch.Tensor | None = None,
-                           residual: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT) -> torch.Tensor | None:
+                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
     """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
     graphs or tune: `config` (slices, keys per tile, warps[, 1 = one query head per program]), `out`,
     `work` (from workspace(), sized for the config), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
     (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
     position, used instead of context_lens: written before the step began and with every other key from
-    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step).
-
-    The o-projection fused (the batch-1 kernel step at short contexts): with `wo` (D, H·hd) and `residual`
-    (B, D) fp32, residual += out · woᵀ in place (atomic adds) and nothing is returned; the config's 6th entry
-    is the rows of wo per program (default 64) and its slices must be 1. Every program attends over all of its
-    row's keys (D / rows programs per head group read the same keys, from L2): faster than the two kernels
-    over a few hundred keys, slower over thousands (bench/decode_parts.py)."""
+    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step)."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"paged_decode_attention wants q (B, H, hd) and k/v caches (blocks, block_size, KV, hd) "
                          f"alike; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
@@ -324,39 +296,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     config = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device, hd)
     (splits, block, warps), per_head = config[:3], len(config) > 3 and config[3] == 1
     stages = config[4] if len(config) > 4 else 0
-    stages = 0 if stages == 1 else stages  # 0 and 1: register double-buffering
     if stages and early_positions is not None:
-        raise ValueError(f"paged attention config {config}: early_positions needs stages 0 or 1 (register "
+        raise ValueError(f"paged attention config {config}: early_positions needs stages = 0 (register "
                          "double-buffering: the first tile is read before the PDL wait)")
-    orows = (config[5] if len(config) > 5 else 64) if wo is not None else 0
-    if wo is not None and (residual is None or residual.dtype != torch.float32 or residual.shape != (B, wo.shape[0])
-                           or wo.shape[1] != H * hd or not wo.is_contiguous() or not residual.is_contiguous()):
-        raise ValueError(f"paged_decode_attention with wo {tuple(wo.shape)} needs wo contiguous (D, {H * hd}) and "
-                         f"a contiguous fp32 residual (B={B}, D); got "
-                         f"{None if residual is None else (tuple(residual.shape), residual.dtype)}")
-    if orows and (splits != 1 or orows & (orows - 1)):
-        raise ValueError(f"paged attention config {config} with the o-projection: slices must be 1 and rows of wo "
-                         "per program a power of two")
     qpp = 1 if per_head else H // KV
     if splits & (splits - 1) or block & (block - 1) or block < 16 or not 0 <= stages <= 8:
         raise ValueError(f"paged attention config {config}: slices must be a power of two, keys per tile a "
                          "power of two >= 16, pipeline stages 0 (register double-buffering) to 8")
-    out = torch.empty_like(q) if out is None else out  # with wo: not written
+    out = torch.empty_like(q) if out is None else out
     if splits > 1 and work is None:
         work = workspace(B, H, KV, hd, splits, q.device, per_head)
     work = work or (out, out, out)
     ctx = early_positions if early_positions is not None else context_lens
-    D = wo.shape[0] if wo is not None else 1
-    _paged_attend_kernel[(B * H // qpp, -(-D // orows) if orows else splits)](
+    _paged_attend_kernel[(B * H // qpp, splits)](
         q, k_cache, v_cache, block_tables, ctx, start if start is not None else ctx,
         sinks if sinks is not None else q, out, work[0], work[1], work[2],
-        wo if wo is not None else q, residual if residual is not None else out,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H, KV, D,
+        v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H, KV,
         GROUP=H // KV, QPP=qpp, GP=_pad(qpp), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
         BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
         START=start is not None, EARLY=early_positions is not None,
         F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        STAGES=stages, OROWS=orows, QP=triton.next_power_of_2(qpp), num_warps=warps, **_launch_opts(pdl))
-    return None if wo is not None else out
+        STAGES=stages, num_warps=warps, **_launch_opts(pdl))
+    return out

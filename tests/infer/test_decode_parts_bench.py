@@ -35,28 +35,3 @@ def test_filter_sees_every_kernel_by_kind_and_skips_what_it_is_told():
     matrices = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2) - \
         model.tok_emb.weight.numel() * model.tok_emb.weight.element_size()
     assert sum(P.weight_bytes(model).values()) == matrices + model.cfg.d_model * 2
-
-
-
-def test_fused_comparison_times_every_fused_candidate_and_restores_the_set(capsys):
-    """--fused-contexts: one row for the separate kernels and one per fused attention + o candidate, a cell per
-    context, each timed with that row's attention config and the rest of the set unchanged; the step's configs
-    are as before afterwards. (The timer records what it would time: the fused kernels' numbers are checked in
-    tests/kernels/test_paged_attention.py and tests/infer/test_kernel_step.py.)"""
-    from bench import decode_parts as P
-
-    model, kv = P.build(tiny=True, context=6, dev=DEV)
-    step = kstep.KernelStep(model, kv, persistent=False)
-    key = kd.attend_key(model.cfg.n_heads, model.cfg.kv_heads, model.cfg.hd)
-    before = step.configs.with_config(key, (2, 16, 4))
-    step.configs = before
-    seen = []
-    P.fused_vs_separate(step, before, [3, 6], lambda fn: seen.append(step.configs) or len(seen) * 1e-6, DEV)
-    lines = capsys.readouterr().out.strip().splitlines()
-    fused = [c for c in kd.ATTEND_CONFIGS if len(c) > 5]
-    assert len(lines) == 3 + len(fused) and lines[1].split() == ["ctx", "3", "ctx", "6"]
-    assert [line.split(")")[0] + ")" for line in lines[2:]] == ["separate (2, 16, 4)"] + [f"fused {c}" for c in fused]
-    assert lines[-1].split()[-2:] == [f"{2 * len(lines[2:]) - 1:.1f}", f"{2 * len(lines[2:]):.1f}"]
-    assert [c.get(key) for c in seen] == [c for c in [(2, 16, 4)] + fused for _ in range(2)]
-    assert all(c.with_config(key, (2, 16, 4)) == before for c in seen)
-    assert step.configs is before

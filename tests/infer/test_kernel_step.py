@@ -86,13 +86,10 @@ def _paged_kv(model, n_positions: int, block_size: int, seed: int) -> PagedKV:
     (dict(n_kv_heads=2, qk_norm=True, tie_embeddings=True, d_model=48), False),  # Qwen3: heads x hd != d_model
     (dict(n_kv_heads=2), True),
     (dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0, d_model=48), True),
-    (dict(n_kv_heads=2, qk_norm=True, d_model=48), "fused"),  # heads x hd != d_model: W_o is (48, 64)
 ])
 def test_kernel_step_on_paged_cache_matches_the_full_forward(arch, persistent):
     """step(token, position) token by token = the model's logits at every position of one forward; with
-    the five kernels per layer, with the o-projection fused into attention (four per layer) and with the
-    persistent one-launch layer (lmforge.kernels.decode_layer)."""
-    fused, persistent = persistent == "fused", persistent is True
+    the five kernels per layer and with the persistent one-launch layer (lmforge.kernels.decode_layer)."""
     model = tiny_model("llama", **{"n_heads": 4, "d_model": 64, "head_dim": 16, **arch}).to(DEV)
     with torch.no_grad():
         for b in model.blocks:
@@ -106,7 +103,7 @@ def test_kernel_step_on_paged_cache_matches_the_full_forward(arch, persistent):
     with torch.no_grad():
         want = model(ids)[0]  # (T, V)
     step = KernelStep(model, _paged_kv(model, 8, 4, seed=3), persistent=persistent)
-    step.configs = _coarse(step, fused)
+    step.configs = _coarse(step)
     got = [step.step(ids[0, t:t + 1], torch.tensor([t], device=DEV)).clone() for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=1e-4)
     _assert_unchanged(model, snap)
@@ -115,11 +112,10 @@ def test_kernel_step_on_paged_cache_matches_the_full_forward(arch, persistent):
     assert step.layers[0][4][1].data_ptr() == model.blocks[0].mlp.up.weight.data_ptr()
 
 
-def _coarse(step: KernelStep, fused: bool = False) -> KernelConfigs:
-    """Few programs per kernel (the interpreter's time grows with them); two attention slices, or (fused)
-    attention with the o-projection as its epilogue, 32 rows of W_o per program."""
-    pick = {"gemv": (32, 256, 8), "add": (8, 1024, 8, 1), "qkv_rope": (8, 512, 4),
-            "attend": (1, 16, 4, 2, 1, 32) if fused else (2, 16, 4), "layer": (8, 16, 16, 16, 64, 2, 16, 4, 1, 1, 1)}
+def _coarse(step: KernelStep) -> KernelConfigs:
+    """Few programs per kernel (the interpreter's time grows with them); two attention slices."""
+    pick = {"gemv": (32, 256, 8), "add": (8, 1024, 8, 1), "qkv_rope": (8, 512, 4), "attend": (2, 16, 4),
+            "layer": (8, 16, 16, 16, 64, 2, 16, 4, 1, 1, 1)}
     configs = KernelConfigs()
     for key in step.keys():
         configs = configs.with_config(key, pick[key[0]])

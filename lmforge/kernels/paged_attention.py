@@ -62,25 +62,15 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 if triton is not None:
 
     @triton.jit
-    def _pages(bt_ptr, b, s_bt, s, ok, BS: tl.constexpr):
-        """The block of each position s (where ok) of row b, from the row's block table."""
-        return tl.load(bt_ptr + b * s_bt + s // BS, mask=ok, other=0).to(tl.int64)
-
-    @triton.jit
-    def _kv_at(ptr, page, s, ok, kvh, s_b, s_s, s_h, d, d_ok, BS: tl.constexpr, F32: tl.constexpr):
-        """(BLOCK_S, HDP) tile of keys or values at positions s (where ok; zeros elsewhere) of kv head kvh,
-        position s in block page."""
+    def _kv_tile(ptr, bt_ptr, b, s_bt, s, ok, kvh, s_b, s_s, s_h, d, d_ok, BS: tl.constexpr, F32: tl.constexpr):
+        """(BLOCK_S, HDP) tile of keys or values at positions s (where ok) of row b, kv head kvh: each
+        position's block looked up in the row's block table."""
+        page = tl.load(bt_ptr + b * s_bt + s // BS, mask=ok, other=0).to(tl.int64)
         t = tl.load(ptr + page[:, None] * s_b + (s % BS)[:, None] * s_s + kvh * s_h + d[None, :],
                     mask=ok[:, None] & d_ok[None, :], other=0.0)
         if F32:
             t = t.to(tl.float32)
         return t
-
-    @triton.jit
-    def _kv_tile(ptr, bt_ptr, b, s_bt, s, ok, kvh, s_b, s_s, s_h, d, d_ok, BS: tl.constexpr, F32: tl.constexpr):
-        """(BLOCK_S, HDP) tile of keys or values at positions s (where ok) of row b, kv head kvh: each
-        position's block looked up in the row's block table."""
-        return _kv_at(ptr, _pages(bt_ptr, b, s_bt, s, ok, BS), s, ok, kvh, s_b, s_s, s_h, d, d_ok, BS, F32)
 
     @triton.jit
     def _q_tile(q_ptr, b, H, heads, HD: tl.constexpr, d, g_ok, d_ok, F32: tl.constexpr):
@@ -140,8 +130,7 @@ if triton is not None:
         parallelism matters more than re-reading keys from L2). GP >= 16 rows (QPP padded, tl.dot needs 16)
         by HDP >= 16 columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
         holds positions (context - 1) written before the previous kernel ran, and every key but the last
-        is from earlier steps, so the program reads them (its first two tiles' worth) before its PDL wait and
-        only the new key after."""
+        is from earlier steps, so the program reads them before its PDL wait and only the new key after."""
         row, sp = tl.program_id(0), tl.program_id(1)
         b, first = row // (H // QPP), (row % (H // QPP)) * QPP  # batch row, first query head
         kvh = first // GROUP
@@ -169,42 +158,31 @@ if triton is not None:
         l_i = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, HDP], dtype=tl.float32)
         if STAGES == 0:
-            # register double-buffering: the first two tiles are loaded before the loop, and the loop asks for
-            # tile i + 2 as soon as it has used tile i, so a program keeps two tiles of keys in flight
-            s = lo + tl.arange(0, BLOCK_S)
+            s = lo + tl.arange(0, BLOCK_S)  # the first tile, loaded before the loop
             ok = s < hi
-            s1 = s + BLOCK_S
-            ok1 = s1 < hi
-            pg = _pages(bt_ptr, b, s_bt, s, ok, BS)
-            pg1 = _pages(bt_ptr, b, s_bt, s1, ok1, BS)
-            if EARLY:  # both tiles' earlier keys before the wait; the new key after it, its block known already
-                k = _kv_at(k_ptr, pg, s, ok & (s < n - 1), kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v = _kv_at(v_ptr, pg, s, ok & (s < n - 1), kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                k1 = _kv_at(k_ptr, pg1, s1, ok1 & (s1 < n - 1), kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v1 = _kv_at(v_ptr, pg1, s1, ok1 & (s1 < n - 1), kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+            if EARLY:
+                old = ok & (s < n - 1)
+                k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, old, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+                v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, old, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
                 if PDL:
                     gdc_wait()
-                new, new1 = ok & (s == n - 1), ok1 & (s1 == n - 1)  # written by the previous kernel; zeros elsewhere
-                k += _kv_at(k_ptr, pg, s, new, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v += _kv_at(v_ptr, pg, s, new, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                k1 += _kv_at(k_ptr, pg1, s1, new1, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v1 += _kv_at(v_ptr, pg1, s1, new1, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+                new = ok & (s == n - 1)  # the new key, written by the previous kernel (zeros elsewhere)
+                k += _kv_tile(k_ptr, bt_ptr, b, s_bt, s, new, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+                v += _kv_tile(v_ptr, bt_ptr, b, s_bt, s, new, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
             else:
-                k = _kv_at(k_ptr, pg, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v = _kv_at(v_ptr, pg, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                k1 = _kv_at(k_ptr, pg1, s1, ok1, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v1 = _kv_at(v_ptr, pg1, s1, ok1, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+                k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+                v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
             q = _q_tile(q_ptr, b, H, heads, HD, d, g_ok, d_ok, F32)
-            # every tile starts on a visible key (none all-masked; an empty slice keeps m = -inf, l = 0)
+            # every tile starts on a visible key (none all-masked; an empty slice keeps m = -inf, l = 0). The
+            # next tile's loads are issued before this tile's arithmetic (register double-buffering), so a
+            # program keeps two tiles of keys in flight
             for s0 in range(lo, hi, BLOCK_S):
+                s_next = s0 + BLOCK_S + tl.arange(0, BLOCK_S)
+                ok_next = s_next < hi
+                k_next = _kv_tile(k_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+                v_next = _kv_tile(v_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
                 m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
-                s2 = s0 + 2 * BLOCK_S + tl.arange(0, BLOCK_S)
-                ok2 = s2 < hi
-                pg2 = _pages(bt_ptr, b, s_bt, s2, ok2, BS)
-                k, v, ok = k1, v1, ok1
-                k1 = _kv_at(k_ptr, pg2, s2, ok2, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v1 = _kv_at(v_ptr, pg2, s2, ok2, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                ok1 = ok2
+                k, v, ok = k_next, v_next, ok_next
         else:  # Triton's software pipeline: STAGES tiles of keys in flight through async copies
             q = _q_tile(q_ptr, b, H, heads, HD, d, g_ok, d_ok, F32)
             for s0 in tl.range(lo, hi, BLOCK_S, num_stages=STAGES):

@@ -9,7 +9,9 @@ Kinds: embed, qkv (norm + q/k/v + RoPE + cache write), attn (paged attention), o
 gu (norm + gate/up + SwiGLU), down (down projection + residual), head (final norm + lm_head). A kind is left
 out by replacing its launcher with a no-op while the step is captured (lmforge.infer.kernel_step itself is
 not changed); with PDL the kernels overlap, so "step without it" says what a kind really costs
-(marginal = full step - step without it), and "alone" what it costs with only its own kind's boundaries.
+(marginal = full step - step without it), and "alone" what it costs with only its own kind's boundaries. "Null
+there" puts a one-program kernel that only waits for its predecessor (PDL) in the kind's place: what a kernel
+boundary alone costs at that point of the step; marginal - that = what the kind's own work adds beyond it.
 Bounds: a read-only stream (torch's sum over 2 GB of bf16) and one gemv over all the layers' weights stacked
 into one matrix (the step's weight stream with no kernel boundaries at all).
 """
@@ -36,6 +38,23 @@ from lmforge.model.transformer import Transformer  # noqa: E402
 
 KINDS = ("embed", "qkv", "attn", "o", "gu", "down", "head")
 
+if kd.triton is not None:
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @kd.triton.jit
+    def _null_kernel(x_ptr, PDL: tl.constexpr):
+        """A kernel boundary and nothing else: let the next kernel launch, wait for the previous one, touch
+        one element."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        tl.store(x_ptr, tl.load(x_ptr))
+
+
+def null_launch(step: kstep.KernelStep) -> None:
+    _null_kernel[(1,)](step.x, num_warps=1, **kd._launch_opts(step.pdl))
+
 
 def build(tiny: bool, context: int, dev: str):
     from decode import LLAMA_1B, TINY
@@ -53,10 +72,11 @@ def build(tiny: bool, context: int, dev: str):
 
 
 class Filter:
-    """Launchers of the kernel step replaced by ones that skip the kinds in `skip`."""
+    """Launchers of the kernel step replaced by ones that skip the kinds in `skip` and launch the null kernel
+    instead of the kinds in `null`."""
 
     def __init__(self, step: kstep.KernelStep):
-        self.step, self.skip = step, set()
+        self.step, self.skip, self.null = step, set(), set()
         self.orig = dict(gemv=kd.gemv, qkv_rope=kd.qkv_rope, embed=kd.embed, attn=pa.paged_decode_attention)
 
     def kind(self, x, glu=False, residual=None, **_) -> str:
@@ -66,12 +86,19 @@ class Filter:
             return "head"
         return "o" if x.data_ptr() == self.step.o.data_ptr() else "down"
 
+    def launch(self, kind: str, fn, *a, **kw):
+        if kind in self.skip:
+            return None
+        if kind in self.null:
+            return null_launch(self.step)
+        return fn(*a, **kw)
+
     def __enter__(self):
         o = self.orig
-        kd.gemv = lambda x, w, **kw: None if self.kind(x, **kw) in self.skip else o["gemv"](x, w, **kw)
-        kd.qkv_rope = lambda *a, **kw: None if "qkv" in self.skip else o["qkv_rope"](*a, **kw)
-        kd.embed = lambda *a, **kw: None if "embed" in self.skip else o["embed"](*a, **kw)
-        pa.paged_decode_attention = lambda *a, **kw: None if "attn" in self.skip else o["attn"](*a, **kw)
+        kd.gemv = lambda x, w, **kw: self.launch(self.kind(x, **kw), o["gemv"], x, w, **kw)
+        kd.qkv_rope = lambda *a, **kw: self.launch("qkv", o["qkv_rope"], *a, **kw)
+        kd.embed = lambda *a, **kw: self.launch("embed", o["embed"], *a, **kw)
+        pa.paged_decode_attention = lambda *a, **kw: self.launch("attn", o["attn"], *a, **kw)
         return self
 
     def __exit__(self, *exc):
@@ -142,12 +169,15 @@ def main() -> None:
     f = Filter(step)
     with f:
         full = timed(lambda: step.step(tok, pos))
-        without, alone = {}, {}
+        without, alone, nulled = {}, {}, {}
         for k in KINDS:
             f.skip = {k}
             without[k] = timed(lambda: step.step(tok, pos))
             f.skip = set(KINDS) - {k}
             alone[k] = timed(lambda: step.step(tok, pos))
+            f.skip, f.null = set(), {k}
+            nulled[k] = timed(lambda: step.step(tok, pos))
+            f.null = set()
     wb = weight_bytes(model)
     total = sum(wb.values())
     bw = None
@@ -156,12 +186,14 @@ def main() -> None:
         bw = rows[0][2] / rows[0][1]
     print(f"\nfull step {full * 1e6:.1f} us = {1 / full:.0f} tok/s; weights {total / 1e9:.3f} GB"
           + (f"; read stream {bw / 1e12:.2f} TB/s -> {total / bw * 1e6:.1f} us ({bw / total:.0f} tok/s)" if bw else ""))
-    print(f"{'kind':<6} {'MB':>8} {'alone us':>9} {'GB/s':>7} {'marginal us':>12} {'GB/s':>7} {'ideal us':>9}")
+    print(f"{'kind':<6} {'MB':>8} {'alone us':>9} {'GB/s':>7} {'marginal us':>12} {'GB/s':>7} {'ideal us':>9}"
+          f" {'null there':>11} {'work':>8}")
     for k in KINDS:
         m = full - without[k]
         gbs = lambda t: f"{wb[k] / t / 1e9:>7.0f}" if wb[k] and t > 0 else f"{'-':>7}"  # noqa: E731
         ideal = f"{wb[k] / bw * 1e6:>9.1f}" if bw else f"{'-':>9}"
-        print(f"{k:<6} {wb[k] / 1e6:>8.1f} {alone[k] * 1e6:>9.1f} {gbs(alone[k])} {m * 1e6:>12.1f} {gbs(m)} {ideal}")
+        print(f"{k:<6} {wb[k] / 1e6:>8.1f} {alone[k] * 1e6:>9.1f} {gbs(alone[k])} {m * 1e6:>12.1f} {gbs(m)} {ideal}"
+              f" {(nulled[k] - without[k]) * 1e6:>11.1f} {(full - nulled[k]) * 1e6:>8.1f}")
     print(f"sum of marginals {sum(full - without[k] for k in KINDS) * 1e6:.1f} us of {full * 1e6:.1f}")
     for name, t, nbytes in rows:
         print(f"{name:<60} {t * 1e6:>9.1f} us {nbytes / t / 1e9:>7.0f} GB/s")

@@ -5,9 +5,10 @@
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 12:00 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
-# step's time goes - attention ~5 us and the small kernels' boundaries ~1.5-2 us each per layer; the one-launch
-# and ticketed MLPs of bench/decode_mlp.py, L2 prefetches and the persistent layer all measured slower), moe
+# (2026-12-03 15:00 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
+# step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
+# kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches, the
+# persistent layer, attention + o fused and key tiles before the wait all measured slower or no better), moe
 # (eager goal met 2026-12-03 09:30: 0.866-0.883x; the compiled MoE at 0.75x: profile it with --profile-step
 # compiled), kernels/kernels24 (goals met with
 # bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.

@@ -27,8 +27,19 @@ def test_filter_sees_every_kernel_by_kind_and_skips_what_it_is_told():
         f.skip = {"head"}
         step.logits.zero_()
         step.step(tok, pos)
+        headless = step.logits.clone()
+        # a null kernel in a kind's place: that kind's launches become null launches, the others run
+        launched = []
+        null = P.null_launch
+        P.null_launch = lambda s: launched.append("null") or null(s)
+        try:
+            f.skip, f.null = set(), {"o", "attn"}
+            step.step(tok, pos)
+        finally:
+            P.null_launch = null
     assert seen[:3 * model.cfg.n_layers + 1] == ["o", "gu", "down"] * model.cfg.n_layers + ["head"]
-    assert torch.equal(step.logits, torch.zeros_like(step.logits))  # the head left out: logits never written
+    assert torch.equal(headless, torch.zeros_like(headless))  # the head left out: logits never written
+    assert launched == ["null", "null"] * model.cfg.n_layers and step.logits.abs().sum() > 0
     assert kd.gemv is f.orig["gemv"]  # the launchers are restored on exit
     torch.testing.assert_close(step.step(tok, pos), want)
     # every matrix but the embedding's once, plus the one embedding row (norm gains are not counted)

@@ -139,6 +139,27 @@ def test_fused_routing_falls_back_where_it_does_not_apply():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_swiglu_is_the_triton_kernel_eager_and_the_plain_expression_under_compile(monkeypatch):
+    """TritonMoE's SwiGLU: the Triton kernel in eager mode; under torch.compile the expression Inductor fuses
+    (its functionalization of the kernel's writes into two halves of one gradient copies the rows three times
+    per layer). Both give the same values and gradients."""
+    if not km.available(DEV):
+        pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+    gu = torch.randn(24, 64, device=DEV, requires_grad=True)
+    calls = []
+    apply = km._FusedSwiGLU.apply
+    monkeypatch.setattr(km._FusedSwiGLU, "apply", lambda t: calls.append(1) or apply(t))
+    eager = km.TritonMoE._act("swiglu", gu)
+    assert calls == [1]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = km.TritonMoE._act("swiglu", gu)
+    assert calls == [1]  # not the Triton kernel
+    torch.testing.assert_close(traced, eager)
+    g1, = torch.autograd.grad(eager.square().sum(), gu)
+    g2, = torch.autograd.grad(traced.square().sum(), gu)
+    torch.testing.assert_close(g2, g1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grouped_mm_bf16_gpu():

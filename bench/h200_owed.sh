@@ -9,8 +9,8 @@
 # step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
 # kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches, the
 # persistent layer, attention + o fused and key tiles before the wait all measured slower or no better), moe
-# (eager goal met 2026-12-03 09:30: 0.866-0.883x; the compiled MoE at 0.75x: profile it with --profile-step
-# compiled), kernels/kernels24 (goals met with
+# (eager goal met 2026-12-03 09:30: 0.866-0.883x; compiled 0.80x at 16k, 0.851x at 65k tokens per step
+# on 14:41 - repeat the 65k row, --train-batch 64), kernels/kernels24 (goals met with
 # bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
 # gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long
@@ -65,7 +65,7 @@ case "${1:-}" in
   moe)       # issue 14: dropless MoE variants vs dense at equal active FLOPs (goal >= 0.85x), host vs GPU time
     run moe_host 80 python bench/moe_step_host.py --profile --out "$out/moe_step_host.json"
     run moe 300 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 260
-    run moe64 200 python bench/moe_kernels.py --sections train --no-compiled --train-batch 64 \
+    run moe64 200 python bench/moe_kernels.py --sections train --train-batch 64 --budget 180 \
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
     run parallel 540 python bench/parallel.py ;;

@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--tune", action="store_true", help="then tune the step's configs now (not saved) and time it")
     args = ap.parse_args()
+    if args.context < 0 or args.reps < 1:
+        ap.error(f"--context must be >= 0 and --reps >= 1; got {args.context} and {args.reps}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if not kd.available(dev):
         raise SystemExit("needs Triton on a GPU, or TRITON_INTERPRET=1 on CPU")

@@ -377,7 +377,8 @@ if triton is not None:
 GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (32, 256, 8), (8, 1024, 8), (8, 512, 4),
                 (16, 256, 4), (1, 2048, 4))
 ADD_CONFIGS = ((4, 256, 4, 4), (4, 1024, 4, 2), (4, 1024, 4, 6), (4, 2048, 8, 3), (2, 1024, 4, 2), (4, 512, 4, 4),
-               (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
+               (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2),
+               (4, 512, 4, 11), (8, 512, 8, 11))  # (the last two: one 512-column tile per program at K = 5632)
 # qkv_rope with QK-norm: (columns per loop step, warps) for BLOCK_N = hd / 2 rows per half-head (two fp32
 # accumulators of BLOCK_N x BLOCK_K: narrow column tiles keep them in registers)
 QK_NORM_TILES = ((128, 8), (64, 4), (256, 8), (32, 4))

@@ -197,10 +197,13 @@ def test_kernel_configs_round_trip_and_cache_path(tmp_path, monkeypatch):
     # every candidate the tuner may pick is an entry a set can hold (a 0 once failed a GPU run mid-tune)
     keys = [kd.gemv_key(5632, 2048, glu=True, norm=True, dtype=torch.bfloat16), kd.add_key(2048, 5632, torch.bfloat16),
             kd.qkv_rope_key(32, 4, 64, 2048, torch.bfloat16), kd.qkv_rope_key(16, 8, 128, 1024, torch.bfloat16, True),
-            kd.attend_key(32, 4, 64)]
+            kd.attend_key(32, 4, 64), kd.attend_key(32, 4, 64, defer=True), kd.add_key(2048, 2048, torch.bfloat16, True)]
     for key in keys:
         for cand in kd.candidates(key):
             assert KernelConfigs().with_config(key, cand).get(key) == cand
+    # attention left unmerged needs slices to merge; the merging o-projection has its own candidates
+    assert kd.candidates(keys[-2]) and all(c[0] > 1 for c in kd.candidates(keys[-2]))
+    assert kd.candidates(keys[-1]) == kd.MERGE_ADD_CONFIGS and keys[-1] != kd.add_key(2048, 2048, torch.bfloat16)
 
 
 def test_coordinate_descent_finds_the_separable_optimum():

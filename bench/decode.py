@@ -256,29 +256,25 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
             return "same configs"
         return setup
 
-    def mode(name: str, **attrs):
-        """Another mode of the step (KernelStep attributes): the shapes it adds tuned now with --tune-step
-        (saved to disk), from the first row's set plus disk/default configs otherwise."""
-        def setup(llm: LLM) -> str:
-            step = llm.engine.runner.kernel_step.step
-            step.configs = tuned.get("configs", step.configs)
-            for k, v in attrs.items():
-                setattr(step, k, v)
-            took = tune_now(step)
-            source = f"configs {took}" if took else f"first row's set + disk/default {name} configs"
-            print(f"{name} kernel configs ({source}): {json.dumps(step.configs.to_json()['configs'])}", flush=True)
-            return source
-        return setup
+    def persistent(llm: LLM) -> str:
+        """The one-launch layer (lmforge.kernels.decode_layer): its layer shape tuned now with --tune-step,
+        from the first row's set (the head's config) otherwise."""
+        step = llm.engine.runner.kernel_step.step
+        step.configs = tuned.get("configs", step.configs)
+        step.persistent = True
+        took = tune_now(step)
+        source = f"layer config {took}" if took else "first row's set + disk/default layer config"
+        print(f"persistent kernel configs ({source}): {json.dumps(step.configs.to_json()['configs'])}", flush=True)
+        return source
 
     rows = [("Triton kernel step", first)]
     if dev.type != "cuda":
         return rows
-    rows += [("kernel step, o-projection merges attention's slices", mode("defer", defer=True))]
+    rows += [("kernel step, persistent layer kernel (1 launch per layer)", persistent)]
     rows += [("kernel step, configs reloaded from disk", reloaded),
              ("kernel step, no loads before the PDL wait", option(prefetch=False))]
-    if args.kernel_variants == "full":  # the measured negative results too
-        rows += [("kernel step, persistent layer kernel (1 launch per layer)", mode("persistent", persistent=True)),
-                 ("kernel step, no evict-first L2 hint", option(evict=False)),
+    if args.kernel_variants == "full":
+        rows += [("kernel step, no evict-first L2 hint", option(evict=False)),
                  ("kernel step, no PDL, no prefetch", option(pdl=False, prefetch=False))]
     return rows
 
@@ -301,8 +297,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="kernel step: tune its block shapes now on the whole captured step (saved to the disk cache)")
     ap.add_argument("--tune-candidates", type=int, help="--tune-step over the first N candidates of each shape")
     ap.add_argument("--kernel-variants", default="full", choices=["short", "full"],
-                    help="short: configs as chosen, the o-projection merging attention's slices, reloaded from disk, no "
-                         "prefetch; full: + the persistent layer, no evict hint, no PDL")
+                    help="short: configs as chosen, reloaded from disk, no prefetch; full: + no evict hint, no PDL")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
     dev = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
@@ -372,7 +367,7 @@ def bench_kernel_step(rep: Report, model, prompts: list[list[int]], new: int, re
             rep.add(variant="engine, " + name, batch=1, note=f"FAILED: {type(e).__name__}: {str(e)[:200]}")
             continue
         graph = llm.engine.runner.kernel_step.step.graph
-        if profile and (name == "Triton kernel step" or "persistent" in name or "merges" in name) and graph is not None:
+        if profile and (name == "Triton kernel step" or "persistent" in name) and graph is not None:
             from profiling import kernel_table
 
             print(f"\n[{name}] graph replay:\n" + kernel_table(graph.replay, calls=10), flush=True)

@@ -84,8 +84,6 @@ class Filter:
             return "gu"
         if residual is None:
             return "head"
-        if not isinstance(x, torch.Tensor):  # attention's unmerged slices (defer mode)
-            return "o"
         return "o" if x.data_ptr() == self.step.o.data_ptr() else "down"
 
     def launch(self, kind: str, fn, *a, **kw):
@@ -100,17 +98,8 @@ class Filter:
         kd.gemv = lambda x, w, **kw: self.launch(self.kind(x, **kw), o["gemv"], x, w, **kw)
         kd.qkv_rope = lambda *a, **kw: self.launch("qkv", o["qkv_rope"], *a, **kw)
         kd.embed = lambda *a, **kw: self.launch("embed", o["embed"], *a, **kw)
-        pa.paged_decode_attention = lambda *a, **kw: self.attention(*a, **kw)
+        pa.paged_decode_attention = lambda *a, **kw: self.launch("attn", o["attn"], *a, **kw)
         return self
-
-    def attention(self, q, *a, **kw):
-        """Attention's launch; left out in defer mode, the o-projection still gets the (stale) slices."""
-        out = self.launch("attn", self.orig["attn"], q, *a, **kw)
-        if out is None and kw.get("defer"):
-            work, config = kw["work"], kw["config"]
-            return pa.Partials(o=work[0], ml=work[1], rows=q.shape[0] * q.shape[1], splits=config[0],
-                               head_dim=q.shape[2], sinks=kw.get("sinks"))
-        return out
 
     def __exit__(self, *exc):
         kd.gemv, kd.qkv_rope, kd.embed = self.orig["gemv"], self.orig["qkv_rope"], self.orig["embed"]
@@ -165,8 +154,6 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--tune", action="store_true", help="then tune the step's configs now (not saved) and time it")
-    ap.add_argument("--defer", action="store_true",
-                    help="the table for the mode where the o-projection merges attention's slices (KernelStep(defer=True))")
     args = ap.parse_args()
     if args.context < 0 or args.reps < 1:
         ap.error(f"--context must be >= 0 and --reps >= 1; got {args.context} and {args.reps}")
@@ -176,7 +163,7 @@ def main() -> None:
     model, kv = build(args.tiny, args.context, dev)
     if dev == "cuda":  # the shipped config sets (read only: --tune does not save)
         os.environ.setdefault(CACHE_ENV, str(Path(__file__).parent / "configs" / "kernels"))
-    step = kstep.KernelStep(model, kv, persistent=False, defer=args.defer)  # five kernels per layer, as the filter knows
+    step = kstep.KernelStep(model, kv, persistent=False)  # the five kernels per layer the filter knows
     print(f"configs: {'disk cache' if step.configs.gpu else 'defaults'} {step.configs.to_json()['configs']}")
     tok = torch.zeros(1, dtype=torch.long, device=dev)
     pos = torch.full((1,), args.context, dtype=torch.long, device=dev)
@@ -212,19 +199,11 @@ def main() -> None:
     print(f"sum of marginals {sum(full - without[k] for k in KINDS) * 1e6:.1f} us of {full * 1e6:.1f}")
     for name, t, nbytes in rows:
         print(f"{name:<60} {t * 1e6:>9.1f} us {nbytes / t / 1e9:>7.0f} GB/s")
-    # the other mode side by side: attention's slices merged by attention's last slice or by the o-projection
-    for defer in (args.defer, not args.defer):
-        step.defer = defer
-        if args.tune and dev == "cuda":
-            step.tune(context=args.context, save=False)
-        elif defer == args.defer:
-            continue  # untuned, this mode's step is the full step above
+    if args.tune and dev == "cuda":
+        step.tune(context=args.context, save=False)
         t = timed(lambda: step.step(tok, pos))
-        mode = "o-projection merges the slices (defer)" if defer else "attention merges its slices"
-        print(f"\n{mode}, configs {'tuned now' if args.tune else 'cached/default'}: {t * 1e6:.1f} us, {1 / t:.0f} tok/s"
-              + (f", {total / bw / t:.1%} of the read stream" if bw else "")
-              + f"; {json.dumps(step.configs.to_json()['configs'])}", flush=True)
-    step.defer = args.defer
+        print(f"\nconfigs tuned now: {t * 1e6:.1f} us, {1 / t:.0f} tok/s" + (f", {total / bw / t:.1%} of the read stream"
+              if bw else "") + f"; {json.dumps(step.configs.to_json()['configs'])}", flush=True)
     if dev == "cuda":
         from profiling import kernel_table
 

@@ -6,12 +6,10 @@ The same function as one decode step of the model for one sequence, in five kern
 attention, o-projection + residual, norm + gate/up + SwiGLU, down + residual - plus the embedding and
 the head: 5·L + 2 launches instead of ~15·L. With persistent=True each block is one launch of
 lmforge.kernels.decode_layer instead (grid barriers between the same five phases; L + 2 launches) - measured
-slower on an H200 (docs/benchmarks.md), so off by default. With defer=True attention leaves its key
-slices unmerged and the o-projection merges them as it reads its columns (lmforge.kernels.paged_attention's
-Partials): no counter, atomic or combine at the end of attention. All buffers are allocated once, so a step can be
+slower on an H200 (docs/benchmarks.md), so off by default. All buffers are allocated once, so a step can be
 captured in a CUDA graph. Public surface:
 
-    ks = KernelStep(model, kv, configs=None, autotune=False, persistent=None, defer=None)
+    ks = KernelStep(model, kv, configs=None, autotune=False, persistent=None)
         model     an lmforge Transformer that `unsupported(model)` accepts. Read, never modified: the
                   kernels take its own q/k/v and gate/up weights (no stacked copy, no extra memory; later
                   changes to the weights are seen), only RoPE tables are the step's own
@@ -50,8 +48,6 @@ from lmforge.kernels.tuning import KernelConfigs, coordinate_descent, gpu_name
 
 PERSISTENT_DEFAULT = False
 """whether KernelStep runs each layer as one persistent launch by default (where the model allows it)"""
-DEFER_DEFAULT = False
-"""whether KernelStep's o-projection merges attention's slices by default (five-kernel mode)"""
 
 
 def unsupported(model) -> str | None:
@@ -112,14 +108,13 @@ class KernelStep:
 
     def __init__(self, model, kv: PagedKV, *, configs: KernelConfigs | None = None,
                  autotune: bool = False, pdl: bool = kd.PDL_DEFAULT, prefetch: bool = True, evict: bool = True,
-                 persistent: bool | None = None, defer: bool | None = None):
+                 persistent: bool | None = None):
         """pdl / prefetch: programmatic dependent launch, and loads issued before the PDL wait (weights'
         first tiles, cached keys) - both on by default where the GPU supports PDL; prefetch=False is the
         previous variant, for benchmarks; evict: weights loaded with an evict-first L2 policy.
         persistent: each layer as one launch of lmforge.kernels.decode_layer (programs resident on every SM,
         grid barriers between its five phases) instead of five kernels; None = PERSISTENT_DEFAULT where the
-        model allows it (not with QK-norm). defer: attention's slices merged by the o-projection instead of by
-        attention's last slice (None = DEFER_DEFAULT). Both attributes may be switched later (benchmarks do)."""
+        model allows it (not with QK-norm). The attribute may be switched later (benchmarks do)."""
         why = unsupported(model)
         if why is not None:
             raise LmforgeError(f"the batch-1 kernel step does not support {why}")
@@ -131,8 +126,7 @@ class KernelStep:
         if persistent and cfg.qk_norm:
             raise LmforgeError("the persistent layer kernel does not support QK-norm; use persistent=False")
         self.persistent = PERSISTENT_DEFAULT and not cfg.qk_norm if persistent is None else persistent
-        self.defer = DEFER_DEFAULT if defer is None else defer
-        self._key_cache: dict[tuple[bool, bool], dict] = {}  # keys() per mode: looked up at every step
+        self._key_cache: dict[bool, dict] = {}  # keys() per mode: looked up at every step
         self.layers = [(b.norm1.weight, _qkv_weights(b.attn), b.attn.wo.weight, b.norm2.weight,
                         _gate_up_weights(b.mlp), b.mlp.down.weight, b.attn) for b in model.blocks]
         self.signature, self.gpu = model_signature(model), gpu_name(p.device)
@@ -154,10 +148,9 @@ class KernelStep:
 
     def keys(self) -> dict[tuple, tuple[tuple[int, ...], ...]]:
         """The shape keys this step's kernels look up (in the current mode), with their candidates."""
-        mode = (self.persistent, self.defer and not self.persistent)
-        if mode not in self._key_cache:
-            self._key_cache[mode] = self._make_keys()
-        return self._key_cache[mode]
+        if self.persistent not in self._key_cache:
+            self._key_cache[self.persistent] = self._make_keys()
+        return self._key_cache[self.persistent]
 
     def _make_keys(self) -> dict[tuple, tuple[tuple[int, ...], ...]]:
         c, w = self.cfg, self.layers[0]
@@ -167,8 +160,7 @@ class KernelStep:
             return {dl.layer_key(c.d_model, c.n_heads, c.kv_heads, c.hd, c.ff, dt): dl.LAYER_CONFIGS,
                     head: kd.candidates(head)}
         keys = [kd.qkv_rope_key(c.n_heads, c.kv_heads, c.hd, c.d_model, dt, c.qk_norm),
-                kd.attend_key(c.n_heads, c.kv_heads, c.hd, self.defer),
-                kd.add_key(c.d_model, c.n_heads * c.hd, dt, merge=self.defer),
+                kd.attend_key(c.n_heads, c.kv_heads, c.hd), kd.add_key(c.d_model, c.n_heads * c.hd, dt),
                 kd.gemv_key(c.ff, c.d_model, glu=True, norm=True, dtype=dt), kd.add_key(c.d_model, c.ff, dt), head]
         return {k: kd.candidates(k) for k in dict.fromkeys(keys)}
 
@@ -193,19 +185,18 @@ class KernelStep:
         opts = dict(pdl=self.pdl, prefetch=self.prefetch, evict=self.evict)
         if self.persistent:
             return self._run_persistent(token, position, kv, configs, opts)
-        keys = self.keys()
-        c_qkv, c_att, c_o, c_gu, c_down, c_head = (configs.get(k) for k in keys)
-        att = c_att or keys[kd.attend_key(cfg.n_heads, cfg.kv_heads, cfg.hd, self.defer)][0]
+        c_qkv, c_att, c_o, c_gu, c_down, c_head = (configs.get(k) for k in self.keys())
+        att = c_att or kd.ATTEND_CONFIGS[0]
         kd.embed(token.reshape(1), m.tok_emb.weight, x, pdl=self.pdl)
         for i, (g1, wqkv, wo, g2, wgu, wd, attn) in enumerate(self.layers):
             qk = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.q_norm is not None else None
             kd.qkv_rope(x, wqkv, g1, eps, self.rope.cos_table, self.rope.sin_table, position, cfg.n_heads, cfg.kv_heads,
                         kv.k[i], kv.v[i], kv.block_table, self.ctx, qk_norm=qk, out=self.q[0], config=c_qkv, **opts)
-            o = pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
-                                          softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
-                                          out=self.o, work=self._workspace(att), pdl=self.pdl,
-                                          early_positions=position if self.prefetch else None, defer=self.defer)
-            kd.gemv(o if self.defer else self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
+            pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
+                                      softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
+                                      out=self.o, work=self._workspace(att), pdl=self.pdl,
+                                      early_positions=position if self.prefetch else None)
+            kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
             kd.gemv(x, wgu[0], up=wgu[1], norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
             kd.gemv(self.h, wd, residual=x, out=x, config=c_down, **opts)
         kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=eps, out=self.logits.view(-1), config=c_head,

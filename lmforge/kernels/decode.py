@@ -82,10 +82,7 @@ def available(device: torch.device | str) -> bool:
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 1e-5,
              glu: bool = False, up: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (K,), w (N, K) or, with glu, (2N, K) gate rows then up rows (or w (N, K) gate and `up` (N, K)) ->
-    (N,), in fp32, cast to the residual's dtype (w's without one). x may be attention's unmerged slices
-    (lmforge.kernels.paged_attention.Partials): merged first."""
-    if not isinstance(x, torch.Tensor):
-        x = x.merge()
+    (N,), in fp32, cast to the residual's dtype (w's without one)."""
     if up is not None:
         w = torch.cat([w, up])
     xf = x.float()
@@ -132,39 +129,6 @@ def qkv_rope_ref(x, w, norm, eps: float, cos, sin, pos: int, pad: int, n_heads: 
 
 # kernels -----------------------------------------------------------------------------------------------
 if triton is not None:
-
-    @triton.jit
-    def merge_slices(m, l, o, sink, SINKS: tl.constexpr):
-        """Merge slices along axis 0: running maxima m and denominators l (SLICES, 1) or (SLICES, X), their
-        unnormalised outputs o (SLICES, X) -> (X,) fp32, each slice rescaled to the common max (and the
-        learned sink logit with SINKS: a scalar or (X,)). Empty slices have m = -inf: weight 0; an empty
-        row gives zeros, not NaN."""
-        m_all = tl.max(m, 0)
-        if SINKS:
-            m_all = tl.maximum(m_all, sink)
-        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-        w = tl.exp(m - m_all[None, :])
-        den = tl.sum(w * l, 0)
-        if SINKS:
-            den += tl.exp(sink - m_all)
-        den = tl.where(den == 0.0, 1.0, den)
-        return tl.sum(w * o, 0) / den
-
-    @triton.jit
-    def _merged_cols(o_ptr, ml_ptr, sinks_ptr, kk, k_ok, SPLITS: tl.constexpr, HD: tl.constexpr,
-                     HDP: tl.constexpr, SINKS: tl.constexpr):
-        """Columns kk of attention's output (head kk // HD, dimension kk % HD), merged from its slices'
-        partial results (lmforge.kernels.paged_attention.Partials: row head·SPLITS + slice); masked columns
-        are zeros. .cg loads: the slices were written by the previous kernel on other SMs."""
-        rows = (kk // HD)[None, :] * SPLITS + tl.arange(0, SPLITS)[:, None]  # (SPLITS, BLOCK_K)
-        ok = k_ok[None, :]
-        m = tl.load(ml_ptr + 2 * rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(ml_ptr + 2 * rows + 1, mask=ok, other=0.0, cache_modifier=".cg")
-        o = tl.load(o_ptr + rows * HDP + (kk % HD)[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        sink = 0.0
-        if SINKS:
-            sink = tl.load(sinks_ptr + kk // HD, mask=k_ok, other=float("-inf")).to(tl.float32)
-        return merge_slices(m, l, o, sink, SINKS)
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, u_ptr, g_ptr, r_ptr, out_ptr, bump_ptr, N, K, eps,
@@ -244,14 +208,12 @@ if triton is not None:
         tl.store(out_ptr + d, tl.load(emb_ptr + row * D + d, mask=d < D, other=0.0).to(tl.float32), mask=d < D)
 
     @triton.jit
-    def _gemv_add_kernel(x_ptr, w_ptr, out_ptr, ml_ptr, sinks_ptr, N, K, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr,
-                         PDL: tl.constexpr, MERGE: tl.constexpr, SPLITS: tl.constexpr, HD: tl.constexpr,
-                         HDP: tl.constexpr, SINKS: tl.constexpr):
+    def _gemv_add_kernel(x_ptr, w_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr,
+                         PDL: tl.constexpr):
         """out += W x into an fp32 out, with the K dimension split over SPLIT_K programs per row block
         whose partial sums meet by atomic adds: matrices with few rows (o-projection, down-projection)
-        otherwise leave most of the GPU idle. MERGE: x is attention's unmerged slices (x_ptr, ml_ptr,
-        sinks_ptr: Partials' o, ml and sinks), merged column by column as they are read."""
+        otherwise leave most of the GPU idle."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         cols = tl.arange(0, BLOCK_K)
@@ -267,10 +229,7 @@ if triton is not None:
         for k0 in range(first, K, BLOCK_K * SPLIT_K):
             kk = k0 + cols
             k_ok = kk < K
-            if MERGE:
-                xk = _merged_cols(x_ptr, ml_ptr, sinks_ptr, kk, k_ok, SPLITS, HD, HDP, SINKS)
-            else:
-                xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            xk = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             if PREFETCH:
                 w = w_next
                 nxt = k0 + BLOCK_K * SPLIT_K
@@ -377,15 +336,10 @@ if triton is not None:
 GEMV_CONFIGS = ((4, 1024, 4), (4, 512, 4), (2, 2048, 4), (4, 2048, 8), (32, 256, 8), (8, 1024, 8), (8, 512, 4),
                 (16, 256, 4), (1, 2048, 4))
 ADD_CONFIGS = ((4, 256, 4, 4), (4, 1024, 4, 2), (4, 1024, 4, 6), (4, 2048, 8, 3), (2, 1024, 4, 2), (4, 512, 4, 4),
-               (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2),
-               (4, 512, 4, 11), (8, 512, 8, 11))  # (the last two: one 512-column tile per program at K = 5632)
+               (2, 2048, 4, 3), (4, 2048, 8, 1), (8, 256, 4, 4), (4, 256, 4, 8), (8, 512, 4, 2))
 # qkv_rope with QK-norm: (columns per loop step, warps) for BLOCK_N = hd / 2 rows per half-head (two fp32
 # accumulators of BLOCK_N x BLOCK_K: narrow column tiles keep them in registers)
 QK_NORM_TILES = ((128, 8), (64, 4), (256, 8), (32, 4))
-# the o-projection merging attention's slices as it reads them: every program reads its columns' slices
-# (slices x BLOCK_K fp32 values) besides its weights, so fewer, taller programs than ADD_CONFIGS' first
-MERGE_ADD_CONFIGS = ((16, 256, 4, 8), (32, 128, 4, 16), (16, 128, 4, 16), (32, 64, 4, 32), (64, 64, 8, 32),
-                     (32, 256, 8, 8), (8, 256, 4, 8), (4, 256, 4, 4))
 # paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps), and with a 4th
 # entry 1 one query head per program (H x slices programs at batch 1 instead of KV x slices; the previous
 # per-head kernel's shape on the H100 was (32, 16, 1)). 64-key tiles want 8 warps (with 4 a thread needs
@@ -398,9 +352,8 @@ def gemv_key(N: int, K: int, *, glu: bool = False, norm: bool = False, residual:
     return ("gemv", N, K, glu, norm, residual, str(dtype))
 
 
-def add_key(N: int, K: int, dtype, merge: bool = False) -> tuple:
-    """merge: the input is attention's unmerged slices (the o-projection after deferred attention)"""
-    return ("add", N, K, str(dtype)) + (("merge",) if merge else ())
+def add_key(N: int, K: int, dtype) -> tuple:
+    return ("add", N, K, str(dtype))
 
 
 def qkv_rope_key(n_heads: int, n_kv: int, head_dim: int, K: int, dtype, qk_norm: bool = False) -> tuple:
@@ -408,9 +361,8 @@ def qkv_rope_key(n_heads: int, n_kv: int, head_dim: int, K: int, dtype, qk_norm:
     return ("qkv_rope", n_heads, n_kv, head_dim, K, str(dtype)) + (("qk_norm",) if qk_norm else ())
 
 
-def attend_key(n_heads: int, n_kv: int, head_dim: int, defer: bool = False) -> tuple:
-    """defer: the slices are left unmerged for the o-projection (configs with more than one slice)"""
-    return ("attend", n_heads, n_kv, head_dim) + (("defer",) if defer else ())
+def attend_key(n_heads: int, n_kv: int, head_dim: int) -> tuple:
+    return ("attend", n_heads, n_kv, head_dim)
 
 
 def candidates(key: tuple) -> tuple[tuple[int, ...], ...]:
@@ -419,10 +371,6 @@ def candidates(key: tuple) -> tuple[tuple[int, ...], ...]:
         return tuple((key[3] // 2, bk, warps) for bk, warps in QK_NORM_TILES)
     if key[0] == "qkv_rope":
         return tuple(c for c in GEMV_CONFIGS if (key[3] // 2) % c[0] == 0)
-    if key[-1] == "merge":
-        return MERGE_ADD_CONFIGS
-    if key[-1] == "defer":
-        return tuple(c for c in ATTEND_CONFIGS if c[0] > 1)
     return {"gemv": GEMV_CONFIGS, "add": ADD_CONFIGS, "attend": ATTEND_CONFIGS}[key[0]]
 
 
@@ -442,32 +390,17 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm: torch.Tensor | None = None, 
     accumulated into by split-K atomic adds (config from ADD_CONFIGS; see `add_key`), every other case
     takes a GEMV_CONFIGS config (`gemv_key`). `out` must not alias x. `bump`: a one-element integer tensor
     the kernel adds 1 to (not with residual accumulation). glu: `up` holds the up rows, or w stacks them
-    after the gate rows. x may be attention's unmerged slices (paged_attention(..., defer=True)) where the
-    split-K residual accumulation applies: the kernel merges them as it reads its columns (the
-    o-projection takes the combine off attention's chain; configs: `add_key(..., merge=True)`)."""
-    parts = None if isinstance(x, torch.Tensor) else x
-    if parts is not None and not (out is not None and out is residual and out.dtype == torch.float32
-                                  and norm is None and not glu):
-        raise ValueError("gemv: attention's unmerged slices (Partials) are merged only by the split-K residual "
-                         "accumulation: pass residual=out=an fp32 tensor, no norm or GLU (or merge() them first)")
+    after the gate rows."""
     if glu and up is None:
         w, up = w.chunk(2)  # views: no copy
     N, K = w.shape
     if w.stride(0) != K or (up is not None and up.stride(0) != K):
         raise ValueError("gemv needs weights with contiguous rows")
     if out is not None and out is residual and out.dtype == torch.float32 and norm is None and not glu:
-        bn, bk, warps, sk = config or (MERGE_ADD_CONFIGS if parts is not None else ADD_CONFIGS)[0]
+        bn, bk, warps, sk = config or ADD_CONFIGS[0]
         bk = min(bk, _pow2(K))
-        if parts is not None and parts.rows * parts.head_dim != K:
-            raise ValueError(f"gemv: attention's slices hold {parts.rows} heads x {parts.head_dim} = "
-                             f"{parts.rows * parts.head_dim} values; the weight has {K} columns")
-        _gemv_add_kernel[(triton.cdiv(N, bn), sk)](
-            parts.o if parts is not None else x, w, out, parts.ml if parts is not None else out,
-            parts.sinks if parts is not None and parts.sinks is not None else out, N, K, BLOCK_N=bn, BLOCK_K=bk,
-            SPLIT_K=sk, MERGE=parts is not None, SPLITS=parts.splits if parts is not None else 1,
-            HD=parts.head_dim if parts is not None else 1, HDP=parts.o.shape[1] if parts is not None else 1,
-            SINKS=parts is not None and parts.sinks is not None, num_warps=warps,
-            **_launch_opts(pdl, prefetch, evict))
+        _gemv_add_kernel[(triton.cdiv(N, bn), sk)](x, w, out, N, K, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
+                                                   num_warps=warps, **_launch_opts(pdl, prefetch, evict))
         return out
     out = torch.empty(N, dtype=w.dtype, device=w.device) if out is None else out
     bn, bk, warps = config or GEMV_CONFIGS[0]

@@ -13,9 +13,7 @@ The kernel is flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context 
 launch: program (b, kv head, split) takes one slice of the row's keys,
 keeps an online softmax in fp32 and writes its slice's unnormalised output with its running max and
 denominator; the last program of a (b, kv head) to finish combines the slices ("last block reduces", so no
-second launch) - or, with `defer=True`, nobody does: the slices' partial results are returned as a `Partials`
-and the kernel that consumes the output merges them on the fly (lmforge.kernels.decode.gemv: the
-o-projection), which takes the counter, its atomic and the combine off attention's chain of dependent steps. Each program serves all GROUP = H / n_kv query heads of its kv head (GQA / MQA without
+second launch). Each program serves all GROUP = H / n_kv query heads of its kv head (GQA / MQA without
 repeating K/V: every key is read once, and q·kᵀ / p·v are (GROUP, slots) matrix products on tensor cores).
 Keys are gathered slot by slot through the block table, so slices and tiles need not align with blocks.
 Options, each as in `lmforge.model.layers.attention.math_attention`: soft-capping (Gemma 2:
@@ -25,7 +23,6 @@ learned sinks (gpt-oss: one extra logit per head in the softmax denominator).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 
@@ -36,8 +33,6 @@ from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, triton
 if triton is not None:
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    from lmforge.kernels.decode import merge_slices
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -62,40 +57,6 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                            scale=scale, softcap=softcap, sinks=sinks)  # (1, H, 1, hd)
         out[b] = o[0, :, 0]
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Partials:
-    """Attention's per-slice results, not yet merged (paged_decode_attention(..., defer=True)): for query
-    head h of row b and slice s, row r = (b·H + h)·splits + s of `o` (unnormalised output, fp32, HDP >= hd
-    columns) and of `ml` (the slice's running max and softmax denominator). `merge()` is the plain
-    definition of what a consumer computes from them."""
-    o: torch.Tensor
-    ml: torch.Tensor
-    rows: int
-    """B·H: the query heads"""
-    splits: int
-    head_dim: int
-    sinks: torch.Tensor | None = None
-    """(H,) learned sink logits (gpt-oss), merged into every head's denominator"""
-
-    def merge(self) -> torch.Tensor:
-        """(B·H·hd,) fp32: each head's slices rescaled to their common max (with the sink's logit), summed
-        and divided by the rescaled denominators; a head with no visible key gives zeros."""
-        n, s, hd = self.rows, self.splits, self.head_dim
-        o = self.o[:n * s, :hd].view(n, s, hd)
-        m, l = self.ml[:n * s].view(n, s, 2).unbind(-1)
-        m_all = m.amax(1)
-        if self.sinks is not None:
-            sink = self.sinks.float().repeat(n // self.sinks.numel())
-            m_all = torch.maximum(m_all, sink)
-        m_all = torch.where(m_all == float("-inf"), 0.0, m_all)
-        w = torch.exp(m - m_all[:, None])
-        den = (w * l).sum(1)
-        if self.sinks is not None:
-            den = den + torch.exp(sink - m_all)
-        den = torch.where(den == 0, 1.0, den)
-        return ((w[..., None] * o).sum(1) / den[:, None]).reshape(-1)
 
 
 if triton is not None:
@@ -134,15 +95,25 @@ if triton is not None:
 
     @triton.jit
     def _combine_head(part_o_ptr, part_ml_ptr, parts, d, HDP: tl.constexpr, sinks_ptr, head, SINKS: tl.constexpr):
-        """Query head `head`'s output (HDP,) fp32 from its slices' partial results at rows `parts` (SLICES,)
-        (merge_slices). .cg loads skip the (incoherent) L1 cache: the slices were written by other SMs."""
-        sink = 0.0
+        """Query head `head`'s output (HDP,) fp32 from its slices' partial results at rows `parts` (SLICES,):
+        each slice's running max m, denominator l and unnormalised output, rescaled to the common max (and
+        the head's learned sink logit with SINKS). .cg loads skip the (incoherent) L1 cache: the slices were
+        written by other SMs."""
         if SINKS:
             sink = tl.load(sinks_ptr + head).to(tl.float32)
         m = tl.load(part_ml_ptr + 2 * parts, cache_modifier=".cg")
         l = tl.load(part_ml_ptr + 2 * parts + 1, cache_modifier=".cg")
         o = tl.load(part_o_ptr + parts[:, None] * HDP + d[None, :], cache_modifier=".cg")
-        return merge_slices(m[:, None], l[:, None], o, sink, SINKS)
+        m_all = tl.max(m, 0)
+        if SINKS:
+            m_all = tl.maximum(m_all, sink)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty row: zeros, not NaN
+        w = tl.exp(m - m_all)  # empty slices have m = -inf: weight 0
+        den = tl.sum(w * l, 0)
+        if SINKS:
+            den += tl.exp(sink - m_all)
+        den = tl.where(den == 0.0, 1.0, den)
+        return tl.sum(w[:, None] * o, 0) / den
 
     @triton.jit
     def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
@@ -153,15 +124,13 @@ if triton is not None:
                              BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                              START: tl.constexpr, EARLY: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr,
-                             PDL: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr):
+                             PDL: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·H/QPP + head group, split) for QPP query heads: all GROUP heads of one kv head (every
         key read once), or one head (QPP = 1: GROUP times the programs, for short rows at batch 1, where
         parallelism matters more than re-reading keys from L2). GP >= 16 rows (QPP padded, tl.dot needs 16)
         by HDP >= 16 columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
         holds positions (context - 1) written before the previous kernel ran, and every key but the last
-        is from earlier steps, so the program reads them before its PDL wait and only the new key after.
-        DEFER (SPLITS > 1): store the slice's partial results at rows (b·H + head)·SPLITS + split and stop
-        (Partials; the consumer merges them)."""
+        is from earlier steps, so the program reads them before its PDL wait and only the new key after."""
         row, sp = tl.program_id(0), tl.program_id(1)
         b, first = row // (H // QPP), (row % (H // QPP)) * QPP  # batch row, first query head
         kvh = first // GROUP
@@ -237,11 +206,6 @@ if triton is not None:
                 den += tl.exp(sink - m_all)
             den = tl.where(den == 0.0, 1.0, den)
             tl.store(out_ptr + o_off, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
-        elif DEFER:  # the consumer merges the slices (Partials)
-            mine = (b * H + heads) * SPLITS + sp
-            tl.store(part_o_ptr + mine[:, None] * HDP + d[None, :], acc, mask=g_ok[:, None])
-            tl.store(part_ml_ptr + mine * 2, m_i, mask=g_ok)
-            tl.store(part_ml_ptr + mine * 2 + 1, l_i, mask=g_ok)
         else:
             mine = (row * SPLITS + sp) * GP + g  # this slice's rows of the partial results
             tl.store(part_o_ptr + mine[:, None] * HDP + d[None, :], acc)
@@ -310,16 +274,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
                            config: PagedConfig | None = None, out: torch.Tensor | None = None,
                            work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None,
-                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT,
-                           defer: bool = False) -> torch.Tensor | Partials:
+                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
     """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
     graphs or tune: `config` (slices, keys per tile, warps[, 1 = one query head per program]), `out`,
     `work` (from workspace(), sized for the config), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
     (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
     position, used instead of context_lens: written before the step began and with every other key from
-    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step). defer (a config
-    with slices > 1): return the slices' Partials, unmerged, for a consumer that merges them on the fly
-    (lmforge.kernels.decode.gemv); `out` is not written."""
+    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step)."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"paged_decode_attention wants q (B, H, hd) and k/v caches (blocks, block_size, KV, hd) "
                          f"alike; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
@@ -342,9 +303,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if splits & (splits - 1) or block & (block - 1) or block < 16 or not 0 <= stages <= 8:
         raise ValueError(f"paged attention config {config}: slices must be a power of two, keys per tile a "
                          "power of two >= 16, pipeline stages 0 (register double-buffering) to 8")
-    if defer and splits == 1:
-        raise ValueError(f"paged attention config {config}: defer=True needs slices > 1 (one slice has nothing "
-                         "to merge: call without defer)")
     out = torch.empty_like(q) if out is None else out
     if splits > 1 and work is None:
         work = workspace(B, H, KV, hd, splits, q.device, per_head)
@@ -360,7 +318,5 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         START=start is not None, EARLY=early_positions is not None,
         F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        STAGES=stages, DEFER=defer, num_warps=warps, **_launch_opts(pdl))
-    if defer:
-        return Partials(o=work[0], ml=work[1], rows=B * H, splits=splits, head_dim=hd, sinks=sinks)
+        STAGES=stages, num_warps=warps, **_launch_opts(pdl))
     return out

@@ -12,13 +12,11 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kd.available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
 
 
-@pytest.mark.parametrize("defer", [False, True])
-def test_filter_sees_every_kernel_by_kind_and_skips_what_it_is_told(defer):
-    """In both modes: attention merging its own slices, or the o-projection merging them (defer)."""
+def test_filter_sees_every_kernel_by_kind_and_skips_what_it_is_told():
     from bench import decode_parts as P
 
     model, kv = P.build(tiny=True, context=5, dev=DEV)
-    step = kstep.KernelStep(model, kv, defer=defer)
+    step = kstep.KernelStep(model, kv)
     tok, pos = torch.zeros(1, dtype=torch.long, device=DEV), torch.full((1,), 5, dtype=torch.long, device=DEV)
     f = P.Filter(step)
     seen = []

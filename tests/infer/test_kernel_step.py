@@ -15,7 +15,6 @@ from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kernel_step import KernelStep, PagedKV, unsupported
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
-from lmforge.kernels import decode as kd
 from lmforge.kernels.decode import available
 from lmforge.kernels.tuning import KernelConfigs
 
@@ -81,19 +80,16 @@ def _paged_kv(model, n_positions: int, block_size: int, seed: int) -> PagedKV:
     return PagedKV(k=[new() for _ in range(c.n_layers)], v=[new() for _ in range(c.n_layers)], block_table=table)
 
 
-@pytest.mark.parametrize("arch,persistent,defer", [
-    (dict(n_kv_heads=2), False, False),
-    (dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0), False, False),  # Mistral / gpt-oss
-    (dict(n_kv_heads=2, qk_norm=True, tie_embeddings=True, d_model=48), False, False),  # Qwen3: heads x hd != d_model
-    (dict(n_kv_heads=2), True, False),
-    (dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0, d_model=48), True, False),
-    (dict(n_kv_heads=2), False, True),
-    (dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0, qk_norm=True, d_model=48), False, True),
+@pytest.mark.parametrize("arch,persistent", [
+    (dict(n_kv_heads=2), False),
+    (dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0), False),  # Mistral / gpt-oss attention
+    (dict(n_kv_heads=2, qk_norm=True, tie_embeddings=True, d_model=48), False),  # Qwen3: heads x hd != d_model
+    (dict(n_kv_heads=2), True),
+    (dict(n_kv_heads=1, sliding_window=3, attn_sinks=True, attn_softcap=3.0, d_model=48), True),
 ])
-def test_kernel_step_on_paged_cache_matches_the_full_forward(arch, persistent, defer):
+def test_kernel_step_on_paged_cache_matches_the_full_forward(arch, persistent):
     """step(token, position) token by token = the model's logits at every position of one forward; with
-    the five kernels per layer, with the persistent one-launch layer (lmforge.kernels.decode_layer) and with
-    attention's slices merged by the o-projection (defer)."""
+    the five kernels per layer and with the persistent one-launch layer (lmforge.kernels.decode_layer)."""
     model = tiny_model("llama", **{"n_heads": 4, "d_model": 64, "head_dim": 16, **arch}).to(DEV)
     with torch.no_grad():
         for b in model.blocks:
@@ -106,10 +102,8 @@ def test_kernel_step_on_paged_cache_matches_the_full_forward(arch, persistent, d
     ids = torch.randint(0, 257, (1, 8), generator=torch.Generator().manual_seed(2)).to(DEV)
     with torch.no_grad():
         want = model(ids)[0]  # (T, V)
-    step = KernelStep(model, _paged_kv(model, 8, 4, seed=3), persistent=persistent, defer=defer)
+    step = KernelStep(model, _paged_kv(model, 8, 4, seed=3), persistent=persistent)
     step.configs = _coarse(step)
-    assert (kd.add_key(model.cfg.d_model, model.cfg.n_heads * model.cfg.hd, torch.float32, merge=True)
-            in step.keys()) == defer
     got = [step.step(ids[0, t:t + 1], torch.tensor([t], device=DEV)).clone() for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=1e-4)
     _assert_unchanged(model, snap)

@@ -197,13 +197,10 @@ def test_kernel_configs_round_trip_and_cache_path(tmp_path, monkeypatch):
     # every candidate the tuner may pick is an entry a set can hold (a 0 once failed a GPU run mid-tune)
     keys = [kd.gemv_key(5632, 2048, glu=True, norm=True, dtype=torch.bfloat16), kd.add_key(2048, 5632, torch.bfloat16),
             kd.qkv_rope_key(32, 4, 64, 2048, torch.bfloat16), kd.qkv_rope_key(16, 8, 128, 1024, torch.bfloat16, True),
-            kd.attend_key(32, 4, 64), kd.attend_key(32, 4, 64, defer=True), kd.add_key(2048, 2048, torch.bfloat16, True)]
+            kd.attend_key(32, 4, 64)]
     for key in keys:
         for cand in kd.candidates(key):
             assert KernelConfigs().with_config(key, cand).get(key) == cand
-    # attention left unmerged needs slices to merge; the merging o-projection has its own candidates
-    assert kd.candidates(keys[-2]) and all(c[0] > 1 for c in kd.candidates(keys[-2]))
-    assert kd.candidates(keys[-1]) == kd.MERGE_ADD_CONFIGS and keys[-1] != kd.add_key(2048, 2048, torch.bfloat16)
 
 
 def test_coordinate_descent_finds_the_separable_optimum():
@@ -260,19 +257,13 @@ def compile_for_hopper() -> dict[str, tuple[int, int]]:
                      dict(SOFTCAP=True, WINDOW=True, SINKS=True, START=True)):
             out[f"attend early={early} qpp={qpp} {opts['SINKS']}"] = build(pa._paged_attend_kernel, attn, dict(
                 GROUP=8, QPP=qpp, GP=16, HD=64 if early else 128, HDP=64 if early else 128, BS=16, BLOCK_S=block,
-                SPLITS=splits, EARLY=early, F32=False, PRECISION="tf32", PDL=True, STAGES=0, DEFER=False, **opts),
-                warps)
-    splits, block, warps = kd.ATTEND_CONFIGS[2][:3]  # the slices left for the o-projection to merge
-    out["attend defer"] = build(pa._paged_attend_kernel, attn, dict(
-        GROUP=8, QPP=1, GP=16, HD=64, HDP=64, BS=16, BLOCK_S=block, SPLITS=splits, EARLY=True, F32=False,
-        PRECISION="tf32", PDL=True, STAGES=0, DEFER=True, SOFTCAP=False, WINDOW=False, SINKS=True, START=False), warps)
+                SPLITS=splits, EARLY=early, F32=False, PRECISION="tf32", PDL=True, STAGES=0, **opts), warps)
     for splits, block, warps, _, stages in ((1, 64, 4, 0, 2), (1, 64, 8, 0, 3)):
         # default_config's two choices on an H100/H200 (Triton's software pipeline over the key tiles), for
         # Qwen3-0.6B's attention (2 query heads per kv head, head dim 128)
         out[f"attend pipelined {block}x{warps} stages={stages}"] = build(pa._paged_attend_kernel, attn, dict(
             GROUP=2, QPP=2, GP=16, HD=128, HDP=128, BS=16, BLOCK_S=block, SPLITS=splits, EARLY=False, F32=False,
-            PRECISION="tf32", PDL=True, STAGES=stages, SOFTCAP=False, WINDOW=False, SINKS=False, START=False,
-            DEFER=False), warps)
+            PRECISION="tf32", PDL=True, STAGES=stages, SOFTCAP=False, WINDOW=False, SINKS=False, START=False), warps)
     bn, bk, warps = kd.GEMV_CONFIGS[0]
     for glu in (False, True):
         out[f"gemv glu={glu}"] = build(kd._gemv_kernel, {"x_ptr": "*fp32", "r_ptr": "*fp32", "bump_ptr": "*i64",
@@ -281,13 +272,7 @@ def compile_for_hopper() -> dict[str, tuple[int, int]]:
                                             PREFETCH=True, EVICT="evict_first", PDL=True), warps)
     bn, bk, warps, sk = kd.ADD_CONFIGS[0]
     out["add"] = build(kd._gemv_add_kernel, {"out_ptr": "*fp32"},
-                       dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, PREFETCH=True, EVICT="evict_first", PDL=True,
-                            MERGE=False, SPLITS=1, HD=1, HDP=1, SINKS=False), warps)
-    bn, bk, warps, sk = kd.MERGE_ADD_CONFIGS[0]  # the o-projection merging 8 slices of 64-wide heads
-    out["add merge"] = build(kd._gemv_add_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32", "ml_ptr": "*fp32",
-                                                   "sinks_ptr": "*fp32"},
-                             dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, PREFETCH=True, EVICT="evict_first", PDL=True,
-                                  MERGE=True, SPLITS=8, HD=64, HDP=64, SINKS=True), warps)
+                       dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, PREFETCH=True, EVICT="evict_first", PDL=True), warps)
     bn, bk, warps = kd.GEMV_CONFIGS[0]
     out["qkv_rope"] = build(kd._qkv_rope_kernel, {"x_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
                                                   "pos_ptr": "*i64", "pad_ptr": "*i64", "bt_ptr": "*i32",
@@ -337,4 +322,4 @@ def test_kernels_compile_for_hopper_without_spills():
         pytest.skip("Triton's ptxas is not available")
     assert run.returncode == 0, run.stderr[-3000:]
     usage = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(usage) == 17 and all(spill == 0 for _, spill in usage.values()), usage
+    assert len(usage) == 15 and all(spill == 0 for _, spill in usage.values()), usage

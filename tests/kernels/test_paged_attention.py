@@ -47,10 +47,6 @@ def _check(args, tol, **kw):
     # the kernel step's form: positions instead of lengths, old keys and the new one read separately
     got = paged_decode_attention(*args, config=(2, 16, 4, 1), early_positions=(args[4] - 1).long(), **kw)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    # the slices left unmerged (defer): their plain merge is the same attention
-    for config in ((4, 16, 2, 1), (2, 32, 4)):
-        parts = paged_decode_attention(*args, config=config, defer=True, **kw)
-        torch.testing.assert_close(parts.merge().view(want.shape), want.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("H,KV,hd,bs", [(4, 4, 64, 16), (8, 2, 128, 32), (6, 1, 64, 16), (4, 2, 16, 16)])
@@ -119,34 +115,6 @@ def test_static_cache_layout_with_left_padding():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sinks", [False, True])
-def test_o_projection_merges_the_deferred_slices(sinks):
-    """The kernel step's o-projection with attention's slices unmerged: the split-K residual GEMV merges
-    each column's slices as it reads them = the reference GEMV over the reference attention's output
-    (some slices empty: 5 keys over 4 slices of one-head programs, or 2 of 8 keys per kv head)."""
-    from lmforge.kernels.decode import gemv, gemv_ref
-    from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
-
-    H, KV, hd = 4, 2, 16
-    for n in (5, 37):
-        q, k, v, t, lens = _paged(1, H, KV, hd, 16, [n], seed=n)
-        kw = dict(scale=0.25, softcap=0.0, sinks=torch.randn(H).to(DEV) if sinks else None)
-        want_o = paged_decode_attention_ref(q, k, v, t, lens, **kw)
-        g = torch.Generator().manual_seed(1)
-        w, x = torch.randn(40, H * hd, generator=g).to(DEV), torch.randn(40, generator=g).to(DEV)
-        want = gemv_ref(want_o.view(-1), w, residual=x)
-        for att, add in (((4, 16, 2, 1), (8, 32, 4, 2)), ((2, 16, 4), (16, 16, 4, 4)), ((8, 16, 2, 1), (4, 64, 4, 1))):
-            parts = paged_decode_attention(q, k, v, t, lens, config=att, defer=True, **kw)
-            got = x.clone()
-            gemv(parts, w, residual=got, out=got, config=add)
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(gemv_ref(parts, w, residual=x), want, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="split-K residual accumulation"):
-        gemv(parts, w)
-    with pytest.raises(ValueError, match="the weight has 32 columns"):
-        gemv(parts, w[:, :32].contiguous(), residual=got, out=got)
-
-
 def test_bad_shapes_are_named():
     from lmforge.kernels.paged_attention import paged_decode_attention
 
@@ -162,5 +130,3 @@ def test_bad_shapes_are_named():
         paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4, 0, -1))
     with pytest.raises(ValueError, match="early_positions needs stages = 0"):
         paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4, 0, 2), early_positions=lens.long() - 1)
-    with pytest.raises(ValueError, match="defer=True needs slices > 1"):
-        paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4), defer=True)

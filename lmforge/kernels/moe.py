@@ -372,23 +372,26 @@ class _Route(torch.autograd.Function):
 
 class _FusedSwiGLU(torch.autograd.Function):
     """silu(gate)·up of the (M, 2·de) [gate | up] rows, read in place; the backward writes dgate and dup
-    into one (M, 2·de) gradient (chunk's backward would concatenate two)."""
+    into one (M, 2·de) gradient (chunk's backward would concatenate two). The kernel gets whole tensors and
+    the up half's column offset, never views of their halves: under torch.compile a user kernel that writes
+    into views is functionalized into copies of the whole rows."""
 
     @staticmethod
     def forward(ctx, gu):
-        g, u = gu.chunk(2, dim=-1)
-        h = torch.empty(g.shape, device=gu.device, dtype=gu.dtype)
+        M, de = gu.shape[0], gu.shape[1] // 2
+        h = torch.empty(M, de, device=gu.device, dtype=gu.dtype)
         if h.numel():
-            _swiglu_launch(g, u, None, h, None, None, backward=False)
+            _swiglu_launch(gu, gu, None, h, None, None, backward=False, n=de, u_off=de)
         ctx.save_for_backward(gu)
         return h
 
     @staticmethod
     def backward(ctx, dh):
         (gu,) = ctx.saved_tensors
-        dgu = torch.empty_like(gu)
+        de = gu.shape[1] // 2
+        dgu = torch.empty(gu.shape, device=gu.device, dtype=gu.dtype)
         if dgu.numel():
-            _swiglu_launch(*gu.chunk(2, dim=-1), dh.contiguous(), None, *dgu.chunk(2, dim=-1), backward=True)
+            _swiglu_launch(gu, gu, dh.contiguous(), None, dgu, dgu, backward=True, n=de, u_off=de, du_off=de)
         return dgu
 
 

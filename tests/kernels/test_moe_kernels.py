@@ -10,7 +10,7 @@ import torch
 
 from lmforge.kernels import moe as km
 from lmforge.model.config import ModelConfig, MoEConfig
-from lmforge.model.layers.moe import MoE, grouped_mm_loop, grouped_mm_torch
+from lmforge.model.layers.moe import MoE, glu_fused, grouped_mm_loop, grouped_mm_torch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not km.available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
@@ -158,6 +158,29 @@ def test_swiglu_is_the_triton_kernel_eager_and_the_plain_expression_under_compil
     g1, = torch.autograd.grad(eager.square().sum(), gu)
     g2, = torch.autograd.grad(traced.square().sum(), gu)
     torch.testing.assert_close(g2, g1)
+
+
+def test_fused_swiglu_hands_the_kernel_whole_tensors(monkeypatch):
+    """_FusedSwiGLU passes the kernel gate|up and dgate|dup as whole tensors with the up half's column offset,
+    never views of their halves (a user kernel writing into views is functionalized into copies under
+    torch.compile); values and gradients equal the plain expression's."""
+    if not km.available(DEV):
+        pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+    gu = torch.randn(24, 2 * 48, device=DEV, requires_grad=True)
+    seen = []
+    launch = km._swiglu_launch
+    monkeypatch.setattr(km, "_swiglu_launch", lambda *a, **kw: seen.append((a, kw)) or launch(*a, **kw))
+    h = km._FusedSwiGLU.apply(gu)
+    dgu, = torch.autograd.grad(h.square().sum(), gu)
+    (fa, fkw), (ba, bkw) = seen
+    whole = lambda t: t.shape == gu.shape and t.data_ptr() == t.untyped_storage().data_ptr()  # noqa: E731
+    assert fa[0] is fa[1] and whole(fa[0]) and fa[0].data_ptr() == gu.data_ptr()
+    assert fkw == dict(backward=False, n=48, u_off=48)
+    assert ba[0] is ba[1] and ba[4] is ba[5] and whole(ba[4]) and bkw == dict(backward=True, n=48, u_off=48, du_off=48)
+    ref = gu.detach().clone().requires_grad_()
+    want = glu_fused("swiglu", ref)
+    torch.testing.assert_close(h, want)
+    torch.testing.assert_close(dgu, torch.autograd.grad(want.square().sum(), ref)[0])
 
 
 @pytest.mark.gpu

@@ -5,12 +5,13 @@
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 15:00 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
+# (2026-12-03 17:35 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
 # step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
 # kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches, the
-# persistent layer, attention + o fused and key tiles before the wait all measured slower or no better), moe
-# (eager goal met 2026-12-03 09:30: 0.866-0.883x; compiled 0.80x at 16k, 0.851x at 65k tokens per step
-# on 14:41 - repeat the 65k row, --train-batch 64), kernels/kernels24 (goals met with
+# persistent layer, attention + o fused, key tiles before the wait and attention's slices merged by the
+# o-projection all measured slower or no better), moe (eager goal met: 0.866-0.883x at 16k, 0.954-0.969x at 65k;
+# compiled 0.80x at 16k, 0.848-0.867x at 65k tokens per step in four runs: at the threshold; next, a same-call A/B of
+# the Triton SwiGLU under compile, see docs), kernels/kernels24 (goals met with
 # bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
 # gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long

@@ -413,9 +413,10 @@ class TritonMoE(MoE):
     @staticmethod
     def _act(activation: str, gu: torch.Tensor) -> torch.Tensor:
         """The Triton SwiGLU in eager mode; under torch.compile the plain expression, which Inductor fuses into
-        kernels as fast: its functionalization of the Triton backward's writes into the two halves of one
-        gradient (views) adds three full copies of the (M, 2·de) rows per layer (~1.5 ms per layer at 65k tokens
-        on an H200)."""
+        kernels about as fast: with the kernel, its functionalization still adds a full copy of the (M, 2·de)
+        rows per layer (three when the kernel wrote into views of the gradient's halves; one since it gets whole
+        tensors): 8.1 + 4.0 ms per step at 65k tokens on an H200 against Inductor's 10.0 + 2.9 ms
+        (docs/benchmarks.md, 2026-12-03)."""
         if activation == "swiglu" and available(gu.device) and gu.stride(-1) == 1 and not torch.compiler.is_compiling():
             return _FusedSwiGLU.apply(gu)
         return glu_fused(activation, gu)

@@ -10,8 +10,8 @@
 # kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches, the
 # persistent layer, attention + o fused, key tiles before the wait and attention's slices merged by the
 # o-projection all measured slower or no better), moe (eager goal met: 0.866-0.883x at 16k, 0.954-0.969x at 65k;
-# compiled 0.80x at 16k, 0.848-0.867x at 65k tokens per step in four runs: at the threshold; next, a same-call A/B of
-# the Triton SwiGLU under compile, see docs), kernels/kernels24 (goals met with
+# compiled 0.80x at 16k, 0.848-0.867x at 65k tokens per step in four runs: at the threshold; moe64 now also times
+# the Triton SwiGLU under compile in the same call - not yet run), kernels/kernels24 (goals met with
 # bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
 # gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long

@@ -8,8 +8,9 @@ matmul side by side against a dense MLP of the same active FLOPs, in one run:
             bench/architectures.py measured it) of a dense model and of the MoE variants at equal active
             FLOPs per token (dense d_ff = top_k · d_expert): tokens/s and the MoE/dense ratios (goal >= 0.85x):
             vs_dense to the plain dense model (the baseline of the earlier 0.64-0.73x), vs_best_dense to
-            the faster of it and the dense model with the Triton SwiGLU; then (CUDA) the dense model and two
-            MoE variants under torch.compile (TrainConfig.compile), each against the compiled dense model
+            the faster of it and the dense model with the Triton SwiGLU; then (CUDA) the dense model and three
+            MoE variants under torch.compile (TrainConfig.compile; the last with the Triton SwiGLU under compile
+            too, TritonMoE.kernel_under_compile), each against the compiled dense model
             (--profile-step [eager|compiled] prints the kernel tables of that mode's first dense and MoE steps)
 3. profile  (CUDA) kernel tables of the dense MLP and of the TritonMoE layer (gemm auto) at the train
             section's layer shape: where the MoE's extra time goes
@@ -126,6 +127,16 @@ def _swap(kind: str):
     return prepare
 
 
+def _kernel_under_compile(model) -> None:
+    """_swap("moe"), then the Triton SwiGLU under torch.compile too (TritonMoE.kernel_under_compile)."""
+    from lmforge.kernels.moe import TritonMoE
+
+    _swap("moe")(model)
+    for m in model.modules():
+        if isinstance(m, TritonMoE):
+            m.kernel_under_compile = True
+
+
 def bench_train(s: dict, dev: str, args) -> list[dict]:
     """The real Trainer step (fused AdamW, bf16 autocast): eager, as the earlier MoE/dense ratios were
     measured, then (CUDA, --compiled) under torch.compile, as the GPU MFU benchmarks train."""
@@ -146,7 +157,9 @@ def bench_train(s: dict, dev: str, args) -> list[dict]:
     if dev == "cuda" and args.compiled:
         runs += [("dense, compiled", dense, None, True),
                  (f"{label}, torch dispatch, gemm torch, compiled", moe("torch"), None, True),
-                 (f"{label}, triton dispatch, gemm auto, compiled", moe("auto"), _swap("moe"), True)]
+                 (f"{label}, triton dispatch, gemm auto, compiled", moe("auto"), _swap("moe"), True),
+                 (f"{label}, triton dispatch, gemm auto, Triton SwiGLU, compiled", moe("auto"), _kernel_under_compile,
+                  True)]
     if args.train_rows:  # only the rows whose names hold one of these (the dense rows are always kept)
         keep = args.train_rows.split("|")
         runs = [r for r in runs if r[1] is dense or any(k in r[0] for k in keep)]

@@ -410,14 +410,18 @@ class TritonMoE(MoE):
         idx, w, scores = _Route.apply(logits, self.e_bias, self.k, m.score == "softmax", m.norm_topk, m.routed_scale)
         return idx, w, scores, logits
 
-    @staticmethod
-    def _act(activation: str, gu: torch.Tensor) -> torch.Tensor:
-        """The Triton SwiGLU in eager mode; under torch.compile the plain expression, which Inductor fuses into
-        kernels about as fast: with the kernel, its functionalization still adds a full copy of the (M, 2·de)
-        rows per layer (three when the kernel wrote into views of the gradient's halves; one since it gets whole
-        tensors): 8.1 + 4.0 ms per step at 65k tokens on an H200 against Inductor's 10.0 + 2.9 ms
-        (docs/benchmarks.md, 2026-12-03)."""
-        if activation == "swiglu" and available(gu.device) and gu.stride(-1) == 1 and not torch.compiler.is_compiling():
+    kernel_under_compile = False
+    """Whether the Triton SwiGLU also runs under torch.compile (set per module; bench/moe_kernels.py compares).
+    Off: Inductor fuses the plain expression about as fast, while with the kernel its functionalization still
+    adds a full copy of the (M, 2·de) rows per layer (three when the kernel wrote into views of the gradient's
+    halves; one since it gets whole tensors): 8.1 + 4.0 ms per step at 65k tokens on an H200 against Inductor's
+    10.0 + 2.9 ms (docs/benchmarks.md, 2026-12-03)."""
+
+    def _act(self, activation: str, gu: torch.Tensor) -> torch.Tensor:
+        """The Triton SwiGLU in eager mode (and under compile with kernel_under_compile); else the plain
+        expression."""
+        if (activation == "swiglu" and available(gu.device) and gu.stride(-1) == 1
+                and (self.kernel_under_compile or not torch.compiler.is_compiling())):
             return _FusedSwiGLU.apply(gu)
         return glu_fused(activation, gu)
 

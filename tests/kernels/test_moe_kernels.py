@@ -141,23 +141,27 @@ def test_fused_routing_falls_back_where_it_does_not_apply():
 
 def test_swiglu_is_the_triton_kernel_eager_and_the_plain_expression_under_compile(monkeypatch):
     """TritonMoE's SwiGLU: the Triton kernel in eager mode; under torch.compile the expression Inductor fuses
-    (its functionalization of the kernel's writes into two halves of one gradient copies the rows three times
-    per layer). Both give the same values and gradients."""
+    (with the kernel, its functionalization adds a copy of the rows per layer), unless the module's
+    kernel_under_compile is set. All give the same values and gradients."""
     if not km.available(DEV):
         pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+    layer = _pair("swiglu")[1]
     gu = torch.randn(24, 64, device=DEV, requires_grad=True)
     calls = []
     apply = km._FusedSwiGLU.apply
     monkeypatch.setattr(km._FusedSwiGLU, "apply", lambda t: calls.append(1) or apply(t))
-    eager = km.TritonMoE._act("swiglu", gu)
+    eager = layer._act("swiglu", gu)
     assert calls == [1]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = km.TritonMoE._act("swiglu", gu)
+    traced = layer._act("swiglu", gu)
     assert calls == [1]  # not the Triton kernel
     torch.testing.assert_close(traced, eager)
     g1, = torch.autograd.grad(eager.square().sum(), gu)
     g2, = torch.autograd.grad(traced.square().sum(), gu)
     torch.testing.assert_close(g2, g1)
+    layer.kernel_under_compile = True  # the bench's comparison row: the kernel under compile too
+    torch.testing.assert_close(layer._act("swiglu", gu), eager)
+    assert calls == [1, 1] and km.TritonMoE.kernel_under_compile is False
 
 
 def test_fused_swiglu_hands_the_kernel_whole_tensors(monkeypatch):

@@ -14,12 +14,6 @@ there" puts a one-program kernel that only waits for its predecessor (PDL) in th
 boundary alone costs at that point of the step; marginal - that = what the kind's own work adds beyond it.
 Bounds: a read-only stream (torch's sum over 2 GB of bf16) and one gemv over all the layers' weights stacked
 into one matrix (the step's weight stream with no kernel boundaries at all).
-
-    python bench/decode_parts.py --l2-ahead 2:1:0,2:1:8     # + the full step with attention asking L2 for the
-                                                            # next weights (KernelStep.l2_ahead), A/B in rounds
-
---l2-ahead variants are WHEN:O_FRACTION:GU_MB (KernelStep.l2_ahead); they are timed against the step without
-them in alternating rounds, and --tune then tunes with the fastest variant on.
 """
 
 from __future__ import annotations
@@ -154,44 +148,12 @@ def bounds(model, timed, dev) -> list[tuple[str, float, int]]:
     return rows
 
 
-def parse_ahead(text: str) -> list[tuple[int, float, float]]:
-    try:
-        out = [(int(w), float(o), float(g)) for w, o, g in (v.split(":") for v in text.split(","))]
-    except ValueError:
-        raise SystemExit(f"--l2-ahead wants WHEN:O_FRACTION:GU_MB[,...] (e.g. 2:1:0,2:1:8); got {text!r}") from None
-    return out
-
-
-def l2_ahead_ab(step: kstep.KernelStep, tok, pos, timed, text: str, rounds: int):
-    """The full step without and with each l2_ahead variant, in `rounds` alternating rounds (medians of each
-    variant's per-round times); prints a table, returns the fastest setting (None if none beats off)."""
-    variants = [None] + parse_ahead(text)
-    times = {v: [] for v in variants}
-    for _ in range(rounds):
-        for v in variants:
-            step.l2_ahead = v
-            times[v].append(timed(lambda: step.step(tok, pos)))
-    step.l2_ahead = None
-    import statistics
-
-    med = {v: statistics.median(t) for v, t in times.items()}
-    print(f"\nl2_ahead A/B ({rounds} rounds; when 1 start / 2 after the wait / 3 end, W_o fraction, gate/up MB):")
-    print(f"{'variant':<20} {'us per step':>12} {'tok/s':>7} {'vs off':>7}  per round")
-    for v in variants:
-        name = "off" if v is None else ":".join(f"{x:g}" for x in v)
-        print(f"{name:<20} {med[v] * 1e6:>12.1f} {1 / med[v]:>7.0f} {med[None] / med[v]:>6.3f}x  "
-              + " ".join(f"{t * 1e6:.1f}" for t in times[v]), flush=True)
-    return min(variants, key=lambda v: med[v])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="the tiny fp32 model (CPU check)")
     ap.add_argument("--context", type=int, default=384)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--tune", action="store_true", help="then tune the step's configs now (not saved) and time it")
-    ap.add_argument("--l2-ahead", default="", help="comma-separated WHEN:O_FRACTION:GU_MB variants to A/B")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --l2-ahead A/B")
     args = ap.parse_args()
     if args.context < 0 or args.reps < 1:
         ap.error(f"--context must be >= 0 and --reps >= 1; got {args.context} and {args.reps}")
@@ -237,9 +199,6 @@ def main() -> None:
     print(f"sum of marginals {sum(full - without[k] for k in KINDS) * 1e6:.1f} us of {full * 1e6:.1f}")
     for name, t, nbytes in rows:
         print(f"{name:<60} {t * 1e6:>9.1f} us {nbytes / t / 1e9:>7.0f} GB/s")
-    if args.l2_ahead:
-        best = l2_ahead_ab(step, tok, pos, timed, args.l2_ahead, args.rounds)
-        step.l2_ahead = best
     if args.tune and dev == "cuda":
         step.tune(context=args.context, save=False)
         t = timed(lambda: step.step(tok, pos))

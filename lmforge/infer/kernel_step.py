@@ -49,11 +49,6 @@ from lmforge.kernels.tuning import KernelConfigs, coordinate_descent, gpu_name
 PERSISTENT_DEFAULT = False
 """whether KernelStep runs each layer as one persistent launch by default (where the model allows it)"""
 
-L2_AHEAD_DEFAULT: tuple[int, float, float] | None = None
-"""KernelStep.l2_ahead's default: (when, fraction of W_o, MB of W_gate/W_up) that each layer's attention asks L2
-for while its chain of dependent loads leaves DRAM idle (lmforge.kernels.paged_attention's l2_ahead; when: 1 at
-its start, 2 after its PDL wait, 3 at its end), or None"""
-
 
 def unsupported(model) -> str | None:
     """Why this model cannot use the kernel step (None: it can)."""
@@ -150,7 +145,6 @@ class KernelStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._work = {}  # attention workspaces by (slice count, one head per program)
         self._layer_work = None  # the persistent layer kernel's buffers, made on first use
-        self.l2_ahead = L2_AHEAD_DEFAULT
 
     def keys(self) -> dict[tuple, tuple[tuple[int, ...], ...]]:
         """The shape keys this step's kernels look up (in the current mode), with their candidates."""
@@ -201,24 +195,13 @@ class KernelStep:
             pa.paged_decode_attention(self.q, kv.k[i], kv.v[i], kv.block_table, self.ctx, scale=attn.scale,
                                       softcap=attn.softcap, window=attn.window, sinks=attn.sinks, config=att,
                                       out=self.o, work=self._workspace(att), pdl=self.pdl,
-                                      early_positions=position if self.prefetch else None,
-                                      l2_ahead=self._ahead(wo, wgu))
+                                      early_positions=position if self.prefetch else None)
             kd.gemv(self.o.view(-1), wo, residual=x, out=x, config=c_o, **opts)
             kd.gemv(x, wgu[0], up=wgu[1], norm=g2, eps=eps, glu=True, out=self.h, config=c_gu, **opts)
             kd.gemv(self.h, wd, residual=x, out=x, config=c_down, **opts)
         kd.gemv(x, m.lm_head.weight, norm=m.final_norm.weight, eps=eps, out=self.logits.view(-1), config=c_head,
                 **opts)
         return self.logits
-
-    def _ahead(self, wo: torch.Tensor, wgu: tuple[torch.Tensor, torch.Tensor]):
-        """paged_decode_attention's l2_ahead for a layer: the first fraction of W_o and the first MB of the
-        gate and up projections (half each: the gate/up kernel's first programs read both), per self.l2_ahead."""
-        if not self.l2_ahead:
-            return None
-        when, o_frac, gu_mb = self.l2_ahead
-        head = lambda w, n: w.reshape(-1)[: max(0, min(int(n), w.numel()))]  # noqa: E731
-        ranges = [head(wo, wo.numel() * o_frac)] + [head(w, gu_mb * 2**19 / w.element_size()) for w in wgu]
-        return when, [r for r in ranges if r.numel()]
 
     def _run_persistent(self, token, position, kv: PagedKV, configs: KernelConfigs, opts: dict):
         """One step as 1 + L + 1 launches: the embedding (which also zeroes the layers' barrier counters),

@@ -127,13 +127,6 @@ def qkv_rope_ref(x, w, norm, eps: float, cos, sin, pos: int, pad: int, n_heads: 
                           block_table, qk_norm)
 
 
-def l2_chunk(nbytes: int, programs: int) -> int:
-    """Bytes each of `programs` programs prefetches so that together they cover nbytes (l2_ahead): a multiple
-    of 16, as the bulk prefetch needs."""
-    share = -(-max(nbytes, 1) // programs)
-    return -(-share // 16) * 16
-
-
 # kernels -----------------------------------------------------------------------------------------------
 if triton is not None:
 
@@ -198,21 +191,6 @@ if triton is not None:
         if BUMP:  # one program adds 1 to a counter no program reads (the cache's write slot): saves a launch
             if tl.program_id(0) == 0:
                 tl.atomic_add(bump_ptr, 1)
-
-    @triton.jit
-    def l2_ahead(ptr, nbytes, chunk, p, ON: tl.constexpr):
-        """Program p asks L2 for bytes [p·chunk, min((p+1)·chunk, nbytes)) of the byte range at ptr (an int8
-        pointer): one bulk prefetch (sm_90's cp.async.bulk.prefetch.L2, fire and forget) issued by the
-        program's first thread. A kernel whose own chain leaves DRAM idle (decode attention) calls it for the
-        weights the next kernels read, so those read them from L2. chunk: a multiple of 16 bytes (l2_chunk)."""
-        if ON:
-            lo = p * chunk
-            size = tl.minimum(chunk, nbytes - lo)
-            if size > 0:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred l2p; .reg .u32 l2t; mov.u32 l2t, %tid.x; setp.eq.u32 l2p, l2t, 0; "
-                    "@l2p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                    "=r,l,r", [ptr + lo, size.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _embed_kernel(ids_ptr, emb_ptr, out_ptr, zero_ptr, D, BLOCK: tl.constexpr, NZERO: tl.constexpr,

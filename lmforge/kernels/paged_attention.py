@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
 
 import torch
 
-from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, l2_chunk, triton
+from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, triton
 
 if triton is not None:
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    from lmforge.kernels.decode import l2_ahead
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -119,46 +116,31 @@ if triton is not None:
         return tl.sum(w[:, None] * o, 0) / den
 
     @triton.jit
-    def _l2_ranges(pid, a_ptr, a_n, a_chunk, b_ptr, b_n, b_chunk, c_ptr, c_n, c_chunk):
-        l2_ahead(a_ptr, a_n, a_chunk, pid, True)
-        l2_ahead(b_ptr, b_n, b_chunk, pid, True)
-        l2_ahead(c_ptr, c_n, c_chunk, pid, True)
-
-    @triton.jit
     def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
-                             part_o_ptr, part_ml_ptr, count_ptr, l2a_ptr, l2a_n, l2a_chunk, l2b_ptr, l2b_n,
-                             l2b_chunk, l2c_ptr, l2c_n, l2c_chunk,
+                             part_o_ptr, part_ml_ptr, count_ptr,
                              s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV,
                              GROUP: tl.constexpr, QPP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
                              HDP: tl.constexpr,
                              BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                              START: tl.constexpr, EARLY: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr,
-                             PDL: tl.constexpr, STAGES: tl.constexpr, L2_AHEAD: tl.constexpr):
+                             PDL: tl.constexpr, STAGES: tl.constexpr):
         """Program (b·H/QPP + head group, split) for QPP query heads: all GROUP heads of one kv head (every
         key read once), or one head (QPP = 1: GROUP times the programs, for short rows at batch 1, where
         parallelism matters more than re-reading keys from L2). GP >= 16 rows (QPP padded, tl.dot needs 16)
         by HDP >= 16 columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
         holds positions (context - 1) written before the previous kernel ran, and every key but the last
-        is from earlier steps, so the program reads them before its PDL wait and only the new key after.
-        L2_AHEAD (1 at the start, 2 after the PDL wait, 3 at the end; 0 off): the programs together ask L2
-        for up to three byte ranges (l2a/l2b/l2c: int8 pointer, bytes, bytes per program) - the weights the
-        next kernels read - while this kernel's chain of dependent loads leaves DRAM idle."""
+        is from earlier steps, so the program reads them before its PDL wait and only the new key after."""
         row, sp = tl.program_id(0), tl.program_id(1)
         b, first = row // (H // QPP), (row % (H // QPP)) * QPP  # batch row, first query head
         kvh = first // GROUP
-        pid = row * SPLITS + sp
         if PDL:  # launch the next kernel now
             gdc_launch_dependents()
-        if L2_AHEAD == 1:
-            _l2_ranges(pid, l2a_ptr, l2a_n, l2a_chunk, l2b_ptr, l2b_n, l2b_chunk, l2c_ptr, l2c_n, l2c_chunk)
         if EARLY:
             n = tl.load(ctx_ptr + b) + 1
         else:
             if PDL:  # wait for the previous kernel's results (q, the new key, the key count)
                 gdc_wait()
-            if L2_AHEAD == 2:
-                _l2_ranges(pid, l2a_ptr, l2a_n, l2a_chunk, l2b_ptr, l2b_n, l2b_chunk, l2c_ptr, l2c_n, l2c_chunk)
             n = tl.load(ctx_ptr + b)
         lo0 = 0
         if WINDOW:  # keys at positions <= (n - 1) - window are outside the window
@@ -184,8 +166,6 @@ if triton is not None:
                 v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, old, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
                 if PDL:
                     gdc_wait()
-                if L2_AHEAD == 2:
-                    _l2_ranges(pid, l2a_ptr, l2a_n, l2a_chunk, l2b_ptr, l2b_n, l2b_chunk, l2c_ptr, l2c_n, l2c_chunk)
                 new = ok & (s == n - 1)  # the new key, written by the previous kernel (zeros elsewhere)
                 k += _kv_tile(k_ptr, bt_ptr, b, s_bt, s, new, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
                 v += _kv_tile(v_ptr, bt_ptr, b, s_bt, s, new, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
@@ -242,8 +222,6 @@ if triton is not None:
                                       first + gi, SINKS)
                     tl.store(out_ptr + (b * H + first + gi) * HD + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
                 tl.store(count_ptr + row, 0)  # ready for the next call
-        if L2_AHEAD == 3:
-            _l2_ranges(pid, l2a_ptr, l2a_n, l2a_chunk, l2b_ptr, l2b_n, l2b_chunk, l2c_ptr, l2c_n, l2c_chunk)
 
 
 # None: chosen from the batch shape by default_config
@@ -296,17 +274,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
                            config: PagedConfig | None = None, out: torch.Tensor | None = None,
                            work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None,
-                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT,
-                           l2_ahead: tuple[int, Sequence[torch.Tensor]] | None = None) -> torch.Tensor:
+                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
     """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
     graphs or tune: `config` (slices, keys per tile, warps[, 1 = one query head per program]), `out`,
     `work` (from workspace(), sized for the config), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
     (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
     position, used instead of context_lens: written before the step began and with every other key from
-    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step), `l2_ahead`
-    ((when, tensors): 1 at the start, 2 after the PDL wait, 3 at the end; up to three contiguous tensors - the
-    next kernels' weights - the programs ask L2 for while attention's chain leaves DRAM idle; a hint, GPU
-    only, no effect on the result)."""
+    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step)."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"paged_decode_attention wants q (B, H, hd) and k/v caches (blocks, block_size, KV, hd) "
                          f"alike; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
@@ -334,41 +308,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         work = workspace(B, H, KV, hd, splits, q.device, per_head)
     work = work or (out, out, out)
     ctx = early_positions if early_positions is not None else context_lens
-    grid = (B * H // qpp, splits)
-    when, ranges = _l2_ranges_args(l2_ahead, grid[0] * grid[1], q)
-    _paged_attend_kernel[grid](
+    _paged_attend_kernel[(B * H // qpp, splits)](
         q, k_cache, v_cache, block_tables, ctx, start if start is not None else ctx,
         sinks if sinks is not None else q, out, work[0], work[1], work[2],
-        *ranges, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H, KV,
         GROUP=H // KV, QPP=qpp, GP=_pad(qpp), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
         BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
         START=start is not None, EARLY=early_positions is not None,
         F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        STAGES=stages, L2_AHEAD=when, num_warps=warps, **_launch_opts(pdl))
+        STAGES=stages, num_warps=warps, **_launch_opts(pdl))
     return out
-
-
-def _l2_ranges_args(l2_ahead, programs: int, dummy: torch.Tensor) -> tuple[int, list]:
-    """(L2_AHEAD, the kernel's nine range arguments) for paged_decode_attention's l2_ahead."""
-    when, tensors = l2_ahead if l2_ahead else (0, ())
-    if not 0 <= when <= 3 or len(tensors) > 3 or any(not t.is_contiguous() for t in tensors):
-        raise ValueError(f"l2_ahead wants (when in 0..3, up to three contiguous tensors); got {when} and "
-                         f"{[tuple(t.shape) for t in tensors]}")
-    if not _on_gpu(dummy) or not tensors:  # a hint for the GPU's L2; the interpreter has no such instruction
-        when = 0
-    args = []
-    for t in list(tensors) + [None] * (3 - len(tensors)):
-        if when == 0 or t is None:
-            args += [dummy, 0, 16]
-        else:
-            n = t.numel() * t.element_size() // 16 * 16  # the bulk prefetch moves multiples of 16 bytes
-            if t.data_ptr() % 16:
-                raise ValueError("l2_ahead's tensors must start on a 16-byte boundary")
-            args += [t.view(-1).view(torch.uint8), n, l2_chunk(n, programs)]
-    return when, args
-
-
-def _on_gpu(t: torch.Tensor) -> bool:
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"

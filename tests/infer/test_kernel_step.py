@@ -122,34 +122,6 @@ def _coarse(step: KernelStep) -> KernelConfigs:
     return configs
 
 
-def test_l2_ahead_asks_for_the_next_weights_and_keeps_the_logits():
-    """KernelStep.l2_ahead = (when, W_o fraction, gate/up MB): each layer's attention is handed the first bytes
-    of that layer's W_o and of its gate and up projections (views of the model's weights, no copies), the
-    programs' shares cover those ranges in 16-byte multiples, and the logits do not change."""
-    from lmforge.kernels.decode import l2_chunk
-    from lmforge.kernels.paged_attention import _l2_ranges_args
-
-    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
-    step = KernelStep(model, _paged_kv(model, 4, 4, seed=1))
-    step.configs = _coarse(step)
-    tok, pos = torch.tensor([3], device=DEV), torch.tensor([2], device=DEV)
-    want = step.step(tok, pos).clone()
-    step.l2_ahead = (2, 0.5, 1 / 256)  # half of W_o, 4 KB of the gate/up weights (2 KB of each)
-    wo, wgu = step.layers[0][2], step.layers[0][4]
-    when, ranges = step._ahead(wo, wgu)
-    half_kb = 2048 // wo.element_size()
-    assert when == 2 and [r.numel() for r in ranges] == [wo.numel() // 2, half_kb, half_kb]
-    assert [r.data_ptr() for r in ranges] == [wo.data_ptr(), wgu[0].data_ptr(), wgu[1].data_ptr()]
-    torch.testing.assert_close(step.step(tok, pos), want, atol=1e-5, rtol=1e-5)
-    for n, programs in ((8 << 20, 1024), (5000, 7), (16, 100), (48, 3)):
-        c = l2_chunk(n, programs)
-        assert c % 16 == 0 and c * programs >= n and (c - 16) * programs < n
-    with pytest.raises(ValueError, match="when in 0..3"):
-        _l2_ranges_args((4, [wo]), 8, wo)
-    with pytest.raises(ValueError, match="contiguous"):
-        _l2_ranges_args((2, [wo.t()]), 8, wo)
-
-
 def test_persistent_mode_keys_and_refusals():
     """The persistent mode looks up one layer shape and the head; QK-norm models are refused in it."""
     model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)

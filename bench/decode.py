@@ -227,7 +227,7 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
         if not (args.tune_step and dev.type == "cuda"):
             return None
         t0 = time.perf_counter()
-        step.tune(context=context, max_candidates=args.tune_candidates)
+        step.tune(contexts=(context, 2048), max_candidates=args.tune_candidates)
         return f"tuned now in {time.perf_counter() - t0:.0f}s"
 
     def first(llm: LLM) -> str:

@@ -14,6 +14,12 @@ there" puts a one-program kernel that only waits for its predecessor (PDL) in th
 boundary alone costs at that point of the step; marginal - that = what the kind's own work adds beyond it.
 Bounds: a read-only stream (torch's sum over 2 GB of bf16) and one gemv over all the layers' weights stacked
 into one matrix (the step's weight stream with no kernel boundaries at all).
+
+    python bench/decode_parts.py --attend 8x32x2x1,4x128x4x1   # + the full step with each attention config
+                                                               # (slices x keys per tile x warps[x per head]),
+                                                               # in alternating rounds
+    python bench/decode_parts.py --compare SET.json            # + the shipped set against another, likewise
+    python bench/decode_parts.py --tune --save-tuned SET.json  # + tune now at --context and 2,048 keys
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ def build(tiny: bool, context: int, dev: str):
     with torch.device(dev):
         model = Transformer(ModelConfig(**(TINY if tiny else LLAMA_1B))).to(dtype).eval()
     c, bs = model.cfg, 16
-    blocks = -(-(context + 1) // bs)
+    blocks = -(-((context if tiny else max(context, 2048)) + 1) // bs)  # room for --tune's 2,048 keys
     new = lambda: torch.randn(blocks, bs, c.kv_heads, c.hd, device=dev).to(dtype)  # noqa: E731
     kv = kstep.PagedKV(k=[new() for _ in model.blocks], v=[new() for _ in model.blocks],
                        block_table=torch.randperm(blocks, device=dev).to(torch.int32)[None])
@@ -148,26 +154,40 @@ def bounds(model, timed, dev) -> list[tuple[str, float, int]]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="the tiny fp32 model (CPU check)")
-    ap.add_argument("--context", type=int, default=384)
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--tune", action="store_true", help="then tune the step's configs now (not saved) and time it")
-    args = ap.parse_args()
-    if args.context < 0 or args.reps < 1:
-        ap.error(f"--context must be >= 0 and --reps >= 1; got {args.context} and {args.reps}")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if not kd.available(dev):
-        raise SystemExit("needs Triton on a GPU, or TRITON_INTERPRET=1 on CPU")
-    model, kv = build(args.tiny, args.context, dev)
-    if dev == "cuda":  # the shipped config sets (read only: --tune does not save)
-        os.environ.setdefault(CACHE_ENV, str(Path(__file__).parent / "configs" / "kernels"))
-    step = kstep.KernelStep(model, kv, persistent=False)  # the five kernels per layer the filter knows
-    print(f"configs: {'disk cache' if step.configs.gpu else 'defaults'} {step.configs.to_json()['configs']}")
-    tok = torch.zeros(1, dtype=torch.long, device=dev)
-    pos = torch.full((1,), args.context, dtype=torch.long, device=dev)
-    timed = timer(args.reps)
+def configs_ab(step: kstep.KernelStep, tok, pos, timed, attend: str, compare: str | None, rounds: int) -> None:
+    """The full step with each attention config in `attend` (the step's other configs as they are) and with
+    the whole set in the json `compare` (beside the shipped set), in `rounds` alternating rounds; prints each
+    variant's median and per-round times."""
+    import statistics
+
+    from lmforge.kernels.tuning import KernelConfigs
+
+    key = next(k for k in step.keys() if k[0] == "attend")
+    shipped = step.configs
+    variants = {}
+    try:
+        for c in filter(None, attend.split(",")):
+            variants[f"attend {c}"] = shipped.with_config(key, tuple(int(x) for x in c.split("x")))
+    except ValueError:
+        raise SystemExit(f"--attend wants configs like 8x32x2x1,4x128x4; got {attend!r}") from None
+    if compare:
+        variants["shipped set"] = shipped
+        variants[f"set {Path(compare).name[:40]}"] = KernelConfigs.load(Path(compare))
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, configs in variants.items():
+            step.configs = configs
+            times[name].append(timed(lambda: step.step(tok, pos)))
+    step.configs = shipped
+    print(f"\nconfig variants in the full step ({rounds} rounds; shipped attention {shipped.get(key)}):")
+    for name in variants:
+        med = statistics.median(times[name])
+        print(f"{name:<48} {med * 1e6:>9.1f} us {1 / med:>7.0f} tok/s  per round "
+              + " ".join(f"{t * 1e6:.1f}" for t in times[name]), flush=True)
+
+
+def parts_table(step, model, tok, pos, timed, dev) -> tuple[int, float | None]:
+    """Each kind left out, alone and nulled; the bounds. Prints the table; returns (weight bytes, read-stream B/s)."""
     f = Filter(step)
     with f:
         full = timed(lambda: step.step(tok, pos))
@@ -199,12 +219,47 @@ def main() -> None:
     print(f"sum of marginals {sum(full - without[k] for k in KINDS) * 1e6:.1f} us of {full * 1e6:.1f}")
     for name, t, nbytes in rows:
         print(f"{name:<60} {t * 1e6:>9.1f} us {nbytes / t / 1e9:>7.0f} GB/s")
+    return total, bw
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the tiny fp32 model (CPU check)")
+    ap.add_argument("--context", type=int, default=384)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--tune", action="store_true", help="then tune the step's configs now (not saved) and time it")
+    ap.add_argument("--attend", default="", help="comma-separated attention configs SxKxW[xP] to A/B in the full step")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --attend / --compare A/B")
+    ap.add_argument("--no-parts", action="store_true", help="skip the parts table and bounds (A/B or tune only)")
+    ap.add_argument("--compare", default=None, help="a KernelConfigs json to A/B against the shipped set")
+    ap.add_argument("--save-tuned", default=None, help="with --tune: write the tuned set to this json")
+    args = ap.parse_args()
+    if args.context < 0 or args.reps < 1:
+        ap.error(f"--context must be >= 0 and --reps >= 1; got {args.context} and {args.reps}")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not kd.available(dev):
+        raise SystemExit("needs Triton on a GPU, or TRITON_INTERPRET=1 on CPU")
+    model, kv = build(args.tiny, args.context, dev)
+    if dev == "cuda":  # the shipped config sets (read only: --tune does not save)
+        os.environ.setdefault(CACHE_ENV, str(Path(__file__).parent / "configs" / "kernels"))
+    step = kstep.KernelStep(model, kv, persistent=False)  # the five kernels per layer the filter knows
+    print(f"configs: {'disk cache' if step.configs.gpu else 'defaults'} {step.configs.to_json()['configs']}")
+    tok = torch.zeros(1, dtype=torch.long, device=dev)
+    pos = torch.full((1,), args.context, dtype=torch.long, device=dev)
+    timed = timer(args.reps)
+    total, bw = sum(weight_bytes(model).values()), None
+    if not args.no_parts:
+        total, bw = parts_table(step, model, tok, pos, timed, dev)
+    if args.attend or args.compare:
+        configs_ab(step, tok, pos, timed, args.attend, args.compare, args.rounds)
     if args.tune and dev == "cuda":
-        step.tune(context=args.context, save=False)
+        step.tune(contexts=(args.context, 2048), save=False)
+        if args.save_tuned:
+            step.configs.save(Path(args.save_tuned))
         t = timed(lambda: step.step(tok, pos))
         print(f"\nconfigs tuned now: {t * 1e6:.1f} us, {1 / t:.0f} tok/s" + (f", {total / bw / t:.1%} of the read stream"
               if bw else "") + f"; {json.dumps(step.configs.to_json()['configs'])}", flush=True)
-    if dev == "cuda":
+    if dev == "cuda" and not args.no_parts:
         from profiling import kernel_table
 
         step.capture()

@@ -24,7 +24,7 @@ captured in a CUDA graph. Public surface:
                   step (any torch op or copy; the attention kernels read them before their PDL wait)
     ks.capture(pool=None)               record step(ks.token, ks.position) in a CUDA graph (GPU)
     logits = ks.replay(token, position) copy the inputs into ks.token / ks.position, replay the graph
-    ks.tune(context=512)                time candidates on private scratch caches; save; use them
+    ks.tune(contexts=(512, 2048))       time candidates on private scratch caches; save; use them
 
 `unsupported(model)` names what the kernels do not cover (the model then decodes on the general path).
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -48,6 +49,10 @@ from lmforge.kernels.tuning import KernelConfigs, coordinate_descent, gpu_name
 
 PERSISTENT_DEFAULT = False
 """whether KernelStep runs each layer as one persistent launch by default (where the model allows it)"""
+
+TUNE_CONTEXTS = (512, 2048)
+"""the cached-key counts KernelStep.tune scores configs at by default: a set tuned at 384 keys alone decoded 9% slower
+at 2,048 than the best there (attention's slices: docs/benchmarks.md)"""
 
 
 def unsupported(model) -> str | None:
@@ -256,25 +261,24 @@ class KernelStep:
         return PagedKV(k=[new() for _ in self.layers], v=[new() for _ in self.layers], block_table=table)
 
     @torch.no_grad()
-    def tune(self, context: int = 512, rounds: int = 1, reps: int = 20, save: bool = True,
+    def tune(self, contexts: int | Sequence[int] = TUNE_CONTEXTS, rounds: int = 1, reps: int = 20, save: bool = True,
              max_candidates: int | None = None) -> dict[str, float]:
         """Choose every kernel's block configuration by timing the whole step captured in a CUDA graph
-        (coordinate descent, lmforge.kernels.tuning) at `context` keys, on scratch caches; adopt the set
-        and save it to the disk cache. Each candidate is JIT-compiled once: about a minute for the ~50
-        candidates of a Llama model. Returns {shape key: best seconds per step}."""
+        (coordinate descent, lmforge.kernels.tuning) at each of `contexts` keys, on scratch caches, scoring a
+        set by the geometric mean of its step times (each context counts alike: attention's best split of the
+        keys changes with their number); adopt the set and save it to the disk
+        cache. Each candidate is JIT-compiled once: one to two minutes for the ~60 candidates of a Llama
+        model at two contexts. Returns {shape key: best score in seconds}."""
         if not self.x.is_cuda:
             return {}
-        context = min(context, self.kv.max_positions)
-        kv = self._scratch(context)
+        contexts = sorted({max(1, min(c, self.kv.max_positions))
+                           for c in ((contexts,) if isinstance(contexts, int) else contexts)})
+        kv = self._scratch(contexts[-1])
         tok = torch.zeros(1, dtype=torch.long, device=self.x.device)
-        pos = torch.full((1,), context - 1, dtype=torch.long, device=self.x.device)  # the last scratch slot
+        # the last scratch slot of each context
+        positions = [torch.full((1,), c - 1, dtype=torch.long, device=self.x.device) for c in contexts]
 
-        def seconds(configs: KernelConfigs) -> float:
-            try:
-                self._run(tok, pos, kv, configs)  # compiles the candidate outside the capture
-            except Exception as e:  # noqa: BLE001  (e.g. a block shape this Triton cannot compile)
-                warnings.warn(f"kernel config candidate skipped: {type(e).__name__}: {str(e)[:200]}", stacklevel=2)
-                return float("inf")
+        def one(configs: KernelConfigs, pos: torch.Tensor) -> float:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._run(tok, pos, kv, configs)
@@ -285,6 +289,14 @@ class KernelStep:
                 graph.replay()
             torch.cuda.synchronize()
             return (time.perf_counter() - t0) / reps
+
+        def seconds(configs: KernelConfigs) -> float:
+            try:
+                self._run(tok, positions[0], kv, configs)  # compiles the candidate outside the capture
+            except Exception as e:  # noqa: BLE001  (e.g. a block shape this Triton cannot compile)
+                warnings.warn(f"kernel config candidate skipped: {type(e).__name__}: {str(e)[:200]}", stacklevel=2)
+                return float("inf")
+            return math.exp(sum(math.log(one(configs, pos)) for pos in positions) / len(positions))
 
         space = {k: c[:max_candidates] for k, c in self.keys().items()}
         self.configs, best = coordinate_descent(dataclasses.replace(self.configs, gpu=self.gpu), space, seconds, rounds)

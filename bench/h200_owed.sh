@@ -11,8 +11,8 @@
 # next matrices, attention asking for the next weights), the persistent layer, attention + o fused, key tiles before
 # the wait and attention's slices merged by the o-projection all measured slower or no better; --attend / --compare
 # A/B attention splits and whole config sets across --context), moe (eager goal met: 0.866-0.883x at 16k,
-# 0.954-0.969x at 65k; compiled 0.80x at 16k, 0.848-0.875x at 65k tokens per step in six runs: at the threshold; the
-# Triton SwiGLU under compile measured 0-0.8% faster in the same call, noise), kernels/kernels24 (goals met with
+# 0.954-0.969x at 65k; compiled 0.884-0.893x at 65k with the Triton SwiGLU under compile, now the default - owed:
+# the compiled ratio at 16k with it (0.80x before, Inductor's SwiGLU): the `moe` row), kernels/kernels24 (goals met with
 # bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
 # gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long

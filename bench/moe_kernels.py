@@ -9,8 +9,9 @@ matmul side by side against a dense MLP of the same active FLOPs, in one run:
             FLOPs per token (dense d_ff = top_k · d_expert): tokens/s and the MoE/dense ratios (goal >= 0.85x):
             vs_dense to the plain dense model (the baseline of the earlier 0.64-0.73x), vs_best_dense to
             the faster of it and the dense model with the Triton SwiGLU; then (CUDA) the dense model and three
-            MoE variants under torch.compile (TrainConfig.compile; the last with the Triton SwiGLU under compile
-            too, TritonMoE.kernel_under_compile), each against the compiled dense model
+            MoE variants under torch.compile (TrainConfig.compile; the last with Inductor's fusion of the
+            SwiGLU expression instead of the Triton kernel, TritonMoE.kernel_under_compile off), each against
+            the compiled dense model
             (--profile-step [eager|compiled] prints the kernel tables of that mode's first dense and MoE steps)
 3. profile  (CUDA) kernel tables of the dense MLP and of the TritonMoE layer (gemm auto) at the train
             section's layer shape: where the MoE's extra time goes
@@ -127,14 +128,15 @@ def _swap(kind: str):
     return prepare
 
 
-def _kernel_under_compile(model) -> None:
-    """_swap("moe"), then the Triton SwiGLU under torch.compile too (TritonMoE.kernel_under_compile)."""
+def _inductor_swiglu(model) -> None:
+    """_swap("moe"), then Inductor's fusion of the plain SwiGLU expression under torch.compile instead of the
+    Triton kernel (TritonMoE.kernel_under_compile off)."""
     from lmforge.kernels.moe import TritonMoE
 
     _swap("moe")(model)
     for m in model.modules():
         if isinstance(m, TritonMoE):
-            m.kernel_under_compile = True
+            m.kernel_under_compile = False
 
 
 def bench_train(s: dict, dev: str, args) -> list[dict]:
@@ -158,7 +160,7 @@ def bench_train(s: dict, dev: str, args) -> list[dict]:
         runs += [("dense, compiled", dense, None, True),
                  (f"{label}, torch dispatch, gemm torch, compiled", moe("torch"), None, True),
                  (f"{label}, triton dispatch, gemm auto, compiled", moe("auto"), _swap("moe"), True),
-                 (f"{label}, triton dispatch, gemm auto, Triton SwiGLU, compiled", moe("auto"), _kernel_under_compile,
+                 (f"{label}, triton dispatch, gemm auto, Inductor SwiGLU, compiled", moe("auto"), _inductor_swiglu,
                   True)]
     if args.train_rows:  # only the rows whose names hold one of these (the dense rows are always kept)
         keep = args.train_rows.split("|")

@@ -373,8 +373,9 @@ class _Route(torch.autograd.Function):
 class _FusedSwiGLU(torch.autograd.Function):
     """silu(gate)·up of the (M, 2·de) [gate | up] rows, read in place; the backward writes dgate and dup
     into one (M, 2·de) gradient (chunk's backward would concatenate two). The kernel gets whole tensors and
-    the up half's column offset, never views of their halves: under torch.compile a user kernel that writes
-    into views is functionalized into copies of the whole rows."""
+    the up half's column offset, never views of their halves, and writes dgate|dup through one pointer: under
+    torch.compile a user kernel that writes into views, or into one tensor passed as two written arguments, is
+    functionalized into copies of the whole rows."""
 
     @staticmethod
     def forward(ctx, gu):
@@ -410,15 +411,15 @@ class TritonMoE(MoE):
         idx, w, scores = _Route.apply(logits, self.e_bias, self.k, m.score == "softmax", m.norm_topk, m.routed_scale)
         return idx, w, scores, logits
 
-    kernel_under_compile = False
-    """Whether the Triton SwiGLU also runs under torch.compile (set per module; bench/moe_kernels.py compares).
-    Off: Inductor fuses the plain expression about as fast, while with the kernel its functionalization still
-    adds a full copy of the (M, 2·de) rows per layer (three when the kernel wrote into views of the gradient's
-    halves; one since it gets whole tensors): 8.1 + 4.0 ms per step at 65k tokens on an H200 against Inductor's
-    10.0 + 2.9 ms (docs/benchmarks.md, 2026-12-03)."""
+    kernel_under_compile = True
+    """Whether the Triton SwiGLU also runs under torch.compile (set per module; False = Inductor's fusion of the
+    plain expression, which bench/moe_kernels.py compares). With the kernel handed each tensor it writes once,
+    Inductor adds no copy around it, and the compiled MoE step at 65k tokens ran 2.0-2.8% faster than with
+    Inductor's expression (whose backward writes dgate|dup as one concatenation, reloading gate, up and dh for
+    each half): 141.0 / 143.2 vs 145.0 / 146.1 ms on an H200 (docs/benchmarks.md, 2026-12-03)."""
 
     def _act(self, activation: str, gu: torch.Tensor) -> torch.Tensor:
-        """The Triton SwiGLU in eager mode (and under compile with kernel_under_compile); else the plain
+        """The Triton SwiGLU (under torch.compile too unless kernel_under_compile is off); else the plain
         expression."""
         if (activation == "swiglu" and available(gu.device) and gu.stride(-1) == 1
                 and (self.kernel_under_compile or not torch.compiler.is_compiling())):

@@ -30,9 +30,10 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_kernel(g_ptr, u_ptr, dh_ptr, h_ptr, dg_ptr, du_ptr, N, s_g, s_u, s_dh, s_h, s_dg, s_du, u_off,
-                       du_off, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+                       du_off, BACKWARD: tl.constexpr, BLOCK: tl.constexpr, DU_IN_DG: tl.constexpr):
         """u_off / du_off: where up and dup start in their tensors (columns; nonzero when they are the second
-        half of the same tensor as gate / dgate)."""
+        half of the same tensor as gate / dgate). DU_IN_DG: dup is written into dg_ptr's tensor at du_off (du_ptr
+        unused), so the kernel writes through one pointer only."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < N
@@ -43,7 +44,11 @@ if triton is not None:
             dh = tl.load(dh_ptr + row * s_dh + cols, mask=m, other=0.0).to(tl.float32)
             dg = dh * u * sig * (1.0 + g * (1.0 - sig))
             tl.store(dg_ptr + row * s_dg + cols, dg.to(dg_ptr.dtype.element_ty), mask=m)
-            tl.store(du_ptr + du_off + row * s_du + cols, (dh * g * sig).to(du_ptr.dtype.element_ty), mask=m)
+            du = dh * g * sig
+            if DU_IN_DG:
+                tl.store(dg_ptr + du_off + row * s_dg + cols, du.to(dg_ptr.dtype.element_ty), mask=m)
+            else:
+                tl.store(du_ptr + du_off + row * s_du + cols, du.to(du_ptr.dtype.element_ty), mask=m)
         else:
             tl.store(h_ptr + row * s_h + cols, (g * sig * u).to(h_ptr.dtype.element_ty), mask=m)
 
@@ -58,14 +63,18 @@ def _launch(g2, u2, dh2, h2, dg2, du2, backward: bool, n: int | None = None, u_o
             du_off: int = 0) -> None:
     """Rows of 2-D tensors with unit column stride; n columns (g2's by default). up and dup may be the
     second halves of gate's and dgate's own tensors: pass those whole, with the column offsets u_off / du_off
-    (a kernel that writes into views of one tensor is copied around by torch.compile's functionalization)."""
+    (a kernel that writes into views of one tensor is copied around by torch.compile's functionalization).
+    The kernel is handed each tensor it writes once (dup into dgate's own tensor through one pointer: a tensor
+    passed as two written arguments is cloned for one of them under torch.compile); arguments it does not use
+    get a tensor it only reads."""
     M, N = g2.shape[0], n or g2.shape[1]
     block = min(triton.next_power_of_2(N), 2048)
     t = lambda a: a.stride(0) if a is not None else 0  # noqa: E731
+    same = backward and du2 is dg2
     _swiglu_kernel[(M, triton.cdiv(N, block))](
         g2, u2, dh2 if backward else g2, h2 if not backward else g2, dg2 if backward else g2,
-        du2 if backward else g2, N, t(g2), t(u2), t(dh2), t(h2), t(dg2), t(du2), u_off, du_off,
-        BACKWARD=backward, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+        du2 if backward and not same else g2, N, t(g2), t(u2), t(dh2), t(h2), t(dg2), t(du2), u_off, du_off,
+        BACKWARD=backward, BLOCK=block, DU_IN_DG=same, num_warps=4 if block <= 1024 else 8)
 
 
 class _SwiGLUFn(torch.autograd.Function):

@@ -139,10 +139,10 @@ def test_fused_routing_falls_back_where_it_does_not_apply():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_swiglu_is_the_triton_kernel_eager_and_the_plain_expression_under_compile(monkeypatch):
-    """TritonMoE's SwiGLU: the Triton kernel in eager mode; under torch.compile the expression Inductor fuses
-    (with the kernel, its functionalization adds a copy of the rows per layer), unless the module's
-    kernel_under_compile is set. All give the same values and gradients."""
+def test_swiglu_is_the_triton_kernel_eager_and_under_compile_unless_switched_off(monkeypatch):
+    """TritonMoE's SwiGLU: the Triton kernel in eager mode and under torch.compile; with the module's
+    kernel_under_compile off, the plain expression Inductor fuses under compile (the bench's comparison row).
+    All give the same values and gradients."""
     if not km.available(DEV):
         pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
     layer = _pair("swiglu")[1]
@@ -153,15 +153,15 @@ def test_swiglu_is_the_triton_kernel_eager_and_the_plain_expression_under_compil
     eager = layer._act("swiglu", gu)
     assert calls == [1]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(layer._act("swiglu", gu), eager)
+    assert calls == [1, 1] and km.TritonMoE.kernel_under_compile is True  # the kernel under compile too
+    layer.kernel_under_compile = False
     traced = layer._act("swiglu", gu)
-    assert calls == [1]  # not the Triton kernel
+    assert calls == [1, 1]  # not the Triton kernel
     torch.testing.assert_close(traced, eager)
     g1, = torch.autograd.grad(eager.square().sum(), gu)
     g2, = torch.autograd.grad(traced.square().sum(), gu)
     torch.testing.assert_close(g2, g1)
-    layer.kernel_under_compile = True  # the bench's comparison row: the kernel under compile too
-    torch.testing.assert_close(layer._act("swiglu", gu), eager)
-    assert calls == [1, 1] and km.TritonMoE.kernel_under_compile is False
 
 
 def test_fused_swiglu_hands_the_kernel_whole_tensors(monkeypatch):
@@ -181,10 +181,61 @@ def test_fused_swiglu_hands_the_kernel_whole_tensors(monkeypatch):
     assert fa[0] is fa[1] and whole(fa[0]) and fa[0].data_ptr() == gu.data_ptr()
     assert fkw == dict(backward=False, n=48, u_off=48)
     assert ba[0] is ba[1] and ba[4] is ba[5] and whole(ba[4]) and bkw == dict(backward=True, n=48, u_off=48, du_off=48)
+    # the kernel itself gets the gradient once, as dgate's pointer (dup written through it at the offset); a
+    # tensor handed as two written arguments is cloned for one of them under torch.compile
+    from lmforge.kernels import swiglu as ks
+
+    launches = []
+    kernel = ks._swiglu_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((a, kw)) or kernel[grid](*a, **kw)
+
+    monkeypatch.setattr(ks, "_swiglu_kernel", Spy())
+    torch.autograd.grad(km._FusedSwiGLU.apply(gu).square().sum(), gu)
+    (_, fwd_kw), (bwd, bwd_kw) = launches
+    assert not fwd_kw["DU_IN_DG"] and bwd_kw["DU_IN_DG"]
+    assert bwd[5] is not bwd[4] and bwd[5] is bwd[0]  # du_ptr: a tensor the kernel only reads
     ref = gu.detach().clone().requires_grad_()
     want = glu_fused("swiglu", ref)
     torch.testing.assert_close(h, want)
     torch.testing.assert_close(dgu, torch.autograd.grad(want.square().sum(), ref)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_swiglu_under_torch_compile_gpu():
+    """The Triton SwiGLU inside a torch.compile'd function (Inductor wraps the user kernel and functionalizes
+    what it writes): values and gradients equal eager's - both halves of dgate|dup - and the generated code
+    clones neither gate|up nor its gradient."""
+    from torch._inductor.utils import run_and_get_code
+
+    gu = torch.randn(512, 2 * 384, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dh = torch.randn(512, 384, device="cuda", dtype=torch.bfloat16)
+
+    def f(t):
+        h = km._FusedSwiGLU.apply(t)
+        return torch.autograd.grad(h, t, dh)[0], h
+
+    want = f(gu)
+    ref = gu.detach().float().requires_grad_()
+    h_ref = glu_fused("swiglu", ref)
+    torch.testing.assert_close(want[1].float(), h_ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(want[0].float(), torch.autograd.grad(h_ref, ref, dh.float())[0], atol=5e-2, rtol=2e-2)
+
+    compiled = torch.compile(km._FusedSwiGLU.apply, fullgraph=True)
+    x = gu.detach().clone().requires_grad_()
+
+    def step():
+        h = compiled(x)
+        (h.float() * dh.float()).sum().backward()  # compiles the backward graph
+        return h
+
+    got_h, code = run_and_get_code(step)
+    torch.testing.assert_close(got_h, want[1])
+    torch.testing.assert_close(x.grad, want[0])
+    assert not any("clone" in c for c in code), "a functionalization copy is left in the compiled code"
 
 
 @pytest.mark.gpu

@@ -2,10 +2,11 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode kernels kernels24 prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 18:50 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
+# (2026-12-03 19:40 UTC): megakernel (first run of the prototype that decides whether a CUDA megakernel is worth
+# building for the 80% goal), decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
 # step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
 # kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches (own rows,
 # next matrices, attention asking for the next weights), the persistent layer, attention + o fused, key tiles before
@@ -64,6 +65,9 @@ case "${1:-}" in
   align)     # issue 12: SFT -> RM -> DPO family, and distillation from a better teacher, at H200 sizes
     run align_compare 290 python bench/align_compare.py --device cuda
     run align_distill 290 python bench/align_distill.py --device cuda ;;
+  megakernel) # issue 14: the persistent warp-specialised decode prototype (bench/megakernel_proto.cu: 22 layers'
+             # GEMV chain with real dependencies + an attention stand-in of 0 / 2 / 4.5 us per layer); never run yet
+    nvcc -O3 -arch=sm_90a -o /tmp/mk bench/megakernel_proto.cu && run megakernel 60 /tmp/mk 0 2000 4500 ;;
   moe)       # issue 14: dropless MoE variants vs dense at equal active FLOPs (goal >= 0.85x), host vs GPU time
     run moe_host 80 python bench/moe_step_host.py --profile --out "$out/moe_step_host.json"
     run moe 300 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 260
@@ -71,5 +75,5 @@ case "${1:-}" in
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
     run parallel 540 python bench/parallel.py ;;
-  *) echo "usage: bash bench/h200_owed.sh gputests|engine|paged|hf|decode|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
+  *) echo "usage: bash bench/h200_owed.sh gputests|engine|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
 esac

@@ -5,7 +5,7 @@
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 19:40 UTC): megakernel (first run of the prototype that decides whether a CUDA megakernel is worth
+# (2026-12-03 19:35 UTC): megakernel (first run of the prototype that decides whether a CUDA megakernel is worth
 # building for the 80% goal), decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
 # step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
 # kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches (own rows,

@@ -419,10 +419,10 @@ class TritonMoE(MoE):
     each half): 141.0 / 143.2 vs 145.0 / 146.1 ms on an H200 (docs/benchmarks.md, 2026-12-03)."""
 
     def _act(self, activation: str, gu: torch.Tensor) -> torch.Tensor:
-        """The Triton SwiGLU (under torch.compile too unless kernel_under_compile is off); else the plain
-        expression."""
+        """The Triton SwiGLU (under torch.compile too, on a GPU, unless kernel_under_compile is off: Dynamo
+        cannot trace Triton's CPU interpreter); else the plain expression."""
         if (activation == "swiglu" and available(gu.device) and gu.stride(-1) == 1
-                and (self.kernel_under_compile or not torch.compiler.is_compiling())):
+                and ((self.kernel_under_compile and gu.is_cuda) or not torch.compiler.is_compiling())):
             return _FusedSwiGLU.apply(gu)
         return glu_fused(activation, gu)
 

@@ -217,6 +217,7 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
     """(name, setup(llm) -> note) of the kernel-step rows. The first row's configs come from
     --kernel-configs, --tune-step (tuned now, saved to the disk cache) or the disk cache; later rows
     reload them from disk or switch one launch option off (the ablations)."""
+    from lmforge.infer.kernel_step import TUNE_CONTEXTS
     from lmforge.kernels.tuning import KernelConfigs
 
     given = KernelConfigs.load(Path(args.kernel_configs)) if args.kernel_configs else None
@@ -227,7 +228,7 @@ def kernel_variants(args, dev: torch.device, context: int) -> list[tuple[str, ob
         if not (args.tune_step and dev.type == "cuda"):
             return None
         t0 = time.perf_counter()
-        step.tune(contexts=(context, 2048), max_candidates=args.tune_candidates)
+        step.tune(contexts=(context, TUNE_CONTEXTS[-1]), max_candidates=args.tune_candidates)
         return f"tuned now in {time.perf_counter() - t0:.0f}s"
 
     def first(llm: LLM) -> str:

@@ -70,7 +70,7 @@ def build(tiny: bool, context: int, dev: str):
     with torch.device(dev):
         model = Transformer(ModelConfig(**(TINY if tiny else LLAMA_1B))).to(dtype).eval()
     c, bs = model.cfg, 16
-    blocks = -(-((context if tiny else max(context, 2048)) + 1) // bs)  # room for --tune's 2,048 keys
+    blocks = -(-((context if tiny else max(context, kstep.TUNE_CONTEXTS[-1])) + 1) // bs)  # room for --tune's longest
     new = lambda: torch.randn(blocks, bs, c.kv_heads, c.hd, device=dev).to(dtype)  # noqa: E731
     kv = kstep.PagedKV(k=[new() for _ in model.blocks], v=[new() for _ in model.blocks],
                        block_table=torch.randperm(blocks, device=dev).to(torch.int32)[None])
@@ -253,7 +253,7 @@ def main() -> None:
     if args.attend or args.compare:
         configs_ab(step, tok, pos, timed, args.attend, args.compare, args.rounds)
     if args.tune and dev == "cuda":
-        step.tune(contexts=(args.context, 2048), save=False)
+        step.tune(contexts=(args.context, kstep.TUNE_CONTEXTS[-1]), save=False)
         if args.save_tuned:
             step.configs.save(Path(args.save_tuned))
         t = timed(lambda: step.step(tok, pos))

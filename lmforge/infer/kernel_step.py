@@ -55,6 +55,14 @@ TUNE_CONTEXTS = (512, 2048)
 at 2,048 than the best there (attention's slices: docs/benchmarks.md)"""
 
 
+def tune_contexts(contexts: int | Sequence[int], max_positions: int) -> list[int]:
+    """KernelStep.tune's key counts: sorted, distinct, each at most the cache's positions."""
+    values = [contexts] if isinstance(contexts, int) else list(contexts)
+    if not values or any(not isinstance(c, int) or c < 1 for c in values):
+        raise LmforgeError(f"tune contexts must be positive key counts, e.g. (512, 2048); got {contexts!r}")
+    return sorted({min(c, max_positions) for c in values})
+
+
 def unsupported(model) -> str | None:
     """Why this model cannot use the kernel step (None: it can)."""
     cfg = getattr(model, "cfg", None)
@@ -269,10 +277,9 @@ class KernelStep:
         keys changes with their number); adopt the set and save it to the disk
         cache. Each candidate is JIT-compiled once: one to two minutes for the ~60 candidates of a Llama
         model at two contexts. Returns {shape key: best score in seconds}."""
+        contexts = tune_contexts(contexts, self.kv.max_positions)
         if not self.x.is_cuda:
             return {}
-        contexts = sorted({max(1, min(c, self.kv.max_positions))
-                           for c in ((contexts,) if isinstance(contexts, int) else contexts)})
         kv = self._scratch(contexts[-1])
         tok = torch.zeros(1, dtype=torch.long, device=self.x.device)
         # the last scratch slot of each context

@@ -122,6 +122,21 @@ def _coarse(step: KernelStep) -> KernelConfigs:
     return configs
 
 
+def test_tune_contexts_are_clamped_and_bad_ones_named():
+    """KernelStep.tune's key counts: sorted, distinct, clamped to the cache; empty or non-positive ones refused
+    with the value named (the check runs before the GPU check, so it holds on CPU too)."""
+    from lmforge.infer.kernel_step import TUNE_CONTEXTS, tune_contexts
+
+    assert tune_contexts(TUNE_CONTEXTS, 4096) == [512, 2048]
+    assert tune_contexts((2048, 512, 4096), 1024) == [512, 1024] and tune_contexts(300, 8192) == [300]
+    for bad in ((), (0, 512), (512.0,)):
+        with pytest.raises(LmforgeError, match="positive key counts"):
+            tune_contexts(bad, 4096)
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
+    with pytest.raises(LmforgeError, match="got \\(\\)"):
+        KernelStep(model, _paged_kv(model, 4, 4, seed=1)).tune(contexts=())
+
+
 def test_persistent_mode_keys_and_refusals():
     """The persistent mode looks up one layer shape and the head; QK-norm models are refused in it."""
     model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)

@@ -5,15 +5,15 @@
 #     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-03 19:35 UTC): megakernel (first run of the prototype that decides whether a CUDA megakernel is worth
-# building for the 80% goal), decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
+# (2026-12-03 20:45 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
 # step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
 # kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches (own rows,
 # next matrices, attention asking for the next weights), the persistent layer, attention + o fused, key tiles before
 # the wait and attention's slices merged by the o-projection all measured slower or no better; --attend / --compare
-# A/B attention splits and whole config sets across --context), moe (eager goal met: 0.866-0.883x at 16k,
-# 0.954-0.969x at 65k; compiled 0.884-0.893x at 65k with the Triton SwiGLU under compile, now the default - owed:
-# the compiled ratio at 16k with it (0.80x before, Inductor's SwiGLU): the `moe` row), kernels/kernels24 (goals met with
+# A/B attention splits and whole config sets across --context), megakernel (the persistent warp-specialised CUDA
+# prototype: 54-62% of the read stream, its dependency chain alone 271 us per token - rerun after changing it; -D
+# flags vary the ring and the tiles), moe (eager goal met: 0.876x at 16k, 0.954-0.969x at 65k; compiled 0.803x at
+# 16k, 0.884-0.893x at 65k), kernels/kernels24 (goals met with
 # bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
 # gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long
@@ -66,8 +66,8 @@ case "${1:-}" in
     run align_compare 290 python bench/align_compare.py --device cuda
     run align_distill 290 python bench/align_distill.py --device cuda ;;
   megakernel) # issue 14: the persistent warp-specialised decode prototype (bench/megakernel_proto.cu: 22 layers'
-             # GEMV chain with real dependencies + an attention stand-in of 0 / 2 / 4.5 us per layer); never run yet
-    nvcc -O3 -arch=sm_90a -o /tmp/mk bench/megakernel_proto.cu && run megakernel 60 /tmp/mk 0 2000 4500 ;;
+             # GEMV chain with real dependencies + an attention stand-in of 0 / 2 / 4.5 us per layer; diagnostics)
+    nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/mk bench/megakernel_proto.cu && run megakernel 60 /tmp/mk 0 2000 4500 ;;
   moe)       # issue 14: dropless MoE variants vs dense at equal active FLOPs (goal >= 0.85x), host vs GPU time
     run moe_host 80 python bench/moe_step_host.py --profile --out "$out/moe_step_host.json"
     run moe 300 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 260

@@ -2,32 +2,37 @@
 // whether the schedule behind ~80% of memory bandwidth (issue 14's decode goal) is reachable on this GPU, before
 // anything is built into lmforge. Standalone (no torch):
 //
-//     nvcc -O3 -arch=sm_90a -o /tmp/mk bench/megakernel_proto.cu && /tmp/mk [attention_ns ...]
+//     nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/mk bench/megakernel_proto.cu && /tmp/mk [attention_ns ...]
 //
 // What it runs: the weight stream of the 1.1B Llama shape's 22 layers (per layer: q/k/v 2560 x 2048, o 2048 x
 // 2048, gate/up 2 x 5632 x 2048, down 2048 x 5632; bf16, 1.94 GB in all) as four GEMVs per layer with the real
 // dependencies between them (each consumes all of the previous one's output; RMSNorm folded into q/k/v and
-// gate/up, SwiGLU into gate/up, the residual adds into o and down), and attention as a stand-in: 32 per-head
-// tasks that wait for q/k/v, spin for `attention_ns` (the chain the Triton step's attention takes, ~4.5 us per
-// layer at 384 keys) and copy their head of q into the attention output. No RoPE, no KV cache, no head.
+// gate/up, SwiGLU into the down projection's input, the residual adds into o and down), and attention as a
+// stand-in: 32 per-head tasks that wait for q/k/v, spin for `attention_ns` (the chain the Triton step's attention
+// takes, ~4.5 us per layer at 384 keys) and copy their head of q into the attention output. No RoPE, no KV cache,
+// no head.
 //
 // The schedule (after Hazy Research's Llama-1B megakernel, 2025): one CTA per SM for the whole token. Each CTA
 // walks the same list of tiles (layer by layer, op by op, tiles t = sm, sm + #SMs, ...). One producer warp
 // streams the CTA's weight tiles into a ring of shared-memory stages with bulk asynchronous copies
 // (cp.async.bulk + mbarrier), never waiting for activations - weights do not depend on them - only for a
 // free stage. Consumer warps wait, per op, for a global counter saying every tile of the op it reads from is
-// done (acquire), read that op's output vector once into shared memory, then do their tiles' dot products from
-// the staged weights and add one to their op's counter (release). So DRAM keeps streaming the next ops'
-// weights while consumers wait out a dependency - what five separate kernels per layer cannot do past the
-// first tile each program loads before its PDL wait. Register budgets are per warp role, not per kernel.
+// done (acquire), load their slice of that op's output into registers, do their tiles' dot products from the
+// staged weights, add the partial sums into the outputs atomically, and add to their op's counter (release).
+// So DRAM keeps streaming the next ops' weights while consumers wait out a dependency - what five separate
+// kernels per layer cannot do past the first tile each program loads before its PDL wait.
 //
-// Each attention stand-in runs twice: weights streamed ahead (the design) and "gated" (the producer also waits for
-// each op's inputs before streaming its tiles, as separate kernels must past their first tile): the difference is
-// what the run-ahead buys.
+// Each attention stand-in runs in several modes: weights streamed ahead (the design), "gated" (the producer also
+// waits for each op's inputs before streaming its tiles, as separate kernels must past their first tile: the
+// difference is what the run-ahead buys), and diagnostics with wrong values on purpose (no input waits; nor input
+// reads; nor arithmetic; no weights at all - the dependency chain alone). A profiled launch then prints, per
+// SM, the time in each wait and role. What it measured (2026-12-03, one H200) is in docs/benchmarks.md.
 //
 // It prints the tokens per second of the kernel and of a plain read stream, checks the kernel's final
 // residual against a reference of simple kernels (one launch per op), and exits nonzero if a wait timed out
-// (every spin has a 200 ms watchdog, so a bug ends the run instead of hanging the GPU).
+// (every spin has a ~200 ms watchdog, so a bug ends the run instead of hanging the GPU).
+#define STR_(x) #x
+#define STR(x) STR_(x)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -35,6 +40,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #define CHECK(x)                                                                                  \
@@ -47,37 +53,81 @@
   } while (0)
 
 constexpr int D = 2048, QKV = 2560, FF = 5632, HD = 64, LAYERS = 22;  // 32 heads of 64
-constexpr int STAGES = 4, STAGE_BYTES = 48 * 1024;  // the weight ring: 192 KB of tiles in flight per SM
-constexpr int CONSUMER_WARPS = 8, THREADS = 32 * (CONSUMER_WARPS + 1);
+// the weight ring (192 KB per SM) and the rows per tile of each op, the best measured; -D... to vary them
+#ifndef RING_STAGES
+#define RING_STAGES 6
+#endif
+#ifndef STAGE_KB
+#define STAGE_KB 32
+#endif
+#ifndef ROWS_QKV
+#define ROWS_QKV 4
+#endif
+#ifndef ROWS_O
+#define ROWS_O 4
+#endif
+#ifndef GU_PAIRS
+#define GU_PAIRS 4
+#endif
+#ifndef ROWS_DOWN
+#define ROWS_DOWN 2
+#endif
+constexpr int STAGES = RING_STAGES, STAGE_BYTES = STAGE_KB * 1024;
+#ifndef ROW_GROUPS  // 8 consumer warps split the columns; ROW_GROUPS such groups split each tile's rows
+#define ROW_GROUPS 1
+#endif
+constexpr int COL_WARPS = 8, CONSUMER_WARPS = COL_WARPS * ROW_GROUPS, THREADS = 32 * (CONSUMER_WARPS + 1);
 constexpr int OPS = 5;  // per layer: 0 q/k/v, 1 attention (no weights), 2 o, 3 gate/up, 4 down
-constexpr long long WATCHDOG_NS = 200000000;
+constexpr long long WATCHDOG_CYCLES = 400000000;  // ~0.2 s
+#ifndef WATCH_EVERY  // polls between watchdog checks (each check reads the error flag from global memory)
+#define WATCH_EVERY 256
+#endif
 
-// outputs per tile (gate/up: 4 outputs = 4 gate rows + 4 up rows), the K (columns) of each op's rows, outputs
-__host__ __device__ constexpr int rows_of(int op) { return op == 1 ? HD : op == 0 || op == 2 ? 8 : 4; }
+// Each tile's rows are split by columns across the 8 consumer warps: warp w owns columns [w K/8, (w+1) K/8) of
+// every row of every tile of an op, so a lane keeps its slice of the op's input in registers for the whole op
+// (shared memory carries the weights only) and no barrier runs inside a tile. The warps' partial sums go into the
+// outputs by atomic adds (the residual for o and down; zeroed buffers for q/k/v and gate/up). SwiGLU is applied
+// when the down projection loads its input. Rows per tile (by default): q/k/v and o 4, gate/up 4 gate rows then
+// 4 up rows, down 2; then the K (columns) of each op's rows, and its outputs.
+__host__ __device__ constexpr int rows_of(int op) {
+  return op == 0 ? ROWS_QKV : op == 1 ? HD : op == 2 ? ROWS_O : op == 3 ? GU_PAIRS : ROWS_DOWN;
+}
 __host__ __device__ constexpr int kdim(int op) { return op == 1 ? 0 : op == 4 ? FF : D; }
 __host__ __device__ constexpr int nout(int op) { return op == 0 ? QKV : op == 3 ? FF : D; }
 __host__ __device__ constexpr int ntiles(int op) { return nout(op) / rows_of(op); }
 __host__ __device__ constexpr int tile_rows_in_w(int op) { return op == 3 ? 2 * rows_of(op) : rows_of(op); }
 __host__ __device__ constexpr int tile_bytes(int op) { return tile_rows_in_w(op) * kdim(op) * 2; }
 static_assert(tile_bytes(0) <= STAGE_BYTES && tile_bytes(3) <= STAGE_BYTES && tile_bytes(4) <= STAGE_BYTES, "");
+static_assert(D % (8 * COL_WARPS) == 0 && FF % (8 * COL_WARPS) == 0, "16-byte vectors per warp slice");
 
-struct Weights {  // per layer; gate/up interleaved by tiles: tile t = gate rows 4t..4t+3 then up rows 4t..4t+3
+struct Weights {  // per layer; gate/up interleaved by tiles: tile t = GU_PAIRS gate rows then the same up rows
   const __nv_bfloat16* w[OPS];
 };
 
 struct Args {
   Weights layer[LAYERS];
   float* x;                  // (D,) the residual stream, fp32, updated in place
-  float* qkv;                // (QKV,)
+  float* qkv;                // (2, QKV) by layer parity; op 0 adds into it, zeroed again by op 3 after attention
   float* attn;               // (D,)
-  float* h;                  // (FF,)
+  float* gu;                 // (2, 2 FF) gate then up pre-activations by layer parity; zeroed by the next op 0
   unsigned* counters;        // (LAYERS * OPS,) tiles done, cumulative over launches
   unsigned gen;              // this launch's number (1, 2, ...): op k of layer l is done at gen * ntiles(k)
   long long attention_ns;    // the attention stand-in's spin
   int gated;                 // 1: the producer too waits for each op's inputs before streaming its tiles (what
-                             // separate kernels do past their first tile): the A/B for the run-ahead
+                             // separate kernels do past their first tile): the A/B for the run-ahead. Diagnostics
+                             // (wrong values): 2 nobody waits for inputs; 3 nor reads the input vector; 4 nor
+                             // does the arithmetic (the ring's bare stream); 5 no weights at all: only the
+                             // chain of input waits, input reads and releases (the dependency chain's floor)
   int* error;                // set by a watchdog
+  unsigned long long* prof;  // (SMs, NPROF) clock cycles per role and wait, or null: see PROF_NAMES
 };
+constexpr int NPROF = 9;
+const char* PROF_NAMES[NPROF] = {"kernel",        "input waits",     "input loads+rms", "ring waits (full)",
+                                 "producer waits (empty)", "tile work", "op-end barrier", "attention",
+                                 "kernel (ns)"};
+__device__ __forceinline__ void prof_add(const Args& a, int field, long long v) {  // consumer thread 0 / producer
+  if (a.prof) a.prof[blockIdx.x * NPROF + field] += v;
+}
 
 // --- PTX helpers ------------------------------------------------------------------------------------------
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -106,14 +156,19 @@ __device__ __forceinline__ bool mbar_try_wait(unsigned bar, unsigned parity) {
       : "memory");
   return ok;
 }
+// true (and the error flag set) once a wait has spun past the watchdog or another wait fired; it looks only every
+// WATCH_EVERY polls, so a poll stays one load (a global read per poll would put a round trip in every wait)
+__device__ __forceinline__ bool watchdog(long long c0, unsigned& polls, int* error) {
+  if (++polls % WATCH_EVERY) return false;
+  if (clock64() - c0 <= WATCHDOG_CYCLES && !*(volatile int*)error) return false;
+  atomicExch(error, 1);
+  return true;
+}
 __device__ __forceinline__ bool mbar_wait(unsigned bar, unsigned parity, int* error) {
-  long long t0 = now_ns();
-  while (!mbar_try_wait(bar, parity)) {
-    if (now_ns() - t0 > WATCHDOG_NS || *(volatile int*)error) {
-      atomicExch(error, 1);
-      return false;
-    }
-  }
+  const long long c0 = clock64();
+  unsigned polls = 0;
+  while (!mbar_try_wait(bar, parity))
+    if (watchdog(c0, polls, error)) return false;
   return true;
 }
 __device__ __forceinline__ void bulk_copy(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
@@ -139,12 +194,10 @@ __device__ __forceinline__ bool wait_done(const Args& a, int dep_l, int dep_op) 
   if (dep_l < 0) return true;
   const unsigned* c = a.counters + dep_l * OPS + dep_op;
   const unsigned target = a.gen * ntiles(dep_op);
-  long long t0 = now_ns();
+  const long long c0 = clock64();
+  unsigned polls = 0;
   while (load_acquire(c) < target)
-    if (now_ns() - t0 > WATCHDOG_NS || *(volatile int*)a.error) {
-      atomicExch(a.error, 1);
-      return false;
-    }
+    if (watchdog(c0, polls, a.error)) return false;
   return true;
 }
 
@@ -152,14 +205,187 @@ __device__ __forceinline__ const __nv_bfloat16* tile_src(const Args& a, int laye
   return a.layer[layer].w[op] + (size_t)t * tile_rows_in_w(op) * kdim(op);
 }
 
+__device__ __forceinline__ float dot8(uint4 q, const float* x) {  // 8 bf16 weights . 8 fp32 inputs
+  // a bf16 is the top half of an fp32: the low one of a pair shifts up, the high one is masked
+  const unsigned u[4] = {q.x, q.y, q.z, q.w};
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    acc += __uint_as_float(u[j] << 16) * x[2 * j] + __uint_as_float(u[j] & 0xffff0000u) * x[2 * j + 1];
+  return acc;
+}
+
+// Sum R per-lane values over the warp's 32 lanes, halving the set at each step (R - 1 + log2(32 / R) shuffles
+// instead of 5 R): returns one row's sum; `row` is which, and lanes with lane % (32 / R) == 0 hold distinct rows.
+template <int C>  // one step: the lanes with bit `o` set keep the upper half of the C values, the others the lower
+__device__ __forceinline__ void halve(float* v, int lane, int o, int& row) {
+  const bool upper = lane & o;
+#pragma unroll
+  for (int j = 0; j < C / 2; ++j) {
+    const float send = upper ? v[j] : v[j + C / 2], keep = upper ? v[j + C / 2] : v[j];
+    v[j] = keep + __shfl_xor_sync(0xffffffff, send, o);
+  }
+  if (upper) row += C / 2;
+  if constexpr (C / 2 > 1) halve<C / 2>(v, lane, o / 2, row);
+}
+template <int R>
+__device__ __forceinline__ float warp_sums(float (&v)[R], int lane, int& row) {
+  static_assert(R >= 2 && R <= 32 && (R & (R - 1)) == 0, "R: a power of two up to 32");
+  row = 0;
+  halve<R>(v, lane, 16, row);
+#pragma unroll
+  for (int o = 16 / (R / 2) / 2; o; o >>= 1) v[0] += __shfl_xor_sync(0xffffffff, v[0], o);
+  return v[0];
+}
+
+struct Shared {  // what the consumer warps share besides the ring
+  unsigned char* ring;
+  unsigned long long *full, *empty;
+  float* partial;  // (CONSUMER_WARPS,) per-warp sums of squares for the RMS
+  int* stop;       // read by all consumers after a barrier: they leave together on a watchdog
+};
+
+// wait (thread 0) for the op this one reads; false when a watchdog fired (every consumer returns)
+__device__ __forceinline__ bool op_start(const Args& a, const Shared& sh, int l, int op) {
+  if (threadIdx.x == 0) {
+    const long long c0 = clock64();
+    // a watchdog elsewhere shows here as this wait's own (no read of the error flag per op: a round trip each)
+    *sh.stop = (a.gated < 2 || a.gated == 5) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? OPS - 1 : op - 1);
+    prof_add(a, 1, clock64() - c0);
+  }
+  consumers_sync();
+  return !*sh.stop;
+}
+// one release per op and SM for all its tiles (a gpu-scope release waits for the writes before it)
+__device__ __forceinline__ void op_end(const Args& a, int l, int op, int slot) {
+  const long long c0 = clock64();
+  consumers_sync();
+  if (threadIdx.x == 0) prof_add(a, 6, clock64() - c0);
+  if (threadIdx.x == 0) add_release(a.counters + l * OPS + op, (ntiles(op) - slot + gridDim.x - 1) / gridDim.x);
+}
+
+// one weight op of layer l on this SM's tiles; i counts the weight tiles consumed (the ring's position)
+template <int OP>
+__device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, unsigned& i) {
+  constexpr int K = kdim(OP), KP = K / COL_WARPS, NV = KP / 8, VL = (NV + 31) / 32;
+  constexpr int R = tile_rows_in_w(OP) / ROW_GROUPS;  // rows per warp: its group's share of the tile
+  const int lane = threadIdx.x % 32, sm = blockIdx.x, nsm = gridDim.x;
+  const int warp = threadIdx.x / 32 % COL_WARPS, group = threadIdx.x / 32 / COL_WARPS;  // columns, rows
+  if (!op_start(a, sh, l, OP)) return false;
+  const long long c_in = clock64();
+  // this lane's slice of the input: vectors v = lane + 32 j of the warp's columns, 8 floats each
+  float xs[VL][8];
+  const int col0 = warp * KP;
+#pragma unroll
+  for (int j = 0; j < VL; ++j) {
+    const int v = lane + 32 * j;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) xs[j][e] = 1.f;
+    if (v >= NV || a.gated == 3 || a.gated == 4) continue;
+    const int c = col0 + 8 * v;
+    float4 p0, p1;
+    if (OP == 4) {  // SwiGLU of the gate/up pre-activations
+      const float* g = a.gu + (l % 2) * 2 * FF + c;
+      const float4 g0 = __ldcg(reinterpret_cast<const float4*>(g)), g1 = __ldcg(reinterpret_cast<const float4*>(g + 4));
+      const float4 u0 = __ldcg(reinterpret_cast<const float4*>(g + FF));
+      const float4 u1 = __ldcg(reinterpret_cast<const float4*>(g + FF + 4));
+      auto sw = [](float gv, float uv) { return gv / (1.f + __expf(-gv)) * uv; };
+      p0 = make_float4(sw(g0.x, u0.x), sw(g0.y, u0.y), sw(g0.z, u0.z), sw(g0.w, u0.w));
+      p1 = make_float4(sw(g1.x, u1.x), sw(g1.y, u1.y), sw(g1.z, u1.z), sw(g1.w, u1.w));
+    } else {
+      const float* src = (OP == 2 ? a.attn : a.x) + c;
+      p0 = __ldcg(reinterpret_cast<const float4*>(src));
+      p1 = __ldcg(reinterpret_cast<const float4*>(src + 4));
+    }
+    xs[j][0] = p0.x, xs[j][1] = p0.y, xs[j][2] = p0.z, xs[j][3] = p0.w;
+    xs[j][4] = p1.x, xs[j][5] = p1.y, xs[j][6] = p1.z, xs[j][7] = p1.w;
+  }
+  if (OP == 0 || OP == 3) {  // RMSNorm: the slices cover x once
+    float ss = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ss += xs[0][e] * xs[0][e];
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    if (lane == 0 && group == 0) sh.partial[warp] = ss;
+    consumers_sync();
+    float tot = 0.f;
+#pragma unroll
+    for (int w = 0; w < COL_WARPS; ++w) tot += sh.partial[w];
+    const float inv = rsqrtf(tot / K + 1e-5f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) xs[0][e] *= inv;
+  }
+  if (threadIdx.x == 0) prof_add(a, 2, clock64() - c_in);
+  float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
+  for (int t = sm; t < (a.gated == 5 ? 0 : ntiles(OP)); t += nsm, ++i) {
+    const unsigned s = i % STAGES;
+    const long long c_w = clock64();
+    if (!mbar_wait(smem_addr(&sh.full[s]), (i / STAGES) & 1, a.error)) return false;
+    const long long c_t = clock64();
+    if (threadIdx.x == 0) prof_add(a, 3, c_t - c_w);
+    const uint4* w = reinterpret_cast<const uint4*>(sh.ring + s * STAGE_BYTES);
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    if (a.gated != 4) {
+#pragma unroll
+      for (int j = 0; j < VL; ++j) {
+        const int v = lane + 32 * j;
+        if (v < NV) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r] += dot8(w[(group * R + r) * (K / 8) + warp * NV + v], xs[j]);
+        }
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(smem_addr(&sh.empty[s]));  // every lane's reads of the stage are done
+    if (a.gated == 4) continue;
+    int row;
+    const float y = warp_sums<R>(acc, lane, row);
+    row += group * R;
+    if (lane % (32 / R) == 0) {
+      constexpr int P = rows_of(OP);
+      const int o = OP == 3 ? (row < P ? t * P + row : FF + t * P + row - P) : t * P + row;
+      atomicAdd(out + o, y);
+    }
+    if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
+  }
+  // zero what two ops later will add into, now that its readers are done: op 0 the gate/up buffer down read last
+  // layer, op 3 the q/k/v buffer attention read this layer
+  if (OP == 0 || OP == 3) {
+    float* z = OP == 0 ? a.gu + ((l + 1) % 2) * 2 * FF : a.qkv + (l % 2) * QKV;
+    const int n = OP == 0 ? 2 * FF : QKV;
+    for (int e = sm * 32 * CONSUMER_WARPS + threadIdx.x; e < n; e += nsm * 32 * CONSUMER_WARPS) z[e] = 0.f;
+  }
+  op_end(a, l, OP, sm);
+  return true;
+}
+
+// the attention stand-in: per head, the chain's latency, then q's head as the output; heads on the last SMs,
+// which have the fewest weight tiles of every op
+__device__ __forceinline__ bool attend(const Args& a, const Shared& sh, int l) {
+  const int slot = gridDim.x - 1 - blockIdx.x;
+  if (slot >= ntiles(1)) return true;
+  if (!op_start(a, sh, l, 1)) return false;
+  const long long c0 = clock64();
+  for (int t = slot; t < ntiles(1); t += gridDim.x) {
+    if (threadIdx.x == 0) {
+      long long t0 = now_ns();
+      while (now_ns() - t0 < a.attention_ns) {
+      }
+    }
+    consumers_sync();
+    if (threadIdx.x < HD) a.attn[t * HD + threadIdx.x] = __ldcg(a.qkv + (l % 2) * QKV + t * HD + threadIdx.x);
+  }
+  if (threadIdx.x == 0) prof_add(a, 7, clock64() - c0);
+  op_end(a, l, 1, slot);
+  return true;
+}
+
 // --- the persistent kernel --------------------------------------------------------------------------------
 __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* ring = smem;                                          // STAGES x STAGE_BYTES
-  float* vec = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES);  // the op's input vector (<= FF floats)
-  __shared__ float partial[2][CONSUMER_WARPS];  // per-warp dot products, double-buffered by tile
-  __shared__ float inv_rms;
-  __shared__ int stop;  // read by all consumers after a barrier: they leave together on a watchdog
+  __shared__ float partial[CONSUMER_WARPS];
+  __shared__ int stop;
   __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sm = blockIdx.x, nsm = gridDim.x;
   if (threadIdx.x == 0) {
@@ -172,119 +398,32 @@ __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
   __syncthreads();
 
   if (warp == CONSUMER_WARPS) {  // the producer: stream this CTA's weight tiles, in the consumers' order
-    if (lane != 0) return;
+    if (lane != 0 || a.gated == 5) return;
     unsigned i = 0;
     for (int l = 0; l < LAYERS; ++l)
       for (int op = 0; op < OPS; ++op) {
         if (kdim(op) == 0) continue;
-        if (a.gated && sm < ntiles(op) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? OPS - 1 : op - 1)) return;
+        if (a.gated == 1 && sm < ntiles(op) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? OPS - 1 : op - 1)) return;
         for (int t = sm; t < ntiles(op); t += nsm, ++i) {
           const unsigned s = i % STAGES, round = i / STAGES;
+          const long long c0 = clock64();
           if (round > 0 && !mbar_wait(smem_addr(&empty[s]), (round - 1) & 1, a.error)) return;
+          prof_add(a, 4, clock64() - c0);
           mbar_expect_tx(smem_addr(&full[s]), tile_bytes(op));
-          bulk_copy(smem_addr(ring + s * STAGE_BYTES), tile_src(a, l, op, t), tile_bytes(op), smem_addr(&full[s]));
+          bulk_copy(smem_addr(smem + s * STAGE_BYTES), tile_src(a, l, op, t), tile_bytes(op), smem_addr(&full[s]));
         }
       }
     return;
   }
 
-  // the consumers
-  const int ctid = threadIdx.x;  // 0 .. 32 * CONSUMER_WARPS - 1
-  unsigned i = 0;                // weight tiles consumed
+  const Shared sh{smem, full, empty, partial, &stop};
+  const long long c0 = clock64(), t0 = now_ns();
+  unsigned i = 0;  // weight tiles consumed
   for (int l = 0; l < LAYERS; ++l)
-    for (int op = 0; op < OPS; ++op) {
-      if (sm >= ntiles(op)) continue;  // no tile of this op here (attention has 32)
-      // wait until every tile of the op this one reads from is done (this launch's generation)
-      const int dep_l = op == 0 ? l - 1 : l, dep_op = op == 0 ? OPS - 1 : op - 1;
-      if (ctid == 0) {
-        wait_done(a, dep_l, dep_op);
-        stop = *(volatile int*)a.error;
-      }
-      consumers_sync();
-      if (stop) return;
-      if (op == 1) {  // attention stand-in: the chain's latency, then q's head as the output
-        for (int t = sm; t < ntiles(op); t += nsm) {
-          if (ctid == 0) {
-            long long t0 = now_ns();
-            while (now_ns() - t0 < a.attention_ns) {
-            }
-          }
-          consumers_sync();
-          if (ctid < HD) a.attn[t * HD + ctid] = __ldcg(a.qkv + t * HD + ctid);
-        }
-        consumers_sync();
-        if (ctid == 0) add_release(a.counters + l * OPS + op, (ntiles(op) - sm + nsm - 1) / nsm);
-        continue;
-      }
-      // the op's input vector, read once per op from L2 (.cg: other SMs wrote it), with its RMS for the normed ops
-      const int K = kdim(op);
-      const float* src = op == 0 || op == 3 ? a.x : op == 2 ? a.attn : a.h;
-      float ss = 0.f;
-      for (int k = ctid; k < K; k += 32 * CONSUMER_WARPS) {
-        float v = __ldcg(src + k);
-        vec[k] = v;
-        ss += v * v;
-      }
-      if (op == 0 || op == 3) {
-        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-        if (lane == 0) partial[0][warp] = ss;
-        consumers_sync();
-        if (ctid == 0) {
-          float tot = 0.f;
-          for (int w = 0; w < CONSUMER_WARPS; ++w) tot += partial[0][w];
-          inv_rms = rsqrtf(tot / K + 1e-5f);
-        }
-      }
-      consumers_sync();
-      const int wrows = tile_rows_in_w(op), splits = CONSUMER_WARPS / wrows;  // warps per weight row
-      for (int t = sm; t < ntiles(op); t += nsm, ++i) {
-        const unsigned s = i % STAGES;
-        if (!mbar_wait(smem_addr(&full[s]), (i / STAGES) & 1, a.error)) return;
-        const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(ring + s * STAGE_BYTES);
-        // warp -> (row, part of the row); 8-element (16-byte) vectors, lanes interleaved
-        const int row = warp % wrows, part = warp / wrows, span = K / splits;
-        const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)row * K + part * span);
-        const float4* xv = reinterpret_cast<const float4*>(vec + part * span);  // 16-byte reads: few bank conflicts
-        float acc = 0.f;
-        for (int v = lane; v < span / 8; v += 32) {
-          const uint4 q = wr[v];
-          const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&q);
-          const float4 x0 = xv[2 * v], x1 = xv[2 * v + 1];
-          const float2 f0 = __bfloat1622float2(p[0]), f1 = __bfloat1622float2(p[1]);
-          const float2 f2 = __bfloat1622float2(p[2]), f3 = __bfloat1622float2(p[3]);
-          acc += f0.x * x0.x + f0.y * x0.y + f1.x * x0.z + f1.y * x0.w;
-          acc += f2.x * x1.x + f2.y * x1.y + f3.x * x1.z + f3.y * x1.w;
-        }
-        for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, o);
-        __syncwarp();
-        float* part_buf = partial[i & 1];  // tile i+1 writes the other buffer while this one's epilogue reads
-        if (lane == 0) {
-          part_buf[warp] = acc;
-          mbar_arrive(smem_addr(&empty[s]));  // this warp is done with the stage
-        }
-        consumers_sync();
-        if (ctid < rows_of(op)) {  // one thread per output row: sum the row's parts, then the epilogue
-          auto rowsum = [&](int r) {
-            float y = 0.f;
-            for (int p2 = 0; p2 < splits; ++p2) y += part_buf[p2 * wrows + r];
-            return y;
-          };
-          const int r = t * rows_of(op) + ctid;
-          if (op == 0) {
-            a.qkv[r] = rowsum(ctid) * inv_rms;
-          } else if (op == 3) {
-            const float g = rowsum(ctid) * inv_rms, u = rowsum(rows_of(op) + ctid) * inv_rms;
-            a.h[r] = g / (1.f + __expf(-g)) * u;
-          } else {
-            a.x[r] = __ldcg(a.x + r) + rowsum(ctid);
-          }
-        }
-      }
-      // one release per op and SM for all its tiles (a gpu-scope release waits for the writes before it:
-      // once per tile it would stall every tile)
-      consumers_sync();
-      if (ctid == 0) add_release(a.counters + l * OPS + op, (ntiles(op) - sm + nsm - 1) / nsm);
-    }
+    if (!consume<0>(a, sh, l, i) || !attend(a, sh, l) || !consume<2>(a, sh, l, i) || !consume<3>(a, sh, l, i) ||
+        !consume<4>(a, sh, l, i))
+      return;
+  if (threadIdx.x == 0) prof_add(a, 0, clock64() - c0), prof_add(a, 8, now_ns() - t0);
 }
 
 // --- the reference: one plain launch per op --------------------------------------------------------------
@@ -311,8 +450,8 @@ __global__ void ref_op(int op, const __nv_bfloat16* W, const float* v, const flo
     return acc;
   };
   if (op == 3) {
-    const int t = r / rows_of(3), j = r % rows_of(3);
-    const float g = dot((long long)t * 8 + j) * *inv, u = dot((long long)t * 8 + 4 + j) * *inv;
+    const int t = r / GU_PAIRS, j = r % GU_PAIRS;
+    const float g = dot((long long)t * 2 * GU_PAIRS + j) * *inv, u = dot((long long)t * 2 * GU_PAIRS + GU_PAIRS + j) * *inv;
     out[r] = g / (1.f + expf(-g)) * u;
   } else if (op == 0) {
     out[r] = dot(r) * *inv;
@@ -358,12 +497,16 @@ int main(int argc, char** argv) {
       a.layer[l].w[op] = wbuf + off;
       off += per_layer[op];
     }
-  float *x, *x0, *qkv, *attn, *h, *inv;
+  float *x, *x0, *qkv, *attn, *h, *inv, *kqkv, *gu;
   CHECK(cudaMalloc(&x, D * 4));
   CHECK(cudaMalloc(&x0, D * 4));
   CHECK(cudaMalloc(&qkv, QKV * 4));
   CHECK(cudaMalloc(&attn, D * 4));
   CHECK(cudaMalloc(&h, FF * 4));
+  CHECK(cudaMalloc(&kqkv, 2 * QKV * 4));  // the kernel's buffers start zeroed; it leaves them so
+  CHECK(cudaMemset(kqkv, 0, 2 * QKV * 4));
+  CHECK(cudaMalloc(&gu, 4 * FF * 4));
+  CHECK(cudaMemset(gu, 0, 4 * FF * 4));
   CHECK(cudaMalloc(&inv, 4));
   std::vector<float> hx(D);
   for (int k = 0; k < D; ++k) hx[k] = sinf(0.37f * k) + 0.1f;
@@ -374,8 +517,8 @@ int main(int argc, char** argv) {
   CHECK(cudaMemset(counters, 0, LAYERS * OPS * 4));
   CHECK(cudaMalloc(&error, 4));
   CHECK(cudaMemset(error, 0, 4));
-  a.x = x, a.qkv = qkv, a.attn = attn, a.h = h, a.counters = counters, a.error = error;
-  const int smem = STAGES * STAGE_BYTES + FF * 4;
+  a.x = x, a.qkv = kqkv, a.attn = attn, a.gu = gu, a.counters = counters, a.error = error;
+  const int smem = STAGES * STAGE_BYTES;
   CHECK(cudaFuncSetAttribute(decode_token, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
   CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_token, THREADS, smem));
@@ -447,8 +590,33 @@ int main(int argc, char** argv) {
     waits.clear();
     for (int j = 1; j < argc; ++j) waits.push_back(atoll(argv[j]));
   }
+  const char* modes[6] = {"ahead (ring " STR(RING_STAGES) " x " STR(STAGE_KB) " KB)", "after each op's inputs are ready",
+                         "diag: no input waits", "diag: + no input vector", "diag: + no arithmetic", "diag: dependency chain only"};
+  // a profiled launch: per SM, clock cycles in each wait and role (thread 0 of the consumers; the producer's lane)
+  unsigned long long* prof;
+  CHECK(cudaMalloc(&prof, nsm * NPROF * 8));
+  auto profile = [&](long long ns, int gated) {
+    CHECK(cudaMemset(prof, 0, nsm * NPROF * 8));
+    a.prof = prof;
+    launch(ns, gated);
+    CHECK(cudaDeviceSynchronize());
+    a.prof = nullptr;
+    std::vector<unsigned long long> h(nsm * NPROF);
+    CHECK(cudaMemcpy(h.data(), prof, h.size() * 8, cudaMemcpyDeviceToHost));
+    std::vector<double> mean(NPROF, 0), mx(NPROF, 0);
+    for (int m = 0; m < nsm; ++m)
+      for (int f = 0; f < NPROF; ++f) mean[f] += h[m * NPROF + f] / (double)nsm, mx[f] = fmax(mx[f], h[m * NPROF + f]);
+    const double us_per_cycle = mean[8] / mean[0] / 1e3;  // from the kernel's own clock and timer
+    char line[1024];
+    int n = snprintf(line, sizeof line, "profile at attention %lld ns (us per token, mean / max over SMs):", ns);
+    for (int f = 0; f < NPROF - 1; ++f)
+      n += snprintf(line + n, sizeof line - n, "\n    %-24s %7.1f / %7.1f", PROF_NAMES[f], mean[f] * us_per_cycle,
+                    mx[f] * us_per_cycle);
+    return std::string(line);
+  };
+  std::vector<std::string> profiles;
   for (long long ns : waits)
-    for (int gated = 0; gated < 2; ++gated) {
+    for (int gated = 0; gated < 6; ++gated) {
       launch(ns, gated);
       CHECK(cudaEventRecord(e0));
       for (int r = 0; r < reps; ++r) launch(ns, gated);
@@ -460,8 +628,10 @@ int main(int argc, char** argv) {
       }
       CHECK(cudaEventElapsedTime(&ms, e0, e1));
       const double us = ms * 1e3 / reps;
-      printf("%-14lld %-34s %10.1f %10.0f %11.1f%%\n", ns, gated ? "after each op's inputs are ready" : "ahead (ring of 4 stages)",
+      printf("%-14lld %-34s %10.1f %10.0f %11.1f%%\n", ns, modes[gated],
              us, 1e6 / us, 100.0 * stream_us / us);
+      if (gated == 0) profiles.push_back(profile(ns, gated));
     }
+  for (auto& p : profiles) printf("%s\n", p.c_str());
   return 0;
 }

@@ -78,6 +78,17 @@ constexpr int STAGES = RING_STAGES, STAGE_BYTES = STAGE_KB * 1024;
 #endif
 constexpr int COL_WARPS = 8, CONSUMER_WARPS = COL_WARPS * ROW_GROUPS, THREADS = 32 * (CONSUMER_WARPS + 1);
 constexpr int OPS = 5;  // per layer: 0 q/k/v, 1 attention (no weights), 2 o, 3 gate/up, 4 down
+// -DFUSED_MLP=1: op 3 is gate/up and down in one (one dependency fewer per layer): a tile holds MLP_PAIRS gate rows,
+// the same up rows and the same columns of down (stored transposed, as rows); each SM adds its tiles' down
+// projections into the residual once, at the op's end. Op 4 is then empty.
+#ifndef FUSED_MLP
+#define FUSED_MLP 0
+#endif
+#ifndef MLP_PAIRS
+#define MLP_PAIRS 2
+#endif
+constexpr int LAST_OP = FUSED_MLP ? 3 : 4;
+static_assert(!FUSED_MLP || ROW_GROUPS == 1, "the fused MLP keeps one row group");
 constexpr long long WATCHDOG_CYCLES = 400000000;  // ~0.2 s
 #ifndef WATCH_EVERY  // polls between watchdog checks (each check reads the error flag from global memory)
 #define WATCH_EVERY 256
@@ -94,8 +105,12 @@ __host__ __device__ constexpr int rows_of(int op) {
 }
 __host__ __device__ constexpr int kdim(int op) { return op == 1 ? 0 : op == 4 ? FF : D; }
 __host__ __device__ constexpr int nout(int op) { return op == 0 ? QKV : op == 3 ? FF : D; }
-__host__ __device__ constexpr int ntiles(int op) { return nout(op) / rows_of(op); }
-__host__ __device__ constexpr int tile_rows_in_w(int op) { return op == 3 ? 2 * rows_of(op) : rows_of(op); }
+__host__ __device__ constexpr int ntiles(int op) {
+  return FUSED_MLP && op == 4 ? 0 : FUSED_MLP && op == 3 ? FF / MLP_PAIRS : nout(op) / rows_of(op);
+}
+__host__ __device__ constexpr int tile_rows_in_w(int op) {
+  return FUSED_MLP && op == 3 ? 3 * MLP_PAIRS : op == 3 ? 2 * rows_of(op) : rows_of(op);
+}
 __host__ __device__ constexpr int tile_bytes(int op) { return tile_rows_in_w(op) * kdim(op) * 2; }
 static_assert(tile_bytes(0) <= STAGE_BYTES && tile_bytes(3) <= STAGE_BYTES && tile_bytes(4) <= STAGE_BYTES, "");
 static_assert(D % (8 * COL_WARPS) == 0 && FF % (8 * COL_WARPS) == 0, "16-byte vectors per warp slice");
@@ -111,6 +126,7 @@ struct Args {
   float* attn;               // (D,)
   float* gu;                 // (2, 2 FF) gate then up pre-activations by layer parity; zeroed by the next op 0
   unsigned* counters;        // (LAYERS * OPS,) tiles done, cumulative over launches
+  unsigned* reads;           // (LAYERS,) fused MLP: SMs that have read the op's input x (before any adds into it)
   unsigned gen;              // this launch's number (1, 2, ...): op k of layer l is done at gen * ntiles(k)
   long long attention_ns;    // the attention stand-in's spin
   int gated;                 // 1: the producer too waits for each op's inputs before streaming its tiles (what
@@ -189,11 +205,13 @@ __device__ __forceinline__ void consumers_sync() {  // named barrier 1: the cons
   asm volatile("bar.sync 1, %0;" ::"n"(32 * CONSUMER_WARPS) : "memory");
 }
 
+__device__ __forceinline__ bool wait_count(const Args& a, const unsigned* c, unsigned target);
 // wait (one thread) until every tile of op `dep_op` of layer `dep_l` is done in this launch; false on a watchdog
 __device__ __forceinline__ bool wait_done(const Args& a, int dep_l, int dep_op) {
   if (dep_l < 0) return true;
-  const unsigned* c = a.counters + dep_l * OPS + dep_op;
-  const unsigned target = a.gen * ntiles(dep_op);
+  return wait_count(a, a.counters + dep_l * OPS + dep_op, a.gen * ntiles(dep_op));
+}
+__device__ __forceinline__ bool wait_count(const Args& a, const unsigned* c, unsigned target) {
   const long long c0 = clock64();
   unsigned polls = 0;
   while (load_acquire(c) < target)
@@ -242,6 +260,7 @@ struct Shared {  // what the consumer warps share besides the ring
   unsigned char* ring;
   unsigned long long *full, *empty;
   float* partial;  // (CONSUMER_WARPS,) per-warp sums of squares for the RMS
+  float* mlp;      // (2, COL_WARPS, 2 MLP_PAIRS) fused MLP: the warps' gate/up partial sums, by tile parity
   int* stop;       // read by all consumers after a barrier: they leave together on a watchdog
 };
 
@@ -250,7 +269,7 @@ __device__ __forceinline__ bool op_start(const Args& a, const Shared& sh, int l,
   if (threadIdx.x == 0) {
     const long long c0 = clock64();
     // a watchdog elsewhere shows here as this wait's own (no read of the error flag per op: a round trip each)
-    *sh.stop = (a.gated < 2 || a.gated == 5) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? OPS - 1 : op - 1);
+    *sh.stop = (a.gated < 2 || a.gated == 5) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? LAST_OP : op - 1);
     prof_add(a, 1, clock64() - c0);
   }
   consumers_sync();
@@ -264,11 +283,75 @@ __device__ __forceinline__ void op_end(const Args& a, int l, int op, int slot) {
   if (threadIdx.x == 0) add_release(a.counters + l * OPS + op, (ntiles(op) - slot + gridDim.x - 1) / gridDim.x);
 }
 
+// The fused MLP's tiles (op 3 with FUSED_MLP): per tile, the gate/up dot products of its MLP_PAIRS rows (columns
+// split over the warps, as in consume), one barrier to sum the warps' parts, SwiGLU, then each thread's 8 columns of
+// the tile's down rows scaled by h; the down sums stay in registers over the SM's tiles and go into the residual at
+// the end, once every SM has read x (the op's input).
+__device__ __forceinline__ bool mlp_tiles(const Args& a, const Shared& sh, int l, unsigned& i, const float* xs) {
+  constexpr int P = MLP_PAIRS, R = 2 * P, KV = D / 8;  // 16-byte vectors per row
+  static_assert(32 * CONSUMER_WARPS * 8 == D, "a thread per 8 columns of the down projection");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sm = blockIdx.x, nsm = gridDim.x;
+  if (threadIdx.x == 0) add_release(a.reads + l, 1);  // every thread has read x (the RMS barrier)
+  float y[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  unsigned buf = 0;
+  for (int t = sm; t < (a.gated == 5 ? 0 : ntiles(3)); t += nsm, ++i, buf ^= 1) {
+    const unsigned s = i % STAGES;
+    const long long c_w = clock64();
+    if (!mbar_wait(smem_addr(&sh.full[s]), (i / STAGES) & 1, a.error)) return false;
+    const long long c_t = clock64();
+    if (threadIdx.x == 0) prof_add(a, 3, c_t - c_w);
+    const uint4* w = reinterpret_cast<const uint4*>(sh.ring + s * STAGE_BYTES);
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = a.gated == 4 ? 0.f : dot8(w[r * KV + warp * 32 + lane], xs);
+    int row;
+    const float v = warp_sums<R>(acc, lane, row);
+    float* part = sh.mlp + buf * COL_WARPS * R;
+    if (lane % (32 / R) == 0) part[warp * R + row] = v;
+    consumers_sync();
+    float h[P];
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      float g = 0.f, u = 0.f;
+#pragma unroll
+      for (int w8 = 0; w8 < COL_WARPS; ++w8) g += part[w8 * R + j], u += part[w8 * R + P + j];
+      h[j] = g / (1.f + __expf(-g)) * u;
+    }
+    if (a.gated != 4) {
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const uint4 q = w[(R + j) * KV + threadIdx.x];
+        const unsigned u4[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          y[2 * e] += __uint_as_float(u4[e] << 16) * h[j];
+          y[2 * e + 1] += __uint_as_float(u4[e] & 0xffff0000u) * h[j];
+        }
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(smem_addr(&sh.empty[s]));
+    if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
+  }
+  if (threadIdx.x == 0)
+    *sh.stop = (a.gated < 2 || a.gated == 5) && !wait_count(a, a.reads + l, a.gen * nsm);
+  consumers_sync();
+  if (*sh.stop) return false;
+  if (a.gated != 4 && a.gated != 5)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) atomicAdd(a.x + 8 * threadIdx.x + e, y[e]);
+  // zero the q/k/v buffer attention read this layer (as op 3 does unfused)
+  for (int e = sm * 32 * CONSUMER_WARPS + threadIdx.x; e < QKV; e += nsm * 32 * CONSUMER_WARPS) a.qkv[(l % 2) * QKV + e] = 0.f;
+  op_end(a, l, 3, sm);
+  return true;
+}
+
 // one weight op of layer l on this SM's tiles; i counts the weight tiles consumed (the ring's position)
 template <int OP>
 __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, unsigned& i) {
   constexpr int K = kdim(OP), KP = K / COL_WARPS, NV = KP / 8, VL = (NV + 31) / 32;
-  constexpr int R = tile_rows_in_w(OP) / ROW_GROUPS;  // rows per warp: its group's share of the tile
+  // rows per warp: its group's share of the tile (the fused MLP returns before the tile loop: any valid R there)
+  constexpr int R = FUSED_MLP && OP == 3 ? 2 : tile_rows_in_w(OP) / ROW_GROUPS;
   const int lane = threadIdx.x % 32, sm = blockIdx.x, nsm = gridDim.x;
   const int warp = threadIdx.x / 32 % COL_WARPS, group = threadIdx.x / 32 / COL_WARPS;  // columns, rows
   if (!op_start(a, sh, l, OP)) return false;
@@ -315,6 +398,7 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
     for (int e = 0; e < 8; ++e) xs[0][e] *= inv;
   }
   if (threadIdx.x == 0) prof_add(a, 2, clock64() - c_in);
+  if constexpr (FUSED_MLP && OP == 3) return mlp_tiles(a, sh, l, i, xs[0]);
   float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
   for (int t = sm; t < (a.gated == 5 ? 0 : ntiles(OP)); t += nsm, ++i) {
     const unsigned s = i % STAGES;
@@ -385,6 +469,7 @@ __device__ __forceinline__ bool attend(const Args& a, const Shared& sh, int l) {
 __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float partial[CONSUMER_WARPS];
+  __shared__ float mlp[2 * COL_WARPS * 2 * MLP_PAIRS];
   __shared__ int stop;
   __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sm = blockIdx.x, nsm = gridDim.x;
@@ -403,7 +488,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
     for (int l = 0; l < LAYERS; ++l)
       for (int op = 0; op < OPS; ++op) {
         if (kdim(op) == 0) continue;
-        if (a.gated == 1 && sm < ntiles(op) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? OPS - 1 : op - 1)) return;
+        if (a.gated == 1 && sm < ntiles(op) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? LAST_OP : op - 1)) return;
         for (int t = sm; t < ntiles(op); t += nsm, ++i) {
           const unsigned s = i % STAGES, round = i / STAGES;
           const long long c0 = clock64();
@@ -416,12 +501,12 @@ __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
     return;
   }
 
-  const Shared sh{smem, full, empty, partial, &stop};
+  const Shared sh{smem, full, empty, partial, mlp, &stop};
   const long long c0 = clock64(), t0 = now_ns();
   unsigned i = 0;  // weight tiles consumed
   for (int l = 0; l < LAYERS; ++l)
     if (!consume<0>(a, sh, l, i) || !attend(a, sh, l) || !consume<2>(a, sh, l, i) || !consume<3>(a, sh, l, i) ||
-        !consume<4>(a, sh, l, i))
+        (!FUSED_MLP && !consume<4>(a, sh, l, i)))
       return;
   if (threadIdx.x == 0) prof_add(a, 0, clock64() - c0), prof_add(a, 8, now_ns() - t0);
 }
@@ -460,6 +545,28 @@ __global__ void ref_op(int op, const __nv_bfloat16* W, const float* v, const flo
   }
 }
 
+// the fused layout: tile t holds MLP_PAIRS gate rows, the same up rows, then the same columns of down as rows
+__global__ void ref_mlp_h(const __nv_bfloat16* W, const float* x, const float* inv, float* h) {
+  const int f = blockIdx.x * blockDim.x + threadIdx.x;
+  if (f >= FF) return;
+  const long long base = (long long)(f / MLP_PAIRS) * 3 * MLP_PAIRS + f % MLP_PAIRS;
+  float g = 0.f, u = 0.f;
+  for (int k = 0; k < D; ++k) {
+    g += __bfloat162float(W[base * D + k]) * x[k];
+    u += __bfloat162float(W[(base + MLP_PAIRS) * D + k]) * x[k];
+  }
+  g *= *inv, u *= *inv;
+  h[f] = g / (1.f + expf(-g)) * u;
+}
+__global__ void ref_mlp_down(const __nv_bfloat16* W, const float* h, float* x) {
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d >= D) return;
+  float acc = 0.f;
+  for (int f = 0; f < FF; ++f)
+    acc += __bfloat162float(W[((long long)(f / MLP_PAIRS) * 3 * MLP_PAIRS + 2 * MLP_PAIRS + f % MLP_PAIRS) * D + d]) * h[f];
+  x[d] += acc;
+}
+
 __global__ void read_stream(const uint4* p, size_t n, unsigned long long* sink) {
   uint4 acc = {0, 0, 0, 0};
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -483,7 +590,8 @@ int main(int argc, char** argv) {
   CHECK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, dev));
-  const size_t per_layer[OPS] = {(size_t)QKV * D, 0, (size_t)D * D, (size_t)2 * FF * D, (size_t)D * FF};
+  const size_t per_layer[OPS] = {(size_t)QKV * D, 0, (size_t)D * D, (size_t)(FUSED_MLP ? 3 : 2) * FF * D,
+                                 FUSED_MLP ? 0 : (size_t)D * FF};
   size_t total = 0;
   for (int op = 0; op < OPS; ++op) total += per_layer[op];
   total *= LAYERS;
@@ -515,9 +623,12 @@ int main(int argc, char** argv) {
   int* error;
   CHECK(cudaMalloc(&counters, LAYERS * OPS * 4));
   CHECK(cudaMemset(counters, 0, LAYERS * OPS * 4));
+  unsigned* reads;
+  CHECK(cudaMalloc(&reads, LAYERS * 4));
+  CHECK(cudaMemset(reads, 0, LAYERS * 4));
   CHECK(cudaMalloc(&error, 4));
   CHECK(cudaMemset(error, 0, 4));
-  a.x = x, a.qkv = kqkv, a.attn = attn, a.gu = gu, a.counters = counters, a.error = error;
+  a.x = x, a.qkv = kqkv, a.attn = attn, a.gu = gu, a.counters = counters, a.reads = reads, a.error = error;
   const int smem = STAGES * STAGE_BYTES;
   CHECK(cudaFuncSetAttribute(decode_token, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
@@ -555,8 +666,13 @@ int main(int argc, char** argv) {
     CHECK(cudaMemcpy(attn, qkv, D * 4, cudaMemcpyDeviceToDevice));
     ref_op<<<(D + 255) / 256, 256>>>(2, a.layer[l].w[2], attn, inv, nullptr, x);
     ref_rms<<<1, 1024>>>(x, inv);
-    ref_op<<<(FF + 255) / 256, 256>>>(3, a.layer[l].w[3], x, inv, h, x);
-    ref_op<<<(D + 255) / 256, 256>>>(4, a.layer[l].w[4], h, inv, nullptr, x);
+    if (FUSED_MLP) {
+      ref_mlp_h<<<(FF + 255) / 256, 256>>>(a.layer[l].w[3], x, inv, h);
+      ref_mlp_down<<<(D + 255) / 256, 256>>>(a.layer[l].w[3], h, x);
+    } else {
+      ref_op<<<(FF + 255) / 256, 256>>>(3, a.layer[l].w[3], x, inv, h, x);
+      ref_op<<<(D + 255) / 256, 256>>>(4, a.layer[l].w[4], h, inv, nullptr, x);
+    }
   }
   CHECK(cudaMemcpy(want.data(), x, D * 4, cudaMemcpyDeviceToHost));
   double err = 0, scale = 0;

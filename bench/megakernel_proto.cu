@@ -283,24 +283,40 @@ __device__ __forceinline__ void op_end(const Args& a, int l, int op, int slot) {
   if (threadIdx.x == 0) add_release(a.counters + l * OPS + op, (ntiles(op) - slot + gridDim.x - 1) / gridDim.x);
 }
 
+// the consumers' side of the ring: wait for tile i's stage (the wait profiled) -> its weights, null on a watchdog;
+// c_t: when it arrived. Then release it once every lane of the warp has read it.
+__device__ __forceinline__ const uint4* stage_in(const Args& a, const Shared& sh, unsigned i, long long& c_t) {
+  const unsigned s = i % STAGES;
+  const long long c_w = clock64();
+  if (!mbar_wait(smem_addr(&sh.full[s]), (i / STAGES) & 1, a.error)) return nullptr;
+  c_t = clock64();
+  if (threadIdx.x == 0) prof_add(a, 3, c_t - c_w);
+  return reinterpret_cast<const uint4*>(sh.ring + s * STAGE_BYTES);
+}
+__device__ __forceinline__ void stage_out(const Shared& sh, unsigned i) {
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) mbar_arrive(smem_addr(&sh.empty[i % STAGES]));
+}
+// zero n floats of z across the grid (each SM a strided share)
+__device__ __forceinline__ void zero_grid(float* z, int n) {
+  for (int e = blockIdx.x * 32 * CONSUMER_WARPS + threadIdx.x; e < n; e += gridDim.x * 32 * CONSUMER_WARPS) z[e] = 0.f;
+}
+
 // The fused MLP's tiles (op 3 with FUSED_MLP): per tile, the gate/up dot products of its MLP_PAIRS rows (columns
 // split over the warps, as in consume), one barrier to sum the warps' parts, SwiGLU, then each thread's 8 columns of
 // the tile's down rows scaled by h; the down sums stay in registers over the SM's tiles and go into the residual at
 // the end, once every SM has read x (the op's input).
 __device__ __forceinline__ bool mlp_tiles(const Args& a, const Shared& sh, int l, unsigned& i, const float* xs) {
   constexpr int P = MLP_PAIRS, R = 2 * P, KV = D / 8;  // 16-byte vectors per row
-  static_assert(32 * CONSUMER_WARPS * 8 == D, "a thread per 8 columns of the down projection");
+  static_assert(!FUSED_MLP || 32 * CONSUMER_WARPS * 8 == D, "a thread per 8 columns of the down projection");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sm = blockIdx.x, nsm = gridDim.x;
   if (threadIdx.x == 0) add_release(a.reads + l, 1);  // every thread has read x (the RMS barrier)
   float y[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   unsigned buf = 0;
   for (int t = sm; t < (a.gated == 5 ? 0 : ntiles(3)); t += nsm, ++i, buf ^= 1) {
-    const unsigned s = i % STAGES;
-    const long long c_w = clock64();
-    if (!mbar_wait(smem_addr(&sh.full[s]), (i / STAGES) & 1, a.error)) return false;
-    const long long c_t = clock64();
-    if (threadIdx.x == 0) prof_add(a, 3, c_t - c_w);
-    const uint4* w = reinterpret_cast<const uint4*>(sh.ring + s * STAGE_BYTES);
+    long long c_t;
+    const uint4* w = stage_in(a, sh, i, c_t);
+    if (!w) return false;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = a.gated == 4 ? 0.f : dot8(w[r * KV + warp * 32 + lane], xs);
@@ -329,8 +345,7 @@ __device__ __forceinline__ bool mlp_tiles(const Args& a, const Shared& sh, int l
         }
       }
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(smem_addr(&sh.empty[s]));
+    stage_out(sh, i);
     if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
   }
   if (threadIdx.x == 0)
@@ -340,8 +355,7 @@ __device__ __forceinline__ bool mlp_tiles(const Args& a, const Shared& sh, int l
   if (a.gated != 4 && a.gated != 5)
 #pragma unroll
     for (int e = 0; e < 8; ++e) atomicAdd(a.x + 8 * threadIdx.x + e, y[e]);
-  // zero the q/k/v buffer attention read this layer (as op 3 does unfused)
-  for (int e = sm * 32 * CONSUMER_WARPS + threadIdx.x; e < QKV; e += nsm * 32 * CONSUMER_WARPS) a.qkv[(l % 2) * QKV + e] = 0.f;
+  zero_grid(a.qkv + (l % 2) * QKV, QKV);  // the q/k/v buffer attention read this layer (as op 3 does unfused)
   op_end(a, l, 3, sm);
   return true;
 }
@@ -401,12 +415,9 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
   if constexpr (FUSED_MLP && OP == 3) return mlp_tiles(a, sh, l, i, xs[0]);
   float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
   for (int t = sm; t < (a.gated == 5 ? 0 : ntiles(OP)); t += nsm, ++i) {
-    const unsigned s = i % STAGES;
-    const long long c_w = clock64();
-    if (!mbar_wait(smem_addr(&sh.full[s]), (i / STAGES) & 1, a.error)) return false;
-    const long long c_t = clock64();
-    if (threadIdx.x == 0) prof_add(a, 3, c_t - c_w);
-    const uint4* w = reinterpret_cast<const uint4*>(sh.ring + s * STAGE_BYTES);
+    long long c_t;
+    const uint4* w = stage_in(a, sh, i, c_t);
+    if (!w) return false;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.f;
@@ -420,8 +431,7 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
         }
       }
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(smem_addr(&sh.empty[s]));  // every lane's reads of the stage are done
+    stage_out(sh, i);
     if (a.gated == 4) continue;
     int row;
     const float y = warp_sums<R>(acc, lane, row);
@@ -435,11 +445,8 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
   }
   // zero what two ops later will add into, now that its readers are done: op 0 the gate/up buffer down read last
   // layer, op 3 the q/k/v buffer attention read this layer
-  if (OP == 0 || OP == 3) {
-    float* z = OP == 0 ? a.gu + ((l + 1) % 2) * 2 * FF : a.qkv + (l % 2) * QKV;
-    const int n = OP == 0 ? 2 * FF : QKV;
-    for (int e = sm * 32 * CONSUMER_WARPS + threadIdx.x; e < n; e += nsm * 32 * CONSUMER_WARPS) z[e] = 0.f;
-  }
+  if (OP == 0) zero_grid(a.gu + ((l + 1) % 2) * 2 * FF, 2 * FF);
+  if (OP == 3) zero_grid(a.qkv + (l % 2) * QKV, QKV);
   op_end(a, l, OP, sm);
   return true;
 }

@@ -592,11 +592,28 @@ __global__ void fill(__nv_bfloat16* w, size_t n, unsigned seed, float scale) {
 }
 
 int main(int argc, char** argv) {
+  std::vector<long long> waits = {0, 2000, 4500};  // the attention stand-in's spins, ns
+  if (argc > 1) waits.clear();
+  for (int j = 1; j < argc; ++j) {
+    char* end = nullptr;
+    const long long ns = strtoll(argv[j], &end, 10);
+    if (!*argv[j] || *end || ns < 0 || ns > 1000000) {
+      fprintf(stderr, "attention stand-in '%s': give whole nanoseconds from 0 to 1000000, e.g. %s 0 2000 4500\n",
+              argv[j], argv[0]);
+      return 2;
+    }
+    waits.push_back(ns);
+  }
   int dev = 0, nsm = 0;
   CHECK(cudaGetDevice(&dev));
   CHECK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, dev));
+  if (prop.major != 9) {  // cp.async.bulk, mbarrier tx counts: built for sm_90a
+    fprintf(stderr, "%s is sm_%d%d; this prototype needs a Hopper GPU (sm_90: H100 / H200)\n", prop.name, prop.major,
+            prop.minor);
+    return 1;
+  }
   const size_t per_layer[OPS] = {(size_t)QKV * D, 0, (size_t)D * D, (size_t)(FUSED_MLP ? 3 : 2) * FF * D,
                                  FUSED_MLP ? 0 : (size_t)D * FF};
   size_t total = 0;
@@ -708,11 +725,6 @@ int main(int argc, char** argv) {
   const double stream_us = ms * 1e3 / reps, bw = total * 2 / (stream_us * 1e-6);
   printf("read stream: %.1f us per pass = %.2f TB/s\n", stream_us, bw / 1e12);
   printf("%-14s %-34s %10s %10s %12s\n", "attention ns", "weights streamed", "us/token", "tok/s", "% of stream");
-  std::vector<long long> waits = {0, 2000, 4500};
-  if (argc > 1) {
-    waits.clear();
-    for (int j = 1; j < argc; ++j) waits.push_back(atoll(argv[j]));
-  }
   const char* modes[6] = {"ahead (ring " STR(RING_STAGES) " x " STR(STAGE_KB) " KB)", "after each op's inputs are ready",
                          "diag: no input waits", "diag: + no input vector", "diag: + no arithmetic", "diag: dependency chain only"};
   // a profiled launch: per SM, clock cycles in each wait and role (thread 0 of the consumers; the producer's lane)

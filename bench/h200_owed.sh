@@ -11,8 +11,8 @@
 # next matrices, attention asking for the next weights), the persistent layer, attention + o fused, key tiles before
 # the wait and attention's slices merged by the o-projection all measured slower or no better; --attend / --compare
 # A/B attention splits and whole config sets across --context), megakernel (the persistent warp-specialised CUDA
-# prototype: 54-62% of the read stream, its dependency chain alone 271 us per token - rerun after changing it; -D
-# flags vary the ring and the tiles), moe (eager goal met: 0.876x at 16k, 0.954-0.969x at 65k; compiled 0.803x at
+# prototype: 55-63% of the read stream, its dependency chain alone 192 us per token and its consumers alone ~400 us,
+# 94% of the stream - rerun after changing it; -D flags vary the ring, the tiles, MMA and REDUCE), moe (eager goal met: 0.876x at 16k, 0.954-0.969x at 65k; compiled 0.803x at
 # 16k, 0.884-0.893x at 65k), kernels/kernels24 (goals met with
 # bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +

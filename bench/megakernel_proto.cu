@@ -18,15 +18,19 @@
 // (cp.async.bulk + mbarrier), never waiting for activations - weights do not depend on them - only for a
 // free stage. Consumer warps wait, per op, for a global counter saying every tile of the op it reads from is
 // done (acquire), load their slice of that op's output into registers, do their tiles' dot products from the
-// staged weights, add the partial sums into the outputs atomically, and add to their op's counter (release).
+// staged weights (on the tensor cores by default, -DMMA=1), sum the warps' partial sums in shared memory and store
+// the SM's rows at the op's end (-DREDUCE=1; else atomic adds per tile), and add to their op's counter (release).
 // So DRAM keeps streaming the next ops' weights while consumers wait out a dependency - what five separate
 // kernels per layer cannot do past the first tile each program loads before its PDL wait.
 //
 // Each attention stand-in runs in several modes: weights streamed ahead (the design), "gated" (the producer also
 // waits for each op's inputs before streaming its tiles, as separate kernels must past their first tile: the
-// difference is what the run-ahead buys), and diagnostics with wrong values on purpose (no input waits; nor input
-// reads; nor arithmetic; no weights at all - the dependency chain alone). A profiled launch then prints, per
-// SM, the time in each wait and role. What it measured (2026-12-03, one H200) is in docs/benchmarks.md.
+// difference is what the run-ahead buys), and diagnostics with wrong values on purpose, each leaving out one
+// more part: no input waits; nor input reads; nor arithmetic (the ring's bare stream); no weights at all (the
+// dependency chain alone); and with no DRAM at all (the producer only signals its stages), the consumers' own
+// time: all their work; without the partial sums' stores; without the arithmetic (the stage hand-offs); without
+// the releases; without the tiles (each op's CTA barriers). A profiled launch then prints, per SM, the time in each
+// wait and role. What it measured (2026-12-03, one H200) is in docs/benchmarks.md.
 //
 // It prints the tokens per second of the kernel and of a plain read stream, checks the kernel's final
 // residual against a reference of simple kernels (one launch per op), and exits nonzero if a wait timed out
@@ -53,6 +57,21 @@
   } while (0)
 
 constexpr int D = 2048, QKV = 2560, FF = 5632, HD = 64, LAYERS = 22;  // 32 heads of 64
+// -DMMA=1: each tile is 8 rows multiplied on the tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate) from a
+// copy of the weights packed once in the instruction's operand order, instead of unpacked bf16 x fp32 FMAs; the down
+// projection's rows are cut into DOWN_KPARTS column parts (a tile fits a stage; every SM gets one part's columns)
+#ifndef MMA
+#define MMA 1
+#endif
+#ifndef DOWN_KPARTS
+#define DOWN_KPARTS 4
+#endif
+#ifndef NACC  // independent mma accumulators per warp and tile
+#define NACC 4
+#endif
+#ifndef TPS  // MMA: tiles per ring stage (one wait and one release for all of them)
+#define TPS 1
+#endif
 // the weight ring (192 KB per SM) and the rows per tile of each op, the best measured; -D... to vary them
 #ifndef RING_STAGES
 #define RING_STAGES 6
@@ -61,21 +80,28 @@ constexpr int D = 2048, QKV = 2560, FF = 5632, HD = 64, LAYERS = 22;  // 32 head
 #define STAGE_KB 32
 #endif
 #ifndef ROWS_QKV
-#define ROWS_QKV 4
+#define ROWS_QKV (MMA ? 8 : 4)
 #endif
 #ifndef ROWS_O
-#define ROWS_O 4
+#define ROWS_O (MMA ? 8 : 4)
 #endif
 #ifndef GU_PAIRS
 #define GU_PAIRS 4
 #endif
 #ifndef ROWS_DOWN
-#define ROWS_DOWN 2
+#define ROWS_DOWN (MMA ? 8 : 2)
 #endif
 constexpr int STAGES = RING_STAGES, STAGE_BYTES = STAGE_KB * 1024;
 #ifndef ROW_GROUPS  // 8 consumer warps split the columns; ROW_GROUPS such groups split each tile's rows
 #define ROW_GROUPS 1
 #endif
+// -DREDUCE=1: the warps' partial sums go to shared memory and are summed at the op's end, one plain store per output
+// row (an SM owns its tiles' rows; the MMA builds' down parts still add, one atomic per row and part) instead of an
+// atomic add per row, warp and tile: the op's release then waits for far fewer writes in flight
+#ifndef REDUCE
+#define REDUCE 1
+#endif
+constexpr int MAXR = 128;  // REDUCE: an SM's rows of one op at most (checked on the host)
 constexpr int COL_WARPS = 8, CONSUMER_WARPS = COL_WARPS * ROW_GROUPS, THREADS = 32 * (CONSUMER_WARPS + 1);
 constexpr int OPS = 5;  // per layer: 0 q/k/v, 1 attention (no weights), 2 o, 3 gate/up, 4 down
 // -DFUSED_MLP=1: op 3 is gate/up and down in one (one dependency fewer per layer): a tile holds MLP_PAIRS gate rows,
@@ -96,23 +122,31 @@ constexpr long long WATCHDOG_CYCLES = 400000000;  // ~0.2 s
 
 // Each tile's rows are split by columns across the 8 consumer warps: warp w owns columns [w K/8, (w+1) K/8) of
 // every row of every tile of an op, so a lane keeps its slice of the op's input in registers for the whole op
-// (shared memory carries the weights only) and no barrier runs inside a tile. The warps' partial sums go into the
-// outputs by atomic adds (the residual for o and down; zeroed buffers for q/k/v and gate/up). SwiGLU is applied
-// when the down projection loads its input. Rows per tile (by default): q/k/v and o 4, gate/up 4 gate rows then
-// 4 up rows, down 2; then the K (columns) of each op's rows, and its outputs.
+// (shared memory carries the weights only) and no barrier runs inside a tile. The warps' partial sums are summed in
+// shared memory at the op's end (REDUCE) or go into the outputs by atomic adds (the residual for o and down; zeroed
+// buffers for q/k/v and gate/up). SwiGLU is applied when the down projection loads its input. Rows per tile: q/k/v,
+// o and down 8 (MMA) or 4, 4, 2; gate/up 4 gate rows then 4 up rows; then the K (columns) of each op's rows, and
+// its outputs.
 __host__ __device__ constexpr int rows_of(int op) {
   return op == 0 ? ROWS_QKV : op == 1 ? HD : op == 2 ? ROWS_O : op == 3 ? GU_PAIRS : ROWS_DOWN;
 }
 __host__ __device__ constexpr int kdim(int op) { return op == 1 ? 0 : op == 4 ? FF : D; }
 __host__ __device__ constexpr int nout(int op) { return op == 0 ? QKV : op == 3 ? FF : D; }
+__host__ __device__ constexpr int kparts(int op) { return MMA && op == 4 ? DOWN_KPARTS : 1; }  // tiles per row block
 __host__ __device__ constexpr int ntiles(int op) {
-  return FUSED_MLP && op == 4 ? 0 : FUSED_MLP && op == 3 ? FF / MLP_PAIRS : nout(op) / rows_of(op);
+  return FUSED_MLP && op == 4 ? 0 : FUSED_MLP && op == 3 ? FF / MLP_PAIRS : nout(op) / rows_of(op) * kparts(op);
 }
 __host__ __device__ constexpr int tile_rows_in_w(int op) {
   return FUSED_MLP && op == 3 ? 3 * MLP_PAIRS : op == 3 ? 2 * rows_of(op) : rows_of(op);
 }
-__host__ __device__ constexpr int tile_bytes(int op) { return tile_rows_in_w(op) * kdim(op) * 2; }
-static_assert(tile_bytes(0) <= STAGE_BYTES && tile_bytes(3) <= STAGE_BYTES && tile_bytes(4) <= STAGE_BYTES, "");
+__host__ __device__ constexpr int tile_bytes(int op) { return tile_rows_in_w(op) * kdim(op) / kparts(op) * 2; }
+static_assert(TPS * tile_bytes(0) <= STAGE_BYTES && TPS * tile_bytes(3) <= STAGE_BYTES && TPS * tile_bytes(4) <= STAGE_BYTES,
+              "tiles per stage x tile bytes must fit a stage");
+static_assert(TPS == 1 || MMA, "several tiles per stage: MMA builds only");
+static_assert(!REDUCE || (ROW_GROUPS == 1 && !FUSED_MLP), "REDUCE: one row group, unfused MLP");
+static_assert(!MMA || (tile_rows_in_w(0) == 8 && tile_rows_in_w(2) == 8 && tile_rows_in_w(3) == 8 &&
+                       tile_rows_in_w(4) == 8 && !FUSED_MLP && ROW_GROUPS == 1 && FF % (DOWN_KPARTS * 128) == 0),
+              "MMA: 8-row tiles (GU_PAIRS 4), unfused, one row group, each down part a whole number of k16 steps per warp");
 static_assert(D % (8 * COL_WARPS) == 0 && FF % (8 * COL_WARPS) == 0, "16-byte vectors per warp slice");
 
 struct Weights {  // per layer; gate/up interleaved by tiles: tile t = GU_PAIRS gate rows then the same up rows
@@ -122,9 +156,11 @@ struct Weights {  // per layer; gate/up interleaved by tiles: tile t = GU_PAIRS 
 struct Args {
   Weights layer[LAYERS];
   float* x;                  // (D,) the residual stream, fp32, updated in place
-  float* qkv;                // (2, QKV) by layer parity; op 0 adds into it, zeroed again by op 3 after attention
+  float* qkv;                // (2, QKV) by layer parity; op 0 stores its rows (REDUCE) or adds into it, zeroed
+                             // again by op 3 after attention
   float* attn;               // (D,)
-  float* gu;                 // (2, 2 FF) gate then up pre-activations by layer parity; zeroed by the next op 0
+  float* gu;                 // (2, 2 FF) gate then up pre-activations by layer parity; stored (REDUCE) or added
+                             // into and zeroed by the next op 0
   unsigned* counters;        // (LAYERS * OPS,) tiles done, cumulative over launches
   unsigned* reads;           // (LAYERS,) fused MLP: SMs that have read the op's input x (before any adds into it)
   unsigned gen;              // this launch's number (1, 2, ...): op k of layer l is done at gen * ntiles(k)
@@ -133,17 +169,28 @@ struct Args {
                              // separate kernels do past their first tile): the A/B for the run-ahead. Diagnostics
                              // (wrong values): 2 nobody waits for inputs; 3 nor reads the input vector; 4 nor
                              // does the arithmetic (the ring's bare stream); 5 no weights at all: only the
-                             // chain of input waits, input reads and releases (the dependency chain's floor)
+                             // chain of input waits, input reads and releases (the dependency chain's floor);
+                             // 6 as 3 but the producer reads nothing (the consumers' own speed, no DRAM); 7 as 6
+                             // without the adds of the partial sums; 8 nor the arithmetic (the ring's hand-offs);
+                             // 9 nor the releases; 10 nor the tiles (what is left: each op's CTA barriers)
   int* error;                // set by a watchdog
   unsigned long long* prof;  // (SMs, NPROF) clock cycles per role and wait, or null: see PROF_NAMES
 };
 constexpr int NPROF = 9;
 const char* PROF_NAMES[NPROF] = {"kernel",        "input waits",     "input loads+rms", "ring waits (full)",
-                                 "producer waits (empty)", "tile work", "op-end barrier", "attention",
+                                 "producer waits (empty)", "tile work", "op ends (releases)", "attention",
                                  "kernel (ns)"};
 __device__ __forceinline__ void prof_add(const Args& a, int field, long long v) {  // consumer thread 0 / producer
   if (a.prof) a.prof[blockIdx.x * NPROF + field] += v;
 }
+
+// what a launch's mode leaves out (see Args::gated)
+__device__ __forceinline__ bool waits_inputs(const Args& a) { return a.gated < 2 || a.gated == 5; }
+__device__ __forceinline__ bool no_input(const Args& a) { return a.gated == 3 || a.gated == 4 || a.gated >= 6; }
+__device__ __forceinline__ bool no_arith(const Args& a) { return a.gated == 4 || a.gated >= 8; }
+__device__ __forceinline__ bool no_tiles(const Args& a) { return a.gated == 5 || a.gated == 10; }
+__device__ __forceinline__ bool no_release(const Args& a) { return a.gated >= 9; }
+__device__ __forceinline__ bool no_adds(const Args& a) { return a.gated == 4 || a.gated >= 7; }
 
 // --- PTX helpers ------------------------------------------------------------------------------------------
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -220,7 +267,7 @@ __device__ __forceinline__ bool wait_count(const Args& a, const unsigned* c, uns
 }
 
 __device__ __forceinline__ const __nv_bfloat16* tile_src(const Args& a, int layer, int op, int t) {
-  return a.layer[layer].w[op] + (size_t)t * tile_rows_in_w(op) * kdim(op);
+  return a.layer[layer].w[op] + (size_t)t * (tile_bytes(op) / 2);
 }
 
 __device__ __forceinline__ float dot8(uint4 q, const float* x) {  // 8 bf16 weights . 8 fp32 inputs
@@ -262,25 +309,41 @@ struct Shared {  // what the consumer warps share besides the ring
   float* partial;  // (CONSUMER_WARPS,) per-warp sums of squares for the RMS
   float* mlp;      // (2, COL_WARPS, 2 MLP_PAIRS) fused MLP: the warps' gate/up partial sums, by tile parity
   int* stop;       // read by all consumers after a barrier: they leave together on a watchdog
+  unsigned* frag;  // MMA: (COL_WARPS, 16 steps, 4, 4) each warp's input as A fragments (bf16 hi / lo pairs)
+  float* red;                  // REDUCE: (COL_WARPS, MAXR) the warps' partial sums of this SM's rows of the op
 };
+
+// RMSNorm's scale 1 / rms(x) from each lane's sum of squares over its share of x (the first 8 warps' slices
+// cover x once)
+__device__ __forceinline__ float rms_scale(const Shared& sh, float ss, int K) {
+  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+  if (threadIdx.x % 32 == 0 && threadIdx.x / 32 < COL_WARPS) sh.partial[threadIdx.x / 32] = ss;
+  consumers_sync();
+  float tot = 0.f;
+#pragma unroll
+  for (int w = 0; w < COL_WARPS; ++w) tot += sh.partial[w];
+  return rsqrtf(tot / K + 1e-5f);
+}
 
 // wait (thread 0) for the op this one reads; false when a watchdog fired (every consumer returns)
 __device__ __forceinline__ bool op_start(const Args& a, const Shared& sh, int l, int op) {
   if (threadIdx.x == 0) {
     const long long c0 = clock64();
     // a watchdog elsewhere shows here as this wait's own (no read of the error flag per op: a round trip each)
-    *sh.stop = (a.gated < 2 || a.gated == 5) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? LAST_OP : op - 1);
+    *sh.stop = waits_inputs(a) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? LAST_OP : op - 1);
     prof_add(a, 1, clock64() - c0);
   }
   consumers_sync();
   return !*sh.stop;
 }
 // one release per op and SM for all its tiles (a gpu-scope release waits for the writes before it)
+// (the release is a gpu-scope fence - it waits until the SM's writes before it are performed - then the add)
+__device__ __forceinline__ int my_tiles(int op, int slot) { return (ntiles(op) - slot + gridDim.x - 1) / gridDim.x; }
 __device__ __forceinline__ void op_end(const Args& a, int l, int op, int slot) {
   const long long c0 = clock64();
   consumers_sync();
+  if (threadIdx.x == 0 && !no_release(a)) add_release(a.counters + l * OPS + op, my_tiles(op, slot));
   if (threadIdx.x == 0) prof_add(a, 6, clock64() - c0);
-  if (threadIdx.x == 0) add_release(a.counters + l * OPS + op, (ntiles(op) - slot + gridDim.x - 1) / gridDim.x);
 }
 
 // the consumers' side of the ring: wait for tile i's stage (the wait profiled) -> its weights, null on a watchdog;
@@ -310,16 +373,16 @@ __device__ __forceinline__ bool mlp_tiles(const Args& a, const Shared& sh, int l
   constexpr int P = MLP_PAIRS, R = 2 * P, KV = D / 8;  // 16-byte vectors per row
   static_assert(!FUSED_MLP || 32 * CONSUMER_WARPS * 8 == D, "a thread per 8 columns of the down projection");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sm = blockIdx.x, nsm = gridDim.x;
-  if (threadIdx.x == 0) add_release(a.reads + l, 1);  // every thread has read x (the RMS barrier)
+  if (threadIdx.x == 0 && !no_release(a)) add_release(a.reads + l, 1);  // every thread has read x (the RMS barrier)
   float y[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   unsigned buf = 0;
-  for (int t = sm; t < (a.gated == 5 ? 0 : ntiles(3)); t += nsm, ++i, buf ^= 1) {
+  for (int t = sm; t < (no_tiles(a) ? 0 : ntiles(3)); t += nsm, ++i, buf ^= 1) {
     long long c_t;
     const uint4* w = stage_in(a, sh, i, c_t);
     if (!w) return false;
     float acc[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = a.gated == 4 ? 0.f : dot8(w[r * KV + warp * 32 + lane], xs);
+    for (int r = 0; r < R; ++r) acc[r] = no_arith(a) ? 0.f : dot8(w[r * KV + warp * 32 + lane], xs);
     int row;
     const float v = warp_sums<R>(acc, lane, row);
     float* part = sh.mlp + buf * COL_WARPS * R;
@@ -333,7 +396,7 @@ __device__ __forceinline__ bool mlp_tiles(const Args& a, const Shared& sh, int l
       for (int w8 = 0; w8 < COL_WARPS; ++w8) g += part[w8 * R + j], u += part[w8 * R + P + j];
       h[j] = g / (1.f + __expf(-g)) * u;
     }
-    if (a.gated != 4) {
+    if (!no_arith(a)) {
 #pragma unroll
       for (int j = 0; j < P; ++j) {
         const uint4 q = w[(R + j) * KV + threadIdx.x];
@@ -349,15 +412,43 @@ __device__ __forceinline__ bool mlp_tiles(const Args& a, const Shared& sh, int l
     if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
   }
   if (threadIdx.x == 0)
-    *sh.stop = (a.gated < 2 || a.gated == 5) && !wait_count(a, a.reads + l, a.gen * nsm);
+    *sh.stop = waits_inputs(a) && !wait_count(a, a.reads + l, a.gen * nsm);
   consumers_sync();
   if (*sh.stop) return false;
-  if (a.gated != 4 && a.gated != 5)
+  if (!no_adds(a) && a.gated != 5)
 #pragma unroll
     for (int e = 0; e < 8; ++e) atomicAdd(a.x + 8 * threadIdx.x + e, y[e]);
   zero_grid(a.qkv + (l % 2) * QKV, QKV);  // the q/k/v buffer attention read this layer (as op 3 does unfused)
   op_end(a, l, 3, sm);
   return true;
+}
+
+// where row `row` of tile t of an op goes in its output (gate/up: the tile's first rows_of(3) rows are gate rows)
+__host__ __device__ constexpr int out_index(int op, int t, int row) {
+  return op == 3 && row >= rows_of(3) ? FF + t * rows_of(3) + row - rows_of(3) : t / kparts(op) * rows_of(op) + row;
+}
+// REDUCE: a warp's partial sum for row `row` of its SM's j-th tile of the op
+__device__ __forceinline__ void keep_partial(const Shared& sh, int op, int j, int row, float y) {
+  sh.red[threadIdx.x / 32 * MAXR + j * tile_rows_in_w(op) + row] = y;
+}
+// REDUCE, at the op's end: each of this SM's rows summed over the warps and stored (residual rows read-modify-
+// written: the SM owns them; the MMA builds' down parts added)
+template <int OP>
+__device__ __forceinline__ void store_rows(const Args& a, const Shared& sh, int l) {
+  constexpr int RT = tile_rows_in_w(OP);
+  const int sm = blockIdx.x, nsm = gridDim.x, n = my_tiles(OP, sm) * RT;
+  consumers_sync();
+  if (no_arith(a) || no_adds(a) || no_tiles(a)) return;
+  float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
+  for (int e = threadIdx.x; e < n; e += 32 * CONSUMER_WARPS) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < COL_WARPS; ++w) v += sh.red[w * MAXR + e];
+    const int o = out_index(OP, sm + e / RT * nsm, e % RT);
+    if (OP == 4 && kparts(4) > 1) atomicAdd(out + o, v);
+    else if (OP == 2 || OP == 4) out[o] = __ldcg(out + o) + v;
+    else out[o] = v;
+  }
 }
 
 // one weight op of layer l on this SM's tiles; i counts the weight tiles consumed (the ring's position)
@@ -378,7 +469,7 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
     const int v = lane + 32 * j;
 #pragma unroll
     for (int e = 0; e < 8; ++e) xs[j][e] = 1.f;
-    if (v >= NV || a.gated == 3 || a.gated == 4) continue;
+    if (v >= NV || no_input(a)) continue;
     const int c = col0 + 8 * v;
     float4 p0, p1;
     if (OP == 4) {  // SwiGLU of the gate/up pre-activations
@@ -401,27 +492,21 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
     float ss = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) ss += xs[0][e] * xs[0][e];
-    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-    if (lane == 0 && group == 0) sh.partial[warp] = ss;
-    consumers_sync();
-    float tot = 0.f;
-#pragma unroll
-    for (int w = 0; w < COL_WARPS; ++w) tot += sh.partial[w];
-    const float inv = rsqrtf(tot / K + 1e-5f);
+    const float inv = rms_scale(sh, ss, K);
 #pragma unroll
     for (int e = 0; e < 8; ++e) xs[0][e] *= inv;
   }
   if (threadIdx.x == 0) prof_add(a, 2, clock64() - c_in);
   if constexpr (FUSED_MLP && OP == 3) return mlp_tiles(a, sh, l, i, xs[0]);
   float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
-  for (int t = sm; t < (a.gated == 5 ? 0 : ntiles(OP)); t += nsm, ++i) {
+  for (int t = sm; t < (no_tiles(a) ? 0 : ntiles(OP)); t += nsm, ++i) {
     long long c_t;
     const uint4* w = stage_in(a, sh, i, c_t);
     if (!w) return false;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.f;
-    if (a.gated != 4) {
+    if (!no_arith(a)) {
 #pragma unroll
       for (int j = 0; j < VL; ++j) {
         const int v = lane + 32 * j;
@@ -432,23 +517,160 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
       }
     }
     stage_out(sh, i);
-    if (a.gated == 4) continue;
+    if (no_arith(a)) continue;
     int row;
     const float y = warp_sums<R>(acc, lane, row);
     row += group * R;
-    if (lane % (32 / R) == 0) {
-      constexpr int P = rows_of(OP);
-      const int o = OP == 3 ? (row < P ? t * P + row : FF + t * P + row - P) : t * P + row;
-      atomicAdd(out + o, y);
+    if (lane % (32 / R) == 0 && (!no_adds(a) || y == 0x1p100f)) {  // (mode 7 keeps the sums alive, adds nothing)
+      if (REDUCE) keep_partial(sh, OP, (t - sm) / nsm, row, y);
+      else atomicAdd(out + out_index(OP, t, row), y);
     }
     if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
   }
-  // zero what two ops later will add into, now that its readers are done: op 0 the gate/up buffer down read last
-  // layer, op 3 the q/k/v buffer attention read this layer
-  if (OP == 0) zero_grid(a.gu + ((l + 1) % 2) * 2 * FF, 2 * FF);
-  if (OP == 3) zero_grid(a.qkv + (l % 2) * QKV, QKV);
+  if (REDUCE) {
+    store_rows<OP>(a, sh, l);
+  } else {  // zero what two ops later will add into, now that its readers are done: op 0 the gate/up buffer down
+            // read last layer, op 3 the q/k/v buffer attention read this layer
+    if (OP == 0) zero_grid(a.gu + ((l + 1) % 2) * 2 * FF, 2 * FF);
+    if (OP == 3) zero_grid(a.qkv + (l % 2) * QKV, QKV);
+  }
   op_end(a, l, OP, sm);
   return true;
+}
+
+// -DMMA=1: one weight op of layer l on the tensor cores. A tile is 8 rows (4 gate + 4 up rows for gate/up) by K
+// columns (a quarter of the down projection's: every SM gets the same part of h, as nsm % DOWN_KPARTS == 0); warp
+// w takes k16 steps [w S, (w + 1) S). mma.sync m16n8k16 with the weights as B (k16 x n8: the tile's 8 rows) and the
+// input as A, its 16 rows all the same vector split in two: rows 0-7 the input rounded to bf16 (hi), rows 8-15 what
+// the rounding lost (lo), so C's rows g and g + 8 add up to W x at ~16 bits of the input's mantissa. The packed
+// weights give each lane its B fragment as one 8-byte shared-memory load per step (a warp reads 256 contiguous
+// bytes: no bank conflicts).
+__device__ __forceinline__ unsigned pack_bf16(float lo_k, float hi_k) {  // element k in the low half, k + 1 high
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
+  return *reinterpret_cast<unsigned*>(&v);
+}
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], uint2 b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+}
+template <int OP>
+__device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int l, unsigned& i) {
+  constexpr int K = kdim(OP) / kparts(OP), S = K / 16 / COL_WARPS;  // columns per tile, k16 steps per warp
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sm = blockIdx.x, nsm = gridDim.x;
+  const int g = lane / 4, q = lane % 4;  // the fragment's group (a row of A / a column of B) and thread in group
+  if (!op_start(a, sh, l, OP)) return false;
+  const long long c_in = clock64();
+  // the warp's KS columns of the input, coalesced: float4 v = lane + 32 j (SwiGLU of gate/up for down)
+  constexpr int KS = S * 16, NV4 = KS / 4, VL = (NV4 + 31) / 32;
+  const int col0 = (OP == 4 ? sm % DOWN_KPARTS * K : 0) + warp * KS;
+  float4 xv[VL];
+#pragma unroll
+  for (int j = 0; j < VL; ++j) {
+    const int v = lane + 32 * j;
+    xv[j] = make_float4(1.f, 1.f, 1.f, 1.f);
+    if (v >= NV4 || no_input(a)) continue;
+    const int c = col0 + 4 * v;
+    if (OP == 4) {
+      const float* gp = a.gu + (l % 2) * 2 * FF + c;
+      const float4 gv = __ldcg(reinterpret_cast<const float4*>(gp)), uv = __ldcg(reinterpret_cast<const float4*>(gp + FF));
+      auto sw = [](float g_, float u_) { return g_ / (1.f + __expf(-g_)) * u_; };
+      xv[j] = make_float4(sw(gv.x, uv.x), sw(gv.y, uv.y), sw(gv.z, uv.z), sw(gv.w, uv.w));
+    } else {
+      xv[j] = __ldcg(reinterpret_cast<const float4*>((OP == 2 ? a.attn : a.x) + c));
+    }
+  }
+  if (OP == 0 || OP == 3) {  // RMSNorm: the warps' slices cover x once
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < VL; ++j)
+      if (lane + 32 * j < NV4) ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
+    const float inv = rms_scale(sh, ss, K);
+#pragma unroll
+    for (int j = 0; j < VL; ++j) xv[j].x *= inv, xv[j].y *= inv, xv[j].z *= inv, xv[j].w *= inv;
+  }
+  // A fragments through the warp's shared-memory slot [step][q][4 words]: float4 v holds the step v / 4's column
+  // pairs p = 2 (v % 4), + 1, which lane q = p % 4 takes as words (p / 4) * 2 (hi) and + 1 (lo)
+  unsigned* fr = sh.frag + warp * 16 * 16;
+  __syncwarp();
+#pragma unroll
+  for (int j = 0; j < VL; ++j) {
+    const int v = lane + 32 * j;
+    if (v >= NV4) continue;
+    const float e[4] = {xv[j].x, xv[j].y, xv[j].z, xv[j].w};
+#pragma unroll
+    for (int pp = 0; pp < 2; ++pp) {
+      const int p = 2 * (v % 4) + pp, at = (v / 4 * 4 + p % 4) * 4 + p / 4 * 2;
+      const float x0 = e[2 * pp], x1 = e[2 * pp + 1];
+      fr[at] = pack_bf16(x0, x1);
+      fr[at + 1] = pack_bf16(x0 - __bfloat162float(__float2bfloat16_rn(x0)), x1 - __bfloat162float(__float2bfloat16_rn(x1)));
+    }
+  }
+  __syncwarp();
+  unsigned xa[S][4];  // (row g: hi of columns 2q, 2q + 1), (row g + 8: lo), (row g: hi of 2q + 8, + 9), (lo)
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    const uint4 f = reinterpret_cast<const uint4*>(fr)[s * 4 + q];
+    xa[s][0] = f.x, xa[s][1] = f.y, xa[s][2] = f.z, xa[s][3] = f.w;
+  }
+  if (threadIdx.x == 0) prof_add(a, 2, clock64() - c_in);
+  float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
+  for (int t0 = sm; t0 < (no_tiles(a) ? 0 : ntiles(OP)); t0 += nsm * TPS, ++i) {  // a stage: TPS tiles
+    long long c_t;
+    const uint4* w = stage_in(a, sh, i, c_t);
+    if (!w) return false;
+    float c[TPS][NACC][4];  // independent accumulators: a shorter dependent chain of mma
+#pragma unroll
+    for (int u = 0; u < TPS; ++u)
+#pragma unroll
+      for (int n = 0; n < NACC; ++n) c[u][n][0] = c[u][n][1] = c[u][n][2] = c[u][n][3] = 0.f;
+    if (!no_arith(a)) {
+#pragma unroll
+      for (int u = 0; u < TPS; ++u) {
+        if (t0 + u * nsm >= ntiles(OP)) break;
+        const uint2* wp = reinterpret_cast<const uint2*>(w) + u * (tile_bytes(OP) / 8) + warp * S * 32 + lane;
+        uint2 b[S];  // all of the warp's B fragments of the tile first: the loads overlap, then the mma chain
+#pragma unroll
+        for (int s = 0; s < S; ++s) b[s] = wp[s * 32];
+#pragma unroll
+        for (int s = 0; s < S; ++s) mma_bf16(c[u][s % NACC], xa[s], b[s]);
+      }
+    }
+    stage_out(sh, i);
+    if (no_arith(a)) continue;
+#pragma unroll
+    for (int u = 0; u < TPS; ++u) {
+      const int t = t0 + u * nsm;
+      if (g != 0 || t >= ntiles(OP)) break;
+      // lane q holds rows 2q and 2q + 1 of the tile (C's columns); rows g and g + 8 of C: hi + lo
+      float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+      for (int n = 0; n < NACC; ++n) y0 += c[u][n][0] + c[u][n][2], y1 += c[u][n][1] + c[u][n][3];
+      if (no_adds(a) && y0 != 0x1p100f) continue;
+      if (REDUCE) {
+        keep_partial(sh, OP, (t - sm) / nsm, 2 * q, y0), keep_partial(sh, OP, (t - sm) / nsm, 2 * q + 1, y1);
+      } else {
+        atomicAdd(out + out_index(OP, t, 2 * q), y0);
+        atomicAdd(out + out_index(OP, t, 2 * q + 1), y1);
+      }
+    }
+    if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
+  }
+  if (REDUCE) {
+    store_rows<OP>(a, sh, l);
+  } else {  // as in consume
+    if (OP == 0) zero_grid(a.gu + ((l + 1) % 2) * 2 * FF, 2 * FF);
+    if (OP == 3) zero_grid(a.qkv + (l % 2) * QKV, QKV);
+  }
+  op_end(a, l, OP, sm);
+  return true;
+}
+template <int OP>
+__device__ __forceinline__ bool run_op(const Args& a, const Shared& sh, int l, unsigned& i) {
+  if constexpr (MMA) return consume_mma<OP>(a, sh, l, i);
+  else return consume<OP>(a, sh, l, i);
 }
 
 // the attention stand-in: per head, the chain's latency, then q's head as the output; heads on the last SMs,
@@ -478,6 +700,8 @@ __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
   __shared__ float partial[CONSUMER_WARPS];
   __shared__ float mlp[2 * COL_WARPS * 2 * MLP_PAIRS];
   __shared__ int stop;
+  __shared__ __align__(16) unsigned frag[MMA ? COL_WARPS * 16 * 16 : 4];
+  __shared__ float red[REDUCE ? COL_WARPS * MAXR : 1];
   __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sm = blockIdx.x, nsm = gridDim.x;
   if (threadIdx.x == 0) {
@@ -490,30 +714,38 @@ __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
   __syncthreads();
 
   if (warp == CONSUMER_WARPS) {  // the producer: stream this CTA's weight tiles, in the consumers' order
-    if (lane != 0 || a.gated == 5) return;
+    if (lane != 0 || no_tiles(a)) return;
     unsigned i = 0;
     for (int l = 0; l < LAYERS; ++l)
       for (int op = 0; op < OPS; ++op) {
         if (kdim(op) == 0) continue;
         if (a.gated == 1 && sm < ntiles(op) && !wait_done(a, op == 0 ? l - 1 : l, op == 0 ? LAST_OP : op - 1)) return;
-        for (int t = sm; t < ntiles(op); t += nsm, ++i) {
+        for (int t = sm; t < ntiles(op); t += nsm * TPS, ++i) {  // a stage: this SM's next TPS tiles of the op
           const unsigned s = i % STAGES, round = i / STAGES;
           const long long c0 = clock64();
           if (round > 0 && !mbar_wait(smem_addr(&empty[s]), (round - 1) & 1, a.error)) return;
           prof_add(a, 4, clock64() - c0);
-          mbar_expect_tx(smem_addr(&full[s]), tile_bytes(op));
-          bulk_copy(smem_addr(smem + s * STAGE_BYTES), tile_src(a, l, op, t), tile_bytes(op), smem_addr(&full[s]));
+          if (a.gated >= 6) {  // diagnostics: no weights read; the stage's old bytes count as its tiles'
+            mbar_arrive(smem_addr(&full[s]));
+            continue;
+          }
+          const int n = min(TPS, (ntiles(op) - t + nsm - 1) / nsm);
+          mbar_expect_tx(smem_addr(&full[s]), n * tile_bytes(op));
+          for (int u = 0; u < n; ++u)
+            bulk_copy(smem_addr(smem + s * STAGE_BYTES + u * tile_bytes(op)), tile_src(a, l, op, t + u * nsm),
+                      tile_bytes(op), smem_addr(&full[s]));
         }
       }
     return;
   }
 
-  const Shared sh{smem, full, empty, partial, mlp, &stop};
+  const Shared sh{smem, full, empty, partial, mlp, &stop, frag, red};
+
   const long long c0 = clock64(), t0 = now_ns();
   unsigned i = 0;  // weight tiles consumed
   for (int l = 0; l < LAYERS; ++l)
-    if (!consume<0>(a, sh, l, i) || !attend(a, sh, l) || !consume<2>(a, sh, l, i) || !consume<3>(a, sh, l, i) ||
-        (!FUSED_MLP && !consume<4>(a, sh, l, i)))
+    if (!run_op<0>(a, sh, l, i) || !attend(a, sh, l) || !run_op<2>(a, sh, l, i) || !run_op<3>(a, sh, l, i) ||
+        (!FUSED_MLP && !run_op<4>(a, sh, l, i)))
       return;
   if (threadIdx.x == 0) prof_add(a, 0, clock64() - c0), prof_add(a, 8, now_ns() - t0);
 }
@@ -574,6 +806,20 @@ __global__ void ref_mlp_down(const __nv_bfloat16* W, const float* h, float* x) {
   x[d] += acc;
 }
 
+// the MMA builds' weights: tile t of an op (8 rows, one column part) as k16 steps of 32 lanes x 4 bf16, each lane's
+// B fragment (row lane / 4 of the tile; columns 2q, 2q + 1, 2q + 8, 2q + 9 of the step, q = lane % 4)
+__global__ void pack_mma(const __nv_bfloat16* w, int K, int parts, size_t n, __nv_bfloat16* out) {
+  const int Kp = K / parts;
+  const size_t tile = 8 * (size_t)Kp;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+    const size_t t = e / tile;
+    const int r = e % tile, kk = r / 128, lane = r % 128 / 4, j = r % 4;
+    const size_t row = t / parts * 8 + lane / 4;
+    const int col = t % parts * Kp + kk * 16 + 2 * (lane % 4) + (j & 1) + (j >> 1) * 8;
+    out[e] = w[row * K + col];
+  }
+}
+
 __global__ void read_stream(const uint4* p, size_t n, unsigned long long* sink) {
   uint4 acc = {0, 0, 0, 0};
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -622,13 +868,32 @@ int main(int argc, char** argv) {
   __nv_bfloat16* wbuf;
   CHECK(cudaMalloc(&wbuf, total * 2));
   fill<<<1024, 256>>>(wbuf, total, 7u, 1.f / sqrtf((float)D));
+  if (MMA && nsm % DOWN_KPARTS) {
+    fprintf(stderr, "MMA builds give each SM one of DOWN_KPARTS=%d parts of h: %d SMs is not a multiple; build with "
+            "-DDOWN_KPARTS=%d\n", DOWN_KPARTS, nsm, nsm % 2 ? 1 : 2);
+    return 1;
+  }
+  for (int op = 0; op < OPS; ++op)
+    if (REDUCE && kdim(op) && (ntiles(op) + nsm - 1) / nsm * tile_rows_in_w(op) > MAXR) {
+      fprintf(stderr, "REDUCE keeps %d rows per SM and op; op %d needs %d on %d SMs: raise MAXR\n", MAXR, op,
+              (ntiles(op) + nsm - 1) / nsm * tile_rows_in_w(op), nsm);
+      return 1;
+    }
+  // the kernel reads `a` (packed for the MMA builds), the reference the plain row-major copy
+  __nv_bfloat16* pbuf = wbuf;
+  if (MMA) CHECK(cudaMalloc(&pbuf, total * 2));
   Args a{};
+  Weights ref[LAYERS];
   size_t off = 0;
   for (int l = 0; l < LAYERS; ++l)
     for (int op = 0; op < OPS; ++op) {
-      a.layer[l].w[op] = wbuf + off;
+      ref[l].w[op] = wbuf + off;
+      a.layer[l].w[op] = pbuf + off;
+      if (MMA && per_layer[op])
+        pack_mma<<<1024, 256>>>(wbuf + off, kdim(op), kparts(op), per_layer[op], pbuf + off);
       off += per_layer[op];
     }
+  CHECK(cudaDeviceSynchronize());
   float *x, *x0, *qkv, *attn, *h, *inv, *kqkv, *gu;
   CHECK(cudaMalloc(&x, D * 4));
   CHECK(cudaMalloc(&x0, D * 4));
@@ -663,7 +928,8 @@ int main(int argc, char** argv) {
   }
   unsigned gen = 0;
   auto launch = [&](long long attention_ns, int gated) {
-    a.gen = ++gen, a.attention_ns = attention_ns, a.gated = gated;
+    a.gen = gated >= 9 ? gen : ++gen;  // modes without releases leave the counters as they were
+    a.attention_ns = attention_ns, a.gated = gated;
     void* params[] = {&a};
     CHECK(cudaLaunchCooperativeKernel((void*)decode_token, nsm, THREADS, params, smem, 0));
   };
@@ -686,21 +952,23 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(x, x0, D * 4, cudaMemcpyDeviceToDevice));
   for (int l = 0; l < LAYERS; ++l) {
     ref_rms<<<1, 1024>>>(x, inv);
-    ref_op<<<(QKV + 255) / 256, 256>>>(0, a.layer[l].w[0], x, inv, qkv, x);
+    ref_op<<<(QKV + 255) / 256, 256>>>(0, ref[l].w[0], x, inv, qkv, x);
     CHECK(cudaMemcpy(attn, qkv, D * 4, cudaMemcpyDeviceToDevice));
-    ref_op<<<(D + 255) / 256, 256>>>(2, a.layer[l].w[2], attn, inv, nullptr, x);
+    ref_op<<<(D + 255) / 256, 256>>>(2, ref[l].w[2], attn, inv, nullptr, x);
     ref_rms<<<1, 1024>>>(x, inv);
     if (FUSED_MLP) {
-      ref_mlp_h<<<(FF + 255) / 256, 256>>>(a.layer[l].w[3], x, inv, h);
-      ref_mlp_down<<<(D + 255) / 256, 256>>>(a.layer[l].w[3], h, x);
+      ref_mlp_h<<<(FF + 255) / 256, 256>>>(ref[l].w[3], x, inv, h);
+      ref_mlp_down<<<(D + 255) / 256, 256>>>(ref[l].w[3], h, x);
     } else {
-      ref_op<<<(FF + 255) / 256, 256>>>(3, a.layer[l].w[3], x, inv, h, x);
-      ref_op<<<(D + 255) / 256, 256>>>(4, a.layer[l].w[4], h, inv, nullptr, x);
+      ref_op<<<(FF + 255) / 256, 256>>>(3, ref[l].w[3], x, inv, h, x);
+      ref_op<<<(D + 255) / 256, 256>>>(4, ref[l].w[4], h, inv, nullptr, x);
     }
   }
   CHECK(cudaMemcpy(want.data(), x, D * 4, cudaMemcpyDeviceToHost));
   double err = 0, scale = 0;
   for (int k = 0; k < D; ++k) err = fmax(err, fabs(got[k] - want[k])), scale = fmax(scale, fabs(want[k]));
+  printf("build: REDUCE=%d MMA=%d (%d tiles per stage, %d accumulators) ring %d x %d KB, rows per tile q/k/v %d o %d gate/up pairs %d down %d (x%d parts)%s\n", REDUCE, MMA, TPS, NACC,
+         RING_STAGES, STAGE_KB, ROWS_QKV, ROWS_O, GU_PAIRS, ROWS_DOWN, kparts(4), FUSED_MLP ? ", fused MLP" : "");
   printf("%s, %d SMs; weights %.3f GB; max |kernel - reference| = %.3g (max |x| %.3g)\n", prop.name, nsm,
          total * 2 / 1e9, err, scale);
   if (!(err <= 2e-3 * scale)) {
@@ -725,8 +993,10 @@ int main(int argc, char** argv) {
   const double stream_us = ms * 1e3 / reps, bw = total * 2 / (stream_us * 1e-6);
   printf("read stream: %.1f us per pass = %.2f TB/s\n", stream_us, bw / 1e12);
   printf("%-14s %-34s %10s %10s %12s\n", "attention ns", "weights streamed", "us/token", "tok/s", "% of stream");
-  const char* modes[6] = {"ahead (ring " STR(RING_STAGES) " x " STR(STAGE_KB) " KB)", "after each op's inputs are ready",
-                         "diag: no input waits", "diag: + no input vector", "diag: + no arithmetic", "diag: dependency chain only"};
+  const char* modes[11] = {"ahead (ring " STR(RING_STAGES) " x " STR(STAGE_KB) " KB)", "after each op's inputs are ready",
+                         "diag: no input waits", "diag: + no input vector", "diag: + no arithmetic", "diag: dependency chain only",
+                         "diag: consumers alone (no DRAM)", "diag: + no partial-sum adds", "diag: + no arithmetic (hand-offs)",
+                         "diag: + no releases", "diag: + no tiles (op barriers)"};
   // a profiled launch: per SM, clock cycles in each wait and role (thread 0 of the consumers; the producer's lane)
   unsigned long long* prof;
   CHECK(cudaMalloc(&prof, nsm * NPROF * 8));
@@ -751,7 +1021,7 @@ int main(int argc, char** argv) {
   };
   std::vector<std::string> profiles;
   for (long long ns : waits)
-    for (int gated = 0; gated < 6; ++gated) {
+    for (int gated = 0; gated < 11; ++gated) {
       launch(ns, gated);
       CHECK(cudaEventRecord(e0));
       for (int r = 0; r < reps; ++r) launch(ns, gated);

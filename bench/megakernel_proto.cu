@@ -102,7 +102,15 @@ constexpr int STAGES = RING_STAGES, STAGE_BYTES = STAGE_KB * 1024;
 #define REDUCE 1
 #endif
 constexpr int MAXR = 128;  // REDUCE: an SM's rows of one op at most (checked on the host)
-constexpr int COL_WARPS = 8, CONSUMER_WARPS = COL_WARPS * ROW_GROUPS, THREADS = 32 * (CONSUMER_WARPS + 1);
+// -DWHOLE_TILES=1 (with MMA): each consumer warp takes whole tiles - all of a tile's columns, its own ring stage (as
+// many consumer warps as stages, warp w always stage w, so a warp waits only on rounds of a stage it consumed
+// before) - with the op's input as A fragments in shared memory, instead of a slice of every tile; a warp's rows
+// are whole, so each goes out with one store (the down projection's parts still add)
+#ifndef WHOLE_TILES
+#define WHOLE_TILES 0
+#endif
+constexpr int COL_WARPS = 8, CONSUMER_WARPS = WHOLE_TILES ? RING_STAGES : COL_WARPS * ROW_GROUPS;
+constexpr int THREADS = 32 * (CONSUMER_WARPS + 1);
 constexpr int OPS = 5;  // per layer: 0 q/k/v, 1 attention (no weights), 2 o, 3 gate/up, 4 down
 // -DFUSED_MLP=1: op 3 is gate/up and down in one (one dependency fewer per layer): a tile holds MLP_PAIRS gate rows,
 // the same up rows and the same columns of down (stored transposed, as rows); each SM adds its tiles' down
@@ -143,6 +151,7 @@ __host__ __device__ constexpr int tile_bytes(int op) { return tile_rows_in_w(op)
 static_assert(TPS * tile_bytes(0) <= STAGE_BYTES && TPS * tile_bytes(3) <= STAGE_BYTES && TPS * tile_bytes(4) <= STAGE_BYTES,
               "tiles per stage x tile bytes must fit a stage");
 static_assert(TPS == 1 || MMA, "several tiles per stage: MMA builds only");
+static_assert(!WHOLE_TILES || (MMA && TPS == 1), "WHOLE_TILES: MMA tiles, one per stage");
 static_assert(!REDUCE || (ROW_GROUPS == 1 && !FUSED_MLP), "REDUCE: one row group, unfused MLP");
 static_assert(!MMA || (tile_rows_in_w(0) == 8 && tile_rows_in_w(2) == 8 && tile_rows_in_w(3) == 8 &&
                        tile_rows_in_w(4) == 8 && !FUSED_MLP && ROW_GROUPS == 1 && FF % (DOWN_KPARTS * 128) == 0),
@@ -313,15 +322,16 @@ struct Shared {  // what the consumer warps share besides the ring
   float* red;                  // REDUCE: (COL_WARPS, MAXR) the warps' partial sums of this SM's rows of the op
 };
 
-// RMSNorm's scale 1 / rms(x) from each lane's sum of squares over its share of x (the first 8 warps' slices
+// RMSNorm's scale 1 / rms(x) from each lane's sum of squares over its share of x (the first NW warps' shares
 // cover x once)
+template <int NW>
 __device__ __forceinline__ float rms_scale(const Shared& sh, float ss, int K) {
   for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
-  if (threadIdx.x % 32 == 0 && threadIdx.x / 32 < COL_WARPS) sh.partial[threadIdx.x / 32] = ss;
+  if (threadIdx.x % 32 == 0 && threadIdx.x / 32 < NW) sh.partial[threadIdx.x / 32] = ss;
   consumers_sync();
   float tot = 0.f;
 #pragma unroll
-  for (int w = 0; w < COL_WARPS; ++w) tot += sh.partial[w];
+  for (int w = 0; w < NW; ++w) tot += sh.partial[w];
   return rsqrtf(tot / K + 1e-5f);
 }
 
@@ -492,7 +502,7 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
     float ss = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) ss += xs[0][e] * xs[0][e];
-    const float inv = rms_scale(sh, ss, K);
+    const float inv = rms_scale<COL_WARPS>(sh, ss, K);
 #pragma unroll
     for (int e = 0; e < 8; ++e) xs[0][e] *= inv;
   }
@@ -556,23 +566,19 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
 }
-template <int OP>
-__device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int l, unsigned& i) {
-  constexpr int K = kdim(OP) / kparts(OP), S = K / 16 / COL_WARPS;  // columns per tile, k16 steps per warp
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sm = blockIdx.x, nsm = gridDim.x;
-  const int g = lane / 4, q = lane % 4;  // the fragment's group (a row of A / a column of B) and thread in group
-  if (!op_start(a, sh, l, OP)) return false;
-  const long long c_in = clock64();
-  // the warp's KS columns of the input, coalesced: float4 v = lane + 32 j (SwiGLU of gate/up for down)
-  constexpr int KS = S * 16, NV4 = KS / 4, VL = (NV4 + 31) / 32;
-  const int col0 = (OP == 4 ? sm % DOWN_KPARTS * K : 0) + warp * KS;
+// The op's input (SwiGLU of gate/up for down; ones in the modes without input reads) at float4s v = v0 + stride j
+// (j < VL, v < nv4) of columns [col0, col0 + 4 nv4), scaled by RMSNorm for q/k/v and gate/up (the first NW warps'
+// float4s cover x once), written into fr as A fragments [k16 step][q][4 words]: float4 v holds step v / 4's column
+// pairs p = 2 (v % 4), + 1, which lane q = p % 4 takes as words (p / 4) * 2 (bf16 hi) and + 1 (what hi lost, lo)
+template <int OP, int VL, int NW>
+__device__ __forceinline__ void stage_input(const Args& a, const Shared& sh, int l, int col0, int v0, int stride, int nv4,
+                                            unsigned* fr) {
   float4 xv[VL];
 #pragma unroll
   for (int j = 0; j < VL; ++j) {
-    const int v = lane + 32 * j;
+    const int v = v0 + stride * j, c = col0 + 4 * v;
     xv[j] = make_float4(1.f, 1.f, 1.f, 1.f);
-    if (v >= NV4 || no_input(a)) continue;
-    const int c = col0 + 4 * v;
+    if (v >= nv4 || no_input(a)) continue;
     if (OP == 4) {
       const float* gp = a.gu + (l % 2) * 2 * FF + c;
       const float4 gv = __ldcg(reinterpret_cast<const float4*>(gp)), uv = __ldcg(reinterpret_cast<const float4*>(gp + FF));
@@ -582,23 +588,19 @@ __device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int
       xv[j] = __ldcg(reinterpret_cast<const float4*>((OP == 2 ? a.attn : a.x) + c));
     }
   }
-  if (OP == 0 || OP == 3) {  // RMSNorm: the warps' slices cover x once
+  if (OP == 0 || OP == 3) {
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < VL; ++j)
-      if (lane + 32 * j < NV4) ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
-    const float inv = rms_scale(sh, ss, K);
+      if (v0 + stride * j < nv4) ss += xv[j].x * xv[j].x + xv[j].y * xv[j].y + xv[j].z * xv[j].z + xv[j].w * xv[j].w;
+    const float inv = rms_scale<NW>(sh, ss, D);
 #pragma unroll
     for (int j = 0; j < VL; ++j) xv[j].x *= inv, xv[j].y *= inv, xv[j].z *= inv, xv[j].w *= inv;
   }
-  // A fragments through the warp's shared-memory slot [step][q][4 words]: float4 v holds the step v / 4's column
-  // pairs p = 2 (v % 4), + 1, which lane q = p % 4 takes as words (p / 4) * 2 (hi) and + 1 (lo)
-  unsigned* fr = sh.frag + warp * 16 * 16;
-  __syncwarp();
 #pragma unroll
   for (int j = 0; j < VL; ++j) {
-    const int v = lane + 32 * j;
-    if (v >= NV4) continue;
+    const int v = v0 + stride * j;
+    if (v >= nv4) continue;
     const float e[4] = {xv[j].x, xv[j].y, xv[j].z, xv[j].w};
 #pragma unroll
     for (int pp = 0; pp < 2; ++pp) {
@@ -608,6 +610,20 @@ __device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int
       fr[at + 1] = pack_bf16(x0 - __bfloat162float(__float2bfloat16_rn(x0)), x1 - __bfloat162float(__float2bfloat16_rn(x1)));
     }
   }
+}
+
+template <int OP>
+__device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int l, unsigned& i) {
+  constexpr int K = kdim(OP) / kparts(OP), S = K / 16 / COL_WARPS;  // columns per tile, k16 steps per warp
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sm = blockIdx.x, nsm = gridDim.x;
+  const int g = lane / 4, q = lane % 4;  // the fragment's group (a row of A / a column of B) and thread in group
+  if (!op_start(a, sh, l, OP)) return false;
+  const long long c_in = clock64();
+  // the warp's KS columns of the input, coalesced (float4 v = lane + 32 j), as A fragments in its shared-memory slot
+  constexpr int KS = S * 16, NV4 = KS / 4;
+  unsigned* fr = sh.frag + warp * 16 * 16;
+  __syncwarp();
+  stage_input<OP, (NV4 + 31) / 32, COL_WARPS>(a, sh, l, (OP == 4 ? sm % DOWN_KPARTS * K : 0) + warp * KS, lane, 32, NV4, fr);
   __syncwarp();
   unsigned xa[S][4];  // (row g: hi of columns 2q, 2q + 1), (row g + 8: lo), (row g: hi of 2q + 8, + 9), (lo)
 #pragma unroll
@@ -667,9 +683,73 @@ __device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int
   op_end(a, l, OP, sm);
   return true;
 }
+// -DWHOLE_TILES=1: one weight op of layer l, each consumer warp on whole tiles (see WHOLE_TILES). The op's input
+// goes through shared memory once, as A fragments [k16 step][q][hi, lo, hi, lo] as in consume_mma; warp w takes
+// this SM's tiles that sit in ring stage w.
+template <int OP>
+__device__ __forceinline__ bool consume_whole(const Args& a, const Shared& sh, int l, unsigned& i) {
+  constexpr int K = kdim(OP) / kparts(OP), S = K / 16, NT = 32 * CONSUMER_WARPS;
+  constexpr int NV4 = K / 4, VL = (NV4 + NT - 1) / NT;  // float4s of the input per thread
+  static_assert(S % NACC == 0 && S * 16 <= COL_WARPS * 16 * 16, "k16 steps: a multiple of NACC, fragments fit");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sm = blockIdx.x, nsm = gridDim.x;
+  const int g = lane / 4, q = lane % 4;
+  if (!op_start(a, sh, l, OP)) return false;
+  const long long c_in = clock64();
+  stage_input<OP, VL, CONSUMER_WARPS>(a, sh, l, OP == 4 ? sm % DOWN_KPARTS * K : 0, threadIdx.x, NT, NV4, sh.frag);
+  consumers_sync();
+  if (threadIdx.x == 0) prof_add(a, 2, clock64() - c_in);
+  float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
+  const unsigned i0 = i;
+  const int n = no_tiles(a) ? 0 : my_tiles(OP, sm);
+  const uint4* fp = reinterpret_cast<const uint4*>(sh.frag) + q;
+  for (int j = (warp + CONSUMER_WARPS - i0 % CONSUMER_WARPS) % CONSUMER_WARPS; j < n; j += CONSUMER_WARPS) {
+    long long c_t;
+    const uint4* w = stage_in(a, sh, i0 + j, c_t);  // stage (i0 + j) % STAGES == warp
+    if (!w) return false;
+    const uint2* wp = reinterpret_cast<const uint2*>(w) + lane;
+    float c[NACC][4];
+#pragma unroll
+    for (int u = 0; u < NACC; ++u) c[u][0] = c[u][1] = c[u][2] = c[u][3] = 0.f;
+    if (!no_arith(a)) {
+#pragma unroll 2
+      for (int s0 = 0; s0 < S; s0 += NACC) {
+        uint2 b[NACC];
+        uint4 f[NACC];
+#pragma unroll
+        for (int u = 0; u < NACC; ++u) b[u] = wp[(s0 + u) * 32], f[u] = fp[(s0 + u) * 4];
+#pragma unroll
+        for (int u = 0; u < NACC; ++u) {
+          const unsigned af[4] = {f[u].x, f[u].y, f[u].z, f[u].w};
+          mma_bf16(c[u], af, b[u]);
+        }
+      }
+    }
+    stage_out(sh, i0 + j);
+    if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
+    if (no_arith(a) || g != 0) continue;
+    float y0 = 0.f, y1 = 0.f;  // lane q: rows 2q, 2q + 1 of the tile
+#pragma unroll
+    for (int u = 0; u < NACC; ++u) y0 += c[u][0] + c[u][2], y1 += c[u][1] + c[u][3];
+    if (no_adds(a) && y0 != 0x1p100f) continue;
+    const int t = sm + j * nsm, o = out_index(OP, t, 2 * q);
+    if (OP == 4 && kparts(4) > 1) {
+      atomicAdd(out + o, y0), atomicAdd(out + o + 1, y1);
+    } else if (OP == 2 || OP == 4) {  // the residual: this warp owns the rows
+      const float2 r = __ldcg(reinterpret_cast<const float2*>(out + o));
+      *reinterpret_cast<float2*>(out + o) = make_float2(r.x + y0, r.y + y1);
+    } else {
+      *reinterpret_cast<float2*>(out + o) = make_float2(y0, y1);
+    }
+  }
+  i = i0 + my_tiles(OP, sm) * !no_tiles(a);
+  op_end(a, l, OP, sm);
+  return true;
+}
+
 template <int OP>
 __device__ __forceinline__ bool run_op(const Args& a, const Shared& sh, int l, unsigned& i) {
-  if constexpr (MMA) return consume_mma<OP>(a, sh, l, i);
+  if constexpr (WHOLE_TILES) return consume_whole<OP>(a, sh, l, i);
+  else if constexpr (MMA) return consume_mma<OP>(a, sh, l, i);
   else return consume<OP>(a, sh, l, i);
 }
 
@@ -707,7 +787,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(smem_addr(&full[s]), 1);
-      mbar_init(smem_addr(&empty[s]), CONSUMER_WARPS);
+      mbar_init(smem_addr(&empty[s]), WHOLE_TILES ? 1 : CONSUMER_WARPS);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -967,7 +1047,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(want.data(), x, D * 4, cudaMemcpyDeviceToHost));
   double err = 0, scale = 0;
   for (int k = 0; k < D; ++k) err = fmax(err, fabs(got[k] - want[k])), scale = fmax(scale, fabs(want[k]));
-  printf("build: REDUCE=%d MMA=%d (%d tiles per stage, %d accumulators) ring %d x %d KB, rows per tile q/k/v %d o %d gate/up pairs %d down %d (x%d parts)%s\n", REDUCE, MMA, TPS, NACC,
+  printf("build: WHOLE_TILES=%d REDUCE=%d MMA=%d (%d tiles per stage, %d accumulators) ring %d x %d KB, rows per tile q/k/v %d o %d gate/up pairs %d down %d (x%d parts)%s\n", WHOLE_TILES, REDUCE, MMA, TPS, NACC,
          RING_STAGES, STAGE_KB, ROWS_QKV, ROWS_O, GU_PAIRS, ROWS_DOWN, kparts(4), FUSED_MLP ? ", fused MLP" : "");
   printf("%s, %d SMs; weights %.3f GB; max |kernel - reference| = %.3g (max |x| %.3g)\n", prop.name, nsm,
          total * 2 / 1e9, err, scale);

@@ -66,8 +66,15 @@ case "${1:-}" in
     run align_compare 290 python bench/align_compare.py --device cuda
     run align_distill 290 python bench/align_distill.py --device cuda ;;
   megakernel) # issue 14: the persistent warp-specialised decode prototype (bench/megakernel_proto.cu: 22 layers'
-             # GEMV chain with real dependencies + an attention stand-in of 0 / 2 / 4.5 us per layer; diagnostics)
-    nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/mk bench/megakernel_proto.cu && run megakernel 60 /tmp/mk 0 2000 4500 ;;
+             # GEMV chain with real dependencies + an attention stand-in of 0 / 2 / 4.5 us per layer; diagnostics),
+             # the default build (v7) and v5 in the same call; MK_FLAGS="-D..." adds a third build to compare
+    nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/mk bench/megakernel_proto.cu && run megakernel 60 /tmp/mk 0 2000 4500
+    nvcc -O3 -std=c++17 -arch=sm_90a -DMMA=0 -DREDUCE=0 -o /tmp/mk5 bench/megakernel_proto.cu &&
+        run megakernel_v5 60 /tmp/mk5 0 2000 4500
+    if [ -n "${MK_FLAGS:-}" ]; then
+        # shellcheck disable=SC2086  # the flags are separate words on purpose
+        nvcc -O3 -std=c++17 -arch=sm_90a $MK_FLAGS -o /tmp/mkx bench/megakernel_proto.cu && run megakernel_x 60 /tmp/mkx 0 2000 4500
+    fi ;;
   moe)       # issue 14: dropless MoE variants vs dense at equal active FLOPs (goal >= 0.85x), host vs GPU time
     run moe_host 80 python bench/moe_step_host.py --profile --out "$out/moe_step_host.json"
     run moe 300 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 260

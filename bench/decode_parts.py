@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.infer import kernel_step as kstep  # noqa: E402
 from lmforge.kernels import decode as kd  # noqa: E402
 from lmforge.kernels import paged_attention as pa  # noqa: E402
@@ -167,12 +168,18 @@ def configs_ab(step: kstep.KernelStep, tok, pos, timed, attend: str, compare: st
     variants = {}
     try:
         for c in filter(None, attend.split(",")):
-            variants[f"attend {c}"] = shipped.with_config(key, tuple(int(x) for x in c.split("x")))
+            config = tuple(int(x) for x in c.split("x"))
+            if not 3 <= len(config) <= 5:
+                raise ValueError(c)
+            variants[f"attend {c}"] = shipped.with_config(key, config)
     except ValueError:
-        raise SystemExit(f"--attend wants configs like 8x32x2x1,4x128x4; got {attend!r}") from None
+        raise SystemExit(f"--attend wants configs of 3-5 positive ints like 8x32x2x1,4x128x4; got {attend!r}") from None
     if compare:
         variants["shipped set"] = shipped
-        variants[f"set {Path(compare).name[:40]}"] = KernelConfigs.load(Path(compare))
+        try:
+            variants[f"set {Path(compare).name[:40]}"] = KernelConfigs.load(Path(compare))
+        except LmforgeError as e:
+            raise SystemExit(f"--compare: {e}") from None
     times = {name: [] for name in variants}
     for _ in range(rounds):
         for name, configs in variants.items():
@@ -234,8 +241,10 @@ def main() -> None:
     ap.add_argument("--compare", default=None, help="a KernelConfigs json to A/B against the shipped set")
     ap.add_argument("--save-tuned", default=None, help="with --tune: write the tuned set to this json")
     args = ap.parse_args()
-    if args.context < 0 or args.reps < 1:
-        ap.error(f"--context must be >= 0 and --reps >= 1; got {args.context} and {args.reps}")
+    if args.context < 0 or args.reps < 1 or args.rounds < 1:
+        ap.error(f"--context must be >= 0, --reps and --rounds >= 1; got {args.context}, {args.reps}, {args.rounds}")
+    if args.save_tuned and not args.tune:
+        ap.error("--save-tuned writes the set --tune chooses: add --tune")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if not kd.available(dev):
         raise SystemExit("needs Triton on a GPU, or TRITON_INTERPRET=1 on CPU")

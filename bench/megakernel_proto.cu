@@ -95,13 +95,6 @@ constexpr int STAGES = RING_STAGES, STAGE_BYTES = STAGE_KB * 1024;
 #ifndef ROW_GROUPS  // 8 consumer warps split the columns; ROW_GROUPS such groups split each tile's rows
 #define ROW_GROUPS 1
 #endif
-// -DREDUCE=1: the warps' partial sums go to shared memory and are summed at the op's end, one plain store per output
-// row (an SM owns its tiles' rows; the MMA builds' down parts still add, one atomic per row and part) instead of an
-// atomic add per row, warp and tile: the op's release then waits for far fewer writes in flight
-#ifndef REDUCE
-#define REDUCE 1
-#endif
-constexpr int MAXR = 128;  // REDUCE: an SM's rows of one op at most (checked on the host)
 // -DWHOLE_TILES=1 (with MMA): each consumer warp takes whole tiles - all of a tile's columns, its own ring stage (as
 // many consumer warps as stages, warp w always stage w, so a warp waits only on rounds of a stage it consumed
 // before) - with the op's input as A fragments in shared memory, instead of a slice of every tile; a warp's rows
@@ -109,6 +102,13 @@ constexpr int MAXR = 128;  // REDUCE: an SM's rows of one op at most (checked on
 #ifndef WHOLE_TILES
 #define WHOLE_TILES 0
 #endif
+// -DREDUCE=1: the warps' partial sums go to shared memory and are summed at the op's end, one plain store per output
+// row (an SM owns its tiles' rows; the MMA builds' down parts still add, one atomic per row and part) instead of an
+// atomic add per row, warp and tile: the op's release then waits for far fewer writes in flight
+#ifndef REDUCE  // (not with WHOLE_TILES: its rows are whole, there are no partial sums)
+#define REDUCE (WHOLE_TILES ? 0 : 1)
+#endif
+constexpr int MAXR = 128;  // REDUCE: an SM's rows of one op at most (checked on the host)
 constexpr int COL_WARPS = 8, CONSUMER_WARPS = WHOLE_TILES ? RING_STAGES : COL_WARPS * ROW_GROUPS;
 constexpr int THREADS = 32 * (CONSUMER_WARPS + 1);
 constexpr int OPS = 5;  // per layer: 0 q/k/v, 1 attention (no weights), 2 o, 3 gate/up, 4 down
@@ -151,7 +151,7 @@ __host__ __device__ constexpr int tile_bytes(int op) { return tile_rows_in_w(op)
 static_assert(TPS * tile_bytes(0) <= STAGE_BYTES && TPS * tile_bytes(3) <= STAGE_BYTES && TPS * tile_bytes(4) <= STAGE_BYTES,
               "tiles per stage x tile bytes must fit a stage");
 static_assert(TPS == 1 || MMA, "several tiles per stage: MMA builds only");
-static_assert(!WHOLE_TILES || (MMA && TPS == 1), "WHOLE_TILES: MMA tiles, one per stage");
+static_assert(!WHOLE_TILES || (MMA && TPS == 1 && !REDUCE), "WHOLE_TILES: MMA tiles, one per stage, no REDUCE");
 static_assert(!REDUCE || (ROW_GROUPS == 1 && !FUSED_MLP), "REDUCE: one row group, unfused MLP");
 static_assert(!MMA || (tile_rows_in_w(0) == 8 && tile_rows_in_w(2) == 8 && tile_rows_in_w(3) == 8 &&
                        tile_rows_in_w(4) == 8 && !FUSED_MLP && ROW_GROUPS == 1 && FF % (DOWN_KPARTS * 128) == 0),

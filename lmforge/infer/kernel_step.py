@@ -58,7 +58,7 @@ at 2,048 than the best there (attention's slices: docs/benchmarks.md)"""
 def tune_contexts(contexts: int | Sequence[int], max_positions: int) -> list[int]:
     """KernelStep.tune's key counts: sorted, distinct, each at most the cache's positions."""
     values = [contexts] if isinstance(contexts, int) else list(contexts)
-    if not values or any(not isinstance(c, int) or c < 1 for c in values):
+    if not values or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in values):
         raise LmforgeError(f"tune contexts must be positive key counts, e.g. (512, 2048); got {contexts!r}")
     return sorted({min(c, max_positions) for c in values})
 

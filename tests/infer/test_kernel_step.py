@@ -129,7 +129,7 @@ def test_tune_contexts_are_clamped_and_bad_ones_named():
 
     assert tune_contexts(TUNE_CONTEXTS, 4096) == [512, 2048]
     assert tune_contexts((2048, 512, 4096), 1024) == [512, 1024] and tune_contexts(300, 8192) == [300]
-    for bad in ((), (0, 512), (512.0,)):
+    for bad in ((), (0, 512), (512.0,), (True,)):
         with pytest.raises(LmforgeError, match="positive key counts"):
             tune_contexts(bad, 4096)
     model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)

@@ -108,6 +108,16 @@ constexpr int STAGES = RING_STAGES, STAGE_BYTES = STAGE_KB * 1024;
 #ifndef REDUCE  // (not with WHOLE_TILES: its rows are whole, there are no partial sums)
 #define REDUCE (WHOLE_TILES ? 0 : 1)
 #endif
+// -DTAGGED=1 (MMA + REDUCE): an op hands its outputs on as 8-byte (value, tag) pairs - the tag names the launch,
+// layer and op - and each reader spins on the pairs it needs until they carry the tag it expects (the "low-latency"
+// protocol of NCCL's LL transport). No release fence, no counter: the dependency costs the writer's stores reaching
+// L2 and the reader's loads, instead of stores -> fence -> counter add -> poll -> loads. The residual is kept as
+// the o-projection's output (x + o, one SM per row) plus the down projection's DOWN_KPARTS partial outputs, summed
+// by their readers, so no output is accumulated by atomics. Measured slower than the counters (session 17: the
+// readers' re-loads of unwritten pairs and the five-source input of q/k/v cost more than the fences they replace).
+#ifndef TAGGED
+#define TAGGED 0
+#endif
 constexpr int MAXR = 128;  // REDUCE: an SM's rows of one op at most (checked on the host)
 constexpr int COL_WARPS = 8, CONSUMER_WARPS = WHOLE_TILES ? RING_STAGES : COL_WARPS * ROW_GROUPS;
 constexpr int THREADS = 32 * (CONSUMER_WARPS + 1);
@@ -153,6 +163,7 @@ static_assert(TPS * tile_bytes(0) <= STAGE_BYTES && TPS * tile_bytes(3) <= STAGE
 static_assert(TPS == 1 || MMA, "several tiles per stage: MMA builds only");
 static_assert(!WHOLE_TILES || (MMA && TPS == 1 && !REDUCE), "WHOLE_TILES: MMA tiles, one per stage, no REDUCE");
 static_assert(!REDUCE || (ROW_GROUPS == 1 && !FUSED_MLP), "REDUCE: one row group, unfused MLP");
+static_assert(!TAGGED || (MMA && REDUCE && !WHOLE_TILES && TPS == 1), "TAGGED: MMA tiles with REDUCE, one per stage");
 static_assert(!MMA || (tile_rows_in_w(0) == 8 && tile_rows_in_w(2) == 8 && tile_rows_in_w(3) == 8 &&
                        tile_rows_in_w(4) == 8 && !FUSED_MLP && ROW_GROUPS == 1 && FF % (DOWN_KPARTS * 128) == 0),
               "MMA: 8-row tiles (GU_PAIRS 4), unfused, one row group, each down part a whole number of k16 steps per warp");
@@ -170,6 +181,9 @@ struct Args {
   float* attn;               // (D,)
   float* gu;                 // (2, 2 FF) gate then up pre-activations by layer parity; stored (REDUCE) or added
                              // into and zeroed by the next op 0
+  unsigned long long *tq, *tattn, *txo, *tgu, *tdp;  // TAGGED: (value, tag) pairs of q/k/v (QKV), the attention
+                             // output (D), x + o (D), gate/up (2 FF) and the down parts (DOWN_KPARTS, D); x holds the
+                             // token's input, unchanged
   unsigned* counters;        // (LAYERS * OPS,) tiles done, cumulative over launches
   unsigned* reads;           // (LAYERS,) fused MLP: SMs that have read the op's input x (before any adds into it)
   unsigned gen;              // this launch's number (1, 2, ...): op k of layer l is done at gen * ntiles(k)
@@ -260,6 +274,32 @@ __device__ __forceinline__ void add_release(unsigned* p, unsigned v) {
 __device__ __forceinline__ void consumers_sync() {  // named barrier 1: the consumer warps only
   asm volatile("bar.sync 1, %0;" ::"n"(32 * CONSUMER_WARPS) : "memory");
 }
+// true on every consumer thread when v is true on any (named barrier 1 with an OR reduction)
+__device__ __forceinline__ bool consumers_any(bool v) {
+  unsigned r;
+  asm volatile("{ .reg .pred p, q; setp.ne.u32 p, %1, 0; bar.red.or.pred q, 1, %2, p; selp.u32 %0, 1, 0, q; }"
+               : "=r"(r)
+               : "r"((unsigned)v), "n"(32 * CONSUMER_WARPS)
+               : "memory");
+  return r;
+}
+
+// TAGGED: the tag of op `op` of layer l in launch gen (never 0, what the buffers start as); a pair is the value's
+// bits in the low word, the tag in the high one, written and read as one 8-byte access (single-copy atomic)
+__device__ __forceinline__ unsigned tag_of(unsigned gen, int l, int op) { return gen * 128u + l * OPS + op; }
+__device__ __forceinline__ void st_tagged(unsigned long long* p, float v, unsigned tag) {
+  const unsigned long long u = (unsigned long long)tag << 32 | __float_as_uint(v);
+  asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(p), "l"(u) : "memory");
+}
+__device__ __forceinline__ uint4 ld_pairs(const unsigned long long* p) {  // two pairs: x, z values; y, w tags
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ bool tagged(uint4 v, unsigned tag) { return v.y == tag && v.w == tag; }
 
 __device__ __forceinline__ bool wait_count(const Args& a, const unsigned* c, unsigned target);
 // wait (one thread) until every tile of op `dep_op` of layer `dep_l` is done in this launch; false on a watchdog
@@ -337,6 +377,7 @@ __device__ __forceinline__ float rms_scale(const Shared& sh, float ss, int K) {
 
 // wait (thread 0) for the op this one reads; false when a watchdog fired (every consumer returns)
 __device__ __forceinline__ bool op_start(const Args& a, const Shared& sh, int l, int op) {
+  if (TAGGED) return true;  // the readers spin on the inputs themselves
   if (threadIdx.x == 0) {
     const long long c0 = clock64();
     // a watchdog elsewhere shows here as this wait's own (no read of the error flag per op: a round trip each)
@@ -352,7 +393,7 @@ __device__ __forceinline__ int my_tiles(int op, int slot) { return (ntiles(op) -
 __device__ __forceinline__ void op_end(const Args& a, int l, int op, int slot) {
   const long long c0 = clock64();
   consumers_sync();
-  if (threadIdx.x == 0 && !no_release(a)) add_release(a.counters + l * OPS + op, my_tiles(op, slot));
+  if (threadIdx.x == 0 && !no_release(a) && !TAGGED) add_release(a.counters + l * OPS + op, my_tiles(op, slot));
   if (threadIdx.x == 0) prof_add(a, 6, clock64() - c0);
 }
 
@@ -443,11 +484,60 @@ __device__ __forceinline__ void keep_partial(const Shared& sh, int op, int j, in
 }
 // REDUCE, at the op's end: each of this SM's rows summed over the warps and stored (residual rows read-modify-
 // written: the SM owns them; the MMA builds' down parts added)
+// TAGGED, the o-projection: the residual row o before layer l's o (x + o of layer l - 1 plus its down parts; layer
+// 0: the token's input) as pairs, loaded at the op's start so the loads' latency hides behind the tiles
+constexpr int NRP = 1 + DOWN_KPARTS;
+__device__ __forceinline__ const unsigned long long* residual_src(const Args& a, int s, int o) {
+  return s == 0 ? a.txo + o : a.tdp + (s - 1) * D + o;
+}
+__device__ __forceinline__ unsigned residual_tag(const Args& a, int l, int s) { return tag_of(a.gen, l - 1, s == 0 ? 2 : 4); }
+__device__ __forceinline__ unsigned long long ld_pair(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void residual_load(const Args& a, int l, int o, unsigned long long (&rp)[NRP]) {
+#pragma unroll
+  for (int s = 0; s < NRP; ++s)
+    rp[s] = l > 0 ? ld_pair(residual_src(a, s, o))
+                  : (unsigned long long)residual_tag(a, l, s) << 32 | __float_as_uint(s == 0 ? __ldcg(a.x + o) : 0.f);
+}
+__device__ __forceinline__ float residual_sum(const Args& a, int l, int o, unsigned long long (&rp)[NRP]) {
+  const long long c0 = clock64();
+  unsigned polls = 0;
+  float v = 0.f;
+#pragma unroll
+  for (int s = 0; s < NRP; ++s) {  // written before this layer's q/k/v read them: a wait here is a bug's
+    while (waits_inputs(a) && (unsigned)(rp[s] >> 32) != residual_tag(a, l, s)) {
+      if (watchdog(c0, polls, a.error)) return 0.f;
+      rp[s] = ld_pair(residual_src(a, s, o));
+    }
+    v += __uint_as_float((unsigned)rp[s]);
+  }
+  return v;
+}
 template <int OP>
-__device__ __forceinline__ void store_rows(const Args& a, const Shared& sh, int l) {
+__device__ __forceinline__ void store_rows(const Args& a, const Shared& sh, int l, unsigned long long (&rp)[NRP]) {
   constexpr int RT = tile_rows_in_w(OP);
   const int sm = blockIdx.x, nsm = gridDim.x, n = my_tiles(OP, sm) * RT;
   consumers_sync();
+  if constexpr (TAGGED) {  // every row goes out as a pair, values or not, so the readers' chain goes on
+    if (no_release(a)) return;
+    const bool vals = !(no_arith(a) || no_adds(a) || no_tiles(a));
+    const unsigned tag = tag_of(a.gen, l, OP);
+    for (int e = threadIdx.x; e < n; e += 32 * CONSUMER_WARPS) {
+      float v = 0.f;
+      if (vals)
+#pragma unroll
+        for (int w = 0; w < COL_WARPS; ++w) v += sh.red[w * MAXR + e];
+      const int o = out_index(OP, sm + e / RT * nsm, e % RT);
+      if (OP == 0) st_tagged(a.tq + o, v, tag);
+      else if (OP == 3) st_tagged(a.tgu + o, v, tag);
+      else if (OP == 4) st_tagged(a.tdp + sm % DOWN_KPARTS * D + o, v, tag);
+      else st_tagged(a.txo + o, residual_sum(a, l, o, rp) + v, tag);
+    }
+    return;
+  }
   if (no_arith(a) || no_adds(a) || no_tiles(a)) return;
   float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
   for (int e = threadIdx.x; e < n; e += 32 * CONSUMER_WARPS) {
@@ -538,7 +628,8 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
     if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
   }
   if (REDUCE) {
-    store_rows<OP>(a, sh, l);
+    unsigned long long rp[NRP];  // (TAGGED only)
+    store_rows<OP>(a, sh, l, rp);
   } else {  // zero what two ops later will add into, now that its readers are done: op 0 the gate/up buffer down
             // read last layer, op 3 the q/k/v buffer attention read this layer
     if (OP == 0) zero_grid(a.gu + ((l + 1) % 2) * 2 * FF, 2 * FF);
@@ -566,19 +657,85 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
 }
+// TAGGED: the float4s of the op's input (as stage_input's loop) from its producers' (value, tag) pairs, spinning
+// until every pair carries its tag (unless the mode skips input waits); false if the watchdog fired. q/k/v reads
+// x + o of the last layer plus its down parts (layer 0: the token's input), o the attention output, gate/up x + o,
+// down gate and up (SwiGLU).
+template <int OP, int VL>
+__device__ __forceinline__ bool tagged_input(const Args& a, int l, int col0, int v0, int stride, int nv4, float4 (&xv)[VL]) {
+  if (OP == 0 && l == 0) {
+#pragma unroll
+    for (int j = 0; j < VL; ++j)
+      if (v0 + stride * j < nv4) xv[j] = __ldcg(reinterpret_cast<const float4*>(a.x + col0 + 4 * (v0 + stride * j)));
+    return true;
+  }
+  constexpr int NS = OP == 0 ? 1 + DOWN_KPARTS : OP == 4 ? 2 : 1;  // sources per element
+  auto source = [&](int s, int c) -> const unsigned long long* {
+    if (OP == 0) return s == 0 ? a.txo + c : a.tdp + (s - 1) * D + c;
+    if (OP == 2) return a.tattn + c;
+    if (OP == 3) return a.txo + c;
+    return a.tgu + s * FF + c;
+  };
+  auto tag = [&](int s) { return OP == 0 ? tag_of(a.gen, l - 1, s == 0 ? 2 : 4) : tag_of(a.gen, l, OP - 1); };
+  uint4 u[VL][NS][2] = {};  // tag 0 is nobody's: the first pass loads every pair
+  const long long c0 = clock64();
+  unsigned polls = 0;
+  for (bool wait = waits_inputs(a), first = true;; first = false) {  // check every pair; load those not yet written
+    bool ok = !first;
+#pragma unroll
+    for (int j = 0; j < VL; ++j)
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (v0 + stride * j < nv4 && !tagged(u[j][s][h], tag(s))) {
+            ok = false;
+            u[j][s][h] = ld_pairs(source(s, col0 + 4 * (v0 + stride * j) + 2 * h));
+          }
+    if (ok || (!wait && !first)) break;
+    if (!first && watchdog(c0, polls, a.error)) return false;
+  }
+#pragma unroll
+  for (int j = 0; j < VL; ++j) {
+    float e[4] = {0.f, 0.f, 0.f, 0.f};
+    if (OP == 4) {
+      auto sw = [](unsigned g_, unsigned u_) {
+        const float g = __uint_as_float(g_);
+        return g / (1.f + __expf(-g)) * __uint_as_float(u_);
+      };
+      e[0] = sw(u[j][0][0].x, u[j][NS - 1][0].x), e[1] = sw(u[j][0][0].z, u[j][NS - 1][0].z);
+      e[2] = sw(u[j][0][1].x, u[j][NS - 1][1].x), e[3] = sw(u[j][0][1].z, u[j][NS - 1][1].z);
+    } else {
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        e[0] += __uint_as_float(u[j][s][0].x), e[1] += __uint_as_float(u[j][s][0].z);
+        e[2] += __uint_as_float(u[j][s][1].x), e[3] += __uint_as_float(u[j][s][1].z);
+      }
+    }
+    if (v0 + stride * j < nv4) xv[j] = make_float4(e[0], e[1], e[2], e[3]);
+  }
+  return true;
+}
+
 // The op's input (SwiGLU of gate/up for down; ones in the modes without input reads) at float4s v = v0 + stride j
 // (j < VL, v < nv4) of columns [col0, col0 + 4 nv4), scaled by RMSNorm for q/k/v and gate/up (the first NW warps'
 // float4s cover x once), written into fr as A fragments [k16 step][q][4 words]: float4 v holds step v / 4's column
 // pairs p = 2 (v % 4), + 1, which lane q = p % 4 takes as words (p / 4) * 2 (bf16 hi) and + 1 (what hi lost, lo)
 template <int OP, int VL, int NW>
 __device__ __forceinline__ void stage_input(const Args& a, const Shared& sh, int l, int col0, int v0, int stride, int nv4,
-                                            unsigned* fr) {
+                                            unsigned* fr, bool& bad) {
   float4 xv[VL];
+#pragma unroll
+  for (int j = 0; j < VL; ++j) xv[j] = make_float4(1.f, 1.f, 1.f, 1.f);
+  if (TAGGED && !no_input(a)) {
+    const long long c_w = clock64();
+    bad = !tagged_input<OP, VL>(a, l, col0, v0, stride, nv4, xv);
+    if (threadIdx.x == 0) prof_add(a, 1, clock64() - c_w);
+  }
 #pragma unroll
   for (int j = 0; j < VL; ++j) {
     const int v = v0 + stride * j, c = col0 + 4 * v;
-    xv[j] = make_float4(1.f, 1.f, 1.f, 1.f);
-    if (v >= nv4 || no_input(a)) continue;
+    if (TAGGED || v >= nv4 || no_input(a)) continue;
     if (OP == 4) {
       const float* gp = a.gu + (l % 2) * 2 * FF + c;
       const float4 gv = __ldcg(reinterpret_cast<const float4*>(gp)), uv = __ldcg(reinterpret_cast<const float4*>(gp + FF));
@@ -623,8 +780,17 @@ __device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int
   constexpr int KS = S * 16, NV4 = KS / 4;
   unsigned* fr = sh.frag + warp * 16 * 16;
   __syncwarp();
-  stage_input<OP, (NV4 + 31) / 32, COL_WARPS>(a, sh, l, (OP == 4 ? sm % DOWN_KPARTS * K : 0) + warp * KS, lane, 32, NV4, fr);
-  __syncwarp();
+  bool bad = false;
+  stage_input<OP, (NV4 + 31) / 32, COL_WARPS>(a, sh, l, (OP == 4 ? sm % DOWN_KPARTS * K : 0) + warp * KS, lane, 32, NV4, fr,
+                                             bad);
+  unsigned long long rp[NRP] = {};  // TAGGED, o: the residual of the rows this thread stores at the op's end
+  if (TAGGED && OP == 2 && !no_input(a) && threadIdx.x < my_tiles(OP, sm) * tile_rows_in_w(OP))
+    residual_load(a, l, out_index(OP, sm + threadIdx.x / tile_rows_in_w(OP) * nsm, threadIdx.x % tile_rows_in_w(OP)), rp);
+  if (TAGGED) {
+    if (consumers_any(bad)) return false;
+  } else {
+    __syncwarp();
+  }
   unsigned xa[S][4];  // (row g: hi of columns 2q, 2q + 1), (row g + 8: lo), (row g: hi of 2q + 8, + 9), (lo)
 #pragma unroll
   for (int s = 0; s < S; ++s) {
@@ -675,7 +841,7 @@ __device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int
     if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
   }
   if (REDUCE) {
-    store_rows<OP>(a, sh, l);
+    store_rows<OP>(a, sh, l, rp);
   } else {  // as in consume
     if (OP == 0) zero_grid(a.gu + ((l + 1) % 2) * 2 * FF, 2 * FF);
     if (OP == 3) zero_grid(a.qkv + (l % 2) * QKV, QKV);
@@ -695,7 +861,8 @@ __device__ __forceinline__ bool consume_whole(const Args& a, const Shared& sh, i
   const int g = lane / 4, q = lane % 4;
   if (!op_start(a, sh, l, OP)) return false;
   const long long c_in = clock64();
-  stage_input<OP, VL, CONSUMER_WARPS>(a, sh, l, OP == 4 ? sm % DOWN_KPARTS * K : 0, threadIdx.x, NT, NV4, sh.frag);
+  bool bad = false;  // (TAGGED only)
+  stage_input<OP, VL, CONSUMER_WARPS>(a, sh, l, OP == 4 ? sm % DOWN_KPARTS * K : 0, threadIdx.x, NT, NV4, sh.frag, bad);
   consumers_sync();
   if (threadIdx.x == 0) prof_add(a, 2, clock64() - c_in);
   float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
@@ -761,13 +928,31 @@ __device__ __forceinline__ bool attend(const Args& a, const Shared& sh, int l) {
   if (!op_start(a, sh, l, 1)) return false;
   const long long c0 = clock64();
   for (int t = slot; t < ntiles(1); t += gridDim.x) {
+    float qv = 0.f;
+    bool bad = false;
+    if (TAGGED && threadIdx.x < HD && !no_input(a)) {  // q's head t from its pairs
+      const unsigned long long* p = a.tq + t * HD + threadIdx.x;
+      unsigned long long u = ld_pair(p);
+      const long long c_w = clock64();
+      unsigned polls = 0;
+      while (waits_inputs(a) && (unsigned)(u >> 32) != tag_of(a.gen, l, 0) && !bad) {
+        bad = watchdog(c_w, polls, a.error);
+        u = ld_pair(p);
+      }
+      qv = __uint_as_float((unsigned)u);
+    }
     if (threadIdx.x == 0) {
       long long t0 = now_ns();
       while (now_ns() - t0 < a.attention_ns) {
       }
     }
-    consumers_sync();
-    if (threadIdx.x < HD) a.attn[t * HD + threadIdx.x] = __ldcg(a.qkv + (l % 2) * QKV + t * HD + threadIdx.x);
+    if (TAGGED) {
+      if (consumers_any(bad)) return false;
+      if (threadIdx.x < HD && !no_release(a)) st_tagged(a.tattn + t * HD + threadIdx.x, qv, tag_of(a.gen, l, 1));
+    } else {
+      consumers_sync();
+      if (threadIdx.x < HD) a.attn[t * HD + threadIdx.x] = __ldcg(a.qkv + (l % 2) * QKV + t * HD + threadIdx.x);
+    }
   }
   if (threadIdx.x == 0) prof_add(a, 7, clock64() - c0);
   op_end(a, l, 1, slot);
@@ -998,6 +1183,13 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&error, 4));
   CHECK(cudaMemset(error, 0, 4));
   a.x = x, a.qkv = kqkv, a.attn = attn, a.gu = gu, a.counters = counters, a.reads = reads, a.error = error;
+  unsigned long long* pairs = nullptr;  // TAGGED: the pair buffers, zero (no tag) to start with
+  const size_t npairs = QKV + D + D + 2 * FF + DOWN_KPARTS * D;
+  if (TAGGED) {
+    CHECK(cudaMalloc(&pairs, npairs * 8));
+    CHECK(cudaMemset(pairs, 0, npairs * 8));
+    a.tq = pairs, a.tattn = a.tq + QKV, a.txo = a.tattn + D, a.tgu = a.txo + D, a.tdp = a.tgu + 2 * FF;
+  }
   const int smem = STAGES * STAGE_BYTES;
   CHECK(cudaFuncSetAttribute(decode_token, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
@@ -1029,6 +1221,31 @@ int main(int argc, char** argv) {
   }
   std::vector<float> got(D), want(D);
   CHECK(cudaMemcpy(got.data(), x, D * 4, cudaMemcpyDeviceToHost));
+  if (TAGGED) {  // the last layer's x + o plus its down parts, every pair carrying its tag
+    std::vector<unsigned long long> hp(npairs);
+    CHECK(cudaMemcpy(hp.data(), pairs, npairs * 8, cudaMemcpyDeviceToHost));
+    const size_t xo = QKV + D, dp = QKV + 2 * D + 2 * FF;
+    const unsigned gen1 = 128u + (LAYERS - 1) * OPS;  // tag_of(1, LAYERS - 1, op) - op
+    int untagged = 0;
+    for (int k = 0; k < D; ++k) {
+      float v;
+      unsigned bits = (unsigned)hp[xo + k];
+      memcpy(&v, &bits, 4);
+      untagged += (unsigned)(hp[xo + k] >> 32) != gen1 + 2;
+      for (int p = 0; p < DOWN_KPARTS; ++p) {
+        float d;
+        bits = (unsigned)hp[dp + p * D + k];
+        memcpy(&d, &bits, 4);
+        v += d;
+        untagged += (unsigned)(hp[dp + p * D + k] >> 32) != gen1 + 4;
+      }
+      got[k] = v;
+    }
+    if (untagged) {
+      fprintf(stderr, "%d output pairs without the last layer's tag\n", untagged);
+      return 3;
+    }
+  }
   CHECK(cudaMemcpy(x, x0, D * 4, cudaMemcpyDeviceToDevice));
   for (int l = 0; l < LAYERS; ++l) {
     ref_rms<<<1, 1024>>>(x, inv);
@@ -1047,7 +1264,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(want.data(), x, D * 4, cudaMemcpyDeviceToHost));
   double err = 0, scale = 0;
   for (int k = 0; k < D; ++k) err = fmax(err, fabs(got[k] - want[k])), scale = fmax(scale, fabs(want[k]));
-  printf("build: WHOLE_TILES=%d REDUCE=%d MMA=%d (%d tiles per stage, %d accumulators) ring %d x %d KB, rows per tile q/k/v %d o %d gate/up pairs %d down %d (x%d parts)%s\n", WHOLE_TILES, REDUCE, MMA, TPS, NACC,
+  printf("build: TAGGED=%d WHOLE_TILES=%d REDUCE=%d MMA=%d (%d tiles per stage, %d accumulators) ring %d x %d KB, rows per tile q/k/v %d o %d gate/up pairs %d down %d (x%d parts)%s\n", TAGGED, WHOLE_TILES, REDUCE, MMA, TPS, NACC,
          RING_STAGES, STAGE_KB, ROWS_QKV, ROWS_O, GU_PAIRS, ROWS_DOWN, kparts(4), FUSED_MLP ? ", fused MLP" : "");
   printf("%s, %d SMs; weights %.3f GB; max |kernel - reference| = %.3g (max |x| %.3g)\n", prop.name, nsm,
          total * 2 / 1e9, err, scale);
@@ -1102,6 +1319,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> profiles;
   for (long long ns : waits)
     for (int gated = 0; gated < 11; ++gated) {
+      if (TAGGED && gated == 1) {  // the producer's gate polls the counters, which TAGGED builds do not keep
+        printf("%-14lld %-34s %10s\n", ns, modes[gated], "n/a");
+        continue;
+      }
       launch(ns, gated);
       CHECK(cudaEventRecord(e0));
       for (int r = 0; r < reps; ++r) launch(ns, gated);

@@ -118,6 +118,13 @@ constexpr int STAGES = RING_STAGES, STAGE_BYTES = STAGE_KB * 1024;
 #ifndef TAGGED
 #define TAGGED 0
 #endif
+// -DLEAN=1 (MMA + REDUCE): fewer CTA barriers per op. Each warp's lane 0 polls the op's dependency itself (no barrier
+// to pass the news on); warp 0 alone sums the partial sums, stores the SM's rows and releases the op, while the other
+// warps go on to the next op (the partial sums double-buffered by op, so they cannot overwrite what warp 0 still
+// reads); the o-projection's residual rows are loaded at the op's start instead of at its end.
+#ifndef LEAN
+#define LEAN 0
+#endif
 constexpr int MAXR = 128;  // REDUCE: an SM's rows of one op at most (checked on the host)
 constexpr int COL_WARPS = 8, CONSUMER_WARPS = WHOLE_TILES ? RING_STAGES : COL_WARPS * ROW_GROUPS;
 constexpr int THREADS = 32 * (CONSUMER_WARPS + 1);
@@ -164,6 +171,7 @@ static_assert(TPS == 1 || MMA, "several tiles per stage: MMA builds only");
 static_assert(!WHOLE_TILES || (MMA && TPS == 1 && !REDUCE), "WHOLE_TILES: MMA tiles, one per stage, no REDUCE");
 static_assert(!REDUCE || (ROW_GROUPS == 1 && !FUSED_MLP), "REDUCE: one row group, unfused MLP");
 static_assert(!TAGGED || (MMA && REDUCE && !WHOLE_TILES && TPS == 1), "TAGGED: MMA tiles with REDUCE, one per stage");
+static_assert(!LEAN || (MMA && REDUCE && !WHOLE_TILES && !TAGGED), "LEAN: MMA tiles with REDUCE, counters");
 static_assert(!MMA || (tile_rows_in_w(0) == 8 && tile_rows_in_w(2) == 8 && tile_rows_in_w(3) == 8 &&
                        tile_rows_in_w(4) == 8 && !FUSED_MLP && ROW_GROUPS == 1 && FF % (DOWN_KPARTS * 128) == 0),
               "MMA: 8-row tiles (GU_PAIRS 4), unfused, one row group, each down part a whole number of k16 steps per warp");
@@ -307,11 +315,16 @@ __device__ __forceinline__ bool wait_done(const Args& a, int dep_l, int dep_op) 
   if (dep_l < 0) return true;
   return wait_count(a, a.counters + dep_l * OPS + dep_op, a.gen * ntiles(dep_op));
 }
+#ifndef POLL_NS  // -DPOLL_NS=n: a waiter sleeps n ns between polls of a counter (fewer loads on its L2 line)
+#define POLL_NS 0
+#endif
 __device__ __forceinline__ bool wait_count(const Args& a, const unsigned* c, unsigned target) {
   const long long c0 = clock64();
   unsigned polls = 0;
-  while (load_acquire(c) < target)
+  while (load_acquire(c) < target) {
+    if (POLL_NS) __nanosleep(POLL_NS);
     if (watchdog(c0, polls, a.error)) return false;
+  }
   return true;
 }
 
@@ -378,6 +391,15 @@ __device__ __forceinline__ float rms_scale(const Shared& sh, float ss, int K) {
 // wait (thread 0) for the op this one reads; false when a watchdog fired (every consumer returns)
 __device__ __forceinline__ bool op_start(const Args& a, const Shared& sh, int l, int op) {
   if (TAGGED) return true;  // the readers spin on the inputs themselves
+  if (LEAN) {  // each warp's lane 0 waits; no CTA barrier
+    bool ok = true;
+    if (threadIdx.x % 32 == 0) {
+      const long long c0 = clock64();
+      ok = !waits_inputs(a) || wait_done(a, op == 0 ? l - 1 : l, op == 0 ? LAST_OP : op - 1);
+      if (threadIdx.x == 0) prof_add(a, 1, clock64() - c0);
+    }
+    return __shfl_sync(0xffffffff, ok, 0);
+  }
   if (threadIdx.x == 0) {
     const long long c0 = clock64();
     // a watchdog elsewhere shows here as this wait's own (no read of the error flag per op: a round trip each)
@@ -478,12 +500,14 @@ __device__ __forceinline__ bool mlp_tiles(const Args& a, const Shared& sh, int l
 __host__ __device__ constexpr int out_index(int op, int t, int row) {
   return op == 3 && row >= rows_of(3) ? FF + t * rows_of(3) + row - rows_of(3) : t / kparts(op) * rows_of(op) + row;
 }
-// REDUCE: a warp's partial sum for row `row` of its SM's j-th tile of the op
-__device__ __forceinline__ void keep_partial(const Shared& sh, int op, int j, int row, float y) {
-  sh.red[threadIdx.x / 32 * MAXR + j * tile_rows_in_w(op) + row] = y;
+// REDUCE: the partial sums of op `op` of layer l (LEAN: one of two buffers, alternating over the weight ops)
+__device__ __forceinline__ float* red_of(const Shared& sh, int l, int op) {
+  return sh.red + (LEAN ? (l * 4 + (op == 0 ? 0 : op - 1)) % 2 * COL_WARPS * MAXR : 0);
 }
-// REDUCE, at the op's end: each of this SM's rows summed over the warps and stored (residual rows read-modify-
-// written: the SM owns them; the MMA builds' down parts added)
+// REDUCE: a warp's partial sum for row `row` of its SM's j-th tile of the op
+__device__ __forceinline__ void keep_partial(const Shared& sh, int l, int op, int j, int row, float y) {
+  red_of(sh, l, op)[threadIdx.x / 32 * MAXR + j * tile_rows_in_w(op) + row] = y;
+}
 // TAGGED, the o-projection: the residual row o before layer l's o (x + o of layer l - 1 plus its down parts; layer
 // 0: the token's input) as pairs, loaded at the op's start so the loads' latency hides behind the tiles
 constexpr int NRP = 1 + DOWN_KPARTS;
@@ -516,11 +540,50 @@ __device__ __forceinline__ float residual_sum(const Args& a, int l, int o, unsig
   }
   return v;
 }
+// LEAN, the o-projection: warp 0's residual rows (e = lane + 32 k of the SM's rows), loaded at the op's start
+constexpr int NRES = MAXR / 32;
+__device__ __forceinline__ void residual_rows(const Args& a, float (&res)[NRES]) {
+  constexpr int RT = tile_rows_in_w(2);
+  const int sm = blockIdx.x, nsm = gridDim.x, n = my_tiles(2, sm) * RT, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int k = 0; k < NRES; ++k) {
+    const int e = lane + 32 * k;
+    res[k] = e < n ? __ldcg(a.x + out_index(2, sm + e / RT * nsm, e % RT)) : 0.f;
+  }
+}
+// REDUCE, at the op's end: each of this SM's rows summed over the warps and stored (residual rows read-modify-
+// written: the SM owns them; the MMA builds' down parts added). LEAN: by warp 0, which then releases the op.
 template <int OP>
-__device__ __forceinline__ void store_rows(const Args& a, const Shared& sh, int l, unsigned long long (&rp)[NRP]) {
+__device__ __forceinline__ void store_rows(const Args& a, const Shared& sh, int l, unsigned long long (&rp)[NRP],
+                                           const float (&res)[NRES]) {
   constexpr int RT = tile_rows_in_w(OP);
   const int sm = blockIdx.x, nsm = gridDim.x, n = my_tiles(OP, sm) * RT;
+  const float* red = red_of(sh, l, OP);
   consumers_sync();
+  if constexpr (LEAN) {
+    if (threadIdx.x >= 32) return;  // the other warps go on
+    const long long c0 = clock64();
+    float* out = OP == 0 ? a.qkv + (l % 2) * QKV : OP == 3 ? a.gu + (l % 2) * 2 * FF : a.x;
+    if (!(no_arith(a) || no_adds(a) || no_tiles(a))) {
+#pragma unroll
+      for (int k = 0; k < NRES; ++k) {
+        const int e = threadIdx.x + 32 * k;
+        if (e >= n) break;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < COL_WARPS; ++w) v += red[w * MAXR + e];
+        const int o = out_index(OP, sm + e / RT * nsm, e % RT);
+        if (OP == 4 && kparts(4) > 1) atomicAdd(out + o, v);
+        else if (OP == 2) out[o] = res[k] + v;
+        else if (OP == 4) out[o] = __ldcg(out + o) + v;
+        else out[o] = v;
+      }
+    }
+    __syncwarp();
+    if (threadIdx.x == 0 && !no_release(a)) add_release(a.counters + l * OPS + OP, my_tiles(OP, sm));
+    if (threadIdx.x == 0) prof_add(a, 6, clock64() - c0);
+    return;
+  }
   if constexpr (TAGGED) {  // every row goes out as a pair, values or not, so the readers' chain goes on
     if (no_release(a)) return;
     const bool vals = !(no_arith(a) || no_adds(a) || no_tiles(a));
@@ -529,7 +592,7 @@ __device__ __forceinline__ void store_rows(const Args& a, const Shared& sh, int 
       float v = 0.f;
       if (vals)
 #pragma unroll
-        for (int w = 0; w < COL_WARPS; ++w) v += sh.red[w * MAXR + e];
+        for (int w = 0; w < COL_WARPS; ++w) v += red[w * MAXR + e];
       const int o = out_index(OP, sm + e / RT * nsm, e % RT);
       if (OP == 0) st_tagged(a.tq + o, v, tag);
       else if (OP == 3) st_tagged(a.tgu + o, v, tag);
@@ -543,7 +606,7 @@ __device__ __forceinline__ void store_rows(const Args& a, const Shared& sh, int 
   for (int e = threadIdx.x; e < n; e += 32 * CONSUMER_WARPS) {
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < COL_WARPS; ++w) v += sh.red[w * MAXR + e];
+    for (int w = 0; w < COL_WARPS; ++w) v += red[w * MAXR + e];
     const int o = out_index(OP, sm + e / RT * nsm, e % RT);
     if (OP == 4 && kparts(4) > 1) atomicAdd(out + o, v);
     else if (OP == 2 || OP == 4) out[o] = __ldcg(out + o) + v;
@@ -622,14 +685,15 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
     const float y = warp_sums<R>(acc, lane, row);
     row += group * R;
     if (lane % (32 / R) == 0 && (!no_adds(a) || y == 0x1p100f)) {  // (mode 7 keeps the sums alive, adds nothing)
-      if (REDUCE) keep_partial(sh, OP, (t - sm) / nsm, row, y);
+      if (REDUCE) keep_partial(sh, l, OP, (t - sm) / nsm, row, y);
       else atomicAdd(out + out_index(OP, t, row), y);
     }
     if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
   }
   if (REDUCE) {
-    unsigned long long rp[NRP];  // (TAGGED only)
-    store_rows<OP>(a, sh, l, rp);
+    unsigned long long rp[NRP];  // (TAGGED and LEAN only)
+    const float res[NRES] = {};
+    store_rows<OP>(a, sh, l, rp, res);
   } else {  // zero what two ops later will add into, now that its readers are done: op 0 the gate/up buffer down
             // read last layer, op 3 the q/k/v buffer attention read this layer
     if (OP == 0) zero_grid(a.gu + ((l + 1) % 2) * 2 * FF, 2 * FF);
@@ -791,6 +855,8 @@ __device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int
   } else {
     __syncwarp();
   }
+  float res[NRES] = {};  // LEAN, o: warp 0's residual rows
+  if (LEAN && OP == 2 && threadIdx.x < 32 && !no_input(a)) residual_rows(a, res);
   unsigned xa[S][4];  // (row g: hi of columns 2q, 2q + 1), (row g + 8: lo), (row g: hi of 2q + 8, + 9), (lo)
 #pragma unroll
   for (int s = 0; s < S; ++s) {
@@ -832,7 +898,7 @@ __device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int
       for (int n = 0; n < NACC; ++n) y0 += c[u][n][0] + c[u][n][2], y1 += c[u][n][1] + c[u][n][3];
       if (no_adds(a) && y0 != 0x1p100f) continue;
       if (REDUCE) {
-        keep_partial(sh, OP, (t - sm) / nsm, 2 * q, y0), keep_partial(sh, OP, (t - sm) / nsm, 2 * q + 1, y1);
+        keep_partial(sh, l, OP, (t - sm) / nsm, 2 * q, y0), keep_partial(sh, l, OP, (t - sm) / nsm, 2 * q + 1, y1);
       } else {
         atomicAdd(out + out_index(OP, t, 2 * q), y0);
         atomicAdd(out + out_index(OP, t, 2 * q + 1), y1);
@@ -841,7 +907,8 @@ __device__ __forceinline__ bool consume_mma(const Args& a, const Shared& sh, int
     if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
   }
   if (REDUCE) {
-    store_rows<OP>(a, sh, l, rp);
+    store_rows<OP>(a, sh, l, rp, res);
+    if (LEAN) return true;  // warp 0 released the op
   } else {  // as in consume
     if (OP == 0) zero_grid(a.gu + ((l + 1) % 2) * 2 * FF, 2 * FF);
     if (OP == 3) zero_grid(a.qkv + (l % 2) * QKV, QKV);
@@ -966,7 +1033,7 @@ __global__ void __launch_bounds__(THREADS, 1) decode_token(Args a) {
   __shared__ float mlp[2 * COL_WARPS * 2 * MLP_PAIRS];
   __shared__ int stop;
   __shared__ __align__(16) unsigned frag[MMA ? COL_WARPS * 16 * 16 : 4];
-  __shared__ float red[REDUCE ? COL_WARPS * MAXR : 1];
+  __shared__ float red[REDUCE ? (1 + LEAN) * COL_WARPS * MAXR : 1];
   __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sm = blockIdx.x, nsm = gridDim.x;
   if (threadIdx.x == 0) {

@@ -12,9 +12,11 @@
 # the wait and attention's slices merged by the o-projection all measured slower or no better; --attend / --compare
 # A/B attention splits and whole config sets across --context), megakernel (the persistent warp-specialised CUDA
 # prototype: 55-63% of the read stream, its dependency chain alone 192 us per token and its consumers alone ~400 us,
-# 94% of the stream; -DTAGGED=1 (tags carried with the data instead of counters), -DLEAN=1 (fewer barriers per op) and -DPOLL_NS measured slower or level - rerun after changing it; -D flags vary the ring, the tiles, MMA and REDUCE), moe (eager goal met: 0.876x at 16k, 0.954-0.969x at 65k; compiled 0.803x at
-# 16k, 0.884-0.893x at 65k), kernels/kernels24 (goals met with
-# bf16_residual on 2026-12-03; rerun after changes to the model's forward or the Trainer step), prefill.
+# 94% of the stream; -DTAGGED=1 (tags carried with the data instead of counters), -DLEAN=1 (fewer barriers per
+# op) and -DPOLL_NS measured slower or level - rerun after changing it; -D flags vary the ring, the tiles, MMA and
+# REDUCE), moe (eager goal met: 0.876x at 16k, 0.954-0.969x at 65k; compiled 0.803x at 16k, 0.884-0.893x at 65k),
+# kernels/kernels24 (goals met with bf16_residual on 2026-12-03; rerun after changes to the model's forward or the
+# Trainer step), prefill.
 # engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
 # gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long
 # tail of warnings can push a result out of the call's printed tail). Each call may land on another H200:

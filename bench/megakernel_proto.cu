@@ -691,7 +691,7 @@ __device__ __forceinline__ bool consume(const Args& a, const Shared& sh, int l, 
     if (threadIdx.x == 0) prof_add(a, 5, clock64() - c_t);
   }
   if (REDUCE) {
-    unsigned long long rp[NRP];  // (TAGGED and LEAN only)
+    unsigned long long rp[NRP];  // store_rows' residual rows of TAGGED (rp) and LEAN (res): neither with FMA tiles
     const float res[NRES] = {};
     store_rows<OP>(a, sh, l, rp, res);
   } else {  // zero what two ops later will add into, now that its readers are done: op 0 the gate/up buffer down

@@ -16,9 +16,9 @@
 # op) and -DPOLL_NS measured slower or level - rerun after changing it; -D flags vary the ring, the tiles, MMA and
 # REDUCE), moe (eager goal met: 0.876x at 16k, 0.954-0.969x at 65k; compiled 0.803x at 16k, 0.884-0.893x at 65k),
 # kernels/kernels24 (goals met with bf16_residual on 2026-12-03; rerun after changes to the model's forward or the
-# Trainer step), prefill.
-# engine, paged, hf, align, parallel and gputests ran on 2026-12-02 (docs/benchmarks.md); rerun engine +
-# gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long
+# Trainer step).
+# paged, hf, align and parallel ran on 2026-12-02; engine, prefill and gputests on 2026-12-04 (docs/benchmarks.md).
+# Rerun engine + gputests after any change to the engine's GPU paths. Keep each part's output in files under $OUT (a long
 # tail of warnings can push a result out of the call's printed tail). Each call may land on another H200:
 # compare variants within one call (plain 304M MFU spread 52.3-54.1% over three machines).
 # The previous static-batch path for `engine`: before the call, snapshot the pre-engine package into an

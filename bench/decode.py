@@ -13,7 +13,7 @@ run to `new` greedy tokens each. A full warm-up run comes first (graph captures,
 a timed run: prefill up to every request's first token, decode from there to the last token
 (decode tok/s = B x (new - 1) / decode seconds). Prefix caching is off, so the timed run's prefill is real.
 The KV pool is sized to the batch, the same for every variant. The kernel step's block shapes come from the
-disk cache (seeded from bench/configs/kernels/), a --kernel-configs file, or --tune-step (tuned now, on the
+disk cache (seeded from lmforge/kernels/configs/), a --kernel-configs file, or --tune-step (tuned now, on the
 whole captured step, and saved). "agree" = common prefix with the plain eager engine's tokens / tokens
 generated: random-init logits have near-ties that bf16 rounding in different kernels can flip, after which
 free-running outputs diverge legitimately.
@@ -380,18 +380,18 @@ def bench_kernel_step(rep: Report, model, prompts: list[list[int]], new: int, re
 
 def seed_kernel_cache(out_dir: Path) -> None:
     """Without LMFORGE_KERNEL_CACHE set, the kernel config cache is <out>/kernel_cache, seeded with the
-    sets committed under bench/configs/kernels/ (an earlier run's, per GPU and model shape): a run on a
-    fresh machine then loads instead of tuning, and a new set comes back with the results."""
+    sets shipped in lmforge/kernels/configs/ (an earlier run's, per GPU and model shape): a run on a fresh
+    machine then loads instead of tuning, and a new set comes back with the results."""
     import shutil
 
-    from lmforge.kernels.tuning import CACHE_ENV
+    from lmforge.kernels.tuning import CACHE_ENV, SHIPPED_DIR
 
     if os.environ.get(CACHE_ENV):
         return
     cache = out_dir / "kernel_cache"
     cache.mkdir(parents=True, exist_ok=True)
     os.environ[CACHE_ENV] = str(cache)
-    for f in (Path(__file__).parent / "configs" / "kernels").glob("*.json"):
+    for f in SHIPPED_DIR.glob("*.json"):
         if not (cache / f.name).exists():
             shutil.copy(f, cache / f.name)
 

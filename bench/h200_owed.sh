@@ -2,7 +2,7 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: gputests engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: gputests devtests engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
 # (2026-12-03 20:45 UTC): decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
@@ -39,6 +39,10 @@ case "${1:-}" in
   gputests)  # every test marked gpu (kernels, engine backends, update_weights with graphs, MoE host syncs)
     # (the device lacks the CLI's tyro: its test module is left out, not the run)
     run gputests 540 python -m pytest -q -p no:cacheprovider -m gpu tests --continue-on-collection-errors ;;
+  devtests)  # the kernel modules' device-agnostic tests (DEV = cuda where there is one; in CI they run on the CPU
+             # through Triton's interpreter), all of them, on the GPU
+    run devtests 560 python -m pytest -q -p no:cacheprovider tests/kernels tests/infer/test_kernel_step.py \
+        tests/infer/test_decode_parts_bench.py ;;
   engine)    # issue 11: offline throughput vs roofline, KV utilisation, prefix caching on/off, batch 1, old path
     base=(); [ -d .gpu/baseline/lmforge ] && base=(--baseline-src .gpu/baseline)
     run engine_qwen 420 python bench/engine.py --shapes qwen3-0.6b \

@@ -13,6 +13,9 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.kv.paged import DECODE, PREFILL
 from lmforge.infer.scheduler import SchedulerConfig
 
+KERNEL_TUNE_MIN_PARAMS = 100_000_000
+"""EngineConfig.kernel_tune=None tunes the batch-1 kernel step for models of at least this many parameters"""
+
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
@@ -43,6 +46,12 @@ class EngineConfig:
     kernel_step: bool | None = None
     """one-sequence decode steps on the Triton kernel step (lmforge.infer.kernel_step); None = on an
     Ampere-or-newer GPU for the models it supports; True = always (an error if it cannot run)"""
+    kernel_tune: bool | None = None
+    """tune the kernel step's block shapes on first use when neither the cache ($LMFORGE_KERNEL_CACHE,
+    default ~/.cache/lmforge/kernels/) nor the sets shipped with lmforge hold this GPU and model shape: one to
+    two minutes, once, with a notice; the set is saved to the cache (lmforge.kernels.tuning). None = for
+    models of at least KERNEL_TUNE_MIN_PARAMS parameters (below that a step is launch-bound and the defaults
+    do); False = never (untuned defaults where nothing is saved)"""
     fused_kernels: bool | None = None
     """forwards run with Triton RMSNorm / RoPE / SwiGLU kernels on a view of the model that shares
     its weights (lmforge.kernels.training.kernel_view; the model is not changed); None = on a GPU where they
@@ -64,8 +73,9 @@ class EngineConfig:
         check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
         check(self.prefill_attention in PREFILL,
               f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
-        check(self.async_scheduling in (None, True, False),
-              f"async_scheduling must be None, True or False, got {self.async_scheduling!r}")
+        for name in ("async_scheduling", "kernel_tune"):
+            value = getattr(self, name)
+            check(value is None or isinstance(value, bool), f"{name} must be None, True or False, got {value!r}")
 
 
 def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:
@@ -84,6 +94,13 @@ def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:
         raise ConfigError(f"kernel_step=True, but the batch-1 kernel step cannot run: {why}")
     gpu = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     return why is None and (want or gpu)
+
+
+def use_kernel_tune(config: EngineConfig, model) -> bool:
+    """Whether the kernel step may tune its block shapes on first use (EngineConfig.kernel_tune)."""
+    if config.kernel_tune is not None:
+        return config.kernel_tune
+    return sum(p.numel() for p in model.parameters()) >= KERNEL_TUNE_MIN_PARAMS
 
 
 def use_fused_kernels(config: EngineConfig, device: torch.device) -> bool:

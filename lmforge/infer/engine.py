@@ -67,7 +67,8 @@ from lmforge.config import check
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.config import EngineConfig, limits, pool_blocks, use_fused_kernels, use_kernel_step
+from lmforge.infer.config import (EngineConfig, limits, pool_blocks, use_fused_kernels, use_kernel_step,
+                                  use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.pending import Launched, overlaps
@@ -115,6 +116,7 @@ class Engine:
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
                                       prefill=config.prefill_attention,
                                       kernel_step=use_kernel_step(config, model, self.device),
+                                      kernel_tune=use_kernel_tune(config, model),
                                       fused_kernels=use_fused_kernels(config, self.device))
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
         # when every layer slides (Mistral), blocks behind the window are freed as sequences advance

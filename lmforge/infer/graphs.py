@@ -141,13 +141,14 @@ class BatchOneKernel:
     """Steps that decode one sequence run on lmforge.infer.kernel_step's Triton kernels (Llama-style
     models; 5 kernels per block): the step reads and writes the engine's paged cache through a one-row
     block table, and on a GPU replays one captured CUDA graph. The caller's model is never modified
-    (the step runs on a fused copy)."""
+    (the step runs on a fused copy). tune: time the block shapes before the first capture when no set for
+    this GPU and model shape is cached or shipped (KernelStep's autotune)."""
 
-    def __init__(self, model, cache, max_blocks: int, use_graphs: bool):
+    def __init__(self, model, cache, max_blocks: int, use_graphs: bool, tune: bool = False):
         from lmforge.infer.kernel_step import KernelStep, PagedKV
 
         self.table = torch.zeros(1, max_blocks, dtype=torch.int32, device=cache.device)
-        self.step = KernelStep(model, PagedKV(k=cache.k, v=cache.v, block_table=self.table))
+        self.step = KernelStep(model, PagedKV(k=cache.k, v=cache.v, block_table=self.table), autotune=tune)
         self.use_graphs, self.captured, self.device = use_graphs, False, cache.device
 
     failed: str | None = None

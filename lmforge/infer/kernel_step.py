@@ -15,8 +15,10 @@ captured in a CUDA graph. Public surface:
                   changes to the weights are seen), only RoPE tables are the step's own
         kv        PagedKV: per-layer (num_blocks, block_size, KV, hd) caches + a (1, max_blocks) int32
                   block table the caller fills (lmforge.infer.graphs.BatchOneKernel: the engine's cache)
-        configs   KernelConfigs; None: the set cached on disk for this GPU and model shape, else defaults
-        autotune  with configs=None and nothing cached: tune at capture() and save the set to disk
+        configs   KernelConfigs; None: the set cached on disk for this GPU and model shape, else the one
+                  shipped with lmforge for them (lmforge/kernels/configs/), else defaults
+        autotune  with configs=None and nothing cached or shipped: tune at capture() (a one-line notice on
+                  stderr) and save the set to disk; the engine turns it on (EngineConfig.kernel_tune)
     logits = ks.step(token, position)   token (1,) long, position (1,) or () int, both device tensors:
                   writes the token's k/v at `position` (block block_table[0, position // block_size]),
                   attends to positions 0..position; -> (1, V) logits, one buffer reused by every call.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -44,7 +47,7 @@ from lmforge.errors import LmforgeError
 from lmforge.kernels import decode as kd
 from lmforge.kernels import decode_layer as dl
 from lmforge.kernels import paged_attention as pa
-from lmforge.kernels.tuning import KernelConfigs, coordinate_descent, gpu_name
+from lmforge.kernels.tuning import KernelConfigs, cache_path, coordinate_descent, gpu_name
 
 
 PERSISTENT_DEFAULT = False
@@ -239,7 +242,12 @@ class KernelStep:
         """Record step(self.token, self.position) in a CUDA graph, after tuning (autotune, first use) and a
         warm-up on scratch caches (compiles the kernels without touching the caller's cache)."""
         if self.autotune:
+            print(f"lmforge: tuning the batch-1 decode kernels for {self.gpu} and {self.signature} (once, one to "
+                  f"two minutes; saved to {cache_path(self.gpu, self.signature)}; EngineConfig(kernel_tune=False) "
+                  "skips it)", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             self.tune()
+            print(f"lmforge: kernels tuned in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         scratch = self._scratch(min(512, self.kv.max_positions))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -67,18 +67,19 @@ class PagedRunner:
 
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
                  graphs: str | None = None, max_batch: int = 256, decode: str = "auto", prefill: str = "auto",
-                 kernel_step: bool = False, fused_kernels: bool = False):
+                 kernel_step: bool = False, kernel_tune: bool = False, fused_kernels: bool = False):
         self.source, self.block_size, self.device = model, block_size, torch.device(device)
         self.fused_kernels = fused_kernels
         # one block more than the pool hands out: the graphs' padding rows write there
         self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode, prefill)
-        self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step)
+        self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step,
+                          kernel_tune)
         self._make_backends()
 
     def _make_backends(self) -> None:
         """The decode backends (lmforge.infer.graphs). Both read the model's parameters in place: CUDA
         graphs replay their addresses, the kernel step takes the model's own weight tensors."""
-        graphs, num_blocks, max_batch, max_blocks, kernel_step = self._backends
+        graphs, num_blocks, max_batch, max_blocks, kernel_step, kernel_tune = self._backends
         self.graphs, self.kernel_step, self.model = None, None, self.source
         if self.fused_kernels:
             from lmforge.kernels.training import kernel_view
@@ -97,7 +98,8 @@ class PagedRunner:
         if kernel_step:
             from lmforge.infer.graphs import BatchOneKernel
 
-            self.kernel_step = BatchOneKernel(self.source, self.cache, max_blocks, use_graphs=graphs == "cuda")
+            self.kernel_step = BatchOneKernel(self.source, self.cache, max_blocks, use_graphs=graphs == "cuda",
+                                              tune=kernel_tune)
         self._addresses = _addresses(self.source)
 
     def refresh_weights(self) -> None:

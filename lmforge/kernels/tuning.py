@@ -6,7 +6,9 @@ by 10-30%, and the best ones differ between an H100 and an H200. `KernelConfigs`
 a decode step owns the object. `coordinate_descent` tunes a set by timing a caller-supplied function
 (lmforge.infer.kernel_step times the whole captured step: timing kernels alone is noisy and blind to how
 neighbours overlap). Sets are saved as JSON, one file per GPU and model shape, under
-$LMFORGE_KERNEL_CACHE (default ~/.cache/lmforge/kernels/):
+$LMFORGE_KERNEL_CACHE (default ~/.cache/lmforge/kernels/); sets tuned by the project's own benchmarks ship
+with the package (lmforge/kernels/configs/, e.g. the 1.1B Llama shape on an H200) and serve where the cache
+has no file for that GPU and shape:
 
     {"gpu": "NVIDIA H200", "model": "llama-d2048-l22-h32-kv4-hd64-ff5632-v32000-bfloat16",
      "configs": {"('add', 2048, 2048, 'torch.bfloat16')": [4, 512, 4, 4], ...}}
@@ -29,6 +31,8 @@ import torch
 from lmforge.errors import ConfigError
 
 CACHE_ENV = "LMFORGE_KERNEL_CACHE"
+SHIPPED_DIR = Path(__file__).parent / "configs"
+"""sets tuned on the project's benchmark GPUs, one file per GPU and model shape (cache_path's names)"""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,8 +82,11 @@ class KernelConfigs:
 
     @classmethod
     def cached(cls, gpu: str, model: str) -> "KernelConfigs | None":
-        """The set saved for this GPU and model shape, or None."""
+        """The set saved in the cache for this GPU and model shape, else the one shipped with lmforge for
+        them, else None."""
         path = cache_path(gpu, model)
+        if not path.exists():
+            path = SHIPPED_DIR / path.name
         return cls.load(path) if path.exists() else None
 
 

@@ -164,6 +164,7 @@ def test_unsupported_models_are_named_and_refused():
     assert Engine(gpt2, IdTokenizer(257)).runner.kernel_step is None  # auto: the general path
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times CUDA graphs")
 def test_tuning_saves_configs_and_keeps_the_logits(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path))
@@ -177,3 +178,42 @@ def test_tuning_saves_configs_and_keeps_the_logits(tmp_path, monkeypatch):
     step.capture()
     got = [step.replay(ids[0, t:t + 1], torch.tensor([t], device="cuda")).clone() for t in range(9)]
     torch.testing.assert_close(torch.cat(got).float(), want.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_engine_tunes_the_kernel_step_on_first_use_for_real_sized_models(monkeypatch):
+    """EngineConfig.kernel_tune reaches the kernel step as its autotune flag: None = for models of at least
+    KERNEL_TUNE_MIN_PARAMS parameters, True / False as given; a non-bool is refused with its name."""
+    from lmforge.infer import config as engine_config
+    from lmforge.infer import kernel_step as ks
+
+    seen = []
+
+    class Recording(ks.KernelStep):
+        def __init__(self, model, kv, **kw):
+            seen.append(kw.get("autotune"))
+            super().__init__(model, kv, **kw)
+
+    monkeypatch.setattr(ks, "KernelStep", Recording)
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
+    n = sum(p.numel() for p in model.parameters())
+    for tune, threshold, want in ((None, n + 1, False), (None, n, True), (True, n + 1, True), (False, n, False)):
+        monkeypatch.setattr(engine_config, "KERNEL_TUNE_MIN_PARAMS", threshold)
+        Engine(model, IdTokenizer(257), EngineConfig(kernel_step=True, kernel_tune=tune, block_size=4))
+        assert seen.pop() is want
+    with pytest.raises(ConfigError, match="kernel_tune must be None, True or False, got 1"):
+        EngineConfig(kernel_tune=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="capture() records a CUDA graph")
+def test_autotune_runs_once_at_the_first_capture_with_a_notice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path))
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).cuda()
+    step = KernelStep(model, _paged_kv(model, 9, 16, seed=4), autotune=True)
+    calls = []
+    monkeypatch.setattr(step, "tune", lambda: calls.append(1) or setattr(step, "autotune", False))
+    step.capture()
+    step.capture()
+    err = capsys.readouterr().err
+    assert calls == [1] and "tuning the batch-1 decode kernels" in err and "kernels tuned in" in err
+    assert KernelStep(model, step.kv, configs=step.configs, autotune=True).autotune is False  # given configs: no tune

@@ -203,6 +203,37 @@ def test_kernel_configs_round_trip_and_cache_path(tmp_path, monkeypatch):
             assert KernelConfigs().with_config(key, cand).get(key) == cand
 
 
+
+def test_shipped_kernel_configs_serve_where_the_cache_has_none(tmp_path, monkeypatch):
+    """A set shipped with lmforge (lmforge/kernels/configs/) is used when the cache has no file for that GPU
+    and model shape; a cached file (a user's own tune) wins over it. The shipped H200 set is the 1.1B Llama
+    shape's, every entry one of its kernel's candidates."""
+    from lmforge.infer.kernel_step import model_signature
+    from lmforge.kernels import tuning
+    from lmforge.kernels.tuning import KernelConfigs
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path / "cache"))
+    with torch.device("meta"):  # TinyLlama's shape, no memory
+        llama = Transformer(ModelConfig(pos_emb="rope", norm="rmsnorm", activation="swiglu", d_model=2048, n_layers=22,
+                                        n_heads=32, n_kv_heads=4, d_ff=5632, vocab_size=32000)).to(torch.bfloat16)
+    sig = model_signature(llama)
+    shipped = KernelConfigs.cached("NVIDIA H200", sig)
+    assert shipped is not None and shipped.gpu == "NVIDIA H200" and shipped.model == sig
+    candidates = {repr(k): kd.candidates(k) for k in (
+        kd.qkv_rope_key(32, 4, 64, 2048, torch.bfloat16), kd.attend_key(32, 4, 64), kd.add_key(2048, 2048, torch.bfloat16),
+        kd.gemv_key(5632, 2048, glu=True, norm=True, dtype=torch.bfloat16), kd.add_key(2048, 5632, torch.bfloat16),
+        kd.gemv_key(32000, 2048, norm=True, dtype=torch.bfloat16))}
+    assert set(shipped.table) == set(candidates)
+    assert all(shipped.table[k] in candidates[k] for k in candidates)
+    assert KernelConfigs.cached("NVIDIA H100 80GB HBM3", sig) is None  # nothing shipped for it
+    own = shipped.with_config(kd.attend_key(32, 4, 64), (2, 64, 8))
+    own.save()
+    assert KernelConfigs.cached("NVIDIA H200", sig) == own  # the cache first
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "none")
+    assert KernelConfigs.cached("NVIDIA H200", sig + "-x") is None
+
 def test_coordinate_descent_finds_the_separable_optimum():
     from lmforge.kernels.tuning import KernelConfigs, coordinate_descent
 

@@ -85,6 +85,15 @@ def unsupported(model) -> str | None:
     return next((why for ok, why in checks if not ok), None)
 
 
+def save_or_warn(configs: KernelConfigs) -> None:
+    """Save a tuned set to the disk cache; if the cache cannot be written, say so and go on (the set is in use)."""
+    try:
+        configs.save()
+    except OSError as e:
+        warnings.warn(f"tuned kernel configs not saved ({e}); they serve this process only - set "
+                      f"LMFORGE_KERNEL_CACHE to a writable directory to keep them", stacklevel=3)
+
+
 def model_signature(model) -> str:
     """The model shape kernel configs are keyed by (lmforge.kernels.tuning)."""
     c, dtype = model.cfg, next(model.parameters()).dtype
@@ -242,9 +251,9 @@ class KernelStep:
         """Record step(self.token, self.position) in a CUDA graph, after tuning (autotune, first use) and a
         warm-up on scratch caches (compiles the kernels without touching the caller's cache)."""
         if self.autotune:
-            print(f"lmforge: tuning the batch-1 decode kernels for {self.gpu} and {self.signature} (once, one to "
-                  f"two minutes; saved to {cache_path(self.gpu, self.signature)}; EngineConfig(kernel_tune=False) "
-                  "skips it)", file=sys.stderr, flush=True)
+            print(f"lmforge: tuning the batch-1 decode kernels for {self.gpu} and {self.signature} (once: seconds "
+                  f"to a few minutes; saved to {cache_path(self.gpu, self.signature)}; "
+                  "EngineConfig(kernel_tune=False) skips it)", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             self.tune()
             print(f"lmforge: kernels tuned in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -282,9 +291,10 @@ class KernelStep:
         """Choose every kernel's block configuration by timing the whole step captured in a CUDA graph
         (coordinate descent, lmforge.kernels.tuning) at each of `contexts` keys, on scratch caches, scoring a
         set by the geometric mean of its step times (each context counts alike: attention's best split of the
-        keys changes with their number); adopt the set and save it to the disk
-        cache. Each candidate is JIT-compiled once: one to two minutes for the ~60 candidates of a Llama
-        model at two contexts. Returns {shape key: best score in seconds}."""
+        keys changes with their number); adopt the set and save it to the disk cache (a cache that cannot be
+        written is warned about: the set then serves this process only). Each candidate is JIT-compiled once,
+        then timed in a CUDA graph at each context (~60 candidates for a Llama model; capture() prints the
+        time a first-use tune took). Returns {shape key: best score in seconds}."""
         contexts = tune_contexts(contexts, self.kv.max_positions)
         if not self.x.is_cuda:
             return {}
@@ -317,6 +327,6 @@ class KernelStep:
         self.configs, best = coordinate_descent(dataclasses.replace(self.configs, gpu=self.gpu), space, seconds, rounds)
         self.autotune = False
         if save:
-            self.configs.save()
+            save_or_warn(self.configs)
         return best
 

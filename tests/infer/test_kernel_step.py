@@ -217,3 +217,14 @@ def test_autotune_runs_once_at_the_first_capture_with_a_notice(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert calls == [1] and "tuning the batch-1 decode kernels" in err and "kernels tuned in" in err
     assert KernelStep(model, step.kv, configs=step.configs, autotune=True).autotune is False  # given configs: no tune
+
+
+def test_a_cache_that_cannot_be_written_is_warned_about_not_fatal(tmp_path, monkeypatch):
+    """A tune whose set cannot be saved (read-only home) keeps the set in use and warns, naming the fix."""
+    from lmforge.infer.kernel_step import save_or_warn
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(blocker / "kernels"))  # a directory under a file
+    with pytest.warns(UserWarning, match="not saved .* LMFORGE_KERNEL_CACHE"):
+        save_or_warn(KernelConfigs(gpu="NVIDIA H200", model="llama-x"))

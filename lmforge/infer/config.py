@@ -49,9 +49,10 @@ class EngineConfig:
     kernel_tune: bool | None = None
     """tune the kernel step's block shapes on first use when neither the cache ($LMFORGE_KERNEL_CACHE,
     default ~/.cache/lmforge/kernels/) nor the sets shipped with lmforge hold this GPU and model shape: once,
-    with a notice and the time it took (~60 candidates, each compiled and timed in a CUDA graph); the set is saved to the cache (lmforge.kernels.tuning). None = for
-    models of at least KERNEL_TUNE_MIN_PARAMS parameters (below that a step is launch-bound and the defaults
-    do); False = never (untuned defaults where nothing is saved)"""
+    with a notice and the time it took (~60 candidates, each compiled and timed in a CUDA graph); the set is
+    saved to the cache (lmforge.kernels.tuning). None = for models of at least KERNEL_TUNE_MIN_PARAMS
+    parameters (below that a step is launch-bound and the defaults do); False = never (untuned defaults
+    where nothing is saved)"""
     fused_kernels: bool | None = None
     """forwards run with Triton RMSNorm / RoPE / SwiGLU kernels on a view of the model that shares
     its weights (lmforge.kernels.training.kernel_view; the model is not changed); None = on a GPU where they

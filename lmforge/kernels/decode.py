@@ -344,8 +344,9 @@ QK_NORM_TILES = ((128, 8), (64, 4), (256, 8), (32, 4))
 # entry 1 one query head per program (H x slices programs at batch 1 instead of KV x slices; the previous
 # per-head kernel's shape on the H100 was (32, 16, 1)). 64-key tiles want 8 warps (with 4 a thread needs
 # more than 255 registers, sm_90). (16, 32, 2, 1): the H200's pick across 384-4,096 keys (docs/benchmarks.md).
-ATTEND_CONFIGS = ((16, 16, 4), (2, 64, 8), (16, 32, 2, 1), (32, 16, 1, 1), (16, 16, 2, 1), (8, 32, 2, 1), (16, 16, 4, 1),
-                  (32, 16, 2, 1), (32, 16, 4), (8, 32, 4), (16, 32, 4), (8, 16, 2), (1, 64, 8), (4, 64, 8))
+ATTEND_CONFIGS = ((16, 16, 4), (2, 64, 8), (16, 32, 2, 1), (32, 16, 1, 1), (16, 16, 2, 1), (8, 32, 2, 1),
+                  (16, 16, 4, 1), (32, 16, 2, 1), (32, 16, 4), (8, 32, 4), (16, 32, 4), (8, 16, 2), (1, 64, 8),
+                  (4, 64, 8))
 
 
 def gemv_key(N: int, K: int, *, glu: bool = False, norm: bool = False, residual: bool = False, dtype=None) -> tuple:

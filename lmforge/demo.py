@@ -108,7 +108,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"[3/4] training a {model_cfg.n_layers}-layer, {model_cfg.d_model}-wide model "
           f"({lf.Transformer(model_cfg).num_params() / 1e6:.1f}M parameters) for {cfg.steps} steps")
     result = lf.train(tcfg)
-    print(f"[4/4] samples (temperature 0.8, top-k 50):")
+    print("[4/4] samples (temperature 0.8, top-k 50):")
     from lmforge.infer.llm import LLM
     from lmforge.infer.sampling import SamplingParams
 

@@ -23,7 +23,7 @@ parallel); each global stage (dedup) is a phase of its own over the whole corpus
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +32,7 @@ from lmforge.data.document import Document
 from lmforge.data.readers import FORMATS, detect_format, read_documents
 from lmforge.data.stage import StageSpec
 from lmforge.data.writers import WRITE_FORMATS
-from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.errors import DataError, LmforgeError
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-from lmforge.optim.adam_core import MatrixPreconditioner, adam_direction
+from lmforge.optim.adam_core import MatrixPreconditioner
 
 
 def _eigvecs(mat: torch.Tensor) -> torch.Tensor:

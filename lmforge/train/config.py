@@ -8,12 +8,15 @@ directory, together with the lmforge version and git hash.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lmforge.config import check, coerce_fields
 from lmforge.model.config import ModelConfig
 from lmforge.optim.config import OptimConfig
 from lmforge.parallel.config import ParallelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,6 @@ logprobs kept, many requests at once); sampled tokens follow the target's law.""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from lmforge.infer.detok import IdTokenizer
 from lmforge.infer.engine import Engine
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate, verify
+from lmforge.infer.speculative import NGramDrafter, speculative_generate, verify
 
 
 @pytest.mark.parametrize("draft", ["model", "ngram"])

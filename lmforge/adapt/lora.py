@@ -25,8 +25,10 @@ built with fused_proj=true has attn.wqkv and mlp.gate_up instead; LoRA on those 
 projection with one A, a different (smaller) adapter than one per part.
 
 LoRALinear keeps the base layer's `weight` and `bias` under their own names, so a LoRA model's state_dict
-is the base model's plus `*.lora_A` / `*.lora_B`. Merge before serving or before the fused CUDA kernel
-paths, which read `.weight` alone.
+is the base model's plus `*.lora_A` / `*.lora_B`. The paths that read a projection's `.weight` alone do
+not take an unmerged adapter silently: the engine's batch-1 kernel step stays off (kernel_step=True is
+refused), the fused linear + cross-entropy loss refuses an adapted lm_head, and MLA's absorbed decode falls
+back to its naive path for an adapted wkv_b. Merge (merge_lora) to serve at full speed.
 """
 
 from __future__ import annotations

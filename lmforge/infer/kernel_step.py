@@ -82,7 +82,26 @@ def unsupported(model) -> str | None:
         (cfg.embed_scale == 1.0, "scaled embeddings"),
         (cfg.hd & (cfg.hd - 1) == 0 and cfg.hd >= 8, f"head_dim {cfg.hd} (a power of two >= 8 is needed)"),
     ]
-    return next((why for ok, why in checks if not ok), None)
+    why = next((why for ok, why in checks if not ok), None)
+    if why is None and (odd := _not_plain_linear(model)):
+        # the kernels read each projection's .weight and nothing else: a LoRA adapter's B A (or a quantized
+        # layer's scales) would be silently left out
+        return (f"{odd} is a {type(model.get_submodule(odd)).__name__}, not a plain nn.Linear (LoRA adapters: "
+                "merge_lora(model) first)")
+    return why
+
+
+def _not_plain_linear(model) -> str | None:
+    """The name of the first projection the kernels would read as a bare weight that is not an nn.Linear."""
+    names = ["lm_head"] + [f"blocks.{i}.{part}" for i in range(len(model.blocks))
+                           for part in ("attn.wqkv", "attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate_up",
+                                        "mlp.gate", "mlp.up", "mlp.down")]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        module = getattr(model.get_submodule(parent) if parent else model, attr, None)
+        if module is not None and type(module) is not torch.nn.Linear:
+            return name
+    return None
 
 
 def save_or_warn(configs: KernelConfigs) -> None:

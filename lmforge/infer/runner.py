@@ -17,6 +17,7 @@ Two runners share that interface:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,9 +98,14 @@ class PagedRunner:
                                        use_graphs=graphs == "cuda")
         if kernel_step:
             from lmforge.infer.graphs import BatchOneKernel
+            from lmforge.infer.kernel_step import unsupported
 
-            self.kernel_step = BatchOneKernel(self.source, self.cache, max_blocks, use_graphs=graphs == "cuda",
-                                              tune=kernel_tune)
+            why = unsupported(self.source)
+            if why is None:
+                self.kernel_step = BatchOneKernel(self.source, self.cache, max_blocks, use_graphs=graphs == "cuda",
+                                                  tune=kernel_tune)
+            else:  # the model changed since the engine chose the kernel step (e.g. LoRA adapters applied)
+                warnings.warn(f"the batch-1 kernel step is off: it does not support {why}", stacklevel=3)
         self._addresses = _addresses(self.source)
 
     def refresh_weights(self) -> None:

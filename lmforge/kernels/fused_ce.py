@@ -152,6 +152,10 @@ def fused_lm_loss(model, x: torch.Tensor, y: torch.Tensor, z_loss: float = 0.0, 
     if model.cfg.logit_softcap > 0 or getattr(model, "mtp", None) is not None:
         raise ConfigError("the fused linear + cross-entropy loss supports neither logit soft-capping nor MTP "
                           "heads: set model.logit_softcap = 0 and no MTP, or train without fused kernels")
+    if type(model.lm_head) is not torch.nn.Linear:  # the fused head reads the bare weight: an adapter's B A would drop out
+        raise ConfigError(f"the fused linear + cross-entropy loss reads lm_head's weight, but lm_head is a "
+                          f"{type(model.lm_head).__name__}: merge its adapter (merge_lora), leave lm_head out of the "
+                          "LoRA targets, or train without the fused loss")
     h, _ = model.hidden(x)
     if model.final_norm is not None:
         h = model.final_norm(h)

@@ -228,3 +228,32 @@ def test_a_cache_that_cannot_be_written_is_warned_about_not_fatal(tmp_path, monk
     monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(blocker / "kernels"))  # a directory under a file
     with pytest.warns(UserWarning, match="not saved .* LMFORGE_KERNEL_CACHE"):
         save_or_warn(KernelConfigs(gpu="NVIDIA H200", model="llama-x"))
+
+
+def test_lora_adapters_keep_the_kernel_step_off_and_the_tokens_right():
+    """The kernels read each projection's bare weight, so a model with unmerged LoRA adapters must not run
+    on them (its B A would be dropped silently): unsupported() names the layer and the fix, kernel_step=True
+    is refused, and adapters applied after the engine was built turn the step off at update_weights (with a
+    warning) - the general path then gives the adapted model's greedy tokens."""
+    from lmforge.adapt.lora import LoRAConfig, LoRALinear, apply_lora
+
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
+    prompt = torch.randint(0, 257, (9,), generator=torch.Generator().manual_seed(7)).tolist()
+    llm = LLM(model, IdTokenizer(257), config=EngineConfig(kernel_step=True, block_size=4))
+    llm.engine.runner.kernel_step.step.configs = _coarse(llm.engine.runner.kernel_step.step)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert llm.generate(prompt, greedy)[0].token_ids == full_greedy(model, prompt, 4)
+
+    apply_lora(model, LoRAConfig(r=4, alpha=8, targets=("wq", "wo", "down")))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.5)  # a real update (B starts at zero)
+    assert "blocks.0.attn.wq is a LoRALinear" in unsupported(model) and "merge_lora" in unsupported(model)
+    with pytest.raises(ConfigError, match="LoRALinear, not a plain nn.Linear"):
+        Engine(model, IdTokenizer(257), EngineConfig(kernel_step=True))
+    with pytest.warns(UserWarning, match="kernel step is off"):
+        llm.engine.update_weights()
+    assert llm.engine.runner.kernel_step is None
+    want = full_greedy(model, prompt, 4)
+    assert llm.generate(prompt, greedy)[0].token_ids == want

@@ -48,6 +48,13 @@ def test_fused_lm_loss_matches_model_logits():
     got = kc.fused_lm_loss(model, x, y, 1e-3, chunk_size=5)
     torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    # a LoRA adapter on the head: the fused path reads the bare weight, so it refuses instead of dropping B A
+    from lmforge.adapt.lora import LoRAConfig, apply_lora
+    from lmforge.errors import ConfigError
+
+    apply_lora(model, LoRAConfig(r=2, alpha=4, targets=("lm_head",)))
+    with pytest.raises(ConfigError, match="lm_head is a LoRALinear"):
+        kc.fused_lm_loss(model, x, y)
 
 
 @pytest.mark.gpu

@@ -96,3 +96,22 @@ def test_mla_flops_and_roles():
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert model.flops_per_token(10, training=False) == 2 * linear + 2 * (2 * 4 * (8 + 4 + 6) * 10)
     assert set(model.param_roles().values()) <= {"embedding", "head", "matrix", "vector"}
+
+
+def test_absorbed_decode_with_a_lora_adapter_on_wkv_b_equals_the_full_forward():
+    """Absorbing W_uk / W_uv reads wkv_b's bare weight: with a LoRA adapter on it (B A non-zero) the decode
+    steps must still include the update (they take the naive path), as the full forward does."""
+    from lmforge.adapt.lora import LoRAConfig, LoRALinear, apply_lora
+
+    torch.manual_seed(0)
+    model = _randomise(Transformer(CFG)).eval()
+    apply_lora(model, LoRAConfig(r=2, alpha=4, targets=("wkv_b",)))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.5)
+        ids = torch.randint(0, 64, (2, 9))
+        want = model(ids)
+        cache = MLACache.for_model(model, 2, 16)
+        got = torch.cat([model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

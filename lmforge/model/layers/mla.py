@@ -104,7 +104,11 @@ class MLA(nn.Module):
         return attend_with(q, k, v, mask, spec)
 
     def absorbed(self, q_nope, q_rope, c_kv, k_rope, mask: Mask, spec: AttnSpec) -> torch.Tensor:
-        """Attention over the cached latents: W_uk absorbed into the query, W_uv into the output."""
+        """Attention over the cached latents: W_uk absorbed into the query, W_uv into the output. Absorbing
+        reads wkv_b's bare weight, so a wkv_b that is more than an nn.Linear (a LoRA adapter's B A, a quantized
+        layer) takes the naive path, which calls the module."""
+        if type(self.wkv_b) is not nn.Linear:
+            return self.naive(q_nope, q_rope, c_kv, k_rope, mask, spec)
         w = self.wkv_b.weight.view(self.H, self.d_nope + self.d_v, self.r)
         w_uk, w_uv = w.split([self.d_nope, self.d_v], dim=1)  # (H, d_n, r), (H, d_v, r)
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)

@@ -244,6 +244,11 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     if cfg.block != "sequential" or (cfg.mtp is not None and (fam != "deepseek_v3" or cfg.mtp.kind != "sequential")):
         raise ConfigError("save_pretrained: model.block='parallel' and model.mtp (except DeepSeek-V3's sequential "
                           "MTP) have no HF equivalent")
+    adapters = [k for k in model.state_dict() if ".lora_A" in k or ".lora_B" in k]
+    if adapters:  # the HF layout has no place for them: the export would be the base model, silently
+        raise ConfigError(f"save_pretrained: the model has unmerged LoRA adapters ({len(adapters)} tensors, e.g. "
+                          f"{adapters[0]}); merge them first (lmforge.adapt.merge_lora(model)), or save the "
+                          "adapters alone with lmforge.adapt.lora_state_dict")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_cfg = config_to_hf(cfg, fam)

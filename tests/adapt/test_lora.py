@@ -133,7 +133,7 @@ def test_adapter_checkpoint_holds_every_trainable_parameter_of_a_named_subtree()
     torch.testing.assert_close(other(IDS), model(IDS), rtol=0, atol=0)
 
 
-def test_errors_name_the_fix():
+def test_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="'q' matches no nn.Linear .* named down, gate, lm_head, up, wk, wo, wq, wv"):
         apply_lora(tiny_model(0), LoRAConfig(targets=("q",)))
     fused = tiny_model(0, fused_proj=True)
@@ -148,6 +148,9 @@ def test_errors_name_the_fix():
         apply_lora(tiny_model(0, tie_embeddings=True), LoRAConfig(targets=("lm_head",)))
     with pytest.raises(ConfigError, match="'head' matches no module"):
         apply_lora(tiny_model(0), LoRAConfig(trainable=("head",)))
+    with pytest.raises(ConfigError, match="unmerged LoRA adapters .*merge_lora"):  # HF files would hold the base model
+        apply_lora(tiny_model(0), LoRAConfig()).save_pretrained(tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before writing anything
     for bad, field in [({"r": 0}, "r=0"), ({"dropout": 1.0}, "dropout"), ({"targets": "wq"}, "targets"),
                        ({"targets": ()}, "adapts nothing")]:
         with pytest.raises(ConfigError, match=field):

@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from lmforge.errors import LmforgeError
 from lmforge.kernels import decode as kd
@@ -274,7 +275,7 @@ class KernelStep:
                   f"to a few minutes; saved to {cache_path(self.gpu, self.signature)}; "
                   "EngineConfig(kernel_tune=False) skips it)", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            self.tune()
+            self.tune(progress=True)
             print(f"lmforge: kernels tuned in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         scratch = self._scratch(min(512, self.kv.max_positions))
         side = torch.cuda.Stream()
@@ -306,14 +307,15 @@ class KernelStep:
 
     @torch.no_grad()
     def tune(self, contexts: int | Sequence[int] = TUNE_CONTEXTS, rounds: int = 1, reps: int = 20, save: bool = True,
-             max_candidates: int | None = None) -> dict[str, float]:
+             max_candidates: int | None = None, progress: bool = False) -> dict[str, float]:
         """Choose every kernel's block configuration by timing the whole step captured in a CUDA graph
         (coordinate descent, lmforge.kernels.tuning) at each of `contexts` keys, on scratch caches, scoring a
         set by the geometric mean of its step times (each context counts alike: attention's best split of the
         keys changes with their number); adopt the set and save it to the disk cache (a cache that cannot be
         written is warned about: the set then serves this process only). Each candidate is JIT-compiled once,
         then timed in a CUDA graph at each context (~60 candidates for a Llama model; capture() prints the
-        time a first-use tune took). Returns {shape key: best score in seconds}."""
+        time a first-use tune took; progress: a bar over the candidates on stderr). Returns {shape key: best
+        score in seconds}."""
         contexts = tune_contexts(contexts, self.kv.max_positions)
         if not self.x.is_cuda:
             return {}
@@ -334,7 +336,12 @@ class KernelStep:
             torch.cuda.synchronize()
             return (time.perf_counter() - t0) / reps
 
+        space = {k: c[:max_candidates] for k, c in self.keys().items()}
+        bar = tqdm(total=rounds * sum(len(c) for c in space.values()), desc="tuning kernels", unit="config",
+                   disable=not progress, file=sys.stderr, leave=False)
+
         def seconds(configs: KernelConfigs) -> float:
+            bar.update()
             try:
                 self._run(tok, positions[0], kv, configs)  # compiles the candidate outside the capture
             except Exception as e:  # noqa: BLE001  (e.g. a block shape this Triton cannot compile)
@@ -342,8 +349,9 @@ class KernelStep:
                 return float("inf")
             return math.exp(sum(math.log(one(configs, pos)) for pos in positions) / len(positions))
 
-        space = {k: c[:max_candidates] for k, c in self.keys().items()}
-        self.configs, best = coordinate_descent(dataclasses.replace(self.configs, gpu=self.gpu), space, seconds, rounds)
+        with bar:
+            self.configs, best = coordinate_descent(dataclasses.replace(self.configs, gpu=self.gpu), space, seconds,
+                                                    rounds)
         self.autotune = False
         if save:
             save_or_warn(self.configs)

@@ -211,11 +211,11 @@ def test_autotune_runs_once_at_the_first_capture_with_a_notice(tmp_path, monkeyp
     model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).cuda()
     step = KernelStep(model, _paged_kv(model, 9, 16, seed=4), autotune=True)
     calls = []
-    monkeypatch.setattr(step, "tune", lambda: calls.append(1) or setattr(step, "autotune", False))
+    monkeypatch.setattr(step, "tune", lambda **kw: calls.append(kw) or setattr(step, "autotune", False))
     step.capture()
     step.capture()
     err = capsys.readouterr().err
-    assert calls == [1] and "tuning the batch-1 decode kernels" in err and "kernels tuned in" in err
+    assert calls == [{"progress": True}] and "tuning the batch-1 decode kernels" in err and "kernels tuned in" in err
     assert KernelStep(model, step.kv, configs=step.configs, autotune=True).autotune is False  # given configs: no tune
 
 

@@ -80,14 +80,16 @@ class EngineConfig:
 
 
 def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:
-    """Whether one-sequence decode steps run on the Triton kernel step (EngineConfig.kernel_step)."""
+    """Whether one-sequence decode steps may run on the Triton kernel step (EngineConfig.kernel_step): the
+    config and the device allow it. Whether the model does is the runner's check, made again whenever it
+    rebuilds its backends (lmforge.infer.kernel_step.unsupported: e.g. LoRA adapters applied or merged since)."""
     want = config.kernel_step
     if want is False:
         return False
     from lmforge.infer.graphs import kernel_step_available
 
     why = kernel_step_available()
-    if why is None:
+    if want and why is None:
         from lmforge.infer.kernel_step import unsupported
 
         why = unsupported(model)

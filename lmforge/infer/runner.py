@@ -81,6 +81,7 @@ class PagedRunner:
         """The decode backends (lmforge.infer.graphs). Both read the model's parameters in place: CUDA
         graphs replay their addresses, the kernel step takes the model's own weight tensors."""
         graphs, num_blocks, max_batch, max_blocks, kernel_step, kernel_tune = self._backends
+        had_kernel_step = getattr(self, "kernel_step", None) is not None
         self.graphs, self.kernel_step, self.model = None, None, self.source
         if self.fused_kernels:
             from lmforge.kernels.training import kernel_view
@@ -100,11 +101,11 @@ class PagedRunner:
             from lmforge.infer.graphs import BatchOneKernel
             from lmforge.infer.kernel_step import unsupported
 
-            why = unsupported(self.source)
+            why = unsupported(self.source)  # asked at every rebuild: adapters may come and go (merge_lora)
             if why is None:
                 self.kernel_step = BatchOneKernel(self.source, self.cache, max_blocks, use_graphs=graphs == "cuda",
                                                   tune=kernel_tune)
-            else:  # the model changed since the engine chose the kernel step (e.g. LoRA adapters applied)
+            elif had_kernel_step:  # the model changed since (e.g. LoRA adapters applied): say why it stops
                 warnings.warn(f"the batch-1 kernel step is off: it does not support {why}", stacklevel=3)
         self._addresses = _addresses(self.source)
 

@@ -234,8 +234,8 @@ def test_lora_adapters_keep_the_kernel_step_off_and_the_tokens_right():
     """The kernels read each projection's bare weight, so a model with unmerged LoRA adapters must not run
     on them (its B A would be dropped silently): unsupported() names the layer and the fix, kernel_step=True
     is refused, and adapters applied after the engine was built turn the step off at update_weights (with a
-    warning) - the general path then gives the adapted model's greedy tokens."""
-    from lmforge.adapt.lora import LoRAConfig, LoRALinear, apply_lora
+    warning) - the general path then gives the adapted model's greedy tokens; merged, the step comes back."""
+    from lmforge.adapt.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
 
     model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
     prompt = torch.randint(0, 257, (9,), generator=torch.Generator().manual_seed(7)).tolist()
@@ -257,3 +257,9 @@ def test_lora_adapters_keep_the_kernel_step_off_and_the_tokens_right():
     assert llm.engine.runner.kernel_step is None
     want = full_greedy(model, prompt, 4)
     assert llm.generate(prompt, greedy)[0].token_ids == want
+    merge_lora(model)  # plain Linears again: the next rebuild puts the kernel step back, same tokens
+    llm.engine.update_weights()
+    backend = llm.engine.runner.kernel_step
+    assert backend is not None
+    backend.step.configs = _coarse(backend.step)
+    assert llm.generate(prompt, greedy)[0].token_ids == want == full_greedy(model, prompt, 4)

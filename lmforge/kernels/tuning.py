@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.utils import write_json_atomic
 
 CACHE_ENV = "LMFORGE_KERNEL_CACHE"
 SHIPPED_DIR = Path(__file__).parent / "configs"
@@ -67,10 +68,7 @@ class KernelConfigs:
     def save(self, path: Path | None = None) -> Path:
         """Write to `path` (default: this GPU and model's file in the cache directory), atomically."""
         path = Path(path) if path is not None else cache_path(self.gpu, self.model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        write_json_atomic(path, self.to_json())  # a unique temporary name: two processes tuning at once do not mix
         return path
 
     @classmethod

@@ -25,6 +25,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model import hf_families as D
 from lmforge.model import hf_moe as M
 from lmforge.model.config import ModelConfig
+from lmforge.utils import atomic_path, write_json_atomic
 
 # model_type -> (architecture name, cfg_from_hf, cfg_to_hf, rules)
 FAMILIES = {
@@ -270,22 +271,23 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
         cur[name], size = t, size + nbytes
     shards.append(cur)
     _write_shards(path, shards, save_file)
-    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    write_json_atomic(path / "config.json", hf_cfg)  # last: a directory without it was not finished
 
 
 def _write_shards(path: Path, shards: list[dict], save_file) -> None:
+    """Each file written under a temporary name and renamed, so no reader sees half a shard."""
     meta = {"format": "pt"}
     if len(shards) == 1:
-        tmp = path / "model.safetensors.tmp"
-        save_file(shards[0], str(tmp), metadata=meta)
-        os.replace(tmp, path / "model.safetensors")
+        with atomic_path(path / "model.safetensors") as tmp:
+            save_file(shards[0], str(tmp), metadata=meta)
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / fname), metadata=meta)
+        with atomic_path(path / fname) as tmp:
+            save_file(shard, str(tmp), metadata=meta)
         for k, t in shard.items():
             weight_map[k] = fname
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_json_atomic(path / "model.safetensors.index.json", index)

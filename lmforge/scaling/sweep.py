@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lmforge.config import check
 from lmforge.scaling.flops import flops_per_token, num_params
+from lmforge.utils import write_json_atomic
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,7 +130,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
                    "C": 6.0 * run["N"] * run["D"],
                    "C_exact": flops_per_token(_model_cfg(cfg, run["depth"]), cfg.seq_len) * run["D"],
                    "curve": evals}
-            done.write_text(json.dumps(rec))
+            write_json_atomic(done, rec)  # a half-written record would stop the sweep's resume
         log(f"C={run['budget']:.1e} depth={run['depth']} N={run['N']:,} steps={run['steps']}: "
             f"val loss {rec['loss']:.4f} ({rec['wall_time']:.0f}s)")
         curves.append({"N": rec["N"], "curve": rec.pop("curve")})
@@ -148,7 +149,7 @@ def main_sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.out)
     write_rows(rows, out / "runs.csv")
     write_rows(rows, out / "runs.json")
-    (out / "curves.json").write_text(json.dumps(curves))
+    write_json_atomic(out / "curves.json", curves)
     print(f"{len(rows)} runs -> {out / 'runs.csv'}; fit with: lmforge scaling fit --table {out / 'runs.csv'}")
     return rows
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.utils import atomic_path, write_json_atomic
 
 REQUIRED = ("N", "D", "loss")
 
@@ -87,10 +88,10 @@ def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".csv":
         cols = list(dict.fromkeys(k for r in rows for k in r))
-        with open(path, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows(rows)
     else:
-        path.write_text(json.dumps({"runs": rows}, indent=1))
+        write_json_atomic(path, {"runs": rows})
     return path

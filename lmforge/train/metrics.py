@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lmforge.utils import atomic_path
+
 # dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets
 GPU_PEAK_BF16 = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
                  "4090": 165.2e12, "3090": 71e12}
@@ -57,7 +59,8 @@ class MetricsLog:
         if not self.path.exists():
             return
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with atomic_path(self.path) as tmp:  # a crash here must not cost the run its history
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

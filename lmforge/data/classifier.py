@@ -29,6 +29,7 @@ from lmforge.data.document import Document
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
+from lmforge.utils import atomic_path, write_json_atomic
 
 FILE_NAME = "quality_classifier.safetensors"
 CONFIG_NAME = "quality_classifier.json"
@@ -132,8 +133,9 @@ class HashedNgramClassifier:
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({"emb": self.emb, "w": self.w, "b": self.b}, str(d / FILE_NAME))
-        (d / CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        with atomic_path(d / FILE_NAME) as tmp:
+            save_file({"emb": self.emb, "w": self.w, "b": self.b}, str(tmp))
+        write_json_atomic(d / CONFIG_NAME, asdict(self.cfg))
         return d
 
     @classmethod

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.utils import write_json_atomic
+from lmforge.utils import atomic_path, write_json_atomic
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -67,7 +67,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path, plot: bool = True)
     out = Path(out_dir)
     paths = {"json": out / "report.json", "md": out / "report.md"}
     write_json_atomic(paths["json"], report)
-    paths["md"].write_text(report_markdown(report))
+    with atomic_path(paths["md"]) as tmp:
+        tmp.write_text(report_markdown(report))
     if plot:
         png = plot_drops(report, out / "report.png")
         if png is not None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lmforge.config import check
+from lmforge.utils import write_json_atomic
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 DEFAULT_LR = {"adamw": 3e-3, "torch_adamw": 3e-3, "lion": 1e-3, "adafactor": 3e-3, "shampoo": 3e-3,
@@ -159,11 +160,6 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
     return {"optimizer": name, "lr": lr, "final_val_loss": final, "curve": points, "wall_time": timer.total,
             "state_bytes_per_param": optimizer_state_bytes(opt) / n_params, "n_params": n_params}
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
-
-
 def to_target(curve: list[dict], target: float) -> tuple[float, float]:
     """(steps, seconds) at which the validation loss first reaches `target`, interpolated linearly
     between evaluations; (inf, inf) if it never does."""
@@ -195,7 +191,7 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
             r = run_one(cfg, name, lr, train, val)
             log(f"{name:>10} lr={lr:.3g}: final val {r['final_val_loss']:.4f} ({r['wall_time']:.1f}s)")
             runs.append(r)
-            _write_json(Path(cfg.out) / "partial.json", {"runs": runs})  # survives a killed sweep
+            write_json_atomic(Path(cfg.out) / "partial.json", {"runs": runs})  # survives a killed sweep (atomic)
     if cfg.merge:
         runs = json.loads(Path(cfg.merge).read_text())["runs"] + runs
     result = summarize(runs, cfg.target_loss)
@@ -268,7 +264,7 @@ def main_run(cfg: OptimBenchConfig) -> dict:
     """Run, print the table, write results.json and loss_curves.png under cfg.out."""
     result = run_benchmark(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(cfg.out)
-    _write_json(out / "results.json", result)
+    write_json_atomic(out / "results.json", result)
     plot_curves(result, out / "loss_curves.png")
     print(format_table(result))
     return result

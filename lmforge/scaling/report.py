@@ -19,6 +19,7 @@ from lmforge.scaling.isoflop import fit_envelope, fit_isoflop
 from lmforge.scaling.parametric import fit_parametric
 from lmforge.scaling.powerlaw import FitError, fit_power_law
 from lmforge.scaling.table import Runs, load_runs
+from lmforge.utils import atomic_path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,5 +127,6 @@ def write_report(cfg: FitConfig, report: dict) -> Path:
         if par is not None:
             report.setdefault("plots", []).append(str(predicted_vs_observed(runs, par, out / "predicted_vs_observed.png")))
     path = out / "fit.json"
-    path.write_text(json.dumps(report, indent=1, default=float))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=float))
     return path

@@ -389,6 +389,29 @@ def test_fused_kernel_view_decodes_like_the_plain_model_and_leaves_it_untouched(
         assert got.token_ids == ref.token_ids and got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
 
 
+
+def test_fused_kernel_view_keeps_lora_adapters(tok):
+    """The fused view swaps norms, SwiGLU and RoPE but calls the projections as modules, so an unmerged LoRA
+    adapter (B A non-zero) is in its forwards: tokens and log-probs equal the plain engine's on the same model."""
+    from lmforge.adapt.lora import LoRAConfig, LoRALinear, apply_lora
+    from lmforge.kernels.decode import available
+
+    if not available("cpu"):
+        pytest.skip("needs triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
+    model = apply_lora(tiny_model("llama", init_std=0.3), LoRAConfig(r=2, alpha=4, targets=("wq", "up", "down")))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.5)
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=0)
+    reqs = [(p, sp) for p in ("first prompt", "the second, longer prompt")]
+    cfg = dict(block_size=4, cuda_graphs=True, kernel_step=False)
+    fused = Engine(model, tok, EngineConfig(**cfg, fused_kernels=True))
+    assert any(type(m).__name__ == "FusedSwiGLUMLP" for m in fused.runner.model.modules())
+    want = run(Engine(model, tok, EngineConfig(**cfg, fused_kernels=False)), reqs)
+    for got, ref in zip(run(fused, reqs), want):
+        assert got.token_ids == ref.token_ids and got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+
 def test_fused_kernels_default_off_on_a_cpu_and_refused_where_they_cannot_run(tok, monkeypatch):
     model = tiny_model("llama")
     assert Engine(model, tok, EngineConfig()).runner.model is model

@@ -6,9 +6,14 @@ The logits processors each field turns on live in `lmforge.infer.processors`.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 from lmforge.config import check
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy ints too
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +70,16 @@ class SamplingParams:
     """cut prompts too long for the context from the left instead of raising"""
 
     def __post_init__(self) -> None:
+        # counts and ids must be ints (a request body's 1.5 or "7" would otherwise fail inside an engine step,
+        # taking the batch's other requests with it)
+        for name in ("max_tokens", "n", "top_k", "seed", "logprobs", "prompt_logprobs", "prompt_logprobs_start",
+                     "beam_width"):
+            v = getattr(self, name)
+            check(v is None and name in ("seed", "logprobs", "prompt_logprobs") or _is_int(v),
+                  f"{name} must be an integer, got {v!r}")
+        check(isinstance(self.logit_bias, dict) and all(_is_int(k) and k >= 0 and isinstance(v, numbers.Real)
+                                                        and not isinstance(v, bool) for k, v in self.logit_bias.items()),
+              f"logit_bias must map token ids (ints >= 0) to numbers, got {self.logit_bias!r}")
         check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
         check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -78,7 +93,6 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             v = getattr(self, name)
             check(-2 <= v <= 2, f"{name} must lie in [-2, 2], got {v}")
-        check(isinstance(self.logit_bias, dict), f"logit_bias must be a dict, got {type(self.logit_bias).__name__}")
         check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
               f"stop must be a tuple of non-empty strings, got {self.stop!r}")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
@@ -111,6 +125,9 @@ class SamplingParams:
                 opts[name] = tuple(opts[name])
         if isinstance(opts.get("stop"), str):
             opts["stop"] = (opts["stop"],)
+        bias = opts.get("logit_bias")
+        if isinstance(bias, dict):  # JSON object keys are strings: {"50256": -100} (the OpenAI API's form)
+            opts["logit_bias"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in bias.items()}
         return cls(**opts)
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import sys
 import types
 import typing
@@ -64,11 +65,11 @@ def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # numpy's ints too
             raise _bad(where, tp, value)
-        return value
+        return value if type(value) is int else int(value)
     if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
             raise _bad(where, tp, value)
         return float(value)
     if tp is str:

@@ -3,6 +3,7 @@ accepted where a user would pass them, with the same meaning as the typed values
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import lmforge as lf
@@ -47,6 +48,9 @@ def test_python_configs_accept_dicts_and_paths():
         TrainConfig(data=dict(seq_len="16"))
     with pytest.raises(ConfigError, match=r"unknown config key 'data.trian'"):
         TrainConfig(data=dict(trian="x.bin"))
+    # numpy numbers are numbers (a sweep's np.int64 depth, np.float32 lr), stored as plain Python ones
+    c = TrainConfig(data=dict(seq_len=np.int64(16)), optim=dict(lr=np.float32(0.5)))
+    assert (c.data.seq_len, type(c.data.seq_len), c.optim.lr, type(c.optim.lr)) == (16, int, 0.5, float)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

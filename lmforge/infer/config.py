@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.kv.paged import DECODE, PREFILL
 from lmforge.infer.scheduler import SchedulerConfig
@@ -65,6 +65,7 @@ class EngineConfig:
     penalties, prompt log-probs, a request's first sample when n > 1, and the recompute runner"""
 
     def __post_init__(self) -> None:
+        coerce_fields(self)  # each field's type, named when wrong (kernel_tune=1, block_size=16.5)
         check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         check(0 < self.gpu_memory_utilization <= 1,
               f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
@@ -74,9 +75,6 @@ class EngineConfig:
         check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
         check(self.prefill_attention in PREFILL,
               f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
-        for name in ("async_scheduling", "kernel_tune"):
-            value = getattr(self, name)
-            check(value is None or isinstance(value, bool), f"{name} must be None, True or False, got {value!r}")
 
 
 def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:

@@ -9,11 +9,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field
 
-from lmforge.config import check
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy ints too
+from lmforge.config import check, coerce_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,15 +66,11 @@ class SamplingParams:
     """cut prompts too long for the context from the left instead of raising"""
 
     def __post_init__(self) -> None:
-        # counts and ids must be ints (a request body's 1.5 or "7" would otherwise fail inside an engine step,
-        # taking the batch's other requests with it)
-        for name in ("max_tokens", "n", "top_k", "seed", "logprobs", "prompt_logprobs", "prompt_logprobs_start",
-                     "beam_width"):
-            v = getattr(self, name)
-            check(v is None and name in ("seed", "logprobs", "prompt_logprobs") or _is_int(v),
-                  f"{name} must be an integer, got {v!r}")
-        check(isinstance(self.logit_bias, dict) and all(_is_int(k) and k >= 0 and isinstance(v, numbers.Real)
-                                                        and not isinstance(v, bool) for k, v in self.logit_bias.items()),
+        # every field's type (a request body's seed 1.5 or top_k "7" would otherwise fail inside an engine step,
+        # taking the batch's other requests with it); lists become tuples, numpy numbers plain ones
+        coerce_fields(self)
+        check(all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 0
+                  and isinstance(v, numbers.Real) and not isinstance(v, bool) for k, v in self.logit_bias.items()),
               f"logit_bias must map token ids (ints >= 0) to numbers, got {self.logit_bias!r}")
         check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
         check(self.n >= 1, f"n must be >= 1, got {self.n}")

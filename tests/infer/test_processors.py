@@ -105,12 +105,13 @@ def test_sampling_matches_distribution_and_seed():
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
                                          ("min_p", 1.2), ("max_tokens", 0), ("n", 0), ("typical_p", 0.0),
-                                         ("seed", 1.5), ("seed", "7"), ("top_k", 2.0), ("n", 1.5),
+                                         ("seed", 1.5), ("seed", "7"), ("top_k", 2.5), ("n", 1.5),
                                          ("logprobs", True), ("logit_bias", {"a": 1.0})])
 def test_invalid_sampling_values_name_the_field(field, value):
     """Counts and ids must be integers (numpy's too): a request body's 1.5 or "7" is refused here, not inside
     an engine step where it would fail the batch's other requests as well."""
     with pytest.raises(ConfigError, match=f"{field}.*{re.escape(repr(value)) if isinstance(value, dict) else value}"):
         SamplingParams(**{field: value})
-    assert SamplingParams(top_k=np.int64(3), seed=np.int32(-2), logit_bias={np.int64(4): np.float32(1)}).top_k == 3
+    ok = SamplingParams(top_k=np.int64(3), seed=np.int32(-2), logit_bias={np.int64(4): np.float32(1)}, stop=["x"])
+    assert (ok.top_k, type(ok.top_k), ok.seed, ok.stop) == (3, int, -2, ("x",))  # lmforge.config.coerce_fields
     assert SamplingParams.from_dict({"logit_bias": {"50256": -100}}).logit_bias == {50256: -100}  # JSON keys

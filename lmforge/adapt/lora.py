@@ -28,7 +28,8 @@ LoRALinear keeps the base layer's `weight` and `bias` under their own names, so 
 is the base model's plus `*.lora_A` / `*.lora_B`. The paths that read a projection's `.weight` alone do
 not take an unmerged adapter silently: the engine's batch-1 kernel step stays off (kernel_step=True is
 refused), the fused linear + cross-entropy loss refuses an adapted lm_head, and MLA's absorbed decode falls
-back to its naive path for an adapted wkv_b. Merge (merge_lora) to serve at full speed.
+back to its naive path for an adapted wkv_b (all through lmforge.model.layers.fused.plain_linear), and
+save_pretrained refuses state its HF layout would drop. Merge (merge_lora) to serve at full speed.
 """
 
 from __future__ import annotations

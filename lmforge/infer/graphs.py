@@ -140,9 +140,9 @@ def kernel_step_available() -> str | None:
 class BatchOneKernel:
     """Steps that decode one sequence run on lmforge.infer.kernel_step's Triton kernels (Llama-style
     models; 5 kernels per block): the step reads and writes the engine's paged cache through a one-row
-    block table, and on a GPU replays one captured CUDA graph. The caller's model is never modified
-    (the kernels read its own weight tensors). tune: time the block shapes before the first capture when no set for
-    this GPU and model shape is cached or shipped (KernelStep's autotune)."""
+    block table, and on a GPU replays one captured CUDA graph. The caller's model is never modified (the
+    kernels read its own weight tensors). tune: time the block shapes before the first capture when no set
+    for this GPU and model shape is cached or shipped (KernelStep's autotune)."""
 
     def __init__(self, model, cache, max_blocks: int, use_graphs: bool, tune: bool = False):
         from lmforge.infer.kernel_step import KernelStep, PagedKV

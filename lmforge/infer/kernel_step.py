@@ -49,6 +49,7 @@ from lmforge.kernels import decode as kd
 from lmforge.kernels import decode_layer as dl
 from lmforge.kernels import paged_attention as pa
 from lmforge.kernels.tuning import KernelConfigs, cache_path, coordinate_descent, gpu_name
+from lmforge.model.layers.fused import plain_linear
 
 
 PERSISTENT_DEFAULT = False
@@ -100,7 +101,7 @@ def _not_plain_linear(model) -> str | None:
     for name in names:
         parent, _, attr = name.rpartition(".")
         module = getattr(model.get_submodule(parent) if parent else model, attr, None)
-        if module is not None and type(module) is not torch.nn.Linear:
+        if module is not None and not plain_linear(module):
             return name
     return None
 

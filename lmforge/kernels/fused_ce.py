@@ -24,6 +24,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.kernels.decode import available, triton
+from lmforge.model.layers.fused import plain_linear
 from lmforge.train.loss import LMObjective, lm_loss
 
 if triton is not None:
@@ -152,7 +153,7 @@ def fused_lm_loss(model, x: torch.Tensor, y: torch.Tensor, z_loss: float = 0.0, 
     if model.cfg.logit_softcap > 0 or getattr(model, "mtp", None) is not None:
         raise ConfigError("the fused linear + cross-entropy loss supports neither logit soft-capping nor MTP "
                           "heads: set model.logit_softcap = 0 and no MTP, or train without fused kernels")
-    if type(model.lm_head) is not torch.nn.Linear:  # the fused head reads the bare weight: an adapter's B A would drop out
+    if not plain_linear(model.lm_head):  # the fused head reads the bare weight
         raise ConfigError(f"the fused linear + cross-entropy loss reads lm_head's weight, but lm_head is a "
                           f"{type(model.lm_head).__name__}: merge its adapter (merge_lora), leave lm_head out of the "
                           "LoRA targets, or train without the fused loss")

@@ -245,11 +245,8 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     if cfg.block != "sequential" or (cfg.mtp is not None and (fam != "deepseek_v3" or cfg.mtp.kind != "sequential")):
         raise ConfigError("save_pretrained: model.block='parallel' and model.mtp (except DeepSeek-V3's sequential "
                           "MTP) have no HF equivalent")
-    adapters = [k for k in model.state_dict() if ".lora_A" in k or ".lora_B" in k]
-    if adapters:  # the HF layout has no place for them: the export would be the base model, silently
-        raise ConfigError(f"save_pretrained: the model has unmerged LoRA adapters ({len(adapters)} tensors, e.g. "
-                          f"{adapters[0]}); merge them first (lmforge.adapt.merge_lora(model)), or save the "
-                          "adapters alone with lmforge.adapt.lora_state_dict")
+    rules = FAMILIES[fam][3](cfg)
+    _refuse_dropped_state(model, rules, fam)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf_cfg = config_to_hf(cfg, fam)
@@ -258,7 +255,7 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     tensors: dict[str, torch.Tensor] = {}
     own = {**_tensors(model), **model.state_dict()}  # state_dict names fused projections' parts
     with torch.no_grad():
-        for rule in FAMILIES[fam][3](cfg):
+        for rule in rules:
             outs = rule.to_hf([_target(own, n).detach().cpu() for n in rule.lm])
             for name, t in zip(rule.hf, outs):
                 tensors[name] = t.to(dtype or t.dtype).contiguous().clone()
@@ -272,6 +269,25 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     shards.append(cur)
     _write_shards(path, shards, save_file)
     write_json_atomic(path / "config.json", hf_cfg)  # last: a directory without it was not finished
+
+
+def _refuse_dropped_state(model, rules, fam: str) -> None:
+    """Nothing the model computes with may be left out of the files: a state_dict tensor no rule reads (and
+    that is not another read tensor, as a tied head is) must hold only zeros, which change nothing (an unused
+    routing-bias buffer). An unmerged LoRA adapter, or a trained routing bias in a family without one, is
+    refused with the fix named instead of exported as the model without it."""
+    state = model.state_dict()
+    read = {n.partition("#")[0] for rule in rules for n in rule.lm}
+    read_ptrs = {state[k].data_ptr() for k in read if k in state}
+    dropped = [k for k, v in state.items()
+               if k not in read and v.data_ptr() not in read_ptrs and bool(v.detach().ne(0).any())]
+    if not dropped:
+        return
+    hint = ("; they are unmerged LoRA adapters (merge them first with lmforge.adapt.merge_lora(model), or save "
+            "them alone with lmforge.adapt.lora_state_dict)" if any(".lora_" in k for k in dropped) else
+            "; save it as an lmforge checkpoint, or choose a family whose layout holds it (family=...)")
+    raise ConfigError(f"save_pretrained: the {fam} HF layout has no place for {len(dropped)} tensors of this model "
+                      f"(e.g. {dropped[0]}), so the export would not compute what the model does{hint}")
 
 
 def _write_shards(path: Path, shards: list[dict], save_file) -> None:

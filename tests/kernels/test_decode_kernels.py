@@ -222,7 +222,8 @@ def test_shipped_kernel_configs_serve_where_the_cache_has_none(tmp_path, monkeyp
     shipped = KernelConfigs.cached("NVIDIA H200", sig)
     assert shipped is not None and shipped.gpu == "NVIDIA H200" and shipped.model == sig
     candidates = {repr(k): kd.candidates(k) for k in (
-        kd.qkv_rope_key(32, 4, 64, 2048, torch.bfloat16), kd.attend_key(32, 4, 64), kd.add_key(2048, 2048, torch.bfloat16),
+        kd.qkv_rope_key(32, 4, 64, 2048, torch.bfloat16), kd.attend_key(32, 4, 64),
+        kd.add_key(2048, 2048, torch.bfloat16),
         kd.gemv_key(5632, 2048, glu=True, norm=True, dtype=torch.bfloat16), kd.add_key(2048, 5632, torch.bfloat16),
         kd.gemv_key(32000, 2048, norm=True, dtype=torch.bfloat16))}
     assert set(shipped.table) == set(candidates)

@@ -106,3 +106,19 @@ def test_sliding_layer_defaults_follow_transformers():
                                max_window_layers=2))
     assert [qwen.layer_type(i) for i in range(4)] == ["full", "full", "sliding", "sliding"]
     assert config_from_hf(dict(core, model_type="qwen2", sliding_window=4096)).sliding_window == 0
+
+
+def test_export_refuses_state_the_hf_layout_would_drop(tmp_path):
+    """save_pretrained writes what the family's rules read; any other tensor with non-zero values would be
+    lost, and the files would compute something else. A Mixtral-shaped model's aux-loss-free routing bias
+    (e_bias, a buffer Mixtral's layout lacks) exports while it is zero, and is refused once trained."""
+    from lmforge.model.config import MoEConfig
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                                    d_ff=48, mlp="moe", moe=MoEConfig(n_experts=4, top_k=2))).eval()
+    model.save_pretrained(tmp_path / "zero")  # all-zero bias: nothing lost
+    model.blocks[0].mlp.e_bias.add_(0.5)
+    with pytest.raises(ConfigError, match=r"mixtral HF layout has no place for 1 tensors .*blocks\.0\.mlp\.e_bias"):
+        model.save_pretrained(tmp_path / "trained")
+    assert not (tmp_path / "trained").exists()  # refused before writing

@@ -113,5 +113,6 @@ def test_absorbed_decode_with_a_lora_adapter_on_wkv_b_equals_the_full_forward():
         ids = torch.randint(0, 64, (2, 9))
         want = model(ids)
         cache = MLACache.for_model(model, 2, 16)
-        got = torch.cat([model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)], 1)
+        prefill = model(ids[:, :5], cache=cache)
+        got = torch.cat([prefill] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)], 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

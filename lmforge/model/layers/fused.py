@@ -24,12 +24,19 @@ import torch
 from torch import nn
 
 
+def plain_linear(module: nn.Module | None) -> bool:
+    """A bare nn.Linear: its .weight (and .bias) is its whole function. Paths that read the weight instead of
+    calling the module (fusing, the batch-1 decode kernels, the fused LM-head loss, MLA's absorbed decode) must
+    check this: a subclass or wrapper - a LoRALinear's B A, a quantized layer's scales - would drop out."""
+    return type(module) is nn.Linear
+
+
 def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...]) -> list[int]:
     """Replace module.<parts> (Linears on the same input, all with or all without bias) by module.<fused>,
     whose output is the parts' outputs concatenated in order; the parts become None. Returns their
     output sizes, for `torch.split`."""
     lins = [getattr(module, p) for p in parts]
-    if any(type(l) is not nn.Linear for l in lins):  # e.g. a LoRALinear: stacking .weight would drop its adapter
+    if not all(plain_linear(l) for l in lins):  # e.g. a LoRALinear: stacking .weight would drop its adapter
         raise ValueError(f"cannot fuse {parts}: they are {[type(l).__name__ for l in lins]}, not plain nn.Linear; "
                          "merge_lora(model) first")
     first = lins[0]

@@ -25,6 +25,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask, refuse_trees
 from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, check_legacy_mask, DENSE
+from lmforge.model.layers.fused import plain_linear
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import _yarn_mscale, apply_rope
 
@@ -107,7 +108,7 @@ class MLA(nn.Module):
         """Attention over the cached latents: W_uk absorbed into the query, W_uv into the output. Absorbing
         reads wkv_b's bare weight, so a wkv_b that is more than an nn.Linear (a LoRA adapter's B A, a quantized
         layer) takes the naive path, which calls the module."""
-        if type(self.wkv_b) is not nn.Linear:
+        if not plain_linear(self.wkv_b):
             return self.naive(q_nope, q_rope, c_kv, k_rope, mask, spec)
         w = self.wkv_b.weight.view(self.H, self.d_nope + self.d_v, self.r)
         w_uk, w_uv = w.split([self.d_nope, self.d_v], dim=1)  # (H, d_n, r), (H, d_v, r)

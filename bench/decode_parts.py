@@ -173,7 +173,7 @@ def configs_ab(step: kstep.KernelStep, tok, pos, timed, attend: str, compare: st
                 raise ValueError(c)
             variants[f"attend {c}"] = shipped.with_config(key, config)
     except ValueError:
-        raise SystemExit(f"--attend wants configs of 3-5 positive ints like 8x32x2x1,4x128x4; got {attend!r}") from None
+        raise SystemExit(f"--attend wants configs of 3-5 non-negative ints like 8x32x2x1,4x128x4,1x512x8x0x1; got {attend!r}") from None
     if compare:
         variants["shipped set"] = shipped
         try:

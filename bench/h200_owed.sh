@@ -2,16 +2,17 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: gputests devtests devtests2 engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: alltests gputests devtests devtests2 engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-04): devtests and devtests2 (the kernel modules' device-agnostic tests on the GPU; 79 of 157 ran there
-# on 2026-12-04, all passed - paged attention, norms, RoPE, SwiGLU, fused CE, MoE and FlashAttention in the model
-# still owed), decode (--tune-step: 64.9-67.7%, goal 80%; bench/decode_parts.py says where the
+# (2026-12-04): alltests after any change to a kernel or the engine's GPU paths (every kernel test module and -m gpu,
+# seven processes at once, ~400 s; all passed on 2026-12-04), decode (--tune-step: 64.4-67.7%, goal 80%;
+# bench/decode_parts.py says where the
 # step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
 # kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches (own rows,
 # next matrices, attention asking for the next weights), the persistent layer, attention + o fused, key tiles before
-# the wait and attention's slices merged by the o-projection all measured slower or no better; --attend / --compare
+# the wait, attention's slices merged by the o-projection and whole short rows in one tile before the wait (no combine)
+# all measured slower or no better; --attend / --compare
 # A/B attention splits and whole config sets across --context), megakernel (the persistent warp-specialised CUDA
 # prototype: 55-63% of the read stream, its dependency chain alone 192 us per token and its consumers alone ~400 us,
 # 94% of the stream; -DTAGGED=1 (tags carried with the data instead of counters), -DLEAN=1 (fewer barriers per
@@ -41,6 +42,23 @@ case "${1:-}" in
   gputests)  # every test marked gpu (kernels, engine backends, update_weights with graphs, MoE host syncs)
     # (the device lacks the CLI's tyro: its test module is left out, not the run)
     run gputests 540 python -m pytest -q -p no:cacheprovider -m gpu tests --continue-on-collection-errors ;;
+  alltests)  # devtests, devtests2 and gputests at once: seven pytest processes side by side on the one GPU (Triton's
+             # compiles, not the GPU, bound these runs; the machine has 16 cores), each cut at 540 s
+    t=tests/kernels
+    groups=("tests/infer/test_kernel_step.py tests/infer/test_decode_parts_bench.py $t/test_decode_mlp_bench.py"
+            "$t/test_decode_kernels.py" "$t/test_decode_layer.py $t/test_paged_attention.py"
+            "$t/test_rmsnorm.py $t/test_rope.py $t/test_swiglu.py $t/test_fused_ce.py $t/test_compiled_training.py"
+            "$t/test_flash_attention.py" "$t/test_flash_in_model.py $t/test_moe_kernels.py")
+    i=0
+    for g in "${groups[@]}"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086  # the group's files are separate words on purpose
+        timeout 540 python -m pytest -q -p no:cacheprovider --durations=5 $g > "$out/alltests_$i.txt" 2>&1 &
+    done
+    timeout 540 python -m pytest -q -p no:cacheprovider -m gpu tests --continue-on-collection-errors \
+        > "$out/alltests_gpu.txt" 2>&1 &
+    wait
+    for f in "$out"/alltests_*.txt; do echo "=== $f"; grep -E "passed|failed|error|FAILED|ERROR" "$f" | tail -8; done ;;
   devtests)  # the kernel modules' device-agnostic tests (DEV = cuda where there is one; in CI they run on the CPU
              # through Triton's interpreter), all of them, on the GPU: decode and inference kernels here, training
              # kernels in devtests2 (2026-12-04: the whole set in one call ran past 560 s, its first 63 tests passed)
@@ -97,5 +115,5 @@ case "${1:-}" in
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
     run parallel 540 python bench/parallel.py ;;
-  *) echo "usage: bash bench/h200_owed.sh gputests|engine|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
+  *) echo "usage: bash bench/h200_owed.sh alltests|gputests|devtests|devtests2|engine|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
 esac

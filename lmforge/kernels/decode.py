@@ -340,7 +340,7 @@ ADD_CONFIGS = ((4, 256, 4, 4), (4, 1024, 4, 2), (4, 1024, 4, 6), (4, 2048, 8, 3)
 # qkv_rope with QK-norm: (columns per loop step, warps) for BLOCK_N = hd / 2 rows per half-head (two fp32
 # accumulators of BLOCK_N x BLOCK_K: narrow column tiles keep them in registers)
 QK_NORM_TILES = ((128, 8), (64, 4), (256, 8), (32, 4))
-# paged attention (lmforge.kernels.paged_attention): (slices per row, keys per tile, warps), and with a 4th
+# paged attention (lmforge.kernels.paged_attention): (most slices per row, keys per tile, warps), and with a 4th
 # entry 1 one query head per program (H x slices programs at batch 1 instead of KV x slices; the previous
 # per-head kernel's shape on the H100 was (32, 16, 1)). 64-key tiles want 8 warps (with 4 a thread needs
 # more than 255 registers, sm_90). (16, 32, 2, 1): the H200's pick across 384-4,096 keys (docs/benchmarks.md).

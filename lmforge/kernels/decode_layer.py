@@ -227,8 +227,8 @@ if triton is not None:
             if done == SPLITS - 1:  # the last slice of this head group combines all of them
                 sps = tl.arange(0, SPLITS)
                 for gi in tl.static_range(QPP):
-                    o = _combine_head(part_o_ptr, part_ml_ptr, (row * SPLITS + sps) * GP + gi, d, HDP, sinks_ptr,
-                                      first + gi, SINKS)
+                    o = _combine_head(part_o_ptr, part_ml_ptr, (row * SPLITS + sps) * GP + gi, SPLITS, d, HDP,
+                                      sinks_ptr, first + gi, SINKS)
                     tl.store(o_ptr + (first + gi) * HD + d, o.to(o_ptr.dtype.element_ty), mask=d_ok)
                 tl.store(count_ptr + row, 0)  # ready for the next layer
 

@@ -10,11 +10,12 @@ of one shared pool; row b's key j lives in block `block_tables[b, j // block_siz
     q                  (B, H, head_dim), one query per row (decode) -> out (B, H, head_dim)
 
 The kernel is flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context inference") in one
-launch: program (b, kv head, split) takes one slice of the row's keys,
-keeps an online softmax in fp32 and writes its slice's unnormalised output with its running max and
-denominator; the last program of a (b, kv head) to finish combines the slices ("last block reduces", so no
-second launch). Each program serves all GROUP = H / n_kv query heads of its kv head (GQA / MQA without
-repeating K/V: every key is read once, and q·kᵀ / p·v are (GROUP, slots) matrix products on tensor cores).
+launch: program (b, kv head, split) takes one slice of the row's keys (a row gets a slice per tile of keys, up
+to the configured number: short rows use fewer programs), keeps an online softmax in fp32 and writes its
+slice's unnormalised output with its running max and denominator; the last program of a (b, kv head) to finish
+combines the slices ("last block reduces", so no second launch); a row in one slice is written directly.
+Each program serves all GROUP = H / n_kv query heads of its kv head (GQA / MQA without repeating K/V: every
+key is read once, and q·kᵀ / p·v are (GROUP, slots) matrix products on tensor cores).
 Keys are gathered slot by slot through the block table, so slices and tiles need not align with blocks.
 Options, each as in `lmforge.model.layers.attention.math_attention`: soft-capping (Gemma 2:
 c·tanh(s/c) of the scaled scores), a sliding window (query at position p sees keys in (p - window, p]),
@@ -94,16 +95,18 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
     @triton.jit
-    def _combine_head(part_o_ptr, part_ml_ptr, parts, d, HDP: tl.constexpr, sinks_ptr, head, SINKS: tl.constexpr):
-        """Query head `head`'s output (HDP,) fp32 from its slices' partial results at rows `parts` (SLICES,):
-        each slice's running max m, denominator l and unnormalised output, rescaled to the common max (and
-        the head's learned sink logit with SINKS). .cg loads skip the (incoherent) L1 cache: the slices were
-        written by other SMs."""
+    def _combine_head(part_o_ptr, part_ml_ptr, parts, used, d, HDP: tl.constexpr, sinks_ptr, head,
+                      SINKS: tl.constexpr):
+        """Query head `head`'s output (HDP,) fp32 from its slices' partial results at rows `parts` (SLICES,),
+        of which the first `used` hold results: each slice's running max m, denominator l and unnormalised
+        output, rescaled to the common max (and the head's learned sink logit with SINKS). .cg loads skip the
+        (incoherent) L1 cache: the slices were written by other SMs."""
         if SINKS:
             sink = tl.load(sinks_ptr + head).to(tl.float32)
-        m = tl.load(part_ml_ptr + 2 * parts, cache_modifier=".cg")
-        l = tl.load(part_ml_ptr + 2 * parts + 1, cache_modifier=".cg")
-        o = tl.load(part_o_ptr + parts[:, None] * HDP + d[None, :], cache_modifier=".cg")
+        on = tl.arange(0, parts.shape[0]) < used
+        m = tl.load(part_ml_ptr + 2 * parts, mask=on, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_ml_ptr + 2 * parts + 1, mask=on, other=0.0, cache_modifier=".cg")
+        o = tl.load(part_o_ptr + parts[:, None] * HDP + d[None, :], mask=on[:, None], other=0.0, cache_modifier=".cg")
         m_all = tl.max(m, 0)
         if SINKS:
             m_all = tl.maximum(m_all, sink)
@@ -128,9 +131,14 @@ if triton is not None:
         """Program (b·H/QPP + head group, split) for QPP query heads: all GROUP heads of one kv head (every
         key read once), or one head (QPP = 1: GROUP times the programs, for short rows at batch 1, where
         parallelism matters more than re-reading keys from L2). GP >= 16 rows (QPP padded, tl.dot needs 16)
-        by HDP >= 16 columns (head_dim padded); padded rows and columns load zeros and are never stored. EARLY: ctx_ptr
-        holds positions (context - 1) written before the previous kernel ran, and every key but the last
-        is from earlier steps, so the program reads them before its PDL wait and only the new key after."""
+        by HDP >= 16 columns (head_dim padded); padded rows and columns load zeros and are never stored.
+        A row's keys go to as many slices as it has tiles of BLOCK_S keys, at most SPLITS (the rest of the
+        programs have nothing to do); a row in one slice is written by that program alone, with no partial
+        results to combine. EARLY: ctx_ptr holds positions (context - 1) written before the previous kernel
+        ran, and every key but the last is from earlier steps, so the program reads its first tile before its
+        PDL wait and only the new key's row after. STAGES: 0 = the next tile's loads issued before this
+        tile's arithmetic (registers), 1 = one tile at a time (wide tiles: a short row in one tile, all read
+        before the wait), >= 2 = Triton's software pipeline."""
         row, sp = tl.program_id(0), tl.program_id(1)
         b, first = row // (H // QPP), (row % (H // QPP)) * QPP  # batch row, first query head
         kvh = first // GROUP
@@ -147,7 +155,8 @@ if triton is not None:
             lo0 = tl.maximum(n - window, 0)
         if START:  # a static cache row's left padding: its keys start at slot start[b]
             lo0 = tl.maximum(lo0, tl.load(start_ptr + b))
-        chunk = tl.cdiv(n - lo0, SPLITS)
+        used = tl.minimum(tl.maximum(tl.cdiv(n - lo0, BLOCK_S), 1), SPLITS)  # slices with keys (>= 1)
+        chunk = tl.cdiv(n - lo0, used)
         lo = lo0 + sp * chunk
         hi = tl.minimum(lo + chunk, n)
         g = tl.arange(0, GP)
@@ -157,32 +166,49 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, HDP], dtype=tl.float32)
-        if STAGES == 0:
+        if STAGES <= 1:
             s = lo + tl.arange(0, BLOCK_S)  # the first tile, loaded before the loop
             ok = s < hi
-            if EARLY:
-                old = ok & (s < n - 1)
+            if EARLY:  # every key but the new one (its slot is known: positions came before the step)
+                new_at = n - 1
+                new_page = tl.load(bt_ptr + b * s_bt + new_at // BS).to(tl.int64)
+                old = ok & (s < new_at)
                 k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, old, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
                 v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, old, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
                 if PDL:
                     gdc_wait()
-                new = ok & (s == n - 1)  # the new key, written by the previous kernel (zeros elsewhere)
-                k += _kv_tile(k_ptr, bt_ptr, b, s_bt, s, new, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v += _kv_tile(v_ptr, bt_ptr, b, s_bt, s, new, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+                # the new key's row, written by the previous kernel: one row each of k and v, put in its place
+                new = ok & (s == new_at)
+                here = d < tl.where((new_at >= lo) & (new_at < hi), HD, 0)  # its row, if in this slice
+                k_new = tl.load(k_ptr + new_page * s_kb + (new_at % BS) * s_ks + kvh * s_kh + d, mask=here, other=0.0)
+                v_new = tl.load(v_ptr + new_page * s_vb + (new_at % BS) * s_vs + kvh * s_vh + d, mask=here,
+                                other=0.0)
+                if F32:
+                    k_new, v_new = k_new.to(tl.float32), v_new.to(tl.float32)
+                k = tl.where(new[:, None], k_new[None, :], k)
+                v = tl.where(new[:, None], v_new[None, :], v)
             else:
                 k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
                 v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
             q = _q_tile(q_ptr, b, H, heads, HD, d, g_ok, d_ok, F32)
-            # every tile starts on a visible key (none all-masked; an empty slice keeps m = -inf, l = 0). The
-            # next tile's loads are issued before this tile's arithmetic (register double-buffering), so a
-            # program keeps two tiles of keys in flight
-            for s0 in range(lo, hi, BLOCK_S):
-                s_next = s0 + BLOCK_S + tl.arange(0, BLOCK_S)
-                ok_next = s_next < hi
-                k_next = _kv_tile(k_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
-                v_next = _kv_tile(v_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
-                k, v, ok = k_next, v_next, ok_next
+            # every tile starts on a visible key (none all-masked; an empty slice keeps m = -inf, l = 0)
+            if STAGES == 0:  # the next tile's loads go out before this tile's arithmetic: two tiles in flight
+                for s0 in range(lo, hi, BLOCK_S):
+                    s_next = s0 + BLOCK_S + tl.arange(0, BLOCK_S)
+                    ok_next = s_next < hi
+                    k_next = _kv_tile(k_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+                    v_next = _kv_tile(v_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+                    k, v, ok = k_next, v_next, ok_next
+            else:  # one tile at a time
+                if lo < hi:
+                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+                for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
+                    s = s0 + tl.arange(0, BLOCK_S)
+                    ok = s < hi
+                    k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+                    v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
         else:  # Triton's software pipeline: STAGES tiles of keys in flight through async copies
             q = _q_tile(q_ptr, b, H, heads, HD, d, g_ok, d_ok, F32)
             for s0 in tl.range(lo, hi, BLOCK_S, num_stages=STAGES):
@@ -195,39 +221,41 @@ if triton is not None:
         o_mask = g_ok[:, None] & d_ok[None, :]
         if SINKS:
             sink = tl.load(sinks_ptr + heads, mask=g_ok, other=float("-inf")).to(tl.float32)
-        if SPLITS == 1:
-            m_all = m_i
-            if SINKS:
-                m_all = tl.maximum(m_all, sink)
-            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty row: zeros, not NaN
-            alpha = tl.exp(m_i - m_all)
-            den = l_i * alpha
-            if SINKS:
-                den += tl.exp(sink - m_all)
-            den = tl.where(den == 0.0, 1.0, den)
-            tl.store(out_ptr + o_off, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
-        else:
+        if used == 1:  # the row's only slice: the output itself
+            if sp == 0:
+                m_all = m_i
+                if SINKS:
+                    m_all = tl.maximum(m_all, sink)
+                m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty row: zeros, not NaN
+                alpha = tl.exp(m_i - m_all)
+                den = l_i * alpha
+                if SINKS:
+                    den += tl.exp(sink - m_all)
+                den = tl.where(den == 0.0, 1.0, den)
+                tl.store(out_ptr + o_off, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        elif sp < used:
             mine = (row * SPLITS + sp) * GP + g  # this slice's rows of the partial results
             tl.store(part_o_ptr + mine[:, None] * HDP + d[None, :], acc)
             tl.store(part_ml_ptr + mine * 2, m_i)
             tl.store(part_ml_ptr + mine * 2 + 1, l_i)
             tl.debug_barrier()  # every thread's stores precede the (release) count below
             done = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
-            if done == SPLITS - 1:  # the last slice of this (row, kv head) combines all of them
+            if done == used - 1:  # the last slice of this (row, kv head) combines all of them
                 sps = tl.arange(0, SPLITS)
                 # one query head at a time, unrolled: each head's (SPLITS, HDP) partials are independent
                 # loads the compiler can issue together (a rolled loop would wait out each one's latency)
                 for gi in tl.static_range(QPP):
-                    o = _combine_head(part_o_ptr, part_ml_ptr, (row * SPLITS + sps) * GP + gi, d, HDP, sinks_ptr,
-                                      first + gi, SINKS)
+                    o = _combine_head(part_o_ptr, part_ml_ptr, (row * SPLITS + sps) * GP + gi, used, d, HDP,
+                                      sinks_ptr, first + gi, SINKS)
                     tl.store(out_ptr + (b * H + first + gi) * HD + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
                 tl.store(count_ptr + row, 0)  # ready for the next call
 
 
 # None: chosen from the batch shape by default_config
 PagedConfig = tuple[int, ...]
-"""(slices, keys per tile, warps[, per head[, stages]]): per head 1 = one query head per program; stages > 0
-= Triton's software pipeline over the key tiles with that many stages (0: register double-buffering)"""
+"""(slices, keys per tile, warps[, per head[, stages]]): at most `slices` programs per row and query-head group,
+one per tile of keys; per head 1 = one query head per program; stages 0 = register double-buffering of the
+key tiles, 1 = one tile at a time, >= 2 = Triton's software pipeline with that many stages"""
 
 
 @functools.lru_cache(maxsize=None)
@@ -296,13 +324,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     config = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device, hd)
     (splits, block, warps), per_head = config[:3], len(config) > 3 and config[3] == 1
     stages = config[4] if len(config) > 4 else 0
-    if stages and early_positions is not None:
-        raise ValueError(f"paged attention config {config}: early_positions needs stages = 0 (register "
-                         "double-buffering: the first tile is read before the PDL wait)")
+    if stages > 1 and early_positions is not None:
+        raise ValueError(f"paged attention config {config}: early_positions needs stages 0 or 1 (the first tile "
+                         "is read before the PDL wait)")
     qpp = 1 if per_head else H // KV
     if splits & (splits - 1) or block & (block - 1) or block < 16 or not 0 <= stages <= 8:
         raise ValueError(f"paged attention config {config}: slices must be a power of two, keys per tile a "
-                         "power of two >= 16, pipeline stages 0 (register double-buffering) to 8")
+                         "power of two >= 16, stages 0 (double-buffered), 1 (one tile at a time) or a pipeline of 2 to 8")
     out = torch.empty_like(q) if out is None else out
     if splits > 1 and work is None:
         work = workspace(B, H, KV, hd, splits, q.device, per_head)

@@ -47,8 +47,11 @@ class KernelConfigs:
 
     def __post_init__(self):
         for k, v in self.table.items():
-            if not isinstance(k, str) or not isinstance(v, tuple) or not all(isinstance(i, int) and i > 0 for i in v):
-                raise ConfigError(f"KernelConfigs.table[{k!r}] = {v!r}: expected a tuple of positive ints")
+            if (not isinstance(k, str) or not isinstance(v, tuple) or not v
+                    or not all(isinstance(i, int) and i >= 0 for i in v) or v[0] == 0):
+                # (0 is a flag's value in some positions: paged attention's (slices, tile, warps, per head 0/1, ...))
+                raise ConfigError(f"KernelConfigs.table[{k!r}] = {v!r}: expected a tuple of non-negative ints, the "
+                                  "first positive")
 
     def get(self, key: tuple) -> tuple[int, ...] | None:
         return self.table.get(repr(key))

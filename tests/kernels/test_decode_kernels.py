@@ -192,8 +192,11 @@ def test_kernel_configs_round_trip_and_cache_path(tmp_path, monkeypatch):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="delete it"):
         KernelConfigs.cached("NVIDIA H200", "llama-d2048")
-    with pytest.raises(ConfigError, match="positive ints"):
-        KernelConfigs(table={"k": (4, 0)})
+    for bad in ((0, 4), (4, -1), (), (4, 2.0)):
+        with pytest.raises(ConfigError, match="non-negative ints, the first positive"):
+            KernelConfigs(table={"k": bad})
+    akey = kd.attend_key(32, 4, 64)  # a 0 after the first entry is a flag's value: paged attention's "grouped"
+    assert KernelConfigs().with_config(akey, (1, 512, 8, 0, 1)).get(akey) == (1, 512, 8, 0, 1)
     # every candidate the tuner may pick is an entry a set can hold (a 0 once failed a GPU run mid-tune)
     keys = [kd.gemv_key(5632, 2048, glu=True, norm=True, dtype=torch.bfloat16), kd.add_key(2048, 5632, torch.bfloat16),
             kd.qkv_rope_key(32, 4, 64, 2048, torch.bfloat16), kd.qkv_rope_key(16, 8, 128, 1024, torch.bfloat16, True),

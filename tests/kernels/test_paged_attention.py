@@ -40,13 +40,16 @@ def _check(args, tol, **kw):
     from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
     want = paged_decode_attention_ref(*args, **kw)
-    # default; one slice; several slices, some empty; one query head per program; the software pipeline
-    for config in (None, (1, 16, 4), (4, 32, 4), (4, 16, 2, 1), (2, 16, 4, 0, 3)):
+    # default; one slice; a slice per tile up to 4 (rows of one tile: no partial results); one query head per
+    # program; one tile at a time; the software pipeline
+    for config in (None, (1, 16, 4), (4, 32, 4), (4, 16, 2, 1), (4, 16, 4, 0, 1), (2, 16, 4, 0, 3)):
         got = paged_decode_attention(*args, config=config, **kw)
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    # the kernel step's form: positions instead of lengths, old keys and the new one read separately
-    got = paged_decode_attention(*args, config=(2, 16, 4, 1), early_positions=(args[4] - 1).long(), **kw)
-    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # the kernel step's form: positions instead of lengths, old keys and the new one read separately; the new
+    # key in a slice's first tile or in a later one (2 x 16: rows of 37 and 70 keys), and whole rows in one tile
+    for config in ((2, 16, 4, 1), (2, 16, 4, 0, 1), (1, 128, 4, 1, 1)):
+        got = paged_decode_attention(*args, config=config, early_positions=(args[4] - 1).long(), **kw)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("H,KV,hd,bs", [(4, 4, 64, 16), (8, 2, 128, 32), (6, 1, 64, 16), (4, 2, 16, 16)])
@@ -126,7 +129,7 @@ def test_bad_shapes_are_named():
         paged_decode_attention(q, k[..., :8], v[..., :8], t, lens, scale=1.0)
     with pytest.raises(ValueError, match="block_tables"):
         paged_decode_attention(q, k, v, t[:1], lens, scale=1.0)
-    with pytest.raises(ValueError, match="pipeline stages 0 .* to 8"):
+    with pytest.raises(ValueError, match="stages 0 .* a pipeline of 2 to 8"):
         paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4, 0, -1))
-    with pytest.raises(ValueError, match="early_positions needs stages = 0"):
+    with pytest.raises(ValueError, match="early_positions needs stages 0 or 1"):
         paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4, 0, 2), early_positions=lens.long() - 1)

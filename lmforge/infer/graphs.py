@@ -148,6 +148,7 @@ class BatchOneKernel:
         from lmforge.infer.kernel_step import KernelStep, PagedKV
 
         self.table = torch.zeros(1, max_blocks, dtype=torch.int32, device=cache.device)
+        self.written: list[int] = []  # the block table as last copied to self.table
         self.step = KernelStep(model, PagedKV(k=cache.k, v=cache.v, block_table=self.table), autotune=tune)
         self.use_graphs, self.captured, self.device = use_graphs, False, cache.device
 
@@ -167,16 +168,21 @@ class BatchOneKernel:
             return None
 
     def _run(self, batch, late: LateIds | None) -> torch.Tensor:
+        """The step's logits buffer (reused by the next step: the caller copies what it keeps). A step costs
+        the GPU one host copy (token and position; the block table only when it changed, once a block),
+        the previous sample's copy on the device (async scheduling) and the graph."""
         seq = batch.chunks[0][0]
-        p = seq.num_computed
-        self.table[0, :len(seq.block_table)].copy_(to_device(torch.tensor(seq.block_table, dtype=torch.int32),
-                                                             self.device))
-        token, position = to_device([[token_at(seq, p)], [p]], self.device)
+        p, table = seq.num_computed, seq.block_table
+        if table != self.written[:len(table)]:
+            copy_in(self.table[0, :len(table)], torch.tensor(table, dtype=torch.int32))
+            self.written = list(table)
+        inputs = self.step.inputs
+        copy_in(inputs, torch.tensor([token_at(seq, p), p]))
         if late is not None:
-            late.write(token)
+            late.write(inputs)
         if not self.use_graphs:
-            return self.step.step(token, position).clone()
+            return self.step.step(self.step.token, self.step.position)
         if not self.captured:
             self.step.capture()
             self.captured = True
-        return self.step.replay(token, position).clone()  # the step reuses one logits buffer
+        return self.step.replay()

@@ -26,6 +26,7 @@ captured in a CUDA graph. Public surface:
                   step (any torch op or copy; the attention kernels read them before their PDL wait)
     ks.capture(pool=None)               record step(ks.token, ks.position) in a CUDA graph (GPU)
     logits = ks.replay(token, position) copy the inputs into ks.token / ks.position, replay the graph
+                  (ks.replay() with the inputs already in ks.inputs = [token, position]: no copies)
     ks.tune(contexts=(512, 2048))       time candidates on private scratch caches; save; use them
 
 `unsupported(model)` names what the kernels do not cover (the model then decodes on the general path).
@@ -186,8 +187,9 @@ class KernelStep:
         self.q, self.o = new(1, cfg.n_heads, cfg.hd), new(1, cfg.n_heads, cfg.hd)
         self.h, self.logits = new(cfg.ff), new(1, cfg.vocab_size)
         self.ctx = torch.ones(1, dtype=torch.int32, device=p.device)  # keys to attend to, written on the device
-        self.token = torch.zeros(1, dtype=torch.long, device=p.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=p.device)
+        # the captured graph's inputs, one buffer (so a caller fills both with one copy): token, position
+        self.inputs = torch.zeros(2, dtype=torch.long, device=p.device)
+        self.token, self.position = self.inputs[:1], self.inputs[1:]
         self.graph: torch.cuda.CUDAGraph | None = None
         self._work = {}  # attention workspaces by (slice count, one head per program)
         self._layer_work = None  # the persistent layer kernel's buffers, made on first use
@@ -288,9 +290,13 @@ class KernelStep:
         with torch.cuda.graph(self.graph, pool=pool):
             self.step(self.token, self.position)
 
-    def replay(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        self.token.copy_(token.reshape(1))
-        self.position.copy_(position.reshape(1))
+    def replay(self, token: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy token and position into the graph's inputs (None: the caller wrote ks.inputs itself) and
+        replay it -> the logits buffer."""
+        if token is not None:
+            self.token.copy_(token.reshape(1))
+        if position is not None:
+            self.position.copy_(position.reshape(1))
         self.graph.replay()
         return self.logits
 

@@ -50,6 +50,10 @@ class LateIds:
 
     def write(self, ids: torch.Tensor) -> None:
         """ids (>= max(chunks) + 1,) int64 on the device: fill the late positions in place (no sync)."""
+        if len(self.chunks) == 1:  # one sequence (batch 1): one copy on the device, no index to send
+            c, r = self.chunks[0], self.rows[0]
+            ids[c:c + 1].copy_(self.tokens[r:r + 1])
+            return
         idx = to_device(torch.from_numpy(np.array([self.chunks, self.rows], np.int64)), ids.device)
         ids.index_copy_(0, idx[0], self.tokens.index_select(0, idx[1]))
 
@@ -127,8 +131,10 @@ class PagedRunner:
         logits = (self.kernel_step.run(batch, late) if plain and self.kernel_step is not None
                   and self.kernel_step.fits(batch) else None)
         states = None
-        if logits is not None:
-            logits = logits[:1].repeat(len(rows), 1)  # every row samples the one sequence (no index list)
+        if logits is not None:  # the step's own buffer: one copy, in fp32 (what sampling reads)
+            logits = logits[:1].float() if logits.dtype != torch.float32 else logits[:1].clone()
+            if len(rows) > 1:
+                logits = logits.repeat(len(rows), 1)  # every row samples the one sequence (no index list)
         elif plain and self.graphs is not None and self.graphs.fits(batch):
             logits = _take(self.graphs.run(batch, late), [c for c, _, _ in rows])  # one row per chunk end
         else:

@@ -69,6 +69,26 @@ def test_engine_kernel_step_matches_the_full_recompute(kv_heads, async_schedulin
     _assert_unchanged(model, snap)
 
 
+def test_engine_kernel_step_follows_each_sequence_block_table():
+    """The batch-1 backend copies a sequence's block table only when it differs from the one last copied:
+    sequences served one after another (other blocks, and with prefix caching some shared ones) and a
+    sequence growing into new blocks each get their own keys. Every request's greedy tokens equal the
+    reference's."""
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
+    llm = LLM(model, IdTokenizer(257), config=EngineConfig(kernel_step=True, block_size=4, async_scheduling=True))
+    backend = llm.engine.runner.kernel_step
+    backend.step.configs = _coarse(backend.step)
+    g = torch.Generator().manual_seed(11)
+    a, b = (torch.randint(0, 257, (n,), generator=g).tolist() for n in (9, 6))
+    copies = []
+    for prompt in (a, b, a[:8] + b[:3], a):  # the third shares a's first two blocks (prefix cache)
+        out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))[0]
+        assert out.token_ids == full_greedy(model, prompt, 7)
+        copies.append(list(backend.written))
+    assert backend.failed is None
+    assert copies[0] != copies[1]  # the second request's blocks were written
+
+
 def _paged_kv(model, n_positions: int, block_size: int, seed: int) -> PagedKV:
     """A pool with more blocks than the sequence needs, handed out in shuffled order."""
     c = model.cfg

@@ -2,10 +2,11 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: alltests gputests devtests devtests2 engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: suite alltests gputests devtests devtests2 engine paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (2026-12-04): alltests after any change to a kernel or the engine's GPU paths (every kernel test module and -m gpu,
+# (2026-12-04): suite (the whole test suite on the GPU machine, never run there whole: tests/train, model, parallel,
+# align, data on a GPU box are unchecked), alltests after any change to a kernel or the engine's GPU paths (every kernel test module and -m gpu,
 # seven processes at once, ~400 s; all passed on 2026-12-04), decode (--tune-step: 64.4-67.7%, goal 80%;
 # bench/decode_parts.py says where the
 # step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
@@ -59,6 +60,21 @@ case "${1:-}" in
         > "$out/alltests_gpu.txt" 2>&1 &
     wait
     for f in "$out"/alltests_*.txt; do echo "=== $f"; grep -E "passed|failed|error|FAILED|ERROR" "$f" | tail -8; done ;;
+  suite)     # the whole test suite on the GPU machine (never run there whole: tests written for the CPU may put a Triton
+             # kernel on CPU tensors, which only the interpreter takes - 2026-12-04 found 13 such in tests/infer, fixed),
+             # eight processes by directory, each cut at 540 s; the device lacks tyro (CLI tests fail to import there)
+    groups=("tests/infer" "tests/kernels/test_flash_attention.py" "tests/kernels --ignore tests/kernels/test_flash_attention.py"
+            "tests/train tests/adapt" "tests/model tests/optim tests/scaling" "tests/align tests/tasks tests/integration"
+            "tests/data tests/tokenizer tests/test_api.py tests/test_config.py tests/test_errors.py tests/test_docs.py"
+            "tests/parallel")
+    i=0
+    for g in "${groups[@]}"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086  # the group's paths are separate words on purpose
+        timeout 540 python -m pytest -q -p no:cacheprovider --tb=line -rf $g > "$out/suite_$i.txt" 2>&1 &
+    done
+    wait
+    for f in "$out"/suite_*.txt; do echo "=== $f"; grep -E "^FAILED|^ERROR|passed|failed" "$f" | tail -25; done ;;
   devtests)  # the kernel modules' device-agnostic tests (DEV = cuda where there is one; in CI they run on the CPU
              # through Triton's interpreter), all of them, on the GPU: decode and inference kernels here, training
              # kernels in devtests2 (2026-12-04: the whole set in one call ran past 560 s, its first 63 tests passed)
@@ -115,5 +131,5 @@ case "${1:-}" in
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
     run parallel 540 python bench/parallel.py ;;
-  *) echo "usage: bash bench/h200_owed.sh alltests|gputests|devtests|devtests2|engine|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
+  *) echo "usage: bash bench/h200_owed.sh suite|alltests|gputests|devtests|devtests2|engine|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
 esac

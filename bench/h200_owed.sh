@@ -60,9 +60,10 @@ case "${1:-}" in
         > "$out/alltests_gpu.txt" 2>&1 &
     wait
     for f in "$out"/alltests_*.txt; do echo "=== $f"; grep -E "passed|failed|error|FAILED|ERROR" "$f" | tail -8; done ;;
-  suite)     # the whole test suite on the GPU machine (never run there whole: tests written for the CPU may put a Triton
-             # kernel on CPU tensors, which only the interpreter takes - 2026-12-04 found 13 such in tests/infer, fixed),
-             # eight processes by directory, each cut at 540 s; the device lacks tyro (CLI tests fail to import there)
+  suite)     # the whole test suite on the GPU machine (never run there whole: tests that pick the GPU by themselves, e.g.
+             # the Trainer's device "auto", meet CUDA numerics there). Tests putting a Triton kernel on CPU tensors
+             # (only the interpreter takes them) show on any CPU with `TRITON_INTERPRET=0 pytest`: 2026-12-04 found 17,
+             # all fixed. Eight processes by directory, each cut at 540 s; the device lacks tyro (CLI tests fail there)
     groups=("tests/infer" "tests/kernels/test_flash_attention.py" "tests/kernels --ignore tests/kernels/test_flash_attention.py"
             "tests/train tests/adapt" "tests/model tests/optim tests/scaling" "tests/align tests/tasks tests/integration"
             "tests/data tests/tokenizer tests/test_api.py tests/test_config.py tests/test_errors.py tests/test_docs.py"

@@ -100,7 +100,11 @@ def test_paged_engine_batched_prefill_kernel_matches_full_recompute(name, tok):
     within 5e-3), else in Triton's interpreter on the CPU. MLA prefills stay per sequence (q/k and v widths
     differ)."""
     pytest.importorskip("triton")
+    from lmforge.kernels.decode import available
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not available(dev):
+        pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
     engine = check_engine(variant_model(name, head_dim=64).to(dev), tok, tol=1e-4 if dev == "cpu" else 5e-3,
                           prefill_attention="kernel")
     assert engine.runner.cache.prefill_kernel is not None  # it ran without failing over to the reference

@@ -16,6 +16,9 @@ from lmforge.model.meta import AttnMetadata
 
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from lmforge.kernels.decode import available  # noqa: E402
+
+KERNEL = pytest.mark.skipif(not available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
 TOL = 2e-5 if DEV == "cpu" else 5e-3  # the kernel's fp32 dots run in tf32 on the GPU
 
 BS, H, KV, HD = 4, 4, 2, 64
@@ -46,6 +49,7 @@ def caches(dtype=torch.float32):
     return made
 
 
+@KERNEL
 @pytest.mark.parametrize("window,softcap,sinks", [(0, 0.0, False), (5, 0.0, False), (0, 4.0, True)])
 @pytest.mark.parametrize("before", [[9, 0, 6, 0, 13], [9, 0, 0, 0, 0]], ids=["continued", "fresh"])
 def test_batched_prefill_matches_per_sequence_reference(window, softcap, sinks, before):

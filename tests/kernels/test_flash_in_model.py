@@ -14,6 +14,9 @@ from lmforge.model.transformer import Transformer
 
 pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from lmforge.kernels.decode import available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
 # fp32 in the interpreter; on the GPU the kernel's fp32 dots run on tensor cores (tf32), as in test_flash_attention
 TOL_OUT, TOL_GRAD = (2e-4, 2e-4) if DEV == "cpu" else (5e-3, 1e-2)
 

@@ -97,6 +97,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         for a in args:
             if a is type(None):
                 continue
+            if isinstance(value, dict) and _is_dataclass_type(a):  # its table: the nested key's own error
+                return _coerce(a, value, where)
             try:
                 return _coerce(a, value, where)
             except ConfigError:

@@ -9,7 +9,7 @@ import pytest
 import lmforge as lf
 from lmforge.config import from_dict, load_config, to_dict
 from lmforge.errors import ConfigError
-from lmforge.model.config import PRESETS
+from lmforge.model.config import PRESETS, MoEConfig
 from lmforge.train.config import DataConfig, TrainConfig
 
 
@@ -51,6 +51,41 @@ def test_python_configs_accept_dicts_and_paths():
     # numpy numbers are numbers (a sweep's np.int64 depth, np.float32 lr), stored as plain Python ones
     c = TrainConfig(data=dict(seq_len=np.int64(16)), optim=dict(lr=np.float32(0.5)))
     assert (c.data.seq_len, type(c.data.seq_len), c.optim.lr, type(c.optim.lr)) == (16, int, 0.5, float)
+
+
+@pytest.mark.parametrize("make, kw, message", [
+    ("model", dict(d_model="512"), "model.d_model = '512': expected an integer"),  # was: '>' between str and int
+    ("model", dict(tie_embeddings="no"), "model.tie_embeddings = 'no': expected true or false"),  # was: taken as True
+    ("model", dict(norm_eps="1e-5"), "model.norm_eps = '1e-5': expected a number"),
+    ("model", dict(vocab_size=None), "model.vocab_size = None: expected an integer"),
+    ("model", dict(moe=dict(top_k="2")), "model.moe.top_k = '2': expected an integer"),  # the nested key, not the table
+    ("optim", dict(lr="3e-4"), "optim.lr = '3e-4': expected a number"),
+    ("optim", dict(nesterov="yes"), "optim.nesterov = 'yes': expected true or false"),
+    ("parallel", dict(tp="2"), "parallel.tp = '2': expected an integer"),
+    ("dpo", dict(beta="0.1"), "dpo.beta = '0.1': expected a number"),
+    ("sft", dict(neftune_alpha="5"), "sft.neftune_alpha = '5': expected a number"),
+])
+def test_configs_built_in_python_name_wrong_types(make, kw, message):
+    """Configs built in Python check their fields' types as TrainConfig's TOML loading does: a value of the
+    wrong type is named at construction, not met later as a comparison error or silently taken as true."""
+    from lmforge.align.dpo import DPOConfig
+    from lmforge.align.sft import SFTConfig
+    from lmforge.optim.config import OptimConfig
+    from lmforge.parallel.config import ParallelConfig
+
+    cls = dict(model=lf.ModelConfig, optim=OptimConfig, parallel=ParallelConfig, dpo=DPOConfig, sft=SFTConfig)[make]
+    with pytest.raises(ConfigError) as e:
+        cls(**kw)
+    assert str(e.value) == message
+
+
+def test_python_configs_normalise_types_keeping_values():
+    from lmforge.optim.config import OptimConfig
+
+    c = lf.ModelConfig(n_layers=np.int64(2), rope_theta=10_000, moe=dict(n_experts=4))
+    assert (c.n_layers, type(c.n_layers), c.rope_theta, type(c.rope_theta)) == (2, int, 10_000.0, float)
+    assert c.moe == MoEConfig(n_experts=4)
+    assert OptimConfig(betas=[0.8, 0.9]).betas == (0.8, 0.9)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

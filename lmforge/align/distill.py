@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lmforge.align.dpo import ReferenceHolder
 from lmforge.align.frozen import Frozen
 from lmforge.align.logprobs import masked_mean, model_inputs, response_mask, token_logprobs
+from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -64,6 +65,7 @@ class DistillConfig:
     teacher_device: str | None = None
 
     def __post_init__(self):
+        coerce_fields(self, 'distill')  # each field's type, named when wrong (beta='0.1')
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"divergence={self.divergence!r} is not one of {DIVERGENCES}")
         if self.divergence == "jsd" and not 0 < self.beta < 1:

@@ -23,6 +23,7 @@ from lmforge.align.dpo import ReferenceHolder, reference_logps
 from lmforge.align.frozen import Frozen, check_beta
 from lmforge.align.logprobs import batch_logps, response_mask
 from lmforge.align.losses import kto_kl, kto_loss
+from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 
 
@@ -38,6 +39,7 @@ class KTOConfig:
     reference_cache: int = 0
 
     def __post_init__(self):
+        coerce_fields(self, 'kto')  # each field's type, named when wrong (beta='0.1')
         check_beta(self.beta)
         for name in ("desirable_weight", "undesirable_weight"):
             if not getattr(self, name) > 0:

@@ -17,6 +17,7 @@ from lmforge.align.dpo import PAIR, Stateless
 from lmforge.align.frozen import check_beta
 from lmforge.align.logprobs import batch_logps, masked_mean
 from lmforge.align.losses import orpo_log_odds, preference_metrics
+from lmforge.config import coerce_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +26,7 @@ class ORPOConfig:
     """lambda, the weight of the odds-ratio term (TRL calls it beta)"""
 
     def __post_init__(self):
+        coerce_fields(self, 'orpo')  # each field's type, named when wrong (beta='0.1')
         check_beta(self.beta)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from lmforge.align.logprobs import masked_mean, model_inputs, token_logprobs
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.train.distributed import eval_rows, sum_over_ranks
 
@@ -38,6 +38,7 @@ class SFTConfig:
     """NEFTune noise scale α (5 in the paper; 0 = off)"""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, 'sft')  # each field's type, named when wrong (beta='0.1')
         check(self.loss in ("token_mean", "sequence_mean"),
               f"sft.loss must be 'token_mean' or 'sequence_mean', got {self.loss!r}")
         check(self.neftune_alpha >= 0, f"sft.neftune_alpha must be >= 0, got {self.neftune_alpha}")

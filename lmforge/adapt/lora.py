@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 
 
@@ -61,6 +62,7 @@ class LoRAConfig:
     """rank-stabilised scale alpha / sqrt(r)"""
 
     def __post_init__(self):
+        coerce_fields(self, "lora")  # each field's type, named when wrong (rslora='yes'); lists become tuples
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"r={self.r!r} must be a positive integer (the adapter rank, e.g. 8)")
         if not self.alpha > 0:
@@ -69,7 +71,7 @@ class LoRAConfig:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         for name in ("targets", "trainable"):
             v = getattr(self, name)
-            if isinstance(v, str) or not all(isinstance(p, str) and p for p in v):
+            if not all(p for p in v):  # (types checked above: a tuple of strings)
                 raise ConfigError(f"{name}={v!r} must be a tuple of module-name patterns, e.g. ('wq', 'wv')")
         if not self.targets:
             raise ConfigError("targets=() adapts nothing; name the Linear layers, e.g. ('wq', 'wk', 'wv', 'wo')")

@@ -151,10 +151,12 @@ def test_errors_name_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="unmerged LoRA adapters .*merge_lora"):  # HF files would hold the base model
         apply_lora(tiny_model(0), LoRAConfig()).save_pretrained(tmp_path)
     assert not list(tmp_path.iterdir())  # refused before writing anything
-    for bad, field in [({"r": 0}, "r=0"), ({"dropout": 1.0}, "dropout"), ({"targets": "wq"}, "targets"),
-                       ({"targets": ()}, "adapts nothing")]:
+    for bad, field in [({"r": 0}, "r=0"), ({"dropout": 1.0}, "dropout"), ({"targets": ["wq", 3]}, "targets"),
+                       ({"targets": ()}, "adapts nothing"), ({"rslora": "yes"}, "lora.rslora = 'yes': expected true")]:
         with pytest.raises(ConfigError, match=field):
             LoRAConfig(**bad)
+    # one pattern as a string is that pattern (not its characters), a list a tuple (as TrainConfig's paths)
+    assert LoRAConfig(targets="wq").targets == ("wq",) and LoRAConfig(targets=["wq", "wv"]).targets == ("wq", "wv")
 
 
 def _classify_run(run_dir, hooks=()):

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +37,7 @@ class DemoConfig:
     seed: int = 1337
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "demo")  # each field's type, named when wrong
         check(self.corpus_mb > 0, f"corpus_mb must be > 0, got {self.corpus_mb}")
         check(self.tokenizer in ("bpe", "byte"), f"tokenizer must be 'bpe' or 'byte', got {self.tokenizer!r}")
         check(self.steps > 0 and self.depth > 0, "steps and depth must be > 0")

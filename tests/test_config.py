@@ -79,6 +79,26 @@ def test_configs_built_in_python_name_wrong_types(make, kw, message):
     assert str(e.value) == message
 
 
+def test_every_data_stage_config_names_wrong_types():
+    """Each pipeline stage's config built in Python (not only from a pipeline TOML file) names a wrong-typed
+    field with the stage's name."""
+    import dataclasses
+    import typing
+
+    from lmforge.data.stages import STAGES
+
+    for name, spec in STAGES.items():
+        hints = typing.get_type_hints(spec.config)
+        fields = [f for f in dataclasses.fields(spec.config) if f.init]
+        scalar = next((f for f in fields if hints[f.name] in (int, float, bool)), None)
+        if scalar is None:  # (pii: a tuple of kinds)
+            continue
+        required = {f.name: "x.bin" for f in fields if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        with pytest.raises(ConfigError, match=rf"^{name}\.{scalar.name} = 'many': expected "):
+            spec.config(**{**required, scalar.name: "many"})
+
+
 def test_python_configs_normalise_types_keeping_values():
     from lmforge.optim.config import OptimConfig
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.exact import set_kept_lines
 from lmforge.data.hashing import mix64, ngram_hashes, normalize_words, word_hashes
@@ -66,6 +66,7 @@ class BloomDedupConfig:
     min_words: int = 1
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "bloom_dedup")  # each field's type, named when wrong
         check(self.unit in ("paragraph", "ngram"), f"bloom.unit must be 'paragraph' or 'ngram', got {self.unit!r}")
         check(0.0 < self.fp_rate < 1.0, f"bloom.fp_rate must be in (0, 1), got {self.fp_rate}")
         check(self.capacity >= 1, f"bloom.capacity must be >= 1, got {self.capacity}")

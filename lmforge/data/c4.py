@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
@@ -40,6 +40,7 @@ class C4Config:
     bad_words_file: str = ""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "c4")  # each field's type, named when wrong
         check(self.min_words_per_line >= 0, f"c4.min_words_per_line must be >= 0, got {self.min_words_per_line}")
         check(self.min_sentences >= 0, f"c4.min_sentences must be >= 0, got {self.min_sentences}")
         check(not self.bad_words_file or Path(self.bad_words_file).is_file(),

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data import fasttext_stages
 from lmforge.data.document import Document
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
@@ -50,6 +50,7 @@ class ClassifierConfig:
     max_words: int = 2000
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "classifier")  # each field's type, named when wrong
         check(self.buckets >= 16, f"classifier.buckets must be >= 16, got {self.buckets}")
         check(self.dim >= 1 and self.ngrams >= 1 and self.epochs >= 1,
               "classifier.dim, ngrams and epochs must be >= 1")
@@ -174,6 +175,7 @@ class QualityConfig:
     max_chars: int = 100_000
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "quality")  # each field's type, named when wrong
         check(bool(self.model), "quality.model must name a classifier directory or a fastText .bin/.ftz file")
         check(self.max_chars > 0, f"quality.max_chars must be > 0, got {self.max_chars}")
         check(0.0 <= self.threshold <= 1.0, f"quality.threshold must be in [0, 1], got {self.threshold}")

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.stage import StageContext
@@ -35,6 +35,7 @@ class DecontamConfig:
     min_matches: int = 1
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "decontam")  # each field's type, named when wrong
         check(len(self.eval_paths) > 0, "decontam.eval_paths must name at least one evaluation file")
         check(self.ngram >= 1, f"decontam.ngram must be >= 1, got {self.ngram}")
         check(self.min_matches >= 1, f"decontam.min_matches must be >= 1, got {self.min_matches}")

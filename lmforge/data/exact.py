@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 
@@ -33,6 +33,9 @@ class ExactDedupConfig:
     """normalize: compare after lowercasing and collapsing whitespace."""
 
     normalize: bool = True
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, "exact_dedup")  # each field's type, named when wrong
 
 
 def exact_dedup(cfg: ExactDedupConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
@@ -60,6 +63,7 @@ class LineDedupConfig:
     normalize: bool = False
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "line_dedup")  # each field's type, named when wrong
         check(self.mode in ("all", "first"), f"line_dedup.mode must be 'all' or 'first', got {self.mode!r}")
         check(self.min_chars >= 0, f"line_dedup.min_chars must be >= 0, got {self.min_chars}")
 

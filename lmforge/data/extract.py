@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 from lmforge.errors import LmforgeError, require
@@ -50,6 +50,7 @@ class ExtractConfig:
     max_html_bytes: int = 10_000_000
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "extract")  # each field's type, named when wrong
         check(self.backend in BACKENDS, f"extract.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         check(self.min_chars >= 0, f"extract.min_chars must be >= 0, got {self.min_chars}")
         check(self.max_html_bytes > 0, f"extract.max_html_bytes must be > 0, got {self.max_html_bytes}")

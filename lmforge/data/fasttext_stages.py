@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.fasttext_model import FastTextModel, load_fasttext
 from lmforge.data.stage import StageContext
@@ -65,6 +65,7 @@ class ToxicityConfig:
     max_chars: int = 10_000
 
     def __post_init__(self) -> None:
+        coerce_fields(self, type(self).__name__.removesuffix("Config").lower())  # toxicity / nsfw: types named
         check(bool(self.model), "toxicity/nsfw model must name a fastText .bin or .ftz file")
         check(0.0 <= self.threshold <= 1.0, f"toxicity/nsfw threshold must be in [0, 1], got {self.threshold}")
         check(self.max_chars > 0, f"toxicity/nsfw max_chars must be > 0, got {self.max_chars}")

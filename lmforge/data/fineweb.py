@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 
@@ -25,6 +25,7 @@ class FineWebConfig:
     max_short_lines_ratio: float = 0.67
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "fineweb")  # each field's type, named when wrong
         for name in ("min_punct_lines_ratio", "max_dup_line_char_ratio", "max_short_lines_ratio"):
             v = getattr(self, name)
             check(0.0 <= v <= 1.0, f"fineweb.{name} must be in [0, 1], got {v}")

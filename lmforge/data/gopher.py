@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.hashing import ngram_hashes
 from lmforge.data.stage import StageContext
@@ -52,6 +52,7 @@ class GopherConfig:
     dup_ngram_max_char_frac: tuple[float, ...] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)  # n = 5..10
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "gopher")  # each field's type, named when wrong
         check(0 <= self.min_words <= self.max_words, f"gopher: need 0 <= min_words <= max_words, got "
               f"{self.min_words}, {self.max_words}")
         check(len(self.top_ngram_max_char_frac) == 3, "gopher.top_ngram_max_char_frac needs 3 values (n=2,3,4)")

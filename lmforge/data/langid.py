@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data import fasttext_stages
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
@@ -32,6 +32,7 @@ class LangIdConfig:
     model: str = ""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "langid")  # each field's type, named when wrong
         check(0.0 <= self.threshold <= 1.0, f"langid.threshold must be in [0, 1], got {self.threshold}")
         check(self.max_chars > 0, f"langid.max_chars must be > 0, got {self.max_chars}")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.hashing import batch_word_ngram_hashes, char_ngram_hashes
 from lmforge.data.stage import StageContext
@@ -46,6 +46,7 @@ class MinHashConfig:
     max_bucket_pairs: int = 50
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "minhash_dedup")  # each field's type, named when wrong
         check(0.0 < self.threshold < 1.0, f"minhash.threshold must be in (0, 1), got {self.threshold}")
         check(self.num_perm >= 2, f"minhash.num_perm must be >= 2, got {self.num_perm}")
         check(self.ngram >= 1, f"minhash.ngram must be >= 1, got {self.ngram}")

@@ -10,7 +10,7 @@ import fnmatch
 import hashlib
 from dataclasses import dataclass, field, replace
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 
@@ -26,6 +26,7 @@ class MixConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "mix")  # each field's type, named when wrong
         for k, w in {**self.weights, "default_weight": self.default_weight}.items():
             check(isinstance(w, (int, float)) and w >= 0, f"mix.weights[{k!r}] must be a number >= 0, got {w!r}")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 from lmforge.errors import ConfigError
@@ -38,6 +38,7 @@ class PerplexityConfig:
     max_tokens: int = 1024
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "perplexity")  # each field's type, named when wrong
         check(bool(self.model), "perplexity.model must name a checkpoint directory or 'module:factory'")
         check(self.max_perplexity >= 0, f"perplexity.max_perplexity must be >= 0, got {self.max_perplexity}")
         check(self.context >= 2, f"perplexity.context must be >= 2, got {self.context}")

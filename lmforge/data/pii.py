@@ -10,7 +10,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 
@@ -46,6 +46,7 @@ class PIIConfig:
     ip_token: str = TOKENS["ip"]
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "pii")  # each field's type, named when wrong
         bad = [k for k in self.kinds if k not in KINDS]
         check(not bad, f"pii.kinds has unknown kind {bad[0] if bad else ''!r}; choose from {', '.join(KINDS)}")
 

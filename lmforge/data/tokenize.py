@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.shards import TokenShardWriter
 from lmforge.data.stage import StageContext
@@ -26,6 +26,7 @@ class TokenizeConfig:
     doc_sep: bool = True
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "tokenize")  # each field's type, named when wrong
         check(bool(self.tokenizer), "tokenize.tokenizer must be set (e.g. 'byte' or a tokenizer directory)")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.utils import write_json_atomic
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -75,6 +75,7 @@ class OptimBenchConfig:
     """directory for results.json and loss_curves.png"""
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "bench")  # each field's type, named when wrong
         from lmforge.optim import OPTIMIZERS
 
         for name in self.optimizers:

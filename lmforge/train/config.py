@@ -28,6 +28,9 @@ class SourceConfig:
     val: tuple[str, ...] = ()
     """validation shards; if empty, the last data.val_fraction of the source's training tokens"""
 
+    def __post_init__(self) -> None:
+        coerce_fields(self, "data.sources")  # each field's type, named when wrong
+
 
 @dataclass(frozen=True, kw_only=True)
 class PhaseConfig:
@@ -36,6 +39,9 @@ class PhaseConfig:
 
     start: float = 0.0
     weights: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        coerce_fields(self, "data.phases")  # each field's type, named when wrong
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -62,8 +62,8 @@ class LoRAConfig:
     """rank-stabilised scale alpha / sqrt(r)"""
 
     def __post_init__(self):
-        coerce_fields(self, "lora")  # each field's type, named when wrong (rslora='yes'); lists become tuples
-        if not isinstance(self.r, int) or self.r < 1:
+        coerce_fields(self, "lora")  # each field's type, named when wrong
+        if self.r < 1:  # (an int: coerce_fields)
             raise ConfigError(f"r={self.r!r} must be a positive integer (the adapter rank, e.g. 8)")
         if not self.alpha > 0:
             raise ConfigError(f"alpha={self.alpha} must be > 0 (e.g. 2 * r)")

@@ -59,7 +59,7 @@ class PostDataConfig:
     """a malformed record stops the run with its file:line ('raise') or is counted and reported ('skip')"""
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "data")  # each field's type, named when wrong (beta='0.1')
+        coerce_fields(self, "data")  # each field's type, named when wrong
         check(self.seq_len > 1, f"data.seq_len must be > 1, got {self.seq_len}")
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")

@@ -65,7 +65,7 @@ class DistillConfig:
     teacher_device: str | None = None
 
     def __post_init__(self):
-        coerce_fields(self, "distill")  # each field's type, named when wrong (beta='0.1')
+        coerce_fields(self, "distill")  # each field's type, named when wrong
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"divergence={self.divergence!r} is not one of {DIVERGENCES}")
         if self.divergence == "jsd" and not 0 < self.beta < 1:

@@ -46,7 +46,7 @@ class DPOConfig:
     """cache the reference log-probs of this many batches (multi-epoch runs see batches again)"""
 
     def __post_init__(self):
-        coerce_fields(self, "dpo")  # each field's type, named when wrong (beta='0.1')
+        coerce_fields(self, "dpo")  # each field's type, named when wrong
         check_beta(self.beta)
         if self.loss_type not in PAIR_LOSSES:
             raise ConfigError(f"loss_type={self.loss_type!r} is not one of {PAIR_LOSSES}; KTO and ORPO have their "

@@ -39,7 +39,7 @@ class KTOConfig:
     reference_cache: int = 0
 
     def __post_init__(self):
-        coerce_fields(self, "kto")  # each field's type, named when wrong (beta='0.1')
+        coerce_fields(self, "kto")  # each field's type, named when wrong
         check_beta(self.beta)
         for name in ("desirable_weight", "undesirable_weight"):
             if not getattr(self, name) > 0:

@@ -26,7 +26,7 @@ class ORPOConfig:
     """lambda, the weight of the odds-ratio term (TRL calls it beta)"""
 
     def __post_init__(self):
-        coerce_fields(self, "orpo")  # each field's type, named when wrong (beta='0.1')
+        coerce_fields(self, "orpo")  # each field's type, named when wrong
         check_beta(self.beta)
 
 

@@ -86,7 +86,7 @@ class RewardConfig:
     """weight of mean((r_c + r_r)^2), keeping rewards centred on 0 (0 = off)"""
 
     def __post_init__(self):
-        coerce_fields(self, "rm")  # each field's type, named when wrong (beta='0.1')
+        coerce_fields(self, "rm")  # each field's type, named when wrong
         if self.center_rewards_coefficient < 0:
             raise ConfigError(f"center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0")
 
@@ -113,7 +113,7 @@ class ClassificationConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self):
-        coerce_fields(self, "classification")  # each field's type, named when wrong (beta='0.1')
+        coerce_fields(self, "classification")  # each field's type, named when wrong
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
 

@@ -38,7 +38,7 @@ class SFTConfig:
     """NEFTune noise scale α (5 in the paper; 0 = off)"""
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "sft")  # each field's type, named when wrong (beta='0.1')
+        coerce_fields(self, "sft")  # each field's type, named when wrong
         check(self.loss in ("token_mean", "sequence_mean"),
               f"sft.loss must be 'token_mean' or 'sequence_mean', got {self.loss!r}")
         check(self.neftune_alpha >= 0, f"sft.neftune_alpha must be >= 0, got {self.neftune_alpha}")

@@ -67,10 +67,11 @@ class BloomDedupConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self, "bloom_dedup")  # each field's type, named when wrong
-        check(self.unit in ("paragraph", "ngram"), f"bloom.unit must be 'paragraph' or 'ngram', got {self.unit!r}")
-        check(0.0 < self.fp_rate < 1.0, f"bloom.fp_rate must be in (0, 1), got {self.fp_rate}")
-        check(self.capacity >= 1, f"bloom.capacity must be >= 1, got {self.capacity}")
-        check(0.0 < self.overlap <= 1.0, f"bloom.overlap must be in (0, 1], got {self.overlap}")
+        check(self.unit in ("paragraph", "ngram"),
+              f"bloom_dedup.unit must be 'paragraph' or 'ngram', got {self.unit!r}")
+        check(0.0 < self.fp_rate < 1.0, f"bloom_dedup.fp_rate must be in (0, 1), got {self.fp_rate}")
+        check(self.capacity >= 1, f"bloom_dedup.capacity must be >= 1, got {self.capacity}")
+        check(0.0 < self.overlap <= 1.0, f"bloom_dedup.overlap must be in (0, 1], got {self.overlap}")
 
 
 def _para_hashes(para: str, cfg: BloomDedupConfig) -> np.ndarray:

@@ -65,10 +65,11 @@ class ToxicityConfig:
     max_chars: int = 10_000
 
     def __post_init__(self) -> None:
-        coerce_fields(self, type(self).__name__.removesuffix("Config").lower())  # toxicity / nsfw: types named
-        check(bool(self.model), "toxicity/nsfw model must name a fastText .bin or .ftz file")
-        check(0.0 <= self.threshold <= 1.0, f"toxicity/nsfw threshold must be in [0, 1], got {self.threshold}")
-        check(self.max_chars > 0, f"toxicity/nsfw max_chars must be > 0, got {self.max_chars}")
+        stage = type(self).__name__.removesuffix("Config").lower()  # toxicity or nsfw
+        coerce_fields(self, stage)  # each field's type, named when wrong
+        check(bool(self.model), f"{stage}.model must name a fastText .bin or .ftz file")
+        check(0.0 <= self.threshold <= 1.0, f"{stage}.threshold must be in [0, 1], got {self.threshold}")
+        check(self.max_chars > 0, f"{stage}.max_chars must be > 0, got {self.max_chars}")
 
 
 @dataclass(frozen=True, kw_only=True)

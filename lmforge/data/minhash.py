@@ -47,13 +47,13 @@ class MinHashConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self, "minhash_dedup")  # each field's type, named when wrong
-        check(0.0 < self.threshold < 1.0, f"minhash.threshold must be in (0, 1), got {self.threshold}")
-        check(self.num_perm >= 2, f"minhash.num_perm must be >= 2, got {self.num_perm}")
-        check(self.ngram >= 1, f"minhash.ngram must be >= 1, got {self.ngram}")
-        check(self.unit in ("word", "char"), f"minhash.unit must be 'word' or 'char', got {self.unit!r}")
-        check((self.bands == 0) == (self.rows == 0), "minhash: set both bands and rows, or neither")
+        check(0.0 < self.threshold < 1.0, f"minhash_dedup.threshold must be in (0, 1), got {self.threshold}")
+        check(self.num_perm >= 2, f"minhash_dedup.num_perm must be >= 2, got {self.num_perm}")
+        check(self.ngram >= 1, f"minhash_dedup.ngram must be >= 1, got {self.ngram}")
+        check(self.unit in ("word", "char"), f"minhash_dedup.unit must be 'word' or 'char', got {self.unit!r}")
+        check((self.bands == 0) == (self.rows == 0), "minhash_dedup: set both bands and rows, or neither")
         check(self.bands * self.rows <= self.num_perm,
-              f"minhash: bands*rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+              f"minhash_dedup: bands*rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
 
 
 @functools.lru_cache(maxsize=64)

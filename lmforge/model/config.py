@@ -42,7 +42,7 @@ class RopeScaling:
     """LongRoPE per-frequency rescale factors (head_dim/2 each)"""
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "model.rope_scaling")  # types named at construction (d_model='512', tie_embeddings='no')
+        coerce_fields(self, "model.rope_scaling")  # each field's type, named when wrong
         check(self.kind in ROPE_SCALINGS, f"model.rope_scaling.kind={self.kind!r}; choose one of {ROPE_SCALINGS}")
         check(self.factor >= 1.0 or self.kind == "longrope",
               f"model.rope_scaling.factor must be >= 1, got {self.factor}")
@@ -65,7 +65,7 @@ class MLAConfig:
     v_head_dim: int = 128
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "model.mla")  # types named at construction (d_model='512', tie_embeddings='no')
+        coerce_fields(self, "model.mla")  # each field's type, named when wrong
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             check(getattr(self, name) > 0, f"model.mla.{name} must be > 0, got {getattr(self, name)}")
         check(self.q_lora_rank >= 0, f"model.mla.q_lora_rank must be >= 0, got {self.q_lora_rank}")
@@ -112,7 +112,7 @@ class MoEConfig:
     """the first `dense_layers` blocks keep a dense MLP (DeepSeek-V3 first_k_dense_replace)"""
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "model.moe")  # types named at construction (d_model='512', tie_embeddings='no')
+        coerce_fields(self, "model.moe")  # each field's type, named when wrong
         check(self.n_experts >= 1, f"model.moe.n_experts must be >= 1, got {self.n_experts}")
         check(1 <= self.top_k <= self.n_experts,
               f"model.moe.top_k must lie in [1, n_experts={self.n_experts}], got {self.top_k}")
@@ -140,7 +140,7 @@ class MTPConfig:
     loss_weight: float = 0.3
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "model.mtp")  # types named at construction (d_model='512', tie_embeddings='no')
+        coerce_fields(self, "model.mtp")  # each field's type, named when wrong
         check(self.kind in ("sequential", "parallel"), f"model.mtp.kind={self.kind!r}")
         check(self.depth >= 1, f"model.mtp.depth must be >= 1, got {self.depth}")
         check(self.loss_weight >= 0, f"model.mtp.loss_weight must be >= 0, got {self.loss_weight}")
@@ -230,7 +230,7 @@ class ModelConfig:
     """divide the std of residual output projections by sqrt(2·n_layers) (GPT-2)"""
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "model")  # types named at construction (d_model='512', tie_embeddings='no')
+        coerce_fields(self, "model")  # each field's type, named when wrong
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             check(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
         check(self.head_dim is not None or self.d_model % self.n_heads == 0,

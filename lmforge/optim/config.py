@@ -81,7 +81,7 @@ class OptimConfig:
     """Adafactor: update clipping threshold d (RMS of the update capped at d)"""
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "optim")  # types named at construction (lr='3e-4'), lists become tuples
+        coerce_fields(self, "optim")  # each field's type, named when wrong
         check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
               f"optim.betas must be two values in [0, 1), got {self.betas}")

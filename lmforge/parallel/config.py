@@ -47,7 +47,7 @@ class ParallelConfig:
     """torch.compile each block after parallelisation"""
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "parallel")  # types named at construction (lr='3e-4'), lists become tuples
+        coerce_fields(self, "parallel")  # each field's type, named when wrong
         for name in DIMS:
             check(getattr(self, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         check(self.pp_schedule in ("gpipe", "1f1b"), f"parallel.pp_schedule={self.pp_schedule!r}; choose gpipe or 1f1b")

@@ -65,7 +65,7 @@ class DataConfig:
     the WSD decay when optim.decay_fraction = 0.2 (OLMo 2's mid-training)"""
 
     def __post_init__(self) -> None:
-        coerce_fields(self, "data")  # a path string for train/val, lists for tuples
+        coerce_fields(self, "data")  # each field's type, named when wrong
         check(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")

@@ -179,7 +179,9 @@ if triton is not None:
                     gdc_wait()
                 # the new key's row, written by the previous kernel: one row each of k and v, put in its place
                 new = ok & (s == new_at)
-                here = d < tl.where((new_at >= lo) & (new_at < hi), HD, 0)  # its row, if in this slice
+                # its row, if in this slice (a compare, not `d_ok & scalar`: Triton 3.x's interpreter makes that
+                # mask int32 and refuses it)
+                here = d < tl.where((new_at >= lo) & (new_at < hi), HD, 0)
                 k_new = tl.load(k_ptr + new_page * s_kb + (new_at % BS) * s_ks + kvh * s_kh + d, mask=here, other=0.0)
                 v_new = tl.load(v_ptr + new_page * s_vb + (new_at % BS) * s_vs + kvh * s_vh + d, mask=here,
                                 other=0.0)

@@ -49,7 +49,10 @@ def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any]) -
     if nproc is not None and nproc > 1 and "RANK" not in os.environ:
         import subprocess
 
-        from lmforge.parallel.launch import torchrun_argv
+        from lmforge.parallel.launch import backend_for, check_local_gpus, torchrun_argv
+
+        if backend_for(cfg.device) == "nccl":
+            check_local_gpus(nproc)
 
         return subprocess.call(torchrun_argv(nproc, [command, *argv])), None
     return None, cfg

@@ -24,9 +24,25 @@ from lmforge.errors import ConfigError, LmforgeError
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def backend_for(device: str) -> str:
+    """The process group's backend for a run on `device` ('auto', 'cpu', 'cuda', ...): NCCL on GPUs, else gloo."""
+    from lmforge.utils import pick_device
+
+    return "nccl" if torch.device(pick_device(device)).type == "cuda" else "gloo"
+
+
+def check_local_gpus(nproc: int) -> None:
+    """NCCL gives each local process its own GPU: refuse more processes than this machine has GPUs."""
+    n = torch.cuda.device_count()
+    if nproc > n:
+        raise ConfigError(f"{nproc} processes on the GPU need {nproc} GPUs but this machine has {n}: launch at "
+                          f"most {n} per node (--nproc {max(n, 1)}), or set device = 'cpu' to run them on gloo")
+
+
 def init_distributed(backend: str | None = None, expected_world: int | None = None) -> tuple[int, int]:
     """Join the process group described by torchrun's environment; returns (rank, world_size).
 
+    backend: None = NCCL where there is a GPU, else gloo (`backend_for(device)` follows a run's device).
     `expected_world` (e.g. a config's product of mesh sizes) must equal the launched WORLD_SIZE."""
     for k, v in NO_MULTICAST_ENV.items():
         os.environ.setdefault(k, v)
@@ -36,7 +52,9 @@ def init_distributed(backend: str | None = None, expected_world: int | None = No
                               "`torchrun --nproc-per-node N ...`")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            check_local_gpus(max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), local + 1))
+            torch.cuda.set_device(local)
         dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if expected_world is not None and expected_world != world:
@@ -80,9 +98,15 @@ def _worker(rank: int, fn: Callable, world: int, store: str, out_dir: str, args:
 def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 120.0,
               start_method: str = "spawn") -> list[Any]:
     """Run fn(rank, world_size, *args) on `world_size` local processes joined by gloo; return the ranks'
-    results (tensors, numbers, dicts of them) in rank order. fn must be importable (module level)."""
+    results (tensors, numbers, dicts of them) in rank order. fn must be importable (module level).
+    start_method="fork" starts faster (tests use it); it becomes "spawn" on a machine with a GPU."""
     import torch.multiprocessing as mp
 
+    if start_method == "fork" and torch.cuda.is_available():
+        # where there is a GPU, the parent's first backward (even of CPU tensors) starts autograd's device
+        # threads, and a child forked after that can run no backward ("Unable to handle autograd's threading
+        # in combination with fork-based multiprocessing"), nor CUDA once the parent has; spawned ones can
+        start_method = "spawn"
     with tempfile.TemporaryDirectory(prefix="lmforge_dist_") as tmp:
         ctx = mp.start_processes(_worker, args=(fn, world_size, f"{tmp}/store", tmp, args), nprocs=world_size,
                                  join=False, start_method=start_method)

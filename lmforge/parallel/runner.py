@@ -80,8 +80,13 @@ class ParallelRunner:
         self.model = split_stage(model, self.stage, cfg.pp)
         rest = [n for n in self.mesh.mesh_dim_names if n != "pp"]
         parallelize(self.model, cfg, submesh(self.mesh, *rest) if rest else None)
-        self.schedule = build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(), cfg.n_microbatches,
-                                       cfg.pp_schedule, lambda out, y: self.loss_fn(out, y) * self._scale, self.device)
+        # training and validation each get a schedule (and stage) of their own over the same stage module:
+        # older torch (2.11 on the H200) keeps the receive buffers made by a stage's first call, so an eval before
+        # the first step (the Trainer's step-0 eval) left training without gradients to send back
+        self._schedule = lambda: build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(),
+                                                cfg.n_microbatches, cfg.pp_schedule,
+                                                lambda out, y: self.loss_fn(out, y) * self._scale, self.device)
+        self.schedule, self.eval_schedule = self._schedule(), None
 
     def _grad_sync(self, sync: bool) -> None:
         """FSDP2 reduce-scatters after every backward unless told not to: with gradient accumulation only
@@ -99,8 +104,7 @@ class ParallelRunner:
         self._grad_sync(sync)
         if self.pp_mesh is not None:
             self._scale = scale
-            losses: list[torch.Tensor] = []
-            self.schedule.step(*([x] if self.first else []), **({"target": y, "losses": losses} if self.last else {}))
+            losses = self._through_pipeline(self.schedule.step, x, y)
             # the schedule averages micro-batch gradients; losses are the scaled micro-batch losses
             return torch.stack(losses).mean().detach() / scale if self.last else torch.zeros((), device=self.device)
         if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
@@ -127,6 +131,15 @@ class ParallelRunner:
             (loss * scale).backward()
         return plain(loss.detach()), {k: plain(v.detach()) for k, v in metrics.items()}
 
+    def _through_pipeline(self, run: Callable, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        """One call of the schedule's step or eval: the first stage feeds x, the last scores y and returns
+        the micro-batches' losses. The stages check strides as well as shapes (torch 2.11), so rows sliced
+        from longer ones (x = rows[:, :-1]) are copied to their own storage first."""
+        losses: list[torch.Tensor] = []
+        run(*([x.contiguous()] if self.first else []),
+            **({"target": y.contiguous(), "losses": losses} if self.last else {}))
+        return losses
+
     @torch.no_grad()
     def eval_nats(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward only, for validation: (summed next-token nats, targets) of this rank's share of the rows
@@ -138,8 +151,9 @@ class ParallelRunner:
         x, y = (t.tensor_split(self.eval_size)[self.eval_rank] for t in (x, y))
         if self.pp_mesh is not None:
             self._scale = 1.0
-            losses: list[torch.Tensor] = []
-            self.schedule.eval(*([x] if self.first else []), **({"target": y, "losses": losses} if self.last else {}))
+            if self.eval_schedule is None:
+                self.eval_schedule = self._schedule()
+            losses = self._through_pipeline(self.eval_schedule.eval, x, y)
             # micro-batches of equal size: the sum of their mean losses x their tokens
             nats = (torch.stack(losses).double().sum() * (y.numel() / len(losses)) if self.last
                     else torch.zeros((), dtype=torch.float64, device=self.device))

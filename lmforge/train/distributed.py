@@ -49,14 +49,15 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def join(par: ParallelConfig) -> ParallelConfig | None:
+def join(par: ParallelConfig, device: str = "auto") -> ParallelConfig | None:
     """Join the process group when launched by torchrun or asked for > 1 process; None = single process.
-    Launched on N ranks with no [parallel] layout, FSDP2 over all of them (dp_shard = N)."""
+    Launched on N ranks with no [parallel] layout, FSDP2 over all of them (dp_shard = N). The backend
+    follows the run's `device`: NCCL on GPUs, gloo for a CPU run (also on a machine with GPUs)."""
     if par.world_size == 1 and "RANK" not in os.environ:
         return None
-    from lmforge.parallel.launch import init_distributed
+    from lmforge.parallel.launch import backend_for, init_distributed
 
-    _, world = init_distributed(expected_world=None if par.world_size == 1 else par.world_size)
+    _, world = init_distributed(backend_for(device), expected_world=None if par.world_size == 1 else par.world_size)
     if par.world_size == 1 and world > 1:
         par = dataclasses.replace(par, dp_shard=world)
     return par if world > 1 else None

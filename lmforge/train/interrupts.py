@@ -38,9 +38,11 @@ if TYPE_CHECKING:
 
 
 def rng_state() -> dict[str, Any]:
-    """The CPU (and CUDA) generator states: part of a checkpoint and of the step-start snapshot."""
+    """The CPU (and CUDA) generator states: part of a checkpoint and of the step-start snapshot. CUDA's
+    only where this process has started CUDA (a run on the GPU has, by moving its model there): reading it
+    would otherwise start CUDA in a CPU run, which fails in a process forked from one that had started it."""
     state = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
 

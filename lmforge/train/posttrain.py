@@ -145,7 +145,7 @@ def posttrain(cfg: PostTrainConfig):
     if not cfg.init:
         raise ConfigError("init is not set: give the checkpoint, run or HF directory to start from (init = 'runs/x')")
     spec = objective_spec(cfg.objective)
-    par = join(cfg.parallel)
+    par = join(cfg.parallel, cfg.device)
     device = train_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical heads and data order
     model, tok = load_model(cfg.init, device=device)

@@ -112,7 +112,7 @@ class Parts(NamedTuple):
 def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> Parts:
     from lmforge.model.transformer import Transformer
 
-    par = join(cfg.parallel)
+    par = join(cfg.parallel, cfg.device)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     model = (model if model is not None else Transformer(cfg.model)).to(train_device(cfg.device))
     d = cfg.data

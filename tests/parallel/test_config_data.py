@@ -56,6 +56,22 @@ def test_world_size_mismatch_with_launch():
         init_distributed(expected_world=2)
 
 
+def test_backend_follows_the_run_device_and_gpus_are_counted(monkeypatch):
+    """A CPU run joins gloo also on a GPU machine (NCCL would put every rank on the one GPU there: the CPU
+    tests under torchrun failed so on the H200); NCCL needs a GPU per local process."""
+    import torch
+
+    from lmforge.parallel.launch import backend_for, check_local_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert (backend_for("cpu"), backend_for("auto"), backend_for("cuda")) == ("gloo", "nccl", "nccl")
+    check_local_gpus(1)
+    with pytest.raises(ConfigError, match="2 processes on the GPU need 2 GPUs but this machine has 1: launch at "
+                                          "most 1 per node \\(--nproc 1\\), or set device = 'cpu'"):
+        check_local_gpus(2)
+
+
 def test_torchrun_command_for_nproc():
     import sys
 

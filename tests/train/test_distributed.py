@@ -149,6 +149,27 @@ def test_layout_is_checked_against_model_and_batch_in_the_config(tmp_path):
         tiny_config(tmp_path / "t.bin", tmp_path / "run", parallel=ParallelConfig(pp=2, microbatches=16))
 
 
+_SET_AFTER_IMPORT: list[int] = []
+
+
+def _sees_parent_state(rank: int, world: int) -> bool:
+    return bool(_SET_AFTER_IMPORT)  # a forked child copies the parent's memory; a spawned one imports afresh
+
+
+def test_fork_becomes_spawn_on_a_machine_with_a_gpu(monkeypatch):
+    """There a forked child can run no backward once the parent has run one (autograd's device threads) and no
+    CUDA once the parent has started it (the whole suite on a GPU machine failed so), so run_local spawns."""
+    import torch
+
+    _SET_AFTER_IMPORT.append(1)
+    try:
+        for gpu, forked in ((False, True), (True, False)):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+            assert run_local(_sees_parent_state, 1, timeout=60, start_method="fork") == [forked]
+    finally:
+        _SET_AFTER_IMPORT.clear()
+
+
 def test_pipeline_refuses_other_objectives(single, tmp_path):
     got = run_local(_refusal_worker, 2, str(single[0]), str(tmp_path), timeout=60, start_method="fork")
     assert "parallel.pp=2 trains the plain LM loss" in got[0] and "z_loss" in got[0]

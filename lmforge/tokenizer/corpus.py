@@ -69,7 +69,11 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
 
 
 def _split_point(path: Path, val_fraction: float, pat: str, specials: tuple[str, ...]) -> int:
-    """Where a file's validation tail begins: the first safe cut after (1 - val_fraction) of it."""
+    """Where a file's validation tail begins: the first safe cut after (1 - val_fraction) of it, or, where
+    that would leave less than half the tail asked for, the first line start after it. Source code has no
+    safe cut inside an indented block (each line starts with a space), so a file ending in a long one
+    (Debian's Python standard library, the README's corpus) gave no tail at all. The tail is a document
+    of its own, so any line start keeps both sides whole (the one pre-token across it is split)."""
     size = path.stat().st_size
     if val_fraction <= 0:
         return size
@@ -78,6 +82,11 @@ def _split_point(path: Path, val_fraction: float, pat: str, specials: tuple[str,
         f.seek(target)
         window = f.read(1 << 20)
     cut = safe_byte_cut(window, 0, pat, specials)
+    if cut != -1 and cut <= (size - target) // 2:
+        return target + cut
+    line = window.find(b"\n") + 1  # 0 = none; no special token spans a line start unless it holds one
+    if 0 < line < size - target and not any("\n" in s for s in specials):
+        return target + line
     return size if cut == -1 else target + cut
 
 

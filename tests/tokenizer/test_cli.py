@@ -84,6 +84,19 @@ def test_encode_val_split(corpus, tok_dir, tmp_path):
     assert np.asarray(train.tokens).tolist()[1:] + np.asarray(val.tokens).tolist()[1:] == tok.encode(text)
 
 
+def test_val_split_of_a_file_ending_in_an_indented_block(tmp_path):
+    """No safe cut (a newline between printable bytes) inside an indented block: the tail starts at the first
+    line start after the target instead (Debian's standard library, the README's corpus, gave no tail)."""
+    from lmforge.data.tokenize import tokenize_to_shards
+
+    text = "import os\nimport sys\n" * 200 + "\n\nclass Big:\n" + "    x = 1  # an attribute\n" * 400
+    (tmp_path / "code.py").write_text(text)
+    tokenize_to_shards(tmp_path / "code.py", "byte", tmp_path / "out", val_fraction=0.05)
+    train, val = (np.asarray(TokenFile(tmp_path / "out" / f"{s}.bin").tokens) for s in ("train", "val"))
+    assert 0.04 < len(val) / (len(train) + len(val)) < 0.06
+    assert bytes(train[1:].tolist()) + bytes(val[1:].tolist()) == text.encode()
+
+
 def test_stats_match_direct_count(corpus, tok_dir, capsys):
     assert lmforge_main(["tokenizer", "stats", "--tokenizer", str(tok_dir), "--input", str(corpus[0]),
                          "--json", "True"]) == 0

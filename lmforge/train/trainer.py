@@ -96,7 +96,7 @@ def optimizer_name(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> str:
 class Trainer:
     """hooks: objects with any of on_step_end(trainer, stats), on_log(trainer, row), on_eval(trainer,
     metrics), on_save(trainer, path). evaluator: model -> dict of floats (run under no_grad and eval
-    mode). extra_meta: JSON-able facts stored in every checkpoint's config.json (e.g. the chat template)."""
+    mode; the model is on the trainer's device, so its inputs go there). extra_meta: JSON-able facts stored in every checkpoint's config.json (e.g. the chat template)."""
 
     def __init__(self, model: torch.nn.Module | TrainConfig, optimizer: torch.optim.Optimizer | None = None,
                  data: DataSource | None = None, objective: Objective | None = None, *,

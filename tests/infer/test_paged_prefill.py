@@ -24,15 +24,17 @@ TOL = 2e-5 if DEV == "cpu" else 5e-3  # the kernel's fp32 dots run in tf32 on th
 BS, H, KV, HD = 4, 4, 2, 64
 
 
-def step_meta(tables: list[list[int]], before: list[int], qlens: list[int], num_decodes: int) -> AttnMetadata:
-    """The engine's varlen metadata for sequences with `before` cached tokens each getting qlens[i] new ones."""
+def step_meta(tables: list[list[int]], before: list[int], qlens: list[int], num_decodes: int,
+              device: str = DEV) -> AttnMetadata:
+    """The engine's varlen metadata for sequences with `before` cached tokens each getting qlens[i] new ones,
+    on `device` (this module's kernels run on the GPU where there is one; other users keep the CPU)."""
     slots = [t[p // BS] * BS + p % BS for t, b, n in zip(tables, before, qlens) for p in range(b, b + n)]
     width = max(map(len, tables))
     ctx = [b + n for b, n in zip(before, qlens)]
-    return AttnMetadata(slot_mapping=torch.tensor(slots, device=DEV), block_size=BS, num_decodes=num_decodes,
+    return AttnMetadata(slot_mapping=torch.tensor(slots, device=device), block_size=BS, num_decodes=num_decodes,
                         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                                  device=DEV),
-                        context_lens=torch.tensor(ctx, dtype=torch.int32, device=DEV), query_lens_host=tuple(qlens),
+                                                  device=device),
+                        context_lens=torch.tensor(ctx, dtype=torch.int32, device=device), query_lens_host=tuple(qlens),
                         context_lens_host=tuple(ctx))
 
 

@@ -101,8 +101,8 @@ def test_paged_tree_step_beside_a_decode_row(name):
         return model(torch.tensor([ids]), torch.tensor([pos]), cache=cache, meta=meta)[0]
 
     with torch.no_grad():
-        run(PROMPT + OTHER, [*range(P), *range(Q)], step_meta(tables, [0, 0], [P, Q], 0))
-        meta = step_meta(tables[::-1], [Q, P], [1, T], num_decodes=1)
+        run(PROMPT + OTHER, [*range(P), *range(Q)], step_meta(tables, [0, 0], [P, Q], 0, device="cpu"))
+        meta = step_meta(tables[::-1], [Q, P], [1, T], num_decodes=1, device="cpu")
         meta.tree_parents = torch.tensor([[-1] + PARENTS])
         got = run([3] + TOKENS, [Q] + tree_positions(torch.tensor(PARENTS), P).tolist(), meta)
     torch.testing.assert_close(got[1:], branch_logits(model), atol=1e-5, rtol=1e-5)
@@ -112,7 +112,7 @@ def test_paged_tree_step_beside_a_decode_row(name):
     cache.move_slots(flat(src), flat(dst))
     n = P + len(PATH)
     with torch.no_grad():
-        got = run([9, 4], [n, Q + 1], step_meta(tables, [n, Q + 1], [1, 1], num_decodes=2))
+        got = run([9, 4], [n, Q + 1], step_meta(tables, [n, Q + 1], [1, 1], num_decodes=2, device="cpu"))
     accepted = PROMPT + [TOKENS[t] for t in PATH]
     torch.testing.assert_close(got[0], full_logits(model, accepted + [9]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], full_logits(model, OTHER + [3, 4]), atol=1e-5, rtol=1e-5)

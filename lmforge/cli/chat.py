@@ -2,7 +2,8 @@
 
     lmforge chat --checkpoint runs/sft --template chatml --system "Be brief."
 
-Commands: /reset forgets the conversation, /exit (or Ctrl-D) leaves. Ctrl-C stops the current answer
+Commands: /reset forgets the conversation, /exit (or /quit, or Ctrl-D) leaves; any other one-word line
+starting with "/" is answered with the list of commands, not sent to the model. Ctrl-C stops the current answer
 (what was said so far stays in the history) and returns to the prompt.
 """
 
@@ -54,11 +55,14 @@ def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,
             write("\n(use /exit to leave)\n")
             continue
         cmd = line.strip()
-        if cmd == "/exit":
+        if cmd in ("/exit", "/quit"):
             return history
         if cmd == "/reset":
             history = list(start)
             write("(conversation reset)\n")
+            continue
+        if cmd.startswith("/") and " " not in cmd:  # a mistyped command is not a message
+            write(f"(unknown command {cmd}: /reset starts over, /exit or /quit leaves)\n")
             continue
         if not cmd:
             continue

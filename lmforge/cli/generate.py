@@ -22,10 +22,11 @@ class GenerateConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
     prompts: tuple[str, ...] = ()
+    """prompts given on the command line (with or instead of --prompts-file)"""
     prompts_file: str | None = None
     """plain text (one prompt per line; \\n escapes allowed) or JSONL with a "prompt" field"""
     output: str | None = None
-    """JSONL file to write (default: standard output)"""
+    """JSONL file to write; None writes to standard output"""
     sampling: Sampling = sampling_field(max_tokens=64)
     """how to sample (lmforge.SamplingParams; CLI default temperature 0.8, top-p 0.95)"""
     batch_size: int = 64

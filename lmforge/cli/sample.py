@@ -17,8 +17,8 @@ from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field, top_l
 class SampleConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
-    prompt: str = "\n"
-    """text the samples continue (default: a newline)"""
+    prompt: str | None = None
+    """text the samples continue; None starts them after a newline"""
     sampling: Sampling = sampling_field(max_tokens=200)
     """how to sample (lmforge.SamplingParams; CLI default temperature 0.8, top-p 0.95)"""
     tokenizer: str | None = None
@@ -42,12 +42,12 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(SampleConfig, normalize_argv(argv, SampleConfig, {"num_samples": "n"}), prog="lmforge sample",
                        description="Print samples from a checkpoint.")
     llm = load_llm(cfg)
-    sp = cfg.sampling
-    warn_if_past_context(llm, [len(llm.tokenizer.encode(cfg.prompt))], sp)
-    out = llm.generate([cfg.prompt], sp)[0]
+    sp, prompt = cfg.sampling, "\n" if cfg.prompt is None else cfg.prompt
+    warn_if_past_context(llm, [len(llm.tokenizer.encode(prompt))], sp)
+    out = llm.generate([prompt], sp)[0]
     for i, o in enumerate(out.outputs):
         print(f"--- sample {i + 1}/{len(out.outputs)} ({len(o.token_ids)} tokens, {o.finish_reason}) ---")
-        print(cfg.prompt + o.text)
+        print(prompt + o.text)
         if sp.logprobs is not None:
             print_logprobs(llm.tokenizer, o)
     return 0

@@ -99,7 +99,7 @@ def encode(argv: list[str]) -> int:
     rep = encode_to_shards(tok, a.input, a.out, val_fraction=a.val_fraction, workers=a.workers, progress=a.progress)
     secs = time.perf_counter() - t0
     for split, path in rep.shards.items():
-        print(f"{split}: {rep.tokens[split]:,} tokens, {rep.docs[split]:,} documents -> {path}")
+        print(f"{split}: {rep.tokens[split]:,} tokens, {rep.docs[split]:,} document{'s' * (rep.docs[split] != 1)} -> {path}")
     total = sum(rep.tokens.values())
     print(f"{rep.bytes:,} bytes, {rep.bytes / max(total, 1):.3f} bytes/token, {rep.bytes / 1e6 / secs:.1f} MB/s, "
           f"{rep.undecodable_bytes:,} undecodable bytes (not UTF-8)")

@@ -104,6 +104,15 @@ def test_chat_loop_streams_resets_and_survives_ctrl_c():
     assert llm.prompts[2].endswith("<|im_start|>assistant\n") and len(llm.prompts) == 3
 
 
+def test_chat_loop_quit_and_unknown_commands_are_not_messages():
+    llm, written = FakeLLM(), []
+    script = iter(["/help", "/usr/bin is a path", "/quit", "never"])
+    hist = chat_loop(llm, ChatConfig(checkpoint="-", template="chatml"), lambda _: next(script), written.append)
+    assert "(unknown command /help: /reset starts over, /exit or /quit leaves)" in "".join(written)
+    assert len(llm.prompts) == 1 and "/usr/bin is a path" in llm.prompts[0]  # a sentence is a message
+    assert [m["role"] for m in hist] == ["user", "assistant"]
+
+
 def test_sampling_options_are_one_nested_SamplingParams():
     """No command re-declares SamplingParams' fields; every spelling of a flag reaches the same field."""
     sp_fields = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -164,6 +173,12 @@ def test_sample_reads_a_config_file(ckpt, tmp_path, capsys):
     assert sample_cli.main(["--config", str(toml), "--checkpoint", str(ckpt)]) == 0
     greedy = LLM.load(ckpt).generate("ab", SamplingParams(temperature=0, max_tokens=5))[0].text
     assert capsys.readouterr().out.splitlines()[1:] == ("ab" + greedy).splitlines()
+
+
+def test_sample_without_a_prompt_continues_a_newline(ckpt, capsys):
+    assert sample_cli.main(["--checkpoint", str(ckpt), "--temperature", "0", "--max-tokens", "5"]) == 0
+    greedy = LLM.load(ckpt).generate("\n", SamplingParams(temperature=0, max_tokens=5))[0].text
+    assert capsys.readouterr().out.split("\n", 1)[1] == "\n" + greedy + "\n"
 
 
 def test_bad_generate_inputs_are_one_line_errors(ckpt, tmp_path):

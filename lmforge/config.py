@@ -53,6 +53,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def is_int(value: Any) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _bad(where: str, tp: Any, value: Any) -> ConfigError:
     return ConfigError(f"{where} = {value!r}: expected {_type_name(tp)}")
 
@@ -65,7 +70,7 @@ def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # numpy's ints too
+        if not is_int(value):  # numpy's ints too
             raise _bad(where, tp, value)
         return value if type(value) is int else int(value)
     if tp is float:

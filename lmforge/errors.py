@@ -32,3 +32,17 @@ def require(module: str, extra: str):
         raise LmforgeError(
             f"this feature needs the '{module}' package: pip install 'lmforge[{extra}]'"
         ) from e
+
+
+def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn attributed to the first frame outside lmforge: the user's line that asked for it, however
+    deep inside the library the problem was found."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of warn_caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -4,10 +4,13 @@ the engine's batch (any number of requests search at once, beside sampled reques
 a fork of its parent that shares the parent's cache blocks (copy-on-write, lmforge.infer.blocks).
 
 Each round, once every live beam has its next-token log-probabilities, the 2·W best candidates by summed
-log-probability are ranked; those ending in a stop token join the finished set (scored sum / length**alpha)
-if they rank among the W best, and the W best others become the next beams. With early_stopping the
-search ends as soon as W hypotheses are finished; otherwise once no live beam can still beat the worst
-finished one at its current length. Log-probabilities are those of the raw model distribution.
+log-probability are ranked; those ending in a stop token, or whose text now contains a stop string, join
+the finished set (scored sum / length**alpha) if they rank among the W best, and the W best others become
+the next beams. With early_stopping the search ends as soon as W hypotheses are finished; otherwise once
+no live beam can still beat the worst finished one at its current length. Log-probabilities are those of
+the raw model distribution (SamplingParams refuses penalties and logit_bias with beams). Outputs carry
+cumulative_logprob always, logprobs and top_logprobs when params.logprobs asks for them; while the search
+runs, the n best live beams are the request's outputs (finish_reason None).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from lmforge.infer.detok import safe_decode
 from lmforge.infer.outputs import CompletionOutput
 from lmforge.infer.request import Sequence, stop_ids
 from lmforge.infer.runner import row_for
+
+Hyp = tuple[list[int], list[float], list[dict[int, float]]]
+"""a hypothesis: its tokens, their log-probs, and (with params.logprobs) each step's top-k entries"""
 
 
 def _norm(score: float, length: int, alpha: float) -> float:
@@ -33,9 +39,9 @@ class BeamSearch:
         self.eos = stop_ids(self.params, tokenizer)
         self.tokenizer = tokenizer
         self.steps = min(self.params.max_tokens, max_seq_len - request.prompt_len)
-        self.hyp: dict[int, tuple[list[int], list[float]]] = {request.seqs[0].seq_id: ([], [])}
+        self.hyp: dict[int, Hyp] = {request.seqs[0].seq_id: ([], [], [])}
         self.pending: dict[int, torch.Tensor] = {}
-        self.finished: list[tuple[float, list[int], list[float], str]] = []
+        self.finished: list[tuple[float, Hyp, str]] = []
         self.outputs: list[CompletionOutput] | None = None
 
     def claims(self, seq: Sequence) -> bool:
@@ -54,47 +60,73 @@ class BeamSearch:
         logp = torch.stack([self.pending.pop(s.seq_id) for s in live])  # (beams, V)
         sums = torch.tensor([sum(self.hyp[s.seq_id][1]) for s in live], device=logp.device)
         cand = (logp + sums[:, None]).flatten().topk(min(2 * self.W, logp.numel()))
-        V, alpha = logp.shape[-1], self.params.length_penalty
+        V, alpha, k = logp.shape[-1], self.params.length_penalty, self.params.logprobs
+        top = logp.topk(min(k, V)) if k else None
+        top = (top.indices.tolist(), top.values.tolist()) if top is not None else None
         nxt = []
         for rank, (score, flat) in enumerate(zip(cand.values.tolist(), cand.indices.tolist())):
             b, tok = divmod(flat, V)
-            toks, lps = self.hyp[live[b].seq_id]
-            toks, lps = toks + [tok], lps + [float(logp[b, tok])]
-            if tok in self.eos:
-                if rank < self.W:  # a stop candidate counts only if it ranks among the W best
-                    self.finished.append((_norm(score, len(toks), alpha), toks, lps, "stop"))
+            toks, lps, tops = self.hyp[live[b].seq_id]
+            lp = float(logp[b, tok])
+            if k is not None:
+                tops = tops + [{tok: lp, **(dict(zip(top[0][b], top[1][b])) if top else {})}]
+            h = (toks + [tok], lps + [lp], tops)
+            why = "stop" if tok in self.eos or self._stop_at(h[0]) is not None else None
+            if why:
+                if rank < self.W:  # a finished candidate counts only if it ranks among the W best
+                    self.finished.append((_norm(score, len(h[0]), alpha), h, why))
                 continue
-            nxt.append((live[b], toks, lps))
+            nxt.append((live[b], h))
             if len(nxt) == self.W:
                 break
-        if self._done([(t, lp) for _, t, lp in nxt]) or len(nxt[0][1]) >= self.steps:
+        if self._done([h for _, h in nxt]) or len(nxt[0][1][0]) >= self.steps:
             self._finish(engine, live, nxt)
             return
-        for parent, toks, lps in nxt:  # fork every survivor before dropping the old beams
+        for parent, h in nxt:  # fork every survivor before dropping the old beams
             child = engine.fork(parent, len(self.request.seqs))
-            child.tokens.append(toks[-1])
-            self.hyp[child.seq_id] = (toks, lps)
+            child.tokens.append(h[0][-1])
+            self.hyp[child.seq_id] = h
         for s in live:
             self.hyp.pop(s.seq_id)
             engine.scheduler.finish(s)
 
-    def _done(self, live: list[tuple[list[int], list[float]]]) -> bool:
+    def _stop_at(self, toks: list[int]) -> int | None:
+        """Where the first stop string starts in the hypothesis' text (None: it holds none)."""
+        if not self.params.stop:
+            return None
+        text = safe_decode(self.tokenizer, [t for t in toks if t not in self.eos])
+        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _done(self, live: list[Hyp]) -> bool:
         if not live:
             return True
         if len(self.finished) < self.W:
             return False
         if self.params.early_stopping:
             return True
-        worst = sorted(h[0] for h in self.finished)[-self.W]
-        return max(_norm(sum(lp), len(t), self.params.length_penalty) for t, lp in live) <= worst
+        worst = sorted(f[0] for f in self.finished)[-self.W]
+        return max(_norm(sum(h[1]), len(h[0]), self.params.length_penalty) for h in live) <= worst
+
+    def _output(self, index: int, h: Hyp, why: str | None) -> CompletionOutput:
+        toks, lps, tops = h
+        text = safe_decode(self.tokenizer, [t for t in toks if t not in self.eos])
+        cut = self._stop_at(toks) if why == "stop" else None
+        want = self.params.logprobs is not None
+        return CompletionOutput(index=index, text=text if cut is None else text[:cut], token_ids=list(toks),
+                                finish_reason=why, logprobs=list(lps) if want else None,
+                                top_logprobs=list(tops) if want else None, cumulative_logprob=sum(lps))
+
+    def partial(self) -> list[CompletionOutput]:
+        """The n best live beams so far (the request's outputs while the search runs)."""
+        live = sorted(self.hyp.values(), key=lambda h: -_norm(sum(h[1]), len(h[0]), self.params.length_penalty))
+        return [self._output(i, h, None) for i, h in enumerate(live[: self.params.n])]
 
     def _finish(self, engine, live: list[Sequence], nxt) -> None:
-        for _, toks, lps in nxt:
-            self.finished.append((_norm(sum(lps), len(toks), self.params.length_penalty), toks, lps, "length"))
-        best = sorted(self.finished, key=lambda h: -h[0])[: self.params.n]
-        self.outputs = [CompletionOutput(index=i, text=safe_decode(self.tokenizer, [t for t in toks if t not in self.eos]),
-                                         token_ids=toks, finish_reason=why, logprobs=lps, cumulative_logprob=sum(lps))
-                        for i, (_, toks, lps, why) in enumerate(best)]
+        for _, h in nxt:
+            self.finished.append((_norm(sum(h[1]), len(h[0]), self.params.length_penalty), h, "length"))
+        best = sorted(self.finished, key=lambda f: -f[0])[: self.params.n]
+        self.outputs = [self._output(i, h, why) for i, (_, h, why) in enumerate(best)]
         for s in live:
             engine.scheduler.finish(s)
         self.hyp.clear()

@@ -59,12 +59,11 @@ import contextlib
 import inspect
 import itertools
 import time
-import warnings
 
 import torch
 
-from lmforge.config import check
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.config import check, is_int
+from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.config import (EngineConfig, limits, pool_blocks, use_fused_kernels, use_kernel_step,
@@ -154,18 +153,35 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
-        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id is None:  # the next automatic id no caller has taken
+            rid = str(next(self._ids))
+            while rid in self.requests:
+                rid = str(next(self._ids))
+        else:
+            rid = str(request_id)
         if rid in self.requests:
             raise LmforgeError(f"request id {rid!r} is already in use; pass another request_id")
         ids = self.encode(prompt, params)
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise LmforgeError(f"logit_bias has token id {max(params.logit_bias)} outside the model's vocabulary "
+                               f"[0, {self.vocab_size})")
         if len(ids) + params.max_tokens > self.max_seq_len:
-            warnings.warn(f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
-                          f"({self.max_seq_len}); generation stops there (finish_reason 'length')", stacklevel=2)
-        need = self.pool.blocks_for(min(len(ids) + params.max_tokens, self.max_seq_len))
+            warn_caller(f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
+                        f"({self.max_seq_len}); generation stops there (finish_reason 'length')")
+        length = min(len(ids) + params.max_tokens, self.max_seq_len)
+        if not self.config.chunked_prefill and length > self.config.max_num_batched_tokens:
+            raise LmforgeError(f"with chunked_prefill off a sequence is computed in one step (its prompt, and after a "
+                               f"preemption its output too): {length} tokens > max_num_batched_tokens="
+                               f"{self.config.max_num_batched_tokens}; raise it or turn chunked_prefill on")
+        need = self.pool.blocks_for(length)
+        if params.beam_width > 1:  # every beam may own its blocks from the prompt's last partial one on
+            shared = len(ids) // self.pool.block_size
+            need = shared + params.beam_width * (need - shared)
         if self.window:  # blocks behind the window are dropped after every step
             need = min(need, self.pool.blocks_for(self.window + self.config.max_num_batched_tokens) + 1)
         if need > self.pool.num_blocks:
-            raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens needs {need} KV "
+            beams = f" in {params.beam_width} beams" if params.beam_width > 1 else ""
+            raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{beams} needs {need} KV "
                                f"blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
                                "gpu_memory_utilization, or lower max_tokens")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals),
@@ -189,20 +205,23 @@ class Engine:
 
     def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:
         """Tokenize and validate one prompt (ids are checked against the model's vocabulary)."""
+        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
+            prompt = prompt.tolist()
         if not isinstance(prompt, (str, list, tuple)):
             raise LmforgeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
         if not ids:
             raise LmforgeError(f"prompt {index} is empty: give at least one token of text")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        bad = [t for t in ids if not is_int(t) or not 0 <= t < self.vocab_size]
         if bad:
-            raise LmforgeError(f"prompt {index} has token id {bad[0]} outside the model's vocabulary "
+            raise LmforgeError(f"prompt {index} has token id {bad[0]!r} outside the model's vocabulary "
                                f"[0, {self.vocab_size})")
-        if len(ids) >= self.max_seq_len:
-            if not params.truncate_prompt:
-                raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
-                                   f"{self.max_seq_len}; shorten it or set truncate_prompt=True")
-            ids = ids[-max(1, self.max_seq_len - params.max_tokens):]
+        if params.truncate_prompt:  # room for max_tokens, but at least half the window stays prompt
+            keep = max(self.max_seq_len - params.max_tokens, self.max_seq_len // 2, 1)
+            ids = ids[-keep:]
+        elif len(ids) >= self.max_seq_len:
+            raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
+                               f"{self.max_seq_len}; shorten it or set truncate_prompt=True")
         return [int(t) for t in ids]
 
     def abort(self, request_id: str) -> RequestOutput:

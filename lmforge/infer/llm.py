@@ -18,10 +18,11 @@ log-probs (SamplingParams.prompt_logprobs), batched like any other requests.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence as Seq
+from typing import Iterable, Iterator, Sequence as Seq
 
 import torch
 
+from lmforge.config import is_int
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.outputs import RequestOutput
@@ -38,19 +39,22 @@ class LLM:
     draft: None, a smaller model sharing the tokenizer, "ngram" (prompt-lookup drafting) or "mtp" (the
     model's own parallel MTP heads) to decode with speculative decoding (lmforge.infer.speculative).
     cuda_graphs: decode steps replay CUDA graphs (default: on a GPU; EngineConfig.cuda_graphs).
-    max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs)."""
+    max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs; default 64).
+    config: the whole EngineConfig instead of the two options above."""
 
     def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4,
-                 cuda_graphs: bool | None = None, max_batch_size: int = 64, config: EngineConfig | None = None):
+                 cuda_graphs: bool | None = None, max_batch_size: int | None = None, config: EngineConfig | None = None):
         self.model = model  # left in its mode (a Trainer may share it); the engine's steps run it in eval mode
         self.tokenizer = tokenizer
         self.draft = draft.eval() if isinstance(draft, torch.nn.Module) else draft
         self.num_draft_tokens = num_draft_tokens
         self.device = next(model.parameters()).device
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if draft is not None and draft not in ("ngram", "mtp") and not isinstance(draft, torch.nn.Module):
             raise ConfigError(f"draft must be None, 'ngram', 'mtp' or a model, got {draft!r}")
-        self.config = config or EngineConfig(max_num_seqs=max_batch_size, cuda_graphs=cuda_graphs)
+        if config is not None and (cuda_graphs is not None or max_batch_size is not None):
+            raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
+                              "EngineConfig.max_num_seqs), not beside it")
+        self.config = config or EngineConfig(max_num_seqs=max_batch_size or 64, cuda_graphs=cuda_graphs)
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens)
 
     @classmethod
@@ -63,7 +67,8 @@ class LLM:
         model, saved = load_model(path, device=device)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer or saved
         if tok is None:
-            raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one (e.g. --tokenizer byte)")
+            raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one: LLM.load(path, tokenizer='byte' or a "
+                               "tokenizer file), on the command line --tokenizer")
         return cls(model, tok, **kwargs)
 
     @property
@@ -76,10 +81,10 @@ class LLM:
     # ---------------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None
                  ) -> list[RequestOutput]:
-        """One RequestOutput per prompt; `params.n` samples each (RequestOutput.outputs)."""
-        params = params or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """One RequestOutput per prompt; `params.n` samples each (RequestOutput.outputs). A prompt is a string
+        or a list (or 1-D tensor) of token ids; `prompts` is one prompt or any iterable of them."""
+        params = _check_params(params)
+        prompts = _prompt_list(prompts)
         encoded = [self.encode(p, params, i) for i, p in enumerate(prompts)]
         outs = self._run([(e, self._params(params, i)) for i, e in enumerate(encoded)])
         return [dataclasses.replace(o, prompt=p if isinstance(p, str) else None) for o, p in zip(outs, prompts)]
@@ -105,9 +110,10 @@ class LLM:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one sample as it is produced: complete UTF-8 characters only, and text that
         might begin a stop string is held back until it is known not to."""
-        params = params or SamplingParams()
+        params = _check_params(params)
         rid = self.engine.add_request(self.encode(prompt, params), self._params(params, 0))
-        seq = self.engine.requests[rid].seqs[0]
+        req = self.engine.requests[rid]
+        seq = req.seqs[0]
         emitted = 0
         try:
             while rid in self.engine.requests:
@@ -121,8 +127,10 @@ class LLM:
         finally:
             if rid in self.engine.requests:
                 self.engine.abort(rid)
-        if len(seq.text) > emitted:  # the final text, already cut before any stop string
-            yield seq.text[emitted:]
+        # the final text, already cut before any stop string (a beam search has its text only now)
+        final = req.output().text if params.beam_width > 1 and not req.aborted else seq.text
+        if len(final) > emitted:
+            yield final[emitted:]
 
     def score(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list[tuple[float, bool]]:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
@@ -156,6 +164,10 @@ class LLM:
             ctx, cont = whole[:len(ctx)], whole[len(ctx):]
         elif isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple)):
             ctx, cont = list(context), list(continuation)
+            bad = [t for t in ctx + cont if not is_int(t) or not 0 <= t < self.engine.vocab_size]
+            if bad:
+                raise LmforgeError(f"pair {index} has token id {bad[0]!r} outside the model's vocabulary "
+                                   f"[0, {self.engine.vocab_size})")
         else:
             raise LmforgeError(f"pair {index}: context and continuation must both be strings or both token id "
                                f"lists, got {type(context).__name__} and {type(continuation).__name__}")
@@ -182,6 +194,33 @@ class LLM:
     def _params(params: SamplingParams, index: int) -> SamplingParams:
         """Prompt `index`'s own seed (issue 16 §5): seeded prompts never share a random stream."""
         return params if params.seed is None else dataclasses.replace(params, seed=seed_for(params.seed, index))
+
+
+def _check_params(params) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ConfigError(f"params must be one SamplingParams for every prompt, got {type(params).__name__} "
+                          "(SamplingParams.from_dict turns a dict of options into one)")
+    return params
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (a string, token ids as a list, tuple or 1-D tensor) or an iterable of prompts -> a list."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() not in (1, 2):
+            raise LmforgeError(f"a tensor of prompts must be 1-D (one prompt's ids) or 2-D (one row per prompt), "
+                               f"got {prompts.dim()}-D")
+        return [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+    if not isinstance(prompts, Iterable):
+        raise LmforgeError(f"prompts must be a string, a list of token ids, or a list of those; got "
+                           f"{type(prompts).__name__}")
+    prompts = list(prompts)
+    if prompts and all(is_int(t) for t in prompts):  # one prompt given as its token ids
+        return [prompts]
+    return prompts
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

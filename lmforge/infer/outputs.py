@@ -10,8 +10,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str
-    """'stop' (stop token or string), 'length' (max_tokens or the context window) or 'abort'"""
+    finish_reason: str | None
+    """'stop' (stop token or string), 'length' (max_tokens or the context window) or 'abort'; None in the
+    engine's intermediate outputs while the sample is still generating"""
     logprobs: list[float] | None = None
     """log-probability of each generated token under the model (log_softmax of the raw logits)"""
     top_logprobs: list[dict[int, float]] | None = None
@@ -47,5 +48,5 @@ class RequestOutput:
         return self.outputs[0].logprobs
 
     @property
-    def finish_reason(self) -> str:
+    def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason

@@ -112,11 +112,13 @@ class Sequence:
             piece += tail
         return piece
 
-    def output(self) -> CompletionOutput:
+    def output(self, final: bool = True) -> CompletionOutput:
+        """final: the request has ended (a sample it ended without a reason of its own, as an abort does,
+        reads 'length'); otherwise a running sample's finish_reason is None."""
         want = self.params.logprobs is not None
         return CompletionOutput(
             index=self.index, text=self.text, token_ids=self.tokens[self.request.prompt_len:],
-            finish_reason=self.finish or "length", logprobs=list(self.logprobs) if want else None,
+            finish_reason=self.finish or ("length" if final else None), logprobs=list(self.logprobs) if want else None,
             top_logprobs=list(self.top) if want else None,
             cumulative_logprob=sum(self.logprobs) if want else None)
 
@@ -183,10 +185,13 @@ class Request:
         return True
 
     def output(self) -> RequestOutput:
-        outs = getattr(self.strategy, "outputs", None) or [s.output() for s in self.seqs]
+        done = self.finished
+        outs = getattr(self.strategy, "outputs", None)
+        if outs is None:
+            outs = self.strategy.partial() if hasattr(self.strategy, "partial") else [s.output(done) for s in self.seqs]
         metrics = self.strategy.metrics() if hasattr(self.strategy, "metrics") else {}
         if self.first_token_time is not None:
             metrics["time_to_first_token_s"] = self.first_token_time - self.arrival_time
         return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
-                             request_id=self.request_id, finished=self.finished,
+                             request_id=self.request_id, finished=done,
                              prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)

@@ -6,10 +6,11 @@ The logits processors each field turns on live in `lmforge.infer.processors`.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
-from lmforge.config import check, coerce_fields
+from lmforge.config import check, coerce_fields, is_int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,15 +64,17 @@ class SamplingParams:
     early_stopping: bool = True
     """beam search ends once beam_width hypotheses are finished"""
     truncate_prompt: bool = False
-    """cut prompts too long for the context from the left instead of raising"""
+    """cut prompts from the left so that prompt + max_tokens fits the context window (the prompt keeps at
+    least half the window; generation then ends at the window, finish_reason 'length'), instead of
+    raising for a prompt longer than the window"""
 
     def __post_init__(self) -> None:
         # every field's type (a request body's seed 1.5 or top_k "7" would otherwise fail inside an engine step,
         # taking the batch's other requests with it); lists become tuples, numpy numbers plain ones
         coerce_fields(self)
-        check(all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 0
-                  and isinstance(v, numbers.Real) and not isinstance(v, bool) for k, v in self.logit_bias.items()),
-              f"logit_bias must map token ids (ints >= 0) to numbers, got {self.logit_bias!r}")
+        check(all(is_int(k) and k >= 0 and isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                  for k, v in self.logit_bias.items()),
+              f"logit_bias must map token ids (ints >= 0) to finite numbers, got {self.logit_bias!r}")
         check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
         check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -99,6 +102,9 @@ class SamplingParams:
               f"n={self.n} beams asked for but beam_width={self.beam_width}")
         check(self.beam_width == 1 or self.temperature == 0,
               f"beam search is deterministic: set temperature=0 (got {self.temperature})")
+        check(self.beam_width == 1 or not (self.penalized or self.logit_bias),
+              "beam search ranks the model's raw log-probabilities: penalties and logit_bias do not apply to it; "
+              "drop them or use beam_width=1")
 
     @classmethod
     def from_dict(cls, options: dict) -> "SamplingParams":

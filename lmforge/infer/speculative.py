@@ -240,6 +240,13 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
         MTPDrafter(model)  # raises now if the model has no parallel MTP heads
         return lambda seq: MTPDrafter(model)
     if isinstance(draft, torch.nn.Module):  # only without a paged draft model (lmforge.infer.draft)
+        from lmforge.infer.config import limits
+
+        draft_vocab = limits(draft, draft.cache_spec() if hasattr(draft, "cache_spec") else None)[1]
+        if draft_vocab != vocab_size:
+            raise ConfigError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's ({vocab_size}): "
+                              "speculative decoding compares their distributions token by token; use a draft "
+                              "with the target's tokenizer and vocabulary size")
         return lambda seq: ModelDrafter(draft, seq.request.prompt_len + seq.params.max_tokens + k + 1)
     if hasattr(draft, "propose"):
         return lambda seq: draft

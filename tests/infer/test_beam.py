@@ -7,6 +7,7 @@ import pytest
 import torch
 from .infer_helpers import full_greedy, tiny_model
 
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
@@ -46,12 +47,14 @@ def test_beam_at_least_as_likely_as_greedy(tok):
 def test_early_stopping_and_length_normalisation(tok):
     model = tiny_model("llama", init_std=0.3)
     llm = LLM(model, tok)
-    eot = tok.eot_id
-    sp = SamplingParams(temperature=0, beam_width=3, n=3, max_tokens=6, logit_bias={eot: 4.0})
+    # a stop token the search meets: the greedy continuation's second token
+    stop = llm.generate("z", SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))[0].token_ids[1]
+    sp = SamplingParams(temperature=0, beam_width=3, n=3, max_tokens=6, stop_token_ids=(stop,))
     out = llm.generate("z", sp)[0]
+    assert any(o.finish_reason == "stop" for o in out.outputs)
     for o in out.outputs:
         if o.finish_reason == "stop":
-            assert o.token_ids[-1] == eot and eot not in o.token_ids[:-1]
+            assert o.token_ids[-1] in (stop, tok.eot_id) and stop not in o.token_ids[:-1]
     norm = [o.cumulative_logprob / len(o.token_ids) for o in out.outputs]
     assert norm == sorted(norm, reverse=True)
 
@@ -72,3 +75,54 @@ def test_many_beam_requests_at_once_equal_alone(tok):
     for rid, want in zip(ids, alone):
         assert [o.token_ids for o in outs[rid].outputs] == [o.token_ids for o in want.outputs]
     assert engine.pool.num_used == 0
+
+
+def test_beam_stop_strings_logprobs_stream_and_running_outputs(tok):
+    """A stop string ends a beam (text cut before it); logprobs come only when asked, with top-k entries
+    that equal the model's; while the search runs the request shows its n best live beams, unfinished;
+    LLM.stream yields the best beam's text."""
+    model = tiny_model("llama", init_std=0.3)
+    llm = LLM(model, tok)
+    base = SamplingParams(temperature=0, beam_width=3, n=2, max_tokens=8, ignore_eos=True)
+    free = llm.generate("ab", base)[0]
+    text = free.outputs[0].text
+    stop = text[2:4]  # met by the best beam (unless an earlier stop ends another one first)
+    stopped = llm.generate("ab", SamplingParams(**{**base.__dict__, "stop": (stop,)}))[0]
+    assert any(o.finish_reason == "stop" for o in stopped.outputs)
+    for o in stopped.outputs:
+        assert stop not in o.text
+        if o.finish_reason == "stop":
+            assert stop in tok.decode(o.token_ids)
+    assert free.outputs[0].logprobs is None and free.outputs[0].top_logprobs is None
+    with_lp = llm.generate("ab", SamplingParams(**{**base.__dict__, "logprobs": 2}))[0].outputs[0]
+    assert with_lp.token_ids == free.outputs[0].token_ids and len(with_lp.top_logprobs) == 8
+    with torch.no_grad():
+        logp = model(torch.tensor([tok.encode("ab") + with_lp.token_ids]))[0].log_softmax(-1)
+    for i, (t, top) in enumerate(zip(with_lp.token_ids, with_lp.top_logprobs)):
+        row = logp[len(tok.encode("ab")) - 1 + i]
+        assert list(top)[0] == t and set(list(top)[1:]) <= set(row.topk(2).indices.tolist())
+        assert top[t] == pytest.approx(float(row[t]), abs=1e-4)
+    assert "".join(llm.stream("ab", base)) == free.outputs[0].text
+    engine = Engine(model, tok)
+    rid = engine.add_request("ab", base)
+    seen = []
+    while engine.has_unfinished():
+        seen += [o for o in engine.step() if o.request_id == rid]
+    assert all(len(o.outputs) <= 2 and {x.finish_reason for x in o.outputs} == {None} for o in seen[:-1])
+    assert seen[-1].finished and [o.token_ids for o in seen[-1].outputs] == [o.token_ids for o in free.outputs]
+
+
+def test_beams_refuse_penalties_and_bias_and_check_their_blocks(tok):
+    for bad in (dict(logit_bias={5: 1.0}), dict(repetition_penalty=1.2), dict(presence_penalty=0.5)):
+        with pytest.raises(ConfigError, match="penalties and logit_bias do not apply"):
+            SamplingParams(temperature=0, beam_width=2, **bad)
+    # 59 prompt + 20 new tokens in blocks of 4: one sequence needs 20 blocks, two diverging beams 14 + 2 x 6
+    engine = Engine(tiny_model("llama"), tok, EngineConfig(block_size=4, num_kv_tokens=84))
+    sp = SamplingParams(temperature=0, beam_width=2, max_tokens=20, ignore_eos=True)
+    with pytest.raises(LmforgeError, match="in 2 beams needs 26 KV blocks but the pool has 21"):
+        engine.add_request(list(range(1, 60)), sp)
+    assert not engine.has_unfinished()
+    engine = Engine(tiny_model("llama"), tok, EngineConfig(block_size=4, num_kv_tokens=104))
+    engine.add_request(list(range(1, 60)), sp)
+    while engine.has_unfinished():
+        engine.step()

@@ -152,3 +152,76 @@ def test_mla_and_sliding_window_models(tok):
     assert len(beams[0].token_ids) == 4  # beam search runs on MLA's paged latents too
     spec = LLM(mla, tok, draft="ngram").generate(prompts, GREEDY)  # drafts verified on paged latents
     assert [o.token_ids for o in spec] == [full_greedy(mla, tok.encode(p), 12) for p in prompts]
+
+
+def test_requests_refused_before_they_can_break_a_step(tok):
+    """Bad requests fail at add_request with one line and leave the engine as it was: a logit_bias id outside
+    the vocabulary, non-finite biases, a prompt past the step budget with chunked prefill off, a draft model
+    of another vocabulary; an automatic request id skips ids callers took."""
+    from lmforge.infer.engine import Engine, EngineConfig
+
+    model = tiny_model("llama")
+    engine = Engine(model, tok)
+    good = engine.add_request("the cat", GREEDY)
+    with pytest.raises(LmforgeError, match="logit_bias has token id 1000 outside the model's vocabulary"):
+        engine.add_request("the dog", SamplingParams(temperature=0, max_tokens=3, logit_bias={1000: 5.0}))
+    for v in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ConfigError, match="finite numbers"):
+            SamplingParams(logit_bias={5: v})
+    assert engine.add_request("x", GREEDY, request_id=1) == "1"
+    assert engine.add_request("y", GREEDY) == "2"  # '1' is taken
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs[good].token_ids == full_greedy(model, tok.encode("the cat"), 12)
+    small = Engine(model, tok, EngineConfig(max_num_batched_tokens=8, chunked_prefill=False))
+    with pytest.raises(LmforgeError, match="chunked_prefill off.*14 tokens > max_num_batched_tokens=8"):
+        small.add_request("the dog sat", SamplingParams(max_tokens=3))
+    with pytest.raises(ConfigError, match=r"draft model's vocabulary \(300\) differs from the target's"):
+        LLM(model, tok, draft=tiny_model("llama", vocab_size=300))
+
+
+def test_running_outputs_have_no_finish_reason(tok):
+    from lmforge.infer.engine import Engine
+
+    engine = Engine(tiny_model("llama"), tok)
+    engine.add_request("ab", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    reasons = []
+    while engine.has_unfinished():
+        reasons += [(o.finished, o.finish_reason) for o in engine.step()]
+    assert reasons[-1] == (True, "length") and all(r == (False, None) for r in reasons[:-1])
+
+
+def test_generate_takes_any_form_of_prompts_and_names_bad_ones(tok):
+    import numpy as np
+
+    llm = LLM(tiny_model("llama"), tok)
+    ids = tok.encode("the")
+    want = llm.generate([ids], GREEDY)[0].token_ids
+    for form in (ids, torch.tensor(ids), [np.int64(t) for t in ids], (p for p in [ids])):
+        assert llm.generate(form, GREEDY)[0].token_ids == want
+    assert [o.token_ids for o in llm.generate(torch.tensor([ids, ids]), GREEDY)] == [want, want]
+    with pytest.raises(ConfigError, match="params must be one SamplingParams for every prompt, got dict"):
+        llm.generate("a", {"temperature": 0})
+    with pytest.raises(LmforgeError, match="prompts must be a string, a list of token ids, or a list of those; got int"):
+        llm.generate(5)
+    with pytest.raises(LmforgeError, match="got NoneType"):
+        llm.generate(None)
+    with pytest.raises(LmforgeError, match="pair 0 has token id 1000 outside"):
+        llm.score([([116], [1000])])
+    with pytest.raises(ConfigError, match="set cuda_graphs and max_batch_size in it"):
+        from lmforge.infer.engine import EngineConfig
+        LLM(llm.model, tok, max_batch_size=2, config=EngineConfig())
+
+
+def test_truncate_prompt_leaves_room_for_max_tokens(tok):
+    """Prompts are cut from the left so that max_tokens fit (a longer prompt never gets more output), the
+    prompt keeping at least half the window (context 128 here)."""
+    llm = LLM(tiny_model("llama"), tok)
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, truncate_prompt=True)
+    for n in (100, 120, 127, 128, 300):
+        out = llm.generate("a" * n, sp)[0]
+        assert len(out.prompt_token_ids) == min(n, 112) and len(out.token_ids) == 16
+    out = llm.generate("a" * 300, SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True,
+                                                 truncate_prompt=True))[0]
+    assert len(out.prompt_token_ids) == 64 and len(out.token_ids) == 64 and out.finish_reason == "length"

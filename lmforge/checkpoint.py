@@ -91,7 +91,10 @@ def model_meta(model: torch.nn.Module) -> dict[str, Any]:
 
     cfg = getattr(model, "cfg", None)
     if isinstance(cfg, ModelConfig):
-        return {"model": to_dict(cfg)}
+        from lmforge.adapt.lora import lora_record
+
+        lora = lora_record(model)  # unmerged adapters: load_model puts them back before the weights
+        return {"model": to_dict(cfg), **({"lora": lora} if lora else {})}
     cls = getattr(model, "model_class", type(model))  # a gathered sharded model names the class it shards
     return {"model_class": f"{cls.__module__}.{cls.__qualname__}"}
 
@@ -253,7 +256,10 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     missing = sorted(set(own) - set(state) - shared)
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        hint = ("; it holds LoRA adapters: apply_lora(model, the LoRAConfig it was trained with) first, or "
+                "load_model(path), which puts them back" if any(".lora_" in n for n in unexpected) else "")
+        raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}{hint}")
     for name, t in state.items():
         if t.shape != own[name].shape:
             raise CheckpointError(f"{ckpt}: tensor {name} has shape {tuple(t.shape)}, model expects "
@@ -297,8 +303,12 @@ def load_model(path: str | Path, device: str = "cpu"):
     if is_hf_dir(ckpt):
         model, tok = _load_hf(ckpt)
     else:
-        cfg, _ = model_config_of(ckpt)
+        cfg, meta = model_config_of(ckpt)
         model = Transformer(cfg)
+        if meta.get("lora"):  # a LoRA run's checkpoint: the adapters as they were trained (unmerged)
+            from lmforge.adapt.lora import restore_lora
+
+            restore_lora(model, meta["lora"])
         load_weights(model, ckpt)
         tok = load_tokenizer(ckpt) if (ckpt / FILE_NAME).is_file() else None
     return model.to(device).eval(), tok

@@ -85,6 +85,11 @@ def pick_device(name: str = "auto") -> str:
     return name
 
 
+INLINE_BYTES = 2 << 20
+"""inputs below this many bytes are processed in this process: starting workers would cost more (and a
+script without an `if __name__ == "__main__":` guard, which spawned workers re-import, still runs)"""
+
+
 def process_pool(workers: int, **kwargs):
     """A multiprocessing Pool whose workers do not inherit this process's threads: 'forkserver' where the
     platform has it, else 'spawn'. A plain fork copies the locks of every running thread (torch's

@@ -161,6 +161,29 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     return model
 
 
+def lora_record(model) -> dict[str, list]:
+    """{layer: [r, scale]} of a model's unmerged adapters: what a checkpoint records (restore_lora's input).
+    A stand-in for a model (a sharded model's gathered weights) gives its `lora` attribute."""
+    if not isinstance(model, nn.Module):
+        return dict(getattr(model, "lora", {}))
+    return {n: [m.lora_A.shape[0], m.scale] for n, m in lora_layers(model).items()}
+
+
+def restore_lora(model: nn.Module, layers: dict[str, list]) -> nn.Module:
+    """In place: the LoRALinear layers a checkpoint records ({name: [r, scale]}, lmforge.checkpoint.model_meta)
+    around the model's Linears, so its weights load as they were saved (no dropout: for inference and
+    evaluation; apply_lora builds adapters to train). Returns the model."""
+    for name, (r, scale) in layers.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        base = getattr(owner, child, None)
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"the checkpoint has a LoRA adapter on {name}, which is not a Linear layer of "
+                              f"{type(model).__name__}")
+        setattr(owner, child, LoRALinear(base, int(r), float(scale)))
+    return model
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 

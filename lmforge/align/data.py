@@ -75,6 +75,10 @@ class DataReport:
     truncated: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     first: dict[str, str] = field(default_factory=dict)
+    held_out: int = 0
+    """of the used records, how many went to validation (data.val_fraction)"""
+    val: "DataReport | None" = None
+    """the validation files' own report (data.val)"""
 
     def reject(self, reason: str, message: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -82,12 +86,17 @@ class DataReport:
 
     def summary(self) -> str:
         bad = ", ".join(f"{n} {r} (first: {self.first[r]})" for r, n in self.rejected.items()) or "none"
-        return (f"{self.records} records: {self.used} used, {self.truncated} truncated to seq_len, "
-                f"rejected: {bad}")
+        held = f" ({self.held_out} held out for validation)" if self.held_out else ""
+        val = f"; validation files: {self.val.summary()}" if self.val is not None else ""
+        return (f"{self.records} records: {self.used} used{held}, {self.truncated} truncated to seq_len, "
+                f"rejected: {bad}{val}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"records": self.records, "used": self.used, "truncated": self.truncated,
-                "rejected": self.rejected, "first": self.first}
+        out = {"records": self.records, "used": self.used, "truncated": self.truncated,
+               "rejected": self.rejected, "first": self.first, "held_out": self.held_out}
+        if self.val is not None:
+            out["val"] = self.val.to_dict()
+        return out
 
 
 # tokenizing records -------------------------------------------------------------------------------
@@ -127,18 +136,19 @@ class Encoder:
             mask += [train or self.loss_on == "all"] * len(t)
         return ids, mask
 
-    def chat(self, messages: Any, where: str) -> Example:
+    def chat(self, messages: Any, where: str, field_name: str = "messages") -> Example:
+        """field_name: the record field the messages came from (a preference pair's are prompt + chosen/rejected)."""
         if not isinstance(messages, list) or not messages:
             raise RecordError("bad_messages",
-                              f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+                              f"{where}: field {field_name!r} must be a non-empty list of {{role, content}} objects")
         if self.loss_on == "assistant" and not any(isinstance(m, dict) and m.get("role") == "assistant"
                                                    for m in messages):
-            raise RecordError("no_assistant_turn", f"{where}: field 'messages' has no assistant turn, so nothing "
-                              "would be trained; add one or set data.loss_on='all'")
+            raise RecordError("no_assistant_turn", f"{where}: field {field_name!r} has no assistant turn, so "
+                              "nothing would be trained; add one or set data.loss_on='all'")
         try:
             return self._pieces(self.template.segments(messages))
         except (LmforgeError, AttributeError) as e:
-            raise RecordError("bad_messages", f"{where}: field 'messages': {e}") from e
+            raise RecordError("bad_messages", f"{where}: field {field_name!r}: {e}") from e
 
     def prompt_completion(self, prompt: Any, completion: Any, where: str, name: str = "completion") -> Example:
         """Loss on the completion only (TRL's completion_only_loss) unless loss_on='all'. Strings are
@@ -151,7 +161,7 @@ class Encoder:
             raise RecordError("mixed_formats",
                               f"{where}: fields 'prompt' and {name!r} must both be strings or both message lists")
         if isinstance(prompt, list):  # conversational: the completion's assistant turns are trained
-            return self.chat(prompt + completion, where)
+            return self.chat(prompt + completion, where, f"prompt + {name}")
         p, c_ids = self.tok.encode(prompt), self.tok.encode(completion)
         c_ids = c_ids + ([self.eos] if self.eos is not None else [])
         return p + c_ids, [self.loss_on == "all"] * len(p) + [True] * len(c_ids)
@@ -169,7 +179,7 @@ def read_jsonl(path: str | Path, report: DataReport, on_error: str):
             report.records += 1
             where = f"{path.name}:{i}"
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(raw.decode("utf-8-sig" if i == 1 else "utf-8"))  # a byte-order mark may open a file
                 problem = None if isinstance(rec, dict) else f"a {type(rec).__name__}, not an object"
             except UnicodeDecodeError as e:
                 problem = f"not UTF-8: {e.reason} at byte {e.start}"
@@ -183,10 +193,10 @@ def read_jsonl(path: str | Path, report: DataReport, on_error: str):
                 report.reject("bad_json", where)
 
 
-def _truncate(ex: Example, max_tokens: int, report: DataReport, where: str) -> Example:
+def _truncate(ex: Example, max_tokens: int, cut: list[bool], where: str) -> Example:
     ids, mask = ex
     if len(ids) > max_tokens:
-        report.truncated += 1
+        cut.append(True)
         ids, mask = ids[:max_tokens], mask[:max_tokens]
     if not any(mask[1:]):
         raise RecordError("no_trainable_tokens", f"{where}: no trainable tokens within its first {max_tokens} "
@@ -195,9 +205,15 @@ def _truncate(ex: Example, max_tokens: int, report: DataReport, where: str) -> E
 
 
 def encode_record(enc: Encoder, rec: dict, kind: str, where: str, max_tokens: int, report: DataReport):
-    """One record -> an SFT example, a (chosen, rejected) pair, or (example, label) for KTO."""
-    def fit(ex):
-        return _truncate(ex, max_tokens, report, where)
+    """One record -> an SFT example, a (chosen, rejected) pair, or (example, label) for KTO; a record
+    truncated (either side of a pair) counts once in report.truncated."""
+    cut: list[bool] = []
+    item = _encode(enc, rec, kind, where, lambda ex: _truncate(ex, max_tokens, cut, where))
+    report.truncated += bool(cut)
+    return item
+
+
+def _encode(enc: Encoder, rec: dict, kind: str, where: str, fit):
 
     if kind == "sft":
         if "messages" in rec:
@@ -381,9 +397,9 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows:
     enc = Encoder(tokenizer, cfg.template, cfg.loss_on)
     items, report = load_records(cfg.train, enc, kind, cfg.seq_len, cfg.on_error)
     if cfg.val:
-        val, _ = load_records(cfg.val, enc, kind, cfg.seq_len, cfg.on_error)
+        val, report.val = load_records(cfg.val, enc, kind, cfg.seq_len, cfg.on_error)
     else:
-        n_val = int(len(items) * cfg.val_fraction)
+        n_val = report.held_out = int(len(items) * cfg.val_fraction)
         items, val = (items[:len(items) - n_val], items[len(items) - n_val:]) if n_val else (items, [])
     pack = cfg.seq_len if kind == "sft" and cfg.packing else None
     if kind == "sft":

@@ -164,7 +164,8 @@ class ObjectiveEvaluator:
             share = b if whole else eval_rows(self.runner, b)
             w = self._weight(share) if self.runner is None or not whole or self.runner.eval_rank == 0 else 0.0
             with contextlib.nullcontext() if self.runner is None else self.runner._loss_context():  # as in training
-                _, metrics = self.objective.loss(model, {k: v.to(device) for k, v in share.items()})
+                loss, metrics = self.objective.loss(model, {k: v.to(device) for k, v in share.items()})
+            metrics = {"loss": loss, **metrics}  # val_loss for every objective (SFT also names it itself)
             keys = keys or list(metrics)
             # every rank runs the forward (FSDP gathers inside it); a share without items adds nothing, and
             # neither does a metric the share cannot define (NaN: e.g. KTO's mean over a label it lacks)

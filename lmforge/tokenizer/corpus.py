@@ -105,7 +105,9 @@ def _run_ordered(tok, tasks: list, workers: int | None, progress: bool, total: i
     """Results of _encode_range over tasks, in order, from a pool of worker processes."""
     from tqdm.auto import tqdm
 
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    from lmforge.utils import INLINE_BYTES
+
+    workers = 1 if total < INLINE_BYTES else max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
     try:
         if workers == 1:

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.utils import INLINE_BYTES, process_pool
 from lmforge.tokenizer.pretokenize import (check_specials, findall, resolve_pattern, safe_byte_cut, safe_pieces,
                                            split_specials)
 
 CHUNK_BYTES = 4 << 20  # per worker task: big enough to amortise process overhead, small for memory
-_INLINE_BYTES = 2 << 20  # below this, counting in-process beats starting workers
 
 
 # ---- phase 1: pre-token counts ----------------------------------------------------------------------
@@ -147,11 +147,10 @@ def count_pretokens(source, pat: str, specials: tuple[str, ...], workers: int | 
         stats["bytes"] += size
         stats["undecodable_bytes"] += bad
 
-    if workers <= 1 or (total is not None and total < _INLINE_BYTES):
+    if workers <= 1 or (total is not None and total < INLINE_BYTES):
         for t in tasks:
             add(_call(t))
         return counts, stats
-    from lmforge.utils import process_pool
 
     # At most 2 tasks per worker in flight, so a long stream of texts is never all in memory.
     with process_pool(workers) as pool:

@@ -249,6 +249,9 @@ class Gathered:
         from torch.distributed.fsdp import FSDPModule
 
         self.model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        from lmforge.adapt.lora import lora_record
+
+        self.lora = lora_record(model)  # its LoRA layers, which the checkpoint records
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._weights

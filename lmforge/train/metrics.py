@@ -10,6 +10,7 @@ no datasheet number, and a peak measured at start-up on a shared machine depends
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ class MetricsLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open(self.path, "a") as f:  # strict JSON: an undefined metric (NaN, inf) is written as null
+            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in row.items()}) + "\n")
         step = row.get("step", 0)
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
@@ -87,9 +89,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
+        rows.append({k: float("nan") if v is None else v for k, v in row.items()})  # null: an undefined metric
     return rows
 
 

@@ -18,9 +18,12 @@ label (KTO), teacher_logits, ref_chosen_logps (precomputed reference log-probs).
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import numbers
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
+
+from lmforge.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
 
@@ -44,8 +47,10 @@ class DataSource(Protocol):
 class Objective(Protocol):
     """Turns (model, batch) into (scalar loss to backpropagate, metrics).
 
-    Metrics are 0-d tensors left on the device (the loop reads them in one host sync at log time);
-    names follow TRL where TRL logs the same quantity (rewards/chosen, rewards/margins, ...).
+    Metrics are 0-d tensors left on the device (the loop reads them in one host sync at log time; a plain
+    number is taken too), the same names every step; names follow TRL where TRL logs the same quantity
+    (rewards/chosen, rewards/margins, ...). A metric is a mean over the batch, weighted like the loss
+    across micro-batches, except counts named `num_*`, which add up over the step.
     Frozen extra models (reference policy, teacher, reward model) belong to the objective: eval mode,
     requires_grad False, possibly on another device. `state_dict` holds what a resumed run needs, e.g. a
     reference model's identity (path and checksum), never its weights a second time.
@@ -58,3 +63,39 @@ class Objective(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def checked_loss(loss_fn: Callable, name: str) -> Callable:
+    """An objective's loss with its output checked: (a scalar tensor, {name: 0-d tensor or number}); a
+    mistake is a one-line error naming the objective and what it returned, not a failure deep in the loop."""
+
+    def loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = loss_fn(model, batch)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ConfigError(f"{name}.loss must return (loss, metrics), got {type(out).__name__}")
+        value, metrics = out
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ConfigError(f"{name}.loss's loss must be a scalar tensor, got "
+                              f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        return value.reshape(()), _metric_tensors(metrics, f"{name}.loss", value.device)
+
+    return loss
+
+
+def _metric_tensors(metrics, who: str, device) -> dict[str, torch.Tensor]:
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{who} must return its metrics as a dict {{name: value}}, got {type(metrics).__name__}")
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            v = torch.tensor(float(v), device=device)
+        if not isinstance(v, torch.Tensor) or v.numel() != 1:
+            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ConfigError(f"{who}: metric {k!r} must be one number (a 0-d tensor), got {shape}")
+        out[str(k)] = v.reshape(())
+    return out
+
+
+def checked_metrics(metrics, who: str) -> dict[str, float]:
+    """An evaluator's {name: number} (0-d tensors become floats) or a one-line error."""
+    return {k: float(v) for k, v in _metric_tensors(metrics, who, "cpu").items()}

@@ -156,6 +156,11 @@ def posttrain(cfg: PostTrainConfig):
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok
     if tok is None:
         raise LmforgeError(f"{cfg.init} holds no tokenizer; set tokenizer = 'byte' or a tokenizer path")
+    if getattr(tok, "vocab_size", 0) > mcfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the init model's vocab_size is "
+                          f"{mcfg.vocab_size}: it was not made for this model; use the model's own tokenizer")
+    if "teacher" in inspect.signature(resolve(spec.path)).parameters and not cfg.teacher:
+        raise ConfigError(f"{cfg.objective} needs a teacher model: set teacher = 'checkpoint or HF directory'")
     kto = getattr(cfg, "kto", None)  # KTOConfig(kl=False) reads no mismatched rows: the data builds none
     train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed, kl_rows=getattr(kto, "kl", True))
     run_dir = Path(cfg.run_dir)

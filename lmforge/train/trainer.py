@@ -48,7 +48,7 @@ from lmforge.train import distributed as ddp
 from lmforge.train.config import LoopConfig, TrainConfig, uses_bf16
 from lmforge.train.interrupts import Interrupts, rng_state, set_rng_state
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
-from lmforge.train.objective import Batch, DataSource, Objective
+from lmforge.train.objective import Batch, DataSource, Objective, checked_loss, checked_metrics
 from lmforge.utils import run_metadata, write_json_atomic
 
 if TYPE_CHECKING:
@@ -128,7 +128,8 @@ class Trainer:
         # model + loss compiled as one graph, so the fp32 logits never round-trip through memory
         options = {k: True for k, on in (("coordinate_descent_tuning", cfg.compile_tune),
                                          ("triton.cudagraphs", cfg.compile_cudagraphs)) if on}
-        self.loss_fn = torch.compile(objective.loss, options=options or None) if cfg.compile else objective.loss
+        self.loss_fn = checked_loss(torch.compile(objective.loss, options=options or None) if cfg.compile
+                                    else objective.loss, type(objective).__name__)
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.flops_per_token: float | None = None  # known at the first batch (it depends on seq_len)
         self.peak = peak_flops(self.device, "bf16" if use_bf16 else "fp32")
@@ -221,6 +222,13 @@ class Trainer:
         self.last_checkpoint = path
         if self.rank == 0:
             tqdm.write(f"resumed from {path} at step {self.step}")
+            changed = changed_settings(self.run_dir / "config.json", to_dict(self.cfg))
+            if changed:
+                tqdm.write(f"settings changed since the run's last start: {changed} (the learning-rate schedule "
+                           "follows the new max_steps; the data order continues as saved)")
+            if self.step >= self.cfg.max_steps:
+                tqdm.write(f"the run is already at step {self.step} >= max_steps={self.cfg.max_steps}: nothing to "
+                           "train; raise max_steps to continue it")
 
     # steps ---------------------------------------------------------------------------------------
     def _call(self, name: str, *args) -> None:
@@ -276,10 +284,11 @@ class Trainer:
                 loss, metrics = self._forward_backward(batch, 1 / cfg.grad_accum if share is None else share,
                                                        sync=i == len(micro) - 1)
             metrics = {"loss": loss, **metrics}
-            for k, v in metrics.items():
-                v = v.detach().float() if share is None else v.detach().float() * (share * cfg.grad_accum)
+            for k, v in metrics.items():  # counts (num_*) add up over the micro-batches, means are weighted
+                v = v.detach().float() if share is None or k.startswith("num_") else \
+                    v.detach().float() * (share * cfg.grad_accum)
                 sums[k] = sums[k] + v if k in sums else v
-        stats = {k: v / cfg.grad_accum for k, v in sums.items()}
+        stats = {k: v if k.startswith("num_") else v / cfg.grad_accum for k, v in sums.items()}
         if self.runner is None:
             params = [p for p in self.model.parameters() if p.grad is not None]
             if cfg.optim.grad_clip > 0:
@@ -290,6 +299,7 @@ class Trainer:
             gnorm = self.runner.clip_grad_norm_(cfg.optim.grad_clip)
             keys = list(stats)
             stats = dict(zip(keys, self.runner.global_loss(torch.stack([stats[k] for k in keys]))))
+            stats = {k: v * self.runner.dp_size if k.startswith("num_") else v for k, v in stats.items()}
             n_tokens *= self.runner.dp_size
         stats["grad_norm"] = gnorm
         self._in_flight = (n_tokens, stats)
@@ -327,16 +337,21 @@ class Trainer:
         if not self._pending:
             return {}
         keys = list(self._pending[-1][1])
+        for step, m in self._pending:
+            if set(m) != set(keys):
+                raise ConfigError(f"the objective's metrics changed between steps: step {step} logged {sorted(m)}, "
+                                  f"step {self._pending[-1][0]} {sorted(keys)}; return the same metrics every step")
         steps = [s for s, _ in self._pending]
         values = torch.stack([torch.stack([m[k].float().to(self.device) for k in keys])
                               for _, m in self._pending]).tolist()
         self._pending.clear()
-        i = keys.index("loss")
+        # a finite loss can still come with a non-finite gradient, which the optimizer step has already applied
         for step, row in zip(steps, values):
-            if not math.isfinite(row[i]):
-                where = self.last_checkpoint or "none was written"
-                raise TrainingDiverged(f"loss became {row[i]} at step {step}; stopped. Last good checkpoint: "
-                                       f"{where}. Lower optim.lr or raise optim.warmup_steps")
+            for name in ("loss", "grad_norm"):
+                if name in keys and not math.isfinite(row[keys.index(name)]):
+                    where = self.last_checkpoint or "none was written"
+                    raise TrainingDiverged(f"{name} became {row[keys.index(name)]} at step {step}; stopped. Last good "
+                                           f"checkpoint: {where}. Lower optim.lr or raise optim.warmup_steps")
         return dict(zip(keys, values[-1]))
 
     @torch.no_grad()
@@ -347,9 +362,10 @@ class Trainer:
         self.model.eval()
         try:
             with self.autocast, sdpa_context(self.cfg.sdpa_backend):
-                return self.evaluator(self.model)
+                out = self.evaluator(self.model)
         finally:
             self.model.train()
+        return checked_metrics(out, "the evaluator")
 
     # loop ----------------------------------------------------------------------------------------
     def _log_eval(self, bar) -> dict[str, float]:
@@ -439,8 +455,10 @@ class Trainer:
                         self._save_at_boundary(t_start)
                     if self.rank == 0:
                         tqdm.write(f"stopped at step {self.step}: {self.interrupts.reason}")
-                if not ev:  # resumed at (or past) the last step: report the finished model's evaluation
-                    ev = self._log_eval(bar)
+                if not ev:  # resumed at (or past) the last step: report the finished model's evaluation (its
+                    ev = self.evaluate()  # metrics row was logged when it got there)
+                    if ev and cfg.progress and self.rank == 0:
+                        bar.write(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
         except KeyboardInterrupt:
             self.interrupts.interrupted(self, bar, t_start)
             bar.close()
@@ -453,6 +471,28 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, ev.get("val_loss"), ev.get("val_bpb"), self.elapsed,
                            self.last_checkpoint, read_metrics(self.run_dir) if self.rank == 0 else [], ev,
                            self.interrupts.reason if self.step < cfg.max_steps else None)
+
+
+def changed_settings(saved_config: Path, now: dict[str, Any], most: int = 6) -> str:
+    """'key old -> new, ...' for the settings that differ from a run directory's config.json ('' when it is
+    missing or nothing differs; run_dir, resume and progress are not settings of the run)."""
+    import json
+
+    try:
+        before = json.loads(saved_config.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
+        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+
+    a, b = flat(before), flat(json.loads(json.dumps(now, default=str)))  # as config.json holds it
+    skip = {"run_dir", "resume", "progress"}
+    diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in skip and a.get(k) != b.get(k)]
+    return ", ".join(diff[:most]) + (f" and {len(diff) - most} more" if len(diff) > most else "")
 
 
 def train(cfg: TrainConfig) -> TrainResult:

@@ -192,3 +192,20 @@ def test_trainer_changes_only_adapters_and_head_and_resumes_bit_exactly(tmp_path
     resumed.fit()
     for (n, p), q in zip(resumed.model.named_parameters(), trainer.model.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_a_lora_run_checkpoint_loads_with_its_adapters(tmp_path):
+    """A checkpoint of a model with unmerged adapters records them (rank, scale per layer): load_model and
+    LLM.load rebuild them and give the trained function; loading into a plain model names the fix."""
+    from lmforge import checkpoint as ckpt
+    from lmforge.errors import CheckpointError
+
+    model = apply_lora(tiny_model(0), LoRAConfig(r=2, alpha=6, targets=("wq", "up")))
+    randomise_b(model)
+    path = ckpt.save_checkpoint(tmp_path / "run", 3, model)
+    loaded, _ = ckpt.load_model(tmp_path / "run")
+    assert {n for n, m in loaded.named_modules() if isinstance(m, LoRALinear)} == \
+        {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    torch.testing.assert_close(loaded(IDS), model.eval()(IDS), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="it holds LoRA adapters: apply_lora"):
+        ckpt.load_weights(tiny_model(0), path)

@@ -55,7 +55,7 @@ def test_two_processes_split_the_rows_and_match_one_process(two_ranks, name):
     objective, batches = _cases()[name]
     model = tiny_model(0).eval()
     with torch.no_grad():  # reference: each whole batch's metrics, averaged over the batches
-        per_batch = [objective.loss(model, b)[1] for b in batches]
+        per_batch = [{"loss": loss, **m} for loss, m in (objective.loss(model, b) for b in batches)]
     ref = {f"val_{k}": sum(float(m[k]) for m in per_batch) / len(per_batch) for k in per_batch[0]}
     one, rows_one = _evaluate(model, objective, batches)
     assert one == pytest.approx(ref, rel=1e-6)

@@ -88,7 +88,7 @@ def test_lmforge_sft_command_end_to_end(base, tmp_path):
     out = subprocess.run([sys.executable, "-m", "lmforge", "sft", "--config", str(tmp_path / "sft.toml"),
                           "--max_steps", "8"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "data: 48 records: 48 used, 0 truncated" in out.stdout and "done: 8 steps" in out.stdout
+    assert "data: 48 records: 48 used (12 held out for validation), 0 truncated" in out.stdout and "done: 8 steps" in out.stdout
     run = tmp_path / "run"
     assert [p.name for p in ckpt.checkpoint_dirs(run)] == ["step_000006", "step_000008"]
     meta = json.loads((ckpt.checkpoint_dirs(run)[-1] / "config.json").read_text())
@@ -203,3 +203,30 @@ def test_lmforge_kto_and_orpo_commands_train_and_chat_reads_the_template(name, b
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 6 and all(map(math.isfinite, losses))
     assert saved_template(str(tmp_path / "run")) == "plain" and saved_template(str(base / "base")) is None
+
+
+def test_every_objective_reports_its_validation_loss_and_bad_setups_stop_before_the_data(base, tmp_path, capsys):
+    """ObjectiveEvaluator reports the objective's own loss as val_loss (DPO has no 'loss' metric of its own);
+    a tokenizer larger than the model and a distillation without a teacher are refused before any file is
+    written; validation records dropped with on_error='skip' are counted in the report."""
+    from lmforge.errors import ConfigError
+
+    res = PT.posttrain(_cfg(base, tmp_path / "dpo", "dpo", max_steps=2, eval_every=2, plot=False))
+    assert res.final_val_loss is not None and math.isfinite(res.final_val_loss)
+    big = tmp_path / "big_tok.json"
+    from lmforge.tokenizer.byte import ByteTokenizer
+    ByteTokenizer([f"<x{i}>" for i in range(300)]).save(big)
+    with pytest.raises(ConfigError, match="tokenizer has 556 tokens but the init model's vocab_size is 257"):
+        PT.posttrain(_cfg(base, tmp_path / "v", tokenizer=str(big)))
+    with pytest.raises(ConfigError, match="distill needs a teacher model"):
+        PT.posttrain(_cfg(base, tmp_path / "d", "distill"))
+    assert not (tmp_path / "v").exists() and not (tmp_path / "d").exists()
+    val = tmp_path / "val.jsonl"
+    good = (base / "chat.jsonl").read_text().splitlines()[:3]
+    val.write_text("\n".join(good + ["not json", '{"text": "no messages"}']) + "\n")
+    cfg = _cfg(base, tmp_path / "s", max_steps=1, plot=False)
+    PT.posttrain(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=(str(val),), on_error="skip")))
+    report = json.loads((tmp_path / "s" / "data_report.json").read_text())
+    assert report["val"]["records"] == 5 and report["val"]["used"] == 3
+    assert report["val"]["rejected"] == {"bad_json": 1, "unknown_format": 1}
+    assert "validation files: 5 records: 3 used" in capsys.readouterr().out

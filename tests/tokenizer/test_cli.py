@@ -56,8 +56,9 @@ def test_train_writes_loadable_tokenizer(tok_dir):
     assert tok.vocab_size == 600 and tok.eot_id == 256 and (tok_dir / "tokenizer.json").is_file()
 
 
-def test_encode_shards_roundtrip(corpus, tok_dir, tmp_path, capsys):
+def test_encode_shards_roundtrip(corpus, tok_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "shards"
+    monkeypatch.setattr("lmforge.utils.INLINE_BYTES", 0)  # two worker processes even for this small corpus
     assert lmforge_main(["tokenizer", "encode", "--tokenizer", str(tok_dir), "--input", *map(str, corpus),
                          "--out", str(out), "--workers", "2", "--progress", "False"]) == 0
     assert "undecodable" in capsys.readouterr().out

@@ -103,7 +103,7 @@ def test_parallel_chunked_counting_equals_inline(tmp_path, monkeypatch):
     specials = ("<|endoftext|>",)
     inline, _ = count_pretokens([f], PATTERNS["gpt2"], specials, workers=1)
     monkeypatch.setattr(tr, "CHUNK_BYTES", 20_000)
-    monkeypatch.setattr(tr, "_INLINE_BYTES", 0)
+    monkeypatch.setattr(tr, "INLINE_BYTES", 0)
     assert len(tr.file_ranges(f, PATTERNS["gpt2"], specials)) > 10
     parallel, stats = count_pretokens([f], PATTERNS["gpt2"], specials, workers=2)
     streamed, _ = count_pretokens(iter(text.split("\n\n")), PATTERNS["gpt2"], specials, workers=2)

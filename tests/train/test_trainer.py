@@ -165,3 +165,72 @@ def test_rerun_of_a_finished_run_reports_its_validation_loss(tmp_path):
     first = train(cfg)
     again = train(cfg)  # resumes at step 6 = max_steps: no training, same final evaluation
     assert again.steps == 6 and again.final_val_loss == pytest.approx(first.final_val_loss, rel=1e-6)
+
+
+def test_a_nan_gradient_under_a_finite_loss_stops_before_its_checkpoint(tmp_path):
+    """Step 10's loss is finite but its gradient is NaN (the update poisons the weights): the step-10
+    checkpoint must not be written; step 5's stays the last good one."""
+    shard = make_shard(tmp_path / "t.bin")
+    tr = Trainer(tiny_config(shard, tmp_path / "run", max_steps=30, ckpt_every=5))
+    tr.model.tok_emb.weight.register_hook(lambda g: g * float("nan") if tr.step == 9 else g)
+    with pytest.raises(TrainingDiverged, match="grad_norm became nan at step 10.*step_000005"):
+        tr.fit()
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == ["step_000005"]
+
+
+def test_objective_mistakes_are_one_line_errors(tmp_path):
+    from lmforge.train.objective import checked_loss, checked_metrics
+
+    x = torch.ones(2, requires_grad=True)
+    ok = checked_loss(lambda m, b: (x.sum(), {"acc": 0.5, "n": torch.tensor([3.0])}), "Mine")
+    loss, metrics = ok(None, {})
+    assert loss.shape == () and metrics["acc"].item() == 0.5 and metrics["n"].shape == ()
+    for out, msg in ((x.sum(), "Mine.loss must return \\(loss, metrics\\), got Tensor"),
+                     ((x, {}), "loss must be a scalar tensor, got \\(2,\\)"),
+                     ((x.sum(), {"m": x}), "metric 'm' must be one number \\(a 0-d tensor\\), got \\(2,\\)"),
+                     ((x.sum(), [1]), "must return its metrics as a dict")):
+        with pytest.raises(ConfigError, match=msg):
+            checked_loss(lambda m, b, out=out: out, "Mine")(None, {})
+    assert checked_metrics({"val_loss": torch.tensor(1.5)}, "the evaluator") == {"val_loss": 1.5}
+    with pytest.raises(ConfigError, match="the evaluator must return its metrics as a dict"):
+        checked_metrics(torch.tensor(1.5), "the evaluator")
+    shard = make_shard(tmp_path / "t.bin")
+    tr = Trainer(tiny_config(shard, tmp_path / "run", max_steps=4, log_every=4))
+    real = tr.loss_fn
+    tr.loss_fn = lambda m, b: (lambda l, mt: (l, {**mt, **({"extra": l.detach()} if tr.step == 1 else {})}))(*real(m, b))
+    with pytest.raises(ConfigError, match="metrics changed between steps: step 2 logged"):
+        tr.fit()
+
+
+def test_count_metrics_add_up_over_micro_batches(tmp_path):
+    shard = make_shard(tmp_path / "t.bin")
+    tr = Trainer(tiny_config(shard, tmp_path / "run", max_steps=2, grad_accum=2))
+    real = tr.loss_fn
+    tr.loss_fn = lambda m, b: (lambda l, mt: (l, {**mt, "num_rows": torch.tensor(float(b["input_ids"].shape[0])),
+                                                  "rows": torch.tensor(float(b["input_ids"].shape[0]))}))(*real(m, b))
+    res = tr.fit()
+    row = next(r for r in res.history if "num_rows" in r)
+    assert row["num_rows"] == 16 and row["rows"] == 8  # a count sums over the 2 x 8 rows, a mean does not
+
+
+def test_resuming_says_what_changed_and_a_finished_run_logs_nothing_twice(tmp_path, capsys):
+    shard = make_shard(tmp_path / "t.bin")
+    train(tiny_config(shard, tmp_path / "run", max_steps=10, eval_every=10))
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    res = train(tiny_config(shard, tmp_path / "run", max_steps=10, eval_every=10))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == rows and res.final_val_loss is not None
+    train(tiny_config(shard, tmp_path / "run", max_steps=5, eval_every=10))
+    assert "already at step 10 >= max_steps=5: nothing to train" in capsys.readouterr().out
+    train(tiny_config(shard, tmp_path / "run", max_steps=12, eval_every=10, seed=3))
+    assert "settings changed since the run's last start: max_steps 5 -> 12, seed 0 -> 3" in capsys.readouterr().out
+
+
+def test_undefined_metrics_are_written_as_null(tmp_path):
+    from lmforge.train.metrics import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path)
+    log.log({"step": 1, "loss": 2.0, "kto/undesirable": float("nan"), "x": float("inf")})
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())  # strict JSON
+    assert line["kto/undesirable"] is None and line["x"] is None
+    back = read_metrics(tmp_path)[0]
+    assert back["loss"] == 2.0 and math.isnan(back["kto/undesirable"])

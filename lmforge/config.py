@@ -155,6 +155,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | Non
             f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(fields))}"
         )
     kwargs = {name: getattr(base, name) for name in fields} if base is not None else {}
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and n not in data and n not in kwargs]
+    if required:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"missing config key '{prefix}{required[0]}' (a [{prefix}{required[0]}] table or "
+                          f"{prefix}{required[0]} = ...); it has no default")
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
         default = _default(fields[name], base) if isinstance(value, dict) else None

@@ -141,3 +141,10 @@ def test_a_pipeline_is_refused_for_losses_it_would_drop():
     with pytest.raises(ConfigError, match="drop this model's MTP loss"):
         TrainConfig(model=ModelConfig(**base, mtp=MTPConfig()), parallel=ParallelConfig(pp=2))
     TrainConfig(model=ModelConfig(**base), parallel=ParallelConfig(pp=2))  # a dense model is fine
+
+
+def test_a_missing_required_key_is_named():
+    from lmforge.data.pipeline import PipelineConfig
+
+    with pytest.raises(ConfigError, match=r"missing config key 'input' \(a \[input\] table or input = ...\)"):
+        from_dict(PipelineConfig, {"output": {"dir": "x"}})

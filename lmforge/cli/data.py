@@ -55,6 +55,10 @@ def run(argv: list[str]) -> int:
 
         report = run_local(cfg, restart=args.restart)
     print(report_markdown(report))
+    read = next((st for st in report["stages"] if st["name"] == "read"), None)
+    if read and read["docs_in"] and read["rejected"].get("empty") == read["docs_in"]:
+        print(f"every document read was empty: is input.text_key right? (the field holding the text; now "
+              f"{cfg.input.text_key!r})")
     print(reuse_line(report, cfg.output.dir))
     print(f"kept documents: {report['output']}; report: {cfg.output.dir}/report.md")
     return 0 if report["balance"]["balanced"] else 1

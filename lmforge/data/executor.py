@@ -97,6 +97,13 @@ def _run_map_shard_args(args: tuple) -> dict[str, Any]:
     return run_map_shard(*args)
 
 
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C (sent to the whole process group) to the parent, which terminates them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]]) -> list[dict[str, Any]]:
     """A corpus-wide stage over every shard's documents at once; outputs keep the shard split."""
     layout = RunLayout(cfg)
@@ -127,6 +134,14 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
     return out_stats
 
 
+def run_entries(cfg: PipelineConfig) -> list[Path]:
+    """What a run writes in output.dir (the layout above, plus each tokenize stage's relative out_dir)."""
+    root = Path(cfg.output.dir)
+    names = ["pipeline.json", "data", "rejected", "_work", "report.json", "report.md", "report.png"]
+    outs = [Path(t.get("out_dir", "tokens")) for t in cfg.stages if t.get("stage") == "tokenize"]
+    return [root / n for n in names] + [root / o for o in outs if not o.is_absolute()]
+
+
 def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list[Path]]:
     """Check the optional packages the pipeline needs, then that output.dir holds nothing or an earlier
     run of this pipeline on these same inputs (names, sizes, modification times); `restart` empties the
@@ -136,9 +151,18 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     root = Path(cfg.output.dir)
     saved = root / "pipeline.json"
     shards = make_shards(cfg.input)
-    check_requirements(cfg, [f for files in shards.values() for f in files])
+    files = [f for fs in shards.values() for f in fs]
+    check_requirements(cfg, files)
+    inside = [f for f in files if f.resolve().is_relative_to(root.resolve())]
+    if inside:
+        raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
+                          "its files there; choose an output.dir apart from the inputs")
     if restart and saved.is_file():
-        shutil.rmtree(root)
+        for entry in run_entries(cfg):  # only what a run writes: other files in the directory stay
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
     mine = {"input": asdict(cfg.input), "stages": [dict(t) for t in cfg.stages], "output_format": cfg.output.format}
     mine = json.loads(json.dumps(mine))
     inputs = input_fingerprint(shards)
@@ -164,20 +188,26 @@ def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], d
     todo = [s for s in shards if s not in done]
     bar = tqdm(total=len(shards), initial=len(done), desc=desc, disable=not cfg.progress, unit="shard")
     args = [(cfg, p, s, shards[s]) for s in todo]
+    pool = None
     if cfg.workers == 1 or len(todo) == 1:
         results: Any = (run_map_shard(*a) for a in args)
     else:
-        pool = process_pool(min(cfg.workers, len(todo)))
+        pool = process_pool(min(cfg.workers, len(todo)), initializer=_ignore_sigint)
         results = pool.imap_unordered(_run_map_shard_args, args)
     try:
         for st in results:
             done[st["shard"]] = st
             bar.update()
+    except BaseException:  # Ctrl-C or a failed shard: stop the workers now (finished shards keep their markers)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        raise
     finally:
         bar.close()
-        if not (cfg.workers == 1 or len(todo) == 1):
-            pool.close()
-            pool.join()
+    if pool is not None:
+        pool.close()
+        pool.join()
     return done
 
 

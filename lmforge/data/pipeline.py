@@ -32,7 +32,7 @@ from lmforge.data.document import Document
 from lmforge.data.readers import FORMATS, detect_format, read_documents
 from lmforge.data.stage import StageSpec
 from lmforge.data.writers import WRITE_FORMATS
-from lmforge.errors import DataError, LmforgeError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,8 +191,13 @@ def check_requirements(cfg: PipelineConfig, files: list[Path]) -> None:
     for t in cfg.stages:
         for need in stage_needs(t):
             needs.setdefault(need, f"stage '{t['stage']}'")
+    extracts = bool(cfg.stages) and cfg.stages[0].get("stage") == "extract"
     for f in files:
         fmt = detect_format(f) if cfg.input.format == "auto" else cfg.input.format
+        raw = fmt == "html" or (fmt == "warc" and ".wet" not in f.name.lower())  # WET records are text already
+        if raw and not extracts:  # (a directory or glob hides the suffixes from the config)
+            raise ConfigError(f"input {f} is {fmt.upper()}: its documents need `stage = \"extract\"` as the "
+                              "first stage (else they are raw markup); add it, or leave such files out")
         if fmt in READER_NEEDS:
             needs.setdefault(READER_NEEDS[fmt], f"input {f.name}")
         if f.name.endswith((".zst", ".zstd")):

@@ -75,6 +75,8 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
         yield _error_doc(path, "file", "truncated_archive" if isinstance(e, (EOFError, zlib.error)) else "io", e)
         return
     text, bad = decode_text(data)
+    if unit != "file":  # Windows line ends split like Unix ones
+        text = text.replace("\r\n", "\n")
     pieces = [text] if unit == "file" else (text.split("\n") if unit == "line" else text.split("\n\n"))
     for i, piece in enumerate(pieces):
         if unit != "file" and not piece.strip():
@@ -93,13 +95,16 @@ def _json_doc(path: Path, lineno: int, line: bytes, text_key: str, id_key: str) 
         return _error_doc(path, f"line {lineno}", "bad_json", e)
     if not isinstance(rec, dict) or not isinstance(rec.get(text_key, ""), str):
         return _error_doc(path, f"line {lineno}", "bad_record")
-    meta = dict(rec.get("meta") or {}) if isinstance(rec.get("meta"), dict) else {}
-    meta.update({k: v for k, v in rec.items() if k not in (text_key, id_key, "meta", "drop")})
+    # a record lmforge wrote (Document.to_record: id, text, a dict meta, drop) keeps its drop reason; in
+    # anyone else's records "drop" and a non-dict "meta" are ordinary fields
+    ours = isinstance(rec.get("meta"), dict)
+    meta = dict(rec["meta"]) if ours else {}
+    meta.update({k: v for k, v in rec.items() if k not in (text_key, id_key) and not (ours and k in ("meta", "drop"))})
     meta.setdefault("source", str(path))
     if bad:
         meta["decode_errors"] = bad
     doc_id = rec.get(id_key)
-    drop = rec.get("drop") if isinstance(rec.get("drop"), str) else None  # rejected records we wrote
+    drop = rec.get("drop") if ours and isinstance(rec.get("drop"), str) else None
     return Document(id=str(doc_id) if doc_id is not None else stable_id(str(path), str(lineno)),
                     text=rec.get(text_key) or "", meta=meta, drop=drop)
 
@@ -129,6 +134,12 @@ def read_parquet(path: str | Path, *, text_key: str = "text", id_key: str = "id"
         pf = pq.ParquetFile(path)
         for batch in pf.iter_batches(batch_size=batch_size):
             for rec in batch.to_pylist():
+                text = rec.get(text_key)
+                if text is not None and not isinstance(text, str):  # e.g. an integer column
+                    yield _error_doc(path, f"row {row}", "bad_record",
+                                     TypeError(f"column {text_key!r} holds {type(text).__name__}, not text"))
+                    row += 1
+                    continue
                 meta = rec.pop("meta", None)
                 meta = json.loads(meta) if isinstance(meta, str) else dict(meta or {})
                 drop = rec.pop("drop", None)
@@ -136,7 +147,7 @@ def read_parquet(path: str | Path, *, text_key: str = "text", id_key: str = "id"
                 meta.setdefault("source", str(path))
                 doc_id = rec.get(id_key)
                 yield Document(id=str(doc_id) if doc_id is not None else stable_id(str(path), str(row)),
-                               text=rec.get(text_key) or "", meta=meta, drop=drop)
+                               text=text or "", meta=meta, drop=drop if isinstance(drop, str) else None)
                 row += 1
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError on a corrupt or cut file
         yield _error_doc(path, f"after row {row}", "corrupt_parquet", e)

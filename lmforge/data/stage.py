@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from lmforge.data.document import Document
+from lmforge.errors import LmforgeError
 
 
 @dataclass(frozen=True)
@@ -44,21 +45,31 @@ class StageSpec:
 
 def run_stage(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Apply a map stage to a batch; if it raises, retry document by document so one bad document is
-    rejected as `error:<stage>` instead of failing the run (issue 6, "nothing crashes")."""
+    rejected as `error:<stage>` instead of failing the run (issue 6, "nothing crashes"). An LmforgeError is
+    no document's fault (a stage's setup: a tokenizer, model or file that is not there): it fails the run
+    with its one-line error, before the shard is marked done."""
     try:
         return spec.fn(cfg, docs, ctx)
-    except Exception:
+    except LmforgeError:
+        raise
+    except Exception as e:
         if spec.kind != "map" or len(docs) <= 1:
             if len(docs) == 1:
-                docs[0].reject(f"error:{spec.name}")
+                _reject(docs[0], spec.name, e)
                 return docs
             raise
     out: list[Document] = []
     for d in docs:
         try:
             out.extend(spec.fn(cfg, [d], ctx))
+        except LmforgeError:
+            raise
         except Exception as e:  # the stage's own bug or a pathological document
-            d.meta.setdefault("errors", []).append(f"{spec.name}: {type(e).__name__}: {e}"[:200])
-            d.reject(f"error:{spec.name}")
+            _reject(d, spec.name, e)
             out.append(d)
     return out
+
+
+def _reject(d: Document, stage: str, e: Exception) -> None:
+    d.meta.setdefault("errors", []).append(f"{stage}: {type(e).__name__}: {e}"[:200])
+    d.reject(f"error:{stage}")

@@ -38,14 +38,24 @@ def _tokenizer(spec: str) -> Any:
 
 
 def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
-    """Write the batch's documents to `<out_dir>/<shard>.bin`; records `meta.num_tokens`."""
+    """Write the batch's documents to `<out_dir>/<shard>.bin` in one go; records `meta.num_tokens`. A
+    document's text is ordinary text: a special token's string in it (web text may hold `<|endoftext|>`) is
+    encoded as text, never as the separator. A document that cannot be encoded is rejected
+    (`error:tokenize`) and the others are written: the shard holds exactly the documents kept."""
     tok = _tokenizer(cfg.tokenizer)
+    encode = getattr(tok, "encode_ordinary", tok.encode)
     sep = getattr(tok, "eot_id", None) if cfg.doc_sep else None
     out = Path(cfg.out_dir)
     path = (out if out.is_absolute() else ctx.workdir / out) / f"{ctx.shard}.bin"
+    encoded = []
+    for d in docs:
+        try:
+            encoded.append((d, encode(d.text)))
+        except Exception as e:  # noqa: BLE001  (a pathological document; the stage goes on without it)
+            d.meta.setdefault("errors", []).append(f"tokenize: {type(e).__name__}: {e}"[:200])
+            d.reject("error:tokenize")
     with TokenShardWriter(path, vocab_size=tok.vocab_size, tokenizer=cfg.tokenizer, doc_sep=sep) as w:
-        for d in docs:
-            ids = tok.encode(d.text)
+        for d, ids in encoded:
             w.add_document(ids)
             d.meta["num_tokens"] = len(ids)
     ctx.count("tokenize.tokens", w.num_tokens)

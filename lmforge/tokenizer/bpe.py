@@ -20,7 +20,7 @@ import numpy as np
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import formats
-from lmforge.tokenizer.byte import FILE_NAME
+from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
 from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, resolve_pattern,
                                            special_regex, split_specials)
 from lmforge.tokenizer.reference import ReferenceEncoder
@@ -28,15 +28,6 @@ from lmforge.utils import write_json_atomic
 
 FORMAT_VERSION = 1
 _REPLACEMENT = "\ufffd".encode()
-
-
-def _without_surrogates(text: str) -> str:
-    """Lone surrogates cannot be UTF-8 encoded; like tiktoken, replace them with U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 class Tokenizer:
@@ -200,7 +191,7 @@ class Tokenizer:
         try:
             return self._ordinary(text)
         except UnicodeEncodeError:
-            return self._ordinary(_without_surrogates(text))
+            return self._ordinary(without_surrogates(text))
 
     def _ordinary(self, text: str) -> list[int]:
         if self._enc is None:
@@ -232,7 +223,7 @@ class Tokenizer:
     def encode_reference(self, text: str) -> list[int]:
         """`encode` (all specials allowed) through the pure-Python reference encoder only."""
         out: list[int] = []
-        for seg, is_special in split_specials(_without_surrogates(text), self._specials):
+        for seg, is_special in split_specials(without_surrogates(text), self._specials):
             out.extend([self.special_tokens[seg]] if is_special else self.reference.encode(seg))
         return out
 
@@ -324,7 +315,17 @@ class Tokenizer:
         return cls(vocab, merges, specials, pattern)
 
     def save_gpt2(self, out_dir: str | Path) -> tuple[Path, Path]:
+        self._warn_pattern_lost("GPT-2 vocab.json + merges.txt")
         return formats.write_gpt2(self, out_dir)
+
+    def _warn_pattern_lost(self, fmt: str) -> None:
+        """GPT-2 and tiktoken files hold no pre-tokenization pattern: readers assume GPT-2's."""
+        if self.pattern != PATTERNS["gpt2"]:
+            from lmforge.errors import warn_caller
+
+            warn_caller(f"{fmt} cannot record this tokenizer's pre-tokenization pattern (not GPT-2's): loaded back "
+                        "it splits text with GPT-2's and gives other ids; share lmforge_tokenizer.json or "
+                        "tokenizer.json (HF), which keep it")
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "Tokenizer":
@@ -343,4 +344,5 @@ class Tokenizer:
         return cls({r: b for b, r in ranks.items()}, formats.merges_from_ranks(ranks), special_tokens, pattern)
 
     def save_tiktoken(self, path: str | Path) -> Path:
+        self._warn_pattern_lost("a tiktoken rank file")
         return formats.write_tiktoken(self, path)

@@ -9,6 +9,15 @@ from lmforge.utils import write_json_atomic
 FILE_NAME = "lmforge_tokenizer.json"
 
 
+def without_surrogates(text: str) -> str:
+    """Lone surrogates cannot be UTF-8 encoded; like tiktoken, replace them with U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class ByteTokenizer:
     """ids 0..255 are bytes; specials (default `<|endoftext|>`) follow. Decoding never raises:
     invalid UTF-8 becomes U+FFFD."""
@@ -26,7 +35,7 @@ class ByteTokenizer:
         return self.special_ids.get("<|endoftext|>")
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(without_surrogates(text).encode("utf-8"))
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Raw bytes -> ids, one per byte: bytes that are not valid UTF-8 are kept, not replaced."""

@@ -173,6 +173,12 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
     for s, w in writers.items():
         report.tokens[s], report.docs[s] = w.num_tokens, w.num_docs
         report.shards[s] = w.close()
+    if val_fraction > 0 and not report.tokens["val"]:
+        from lmforge.errors import warn_caller
+
+        warn_caller(f"val.bin holds no tokens: each file is split at a line start near its last "
+                    f"{val_fraction:.0%}, and these files are too short for one; give a separate validation file "
+                    "(data.val) or encode larger files")
     return report
 
 

@@ -43,7 +43,7 @@ def _from_json(path: Path):
         return ByteTokenizer.from_dict(data)
     if kind == "bpe":
         return Tokenizer.load(path)
-    if "model" in data:
+    if isinstance(data.get("model"), dict):  # (GPT-2's vocab.json has a token "model" too, as an id)
         return Tokenizer.from_hf(path)
     if (path.parent / "merges.txt").is_file() and all(isinstance(v, int) for v in data.values()):
         return Tokenizer.from_gpt2_files(path, path.parent / "merges.txt")
@@ -83,4 +83,14 @@ def load_tokenizer(spec: str | Path):
         raise DataError(f"tokenizer not found: {spec} (give {FORMATS}, or a directory holding one)")
     if path.suffix == ".json":
         return _from_json(path)
+    if path.name == "merges.txt" or _first_line(path).startswith(b"#version"):  # GPT-2's merges: its vocab.json
+        vocab = path.parent / "vocab.json"
+        if not vocab.is_file():
+            raise DataError(f"{path} is GPT-2 merges; its vocab.json must sit beside it ({vocab} not found)")
+        return _from_json(vocab)
     return _from_tiktoken(path)
+
+
+def _first_line(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.readline(200)

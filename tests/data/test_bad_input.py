@@ -61,3 +61,93 @@ def test_binary_page_and_bad_models_are_counted_as_rejected(tmp_path):
     assert [d.meta["error"] for d in rejected if d.drop == "langid:bad_model"] == [
         f"{tmp_path / 'v99.bin'}: fastText file format version 99 is not supported (supported: 11, 12)"]
     assert json.loads((tmp_path / "version" / "report.json").read_text())["balance"]["balanced"]
+
+
+def _jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_restart_removes_only_the_runs_files_and_inputs_stay_outside(tmp_path):
+    import pytest
+
+    from lmforge.errors import ConfigError
+
+    _jsonl(tmp_path / "in" / "a.jsonl", [{"text": "one doc"}, {"text": "two doc"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "my_notes.txt").write_text("mine")
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{out}"\n'
+                 '[[stages]]\nstage = "exact_dedup"\n[[stages]]\nstage = "tokenize"\n')
+    run_local(load_pipeline(p))
+    assert (out / "tokens").is_dir() and (out / "data").is_dir()
+    report = run_local(load_pipeline(p), restart=True)
+    assert report["shards"]["skipped"] == 0 and (out / "my_notes.txt").read_text() == "mine"
+    q = tmp_path / "q.toml"
+    q.write_text(f'[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{tmp_path}"\n')
+    with pytest.raises(ConfigError, match="lies inside output.dir"):
+        run_local(load_pipeline(q), restart=True)
+    assert (tmp_path / "in" / "a.jsonl").is_file()
+
+
+def test_tokenize_keeps_every_kept_document_and_reads_specials_as_text(tmp_path):
+    from lmforge.data.shards import TokenFile
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    assert ByteTokenizer().encode("a\ud800b") == list("a\ufffdb".encode())  # as the BPE tokenizer and tiktoken
+    docs = [{"text": "first"}, {"text": "bad \ud800 surrogate"}, {"text": "x <|endoftext|> y"}, {"text": "last"}]
+    _jsonl(tmp_path / "in" / "a.jsonl", docs)
+    report, rejected = _run(tmp_path, "tok", '[[stages]]\nstage = "tokenize"\n')
+    shard = TokenFile(tmp_path / "tok" / "tokens" / "shard-00000.bin")
+    assert report["balance"]["kept_docs"] == 4 and not rejected and shard.header["num_docs"] == 4
+    assert (shard.tokens == 256).sum() == 4  # only the separators: the text's "<|endoftext|>" stays text
+
+
+def test_a_stage_that_cannot_start_fails_the_run_and_marks_nothing_done(tmp_path):
+    import pytest
+
+    from lmforge.errors import LmforgeError
+
+    _jsonl(tmp_path / "in" / "a.jsonl", [{"text": "one doc"}, {"text": "two doc"}])
+    with pytest.raises(LmforgeError, match="tokenizer not found: nope"):
+        _run(tmp_path, "bad", '[[stages]]\nstage = "tokenize"\ntokenizer = "nope/"\n')
+    assert not list((tmp_path / "bad").glob("_work/**/*.done.json"))
+
+
+def test_html_behind_a_directory_needs_extract_and_odd_fields_are_fields(tmp_path):
+    import pytest
+
+    from lmforge.errors import ConfigError
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "page.html").write_text(PAGE)
+    with pytest.raises(ConfigError, match="page.html is HTML: its documents need `stage = \"extract\"`"):
+        _run(tmp_path, "html", '[[stages]]\nstage = "exact_dedup"\n')
+    (src / "page.html").unlink()
+    _jsonl(src / "a.jsonl", [{"id": "a", "text": "some text", "drop": "no", "meta": "not a dict"}])
+    (src / "b.txt").write_bytes(b"para one\r\nline two\r\n\r\npara two\r\n")
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{src}"]\ntext_unit = "paragraph"\n[output]\n'
+                 f'dir = "{tmp_path / "o"}"\n')
+    report = run_local(load_pipeline(p))
+    kept = [d for f in sorted((tmp_path / "o" / "data").glob("*")) for d in read_documents(f)]
+    assert report["balance"]["kept_docs"] == 3
+    a = next(d for d in kept if d.id == "a")
+    assert a.meta["drop"] == "no" and a.meta["meta"] == "not a dict"
+    assert sorted(d.text for d in kept if d.id != "a") == ["para one\nline two", "para two\n"]
+
+
+def test_a_parquet_text_column_of_numbers_is_a_rejected_record(tmp_path):
+    import pytest
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from lmforge.data.readers import read_parquet
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    docs = list(read_parquet(tmp_path / "ints.parquet"))
+    assert [d.drop for d in docs] == ["read_error:bad_record"] * 2
+    assert "column 'text' holds int, not text" in docs[0].meta["error"]

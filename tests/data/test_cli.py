@@ -59,3 +59,12 @@ stage = "pii"
     rejected = [x for f in (out / "rejected").glob("*.jsonl") for x in read_documents(f)]
     assert [x.drop for x in rejected] == ["exact_duplicate"] and rejected[0].id == "z2"
     assert json.loads((out / "pipeline.json").read_text())["output_format"] == "parquet"
+
+
+def test_a_run_whose_every_document_is_empty_asks_about_text_key(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text('{"content": "a"}\n{"content": "b"}\n')
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "c.jsonl"}"]\n[output]\ndir = "{tmp_path / "o"}"\n')
+    main(["data", "run", str(p)])
+    assert "every document read was empty: is input.text_key right? (the field holding the text; now 'text')" \
+        in capsys.readouterr().out

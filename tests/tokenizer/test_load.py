@@ -73,3 +73,29 @@ def test_non_utf8_bytes_are_counted_and_the_byte_tokenizer_keeps_them(exported, 
         assert ("kept the 4 bytes" if name == "byte" else "were replaced by U+FFFD") in out
     ids = TokenFile(tmp_path / "byte" / "train.bin").tokens.tolist()
     assert ids == [256, *raw.split(b"<|endoftext|>")[0], 256, *raw.split(b"<|endoftext|>")[1]]  # every byte kept
+
+
+def test_gpt2_files_whose_vocabulary_has_a_token_named_model(tmp_path):
+    """GPT-2's own vocab.json holds the token "model" (id 19849): it is still GPT-2 files, not an HF
+    tokenizer.json; merges.txt given alone opens with the vocab.json beside it."""
+    from ..conftest import shared_data as shared
+
+    vocab = shared("gpt2", "vocab.json")
+    for spec in (vocab.parent, vocab, vocab.parent / "merges.txt"):
+        tok = load_tokenizer(spec)
+        assert tok.vocab_size == 50257 and tok.encode("Hello world, model!") == [15496, 995, 11, 2746, 0]
+    (tmp_path / "lone").mkdir()
+    shutil.copy(vocab.parent / "merges.txt", tmp_path / "lone" / "merges.txt")
+    with pytest.raises(DataError, match="is GPT-2 merges; its vocab.json must sit beside it"):
+        load_tokenizer(tmp_path / "lone" / "merges.txt")
+
+
+def test_a_validation_split_too_small_for_the_files_warns(tmp_path):
+    from lmforge.tokenizer.byte import ByteTokenizer
+    from lmforge.tokenizer.corpus import encode_to_shards
+
+    (tmp_path / "tiny.txt").write_text("tiny")
+    with pytest.warns(UserWarning, match="val.bin holds no tokens"):
+        rep = encode_to_shards(ByteTokenizer(), [str(tmp_path / "tiny.txt")], tmp_path / "s", val_fraction=0.5,
+                               progress=False)
+    assert rep.tokens == {"train": 5, "val": 0}

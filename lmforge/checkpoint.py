@@ -174,6 +174,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, t
     return final
 
 
+EARLIER = ("use an earlier checkpoint: give its directory, or move this one aside (a run resumes from the newest "
+           "it finds)")
+
+
 def _verify(ckpt: Path, checksums: bool = True) -> dict[str, Any]:
     """Check every manifest file's size and (when recorded) SHA-256; return config.json."""
     man = ckpt / "manifest.json"
@@ -188,10 +192,9 @@ def _verify(ckpt: Path, checksums: bool = True) -> dict[str, Any]:
         p = ckpt / name
         if not p.is_file() or p.stat().st_size != size:
             got = p.stat().st_size if p.is_file() else "missing"
-            raise CheckpointError(f"{p} is truncated or damaged ({got} bytes, expected {size}); "
-                                  "use an earlier checkpoint")
+            raise CheckpointError(f"{p} is truncated or damaged ({got} bytes, expected {size}); {EARLIER}")
         if checksums and name in sums and sha256_file(p) != sums[name]:
-            raise CheckpointError(f"{p} is corrupted (SHA-256 differs from manifest.json); use an earlier checkpoint")
+            raise CheckpointError(f"{p} is corrupted (SHA-256 differs from manifest.json); {EARLIER}")
     return json.loads((ckpt / "config.json").read_text())
 
 

@@ -42,7 +42,14 @@ def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
     import warnings
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    import dataclasses
+
+    def inside(code) -> bool:  # lmforge's own code, or the dataclass machinery building one of its configs
+        return (os.path.abspath(code.co_filename).startswith(package) or code.co_filename == dataclasses.__file__
+                or (code.co_filename == "<string>" and code.co_name == "__init__"))
+
     frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of warn_caller
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None and inside(frame.f_code):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

@@ -144,6 +144,11 @@ class LoopConfig:
               "compile_cudagraphs = true replays the graphs torch.compile builds: set compile = true as well")
         for name in ("eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        if self.optim.warmup_steps > self.max_steps:
+            from lmforge.errors import warn_caller
+
+            warn_caller(f"optim.warmup_steps={self.optim.warmup_steps} > max_steps={self.max_steps}: the learning "
+                        "rate never reaches optim.lr")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -234,3 +234,16 @@ def test_undefined_metrics_are_written_as_null(tmp_path):
     assert line["kto/undesirable"] is None and line["x"] is None
     back = read_metrics(tmp_path)[0]
     assert back["loss"] == 2.0 and math.isnan(back["kto/undesirable"])
+
+
+def test_warmup_longer_than_the_run_warns_and_a_damaged_checkpoint_says_how_to_go_back(tmp_path):
+    with pytest.warns(UserWarning, match="warmup_steps=50 > max_steps=10: the learning rate never reaches"):
+        tiny_config(tmp_path / "t.bin", tmp_path / "w", max_steps=10, optim=dict(lr=1e-3, warmup_steps=50))
+    shard = make_shard(tmp_path / "t.bin")
+    train(tiny_config(shard, tmp_path / "run", max_steps=4, ckpt_every=2))
+    newest = ckpt.checkpoint_dirs(tmp_path / "run")[-1]
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    with pytest.raises(CheckpointError, match="corrupted.*move this one aside \\(a run resumes from the newest"):
+        Trainer(tiny_config(shard, tmp_path / "run", max_steps=6))

@@ -286,25 +286,25 @@ def load_train_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {ckpt / 'train_state.pt'}: {e}") from e
 
 
-def _load_hf(path: Path):
+def _load_hf(path: Path, tokenizer: bool = True):
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.bpe import Tokenizer
 
     model = Transformer.from_pretrained(path)
-    tok = Tokenizer.from_hf(path) if (path / "tokenizer.json").is_file() else None
+    tok = Tokenizer.from_hf(path) if tokenizer and (path / "tokenizer.json").is_file() else None
     return model, tok
 
 
-def load_model(path: str | Path, device: str = "cpu"):
+def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True):
     """(model, tokenizer) from a checkpoint, a run directory or a HF model directory; tokenizer is None
-    if none was saved."""
+    if none was saved, or not read (tokenizer=False: the caller brings its own)."""
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.byte import FILE_NAME
     from lmforge.tokenizer.load import load_tokenizer
 
     ckpt = resolve_checkpoint(path)
     if is_hf_dir(ckpt):
-        model, tok = _load_hf(ckpt)
+        model, tok = _load_hf(ckpt, tokenizer)
     else:
         cfg, meta = model_config_of(ckpt)
         model = Transformer(cfg)
@@ -313,5 +313,5 @@ def load_model(path: str | Path, device: str = "cpu"):
 
             restore_lora(model, meta["lora"])
         load_weights(model, ckpt)
-        tok = load_tokenizer(ckpt) if (ckpt / FILE_NAME).is_file() else None
+        tok = load_tokenizer(ckpt) if tokenizer and (ckpt / FILE_NAME).is_file() else None
     return model.to(device).eval(), tok

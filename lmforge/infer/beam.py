@@ -19,7 +19,7 @@ import torch
 
 from lmforge.infer.detok import safe_decode
 from lmforge.infer.outputs import CompletionOutput
-from lmforge.infer.request import Sequence, stop_ids
+from lmforge.infer.request import Sequence
 from lmforge.infer.runner import row_for
 
 Hyp = tuple[list[int], list[float], list[dict[int, float]]]
@@ -36,7 +36,7 @@ class BeamSearch:
     def __init__(self, request, tokenizer, max_seq_len: int):
         self.request, self.params = request, request.params
         self.W = self.params.beam_width
-        self.eos = stop_ids(self.params, tokenizer)
+        self.eos = request.eos
         self.tokenizer = tokenizer
         self.steps = min(self.params.max_tokens, max_seq_len - request.prompt_len)
         self.hyp: dict[int, Hyp] = {request.seqs[0].seq_id: ([], [], [])}

@@ -95,6 +95,8 @@ class Engine:
         self.device = next(model.parameters()).device
         spec = model.cache_spec() if hasattr(model, "cache_spec") else None
         self.max_seq_len, self.vocab_size = limits(model, spec)
+        # a HF checkpoint's end-of-sequence ids (config.json / generation_config.json eos_token_id)
+        self.eos_ids = tuple(getattr(model, "eos_token_ids", None) or ())
         tok_vocab = getattr(tokenizer, "vocab_size", None)
         if tok_vocab is not None and tok_vocab > self.vocab_size:
             raise ConfigError(f"tokenizer vocab_size={tok_vocab} is larger than the model's vocab_size="
@@ -185,7 +187,7 @@ class Engine:
                                f"blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
                                "gpu_memory_utilization, or lower max_tokens")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals),
-                      kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer)),
+                      kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer, self.eos_ids)),
                       arrival_time=time.perf_counter(), max_len=min(len(ids) + params.max_tokens, self.max_seq_len))
         # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
         req.generators = [self._generator(params, j) for j in range(params.n)]

@@ -64,7 +64,7 @@ class LLM:
         from lmforge.tokenizer.load import load_tokenizer
 
         from lmforge.checkpoint import load_model
-        model, saved = load_model(path, device=device)
+        model, saved = load_model(path, device=device, tokenizer=tokenizer is None)  # (yours replaces its own)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer or saved
         if tok is None:
             raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one: LLM.load(path, tokenizer='byte' or a "

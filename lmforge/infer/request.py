@@ -25,12 +25,16 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-def stop_ids(params: SamplingParams, tokenizer) -> set[int]:
+def stop_ids(params: SamplingParams, tokenizer, model_eos: tuple[int, ...] = ()) -> set[int]:
+    """The ids that end a sample: params.stop_token_ids, and unless ignore_eos the tokenizer's end-of-text
+    id and the model's own end-of-sequence ids (a HF checkpoint's eos_token_id: Transformer.eos_token_ids)."""
     ids = set(params.stop_token_ids)
+    if params.ignore_eos:
+        return ids
     eot = getattr(tokenizer, "eot_id", None)
-    if eot is not None and not params.ignore_eos:
+    if eot is not None:
         ids.add(int(eot))
-    return ids
+    return ids | {int(i) for i in model_eos}
 
 
 def seed_for(seed: int, index: int) -> int:

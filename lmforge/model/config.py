@@ -1,7 +1,7 @@
 """ModelConfig: every architectural choice of the Transformer as one frozen, validated dataclass.
 
 Presets (`ModelConfig.preset(name)`) and a single depth dial (`ModelConfig.from_depth(d)`, as in
-nanochat: width 64·d, one 64-wide head per layer of depth) cover the common shapes.
+nanochat: width 64·d, 128-wide heads when the width allows, else 64) cover the common shapes.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class MLAConfig:
     qk_rope_head_dim: int = 64
     """the decoupled RoPE part of each query head and the single shared RoPE key"""
     v_head_dim: int = 128
+    norm_eps: float | None = None
+    """eps of the latent RMSNorms; None = model.norm_eps (DeepSeek-V2/V3 fix them at 1e-6 whatever their
+    rms_norm_eps, as transformers does)"""
 
     def __post_init__(self) -> None:
         coerce_fields(self, "model.mla")  # each field's type, named when wrong
@@ -236,7 +239,8 @@ class ModelConfig:
         check(self.head_dim is not None or self.d_model % self.n_heads == 0,
               f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads} "
               f"(or set model.head_dim)")
-        check(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+        check(self.n_kv_heads is None or self.n_kv_heads > 0, f"model.n_kv_heads must be > 0, got {self.n_kv_heads}")
+        check(self.n_heads % self.kv_heads == 0,
               f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
         check(self.head_dim is None or self.head_dim > 0, f"model.head_dim must be > 0, got {self.head_dim}")
         check(self.pos_emb != "rope" or self.attention == "mla" or self.hd % 2 == 0,
@@ -330,8 +334,10 @@ class ModelConfig:
         Heads are 128 wide when the width allows (even depth), else 64: on Hopper GPUs flash
         attention runs markedly faster with 128-wide heads."""
         check(depth >= 1, f"depth must be >= 1, got {depth}")
-        hd = 128 if (64 * depth) % 128 == 0 else 64
-        base = dict(d_model=64 * depth, n_layers=depth, n_heads=64 * depth // hd, head_dim=hd, activation="relu2",
+        check(isinstance(depth, int) and not isinstance(depth, bool), f"depth must be an int, got {depth!r}")
+        width = overrides.get("d_model", 64 * depth)  # heads follow a d_model / head_dim given with the depth
+        hd = overrides.get("head_dim") or (128 if width % 128 == 0 else 64)
+        base = dict(d_model=64 * depth, n_layers=depth, n_heads=max(1, width // hd), head_dim=hd, activation="relu2",
                     d_ff=4 * 64 * depth, pos_emb="rope", norm="rmsnorm", qk_norm=True, tie_embeddings=False)
         base.update(overrides)
         return cls(**base)
@@ -355,7 +361,7 @@ PRESETS: dict[str, ModelConfig] = {
     "deepseek-tiny": ModelConfig(**_LLAMA, vocab_size=32000, d_model=256, n_layers=4, n_heads=4, max_seq_len=512,
                                  attention="mla", rope_layout="interleaved",
                                  mla=MLAConfig(kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
-                                               qk_rope_head_dim=16, v_head_dim=32),
+                                               qk_rope_head_dim=16, v_head_dim=32, norm_eps=1e-6),
                                  mlp="moe", moe=MoEConfig(n_experts=16, top_k=4, d_expert=128, n_shared=1,
                                                           score="sigmoid", routed_scale=2.5, n_groups=4, topk_groups=2,
                                                           bias_update_rate=1e-3, seq_aux_loss=1e-4, dense_layers=1),

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ FAMILIES = {
     "gpt2": ("GPT2LMHeadModel", D.gpt2_cfg, D.gpt2_cfg_to_hf, D.gpt2_rules),
     "llama": ("LlamaForCausalLM", D.llama_cfg, D.llama_cfg_to_hf, D.llama_rules),
     "mistral": ("MistralForCausalLM", D.llama_cfg, D.llama_cfg_to_hf, D.llama_rules),
-    "qwen2": ("Qwen2ForCausalLM", lambda d: D.llama_cfg(d, qkv_bias=True), D.llama_cfg_to_hf, D.llama_rules),
+    "qwen2": ("Qwen2ForCausalLM", lambda d: D.llama_cfg(d, qkv_bias=True, bias=False), D.llama_cfg_to_hf,
+              D.llama_rules),
     "qwen3": ("Qwen3ForCausalLM", lambda d: D.llama_cfg(d, qk_norm=True), D.llama_cfg_to_hf, D.llama_rules),
     "gemma2": ("Gemma2ForCausalLM", D.gemma2_cfg, D.gemma2_cfg_to_hf, lambda c: D.llama_rules(c, gemma=True)),
     "mixtral": ("MixtralForCausalLM", M.mixtral_cfg, M.mixtral_cfg_to_hf, M.mixtral_rules),
@@ -144,15 +146,25 @@ class _Reader:
 
         self.files, self.handles, self._open = files, {}, safe_open
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         path = self.files[name]
         if path not in self.handles:
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing: the index's weight_map names it for {name!r}")
             self.handles[path] = self._open(str(path), "pt")
         h = self.handles[path]
-        dtype = h.get_slice(name).get_dtype()
+        if name not in h.keys():
+            raise CheckpointError(f"{path.name} does not hold {name!r}, which the index's weight_map puts there")
+        return h
+
+    def dtype_of(self, name: str) -> str:
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        dtype = self.dtype_of(name)
         if dtype in UNSUPPORTED_DTYPES:
             raise CheckpointError(f"tensor {name!r} has dtype {dtype}: quantized checkpoints are not supported yet")
-        return h.get_tensor(name)
+        return self._handle(name).get_tensor(name)
 
 
 def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, family: str | None = None):
@@ -163,17 +175,24 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
     fam = family or family_of(hf)
-    dtype = dtype or getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype") or "float32"), torch.float32)
     files = _weight_files(path)
+    reader = _Reader(files)
+    dtype = dtype or _dtype(hf, reader)
     if cfg.mtp is not None and not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in files):
         cfg = dataclasses.replace(cfg, mtp=None)  # config announces MTP layers the file does not hold
+    if cfg.tie_embeddings and "lm_head.weight" in files and fam != "gpt2":
+        emb = next(n for n in files if n.endswith("embed_tokens.weight") and not n.startswith("model.layers."))
+        if not torch.equal(reader.get("lm_head.weight"), reader.get(emb)):  # as transformers: the stored head
+            warnings.warn(f"{path}: config.json ties the embeddings but the checkpoint stores a different "
+                          "lm_head.weight; loading it untied, as transformers does", stacklevel=2)
+            cfg = dataclasses.replace(cfg, tie_embeddings=False)
     rules = FAMILIES[fam][3](cfg)
     _check_names(rules, files, cfg, fam)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)  # cast while on meta: storage is allocated once, in `dtype`
     model.to_empty(device=device or "cpu")
     _init_buffers(model)
-    reader, own = _Reader(files), _tensors(model)
+    own = _tensors(model)
     with torch.no_grad():
         for rule in rules:
             outs = rule.to_lm([reader.get(n).to(dtype) for n in rule.hf])
@@ -186,7 +205,34 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     _check_filled(model, rules, fam)
+    model.eos_token_ids = _eos_ids(path, hf)  # the engine stops a sample at any of them
     return model.eval()
+
+
+def _eos_ids(path: Path, hf: dict) -> tuple[int, ...]:
+    """eos_token_id of generation_config.json, else of config.json (an int or a list; Llama 3 lists three)."""
+    gen = path / "generation_config.json"
+    try:
+        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        eos = None
+    eos = hf.get("eos_token_id") if eos is None else eos
+    ids = eos if isinstance(eos, list) else [eos]
+    return tuple(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _dtype(hf: dict, reader: "_Reader") -> torch.dtype:
+    """config.json's dtype (or torch_dtype), 'torch.' prefix allowed; 'auto' or none = the stored tensors'."""
+    name = str(hf.get("dtype") or hf.get("torch_dtype") or "auto").removeprefix("torch.")
+    if name == "auto":
+        return SAFETENSORS_DTYPES.get(reader.dtype_of(next(iter(reader.files))), torch.float32)
+    if name not in DTYPES:
+        raise ConfigError(f"config.json dtype={name!r} is not supported; use one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
 
 
 def _check_filled(model, rules, fam: str) -> None:
@@ -245,13 +291,17 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     if cfg.block != "sequential" or (cfg.mtp is not None and (fam != "deepseek_v3" or cfg.mtp.kind != "sequential")):
         raise ConfigError("save_pretrained: model.block='parallel' and model.mtp (except DeepSeek-V3's sequential "
                           "MTP) have no HF equivalent")
+    hf_cfg = config_to_hf(cfg, fam)
+    _refuse_inexpressible(cfg, hf_cfg, fam)
     rules = FAMILIES[fam][3](cfg)
     _refuse_dropped_state(model, rules, fam)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    hf_cfg = config_to_hf(cfg, fam)
     p = next(model.parameters())
     hf_cfg["dtype"] = str(dtype or p.dtype).removeprefix("torch.")
+    eos = tuple(getattr(model, "eos_token_ids", None) or ())
+    if eos:  # what the model was loaded with: transformers' generate stops there too
+        hf_cfg["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
     tensors: dict[str, torch.Tensor] = {}
     own = {**_tensors(model), **model.state_dict()}  # state_dict names fused projections' parts
     with torch.no_grad():
@@ -267,8 +317,64 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
             cur, size = {}, 0
         cur[name], size = t, size + nbytes
     shards.append(cur)
-    _write_shards(path, shards, save_file)
+    written = _write_shards(path, shards, save_file)
+    for old in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors", path / "model.safetensors.index.json"]:
+        if old.name not in written:  # an earlier save's weights: loaders would disagree about which to read
+            old.unlink(missing_ok=True)
     write_json_atomic(path / "config.json", hf_cfg)  # last: a directory without it was not finished
+
+
+# fields that change no output of the model (training-time settings, implementation choices)
+NOT_MATH = {"attn_impl", "fused_proj", "dropout", "z_loss", "init_std", "scaled_residual_init"}
+NOT_MATH_MOE = {"noisy", "aux_loss", "z_loss", "seq_aux_loss", "bias_update_rate", "dispatch", "gemm"}
+
+
+def _math_view(cfg: ModelConfig) -> dict:
+    """The ModelConfig fields that decide what the model computes, with defaults resolved."""
+    view = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_MATH}
+    if cfg.moe is not None:
+        view["moe"] = {k: v for k, v in dataclasses.asdict(cfg.moe).items() if k not in NOT_MATH_MOE}
+        view["moe"]["d_expert"] = cfg.moe.d_expert or cfg.ff
+    if cfg.mla is not None:
+        view["mla"] = {**dataclasses.asdict(cfg.mla), "norm_eps": cfg.mla.norm_eps or cfg.norm_eps}
+    if cfg.mtp is not None:
+        view["mtp"] = (cfg.mtp.kind, cfg.mtp.depth)
+    view.update(n_kv_heads=cfg.kv_heads, head_dim=cfg.hd, d_ff=cfg.ff,
+                qkv_bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias, attn_scale=cfg.attn_scale or cfg.hd ** -0.5,
+                layer_types=tuple(cfg.layer_type(i) for i in range(cfg.n_layers)) if cfg.sliding_window else None)
+    if cfg.attention == "mla":  # its own dimensions (model.mla) shape the heads and their default scale
+        view.update(head_dim=None, n_kv_heads=None, attn_scale=cfg.attn_scale)
+    return view
+
+
+def _first_difference(mine: dict, theirs: dict) -> tuple[str, object, object] | None:
+    """(field, mine, theirs) of the first field that differs, a nested table's differing key named."""
+    for k, a in mine.items():
+        b = theirs[k]
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            j = next(j for j in a if a[j] != b.get(j))
+            return f"{k}.{j}", a[j], b.get(j)
+        return k, a, b
+    return None
+
+
+def _refuse_inexpressible(cfg: ModelConfig, hf_cfg: dict, fam: str) -> None:
+    """What the family's config.json cannot say is lost in an export, and transformers would compute
+    something else: the config must read back (config_from_hf) as the same model, else the first field
+    that differs is named."""
+    try:
+        back = config_from_hf(hf_cfg)
+    except ConfigError as e:
+        raise ConfigError(f"save_pretrained: the {fam} HF layout cannot express this model ({e}); save an "
+                          "lmforge checkpoint instead, or choose another family=") from None
+    diff = _first_difference(_math_view(cfg), _math_view(back))
+    if diff:
+        name, a, b = diff
+        raise ConfigError(f"save_pretrained: the {fam} HF layout cannot express model.{name}={a!r} (it reads back "
+                          f"as {b!r}), so transformers would compute something else; save an lmforge checkpoint "
+                          "instead, or choose another family=")
 
 
 def _refuse_dropped_state(model, rules, fam: str) -> None:
@@ -290,13 +396,14 @@ def _refuse_dropped_state(model, rules, fam: str) -> None:
                       f"(e.g. {dropped[0]}), so the export would not compute what the model does{hint}")
 
 
-def _write_shards(path: Path, shards: list[dict], save_file) -> None:
-    """Each file written under a temporary name and renamed, so no reader sees half a shard."""
+def _write_shards(path: Path, shards: list[dict], save_file) -> set[str]:
+    """Each file written under a temporary name and renamed, so no reader sees half a shard; returns the
+    names written."""
     meta = {"format": "pt"}
     if len(shards) == 1:
         with atomic_path(path / "model.safetensors") as tmp:
             save_file(shards[0], str(tmp), metadata=meta)
-        return
+        return {"model.safetensors"}
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -307,3 +414,4 @@ def _write_shards(path: Path, shards: list[dict], save_file) -> None:
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     write_json_atomic(path / "model.safetensors.index.json", index)
+    return set(weight_map.values()) | {"model.safetensors.index.json"}

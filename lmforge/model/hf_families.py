@@ -44,7 +44,13 @@ def linear(hf: str, lm: str, bias: bool) -> list[Rule]:
 # ---------------------------------------------------------------------------------------------------
 # config helpers
 LAYER_TYPE = {"sliding_attention": "sliding", "full_attention": "full"}
-HF_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu", "gelu_new": "gelu_tanh"}
+# Llama-like MLPs are gated (act(gate) * up); GPT-2's is not. gelu_new is the tanh approximation.
+HF_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu", "gelu_new": "geglu_tanh"}
+HF_ACT_OUT = {"swiglu": "silu", "geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu"}
+GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+# families whose transformers class reads sliding_window (a Llama config.json may carry the field unused)
+SLIDING = ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gpt_oss")
 
 
 def rope_from_hf(d: dict, default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
@@ -97,18 +103,18 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     return rp
 
 
-def _act(d: dict, key: str = "hidden_act") -> str:
-    act = d.get(key, "silu")
-    if act not in HF_ACT:
-        raise ConfigError(f"config.json {key}={act!r} is not supported; supported: {sorted(HF_ACT)}")
-    return HF_ACT[act]
+def _act(d: dict, key: str = "hidden_act", table: dict = HF_ACT, default: str = "silu") -> str:
+    act = d.get(key, default)
+    if act not in table:
+        raise ConfigError(f"config.json {key}={act!r} is not supported; supported: {sorted(table)}")
+    return table[act]
 
 
 def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
     """(sliding_window, layer_types) as transformers fills them: explicit `layer_types`, else the family's
     default pattern (Gemma 2 / gpt-oss alternate from a sliding first layer; Qwen2 slides from
     max_window_layers on; Mistral slides everywhere)."""
-    window = d.get("sliding_window") or 0
+    window = (d.get("sliding_window") or 0) if d.get("model_type") in SLIDING else 0
     types = d.get("layer_types")
     if types is None and d.get("model_type") in ("gemma2", "gpt_oss"):
         types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
@@ -128,13 +134,21 @@ def llama_cfg(d: dict, **extra) -> ModelConfig:
     """The Llama-like core shared by Llama, Mistral, Qwen2/3, Gemma 2, Mixtral, Qwen3-MoE, gpt-oss."""
     theta, scaling = rope_from_hf(d, extra.pop("default_theta", 10000.0))
     window, types = _layer_types(d, d["num_hidden_layers"])
+    # transformers' attention_bias puts biases on q, k, v and o, mlp_bias on gate, up and down; lmforge's
+    # `bias` covers o and the MLP, `qkv_bias` q/k/v: the two flags must agree (families with q/k/v biases
+    # only, as Qwen2, say so themselves through `extra`)
+    attn_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
+    if "bias" not in extra and "qkv_bias" not in extra and attn_bias != mlp_bias:
+        raise ConfigError(f"config.json attention_bias={str(attn_bias).lower()} with mlp_bias={str(mlp_bias).lower()} "
+                          "is not supported: lmforge has biases on every projection or none (q/k/v-only biases as "
+                          "Qwen2's)")
     kw = dict(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
               n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads"),
               head_dim=d.get("head_dim"), d_ff=d.get("intermediate_size"),
               max_seq_len=d.get("max_position_embeddings", 2048), pos_emb="rope", rope_theta=theta,
               rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6),
               activation=_act(d), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-              bias=bool(d.get("mlp_bias", False)), qkv_bias=bool(d.get("attention_bias", False)),
+              bias=mlp_bias, qkv_bias=attn_bias,
               sliding_window=window, layer_types=types, scaled_residual_init=False,
               init_std=d.get("initializer_range", 0.02))
     kw.update(extra)
@@ -146,9 +160,8 @@ def llama_cfg_to_hf(cfg: ModelConfig) -> dict:
              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
              intermediate_size=cfg.ff, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
              rope_parameters=rope_to_hf(cfg), tie_word_embeddings=cfg.tie_embeddings,
-             attention_bias=bool(cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias),
-             hidden_act={v: k for k, v in HF_ACT.items()}[cfg.activation] if cfg.activation in HF_ACT.values()
-             else cfg.activation, initializer_range=cfg.init_std)
+             attention_bias=bool(cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias), mlp_bias=cfg.bias,
+             hidden_act=HF_ACT_OUT.get(cfg.activation, cfg.activation), initializer_range=cfg.init_std)
     if cfg.sliding_window:
         types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
         d.update(sliding_window=cfg.sliding_window, layer_types=[f"{t}_attention" for t in types],
@@ -240,14 +253,14 @@ def gpt2_cfg(d: dict) -> ModelConfig:
     return ModelConfig(vocab_size=d["vocab_size"], d_model=d["n_embd"], n_layers=d["n_layer"], n_heads=d["n_head"],
                        d_ff=d.get("n_inner"), max_seq_len=d.get("n_positions", 1024), pos_emb="learned",
                        norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                       activation=_act(d, "activation_function"), bias=True,
+                       activation=_act(d, "activation_function", GPT2_ACT, "gelu_new"), bias=True,
                        tie_embeddings=bool(d.get("tie_word_embeddings", True)), init_std=d.get("initializer_range", 0.02))
 
 
 def gpt2_cfg_to_hf(cfg: ModelConfig) -> dict:
     return dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
                 n_inner=cfg.ff, n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
-                activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu"}.get(cfg.activation, cfg.activation),
+                activation_function=GPT2_ACT_OUT.get(cfg.activation, cfg.activation),
                 tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std)
 
 

@@ -67,7 +67,7 @@ def deepseek_v3_cfg(d: dict) -> ModelConfig:
     theta, scaling = rope_from_hf(d)
     mla = MLAConfig(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
                     qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
-                    v_head_dim=d["v_head_dim"])
+                    v_head_dim=d["v_head_dim"], norm_eps=1e-6)  # transformers' latent norms: eps fixed at 1e-6
     moe = MoEConfig(n_experts=d["n_routed_experts"], top_k=d["num_experts_per_tok"], d_expert=d["moe_intermediate_size"],
                     n_shared=d.get("n_shared_experts") or 0, score="sigmoid", norm_topk=bool(d.get("norm_topk_prob", True)),
                     routed_scale=float(d.get("routed_scaling_factor", 1.0)), n_groups=d.get("n_group") or 1,
@@ -137,6 +137,10 @@ def deepseek_v3_rules(cfg: ModelConfig) -> list[Rule]:
 
 # gpt-oss ------------------------------------------------------------------------------------------
 def gpt_oss_cfg(d: dict) -> ModelConfig:
+    for key, value in (("swiglu_limit", 7.0), ("swiglu_alpha", 1.702)):  # lmforge's swiglu_oss has them fixed
+        if key in d and d[key] is not None and abs(float(d[key]) - value) > 1e-9:
+            raise ConfigError(f"config.json {key}={d[key]} is not supported: gpt-oss's clamped SwiGLU is "
+                              f"implemented with {key}={value}")
     moe = MoEConfig(n_experts=d["num_local_experts"], top_k=d.get("num_experts_per_tok", 4),
                     d_expert=d["intermediate_size"], norm_topk=True, router_bias=True, expert_bias=True)
     return llama_cfg(d, mlp="moe", moe=moe, activation="swiglu_oss", attn_sinks=True,

@@ -183,6 +183,10 @@ def read_hf(path: str | Path) -> tuple[Vocab, Merges, dict[str, int], str]:
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":
         raise DataError(f"{path}: not a BPE tokenizer.json (model.type must be 'BPE')")
+    if model.get("byte_fallback") or "Metaspace" in json.dumps(doc.get("pre_tokenizer") or doc.get("decoder") or ""):
+        raise DataError(f"{path}: a SentencePiece-style BPE tokenizer.json ('▁' for spaces, byte fallback: Llama 2, "
+                        "Mistral, Gemma), which lmforge does not read (it reads byte-level BPE); give another "
+                        "tokenizer (LLM.load(path, tokenizer=...), --tokenizer)")
     specials = {t["content"]: t["id"] for t in doc.get("added_tokens", []) if isinstance(t, dict)}
     raw_vocab = {s: i for s, i in model.get("vocab", {}).items() if s not in specials}
     vocab = decode_vocab(raw_vocab, str(path))

@@ -122,3 +122,90 @@ def test_export_refuses_state_the_hf_layout_would_drop(tmp_path):
     with pytest.raises(ConfigError, match=r"mixtral HF layout has no place for 1 tensors .*blocks\.0\.mlp\.e_bias"):
         model.save_pretrained(tmp_path / "trained")
     assert not (tmp_path / "trained").exists()  # refused before writing
+
+
+@pytest.mark.parametrize("change, field", [(dict(norm="layernorm"), "norm='layernorm'"),
+                                           (dict(embed_scale=8.0), "embed_scale=8.0"),
+                                           (dict(norm_position="post"), "norm_position='post'"),
+                                           (dict(attn_sinks=True), "attn_sinks=True"),
+                                           (dict(final_norm=False), "final_norm=False")])
+def test_export_refuses_what_the_family_config_cannot_say(tmp_path, change, field):
+    """Whatever config.json cannot express is refused, naming the field, before anything is written."""
+    import dataclasses
+
+    model = Transformer(dataclasses.replace(CFG, **change)).eval()
+    with pytest.raises(ConfigError, match=f"llama HF layout cannot express model.{field}".replace("(", "\\(")):
+        model.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_second_save_leaves_no_stale_weights_and_loaders_agree(tmp_path):
+    from lmforge.model.hf import save_pretrained
+
+    torch.manual_seed(0)
+    a, b = Transformer(CFG).eval(), Transformer(CFG).eval()
+    save_pretrained(a, tmp_path, max_shard_bytes=20_000)
+    save_pretrained(b, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    save_pretrained(a, tmp_path, max_shard_bytes=20_000)
+    assert not (tmp_path / "model.safetensors").exists()
+    ids = torch.randint(0, 64, (1, 5))
+    torch.testing.assert_close(Transformer.from_pretrained(tmp_path)(ids), a(ids))
+
+
+def test_config_fields_that_change_the_math_are_read_or_refused(ckpt, tmp_path):
+    """A tied config over a stored, different head loads untied (as transformers does); gpt-oss clamps
+    other than its own are refused; Llama attention_bias without mlp_bias is refused; dtype 'auto' takes the
+    stored tensors' dtype, 'torch.float16' is read, nonsense is named; a missing shard is named."""
+    from lmforge.model.hf import config_from_hf, save_pretrained
+
+    path, model = ckpt
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    with pytest.warns(UserWarning, match="stores a different lm_head.weight; loading it untied"):
+        back = Transformer.from_pretrained(path)
+    ids = torch.randint(0, 64, (1, 5))
+    torch.testing.assert_close(back(ids), model(ids))
+    core = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    with pytest.raises(ConfigError, match="swiglu_limit=3.0 is not supported"):
+        config_from_hf(dict(core, model_type="gpt_oss", num_local_experts=4, intermediate_size=16, swiglu_limit=3.0))
+    with pytest.raises(ConfigError, match="attention_bias=true with mlp_bias=false is not supported"):
+        config_from_hf(dict(core, model_type="llama", attention_bias=True))
+    for dtype, want in (("auto", torch.float32), ("torch.float16", torch.float16)):
+        (path / "config.json").write_text(json.dumps({**cfg, "dtype": dtype}))
+        assert Transformer.from_pretrained(path).tok_emb.weight.dtype == want
+    (path / "config.json").write_text(json.dumps({**cfg, "dtype": "Size"}))
+    with pytest.raises(ConfigError, match="config.json dtype='Size' is not supported"):
+        Transformer.from_pretrained(path)
+    save_pretrained(model, tmp_path / "sh", max_shard_bytes=20_000)
+    shard = sorted((tmp_path / "sh").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name} is missing: the index's weight_map"):
+        Transformer.from_pretrained(tmp_path / "sh")
+
+
+def test_the_checkpoints_eos_ids_end_generation_and_are_exported(tmp_path):
+    """eos_token_id of generation_config.json (else config.json) ends a sample like the tokenizer's
+    end-of-text; an exported model writes it back. A tokenizer passed to LLM.load replaces the directory's
+    own, which is then not read (here: one lmforge cannot read)."""
+    from lmforge.infer.llm import LLM
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)).eval()
+    model.save_pretrained(tmp_path)
+    free = LLM.load(tmp_path, tokenizer=ByteTokenizer()).generate("hello", SamplingParams(temperature=0, max_tokens=8))
+    stop = free[0].token_ids[2]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [999, stop]}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True, "vocab": {},
+                                                                   "merges": []}}))
+    llm = LLM.load(tmp_path, tokenizer=ByteTokenizer())
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=8))[0]
+    assert out.token_ids == free[0].token_ids[:3] and out.finish_reason == "stop"
+    assert llm.generate("hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].token_ids == \
+        free[0].token_ids
+    with pytest.raises(Exception, match="SentencePiece-style BPE tokenizer.json"):
+        LLM.load(tmp_path)
+    llm.model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["eos_token_id"] == [999, stop]

@@ -19,6 +19,12 @@ FAMILIES = {
         original_max_position_embeddings=16))),
     "llama_linear": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, tie_word_embeddings=True, rope_parameters=dict(
         rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    # biases on every projection (attention_bias: q, k, v, o; mlp_bias: gate, up, down)
+    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, attention_bias=True, mlp_bias=True)),
+    # a sliding_window field Llama does not read (transformers' Llama attends to everything)
+    "llama_window_field": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, sliding_window=4)),
+    "gpt2_gelu": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                        activation_function="gelu")),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(COMMON, sliding_window=4, head_dim=16)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(COMMON, rope_parameters=dict(
         rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16))),
@@ -34,6 +40,11 @@ FAMILIES = {
         qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=4, topk_group=2,
         n_shared_experts=1, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
                                                  mscale_all_dim=0.707, original_max_position_embeddings=16))),
+    # the latent norms' eps is fixed at 1e-6 in transformers, whatever rms_norm_eps says
+    "deepseek_v3_eps": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(**
+        COMMON | dict(num_key_value_heads=4), rms_norm_eps=1e-2, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=16, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8,
+        v_head_dim=8, first_k_dense_replace=1, n_group=4, topk_group=2, n_shared_experts=1)),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4, rope_parameters=dict(
             rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,

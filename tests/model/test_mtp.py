@@ -65,7 +65,7 @@ def test_deepseek_v3_mtp_layers_round_trip_through_hf_format(tmp_path):
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, attention="mla",
                       rope_layout="interleaved", mla=MLAConfig(kv_lora_rank=16, q_lora_rank=8, qk_nope_head_dim=8,
-                                                               qk_rope_head_dim=4, v_head_dim=8),
+                                                               qk_rope_head_dim=4, v_head_dim=8, norm_eps=1e-6),
                       mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=16, score="sigmoid", n_shared=1,
                                                dense_layers=1), mtp=MTPConfig(depth=1))
     model = Transformer(cfg).eval()

@@ -39,13 +39,13 @@ class MLA(nn.Module):
         d, H, qk = cfg.d_model, cfg.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim
         if m.q_lora_rank > 0:
             self.wq_a = nn.Linear(d, m.q_lora_rank, bias=cfg.bias)
-            self.q_norm = RMSNorm(m.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(m.q_lora_rank, m.norm_eps or cfg.norm_eps)
             self.wq_b = nn.Linear(m.q_lora_rank, H * qk, bias=False)
             self.wq = None
         else:
             self.wq = nn.Linear(d, H * qk, bias=cfg.bias)
         self.wkv_a = nn.Linear(d, self.r + self.d_rope, bias=cfg.bias)  # latent and shared rope key
-        self.kv_norm = RMSNorm(self.r, cfg.norm_eps)
+        self.kv_norm = RMSNorm(self.r, m.norm_eps or cfg.norm_eps)
         self.wkv_b = nn.Linear(self.r, H * (self.d_nope + self.d_v), bias=False)
         self.wo = nn.Linear(H * self.d_v, d, bias=cfg.bias)
         self.rope_layout, self.softcap, self.impl, self.dropout = cfg.rope_layout, cfg.attn_softcap, cfg.attn_impl, cfg.dropout

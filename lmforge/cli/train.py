@@ -46,6 +46,8 @@ def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any]) -
 
     nproc, argv = pop_nproc(argv)
     cfg = parse(argv)
+    if "RANK" not in os.environ:
+        check_launch(cfg, nproc or 1)
     if nproc is not None and nproc > 1 and "RANK" not in os.environ:
         import subprocess
 
@@ -56,6 +58,25 @@ def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any]) -
 
         return subprocess.call(torchrun_argv(nproc, [command, *argv])), None
     return None, cfg
+
+
+def check_launch(cfg, nproc: int) -> None:
+    """Before any process starts: the [parallel] layout's size is the process count, and the optimizer can
+    step on the parameters as that layout holds them."""
+    from lmforge.errors import ConfigError
+    from lmforge.optim import check_sharding
+
+    par = getattr(cfg, "parallel", None)
+    if par is None:
+        return
+    if par.world_size > 1 and par.world_size != nproc:
+        sizes = " x ".join(f"{d}={getattr(par, d)}" for d in ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+                           if getattr(par, d) > 1)
+        raise ConfigError(f"the [parallel] layout ({sizes}) needs {par.world_size} processes: launch with "
+                          f"--nproc {par.world_size}" + (f", not {nproc}" if nproc > 1 else ""))
+    if nproc > 1:  # all sizes 1: FSDP over the processes
+        sharded = par.dp_shard > 1 or par.tp > 1 or par.cp > 1 or par.world_size == 1
+        check_sharding(cfg.optim.name, sharded, tensor_parallel=par.tp > 1)
 
 
 def main(argv: list[str]) -> int:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.optim import schedules
 from lmforge.optim.adafactor import Adafactor
 from lmforge.optim.adamw import AdamW
@@ -100,8 +101,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float, cfg=None) -> list[
     return role_groups(model, weight_decay, lrs)
 
 
+# optimizers whose update of a parameter needs all of it at once (factored or preconditioned statistics)
+WHOLE_PARAMETER = ("adafactor", "shampoo", "soap")
+
+
+def check_sharding(name: str, sharded: bool, tensor_parallel: bool) -> None:
+    """One-line refusal of an optimizer that cannot step on sharded parameters (FSDP's dp_shard - the
+    default layout of --nproc N - tensor or context parallel). Element-wise optimizers step on each shard;
+    Muon's matrix products run on the shards as DTensors; Dion runs in its distributed form on FSDP's row
+    shards (lmforge.parallel.matrix_optim.ShardedDion), not on tensor-parallel column shards."""
+    if sharded and name in WHOLE_PARAMETER:
+        raise ConfigError(f"optim.name={name!r} does not run on sharded parameters (parallel dp_shard, tp or cp; "
+                          "dp_shard is --nproc's default): use parallel.dp_replicate (DDP) or pp, or optim.name "
+                          "adamw, lion, muon or dion")
+    if name == "dion" and tensor_parallel:
+        raise ConfigError("optim.name='dion' runs on FSDP's row shards, not tensor-parallel ones: set parallel.tp=1, "
+                          "or use muon")
+
+
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    check_sharding(cfg.name, sharded, tensor_parallel=False)
     opt = OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg), cfg)
+    if sharded and cfg.name == "dion":  # Dion's distributed form: rank-r factors travel, not whole matrices
+        from lmforge.parallel.matrix_optim import ShardedDion
+
+        opt = ShardedDion.from_optimizer(opt)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return opt

@@ -78,6 +78,7 @@ class OptimBenchConfig:
         coerce_fields(self, "bench")  # each field's type, named when wrong
         from lmforge.optim import OPTIMIZERS
 
+        check(bool(self.optimizers), f"optimizers is empty: name at least one of {sorted(OPTIMIZERS)}")
         for name in self.optimizers:
             check(name in OPTIMIZERS, f"optimizers: {name!r} is unknown; choose from {sorted(OPTIMIZERS)}")
         for f in ("depth", "seq_len", "batch_size", "steps", "lr_points", "eval_every", "eval_batches"):
@@ -229,10 +230,12 @@ def format_table(result: dict) -> str:
              "| optimizer | best lr | final val loss | min val loss (step) | steps to target | speed-up vs ref "
              "| time to target (s) | wall (s) | state bytes/param |", "|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(result["summary"], key=lambda s: s["final_val_loss"]):
+        reached = math.isfinite(s["steps_to_target"])  # an optimizer that never reached the target shows so
+        steps, speedup, secs = ((f"{s['steps_to_target']:.0f}", f"{s['speedup_vs_ref']:.2f}x",
+                                 f"{s['time_to_target']:.1f}") if reached else ("not reached",) * 3)
         lines.append(f"| {s['optimizer']} | {s['best_lr']:.3g} | {s['final_val_loss']:.4f} | "
-                     f"{s['min_val_loss']:.4f} ({s['min_val_step']}) | {s['steps_to_target']:.0f} | "
-                     f"{s['speedup_vs_ref']:.2f}x | {s['time_to_target']:.1f} | {s['wall_time']:.1f} | "
-                     f"{s['state_bytes_per_param']:.2f} |")
+                     f"{s['min_val_loss']:.4f} ({s['min_val_step']}) | {steps} | {speedup} | {secs} | "
+                     f"{s['wall_time']:.1f} | {s['state_bytes_per_param']:.2f} |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ checkpoint written by a pipelined run loads into any other layout.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -79,4 +81,18 @@ def build_schedule(stage_module: nn.Module, stage: int, stages: int, pp_group, m
     if kind not in schedules:
         raise ConfigError(f"parallel.pp_schedule={kind!r}; choose one of {sorted(schedules)}")
     pstage = PipelineStage(stage_module, stage, stages, device, group=pp_group)
-    return schedules[kind](pstage, n_microbatches=microbatches, loss_fn=loss_fn)
+    # the schedule's own gradient scaling divides all of .grad by n_microbatches after each step, so with
+    # gradient accumulation the earlier micro-steps' gradients were divided again: the caller scales the loss
+    extra = {"scale_grads": False} if schedule_scales_grads() else {}
+    return schedules[kind](pstage, n_microbatches=microbatches, loss_fn=loss_fn, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def schedule_scales_grads() -> bool:
+    """Whether this torch's pipelining schedules take scale_grads (torch >= 2.6): build_schedule turns it off and
+    the loss is divided by the micro-batch count instead; older ones always divide (accumulation is then refused)."""
+    import inspect
+
+    from torch.distributed.pipelining import ScheduleGPipe
+
+    return "scale_grads" in inspect.signature(ScheduleGPipe.__init__).parameters

@@ -31,7 +31,7 @@ from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig, build_mesh, submesh
 from lmforge.parallel.cp import apply_cp, shard_batch
 from lmforge.parallel.parallelize import dp_rank_and_size, parallelize
-from lmforge.parallel.pp import build_schedule, split_stage
+from lmforge.parallel.pp import build_schedule, schedule_scales_grads, split_stage
 from lmforge.train.loss import lm_loss, token_losses
 
 
@@ -103,10 +103,11 @@ class ParallelRunner:
         Returns the detached local mean loss (zero on pipeline stages but the last)."""
         self._grad_sync(sync)
         if self.pp_mesh is not None:
-            self._scale = scale
+            # each micro-batch's loss carries its share, scale / n_microbatches (build_schedule keeps the schedule
+            # from dividing the accumulated .grad itself); losses come back scaled so
+            self._scale = scale / (self.cfg.n_microbatches if schedule_scales_grads() else 1)
             losses = self._through_pipeline(self.schedule.step, x, y)
-            # the schedule averages micro-batch gradients; losses are the scaled micro-batch losses
-            return torch.stack(losses).mean().detach() / scale if self.last else torch.zeros((), device=self.device)
+            return torch.stack(losses).sum().detach() / scale if self.last else torch.zeros((), device=self.device)
         if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
             b = shard_batch({"input_ids": x, "targets": y}, self.cp_mesh)
             x, y = b["input_ids"], b["targets"]

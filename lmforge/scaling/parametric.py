@@ -98,7 +98,9 @@ def fit_parametric(runs: Runs, delta: float = 1e-3, n_starts: int = 8, grid: dic
     """Chinchilla approach 3 on a run table (at least 5 runs with several N and D)."""
     from scipy.optimize import minimize
 
-    runs.require(5, "the parametric L(N, D) fit (approach 3)")
+    if len(runs) < 5:  # a FitError: the report skips this approach (with the reason) and keeps the others
+        raise FitError(f"the parametric L(N, D) fit (approach 3) needs at least 5 runs, got {len(runs)}; train more "
+                       "models first")
     if len(np.unique(runs.n)) < 2 or len(np.unique(runs.d)) < 2:
         raise FitError("approach 3 needs runs at several model sizes N and several token counts D")
     ln, ld, ly = np.log(runs.n), np.log(runs.d), np.log(runs.loss)

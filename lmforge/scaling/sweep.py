@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import check
+from lmforge.errors import ConfigError
 from lmforge.scaling.flops import flops_per_token, num_params
 from lmforge.utils import write_json_atomic
 
@@ -71,13 +72,22 @@ def _model_cfg(cfg: SweepConfig, depth: int):
 
 def plan(cfg: SweepConfig) -> list[dict]:
     """The runs of the grid that fit [min_steps, max_steps]: budget, depth, N, steps, D."""
+    return [r for r in grid(cfg) if "left_out" not in r]
+
+
+def grid(cfg: SweepConfig) -> list[dict]:
+    """Every (budget, depth) point; those outside [min_steps, max_steps] carry `left_out`, the reason."""
     rows = []
     for c in cfg.budgets:
         for d in cfg.depths:
             n = num_params(_model_cfg(cfg, d))
             steps = round(c / (6 * n) / cfg.tokens_per_step)
-            if cfg.min_steps <= steps <= cfg.max_steps:
-                rows.append({"budget": c, "depth": d, "N": n, "steps": steps, "D": steps * cfg.tokens_per_step})
+            row = {"budget": c, "depth": d, "N": n, "steps": steps, "D": steps * cfg.tokens_per_step}
+            if steps < cfg.min_steps:
+                row["left_out"] = f"{steps} steps < min_steps={cfg.min_steps} (budget too small for this model)"
+            elif steps > cfg.max_steps:
+                row["left_out"] = f"{steps} steps > max_steps={cfg.max_steps} (budget too large for this model)"
+            rows.append(row)
     return rows
 
 
@@ -141,6 +151,13 @@ def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
 def main_sweep(cfg: SweepConfig) -> list[dict]:
     from lmforge.scaling.table import write_rows
 
+    points = grid(cfg)
+    for r in points:
+        if "left_out" in r:
+            print(f"left out: C={r['budget']:.1e} depth={r['depth']} N={r['N']:,}: {r['left_out']}", file=sys.stderr)
+    if not any("left_out" not in r for r in points):
+        raise ConfigError("no run of the grid fits [min_steps, max_steps] (each is named above): raise the budgets, "
+                          "change the depths, or widen min_steps / max_steps")
     if cfg.dry_run:
         for r in plan(cfg):
             print(f"C={r['budget']:.1e} depth={r['depth']} N={r['N']:,} D={r['D']:,} steps={r['steps']}")
@@ -154,4 +171,4 @@ def main_sweep(cfg: SweepConfig) -> list[dict]:
     return rows
 
 
-__all__ = ["SweepConfig", "plan", "run_sweep", "main_sweep"]
+__all__ = ["SweepConfig", "grid", "plan", "run_sweep", "main_sweep"]

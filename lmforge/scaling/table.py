@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.errors import ConfigError, DataError
 from lmforge.utils import atomic_path, write_json_atomic
 
 REQUIRED = ("N", "D", "loss")
@@ -38,10 +38,6 @@ class Runs:
     def take(self, idx: np.ndarray) -> "Runs":
         return Runs(self.n[idx], self.d[idx], self.loss[idx], self.c[idx], self.budget[idx])
 
-    def require(self, k: int, what: str) -> None:
-        if len(self) < k:
-            raise LmforgeError(f"{what} needs at least {k} runs, got {len(self)}; train more models first")
-
 
 def _column(rows: list[dict], name: str) -> np.ndarray:
     try:
@@ -51,7 +47,7 @@ def _column(rows: list[dict], name: str) -> np.ndarray:
     bad = ~np.isfinite(out) | (out <= 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataError(f"column {name!r} must be finite and > 0; row {i} has {out[i]!r}")
+        raise DataError(f"column {name!r} must be finite and > 0; row {i} has {float(out[i])}")
     return out
 
 

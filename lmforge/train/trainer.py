@@ -114,6 +114,13 @@ class Trainer:
         self.rank, self.world = ddp.rank_and_world()  # only rank 0 writes metrics, plots and checkpoints
         self.runner = runner
         ddp.check_runner(runner, self.world, objective)
+        if runner is not None and runner.pp_mesh is not None and cfg.grad_accum > 1:
+            from lmforge.parallel.pp import schedule_scales_grads
+
+            if not schedule_scales_grads():
+                raise ConfigError("parallel.pp with grad_accum > 1 needs torch >= 2.6 (its pipeline schedules divide "
+                                  "the accumulated gradients again each step otherwise); raise "
+                                  "parallel.n_microbatches instead of grad_accum")
         self.run_dir = Path(cfg.run_dir)
         self.model = model.to(self.device)
         self.optimizer, self.data, self.objective = optimizer, data, objective
@@ -224,8 +231,8 @@ class Trainer:
             tqdm.write(f"resumed from {path} at step {self.step}")
             changed = changed_settings(self.run_dir / "config.json", to_dict(self.cfg))
             if changed:
-                tqdm.write(f"settings changed since the run's last start: {changed} (the learning-rate schedule "
-                           "follows the new max_steps; the data order continues as saved)")
+                why = (" (the learning-rate schedule follows the new max_steps)" if "max_steps " in changed else "")
+                tqdm.write(f"settings changed since the run's last start: {changed}{why}")
             if self.step >= self.cfg.max_steps:
                 tqdm.write(f"the run is already at step {self.step} >= max_steps={self.cfg.max_steps}: nothing to "
                            "train; raise max_steps to continue it")

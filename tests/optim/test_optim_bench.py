@@ -73,3 +73,15 @@ def test_runs_train_through_the_trainer_like_a_plain_loop():
     assert [p["step"] for p in got["curve"]] == [0, 4, 8]
     assert [p["val_loss"] for p in got["curve"]] == pytest.approx(want, rel=1e-5)
     assert got["final_val_loss"] == got["curve"][-1]["val_loss"] and got["wall_time"] > 0
+
+
+def test_an_optimizer_that_never_reaches_the_target_reads_so_and_an_empty_list_is_refused():
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optimizers is empty"):
+        OptimBenchConfig(optimizers=())
+    row = dict(best_lr=1e-3, final_val_loss=3.0, min_val_loss=2.9, min_val_step=10, steps_to_target=math.inf,
+               speedup_vs_ref=0.0, time_to_target=math.inf, wall_time=1.0, state_bytes_per_param=8.0)
+    result = {"target_loss": 2.0, "reference": "adamw", "tokens": 1, "n_params": 1, "device": "cpu",
+              "summary": [dict(row, optimizer="lion")]}
+    assert "| not reached | not reached | not reached |" in format_table(result)

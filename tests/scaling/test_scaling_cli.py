@@ -54,3 +54,21 @@ def test_fit_command_writes_report_and_plots(tmp_path, capsys):
     assert report["inference_aware"]["N"] < report["predictions"]["approach3"][0]["N_opt"]
     assert {Path(p).name for p in report["plots"]} == {"isoflop.png", "frontier.png", "predicted_vs_observed.png"}
     assert "approach1" not in report  # no curves.json beside the table
+
+
+def test_sweep_names_the_points_it_leaves_out_and_a_fit_of_few_runs_skips_approach_3(tmp_path, capsys):
+    from lmforge.errors import ConfigError
+    from lmforge.scaling.report import run_fits
+    from lmforge.scaling.sweep import main_sweep
+
+    with pytest.raises(ConfigError, match="no run of the grid fits"):
+        main_sweep(SweepConfig(budgets=(1e3,), depths=(1,), out=str(tmp_path / "none"), dry_run=True))
+    assert "left out: C=1.0e+03 depth=1" in capsys.readouterr().err
+    main_sweep(SweepConfig(budgets=(1e10,), depths=(1, 6), min_steps=50, out=str(tmp_path / "d"), dry_run=True))
+    err = capsys.readouterr().err
+    assert "left out: C=1.0e+10 depth=6" in err and "< min_steps=50 (budget too small for this model)" in err
+    table = write_rows(_isoflop_rows()[:4], tmp_path / "runs.csv")
+    from lmforge.scaling.report import FitConfig
+
+    report = run_fits(FitConfig(table=str(table), bootstrap=0))
+    assert "approach 3) needs at least 5 runs, got 4" in report["skipped"]["approach3"] and "kaplan" in report

@@ -57,7 +57,8 @@ def _layouts_worker(rank: int, world: int, shard: str, root: str, layouts: dict)
         hook = tr.model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]) if args else None)
         tr.evaluate()
         hook.remove()
-        out[name] = (_losses(res.history), _val(res.history), sum(rows))
+        out[name] = (_losses(res.history), _val(res.history), sum(rows),
+                     [r["grad_norm"] for r in res.history if "grad_norm" in r])
     return out
 
 
@@ -100,7 +101,7 @@ def _resume_in_one_process(shard, run: Path, ref: list[float]) -> None:
 
 
 def _same_as_one_process(got, ref, ref_val, rows_per_rank: int) -> None:
-    losses, val, rows = got
+    losses, val, rows = got[:3]
     assert len(losses) == STEPS["max_steps"] and len(val) == 3  # evaluated at steps 0, 5, 10
     np.testing.assert_allclose(losses, ref, atol=ATOL, rtol=0)
     np.testing.assert_allclose(val, ref_val, atol=ATOL, rtol=0)
@@ -108,7 +109,8 @@ def _same_as_one_process(got, ref, ref_val, rows_per_rank: int) -> None:
 
 
 LAYOUTS_2 = {"tp": dict(tp=2), "cp": dict(cp=2), "pp": dict(pp=2),
-             "cp_accum": dict(cp=2, grad_accum=2)}  # FSDP over the cp ranks reduce-scatters on the last micro-batch
+             "cp_accum": dict(cp=2, grad_accum=2),  # FSDP over the cp ranks reduce-scatters on the last micro-batch
+             "pp_accum": dict(pp=2, grad_accum=2)}  # the schedule must not divide the accumulated gradients again
 
 
 def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(single, tmp_path):
@@ -127,6 +129,8 @@ def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(si
         _same_as_one_process(got[name], ref, ref_val, rows)
     accum = train(tiny_config(shard, tmp_path / "accum", grad_accum=2, **STEPS)).history
     _same_as_one_process(got["cp_accum"], _losses(accum), _val(accum), 4)
+    _same_as_one_process(got["pp_accum"], _losses(accum), _val(accum), 8)
+    np.testing.assert_allclose(got["pp_accum"][3], [r["grad_norm"] for r in accum if "grad_norm" in r], rtol=1e-4)
     np.testing.assert_allclose(got["from1"][0], ref, atol=ATOL, rtol=0)  # steps 1-5 from the copied log
     for name in ("tp", "pp"):
         _resume_in_one_process(shard, tmp_path / name, ref)
@@ -307,3 +311,43 @@ def test_batch_with_fewer_rows_than_ranks_trains_as_one_process(tmp_path, layout
     got = run_local(_short_batches_worker, 2, str(tmp_path / "two"), layout, timeout=120, start_method="fork")
     assert len(ref) == 4 and got[1] == []  # only rank 0 logs
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
+
+
+def _dion_worker(rank: int, world: int, shard: str, run_dir: str) -> list[float]:
+    from lmforge.optim.config import OptimConfig
+
+    res = train(tiny_config(shard, run_dir, parallel=ParallelConfig(dp_shard=2), optim=OptimConfig(
+        name="dion", lr=0.02, warmup_steps=2), **STEPS))
+    return _losses(res.history)
+
+
+def test_dion_steps_on_fsdp_shards_as_on_one_process(single, tmp_path):
+    """Under FSDP the Trainer's Dion is its distributed form (ShardedDion: rank-r factors travel): the losses
+    of one process (it crashed on DTensors before)."""
+    from lmforge.optim.config import OptimConfig
+
+    shard = single[0]
+    ref = _losses(train(tiny_config(shard, tmp_path / "one", optim=OptimConfig(name="dion", lr=0.02, warmup_steps=2),
+                                    **STEPS)).history)
+    got = run_local(_dion_worker, 2, str(shard), str(tmp_path / "two"), timeout=120, start_method="fork")[0]
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+
+
+def test_launch_checks_the_layout_size_and_the_optimizer_before_any_process(tmp_path):
+    from lmforge.cli.train import check_launch
+    from lmforge.optim.config import OptimConfig
+
+    shard = make_shard(tmp_path / "t.bin")
+    cfg = tiny_config(shard, tmp_path / "r", parallel=ParallelConfig(dp_shard=2))
+    check_launch(cfg, 2)
+    with pytest.raises(ConfigError, match=r"layout \(dp_shard=2\) needs 2 processes: launch with --nproc 2$"):
+        check_launch(cfg, 1)
+    with pytest.raises(ConfigError, match="needs 2 processes: launch with --nproc 2, not 4"):
+        check_launch(cfg, 4)
+    for name in ("shampoo", "soap", "adafactor"):
+        with pytest.raises(ConfigError, match=f"optim.name='{name}' does not run on sharded parameters"):
+            check_launch(tiny_config(shard, tmp_path / "r", optim=OptimConfig(name=name)), 2)  # FSDP by default
+    check_launch(tiny_config(shard, tmp_path / "r", optim=OptimConfig(name="shampoo"),
+                             parallel=ParallelConfig(dp_replicate=2)), 2)
+    with pytest.raises(ConfigError, match="'dion' runs on FSDP's row shards, not tensor-parallel ones"):
+        check_launch(tiny_config(shard, tmp_path / "r", optim=OptimConfig(name="dion"), parallel=ParallelConfig(tp=2)), 2)

@@ -100,15 +100,16 @@ class DataReport:
 
 
 # tokenizing records -------------------------------------------------------------------------------
-def check_template(tokenizer, template: ChatTemplate) -> None:
+def check_template(tokenizer, template: ChatTemplate, plain: str = "data.template='plain'") -> None:
     """Every <|...|> marker of the template must be one special token of the tokenizer; otherwise the
-    model sees it as ordinary text and never learns where turns end."""
+    model sees it as ordinary text and never learns where turns end. `plain`: how the caller's user
+    switches to the plain template."""
     for marker in dict.fromkeys(re.findall(r"<\|[^|]*\|>", template.bos + template.header + template.end)):
         ids = tokenizer.encode(marker)
         if len(ids) != 1:
             raise DataError(f"chat template {template.name!r} uses {marker} but the tokenizer encodes it as "
-                            f"{len(ids)} tokens, not one special token: use a tokenizer with that special token "
-                            "or data.template='plain'")
+                            f"{len(ids)} tokens, not one special token: use a tokenizer that parses it as one "
+                            f"(a BPE tokenizer trained with it as a special token) or {plain}")
 
 
 class RecordError(DataError):

@@ -93,6 +93,7 @@ class Engine:
         self.model = model  # its mode is the caller's (a Trainer may share it): steps switch to eval mode
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         spec = model.cache_spec() if hasattr(model, "cache_spec") else None
         self.max_seq_len, self.vocab_size = limits(model, spec)
         # a HF checkpoint's end-of-sequence ids (config.json / generation_config.json eos_token_id)
@@ -256,18 +257,27 @@ class Engine:
         a model moved since the engine was built (e.g. by Trainer(model); the KV cache stays behind)."""
         self._refuse_while_running("update_weights")
         self._drain()
-        if (device := next(self.model.parameters()).device) != self.device:
-            raise LmforgeError(f"update_weights: the model moved from {self.device} to {device} after the engine "
-                               f"was built; move it first (model.to('{device}')), then build the engine")
+        p = next(self.model.parameters())
+        if p.device != self.device:
+            raise LmforgeError(f"update_weights: the model moved from {self.device} to {p.device} after the engine "
+                               f"was built; move it first (model.to('{p.device}')), then build the engine")
+        if p.dtype != self.dtype:  # the KV cache and captured graphs hold the old dtype
+            raise LmforgeError(f"update_weights: the model's dtype changed from {self.dtype} to {p.dtype} after the "
+                               f"engine was built; cast it back (model.to({self.dtype})) or build a new engine")
         if weights is not None:
             state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-            try:
-                with torch.no_grad():
-                    self.model.load_state_dict(state)  # copy_ per tensor: any dtype and device
-            except RuntimeError as e:  # torch's message: a header line, then one line per problem
-                detail = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:200]
+            own = self.model.state_dict()
+            # checked whole before any copy: load_state_dict copies what fits before it raises
+            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+            if missing or unexpected or shapes:
+                detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                          else f"{shapes[0]} has shape {tuple(state[shapes[0]].shape)}, the model's "
+                               f"{tuple(own[shapes[0]].shape)}")
                 raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); "
-                                   "pass a state_dict of the same architecture") from None
+                                   "pass a state_dict of the same architecture; nothing was changed")
+            with torch.no_grad():
+                self.model.load_state_dict(state)  # copy_ per tensor: any dtype and device
         self.runner.refresh_weights()
         self.reset_prefix_cache()
 

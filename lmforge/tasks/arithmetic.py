@@ -78,12 +78,15 @@ class Arithmetic(Task):
             raise ConfigError(f"digits={digits} must be (lo, hi) with 1 <= lo <= hi")
         if not set(ops) <= {"+", "*"} or not ops:
             raise ConfigError(f"ops={ops} must be a non-empty subset of ('+', '*')")
+        if mul_digits < 1:
+            raise ConfigError(f"mul_digits={mul_digits} must be >= 1 (the most digits of a multiplication's operands)")
         self.digits, self.ops, self.mul_digits = digits, ops, mul_digits
 
     def problem(self, rng: random.Random) -> dict[str, Any]:
         op = rng.choice(self.ops)
-        hi = self.digits[1] if op == "+" else min(self.digits[1], self.mul_digits)
-        n = [rng.randint(self.digits[0], max(self.digits[0], hi)) for _ in range(2)]
+        # a multiplication's operands have at most mul_digits digits, whatever digits says
+        lo, hi = self.digits if op == "+" else (min(d, self.mul_digits) for d in self.digits)
+        n = [rng.randint(lo, hi) for _ in range(2)]
         a, b = (rng.randint(10 ** (k - 1) if k > 1 else 0, 10 ** k - 1) for k in n)
         return {"a": a, "b": b, "op": op}
 
@@ -92,7 +95,7 @@ class Arithmetic(Task):
         value = a + b if op == "+" else a * b
         steps = add_steps(a, b) if op == "+" else mul_steps(a, b)
         return Example(prompt=template.format(a=a, b=b, op=op), answer=str(value),
-                       solution="\n".join(steps + [f"Answer: {value}"]), key=f"{a}{op}{b}",
+                       solution="\n".join(steps + [f"Answer: {value}"]), key=f"{min(a, b)}{op}{max(a, b)}",  # a+b = b+a
                        meta={"steps": steps})
 
     def process_labels(self, example: Example, completion: str) -> dict[str, Any]:

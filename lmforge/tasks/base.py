@@ -89,8 +89,16 @@ class Task:
 
 
 def normalize(answer: str) -> str:
-    """Compare answers modulo spacing, case, a trailing period and thousands separators in numbers."""
-    a = " ".join(answer.strip().rstrip(".").split()).lower()
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", a):  # 1,234 -> 1234
-        return a.replace(",", "")
+    """Compare answers modulo spacing, case, a trailing period, markdown/LaTeX wrapping (**x**, $x$,
+    \\boxed{x}), a leading + or a zero fraction on an integer, and thousands separators in numbers."""
+    a = " ".join(answer.strip().split()).lower()
+    a = a.strip("*$ ").rstrip(".").strip("*$ ")
+    boxed = re.fullmatch(r"\\boxed\{(.*)\}", a)
+    if boxed:
+        a = boxed.group(1).strip()
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", a):  # 1,234 -> 1234
+        a = a.replace(",", "")
+    number = re.fullmatch(r"\+?(-?\d+)(\.0+)?", a)  # +1234, 1234.0 -> 1234
+    if number:
+        return number.group(1)
     return re.sub(r"\s*,\s*", ", ", a)  # lists: "1,2 ,3" -> "1, 2, 3"

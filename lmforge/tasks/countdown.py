@@ -9,22 +9,31 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from collections import Counter
 from fractions import Fraction
 from typing import Any
 
+from lmforge.errors import ConfigError
 from lmforge.tasks.base import Example, Task
 
 OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
        ast.Div: lambda x, y: x / y}
 
 
+MAX_EXPR = 500  # characters: a rollout's runaway expression is wrong, not a crash of the reward function
+
+
 def evaluate(expr: str) -> tuple[Fraction, list[int]] | None:
     """Exact value and the integer literals of an expression of + - * / and parentheses; None if the
-    text is anything else (names, calls, powers, unary minus) or divides by zero."""
+    text is anything else (names, calls, powers, unary minus, number spellings other than plain decimal
+    digits such as 0x10 or 1_6), divides by zero, or is longer than MAX_EXPR characters."""
+    expr = expr.strip()
+    if len(expr) > MAX_EXPR or not re.fullmatch(r"[\d\s+\-*/().]+", expr) or re.search(r"\d\s*\.|\.\s*\d", expr):
+        return None
     try:
-        tree = ast.parse(expr.strip(), mode="eval").body
-    except (SyntaxError, ValueError):
+        tree = ast.parse(expr, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     nums: list[int] = []
 
@@ -41,7 +50,7 @@ def evaluate(expr: str) -> tuple[Fraction, list[int]] | None:
 
     try:
         return ev(tree), nums
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, RecursionError):
         return None
 
 
@@ -52,6 +61,9 @@ class Countdown(Task):
                  "Numbers: {nums}. Target: {target}. Write an expression that uses each number once.")
 
     def __init__(self, *, count: int = 3, max_number: int = 20, max_target: int = 100):
+        for name, value, low in (("count", count, 2), ("max_number", max_number, 1), ("max_target", max_target, 1)):
+            if value < low:
+                raise ConfigError(f"Countdown {name}={value} must be >= {low}")
         self.count, self.max_number, self.max_target = count, max_number, max_target
 
     def problem(self, rng: random.Random) -> dict[str, Any]:
@@ -82,6 +94,6 @@ class Countdown(Task):
 
     def verify(self, example: Example, completion: str) -> bool:
         expr = self.parse(completion, example)
-        got = evaluate(expr.split("=")[0]) if expr else None
+        got = evaluate(expr.split("=")[0].strip().rstrip(".")) if expr else None  # "Answer: 16 + (5 + 8)."
         return (got is not None and got[0] == example.meta["target"]
                 and Counter(got[1]) == Counter(example.meta["nums"]))

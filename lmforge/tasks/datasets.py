@@ -37,6 +37,9 @@ class _FileTask(Task):
         if split not in SPLITS:
             raise ConfigError(f"split={split!r} must be one of {SPLITS}")
         rows = self.load(split)
+        if n is not None and not 0 <= n <= len(rows):
+            raise ConfigError(f"n={n}: the {self.name} {split} split has {len(rows)} examples; ask for 0 to "
+                              f"{len(rows)}, or n=None for all")
         random.Random(f"{self.name}:{seed}").shuffle(rows)
         return rows if n is None else rows[:n]
 
@@ -49,19 +52,31 @@ class GSM8K(_FileTask):
         out = []
         path = self.root / "gsm8k" / f"{split}.jsonl"
         for i, line in enumerate(path.read_text().splitlines()):
-            rec = json.loads(line)
-            work, _, ans = rec["answer"].rpartition("####")
+            where = f"{path}:{i + 1}"
+            try:
+                rec = json.loads(line)
+                question, answer = rec["question"], rec["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{where}: not a GSM8K record ({{'question', 'answer'}}): {e}") from None
+            if "####" not in answer:
+                raise DataError(f"{where}: the answer has no '#### <final answer>' line")
+            work, _, ans = answer.rpartition("####")
             work = re.sub(r"<<[^>]*>>", "", work).strip()  # drop the calculator annotations
             ans = ans.strip().replace(",", "")
-            out.append(Example(prompt=self.templates[i % len(self.templates)].format(q=rec["question"]),
+            out.append(Example(prompt=self.templates[i % len(self.templates)].format(q=question),
                                answer=ans, solution=f"{work}\nAnswer: {ans}", key=f"gsm8k:{split}:{i}"))
         return out
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        """'Answer: N', else GSM8K's '#### N', else the last number in the text."""
-        text = final_answer(completion) or (completion.rpartition("####")[2] if "####" in completion else completion)
-        nums = NUMBER_RE.findall(text)
-        return nums[-1].replace("$", "").replace(",", "").rstrip(".") if nums else None
+        """The first number after the last 'Answer:', else after GSM8K's '####' (lm-eval's strict match),
+        else the last number in the text."""
+        marked = final_answer(completion)
+        if marked is None and "####" in completion:
+            marked = completion.rpartition("####")[2]
+        nums = NUMBER_RE.findall(marked if marked is not None else completion)
+        if not nums:
+            return None
+        return (nums[0] if marked is not None else nums[-1]).replace("$", "").replace(",", "").rstrip(".")
 
     def verify(self, example: Example, completion: str) -> bool:
         got = self.parse(completion, example)
@@ -82,14 +97,26 @@ class MMLU(_FileTask):
                 subject = path.stem.rsplit("_", 1)[0]
                 with path.open(newline="") as f:
                     for i, row in enumerate(csv.reader(f)):
-                        q, a, b, c, d, ans = row
+                        if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
+                            raise DataError(f"{path}:{i + 1}: an MMLU row is question,A,B,C,D,answer with the answer "
+                                            f"one of A-D; got {len(row)} columns" + (f", answer {row[5]!r}"
+                                                                                     if len(row) == 6 else ""))
+                        q, a, b, c, d, ans = row[:5] + [row[5].strip()]
                         out.append(Example(prompt=self.templates[0].format(q=q, A=a, B=b, C=c, D=d), answer=ans,
                                            solution=f"Answer: {ans}", key=f"mmlu:{part}:{subject}:{i}",
                                            meta={"subject": subject}))
         return out
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        """The letter after 'Answer:', else the first standalone A-D."""
-        text = final_answer(completion) or completion
-        m = re.search(r"\b([ABCD])\b", text)
+        """The letter after the last 'Answer:' or 'the answer is' (either case), else the first standalone
+        capital A-D in the text."""
+        marked = final_answer(completion)
+        said = re.findall(r"answer\s+is\s*:?\s*\(?([abcdABCD])\b", completion, re.IGNORECASE)
+        if marked is not None:
+            m = re.match(r"\W*([abcdABCD])\b", marked)
+            if m:
+                return m.group(1).upper()
+        if said:
+            return said[-1].upper()
+        m = re.search(r"\b([ABCD])\b", marked if marked is not None else completion)
         return m.group(1) if m else None

@@ -247,3 +247,18 @@ def test_prompt_logprob_rows_before_the_start_stay_empty():
 
     rows = top_logprobs_rows(load_tokenizer("byte"), [None, {104: -0.5, 105: -1.5}])
     assert rows[0] is None and [r["id"] for r in rows[1]] == [104, 105] and rows[1][0]["logprob"] == -0.5
+
+
+def test_chat_falls_back_to_plain_for_a_tokenizer_without_chatml_tokens_and_refuses_it_when_asked(ckpt, capsys,
+                                                                                                 monkeypatch):
+    from lmforge.cli import chat as chat_cli
+    from lmforge.errors import DataError
+
+    monkeypatch.setattr(chat_cli, "chat_loop", lambda llm, cfg: [])  # no terminal: the setup is what is tested
+    assert chat_cli.main(["--checkpoint", str(ckpt)]) == 0  # a byte tokenizer: <|im_start|> would be 12 bytes
+    out = capsys.readouterr().out
+    assert "has no chatml special tokens: using the plain template" in out and "template plain;" in out
+    with pytest.raises(DataError, match="uses <\\|im_start\\|> but the tokenizer encodes it as 12 tokens.*--template plain"):
+        chat_cli.main(["--checkpoint", str(ckpt), "--template", "chatml"])
+    with pytest.raises(LmforgeError, match="unknown chat template 'llama2'"):
+        chat_cli.main(["--checkpoint", str(ckpt), "--template", "llama2"])

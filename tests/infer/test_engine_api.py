@@ -249,8 +249,18 @@ def test_update_weights_from_a_state_dict_or_module_and_refused_while_running(to
     llm.update_weights(tiny_model("llama", seed=2))
     assert llm.engine.runner.graphs is not graphs
     assert llm.generate("hello", sp)[0].token_ids == full_greedy(tiny_model("llama", seed=2), tok.encode("hello"), 6)
-    with pytest.raises(LmforgeError, match="do not fit the engine's model .*size mismatch for tok_emb.weight"):
+    with pytest.raises(LmforgeError, match=r"do not fit the engine's model \(tok_emb.weight has shape"):
         llm.update_weights(tiny_model("llama", d_model=64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    partial = tiny_model("llama", seed=3).state_dict()
+    partial.pop("tok_emb.weight")
+    with pytest.raises(LmforgeError, match=r"missing \['tok_emb.weight'\].*nothing was changed"):
+        llm.update_weights(partial)  # checked whole first: torch would have copied the tensors that fit
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.to(torch.float64)
+    with pytest.raises(LmforgeError, match="dtype changed from torch.float32 to torch.float64 after the engine"):
+        llm.update_weights()
+    model.to(torch.float32)
     rid = llm.engine.add_request("busy", sp)
     with pytest.raises(LmforgeError, match="update_weights with 1 request.*abort") as e:
         llm.update_weights()

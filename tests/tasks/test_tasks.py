@@ -111,3 +111,57 @@ def test_mmlu_interface():
     assert all(task.verify(e, e.solution) for e in test)
     assert task.parse("The correct option is (C).") == "C" and task.parse("Answer: B") == "B"
     assert not {e.key for e in task.examples("train")} & {e.key for e in task.examples("test")}
+
+
+def test_verifiers_never_crash_and_read_common_answer_spellings():
+    from lmforge.tasks.countdown import Countdown
+
+    task = Countdown()
+    ex = task.examples("train", 1, seed=0)[0]
+    assert evaluate("+".join(["1"] * 1000)) is None and evaluate("+".join(["1"] * 5000)) is None  # no RecursionError
+    assert not task.verify(ex, "Answer: " + "+".join(["1"] * 1000))
+    assert task.verify(ex, f"Answer: {ex.answer}.")  # a trailing period, as the other tasks allow
+    assert evaluate("0x10 + 4") is None and evaluate("1_6 + 4") is None and evaluate("1.5 + 2") is None
+    for spelling in ("\\boxed{1234}", "**1234**", "$1234$", "1234.0", "+1234", "1,234.", " 1234 "):
+        assert normalize(spelling) == "1234", spelling
+    assert final_answer("**Answer:** 1234") is not None and normalize(final_answer("**Answer:** 1234")) == "1234"
+
+
+def test_task_settings_are_checked_and_commutative_problems_keep_one_split():
+    from lmforge.tasks.countdown import Countdown
+    from lmforge.tasks.listops import Counting, Sorting
+
+    for make in (lambda: Countdown(max_target=0), lambda: Countdown(count=1), lambda: Countdown(max_number=0),
+                 lambda: Sorting(length=(5, 3)), lambda: Counting(alphabet=""), lambda: Arithmetic(mul_digits=0)):
+        with pytest.raises(ConfigError):
+            make()
+    task = Arithmetic(digits=(4, 5), ops=("*",), mul_digits=2)
+    assert all(len(str(e.meta["steps"][0]).split(" * ")[0]) <= 2 for e in task.examples("train", 20))
+    small = Arithmetic(digits=(1, 1), ops=("+",))
+    train, test = small.examples("train", 40), small.examples("test", 4)
+    import re
+
+    pairs = lambda exs: {tuple(sorted(map(int, re.search(r"(\d+) \+ (\d+)", e.prompt).groups()))) for e in exs}  # noqa: E731
+    assert not pairs(train) & pairs(test)  # 3 + 4 and 4 + 3 are one problem
+
+
+def test_dataset_parsers_take_the_marked_answer_and_loaders_name_bad_lines(tmp_path):
+    from lmforge.errors import DataError
+    from lmforge.tasks.datasets import GSM8K, MMLU
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    g, m = GSM8K(root=tmp_path), MMLU(root=tmp_path)
+    assert g.parse("Answer: 4 (she sells 9 eggs at $2 each)") == "4" and g.parse("#### 4\nthen 7") == "4"
+    assert g.parse("so 12 then 18") == "18"
+    assert m.parse("A is wrong; the answer is D") == "D" and m.parse("Answer: b") == "B" and m.parse("I pick C") == "C"
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "4 #### 4"}\n'
+                                                   '{"question": "q", "answer": "no final line"}\n')
+    with pytest.raises(DataError, match="test.jsonl:2: the answer has no '#### <final answer>' line"):
+        g.examples("test")
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "4 #### 4"}\n')
+    with pytest.raises(ConfigError, match="has 1 examples"):
+        g.examples("test", 5)
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,a,b,c,d,A\nq,a,b,c,d,E\n")
+    with pytest.raises(DataError, match="x_test.csv:2: an MMLU row .* answer 'E'"):
+        m.examples("test")

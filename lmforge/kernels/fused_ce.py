@@ -25,7 +25,7 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.kernels.decode import available, triton
 from lmforge.model.layers.fused import plain_linear
-from lmforge.train.loss import LMObjective, lm_loss
+from lmforge.train.loss import LMObjective, lm_loss, with_aux
 
 if triton is not None:
     import triton.language as tl
@@ -180,8 +180,4 @@ class FusedLMObjective(LMObjective):
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, ce = fused_lm_loss(model, batch["input_ids"], batch["targets"], self.z_loss, self.chunk_size)
-        aux_fn = getattr(model, "aux_loss", None)
-        aux = aux_fn() if callable(aux_fn) else None
-        if aux is None:
-            return loss, {"loss": ce}
-        return loss + aux, {"loss": ce, "aux_loss": aux.detach()}
+        return with_aux(model, loss, ce)

@@ -180,18 +180,19 @@ class Transformer(nn.Module):
             terms.append(self._mtp_loss)
         return torch.stack([t.float() for t in terms]).sum() if terms else None
 
-    def moe_stats(self) -> dict[str, float]:
-        """Per-expert load of the last forward, averaged over MoE layers, for the trainer's metrics:
-        moe/load_e{i} (fraction of assignments), moe/load_max_over_mean, moe/dropped_frac, moe/aux_loss."""
+    def moe_stats(self) -> dict[str, torch.Tensor]:
+        """Per-expert load of the last forward, averaged over MoE layers, as 0-d tensors on the device (the
+        LM objective logs them with its metrics; no host sync): moe/load_e{i} (fraction of assignments),
+        moe/load_max_over_mean, moe/dropped_frac, moe/aux_loss (the balancing losses alone, without MTP's)."""
         layers = [m for m in self.modules() if isinstance(m, MoE) and m.last_stats]
         if not layers:
             return {}
-        load = torch.stack([m.last_stats["load"] for m in layers]).float()  # (L, E)
-        stats = {f"moe/load_e{i}": float(v) for i, v in enumerate(load.mean(0))}
-        stats["moe/load_max_over_mean"] = float((load.max(-1).values * load.shape[-1]).mean())
-        stats["moe/dropped_frac"] = float(torch.stack([m.last_stats["dropped"] for m in layers]).mean())
-        aux = [m.last_aux for m in layers if m.last_aux is not None]
-        stats["moe/aux_loss"] = float(sum(float(a.detach()) for a in aux))
+        load = torch.stack([m.last_stats["load"] for m in layers]).float().detach()  # (L, E)
+        stats = {f"moe/load_e{i}": v for i, v in enumerate(load.mean(0))}
+        stats["moe/load_max_over_mean"] = (load.max(-1).values * load.shape[-1]).mean()
+        stats["moe/dropped_frac"] = torch.stack([m.last_stats["dropped"] for m in layers]).float().mean().detach()
+        aux = [m.last_aux.detach().float() for m in layers if m.last_aux is not None]
+        stats["moe/aux_loss"] = torch.stack(aux).sum() if aux else torch.zeros((), device=load.device)
         return stats
 
     # accounting ----------------------------------------------------------------------------------

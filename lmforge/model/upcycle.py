@@ -26,7 +26,7 @@ def upcycle(dense, moe: MoEConfig, noise_std: float = 0.0):
     for name, p in dense.named_parameters():
         if name in own and own[name].shape == p.shape:
             own[name].copy_(p)
-    for block, dense_block in zip(model.blocks, dense.blocks):
-        if isinstance(block.mlp, MoE):
-            upcycle_mlp(block.mlp, dense_block.mlp, noise_std)
+    for name, module in model.named_modules():  # every MoE layer: the blocks' and the MTP modules' alike
+        if isinstance(module, MoE):
+            upcycle_mlp(module, dense.get_submodule(name), noise_std)
     return model

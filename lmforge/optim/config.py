@@ -95,6 +95,8 @@ class OptimConfig:
               f"optim.decay_shape={self.decay_shape!r} is unknown; choose one of {DECAY_SHAPES}")
         for name in ("adam_lr", "embed_lr", "head_lr", "vector_lr", "qk_clip_tau"):
             check(getattr(self, name) >= 0, f"optim.{name} must be >= 0 (0 = default/off), got {getattr(self, name)}")
+        check(not self.qk_clip_tau or self.name == "muon",
+              f"optim.qk_clip_tau is MuonClip's QK-clip: it needs optim.name='muon', got {self.name!r}")
         check(0 <= self.momentum < 1, f"optim.momentum must lie in [0, 1), got {self.momentum}")
         check(self.ns_steps >= 1, f"optim.ns_steps must be >= 1, got {self.ns_steps}")
         check(self.muon_scale in MUON_SCALES, f"optim.muon_scale={self.muon_scale!r}; choose one of {MUON_SCALES}")

@@ -144,6 +144,12 @@ class LoopConfig:
               "compile_cudagraphs = true replays the graphs torch.compile builds: set compile = true as well")
         for name in ("eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        model = getattr(self, "model", None)
+        if self.optim.head_lr and getattr(model, "tie_embeddings", False):
+            from lmforge.errors import warn_caller
+
+            warn_caller("optim.head_lr has no effect with model.tie_embeddings: the head is the embedding matrix, "
+                        "which optim.embed_lr sets")
         if self.optim.warmup_steps > self.max_steps:
             from lmforge.errors import warn_caller
 

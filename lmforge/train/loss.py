@@ -30,10 +30,22 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            reduction="none").view(targets.shape)
 
 
+def with_aux(model: torch.nn.Module, loss: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(loss + the model's aux losses, metrics) after a forward: MoE balancing and MTP losses when the model
+    has them (aux_loss), and an MoE model's expert loads and dropped tokens (moe_stats) to watch balancing."""
+    aux_fn = getattr(model, "aux_loss", None)
+    aux = aux_fn() if callable(aux_fn) else None
+    if aux is None:
+        return loss, {"loss": ce}
+    stats_fn = getattr(model, "moe_stats", None)
+    return loss + aux, {"loss": ce, "aux_loss": aux.detach(), **(stats_fn() if callable(stats_fn) else {})}
+
+
 class LMObjective:
     """Next-token cross-entropy (+ z-loss) of model(input_ids) against targets, plus model.aux_loss()
     when the model has one. Metrics: loss = the plain cross-entropy (what the golden curve and the
-    validation loss measure), aux_loss when there is one. Stateless."""
+    validation loss measure), aux_loss when there is one, and an MoE model's moe_stats() (expert loads,
+    dropped fraction, the balancing part of aux_loss). Stateless."""
 
     def __init__(self, z_loss: float = 0.0):
         self.z_loss = z_loss
@@ -42,11 +54,7 @@ class LMObjective:
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["input_ids"])
         loss, ce = lm_loss(logits, batch["targets"], self.z_loss)
-        aux_fn = getattr(model, "aux_loss", None)  # MoE balancing losses, MTP, if the model has them
-        aux = aux_fn() if callable(aux_fn) else None
-        if aux is None:
-            return loss, {"loss": ce}
-        return loss + aux, {"loss": ce, "aux_loss": aux.detach()}
+        return with_aux(model, loss, ce)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -44,9 +44,9 @@ class MixtureSource:
         return {"input_ids": torch.cat(xs), "targets": torch.cat(ys)}
 
     def log_stats(self) -> dict[str, float]:
-        """Tokens drawn so far from each source, and the current phase (for metrics.jsonl)."""
-        return {**{f"tokens/{n}": t for n, t in zip(self.names, self.tokens)},
-                "mix_phase": self.phase_at(self.batches // self.grad_accum)}
+        """Tokens drawn so far from each source, and the phase of the last step's rows (for metrics.jsonl)."""
+        last_step = max(self.batches - 1, 0) // self.grad_accum  # the step whose rows were drawn last
+        return {**{f"tokens/{n}": t for n, t in zip(self.names, self.tokens)}, "mix_phase": self.phase_at(last_step)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state(), "batches": self.batches, "tokens": list(self.tokens),

@@ -94,6 +94,13 @@ def _mixture(cfg: TrainConfig):
         samplers[src.name] = BatchSampler(tr, 1, d.seq_len, d.sampling, cfg.seed + 1 + i)
         val += va
     phases = [(round(p.start * cfg.max_steps), list(p.weights)) for p in d.phases]
+    starts = [s for s, _ in phases] + [cfg.max_steps]
+    empty = [i for i in range(len(phases)) if starts[i] >= starts[i + 1]]
+    if empty:  # rounded to whole steps, a phase may cover none (or start at the end)
+        from lmforge.errors import warn_caller
+
+        warn_caller(f"data.phases[{empty[0]}] (start {d.phases[empty[0]].start}) covers no step of max_steps="
+                    f"{cfg.max_steps} (phases start at steps {starts[:-1]}): its weights are never used")
     mix = MixtureSource(samplers, phases, batch_size=d.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
     return mix, samplers[d.sources[0].name].splits[0].file, val
 
@@ -136,6 +143,11 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
         apply_fused_kernels(model)
     model, sampler, runner = distribute(model, sampler, par, device=train_device(cfg.device), seq_len=d.seq_len,
                                         batch_size=d.batch_size)
+    if runner is None and cfg.parallel.activation_checkpoint != "none":
+        from lmforge.errors import warn_caller
+
+        warn_caller(f"parallel.activation_checkpoint={cfg.parallel.activation_checkpoint!r} is applied by the parallel "
+                    "runner, which one process does not use: training without it (launch with --nproc N)")
     evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
                             token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token, runner)
     optimizer = build_optimizer(model, cfg.optim)

@@ -145,6 +145,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._in_flight: tuple[int, dict[str, torch.Tensor]] = (0, {})  # the step's tokens and metrics
         self.interrupts = Interrupts(optimizer)  # signals, stop requests, the step's phase
+        self.qk_clip = self._qk_clip()
         if cfg.resume:
             self._maybe_resume()
         elif ckpt.checkpoint_dirs(self.run_dir):
@@ -284,6 +285,8 @@ class Trainer:
             g["lr"] = g["base_lr"] * mult
         sums: dict[str, torch.Tensor] = {}
         n_tokens = 0
+        if self.qk_clip is not None:
+            self.qk_clip.reset()  # the max logits of this step's forward passes only (not of evaluations)
         micro = self._micro_batches()
         for i, (batch, share) in enumerate(micro):
             n_tokens += batch_tokens(batch)
@@ -312,11 +315,38 @@ class Trainer:
         self._in_flight = (n_tokens, stats)
         self.interrupts.begin_update()
         self.optimizer.step()  # a torch optimizer's step hooks also mark the update's start and end
+        if self.qk_clip is not None:
+            stats.update(self._clip_qk())
         self.interrupts.end_update()
         self._finish_step()
         stats = {**stats, "lr": self.optimizer.param_groups[0]["lr"]}
         self._call("on_step_end", stats)
         return stats
+
+    def _qk_clip(self):
+        """MuonClip's QK-clip (optim.qk_clip_tau > 0): a MaxLogitRecorder of every attention layer's per-head
+        max logit over the step's forward passes (lmforge.parallel.qk_logits); after each update the heads
+        above tau get W_q, W_k shrunk. One process, DDP or FSDP (the max is all-reduced over the ranks)."""
+        tau = getattr(self.optimizer, "qk_clip_tau", 0.0)
+        if not tau:
+            return None
+        from lmforge.parallel.qk_logits import MaxLogitRecorder
+
+        if self.runner is not None and (self.runner.cfg.tp > 1 or self.runner.cfg.pp > 1 or self.runner.cfg.cp > 1):
+            raise ConfigError("optim.qk_clip_tau runs on one process, dp_replicate or dp_shard; set parallel.tp, pp "
+                              "and cp to 1 (each would see only part of a head's logits)")
+        return MaxLogitRecorder(self.model)
+
+    def _clip_qk(self) -> dict[str, torch.Tensor]:
+        """Clip after the update; the step's largest logit and the number of heads clipped, as metrics."""
+        from lmforge.parallel.qk_logits import clip_qk_
+
+        if self.runner is not None:
+            self.qk_clip.all_reduce_()
+        layers = self.qk_clip.layers()
+        gammas = clip_qk_(layers, self.optimizer.qk_clip_tau)
+        return {"qk/max_logit": torch.stack([m.max() for _, _, m, _ in layers]).max(),
+                "qk/clipped_heads": sum((g < 1).sum() for g in gammas).float()}
 
     def _forward_backward(self, batch: Batch, scale: float, sync: bool) -> tuple[torch.Tensor, dict]:
         """One micro-batch's forward and backward, its gradients scaled by `scale`: in this process, or this

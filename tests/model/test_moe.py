@@ -265,6 +265,19 @@ def test_upcycled_model_equals_dense():
     assert not torch.equal(noisy.blocks[0].mlp.w_up[0], noisy.blocks[0].mlp.w_up[1])
 
 
+def test_upcycling_copies_the_mtp_modules_experts_too():
+    from lmforge.model.config import MTPConfig
+
+    torch.manual_seed(0)
+    dense = Transformer(dataclasses.replace(BASE, mlp="dense", mtp=MTPConfig(depth=1))).eval()
+    moe = upcycle(dense, MoEConfig(n_experts=4, top_k=2)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        (main, extra), (want_main, want_extra) = moe.forward_mtp(ids), dense.forward_mtp(ids)
+    torch.testing.assert_close(main, want_main, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extra[0], want_extra[0], rtol=1e-5, atol=1e-5)  # its experts were random before
+
+
 def test_expert_counts_compiled_equal_bincount():
     """_count's compiled form (a one-hot sum: Inductor's int64 index_add_ is a slow sort-based index_put_ on
     GPUs) counts as the eager index_add_ and bincount do."""

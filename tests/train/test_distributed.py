@@ -351,3 +351,26 @@ def test_launch_checks_the_layout_size_and_the_optimizer_before_any_process(tmp_
                              parallel=ParallelConfig(dp_replicate=2)), 2)
     with pytest.raises(ConfigError, match="'dion' runs on FSDP's row shards, not tensor-parallel ones"):
         check_launch(tiny_config(shard, tmp_path / "r", optim=OptimConfig(name="dion"), parallel=ParallelConfig(tp=2)), 2)
+
+
+def _qk_clip_worker(rank: int, world: int, shard: str, run_dir: str, layout: dict) -> list[float]:
+    from lmforge.optim.config import OptimConfig
+
+    res = train(tiny_config(shard, run_dir, parallel=ParallelConfig(**layout), optim=OptimConfig(
+        name="muon", lr=0.02, warmup_steps=2, qk_clip_tau=0.02), **STEPS))
+    return _losses(res.history) + [r["qk/clipped_heads"] for r in res.history if "qk/clipped_heads" in r]
+
+
+@pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2}], ids=["fsdp2", "ddp"])
+def test_qk_clip_on_two_processes_matches_one(single, tmp_path, layout):
+    """MuonClip through the Trainer on FSDP2 shards (each rank scales its own rows) and DDP replicas: the max
+    logits are all-reduced over the ranks, so the clipped run equals one process's."""
+    from lmforge.optim.config import OptimConfig
+
+    shard = single[0]
+    res = train(tiny_config(shard, tmp_path / "one", optim=OptimConfig(name="muon", lr=0.02, warmup_steps=2,
+                                                                        qk_clip_tau=0.02), **STEPS))
+    ref = _losses(res.history) + [r["qk/clipped_heads"] for r in res.history if "qk/clipped_heads" in r]
+    assert sum(ref[STEPS["max_steps"]:]) > 0  # heads were clipped
+    got = run_local(_qk_clip_worker, 2, str(shard), str(tmp_path / "two"), layout, timeout=120, start_method="fork")[0]
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)

@@ -36,6 +36,20 @@ def test_rows_follow_the_phases_and_token_counts_are_logged(tmp_path):
     assert stats["mix_phase"] == 1
 
 
+def test_the_logged_phase_is_the_logged_steps_and_a_phase_covering_no_step_warns(tmp_path):
+    tr = Trainer(_mixed(tmp_path, "run"))
+    phases = []
+    for _ in range(10):
+        tr.data.next_batch()
+        phases.append(tr.data.log_stats()["mix_phase"])
+    assert phases == [0] * 6 + [1] * 4  # the batch just drawn: steps 0-5 are phase 0, phase 1 starts at step 6
+    cfg = _mixed(tmp_path, "w")
+    data = dataclasses.replace(cfg.data, phases=(PhaseConfig(start=0.0, weights=(1.0, 1.0)),
+                                                 PhaseConfig(start=0.04, weights=(0.0, 1.0))))
+    with pytest.warns(UserWarning, match=r"data.phases\[0\] \(start 0.0\) covers no step of max_steps=10"):
+        Trainer(dataclasses.replace(cfg, data=data))
+
+
 def test_a_mixed_run_resumes_bit_exactly(tmp_path):
     full = train(_mixed(tmp_path, "a"))
     rows = [r for r in full.history if "tokens/hq" in r]

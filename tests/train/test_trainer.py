@@ -247,3 +247,57 @@ def test_warmup_longer_than_the_run_warns_and_a_damaged_checkpoint_says_how_to_g
         f.write(b"\xff\xfe")
     with pytest.raises(CheckpointError, match="corrupted.*move this one aside \\(a run resumes from the newest"):
         Trainer(tiny_config(shard, tmp_path / "run", max_steps=6))
+
+
+def test_qk_clip_in_the_trainer_shrinks_heads_above_tau_and_only_those(tmp_path):
+    """optim.qk_clip_tau (MuonClip) through the Trainer: a tau no logit reaches changes nothing (bit-exact with
+    tau = 0); a small tau clips heads every step and changes the weights; the step's largest logit and the
+    heads clipped are logged. (It did nothing before: the Trainer never recorded the logits.)"""
+    from lmforge.optim.config import OptimConfig
+
+    shard = make_shard(tmp_path / "t.bin")
+
+    def run(name, tau):
+        res = train(tiny_config(shard, tmp_path / name, max_steps=4, optim=OptimConfig(
+            name="muon", lr=0.02, warmup_steps=1, qk_clip_tau=tau)))
+        return res, ckpt.load_model(res.run_dir)[0].state_dict()
+
+    _, off = run("off", 0.0)
+    huge, same = run("huge", 1e9)
+    small, clipped = run("small", 0.02)  # this tiny model's largest logits are ~0.04-0.05
+    assert all(torch.equal(off[k], same[k]) for k in off)
+    assert any(not torch.equal(off[k], clipped[k]) for k in off if ".attn.wq" in k)
+    rows = [r for r in small.history if "qk/max_logit" in r]
+    assert rows and all(r["qk/max_logit"] > 0.02 and r["qk/clipped_heads"] > 0 for r in rows)
+    assert all(r["qk/clipped_heads"] == 0 for r in huge.history if "qk/clipped_heads" in r)
+    with pytest.raises(ConfigError, match="qk_clip_tau is MuonClip's QK-clip: it needs optim.name='muon'"):
+        OptimConfig(name="adamw", qk_clip_tau=5.0)
+
+
+def test_moe_training_logs_expert_loads(tmp_path):
+    from lmforge.model.config import ModelConfig, MoEConfig
+
+    shard = make_shard(tmp_path / "t.bin")
+    model = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, mlp="moe",
+                        moe=MoEConfig(n_experts=4, top_k=2, aux_loss=0.01))
+    res = train(tiny_config(shard, tmp_path / "run", model=model, max_steps=3))
+    row = next(r for r in res.history if "moe/load_max_over_mean" in r)
+    assert sum(row[f"moe/load_e{i}"] for i in range(4)) == pytest.approx(1.0, abs=1e-5)
+    assert row["moe/load_max_over_mean"] >= 1.0 and row["moe/dropped_frac"] == 0.0
+    assert row["moe/aux_loss"] == pytest.approx(row["aux_loss"], rel=1e-4)  # no MTP: aux_loss is all balancing
+
+
+def test_settings_one_process_or_a_tied_head_would_ignore_say_so(tmp_path):
+    from lmforge.model.config import ModelConfig, MoEConfig
+    from lmforge.parallel.config import ParallelConfig
+
+    shard = make_shard(tmp_path / "t.bin")
+    with pytest.warns(UserWarning, match="activation_checkpoint='full' is applied by the parallel runner"):
+        Trainer(tiny_config(shard, tmp_path / "ac", parallel=ParallelConfig(activation_checkpoint="full")))
+    tied = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, tie_embeddings=True)
+    with pytest.warns(UserWarning, match="optim.head_lr has no effect with model.tie_embeddings"):
+        tiny_config(shard, tmp_path / "t", model=tied, optim=dict(lr=1e-3, head_lr=1e-2))
+    moe = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, mlp="moe",
+                      moe=MoEConfig(n_experts=4, top_k=2, bias_update_rate=1e-3))
+    with pytest.raises(ConfigError, match="activation_checkpoint with model.moe.bias_update_rate > 0"):
+        ParallelConfig(dp_shard=2, activation_checkpoint="full").validate(2, moe)

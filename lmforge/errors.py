@@ -37,13 +37,12 @@ def require(module: str, extra: str):
 def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
     """warnings.warn attributed to the first frame outside lmforge: the user's line that asked for it, however
     deep inside the library the problem was found."""
+    import dataclasses
     import os
     import sys
     import warnings
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-    import dataclasses
 
     def inside(code) -> bool:  # lmforge's own code, or the dataclass machinery building one of its configs
         return (os.path.abspath(code.co_filename).startswith(package) or code.co_filename == dataclasses.__file__

@@ -94,7 +94,8 @@ def model_meta(model: torch.nn.Module) -> dict[str, Any]:
         from lmforge.adapt.lora import lora_record
 
         lora = lora_record(model)  # unmerged adapters: load_model puts them back before the weights
-        return {"model": to_dict(cfg), **({"lora": lora} if lora else {})}
+        eos = [int(i) for i in getattr(model, "eos_token_ids", None) or ()]  # a HF model's end-of-sequence ids
+        return {"model": to_dict(cfg), **({"lora": lora} if lora else {}), **({"eos_token_ids": eos} if eos else {})}
     cls = getattr(model, "model_class", type(model))  # a gathered sharded model names the class it shards
     return {"model_class": f"{cls.__module__}.{cls.__qualname__}"}
 
@@ -313,5 +314,6 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True):
 
             restore_lora(model, meta["lora"])
         load_weights(model, ckpt)
+        model.eos_token_ids = tuple(meta.get("eos_token_ids", ()))
         tok = load_tokenizer(ckpt) if tokenizer and (ckpt / FILE_NAME).is_file() else None
     return model.to(device).eval(), tok

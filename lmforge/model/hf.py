@@ -321,6 +321,8 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     for old in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors", path / "model.safetensors.index.json"]:
         if old.name not in written:  # an earlier save's weights: loaders would disagree about which to read
             old.unlink(missing_ok=True)
+    if "eos_token_id" in hf_cfg:  # what transformers' generate reads first
+        write_json_atomic(path / "generation_config.json", {"eos_token_id": hf_cfg["eos_token_id"]})
     write_json_atomic(path / "config.json", hf_cfg)  # last: a directory without it was not finished
 
 

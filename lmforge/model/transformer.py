@@ -41,7 +41,7 @@ class Transformer(nn.Module):
             raise ConfigError(f"Transformer needs a ModelConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         # token ids that end generation besides the tokenizer's end-of-text (a HF checkpoint's eos_token_id;
-        # set by from_pretrained, written by save_pretrained, read by the inference engine)
+        # set by from_pretrained, kept by lmforge checkpoints, written by save_pretrained, read by the engine)
         self.eos_token_ids: tuple[int, ...] = ()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(cfg.pos_emb)

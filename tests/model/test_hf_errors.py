@@ -209,3 +209,8 @@ def test_the_checkpoints_eos_ids_end_generation_and_are_exported(tmp_path):
         LLM.load(tmp_path)
     llm.model.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["eos_token_id"] == [999, stop]
+    assert json.loads((tmp_path / "again" / "generation_config.json").read_text()) == {"eos_token_id": [999, stop]}
+    from lmforge import checkpoint as ckpt  # an lmforge checkpoint of the model (e.g. after fine-tuning) keeps them
+
+    ckpt.save_checkpoint(tmp_path / "run", 1, llm.model)
+    assert ckpt.load_model(tmp_path / "run")[0].eos_token_ids == (999, stop)

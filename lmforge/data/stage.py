@@ -55,7 +55,7 @@ def run_stage(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext
     except Exception as e:
         if spec.kind != "map" or len(docs) <= 1:
             if len(docs) == 1:
-                _reject(docs[0], spec.name, e)
+                reject_error(docs[0], spec.name, e)
                 return docs
             raise
     out: list[Document] = []
@@ -65,11 +65,13 @@ def run_stage(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext
         except LmforgeError:
             raise
         except Exception as e:  # the stage's own bug or a pathological document
-            _reject(d, spec.name, e)
+            reject_error(d, spec.name, e)
             out.append(d)
     return out
 
 
-def _reject(d: Document, stage: str, e: Exception) -> None:
+def reject_error(d: Document, stage: str, e: Exception) -> None:
+    """Reject d as `error:<stage>`, the exception recorded in meta.errors (what run_stage does to a document
+    a stage fails on; stages that catch per-document errors themselves use it too)."""
     d.meta.setdefault("errors", []).append(f"{stage}: {type(e).__name__}: {e}"[:200])
     d.reject(f"error:{stage}")

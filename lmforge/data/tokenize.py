@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.shards import TokenShardWriter
-from lmforge.data.stage import StageContext
+from lmforge.data.stage import StageContext, reject_error
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,8 +52,7 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
         try:
             encoded.append((d, encode(d.text)))
         except Exception as e:  # noqa: BLE001  (a pathological document; the stage goes on without it)
-            d.meta.setdefault("errors", []).append(f"tokenize: {type(e).__name__}: {e}"[:200])
-            d.reject("error:tokenize")
+            reject_error(d, "tokenize", e)
     with TokenShardWriter(path, vocab_size=tok.vocab_size, tokenizer=cfg.tokenizer, doc_sep=sep) as w:
         for d, ids in encoded:
             w.add_document(ids)

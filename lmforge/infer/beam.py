@@ -21,6 +21,7 @@ from lmforge.infer.detok import safe_decode
 from lmforge.infer.outputs import CompletionOutput
 from lmforge.infer.request import Sequence
 from lmforge.infer.runner import row_for
+from lmforge.infer.sampler import logprob_entries
 
 Hyp = tuple[list[int], list[float], list[dict[int, float]]]
 """a hypothesis: its tokens, their log-probs, and (with params.logprobs) each step's top-k entries"""
@@ -61,15 +62,13 @@ class BeamSearch:
         sums = torch.tensor([sum(self.hyp[s.seq_id][1]) for s in live], device=logp.device)
         cand = (logp + sums[:, None]).flatten().topk(min(2 * self.W, logp.numel()))
         V, alpha, k = logp.shape[-1], self.params.length_penalty, self.params.logprobs
-        top = logp.topk(min(k, V)) if k else None
-        top = (top.indices.tolist(), top.values.tolist()) if top is not None else None
         nxt = []
         for rank, (score, flat) in enumerate(zip(cand.values.tolist(), cand.indices.tolist())):
             b, tok = divmod(flat, V)
             toks, lps, tops = self.hyp[live[b].seq_id]
             lp = float(logp[b, tok])
-            if k is not None:
-                tops = tops + [{tok: lp, **(dict(zip(top[0][b], top[1][b])) if top else {})}]
+            if k is not None:  # the sampler's entries: {chosen: lp, then the k most likely} (logp is normalised)
+                tops = tops + logprob_entries(logp[b:b + 1], [tok], [k])
             h = (toks + [tok], lps + [lp], tops)
             why = "stop" if tok in self.eos or self._stop_at(h[0]) is not None else None
             if why:

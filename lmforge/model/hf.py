@@ -17,12 +17,11 @@ import dataclasses
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
 
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, warn_caller
 from lmforge.model import hf_families as D
 from lmforge.model import hf_moe as M
 from lmforge.model.config import ModelConfig
@@ -181,10 +180,10 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     if cfg.mtp is not None and not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in files):
         cfg = dataclasses.replace(cfg, mtp=None)  # config announces MTP layers the file does not hold
     if cfg.tie_embeddings and "lm_head.weight" in files and fam != "gpt2":
-        emb = next(n for n in files if n.endswith("embed_tokens.weight") and not n.startswith("model.layers."))
-        if not torch.equal(reader.get("lm_head.weight"), reader.get(emb)):  # as transformers: the stored head
-            warnings.warn(f"{path}: config.json ties the embeddings but the checkpoint stores a different "
-                          "lm_head.weight; loading it untied, as transformers does", stacklevel=2)
+        emb = next((n for n in files if n.endswith("embed_tokens.weight") and not n.startswith("model.layers.")), None)
+        if emb is not None and not torch.equal(reader.get("lm_head.weight"), reader.get(emb)):  # as transformers
+            warn_caller(f"{path}: config.json ties the embeddings but the checkpoint stores a different "
+                        "lm_head.weight; loading it untied, as transformers does")
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
     rules = FAMILIES[fam][3](cfg)
     _check_names(rules, files, cfg, fam)
@@ -209,13 +208,18 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     return model.eval()
 
 
+def _generation_config(path: Path) -> dict:
+    """generation_config.json of a HF directory ({} when there is none, or it is not a JSON object)."""
+    try:
+        d = json.loads((path / "generation_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 def _eos_ids(path: Path, hf: dict) -> tuple[int, ...]:
     """eos_token_id of generation_config.json, else of config.json (an int or a list; Llama 3 lists three)."""
-    gen = path / "generation_config.json"
-    try:
-        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        eos = None
+    eos = _generation_config(path).get("eos_token_id")
     eos = hf.get("eos_token_id") if eos is None else eos
     ids = eos if isinstance(eos, list) else [eos]
     return tuple(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
@@ -321,8 +325,9 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     for old in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors", path / "model.safetensors.index.json"]:
         if old.name not in written:  # an earlier save's weights: loaders would disagree about which to read
             old.unlink(missing_ok=True)
-    if "eos_token_id" in hf_cfg:  # what transformers' generate reads first
-        write_json_atomic(path / "generation_config.json", {"eos_token_id": hf_cfg["eos_token_id"]})
+    if "eos_token_id" in hf_cfg:  # what transformers' generate reads first (other settings in the file are kept)
+        write_json_atomic(path / "generation_config.json",
+                          {**_generation_config(path), "eos_token_id": hf_cfg["eos_token_id"]})
     write_json_atomic(path / "config.json", hf_cfg)  # last: a directory without it was not finished
 
 

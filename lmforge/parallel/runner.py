@@ -105,9 +105,11 @@ class ParallelRunner:
         if self.pp_mesh is not None:
             # each micro-batch's loss carries its share, scale / n_microbatches (build_schedule keeps the schedule
             # from dividing the accumulated .grad itself); losses come back scaled so
-            self._scale = scale / (self.cfg.n_microbatches if schedule_scales_grads() else 1)
-            losses = self._through_pipeline(self.schedule.step, x, y)
-            return torch.stack(losses).sum().detach() / scale if self.last else torch.zeros((), device=self.device)
+            div = self.cfg.n_microbatches if schedule_scales_grads() else 1  # (older torch's schedule divides)
+            self._scale = scale / div
+            losses = self._through_pipeline(self.schedule.step, x, y)  # each: its micro-batch's loss x scale / div
+            return (torch.stack(losses).sum().detach() * div / (scale * len(losses)) if self.last
+                    else torch.zeros((), device=self.device))
         if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
             b = shard_batch({"input_ids": x, "targets": y}, self.cp_mesh)
             x, y = b["input_ids"], b["targets"]

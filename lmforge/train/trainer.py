@@ -335,7 +335,9 @@ class Trainer:
         if self.runner is not None and (self.runner.cfg.tp > 1 or self.runner.cfg.pp > 1 or self.runner.cfg.cp > 1):
             raise ConfigError("optim.qk_clip_tau runs on one process, dp_replicate or dp_shard; set parallel.tp, pp "
                               "and cp to 1 (each would see only part of a head's logits)")
-        return MaxLogitRecorder(self.model)
+        recorder = MaxLogitRecorder(self.model)  # (refuses a model without lmforge MHA/GQA attention)
+        recorder.layers()  # refuses fused q/k/v weights now, not after the first update
+        return recorder
 
     def _clip_qk(self) -> dict[str, torch.Tensor]:
         """Clip after the update; the step's largest logit and the number of heads clipped, as metrics."""
@@ -405,10 +407,13 @@ class Trainer:
         return checked_metrics(out, "the evaluator")
 
     # loop ----------------------------------------------------------------------------------------
-    def _log_eval(self, bar) -> dict[str, float]:
+    def _log_eval(self, bar, record: bool = True) -> dict[str, float]:
+        """Evaluate, show and hand to the hooks; record=False leaves metrics.jsonl alone (a finished run's
+        evaluation, recorded when it got there)."""
         ev = self.evaluate()
         if ev:
-            self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
+            if record:
+                self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
             if self.cfg.progress and self.rank == 0:
                 bar.write(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             self._call("on_eval", ev)
@@ -492,10 +497,8 @@ class Trainer:
                         self._save_at_boundary(t_start)
                     if self.rank == 0:
                         tqdm.write(f"stopped at step {self.step}: {self.interrupts.reason}")
-                if not ev:  # resumed at (or past) the last step: report the finished model's evaluation (its
-                    ev = self.evaluate()  # metrics row was logged when it got there)
-                    if ev and cfg.progress and self.rank == 0:
-                        bar.write(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                if not ev:  # resumed at (or past) the last step: report the finished model's evaluation
+                    ev = self._log_eval(bar, record=False)
         except KeyboardInterrupt:
             self.interrupts.interrupted(self, bar, t_start)
             bar.close()

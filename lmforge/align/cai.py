@@ -54,7 +54,7 @@ def _turns(prompt: str, *pairs: tuple[str, str]) -> list[dict[str, str]]:
 
 def _generate(llm, conversations: list[list[dict]], params: SamplingParams, template: str) -> list[str]:
     tmpl = get_template(template)
-    return [o.text.strip() for o in llm.generate([tmpl.render(c) for c in conversations], params)]
+    return [o.text.strip() for o in llm.generate([tmpl.encode(llm.tokenizer, c)[0] for c in conversations], params)]
 
 
 def sl_cai_records(llm, prompts: Sequence[str], params: SamplingParams, *,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 from lmforge.config import check, coerce_fields
 from lmforge.errors import DataError, LmforgeError
-from lmforge.infer.chat_template import ChatTemplate, get_template
+from lmforge.infer.chat_template import MARKER, ChatTemplate, get_template
 from lmforge.model.meta import packed_positions
 
 Example = tuple[list[int], list[bool]]
@@ -104,7 +103,7 @@ def check_template(tokenizer, template: ChatTemplate, plain: str = "data.templat
     """Every <|...|> marker of the template must be one special token of the tokenizer; otherwise the
     model sees it as ordinary text and never learns where turns end. `plain`: how the caller's user
     switches to the plain template."""
-    for marker in dict.fromkeys(re.findall(r"<\|[^|]*\|>", template.bos + template.header + template.end)):
+    for marker in dict.fromkeys(MARKER.findall(template.bos + template.header + template.end)):
         ids = tokenizer.encode(marker)
         if len(ids) != 1:
             raise DataError(f"chat template {template.name!r} uses {marker} but the tokenizer encodes it as "
@@ -128,15 +127,6 @@ class Encoder:
         check_template(tokenizer, self.template)
         self.eos = getattr(tokenizer, "eot_id", None)
 
-    def _pieces(self, pieces: list[tuple[str, bool]]) -> Example:
-        ids: list[int] = []
-        mask: list[bool] = []
-        for text, train in pieces:
-            t = self.tok.encode(text) if text else []
-            ids += t
-            mask += [train or self.loss_on == "all"] * len(t)
-        return ids, mask
-
     def chat(self, messages: Any, where: str, field_name: str = "messages") -> Example:
         """field_name: the record field the messages came from (a preference pair's are prompt + chosen/rejected)."""
         if not isinstance(messages, list) or not messages:
@@ -147,9 +137,10 @@ class Encoder:
             raise RecordError("no_assistant_turn", f"{where}: field {field_name!r} has no assistant turn, so "
                               "nothing would be trained; add one or set data.loss_on='all'")
         try:
-            return self._pieces(self.template.segments(messages))
+            ids, mask = self.template.encode(self.tok, messages, add_generation_prompt=False)
         except (LmforgeError, AttributeError) as e:
             raise RecordError("bad_messages", f"{where}: field {field_name!r}: {e}") from e
+        return ids, [True] * len(ids) if self.loss_on == "all" else mask
 
     def prompt_completion(self, prompt: Any, completion: Any, where: str, name: str = "completion") -> Example:
         """Loss on the completion only (TRL's completion_only_loss) unless loss_on='all'. Strings are

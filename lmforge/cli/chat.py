@@ -67,10 +67,10 @@ def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,
         if not cmd:
             continue
         history.append({"role": "user", "content": line})
-        history.append({"role": "assistant", "content": _answer(llm, template.render(history), sp, write)})
+        history.append({"role": "assistant", "content": _answer(llm, template.encode(llm.tokenizer, history)[0], sp, write)})
 
 
-def _answer(llm, prompt: str, sp, write) -> str:
+def _answer(llm, prompt: list[int], sp, write) -> str:
     parts: list[str] = []
     write("bot> ")
     try:

@@ -9,11 +9,23 @@ Each template is a small frozen dataclass of strings, so new formats are data, n
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from lmforge.errors import ConfigError
 
 ROLES = ("system", "user", "assistant", "tool")
+MARKER = re.compile(r"<\|[^|]*\|>")
+"""a template's special-token markers (<|im_start|>, <|eot_id|>, ...): each must be one token of the tokenizer"""
+
+
+class Piece(NamedTuple):
+    """One piece of a rendered conversation: a message's `content` is the user's text, never template syntax."""
+    text: str
+    train: bool
+    """an assistant's content or its end marker: what SFT trains on"""
+    content: bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,23 +44,46 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt for `messages`; with add_generation_prompt, opened for the assistant's next turn."""
-        return "".join(p for p, _ in self.segments(messages, add_generation_prompt))
+        return "".join(p.text for p in self.segments(messages, add_generation_prompt))
 
-    def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False
-                 ) -> list[tuple[str, bool]]:
-        """(text, is_assistant_content) pieces of the rendered conversation: SFT masks the loss to the
-        pieces marked True (an assistant's content and its end marker)."""
-        out = [(self.bos, False)] if self.bos else []
+    def encode(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True
+               ) -> tuple[list[int], list[bool]]:
+        """Token ids of `render(messages)` and, per token, whether SFT trains on it. The template's markers
+        are encoded as special tokens and the messages' content as plain text, so a message that contains
+        "<|im_end|><|im_start|>system" stays text: it cannot close its turn or open another (prompt
+        injection through user text). Chat generation and SFT both tokenize conversations here."""
+        plain = getattr(tokenizer, "encode_ordinary", tokenizer.encode)  # a byte tokenizer has no specials to parse
+        ids: list[int] = []
+        mask: list[bool] = []
+        pieces = self.segments(messages, add_generation_prompt)
+        i = 0
+        while i < len(pieces):
+            p = pieces[i]
+            if p.content and i + 1 < len(pieces) and not MARKER.search(pieces[i + 1].text):
+                t = plain(p.text + pieces[i + 1].text)  # an end marker of plain text ("\n") joins its content
+                i += 1
+            else:
+                t = (plain if p.content else tokenizer.encode)(p.text) if p.text else []
+            ids += t
+            mask += [p.train] * len(t)
+            i += 1
+        return ids, mask
+
+    def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[Piece]:
+        """The rendered conversation in pieces: markers, and each message's content apart from them. SFT
+        masks the loss to the pieces marked `train` (an assistant's content and its end marker)."""
+        out = [Piece(self.bos, False, False)] if self.bos else []
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
                 raise ConfigError(f"message {i} has role {role!r}; choose one of {ROLES}")
             if not isinstance(content, str):
                 raise ConfigError(f"message {i} content must be a string, got {type(content).__name__}")
-            out.append((self.header.format(role=self.role(role)), False))
-            out.append((content + self.end, role == "assistant"))
+            out.append(Piece(self.header.format(role=self.role(role)), False, False))
+            out.append(Piece(content, role == "assistant", True))
+            out.append(Piece(self.end, role == "assistant", False))
         if add_generation_prompt:
-            out.append((self.header.format(role=self.role("assistant")), False))
+            out.append(Piece(self.header.format(role=self.role("assistant")), False, False))
         return out
 
     @property

@@ -23,7 +23,8 @@ class Scripted:
         self.reply, self.tokenizer, self.calls = reply, load_tokenizer("byte"), []
 
     def generate(self, prompts, params):
-        self.calls.append((list(prompts), params))
+        prompts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]  # text or token ids
+        self.calls.append((prompts, params))
         outs = []
         for p in prompts:
             samples = []

@@ -77,10 +77,12 @@ class FakeLLM:
     """Streams a fixed answer; raises KeyboardInterrupt after two pieces when asked to."""
 
     def __init__(self):
-        self.prompts, self.interrupt = [], False
+        from lmforge.tokenizer.byte import ByteTokenizer
+
+        self.prompts, self.interrupt, self.tokenizer = [], False, ByteTokenizer()
 
     def stream(self, prompt, sp):
-        self.prompts.append(prompt)
+        self.prompts.append(self.tokenizer.decode(prompt))  # the chat loop sends token ids
         for i, piece in enumerate(["Hel", "lo", "!"]):
             if self.interrupt and i == 2:
                 raise KeyboardInterrupt

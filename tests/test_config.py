@@ -128,6 +128,26 @@ def test_a_partial_toml_table_starts_from_the_field_default_like_cli_flags(tmp_p
     assert parse_config(TrainConfig, ["--model.d-model", "128"], prog="t", description="") == want
 
 
+def test_flags_open_a_section_that_defaults_to_none_and_bools_take_any_case(tmp_path):
+    """--model.moe.n-experts works without a [model.moe] table (ModelConfig.moe defaults to None, for which
+    tyro has no flags); a table's values stay and flags override them; --progress false means False."""
+    from lmforge.cli.common import parse_config
+    from lmforge.model.config import MoEConfig, MTPConfig
+
+    def parse(*argv):
+        return parse_config(TrainConfig, list(argv), prog="t", description="")
+
+    cfg = parse("--model.mlp", "moe", "--model.moe.n-experts", "4", "--model.moe.noisy", "--model.mtp.depth=2",
+                "--progress", "false", "--model.fused-proj", "TRUE")
+    assert cfg.model.moe == MoEConfig(n_experts=4, noisy=True) and cfg.model.mtp == MTPConfig(depth=2)
+    assert cfg.progress is False and cfg.model.fused_proj is True
+    assert parse("--progress=no").progress is False and parse().model.moe is None
+    path = tmp_path / "moe.toml"
+    path.write_text("[model]\nmlp = 'moe'\n[model.moe]\nn_experts = 6\ntop_k = 3\n")
+    cfg = parse("--config", str(path), "--model.moe.top-k", "1")
+    assert (cfg.model.moe.n_experts, cfg.model.moe.top_k) == (6, 1)
+
+
 def test_a_pipeline_is_refused_for_losses_it_would_drop():
     """pp > 1 trains the plain LM loss stage by stage: an MoE model's balancing loss or an MTP loss would
     silently vanish, so the config says so before anything launches."""

@@ -43,6 +43,17 @@ def _required_flags(cls: type, argv: list[str]) -> dict[str, str]:
     return out
 
 
+def _field_type(tp) -> tuple[type, bool]:
+    """(the type a field holds, whether it may be None): `MoEConfig | None` -> (MoEConfig, True)."""
+    import typing
+
+    tp = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
 def _bool_flags(cls: type, prefix: str = "") -> set[str]:
     """Names of the bool options of a config, nested ones as 'section.name' (and bare, for flattened ones)."""
     import dataclasses
@@ -50,7 +61,7 @@ def _bool_flags(cls: type, prefix: str = "") -> set[str]:
 
     out: set[str] = set()
     for name, tp in typing.get_type_hints(cls).items():
-        tp = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+        tp, _ = _field_type(tp)
         if tp is bool:
             out |= {prefix + name, name}
         elif dataclasses.is_dataclass(tp):
@@ -59,15 +70,52 @@ def _bool_flags(cls: type, prefix: str = "") -> set[str]:
 
 
 def bare_bools(cls: type, argv: list[str]) -> list[str]:
-    """`--restart` alone means `--restart True` (the options otherwise take an explicit True/False)."""
+    """`--restart` alone means `--restart True` (the options otherwise take an explicit True/False), and a
+    bool's value may be written true/false/yes/no/1/0 in any case."""
     names = _bool_flags(cls)
+    words = {"true": "True", "false": "False", "yes": "True", "no": "False", "1": "True", "0": "False"}
+
+    def is_bool(arg: str) -> bool:
+        return arg.startswith("--") and arg.split("=", 1)[0][2:].replace("-", "_") in names
+
     out = []
     for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if eq and is_bool(a) and value.lower() in words:
+            a = f"{flag}={words[value.lower()]}"
+        elif i > 0 and "=" not in argv[i - 1] and is_bool(argv[i - 1]) and a.lower() in words:
+            a = words[a.lower()]
         out.append(a)
         nxt = argv[i + 1] if i + 1 < len(argv) else "--"
-        if a.startswith("--") and "=" not in a and a[2:].replace("-", "_") in names and nxt.startswith("--"):
+        if not eq and is_bool(a) and nxt.startswith("--"):
             out.append("True")
     return out
+
+
+def open_sections(cls: type, argv: list[str], data: dict) -> bool:
+    """A flag inside a section that defaults to None (`--model.moe.n_experts 8`: ModelConfig.moe is
+    `MoEConfig | None`) opens that section in `data` with its defaults, as a `[model.moe]` table would:
+    tyro offers no flags for a section whose value is None. True when a section was opened."""
+    import dataclasses
+    import typing
+
+    opened = False
+    for a in argv:
+        if not a.startswith("--") or "." not in a:
+            continue
+        path = a[2:].split("=", 1)[0].replace("-", "_").split(".")
+        tp, node = cls, data
+        for name in path[:-1]:
+            fields = {f.name: f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else {}
+            if name not in fields:
+                break
+            parent, (tp, optional) = fields[name], _field_type(typing.get_type_hints(tp)[name])
+            if not dataclasses.is_dataclass(tp) or not isinstance(node, dict):
+                break
+            if optional and parent.default is None and node.get(name) is None:
+                node[name], opened = {}, True
+            node = node.setdefault(name, {})
+    return opened
 
 
 def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
@@ -78,12 +126,14 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
 
     from lmforge.config import from_dict, read_config_file
 
+    path, data = None, {}
     if config_file:
         path, argv = _split_config_flag(argv)
         if path is not None:
             data = read_config_file(path)
-            default = from_dict(cls, {**_required_flags(cls, argv), **data})
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
+    if open_sections(cls, argv, data) or path is not None:
+        default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
     return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
                     config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands,
                             # a comment above a group of fields is a section label, not a field's help

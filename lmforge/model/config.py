@@ -211,6 +211,8 @@ class ModelConfig:
                         "swiglu_oss"] = "swiglu"
     """MLP activation; the *glu ones are gated MLPs (Shazeer 2020)"""
     mlp: Literal["dense", "moe"] = "dense"
+    """'moe': mixture-of-experts MLPs, sized by the moe section (flags --model.moe.FIELD, e.g.
+    --model.moe.n_experts 8; --model.mla.FIELD and --model.mtp.FIELD likewise open theirs)"""
     moe: MoEConfig | None = None
     """MoE sizes and routing (mlp='moe'); None means MoEConfig() defaults"""
     mtp: MTPConfig | None = None

@@ -12,6 +12,24 @@ import pytest
 if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+def pytest_configure(config):
+    """Define every Triton kernel now, under the switch above: tests that set TRITON_INTERPRET=0 for a moment
+    (checking the no-Triton fallbacks) must not be the first to import a kernel module, or its kernels stay
+    compiled-only ("0 active drivers") for the rest of the run."""
+    import importlib
+    import importlib.util
+    import pkgutil
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    import lmforge.kernels
+
+    for mod in pkgutil.iter_modules(lmforge.kernels.__path__):
+        importlib.import_module(f"lmforge.kernels.{mod.name}")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

@@ -103,7 +103,10 @@ class Scheduler:
             if n == 0 or (n < remaining and not self.config.chunked_prefill):
                 kept.append(seq)
                 continue
-            extra = min(seq.request.lookahead, budget - n) if n == remaining else 0  # room for drafts
+            # room for drafts: never past the request's last token (k drafts + the bonus token are k + 1
+            # new tokens), which add_request sized the pool check for
+            left = seq.request.max_len - len(seq.tokens) - seq.inflight - 1
+            extra = max(0, min(seq.request.lookahead, budget - n, left)) if n == remaining else 0
             copies = self.pool.try_append(seq.block_table, seq.num_computed, n + extra)
             while copies is None:  # no room: preempt the newest running sequence (this one last)
                 victim = queue.pop() if queue else seq

@@ -150,3 +150,18 @@ def test_draft_model_drafts_for_the_batch_under_preemption(tok):
     assert [[o.token_ids for o in r.outputs] for r in got] == [[o.token_ids for o in r.outputs] for r in want]
     assert llm.engine.draft_model is not None and llm.engine.stats()["preemptions"] > 0
     assert sum(r.metrics["accepted"] for r in got) > 0 and llm.engine.pool.num_used == 0
+
+
+@pytest.mark.parametrize("draft", ["model", "ngram"])
+def test_draft_room_never_passes_the_requests_last_token(tok, draft):
+    """A request that fits the pool exactly (9 prompt + 6 new tokens in one 16-slot block) runs with drafts
+    too: the scheduler reserved room for k drafts past max_tokens, which add_request had not sized for,
+    and the step failed with "could not fit any sequence"."""
+    from lmforge.infer.engine import EngineConfig
+
+    target = tiny_model("llama")
+    drafter = tiny_model("llama", seed=5, n_layers=1) if draft == "model" else draft
+    p = "abcabcabc"
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(target, tok, config=EngineConfig(block_size=16, num_kv_tokens=16), draft=drafter, num_draft_tokens=4)
+    assert llm.generate(p, params)[0].token_ids == full_greedy(target, tok.encode(p), 6)

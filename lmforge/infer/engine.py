@@ -138,7 +138,7 @@ class Engine:
 
             check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
             self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, num_draft_tokens)
-            if isinstance(self.runner, PagedRunner) and hasattr(draft, "cache_spec"):
+            if isinstance(self.runner, PagedRunner) and hasattr(draft, "cache_spec") and not hasattr(draft, "propose"):
                 from lmforge.infer.draft import PagedDraftModel
 
                 self.draft_model = PagedDraftModel(draft, num_blocks, config.block_size, self.device)

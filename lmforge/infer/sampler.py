@@ -115,6 +115,8 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         logits = logits.clone()
         logits[:, vocab_limit:] = float("-inf")
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    processed = [r.params.logprobs is not None and r.params.logprobs_mode == "processed" for r in rows]
+    shaped = logits.clone() if any(processed) else None  # the rows' logits as sampled from
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r.kind or kind_of(r.params), []).append(i)
@@ -128,6 +130,11 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         elif kind != GREEDY:
             hist = _history([rows[i] for i in rows_of], logits.shape[-1], logits.device) if params.penalized else None
             sub = apply_processors(build_processors(params), sub, hist)
+        if shaped is not None and kind != GREEDY:
+            if idx is None:
+                shaped = sub
+            else:
+                shaped[idx] = sub
         if params.greedy:
             chosen = sub.argmax(-1)
         else:
@@ -136,14 +143,17 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
             tokens = chosen
         else:
             tokens[idx] = chosen
-    return _logprobs(logits, tokens, rows)
+    source = logits if shaped is None else torch.where(to_device(processed, logits.device)[:, None], shaped, logits)
+    return _logprobs(logits, tokens, rows, source)
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> Sampled:
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row], source: torch.Tensor | None = None
+              ) -> Sampled:
+    """source: the logits the log-probs are taken from (rows with logprobs_mode='processed': as sampled)."""
     want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     if not want:
         return Sampled(tokens, None, None, None, logits)
-    return Sampled(tokens, *token_logprobs(logits, tokens, max(want)), logits)
+    return Sampled(tokens, *token_logprobs(logits if source is None else source, tokens, max(want)), logits)
 
 
 def logprob_entries(logits: torch.Tensor, targets: list[int], ks: list[int], vocab_limit: int | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lmforge.config import check, coerce_fields, is_int
 
@@ -50,6 +51,11 @@ class SamplingParams:
     """reproducible sampling: the same seed gives the same samples, whatever else is in the batch"""
     logprobs: int | None = None
     """None = no logprobs; k >= 0 = the chosen token's log-probability plus the k most likely ones"""
+    logprobs_mode: Literal["raw", "processed"] = "raw"
+    """'raw': logprobs are those of the model's own distribution, log_softmax(logits); 'processed': of the
+    distribution tokens are drawn from, after temperature, penalties, logit_bias and the top-k/top-p/...
+    filters (RL's behaviour-policy log-probs; vLLM's processed_logprobs). Greedy rows report raw ones either
+    way; prompt_logprobs are always raw"""
     prompt_logprobs: int | None = None
     """None = off; k >= 0 = for every prompt token after the first, its log-probability given the tokens
     before it plus the k most likely tokens there (RequestOutput.prompt_logprobs; vLLM semantics). The

@@ -212,7 +212,9 @@ class Speculative:
         seq.num_computed = L  # the pending token's keys were written in this forward
         new = drafts[:a] + [nxt]
         k = seq.params.logprobs
-        logp = logits.float().log_softmax(-1) if k is not None else None
+        shaped = seq.params.logprobs_mode == "processed" and not seq.params.greedy
+        logp = None if k is None else \
+            (apply_processors(self.procs, logits.float(), None) if shaped else logits.float()).log_softmax(-1)
         for i, tok in enumerate(new):
             top = {}
             if k:
@@ -239,6 +241,8 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
     if draft == "mtp":
         MTPDrafter(model)  # raises now if the model has no parallel MTP heads
         return lambda seq: MTPDrafter(model)
+    if hasattr(draft, "propose"):  # a drafter object, a module (Medusa or EAGLE heads) or not
+        return lambda seq: draft
     if isinstance(draft, torch.nn.Module):  # only without a paged draft model (lmforge.infer.draft)
         from lmforge.infer.config import limits
 
@@ -248,8 +252,6 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
                               "speculative decoding compares their distributions token by token; use a draft "
                               "with the target's tokenizer and vocabulary size")
         return lambda seq: ModelDrafter(draft, seq.request.prompt_len + seq.params.max_tokens + k + 1)
-    if hasattr(draft, "propose"):
-        return lambda seq: draft
     raise ConfigError(f"draft must be None, 'ngram', 'mtp', a draft model or a drafter, got {draft!r}")
 
 

@@ -465,3 +465,29 @@ def test_the_fused_view_generates_in_eval_mode_whatever_the_model_mode(tok):
     assert not engine.runner.model.training and model.training
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     assert run(engine, [("same prompt", sp)])[0].token_ids == run(engine, [("same prompt", sp)])[0].token_ids
+
+
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_processed_logprobs_are_those_of_the_distribution_sampled_from(tok, draft):
+    """logprobs_mode='processed' (RL's behaviour policy): log_softmax of the logits after temperature and
+    top-k, by hand over one full forward; a raw request in the same batch keeps the model's log-probs."""
+    from lmforge.infer.processors import build_processors, apply_processors
+
+    model = tiny_model("llama")
+    engine = Engine(model, tok, draft=draft, num_draft_tokens=3)
+    common = dict(temperature=0.7, top_k=5, max_tokens=8, ignore_eos=True, logprobs=2)
+    prompts = ["abcabcab", "hello world"]
+    params = [SamplingParams(**common, seed=1, logprobs_mode="processed"), SamplingParams(**common, seed=2)]
+    for out, p, sp in zip(run(engine, list(zip(prompts, params))), prompts, params):
+        c, ids = out.outputs[0], tok.encode(p)
+        logits = full_logprobs(model, ids + c.token_ids)[len(ids) - 1:-1]  # log_softmax keeps the ranking
+        if sp.logprobs_mode == "processed":
+            logits = apply_processors(build_processors(sp), logits, None).log_softmax(-1)
+            assert all(len(t) <= 5 for t in c.top_logprobs) and min(c.logprobs) > -20  # the top-k filter's law
+        got = torch.tensor(c.logprobs)
+        assert torch.allclose(got, logits.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0], atol=1e-4)
+        for top, row in zip(c.top_logprobs, logits):
+            vals, idx = row.topk(2)
+            assert all(abs(top[i] - v) < 1e-4 for i, v in zip(idx.tolist(), vals.tolist()))
+    with pytest.raises(Exception, match="logprobs_mode"):
+        SamplingParams(logprobs_mode="scaled")

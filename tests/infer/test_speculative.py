@@ -165,3 +165,31 @@ def test_draft_room_never_passes_the_requests_last_token(tok, draft):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     llm = LLM(target, tok, config=EngineConfig(block_size=16, num_kv_tokens=16), draft=drafter, num_draft_tokens=4)
     assert llm.generate(p, params)[0].token_ids == full_greedy(target, tok.encode(p), 6)
+
+
+def test_a_drafter_that_is_a_module_is_run_as_a_drafter(tok):
+    """Medusa / EAGLE heads are modules with propose(): the engine runs them as drafters, not as a draft
+    model (which they are not: they have no cache_spec forward of their own)."""
+
+    class Heads(torch.nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.head = torch.nn.Linear(4, vocab)  # stands in for trained heads
+            self.calls = 0
+
+        def propose(self, ctx, k, procs, greedy, gen):
+            self.calls += 1
+            drafts = [ctx[-1]] * k  # guess: the last token repeats
+            return drafts, torch.nn.functional.one_hot(torch.tensor(drafts), self.head.out_features).float()
+
+        def accept(self, ctx_len):
+            pass
+
+    target, heads = tiny_model("llama"), Heads(257)
+    engine = Engine(target, tok, draft=heads, num_draft_tokens=2)
+    assert engine.draft_model is None
+    rid = engine.add_request("aaab", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert done[rid].token_ids == full_greedy(target, tok.encode("aaab"), 10) and heads.calls > 0

@@ -34,7 +34,10 @@ class DataSource(Protocol):
     exact batches the uninterrupted run would have seen. `state_dict` returns a snapshot (copies, not
     live references): the Trainer takes one at every step start to roll an interrupted step back.
     Optional: `log_stats() -> dict[str, float]`, merged into every metrics row (e.g. tokens per source
-    of a data mixture, lmforge.train.mixture)."""
+    of a data mixture, lmforge.train.mixture); `begin_step(trainer)`, called at the start of every optimizer
+    step before its batches are drawn (and after the step's rollback snapshot of `state_dict`): an RL source
+    samples the step's rollouts there from the engine on `trainer.model`, with the step number, grad_accum
+    and `trainer.forward_context()` (the training forward's precision, for old log-probs) at hand."""
 
     def next_batch(self) -> Batch: ...
 
@@ -56,7 +59,8 @@ class Objective(Protocol):
     reference model's identity (path and checksum), never its weights a second time.
     Optional: `batch_weight(batch) -> int`, the number of items the loss averages over (trained tokens,
     pairs...), read on the host; with grad_accum the Trainer weighs micro-batches by it so accumulation
-    equals one big batch. Without it every micro-batch weighs 1/grad_accum."""
+    equals one big batch. Without it every micro-batch weighs 1/grad_accum. `begin_step(trainer)`, as for
+    data sources (called after the data source's), e.g. an adaptive KL coefficient's update."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 

@@ -93,6 +93,18 @@ def optimizer_name(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> str:
     return f"{cfg.optim.name}/{type(optimizer).__name__}"
 
 
+def _check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every parameter the optimizer updates must be the model's: checkpoints save the model's parameters
+    (and name the optimizer state by them), so one held elsewhere would be trained, then lost or refused."""
+    mine = {id(p) for p in model.parameters()}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) not in mine:
+                raise ConfigError(f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the "
+                                  f"model, so checkpoints would not save it; make the module that owns it (a value "
+                                  f"head, a reward head...) a submodule of the trained model")
+
+
 class Trainer:
     """hooks: objects with any of on_step_end(trainer, stats), on_log(trainer, row), on_eval(trainer,
     metrics), on_save(trainer, path). evaluator: model -> dict of floats (run under no_grad and eval
@@ -126,6 +138,7 @@ class Trainer:
         self.optimizer, self.data, self.objective = optimizer, data, objective
         self.hooks, self.evaluator, self.tokenizer = list(hooks), evaluator, tokenizer
         self.extra_meta = dict(extra_meta or {})
+        _check_optimizer_params(self.model, self.optimizer)
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
@@ -287,10 +300,14 @@ class Trainer:
         n_tokens = 0
         if self.qk_clip is not None:
             self.qk_clip.reset()  # the max logits of this step's forward passes only (not of evaluations)
+        for part in (self.data, self.objective):  # e.g. an RL source samples this step's rollouts here
+            begin = getattr(part, "begin_step", None)
+            if begin is not None:
+                begin(self)
         micro = self._micro_batches()
         for i, (batch, share) in enumerate(micro):
             n_tokens += batch_tokens(batch)
-            with self.autocast, sdpa_context(cfg.sdpa_backend):
+            with self.forward_context():
                 loss, metrics = self._forward_backward(batch, 1 / cfg.grad_accum if share is None else share,
                                                        sync=i == len(micro) - 1)
             metrics = {"loss": loss, **metrics}
@@ -350,6 +367,14 @@ class Trainer:
         return {"qk/max_logit": torch.stack([m.max() for _, _, m, _ in layers]).max(),
                 "qk/clipped_heads": sum((g < 1).sum() for g in gammas).float()}
 
+    @contextlib.contextmanager
+    def forward_context(self):
+        """The precision and attention backend the Trainer runs the model's forwards in (autocast to bf16 where
+        configured, the SDPA backend): a data source or objective recomputing log-probs without gradients (old
+        log-probs of rollouts) uses it, so they equal the training forward's."""
+        with self.autocast, sdpa_context(self.cfg.sdpa_backend):
+            yield
+
     def _forward_backward(self, batch: Batch, scale: float, sync: bool) -> tuple[torch.Tensor, dict]:
         """One micro-batch's forward and backward, its gradients scaled by `scale`: in this process, or this
         rank's share through the ParallelRunner (a pipeline runs the LM loss through its schedule; sync=False
@@ -400,7 +425,7 @@ class Trainer:
             return {}
         self.model.eval()
         try:
-            with self.autocast, sdpa_context(self.cfg.sdpa_backend):
+            with self.forward_context():
                 out = self.evaluator(self.model)
         finally:
             self.model.train()

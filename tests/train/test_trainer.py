@@ -301,3 +301,38 @@ def test_settings_one_process_or_a_tied_head_would_ignore_say_so(tmp_path):
                       moe=MoEConfig(n_experts=4, top_k=2, bias_update_rate=1e-3))
     with pytest.raises(ConfigError, match="activation_checkpoint with model.moe.bias_update_rate > 0"):
         ParallelConfig(dp_shard=2, activation_checkpoint="full").validate(2, moe)
+
+
+def test_begin_step_comes_before_each_steps_batches_and_outside_parameters_are_refused(tmp_path):
+    """A data source's begin_step(trainer) (where an RL source samples its rollouts) runs once per optimizer
+    step, before that step's grad_accum batches, with the step number and the training forward's context at
+    hand; an optimizer holding a parameter the model does not own (a value head kept beside it) is refused
+    at once, not after training until the first checkpoint."""
+    from lmforge.train.pretrain import pretraining_parts
+
+    shard = make_shard(tmp_path / "t.bin")
+    model, opt, data, obj, config, *_ = pretraining_parts(tiny_config(shard, tmp_path / "run", max_steps=3,
+                                                                      grad_accum=2))
+    events = []
+
+    class Source:
+        def begin_step(self, trainer):
+            with trainer.forward_context():
+                events.append(("begin", trainer.step))
+
+        def next_batch(self):
+            events.append("batch")
+            return data.next_batch()
+
+        def state_dict(self):
+            return data.state_dict()
+
+        def load_state_dict(self, state):
+            data.load_state_dict(state)
+
+    Trainer(model, opt, Source(), obj, config=config).fit()
+    assert events[:9] == [("begin", 0), "batch", "batch", ("begin", 1), "batch", "batch", ("begin", 2), "batch", "batch"]
+    head = torch.nn.Linear(4, 1)
+    outside = torch.optim.AdamW([*model.parameters(), *head.parameters()])
+    with pytest.raises(ConfigError, match=r"optimizer holds a parameter of shape \(1, 4\) that is not in the model"):
+        Trainer(model, outside, data, obj, config=dataclasses.replace(config, run_dir=str(tmp_path / "run2")))

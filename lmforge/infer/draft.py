@@ -26,6 +26,7 @@ class _View:
     tokens: list[int]
     num_computed: int
     block_table: list[int]
+    seq_id: int
 
 
 class PagedDraftModel:
@@ -49,7 +50,7 @@ class PagedDraftModel:
         views = {}
         for seq, _, _, _ in items:
             done, pre = self.known.get(seq.seq_id, (0, seq.preemptions))
-            views[seq.seq_id] = _View(list(seq.tokens), done if pre == seq.preemptions else 0, seq.block_table)
+            views[seq.seq_id] = _View(list(seq.tokens), done if pre == seq.preemptions else 0, seq.block_table, seq.seq_id)
         out = {seq.seq_id: ([], []) for seq, _, _, _ in items}
         for r in range(max(k for _, k, _, _ in items)):
             chunks = []

@@ -127,6 +127,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    chunked_prefill=config.chunked_prefill), self.pool)
+        self.scheduler.on_release = self._released
         self.num_draft_tokens = num_draft_tokens
         self.make_drafter, self.draft_model = None, None
         self.wants_hidden = bool(getattr(draft, "uses_hidden_states", False))
@@ -467,7 +468,23 @@ class Engine:
         child.block_table = self.pool.fork(parent.block_table)
         parent.request.seqs.append(child)
         self.scheduler.add_running(child, after or parent)
+        self._cache_event("fork", parent.seq_id, child.seq_id)
         return child
+
+    def _released(self, seq: Sequence) -> None:
+        """A sequence finished, was aborted or dropped (Scheduler.on_release): per-sequence state goes."""
+        if self.draft_model is not None:
+            self.draft_model.forget(seq)
+        self._cache_event("release", seq.seq_id)
+
+    def _cache_event(self, name: str, *seq_ids: int) -> None:
+        """Tell a cache that keeps per-sequence state (a KV policy's scores, an SSM's recurrent state; keyed by
+        AttnMetadata.seq_ids_host) that a sequence was forked (`cache.fork(parent, child)`: the child starts
+        from the parent's state) or released (`cache.release(seq_id)`). Preemption is neither: a preempted
+        sequence keeps its id and is prefilled again from its first token."""
+        fn = getattr(getattr(self.runner, "cache", None), name, None)
+        if fn is not None:
+            fn(*seq_ids)
 
     def accept(self, seq: Sequence, tok: int, logprob: float | None = None, top: dict | None = None) -> None:
         """Append one generated token (with its logprob and top-k when the request asks for them)."""
@@ -480,8 +497,6 @@ class Engine:
         if seq.finish is not None:
             self._register_blocks(seq)  # its blocks stay cached for later prompts with the same prefix
             self.scheduler.finish(seq)
-            if self.draft_model is not None:
-                self.draft_model.forget(seq)
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Name every newly filled block by its prefix key, so later requests can reuse it."""

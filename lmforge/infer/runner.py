@@ -127,7 +127,9 @@ class PagedRunner:
         hidden states of both (those steps run eagerly: the backends give one logits row per chunk).
         late: decode inputs still on the device (the previous step's samples), copied in there."""
         self.cache.copy_blocks(batch.copies)
-        plain = not extra and not hidden
+        # a cache with a score hook (a KV policy reading attention weights) runs the eager path: the kernel
+        # step and replayed graphs compute attention where no hook can see it
+        plain = not extra and not hidden and self.cache.score_hook is None
         logits = (self.kernel_step.run(batch, late) if plain and self.kernel_step is not None
                   and self.kernel_step.fits(batch) else None)
         states = None
@@ -177,6 +179,7 @@ class PagedRunner:
             context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:M],
             block_tables=flat[M:].view(S, width).to(torch.int32), query_lens_host=tuple(qlens),
             context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs,
+            seq_ids_host=tuple(seq.seq_id for seq, _ in batch.chunks),
             decode_groups=decode_groups(widths[:batch.num_decodes]))
         if late is not None:
             late.write(flat[:N])

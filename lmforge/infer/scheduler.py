@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from lmforge.config import check
 from lmforge.infer.blocks import BlockPool
@@ -67,6 +68,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.on_release: Callable[[Sequence], None] | None = None
+        """called once per finished, aborted or dropped sequence (the engine: per-sequence state elsewhere)"""
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -85,6 +88,8 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         self.pool.release(seq.block_table)
+        if self.on_release is not None:
+            self.on_release(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -8,6 +8,11 @@ Every cache kind keeps one interface (the model calls nothing else):
   cache.advance(T)                                  called once per forward, after every layer (stateful kinds)
   cache.score_hook                                  None, or f(layer, probs (B, H, T, S)): KV policies
                                                     (StreamingLLM, H2O, SnapKV) see the attention weights
+                                                    (every kind, MLA's included; the engine then runs its
+                                                    eager step, where the hook sees every layer)
+  cache.fork(parent, child) / cache.release(seq_id) optional: the engine names forked and finished
+                                                    sequences to caches keeping per-sequence state, keyed
+                                                    by meta.seq_ids_host (KV-policy scores, SSM states)
 So masking lives in one place per kind. The kinds: `DENSE` (no cache: training, recompute; in
 layers/attention.py), KVCache (contiguous, the reference), StaticKVCache (CUDA graphs), MLACache
 (layers/mla.py), SlidingWindowCache (layers/sliding.py) and the engine's paged caches (lmforge.infer.kv).

@@ -68,6 +68,10 @@ class AttnMetadata:
     context_lens_host: tuple[int, ...] = ()
     num_decodes: int = 0
     """the first num_decodes sequences have exactly one query each (decode steps)"""
+    seq_ids_host: tuple[int, ...] = ()
+    """the engine's id of each sequence (host copy): caches that keep per-sequence state (a KV policy's
+    scores, an SSM's recurrent state) key it by this; the engine names forks and finished sequences to
+    them with the same ids (cache.fork / cache.release)"""
     decode_groups: tuple[tuple[int, int, int], ...] = ()
     """(first row, end row, block-table width) of decode rows sorted by context length, for caches that
     gather a group's blocks (the padded width then follows the group, not the batch); () = one group"""

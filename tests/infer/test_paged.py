@@ -50,6 +50,82 @@ def test_score_hook_sees_attention_probabilities(tok):
     assert seen[0][1] == (1, 4, 5, 5) and seen[-1][1][2] == 1  # prefill (1, H, T, S), then a decode row
 
 
+MLA = dict(attention="mla", rope_layout="interleaved", n_kv_heads=None)
+
+
+@pytest.mark.parametrize("arch,config", [("llama", dict(cuda_graphs=True)), ("mla", dict(block_size=4)),
+                                         ("mla", dict(block_size=4, chunked_prefill=True, max_num_batched_tokens=4))])
+def test_every_cache_kind_and_step_path_shows_the_hook_each_layers_probabilities(tok, arch, config):
+    """KV policies see attention on every path: MLA's latent caches (absorbed decode, naive prefill) call the
+    hook too, and a hooked cache runs the eager step (a replayed graph or the kernel step would hide it)."""
+    from lmforge.infer.engine import Engine, EngineConfig
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.config import MLAConfig
+
+    from .infer_helpers import tiny_model
+
+    extra = dict(MLA, mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                    v_head_dim=8)) if arch == "mla" else {}
+    engine = Engine(tiny_model("llama", **extra), tok, EngineConfig(**config))
+    seen = []
+    engine.runner.cache.score_hook = lambda layer, p: seen.append((layer, p.shape[2], float(p.sum(-1).mean())))
+    engine.add_request("hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    one_query = [layer for layer, t, _ in seen if t == 1]  # 3 decodes (+ "hello"'s last chunk of 1 in 4 + 1)
+    assert one_query == [0, 1] * (4 if config.get("chunked_prefill") else 3)
+    assert all(abs(total - 1) < 1e-5 for _, _, total in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_hooked_cache_runs_the_eager_step_on_a_gpu(tok):
+    """On a GPU the default engine decodes through the batch-1 kernel step and replayed CUDA graphs, where
+    attention runs outside the cache's attend: with a score hook set, every decode step's layers reach it."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    from .infer_helpers import full_greedy, tiny_model
+
+    model = tiny_model("llama").cuda()
+    engine = Engine(model, tok)
+    seen = []
+    engine.runner.cache.score_hook = lambda layer, p: seen.append(layer) if p.shape[2] == 1 else None
+    rid = engine.add_request("hello", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert seen == [0, 1] * 5 and done[rid].token_ids == full_greedy(model, tok.encode("hello"), 6)
+
+
+def test_caches_learn_each_rows_sequence_and_its_forks_and_releases(tok):
+    """Per-sequence state (a KV policy's, an SSM's) is keyed by AttnMetadata.seq_ids_host; the engine tells
+    the cache of forks (n samples share the prompt's state) and of every finished or aborted sequence."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    from .infer_helpers import tiny_model
+
+    engine = Engine(tiny_model("llama"), tok)
+    cache, events, rows = engine.runner.cache, [], []
+    cache.fork = lambda parent, child: events.append(("fork", parent, child))
+    cache.release = lambda seq_id: events.append(("release", seq_id))
+    real = engine.runner.prepare
+    engine.runner.prepare = lambda *a, **k: (lambda out: rows.append(out[1].seq_ids_host) or out)(real(*a, **k))
+    three = engine.add_request("abc", SamplingParams(n=3, max_tokens=3, ignore_eos=True, seed=0))
+    one = engine.add_request("xyz", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    parent, other = (engine.requests[r].seqs[0].seq_id for r in (three, one))
+    kids = [s.seq_id for s in engine.requests[three].seqs[1:]]
+    assert rows[0] == (parent, other) and set(rows[1]) == {parent, other, *kids}
+    assert events == [("fork", parent, kids[0]), ("fork", parent, kids[1])]
+    engine.abort(one)
+    while engine.has_unfinished():
+        engine.step()
+    assert sorted(events[2:]) == sorted(("release", s) for s in (other, parent, *kids))
+
+
 def test_engine_through_the_triton_decode_kernel(tok):
     """decode_attention='kernel' (Triton's interpreter on CPU): the engine's tokens equal the reference's."""
     pytest.importorskip("lmforge.kernels.paged_attention")

@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.cache import CacheSpec, contiguous_mask
+from lmforge.model.cache import CacheSpec, _Hooked, contiguous_mask
 from lmforge.model.layers.attention import AttnSpec, attend_with, tree_visible, visible
 from lmforge.utils import to_device
 
@@ -106,8 +106,7 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.view(KV, B, H // KV, hd).transpose(0, 1).reshape(B, H, hd)
 
 
-class _Paged:
-    score_hook = None
+class _Paged(_Hooked):
     kernel = None
 
     def _kernel(self, kernel, args, kw, which: str = "kernel") -> torch.Tensor | None:
@@ -123,9 +122,6 @@ class _Paged:
             warnings.warn(f"paged {name} failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                           "using the reference attention", stacklevel=3)
             return None
-
-    def _hook(self, layer: int):
-        return None if self.score_hook is None else (lambda p: self.score_hook(layer, p))
 
     @staticmethod
     def _write(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:
@@ -214,7 +210,7 @@ class PagedKVCache(_Paged):
         self._write(kc, k[0].transpose(0, 1), meta.slot_mapping)
         self._write(vc, v[0].transpose(0, 1), meta.slot_mapping)
         out = torch.empty_like(q)
-        nd, hook = meta.num_decodes, self._hook(layer)
+        nd, hook = meta.num_decodes, self._probs_hook(layer)
         kernel = self.kernel if hook is None else None
         kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
         # the kernel reads each row's own keys; the reference gathers a group's widest table, so it runs
@@ -285,14 +281,14 @@ class PagedLatentCache(_Paged):
         self._write(cc, c_kv[0], meta.slot_mapping)
         self._write(kc, k_rope[0, 0], meta.slot_mapping)
         out = q_nope.new_empty(*q_nope.shape[:3], mla.d_v)
-        nd = meta.num_decodes
+        nd, hook = meta.num_decodes, self._probs_hook(layer)
         if nd:
             tables = meta.block_tables[:nd].long()
             c = cc[tables].flatten(1, 2).to(c_kv.dtype)  # (nd, S, r)
             kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (nd, 1, S, d_r)
             mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window)
             qn, qr = q_nope[0, :, :nd].transpose(0, 1)[:, :, None], q_rope[0, :, :nd].transpose(0, 1)[:, :, None]
-            out[0, :, :nd] = mla.absorbed(qn, qr, c, kr, mask, spec)[:, :, 0].transpose(0, 1)
+            out[0, :, :nd] = mla.absorbed(qn, qr, c, kr, mask, spec, hook)[:, :, 0].transpose(0, 1)
         for i, start, n, ctx in self._prefills(meta):
             if ctx == n:
                 c, kr = c_kv[:, start:start + n], k_rope[:, :, start:start + n]
@@ -301,7 +297,7 @@ class PagedLatentCache(_Paged):
                 kr = gather(kc, meta.block_tables[i], ctx)[None, None].to(c_kv.dtype)
             mask = self._chunk_mask(meta, start, n, ctx, spec.window, q_nope.device)
             sl = slice(start, start + n)
-            out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec)
+            out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec, hook)
         return out
 
 

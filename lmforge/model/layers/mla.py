@@ -94,34 +94,34 @@ class MLA(nn.Module):
                                                                      k_rope, spec, meta)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.H * self.d_v))
 
-    def naive(self, q_nope, q_rope, c_kv, k_rope, mask: Mask, spec: AttnSpec) -> torch.Tensor:
+    def naive(self, q_nope, q_rope, c_kv, k_rope, mask: Mask, spec: AttnSpec, probs_hook=None) -> torch.Tensor:
         """Materialise per-head keys/values from the latents: (B, H, T, d_v). c_kv (B, S, r), k_rope
-        (B, 1, S, d_r); `mask` is the cache's, for these S keys."""
+        (B, 1, S, d_r); `mask` is the cache's, for these S keys; probs_hook: the cache's score hook."""
         B, S, _ = c_kv.shape
         kv = self.wkv_b(c_kv).view(B, S, self.H, self.d_nope + self.d_v).transpose(1, 2)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, self.H, S, self.d_rope)), dim=-1)
-        return attend_with(q, k, v, mask, spec)
+        return attend_with(q, k, v, mask, spec, probs_hook)
 
-    def absorbed(self, q_nope, q_rope, c_kv, k_rope, mask: Mask, spec: AttnSpec) -> torch.Tensor:
+    def absorbed(self, q_nope, q_rope, c_kv, k_rope, mask: Mask, spec: AttnSpec, probs_hook=None) -> torch.Tensor:
         """Attention over the cached latents: W_uk absorbed into the query, W_uv into the output. Absorbing
         reads wkv_b's bare weight, so a wkv_b that is more than an nn.Linear (a LoRA adapter's B A, a quantized
         layer) takes the naive path, which calls the module."""
         if not plain_linear(self.wkv_b):
-            return self.naive(q_nope, q_rope, c_kv, k_rope, mask, spec)
+            return self.naive(q_nope, q_rope, c_kv, k_rope, mask, spec, probs_hook)
         w = self.wkv_b.weight.view(self.H, self.d_nope + self.d_v, self.r)
         w_uk, w_uv = w.split([self.d_nope, self.d_v], dim=1)  # (H, d_n, r), (H, d_v, r)
         q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         # one "head" of width r + d_r shared by all H query heads (MQA over latents)
         q = torch.cat((q_lat, q_rope), dim=-1)
         k = torch.cat((c_kv, k_rope[:, 0]), dim=-1)  # (B, S, r + d_r)
-        out_lat = _shared_kv_attention(q, k, c_kv, mask, spec.scale, spec.softcap)  # (B, H, T, r)
+        out_lat = _shared_kv_attention(q, k, c_kv, mask, spec.scale, spec.softcap, probs_hook)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)
 
 
-def _shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, softcap: float
-                         ) -> torch.Tensor:
+def _shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, softcap: float,
+                         probs_hook=None) -> torch.Tensor:
     """q (B, H, T, d); one key/value head shared by all query heads: k (B, S, d), v (B, S, dv).
     Heads fold into the query axis, (B, H·T, d) @ (B, d, S), so the shared latents are never copied per head."""
     B, H, T, d = q.shape
@@ -133,8 +133,10 @@ def _shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    p = s.softmax(-1).to(v.dtype)
-    return torch.bmm(p.view(B, H * T, S), v).view(B, H, T, v.shape[-1])
+    p = s.softmax(-1)
+    if probs_hook is not None:
+        probs_hook(p)
+    return torch.bmm(p.to(v.dtype).view(B, H * T, S), v).view(B, H, T, v.shape[-1])
 
 
 class MLACache(_Hooked):
@@ -177,7 +179,7 @@ class MLACache(_Hooked):
         # decode steps attend over the latents directly; a long prefill is cheaper expanded per head
         # (r + d_rope numbers per score instead of d_nope + d_rope), as DeepSeek's inference does
         run = mla.absorbed if T <= mla.absorb_max_tokens else mla.naive
-        return run(q_nope, q_rope, c_kv, k_rope, mask, spec)
+        return run(q_nope, q_rope, c_kv, k_rope, mask, spec, self._probs_hook(layer))
 
     def advance(self, T: int) -> None:
         self.length += T

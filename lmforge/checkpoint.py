@@ -89,6 +89,11 @@ def model_meta(model: torch.nn.Module) -> dict[str, Any]:
     otherwise only its class, so any nn.Module honouring the model interface can be checkpointed."""
     from lmforge.model.config import ModelConfig
 
+    head = getattr(model, "head_record", None)
+    if head is not None:  # a head on an lmforge backbone (a reward model): the backbone's record + the head's
+        inner = model_meta(model.backbone)
+        if "model" in inner:
+            return {**inner, "head": head()}
     cfg = getattr(model, "cfg", None)
     if isinstance(cfg, ModelConfig):
         from lmforge.adapt.lora import lora_record
@@ -296,6 +301,17 @@ def _load_hf(path: Path, tokenizer: bool = True):
     return model, tok
 
 
+def _with_head(backbone: torch.nn.Module, record: Any, ckpt: Path) -> torch.nn.Module:
+    from lmforge.align.reward import SequenceHead
+
+    kinds = {"sequence": SequenceHead}
+    kind = record.get("kind") if isinstance(record, dict) else None
+    if kind not in kinds:
+        raise CheckpointError(f"{ckpt}/config.json: head {record!r} is not one this lmforge builds "
+                              f"(kinds: {sorted(kinds)}); load it with the lmforge version that wrote it")
+    return kinds[kind].from_record(backbone, record)
+
+
 def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True):
     """(model, tokenizer) from a checkpoint, a run directory or a HF model directory; tokenizer is None
     if none was saved, or not read (tokenizer=False: the caller brings its own)."""
@@ -313,7 +329,9 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True):
             from lmforge.adapt.lora import restore_lora
 
             restore_lora(model, meta["lora"])
-        load_weights(model, ckpt)
         model.eos_token_ids = tuple(meta.get("eos_token_ids", ()))
+        if meta.get("head"):  # a reward model or classifier: its head around the backbone
+            model = _with_head(model, meta["head"], ckpt)
+        load_weights(model, ckpt)
         tok = load_tokenizer(ckpt) if tokenizer and (ckpt / FILE_NAME).is_file() else None
     return model.to(device).eval(), tok

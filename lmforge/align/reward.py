@@ -44,6 +44,15 @@ class SequenceHead(nn.Module):
         if not train_backbone:
             backbone.requires_grad_(False)
 
+    def head_record(self) -> dict:
+        """What a checkpoint's config.json records beside the backbone's config, so that
+        lmforge.checkpoint.load_model rebuilds this model (a trained reward model scores RL rollouts)."""
+        return {"kind": "sequence", "out_dim": self.head.out_features, "train_backbone": self.train_backbone}
+
+    @classmethod
+    def from_record(cls, backbone: nn.Module, record: dict) -> "SequenceHead":
+        return cls(backbone, int(record["out_dim"]), train_backbone=bool(record.get("train_backbone", True)))
+
     def forward(self, input_ids: torch.Tensor, index: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """(B, T) ids -> (B, out_dim) scores read at `index` (B,) (default: the last position)."""
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):

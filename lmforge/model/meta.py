@@ -205,11 +205,14 @@ def tree_positions(parents: torch.Tensor, context_len: int | torch.Tensor) -> to
     return tree_depths(parents) + (context_len[..., None] if torch.is_tensor(context_len) else context_len)
 
 
-def accepted_slots(parents: list[int], path: list[int], first_slot: int) -> tuple[list[int], list[int]]:
-    """(src, dst) slot lists moving the accepted root-to-node `path` of a tree written from `first_slot`
-    (one slot per tree token, in tree order) to consecutive slots from first_slot; unchanged slots left out."""
+def accepted_slots(parents: list[int], path: list[int], first_pos: int) -> tuple[list[int], list[int]]:
+    """(src, dst) *positions* moving the accepted root-to-node `path` of a tree written from position
+    `first_pos` (one per tree token, in tree order) to consecutive positions from first_pos; unchanged ones
+    left out. A contiguous cache's slots are its positions; a paged cache maps each through the sequence's
+    block table (table[p // block_size] * block_size + p % block_size) before `move_slots`: a tree that
+    crosses a block boundary does not sit in consecutive flat slots."""
     for a, b in zip([-1] + path[:-1], path):
         if parents[b] != a:
             raise ValueError(f"accepted path {path}: token {b}'s parent is {parents[b]}, not {a}")
-    moves = [(first_slot + t, first_slot + i) for i, t in enumerate(path) if t != i]
+    moves = [(first_pos + t, first_pos + i) for i, t in enumerate(path) if t != i]
     return [s for s, _ in moves], [d for _, d in moves]

@@ -252,6 +252,9 @@ class Gathered:
         from lmforge.adapt.lora import lora_record
 
         self.lora = lora_record(model)  # its LoRA layers, which the checkpoint records
+        record = getattr(model, "head_record", None)
+        if record is not None:  # a head on a backbone (a reward model): checkpoint.model_meta records both
+            self.head_record, self.backbone = record, Gathered(model.backbone, {})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._weights

@@ -91,6 +91,8 @@ def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective):
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
     meta = [json.loads((r / "checkpoints" / "step_000006" / "config.json").read_text()) for r in (run, tmp_path / "one")]
     assert meta[0].get("model") == meta[1].get("model") and meta[0].get("model_class") == meta[1].get("model_class")
+    assert meta[0].get("head") == meta[1].get("head") == ({"kind": "sequence", "out_dim": 1, "train_backbone": True}
+                                                          if objective == "rm" else None)
     # the 2-process step-3 checkpoint resumes in one process: the rest of the uninterrupted curve
     shutil.rmtree(run / "checkpoints" / "step_000006")
     resumed = _losses(PT.posttrain(_cfg(str(base), str(run), objective)))

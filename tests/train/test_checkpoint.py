@@ -110,3 +110,28 @@ def test_hf_model_directory_loads_with_its_tokenizer(tmp_path):
     out = LLM.load(tmp_path / "hf").generate([text], SamplingParams(temperature=0.0, max_tokens=5))[0]
     ref = hf.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1]:].tolist()
     assert out.token_ids == ref
+
+
+def test_a_reward_models_checkpoint_loads_back_with_its_head(tmp_path):
+    """A SequenceHead (reward model, classifier) records its head beside the backbone's config, so a trained
+    reward model loads from its path (an RL scorer) as the same model; an unknown head kind is named."""
+    import json
+
+    from lmforge.align.reward import SequenceHead
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    rm = SequenceHead(Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=32)),
+                      out_dim=3, train_backbone=False)
+    path = ckpt.save_checkpoint(tmp_path, 1, rm)
+    back, _ = ckpt.load_model(path)
+    ids = torch.randint(0, 64, (2, 7))
+    assert isinstance(back, SequenceHead) and not back.train_backbone
+    with torch.no_grad():
+        assert torch.equal(back(ids), rm.eval()(ids))
+    assert json.loads((path / "config.json").read_text())["head"] == {"kind": "sequence", "out_dim": 3,
+                                                                    "train_backbone": False}
+    rm.head_record = lambda: {"kind": "value"}  # written by a later lmforge, say
+    with pytest.raises(CheckpointError, match="head \\{'kind': 'value'\\} is not one this lmforge builds"):
+        ckpt.load_model(ckpt.save_checkpoint(tmp_path, 2, rm))

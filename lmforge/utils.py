@@ -146,3 +146,19 @@ class HostCopy:
             self.event.synchronize()
             self.event = None
         return self.tensors
+
+
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """The module in eval mode within the context (no dropout, MoE noise or MTP losses), even when a Trainer
+    that shares it has put it in train mode; every submodule's own mode comes back after, error or not."""
+    if not model.training:  # already in eval mode: nothing to switch
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]  # submodules a trainer keeps in eval stay so
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -17,6 +17,11 @@ independent of r. Initialisation, scale and forward are PEFT's (`peft.LoraConfig
     state = lora_state_dict(model, lora_cfg)   # adapters + the modules kept trainable: a small checkpoint
     load_lora(model, state)                    # into a model given the same apply_lora
     merge_lora(model)                          # W += scale·BA, LoRALinear -> nn.Linear: a plain model again
+    with adapters_disabled(model): ...         # the base model again, without a second copy of its weights
+
+`adapters_disabled` is what a LoRA run's reference is made of (lmforge.align.frozen.BaseReference): DPO's
+and KTO's pi_ref, or the KL anchor of RL, is the starting model, and with adapters off the policy computes
+exactly that function from the weights it already holds.
 
 Targets are module-name patterns (fnmatch): a pattern matches a module whose dotted name it matches, or
 whose name ends with "." + pattern, as PEFT's target_modules list. lmforge's Transformer names its Linears
@@ -34,7 +39,9 @@ save_pretrained refuses state its HF layout would drop. Merge (merge_lora) to se
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -81,8 +88,13 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+ADAPTER_PARAMS = (".lora_A", ".lora_B")
+"""name suffixes of the adapter parameters (what a base model lacks)"""
+
+
 class LoRALinear(nn.Module):
-    """A frozen Linear (the base layer's own weight and bias Parameters) plus scale · B A."""
+    """A frozen Linear (the base layer's own weight and bias Parameters) plus scale · B A; with `enabled`
+    False (adapters_disabled) the plain Linear, bit for bit."""
 
     def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
@@ -98,9 +110,12 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default, as LoRA's and PEFT's code
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
         delta = F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)  # (..., out)
         return (out + delta * self.scale).to(out.dtype)
 
@@ -188,12 +203,35 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the context every LoRALinear of `model` computes its base layer alone (the base model's
+    function, from the same weights); each layer's previous `enabled` comes back on exit, error or not.
+    Refuses a model without adapters (merged or never applied), whose "base" would be the model itself."""
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no LoRA adapters to disable (merged, or apply_lora was "
+                          "never called); its base model is a separate copy of the weights")
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(layers, before):
+            m.enabled = enabled
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """In place: fold scale · B A into each base weight and put a plain nn.Linear (the same weight and bias
     Parameters) back in the LoRALinear's place. The function is unchanged up to rounding; requires_grad
     stays as apply_lora left it (model.requires_grad_(True) to train it in full). Returns the model."""
-    for name, lora in lora_layers(model).items():
+    layers = lora_layers(model)
+    off = [n for n, m in layers.items() if not m.enabled]
+    if off:  # the merged layer would compute the adapted function, not the disabled one asked for
+        raise ConfigError(f"LoRA layer {off[0]} is disabled (inside adapters_disabled); merge outside it")
+    for name, lora in layers.items():
         lora.weight.add_(lora.delta_weight())
         plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
         plain.weight, plain.bias = lora.weight, lora.bias
@@ -215,7 +253,7 @@ def lora_state_dict(model: nn.Module, cfg: LoRAConfig) -> dict[str, torch.Tensor
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no LoRA adapters; apply_lora(model, cfg) first")
     state = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
-             if n.endswith((".lora_A", ".lora_B")) or p.requires_grad}
+             if n.endswith(ADAPTER_PARAMS) or p.requires_grad}
     return {**state, **{n + SCALE: torch.tensor(m.scale, dtype=torch.float64) for n, m in layers.items()}}
 
 
@@ -228,7 +266,7 @@ def load_lora(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     layers = lora_layers(model)
     scales = {n[: -len(SCALE)]: float(t) for n, t in state.items() if n.endswith(SCALE)}
     state = {n: t for n, t in state.items() if not n.endswith(SCALE)}
-    needed = [n for n in params if n.endswith((".lora_A", ".lora_B"))]
+    needed = [n for n in params if n.endswith(ADAPTER_PARAMS)]
     missing = [n for n in needed if n not in state]
     unknown = [n for n in state if n not in params] + [n + SCALE for n in scales if n not in layers]
     if not needed or missing or unknown:

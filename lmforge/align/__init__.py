@@ -3,7 +3,8 @@ RL), the log-prob and masked-reduction utilities they share, and data builders (
 
   logprobs.py   chunked fp32 token log-probs, entropy, masked reductions, batch_logps over prefixed rows
   losses.py     DPO / cDPO / IPO / SimPO / KTO / ORPO / Bradley-Terry as pure functions of log-probs
-  frozen.py     Frozen: reference and teacher models (eval, no grad, other device, identity, cache)
+  frozen.py     Frozen: reference and teacher models (eval, no grad, other device, identity, cache);
+                BaseReference: a LoRA policy with its adapters off as its own reference (no copy)
   dpo.py        DPOObjective (sigmoid, ipo, simpo)      kto.py   KTOObjective     orpo.py  ORPOObjective
   reward.py     SequenceHead, RewardObjective, ClassificationObjective
   distill.py    DistillObjective (forward KL, reverse KL, generalised JSD)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.align.dpo import ReferenceHolder
-from lmforge.align.frozen import Frozen
+from lmforge.align.frozen import Frozen, held
 from lmforge.align.logprobs import masked_mean, model_inputs, response_mask, token_logprobs
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
@@ -80,11 +80,10 @@ class DistillConfig:
 class DistillObjective(ReferenceHolder):
     Config = DistillConfig
 
-    def __init__(self, cfg: DistillConfig | None = None, *, teacher: torch.nn.Module | None = None,
+    def __init__(self, cfg: DistillConfig | None = None, *, teacher: torch.nn.Module | Frozen | None = None,
                  teacher_path: str | None = None):
         self.cfg = cfg = cfg or DistillConfig()
-        self.ref = (Frozen(teacher, role="teacher", device=cfg.teacher_device, path=teacher_path)
-                    if teacher is not None else None)
+        self.ref = held(teacher, role="teacher", device=cfg.teacher_device, path=teacher_path)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(model)

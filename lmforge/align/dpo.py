@@ -2,6 +2,7 @@
 
     obj = DPOObjective(DPOConfig(beta=0.1, loss_type="sigmoid"), reference=sft_model)
     loss, metrics = obj.loss(policy, batch)
+    lora_obj = DPOObjective(DPOConfig(beta=0.1), reference=BaseReference(lora_policy))  # adapters off: no copy
 
 Batch keys (lmforge.train.objective layout, prefixed per sequence):
   chosen_input_ids / chosen_targets / chosen_loss_mask      (B, T) the preferred completion
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lmforge.align.frozen import Frozen, check_beta
+from lmforge.align.frozen import Frozen, check_beta, held
 from lmforge.align.logprobs import batch_logps
 from lmforge.align.losses import PAIR_LOSSES, dpo_loss, ipo_loss, preference_metrics, simpo_loss
 from lmforge.config import coerce_fields
@@ -80,16 +81,15 @@ class Stateless:
 
 
 class ReferenceHolder:
-    """Objectives with a frozen reference: identity in state_dict, vocabulary checked once."""
+    """Objectives with a frozen reference: identity in state_dict; checked once, before its first forward
+    freezes it, against the trained model (not it, no shared parameter) and its vocabulary."""
 
     ref: Frozen | None
     _checked: bool = False
 
     def _check(self, model: torch.nn.Module) -> None:
         if not self._checked and self.ref is not None:
-            if self.ref.model is model:
-                raise ConfigError(f"the {self.ref.role} is the model being trained (and is now frozen); pass a "
-                                  f"separate copy, e.g. copy.deepcopy(model) before training")
+            self.ref.check_not_trained(model)
             self.ref.check_vocab(model)
             self._checked = True
 
@@ -104,16 +104,14 @@ class ReferenceHolder:
 class DPOObjective(ReferenceHolder):
     Config = DPOConfig
 
-    def __init__(self, cfg: DPOConfig | None = None, *, reference: torch.nn.Module | None = None,
+    def __init__(self, cfg: DPOConfig | None = None, *, reference: torch.nn.Module | Frozen | None = None,
                  reference_path: str | None = None):
         self.cfg = cfg = cfg or DPOConfig()
-        if cfg.loss_type == "simpo":
-            self.ref = None  # SimPO has no reference: none is run, none is held
-        elif reference is not None:
-            self.ref = Frozen(reference, role="reference", device=cfg.reference_device, path=reference_path,
-                              cache_size=cfg.reference_cache)
-        else:
-            self.ref = None  # then the batches must carry ref_chosen_logps / ref_rejected_logps
+        # SimPO has no reference: none is run, none is held. Without one the batches must carry
+        # ref_chosen_logps / ref_rejected_logps
+        self.ref = None if cfg.loss_type == "simpo" else held(
+            reference, role="reference", device=cfg.reference_device, path=reference_path,
+            cache_size=cfg.reference_cache)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(model)

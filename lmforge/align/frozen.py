@@ -1,9 +1,17 @@
 """Frozen extra models held by objectives: the DPO/KTO reference policy, the distillation teacher.
 
-A `Frozen` model is in eval mode with requires_grad False, optionally on another device (its inputs are
-moved there and its outputs moved back). Its identity (a path if known, and a checksum of its weights)
-goes into the objective's state_dict, so a resumed run can check it got the same reference back without
-the checkpoint holding its weights a second time.
+A `Frozen` model runs in eval mode without gradients, optionally on another device (its inputs are moved
+there and its outputs moved back). It is left as it was given until its first forward: the objective
+first checks that it is not the trained model and shares no parameter with it (`check_not_trained`), since
+freezing such a model would freeze the trained one and an optimizer built afterwards would silently get
+none of its parameters. Its identity (a path if known, and a checksum of its weights) goes into the
+objective's state_dict, so a resumed run can check it got the same reference back without the checkpoint
+holding its weights a second time.
+
+`BaseReference(policy)` is the reference of a LoRA run without a second copy of the weights: the trained
+policy itself with its adapters disabled (lmforge.adapt.lora.adapters_disabled), run in eval mode (the
+policy's modes come back after) without gradients. Since only the adapters train, that is the starting
+model at every step; its checksum covers the weights outside the adapters, so a resume checks the base.
 
 Reference log-probs can be cached: DPO over several epochs sees each pair again, and the reference
 never changes, so `cache_size > 0` keeps the sequence log-probs keyed by a hash of the token ids.
@@ -11,14 +19,18 @@ never changes, so `cache_size > 0` keeps the sequence log-probs keyed by a hash 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from lmforge.adapt.lora import ADAPTER_PARAMS, adapters_disabled, lora_layers
 from lmforge.align.logprobs import batch_logps, model_inputs
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.utils import eval_mode
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:
@@ -30,26 +42,50 @@ def vocab_size(model: torch.nn.Module) -> int | None:
     return int(head.out_features) if isinstance(head, torch.nn.Linear) else None
 
 
-def weights_checksum(model: torch.nn.Module) -> str:
-    """sha256 (16 hex digits) over parameter names, shapes, dtypes and bytes, in state_dict order."""
+def weights_checksum(model: torch.nn.Module, *, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 (16 hex digits) over tensor names, shapes, dtypes and bytes, in state_dict order, leaving out
+    the tensors whose names end with one of `exclude`."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
+        if exclude and name.endswith(exclude):
+            continue
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1) first: a 0-d tensor (a scalar buffer) has no last dimension to view as bytes
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
+def shared_parameter(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
+    """The name of a parameter of `a` that `b` also has (the same Parameter, or a plain tensor over the
+    same memory), or None. Sharded (DTensor) parameters compare by identity only."""
+    def memory(p: torch.Tensor) -> tuple | None:
+        plain = type(p) in (torch.Tensor, torch.nn.Parameter) and p.numel() and p.device.type != "meta"
+        return (p.device, p.untyped_storage().data_ptr()) if plain else None
+
+    ids = {id(p) for p in b.parameters()}
+    mems = {memory(p) for p in b.parameters()} - {None}
+    for name, p in a.named_parameters():
+        if id(p) in ids or memory(p) in mems:
+            return name
+    return None
+
+
 class Frozen:
-    """A model that is never trained: eval mode, no gradients, optionally on `device`."""
+    """A model that is never trained: run in eval mode without gradients, optionally on `device`. Frozen
+    (requires_grad False, moved to `device`) at its first forward, so a check can refuse it first."""
 
     def __init__(self, model: torch.nn.Module, *, role: str, device: str | torch.device | None = None,
                  path: str | None = None, cache_size: int = 0):
         self.role, self.path, self.cache_size = role, path, cache_size
-        self.model = model.to(device) if device is not None else model
-        self.model.eval().requires_grad_(False)
-        self.device = next(self.model.parameters()).device
+        self.model = model
+        self._target = torch.device(device) if device is not None else None
+        self._frozen = False
         self._checksum: str | None = None
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     # identity ---------------------------------------------------------------------------------------
     @property
@@ -68,6 +104,17 @@ class Frozen:
                 f"(checksum {saved['checksum']}), but this {self.role} has checksum {self.checksum}; "
                 f"pass the same {self.role} model to resume")
 
+    def check_not_trained(self, model: torch.nn.Module) -> None:
+        """One-line ConfigError when this model is the trained `model` or shares a parameter with it."""
+        shared = shared_parameter(self.model, model)
+        if self.model is model or shared is not None:
+            what = ("is the model being trained" if self.model is model
+                    else f"shares {shared} with the model being trained")
+            fix = "pass a separate copy, e.g. copy.deepcopy(model) before training"
+            if self.role == "reference":
+                fix += ", or for a LoRA policy BaseReference(model) (the policy with its adapters off, no copy)"
+            raise ConfigError(f"the {self.role} {what}; {fix}")
+
     def check_vocab(self, model: torch.nn.Module) -> None:
         """One-line ConfigError when the trained model and this one disagree on the vocabulary."""
         mine, theirs = vocab_size(self.model), vocab_size(model)
@@ -76,6 +123,17 @@ class Frozen:
                               f"use a {self.role} built with the same tokenizer")
 
     # forward ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        if not self._frozen:  # the first forward: the objective has checked it is not the trained model
+            if self._target is not None:
+                self.model.to(self._target)
+            self.model.requires_grad_(False)
+            self._frozen = True
+        if self.model.training:
+            self.model.eval()
+        yield
+
     def _moved(self, batch: dict, prefixes: tuple[str, ...]) -> dict:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
                 if any(k.startswith(p) for p in prefixes)}
@@ -83,8 +141,9 @@ class Frozen:
     @torch.no_grad()
     def logits(self, batch: dict, prefix: str = "") -> torch.Tensor:
         """(B, T, V) logits of the batch's `prefix` rows, returned on the batch's device."""
-        ids, kwargs = model_inputs(self._moved(batch, (prefix,)), prefix)
-        return self.model(ids, **kwargs).to(batch[f"{prefix}input_ids"].device)
+        with self._running():
+            ids, kwargs = model_inputs(self._moved(batch, (prefix,)), prefix)
+            return self.model(ids, **kwargs).to(batch[f"{prefix}input_ids"].device)
 
     @torch.no_grad()
     def sequence_logps(self, batch: dict, prefixes: tuple[str, ...], *, average: bool = False
@@ -95,8 +154,9 @@ class Frozen:
             self._cache.move_to_end(key)
             return list(self._cache[key].to(batch[f"{prefixes[0]}input_ids"].device).unbind(0))
         out_device = batch[f"{prefixes[0]}input_ids"].device
-        seqs = [s.to(out_device) for s in batch_logps(self.model, self._moved(batch, prefixes), prefixes,
-                                                      average=average)[0]]
+        with self._running():
+            seqs = [s.to(out_device) for s in batch_logps(self.model, self._moved(batch, prefixes), prefixes,
+                                                          average=average)[0]]
         if key is not None:
             self._cache[key] = torch.stack(seqs).cpu()
             if len(self._cache) > self.cache_size:
@@ -112,6 +172,49 @@ class Frozen:
                 if t is not None:
                     h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.digest()
+
+
+class BaseReference(Frozen):
+    """The reference of a LoRA run from the policy's own weights: `policy` with its adapters disabled, in
+    eval mode, without gradients. Pass it as an objective's `reference=`; the objective gives it its role,
+    path and cache (it runs where the policy is: no device of its own)."""
+
+    def __init__(self, policy: torch.nn.Module, *, path: str | None = None):
+        super().__init__(policy, role="reference", path=path)
+        self._check_base()
+        # the base as given now (before a resume loads the checkpoint's): another base is refused on resume
+        self._checksum = weights_checksum(policy, exclude=ADAPTER_PARAMS)
+
+    def _check_base(self) -> None:
+        if not lora_layers(self.model):
+            raise ConfigError(f"BaseReference needs a policy with LoRA adapters (apply_lora first); "
+                              f"{type(self.model).__name__} has none, so it would be its own reference")
+        trained = [n for n, p in self.model.named_parameters() if p.requires_grad and not n.endswith(ADAPTER_PARAMS)]
+        if trained:
+            raise ConfigError(f"BaseReference: {trained[0]} is trained (LoRAConfig.trainable or requires_grad), so "
+                              "the policy with adapters off is not the starting model; freeze it, or pass a "
+                              "separate reference copy")
+
+    def check_not_trained(self, model: torch.nn.Module) -> None:
+        self._check_base()  # the policy is the trained model by design; only its adapters may train
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        with adapters_disabled(self.model), eval_mode(self.model):
+            yield
+
+
+def held(model: torch.nn.Module | Frozen | None, *, role: str, device: str | torch.device | None = None,
+         path: str | None = None, cache_size: int = 0) -> Frozen | None:
+    """What an objective holds for its `reference=` / `teacher=` argument: a module becomes a Frozen; a
+    Frozen (a BaseReference) is adopted, taking the objective's role, path and cache; None stays None."""
+    if not isinstance(model, Frozen):
+        return None if model is None else Frozen(model, role=role, device=device, path=path, cache_size=cache_size)
+    if device is not None:
+        raise ConfigError(f"{role}_device={str(device)!r} cannot move a {type(model).__name__}, which runs where "
+                          f"its model is; unset {role}_device, or pass a separate {role} model")
+    model.role, model.path, model.cache_size = role, path or model.path, cache_size
+    return model
 
 
 def check_beta(beta: float, name: str = "beta") -> None:

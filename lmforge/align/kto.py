@@ -1,6 +1,6 @@
 """KTO (Ethayarajh et al. 2024): preference optimisation from unpaired good/bad completions.
 
-    obj = KTOObjective(KTOConfig(beta=0.1), reference=sft_model)
+    obj = KTOObjective(KTOConfig(beta=0.1), reference=sft_model)      # or reference=BaseReference(lora_policy)
 
 Batch keys: input_ids / targets / loss_mask (B, T) one completion per row, label (B,) bool (True =
 desirable); kl_input_ids / kl_targets / kl_loss_mask (B, T) the same prompts with MISMATCHED completions
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.align.dpo import ReferenceHolder, reference_logps
-from lmforge.align.frozen import Frozen, check_beta
+from lmforge.align.frozen import Frozen, check_beta, held
 from lmforge.align.logprobs import batch_logps, response_mask
 from lmforge.align.losses import kto_kl, kto_loss
 from lmforge.config import coerce_fields
@@ -83,11 +83,11 @@ def mismatched_rows(batch: dict) -> dict:
 class KTOObjective(ReferenceHolder):
     Config = KTOConfig
 
-    def __init__(self, cfg: KTOConfig | None = None, *, reference: torch.nn.Module | None = None,
+    def __init__(self, cfg: KTOConfig | None = None, *, reference: torch.nn.Module | Frozen | None = None,
                  reference_path: str | None = None):
         self.cfg = cfg = cfg or KTOConfig()
-        self.ref = (Frozen(reference, role="reference", device=cfg.reference_device, path=reference_path,
-                           cache_size=cfg.reference_cache) if reference is not None else None)
+        self.ref = held(reference, role="reference", device=cfg.reference_device, path=reference_path,
+                        cache_size=cfg.reference_cache)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(model)

@@ -55,7 +55,6 @@ What later work attaches to:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import time
@@ -76,6 +75,7 @@ from lmforge.infer.runner import Extra, PagedRunner, RecomputeRunner, prompt_row
 from lmforge.infer.sampler import kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
+from lmforge.utils import eval_mode
 
 Prompt = str | list[int]
 
@@ -154,6 +154,7 @@ class Engine:
                     ) -> str:
         """Queue a prompt (text or token ids); returns its id. Bad input raises a one-line error and
         leaves the engine as it was."""
+        self._sync_adapters()
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -306,8 +307,21 @@ class Engine:
         """Run one forward over the scheduled tokens; return the outputs of requests that changed (only
         those that finished with finished_only: building outputs costs host time at large batches).
         The model runs in eval mode, whatever mode a trainer sharing it left it in (restored after)."""
-        with _eval_mode(self.model):
+        self._sync_adapters()
+        with eval_mode(self.model):
             return self._step(finished_only)
+
+    def _sync_adapters(self) -> None:
+        """LoRA adapters switched off or on (lmforge.adapt.adapters_disabled: a LoRA run's reference) or
+        rescaled change the model's function as new weights do: with no request running that is
+        update_weights() (cached prefixes and the backends built with the old setting go); while requests run
+        (their keys came from the other setting) it is refused."""
+        if not getattr(self.runner, "adapters_changed", lambda: False)():
+            return
+        if self.requests:
+            raise LmforgeError(f"LoRA adapters were switched on or off (or rescaled) while {len(self.requests)} "
+                               "request(s) ran with the other setting; switch them between generations")
+        self.update_weights()
 
     def _step(self, finished_only: bool) -> list[RequestOutput]:
         """Launch the next step, then read the pending one (async scheduling: lmforge.infer.pending) and
@@ -521,22 +535,6 @@ class Engine:
                 "kv_utilization": p.utilization, "kv_utilization_at_peak": p.peak_utilization,
                 "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
                 "preemptions": self.scheduler.num_preemptions}
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Forwards without dropout or training-only work (MoE noise, MTP losses) even when a Trainer that
-    shares the module has put it in train mode; its mode is restored after."""
-    if not model.training:  # the engine's own eval mode: nothing to switch
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]  # submodules a trainer keeps in eval stay so
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _claims(seq: Sequence) -> bool:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmforge.adapt.lora import lora_layers
 from lmforge.errors import LmforgeError
 from lmforge.infer.kv import new_paged_cache
 from lmforge.infer.request import Sequence
@@ -112,13 +113,20 @@ class PagedRunner:
             elif had_kernel_step:  # the model changed since (e.g. LoRA adapters applied): say why it stops
                 warnings.warn(f"the batch-1 kernel step is off: it does not support {why}", stacklevel=3)
         self._addresses = _addresses(self.source)
+        self._adapters = list(lora_layers(self.source).values())
+        self._adapter_state = _adapter_state(self._adapters)
 
     def refresh_weights(self) -> None:
         """The model's weights changed. Changed in place (optimizer steps, load_state_dict, copy_), the
         backends stay valid; if parameters were replaced or moved (new storage), they are rebuilt, since
         captured graphs would read the old addresses (and a kernel view would hold the old tensors)."""
-        if _addresses(self.source) != self._addresses:
+        if _addresses(self.source) != self._addresses or self.adapters_changed():
             self._make_backends()
+
+    def adapters_changed(self) -> bool:
+        """LoRA adapters were switched off or on (adapters_disabled) or rescaled since the backends were built:
+        the fused view (a copy of the modules) and captured graphs still compute the old function."""
+        return bool(self._adapters) and _adapter_state(self._adapters) != self._adapter_state
 
     @torch.inference_mode()
     def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None, extra: Extra = (),
@@ -247,6 +255,10 @@ def _split(logits: torch.Tensor, hidden: torch.Tensor | None, rows: Step, vocab_
 
 def _addresses(model) -> list[int]:
     return [p.data_ptr() for p in model.parameters()]
+
+
+def _adapter_state(layers) -> list[tuple[bool, float]]:
+    return [(m.enabled, m.scale) for m in layers]
 
 
 def sampling_rows(batch: Batch, make_rows) -> Step:

@@ -12,9 +12,16 @@
 Objectives resolve by name through OBJECTIVES, lazily imported "module:Class" paths, so an objective
 plugs in by adding one line. An objective class is built as Class(Class.Config(...)) plus, when its
 constructor takes them, reference=/reference_path= (DPO, KTO: a frozen copy of `reference`, by default
-the init model) or teacher=/teacher_path= (distillation). The run directory holds metrics.jsonl,
-loss.png, metrics.png (reward margins, accuracies), data_report.json and checkpoints that LLM.load and
-`lmforge chat` open (config.json records the chat template).
+the init model) or teacher=/teacher_path= (distillation).
+
+A [lora] section (LoRAConfig) puts fresh adapters on the policy after loading it, and only they train
+(plus LoRAConfig.trainable modules). The reference then defaults to the policy with its adapters disabled
+(lmforge.align.frozen.BaseReference): the init model without loading it a second time. The checkpoints
+record the adapters (lmforge.adapt.lora.lora_record), so they resume and LLM.load opens them.
+
+The run directory holds metrics.jsonl, loss.png, metrics.png (reward margins, accuracies),
+data_report.json and checkpoints that LLM.load and `lmforge chat` open (config.json records the chat
+template).
 
 `--nproc N` (or torchrun) trains data parallel as `lmforge train` does (lmforge.train.distributed):
 [parallel] dp_shard (FSDP2, the default over N ranks) or dp_replicate (DDP); data.batch_size is the global
@@ -34,6 +41,7 @@ from typing import Any
 
 import torch
 
+from lmforge.adapt.lora import LoRAConfig
 from lmforge.align.data import PostDataConfig, build_sources
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.parallel.config import ParallelConfig
@@ -83,11 +91,13 @@ class PostTrainConfig(LoopConfig):
     init: str = ""
     """checkpoint, run directory or HF model directory to start from"""
     reference: str = ""
-    """frozen reference model for DPO/KTO ('' = the init model)"""
+    """frozen reference model for DPO/KTO ('' = the init model; with [lora]: the policy with adapters off)"""
     teacher: str = ""
     """teacher model for distillation"""
     tokenizer: str = ""
     """tokenizer spec ('' = the one saved with the init model)"""
+    lora: LoRAConfig | None = None
+    """[lora] train LoRA adapters on the policy instead of all its weights (None: full fine-tuning)"""
     data: PostDataConfig = field(default_factory=PostDataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """[parallel] data-parallel layout over the processes (`--nproc N`): dp_shard (FSDP2) or dp_replicate (DDP)"""
@@ -121,14 +131,31 @@ def _frozen_model(path: str, role: str, device: str):
     return model
 
 
-def build_objective(cfg: PostTrainConfig, init_path: str, device: str):
+def with_lora(model: torch.nn.Module, lora: LoRAConfig) -> torch.nn.Module:
+    """The policy with fresh adapters (apply_lora: only they train). An init that holds adapters (a LoRA
+    run's checkpoint) has them merged first: they are part of the model this run starts from."""
+    from lmforge.adapt.lora import apply_lora, lora_layers, merge_lora
+
+    if lora_layers(model):
+        merge_lora(model)
+        if rank_and_world()[0] == 0:
+            print("the init model holds LoRA adapters: merged into its weights before [lora] adds new ones")
+    return apply_lora(model, lora)
+
+
+def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: torch.nn.Module | None = None):
+    """The objective with its frozen models: loaded from their paths, or, for the reference of a [lora]
+    run without `reference`, BaseReference(policy) (the policy with its adapters disabled)."""
+    from lmforge.align.frozen import BaseReference
+
     cls = resolve(objective_spec(cfg.objective).path)
     options = getattr(cfg, cfg.objective, None)
     params = inspect.signature(cls).parameters
     kwargs: dict[str, Any] = {}
     for role, path in (("reference", cfg.reference or init_path), ("teacher", cfg.teacher)):
         if role in params and not (role == "reference" and getattr(options, "loss_type", "") == "simpo"):
-            kwargs[role] = _frozen_model(path, role, device)
+            base = role == "reference" and not cfg.reference and cfg.lora is not None and policy is not None
+            kwargs[role] = BaseReference(policy) if base else _frozen_model(path, role, device)
             if f"{role}_path" in params:
                 kwargs[f"{role}_path"] = path
     return cls(options, **kwargs) if options is not None else cls(**kwargs)
@@ -161,6 +188,8 @@ def posttrain(cfg: PostTrainConfig):
                           f"{mcfg.vocab_size}: it was not made for this model; use the model's own tokenizer")
     if "teacher" in inspect.signature(resolve(spec.path)).parameters and not cfg.teacher:
         raise ConfigError(f"{cfg.objective} needs a teacher model: set teacher = 'checkpoint or HF directory'")
+    if cfg.lora is not None:  # before the data: a target matching no layer stops the run at once
+        model = with_lora(model, cfg.lora)
     kto = getattr(cfg, "kto", None)  # KTOConfig(kl=False) reads no mismatched rows: the data builds none
     train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed, kl_rows=getattr(kto, "kl", True))
     run_dir = Path(cfg.run_dir)
@@ -169,7 +198,7 @@ def posttrain(cfg: PostTrainConfig):
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "data_report.json", report.to_dict())
         print(f"data: {report.summary()}")
-    objective = build_objective(cfg, cfg.init, device)  # frozen models: whole on every rank
+    objective = build_objective(cfg, cfg.init, device, model)  # frozen models: whole on every rank
     if spec.wrap:
         model = resolve(spec.wrap)(model)
     model.train()

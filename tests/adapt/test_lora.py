@@ -10,6 +10,7 @@ from torch import nn
 
 from lmforge.adapt import (LoRAConfig, LoRALinear, apply_lora, load_lora, lora_state_dict, merge_lora,
                            trainable_parameters)
+from lmforge.adapt.lora import adapters_disabled, lora_layers
 from lmforge.align.reward import ClassificationObjective, SequenceHead
 from lmforge.errors import ConfigError
 from lmforge.optim import build_optimizer
@@ -84,6 +85,39 @@ def test_init_is_the_base_model_and_merge_keeps_the_function():
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert set(model.state_dict()) == {k for k in keys if "lora_" not in k} == set(base.state_dict())
     torch.testing.assert_close(model(IDS), adapted, rtol=1e-5, atol=1e-6)
+
+
+def test_disabled_adapters_give_the_plain_linear_and_the_base_model():
+    """enabled=False is the base layer bit for bit; adapters_disabled(model) is the base model, and puts
+    every layer's previous state back, on an error too."""
+    lin = nn.Linear(6, 5)
+    plain = copy.deepcopy(lin)
+    lora = LoRALinear(lin, r=2, scale=2.0)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+        x = torch.randn(3, 4, 6)
+        assert not torch.allclose(lora(x), plain(x))
+        lora.enabled = False
+        assert torch.equal(lora(x), plain(x))
+
+    base = tiny_model(0, n_layers=2)
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(r=2, targets=ALL))
+    randomise_b(model)
+    layers = list(lora_layers(model).values())
+    with torch.no_grad():
+        adapted, want = model(IDS), base(IDS)
+        assert not torch.allclose(adapted, want)
+        with adapters_disabled(model) as same:
+            assert same is model and torch.equal(model(IDS), want)
+        assert torch.equal(model(IDS), adapted)
+        layers[0].enabled = False  # already off: stays off
+        with pytest.raises(RuntimeError, match="boom"), adapters_disabled(model):
+            raise RuntimeError("boom")
+    assert [m.enabled for m in layers] == [False] + [True] * (len(layers) - 1) and len(layers) == 2 * len(ALL)
+    with pytest.raises(ConfigError, match="LoRA layer .* is disabled .*; merge outside it"):
+        merge_lora(model)
+    with pytest.raises(ConfigError, match="has no LoRA adapters to disable"), adapters_disabled(base):
+        pass
 
 
 def test_adapter_checkpoint_roundtrip_and_counts():

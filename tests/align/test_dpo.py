@@ -102,6 +102,8 @@ def test_precomputed_reference_and_cache_match_live_reference():
 def test_reference_is_frozen_and_state_holds_identity_not_weights():
     ref = tiny_model(1)
     obj = DPOObjective(DPOConfig(), reference=ref, reference_path="runs/sft")
+    assert ref.training and all(p.requires_grad for p in ref.parameters())  # untouched until its first use
+    obj.loss(tiny_model(0), pair_batch())
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     state = obj.state_dict()
     assert state["reference"]["path"] == "runs/sft" and len(state["reference"]["checksum"]) == 16

@@ -230,3 +230,55 @@ def test_every_objective_reports_its_validation_loss_and_bad_setups_stop_before_
     assert report["val"]["records"] == 5 and report["val"]["used"] == 3
     assert report["val"]["rejected"] == {"bad_json": 1, "unknown_format": 1}
     assert "validation files: 5 records: 3 used" in capsys.readouterr().out
+
+
+def test_lmforge_dpo_with_lora_trains_adapters_against_the_base_and_resumes(base, tmp_path, monkeypatch):
+    """[lora] on a DPO run: only the adapters train; the reference is the init model as the policy with its
+    adapters off (no second model loaded), so the first loss is log 2 (B = 0: policy = base); the
+    checkpoints record the adapters (load_model opens them) and an interrupted run resumes bit-exactly."""
+    from lmforge.adapt.lora import LoRAConfig, LoRALinear
+    from lmforge.align.frozen import weights_checksum
+    from lmforge.cli.common import parse_config
+    from lmforge.train.trainer import Trainer
+
+    toml = tmp_path / "dpo.toml"
+    toml.write_text(_toml(base, tmp_path / "cli", "dpo") + "[lora]\nr = 4\ntargets = ['wq', 'wv']\n")
+    parsed = parse_config(PT.config_class("dpo"), ["--config", str(toml), "--lora.alpha", "4"], prog="t",
+                          description="")
+    assert parsed.lora == LoRAConfig(r=4, alpha=4.0, targets=("wq", "wv"))
+    load, loaded = ckpt.load_model, []
+    monkeypatch.setattr(ckpt, "load_model", lambda path, **k: loaded.append(str(path)) or load(path, **k))
+    lora, optim = {"r": 4, "alpha": 8.0, "targets": ["wq", "wv", "up", "down"]}, {"lr": 3e-2, "warmup_steps": 1}
+    full = PT.posttrain(_cfg(base, tmp_path / "a", "dpo", lora=lora, optim=optim, max_steps=6, plot=False))
+    assert loaded == [str(base / "base")]  # the policy alone: no reference model was loaded
+    monkeypatch.setattr(ckpt, "load_model", load)
+    losses = _losses(full)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0] - 0.02
+    init, _ = ckpt.load_model(base / "base")
+    policy, _ = ckpt.load_model(tmp_path / "a")  # the adapters come back, unmerged
+    layers = [n for n, m in policy.named_modules() if isinstance(m, LoRALinear)]
+    trained = policy.state_dict()
+    assert len(layers) == 4 * init.cfg.n_layers and all(trained[f"{n}.lora_B"].abs().sum() > 0 for n in layers)
+    assert all(torch.equal(trained[n], t) for n, t in init.state_dict().items())  # the base did not move
+    state = ckpt.load_train_state(ckpt.checkpoint_dirs(tmp_path / "a")[-1])
+    assert state["objective"]["reference"] == {"role": "reference", "path": str(base / "base"),
+                                               "checksum": weights_checksum(init)}
+
+    class Stop:  # Ctrl-C right after step 3
+        def on_step_end(self, trainer, stats):
+            if trainer.step == 3:
+                raise KeyboardInterrupt
+
+    init_trainer = Trainer.__init__
+
+    def with_hook(self, *a, **k):
+        init_trainer(self, *a, **k)
+        self.hooks.append(Stop())
+
+    cfg = _cfg(base, tmp_path / "b", "dpo", lora=lora, optim=optim, max_steps=6, plot=False, ckpt_every=100)
+    monkeypatch.setattr(Trainer, "__init__", with_hook)
+    with pytest.raises(KeyboardInterrupt):
+        PT.posttrain(cfg)
+    monkeypatch.setattr(Trainer, "__init__", init_trainer)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "b")] == ["step_000003"]
+    assert _losses(PT.posttrain(cfg)) == losses

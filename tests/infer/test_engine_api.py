@@ -491,3 +491,35 @@ def test_processed_logprobs_are_those_of_the_distribution_sampled_from(tok, draf
             assert all(abs(top[i] - v) < 1e-4 for i, v in zip(idx.tolist(), vals.tolist()))
     with pytest.raises(Exception, match="logprobs_mode"):
         SamplingParams(logprobs_mode="scaled")
+
+
+def test_switching_lora_adapters_off_reaches_the_engines_fast_paths(tok):
+    """adapters_disabled (a LoRA run's reference, KL to the base) changes the function without touching a
+    weight: the engine's backends built with the adapters on (here the fused view, a copy of the modules;
+    on a GPU also captured graphs) are rebuilt, so it generates from the base, and from the policy after."""
+    from lmforge.adapt.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora
+    from lmforge.kernels.decode import available
+
+    if not available("cpu"):
+        pytest.skip("needs triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)")
+    base = tiny_model("llama", init_std=0.3)
+    policy = apply_lora(copy.deepcopy(base), LoRAConfig(r=2, alpha=8, targets=("wq", "wv", "up")))
+    with torch.no_grad():
+        for m in policy.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, 0.5)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    reqs = [("first prompt", sp)]
+    cfg = dict(block_size=4, cuda_graphs=True, fused_kernels=True)
+    engine = Engine(policy, tok, EngineConfig(**cfg))
+    adapted, plain = run(engine, reqs)[0], run(Engine(base, tok, EngineConfig(**cfg)), reqs)[0]
+    assert adapted.outputs[0].logprobs != pytest.approx(plain.outputs[0].logprobs, abs=1e-3)
+    with adapters_disabled(policy):
+        off = run(engine, reqs)[0]
+        left = engine.add_request("left running", sp)
+    assert off.token_ids == plain.token_ids and off.outputs[0].logprobs == pytest.approx(plain.outputs[0].logprobs, abs=1e-4)
+    with pytest.raises(LmforgeError, match="switched on or off .* while 1 request"):
+        engine.step()  # the adapters came back on under a request computed with them off
+    engine.abort(left)
+    again = run(engine, reqs)[0]
+    assert again.outputs[0].logprobs == pytest.approx(adapted.outputs[0].logprobs, abs=1e-5)

@@ -233,6 +233,12 @@ class Trainer:
         meta = ckpt._verify(path)
         if "model" in meta and hasattr(self.model, "cfg"):
             ckpt.check_same_model(meta["model"], self.model.cfg)
+        if "model" in meta:  # LoRA runs: the same adapters (an alpha change keeps the shapes, not the function)
+            saved, now = meta.get("lora", {}), {k: list(v) for k, v in ckpt.model_meta(self.model).get("lora", {}).items()}
+            if saved != now:
+                k = next(iter(sorted(set(saved) ^ set(now)) or [n for n in saved if saved[n] != now.get(n)]))
+                raise ConfigError(f"{path} was trained with LoRA adapter {k} = {saved.get(k)} ([r, scale]) but the "
+                                  f"model has {now.get(k)}; use the run's LoRA settings or a new run_dir")
         state = ckpt.load_train_state(path)
         self._load_weights_and_optimizer(state, path)
         self.data.load_state_dict(state["data"] if "data" in state else state["sampler"])

@@ -239,6 +239,7 @@ def test_lmforge_dpo_with_lora_trains_adapters_against_the_base_and_resumes(base
     from lmforge.adapt.lora import LoRAConfig, LoRALinear
     from lmforge.align.frozen import weights_checksum
     from lmforge.cli.common import parse_config
+    from lmforge.errors import ConfigError
     from lmforge.train.trainer import Trainer
 
     toml = tmp_path / "dpo.toml"
@@ -282,3 +283,7 @@ def test_lmforge_dpo_with_lora_trains_adapters_against_the_base_and_resumes(base
     monkeypatch.setattr(Trainer, "__init__", init_trainer)
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "b")] == ["step_000003"]
     assert _losses(PT.posttrain(cfg)) == losses
+    with pytest.raises(ConfigError, match=r"was trained with LoRA adapter .*wq = \[4, 2.0\] \(\[r, scale\]\) but "
+                                          r"the model has \[4, 1.0\]; use the run's LoRA settings"):
+        PT.posttrain(_cfg(base, tmp_path / "b", "dpo", lora={**lora, "alpha": 4.0}, optim=optim, max_steps=6,
+                          plot=False))  # same shapes, another scale: it would resume a different function

@@ -85,6 +85,11 @@ class DistillObjective(ReferenceHolder):
         self.cfg = cfg = cfg or DistillConfig()
         self.ref = held(teacher, role="teacher", device=cfg.teacher_device, path=teacher_path)
 
+    def batch_weight(self, batch: dict) -> int:
+        """The response tokens the loss averages over: accumulated micro-batches are weighed by them, so
+        grad_accum x B rows equal one batch of grad_accum * B rows (as TRL's token-level normalisation)."""
+        return int(response_mask(batch).sum())
+
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(model)
         cfg = self.cfg

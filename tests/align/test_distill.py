@@ -69,3 +69,27 @@ def test_objective_uses_teacher_on_counted_tokens_and_checks_vocab():
         DistillObjective(teacher=tiny_model(1, vocab_size=50)).loss(student, batch)
     with pytest.raises(ConfigError, match="beta"):
         DistillConfig(divergence="jsd", beta=1.0)
+
+
+def test_accumulated_micro_batches_distil_like_one_big_batch(tmp_path):
+    """batch_weight = the response tokens: two micro-batches with unequal token counts give the update of
+    their concatenation (TRL normalises over the step's tokens)."""
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.trainer import Trainer
+
+    from .test_sft import _Batches
+
+    small, big = sequences(2, 8, 41, [2, 6], 0), sequences(3, 8, 41, [1, 2, 3], 1)
+    assert small["loss_mask"].sum() != big["loss_mask"].sum()
+    whole = {k: torch.cat([small[k], big[k]]) for k in small}
+    params = []
+    for run, batches in (("one", [whole]), ("two", [small, big])):
+        student = tiny_model(0)
+        cfg = LoopConfig(run_dir=str(tmp_path / run), max_steps=1, grad_accum=len(batches), device="cpu",
+                         progress=False, plot=False, optim=OptimConfig(grad_clip=0.0, warmup_steps=0))
+        obj = DistillObjective(DistillConfig(sft_weight=0.5), teacher=tiny_model(3))
+        Trainer(student, torch.optim.SGD(student.parameters(), lr=1.0), _Batches(batches), obj, config=cfg).train_step()
+        params.append([p.detach().clone() for p in student.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -79,14 +79,16 @@ class LLM:
         return self.engine.encode(prompt, params, index)
 
     # ---------------------------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """One RequestOutput per prompt; `params.n` samples each (RequestOutput.outputs). A prompt is a string
-        or a list (or 1-D tensor) of token ids; `prompts` is one prompt or any iterable of them."""
-        params = _check_params(params)
+        or a list (or 1-D tensor) of token ids; `prompts` is one prompt or any iterable of them. `params` is
+        one SamplingParams for every prompt or a list of them, one per prompt (lm-eval's generate_until has
+        per-request settings); either way a seed gives prompt i the stream of (seed, i)."""
         prompts = _prompt_list(prompts)
-        encoded = [self.encode(p, params, i) for i, p in enumerate(prompts)]
-        outs = self._run([(e, self._params(params, i)) for i, e in enumerate(encoded)])
+        per_prompt = _params_list(params, len(prompts))
+        encoded = [self.encode(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
+        outs = self._run([(e, self._params(sp, i)) for i, (e, sp) in enumerate(zip(encoded, per_prompt))])
         return [dataclasses.replace(o, prompt=p if isinstance(p, str) else None) for o, p in zip(outs, prompts)]
 
     def _run(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:
@@ -108,29 +110,21 @@ class LLM:
         return [done[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the text of one sample as it is produced: complete UTF-8 characters only, and text that
-        might begin a stop string is held back until it is known not to."""
+        """Yield the text of one sample as it is produced: what each engine output adds to the last one's
+        text (complete UTF-8 characters, and nothing a stop string could take back: Sequence.output). A
+        beam search yields its best beam once the search ends (the running best beam may change)."""
         params = _check_params(params)
         rid = self.engine.add_request(self.encode(prompt, params), self._params(params, 0))
-        req = self.engine.requests[rid]
-        seq = req.seqs[0]
-        emitted = 0
+        sent = 0
         try:
             while rid in self.engine.requests:
-                self.engine.step(finished_only=True)
-                if seq.finish is not None:
-                    break
-                ready = len(seq.text) - _stop_prefix_len(seq.text, params.stop)
-                if ready > emitted:
-                    yield seq.text[emitted:ready]
-                    emitted = ready
+                for out in self.engine.step():
+                    if out.request_id == rid and (out.finished or params.beam_width == 1) and len(out.text) > sent:
+                        yield out.text[sent:]
+                        sent = len(out.text)
         finally:
             if rid in self.engine.requests:
                 self.engine.abort(rid)
-        # the final text, already cut before any stop string (a beam search has its text only now)
-        final = req.output().text if params.beam_width > 1 and not req.aborted else seq.text
-        if len(final) > emitted:
-            yield final[emitted:]
 
     def score(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list[tuple[float, bool]]:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
@@ -196,13 +190,23 @@ class LLM:
         return params if params.seed is None else dataclasses.replace(params, seed=seed_for(params.seed, index))
 
 
-def _check_params(params) -> SamplingParams:
+def _check_params(params, name: str = "params", what: str = "a SamplingParams") -> SamplingParams:
     if params is None:
         return SamplingParams()
     if not isinstance(params, SamplingParams):
-        raise ConfigError(f"params must be one SamplingParams for every prompt, got {type(params).__name__} "
+        raise ConfigError(f"{name} must be {what}, got {type(params).__name__} "
                           "(SamplingParams.from_dict turns a dict of options into one)")
     return params
+
+
+def _params_list(params, n_prompts: int) -> list[SamplingParams]:
+    """One SamplingParams (or None: the defaults) for every prompt, or a list of them, one per prompt."""
+    if not isinstance(params, (list, tuple)):
+        return [_check_params(params, what="a SamplingParams or a list of them, one per prompt")] * n_prompts
+    if len(params) != n_prompts:
+        raise ConfigError(f"params is a list of {len(params)} SamplingParams for {n_prompts} prompts; give one "
+                          "per prompt, or one SamplingParams for all")
+    return [_check_params(p, f"params[{i}]") for i, p in enumerate(params)]
 
 
 def _prompt_list(prompts) -> list:
@@ -222,13 +226,3 @@ def _prompt_list(prompts) -> list:
         return [prompts]
     return prompts
 
-
-def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):  # longest first
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 class CompletionOutput:
     index: int
     text: str
+    """the sample's text, cut before a stop string; while it runs, without a tail that may begin one (so
+    the text of successive outputs only grows: lmforge.infer.request.Sequence.output)"""
     token_ids: list[int]
     finish_reason: str | None
     """'stop' (stop token or string), 'length' (max_tokens or the context window) or 'abort'; None in the

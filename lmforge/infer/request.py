@@ -43,6 +43,19 @@ def seed_for(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
 
 
+def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of one of `stops` (0: none is): the
+    text a running sample holds back. Holding the longest keeps the shown part growing: had the next
+    step's held tail begun earlier, this step's text would already have ended in a longer prefix."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):  # longest first
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -118,10 +131,18 @@ class Sequence:
 
     def output(self, final: bool = True) -> CompletionOutput:
         """final: the request has ended (a sample it ended without a reason of its own, as an abort does,
-        reads 'length'); otherwise a running sample's finish_reason is None."""
+        reads 'length'); otherwise a running sample's finish_reason is None.
+
+        A running sample's text leaves out a tail that may be the start of a stop string, until later
+        tokens show whether it is one (then it is cut) or not (then it shows): so the text of successive
+        outputs only grows, and a stream built on them (LLM.stream, AsyncEngine, a server's deltas) never
+        shows what a stop string takes back. Once the sample ends, its text is whole."""
+        text = self.text
+        if self.finish is None and not final and self.params.stop:
+            text = text[:len(text) - stop_prefix_len(text, self.params.stop)]
         want = self.params.logprobs is not None
         return CompletionOutput(
-            index=self.index, text=self.text, token_ids=self.tokens[self.request.prompt_len:],
+            index=self.index, text=text, token_ids=self.tokens[self.request.prompt_len:],
             finish_reason=self.finish or ("length" if final else None), logprobs=list(self.logprobs) if want else None,
             top_logprobs=list(self.top) if want else None,
             cumulative_logprob=sum(self.logprobs) if want else None)

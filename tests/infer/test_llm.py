@@ -59,6 +59,55 @@ def test_seed_reproducible_and_n_samples(tok):
     assert len({tuple(o.token_ids) for o in a[0].outputs}) > 1
 
 
+def test_generate_takes_one_sampling_params_per_prompt(tok):
+    """lm-eval's generate_until has per-request settings: a list of SamplingParams, one per prompt. Each
+    prompt gets what it would get under its params alone, seeds included: prompt i draws from (seed, i)."""
+    model = tiny_model("llama")
+    llm = LLM(model, tok)
+    prompts = ["ab", "hello", "xyz"]
+    ref = full_greedy(model, tok.encode("xyz"), 12)
+    stop = ref[3]
+    seeded = SamplingParams(temperature=1.0, top_k=20, seed=7, max_tokens=9, n=2, ignore_eos=True)
+    per = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), seeded,
+           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=(stop,))]
+
+    def samples(out):
+        return [o.token_ids for o in out.outputs]
+
+    outs = llm.generate(prompts, per)
+    for i, sp in enumerate(per):
+        assert samples(outs[i]) == samples(llm.generate(prompts, sp)[i])
+    assert outs[0].token_ids == full_greedy(model, tok.encode("ab"), 5)
+    assert [len(t) for t in samples(outs[1])] == [9, 9] and outs[1].outputs[0].token_ids != outs[1].outputs[1].token_ids
+    assert samples(outs[1]) != samples(llm.generate("hello", seeded)[0])  # prompt 1's stream, not prompt 0's
+    assert outs[2].token_ids == ref[:ref.index(stop) + 1] and outs[2].finish_reason == "stop"
+    same = llm.generate(prompts, (seeded,) * 3)
+    assert [samples(o) for o in same] == [samples(o) for o in llm.generate(prompts, seeded)]
+    with pytest.raises(ConfigError, match="params is a list of 2 SamplingParams for 3 prompts; give one per prompt"):
+        llm.generate(prompts, per[:2])
+    with pytest.raises(ConfigError, match=r"params\[1\] must be a SamplingParams, got dict"):
+        llm.generate(prompts, [per[0], {"temperature": 0}, per[2]])
+    assert not llm.engine.has_unfinished()
+
+
+def test_stream_pieces_join_to_the_generated_text_with_stop_strings(tok):
+    """LLM.stream yields what each output adds to the last one's text (the hold-back of stop-string
+    prefixes is in the outputs themselves: tests/infer/test_async_engine.py); joined, the pieces are the
+    generated text, also where a stop string's prefix appears and is then ruled out."""
+    import random
+
+    model = tiny_model("llama", init_std=0.3)
+    llm = LLM(model, tok)
+    bias = {i: -100.0 for i in range(tok.vocab_size) if chr(i) not in "ab c"}
+    rng = random.Random(1)
+    for i in range(8):
+        stop = tuple("".join(rng.choice("ab c") for _ in range(rng.randrange(2, 5))) for _ in range(2))
+        sp = SamplingParams(temperature=1.0, seed=i, max_tokens=20, stop=stop, logit_bias=bias)
+        prompt = "".join(rng.choice("ab c") for _ in range(rng.randrange(1, 6)))
+        pieces = list(llm.stream(prompt, sp))
+        assert "".join(pieces) == llm.generate(prompt, sp)[0].text and all(pieces)
+
+
 def test_logprobs_are_model_logprobs(tok):
     model = tiny_model("llama")
     llm = LLM(model, tok)
@@ -201,7 +250,8 @@ def test_generate_takes_any_form_of_prompts_and_names_bad_ones(tok):
     for form in (ids, torch.tensor(ids), [np.int64(t) for t in ids], (p for p in [ids])):
         assert llm.generate(form, GREEDY)[0].token_ids == want
     assert [o.token_ids for o in llm.generate(torch.tensor([ids, ids]), GREEDY)] == [want, want]
-    with pytest.raises(ConfigError, match="params must be one SamplingParams for every prompt, got dict"):
+    with pytest.raises(ConfigError, match="params must be a SamplingParams or a list of them, one per prompt, "
+                                          "got dict"):
         llm.generate("a", {"temperature": 0})
     with pytest.raises(LmforgeError, match="prompts must be a string, a list of token ids, or a list of those; got int"):
         llm.generate(5)

@@ -22,7 +22,7 @@ import torch
 
 from lmforge.infer.runner import LateIds, host_block_tables, token_at
 from lmforge.model.meta import AttnMetadata
-from lmforge.utils import copy_in, to_device
+from lmforge.utils import copy_in
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 

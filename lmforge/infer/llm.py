@@ -36,8 +36,9 @@ class LLM:
     """Generate text with any model honouring `model(ids, positions=None, cache=None, meta=None) -> logits`
     and describing its cache with `cache_spec()` (else the plain recompute path runs).
 
-    draft: None, a smaller model sharing the tokenizer, "ngram" (prompt-lookup drafting) or "mtp" (the
-    model's own parallel MTP heads) to decode with speculative decoding (lmforge.infer.speculative).
+    draft: None, a smaller model sharing the tokenizer, "ngram" (prompt-lookup drafting), "mtp" (the
+    model's own parallel MTP heads) or a drafter object (`propose`/`accept`: Medusa or EAGLE heads) to
+    decode with speculative decoding (lmforge.infer.speculative; the engine checks it).
     cuda_graphs: decode steps replay CUDA graphs (default: on a GPU; EngineConfig.cuda_graphs).
     max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs; default 64).
     config: the whole EngineConfig instead of the two options above."""
@@ -49,8 +50,6 @@ class LLM:
         self.draft = draft.eval() if isinstance(draft, torch.nn.Module) else draft
         self.num_draft_tokens = num_draft_tokens
         self.device = next(model.parameters()).device
-        if draft is not None and draft not in ("ngram", "mtp") and not isinstance(draft, torch.nn.Module):
-            raise ConfigError(f"draft must be None, 'ngram', 'mtp' or a model, got {draft!r}")
         if config is not None and (cuda_graphs is not None or max_batch_size is not None):
             raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
                               "EngineConfig.max_num_seqs), not beside it")
@@ -133,15 +132,22 @@ class LLM:
         to the continuation, context + continuation is tokenized whole and the continuation is what
         follows the context's own tokens; token ids are taken as they are. An empty context is the
         tokenizer's end-of-text token. Too long a pair loses its oldest context tokens (the window holds
-        max_seq_len - 1 of them). All pairs run as one batch of requests with prompt log-probs from the
-        continuation on (admitted together, pairs sharing a context each compute it: the prefix cache serves
-        contexts of earlier calls)."""
+        max_seq_len - 1 of them). Pairs run as batches of requests with prompt log-probs from the
+        continuation on: first one pair per distinct context, then the others, whose shared context the
+        prefix cache then serves (a multiple-choice question's context is computed once)."""
         for i, p in enumerate(pairs):
             if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
         pairs = [self._pair(ctx, cont, i) for i, (ctx, cont) in enumerate(pairs)]
-        outs = self._run([(ctx + cont, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=1,
-                                                      prompt_logprobs_start=len(ctx))) for ctx, cont in pairs])
+        first = {tuple(ctx): i for i, (ctx, _) in reversed(list(enumerate(pairs)))}  # each context's first pair
+        rest = [i for i in range(len(pairs)) if i not in set(first.values())]
+        outs: list = [None] * len(pairs)
+        for group in (sorted(first.values()), rest):
+            done = self._run([(pairs[i][0] + pairs[i][1], SamplingParams(
+                max_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=1, prompt_logprobs_start=len(pairs[i][0])))
+                for i in group]) if group else []
+            for i, out in zip(group, done):
+                outs[i] = out
         scores = []
         for (ctx, cont), out in zip(pairs, outs):
             steps = out.prompt_logprobs[len(ctx):]  # each holds its prompt token and the argmax

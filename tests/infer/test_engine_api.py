@@ -139,6 +139,9 @@ def test_score_is_lm_eval_loglikelihood(tok):
     got += llm.score([(context, c) for c in choices])
     refs += [(context, c) for c in choices]
     assert llm.engine.stats()["prefix_hit_blocks"] >= 2 * ((len(context) - 1) // 4)
+    roomy = LLM(model, tok, config=EngineConfig(block_size=4))  # all pairs fit one step's budget at once
+    assert roomy.score([(context, c) for c in choices]) == pytest.approx(got[-3:], abs=1e-5)
+    assert roomy.engine.stats()["prefix_hit_blocks"] == 2 * (len(context) // 4)  # the first computed it
     for (ctx, cont), (lp, is_greedy) in zip(refs, got):
         logp = full_logprobs(model, ctx + cont)[len(ctx) - 1:-1]
         assert lp == pytest.approx(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)

@@ -186,6 +186,11 @@ def test_a_drafter_that_is_a_module_is_run_as_a_drafter(tok):
             pass
 
     target, heads = tiny_model("llama"), Heads(257)
+    want = full_greedy(target, tok.encode("aaab"), 10)
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    assert LLM(target, tok, draft=heads, num_draft_tokens=2).generate("aaab", greedy)[0].token_ids == want
+    with pytest.raises(ConfigError, match="draft must be None, 'ngram', 'mtp', a draft model or a drafter, got 'ngrams'"):
+        LLM(target, tok, draft="ngrams")
     engine = Engine(target, tok, draft=heads, num_draft_tokens=2)
     assert engine.draft_model is None
     rid = engine.add_request("aaab", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))

@@ -90,12 +90,18 @@ def distribute(model: torch.nn.Module, source, par: ParallelConfig | None, *, de
                batch_size: int):
     """(model, data source, runner) of this process: as given with runner None on one process (par from
     join() is None), else the model laid out by a ParallelRunner (call before building the optimizer: FSDP2
-    and TP replace the parameters by their shards) and the source cut to this rank's rows (RankRows)."""
+    and TP replace the parameters by their shards) and the source cut to this rank's rows (RankRows). A
+    source with `per_rank = True` yields only its rank's rows itself (batch_size / dp_size of them: an RL
+    source sampling its share of the rollouts on each rank's engine, which learns its rank from
+    `trainer.runner.dp_rank` in begin_step) and is left as it is; its state_dict must be the same on every
+    rank, since rank 0's is checkpointed and every rank resumes from it."""
     if par is None:
         return model, source, None
     from lmforge.parallel.runner import ParallelRunner
 
     runner = ParallelRunner(model, par, device=device, seq_len=seq_len, batch_size=batch_size)
+    if getattr(source, "per_rank", False):
+        return runner.model, source, runner
     return runner.model, RankRows(source, runner.dp_rank, runner.dp_size, batch_size), runner
 
 

@@ -37,7 +37,9 @@ class DataSource(Protocol):
     of a data mixture, lmforge.train.mixture); `begin_step(trainer)`, called at the start of every optimizer
     step before its batches are drawn (and after the step's rollback snapshot of `state_dict`): an RL source
     samples the step's rollouts there from the engine on `trainer.model`, with the step number, grad_accum
-    and `trainer.forward_context()` (the training forward's precision, for old log-probs) at hand."""
+    and `trainer.forward_context()` (the training forward's precision, for old log-probs) at hand;
+    `per_rank = True`, a source that yields only its data-parallel rank's rows itself
+    (lmforge.train.distributed.distribute then does not cut a global batch for it)."""
 
     def next_batch(self) -> Batch: ...
 

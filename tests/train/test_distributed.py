@@ -374,3 +374,66 @@ def test_qk_clip_on_two_processes_matches_one(single, tmp_path, layout):
     assert sum(ref[STEPS["max_steps"]:]) > 0  # heads were clipped
     got = run_local(_qk_clip_worker, 2, str(shard), str(tmp_path / "two"), layout, timeout=120, start_method="fork")[0]
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+
+
+class _RankShare:
+    """A per_rank source: each rank makes only its own rows of every global batch (as an RL source samples its
+    share of the rollouts), learning its rank in begin_step; the state (one counter) is every rank's."""
+
+    per_rank = True
+
+    def __init__(self, batches):
+        self.batches, self.i, self.part = batches, 0, (0, 1)
+
+    def begin_step(self, trainer):
+        if trainer.runner is not None:
+            self.part = (trainer.runner.dp_rank, trainer.runner.dp_size)
+
+    def next_batch(self):
+        batch, (r, n) = self.batches[self.i], self.part
+        self.i += 1
+        return {k: v.tensor_split(n)[r] for k, v in batch.items()}
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def _per_rank_fit(run_dir: str, layout: dict | None) -> list[float]:
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.distributed import RankRows, distribute
+    from lmforge.train.loss import LMObjective
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    g = torch.Generator().manual_seed(1)
+    batches = [dict(zip(("input_ids", "targets"), (lambda ids: (ids[:, :-1], ids[:, 1:]))(
+        torch.randint(0, 41, (4, 9), generator=g)))) for _ in range(4)]
+    par = ParallelConfig(**layout) if layout else None
+    model, data, runner = distribute(model, _RankShare(batches), par, device="cpu", seq_len=8, batch_size=4)
+    assert type(data) is _RankShare and not isinstance(data, RankRows)
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=4, log_every=1,
+                     eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False, plot=False)
+    trainer = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg, runner=runner)
+    return _losses(trainer.fit().history)
+
+
+def _per_rank_worker(rank: int, world: int, run_dir: str, layout: dict) -> list[float]:
+    return _per_rank_fit(run_dir, layout)
+
+
+def test_a_per_rank_source_makes_its_own_rows_and_trains_as_one_process(tmp_path):
+    """distribute() leaves a per_rank source uncut: each rank yields half of every 4-row batch (not all of it,
+    as RankRows would need), and the loss curve is one process's on the whole batches."""
+    ref = _per_rank_fit(str(tmp_path / "one"), None)
+    got = run_local(_per_rank_worker, 2, str(tmp_path / "two"), dict(dp_replicate=2), timeout=120, start_method="fork")
+    assert len(ref) == 4 and got[1] == []
+    np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)

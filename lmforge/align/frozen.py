@@ -146,6 +146,15 @@ class Frozen:
             return self.model(ids, **kwargs).to(batch[f"{prefix}input_ids"].device)
 
     @torch.no_grad()
+    def token_logps(self, batch: dict, prefix: str = "") -> torch.Tensor:
+        """(B, T) fp32 log-probs of the batch's `prefix` targets, on the batch's device: per-token anchors
+        (RL's KL to the reference, token-level objectives). Where a target is -100 the value is meaningless:
+        mask with lmforge.align.logprobs.response_mask."""
+        with self._running():
+            tokens = batch_logps(self.model, self._moved(batch, (prefix,)), (prefix,))[1][0]
+        return tokens.to(batch[f"{prefix}input_ids"].device)
+
+    @torch.no_grad()
     def sequence_logps(self, batch: dict, prefixes: tuple[str, ...], *, average: bool = False
                        ) -> list[torch.Tensor]:
         """Sequence log-prob sums (or means) (B,) per prefix, through the cache when enabled."""

@@ -87,6 +87,9 @@ def test_frozen_outputs_come_from_eval_mode_without_gradients():
     with torch.no_grad():
         want = ref.eval()(batch["input_ids"])
     assert torch.equal(out, want) and torch.equal(again, want) and not torch.allclose(noisy, want)
+    toks, mask = frozen.token_logps(batch), batch["loss_mask"] & (batch["targets"] >= 0)
+    by_hand = want.log_softmax(-1).gather(-1, batch["targets"].clamp(min=0)[..., None])[..., 0]
+    assert toks.shape == (2, 8) and torch.allclose(toks[mask], by_hand[mask], atol=1e-5)
 
 
 def lora_run(objective: str, reference: str, steps: int = 4):

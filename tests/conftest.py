@@ -13,7 +13,6 @@ if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not Path("/dev/nvidia0"
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-
 def pytest_configure(config):
     """Define every Triton kernel now, under the switch above: tests that set TRITON_INTERPRET=0 for a moment
     (checking the no-Triton fallbacks) must not be the first to import a kernel module, or its kernels stay

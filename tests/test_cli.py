@@ -122,3 +122,13 @@ def test_train_help_lists_optimizers_and_schedules(capsys):
     out = capsys.readouterr().out
     assert f"--optim.name: {', '.join(sorted(OPTIMIZERS))}" in out
     assert f"--optim.schedule: {', '.join(sorted(SCHEDULES))}" in out
+
+
+def test_train_refuses_a_model_section_its_switch_ignores(tmp_path, capsys):
+    """--model.moe.* without --model.mlp moe would train a dense model: refused before anything starts."""
+    shard = make_shard(tmp_path / "t.bin")
+    rc = main(["train", "--data.train", str(shard), "--run-dir", str(tmp_path / "run"), "--max-steps", "1",
+               "--model.moe.n-experts", "4"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "model.moe is set but model.mlp='dense' ignores it: set model.mlp='moe', or remove" in err
+    assert not checkpoint_dirs(tmp_path / "run")

@@ -89,6 +89,11 @@ def main(argv: list[str]) -> int:
                                                             description=_description()))
     if rc is not None:
         return rc
+    ignored = cfg.model.ignored_sections()
+    if ignored:  # (Python may keep a dense twin's section; a command line that sets one meant the switch)
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"{ignored[0]}, or remove those settings")
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         print(model_summary(cfg), flush=True)

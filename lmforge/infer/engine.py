@@ -158,10 +158,8 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if request_id is None:  # the next automatic id no caller has taken
-            rid = str(next(self._ids))
-            while rid in self.requests:
-                rid = str(next(self._ids))
+        if request_id is None:
+            rid = self.free_request_id()
         else:
             rid = str(request_id)
         if rid in self.requests:
@@ -228,6 +226,14 @@ class Engine:
             raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
                                f"{self.max_seq_len}; shorten it or set truncate_prompt=True")
         return [int(t) for t in ids]
+
+    def free_request_id(self, taken=()) -> str:
+        """The next automatic request id that no running request holds, nor any id in `taken` (a front end's
+        own, e.g. AsyncEngine's finished requests whose outputs are still held)."""
+        rid = str(next(self._ids))
+        while rid in self.requests or rid in taken:
+            rid = str(next(self._ids))
+        return rid
 
     def abort(self, request_id: str) -> RequestOutput:
         """Stop a request now, free its blocks, and return its output so far."""
@@ -504,7 +510,8 @@ class Engine:
         """Append one generated token (with its logprob and top-k when the request asks for them)."""
         if seq.params.logprobs is not None:
             seq.logprobs.append(logprob)
-            seq.top.append(top or {})
+            # a filtered distribution (processed log-probs under top-k) ranks tokens it gave no mass: not listed
+            seq.top.append({i: v for i, v in top.items() if v != float("-inf")} if top else {})
         if seq.request.first_token_time is None:
             seq.request.first_token_time = time.perf_counter()
         seq.append(tok, seq.request.eos, self.max_seq_len)

@@ -115,7 +115,8 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         logits = logits.clone()
         logits[:, vocab_limit:] = float("-inf")
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    processed = [r.params.logprobs is not None and r.params.logprobs_mode == "processed" for r in rows]
+    processed = [r.params.logprobs is not None and r.params.logprobs_mode == "processed" and not r.params.greedy
+                 for r in rows]
     shaped = logits.clone() if any(processed) else None  # the rows' logits as sampled from
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):

@@ -278,6 +278,15 @@ class ModelConfig:
         check(self.rope_scaling is None or self.pos_emb == "rope",
               "model.rope_scaling needs model.pos_emb='rope'")
 
+    def ignored_sections(self) -> list[str]:
+        """Sections set for a part this model does not have (model.moe with mlp='dense', model.mla with
+        attention='mha'): allowed (a dense twin of an MoE config keeps its section), but a command line that
+        sets one means the other switch; `lmforge train` says so."""
+        return (["model.moe is set but model.mlp='dense' ignores it: set model.mlp='moe'"] if self.moe is not None
+                and self.mlp != "moe" else []) + \
+            ([f"model.mla is set but model.attention={self.attention!r} ignores it: set model.attention='mla'"]
+             if self.mla is not None and self.attention != "mla" else [])
+
     # derived sizes -------------------------------------------------------------------------------
     @property
     def mla_cfg(self) -> MLAConfig:

@@ -478,15 +478,20 @@ def test_processed_logprobs_are_those_of_the_distribution_sampled_from(tok, draf
 
     model = tiny_model("llama")
     engine = Engine(model, tok, draft=draft, num_draft_tokens=3)
-    common = dict(temperature=0.7, top_k=5, max_tokens=8, ignore_eos=True, logprobs=2)
-    prompts = ["abcabcab", "hello world"]
-    params = [SamplingParams(**common, seed=1, logprobs_mode="processed"), SamplingParams(**common, seed=2)]
+    common = dict(top_k=5, max_tokens=8, ignore_eos=True, logprobs=7)
+    prompts = ["abcabcab", "hello world", "greedy one"]
+    params = [SamplingParams(**common, temperature=0.7, seed=1, logprobs_mode="processed"),
+              SamplingParams(**common, temperature=0.7, seed=2),
+              SamplingParams(**common, temperature=0, logit_bias={7: 2.0}, logprobs_mode="processed")]
     for out, p, sp in zip(run(engine, list(zip(prompts, params))), prompts, params):
         c, ids = out.outputs[0], tok.encode(p)
         logits = full_logprobs(model, ids + c.token_ids)[len(ids) - 1:-1]  # log_softmax keeps the ranking
-        if sp.logprobs_mode == "processed":
+        if sp.logprobs_mode == "processed" and not sp.greedy:  # greedy rows report raw log-probs either way
             logits = apply_processors(build_processors(sp), logits, None).log_softmax(-1)
-            assert all(len(t) <= 5 for t in c.top_logprobs) and min(c.logprobs) > -20  # the top-k filter's law
+            # the top-k filter's law: the 5 tokens it kept, not 2 more it gave no mass (-inf)
+            assert all(len(t) == 5 for t in c.top_logprobs)
+        else:
+            assert all(len(t) == 7 for t in c.top_logprobs)
         got = torch.tensor(c.logprobs)
         assert torch.allclose(got, logits.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0], atol=1e-4)
         for top, row in zip(c.top_logprobs, logits):

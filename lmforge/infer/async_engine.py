@@ -33,7 +33,8 @@ from lmforge.infer.sampling import SamplingParams
 class Latest:
     """One request's newest output (or the error that ended it), and whether the reader has it yet."""
 
-    def __init__(self):
+    def __init__(self, request=None):
+        self.request = request  # the engine's Request it follows (an id may be reused once it is gone)
         self.item: RequestOutput | BaseException | None = None
         self.ready = asyncio.Event()
         self.taken = False  # a stream reads it (one per request)
@@ -57,7 +58,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.streams: dict[str, Latest] = {}
-        self._aborts: set[str] = set()  # streams left while a step ran: aborted before the next one
+        self._aborts: dict[str, object] = {}  # streams left while a step ran (id -> Request): aborted before the next
         self._stepping = False  # a step is running in the worker thread
         self._loop_task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None  # held while a step runs; made on the running loop
@@ -65,13 +66,15 @@ class AsyncEngine:
     async def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a prompt and return its id; bad input (params, a prompt too long for the window, an id in
         use) raises here with nothing queued. Read its outputs with `stream(id)`, or `abort(id)` it: a
-        request never streamed runs to its end and its last output stays held."""
+        request never streamed runs to its end and its last output stays held until one of the two."""
         async with self._between_steps():
             if request_id is not None and str(request_id) in self.streams:  # finished, its stream not read
                 raise LmforgeError(f"request id {str(request_id)!r} is already in use; pass another request_id")
             self._apply_aborts()  # a stream left with this id a moment ago must not abort the new request
+            if request_id is None:  # not the id of a finished request whose output is still held
+                request_id = self.engine.free_request_id(taken=self.streams)
             rid = self.engine.add_request(prompt, params, request_id)
-            self.streams[rid] = Latest()
+            self.streams[rid] = Latest(self.engine.requests[rid])
         self._start()
         return rid
 
@@ -97,7 +100,13 @@ class AsyncEngine:
             await outs.aclose()
 
     async def abort(self, request_id: str) -> RequestOutput:
+        """Stop a request and return its output so far; a request that finished before anyone streamed it
+        is released (its held output returned)."""
         async with self._between_steps():
+            held = self.streams.get(str(request_id))
+            if str(request_id) not in self.engine.requests and held is not None and not held.taken \
+                    and isinstance(held.item, RequestOutput) and held.item.finished:
+                return self.streams.pop(str(request_id)).item
             out = self.engine.abort(request_id)
         latest = self.streams.get(out.request_id)
         if latest is not None:
@@ -114,18 +123,19 @@ class AsyncEngine:
                 if item.finished:
                     return
         finally:  # nothing here may await (see the module docstring)
-            self.streams.pop(rid, None)
-            if rid in self.engine.requests:
+            if self.streams.get(rid) is latest:
+                del self.streams[rid]
+            if self.engine.requests.get(rid) is latest.request:  # still running (not a later one with its id)
                 if self._stepping:
-                    self._aborts.add(rid)
+                    self._aborts[rid] = latest.request
                 else:
                     self.engine.abort(rid)
 
     def _apply_aborts(self) -> None:
         """Abort the requests whose streams were left during a step (only between steps)."""
         while self._aborts:
-            rid = self._aborts.pop()
-            if rid in self.engine.requests:
+            rid, request = self._aborts.popitem()
+            if self.engine.requests.get(rid) is request:
                 self.engine.abort(rid)
 
     def _between_steps(self) -> asyncio.Lock:

@@ -163,6 +163,47 @@ def test_a_slow_reader_holds_the_newest_snapshot_and_gets_the_final_one(tok):
     assert rest[0].token_ids == want and not aeng.streams
 
 
+def test_abort_releases_a_request_that_finished_unread(tok):
+    """A request added but never streamed runs to its end and holds its output: abort returns it and lets
+    it go (it used to raise "no running request", and only a stream could release it)."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok, EngineConfig(block_size=4)))
+        rid = await aeng.add_request("unread", sp)
+        while not aeng.streams[rid].final:
+            await asyncio.sleep(0.005)
+        out = await aeng.abort(rid)
+        with pytest.raises(LmforgeError, match="no running request"):
+            await aeng.abort(rid)  # released: nothing left to abort
+        return out, aeng
+
+    out, aeng = asyncio.run(main())
+    assert out.finished and out.token_ids == full_greedy(model, tok.encode("unread"), 5) and not aeng.streams
+
+
+def test_automatic_ids_skip_held_ones_and_a_left_stream_aborts_only_its_own_request(tok):
+    """A server's id "1" finishes while its reader is slow (its output held): automatic ids then skip "1",
+    and when the old reader leaves, the request running beside it is not the one aborted."""
+    model = tiny_model("llama")
+    short, long = (SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, 30))
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok, EngineConfig(block_size=4)))
+        old = aeng.stream(await aeng.add_request("old", short, request_id="1"))
+        while aeng.engine.has_unfinished():
+            await asyncio.sleep(0.005)
+        a, b = await aeng.add_request("auto a", short), await aeng.add_request("auto b", long)
+        assert "1" not in (a, b)
+        assert (await anext(old)).finished
+        await collect(old)
+        return a, b, await collect(aeng.stream(b))
+
+    a, b, got = asyncio.run(main())
+    assert got[-1].outputs[0].finish_reason == "length" and got[-1].token_ids == full_greedy(model, tok.encode("auto b"), 30)
+
+
 @pytest.mark.parametrize("where", ["Engine.step", "the runner"])
 def test_a_failing_step_fails_every_running_stream_and_leaves_the_engine_clean(tok, where):
     """A step that raises is an engine failure: every running request's stream raises it and the request

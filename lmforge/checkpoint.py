@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from lmforge.config import from_dict, to_dict
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.utils import run_metadata
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -310,6 +310,16 @@ def _with_head(backbone: torch.nn.Module, record: Any, ckpt: Path) -> torch.nn.M
         raise CheckpointError(f"{ckpt}/config.json: head {record!r} is not one this lmforge builds "
                               f"(kinds: {sorted(kinds)}); load it with the lmforge version that wrote it")
     return kinds[kind].from_record(backbone, record)
+
+
+def recorded_chat_template(path: str | Path) -> str | None:
+    """The chat template a fine-tuned checkpoint records in its config.json (None: none recorded, e.g. a
+    pretrained or HF checkpoint, or a path that is none: loading it says what is wrong)."""
+    try:
+        meta = json.loads((resolve_checkpoint(path) / "config.json").read_text())
+    except (OSError, ValueError, LmforgeError):
+        return None
+    return meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
 
 
 def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True):

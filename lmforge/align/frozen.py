@@ -201,8 +201,9 @@ class BaseReference(Frozen):
         trained = [n for n, p in self.model.named_parameters() if p.requires_grad and not n.endswith(ADAPTER_PARAMS)]
         if trained:
             raise ConfigError(f"BaseReference: {trained[0]} is trained (LoRAConfig.trainable or requires_grad), so "
-                              "the policy with adapters off is not the starting model; freeze it, or pass a "
-                              "separate reference copy")
+                              "the policy with adapters off is not the starting model; freeze it, or give a "
+                              "separate reference model (reference= in Python; reference = 'PATH' or --reference "
+                              "PATH for lmforge dpo/kto)")
 
     def check_not_trained(self, model: torch.nn.Module) -> None:
         self._check_base()  # the policy is the trained model by design; only its adapters may train

@@ -84,31 +84,17 @@ def _answer(llm, prompt: list[int], sp, write) -> str:
     return "".join(parts)
 
 
-def saved_template(checkpoint: str) -> str | None:
-    """The chat template a fine-tuned checkpoint records in its config.json (None: none recorded, e.g. a
-    pretrained or HF checkpoint)."""
-    import json
-
-    from lmforge.checkpoint import resolve_checkpoint
-    from lmforge.errors import LmforgeError
-
-    try:
-        meta = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())
-    except (OSError, ValueError, LmforgeError):  # loading the checkpoint reports what is wrong with it
-        return None
-    return meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
-
-
 def main(argv: list[str]) -> int:
     from lmforge.cli.common import load_llm, parse_config
 
     cfg = parse_config(ChatConfig, normalize_argv(argv, ChatConfig), prog="lmforge chat",
                        description="Chat with a checkpoint in the terminal (/reset, /exit; Ctrl-C stops an answer).")
     from lmforge.align.data import check_template
+    from lmforge.checkpoint import recorded_chat_template
     from lmforge.errors import LmforgeError
     from lmforge.infer.chat_template import get_template
 
-    chosen = cfg.template or saved_template(cfg.checkpoint)  # asked for, or recorded by the fine-tuning run
+    chosen = cfg.template or recorded_chat_template(cfg.checkpoint)  # asked for, or recorded by the fine-tuning run
     cfg = dataclasses.replace(cfg, template=chosen or "chatml")
     template = get_template(cfg.template)  # an unknown name is refused before the model loads
     llm = load_llm(cfg)

@@ -97,7 +97,8 @@ class PostTrainConfig(LoopConfig):
     tokenizer: str = ""
     """tokenizer spec ('' = the one saved with the init model)"""
     lora: LoRAConfig | None = None
-    """[lora] train LoRA adapters on the policy instead of all its weights (None: full fine-tuning)"""
+    """[lora] train LoRA adapters on the policy instead of all its weights (None: full fine-tuning); flags
+    --lora.r, --lora.alpha, --lora.targets, --lora.dropout, --lora.trainable, --lora.rslora open it"""
     data: PostDataConfig = field(default_factory=PostDataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """[parallel] data-parallel layout over the processes (`--nproc N`): dp_shard (FSDP2) or dp_replicate (DDP)"""
@@ -131,16 +132,24 @@ def _frozen_model(path: str, role: str, device: str):
     return model
 
 
-def with_lora(model: torch.nn.Module, lora: LoRAConfig) -> torch.nn.Module:
-    """The policy with fresh adapters (apply_lora: only they train). An init that holds adapters (a LoRA
-    run's checkpoint) has them merged first: they are part of the model this run starts from."""
-    from lmforge.adapt.lora import apply_lora, lora_layers, merge_lora
+def start_model(model: torch.nn.Module, lora: LoRAConfig | None, own_reference: bool) -> torch.nn.Module:
+    """The policy this run trains. An init holding adapters (a LoRA run's checkpoint) has them merged: they
+    are part of the model it starts from, and without [lora] every weight trains (unmerged, its base
+    weights would stay frozen). With [lora], fresh adapters (apply_lora), and only they train."""
+    from lmforge.adapt.lora import apply_lora, lora_layers, merge_lora, trainable_parameters
 
+    say = print if rank_and_world()[0] == 0 else (lambda *a: None)
     if lora_layers(model):
         merge_lora(model)
-        if rank_and_world()[0] == 0:
-            print("the init model holds LoRA adapters: merged into its weights before [lora] adds new ones")
-    return apply_lora(model, lora)
+        model.requires_grad_(True)
+        say("the init model holds LoRA adapters: merged into its weights" + (" before [lora] adds new ones" if lora
+                                                                              else "; every weight trains"))
+    if lora is None:
+        return model
+    model = apply_lora(model, lora)
+    say(f"lora: {trainable_parameters(model)}" + ("; reference: the init model as the policy with its adapters off"
+                                                   if own_reference else ""))
+    return model
 
 
 def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: torch.nn.Module | None = None):
@@ -163,7 +172,7 @@ def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: t
 
 def posttrain(cfg: PostTrainConfig):
     """Run one post-training objective as configured; returns the Trainer's TrainResult."""
-    from lmforge.checkpoint import load_model
+    from lmforge.checkpoint import load_model, recorded_chat_template
     from lmforge.optim import build_optimizer
     from lmforge.tokenizer.load import load_tokenizer
     from lmforge.train.trainer import Trainer
@@ -188,8 +197,13 @@ def posttrain(cfg: PostTrainConfig):
                           f"{mcfg.vocab_size}: it was not made for this model; use the model's own tokenizer")
     if "teacher" in inspect.signature(resolve(spec.path)).parameters and not cfg.teacher:
         raise ConfigError(f"{cfg.objective} needs a teacher model: set teacher = 'checkpoint or HF directory'")
-    if cfg.lora is not None:  # before the data: a target matching no layer stops the run at once
-        model = with_lora(model, cfg.lora)
+    recorded = recorded_chat_template(cfg.init)
+    if recorded and recorded != cfg.data.template and rank_and_world()[0] == 0:
+        print(f"note: {cfg.init} was fine-tuned with chat template {recorded!r}, this run uses "
+              f"{cfg.data.template!r} (data.template); its checkpoints record {cfg.data.template!r} for lmforge chat")
+    refs = "reference" in inspect.signature(resolve(spec.path)).parameters
+    # before the data: a LoRA target matching no layer stops the run at once
+    model = start_model(model, cfg.lora, own_reference=refs and not cfg.reference)
     kto = getattr(cfg, "kto", None)  # KTOConfig(kl=False) reads no mismatched rows: the data builds none
     train_src, val_src, report = build_sources(cfg.data, tok, spec.data, cfg.seed, kl_rows=getattr(kto, "kl", True))
     run_dir = Path(cfg.run_dir)

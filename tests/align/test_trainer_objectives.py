@@ -186,7 +186,7 @@ def test_lmforge_kto_and_orpo_commands_train_and_chat_reads_the_template(name, b
     """`lmforge kto` (unpaired labelled completions) and `lmforge orpo` (pairs, no reference) run end to end
     like the other objectives; `lmforge chat` then defaults to the template the run recorded."""
     from lmforge.cli import main
-    from lmforge.cli.chat import saved_template
+    from lmforge.checkpoint import recorded_chat_template as saved_template
 
     data = base / "pairs.jsonl"
     if name == "kto":
@@ -287,3 +287,26 @@ def test_lmforge_dpo_with_lora_trains_adapters_against_the_base_and_resumes(base
                                           r"the model has \[4, 1.0\]; use the run's LoRA settings"):
         PT.posttrain(_cfg(base, tmp_path / "b", "dpo", lora={**lora, "alpha": 4.0}, optim=optim, max_steps=6,
                           plot=False))  # same shapes, another scale: it would resume a different function
+
+
+def test_full_fine_tuning_from_a_lora_run_trains_every_weight_and_says_what_it_does(base, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """An init holding LoRA adapters (a LoRA run's checkpoint) without [lora]: the adapters are merged and every
+    weight trains (unmerged, the adapted layers' base weights stayed frozen); a [lora] run says how much trains
+    and what its reference is; a template other than the one the init was tuned with is pointed out."""
+    lora = {"r": 2, "alpha": 4.0, "targets": ["wq", "wv"]}
+    PT.posttrain(_cfg(base, tmp_path / "lora", "dpo", lora=lora, max_steps=2, plot=False))
+    out = capsys.readouterr().out
+    assert "lora: trainable" in out and "reference: the init model as the policy with its adapters off" in out
+    monkeypatch.setattr(ckpt, "recorded_chat_template", lambda path: "chatml")
+    PT.posttrain(_cfg(base, tmp_path / "full", "sft", init=str(tmp_path / "lora"), max_steps=2, plot=False))
+    out = capsys.readouterr().out
+    assert "merged into its weights; every weight trains" in out
+    assert "was fine-tuned with chat template 'chatml', this run uses 'plain'" in out
+    before, _ = ckpt.load_model(tmp_path / "lora")
+    from lmforge.adapt.lora import merge_lora
+
+    merge_lora(before)
+    after, _ = ckpt.load_model(tmp_path / "full")
+    moved = {n for n, t in after.state_dict().items() if not torch.equal(t, before.state_dict()[n])}
+    assert "blocks.0.attn.wq.weight" in moved and len(moved) == len(after.state_dict())  # all trained

@@ -26,6 +26,7 @@ from lmforge.align.logprobs import model_inputs
 from lmforge.align.losses import bradley_terry_loss
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
+from lmforge.utils import eval_mode
 
 
 class SequenceHead(nn.Module):
@@ -63,6 +64,31 @@ class SequenceHead(nn.Module):
             index = torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
         last = h[torch.arange(h.shape[0], device=h.device), index]  # (B, d)
         return self.head(last.to(self.head.weight.dtype))
+
+
+@torch.no_grad()
+def reward_scores(model: nn.Module, tokenizer, items: list, template: str = "plain") -> list[float]:
+    """Scores of a reward model (a SequenceHead with out_dim 1) as it was trained to give them: each item a
+    (prompt, completion) pair of strings or a list of messages, encoded as its training data was
+    (lmforge.align.data.Encoder with the run's chat template, checkpoint.recorded_chat_template) and read at
+    the same position, the last trained token's (not the last token: a chat's text ends after its end
+    marker, where the head never learned to read).
+
+        rm, tok = load_model("runs/rm")
+        reward_scores(rm, tok, [("2+2=", " 4"), ("2+2=", " 5")], recorded_chat_template("runs/rm") or "plain")"""
+    from lmforge.align.data import Encoder, pad_batch
+
+    enc = Encoder(tokenizer, template)
+    examples = [enc.chat(x, f"item {i}") if isinstance(x, list) else enc.prompt_completion(*x, f"item {i}")
+                for i, x in enumerate(items)]
+    batch = pad_batch(examples)
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        out = model(batch["input_ids"].to(device), score_index(batch).to(device))
+    if out.shape[-1] != 1:
+        raise ConfigError(f"reward_scores reads one score per item; this head has out_dim={out.shape[-1]} "
+                          "(a classifier: call the model and read its logits)")
+    return out[:, 0].float().tolist()
 
 
 def score_index(batch: dict, prefix: str = "") -> torch.Tensor | None:

@@ -68,3 +68,26 @@ def test_errors_name_the_fix():
     batch["chosen_loss_mask"][1] = False
     with pytest.raises(ConfigError, match="row 1 of chosen_loss_mask"):
         RewardObjective().loss(SequenceHead(tiny_model(0)), batch)
+
+
+def test_reward_scores_read_where_training_reads():
+    """reward_scores encodes (prompt, completion) pairs and message lists as the training data was and reads
+    the head where RewardObjective does (the last trained token), not at the text's last token."""
+    from lmforge.align import data as D
+    from lmforge.align.reward import reward_scores, score_index
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    rm = SequenceHead(tiny_model(0, vocab_size=257))
+    pairs = [("2+2=", " 4"), ("name a colour:", " red"), ("hi", " there, friend")]
+    chat = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+    got = reward_scores(rm, tok, pairs + chat, template="plain")
+    enc = D.Encoder(tok, "plain")
+    batch = D.pair_batch([(enc.prompt_completion(p, c, "x"), enc.prompt_completion(p, "no", "x")) for p, c in pairs])
+    with torch.no_grad():
+        want = rm(batch["chosen_input_ids"], score_index(batch, "chosen_"))[:, 0].tolist()
+        one = D.pad_batch([enc.chat(chat[0], "x")])  # as an SFT-style row of the training data
+        want.append(rm(one["input_ids"], score_index(one))[0, 0].item())
+        at_end = rm(torch.tensor([enc.chat(chat[0], "x")[0]]))[0, 0].item()  # the whole text's last token
+    assert got == pytest.approx(want, abs=1e-6) and got[-1] != pytest.approx(at_end, abs=1e-4)

@@ -123,12 +123,19 @@ def config_class(name: str) -> type[PostTrainConfig]:
                                       kw_only=True)
 
 
-def _frozen_model(path: str, role: str, device: str):
+PROBE = "The quick brown fox, 1234 times: jumps! éü 日本 \n\tdef f(x): return x ** 2  \u2014 end"
+"""text both tokenizers encode to compare them (ids of frozen models must mean the policy's tokens)"""
+
+
+def _frozen_model(path: str, role: str, device: str, tok=None):
     from lmforge.checkpoint import load_model
 
     if not path:
         raise ConfigError(f"this objective needs a {role} model: set {role} = 'checkpoint or HF directory'")
-    model, _ = load_model(path, device=device)
+    model, own = load_model(path, device=device)
+    if tok is not None and own is not None and own.encode(PROBE) != tok.encode(PROBE):
+        raise ConfigError(f"the {role} {path} has a tokenizer other than this run's (they encode the same text "
+                          f"differently), so its token ids mean other tokens; use a {role} trained with the same tokenizer")
     return model
 
 
@@ -152,7 +159,8 @@ def start_model(model: torch.nn.Module, lora: LoRAConfig | None, own_reference: 
     return model
 
 
-def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: torch.nn.Module | None = None):
+def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: torch.nn.Module | None = None,
+                    tok=None):
     """The objective with its frozen models: loaded from their paths, or, for the reference of a [lora]
     run without `reference`, BaseReference(policy) (the policy with its adapters disabled)."""
     from lmforge.align.frozen import BaseReference
@@ -164,7 +172,7 @@ def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: t
     for role, path in (("reference", cfg.reference or init_path), ("teacher", cfg.teacher)):
         if role in params and not (role == "reference" and getattr(options, "loss_type", "") == "simpo"):
             base = role == "reference" and not cfg.reference and cfg.lora is not None and policy is not None
-            kwargs[role] = BaseReference(policy) if base else _frozen_model(path, role, device)
+            kwargs[role] = BaseReference(policy) if base else _frozen_model(path, role, device, tok)
             if f"{role}_path" in params:
                 kwargs[f"{role}_path"] = path
     return cls(options, **kwargs) if options is not None else cls(**kwargs)
@@ -212,7 +220,7 @@ def posttrain(cfg: PostTrainConfig):
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "data_report.json", report.to_dict())
         print(f"data: {report.summary()}")
-    objective = build_objective(cfg, cfg.init, device, model)  # frozen models: whole on every rank
+    objective = build_objective(cfg, cfg.init, device, model, tok)  # frozen models: whole on every rank
     if spec.wrap:
         model = resolve(spec.wrap)(model)
     model.train()

@@ -310,3 +310,17 @@ def test_full_fine_tuning_from_a_lora_run_trains_every_weight_and_says_what_it_d
     after, _ = ckpt.load_model(tmp_path / "full")
     moved = {n for n, t in after.state_dict().items() if not torch.equal(t, before.state_dict()[n])}
     assert "blocks.0.attn.wq.weight" in moved and len(moved) == len(after.state_dict())  # all trained
+
+
+def test_a_reference_with_another_tokenizer_of_the_same_size_is_refused(base, tmp_path):
+    """The vocabulary sizes agree (257), but the reference's tokenizer merges bytes the run's does not: its
+    ids mean other tokens, which no size check sees (DPO trained on, with rewards off from the first step)."""
+    from lmforge.errors import ConfigError
+    from lmforge.tokenizer.train import train_bpe
+
+    other = train_bpe(iter([PT.PROBE * 20]), 257, special_tokens=[], progress=False, workers=1)  # 256 bytes + 1 merge
+    model, _ = ckpt.load_model(base / "base")
+    path = ckpt.save_checkpoint(tmp_path / "other", 1, model, tokenizer=other)
+    with pytest.raises(ConfigError, match="the reference .* has a tokenizer other than this run's"):
+        PT.posttrain(_cfg(base, tmp_path / "run", "dpo", reference=str(path), max_steps=1, plot=False))
+    PT.posttrain(_cfg(base, tmp_path / "same", "dpo", reference=str(base / "base"), max_steps=1, plot=False))

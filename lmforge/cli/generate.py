@@ -75,9 +75,10 @@ def result_row(r, sp, tok) -> dict:
         row["top_logprobs"] = top_logprobs_rows(tok, r.outputs[0].top_logprobs)
     if sp.prompt_logprobs is not None:  # per prompt token after the first: itself and the top k
         row["prompt_logprobs"] = [None] + top_logprobs_rows(tok, r.prompt_logprobs[1:])
-    if sp.n > 1 or sp.beam_width > 1:
-        row["samples"] = [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
-                          for o in r.outputs]
+    if sp.n > 1 or sp.beam_width > 1:  # every sample, with its own log-probs when asked for
+        row["samples"] = [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                           **({"logprobs": o.logprobs, "top_logprobs": top_logprobs_rows(tok, o.top_logprobs)}
+                              if sp.logprobs is not None else {})} for o in r.outputs]
     return row
 
 

@@ -77,6 +77,8 @@ class ChatTemplate:
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
                 raise ConfigError(f"message {i} has role {role!r}; choose one of {ROLES}")
+            if content is None:
+                raise ConfigError(f"message {i} has no 'content' (give each message a role and a content string)")
             if not isinstance(content, str):
                 raise ConfigError(f"message {i} content must be a string, got {type(content).__name__}")
             out.append(Piece(self.header.format(role=self.role(role)), False, False))

@@ -137,6 +137,9 @@ def limits(model, spec) -> tuple[int, int]:
     """(context window, vocabulary size) from the cache spec, or from the model's own attributes."""
     if spec is not None:
         return spec.max_seq_len, spec.vocab_size
+    if hasattr(model, "head_record"):  # a SequenceHead (lmforge.align.reward) scores, it has no next-token logits
+        raise ConfigError(f"{type(model).__name__} is a reward model or classifier (a head on a language model): it "
+                          "scores text, it does not generate; use lmforge.align.reward.reward_scores")
     try:
         return int(model.max_seq_len), int(model.vocab_size)
     except AttributeError:

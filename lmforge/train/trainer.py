@@ -445,8 +445,12 @@ class Trainer:
         if ev:
             if record:
                 self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
-            if self.cfg.progress and self.rank == 0:
-                bar.write(f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            if self.rank == 0:  # with the bar off too: a batch job's log keeps its evaluations
+                line = f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                if self.cfg.progress:
+                    bar.write(line)
+                else:
+                    print(line, flush=True)
             self._call("on_eval", ev)
         return ev
 
@@ -464,8 +468,13 @@ class Trainer:
             row.update(data_stats())
         self._call("on_log", row)
         self.metrics.log(row)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}",
-                        **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+        shown = dict(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}",
+                     **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+        if self.cfg.progress:
+            bar.set_postfix(**shown)
+        elif self.rank == 0:  # no bar (a batch job, a log file): one plain line per log step
+            print(f"step {self.step:>6}/{self.cfg.max_steps} | " + " | ".join(f"{k} {v}" for k, v in shown.items()),
+                  flush=True)
 
     def _is_log_step(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps

@@ -76,3 +76,8 @@ def test_encode_plain_template_joins_content_and_its_newline():
     ids, mask = t.encode(ByteTokenizer(), msgs, add_generation_prompt=False)
     assert bytes(ids).decode() == t.render(msgs, add_generation_prompt=False)
     assert bytes(i for i, m in zip(ids, mask) if m).decode() == "Hello!\n"
+
+
+def test_a_message_without_content_says_so():
+    with pytest.raises(ConfigError, match="message 1 has no 'content'"):
+        get_template("plain").render([{"role": "user", "content": "x"}, {"role": "assistant"}])

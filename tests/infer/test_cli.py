@@ -57,6 +57,7 @@ def test_generate_writes_jsonl(ckpt, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["a", "x", "hello"]
     assert all(len(r["samples"]) == 2 and len(r["logprobs"]) == len(r["token_ids"]) for r in rows)
+    assert all(len(s["logprobs"]) == len(s["token_ids"]) == len(s["top_logprobs"]) for r in rows for s in r["samples"])
     with pytest.raises(LmforgeError, match="no prompts"):
         gen_cli.main(["--checkpoint", str(ckpt)])
 

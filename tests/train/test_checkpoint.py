@@ -128,6 +128,12 @@ def test_a_reward_models_checkpoint_loads_back_with_its_head(tmp_path):
     back, _ = ckpt.load_model(path)
     ids = torch.randint(0, 64, (2, 7))
     assert isinstance(back, SequenceHead) and not back.train_backbone
+    from lmforge.errors import ConfigError
+    from lmforge.infer.llm import LLM
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    with pytest.raises(ConfigError, match="is a reward model or classifier .* it does not generate"):
+        LLM(back, ByteTokenizer())
     with torch.no_grad():
         assert torch.equal(back(ids), rm.eval()(ids))
     assert json.loads((path / "config.json").read_text())["head"] == {"kind": "sequence", "out_dim": 3,

@@ -243,8 +243,9 @@ def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, 
                 items.append(encode_record(enc, rec, kind, where, seq_len + 1, report))
                 report.used += 1
             except RecordError as e:
-                if on_error == "raise":
-                    raise
+                if on_error == "raise":  # the record's own message, and the way to go on without it
+                    raise RecordError(e.reason, f"{e}; fix the record or set data.on_error='skip' to count and "
+                                                "skip such records") from None
                 report.reject(e.reason, where)
     if not items:
         raise DataError(f"no usable {kind} records in {list(files)}: {report.summary()}")

@@ -67,7 +67,8 @@ def test_bad_records_name_file_line_and_field_or_are_counted(tmp_path):
     enc = D.Encoder(TOK, "plain")
     f = _write(tmp_path / "d.jsonl", [{"messages": _chat("a", "b")}, {"messages": [{"role": "user", "content": "q"}]},
                                       "{not json", {"prompt": "p"}, {"messages": _chat("c", "d")}])
-    with pytest.raises(DataError, match=r"^d.jsonl:2: field 'messages' has no assistant turn"):
+    with pytest.raises(DataError, match=r"^d.jsonl:2: field 'messages' has no assistant turn.*; fix the record "
+                                        r"or set data.on_error='skip'"):
         D.load_records((str(f),), enc, "sft", 64, "raise")
     items, rep = D.load_records((str(f),), enc, "sft", 64, "skip")
     assert len(items) == 2 and rep.records == 5 and rep.used == 2

@@ -217,8 +217,6 @@ def posttrain(cfg: PostTrainConfig):
     run_dir = Path(cfg.run_dir)
     rank0 = rank_and_world()[0] == 0
     if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "data_report.json", report.to_dict())
         print(f"data: {report.summary()}")
     objective = build_objective(cfg, cfg.init, device, model, tok)  # frozen models: whole on every rank
     if spec.wrap:
@@ -230,6 +228,9 @@ def posttrain(cfg: PostTrainConfig):
     evaluator = ObjectiveEvaluator(objective, val_src.batches()[:cfg.eval_batches], runner) if val_src else None
     trainer = Trainer(model, optimizer, train_src, objective, config=cfg, evaluator=evaluator, tokenizer=tok,
                       extra_meta={"objective": cfg.objective, "chat_template": cfg.data.template}, runner=runner)
+    if rank0:  # once the run has started: a refused one leaves no directory (nor overwrites another run's report)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "data_report.json", report.to_dict())
     result = trainer.fit()
     if cfg.plot and rank0:
         plot_metrics(run_dir)

@@ -323,4 +323,5 @@ def test_a_reference_with_another_tokenizer_of_the_same_size_is_refused(base, tm
     path = ckpt.save_checkpoint(tmp_path / "other", 1, model, tokenizer=other)
     with pytest.raises(ConfigError, match="the reference .* has a tokenizer other than this run's"):
         PT.posttrain(_cfg(base, tmp_path / "run", "dpo", reference=str(path), max_steps=1, plot=False))
+    assert not (tmp_path / "run").exists()  # a run refused at its start leaves no directory behind
     PT.posttrain(_cfg(base, tmp_path / "same", "dpo", reference=str(base / "base"), max_steps=1, plot=False))

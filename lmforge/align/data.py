@@ -56,6 +56,9 @@ class PostDataConfig:
     """pack several examples per row (per-document attention, positions restart); SFT only"""
     on_error: Literal["raise", "skip"] = "raise"
     """a malformed record stops the run with its file:line ('raise') or is counted and reported ('skip')"""
+    truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    """an example longer than seq_len + 1 tokens keeps its first ('keep_start') or its last ('keep_end': a long
+    prompt loses its oldest tokens, its completion stays whole) seq_len + 1 tokens (TRL's truncation_mode)"""
 
     def __post_init__(self) -> None:
         coerce_fields(self, "data")  # each field's type, named when wrong
@@ -185,22 +188,26 @@ def read_jsonl(path: str | Path, report: DataReport, on_error: str):
                 report.reject("bad_json", where)
 
 
-def _truncate(ex: Example, max_tokens: int, cut: list[bool], where: str) -> Example:
+def _truncate(ex: Example, max_tokens: int, cut: list[bool], where: str, keep_end: bool = False) -> Example:
     ids, mask = ex
     if len(ids) > max_tokens:
         cut.append(True)
-        ids, mask = ids[:max_tokens], mask[:max_tokens]
+        ids, mask = (ids[-max_tokens:], mask[-max_tokens:]) if keep_end else (ids[:max_tokens], mask[:max_tokens])
     if not any(mask[1:]):
-        raise RecordError("no_trainable_tokens", f"{where}: no trainable tokens within its first {max_tokens} "
-                          "tokens (seq_len + 1); raise data.seq_len or shorten the prompt")
+        which = "last" if keep_end else "first"
+        raise RecordError("no_trainable_tokens", f"{where}: no trainable tokens within its {which} {max_tokens} "
+                          "tokens (seq_len + 1); raise data.seq_len, shorten the prompt"
+                          + ("" if keep_end else " or set data.truncation='keep_end' (keep the completion)"))
     return ids, mask
 
 
-def encode_record(enc: Encoder, rec: dict, kind: str, where: str, max_tokens: int, report: DataReport):
+def encode_record(enc: Encoder, rec: dict, kind: str, where: str, max_tokens: int, report: DataReport,
+                  truncation: str = "keep_start"):
     """One record -> an SFT example, a (chosen, rejected) pair, or (example, label) for KTO; a record
     truncated (either side of a pair) counts once in report.truncated."""
     cut: list[bool] = []
-    item = _encode(enc, rec, kind, where, lambda ex: _truncate(ex, max_tokens, cut, where))
+    keep_end = truncation == "keep_end"
+    item = _encode(enc, rec, kind, where, lambda ex: _truncate(ex, max_tokens, cut, where, keep_end))
     report.truncated += bool(cut)
     return item
 
@@ -232,15 +239,15 @@ def _encode(enc: Encoder, rec: dict, kind: str, where: str, fit):
     raise DataError(f"unknown data kind {kind!r}; choose sft, preference or kto")
 
 
-def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, on_error: str
-                 ) -> tuple[list, DataReport]:
+def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, on_error: str,
+                 truncation: str = "keep_start") -> tuple[list, DataReport]:
     """All usable items of `files` (see encode_record) and the report of what was read."""
     report = DataReport()
     items = []
     for path in files:
         for where, rec in read_jsonl(path, report, on_error):
             try:
-                items.append(encode_record(enc, rec, kind, where, seq_len + 1, report))
+                items.append(encode_record(enc, rec, kind, where, seq_len + 1, report, truncation))
                 report.used += 1
             except RecordError as e:
                 if on_error == "raise":  # the record's own message, and the way to go on without it
@@ -388,9 +395,9 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows:
     if not cfg.train:
         raise DataError("no training data: set data.train to one or more JSONL files")
     enc = Encoder(tokenizer, cfg.template, cfg.loss_on)
-    items, report = load_records(cfg.train, enc, kind, cfg.seq_len, cfg.on_error)
+    items, report = load_records(cfg.train, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)
     if cfg.val:
-        val, report.val = load_records(cfg.val, enc, kind, cfg.seq_len, cfg.on_error)
+        val, report.val = load_records(cfg.val, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)
     else:
         n_val = report.held_out = int(len(items) * cfg.val_fraction)
         items, val = (items[:len(items) - n_val], items[len(items) - n_val:]) if n_val else (items, [])

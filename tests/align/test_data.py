@@ -94,6 +94,12 @@ def test_long_examples_are_truncated_and_counted(tmp_path):
     items, rep = D.load_records((str(f),), D.Encoder(TOK, "plain"), "sft", 16, "skip")
     # the second record is rejected, not counted as truncated: `truncated` counts records used cut short
     assert rep.truncated == 1 and len(items[0][0]) == 17 and rep.rejected == {"no_trainable_tokens": 1}
+    # keep_end (TRL's truncation_mode): the long prompt loses its oldest tokens, the completion stays whole
+    items, rep = D.load_records((str(f),), D.Encoder(TOK, "plain"), "sft", 16, "raise", "keep_end")
+    (ids1, mask1), (ids2, mask2) = items
+    assert rep.truncated == 2 and len(ids2) == 17 and bytes(ids2[:-1]).decode() == "y" * 15 + "z"
+    assert ids2[-1] == TOK.eot_id and mask2 == [False] * 15 + [True, True]
+    assert bytes(ids1[:-1]).decode() == "x" * 16 and all(mask1)  # keep_end keeps the completion's end too
 
 
 def _examples(n=7, seed=0):

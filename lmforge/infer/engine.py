@@ -312,9 +312,11 @@ class Engine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one forward over the scheduled tokens; return the outputs of requests that changed (only
         those that finished with finished_only: building outputs costs host time at large batches).
-        The model runs in eval mode, whatever mode a trainer sharing it left it in (restored after)."""
+        The model runs in eval mode, whatever mode a trainer sharing it left it in (restored after), and in
+        its own dtype: an autocast around the call (a Trainer's evaluation, an RL source's begin_step) does not
+        reach the engine, whose outputs would otherwise depend on where it is called from."""
         self._sync_adapters()
-        with eval_mode(self.model):
+        with eval_mode(self.model), torch.autocast(self.device.type, enabled=False):
             return self._step(finished_only)
 
     def _sync_adapters(self) -> None:

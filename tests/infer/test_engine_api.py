@@ -531,3 +531,14 @@ def test_switching_lora_adapters_off_reaches_the_engines_fast_paths(tok):
     engine.abort(left)
     again = run(engine, reqs)[0]
     assert again.outputs[0].logprobs == pytest.approx(adapted.outputs[0].logprobs, abs=1e-5)
+
+
+def test_an_autocast_around_the_engine_does_not_reach_it(tok):
+    """A Trainer's evaluation (or an RL source's begin_step) runs under bf16 autocast: the engine generates
+    in the model's own dtype anyway, so its log-probs do not depend on where it is called from."""
+    model = tiny_model("llama", init_std=0.3)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    plain = LLM(model, tok).generate("the dog", sp)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = LLM(model, tok).generate("the dog", sp)[0]
+    assert inside.token_ids == plain.token_ids and inside.logprobs == plain.logprobs

@@ -168,3 +168,13 @@ def test_a_missing_required_key_is_named():
 
     with pytest.raises(ConfigError, match=r"missing config key 'input' \(a \[input\] table or input = ...\)"):
         from_dict(PipelineConfig, {"output": {"dir": "x"}})
+
+
+def test_help_names_the_sections_that_are_off(capsys):
+    """tyro lists no flags of a section that defaults to None: the help says how to turn it on."""
+    from lmforge.cli.common import parse_config
+    from lmforge.train import posttrain as PT
+
+    with pytest.raises(SystemExit):
+        parse_config(PT.config_class("dpo"), ["--help"], prog="lmforge dpo", description="DPO.")
+    assert "--lora.FIELD flags (or a [lora] table) turn the lora section on." in capsys.readouterr().out

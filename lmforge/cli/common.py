@@ -92,6 +92,20 @@ def bare_bools(cls: type, argv: list[str]) -> list[str]:
     return out
 
 
+def _section_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """Top-level fields of `cls` that are config sections: name -> (dataclass, whether it defaults to None)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp, optional = _field_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            out[f.name] = (tp, optional and f.default is None)
+    return out
+
+
 def open_sections(cls: type, argv: list[str], data: dict) -> bool:
     """A flag inside a section that defaults to None (`--model.moe.n_experts 8`: ModelConfig.moe is
     `MoEConfig | None`) opens that section in `data` with its defaults, as a `[model.moe]` table would:
@@ -132,6 +146,9 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
         if path is not None:
             data = read_config_file(path)
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
+    optional = [n for n, tp in _section_types(cls).items() if tp[1]]
+    if optional:  # their flags are hidden while they are None (tyro lists a section only once it is set)
+        description += "\n\n" + " ".join(f"--{n}.FIELD flags (or a [{n}] table) turn the {n} section on." for n in optional)
     if open_sections(cls, argv, data) or path is not None:
         default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
     return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,

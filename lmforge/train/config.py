@@ -129,7 +129,8 @@ class LoopConfig:
     """on resume, start the optimizer's state fresh instead of refusing a checkpoint made with another
     optimizer (weights, data position and step are still restored)"""
     progress: bool = True
-    """a live progress bar; false (batch jobs, log files): one plain line per log step and per evaluation"""
+    """a live progress bar where stderr is a terminal; false, or output to a file or pipe (batch jobs, logs):
+    one plain line per log step and per evaluation instead"""
     plot: bool = True
     """write loss.png in the run directory at the end (needs matplotlib)"""
     tensorboard: bool = False

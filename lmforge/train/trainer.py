@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ class Trainer:
         if optimizer is None or data is None or objective is None or config is None:
             raise ConfigError("Trainer needs model, optimizer, data, objective and config (or one TrainConfig)")
         self.cfg = cfg = config
+        self._live = False  # a live progress bar: set by fit
         self.device = ddp.train_device(cfg.device)
         self.rank, self.world = ddp.rank_and_world()  # only rank 0 writes metrics, plots and checkpoints
         self.runner = runner
@@ -447,7 +449,7 @@ class Trainer:
                 self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
             if self.rank == 0:  # with the bar off too: a batch job's log keeps its evaluations
                 line = f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items())
-                if self.cfg.progress:
+                if self._live:
                     bar.write(line)
                 else:
                     print(line, flush=True)
@@ -470,7 +472,7 @@ class Trainer:
         self.metrics.log(row)
         shown = dict(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}",
                      **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
-        if self.cfg.progress:
+        if self._live:
             bar.set_postfix(**shown)
         elif self.rank == 0:  # no bar (a batch job, a log file): one plain line per log step
             print(f"step {self.step:>6}/{self.cfg.max_steps} | " + " | ".join(f"{k} {v}" for k, v in shown.items()),
@@ -502,7 +504,9 @@ class Trainer:
             write_json_atomic(self.run_dir / "config.json",
                               {"config": to_dict(cfg), "seed": cfg.seed, **run_metadata()})
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or self.rank > 0, dynamic_ncols=True,
+        # a live bar where someone watches; plain lines in a log file or a pipe (no carriage-return clutter)
+        self._live = cfg.progress and sys.stderr.isatty()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self._live or self.rank > 0, dynamic_ncols=True,
                    desc="train", unit="step")
         ev: dict[str, float] = {}
         ev_step = -1

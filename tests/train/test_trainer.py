@@ -338,11 +338,13 @@ def test_begin_step_comes_before_each_steps_batches_and_outside_parameters_are_r
         Trainer(model, outside, data, obj, config=dataclasses.replace(config, run_dir=str(tmp_path / "run2")))
 
 
-def test_without_the_bar_each_log_step_and_evaluation_is_a_plain_line(tmp_path, capsys):
-    """progress=false (a batch job writing a log file): the metrics still show, one line per log step and
-    per evaluation, instead of nothing until the end."""
+@pytest.mark.parametrize("progress", [False, True])
+def test_without_the_bar_each_log_step_and_evaluation_is_a_plain_line(tmp_path, capsys, progress):
+    """progress=false, or output that is no terminal (a batch job writing a log file; pytest's capture): the
+    metrics still show, one line per log step and per evaluation, instead of nothing until the end or a
+    bar's carriage-return updates."""
     shard = make_shard(tmp_path / "t.bin")
-    train(tiny_config(shard, tmp_path / "run", max_steps=4, log_every=2, eval_every=4, progress=False))
+    train(tiny_config(shard, tmp_path / "run", max_steps=4, log_every=2, eval_every=4, progress=progress))
     lines = capsys.readouterr().out.splitlines()
     steps = [line for line in lines if line.startswith("step") and "| loss" in line]
     assert [s.split("|")[0].split()[1] for s in steps] == ["2/4", "4/4"] and all("tok_s" in s for s in steps)

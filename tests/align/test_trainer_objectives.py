@@ -103,17 +103,13 @@ def test_lmforge_sft_command_end_to_end(base, tmp_path):
     assert llm.model.cfg.d_model == 32 and llm.tokenizer.encode("a") == [97]
 
 
-def test_sft_learns_and_resumes_bit_exactly(base, tmp_path, monkeypatch):
+def _interrupted_at(step: int, cfg, monkeypatch) -> None:
+    """posttrain(cfg) stopped by a Ctrl-C right after `step` (a hook on the Trainer it builds)."""
     from lmforge.train.trainer import Trainer
 
-    full = PT.posttrain(_cfg(base, tmp_path / "a", plot=False))
-    evals = [r["val_loss"] for r in full.history if "val_loss" in r]
-    assert evals[-1] < evals[0] - 0.5  # the assistant answers are being learned
-    cfg = _cfg(base, tmp_path / "b", plot=False, ckpt_every=100)
-
-    class Stop:  # Ctrl-C right after step 5
+    class Stop:
         def on_step_end(self, trainer, stats):
-            if trainer.step == 5:
+            if trainer.step == step:
                 raise KeyboardInterrupt
 
     init = Trainer.__init__
@@ -126,6 +122,15 @@ def test_sft_learns_and_resumes_bit_exactly(base, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         PT.posttrain(cfg)
     monkeypatch.setattr(Trainer, "__init__", init)
+
+
+def test_sft_learns_and_resumes_bit_exactly(base, tmp_path, monkeypatch):
+
+    full = PT.posttrain(_cfg(base, tmp_path / "a", plot=False))
+    evals = [r["val_loss"] for r in full.history if "val_loss" in r]
+    assert evals[-1] < evals[0] - 0.5  # the assistant answers are being learned
+    cfg = _cfg(base, tmp_path / "b", plot=False, ckpt_every=100)
+    _interrupted_at(5, cfg, monkeypatch)
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "b")] == ["step_000005"]
     assert _losses(PT.posttrain(cfg)) == _losses(full)
 
@@ -240,7 +245,6 @@ def test_lmforge_dpo_with_lora_trains_adapters_against_the_base_and_resumes(base
     from lmforge.align.frozen import weights_checksum
     from lmforge.cli.common import parse_config
     from lmforge.errors import ConfigError
-    from lmforge.train.trainer import Trainer
 
     toml = tmp_path / "dpo.toml"
     toml.write_text(_toml(base, tmp_path / "cli", "dpo") + "[lora]\nr = 4\ntargets = ['wq', 'wv']\n")
@@ -265,22 +269,8 @@ def test_lmforge_dpo_with_lora_trains_adapters_against_the_base_and_resumes(base
     assert state["objective"]["reference"] == {"role": "reference", "path": str(base / "base"),
                                                "checksum": weights_checksum(init)}
 
-    class Stop:  # Ctrl-C right after step 3
-        def on_step_end(self, trainer, stats):
-            if trainer.step == 3:
-                raise KeyboardInterrupt
-
-    init_trainer = Trainer.__init__
-
-    def with_hook(self, *a, **k):
-        init_trainer(self, *a, **k)
-        self.hooks.append(Stop())
-
     cfg = _cfg(base, tmp_path / "b", "dpo", lora=lora, optim=optim, max_steps=6, plot=False, ckpt_every=100)
-    monkeypatch.setattr(Trainer, "__init__", with_hook)
-    with pytest.raises(KeyboardInterrupt):
-        PT.posttrain(cfg)
-    monkeypatch.setattr(Trainer, "__init__", init_trainer)
+    _interrupted_at(3, cfg, monkeypatch)
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "b")] == ["step_000003"]
     assert _losses(PT.posttrain(cfg)) == losses
     with pytest.raises(ConfigError, match=r"was trained with LoRA adapter .*wq = \[4, 2.0\] \(\[r, scale\]\) but "

@@ -266,22 +266,38 @@ warmup_steps = 5
     np.testing.assert_allclose(_losses(read_metrics(tmp_path / "run")), ref, atol=ATOL, rtol=0)
 
 
+def _tiny_lm():
+    import torch
+
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+
+
+def _fit_four_steps(run_dir: str, model, data, runner) -> list[float]:
+    """4 optimizer steps of the one Trainer (LM loss, fp32, CPU) over `data`; the logged losses."""
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.loss import LMObjective
+
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=4, log_every=1,
+                     eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False, plot=False)
+    trainer = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg, runner=runner)
+    return _losses(trainer.fit().history)
+
+
 def _short_batches_fit(run_dir: str, layout: dict | None) -> list[float]:
     """4 steps over batches of 4, 1, 4 and 1 rows (a post-training epoch's short last batch) with the
     one Trainer: on one process, or on this rank's rows through RankRows and a ParallelRunner."""
     import torch
 
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.transformer import Transformer
-    from lmforge.optim import build_optimizer
-    from lmforge.optim.config import OptimConfig
-    from lmforge.train.config import LoopConfig
     from lmforge.train.distributed import RankRows
     from lmforge.train.harness import FixedBatches
-    from lmforge.train.loss import LMObjective
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    model = _tiny_lm()
     g = torch.Generator().manual_seed(1)
     batches = []
     for rows in (4, 1, 4, 1):
@@ -293,10 +309,7 @@ def _short_batches_fit(run_dir: str, layout: dict | None) -> list[float]:
 
         runner = ParallelRunner(model, ParallelConfig(**layout), device="cpu")
         model, data = runner.model, RankRows(data, runner.dp_rank, runner.dp_size, 4)
-    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=4, log_every=1,
-                     eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False, plot=False)
-    trainer = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg, runner=runner)
-    return _losses(trainer.fit().history)
+    return _fit_four_steps(run_dir, model, data, runner)
 
 
 def _short_batches_worker(rank: int, world: int, run_dir: str, layout: dict) -> list[float]:
@@ -404,26 +417,16 @@ class _RankShare:
 def _per_rank_fit(run_dir: str, layout: dict | None) -> list[float]:
     import torch
 
-    from lmforge.model.config import ModelConfig
-    from lmforge.model.transformer import Transformer
-    from lmforge.optim import build_optimizer
-    from lmforge.optim.config import OptimConfig
-    from lmforge.train.config import LoopConfig
     from lmforge.train.distributed import RankRows, distribute
-    from lmforge.train.loss import LMObjective
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    model = _tiny_lm()
     g = torch.Generator().manual_seed(1)
     batches = [dict(zip(("input_ids", "targets"), (lambda ids: (ids[:, :-1], ids[:, 1:]))(
         torch.randint(0, 41, (4, 9), generator=g)))) for _ in range(4)]
     par = ParallelConfig(**layout) if layout else None
     model, data, runner = distribute(model, _RankShare(batches), par, device="cpu", seq_len=8, batch_size=4)
     assert type(data) is _RankShare and not isinstance(data, RankRows)
-    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=4, log_every=1,
-                     eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False, plot=False)
-    trainer = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg, runner=runner)
-    return _losses(trainer.fit().history)
+    return _fit_four_steps(run_dir, model, data, runner)
 
 
 def _per_rank_worker(rank: int, world: int, run_dir: str, layout: dict) -> list[float]:

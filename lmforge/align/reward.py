@@ -79,6 +79,9 @@ def reward_scores(model: nn.Module, tokenizer, items: list, template: str = "pla
     from lmforge.align.data import Encoder, pad_batch
 
     enc = Encoder(tokenizer, template)
+    for i, x in enumerate(items):
+        if not isinstance(x, list) and not (isinstance(x, tuple) and len(x) == 2):
+            raise ConfigError(f"item {i} must be a (prompt, completion) tuple or a list of messages, got {x!r:.80}")
     examples = [enc.chat(x, f"item {i}") if isinstance(x, list) else enc.prompt_completion(*x, f"item {i}")
                 for i, x in enumerate(items)]
     batch = pad_batch(examples)

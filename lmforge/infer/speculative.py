@@ -213,8 +213,8 @@ class Speculative:
         new = drafts[:a] + [nxt]
         k = seq.params.logprobs
         shaped = seq.params.logprobs_mode == "processed" and not seq.params.greedy
-        logp = None if k is None else \
-            (apply_processors(self.procs, logits.float(), None) if shaped else logits.float()).log_softmax(-1)
+        # processed: the distribution p the tokens were verified and drawn against, already computed above
+        logp = None if k is None else p.log() if shaped else logits.float().log_softmax(-1)
         for i, tok in enumerate(new):
             top = {}
             if k:

@@ -91,3 +91,5 @@ def test_reward_scores_read_where_training_reads():
         want.append(rm(one["input_ids"], score_index(one))[0, 0].item())
         at_end = rm(torch.tensor([enc.chat(chat[0], "x")[0]]))[0, 0].item()  # the whole text's last token
     assert got == pytest.approx(want, abs=1e-6) and got[-1] != pytest.approx(at_end, abs=1e-4)
+    with pytest.raises(ConfigError, match="item 0 must be a \\(prompt, completion\\) tuple or a list of messages"):
+        reward_scores(rm, tok, ["just text"])

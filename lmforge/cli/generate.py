@@ -3,7 +3,7 @@
     lmforge generate --checkpoint runs/demo --prompts "Once" "Twice" --max-tokens 32
     lmforge generate --checkpoint runs/demo --prompts-file prompts.txt --output out.jsonl --n 4 --seed 0
 
-A prompts file is plain text (one prompt per line; \\n escapes allowed) or JSONL with a "prompt" field.
+A prompts file is plain text (one prompt per line; \\n, \\t and \\\\ escapes) or JSONL with a "prompt" field.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field, top_logprobs_rows, warn_if_past_context
+from lmforge.cli.sampling import (Sampling, normalize_argv, sampling_field, top_logprobs_rows, unescape,
+                                  warn_if_past_context)
 from lmforge.errors import DataError, LmforgeError
 
 
@@ -24,7 +25,7 @@ class GenerateConfig:
     prompts: tuple[str, ...] = ()
     """prompts given on the command line (with or instead of --prompts-file)"""
     prompts_file: str | None = None
-    """plain text (one prompt per line; \\n escapes allowed) or JSONL with a "prompt" field"""
+    """plain text (one prompt per line; \\n, \\t and \\\\ escapes) or JSONL with a "prompt" field"""
     output: str | None = None
     """JSONL file to write; None writes to standard output"""
     sampling: Sampling = sampling_field(max_tokens=64)
@@ -53,7 +54,7 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise DataError(f"{path}:{i + 1}: expected a JSON object with a 'prompt' field ({e})") from e
             else:
-                prompts.append(line.replace("\\n", "\n"))
+                prompts.append(unescape(line))
     if not prompts:
         raise LmforgeError("no prompts: give --prompts TEXT ... or --prompts-file FILE")
     return prompts

@@ -10,6 +10,7 @@ model wanders, and one default keeps the commands comparable.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import field
 from typing import Annotated, Any
@@ -40,20 +41,33 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """The command line's escapes: \\n a newline, \\t a tab, \\\\ a backslash (a shell passes "\\n" as
+    two characters; stop strings and prompts files need newlines)."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def normalize_argv(argv: list[str], cls: type, aliases: dict[str, str] | None = None) -> list[str]:
     """Flags as tyro expects them whatever the user typed: --top-k or --top_k or --sampling.top_k all
-    name the field top_k; `aliases` maps old flag names (--num-samples) to fields (n). A beam width > 1
-    without a temperature implies temperature 0 (beam search is deterministic), said on stderr."""
+    name the field top_k; `aliases` maps old flag names (--num-samples) to fields (n). --stop values get
+    the escapes of `unescape` (--stop "\\n" stops at a newline). A beam width > 1 without a temperature
+    implies temperature 0 (beam search is deterministic), said on stderr."""
     names = {f.name for f in dataclasses.fields(cls)} | {f.name for f in dataclasses.fields(SamplingParams)}
     aliases = aliases or {}
-    out = []
+    out, stop_values = [], False
     for a in argv:
         flag, eq, val = a.partition("=")
         if flag.startswith("--"):
             name = flag[2:].removeprefix("sampling.").replace("-", "_")
             name = aliases.get(name, name)
+            stop_values = name == "stop" and not eq
             if name in names:
-                a = "--" + name + eq + val
+                a = "--" + name + eq + (unescape(val) if name == "stop" else val)
+        elif stop_values:
+            a = unescape(a)
         out.append(a)
     beam = _flag_value(out, "--beam_width")
     if beam is not None and beam.isdigit() and int(beam) > 1 and _flag_value(out, "--temperature") is None:

@@ -99,6 +99,9 @@ class SamplingParams:
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
         check(self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}")
+        check(self.logprobs_mode == "raw" or self.logprobs is not None,
+              f"logprobs_mode={self.logprobs_mode!r} chooses which log-probs are returned, but none are asked for: "
+              "set logprobs=0 (the sampled token's) or more")
         check(self.prompt_logprobs is None or self.prompt_logprobs >= 0,
               f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs}")
         check(self.prompt_logprobs_start >= 1,

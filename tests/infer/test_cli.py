@@ -126,6 +126,12 @@ def test_sampling_options_are_one_nested_SamplingParams():
             "--stop", "x", "--seed=3"]
     cfg = parse_config(GenerateConfig, normalize_argv(argv, GenerateConfig), prog="t", description="")
     assert cfg.sampling == SamplingParams(temperature=0.5, top_p=0.95, top_k=5, max_tokens=7, stop=("x",), seed=3)
+    # a shell passes --stop "\n" as backslash + n: the command line's escapes make it the newline meant
+    argv = ["--checkpoint", "c", "--stop", "\\n", "a\\tb", "c\\\\n", "--top-k", "2", "--stop=x\\ny"]
+    cfg = parse_config(GenerateConfig, normalize_argv(argv, GenerateConfig), prog="t", description="")
+    assert cfg.sampling.stop == ("x\ny",) and cfg.sampling.top_k == 2  # the last --stop wins, as for any flag
+    cfg = parse_config(GenerateConfig, normalize_argv(argv[:6], GenerateConfig), prog="t", description="")
+    assert cfg.sampling.stop == ("\n", "a\tb", "c\\n")
 
 
 def test_generate_top_logprobs_equal_a_full_forward(ckpt, tmp_path, tok):

@@ -499,6 +499,8 @@ def test_processed_logprobs_are_those_of_the_distribution_sampled_from(tok, draf
             assert all(abs(top[i] - v) < 1e-4 for i, v in zip(idx.tolist(), vals.tolist()))
     with pytest.raises(Exception, match="logprobs_mode"):
         SamplingParams(logprobs_mode="scaled")
+    with pytest.raises(Exception, match="none are asked for: set logprobs=0"):  # it would change nothing
+        SamplingParams(logprobs_mode="processed")
 
 
 def test_switching_lora_adapters_off_reaches_the_engines_fast_paths(tok):

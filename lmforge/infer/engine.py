@@ -168,7 +168,7 @@ class Engine:
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise LmforgeError(f"logit_bias has token id {max(params.logit_bias)} outside the model's vocabulary "
                                f"[0, {self.vocab_size})")
-        if len(ids) + params.max_tokens > self.max_seq_len:
+        if params.max_tokens and len(ids) + params.max_tokens > self.max_seq_len:
             warn_caller(f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
                         f"({self.max_seq_len}); generation stops there (finish_reason 'length')")
         length = min(len(ids) + params.max_tokens, self.max_seq_len)
@@ -192,16 +192,19 @@ class Engine:
                       arrival_time=time.perf_counter(), max_len=min(len(ids) + params.max_tokens, self.max_seq_len))
         # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
         req.generators = [self._generator(params, j) for j in range(params.n)]
-        req.seqs.append(self._sequence(req, 0, list(ids)))
+        # a score-only request (max_tokens=0) never runs its last token: nothing reads that position's logits
+        req.seqs.append(self._sequence(req, 0, list(ids[:-1] if params.max_tokens == 0 and len(ids) > 1 else ids)))
+        req.forked = params.max_tokens == 0  # its one sample exists: no first token forks others
         if params.beam_width > 1:
             from lmforge.infer.beam import BeamSearch
 
             req.strategy, req.forked = BeamSearch(req, self.tokenizer, self.max_seq_len), True
-        elif self.make_drafter is not None:
+        elif self.make_drafter is not None and params.max_tokens:
             from lmforge.infer.speculative import Speculative
 
             req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens)
-        req.overlaps = req.strategy is None and not params.penalized and params.prompt_logprobs is None
+        req.overlaps = (req.strategy is None and not params.penalized and params.prompt_logprobs is None
+                        and params.max_tokens > 0)  # a score-only request ends when its prefill is read
         self.requests[rid] = req
         self.scheduler.add(req.seqs[0])
         return rid
@@ -219,12 +222,14 @@ class Engine:
         if bad:
             raise LmforgeError(f"prompt {index} has token id {bad[0]!r} outside the model's vocabulary "
                                f"[0, {self.vocab_size})")
+        longest = self.max_seq_len + 1 if params.max_tokens == 0 else self.max_seq_len - 1  # (its last token unrun)
         if params.truncate_prompt:  # room for max_tokens, but at least half the window stays prompt
-            keep = max(self.max_seq_len - params.max_tokens, self.max_seq_len // 2, 1)
+            keep = max(self.max_seq_len - params.max_tokens, self.max_seq_len // 2, 1) if params.max_tokens else longest
             ids = ids[-keep:]
-        elif len(ids) >= self.max_seq_len:
+        elif len(ids) > longest:
+            score = " (a score-only prompt, max_tokens=0, may hold max_seq_len + 1)" if not params.max_tokens else ""
             raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
-                               f"{self.max_seq_len}; shorten it or set truncate_prompt=True")
+                               f"{self.max_seq_len}{score}; shorten it or set truncate_prompt=True")
         return [int(t) for t in ids]
 
     def free_request_id(self, taken=()) -> str:
@@ -417,7 +422,11 @@ class Engine:
             seq.request.strategy.on_logits(self, seq, idx, sampled)
         for seq, _ in batch.chunks:  # after strategies cut rejected drafts: only verified tokens are named
             self._register_blocks(seq)
-            if self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed
+            if not seq.params.max_tokens and seq.num_computed == len(seq.tokens) and seq.finish is None:
+                seq.finish = "length"  # a score-only request: its prompt is computed (and its log-probs read)
+                self.scheduler.finish(seq)
+                changed[seq.request.request_id] = seq.request
+            elif self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed
                 self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1)
 
     def _draft(self, batch) -> None:
@@ -449,7 +458,8 @@ class Engine:
         """Append each extra row's entry to its request (rows come in position order; the row at
         position p is prompt token p + 1's)."""
         seqs = [batch.chunks[c][0] for c, _ in extra]
-        targets = [s.tokens[s.num_computed + batch.chunks[c][1] - back] for s, (c, back) in zip(seqs, extra)]
+        # (prompt tokens: a score-only sequence does not hold its last one)
+        targets = [s.request.prompt_ids[s.num_computed + batch.chunks[c][1] - back] for s, (c, back) in zip(seqs, extra)]
         entries = logprob_entries(logits, targets, [s.params.prompt_logprobs for s in seqs], self.vocab_limit)
         for seq, entry in zip(seqs, entries):
             seq.request.prompt_logprobs.append(entry)
@@ -457,6 +467,8 @@ class Engine:
     def _rows(self, seq: Sequence, n: int):
         """(tokens back from the chunk's end, row) of every logits row this chunk needs."""
         req = seq.request
+        if not req.params.max_tokens:  # score-only: nothing is sampled
+            return []
         if _claims(seq):
             return req.strategy.rows(seq, n)
         if not req.forked:  # the first sample of each of the n sequences comes from these logits

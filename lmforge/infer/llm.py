@@ -131,10 +131,11 @@ class LLM:
         its tokens an argmax). Strings are split as lm-eval does: the context's trailing whitespace moves
         to the continuation, context + continuation is tokenized whole and the continuation is what
         follows the context's own tokens; token ids are taken as they are. An empty context is the
-        tokenizer's end-of-text token. Too long a pair loses its oldest context tokens (the window holds
-        max_seq_len - 1 of them). Pairs run as batches of requests with prompt log-probs from the
-        continuation on: first one pair per distinct context, then the others, whose shared context the
-        prefix cache then serves (a multiple-choice question's context is computed once)."""
+        tokenizer's end-of-text token. Too long a pair loses its oldest context tokens: the window holds
+        max_seq_len + 1 of them, as lm-eval's on HF models (the last token is a target, never an input).
+        Pairs run as score-only requests (max_tokens=0) with prompt log-probs from the continuation on:
+        first one pair per distinct context, then the others, whose shared context the prefix cache then
+        serves (a multiple-choice question's context is computed once)."""
         for i, p in enumerate(pairs):
             if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
@@ -144,7 +145,7 @@ class LLM:
         outs: list = [None] * len(pairs)
         for group in (sorted(first.values()), rest):
             done = self._run([(pairs[i][0] + pairs[i][1], SamplingParams(
-                max_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=1, prompt_logprobs_start=len(pairs[i][0])))
+                max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=len(pairs[i][0])))
                 for i in group]) if group else []
             for i, out in zip(group, done):
                 outs[i] = out
@@ -179,7 +180,7 @@ class LLM:
                 raise LmforgeError(f"pair {index} has an empty context and the tokenizer has no end-of-text "
                                    "token to stand for it; give at least one context token")
             ctx = [int(eot)]
-        keep = self.max_seq_len - 1
+        keep = self.max_seq_len + 1  # the last token is only read (a score-only request's window)
         if len(cont) >= keep:
             raise LmforgeError(f"pair {index}: a {len(cont)}-token continuation leaves no context in the "
                                f"{self.max_seq_len}-token window; shorten it below {keep} tokens")

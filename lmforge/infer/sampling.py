@@ -17,7 +17,10 @@ from lmforge.config import check, coerce_fields, is_int
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     max_tokens: int = 64
-    """new tokens at most per sample (finish_reason 'length' when reached)"""
+    """new tokens at most per sample (finish_reason 'length' when reached). 0 = score the prompt only (the
+    OpenAI completions API's max_tokens=0 with echo): with prompt_logprobs, each prompt token's log-prob and
+    nothing generated; the prompt's last token is never run through the model (nothing reads its logits), so
+    the prompt may hold max_seq_len + 1 tokens (lm-eval's window on HF models)"""
     n: int = 1
     """independent samples per prompt (RequestOutput.outputs holds them all)"""
     temperature: float = 1.0
@@ -81,7 +84,10 @@ class SamplingParams:
         check(all(is_int(k) and k >= 0 and isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                   for k, v in self.logit_bias.items()),
               f"logit_bias must map token ids (ints >= 0) to finite numbers, got {self.logit_bias!r}")
-        check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        check(self.max_tokens >= 0, f"max_tokens must be >= 0 (0 = score the prompt only), got {self.max_tokens}")
+        check(self.max_tokens > 0 or (self.n == 1 and self.beam_width == 1),
+              f"max_tokens=0 scores the prompt and samples nothing: n={self.n} and beam_width={self.beam_width} "
+              "must be 1")
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
         check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")

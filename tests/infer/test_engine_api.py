@@ -132,7 +132,7 @@ def test_score_is_lm_eval_loglikelihood(tok):
     got = llm.score(pairs)
     # strings: the context's trailing whitespace moves to the continuation; too long: oldest context dropped
     refs = [(tok.encode("abc"), greedy), (tok.encode("abc"), [5, 6, 7]),
-            (tok.encode("Question: 2+2 ="), tok.encode(" 4")), ([9] * 125, [1, 2])]
+            (tok.encode("Question: 2+2 ="), tok.encode(" 4")), ([9] * 127, [1, 2])]  # a window of 128 + 1
     # multiple choice: the shared context is computed once, the others take it from the prefix cache
     context = tok.encode("Which of these is a colour? Answer:")
     choices = [tok.encode(c) for c in (" red", " seven", " quickly")]
@@ -143,16 +143,53 @@ def test_score_is_lm_eval_loglikelihood(tok):
     assert roomy.score([(context, c) for c in choices]) == pytest.approx(got[-3:], abs=1e-5)
     assert roomy.engine.stats()["prefix_hit_blocks"] == 2 * (len(context) // 4)  # the first computed it
     for (ctx, cont), (lp, is_greedy) in zip(refs, got):
-        logp = full_logprobs(model, ctx + cont)[len(ctx) - 1:-1]
+        logp = full_logprobs(model, (ctx + cont)[:-1])[len(ctx) - 1:]  # the last token is only a target
         assert lp == pytest.approx(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
         assert is_greedy == (logp.argmax(-1).tolist() == cont)
     assert got[0][1] and not got[1][1]
     assert llm.score([("abc ", "d")])[0][0] == pytest.approx(llm.score([("abc", " d")])[0][0])
     assert llm.score([("", "x")]) == llm.score([([tok.eot_id], tok.encode("x"))])  # lm-eval's empty context
     for bad, msg in [(("x", ""), "empty continuation"), (("x", [1]), "both be strings"),
-                     (([1], [2] * 127), "no context")]:
+                     (([1], [2] * 129), "no context")]:
         with pytest.raises(LmforgeError, match=msg):
             llm.score([bad])
+
+
+@pytest.mark.parametrize("config,draft", [
+    (dict(block_size=4, max_num_batched_tokens=7, num_kv_tokens=136), None),  # chunks, preemption
+    (dict(block_size=4), "ngram"),
+    (dict(block_size=4, async_scheduling=False), None),
+])
+def test_score_only_requests_compute_the_prompt_and_sample_nothing(config, draft, tok):
+    """max_tokens=0 (the OpenAI completions API's echo scoring; LLM.score, an RL reference's log-probs): the
+    prompt's log-probs as a full forward's, no token sampled, finish_reason 'length'; the last prompt token
+    is never run, so a prompt of max_seq_len + 1 tokens fits; generating requests beside them are unchanged."""
+    model = tiny_model("llama", init_std=0.3)
+    engine = Engine(model, tok, EngineConfig(**config), draft=draft)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 250, (n,), generator=g).tolist() for n in (129, 20, 1, 9)]
+    score = SamplingParams(max_tokens=0, prompt_logprobs=2)
+    gen = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)  # grows beside the long prefill
+    reqs = [(prompts[0], score), (prompts[1], gen), (prompts[1], score), (prompts[2], score),
+            (prompts[3], SamplingParams(max_tokens=0))]
+    outs = run(engine, reqs[::-1])[::-1]  # (the generating request admitted first: it preempts the long one)
+    for i, out in zip((0, 1, 2), (outs[0], outs[2], outs[3])):
+        c = out.outputs[0]
+        assert c.token_ids == [] and c.text == "" and c.finish_reason == "length" and out.finished
+        check_prompt_logprobs(model, prompts[i][:128], out.prompt_logprobs[:128], 2)
+        if i == 0:  # the 129th token's log-prob, from position 127's logits: a full forward over 128 tokens
+            last = full_logprobs(model, prompts[0][:128])[-1]
+            assert out.prompt_logprobs[128][prompts[0][128]] == pytest.approx(float(last[prompts[0][128]]), abs=1e-4)
+    assert outs[3].prompt_logprobs == [None] and outs[4].outputs[0].token_ids == []
+    assert outs[1].token_ids == full_greedy(model, prompts[1], 60)
+    assert engine.pool.num_used == 0 and not engine.scheduler.has_work()
+    if config.get("num_kv_tokens"):
+        assert engine.stats()["preemptions"] > 0
+    with pytest.raises(LmforgeError, match="max_seq_len \\+ 1"):
+        engine.add_request([5] * 130, score)
+    for bad in (dict(n=2), dict(beam_width=2, temperature=0)):
+        with pytest.raises(Exception, match="max_tokens=0 scores the prompt"):
+            SamplingParams(max_tokens=0, **bad)
 
 
 def test_generate_command_writes_prompt_logprobs(tok):

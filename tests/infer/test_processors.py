@@ -104,7 +104,7 @@ def test_sampling_matches_distribution_and_seed():
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
-                                         ("min_p", 1.2), ("max_tokens", 0), ("n", 0), ("typical_p", 0.0),
+                                         ("min_p", 1.2), ("max_tokens", -1), ("n", 0), ("typical_p", 0.0),
                                          ("seed", 1.5), ("seed", "7"), ("top_k", 2.5), ("n", 1.5),
                                          ("logprobs", True), ("logit_bias", {"a": 1.0})])
 def test_invalid_sampling_values_name_the_field(field, value):

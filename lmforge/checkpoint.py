@@ -15,6 +15,13 @@ the umask allows (0644 under umask 022), so a shared run folder is readable by c
 
 `load_model` also opens a HF-format model directory (config.json + safetensors of a supported family,
 with its tokenizer.json), so every `--checkpoint` option and `LLM.load` accept downloaded models.
+
+Adapter-only checkpoints (`save_checkpoint(..., base=base_record(init))`, what a LoRA run writes by default)
+leave out the frozen parameters: model.safetensors holds what training changes (trainable parameters and
+buffers), and config.json's "base" names where the rest comes from, {"path", "sha256", "merge_lora"}: the
+base checkpoint's resolved directory, its checkpoint_identity checksum and whether its own adapters are
+merged first (a LoRA run whose init was itself a LoRA checkpoint trains on the merged model). `load_model`
+rebuilds base + recorded adapters + saved tensors, refusing a base that is missing or whose weights changed.
 """
 
 from __future__ import annotations
@@ -71,11 +78,22 @@ def clean_partial(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def _state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict with tied tensors kept once (safetensors refuses shared storage)."""
+def frozen_names(model) -> set[str]:
+    """Names of the model's frozen parameters, a tied one under each of its names: what an adapter-only
+    checkpoint leaves to its base. A stand-in for a model (a sharded model's gathered weights) gives its
+    `frozen` attribute."""
+    if not isinstance(model, torch.nn.Module):
+        return set(getattr(model, "frozen", ()))
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _state_for_save(model: torch.nn.Module, leave_out: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """state_dict without `leave_out`, tied tensors kept once (safetensors refuses shared storage)."""
     seen: dict[int, str] = {}
     out = {}
     for name, t in model.state_dict().items():
+        if name in leave_out:
+            continue
         key = t.data_ptr()
         if key in seen and t.numel() > 0:
             continue
@@ -133,12 +151,13 @@ def _honour_umask(folder: Path) -> None:
     folder.chmod(0o777 & ~mask)
 
 
-def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer, extra) -> None:
+def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer, extra, base) -> None:
     from safetensors.torch import save_file
 
-    meta = {"step": step, **model_meta(model), **run_metadata(), **(extra or {})}
+    meta = {"step": step, **model_meta(model), **({"base": base} if base else {}), **run_metadata(), **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    save_file(_state_for_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    weights = _state_for_save(model, frozen_names(model) if base else set())
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
     if tokenizer is not None:
@@ -155,8 +174,11 @@ def _is_disk_full(e: BaseException) -> bool:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, train_state: dict | None = None,
-                    tokenizer=None, keep_last: int | None = None, extra: dict | None = None) -> Path:
-    """Write RUN_DIR/checkpoints/step_{step:06d} atomically; keep the newest `keep_last` checkpoints."""
+                    tokenizer=None, keep_last: int | None = None, extra: dict | None = None,
+                    base: dict | None = None) -> Path:
+    """Write RUN_DIR/checkpoints/step_{step:06d} atomically; keep the newest `keep_last` checkpoints.
+    base (base_record of the checkpoint the model's frozen weights come from): an adapter-only checkpoint,
+    without the frozen parameters, recording the base instead."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -164,7 +186,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, t
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write(tmp, step, model, train_state, tokenizer, extra)
+        _write(tmp, step, model, train_state, tokenizer, extra, base)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -236,8 +258,31 @@ def checkpoint_identity(path: str | Path) -> dict[str, str]:
     if (ckpt / "manifest.json").is_file():
         sums = json.loads((ckpt / "manifest.json").read_text()).get("sha256", {})
     weights = sorted(ckpt.glob("*.safetensors"))
-    digest = hashlib.sha256("".join(sums.get(w.name) or sha256_file(w) for w in weights).encode()).hexdigest()
+    base = _recorded_base(ckpt) or {}  # an adapter-only checkpoint is its tensors over its base's
+    digest = hashlib.sha256("".join([*(sums.get(w.name) or sha256_file(w) for w in weights),
+                                     base.get("sha256", "")]).encode()).hexdigest()
     return {"path": str(ckpt.resolve()), "sha256": digest}
+
+
+def _recorded_base(ckpt: Path) -> dict | None:
+    """The base an adapter-only lmforge checkpoint records in its config.json (None: it holds every weight)."""
+    if not (ckpt / "manifest.json").is_file():
+        return None
+    try:
+        return json.loads((ckpt / "config.json").read_text()).get("base") or None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {ckpt / 'config.json'}: {e}") from e
+
+
+def base_record(path: str | Path, *, merge_lora: bool = False) -> dict[str, Any]:
+    """What an adapter-only checkpoint records of its base: checkpoint_identity(path) (resolved directory,
+    weights checksum) and whether the base's own LoRA adapters are merged into it (merge_lora=True: a LoRA
+    run started from a LoRA checkpoint trains on that model merged)."""
+    return {**checkpoint_identity(path), "merge_lora": merge_lora}
+
+
+BASE_HINT = ("pass its current location: load_model(path, base=DIR), LLM.load(path, base=DIR) or --base DIR "
+             "(lmforge sample | generate | chat)")
 
 
 def model_config_of(ckpt: Path):
@@ -250,8 +295,9 @@ def model_config_of(ckpt: Path):
     return from_dict(ModelConfig, meta["model"], "model"), meta
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load weights, refusing missing/unexpected/mis-shaped tensors (nothing is half-loaded)."""
+def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None = None) -> None:
+    """Load weights, refusing missing/unexpected/mis-shaped tensors (nothing is half-loaded). `required`:
+    the names the file must hold (an adapter-only checkpoint's: what its base does not give); default all."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -260,13 +306,16 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: {e}") from e
     own = model.state_dict()
-    shared = {n for n in own if n not in state and any(own[n].data_ptr() == own[m].data_ptr()
-                                                      for m in state if m in own)}
-    missing = sorted(set(own) - set(state) - shared)
+    need = set(own) if required is None else required
+    shared = {n for n in need if n not in state and any(own[n].data_ptr() == own[m].data_ptr()
+                                                       for m in state if m in own)}
+    missing = sorted(need - set(state) - shared)
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         hint = ("; it holds LoRA adapters: apply_lora(model, the LoRAConfig it was trained with) first, or "
                 "load_model(path), which puts them back" if any(".lora_" in n for n in unexpected) else "")
+        if required is None and _recorded_base(ckpt):
+            hint = f"; it holds only what trained over the base {_recorded_base(ckpt)['path']}: load_model(path)"
         raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}{hint}")
     for name, t in state.items():
@@ -322,19 +371,48 @@ def recorded_chat_template(path: str | Path) -> str | None:
     return meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
 
 
-def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True):
+def _base_model(record: dict, ckpt: Path, base: str | Path | None) -> torch.nn.Module:
+    """The model an adapter-only checkpoint's tensors go onto: its recorded base (or `base`, where it is
+    now) once its identity is checked, with the base's own adapters merged where the record says so."""
+    where = Path(base) if base is not None else Path(record["path"])
+    what = f"{ckpt} holds adapters over the base {record['path']} (sha256 {record['sha256']})"
+    try:
+        found = checkpoint_identity(where)["sha256"]
+    except CheckpointError:
+        gone = "which is missing" if base is None else f"which is not at {where}"
+        raise CheckpointError(f"{what}, {gone}; {BASE_HINT}") from None
+    if found != record["sha256"]:
+        raise CheckpointError(f"{what}, but {where} has other weights (sha256 {found}); restore that base or "
+                              f"{BASE_HINT}")
+    model, _ = load_model(where, tokenizer=False)
+    if record.get("merge_lora"):  # the run trained on its init with the init's adapters merged
+        from lmforge.adapt.lora import merge_lora
+
+        merge_lora(model)
+    return model
+
+
+def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *, base: str | Path | None = None):
     """(model, tokenizer) from a checkpoint, a run directory or a HF model directory; tokenizer is None
-    if none was saved, or not read (tokenizer=False: the caller brings its own)."""
+    if none was saved, or not read (tokenizer=False: the caller brings its own). An adapter-only checkpoint
+    loads its base from the path it records, or from `base` when the base has moved (checked to be the
+    same weights either way)."""
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.byte import FILE_NAME
     from lmforge.tokenizer.load import load_tokenizer
 
     ckpt = resolve_checkpoint(path)
-    if is_hf_dir(ckpt):
+    hf = is_hf_dir(ckpt)
+    cfg, meta = (None, {}) if hf else model_config_of(ckpt)
+    record = meta.get("base")
+    if base is not None and not record:
+        raise ConfigError(f"base={str(base)!r} was given, but {ckpt} holds all its weights (it has no base); "
+                          "leave base out")
+    if hf:
         model, tok = _load_hf(ckpt, tokenizer)
     else:
-        cfg, meta = model_config_of(ckpt)
-        model = Transformer(cfg)
+        model = _base_model(record, ckpt, base) if record else Transformer(cfg)
+        given = {id(t) for t in (*model.parameters(), *model.buffers())} if record else set()
         if meta.get("lora"):  # a LoRA run's checkpoint: the adapters as they were trained (unmerged)
             from lmforge.adapt.lora import restore_lora
 
@@ -342,6 +420,15 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True):
         model.eos_token_ids = tuple(meta.get("eos_token_ids", ()))
         if meta.get("head"):  # a reward model or classifier: its head around the backbone
             model = _with_head(model, meta["head"], ckpt)
-        load_weights(model, ckpt)
+        # over a base, the file must hold every tensor the base does not give (adapters, a new head)
+        required = {n for n, t in _named_tensors(model) if id(t) not in given} if record else None
+        load_weights(model, ckpt, required)
         tok = load_tokenizer(ckpt) if tokenizer and (ckpt / FILE_NAME).is_file() else None
     return model.to(device).eval(), tok
+
+
+def _named_tensors(model: torch.nn.Module):
+    """(name, tensor) of every parameter and buffer in the model's state_dict, tied ones under each name."""
+    keys = model.state_dict().keys()
+    return [(n, t) for n, t in (*model.named_parameters(remove_duplicate=False),
+                                *model.named_buffers(remove_duplicate=False)) if n in keys]

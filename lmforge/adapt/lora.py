@@ -44,6 +44,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,9 @@ class LoRAConfig:
     """module-name patterns of modules kept fully trainable (e.g. a classification head: "head")"""
     rslora: bool = False
     """rank-stabilised scale alpha / sqrt(r)"""
+    save: Literal["adapters", "full"] = "adapters"
+    """what a post-training run's checkpoints hold: 'adapters' (what trains, plus the base checkpoint's path
+    and checksum: megabytes, opened with that base) or 'full' (every weight: opens without the base)"""
 
     def __post_init__(self):
         coerce_fields(self, "lora")  # each field's type, named when wrong

@@ -21,6 +21,8 @@ from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field
 class ChatConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
+    base: str | None = None
+    """where an adapter-only checkpoint's base model is now, when it moved from the path its config.json records"""
     template: str | None = None
     """chat template: chatml | llama3 | plain; default: the one the checkpoint was fine-tuned with (lmforge
     sft/dpo/... record it), else chatml"""

@@ -173,9 +173,9 @@ def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[l
 
 
 def load_llm(cfg, **kwargs):
-    """`LLM.load` for a command's config (fields checkpoint, tokenizer, device): a run, checkpoint or
+    """`LLM.load` for a command's config (fields checkpoint, base, tokenizer, device): a run, checkpoint or
     HF-format model directory; the device is checked first so a bad one is a one-line error."""
     from lmforge.infer.llm import LLM
     from lmforge.utils import pick_device
 
-    return LLM.load(cfg.checkpoint, device=pick_device(cfg.device), tokenizer=cfg.tokenizer, **kwargs)
+    return LLM.load(cfg.checkpoint, device=pick_device(cfg.device), tokenizer=cfg.tokenizer, base=cfg.base, **kwargs)

@@ -17,6 +17,8 @@ from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field, top_l
 class SampleConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
+    base: str | None = None
+    """where an adapter-only checkpoint's base model is now, when it moved from the path its config.json records"""
     prompt: str | None = None
     """text the samples continue; None starts them after a newline"""
     sampling: Sampling = sampling_field(max_tokens=200)

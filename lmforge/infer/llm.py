@@ -57,13 +57,14 @@ class LLM:
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens)
 
     @classmethod
-    def load(cls, path, device: str = "cpu", *, tokenizer=None, **kwargs) -> "LLM":
+    def load(cls, path, device: str = "cpu", *, tokenizer=None, base=None, **kwargs) -> "LLM":
         """Open a run or checkpoint directory written by lmforge's trainer. `tokenizer` (an object or a
-        spec for lmforge.tokenizer.load.load_tokenizer) replaces or supplies the checkpoint's own."""
+        spec for lmforge.tokenizer.load.load_tokenizer) replaces or supplies the checkpoint's own. `base`:
+        where an adapter-only checkpoint's base model is now, when it moved (lmforge.checkpoint.load_model)."""
         from lmforge.tokenizer.load import load_tokenizer
 
         from lmforge.checkpoint import load_model
-        model, saved = load_model(path, device=device, tokenizer=tokenizer is None)  # (yours replaces its own)
+        model, saved = load_model(path, device=device, tokenizer=tokenizer is None, base=base)  # (yours replaces its own)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer or saved
         if tok is None:
             raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one: LLM.load(path, tokenizer='byte' or a "

@@ -208,15 +208,17 @@ def gather_states(runner, optimizer: torch.optim.Optimizer) -> tuple[dict, dict,
 
 
 def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict,
-                opt_state: dict | None, names: list[str] | None) -> None:
+                opt_state: dict | None, names: list[str] | None, *, partial: bool = False) -> None:
     """Load full weights and a single-process-format optimizer state (its parameter names in id order:
-    `names`) into this rank's shards; a pipeline stage takes its own parameters of both."""
+    `names`) into this rank's shards; a pipeline stage takes its own parameters of both. partial=True: the
+    weights of an adapter-only checkpoint, the frozen parameters left as they are."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
     opts = StateDictOptions(full_state_dict=True)
     mine = get_model_state_dict(model).keys()  # this rank's parameter names (no communication)
-    set_model_state_dict(model, {k: v for k, v in weights.items() if k in mine}, options=opts)
+    set_model_state_dict(model, {k: v for k, v in weights.items() if k in mine},
+                         options=dataclasses.replace(opts, strict=not partial))
     if optimizer is None or opt_state is None:
         return
     named = {"state": {names[i]: s for i, s in opt_state["state"].items()},
@@ -258,6 +260,9 @@ class Gathered:
         from lmforge.adapt.lora import lora_record
 
         self.lora = lora_record(model)  # its LoRA layers, which the checkpoint records
+        from lmforge.checkpoint import frozen_names
+
+        self.frozen = frozen_names(model)  # what an adapter-only checkpoint leaves to its base
         record = getattr(model, "head_record", None)
         if record is not None:  # a head on a backbone (a reward model): checkpoint.model_meta records both
             self.head_record, self.backbone = record, Gathered(model.backbone, {})

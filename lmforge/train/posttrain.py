@@ -17,7 +17,10 @@ the init model) or teacher=/teacher_path= (distillation).
 A [lora] section (LoRAConfig) puts fresh adapters on the policy after loading it, and only they train
 (plus LoRAConfig.trainable modules). The reference then defaults to the policy with its adapters disabled
 (lmforge.align.frozen.BaseReference): the init model without loading it a second time. The checkpoints
-record the adapters (lmforge.adapt.lora.lora_record), so they resume and LLM.load opens them.
+record the adapters (lmforge.adapt.lora.lora_record), so they resume and LLM.load opens them. They are
+adapter-only (LoRAConfig.save = "adapters", the default): the trained tensors and the init's path and
+checksum as their base (lmforge.checkpoint.base_record), which load_model loads them onto; an init that
+held adapters of its own is recorded as merged, as start_model trains it. save = "full" writes every weight.
 
 The run directory holds metrics.jsonl, loss.png, metrics.png (reward margins, accuracies),
 data_report.json and checkpoints that LLM.load and `lmforge chat` open (config.json records the chat
@@ -159,6 +162,17 @@ def start_model(model: torch.nn.Module, lora: LoRAConfig | None, own_reference: 
     return model
 
 
+def adapter_base(cfg: PostTrainConfig, merged: bool) -> dict[str, Any] | None:
+    """The base record of a run whose checkpoints are adapter-only ([lora] with save = "adapters"): the init
+    checkpoint, with its own adapters merged when it held some (`merged`: the model start_model trains on).
+    None: the checkpoints hold every weight."""
+    from lmforge.checkpoint import base_record
+
+    if cfg.lora is None or cfg.lora.save != "adapters":
+        return None
+    return base_record(cfg.init, merge_lora=merged)
+
+
 def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: torch.nn.Module | None = None,
                     tok=None):
     """The objective with its frozen models: loaded from their paths, or, for the reference of a [lora]
@@ -180,6 +194,7 @@ def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: t
 
 def posttrain(cfg: PostTrainConfig):
     """Run one post-training objective as configured; returns the Trainer's TrainResult."""
+    from lmforge.adapt.lora import lora_layers
     from lmforge.checkpoint import load_model, recorded_chat_template
     from lmforge.optim import build_optimizer
     from lmforge.tokenizer.load import load_tokenizer
@@ -193,6 +208,7 @@ def posttrain(cfg: PostTrainConfig):
     device = train_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical heads and data order
     model, tok = load_model(cfg.init, device=device)
+    merged = bool(lora_layers(model))  # start_model merges an init's adapters: a LoRA run's base is that model
     mcfg = model.cfg
     if cfg.data.seq_len > mcfg.max_seq_len and mcfg.pos_emb not in ("rope", "none"):
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the init model's max_seq_len={mcfg.max_seq_len} "
@@ -227,7 +243,8 @@ def posttrain(cfg: PostTrainConfig):
     optimizer = build_optimizer(model, cfg.optim)
     evaluator = ObjectiveEvaluator(objective, val_src.batches()[:cfg.eval_batches], runner) if val_src else None
     trainer = Trainer(model, optimizer, train_src, objective, config=cfg, evaluator=evaluator, tokenizer=tok,
-                      extra_meta={"objective": cfg.objective, "chat_template": cfg.data.template}, runner=runner)
+                      extra_meta={"objective": cfg.objective, "chat_template": cfg.data.template}, runner=runner,
+                      base=adapter_base(cfg, merged))
     if rank0:  # once the run has started: a refused one leaves no directory (nor overwrites another run's report)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "data_report.json", report.to_dict())

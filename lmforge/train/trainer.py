@@ -109,13 +109,17 @@ def _check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optim
 class Trainer:
     """hooks: objects with any of on_step_end(trainer, stats), on_log(trainer, row), on_eval(trainer,
     metrics), on_save(trainer, path). evaluator: model -> dict of floats (run under no_grad and eval
-    mode; the model is on the trainer's device, so its inputs go there). extra_meta: JSON-able facts stored in every checkpoint's config.json (e.g. the chat template)."""
+    mode; the model is on the trainer's device, so its inputs go there). extra_meta: JSON-able facts stored in every checkpoint's config.json (e.g. the chat template).
+    base: lmforge.checkpoint.base_record of the checkpoint the model's frozen weights were loaded from: the
+    checkpoints are then adapter-only (the frozen parameters left out, the base recorded; a LoRA run's), and
+    a resume checks that the model was built on the same base."""
 
     def __init__(self, model: torch.nn.Module | TrainConfig, optimizer: torch.optim.Optimizer | None = None,
                  data: DataSource | None = None, objective: Objective | None = None, *,
                  config: LoopConfig | None = None, hooks: Iterable[Any] = (),
                  evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None, tokenizer=None,
-                 extra_meta: dict[str, Any] | None = None, runner: ParallelRunner | None = None):
+                 extra_meta: dict[str, Any] | None = None, runner: ParallelRunner | None = None,
+                 base: dict[str, Any] | None = None):
         if isinstance(model, TrainConfig):  # Trainer(cfg): pretraining built from its config
             from lmforge.train.pretrain import pretraining_parts
 
@@ -140,6 +144,7 @@ class Trainer:
         self.optimizer, self.data, self.objective = optimizer, data, objective
         self.hooks, self.evaluator, self.tokenizer = list(hooks), evaluator, tokenizer
         self.extra_meta = dict(extra_meta or {})
+        self.base = base
         _check_optimizer_params(self.model, self.optimizer)
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
@@ -185,18 +190,21 @@ class Trainer:
         if self.rank == 0:
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.run_dir, self.step, model, train_state=self._train_state(opt_state, names),
-                tokenizer=self.tokenizer, keep_last=self.cfg.keep_last, extra={"tokens": self.tokens, **self.extra_meta})
+                tokenizer=self.tokenizer, keep_last=self.cfg.keep_last, extra={"tokens": self.tokens, **self.extra_meta},
+                base=self.base)
         if self.world > 1:
             torch.distributed.barrier()  # no rank reads it (or moves on to resume) before it is written
             self.last_checkpoint = ddp.checkpoint_path(self.run_dir, self.step)
         self._call("on_save", self.last_checkpoint)
         return self.last_checkpoint
 
-    def _load_weights_and_optimizer(self, state: dict[str, Any], path: Path) -> None:
+    def _load_weights_and_optimizer(self, state: dict[str, Any], path: Path, partial: bool) -> None:
+        """partial: an adapter-only checkpoint, whose frozen parameters are the model's own (its base)."""
         # checkpoints written before the names were stored: the optimizer's own order (every layout but pp)
         names = state.get("optimizer_params") or ddp.param_names(self.model, self.optimizer)
         if self.runner is None:
-            ckpt.load_weights(self.model, path)
+            ckpt.load_weights(self.model, path, set(self.model.state_dict()) - ckpt.frozen_names(self.model)
+                              if partial else None)
             if names != ddp.param_names(self.model, self.optimizer) and not self.cfg.reset_optimizer:
                 raise ConfigError(f"{path}: the optimizer state lists its parameters in another order than this "
                                   "optimizer; use the same optim settings, or set reset_optimizer=true")
@@ -207,7 +215,7 @@ class Trainer:
         reset = self.cfg.reset_optimizer
         self._load_optimizer(state, path, check_only=True)
         ddp.load_states(self.model, self.optimizer, load_file(str(path / "model.safetensors")),
-                        None if reset else state["optimizer"], names)
+                        None if reset else state["optimizer"], names, partial=partial)
 
     def _load_optimizer(self, state: dict[str, Any], path: Path, check_only: bool = False) -> None:
         saved, now = state.get("optimizer_name"), optimizer_name(self.optimizer, self.cfg)
@@ -241,8 +249,9 @@ class Trainer:
                 k = next(iter(sorted(set(saved) ^ set(now)) or [n for n in saved if saved[n] != now.get(n)]))
                 raise ConfigError(f"{path} was trained with LoRA adapter {k} = {saved.get(k)} ([r, scale]) but the "
                                   f"model has {now.get(k)}; use the run's LoRA settings or a new run_dir")
+        self._check_base(meta.get("base"), path)
         state = ckpt.load_train_state(path)
-        self._load_weights_and_optimizer(state, path)
+        self._load_weights_and_optimizer(state, path, partial=bool(meta.get("base")))
         self.data.load_state_dict(state["data"] if "data" in state else state["sampler"])
         self.objective.load_state_dict(state.get("objective", {}))
         set_rng_state(state)
@@ -258,6 +267,22 @@ class Trainer:
             if self.step >= self.cfg.max_steps:
                 tqdm.write(f"the run is already at step {self.step} >= max_steps={self.cfg.max_steps}: nothing to "
                            "train; raise max_steps to continue it")
+
+    def _check_base(self, saved: dict[str, Any] | None, path: Path) -> None:
+        """An adapter-only checkpoint resumes onto a model built on the base it records (the same weights,
+        the same merge; the path may have moved); a full one onto any model."""
+        if not saved:
+            return
+        if self.base is None:
+            raise ConfigError(f"{path} is adapter-only (its base {saved['path']} is not in it) but this run saves "
+                              "full checkpoints; resume as it started ([lora] save = 'adapters', Trainer(base=...)) "
+                              "or use a new run_dir")
+        now = {k: self.base.get(k) for k in ("sha256", "merge_lora")}
+        if now != {k: saved.get(k) for k in now}:
+            raise ConfigError(f"{path} trained adapters over the base {saved['path']} (sha256 {saved['sha256']}, "
+                              f"merge_lora {saved.get('merge_lora')}), but this run starts from {self.base['path']} "
+                              f"(sha256 {self.base['sha256']}, merge_lora {self.base.get('merge_lora')}); resume "
+                              "from that base (init) or use a new run_dir")
 
     # steps ---------------------------------------------------------------------------------------
     def _call(self, name: str, *args) -> None:

@@ -1,0 +1,210 @@
+"""Adapter-only checkpoints of LoRA post-training runs ([lora] save = "adapters", the default): they hold
+only what trains and record their base (path + checksum); load_model rebuilds the trained model from them
+exactly (also over a base that was itself a LoRA checkpoint, merged), a resume is bit-exact, a moved or
+changed base is refused in one line and found again with base= / --base, and a reference, an init and a
+2-process (FSDP2) run work from them."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge import checkpoint as ckpt
+from lmforge.adapt.lora import LoRALinear
+from lmforge.cli import main
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.parallel.launch import run_local
+from lmforge.train import posttrain as PT
+from lmforge.train.trainer import Trainer
+
+from ..align import test_trainer_objectives as post
+from ..align.test_trainer_objectives import _cfg, _interrupted_at, _losses
+
+base = post.base  # the fixture: a tiny pretrained checkpoint and chat / preference JSONL files
+
+LORA = {"r": 4, "alpha": 8.0, "targets": ["wq", "wv", "up"], "trainable": ["final_norm"]}
+OPTIM = {"lr": 3e-2, "warmup_steps": 1}
+IDS = torch.tensor([[104, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]])
+
+
+def _trained(cfg, monkeypatch):
+    """posttrain(cfg)'s result and the model its Trainer trained (in memory, as the run ended)."""
+    built, init = [], Trainer.__init__
+
+    def keep(self, *a, **k):
+        init(self, *a, **k)
+        built.append(self)
+
+    monkeypatch.setattr(Trainer, "__init__", keep)
+    result = PT.posttrain(cfg)
+    monkeypatch.setattr(Trainer, "__init__", init)
+    return result, built[0].model.eval()
+
+
+def _last(run):
+    return ckpt.checkpoint_dirs(run)[-1]
+
+
+def test_an_adapter_checkpoint_holds_what_trains_and_loads_as_the_trained_model(base, tmp_path, monkeypatch):
+    """The same SFT run saved both ways: the adapter checkpoint's weights are the trainable tensors (A, B of
+    every adapted layer and final_norm), 1/20 of the full file here (megabytes of gigabytes for a 7B
+    model); its config.json records the init as base; both load to the in-memory trained model's logits."""
+    adapters, policy = _trained(_cfg(base, tmp_path / "a", lora=LORA, optim=OPTIM, max_steps=4, plot=False),
+                                monkeypatch)
+    full = PT.posttrain(_cfg(base, tmp_path / "f", lora={**LORA, "save": "full"}, optim=OPTIM, max_steps=4,
+                             plot=False))
+    assert _losses(adapters) == _losses(full) and _losses(adapters)[-1] < _losses(adapters)[0]
+    small, whole = (_last(tmp_path / r) / "model.safetensors" for r in ("a", "f"))
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert set(load_file(small)) == trainable and len(trainable) == 2 * 3 * 2 + 1
+    assert set(load_file(whole)) == set(policy.state_dict())
+    assert small.stat().st_size * 15 < whole.stat().st_size  # 10 kB of 210 kB
+    meta = json.loads((_last(tmp_path / "a") / "config.json").read_text())
+    init = ckpt.checkpoint_dirs(base / "base")[-1].resolve()
+    assert meta["base"] == {"path": str(init), "sha256": ckpt.checkpoint_identity(init)["sha256"],
+                            "merge_lora": False}
+    assert "base" not in json.loads((_last(tmp_path / "f") / "config.json").read_text())
+    with torch.no_grad():
+        expected = policy(IDS)
+        for run in ("a", "f"):
+            model, tok = ckpt.load_model(tmp_path / run)
+            assert torch.equal(model(IDS), expected) and tok.encode("a") == [97]
+            assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 6
+    with pytest.raises(CheckpointError, match="holds only what trained over the base .*: load_model"):
+        ckpt.load_weights(ckpt.load_model(base / "base")[0], _last(tmp_path / "a"))
+    # the identity of an adapter checkpoint covers its base: another base, another identity
+    assert ckpt.checkpoint_identity(tmp_path / "a")["sha256"] != ckpt.checkpoint_identity(tmp_path / "f")["sha256"]
+
+
+def test_an_adapter_checkpoint_resumes_bit_exactly_and_only_onto_its_base(base, tmp_path, monkeypatch):
+    """Interrupted after step 3 (an adapter-only checkpoint), the resumed run gives the uninterrupted losses
+    and weights; resuming onto another init, or as a full-checkpoint run, is refused."""
+    whole = PT.posttrain(_cfg(base, tmp_path / "a", lora=LORA, optim=OPTIM, max_steps=6, plot=False))
+    cfg = _cfg(base, tmp_path / "b", lora=LORA, optim=OPTIM, max_steps=6, plot=False, ckpt_every=100)
+    _interrupted_at(3, cfg, monkeypatch)
+    assert "base" in json.loads((_last(tmp_path / "b") / "config.json").read_text())
+    other = ckpt.save_checkpoint(tmp_path / "other", 1, _shifted(base), tokenizer=ckpt.load_model(base / "base")[1])
+    with pytest.raises(ConfigError, match=r"trained adapters over the base .*step_000004 \(sha256 [0-9a-f]{64}, "
+                                          r"merge_lora False\), but this run starts from .*other.*; resume from"):
+        PT.posttrain(_cfg(base, tmp_path / "b", lora=LORA, optim=OPTIM, max_steps=6, plot=False, init=str(other)))
+    with pytest.raises(ConfigError, match="is adapter-only .* but this run saves full checkpoints"):
+        PT.posttrain(_cfg(base, tmp_path / "b", lora={**LORA, "save": "full"}, optim=OPTIM, max_steps=6, plot=False))
+    assert _losses(PT.posttrain(cfg)) == _losses(whole)
+    a, b = (ckpt.load_model(tmp_path / r)[0].state_dict() for r in ("a", "b"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _shifted(base):
+    """The base model with one weight changed."""
+    model, _ = ckpt.load_model(base / "base")
+    with torch.no_grad():
+        model.blocks[0].attn.wk.weight.add_(0.01)
+    return model
+
+
+def test_a_moved_or_changed_base_is_refused_in_one_line_and_found_with_base(base, tmp_path, monkeypatch, capsys):
+    """The base is a copy that then moves: load_model names the recorded path and checksum and how to point to
+    the base; base= (LLM.load, --base) with the moved copy loads the same model; other weights are refused,
+    given as base= or put in the recorded place."""
+    from lmforge.infer.llm import LLM
+
+    shutil.copytree(base / "base", tmp_path / "init")
+    _, policy = _trained(_cfg(base, tmp_path / "a", lora=LORA, optim=OPTIM, max_steps=2, plot=False,
+                              init=str(tmp_path / "init")), monkeypatch)
+    record = json.loads((_last(tmp_path / "a") / "config.json").read_text())["base"]
+    (tmp_path / "init").rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_model(tmp_path / "a")
+    msg = str(err.value)
+    assert "\n" not in msg and msg == (f"{_last(tmp_path / 'a')} holds adapters over the base {record['path']} "
+                                       f"(sha256 {record['sha256']}), which is missing; pass its "
+                                       "current location: load_model(path, base=DIR), LLM.load(path, base=DIR) or "
+                                       "--base DIR (lmforge sample | generate | chat)")
+    with torch.no_grad():
+        assert torch.equal(ckpt.load_model(tmp_path / "a", base=tmp_path / "moved")[0](IDS), policy(IDS))
+        assert torch.equal(LLM.load(tmp_path / "a", base=str(tmp_path / "moved")).model(IDS), policy(IDS))
+    argv = ["sample", "--checkpoint", str(tmp_path / "a"), "--prompt", "he", "--max-tokens", "3", "--temperature", "0"]
+    capsys.readouterr()
+    assert main(argv) == 2 and "which is missing; pass its current location" in capsys.readouterr().err
+    assert main([*argv, "--base", str(tmp_path / "moved")]) == 0 and capsys.readouterr().out.startswith("--- sample 1/1")
+
+    changed = ckpt.save_checkpoint(tmp_path / "changed", 4, _shifted(base))
+    sha = ckpt.checkpoint_identity(changed)["sha256"]
+    with pytest.raises(CheckpointError, match=rf"^\S+ holds adapters over the base \S+ \(sha256 {record['sha256']}\), "
+                                              rf"but \S+changed\S* has other weights \(sha256 {sha}\); restore that "
+                                              r"base or pass its current location"):
+        ckpt.load_model(tmp_path / "a", base=changed)
+    shutil.copytree(changed.parent.parent, tmp_path / "init")  # other weights where the base was
+    with pytest.raises(CheckpointError, match=rf"but {record['path']} has other weights"):
+        ckpt.load_model(tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"which is not at \S+nowhere; pass"):
+        ckpt.load_model(tmp_path / "a", base=tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="holds all its weights .*leave base out"):
+        ckpt.load_model(tmp_path / "moved", base=tmp_path / "moved")
+
+
+def test_adapter_checkpoints_serve_as_init_and_reference_and_chain(base, tmp_path, monkeypatch):
+    """A LoRA SFT run's adapter checkpoint is the init and the reference of a DPO run (the same model: the
+    first loss is log 2), and the init of a LoRA DPO run, whose adapter checkpoint records that init as a
+    base to merge and loads back to its trained model."""
+    from lmforge.align.frozen import weights_checksum
+
+    PT.posttrain(_cfg(base, tmp_path / "sft", lora=LORA, optim=OPTIM, max_steps=3, plot=False))
+    sft = str(tmp_path / "sft")
+    dpo = PT.posttrain(_cfg(base, tmp_path / "dpo", "dpo", init=sft, reference=sft, max_steps=2, plot=False))
+    assert _losses(dpo)[0] == pytest.approx(math.log(2), abs=1e-6)
+    state = ckpt.load_train_state(_last(tmp_path / "dpo"))
+    assert state["objective"]["reference"]["checksum"] == weights_checksum(ckpt.load_model(sft)[0])
+
+    lora = {"r": 2, "alpha": 4.0, "targets": ["wq", "wv"]}
+    _, policy = _trained(_cfg(base, tmp_path / "chain", "dpo", init=sft, lora=lora, optim=OPTIM, max_steps=2,
+                              plot=False), monkeypatch)
+    record = json.loads((_last(tmp_path / "chain") / "config.json").read_text())["base"]
+    assert record == {"path": str(_last(tmp_path / "sft").resolve()),
+                      "sha256": ckpt.checkpoint_identity(sft)["sha256"], "merge_lora": True}
+    model, _ = ckpt.load_model(tmp_path / "chain")
+    with torch.no_grad():
+        assert torch.equal(model(IDS), policy(IDS))
+
+
+def test_a_reward_model_with_lora_saves_its_head_with_the_adapters(base, tmp_path, monkeypatch):
+    """`lmforge rm` with [lora]: the new scalar head trains and is saved with the adapters; load_model
+    rebuilds the SequenceHead over the base with the same scores."""
+    _, rm = _trained(_cfg(base, tmp_path / "rm", "rm", lora={"r": 2, "targets": ["wq"]}, max_steps=2, plot=False),
+                     monkeypatch)
+    saved = load_file(_last(tmp_path / "rm") / "model.safetensors")
+    assert {n for n in saved if not n.endswith((".lora_A", ".lora_B"))} == {n for n, _ in rm.head.named_parameters(
+        prefix="head")}
+    model, _ = ckpt.load_model(tmp_path / "rm")
+    with torch.no_grad():
+        assert torch.equal(model(IDS), rm(IDS))
+
+
+def _fsdp_worker(rank: int, world: int, base: str, run: str) -> list[float]:
+    cfg = _cfg(Path(base), run, lora=LORA, optim=OPTIM, max_steps=4, plot=False, ckpt_every=2,
+               parallel={"dp_shard": 2})
+    return _losses(PT.posttrain(cfg))
+
+
+def test_two_fsdp_processes_write_adapter_checkpoints_that_resume_in_two_and_in_one(base, tmp_path, capfd):
+    """Under FSDP2 on 2 gloo processes rank 0 writes the gathered adapter tensors alone; the step-2 checkpoint
+    resumes on 2 processes (each rank loads the adapters into its shards, keeping its frozen base) and in one,
+    both to the one-process curve (1e-4: see tests/align/test_posttrain_parallel.py)."""
+    one = _losses(PT.posttrain(_cfg(base, tmp_path / "one", lora=LORA, optim=OPTIM, max_steps=4, plot=False)))
+    run = tmp_path / "two"
+    assert run_local(_fsdp_worker, 2, str(base), str(run), timeout=120, start_method="fork")[0] == pytest.approx(
+        one, abs=1e-4)
+    saved = load_file(_last(run) / "model.safetensors")
+    assert set(saved) == set(load_file(_last(tmp_path / "one") / "model.safetensors")) and len(saved) == 13
+    for resume in ("two", "one"):
+        shutil.rmtree(_last(run))  # back to step 2
+        if resume == "two":
+            resumed = run_local(_fsdp_worker, 2, str(base), str(run), timeout=120, start_method="fork")[0]
+        else:
+            resumed = _losses(PT.posttrain(_cfg(base, run, lora=LORA, optim=OPTIM, max_steps=4, plot=False)))
+        assert resumed == pytest.approx(one, abs=1e-4), resume  # steps 1-2 as run, 3-4 resumed
+        assert "step_000002 at step 2" in capfd.readouterr().out

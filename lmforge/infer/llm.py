@@ -130,10 +130,12 @@ class LLM:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
         log-probs given everything before them, and whether the continuation is the greedy one (each of
         its tokens an argmax). Strings are split as lm-eval does: the context's trailing whitespace moves
-        to the continuation, context + continuation is tokenized whole and the continuation is what
-        follows the context's own tokens; token ids are taken as they are. An empty context is the
-        tokenizer's end-of-text token. Too long a pair loses its oldest context tokens: the window holds
-        max_seq_len + 1 of them, as lm-eval's on HF models (the last token is a target, never an input).
+        to the continuation, the context is tokenized alone and the continuation is what follows that many
+        tokens of context + continuation tokenized whole (a merge across the boundary is not undone: the
+        scored sequence is the context's own tokens, then those); token ids are taken as they are. An
+        empty context is the tokenizer's end-of-text token. Too long a pair loses its oldest context
+        tokens: the window holds max_seq_len + 1 tokens, as lm-eval's on HF models (the last token is a
+        target, never an input). tests/infer/test_lm_eval_parity.py compares with lm-eval's HFLM.
         Pairs run as score-only requests (max_tokens=0) with prompt log-probs from the continuation on:
         first one pair per distinct context, then the others, whose shared context the prefix cache then
         serves (a multiple-choice question's context is computed once)."""
@@ -163,7 +165,7 @@ class LLM:
             context, continuation = stripped, context[len(stripped):] + continuation
             whole = self.tokenizer.encode(context + continuation)
             ctx = self.tokenizer.encode(context) if context else []
-            ctx, cont = whole[:len(ctx)], whole[len(ctx):]
+            cont = whole[len(ctx):]  # the context keeps its own tokens where a merge crosses the boundary (lm-eval)
         elif isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple)):
             ctx, cont = list(context), list(continuation)
             bad = [t for t in ctx + cont if not is_int(t) or not 0 <= t < self.engine.vocab_size]

@@ -26,7 +26,9 @@ from lmforge.errors import ConfigError
 from lmforge.parallel.launch import run_local
 from lmforge.train import posttrain as PT
 
-from .test_trainer_objectives import base  # noqa: F401  (the tiny checkpoint and JSONL files)
+from . import test_trainer_objectives as objectives
+
+base = objectives.base  # the fixture: the tiny checkpoint and JSONL files
 
 ATOL = 1e-4
 LAYOUT = {"sft": {"dp_shard": 2}, "dpo": {"dp_replicate": 2}, "rm": {"dp_shard": 2}, "kto": {"dp_shard": 2}}

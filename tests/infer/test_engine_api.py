@@ -192,6 +192,32 @@ def test_score_only_requests_compute_the_prompt_and_sample_nothing(config, draft
             SamplingParams(max_tokens=0, **bad)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_score_only_requests_arrive_beside_decodes_on_the_default_backends(tok):
+    """Score-only requests added while greedy decodes run on the GPU defaults (CUDA graphs, async scheduling,
+    the fused view): their prompt log-probs are a full forward's (the same weights on the CPU) and the decodes
+    keep the tokens of a plain CPU run."""
+    model, cpu = tiny_model("llama", init_std=0.3).cuda(), tiny_model("llama", init_std=0.3)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 250, (n,), generator=g).tolist() for n in (5, 9, 13, 30, 129, 17)]
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    gen = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ids = [engine.add_request(p, gen) for p in prompts[:3]]
+    done = {}
+    for _ in range(4):  # the decodes are under way (graphs captured, steps overlapping)
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    ids += [engine.add_request(p, SamplingParams(max_tokens=0, prompt_logprobs=1)) for p in prompts[3:]]
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.async_scheduling and engine.runner.graphs.entries
+    for p, rid in zip(prompts[:3], ids[:3]):
+        assert done[rid].outputs[0].token_ids == full_greedy(cpu, p, 24)
+    for p, rid in zip(prompts[3:], ids[3:]):
+        assert done[rid].outputs[0].token_ids == [] and len(done[rid].prompt_logprobs) == len(p)
+        check_prompt_logprobs(cpu, p[:128], done[rid].prompt_logprobs[:128], 1)
+
+
 def test_generate_command_writes_prompt_logprobs(tok):
     from lmforge.cli.generate import result_row
 

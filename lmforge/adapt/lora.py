@@ -237,11 +237,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
         raise ConfigError(f"LoRA layer {off[0]} is disabled (inside adapters_disabled); merge outside it")
     for name, lora in layers.items():
         lora.weight.add_(lora.delta_weight())
-        plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
-        plain.weight, plain.bias = lora.weight, lora.bias
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, plain)
+        _unwrap(model, name, lora)
     return model
+
+
+def remove_lora(model: nn.Module) -> dict[str, LoRALinear]:
+    """In place: put each LoRALinear's base Linear (the same weight and bias Parameters) back without its
+    update, which leaves the base model; returns the removed layers by name, adapters and scales intact (what
+    `lmforge export --adapter` writes apart from the base)."""
+    layers = lora_layers(model)
+    for name, lora in layers.items():
+        _unwrap(model, name, lora)
+    return layers
+
+
+def _unwrap(model: nn.Module, name: str, lora: LoRALinear) -> None:
+    plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
+    plain.weight, plain.bias = lora.weight, lora.bias
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, plain)
 
 
 SCALE = ".lora_scale"

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("lmforge.cli.sample", "sample text from a checkpoint"),
     "generate": ("lmforge.cli.generate", "batch generation from prompts to JSONL"),
     "chat": ("lmforge.cli.chat", "terminal chat with a checkpoint"),
+    "export": ("lmforge.cli.export", "a checkpoint as a HF model directory (LoRA merged) or a PEFT adapter"),
     "tokenizer": ("lmforge.cli.tokenizer", "train / encode / inspect BPE tokenizers"),
     "data": ("lmforge.cli.data", "run pretraining data pipelines"),
     "scaling": ("lmforge.cli.scaling", "scaling-law sweeps and fits"),

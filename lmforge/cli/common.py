@@ -70,8 +70,9 @@ def _bool_flags(cls: type, prefix: str = "") -> set[str]:
 
 
 def bare_bools(cls: type, argv: list[str]) -> list[str]:
-    """`--restart` alone means `--restart True` (the options otherwise take an explicit True/False), and a
-    bool's value may be written true/false/yes/no/1/0 in any case."""
+    """`--restart` alone (before another flag, a positional argument or nothing) means `--restart True` (the
+    options otherwise take an explicit True/False), and a bool's value may be written true/false/yes/no/1/0 in
+    any case."""
     names = _bool_flags(cls)
     words = {"true": "True", "false": "False", "yes": "True", "no": "False", "1": "True", "0": "False"}
 
@@ -87,7 +88,7 @@ def bare_bools(cls: type, argv: list[str]) -> list[str]:
             a = words[a.lower()]
         out.append(a)
         nxt = argv[i + 1] if i + 1 < len(argv) else "--"
-        if not eq and is_bool(a) and nxt.startswith("--"):
+        if not eq and is_bool(a) and (nxt.startswith("--") or nxt.lower() not in words):
             out.append("True")
     return out
 

@@ -1,5 +1,6 @@
 """Chat templates: a conversation (list of {"role", "content"} messages) -> the prompt text a chat model
-was trained on. Used by `lmforge chat`, SFT (loss on assistant turns) and the server.
+was trained on. Used by `lmforge chat`, SFT (loss on assistant turns), the server and `lmforge export`
+(`ChatTemplate.jinja()`: the same rendering as HF tokenizer_config.json Jinja).
 
 Each template is a small frozen dataclass of strings, so new formats are data, not code:
   chatml   <|im_start|>role\\ncontent<|im_end|>\\n ... <|im_start|>assistant\\n      (OpenAI ChatML, Qwen)
@@ -9,6 +10,7 @@ Each template is a small frozen dataclass of strings, so new formats are data, n
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -87,6 +89,25 @@ class ChatTemplate:
         if add_generation_prompt:
             out.append(Piece(self.header.format(role=self.role("assistant")), False, False))
         return out
+
+    def jinja(self) -> str:
+        """This template as the Jinja of a HF tokenizer_config.json "chat_template" (what `lmforge export`
+        writes): it renders what render(messages, add_generation_prompt) does. Every piece of text is a quoted
+        literal (a JSON string is a Jinja string with the same escapes), so HF's trim_blocks / lstrip_blocks
+        cannot change it; an unknown role raises with the words of segments()."""
+        q = json.dumps
+        headers = ", ".join(f"{q(r)}: {q(self.header.format(role=self.role(r)))}" for r in ROLES)
+        unknown = " ~ ".join([q("message "), "loop.index0", q(" has role '"), "message['role']",
+                              q(f"'; choose one of {', '.join(ROLES)}")])
+        return "".join([
+            "{%- set headers = {" + headers + "} -%}",
+            "{{- " + q(self.bos) + " -}}" if self.bos else "",
+            "{%- for message in messages -%}",
+            "{%- if message['role'] not in headers -%}{{- raise_exception(" + unknown + ") -}}{%- endif -%}",
+            "{{- headers[message['role']] ~ message['content'] ~ " + q(self.end) + " -}}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt -%}{{- headers['assistant'] -}}{%- endif -%}",
+        ])
 
     @property
     def stop(self) -> tuple[str, ...]:

@@ -107,6 +107,16 @@ def guess_family(cfg: ModelConfig) -> str:
     return "mistral" if cfg.sliding_window else "llama"
 
 
+def hf_names(cfg: ModelConfig, family: str) -> dict[str, str]:
+    """lmforge tensor name -> HF tensor name of every tensor the family's rules carry across as it is
+    ('blocks.0.attn.wq.weight' -> 'model.layers.0.self_attn.q_proj.weight'): the names under which a file
+    of per-module tensors in HF's naming, such as a PEFT adapter, is written. Tensors the rules transpose,
+    split or fuse (GPT-2's c_attn, a fused q|k|v, stacked experts) are not in it."""
+    if family not in FAMILIES:
+        raise ConfigError(f"family={family!r} is not a supported HF family; choose one of {sorted(FAMILIES)}")
+    return {r.lm[0]: r.hf[0] for r in FAMILIES[family][3](cfg) if r.plain}
+
+
 # tensors ---------------------------------------------------------------------------------------------
 def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> file holding it (single file or sharded with an index)."""

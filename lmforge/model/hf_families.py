@@ -31,6 +31,11 @@ class Rule:
     to_lm: Fn = _same
     to_hf: Fn = _same
 
+    @property
+    def plain(self) -> bool:
+        """One whole tensor each way, stored as it is (no transpose, split, stacking or offset)."""
+        return len(self.hf) == len(self.lm) == 1 and "#" not in self.lm[0] and self.to_hf is _same
+
 
 def one(hf: str, lm: str, to_lm: Callable = None, to_hf: Callable = None) -> Rule:
     return Rule((hf,), (lm,), (lambda t: [to_lm(t[0])]) if to_lm else _same,

@@ -1,0 +1,372 @@
+"""`lmforge export`: an lmforge checkpoint as the rest of the ecosystem loads it.
+
+    lmforge export runs/sft out/sft                    HF model directory (LoRA adapters merged) + tokenizer
+    lmforge export runs/sft out/peft --adapter         PEFT adapter directory, its base model in out/peft/base
+    lmforge export runs/sft out/peft --adapter --base-out out/base      the base model elsewhere
+
+A model directory (config.json, model.safetensors, generation_config.json, tokenizer.json,
+tokenizer_config.json) opens with transformers' AutoModelForCausalLM / AutoTokenizer and with lmforge's
+load_model / --checkpoint. The chat template the checkpoint records (or --template) goes into
+tokenizer_config.json as Jinja that renders exactly what lmforge's ChatTemplate renders, and its end marker
+joins the end-of-sequence ids, so HF's generate stops where `lmforge chat` does.
+
+--adapter writes PEFT's layout instead of merging: adapter_config.json (r, lora_alpha, use_rslora,
+lora_dropout, target_modules as full HF module names, modules_to_save for what [lora] trainable kept in
+full) and adapter_model.safetensors (fp32, as lmforge trains adapters), named by the family's HF name rules
+(lmforge.model.hf.hf_names), over a base model directory: the checkpoint's weights without the adapters.
+peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT) is then the trained model.
+
+Each directory is built in a hidden temporary directory beside it and renamed into place, so a failed
+export leaves nothing half-written; an existing non-empty OUT is replaced only with --force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from lmforge.errors import ConfigError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+PEFT_PREFIX = "base_model.model."
+"""what PEFT puts before a module name of the model it wraps (adapter_model.safetensors keys)"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    checkpoint: Annotated[str, tyro.conf.Positional, tyro.conf.arg(
+        metavar="CKPT", help="run directory, checkpoint directory or HF-format model directory")]
+    out: Annotated[str, tyro.conf.Positional, tyro.conf.arg(
+        metavar="OUT", help="directory to write: a HF model directory (with --adapter, a PEFT adapter directory)")]
+    adapter: bool = False
+    """write the LoRA adapters as a PEFT adapter directory over a base model directory, instead of merging them"""
+    base_out: str | None = None
+    """with --adapter: where the base model directory goes (default OUT/base)"""
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    """dtype of the written weights (default: the checkpoint's; PEFT adapters stay fp32)"""
+    family: str | None = None
+    """HF family to write: llama, mistral, qwen2, qwen3, gemma2, gpt2, ... (default: the one the model's config
+    matches, or a HF checkpoint's own)"""
+    template: str | None = None
+    """chat template for tokenizer_config.json: chatml, llama3 or plain (default: the one the checkpoint records)"""
+    tokenizer: str | None = None
+    """tokenizer to write when the checkpoint has none or to replace it: 'byte' or a tokenizer file/directory"""
+    base: str | None = None
+    """where an adapter-only checkpoint's base model is now, when it moved from the path its config.json records"""
+    force: bool = False
+    """replace an existing non-empty OUT (and --base-out)"""
+
+
+def main(argv: list[str]) -> int:
+    from lmforge.cli.common import parse_config
+
+    cfg = parse_config(ExportConfig, argv, prog="lmforge export", config_file=False,
+                       description="Write a checkpoint as a HF model directory (LoRA adapters merged) or, with "
+                                   "--adapter, as a PEFT adapter directory over its base model.")
+    export(cfg)
+    return 0
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Write the export `cfg` asks for; returns OUT. Everything that can be refused is refused before a
+    file is written."""
+    import torch
+
+    from lmforge.align.data import check_template
+    from lmforge.checkpoint import load_model, resolve_checkpoint
+    from lmforge.model.hf import FAMILIES
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.byte import ByteTokenizer
+    from lmforge.tokenizer.load import load_tokenizer
+
+    ckpt = resolve_checkpoint(cfg.checkpoint)
+    out, base_out = Path(cfg.out), Path(cfg.base_out) if cfg.base_out else None
+    if base_out is not None and not cfg.adapter:
+        raise ConfigError("--base-out is where --adapter puts the base model; add --adapter or leave --base-out out")
+    if base_out is not None and base_out.resolve() == out.resolve():
+        raise ConfigError(f"--base-out {base_out} is OUT itself; give the base model its own directory")
+    for target in (out, base_out) if base_out is not None else (out,):
+        check_target(target, ckpt, cfg.force)
+    if cfg.family is not None and cfg.family not in FAMILIES:
+        raise ConfigError(f"--family {cfg.family!r} is not a HF family lmforge writes; choose one of {sorted(FAMILIES)}")
+    template = chat_template(cfg, ckpt)
+    model, tok = load_model(ckpt, tokenizer=cfg.tokenizer is None, base=cfg.base)
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok
+    if not isinstance(model, Transformer):
+        raise ConfigError(f"{ckpt} holds a {type(model).__name__} (a head on a backbone), which HF's "
+                          "AutoModelForCausalLM has no place for; export a causal LM checkpoint")
+    bpe = as_bpe(tok, model.cfg.vocab_size) if tok is not None else None
+    if template is not None and tok is not None:  # its markers must be special tokens, as training required
+        check_template(tok, template, plain="--template plain")
+    family = cfg.family or source_family(ckpt, model)
+    dtype = getattr(torch, DTYPES[cfg.dtype]) if cfg.dtype else stored_dtype(ckpt, model)
+    model.eos_token_ids = eos_ids(model, bpe, template)
+    files = TokenizerFiles(bpe, template, model.eos_token_ids, model.cfg.max_seq_len,
+                           byte=isinstance(tok, ByteTokenizer))
+    if bpe is None:
+        print(f"note: {ckpt} holds no tokenizer, so none is written (give one with --tokenizer)")
+    if cfg.adapter:
+        write_adapter(model, ckpt, out, base_out, family, dtype, files)
+    else:
+        write_merged(model, out, family, dtype, files)
+    return out
+
+
+def write_merged(model, out: Path, family: str, dtype, files: TokenizerFiles) -> None:
+    from lmforge.adapt.lora import lora_layers, merge_lora
+    from lmforge.model.hf import save_pretrained
+
+    n = len(lora_layers(model))
+    if n:
+        merge_lora(model)
+        print(f"merged {n} LoRA adapters into the weights (--adapter writes them apart, for PEFT)")
+    with staged(out) as tmp:
+        save_pretrained(model, tmp, dtype=dtype, family=family)
+        files.write(tmp)
+    print(f"wrote {out}: a HF {family} model in {str(dtype).removeprefix('torch.')}{files.summary()}")
+
+
+def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: str, dtype,
+                  files: TokenizerFiles) -> None:
+    from safetensors.torch import save_file
+
+    from lmforge.adapt.lora import remove_lora
+    from lmforge.model.hf import save_pretrained
+    from lmforge.utils import write_json_atomic
+
+    lora = run_lora(ckpt)
+    if not lora:
+        print(f"note: no [lora] section in the config.json of {ckpt}'s run: the adapter gets lora_dropout 0 and no "
+              "modules_to_save (modules trained in full are in the base model written)")
+    config, tensors = peft_adapter(model, family, lora)
+    with staged(out) as tmp, (staged(base_out) if base_out else contextlib.nullcontext(tmp / "base")) as base_tmp:
+        remove_lora(model)  # the adapters are in `tensors`; what is left is the base model
+        save_pretrained(model, base_tmp, dtype=dtype, family=family)
+        files.write(base_tmp)
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        base_final = (base_out or out / "base").resolve()
+        write_json_atomic(tmp / "adapter_config.json", {**config, "base_model_name_or_path": str(base_final)})
+        files.write(tmp)
+    print(f"wrote {out}: a PEFT LoRA adapter on {len(config['target_modules'])} modules (r={config['r']}, "
+          f"lora_alpha={config['lora_alpha']:g}) over the HF {family} base model in {base_out or out / 'base'}"
+          f"{files.summary()}")
+
+
+# ---- where and how ----------------------------------------------------------------------------------
+
+def check_target(path: Path, ckpt: Path, force: bool) -> None:
+    """An existing non-empty target is replaced only with --force, and never when it holds the checkpoint."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not force:
+        raise ConfigError(f"{path} exists and is not empty; pass --force to replace it, or choose another directory")
+    if path.resolve() == ckpt.resolve() or path.resolve() in ckpt.resolve().parents:
+        raise ConfigError(f"{path} holds the checkpoint being exported ({ckpt}); write the export elsewhere")
+
+
+@contextlib.contextmanager
+def staged(path: Path) -> Iterator[Path]:
+    """A hidden directory beside `path` to write into, renamed onto `path` when the block succeeds (what was
+    there moved aside first and removed after) and removed when it fails: `path` is whole or untouched."""
+    tmp, old = (path.parent / f".{path.name}.{what}-{os.getpid()}" for what in ("export", "replaced"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        moved = path.exists()
+        if moved:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if moved:
+                os.replace(old, path)
+            raise
+        if moved and old.is_dir():
+            shutil.rmtree(old)
+        elif moved:
+            old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def source_family(ckpt: Path, model) -> str:
+    """A HF checkpoint's own family; else the family whose architecture the model's config matches."""
+    from lmforge.checkpoint import is_hf_dir
+    from lmforge.model.hf import family_of, guess_family, read_hf_config
+
+    return family_of(read_hf_config(ckpt)) if is_hf_dir(ckpt) else guess_family(model.cfg)
+
+
+def stored_dtype(ckpt: Path, model):
+    """The dtype the checkpoint stores its weights in. load_model builds an lmforge model in fp32 whatever its
+    file holds, so that file's (most common) dtype; a HF checkpoint, or an adapter-only one (its weights come
+    from its base), loads in its own."""
+    from safetensors import safe_open
+
+    from lmforge.adapt.lora import ADAPTER_PARAMS
+    from lmforge.checkpoint import is_hf_dir
+    from lmforge.model.hf import SAFETENSORS_DTYPES
+
+    counts: Counter = Counter()
+    if not is_hf_dir(ckpt) and not json.loads((ckpt / "config.json").read_text()).get("base"):
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            counts.update(f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith(ADAPTER_PARAMS))  # noqa: SIM118
+    stored = [d for d, _ in counts.most_common() if d in SAFETENSORS_DTYPES]
+    if stored:
+        return SAFETENSORS_DTYPES[stored[0]]
+    return next(p.dtype for n, p in model.named_parameters() if not n.endswith(ADAPTER_PARAMS))
+
+
+def chat_template(cfg: ExportConfig, ckpt: Path):
+    """The ChatTemplate asked for or recorded by the checkpoint's fine-tuning run (None: neither)."""
+    from lmforge.checkpoint import recorded_chat_template
+    from lmforge.infer.chat_template import get_template
+
+    name = cfg.template or recorded_chat_template(ckpt)
+    return get_template(name) if name else None
+
+
+def eos_ids(model, tok, template) -> tuple[int, ...]:
+    """End-of-sequence ids for HF's generate: the model's own (a HF model's), the template's end marker when
+    it is one special token (an answer ends at <|im_end|>), and <|endoftext|>."""
+    specials = tok.special_tokens if tok is not None else {}
+    ids = [*(getattr(model, "eos_token_ids", None) or ()), specials.get(template.end.strip()) if template else None,
+           specials.get("<|endoftext|>")]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+# ---- tokenizer --------------------------------------------------------------------------------------
+
+def as_bpe(tok, vocab_size: int):
+    """The tokenizer as a byte-level BPE Tokenizer, which writes HF's tokenizer.json: a byte tokenizer is
+    the one with the 256 bytes as its vocabulary and no merges (the same ids)."""
+    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    if isinstance(tok, ByteTokenizer):
+        tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], dict(tok.special_ids))
+    elif not isinstance(tok, Tokenizer):
+        raise ConfigError(f"a {type(tok).__name__} has no HF tokenizer.json form (lmforge writes its byte-level "
+                          "BPE and byte tokenizers); give one with --tokenizer")
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}: "
+                          "it was not made for this model; give the model's own with --tokenizer")
+    return tok
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """tokenizer.json and tokenizer_config.json (with the chat template) of an export."""
+    tok: object | None
+    template: object | None
+    eos: tuple[int, ...]
+    max_len: int
+    byte: bool
+    """a byte tokenizer's: special tokens' text is never parsed as them (HF's split_special_tokens)"""
+
+    def write(self, path: Path) -> None:
+        from lmforge.utils import write_json_atomic
+
+        if self.tok is None:
+            return
+        self.tok.save_hf(path)
+        names = {i: s for s, i in self.tok.special_tokens.items()}
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.max_len,
+                "clean_up_tokenization_spaces": False}  # decode as lmforge does: no spaces removed
+        if self.eos and self.eos[0] in names:
+            conf["eos_token"] = names[self.eos[0]]
+        if self.byte:
+            conf["split_special_tokens"] = True
+        if self.template is not None:
+            conf["chat_template"] = self.template.jinja()
+        write_json_atomic(path / "tokenizer_config.json", conf)
+
+    def summary(self) -> str:
+        if self.tok is None:
+            return ""
+        return ", its tokenizer" + (f" and the {self.template.name} chat template" if self.template else "")
+
+
+# ---- PEFT -------------------------------------------------------------------------------------------
+
+def run_lora(ckpt: Path) -> dict:
+    """The [lora] section of the run a checkpoint belongs to (RUN/config.json; {} outside a run directory)."""
+    if ckpt.parent.name != "checkpoints":
+        return {}
+    try:
+        lora = json.loads((ckpt.parent.parent / "config.json").read_text())["config"]["lora"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return lora if isinstance(lora, dict) else {}
+
+
+def peft_adapter(model, family: str, lora: dict) -> tuple[dict, dict]:
+    """(adapter_config.json, adapter_model.safetensors tensors) of the model's LoRA layers in PEFT's naming.
+    `lora`: the run's [lora] section, for rslora, dropout and the modules kept trainable."""
+    from lmforge.adapt.lora import lora_layers
+    from lmforge.model.hf import hf_names
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ConfigError("the checkpoint holds no LoRA adapters: export it without --adapter")
+    names = hf_names(model.cfg, family)
+    modules = {}
+    for name in layers:
+        if f"{name}.weight" not in names:
+            why = ("a fused projection (model.fused_proj=true), which PEFT's per-projection adapters cannot express"
+                   if name.endswith((".wqkv", ".gate_up")) else f"stored in another form in the {family} HF layout")
+            raise ConfigError(f"--adapter: LoRA layer {name} is {why}; export without --adapter (merged)")
+        modules[name] = names[f"{name}.weight"].removesuffix(".weight")
+    shapes = {(m.lora_A.shape[0], m.scale) for m in layers.values()}
+    if len(shapes) > 1:
+        raise ConfigError(f"--adapter: the LoRA layers differ in rank or scale ({sorted(shapes)}), which one "
+                          "adapter_config.json does not say; export without --adapter (merged)")
+    (r, scale), = shapes
+    rslora = bool(lora.get("rslora", False))
+    alpha = scale * (math.sqrt(r) if rslora else r)  # PEFT's scale: lora_alpha / r, or / sqrt(r) with rsLoRA
+    if isinstance(lora.get("alpha"), (int, float)) and math.isclose(lora["alpha"], alpha, rel_tol=1e-9):
+        alpha = lora["alpha"]  # the run's own, not its value rounded through the scale
+    tensors = {}
+    for name, m in layers.items():
+        for part in ("lora_A", "lora_B"):  # (r, in), (out, r): PEFT's Linear weights as lmforge's
+            tensors[f"{PEFT_PREFIX}{modules[name]}.{part}.weight"] = getattr(m, part).detach().contiguous().cpu()
+    kept = kept_modules(model, tuple(lora.get("trainable") or ()), names)
+    for params in kept.values():
+        tensors.update({f"{PEFT_PREFIX}{k}": t for k, t in params.items()})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
+              "lora_dropout": float(lora.get("dropout", 0.0)), "target_modules": list(modules.values()),
+              "modules_to_save": list(kept) or None, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True}
+    return config, tensors
+
+
+def kept_modules(model, patterns: tuple[str, ...], names: dict[str, str]) -> dict[str, dict]:
+    """HF module name -> {HF tensor name: tensor} of each module [lora] trainable kept in full (PEFT's
+    modules_to_save); one whose tensors are not those of one HF module is refused."""
+    from lmforge.adapt.lora import matches
+
+    out: dict[str, dict] = {}
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not matches(name, patterns) or any(name.startswith(c + ".") for c in chosen):
+            continue
+        chosen.append(name)
+        params = {names.get(f"{name}.{p}"): (p, t.detach().contiguous().cpu()) for p, t in module.named_parameters()}
+        heads = {h.removesuffix("." + p) if h and h.endswith("." + p) else None for h, (p, _) in params.items()}
+        if None in heads or len(heads) != 1:
+            raise ConfigError(f"--adapter: the module {name} that [lora] trainable kept in full is not one HF module "
+                              "PEFT can keep (modules_to_save); export without --adapter (merged)")
+        out[heads.pop()] = {h: t for h, (_, t) in params.items()}
+    return out

@@ -1,0 +1,253 @@
+"""`lmforge export`: checkpoints as HF model directories and PEFT adapters, checked by loading them with
+`transformers` / `peft` and comparing logits (fp32) and chat-template renderings with lmforge's own."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.adapt.lora import LoRAConfig, apply_lora
+from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.cli import main
+from lmforge.cli.export import ExportConfig, export
+from lmforge.config import to_dict
+from lmforge.infer.chat_template import TEMPLATES, get_template
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
+from lmforge.tokenizer.byte import ByteTokenizer
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>"]
+TARGETS = ("wq", "wk", "wv", "wo", "gate", "up", "down")
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello world"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"},
+     {"role": "assistant", "content": "5"}, {"role": "user", "content": "and 2+4?"}],
+    [{"role": "user", "content": "  spaces\n\nnew lines\t{braces} 'quotes' \"double\" \\ é 日本"},
+     {"role": "assistant", "content": ""}, {"role": "tool", "content": "{% raw %}"}],
+]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "training.md"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from lmforge.tokenizer.train import train_bpe
+
+    text = "Hello world! The quick brown fox jumps over the lazy dog. 2+3=5 user assistant system\n" * 40
+    return train_bpe(iter([text]), 340, SPECIALS, progress=False, workers=1)
+
+
+def tiny(vocab_size: int, seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
+                                    max_seq_len=64, **kw))
+    with torch.no_grad():  # norm gains too: a wrong name mapping cannot hide behind ones
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def adapted(model: Transformer, lora: LoRAConfig) -> Transformer:
+    """`model` with LoRA adapters as after training: B != 0 (else merging changes nothing) and the modules
+    kept trainable changed."""
+    out = apply_lora(copy.deepcopy(model), lora)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name.endswith("lora_B") or p.requires_grad and not name.endswith("lora_A"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return out.eval()
+
+
+def lora_run(path: Path, model, tok, lora: LoRAConfig) -> Path:
+    """A run directory as a LoRA post-training run leaves it: the checkpoint, and config.json with [lora]."""
+    save_checkpoint(path, 1, model, tokenizer=tok, extra={"chat_template": "chatml"})
+    (path / "config.json").write_text(json.dumps({"config": {"lora": to_dict(lora)}}))
+    return path
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return getattr(out, "logits", out)
+
+
+def ids_for(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_export_loads_in_transformers_and_lmforge(tmp_path, tok):
+    model = tiny(tok.vocab_size)
+    save_checkpoint(tmp_path / "run", 1, model, tokenizer=tok, extra={"chat_template": "chatml"})
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0  # a run directory: its newest
+    ids, want = ids_for(tok.vocab_size), logits(model, ids_for(tok.vocab_size))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.dtype == torch.float32 and (logits(hf, ids) - want).abs().max() <= 1e-5
+    back, back_tok = load_model(tmp_path / "hf")
+    assert (logits(back, ids) - want).abs().max() <= 1e-5 and back_tok.encode("Hello world") == tok.encode("Hello world")
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    specials = tok.special_tokens
+    assert gen["eos_token_id"] == [specials["<|im_end|>"], specials["<|endoftext|>"]]  # an answer ends at im_end
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert half.dtype == torch.bfloat16 and (logits(half.float(), ids) - want).abs().max() < 0.05
+    save_checkpoint(tmp_path / "run16", 1, copy.deepcopy(model).to(torch.bfloat16), tokenizer=tok)
+    assert main(["export", str(tmp_path / "run16"), str(tmp_path / "hf16")]) == 0  # default: the stored dtype
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_merged_lora_export_equals_the_adapted_model(tmp_path, tok, capsys):
+    base = tiny(tok.vocab_size)
+    model = adapted(base, LoRAConfig(r=4, alpha=8, targets=TARGETS))
+    save_checkpoint(tmp_path / "run", 1, model, tokenizer=tok)
+    export(ExportConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "hf")))
+    assert "merged 14 LoRA adapters" in capsys.readouterr().out
+    ids = ids_for(tok.vocab_size)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    want = logits(model, ids)
+    assert (logits(base, ids) - want).abs().max() > 1e-2  # the adapters matter
+    assert (logits(hf, ids) - want).abs().max() <= 1e-5
+
+
+def test_peft_adapter_equals_the_adapted_model(tmp_path, tok):
+    base = tiny(tok.vocab_size)
+    lora = LoRAConfig(r=4, alpha=8, targets=TARGETS, trainable=("lm_head", "final_norm"), rslora=True, dropout=0.1)
+    model = adapted(base, lora)
+    lora_run(tmp_path / "run", model, tok, lora)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "peft"), "--adapter"]) == 0
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (conf["r"], conf["lora_alpha"], conf["use_rslora"], conf["lora_dropout"]) == (4, 8, True, 0.1)
+    assert conf["target_modules"][:2] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+    assert conf["modules_to_save"] == ["model.norm", "lm_head"]
+    ids, want = ids_for(tok.vocab_size), logits(model, ids_for(tok.vocab_size))
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    got = peft.PeftModel.from_pretrained(written, tmp_path / "peft").eval()
+    assert (logits(got, ids) - want).abs().max() <= 1e-5
+    # over the model the run started from, the adapter's modules_to_save bring the kept modules as trained
+    base.save_pretrained(tmp_path / "start")
+    start = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "start"),
+                                           tmp_path / "peft").eval()
+    assert (logits(start, ids) - want).abs().max() <= 1e-5
+    # --base-out: the base elsewhere, named in adapter_config.json, so AutoPeftModel finds it
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "peft2"), "--adapter", "--base-out",
+                 str(tmp_path / "base2")]) == 0
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft2").eval()
+    assert (logits(auto, ids) - want).abs().max() <= 1e-5 and not (tmp_path / "peft2" / "base").exists()
+
+
+def _template_export(tmp_path: Path, name: str, tokenizer) -> Path:
+    save_checkpoint(tmp_path / name, 1, tiny(tokenizer.vocab_size), tokenizer=tokenizer)
+    assert main(["export", str(tmp_path / name), str(tmp_path / f"{name}-hf"), "--template", name]) == 0
+    return tmp_path / f"{name}-hf"
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_renders_and_encodes_as_lmforge(tmp_path, tok, name):
+    hf_tok = transformers.AutoTokenizer.from_pretrained(_template_export(tmp_path, name, tok))
+    template = get_template(name)
+    for conversation in CONVERSATIONS:
+        for gen in (True, False):
+            text = hf_tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen)
+            assert text == template.render(conversation, add_generation_prompt=gen)
+            assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    if name == "chatml":  # where no pre-token crosses a marker, token for token what SFT trained on
+        for conversation in CONVERSATIONS:
+            ids = hf_tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)["input_ids"]
+            assert ids == template.encode(tok, conversation)[0]
+    with pytest.raises(Exception, match="has role 'robot'"):
+        hf_tok.apply_chat_template([{"role": "robot", "content": "hi"}], tokenize=False)
+
+
+def test_byte_tokenizer_exports_with_the_same_ids(tmp_path):
+    byte = ByteTokenizer()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(_template_export(tmp_path, "plain", byte))
+    text = get_template("plain").render(CONVERSATIONS[2]) + "<|endoftext|> is text here"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == byte.encode(text)
+    assert hf_tok.eos_token_id == byte.eot_id and hf_tok.decode(byte.encode(text)) == text
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, tok, capsys):
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main(["export", str(tmp_path / "missing"), str(out)]) == 2
+    assert "no checkpoint found" in _one_line_error(capsys) and not out.exists()
+    model = tiny(tok.vocab_size)
+    save_checkpoint(run, 1, model, tokenizer=tok)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", str(run), str(out)]) == 2
+    assert "--force" in _one_line_error(capsys) and (out / "keep.txt").read_text() == "mine"
+    assert main(["export", str(run), str(run), "--force"]) == 2
+    assert "holds the checkpoint" in _one_line_error(capsys)
+    assert main(["export", "--force", str(run), str(out)]) == 0  # a bare flag before the positionals
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert main(["export", str(run), str(tmp_path / "peft"), "--adapter"]) == 2
+    assert "no LoRA adapters" in _one_line_error(capsys)
+    fused = adapted(tiny(tok.vocab_size, fused_proj=True), LoRAConfig(r=2, targets=("wqkv", "wo")))
+    save_checkpoint(tmp_path / "fused", 1, fused, tokenizer=tok)
+    assert main(["export", str(tmp_path / "fused"), str(tmp_path / "peft"), "--adapter"]) == 2
+    err = _one_line_error(capsys)
+    assert "blocks.0.attn.wqkv is a fused projection" in err and "without --adapter" in err
+    assert not (tmp_path / "peft").exists()
+    assert main(["export", str(tmp_path / "fused"), str(tmp_path / "merged")]) == 0  # what the error suggests
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = ids_for(tok.vocab_size)
+    assert (logits(hf, ids) - logits(fused, ids)).abs().max() <= 1e-5
+
+
+def test_a_failed_export_leaves_nothing(tmp_path, tok, monkeypatch):
+    from lmforge.model import hf
+
+    model = adapted(tiny(tok.vocab_size), LoRAConfig(r=2, targets=("wq",)))
+    save_checkpoint(tmp_path / "run", 1, model, tokenizer=tok)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+
+    def fail(model, path, **kw):
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(hf, "save_pretrained", fail)
+    for adapter, base_out in ((False, None), (True, str(tmp_path / "base"))):
+        with pytest.raises(OSError, match="No space left"):
+            export(ExportConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "out"), force=True,
+                                adapter=adapter, base_out=base_out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no temporary directory left
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+
+
+def test_training_guide_export_example_runs(tmp_path, monkeypatch):
+    """docs/training.md's export example: its sft-lora.toml, commands and Python block, on a toy init."""
+    monkeypatch.chdir(tmp_path)
+    text = DOCS.read_text()
+    toml = next(b for b in re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL) if b.startswith("# sft-lora.toml"))
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL) if "lmforge export" in b)
+    code = next(b for b in re.findall(r"```py\n(.*?)```", text, flags=re.DOTALL) if "PeftModel" in b)
+    Path("sft-lora.toml").write_text(toml)
+    save_checkpoint("runs/pretrain", 1, tiny(257), tokenizer=ByteTokenizer())
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": f"{a + b}"}]}
+            for a in range(4) for b in range(4)]
+    Path("chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for line in block.splitlines()[1:]:
+        assert main(shlex.split(line.split("  #")[0])[1:]) == 0, line
+    scope: dict = {}
+    exec(compile(code, str(DOCS), "exec"), scope)  # noqa: S102  the guide's own block, as test_docs runs them
+    trained, _ = load_model("runs/sft-lora")
+    assert scope["prompt"] == get_template("plain").render([{"role": "user", "content": "2+3?"}])
+    want = logits(trained, scope["ids"])
+    for hf in (scope["model"], scope["adapted"]):
+        assert (logits(hf.eval(), scope["ids"]) - want).abs().max() <= 1e-5

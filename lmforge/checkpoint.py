@@ -162,11 +162,16 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer,
         torch.save(train_state, tmp / "train_state.pt")
     if tokenizer is not None:
         tokenizer.save(tmp)
-    files = sorted(p for p in tmp.iterdir())
+    _seal(tmp)
+
+
+def _seal(folder: Path) -> None:
+    """Write manifest.json (every other file's size and SHA-256) and give the files their umask modes."""
+    files = sorted(p for p in folder.iterdir() if p.name != "manifest.json")
     manifest = {"files": {p.name: p.stat().st_size for p in files},
                 "sha256": {p.name: sha256_file(p) for p in files}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    _honour_umask(tmp)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _honour_umask(folder)
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -282,7 +287,38 @@ def base_record(path: str | Path, *, merge_lora: bool = False) -> dict[str, Any]
 
 
 BASE_HINT = ("pass its current location: load_model(path, base=DIR), LLM.load(path, base=DIR) or --base DIR "
-             "(lmforge sample | generate | chat)")
+             "(lmforge sample | generate | chat), or record it once: lmforge.checkpoint.rebase(path, DIR)")
+
+
+def rebase(path: str | Path, base: str | Path) -> Path:
+    """Record in an adapter-only checkpoint that its base is now at `base` (moved, not changed: the weights
+    checksum must be the recorded one), so every reader (a run's init, reference or teacher too) finds it
+    without base=. The checkpoint is rewritten beside itself and swapped in: whole before or after."""
+    ckpt = resolve_checkpoint(path)
+    meta = _verify(ckpt)
+    record = meta.get("base")
+    if not record:
+        raise ConfigError(f"{ckpt} holds all its weights (it has no base): there is nothing to rebase")
+    found = checkpoint_identity(base)
+    if found["sha256"] != record["sha256"]:
+        raise CheckpointError(f"{base} has other weights (sha256 {found['sha256']}) than the base {ckpt} was "
+                              f"trained on ({record['path']}, sha256 {record['sha256']}); give that base")
+    tmp, old = (ckpt.parent / f".{what}_{ckpt.name}_{os.getpid()}" for what in ("rebase", "replaced"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(ckpt, tmp)
+        meta["base"] = {**record, "path": found["path"]}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _seal(tmp)
+        os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+    except BaseException:
+        if old.exists() and not ckpt.exists():
+            os.replace(old, ckpt)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return ckpt
 
 
 def model_config_of(ckpt: Path):

@@ -123,7 +123,8 @@ def test_a_moved_or_changed_base_is_refused_in_one_line_and_found_with_base(base
     assert "\n" not in msg and msg == (f"{_last(tmp_path / 'a')} holds adapters over the base {record['path']} "
                                        f"(sha256 {record['sha256']}), which is missing; pass its "
                                        "current location: load_model(path, base=DIR), LLM.load(path, base=DIR) or "
-                                       "--base DIR (lmforge sample | generate | chat)")
+                                       "--base DIR (lmforge sample | generate | chat), or record it once: "
+                                       "lmforge.checkpoint.rebase(path, DIR)")
     with torch.no_grad():
         assert torch.equal(ckpt.load_model(tmp_path / "a", base=tmp_path / "moved")[0](IDS), policy(IDS))
         assert torch.equal(LLM.load(tmp_path / "a", base=str(tmp_path / "moved")).model(IDS), policy(IDS))
@@ -145,6 +146,19 @@ def test_a_moved_or_changed_base_is_refused_in_one_line_and_found_with_base(base
         ckpt.load_model(tmp_path / "a", base=tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="holds all its weights .*leave base out"):
         ckpt.load_model(tmp_path / "moved", base=tmp_path / "moved")
+    # rebase records the new place once: every reader then finds it (the identity, made of checksums, stays)
+    identity = ckpt.checkpoint_identity(tmp_path / "a")["sha256"]
+    with pytest.raises(CheckpointError, match="other weights .* than the base"):
+        ckpt.rebase(tmp_path / "a", changed)
+    with pytest.raises(ConfigError, match="nothing to rebase"):
+        ckpt.rebase(tmp_path / "moved", tmp_path / "moved")
+    assert ckpt.rebase(tmp_path / "a", tmp_path / "moved") == _last(tmp_path / "a")
+    moved = json.loads((_last(tmp_path / "a") / "config.json").read_text())["base"]
+    assert moved == {**record, "path": str(ckpt.resolve_checkpoint(tmp_path / "moved").resolve())}
+    assert ckpt.checkpoint_identity(tmp_path / "a")["sha256"] == identity
+    assert sorted(p.name for p in _last(tmp_path / "a").parent.iterdir()) == [_last(tmp_path / "a").name]
+    with torch.no_grad():  # (the manifest was rewritten: load_model verifies every checksum)
+        assert torch.equal(ckpt.load_model(tmp_path / "a")[0](IDS), policy(IDS))
 
 
 def test_adapter_checkpoints_serve_as_init_and_reference_and_chain(base, tmp_path, monkeypatch):

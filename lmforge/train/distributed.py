@@ -28,10 +28,16 @@ Validation: every evaluator given the runner splits each validation batch's rows
 up the ranks' sums in one host-side all-reduce (sum_over_ranks): pretraining's LMEvaluator through
 runner.eval_nats, the post-training objectives' ObjectiveEvaluator (lmforge.align.sft) through eval_rows.
 The metrics are the single process's, computed once rather than once per rank.
+
+RL rollouts (docs/rl.md, "Under data parallelism"): the inference engine cannot run a sharded module, so
+each rank's engine runs an unsharded copy of the policy (rollout_model, made before distribute()) that
+sync_rollout refreshes from the sharded policy before each step's rollouts (full_weights: every rank
+all-gathers the whole model), as verl and OpenRLHF refresh their vLLM copies.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -103,6 +109,50 @@ def distribute(model: torch.nn.Module, source, par: ParallelConfig | None, *, de
     if getattr(source, "per_rank", False):
         return runner.model, source, runner
     return runner.model, RankRows(source, runner.dp_rank, runner.dp_size, batch_size), runner
+
+
+PIPELINE_ROLLOUTS = ("each rank holds one pipeline stage, but rollouts need the whole model on every rank; train "
+                     "the RL policy with data parallelism (dp_shard / dp_replicate) and pp=1")
+
+
+def rollout_model(policy: torch.nn.Module, par: ParallelConfig | None) -> torch.nn.Module:
+    """The module this rank's RL rollout engine runs; call before distribute(policy, ...). One process (par
+    None): the policy itself, shared with the Trainer (nothing copied). Under a parallel layout: an unsharded
+    copy on every rank (copy.deepcopy: LoRA adapters and any other wrapping come along; the policy must
+    already be on its device), refreshed by sync_rollout. A copy also under DDP, whose module holds the full
+    weights: the engine then never runs a training wrapper's forward hooks (DDP's lazy broadcast, FSDP's
+    all-gathers) while the ranks sample out of lockstep. Costs one full copy of the weights per rank."""
+    if par is None:
+        return policy
+    if par.pp > 1:
+        raise ConfigError(f"parallel.pp={par.pp}: {PIPELINE_ROLLOUTS}")
+    return copy.deepcopy(policy)
+
+
+def full_weights(model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The model's whole state_dict (weights and buffers, no optimizer state) on every rank; call on all
+    ranks. Keyed by the plain names (activation checkpointing's wrapper names removed), in the model's own
+    dtype (FSDP2's param_dtype is only what it computes in), on `device` (None: where they are).
+      FSDP2 / HSDP / TP: every DTensor all-gathered onto every rank (one transient full copy per rank,
+                         where gather_states gathers a checkpoint onto rank 0 only).
+      DDP, one process:  the module's own tensors: no copy, no communication.
+    A pipeline stage is refused: the other stages' weights are on other ranks."""
+    import torch.distributed.checkpoint.state_dict as state_dicts
+
+    from lmforge.parallel.pp import StageModule
+
+    if isinstance(model, StageModule):
+        raise ConfigError(f"full_weights of a pipeline stage (parallel.pp > 1): {PIPELINE_ROLLOUTS}")
+    everywhere = state_dicts.StateDictOptions(full_state_dict=True, cpu_offload=False)  # offload: rank 0 only
+    weights = state_dicts.get_model_state_dict(model, options=everywhere)
+    return weights if device is None else {k: v.to(device) for k, v in weights.items()}
+
+
+def sync_rollout(llm, policy: torch.nn.Module) -> None:
+    """Before sampling a step's rollouts (e.g. in a DataSource's begin_step(trainer), policy=trainer.model;
+    on every rank at once): the engine (an LLM or Engine) drops what the old weights computed and, when it
+    runs a rollout_model copy, first takes the policy's full_weights in place."""
+    llm.update_weights(None if llm.model is policy else full_weights(policy))
 
 
 class Repeated(dict):

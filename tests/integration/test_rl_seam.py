@@ -69,19 +69,26 @@ class Rollouts:
         # the policy changed since the last batch (optimizer step, resumed checkpoint): drop what the old
         # weights computed, i.e. the prefix cache; the module itself is shared, so nothing is copied
         self.llm.update_weights()
-        first = self.batches * self.prompts
-        exs = [self.examples[(first + k) % len(self.examples)] for k in range(self.prompts)]
-        params = SamplingParams(n=self.n, max_tokens=self.max_tokens, temperature=1.0, logprobs=0,
-                                seed=self.seed + self.batches)
-        outs = self.llm.generate([ex.prompt + " Answer: " for ex in exs], params)
+        rows = self.sample(self.batch_examples(), self.seed + self.batches)
         self.batches += 1
+        return collate(rows)
+
+    def batch_examples(self) -> list:
+        """The next batch's `prompts` task examples (the whole global batch's, under data parallelism)."""
+        first = self.batches * self.prompts
+        return [self.examples[(first + k) % len(self.examples)] for k in range(self.prompts)]
+
+    def sample(self, exs: list, seed: int) -> list[tuple]:
+        """(prompt ids, completion ids, log-probs, reward, advantage) of each of the `n` samples per example."""
+        params = SamplingParams(n=self.n, max_tokens=self.max_tokens, temperature=1.0, logprobs=0, seed=seed)
+        outs = self.llm.generate([ex.prompt + " Answer: " for ex in exs], params)
         rows = []
         for ex, out in zip(exs, outs):
             rewards = torch.tensor([float(self.task.verify(ex, "Answer: " + c.text)) for c in out.outputs])
             advantages = (rewards - rewards.mean()) / (rewards.std() + 1e-4)  # GRPO (Shao et al. 2024)
             rows += [(out.prompt_token_ids, c.token_ids, c.logprobs, r, a)
                      for c, r, a in zip(out.outputs, rewards, advantages)]
-        return collate(rows)
+        return rows
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "batches": self.batches}

@@ -385,13 +385,13 @@ def _refuse_inexpressible(cfg: ModelConfig, hf_cfg: dict, fam: str) -> None:
         back = config_from_hf(hf_cfg)
     except ConfigError as e:
         raise ConfigError(f"save_pretrained: the {fam} HF layout cannot express this model ({e}); save an "
-                          "lmforge checkpoint instead, or choose another family=") from None
+                          "lmforge checkpoint instead, or choose another family= (lmforge export --family)") from None
     diff = _first_difference(_math_view(cfg), _math_view(back))
     if diff:
         name, a, b = diff
         raise ConfigError(f"save_pretrained: the {fam} HF layout cannot express model.{name}={a!r} (it reads back "
                           f"as {b!r}), so transformers would compute something else; save an lmforge checkpoint "
-                          "instead, or choose another family=")
+                          "instead, or choose another family= (lmforge export --family)")
 
 
 def _refuse_dropped_state(model, rules, fam: str) -> None:

@@ -429,14 +429,19 @@ def _base_model(record: dict, ckpt: Path, base: str | Path | None) -> torch.nn.M
 
 
 def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *, base: str | Path | None = None):
-    """(model, tokenizer) from a checkpoint, a run directory or a HF model directory; tokenizer is None
-    if none was saved, or not read (tokenizer=False: the caller brings its own). An adapter-only checkpoint
-    loads its base from the path it records, or from `base` when the base has moved (checked to be the
-    same weights either way)."""
+    """(model, tokenizer) from a checkpoint, a run directory, a HF model directory or a PEFT LoRA adapter
+    directory (lmforge.adapt.peft_format); tokenizer is None if none was saved, or not read (tokenizer=False:
+    the caller brings its own). An adapter-only checkpoint loads its base from the path it records, or from
+    `base` when the base has moved (checked to be the same weights either way); a PEFT adapter from its
+    base_model_name_or_path, or `base`."""
+    from lmforge.adapt.peft_format import is_peft_dir, load_peft
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.byte import FILE_NAME
     from lmforge.tokenizer.load import load_tokenizer
 
+    if is_peft_dir(path):  # a PEFT LoRA adapter directory: over its base_model_name_or_path, or `base`
+        model, tok = load_peft(path, base, tokenizer)
+        return model.to(device), tok
     ckpt = resolve_checkpoint(path)
     hf = is_hf_dir(ckpt)
     cfg, meta = (None, {}) if hf else model_config_of(ckpt)

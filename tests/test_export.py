@@ -251,3 +251,46 @@ def test_training_guide_export_example_runs(tmp_path, monkeypatch):
     want = logits(trained, scope["ids"])
     for hf in (scope["model"], scope["adapted"]):
         assert (logits(hf.eval(), scope["ids"]) - want).abs().max() <= 1e-5
+
+
+def test_a_peft_made_adapter_loads_into_lmforge(tmp_path, tok):
+    """The import direction: an adapter PEFT itself trained-like (random B, rsLoRA, a rank_pattern, lm_head
+    kept in full) over a HF model opens with load_model / LLM.load as lmforge LoRA layers, giving PEFT's
+    logits; so does what `lmforge export --adapter` wrote. What lmforge's LoRA cannot compute is refused."""
+    from lmforge.infer.llm import LLM
+
+    base = tiny(tok.vocab_size)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_hf(tmp_path / "base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    conf = peft.LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                           rank_pattern={"down_proj": 2}, modules_to_save=["lm_head"], init_lora_weights=False)
+    trained = peft.get_peft_model(hf, conf)
+    with torch.no_grad():
+        trained.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.1)
+    trained.save_pretrained(tmp_path / "adapter")
+    ids = ids_for(tok.vocab_size)
+    want = logits(trained.eval(), ids)
+    assert (logits(base, ids) - want).abs().max() > 1e-2  # the adapter matters
+    model, got_tok = load_model(tmp_path / "adapter", base=tmp_path / "base")
+    assert (logits(model, ids) - want).abs().max() <= 1e-5 and got_tok.encode("Hello") == tok.encode("Hello")
+    ranks = {n.rsplit(".", 1)[-1]: m.lora_A.shape[0] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert ranks == {"wq": 4, "wv": 4, "down": 2} and len([m for m in model.modules() if hasattr(m, "lora_A")]) == 6
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "base")  # a local base recorded: found without base=
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    llm = LLM.load(tmp_path / "adapter")
+    assert (logits(llm.model, ids) - want).abs().max() <= 1e-5
+    # what lmforge export --adapter wrote opens back as the adapted model
+    lora = LoRAConfig(r=4, alpha=8, targets=TARGETS, trainable=("lm_head",))
+    adapted_model = adapted(base, lora)
+    lora_run(tmp_path / "run", adapted_model, tok, lora)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--adapter"]) == 0
+    assert (logits(load_model(tmp_path / "out")[0], ids) - logits(adapted_model, ids)).abs().max() <= 1e-5
+    cfg["base_model_name_or_path"] = "org/some-hub-model"
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="'org/some-hub-model', which is not a local directory .* base=DIR"):
+        load_model(tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(Exception, match="uses DoRA, which lmforge's LoRA layers do not compute"):
+        load_model(tmp_path / "adapter", base=tmp_path / "base")

@@ -22,7 +22,7 @@ class ChatConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
     base: str | None = None
-    """where an adapter-only checkpoint's base model is now, when it moved from the path its config.json records"""
+    """the base model of a PEFT adapter directory, or of an adapter-only checkpoint whose base moved"""
     template: str | None = None
     """chat template: chatml | llama3 | plain; default: the one the checkpoint was fine-tuned with (lmforge
     sft/dpo/... record it), else chatml"""

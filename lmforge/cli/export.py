@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 from collections import Counter
@@ -38,8 +37,6 @@ import tyro
 from lmforge.errors import ConfigError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-PEFT_PREFIX = "base_model.model."
-"""what PEFT puts before a module name of the model it wraps (adapter_model.safetensors keys)"""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +59,7 @@ class ExportConfig:
     tokenizer: str | None = None
     """tokenizer to write when the checkpoint has none or to replace it: 'byte' or a tokenizer file/directory"""
     base: str | None = None
-    """where an adapter-only checkpoint's base model is now, when it moved from the path its config.json records"""
+    """the base model of a PEFT adapter directory, or of an adapter-only checkpoint whose base moved"""
     force: bool = False
     """replace an existing non-empty OUT (and --base-out)"""
 
@@ -141,6 +138,7 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
     from safetensors.torch import save_file
 
     from lmforge.adapt.lora import remove_lora
+    from lmforge.adapt.peft_format import to_peft
     from lmforge.model.hf import save_pretrained
     from lmforge.utils import write_json_atomic
 
@@ -148,7 +146,7 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
     if not lora:
         print(f"note: no [lora] section in the config.json of {ckpt}'s run: the adapter gets lora_dropout 0 and no "
               "modules_to_save (modules trained in full are in the base model written)")
-    config, tensors = peft_adapter(model, family, lora)
+    config, tensors = to_peft(model, family, lora)
     with staged(out) as tmp, (staged(base_out) if base_out else contextlib.nullcontext(tmp / "base")) as base_tmp:
         remove_lora(model)  # the adapters are in `tensors`; what is left is the base model
         save_pretrained(model, base_tmp, dtype=dtype, family=family)
@@ -310,63 +308,3 @@ def run_lora(ckpt: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return lora if isinstance(lora, dict) else {}
-
-
-def peft_adapter(model, family: str, lora: dict) -> tuple[dict, dict]:
-    """(adapter_config.json, adapter_model.safetensors tensors) of the model's LoRA layers in PEFT's naming.
-    `lora`: the run's [lora] section, for rslora, dropout and the modules kept trainable."""
-    from lmforge.adapt.lora import lora_layers
-    from lmforge.model.hf import hf_names
-
-    layers = lora_layers(model)
-    if not layers:
-        raise ConfigError("the checkpoint holds no LoRA adapters: export it without --adapter")
-    names = hf_names(model.cfg, family)
-    modules = {}
-    for name in layers:
-        if f"{name}.weight" not in names:
-            why = ("a fused projection (model.fused_proj=true), which PEFT's per-projection adapters cannot express"
-                   if name.endswith((".wqkv", ".gate_up")) else f"stored in another form in the {family} HF layout")
-            raise ConfigError(f"--adapter: LoRA layer {name} is {why}; export without --adapter (merged)")
-        modules[name] = names[f"{name}.weight"].removesuffix(".weight")
-    shapes = {(m.lora_A.shape[0], m.scale) for m in layers.values()}
-    if len(shapes) > 1:
-        raise ConfigError(f"--adapter: the LoRA layers differ in rank or scale ({sorted(shapes)}), which one "
-                          "adapter_config.json does not say; export without --adapter (merged)")
-    (r, scale), = shapes
-    rslora = bool(lora.get("rslora", False))
-    alpha = scale * (math.sqrt(r) if rslora else r)  # PEFT's scale: lora_alpha / r, or / sqrt(r) with rsLoRA
-    if isinstance(lora.get("alpha"), (int, float)) and math.isclose(lora["alpha"], alpha, rel_tol=1e-9):
-        alpha = lora["alpha"]  # the run's own, not its value rounded through the scale
-    tensors = {}
-    for name, m in layers.items():
-        for part in ("lora_A", "lora_B"):  # (r, in), (out, r): PEFT's Linear weights as lmforge's
-            tensors[f"{PEFT_PREFIX}{modules[name]}.{part}.weight"] = getattr(m, part).detach().contiguous().cpu()
-    kept = kept_modules(model, tuple(lora.get("trainable") or ()), names)
-    for params in kept.values():
-        tensors.update({f"{PEFT_PREFIX}{k}": t for k, t in params.items()})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
-              "lora_dropout": float(lora.get("dropout", 0.0)), "target_modules": list(modules.values()),
-              "modules_to_save": list(kept) or None, "bias": "none", "fan_in_fan_out": False,
-              "inference_mode": True}
-    return config, tensors
-
-
-def kept_modules(model, patterns: tuple[str, ...], names: dict[str, str]) -> dict[str, dict]:
-    """HF module name -> {HF tensor name: tensor} of each module [lora] trainable kept in full (PEFT's
-    modules_to_save); one whose tensors are not those of one HF module is refused."""
-    from lmforge.adapt.lora import matches
-
-    out: dict[str, dict] = {}
-    chosen: list[str] = []
-    for name, module in model.named_modules():
-        if not name or not matches(name, patterns) or any(name.startswith(c + ".") for c in chosen):
-            continue
-        chosen.append(name)
-        params = {names.get(f"{name}.{p}"): (p, t.detach().contiguous().cpu()) for p, t in module.named_parameters()}
-        heads = {h.removesuffix("." + p) if h and h.endswith("." + p) else None for h, (p, _) in params.items()}
-        if None in heads or len(heads) != 1:
-            raise ConfigError(f"--adapter: the module {name} that [lora] trainable kept in full is not one HF module "
-                              "PEFT can keep (modules_to_save); export without --adapter (merged)")
-        out[heads.pop()] = {h: t for h, (_, t) in params.items()}
-    return out

@@ -23,7 +23,7 @@ class GenerateConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
     base: str | None = None
-    """where an adapter-only checkpoint's base model is now, when it moved from the path its config.json records"""
+    """the base model of a PEFT adapter directory, or of an adapter-only checkpoint whose base moved"""
     prompts: tuple[str, ...] = ()
     """prompts given on the command line (with or instead of --prompts-file)"""
     prompts_file: str | None = None

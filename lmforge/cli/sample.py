@@ -18,7 +18,7 @@ class SampleConfig:
     checkpoint: str
     """run directory, checkpoint directory, or HF-format model directory"""
     base: str | None = None
-    """where an adapter-only checkpoint's base model is now, when it moved from the path its config.json records"""
+    """the base model of a PEFT adapter directory, or of an adapter-only checkpoint whose base moved"""
     prompt: str | None = None
     """text the samples continue; None starts them after a newline"""
     sampling: Sampling = sampling_field(max_tokens=200)

@@ -1,0 +1,176 @@
+"""PEFT's LoRA adapter directories <-> lmforge's LoRA layers, so adapters move between lmforge and the HF
+ecosystem in both directions:
+
+    config, tensors = to_peft(model, "llama", lora)   # lmforge's adapters as adapter_config.json + tensors
+    model = load_peft("adapters/", base="Llama-3.2-1B/")  # a PEFT adapter directory onto its base model
+
+A PEFT directory holds adapter_config.json (r, lora_alpha, use_rslora, target_modules, modules_to_save,
+base_model_name_or_path) and adapter_model.safetensors, whose keys are "base_model.model." + the HF module
+name + ".lora_A.weight" / ".lora_B.weight" ((r, in) and (out, r): lmforge's shapes), and, for a module
+kept in full (modules_to_save), "base_model.model." + its HF tensor names. Names go through the family's HF
+rules (lmforge.model.hf.hf_names), the same table that loads and writes HF checkpoints. load_model and every
+--checkpoint option open a PEFT directory through load_peft: the base model (a HF or lmforge directory; a
+hub id needs base=), lmforge LoRA layers with PEFT's scale (lora_alpha / r, or / sqrt(r) with rsLoRA; each
+module's r read from its tensors, so rank_pattern needs nothing), the kept modules' weights. What lmforge's
+LoRALinear cannot compute (DoRA, LoRA biases, alpha_pattern, Conv1D's fan_in_fan_out, ...) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import CheckpointError, ConfigError
+
+PREFIX = "base_model.model."
+"""what PEFT puts before a module name of the model it wraps (adapter_model.safetensors keys)"""
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
+               "alpha_pattern": "per-module lora_alpha (alpha_pattern)", "layer_replication": "layer_replication",
+               "trainable_token_indices": "trainable token indices", "target_parameters": "target_parameters"}
+"""adapter_config.json fields lmforge's LoRALinear cannot honour when set (the name in errors)"""
+
+
+def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
+    """(adapter_config.json, adapter_model.safetensors tensors) of the model's LoRA layers in PEFT's naming.
+    `lora`: the run's [lora] section, for rslora, dropout and the modules kept trainable."""
+    from lmforge.adapt.lora import lora_layers
+    from lmforge.model.hf import hf_names
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ConfigError("the checkpoint holds no LoRA adapters: export it without --adapter")
+    names = hf_names(model.cfg, family)
+    modules = {}
+    for name in layers:
+        if f"{name}.weight" not in names:
+            why = ("a fused projection (model.fused_proj=true), which PEFT's per-projection adapters cannot express"
+                   if name.endswith((".wqkv", ".gate_up")) else f"stored in another form in the {family} HF layout")
+            raise ConfigError(f"--adapter: LoRA layer {name} is {why}; export without --adapter (merged)")
+        modules[name] = names[f"{name}.weight"].removesuffix(".weight")
+    shapes = {(m.lora_A.shape[0], m.scale) for m in layers.values()}
+    if len(shapes) > 1:
+        raise ConfigError(f"--adapter: the LoRA layers differ in rank or scale ({sorted(shapes)}), which one "
+                          "adapter_config.json does not say; export without --adapter (merged)")
+    (r, scale), = shapes
+    rslora = bool(lora.get("rslora", False))
+    alpha = scale * (math.sqrt(r) if rslora else r)  # PEFT's scale: lora_alpha / r, or / sqrt(r) with rsLoRA
+    if isinstance(lora.get("alpha"), (int, float)) and math.isclose(lora["alpha"], alpha, rel_tol=1e-9):
+        alpha = lora["alpha"]  # the run's own, not its value rounded through the scale
+    tensors = {}
+    for name, m in layers.items():
+        for part in ("lora_A", "lora_B"):  # (r, in), (out, r): PEFT's Linear weights as lmforge's
+            tensors[f"{PREFIX}{modules[name]}.{part}.weight"] = getattr(m, part).detach().contiguous().cpu()
+    kept = kept_modules(model, tuple(lora.get("trainable") or ()), names)
+    for params in kept.values():
+        tensors.update({f"{PREFIX}{k}": t for k, t in params.items()})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
+              "lora_dropout": float(lora.get("dropout", 0.0)), "target_modules": list(modules.values()),
+              "modules_to_save": list(kept) or None, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True}
+    return config, tensors
+
+
+def kept_modules(model, patterns: tuple[str, ...], names: dict[str, str]) -> dict[str, dict]:
+    """HF module name -> {HF tensor name: tensor} of each module [lora] trainable kept in full (PEFT's
+    modules_to_save); one whose tensors are not those of one HF module is refused."""
+    from lmforge.adapt.lora import matches
+
+    out: dict[str, dict] = {}
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not matches(name, patterns) or any(name.startswith(c + ".") for c in chosen):
+            continue
+        chosen.append(name)
+        params = {names.get(f"{name}.{p}"): (p, t.detach().contiguous().cpu()) for p, t in module.named_parameters()}
+        heads = {h.removesuffix("." + p) if h and h.endswith("." + p) else None for h, (p, _) in params.items()}
+        if None in heads or len(heads) != 1:
+            raise ConfigError(f"--adapter: the module {name} that [lora] trainable kept in full is not one HF module "
+                              "PEFT can keep (modules_to_save); export without --adapter (merged)")
+        out[heads.pop()] = {h: t for h, (_, t) in params.items()}
+    return out
+
+
+def is_peft_dir(path: str | Path) -> bool:
+    """A PEFT adapter directory: adapter_config.json beside adapter_model.safetensors."""
+    path = Path(path)
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool = True):
+    """(model, tokenizer) of a PEFT LoRA adapter directory over its base: the base as load_model loads it
+    (`base`, else the config's base_model_name_or_path), lmforge LoRA layers (unmerged) around the adapted
+    Linears with the adapter's tensors, and the kept modules' weights. The tokenizer is the adapter
+    directory's own when it has one, else the base's."""
+    from safetensors.torch import load_file
+
+    from lmforge.adapt.lora import restore_lora
+    from lmforge.checkpoint import is_hf_dir, load_model, resolve_checkpoint
+    from lmforge.model.hf import family_of, guess_family, hf_names, read_hf_config
+    from lmforge.tokenizer.load import load_tokenizer
+
+    path = Path(path)
+    config = _peft_config(path)
+    where = base if base is not None else config.get("base_model_name_or_path")
+    if not where or not Path(where).exists():
+        raise CheckpointError(f"{path} is a PEFT adapter over the base {where!r}, which is not a local directory "
+                              "(nothing is downloaded); pass where the base model is: base=DIR or --base DIR")
+    model, tok = load_model(where, tokenizer=tokenizer)
+    if (path / "tokenizer.json").is_file() and tokenizer:
+        tok = load_tokenizer(path)
+    ckpt = resolve_checkpoint(where)
+    family = family_of(read_hf_config(ckpt)) if is_hf_dir(ckpt) else guess_family(model.cfg)
+    to_lm = {hf: lm for lm, hf in hf_names(model.cfg, family).items()}
+    tensors = load_file(str(path / WEIGHTS))
+    layers, state = {}, {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        if name.endswith((".lora_A.weight", ".lora_B.weight")):
+            module, part = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
+            lm = to_lm.get(module + ".weight")
+            if lm is None:
+                raise ConfigError(f"{path}: the adapter adapts {module}, which the {family} rules do not map onto one "
+                                  "lmforge Linear (a fused or transposed weight); lmforge cannot apply it")
+            lm = lm.removesuffix(".weight")
+            if part == "lora_A":
+                r = t.shape[0]
+                layers[lm] = [r, config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)]
+            state[f"{lm}.{part}"] = t
+        elif name in to_lm:  # a module kept in full (modules_to_save)
+            state[to_lm[name]] = t
+        else:
+            raise ConfigError(f"{path}: tensor {key} is neither a LoRA factor nor a weight the {family} rules map; "
+                              "lmforge cannot apply this adapter")
+    if not layers:
+        raise ConfigError(f"{path} holds no LoRA factors (lora_A / lora_B weights)")
+    restore_lora(model, layers)
+    own = model.state_dict()
+    for name, t in state.items():
+        if name not in own or own[name].shape != t.shape:
+            got = tuple(own[name].shape) if name in own else "no such tensor"
+            raise ConfigError(f"{path}: {name} has shape {tuple(t.shape)} but the base model's is {got}; the "
+                              "adapter was trained on another base")
+    with torch.no_grad():
+        for name, t in state.items():
+            own[name].copy_(t)
+    return model.eval(), tok
+
+
+def _peft_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path / CONFIG}: {e}") from e
+    if config.get("peft_type") != "LORA":
+        raise ConfigError(f"{path} is a {config.get('peft_type')} adapter; lmforge applies LoRA adapters only")
+    used = [what for key, what in UNSUPPORTED.items() if config.get(key)]
+    if config.get("bias", "none") != "none":
+        used.append(f"bias={config['bias']!r}")
+    if used:
+        raise ConfigError(f"{path} uses {', '.join(used)}, which lmforge's LoRA layers do not compute; merge the "
+                          "adapter with peft (merge_and_unload) and load the merged model instead")
+    return config

@@ -245,8 +245,11 @@ def is_hf_dir(path: Path) -> bool:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (lmforge's or HF's), or the newest checkpoint of a run directory."""
+    from lmforge.adapt.peft_format import is_peft_dir
+
     path = Path(path)
-    if (path / "manifest.json").is_file() or (path / "model.safetensors").is_file() or is_hf_dir(path):
+    if (path / "manifest.json").is_file() or (path / "model.safetensors").is_file() or is_hf_dir(path) \
+            or is_peft_dir(path):
         return path
     found = checkpoint_dirs(path)
     if not found:
@@ -263,7 +266,7 @@ def checkpoint_identity(path: str | Path) -> dict[str, str]:
     if (ckpt / "manifest.json").is_file():
         sums = json.loads((ckpt / "manifest.json").read_text()).get("sha256", {})
     weights = sorted(ckpt.glob("*.safetensors"))
-    base = _recorded_base(ckpt) or {}  # an adapter-only checkpoint is its tensors over its base's
+    base = _recorded_base(ckpt) or _peft_base(ckpt)  # an adapter-only checkpoint is its tensors over its base's
     digest = hashlib.sha256("".join([*(sums.get(w.name) or sha256_file(w) for w in weights),
                                      base.get("sha256", "")]).encode()).hexdigest()
     return {"path": str(ckpt.resolve()), "sha256": digest}
@@ -277,6 +280,16 @@ def _recorded_base(ckpt: Path) -> dict | None:
         return json.loads((ckpt / "config.json").read_text()).get("base") or None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {ckpt / 'config.json'}: {e}") from e
+
+
+def _peft_base(ckpt: Path) -> dict:
+    """A PEFT adapter directory's base identity, where its base_model_name_or_path is a local directory."""
+    from lmforge.adapt.peft_format import CONFIG, is_peft_dir
+
+    if not is_peft_dir(ckpt):
+        return {}
+    where = json.loads((ckpt / CONFIG).read_text()).get("base_model_name_or_path")
+    return checkpoint_identity(where) if where and Path(where).exists() else {}
 
 
 def base_record(path: str | Path, *, merge_lora: bool = False) -> dict[str, Any]:

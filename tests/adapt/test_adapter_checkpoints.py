@@ -183,6 +183,17 @@ def test_adapter_checkpoints_serve_as_init_and_reference_and_chain(base, tmp_pat
     model, _ = ckpt.load_model(tmp_path / "chain")
     with torch.no_grad():
         assert torch.equal(model(IDS), policy(IDS))
+    # the SFT adapters as a PEFT directory (lmforge export --adapter) are an init too, recorded as the base
+    assert main(["export", sft, str(tmp_path / "peft"), "--adapter"]) == 0
+    _, policy = _trained(_cfg(base, tmp_path / "from_peft", "dpo", init=str(tmp_path / "peft"), lora=lora,
+                              optim=OPTIM, max_steps=2, plot=False), monkeypatch)
+    record = json.loads((_last(tmp_path / "from_peft") / "config.json").read_text())["base"]
+    assert record == {"path": str((tmp_path / "peft").resolve()), "merge_lora": True,
+                      "sha256": ckpt.checkpoint_identity(tmp_path / "peft")["sha256"]}
+    assert ckpt.checkpoint_identity(tmp_path / "peft")["sha256"] != ckpt.checkpoint_identity(tmp_path / "peft" / "base")[
+        "sha256"]  # a PEFT directory's identity covers its adapters and its base
+    with torch.no_grad():
+        assert torch.allclose(ckpt.load_model(tmp_path / "from_peft")[0](IDS), policy(IDS), atol=1e-6)
 
 
 def test_a_reward_model_with_lora_saves_its_head_with_the_adapters(base, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 # read when a kernel is defined, so it must be set before lmforge.kernels is first imported
 if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# checksums lmforge.checkpoint remembers go to a fresh directory, not the user's ~/.cache
+os.environ.setdefault("LMFORGE_HASH_CACHE", tempfile.mkdtemp(prefix="lmforge-sha256-"))
 
 
 def pytest_configure(config):

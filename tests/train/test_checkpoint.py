@@ -141,3 +141,25 @@ def test_a_reward_models_checkpoint_loads_back_with_its_head(tmp_path):
     rm.head_record = lambda: {"kind": "value"}  # written by a later lmforge, say
     with pytest.raises(CheckpointError, match="head \\{'kind': 'value'\\} is not one this lmforge builds"):
         ckpt.load_model(ckpt.save_checkpoint(tmp_path, 2, rm))
+
+
+def test_a_hf_directory_is_hashed_once_until_its_files_change(tmp_path, monkeypatch):
+    """checkpoint_identity of a HF directory (an adapter-only checkpoint's base, a reference model) reads
+    its weight files once: the digest is remembered under path, size, mtime and inode; a rewritten file is
+    read again. The identity is the same either way."""
+    _tiny_hf_dir(tmp_path / "hf")
+    monkeypatch.setenv(ckpt.HASH_CACHE_ENV, str(tmp_path / "cache"))
+    reads, plain = [], ckpt.sha256_file
+    monkeypatch.setattr(ckpt, "sha256_file", lambda p: reads.append(p.name) or plain(p))
+    first = ckpt.checkpoint_identity(tmp_path / "hf")
+    assert reads == ["model.safetensors"] and len(list((tmp_path / "cache").iterdir())) == 1
+    assert ckpt.checkpoint_identity(tmp_path / "hf") == first and len(reads) == 1  # remembered
+    weights = tmp_path / "hf" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # other weights, same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(1, 1))  # (a new modification time, whatever the clock's resolution)
+    changed = ckpt.checkpoint_identity(tmp_path / "hf")
+    assert len(reads) == 2 and changed["sha256"] != first["sha256"]
+    monkeypatch.setenv(ckpt.HASH_CACHE_ENV, "/proc/read-only-cache")  # nowhere to remember: still right
+    assert ckpt.checkpoint_identity(tmp_path / "hf") == changed and len(reads) == 3

@@ -85,7 +85,10 @@ class Engine:
     'ngram' (prompt lookup), 'mtp' (the model's parallel MTP heads), a draft model sharing the tokenizer,
     or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round. A drafter object
     with `uses_hidden_states = True` (EAGLE/Medusa style) gets the target's final hidden state with each
-    context: the model must accept `return_hidden=True` (lmforge's Transformer does)."""
+    context: the model must accept `return_hidden=True` (lmforge's Transformer does). A drafter with
+    `proposes_trees = True` (lmforge.infer.token_tree.TreeDrafter) proposes token trees, up to its
+    `tree_size` nodes per step (num_draft_tokens does not apply), for greedy requests only, on models
+    with a cache_spec() (the paged runner)."""
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, draft=None,
                  num_draft_tokens: int = 4):
@@ -128,7 +131,11 @@ class Engine:
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    chunked_prefill=config.chunked_prefill), self.pool)
         self.scheduler.on_release = self._released
-        self.num_draft_tokens = num_draft_tokens
+        self.draft_trees = bool(getattr(draft, "proposes_trees", False))
+        if self.draft_trees and not isinstance(self.runner, PagedRunner):
+            raise ConfigError(f"a tree drafter needs a model with cache_spec() (the paged runner); "
+                              f"{type(model).__name__} has none: use a chain drafter (a draft model, 'ngram')")
+        self.num_draft_tokens = draft.tree_size if self.draft_trees else num_draft_tokens
         self.make_drafter, self.draft_model = None, None
         self.wants_hidden = bool(getattr(draft, "uses_hidden_states", False))
         if self.wants_hidden and "return_hidden" not in inspect.signature(model.forward).parameters:
@@ -138,7 +145,7 @@ class Engine:
             from lmforge.infer.speculative import make_drafter_factory
 
             check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
-            self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, num_draft_tokens)
+            self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, self.num_draft_tokens)
             if isinstance(self.runner, PagedRunner) and hasattr(draft, "cache_spec") and not hasattr(draft, "propose"):
                 from lmforge.infer.draft import PagedDraftModel
 
@@ -202,7 +209,7 @@ class Engine:
         elif self.make_drafter is not None and params.max_tokens:
             from lmforge.infer.speculative import Speculative
 
-            req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens)
+            req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens, self.draft_trees)
         req.overlaps = (req.strategy is None and not params.penalized and params.prompt_logprobs is None
                         and params.max_tokens > 0)  # a score-only request ends when its prefill is read
         self.requests[rid] = req
@@ -451,8 +458,12 @@ class Engine:
         else:
             drafts = {s.seq_id: s.request.strategy.propose(s, k) for _, s, k in todo}
         for i, seq, _ in todo:
-            d = seq.request.strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
+            strategy = seq.request.strategy
+            d = strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
             batch.chunks[i] = (seq, batch.chunks[i][1] + d)
+            tree = strategy.tree(seq)
+            if tree is not None:  # the chunk ends in a token tree: positions and mask follow it (runner)
+                batch.trees[seq.seq_id] = tree
 
     def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
         """Append each extra row's entry to its request (rows come in position order; the row at

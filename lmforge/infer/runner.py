@@ -135,9 +135,10 @@ class PagedRunner:
         hidden states of both (those steps run eagerly: the backends give one logits row per chunk).
         late: decode inputs still on the device (the previous step's samples), copied in there."""
         self.cache.copy_blocks(batch.copies)
-        # a cache with a score hook (a KV policy reading attention weights) runs the eager path: the kernel
-        # step and replayed graphs compute attention where no hook can see it
-        plain = not extra and not hidden and self.cache.score_hook is None
+        # a cache with a score hook (a KV policy reading attention weights), or a step holding a token tree
+        # (speculative drafts), runs the eager path: the kernel step and replayed graphs compute attention
+        # where no hook can see it and with no mask but causal
+        plain = not extra and not hidden and self.cache.score_hook is None and not batch.trees
         logits = (self.kernel_step.run(batch, late) if plain and self.kernel_step is not None
                   and self.kernel_step.fits(batch) else None)
         states = None
@@ -155,6 +156,12 @@ class PagedRunner:
                 logits = self.model(ids, cache=self.cache, meta=meta)[0]
         return _split(logits, states, rows, vocab_limit)
 
+    def move_positions(self, table: list[int], src: list[int], dst: list[int]) -> None:
+        """Copy the keys/values (latents) of a sequence at positions src to positions dst, in every layer,
+        its block table mapping both to cache slots: a token tree's accepted path made contiguous."""
+        bs = self.block_size
+        self.cache.move_slots(*([table[p // bs] * bs + p % bs for p in ps] for ps in (src, dst)))
+
     def prepare(self, batch: Batch, rows: Step, extra: Extra = (), late: LateIds | None = None
                 ) -> tuple[torch.Tensor, AttnMetadata]:
         bs = self.block_size
@@ -167,8 +174,9 @@ class PagedRunner:
                 slots.append(table[s // bs] * bs + s % bs)
             else:
                 ids += seq.tokens[s:s + n]
-                pos += range(s, s + n)
-                slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]
+                tree = batch.trees.get(seq.seq_id) if batch.trees else None
+                pos += range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)
+                slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]  # tree nodes: in node order
             ctx.append(s + n)
             qlens.append(n)
             ends.append(len(ids) - 1)
@@ -177,21 +185,47 @@ class PagedRunner:
         width = max(widths)
         N, S = len(ids), len(ctx)
         logits_idx = [ends[c] - back for c, back, _ in rows] + [ends[c] - back for c, back in extra]
-        M = 3 * N + S + len(logits_idx)  # then the block tables, flattened: all in the step's one copy
+        parents, sizes = tree_parents_row(batch) if batch.trees else ([], ())
+        M = 3 * N + S + len(logits_idx)
+        P = M + len(parents)  # then the block tables, flattened: all in the step's one copy
         # numpy turns a list of ints into an array ~4x faster than torch.tensor
-        flat = to_device(torch.from_numpy(np.concatenate([np.array(ids + pos + slots + ctx + logits_idx, np.int64),
+        flat = to_device(torch.from_numpy(np.concatenate([np.array(ids + pos + slots + ctx + logits_idx + parents,
+                                                                   np.int64),
                                                           host_block_tables(tables, S, width).numpy().ravel()])),
                          self.device)
         meta = AttnMetadata(
             positions=flat[N:2 * N][None], slot_mapping=flat[2 * N:3 * N],
             context_lens=flat[3 * N:3 * N + S].to(torch.int32), logits_indices=flat[3 * N + S:M],
-            block_tables=flat[M:].view(S, width).to(torch.int32), query_lens_host=tuple(qlens),
+            block_tables=flat[P:].view(S, width).to(torch.int32), query_lens_host=tuple(qlens),
             context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs,
             seq_ids_host=tuple(seq.seq_id for seq, _ in batch.chunks),
-            decode_groups=decode_groups(widths[:batch.num_decodes]))
+            decode_groups=decode_groups(widths[:batch.num_decodes]),
+            tree_parents=flat[M:P][None] if parents else None, tree_sizes_host=sizes)
         if late is not None:
             late.write(flat[:N])
         return flat[:N][None], meta
+
+
+def tree_chunk_positions(s: int, n: int, tree: list[int]) -> list[int]:
+    """Positions of a chunk of n tokens from position s whose last len(tree) tokens form a tree with these
+    parents (lmforge.model.meta): the chain's own, then the tree's root position + depth per node."""
+    depth: list[int] = []
+    for p in tree:  # parents precede their children
+        depth.append(depth[p] + 1 if p >= 0 else 0)
+    base = s + n - len(tree)
+    return [*range(s, base), *(base + d for d in depth)]
+
+
+def tree_parents_row(batch: Batch) -> tuple[list[int], tuple[int, ...]]:
+    """AttnMetadata.tree_parents of a step's flat row (each tree's parents at its chunk's end, -1 elsewhere:
+    unread) and tree_sizes_host (tokens of each chunk that form its tree; 0 = a chain)."""
+    parents, sizes = [], []
+    for seq, n in batch.chunks:
+        tree = batch.trees.get(seq.seq_id, ())
+        parents += [-1] * (n - len(tree))
+        parents += tree
+        sizes.append(len(tree))
+    return parents, tuple(sizes)
 
 
 def host_block_tables(tables: list[list[int]], rows: int, width: int) -> torch.Tensor:

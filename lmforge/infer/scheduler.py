@@ -52,6 +52,9 @@ class Batch:
     preempted: list[Sequence] = field(default_factory=list)
     room: dict[int, int] = field(default_factory=dict)
     """seq_id -> draft tokens reserved beyond the scheduled ones (speculative lookahead)"""
+    trees: dict[int, list[int]] = field(default_factory=dict)
+    """seq_id -> parents of the token tree ending its chunk (speculative drafts as a tree: the pending
+    token, then the nodes; -1 = the token before, lmforge.model.meta); absent = a causal chain"""
 
     @property
     def num_tokens(self) -> int:

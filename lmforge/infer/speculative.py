@@ -14,6 +14,9 @@ q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`). 
 anything with `propose(ctx, k, procs, greedy, gen) -> (drafts, q (len(drafts), V))` and `accept(ctx_len)`;
 with `uses_hidden_states = True` (EAGLE, Medusa) propose also gets `hidden=`: the target's final hidden
 state (after its final norm, Transformer.forward(return_hidden=True)) at ctx[-2], whose logits gave ctx[-1].
+A drafter may propose a token tree instead, `(DraftTree(tokens, parents), None)`, when it says so with
+`proposes_trees = True` and `tree_size` (the nodes the scheduler reserves room for): greedy requests
+only, verified by walking the tree (lmforge.infer.token_tree, e.g. TreeDrafter).
 
 `Speculative` is the strategy that runs it on the engine, for every sequence of every request at once:
 the scheduler reserves cache room for k drafts beyond a sequence's pending token (Request.lookahead),
@@ -34,7 +37,12 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.token_tree import DraftTree, greedy_path
 from lmforge.model.cache import KVCache
+from lmforge.model.meta import accepted_slots
+
+TREES_ARE_GREEDY = ("a tree drafter verifies greedy decoding only: set temperature=0, or sample with a chain "
+                    "drafter (a draft model, 'ngram', 'mtp'); sampling token trees is not implemented yet")
 
 
 def _probs(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
@@ -153,11 +161,13 @@ class SpecStats:
 class Speculative:
     """The strategy of one request on an engine with a draft (see the module docstring)."""
 
-    def __init__(self, request, make_drafter, k: int):
+    def __init__(self, request, make_drafter, k: int, trees: bool = False):
         p = request.params
         if p.penalized:
             raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties; "
                               "drop them or generate without a draft")
+        if trees and not p.greedy:
+            raise ConfigError(TREES_ARE_GREEDY)
         self.request, self.make_drafter, self.k = request, make_drafter, k
         self.procs = build_processors(p)
         self.drafters: dict[int, object] = {}
@@ -183,13 +193,22 @@ class Speculative:
         # EAGLE/Medusa-style drafters also read the target's features at the context's second-to-last token
         kw = {"hidden": seq.hidden} if getattr(drafter, "uses_hidden_states", False) else {}
         with torch.inference_mode():
-            return drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, **kw)
+            drafts, q = drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, **kw)
+        return (drafts.first(budget), q) if isinstance(drafts, DraftTree) else (drafts, q)
 
-    def set_drafts(self, seq, drafts: list[int], q) -> int:
-        """The target scores them this step: they join the sequence's tokens until verified."""
+    def set_drafts(self, seq, drafts: list[int] | DraftTree, q) -> int:
+        """The target scores them this step: they join the sequence's tokens until verified (a tree's
+        nodes in node order, lmforge.infer.token_tree)."""
+        if isinstance(drafts, DraftTree) and not seq.params.greedy:
+            raise ConfigError(TREES_ARE_GREEDY)
         self.pending[seq.seq_id] = (drafts, q)
-        seq.tokens += drafts
+        seq.tokens += drafts.tokens if isinstance(drafts, DraftTree) else drafts
         return len(drafts)
+
+    def tree(self, seq) -> list[int] | None:
+        """Parents of the token tree seq's chunk ends in this step (pending token first), None for a chain."""
+        drafts = self.pending[seq.seq_id][0]
+        return drafts.chunk_parents() if isinstance(drafts, DraftTree) and len(drafts) else None
 
     def rows(self, seq, n: int):
         from lmforge.infer.runner import row_for
@@ -199,18 +218,24 @@ class Speculative:
 
     def on_logits(self, engine, seq, rows: list[int], sampled) -> None:
         drafts, q = self.pending.pop(seq.seq_id)
-        logits = sampled.logits[rows]  # (d + 1, V): after the pending token and after each draft
+        logits = sampled.logits[rows]  # (d + 1, V): after the pending token and after each draft (node)
         p = _probs(logits, self.procs, seq.params.greedy)
-        q = q.to(p.device) if drafts else p[:0]
-        a, nxt = verify(p, q, drafts, seq.generator)
-        if sampled.hidden is not None:  # features of the last verified input token, whose logits gave nxt
-            seq.hidden = sampled.hidden[rows[a]]
-        st = self.stats
-        st.drafted, st.accepted, st.target_forwards = st.drafted + len(drafts), st.accepted + a, st.target_forwards + 1
         L = len(seq.tokens) - len(drafts)
+        if isinstance(drafts, DraftTree):
+            accepted, at = self._walk(engine, seq, drafts, p.argmax(-1).tolist(), L)
+            nxt = int(p[at[-1]].argmax())
+        else:
+            a, nxt = verify(p, q.to(p.device) if drafts else p[:0], drafts, seq.generator)
+            accepted, at = drafts[:a], list(range(a + 1))
+        # at[i]: the logits row emitted token i was verified or drawn against
+        if sampled.hidden is not None:  # features of the last verified input token, whose logits gave nxt
+            seq.hidden = sampled.hidden[rows[at[-1]]]
+        st = self.stats
+        st.drafted, st.accepted = st.drafted + len(drafts), st.accepted + len(accepted)
+        st.target_forwards += 1
         del seq.tokens[L:]
         seq.num_computed = L  # the pending token's keys were written in this forward
-        new = drafts[:a] + [nxt]
+        new = accepted + [nxt]
         k = seq.params.logprobs
         shaped = seq.params.logprobs_mode == "processed" and not seq.params.greedy
         # processed: the distribution p the tokens were verified and drawn against, already computed above
@@ -218,17 +243,27 @@ class Speculative:
         for i, tok in enumerate(new):
             top = {}
             if k:
-                vals, ids = logp[i].topk(min(k, logp.shape[-1]))
+                vals, ids = logp[at[i]].topk(min(k, logp.shape[-1]))
                 top = dict(zip(ids.tolist(), vals.tolist()))
-            engine.accept(seq, tok, float(logp[i, tok]) if logp is not None else None, top)
+            engine.accept(seq, tok, float(logp[at[i], tok]) if logp is not None else None, top)
             if seq.finish is not None:
                 return
-            if i < a:
+            if i < len(accepted):
                 seq.num_computed += 1  # an accepted draft was this forward's input at its position
         if seq.seq_id in self.drafters:
             self.drafters[seq.seq_id].accept(len(seq.tokens) - 1)
         if engine.draft_model is not None:
             engine.draft_model.accept(seq, len(seq.tokens) - 1)
+
+    @staticmethod
+    def _walk(engine, seq, tree: DraftTree, argmax: list[int], first_pos: int) -> tuple[list[int], list[int]]:
+        """Greedy tree verification: (accepted tokens, logits row of each emitted token). The accepted
+        nodes' keys/values, written in node order from first_pos, move to first_pos.. in every layer."""
+        path = greedy_path(tree, argmax)
+        src, dst = accepted_slots(tree.parents, path, first_pos)
+        if src:
+            engine.runner.move_positions(seq.block_table, src, dst)
+        return [tree.tokens[i] for i in path], [0] + [i + 1 for i in path]
 
     def metrics(self) -> dict:
         return self.stats.as_dict(sum(s.num_output for s in self.request.seqs))

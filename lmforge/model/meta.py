@@ -35,6 +35,9 @@ logits and pick the longest accepted root-to-leaf path; (3) the tree's K/V sit i
 tree order, so the accepted path's slots are not contiguous: move them to the first len(path) slots
 after the context (`KVCache.keep_path`, paged caches' `move_slots` with `accepted_slots`), then forget
 the rest (the contiguous cache's length, the engine's sequence length). Later steps see a plain chain.
+The engine runs these steps for drafters that propose trees (lmforge.infer.token_tree): in its varlen
+row a chunk may be a chain ending in a tree (tree_sizes_host says how many tokens), so only the tree
+part is walked and the other chunks of the step keep their causal masks.
 """
 
 from __future__ import annotations
@@ -79,7 +82,12 @@ class AttnMetadata:
     # tree attention (either layout) ------------------------------------------------------------------
     tree_parents: torch.Tensor | None = None
     """(B, T) parent of each new token among its sequence's new tokens (in the varlen row: an index
-    within its own chunk), -1 = the context's last token; None = a causal chain"""
+    within its own chunk's tree, see tree_sizes_host), -1 = the context's last token; None = a causal chain"""
+    tree_sizes_host: tuple[int, ...] = ()
+    """varlen row: how many of each sequence's new tokens, at the end of its chunk, form its tree (0 = a
+    chain chunk; the tokens before a tree are a chain whose last token is the tree's context end); () =
+    every token of every chunk. The engine's speculative chunks end in a tree, other chunks keep their
+    causal mask (and no per-token tree walk over a long prefill)"""
     # never passed, but an init field: dataclasses.replace (FSDP2's cast of forward inputs) copies every field
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -111,6 +119,12 @@ class AttnMetadata:
             raise ValueError(f"tree_parents holds {self.tree_parents.shape[-1]} tokens per row but the forward has "
                              f"{T}: give one parent per new token")
         return self.tree_parents
+
+    def tree_size(self, i: int, n: int) -> int:
+        """How many of sequence i's n new tokens (the last ones) form a tree (varlen row; 0: a chain)."""
+        if self.tree_parents is None:
+            return 0
+        return self.tree_sizes_host[i] if self.tree_sizes_host else n
 
     def doc_mask(self) -> torch.Tensor | None:
         """(B, 1, T, T) bool, True = attend: causal and within the same document; None without doc_ids."""

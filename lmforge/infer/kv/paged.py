@@ -16,7 +16,8 @@ slots, then attends
       cu_seqlens_k; else (`prefill="reference"`, a probs hook, a tree, or no kernel) one sequence at a
       time, over the fresh keys when the chunk is the whole context, else over its gathered blocks.
 Sequence i's queries are its last query_lens[i] keys: the mask is `contiguous_mask` over its context
-(bottom-right causal), or `tree_visible` when meta.tree_parents lays a candidate tree over them.
+(bottom-right causal), narrowed by `tree_visible` for the last meta.tree_size(i, n) of them when
+meta.tree_parents lays a candidate tree there (a speculative chunk: pending token + token tree).
 """
 
 from __future__ import annotations
@@ -154,13 +155,21 @@ class _Paged(_Hooked):
             yield i, cu[i], meta.query_lens_host[i], meta.context_lens_host[i]
 
     @staticmethod
-    def _chunk_mask(meta, start: int, n: int, ctx: int, window: int, device):
-        """A prefill chunk's mask: its n queries are the last n of its ctx keys, in a chain or a tree."""
-        if meta.tree_parents is None:
+    def _chunk_mask(meta, i: int, start: int, n: int, ctx: int, window: int, device):
+        """Sequence i's prefill chunk's mask: its n queries are the last n of its ctx keys, a causal chain
+        whose last meta.tree_size(i, n) tokens may form a tree (a speculative chunk: pending token + tree)."""
+        t = meta.tree_size(i, n)
+        if t == 0:
             return contiguous_mask(n, ctx, window, device)
-        return meta.derived(("tree", start, ctx, window),  # built by the first layer, kept for the rest
-                            lambda: tree_visible(meta.parents_for(len(meta.slot_mapping))[0, start:start + n]
-                                                 .to(device), ctx, window))
+
+        def build() -> torch.Tensor:  # (n, ctx): the chain's rows, then the tree's
+            parents = meta.parents_for(len(meta.slot_mapping))[0, start + n - t:start + n].to(device)
+            tree = tree_visible(parents, ctx, window)
+            if t == n:
+                return tree
+            slots = torch.arange(ctx, device=device)  # a chain token's slot is its position
+            return torch.cat((visible(slots[ctx - n:ctx - t], slots, window), tree))
+        return meta.derived(("tree", start, ctx, window), build)  # built by the first layer, kept for the rest
 
 
 def prefill_layout(meta, block_size: int) -> dict:
@@ -255,7 +264,7 @@ class PagedKVCache(_Paged):
             else:
                 ki = gather(kc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
                 vi = gather(vc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
-            mask = self._chunk_mask(meta, start, n, ctx, spec.window, q.device)
+            mask = self._chunk_mask(meta, i, start, n, ctx, spec.window, q.device)
             out[:, :, start:start + n] = attend_with(q[:, :, start:start + n], ki, vi, mask, spec, hook)
 
 
@@ -295,7 +304,7 @@ class PagedLatentCache(_Paged):
             else:
                 c = gather(cc, meta.block_tables[i], ctx)[None].to(c_kv.dtype)
                 kr = gather(kc, meta.block_tables[i], ctx)[None, None].to(c_kv.dtype)
-            mask = self._chunk_mask(meta, start, n, ctx, spec.window, q_nope.device)
+            mask = self._chunk_mask(meta, i, start, n, ctx, spec.window, q_nope.device)
             sl = slice(start, start + n)
             out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec, hook)
         return out

@@ -1,0 +1,244 @@
+"""Token-tree speculative decoding (lmforge.infer.token_tree) on the engine, greedy: the runner scores a
+pending token + tree as one chunk of the flat batch (beside decode rows and chain chunks, after a chain
+prefix), each node's logits equal its branch run alone; the accepted path's keys/values, moved to
+consecutive slots, equal a plain prefill's; the engine with TreeDrafter emits exactly the target's greedy
+tokens under chunked prefill, preemption, prefix caching, mixed batches and async scheduling."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.infer.detok import IdTokenizer
+from lmforge.infer.engine import Engine, EngineConfig
+from lmforge.infer.runner import PagedRunner
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.scheduler import Batch
+from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path
+from lmforge.model.meta import accepted_slots
+
+from .infer_helpers import full_greedy, tiny_model
+from .test_tree_attention import (
+    MLA,
+    OTHER,
+    PARENTS,
+    PATH,
+    PROMPT,
+    TOKENS,
+    branch_logits,
+    full_logits,
+    model_for,
+)
+
+BS = 4
+GREEDY = {"temperature": 0, "ignore_eos": True}
+LONG = [7, 3, 250, 12, 12, 40, 41, 42, 5, 6]
+
+
+def arch_model(name: str):
+    """test_tree_attention's variants, GPT-2 (learned positions) and MLA without a window."""
+    if name in ("gpt2", "mla"):
+        return tiny_model(*(("gpt2",) if name == "gpt2" else ("llama",)), **(MLA if name == "mla" else {}), init_std=0.3)
+    return model_for(name)
+
+
+def gathered(runner: PagedRunner, table: list[int], n: int) -> list[torch.Tensor]:
+    """Every pool's contents at a sequence's first n positions (K and V, or MLA latents and rope keys)."""
+    slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(n)])
+    return [pool.view(-1, *pool.shape[2:])[slots] for pool in runner.cache.pools()]
+
+
+def plain_prefill(model, tokens: list[int], table: list[int], num_blocks: int) -> PagedRunner:
+    """A fresh paged cache holding one causal prefill of tokens, written through this block table."""
+    runner = PagedRunner(model, model.cache_spec(), num_blocks, BS, "cpu")
+    ids, meta = runner.prepare(Batch(chunks=[(SimpleNamespace(tokens=tokens, num_computed=0, block_table=table,
+                                                              seq_id=0), len(tokens))]), [])
+    with torch.no_grad():
+        model(ids, cache=runner.cache, meta=meta)
+    return runner
+
+
+@pytest.mark.parametrize("name", ["full", "sliding", "mla-sliding", "gpt2"])
+def test_runner_scores_a_tree_chunk_beside_decodes_and_chains_then_compacts_it(name):
+    """Step 1 prefills part of three prompts. Step 2 (one flat row): B decodes, A's chunk is the rest of its
+    prompt (a chain) ending in its pending token + the tree (Batch.trees), C's is a chain prefill chunk.
+    Every row equals a full recompute; after moving the accepted path, the cache holds what a plain
+    prefill of prompt + path writes, and decoding on reads it as a contiguous sequence."""
+    model = arch_model(name)
+    P, T = len(PROMPT), len(TOKENS)
+    runner = PagedRunner(model, model.cache_spec(), 12, BS, "cpu", prefill="reference")
+    a = SimpleNamespace(tokens=list(PROMPT), num_computed=0, block_table=[0, 1, 2, 3], seq_id=0)
+    b = SimpleNamespace(tokens=list(OTHER), num_computed=0, block_table=[4, 5], seq_id=1)
+    c = SimpleNamespace(tokens=list(LONG), num_computed=0, block_table=[6, 7, 8], seq_id=2)
+
+    def run(batch: Batch, rows):
+        ids, meta = runner.prepare(batch, [(ch, back, None) for ch, back in rows])
+        with torch.no_grad():
+            out = model(ids, cache=runner.cache, meta=meta)[0]
+        for s, n in batch.chunks:
+            s.num_computed += n
+        return out
+
+    run(Batch(chunks=[(a, 3), (b, len(OTHER)), (c, 4)]), [])
+    b.tokens.append(3)
+    a.tokens += TOKENS
+    tree = Batch(chunks=[(b, 1), (a, P - 3 + T), (c, len(LONG) - 4)], trees={0: DraftTree(TOKENS, PARENTS).chunk_parents()})
+    got = run(tree, [(0, 0)] + [(1, back) for back in range(P - 3 + T - 1, -1, -1)] + [(2, 0)])
+    torch.testing.assert_close(got[0], full_logits(model, OTHER + [3]), atol=1e-5, rtol=1e-5)
+    for i, n in enumerate(range(4, P + 1)):  # A's chain rows, the last one its pending (root) token
+        torch.testing.assert_close(got[1 + i], full_logits(model, PROMPT[:n]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1 + P - 3:1 + P - 3 + T], branch_logits(model), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[-1], full_logits(model, LONG), atol=1e-5, rtol=1e-5)
+
+    runner.move_positions(a.block_table, *accepted_slots(PARENTS, PATH, P))
+    accepted = PROMPT + [TOKENS[t] for t in PATH]
+    plain = plain_prefill(model, accepted, a.block_table, 12)
+    for moved, want in zip(gathered(runner, a.block_table, len(accepted)), gathered(plain, a.block_table, len(accepted))):
+        torch.testing.assert_close(moved, want, atol=1e-5, rtol=1e-5)
+    a.tokens, a.num_computed = accepted + [9], len(accepted)
+    got = run(Batch(chunks=[(a, 1)]), [(0, 0)])
+    torch.testing.assert_close(got[0], full_logits(model, accepted + [9]), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_path_and_tree_checks():
+    tree = DraftTree([11, 23, 8, 40, 2, 77, 31], PARENTS)  # 0 -> {1 -> {3, 4}, 2 -> 5 -> 6}
+    # rows: the root, then node i at 1 + i; the target's argmax at each: 11 (node 0), 8 (node 2), 77, 31
+    assert greedy_path(tree, [11, 8, 0, 77, 0, 0, 31, 5]) == PATH == [0, 2, 5, 6]
+    assert greedy_path(tree, [11, 23, 0, 0, 0, 0, 0, 0]) == [0, 1]
+    assert greedy_path(tree, [11, 40, 0, 0, 0, 0, 0, 0]) == [0]  # node 0's children are 23 and 8
+    assert greedy_path(tree, [99] * 8) == []
+    assert tree.first(3) == DraftTree([11, 23, 8], [-1, 0, 0]) and tree.chunk_parents()[:4] == [-1, 0, 1, 1]
+    with pytest.raises(ValueError, match="token 1 has parent 2"):
+        DraftTree([1, 2, 3], [-1, 2, 0])
+    with pytest.raises(ConfigError, match="widths must be positive ints"):
+        TreeDrafter(tiny_model(), (3, 0))
+    drafter = TreeDrafter(tiny_model(), (3, 2, 1))
+    assert drafter.tree_size == 15  # with less room it narrows before it gets shallower
+    assert [drafter.fit(k) for k in (15, 12, 8, 4, 2, 0)] == [(3, 2, 1), (2, 2, 1), (1, 2, 1), (1, 1, 1), (1, 1), ()]
+
+
+def noisy_copy(model, scale: float):
+    """A draft that mostly agrees with the target: its weights plus a little noise (short accepted paths)."""
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return draft
+
+
+def run_all(engine: Engine, reqs) -> dict:
+    ids = [engine.add_request(p, SamplingParams(**kw)) for p, kw in reqs]
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("name", ["full", "mla", "gpt2"])
+def test_engine_tree_drafts_equal_target_greedy(name):
+    """Six greedy tree-drafted requests (two sharing a prefix, one with log-probs) beside a beam search and
+    a score-only request, on a pool small enough to preempt, with chunked prefill, prefix caching and async
+    scheduling asked for: every greedy output is the target's own greedy continuation; log-probs equal the
+    plain engine's; a copy of the target as draft accepts long paths, a noisy copy short ones."""
+    model = arch_model(name)
+    shared = [9, 8, 7, 6, 5, 4, 3, 2, 1]
+    prompts = [PROMPT, OTHER, LONG, shared + [10], shared + [11, 12], [42]]
+    reqs = [(p, dict(GREEDY, max_tokens=14, logprobs=2 if i == 1 else None)) for i, p in enumerate(prompts)]
+    extra = [([3, 4, 5], dict(beam_width=2, max_tokens=5, **GREEDY)), (LONG, {"max_tokens": 0, "prompt_logprobs": 1})]
+    config = EngineConfig(block_size=BS, num_kv_tokens=48, max_num_batched_tokens=24, async_scheduling=True)
+    plain = run_all(Engine(model, IdTokenizer(257), EngineConfig(block_size=BS)), reqs + extra)
+    per_forward = {}
+    for draft in ("self", "noisy"):
+        drafter = TreeDrafter(model if draft == "self" else noisy_copy(model, 0.05), (3, 2, 1))
+        engine = Engine(model, IdTokenizer(257), config, draft=drafter)
+        got = run_all(engine, reqs + extra)
+        for (p, kw), out, want in zip(reqs, got, plain):
+            assert out.outputs[0].token_ids == full_greedy(model, p, kw["max_tokens"]) == want.outputs[0].token_ids
+        torch.testing.assert_close(got[1].outputs[0].logprobs, plain[1].outputs[0].logprobs, atol=1e-4, rtol=0)
+        assert [o.token_ids for o in got[-2].outputs] == [o.token_ids for o in plain[-2].outputs]  # the beams
+        assert got[-1].prompt_logprobs[0] is None and len(got[-1].prompt_logprobs) == len(LONG)
+        for a, b in zip(got[-1].prompt_logprobs[1:], plain[-1].prompt_logprobs[1:]):  # the score-only request
+            assert a == pytest.approx(b, abs=1e-4)
+        assert not engine.async_scheduling  # asked for, but a draft's next step needs this one's tokens
+        st = engine.stats()
+        assert st["preemptions"] > 0 and st["prefix_hit_rate"] > 0 and engine.pool.num_used == 0
+        m = [o.metrics for o in got[:len(reqs)]]
+        per_forward[draft] = sum(x["accepted"] for x in m) / sum(x["target_forwards"] for x in m)
+    assert per_forward["self"] > 1.5 > per_forward["noisy"] > 0  # depth 3: a perfect draft accepts up to 3
+
+
+def recording(move, moves: list):
+    """move_positions that also records each call's source positions."""
+    def run(table, src, dst):
+        moves.append(src)
+        move(table, src, dst)
+    return run
+
+
+def test_moved_paths_leave_the_cache_a_plain_prefill_would():
+    """Midway through an engine generation (paths accepted through second children too), the paged
+    cache's contents at the sequence's computed positions equal a fresh prefill of its tokens."""
+    for name in ("full", "mla"):  # (a sliding window's engine frees the blocks behind it)
+        model = arch_model(name)
+        engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=BS), draft=TreeDrafter(noisy_copy(model, 0.05)))
+        moves = []
+        engine.runner.move_positions = recording(engine.runner.move_positions, moves)
+        rid = engine.add_request(PROMPT, SamplingParams(**GREEDY, max_tokens=40))
+        seq = engine.requests[rid].seqs[0]
+        while len(moves) < 2 and engine.has_unfinished():
+            engine.step()
+        assert len(moves) == 2 and moves[-1], "no accepted path was moved"
+        n = seq.num_computed
+        plain = plain_prefill(model, seq.tokens[:n], seq.block_table, engine.pool.num_blocks)
+        for got, want in zip(gathered(engine.runner, seq.block_table, n), gathered(plain, seq.block_table, n)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_and_cacheless_models_are_refused_with_the_fix():
+    model = tiny_model()
+    engine = Engine(model, IdTokenizer(257), draft=TreeDrafter(model))
+    with pytest.raises(ConfigError, match="tree drafter verifies greedy decoding only: set temperature=0, or sample "
+                                          "with a chain drafter"):
+        engine.add_request([1, 2], SamplingParams(temperature=0.8))
+    assert not engine.requests
+
+    class NoCacheSpec(torch.nn.Module):
+        max_seq_len, vocab_size = 128, 257
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    with pytest.raises(ConfigError, match="a tree drafter needs a model with cache_spec"):
+        Engine(NoCacheSpec(), IdTokenizer(257), draft=TreeDrafter(model))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tree_steps_fall_back_from_graphs_and_the_kernel_step():
+    """On the GPU defaults (CUDA graphs, the batch-1 kernel step, fused kernels, the prefill kernel) a step
+    holding a tree runs eagerly (neither backend ever sees one) and the output is the target's greedy."""
+    model = tiny_model("llama", init_std=0.3).cuda()
+    engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=BS), draft=TreeDrafter(model, (2, 2, 1)))
+    seen = []
+    for backend in (engine.runner.graphs, engine.runner.kernel_step):
+        if backend is not None:
+            run = backend.run
+            backend.run = lambda batch, late=None, run=run: (seen.append(bool(batch.trees)), run(batch, late))[1]
+    reqs = [(PROMPT, dict(GREEDY, max_tokens=24)), (OTHER, dict(GREEDY, max_tokens=9))]
+    got = run_all(engine, reqs)
+    assert sum(o.metrics["accepted"] for o in got) > 10 and not seen
+    # two tokens: the prefill's, then a budget of no drafts - a plain decode step, on a backend
+    reqs.append(([5, 6, 7], dict(GREEDY, max_tokens=2)))
+    got += run_all(engine, reqs[-1:])
+    for (p, kw), out in zip(reqs, got):
+        assert out.outputs[0].token_ids == full_greedy(model, p, kw["max_tokens"])
+    assert engine.runner.graphs is not None and seen == [False]

@@ -263,12 +263,13 @@ class Engine:
         return bool(self.requests)
 
     # weights -------------------------------------------------------------------------------------
-    def update_weights(self, weights=None) -> None:
+    def update_weights(self, weights=None, *, partial: bool = False) -> None:
         """The model's weights changed (RL rollouts generate with the policy a Trainer is updating).
 
         weights: None = the engine's model itself was changed in place (it is the very module the
         trainer steps); a state_dict or a module with the same parameter names = copied into the
-        engine's model in place (load_state_dict, strict). Then what was computed from the old weights
+        engine's model in place (load_state_dict, strict; partial=True: only the tensors it names, e.g. an RL
+        policy's trainable ones, lmforge.train.distributed.sync_rollout). Then what was computed from the old weights
         is dropped: the prefix cache (reset_prefix_cache). The decode backends stay valid without a
         rebuild: CUDA graphs replay the parameters' addresses and the kernel step reads the model's own
         weight tensors, and in-place updates (optimizer steps, copy_, load_state_dict) keep both; if the
@@ -288,7 +289,8 @@ class Engine:
             state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
             own = self.model.state_dict()
             # checked whole before any copy: load_state_dict copies what fits before it raises
-            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            missing = [] if partial else sorted(set(own) - set(state))
+            unexpected = sorted(set(state) - set(own))
             shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
             if missing or unexpected or shapes:
                 detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
@@ -297,7 +299,7 @@ class Engine:
                 raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); "
                                    "pass a state_dict of the same architecture; nothing was changed")
             with torch.no_grad():
-                self.model.load_state_dict(state)  # copy_ per tensor: any dtype and device
+                self.model.load_state_dict(state, strict=not partial)  # copy_ per tensor: any dtype and device
         self.runner.refresh_weights()
         self.reset_prefix_cache()
 

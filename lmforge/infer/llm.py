@@ -190,9 +190,10 @@ class LLM:
                                f"{self.max_seq_len}-token window; shorten it below {keep} tokens")
         return ctx[max(0, len(ctx) + len(cont) - keep):], cont
 
-    def update_weights(self, weights=None) -> None:
-        """Engine.update_weights: None after the model changed in place, else a state_dict or module."""
-        self.engine.update_weights(weights)
+    def update_weights(self, weights=None, *, partial: bool = False) -> None:
+        """Engine.update_weights: None after the model changed in place, else a state_dict or module (partial:
+        only the tensors it names)."""
+        self.engine.update_weights(weights, partial=partial)
 
     # ---------------------------------------------------------------------------------------------
     @staticmethod

@@ -129,13 +129,16 @@ def rollout_model(policy: torch.nn.Module, par: ParallelConfig | None) -> torch.
     return copy.deepcopy(policy)
 
 
-def full_weights(model: torch.nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+def full_weights(model: torch.nn.Module, device: torch.device | str | None = None, *, frozen: bool = True
+                 ) -> dict[str, torch.Tensor]:
     """The model's whole state_dict (weights and buffers, no optimizer state) on every rank; call on all
     ranks. Keyed by the plain names (activation checkpointing's wrapper names removed), in the model's own
     dtype (FSDP2's param_dtype is only what it computes in), on `device` (None: where they are).
       FSDP2 / HSDP / TP: every DTensor all-gathered onto every rank (one transient full copy per rank,
                          where gather_states gathers a checkpoint onto rank 0 only).
       DDP, one process:  the module's own tensors: no copy, no communication.
+    frozen=False leaves out the parameters that do not train (requires_grad False: a LoRA policy's base),
+    which only trainable parameters and buffers need gathering: megabytes of adapters, not the model.
     A pipeline stage is refused: the other stages' weights are on other ranks."""
     import torch.distributed.checkpoint.state_dict as state_dicts
 
@@ -143,7 +146,8 @@ def full_weights(model: torch.nn.Module, device: torch.device | str | None = Non
 
     if isinstance(model, StageModule):
         raise ConfigError(f"full_weights of a pipeline stage (parallel.pp > 1): {PIPELINE_ROLLOUTS}")
-    everywhere = state_dicts.StateDictOptions(full_state_dict=True, cpu_offload=False)  # offload: rank 0 only
+    everywhere = state_dicts.StateDictOptions(full_state_dict=True, cpu_offload=False,  # offload: rank 0 only
+                                              ignore_frozen_params=not frozen)
     weights = state_dicts.get_model_state_dict(model, options=everywhere)
     return weights if device is None else {k: v.to(device) for k, v in weights.items()}
 
@@ -151,8 +155,13 @@ def full_weights(model: torch.nn.Module, device: torch.device | str | None = Non
 def sync_rollout(llm, policy: torch.nn.Module) -> None:
     """Before sampling a step's rollouts (e.g. in a DataSource's begin_step(trainer), policy=trainer.model;
     on every rank at once): the engine (an LLM or Engine) drops what the old weights computed and, when it
-    runs a rollout_model copy, first takes the policy's full_weights in place."""
-    llm.update_weights(None if llm.model is policy else full_weights(policy))
+    runs a rollout_model copy, first takes what can have changed in place: the policy's trainable
+    parameters and buffers (full_weights(frozen=False)); a frozen parameter is the copy's own since
+    rollout_model made it (a LoRA policy sends its adapters, not its base)."""
+    if llm.model is policy:
+        llm.update_weights()
+    else:
+        llm.update_weights(full_weights(policy, frozen=False), partial=True)
 
 
 class Repeated(dict):

@@ -323,6 +323,11 @@ def test_update_weights_from_a_state_dict_or_module_and_refused_while_running(to
     with pytest.raises(LmforgeError, match=r"missing \['tok_emb.weight'\].*nothing was changed"):
         llm.update_weights(partial)  # checked whole first: torch would have copied the tensors that fit
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    llm.update_weights(partial, partial=True)  # asked for (an RL policy's trainable tensors): those only
+    assert torch.equal(model.tok_emb.weight, before["tok_emb.weight"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in partial.items())
+    with pytest.raises(LmforgeError, match="unexpected"):
+        llm.update_weights({**partial, "extra.weight": torch.zeros(1)}, partial=True)
     model.to(torch.float64)
     with pytest.raises(LmforgeError, match="dtype changed from torch.float32 to torch.float64 after the engine"):
         llm.update_weights()

@@ -130,6 +130,9 @@ def _worker(rank: int, world: int, tmp: str) -> dict:
         own = {k: v.data_ptr() for k, v in sharded.named_parameters()}
         got[f"{name}_full"] = {"gap": weight_gap(full, whole), "dtypes": {str(v.dtype) for v in full.values()},
                                "shared": {k: v.data_ptr() for k, v in full.items()} == own}
+    # what sync_rollout sends of a LoRA policy: its adapters (and buffers), not the frozen base
+    sharded = ParallelRunner(build(lora=True), ParallelConfig(**FSDP), device="cpu", seq_len=32, batch_size=16).model
+    got["lora_sent"] = sorted(distributed.full_weights(sharded, frozen=False))
     return got
 
 
@@ -184,6 +187,10 @@ def test_rollouts_under_fsdp_and_ddp_are_the_single_process_ones(tmp_path):
         full = {k[:-5]: v for k, v in runs.items() if k.endswith("_full")}
         assert all(f["gap"] == 0.0 and f["dtypes"] == {"torch.float32"} for f in full.values()), full
         assert [k for k, f in full.items() if f["shared"]] == ["ddp"]  # no copy under DDP; a gather otherwise
+        lora = build(lora=True)
+        assert runs["lora_sent"] == sorted([n for n, p in lora.named_parameters() if p.requires_grad]
+                                           + [n for n, _ in lora.named_buffers() if n in lora.state_dict()])
+        assert all(".lora_" in n for n in runs["lora_sent"] if n in dict(lora.named_parameters()))
 
 
 def test_pipeline_layouts_are_refused():

@@ -87,8 +87,8 @@ class Engine:
     with `uses_hidden_states = True` (EAGLE/Medusa style) gets the target's final hidden state with each
     context: the model must accept `return_hidden=True` (lmforge's Transformer does). A drafter with
     `proposes_trees = True` (lmforge.infer.token_tree.TreeDrafter) proposes token trees, up to its
-    `tree_size` nodes per step (num_draft_tokens does not apply), for greedy requests only, on models
-    with a cache_spec() (the paged runner)."""
+    `tree_size` nodes per step (num_draft_tokens does not apply), on models with a cache_spec() (the paged
+    runner)."""
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, draft=None,
                  num_draft_tokens: int = 4):
@@ -209,7 +209,7 @@ class Engine:
         elif self.make_drafter is not None and params.max_tokens:
             from lmforge.infer.speculative import Speculative
 
-            req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens, self.draft_trees)
+            req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens)
         req.overlaps = (req.strategy is None and not params.penalized and params.prompt_logprobs is None
                         and params.max_tokens > 0)  # a score-only request ends when its prefill is read
         self.requests[rid] = req

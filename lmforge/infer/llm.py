@@ -38,7 +38,7 @@ class LLM:
 
     draft: None, a smaller model sharing the tokenizer, "ngram" (prompt-lookup drafting), "mtp" (the
     model's own parallel MTP heads) or a drafter object (`propose`/`accept`: Medusa or EAGLE heads; one
-    proposing token trees, e.g. lmforge.infer.token_tree.TreeDrafter, for greedy requests) to decode with
+    proposing token trees, e.g. lmforge.infer.token_tree.TreeDrafter) to decode with
     speculative decoding (lmforge.infer.speculative; the engine checks it).
     cuda_graphs: decode steps replay CUDA graphs (default: on a GPU; EngineConfig.cuda_graphs).
     max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs; default 64).

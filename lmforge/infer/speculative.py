@@ -14,9 +14,10 @@ q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`). 
 anything with `propose(ctx, k, procs, greedy, gen) -> (drafts, q (len(drafts), V))` and `accept(ctx_len)`;
 with `uses_hidden_states = True` (EAGLE, Medusa) propose also gets `hidden=`: the target's final hidden
 state (after its final norm, Transformer.forward(return_hidden=True)) at ctx[-2], whose logits gave ctx[-1].
-A drafter may propose a token tree instead, `(DraftTree(tokens, parents), None)`, when it says so with
-`proposes_trees = True` and `tree_size` (the nodes the scheduler reserves room for): greedy requests
-only, verified by walking the tree (lmforge.infer.token_tree, e.g. TreeDrafter).
+A drafter may propose a token tree instead, `(DraftTree(tokens, parents), q (N, V) or None)`, when it says
+so with `proposes_trees = True` and `tree_size` (the nodes the scheduler reserves room for), verified by
+walking the tree: into the argmax's child when greedy, by SpecInfer's multi-step speculative sampling when
+sampled (lmforge.infer.token_tree, e.g. TreeDrafter).
 
 `Speculative` is the strategy that runs it on the engine, for every sequence of every request at once:
 the scheduler reserves cache room for k drafts beyond a sequence's pending token (Request.lookahead),
@@ -37,12 +38,12 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.token_tree import DraftTree, greedy_path
+from lmforge.infer.token_tree import DraftTree, greedy_path, sampled_path
 from lmforge.model.cache import KVCache
 from lmforge.model.meta import accepted_slots
 
-TREES_ARE_GREEDY = ("a tree drafter verifies greedy decoding only: set temperature=0, or sample with a chain "
-                    "drafter (a draft model, 'ngram', 'mtp'); sampling token trees is not implemented yet")
+TREES_NEED_Q = ("a sampled request verifies a token tree against the distribution each node was drawn from, "
+                "but the drafter proposed a tree without it (q None); set temperature=0, or return q (N, V)")
 
 
 def _probs(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
@@ -161,13 +162,11 @@ class SpecStats:
 class Speculative:
     """The strategy of one request on an engine with a draft (see the module docstring)."""
 
-    def __init__(self, request, make_drafter, k: int, trees: bool = False):
+    def __init__(self, request, make_drafter, k: int):
         p = request.params
         if p.penalized:
             raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties; "
                               "drop them or generate without a draft")
-        if trees and not p.greedy:
-            raise ConfigError(TREES_ARE_GREEDY)
         self.request, self.make_drafter, self.k = request, make_drafter, k
         self.procs = build_processors(p)
         self.drafters: dict[int, object] = {}
@@ -194,13 +193,16 @@ class Speculative:
         kw = {"hidden": seq.hidden} if getattr(drafter, "uses_hidden_states", False) else {}
         with torch.inference_mode():
             drafts, q = drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, **kw)
-        return (drafts.first(budget), q) if isinstance(drafts, DraftTree) else (drafts, q)
+        if isinstance(drafts, DraftTree):
+            drafts = drafts.first(budget)
+            if q is None and len(drafts) and not seq.params.greedy:  # (before any sequence takes its drafts)
+                raise ConfigError(TREES_NEED_Q)
+            return drafts, (q[:len(drafts)] if q is not None else None)
+        return drafts, q
 
     def set_drafts(self, seq, drafts: list[int] | DraftTree, q) -> int:
         """The target scores them this step: they join the sequence's tokens until verified (a tree's
         nodes in node order, lmforge.infer.token_tree)."""
-        if isinstance(drafts, DraftTree) and not seq.params.greedy:
-            raise ConfigError(TREES_ARE_GREEDY)
         self.pending[seq.seq_id] = (drafts, q)
         seq.tokens += drafts.tokens if isinstance(drafts, DraftTree) else drafts
         return len(drafts)
@@ -222,8 +224,7 @@ class Speculative:
         p = _probs(logits, self.procs, seq.params.greedy)
         L = len(seq.tokens) - len(drafts)
         if isinstance(drafts, DraftTree):
-            accepted, at = self._walk(engine, seq, drafts, p.argmax(-1).tolist(), L)
-            nxt = int(p[at[-1]].argmax())
+            accepted, at, nxt = self._walk(engine, seq, drafts, p, q)
         else:
             a, nxt = verify(p, q.to(p.device) if drafts else p[:0], drafts, seq.generator)
             accepted, at = drafts[:a], list(range(a + 1))
@@ -256,14 +257,19 @@ class Speculative:
             engine.draft_model.accept(seq, len(seq.tokens) - 1)
 
     @staticmethod
-    def _walk(engine, seq, tree: DraftTree, argmax: list[int], first_pos: int) -> tuple[list[int], list[int]]:
-        """Greedy tree verification: (accepted tokens, logits row of each emitted token). The accepted
-        nodes' keys/values, written in node order from first_pos, move to first_pos.. in every layer."""
-        path = greedy_path(tree, argmax)
-        src, dst = accepted_slots(tree.parents, path, first_pos)
+    def _walk(engine, seq, tree: DraftTree, p: torch.Tensor, q) -> tuple[list[int], list[int], int]:
+        """Tree verification, greedy or sampled: (accepted tokens, logits row of each emitted token, the
+        next token). The accepted nodes' keys/values, written in node order after the root, move to the
+        positions right after it in every layer."""
+        if seq.params.greedy:
+            path = greedy_path(tree, p.argmax(-1).tolist())
+            nxt = int(p[path[-1] + 1 if path else 0].argmax())
+        else:
+            path, nxt = sampled_path(tree, p, q.to(p.device) if q is not None else None, seq.generator)
+        src, dst = accepted_slots(tree.parents, path, len(seq.tokens) - len(tree))
         if src:
             engine.runner.move_positions(seq.block_table, src, dst)
-        return [tree.tokens[i] for i in path], [0] + [i + 1 for i in path]
+        return [tree.tokens[i] for i in path], [0] + [i + 1 for i in path], nxt
 
     def metrics(self) -> dict:
         return self.stats.as_dict(sum(s.num_output for s in self.request.seqs))

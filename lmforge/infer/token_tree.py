@@ -20,11 +20,18 @@ tree to the room the scheduler reserved). On the engine (lmforge.infer.speculati
      read a plain contiguous sequence; rejected nodes' slots are overwritten later, as rejected chain
      drafts' are.
 
-Greedy only: verifying a sampled tree keeps the target's distribution only with multi-candidate
-speculative sampling (SpecInfer §4.2; SpecTr, Sun et al. 2023), left for the Medusa / EAGLE work.
+Sampling (temperature > 0) verifies a tree with SpecInfer's multi-step speculative sampling (§4.2,
+Algorithm 2; `sampled_path`): the children of a node are drawn independently from the drafter's
+distribution q there (with replacement: siblings may repeat a token), and at the node, with the target's
+distribution p, child x is accepted with probability min(1, p(x)/q(x)); on a rejection p becomes
+norm(max(0, p - q)) and the next child is tried; when none is accepted, a token is drawn from what p has
+become. Every emitted token is then distributed as the target's own sample (SpecInfer, Theorem 4.2), as
+with a chain (which is this with one child per node). The drafter gives q as a chain drafter does: one row
+per node, the distribution the node was drawn from.
 
-`TreeDrafter(draft_model, widths=(3, 2, 1))` builds trees from a small draft model: the top-3 tokens
-after the root, the top-2 after each of those, the top-1 after each of these (3 + 6 + 6 = 15 nodes).
+`TreeDrafter(draft_model, widths=(3, 2, 1))` builds trees from a small draft model: after the root 3
+tokens, after each of those 2, after each of these 1 (3 + 6 + 6 = 15 nodes): the draft's most likely
+tokens for greedy requests, tokens drawn from its (processed) distribution for sampled ones.
 """
 
 from __future__ import annotations
@@ -65,6 +72,37 @@ class DraftTree:
         return [-1] + [p + 1 for p in self.parents]
 
 
+def _children(tree: DraftTree) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i, parent in enumerate(tree.parents):
+        out.setdefault(parent, []).append(i)
+    return out
+
+
+def sampled_path(tree: DraftTree, p: torch.Tensor, q: torch.Tensor, gen: torch.Generator | None = None
+                 ) -> tuple[list[int], int]:
+    """Multi-step speculative sampling over a tree (SpecInfer Algorithm 2). p (N + 1, V): the target's
+    distributions after chunk row j (row 0: the root, row 1 + i: node i); q (N, V): the distribution node i
+    was drawn from (its parent's, in the drafter). Returns (accepted path, the next token)."""
+    children, node = _children(tree), -1
+    path = []
+    while True:
+        dist = p[node + 1]
+        for c in children.get(node, ()):
+            x = tree.tokens[c]
+            px, qx = float(dist[x]), float(q[c, x])
+            u = float(torch.rand((), generator=gen, device=p.device))
+            if qx > 0 and u * qx < px:  # u < p/q without dividing by a tiny q
+                path.append(c)
+                node = c
+                break
+            rest = (dist - q[c]).clamp_min(0)
+            if float(rest.sum()) > 0:  # (0 only where p <= q everywhere: then x was accepted surely)
+                dist = rest / rest.sum()
+        else:
+            return path, int(torch.multinomial(dist, 1, generator=gen))
+
+
 def greedy_path(tree: DraftTree, target: list[int]) -> list[int]:
     """The accepted root-to-node path of a greedy verification. target[j]: the target's argmax after chunk
     row j (row 0: the root, row 1 + i: node i). From the root, step into the child whose token is the
@@ -79,14 +117,15 @@ def greedy_path(tree: DraftTree, target: list[int]) -> list[int]:
 
 
 class TreeDrafter:
-    """Token trees from a small draft model sharing the target's tokenizer: the top widths[d] tokens
-    after each node of depth d (the root: depth 0). The draft recomputes: each depth is one forward over
+    """Token trees from a small draft model sharing the target's tokenizer: widths[d] children after each
+    node of depth d (the root: depth 0), its top tokens for greedy requests, drawn from its processed
+    distribution (independently, with replacement) for sampled ones. The draft recomputes: each depth is one forward over
     the context + branch of every node of the previous depth, batched (rows of equal length, no cache),
     so the drafter keeps no per-sequence state (preemption and forks need nothing). A first, plain
     version: a cached draft, one forward per depth with the tree mask, is later work."""
 
     proposes_trees = True
-    """the engine scores this drafter's proposals as token trees (greedy requests only)"""
+    """the engine scores this drafter's proposals as token trees"""
 
     def __init__(self, model, widths: tuple[int, ...] = (3, 2, 1)):
         widths = tuple(widths)
@@ -109,25 +148,32 @@ class TreeDrafter:
         return tuple(widths[:max(k, 0)])
 
     @torch.inference_mode()
-    def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen) -> tuple[DraftTree, None]:
-        """At most k nodes (`fit`), breadth first. Greedy only (the strategy refuses sampled requests)."""
+    def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen
+                ) -> tuple[DraftTree, torch.Tensor | None]:
+        """At most k nodes (`fit`), breadth first, and for a sampled request q (N, V): the distribution
+        each node was drawn from (None when greedy)."""
         dev = next(self.model.parameters()).device
-        tokens, parents, frontier = [], [], [-1]
+        tokens, parents, frontier, q = [], [], [-1], []
         branch = {-1: []}  # node -> the tokens from the root's child down to it
         with eval_mode(self.model):
             for w in self.fit(k):
                 rows = [ctx + branch[f] for f in frontier]
-                logits = self.model(torch.tensor(rows, device=dev))[:, -1].float()  # (len(frontier), V)
-                top = apply_processors(procs, logits, None).topk(w, dim=-1).indices.tolist()
+                logits = apply_processors(procs, self.model(torch.tensor(rows, device=dev))[:, -1].float(), None)
+                if greedy:
+                    kids = logits.topk(w, dim=-1).indices.tolist()
+                else:
+                    probs = logits.softmax(-1)  # (len(frontier), V)
+                    kids = torch.multinomial(probs, w, replacement=True, generator=gen).tolist()
+                    q += [row for row in probs for _ in range(w)]
                 nxt = []
-                for f, kids in zip(frontier, top):
-                    for tok in kids:
+                for f, toks in zip(frontier, kids):
+                    for tok in toks:
                         nxt.append(len(tokens))
                         branch[len(tokens)] = branch[f] + [tok]
                         tokens.append(tok)
                         parents.append(f)
                 frontier = nxt
-        return DraftTree(tokens, parents), None
+        return DraftTree(tokens, parents), (torch.stack(q) if q else None)
 
     def accept(self, ctx_len: int) -> None:
         pass

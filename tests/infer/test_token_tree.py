@@ -1,8 +1,10 @@
-"""Token-tree speculative decoding (lmforge.infer.token_tree) on the engine, greedy: the runner scores a
+"""Token-tree speculative decoding (lmforge.infer.token_tree) on the engine. Greedy: the runner scores a
 pending token + tree as one chunk of the flat batch (beside decode rows and chain chunks, after a chain
 prefix), each node's logits equal its branch run alone; the accepted path's keys/values, moved to
 consecutive slots, equal a plain prefill's; the engine with TreeDrafter emits exactly the target's greedy
-tokens under chunked prefill, preemption, prefix caching, mixed batches and async scheduling."""
+tokens under chunked prefill, preemption, prefix caching, mixed batches and async scheduling. Sampled:
+SpecInfer's multi-step speculative sampling keeps the target's distribution (Monte Carlo), and a faithful
+draft's whole paths are accepted on the engine."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.runner import PagedRunner
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Batch
-from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path
+from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path, sampled_path
 from lmforge.model.meta import accepted_slots
 
 from .infer_helpers import full_greedy, tiny_model
@@ -199,13 +201,73 @@ def test_moved_paths_leave_the_cache_a_plain_prefill_would():
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_sampling_and_cacheless_models_are_refused_with_the_fix():
+def test_sampled_tree_verification_keeps_the_target_distribution():
+    """SpecInfer's multi-step speculative sampling (sampled_path), by Monte Carlo on a 5-token vocabulary:
+    children drawn from q (3 at the root, 2 below each, repeats allowed), a draft q far from the target p.
+    The first emitted token is distributed as p at the root, and the second, when the path went on past
+    the first, as p after that token - whatever q is."""
+    g = torch.Generator().manual_seed(0)
+    V, trials = 5, 12000
+    p0 = torch.tensor([0.05, 0.4, 0.25, 0.2, 0.1])
+    p1 = torch.softmax(torch.randn(V, V, generator=g) * 1.5, -1)  # p after token x: p1[x]
+    q0 = torch.tensor([0.3, 0.05, 0.3, 0.05, 0.3])
+    q1 = torch.softmax(torch.randn(V, V, generator=g) * 1.5, -1)
+    first, second = torch.zeros(V), torch.zeros(V, V)
+    for _ in range(trials):
+        tokens = torch.multinomial(q0, 3, replacement=True, generator=g).tolist()
+        parents, q_rows, p_rows = [-1] * 3, [q0] * 3, [p0] + [p1[t] for t in tokens]
+        for i, t in enumerate(list(tokens)):
+            kids = torch.multinomial(q1[t], 2, replacement=True, generator=g).tolist()
+            tokens += kids
+            parents += [i, i]
+            q_rows += [q1[t]] * 2
+            p_rows += [torch.full((V,), 1 / V)] * 2  # after depth 2: not read by this check
+        path, nxt = sampled_path(DraftTree(tokens, parents), torch.stack(p_rows), torch.stack(q_rows), g)
+        emitted = [tokens[i] for i in path] + [nxt]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            second[emitted[0], emitted[1]] += 1
+    assert (first / trials - p0).abs().max() < 0.015
+    for x in range(V):
+        n = second[x].sum()
+        if n > 800:
+            assert (second[x] / n - p1[x]).abs().max() < 0.05, x
+    assert second.sum() > trials / 3  # paths went on past the root's children often
+
+
+def test_sampled_requests_draw_trees_and_a_faithful_draft_accepts_whole_paths():
+    """Sampled requests on the engine with a TreeDrafter: children drawn from the draft's processed
+    distribution and verified by sampled_path. A draft equal to the target accepts (all but surely) a whole
+    depth-3 path per forward; a seeded request repeats; the log-probs are a full forward's at the emitted
+    tokens; a drafter that gives a tree without its q for a sampled request is refused in one line."""
+    model = tiny_model(init_std=0.3)
+    sp = SamplingParams(temperature=0.9, top_k=20, seed=3, max_tokens=24, ignore_eos=True, logprobs=0)
+    engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=BS), draft=TreeDrafter(model, (3, 2, 1)))
+    out = run_all(engine, [(PROMPT, {**vars(sp)})])[0]
+    again = run_all(engine, [(PROMPT, {**vars(sp)})])[0]
+    c = out.outputs[0]
+    assert c.token_ids == again.outputs[0].token_ids and len(c.token_ids) == 24
+    m = out.metrics
+    # after the prefill's token, rounds of a whole path (3 accepted + 1 drawn): 23 tokens in 6 rounds
+    assert m["target_forwards"] - 1 == 6 and m["accepted"] == 23 - 6
+    with torch.no_grad():
+        logp = model(torch.tensor([PROMPT + c.token_ids]))[0].log_softmax(-1)[len(PROMPT) - 1:-1]
+    torch.testing.assert_close(torch.tensor(c.logprobs), logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0],
+                               atol=1e-4, rtol=0)
+
+    class NoQ(TreeDrafter):
+        def propose(self, ctx, k, procs, greedy, gen):
+            return super().propose(ctx, k, procs, True, gen)[0], None
+
+    engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=BS), draft=NoQ(model))
+    engine.add_request([1, 2], SamplingParams(temperature=0.8, max_tokens=8))
+    with pytest.raises(ConfigError, match="the drafter proposed a tree without it .*set temperature=0, or return q"):
+        while engine.has_unfinished():
+            engine.step()
+
+
+def test_cacheless_models_are_refused_with_the_fix():
     model = tiny_model()
-    engine = Engine(model, IdTokenizer(257), draft=TreeDrafter(model))
-    with pytest.raises(ConfigError, match="tree drafter verifies greedy decoding only: set temperature=0, or sample "
-                                          "with a chain drafter"):
-        engine.add_request([1, 2], SamplingParams(temperature=0.8))
-    assert not engine.requests
 
     class NoCacheSpec(torch.nn.Module):
         max_seq_len, vocab_size = 128, 257

@@ -304,3 +304,6 @@ def test_gpu_tree_steps_fall_back_from_graphs_and_the_kernel_step():
     for (p, kw), out in zip(reqs, got):
         assert out.outputs[0].token_ids == full_greedy(model, p, kw["max_tokens"])
     assert engine.runner.graphs is not None and seen == [False]
+    # a sampled request: trees drawn and verified on the device (its generator), whole paths accepted
+    out = run_all(engine, [(PROMPT, dict(temperature=0.9, seed=5, max_tokens=24, ignore_eos=True))])[0]
+    assert len(out.outputs[0].token_ids) == 24 and out.metrics["target_forwards"] - 1 <= 7

@@ -281,6 +281,9 @@ def test_a_peft_made_adapter_loads_into_lmforge(tmp_path, tok):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     llm = LLM.load(tmp_path / "adapter")
     assert (logits(llm.model, ids) - want).abs().max() <= 1e-5
+    assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0  # a PEFT directory, merged
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (logits(merged, ids) - want).abs().max() <= 1e-5
     # what lmforge export --adapter wrote opens back as the adapted model
     lora = LoRAConfig(r=4, alpha=8, targets=TARGETS, trainable=("lm_head",))
     adapted_model = adapted(base, lora)

@@ -209,8 +209,8 @@ def source_family(ckpt: Path, model) -> str:
 
 def stored_dtype(ckpt: Path, model):
     """The dtype the checkpoint stores its weights in. load_model builds an lmforge model in fp32 whatever its
-    file holds, so that file's (most common) dtype; a HF checkpoint, or an adapter-only one (its weights come
-    from its base), loads in its own."""
+    file holds, so that file's (most common) dtype; a HF checkpoint, or an adapter-only one or a PEFT
+    directory (their weights come from their base), loads in its own."""
     from safetensors import safe_open
 
     from lmforge.adapt.lora import ADAPTER_PARAMS
@@ -218,7 +218,8 @@ def stored_dtype(ckpt: Path, model):
     from lmforge.model.hf import SAFETENSORS_DTYPES
 
     counts: Counter = Counter()
-    if not is_hf_dir(ckpt) and not json.loads((ckpt / "config.json").read_text()).get("base"):
+    own = not is_hf_dir(ckpt) and (ckpt / "config.json").is_file()  # (a PEFT directory: its base's)
+    if own and not json.loads((ckpt / "config.json").read_text()).get("base"):
         with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
             counts.update(f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith(ADAPTER_PARAMS))  # noqa: SIM118
     stored = [d for d, _ in counts.most_common() if d in SAFETENSORS_DTYPES]

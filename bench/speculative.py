@@ -13,7 +13,10 @@ prompts is timed:
     result k=0 discards - tens of microseconds per token);
   * plain: the engine's greedy decode with no drafter (LLM.generate, batch 1) - how much the
     speculative strategy's bookkeeping costs, for reference;
-  * ModelDrafter(draft) for several k, and prompt lookup (NGramDrafter, Saxena 2023).
+  * ModelDrafter(draft) for several k, and prompt lookup (NGramDrafter, Saxena 2023);
+  * the engine (LLM.generate, batch 1) with the same draft as a chain (its paged draft cache, k drafts)
+    and as token trees (lmforge.infer.token_tree.TreeDrafter: widths per depth, the draft recomputing its
+    context each round; the tree step runs the eager path), against the engine's own plain decode.
 
 Per row: tokens/s, acceptance rate (accepted / drafted), tokens per target forward, speed-up over the
 baseline, and whether the tokens equal the baseline's. Greedy speculative decoding is exact in exact
@@ -57,6 +60,7 @@ from lmforge.infer.engine import EngineConfig  # noqa: E402
 from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_generate  # noqa: E402
+from lmforge.infer.token_tree import TreeDrafter, tree_size  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 from lmforge.optim import build_optimizer  # noqa: E402
@@ -265,6 +269,23 @@ def plain_llm(model: Transformer, prompts: list[list[int]], new: int) -> LLM:
                                                            num_kv_tokens=max(map(len, prompts)) + new + 16))
 
 
+def engine_run(llm: LLM, prompts: list[list[int]], args, dev: torch.device) -> tuple[list[list[int]], dict]:
+    """One warm-up on the first prompt, then every prompt timed through LLM.generate (batch 1); the
+    speculative counters from each output's metrics."""
+    greedy = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    with torch.inference_mode():
+        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+        outs, tot = [], {"seconds": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "target_forwards": 0}
+        for p in prompts:
+            out, dt = timed(lambda: llm.generate(p, greedy)[0], dev)
+            outs.append(out.token_ids)
+            tot["seconds"] += dt
+            tot["tokens"] += len(out.token_ids)
+            for f in ("drafted", "accepted", "target_forwards"):
+                tot[f] += out.metrics.get(f, 0)
+    return outs, tot
+
+
 @torch.inference_mode()
 def plain_greedy(llm: LLM, prompt: list[int], new: int) -> list[int]:
     return llm.generate(prompt, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))[0].token_ids
@@ -385,6 +406,13 @@ def measure(rep: Report, target, draft, target32, prompts: list[list[int]], args
                  for k in args.k_list]
     variants.append(("prompt lookup (n-gram)", args.ngram_k,
                      lambda: run_variant(no_draft, args.ngram_k, target, prompts, args, dev)))
+    pool = EngineConfig(max_num_seqs=1, num_kv_tokens=max(map(len, prompts)) + args.new_tokens + 64)
+    variants += [(f"engine + draft model, chain (k={k})", k,
+                  lambda k=k: engine_run(LLM(target, ByteTokenizer(), draft=draft, num_draft_tokens=k, config=pool),
+                                         prompts, args, dev)) for k in args.k_list]
+    variants += [(f"engine + draft model, token tree {w}", tree_size(w),
+                  lambda w=w: engine_run(LLM(target, ByteTokenizer(), draft=TreeDrafter(draft, w), config=pool),
+                                         prompts, args, dev)) for w in args.tree_widths]
     for name, k, fn in variants:
         try:
             outs, tot = fn()
@@ -419,6 +447,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=384)
     ap.add_argument("--ks", default="2,4,6", help="draft lengths for the draft model")
     ap.add_argument("--ngram-k", type=int, default=4)
+    ap.add_argument("--trees", nargs="*", default=["2,2,1", "3,2,1", "2,2,2,1"],
+                    help="token-tree widths per depth, one tree shape per entry (k column: its nodes)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                     help="decode weights and KV cache (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--device", default="auto")
@@ -428,6 +458,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.set_defaults(**QUICK, device="cpu")
         args = ap.parse_args(argv)
     args.k_list = [int(k) for k in args.ks.split(",") if k]
+    args.tree_widths = [tuple(int(w) for w in t.split(",")) for t in args.trees]
     args.vocab = -(-ByteTokenizer().vocab_size // 64) * 64  # 257 ids padded for aligned head matmuls
     if args.prompt_len + args.new_tokens > args.max_seq_len:
         ap.error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds --max-seq-len "

@@ -39,7 +39,7 @@ import torch
 
 from lmforge.config import from_dict, to_dict
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
-from lmforge.utils import run_metadata
+from lmforge.utils import atomic_dir, run_metadata
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^\.tmp_step_\d+_(\d+)$")
@@ -316,8 +316,11 @@ def _peft_base(ckpt: Path) -> dict:
 
     if not is_peft_dir(ckpt):
         return {}
-    where = json.loads((ckpt / CONFIG).read_text()).get("base_model_name_or_path")
-    return checkpoint_identity(where) if where and Path(where).exists() else {}
+    try:
+        where = json.loads((ckpt / CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {ckpt / CONFIG}: {e}") from e
+    return checkpoint_identity(where) if isinstance(where, str) and Path(where).exists() else {}
 
 
 def base_record(path: str | Path, *, merge_lora: bool = False) -> dict[str, Any]:
@@ -336,29 +339,20 @@ def rebase(path: str | Path, base: str | Path) -> Path:
     checksum must be the recorded one), so every reader (a run's init, reference or teacher too) finds it
     without base=. The checkpoint is rewritten beside itself and swapped in: whole before or after."""
     ckpt = resolve_checkpoint(path)
+    if not _recorded_base(ckpt):
+        raise ConfigError(f"{ckpt} is not an adapter-only lmforge checkpoint (it records no base): there is "
+                          "nothing to rebase")
     meta = _verify(ckpt)
-    record = meta.get("base")
-    if not record:
-        raise ConfigError(f"{ckpt} holds all its weights (it has no base): there is nothing to rebase")
+    record = meta["base"]
     found = checkpoint_identity(base)
     if found["sha256"] != record["sha256"]:
         raise CheckpointError(f"{base} has other weights (sha256 {found['sha256']}) than the base {ckpt} was "
                               f"trained on ({record['path']}, sha256 {record['sha256']}); give that base")
-    tmp, old = (ckpt.parent / f".{what}_{ckpt.name}_{os.getpid()}" for what in ("rebase", "replaced"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        shutil.copytree(ckpt, tmp)
+    with atomic_dir(ckpt) as tmp:
+        shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
         meta["base"] = {**record, "path": found["path"]}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         _seal(tmp)
-        os.replace(ckpt, old)
-        os.replace(tmp, ckpt)
-    except BaseException:
-        if old.exists() and not ckpt.exists():
-            os.replace(old, ckpt)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return ckpt
 
 
@@ -391,8 +385,9 @@ def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None =
     if missing or unexpected:
         hint = ("; it holds LoRA adapters: apply_lora(model, the LoRAConfig it was trained with) first, or "
                 "load_model(path), which puts them back" if any(".lora_" in n for n in unexpected) else "")
-        if required is None and _recorded_base(ckpt):
-            hint = f"; it holds only what trained over the base {_recorded_base(ckpt)['path']}: load_model(path)"
+        base = _recorded_base(ckpt) if required is None else None
+        if base:
+            hint = f"; it holds only what trained over the base {base['path']}: load_model(path)"
         raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}{hint}")
     for name, t in state.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -25,6 +26,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A hidden directory beside `path` to write into, renamed onto `path` when the block succeeds (what was
+    there moved aside first and removed after) and removed when it fails: `path` is whole or untouched."""
+    path = Path(path)
+    tmp, old = (path.parent / f".{path.name}.{what}-{os.getpid()}" for what in ("writing", "replaced"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        moved = path.exists()
+        if moved:
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if moved:
+                os.replace(old, path)
+            raise
+        if moved and old.is_dir():
+            shutil.rmtree(old)
+        elif moved:
+            old.unlink()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -35,6 +32,7 @@ from typing import Annotated, Literal
 import tyro
 
 from lmforge.errors import ConfigError
+from lmforge.utils import atomic_dir
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -127,7 +125,7 @@ def write_merged(model, out: Path, family: str, dtype, files: TokenizerFiles) ->
     if n:
         merge_lora(model)
         print(f"merged {n} LoRA adapters into the weights (--adapter writes them apart, for PEFT)")
-    with staged(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_pretrained(model, tmp, dtype=dtype, family=family)
         files.write(tmp)
     print(f"wrote {out}: a HF {family} model in {str(dtype).removeprefix('torch.')}{files.summary()}")
@@ -147,7 +145,7 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
         print(f"note: no [lora] section in the config.json of {ckpt}'s run: the adapter gets lora_dropout 0 and no "
               "modules_to_save (modules trained in full are in the base model written)")
     config, tensors = to_peft(model, family, lora)
-    with staged(out) as tmp, (staged(base_out) if base_out else contextlib.nullcontext(tmp / "base")) as base_tmp:
+    with atomic_dir(out) as tmp, (atomic_dir(base_out) if base_out else contextlib.nullcontext(tmp / "base")) as base_tmp:
         remove_lora(model)  # the adapters are in `tensors`; what is left is the base model
         save_pretrained(model, base_tmp, dtype=dtype, family=family)
         files.write(base_tmp)
@@ -170,33 +168,6 @@ def check_target(path: Path, ckpt: Path, force: bool) -> None:
         raise ConfigError(f"{path} exists and is not empty; pass --force to replace it, or choose another directory")
     if path.resolve() == ckpt.resolve() or path.resolve() in ckpt.resolve().parents:
         raise ConfigError(f"{path} holds the checkpoint being exported ({ckpt}); write the export elsewhere")
-
-
-@contextlib.contextmanager
-def staged(path: Path) -> Iterator[Path]:
-    """A hidden directory beside `path` to write into, renamed onto `path` when the block succeeds (what was
-    there moved aside first and removed after) and removed when it fails: `path` is whole or untouched."""
-    tmp, old = (path.parent / f".{path.name}.{what}-{os.getpid()}" for what in ("export", "replaced"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        moved = path.exists()
-        if moved:
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if moved:
-                os.replace(old, path)
-            raise
-        if moved and old.is_dir():
-            shutil.rmtree(old)
-        elif moved:
-            old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def source_family(ckpt: Path, model) -> str:

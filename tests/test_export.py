@@ -253,7 +253,7 @@ def test_training_guide_export_example_runs(tmp_path, monkeypatch):
         assert (logits(hf.eval(), scope["ids"]) - want).abs().max() <= 1e-5
 
 
-def test_a_peft_made_adapter_loads_into_lmforge(tmp_path, tok):
+def test_a_peft_made_adapter_loads_into_lmforge(tmp_path, tok, capsys):
     """The import direction: an adapter PEFT itself trained-like (random B, rsLoRA, a rank_pattern, lm_head
     kept in full) over a HF model opens with load_model / LLM.load as lmforge LoRA layers, giving PEFT's
     logits; so does what `lmforge export --adapter` wrote. What lmforge's LoRA cannot compute is refused."""
@@ -297,3 +297,11 @@ def test_a_peft_made_adapter_loads_into_lmforge(tmp_path, tok):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(Exception, match="uses DoRA, which lmforge's LoRA layers do not compute"):
         load_model(tmp_path / "adapter", base=tmp_path / "base")
+    for bad, msg in [({**cfg, "peft_type": "IA3"}, "is a IA3 adapter; lmforge applies LoRA adapters only"),
+                     ({**cfg, "lora_alpha": None}, "has no numeric lora_alpha")]:
+        (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(bad))
+        with pytest.raises(Exception, match=msg):
+            load_model(tmp_path / "adapter", base=tmp_path / "base")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["generate", "--checkpoint", str(tmp_path / "adapter"), "--prompts", "Hi"]) == 2  # hub id base
+    assert "not a local directory" in _one_line_error(capsys)

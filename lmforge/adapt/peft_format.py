@@ -120,6 +120,9 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
         raise CheckpointError(f"{path} is a PEFT adapter over the base {where!r}, which is not a local directory "
                               "(nothing is downloaded); pass where the base model is: base=DIR or --base DIR")
     model, tok = load_model(where, tokenizer=tokenizer)
+    if not hasattr(model, "cfg"):
+        raise ConfigError(f"{path}: the base {where} holds a {type(model).__name__}, not a causal LM; give the "
+                          "language model the adapter was trained on: base=DIR or --base DIR")
     if (path / "tokenizer.json").is_file() and tokenizer:
         tok = load_tokenizer(path)
     ckpt = resolve_checkpoint(where)
@@ -165,8 +168,12 @@ def _peft_config(path: Path) -> dict:
         config = json.loads((path / CONFIG).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path / CONFIG}: {e}") from e
-    if config.get("peft_type") != "LORA":
-        raise ConfigError(f"{path} is a {config.get('peft_type')} adapter; lmforge applies LoRA adapters only")
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise ConfigError(f"{path} is a {kind} adapter; lmforge applies LoRA adapters only")
+    if not isinstance(config.get("lora_alpha"), (int, float)):
+        raise ConfigError(f"{path / CONFIG} has no numeric lora_alpha (got {config.get('lora_alpha')!r}); it is "
+                          "not a complete PEFT LoRA config")
     used = [what for key, what in UNSUPPORTED.items() if config.get(key)]
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r}")

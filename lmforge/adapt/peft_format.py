@@ -21,8 +21,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from lmforge.errors import CheckpointError, ConfigError
 
 PREFIX = "base_model.model."
@@ -108,7 +106,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
     directory's own when it has one, else the base's."""
     from safetensors.torch import load_file
 
-    from lmforge.adapt.lora import restore_lora
+    from lmforge.adapt.lora import load_lora, restore_lora
     from lmforge.checkpoint import is_hf_dir, load_model, resolve_checkpoint
     from lmforge.model.hf import family_of, guess_family, hf_names, read_hf_config
     from lmforge.tokenizer.load import load_tokenizer
@@ -151,15 +149,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
     if not layers:
         raise ConfigError(f"{path} holds no LoRA factors (lora_A / lora_B weights)")
     restore_lora(model, layers)
-    own = model.state_dict()
-    for name, t in state.items():
-        if name not in own or own[name].shape != t.shape:
-            got = tuple(own[name].shape) if name in own else "no such tensor"
-            raise ConfigError(f"{path}: {name} has shape {tuple(t.shape)} but the base model's is {got}; the "
-                              "adapter was trained on another base")
-    with torch.no_grad():
-        for name, t in state.items():
-            own[name].copy_(t)
+    load_lora(model, state)  # checked whole (names, shapes) before anything is copied
     return model.eval(), tok
 
 

@@ -34,6 +34,14 @@ cost should grow with its depth far more than with its width.
     PYTHONPATH=$PWD python3 bench/speculative.py                # one GPU: 165 s training, ~4 minutes
     PYTHONPATH=$PWD python3 bench/speculative.py --quick        # tiny models on CPU: checks the script
 
+Diagnosis (the speculative rows were 8-40x slower than plain decoding on an H200, 2026-12-04, not
+understood): `--profile` then runs one prompt of each engine-level variant (plain, chain, tree) and the
+ModelDrafter loop under torch.profiler and prints, per variant, the time per generated token, kernel
+launches per token and the ops taking the most device (CPU: self CPU) time; chrome traces go beside the
+JSON. `--sdpa no-cudnn` runs every row with SDPA restricted to its flash / efficient / math backends (the
+ModelDrafter's contiguous cache hands SDPA a bool mask and a new key length per call, which on cuDNN can
+mean a new execution plan per shape).
+
 Prints a markdown table and writes JSON (bench/results/speculative.json, or $OUT/speculative.json when OUT
 is set; --quick writes speculative_quick.json), rewritten after every row so a failure keeps the rest.
 """
@@ -41,6 +49,7 @@ is set; --quick writes speculative_quick.json), rewritten after every row so a f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -421,6 +430,76 @@ def measure(rep: Report, target, draft, target32, prompts: list[list[int]], args
             rep.add({"variant": name, "k": k, "error": f"{type(e).__name__}: {e}"})
 
 
+# ---------------------------------------------------------------------------------------------- profile
+def sdpa_backends(choice: str):
+    """A context restricting SDPA's backends for every row ('any': no restriction)."""
+    if choice == "any":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def device_time(e) -> float:
+    """An averaged profiler event's self device time in us (older torch names it self_cuda_time_total)."""
+    return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+
+RUNTIME_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cudaStreamSynchronize",
+                 "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaStreamWaitEvent")
+
+
+def profile_variants(target, draft, prompts: list[list[int]], args, dev: torch.device, out_dir: Path) -> list[dict]:
+    """One prompt per variant under torch.profiler (after a warm-up of the same call): wall time per token,
+    device kernels per token, and the top ops by self device time (self CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    p, new, k = prompts[0], args.profile_tokens, args.k_list[-1]
+    pool = EngineConfig(max_num_seqs=1, num_kv_tokens=len(p) + new + 64)
+    greedy = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    L = target.cfg.max_seq_len
+    llms = {"engine plain": plain_llm(target, [p], new),
+            f"engine chain k={k}": LLM(target, ByteTokenizer(), draft=draft, num_draft_tokens=k, config=pool)}
+    if args.tree_widths:
+        w = args.tree_widths[0]
+        llms[f"engine tree {w}"] = LLM(target, ByteTokenizer(), draft=TreeDrafter(draft, w), config=pool)
+    runs = {name: (lambda llm=llm: len(llm.generate(p, greedy)[0].token_ids)) for name, llm in llms.items()}
+    runs[f"ModelDrafter loop k={k}"] = lambda: len(speculative_generate(
+        target, ModelDrafter(draft, len(p) + new + k + 1), p, greedy, k, set(), L)[0])
+    rows = []
+    for name, fn in runs.items():
+        with torch.inference_mode():
+            fn()
+            sync(dev)
+            with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                n = fn()
+                sync(dev)
+                wall = time.perf_counter() - t0
+        prof.export_chrome_trace(str(out_dir / f"speculative_trace_{name.replace(' ', '_').replace('=', '')}.json"))
+        events = prof.key_averages()
+        timing = device_time if cuda else (lambda e: float(e.self_cpu_time_total))
+        kernels = [e for e in events if str(e.device_type).endswith("CUDA")] if cuda else []  # kernels, memcpys
+        top = sorted(kernels if cuda else events, key=timing, reverse=True)[:args.profile_top]
+        runtime = {e.key: e.count / n for e in events if e.key in RUNTIME_CALLS}
+        rows.append({"variant": name, "tokens": n, "ms_per_token": 1e3 * wall / n,
+                     "kernels_per_token": sum(e.count for e in kernels) / n if cuda else None,
+                     "device_ms_per_token": sum(map(device_time, kernels)) / 1e3 / n if cuda else None,
+                     "runtime_calls_per_token": runtime, "top": [(e.key, e.count, timing(e) / n) for e in top]})
+        r = rows[-1]
+        extra = (f", {r['kernels_per_token']:.0f} kernels and {r['device_ms_per_token']:.3f} ms device time per "
+                 "token" if cuda else "")
+        print(f"\n{name}: {n} tokens, {r['ms_per_token']:.3f} ms per token{extra}", flush=True)
+        if runtime:
+            print("  per token: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(runtime.items())))
+        print(f"  {'op':60s} {'calls':>7s} {'us/token':>9s}  ({'device' if cuda else 'self CPU'})")
+        for key, count, us in r["top"]:
+            print(f"  {key[:60]:60s} {count:7d} {us:9.1f}")
+    return rows
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, a few steps, CPU (script check)")
@@ -453,6 +532,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="decode weights and KV cache (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sdpa", default="any", choices=["any", "no-cudnn"],
+                    help="no-cudnn: SDPA restricted to its flash / efficient / math backends for every row")
+    ap.add_argument("--profile", action="store_true", help="after the table, profile one prompt per variant")
+    ap.add_argument("--profile-tokens", type=int, default=64, help="new tokens per profiled generation")
+    ap.add_argument("--profile-top", type=int, default=15, help="ops listed per profiled variant")
+    ap.add_argument("--skip-table", action="store_true", help="with --profile: profile only (no timed table)")
     args = ap.parse_args(argv)
     if args.quick:
         ap.set_defaults(**QUICK, device="cpu")
@@ -477,7 +562,7 @@ def meta(args, argv, dev: torch.device, dtype: torch.dtype, stats: dict, t_info:
             "corpus": stats, "vocab_size": args.vocab, "target": t_info, "draft": d_info,
             "train": {k: getattr(args, k) for k in train_keys}, "argmax_agreement": agreement,
             "decode_dtype": str(dtype).removeprefix("torch."), "prompts": args.prompts,
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "sdpa": args.sdpa}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -507,8 +592,13 @@ def main(argv: list[str] | None = None) -> None:
                  meta(args, argv, dev, dtype, stats, t_info, d_info, agreement))
     print(f"decoding {len(prompts)} held-out prompts of {args.prompt_len} bytes, {args.new_tokens} new tokens, "
           f"greedy, batch 1, {rep.meta['decode_dtype']}", flush=True)
-    measure(rep, as_decode(target), as_decode(draft), target, prompts, args, dev)
-    print("\n" + rep.table())
+    with sdpa_backends(args.sdpa):
+        if not args.skip_table:
+            measure(rep, as_decode(target), as_decode(draft), target, prompts, args, dev)
+            print("\n" + rep.table())
+        if args.profile:
+            rep.meta["profile"] = profile_variants(as_decode(target), as_decode(draft), prompts, args, dev, out_dir)
+            rep.save()
     print(f"\ntarget val loss {t_info['val_loss']:.3f}, draft val loss {d_info['val_loss']:.3f} (nats/byte); "
           f"total {time.perf_counter() - t0:.0f}s; JSON: {rep.path}")
 

@@ -424,13 +424,15 @@ def _load_hf(path: Path, tokenizer: bool = True):
 
 def _with_head(backbone: torch.nn.Module, record: Any, ckpt: Path) -> torch.nn.Module:
     from lmforge.align.reward import SequenceHead
+    from lmforge.align.value import value_from_record
 
-    kinds = {"sequence": SequenceHead}
+    # a reward model / classifier; a per-token value head (a critic, a PRM, or a policy sharing its trunk)
+    kinds = {"sequence": SequenceHead.from_record, "value": value_from_record}
     kind = record.get("kind") if isinstance(record, dict) else None
     if kind not in kinds:
         raise CheckpointError(f"{ckpt}/config.json: head {record!r} is not one this lmforge builds "
                               f"(kinds: {sorted(kinds)}); load it with the lmforge version that wrote it")
-    return kinds[kind].from_record(backbone, record)
+    return kinds[kind](backbone, record)
 
 
 def recorded_chat_template(path: str | Path) -> str | None:

@@ -138,8 +138,8 @@ def test_a_reward_models_checkpoint_loads_back_with_its_head(tmp_path):
         assert torch.equal(back(ids), rm.eval()(ids))
     assert json.loads((path / "config.json").read_text())["head"] == {"kind": "sequence", "out_dim": 3,
                                                                     "train_backbone": False}
-    rm.head_record = lambda: {"kind": "value"}  # written by a later lmforge, say
-    with pytest.raises(CheckpointError, match="head \\{'kind': 'value'\\} is not one this lmforge builds"):
+    rm.head_record = lambda: {"kind": "token_classes"}  # written by a later lmforge, say
+    with pytest.raises(CheckpointError, match="head \\{'kind': 'token_classes'\\} is not one this lmforge builds"):
         ckpt.load_model(ckpt.save_checkpoint(tmp_path, 2, rm))
 
 

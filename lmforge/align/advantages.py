@@ -1,0 +1,141 @@
+"""Advantages for policy-gradient RL on the Trainer's (B, T) grid: GAE for PPO with a critic, group-relative
+advantages for GRPO and RLOO without one, and masked whitening.
+
+    rewards = outcome_rewards(scores, mask) - kl_coef * kl           # (B, T): the score on the last token
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)      # PPO: values from lmforge.align.value
+    adv = masked_whiten(adv, mask)
+    adv = group_advantages(scores, group_size=4)                     # GRPO: (N,) one per sampled completion
+
+The grid is the batch layout of lmforge.train.objective: position t holds the state that chooses
+targets[:, t], its log-prob (lmforge.align.logprobs.token_logprobs), its value (values[:, t]) and its
+reward; `mask` is response_mask(batch): the sampled tokens, not the prompt and not the padding.
+
+GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+§3, eq. 11-16): delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = sum_l (gamma lam)^l delta_{t+l} (eq. 16), as
+A_t = delta_t + gamma lam A_{t+1} from the end; returns R_t = A_t + V(s_t) (the critic's regression target).
+Each maximal run of mask positions in a row is one episode: it ends where the mask ends, with V = 0 after
+its last token (a finished or truncated response is not bootstrapped) and A = 0 beyond it; positions
+outside the mask get A = R = 0. Rewards outside the mask are refused rather than dropped (the classic slip:
+a score placed one past the last token, which TRL's PPO does on purpose, where its loop still reads it).
+On rows whose response starts at position 0 and is right-padded, this is TRL's PPO loop exactly (tested).
+
+Whitening (masked_whiten) is TRL's PPO's (the masked form of lm-human-preferences' whiten): mean and unbiased
+variance over the masked entries, (x - mean) / sqrt(var + 1e-8), optionally keeping the mean (rewards).
+
+Group-relative advantages (outcome supervision): each prompt's `group_size` completions are consecutive
+rows (SamplingParams(n=...)'s order). GRPO (Shao et al. 2024, "DeepSeekMath", §4.1.2): A_i = (r_i -
+mean(r)) / std(r), the std unbiased and + 1e-4 as TRL's GRPOTrainer (scale "group"; "batch" uses the
+batch's std, "none" none: Dr. GRPO, Liu et al. 2025). RLOO (Ahmadian et al. 2024, "Back to Basics";
+Kool et al. 2019): A_i = r_i - mean of the other completions' rewards. Both give one number per completion:
+broadcast it over the completion's tokens (adv[:, None] * mask).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from lmforge.errors import ConfigError
+
+
+def _grid(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.shape != like.shape or x.dim() != 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(f"{name} must be a (B, T) tensor shaped like the mask {tuple(like.shape)}, got {shape}")
+
+
+@torch.no_grad()
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), each (B, T) in fp32 (fp64 for fp64 inputs), zero outside `mask` (B, T) bool.
+    rewards (B, T): per-token rewards, zero outside the mask; values (B, T): the critic's V(s_t) (outside
+    the mask they are ignored). gamma, lam in [0, 1] (lam = 1: Monte-Carlo returns minus V; lam = 0: TD(0))."""
+    _grid("values", values, mask)
+    _grid("rewards", rewards, mask)
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ConfigError(f"gamma={gamma} and lam={lam} must lie in [0, 1] (e.g. gamma=1.0, lam=0.95)")
+    dtype = torch.promote_types(torch.promote_types(values.dtype, rewards.dtype), torch.float32)
+    m = mask.bool()
+    outside = rewards.ne(0) & ~m
+    if outside.any():
+        row, col = (int(i) for i in outside.nonzero()[0])
+        raise ConfigError(f"rewards[{row}, {col}] = {float(rewards[row, col]):g} lies outside the mask, where GAE "
+                          "would drop it; put a sequence's score on its last response token (outcome_rewards)")
+    keep = m.to(dtype)
+    r, v = rewards.to(dtype) * keep, values.to(dtype) * keep
+    adv = torch.zeros_like(v)
+    B, T = v.shape
+    last = v.new_zeros(B)  # A_{t+1}: 0 past an episode's end
+    next_v = v.new_zeros(B)  # V(s_{t+1}): 0 past an episode's end
+    for t in range(T - 1, -1, -1):
+        delta = r[:, t] + gamma * next_v - v[:, t]  # the TD residual delta_t
+        last = (delta + gamma * lam * last) * keep[:, t]  # eq. 16 as a recursion; 0 outside the mask
+        adv[:, t] = last
+        next_v = v[:, t]  # already 0 where the mask is off: the episode before it ends there
+    return adv, (adv + v) * keep
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
+                  ) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries (var unbiased), 0 outside the mask; shift_mean=False
+    adds the mean back (whitened rewards keep their sign on average). Needs 2 masked entries or more."""
+    _grid("x", x, mask)
+    m = mask.bool()
+    n = int(m.sum())
+    if n < 2:
+        raise ConfigError(f"masked_whiten needs at least 2 masked entries for a variance, the mask selects {n}; "
+                          "whiten over a larger batch")
+    keep = m.to(x.dtype)
+    mean = (x * keep).sum() / n
+    var = (((x - mean) ** 2) * keep).sum() / (n - 1)  # Bessel's correction, as TRL's masked_var
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return (out + mean if not shift_mean else out) * keep
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ConfigError(f"rewards must be a (N,) tensor, one per completion, got {shape}")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ConfigError(f"group_size={group_size} must be >= 2 and divide the {rewards.numel()} rewards "
+                          "(each prompt's completions consecutive, SamplingParams(n=group_size))")
+    return rewards.float().view(-1, group_size)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: Literal["group", "batch", "none"] = "group",
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(N,) GRPO advantages: each reward minus its group's mean, divided by (the group's std + eps) ("group"),
+    by (the batch's std + eps) ("batch"), or not at all ("none", Dr. GRPO). std unbiased, as TRL's."""
+    g = _groups(rewards, group_size)
+    centred = (g - g.mean(1, keepdim=True)).view(-1)
+    if scale == "group":
+        return centred / (g.std(1).repeat_interleave(group_size) + eps)
+    if scale == "batch":
+        return centred / (g.std() + eps)
+    if scale == "none":
+        return centred
+    raise ConfigError(f"scale={scale!r} must be 'group', 'batch' or 'none'")
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) REINFORCE leave-one-out advantages: r_i - (sum of the group's other rewards) / (group_size - 1)."""
+    g = _groups(rewards, group_size)
+    baseline = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).view(-1)
+
+
+def outcome_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) rewards holding each row's score (B,) on its last masked position (the response's last token,
+    where a verifier or reward model judged the whole response), 0 elsewhere."""
+    m = mask.bool()
+    if scores.shape != m.shape[:1]:
+        raise ConfigError(f"scores must be (B,) = ({m.shape[0]},), one per row, got {tuple(scores.shape)}")
+    if not m.any(-1).all():
+        row = int((~m.any(-1)).nonzero()[0])
+        raise ConfigError(f"row {row} of the mask selects no token, so its score has nowhere to go; drop the row")
+    T = m.shape[1]
+    last = T - 1 - m.flip(-1).int().argmax(-1)
+    out = torch.zeros(m.shape, dtype=torch.promote_types(scores.dtype, torch.float32), device=scores.device)
+    out[torch.arange(m.shape[0], device=m.device), last] = scores.to(out.dtype)
+    return out

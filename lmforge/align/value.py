@@ -1,0 +1,201 @@
+"""Per-token value heads: a scalar read from a language model's final hidden state at every position.
+
+    critic = ValueModel(lm)                        # a separate critic: backbone + Linear(d, 1) per position
+    v = critic.values(ids)                         # (B, T) fp32
+    ac = PolicyWithValue(policy)                   # a shared trunk: one backbone, the LM head and a value head
+    logits = ac(ids)                               # the policy's own logits: engine, LLM, LoRA, FSDP as before
+    logits, v = ac.policy_and_values(ids)          # both from ONE trunk forward (the PPO loss)
+
+Where a value sits. In the Trainer's batch layout (lmforge.train.objective) position t of `input_ids` is the
+state that chooses `targets[:, t]` (the next token), so values[:, t] = V(s_t) is aligned with the token
+log-probs of lmforge.align.logprobs.token_logprobs and with response_mask(batch): GAE
+(lmforge.align.advantages.gae) runs over that same (B, T) grid. (TRL's PPO slices `values[:, context - 1 :
+-1]` for the same alignment.) A process reward model (lmforge.align.prm) is a ValueModel whose scalar is the
+logit of "this step is correct", read at each step's last token.
+
+The head reads the hidden state AFTER the final norm (the LM head's input: Transformer.forward's
+return_hidden), in the head's own dtype outside autocast (values are regression targets of the scale of
+the rewards; TRL's ValueHead casts to its head's dtype too) and returns fp32. It starts at zero weight and
+bias, so every value starts at 0 (the value head of OpenAI's lm-human-preferences, the code of Ziegler et
+al. 2019, per Huang et al. 2023, "The N Implementation Details of RLHF with PPO", detail "value head
+initialisation"); a reward model's head (lmforge.align.reward.SequenceHead) starts at std 1/sqrt(d + 1)
+instead, since its loss needs scores that differ from the start.
+
+Both kinds are heads on a backbone (`.backbone`, `head_record()` kind "value"), like a reward model, so
+lmforge.checkpoint writes and loads them (full, or adapter-only over a base: the head is trainable, so it is
+saved with the adapters), FSDP shards the backbone's blocks, and the Trainer's optimizer holds the head as a
+submodule parameter. With LoRA, apply_lora to the backbone before wrapping it (the fresh head then trains),
+or name "value_head" in LoRAConfig.trainable; the KL reference is then BaseReference(ac.backbone).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from lmforge.align.logprobs import model_inputs
+from lmforge.errors import ConfigError
+
+
+def value_linear(backbone: nn.Module) -> nn.Linear:
+    """Linear(d_model, 1) at zero weight and bias (every value starts at 0: see the module docstring), on the
+    backbone's device and in its dtype, as if built with it."""
+    p = next(backbone.parameters())
+    head = nn.Linear(backbone.cfg.d_model, 1, device=p.device, dtype=p.dtype)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def read_values(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """(..., d) final-norm hidden states -> (...) fp32 values, computed in the head's dtype outside autocast."""
+    with torch.autocast(h.device.type, enabled=False):
+        # h @ w + b as a new (..., ) tensor: not a view of head(h)'s (..., 1), which FSDP2 warns about
+        return (torch.matmul(h.to(head.weight.dtype), head.weight[0]) + head.bias[0]).float()
+
+
+def _check_backbone(backbone: nn.Module, who: str, *, shared: bool) -> None:
+    if getattr(backbone, "head_record", None) is not None:
+        raise ConfigError(f"{who} wraps a language model, got a {type(backbone).__name__} (a head already); "
+                          f"pass its .backbone")
+    if not hasattr(backbone, "hidden") or not hasattr(backbone, "cfg"):
+        raise ConfigError(f"{who} needs a backbone with a .hidden(ids) trunk and a .cfg (an lmforge Transformer); "
+                          f"got {type(backbone).__name__}")
+    if shared and "return_hidden" not in inspect.signature(backbone.forward).parameters:
+        raise ConfigError(f"{who} reads the hidden state of the policy's own forward, but "
+                          f"{type(backbone).__name__}.forward has no return_hidden option; use an lmforge Transformer")
+
+
+def _param_roles(model: nn.Module) -> dict[str, str]:
+    """The backbone's optimizer roles under "backbone.", the value head as an output head (its weight) and a
+    vector (its bias): optimizers treat it like lm_head, not as a matrix to precondition."""
+    from lmforge.optim.groups import param_roles
+
+    roles = {f"backbone.{n}": r for n, r in param_roles(model.backbone).items()}
+    return {**roles, "value_head.weight": "head", "value_head.bias": "vector"}
+
+
+class ValueModel(nn.Module):
+    """A separate critic (or a process reward model): backbone (an lmforge Transformer) + a scalar head at
+    every position. forward(ids) = values(ids): (B, T) fp32. train_backbone=False freezes the backbone (the
+    head alone trains; the trunk runs without autograd). Its LM head is carried along unused (the checkpoint
+    stays a Transformer's), as a reward model's is."""
+
+    def __init__(self, backbone: nn.Module, *, train_backbone: bool = True):
+        super().__init__()
+        _check_backbone(backbone, "ValueModel", shared=False)
+        self.backbone, self.train_backbone = backbone, train_backbone
+        self.value_head = value_linear(backbone)
+        if not train_backbone:
+            backbone.requires_grad_(False)
+
+    @property
+    def cfg(self):
+        return self.backbone.cfg
+
+    def head_record(self) -> dict:
+        """What config.json records beside the backbone's config (lmforge.checkpoint.load_model rebuilds it)."""
+        return {"kind": "value", "shared": False, "train_backbone": self.train_backbone}
+
+    def param_roles(self) -> dict[str, str]:
+        return _param_roles(self)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, meta=None) -> torch.Tensor:
+        """(B, T) ids -> (B, T) fp32 values, one per position (packed rows: positions / meta as the model's)."""
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            h, _ = self.backbone.hidden(input_ids, positions, None, meta)
+            norm = self.backbone.final_norm
+            h = norm(h) if norm is not None else h
+        return read_values(self.value_head, h)
+
+    def values(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, meta=None) -> torch.Tensor:
+        """The same as calling the model (through __call__: FSDP2's and DDP's forward hooks run)."""
+        return self(input_ids, positions, meta)
+
+
+class PolicyWithValue(nn.Module):
+    """A policy and its critic on one trunk. forward is the policy's own (logits, the model interface of
+    lmforge: the engine, LLM, LoRA, FSDP and the log-prob utilities take it as the bare policy); the value
+    head reads the same final hidden state. policy_and_values(ids) gives (logits, values) from one trunk
+    forward; values(ids) runs the trunk without the LM head."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        _check_backbone(policy, "PolicyWithValue", shared=True)
+        self.backbone = policy
+        self.value_head = value_linear(policy)
+
+    # the policy's interface, delegated: what the engine and the Trainer read -----------------------------
+    @property
+    def cfg(self):
+        return self.backbone.cfg
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(getattr(self.backbone, "eos_token_ids", None) or ())
+
+    def cache_spec(self):
+        return self.backbone.cache_spec()
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.backbone.aux_loss()
+
+    def forward_mtp(self, input_ids: torch.Tensor):
+        return self.backbone.forward_mtp(input_ids)  # the engine's draft='mtp'
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        return self.backbone.flops_per_token(seq_len, training)  # the Trainer's MFU; the head adds 2 d_model
+
+    def param_roles(self) -> dict[str, str]:
+        return _param_roles(self)
+
+    def head_record(self) -> dict:
+        """config.json's record of the head (lmforge.checkpoint): shared = the value head sits on the policy."""
+        return {"kind": "value", "shared": True}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, meta=None, *,
+                return_hidden: bool | tuple[int, ...] = False, values: bool = False, logits: bool = True):
+        """Default: the policy's logits (B, T, V) (with return_hidden, (logits, features) for EAGLE/Medusa drafters,
+        passed through to the policy).
+        values=True: (logits, values (B, T) fp32) from one trunk forward; with logits=False the values alone
+        (the trunk and final norm, no LM head). Every output goes through here, not through side methods, so
+        FSDP2's and DDP's forward hooks (which gather and reduce the root's parameters) always run."""
+        if not values:
+            if not logits:
+                raise ConfigError("PolicyWithValue(..., logits=False) computes nothing: set values=True for the values")
+            return self.backbone(input_ids, positions, cache, meta, return_hidden=return_hidden)
+        if return_hidden:
+            raise ConfigError("return_hidden is for the plain policy forward (drafters); leave it out with values=True")
+        if not logits:
+            h, _ = self.backbone.hidden(input_ids, positions, cache, meta)
+            norm = self.backbone.final_norm
+            return read_values(self.value_head, norm(h) if norm is not None else h)
+        out, h = self.backbone(input_ids, positions, cache, meta, return_hidden=True)
+        return out, read_values(self.value_head, h)
+
+    def policy_and_values(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, meta=None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, T, V), values (B, T) fp32) from one forward of the trunk: the PPO loss's inputs."""
+        return self(input_ids, positions, None, meta, values=True)
+
+    def values(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, meta=None) -> torch.Tensor:
+        """(B, T) fp32 values alone (no LM head)."""
+        return self(input_ids, positions, None, meta, values=True, logits=False)
+
+
+def value_from_record(backbone: nn.Module, record: dict) -> nn.Module:
+    """The value model a checkpoint's head record describes, around its loaded backbone."""
+    if record.get("shared"):
+        return PolicyWithValue(backbone)
+    return ValueModel(backbone, train_backbone=bool(record.get("train_backbone", True)))
+
+
+def values_of(model: nn.Module, batch: dict, prefix: str = "") -> torch.Tensor:
+    """(B, T) fp32 values of a batch's `prefix` rows from a model with a per-token value head."""
+    if not callable(getattr(model, "values", None)):
+        raise ConfigError(f"this objective needs a model with a per-token value head: wrap it, ValueModel(model) or "
+                          f"PolicyWithValue(model), not a bare {type(model).__name__}")
+    ids, kwargs = model_inputs(batch, prefix)
+    return model.values(ids, kwargs.get("positions"), kwargs.get("meta"))

@@ -1,0 +1,372 @@
+"""Per-token value heads (lmforge.align.value) and advantages (lmforge.align.advantages).
+
+Value heads: the values are the head over the final-norm hidden state at every position (causal: padding after
+a position never changes it; packed rows as separate documents); PolicyWithValue's (logits, values) come from
+one trunk forward and equal the separate calls bit for bit; the engine generates with it exactly what it
+generates with the bare policy; both kinds save and load bit-exactly through lmforge.checkpoint, in full and
+adapter-only over a base (the head saved with the adapters); the Trainer trains a PolicyWithValue (its head in
+the optimizer as a submodule) and its checkpoint loads back as the trained model, also from 2 FSDP2 processes.
+
+Advantages: GAE against TRL's PPO conventions (restated below in our words: TRL 1.16, the installed version,
+no longer ships its PPO trainer, so neither its loop nor masked_whiten is importable; they were inline in
+PPOTrainer.train(), trl/trainer/ppo_trainer.py, later trl/experimental/ppo/ppo_trainer.py) and
+against a plain double loop over eq. 16's sum; GRPO and RLOO advantages against TRL 1.16's GRPOTrainer /
+RLOOTrainer (inline there too, so replicated around TRL's own nanstd, which is imported).
+"""
+
+import pytest
+import torch
+
+from lmforge import checkpoint as ckpt
+from lmforge.adapt.lora import LoRAConfig, apply_lora
+from lmforge.align.advantages import gae, group_advantages, masked_whiten, outcome_rewards, rloo_advantages
+from lmforge.align.logprobs import masked_mean, model_inputs, response_mask, token_logprobs
+from lmforge.align.value import PolicyWithValue, ValueModel, values_of
+from lmforge.errors import ConfigError
+from lmforge.infer.engine import EngineConfig
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model.meta import packed_positions
+from lmforge.optim import build_optimizer
+from lmforge.optim.config import OptimConfig
+from lmforge.tokenizer.byte import ByteTokenizer
+from lmforge.train.config import LoopConfig
+from lmforge.train.trainer import Trainer
+
+from .helpers import sequences, tiny_model
+
+
+def _randomised(model):
+    """A head with weights that are not zero (a fresh one gives 0 everywhere)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.value_head.weight.copy_(torch.randn(model.value_head.weight.shape, generator=g))
+        model.value_head.bias.fill_(0.25)
+    return model
+
+
+def _by_hand(lm, head, ids):
+    h = lm.final_norm(lm.hidden(ids)[0])
+    return (h @ head.weight.T + head.bias).squeeze(-1)
+
+
+def test_values_are_the_head_at_every_position_causal_and_packed():
+    lm = tiny_model(0)
+    ids = torch.randint(0, 41, (2, 9))
+    assert torch.equal(ValueModel(lm).values(ids), torch.zeros(2, 9))  # zero init: every value starts at 0
+    critic = _randomised(ValueModel(lm))
+    v = critic.values(ids)
+    assert v.shape == (2, 9) and v.dtype == torch.float32
+    torch.testing.assert_close(v, _by_hand(lm, critic.value_head, ids), rtol=0, atol=1e-6)
+    padded = ids.clone()
+    padded[:, 5:] = 0  # right padding after position 4 leaves values up to 4 alone (causal)
+    assert torch.equal(critic.values(padded)[:, :5], v[:, :5])
+    # packed rows: two documents in one row read as each on its own
+    doc = torch.tensor([[0] * 4 + [1] * 5])
+    packed = values_of(critic, {"input_ids": ids[:1], "doc_ids": doc, "positions": packed_positions(doc)})
+    alone = torch.cat([critic.values(ids[:1, :4]), critic.values(ids[:1, 4:])], 1)
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+
+
+def test_a_frozen_backbone_trains_the_head_alone_and_a_bare_model_is_refused():
+    critic = _randomised(ValueModel(tiny_model(0), train_backbone=False))
+    critic.values(torch.randint(0, 41, (2, 5))).sum().backward()
+    assert critic.value_head.weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in critic.backbone.parameters())
+    with pytest.raises(ConfigError, match="ValueModel\\(model\\) or PolicyWithValue\\(model\\)"):
+        values_of(tiny_model(0), {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
+    with pytest.raises(ConfigError, match="pass its .backbone"):
+        PolicyWithValue(critic)
+
+
+def test_one_trunk_forward_gives_the_policys_logits_and_the_values(monkeypatch):
+    policy = tiny_model(0)
+    ac = _randomised(PolicyWithValue(policy))
+    ids = torch.randint(0, 41, (3, 8))
+    calls = []
+    hidden = policy.hidden
+    monkeypatch.setattr(policy, "hidden", lambda *a, **k: calls.append(1) or hidden(*a, **k))
+    logits, values = ac.policy_and_values(ids)
+    assert len(calls) == 1  # ONE trunk forward for both
+    assert torch.equal(logits, policy(ids)) and torch.equal(ac(ids), logits)
+    assert torch.equal(values, ac.values(ids))
+    torch.testing.assert_close(values, _by_hand(policy, ac.value_head, ids), rtol=0, atol=1e-6)
+    loss = values.square().mean() + logits.logsumexp(-1).mean()
+    loss.backward()
+    assert ac.value_head.weight.grad.abs().sum() > 0 and policy.blocks[0].attn.wq.weight.grad.abs().sum() > 0
+    roles = ac.param_roles()
+    assert roles["value_head.weight"] == "head" and roles["backbone.lm_head.weight"] == "head"
+    assert ac.cfg is policy.cfg and ac.cache_spec() == policy.cache_spec()
+
+
+def test_the_engine_generates_with_a_policy_with_value_as_with_the_bare_policy():
+    policy = tiny_model(0, vocab_size=257, max_seq_len=48, init_std=0.3)
+    prompts = [[104, 105, 32], [97, 98, 99, 100, 101]]
+    cfg = EngineConfig(block_size=4, max_num_seqs=8, num_kv_tokens=512)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0)
+    policy.eos_token_ids = (LLM(policy, ByteTokenizer(), config=cfg).generate(prompts[:1], greedy)[0].token_ids[2],)
+    ac = _randomised(PolicyWithValue(policy))
+    assert ac.eos_token_ids == policy.eos_token_ids
+    outs = {}
+    for name, model in (("bare", policy), ("wrapped", ac)):
+        llm = LLM(model, ByteTokenizer(), config=cfg)
+        llm.update_weights()
+        runs = [llm.generate(prompts, greedy), llm.generate(prompts, SamplingParams(n=3, max_tokens=6, seed=5, logprobs=0))]
+        outs[name] = [(c.token_ids, c.logprobs, c.finish_reason) for run in runs for o in run for c in o.outputs]
+    assert outs["wrapped"] == outs["bare"]
+    assert outs["bare"][0][2] == "stop" and len(outs["bare"][0][0]) < 6  # the eos id the wrapper passes on
+    with torch.no_grad():  # the drafters' option passes through
+        ids = torch.tensor([prompts[1]])
+        assert all(torch.equal(a, b) for a, b in zip(ac(ids, return_hidden=True), policy(ids, return_hidden=True)))
+
+
+def test_value_models_save_and_load_bit_exactly(tmp_path):
+    ids = torch.randint(0, 41, (2, 7))
+    for i, model in enumerate([_randomised(ValueModel(tiny_model(0), train_backbone=False)),
+                               _randomised(PolicyWithValue(tiny_model(1)))]):
+        path = ckpt.save_checkpoint(tmp_path / str(i), 1, model)
+        back, _ = ckpt.load_model(path)
+        assert type(back) is type(model) and back.head_record() == model.head_record()
+        with torch.no_grad():
+            assert torch.equal(back.values(ids), model.eval().values(ids))
+            if isinstance(model, PolicyWithValue):
+                assert torch.equal(back(ids), model(ids))
+    import json
+
+    assert json.loads((path / "config.json").read_text())["head"] == {"kind": "value", "shared": True}
+
+
+def test_an_adapter_only_checkpoint_keeps_the_trained_head(tmp_path):
+    """LoRA on the policy, then the head: the adapters and the fresh head train, the checkpoint holds exactly
+    them over the base's path and checksum, and load_model rebuilds the same policy and values."""
+    base = ckpt.save_checkpoint(tmp_path / "base", 0, tiny_model(0))
+    policy, _ = ckpt.load_model(base)
+    ac = _randomised(PolicyWithValue(apply_lora(policy, LoRAConfig(r=2, targets=("wq", "wv")))))
+    with torch.no_grad():
+        for n, p in ac.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_()
+    path = ckpt.save_checkpoint(tmp_path / "run", 1, ac, base=ckpt.base_record(base))
+    from safetensors.torch import load_file
+
+    saved = set(load_file(path / "model.safetensors"))
+    assert saved == {n for n, p in ac.named_parameters() if p.requires_grad}
+    assert {"value_head.weight", "value_head.bias"} <= saved and len(saved) == 6
+    back, _ = ckpt.load_model(path)
+    ids = torch.randint(0, 41, (2, 7))
+    with torch.no_grad():
+        ac.eval()
+        assert torch.equal(back(ids), ac(ids)) and torch.equal(back.values(ids), ac.values(ids))
+        assert not torch.equal(back(ids), tiny_model(0)(ids))  # the adapters are on
+    # the KL anchor of a LoRA actor-critic: its policy with the adapters off (the head trains, so not `ac` itself)
+    from lmforge.align.frozen import BaseReference
+
+    with pytest.raises(ConfigError, match="value_head.weight is trained"):
+        BaseReference(ac)
+    batch = sequences(2, 7, 41, [2, 3], seed=1)
+    want = token_logprobs(tiny_model(0)(batch["input_ids"]), batch["targets"])
+    torch.testing.assert_close(BaseReference(ac.backbone).token_logps(batch), want, rtol=0, atol=1e-6)
+
+
+class ActorCritic:
+    """A PPO-shaped objective (per-token policy term + value regression on GAE returns), enough to train
+    both heads through the Trainer; the real PPO objective is the RL issue's."""
+
+    def loss(self, model, batch):
+        ids, kwargs = model_inputs(batch)
+        logits, values = model.policy_and_values(ids, **kwargs)
+        mask = response_mask(batch)
+        logps = token_logprobs(logits, batch["targets"])
+        rewards = outcome_rewards(batch["scores"], mask)
+        adv, ret = gae(rewards, values.detach(), mask, gamma=1.0, lam=0.95)
+        loss = -masked_mean(adv * logps, mask) + 0.5 * masked_mean((values - ret) ** 2, mask)
+        return loss, {"value_error": masked_mean((values - ret).abs(), mask).detach()}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class Fixed:
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next_batch(self):
+        return self.batch
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_the_trainer_trains_a_policy_with_value_and_its_checkpoint_loads_back(tmp_path):
+    ac = PolicyWithValue(tiny_model(0))
+    batch = {**sequences(4, 10, 41, [2, 3, 4, 2], seed=0), "scores": torch.tensor([1.0, -1.0, 0.5, 0.0])}
+    cfg = LoopConfig(run_dir=str(tmp_path / "run"), max_steps=4, log_every=1, eval_every=100, ckpt_every=4,
+                     device="cpu", progress=False, plot=False, seed=0, optim=OptimConfig(lr=1e-2, weight_decay=0.0))
+    optimizer = build_optimizer(ac, cfg.optim)  # the head is the model's: the Trainer's check passes
+    assert any(ac.value_head.weight is p for g in optimizer.param_groups if g["role"] == "head" for p in g["params"])
+    result = Trainer(ac, optimizer, Fixed(batch), ActorCritic(), config=cfg).fit()
+    errors = [r["value_error"] for r in result.history if "value_error" in r]
+    assert errors[-1] < errors[0] and ac.value_head.weight.abs().sum() > 0
+    back, _ = ckpt.load_model(result.checkpoint)
+    with torch.no_grad():
+        ac.eval()
+        assert isinstance(back, PolicyWithValue) and torch.equal(back.values(batch["input_ids"]),
+                                                                 ac.values(batch["input_ids"]))
+
+
+def _fit(run_dir: str, layout: dict | None = None) -> tuple[list[float], str]:
+    """ActorCritic on a PolicyWithValue for 3 steps on this process's layout (None: one process)."""
+    from lmforge.parallel.config import ParallelConfig
+    from lmforge.train.distributed import distribute
+
+    batch = {**sequences(4, 10, 41, [2, 3, 4, 2], seed=0), "scores": torch.tensor([1.0, -1.0, 0.5, 0.0])}
+    par = ParallelConfig(**layout) if layout else None
+    model, src, runner = distribute(PolicyWithValue(tiny_model(0)), Fixed(batch), par, device=torch.device("cpu"),
+                                    seq_len=10, batch_size=4)
+    cfg = LoopConfig(run_dir=run_dir, max_steps=3, log_every=1, eval_every=100, ckpt_every=3, device="cpu",
+                     progress=False, plot=False, seed=0, optim=OptimConfig(lr=1e-2, weight_decay=0.0))
+    result = Trainer(model, build_optimizer(model, cfg.optim), src, ActorCritic(), config=cfg, runner=runner).fit()
+    return [r["loss"] for r in result.history if "loss" in r], str(result.checkpoint)
+
+
+def _fsdp_worker(rank: int, world: int, run_dir: str) -> tuple[list[float], str]:
+    return _fit(run_dir, {"dp_shard": 2})
+
+
+def test_fsdp_shards_a_policy_with_value_and_writes_its_checkpoint(tmp_path):
+    """2 gloo processes under FSDP2 (the backbone's blocks sharded, the head with the root): policy_and_values
+    goes through forward, so the root's parameters are gathered; the losses are the one process's and rank 0's
+    gathered checkpoint loads as the same PolicyWithValue."""
+    from lmforge.parallel.launch import run_local
+
+    one, one_ckpt = _fit(str(tmp_path / "one"))
+    two, two_ckpt = run_local(_fsdp_worker, 2, str(tmp_path / "two"), timeout=120, start_method="fork")[0]
+    assert two == pytest.approx(one, abs=1e-6)
+    (a, _), (b, _) = ckpt.load_model(one_ckpt), ckpt.load_model(two_ckpt)
+    ids = torch.randint(0, 41, (2, 8))
+    with torch.no_grad():
+        assert isinstance(b, PolicyWithValue)
+        torch.testing.assert_close(b.policy_and_values(ids), a.policy_and_values(ids), rtol=0, atol=1e-6)
+
+
+# advantages --------------------------------------------------------------------------------------------
+
+def trl_masked_whiten(x, mask, shift_mean=True):
+    """TRL's PPO whitening convention, restated: the masked mean, the masked variance with Bessel's
+    correction n / (n - 1), eps 1e-8 inside the square root; the mean added back without shift_mean."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mu = (x * m).sum() / n
+    var = ((x - mu) ** 2 * m).sum() / n * (n / (n - 1))
+    out = (x - mu) / torch.sqrt(var + 1e-8)
+    return out if shift_mean else out + mu
+
+
+def trl_gae(rewards, values, gamma, lam):
+    """TRL's PPO advantage convention, restated: one backward recursion over the whole (right-padded)
+    response width, the value after the last column taken as 0 (rewards and values zeroed past each
+    response, so padding contributes nothing)."""
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    carry = torch.zeros_like(rewards[:, 0])
+    for t in range(T - 1, -1, -1):
+        after = values[:, t + 1] if t + 1 < T else torch.zeros_like(carry)
+        carry = rewards[:, t] + gamma * after - values[:, t] + gamma * lam * carry
+        adv[:, t] = carry
+    return adv, adv + values
+
+
+def _rollout(B=5, T=9, seed=0, prompt=False):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        start = int(torch.randint(0, 3, (1,), generator=g)) if prompt else 0
+        mask[b, start:start + int(torch.randint(2, T - start + 1, (1,), generator=g))] = True
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.1 * mask  # a per-token KL-like term
+    return rewards + outcome_rewards(torch.randn(B, generator=g, dtype=torch.float64), mask), values, mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_is_trls_ppo_loop_on_right_padded_responses(gamma, lam):
+    rewards, values, mask = _rollout()
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    # TRL's layout: values and rewards zero after the response (its masked_fill), the loop over every position
+    t_adv, t_ret = trl_gae(rewards * mask, values * mask, gamma, lam)
+    torch.testing.assert_close(adv, t_adv * mask, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, t_ret * mask, rtol=0, atol=1e-12)
+    # TRL's Bessel factor is an int / int tensor division: float32, so 1e-7 apart at most in fp64
+    torch.testing.assert_close(masked_whiten(adv, mask), trl_masked_whiten(adv, mask) * mask, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(masked_whiten(rewards, mask, shift_mean=False),
+                               trl_masked_whiten(rewards, mask, shift_mean=False) * mask, rtol=1e-7, atol=1e-9)
+
+
+def test_gae_is_the_sum_of_discounted_td_residuals_per_episode():
+    """A plain double loop over eq. 16's sum, on rows with a prompt before the response (and a row with two
+    response segments: two episodes, each ending with V = 0 after it)."""
+    gamma, lam = 0.97, 0.9
+    rewards, values, mask = _rollout(B=6, T=10, seed=3, prompt=True)
+    mask[5] = torch.tensor([0, 1, 1, 1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    rewards[5] = torch.tensor([0, 0.1, 0, 1, 0, 0, 0.2, -1, 0, 0], dtype=torch.float64)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    want = torch.zeros_like(adv)
+    B, T = mask.shape
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            end = t
+            while end + 1 < T and mask[b, end + 1]:
+                end += 1
+            total = 0.0
+            for k in range(t, end + 1):  # delta_k with V = 0 after the episode's last token
+                nxt = float(values[b, k + 1]) if k < end else 0.0
+                total += (gamma * lam) ** (k - t) * (float(rewards[b, k]) + gamma * nxt - float(values[b, k]))
+            want[b, t] = total
+    torch.testing.assert_close(adv, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, (want + values) * mask, rtol=0, atol=1e-12)
+    mc, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)  # lam = 1: the return-to-go minus V
+    togo = rewards[0].flip(-1).cumsum(-1).flip(-1)  # rewards are 0 outside the mask
+    torch.testing.assert_close(mc[0][mask[0]], (togo - values[0])[mask[0]], rtol=0, atol=1e-12)
+
+
+def test_advantage_inputs_are_checked():
+    rewards, values, mask = _rollout()
+    bad = rewards.clone()
+    bad[0, -1] = 1.0
+    mask[0, -1] = False
+    with pytest.raises(ConfigError, match="rewards\\[0, 8\\] = 1 lies outside the mask"):
+        gae(bad, values, mask)
+    with pytest.raises(ConfigError, match="shaped like the mask"):
+        gae(rewards[:, :-1], values, mask)
+    with pytest.raises(ConfigError, match="at least 2 masked entries"):
+        masked_whiten(values, torch.arange(mask.numel()).view(mask.shape) == 0)
+    with pytest.raises(ConfigError, match="group_size=3 must be >= 2 and divide the 8 rewards"):
+        group_advantages(torch.zeros(8), 3)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_are_trls_grpo_and_rloo(scale):
+    nanstd = pytest.importorskip("trl.trainer.utils").nanstd
+    g = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(12, generator=g) > 0.5).float() + 0.1 * torch.randn(12, generator=g)
+    n = 4
+    # TRL GRPOTrainer._generate_and_score_completions, sum_then_normalize, replicated around its nanstd
+    mean = torch.nanmean(rewards.view(-1, n), dim=1).repeat_interleave(n, dim=0)
+    std = (nanstd(rewards.view(-1, n), dim=1).repeat_interleave(n, dim=0) if scale != "batch"
+           else nanstd(rewards).expand_as(rewards))
+    want = rewards - mean if scale == "none" else (rewards - mean) / (std + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, n, scale=scale), want, rtol=0, atol=1e-6)
+    # TRL RLOOTrainer: the leave-one-out baseline (sum of the others / (n - 1))
+    grouped = rewards.view(-1, n)
+    baseline = ((grouped.sum(1, keepdim=True) - grouped) / (n - 1)).view(-1)
+    torch.testing.assert_close(rloo_advantages(rewards, n), rewards - baseline, rtol=0, atol=1e-6)
+    if scale == "group":  # what docs/rl.md's sketch computes by hand per prompt
+        by_hand = torch.cat([(r - r.mean()) / (r.std() + 1e-4) for r in rewards.view(-1, n)])
+        torch.testing.assert_close(group_advantages(rewards, n), by_hand, rtol=0, atol=1e-6)

@@ -171,6 +171,43 @@ class BlockPool:
                 self.release([table[i]])
                 table[i] = self.null
 
+    def compact(self, table: list[int], reuse: list[int | None], num_tokens: int) -> list[int] | None:
+        """KV-policy eviction (lmforge.infer.kv.policy): `table` becomes len(reuse) blocks holding num_tokens
+        slots. reuse[j] = i: old block table[i] becomes block j as it is (its keys move whole, no copy);
+        None: the caller writes block j. A written block is table[j] itself when only this sequence holds
+        it, no prefix key names it and it is not moved elsewhere; otherwise a fresh one (other holders and the
+        prefix cache keep the old contents: copy-on-write). A block moved whole that ends up partly filled
+        (the new last block) must be private and unnamed too, since new keys are written into it. Blocks left
+        over are released. Returns the indices j to write and edits table, or None (nothing changed) when
+        the free blocks cannot cover the fresh ones."""
+        bs, last = self.block_size, len(reuse) - 1
+        tail = table[reuse[last]] if reuse and reuse[last] is not None else None
+        shared = tail is not None and (self.ref[tail] > 1 or self.key[tail] is not None)
+        if shared and num_tokens - last * bs < self.filled[tail]:
+            reuse = reuse[:last] + [None]  # written instead: later keys would overwrite shared memory
+        moved = {i for i in reuse if i is not None}
+        private = [j < len(table) and j not in moved and self.ref[table[j]] == 1 and self.key[table[j]] is None
+                   for j in range(len(reuse))]
+        kept = {table[i] for i in moved} | {table[j] for j, r in enumerate(reuse) if r is None and private[j]}
+        left = [b for b in table if b not in kept]
+        fresh = sum(1 for j, r in enumerate(reuse) if r is None and not private[j])
+        # blocks freed by this very release count: their contents were read (gathered) before any write
+        freed = sum(1 for b in set(left) if b != self.null and self.ref[b] == 1)
+        if fresh > len(self.fresh) + len(self.idle) + freed:
+            return None
+        new = [table[r] if r is not None else table[j] if private[j] else -1 for j, r in enumerate(reuse)]
+        self.release(left)
+        for j, b in enumerate(new):
+            if b == -1:
+                new[j] = self._take()
+        for b in new:  # fills: block j holds min(bs, num_tokens - j * bs) keys
+            self.tokens_held -= self.filled[b]
+            self.filled[b] = 0
+        for j, b in enumerate(new):
+            self._fill(b, min(bs, num_tokens - j * bs))
+        table[:] = new
+        return [j for j, r in enumerate(reuse) if r is None]
+
     def fork(self, table: list[int]) -> list[int]:
         for b in table:
             self.hold(b)

@@ -11,6 +11,7 @@ import torch
 from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.kv.paged import DECODE, PREFILL
+from lmforge.infer.kv.policy import KVPolicy
 from lmforge.infer.scheduler import SchedulerConfig
 
 KERNEL_TUNE_MIN_PARAMS = 100_000_000
@@ -22,11 +23,14 @@ class EngineConfig:
     block_size: int = 16
     """tokens per KV cache block"""
     max_num_seqs: int = 256
-    """sequences decoded together at most"""
+    """sequences decoded together at most (models with recurrent-state layers: also their state rows,
+    lmforge.infer.kv.state)"""
     max_num_batched_tokens: int = 4096
     """tokens per forward at most (prefill chunks + decode tokens)"""
     chunked_prefill: bool = True
     prefix_caching: bool = True
+    """reuse the cached blocks of a known prompt prefix; off for models with recurrent-state layers (a block
+    holds keys, not the state after it: lmforge.infer.kv.state)"""
     gpu_memory_utilization: float = 0.9
     """on a GPU, the KV pool takes this fraction of the device memory minus what is in use and a
     reserve for activations, at most max_num_seqs x context tokens"""
@@ -63,6 +67,9 @@ class EngineConfig:
     on a GPU. True on a CPU runs the same order of work (what tests check). Steps whose token values are
     needed before the next one still read them at once: beam search, speculative decoding (any draft),
     penalties, prompt log-probs, a request's first sample when n > 1, and the recompute runner"""
+    kv_policy: KVPolicy | None = None
+    """which keys each sequence keeps in the cache (lmforge.infer.kv.policy: StreamingLLM, SnapKV, your own);
+    None = all of them"""
 
     def __post_init__(self) -> None:
         coerce_fields(self)  # each field's type, named when wrong (kernel_tune=1, block_size=16.5)
@@ -75,6 +82,9 @@ class EngineConfig:
         check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
         check(self.prefill_attention in PREFILL,
               f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
+        check(self.kv_policy is None or isinstance(self.kv_policy, KVPolicy),
+              f"kv_policy must be a KVPolicy (lmforge.infer.kv.policy.StreamingLLM, SnapKV, ...), got "
+              f"{self.kv_policy!r}")
 
 
 def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:
@@ -115,18 +125,21 @@ def use_fused_kernels(config: EngineConfig, device: torch.device) -> bool:
 
 
 def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, extra_per_token: int = 0) -> int:
-    """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids."""
-    per_token = spec.bytes_per_token() + extra_per_token
+    """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids. The state rows
+    of recurrent layers (max_num_seqs + 1 of spec.bytes_per_sequence(), lmforge.infer.kv.state) come first; a
+    model of state layers only stores nothing per token (its blocks are bookkeeping)."""
+    per_token = max(spec.bytes_per_token() + extra_per_token, 1)
+    state = (c.max_num_seqs + 1) * spec.bytes_per_sequence()
     if c.num_kv_tokens is not None:
         tokens = c.num_kv_tokens
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache
         reserve = 2 * 2**30 + c.max_num_batched_tokens * 64 * 1024  # activations of one forward
-        tokens = int(free - total * (1 - c.gpu_memory_utilization) - reserve) // per_token
+        tokens = int(free - total * (1 - c.gpu_memory_utilization) - reserve - state) // per_token
         tokens = min(tokens, c.max_num_seqs * max_seq_len)  # never more than the batch can hold
     else:
-        tokens = min(c.max_num_seqs * max_seq_len, 2**30 // per_token)
+        tokens = min(c.max_num_seqs * max_seq_len, (2**30 - state) // per_token)
     if tokens < c.block_size:
         raise LmforgeError(f"no memory left for the KV cache ({tokens} tokens); raise "
                            "gpu_memory_utilization or set num_kv_tokens")

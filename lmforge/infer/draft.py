@@ -27,6 +27,8 @@ class _View:
     num_computed: int
     block_table: list[int]
     seq_id: int
+    evicted: int = 0
+    """keys dropped by a KV policy (Sequence.evicted): the draft's own cache keeps every key"""
 
 
 class PagedDraftModel:

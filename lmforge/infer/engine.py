@@ -48,14 +48,17 @@ What later work attaches to:
   RL rollouts  the engine may hold the very module a Trainer updates in place; update_weights() then
                drops what the old weights computed (the prefix cache), or copies a state_dict in.
                Steps run the model in eval mode and hand it back in the mode they found it.
-  drafters     a drafter with `uses_hidden_states` gets the target's final hidden state with each
-               context (Transformer.forward(return_hidden=True); Sampled.hidden for strategies).
+  drafters     a drafter with `uses_hidden_states` gets the target's features with each context: True, the
+               sampled row's (Sampled.hidden); "all", every verified position's, each once, in order
+               (Sampled.features -> Sequence.features); hidden_layers, blocks' outputs (lmforge.infer.features).
   servers      lmforge.infer.async_engine streams each request and aborts one without the others.
+  KV policies  EngineConfig(kv_policy=...) (lmforge.infer.kv.policy: StreamingLLM, SnapKV): each running
+               sequence's plan is applied before the schedule (compaction; a sequence keeps num_slots keys
+               beside its num_computed positions), forks apply it first, observed steps get the score hook.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import time
 
@@ -65,9 +68,11 @@ from lmforge.config import check, is_int
 from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
+from lmforge.infer.features import hidden_ask
 from lmforge.infer.config import (EngineConfig, limits, pool_blocks, use_fused_kernels, use_kernel_step,
                                   use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
+from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.pending import Launched, overlaps
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
@@ -84,9 +89,10 @@ class Engine:
     """draft: None, or speculative decoding for every request (beam searches aside) with this drafter:
     'ngram' (prompt lookup), 'mtp' (the model's parallel MTP heads), a draft model sharing the tokenizer,
     or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round. A drafter object
-    with `uses_hidden_states = True` (EAGLE/Medusa style) gets the target's final hidden state with each
-    context: the model must accept `return_hidden=True` (lmforge's Transformer does). A drafter with
-    `proposes_trees = True` (lmforge.infer.token_tree.TreeDrafter) proposes token trees, up to its
+    with `uses_hidden_states` (EAGLE/Medusa style: True, "all", and `hidden_layers`; lmforge.infer.features)
+    gets the target's features with each context: the model must accept `return_hidden` (lmforge's
+    Transformer and HFCausalLM do). A drafter with `proposes_trees = True`
+    (lmforge.infer.token_tree.TreeDrafter) proposes token trees, up to its
     `tree_size` nodes per step (num_draft_tokens does not apply), on models with a cache_spec() (the paged
     runner)."""
 
@@ -98,6 +104,13 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         spec = model.cache_spec() if hasattr(model, "cache_spec") else None
+        self.has_state = spec is not None and spec.has_state  # recurrent-state layers: lmforge.infer.kv.state
+        if self.has_state:
+            check_state_engine(config, draft)
+        if config.kv_policy is not None:  # refusals first (lmforge.infer.kv.policy)
+            from lmforge.infer.kv.policy import check_engine as check_policy_engine
+
+            check_policy_engine(config.kv_policy, spec, draft, config)
         self.max_seq_len, self.vocab_size = limits(model, spec)
         # a HF checkpoint's end-of-sequence ids (config.json / generation_config.json eos_token_id)
         self.eos_ids = tuple(getattr(model, "eos_token_ids", None) or ())
@@ -120,27 +133,32 @@ class Engine:
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
                                       prefill=config.prefill_attention,
-                                      kernel_step=use_kernel_step(config, model, self.device),
+                                      kernel_step=(not self.has_state and config.kv_policy is None
+                                                   and use_kernel_step(config, model, self.device)),
                                       kernel_tune=use_kernel_tune(config, model),
                                       fused_kernels=use_fused_kernels(config, self.device))
-        self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
+        self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching and not self.has_state)
         # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
         windows = [layer.window for layer in spec.layers] if spec is not None else [0]
         self.window = min(windows) if all(windows) else 0
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                                   chunked_prefill=config.chunked_prefill), self.pool)
+                                                   chunked_prefill=config.chunked_prefill,
+                                                   reserve_samples=self.has_state), self.pool)
         self.scheduler.on_release = self._released
+        self.kv_policy = None  # a KV policy at work: lmforge.infer.kv.policy
+        if config.kv_policy is not None:
+            from lmforge.infer.kv.policy import PolicySession
+
+            self.kv_policy = PolicySession(config.kv_policy, self.pool, self.runner.cache, spec)
+            self.scheduler.observed_tail = config.kv_policy.observed_tail
         self.draft_trees = bool(getattr(draft, "proposes_trees", False))
         if self.draft_trees and not isinstance(self.runner, PagedRunner):
             raise ConfigError(f"a tree drafter needs a model with cache_spec() (the paged runner); "
                               f"{type(model).__name__} has none: use a chain drafter (a draft model, 'ngram')")
         self.num_draft_tokens = draft.tree_size if self.draft_trees else num_draft_tokens
         self.make_drafter, self.draft_model = None, None
-        self.wants_hidden = bool(getattr(draft, "uses_hidden_states", False))
-        if self.wants_hidden and "return_hidden" not in inspect.signature(model.forward).parameters:
-            raise ConfigError(f"the drafter reads hidden states but {type(model).__name__}.forward has no "
-                              "return_hidden option; use a drafter without uses_hidden_states")
+        self.hidden = hidden_ask(draft, model)  # what a drafter reads of the target (lmforge.infer.features)
         if draft is not None:
             from lmforge.infer.speculative import make_drafter_factory
 
@@ -171,6 +189,8 @@ class Engine:
             rid = str(request_id)
         if rid in self.requests:
             raise LmforgeError(f"request id {rid!r} is already in use; pass another request_id")
+        if self.has_state:
+            check_state_request(params, self.config.max_num_seqs)
         ids = self.encode(prompt, params)
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise LmforgeError(f"logit_bias has token id {max(params.logit_bias)} outside the model's vocabulary "
@@ -209,7 +229,7 @@ class Engine:
         elif self.make_drafter is not None and params.max_tokens:
             from lmforge.infer.speculative import Speculative
 
-            req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens)
+            req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens, self.hidden)
         req.overlaps = (req.strategy is None and not params.penalized and params.prompt_logprobs is None
                         and params.max_tokens > 0)  # a score-only request ends when its prefill is read
         self.requests[rid] = req
@@ -373,7 +393,12 @@ class Engine:
     def _launch(self, prev: Launched | None) -> Launched | None:
         """Schedule a step and queue its forward and sampling on the device (None: nothing to run).
         With prev pending, decode inputs that are prev's samples are copied on the device."""
+        if self.kv_policy is not None:  # evictions first: this step's slots follow them (kv.policy)
+            for seq in self.kv_policy.plan(self.scheduler.running):  # no free block for its copies
+                self.scheduler.preempt(seq)
         batch = self.scheduler.schedule()
+        for seq in batch.preempted:  # its cache state went with its blocks: recomputed from its first token
+            self._cache_event("preempt", seq.seq_id)
         if not batch.chunks:
             if prev is None and self.scheduler.has_work():
                 raise LmforgeError("the scheduler could not fit any sequence in the KV pool; raise num_kv_tokens")
@@ -381,11 +406,14 @@ class Engine:
         if self.draft_model is not None:  # copy-on-write copies apply to the draft's cache too
             self.draft_model.copy_blocks(batch.copies)
         self._draft(batch)
+        if self.kv_policy is not None:  # new sequences' policy state; the score hook where it observes
+            self.kv_policy.begin_step(batch)
         # decodes first, shortest context first (caches that gather blocks pad less per group of rows)
         batch.chunks.sort(key=lambda c: (c[1] != 1, len(c[0].block_table) if c[1] == 1 else 0))
         rows, extra = sampling_rows(batch, self._rows), prompt_rows(batch)
         late = prev.late_ids(batch) if prev is not None else None
-        sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, self.wants_hidden, late)
+        hidden = self.hidden.ask(batch) if self.hidden is not None else None
+        sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, hidden, late)
         sampled.to_host()  # queued before the next step: reading it later waits for this step only
         if extra:
             self._record_prompt_logprobs(batch, extra, sampled.extra)
@@ -408,6 +436,10 @@ class Engine:
         stale = step.stale()
         samples_of: dict[int, int] = {}
         claimed: dict[int, tuple[Sequence, list[int]]] = {}
+        if sampled.features is not None:  # every position's features; a drafted chunk's: its strategy verifies
+            for seq, n in batch.chunks:  # (before any fork: forks copy them)
+                if seq.seq_id in sampled.features and seq.seq_id not in stale and not _claims(seq):
+                    seq.features.push(seq.num_computed - n, sampled.features[seq.seq_id])
         for r, (c, _, _) in enumerate(rows):
             seq = batch.chunks[c][0]
             if step.overlap:
@@ -510,8 +542,12 @@ class Engine:
 
     def fork(self, parent: Sequence, index: int, after: Sequence | None = None) -> Sequence:
         """A copy of parent (tokens, cache blocks shared copy-on-write) running right behind `after`."""
+        if self.kv_policy is not None:  # the children share the parent's compacted blocks
+            self.kv_policy.apply(parent)
         child = self._sequence(parent.request, index, list(parent.tokens))
         child.num_computed, child.block_keys = parent.num_computed, list(parent.block_keys)
+        child.evicted = parent.evicted
+        child.features = parent.features.copy() if parent.features is not None else None
         child.block_table = self.pool.fork(parent.block_table)
         parent.request.seqs.append(child)
         self.scheduler.add_running(child, after or parent)
@@ -520,6 +556,8 @@ class Engine:
 
     def _released(self, seq: Sequence) -> None:
         """A sequence finished, was aborted or dropped (Scheduler.on_release): per-sequence state goes."""
+        if hasattr(seq.request.strategy, "release"):  # a drafter's per-sequence state (speculative decoding)
+            seq.request.strategy.release(seq)
         if self.draft_model is not None:
             self.draft_model.forget(seq)
         self._cache_event("release", seq.seq_id)
@@ -527,11 +565,13 @@ class Engine:
     def _cache_event(self, name: str, *seq_ids: int) -> None:
         """Tell a cache that keeps per-sequence state (a KV policy's scores, an SSM's recurrent state; keyed by
         AttnMetadata.seq_ids_host) that a sequence was forked (`cache.fork(parent, child)`: the child starts
-        from the parent's state) or released (`cache.release(seq_id)`). Preemption is neither: a preempted
-        sequence keeps its id and is prefilled again from its first token."""
+        from the parent's state), released (`cache.release(seq_id)`) or preempted (`cache.preempt(seq_id)`: it
+        keeps its id and is prefilled again from its first token, so state built from its tokens is stale)."""
         fn = getattr(getattr(self.runner, "cache", None), name, None)
         if fn is not None:
             fn(*seq_ids)
+        if self.kv_policy is not None:  # per-sequence policy state: the same events
+            getattr(self.kv_policy, name)(*seq_ids)
 
     def accept(self, seq: Sequence, tok: int, logprob: float | None = None, top: dict | None = None) -> None:
         """Append one generated token (with its logprob and top-k when the request asks for them)."""
@@ -551,7 +591,9 @@ class Engine:
         # a token still on the device (async scheduling) may already be computed: name known tokens only
         bs = self.pool.block_size
         full = min(seq.num_computed, len(seq.tokens)) // bs
-        if len(seq.block_keys) >= full or not self.pool.prefix_caching or seq.status == Status.FINISHED:
+        # (a sequence that evicted keys computed every later key over a lossy context: never named)
+        if (len(seq.block_keys) >= full or not self.pool.prefix_caching or seq.status == Status.FINISHED
+                or seq.evicted):
             return
         parent = seq.block_keys[-1] if seq.block_keys else None
         keys = self.pool.block_keys(seq.tokens[: full * bs], parent, len(seq.block_keys))
@@ -563,12 +605,15 @@ class Engine:
     def stats(self) -> dict:
         """Pool and scheduler counters. kv_utilization: tokens stored in the distinct blocks in use / their
         slots, each shared block (prefix hits, n samples, beams) counted once, so it is at most 1
-        (lmforge.infer.blocks); *_at_peak: when the most blocks were in use (peak_used_blocks)."""
+        (lmforge.infer.blocks); *_at_peak: when the most blocks were in use (peak_used_blocks); evicted_tokens:
+        keys a KV policy dropped, in kv_compactions compactions (lmforge.infer.kv.policy)."""
         p = self.pool
         return {"num_blocks": p.num_blocks, "used_blocks": p.num_used, "peak_used_blocks": p.peak_used,
                 "kv_utilization": p.utilization, "kv_utilization_at_peak": p.peak_utilization,
                 "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
-                "preemptions": self.scheduler.num_preemptions}
+                "preemptions": self.scheduler.num_preemptions,
+                "evicted_tokens": self.kv_policy.evicted_tokens if self.kv_policy is not None else 0,
+                "kv_compactions": self.kv_policy.compactions if self.kv_policy is not None else 0}
 
 
 def _claims(seq: Sequence) -> bool:

@@ -44,6 +44,7 @@ class DecodeGraphs:
         self.scratch_slot = scratch_block * block_size
         self.max_batch, self.max_blocks, self.use_graphs = _bucket(max_batch), max_blocks, use_graphs
         self.entries: dict[tuple[int, int], _Entry] = {}
+        self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
         self.pool = None
         self.failed: str | None = None
         """why capture failed (decode then runs eagerly, with a warning): kept for benchmarks' notes"""
@@ -58,15 +59,18 @@ class DecodeGraphs:
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
         key = (_bucket(B), W)
         entry = self.entries.get(key) or self._capture(*key)
-        ids, pos, slots = [], [], []
+        ids, pos, slots, lens = [], [], [], []
         for seq, _ in batch.chunks:
-            p = seq.num_computed
+            p, q = seq.num_computed, seq.num_computed - seq.evicted  # position; cache slot (KV-policy eviction)
             ids.append(token_at(seq, p))
             pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-        host = np.zeros((4, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
+            slots.append(seq.block_table[q // bs] * bs + q % bs)
+            lens.append(q + 1)
+        host = np.zeros((self.rows, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
         host[0, :B], host[1, :B], host[2, :B], host[2, B:], host[3] = ids, pos, slots, self.scratch_slot, 1
-        host[3, :B] += host[1, :B]  # context length: position + 1
+        host[3, :B] = lens  # context length: the token's slot + 1 (its position + 1 unless a KV policy evicted)
+        if self.rows == 5:  # padding rows read and write the null state row
+            host[4, :B], host[4, B:] = self.cache.slots([s.seq_id for s, _ in batch.chunks]), self.cache.null_slot
         copy_in(entry.host, torch.from_numpy(host))  # in place: the graph reads these buffers
         copy_in(entry.tables, host_block_tables([s.block_table for s, _ in batch.chunks], key[0], W))
         if late is not None:
@@ -78,13 +82,15 @@ class DecodeGraphs:
 
     def _capture(self, Bp: int, W: int) -> "_Entry":
         dev = self.cache.device
-        host = torch.zeros(4, Bp, dtype=torch.long, device=dev)
+        host = torch.zeros(self.rows, Bp, dtype=torch.long, device=dev)
         host[2], host[3] = self.scratch_slot, 1
+        if self.rows == 5:
+            host[4] = self.cache.null_slot
         tables = torch.zeros(Bp, W, dtype=torch.int32, device=dev)
         meta = AttnMetadata(positions=host[1][None], slot_mapping=host[2], context_lens=host[3].to(torch.int32),
                             logits_indices=torch.arange(Bp, device=dev), block_tables=tables,
                             query_lens_host=(1,) * Bp, context_lens_host=(1,) * Bp, num_decodes=Bp,
-                            block_size=self.block_size)
+                            block_size=self.block_size, state_slots=host[4] if self.rows == 5 else None)
 
         def step() -> torch.Tensor:
             meta.context_lens.copy_(host[3])  # int32 copy of the lengths, refreshed inside the graph
@@ -119,7 +125,8 @@ class _Entry:
     """One (batch, width) bucket: its input buffers, the metadata built over them, the step, its graph."""
 
     host: torch.Tensor
-    """(4, B') int64 on the device: token, position, cache slot, context length of each row"""
+    """(4, B') int64 on the device: token, position, cache slot, context length of each row (and its state
+    row: (5, B') for models with recurrent-state layers)"""
     tables: torch.Tensor
     meta: AttnMetadata
     step: object

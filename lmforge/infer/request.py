@@ -65,7 +65,10 @@ class Sequence:
     tokens: list[int]
     generator: torch.Generator | None = None
     num_computed: int = 0
-    """tokens whose keys/values are in the cache"""
+    """tokens whose keys/values are in the cache (the position of the next token to run)"""
+    evicted: int = 0
+    """keys a KV policy dropped from the cache (lmforge.infer.kv.policy): the cache holds num_slots =
+    num_computed - evicted keys, in position order; the next token's key goes to slot num_slots"""
     block_table: list[int] = field(default_factory=list)
     block_keys: list[int] = field(default_factory=list)
     """prefix keys of the leading full blocks (lmforge.infer.blocks)"""
@@ -85,12 +88,20 @@ class Sequence:
     """tokens sampled on the device but not read by the host yet (async scheduling: lmforge.infer.pending);
     they count as this sequence's next tokens when it is scheduled"""
     hidden: torch.Tensor | None = None
-    """(d,) the model's final hidden state at the position of tokens[-2], whose logits gave the newest
-    token (kept only for drafters that read hidden states: Engine(draft=...) with uses_hidden_states)"""
+    """(D,) the model's features at the position of tokens[-2], whose logits gave the newest token (kept
+    only for drafters that read hidden states: Engine(draft=...) with uses_hidden_states=True)"""
+    features: object | None = None
+    """a lmforge.infer.features.FeatureStream: every position's features not yet handed to the drafter
+    (uses_hidden_states="all"); the scheduler computes, never takes from the prefix cache, positions from
+    its `next` on"""
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_computed - self.evicted
 
     @property
     def num_output(self) -> int:

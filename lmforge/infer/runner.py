@@ -25,6 +25,7 @@ import torch
 
 from lmforge.adapt.lora import lora_layers
 from lmforge.errors import LmforgeError
+from lmforge.infer.features import StepHidden
 from lmforge.infer.kv import new_paged_cache
 from lmforge.infer.request import Sequence
 from lmforge.infer.sampler import Row, Sampled, sample_rows
@@ -77,7 +78,9 @@ class PagedRunner:
         self.source, self.block_size, self.device = model, block_size, torch.device(device)
         self.fused_kernels = fused_kernels
         # one block more than the pool hands out: the graphs' padding rows write there
-        self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode, prefill)
+        self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode, prefill,
+                                     max_seqs=max_batch)
+        self.has_state = cache_spec.has_state  # recurrent-state rows (lmforge.infer.kv.state)
         self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step,
                           kernel_tune)
         self._make_backends()
@@ -130,15 +133,19 @@ class PagedRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None, extra: Extra = (),
-                hidden: bool = False, late: LateIds | None = None) -> Sampled:
-        """Sample `rows`; also return the raw logits at `extra` positions and, with hidden, the final
-        hidden states of both (those steps run eagerly: the backends give one logits row per chunk).
+                hidden: StepHidden | None = None, late: LateIds | None = None) -> Sampled:
+        """Sample `rows`; also return the raw logits at `extra` positions and, with hidden, hidden states
+        (the model's return_hidden=hidden.layers) at both, or at every position of hidden.chunks instead
+        (Sampled.features; lmforge.infer.features). Such steps run eagerly: the backends give one logits
+        row per chunk and no hidden states.
         late: decode inputs still on the device (the previous step's samples), copied in there."""
         self.cache.copy_blocks(batch.copies)
+        if self.has_state:  # rows for sequences starting at their first token, zeroed (lmforge.infer.kv.state)
+            self.cache.start([(seq.seq_id, seq.num_computed == 0) for seq, _ in batch.chunks])
         # a cache with a score hook (a KV policy reading attention weights), or a step holding a token tree
         # (speculative drafts), runs the eager path: the kernel step and replayed graphs compute attention
         # where no hook can see it and with no mask but causal
-        plain = not extra and not hidden and self.cache.score_hook is None and not batch.trees
+        plain = not extra and hidden is None and self.cache.score_hook is None and not batch.trees
         logits = (self.kernel_step.run(batch, late) if plain and self.kernel_step is not None
                   and self.kernel_step.fits(batch) else None)
         states = None
@@ -150,10 +157,19 @@ class PagedRunner:
             logits = _take(self.graphs.run(batch, late), [c for c, _, _ in rows])  # one row per chunk end
         else:
             ids, meta = self.prepare(batch, rows, extra, late)
-            if hidden:  # (1, M + E, V), (1, M + E, d): those rows only
-                logits, states = (t[0] for t in self.model(ids, cache=self.cache, meta=meta, return_hidden=True))
+            chunks = hidden.chunks if hidden is not None else None
+            if chunks is not None:  # (set before the forward reads the metadata)
+                meta.hidden_indices = chunk_indices(meta.query_lens_host, chunks, self.device)
+            if hidden is not None:  # (1, M + E, V), (1, M + E or H, D): those rows only
+                logits, states = (t[0] for t in self.model(ids, cache=self.cache, meta=meta,
+                                                           return_hidden=hidden.layers))
             else:
                 logits = self.model(ids, cache=self.cache, meta=meta)[0]
+            if chunks is not None:
+                out = _split(logits, None, rows, vocab_limit)
+                out.features = dict(zip((batch.chunks[c][0].seq_id for c in chunks),
+                                        states.split([batch.chunks[c][1] for c in chunks])))
+                return out
         return _split(logits, states, rows, vocab_limit)
 
     def move_positions(self, table: list[int], src: list[int], dst: list[int]) -> None:
@@ -167,17 +183,19 @@ class PagedRunner:
         bs = self.block_size
         ids, pos, slots, ctx, qlens, ends, tables = [], [], [], [], [], [], []
         for seq, n in batch.chunks:
-            s, table = seq.num_computed, seq.block_table
+            # queries keep their positions (RoPE); keys go to the next cache slots: a KV policy's eviction
+            # (lmforge.infer.kv.policy) leaves e = seq.evicted fewer slots than positions (0 without one)
+            s, e, table = seq.num_computed, seq.evicted, seq.block_table
             if n == 1:  # a decode (most rows of a large batch): no slices or ranges to build
                 ids.append(token_at(seq, s))
                 pos.append(s)
-                slots.append(table[s // bs] * bs + s % bs)
+                slots.append(table[(s - e) // bs] * bs + (s - e) % bs)
             else:
                 ids += seq.tokens[s:s + n]
                 tree = batch.trees.get(seq.seq_id) if batch.trees else None
                 pos += range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)
-                slots += [table[p // bs] * bs + p % bs for p in range(s, s + n)]  # tree nodes: in node order
-            ctx.append(s + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(s - e, s - e + n)]  # tree nodes: node order
+            ctx.append(s - e + n)
             qlens.append(n)
             ends.append(len(ids) - 1)
             tables.append(table)
@@ -187,10 +205,11 @@ class PagedRunner:
         logits_idx = [ends[c] - back for c, back, _ in rows] + [ends[c] - back for c, back in extra]
         parents, sizes = tree_parents_row(batch) if batch.trees else ([], ())
         M = 3 * N + S + len(logits_idx)
-        P = M + len(parents)  # then the block tables, flattened: all in the step's one copy
+        state = self.cache.slots([seq.seq_id for seq, _ in batch.chunks]) if self.has_state else []
+        P = M + len(parents) + len(state)  # then the block tables, flattened: all in the step's one copy
         # numpy turns a list of ints into an array ~4x faster than torch.tensor
-        flat = to_device(torch.from_numpy(np.concatenate([np.array(ids + pos + slots + ctx + logits_idx + parents,
-                                                                   np.int64),
+        head = ids + pos + slots + ctx + logits_idx + parents + state
+        flat = to_device(torch.from_numpy(np.concatenate([np.array(head, np.int64),
                                                           host_block_tables(tables, S, width).numpy().ravel()])),
                          self.device)
         meta = AttnMetadata(
@@ -200,7 +219,8 @@ class PagedRunner:
             context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs,
             seq_ids_host=tuple(seq.seq_id for seq, _ in batch.chunks),
             decode_groups=decode_groups(widths[:batch.num_decodes]),
-            tree_parents=flat[M:P][None] if parents else None, tree_sizes_host=sizes)
+            tree_parents=flat[M:M + len(parents)][None] if parents else None, tree_sizes_host=sizes,
+            state_slots=flat[P - len(state):P] if state else None)
         if late is not None:
             late.write(flat[:N])
         return flat[:N][None], meta
@@ -254,24 +274,37 @@ class RecomputeRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch, rows: Step, vocab_limit: int | None = None, extra: Extra = (),
-                hidden: bool = False, late: LateIds | None = None) -> Sampled:
+                hidden: StepHidden | None = None, late: LateIds | None = None) -> Sampled:
         """As PagedRunner.execute: one forward over each chunk's sequence up to the chunk's end (every
         token read on the host: the engine never schedules ahead of this runner)."""
         if late is not None:
             raise LmforgeError("the recompute runner needs every input token on the host; run it without "
                                "async scheduling")
         wanted = [(c, back) for c, back, _ in rows] + list(extra)
-        if not wanted:
-            return Sampled(torch.empty(0, dtype=torch.long), None, None, None)
+        chunks = hidden.chunks if hidden is not None else None
         outs = {}
-        for c in dict.fromkeys(c for c, _ in wanted):
+        for c in dict.fromkeys([c for c, _ in wanted] + list(chunks or ())):
             seq, n = batch.chunks[c]
             ids = torch.tensor([seq.tokens[:seq.num_computed + n]], device=self.device)
-            logits, states = self.model(ids, return_hidden=True) if hidden else (self.model(ids), None)
-            outs[c] = (logits[0], states[0] if hidden else None)  # (T, V), (T, d)
-        logits = torch.stack([outs[c][0][-1 - back] for c, back in wanted])
-        states = torch.stack([outs[c][1][-1 - back] for c, back in wanted]) if hidden else None
-        return _split(logits, states, rows, vocab_limit)
+            logits, states = (self.model(ids, return_hidden=hidden.layers) if hidden is not None
+                              else (self.model(ids), None))
+            outs[c] = (logits[0], states[0] if states is not None else None)  # (T, V), (T, D)
+        if not wanted:
+            out = Sampled(torch.empty(0, dtype=torch.long), None, None, None)
+        else:
+            logits = torch.stack([outs[c][0][-1 - back] for c, back in wanted])
+            at_rows = hidden is not None and chunks is None
+            states = torch.stack([outs[c][1][-1 - back] for c, back in wanted]) if at_rows else None
+            out = _split(logits, states, rows, vocab_limit)
+        if chunks is not None:  # every position of the chunk: the last n of its sequence's
+            out.features = {batch.chunks[c][0].seq_id: outs[c][1][-batch.chunks[c][1]:] for c in chunks}
+        return out
+
+
+def chunk_indices(query_lens: tuple[int, ...], chunks: list[int], device) -> torch.Tensor:
+    """(H,) int64 flat indices of every token of these chunks in the step's row, chunk by chunk."""
+    cu = np.cumsum((0,) + tuple(query_lens))
+    return to_device(torch.from_numpy(np.concatenate([np.arange(cu[c], cu[c + 1]) for c in chunks])), device)
 
 
 def _take(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:

@@ -50,6 +50,9 @@ class Sampled:
     """(E, V) raw model logits at the step's extra positions (prompt log-probs), not sampled"""
     hidden: torch.Tensor | None = None
     """(M + E, d) the model's final hidden states at the sampled rows, then the extra ones (when asked)"""
+    features: dict[int, torch.Tensor] | None = None
+    """seq_id -> (n, D) hidden states at every position of its chunk, in order (drafters reading every
+    position's features, lmforge.infer.features; then `hidden` is None)"""
     copy: HostCopy | None = None
     """tokens, logprobs, top values and ids on their way to the host (`to_host`)"""
 

@@ -36,6 +36,9 @@ class SchedulerConfig:
     """tokens per forward at most (decode tokens + prefill chunks)"""
     chunked_prefill: bool = True
     """split prompts longer than the remaining budget across steps"""
+    reserve_samples: bool = False
+    """a request's n samples count against max_num_seqs from its admission, not from their fork after its
+    prefill: models with recurrent-state layers keep one state row per running sequence, max_num_seqs rows"""
 
     def __post_init__(self) -> None:
         check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -73,6 +76,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.on_release: Callable[[Sequence], None] | None = None
         """called once per finished, aborted or dropped sequence (the engine: per-sequence state elsewhere)"""
+        self.observed_tail = 0
+        """a sequence's last this-many tokens are computed at admission, never taken from the prefix cache (a
+        KV policy observes their attention: SnapKV's window, lmforge.infer.kv.policy)"""
+        self._early = Batch()  # holds sequences preempted before the next schedule (`preempt`)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -98,8 +105,16 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---------------------------------------------------------------------------------------------
+    def preempt(self, seq: Sequence) -> None:
+        """Preempt a running sequence before schedule() (a KV policy's compaction found no free block for
+        its copies): reported among the next batch's preempted, which admits nothing new."""
+        self.running.remove(seq)
+        self._preempt(seq, self._early)
+
     def schedule(self) -> Batch:
         batch, budget = Batch(), self.config.max_num_batched_tokens
+        if self._early.preempted:
+            batch.preempted, self._early = self._early.preempted, Batch()
         queue, kept = deque(self.running), []
         while queue:
             seq = queue.popleft()
@@ -115,13 +130,13 @@ class Scheduler:
             # new tokens), which add_request sized the pool check for
             left = seq.request.max_len - len(seq.tokens) - seq.inflight - 1
             extra = max(0, min(seq.request.lookahead, budget - n, left)) if n == remaining else 0
-            copies = self.pool.try_append(seq.block_table, seq.num_computed, n + extra)
+            copies = self.pool.try_append(seq.block_table, seq.num_slots, n + extra)
             while copies is None:  # no room: preempt the newest running sequence (this one last)
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
-                copies = self.pool.try_append(seq.block_table, seq.num_computed, n + extra)
+                copies = self.pool.try_append(seq.block_table, seq.num_slots, n + extra)
             if copies is None:
                 continue
             if copies:
@@ -138,12 +153,22 @@ class Scheduler:
         return batch
 
     def _admit(self, batch: Batch, budget: int) -> int:
-        pool = self.pool
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        pool, seats = self.pool, len(self.running)
+        if self.config.reserve_samples:
+            seats = sum(map(self._seats, self.running))
+        while self.waiting and budget > 0 and seats < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.inflight:  # preempted with a token on the device: its prompt is known once that is read
                 break
+            need = self._seats(seq)
+            if seats + need > self.config.max_num_seqs:
+                break
             owed = seq.request.owed_prompt_logprob  # cached blocks must end before its predecessor
+            if seq.features is not None:  # its drafter reads each position's features from `next` on: computed
+                owed = min(owed if owed is not None else len(seq.tokens), seq.features.next + 1)
+            if self.observed_tail:
+                tail = max(0, len(seq.tokens) - self.observed_tail)
+                owed = min(owed if owed is not None else len(seq.tokens), tail)
             tokens = seq.tokens if owed is None else seq.tokens[:owed]
             hits = pool.lookup(tokens)
             start = len(hits) * pool.block_size
@@ -164,12 +189,20 @@ class Scheduler:
             self.running.append(seq)
             batch.chunks.append((seq, n))
             budget -= n
+            seats += need
         return budget
+
+    def _seats(self, seq: Sequence) -> int:
+        """Seats of max_num_seqs a running sequence takes: 1, and with reserve_samples also its request's
+        samples still to fork from it."""
+        if not self.config.reserve_samples or seq.request.forked:
+            return 1
+        return seq.request.params.n
 
     def _preempt(self, seq: Sequence, batch: Batch) -> None:
         """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""
         self.pool.release(seq.block_table)
-        seq.num_computed, seq.block_keys, seq.status = 0, [], Status.WAITING
+        seq.num_computed, seq.evicted, seq.block_keys, seq.status = 0, 0, [], Status.WAITING
         seq.preemptions += 1
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)

@@ -12,8 +12,11 @@ Drafters: a smaller model (`ModelDrafter`), prompt lookup (`NGramDrafter`, Saxen
 tokens that followed the latest earlier occurrence of the context's last n-gram (a deterministic draft:
 q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`). A drafter object is
 anything with `propose(ctx, k, procs, greedy, gen) -> (drafts, q (len(drafts), V))` and `accept(ctx_len)`;
-with `uses_hidden_states = True` (EAGLE, Medusa) propose also gets `hidden=`: the target's final hidden
-state (after its final norm, Transformer.forward(return_hidden=True)) at ctx[-2], whose logits gave ctx[-1].
+with `uses_hidden_states` (EAGLE, Medusa) propose also gets `hidden=` the target's features: with True the
+final hidden state (after its final norm, Transformer.forward(return_hidden=True)) at ctx[-2], whose logits
+gave ctx[-1]; with "all" (EAGLE) every verified position's, each once, in order (`Features`); hidden_layers
+picks blocks' outputs instead (EAGLE-3). lmforge.infer.features has the alignment rules; such a drafter may
+define `release(seq_id)`, called when a sequence ends.
 A drafter may propose a token tree instead, `(DraftTree(tokens, parents), q (N, V) or None)`, when it says
 so with `proposes_trees = True` and `tree_size` (the nodes the scheduler reserves room for), verified by
 walking the tree: into the argmax's child when greedy, by SpecInfer's multi-step speculative sampling when
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.infer.features import FeatureStream, HiddenAsk
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.token_tree import DraftTree, greedy_path, sampled_path
@@ -162,12 +166,14 @@ class SpecStats:
 class Speculative:
     """The strategy of one request on an engine with a draft (see the module docstring)."""
 
-    def __init__(self, request, make_drafter, k: int):
+    def __init__(self, request, make_drafter, k: int, hidden: HiddenAsk | None = None):
         p = request.params
         if p.penalized:
             raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties; "
                               "drop them or generate without a draft")
-        self.request, self.make_drafter, self.k = request, make_drafter, k
+        self.request, self.make_drafter, self.k, self.hidden = request, make_drafter, k, hidden
+        if hidden is not None and hidden.every:  # forks copy it (Engine.fork)
+            request.seqs[0].features = FeatureStream()
         self.procs = build_processors(p)
         self.drafters: dict[int, object] = {}
         self.pending: dict[int, tuple[list[int], torch.Tensor]] = {}
@@ -189,8 +195,9 @@ class Speculative:
         if budget <= 0:
             return [], None
         drafter = self.drafters.get(seq.seq_id) or self.drafters.setdefault(seq.seq_id, self.make_drafter(seq))
-        # EAGLE/Medusa-style drafters also read the target's features at the context's second-to-last token
-        kw = {"hidden": seq.hidden} if getattr(drafter, "uses_hidden_states", False) else {}
+        # EAGLE/Medusa-style drafters also read the target's features (lmforge.infer.features)
+        kw = ({} if self.hidden is None else {"hidden": seq.hidden} if not self.hidden.every
+              else {"hidden": seq.features.take(seq.seq_id, len(seq.tokens))})
         with torch.inference_mode():
             drafts, q = drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, **kw)
         if isinstance(drafts, DraftTree):
@@ -231,6 +238,8 @@ class Speculative:
         # at[i]: the logits row emitted token i was verified or drawn against
         if sampled.hidden is not None:  # features of the last verified input token, whose logits gave nxt
             seq.hidden = sampled.hidden[rows[at[-1]]]
+        if sampled.features is not None and seq.seq_id in sampled.features:
+            _push_verified(seq.features, sampled.features[seq.seq_id], len(drafts), at, L - 1)
         st = self.stats
         st.drafted, st.accepted = st.drafted + len(drafts), st.accepted + len(accepted)
         st.target_forwards += 1
@@ -273,6 +282,26 @@ class Speculative:
 
     def metrics(self) -> dict:
         return self.stats.as_dict(sum(s.num_output for s in self.request.seqs))
+
+    def release(self, seq) -> None:
+        """seq finished or was aborted (the engine's release event): its drafter state goes."""
+        self.pending.pop(seq.seq_id, None)
+        drafter = self.drafters.pop(seq.seq_id, None)
+        if hasattr(drafter, "release"):
+            drafter.release(seq.seq_id)
+
+
+def _push_verified(stream: FeatureStream, states: torch.Tensor, d: int, at: list[int], pending: int) -> None:
+    """states (n, D): every position of a sequence's chunk this step, ending in its pending token (at
+    position `pending`) + d drafts (a chain, or tree nodes in node order). The chain part and the pending
+    token are verified; of the drafts only the accepted ones (at[1:]: their rows after the pending token's,
+    in path order), now at the positions right after the pending token."""
+    root = states.shape[0] - d - 1  # the pending token's row
+    if at == list(range(len(at))):  # a chain (or a tree's first-children path): one slice
+        kept = states[:root + len(at)]
+    else:
+        kept = states[torch.tensor(list(range(root)) + [root + i for i in at], device=states.device)]
+    stream.push(pending - root, kept)
 
 
 def make_drafter_factory(draft, model, vocab_size: int, k: int):

@@ -10,9 +10,15 @@ Every cache kind keeps one interface (the model calls nothing else):
                                                     (StreamingLLM, H2O, SnapKV) see the attention weights
                                                     (every kind, MLA's included; the engine then runs its
                                                     eager step, where the hook sees every layer)
-  cache.fork(parent, child) / cache.release(seq_id) optional: the engine names forked and finished
-                                                    sequences to caches keeping per-sequence state, keyed
-                                                    by meta.seq_ids_host (KV-policy scores, SSM states)
+  cache.fork(parent, child) / cache.release(seq_id) / cache.preempt(seq_id)
+                                                    optional: the engine names forked, finished and
+                                                    preempted sequences to caches keeping per-sequence
+                                                    state, keyed by meta.seq_ids_host (KV-policy scores,
+                                                    SSM states)
+  cache.read_state(layer, meta) / cache.write_state(layer, states, meta)
+                                                    recurrent layers (kind 'state': Mamba, hybrids): each
+                                                    sequence's state before / after this step, one (S, *shape)
+                                                    tensor per state; layers call them through `recur`
 So masking lives in one place per kind. The kinds: `DENSE` (no cache: training, recompute; in
 layers/attention.py), KVCache (contiguous, the reference), StaticKVCache (CUDA graphs), MLACache
 (layers/mla.py), SlidingWindowCache (layers/sliding.py) and the engine's paged caches (lmforge.infer.kv).
@@ -24,6 +30,7 @@ caches without reading the model's config.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +42,8 @@ from lmforge.model.layers.attention import AttnSpec, Mask, attend_with, tree_vis
 @dataclass(frozen=True, kw_only=True)
 class LayerCacheSpec:
     kind: str
-    """'full' | 'sliding' (keys behind the window are never read) | 'latent' (MLA)"""
+    """'full' | 'sliding' (keys behind the window are never read) | 'latent' (MLA) | 'state' (a recurrent
+    layer, e.g. Mamba: fixed-size tensors per sequence, nothing per token; lmforge.infer.kv.state)"""
     window: int = 0
     kv_heads: int = 0
     query_heads: int = 0
@@ -44,10 +52,27 @@ class LayerCacheSpec:
     """latent kind: width of c_kv"""
     rope_dim: int = 0
     """latent kind: width of the shared rope key"""
+    state_shapes: tuple[tuple[int, ...], ...] = ()
+    """state kind: the shape of each per-sequence state tensor (Mamba: conv (d_inner, k - 1), ssm (d_inner, n))"""
+    state_dtype: torch.dtype | None = None
+    """state kind: the dtype states are kept in; None = the cache's (SSM states often stay fp32 in bf16 models)"""
+
+    def __post_init__(self) -> None:
+        if self.kind == "state" and (not self.state_shapes or not all(
+                isinstance(s, tuple) and s and all(isinstance(d, int) and d > 0 for d in s) for s in self.state_shapes)):
+            raise LmforgeError(f"a 'state' layer needs state_shapes, a tuple of shapes of positive ints, got "
+                               f"{self.state_shapes!r}: e.g. state_shapes=((d_inner, k - 1), (d_inner, n))")
 
     @property
     def numbers_per_token(self) -> int:
+        if self.kind == "state":
+            return 0
         return self.latent_rank + self.rope_dim if self.kind == "latent" else 2 * self.kv_heads * self.head_dim
+
+    @property
+    def numbers_per_sequence(self) -> int:
+        """state kind: numbers of recurrent state one sequence holds in this layer (0 for attention kinds)"""
+        return sum(math.prod(s) for s in self.state_shapes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +84,13 @@ class CacheSpec:
 
     @property
     def latent(self) -> bool:
-        return self.layers[0].kind == "latent"
+        """the attention layers keep MLA latents (a hybrid's state layers keep no per-token numbers)"""
+        return any(layer.kind == "latent" for layer in self.layers)
+
+    @property
+    def has_state(self) -> bool:
+        """some layers keep a recurrent state per sequence (Mamba, or a hybrid of attention and Mamba)"""
+        return any(layer.kind == "state" for layer in self.layers)
 
     @classmethod
     def of(cls, model) -> "CacheSpec":
@@ -71,6 +102,11 @@ class CacheSpec:
     def bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         size = torch.empty((), dtype=dtype or self.dtype).element_size()
         return sum(layer.numbers_per_token for layer in self.layers) * size
+
+    def bytes_per_sequence(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of recurrent state one sequence holds, whatever its length (0 without state layers)."""
+        return sum(layer.numbers_per_sequence * torch.empty((), dtype=layer.state_dtype or dtype or self.dtype
+                                                            ).element_size() for layer in self.layers)
 
 
 def contiguous_mask(T: int, S: int, window: int, device) -> Mask:
@@ -202,6 +238,42 @@ def refuse_trees(meta, cache: str) -> None:
     if meta is not None and meta.tree_parents is not None:
         raise LmforgeError(f"tree attention (meta.tree_parents) runs on KVCache, the no-cache path or the paged "
                            f"caches, not on {cache}")
+
+
+def recur(cache, layer: int, scan, x: torch.Tensor, meta=None) -> torch.Tensor:
+    """A recurrent layer's one call (what `attend` is to attention): run scan over the forward's layout.
+
+    scan(x (R, T, d), states) -> (y (R, T, e), final states) runs R independent rows of T tokens, each from
+    its states: a tuple of (R, *shape) tensors, one per LayerCacheSpec.state_shapes entry, or None = zeros.
+    No cache (training, the recompute reference): every row of x (B, T, d) from zero. The engine's varlen
+    row (1, N, d) (lmforge.model.meta): each sequence's state comes from the cache (zeroed by the engine
+    where a sequence starts), the decode tokens run as one scan of num_decodes one-token rows, then each
+    prefill chunk as a row of its own (so a chunked prompt carries its state from chunk to chunk), and
+    the final states go back to the cache. A fused varlen kernel may call read_state/write_state itself."""
+    if cache is None:
+        return scan(x, None)[0]
+    if not hasattr(cache, "read_state"):
+        raise LmforgeError(f"{type(cache).__name__} keeps no recurrent state: run this model without a cache "
+                           "(full recompute) or on the engine (lmforge.infer.kv.state)")
+    if meta is None or meta.tree_parents is not None:
+        raise LmforgeError("a recurrent layer runs on the engine's varlen row (AttnMetadata with state_slots) and "
+                           "cannot score a candidate tree: its state follows one chain of tokens")
+    states = cache.read_state(layer, meta)
+    ys, finals = [], []
+    for lo, hi, start, n in meta.derived("state_runs", lambda: state_runs(meta)):
+        y, new = scan(x[0, start:start + (hi - lo) * n].view(hi - lo, n, -1), tuple(s[lo:hi] for s in states))
+        ys.append(y.flatten(0, 1))
+        finals.append(new)
+    cache.write_state(layer, tuple(torch.cat(f) for f in zip(*finals)), meta)
+    return torch.cat(ys)[None]
+
+
+def state_runs(meta) -> list[tuple[int, int, int, int]]:
+    """(first sequence, end sequence, first token, tokens per sequence) of the varlen row's runs that a
+    recurrent layer scans at once: the decodes together (one token each), then each prefill chunk."""
+    nd, cu = meta.num_decodes, meta.cu_seqlens_q
+    runs = [(0, nd, 0, 1)] if nd else []
+    return runs + [(i, i + 1, cu[i], n) for i, n in enumerate(meta.query_lens_host) if i >= nd]
 
 
 class StaticKVCache(_Hooked):

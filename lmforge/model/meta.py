@@ -13,8 +13,10 @@ Two layouts use it:
                          sequences (vLLM / nano-vllm layout): decode tokens first (one each), then prefill
                          chunks. Sequence i owns query tokens [cu_seqlens_q[i], cu_seqlens_q[i+1]) and, after
                          this step's keys are written, context_lens[i] keys in the paged cache, found
-                         through block_tables[i]; its queries are its last query_lens[i] keys (positions
-                         context_lens[i] - query_lens[i] ...). slot_mapping gives each new token's flat cache
+                         through block_tables[i]; its queries are its last query_lens[i] keys (slots
+                         context_lens[i] - query_lens[i] ...; slots are positions unless a KV policy evicted
+                         keys: lmforge.infer.kv.policy; queries keep their positions in `positions`).
+                         slot_mapping gives each new token's flat cache
                          slot (block * block_size + offset). Host-side copies of the lengths (`*_host`)
                          let caches loop over sequences without reading the device.
 logits_indices (either layout): flat indices into the B*T tokens where logits are wanted; the model
@@ -59,6 +61,9 @@ class AttnMetadata:
     """(B, T) position of each token; the model uses it when no positions argument is given"""
     logits_indices: torch.Tensor | None = None
     """(M,) flat token indices whose logits the model returns, as (1, M, V); None = every token"""
+    hidden_indices: torch.Tensor | None = None
+    """(H,) flat token indices whose hidden states a forward with return_hidden returns, as (1, H, D); None =
+    at the logits positions (a drafter reading every new position's features: lmforge.infer.speculative)"""
     # the engine's varlen layout (B = 1) -------------------------------------------------------------
     slot_mapping: torch.Tensor | None = None
     """(N,) int64 flat cache slot each new token's key/value is written to"""
@@ -79,6 +84,9 @@ class AttnMetadata:
     """(first row, end row, block-table width) of decode rows sorted by context length, for caches that
     gather a group's blocks (the padded width then follows the group, not the batch); () = one group"""
     block_size: int = 0
+    state_slots: torch.Tensor | None = None
+    """(S,) int64 the state-pool row of each sequence (models with recurrent-state layers,
+    lmforge.infer.kv.state); a sequence starting from its first token finds its row zeroed"""
     # tree attention (either layout) ------------------------------------------------------------------
     tree_parents: torch.Tensor | None = None
     """(B, T) parent of each new token among its sequence's new tokens (in the varlen row: an index

@@ -30,6 +30,17 @@ from lmforge.model.meta import AttnMetadata
 RESIDUAL_OUTPUTS = ("attn.wo.weight", "mlp.down.weight", "mlp.w_down", "mlp.shared.down.weight")
 
 
+def tap_layers(return_hidden, n_layers: int) -> tuple[int, ...]:
+    """The block indices a return_hidden value asks for (() for True / False), checked against n_layers."""
+    if isinstance(return_hidden, bool):
+        return ()
+    layers = tuple(return_hidden) if isinstance(return_hidden, (tuple, list)) else None
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in layers):
+        raise ConfigError(f"return_hidden must be True or a non-empty tuple of block indices in [0, {n_layers}) "
+                          f"(EAGLE-3 style layer features), got {return_hidden!r}")
+    return layers
+
+
 class Transformer(nn.Module):
     residual_dtype: torch.dtype | None = None
     """the residual stream's dtype under autocast when set (TrainConfig.bf16_residual): the embedding's output
@@ -89,25 +100,40 @@ class Transformer(nn.Module):
                 m.e_bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                meta: AttnMetadata | None = None, *, return_hidden: bool = False
+                meta: AttnMetadata | None = None, *, return_hidden: bool | tuple[int, ...] = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, T) -> logits (B, T, V). positions (B, T) or (T,) default to meta.positions, else
         cache.length + arange(T); `cache` (lmforge.model.cache, lmforge.infer.kv) is written in place;
         `meta` (lmforge.model.meta) describes the token layout (packed documents, the engine's varlen
         row); with meta.logits_indices only those flat positions get logits: (1, M, V).
-        return_hidden: also return the final hidden states at the same positions, (B, T, d) or (1, M, d),
-        taken AFTER the final norm: the LM head's input (logits = lm_head(hidden), soft-cap aside), which
-        is what EAGLE's and Medusa's draft heads read (HF's last_hidden_state).
+        return_hidden: also return hidden states, (B, T, D), or (1, H, D) at meta.hidden_indices when set,
+        else at the logits positions. True: the final hidden state AFTER the final norm, D = d_model: the LM
+        head's input (logits = lm_head(hidden), soft-cap aside), what EAGLE-1/2's draft head reads (its code
+        takes the base model's last_hidden_state, which HF computes after the final norm; the paper's
+        "second-to-top-layer feature", Li et al. 2024 §3) and Medusa's heads too. A tuple of block indices
+        (i, j, ...): those blocks' outputs (the residual stream right after block i, no final norm) concatenated
+        in that order, D = len(tuple) * d_model: EAGLE-3's low, middle and high features (Li et al. 2025 §3).
         In training with multi-token prediction, the MTP loss of this batch is kept for aux_loss()."""
-        h, rope = self.hidden(input_ids, positions, cache, meta)
+        layers = tap_layers(return_hidden, len(self.blocks))
+        taps = dict.fromkeys(layers) if layers else None
+        h, rope = self.hidden(input_ids, positions, cache, meta, taps)
         self._mtp_loss = None
         if self.mtp is not None and self.training and cache is None:
             extra = [self.logits(x) for x in self.mtp.heads(h, input_ids, self.embed, rope)]
             self._mtp_loss = self.mtp.loss(extra, input_ids) if extra else None
-        if meta is not None and meta.logits_indices is not None:
-            h = h.flatten(0, 1)[meta.logits_indices][None]
-        h = self.final_norm(h) if self.final_norm is not None else h
-        return (self.logits(h), h) if return_hidden else self.logits(h)
+        at = meta.logits_indices if meta is not None else None
+        out = self._final(h.flatten(0, 1)[at][None] if at is not None else h)
+        logits = self.logits(out)
+        if not return_hidden:
+            return logits
+        where = meta.hidden_indices if meta is not None and meta.hidden_indices is not None else at
+        if layers:  # the blocks' raw outputs: no final norm
+            states = torch.cat([taps[i] for i in layers], dim=-1)
+            return logits, states.flatten(0, 1)[where][None] if where is not None else states
+        return logits, out if where is at else self._final(h.flatten(0, 1)[where][None])
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(h) if self.final_norm is not None else h
 
     def cache_spec(self) -> CacheSpec:
         """What a KV cache must hold for this model, per layer (engines read this, never cfg)."""
@@ -129,8 +155,9 @@ class Transformer(nn.Module):
         return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-               meta: AttnMetadata | None = None):
-        """The trunk: (B, T) ids -> last hidden states (B, T, d) before the final norm, and the rope tables."""
+               meta: AttnMetadata | None = None, taps: dict[int, torch.Tensor | None] | None = None):
+        """The trunk: (B, T) ids -> last hidden states (B, T, d) before the final norm, and the rope tables.
+        taps: block index -> filled with that block's output (B, T, d) (forward's return_hidden tuple)."""
         B, T = input_ids.shape
         offset = getattr(cache, "length", 0)
         n_positions = None  # host-side bound on the positions, when known without reading them
@@ -150,8 +177,10 @@ class Transformer(nn.Module):
         rope = self.rope.cos_sin(positions, n_positions) if self.rope is not None else None
         if meta is not None and meta.doc_ids is not None and cache is not None:
             raise ConfigError("packed documents (meta.doc_ids) are a training layout; run them without a cache")
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x = block(x, rope, None, cache, meta)
+            if taps is not None and i in taps:
+                taps[i] = x
         if cache is not None and hasattr(cache, "advance"):
             cache.advance(T)
         return x, rope

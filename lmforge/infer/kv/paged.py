@@ -2,8 +2,10 @@
 
 Keys and values live in fixed-size blocks of one pre-allocated pool per layer, k and v of shape
 (num_blocks, block_size, n_kv_heads, head_dim) (MLA: latents (num_blocks, block_size, r) and rope keys
-(num_blocks, block_size, d_r)); a sequence's block table lists its blocks in order, so its token at
-position p sits in block table[p // block_size], row p % block_size. The engine's forward is one flat
+(num_blocks, block_size, d_r)); a sequence's block table lists its blocks in order, so its key at slot s
+sits in block table[s // block_size], row s % block_size. A slot is the token's position unless a KV policy
+evicted keys (lmforge.infer.kv.policy: `compact` moves the kept ones to the first slots, in position order;
+keys are stored after RoPE, so they keep their positions). The engine's forward is one flat
 row of N new tokens (lmforge.model.meta.AttnMetadata): every layer first writes the N new keys at their
 slots, then attends
   decode tokens (the first meta.num_decodes sequences, one query each): batched, through the Triton
@@ -147,6 +149,36 @@ class _Paged(_Hooked):
             flat = pool.view(-1, *pool.shape[2:])
             flat.index_copy_(0, d, flat.index_select(0, s))
 
+    def compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """KV-policy eviction (lmforge.infer.kv.policy): the keys/values (latents) at flat slots src move to
+        flat slots dst. src (M,) for every layer and head alike, or (L, heads, M) per layer and kv head
+        (heads 1: the layer's every head; latent caches have one); dst (M,). Everything moved is read before
+        anything is written, so sources and destinations may overlap."""
+        for layer, pools in enumerate(self.layer_pools()):
+            s = src if src.dim() == 1 else src[layer]
+            for pool in pools:
+                flat = pool.view(-1, *pool.shape[2:])  # (slots, KV, hd) or (slots, r)
+                if s.dim() == 1 or s.shape[0] == 1:
+                    moved = flat.index_select(0, s.reshape(-1))
+                else:  # (M, KV, hd): kv head h's keys from its own slots s[h]
+                    moved = flat[s.t(), torch.arange(s.shape[0], device=s.device)]
+                flat.index_copy_(0, dst, moved)
+
+    def hook_for(self, layer: int, seq_ids: tuple[int, ...]):
+        """The score hook of one call of attention whose probability rows are these sequences' (a decode
+        group's rows, or one prefill chunk): `hook_seq_ids` names them while the hook runs."""
+        if self.score_hook is None:
+            return None
+
+        def hook(p: torch.Tensor) -> None:
+            self.hook_seq_ids = seq_ids
+            self.score_hook(layer, p)
+        return hook
+
+    hook_seq_ids: tuple[int, ...] = ()
+    """the engine's ids of the sequences whose rows the score hook's current call receives (a KV policy
+    splits its observations by them: lmforge.infer.kv.policy)"""
+
     @staticmethod
     def _prefills(meta):
         """(sequence index, query start, query count, context length) of each prefill chunk."""
@@ -212,6 +244,9 @@ class PagedKVCache(_Paged):
     def pools(self) -> list[torch.Tensor]:
         return self.k + self.v
 
+    def layer_pools(self) -> list[tuple[torch.Tensor, ...]]:
+        return list(zip(self.k, self.v))
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttnSpec, meta
                ) -> torch.Tensor:
         """q (1, H, N, hd), k/v (1, KV, N, hd) of the step's flat row -> (1, H, N, hd)."""
@@ -230,7 +265,8 @@ class PagedKVCache(_Paged):
             args = (qd, kc, vc, meta.block_tables[lo:hi, :width], meta.context_lens[lo:hi])
             od = self._kernel(kernel, args, kw) if kernel is not None else None
             if od is None:
-                od = paged_decode_reference(*args, **kw, probs_hook=hook)
+                rows_hook = hook and self.hook_for(layer, meta.seq_ids_host[lo:hi])
+                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook)
             out[0, :, lo:hi] = od.transpose(0, 1)
         if nd < len(meta.query_lens_host):
             self._prefill(layer, q, k, v, spec, meta, out, hook)
@@ -265,7 +301,8 @@ class PagedKVCache(_Paged):
                 ki = gather(kc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
                 vi = gather(vc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
             mask = self._chunk_mask(meta, i, start, n, ctx, spec.window, q.device)
-            out[:, :, start:start + n] = attend_with(q[:, :, start:start + n], ki, vi, mask, spec, hook)
+            hook_i = hook and self.hook_for(layer, meta.seq_ids_host[i:i + 1])
+            out[:, :, start:start + n] = attend_with(q[:, :, start:start + n], ki, vi, mask, spec, hook_i)
 
 
 class PagedLatentCache(_Paged):
@@ -284,6 +321,9 @@ class PagedLatentCache(_Paged):
     def pools(self) -> list[torch.Tensor]:
         return self.c + self.kr
 
+    def layer_pools(self) -> list[tuple[torch.Tensor, ...]]:
+        return list(zip(self.c, self.kr))
+
     def attend_latent(self, layer: int, mla, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta) -> torch.Tensor:
         """q_nope/q_rope (1, H, N, .), c_kv (1, N, r), k_rope (1, 1, N, d_r) -> (1, H, N, d_v)."""
         cc, kc = self.c[layer], self.kr[layer]
@@ -297,7 +337,8 @@ class PagedLatentCache(_Paged):
             kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (nd, 1, S, d_r)
             mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window)
             qn, qr = q_nope[0, :, :nd].transpose(0, 1)[:, :, None], q_rope[0, :, :nd].transpose(0, 1)[:, :, None]
-            out[0, :, :nd] = mla.absorbed(qn, qr, c, kr, mask, spec, hook)[:, :, 0].transpose(0, 1)
+            hook_d = hook and self.hook_for(layer, meta.seq_ids_host[:nd])
+            out[0, :, :nd] = mla.absorbed(qn, qr, c, kr, mask, spec, hook_d)[:, :, 0].transpose(0, 1)
         for i, start, n, ctx in self._prefills(meta):
             if ctx == n:
                 c, kr = c_kv[:, start:start + n], k_rope[:, :, start:start + n]
@@ -306,11 +347,17 @@ class PagedLatentCache(_Paged):
                 kr = gather(kc, meta.block_tables[i], ctx)[None, None].to(c_kv.dtype)
             mask = self._chunk_mask(meta, i, start, n, ctx, spec.window, q_nope.device)
             sl = slice(start, start + n)
-            out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec, hook)
+            hook_i = hook and self.hook_for(layer, meta.seq_ids_host[i:i + 1])
+            out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec, hook_i)
         return out
 
 
 def new_paged_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
-                    decode: str = "auto", prefill: str = "auto"):
+                    decode: str = "auto", prefill: str = "auto", max_seqs: int = 256):
+    """max_seqs: rows of recurrent state, one per running sequence (models with state layers only)."""
+    if spec.has_state:  # Mamba / hybrids: state rows beside the blocks, one cache object (lmforge.infer.kv.state)
+        from lmforge.infer.kv.state import new_state_cache
+
+        return new_state_cache(spec, num_blocks, block_size, device, dtype, decode, prefill, max_seqs)
     kind = PagedLatentCache if spec.latent else PagedKVCache
     return kind(spec, num_blocks, block_size, device, dtype, decode, prefill)

@@ -1,0 +1,338 @@
+"""KV-cache policies: which keys a sequence keeps in the engine's paged cache (the seam StreamingLLM, SnapKV,
+H2O and their kin attach to). Policies act on the cache, never on the model.
+
+Slots apart from positions. A sequence holds `num_computed` tokens (its position) but only `num_slots =
+num_computed - evicted` keys (lmforge.infer.request.Sequence). Queries keep their true positions (RoPE) and
+keys are stored after RoPE, so a key moved to another slot keeps its original position; a step writes its
+new keys at slots num_slots.. and attends over num_slots + new keys (runner.prepare). Slots stay in position
+order. Without a policy evicted is 0 and nothing changes.
+
+A step of the engine with a policy (lmforge.infer.engine):
+  1. before scheduling, `plan(seq, state)` of every running sequence returns the slots to keep (or None):
+     one ascending host list for every layer and head alike, or an (L, heads, K) device tensor per layer and
+     kv head (heads = 1 for MLA's latent caches). Every layer and head keeps the same count K, so the
+     sequence keeps one num_slots. The plan reads counts (num_computed, num_slots, its own state), never
+     token values: under async scheduling the previous step's tokens may still be on the device, but its
+     keys are written before the compaction (one stream), so planning here gives sync and async engines
+     the same evictions. A fork (n > 1 samples, beams) applies its parent's plan first, so the children
+     share the compacted blocks.
+  2. compaction (`PolicySession.compact`): the kept keys move to the first K slots through the block table
+     (gather, then write: `PagedKVCache.compact`); a destination block whose kept keys are one source block
+     whole, in order, takes that block's table entry instead (StreamingLLM dropping whole middle blocks
+     copies nothing); a block others hold or the prefix cache names is never written (a fresh one is);
+     blocks past the end go back to the pool (`BlockPool.compact`). A sequence whose copies find no free
+     block is preempted (a plan is never skipped: outputs follow the policy's definition).
+  3. after scheduling, policies with `needs_scores` say which chunks they observe (`observes`); for such
+     a step the cache's score hook is set and `observe(state, layer, probs, first)` gets each observed
+     sequence's probabilities (H, T, S): its T queries from position `first` over its S slots. A hooked
+     step runs eagerly (runner), other steps keep CUDA graphs and kernels.
+
+Interactions: prefix caching never registers a block of a sequence that has evicted anything (every key
+computed after an eviction saw a lossy context), and a block a prefix names is never written, so a lookup
+never hands a lossless prompt a lossy block (a policy's sequence may still start from lossless cached
+blocks; a policy observing the prompt's last tokens, SnapKV, has them computed: `observed_tail`).
+Preemption recomputes from token 0 (evicted = 0, state restarted: the recomputed tokens are a prompt).
+Forks copy the parent's state (`fork`). Refused with a one-line error (`check_engine`): speculative decoding
+and token trees (drafts rewind and move keys by position), sliding-window and recurrent-state models
+(windows are measured on slots), models without cache_spec(), and kernel_step=True (the batch-1 kernel step
+writes each key at its position's slot; it is off with a policy). CUDA graphs and the Triton decode kernel
+read each row's context length in slots, so they stay on.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import check
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.utils import to_device
+
+Keep = list[int] | range | torch.Tensor
+"""slots a sequence keeps, ascending: a host list (every layer and head alike) or an (L, heads, K) int64
+tensor on the cache's device (per layer and kv head; K the same everywhere)"""
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What a policy may know of the cache: layers, kv heads per layer (1 for MLA latents), block size."""
+
+    num_layers: int
+    heads: tuple[int, ...]
+    block_size: int
+
+
+class KVPolicy:
+    """Base of KV policies. A subclass is a frozen kw-only dataclass of its parameters (one object may serve
+    several engines); what it learns per sequence lives in the state `start` returns, which the engine keeps
+    by sequence id, copies on forks (`fork`), drops on release and restarts after a preemption."""
+
+    needs_scores: ClassVar[bool] = False
+    """observe() wants attention probabilities (steps it observes run eagerly with a score hook)"""
+    observed_tail: ClassVar[int] = 0
+    """the last this-many tokens of a prefill are computed, never taken from the prefix cache"""
+
+    def start(self, seq, layout: CacheLayout) -> object:
+        """Per-sequence state when a sequence is (re)admitted: len(seq.tokens) tokens are to be prefilled."""
+        return None
+
+    def observes(self, state, start: int, n: int) -> bool:
+        """Whether the chunk of n tokens from position `start` is observed (needs_scores only)."""
+        return False
+
+    def observe(self, state, layer: int, probs: torch.Tensor, first: int) -> None:
+        """probs (H, T, S): one sequence's T queries (positions first..) over its S cache slots."""
+
+    def plan(self, seq, state) -> Keep | None:
+        """The slots to keep of seq's num_slots (ascending, at least one, fewer than num_slots), or None."""
+        raise NotImplementedError
+
+    def compacted(self, state, keep: Keep) -> None:
+        """The engine applied `keep` (slot keep[i] is now slot i)."""
+
+    def fork(self, state) -> object:
+        return copy.deepcopy(state)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingLLM(KVPolicy):
+    """Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks": keep the first
+    sink_tokens keys (the attention sinks, §3.1) and the most recent `window` (the rolling cache, §3.2).
+
+    Positions are the original ones: keys are cached after RoPE, so a kept key keeps the position it was
+    computed at, and a query at position p sees sinks at 0..3 and its window at p - window... The paper
+    (§3.2) instead re-assigns positions within the cache (sinks 0..3, window right after) and re-rotates keys
+    at every step, so a stream can run past the pretraining length; that needs keys cached before RoPE,
+    which lmforge's caches do not do. Here the policy bounds memory (sink_tokens + window keys), not the
+    context window (max_seq_len still applies).
+
+    slack: evict when sink_tokens + window + slack keys are held (1: the paper's rolling cache, which moves
+    the whole window every step). With sink_tokens and slack multiples of the block size, an eviction drops
+    whole middle blocks from the block table and copies nothing."""
+
+    sink_tokens: int = 4
+    window: int
+    slack: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.sink_tokens >= 0, f"StreamingLLM sink_tokens must be >= 0, got {self.sink_tokens}")
+        check(self.window >= 1, f"StreamingLLM window must be >= 1, got {self.window}")
+        check(self.slack >= 1, f"StreamingLLM slack must be >= 1, got {self.slack}")
+
+    def plan(self, seq, state) -> Keep | None:
+        n = seq.num_slots
+        if n < self.sink_tokens + self.window + self.slack:
+            return None
+        return [*range(self.sink_tokens), *range(n - self.window, n)]
+
+
+@dataclass
+class _SnapState:
+    prompt_len: int
+    heads: tuple[int, ...]
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    """layer -> (heads, prefix) Eq. 1's C, summed over the observed window queries so far"""
+    done: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapKV(KVPolicy):
+    """Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation" (§4.1, Algorithm 1):
+    once the prompt is computed, each (layer, kv head) keeps the `budget` prefix keys that the prompt's last
+    `window` queries (the observation window) attend to most, plus the window's own keys.
+
+      C = sum_{i in window} A[:, i, :L_prefix]          Eq. 1: attention of the window's queries over the
+                                                         prefix keys (L_prefix = prompt - window), summed
+      C' = pool1d(C, pool_kernel, padding=pool_kernel//2)  §4.2: clustering by pooling along the keys
+      I = top-budget(C')                                 Eq. 2, per head
+
+    GQA: a kv head's C sums its group's query heads (MLA's one latent "head": all heads). budget counts the
+    prefix keys only: the paper's max_capacity_prompt is budget + window. Prompts of at most budget + window
+    tokens are kept whole, as in Algorithm 1. Decoding keeps every later key (SnapKV compresses once)."""
+
+    budget: int
+    window: int = 32
+    pool_kernel: int = 7
+    pooling: str = "avg"
+    needs_scores: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check(self.budget >= 1, f"SnapKV budget must be >= 1, got {self.budget}")
+        check(self.window >= 1, f"SnapKV window must be >= 1, got {self.window}")
+        check(self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
+              f"SnapKV pool_kernel must be odd and >= 1 (the pooled scores keep their length), got {self.pool_kernel}")
+        check(self.pooling in ("avg", "max"), f"SnapKV pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    @property
+    def observed_tail(self) -> int:  # the window's queries must run: their attention is the observation
+        return self.window
+
+    def start(self, seq, layout: CacheLayout) -> _SnapState:
+        return _SnapState(len(seq.tokens), layout.heads)
+
+    def _compresses(self, state: _SnapState) -> bool:
+        return not state.done and state.prompt_len - self.window > self.budget
+
+    def observes(self, state: _SnapState, start: int, n: int) -> bool:
+        return self._compresses(state) and start + n > state.prompt_len - self.window and start < state.prompt_len
+
+    def observe(self, state: _SnapState, layer: int, probs: torch.Tensor, first: int) -> None:
+        prefix = state.prompt_len - self.window
+        lo, hi = max(0, prefix - first), min(probs.shape[1], state.prompt_len - first)
+        c = probs[:, lo:hi, :prefix].float().sum(1)  # (H, prefix): Eq. 1 over this chunk's window queries
+        c = c.view(state.heads[layer], -1, prefix).sum(1)  # query head h belongs to kv head h // group
+        state.scores[layer] = state.scores[layer] + c if layer in state.scores else c
+
+    def plan(self, seq, state: _SnapState) -> Keep | None:
+        if not self._compresses(state) or seq.num_computed < state.prompt_len:
+            return None
+        if len(state.scores) != len(state.heads):
+            raise LmforgeError(f"SnapKV observed {len(state.scores)} of {len(state.heads)} layers of sequence "
+                               f"{seq.seq_id}: a layer's attention did not reach the cache's score hook")
+        prefix, k = state.prompt_len - self.window, self.pool_kernel
+        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
+        keep = []
+        for layer in range(len(state.heads)):
+            pooled = pool(state.scores[layer][:, None], k, stride=1, padding=k // 2)[:, 0]  # (heads, prefix)
+            top = pooled.topk(self.budget, dim=-1).indices.sort(dim=-1).values
+            rest = torch.arange(prefix, seq.num_slots, device=top.device).expand(top.shape[0], -1)
+            keep.append(torch.cat((top, rest), dim=-1))  # the window (and any later key) is kept
+        return torch.stack(keep)
+
+    def compacted(self, state: _SnapState, keep: Keep) -> None:
+        state.done, state.scores = True, {}
+
+
+def check_engine(policy: KVPolicy, spec, draft, config) -> None:
+    """One-line refusals of what a policy cannot run with (see the module docstring)."""
+    if not isinstance(policy, KVPolicy):
+        raise ConfigError(f"kv_policy must be a KVPolicy (lmforge.infer.kv.policy), got {type(policy).__name__}")
+    name = type(policy).__name__
+    if spec is None:
+        raise ConfigError(f"kv_policy={name} needs a model with cache_spec() (the paged cache); this one runs on "
+                          "the recompute runner, which keeps no cache")
+    if draft is not None:
+        what = repr(draft) if isinstance(draft, str) else type(draft).__name__
+        raise ConfigError(f"kv_policy={name} with speculative decoding (draft={what}) is not supported: drafts "
+                          "rewind and move keys by position; use one or the other")
+    kinds = {layer.kind for layer in spec.layers}
+    if kinds - {"full", "latent"} or any(layer.window for layer in spec.layers):
+        raise ConfigError(f"kv_policy={name} on a model with sliding-window or recurrent-state layers (kinds "
+                          f"{sorted(kinds)}, window {max(layer.window for layer in spec.layers)}) is not supported: "
+                          "its masks measure windows on cache slots, which eviction renumbers; use a full-attention "
+                          "model")
+    if config.kernel_step:
+        raise ConfigError(f"kernel_step=True with kv_policy={name}: the batch-1 kernel step writes each key at "
+                          "its position's slot; set kernel_step=None (off with a policy) or False")
+
+
+class PolicySession:
+    """A policy at work in one engine: per-sequence state, the score hook, compactions, counters."""
+
+    def __init__(self, policy: KVPolicy, pool, cache, spec):
+        self.policy, self.pool, self.cache = policy, pool, cache
+        heads = tuple(1 if layer.kind == "latent" else layer.kv_heads for layer in spec.layers)
+        self.layout = CacheLayout(len(spec.layers), heads, pool.block_size)
+        self.states: dict[int, object] = {}
+        self.observed: dict[int, tuple[object, object]] = {}  # seq_id -> (seq, state) observed this step
+        self.evicted_tokens = self.compactions = 0
+
+    # engine events ------------------------------------------------------------------------------------
+    def plan(self, running) -> list:
+        """Before scheduling: apply every running sequence's plan; returns those whose compaction found no
+        free block for its copies (the engine preempts them: a plan is never skipped)."""
+        return [seq for seq in running if not self.apply(seq)]
+
+    def apply(self, seq) -> bool:
+        """seq's plan, applied (a sequence not started yet holds no keys); False: no room for its copies."""
+        if seq.seq_id in self.states:
+            state = self.states[seq.seq_id]
+            keep = self.policy.plan(seq, state)
+            if keep is not None:
+                return self.compact(seq, keep, state)
+        return True
+
+    def begin_step(self, batch) -> None:
+        """After scheduling: new (and readmitted) sequences start, observed chunks get the hook."""
+        self.observed.clear()
+        for seq, n in batch.chunks:
+            state = self.states.get(seq.seq_id)
+            if state is None and seq.seq_id not in self.states:
+                state = self.states[seq.seq_id] = self.policy.start(seq, self.layout)
+            if self.policy.needs_scores and self.policy.observes(state, seq.num_computed, n):
+                self.observed[seq.seq_id] = (seq, state)
+        if self.policy.needs_scores:
+            self.cache.score_hook = self._observe if self.observed else None
+
+    def fork(self, parent: int, child: int) -> None:
+        if parent in self.states:
+            self.states[child] = self.policy.fork(self.states[parent])
+
+    def release(self, seq_id: int) -> None:
+        self.states.pop(seq_id, None)
+
+    def preempt(self, seq_id: int) -> None:  # recomputed from token 0: its state starts again at admission
+        self.states.pop(seq_id, None)
+
+    def _observe(self, layer: int, probs: torch.Tensor) -> None:
+        """The cache's score hook: rows of probs belong to cache.hook_seq_ids (a decode group's rows padded
+        to the group's widest context, or one prefill chunk); queries run before num_computed advances."""
+        for r, sid in enumerate(self.cache.hook_seq_ids):
+            got = self.observed.get(sid)
+            if got is not None:
+                seq, state = got
+                self.policy.observe(state, layer, probs[r, :, :, :seq.num_slots + probs.shape[2]], seq.num_computed)
+
+    # compaction -----------------------------------------------------------------------------------------
+    def compact(self, seq, keep: Keep, state) -> bool:
+        """Move seq's kept keys to its first slots; False (nothing changed) when the pool cannot cover the
+        fresh blocks copy-on-write needs (the plan is asked again before the next step, or at a fork)."""
+        n, bs = seq.num_slots, self.pool.block_size
+        host = not isinstance(keep, torch.Tensor) or keep.dim() == 1  # (a device tensor is read: one sync)
+        if host:
+            keep = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
+            k = len(keep)
+            if not 0 < k < n or keep[0] < 0 or keep[-1] >= n or any(a >= b for a, b in zip(keep, keep[1:])):
+                raise LmforgeError(f"{type(self.policy).__name__}.plan kept {keep[:8]}... ({k} slots) of sequence "
+                                   f"{seq.seq_id}'s {n}: keep 1 to {n - 1} distinct slots in [0, {n}), ascending")
+            reuse = [_whole_block(keep[j * bs:(j + 1) * bs], bs) for j in range(-(-k // bs))]
+        else:
+            k = keep.shape[-1]
+            L, heads = self.layout.num_layers, max(self.layout.heads)
+            if keep.dim() != 3 or keep.shape[0] != L or keep.shape[1] not in (1, heads) or not 0 < k < n:
+                raise LmforgeError(f"{type(self.policy).__name__}.plan returned a tensor of shape {tuple(keep.shape)} "
+                                   f"for sequence {seq.seq_id} ({n} slots): give ({L}, {heads} or 1, K < {n}) slots, "
+                                   "or one list for every layer and head")
+            keep = keep.sort(dim=-1).values
+            reuse = [None] * -(-k // bs)
+        old = list(seq.block_table)
+        write = self.pool.compact(seq.block_table, reuse, k)
+        if write is None:
+            return False
+        dst = [j * bs + i for j in write for i in range(min(bs, k - j * bs))]
+        if dst:
+            new = seq.block_table
+            dst_flat = to_device([new[d // bs] * bs + d % bs for d in dst], self.cache.device)
+            if host:
+                src = to_device([old[keep[d] // bs] * bs + keep[d] % bs for d in dst], self.cache.device)
+            else:
+                slots = keep[..., to_device(dst, keep.device)]  # (L, heads, M) slot indices
+                src = to_device(old, keep.device)[slots // bs] * bs + slots % bs
+            self.cache.compact(src, dst_flat)
+        seq.evicted += n - k
+        self.evicted_tokens += n - k
+        self.compactions += 1
+        self.policy.compacted(state, keep)
+        return True
+
+
+def _whole_block(seg: list[int], bs: int) -> int | None:
+    """The source block whose slots seg (a destination block's kept slots, ascending) are, in order from
+    its first slot; None when they are not one block's."""
+    if seg[0] % bs or seg[-1] - seg[0] != len(seg) - 1:
+        return None
+    return seg[0] // bs

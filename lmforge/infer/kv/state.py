@@ -1,0 +1,158 @@
+"""Recurrent-state caches: where the engine keeps the state of layers that carry a fixed-size state per
+sequence (kind 'state' in a model's cache_spec(): Mamba, linear attention, the SSM half of a hybrid).
+
+A Mamba layer (Gu & Dao 2023, §3.4 and Algorithm 2) carries, per sequence, the last k - 1 inputs of its
+causal depthwise convolution (conv state, (d_inner, k - 1)) and the selective SSM's hidden state h_t of
+h_t = Ā_t h_{t-1} + B̄_t x_t (ssm state, (d_inner, n); Mamba-2, Dao & Gu 2024 §7: (heads, head_dim, n)).
+Unlike keys and values they do not grow with the sequence: a sequence's whole past is these tensors.
+
+Layout: per state layer, one tensor per state of shape (max_seqs + 1, *shape), beside the paged K/V (or
+MLA latent) blocks of the same cache object, so a hybrid's attention layers call `attend` and its state
+layers `read_state` / `write_state` (through lmforge.model.cache.recur) on the one cache the runner passes.
+A running sequence holds one row, its slot (AttnMetadata.state_slots); row max_seqs is the null row,
+which no sequence holds (a CUDA-graph step's padding rows write there).
+  start    before each step (PagedRunner.execute): a chunk beginning at the sequence's first token (a new
+           prompt, or a prompt recomputed after preemption) gets a row if it holds none, and the row is
+           zeroed, so every layer and kernel reads an initial state (no "fresh" flag to branch on)
+  fork     n > 1: each sample copies its parent's row after the parent's prefill (Engine.fork)
+  release  finished or aborted; preempt: the same (the sequence restarts from its first token)
+Rows: max_seqs, one per running sequence. The scheduler counts a request's n samples against max_num_seqs
+from its admission (SchedulerConfig.reserve_samples), so a fork always finds a free row.
+
+What the engine does not do on such models, and why (`check_engine`, `check_request`: one-line errors):
+  prefix caching   off: a cached block holds its tokens' keys, not the recurrent state after them (state
+                   snapshots at block boundaries would be needed)
+  speculative decoding, token trees: a rejected draft must be undone, which needs the state at each of
+                   the k + 1 positions of a step (snapshots); refused
+  beam search      refused: beams fork and drop sequences every step (2W rows at the peak, which
+                   max_num_seqs does not bound)
+  the kernel step  off: its batch-1 Triton step implements attention blocks only
+CUDA graphs, chunked prefill, preemption, n > 1, aborts and async scheduling work (a state row, like a
+block table, is known before the step's tokens are).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.kv.paged import PagedKVCache, PagedLatentCache
+from lmforge.model.cache import CacheSpec
+from lmforge.utils import to_device
+
+
+class StatePools:
+    """The state rows of a paged cache (mixed into PagedKVCache / PagedLatentCache, module docstring).
+    states[layer]: one (max_seqs + 1, *shape) tensor per entry of that layer's state_shapes."""
+
+    def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
+                 decode: str = "auto", prefill: str = "auto", *, max_seqs: int = 256):
+        super().__init__(spec, num_blocks, block_size, device, dtype, decode, prefill)
+        if max_seqs < 1:
+            raise LmforgeError(f"a state cache needs max_seqs >= 1 rows, got {max_seqs}")
+        self.max_seqs, self.null_slot = max_seqs, max_seqs
+        self.states: dict[int, tuple[torch.Tensor, ...]] = {
+            i: tuple(torch.zeros((max_seqs + 1, *shape), dtype=layer.state_dtype or dtype or spec.dtype,
+                                 device=self.device) for shape in layer.state_shapes)
+            for i, layer in enumerate(spec.layers) if layer.kind == "state"}
+        self.free_slots = list(range(max_seqs - 1, -1, -1))  # popped from the end: row 0 first
+        self.slot_of: dict[int, int] = {}
+        """seq_id -> its row"""
+
+    # the layers' side (lmforge.model.cache.recur) --------------------------------------------------------
+    def read_state(self, layer: int, meta) -> tuple[torch.Tensor, ...]:
+        """Each sequence's state before this step: one (S, *shape) tensor per state (a gathered copy)."""
+        return tuple(pool.index_select(0, meta.state_slots) for pool in self.states[layer])
+
+    def write_state(self, layer: int, states, meta) -> None:
+        """Each sequence's state after this step: one (S, *shape) tensor per state, stored at its row."""
+        pools = self.states[layer]
+        if len(states) != len(pools):
+            raise LmforgeError(f"layer {layer} keeps {len(pools)} state tensors (cache_spec state_shapes), "
+                               f"write_state got {len(states)}")
+        for pool, new in zip(pools, states):
+            pool.index_copy_(0, meta.state_slots, new.to(pool.dtype))
+
+    # the engine's side ----------------------------------------------------------------------------------
+    def start(self, chunks: list[tuple[int, bool]]) -> None:
+        """Before a step: (seq_id, whether its chunk begins at the sequence's first token) of every chunk.
+        Those that begin get a row if they hold none, zeroed; the others must hold one already."""
+        zero = []
+        for seq_id, first in chunks:
+            slot = self.slot_of.get(seq_id)
+            if first:
+                zero.append(self._take(seq_id) if slot is None else slot)
+            elif slot is None:
+                raise LmforgeError(f"sequence {seq_id} continues from a computed prefix but holds no state row "
+                                   "(its state was released): a state model's sequence must restart from token 0")
+        if zero:
+            idx = to_device(zero, self.device)
+            for pools in self.states.values():
+                for pool in pools:
+                    pool.index_fill_(0, idx, 0)
+
+    def slots(self, seq_ids) -> list[int]:
+        return [self.slot_of[s] for s in seq_ids]
+
+    def fork(self, parent: int, child: int) -> None:
+        """The child starts from the parent's state (n samples after the shared prefill)."""
+        src, dst = self.slot_of[parent], self._take(child)
+        for pools in self.states.values():
+            for pool in pools:
+                pool[dst].copy_(pool[src])
+
+    def release(self, seq_id: int) -> None:
+        """A finished, aborted or preempted sequence gives its row back (nothing is cleared: `start` zeroes
+        a row when a sequence begins in it)."""
+        slot = self.slot_of.pop(seq_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+
+    preempt = release  # its state is gone with its blocks: it is recomputed from its first token
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.free_slots)
+
+    def _take(self, seq_id: int) -> int:
+        if not self.free_slots:
+            raise LmforgeError(f"all {self.max_seqs} recurrent-state rows are in use (one per running sequence); "
+                               "the scheduler should have held this sequence back (SchedulerConfig.reserve_samples)")
+        slot = self.slot_of[seq_id] = self.free_slots.pop()
+        return slot
+
+
+class PagedStateCache(StatePools, PagedKVCache):
+    """Paged K/V blocks for the attention layers (none for a pure state model) + state rows."""
+
+
+class PagedLatentStateCache(StatePools, PagedLatentCache):
+    """Paged MLA latents for the attention layers + state rows."""
+
+
+def new_state_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
+                    decode: str = "auto", prefill: str = "auto", max_seqs: int = 256) -> StatePools:
+    kind = PagedLatentStateCache if spec.latent else PagedStateCache
+    return kind(spec, num_blocks, block_size, device, dtype, decode, prefill, max_seqs=max_seqs)
+
+
+def check_engine(config, draft) -> None:
+    """One-line errors for the engine options a model with state layers cannot use (module docstring)."""
+    if draft is not None:
+        raise ConfigError("speculative decoding needs rejected drafts undone, and a recurrent state cannot be rolled "
+                          "back without a snapshot per draft position (k + 1 a step), which the state cache does not "
+                          "keep: build the engine without draft= for models with state layers")
+    if config.kernel_step:
+        raise ConfigError("kernel_step=True, but the batch-1 kernel step implements attention blocks only and this "
+                          "model has recurrent-state layers: leave kernel_step at None or False")
+
+
+def check_request(params, max_num_seqs: int) -> None:
+    """One-line errors for the requests a model with state layers cannot serve (module docstring)."""
+    if params.beam_width > 1:
+        raise LmforgeError(f"beam_width={params.beam_width}: beam search forks and drops beams every step, up to "
+                           f"{2 * params.beam_width} recurrent-state rows at once, which the scheduler does not "
+                           "reserve; use n samples (seeded) or greedy decoding on models with state layers")
+    if params.n > max_num_seqs:
+        raise LmforgeError(f"n={params.n} samples each keep a recurrent state row, but the engine has "
+                           f"max_num_seqs={max_num_seqs} rows; lower n or raise max_num_seqs")

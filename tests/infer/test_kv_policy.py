@@ -1,0 +1,525 @@
+"""KV policies on the engine (lmforge.infer.kv.policy) against an independent reference: a contiguous cache
+holding every key at its original position, whose attention sees exactly the keys the policy's definition
+keeps (StreamingLLM: the first sinks and the last window; SnapKV: the paper's Eq. 1-2 computed by hand). The
+reference replays the engine's own schedule (chunks, forks, preemptions) and scores the engine's tokens:
+greedy tokens and every log-prob must agree."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.blocks import BlockPool
+from lmforge.infer.engine import Engine, EngineConfig
+from lmforge.infer.kv.policy import KVPolicy, SnapKV, StreamingLLM
+from lmforge.infer.sampling import SamplingParams
+
+from .infer_helpers import tiny_model
+
+PROMPT = "the quick brown fox jumps over the lazy dog"
+
+
+class RefCache:
+    """Every key at its position; layer l's kv head h attends key j only if alive[l][h, j] (a step's own new
+    keys always, causally). Attention by hand (GQA: query head q uses kv head q // group). With `record`,
+    the probabilities of each layer's queries are kept (SnapKV's observation)."""
+
+    def __init__(self, n_layers: int, kv_heads: int):
+        self.k, self.v = [None] * n_layers, [None] * n_layers
+        self.alive = [torch.zeros(kv_heads, 0, dtype=torch.bool) for _ in range(n_layers)]
+        self.probs: dict[int, list[torch.Tensor]] = {}
+
+    @property
+    def length(self) -> int:
+        return self.alive[0].shape[1]
+
+    def attend(self, layer, q, k, v, spec, meta=None):
+        T = k.shape[2]
+        self.k[layer] = k if self.k[layer] is None else torch.cat((self.k[layer], k), 2)
+        self.v[layer] = v if self.v[layer] is None else torch.cat((self.v[layer], v), 2)
+        alive = self.alive[layer] = torch.cat((self.alive[layer], torch.ones(k.shape[1], T, dtype=torch.bool)), 1)
+        S, G = alive.shape[1], q.shape[1] // k.shape[1]
+        causal = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]  # (T, S)
+        mask = causal[None] & alive.repeat_interleave(G, 0)[:, None, :]  # (H, T, S)
+        kk, vv = (t[0].repeat_interleave(G, 0).float() for t in (self.k[layer], self.v[layer]))
+        s = (q[0].float() @ kk.transpose(1, 2)) * spec.scale
+        p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+        self.probs.setdefault(layer, []).append(p)
+        return (p @ vv)[None].to(q.dtype)
+
+    def attend_latent(self, layer, mla, q_nope, q_rope, c_kv, k_rope, spec, meta=None):
+        """MLA: the latents of every position; the library's plain per-head expansion over the visible ones
+        (one latent "head": every query head sees the same keys)."""
+        T = c_kv.shape[1]
+        self.k[layer] = c_kv if self.k[layer] is None else torch.cat((self.k[layer], c_kv), 1)
+        self.v[layer] = k_rope if self.v[layer] is None else torch.cat((self.v[layer], k_rope), 2)
+        alive = self.alive[layer] = torch.cat((self.alive[layer], torch.ones(1, T, dtype=torch.bool)), 1)
+        S = alive.shape[1]
+        mask = (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]) & alive  # (T, S)
+        return mla.naive(q_nope, q_rope, self.k[layer], self.v[layer], mask[None, None], spec,
+                         lambda p: self.probs.setdefault(layer, []).append(p[0]))
+
+    def advance(self, T: int) -> None:
+        pass
+
+    def keep_positions(self, keep: list[torch.Tensor]) -> None:
+        """keep[l] (kv heads, S) bool: which positions stay visible from now on."""
+        self.alive = [a & kl for a, kl in zip(self.alive, keep)]
+
+
+def streaming_keep(ref: RefCache, sinks: int, window: int, slack: int) -> None:
+    """StreamingLLM's definition: once sinks + window + slack keys are held, keep the first `sinks` of them
+    and the last `window` (every layer and head alike)."""
+    alive = ref.alive[0][0]
+    held = alive.nonzero().flatten().tolist()
+    if len(held) >= sinks + window + slack:
+        keep = torch.zeros_like(alive)
+        keep[held[:sinks] + held[len(held) - window:]] = True
+        ref.keep_positions([keep.expand_as(a) for a in ref.alive])
+
+
+def snapkv_by_hand(probs: dict[int, list[torch.Tensor]], prompt_len: int, budget: int, window: int, kernel: int,
+                   pooling: str, kv_heads: int) -> list[list[list[int]]]:
+    """SnapKV §4.1-4.2 from the equations: per layer and kv head the `budget` prefix positions with the largest
+    pooled C = sum over the window's queries of their attention to the prefix (the group's query heads summed)."""
+    prefix, out = prompt_len - window, []
+    for layer in sorted(probs):
+        chunks = [torch.nn.functional.pad(c, (0, prompt_len - c.shape[-1])) for c in probs[layer]]  # keys past: 0
+        p = torch.cat(chunks, 1)[:, :prompt_len]  # (H, prompt queries, prompt keys)
+        heads = []
+        for h in range(kv_heads):
+            G = p.shape[0] // kv_heads
+            c = [float(p[h * G:(h + 1) * G, prefix:prompt_len, j].sum()) for j in range(prefix)]  # Eq. 1
+            r = kernel // 2
+            win = [[c[i] for i in range(j - r, j + r + 1) if 0 <= i < prefix] for j in range(prefix)]
+            pooled = [sum(w) / kernel if pooling == "avg" else max(w) for w in win]  # zero padding counts (avg)
+            heads.append(sorted(sorted(range(prefix), key=lambda j: -pooled[j])[:budget]))  # Eq. 2
+        out.append(heads)
+    return out
+
+
+def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.Tensor]:
+    """The engine's schedule on the reference: log[step] = [(seq, start, n)]; a sequence first seen after
+    position 0 is a fork and starts from its parent's state as of the step before; start 0 (re)starts it.
+    Returns {(seq_id, position): log-probs of the token at that position}."""
+    cfg = model.cfg
+    kv = 1 if cfg.attention == "mla" else cfg.n_kv_heads or cfg.n_heads
+    states: dict[int, RefCache] = {}
+    out = {}
+    for step in log:
+        for seq, start, _ in step:
+            if seq.index > 0 and seq.seq_id not in states:
+                states[seq.seq_id] = copy.deepcopy(states[seq.request.seqs[0].seq_id])
+        for seq, start, n in step:
+            if seq.seq_id not in states or start < states[seq.seq_id].length:  # new, or preempted (from 0)
+                states[seq.seq_id] = ref = RefCache(cfg.n_layers, kv)
+                if start:  # blocks from the prefix cache: a lossless prefill of the prefix
+                    with torch.no_grad():
+                        model(torch.tensor([seq.tokens[:start]]), positions=torch.arange(start)[None], cache=ref)
+            ref = states[seq.seq_id]
+            assert ref.length == start
+            if isinstance(policy, StreamingLLM):
+                streaming_keep(ref, policy.sink_tokens, policy.window, policy.slack)
+            elif on_prefill is not None:
+                on_prefill(seq, ref, start)
+            with torch.no_grad():
+                logits = model(torch.tensor([seq.tokens[start:start + n]]),
+                               positions=torch.arange(start, start + n)[None], cache=ref)
+            out[(seq.seq_id, start + n)] = logits[0, -1].float().log_softmax(-1)
+    return out
+
+
+def run(model, tok, config, prompts, params):
+    """The engine's outputs and its schedule: [(seq, num_computed before, n)] per step."""
+    engine = Engine(model, tok, config)
+    log, real = [], engine.runner.execute
+
+    def spy(batch, *a, **k):
+        log.append([(seq, seq.num_computed, n) for seq, n in batch.chunks])
+        return real(batch, *a, **k)
+    engine.runner.execute = spy
+    reqs = [engine.requests[engine.add_request(p, params)] for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    return engine, reqs, log
+
+
+def check_against(ref_lps, reqs, greedy: bool) -> int:
+    """Every output token's log-prob (and, greedy, its being the argmax) equals the reference's; returns the
+    number of tokens checked."""
+    checked = 0
+    for req in reqs:
+        P = req.prompt_len
+        for seq in req.seqs:
+            for i, (tok, lp) in enumerate(zip(seq.tokens[P:], seq.logprobs)):
+                src = req.seqs[0].seq_id if i == 0 else seq.seq_id  # first samples: the parent's prefill logits
+                want = ref_lps[(src, P + i)]
+                assert abs(float(want[tok]) - lp) < 2e-4, (seq.seq_id, i, float(want[tok]), lp)
+                if greedy:
+                    assert tok == int(want.argmax())
+                checked += 1
+    return checked
+
+
+STREAM = dict(sink_tokens=4, window=8, slack=3)
+MLA = dict(attention="mla", rope_layout="interleaved", n_kv_heads=None)
+
+
+def model_of(arch: str):
+    """llama: GQA 4 query heads on 2 kv heads; mla: one latent cache per layer (lmforge.model.layers.mla)."""
+    if arch == "mla":
+        from lmforge.model.config import MLAConfig
+
+        return tiny_model("llama", **MLA, mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8,
+                                                         qk_rope_head_dim=8, v_head_dim=8))
+    return tiny_model("llama")
+
+
+@pytest.mark.parametrize("arch,config", [
+    ("llama", dict(chunked_prefill=False)),
+    ("llama", dict(max_num_batched_tokens=12)),  # chunked prefill: evictions between chunks of the prompt
+    ("llama", dict(cuda_graphs=True)),  # the static-buffer decode step (eager on a CPU): context lengths in slots
+    ("llama", dict(async_scheduling=True, max_num_batched_tokens=12)),
+    ("mla", dict(max_num_batched_tokens=12)),
+])
+def test_streaming_llm_equals_the_masked_reference(tok, arch, config):
+    model = model_of(arch)
+    policy = StreamingLLM(**STREAM)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, **config),
+                            [PROMPT, "a short one"], sp)
+    assert check_against(replay(model, log, policy), reqs, greedy=True) == 48
+    assert engine.stats()["evicted_tokens"] > 0 and engine.pool.num_used == 0
+
+
+def test_streaming_llm_with_n_samples_and_preemption(tok, monkeypatch):
+    """n = 3 samples fork from the compacted prompt (copy-on-write when each evicts), and a pool too small
+    for all of them preempts (also a sample whose compaction finds no free block for its copies: a plan is
+    never skipped): recomputed from token 0, the policy applied again. Sampled tokens: the reference scores
+    the engine's own choices."""
+    from lmforge.infer.scheduler import Scheduler
+
+    early, real = [], Scheduler.preempt
+    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: early.append(seq.seq_id) or real(self, seq))
+    model = tiny_model("llama")
+    policy = StreamingLLM(**STREAM)
+    sp = SamplingParams(temperature=1.0, n=3, seed=1, max_tokens=20, ignore_eos=True, logprobs=0)
+    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, num_kv_tokens=64,
+                                                      max_num_batched_tokens=16), [PROMPT, "another prompt here"], sp)
+    assert engine.stats()["preemptions"] >= len(early) > 0
+    assert check_against(replay(model, log, policy), reqs, greedy=False) == 120
+    assert engine.pool.num_used == 0
+
+
+def test_whole_block_eviction_moves_table_entries_and_releases_blocks(tok):
+    """sink_tokens and slack multiples of the block size: each eviction drops whole middle blocks from the
+    table (no key is copied) and hands them back to the pool."""
+    model = tiny_model("llama")
+    policy = StreamingLLM(sink_tokens=4, window=8, slack=4)
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, chunked_prefill=False))
+    moved, real = [], engine.runner.cache.compact
+    engine.runner.cache.compact = lambda *a: moved.append(a) or real(*a)
+    rid = engine.add_request(PROMPT[:16], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    seq, held = engine.requests[rid].seqs[0], []
+    while engine.has_unfinished():
+        engine.step()
+        if seq.status.value == "running":
+            held.append((seq.num_computed, seq.num_slots, len(seq.block_table), engine.pool.num_used,
+                         engine.stats()["evicted_tokens"]))
+    assert moved == []  # 16-token prompt, then 4 more keys at a time: every eviction drops one whole block
+    assert all(s <= 4 + 8 + 4 and b == -(-s // 4) == used and ev == pos - s for pos, s, b, used, ev in held)
+    assert held[-1][0] == 16 + 28 and engine.stats()["evicted_tokens"] == 8 * 4 == engine.stats()["kv_compactions"] * 4
+    assert engine.stats()["peak_used_blocks"] == 4 and engine.pool.num_used == 0  # without the policy: 12
+
+
+@pytest.mark.parametrize("arch,config,n", [
+    ("llama", dict(max_num_batched_tokens=20), 1),  # the observation window straddles two prefill chunks
+    ("llama", dict(async_scheduling=True, max_num_batched_tokens=20), 1),
+    ("llama", dict(), 2),  # two samples fork from the compacted prompt and share its blocks
+    ("mla", dict(max_num_batched_tokens=20), 1),  # one latent head: every query head's attention summed
+])
+def test_snapkv_keeps_what_the_papers_equations_pick_and_decodes_like_the_reference(tok, arch, config, n):
+    """The kept slots per (layer, kv head) equal Eq. 1-2 with pooling, computed by hand from the reference's
+    probabilities, and decoding over them equals the reference's attention over exactly those keys."""
+    model = model_of(arch)
+    heads = 1 if arch == "mla" else 2
+    policy = SnapKV(budget=7, window=5, pool_kernel=3, pooling="avg")
+    sp = SamplingParams(temperature=0 if n == 1 else 1.0, n=n, seed=3, max_tokens=10, ignore_eos=True, logprobs=0)
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, **config))
+    kept, real = [], engine.kv_policy.compact
+    engine.kv_policy.compact = lambda seq, keep, state: kept.append(keep.clone()) or real(seq, keep, state)
+    log, real_exec = [], engine.runner.execute
+
+    def spy(batch, *a, **k):
+        log.append([(seq, seq.num_computed, n) for seq, n in batch.chunks])
+        return real_exec(batch, *a, **k)
+    engine.runner.execute = spy
+    ids = tok.encode(PROMPT)
+    P = len(ids)
+    req = engine.requests[engine.add_request(ids, sp)]
+    while engine.has_unfinished():
+        engine.step()
+    assert len(kept) == 1 and kept[0].shape[:2] == (2, heads)  # once, before the forks: they share it
+    assert engine.stats()["evicted_tokens"] == P - 5 - 7 and engine.pool.num_used == 0
+
+    def on_prefill(seq, ref, start):
+        if start == P:  # the prompt is computed: the reference keeps what the equations pick
+            keep = []
+            for layer, js_of in enumerate(snapkv_by_hand(ref.probs, P, 7, 5, 3, "avg", heads)):
+                k = torch.zeros(heads, ref.length, dtype=torch.bool)
+                for h, js in enumerate(js_of):
+                    k[h, js] = True
+                    k[h, P - 5:] = True
+                assert kept[0][layer, :, :7].tolist() == js_of
+                keep.append(k)
+            ref.keep_positions(keep)
+
+    assert check_against(replay(model, log, policy, on_prefill), [req], greedy=n == 1) == 10 * n
+
+
+def test_snapkv_pooling_max_and_short_prompts(tok):
+    """Max pooling picks by hand too; a prompt of at most budget + window tokens is kept whole (Algorithm 1)."""
+    model = tiny_model("llama")
+    policy = SnapKV(budget=6, window=4, pool_kernel=5, pooling="max")
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy))
+    kept = []
+    real = engine.kv_policy.compact
+    engine.kv_policy.compact = lambda seq, keep, state: kept.append(keep.clone()) or real(seq, keep, state)
+    ids = tok.encode(PROMPT)
+    engine.add_request(ids, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    engine.add_request(ids[:10], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    ref = RefCache(2, 2)
+    with torch.no_grad():
+        model(torch.tensor([ids]), positions=torch.arange(len(ids))[None], cache=ref)
+    want = snapkv_by_hand(ref.probs, len(ids), 6, 4, 5, "max", 2)  # max pooling ties: compare pooled values
+    assert len(kept) == 1
+    for layer in range(2):
+        for h in range(2):
+            got = kept[0][layer, h, :6].tolist()
+            assert got == want[layer][h] or _ties(ref.probs[layer], h, len(ids), got, want[layer][h])
+    assert engine.stats()["evicted_tokens"] == len(ids) - 4 - 6
+
+
+def test_beam_search_beams_keep_their_own_windows(tok):
+    """Beams fork from live beams every round (each fork applies its parent's plan first) and drop: each
+    final hypothesis's log-probs equal a linear reference over its own tokens (prompt in one chunk, then one
+    token at a time, StreamingLLM's rule before each)."""
+    model = tiny_model("llama")
+    policy = StreamingLLM(**STREAM)
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, chunked_prefill=False))
+    rid = engine.add_request(PROMPT, SamplingParams(beam_width=3, n=3, temperature=0, max_tokens=12, ignore_eos=True,
+                                                     logprobs=0))
+    outs = None
+    while engine.has_unfinished():
+        outs = next((o for o in engine.step() if o.request_id == rid), outs)
+    ids = tok.encode(PROMPT)
+    assert len(outs.outputs) == 3 and engine.stats()["evicted_tokens"] > 0 and engine.pool.num_used == 0
+    for out in outs.outputs:
+        ref, tokens, pos = RefCache(2, 2), ids + out.token_ids, 0
+        for n in [len(ids)] + [1] * (len(out.token_ids) - 1):
+            streaming_keep(ref, policy.sink_tokens, policy.window, policy.slack)
+            with torch.no_grad():
+                lp = model(torch.tensor([tokens[pos:pos + n]]), positions=torch.arange(pos, pos + n)[None],
+                           cache=ref)[0, -1].log_softmax(-1)
+            pos += n
+            assert abs(float(lp[tokens[pos]]) - out.logprobs[pos - len(ids)]) < 2e-4
+
+
+def _ties(probs, h: int, P: int, got: list[int], want: list[int]) -> bool:
+    """got and want are both top-6 of the max-pooled scores (they differ only among equal values)."""
+    p = torch.cat(probs, 1)[h * 2:(h + 1) * 2, P - 4:P, :P - 4].sum((0, 1))
+    pooled = torch.nn.functional.max_pool1d(p[None], 5, stride=1, padding=2)[0]
+    return sorted(pooled[got].tolist()) == pytest.approx(sorted(pooled[want].tolist()), abs=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", [StreamingLLM(**STREAM), StreamingLLM(sink_tokens=4, window=8, slack=4)])
+def test_gpu_backends_read_compacted_sequences(tok, policy):
+    """On a GPU the defaults run: the Triton decode kernel and varlen prefill kernel (context lengths in
+    slots), replayed CUDA graphs, async scheduling; the batch-1 kernel step is off. Same as the reference."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    engine, reqs, log = run(copy.deepcopy(model).cuda(), tok, EngineConfig(block_size=4, kv_policy=policy,
+                                                                              max_num_batched_tokens=12),
+                            [PROMPT, "a short one"], sp)
+    assert engine.runner.kernel_step is None and engine.async_scheduling
+    assert check_against(replay(model, log, policy), reqs, greedy=True) == 48
+
+
+def test_no_policy_and_a_policy_that_never_evicts_are_bit_identical(tok):
+    """A policy that keeps everything changes nothing: same tokens, bit-equal log-probs, slots = positions."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+
+    def outs(policy):
+        engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, max_num_batched_tokens=12))
+        rids = [engine.add_request(p, sp) for p in (PROMPT, "hi")]
+        got = {}
+        while engine.has_unfinished():
+            got.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+        assert engine.stats()["evicted_tokens"] == 0
+        return [(got[r].token_ids, got[r].logprobs) for r in rids]
+
+    assert outs(None) == outs(StreamingLLM(window=1000))
+
+
+def test_prefix_cache_never_hands_out_lossy_blocks(tok):
+    """A prompt computed in one chunk is lossless: its blocks are named before the first eviction and never
+    written after it (a compaction writes fresh blocks), so the same prompt again hits them and decodes the
+    same. A chunk computed after an eviction saw a lossy context: its blocks are never named."""
+    model = tiny_model("llama")
+    policy = StreamingLLM(**STREAM)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, chunked_prefill=False))
+    first = engine.requests[engine.add_request(PROMPT, sp)]
+    while engine.has_unfinished():
+        engine.step()
+    assert len(engine.pool.cached) == len(PROMPT) // 4  # the prompt's full blocks, none after the eviction
+    second = engine.requests[engine.add_request(PROMPT, sp)]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pool.stats.hit_blocks == (len(PROMPT) - 1) // 4
+    assert second.seqs[0].tokens == first.seqs[0].tokens and second.seqs[0].logprobs == pytest.approx(
+        first.seqs[0].logprobs, abs=1e-5)
+    chunked = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, max_num_batched_tokens=12))
+    chunked.add_request(PROMPT, sp)
+    while chunked.has_unfinished():
+        chunked.step()
+    # chunks of 12: 24 keys held before the first eviction; the chunks after it saw a lossy context
+    assert len(chunked.pool.cached) == 24 // 4 < len(PROMPT) // 4
+
+
+def test_snapkv_computes_its_window_after_a_prefix_hit(tok):
+    """The same prompt again: its leading blocks come from the prefix cache (lossless: named before the
+    compaction, never written after), the observation window is computed (observed_tail), so SnapKV picks
+    the same keys and the outputs match."""
+    model = tiny_model("llama")
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=SnapKV(budget=7, window=6, pool_kernel=3)))
+    kept, real = [], engine.kv_policy.compact
+    engine.kv_policy.compact = lambda seq, keep, state: kept.append(keep.clone()) or real(seq, keep, state)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    outs = []
+    for _ in range(2):
+        req = engine.requests[engine.add_request(PROMPT, sp)]
+        while engine.has_unfinished():
+            engine.step()
+        outs.append((req.seqs[0].tokens, req.seqs[0].logprobs))
+    P = len(tok.encode(PROMPT))
+    assert engine.pool.stats.hit_blocks == (P - 6) // 4 > 0  # every full block before the window
+    assert torch.equal(kept[0], kept[1]) and outs[0][0] == outs[1][0]
+    assert outs[1][1] == pytest.approx(outs[0][1], abs=1e-5)
+
+
+def test_pool_compaction_copies_shared_and_named_blocks_and_keeps_fills():
+    pool = BlockPool(12, 4)
+    table = []
+    pool.append(table, 0, 14)  # 4 blocks: 4, 4, 4, 2 tokens
+    pool.register(table[0], 11)
+    child = pool.fork(table)  # every block shared
+    old = list(table)
+    write = pool.compact(table, [0, None, 3], 10)  # keep block 0 as is, write block 1, move block 3 to 2
+    assert write == [1] and table[0] == old[0] and table[2] == old[3]
+    assert table[1] not in old  # block 1 was shared: written into a fresh block
+    assert [pool.ref[b] for b in old] == [2, 1, 1, 2] and pool.ref[table[1]] == 1
+    pool.release(child)
+    assert pool.num_used == 3 and pool.tokens_held == 10
+    mine = []
+    pool.append(mine, 0, 8)
+    assert pool.compact(mine, [None], 3) == [0] and pool.num_used == 4 and mine[0] in range(12)
+    # a block moved whole to the partly filled end: later keys are written into it, so a shared one is copied
+    pool, table = BlockPool(12, 4), []
+    pool.append(table, 0, 12)
+    other, old = pool.fork(table), list(table)
+    assert pool.compact(table, [0, 2], 6) == [1] and table[0] == old[0] and table[1] not in old
+    assert other == old and [pool.ref[b] for b in old] == [2, 1, 1]  # the other holder keeps its blocks
+    mine = []
+    pool.append(mine, 0, 12)
+    old = list(mine)
+    assert pool.compact(mine, [0, 2], 6) == [] and mine == [old[0], old[2]] and pool.filled[old[2]] == 2
+
+
+def test_compaction_moves_every_layers_keys_and_mla_latents(tok):
+    """cache.compact: per-head slots for K/V pools, one slot list for MLA's latents and rope keys."""
+    from lmforge.infer.kv.paged import PagedKVCache, PagedLatentCache
+    from lmforge.model.config import MLAConfig
+
+    for model in (tiny_model("llama"), tiny_model("llama", attention="mla", rope_layout="interleaved", n_kv_heads=None,
+                                                  mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8,
+                                                                qk_rope_head_dim=8, v_head_dim=8))):
+        spec = model.cache_spec()
+        cache = (PagedLatentCache if spec.latent else PagedKVCache)(spec, 6, 4)
+        for p in cache.pools():
+            p.copy_(torch.randn_like(p))
+        before = [p.clone() for p in cache.pools()]
+        heads = 1 if spec.latent else 2
+        src = torch.tensor([[[5, 9, 22][:3] if h == 0 else [6, 7, 21] for h in range(heads)]] * 2)
+        cache.compact(src, torch.tensor([0, 1, 2]))
+        for i, (b, p) in enumerate(zip(before, cache.pools())):
+            fb, fp = b.flatten(0, 1), p.flatten(0, 1)
+            for h in range(heads):
+                sel = fb[src[0, h]] if fp.dim() == 2 else fb[src[0, h], h]
+                got = fp[:3] if fp.dim() == 2 else fp[:3, h]
+                torch.testing.assert_close(got, sel)
+
+
+class NoSpec(torch.nn.Module):
+    """A causal LM without cache_spec(): the engine runs it on the recompute runner."""
+
+    max_seq_len, vocab_size = 64, 257
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+class KeepTooMany(KVPolicy):
+    def plan(self, seq, state):
+        return list(range(seq.num_slots)) if seq.num_slots > 20 else None
+
+
+class KeepWrongShape(KVPolicy):
+    def plan(self, seq, state):
+        return torch.zeros(3, 2, 4, dtype=torch.long) if seq.num_slots > 20 else None
+
+
+def test_refusals(tok):
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="speculative decoding"):
+        Engine(model, tok, EngineConfig(kv_policy=StreamingLLM(window=8)), draft="ngram")
+    with pytest.raises(ConfigError, match="windows on cache slots"):
+        Engine(tiny_model("llama", sliding_window=5), tok, EngineConfig(kv_policy=StreamingLLM(window=8)))
+    with pytest.raises(ConfigError, match="kernel_step=True"):
+        Engine(model, tok, EngineConfig(kv_policy=StreamingLLM(window=8), kernel_step=True))
+    with pytest.raises(ConfigError, match="kv_policy must be a KVPolicy"):
+        EngineConfig(kv_policy="streaming")
+    with pytest.raises(ConfigError, match="window must be >= 1"):
+        StreamingLLM(window=0)
+    with pytest.raises(ConfigError, match="pool_kernel must be odd"):
+        SnapKV(budget=4, pool_kernel=4)
+    engine = Engine(model, tok, EngineConfig(kv_policy=KeepTooMany()))
+    engine.add_request(PROMPT, SamplingParams(max_tokens=3))
+    with pytest.raises(LmforgeError, match="KeepTooMany.plan kept"):
+        while engine.has_unfinished():
+            engine.step()
+    engine = Engine(model, tok, EngineConfig(kv_policy=KeepWrongShape()))
+    engine.add_request(PROMPT, SamplingParams(max_tokens=3))
+    with pytest.raises(LmforgeError, match=r"KeepWrongShape.plan returned a tensor of shape \(3, 2, 4\)"):
+        while engine.has_unfinished():
+            engine.step()
+    with pytest.raises(ConfigError, match="recompute runner"):
+        Engine(NoSpec(), tok, EngineConfig(kv_policy=StreamingLLM(window=8)))
+
+
+def test_the_guide_runs(tmp_path, monkeypatch):
+    """docs/kv_policies.md's python blocks run as written (their asserts check real values)."""
+    from ..test_docs import run_guide
+
+    monkeypatch.chdir(tmp_path)
+    scope, _ = run_guide("kv_policies.md")
+    assert scope["stats"]["kv_compactions"] > 0

@@ -11,7 +11,8 @@ RL), the log-prob and masked-reduction utilities they share, and data builders (
   sampled.py    data by sampling + verifying: sequence-level / verified distillation, preference pairs
   cai.py        Constitutional AI: critique -> revise (SL-CAI), AI preference labels (RL-CAI)
   value.py      per-token value heads: ValueModel (a separate critic), PolicyWithValue (one trunk: logits and
-                values in one forward, the engine still sees the policy)
+                values in one forward, the engine still sees the policy), PolicyAndCritic (policy + a separate
+                critic as one trained, checkpointed module)
   advantages.py GAE, masked whitening, GRPO group and RLOO leave-one-out advantages, outcome rewards
   prm.py        process reward models: step formatting, ProcessRewardObjective (per-step BCE), prm_scores
 """

@@ -5,6 +5,7 @@
     ac = PolicyWithValue(policy)                   # a shared trunk: one backbone, the LM head and a value head
     logits = ac(ids)                               # the policy's own logits: engine, LLM, LoRA, FSDP as before
     logits, v = ac.policy_and_values(ids)          # both from ONE trunk forward (the PPO loss)
+    pc = PolicyAndCritic(policy, critic)           # policy + a separate critic as the Trainer's one model
 
 Where a value sits. In the Trainer's batch layout (lmforge.train.objective) position t of `input_ids` is the
 state that chooses `targets[:, t]` (the next token), so values[:, t] = V(s_t) is aligned with the token
@@ -185,11 +186,92 @@ class PolicyWithValue(nn.Module):
         return self(input_ids, positions, None, meta, values=True, logits=False)
 
 
+class PolicyAndCritic(nn.Module):
+    """A policy and a separate critic (a ValueModel on its own trunk: InstructGPT's PPO, whose value model
+    starts from the reward model) as ONE module, the one the Trainer trains and checkpoints (its optimizer
+    must hold only the model's parameters) and the engine samples from. Its interface is PolicyWithValue's:
+    forward is the policy's own (so LLM(model) samples the policy; the engine never runs the critic),
+    policy_and_values(ids) gives (logits, values) from the two trunks, values(ids) the critic's alone; one
+    PPO objective serves both kinds. `.backbone` is the policy; the critic's config travels in the head
+    record, so lmforge.checkpoint.load_model rebuilds both. The KL reference is a copy of `.backbone`
+    (or BaseReference(model.backbone) for a LoRA policy)."""
+
+    def __init__(self, policy: nn.Module, critic: ValueModel):
+        super().__init__()
+        _check_backbone(policy, "PolicyAndCritic", shared=False)
+        if not isinstance(critic, ValueModel):
+            raise ConfigError(f"PolicyAndCritic's critic must be a ValueModel (e.g. ValueModel(copy.deepcopy("
+                              f"reward_model.backbone))), got {type(critic).__name__}")
+        self.backbone, self.critic = policy, critic
+
+    @property
+    def cfg(self):
+        return self.backbone.cfg
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(getattr(self.backbone, "eos_token_ids", None) or ())
+
+    def cache_spec(self):
+        return self.backbone.cache_spec()
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.backbone.aux_loss()
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        return (self.backbone.flops_per_token(seq_len, training)  # the Trainer's MFU counts both trunks
+                + self.critic.backbone.flops_per_token(seq_len, training))
+
+    def param_roles(self) -> dict[str, str]:
+        from lmforge.optim.groups import param_roles
+
+        return {**{f"backbone.{n}": r for n, r in param_roles(self.backbone).items()},
+                **{f"critic.{n}": r for n, r in _param_roles(self.critic).items()}}
+
+    def head_record(self) -> dict:
+        """config.json's record: the critic's own model config beside the policy's (lmforge.checkpoint)."""
+        from lmforge.config import to_dict
+
+        return {"kind": "value", "shared": False, "critic": to_dict(self.critic.cfg),
+                "train_backbone": self.critic.train_backbone}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, meta=None, *,
+                return_hidden: bool | tuple[int, ...] = False, values: bool = False, logits: bool = True):
+        """As PolicyWithValue.forward: the policy's logits; values=True (logits, the critic's values (B, T)
+        fp32); values=True, logits=False the values alone (the policy is not run)."""
+        if not values:
+            if not logits:
+                raise ConfigError("PolicyAndCritic(..., logits=False) computes nothing: set values=True for the values")
+            return self.backbone(input_ids, positions, cache, meta, return_hidden=return_hidden)
+        if return_hidden or cache is not None:
+            raise ConfigError("PolicyAndCritic: values=True is for training forwards (no cache, no return_hidden)")
+        v = self.critic(input_ids, positions, meta)
+        return v if not logits else (self.backbone(input_ids, positions, None, meta), v)
+
+    def policy_and_values(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, meta=None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy logits (B, T, V), critic values (B, T) fp32): the PPO loss's inputs."""
+        return self(input_ids, positions, None, meta, values=True)
+
+    def values(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, meta=None) -> torch.Tensor:
+        """(B, T) fp32 values of the critic alone."""
+        return self(input_ids, positions, None, meta, values=True, logits=False)
+
+
 def value_from_record(backbone: nn.Module, record: dict) -> nn.Module:
     """The value model a checkpoint's head record describes, around its loaded backbone."""
     if record.get("shared"):
         return PolicyWithValue(backbone)
-    return ValueModel(backbone, train_backbone=bool(record.get("train_backbone", True)))
+    train_backbone = bool(record.get("train_backbone", True))
+    if "critic" in record:  # PolicyAndCritic: the critic's trunk built from its own config
+        from lmforge.config import from_dict
+        from lmforge.model.config import ModelConfig
+        from lmforge.model.transformer import Transformer
+
+        p = next(backbone.parameters())
+        trunk = Transformer(from_dict(ModelConfig, record["critic"], "head.critic")).to(p.device, p.dtype)
+        return PolicyAndCritic(backbone, ValueModel(trunk, train_backbone=train_backbone))
+    return ValueModel(backbone, train_backbone=train_backbone)
 
 
 def values_of(model: nn.Module, batch: dict, prefix: str = "") -> torch.Tensor:

@@ -99,8 +99,9 @@ def distribute(model: torch.nn.Module, source, par: ParallelConfig | None, *, de
     and TP replace the parameters by their shards) and the source cut to this rank's rows (RankRows). A
     source with `per_rank = True` yields only its rank's rows itself (batch_size / dp_size of them: an RL
     source sampling its share of the rollouts on each rank's engine, which learns its rank from
-    `trainer.runner.dp_rank` in begin_step) and is left as it is; its state_dict must be the same on every
-    rank, since rank 0's is checkpointed and every rank resumes from it."""
+    `trainer.runner.dp_rank` in begin_step) and is left as it is. Its state_dict is rank 0's in checkpoints
+    (every rank resumes from it) unless the source also sets `per_rank_state = True` (each rank's own rollout
+    between PPO epochs: every rank's state is kept and each resumes its own, on the same number of ranks)."""
     if par is None:
         return model, source, None
     from lmforge.parallel.runner import ParallelRunner

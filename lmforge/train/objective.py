@@ -39,7 +39,10 @@ class DataSource(Protocol):
     samples the step's rollouts there from the engine on `trainer.model`, with the step number, grad_accum
     and `trainer.forward_context()` (the training forward's precision, for old log-probs) at hand;
     `per_rank = True`, a source that yields only its data-parallel rank's rows itself
-    (lmforge.train.distributed.distribute then does not cut a global batch for it)."""
+    (lmforge.train.distributed.distribute then does not cut a global batch for it); `per_rank_state = True`,
+    a source whose state differs per rank (its rank's share of a rollout that several PPO epochs train on):
+    checkpoints then hold every rank's state and each rank resumes its own (on as many processes); without
+    it rank 0's state is saved and every rank resumes from it."""
 
     def next_batch(self) -> Batch: ...
 

@@ -174,11 +174,35 @@ class Trainer:
                               "use a new run_dir, set resume=true to continue it, or delete it")
 
     # state ---------------------------------------------------------------------------------------
-    def _train_state(self, optimizer_state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    def _train_state(self, optimizer_state: dict[str, Any], names: list[str],
+                     data_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                 "optimizer": optimizer_state, "optimizer_name": optimizer_name(self.optimizer, self.cfg),
                 "optimizer_params": names,  # parameter names in id order: any layout maps the state back
-                "data": self.data.state_dict(), "objective": self.objective.state_dict(), **rng_state()}
+                "data": self.data.state_dict(), "objective": self.objective.state_dict(), **rng_state(),
+                **({"data_ranks": data_ranks} if data_ranks is not None else {})}
+
+    def _rank_data_states(self) -> list[dict[str, Any]] | None:
+        """Every rank's data-source state (one all-gather), for a source whose state differs per rank
+        (`per_rank_state = True`: an RL source holding its rank's share of a rollout between the PPO
+        epochs over it); None for the others, whose rank 0 state every rank resumes from."""
+        if self.world == 1 or not getattr(self.data, "per_rank_state", False):
+            return None
+        states: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(states, self.data.state_dict())
+        return states
+
+    def _data_state(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
+        """This rank's data-source state in a checkpoint: its own where each rank's was saved."""
+        ranks = state.get("data_ranks")
+        if ranks is None:
+            return state["data"] if "data" in state else state["sampler"]
+        if len(ranks) != self.world:
+            raise ConfigError(f"{path} holds the data-source state of each of its {len(ranks)} processes (a "
+                              f"per_rank_state source, e.g. rollouts between their PPO epochs), which cannot be dealt "
+                              f"to {self.world}; resume on {len(ranks)} processes, or from a checkpoint written at a "
+                              "rollout boundary")
+        return ranks[self.rank]
 
     def save(self) -> Path:
         if self.runner is not None:  # full weights and optimizer state gathered on rank 0: an ordinary checkpoint
@@ -187,9 +211,10 @@ class Trainer:
         else:
             model, opt_state = self.model, self.optimizer.state_dict()
             names = ddp.param_names(self.model, self.optimizer)
+        data_ranks = self._rank_data_states()  # every rank takes part
         if self.rank == 0:
             self.last_checkpoint = ckpt.save_checkpoint(
-                self.run_dir, self.step, model, train_state=self._train_state(opt_state, names),
+                self.run_dir, self.step, model, train_state=self._train_state(opt_state, names, data_ranks),
                 tokenizer=self.tokenizer, keep_last=self.cfg.keep_last, extra={"tokens": self.tokens, **self.extra_meta},
                 base=self.base)
         if self.world > 1:
@@ -252,7 +277,7 @@ class Trainer:
         self._check_base(meta.get("base"), path)
         state = ckpt.load_train_state(path)
         self._load_weights_and_optimizer(state, path, partial=bool(meta.get("base")))
-        self.data.load_state_dict(state["data"] if "data" in state else state["sampler"])
+        self.data.load_state_dict(self._data_state(state, path))
         self.objective.load_state_dict(state.get("objective", {}))
         set_rng_state(state)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]

@@ -21,7 +21,7 @@ from lmforge import checkpoint as ckpt
 from lmforge.adapt.lora import LoRAConfig, apply_lora
 from lmforge.align.advantages import gae, group_advantages, masked_whiten, outcome_rewards, rloo_advantages
 from lmforge.align.logprobs import masked_mean, model_inputs, response_mask, token_logprobs
-from lmforge.align.value import PolicyWithValue, ValueModel, values_of
+from lmforge.align.value import PolicyAndCritic, PolicyWithValue, ValueModel, values_of
 from lmforge.errors import ConfigError
 from lmforge.infer.engine import EngineConfig
 from lmforge.infer.llm import LLM
@@ -220,6 +220,46 @@ def test_the_trainer_trains_a_policy_with_value_and_its_checkpoint_loads_back(tm
                                                                  ac.values(batch["input_ids"]))
 
 
+def test_a_policy_and_a_separate_critic_train_sample_and_load_as_one_model(tmp_path):
+    """PolicyAndCritic (InstructGPT's separate critic): its forward is the policy's (the engine samples the
+    same tokens and log-probs as from the bare policy), policy_and_values is (policy(ids), critic(ids)); the
+    Trainer trains both trunks through one optimizer, and load_model rebuilds the pair from its checkpoint
+    (the critic's config is in the head record; its trunk may differ from the policy's) bit-exactly."""
+    policy = tiny_model(0, vocab_size=257)  # the byte tokenizer's vocabulary, for the engine
+    critic = _randomised(ValueModel(tiny_model(1, vocab_size=257, n_layers=1)))
+    pc = PolicyAndCritic(policy, critic)
+    ids = torch.randint(0, 41, (3, 8))
+    with torch.no_grad():
+        logits, values = pc.policy_and_values(ids)
+        assert torch.equal(logits, policy(ids)) and torch.equal(pc(ids), logits)
+        assert torch.equal(values, critic(ids)) and torch.equal(pc.values(ids), values)
+    assert pc.cfg is policy.cfg and pc.cache_spec() == policy.cache_spec()
+    roles = pc.param_roles()
+    assert roles["critic.value_head.weight"] == "head" and roles["backbone.lm_head.weight"] == "head"
+    prompts, params = [[1, 2, 3], [4, 5]], SamplingParams(n=2, max_tokens=4, seed=3, logprobs=0)
+    cfg = EngineConfig(block_size=4, max_num_seqs=8, num_kv_tokens=256)
+    tok = ByteTokenizer()
+    got = [[(c.token_ids, c.logprobs) for c in o.outputs] for m in (policy, pc)
+           for o in LLM(m, tok, config=cfg).generate(prompts, params)]
+    assert got[:2] == got[2:]
+    with pytest.raises(ConfigError, match="must be a ValueModel"):
+        PolicyAndCritic(policy, tiny_model(1))
+
+    batch = {**sequences(4, 10, 41, [2, 3, 4, 2], seed=0), "scores": torch.tensor([1.0, -1.0, 0.5, 0.0])}
+    loop = LoopConfig(run_dir=str(tmp_path / "run"), max_steps=3, log_every=1, eval_every=100, ckpt_every=3,
+                      device="cpu", progress=False, plot=False, seed=0, optim=OptimConfig(lr=1e-2, weight_decay=0.0))
+    before = [p.detach().clone() for p in (policy.lm_head.weight, critic.backbone.blocks[0].attn.wq.weight)]
+    result = Trainer(pc, build_optimizer(pc, loop.optim), Fixed(batch), ActorCritic(), config=loop).fit()
+    after = (policy.lm_head.weight, critic.backbone.blocks[0].attn.wq.weight)
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))  # both trunks trained
+    back, _ = ckpt.load_model(result.checkpoint)
+    assert isinstance(back, PolicyAndCritic) and back.critic.cfg.n_layers == 1
+    with torch.no_grad():
+        pc.eval()
+        for a, b in zip(back.policy_and_values(ids), pc.policy_and_values(ids)):
+            assert torch.equal(a, b)
+
+
 def _fit(run_dir: str, layout: dict | None = None) -> tuple[list[float], str]:
     """ActorCritic on a PolicyWithValue for 3 steps on this process's layout (None: one process)."""
     from lmforge.parallel.config import ParallelConfig
@@ -253,6 +293,65 @@ def test_fsdp_shards_a_policy_with_value_and_writes_its_checkpoint(tmp_path):
     with torch.no_grad():
         assert isinstance(b, PolicyWithValue)
         torch.testing.assert_close(b.policy_and_values(ids), a.policy_and_values(ids), rtol=0, atol=1e-6)
+
+
+class RankRollout:
+    """A per_rank source holding its rank's rows of a rollout between optimizer steps (as a PPO source does
+    over its epochs): its state differs per rank (per_rank_state)."""
+
+    per_rank = per_rank_state = True
+
+    def __init__(self):
+        self.rank, self.steps = None, 0
+        self.rows = None
+
+    def begin_step(self, trainer):
+        self.rank = trainer.runner.dp_rank
+        if self.rows is None:  # "sample" this rank's rows once; later steps train on them again
+            self.rows = {**sequences(2, 10, 41, [2, 3], seed=10 + self.rank), "scores": torch.tensor([1.0, -1.0])}
+        self.steps += 1
+
+    def next_batch(self):
+        return self.rows
+
+    def state_dict(self):
+        return {"steps": self.steps, "rows": self.rows and dict(self.rows), "rank": self.rank}
+
+    def load_state_dict(self, state):
+        self.steps, self.rows, self.rank = state["steps"], state["rows"], state["rank"]
+
+
+def _rank_state_worker(rank: int, world: int, run_dir: str, steps: int) -> dict:
+    from lmforge.parallel.config import ParallelConfig
+    from lmforge.train.distributed import distribute
+
+    model, src, runner = distribute(PolicyWithValue(tiny_model(0)), RankRollout(), ParallelConfig(dp_replicate=2),
+                                    device=torch.device("cpu"), seq_len=10, batch_size=4)
+    cfg = LoopConfig(run_dir=run_dir, max_steps=steps, log_every=1, eval_every=100, ckpt_every=2, device="cpu",
+                     progress=False, plot=False, seed=0, optim=OptimConfig(lr=1e-2, weight_decay=0.0))
+    trainer = Trainer(model, build_optimizer(model, cfg.optim), src, ActorCritic(), config=cfg, runner=runner)
+    resumed = src.state_dict()
+    trainer.fit()
+    return {"resumed_rank": resumed["rank"], "resumed_ids": resumed["rows"] and resumed["rows"]["input_ids"]}
+
+
+def test_a_source_with_per_rank_state_resumes_each_ranks_own_rollout(tmp_path):
+    """2 DDP processes, each training on its own rows of a rollout held in its source's state: the checkpoint
+    at step 2 holds both ranks' states and each rank resumes its own (without per_rank_state every rank would
+    get rank 0's rows, and train on them twice); another number of processes is refused."""
+    from lmforge.parallel.launch import run_local
+
+    run = str(tmp_path / "run")
+    first = run_local(_rank_state_worker, 2, run, 2, timeout=120, start_method="fork")
+    assert [r["resumed_rank"] for r in first] == [None, None]  # a fresh start
+    again = run_local(_rank_state_worker, 2, run, 3, timeout=120, start_method="fork")
+    assert [r["resumed_rank"] for r in again] == [0, 1]
+    for rank, r in enumerate(again):
+        assert torch.equal(r["resumed_ids"], sequences(2, 10, 41, [2, 3], seed=10 + rank)["input_ids"])
+    one = PolicyWithValue(tiny_model(0))
+    with pytest.raises(ConfigError, match="each of its 2 processes"):
+        Trainer(one, build_optimizer(one, OptimConfig()), RankRollout(), ActorCritic(),
+                config=LoopConfig(run_dir=run, max_steps=3, device="cpu", progress=False, plot=False))
 
 
 # advantages --------------------------------------------------------------------------------------------

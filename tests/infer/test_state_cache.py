@@ -16,8 +16,8 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.config import pool_blocks
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model.cache import CacheSpec, KVCache, LayerCacheSpec
-from lmforge.model.meta import AttnMetadata
+from lmforge.model.cache import CacheSpec, KVCache, LayerCacheSpec, state_runs
+from lmforge.model.meta import AttnMetadata, packed_positions
 
 from ..test_readme import fenced
 from .state_models import SelectiveRecurrence, tiny_state_model
@@ -225,29 +225,62 @@ def test_the_state_cache_serves_both_kinds_in_one_object(models, tok):
     assert cache.null_slot == 3
 
 
-def test_recur_runs_decodes_together_and_each_chunk_alone():
-    """recur's varlen runs against the layer run row by row from the stored states."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_training_rows_run_each_document_from_zero(kind, models):
+    """Packed rows (meta.doc_ids, as SFT/DPO packing passes them; no cache): each document's logits and
+    gradients are those of the document run alone; its state never leaks into the next document."""
+    model = models[kind]
+    g = torch.Generator().manual_seed(4)
+    lens = ((5, 5, 9), (12, 7))  # two documents of one length in a row: scanned together
+    docs = [[torch.randint(1, 250, (n,), generator=g) for n in row] for row in lens]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    doc_ids = torch.stack([torch.cat([torch.full((len(d),), j) for j, d in enumerate(row)]) for row in docs])
+    packed = model(ids, positions=packed_positions(doc_ids), meta=AttnMetadata.packed(doc_ids))
+    with torch.no_grad():
+        alone = torch.stack([torch.cat([model(d[None])[0] for d in row]) for row in docs])
+    assert torch.allclose(packed, alone, atol=1e-5)
+    mixer = next(m for m in model.modules() if isinstance(m, SelectiveRecurrence))
+    grads = []
+    for out in (packed[0, 7], model(docs[0][1][None])[0, 2]):  # a token of the row's second document
+        model.zero_grad(set_to_none=True)
+        out.sum().backward(retain_graph=True)
+        grads.append(mixer.in_proj.weight.grad.clone())
+    model.zero_grad(set_to_none=True)
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(LmforgeError, match="cannot score a candidate tree"):
+        model(torch.tensor([[1, 2]]), meta=AttnMetadata.tree([-1, 0]))
+
+
+def test_recur_runs_decodes_together_and_chunks_by_length():
+    """recur's varlen runs against the layer run row by row from the stored states: the decodes (and a
+    one-token chunk after them) in one scan, neighbouring chunks of one length in one scan, others alone."""
     torch.manual_seed(0)
     layer = SelectiveRecurrence(0, 8, 16, 3, 3)
     spec = CacheSpec(layers=(LayerCacheSpec(kind="state", state_shapes=layer.state_shapes()),), dtype=torch.float32,
                      max_seq_len=32, vocab_size=8)
     from lmforge.infer.kv.state import new_state_cache
 
-    cache = new_state_cache(spec, 2, 4, max_seqs=4)
-    cache.start([(10, True), (11, True), (12, True)])
+    cache = new_state_cache(spec, 2, 4, max_seqs=6)
+    cache.start([(10 + i, True) for i in range(6)])
     for pool in cache.states[0]:
-        pool[:3].normal_()  # states carried from earlier steps
+        pool[:6].normal_()  # states carried from earlier steps
     before = [p.clone() for p in cache.states[0]]
-    lens = (1, 1, 5)  # two decodes, then a chunk of 5
+    lens, slots = (1, 1, 1, 5, 5, 2), (2, 0, 5, 1, 4, 3)  # two decodes, then chunks of 1, 5, 5 and 2 tokens
     x = torch.randn(1, sum(lens), 8)
-    meta = AttnMetadata(query_lens_host=lens, num_decodes=2, state_slots=torch.tensor([2, 0, 1]))
+    meta = AttnMetadata(query_lens_host=lens, num_decodes=2, state_slots=torch.tensor(slots))
+    assert state_runs(meta) == [(0, 3, 0, 1), (3, 5, 3, 5), (5, 6, 13, 2)]
+    scans = []
+    real = layer.scan
+    layer.scan = lambda x, states: (scans.append(tuple(x.shape[:2])), real(x, states))[1]
     with torch.no_grad():
         y = layer(x, cache, meta)
-        starts = [0, 1, 2]
-        for i, (slot, n) in enumerate(zip((2, 0, 1), lens)):
-            want, new = layer.scan(x[:, starts[i]:starts[i] + n], tuple(p[slot:slot + 1] for p in before))
-            assert torch.allclose(y[:, starts[i]:starts[i] + n], want, atol=1e-6)
+        assert scans == [(3, 1), (2, 5), (1, 2)]
+        start = 0
+        for slot, n in zip(slots, lens):
+            want, new = real(x[:, start:start + n], tuple(p[slot:slot + 1] for p in before))
+            assert torch.allclose(y[:, start:start + n], want, atol=1e-6)
             assert all(torch.allclose(p[slot], s[0], atol=1e-6) for p, s in zip(cache.states[0], new))
+            start += n
     cache.start([(12, True)])  # a sequence starting over finds its row zeroed
     assert all(not p[cache.slot_of[12]].any() for p in cache.states[0]) and cache.states[0][0][0].any()
 

@@ -114,14 +114,16 @@ def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.T
             if seq.index > 0 and seq.seq_id not in states:
                 states[seq.seq_id] = copy.deepcopy(states[seq.request.seqs[0].seq_id])
         for seq, start, n in step:
+            hit = False
             if seq.seq_id not in states or start < states[seq.seq_id].length:  # new, or preempted (from 0)
                 states[seq.seq_id] = ref = RefCache(cfg.n_layers, kv)
                 if start:  # blocks from the prefix cache: a lossless prefill of the prefix
                     with torch.no_grad():
                         model(torch.tensor([seq.tokens[:start]]), positions=torch.arange(start)[None], cache=ref)
+                    hit = True  # first planned after this chunk: the cached prefix and the chunk act as one
             ref = states[seq.seq_id]
             assert ref.length == start
-            if isinstance(policy, StreamingLLM):
+            if isinstance(policy, StreamingLLM) and not hit:
                 streaming_keep(ref, policy.sink_tokens, policy.window, policy.slack)
             elif on_prefill is not None:
                 on_prefill(seq, ref, start)
@@ -214,6 +216,45 @@ def test_streaming_llm_with_n_samples_and_preemption(tok, monkeypatch):
     assert engine.pool.num_used == 0
 
 
+class MixedForms(StreamingLLM):
+    """StreamingLLM's keep, as a host list for even sequence ids and an (L, kv heads, K) tensor for odd ones."""
+
+    def plan(self, seq, state):
+        keep = super().plan(seq, state)
+        return keep if keep is None or seq.seq_id % 2 == 0 else torch.tensor(keep).expand(2, 2, -1)
+
+
+@pytest.mark.parametrize("config,n", [(dict(chunked_prefill=False), 1),
+                                      (dict(num_kv_tokens=64, max_num_batched_tokens=16), 3)])
+def test_a_steps_compactions_are_one_copy_per_pool(tok, config, n):
+    """Sequences compacting in the same step (every step under H2O or TOVA) share one cache.compact: one
+    gather and one write per pool, sources of every form widened to (L, heads, M); every source is read
+    before any destination is written (a block one compaction releases may be another's fresh block).
+    Same outputs as the reference: greedy, and n = 3 samples under preemption (a prefix hit, PROMPT[:21])."""
+    model = tiny_model("llama")
+    policy = MixedForms(**STREAM)
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, **config))
+    calls, real = [], engine.runner.cache.compact
+    engine.runner.cache.compact = lambda src, dst: calls.append(src.dim()) or real(src, dst)
+    log, per_step, real_exec = [], [], engine.runner.execute
+
+    def spy(batch, *a, **k):
+        per_step.append((len(calls), engine.kv_policy.compactions))
+        log.append([(seq, seq.num_computed, n) for seq, n in batch.chunks])
+        return real_exec(batch, *a, **k)
+    engine.runner.execute = spy
+    sp = SamplingParams(temperature=0 if n == 1 else 1.0, n=n, seed=2, max_tokens=20, ignore_eos=True, logprobs=0)
+    prompts = (PROMPT, "a short one", PROMPT[:21], "yes")[:4 if n == 1 else 3]
+    reqs = [engine.requests[engine.add_request(p, sp)] for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    steps = [(c1 - c0, k1 - k0) for (c0, k0), (c1, k1) in zip(per_step, per_step[1:])]
+    assert max(c for c, _ in steps) == 1 and max(k for _, k in steps) >= 2  # several sequences, one copy
+    assert 3 in calls and check_against(replay(model, log, policy), reqs, greedy=n == 1) == 20 * n * len(prompts)
+    assert (engine.stats()["preemptions"] > 0) == (n > 1) and engine.pool.num_used == 0
+    assert (engine.pool.stats.hit_blocks > 0) == (n > 1)  # replay: a prefix hit is planned after its first chunk
+
+
 def test_whole_block_eviction_moves_table_entries_and_releases_blocks(tok):
     """sink_tokens and slack multiples of the block size: each eviction drops whole middle blocks from the
     table (no key is copied) and hands them back to the pool."""
@@ -250,7 +291,7 @@ def test_snapkv_keeps_what_the_papers_equations_pick_and_decodes_like_the_refere
     sp = SamplingParams(temperature=0 if n == 1 else 1.0, n=n, seed=3, max_tokens=10, ignore_eos=True, logprobs=0)
     engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, **config))
     kept, real = [], engine.kv_policy.compact
-    engine.kv_policy.compact = lambda seq, keep, state: kept.append(keep.clone()) or real(seq, keep, state)
+    engine.kv_policy.compact = lambda seq, keep, *a: kept.append(keep.clone()) or real(seq, keep, *a)
     log, real_exec = [], engine.runner.execute
 
     def spy(batch, *a, **k):
@@ -287,7 +328,7 @@ def test_snapkv_pooling_max_and_short_prompts(tok):
     engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy))
     kept = []
     real = engine.kv_policy.compact
-    engine.kv_policy.compact = lambda seq, keep, state: kept.append(keep.clone()) or real(seq, keep, state)
+    engine.kv_policy.compact = lambda seq, keep, *a: kept.append(keep.clone()) or real(seq, keep, *a)
     ids = tok.encode(PROMPT)
     engine.add_request(ids, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     engine.add_request(ids[:10], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
@@ -402,7 +443,7 @@ def test_snapkv_computes_its_window_after_a_prefix_hit(tok):
     model = tiny_model("llama")
     engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=SnapKV(budget=7, window=6, pool_kernel=3)))
     kept, real = [], engine.kv_policy.compact
-    engine.kv_policy.compact = lambda seq, keep, state: kept.append(keep.clone()) or real(seq, keep, state)
+    engine.kv_policy.compact = lambda seq, keep, *a: kept.append(keep.clone()) or real(seq, keep, *a)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     outs = []
     for _ in range(2):

@@ -21,7 +21,8 @@ A step of the engine with a policy (lmforge.infer.engine):
      whole, in order, takes that block's table entry instead (StreamingLLM dropping whole middle blocks
      copies nothing); a block others hold or the prefix cache names is never written (a fresh one is);
      blocks past the end go back to the pool (`BlockPool.compact`). A sequence whose copies find no free
-     block is preempted (a plan is never skipped: outputs follow the policy's definition).
+     block is preempted (a plan is never skipped: outputs follow the policy's definition). The copies of
+     all sequences compacting before a step run as one gather and one write per pool (`_flush`).
   3. after scheduling, policies with `needs_scores` say which chunks they observe (`observes`); for such
      a step the cache's score hook is set and `observe(state, layer, probs, first)` gets each observed
      sequence's probabilities (H, T, S): its T queries from position `first` over its S slots. A hooked
@@ -30,7 +31,8 @@ A step of the engine with a policy (lmforge.infer.engine):
 Interactions: prefix caching never registers a block of a sequence that has evicted anything (every key
 computed after an eviction saw a lossy context), and a block a prefix names is never written, so a lookup
 never hands a lossless prompt a lossy block (a policy's sequence may still start from lossless cached
-blocks; a policy observing the prompt's last tokens, SnapKV, has them computed: `observed_tail`).
+blocks, first planned after its first computed chunk: prefix and chunk act as one chunk; a policy
+observing the prompt's last tokens, SnapKV, has them computed: `observed_tail`, sys.maxsize for all).
 Preemption recomputes from token 0 (evicted = 0, state restarted: the recomputed tokens are a prompt).
 Forks copy the parent's state (`fork`). Refused with a one-line error (`check_engine`): speculative decoding
 and token trees (drafts rewind and move keys by position), sliding-window and recurrent-state models
@@ -45,6 +47,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +77,8 @@ class KVPolicy:
     needs_scores: ClassVar[bool] = False
     """observe() wants attention probabilities (steps it observes run eagerly with a score hook)"""
     observed_tail: ClassVar[int] = 0
-    """the last this-many tokens of a prefill are computed, never taken from the prefix cache"""
+    """the last this-many tokens of a prefill are computed, never taken from the prefix cache (sys.maxsize:
+    every prompt query's attention is observed, H2O's accumulated scores)"""
 
     def start(self, seq, layout: CacheLayout) -> object:
         """Per-sequence state when a sequence is (re)admitted: len(seq.tokens) tokens are to be prefilled."""
@@ -244,17 +248,37 @@ class PolicySession:
     # engine events ------------------------------------------------------------------------------------
     def plan(self, running) -> list:
         """Before scheduling: apply every running sequence's plan; returns those whose compaction found no
-        free block for its copies (the engine preempts them: a plan is never skipped)."""
-        return [seq for seq in running if not self.apply(seq)]
+        free block for its copies (the engine preempts them: a plan is never skipped). The copies of all of
+        them run as one gather and one write per pool (`_flush`), not one per sequence: a policy evicting
+        every step (H2O, TOVA) compacts every running sequence each step."""
+        moves: list = []
+        failed = [seq for seq in running if not self.apply(seq, moves)]
+        self._flush(moves)
+        return failed
 
-    def apply(self, seq) -> bool:
-        """seq's plan, applied (a sequence not started yet holds no keys); False: no room for its copies."""
+    def apply(self, seq, moves: list | None = None) -> bool:
+        """seq's plan, applied (a sequence not started yet holds no keys); False: no room for its copies.
+        moves: collect the copies there (plan flushes them) instead of running them now."""
         if seq.seq_id in self.states:
             state = self.states[seq.seq_id]
             keep = self.policy.plan(seq, state)
             if keep is not None:
-                return self.compact(seq, keep, state)
+                return self.compact(seq, keep, state, moves)
         return True
+
+    def _flush(self, moves: list) -> None:
+        """Run the (src, dst) copies of several sequences' compactions in one cache.compact, which reads every
+        source before it writes any destination. Batched copies rely on that: a block one sequence's
+        compaction released (its keys still to be read) may be the fresh block another one's copies write.
+        Sources of mixed forms are widened to (L, heads, M)."""
+        if len(moves) > 1:
+            L = self.layout.num_layers
+            heads = max(1 if s.dim() == 1 else s.shape[1] for s, _ in moves)
+            src = torch.cat([(s.expand(L, heads, -1) if s.dim() == 1 else s.expand(-1, heads, -1))
+                             for s, _ in moves], dim=-1)
+            moves[:] = [(src, torch.cat([d for _, d in moves]))]
+        if moves:
+            self.cache.compact(*moves[0])
 
     def begin_step(self, batch) -> None:
         """After scheduling: new (and readmitted) sequences start, observed chunks get the hook."""
@@ -288,9 +312,10 @@ class PolicySession:
                 self.policy.observe(state, layer, probs[r, :, :, :seq.num_slots + probs.shape[2]], seq.num_computed)
 
     # compaction -----------------------------------------------------------------------------------------
-    def compact(self, seq, keep: Keep, state) -> bool:
+    def compact(self, seq, keep: Keep, state, moves: list | None = None) -> bool:
         """Move seq's kept keys to its first slots; False (nothing changed) when the pool cannot cover the
-        fresh blocks copy-on-write needs (the plan is asked again before the next step, or at a fork)."""
+        fresh blocks copy-on-write needs (the plan is asked again before the next step, or at a fork).
+        moves: append the (src, dst) flat slots there instead of copying now (`plan`)."""
         n, bs = seq.num_slots, self.pool.block_size
         host = not isinstance(keep, torch.Tensor) or keep.dim() == 1  # (a device tensor is read: one sync)
         if host:
@@ -313,21 +338,31 @@ class PolicySession:
         write = self.pool.compact(seq.block_table, reuse, k)
         if write is None:
             return False
-        dst = [j * bs + i for j in write for i in range(min(bs, k - j * bs))]
-        if dst:
-            new = seq.block_table
-            dst_flat = to_device([new[d // bs] * bs + d % bs for d in dst], self.cache.device)
+        # the written slots and their flat cache slots, as arrays: a per-head plan writes all K slots every
+        # time, so per-slot Python here would cost O(K) host work per sequence and step
+        dst = (np.asarray(write, np.int64)[:, None] * bs + np.arange(bs)).ravel()
+        dst = dst[dst < k]
+        if len(dst):
+            dst_flat = to_device(torch.from_numpy(_flat(seq.block_table, dst, bs)), self.cache.device)
             if host:
-                src = to_device([old[keep[d] // bs] * bs + keep[d] % bs for d in dst], self.cache.device)
+                src = to_device(torch.from_numpy(_flat(old, np.asarray(keep, np.int64)[dst], bs)), self.cache.device)
             else:
-                slots = keep[..., to_device(dst, keep.device)]  # (L, heads, M) slot indices
+                slots = keep[..., to_device(torch.from_numpy(dst), keep.device)]  # (L, heads, M) slot indices
                 src = to_device(old, keep.device)[slots // bs] * bs + slots % bs
-            self.cache.compact(src, dst_flat)
+            if moves is None:
+                self.cache.compact(src, dst_flat)
+            else:
+                moves.append((src, dst_flat))
         seq.evicted += n - k
         self.evicted_tokens += n - k
         self.compactions += 1
         self.policy.compacted(state, keep)
         return True
+
+
+def _flat(table: list[int], slots: np.ndarray, bs: int) -> np.ndarray:
+    """Flat cache slots (block * bs + offset) of a sequence's slots through its block table."""
+    return np.asarray(table, np.int64)[slots // bs] * bs + slots % bs
 
 
 def _whole_block(seg: list[int], bs: int) -> int | None:

@@ -8,10 +8,14 @@ a high layer's features (`fuse`: an fc over their concatenation). The block here
 attention, so a draft reads only the newest feature; the head still keeps each sequence's whole feature
 history (`state`, dropped at `release`), as a real head keeps its attention cache, and `record` keeps a copy
 for the tests. `fit` sets the head by least squares on the target's own features, so drafts are sometimes
-right and sometimes wrong.
+right and sometimes wrong. `CachedEagle` adds EAGLE's decoder layer, attention over every earlier (feature,
+token) pair, with the KV cache a real head keeps per sequence: rewound each round to Features.start (its
+verified pairs), or recomputed from the whole history (cached=False, the reference).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -19,6 +23,9 @@ from torch import nn
 from lmforge.infer.features import Features
 from lmforge.infer.processors import apply_processors
 from lmforge.infer.token_tree import DraftTree, tree_size
+from lmforge.model.cache import KVCache
+from lmforge.model.layers.block import Block
+from lmforge.model.meta import AttnMetadata, tree_positions
 
 
 class ToyEagle(nn.Module):
@@ -136,3 +143,92 @@ def _dist(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
     if greedy:
         return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
     return logits.softmax(-1)
+
+
+class CachedEagle(ToyEagle):
+    """ToyEagle + one attention block (lmforge's Block, the target's shape) over every earlier pair, mixed in
+    with weight `gate` so `fit`'s drafts stay mostly right. Its own KVCache per sequence holds one entry per
+    verified pair (f_j, x_{j+1}); a round rewinds it to Features.start, appends the new pairs, then the
+    drafts' entries, which the next round's rewind forgets. A tree's depth d is one forward over all its
+    nodes so far with the tree mask (KVCache's tree_parents sees the verified pairs + each node's
+    ancestors; deeper cached draft levels cannot be masked, so earlier levels are recomputed).
+    `proposals[seq_id]`: (tokens, parents, the predicted feature of the pending token) of every round."""
+
+    def __init__(self, target, widths: tuple[int, ...] | None = None, cached: bool = True, gate: float = 0.5):
+        super().__init__(target, None, widths)
+        cfg = dataclasses.replace(target.cfg, n_layers=1)
+        self.block, self.cached, self.gate = Block(cfg, 0), cached, gate
+        self.max_len = cfg.max_seq_len + 64
+        self.caches: dict[int, KVCache] = {}
+        self.proposals: dict[int, list[tuple[list[int], list[int], torch.Tensor]]] = {}
+
+    def _cache(self) -> KVCache:
+        attn = self.block.attn
+        return KVCache(1, 1, attn.n_kv, attn.hd, self.max_len)
+
+    def run(self, feats: torch.Tensor, toks: list[int], cache: KVCache, parents: list[int] | None = None):
+        """(n, d) features + the n next tokens -> (n, d) predicted features, their K/V appended to cache."""
+        target, base = self._target[0], cache.length
+        x = self.fc(torch.cat([feats, target.embed(torch.tensor(toks, device=feats.device))], -1))
+        x = (x + self.mlp(x))[None]
+        tree = torch.tensor(parents) if parents is not None else None
+        pos = (tree_positions(tree, base) if tree is not None else torch.arange(base, base + len(toks)))[None]
+        y = self.block(x, target.rope.cos_sin(pos, int(pos.max()) + 1), None, cache,
+                       AttnMetadata.tree(tree) if tree is not None else None)
+        cache.advance(len(toks))
+        return (x + self.gate * (y - x))[0]
+
+    @torch.inference_mode()
+    def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen, hidden: Features):
+        seen = self.state.get(hidden.seq_id)
+        self.state[hidden.seq_id] = hidden.states if seen is None else torch.cat([seen, hidden.states])
+        if self.cached:  # the verified pairs before Features.start are in the cache; drafts' entries go
+            cache = self.caches.get(hidden.seq_id) or self.caches.setdefault(hidden.seq_id, self._cache())
+            cache.rewind(hidden.start)
+            feats, first = hidden.states, hidden.start
+        else:
+            cache, feats, first = self._cache(), self.state[hidden.seq_id], 0
+        f = self.run(feats, ctx[first + 1:], cache)[-1]  # predicted feature of the pending token ctx[-1]
+        drafts, q = self._cached_tree(f, cache, procs, greedy, gen) if self.proposes_trees else \
+            self._cached_chain(f, cache, k, procs, greedy, gen)
+        tokens = drafts.tokens if isinstance(drafts, DraftTree) else drafts
+        parents = drafts.parents if isinstance(drafts, DraftTree) else list(range(-1, len(drafts) - 1))
+        self.proposals.setdefault(hidden.seq_id, []).append((list(tokens), list(parents), f.clone()))
+        return drafts, q
+
+    def _cached_chain(self, f, cache, k, procs, greedy, gen):
+        drafts, qs = [], []
+        for i in range(k):
+            q = _dist(self._target[0].logits(f[None])[0], procs, greedy)
+            drafts.append(int(q.argmax()) if greedy else int(torch.multinomial(q, 1, generator=gen)))
+            qs.append(q)
+            if i + 1 < k:
+                f = self.run(f[None], drafts[-1:], cache)[-1]
+        return drafts, torch.stack(qs) if qs else None
+
+    def _cached_tree(self, f, cache, procs, greedy, gen):
+        base, tokens, parents, qs, feat, frontier = cache.length, [], [], [], {-1: f}, [-1]
+        for depth, w in enumerate(self.widths):
+            nxt = []
+            for node in frontier:
+                logits = apply_processors(procs, self._target[0].logits(feat[node][None]).float(), None)[0]
+                if greedy:
+                    kids = logits.topk(w).indices.tolist()
+                else:
+                    q = logits.softmax(-1)
+                    kids = torch.multinomial(q, w, replacement=True, generator=gen).tolist()
+                    qs += [q] * w
+                for kid in kids:
+                    nxt.append(len(tokens))
+                    tokens.append(kid)
+                    parents.append(node)
+            frontier = nxt
+            if depth + 1 < len(self.widths):
+                cache.rewind(base)
+                out = self.run(torch.stack([feat[p] for p in parents]), tokens, cache, parents)
+                feat.update(enumerate(out))
+        return DraftTree(tokens, parents), torch.stack(qs) if qs else None
+
+    def release(self, seq_id: int) -> None:
+        super().release(seq_id)
+        self.caches.pop(seq_id, None)

@@ -16,7 +16,7 @@ from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.meta import AttnMetadata
 
-from .eagle_toy import ToyEagle
+from .eagle_toy import CachedEagle, ToyEagle
 from .infer_helpers import full_greedy, tiny_model
 from .test_engine_api import NoCacheSpec
 
@@ -112,6 +112,40 @@ def test_owed_features_are_computed_not_taken_from_the_prefix_cache():
     assert engine.stats()["prefix_hit_blocks"] == 0
     for ctx, feats in toy.record.values():
         torch.testing.assert_close(feats, reference(model, ctx)[:len(ctx) - 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("widths", [None, (2, 2, 1)])
+def test_a_head_with_its_own_kv_cache_rewound_to_features_start_drafts_as_if_recomputed(widths):
+    """EAGLE's decoder layer attends to every earlier (feature, token) pair, so a real head keeps a KV cache
+    per sequence: rewound each round to Features.start (the pairs it has verified), it proposes exactly what
+    the same head recomputing its whole history proposes, round by round, across preemption (features
+    already handed are not handed again: the drafter's own cache must, and can, outlive it), chunked
+    prefill, n = 2, a sampled request and trees; greedy outputs are the target's."""
+    model = tiny_model("llama", init_std=0.1)
+    greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    reqs = [(PROMPTS[0], greedy), (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)),
+            (PROMPTS[2], SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True)),
+            (PROMPTS[3], greedy)]
+    runs, fitted = [], trained_toy(model, widths=widths)
+    for cached in (True, False):
+        torch.manual_seed(0)  # the same block in both heads
+        head = CachedEagle(model, widths, cached)
+        head.load_state_dict(fitted.state_dict(), strict=False)  # fc / mlp from the fit; the block as drawn
+        engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7),
+                        draft=head, num_draft_tokens=3)
+        outs = run_all(engine, reqs)
+        assert engine.stats()["preemptions"] > 0 and not head.caches and not head.state
+        runs.append((head.proposals, [[o.token_ids for o in out.outputs] for out in outs],
+                     sum(o.metrics["accepted"] for o in outs)))
+    (cached_props, cached_outs, accepted), (ref_props, ref_outs, _) = runs
+    assert len(cached_props) == 5 and cached_outs == ref_outs and accepted > 0
+    for sid, rounds in cached_props.items():
+        assert [r[:2] for r in rounds] == [r[:2] for r in ref_props[sid]]
+        torch.testing.assert_close(torch.stack([r[2] for r in rounds]), torch.stack([r[2] for r in ref_props[sid]]),
+                                   atol=1e-5, rtol=1e-5)
+    for (p, sp), out in zip(reqs, cached_outs):
+        if sp.greedy:
+            assert all(toks == full_greedy(model, p, sp.max_tokens) for toks in out)
 
 
 # multi-layer features (EAGLE-3) ------------------------------------------------------------------------

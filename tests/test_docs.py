@@ -1,4 +1,4 @@
-"""The guides' examples run: every ```python block of docs/inference.md and docs/training.md, in order and
+"""The guides' examples run: every ```python block of docs/inference.md, docs/training.md and docs/rl.md, in order and
 in one namespace per guide, in a scratch directory (the asserts inside them check real values against a
 reference), then the guide's `lmforge` shell commands at toy size, as tests/test_readme.py does for the
 README. A bash or toml block whose first line starts with "# not run" is documentation only; a toml block
@@ -63,3 +63,16 @@ def test_training_guide_runs(scratch):
     assert commands == [["sft", "--config", "sft.toml"]]  # train --nproc and the README's train: not run here
     assert scope["result"].stop_reason == "copying learned"
     assert [p.name for p in checkpoint_dirs(scratch / "runs" / "sft-cli")][-1] == "step_000006"
+
+
+def test_rl_guide_runs(scratch):
+    scope, commands = run_guide("rl.md")
+    assert commands == []
+    mask = scope["mask"]
+    assert scope["values"].shape == mask.shape and float(scope["values"].detach().abs().max()) == 0.0  # zero-init head
+    assert abs(float(scope["adv"][mask].mean())) < 1e-6  # whitened advantages over the response tokens
+    scores = scope["prm"](torch.zeros(1, 1, dtype=torch.long)).shape  # a per-token value per position
+    assert scores == (1, 1)
+    steps = scope["prm_scores"](scope["prm"], scope["tok"], "12+9=?\n", ["2+9+0=11", "1+0+1=3"])
+    assert len(steps) == 2 and all(0.0 < p < 1.0 for p in steps)
+    assert [p.name for p in checkpoint_dirs(scratch / "runs" / "prm")][-1] == "step_000020"

@@ -151,8 +151,9 @@ def limits(model, spec) -> tuple[int, int]:
     if spec is not None:
         return spec.max_seq_len, spec.vocab_size
     if hasattr(model, "head_record"):  # a SequenceHead (lmforge.align.reward) scores, it has no next-token logits
-        raise ConfigError(f"{type(model).__name__} is a reward model or classifier (a head on a language model): it "
-                          "scores text, it does not generate; use lmforge.align.reward.reward_scores")
+        raise ConfigError(f"{type(model).__name__} is a reward model, classifier or critic (a head on a language "
+                          "model): it scores text, it does not generate; use lmforge.align.reward.reward_scores, "
+                          "model.values(ids) (a ValueModel) or lmforge.align.prm.prm_scores (a process reward model)")
     try:
         return int(model.max_seq_len), int(model.vocab_size)
     except AttributeError:

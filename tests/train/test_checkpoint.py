@@ -132,7 +132,7 @@ def test_a_reward_models_checkpoint_loads_back_with_its_head(tmp_path):
     from lmforge.infer.llm import LLM
     from lmforge.tokenizer.byte import ByteTokenizer
 
-    with pytest.raises(ConfigError, match="is a reward model or classifier .* it does not generate"):
+    with pytest.raises(ConfigError, match="is a reward model, classifier or critic .* it does not generate"):
         LLM(back, ByteTokenizer())
     with torch.no_grad():
         assert torch.equal(back(ids), rm.eval()(ids))

@@ -70,12 +70,12 @@ def _check_backbone(backbone: nn.Module, who: str, *, shared: bool) -> None:
 
 
 def _param_roles(model: nn.Module) -> dict[str, str]:
-    """The backbone's optimizer roles under "backbone.", the value head as an output head (its weight) and a
-    vector (its bias): optimizers treat it like lm_head, not as a matrix to precondition."""
+    """The backbone's optimizer roles under "backbone.", the value head's weight and bias in role "value": its
+    own learning rate (OptimConfig.value_lr), no weight decay, AdamW under Muon/Dion (like lm_head)."""
     from lmforge.optim.groups import param_roles
 
     roles = {f"backbone.{n}": r for n, r in param_roles(model.backbone).items()}
-    return {**roles, "value_head.weight": "head", "value_head.bias": "vector"}
+    return {**roles, "value_head.weight": "value", "value_head.bias": "value"}
 
 
 class ValueModel(nn.Module):
@@ -116,19 +116,12 @@ class ValueModel(nn.Module):
         return self(input_ids, positions, meta)
 
 
-class PolicyWithValue(nn.Module):
-    """A policy and its critic on one trunk. forward is the policy's own (logits, the model interface of
-    lmforge: the engine, LLM, LoRA, FSDP and the log-prob utilities take it as the bare policy); the value
-    head reads the same final hidden state. policy_and_values(ids) gives (logits, values) from one trunk
-    forward; values(ids) runs the trunk without the LM head."""
+class _PolicyFront(nn.Module):
+    """The policy's interface, delegated to `.backbone` (the policy): what the engine and the Trainer read of
+    PolicyWithValue and PolicyAndCritic, whose forward is the policy's own."""
 
-    def __init__(self, policy: nn.Module):
-        super().__init__()
-        _check_backbone(policy, "PolicyWithValue", shared=True)
-        self.backbone = policy
-        self.value_head = value_linear(policy)
+    backbone: nn.Module
 
-    # the policy's interface, delegated: what the engine and the Trainer read -----------------------------
     @property
     def cfg(self):
         return self.backbone.cfg
@@ -147,7 +140,26 @@ class PolicyWithValue(nn.Module):
         return self.backbone.forward_mtp(input_ids)  # the engine's draft='mtp'
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
-        return self.backbone.flops_per_token(seq_len, training)  # the Trainer's MFU; the head adds 2 d_model
+        return self.backbone.flops_per_token(seq_len, training)  # the Trainer's MFU; a value head adds 2 d_model
+
+
+def policy_of(model: nn.Module) -> nn.Module:
+    """The policy inside an actor-critic module (PolicyWithValue, PolicyAndCritic: its `.backbone`), else the
+    model itself: what an RL rollout engine runs (lmforge.train.distributed.rollout_model, sync_rollout)."""
+    return model.backbone if isinstance(model, _PolicyFront) else model
+
+
+class PolicyWithValue(_PolicyFront):
+    """A policy and its critic on one trunk. forward is the policy's own (logits, the model interface of
+    lmforge: the engine, LLM, LoRA, FSDP and the log-prob utilities take it as the bare policy); the value
+    head reads the same final hidden state. policy_and_values(ids) gives (logits, values) from one trunk
+    forward; values(ids) runs the trunk without the LM head."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        _check_backbone(policy, "PolicyWithValue", shared=True)
+        self.backbone = policy
+        self.value_head = value_linear(policy)
 
     def param_roles(self) -> dict[str, str]:
         return _param_roles(self)
@@ -186,7 +198,7 @@ class PolicyWithValue(nn.Module):
         return self(input_ids, positions, None, meta, values=True, logits=False)
 
 
-class PolicyAndCritic(nn.Module):
+class PolicyAndCritic(_PolicyFront):
     """A policy and a separate critic (a ValueModel on its own trunk: InstructGPT's PPO, whose value model
     starts from the reward model) as ONE module, the one the Trainer trains and checkpoints (its optimizer
     must hold only the model's parameters) and the engine samples from. Its interface is PolicyWithValue's:
@@ -203,20 +215,6 @@ class PolicyAndCritic(nn.Module):
             raise ConfigError(f"PolicyAndCritic's critic must be a ValueModel (e.g. ValueModel(copy.deepcopy("
                               f"reward_model.backbone))), got {type(critic).__name__}")
         self.backbone, self.critic = policy, critic
-
-    @property
-    def cfg(self):
-        return self.backbone.cfg
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return tuple(getattr(self.backbone, "eos_token_ids", None) or ())
-
-    def cache_spec(self):
-        return self.backbone.cache_spec()
-
-    def aux_loss(self) -> torch.Tensor | None:
-        return self.backbone.aux_loss()
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         return (self.backbone.flops_per_token(seq_len, training)  # the Trainer's MFU counts both trunks

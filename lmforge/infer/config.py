@@ -126,9 +126,12 @@ def use_fused_kernels(config: EngineConfig, device: torch.device) -> bool:
 
 def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, extra_per_token: int = 0) -> int:
     """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids. The state rows
-    of recurrent layers (max_num_seqs + 1 of spec.bytes_per_sequence(), lmforge.infer.kv.state) come first; a
-    model of state layers only stores nothing per token (its blocks are bookkeeping)."""
-    per_token = max(spec.bytes_per_token() + extra_per_token, 1)
+    of recurrent layers (max_num_seqs + 1 of spec.bytes_per_sequence(), lmforge.infer.kv.state) come first. A
+    model of state layers only stores nothing per token: its blocks are bookkeeping, as many as max_num_seqs
+    full-length sequences hold whatever num_kv_tokens says (a KV budget would only refuse requests and preempt)."""
+    if spec.bytes_per_token() + extra_per_token == 0:
+        return c.max_num_seqs * -(-max_seq_len // c.block_size)
+    per_token = spec.bytes_per_token() + extra_per_token
     state = (c.max_num_seqs + 1) * spec.bytes_per_sequence()
     if c.num_kv_tokens is not None:
         tokens = c.num_kv_tokens

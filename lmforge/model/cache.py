@@ -57,12 +57,23 @@ class LayerCacheSpec:
     """state kind: the shape of each per-sequence state tensor (Mamba: conv (d_inner, k - 1), ssm (d_inner, n))"""
     state_dtype: torch.dtype | None = None
     """state kind: the dtype states are kept in; None = the cache's (SSM states often stay fp32 in bf16 models)"""
+    state_dtypes: tuple[torch.dtype | None, ...] = ()
+    """state kind: one dtype per state tensor (state_shapes' order), each None = state_dtype, else the cache's;
+    () = state_dtype for all. Mamba as vLLM keeps it: conv in the model's dtype, ssm in fp32: (None, torch.float32)"""
 
     def __post_init__(self) -> None:
         if self.kind == "state" and (not self.state_shapes or not all(
                 isinstance(s, tuple) and s and all(isinstance(d, int) and d > 0 for d in s) for s in self.state_shapes)):
             raise LmforgeError(f"a 'state' layer needs state_shapes, a tuple of shapes of positive ints, got "
                                f"{self.state_shapes!r}: e.g. state_shapes=((d_inner, k - 1), (d_inner, n))")
+        if self.state_dtypes and (len(self.state_dtypes) != len(self.state_shapes) or not all(
+                d is None or isinstance(d, torch.dtype) for d in self.state_dtypes)):
+            raise LmforgeError(f"state_dtypes needs one torch.dtype or None per state_shapes entry "
+                               f"({len(self.state_shapes)}), got {self.state_dtypes!r}: e.g. (None, torch.float32)")
+
+    def state_dtype_of(self, i: int, default: torch.dtype) -> torch.dtype:
+        """The dtype state tensor i is kept in: state_dtypes[i], else state_dtype, else `default` (the cache's)."""
+        return (self.state_dtypes[i] if self.state_dtypes else None) or self.state_dtype or default
 
     @property
     def numbers_per_token(self) -> int:
@@ -106,8 +117,8 @@ class CacheSpec:
 
     def bytes_per_sequence(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of recurrent state one sequence holds, whatever its length (0 without state layers)."""
-        return sum(layer.numbers_per_sequence * torch.empty((), dtype=layer.state_dtype or dtype or self.dtype
-                                                            ).element_size() for layer in self.layers)
+        return sum(math.prod(shape) * torch.empty((), dtype=layer.state_dtype_of(i, dtype or self.dtype)).element_size()
+                   for layer in self.layers for i, shape in enumerate(layer.state_shapes))
 
 
 def contiguous_mask(T: int, S: int, window: int, device) -> Mask:

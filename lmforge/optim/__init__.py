@@ -94,10 +94,10 @@ SCHEDULES: dict[str, Callable[..., float]] = {
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, cfg=None) -> list[dict]:
-    """One group per parameter role; with `cfg`, roles get embed_lr / head_lr / vector_lr when set."""
+    """One group per parameter role; with `cfg`, roles get embed_lr / head_lr / vector_lr / value_lr when set."""
     lrs = None
     if cfg is not None:
-        lrs = {"embedding": cfg.embed_lr, "head": cfg.head_lr, "vector": cfg.vector_lr}
+        lrs = {"embedding": cfg.embed_lr, "head": cfg.head_lr, "vector": cfg.vector_lr, "value": cfg.value_lr}
     return role_groups(model, weight_decay, lrs)
 
 

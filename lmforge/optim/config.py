@@ -1,7 +1,7 @@
 """OptimConfig: which optimizer, its hyper-parameters, the schedule and the parameter-group rules.
 
 One flat dataclass serves every optimizer in `lmforge.optim.OPTIMIZERS`; each optimizer reads the fields
-it needs (documented per field). Parameter roles ("matrix", "embedding", "head", "vector") decide weight
+it needs (documented per field). Parameter roles ("matrix", "embedding", "head", "vector", "value") decide weight
 decay and per-role learning rates; see `lmforge.optim.groups`.
 """
 
@@ -47,6 +47,8 @@ class OptimConfig:
     """learning rate of the output head; 0 = the default"""
     vector_lr: float = 0.0
     """learning rate of vectors (norm gains, biases); 0 = the default"""
+    value_lr: float = 0.0
+    """learning rate of a critic's value head (role "value", lmforge.align.value); 0 = the default"""
     # Muon / Dion -------------------------------------------------------------------------------
     momentum: float = 0.95
     """Muon/Dion momentum coefficient"""
@@ -93,7 +95,7 @@ class OptimConfig:
         check(0 <= self.decay_fraction <= 1, f"optim.decay_fraction must lie in [0, 1], got {self.decay_fraction}")
         check(self.decay_shape in DECAY_SHAPES,
               f"optim.decay_shape={self.decay_shape!r} is unknown; choose one of {DECAY_SHAPES}")
-        for name in ("adam_lr", "embed_lr", "head_lr", "vector_lr", "qk_clip_tau"):
+        for name in ("adam_lr", "embed_lr", "head_lr", "vector_lr", "value_lr", "qk_clip_tau"):
             check(getattr(self, name) >= 0, f"optim.{name} must be >= 0 (0 = default/off), got {getattr(self, name)}")
         check(not self.qk_clip_tau or self.name == "muon",
               f"optim.qk_clip_tau is MuonClip's QK-clip: it needs optim.name='muon', got {self.name!r}")

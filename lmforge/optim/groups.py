@@ -6,9 +6,12 @@ Every trainable parameter gets one role:
     "matrix"     every other tensor of dim >= 2 (attention and MLP weights): what Muon, Dion, Shampoo
                  and SOAP precondition as a matrix
     "vector"     norm gains, biases, scalars
+    "value"      a critic's value head, weight and bias (lmforge.align.value): RL's critic often learns at
+                 a rate of its own; never decayed (decay pulls every value toward 0, a baseline it must learn),
+                 and like "head" not a matrix to precondition (Muon/Dion update it with AdamW)
 A model that knows better exposes `param_roles() -> {name: role}` (lmforge's Transformer does); other
-modules get the rule above. Weight decay applies to every role but "vector"; per-role learning rates come
-from `OptimConfig.embed_lr / head_lr / vector_lr`.
+modules get the rule above. Weight decay applies to every role but "vector" and "value"; per-role learning
+rates come from `OptimConfig.embed_lr / head_lr / vector_lr / value_lr`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 
 from lmforge.errors import ConfigError
 
-ROLES = ("matrix", "embedding", "head", "vector")
+ROLES = ("matrix", "embedding", "head", "vector", "value")
+NO_DECAY = ("vector", "value")
 
 
 def infer_roles(model: torch.nn.Module) -> dict[str, str]:
@@ -61,7 +65,7 @@ def role_groups(model: torch.nn.Module, weight_decay: float,
         if not by_role[role]:
             continue
         g = {"params": by_role[role], "role": role, "name": role,
-             "weight_decay": 0.0 if role == "vector" else weight_decay}
+             "weight_decay": 0.0 if role in NO_DECAY else weight_decay}
         if lrs and lrs.get(role):
             g["lr"] = lrs[role]
         groups.append(g)

@@ -122,12 +122,16 @@ def rollout_model(policy: torch.nn.Module, par: ParallelConfig | None) -> torch.
     copy on every rank (copy.deepcopy: LoRA adapters and any other wrapping come along; the policy must
     already be on its device), refreshed by sync_rollout. A copy also under DDP, whose module holds the full
     weights: the engine then never runs a training wrapper's forward hooks (DDP's lazy broadcast, FSDP's
-    all-gathers) while the ranks sample out of lockstep. Costs one full copy of the weights per rank."""
+    all-gathers) while the ranks sample out of lockstep. Costs one full copy of the weights per rank. An
+    actor-critic (lmforge.align.value.PolicyWithValue, PolicyAndCritic) is copied without its critic: the
+    engine runs the policy alone (its `.backbone`)."""
+    from lmforge.align.value import policy_of
+
     if par is None:
         return policy
     if par.pp > 1:
         raise ConfigError(f"parallel.pp={par.pp}: {PIPELINE_ROLLOUTS}")
-    return copy.deepcopy(policy)
+    return copy.deepcopy(policy_of(policy))
 
 
 def full_weights(model: torch.nn.Module, device: torch.device | str | None = None, *, frozen: bool = True
@@ -158,11 +162,14 @@ def sync_rollout(llm, policy: torch.nn.Module) -> None:
     on every rank at once): the engine (an LLM or Engine) drops what the old weights computed and, when it
     runs a rollout_model copy, first takes what can have changed in place: the policy's trainable
     parameters and buffers (full_weights(frozen=False)); a frozen parameter is the copy's own since
-    rollout_model made it (a LoRA policy sends its adapters, not its base)."""
-    if llm.model is policy:
+    rollout_model made it (a LoRA policy sends its adapters, not its base). Of an actor-critic only the policy
+    (its `.backbone`) is gathered and sent, not the critic's trunk or value head."""
+    from lmforge.align.value import policy_of
+
+    if llm.model is policy or llm.model is policy_of(policy):  # one process: the very module
         llm.update_weights()
     else:
-        llm.update_weights(full_weights(policy, frozen=False), partial=True)
+        llm.update_weights(full_weights(policy_of(policy), frozen=False), partial=True)
 
 
 class Repeated(dict):

@@ -95,7 +95,8 @@ def test_one_trunk_forward_gives_the_policys_logits_and_the_values(monkeypatch):
     loss.backward()
     assert ac.value_head.weight.grad.abs().sum() > 0 and policy.blocks[0].attn.wq.weight.grad.abs().sum() > 0
     roles = ac.param_roles()
-    assert roles["value_head.weight"] == "head" and roles["backbone.lm_head.weight"] == "head"
+    assert roles["value_head.weight"] == roles["value_head.bias"] == "value"
+    assert roles["backbone.lm_head.weight"] == "head"
     assert ac.cfg is policy.cfg and ac.cache_spec() == policy.cache_spec()
 
 
@@ -209,7 +210,7 @@ def test_the_trainer_trains_a_policy_with_value_and_its_checkpoint_loads_back(tm
     cfg = LoopConfig(run_dir=str(tmp_path / "run"), max_steps=4, log_every=1, eval_every=100, ckpt_every=4,
                      device="cpu", progress=False, plot=False, seed=0, optim=OptimConfig(lr=1e-2, weight_decay=0.0))
     optimizer = build_optimizer(ac, cfg.optim)  # the head is the model's: the Trainer's check passes
-    assert any(ac.value_head.weight is p for g in optimizer.param_groups if g["role"] == "head" for p in g["params"])
+    assert any(ac.value_head.weight is p for g in optimizer.param_groups if g["role"] == "value" for p in g["params"])
     result = Trainer(ac, optimizer, Fixed(batch), ActorCritic(), config=cfg).fit()
     errors = [r["value_error"] for r in result.history if "value_error" in r]
     assert errors[-1] < errors[0] and ac.value_head.weight.abs().sum() > 0
@@ -235,7 +236,7 @@ def test_a_policy_and_a_separate_critic_train_sample_and_load_as_one_model(tmp_p
         assert torch.equal(values, critic(ids)) and torch.equal(pc.values(ids), values)
     assert pc.cfg is policy.cfg and pc.cache_spec() == policy.cache_spec()
     roles = pc.param_roles()
-    assert roles["critic.value_head.weight"] == "head" and roles["backbone.lm_head.weight"] == "head"
+    assert roles["critic.value_head.weight"] == "value" and roles["backbone.lm_head.weight"] == "head"
     prompts, params = [[1, 2, 3], [4, 5]], SamplingParams(n=2, max_tokens=4, seed=3, logprobs=0)
     cfg = EngineConfig(block_size=4, max_num_seqs=8, num_kv_tokens=256)
     tok = ByteTokenizer()
@@ -260,22 +261,31 @@ def test_a_policy_and_a_separate_critic_train_sample_and_load_as_one_model(tmp_p
             assert torch.equal(a, b)
 
 
-def _fit(run_dir: str, layout: dict | None = None) -> tuple[list[float], str]:
-    """ActorCritic on a PolicyWithValue for 3 steps on this process's layout (None: one process)."""
+def _fit(run_dir: str, layout: dict | None = None) -> tuple[list[float], str, dict]:
+    """ActorCritic on a PolicyWithValue for 3 steps on this process's layout (None: one process), then its
+    rollout engine synced (lmforge.train.distributed.sync_rollout): the names sent and the engine's weights."""
+    from lmforge.infer.detok import IdTokenizer
     from lmforge.parallel.config import ParallelConfig
-    from lmforge.train.distributed import distribute
+    from lmforge.train.distributed import distribute, rollout_model, sync_rollout
 
     batch = {**sequences(4, 10, 41, [2, 3, 4, 2], seed=0), "scores": torch.tensor([1.0, -1.0, 0.5, 0.0])}
     par = ParallelConfig(**layout) if layout else None
-    model, src, runner = distribute(PolicyWithValue(tiny_model(0)), Fixed(batch), par, device=torch.device("cpu"),
-                                    seq_len=10, batch_size=4)
+    ac = PolicyWithValue(tiny_model(0))
+    llm = LLM(rollout_model(ac, par), IdTokenizer(41), config=EngineConfig(block_size=4, max_num_seqs=2,
+                                                                            num_kv_tokens=32))
+    model, src, runner = distribute(ac, Fixed(batch), par, device=torch.device("cpu"), seq_len=10, batch_size=4)
     cfg = LoopConfig(run_dir=run_dir, max_steps=3, log_every=1, eval_every=100, ckpt_every=3, device="cpu",
                      progress=False, plot=False, seed=0, optim=OptimConfig(lr=1e-2, weight_decay=0.0))
     result = Trainer(model, build_optimizer(model, cfg.optim), src, ActorCritic(), config=cfg, runner=runner).fit()
-    return [r["loss"] for r in result.history if "loss" in r], str(result.checkpoint)
+    sent, update = [], llm.update_weights
+    llm.update_weights = lambda w=None, partial=False: (sent.append(sorted(w or ())), update(w, partial=partial))
+    sync_rollout(llm, model)
+    synced = {"sent": sent[0], "kind": type(llm.model).__name__,
+              "weights": {k: v.clone() for k, v in llm.model.state_dict().items()}}
+    return [r["loss"] for r in result.history if "loss" in r], str(result.checkpoint), synced
 
 
-def _fsdp_worker(rank: int, world: int, run_dir: str) -> tuple[list[float], str]:
+def _fsdp_worker(rank: int, world: int, run_dir: str) -> tuple[list[float], str, dict]:
     return _fit(run_dir, {"dp_shard": 2})
 
 
@@ -285,14 +295,66 @@ def test_fsdp_shards_a_policy_with_value_and_writes_its_checkpoint(tmp_path):
     gathered checkpoint loads as the same PolicyWithValue."""
     from lmforge.parallel.launch import run_local
 
-    one, one_ckpt = _fit(str(tmp_path / "one"))
-    two, two_ckpt = run_local(_fsdp_worker, 2, str(tmp_path / "two"), timeout=120, start_method="fork")[0]
+    one, one_ckpt, one_sync = _fit(str(tmp_path / "one"))
+    ranks = run_local(_fsdp_worker, 2, str(tmp_path / "two"), timeout=120, start_method="fork")
+    two, two_ckpt, _ = ranks[0]
     assert two == pytest.approx(one, abs=1e-6)
     (a, _), (b, _) = ckpt.load_model(one_ckpt), ckpt.load_model(two_ckpt)
     ids = torch.randint(0, 41, (2, 8))
     with torch.no_grad():
         assert isinstance(b, PolicyWithValue)
         torch.testing.assert_close(b.policy_and_values(ids), a.policy_and_values(ids), rtol=0, atol=1e-6)
+    # each rank's rollout engine holds a copy of the policy alone, synced to the trained one; no critic was sent
+    assert one_sync["kind"] == "PolicyWithValue" and one_sync["sent"] == []  # one process: the module itself
+    policy = b.backbone.state_dict()
+    for _, _, sync in ranks:
+        assert sync["kind"] == "Transformer" and sync["sent"] == sorted(policy)
+        assert sync["weights"].keys() == policy.keys()
+        assert max(float((v - policy[k]).abs().max()) for k, v in sync["weights"].items()) < 1e-6
+
+
+def test_rollouts_copy_and_sync_the_policy_alone():
+    """Under data parallelism (a ParallelConfig: here one process stands for each rank) the rollout engine's
+    copy is the policy (`.backbone`) without the critic or value head, and sync_rollout sends the policy's
+    tensors only, under their own names; the copy then equals the policy."""
+    from lmforge.infer.detok import IdTokenizer
+    from lmforge.parallel.config import ParallelConfig
+    from lmforge.train.distributed import rollout_model, sync_rollout
+
+    for ac in (PolicyWithValue(tiny_model(0)), PolicyAndCritic(tiny_model(0), ValueModel(tiny_model(1, n_layers=1)))):
+        rollout = rollout_model(ac, ParallelConfig())
+        policy = ac.backbone.state_dict()
+        assert type(rollout) is type(ac.backbone) and rollout.state_dict().keys() == policy.keys()
+        assert not {p.data_ptr() for p in rollout.parameters()} & {p.data_ptr() for p in ac.parameters()}
+        llm = LLM(rollout, IdTokenizer(41), config=EngineConfig(block_size=4, max_num_seqs=2, num_kv_tokens=32))
+        with torch.no_grad():
+            for p in ac.parameters():
+                p.add_(1.0)
+        sent, update = [], llm.update_weights
+        llm.update_weights = lambda w=None, partial=False: (sent.append(sorted(w)), update(w, partial=partial))
+        sync_rollout(llm, ac)
+        assert sent == [sorted(policy)]  # no "critic." / "value_head." names
+        assert all(torch.equal(v, policy[k]) for k, v in rollout.state_dict().items())
+
+
+def test_the_value_head_has_its_own_learning_rate_and_no_weight_decay():
+    """Role "value" (lmforge.optim.groups): OptimConfig.value_lr sets the value head's rate (0 = the optimizer's
+    default, as for the other roles); never decayed; Muon and Dion update it with AdamW, like the LM head."""
+    for model in (PolicyWithValue(tiny_model(0)), PolicyAndCritic(tiny_model(0), ValueModel(tiny_model(1)))):
+        head = model.value_head if isinstance(model, PolicyWithValue) else model.critic.value_head
+        for name, lrs in (("adamw", {}), ("muon", {"adam_lr": 3e-3}), ("dion", {})):
+            for value_lr in (0.0, 5e-4):
+                cfg = OptimConfig(name=name, lr=0.02, head_lr=1e-3, weight_decay=0.1, value_lr=value_lr, **lrs)
+                groups = {g["role"]: g for g in build_optimizer(model, cfg).param_groups}
+                value = groups["value"]
+                assert {id(p) for p in value["params"]} == {id(head.weight), id(head.bias)}
+                assert value["lr"] == (value_lr or lrs.get("adam_lr", 0.02)) and value["weight_decay"] == 0.0
+                assert groups["head"]["lr"] == 1e-3 and groups["matrix"]["weight_decay"] == 0.1
+                if name != "adamw":
+                    flag = f"use_{name}"
+                    assert not value[flag] and not groups["head"][flag] and groups["matrix"][flag]
+    with pytest.raises(ConfigError, match="optim.value_lr must be >= 0"):
+        OptimConfig(value_lr=-1.0)
 
 
 class RankRollout:

@@ -99,8 +99,8 @@ def test_engine_equals_the_full_forward(kind, config, models, tok):
         assert out.token_ids == want, (kind, config, i)
         assert out.logprobs == pytest.approx(lps, abs=1e-4)
     assert engine.async_scheduling == (config == "async")
-    if config == "chunks+preemption":
-        assert engine.stats()["preemptions"] > 0
+    if config == "chunks+preemption":  # a pure state model's pool holds every sequence (pool_blocks)
+        assert (engine.stats()["preemptions"] > 0) == (kind == "hybrid")
     if config == "static decode":
         assert engine.runner.graphs.entries  # decode-only steps ran in the static buffers
     no_leak(engine)
@@ -135,7 +135,7 @@ def test_seeded_samples_fork_the_state_and_equal_the_recompute_engine(kind, mode
         assert [o.token_ids for o in got[i].outputs] == [o.token_ids for o in want[i].outputs], i
     assert len({tuple(o.token_ids) for o in got[0].outputs}) == 3  # the samples differ
     assert got[0].outputs[0].logprobs == pytest.approx(want[0].outputs[0].logprobs, abs=1e-4)
-    assert engine.stats()["preemptions"] > 0
+    assert (engine.stats()["preemptions"] > 0) == (kind == "hybrid")
     no_leak(engine)
 
 
@@ -215,6 +215,44 @@ def test_spec_of_a_hybrid_and_the_pool_sizing(models):
     ssm = models["ssm"].cache_spec()
     assert ssm.bytes_per_token() == 0 and pool_blocks(EngineConfig(max_num_seqs=2, block_size=8), ssm,
                                                       torch.device("cpu"), 96) == 2 * 96 // 8
+
+
+def test_each_state_tensor_keeps_its_own_dtype():
+    """state_dtypes: one dtype per state tensor (Mamba as vLLM keeps it: conv in the model's dtype, ssm in
+    fp32); None entries fall back to state_dtype, then the cache's. The pools and bytes_per_sequence agree."""
+    from lmforge.infer.kv.state import new_state_cache
+
+    shapes = ((6, 2), (6, 4))
+    for kw, want in ((dict(state_dtypes=(None, torch.float32)), (torch.bfloat16, torch.float32)),
+                     (dict(state_dtype=torch.float32), (torch.float32, torch.float32)),
+                     (dict(state_dtype=torch.float32, state_dtypes=(torch.bfloat16, None)),
+                      (torch.bfloat16, torch.float32)),
+                     ({}, (torch.bfloat16, torch.bfloat16))):
+        layer = LayerCacheSpec(kind="state", state_shapes=shapes, **kw)
+        spec = CacheSpec(layers=(layer, layer), dtype=torch.bfloat16, max_seq_len=32, vocab_size=8)
+        cache = new_state_cache(spec, 2, 4, max_seqs=3)
+        assert [[p.dtype for p in cache.states[i]] for i in (0, 1)] == [list(want)] * 2, kw
+        row = sum(p[0].numel() * p.element_size() for pools in cache.states.values() for p in pools)
+        assert spec.bytes_per_sequence() == row == 2 * (12 * want[0].itemsize + 24 * want[1].itemsize)  # 6x2, 6x4
+    with pytest.raises(LmforgeError, match="one torch.dtype or None per state_shapes entry"):
+        LayerCacheSpec(kind="state", state_shapes=shapes, state_dtypes=(torch.float32,))
+
+
+def test_a_pure_state_models_blocks_are_bookkeeping_whatever_num_kv_tokens_says(models, tok):
+    """Nothing is stored per token, so the pool holds max_num_seqs sequences of max_seq_len, each in whole
+    blocks: a request longer than num_kv_tokens is served, and concurrent ones are never preempted."""
+    model = models["ssm"]
+    for kv_tokens in (None, 40):
+        assert pool_blocks(EngineConfig(max_num_seqs=3, block_size=8, num_kv_tokens=kv_tokens), model.cache_spec(),
+                           torch.device("cpu"), 97) == 3 * 13  # 97 tokens: 13 blocks of 8
+    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=8, num_kv_tokens=40, max_num_seqs=3))
+    assert engine.pool.num_blocks == 3 * 96 // 4
+    mix = greedy_mix(model, lengths=(50, 30, 44))  # 54, 37, 54 tokens: 14, 10, 14 blocks; the budget is 10
+    done = run(engine, mix)
+    for i, (prompt, sp) in enumerate(mix):
+        assert done[i].outputs[0].token_ids == reference(model, prompt, sp.max_tokens)[0], i
+    assert engine.stats()["preemptions"] == 0
+    no_leak(engine)
 
 
 def test_the_state_cache_serves_both_kinds_in_one_object(models, tok):

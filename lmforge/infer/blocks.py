@@ -208,6 +208,35 @@ class BlockPool:
         table[:] = new
         return [j for j, r in enumerate(reuse) if r is None]
 
+    def compact_in_place(self, table: list[int], num_tokens: int) -> list[int] | None:
+        """Unordered KV-policy eviction (lmforge.infer.kv.policy, ordered_slots = False): `table` keeps its
+        first blocks_for(num_tokens) blocks, into which the caller writes (evicted slots filled from the
+        tail), so each must be private: one that another sequence holds or a prefix key names is replaced by
+        a fresh block (copy-on-write: the caller writes every slot of it, the old one keeps its contents for
+        its other holders and the prefix cache). Blocks past the end are released. Returns the indices j of
+        the replaced blocks (edits table), or None (nothing changed) when the free blocks cannot cover them.
+        O(blocks) host work, no per-slot loop; the same accounting as compact(table, [None] * blocks, ...)."""
+        bs, nb, ref, key = self.block_size, self.blocks_for(num_tokens), self.ref, self.key
+        cow = [j for j in range(nb) if ref[table[j]] > 1 or key[table[j]] is not None]
+        tail = table[nb:]
+        # blocks freed by this very release (the tail, replaced blocks no one else holds) count: the caller
+        # reads their keys before writing any block
+        if cow and len(cow) > len(self.fresh) + len(self.idle) + sum(
+                1 for b in {*tail, *(table[j] for j in cow)} if b != self.null and ref[b] == 1):
+            return None
+        self.release(tail)  # (release empties the list it is given: tail is a copy)
+        del table[nb:]
+        for j in cow:
+            self.release([table[j]])  # one hold fewer; a named block nobody else holds idles, still cached
+            table[j] = self._take()
+        last = table[nb - 1]  # the only block whose fill changes (earlier ones stay full)
+        self.tokens_held -= self.filled[last]
+        self.filled[last] = 0
+        self._fill(last, num_tokens - (nb - 1) * bs)
+        for j in cow:
+            self._fill(table[j], min(bs, num_tokens - j * bs))
+        return cow
+
     def fork(self, table: list[int]) -> list[int]:
         for b in table:
             self.hold(b)

@@ -68,7 +68,8 @@ class Sequence:
     """tokens whose keys/values are in the cache (the position of the next token to run)"""
     evicted: int = 0
     """keys a KV policy dropped from the cache (lmforge.infer.kv.policy): the cache holds num_slots =
-    num_computed - evicted keys, in position order; the next token's key goes to slot num_slots"""
+    num_computed - evicted keys (in position order, unless the policy sets ordered_slots = False); the next
+    token's key goes to slot num_slots"""
     block_table: list[int] = field(default_factory=list)
     block_keys: list[int] = field(default_factory=list)
     """prefix keys of the leading full blocks (lmforge.infer.blocks)"""

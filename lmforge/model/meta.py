@@ -15,7 +15,8 @@ Two layouts use it:
                          this step's keys are written, context_lens[i] keys in the paged cache, found
                          through block_tables[i]; its queries are its last query_lens[i] keys (slots
                          context_lens[i] - query_lens[i] ...; slots are positions unless a KV policy evicted
-                         keys: lmforge.infer.kv.policy; queries keep their positions in `positions`).
+                         keys, and then need not be in position order: lmforge.infer.kv.policy; queries keep
+                         their positions in `positions`).
                          slot_mapping gives each new token's flat cache
                          slot (block * block_size + offset). Host-side copies of the lengths (`*_host`)
                          let caches loop over sequences without reading the device.

@@ -7,6 +7,9 @@ greedy tokens and every log-prob must agree."""
 from __future__ import annotations
 
 import copy
+import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 import torch
@@ -102,21 +105,23 @@ def snapkv_by_hand(probs: dict[int, list[torch.Tensor]], prompt_len: int, budget
 
 
 def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.Tensor]:
-    """The engine's schedule on the reference: log[step] = [(seq, start, n)]; a sequence first seen after
-    position 0 is a fork and starts from its parent's state as of the step before; start 0 (re)starts it.
-    Returns {(seq_id, position): log-probs of the token at that position}."""
+    """The engine's schedule on the reference: log[step] = [(seq, start, n[, tokens held then])]; a sequence
+    first seen after position 0 is a fork and starts from its parent's state as of the step before; start 0
+    (re)starts it (its prompt: the tokens held then, `RefCache.prompt_len`). Returns {(seq_id, position):
+    log-probs of the token at that position}."""
     cfg = model.cfg
     kv = 1 if cfg.attention == "mla" else cfg.n_kv_heads or cfg.n_heads
     states: dict[int, RefCache] = {}
     out = {}
     for step in log:
-        for seq, start, _ in step:
+        for seq, start, *_ in step:
             if seq.index > 0 and seq.seq_id not in states:
                 states[seq.seq_id] = copy.deepcopy(states[seq.request.seqs[0].seq_id])
-        for seq, start, n in step:
+        for seq, start, n, *held in step:
             hit = False
             if seq.seq_id not in states or start < states[seq.seq_id].length:  # new, or preempted (from 0)
                 states[seq.seq_id] = ref = RefCache(cfg.n_layers, kv)
+                ref.prompt_len = held[0] if held else None
                 if start:  # blocks from the prefix cache: a lossless prefill of the prefix
                     with torch.no_grad():
                         model(torch.tensor([seq.tokens[:start]]), positions=torch.arange(start)[None], cache=ref)
@@ -134,13 +139,16 @@ def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.T
     return out
 
 
-def run(model, tok, config, prompts, params):
-    """The engine's outputs and its schedule: [(seq, num_computed before, n)] per step."""
+def run(model, tok, config, prompts, params, before=None):
+    """The engine's outputs and its schedule: [(seq, num_computed before, n, tokens held)] per step.
+    before(engine): called before the first request (spies)."""
     engine = Engine(model, tok, config)
+    if before is not None:
+        before(engine)
     log, real = [], engine.runner.execute
 
     def spy(batch, *a, **k):
-        log.append([(seq, seq.num_computed, n) for seq, n in batch.chunks])
+        log.append([(seq, seq.num_computed, n, len(seq.tokens)) for seq, n in batch.chunks])
         return real(batch, *a, **k)
     engine.runner.execute = spy
     reqs = [engine.requests[engine.add_request(p, params)] for p in prompts]
@@ -180,6 +188,30 @@ def model_of(arch: str):
     return tiny_model("llama")
 
 
+@dataclass(frozen=True, kw_only=True)
+class StreamingByPosition(StreamingLLM):
+    """StreamingLLM's rule with unordered slots: the sinks are positions < sink_tokens, the window the last
+    `window` positions; the state maps each slot to its key's position (keys a step appended sit at the
+    next slots in order; `compacted` permutes the map). Observes nothing: decode and prefill kernels and CUDA
+    graphs stay on."""
+
+    ordered_slots: ClassVar[bool] = False
+
+    def start(self, seq, layout):
+        return {"pos": []}
+
+    def plan(self, seq, state):
+        n, now, pos = seq.num_slots, seq.num_computed, state["pos"]
+        pos += range(now - (n - len(pos)), now)  # keys appended since the last plan
+        if n < self.sink_tokens + self.window + self.slack:
+            return None
+        return [i for i, p in enumerate(pos) if p < self.sink_tokens or p >= now - self.window]
+
+    def compacted(self, state, keep):  # (a tensor plan: every layer and head alike)
+        state["pos"] = [state["pos"][i] for i in (keep[0, 0].tolist() if isinstance(keep, torch.Tensor) else keep)]
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(**STREAM), StreamingByPosition(**STREAM)])
 @pytest.mark.parametrize("arch,config", [
     ("llama", dict(chunked_prefill=False)),
     ("llama", dict(max_num_batched_tokens=12)),  # chunked prefill: evictions between chunks of the prompt
@@ -187,9 +219,9 @@ def model_of(arch: str):
     ("llama", dict(async_scheduling=True, max_num_batched_tokens=12)),
     ("mla", dict(max_num_batched_tokens=12)),
 ])
-def test_streaming_llm_equals_the_masked_reference(tok, arch, config):
+def test_streaming_llm_equals_the_masked_reference(tok, arch, config, policy):
+    """Also with unordered slots (StreamingByPosition): the same keys kept, so the same outputs."""
     model = model_of(arch)
-    policy = StreamingLLM(**STREAM)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
     engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, **config),
                             [PROMPT, "a short one"], sp)
@@ -216,23 +248,30 @@ def test_streaming_llm_with_n_samples_and_preemption(tok, monkeypatch):
     assert engine.pool.num_used == 0
 
 
-class MixedForms(StreamingLLM):
-    """StreamingLLM's keep, as a host list for even sequence ids and an (L, kv heads, K) tensor for odd ones."""
-
+class _Mixed:
     def plan(self, seq, state):
         keep = super().plan(seq, state)
         return keep if keep is None or seq.seq_id % 2 == 0 else torch.tensor(keep).expand(2, 2, -1)
 
 
+class MixedForms(_Mixed, StreamingLLM):
+    """StreamingLLM's keep, as a host list for even sequence ids and an (L, kv heads, K) tensor for odd ones."""
+
+
+class MixedByPosition(_Mixed, StreamingByPosition):
+    """The same with unordered slots: host-list destinations and per-head ones in one step's copy."""
+
+
+@pytest.mark.parametrize("kind", [MixedForms, MixedByPosition])
 @pytest.mark.parametrize("config,n", [(dict(chunked_prefill=False), 1),
                                       (dict(num_kv_tokens=64, max_num_batched_tokens=16), 3)])
-def test_a_steps_compactions_are_one_copy_per_pool(tok, config, n):
+def test_a_steps_compactions_are_one_copy_per_pool(tok, config, n, kind):
     """Sequences compacting in the same step (every step under H2O or TOVA) share one cache.compact: one
     gather and one write per pool, sources of every form widened to (L, heads, M); every source is read
     before any destination is written (a block one compaction releases may be another's fresh block).
     Same outputs as the reference: greedy, and n = 3 samples under preemption (a prefix hit, PROMPT[:21])."""
     model = tiny_model("llama")
-    policy = MixedForms(**STREAM)
+    policy = kind(**STREAM)
     engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, **config))
     calls, real = [], engine.runner.cache.compact
     engine.runner.cache.compact = lambda src, dst: calls.append(src.dim()) or real(src, dst)
@@ -346,12 +385,13 @@ def test_snapkv_pooling_max_and_short_prompts(tok):
     assert engine.stats()["evicted_tokens"] == len(ids) - 4 - 6
 
 
-def test_beam_search_beams_keep_their_own_windows(tok):
+@pytest.mark.parametrize("kind", [StreamingLLM, StreamingByPosition])
+def test_beam_search_beams_keep_their_own_windows(tok, kind):
     """Beams fork from live beams every round (each fork applies its parent's plan first) and drop: each
     final hypothesis's log-probs equal a linear reference over its own tokens (prompt in one chunk, then one
     token at a time, StreamingLLM's rule before each)."""
     model = tiny_model("llama")
-    policy = StreamingLLM(**STREAM)
+    policy = kind(**STREAM)
     engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, chunked_prefill=False))
     rid = engine.add_request(PROMPT, SamplingParams(beam_width=3, n=3, temperature=0, max_tokens=12, ignore_eos=True,
                                                      logprobs=0))
@@ -380,7 +420,8 @@ def _ties(probs, h: int, P: int, got: list[int], want: list[int]) -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("policy", [StreamingLLM(**STREAM), StreamingLLM(sink_tokens=4, window=8, slack=4)])
+@pytest.mark.parametrize("policy", [StreamingLLM(**STREAM), StreamingLLM(sink_tokens=4, window=8, slack=4),
+                                    StreamingByPosition(**STREAM)])
 def test_gpu_backends_read_compacted_sequences(tok, policy):
     """On a GPU the defaults run: the Triton decode kernel and varlen prefill kernel (context lengths in
     slots), replayed CUDA graphs, async scheduling; the batch-1 kernel step is off. Same as the reference."""
@@ -410,12 +451,13 @@ def test_no_policy_and_a_policy_that_never_evicts_are_bit_identical(tok):
     assert outs(None) == outs(StreamingLLM(window=1000))
 
 
-def test_prefix_cache_never_hands_out_lossy_blocks(tok):
+@pytest.mark.parametrize("kind", [StreamingLLM, StreamingByPosition])
+def test_prefix_cache_never_hands_out_lossy_blocks(tok, kind):
     """A prompt computed in one chunk is lossless: its blocks are named before the first eviction and never
     written after it (a compaction writes fresh blocks), so the same prompt again hits them and decodes the
     same. A chunk computed after an eviction saw a lossy context: its blocks are never named."""
     model = tiny_model("llama")
-    policy = StreamingLLM(**STREAM)
+    policy = kind(**STREAM)
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
     engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=policy, chunked_prefill=False))
     first = engine.requests[engine.add_request(PROMPT, sp)]
@@ -485,20 +527,21 @@ def test_pool_compaction_copies_shared_and_named_blocks_and_keeps_fills():
     assert pool.compact(mine, [0, 2], 6) == [] and mine == [old[0], old[2]] and pool.filled[old[2]] == 2
 
 
-def test_compaction_moves_every_layers_keys_and_mla_latents(tok):
-    """cache.compact: per-head slots for K/V pools, one slot list for MLA's latents and rope keys."""
+def filled_caches(*models):
+    """(paged cache of 6 blocks of 4 filled with noise, a copy of its pools, kv heads per pool row) per model."""
     from lmforge.infer.kv.paged import PagedKVCache, PagedLatentCache
-    from lmforge.model.config import MLAConfig
 
-    for model in (tiny_model("llama"), tiny_model("llama", attention="mla", rope_layout="interleaved", n_kv_heads=None,
-                                                  mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8,
-                                                                qk_rope_head_dim=8, v_head_dim=8))):
+    for model in models:
         spec = model.cache_spec()
         cache = (PagedLatentCache if spec.latent else PagedKVCache)(spec, 6, 4)
         for p in cache.pools():
             p.copy_(torch.randn_like(p))
-        before = [p.clone() for p in cache.pools()]
-        heads = 1 if spec.latent else 2
+        yield cache, [p.clone() for p in cache.pools()], 1 if spec.latent else 2
+
+
+def test_compaction_moves_every_layers_keys_and_mla_latents(tok):
+    """cache.compact: per-head slots for K/V pools, one slot list for MLA's latents and rope keys."""
+    for cache, before, heads in filled_caches(tiny_model("llama"), model_of("mla")):
         src = torch.tensor([[[5, 9, 22][:3] if h == 0 else [6, 7, 21] for h in range(heads)]] * 2)
         cache.compact(src, torch.tensor([0, 1, 2]))
         for i, (b, p) in enumerate(zip(before, cache.pools())):
@@ -507,6 +550,223 @@ def test_compaction_moves_every_layers_keys_and_mla_latents(tok):
                 sel = fb[src[0, h]] if fp.dim() == 2 else fb[src[0, h], h]
                 got = fp[:3] if fp.dim() == 2 else fp[:3, h]
                 torch.testing.assert_close(got, sel)
+
+
+@dataclass
+class _HeavyState:
+    prompt_len: int
+    heads: tuple[int, ...]
+    score: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, S) attention per slot
+    pos: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, S) each slot's position
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heavy(KVPolicy):
+    """H2O-like (Zhang et al. 2023 §3-4, Algorithm 1): per (layer, kv head) the attention each key received,
+    accumulated over every query (the group's query heads summed); once the prompt is computed keep the
+    `heavy` non-recent keys with the most and the `recent` newest, so one key goes per decode step. It knows
+    each slot's position (`pos`), so it runs in either slot order. alike: one choice for every layer and
+    head (scores summed over them), returned as a host list."""
+
+    heavy: int
+    recent: int
+    alike: bool = False
+    needs_scores: ClassVar[bool] = True
+    observed_tail: ClassVar[int] = sys.maxsize
+
+    def start(self, seq, layout):
+        return _HeavyState(len(seq.tokens), layout.heads)
+
+    def observes(self, state, start, n):
+        return True
+
+    def observe(self, state, layer, probs, first):
+        H, T, S = probs.shape
+        kv = state.heads[layer]
+        c, pos = probs.float().sum(1).view(kv, H // kv, S).sum(1), torch.arange(first, first + T).expand(kv, T)
+        if layer in state.score:  # this step's new keys sit at the last T slots
+            c[:, :S - T] += state.score[layer]
+            pos = torch.cat((state.pos[layer], pos), 1)
+        state.score[layer], state.pos[layer] = c, pos
+
+    def plan(self, seq, state):
+        n, budget = seq.num_slots, self.heavy + self.recent
+        if n <= budget or seq.num_computed < state.prompt_len:
+            return None
+        L, first_recent = len(state.heads), seq.num_computed - self.recent
+        assert all(state.score[layer].shape[1] == n for layer in range(L))
+        if self.alike:
+            total = sum(state.score[layer].sum(0) for layer in range(L))
+            total = total.masked_fill(state.pos[0][0] >= first_recent, float("inf"))
+            return total.topk(budget).indices.sort().values.tolist()
+        return torch.stack([state.score[layer].masked_fill(state.pos[layer] >= first_recent, float("inf"))
+                            .topk(budget, dim=-1).indices for layer in range(L)])  # (L, kv heads, K), any order
+
+    def compacted(self, state, keep):  # new slot i holds old slot keep[..., i]: per-slot state follows
+        for layer, kv in enumerate(state.heads):
+            idx = (torch.tensor(keep) if isinstance(keep, list) else keep[layer]).expand(kv, -1)
+            state.score[layer], state.pos[layer] = state.score[layer].gather(1, idx), state.pos[layer].gather(1, idx)
+
+
+class HeavyUnordered(Heavy):
+    ordered_slots: ClassVar[bool] = False
+
+
+def heavy_by_hand(ref: RefCache, start: int, heavy: int, recent: int, alike: bool) -> None:
+    """Heavy's rule in position space from the reference's own probabilities (evicted keys got 0): before a
+    step at position `start` >= the prompt, with more than heavy + recent keys held."""
+    held = int(ref.alive[0][0].sum())
+    if start < ref.prompt_len or held <= heavy + recent:
+        return
+    scores = []
+    for layer, alive in enumerate(ref.alive):
+        kv, S = alive.shape
+        p = sum(torch.nn.functional.pad(c, (0, S - c.shape[-1])).sum(1) for c in ref.probs[layer])  # (H, S)
+        scores.append(p.view(kv, -1, S).sum(1))
+    if alike:
+        total = sum(s.sum(0) for s in scores)
+        scores = [total.expand_as(s) for s in scores]
+    keep = []
+    for s, alive in zip(scores, ref.alive):
+        s = s.masked_fill(~alive, float("-inf"))
+        s[:, start - recent:] = float("inf")
+        keep.append(torch.zeros_like(alive).scatter_(1, s.topk(heavy + recent, dim=-1).indices, True))
+    ref.keep_positions(keep)
+
+
+def counting(engine, rows: list) -> None:
+    """Per step (the session's plan): rows += (slots written per (layer, head) by cache.compact, evictions,
+    slots of blocks copy-on-write replaced, compactions)."""
+    sess, got = engine.kv_policy, dict(moved=0, cow=0)
+    cache_compact, pool_compact, plan = engine.runner.cache.compact, engine.pool.compact_in_place, sess.plan
+
+    def compact(src, dst):
+        assert src.shape == dst.shape or dst.dim() == 1  # one gather + one write per pool
+        got["moved"] += src.shape[-1]
+        cache_compact(src, dst)
+
+    def in_place(table, k):
+        cow = pool_compact(table, k)
+        got["cow"] += sum(min(4, k - j * 4) for j in cow or ())
+        return cow
+
+    def counted(running):
+        before = (got["moved"], sess.evicted_tokens, got["cow"], sess.compactions)
+        out = plan(running)
+        rows.append(tuple(a - b for a, b in zip((got["moved"], sess.evicted_tokens, got["cow"], sess.compactions),
+                                                  before)))
+        return out
+    engine.runner.cache.compact, engine.pool.compact_in_place, sess.plan = compact, in_place, counted
+
+
+@pytest.mark.parametrize("arch,config,n,alike", [
+    ("llama", dict(chunked_prefill=False), 1, False),
+    ("llama", dict(max_num_batched_tokens=12), 1, False),  # chunked prefill
+    ("llama", dict(async_scheduling=True, max_num_batched_tokens=12), 1, False),
+    ("llama", dict(num_kv_tokens=64, max_num_batched_tokens=16), 3, False),  # forks share blocks; preemption
+    ("mla", dict(max_num_batched_tokens=12), 1, False),  # one latent head per layer
+    ("llama", dict(max_num_batched_tokens=12), 1, True),  # one host list for every layer and head
+])
+def test_unordered_slots_equal_ordered_and_the_reference(tok, arch, config, n, alike):
+    """ordered_slots = False: evicted slots are filled from the tail, so a step's one eviction per sequence
+    moves one key per (layer, kv head) (plus every slot of a block copy-on-write replaces), not all K kept
+    ones. Same tokens and log-probs (1e-5) and schedule as the same policy with ordered slots, and both
+    equal the masked reference applying H2O's rule by position."""
+    model = model_of(arch)
+    sp = SamplingParams(temperature=0 if n == 1 else 1.0, n=n, seed=4, max_tokens=20, ignore_eos=True, logprobs=0)
+    prompts = [PROMPT, "a short one here"]
+    runs = []
+    for kind in (Heavy, HeavyUnordered):
+        rows = []
+        engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=kind(heavy=6, recent=4, alike=alike),
+                                                         **config), prompts, sp, lambda e, rows=rows: counting(e, rows))
+
+        def on_prefill(seq, ref, start):
+            heavy_by_hand(ref, start, 6, 4, alike)
+        assert check_against(replay(model, log, kind(heavy=6, recent=4), on_prefill), reqs, greedy=n == 1) == 40 * n
+        assert engine.pool.num_used == 0 and (engine.stats()["preemptions"] > 0) == (n > 1)
+        runs.append((reqs, [[(s.seq_id, a, b) for s, a, b, _ in step] for step in log], rows))
+    (ordered, sched_o, rows_o), (unordered, sched_u, rows_u) = runs
+    assert sched_u == sched_o
+    for ro, ru in zip(ordered, unordered):
+        for so, su in zip(ro.seqs, ru.seqs):
+            assert su.tokens == so.tokens and su.logprobs == pytest.approx(so.logprobs, abs=1e-5)
+    decode = [r for r in rows_u if r[3] and r[1] == r[3]]  # steps where every compaction evicts one key
+    assert decode and all(moved == evicted + cow for moved, evicted, cow, _ in decode)
+    assert sum(cow == 0 for _, _, cow, _ in decode) > len(decode) // 2  # steady state: nothing copied whole
+    if not alike:  # ordered per-head plans rewrite all K = 10 kept keys of every compacting sequence
+        assert all(moved == 10 * c for moved, e, _, c in rows_o if c and e == c)
+    assert sum(r[0] for r in rows_u) * 3 < sum(r[0] for r in rows_o)
+
+
+def test_unordered_slots_through_the_triton_kernels(tok):
+    """The Triton decode kernel (reads context_lens keys through the table) and the varlen prefill kernel
+    (chunks after evictions: their context gathered by slot) over unordered slots equal the reference (on a
+    CPU in Triton's interpreter; head_dim 64 for the flash kernel)."""
+    from lmforge.kernels.decode import available
+
+    if not available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+    model = tiny_model("llama", d_model=256, n_heads=4, n_kv_heads=2)
+    policy = StreamingByPosition(**STREAM)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, decode_attention="kernel",
+                                                     prefill_attention="kernel", max_num_batched_tokens=12),
+                            [PROMPT, "a short one"], sp)
+    cache = engine.runner.cache
+    assert cache.kernel is not None and cache.prefill_kernel is not None  # neither fell back to the reference
+    assert check_against(replay(model, log, policy), reqs, greedy=True) == 48
+
+
+def test_cache_compact_with_per_head_destinations():
+    """cache.compact(src, dst) with dst (L, heads, M): kv head h's key at src[l, h, m] goes to dst[l, h, m]
+    (each head fills its own holes); heads = 1 moves whole rows (MLA latents, every head alike). Sources are
+    read before any write (a chain of moves through one slot)."""
+    for cache, before, heads in filled_caches(tiny_model("llama"), model_of("mla")):
+        src = torch.tensor([[[9, 3, 22], [6, 7, 21]][:heads], [[1, 2, 3], [4, 5, 6]][:heads]])
+        dst = torch.tensor([[[3, 0, 9], [7, 21, 6]][:heads], [[8, 9, 10], [0, 1, 2]][:heads]])
+        cache.compact(src, dst)
+        for i, (b, p) in enumerate(zip(before, cache.pools())):
+            layer, fb, fp, want = i % 2, b.flatten(0, 1), p.flatten(0, 1), b.flatten(0, 1).clone()
+            for h in range(heads):
+                if fp.dim() == 2:
+                    want[dst[layer, h]] = fb[src[layer, h]]
+                else:
+                    want[dst[layer, h], h] = fb[src[layer, h], h]
+            assert torch.equal(fp, want)
+
+
+def test_pool_compact_in_place_makes_written_blocks_private():
+    """Unordered compaction's pool step: the first blocks stay where they are when private; a block another
+    sequence holds or the prefix cache names is replaced by a fresh one (the others keep the old one); blocks
+    past the end are released (also counted as room: the caller reads them before writing); fills follow."""
+    pool = BlockPool(8, 4)
+    table = []
+    pool.append(table, 0, 15)  # 4 blocks: 4, 4, 4, 3 tokens
+    pool.register(table[0], 11)
+    child = pool.fork(table)
+    pool.release(child[1:])  # the child keeps block 0; blocks 1-3 are this sequence's only
+    old = list(table)
+    assert pool.compact_in_place(table, 7) == [0] and table[1] == old[1] and table[0] not in old
+    assert pool.ref[old[0]] == 1 and pool.key[old[0]] == 11 and pool.ref[old[2]] == pool.ref[old[3]] == 0
+    assert pool.filled[table[0]] == 4 and pool.filled[table[1]] == 3 and pool.tokens_held == 4 + 7
+    mine = []
+    pool.append(mine, 0, 8)
+    assert pool.compact_in_place(mine, 5) == [] and len(mine) == 2 and pool.tokens_held == 4 + 7 + 5
+    full, other = BlockPool(3, 4), []
+    full.append(other, 0, 8)
+    shared = full.fork(other)
+    full.append(shared, 8, 1)  # 3 blocks in use, none free: replacing block 0 or 1 needs room
+    assert full.compact_in_place(other, 5) is None and full.ref[other[0]] == 2  # nothing changed
+    assert full.compact_in_place(shared, 5) is None  # two to replace, one released
+    assert full.compact_in_place(shared, 4) == [0] and full.num_used == 3  # the released tail made room
+    assert shared[0] not in other and full.ref[other[0]] == full.ref[other[1]] == 1
+    named, table = BlockPool(2, 4), []
+    named.append(table, 0, 8)
+    named.register(table[0], 1), named.register(table[1], 2)
+    old = list(table)  # no free block: replacing the two named ones takes them back (read before written)
+    assert named.compact_in_place(table, 6) == [0, 1] and sorted(table) == sorted(old) and not named.cached
+    assert named.num_used == 2 and named.tokens_held == 6
 
 
 class NoSpec(torch.nn.Module):
@@ -553,6 +813,8 @@ def test_refusals(tok):
     with pytest.raises(LmforgeError, match=r"KeepWrongShape.plan returned a tensor of shape \(3, 2, 4\)"):
         while engine.has_unfinished():
             engine.step()
+    with pytest.raises(ConfigError, match="ordered_slots must be True"):
+        Engine(model, tok, EngineConfig(kv_policy=type("Odd", (KeepTooMany,), {"ordered_slots": "no"})()))
     with pytest.raises(ConfigError, match="recompute runner"):
         Engine(NoSpec(), tok, EngineConfig(kv_policy=StreamingLLM(window=8)))
 

@@ -4,8 +4,10 @@ Keys and values live in fixed-size blocks of one pre-allocated pool per layer, k
 (num_blocks, block_size, n_kv_heads, head_dim) (MLA: latents (num_blocks, block_size, r) and rope keys
 (num_blocks, block_size, d_r)); a sequence's block table lists its blocks in order, so its key at slot s
 sits in block table[s // block_size], row s % block_size. A slot is the token's position unless a KV policy
-evicted keys (lmforge.infer.kv.policy: `compact` moves the kept ones to the first slots, in position order;
-keys are stored after RoPE, so they keep their positions). The engine's forward is one flat
+evicted keys (lmforge.infer.kv.policy: `compact` moves the kept ones to the first slots, in position order,
+or, for a policy with ordered_slots = False, fills evicted slots with surviving tail keys in any order; keys
+are stored after RoPE, so they keep their positions; full attention over a sequence's earlier slots is
+the same in any slot order). The engine's forward is one flat
 row of N new tokens (lmforge.model.meta.AttnMetadata): every layer first writes the N new keys at their
 slots, then attends
   decode tokens (the first meta.num_decodes sequences, one query each): batched, through the Triton
@@ -152,17 +154,25 @@ class _Paged(_Hooked):
     def compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """KV-policy eviction (lmforge.infer.kv.policy): the keys/values (latents) at flat slots src move to
         flat slots dst. src (M,) for every layer and head alike, or (L, heads, M) per layer and kv head
-        (heads 1: the layer's every head; latent caches have one); dst (M,). Everything moved is read before
-        anything is written, so sources and destinations may overlap."""
+        (heads 1: the layer's every head; latent caches have one); dst (M,) for every layer and head alike,
+        or (L, heads, M) like src (an unordered compaction fills each head's own evicted slots). Everything
+        moved is read before anything is written (one gather and one write per pool), so sources and
+        destinations may overlap."""
         for layer, pools in enumerate(self.layer_pools()):
             s = src if src.dim() == 1 else src[layer]
+            d = dst if dst.dim() == 1 else dst[layer]
+            rows = s.dim() == 1 or s.shape[0] == 1  # whole rows: every head of a slot alike
+            heads = None if rows else torch.arange(s.shape[0], device=s.device)
             for pool in pools:
                 flat = pool.view(-1, *pool.shape[2:])  # (slots, KV, hd) or (slots, r)
-                if s.dim() == 1 or s.shape[0] == 1:
+                if rows:
                     moved = flat.index_select(0, s.reshape(-1))
                 else:  # (M, KV, hd): kv head h's keys from its own slots s[h]
-                    moved = flat[s.t(), torch.arange(s.shape[0], device=s.device)]
-                flat.index_copy_(0, dst, moved)
+                    moved = flat[s.t(), heads]
+                if d.dim() == 1 or (rows and d.shape[0] == 1):
+                    flat.index_copy_(0, d.reshape(-1), moved)
+                else:  # kv head h's keys to its own slots d[h]
+                    flat.index_put_((d.t(), heads), moved)
 
     def hook_for(self, layer: int, seq_ids: tuple[int, ...]):
         """The score hook of one call of attention whose probability rows are these sequences' (a decode

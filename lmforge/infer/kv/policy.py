@@ -5,7 +5,7 @@ Slots apart from positions. A sequence holds `num_computed` tokens (its position
 num_computed - evicted` keys (lmforge.infer.request.Sequence). Queries keep their true positions (RoPE) and
 keys are stored after RoPE, so a key moved to another slot keeps its original position; a step writes its
 new keys at slots num_slots.. and attends over num_slots + new keys (runner.prepare). Slots stay in position
-order. Without a policy evicted is 0 and nothing changes.
+order unless the policy sets ordered_slots = False (below). Without a policy evicted is 0 and nothing changes.
 
 A step of the engine with a policy (lmforge.infer.engine):
   1. before scheduling, `plan(seq, state)` of every running sequence returns the slots to keep (or None):
@@ -23,6 +23,17 @@ A step of the engine with a policy (lmforge.infer.engine):
      blocks past the end go back to the pool (`BlockPool.compact`). A sequence whose copies find no free
      block is preempted (a plan is never skipped: outputs follow the policy's definition). The copies of
      all sequences compacting before a step run as one gather and one write per pool (`_flush`).
+     ordered_slots = False (`_fill_moves`): each evicted slot below the new count K takes a surviving key of
+     a slot >= K, per layer and kv head, so an eviction of E keys copies E keys per (layer, head), not K
+     (H2O or TOVA evict one key per step: O(K) -> O(1)). The blocks below K must be private
+     (`BlockPool.compact_in_place`: a block shared after a fork or named by the prefix cache is replaced by a
+     fresh one whose every slot is written, through the same gather and write); blocks past K go back.
+     `compacted` receives the permutation (new slot i holds old slot keep[..., i]). Full attention does not
+     depend on slot order: a decode query sees every slot < context length (the reference's mask, the
+     Triton decode kernel, MLA's absorbed path), a prefill chunk's queries see every earlier slot and are
+     causal among the chunk's own keys, which a step always appends in order at slots num_slots.. (the
+     reference mask, the varlen kernel, MLA's expansion). What else reads slots as positions is refused
+     below or never sees an evicting sequence (prefix-cache naming).
   3. after scheduling, policies with `needs_scores` say which chunks they observe (`observes`); for such
      a step the cache's score hook is set and `observe(state, layer, probs, first)` gets each observed
      sequence's probabilities (H, T, S): its T queries from position `first` over its S slots. A hooked
@@ -57,7 +68,8 @@ from lmforge.utils import to_device
 
 Keep = list[int] | range | torch.Tensor
 """slots a sequence keeps, ascending: a host list (every layer and head alike) or an (L, heads, K) int64
-tensor on the cache's device (per layer and kv head; K the same everywhere)"""
+tensor on the cache's device (per layer and kv head; K the same everywhere; any order along K with
+ordered_slots False)"""
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,11 @@ class KVPolicy:
     observed_tail: ClassVar[int] = 0
     """the last this-many tokens of a prefill are computed, never taken from the prefix cache (sys.maxsize:
     every prompt query's attention is observed, H2O's accumulated scores)"""
+    ordered_slots: ClassVar[bool] = True
+    """True: a compaction keeps slots in position order (every kept key after an evicted one moves: O(K)
+    copies). False: evicted slots below the new count K are filled with the surviving keys of slots >= K,
+    per layer and kv head (O(evictions) copies); slot order is then not position order, so the policy
+    tracks what each slot holds through `compacted` (H2O, TOVA: one eviction per step)"""
 
     def start(self, seq, layout: CacheLayout) -> object:
         """Per-sequence state when a sequence is (re)admitted: len(seq.tokens) tokens are to be prefilled."""
@@ -96,7 +113,10 @@ class KVPolicy:
         raise NotImplementedError
 
     def compacted(self, state, keep: Keep) -> None:
-        """The engine applied `keep` (slot keep[i] is now slot i)."""
+        """The engine applied the plan: new slot i holds the key of old slot keep[..., i], for i < K. keep has
+        the plan's form (a host list, or an (L, heads, K) tensor on the cache's device). ordered_slots: the
+        plan's slots, ascending. Otherwise a permutation of them: keep[..., i] = i for a kept slot below K,
+        the tail key moved into it for an evicted one (gather per-slot state with it: state[..., keep])."""
 
     def fork(self, state) -> object:
         return copy.deepcopy(state)
@@ -216,6 +236,9 @@ def check_engine(policy: KVPolicy, spec, draft, config) -> None:
     if not isinstance(policy, KVPolicy):
         raise ConfigError(f"kv_policy must be a KVPolicy (lmforge.infer.kv.policy), got {type(policy).__name__}")
     name = type(policy).__name__
+    if not isinstance(policy.ordered_slots, bool):
+        raise ConfigError(f"{name}.ordered_slots must be True (slots in position order) or False (hole filling), "
+                          f"got {policy.ordered_slots!r}")
     if spec is None:
         raise ConfigError(f"kv_policy={name} needs a model with cache_spec() (the paged cache); this one runs on "
                           "the recompute runner, which keeps no cache")
@@ -270,13 +293,15 @@ class PolicySession:
         """Run the (src, dst) copies of several sequences' compactions in one cache.compact, which reads every
         source before it writes any destination. Batched copies rely on that: a block one sequence's
         compaction released (its keys still to be read) may be the fresh block another one's copies write.
-        Sources of mixed forms are widened to (L, heads, M)."""
+        Sources of mixed forms are widened to (L, heads, M), destinations too when one is per head (an
+        unordered compaction's)."""
         if len(moves) > 1:
             L = self.layout.num_layers
-            heads = max(1 if s.dim() == 1 else s.shape[1] for s, _ in moves)
-            src = torch.cat([(s.expand(L, heads, -1) if s.dim() == 1 else s.expand(-1, heads, -1))
-                             for s, _ in moves], dim=-1)
-            moves[:] = [(src, torch.cat([d for _, d in moves]))]
+            heads = max(1 if t.dim() == 1 else t.shape[1] for move in moves for t in move)
+            wide = lambda t: t.expand(L, heads, -1) if t.dim() == 1 else t.expand(-1, heads, -1)
+            src = torch.cat([wide(s) for s, _ in moves], dim=-1)
+            per_head = any(d.dim() == 3 for _, d in moves)
+            moves[:] = [(src, torch.cat([wide(d) if per_head else d for _, d in moves], dim=-1))]
         if moves:
             self.cache.compact(*moves[0])
 
@@ -313,51 +338,131 @@ class PolicySession:
 
     # compaction -----------------------------------------------------------------------------------------
     def compact(self, seq, keep: Keep, state, moves: list | None = None) -> bool:
-        """Move seq's kept keys to its first slots; False (nothing changed) when the pool cannot cover the
-        fresh blocks copy-on-write needs (the plan is asked again before the next step, or at a fork).
-        moves: append the (src, dst) flat slots there instead of copying now (`plan`)."""
-        n, bs = seq.num_slots, self.pool.block_size
-        host = not isinstance(keep, torch.Tensor) or keep.dim() == 1  # (a device tensor is read: one sync)
-        if host:
-            keep = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
-            k = len(keep)
-            if not 0 < k < n or keep[0] < 0 or keep[-1] >= n or any(a >= b for a, b in zip(keep, keep[1:])):
-                raise LmforgeError(f"{type(self.policy).__name__}.plan kept {keep[:8]}... ({k} slots) of sequence "
-                                   f"{seq.seq_id}'s {n}: keep 1 to {n - 1} distinct slots in [0, {n}), ascending")
-            reuse = [_whole_block(keep[j * bs:(j + 1) * bs], bs) for j in range(-(-k // bs))]
-        else:
-            k = keep.shape[-1]
-            L, heads = self.layout.num_layers, max(self.layout.heads)
-            if keep.dim() != 3 or keep.shape[0] != L or keep.shape[1] not in (1, heads) or not 0 < k < n:
-                raise LmforgeError(f"{type(self.policy).__name__}.plan returned a tensor of shape {tuple(keep.shape)} "
-                                   f"for sequence {seq.seq_id} ({n} slots): give ({L}, {heads} or 1, K < {n}) slots, "
-                                   "or one list for every layer and head")
-            keep = keep.sort(dim=-1).values
-            reuse = [None] * -(-k // bs)
+        """Apply seq's plan `keep`; False (nothing changed) when the pool cannot cover the fresh blocks
+        copy-on-write needs (the plan is asked again before the next step, or at a fork). ordered_slots: the
+        kept keys move to the first K slots in order; else evicted slots below K are filled from the tail
+        (`_fill_moves`). moves: append the (src, dst) flat slots there instead of copying now (`plan`)."""
+        n = seq.num_slots
+        keep, host = self._checked(seq, keep, n)
+        k = len(keep) if host else keep.shape[-1]
         old = list(seq.block_table)
-        write = self.pool.compact(seq.block_table, reuse, k)
-        if write is None:
+        if self.policy.ordered_slots:
+            got = self._ordered_moves(seq, keep, host, k, old)
+        else:
+            got = self._fill_moves(seq, keep, host, k, n, old)
+        if got is None:
             return False
-        # the written slots and their flat cache slots, as arrays: a per-head plan writes all K slots every
-        # time, so per-slot Python here would cost O(K) host work per sequence and step
-        dst = (np.asarray(write, np.int64)[:, None] * bs + np.arange(bs)).ravel()
-        dst = dst[dst < k]
-        if len(dst):
-            dst_flat = to_device(torch.from_numpy(_flat(seq.block_table, dst, bs)), self.cache.device)
-            if host:
-                src = to_device(torch.from_numpy(_flat(old, np.asarray(keep, np.int64)[dst], bs)), self.cache.device)
-            else:
-                slots = keep[..., to_device(torch.from_numpy(dst), keep.device)]  # (L, heads, M) slot indices
-                src = to_device(old, keep.device)[slots // bs] * bs + slots % bs
+        src, dst, keep = got
+        if src is not None:
             if moves is None:
-                self.cache.compact(src, dst_flat)
+                self.cache.compact(src, dst)
             else:
-                moves.append((src, dst_flat))
+                moves.append((src, dst))
         seq.evicted += n - k
         self.evicted_tokens += n - k
         self.compactions += 1
         self.policy.compacted(state, keep)
         return True
+
+    def _checked(self, seq, keep: Keep, n: int) -> tuple[Keep, bool]:
+        """The plan validated: (a host list, True), or (the (L, heads, K) tensor, False), sorted along K for
+        ordered slots (hole filling needs no order). A device tensor is not read (no sync): its shape is
+        checked, not its values."""
+        if not isinstance(keep, torch.Tensor) or keep.dim() == 1:  # (a 1-d device tensor is read: one sync)
+            keep = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
+            k = len(keep)
+            if not 0 < k < n or keep[0] < 0 or keep[-1] >= n or any(a >= b for a, b in zip(keep, keep[1:])):
+                raise LmforgeError(f"{type(self.policy).__name__}.plan kept {keep[:8]}... ({k} slots) of sequence "
+                                   f"{seq.seq_id}'s {n}: keep 1 to {n - 1} distinct slots in [0, {n}), ascending")
+            return keep, True
+        k = keep.shape[-1]
+        L, heads = self.layout.num_layers, max(self.layout.heads)
+        if keep.dim() != 3 or keep.shape[0] != L or keep.shape[1] not in (1, heads) or not 0 < k < n:
+            raise LmforgeError(f"{type(self.policy).__name__}.plan returned a tensor of shape {tuple(keep.shape)} "
+                               f"for sequence {seq.seq_id} ({n} slots): give ({L}, {heads} or 1, K < {n}) slots, "
+                               "or one list for every layer and head")
+        return (keep.sort(dim=-1).values if self.policy.ordered_slots else keep), False
+
+    def _ordered_moves(self, seq, keep: Keep, host: bool, k: int, old: list[int]):
+        """Kept keys to slots 0..k-1 in order: (src, dst, keep), src None when nothing is copied; None when
+        the pool has no room. A destination block that is one source block whole takes its table entry."""
+        bs = self.pool.block_size
+        if host:
+            reuse = [_whole_block(keep[j * bs:(j + 1) * bs], bs) for j in range(-(-k // bs))]
+        else:
+            reuse = [None] * -(-k // bs)
+        write = self.pool.compact(seq.block_table, reuse, k)
+        if write is None:
+            return None
+        # the written slots and their flat cache slots, as arrays: a per-head plan writes all K slots every
+        # time, so per-slot Python here would cost O(K) host work per sequence and step
+        dst = (np.asarray(write, np.int64)[:, None] * bs + np.arange(bs)).ravel()
+        dst = dst[dst < k]
+        if not len(dst):
+            return None, None, keep
+        dst_flat = to_device(torch.from_numpy(_flat(seq.block_table, dst, bs)), self.cache.device)
+        if host:
+            src = to_device(torch.from_numpy(_flat(old, np.asarray(keep, np.int64)[dst], bs)), self.cache.device)
+        else:
+            slots = keep[..., to_device(torch.from_numpy(dst), keep.device)]  # (L, heads, M) slot indices
+            src = to_device(old, keep.device)[slots // bs] * bs + slots % bs
+        return src, dst_flat, keep
+
+    def _fill_moves(self, seq, keep: Keep, host: bool, k: int, n: int, old: list[int]):
+        """Unordered compaction (ordered_slots False): each evicted slot below k takes a surviving key from
+        slots >= k, per layer and kv head, so min(k, n - k) keys per (layer, head) move, not k; a block that
+        copy-on-write replaces (shared after a fork, or prefix-named) gets every slot. Returns (src, dst,
+        perm): new slot i holds old slot perm[..., i] (`compacted`); None when the pool has no room."""
+        bs = self.pool.block_size
+        cow = self.pool.compact_in_place(seq.block_table, k)
+        if cow is None:
+            return None
+        new, dev = seq.block_table, self.cache.device
+        whole = (np.asarray(cow, np.int64)[:, None] * bs + np.arange(bs)).ravel()
+        whole = whole[whole < k]  # every slot of a replaced block (its kept keys stay at their slots)
+        if host:
+            perm = _fill_perm(np.asarray(keep, np.int64), k)
+            slots = np.union1d(np.flatnonzero(perm != np.arange(k)), whole)
+            if not len(slots):
+                return None, None, keep
+            src = to_device(torch.from_numpy(_flat(old, perm[slots], bs)), dev)
+            return src, to_device(torch.from_numpy(_flat(new, slots, bs)), dev), perm.tolist()
+        holes, perm = _fill_plan(keep, n)
+        slots = holes  # (L, heads, F): each head's holes (padding: kept slots copied onto themselves)
+        if len(whole):
+            slots = torch.cat((holes, to_device(torch.from_numpy(whole), dev).expand(*holes.shape[:2], -1)), -1)
+        src = perm.gather(-1, slots)  # duplicates (a hole in a replaced block) write the same key twice
+        tables = to_device(torch.from_numpy(np.asarray(old + new, np.int64)), dev)  # one host-to-device copy
+        old_t, new_t = tables[:len(old)], tables[len(old):]
+        return old_t[src // bs] * bs + src % bs, new_t[slots // bs] * bs + slots % bs, perm
+
+
+def _fill_perm(keep: np.ndarray, k: int) -> np.ndarray:
+    """Host hole fill: keep (K,) ascending -> perm (K,), new slot i holds old slot perm[i]: kept slots below
+    K stay, the evicted ones (holes, ascending) take the kept slots >= K (ascending)."""
+    perm = np.arange(k)
+    below = int(np.searchsorted(keep, k))  # kept slots below K; the K - below others are the movers
+    hole = np.ones(k, bool)
+    hole[keep[:below]] = False
+    perm[hole] = keep[below:]
+    return perm
+
+
+def _fill_plan(keep: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device hole fill, fixed shapes (no host sync): keep (L, heads, K) distinct slots of n -> holes
+    (L, heads, F), F = min(K, n - K) >= the evicted slots below K in any head (their count = kept slots
+    >= K), padded with kept slots below K; and perm (L, heads, K): new slot i holds old slot perm[..., i]
+    (a padding slot holds itself)."""
+    L, h, K = keep.shape
+    F, keep = min(K, n - K), keep.long()
+    alive = torch.zeros(L, h, n, dtype=torch.bool, device=keep.device).scatter_(-1, keep, True)
+    hole = ~alive[..., :K]
+    # stable sorts of 0/1 keys: the holes first (ascending), the kept tail slots first (ascending)
+    holes = torch.sort((~hole).to(torch.int8), dim=-1, stable=True).indices[..., :F]
+    movers = K + torch.sort((~alive[..., K:]).to(torch.int8), dim=-1, stable=True).indices[..., :F]
+    src = torch.where(hole.gather(-1, holes), movers, holes)
+    perm = torch.arange(K, device=keep.device).expand(L, h, K).scatter(-1, holes, src)
+    return holes, perm
 
 
 def _flat(table: list[int], slots: np.ndarray, bs: int) -> np.ndarray:

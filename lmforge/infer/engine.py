@@ -472,7 +472,8 @@ class Engine:
 
     def _draft(self, batch) -> None:
         """Speculative requests scheduled for their last token extend that chunk by their drafts (the
-        scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once."""
+        scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once, and so
+        does a drafter object with propose_batch (lmforge.infer.speculative.propose_step)."""
         if self.make_drafter is None:  # no request has a drafting strategy
             return
         todo = []
@@ -489,8 +490,10 @@ class Engine:
 
             items = [(s, k, s.request.strategy.procs, s.params.greedy) for _, s, k in todo if k > 0]
             drafts = self.draft_model.propose(items, _probs) if items else {}
-        else:
-            drafts = {s.seq_id: s.request.strategy.propose(s, k) for _, s, k in todo}
+        else:  # drafter objects: once for the step when they batch (propose_batch), else per sequence
+            from lmforge.infer.speculative import propose_step
+
+            drafts = propose_step([(s, k) for _, s, k in todo])
         for i, seq, _ in todo:
             strategy = seq.request.strategy
             d = strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))

@@ -11,7 +11,12 @@ so it reproduces the target's greedy output token for token.
 Drafters: a smaller model (`ModelDrafter`), prompt lookup (`NGramDrafter`, Saxena 2023): copy the
 tokens that followed the latest earlier occurrence of the context's last n-gram (a deterministic draft:
 q is one-hot), or the target's own multi-token-prediction heads (`MTPDrafter`). A drafter object is
-anything with `propose(ctx, k, procs, greedy, gen) -> (drafts, q (len(drafts), V))` and `accept(ctx_len)`;
+anything with `propose(ctx, k, procs, greedy, gen) -> (drafts, q (len(drafts), V))`, and optionally
+`accept(seq_id, ctx_len)` (sequence seq_id's verified context now has ctx_len tokens: forget drafts past it;
+a drafter object is shared by every sequence of the engine, hence the id); it may also define
+`propose_batch(items: list[DraftItem]) -> [(drafts, q), ...]`, one answer per item: the engine then asks it
+once per step for every speculative sequence (`propose_step`), so a head runs one forward per depth for the
+whole batch instead of one per sequence; `propose` stays the one-sequence form (and the reference);
 with `uses_hidden_states` (EAGLE, Medusa) propose also gets `hidden=` the target's features: with True the
 final hidden state (after its final norm, Transformer.forward(return_hidden=True)) at ctx[-2], whose logits
 gave ctx[-1]; with "all" (EAGLE) every verified position's, each once, in order (`Features`); hidden_layers
@@ -33,12 +38,13 @@ cache slots they wrote are simply overwritten later (attention only reads up to 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from dataclasses import dataclass
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.features import FeatureStream, HiddenAsk
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
@@ -97,8 +103,8 @@ class ModelDrafter:
             feed = drafts[-1:]
         return drafts, torch.cat(qs)
 
-    def accept(self, ctx_len: int) -> None:
-        """The verified context now has ctx_len tokens: forget cached drafts beyond it."""
+    def accept(self, seq_id: int, ctx_len: int) -> None:
+        """The verified context now has ctx_len tokens: forget cached drafts beyond it (one drafter per sequence)."""
         self.cache.rewind(min(self.cache.length, ctx_len))
 
 
@@ -123,9 +129,6 @@ class NGramDrafter:
                     return ctx[start + n:start + n + k]
         return []
 
-    def accept(self, ctx_len: int) -> None:
-        pass
-
 
 class MTPDrafter:
     """Drafts from the target's own multi-token-prediction heads (Gloeckle et al. 2024 'parallel' heads:
@@ -146,20 +149,23 @@ class MTPDrafter:
         drafts = [int(q[i].argmax()) if greedy else _draw(q[i], gen) for i in range(q.shape[0])]
         return drafts, q
 
-    def accept(self, ctx_len: int) -> None:
-        pass
-
 
 @dataclass
 class SpecStats:
+    """drafted: tokens proposed (a tree's nodes); accepted: drafts emitted; reachable: the most each round
+    could have accepted (a chain's length, a tree's depth), so acceptance_rate = accepted / reachable reads
+    the same for chains and trees. tokens_per_forward (emitted tokens / target forwards) is the number to
+    compare drafters by: it counts the bonus token and whatever a tree's width bought."""
+
     drafted: int = 0
     accepted: int = 0
+    reachable: int = 0
     target_forwards: int = 0
     seconds: float = 0.0
 
     def as_dict(self, emitted: int) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted, "target_forwards": self.target_forwards,
-                "acceptance_rate": self.accepted / max(self.drafted, 1),
+                "acceptance_rate": self.accepted / max(self.reachable, 1),
                 "tokens_per_forward": emitted / max(self.target_forwards, 1), "seconds": self.seconds}
 
 
@@ -190,16 +196,18 @@ class Speculative:
         p = seq.params
         return max(0, min(self.k, room, p.max_tokens - seq.num_output - 1, engine.max_seq_len - len(seq.tokens) - 1))
 
-    def propose(self, seq, budget: int) -> tuple[list[int], torch.Tensor | None]:
-        """Drafts from this request's own per-sequence drafter (prompt lookup, MTP, a drafter object)."""
-        if budget <= 0:
-            return [], None
-        drafter = self.drafters.get(seq.seq_id) or self.drafters.setdefault(seq.seq_id, self.make_drafter(seq))
-        # EAGLE/Medusa-style drafters also read the target's features (lmforge.infer.features)
-        kw = ({} if self.hidden is None else {"hidden": seq.hidden} if not self.hidden.every
-              else {"hidden": seq.features.take(seq.seq_id, len(seq.tokens))})
-        with torch.inference_mode():
-            drafts, q = drafter.propose(seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, **kw)
+    def drafter(self, seq):
+        """seq's drafter: its own (prompt lookup, MTP, a small model) or the engine's one drafter object."""
+        return self.drafters.get(seq.seq_id) or self.drafters.setdefault(seq.seq_id, self.make_drafter(seq))
+
+    def ask(self, seq, budget: int) -> DraftItem:
+        """What seq's drafter gets this step (an "all" drafter's features are taken from the stream here)."""
+        hidden = (None if self.hidden is None else seq.hidden if not self.hidden.every
+                  else seq.features.take(seq.seq_id, len(seq.tokens)))
+        return DraftItem(seq.seq_id, seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, hidden)
+
+    def take(self, seq, budget: int, drafts, q) -> tuple[list[int] | DraftTree, torch.Tensor | None]:
+        """A drafter's answer for seq, a tree trimmed to the room the step has for it."""
         if isinstance(drafts, DraftTree):
             drafts = drafts.first(budget)
             if q is None and len(drafts) and not seq.params.greedy:  # (before any sequence takes its drafts)
@@ -242,6 +250,7 @@ class Speculative:
             _push_verified(seq.features, sampled.features[seq.seq_id], len(drafts), at, L - 1)
         st = self.stats
         st.drafted, st.accepted = st.drafted + len(drafts), st.accepted + len(accepted)
+        st.reachable += drafts.depth if isinstance(drafts, DraftTree) else len(drafts)
         st.target_forwards += 1
         del seq.tokens[L:]
         seq.num_computed = L  # the pending token's keys were written in this forward
@@ -260,8 +269,9 @@ class Speculative:
                 return
             if i < len(accepted):
                 seq.num_computed += 1  # an accepted draft was this forward's input at its position
-        if seq.seq_id in self.drafters:
-            self.drafters[seq.seq_id].accept(len(seq.tokens) - 1)
+        drafter = self.drafters.get(seq.seq_id)
+        if hasattr(drafter, "accept"):
+            drafter.accept(seq.seq_id, len(seq.tokens) - 1)
         if engine.draft_model is not None:
             engine.draft_model.accept(seq, len(seq.tokens) - 1)
 
@@ -291,6 +301,52 @@ class Speculative:
             drafter.release(seq.seq_id)
 
 
+@dataclass(frozen=True)
+class DraftItem:
+    """One speculative sequence's ask in a step (a drafter's propose_batch gets one per sequence): what
+    propose(ctx, k, procs, greedy, gen, hidden=) gets, and the sequence's id."""
+
+    seq_id: int
+    ctx: list[int]
+    """the verified context, ending in the pending token (read it, do not keep it: it grows)"""
+    k: int
+    """at most this many drafts (a tree drafter may propose its full tree: the engine trims it)"""
+    procs: list
+    greedy: bool
+    gen: torch.Generator | None
+    """the sequence's random stream (sampled requests): draw each sequence's drafts from its own"""
+    hidden: object = None
+    """with uses_hidden_states: the (D,) feature (True) or Features ("all"); None otherwise"""
+
+
+def propose_step(todo: list[tuple[object, int]]) -> dict[int, tuple[list[int] | DraftTree, torch.Tensor | None]]:
+    """todo: (seq, budget) of every sequence drafting this step -> seq_id -> (drafts, q). A drafter object
+    with propose_batch is asked once for all its sequences (in todo's order); others, one sequence at a time."""
+    out, groups = {}, {}
+    for seq, budget in todo:
+        if budget <= 0:
+            out[seq.seq_id] = ([], None)
+            continue
+        strategy = seq.request.strategy
+        drafter, item = strategy.drafter(seq), strategy.ask(seq, budget)
+        if getattr(drafter, "propose_batch", None) is not None:
+            groups.setdefault(id(drafter), (drafter, []))[1].append((seq, item))
+            continue
+        kw = {} if strategy.hidden is None else {"hidden": item.hidden}
+        with torch.inference_mode():
+            drafts = drafter.propose(item.ctx, budget, item.procs, item.greedy, item.gen, **kw)
+        out[seq.seq_id] = strategy.take(seq, budget, *drafts)
+    for drafter, members in groups.values():
+        with torch.inference_mode():
+            answers = drafter.propose_batch([item for _, item in members])
+        if len(answers) != len(members):
+            raise LmforgeError(f"{type(drafter).__name__}.propose_batch answered {len(answers)} of "
+                               f"{len(members)} items; return one (drafts, q) per item, in order")
+        for (seq, item), answer in zip(members, answers):
+            out[seq.seq_id] = seq.request.strategy.take(seq, item.k, *answer)
+    return out
+
+
 def _push_verified(stream: FeatureStream, states: torch.Tensor, d: int, at: list[int], pending: int) -> None:
     """states (n, D): every position of a sequence's chunk this step, ending in its pending token (at
     position `pending`) + d drafts (a chain, or tree nodes in node order). The chain part and the pending
@@ -312,6 +368,7 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
         MTPDrafter(model)  # raises now if the model has no parallel MTP heads
         return lambda seq: MTPDrafter(model)
     if hasattr(draft, "propose"):  # a drafter object, a module (Medusa or EAGLE heads) or not
+        _check_accept(draft)
         return lambda seq: draft
     if isinstance(draft, torch.nn.Module):  # only without a paged draft model (lmforge.infer.draft)
         from lmforge.infer.config import limits
@@ -323,6 +380,21 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
                               "with the target's tokenizer and vocabulary size")
         return lambda seq: ModelDrafter(draft, seq.request.prompt_len + seq.params.max_tokens + k + 1)
     raise ConfigError(f"draft must be None, 'ngram', 'mtp', a draft model or a drafter, got {draft!r}")
+
+
+def _check_accept(draft) -> None:
+    """A shared drafter object's accept must say which sequence it means: accept(seq_id, ctx_len)."""
+    fn = getattr(draft, "accept", None)
+    if fn is None:
+        return
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) != 2:
+        raise ConfigError(f"{type(draft).__name__}.accept{inspect.signature(fn)}: a drafter object is shared by every "
+                          "sequence, so the engine calls accept(seq_id, ctx_len); add the seq_id parameter "
+                          "(or drop accept if the drafter keeps no drafts)")
 
 
 def speculative_generate(target, drafter, prompt: list[int], params: SamplingParams, k: int, eos: set[int],

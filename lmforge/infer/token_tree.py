@@ -63,6 +63,14 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def depth(self) -> int:
+        """Nodes on the longest root-to-leaf path: the most drafts one verification can accept."""
+        depths: list[int] = []
+        for p in self.parents:
+            depths.append(1 if p < 0 else depths[p] + 1)
+        return max(depths, default=0)
+
     def first(self, n: int) -> DraftTree:
         """The first n nodes (a tree: parents come first)."""
         return self if n >= len(self) else DraftTree(self.tokens[:n], self.parents[:n])
@@ -174,9 +182,6 @@ class TreeDrafter:
                         parents.append(f)
                 frontier = nxt
         return DraftTree(tokens, parents), (torch.stack(q) if q else None)
-
-    def accept(self, ctx_len: int) -> None:
-        pass
 
 
 def tree_size(widths) -> int:

@@ -65,8 +65,7 @@ class ToyEagle(nn.Module):
             return self._tree(f, ctx[-1], procs, greedy, gen)
         return self._chain(f, ctx[-1], k, procs, greedy, gen)
 
-    def accept(self, ctx_len: int) -> None:
-        pass  # the next Features.start says where the verified features end: nothing to rewind here
+    # no accept(seq_id, ctx_len): the next Features.start says where the verified features end
 
     def release(self, seq_id: int) -> None:
         self.state.pop(seq_id, None)
@@ -97,14 +96,7 @@ class ToyEagle(nn.Module):
             nxt = []
             for node, f, tok in frontier:
                 f, logits = self.step(f, tok)
-                logits = apply_processors(procs, logits[None].float(), None)[0]
-                if greedy:
-                    kids = logits.topk(w).indices.tolist()
-                else:
-                    q = logits.softmax(-1)
-                    kids = torch.multinomial(q, w, replacement=True, generator=gen).tolist()
-                    qs += [q] * w
-                for kid in kids:
+                for kid in _children(logits, w, procs, greedy, gen, qs):
                     nxt.append((len(tokens), f, kid))
                     tokens.append(kid)
                     parents.append(node)
@@ -145,6 +137,17 @@ def _dist(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def _children(logits: torch.Tensor, w: int, procs, greedy: bool, gen, qs: list) -> list[int]:
+    """A tree node's w children from the head's (V,) logits there: its top tokens (greedy), or drawn from its
+    processed distribution with replacement (sampled; each child's q row goes to qs)."""
+    logits = apply_processors(procs, logits[None].float(), None)[0]
+    if greedy:
+        return logits.topk(w).indices.tolist()
+    q = logits.softmax(-1)
+    qs += [q] * w
+    return torch.multinomial(q, w, replacement=True, generator=gen).tolist()
+
+
 class CachedEagle(ToyEagle):
     """ToyEagle + one attention block (lmforge's Block, the target's shape) over every earlier pair, mixed in
     with weight `gate` so `fit`'s drafts stay mostly right. Its own KVCache per sequence holds one entry per
@@ -168,15 +171,22 @@ class CachedEagle(ToyEagle):
 
     def run(self, feats: torch.Tensor, toks: list[int], cache: KVCache, parents: list[int] | None = None):
         """(n, d) features + the n next tokens -> (n, d) predicted features, their K/V appended to cache."""
-        target, base = self._target[0], cache.length
-        x = self.fc(torch.cat([feats, target.embed(torch.tensor(toks, device=feats.device))], -1))
-        x = (x + self.mlp(x))[None]
         tree = torch.tensor(parents) if parents is not None else None
-        pos = (tree_positions(tree, base) if tree is not None else torch.arange(base, base + len(toks)))[None]
+        base = cache.length
+        pos = tree_positions(tree, base) if tree is not None else torch.arange(base, base + len(toks))
+        return self.rows(feats[None], torch.tensor([toks], device=feats.device), pos[None], cache, tree)[0]
+
+    def rows(self, feats: torch.Tensor, toks: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+             tree: torch.Tensor | None = None) -> torch.Tensor:
+        """B rows at once: (B, T, d) features, (B, T) next tokens at positions pos (B, T) -> (B, T, d) predicted
+        features; their K/V go to the cache's next T slots (one tree, `tree` (T,) parents, for every row)."""
+        target = self._target[0]
+        x = self.fc(torch.cat([feats, target.embed(toks)], -1))
+        x = x + self.mlp(x)
         y = self.block(x, target.rope.cos_sin(pos, int(pos.max()) + 1), None, cache,
                        AttnMetadata.tree(tree) if tree is not None else None)
-        cache.advance(len(toks))
-        return (x + self.gate * (y - x))[0]
+        cache.advance(toks.shape[1])
+        return x + self.gate * (y - x)
 
     @torch.inference_mode()
     def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen, hidden: Features):
@@ -211,14 +221,7 @@ class CachedEagle(ToyEagle):
         for depth, w in enumerate(self.widths):
             nxt = []
             for node in frontier:
-                logits = apply_processors(procs, self._target[0].logits(feat[node][None]).float(), None)[0]
-                if greedy:
-                    kids = logits.topk(w).indices.tolist()
-                else:
-                    q = logits.softmax(-1)
-                    kids = torch.multinomial(q, w, replacement=True, generator=gen).tolist()
-                    qs += [q] * w
-                for kid in kids:
+                for kid in _children(self._target[0].logits(feat[node][None])[0], w, procs, greedy, gen, qs):
                     nxt.append(len(tokens))
                     tokens.append(kid)
                     parents.append(node)
@@ -232,3 +235,103 @@ class CachedEagle(ToyEagle):
     def release(self, seq_id: int) -> None:
         super().release(seq_id)
         self.caches.pop(seq_id, None)
+
+
+class BatchedEagle(CachedEagle):
+    """CachedEagle drafting for every sequence of a step at once (the engine's propose_batch): one head forward
+    for all the sequences' new verified pairs, then one per draft depth, in one contiguous KVCache of B rows
+    built for the step. Row b holds its cached pairs right-aligned, left-padded (KVCache.set_padding); the
+    catch-up chunk is as long as the longest row's new pairs, and a shorter row recomputes its last cached
+    pairs to fill it (the same inputs at the same positions: the same keys), or pads when it has too few.
+    After the forward, the new verified pairs' K/V go back to each sequence's own cache (what `propose`
+    keeps), so the two forms agree round by round (the tests compare them). Trees: every row's tree has the
+    same shape (widths), so one tree mask serves all rows."""
+
+    def __init__(self, target, widths: tuple[int, ...] | None = None, gate: float = 0.5):
+        super().__init__(target, widths, True, gate)
+        self.head_forwards = 0
+
+    @torch.inference_mode()
+    def propose_batch(self, items) -> list:
+        for it in items:
+            seen = self.state.get(it.seq_id)
+            self.state[it.seq_id] = it.hidden.states if seen is None else torch.cat([seen, it.hidden.states])
+        room = self.tree_size if self.proposes_trees else max(it.k for it in items)
+        cache, f, ends = self._catch_up(items, room)
+        if self.proposes_trees:
+            answers = self._batched_tree(f, cache, ends, items)
+        else:
+            answers = self._batched_chain(f, cache, ends, items)
+        for it, (drafts, _), f_b in zip(items, answers, f):
+            tokens = drafts.tokens if isinstance(drafts, DraftTree) else drafts
+            parents = drafts.parents if isinstance(drafts, DraftTree) else list(range(-1, len(drafts) - 1))
+            self.proposals.setdefault(it.seq_id, []).append((list(tokens), list(parents), f_b.clone()))
+        return answers
+
+    def _catch_up(self, items, room: int) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
+        """One forward over every row's new verified pairs -> (the step's cache, (B, d) predicted feature of
+        each pending token, (B,) pairs per row = its next position); the new pairs' K/V go to each own cache."""
+        own = [self.caches.get(it.seq_id) or self.caches.setdefault(it.seq_id, self._cache()) for it in items]
+        ends = [self.state[it.seq_id].shape[0] for it in items]  # m_b: verified pairs, len(ctx) - 1
+        starts = [it.hidden.start for it in items]  # pairs already in the row's own cache
+        T = max(m - c for m, c in zip(ends, starts))
+        kept = [max(0, m - T) for m in ends]  # cached pairs copied in; the rest of the chunk is recomputed
+        L0, B, attn = max(kept), len(items), self.block.attn
+        cache = KVCache(1, B, attn.n_kv, attn.hd, L0 + T + room, dtype=own[0].k.dtype)
+        feats = torch.zeros(B, T, self.state[items[0].seq_id].shape[1])
+        toks, pos = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+        for b, it in enumerate(items):
+            e, m = kept[b], ends[b]
+            cache.k[0, b, :, L0 - e:L0], cache.v[0, b, :, L0 - e:L0] = own[b].k[0, 0, :, :e], own[b].v[0, 0, :, :e]
+            j = torch.arange(m - T, m).clamp(min=0)  # pair index of each chunk slot (< 0: padding)
+            first = max(0, m - T)
+            feats[b, T - (m - first):] = self.state[it.seq_id][first:m]
+            toks[b, T - (m - first):] = torch.tensor(it.ctx[first + 1:m + 1])
+            pos[b] = j
+        cache.set_padding([L0 - e + max(0, T - m) for e, m in zip(kept, ends)])
+        cache.length = L0
+        out = self.rows(feats, toks, pos, cache)
+        self.head_forwards += 1
+        for b, (m, c) in enumerate(zip(ends, starts)):  # the new pairs [c, m) sit at slots [L0 + T - (m - c), L0 + T)
+            own[b].rewind(c)
+            own[b].k[0, 0, :, c:m], own[b].v[0, 0, :, c:m] = cache.k[0, b, :, L0 + T - m + c:L0 + T], \
+                cache.v[0, b, :, L0 + T - m + c:L0 + T]
+            own[b].advance(m - c)
+        return cache, out[:, -1], torch.tensor(ends)
+
+    def _batched_chain(self, f, cache, ends, items) -> list:
+        """_cached_chain for every row: one head forward per depth (rows past their own k compute unused drafts)."""
+        drafts, qs = [[] for _ in items], [[] for _ in items]
+        K = max(it.k for it in items)
+        for i in range(K):
+            logits = self._target[0].logits(f)
+            for b, it in enumerate(items):
+                if i < it.k:
+                    q = _dist(logits[b], it.procs, it.greedy)
+                    drafts[b].append(int(q.argmax()) if it.greedy else int(torch.multinomial(q, 1, generator=it.gen)))
+                    qs[b].append(q)
+            if i + 1 < K:
+                last = torch.tensor([d[-1] if d else 0 for d in drafts])[:, None]
+                f = self.rows(f[:, None], last, (ends + i)[:, None], cache)[:, 0]
+                self.head_forwards += 1
+        return [(d, torch.stack(q)) for d, q in zip(drafts, qs)]
+
+    def _batched_tree(self, f, cache, ends, items) -> list:
+        """_cached_tree for every row: depth d's expansion is one tree-masked forward over all rows' nodes."""
+        base, parents, frontier = cache.length, [], [-1]
+        tokens, qs, feat = [[] for _ in items], [[] for _ in items], {-1: f}  # feat[node]: (B, d)
+        for depth, w in enumerate(self.widths):
+            logits = self._target[0].logits(torch.stack([feat[node] for node in frontier], 1))  # (B, F, V)
+            for b, it in enumerate(items):
+                for i in range(len(frontier)):
+                    tokens[b] += _children(logits[b, i], w, it.procs, it.greedy, it.gen, qs[b])
+            parents += [node for node in frontier for _ in range(w)]
+            frontier = list(range(len(parents) - len(frontier) * w, len(parents)))
+            if depth + 1 < len(self.widths):
+                cache.rewind(base)
+                tree = torch.tensor(parents)
+                out = self.rows(torch.stack([feat[p] for p in parents], 1), torch.tensor(tokens), tree_positions(tree, ends),
+                                cache, tree)
+                self.head_forwards += 1
+                feat.update((i, out[:, i]) for i in range(len(parents)))
+        return [(DraftTree(t, list(parents)), torch.stack(q) if q else None) for t, q in zip(tokens, qs)]

@@ -16,7 +16,7 @@ from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.meta import AttnMetadata
 
-from .eagle_toy import CachedEagle, ToyEagle
+from .eagle_toy import BatchedEagle, CachedEagle, ToyEagle
 from .infer_helpers import full_greedy, tiny_model
 from .test_engine_api import NoCacheSpec
 
@@ -120,32 +120,83 @@ def test_a_head_with_its_own_kv_cache_rewound_to_features_start_drafts_as_if_rec
     per sequence: rewound each round to Features.start (the pairs it has verified), it proposes exactly what
     the same head recomputing its whole history proposes, round by round, across preemption (features
     already handed are not handed again: the drafter's own cache must, and can, outlive it), chunked
-    prefill, n = 2, a sampled request and trees; greedy outputs are the target's."""
+    prefill, n = 2, a sampled request and trees; greedy outputs are the target's. The batched head
+    (propose_batch: one head forward per depth for all the step's sequences) proposes the same too."""
     model = tiny_model("llama", init_std=0.1)
     greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
     reqs = [(PROMPTS[0], greedy), (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)),
             (PROMPTS[2], SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True)),
             (PROMPTS[3], greedy)]
     runs, fitted = [], trained_toy(model, widths=widths)
-    for cached in (True, False):
-        torch.manual_seed(0)  # the same block in both heads
-        head = CachedEagle(model, widths, cached)
+    for kind in ("recompute", "cached", "batched"):
+        torch.manual_seed(0)  # the same block in every head
+        head = BatchedEagle(model, widths) if kind == "batched" else CachedEagle(model, widths, kind == "cached")
         head.load_state_dict(fitted.state_dict(), strict=False)  # fc / mlp from the fit; the block as drawn
         engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7),
                         draft=head, num_draft_tokens=3)
+        batches = []
+        if kind == "batched":
+            head.propose = None  # the engine must not ask one sequence at a time
+            head.propose_batch = lambda items, run=head.propose_batch, seen=batches: (
+                seen.append((len(items), max(it.k for it in items))), run(items))[1]
         outs = run_all(engine, reqs)
         assert engine.stats()["preemptions"] > 0 and not head.caches and not head.state
+        if kind == "batched":  # one call per step, for several sequences at once; forwards: catch-up + depths
+            assert max(n for n, _ in batches) >= 2
+            assert head.head_forwards == sum(len(widths) if widths else k for _, k in batches)
         runs.append((head.proposals, [[o.token_ids for o in out.outputs] for out in outs],
                      sum(o.metrics["accepted"] for o in outs)))
-    (cached_props, cached_outs, accepted), (ref_props, ref_outs, _) = runs
-    assert len(cached_props) == 5 and cached_outs == ref_outs and accepted > 0
-    for sid, rounds in cached_props.items():
-        assert [r[:2] for r in rounds] == [r[:2] for r in ref_props[sid]]
-        torch.testing.assert_close(torch.stack([r[2] for r in rounds]), torch.stack([r[2] for r in ref_props[sid]]),
-                                   atol=1e-5, rtol=1e-5)
-    for (p, sp), out in zip(reqs, cached_outs):
+    (ref_props, ref_outs, _), *others = runs
+    for props, outs, accepted in others:
+        assert len(props) == 5 and outs == ref_outs and accepted > 0
+        for sid, rounds in props.items():
+            assert [r[:2] for r in rounds] == [r[:2] for r in ref_props[sid]]
+            torch.testing.assert_close(torch.stack([r[2] for r in rounds]),
+                                       torch.stack([r[2] for r in ref_props[sid]]), atol=1e-5, rtol=1e-5)
+    for (p, sp), out in zip(reqs, ref_outs):
         if sp.greedy:
             assert all(toks == full_greedy(model, p, sp.max_tokens) for toks in out)
+
+
+@pytest.mark.parametrize("widths", [None, (2, 2, 1)])
+def test_propose_batch_equals_propose_per_sequence(widths):
+    """Three rounds for four sequences of different lengths, one sampled (its own seeded stream), budgets
+    1 to 3: BatchedEagle.propose_batch answers what CachedEagle.propose answers one sequence at a time (the
+    first round pads short rows, later ones recompute cached pairs to fill the catch-up chunk)."""
+    from lmforge.infer.features import Features
+    from lmforge.infer.processors import build_processors
+    from lmforge.infer.speculative import DraftItem
+
+    model = tiny_model("llama", init_std=0.1)
+    fitted, heads = trained_toy(model, widths=widths), []
+    for cls in (CachedEagle, BatchedEagle):
+        torch.manual_seed(0)
+        heads.append(cls(model, widths))
+        heads[-1].load_state_dict(fitted.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(3)
+    ctxs = [torch.randint(1, 257, (n,), generator=g).tolist() for n in (3, 11, 6, 2)]
+    feats = torch.randn(4, 40, model.cfg.d_model, generator=g)
+    sampled = build_processors(SamplingParams(temperature=0.8))
+    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
+    handed = [0] * 4
+    for grow in [(0, 0, 0, 0), (1, 4, 2, 3), (3, 1, 1, 4)]:
+        items = []
+        for b, n in enumerate(grow):
+            ctxs[b] += torch.randint(1, 257, (n,), generator=g).tolist()
+            hidden = Features(b, handed[b], feats[b, handed[b]:len(ctxs[b]) - 1])
+            handed[b] = len(ctxs[b]) - 1
+            items.append(lambda gen, b=b, hidden=hidden: DraftItem(b, list(ctxs[b]), (3, 2, 3, 1)[b],
+                                                                   sampled if b == 2 else [], b != 2, gen, hidden))
+        one = [heads[0].propose(it.ctx, it.k, it.procs, it.greedy, it.gen, hidden=it.hidden)
+               for it in (make(gens[0]) for make in items)]
+        batched = heads[1].propose_batch([make(gens[1]) for make in items])
+        for (d1, q1), (d2, q2) in zip(one, batched):
+            assert d1 == d2
+            torch.testing.assert_close(q1, q2, atol=1e-5, rtol=1e-5)
+    for sid in range(4):
+        torch.testing.assert_close(torch.stack([r[2] for r in heads[1].proposals[sid]]),
+                                   torch.stack([r[2] for r in heads[0].proposals[sid]]), atol=1e-5, rtol=1e-5)
+        assert [r[:2] for r in heads[1].proposals[sid]] == [r[:2] for r in heads[0].proposals[sid]]
 
 
 # multi-layer features (EAGLE-3) ------------------------------------------------------------------------

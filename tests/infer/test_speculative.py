@@ -175,15 +175,15 @@ def test_a_drafter_that_is_a_module_is_run_as_a_drafter(tok):
         def __init__(self, vocab):
             super().__init__()
             self.head = torch.nn.Linear(4, vocab)  # stands in for trained heads
-            self.calls = 0
+            self.calls, self.accepted = 0, []
 
         def propose(self, ctx, k, procs, greedy, gen):
             self.calls += 1
             drafts = [ctx[-1]] * k  # guess: the last token repeats
             return drafts, torch.nn.functional.one_hot(torch.tensor(drafts), self.head.out_features).float()
 
-        def accept(self, ctx_len):
-            pass
+        def accept(self, seq_id, ctx_len):
+            self.accepted.append((seq_id, ctx_len))
 
     target, heads = tiny_model("llama"), Heads(257)
     want = full_greedy(target, tok.encode("aaab"), 10)
@@ -198,3 +198,57 @@ def test_a_drafter_that_is_a_module_is_run_as_a_drafter(tok):
     while engine.has_unfinished():
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert done[rid].token_ids == full_greedy(target, tok.encode("aaab"), 10) and heads.calls > 0
+
+
+def test_a_shared_drafter_is_told_which_sequence_accepted_and_old_accept_is_refused(tok):
+    """One drafter object serves every sequence: accept(seq_id, ctx_len) names the sequence, whose verified
+    context then has ctx_len tokens (its tokens so far but the pending one); accept(ctx_len) is refused."""
+
+    class Last:
+        def __init__(self):
+            self.seen, self.accepted = {}, []
+
+        def propose(self, ctx, k, procs, greedy, gen):
+            drafts = [ctx[-1]] * k
+            return drafts, torch.nn.functional.one_hot(torch.tensor(drafts, dtype=torch.long), 257).float()
+
+        def accept(self, seq_id, ctx_len):
+            self.accepted.append((seq_id, ctx_len))
+
+    target, drafter = tiny_model("llama"), Last()
+    engine = Engine(target, tok, draft=drafter, num_draft_tokens=2)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2)
+    prompts = [tok.encode("aaab"), tok.encode("xy")]
+    for p in prompts:
+        engine.add_request(p, sp)
+    while engine.has_unfinished():
+        engine.step()
+    ids = {sid for sid, _ in drafter.accepted}
+    assert len(ids) == 4  # 2 requests x n = 2, each under its own id
+    for sid in ids:  # each sequence's contexts grow; the last verified one is at most prompt + 5 tokens
+        lens = [n for s, n in drafter.accepted if s == sid]
+        assert lens == sorted(lens) and len(set(lens)) == len(lens) and lens[-1] <= max(map(len, prompts)) + 5
+
+    class Old(Last):
+        def accept(self, ctx_len):
+            pass
+
+    with pytest.raises(ConfigError, match=r"Old.accept\(ctx_len\): a drafter object is shared by every sequence, "
+                                          r"so the engine calls accept\(seq_id, ctx_len\)"):
+        Engine(target, tok, draft=Old())
+
+
+def test_tree_acceptance_rate_is_per_depth_not_per_node(tok):
+    """A tree's drafted count is its nodes, acceptance_rate accepted / depth reachable per round (a chain's
+    length): a draft equal to the target accepts whole paths, rate 1, as the same chain would."""
+    from lmforge.infer.token_tree import TreeDrafter
+
+    target = tiny_model("llama")
+    greedy = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+    tree = LLM(target, tok, draft=TreeDrafter(target, widths=(2, 2, 1))).generate("hello", greedy)[0].metrics
+    chain = LLM(target, tok, draft=target, num_draft_tokens=3).generate("hello", greedy)[0].metrics
+    assert tree["acceptance_rate"] == chain["acceptance_rate"] == 1.0
+    assert tree["tokens_per_forward"] == chain["tokens_per_forward"] == 13 / 4
+    # nodes (widths (2, 2, 1), then (1, 2, 1) and (1, 1, 1) where room is short: TreeDrafter.fit) vs chain
+    # tokens, over 3 verify rounds of 3 + 1 tokens; per node the rate would read 9 / 18
+    assert tree["accepted"] == chain["accepted"] == chain["drafted"] == 9 and tree["drafted"] == 10 + 5 + 3

@@ -209,6 +209,9 @@ class Engine:
             need = shared + params.beam_width * (need - shared)
         if self.window:  # blocks behind the window are dropped after every step
             need = min(need, self.pool.blocks_for(self.window + self.config.max_num_batched_tokens) + 1)
+        bound = self.kv_policy.policy.max_slots(self.config.max_num_batched_tokens) if self.kv_policy else None
+        if bound is not None:  # the policy evicts before every step (kv.policy): each sequence holds <= bound keys
+            need = min(need, params.beam_width * (self.pool.blocks_for(bound) + 1))
         if need > self.pool.num_blocks:
             beams = f" in {params.beam_width} beams" if params.beam_width > 1 else ""
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{beams} needs {need} KV "

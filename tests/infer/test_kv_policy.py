@@ -826,3 +826,28 @@ def test_the_guide_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope, _ = run_guide("kv_policies.md")
     assert scope["stats"]["kv_compactions"] > 0
+
+
+def test_a_streaming_request_longer_than_the_pool_runs_in_bounded_blocks(tok):
+    """add_request sizes its pool check with the policy's max_slots: a StreamingLLM request of 100 tokens on a
+    16-block pool (which refuses it without the policy) runs, holds at most max_slots keys, and decodes exactly
+    as on a pool large enough for everything."""
+    model = tiny_model("llama")
+    policy = StreamingLLM(sink_tokens=4, window=16, slack=4)
+    prompt, params = list(range(1, 41)), SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=0)
+    small = dict(block_size=4, max_num_batched_tokens=8, num_kv_tokens=64)
+    with pytest.raises(LmforgeError, match="needs 25 KV blocks but the pool has 16"):
+        Engine(model, tok, EngineConfig(**small)).add_request(prompt, params)
+
+    outs = []
+    for tokens in (64, 512):
+        engine = Engine(model, tok, EngineConfig(**{**small, "num_kv_tokens": tokens}, kv_policy=policy))
+        engine.add_request(prompt, params)
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    outs.append(out.outputs[0])
+        assert engine.stats()["preemptions"] == 0
+        assert engine.stats()["peak_used_blocks"] <= engine.pool.blocks_for(policy.max_slots(8)) + 1
+    assert outs[0].token_ids == outs[1].token_ids and outs[0].logprobs == outs[1].logprobs
+    assert len(outs[0].token_ids) == 60

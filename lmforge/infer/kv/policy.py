@@ -112,6 +112,12 @@ class KVPolicy:
         """The slots to keep of seq's num_slots (ascending, at least one, fewer than num_slots), or None."""
         raise NotImplementedError
 
+    def max_slots(self, chunk: int) -> int | None:
+        """The most keys a sequence can hold at once when a step adds at most `chunk` tokens (None: no bound
+        below its length). Engine.add_request sizes its pool check with it, so a request longer than the
+        pool still runs under a policy that bounds its keys."""
+        return None
+
     def compacted(self, state, keep: Keep) -> None:
         """The engine applied the plan: new slot i holds the key of old slot keep[..., i], for i < K. keep has
         the plan's form (a host list, or an (L, heads, K) tensor on the cache's device). ordered_slots: the
@@ -152,6 +158,10 @@ class StreamingLLM(KVPolicy):
         if n < self.sink_tokens + self.window + self.slack:
             return None
         return [*range(self.sink_tokens), *range(n - self.window, n)]
+
+    def max_slots(self, chunk: int) -> int:
+        # a plan leaves at most sink_tokens + window + slack - 1 keys before a step, which adds <= chunk
+        return self.sink_tokens + self.window + self.slack - 1 + chunk
 
 
 @dataclass

@@ -41,6 +41,18 @@ def tap_layers(return_hidden, n_layers: int) -> tuple[int, ...]:
     return layers
 
 
+def attention_cache_spec(cfg: ModelConfig, i: int) -> LayerCacheSpec:
+    """What attention layer i of a model with this ModelConfig keeps per token: MLA latents, or K/V over a
+    sliding window or the full context. A hybrid model (attention + recurrent layers, lmforge.infer.kv.state)
+    builds its attention layers' entries here and its recurrent layers' as kind 'state'."""
+    window = cfg.sliding_window if cfg.layer_type(i) == "sliding" else 0
+    if cfg.attention == "mla":
+        m = cfg.mla_cfg
+        return LayerCacheSpec(kind="latent", window=window, latent_rank=m.kv_lora_rank, rope_dim=m.qk_rope_head_dim)
+    return LayerCacheSpec(kind="sliding" if window else "full", window=window, kv_heads=cfg.kv_heads,
+                          query_heads=cfg.n_heads, head_dim=cfg.hd)
+
+
 class Transformer(nn.Module):
     residual_dtype: torch.dtype | None = None
     """the residual stream's dtype under autocast when set (TrainConfig.bf16_residual): the embedding's output
@@ -138,17 +150,8 @@ class Transformer(nn.Module):
     def cache_spec(self) -> CacheSpec:
         """What a KV cache must hold for this model, per layer (engines read this, never cfg)."""
         cfg, p = self.cfg, next(self.parameters())
-        layers = []
-        for i in range(cfg.n_layers):
-            window = cfg.sliding_window if cfg.layer_type(i) == "sliding" else 0
-            if cfg.attention == "mla":
-                m = cfg.mla_cfg
-                layers.append(LayerCacheSpec(kind="latent", window=window, latent_rank=m.kv_lora_rank,
-                                             rope_dim=m.qk_rope_head_dim))
-            else:
-                layers.append(LayerCacheSpec(kind="sliding" if window else "full", window=window,
-                                             kv_heads=cfg.kv_heads, query_heads=cfg.n_heads, head_dim=cfg.hd))
-        return CacheSpec(layers=tuple(layers), dtype=p.dtype, max_seq_len=cfg.max_seq_len, vocab_size=cfg.vocab_size)
+        layers = tuple(attention_cache_spec(cfg, i) for i in range(cfg.n_layers))
+        return CacheSpec(layers=layers, dtype=p.dtype, max_seq_len=cfg.max_seq_len, vocab_size=cfg.vocab_size)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids)

@@ -15,6 +15,7 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.layers.block import Block
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import RotaryEmbedding
+from lmforge.model.transformer import attention_cache_spec
 
 
 class SelectiveRecurrence(nn.Module):
@@ -123,10 +124,9 @@ class HybridLM(_LM):
         self.norms = nn.ModuleList(RMSNorm(d_model) for _ in pattern)
 
     def layer_specs(self):
-        cfg = self.cfg
-        return [LayerCacheSpec(kind="full", kv_heads=cfg.kv_heads, query_heads=cfg.n_heads, head_dim=cfg.hd)
-                if isinstance(layer, Block) else LayerCacheSpec(kind="state", state_shapes=layer.state_shapes())
-                for layer in self.layers]
+        return [attention_cache_spec(self.cfg, i) if isinstance(layer, Block)
+                else LayerCacheSpec(kind="state", state_shapes=layer.state_shapes())
+                for i, layer in enumerate(self.layers)]
 
     def forward(self, ids: torch.Tensor, positions=None, cache=None, meta=None) -> torch.Tensor:
         B, T = ids.shape

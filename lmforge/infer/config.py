@@ -29,8 +29,12 @@ class EngineConfig:
     """tokens per forward at most (prefill chunks + decode tokens)"""
     chunked_prefill: bool = True
     prefix_caching: bool = True
-    """reuse the cached blocks of a known prompt prefix; off for models with recurrent-state layers (a block
-    holds keys, not the state after it: lmforge.infer.kv.state)"""
+    """reuse the cached blocks of a known prompt prefix; on models with recurrent-state layers only with
+    state_snapshots > 0 (a block holds keys, not the state after it: lmforge.infer.kv.state)"""
+    state_snapshots: int = 0
+    """models with recurrent-state layers: copies of the state kept for prefix caching, each the size of
+    one sequence's state (lmforge.infer.kv.state: taken at branch points and prompts' last block boundary,
+    least recently used dropped first); 0 = no prefix caching on such models"""
     gpu_memory_utilization: float = 0.9
     """on a GPU, the KV pool takes this fraction of the device memory minus what is in use and a
     reserve for activations, at most max_num_seqs x context tokens"""
@@ -76,6 +80,7 @@ class EngineConfig:
         check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
         check(0 < self.gpu_memory_utilization <= 1,
               f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
+        check(self.state_snapshots >= 0, f"state_snapshots must be >= 0, got {self.state_snapshots}")
         check(self.num_kv_tokens is None or self.num_kv_tokens >= self.block_size,
               f"num_kv_tokens must be >= block_size ({self.block_size}), got {self.num_kv_tokens}")
         SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
@@ -126,13 +131,14 @@ def use_fused_kernels(config: EngineConfig, device: torch.device) -> bool:
 
 def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, extra_per_token: int = 0) -> int:
     """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids. The state rows
-    of recurrent layers (max_num_seqs + 1 of spec.bytes_per_sequence(), lmforge.infer.kv.state) come first. A
+    of recurrent layers (max_num_seqs + 1 + state_snapshots of spec.bytes_per_sequence(), lmforge.infer.kv.state)
+    come first. A
     model of state layers only stores nothing per token: its blocks are bookkeeping, as many as max_num_seqs
     full-length sequences hold whatever num_kv_tokens says (a KV budget would only refuse requests and preempt)."""
     if spec.bytes_per_token() + extra_per_token == 0:
         return c.max_num_seqs * -(-max_seq_len // c.block_size)
     per_token = spec.bytes_per_token() + extra_per_token
-    state = (c.max_num_seqs + 1) * spec.bytes_per_sequence()
+    state = (c.max_num_seqs + 1 + c.state_snapshots) * spec.bytes_per_sequence()
     if c.num_kv_tokens is not None:
         tokens = c.num_kv_tokens
     elif device.type == "cuda":

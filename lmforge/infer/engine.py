@@ -72,7 +72,7 @@ from lmforge.infer.features import hidden_ask
 from lmforge.infer.config import (EngineConfig, limits, pool_blocks, use_fused_kernels, use_kernel_step,
                                   use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
-from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request
+from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request, marked
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.pending import Launched, overlaps
 from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
@@ -137,7 +137,9 @@ class Engine:
                                                    and use_kernel_step(config, model, self.device)),
                                       kernel_tune=use_kernel_tune(config, model),
                                       fused_kernels=use_fused_kernels(config, self.device))
-        self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching and not self.has_state)
+        # state models: prefix hits need state snapshots (lmforge.infer.kv.state)
+        snapshots = config.state_snapshots if self.has_state and config.prefix_caching else 0
+        self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching and (snapshots or not self.has_state))
         # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
         windows = [layer.window for layer in spec.layers] if spec is not None else [0]
         self.window = min(windows) if all(windows) else 0
@@ -146,6 +148,9 @@ class Engine:
                                                    chunked_prefill=config.chunked_prefill,
                                                    reserve_samples=self.has_state), self.pool)
         self.scheduler.on_release = self._released
+        if snapshots:
+            self.runner.cache.keep_snapshots(snapshots)
+            self.scheduler.snapshots = self.runner.cache.snapshot_rows
         self.kv_policy = None  # a KV policy at work: lmforge.infer.kv.policy
         if config.kv_policy is not None:
             from lmforge.infer.kv.policy import PolicySession
@@ -332,6 +337,8 @@ class Engine:
         self._refuse_while_running("reset_prefix_cache")
         self._drain()
         self.pool.reset_prefix_cache()
+        if self.scheduler.snapshots is not None:
+            self.runner.cache.drop_snapshots()
 
     def _refuse_while_running(self, what: str) -> None:
         if self.requests:
@@ -417,6 +424,8 @@ class Engine:
         late = prev.late_ids(batch) if prev is not None else None
         hidden = self.hidden.ask(batch) if self.hidden is not None else None
         sampled = self.runner.execute(batch, rows, self.vocab_limit, extra, hidden, late)
+        if self.scheduler.snapshots is not None:  # states where prefill chunks were cut for them
+            self.runner.cache.save_snapshots(marked(batch.chunks))
         sampled.to_host()  # queued before the next step: reading it later waits for this step only
         if extra:
             self._record_prompt_logprobs(batch, extra, sampled.extra)

@@ -83,6 +83,9 @@ class Sequence:
     """the sampler's Row of this sequence (lmforge.infer.sampler.Row), built once: its fields never change"""
     num_cached_tokens: int = 0
     """prompt tokens found in the prefix cache at admission"""
+    snapshot_marks: dict[int, int] = field(default_factory=dict)
+    """position -> prefix key: where a model with recurrent-state layers keeps a snapshot of its state for
+    later prefix hits (its prefill chunks end there; set at admission, lmforge.infer.kv.state)"""
     preemptions: int = 0
     """times this sequence lost its cache blocks (state kept beside the cache, e.g. a draft's, restarts)"""
     inflight: int = 0

@@ -141,7 +141,9 @@ class PagedRunner:
         late: decode inputs still on the device (the previous step's samples), copied in there."""
         self.cache.copy_blocks(batch.copies)
         if self.has_state:  # rows for sequences starting at their first token, zeroed (lmforge.infer.kv.state)
-            self.cache.start([(seq.seq_id, seq.num_computed == 0) for seq, _ in batch.chunks])
+            # (a chunk after a prefix hit starts from the snapshot named by its last cached block's key)
+            self.cache.start([(seq.seq_id, seq.num_computed == 0, seq.block_keys[-1] if seq.block_keys else None)
+                              for seq, _ in batch.chunks])
         # a cache with a score hook (a KV policy reading attention weights), or a step holding a token tree
         # (speculative drafts), runs the eager path: the kernel step and replayed graphs compute attention
         # where no hook can see it and with no mask but causal

@@ -79,6 +79,10 @@ class Scheduler:
         self.observed_tail = 0
         """a sequence's last this-many tokens are computed at admission, never taken from the prefix cache (a
         KV policy observes their attention: SnapKV's window, lmforge.infer.kv.policy)"""
+        self.snapshots = None
+        """models with recurrent-state layers and prefix caching: the prefix keys that have a state snapshot
+        (a container); a hit must end at one, and prefill chunks end where snapshots are taken (`_marks`,
+        lmforge.infer.kv.state)"""
         self._early = Batch()  # holds sequences preempted before the next schedule (`preempt`)
 
     def add(self, seq: Sequence) -> None:
@@ -126,6 +130,8 @@ class Scheduler:
             if n == 0 or (n < remaining and not self.config.chunked_prefill):
                 kept.append(seq)
                 continue
+            if seq.snapshot_marks:  # a state model's prefill ends where its state is kept (`_marks`)
+                n = _cut(seq, seq.num_computed, n)
             # room for drafts: never past the request's last token (k drafts + the bonus token are k + 1
             # new tokens), which add_request sized the pool check for
             left = seq.request.max_len - len(seq.tokens) - seq.inflight - 1
@@ -171,10 +177,14 @@ class Scheduler:
                 owed = min(owed if owed is not None else len(seq.tokens), tail)
             tokens = seq.tokens if owed is None else seq.tokens[:owed]
             hits = pool.lookup(tokens)
+            if self.snapshots is not None:
+                hits = self._marks(seq, hits)
             start = len(hits) * pool.block_size
             n = min(len(seq.tokens) - start, budget)
             if n < len(seq.tokens) - start and not self.config.chunked_prefill:
                 break
+            if seq.snapshot_marks:
+                n = _cut(seq, start, n)
             idle_hits = sum(1 for b in hits if pool.ref[b] == 0)  # holding them takes them off the free list
             if pool.blocks_for(start + n) - len(hits) + idle_hits > pool.num_free:
                 break
@@ -192,6 +202,19 @@ class Scheduler:
             seats += need
         return budget
 
+    def _marks(self, seq: Sequence, hits: list[int]) -> list[int]:
+        """A state model's prefix hit: the cached blocks up to the last one whose key has a state snapshot.
+        Sets the positions where this sequence's state is kept (lmforge.infer.kv.state): the end of the blocks
+        it matched when no snapshot ends there (the branch point), and its tokens' last block boundary."""
+        pool, bs = self.pool, self.pool.block_size
+        usable = len(hits)
+        while usable and pool.key[hits[usable - 1]] not in self.snapshots:
+            usable -= 1
+        marks = {len(hits) * bs, len(seq.tokens) // bs * bs} - {usable * bs} if pool.prefix_caching else set()
+        keys = pool.block_keys(seq.tokens[:max(marks)]) if marks else []
+        seq.snapshot_marks = {m: keys[m // bs - 1] for m in sorted(marks) if m > usable * bs}
+        return hits[:usable]
+
     def _seats(self, seq: Sequence) -> int:
         """Seats of max_num_seqs a running sequence takes: 1, and with reserve_samples also its request's
         samples still to fork from it."""
@@ -203,7 +226,13 @@ class Scheduler:
         """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""
         self.pool.release(seq.block_table)
         seq.num_computed, seq.evicted, seq.block_keys, seq.status = 0, 0, [], Status.WAITING
+        seq.snapshot_marks = {}  # set again at admission
         seq.preemptions += 1
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         self.num_preemptions += 1
+
+
+def _cut(seq: Sequence, start: int, n: int) -> int:
+    """n, or fewer tokens so that the chunk from `start` ends at the first snapshot mark inside it."""
+    return min((m - start for m in seq.snapshot_marks if start < m < start + n), default=n)

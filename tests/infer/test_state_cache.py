@@ -161,8 +161,9 @@ def test_aborted_rows_are_reused_from_zero(kind, models, tok):
 
 
 def test_prefix_caching_is_off_and_prompt_logprobs_follow_the_chunks(models, tok):
-    """A cached block holds keys, not the state after them: a repeated prompt is computed again. Its prompt
-    log-probs, taken chunk by chunk, are the full forward's."""
+    """A cached block holds keys, not the state after them: without state snapshots (the default,
+    tests/infer/test_state_prefix.py) a repeated prompt is computed again. Its prompt log-probs, taken chunk
+    by chunk, are the full forward's."""
     model = models["hybrid"]
     engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=8))
     prompt = list(range(40, 61))
@@ -299,7 +300,7 @@ def test_recur_runs_decodes_together_and_chunks_by_length():
     from lmforge.infer.kv.state import new_state_cache
 
     cache = new_state_cache(spec, 2, 4, max_seqs=6)
-    cache.start([(10 + i, True) for i in range(6)])
+    cache.start([(10 + i, True, None) for i in range(6)])
     for pool in cache.states[0]:
         pool[:6].normal_()  # states carried from earlier steps
     before = [p.clone() for p in cache.states[0]]
@@ -319,7 +320,7 @@ def test_recur_runs_decodes_together_and_chunks_by_length():
             assert torch.allclose(y[:, start:start + n], want, atol=1e-6)
             assert all(torch.allclose(p[slot], s[0], atol=1e-6) for p, s in zip(cache.states[0], new))
             start += n
-    cache.start([(12, True)])  # a sequence starting over finds its row zeroed
+    cache.start([(12, True, None)])  # a sequence starting over finds its row zeroed
     assert all(not p[cache.slot_of[12]].any() for p in cache.states[0]) and cache.states[0][0][0].any()
 
 

@@ -13,15 +13,29 @@ A running sequence holds one row, its slot (AttnMetadata.state_slots); row max_s
 which no sequence holds (a CUDA-graph step's padding rows write there).
   start    before each step (PagedRunner.execute): a chunk beginning at the sequence's first token (a new
            prompt, or a prompt recomputed after preemption) gets a row if it holds none, and the row is
-           zeroed, so every layer and kernel reads an initial state (no "fresh" flag to branch on)
+           zeroed, so every layer and kernel reads an initial state (no "fresh" flag to branch on); a
+           chunk beginning after a prefix hit gets a row holding the hit's snapshot (below)
   fork     n > 1: each sample copies its parent's row after the parent's prefill (Engine.fork)
   release  finished or aborted; preempt: the same (the sequence restarts from its first token)
 Rows: max_seqs, one per running sequence. The scheduler counts a request's n samples against max_num_seqs
 from its admission (SchedulerConfig.reserve_samples), so a fork always finds a free row.
 
+Prefix caching (EngineConfig.state_snapshots = N > 0; off with 0): a cached block holds its tokens' keys,
+not the recurrent state after them, so a prefix hit also needs the state at the hit's end. The cache keeps
+up to N snapshots (copies of a state row) named by the prefix key of the block they end (the key of
+lmforge.infer.blocks, which names the whole prefix), least recently used evicted first. A hit is trimmed to
+the longest run of cached blocks ending at a snapshot. Snapshots are taken only where they are likely to be
+hit again (Marconi's admission policy, Pan et al., MLSys 2025, §4.1: a state at every block boundary would
+cost a row per block): the scheduler cuts a prefill chunk (Sequence.snapshot_marks) at
+  - the branch point: the end of the cached blocks its prompt matched when no snapshot ends there (a second
+    request sharing a system prompt with an earlier one saves the state after the shared blocks; the third
+    one on hits them: Marconi's speculative insertion);
+  - its tokens' last block boundary (the next turn of a conversation resends them and extends them; Marconi
+    keeps the state after the last decoded token instead, which block-aligned hits cannot use),
+and the engine copies the row after that step (`save_snapshots`). A sequence admitted on a hit gets a row
+with the snapshot copied in (`start`). Cost: an extra prefill step per cut, one row copy per snapshot.
+Eviction is least recently used (Marconi's FLOP-aware eviction, §4.2, is not built).
 What the engine does not do on such models, and why (`check_engine`, `check_request`: one-line errors):
-  prefix caching   off: a cached block holds its tokens' keys, not the recurrent state after them (state
-                   snapshots at block boundaries would be needed)
   speculative decoding, token trees: a rejected draft must be undone, which needs the state at each of
                    the k + 1 positions of a step (snapshots); refused
   beam search      refused: beams fork and drop sequences every step (2W rows at the peak, which
@@ -32,6 +46,8 @@ block table, is known before the step's tokens are).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -58,6 +74,19 @@ class StatePools:
         self.free_slots = list(range(max_seqs - 1, -1, -1))  # popped from the end: row 0 first
         self.slot_of: dict[int, int] = {}
         """seq_id -> its row"""
+        self.keep_snapshots(0)
+
+    def keep_snapshots(self, n: int) -> None:
+        """Room for n state snapshots (prefix caching, module docstring); any kept before are dropped."""
+        if n < 0:
+            raise LmforgeError(f"state snapshots must be >= 0, got {n}")
+        self.snaps: dict[int, tuple[torch.Tensor, ...]] = {
+            i: tuple(torch.zeros((n, *pool.shape[1:]), dtype=pool.dtype, device=self.device) for pool in pools)
+            for i, pools in self.states.items()}
+        self.max_snapshots = n
+        self.snapshot_rows: OrderedDict[int, int] = OrderedDict()
+        """prefix key -> snapshot row, least recently used first (`in` is what the scheduler asks)"""
+        self.free_snaps = list(range(n - 1, -1, -1))
 
     # the layers' side (lmforge.model.cache.recur) --------------------------------------------------------
     def read_state(self, layer: int, meta) -> tuple[torch.Tensor, ...]:
@@ -74,22 +103,64 @@ class StatePools:
             pool.index_copy_(0, meta.state_slots, new.to(pool.dtype))
 
     # the engine's side ----------------------------------------------------------------------------------
-    def start(self, chunks: list[tuple[int, bool]]) -> None:
-        """Before a step: (seq_id, whether its chunk begins at the sequence's first token) of every chunk.
-        Those that begin get a row if they hold none, zeroed; the others must hold one already."""
-        zero = []
-        for seq_id, first in chunks:
+    def start(self, chunks: list[tuple[int, bool, int | None]]) -> None:
+        """Before a step: (seq_id, whether its chunk begins at the sequence's first token, the prefix key of
+        its last cached block or None) of every chunk. Those that begin get a row if they hold none, zeroed;
+        one holding no row that begins after a prefix hit gets one with the hit's snapshot; the others must
+        hold one already."""
+        zero, src, dst = [], [], []
+        for seq_id, first, key in chunks:
             slot = self.slot_of.get(seq_id)
             if first:
                 zero.append(self._take(seq_id) if slot is None else slot)
             elif slot is None:
-                raise LmforgeError(f"sequence {seq_id} continues from a computed prefix but holds no state row "
-                                   "(its state was released): a state model's sequence must restart from token 0")
+                row = self.snapshot_rows.get(key) if key is not None else None
+                if row is None:
+                    raise LmforgeError(f"sequence {seq_id} continues from a computed prefix but holds no state row "
+                                       "and no snapshot of it is kept: a state model's sequence must restart from "
+                                       "token 0 or from a prefix hit's snapshot")
+                self.snapshot_rows.move_to_end(key)
+                src.append(row)
+                dst.append(self._take(seq_id))
         if zero:
             idx = to_device(zero, self.device)
             for pools in self.states.values():
                 for pool in pools:
                     pool.index_fill_(0, idx, 0)
+        if src:
+            self._copy(self.snaps, src, self.states, dst)
+
+    def save_snapshots(self, pairs: list[tuple[int, int]]) -> None:
+        """After a step: (seq_id, prefix key) - the sequence's state, which now ends that prefix, is kept
+        under the key (a key kept already is only marked recently used; the least recently used snapshot
+        makes room)."""
+        src, dst = [], []
+        for seq_id, key in pairs:
+            if key in self.snapshot_rows:
+                self.snapshot_rows.move_to_end(key)
+                continue
+            if not self.max_snapshots:
+                return
+            row = self.free_snaps.pop() if self.free_snaps else self.snapshot_rows.popitem(last=False)[1]
+            if row in dst:  # more new keys this step than rows: the earlier one is overwritten
+                del src[dst.index(row)], dst[dst.index(row)]
+            self.snapshot_rows[key] = row
+            src.append(self.slot_of[seq_id])
+            dst.append(row)
+        if src:
+            self._copy(self.states, src, self.snaps, dst)
+
+    def drop_snapshots(self) -> None:
+        """Forget every snapshot (the prefix cache was reset, e.g. after a weight update)."""
+        self.free_snaps = list(range(self.max_snapshots - 1, -1, -1))
+        self.snapshot_rows.clear()
+
+    def _copy(self, frm: dict, src: list[int], to: dict, dst: list[int]) -> None:
+        """Rows src of every state tensor of `frm` into rows dst of `to`'s (one gather and write per tensor)."""
+        s, d = to_device(src, self.device), to_device(dst, self.device)
+        for layer, pools in frm.items():
+            for a, b in zip(pools, to[layer]):
+                b.index_copy_(0, d, a.index_select(0, s))
 
     def slots(self, seq_ids) -> list[int]:
         return [self.slot_of[s] for s in seq_ids]
@@ -113,6 +184,10 @@ class StatePools:
     @property
     def num_free_slots(self) -> int:
         return len(self.free_slots)
+
+    @property
+    def num_free_snapshots(self) -> int:
+        return len(self.free_snaps)
 
     def _take(self, seq_id: int) -> int:
         if not self.free_slots:
@@ -156,3 +231,10 @@ def check_request(params, max_num_seqs: int) -> None:
     if params.n > max_num_seqs:
         raise LmforgeError(f"n={params.n} samples each keep a recurrent state row, but the engine has "
                            f"max_num_seqs={max_num_seqs} rows; lower n or raise max_num_seqs")
+
+
+def marked(chunks) -> list[tuple[int, int]]:
+    """(seq_id, prefix key) of the step's chunks that end where their sequence keeps a snapshot (before the
+    engine adds the chunk to num_computed)."""
+    return [(seq.seq_id, key) for seq, n in chunks
+            if seq.snapshot_marks and (key := seq.snapshot_marks.get(seq.num_computed + n)) is not None]

@@ -37,8 +37,9 @@ class SchedulerConfig:
     chunked_prefill: bool = True
     """split prompts longer than the remaining budget across steps"""
     reserve_samples: bool = False
-    """a request's n samples count against max_num_seqs from its admission, not from their fork after its
-    prefill: models with recurrent-state layers keep one state row per running sequence, max_num_seqs rows"""
+    """a request's n samples (a beam search's 2 x beam_width forks) count against max_num_seqs from its
+    admission, not from their fork after its prefill: models with recurrent-state layers keep one state row
+    per running sequence, max_num_seqs rows"""
 
     def __post_init__(self) -> None:
         check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -161,7 +162,8 @@ class Scheduler:
     def _admit(self, batch: Batch, budget: int) -> int:
         pool, seats = self.pool, len(self.running)
         if self.config.reserve_samples:
-            seats = sum(map(self._seats, self.running))
+            beams = {id(s.request): 2 * s.params.beam_width for s in self.running if s.params.beam_width > 1}
+            seats = sum(beams.values()) + sum(self._seats(s) for s in self.running if s.params.beam_width == 1)
         while self.waiting and budget > 0 and seats < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.inflight:  # preempted with a token on the device: its prompt is known once that is read
@@ -217,10 +219,13 @@ class Scheduler:
 
     def _seats(self, seq: Sequence) -> int:
         """Seats of max_num_seqs a running sequence takes: 1, and with reserve_samples also its request's
-        samples still to fork from it."""
-        if not self.config.reserve_samples or seq.request.forked:
+        samples still to fork from it; a beam search's request takes 2 x beam_width for all its beams (each
+        round forks the next beams before it drops the old ones)."""
+        if not self.config.reserve_samples:
             return 1
-        return seq.request.params.n
+        if seq.params.beam_width > 1:
+            return 2 * seq.params.beam_width
+        return 1 if seq.request.forked else seq.request.params.n
 
     def _preempt(self, seq: Sequence, batch: Batch) -> None:
         """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""

@@ -140,6 +140,27 @@ def test_seeded_samples_fork_the_state_and_equal_the_recompute_engine(kind, mode
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_beam_search_forks_rows_and_equals_the_recompute_engine(kind, models, tok):
+    """Each round forks the next beams (their parents' rows copied) before dropping the old ones; the
+    scheduler holds 2 x beam_width rows per search: the second search waits while the first holds 6 of 7."""
+    model = models[kind]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, 250, (n,), generator=g).tolist() for n in (7, 12, 5)]
+    mix = [(prompts[0], SamplingParams(beam_width=3, n=2, temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)),
+           (prompts[1], SamplingParams(beam_width=2, temperature=0, max_tokens=5, ignore_eos=True)),
+           (prompts[2], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))]
+    want = run(Engine(Recompute(model), tok, EngineConfig(max_num_seqs=16)), mix)
+    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=32, max_num_seqs=7))
+    got = run(engine, mix)
+    for i in range(len(mix)):
+        assert [o.token_ids for o in got[i].outputs] == [o.token_ids for o in want[i].outputs], i
+        for a, b in zip(got[i].outputs, want[i].outputs):
+            assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+    assert len(got[0].outputs) == 2
+    no_leak(engine)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_aborted_rows_are_reused_from_zero(kind, models, tok):
     """Aborts mid-decode and mid-prefill free their rows; the requests admitted into them start from a
     zeroed state (two rows, so every later request reuses one) and match the reference."""
@@ -185,7 +206,7 @@ def test_what_state_models_refuse_is_a_one_line_error(models, tok):
             Engine(model, tok, **kw)
         assert "\n" not in str(e.value)
     engine = Engine(model, tok, EngineConfig(max_num_seqs=2))
-    for sp, match in ((SamplingParams(beam_width=2, temperature=0, max_tokens=4), "beam search"),
+    for sp, match in ((SamplingParams(beam_width=2, temperature=0, max_tokens=4), "4 recurrent-state rows at once"),
                       (SamplingParams(n=3, max_tokens=4, seed=0), "n=3 samples each keep a recurrent state row")):
         with pytest.raises(LmforgeError, match=match) as e:
             engine.add_request("hi", sp)

@@ -38,11 +38,11 @@ Eviction is least recently used (Marconi's FLOP-aware eviction, §4.2, is not bu
 What the engine does not do on such models, and why (`check_engine`, `check_request`: one-line errors):
   speculative decoding, token trees: a rejected draft must be undone, which needs the state at each of
                    the k + 1 positions of a step (snapshots); refused
-  beam search      refused: beams fork and drop sequences every step (2W rows at the peak, which
-                   max_num_seqs does not bound)
   the kernel step  off: its batch-1 Triton step implements attention blocks only
 CUDA graphs, chunked prefill, preemption, n > 1, aborts and async scheduling work (a state row, like a
-block table, is known before the step's tokens are).
+block table, is known before the step's tokens are). Beam search works: a new beam is a fork (its parent's
+row copied) made before the old beams are dropped, so a search holds up to 2 x beam_width rows, which the
+scheduler reserves at admission (SchedulerConfig.reserve_samples).
 """
 
 from __future__ import annotations
@@ -224,10 +224,10 @@ def check_engine(config, draft) -> None:
 
 def check_request(params, max_num_seqs: int) -> None:
     """One-line errors for the requests a model with state layers cannot serve (module docstring)."""
-    if params.beam_width > 1:
-        raise LmforgeError(f"beam_width={params.beam_width}: beam search forks and drops beams every step, up to "
-                           f"{2 * params.beam_width} recurrent-state rows at once, which the scheduler does not "
-                           "reserve; use n samples (seeded) or greedy decoding on models with state layers")
+    if 2 * params.beam_width > max_num_seqs and params.beam_width > 1:
+        raise LmforgeError(f"beam_width={params.beam_width}: beam search forks the next beams before it drops the "
+                           f"old ones, {2 * params.beam_width} recurrent-state rows at once, but the engine has "
+                           f"max_num_seqs={max_num_seqs} rows; lower beam_width or raise max_num_seqs")
     if params.n > max_num_seqs:
         raise LmforgeError(f"n={params.n} samples each keep a recurrent state row, but the engine has "
                            f"max_num_seqs={max_num_seqs} rows; lower n or raise max_num_seqs")

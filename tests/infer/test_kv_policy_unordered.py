@@ -1,0 +1,185 @@
+"""KV policies with unordered slots (KVPolicy.ordered_slots = False: evicted slots filled from the tail) against
+the masked reference of tests/infer/kv_policy_ref.py: an H2O-like heavy-hitter policy, ordered and unordered,
+per layer and kv head; through the Triton kernels."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pytest
+import torch
+
+from lmforge.infer.engine import EngineConfig
+from lmforge.infer.kv.policy import KVPolicy
+from lmforge.infer.sampling import SamplingParams
+
+from .infer_helpers import tiny_model
+from .kv_policy_ref import PROMPT, RefCache, STREAM, StreamingByPosition, check_against, model_of, replay, run
+
+
+@dataclass
+class _HeavyState:
+    prompt_len: int
+    heads: tuple[int, ...]
+    score: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, S) attention per slot
+    pos: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, S) each slot's position
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heavy(KVPolicy):
+    """H2O-like (Zhang et al. 2023 §3-4, Algorithm 1): per (layer, kv head) the attention each key received,
+    accumulated over every query (the group's query heads summed); once the prompt is computed keep the
+    `heavy` non-recent keys with the most and the `recent` newest, so one key goes per decode step. It knows
+    each slot's position (`pos`), so it runs in either slot order. alike: one choice for every layer and
+    head (scores summed over them), returned as a host list."""
+
+    heavy: int
+    recent: int
+    alike: bool = False
+    needs_scores: ClassVar[bool] = True
+    observed_tail: ClassVar[int] = sys.maxsize
+
+    def start(self, seq, layout):
+        return _HeavyState(len(seq.tokens), layout.heads)
+
+    def observes(self, state, start, n):
+        return True
+
+    def observe(self, state, layer, probs, first):
+        H, T, S = probs.shape
+        kv = state.heads[layer]
+        c, pos = probs.float().sum(1).view(kv, H // kv, S).sum(1), torch.arange(first, first + T).expand(kv, T)
+        if layer in state.score:  # this step's new keys sit at the last T slots
+            c[:, :S - T] += state.score[layer]
+            pos = torch.cat((state.pos[layer], pos), 1)
+        state.score[layer], state.pos[layer] = c, pos
+
+    def plan(self, seq, state):
+        n, budget = seq.num_slots, self.heavy + self.recent
+        if n <= budget or seq.num_computed < state.prompt_len:
+            return None
+        L, first_recent = len(state.heads), seq.num_computed - self.recent
+        assert all(state.score[layer].shape[1] == n for layer in range(L))
+        if self.alike:
+            total = sum(state.score[layer].sum(0) for layer in range(L))
+            total = total.masked_fill(state.pos[0][0] >= first_recent, float("inf"))
+            return total.topk(budget).indices.sort().values.tolist()
+        return torch.stack([state.score[layer].masked_fill(state.pos[layer] >= first_recent, float("inf"))
+                            .topk(budget, dim=-1).indices for layer in range(L)])  # (L, kv heads, K), any order
+
+    def compacted(self, state, keep):  # new slot i holds old slot keep[..., i]: per-slot state follows
+        for layer, kv in enumerate(state.heads):
+            idx = (torch.tensor(keep) if isinstance(keep, list) else keep[layer]).expand(kv, -1)
+            state.score[layer], state.pos[layer] = state.score[layer].gather(1, idx), state.pos[layer].gather(1, idx)
+
+
+class HeavyUnordered(Heavy):
+    ordered_slots: ClassVar[bool] = False
+
+
+def heavy_by_hand(ref: RefCache, start: int, heavy: int, recent: int, alike: bool) -> None:
+    """Heavy's rule in position space from the reference's own probabilities (evicted keys got 0): before a
+    step at position `start` >= the prompt, with more than heavy + recent keys held."""
+    held = int(ref.alive[0][0].sum())
+    if start < ref.prompt_len or held <= heavy + recent:
+        return
+    scores = []
+    for layer, alive in enumerate(ref.alive):
+        kv, S = alive.shape
+        p = sum(torch.nn.functional.pad(c, (0, S - c.shape[-1])).sum(1) for c in ref.probs[layer])  # (H, S)
+        scores.append(p.view(kv, -1, S).sum(1))
+    if alike:
+        total = sum(s.sum(0) for s in scores)
+        scores = [total.expand_as(s) for s in scores]
+    keep = []
+    for s, alive in zip(scores, ref.alive):
+        s = s.masked_fill(~alive, float("-inf"))
+        s[:, start - recent:] = float("inf")
+        keep.append(torch.zeros_like(alive).scatter_(1, s.topk(heavy + recent, dim=-1).indices, True))
+    ref.keep_positions(keep)
+
+
+def counting(engine, rows: list) -> None:
+    """Per step (the session's plan): rows += (slots written per (layer, head) by cache.compact, evictions,
+    slots of blocks copy-on-write replaced, compactions)."""
+    sess, got = engine.kv_policy, dict(moved=0, cow=0)
+    cache_compact, pool_compact, plan = engine.runner.cache.compact, engine.pool.compact_in_place, sess.plan
+
+    def compact(src, dst):
+        assert src.shape == dst.shape or dst.dim() == 1  # one gather + one write per pool
+        got["moved"] += src.shape[-1]
+        cache_compact(src, dst)
+
+    def in_place(table, k):
+        cow = pool_compact(table, k)
+        got["cow"] += sum(min(4, k - j * 4) for j in cow or ())
+        return cow
+
+    def counted(running):
+        before = (got["moved"], sess.evicted_tokens, got["cow"], sess.compactions)
+        out = plan(running)
+        rows.append(tuple(a - b for a, b in zip((got["moved"], sess.evicted_tokens, got["cow"], sess.compactions),
+                                                  before)))
+        return out
+    engine.runner.cache.compact, engine.pool.compact_in_place, sess.plan = compact, in_place, counted
+
+
+@pytest.mark.parametrize("arch,config,n,alike", [
+    ("llama", dict(chunked_prefill=False), 1, False),
+    ("llama", dict(max_num_batched_tokens=12), 1, False),  # chunked prefill
+    ("llama", dict(async_scheduling=True, max_num_batched_tokens=12), 1, False),
+    ("llama", dict(num_kv_tokens=64, max_num_batched_tokens=16), 3, False),  # forks share blocks; preemption
+    ("mla", dict(max_num_batched_tokens=12), 1, False),  # one latent head per layer
+    ("llama", dict(max_num_batched_tokens=12), 1, True),  # one host list for every layer and head
+])
+def test_unordered_slots_equal_ordered_and_the_reference(tok, arch, config, n, alike):
+    """ordered_slots = False: evicted slots are filled from the tail, so a step's one eviction per sequence
+    moves one key per (layer, kv head) (plus every slot of a block copy-on-write replaces), not all K kept
+    ones. Same tokens and log-probs (1e-5) and schedule as the same policy with ordered slots, and both
+    equal the masked reference applying H2O's rule by position."""
+    model = model_of(arch)
+    sp = SamplingParams(temperature=0 if n == 1 else 1.0, n=n, seed=4, max_tokens=20, ignore_eos=True, logprobs=0)
+    prompts = [PROMPT, "a short one here"]
+    runs = []
+    for kind in (Heavy, HeavyUnordered):
+        rows = []
+        engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=kind(heavy=6, recent=4, alike=alike),
+                                                         **config), prompts, sp, lambda e, rows=rows: counting(e, rows))
+
+        def on_prefill(seq, ref, start):
+            heavy_by_hand(ref, start, 6, 4, alike)
+        assert check_against(replay(model, log, kind(heavy=6, recent=4), on_prefill), reqs, greedy=n == 1) == 40 * n
+        assert engine.pool.num_used == 0 and (engine.stats()["preemptions"] > 0) == (n > 1)
+        runs.append((reqs, [[(s.seq_id, a, b) for s, a, b, _ in step] for step in log], rows))
+    (ordered, sched_o, rows_o), (unordered, sched_u, rows_u) = runs
+    assert sched_u == sched_o
+    for ro, ru in zip(ordered, unordered):
+        for so, su in zip(ro.seqs, ru.seqs):
+            assert su.tokens == so.tokens and su.logprobs == pytest.approx(so.logprobs, abs=1e-5)
+    decode = [r for r in rows_u if r[3] and r[1] == r[3]]  # steps where every compaction evicts one key
+    assert decode and all(moved == evicted + cow for moved, evicted, cow, _ in decode)
+    assert sum(cow == 0 for _, _, cow, _ in decode) > len(decode) // 2  # steady state: nothing copied whole
+    if not alike:  # ordered per-head plans rewrite all K = 10 kept keys of every compacting sequence
+        assert all(moved == 10 * c for moved, e, _, c in rows_o if c and e == c)
+    assert sum(r[0] for r in rows_u) * 3 < sum(r[0] for r in rows_o)
+
+
+def test_unordered_slots_through_the_triton_kernels(tok):
+    """The Triton decode kernel (reads context_lens keys through the table) and the varlen prefill kernel
+    (chunks after evictions: their context gathered by slot) over unordered slots equal the reference (on a
+    CPU in Triton's interpreter; head_dim 64 for the flash kernel)."""
+    from lmforge.kernels.decode import available
+
+    if not available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+    model = tiny_model("llama", d_model=256, n_heads=4, n_kv_heads=2)
+    policy = StreamingByPosition(**STREAM)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, decode_attention="kernel",
+                                                     prefill_attention="kernel", max_num_batched_tokens=12),
+                            [PROMPT, "a short one"], sp)
+    cache = engine.runner.cache
+    assert cache.kernel is not None and cache.prefill_kernel is not None  # neither fell back to the reference
+    assert check_against(replay(model, log, policy), reqs, greedy=True) == 48

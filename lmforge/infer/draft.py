@@ -1,4 +1,5 @@
-"""A draft model for speculative decoding that drafts for the whole batch at once.
+"""Drafters whose KV cache lives in the engine's block pool, drafting for the whole batch at once: a draft
+model (`PagedDraftModel`) and an EAGLE-style draft head over the target's features (`PagedDraftHead`).
 
 The draft model keeps its own paged cache with the same block size and the same block ids as the
 target's: a sequence's block table addresses both (vLLM's layout), so the draft needs no tables, no
@@ -15,8 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.processors import apply_processors
 from lmforge.infer.runner import PagedRunner
 from lmforge.infer.scheduler import Batch
+from lmforge.infer.speculative import _probs
+from lmforge.infer.token_tree import DraftTree
+from lmforge.utils import eval_mode
 
 
 @dataclass
@@ -78,3 +84,181 @@ class PagedDraftModel:
 
     def forget(self, seq) -> None:
         self.known.pop(seq.seq_id, None)
+
+
+def is_draft_head(draft) -> bool:
+    """An EAGLE-style head the engine runs on its pool: it reads every position's features
+    (uses_hidden_states = "all"), describes its attention layers (cache_spec) and runs pairs (`pairs`)."""
+    return (getattr(draft, "uses_hidden_states", False) == "all" and callable(getattr(draft, "pairs", None))
+            and callable(getattr(draft, "cache_spec", None)))
+
+
+class PagedDraftHead:
+    """An EAGLE-style draft head (Li et al. 2024, §4: f_{t+1} ~ head(f_t, emb(x_{t+1})), tokens read off the
+    target's LM head) whose attention cache shares the target's block ids, as PagedDraftModel's does.
+
+    The head's protocol (a module; tests/infer/eagle_toy.py's PagedEagle is one):
+      uses_hidden_states = "all", optional hidden_layers, proposes_trees / widths / tree_size (trees)
+      cache_spec() -> CacheSpec      its attention layers (their bytes per token are counted in the pool)
+      pairs(feats (1, N, d), ids (1, N), positions (1, N), cache, meta) -> (1, N, d)
+                                     one flat row of (feature, token) pairs -> each pair's predicted next
+                                     feature; attention through `cache.attend` (the paged cache, `meta` from
+                                     PagedRunner.prepare, tree masks included)
+      logits(f (..., d)) -> (..., V) the target's LM head over predicted features
+      fuse(states (n, D)) -> (n, d)  optional: the target's features as the head's input (EAGLE-3's fc over
+                                     low/middle/high layers); absent = the features as they are
+    Layout: slot p of a sequence's blocks holds the head's entry for the pair (f_{p-1}, x_p), the feature of
+    the token before p and token p itself, at position p. So an entry depends on tokens 0..p only, as the
+    target's key at p does, and blocks shared by forks (copy-on-write included) hold the right entries for
+    every holder. Position 0 has no feature before it: slot 0 holds the begin pair (zeros, x_0), so the head
+    sees one entry more than EAGLE's own code feeds it (a head trained for this layout sees it in training).
+    A round for a context of L tokens, whose features reach position L - 2 (lmforge.infer.features):
+    catch-up writes slots start + 1 .. L - 1 (from 0 when start = 0: every earlier slot holds a verified
+    pair), the last one predicting the pending token's feature; a chain then writes one entry per draft at
+    slots L, L + 1, ... (one decode row per sequence per depth), a tree its nodes so far at slots L.. in node
+    order with the tree mask, once per depth (nodes at position L + depth). Draft entries are stale after
+    verification and the next catch-up overwrites them. Only nodes that fit the sequence's budget k (the
+    slots the scheduler reserved) are written, so a tree stops expanding once its first k nodes are known.
+    Preemption frees the blocks and with them the head's entries: `preempt` restarts the sequence's feature
+    stream, so the recomputed features are handed again and the first round rewrites every slot. Nothing
+    else is kept per sequence (Features.start says which slots hold verified pairs), so a fork (which shares
+    the blocks and copies the stream) and a release (which frees them) need no call of their own.
+    Prefix caching: a new prompt's features are owed, so its positions are computed (as for every "all"
+    drafter): a cached block's head entries are written only once the head has caught up over verified
+    features, which block registration (on the target's computed tokens) does not wait for, and continuing
+    after a hit would need the feature at the last cached position, which no block keeps."""
+
+    uses_hidden_states = "all"
+
+    def __init__(self, head, num_blocks: int, block_size: int, device):
+        self.head = head
+        self.fuse = getattr(head, "fuse", None)
+        self.proposes_trees = bool(getattr(head, "proposes_trees", False))
+        if self.proposes_trees:
+            self.widths, self.tree_size = tuple(head.widths), head.tree_size
+        self.runner = PagedRunner(head, head.cache_spec(), num_blocks, block_size, device)
+        self.forwards = 0
+        """head forwards so far: one catch-up per round, then one per draft depth"""
+
+    @classmethod
+    def for_engine(cls, engine, head, num_blocks: int) -> PagedDraftHead:
+        if not isinstance(engine.runner, PagedRunner):
+            raise ConfigError(f"a draft head with pairs() keeps its cache in the engine's paged pool, but "
+                              f"{type(engine.model).__name__} has no cache_spec() (the recompute runner); use a "
+                              "model with cache_spec() or a drafter object with propose()")
+        if engine.window:
+            raise ConfigError(f"a draft head's cache shares the target's blocks, which a sliding-window model "
+                              f"(window {engine.window}) frees behind the window; use a drafter object with propose()")
+        return cls(head, num_blocks, engine.config.block_size, engine.device)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write of the target's blocks: the head's entries in them go along."""
+        self.runner.cache.copy_blocks(pairs)
+
+    def preempt(self, seq) -> None:
+        """seq lost its blocks: its features are computed and handed again from position 0."""
+        if seq.features is not None:
+            seq.features.restart()
+
+    @torch.inference_mode()
+    def propose_batch(self, items) -> list[tuple[list[int] | DraftTree, torch.Tensor | None]]:
+        """items: lmforge.infer.speculative.DraftItem, hidden a Features, block_table the sequence's."""
+        with eval_mode(self.head):
+            views, f = self._catch_up(items)
+            return self._trees(items, f) if self.proposes_trees else self._chains(items, views, f)
+
+    def _catch_up(self, items) -> tuple[list[_View], dict[int, torch.Tensor]]:
+        """One forward over every item's new verified pairs -> views (slots through L - 1 written) and item
+        index -> (d,) the predicted feature of its pending token."""
+        rows, views = [], []
+        for b, it in enumerate(items):
+            h = it.hidden
+            if it.block_table is None or h.start + h.states.shape[0] != len(it.ctx) - 1:
+                raise LmforgeError(f"internal: sequence {it.seq_id}'s features cover positions {h.start} .. "
+                                   f"{h.start + h.states.shape[0] - 1} of a {len(it.ctx)}-token context "
+                                   f"(block table {'missing' if it.block_table is None else 'given'})")
+            x = self.fuse(h.states) if self.fuse is not None else h.states
+            first = h.start + 1 if h.start else 0
+            if not h.start:  # the begin pair: no feature before x_0
+                x = torch.cat([x.new_zeros(1, x.shape[1]), x])
+            views.append(_View(list(it.ctx), first, it.block_table, it.seq_id))
+            rows.append((b, views[-1], len(it.ctx) - first, x, None))
+        out = self._run(rows)
+        for view in views:
+            view.num_computed = len(view.tokens)
+        return views, {b: y[-1] for b, y in out.items()}
+
+    def _run(self, rows) -> dict[int, torch.Tensor]:
+        """rows: (key, view, n, feats (n, d), tree parents or None): n pairs of each at its view's next
+        slots, in one flat forward -> key -> (n, d) predicted features."""
+        rows = sorted(rows, key=lambda r: r[2] != 1)  # decodes first, as the runner's layout wants
+        batch = Batch(chunks=[(r[1], r[2]) for r in rows])
+        batch.trees = {r[1].seq_id: r[4] for r in rows if r[4] is not None and r[2] > 1}
+        ids, meta = self.runner.prepare(batch, [])
+        x = torch.cat([r[3] for r in rows])[None]
+        out = self.head.pairs(x, ids, meta.positions, self.runner.cache, meta)[0]
+        self.forwards += 1
+        return dict(zip((r[0] for r in rows), out.split([r[2] for r in rows])))
+
+    def _chains(self, items, views, f) -> list:
+        """k drafts each: depth r reads the head's logits at the last predicted feature, then one decode row
+        per sequence still drafting writes (f, draft r) at its next slot."""
+        drafts, qs = [[] for _ in items], [[] for _ in items]
+        for r in range(max(it.k for it in items)):
+            live = [b for b, it in enumerate(items) if it.k > r]
+            logits = self.head.logits(torch.stack([f[b] for b in live]))
+            for j, b in enumerate(live):
+                it = items[b]
+                q = _probs(logits[j:j + 1], it.procs, it.greedy)[0]
+                drafts[b].append(int(q.argmax()) if it.greedy else int(torch.multinomial(q, 1, generator=it.gen)))
+                qs[b].append(q)
+            rows = []
+            for b in live:
+                if items[b].k > r + 1:  # (f, draft r) at the next slot, position len(tokens)
+                    view = views[b]
+                    view.num_computed = len(view.tokens)
+                    view.tokens.append(drafts[b][-1])
+                    rows.append((b, view, 1, f[b][None], None))
+            if rows:
+                f.update((b, y[-1]) for b, y in self._run(rows).items())
+        return [(d, torch.stack(q)) for d, q in zip(drafts, qs)]
+
+    def _trees(self, items, f) -> list:
+        """widths[d] children of each node of depth d: the head's top tokens (greedy), or drawn from its
+        processed distribution with replacement (sampled; each child's q row is its parent's). Before each
+        deeper level, one tree-masked forward per round over every sequence's nodes so far (slots L.., in node
+        order) gives their predicted features; a sequence whose first k nodes are all known stops there."""
+        tokens, qs, parents, frontier = [[] for _ in items], [[] for _ in items], [], [-1]
+        feat = {-1: f}  # node -> item index -> (d,)
+        live = list(range(len(items)))
+        for depth, w in enumerate(self.widths):
+            logits = self.head.logits(torch.stack([feat[node][b] for b in live for node in frontier]))
+            for j, b in enumerate(live):
+                it = items[b]
+                for i in range(len(frontier)):
+                    tokens[b] += _children(logits[j * len(frontier) + i], w, it, qs[b])
+            parents += [node for node in frontier for _ in range(w)]
+            frontier = list(range(len(parents) - len(frontier) * w, len(parents)))
+            live = [b for b in live if len(parents) < items[b].k]  # deeper nodes would be trimmed
+            if depth + 1 == len(self.widths) or not live:
+                break
+            rows = []
+            for b in live:
+                it = items[b]
+                view = _View(list(it.ctx) + tokens[b], len(it.ctx), it.block_table, it.seq_id)
+                rows.append((b, view, len(parents), torch.stack([feat[p][b] for p in parents]), list(parents)))
+            out = self._run(rows)
+            for i in range(len(parents)):
+                feat[i] = {b: y[i] for b, y in out.items()}
+        return [(DraftTree(t, parents[:len(t)]), torch.stack(q) if q else None) for t, q in zip(tokens, qs)]
+
+
+def _children(logits: torch.Tensor, w: int, it, qs: list) -> list[int]:
+    """A tree node's w children from the head's (V,) logits there: its top tokens (greedy), or w draws with
+    replacement from its processed distribution (sampled; the q row goes to qs once per child)."""
+    logits = apply_processors(it.procs, logits[None].float(), None)[0]
+    if it.greedy:
+        return logits.topk(w).indices.tolist()
+    q = logits.softmax(-1)
+    qs += [q] * w
+    return torch.multinomial(q, w, replacement=True, generator=it.gen).tolist()

@@ -91,7 +91,8 @@ class Engine:
     or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round. A drafter object
     with `uses_hidden_states` (EAGLE/Medusa style: True, "all", and `hidden_layers`; lmforge.infer.features)
     gets the target's features with each context: the model must accept `return_hidden` (lmforge's
-    Transformer and HFCausalLM do). A drafter with `proposes_trees = True`
+    Transformer and HFCausalLM do); an "all" head module with `pairs` and `cache_spec` keeps its attention
+    cache in this engine's blocks (lmforge.infer.draft.PagedDraftHead). A drafter with `proposes_trees = True`
     (lmforge.infer.token_tree.TreeDrafter) proposes token trees, up to its
     `tree_size` nodes per step (num_draft_tokens does not apply), on models with a cache_spec() (the paged
     runner)."""
@@ -162,12 +163,15 @@ class Engine:
             raise ConfigError(f"a tree drafter needs a model with cache_spec() (the paged runner); "
                               f"{type(model).__name__} has none: use a chain drafter (a draft model, 'ngram')")
         self.num_draft_tokens = draft.tree_size if self.draft_trees else num_draft_tokens
-        self.make_drafter, self.draft_model = None, None
+        self.make_drafter, self.draft_model, self.draft_head = None, None, None
         self.hidden = hidden_ask(draft, model)  # what a drafter reads of the target (lmforge.infer.features)
         if draft is not None:
+            from lmforge.infer.draft import PagedDraftHead, is_draft_head
             from lmforge.infer.speculative import make_drafter_factory
 
             check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+            if is_draft_head(draft):  # an EAGLE-style head whose cache shares the pool's blocks (infer.draft)
+                draft = self.draft_head = PagedDraftHead.for_engine(self, draft, num_blocks)
             self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, self.num_draft_tokens)
             if isinstance(self.runner, PagedRunner) and hasattr(draft, "cache_spec") and not hasattr(draft, "propose"):
                 from lmforge.infer.draft import PagedDraftModel
@@ -409,12 +413,15 @@ class Engine:
         batch = self.scheduler.schedule()
         for seq in batch.preempted:  # its cache state went with its blocks: recomputed from its first token
             self._cache_event("preempt", seq.seq_id)
+            if self.draft_head is not None:  # the head's entries went too: its features are handed again
+                self.draft_head.preempt(seq)
         if not batch.chunks:
             if prev is None and self.scheduler.has_work():
                 raise LmforgeError("the scheduler could not fit any sequence in the KV pool; raise num_kv_tokens")
             return None
-        if self.draft_model is not None:  # copy-on-write copies apply to the draft's cache too
-            self.draft_model.copy_blocks(batch.copies)
+        for own in (self.draft_model, self.draft_head):  # copy-on-write copies apply to the draft's cache too
+            if own is not None:
+                own.copy_blocks(batch.copies)
         self._draft(batch)
         if self.kv_policy is not None:  # new sequences' policy state; the score hook where it observes
             self.kv_policy.begin_step(batch)

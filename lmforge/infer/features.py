@@ -31,7 +31,9 @@ Features.seq_id and dropped at `release(seq_id)`, which the engine calls when th
 aborted. A sample forked after the prefill (n > 1) gets a copy of the prompt's features and its own seq_id.
 A preempted sequence recomputes its positions: those already handed on are dropped, not handed twice; its
 prompt's positions not yet handed are computed, never taken from the prefix cache (the scheduler looks
-the cache up only below `FeatureStream.next`). Chunked prefill hands each chunk's positions on in order.
+the cache up only below `FeatureStream.next`). A drafter whose cache lives in the engine's blocks (a paged
+head, lmforge.infer.draft.PagedDraftHead) lost it with them: its stream restarts (`restart`) and every
+position is computed and handed again, from 0. Chunked prefill hands each chunk's positions on in order.
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ class FeatureStream:
         out = Features(seq_id, self.start, states)
         self.start, self.held = self.next, []
         return out
+
+    def restart(self) -> None:
+        """Hand every position again from 0 (a preempted sequence whose drafter's cache went with its blocks:
+        lmforge.infer.draft.PagedDraftHead); nothing was computed since, so the scheduler takes no prefix."""
+        self.next, self.start, self.held = 0, 0, []
 
     def copy(self) -> FeatureStream:
         """A forked sample's stream: the same held features (tensors are never written in place)."""

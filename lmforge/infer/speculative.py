@@ -21,7 +21,9 @@ with `uses_hidden_states` (EAGLE, Medusa) propose also gets `hidden=` the target
 final hidden state (after its final norm, Transformer.forward(return_hidden=True)) at ctx[-2], whose logits
 gave ctx[-1]; with "all" (EAGLE) every verified position's, each once, in order (`Features`); hidden_layers
 picks blocks' outputs instead (EAGLE-3). lmforge.infer.features has the alignment rules; such a drafter may
-define `release(seq_id)`, called when a sequence ends.
+define `release(seq_id)`, called when a sequence ends. An "all" head module with `pairs` and `cache_spec` (no
+propose needed) is run by the engine with its attention cache in the pool's blocks, batched
+(lmforge.infer.draft.PagedDraftHead; DraftItem.block_table says where).
 A drafter may propose a token tree instead, `(DraftTree(tokens, parents), q (N, V) or None)`, when it says
 so with `proposes_trees = True` and `tree_size` (the nodes the scheduler reserves room for), verified by
 walking the tree: into the argmax's child when greedy, by SpecInfer's multi-step speculative sampling when
@@ -190,9 +192,12 @@ class Speculative:
         return seq.seq_id in self.pending
 
     def budget(self, engine, seq, room: int) -> int | None:
-        """Drafts seq may take this step; None before its first token (the prefill samples normally)."""
+        """Drafts seq may take this step; None before its first token (the prefill samples normally); 0 while
+        its restarted feature stream (lmforge.infer.features.FeatureStream.restart) is behind its context."""
         if not seq.request.forked:
             return None
+        if seq.features is not None and seq.features.next < len(seq.tokens) - 1:
+            return 0  # a restarted stream (a paged head's sequence, preempted): this chunk computes what drafts read
         p = seq.params
         return max(0, min(self.k, room, p.max_tokens - seq.num_output - 1, engine.max_seq_len - len(seq.tokens) - 1))
 
@@ -204,7 +209,8 @@ class Speculative:
         """What seq's drafter gets this step (an "all" drafter's features are taken from the stream here)."""
         hidden = (None if self.hidden is None else seq.hidden if not self.hidden.every
                   else seq.features.take(seq.seq_id, len(seq.tokens)))
-        return DraftItem(seq.seq_id, seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, hidden)
+        return DraftItem(seq.seq_id, seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, hidden,
+                         seq.block_table)
 
     def take(self, seq, budget: int, drafts, q) -> tuple[list[int] | DraftTree, torch.Tensor | None]:
         """A drafter's answer for seq, a tree trimmed to the room the step has for it."""
@@ -317,6 +323,9 @@ class DraftItem:
     """the sequence's random stream (sampled requests): draw each sequence's drafts from its own"""
     hidden: object = None
     """with uses_hidden_states: the (D,) feature (True) or Features ("all"); None otherwise"""
+    block_table: list[int] | None = None
+    """the sequence's blocks in the engine's pool (read it, do not keep it): a drafter whose cache shares the
+    target's block ids writes at the same slots (lmforge.infer.draft.PagedDraftHead)"""
 
 
 def propose_step(todo: list[tuple[object, int]]) -> dict[int, tuple[list[int] | DraftTree, torch.Tensor | None]]:
@@ -367,7 +376,7 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
     if draft == "mtp":
         MTPDrafter(model)  # raises now if the model has no parallel MTP heads
         return lambda seq: MTPDrafter(model)
-    if hasattr(draft, "propose"):  # a drafter object, a module (Medusa or EAGLE heads) or not
+    if hasattr(draft, "propose") or hasattr(draft, "propose_batch"):  # a drafter object (a module or not)
         _check_accept(draft)
         return lambda seq: draft
     if isinstance(draft, torch.nn.Module):  # only without a paged draft model (lmforge.infer.draft)

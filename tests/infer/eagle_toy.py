@@ -10,7 +10,9 @@ history (`state`, dropped at `release`), as a real head keeps its attention cach
 for the tests. `fit` sets the head by least squares on the target's own features, so drafts are sometimes
 right and sometimes wrong. `CachedEagle` adds EAGLE's decoder layer, attention over every earlier (feature,
 token) pair, with the KV cache a real head keeps per sequence: rewound each round to Features.start (its
-verified pairs), or recomputed from the whole history (cached=False, the reference).
+verified pairs), or recomputed from the whole history (cached=False, the reference). With begin=True its history
+starts with the begin pair (zeros, x_0), the layout of the engine's paged head (lmforge.infer.draft.PagedDraftHead:
+slot p holds the pair (f_{p-1}, x_p)); `PagedEagle` is that head, run by the engine in its own block pool.
 """
 
 from __future__ import annotations
@@ -157,10 +159,11 @@ class CachedEagle(ToyEagle):
     ancestors; deeper cached draft levels cannot be masked, so earlier levels are recomputed).
     `proposals[seq_id]`: (tokens, parents, the predicted feature of the pending token) of every round."""
 
-    def __init__(self, target, widths: tuple[int, ...] | None = None, cached: bool = True, gate: float = 0.5):
+    def __init__(self, target, widths: tuple[int, ...] | None = None, cached: bool = True, gate: float = 0.5,
+                 begin: bool = False):
         super().__init__(target, None, widths)
         cfg = dataclasses.replace(target.cfg, n_layers=1)
-        self.block, self.cached, self.gate = Block(cfg, 0), cached, gate
+        self.block, self.cached, self.gate, self.begin = Block(cfg, 0), cached, gate, begin
         self.max_len = cfg.max_seq_len + 64
         self.caches: dict[int, KVCache] = {}
         self.proposals: dict[int, list[tuple[list[int], list[int], torch.Tensor]]] = {}
@@ -180,13 +183,22 @@ class CachedEagle(ToyEagle):
              tree: torch.Tensor | None = None) -> torch.Tensor:
         """B rows at once: (B, T, d) features, (B, T) next tokens at positions pos (B, T) -> (B, T, d) predicted
         features; their K/V go to the cache's next T slots (one tree, `tree` (T,) parents, for every row)."""
+        out = self.pairs(feats, toks, pos, cache, AttnMetadata.tree(tree) if tree is not None else None)
+        cache.advance(toks.shape[1])
+        return out
+
+    def pairs(self, feats: torch.Tensor, toks: torch.Tensor, pos: torch.Tensor, cache, meta=None) -> torch.Tensor:
+        """The head over (B, T) pairs at positions pos, attending through any cache kind (`attend`): this
+        contiguous one, or the engine's paged one with its metadata (PagedDraftHead's protocol)."""
         target = self._target[0]
         x = self.fc(torch.cat([feats, target.embed(toks)], -1))
         x = x + self.mlp(x)
-        y = self.block(x, target.rope.cos_sin(pos, int(pos.max()) + 1), None, cache,
-                       AttnMetadata.tree(tree) if tree is not None else None)
-        cache.advance(toks.shape[1])
+        y = self.block(x, target.rope.cos_sin(pos, int(pos.max()) + 1), None, cache, meta)
         return x + self.gate * (y - x)
+
+    def logits(self, f: torch.Tensor) -> torch.Tensor:
+        """(..., d) predicted features -> (..., V): the target's LM head."""
+        return self._target[0].logits(f)
 
     @torch.inference_mode()
     def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen, hidden: Features):
@@ -194,11 +206,14 @@ class CachedEagle(ToyEagle):
         self.state[hidden.seq_id] = hidden.states if seen is None else torch.cat([seen, hidden.states])
         if self.cached:  # the verified pairs before Features.start are in the cache; drafts' entries go
             cache = self.caches.get(hidden.seq_id) or self.caches.setdefault(hidden.seq_id, self._cache())
-            cache.rewind(hidden.start)
+            cache.rewind(hidden.start + (1 if self.begin and hidden.start else 0))
             feats, first = hidden.states, hidden.start
         else:
             cache, feats, first = self._cache(), self.state[hidden.seq_id], 0
-        f = self.run(feats, ctx[first + 1:], cache)[-1]  # predicted feature of the pending token ctx[-1]
+        toks = ctx[first + 1:]
+        if self.begin and first == 0:  # the begin pair (zeros, x_0) first
+            feats, toks = torch.cat([feats.new_zeros(1, feats.shape[1]), feats]), list(ctx)
+        f = self.run(feats, toks, cache)[-1]  # predicted feature of the pending token ctx[-1]
         drafts, q = self._cached_tree(f, cache, procs, greedy, gen) if self.proposes_trees else \
             self._cached_chain(f, cache, k, procs, greedy, gen)
         tokens = drafts.tokens if isinstance(drafts, DraftTree) else drafts
@@ -335,3 +350,33 @@ class BatchedEagle(CachedEagle):
                 self.head_forwards += 1
                 feat.update((i, out[:, i]) for i in range(len(parents)))
         return [(DraftTree(t, list(parents)), torch.stack(q) if q else None) for t, q in zip(tokens, qs)]
+
+
+class PagedEagle(CachedEagle):
+    """CachedEagle's head run by the engine in its block pool (lmforge.infer.draft.PagedDraftHead): the engine
+    calls `pairs` with its paged cache and metadata, `logits`, and sizes the pool for `cache_spec`. Its
+    contiguous reference is CachedEagle(begin=True) with the same weights."""
+
+    def __init__(self, target, widths: tuple[int, ...] | None = None, gate: float = 0.5):
+        super().__init__(target, widths, True, gate, begin=True)
+
+    def cache_spec(self):
+        """One attention layer of the target's shape (the block is Block(cfg with n_layers=1, 0))."""
+        spec = self._target[0].cache_spec()
+        return dataclasses.replace(spec, layers=spec.layers[:1])
+
+
+def growing_rounds(g: torch.Generator, feats: torch.Tensor, lengths=(3, 11, 6, 2),
+                   grows=((0, 0, 0, 0), (1, 4, 2, 3), (3, 1, 1, 4))):
+    """Rounds of drafting for len(lengths) sequences whose contexts grow between rounds (random tokens from g):
+    per round, (index, context so far, Features of its positions not handed yet) for each sequence, the
+    features read from feats (sequences, positions, d) - what the engine hands a drafter round by round."""
+    ctxs = [torch.randint(1, 257, (n,), generator=g).tolist() for n in lengths]
+    handed = [0] * len(lengths)
+    for grow in grows:
+        out = []
+        for b, n in enumerate(grow):
+            ctxs[b] += torch.randint(1, 257, (n,), generator=g).tolist()
+            out.append((b, list(ctxs[b]), Features(b, handed[b], feats[b, handed[b]:len(ctxs[b]) - 1])))
+            handed[b] = len(ctxs[b]) - 1
+        yield out

@@ -16,7 +16,7 @@ from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.meta import AttnMetadata
 
-from .eagle_toy import BatchedEagle, CachedEagle, ToyEagle
+from .eagle_toy import BatchedEagle, CachedEagle, ToyEagle, growing_rounds
 from .infer_helpers import full_greedy, tiny_model
 from .test_engine_api import NoCacheSpec
 
@@ -163,7 +163,6 @@ def test_propose_batch_equals_propose_per_sequence(widths):
     """Three rounds for four sequences of different lengths, one sampled (its own seeded stream), budgets
     1 to 3: BatchedEagle.propose_batch answers what CachedEagle.propose answers one sequence at a time (the
     first round pads short rows, later ones recompute cached pairs to fill the catch-up chunk)."""
-    from lmforge.infer.features import Features
     from lmforge.infer.processors import build_processors
     from lmforge.infer.speculative import DraftItem
 
@@ -174,19 +173,13 @@ def test_propose_batch_equals_propose_per_sequence(widths):
         heads.append(cls(model, widths))
         heads[-1].load_state_dict(fitted.state_dict(), strict=False)
     g = torch.Generator().manual_seed(3)
-    ctxs = [torch.randint(1, 257, (n,), generator=g).tolist() for n in (3, 11, 6, 2)]
     feats = torch.randn(4, 40, model.cfg.d_model, generator=g)
     sampled = build_processors(SamplingParams(temperature=0.8))
     gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
-    handed = [0] * 4
-    for grow in [(0, 0, 0, 0), (1, 4, 2, 3), (3, 1, 1, 4)]:
-        items = []
-        for b, n in enumerate(grow):
-            ctxs[b] += torch.randint(1, 257, (n,), generator=g).tolist()
-            hidden = Features(b, handed[b], feats[b, handed[b]:len(ctxs[b]) - 1])
-            handed[b] = len(ctxs[b]) - 1
-            items.append(lambda gen, b=b, hidden=hidden: DraftItem(b, list(ctxs[b]), (3, 2, 3, 1)[b],
-                                                                   sampled if b == 2 else [], b != 2, gen, hidden))
+    for rnd in growing_rounds(g, feats):
+        items = [lambda gen, b=b, ctx=ctx, hidden=hidden: DraftItem(b, list(ctx), (3, 2, 3, 1)[b],
+                                                                    sampled if b == 2 else [], b != 2, gen, hidden)
+                 for b, ctx, hidden in rnd]
         one = [heads[0].propose(it.ctx, it.k, it.procs, it.greedy, it.gen, hidden=it.hidden)
                for it in (make(gens[0]) for make in items)]
         batched = heads[1].propose_batch([make(gens[1]) for make in items])

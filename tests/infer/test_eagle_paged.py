@@ -1,0 +1,153 @@
+"""An EAGLE-style head whose KV cache lives in the engine's block pool (lmforge.infer.draft.PagedDraftHead,
+with tests/infer/eagle_toy.py's PagedEagle): its proposals equal the plain contiguous head's (CachedEagle with
+the begin pair, recomputing its whole history from a full forward's features) at every round, chains and
+trees, greedy and sampled (each round replayed from the sequence's generator state); the engine's greedy
+output with it is the target's under chunked prefill, n = 2 forks, preemption (the head rebuilt from features
+handed again), an abort and batches of several sequences. Async scheduling does not apply: any draft turns
+it off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.infer.blocks import BlockPool
+from lmforge.infer.detok import IdTokenizer
+from lmforge.infer.draft import PagedDraftHead
+from lmforge.infer.engine import Engine, EngineConfig
+from lmforge.infer.features import Features
+from lmforge.infer.processors import build_processors
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.speculative import DraftItem
+from lmforge.infer.token_tree import DraftTree
+
+from .eagle_toy import CachedEagle, PagedEagle, growing_rounds
+from .infer_helpers import full_greedy, tiny_model
+from .test_eagle_hidden import PROMPTS, reference, run_all, trained_toy
+from .test_engine_api import NoCacheSpec
+
+WIDTHS = (2, 2, 1)
+
+
+def heads(model, widths):
+    """(the contiguous reference recomputing its history, the paged head), with the same weights."""
+    fitted, out = trained_toy(model, widths=widths), []
+    for make in (lambda: CachedEagle(model, widths, cached=False, begin=True), lambda: PagedEagle(model, widths)):
+        torch.manual_seed(0)  # the same block in both
+        head = make()
+        head.load_state_dict(fitted.state_dict(), strict=False)
+        out.append(head)
+    return out
+
+
+def same_proposal(item: DraftItem, gen_state, answer, ref: CachedEagle, feats: torch.Tensor) -> None:
+    """answer (the paged head's) equals what ref proposes for item's context from feats (positions 0 ..
+    len(ctx) - 2), drawing from a generator in gen_state: its first k drafts (a tree's first k nodes, the ones
+    the engine keeps) and their q rows."""
+    gen = None
+    if gen_state is not None:
+        gen = torch.Generator()
+        gen.set_state(gen_state)
+    ref.release(item.seq_id)  # (a history from position 0 each time)
+    drafts, q = ref.propose(list(item.ctx), item.k, item.procs, item.greedy, gen,
+                            hidden=Features(item.seq_id, 0, feats))
+    got, got_q = answer
+    if isinstance(drafts, DraftTree):
+        drafts, got = drafts.first(item.k), got.first(item.k)
+        assert (got.tokens, got.parents) == (drafts.tokens, drafts.parents)
+    else:
+        assert got == drafts
+    if not item.greedy:
+        torch.testing.assert_close(got_q[:len(got)], q[:len(got)], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("widths,fused", [(None, False), (WIDTHS, False), (None, True)])
+def test_paged_head_proposes_what_the_contiguous_head_proposes(widths, fused):
+    """Three rounds for four sequences of different lengths in one BlockPool (one sampled, budgets 1 to the
+    tree's size): each propose_batch call runs one catch-up forward and one per draft depth over the pool's
+    blocks, and answers what the contiguous head answers one sequence at a time, recomputing its history
+    (fused: the head's `fuse` maps two layers' features to its input, EAGLE-3's fc, before the pairs)."""
+    model = tiny_model("llama", init_std=0.1)
+    ref, head = heads(model, widths)
+    d = model.cfg.d_model
+    if fused:
+        head.fuse = torch.nn.Linear(2 * d, d)
+    pool = BlockPool(80, 4)
+    paged = PagedDraftHead(head, pool.num_blocks, 4, "cpu")
+    g = torch.Generator().manual_seed(3)
+    tables = [[] for _ in range(4)]
+    for t in tables:
+        pool.append(t, 0, 64)
+    feats = torch.randn(4, 40, 2 * d if fused else d, generator=g)
+    with torch.no_grad():
+        inputs = head.fuse(feats)  # what the reference's pairs take
+    sampled = build_processors(SamplingParams(temperature=0.8))
+    gen = torch.Generator().manual_seed(7)
+    size = ref.tree_size if widths else 3
+    for rnd in growing_rounds(g, feats):
+        items = [DraftItem(b, ctx, (size, 2, size, 1)[b], sampled if b == 2 else [], b != 2,
+                           gen if b == 2 else None, hidden, tables[b]) for b, ctx, hidden in rnd]
+        state, forwards = gen.get_state(), paged.forwards  # item 2's draws are replayed from it
+        answers = paged.propose_batch(items)
+        assert paged.forwards - forwards == (len(widths) if widths else size)
+        for it, answer in zip(items, answers):
+            same_proposal(it, None if it.greedy else state, answer, ref, inputs[it.seq_id, :len(it.ctx) - 1])
+
+
+@pytest.mark.parametrize("widths,prefix_caching", [(None, True), (WIDTHS, True), (None, False)])
+def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching):
+    """Five requests (a shared prefix, n = 2, a seeded sampled one, a 21-token prompt in chunks of 7, one
+    aborted) on a pool small enough to preempt: greedy outputs are the target's; every round's proposal is
+    the contiguous reference's from a full forward's features; preempted sequences are handed their features
+    again from position 0 and the head rebuilds its entries (with prefix caching off, the blocks they lived in
+    are truly gone); nothing is taken from the prefix cache; the head's cache has the target's blocks and every
+    block comes back."""
+    model = tiny_model("llama", init_std=0.1)
+    ref, head = heads(model, widths)
+    greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    reqs = [(PROMPTS[0], greedy), (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)),
+            (PROMPTS[2], SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True)),
+            (PROMPTS[3], greedy)]
+    config = EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7, prefix_caching=prefix_caching)
+    engine = Engine(model, IdTokenizer(257), config, draft=head, num_draft_tokens=3)
+    paged = engine.draft_head
+    assert paged.runner.cache.k[0].shape[0] == engine.pool.num_blocks + 1  # the target's block ids (+ padding)
+    rounds, calls, propose_batch = [], [], paged.propose_batch
+
+    def watch(items):
+        states = [it.gen.get_state() if it.gen is not None else None for it in items]
+        forwards, answers = paged.forwards, propose_batch(items)
+        calls.append((len(items), max(it.k for it in items), paged.forwards - forwards))
+        rounds.extend(zip([DraftItem(**{**vars(it), "ctx": list(it.ctx)}) for it in items], states, answers))
+        return answers
+
+    paged.propose_batch = watch
+    aborted = engine.add_request(PROMPTS[3][:8], greedy)
+    for _ in range(6):
+        engine.step()
+    engine.abort(aborted)
+    outs = run_all(engine, reqs)
+    for (p, sp), out in zip(reqs, outs):
+        if sp.greedy:
+            assert all(o.token_ids == full_greedy(model, p, sp.max_tokens) for o in out.outputs)
+    st = engine.stats()
+    assert st["preemptions"] > 0 and st["prefix_hit_blocks"] == 0 and engine.pool.num_used == 0
+    assert sum(o.metrics["accepted"] for o in outs) > 0 and max(n for n, _, _ in calls) >= 2
+    for n, k, forwards in calls:  # one catch-up, then one forward per draft depth
+        assert forwards == (len(widths) if widths else k) or (widths and 1 <= forwards < len(widths))
+    starts = {}
+    for item, state, answer in rounds:
+        starts.setdefault(item.seq_id, []).append(item.hidden.start)
+        same_proposal(item, state, answer, ref, reference(model, item.ctx)[:len(item.ctx) - 1])
+    assert any(0 in s[1:] for s in starts.values())  # a preempted sequence's head rebuilt from position 0
+    assert len(starts) == 6  # 5 requests, one with n = 2
+
+
+def test_paged_head_refusals():
+    model = tiny_model("llama", init_std=0.1)
+    with pytest.raises(ConfigError, match="keeps its cache in the engine's paged pool.*has no cache_spec"):
+        Engine(NoCacheSpec(model), IdTokenizer(257), draft=PagedEagle(model))
+    mistral = tiny_model("llama", sliding_window=8)
+    with pytest.raises(ConfigError, match="sliding-window model \\(window 8\\)"):
+        Engine(mistral, IdTokenizer(257), EngineConfig(num_kv_tokens=256), draft=PagedEagle(mistral))

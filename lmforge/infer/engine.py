@@ -517,6 +517,8 @@ class Engine:
             strategy = seq.request.strategy
             d = strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
             batch.chunks[i] = (seq, batch.chunks[i][1] + d)
+            if d:
+                batch.drafts[seq.seq_id] = d
             tree = strategy.tree(seq)
             if tree is not None:  # the chunk ends in a token tree: positions and mask follow it (runner)
                 batch.trees[seq.seq_id] = tree

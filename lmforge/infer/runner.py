@@ -220,6 +220,8 @@ class PagedRunner:
             block_tables=flat[P:].view(S, width).to(torch.int32), query_lens_host=tuple(qlens),
             context_lens_host=tuple(ctx), num_decodes=batch.num_decodes, block_size=bs,
             seq_ids_host=tuple(seq.seq_id for seq, _ in batch.chunks),
+            drafted_host=(tuple(batch.drafts.get(seq.seq_id, 0) for seq, _ in batch.chunks)
+                          if self.has_state and batch.drafts else ()),
             decode_groups=decode_groups(widths[:batch.num_decodes]),
             tree_parents=flat[M:M + len(parents)][None] if parents else None, tree_sizes_host=sizes,
             state_slots=flat[P - len(state):P] if state else None)

@@ -59,6 +59,8 @@ class Batch:
     trees: dict[int, list[int]] = field(default_factory=dict)
     """seq_id -> parents of the token tree ending its chunk (speculative drafts as a tree: the pending
     token, then the nodes; -1 = the token before, lmforge.model.meta); absent = a causal chain"""
+    drafts: dict[int, int] = field(default_factory=dict)
+    """seq_id -> speculative drafts ending its chunk (set by the engine after drafting)"""
 
     @property
     def num_tokens(self) -> int:

@@ -260,6 +260,8 @@ class Speculative:
         st.target_forwards += 1
         del seq.tokens[L:]
         seq.num_computed = L  # the pending token's keys were written in this forward
+        if engine.has_state:  # recurrent layers: the state after the pending token and the accepted drafts
+            engine.runner.cache.verified(seq.seq_id, 1 + len(accepted))
         new = accepted + [nxt]
         k = seq.params.logprobs
         shaped = seq.params.logprobs_mode == "processed" and not seq.params.greedy

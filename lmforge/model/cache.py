@@ -274,13 +274,33 @@ def recur(cache, layer: int, scan, x: torch.Tensor, meta=None) -> torch.Tensor:
     if cache is None:
         return scan(x, None)[0] if meta is None or meta.doc_ids is None else _per_document(scan, x, meta)
     states = cache.read_state(layer, meta)
-    ys, finals = [], []
+    ys, finals, drafted = [], [], meta.drafted_host
     for lo, hi, start, n in meta.derived("state_runs", lambda: state_runs(meta)):
-        y, new = scan(x[0, start:start + (hi - lo) * n].view(hi - lo, n, -1), tuple(s[lo:hi] for s in states))
+        xs, st = x[0, start:start + (hi - lo) * n].view(hi - lo, n, -1), tuple(s[lo:hi] for s in states)
+        if drafted and any(drafted[lo:hi]):  # speculative chunks: the states after their last tokens, for the rollback
+            last = max(drafted[lo:hi]) + 1  # the pending token and the drafts (a recomputed context before them)
+            y, new = _scan_each(scan, xs, st, last, lambda after: cache.stage_states(layer, meta, lo, hi, after))
+        else:
+            y, new = scan(xs, st)
         ys.append(y.flatten(0, 1))
         finals.append(new)
     cache.write_state(layer, tuple(torch.cat(f) for f in zip(*finals)), meta)
     return torch.cat(ys)[None]
+
+
+def _scan_each(scan, x: torch.Tensor, states, last: int, keep):
+    """scan over x (R, T, d), its last `last` tokens one at a time (as decoding would), handing keep() the
+    states after each of them: a tuple of (R, last, *shape) tensors, one per state."""
+    ys, after, T = [], [], x.shape[1]
+    if T > last:
+        y, states = scan(x[:, :T - last], states)
+        ys.append(y)
+    for t in range(T - last, T):
+        y, states = scan(x[:, t:t + 1], states)
+        ys.append(y)
+        after.append(states)
+    keep(tuple(torch.stack(s, 1) for s in zip(*after)))
+    return torch.cat(ys, 1), states
 
 
 def _per_document(scan, x: torch.Tensor, meta) -> torch.Tensor:

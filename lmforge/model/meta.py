@@ -88,6 +88,10 @@ class AttnMetadata:
     state_slots: torch.Tensor | None = None
     """(S,) int64 the state-pool row of each sequence (models with recurrent-state layers,
     lmforge.infer.kv.state); a sequence starting from its first token finds its row zeroed"""
+    drafted_host: tuple[int, ...] = ()
+    """varlen row: how many of each sequence's new tokens are speculative drafts (0: none; () = no sequence
+    has any): a recurrent layer keeps its state after each token of such a chunk, so the engine can keep
+    the state after the accepted ones (lmforge.infer.kv.state)"""
     # tree attention (either layout) ------------------------------------------------------------------
     tree_parents: torch.Tensor | None = None
     """(B, T) parent of each new token among its sequence's new tokens (in the varlen row: an index

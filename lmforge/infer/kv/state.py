@@ -36,13 +36,17 @@ and the engine copies the row after that step (`save_snapshots`). A sequence adm
 with the snapshot copied in (`start`). Cost: an extra prefill step per cut, one row copy per snapshot.
 Eviction is least recently used (Marconi's FLOP-aware eviction, §4.2, is not built).
 What the engine does not do on such models, and why (`check_engine`, `check_request`: one-line errors):
-  speculative decoding, token trees: a rejected draft must be undone, which needs the state at each of
-                   the k + 1 positions of a step (snapshots); refused
+  token trees      refused: each branch would need a state of its own
+  hidden-state drafters (EAGLE, Medusa), draft models with state layers: refused (not built)
   the kernel step  off: its batch-1 Triton step implements attention blocks only
 CUDA graphs, chunked prefill, preemption, n > 1, aborts and async scheduling work (a state row, like a
 block table, is known before the step's tokens are). Beam search works: a new beam is a fork (its parent's
 row copied) made before the old beams are dropped, so a search holds up to 2 x beam_width rows, which the
-scheduler reserves at admission (SchedulerConfig.reserve_samples).
+scheduler reserves at admission (SchedulerConfig.reserve_samples). Speculative decoding with a chain
+drafter (a draft model, 'ngram') works: a rejected draft has to be undone, so recurrent layers run a drafted
+chunk (the pending token + k drafts) one token at a time and the cache keeps the state after each
+(`stage_states`); once verified, the row gets the state after the pending token and the accepted drafts
+(`verified`), and the rejected drafts leave no trace (their attention keys are overwritten as usual).
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ class StatePools:
         self.free_slots = list(range(max_seqs - 1, -1, -1))  # popped from the end: row 0 first
         self.slot_of: dict[int, int] = {}
         """seq_id -> its row"""
+        self.staged: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
+        """seq_id -> layer -> its states after each token of this step's drafted chunk (`stage_states`)"""
         self.keep_snapshots(0)
 
     def keep_snapshots(self, n: int) -> None:
@@ -101,6 +107,27 @@ class StatePools:
                                f"write_state got {len(states)}")
         for pool, new in zip(pools, states):
             pool.index_copy_(0, meta.state_slots, new.to(pool.dtype))
+
+    def stage_states(self, layer: int, meta, lo: int, hi: int, after) -> None:
+        """Speculative decoding: sequences lo..hi of the step's row, chunks of one length, ran their last m
+        tokens one at a time (lmforge.model.cache.recur); after: one (hi - lo, m, *shape) tensor per state,
+        the states after each of those tokens. A sequence whose chunk ends in d drafts keeps the last d + 1
+        (after its pending token, then after each draft) until `verified`."""
+        for r in range(lo, hi):
+            d = meta.drafted_host[r]
+            if d:
+                self.staged.setdefault(meta.seq_ids_host[r], {})[layer] = tuple(a[r - lo, -d - 1:] for a in after)
+
+    def verified(self, seq_id: int, kept: int) -> None:
+        """The first `kept` tokens of seq_id's drafted chunk were verified (the pending token and the
+        accepted drafts): its row gets the state after them (the rejected drafts' updates are undone)."""
+        staged = self.staged.pop(seq_id, None)
+        if staged is None:
+            return
+        slot = self.slot_of[seq_id]
+        for layer, after in staged.items():
+            for pool, states in zip(self.states[layer], after):
+                pool[slot].copy_(states[kept - 1])
 
     # the engine's side ----------------------------------------------------------------------------------
     def start(self, chunks: list[tuple[int, bool, int | None]]) -> None:
@@ -178,6 +205,7 @@ class StatePools:
         slot = self.slot_of.pop(seq_id, None)
         if slot is not None:
             self.free_slots.append(slot)
+        self.staged.pop(seq_id, None)
 
     preempt = release  # its state is gone with its blocks: it is recomputed from its first token
 
@@ -213,10 +241,17 @@ def new_state_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=No
 
 def check_engine(config, draft) -> None:
     """One-line errors for the engine options a model with state layers cannot use (module docstring)."""
-    if draft is not None:
-        raise ConfigError("speculative decoding needs rejected drafts undone, and a recurrent state cannot be rolled "
-                          "back without a snapshot per draft position (k + 1 a step), which the state cache does not "
-                          "keep: build the engine without draft= for models with state layers")
+    if getattr(draft, "proposes_trees", False):
+        raise ConfigError("a token tree's branches need one recurrent state each, and the state cache follows one "
+                          "chain of tokens per sequence: use a chain drafter (a draft model, 'ngram') on models "
+                          "with state layers")
+    if getattr(draft, "uses_hidden_states", False):
+        raise ConfigError("drafters reading the target's hidden states (EAGLE, Medusa) are not supported on models "
+                          "with state layers yet: use a draft model or 'ngram'")
+    spec = draft.cache_spec() if hasattr(draft, "cache_spec") else None
+    if spec is not None and spec.has_state:
+        raise ConfigError("the draft model has recurrent-state layers, but a draft model's cache keeps no state rows: "
+                          "draft with an attention model or 'ngram'")
     if config.kernel_step:
         raise ConfigError("kernel_step=True, but the batch-1 kernel step implements attention blocks only and this "
                           "model has recurrent-state layers: leave kernel_step at None or False")

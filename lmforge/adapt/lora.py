@@ -35,6 +35,12 @@ not take an unmerged adapter silently: the engine's batch-1 kernel step stays of
 refused), the fused linear + cross-entropy loss refuses an adapted lm_head, and MLA's absorbed decode falls
 back to its naive path for an adapted wkv_b (all through lmforge.model.layers.fused.plain_linear), and
 save_pretrained refuses state its HF layout would drop. Merge (merge_lora) to serve at full speed.
+
+QLoRA (Dettmers et al. 2023): the frozen base may be any linear-like layer other than a bare nn.Linear - a
+quantized Linear (integer in_features / out_features, forward (..., in) -> (..., out)) or an nn.Linear subclass
+with its own forward. LoRALinear then keeps it whole as the submodule `base` and calls it (its state_dict keys
+gain `base.`: `wq.base.qweight`; named_parameters agree, so adapter-only checkpoints still leave its frozen
+parameters out), and the update cannot be merged into it (merge_lora refuses; remove_lora puts it back).
 """
 
 from __future__ import annotations
@@ -96,39 +102,62 @@ ADAPTER_PARAMS = (".lora_A", ".lora_B")
 """name suffixes of the adapter parameters (what a base model lacks)"""
 
 
+def linear_like(module: nn.Module) -> bool:
+    """A layer LoRA can adapt: an nn.Linear, or a layer with integer in_features and out_features whose forward
+    maps (..., in) -> (..., out) - a quantized Linear (QLoRA's frozen 4-bit base), an nn.Linear subclass."""
+    return isinstance(module, nn.Linear) or (
+        not isinstance(module, LoRALinear) and isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int))
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear (the base layer's own weight and bias Parameters) plus scale · B A; with `enabled`
-    False (adapters_disabled) the plain Linear, bit for bit."""
+    False (adapters_disabled) the plain Linear, bit for bit. Over any other linear-like base (a quantized
+    Linear, an nn.Linear subclass: see the module docstring) the base is kept whole as `self.base` and called;
+    `weight` and `bias` are then None."""
 
-    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) | None: shared, frozen
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        if type(base) is nn.Linear:  # its .weight and .bias are its whole function (fused.plain_linear)
+            self.base = None
+            self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) | None: shared, frozen
+        else:  # reading its .weight would drop what its forward does (dequantization, scales, ...)
+            self.base, self.weight, self.bias = base, None, None
+        (base if self.base is not None else self).requires_grad_(False)
+        like = next((t for t in (*base.parameters(), *base.buffers()) if t.is_floating_point()), None)
+        device = like.device if like is not None else next(base.buffers(), torch.empty(0)).device
         # adapters in fp32 over a half-precision base, as PEFT (autocast_adapter_dtype)
-        dtype = base.weight.dtype if base.weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=base.weight.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device, dtype=dtype))
+        dtype = like.dtype if like is not None and like.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default, as LoRA's and PEFT's code
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self.base(x) if self.base is not None else F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return out
         delta = F.linear(F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)  # (..., out)
         return (out + delta * self.scale).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """scale · B A, (out, in), in the base weight's dtype."""
-        return (self.scale * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+        """scale · B A, (out, in), in the base weight's dtype (the adapters' over a base without a weight)."""
+        delta = self.scale * (self.lora_B @ self.lora_A)
+        return delta.to(self.weight.dtype) if self.weight is not None else delta
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, scale={self.scale:g}"
+
+    def unwrapped(self) -> nn.Module:
+        """The base layer without the update: the wrapped module, or an nn.Linear of the same weight and bias."""
+        if self.base is not None:
+            return self.base
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -150,22 +179,26 @@ def _refuse_tied(model: nn.Module, targets: list[str]) -> None:
     for n, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(n)
     for name in targets:
-        other = [o for o in owners[id(model.get_submodule(name).weight)] if o != f"{name}.weight"]
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if not isinstance(weight, nn.Parameter):  # a quantized layer: no shared float weight to tie
+            continue
+        other = [o for o in owners[id(weight)] if o != f"{name}.weight"]
         if other:
             raise ConfigError(f"{name}.weight is tied to {other[0]}; LoRA on it could not be merged without "
                               f"changing both; leave {name} out of targets")
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """In place: every nn.Linear matching cfg.targets becomes a LoRALinear; every other parameter is frozen
-    except those of modules matching cfg.trainable. Returns the model. Refuses a pattern that matches
-    nothing, a tied target weight, and a model that already has adapters."""
+    """In place: every nn.Linear (or other linear_like layer: a quantized Linear, for QLoRA) matching
+    cfg.targets becomes a LoRALinear; every other parameter is frozen except those of modules matching
+    cfg.trainable. Returns the model. Refuses a pattern that matches nothing, a tied target weight, and a
+    model that already has adapters."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} already has LoRA adapters; merge_lora(model) first, or "
                           "apply_lora to a fresh model")
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in model.named_modules() if n and linear_like(m)]
     short = sorted({n.rsplit(".", 1)[-1] for n in linears})
-    targets = _matching(model, linears, cfg.targets, "LoRA target", "nn.Linear",
+    targets = _matching(model, linears, cfg.targets, "LoRA target", "nn.Linear (or linear-like layer)",
                         f"its Linear layers are named {', '.join(short)}")
     kept = _matching(model, [n for n, _ in model.named_modules() if n], cfg.trainable, "trainable pattern",
                      "module", "name a module, e.g. 'head'")
@@ -196,7 +229,7 @@ def restore_lora(model: nn.Module, layers: dict[str, list]) -> nn.Module:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
         base = getattr(owner, child, None)
-        if not isinstance(base, nn.Linear):
+        if base is None or not linear_like(base):
             raise ConfigError(f"the checkpoint has a LoRA adapter on {name}, which is not a Linear layer of "
                               f"{type(model).__name__}")
         setattr(owner, child, LoRALinear(base, int(r), float(scale)))
@@ -235,6 +268,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     off = [n for n, m in layers.items() if not m.enabled]
     if off:  # the merged layer would compute the adapted function, not the disabled one asked for
         raise ConfigError(f"LoRA layer {off[0]} is disabled (inside adapters_disabled); merge outside it")
+    wrapped = [n for n, m in layers.items() if m.base is not None]
+    if wrapped:  # folding B A into packed low-bit weights would requantize them: not the trained function
+        raise ConfigError(f"LoRA layer {wrapped[0]} wraps a {type(layers[wrapped[0]].base).__name__}, not an "
+                          "nn.Linear (e.g. a quantized base, QLoRA): its update cannot be merged into it; serve it "
+                          "unmerged, save the adapters alone (lora_state_dict), or merge onto a full-precision copy")
     for name, lora in layers.items():
         lora.weight.add_(lora.delta_weight())
         _unwrap(model, name, lora)
@@ -252,10 +290,8 @@ def remove_lora(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def _unwrap(model: nn.Module, name: str, lora: LoRALinear) -> None:
-    plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
-    plain.weight, plain.bias = lora.weight, lora.bias
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, plain)
+    setattr(model.get_submodule(parent), child, lora.unwrapped())
 
 
 SCALE = ".lora_scale"
@@ -316,6 +352,10 @@ class ParamCount:
 
 
 def trainable_parameters(model: nn.Module) -> ParamCount:
-    """Trainable and total parameter counts (tied parameters once), as PEFT's print_trainable_parameters."""
+    """Trainable and total parameter counts (tied parameters once), as PEFT's print_trainable_parameters. A
+    quantized layer's weight (codes in buffers, no weight Parameter) counts as its in x out weights, so a QLoRA
+    model's total is the model's size, not its floating-point remainder."""
     params = list(model.parameters())
-    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    packed = sum(m.in_features * m.out_features for m in model.modules()
+                 if linear_like(m) and not isinstance(getattr(m, "weight", None), nn.Parameter))
+    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + packed)

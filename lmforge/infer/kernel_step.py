@@ -43,14 +43,15 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from lmforge.adapt.lora import LoRALinear
 from lmforge.errors import LmforgeError
 from lmforge.kernels import decode as kd
 from lmforge.kernels import decode_layer as dl
 from lmforge.kernels import paged_attention as pa
 from lmforge.kernels.tuning import KernelConfigs, cache_path, coordinate_descent, gpu_name
-from lmforge.model.layers.fused import plain_linear
 
 
 PERSISTENT_DEFAULT = False
@@ -86,25 +87,47 @@ def unsupported(model) -> str | None:
         (cfg.hd & (cfg.hd - 1) == 0 and cfg.hd >= 8, f"head_dim {cfg.hd} (a power of two >= 8 is needed)"),
     ]
     why = next((why for ok, why in checks if not ok), None)
-    if why is None and (odd := _not_plain_linear(model)):
-        # the kernels read each projection's .weight and nothing else: a LoRA adapter's B A (or a quantized
-        # layer's scales) would be silently left out
-        return (f"{odd} is a {type(model.get_submodule(odd)).__name__}, not a plain nn.Linear (LoRA adapters: "
-                "merge_lora(model) first)")
-    return why
+    return why if why is not None else _not_bare_weight(model)
 
 
-def _not_plain_linear(model) -> str | None:
-    """The name of the first projection the kernels would read as a bare weight that is not an nn.Linear."""
-    names = ["lm_head"] + [f"blocks.{i}.{part}" for i in range(len(model.blocks))
-                           for part in ("attn.wqkv", "attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.gate_up",
-                                        "mlp.gate", "mlp.up", "mlp.down")]
+def _not_bare_weight(model) -> str | None:
+    """Why the kernels cannot take a weight the model computes with: they read the embedding's and each
+    projection's .weight and nothing else, as floating-point tensors of the model's dtype. A LoRA adapter's
+    B A or a quantized layer's codes and scales would be silently left out (or int8 codes read as floats)."""
+    dtype = next(model.parameters()).dtype
+    names = ["tok_emb", "lm_head"] + [f"blocks.{i}.{part}" for i in range(len(model.blocks))
+                                      for part in ("attn.wqkv", "attn.wq", "attn.wk", "attn.wv", "attn.wo",
+                                                   "mlp.gate_up", "mlp.gate", "mlp.up", "mlp.down")]
     for name in names:
         parent, _, attr = name.rpartition(".")
         module = getattr(model.get_submodule(parent) if parent else model, attr, None)
-        if module is not None and not plain_linear(module):
-            return name
+        if module is None:
+            continue
+        kind = nn.Embedding if name == "tok_emb" else nn.Linear
+        if type(module) is not kind:
+            return f"{name} is a {_layer_name(module)}, not a plain nn.{kind.__name__} ({_layer_fix(module)})"
+        w = module.weight
+        if type(w) not in (torch.Tensor, nn.Parameter):
+            return (f"{name}.weight, a {type(w).__name__} (a tensor subclass, e.g. quantized), not a plain tensor; "
+                    "quantized models decode on the general path")
+        if w.dtype != dtype:
+            return (f"{name}.weight stored as {w.dtype}, not the model's {dtype} (quantized or mixed-precision "
+                    "weights decode on the general path)")
     return None
+
+
+def _layer_name(module) -> str:
+    base = getattr(module, "base", None)  # a LoRALinear over another layer (QLoRA): name both
+    return f"{type(module).__name__} over a {type(base).__name__}" if base is not None else type(module).__name__
+
+
+def _layer_fix(module) -> str:
+    """What to do about a layer the kernels cannot read, in a few words."""
+    if isinstance(module, LoRALinear):
+        if module.base is None:
+            return "LoRA adapters: merge_lora(model) first"
+        return "LoRA on a quantized or wrapped base cannot be merged; it decodes on the general path"
+    return "quantized or wrapped layers decode on the general path; the kernels read a bare floating-point weight"
 
 
 def save_or_warn(configs: KernelConfigs) -> None:

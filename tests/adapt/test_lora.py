@@ -243,3 +243,76 @@ def test_a_lora_run_checkpoint_loads_with_its_adapters(tmp_path):
     torch.testing.assert_close(loaded(IDS), model.eval()(IDS), rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="it holds LoRA adapters: apply_lora"):
         ckpt.load_weights(tiny_model(0), path)
+
+
+class Int8Linear(nn.Module):
+    """A stand-in quantized Linear (what a quantization module would put in a Linear's place): the weight only
+    as int8 codes + per-row scales (buffers), dequantized at each forward; no .weight attribute."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        w = lin.weight.detach()
+        scale = w.abs().amax(1).clamp(min=1e-8) / 127
+        self.register_buffer("codes", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scales", scale)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.codes.to(x.dtype) * self.scales[:, None].to(x.dtype))
+
+
+def quantized(model: nn.Module, names=("wq", "wv", "down")) -> nn.Module:
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Int8Linear(m))
+    return model
+
+
+def test_qlora_adapters_wrap_a_quantized_base_train_and_refuse_to_merge():
+    """QLoRA: LoRA onto a quantized (non-nn.Linear) base calls the base (its dequantized weight, not a bare
+    .weight it does not have), starts as the quantized model, trains only A and B, saves and loads its
+    adapters, and refuses merge_lora (folding B A into int8 codes would requantize); remove_lora puts the very
+    base layer back."""
+    base = quantized(tiny_model(0))
+    want = base(IDS)
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(r=2, alpha=4, targets=("wq", "wv", "down")))
+    layers = lora_layers(model)
+    assert len(layers) == 3 * len(model.blocks) and all(isinstance(m.base, Int8Linear) for m in layers.values())
+    torch.testing.assert_close(model(IDS), want, rtol=0, atol=0)
+    adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in layers.values())
+    assert trainable_parameters(model) == type(trainable_parameters(model))(adapters, tiny_model(0).num_params() + adapters)
+    randomise_b(model)
+    codes = {n: b.clone() for n, b in model.named_buffers()}
+    model(IDS).square().mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {n for n in dict(model.named_parameters()) if n.endswith((".lora_A", ".lora_B"))}
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers())
+    with torch.no_grad(), adapters_disabled(model):
+        torch.testing.assert_close(model(IDS), want, rtol=0, atol=0)
+    cfg = LoRAConfig(r=2, alpha=4, targets=("wq", "wv", "down"))
+    other = apply_lora(copy.deepcopy(base), cfg)
+    load_lora(other, lora_state_dict(model, cfg))
+    torch.testing.assert_close(other(IDS), model(IDS), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="wraps a Int8Linear, not an nn.Linear .* cannot be merged"):
+        merge_lora(model)
+    from lmforge.adapt.lora import remove_lora
+
+    wrapped = {n: m.base for n, m in layers.items()}
+    remove_lora(model)
+    assert all(model.get_submodule(n) is m for n, m in wrapped.items())
+    torch.testing.assert_close(model(IDS), want, rtol=0, atol=0)
+
+
+def test_lora_over_a_linear_subclass_keeps_its_forward():
+    """An nn.Linear subclass whose forward is more than x W^T + b keeps it under LoRA: reading its bare
+    .weight (F.linear) would compute another function, silently."""
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    lin = Doubled(6, 5)
+    x = torch.randn(3, 6)
+    lora = LoRALinear(lin, r=2, scale=1.0)
+    assert lora.base is lin and torch.equal(lora(x), lin(x))

@@ -283,3 +283,53 @@ def test_lora_adapters_keep_the_kernel_step_off_and_the_tokens_right():
     assert backend is not None
     backend.step.configs = _coarse(backend.step)
     assert llm.generate(prompt, greedy)[0].token_ids == want == full_greedy(model, prompt, 4)
+
+
+def test_quantized_layers_and_weights_are_refused_with_the_reason():
+    """A quantized model is refused by name, never read as bare weights: the kernels take each projection's and
+    the embedding's .weight alone, as floating-point tensors of the model's dtype, so a layer that dequantizes in
+    its forward, int8 codes left in an nn.Linear, a wrapped embedding and LoRA over a quantized base (QLoRA, not
+    mergeable: no merge_lora hint) are each named; the engine then decodes on the general path."""
+    import copy
+
+    from torch import nn
+
+    from lmforge.adapt.lora import LoRAConfig, apply_lora
+
+    class Int8Linear(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.in_features, self.out_features = lin.in_features, lin.out_features
+            scale = lin.weight.detach().abs().amax(1) / 127
+            self.register_buffer("codes", torch.round(lin.weight.detach() / scale[:, None]).to(torch.int8))
+            self.register_buffer("scales", scale)
+
+        def forward(self, x):
+            return nn.functional.linear(x, self.codes.to(x.dtype) * self.scales[:, None])
+
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids):
+            return 2 * super().forward(ids)
+
+    base = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16)
+    layer = copy.deepcopy(base)
+    layer.blocks[1].mlp.down = Int8Linear(layer.blocks[1].mlp.down)
+    why = unsupported(layer)
+    assert "blocks.1.mlp.down is a Int8Linear, not a plain nn.Linear" in why and "merge_lora" not in why
+    codes = copy.deepcopy(base)
+    w = codes.blocks[0].attn.wv.weight
+    codes.blocks[0].attn.wv.weight = nn.Parameter(torch.round(w.detach() * 100).to(torch.int8), requires_grad=False)
+    assert "blocks.0.attn.wv.weight stored as torch.int8, not the model's torch.float32" in unsupported(codes)
+    emb = copy.deepcopy(base)
+    emb.tok_emb = ScaledEmbedding(257, 64)
+    assert "tok_emb is a ScaledEmbedding, not a plain nn.Embedding" in unsupported(emb)
+    qlora = apply_lora(copy.deepcopy(layer), LoRAConfig(r=2, targets=("blocks.1.mlp.down",)))
+    why = unsupported(qlora)
+    assert "blocks.1.mlp.down is a LoRALinear over a Int8Linear" in why and "cannot be merged" in why
+    with pytest.raises(ConfigError, match="Int8Linear, not a plain nn.Linear"):
+        Engine(layer, IdTokenizer(257), EngineConfig(kernel_step=True))
+    llm = LLM(layer.to(DEV), IdTokenizer(257), config=EngineConfig(block_size=4))
+    assert llm.engine.runner.kernel_step is None
+    prompt = [5, 9, 2, 7]
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert llm.generate(prompt, greedy)[0].token_ids == full_greedy(layer, prompt, 4)

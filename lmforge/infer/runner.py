@@ -121,7 +121,7 @@ class PagedRunner:
 
     def refresh_weights(self) -> None:
         """The model's weights changed. Changed in place (optimizer steps, load_state_dict, copy_), the
-        backends stay valid; if parameters were replaced or moved (new storage), they are rebuilt, since
+        backends stay valid; if parameters or buffers were replaced or moved (new storage), they are rebuilt, since
         captured graphs would read the old addresses (and a kernel view would hold the old tensors)."""
         if _addresses(self.source) != self._addresses or self.adapters_changed():
             self._make_backends()
@@ -325,7 +325,9 @@ def _split(logits: torch.Tensor, hidden: torch.Tensor | None, rows: Step, vocab_
 
 
 def _addresses(model) -> list[int]:
-    return [p.data_ptr() for p in model.parameters()]
+    """Where the model's tensors live: parameters, and buffers too (a quantized layer keeps its codes and
+    scales in buffers; captured graphs read those addresses as well)."""
+    return [t.data_ptr() for t in (*model.parameters(), *model.buffers())]
 
 
 def _adapter_state(layers) -> list[tuple[bool, float]]:

@@ -314,6 +314,15 @@ def test_update_weights_from_a_state_dict_or_module_and_refused_while_running(to
         p.data = p.data.clone()
     llm.update_weights(tiny_model("llama", seed=2))
     assert llm.engine.runner.graphs is not graphs
+    model.register_buffer("codes", torch.zeros(3))  # a buffer (where a quantized layer keeps its codes)
+    llm.update_weights()
+    graphs = llm.engine.runner.graphs
+    llm.update_weights()
+    assert llm.engine.runner.graphs is graphs
+    model.codes = torch.ones(3)  # new storage: rebuilt
+    llm.update_weights()
+    assert llm.engine.runner.graphs is not graphs
+    del model.codes
     assert llm.generate("hello", sp)[0].token_ids == full_greedy(tiny_model("llama", seed=2), tok.encode("hello"), 6)
     with pytest.raises(LmforgeError, match=r"do not fit the engine's model \(tok_emb.weight has shape"):
         llm.update_weights(tiny_model("llama", d_model=64))

@@ -9,25 +9,44 @@
 
 One background task runs `Engine.step()` in a worker thread while any request is unfinished (the event
 loop stays free to accept requests); requests are added and aborted between steps, on the loop, so the
-engine is only ever touched by one thread at a time.
+engine's state is only ever changed by one thread at a time (a prompt may be tokenized beside a step:
+Engine.encode only reads).
+
+The next step is launched as soon as the last one's outputs are handed to the streams, before the streams
+run: what a server does with an output (JSON, SSE framing, socket writes) then overlaps the step instead of
+adding to it (it used to yield to the streams first; the engine then waited on the loop's work after every
+step). Prompts are tokenized in a thread, outside the step lock, for the same reason.
 
 A stream keeps only its request's newest output: each RequestOutput is a cumulative snapshot, so a slow
 reader skips the ones it missed instead of queueing one per step, and the final one is never replaced.
 Leaving a stream early (`break`, `aclose()`, a cancelled task or anyio cancel scope, as Starlette does when
-a client disconnects) aborts the request, without awaiting anything: under a cancelled scope any await in
+a client disconnects, or closing or dropping it before its first output: `Stream`) aborts the request, without awaiting anything: under a cancelled scope any await in
 the cleanup would raise again before the abort ran. When no step is running the abort is immediate;
 otherwise it is applied before the next step.
+
+A step that raises fails every running stream with an EngineError (a new one per stream, caused by the
+step's exception) and aborts its request; `shutdown()` stops taking requests and ends the running ones.
+With a seed, a request's samples are those LLM.generate gives the same prompt (prompt i of a list:
+`prompt_index=i`), so a server and `lmforge generate` agree.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine
 from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.request import seed_for
 from lmforge.infer.sampling import SamplingParams
+
+
+class EngineError(RuntimeError):
+    """The engine cannot serve this request: a step failed (`__cause__` is what it raised; the request was
+    aborted) or the AsyncEngine was shut down. Not the user's input: a server's 500 or 503, not a 400."""
 
 
 class Latest:
@@ -54,6 +73,43 @@ class Latest:
         return self.item
 
 
+class Stream:
+    """What `AsyncEngine.stream` returns: an async iterator of the request's outputs. An async generator runs
+    no cleanup when it is closed or dropped before its first `anext` (a response whose client left before it
+    began), so the request ran to max_tokens and its output stayed held for good; this one leaves the request
+    then too: at `aclose()`, or when it is garbage-collected unstarted (scheduled on the loop)."""
+
+    def __init__(self, owner: "AsyncEngine", rid: str, latest: Latest):
+        self._owner, self._rid, self._latest = owner, rid, latest
+        self._outputs = owner._follow(rid, latest)
+        self._started = False
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # made outside a loop: nothing to schedule a cleanup on
+            self._loop = None
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        self._started = True
+        return await self._outputs.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._started:  # (the generator's own cleanup never ran: it never started)
+            self._started = True
+            self._owner._leave(self._rid, self._latest)
+        await self._outputs.aclose()
+
+    def __del__(self) -> None:
+        if not self._started and self._loop is not None:  # a collection may run in any thread: leave on the loop
+            self._started = True
+            try:
+                self._loop.call_soon_threadsafe(self._owner._leave, self._rid, self._latest)
+            except RuntimeError:  # the loop is closed: nothing runs the engine any more
+                pass
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -62,18 +118,36 @@ class AsyncEngine:
         self._stepping = False  # a step is running in the worker thread
         self._loop_task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None  # held while a step runs; made on the running loop
+        self._closed = False  # shutdown() was called: no new requests
 
-    async def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    async def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                          *, prompt_index: int = 0) -> str:
         """Queue a prompt and return its id; bad input (params, a prompt too long for the window, an id in
         use) raises here with nothing queued. Read its outputs with `stream(id)`, or `abort(id)` it: a
-        request never streamed runs to its end and its last output stays held until one of the two."""
+        request never streamed runs to its end and its last output stays held until one of the two.
+        With params.seed, the samples are those of prompt `prompt_index` of LLM.generate with that seed
+        (the seed is derived per prompt there: lmforge.infer.request.seed_for). After shutdown() this
+        raises EngineError."""
+        if self._closed:
+            raise EngineError("this AsyncEngine was shut down: it takes no new requests")
+        if isinstance(params, SamplingParams) and params.seed is not None:
+            params = dataclasses.replace(params, seed=seed_for(params.seed, prompt_index))
+        text = prompt if isinstance(prompt, str) else None
+        if text is not None and isinstance(params, SamplingParams | None):
+            # a long prompt takes milliseconds to tokenize (12k GPT-2 tokens: 20 ms): in a thread, outside the
+            # lock, so that streams and steps go on meanwhile (the engine checks the ids again, cheaply)
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.encode, text, params or SamplingParams())
         async with self._between_steps():
+            if self._closed:  # (shut down while the prompt was tokenized)
+                raise EngineError("this AsyncEngine was shut down: it takes no new requests")
             if request_id is not None and str(request_id) in self.streams:  # finished, its stream not read
                 raise LmforgeError(f"request id {str(request_id)!r} is already in use; pass another request_id")
             self._apply_aborts()  # a stream left with this id a moment ago must not abort the new request
             if request_id is None:  # not the id of a finished request whose output is still held
                 request_id = self.engine.free_request_id(taken=self.streams)
             rid = self.engine.add_request(prompt, params, request_id)
+            self.engine.requests[rid].prompt = text  # (the outputs' prompt: the text, as if it had been passed)
             self.streams[rid] = Latest(self.engine.requests[rid])
         self._start()
         return rid
@@ -86,12 +160,12 @@ class AsyncEngine:
             raise LmforgeError(f"no request {request_id!r} to stream: add it with add_request first (each "
                                "request is streamed once)")
         latest.taken = True
-        return self._follow(str(request_id), latest)
+        return Stream(self, str(request_id), latest)
 
-    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                       *, prompt_index: int = 0) -> AsyncIterator[RequestOutput]:
         """add_request + stream in one (bad input raises at the first `anext`)."""
-        rid = await self.add_request(prompt, params, request_id)
+        rid = await self.add_request(prompt, params, request_id, prompt_index=prompt_index)
         outs = self.stream(rid)
         try:
             async for out in outs:
@@ -113,23 +187,55 @@ class AsyncEngine:
             latest.put(out)
         return out
 
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop taking requests (add_request raises EngineError), give the running ones up to `timeout`
+        seconds to finish, then abort the rest: their streams end with a finished output whose samples read
+        finish_reason 'abort' (a server sends it and closes the response). Returns once no step runs."""
+        self._closed = True
+        task = self._loop_task
+        if timeout > 0 and task is not None and not task.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+        async with self._between_steps():
+            for rid in list(self.engine.requests):
+                out = self.engine.abort(rid)
+                latest = self.streams.get(rid)
+                if latest is not None:
+                    latest.put(out)
+        if task is not None:
+            await task
+
+    def stats(self) -> dict:
+        """Engine.stats() (KV blocks in use, prefix hits, preemptions) and the queue a server's /metrics
+        shows: requests in the engine, sequences waiting for their first step and running, streams open or
+        holding a finished output. Read on the loop while a step may run: a moment's counts, not a
+        consistent snapshot of one step."""
+        sched = self.engine.scheduler
+        return {**self.engine.stats(), "requests": len(self.engine.requests), "waiting": len(sched.waiting),
+                "running": len(sched.running), "streams": len(self.streams)}
+
     async def _follow(self, rid: str, latest: Latest) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 item = await latest.get()
-                if isinstance(item, BaseException):
-                    raise item
+                if isinstance(item, BaseException):  # one error for all streams: each raises its own
+                    raise EngineError(f"the engine failed in a step ({type(item).__name__}: {item}); request "
+                                      f"{rid!r} was aborted") from item
                 yield item
                 if item.finished:
                     return
         finally:  # nothing here may await (see the module docstring)
-            if self.streams.get(rid) is latest:
-                del self.streams[rid]
-            if self.engine.requests.get(rid) is latest.request:  # still running (not a later one with its id)
-                if self._stepping:
-                    self._aborts[rid] = latest.request
-                else:
-                    self.engine.abort(rid)
+            self._leave(rid, latest)
+
+    def _leave(self, rid: str, latest: Latest) -> None:
+        """A stream was left: drop its held output and abort its request if it still runs (on the loop)."""
+        if self.streams.get(rid) is latest:
+            del self.streams[rid]
+        if self.engine.requests.get(rid) is latest.request:  # still running (not a later one with its id)
+            if self._stepping:
+                self._aborts[rid] = latest.request
+            else:
+                self.engine.abort(rid)
 
     def _apply_aborts(self) -> None:
         """Abort the requests whose streams were left during a step (only between steps)."""
@@ -155,18 +261,29 @@ class AsyncEngine:
                 if not self.engine.has_unfinished():
                     return
                 self._stepping = True
+                step = loop.run_in_executor(None, self.engine.step)
                 try:
-                    outs = await loop.run_in_executor(None, self.engine.step)
+                    outs = await asyncio.shield(step)
+                except asyncio.CancelledError:  # (the loop closing) the thread steps on: the engine is its own
+                    step.add_done_callback(self._step_ended)  # until it ends; then the streams' aborts apply
+                    raise
                 except Exception as e:  # any failure of a step: delivered to the streams, not lost in the task
+                    self._stepping = False
                     self._fail(e)
                     return
-                finally:
-                    self._stepping = False
-            for out in outs:
+                self._stepping = False
+            for out in outs:  # handed over, not read yet: the streams run while the next step does (docstring)
                 latest = self.streams.get(out.request_id)
                 if latest is not None:
                     latest.put(out)
-            await asyncio.sleep(0)  # let streams read and new requests arrive between steps
+            # no yield here; requests added meanwhile wait on the lock, which is fair: they come first
+
+    def _step_ended(self, step: asyncio.Future) -> None:
+        """A step that outlived its cancelled loop task ended: the engine is the loop's again."""
+        self._stepping = False
+        if step.exception() is not None:
+            self._fail(step.exception())
+        self._apply_aborts()
 
     def _fail(self, error: Exception) -> None:
         """A step raised: a genuine engine failure, so every running request gets the error and is aborted,

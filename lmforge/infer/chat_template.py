@@ -120,6 +120,20 @@ class ChatTemplate:
             stops = ["\nUser:"]
         return tuple(dict.fromkeys(stops))
 
+    def stop_token_ids(self, tokenizer) -> tuple[int, ...]:
+        """The ids of the `stop` markers this tokenizer has as single special tokens: generation given them
+        as SamplingParams.stop_token_ids ends on the token itself. Stop strings alone fail where a tokenizer
+        does not decode special tokens to text (a HF tokenizer skipping them: the turn never ends), and hold
+        back every answer's text that ends in "<" or "<|" until the next token. Markers that are plain text
+        for this tokenizer (the byte tokenizer, the plain template's "\\nUser:") stay stop strings only."""
+        ids = []
+        for marker in self.stop:
+            if MARKER.fullmatch(marker):
+                t = tokenizer.encode(marker)
+                if len(t) == 1:
+                    ids.append(int(t[0]))
+        return tuple(ids)
+
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate(name="chatml", header="<|im_start|>{role}\n", end="<|im_end|>\n"),

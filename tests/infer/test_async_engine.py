@@ -6,15 +6,20 @@ fails every running stream and leaves the engine clean for the next request; str
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import random
 import threading
 import time
+import traceback
 
 import pytest
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.async_engine import AsyncEngine
+from lmforge.infer.async_engine import AsyncEngine, EngineError
 from lmforge.infer.engine import Engine, EngineConfig
+from lmforge.infer.llm import LLM
+from lmforge.infer.request import seed_for
 from lmforge.infer.sampling import SamplingParams
 
 from .infer_helpers import full_greedy, tiny_model
@@ -235,7 +240,7 @@ def test_a_failing_step_fails_every_running_stream_and_leaves_the_engine_clean(t
         return results, early, clean, after
 
     results, early, clean, after = asyncio.run(main())
-    assert all(isinstance(r, RuntimeError) and str(r) == "device lost" for r in results)
+    assert all(isinstance(r, EngineError) and str(r.__cause__) == "device lost" for r in results)
     assert len(early) == 1 and early[0].finished and early[0].token_ids == full_greedy(model, tok.encode("early"), 2)
     assert clean
     fresh = Engine(model, tok, EngineConfig(block_size=4))
@@ -292,8 +297,8 @@ def test_streamed_text_only_grows_and_never_shows_a_stop_prefix(tok):
 
     engine = Engine(model, tok, EngineConfig(block_size=4))
     seen: dict[str, list] = {}
-    for i, (p, sp) in enumerate(mix):
-        seen[engine.add_request(p, sp, request_id=f"r-{i}")] = []
+    for i, (p, sp) in enumerate(mix):  # AsyncEngine derives a seed as LLM.generate does for prompt 0
+        seen[engine.add_request(p, dataclasses.replace(sp, seed=seed_for(sp.seed, 0)), request_id=f"r-{i}")] = []
     while engine.has_unfinished():
         for o in engine.step():
             seen[o.request_id].append(o)
@@ -311,3 +316,246 @@ def test_streamed_text_only_grows_and_never_shows_a_stop_prefix(tok):
     check(streamed, finals)
     assert {r: [f.text for f in o[-1].outputs] for r, o in streamed.items()} == \
         {r: [f.text for f in o.outputs] for r, o in finals.items()}
+
+
+def test_the_next_step_runs_while_the_streams_handle_the_last_output(tok):
+    """A server's work on an output (JSON, SSE, socket writes) is synchronous on the loop. The next step
+    must already be running then, not wait for it: here each reader blocks the loop until the next step
+    has begun (it used to yield to the streams before launching the next step, so this waited in vain)."""
+    model = tiny_model("llama")
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    started, real = threading.Semaphore(0), engine.step
+
+    def counted(*args):
+        started.release()
+        return real(*args)
+
+    engine.step = counted
+
+    async def main():
+        aeng = AsyncEngine(engine)
+        overlapped = []
+        async for out in aeng.generate("overlap", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)):
+            started.acquire(timeout=5)  # this output's own step
+            if not out.finished:
+                overlapped.append(started.acquire(timeout=1))  # blocks the loop: the next step is on its own
+                started.release()
+        return overlapped, out
+
+    overlapped, last = asyncio.run(main())
+    assert overlapped == [True] * 5
+    assert last.token_ids == full_greedy(model, tok.encode("overlap"), 6)
+
+
+def test_each_stream_of_a_failed_step_raises_its_own_engine_error(tok):
+    """One exception raised in every stream grew its traceback by each stream's frames (99 frames after 32
+    streams) and read as the server's own RuntimeError; each stream now raises a new EngineError caused by it."""
+    model = tiny_model("llama")
+
+    async def main(n):
+        engine = Engine(model, tok, EngineConfig(block_size=4))
+        real, calls = engine.step, [0]
+
+        def fails(*args):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("device lost")
+            return real(*args)
+
+        engine.step = fails
+        aeng = AsyncEngine(engine)
+        sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        return await asyncio.gather(*(collect(aeng.generate(f"p{i}", sp)) for i in range(n)), return_exceptions=True)
+
+    one, many = asyncio.run(main(1)), asyncio.run(main(8))
+    assert all(isinstance(e, EngineError) and isinstance(e, RuntimeError) for e in one + many)
+    assert not isinstance(many[0], LmforgeError)  # not the user's input: a 500, not a 400
+    assert len({id(e) for e in many}) == 8 and len({id(e.__cause__) for e in many}) == 1
+    assert str(many[0].__cause__) == "device lost" and "device lost" in str(many[0])
+    frames = [len(traceback.extract_tb(e.__traceback__)) for e in many]
+    assert frames == [len(traceback.extract_tb(one[0].__traceback__))] * 8
+
+
+def test_shutdown_ends_running_streams_with_abort_and_refuses_new_requests(tok):
+    """Graceful shutdown: requests that finish within the timeout end normally, the others end with a
+    final output (finish_reason 'abort') rather than a hang or a cut stream, the blocks are freed, and a
+    request added afterwards is refused with EngineError (a server's 503)."""
+    model = tiny_model("llama")
+
+    async def main():
+        engine = Engine(model, tok, EngineConfig(block_size=4))
+        slow_steps(engine, threading.Event(), after=1)  # 50 ms a step: the long ones cannot end in time
+        aeng = AsyncEngine(engine)
+        short = asyncio.ensure_future(collect(aeng.generate("short", SamplingParams(temperature=0, max_tokens=3,
+                                                                                    ignore_eos=True))))
+        longs = [asyncio.ensure_future(collect(aeng.generate(f"long {i}", SamplingParams(
+            temperature=0, max_tokens=100, ignore_eos=True)))) for i in range(2)]
+        while not engine.requests or min(len(r.seqs[0].tokens) - r.prompt_len for r in engine.requests.values()) < 1:
+            await asyncio.sleep(0.001)
+        await aeng.shutdown(timeout=1.0)
+        stepping_after = aeng._stepping or not aeng._loop_task.done()
+        with pytest.raises(EngineError, match="shut down"):
+            await aeng.add_request("late", SamplingParams(max_tokens=2))
+        return await short, [await t for t in longs], engine, stepping_after
+
+    short, longs, engine, stepping_after = asyncio.run(main())
+    assert short[-1].finish_reason == "length" and short[-1].token_ids == full_greedy(model, tok.encode("short"), 3)
+    for i, outs in enumerate(longs):
+        assert outs[-1].finished and outs[-1].finish_reason == "abort" and len(outs[-1].token_ids) < 100
+        assert outs[-1].token_ids == full_greedy(model, tok.encode(f"long {i}"), len(outs[-1].token_ids))
+    assert not stepping_after and not engine.requests and engine.pool.num_used == 0
+
+
+def test_stats_show_the_queue_and_the_blocks_in_use(tok):
+    """What a server's /metrics shows: requests, sequences waiting and running, open streams, KV blocks."""
+    model = tiny_model("llama")
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok, EngineConfig(block_size=4, max_num_seqs=2)))
+        seen = []
+        sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+        async def watch(stream):
+            async for _ in stream:
+                seen.append(aeng.stats())
+
+        rids = [await aeng.add_request(tok.encode(f"q{i}"), sp) for i in range(5)]  # ids: no yield between adds
+        queued = aeng.stats()
+        await asyncio.gather(*(watch(aeng.stream(r)) for r in rids))
+        return queued, seen, aeng.stats()
+
+    queued, seen, after = asyncio.run(main())
+    assert (queued["requests"], queued["waiting"], queued["running"], queued["streams"]) == (5, 5, 0, 5)
+    assert max(s["running"] for s in seen) == 2 and max(s["used_blocks"] for s in seen) > 0
+    assert any(s["waiting"] == 3 for s in seen)
+    assert (after["requests"], after["waiting"], after["running"], after["streams"], after["used_blocks"]) == (0,) * 5
+
+
+def test_a_seeded_request_samples_what_llm_generate_does(tok):
+    """The same prompt and seed through a server (AsyncEngine) and offline (LLM.generate, `lmforge generate`)
+    give the same samples: LLM derives prompt i's seed from (seed, i), and AsyncEngine did not (it passed the
+    seed to the engine as it was)."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=1.0, top_p=0.9, n=3, seed=7, max_tokens=12)
+    offline = LLM(model, tok).generate(["first", "second"], sp)
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok))
+        a = await collect(aeng.generate("first", sp))
+        b = await collect(aeng.generate("second", sp, prompt_index=1))
+        return a[-1], b[-1]
+
+    a, b = asyncio.run(main())
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in offline[0].outputs]
+    assert [o.token_ids for o in b.outputs] == [o.token_ids for o in offline[1].outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) == 3
+
+
+def test_a_long_prompt_is_tokenized_while_the_other_streams_go_on(tok):
+    """Tokenizing a long prompt takes milliseconds (12k GPT-2 tokens: 20 ms); add_request did it on the
+    loop while holding the step lock, so every stream and the engine stopped meanwhile. It runs in a thread
+    now: a running request keeps receiving outputs while another prompt is tokenized."""
+    model = tiny_model("llama")
+    encoding = threading.Event()
+
+    class SlowToEncode(type(tok)):
+        def encode(self, text):
+            if text.startswith("slow"):
+                encoding.set()
+                time.sleep(0.3)
+                encoding.clear()
+            return super().encode(text)
+
+    slow_tok = SlowToEncode()
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, slow_tok, EngineConfig(block_size=4)))
+        during = []
+
+        async def watch():
+            async for out in aeng.generate("running", SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)):
+                if encoding.is_set():
+                    during.append(len(out.token_ids))
+                if out.finished:
+                    return out
+
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.sleep(0.02)
+        rid = await aeng.add_request("slow prompt", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        slow = await collect(aeng.stream(rid))
+        return during, await watcher, slow[-1]
+
+    during, running, slow = asyncio.run(main())
+    assert len(during) >= 3  # steps and their outputs went on while the prompt was tokenized
+    assert running.token_ids == full_greedy(model, tok.encode("running"), 100)
+    assert slow.prompt == "slow prompt" and slow.token_ids == full_greedy(model, tok.encode("slow prompt"), 4)
+
+
+def test_a_stream_left_after_the_loop_task_was_cancelled_mid_step_waits_for_that_step(tok):
+    """Cancelling the stepping task (asyncio.run closing, a server's shutdown) does not stop the step in its
+    thread. The task used to mark the step over at once, so a stream left then aborted its request while the
+    thread still stepped the engine; the abort now waits for that step to end."""
+    model = tiny_model("llama")
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    inside, real, real_abort, clashes = threading.Event(), engine.step, engine.abort, []
+
+    def slow(*args):
+        inside.set()
+        time.sleep(0.1)
+        try:
+            return real(*args)
+        finally:
+            inside.clear()
+
+    def abort(rid):
+        clashes.append(inside.is_set())
+        return real_abort(rid)
+
+    engine.step, engine.abort = slow, abort
+
+    async def main():
+        aeng = AsyncEngine(engine)
+        outs = aeng.generate("leaves", LONG)
+        await anext(outs)
+        while not inside.is_set():
+            await asyncio.sleep(0.001)
+        aeng._loop_task.cancel()
+        await asyncio.sleep(0.01)  # the task takes its cancellation; the step is still in its thread
+        await outs.aclose()
+        while inside.is_set():
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert clashes == [False]
+    assert not engine.requests and engine.pool.num_used == 0
+
+
+@pytest.mark.parametrize("how", ["aclose", "dropped"])
+def test_a_stream_left_before_its_first_output_aborts_its_request(tok, how):
+    """A server adds the request, then its streaming response never starts iterating (the client left at
+    once). An async generator closed or dropped before its first anext runs no cleanup: the request ran to
+    max_tokens and its output stayed held for good (taken, so neither stream nor abort could release it)."""
+    model = tiny_model("llama")
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok, EngineConfig(block_size=4)))
+        rid = await aeng.add_request("never read", LONG)
+        other = asyncio.ensure_future(collect(aeng.generate("read", SamplingParams(temperature=0, max_tokens=8,
+                                                                                   ignore_eos=True))))
+        outs = aeng.stream(rid)
+        if how == "aclose":
+            await outs.aclose()
+        else:
+            del outs
+            gc.collect()
+        done = await other
+        for _ in range(100):
+            if rid not in aeng.engine.requests:
+                break
+            await asyncio.sleep(0.01)
+        return rid, aeng, done
+
+    rid, aeng, done = asyncio.run(main())
+    assert rid not in aeng.engine.requests and not aeng.streams and aeng.engine.pool.num_used == 0
+    assert done[-1].token_ids == full_greedy(model, tok.encode("read"), 8)

@@ -81,3 +81,41 @@ def test_encode_plain_template_joins_content_and_its_newline():
 def test_a_message_without_content_says_so():
     with pytest.raises(ConfigError, match="message 1 has no 'content'"):
         get_template("plain").render([{"role": "user", "content": "x"}, {"role": "assistant"}])
+
+
+def test_stop_token_ids_are_the_markers_the_tokenizer_has_as_special_tokens():
+    """A server ends a chat answer on the end-of-turn token itself (SamplingParams.stop_token_ids), not only
+    on its text: stop strings fail where special tokens decode to nothing, and hold back a trailing "<"."""
+    import torch
+
+    from lmforge.infer.llm import LLM
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    from .infer_helpers import tiny_model
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=specials)
+    chatml = get_template("chatml")
+    assert chatml.stop_token_ids(tok) == (258, 257)
+    assert chatml.stop_token_ids(ByteTokenizer()) == ()  # markers are bytes there: stop strings only
+    assert get_template("plain").stop_token_ids(tok) == ()
+    assert get_template("llama3").stop_token_ids(tok) == ()  # not this tokenizer's special tokens
+
+    class SkipsSpecials(Tokenizer):  # decodes special tokens to nothing, as HF's skip_special_tokens does
+        def token_bytes(self, i):
+            return b"" if i >= 256 else super().token_bytes(i)
+
+    quiet = SkipsSpecials({i: bytes([i]) for i in range(256)}, [], special_tokens=specials)
+    model = tiny_model("llama", vocab_size=259)
+    ids, _ = chatml.encode(quiet, [{"role": "user", "content": "hi"}])
+    ends = {258: 4.0, ord("a"): 3.0}  # "a" a few times, then the end-of-turn token wins
+    with torch.no_grad():
+        llm = LLM(model, quiet)
+        by_string = llm.generate(ids, SamplingParams(temperature=0, max_tokens=40, stop=chatml.stop, logit_bias=ends))[0]
+        by_id = llm.generate(ids, SamplingParams(temperature=0, max_tokens=40, stop=chatml.stop,
+                                                 stop_token_ids=chatml.stop_token_ids(quiet), logit_bias=ends))[0]
+    assert 258 in by_string.token_ids and by_string.finish_reason == "length"  # ran past the end of its turn
+    assert by_id.token_ids[-1] == 258 and by_id.finish_reason == "stop"
+    assert by_id.text == by_string.text[:len(by_id.text)]

@@ -6,6 +6,9 @@
     for piece in llm.stream("Once upon", params): ...
     llm.score([("The capital of France is", " Paris")])   # [(sum log-prob, is greedy)]: lm-eval's loglikelihood
     llm.update_weights()                   # after a trainer changed the model in place (RL rollouts)
+    rid = llm.submit(prompt, params); llm.wait([rid])   # queue without waiting; collect later
+    for out in llm.completed(): ...        # each submitted request's output as it finishes (LM programs)
+    llm.chat([{"role": "user", "content": "Hi"}], params, template="chatml")   # one answer per conversation
 
 Prompts are validated and queued as engine requests, run to completion with continuous batching, and
 returned as `RequestOutput`s in prompt order. With a seed, prompt i gets its own stream derived from the
@@ -13,6 +16,14 @@ seed and i (vLLM-style), so identical prompts give different samples and no prom
 the others. Beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative) are
 strategies running on the same engine, for all prompts at once. Scoring is generation with prompt
 log-probs (SamplingParams.prompt_logprobs), batched like any other requests.
+
+Programs that call the model many times with calls that depend on earlier answers (ReAct, self-consistency
+over many questions, LM-program modules) batch their calls with `submit` (queue one request, its seed used
+as given, so a call's samples never depend on what else is queued) and `wait` / `completed` (step the
+engine until requests finish): a finished call resumes its program, whose next call joins the running
+batch. Every entry point shares one engine: an output finishing while another call steps the engine
+(a `generate` inside a half-read `stream`, a submitted request finishing during `generate`) is held for
+its own caller, never lost.
 """
 
 from __future__ import annotations
@@ -56,6 +67,10 @@ class LLM:
                               "EngineConfig.max_num_seqs), not beside it")
         self.config = config or EngineConfig(max_num_seqs=max_batch_size or 64, cuda_graphs=cuda_graphs)
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens)
+        self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
+        self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
+        self.chat_template: str | None = None
+        """chat()'s default template: the one a fine-tuned checkpoint records (LLM.load), else None"""
 
     @classmethod
     def load(cls, path, device: str = "cpu", *, tokenizer=None, base=None, **kwargs) -> "LLM":
@@ -70,7 +85,11 @@ class LLM:
         if tok is None:
             raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one: LLM.load(path, tokenizer='byte' or a "
                                "tokenizer file), on the command line --tokenizer")
-        return cls(model, tok, **kwargs)
+        from lmforge.checkpoint import recorded_chat_template
+
+        llm = cls(model, tok, **kwargs)
+        llm.chat_template = recorded_chat_template(path)
+        return llm
 
     @property
     def max_seq_len(self) -> int:
@@ -96,19 +115,69 @@ class LLM:
         """Queue every (token ids, params) and step the engine until all finish (in order). On any error,
         also a bad request halfway through queueing, the requests queued so far are aborted."""
         ids: list[str] = []
-        done: dict[str, RequestOutput] = {}
         try:
             for prompt, params in requests:
                 ids.append(self.engine.add_request(prompt, params))
-            while len(done) < len(ids):
-                for out in self.engine.step(finished_only=True):
-                    done[out.request_id] = out
+            return self._collect(ids)
         except BaseException:
             for rid in ids:
-                if rid not in done and rid in self.engine.requests:
+                self._held.pop(rid, None)
+                if rid in self.engine.requests:
                     self.engine.abort(rid)
             raise
-        return [done[rid] for rid in ids]
+
+    def _collect(self, ids: list[str]) -> list[RequestOutput]:
+        """Step the engine until every request in ids has finished; their outputs, in order. Outputs of
+        other requests finishing meanwhile are held for their own callers (_held)."""
+        for rid in ids:
+            if rid not in self._held and rid not in self.engine.requests:
+                raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected "
+                                   "(collected already, aborted, or never added)")
+        while any(rid not in self._held for rid in ids):
+            self._step(finished_only=True)
+        return [self._held.pop(rid) for rid in ids]
+
+    def _step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One engine step; every finished output goes to _held until its caller takes it."""
+        outs = self.engine.step(finished_only=finished_only)
+        for out in outs:
+            if out.finished:
+                self._held[out.request_id] = out
+        return outs
+
+    # ---------------------------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one request without running it; returns its id. Its seed is used as given (unlike
+        generate's per-index streams), so a program's call samples the same whatever else is queued with it.
+        Collect it with wait([id]) or completed()."""
+        params = _check_params(params)
+        rid = self.engine.add_request(prompt, params, request_id)
+        self._submitted.add(rid)
+        return rid
+
+    def wait(self, request_ids: Seq[str]) -> list[RequestOutput]:
+        """Step the engine until these requests (submitted, or added to self.engine) have finished; their
+        outputs, in order. Other requests keep running; those finishing meanwhile stay to be collected."""
+        if isinstance(request_ids, str):
+            raise LmforgeError(f"wait takes a list of request ids, got the string {request_ids!r}; wait([id])")
+        outs = self._collect([str(r) for r in request_ids])
+        self._submitted.difference_update(o.request_id for o in outs)
+        return outs
+
+    def completed(self) -> Iterator[RequestOutput]:
+        """Yield each submitted request's output as it finishes, stepping the engine, until no submitted
+        request is left; requests submitted while iterating (a finished call's follow-up) are included."""
+        while self._submitted:
+            ready = [rid for rid in self._held if rid in self._submitted]  # in the order they finished
+            if not ready:
+                if not any(rid in self.engine.requests for rid in self._submitted):
+                    self._submitted.clear()  # aborted through the engine: nothing left to wait for
+                    return
+                self._step(finished_only=True)
+                continue
+            for rid in ready:
+                self._submitted.discard(rid)
+                yield self._held.pop(rid)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one sample as it is produced: what each engine output adds to the last one's
@@ -119,13 +188,44 @@ class LLM:
         sent = 0
         try:
             while rid in self.engine.requests:
-                for out in self.engine.step():
+                for out in self._step():
                     if out.request_id == rid and (out.finished or params.beam_width == 1) and len(out.text) > sent:
                         yield out.text[sent:]
                         sent = len(out.text)
+            last = self._held.pop(rid, None)  # it finished while another call stepped the engine
+            if last is not None and len(last.text) > sent:
+                yield last.text[sent:]
         finally:
+            self._held.pop(rid, None)
             if rid in self.engine.requests:
                 self.engine.abort(rid)
+
+    def chat(self, conversations, params: SamplingParams | Seq[SamplingParams] | None = None, *,
+             template=None) -> list[RequestOutput]:
+        """The assistant's next turn for each conversation (a list of {"role", "content"} messages, or a list
+        of such lists), batched as generate batches prompts. Each is encoded by the chat template
+        (ChatTemplate.encode: markers as special tokens, contents as plain text, so a message cannot open a
+        turn of its own) and opened for the assistant; the template's end-of-turn strings join params.stop
+        and those that are special tokens params.stop_token_ids (ChatTemplate.stop_token_ids).
+        template: a name (lmforge.infer.chat_template.TEMPLATES) or a ChatTemplate; default: the one the
+        checkpoint records (LLM.load), else an error naming the choices."""
+        from lmforge.align.data import check_template
+        from lmforge.infer.chat_template import TEMPLATES, ChatTemplate, get_template
+
+        name = template if template is not None else self.chat_template
+        if name is None:
+            raise LmforgeError(f"no chat template given and none recorded by the checkpoint; pass template= "
+                               f"one of {sorted(TEMPLATES)} (plain for a model without chat special tokens)")
+        tpl = name if isinstance(name, ChatTemplate) else get_template(name)
+        check_template(self.tokenizer, tpl, plain="template='plain'")  # markers must be single special tokens
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        ids = [tpl.encode(self.tokenizer, list(c))[0] for c in conversations]
+        end_ids = tpl.stop_token_ids(self.tokenizer)  # a marker that is one special token ends on the token
+        per = [dataclasses.replace(sp, stop=tuple(dict.fromkeys(sp.stop + tpl.stop)),
+                                   stop_token_ids=tuple(dict.fromkeys(sp.stop_token_ids + end_ids)))
+               for sp in _params_list(params, len(ids))]
+        return self.generate(ids, per)
 
     def score(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list[tuple[float, bool]]:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'

@@ -232,6 +232,8 @@ class Request:
         metrics = self.strategy.metrics() if hasattr(self.strategy, "metrics") else {}
         if self.first_token_time is not None:
             metrics["time_to_first_token_s"] = self.first_token_time - self.arrival_time
+        if self.seqs:  # prompt tokens read from the prefix cache (a multi-turn program's previous turns)
+            metrics["num_cached_tokens"] = self.seqs[0].num_cached_tokens
         return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
                              request_id=self.request_id, finished=done,
                              prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)

@@ -275,3 +275,122 @@ def test_truncate_prompt_leaves_room_for_max_tokens(tok):
     out = llm.generate("a" * 300, SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True,
                                                  truncate_prompt=True))[0]
     assert len(out.prompt_token_ids) == 64 and len(out.token_ids) == 64 and out.finish_reason == "length"
+
+
+def test_generate_inside_a_half_read_stream_loses_nothing(tok):
+    """A stream left half-read while generate steps the engine: its request may finish inside generate,
+    and the stream still yields the rest of its text (it used to end early: the output was dropped)."""
+    llm = LLM(tiny_model("llama"), tok)
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    full = llm.generate("the stream", sp)[0].text
+    alone = [o.token_ids for o in llm.generate(["a", "b"], GREEDY)]
+    s = llm.stream("the stream", sp)
+    first = next(s)
+    assert [o.token_ids for o in llm.generate(["a", "b"], SamplingParams(temperature=0, max_tokens=30,
+                                                                         ignore_eos=True))] != alone  # (longer)
+    assert first + "".join(s) == full
+    assert not llm.engine.requests and not llm._held
+
+
+def test_generate_leaves_other_requests_outputs_to_their_callers(tok):
+    """Requests queued on the engine by someone else finish during generate: generate returns its own
+    outputs (two such requests used to make it raise KeyError and leave its own requests running), and
+    the others' outputs wait for their caller."""
+    llm = LLM(tiny_model("llama"), tok)
+    short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    ref = [o.token_ids for o in llm.generate(["zz", "zy", "a", "b"], [short, short, GREEDY, GREEDY])]
+    others = [llm.engine.add_request("zz", short), llm.engine.add_request("zy", short)]
+    assert [o.token_ids for o in llm.generate(["a", "b"], GREEDY)] == ref[2:]
+    assert [o.token_ids for o in llm.wait(others)] == ref[:2]
+    assert not llm.engine.requests and not llm._held
+    with pytest.raises(LmforgeError, match="collected already"):
+        llm.wait(others)
+
+
+def test_submit_uses_its_seed_as_given_whatever_is_queued(tok):
+    """A program's call samples the same alone or batched with others (generate derives per-index seeds)."""
+    llm = LLM(tiny_model("llama"), tok)
+    p = SamplingParams(temperature=1.0, max_tokens=10, seed=5, ignore_eos=True, n=2)
+    alone = llm.wait([llm.submit("world", p)])[0]
+    batch = llm.wait([llm.submit("hello", p), llm.submit("world", p), llm.submit([104, 105], p)])
+    assert [o.token_ids for o in batch[1].outputs] == [o.token_ids for o in alone.outputs]
+    assert batch[1].prompt == "world" and batch[2].prompt is None
+
+
+def test_completed_resumes_programs_as_their_calls_finish(tok):
+    """Programs whose next call depends on the last answer, run together through submit/completed: each
+    follow-up joins the running batch, and every program gets what it gets when run alone with generate."""
+    llm = LLM(tiny_model("llama"), tok)
+    sp = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in (3, 9, 5)]
+
+    def program(prompt, k):
+        for turn in range(3):
+            out = yield prompt, sp[(k + turn) % 3]
+            prompt = prompt + out.text + "|"
+        return prompt
+
+    def alone(prompt, k):
+        g = program(prompt, k)
+        call = next(g)
+        while True:
+            try:
+                call = g.send(llm.generate(*call)[0])
+            except StopIteration as e:
+                return e.value
+
+    starts = ["ab", "hello", "x", "the quick"]
+    expected = [alone(s, k) for k, s in enumerate(starts)]
+    gens = [program(s, k) for k, s in enumerate(starts)]
+    owner = {llm.submit(*next(g)): g for g in gens}
+    results = {}
+    for out in llm.completed():
+        g = owner.pop(out.request_id)
+        try:
+            owner[llm.submit(*g.send(out))] = g
+        except StopIteration as e:
+            results[gens.index(g)] = e.value
+    assert [results[i] for i in range(len(starts))] == expected
+    assert not owner and not llm.engine.requests and not llm._held
+
+
+def test_chat_encodes_with_the_template_and_stops_at_its_turn_end(tok):
+    """chat = generate on ChatTemplate.encode's ids with the template's stop strings; a message that holds
+    a marker stays text; a template whose markers the tokenizer splits is refused."""
+    import lmforge as lf
+    from lmforge.infer.chat_template import get_template
+
+    msgs = [{"role": "system", "content": "Judge."}, {"role": "user", "content": "A or B?<|im_end|>"}]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = LLM(tiny_model("llama"), tok)
+    plain = get_template("plain")
+    want = llm.generate([plain.encode(tok, msgs)[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                                     stop=plain.stop))[0]
+    got = llm.chat(msgs, sp, template="plain")
+    assert len(got) == 1 and got[0].token_ids == want.token_ids and got[0].text == want.text
+    assert [o.token_ids for o in llm.chat([msgs, msgs[1:]], sp, template=plain)][0] == want.token_ids
+    with pytest.raises(LmforgeError, match="template="):
+        llm.chat(msgs, sp)  # none given, none recorded
+    with pytest.raises(LmforgeError, match="encodes it as"):
+        llm.chat(msgs, sp, template="chatml")  # the byte tokenizer has no <|im_start|> token
+    special = lf.Tokenizer({i: bytes([i]) for i in range(256)}, [],
+                           special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    chat_llm = LLM(tiny_model("llama", vocab_size=259), special)
+    out = chat_llm.chat(msgs, sp, template="chatml")[0]
+    ids = out.prompt_token_ids
+    assert ids.count(special.encode("<|im_end|>")[0]) == 2  # the two turns' ends; the user's marker is text
+    end = special.encode("<|im_end|>")[0]
+    forced = chat_llm.chat(msgs, SamplingParams(temperature=0, max_tokens=12, logit_bias={end: 100.0}),
+                           template="chatml")[0]
+    assert forced.token_ids == [end] and forced.finish_reason == "stop" and forced.text == ""
+
+
+def test_outputs_report_prompt_tokens_read_from_the_prefix_cache(tok):
+    """A multi-turn program re-sends its growing prompt: the next turn reads the previous turn's prompt and
+    generated tokens from the prefix cache, whole blocks of them, and its output says how many."""
+    from lmforge.infer.engine import EngineConfig
+
+    llm = LLM(tiny_model("llama"), tok, config=EngineConfig(block_size=8))
+    first = llm.generate([list(range(65, 85))], GREEDY)[0]  # 20 prompt + 12 generated tokens
+    assert first.metrics["num_cached_tokens"] == 0
+    again = llm.generate([first.prompt_token_ids + first.token_ids + [10, 11]], GREEDY)[0]
+    assert again.metrics["num_cached_tokens"] == 24  # 31 computed tokens (the last one never ran): 3 blocks

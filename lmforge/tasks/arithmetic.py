@@ -3,7 +3,10 @@
 Addition is worked column by column (digit + digit + carry = column sum), multiplication by partial
 products then a running sum; every working line is an equation `expr = value` over integers with + and *,
 so `step_labels` marks each line of ANY completion correct or not: the step-level labels a process reward
-model trains on (Lightman et al. 2023), with no human in the loop.
+model trains on (Lightman et al. 2023), with no human in the loop. A line that computes right can still be
+the wrong step (digits not the question's, a carry dropped): given the reference working
+(`Arithmetic.process_labels` passes it), a step is correct only if it is also that step of the working and
+every step before it was correct - Lightman et al. label a solution up to its first mistake (§2.4).
 
     Q: What is 478 + 365?
     8 + 5 + 0 = 13
@@ -48,16 +51,30 @@ def mul_steps(a: int, b: int) -> list[str]:
     return steps
 
 
-def step_labels(completion: str) -> list[tuple[str, bool]]:
-    """(line, correct) for every working line of the form 'expr = value' (+ and * over integers)."""
-    out = []
+def step_labels(completion: str, reference: list[str] | None = None) -> list[tuple[str, bool]]:
+    """(line, correct) for every working line of the form 'expr = value' (+ and * over integers): its value
+    is right. With the reference working (a problem's steps, in order), also: it is the reference's step at
+    its index (the same terms in any order, the same value) and all steps before it were correct."""
+    out, on_track = [], True
     for line in completion.splitlines():
         m = STEP_RE.match(line)
         if m:
             terms = [t for t in re.split(r"\s*\+\s*", m.group(1))]
-            value = sum(_product(t) for t in terms)
-            out.append((line.strip(), value == int(m.group(2))))
+            ok = sum(_product(t) for t in terms) == int(m.group(2))
+            if reference is not None:
+                i = len(out)
+                on_track = ok = ok and on_track and i < len(reference) and _same_step(line, reference[i])
+            out.append((line.strip(), ok))
     return out
+
+
+def _same_step(line: str, ref: str) -> bool:
+    """Equal up to the order of terms (and of factors) and spacing: '5 + 8 + 0 = 13' is '8 + 5 + 0 = 13'."""
+    def norm(x: str):
+        lhs, rhs = x.rsplit("=", 1)
+        terms = sorted(tuple(sorted(int(f) for f in t.split("*"))) for t in re.split(r"\s*\+\s*", lhs.strip()))
+        return terms, int(rhs)
+    return norm(line) == norm(ref)
 
 
 def _product(term: str) -> int:
@@ -99,6 +116,7 @@ class Arithmetic(Task):
                        meta={"steps": steps})
 
     def process_labels(self, example: Example, completion: str) -> dict[str, Any]:
-        """Step labels of a completion plus outcome: the data for process vs outcome reward models."""
-        return {"steps": step_labels(completion), "answer": final_answer(completion),
+        """Step labels of a completion (each step checked against this problem's working: step_labels) plus
+        outcome: the data for process vs outcome reward models."""
+        return {"steps": step_labels(completion, example.meta["steps"]), "answer": final_answer(completion),
                 "correct": self.verify(example, completion)}

@@ -2,6 +2,7 @@
 reference solutions and reject wrong ones, checkable arithmetic steps, GSM8K/MMLU through one interface."""
 
 import random
+import re
 from fractions import Fraction
 
 import pytest
@@ -56,6 +57,22 @@ def test_arithmetic_steps_are_checkable():
         assert all(eval(l.rsplit("=")[0]) == int(l.rsplit("=")[1]) for l, _ in labels)  # noqa: S307
     out = task.process_labels(e, "1 + 2 + 0 = 4\nAnswer: 7")
     assert out["steps"] == [("1 + 2 + 0 = 4", False)] and out["answer"] == "7" and not out["correct"]
+
+
+def test_process_labels_check_each_step_against_the_problem():
+    """A line that computes right but is not this problem's step (its digits, a dropped carry) is wrong, and
+    so is every step after the first mistake (Lightman et al. label up to it); terms may come in any order."""
+    task = Arithmetic(digits=(3, 3), ops=("+",))
+    e = next(iter(task.examples("train", 1, seed=0)))
+    a, b = (int(x) for x in re.findall(r"\d+", e.prompt)[:2])
+    steps = e.meta["steps"]
+    swapped = [" + ".join(reversed(s.split(" = ")[0].split(" + ")[:2])) + " + " + s.split(" + ")[2] for s in steps]
+    assert all(ok for _, ok in task.process_labels(e, "\n".join(swapped + [f"Answer: {a + b}"]))["steps"])
+    other = "1 + 1 + 0 = 2"  # right arithmetic, not this problem's units column
+    got = task.process_labels(e, "\n".join([other] + steps[1:] + [f"Answer: {a + b}"]))["steps"]
+    assert [ok for _, ok in got] == [False] * len(steps)
+    assert [ok for _, ok in step_labels("\n".join([other] + steps[1:]))] == [True] * len(steps)  # (no problem given)
+    assert [ok for _, ok in task.process_labels(e, "\n".join(steps[:2]))["steps"]] == [True, True]
 
 
 def test_countdown_checks_the_expression_not_the_reference():

@@ -243,6 +243,7 @@ class Engine:
 
             req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens, self.hidden)
         req.overlaps = (req.strategy is None and not params.penalized and params.prompt_logprobs is None
+                        and not params.logits_processors  # (they read every earlier output token)
                         and params.max_tokens > 0)  # a score-only request ends when its prefill is read
         self.requests[rid] = req
         self.scheduler.add(req.seqs[0])

@@ -6,7 +6,8 @@ penalties, bias: not max_tokens, stop or seed), and each group runs the processo
 lmforge.infer.processors once over its rows, so a batch of 256 rows of one kind costs one pass. The
 common cases share a group whatever their values: greedy rows without penalties or bias take one
 argmax, and rows that set only temperature, top-k and top-p run one chain with per-row arguments
-(`PLAIN`). Penalties see each row's own history. Ids at or beyond `vocab_limit` (a model vocabulary
+(`PLAIN`). Penalties see each row's own history; a request's own logits_processors (constrained decoding)
+run first, row by row, on a copy (`_custom`). Ids at or beyond `vocab_limit` (a model vocabulary
 padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are never drawn.
 Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions;
 the draw itself is one batched exponential race (`draw`), only the noise of seeded rows is filled per row.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.infer.processors import TokenHistory, apply_processors, batched_processors, build_processors
 from lmforge.infer.sampling import SamplingParams
 from lmforge.utils import HostCopy, to_device
@@ -117,6 +119,9 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits.clone()
         logits[:, vocab_limit:] = float("-inf")
+    raw = logits  # the model's distribution: 'raw' log-probs and what strategies read
+    if any(r.params.logits_processors for r in rows):
+        logits = _custom(logits, rows)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     processed = [r.params.logprobs is not None and r.params.logprobs_mode == "processed" and not r.params.greedy
                  for r in rows]
@@ -147,8 +152,26 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
             tokens = chosen
         else:
             tokens[idx] = chosen
-    source = logits if shaped is None else torch.where(to_device(processed, logits.device)[:, None], shaped, logits)
-    return _logprobs(logits, tokens, rows, source)
+    source = raw if shaped is None else torch.where(to_device(processed, logits.device)[:, None], shaped, raw)
+    return _logprobs(raw, tokens, rows, source)
+
+
+def _custom(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """A copy of logits with each row's own logits_processors applied (SamplingParams.logits_processors:
+    f(output ids, (V,) logits) -> (V,) logits, in order). A row they leave without an allowed token raises."""
+    out = logits.clone()
+    for i, r in enumerate(rows):
+        if r.params.logits_processors:
+            ids = r.tokens[r.prompt_len:]
+            row = out[i]
+            for f in r.params.logits_processors:
+                row = f(ids, row)
+            if not bool(torch.isfinite(row).any()) or bool(torch.isnan(row).any()):  # (a host read: per custom row)
+                raise LmforgeError(f"a logits processor left no token allowed (or gave NaN) after {len(ids)} output "
+                                   "tokens: it must allow at least one token (e.g. the end-of-text id once its "
+                                   "constraint is complete)")
+            out[i] = row
+    return out
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row], source: torch.Tensor | None = None

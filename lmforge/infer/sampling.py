@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from lmforge.config import check, coerce_fields, is_int
 
@@ -45,6 +45,13 @@ class SamplingParams:
     """subtract penalty from the logit of every token present in the output"""
     logit_bias: dict[int, float] = field(default_factory=dict)
     """token id -> value added to its logit"""
+    logits_processors: tuple[Callable, ...] = ()
+    """per-request functions f(output_ids: list[int], logits: Tensor (V,)) -> Tensor (V,), applied in order to
+    the row's model logits before everything above (constrained decoding: one of given options, a regex, a
+    grammar; vLLM's logits_processors). -inf forbids a token; leaving none allowed is an error. They read
+    every earlier output token, so such a request's steps never overlap (async scheduling) and it cannot use
+    beam search or speculative decoding, which rank or verify the model's own distribution. 'raw' logprobs
+    stay the model's; 'processed' ones include them"""
     stop: tuple[str, ...] = ()
     """stop strings: generation ends when the text contains one; the text is cut before it"""
     stop_token_ids: tuple[int, ...] = ()
@@ -120,6 +127,11 @@ class SamplingParams:
         check(self.beam_width == 1 or not (self.penalized or self.logit_bias),
               "beam search ranks the model's raw log-probabilities: penalties and logit_bias do not apply to it; "
               "drop them or use beam_width=1")
+        check(all(callable(f) for f in self.logits_processors),
+              f"logits_processors must be functions f(output_ids, logits) -> logits, got {self.logits_processors!r:.80}")
+        check(self.beam_width == 1 or not self.logits_processors,
+              "beam search ranks the model's raw log-probabilities: logits_processors do not apply to it; drop them "
+              "or use beam_width=1")
 
     @classmethod
     def from_dict(cls, options: dict) -> "SamplingParams":

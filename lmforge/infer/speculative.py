@@ -176,9 +176,10 @@ class Speculative:
 
     def __init__(self, request, make_drafter, k: int, hidden: HiddenAsk | None = None):
         p = request.params
-        if p.penalized:
-            raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties; "
-                              "drop them or generate without a draft")
+        if p.penalized or p.logits_processors:
+            raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties or "
+                              "logits_processors (drafts are verified against the model's own distribution); drop "
+                              "them or generate without a draft")
         self.request, self.make_drafter, self.k, self.hidden = request, make_drafter, k, hidden
         if hidden is not None and hidden.every:  # forks copy it (Engine.fork)
             request.seqs[0].features = FeatureStream()

@@ -115,3 +115,72 @@ def test_invalid_sampling_values_name_the_field(field, value):
     ok = SamplingParams(top_k=np.int64(3), seed=np.int32(-2), logit_bias={np.int64(4): np.float32(1)}, stop=["x"])
     assert (ok.top_k, type(ok.top_k), ok.seed, ok.stop) == (3, int, -2, ("x",))  # lmforge.config.coerce_fields
     assert SamplingParams.from_dict({"logit_bias": {"50256": -100}}).logit_bias == {50256: -100}  # JSON keys
+
+
+# per-request logits processors (SamplingParams.logits_processors) ------------------------------------------
+def allow(tokens):
+    """A processor allowing only the given ids (a choice among options, one token at a time)."""
+    def only(ids, logits):
+        mask = torch.full_like(logits, float("-inf"))
+        mask[list(tokens)] = 0
+        return logits + mask
+    return only
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_logits_processors_constrain_each_request_and_see_its_outputs(tok, async_scheduling):
+    """A processor allowing a set of tokens samples as logit_bias forbidding the rest does (greedy and seeded),
+    raw log-probs stay the model's, 'processed' ones include it; a processor reading the output so far forces
+    a sequence whatever else runs in the batch (async scheduling on: such steps read their tokens at once)."""
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.llm import LLM
+
+    from .infer_helpers import tiny_model
+
+    llm = LLM(tiny_model("llama", init_std=0.3), tok, config=EngineConfig(block_size=4, async_scheduling=async_scheduling))
+    allowed = [104, 105, 32, 111]
+    ban = {t: -1e9 for t in range(257) if t not in allowed}
+    for base in (SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0),
+                 SamplingParams(temperature=0.9, seed=3, max_tokens=10, ignore_eos=True, logprobs=0,
+                                logprobs_mode="processed")):
+        with_proc = SamplingParams(**{**vars(base), "logits_processors": (allow(allowed),)})
+        with_bias = SamplingParams(**{**vars(base), "logit_bias": ban})
+        got, want = llm.generate("hi", with_proc)[0], llm.generate("hi", with_bias)[0]  # (one seed: one call each)
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids and set(got.outputs[0].token_ids) <= set(allowed)
+        if base.greedy:  # raw log-probs: the model's own distribution, as logit_bias' raw ones
+            assert got.outputs[0].logprobs == pytest.approx(want.outputs[0].logprobs, abs=1e-5)
+        else:  # processed: the constrained distribution (the ban's -1e9 is -inf in effect)
+            assert got.outputs[0].logprobs == pytest.approx(want.outputs[0].logprobs, abs=1e-4)
+    target = [120, 121, 122, 120, 121]
+
+    def spell(ids, logits):  # the next token of `target` after what was generated so far
+        return allow([target[len(ids) % len(target)]])(ids, logits)
+
+    outs = llm.generate(["a", "bb", "a"], [SamplingParams(temperature=0, max_tokens=7, ignore_eos=True,
+                                                          logits_processors=(spell,)),
+                                           SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+                                           SamplingParams(temperature=1.0, seed=1, max_tokens=5, ignore_eos=True,
+                                                          logits_processors=(spell,))])
+    assert outs[0].outputs[0].token_ids == (target * 2)[:7] and outs[2].outputs[0].token_ids == target
+    alone = llm.generate("bb", SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))[0]
+    assert outs[1].outputs[0].token_ids == alone.outputs[0].token_ids  # the batch's other request is untouched
+
+
+def test_logits_processors_refusals(tok):
+    from lmforge.errors import LmforgeError
+    from lmforge.infer.llm import LLM
+
+    from .infer_helpers import tiny_model
+
+    with pytest.raises(ConfigError, match="logits_processors must be functions"):
+        SamplingParams(logits_processors=(3,))
+    with pytest.raises(ConfigError, match="beam search ranks"):
+        SamplingParams(beam_width=2, temperature=0, logits_processors=(allow([1]),))
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="logits_processors"):
+        LLM(model, tok, draft="ngram").generate("hi", SamplingParams(logits_processors=(allow([1]),)))
+    llm = LLM(model, tok)
+    with pytest.raises(LmforgeError, match="left no token allowed .* after 2 output tokens"):
+        llm.generate("hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                          logits_processors=(lambda ids, l: l if len(ids) < 2 else l - float("inf"),)))
+    assert not llm.engine.requests  # the failed call's request was aborted

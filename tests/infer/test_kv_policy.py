@@ -103,7 +103,7 @@ def test_a_steps_compactions_are_one_copy_per_pool(tok, config, n, kind):
     assert max(c for c, _ in steps) == 1 and max(k for _, k in steps) >= 2  # several sequences, one copy
     assert 3 in calls and check_against(replay(model, log, policy), reqs, greedy=n == 1) == 20 * n * len(prompts)
     assert (engine.stats()["preemptions"] > 0) == (n > 1) and engine.pool.num_used == 0
-    assert (engine.pool.stats.hit_blocks > 0) == (n > 1)  # replay: a prefix hit is planned after its first chunk
+    assert engine.pool.stats.hit_blocks > 0  # replay: a prefix hit is planned after its first chunk
 
 
 def test_whole_block_eviction_moves_table_entries_and_releases_blocks(tok):

@@ -394,3 +394,19 @@ def test_outputs_report_prompt_tokens_read_from_the_prefix_cache(tok):
     assert first.metrics["num_cached_tokens"] == 0
     again = llm.generate([first.prompt_token_ids + first.token_ids + [10, 11]], GREEDY)[0]
     assert again.metrics["num_cached_tokens"] == 24  # 31 computed tokens (the last one never ran): 3 blocks
+
+
+def test_a_batch_sharing_a_prefix_computes_it_once(tok):
+    """Few-shot programs send many prompts behind the same demonstrations in one call: the prompts behind
+    the first wait one step and read its blocks from the prefix cache, instead of all computing the shared
+    blocks in the same step (before the fix each request here computed the 64 shared tokens itself)."""
+    from lmforge.infer.engine import EngineConfig
+
+    model = tiny_model("llama")
+    demos = list(range(40, 104))  # 64 shared tokens: 4 blocks
+    prompts = [demos + [110 + i, 120 + i, 130 + i] for i in range(6)]
+    llm = LLM(model, tok, config=EngineConfig(block_size=16))
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.metrics["num_cached_tokens"] for o in outs] == [0] + [64] * 5
+    assert [o.token_ids for o in outs] == [full_greedy(model, p, 12) for p in prompts]
+    assert llm.engine.stats()["peak_used_blocks"] == 4 + 6 * 1  # the shared blocks once, then one block each

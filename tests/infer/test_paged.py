@@ -250,3 +250,51 @@ def test_engine_kv_utilization_at_peak_with_shared_prefixes_and_samples(tok):
     assert st["prefix_hit_blocks"] > 0 and st["used_blocks"] == 0
     assert st["peak_used_blocks"] == peak[0]
     assert st["kv_utilization_at_peak"] == pytest.approx(peak[1]) and 0.5 < peak[1] <= 1 < peak[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_paged_decode_reference_reads_a_narrower_cache_in_the_query_dtype(dtype):
+    """A cache kept narrower than the compute (bf16 / fp8 keys under an fp32 model: the simplest KV compression)
+    is read in q's dtype, as the prefill path reads it; before, the decode reference's bmm raised a dtype error."""
+    torch.manual_seed(0)
+    kc, vc = torch.randn(8, 4, 2, 8).to(dtype), torch.randn(8, 4, 2, 8).to(dtype)
+    tables = torch.tensor([[3, 1, 5], [0, 2, 7]], dtype=torch.int32)
+    lens, q = torch.tensor([9, 12], dtype=torch.int32), torch.randn(2, 4, 8)
+    got = paged_decode_reference(q, kc, vc, tables, lens, scale=0.3)
+    want = paged_decode_reference(q, kc.float(), vc.float(), tables, lens, scale=0.3)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_engine_on_an_fp8_paged_cache_writes_forks_and_decodes(tok):
+    """An fp8 K/V pool (index_copy_ has no fp8 kernel on a CPU: pools move as bytes) runs a chunked, forked (n = 2,
+    copy-on-write) request through the engine, and its log-probs stay near the fp32 cache's."""
+    from lmforge.infer.engine import Engine, EngineConfig
+    from lmforge.infer.kv.paged import PagedKVCache
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.cache import CacheSpec
+
+    from .infer_helpers import tiny_model
+
+    model = tiny_model("llama")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0, n=2)
+    outs = {}
+    for dtype in (torch.float32, torch.float8_e4m3fn):
+        engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=8))
+        engine.runner.cache = PagedKVCache(CacheSpec.of(model), engine.runner.cache.num_blocks, 4, dtype=dtype)
+        engine.add_request("hello there, cache", params)
+        while engine.has_unfinished():
+            outs[dtype] = engine.step()
+    fp32, fp8 = (outs[d][0].outputs for d in (torch.float32, torch.float8_e4m3fn))
+    assert [o.token_ids for o in fp8] == [o.token_ids for o in fp32]
+    assert max(abs(a - b) for o8, o32 in zip(fp8, fp32) for a, b in zip(o8.logprobs, o32.logprobs)) < 0.05
+
+
+def test_an_integer_paged_cache_dtype_is_refused():
+    """int8 K/V pools would truncate every key on write (no scales): refused in one line."""
+    from lmforge.errors import LmforgeError
+    from lmforge.infer.kv.paged import PagedKVCache
+
+    from .infer_helpers import tiny_model
+
+    with pytest.raises(LmforgeError, match="int8/int4 KV needs a store with scales"):
+        PagedKVCache(tiny_model("llama").cache_spec(), 8, 4, dtype=torch.int8)

@@ -92,9 +92,10 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     and never repeated per query head (math_attention's repeat would double the bytes at GQA 2:1)."""
     B, H, hd = q.shape
     KV, bt = k_cache.shape[2], block_tables.long()
-    # gathered straight into (KV, B, max_blocks, bs, hd), so (KV·B) is one batch dim of both products
-    k = k_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd)  # (KV·B, S, hd)
-    v = v_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd)
+    # gathered straight into (KV, B, max_blocks, bs, hd), so (KV·B) is one batch dim of both products; a cache
+    # kept narrower than the compute (bf16 or fp8 keys under an fp32 model) is read in q's dtype, as prefill does
+    k = k_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd).to(q.dtype)  # (KV·B, S, hd)
+    v = v_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd).to(q.dtype)
     qg = q.view(B, KV, H // KV, hd).transpose(0, 1).reshape(KV * B, H // KV, hd)
     s = torch.bmm(qg, k.transpose(1, 2)).float().view(KV, B, H // KV, -1) * scale  # (KV, B, G, S)
     if softcap > 0:
@@ -109,6 +110,21 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         probs_hook(p.transpose(0, 1).reshape(B, H, 1, -1))
     out = torch.bmm(p.to(v.dtype).view(KV * B, H // KV, -1), v)  # (KV·B, G, hd)
     return out.view(KV, B, H // KV, hd).transpose(0, 1).reshape(B, H, hd)
+
+
+FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """fp8 pools as their bytes: index_copy_ has no fp8 kernel (CPU, torch 2.13); moving bytes is the same move."""
+    return t.view(torch.uint8) if t.dtype in FP8 else t
+
+
+def check_cache_dtype(dtype: torch.dtype) -> None:
+    """K/V pools hold floats read as they are: an integer dtype would silently truncate keys on write."""
+    if not dtype.is_floating_point:
+        raise LmforgeError(f"a paged K/V cache keeps floating-point keys and values, got dtype={dtype}: fp32, bf16, "
+                           "fp16 or fp8 (read in the compute dtype); int8/int4 KV needs a store with scales")
 
 
 class _Paged(_Hooked):
@@ -131,14 +147,14 @@ class _Paged(_Hooked):
     @staticmethod
     def _write(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:
         """new (N, ...) -> pool slots (flat index block * block_size + offset)."""
-        pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, new.to(pool.dtype))
+        _raw(pool.view(-1, *pool.shape[2:])).index_copy_(0, slots, _raw(new.to(pool.dtype)))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's contents into block dst, in every layer's pools."""
         if not pairs:
             return
         src, dst = to_device([[s for s, _ in pairs], [d for _, d in pairs]], self.device)
-        for pool in self.pools():
+        for pool in map(_raw, self.pools()):
             pool.index_copy_(0, dst, pool.index_select(0, src))
 
     def move_slots(self, src: list[int], dst: list[int]) -> None:
@@ -147,7 +163,7 @@ class _Paged(_Hooked):
         if not src:
             return
         s, d = to_device([src, dst], self.device)
-        for pool in self.pools():
+        for pool in map(_raw, self.pools()):
             flat = pool.view(-1, *pool.shape[2:])
             flat.index_copy_(0, d, flat.index_select(0, s))
 
@@ -163,7 +179,7 @@ class _Paged(_Hooked):
             d = dst if dst.dim() == 1 else dst[layer]
             rows = s.dim() == 1 or s.shape[0] == 1  # whole rows: every head of a slot alike
             heads = None if rows else torch.arange(s.shape[0], device=s.device)
-            for pool in pools:
+            for pool in map(_raw, pools):
                 flat = pool.view(-1, *pool.shape[2:])  # (slots, KV, hd) or (slots, r)
                 if rows:
                     moved = flat.index_select(0, s.reshape(-1))
@@ -244,6 +260,7 @@ class PagedKVCache(_Paged):
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
                  decode: str = "auto", prefill: str = "auto"):
         dtype = dtype or spec.dtype
+        check_cache_dtype(dtype)
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
         self.kernel = decode_kernel(self.device, decode)  # resolved once: no import per layer call
         self.prefill_kernel, self.prefill_mode = prefill_kernel(self.device, prefill), prefill
@@ -324,6 +341,7 @@ class PagedLatentCache(_Paged):
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
                  decode: str = "auto", prefill: str = "auto"):
         dtype = dtype or spec.dtype
+        check_cache_dtype(dtype)
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
         self.c = [torch.zeros(num_blocks, block_size, l.latent_rank, device=device, dtype=dtype) for l in spec.layers]
         self.kr = [torch.zeros(num_blocks, block_size, l.rope_dim, device=device, dtype=dtype) for l in spec.layers]

@@ -94,6 +94,9 @@ class DecodeGraphs:
 
         def step() -> torch.Tensor:
             meta.context_lens.copy_(host[3])  # int32 copy of the lengths, refreshed inside the graph
+            # what layers derive from the metadata (AttnMetadata.derived) is rebuilt by every step, so a
+            # captured graph computes it from the buffers and an eager step never reads an earlier step's
+            meta._derived.clear()
             return self.model(host[0][None], cache=self.cache, meta=meta)[0]
 
         # the entry holds every tensor the step reads (meta's too): a graph replays raw addresses, so a

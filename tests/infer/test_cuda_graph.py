@@ -62,3 +62,29 @@ def test_decode_graph_entries_keep_every_tensor_they_read(tok):
         gc.collect()
         assert all(r() is not None for r in refs)
         assert m.block_tables is e.tables and m.positions.data_ptr() == e.host[1].data_ptr()
+
+
+def test_the_static_step_rebuilds_what_layers_derive_from_the_metadata(tok):
+    """The static-buffer step reuses one AttnMetadata per bucket: what layers derive from it (meta.derived)
+    must be rebuilt from the buffers at every step (and inside a capture), not read from the first one."""
+    from torch import nn
+
+    class Deriving(nn.Module):  # records what it derives from the step's context lengths
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.seen = model, []
+
+        def cache_spec(self):
+            return self.model.cache_spec()
+
+        def forward(self, ids, positions=None, cache=None, meta=None):
+            if meta is not None and meta.num_decodes == ids.shape[1]:
+                self.seen.append(meta.derived("longest", lambda: int(meta.context_lens.max())))
+            return self.model(ids, positions, cache, meta)
+
+    model = Deriving(tiny_model("llama"))
+    engine = Engine(model, tok, EngineConfig(block_size=4, cuda_graphs=True))
+    engine.add_request("abc", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.runner.graphs.entries and model.seen == [4, 5, 6, 7, 8]  # one per decode step, each its own

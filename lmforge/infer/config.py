@@ -35,6 +35,11 @@ class EngineConfig:
     """models with recurrent-state layers: copies of the state kept for prefix caching, each the size of
     one sequence's state (lmforge.infer.kv.state: taken at branch points and prompts' last block boundary,
     least recently used dropped first); 0 = no prefix caching on such models"""
+    kv_cache_dtype: str | None = None
+    """the K/V (or MLA latent) cache's dtype: None = the model's; 'fp32', 'bf16', 'fp16' or 'fp8' (e4m3):
+    a narrower cache holds more tokens in the same memory (pool_blocks counts its bytes). Keys and values,
+    the step's new ones included, are attended as the cache keeps them (rounded), in the model's dtype, by
+    the reference paths (the decode kernel and the batch-1 kernel step read the model's dtype: off)"""
     gpu_memory_utilization: float = 0.9
     """on a GPU, the KV pool takes this fraction of the device memory minus what is in use and a
     reserve for activations, at most max_num_seqs x context tokens"""
@@ -81,6 +86,8 @@ class EngineConfig:
         check(0 < self.gpu_memory_utilization <= 1,
               f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
         check(self.state_snapshots >= 0, f"state_snapshots must be >= 0, got {self.state_snapshots}")
+        check(self.kv_cache_dtype is None or self.kv_cache_dtype in KV_DTYPES,
+              f"kv_cache_dtype must be None (the model's) or one of {sorted(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
         check(self.num_kv_tokens is None or self.num_kv_tokens >= self.block_size,
               f"num_kv_tokens must be >= block_size ({self.block_size}), got {self.num_kv_tokens}")
         SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
@@ -129,6 +136,14 @@ def use_fused_kernels(config: EngineConfig, device: torch.device) -> bool:
     return device.type == "cuda" and unsupported(device) is None
 
 
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
+def kv_dtype(c: EngineConfig, spec) -> torch.dtype:
+    """The dtype the K/V cache keeps (EngineConfig.kv_cache_dtype, else the model's)."""
+    return KV_DTYPES[c.kv_cache_dtype] if c.kv_cache_dtype is not None else spec.dtype
+
+
 def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, extra_per_token: int = 0) -> int:
     """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids. The state rows
     of recurrent layers (max_num_seqs + 1 + state_snapshots of spec.bytes_per_sequence(), lmforge.infer.kv.state)
@@ -137,7 +152,7 @@ def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, e
     full-length sequences hold whatever num_kv_tokens says (a KV budget would only refuse requests and preempt)."""
     if spec.bytes_per_token() + extra_per_token == 0:
         return c.max_num_seqs * -(-max_seq_len // c.block_size)
-    per_token = spec.bytes_per_token() + extra_per_token
+    per_token = spec.bytes_per_token(kv_dtype(c, spec)) + extra_per_token
     state = (c.max_num_seqs + 1 + c.state_snapshots) * spec.bytes_per_sequence()
     if c.num_kv_tokens is not None:
         tokens = c.num_kv_tokens

@@ -69,7 +69,7 @@ from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.features import hidden_ask
-from lmforge.infer.config import (EngineConfig, limits, pool_blocks, use_fused_kernels, use_kernel_step,
+from lmforge.infer.config import (EngineConfig, kv_dtype, limits, pool_blocks, use_fused_kernels, use_kernel_step,
                                   use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request, marked
@@ -120,6 +120,10 @@ class Engine:
             raise ConfigError(f"tokenizer vocab_size={tok_vocab} is larger than the model's vocab_size="
                               f"{self.vocab_size}: this tokenizer was not made for this model")
         self.vocab_limit = tok_vocab if tok_vocab is not None and tok_vocab < self.vocab_size else None
+        narrow = spec is not None and kv_dtype(config, spec) != spec.dtype  # a cache narrower than the model
+        if spec is None and config.kv_cache_dtype is not None or narrow and config.kernel_step:
+            raise ConfigError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs a model with cache_spec() (the paged "
+                              "cache) and no kernel_step=True (the kernel step reads keys in the model's dtype)")
         if spec is None:
             num_blocks = -(-config.max_num_seqs * self.max_seq_len // config.block_size)
             self.runner = RecomputeRunner(model, self.device)
@@ -128,19 +132,20 @@ class Engine:
             num_blocks = pool_blocks(config, spec, self.device, self.max_seq_len, draft_bytes)
             # graphs pad every row's block table to a bucket: worth it over the kernel, which reads only each
             # row's keys, not over the gather reference (default: on a GPU when the kernel is there)
-            kernel = decode_kernel(self.device, config.decode_attention) is not None
+            kernel = not narrow and decode_kernel(self.device, config.decode_attention) is not None
             graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda" and kernel
-            self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device,
+            self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device, kv_dtype(config, spec),
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
                                       prefill=config.prefill_attention,
-                                      kernel_step=(not self.has_state and config.kv_policy is None
+                                      kernel_step=(not self.has_state and config.kv_policy is None and not narrow
                                                    and use_kernel_step(config, model, self.device)),
                                       kernel_tune=use_kernel_tune(config, model),
                                       fused_kernels=use_fused_kernels(config, self.device))
         # state models: prefix hits need state snapshots (lmforge.infer.kv.state)
         snapshots = config.state_snapshots if self.has_state and config.prefix_caching else 0
-        self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching and (snapshots or not self.has_state))
+        self.pool = BlockPool(num_blocks, config.block_size,
+                              config.prefix_caching and (snapshots > 0 or not self.has_state))
         # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
         windows = [layer.window for layer in spec.layers] if spec is not None else [0]
         self.window = min(windows) if all(windows) else 0

@@ -127,6 +127,13 @@ def check_cache_dtype(dtype: torch.dtype) -> None:
                            "fp16 or fp8 (read in the compute dtype); int8/int4 KV needs a store with scales")
 
 
+def as_kept(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a cache of `dtype` keeps it, in t's dtype: a step's own new keys and values are attended rounded
+    as the cache holds them, so a prompt computed whole, in chunks or read back after a prefix hit sees the
+    same numbers (a cache narrower than the model: EngineConfig.kv_cache_dtype)."""
+    return t if t.dtype == dtype else t.to(dtype).to(t.dtype)
+
+
 class _Paged(_Hooked):
     kernel = None
 
@@ -262,6 +269,11 @@ class PagedKVCache(_Paged):
         dtype = dtype or spec.dtype
         check_cache_dtype(dtype)
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
+        if dtype != spec.dtype:  # the decode kernel reads keys in the model's dtype: a narrower cache, the reference
+            if decode == "kernel":
+                raise LmforgeError(f"decode_attention='kernel' reads the cache in the model's dtype ({spec.dtype}), "
+                                   f"but the cache keeps {dtype}; use decode_attention='auto' or 'reference'")
+            decode = "reference"
         self.kernel = decode_kernel(self.device, decode)  # resolved once: no import per layer call
         self.prefill_kernel, self.prefill_mode = prefill_kernel(self.device, prefill), prefill
         shape = lambda l: (num_blocks, block_size, l.kv_heads, l.head_dim)  # noqa: E731
@@ -278,6 +290,7 @@ class PagedKVCache(_Paged):
                ) -> torch.Tensor:
         """q (1, H, N, hd), k/v (1, KV, N, hd) of the step's flat row -> (1, H, N, hd)."""
         kc, vc = self.k[layer], self.v[layer]
+        k, v = as_kept(k, kc.dtype), as_kept(v, vc.dtype)
         self._write(kc, k[0].transpose(0, 1), meta.slot_mapping)
         self._write(vc, v[0].transpose(0, 1), meta.slot_mapping)
         out = torch.empty_like(q)
@@ -355,6 +368,7 @@ class PagedLatentCache(_Paged):
     def attend_latent(self, layer: int, mla, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta) -> torch.Tensor:
         """q_nope/q_rope (1, H, N, .), c_kv (1, N, r), k_rope (1, 1, N, d_r) -> (1, H, N, d_v)."""
         cc, kc = self.c[layer], self.kr[layer]
+        c_kv, k_rope = as_kept(c_kv, cc.dtype), as_kept(k_rope, kc.dtype)
         self._write(cc, c_kv[0], meta.slot_mapping)
         self._write(kc, k_rope[0, 0], meta.slot_mapping)
         out = q_nope.new_empty(*q_nope.shape[:3], mla.d_v)

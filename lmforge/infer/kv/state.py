@@ -72,7 +72,8 @@ class StatePools:
             raise LmforgeError(f"a state cache needs max_seqs >= 1 rows, got {max_seqs}")
         self.max_seqs, self.null_slot = max_seqs, max_seqs
         self.states: dict[int, tuple[torch.Tensor, ...]] = {
-            i: tuple(torch.zeros((max_seqs + 1, *shape), dtype=layer.state_dtype_of(j, dtype or spec.dtype),
+            # (dtype is the K/V blocks' - EngineConfig.kv_cache_dtype -: states default to the model's)
+            i: tuple(torch.zeros((max_seqs + 1, *shape), dtype=layer.state_dtype_of(j, spec.dtype),
                                  device=self.device) for j, shape in enumerate(layer.state_shapes))
             for i, layer in enumerate(spec.layers) if layer.kind == "state"}
         self.free_slots = list(range(max_seqs - 1, -1, -1))  # popped from the end: row 0 first

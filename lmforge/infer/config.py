@@ -10,7 +10,7 @@ import torch
 
 from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.kv.paged import DECODE, PREFILL
+from lmforge.infer.kv.paged import DECODE, PREFILL, CacheStore
 from lmforge.infer.kv.policy import KVPolicy
 from lmforge.infer.scheduler import SchedulerConfig
 
@@ -40,6 +40,9 @@ class EngineConfig:
     a narrower cache holds more tokens in the same memory (pool_blocks counts its bytes). Keys and values,
     the step's new ones included, are attended as the cache keeps them (rounded), in the model's dtype, by
     the reference paths (the decode kernel and the batch-1 kernel step read the model's dtype: off)"""
+    kv_cache: CacheStore | None = None
+    """how the paged cache keeps keys and values (lmforge.infer.kv.paged.CacheStore: quantized or compressed
+    K/V); None = PagedKVCache / PagedLatentCache at kv_cache_dtype"""
     gpu_memory_utilization: float = 0.9
     """on a GPU, the KV pool takes this fraction of the device memory minus what is in use and a
     reserve for activations, at most max_num_seqs x context tokens"""
@@ -86,6 +89,8 @@ class EngineConfig:
         check(0 < self.gpu_memory_utilization <= 1,
               f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
         check(self.state_snapshots >= 0, f"state_snapshots must be >= 0, got {self.state_snapshots}")
+        check(self.kv_cache is None or isinstance(self.kv_cache, CacheStore),
+              f"kv_cache must be a lmforge.infer.kv.paged.CacheStore (or None), got {self.kv_cache!r:.80}")
         check(self.kv_cache_dtype is None or self.kv_cache_dtype in KV_DTYPES,
               f"kv_cache_dtype must be None (the model's) or one of {sorted(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
         check(self.num_kv_tokens is None or self.num_kv_tokens >= self.block_size,
@@ -139,6 +144,27 @@ def use_fused_kernels(config: EngineConfig, device: torch.device) -> bool:
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
+def store_allows(c: EngineConfig, spec, draft) -> dict[str, bool]:
+    """With a CacheStore (EngineConfig.kv_cache): which default-on features it leaves on ('kernel_step',
+    'cuda_graphs', 'prefix_caching'); a feature asked for explicitly (kernel_step or cuda_graphs True, a KV
+    policy, a draft) that it cannot serve, or a model with recurrent-state layers, is a one-line error."""
+    store = c.kv_cache
+    if store is None:
+        return {"kernel_step": True, "cuda_graphs": True, "prefix_caching": True}
+    if spec is None or spec.has_state:
+        raise ConfigError(f"kv_cache={type(store).__name__} needs a model with cache_spec() and no recurrent-state "
+                          "layers (those keep the default cache)")
+    asked = {"kernel_step": c.kernel_step is True, "cuda_graphs": c.cuda_graphs is True,
+             "kv_policy": c.kv_policy is not None, "draft": draft is not None, "prefix_caching": False}
+    allows = {}
+    for feature, explicit in asked.items():
+        why = store.unsupported(feature)
+        if why is not None and explicit:
+            raise ConfigError(f"kv_cache={type(store).__name__} cannot serve {feature}: {why}")
+        allows[feature] = why is None
+    return allows
+
+
 def kv_dtype(c: EngineConfig, spec) -> torch.dtype:
     """The dtype the K/V cache keeps (EngineConfig.kv_cache_dtype, else the model's)."""
     return KV_DTYPES[c.kv_cache_dtype] if c.kv_cache_dtype is not None else spec.dtype
@@ -152,7 +178,8 @@ def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, e
     full-length sequences hold whatever num_kv_tokens says (a KV budget would only refuse requests and preempt)."""
     if spec.bytes_per_token() + extra_per_token == 0:
         return c.max_num_seqs * -(-max_seq_len // c.block_size)
-    per_token = spec.bytes_per_token(kv_dtype(c, spec)) + extra_per_token
+    per_token = (spec.bytes_per_token(kv_dtype(c, spec)) if c.kv_cache is None
+                 else c.kv_cache.bytes_per_token(spec, kv_dtype(c, spec))) + extra_per_token
     state = (c.max_num_seqs + 1 + c.state_snapshots) * spec.bytes_per_sequence()
     if c.num_kv_tokens is not None:
         tokens = c.num_kv_tokens

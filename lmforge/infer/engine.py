@@ -69,8 +69,8 @@ from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.features import hidden_ask
-from lmforge.infer.config import (EngineConfig, kv_dtype, limits, pool_blocks, use_fused_kernels, use_kernel_step,
-                                  use_kernel_tune)
+from lmforge.infer.config import (EngineConfig, kv_dtype, limits, pool_blocks, store_allows, use_fused_kernels,
+                                  use_kernel_step, use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request, marked
 from lmforge.infer.outputs import RequestOutput
@@ -121,6 +121,7 @@ class Engine:
                               f"{self.vocab_size}: this tokenizer was not made for this model")
         self.vocab_limit = tok_vocab if tok_vocab is not None and tok_vocab < self.vocab_size else None
         narrow = spec is not None and kv_dtype(config, spec) != spec.dtype  # a cache narrower than the model
+        allows = store_allows(config, spec, draft)  # what a CacheStore (EngineConfig.kv_cache) can serve
         if spec is None and config.kv_cache_dtype is not None or narrow and config.kernel_step:
             raise ConfigError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs a model with cache_spec() (the paged "
                               "cache) and no kernel_step=True (the kernel step reads keys in the model's dtype)")
@@ -133,19 +134,21 @@ class Engine:
             # graphs pad every row's block table to a bucket: worth it over the kernel, which reads only each
             # row's keys, not over the gather reference (default: on a GPU when the kernel is there)
             kernel = not narrow and decode_kernel(self.device, config.decode_attention) is not None
-            graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda" and kernel
+            graphs = (config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda" and kernel
+                      ) and allows["cuda_graphs"]
             self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device, kv_dtype(config, spec),
                                       graphs=(("cuda" if self.device.type == "cuda" else "eager") if graphs else None),
                                       max_batch=config.max_num_seqs, decode=config.decode_attention,
                                       prefill=config.prefill_attention,
                                       kernel_step=(not self.has_state and config.kv_policy is None and not narrow
+                                                   and allows["kernel_step"]
                                                    and use_kernel_step(config, model, self.device)),
                                       kernel_tune=use_kernel_tune(config, model),
-                                      fused_kernels=use_fused_kernels(config, self.device))
+                                      fused_kernels=use_fused_kernels(config, self.device), store=config.kv_cache)
         # state models: prefix hits need state snapshots (lmforge.infer.kv.state)
         snapshots = config.state_snapshots if self.has_state and config.prefix_caching else 0
-        self.pool = BlockPool(num_blocks, config.block_size,
-                              config.prefix_caching and (snapshots > 0 or not self.has_state))
+        caching = config.prefix_caching and (snapshots > 0 or not self.has_state) and allows["prefix_caching"]
+        self.pool = BlockPool(num_blocks, config.block_size, caching)
         # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
         windows = [layer.window for layer in spec.layers] if spec is not None else [0]
         self.window = min(windows) if all(windows) else 0

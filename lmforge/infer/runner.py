@@ -74,12 +74,12 @@ class PagedRunner:
 
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
                  graphs: str | None = None, max_batch: int = 256, decode: str = "auto", prefill: str = "auto",
-                 kernel_step: bool = False, kernel_tune: bool = False, fused_kernels: bool = False):
+                 kernel_step: bool = False, kernel_tune: bool = False, fused_kernels: bool = False, store=None):
         self.source, self.block_size, self.device = model, block_size, torch.device(device)
         self.fused_kernels = fused_kernels
         # one block more than the pool hands out: the graphs' padding rows write there
         self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode, prefill,
-                                     max_seqs=max_batch)
+                                     max_seqs=max_batch, store=store)
         self.has_state = cache_spec.has_state  # recurrent-state rows (lmforge.infer.kv.state)
         self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step,
                           kernel_tune)

@@ -394,9 +394,42 @@ class PagedLatentCache(_Paged):
         return out
 
 
+PagedCache = _Paged
+"""The base of paged cache kinds (PagedKVCache, PagedLatentCache, a CacheStore's own): `attend` (or
+`attend_latent`) per layer, `pools()` / `layer_pools()` (the tensors copy_blocks, move_slots and compact move
+slot by slot: override them where a kind keeps per-block data, e.g. quantization scales), `block_size`,
+`num_blocks`, `device`, `kernel` (None: no decode kernel reads it)."""
+
+
+class CacheStore:
+    """How the engine's paged cache keeps keys and values (EngineConfig.kv_cache). None there = the
+    default: PagedKVCache / PagedLatentCache at EngineConfig.kv_cache_dtype. A store for quantized or
+    compressed K/V (per-token int8 with scales, KIVI, Lexico's sparse codes) subclasses this:
+      build(spec, num_blocks, block_size, device, dtype, decode, prefill) -> its cache object (a PagedCache)
+      bytes_per_token(spec, dtype)  what a token takes in the pool: the engine sizes it by this
+      unsupported(feature)          why it cannot serve a feature, or None: 'kernel_step' (the batch-1 Triton
+                                    step reads K/V pools itself), 'cuda_graphs', 'kv_policy' (compaction moves
+                                    slots one by one), 'prefix_caching', 'draft' (speculative decoding rewinds
+                                    slots); the engine refuses an explicit request for one with this reason
+                                    and leaves the default-on ones off
+    Models with recurrent-state layers keep the default cache."""
+
+    def build(self, spec: CacheSpec, num_blocks: int, block_size: int, device, dtype, decode: str, prefill: str):
+        raise NotImplementedError
+
+    def bytes_per_token(self, spec: CacheSpec, dtype: torch.dtype) -> int:
+        return spec.bytes_per_token(dtype)
+
+    def unsupported(self, feature: str) -> str | None:
+        return None
+
+
 def new_paged_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
-                    decode: str = "auto", prefill: str = "auto", max_seqs: int = 256):
-    """max_seqs: rows of recurrent state, one per running sequence (models with state layers only)."""
+                    decode: str = "auto", prefill: str = "auto", max_seqs: int = 256, store: CacheStore | None = None):
+    """max_seqs: rows of recurrent state, one per running sequence (models with state layers only); store:
+    a CacheStore that builds the cache instead of the default kinds."""
+    if store is not None:
+        return store.build(spec, num_blocks, block_size, device, dtype or spec.dtype, decode, prefill)
     if spec.has_state:  # Mamba / hybrids: state rows beside the blocks, one cache object (lmforge.infer.kv.state)
         from lmforge.infer.kv.state import new_state_cache
 

@@ -72,6 +72,22 @@ class BlockPool:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def request_blocks(self, prompt_len: int, length: int, beam_width: int = 1, window: int = 0,
+                       step_tokens: int = 0, bound: int | None = None) -> int:
+        """Blocks a request of `length` tokens (prompt + output) can hold at once (Engine.add_request refuses
+        one the pool cannot ever hold). Beams may each own their blocks from the prompt's last partial one on;
+        a sliding window (every layer's) drops blocks behind it after every step (step_tokens: a step's most
+        tokens); a KV policy keeps at most `bound` keys per sequence (KVPolicy.max_slots)."""
+        need = self.blocks_for(length)
+        if beam_width > 1:
+            shared = prompt_len // self.block_size
+            need = shared + beam_width * (need - shared)
+        if window:
+            need = min(need, self.blocks_for(window + step_tokens) + 1)
+        if bound is not None:
+            need = min(need, beam_width * (self.blocks_for(bound) + 1))
+        return need
+
     @property
     def utilization(self) -> float:
         """Tokens stored in the blocks in use / their slots (each shared block once); 0 when none is."""

@@ -64,7 +64,7 @@ import time
 
 import torch
 
-from lmforge.config import check, is_int
+from lmforge.config import check
 from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
@@ -75,8 +75,9 @@ from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request, marked
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.pending import Launched, overlaps
-from lmforge.infer.request import Request, Sequence, Status, seed_for, stop_ids
-from lmforge.infer.runner import Extra, PagedRunner, RecomputeRunner, prompt_rows, row_for, sampling_rows
+from lmforge.infer.request import Request, Sequence, Status, encode_prompt, seed_for, stop_ids
+from lmforge.infer.runner import (Extra, PagedRunner, RecomputeRunner, copy_weights, prompt_rows, row_for,
+                                  sampling_rows)
 from lmforge.infer.sampler import kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
@@ -220,15 +221,9 @@ class Engine:
             raise LmforgeError(f"with chunked_prefill off a sequence is computed in one step (its prompt, and after a "
                                f"preemption its output too): {length} tokens > max_num_batched_tokens="
                                f"{self.config.max_num_batched_tokens}; raise it or turn chunked_prefill on")
-        need = self.pool.blocks_for(length)
-        if params.beam_width > 1:  # every beam may own its blocks from the prompt's last partial one on
-            shared = len(ids) // self.pool.block_size
-            need = shared + params.beam_width * (need - shared)
-        if self.window:  # blocks behind the window are dropped after every step
-            need = min(need, self.pool.blocks_for(self.window + self.config.max_num_batched_tokens) + 1)
         bound = self.kv_policy.policy.max_slots(self.config.max_num_batched_tokens) if self.kv_policy else None
-        if bound is not None:  # the policy evicts before every step (kv.policy): each sequence holds <= bound keys
-            need = min(need, params.beam_width * (self.pool.blocks_for(bound) + 1))
+        need = self.pool.request_blocks(len(ids), length, params.beam_width, self.window,
+                                        self.config.max_num_batched_tokens, bound)
         if need > self.pool.num_blocks:
             beams = f" in {params.beam_width} beams" if params.beam_width > 1 else ""
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{beams} needs {need} KV "
@@ -258,27 +253,8 @@ class Engine:
         return rid
 
     def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:
-        """Tokenize and validate one prompt (ids are checked against the model's vocabulary)."""
-        if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
-            prompt = prompt.tolist()
-        if not isinstance(prompt, (str, list, tuple)):
-            raise LmforgeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
-        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
-        if not ids:
-            raise LmforgeError(f"prompt {index} is empty: give at least one token of text")
-        bad = [t for t in ids if not is_int(t) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise LmforgeError(f"prompt {index} has token id {bad[0]!r} outside the model's vocabulary "
-                               f"[0, {self.vocab_size})")
-        longest = self.max_seq_len + 1 if params.max_tokens == 0 else self.max_seq_len - 1  # (its last token unrun)
-        if params.truncate_prompt:  # room for max_tokens, but at least half the window stays prompt
-            keep = max(self.max_seq_len - params.max_tokens, self.max_seq_len // 2, 1) if params.max_tokens else longest
-            ids = ids[-keep:]
-        elif len(ids) > longest:
-            score = " (a score-only prompt, max_tokens=0, may hold max_seq_len + 1)" if not params.max_tokens else ""
-            raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
-                               f"{self.max_seq_len}{score}; shorten it or set truncate_prompt=True")
-        return [int(t) for t in ids]
+        """Tokenize and validate one prompt (lmforge.infer.request.encode_prompt)."""
+        return encode_prompt(self.tokenizer, prompt, params, index, self.vocab_size, self.max_seq_len)
 
     def free_request_id(self, taken=()) -> str:
         """The next automatic request id that no running request holds, nor any id in `taken` (a front end's
@@ -327,20 +303,7 @@ class Engine:
             raise LmforgeError(f"update_weights: the model's dtype changed from {self.dtype} to {p.dtype} after the "
                                f"engine was built; cast it back (model.to({self.dtype})) or build a new engine")
         if weights is not None:
-            state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-            own = self.model.state_dict()
-            # checked whole before any copy: load_state_dict copies what fits before it raises
-            missing = [] if partial else sorted(set(own) - set(state))
-            unexpected = sorted(set(state) - set(own))
-            shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-            if missing or unexpected or shapes:
-                detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
-                          else f"{shapes[0]} has shape {tuple(state[shapes[0]].shape)}, the model's "
-                               f"{tuple(own[shapes[0]].shape)}")
-                raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); "
-                                   "pass a state_dict of the same architecture; nothing was changed")
-            with torch.no_grad():
-                self.model.load_state_dict(state, strict=not partial)  # copy_ per tensor: any dtype and device
+            copy_weights(self.model, weights, partial)
         self.runner.refresh_weights()
         self.reset_prefix_cache()
 
@@ -431,7 +394,10 @@ class Engine:
         for own in (self.draft_model, self.draft_head):  # copy-on-write copies apply to the draft's cache too
             if own is not None:
                 own.copy_blocks(batch.copies)
-        self._draft(batch)
+        if self.make_drafter is not None:  # requests with a drafting strategy extend their chunks
+            from lmforge.infer.speculative import draft_step
+
+            draft_step(self, batch)
         if self.kv_policy is not None:  # new sequences' policy state; the score hook where it observes
             self.kv_policy.begin_step(batch)
         # decodes first, shortest context first (caches that gather blocks pad less per group of rows)
@@ -497,40 +463,6 @@ class Engine:
                 changed[seq.request.request_id] = seq.request
             elif self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed
                 self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1)
-
-    def _draft(self, batch) -> None:
-        """Speculative requests scheduled for their last token extend that chunk by their drafts (the
-        scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once, and so
-        does a drafter object with propose_batch (lmforge.infer.speculative.propose_step)."""
-        if self.make_drafter is None:  # no request has a drafting strategy
-            return
-        todo = []
-        for i, (seq, n) in enumerate(batch.chunks):
-            strategy = seq.request.strategy
-            if hasattr(strategy, "budget") and n == seq.remaining:
-                k = strategy.budget(self, seq, batch.room.get(seq.seq_id, 0))
-                if k is not None:
-                    todo.append((i, seq, k))
-        if not todo:
-            return
-        if self.draft_model is not None:
-            from lmforge.infer.speculative import _probs
-
-            items = [(s, k, s.request.strategy.procs, s.params.greedy) for _, s, k in todo if k > 0]
-            drafts = self.draft_model.propose(items, _probs) if items else {}
-        else:  # drafter objects: once for the step when they batch (propose_batch), else per sequence
-            from lmforge.infer.speculative import propose_step
-
-            drafts = propose_step([(s, k) for _, s, k in todo])
-        for i, seq, _ in todo:
-            strategy = seq.request.strategy
-            d = strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
-            batch.chunks[i] = (seq, batch.chunks[i][1] + d)
-            if d:
-                batch.drafts[seq.seq_id] = d
-            tree = strategy.tree(seq)
-            if tree is not None:  # the chunk ends in a token tree: positions and mask follow it (runner)
-                batch.trees[seq.seq_id] = tree
 
     def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
         """Append each extra row's entry to its request (rows come in position order; the row at

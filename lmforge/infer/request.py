@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.config import is_int
+from lmforge.errors import LmforgeError
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.sampling import SamplingParams
@@ -237,3 +239,29 @@ class Request:
         return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
                              request_id=self.request_id, finished=done,
                              prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)
+
+
+def encode_prompt(tokenizer, prompt, params: SamplingParams, index: int, vocab_size: int, max_seq_len: int
+                  ) -> list[int]:
+    """Tokenize and validate one prompt (ids are checked against the model's vocabulary and window;
+    prompt `index` is named in errors)."""
+    if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (str, list, tuple)):
+        raise LmforgeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+    ids = list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt)
+    if not ids:
+        raise LmforgeError(f"prompt {index} is empty: give at least one token of text")
+    bad = [t for t in ids if not is_int(t) or not 0 <= t < vocab_size]
+    if bad:
+        raise LmforgeError(f"prompt {index} has token id {bad[0]!r} outside the model's vocabulary "
+                           f"[0, {vocab_size})")
+    longest = max_seq_len + 1 if params.max_tokens == 0 else max_seq_len - 1  # (its last token unrun)
+    if params.truncate_prompt:  # room for max_tokens, but at least half the window stays prompt
+        keep = max(max_seq_len - params.max_tokens, max_seq_len // 2, 1) if params.max_tokens else longest
+        ids = ids[-keep:]
+    elif len(ids) > longest:
+        score = " (a score-only prompt, max_tokens=0, may hold max_seq_len + 1)" if not params.max_tokens else ""
+        raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
+                           f"{max_seq_len}{score}; shorten it or set truncate_prompt=True")
+    return [int(t) for t in ids]

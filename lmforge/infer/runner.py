@@ -324,6 +324,24 @@ def _split(logits: torch.Tensor, hidden: torch.Tensor | None, rows: Step, vocab_
     return out
 
 
+def copy_weights(model, weights, partial: bool = False) -> None:
+    """Copy a state_dict (or a module's) into model in place (Engine.update_weights), checked whole before any
+    copy (load_state_dict copies what fits before it raises); partial: only the tensors it names."""
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    own = model.state_dict()
+    missing = [] if partial else sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                  else f"{shapes[0]} has shape {tuple(state[shapes[0]].shape)}, the model's "
+                       f"{tuple(own[shapes[0]].shape)}")
+        raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); "
+                           "pass a state_dict of the same architecture; nothing was changed")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=not partial)  # copy_ per tensor: any dtype and device
+
+
 def _addresses(model) -> list[int]:
     """Where the model's tensors live: parameters, and buffers too (a quantized layer keeps its codes and
     scales in buffers; captured graphs read those addresses as well)."""

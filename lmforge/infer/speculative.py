@@ -428,3 +428,32 @@ def speculative_generate(target, drafter, prompt: list[int], params: SamplingPar
         out = next((o for o in engine.step() if o.request_id == rid and o.finished), out)
     stats.seconds = time.perf_counter() - t0
     return out.token_ids, stats
+
+
+def draft_step(engine, batch) -> None:
+    """Speculative requests scheduled for their last token extend that chunk by their drafts (the
+    scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once, and so
+    does a drafter object with propose_batch (lmforge.infer.speculative.propose_step)."""
+    todo = []
+    for i, (seq, n) in enumerate(batch.chunks):
+        strategy = seq.request.strategy
+        if hasattr(strategy, "budget") and n == seq.remaining:
+            k = strategy.budget(engine, seq, batch.room.get(seq.seq_id, 0))
+            if k is not None:
+                todo.append((i, seq, k))
+    if not todo:
+        return
+    if engine.draft_model is not None:
+        items = [(s, k, s.request.strategy.procs, s.params.greedy) for _, s, k in todo if k > 0]
+        drafts = engine.draft_model.propose(items, _probs) if items else {}
+    else:  # drafter objects: once for the step when they batch (propose_batch), else per sequence
+        drafts = propose_step([(s, k) for _, s, k in todo])
+    for i, seq, _ in todo:
+        strategy = seq.request.strategy
+        d = strategy.set_drafts(seq, *drafts.get(seq.seq_id, ([], None)))
+        batch.chunks[i] = (seq, batch.chunks[i][1] + d)
+        if d:
+            batch.drafts[seq.seq_id] = d
+        tree = strategy.tree(seq)
+        if tree is not None:  # the chunk ends in a token tree: positions and mask follow it (runner)
+            batch.trees[seq.seq_id] = tree

@@ -273,6 +273,8 @@ class Engine:
         for s in req.seqs:
             if s.status != Status.FINISHED:
                 s.finish = s.finish or "abort"
+                if s.decoder is not None:  # bytes held for a character still incomplete show, as at any finish
+                    s.text += s.decoder.flush()
                 self.scheduler.finish(s)
         return req.output()
 

@@ -20,6 +20,10 @@ class CompletionOutput:
     top_logprobs: list[dict[int, float]] | None = None
     """per step, the SamplingParams.logprobs most likely tokens and their log-probabilities"""
     cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None
+    """what ended a 'stop': the stop string matched, or the token id of SamplingParams.stop_token_ids; None
+    for the model's own end-of-text token and every other finish (vLLM's semantics). token_ids may run past
+    a stop string's cut (the tokens whose text held it)"""
 
 
 @dataclass
@@ -28,7 +32,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     metrics: dict = field(default_factory=dict)
-    """speculative decoding: acceptance rate, drafted / accepted tokens, target forwards"""
+    """time_to_first_token_s; num_cached_tokens (prompt tokens read from the prefix cache); speculative
+    decoding: acceptance rate, drafted / accepted tokens, target forwards"""
     request_id: str | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """with SamplingParams.prompt_logprobs=k: per prompt token, None for the first, then {token id:

@@ -80,6 +80,8 @@ class Sequence:
     top: list[dict[int, float]] = field(default_factory=list)
     text: str = ""
     finish: str | None = None
+    stop_reason: int | str | None = None
+    """the stop string or SamplingParams.stop_token_ids id that ended it (CompletionOutput.stop_reason)"""
     decoder: StreamDecoder | None = None
     row: object | None = None
     """the sampler's Row of this sequence (lmforge.infer.sampler.Row), built once: its fields never change"""
@@ -124,6 +126,7 @@ class Sequence:
         self.tokens.append(tok)
         if tok in eos:  # the stop token is not text; a character it cut short still shows (as U+FFFD)
             self.finish = "stop"
+            self.stop_reason = tok if tok in params.stop_token_ids else None  # (None: the model's end of text)
             tail = self.decoder.flush()
             self.text += tail
             return tail
@@ -136,6 +139,7 @@ class Sequence:
             if hits:
                 cut = min(hits)
                 piece = piece[: max(0, len(piece) - (len(self.text) - cut))]
+                self.stop_reason = next(s for s in params.stop if self.text.startswith(s, cut))
                 self.text, self.finish = self.text[:cut], "stop"
                 return piece
         length = len(self.tokens)  # (num_output without its two property lookups: once per token)
@@ -162,7 +166,7 @@ class Sequence:
             index=self.index, text=text, token_ids=self.tokens[self.request.prompt_len:],
             finish_reason=self.finish or ("length" if final else None), logprobs=list(self.logprobs) if want else None,
             top_logprobs=list(self.top) if want else None,
-            cumulative_logprob=sum(self.logprobs) if want else None)
+            cumulative_logprob=sum(self.logprobs) if want else None, stop_reason=self.stop_reason)
 
 
 @dataclass(eq=False)

@@ -410,3 +410,35 @@ def test_a_batch_sharing_a_prefix_computes_it_once(tok):
     assert [o.metrics["num_cached_tokens"] for o in outs] == [0] + [64] * 5
     assert [o.token_ids for o in outs] == [full_greedy(model, p, 12) for p in prompts]
     assert llm.engine.stats()["peak_used_blocks"] == 4 + 6 * 1  # the shared blocks once, then one block each
+
+
+def test_outputs_say_which_stop_ended_them(tok):
+    """stop_reason: the stop string matched or the stop_token_ids id; None for length (and the model's own
+    end of text)."""
+    llm = LLM(tiny_model("llama"), tok)
+    free = llm.generate("hello", GREEDY)[0].outputs[0]
+    text, ids = free.text, free.token_ids
+    assert free.finish_reason == "length" and free.stop_reason is None
+    stop = text[3:5]
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                               stop=("\x00never", stop)))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop and out.text == text[:text.index(stop)]
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(ids[2],)))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == ids[2] and out.token_ids == ids[:ids.index(ids[2]) + 1]
+
+
+def test_an_abort_shows_what_the_decoder_held(tok):
+    """Bytes of a character still incomplete when a request is aborted show (as U+FFFD), as at any finish."""
+    euro = list("€".encode())  # three bytes
+
+    def spell(ids, logits):
+        mask = torch.full_like(logits, float("-inf"))
+        mask[euro[len(ids) % 3]] = 0
+        return logits + mask
+
+    engine = LLM(tiny_model("llama"), tok).engine
+    rid = engine.add_request("hi", SamplingParams(temperature=0, max_tokens=3, logits_processors=(spell,)))
+    while len(engine.requests[rid].seqs[0].tokens) < 2 + 2:  # the prompt's 2 bytes, then 2 of the 3
+        engine.step()
+    out = engine.abort(rid).outputs[0]
+    assert out.token_ids == euro[:2] and out.finish_reason == "abort" and out.text == "\ufffd"

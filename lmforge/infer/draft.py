@@ -107,11 +107,14 @@ class PagedDraftHead:
       logits(f (..., d)) -> (..., V) the target's LM head over predicted features
       fuse(states (n, D)) -> (n, d)  optional: the target's features as the head's input (EAGLE-3's fc over
                                      low/middle/high layers); absent = the features as they are
+      begin_entry = False            optional: True = later pairs attend to the begin entry below too
     Layout: slot p of a sequence's blocks holds the head's entry for the pair (f_{p-1}, x_p), the feature of
     the token before p and token p itself, at position p. So an entry depends on tokens 0..p only, as the
     target's key at p does, and blocks shared by forks (copy-on-write included) hold the right entries for
-    every holder. Position 0 has no feature before it: slot 0 holds the begin pair (zeros, x_0), so the head
-    sees one entry more than EAGLE's own code feeds it (a head trained for this layout sees it in training).
+    every holder. Position 0 has no feature before it: slot 0 holds the begin pair (zeros, x_0), which no later
+    pair attends to (the head's cache has first_key = 1), so the head computes what EAGLE's own code feeds it:
+    n pairs (f_j, x_{j+1}), each seeing the earlier ones (RoPE positions shifted by one, which attention does not
+    see); a head trained with the begin entry sets begin_entry = True.
     A round for a context of L tokens, whose features reach position L - 2 (lmforge.infer.features):
     catch-up writes slots start + 1 .. L - 1 (from 0 when start = 0: every earlier slot holds a verified
     pair), the last one predicting the pending token's feature; a chain then writes one entry per draft at
@@ -137,6 +140,7 @@ class PagedDraftHead:
         if self.proposes_trees:
             self.widths, self.tree_size = tuple(head.widths), head.tree_size
         self.runner = PagedRunner(head, head.cache_spec(), num_blocks, block_size, device)
+        self.runner.cache.first_key = 0 if getattr(head, "begin_entry", False) else 1  # slot 0: the begin pair
         self.forwards = 0
         """head forwards so far: one catch-up per round, then one per draft depth"""
 

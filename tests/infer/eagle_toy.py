@@ -355,10 +355,12 @@ class BatchedEagle(CachedEagle):
 class PagedEagle(CachedEagle):
     """CachedEagle's head run by the engine in its block pool (lmforge.infer.draft.PagedDraftHead): the engine
     calls `pairs` with its paged cache and metadata, `logits`, and sizes the pool for `cache_spec`. Its
-    contiguous reference is CachedEagle(begin=True) with the same weights."""
+    contiguous reference is CachedEagle(begin=begin_entry) with the same weights: without the begin entry
+    (the default, EAGLE's own layout) the plain CachedEagle."""
 
-    def __init__(self, target, widths: tuple[int, ...] | None = None, gate: float = 0.5):
-        super().__init__(target, widths, True, gate, begin=True)
+    def __init__(self, target, widths: tuple[int, ...] | None = None, gate: float = 0.5, begin_entry: bool = False):
+        super().__init__(target, widths, True, gate, begin=begin_entry)
+        self.begin_entry = begin_entry
 
     def cache_spec(self):
         """One attention layer of the target's shape (the block is Block(cfg with n_layers=1, 0))."""

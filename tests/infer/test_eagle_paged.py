@@ -30,10 +30,12 @@ from .test_engine_api import NoCacheSpec
 WIDTHS = (2, 2, 1)
 
 
-def heads(model, widths):
-    """(the contiguous reference recomputing its history, the paged head), with the same weights."""
+def heads(model, widths, begin: bool = False):
+    """(the contiguous reference recomputing its history, the paged head), with the same weights; begin: the
+    paged head's later pairs see its begin entry, and the reference has one."""
     fitted, out = trained_toy(model, widths=widths), []
-    for make in (lambda: CachedEagle(model, widths, cached=False, begin=True), lambda: PagedEagle(model, widths)):
+    for make in (lambda: CachedEagle(model, widths, cached=False, begin=begin),
+                 lambda: PagedEagle(model, widths, begin_entry=begin)):
         torch.manual_seed(0)  # the same block in both
         head = make()
         head.load_state_dict(fitted.state_dict(), strict=False)
@@ -62,14 +64,15 @@ def same_proposal(item: DraftItem, gen_state, answer, ref: CachedEagle, feats: t
         torch.testing.assert_close(got_q[:len(got)], q[:len(got)], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("widths,fused", [(None, False), (WIDTHS, False), (None, True)])
-def test_paged_head_proposes_what_the_contiguous_head_proposes(widths, fused):
+@pytest.mark.parametrize("widths,fused,begin", [(None, False, False), (WIDTHS, False, False), (None, True, False),
+                                                (None, False, True), (WIDTHS, False, True)])
+def test_paged_head_proposes_what_the_contiguous_head_proposes(widths, fused, begin):
     """Three rounds for four sequences of different lengths in one BlockPool (one sampled, budgets 1 to the
     tree's size): each propose_batch call runs one catch-up forward and one per draft depth over the pool's
     blocks, and answers what the contiguous head answers one sequence at a time, recomputing its history
     (fused: the head's `fuse` maps two layers' features to its input, EAGLE-3's fc, before the pairs)."""
     model = tiny_model("llama", init_std=0.1)
-    ref, head = heads(model, widths)
+    ref, head = heads(model, widths, begin)
     d = model.cfg.d_model
     if fused:
         head.fuse = torch.nn.Linear(2 * d, d)

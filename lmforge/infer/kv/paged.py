@@ -76,16 +76,21 @@ def gather(pool: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
     return pool[table[: -(-n // bs)].long()].flatten(0, 1)[:n]
 
 
-def decode_mask(context_lens: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
-    """(B, 1, 1, n_keys): decode query b (at position context_lens[b] - 1) sees its gathered keys."""
+def decode_mask(context_lens: torch.Tensor, n_keys: int, window: int, first_key: int = 0) -> torch.Tensor:
+    """(B, 1, 1, n_keys): decode query b (at position context_lens[b] - 1) sees its gathered keys (none
+    before slot first_key but its own: PagedCache.first_key)."""
     k_pos = torch.arange(n_keys, device=context_lens.device)
-    return visible((context_lens.long() - 1)[:, None], k_pos, window)[:, None]
+    q_pos = (context_lens.long() - 1)[:, None]
+    seen = visible(q_pos, k_pos, window)
+    if first_key:
+        seen = seen & ((k_pos >= first_key) | (k_pos == q_pos[..., None]))
+    return seen[:, None]
 
 
 def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
-                           probs_hook=None) -> torch.Tensor:
+                           probs_hook=None, first_key: int = 0) -> torch.Tensor:
     """Plain gather-then-attend: q (B, H, hd), caches (num_blocks, block_size, KV, hd), block_tables
     (B, max_blocks) int32, context_lens (B,) int32 -> (B, H, hd). Same signature as the kernel.
     Each kv head's G = H / KV query heads are one (G, hd) @ (hd, S) product, so keys are gathered once
@@ -100,7 +105,7 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     s = torch.bmm(qg, k.transpose(1, 2)).float().view(KV, B, H // KV, -1) * scale  # (KV, B, G, S)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~decode_mask(context_lens, s.shape[-1], window)[None, :, 0], float("-inf"))
+    s = s.masked_fill(~decode_mask(context_lens, s.shape[-1], window, first_key)[None, :, 0], float("-inf"))
     if sinks is not None:  # one extra logit per head, dropped after the softmax
         sink = sinks.float().view(1, KV, H // KV, 1).transpose(0, 1).expand(-1, B, -1, 1)
         p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
@@ -136,6 +141,10 @@ def as_kept(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _Paged(_Hooked):
     kernel = None
+    first_key = 0
+    """keys at slots below this are never attended, but by the query at that very slot (a cache whose first
+    entries hold no real key: an EAGLE head's begin entry, lmforge.infer.draft.PagedDraftHead); > 0 runs
+    the reference attention paths (the kernels do not take it)"""
 
     def _kernel(self, kernel, args, kw, which: str = "kernel") -> torch.Tensor | None:
         """The kernel's output; None (and the reference from now on, with a warning) if it fails to run.
@@ -237,6 +246,14 @@ class _Paged(_Hooked):
         return meta.derived(("tree", start, ctx, window), build)  # built by the first layer, kept for the rest
 
 
+def _skip_first(mask, n: int, ctx: int, first: int, device) -> torch.Tensor:
+    """A chunk's mask (None, "causal" or (n, ctx) bool; its n queries at slots ctx - n ..) without the keys
+    below slot `first`, but each query's own (PagedCache.first_key)."""
+    j, own = torch.arange(ctx, device=device), torch.arange(ctx - n, ctx, device=device)[:, None]
+    base = (j <= own) if mask is None or isinstance(mask, str) else mask
+    return base & ((j >= first) | (j == own))
+
+
 def prefill_layout(meta, block_size: int) -> dict:
     """The step's prefill chunks packed for a varlen kernel, built once per forward (meta.derived):
     cu_q/cu_k (P + 1,) int32 offsets of each chunk's queries (from the first prefill token) and of its
@@ -295,7 +312,7 @@ class PagedKVCache(_Paged):
         self._write(vc, v[0].transpose(0, 1), meta.slot_mapping)
         out = torch.empty_like(q)
         nd, hook = meta.num_decodes, self._probs_hook(layer)
-        kernel = self.kernel if hook is None else None
+        kernel = self.kernel if hook is None and not self.first_key else None
         kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
         # the kernel reads each row's own keys; the reference gathers a group's widest table, so it runs
         # over groups of rows of similar context length (meta.decode_groups)
@@ -306,7 +323,7 @@ class PagedKVCache(_Paged):
             od = self._kernel(kernel, args, kw) if kernel is not None else None
             if od is None:
                 rows_hook = hook and self.hook_for(layer, meta.seq_ids_host[lo:hi])
-                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook)
+                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook, first_key=self.first_key)
             out[0, :, lo:hi] = od.transpose(0, 1)
         if nd < len(meta.query_lens_host):
             self._prefill(layer, q, k, v, spec, meta, out, hook)
@@ -315,7 +332,7 @@ class PagedKVCache(_Paged):
     def _prefill(self, layer: int, q, k, v, spec: AttnSpec, meta, out: torch.Tensor, hook) -> None:
         """Every prefill chunk of the step: one varlen kernel call, or the per-sequence reference."""
         kc, vc, nd = self.k[layer], self.v[layer], meta.num_decodes
-        fa = self.prefill_kernel if hook is None and meta.tree_parents is None else None
+        fa = self.prefill_kernel if hook is None and meta.tree_parents is None and not self.first_key else None
         if fa is not None:
             reason = fa.unsupported(q, k, v)
             if reason is not None and self.prefill_mode == "kernel":
@@ -341,6 +358,8 @@ class PagedKVCache(_Paged):
                 ki = gather(kc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
                 vi = gather(vc, meta.block_tables[i], ctx).transpose(0, 1)[None].to(q.dtype)
             mask = self._chunk_mask(meta, i, start, n, ctx, spec.window, q.device)
+            if self.first_key:
+                mask = _skip_first(mask, n, ctx, self.first_key, q.device)
             hook_i = hook and self.hook_for(layer, meta.seq_ids_host[i:i + 1])
             out[:, :, start:start + n] = attend_with(q[:, :, start:start + n], ki, vi, mask, spec, hook_i)
 

@@ -206,13 +206,10 @@ class AsyncEngine:
             await task
 
     def stats(self) -> dict:
-        """Engine.stats() (KV blocks in use, prefix hits, preemptions) and the queue a server's /metrics
-        shows: requests in the engine, sequences waiting for their first step and running, streams open or
-        holding a finished output. Read on the loop while a step may run: a moment's counts, not a
-        consistent snapshot of one step."""
-        sched = self.engine.scheduler
-        return {**self.engine.stats(), "requests": len(self.engine.requests), "waiting": len(sched.waiting),
-                "running": len(sched.running), "streams": len(self.streams)}
+        """Engine.stats() (KV blocks in use, prefix hits, preemptions, the queue: requests, waiting, running)
+        and the streams open or holding a finished output, what a server's /metrics shows. Read on the loop
+        while a step may run: a moment's counts, not a consistent snapshot of one step."""
+        return {**self.engine.stats(), "streams": len(self.streams)}
 
     async def _follow(self, rid: str, latest: Latest) -> AsyncIterator[RequestOutput]:
         try:

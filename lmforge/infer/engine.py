@@ -573,12 +573,14 @@ class Engine:
         """Pool and scheduler counters. kv_utilization: tokens stored in the distinct blocks in use / their
         slots, each shared block (prefix hits, n samples, beams) counted once, so it is at most 1
         (lmforge.infer.blocks); *_at_peak: when the most blocks were in use (peak_used_blocks); evicted_tokens:
-        keys a KV policy dropped, in kv_compactions compactions (lmforge.infer.kv.policy)."""
+        keys a KV policy dropped, in kv_compactions compactions (lmforge.infer.kv.policy); requests: running or
+        queued, waiting / running: sequences waiting for a step and in the running batch (a server's /metrics)."""
         p = self.pool
         return {"num_blocks": p.num_blocks, "used_blocks": p.num_used, "peak_used_blocks": p.peak_used,
                 "kv_utilization": p.utilization, "kv_utilization_at_peak": p.peak_utilization,
                 "prefix_hit_rate": p.stats.hit_rate, "prefix_hit_blocks": p.stats.hit_blocks,
-                "preemptions": self.scheduler.num_preemptions,
+                "preemptions": self.scheduler.num_preemptions, "requests": len(self.requests),
+                "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "evicted_tokens": self.kv_policy.evicted_tokens if self.kv_policy is not None else 0,
                 "kv_compactions": self.kv_policy.compactions if self.kv_policy is not None else 0}
 

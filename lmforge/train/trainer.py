@@ -164,6 +164,7 @@ class Trainer:
                         if self.rank == 0 else ddp.NullLog())
         self.last_checkpoint: Path | None = None
         self._in_flight: tuple[int, dict[str, torch.Tensor]] = (0, {})  # the step's tokens and metrics
+        self._begin_s = 0.0  # seconds in begin_step hooks since the last log row (not training time)
         self.interrupts = Interrupts(optimizer)  # signals, stop requests, the step's phase
         self.qk_clip = self._qk_clip()
         if cfg.resume:
@@ -358,10 +359,14 @@ class Trainer:
         n_tokens = 0
         if self.qk_clip is not None:
             self.qk_clip.reset()  # the max logits of this step's forward passes only (not of evaluations)
-        for part in (self.data, self.objective):  # e.g. an RL source samples this step's rollouts here
-            begin = getattr(part, "begin_step", None)
-            if begin is not None:
+        hooks = [h for h in (getattr(self.data, "begin_step", None), getattr(self.objective, "begin_step", None)) if h]
+        if hooks:  # e.g. an RL source samples this step's rollouts here: timed apart from the training throughput
+            _sync(self.device)  # (the last step's queued work is not the hooks')
+            t0 = time.perf_counter()
+            for begin in hooks:
                 begin(self)
+            _sync(self.device)
+            self._begin_s += time.perf_counter() - t0
         micro = self._micro_batches()
         for i, (batch, share) in enumerate(micro):
             n_tokens += batch_tokens(batch)
@@ -510,9 +515,12 @@ class Trainer:
         stats = {**self.flush(), "lr": self.optimizer.param_groups[0]["lr"]}
         now = time.perf_counter()
         self.elapsed = now - t_start
-        tps = (self.tokens - self._tok_last) / max(now - self._t_last, 1e-9)
+        # begin_step hooks' time (RL rollouts) is not training: tok/s and MFU leave it out, begin_step_s shows it
+        tps = (self.tokens - self._tok_last) / max(now - self._t_last - self._begin_s, 1e-9)
         self._t_last, self._tok_last, self._logged_step = now, self.tokens, self.step
         row = {"step": self.step, "tokens": self.tokens, **stats, "tok_per_s": tps, "elapsed": self.elapsed}
+        if self._begin_s:
+            row["begin_step_s"], self._begin_s = self._begin_s, 0.0
         if self.flops_per_token and self.peak:
             row["mfu"] = tps * self.flops_per_token / (self.peak * self.world)
         data_stats = getattr(self.data, "log_stats", None)
@@ -561,6 +569,7 @@ class Trainer:
         ev: dict[str, float] = {}
         ev_step = -1
         self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
+        self._begin_s = 0.0
         t_start = time.perf_counter() - self.elapsed
         self.interrupts.reset()
         try:
@@ -635,3 +644,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 __all__ = ["Trainer", "TrainResult", "train", "DataError"]
+
+
+def _sync(device) -> None:
+    """Wait for the device's queued work (CUDA), so host time measures what ran between two calls."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

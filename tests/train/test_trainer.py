@@ -338,6 +338,41 @@ def test_begin_step_comes_before_each_steps_batches_and_outside_parameters_are_r
         Trainer(model, outside, data, obj, config=dataclasses.replace(config, run_dir=str(tmp_path / "run2")))
 
 
+def test_begin_step_time_is_left_out_of_the_throughput(tmp_path):
+    """The time a begin_step hook takes (an RL source sampling its rollouts) is not training: tok_per_s and MFU
+    leave it out, and each log row says how long the hooks took since the previous one (begin_step_s)."""
+    import json
+    import time
+
+    from lmforge.train.pretrain import pretraining_parts
+
+    shard = make_shard(tmp_path / "t.bin")
+    model, opt, data, obj, config, *_ = pretraining_parts(tiny_config(shard, tmp_path / "run", max_steps=4,
+                                                                      log_every=2))
+
+    class Slow:
+        def begin_step(self, trainer):
+            time.sleep(0.25)
+
+        def next_batch(self):
+            return data.next_batch()
+
+        def state_dict(self):
+            return data.state_dict()
+
+        def load_state_dict(self, state):
+            data.load_state_dict(state)
+
+    Trainer(model, opt, Slow(), obj, config=config).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tok_per_s" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for prev, row in zip([{"tokens": 0}] + rows, rows):
+        assert 0.5 <= row["begin_step_s"] < 1.0  # two hooks of 0.25 s since the last row
+        # with the sleeps counted, tok/s could not pass tokens / 0.5 s
+        assert row["tok_per_s"] > 2 * (row["tokens"] - prev["tokens"]) / 0.5
+
+
 @pytest.mark.parametrize("progress", [False, True])
 def test_without_the_bar_each_log_step_and_evaluation_is_a_plain_line(tmp_path, capsys, progress):
     """progress=false, or output that is no terminal (a batch job writing a log file; pytest's capture): the

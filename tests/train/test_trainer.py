@@ -303,6 +303,27 @@ def test_settings_one_process_or_a_tied_head_would_ignore_say_so(tmp_path):
         ParallelConfig(dp_shard=2, activation_checkpoint="full").validate(2, moe)
 
 
+class Hooked:
+    """A data source with a begin_step hook (where an RL source samples): data's batches, begin(trainer) once
+    per optimizer step, on_batch() before each batch."""
+
+    def __init__(self, data, begin, on_batch=lambda: None):
+        self.data, self.begin, self.on_batch = data, begin, on_batch
+
+    def begin_step(self, trainer):
+        self.begin(trainer)
+
+    def next_batch(self):
+        self.on_batch()
+        return self.data.next_batch()
+
+    def state_dict(self):
+        return self.data.state_dict()
+
+    def load_state_dict(self, state):
+        self.data.load_state_dict(state)
+
+
 def test_begin_step_comes_before_each_steps_batches_and_outside_parameters_are_refused(tmp_path):
     """A data source's begin_step(trainer) (where an RL source samples its rollouts) runs once per optimizer
     step, before that step's grad_accum batches, with the step number and the training forward's context at
@@ -315,22 +336,11 @@ def test_begin_step_comes_before_each_steps_batches_and_outside_parameters_are_r
                                                                       grad_accum=2))
     events = []
 
-    class Source:
-        def begin_step(self, trainer):
-            with trainer.forward_context():
-                events.append(("begin", trainer.step))
+    def begin(trainer):
+        with trainer.forward_context():
+            events.append(("begin", trainer.step))
 
-        def next_batch(self):
-            events.append("batch")
-            return data.next_batch()
-
-        def state_dict(self):
-            return data.state_dict()
-
-        def load_state_dict(self, state):
-            data.load_state_dict(state)
-
-    Trainer(model, opt, Source(), obj, config=config).fit()
+    Trainer(model, opt, Hooked(data, begin, lambda: events.append("batch")), obj, config=config).fit()
     assert events[:9] == [("begin", 0), "batch", "batch", ("begin", 1), "batch", "batch", ("begin", 2), "batch", "batch"]
     head = torch.nn.Linear(4, 1)
     outside = torch.optim.AdamW([*model.parameters(), *head.parameters()])
@@ -350,20 +360,7 @@ def test_begin_step_time_is_left_out_of_the_throughput(tmp_path):
     model, opt, data, obj, config, *_ = pretraining_parts(tiny_config(shard, tmp_path / "run", max_steps=4,
                                                                       log_every=2))
 
-    class Slow:
-        def begin_step(self, trainer):
-            time.sleep(0.25)
-
-        def next_batch(self):
-            return data.next_batch()
-
-        def state_dict(self):
-            return data.state_dict()
-
-        def load_state_dict(self, state):
-            data.load_state_dict(state)
-
-    Trainer(model, opt, Slow(), obj, config=config).fit()
+    Trainer(model, opt, Hooked(data, lambda trainer: time.sleep(0.25)), obj, config=config).fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tok_per_s" in r]
     assert [r["step"] for r in rows] == [2, 4]

@@ -227,11 +227,14 @@ class PolicyAndCritic(_PolicyFront):
                 **{f"critic.{n}": r for n, r in _param_roles(self.critic).items()}}
 
     def head_record(self) -> dict:
-        """config.json's record: the critic's own model config beside the policy's (lmforge.checkpoint)."""
+        """config.json's record: the critic's own model config beside the policy's (lmforge.checkpoint), and its
+        unmerged LoRA adapters (the policy's are the backbone's own record)."""
+        from lmforge.adapt.lora import lora_record
         from lmforge.config import to_dict
 
+        lora = lora_record(self.critic.backbone)
         return {"kind": "value", "shared": False, "critic": to_dict(self.critic.cfg),
-                "train_backbone": self.critic.train_backbone}
+                "train_backbone": self.critic.train_backbone, **({"critic_lora": lora} if lora else {})}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, meta=None, *,
                 return_hidden: bool | tuple[int, ...] = False, values: bool = False, logits: bool = True):
@@ -268,6 +271,10 @@ def value_from_record(backbone: nn.Module, record: dict) -> nn.Module:
 
         p = next(backbone.parameters())
         trunk = Transformer(from_dict(ModelConfig, record["critic"], "head.critic")).to(p.device, p.dtype)
+        if record.get("critic_lora"):  # the critic's adapters as trained (unmerged), before its weights load
+            from lmforge.adapt.lora import restore_lora
+
+            restore_lora(trunk, record["critic_lora"])
         return PolicyAndCritic(backbone, ValueModel(trunk, train_backbone=train_backbone))
     return ValueModel(backbone, train_backbone=train_backbone)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lmforge import checkpoint as ckpt
-from lmforge.adapt.lora import LoRAConfig, apply_lora
+from lmforge.adapt.lora import LoRAConfig, apply_lora, lora_layers
 from lmforge.align.advantages import gae, group_advantages, masked_whiten, outcome_rewards, rloo_advantages
 from lmforge.align.logprobs import masked_mean, model_inputs, response_mask, token_logprobs
 from lmforge.align.value import PolicyAndCritic, PolicyWithValue, ValueModel, values_of
@@ -257,6 +257,19 @@ def test_a_policy_and_a_separate_critic_train_sample_and_load_as_one_model(tmp_p
     assert isinstance(back, PolicyAndCritic) and back.critic.cfg.n_layers == 1
     with torch.no_grad():
         pc.eval()
+        for a, b in zip(back.policy_and_values(ids), pc.policy_and_values(ids)):
+            assert torch.equal(a, b)
+    # LoRA on both trunks: the critic's adapters travel in the head record and come back with it
+    apply_lora(pc.backbone, LoRAConfig(r=2, targets=("wq",)))
+    apply_lora(pc.critic.backbone, LoRAConfig(r=2, targets=("wv",)))
+    with torch.no_grad():
+        for p in pc.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # (B = 0 at first: make the adapters count)
+    back, _ = ckpt.load_model(ckpt.save_checkpoint(tmp_path / "lora", 1, pc))
+    assert sorted(lora_layers(back)) == sorted(lora_layers(pc))  # policy's wq and critic's wv
+    assert any(n.startswith("critic.") for n in lora_layers(back))
+    with torch.no_grad():
         for a, b in zip(back.policy_and_values(ids), pc.policy_and_values(ids)):
             assert torch.equal(a, b)
 

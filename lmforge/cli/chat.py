@@ -46,7 +46,10 @@ def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,
     template = get_template(cfg.template or "chatml")
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(start)
-    sp = dataclasses.replace(cfg.sampling, stop=tuple(cfg.sampling.stop) + tuple(template.stop), truncate_prompt=True)
+    # a turn ends at the template's end marker: as a string, and as its token where it is one special token
+    # (a tokenizer may decode special tokens to nothing, and no stop string would ever match)
+    sp = dataclasses.replace(cfg.sampling, stop=tuple(cfg.sampling.stop) + tuple(template.stop), truncate_prompt=True,
+                             stop_token_ids=tuple(cfg.sampling.stop_token_ids) + template.stop_token_ids(llm.tokenizer))
     while True:
         try:
             line = read("you> ")

@@ -119,16 +119,76 @@ INLINE_BYTES = 2 << 20
 script without an `if __name__ == "__main__":` guard, which spawned workers re-import, still runs)"""
 
 
-def process_pool(workers: int, **kwargs):
+def process_pool(workers: int, *, worker_setup=None, **kwargs):
     """A multiprocessing Pool whose workers do not inherit this process's threads: 'forkserver' where the
     platform has it, else 'spawn'. A plain fork copies the locks of every running thread (torch's
     intra-op pool, tqdm's monitor, a gloo group) mid-use, so a forked worker can deadlock; Python 3.14
     drops fork as the default for that reason. Worker functions and their arguments must be picklable
-    and importable (module level)."""
+    and importable (module level). Such workers re-run the main script's top level: a script without an
+    `if __name__ == "__main__":` guard would start pools in every worker, endlessly (the pool replaces each
+    dying worker), so there the work runs in this process instead, with a notice (`InlinePool`; it runs
+    `initializer` but not `worker_setup`, what only a worker process should do, e.g. ignore Ctrl-C)."""
     import multiprocessing as mp
 
+    if not main_reimport_safe():
+        import warnings
+
+        warnings.warn(f"lmforge runs this work in one process instead of {workers}: worker processes re-run the main "
+                      "script's top level, and it has no `if __name__ == \"__main__\":` guard; put the script's code "
+                      "under that guard to use worker processes", stacklevel=3)
+        return InlinePool(**kwargs)
+    if worker_setup is not None:
+        if kwargs.get("initializer") is not None:
+            raise ValueError("process_pool: give worker_setup or initializer, not both")
+        kwargs["initializer"] = worker_setup
     methods = mp.get_all_start_methods()
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn").Pool(workers, **kwargs)
+
+
+def main_reimport_safe() -> bool:
+    """Whether spawned workers may import the main module: it is no script (an interactive session, -c), or
+    its source guards its top level with `if __name__ == "__main__"` (a text check of the file)."""
+    import re
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(spec, "origin", None) if spec is not None else getattr(main, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return True
+    try:
+        source = Path(path).read_text(errors="replace")
+    except OSError:
+        return True
+    return re.search(r"__name__\s*==\s*['\"]__main__['\"]|['\"]__main__['\"]\s*==\s*__name__", source) is not None
+
+
+class InlinePool:
+    """The multiprocessing.Pool methods lmforge uses, run in this process (process_pool's fallback)."""
+
+    def __init__(self, initializer=None, initargs=()):
+        if initializer is not None:
+            initializer(*initargs)
+
+    def imap(self, fn, items, chunksize: int = 1):
+        return map(fn, items)
+
+    imap_unordered = imap
+
+    def apply_async(self, fn, args=(), kwds=None):
+        result = fn(*args, **(kwds or {}))
+        return type("Done", (), {"get": lambda self, timeout=None: result, "ready": lambda self: True})()
+
+    def close(self) -> None:
+        pass
+
+    join = terminate = close
+
+    def __enter__(self) -> "InlinePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def to_device(data, device, dtype=None):

@@ -192,7 +192,7 @@ def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], d
     if cfg.workers == 1 or len(todo) == 1:
         results: Any = (run_map_shard(*a) for a in args)
     else:
-        pool = process_pool(min(cfg.workers, len(todo)), initializer=_ignore_sigint)
+        pool = process_pool(min(cfg.workers, len(todo)), worker_setup=_ignore_sigint)
         results = pool.imap_unordered(_run_map_shard_args, args)
     try:
         for st in results:

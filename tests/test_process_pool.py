@@ -1,0 +1,34 @@
+"""lmforge.utils.process_pool in a user's script: worker processes (forkserver / spawn) re-run the main
+script's top level, so a script without an `if __name__ == "__main__":` guard would start pools in every
+worker, endlessly (a first-hour trap: `lf.train_bpe(texts, ..., workers=2)` at a script's top level hung). Such
+a script runs the work in its own process with a notice; a guarded one gets real workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BODY = """
+import os
+from lmforge.utils import process_pool
+with process_pool(2) as pool:
+    values = set(pool.imap(abs, [-1, -2]))
+    workers = {pool.apply_async(os.getpid).get()}
+print("result", sorted(values), "inline" if workers == {os.getpid()} else "workers")
+"""
+
+
+def run(tmp_path, source: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_an_unguarded_script_runs_inline_with_a_notice_and_a_guarded_one_gets_workers(tmp_path):
+    bare = run(tmp_path, BODY)
+    assert bare.returncode == 0 and "result [1, 2] inline" in bare.stdout
+    assert 'no `if __name__ == "__main__":` guard' in bare.stderr
+    guarded = run(tmp_path, "def main():\n" + textwrap.indent(BODY, "    ") + "\n\nif __name__ == '__main__':\n    main()\n")
+    assert guarded.returncode == 0 and "result [1, 2] workers" in guarded.stdout, guarded.stderr[-400:]
+    assert "guard" not in guarded.stderr

@@ -126,10 +126,10 @@ class PagedDraftHead:
     stream, so the recomputed features are handed again and the first round rewrites every slot. Nothing
     else is kept per sequence (Features.start says which slots hold verified pairs), so a fork (which shares
     the blocks and copies the stream) and a release (which frees them) need no call of their own.
-    Prefix caching: a new prompt's features are owed, so its positions are computed (as for every "all"
-    drafter): a cached block's head entries are written only once the head has caught up over verified
-    features, which block registration (on the target's computed tokens) does not wait for, and continuing
-    after a hit would need the feature at the last cached position, which no block keeps."""
+    Prefix caching: the head keeps the target's feature at each block's last position (`block_feature`,
+    copied on copy-on-write); the engine names a block only once the head has caught up over it (`caught_up`)
+    and resumes a sequence admitted on a hit of m tokens from the kept feature at m - 1 (`resume_hits`,
+    FeatureStream.resume), so its first catch-up writes slot m."""
 
     uses_hidden_states = "all"
 
@@ -141,6 +141,10 @@ class PagedDraftHead:
             self.widths, self.tree_size = tuple(head.widths), head.tree_size
         self.runner = PagedRunner(head, head.cache_spec(), num_blocks, block_size, device)
         self.runner.cache.first_key = 0 if getattr(head, "begin_entry", False) else 1  # slot 0: the begin pair
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_feature: torch.Tensor | None = None
+        """(num_blocks + 1, D) the target's feature at each block's last position, written as the head catches
+        up over it: a prefix-cache hit resumes a new sequence's feature stream from it (`resume_hits`)"""
         self.forwards = 0
         """head forwards so far: one catch-up per round, then one per draft depth"""
 
@@ -156,8 +160,25 @@ class PagedDraftHead:
         return cls(head, num_blocks, engine.config.block_size, engine.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write of the target's blocks: the head's entries in them go along."""
+        """Copy-on-write of the target's blocks: the head's entries in them go along, and their features."""
         self.runner.cache.copy_blocks(pairs)
+        if pairs and self.block_feature is not None:
+            with torch.inference_mode():  # (made inside propose_batch's inference mode)
+                src, dst = (torch.tensor(x, device=self.block_feature.device) for x in zip(*pairs))
+                self.block_feature.index_copy_(0, dst, self.block_feature.index_select(0, src))
+
+    def caught_up(self, seq) -> int:
+        """Leading full blocks of seq whose head entries and last feature are written (verified): only those
+        may be named for the prefix cache (Engine._register_blocks)."""
+        return seq.features.start // self.block_size
+
+    def resume_hits(self, batch) -> None:
+        """Sequences the scheduler just admitted on a prefix hit of m tokens start their feature stream at m,
+        from the feature kept with the hit's last block (FeatureStream.resume)."""
+        for seq, _ in batch.chunks:
+            m, stream = seq.num_computed, seq.features
+            if stream is not None and m and stream.next == 0:
+                stream.resume(m, self.block_feature[seq.block_table[m // self.block_size - 1]])
 
     def preempt(self, seq) -> None:
         """seq lost its blocks: its features are computed and handed again from position 0."""
@@ -181,6 +202,7 @@ class PagedDraftHead:
                 raise LmforgeError(f"internal: sequence {it.seq_id}'s features cover positions {h.start} .. "
                                    f"{h.start + h.states.shape[0] - 1} of a {len(it.ctx)}-token context "
                                    f"(block table {'missing' if it.block_table is None else 'given'})")
+            self._keep_block_features(h, it.block_table)
             x = self.fuse(h.states) if self.fuse is not None else h.states
             first = h.start + 1 if h.start else 0
             if not h.start:  # the begin pair: no feature before x_0
@@ -191,6 +213,16 @@ class PagedDraftHead:
         for view in views:
             view.num_computed = len(view.tokens)
         return views, {b: y[-1] for b, y in out.items()}
+
+    def _keep_block_features(self, h, table: list[int]) -> None:
+        """The handed features at block ends (positions b * block_size - 1), kept per block."""
+        bs, n = self.block_size, h.states.shape[0]
+        if self.block_feature is None:
+            self.block_feature = h.states.new_zeros(self.num_blocks + 1, h.states.shape[1])
+        ends = range(-(-(h.start + 1) // bs) * bs - 1, h.start + n, bs)  # block-end positions among them
+        if ends:
+            rows = torch.tensor([table[e // bs] for e in ends], device=h.states.device)
+            self.block_feature.index_copy_(0, rows, h.states[[e - h.start for e in ends]])
 
     def _run(self, rows) -> dict[int, torch.Tensor]:
         """rows: (key, view, n, feats (n, d), tree parents or None): n pairs of each at its view's next

@@ -181,6 +181,7 @@ class Engine:
             check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
             if is_draft_head(draft):  # an EAGLE-style head whose cache shares the pool's blocks (infer.draft)
                 draft = self.draft_head = PagedDraftHead.for_engine(self, draft, num_blocks)
+                self.scheduler.features_cached = True  # hits resume from the features kept with the blocks
             self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, self.num_draft_tokens)
             if isinstance(self.runner, PagedRunner) and hasattr(draft, "cache_spec") and not hasattr(draft, "propose"):
                 from lmforge.infer.draft import PagedDraftModel
@@ -389,6 +390,8 @@ class Engine:
             self._cache_event("preempt", seq.seq_id)
             if self.draft_head is not None:  # the head's entries went too: its features are handed again
                 self.draft_head.preempt(seq)
+        if self.draft_head is not None:  # new sequences on a prefix hit: their features resume there
+            self.draft_head.resume_hits(batch)
         if not batch.chunks:
             if prev is None and self.scheduler.has_work():
                 raise LmforgeError("the scheduler could not fit any sequence in the KV pool; raise num_kv_tokens")
@@ -559,6 +562,8 @@ class Engine:
         bs = self.pool.block_size
         full = min(seq.num_computed, len(seq.tokens)) // bs
         # (a sequence that evicted keys computed every later key over a lossy context: never named)
+        if self.draft_head is not None and seq.features is not None:  # a paged head's entries and features
+            full = min(full, self.draft_head.caught_up(seq))  # must be in a block before it is named
         if (len(seq.block_keys) >= full or not self.pool.prefix_caching or seq.status == Status.FINISHED
                 or seq.evicted):
             return

@@ -33,7 +33,9 @@ A preempted sequence recomputes its positions: those already handed on are dropp
 prompt's positions not yet handed are computed, never taken from the prefix cache (the scheduler looks
 the cache up only below `FeatureStream.next`). A drafter whose cache lives in the engine's blocks (a paged
 head, lmforge.infer.draft.PagedDraftHead) lost it with them: its stream restarts (`restart`) and every
-position is computed and handed again, from 0. Chunked prefill hands each chunk's positions on in order.
+position is computed and handed again, from 0, or from a prefix hit: a paged head keeps each block's last
+feature, so its sequences take prefix hits and resume there (`resume`). Chunked prefill hands each chunk's
+positions on in order.
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ class FeatureStream:
         out = Features(seq_id, self.start, states)
         self.start, self.held = self.next, []
         return out
+
+    def resume(self, position: int, feature: torch.Tensor) -> None:
+        """A new sequence whose first `position` tokens came from the prefix cache (a paged head's blocks hold
+        its entries for them, lmforge.infer.draft.PagedDraftHead): its features start there, after the one at
+        position - 1 (the cached block's last, kept beside it), which pairs with the token at `position`."""
+        self.next, self.start, self.held = position, position - 1, [feature[None]]
 
     def restart(self) -> None:
         """Hand every position again from 0 (a preempted sequence whose drafter's cache went with its blocks:

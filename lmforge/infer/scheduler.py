@@ -86,6 +86,9 @@ class Scheduler:
         self.observed_tail = 0
         """a sequence's last this-many tokens are computed at admission, never taken from the prefix cache (a
         KV policy observes their attention: SnapKV's window, lmforge.infer.kv.policy)"""
+        self.features_cached = False
+        """a drafter reading every position's features keeps them with the cached blocks (a paged head,
+        lmforge.infer.draft.PagedDraftHead): its sequences may take prefix hits like any other"""
         self.snapshots = None
         """models with recurrent-state layers and prefix caching: the prefix keys that have a state snapshot
         (a container); a hit must end at one, and prefill chunks end where snapshots are taken (`_marks`,
@@ -179,8 +182,8 @@ class Scheduler:
             if seats + need > self.config.max_num_seqs:
                 break
             owed = seq.request.owed_prompt_logprob  # cached blocks must end before its predecessor
-            if seq.features is not None:  # its drafter reads each position's features from `next` on: computed
-                owed = min(owed if owed is not None else len(seq.tokens), seq.features.next + 1)
+            if seq.features is not None and not self.features_cached:  # its drafter reads each position's
+                owed = min(owed if owed is not None else len(seq.tokens), seq.features.next + 1)  # features: computed
             if self.observed_tail:
                 tail = max(0, len(seq.tokens) - self.observed_tail)
                 owed = min(owed if owed is not None else len(seq.tokens), tail)

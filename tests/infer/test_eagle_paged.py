@@ -1,10 +1,11 @@
 """An EAGLE-style head whose KV cache lives in the engine's block pool (lmforge.infer.draft.PagedDraftHead,
-with tests/infer/eagle_toy.py's PagedEagle): its proposals equal the plain contiguous head's (CachedEagle with
-the begin pair, recomputing its whole history from a full forward's features) at every round, chains and
-trees, greedy and sampled (each round replayed from the sequence's generator state); the engine's greedy
-output with it is the target's under chunked prefill, n = 2 forks, preemption (the head rebuilt from features
-handed again), an abort and batches of several sequences. Async scheduling does not apply: any draft turns
-it off."""
+with tests/infer/eagle_toy.py's PagedEagle): its proposals equal the plain contiguous head's (CachedEagle,
+recomputing its whole history from a full forward's features; with or without the begin entry) at every
+round, chains and trees, greedy and sampled (each round replayed from the sequence's generator state), also
+for a sequence resuming after a prefix hit from the feature kept with the hit's last block; the engine's
+greedy output with it is the target's under chunked prefill, n = 2 forks, preemption (the head rebuilt from
+features handed again, or resumed from a hit), prefix caching, an abort and batches of several sequences.
+Async scheduling does not apply: any draft turns it off."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import IdTokenizer
 from lmforge.infer.draft import PagedDraftHead
 from lmforge.infer.engine import Engine, EngineConfig
-from lmforge.infer.features import Features
+from lmforge.infer.features import Features, FeatureStream
 from lmforge.infer.processors import build_processors
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.speculative import DraftItem
@@ -98,14 +99,43 @@ def test_paged_head_proposes_what_the_contiguous_head_proposes(widths, fused, be
             same_proposal(it, None if it.greedy else state, answer, ref, inputs[it.seq_id, :len(it.ctx) - 1])
 
 
+def test_a_prefix_hit_resumes_from_the_feature_kept_with_its_last_block():
+    """Sequence b shares sequence a's first two blocks (the prefix cache's hit): its stream resumes at
+    position 8 from the feature the head kept for block 1 (a's position 7) and its catch-up starts at slot 8;
+    its (sampled) proposal equals the contiguous reference over its whole context."""
+    model = tiny_model("llama", init_std=0.1)
+    ref, head = heads(model, None)
+    pool = BlockPool(40, 4)
+    paged = PagedDraftHead(head, pool.num_blocks, 4, "cpu")
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 24, model.cfg.d_model, generator=g)
+    feats[1, :8] = feats[0, :8]  # the same tokens before position 8: the same features
+    ctx_a = torch.randint(1, 257, (11,), generator=g).tolist()
+    ctx_b = ctx_a[:8] + torch.randint(1, 257, (5,), generator=g).tolist()
+    table_a = []
+    pool.append(table_a, 0, 16)
+    paged.propose_batch([DraftItem(0, ctx_a, 3, [], True, None, Features(0, 0, feats[0, :10]), table_a)])
+    table_b = pool.fork(table_a[:2])
+    pool.append(table_b, 8, 8)
+    stream = FeatureStream()
+    stream.resume(8, paged.block_feature[table_b[1]])
+    stream.push(8, feats[1, 8:12])
+    gen, sampled = torch.Generator().manual_seed(9), build_processors(SamplingParams(temperature=0.8))
+    item = DraftItem(1, ctx_b, 3, sampled, False, gen, stream.take(1, len(ctx_b)), table_b)
+    assert item.hidden.start == 7
+    state = gen.get_state()
+    same_proposal(item, state, paged.propose_batch([item])[0], ref, feats[1, :12])
+
+
 @pytest.mark.parametrize("widths,prefix_caching", [(None, True), (WIDTHS, True), (None, False)])
 def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching):
     """Five requests (a shared prefix, n = 2, a seeded sampled one, a 21-token prompt in chunks of 7, one
     aborted) on a pool small enough to preempt: greedy outputs are the target's; every round's proposal is
     the contiguous reference's from a full forward's features; preempted sequences are handed their features
     again from position 0 and the head rebuilds its entries (with prefix caching off, the blocks they lived in
-    are truly gone); nothing is taken from the prefix cache; the head's cache has the target's blocks and every
-    block comes back."""
+    are truly gone); with it on, sequences admitted on a hit (preempted ones too) resume their features from
+    the one kept with the hit's last block, and their proposals still equal the reference; the head's cache
+    has the target's blocks and every block comes back."""
     model = tiny_model("llama", init_std=0.1)
     ref, head = heads(model, widths)
     greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
@@ -135,7 +165,7 @@ def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching):
         if sp.greedy:
             assert all(o.token_ids == full_greedy(model, p, sp.max_tokens) for o in out.outputs)
     st = engine.stats()
-    assert st["preemptions"] > 0 and st["prefix_hit_blocks"] == 0 and engine.pool.num_used == 0
+    assert st["preemptions"] > 0 and (st["prefix_hit_blocks"] > 0) == prefix_caching and engine.pool.num_used == 0
     assert sum(o.metrics["accepted"] for o in outs) > 0 and max(n for n, _, _ in calls) >= 2
     for n, k, forwards in calls:  # one catch-up, then one forward per draft depth
         assert forwards == (len(widths) if widths else k) or (widths and 1 <= forwards < len(widths))
@@ -143,7 +173,10 @@ def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching):
     for item, state, answer in rounds:
         starts.setdefault(item.seq_id, []).append(item.hidden.start)
         same_proposal(item, state, answer, ref, reference(model, item.ctx)[:len(item.ctx) - 1])
-    assert any(0 in s[1:] for s in starts.values())  # a preempted sequence's head rebuilt from position 0
+    if prefix_caching:  # a sequence admitted on a prefix hit: its first features after the cached blocks
+        assert any(s[0] > 0 for s in starts.values())
+    else:  # a preempted sequence's head rebuilt from position 0
+        assert any(0 in s[1:] for s in starts.values())
     assert len(starts) == 6  # 5 requests, one with n = 2
 
 

@@ -20,6 +20,10 @@ class CompletionOutput:
     top_logprobs: list[dict[int, float]] | None = None
     """per step, the SamplingParams.logprobs most likely tokens and their log-probabilities"""
     cumulative_logprob: float | None = None
+    text_offsets: list[int] | None = None
+    """with logprobs: where each token's text starts in `text` (OpenAI's text_offset, counted from the
+    completion's start; a token that shows no character yet, a byte of an incomplete one, starts where the next
+    does; clipped to the text shown)"""
     stop_reason: int | str | None = None
     """what ended a 'stop': the stop string matched, or the token id of SamplingParams.stop_token_ids; None
     for the model's own end-of-text token and every other finish (vLLM's semantics). token_ids may run past

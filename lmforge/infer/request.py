@@ -78,6 +78,8 @@ class Sequence:
     status: Status = Status.WAITING
     logprobs: list[float] = field(default_factory=list)
     top: list[dict[int, float]] = field(default_factory=list)
+    text_ends: list[int] = field(default_factory=list)
+    """with logprobs: len(text) after each generated token (CompletionOutput.text_offsets)"""
     text: str = ""
     finish: str | None = None
     stop_reason: int | str | None = None
@@ -124,6 +126,13 @@ class Sequence:
         """Add one sampled token, update text and finish state; return the newly visible text."""
         params = self.params
         self.tokens.append(tok)
+        piece = self._append(tok, eos, max_seq_len, params)
+        if params.logprobs is not None:
+            self.text_ends.append(len(self.text))
+        return piece
+
+    def _append(self, tok: int, eos: set[int], max_seq_len: int, params) -> str:
+        """append's work on the text and the finish state (the token is in self.tokens already)."""
         if tok in eos:  # the stop token is not text; a character it cut short still shows (as U+FFFD)
             self.finish = "stop"
             self.stop_reason = tok if tok in params.stop_token_ids else None  # (None: the model's end of text)
@@ -162,11 +171,13 @@ class Sequence:
         if self.finish is None and not final and self.params.stop:
             text = text[:len(text) - stop_prefix_len(text, self.params.stop)]
         want = self.params.logprobs is not None
+        starts = [0, *self.text_ends[:-1]] if want else None  # each token's text starts where the last one's ended
         return CompletionOutput(
             index=self.index, text=text, token_ids=self.tokens[self.request.prompt_len:],
             finish_reason=self.finish or ("length" if final else None), logprobs=list(self.logprobs) if want else None,
             top_logprobs=list(self.top) if want else None,
-            cumulative_logprob=sum(self.logprobs) if want else None, stop_reason=self.stop_reason)
+            cumulative_logprob=sum(self.logprobs) if want else None, stop_reason=self.stop_reason,
+            text_offsets=[min(s, len(text)) for s in starts] if want else None)
 
 
 @dataclass(eq=False)

@@ -442,3 +442,23 @@ def test_an_abort_shows_what_the_decoder_held(tok):
         engine.step()
     out = engine.abort(rid).outputs[0]
     assert out.token_ids == euro[:2] and out.finish_reason == "abort" and out.text == "\ufffd"
+
+
+def test_text_offsets_say_where_each_tokens_text_starts(tok):
+    """With logprobs: each token's start in the text; the bytes of one character start where it does; a stop
+    string's cut clips them."""
+    spelled = list("a€b".encode()) + list(b"cd")  # 'a', three bytes of '€', 'b', 'c', 'd'
+
+    def spell(ids, logits):
+        mask = torch.full_like(logits, float("-inf"))
+        mask[spelled[len(ids) % len(spelled)]] = 0
+        return logits + mask
+
+    llm = LLM(tiny_model("llama"), tok)
+    sp = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=0, logits_processors=(spell,))
+    out = llm.generate("hi", sp)[0].outputs[0]
+    assert out.text == "a€bcd" and out.text_offsets == [0, 1, 1, 1, 2, 3, 4]
+    assert [out.text[s] for s in out.text_offsets] == ["a", "€", "€", "€", "b", "c", "d"]
+    cut = llm.generate("hi", SamplingParams(**{**vars(sp), "stop": ("bc",)}))[0].outputs[0]
+    assert cut.text == "a€" and cut.text_offsets == [0, 1, 1, 1, 2, 2]  # 'c' ended the text at the cut
+    assert llm.generate("hi", GREEDY)[0].outputs[0].text_offsets is None  # (without logprobs)

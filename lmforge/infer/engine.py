@@ -547,6 +547,7 @@ class Engine:
         """Append one generated token (with its logprob and top-k when the request asks for them)."""
         if seq.params.logprobs is not None:
             seq.logprobs.append(logprob)
+            seq.cumulative_logprob += logprob
             # a filtered distribution (processed log-probs under top-k) ranks tokens it gave no mass: not listed
             seq.top.append({i: v for i, v in top.items() if v != float("-inf")} if top else {})
         if seq.request.first_token_time is None:

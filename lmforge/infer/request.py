@@ -78,6 +78,8 @@ class Sequence:
     status: Status = Status.WAITING
     logprobs: list[float] = field(default_factory=list)
     top: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    """sum(logprobs), kept as they are appended (left to right, as sum() adds): no O(length) sum per output"""
     text_ends: list[int] = field(default_factory=list)
     """with logprobs: len(text) after each generated token (CompletionOutput.text_offsets)"""
     text: str = ""
@@ -176,7 +178,7 @@ class Sequence:
             index=self.index, text=text, token_ids=self.tokens[self.request.prompt_len:],
             finish_reason=self.finish or ("length" if final else None), logprobs=list(self.logprobs) if want else None,
             top_logprobs=list(self.top) if want else None,
-            cumulative_logprob=sum(self.logprobs) if want else None, stop_reason=self.stop_reason,
+            cumulative_logprob=self.cumulative_logprob if want else None, stop_reason=self.stop_reason,
             text_offsets=[min(s, len(text)) for s in starts] if want else None)
 
 

@@ -458,6 +458,7 @@ def test_text_offsets_say_where_each_tokens_text_starts(tok):
     sp = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=0, logits_processors=(spell,))
     out = llm.generate("hi", sp)[0].outputs[0]
     assert out.text == "a€bcd" and out.text_offsets == [0, 1, 1, 1, 2, 3, 4]
+    assert out.cumulative_logprob == sum(out.logprobs)  # (kept as tokens come, in sum()'s order)
     assert [out.text[s] for s in out.text_offsets] == ["a", "€", "€", "€", "b", "c", "d"]
     cut = llm.generate("hi", SamplingParams(**{**vars(sp), "stop": ("bc",)}))[0].outputs[0]
     assert cut.text == "a€" and cut.text_offsets == [0, 1, 1, 1, 2, 2]  # 'c' ended the text at the cut

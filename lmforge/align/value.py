@@ -127,6 +127,12 @@ class _PolicyFront(nn.Module):
         return self.backbone.cfg
 
     @property
+    def generation_module(self) -> nn.Module:
+        """The module whose forward this one's is when generating (the engine's batch-1 kernel step reads its
+        weights: lmforge.infer.kernel_step.unsupported)."""
+        return self.backbone
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return tuple(getattr(self.backbone, "eos_token_ids", None) or ())
 

@@ -70,8 +70,15 @@ def tune_contexts(contexts: int | Sequence[int], max_positions: int) -> list[int
     return sorted({min(c, max_positions) for c in values})
 
 
+def generation_module(model):
+    """The module the kernel step reads: a wrapper whose generating forward is another module's says so with
+    `generation_module` (an RL policy with a value head: lmforge.align.value), else the model itself."""
+    return getattr(model, "generation_module", model)
+
+
 def unsupported(model) -> str | None:
     """Why this model cannot use the kernel step (None: it can)."""
+    model = generation_module(model)
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(model, "blocks"):
         return "not an lmforge Transformer"

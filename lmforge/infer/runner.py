@@ -107,12 +107,12 @@ class PagedRunner:
                                        use_graphs=graphs == "cuda")
         if kernel_step:
             from lmforge.infer.graphs import BatchOneKernel
-            from lmforge.infer.kernel_step import unsupported
+            from lmforge.infer.kernel_step import generation_module, unsupported
 
             why = unsupported(self.source)  # asked at every rebuild: adapters may come and go (merge_lora)
             if why is None:
-                self.kernel_step = BatchOneKernel(self.source, self.cache, max_blocks, use_graphs=graphs == "cuda",
-                                                  tune=kernel_tune)
+                self.kernel_step = BatchOneKernel(generation_module(self.source), self.cache, max_blocks,
+                                                  use_graphs=graphs == "cuda", tune=kernel_tune)
             elif had_kernel_step:  # the model changed since (e.g. LoRA adapters applied): say why it stops
                 warnings.warn(f"the batch-1 kernel step is off: it does not support {why}", stacklevel=3)
         self._addresses = _addresses(self.source)

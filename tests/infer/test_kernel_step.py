@@ -333,3 +333,22 @@ def test_quantized_layers_and_weights_are_refused_with_the_reason():
     prompt = [5, 9, 2, 7]
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     assert llm.generate(prompt, greedy)[0].token_ids == full_greedy(layer, prompt, 4)
+
+
+def test_a_policy_with_a_value_head_decodes_on_the_kernel_step():
+    """An RL policy wrapped with its value head (PolicyWithValue) generates as its backbone does, so the kernel
+    step reads the backbone's weights (generation_module): the same greedy tokens as the bare model's."""
+    from lmforge.align.value import PolicyWithValue
+
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
+    policy = PolicyWithValue(model).to(DEV)
+    llm = LLM(policy, IdTokenizer(257), config=EngineConfig(kernel_step=True, block_size=4))
+    backend = llm.engine.runner.kernel_step
+    assert backend is not None
+    backend.step.configs = _coarse(backend.step)
+    steps = []
+    run = backend.run
+    backend.run = lambda batch, late=None: steps.append(1) or run(batch, late)
+    prompt = torch.randint(0, 257, (7,), generator=torch.Generator().manual_seed(3)).tolist()
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert len(steps) == 4 and out.token_ids == full_greedy(model, prompt, 5)

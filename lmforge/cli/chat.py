@@ -94,23 +94,16 @@ def main(argv: list[str]) -> int:
 
     cfg = parse_config(ChatConfig, normalize_argv(argv, ChatConfig), prog="lmforge chat",
                        description="Chat with a checkpoint in the terminal (/reset, /exit; Ctrl-C stops an answer).")
-    from lmforge.align.data import check_template
     from lmforge.checkpoint import recorded_chat_template
-    from lmforge.errors import LmforgeError
-    from lmforge.infer.chat_template import get_template
+    from lmforge.infer.chat_template import choose_template, get_template
 
-    chosen = cfg.template or recorded_chat_template(cfg.checkpoint)  # asked for, or recorded by the fine-tuning run
-    cfg = dataclasses.replace(cfg, template=chosen or "chatml")
-    template = get_template(cfg.template)  # an unknown name is refused before the model loads
+    recorded = recorded_chat_template(cfg.checkpoint)  # the fine-tuning run's
+    get_template(cfg.template or recorded or "chatml")  # an unknown name is refused before the model loads
     llm = load_llm(cfg)
-    try:
-        check_template(llm.tokenizer, template, plain="--template plain")  # its markers must be single tokens
-    except LmforgeError:
-        if chosen:
-            raise
-        # no template asked for or recorded (a pretrained model): chatml's markers would be plain text
-        cfg = dataclasses.replace(cfg, template="plain")
-        print("(this tokenizer has no chatml special tokens: using the plain template)")
+    template, notice = choose_template(llm.tokenizer, cfg.template, recorded, plain="--template plain")
+    cfg = dataclasses.replace(cfg, template=template.name)
+    if notice:
+        print(f"({notice})")
     print(f"lmforge chat: template {cfg.template}; /reset to start over, /exit to leave, Ctrl-C stops an answer")
     chat_loop(llm, cfg)
     return 0

@@ -149,3 +149,24 @@ def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
         raise ConfigError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}")
     return TEMPLATES[name]
+
+
+def choose_template(tokenizer, asked=None, recorded: str | None = None, plain: str = "template='plain'"
+                    ) -> tuple[ChatTemplate, str | None]:
+    """The chat template a front end (lmforge chat, LLM.chat, a server) uses: the one asked for (a name or a
+    ChatTemplate), else the one a fine-tuned checkpoint records, else chatml where the tokenizer has its
+    markers as special tokens, else plain (a pretrained model: chatml's markers would be ordinary text).
+    An asked or recorded template whose markers the tokenizer splits is an error naming `plain`, how the
+    caller switches. Returns (template, a notice for the fallback to plain or None)."""
+    from lmforge.align.data import check_template
+    from lmforge.errors import LmforgeError
+
+    chosen = asked if asked is not None else recorded
+    template = chosen if isinstance(chosen, ChatTemplate) else get_template(chosen or "chatml")
+    try:
+        check_template(tokenizer, template, plain=plain)  # its markers must be single special tokens
+    except LmforgeError:
+        if chosen is not None:
+            raise
+        return get_template("plain"), "this tokenizer has no chatml special tokens: using the plain template"
+    return template, None

@@ -208,16 +208,11 @@ class LLM:
         turn of its own) and opened for the assistant; the template's end-of-turn strings join params.stop
         and those that are special tokens params.stop_token_ids (ChatTemplate.stop_token_ids).
         template: a name (lmforge.infer.chat_template.TEMPLATES) or a ChatTemplate; default: the one the
-        checkpoint records (LLM.load), else an error naming the choices."""
-        from lmforge.align.data import check_template
-        from lmforge.infer.chat_template import TEMPLATES, ChatTemplate, get_template
+        checkpoint records (LLM.load), else chatml where the tokenizer has its special tokens, else plain
+        (chat_template.choose_template, as `lmforge chat` chooses)."""
+        from lmforge.infer.chat_template import choose_template
 
-        name = template if template is not None else self.chat_template
-        if name is None:
-            raise LmforgeError(f"no chat template given and none recorded by the checkpoint; pass template= "
-                               f"one of {sorted(TEMPLATES)} (plain for a model without chat special tokens)")
-        tpl = name if isinstance(name, ChatTemplate) else get_template(name)
-        check_template(self.tokenizer, tpl, plain="template='plain'")  # markers must be single special tokens
+        tpl, _ = choose_template(self.tokenizer, template, self.chat_template)  # markers: single special tokens
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         ids = [tpl.encode(self.tokenizer, list(c))[0] for c in conversations]

@@ -355,7 +355,8 @@ def test_completed_resumes_programs_as_their_calls_finish(tok):
 
 def test_chat_encodes_with_the_template_and_stops_at_its_turn_end(tok):
     """chat = generate on ChatTemplate.encode's ids with the template's stop strings; a message that holds
-    a marker stays text; a template whose markers the tokenizer splits is refused."""
+    a marker stays text; a template whose markers the tokenizer splits is refused; with none given or
+    recorded, chatml where the tokenizer has its special tokens, else plain (choose_template)."""
     import lmforge as lf
     from lmforge.infer.chat_template import get_template
 
@@ -368,8 +369,8 @@ def test_chat_encodes_with_the_template_and_stops_at_its_turn_end(tok):
     got = llm.chat(msgs, sp, template="plain")
     assert len(got) == 1 and got[0].token_ids == want.token_ids and got[0].text == want.text
     assert [o.token_ids for o in llm.chat([msgs, msgs[1:]], sp, template=plain)][0] == want.token_ids
-    with pytest.raises(LmforgeError, match="template="):
-        llm.chat(msgs, sp)  # none given, none recorded
+    # none given, none recorded: chatml where the tokenizer has its markers as special tokens, else plain
+    assert llm.chat(msgs, sp)[0].token_ids == want.token_ids
     with pytest.raises(LmforgeError, match="encodes it as"):
         llm.chat(msgs, sp, template="chatml")  # the byte tokenizer has no <|im_start|> token
     special = lf.Tokenizer({i: bytes([i]) for i in range(256)}, [],
@@ -382,6 +383,7 @@ def test_chat_encodes_with_the_template_and_stops_at_its_turn_end(tok):
     forced = chat_llm.chat(msgs, SamplingParams(temperature=0, max_tokens=12, logit_bias={end: 100.0}),
                            template="chatml")[0]
     assert forced.token_ids == [end] and forced.finish_reason == "stop" and forced.text == ""
+    assert chat_llm.chat(msgs, sp)[0].prompt_token_ids == ids  # (chatml chosen by default there)
 
 
 def test_outputs_report_prompt_tokens_read_from_the_prefix_cache(tok):

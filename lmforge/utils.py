@@ -163,6 +163,19 @@ def main_reimport_safe() -> bool:
     return re.search(r"__name__\s*==\s*['\"]__main__['\"]|['\"]__main__['\"]\s*==\s*__name__", source) is not None
 
 
+class _Done:
+    """An AsyncResult that was ready at once (InlinePool.apply_async)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self, timeout=None):
+        return self.value
+
+    def ready(self) -> bool:
+        return True
+
+
 class InlinePool:
     """The multiprocessing.Pool methods lmforge uses, run in this process (process_pool's fallback)."""
 
@@ -175,9 +188,8 @@ class InlinePool:
 
     imap_unordered = imap
 
-    def apply_async(self, fn, args=(), kwds=None):
-        result = fn(*args, **(kwds or {}))
-        return type("Done", (), {"get": lambda self, timeout=None: result, "ready": lambda self: True})()
+    def apply_async(self, fn, args=(), kwds=None) -> "_Done":
+        return _Done(fn(*args, **(kwds or {})))
 
     def close(self) -> None:
         pass

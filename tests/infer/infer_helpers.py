@@ -35,3 +35,26 @@ def full_greedy(model, prompt: list[int], n: int) -> list[int]:
             logits = model(torch.tensor([ids], device=dev))
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def run_requests(engine, requests) -> list:
+    """Add (prompt, SamplingParams) requests to an engine and step it until none is left; their finished
+    RequestOutputs, in the order given."""
+    ids = [engine.add_request(p, sp) for p, sp in requests]
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return [done[i] for i in ids]
+
+
+def greedy_with_attention(model, prompt: list[int], n: int, attention) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-probs by the model's full forward at every step, each attention layer
+    going through `attention` (a cache-free object with attend / attend_latent: a reference for a cache
+    kind that changes what attention sees, e.g. rounded or quantized keys, masked slots)."""
+    ids, lps, dev = list(prompt), [], next(model.parameters()).device
+    with torch.no_grad():
+        for _ in range(n):
+            logp = model(torch.tensor([ids], device=dev), cache=attention)[0, -1].float().log_softmax(-1)
+            ids.append(int(logp.argmax()))
+            lps.append(float(logp[ids[-1]]))
+    return ids[len(prompt):], lps

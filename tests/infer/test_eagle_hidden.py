@@ -17,7 +17,7 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.model.meta import AttnMetadata
 
 from .eagle_toy import BatchedEagle, CachedEagle, ToyEagle, growing_rounds
-from .infer_helpers import full_greedy, tiny_model
+from .infer_helpers import full_greedy, run_requests, tiny_model
 from .test_engine_api import NoCacheSpec
 
 
@@ -51,12 +51,7 @@ def trained_toy(model, layers=None, widths=None, seed: int = 1) -> ToyEagle:
     return ToyEagle(model, layers, widths).fit([p + full_greedy(model, p, 24) for p in prompts])
 
 
-def run_all(engine: Engine, reqs) -> list:
-    ids = [engine.add_request(p, sp) for p, sp in reqs]
-    done = {}
-    while engine.has_unfinished():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    return [done[i] for i in ids]
+run_all = run_requests  # (the tests here call it run_all)
 
 
 G = torch.Generator().manual_seed(0)

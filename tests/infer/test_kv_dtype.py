@@ -16,7 +16,7 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.model.cache import CacheSpec, LayerCacheSpec
 from lmforge.model.layers.attention import DENSE
 
-from .infer_helpers import tiny_model
+from .infer_helpers import greedy_with_attention, run_requests, tiny_model
 
 MLA = dict(attention="mla", rope_layout="interleaved", n_kv_heads=None)
 
@@ -38,21 +38,11 @@ class Rounded:
 
 
 def reference(model, prompt: list[int], n: int, dtype) -> tuple[list[int], list[float]]:
-    ids, lps = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            logp = model(torch.tensor([ids]), cache=Rounded(dtype))[0, -1].log_softmax(-1)
-            ids.append(int(logp.argmax()))
-            lps.append(float(logp[ids[-1]]))
-    return ids[len(prompt):], lps
+    return greedy_with_attention(model, prompt, n, Rounded(dtype))
 
 
 def run(engine, prompts, sp):
-    ids = [engine.add_request(p, sp) for p in prompts]
-    done = {}
-    while engine.has_unfinished():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    return [done[i].outputs[0] for i in ids]
+    return [o.outputs[0] for o in run_requests(engine, [(p, sp) for p in prompts])]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mla"])

@@ -15,7 +15,7 @@ from lmforge.infer.kv.paged import CacheStore, PagedKVCache
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.layers.attention import DENSE
 
-from .infer_helpers import tiny_model
+from .infer_helpers import greedy_with_attention, run_requests, tiny_model
 
 
 def int8_grid(x: torch.Tensor) -> torch.Tensor:
@@ -62,20 +62,11 @@ def test_a_store_builds_the_cache_and_sizes_the_pool(tok):
     assert store.built == 1 and isinstance(engine.runner.cache, Int8Cache) and engine.runner.kernel_step is None
     outs = []
     for wave in (prompts, prompts[:1]):  # the second wave reads the first's blocks
-        ids = [engine.add_request(p, sp) for p in wave]
-        done = {}
-        while engine.has_unfinished():
-            done.update({o.request_id: o for o in engine.step() if o.finished})
-        outs += [done[i].outputs[0] for i in ids]
+        outs += [o.outputs[0] for o in run_requests(engine, [(p, sp) for p in wave])]
     assert engine.stats()["prefix_hit_blocks"] > 0
     for prompt, out in zip(prompts + prompts[:1], outs):
-        ids, lps = list(prompt), []
-        with torch.no_grad():
-            for _ in range(8):
-                logp = model(torch.tensor([ids]), cache=Int8Reference())[0, -1].log_softmax(-1)
-                ids.append(int(logp.argmax()))
-                lps.append(float(logp[ids[-1]]))
-        assert out.token_ids == ids[len(prompt):] and out.logprobs == pytest.approx(lps, abs=1e-4)
+        want, lps = greedy_with_attention(model, prompt, 8, Int8Reference())
+        assert out.token_ids == want and out.logprobs == pytest.approx(lps, abs=1e-4)
     spec = model.cache_spec()
     wide = pool_blocks(EngineConfig(), spec, torch.device("cpu"), 10**7)
     narrow = pool_blocks(EngineConfig(kv_cache=Int8Store()), spec, torch.device("cpu"), 10**7)

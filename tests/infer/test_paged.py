@@ -298,3 +298,49 @@ def test_an_integer_paged_cache_dtype_is_refused():
 
     with pytest.raises(LmforgeError, match="int8/int4 KV needs a store with scales"):
         PagedKVCache(tiny_model("llama").cache_spec(), 8, 4, dtype=torch.int8)
+
+
+class SkipFirst:
+    """The reference for PagedCache.first_key = 1: no cache, each query sees its causal keys but key 0 (unless
+    it is that query's own), for both attention kinds."""
+    length = 0
+
+    @staticmethod
+    def mask(T: int) -> torch.Tensor:
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        return (j <= i) & ((j >= 1) | (j == i))
+
+    def attend(self, layer, q, k, v, spec, meta=None):
+        from lmforge.model.layers.attention import attend_with
+
+        return attend_with(q, k, v, self.mask(q.shape[2]), spec)
+
+    def attend_latent(self, layer, mla, q_nope, q_rope, c_kv, k_rope, spec, meta=None):
+        return mla.naive(q_nope, q_rope, c_kv, k_rope, self.mask(q_nope.shape[2]), spec)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mla"])
+def test_first_key_hides_the_first_slots_on_every_reference_path(tok, arch):
+    """A paged cache with first_key = 1 (a draft head's begin entry, lmforge.infer.draft): the engine's prefill
+    chunks and decode rows equal a forward that masks key 0 for every later query, K/V and MLA latents."""
+    from lmforge.infer.engine import Engine, EngineConfig
+    from lmforge.infer.sampling import SamplingParams
+
+    from .infer_helpers import greedy_with_attention, tiny_model
+
+    kw = {}
+    if arch == "mla":
+        from lmforge.model.config import MLAConfig
+
+        kw = dict(attention="mla", rope_layout="interleaved", n_kv_heads=None,
+                  mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
+    model = tiny_model("llama", init_std=0.3, **kw)
+    prompt = torch.randint(1, 250, (11,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=5))  # chunks of 5
+    engine.runner.cache.first_key = 1
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0))
+    while engine.has_unfinished():
+        out = next((o for o in engine.step() if o.finished), None)
+    want, lps = greedy_with_attention(model, prompt, 6, SkipFirst())
+    assert out.outputs[0].token_ids == want
+    assert out.outputs[0].logprobs == pytest.approx(lps, abs=1e-4)

@@ -23,7 +23,7 @@ from lmforge.infer.scheduler import Batch
 from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path, sampled_path
 from lmforge.model.meta import accepted_slots
 
-from .infer_helpers import full_greedy, tiny_model
+from .infer_helpers import full_greedy, run_requests, tiny_model
 from .test_tree_attention import (
     MLA,
     OTHER,
@@ -133,12 +133,9 @@ def noisy_copy(model, scale: float):
     return draft
 
 
-def run_all(engine: Engine, reqs) -> dict:
-    ids = [engine.add_request(p, SamplingParams(**kw)) for p, kw in reqs]
-    done = {}
-    while engine.has_unfinished():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    return [done[i] for i in ids]
+def run_all(engine: Engine, reqs) -> list:
+    """(prompt, SamplingParams fields) requests, run to the end."""
+    return run_requests(engine, [(p, SamplingParams(**kw)) for p, kw in reqs])
 
 
 @pytest.mark.parametrize("name", ["full", "mla", "gpt2"])

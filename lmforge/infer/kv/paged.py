@@ -139,7 +139,12 @@ def as_kept(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype).to(t.dtype)
 
 
-class _Paged(_Hooked):
+class PagedCache(_Hooked):
+    """The base of paged cache kinds (PagedKVCache, PagedLatentCache, a CacheStore's own): `attend` (or
+    `attend_latent`) per layer, `pools()` / `layer_pools()` (the tensors copy_blocks, move_slots and compact
+    move slot by slot: override them where a kind keeps per-block data, e.g. quantization scales),
+    `block_size`, `num_blocks`, `device`, `kernel` (None: no decode kernel reads it)."""
+
     kernel = None
     first_key = 0
     """keys at slots below this are never attended, but by the query at that very slot (a cache whose first
@@ -278,7 +283,7 @@ def prefill_layout(meta, block_size: int) -> dict:
     return meta.derived("prefill", build)
 
 
-class PagedKVCache(_Paged):
+class PagedKVCache(PagedCache):
     """prefill: how prefill chunks attend, 'auto' | 'kernel' | 'reference' (module docstring)."""
 
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
@@ -364,7 +369,7 @@ class PagedKVCache(_Paged):
             out[:, :, start:start + n] = attend_with(q[:, :, start:start + n], ki, vi, mask, spec, hook_i)
 
 
-class PagedLatentCache(_Paged):
+class PagedLatentCache(PagedCache):
     """MLA's latents in blocks: decode tokens attend through the absorbed path (MQA over latents),
     prefill chunks through the per-head expansion (lmforge.model.layers.mla), one sequence at a time
     (`prefill` is accepted for the common signature: MLA's query/key width differs from its value width,
@@ -396,7 +401,7 @@ class PagedLatentCache(_Paged):
             tables = meta.block_tables[:nd].long()
             c = cc[tables].flatten(1, 2).to(c_kv.dtype)  # (nd, S, r)
             kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (nd, 1, S, d_r)
-            mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window)
+            mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window, self.first_key)
             qn, qr = q_nope[0, :, :nd].transpose(0, 1)[:, :, None], q_rope[0, :, :nd].transpose(0, 1)[:, :, None]
             hook_d = hook and self.hook_for(layer, meta.seq_ids_host[:nd])
             out[0, :, :nd] = mla.absorbed(qn, qr, c, kr, mask, spec, hook_d)[:, :, 0].transpose(0, 1)
@@ -407,17 +412,12 @@ class PagedLatentCache(_Paged):
                 c = gather(cc, meta.block_tables[i], ctx)[None].to(c_kv.dtype)
                 kr = gather(kc, meta.block_tables[i], ctx)[None, None].to(c_kv.dtype)
             mask = self._chunk_mask(meta, i, start, n, ctx, spec.window, q_nope.device)
+            if self.first_key:
+                mask = _skip_first(mask, n, ctx, self.first_key, q_nope.device)
             sl = slice(start, start + n)
             hook_i = hook and self.hook_for(layer, meta.seq_ids_host[i:i + 1])
             out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec, hook_i)
         return out
-
-
-PagedCache = _Paged
-"""The base of paged cache kinds (PagedKVCache, PagedLatentCache, a CacheStore's own): `attend` (or
-`attend_latent`) per layer, `pools()` / `layer_pools()` (the tensors copy_blocks, move_slots and compact move
-slot by slot: override them where a kind keeps per-block data, e.g. quantization scales), `block_size`,
-`num_blocks`, `device`, `kernel` (None: no decode kernel reads it)."""
 
 
 class CacheStore:

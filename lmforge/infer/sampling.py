@@ -85,6 +85,8 @@ class SamplingParams:
     raising for a prompt longer than the window"""
 
     def __post_init__(self) -> None:
+        if callable(self.logits_processors):  # one function given as it is
+            object.__setattr__(self, "logits_processors", (self.logits_processors,))
         # every field's type (a request body's seed 1.5 or top_k "7" would otherwise fail inside an engine step,
         # taking the batch's other requests with it); lists become tuples, numpy numbers plain ones
         coerce_fields(self)

@@ -174,6 +174,8 @@ def test_logits_processors_refusals(tok):
 
     with pytest.raises(ConfigError, match="logits_processors must be functions"):
         SamplingParams(logits_processors=(3,))
+    only = allow([1])
+    assert SamplingParams(logits_processors=only).logits_processors == (only,)  # one function as it is
     with pytest.raises(ConfigError, match="beam search ranks"):
         SamplingParams(beam_width=2, temperature=0, logits_processors=(allow([1]),))
     model = tiny_model("llama")

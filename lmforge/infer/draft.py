@@ -38,9 +38,14 @@ class _View:
 
 
 class PagedDraftModel:
-    def __init__(self, model, num_blocks: int, block_size: int, device):
+    def __init__(self, model, num_blocks: int, block_size: int, device, graphs: str | None = None,
+                 max_batch: int = 256, chunk_rows: int = 1):
+        """graphs, max_batch: as the engine's runner (PagedRunner): rounds of single tokens, and catch-up
+        chunks of up to chunk_rows tokens (the tokens accepted since the last round), replay CUDA graphs."""
         self.model = model.eval()
-        self.runner = PagedRunner(model, model.cache_spec(), num_blocks, block_size, device)
+        self.runner = PagedRunner(model, model.cache_spec(), num_blocks, block_size, device, graphs=graphs,
+                                  max_batch=max_batch)
+        self.runner.allow_chunks(chunk_rows)
         self.known: dict[int, tuple[int, int]] = {}  # seq_id -> (tokens with draft keys, preemptions seen)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -67,9 +72,7 @@ class PagedDraftModel:
                     view = views[it[0].seq_id]
                     chunks.append(((view, len(view.tokens) - view.num_computed), it))
             chunks.sort(key=lambda c: c[0][1] != 1)  # decodes first, as the runner's layout wants
-            batch = Batch(chunks=[c[0] for c in chunks])
-            ids, meta = self.runner.prepare(batch, [(i, 0, None) for i in range(len(chunks))])
-            logits = self.model(ids, cache=self.runner.cache, meta=meta)[0]
+            logits = self.runner.logits_at_ends(Batch(chunks=[c[0] for c in chunks]))
             for i, (_, (seq, _, procs, greedy)) in enumerate(chunks):
                 q = probs(logits[i:i + 1], procs, greedy)[0]
                 tok = int(q.argmax()) if greedy else int(torch.multinomial(q, 1, generator=seq.generator))

@@ -8,7 +8,14 @@ block table (`_width`), one graph per (B', W') captured on first use, all sharin
 Rows beyond B write their keys to a scratch block the pool never hands out and attend to one key, so
 they compute finite garbage nobody reads. Sampling runs outside the graph on the real rows' logits.
 On a CPU (tests) the same static-buffer step runs eagerly (use_graphs=False): the logic is the same.
-Mixed steps (prefill chunks) run eagerly, as before.
+
+Speculative verification: a chunk of n <= `chunk_rows` tokens (the pending token and its drafts) becomes
+n rows of the same sequence, row j at position s + j with context length s + j + 1. Every row's key is
+written before any row attends, so row j reads the chunk's earlier keys from the cache: causal attention
+within the chunk, as the eager varlen path computes it. The engine sets chunk_rows = 1 + the draft length
+for chain drafters (and the draft model's own runner for its catch-up chunks); 1 otherwise, and models with
+recurrent-state layers keep 1 (a state advances token by token within one row). Other mixed steps
+(prefill chunks) and token trees (masks) run eagerly.
 """
 
 from __future__ import annotations
@@ -45,34 +52,50 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks, self.use_graphs = _bucket(max_batch), max_blocks, use_graphs
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
+        self.chunk_rows, self.max_rows = 1, self.max_batch
+        """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
         self.pool = None
         self.failed: str | None = None
         """why capture failed (decode then runs eagerly, with a warning): kept for benchmarks' notes"""
 
+    def allow_chunks(self, n: int) -> None:
+        """Run chunks of up to n tokens as rows (speculative verification; not for recurrent-state models)."""
+        if self.rows == 4 and n > 1:
+            self.chunk_rows, self.max_rows = n, _bucket(self.max_batch * n)
+
     def fits(self, batch) -> bool:
-        return self.failed is None and batch.num_decodes == len(batch.chunks) and len(batch.chunks) <= self.max_batch
+        if self.failed is not None:
+            return False
+        if batch.num_decodes == len(batch.chunks):
+            return len(batch.chunks) <= self.max_batch
+        return all(n <= self.chunk_rows for _, n in batch.chunks) and batch.num_tokens <= self.max_rows
 
     def run(self, batch, late: LateIds | None = None) -> torch.Tensor:
-        """logits (B, V) of a decode-only batch, one row per chunk; late: input ids still on the device,
-        copied into the static buffer after the host's."""
-        B, bs = len(batch.chunks), self.block_size
+        """logits (R, V), one row per token of the batch (R = batch.num_tokens; one per chunk when every chunk
+        is a decode); late: input ids still on the device, copied into the static buffer after the host's
+        (decode chunks come first, so a decode chunk's row is its chunk index)."""
+        bs = self.block_size
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for seq, n in batch.chunks:
+            s, e, table = seq.num_computed, seq.evicted, seq.block_table
+            for p in range(s, s + n):
+                q = p - e  # cache slot (a KV policy's eviction leaves e fewer slots than positions)
+                ids.append(token_at(seq, p))
+                pos.append(p)
+                slots.append(table[q // bs] * bs + q % bs)
+                lens.append(q + 1)
+                tables.append(table)
+        B = len(ids)
         key = (_bucket(B), W)
         entry = self.entries.get(key) or self._capture(*key)
-        ids, pos, slots, lens = [], [], [], []
-        for seq, _ in batch.chunks:
-            p, q = seq.num_computed, seq.num_computed - seq.evicted  # position; cache slot (KV-policy eviction)
-            ids.append(token_at(seq, p))
-            pos.append(p)
-            slots.append(seq.block_table[q // bs] * bs + q % bs)
-            lens.append(q + 1)
         host = np.zeros((self.rows, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
         host[0, :B], host[1, :B], host[2, :B], host[2, B:], host[3] = ids, pos, slots, self.scratch_slot, 1
         host[3, :B] = lens  # context length: the token's slot + 1 (its position + 1 unless a KV policy evicted)
-        if self.rows == 5:  # padding rows read and write the null state row
+        if self.rows == 5:  # padding rows read and write the null state row (one row per chunk: decodes only)
             host[4, :B], host[4, B:] = self.cache.slots([s.seq_id for s, _ in batch.chunks]), self.cache.null_slot
         copy_in(entry.host, torch.from_numpy(host))  # in place: the graph reads these buffers
-        copy_in(entry.tables, host_block_tables([s.block_table for s, _ in batch.chunks], key[0], W))
+        copy_in(entry.tables, host_block_tables(tables, key[0], W))
         if late is not None:
             late.write(entry.host[0])
         if entry.graph is not None:

@@ -83,7 +83,14 @@ class PagedRunner:
         self.has_state = cache_spec.has_state  # recurrent-state rows (lmforge.infer.kv.state)
         self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step,
                           kernel_tune)
+        self.graphs_mode, self.chunk_rows = graphs, 1
         self._make_backends()
+
+    def allow_chunks(self, n: int) -> None:
+        """Chunks of up to n tokens (speculative verification) run on the decode graphs too (lmforge.infer.graphs)."""
+        self.chunk_rows = n
+        if self.graphs is not None:
+            self.graphs.allow_chunks(n)
 
     def _make_backends(self) -> None:
         """The decode backends (lmforge.infer.graphs). Both read the model's parameters in place: CUDA
@@ -105,6 +112,7 @@ class PagedRunner:
 
             self.graphs = DecodeGraphs(self.model, self.cache, self.block_size, num_blocks, max_batch, max_blocks,
                                        use_graphs=graphs == "cuda")
+            self.graphs.allow_chunks(self.chunk_rows)
         if kernel_step:
             from lmforge.infer.graphs import BatchOneKernel
             from lmforge.infer.kernel_step import generation_module, unsupported
@@ -156,7 +164,7 @@ class PagedRunner:
             if len(rows) > 1:
                 logits = logits.repeat(len(rows), 1)  # every row samples the one sequence (no index list)
         elif plain and self.graphs is not None and self.graphs.fits(batch):
-            logits = _take(self.graphs.run(batch, late), [c for c, _, _ in rows])  # one row per chunk end
+            logits = _take(self.graphs.run(batch, late), token_rows(batch, rows))
         else:
             ids, meta = self.prepare(batch, rows, extra, late)
             chunks = hidden.chunks if hidden is not None else None
@@ -173,6 +181,15 @@ class PagedRunner:
                                         states.split([batch.chunks[c][1] for c in chunks])))
                 return out
         return _split(logits, states, rows, vocab_limit)
+
+    def logits_at_ends(self, batch: Batch) -> torch.Tensor:
+        """(chunks, V) raw logits at each chunk's last token (a draft model's round): replayed from the
+        decode graphs where the batch fits them (single tokens; chunks up to graphs.chunk_rows), else eager."""
+        ends = [(c, 0) for c in range(len(batch.chunks))]
+        if self.graphs is not None and self.graphs.fits(batch):
+            return _take(self.graphs.run(batch), token_rows(batch, ends))
+        ids, meta = self.prepare(batch, [(c, b, None) for c, b in ends])
+        return self.model(ids, cache=self.cache, meta=meta)[0]
 
     def move_positions(self, table: list[int], src: list[int], dst: list[int]) -> None:
         """Copy the keys/values (latents) of a sequence at positions src to positions dst, in every layer,
@@ -309,6 +326,15 @@ def chunk_indices(query_lens: tuple[int, ...], chunks: list[int], device) -> tor
     """(H,) int64 flat indices of every token of these chunks in the step's row, chunk by chunk."""
     cu = np.cumsum((0,) + tuple(query_lens))
     return to_device(torch.from_numpy(np.concatenate([np.arange(cu[c], cu[c + 1]) for c in chunks])), device)
+
+
+def token_rows(batch: Batch, rows) -> list[int]:
+    """Where `rows` (chunk index, tokens back from the chunk's last token, ...) sit in a flat row of the
+    batch's tokens (chunk after chunk): a decode-only batch's rows are their chunk indices."""
+    if batch.num_decodes == len(batch.chunks):
+        return [c for c, _, *_ in rows]
+    ends = np.cumsum([n for _, n in batch.chunks]).tolist()
+    return [ends[c] - 1 - back for c, back, *_ in rows]
 
 
 def _take(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:

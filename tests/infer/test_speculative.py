@@ -252,3 +252,77 @@ def test_tree_acceptance_rate_is_per_depth_not_per_node(tok):
     # nodes (widths (2, 2, 1), then (1, 2, 1) and (1, 1, 1) where room is short: TreeDrafter.fit) vs chain
     # tokens, over 3 verify rounds of 3 + 1 tokens; per node the rate would read 9 / 18
     assert tree["accepted"] == chain["accepted"] == chain["drafted"] == 9 and tree["drafted"] == 10 + 5 + 3
+
+
+def _count_chunk_runs(graphs) -> list[int]:
+    """Wrap graphs.run to record the longest chunk of every batch it runs."""
+    seen, run = [], graphs.run
+
+    def counting(batch, late=None):
+        seen.append(max(n for _, n in batch.chunks))
+        return run(batch, late)
+
+    graphs.run = counting
+    return seen
+
+
+@pytest.mark.parametrize("draft", ["self", "ngram"])
+def test_verify_chunks_and_draft_rounds_replay_the_decode_graphs(arch, tok, draft):
+    """With graphs on (eager static buffers on a CPU), a verify chunk (the pending token and its k drafts)
+    runs as k + 1 rows of its sequence, and the draft model's rounds and catch-up chunks run on its own
+    graphs: greedy tokens equal the target's full-forward greedy for several requests of different lengths
+    and block tables over several blocks (block size 4). The target drafting for itself accepts every draft,
+    so every row's logits are used; prompt lookup accepts some."""
+    from lmforge.infer.engine import EngineConfig
+
+    target = tiny_model(arch, init_std=0.3)
+    drafter = tiny_model(arch, init_std=0.3) if draft == "self" else "ngram"
+    prompts = ["abcabcabc", "hello", "q", "xyxyxyxyxyxy"]
+    budgets = [17, 9, 12, 14]
+    llm = LLM(target, tok, config=EngineConfig(cuda_graphs=True, block_size=4), draft=drafter, num_draft_tokens=4)
+    seen = _count_chunk_runs(llm.engine.runner.graphs)
+    drafted = _count_chunk_runs(llm.engine.draft_model.runner.graphs) if draft == "self" else None
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in budgets])
+    assert [o.token_ids for o in outs] == [full_greedy(target, tok.encode(p), n) for p, n in zip(prompts, budgets)]
+    if draft == "self":  # verify chunks of k + 1 = 5 tokens: rows beyond the 4 sequences
+        assert max(seen) == 5 and all(r.metrics["acceptance_rate"] == 1.0 for r in outs)
+        assert max(b for b, _ in llm.engine.runner.graphs.entries) >= 8
+    else:  # (lookup finds no match in some models' outputs)
+        assert (max(seen) > 1) == (sum(r.metrics["drafted"] for r in outs) > 0)
+    if drafted is not None:
+        assert drafted and max(drafted) > 1  # catch-up chunks as rows too
+
+
+def test_state_models_keep_verify_chunks_off_the_decode_graphs(tok):
+    """A recurrent state advances token by token within one row: its verify chunks stay on the eager path."""
+    from .state_models import tiny_state_model
+
+    from lmforge.infer.engine import EngineConfig
+
+    target = tiny_state_model("hybrid")
+    llm = LLM(target, tok, config=EngineConfig(cuda_graphs=True, block_size=4), draft="ngram", num_draft_tokens=3)
+    assert llm.engine.runner.graphs.chunk_rows == 1
+    p = "abcabcabc"
+    out = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert out.token_ids == full_greedy(target, tok.encode(p), 12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("draft", ["self", "ngram"])
+def test_captured_verify_graphs_equal_the_eager_engine(tok, draft):
+    """On a GPU the verify chunks and the draft model's rounds replay captured graphs: greedy tokens (fp32)
+    equal the engine without graphs, for a batch and for one sequence."""
+    from lmforge.infer.engine import EngineConfig
+
+    target = tiny_model("llama", init_std=0.3).cuda()
+    drafter = target if draft == "self" else "ngram"
+    prompts = ["abcabcabc", "hello", "q", "xyxyxyxyxyxy"]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    eager = LLM(target, tok, config=EngineConfig(cuda_graphs=False), draft=drafter, num_draft_tokens=4)
+    llm = LLM(target, tok, config=EngineConfig(cuda_graphs=True), draft=drafter, num_draft_tokens=4)
+    seen = _count_chunk_runs(llm.engine.runner.graphs)
+    want = [o.token_ids for o in eager.generate(prompts, sp)]
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == want
+    assert llm.generate(prompts[0], sp)[0].token_ids == want[0]
+    assert max(seen) > 1 and all(e.graph is not None for e in llm.engine.runner.graphs.entries.values())

@@ -497,7 +497,29 @@ def profile_variants(target, draft, prompts: list[list[int]], args, dev: torch.d
         print(f"  {'op':60s} {'calls':>7s} {'us/token':>9s}  ({'device' if cuda else 'self CPU'})")
         for key, count, us in r["top"]:
             print(f"  {key[:60]:60s} {count:7d} {us:9.1f}")
+        if args.host_profile:
+            r["host_top"] = host_profile(fn, dev, args.profile_top)
     return rows
+
+
+def host_profile(fn, dev: torch.device, top: int) -> list:
+    """The Python functions of one more call of `fn` by their own time (cProfile): where host time goes."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    with torch.inference_mode():
+        prof.enable()
+        n = fn()
+        sync(dev)
+        prof.disable()
+    st = pstats.Stats(prof)
+    rows = sorted(((f"{Path(f).name}:{line}:{name}", calls, tt, ct) for (f, line, name), (_, calls, tt, ct, _)
+                   in st.stats.items()), key=lambda r: r[2], reverse=True)[:top]
+    print(f"  {'python function (cProfile)':60s} {'calls':>7s} {'own us/tok':>10s} {'cum us/tok':>10s}")
+    for name, calls, tt, ct in rows:
+        print(f"  {name[-60:]:60s} {calls:7d} {1e6 * tt / n:10.1f} {1e6 * ct / n:10.1f}")
+    return [(name, calls, 1e6 * tt / n, 1e6 * ct / n) for name, calls, tt, ct in rows]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -537,6 +559,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="after the table, profile one prompt per variant")
     ap.add_argument("--profile-tokens", type=int, default=64, help="new tokens per profiled generation")
     ap.add_argument("--profile-top", type=int, default=15, help="ops listed per profiled variant")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="with --profile: also run each variant under cProfile (Python functions by own time)")
     ap.add_argument("--skip-table", action="store_true", help="with --profile: profile only (no timed table)")
     args = ap.parse_args(argv)
     if args.quick:

@@ -174,7 +174,8 @@ def test_unordered_slots_through_the_triton_kernels(tok):
 
     if not available("cuda" if torch.cuda.is_available() else "cpu"):
         pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
-    model = tiny_model("llama", d_model=256, n_heads=4, n_kv_heads=2)
+    # on a GPU machine the kernels run on the GPU (outside the interpreter they refuse CPU tensors)
+    model = tiny_model("llama", d_model=256, n_heads=4, n_kv_heads=2).to("cuda" if torch.cuda.is_available() else "cpu")
     policy = StreamingByPosition(**STREAM)
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
     engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, decode_attention="kernel",
@@ -182,4 +183,4 @@ def test_unordered_slots_through_the_triton_kernels(tok):
                             [PROMPT, "a short one"], sp)
     cache = engine.runner.cache
     assert cache.kernel is not None and cache.prefill_kernel is not None  # neither fell back to the reference
-    assert check_against(replay(model, log, policy), reqs, greedy=True) == 48
+    assert check_against(replay(model.cpu(), log, policy), reqs, greedy=True) == 48  # the reference on the CPU

@@ -2,9 +2,12 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: suite alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: suite spectests alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 27, 2026-12-05: first `spectests` - verify chunks on captured graphs and the unordered-slots kernel test,
+# never run on a GPU -, then `speculative` to measure them: the drafted rows were host-bound eager forwards, 0.49 ms
+# of device time in 13.7 ms per token; docs/benchmarks.md; alltests and speculative2 ran that session)
 # (session 25, 2026-12-04 late: first alltests - the GPU tests of KV policies and state caches never ran on a GPU -,
 # then speculative and speculative2; the older order follows)
 # (2026-12-04): suite after changes to code that picks the GPU by itself (the whole test suite; all passed on
@@ -108,6 +111,9 @@ case "${1:-}" in
         --sections check,offline,unfused,sync,fixed,batch1,prefix,baseline,profile "${base[@]}"
     run engine_llama 150 python bench/engine.py --shapes llama-1.1b --sections check,offline,unfused,sync,fixed,batch1
     run engine_host 60 python bench/engine_host.py --device cuda --vocab 151936 ;;
+  spectests) # session 27's GPU-unrun tests: captured verify graphs (-k captured), the unordered-slot kernels
+    run spectests 300 python -m pytest -q -p no:cacheprovider tests/infer/test_speculative.py \
+        tests/infer/test_kv_policy_unordered.py tests/infer/test_cuda_graph.py ;;
   speculative)  # the drafted rows 8-40x slower than plain decoding (2026-12-04, not understood): the table with the
                 # tree rows, then one prompt per variant under torch.profiler (kernels, syncs per token; traces in $OUT)
     run speculative 580 python bench/speculative.py --target-seconds 90 --draft-seconds 35 --ks 4 --prompts 3 \
@@ -154,5 +160,5 @@ case "${1:-}" in
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
     run parallel 540 python bench/parallel.py ;;
-  *) echo "usage: bash bench/h200_owed.sh suite|alltests|gputests|devtests|devtests2|engine|speculative|speculative2|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
+  *) echo "usage: bash bench/h200_owed.sh suite|spectests|alltests|gputests|devtests|devtests2|engine|speculative|speculative2|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
 esac

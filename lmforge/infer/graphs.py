@@ -70,10 +70,12 @@ class DecodeGraphs:
             return len(batch.chunks) <= self.max_batch
         return all(n <= self.chunk_rows for _, n in batch.chunks) and batch.num_tokens <= self.max_rows
 
-    def run(self, batch, late: LateIds | None = None) -> torch.Tensor:
+    def run(self, batch, late: LateIds | None = None, hidden: bool | tuple[int, ...] | None = None):
         """logits (R, V), one row per token of the batch (R = batch.num_tokens; one per chunk when every chunk
         is a decode); late: input ids still on the device, copied into the static buffer after the host's
-        (decode chunks come first, so a decode chunk's row is its chunk index)."""
+        (decode chunks come first, so a decode chunk's row is its chunk index). hidden: the model's
+        return_hidden (a speculative drafter's features): (logits, states (R, D)) from a graph of its own.
+        The rows are views of the bucket's output buffers, which the next step overwrites."""
         bs = self.block_size
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
         ids, pos, slots, lens, tables = [], [], [], [], []
@@ -87,7 +89,7 @@ class DecodeGraphs:
                 lens.append(q + 1)
                 tables.append(table)
         B = len(ids)
-        key = (_bucket(B), W)
+        key = (_bucket(B), W, hidden)
         entry = self.entries.get(key) or self._capture(*key)
         host = np.zeros((self.rows, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
         host[0, :B], host[1, :B], host[2, :B], host[2, B:], host[3] = ids, pos, slots, self.scratch_slot, 1
@@ -100,10 +102,12 @@ class DecodeGraphs:
             late.write(entry.host[0])
         if entry.graph is not None:
             entry.graph.replay()
-            return entry.out[:B]
-        return entry.step()[:B]  # the eager static-buffer step
+            out = entry.out
+        else:
+            out = entry.step()  # the eager static-buffer step
+        return out[:B] if hidden is None else (out[0][:B], out[1][:B])
 
-    def _capture(self, Bp: int, W: int) -> "_Entry":
+    def _capture(self, Bp: int, W: int, hidden: bool | tuple[int, ...] | None) -> "_Entry":
         dev = self.cache.device
         host = torch.zeros(self.rows, Bp, dtype=torch.long, device=dev)
         host[2], host[3] = self.scratch_slot, 1
@@ -115,16 +119,19 @@ class DecodeGraphs:
                             query_lens_host=(1,) * Bp, context_lens_host=(1,) * Bp, num_decodes=Bp,
                             block_size=self.block_size, state_slots=host[4] if self.rows == 5 else None)
 
-        def step() -> torch.Tensor:
+        def step():
             meta.context_lens.copy_(host[3])  # int32 copy of the lengths, refreshed inside the graph
             # what layers derive from the metadata (AttnMetadata.derived) is rebuilt by every step, so a
             # captured graph computes it from the buffers and an eager step never reads an earlier step's
             meta._derived.clear()
-            return self.model(host[0][None], cache=self.cache, meta=meta)[0]
+            if hidden is None:
+                return self.model(host[0][None], cache=self.cache, meta=meta)[0]
+            logits, states = self.model(host[0][None], cache=self.cache, meta=meta, return_hidden=hidden)
+            return logits[0], states[0]
 
         # the entry holds every tensor the step reads (meta's too): a graph replays raw addresses, so a
         # tensor freed after capture would be read as whatever reuses its memory
-        entry = self.entries[(Bp, W)] = _Entry(host, tables, meta, step)
+        entry = self.entries[(Bp, W, hidden)] = _Entry(host, tables, meta, step)
         if not self.use_graphs:
             return entry
         side = torch.cuda.Stream()
@@ -148,7 +155,8 @@ class DecodeGraphs:
 
 @dataclass
 class _Entry:
-    """One (batch, width) bucket: its input buffers, the metadata built over them, the step, its graph."""
+    """One (batch, width, hidden states asked) bucket: its input buffers, the metadata built over them, the
+    step, its graph."""
 
     host: torch.Tensor
     """(4, B') int64 on the device: token, position, cache slot, context length of each row (and its state
@@ -157,7 +165,7 @@ class _Entry:
     meta: AttnMetadata
     step: object
     graph: object | None = None
-    out: torch.Tensor | None = None
+    out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def kernel_step_available() -> str | None:

@@ -155,7 +155,9 @@ class PagedRunner:
         # a cache with a score hook (a KV policy reading attention weights), or a step holding a token tree
         # (speculative drafts), runs the eager path: the kernel step and replayed graphs compute attention
         # where no hook can see it and with no mask but causal
-        plain = not extra and hidden is None and self.cache.score_hook is None and not batch.trees
+        # (hidden states, a drafter's features, come from the graphs too, not from the kernel step)
+        graphed = not extra and self.cache.score_hook is None and not batch.trees
+        plain = graphed and hidden is None
         logits = (self.kernel_step.run(batch, late) if plain and self.kernel_step is not None
                   and self.kernel_step.fits(batch) else None)
         states = None
@@ -163,8 +165,20 @@ class PagedRunner:
             logits = logits[:1].float() if logits.dtype != torch.float32 else logits[:1].clone()
             if len(rows) > 1:
                 logits = logits.repeat(len(rows), 1)  # every row samples the one sequence (no index list)
-        elif plain and self.graphs is not None and self.graphs.fits(batch):
-            logits = _take(self.graphs.run(batch, late), token_rows(batch, rows))
+        elif graphed and self.graphs is not None and self.graphs.fits(batch):
+            idx = token_rows(batch, rows)
+            if hidden is None:
+                logits = _take(self.graphs.run(batch, late), idx)
+            else:  # every row's logits and states; the states are copied out of the graph's buffer
+                every, all_states = self.graphs.run(batch, late, hidden.layers)
+                logits = _take(every, idx)
+                if hidden.chunks is not None:  # every position of these chunks, in order
+                    first = np.cumsum([0] + [n for _, n in batch.chunks]).tolist()
+                    out = _split(logits, None, rows, vocab_limit)
+                    out.features = {batch.chunks[c][0].seq_id: all_states[first[c]:first[c + 1]].clone()
+                                    for c in hidden.chunks}
+                    return out
+                states = all_states[to_device(idx, all_states.device)]
         else:
             ids, meta = self.prepare(batch, rows, extra, late)
             chunks = hidden.chunks if hidden is not None else None

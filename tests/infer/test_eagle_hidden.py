@@ -7,6 +7,8 @@ equal the blocks' outputs seen by forward hooks (lmforge's Transformer and a HF 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -60,23 +62,26 @@ PROMPTS = [SHARED + [5, 6, 7, 8], SHARED + [9], torch.randint(1, 257, (5,), gene
            torch.randint(1, 257, (21,), generator=G).tolist()]
 
 
-@pytest.mark.parametrize("case", ["chain", "tree", "layers", "recompute"])
+@pytest.mark.parametrize("case", ["chain", "tree", "layers", "recompute", "graphs", "layers+graphs"])
 def test_drafter_gets_every_verified_feature_once_in_order(case):
     """Four requests (a shared prefix, n = 2, a seeded sampled one, a 21-token prompt in chunks of 7) on a pool
     that preempts: each sequence's features, handed step by step, are those of its whole verified context
     (accepted drafts' included, rejected ones' not); greedy outputs are the target's; every sequence's
-    drafter state is released."""
-    model = tiny_model("llama", init_std=0.1, n_layers=3 if case == "layers" else 2)
-    layers = (0, 2, 1) if case == "layers" else None
+    drafter state is released. "graphs": verify steps (and short chunks) run on the decode graphs' static
+    buffers, which return every row's features (copied out of the buffer the next step overwrites)."""
+    model = tiny_model("llama", init_std=0.1, n_layers=3 if "layers" in case else 2)
+    layers = (0, 2, 1) if "layers" in case else None
     toy = trained_toy(model, layers, (2, 2, 1) if case == "tree" else None)
     greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
     reqs = [(PROMPTS[0], greedy), (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)),
             (PROMPTS[2], SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True)),
             (PROMPTS[3], greedy)]
-    config = EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7)
+    config = EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7, cuda_graphs="graphs" in case)
     engine = Engine(NoCacheSpec(model) if case == "recompute" else model, IdTokenizer(257), config, draft=toy,
                     num_draft_tokens=3)
     outs = run_all(engine, reqs)
+    if "graphs" in case:  # verify chunks ran there, asking for the features
+        assert any(key[2] is not None and key[0] > 4 for key in engine.runner.graphs.entries)
     for (p, sp), out in zip(reqs, outs):
         if sp.greedy:
             assert all(o.token_ids == full_greedy(model, p, sp.max_tokens) for o in out.outputs)
@@ -91,6 +96,29 @@ def test_drafter_gets_every_verified_feature_once_in_order(case):
         assert st["preemptions"] > 0 and st["prefix_hit_blocks"] > 0 and engine.pool.num_used == 0
     assert set(toy.record) <= set(toy.released) and len(set(toy.released)) == len(toy.released)
     assert not toy.state
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_graphs_hand_on_the_same_features():
+    """On a GPU a verify step's features come out of a captured graph's output buffer, which the next replay
+    overwrites: what the drafter was handed equals the engine without graphs (fp32), tokens too."""
+    model = tiny_model("llama", init_std=0.1)
+    fitted = trained_toy(model)
+    model.cuda()
+    got = []
+    for graphs in (False, True):
+        toy = copy.deepcopy(fitted).cuda()
+        toy._target = (model,)
+        engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=4, cuda_graphs=graphs), draft=toy,
+                        num_draft_tokens=3)
+        outs = run_all(engine, [(p, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)) for p in PROMPTS])
+        got.append(([o.outputs[0].token_ids for o in outs], toy.record))
+    (want_ids, want), (ids, rec) = got
+    assert ids == want_ids and want.keys() == rec.keys()
+    for sid, (ctx, feats) in rec.items():
+        assert ctx == want[sid][0]
+        torch.testing.assert_close(feats, want[sid][1], atol=1e-4, rtol=1e-4)
 
 
 def test_owed_features_are_computed_not_taken_from_the_prefix_cache():
@@ -248,11 +276,14 @@ class LastRowProbe(ToyEagle):
         return [], None
 
 
-def test_last_row_drafters_get_layer_features_and_bad_settings_are_refused():
+@pytest.mark.parametrize("graphs", [False, True])
+def test_last_row_drafters_get_layer_features_and_bad_settings_are_refused(graphs):
     model = tiny_model("llama", n_layers=3)
     probe = LastRowProbe(model, hidden_layers=(2, 0))
-    engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=4), draft=probe, num_draft_tokens=2)
+    engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=4, cuda_graphs=graphs), draft=probe,
+                    num_draft_tokens=2)
     run_all(engine, [(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))])
+    assert not graphs or any(key[2] == (2, 0) for key in engine.runner.graphs.entries)
     assert len(probe.record) == 3  # after the prefill's token, before the 2nd, 3rd, 4th (the 5th has no room)
     for ctx, hidden in probe.record.values():
         torch.testing.assert_close(hidden, reference(model, ctx, (2, 0))[-2], atol=1e-5, rtol=1e-5)

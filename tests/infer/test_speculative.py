@@ -286,7 +286,7 @@ def test_verify_chunks_and_draft_rounds_replay_the_decode_graphs(arch, tok, draf
     assert [o.token_ids for o in outs] == [full_greedy(target, tok.encode(p), n) for p, n in zip(prompts, budgets)]
     if draft == "self":  # verify chunks of k + 1 = 5 tokens: rows beyond the 4 sequences
         assert max(seen) == 5 and all(r.metrics["acceptance_rate"] == 1.0 for r in outs)
-        assert max(b for b, _ in llm.engine.runner.graphs.entries) >= 8
+        assert max(key[0] for key in llm.engine.runner.graphs.entries) >= 8
     else:  # (lookup finds no match in some models' outputs)
         assert (max(seen) > 1) == (sum(r.metrics["drafted"] for r in outs) > 0)
     if drafted is not None:

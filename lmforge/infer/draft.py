@@ -73,9 +73,11 @@ class PagedDraftModel:
                     chunks.append(((view, len(view.tokens) - view.num_computed), it))
             chunks.sort(key=lambda c: c[0][1] != 1)  # decodes first, as the runner's layout wants
             logits = self.runner.logits_at_ends(Batch(chunks=[c[0] for c in chunks]))
+            qs, picks = [], []
             for i, (_, (seq, _, procs, greedy)) in enumerate(chunks):
-                q = probs(logits[i:i + 1], procs, greedy)[0]
-                tok = int(q.argmax()) if greedy else int(torch.multinomial(q, 1, generator=seq.generator))
+                qs.append(probs(logits[i:i + 1], procs, greedy)[0])
+                picks.append(qs[-1].argmax()[None] if greedy else torch.multinomial(qs[-1], 1, generator=seq.generator))
+            for (_, (seq, _, _, _)), q, tok in zip(chunks, qs, torch.cat(picks).tolist()):  # one sync per round
                 view = views[seq.seq_id]
                 view.num_computed = len(view.tokens)
                 view.tokens.append(tok)

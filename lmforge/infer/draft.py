@@ -138,13 +138,17 @@ class PagedDraftHead:
 
     uses_hidden_states = "all"
 
-    def __init__(self, head, num_blocks: int, block_size: int, device):
+    def __init__(self, head, num_blocks: int, block_size: int, device, graphs: str | None = None,
+                 max_batch: int = 256, chunk_rows: int = 1):
+        """graphs, max_batch, chunk_rows: as PagedDraftModel's (the head's rounds replay CUDA graphs)."""
         self.head = head
         self.fuse = getattr(head, "fuse", None)
         self.proposes_trees = bool(getattr(head, "proposes_trees", False))
         if self.proposes_trees:
             self.widths, self.tree_size = tuple(head.widths), head.tree_size
-        self.runner = PagedRunner(head, head.cache_spec(), num_blocks, block_size, device)
+        self.runner = PagedRunner(head, head.cache_spec(), num_blocks, block_size, device, graphs=graphs,
+                                  max_batch=max_batch)
+        self.runner.allow_chunks(chunk_rows)  # catch-up chunks: the pairs verified since the last round
         self.runner.cache.first_key = 0 if getattr(head, "begin_entry", False) else 1  # slot 0: the begin pair
         self.block_size, self.num_blocks = block_size, num_blocks
         self.block_feature: torch.Tensor | None = None
@@ -162,7 +166,8 @@ class PagedDraftHead:
         if engine.window:
             raise ConfigError(f"a draft head's cache shares the target's blocks, which a sliding-window model "
                               f"(window {engine.window}) frees behind the window; use a drafter object with propose()")
-        return cls(head, num_blocks, engine.config.block_size, engine.device)
+        return cls(head, num_blocks, engine.config.block_size, engine.device, graphs=engine.runner.graphs_mode,
+                   max_batch=engine.config.max_num_seqs, chunk_rows=1 + engine.num_draft_tokens)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write of the target's blocks: the head's entries in them go along, and their features."""
@@ -235,9 +240,7 @@ class PagedDraftHead:
         rows = sorted(rows, key=lambda r: r[2] != 1)  # decodes first, as the runner's layout wants
         batch = Batch(chunks=[(r[1], r[2]) for r in rows])
         batch.trees = {r[1].seq_id: r[4] for r in rows if r[4] is not None and r[2] > 1}
-        ids, meta = self.runner.prepare(batch, [])
-        x = torch.cat([r[3] for r in rows])[None]
-        out = self.head.pairs(x, ids, meta.positions, self.runner.cache, meta)[0]
+        out = self.runner.run_pairs(batch, torch.cat([r[3] for r in rows]))
         self.forwards += 1
         return dict(zip((r[0] for r in rows), out.split([r[2] for r in rows])))
 

@@ -64,17 +64,20 @@ class DecodeGraphs:
             self.chunk_rows, self.max_rows = n, _bucket(self.max_batch * n)
 
     def fits(self, batch) -> bool:
-        if self.failed is not None:
+        if self.failed is not None or batch.trees:
             return False
         if batch.num_decodes == len(batch.chunks):
             return len(batch.chunks) <= self.max_batch
         return all(n <= self.chunk_rows for _, n in batch.chunks) and batch.num_tokens <= self.max_rows
 
-    def run(self, batch, late: LateIds | None = None, hidden: bool | tuple[int, ...] | None = None):
+    def run(self, batch, late: LateIds | None = None, hidden: bool | tuple[int, ...] | None = None,
+            feats: torch.Tensor | None = None):
         """logits (R, V), one row per token of the batch (R = batch.num_tokens; one per chunk when every chunk
         is a decode); late: input ids still on the device, copied into the static buffer after the host's
         (decode chunks come first, so a decode chunk's row is its chunk index). hidden: the model's
         return_hidden (a speculative drafter's features): (logits, states (R, D)) from a graph of its own.
+        feats (R, d): the model is an EAGLE-style head (lmforge.infer.draft.PagedDraftHead): its
+        pairs(feats, ids, positions, cache, meta) -> (R, d) runs instead, feats copied into a static buffer.
         The rows are views of the bucket's output buffers, which the next step overwrites."""
         bs = self.block_size
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
@@ -89,8 +92,10 @@ class DecodeGraphs:
                 lens.append(q + 1)
                 tables.append(table)
         B = len(ids)
-        key = (_bucket(B), W, hidden)
+        key = (_bucket(B), W, hidden if feats is None else ("pairs", feats.shape[1], feats.dtype))
         entry = self.entries.get(key) or self._capture(*key)
+        if feats is not None:
+            entry.feats[:B].copy_(feats)
         host = np.zeros((self.rows, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
         host[0, :B], host[1, :B], host[2, :B], host[2, B:], host[3] = ids, pos, slots, self.scratch_slot, 1
         host[3, :B] = lens  # context length: the token's slot + 1 (its position + 1 unless a KV policy evicted)
@@ -105,15 +110,18 @@ class DecodeGraphs:
             out = entry.out
         else:
             out = entry.step()  # the eager static-buffer step
-        return out[:B] if hidden is None else (out[0][:B], out[1][:B])
+        return out[:B] if hidden is None or feats is not None else (out[0][:B], out[1][:B])
 
-    def _capture(self, Bp: int, W: int, hidden: bool | tuple[int, ...] | None) -> "_Entry":
+    def _capture(self, Bp: int, W: int, what) -> "_Entry":
+        """what: None (logits), a return_hidden value (logits and states) or ("pairs", d, dtype) (a draft head)."""
         dev = self.cache.device
         host = torch.zeros(self.rows, Bp, dtype=torch.long, device=dev)
         host[2], host[3] = self.scratch_slot, 1
         if self.rows == 5:
             host[4] = self.cache.null_slot
         tables = torch.zeros(Bp, W, dtype=torch.int32, device=dev)
+        pairs = isinstance(what, tuple) and what[:1] == ("pairs",)
+        feats = torch.zeros(Bp, what[1], dtype=what[2], device=dev) if pairs else None
         meta = AttnMetadata(positions=host[1][None], slot_mapping=host[2], context_lens=host[3].to(torch.int32),
                             logits_indices=torch.arange(Bp, device=dev), block_tables=tables,
                             query_lens_host=(1,) * Bp, context_lens_host=(1,) * Bp, num_decodes=Bp,
@@ -124,14 +132,16 @@ class DecodeGraphs:
             # what layers derive from the metadata (AttnMetadata.derived) is rebuilt by every step, so a
             # captured graph computes it from the buffers and an eager step never reads an earlier step's
             meta._derived.clear()
-            if hidden is None:
+            if pairs:
+                return self.model.pairs(feats[None], host[0][None], host[1][None], self.cache, meta)[0]
+            if what is None:
                 return self.model(host[0][None], cache=self.cache, meta=meta)[0]
-            logits, states = self.model(host[0][None], cache=self.cache, meta=meta, return_hidden=hidden)
+            logits, states = self.model(host[0][None], cache=self.cache, meta=meta, return_hidden=what)
             return logits[0], states[0]
 
         # the entry holds every tensor the step reads (meta's too): a graph replays raw addresses, so a
         # tensor freed after capture would be read as whatever reuses its memory
-        entry = self.entries[(Bp, W, hidden)] = _Entry(host, tables, meta, step)
+        entry = self.entries[(Bp, W, what)] = _Entry(host, tables, meta, step, feats)
         if not self.use_graphs:
             return entry
         side = torch.cuda.Stream()
@@ -155,7 +165,7 @@ class DecodeGraphs:
 
 @dataclass
 class _Entry:
-    """One (batch, width, hidden states asked) bucket: its input buffers, the metadata built over them, the
+    """One (batch, width, what the step returns) bucket: its input buffers, the metadata built over them, the
     step, its graph."""
 
     host: torch.Tensor
@@ -164,6 +174,8 @@ class _Entry:
     tables: torch.Tensor
     meta: AttnMetadata
     step: object
+    feats: torch.Tensor | None = None
+    """(B', d) a draft head's input features (pairs), else None"""
     graph: object | None = None
     out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -205,6 +205,14 @@ class PagedRunner:
         ids, meta = self.prepare(batch, [(c, b, None) for c, b in ends])
         return self.model(ids, cache=self.cache, meta=meta)[0]
 
+    def run_pairs(self, batch: Batch, feats: torch.Tensor) -> torch.Tensor:
+        """A draft head's (lmforge.infer.draft.PagedDraftHead) pairs over the batch's tokens: (N, d) predicted
+        features, one per token in chunk order; replayed from the decode graphs where the batch fits them."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch, feats=feats).clone()  # (the next replay overwrites the buffer)
+        ids, meta = self.prepare(batch, [])
+        return self.model.pairs(feats[None], ids, meta.positions, self.cache, meta)[0]
+
     def move_positions(self, table: list[int], src: list[int], dst: list[int]) -> None:
         """Copy the keys/values (latents) of a sequence at positions src to positions dst, in every layer,
         its block table mapping both to cache slots: a token tree's accepted path made contiguous."""

@@ -127,22 +127,26 @@ def test_a_prefix_hit_resumes_from_the_feature_kept_with_its_last_block():
     same_proposal(item, state, paged.propose_batch([item])[0], ref, feats[1, :12])
 
 
-@pytest.mark.parametrize("widths,prefix_caching", [(None, True), (WIDTHS, True), (None, False)])
-def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching):
+@pytest.mark.parametrize("widths,prefix_caching,graphs", [(None, True, False), (WIDTHS, True, False),
+                                                           (None, False, False), (None, True, True),
+                                                           (WIDTHS, False, True)])
+def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching, graphs):
     """Five requests (a shared prefix, n = 2, a seeded sampled one, a 21-token prompt in chunks of 7, one
     aborted) on a pool small enough to preempt: greedy outputs are the target's; every round's proposal is
     the contiguous reference's from a full forward's features; preempted sequences are handed their features
     again from position 0 and the head rebuilds its entries (with prefix caching off, the blocks they lived in
     are truly gone); with it on, sequences admitted on a hit (preempted ones too) resume their features from
     the one kept with the hit's last block, and their proposals still equal the reference; the head's cache
-    has the target's blocks and every block comes back."""
+    has the target's blocks and every block comes back. graphs: the target's verify chunks and the head's
+    rounds and catch-up chunks run on static buffers (CUDA graphs on a GPU); tree rounds stay eager."""
     model = tiny_model("llama", init_std=0.1)
     ref, head = heads(model, widths)
     greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
     reqs = [(PROMPTS[0], greedy), (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)),
             (PROMPTS[2], SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True)),
             (PROMPTS[3], greedy)]
-    config = EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7, prefix_caching=prefix_caching)
+    config = EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7, prefix_caching=prefix_caching,
+                          cuda_graphs=graphs)
     engine = Engine(model, IdTokenizer(257), config, draft=head, num_draft_tokens=3)
     paged = engine.draft_head
     assert paged.runner.cache.k[0].shape[0] == engine.pool.num_blocks + 1  # the target's block ids (+ padding)
@@ -178,6 +182,9 @@ def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching):
     else:  # a preempted sequence's head rebuilt from position 0
         assert any(0 in s[1:] for s in starts.values())
     assert len(starts) == 6  # 5 requests, one with n = 2
+    if graphs:  # the head's own rounds (single pairs) and catch-up chunks (several) ran on its static buffers
+        used = [key for key in paged.runner.graphs.entries if key[2] and key[2][0] == "pairs"]
+        assert used and (widths or max(key[0] for key in used) >= 2)
 
 
 def test_paged_head_refusals():
@@ -187,3 +194,25 @@ def test_paged_head_refusals():
     mistral = tiny_model("llama", sliding_window=8)
     with pytest.raises(ConfigError, match="sliding-window model \\(window 8\\)"):
         Engine(mistral, IdTokenizer(257), EngineConfig(num_kv_tokens=256), draft=PagedEagle(mistral))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_head_rounds_equal_the_eager_head():
+    """On a GPU the head's rounds replay captured graphs whose output buffer the next replay overwrites: the
+    tokens, the drafts accepted and the head's forwards equal the engine without graphs (fp32)."""
+    model = tiny_model("llama", init_std=0.1)
+    _, head = heads(model, None)
+    model.cuda()
+    head.cuda()
+    greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    reqs = [(PROMPTS[0], greedy), (PROMPTS[1], greedy), (PROMPTS[3], greedy),  # (the toy head's drafts are
+            (PROMPTS[2], SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True))]  # accepted here)
+    got = []
+    for graphs in (False, True):
+        config = EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7, cuda_graphs=graphs)
+        engine = Engine(model, IdTokenizer(257), config, draft=head, num_draft_tokens=3)
+        outs = run_all(engine, reqs)
+        got.append(([o.outputs[0].token_ids for o in outs], [o.metrics["accepted"] for o in outs],
+                    engine.draft_head.forwards))
+    assert got[0] == got[1] and sum(got[0][1]) > 0

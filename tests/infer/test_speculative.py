@@ -326,3 +326,20 @@ def test_captured_verify_graphs_equal_the_eager_engine(tok, draft):
     assert [o.token_ids for o in llm.generate(prompts, sp)] == want
     assert llm.generate(prompts[0], sp)[0].token_ids == want[0]
     assert max(seen) > 1 and all(e.graph is not None for e in llm.engine.runner.graphs.entries.values())
+
+
+@pytest.mark.parametrize("variant", ["sliding", "sinks", "mla", "mla-sliding", "moe"])
+def test_verify_rows_on_the_decode_graphs_for_attention_variants(tok, variant):
+    """Verify chunks as rows (static buffers) over sliding windows, sinks, MLA latents and MoE layers: the target
+    drafting for itself (every row's logits used) gives the full forward's greedy tokens."""
+    from .test_attention_variants import VARIANTS
+
+    from lmforge.infer.engine import EngineConfig
+
+    target = tiny_model("llama", init_std=0.3, **VARIANTS[variant])
+    prompts, n = ["abcabcabc", "hello there", "q"], 15
+    llm = LLM(target, tok, config=EngineConfig(cuda_graphs=True, block_size=4), draft=target, num_draft_tokens=3)
+    seen = _count_chunk_runs(llm.engine.runner.graphs)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [full_greedy(target, tok.encode(p), n) for p in prompts]
+    assert max(seen) == 4

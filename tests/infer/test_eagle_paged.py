@@ -215,4 +215,6 @@ def test_captured_head_rounds_equal_the_eager_head():
         outs = run_all(engine, reqs)
         got.append(([o.outputs[0].token_ids for o in outs], [o.metrics["accepted"] for o in outs],
                     engine.draft_head.forwards))
+    head_graphs = engine.draft_head.runner.graphs  # (the head's cache attends on the reference path: first_key)
+    assert head_graphs.failed is None and all(e.graph is not None for e in head_graphs.entries.values())
     assert got[0] == got[1] and sum(got[0][1]) > 0

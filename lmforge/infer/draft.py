@@ -148,7 +148,8 @@ class PagedDraftHead:
             self.widths, self.tree_size = tuple(head.widths), head.tree_size
         self.runner = PagedRunner(head, head.cache_spec(), num_blocks, block_size, device, graphs=graphs,
                                   max_batch=max_batch)
-        self.runner.allow_chunks(chunk_rows)  # catch-up chunks: the pairs verified since the last round
+        # catch-up chunks (the pairs verified since the last round) and tree rounds run as rows of the graphs
+        self.runner.allow_chunks(chunk_rows, trees=self.proposes_trees)
         self.runner.cache.first_key = 0 if getattr(head, "begin_entry", False) else 1  # slot 0: the begin pair
         self.block_size, self.num_blocks = block_size, num_blocks
         self.block_feature: torch.Tensor | None = None

@@ -189,8 +189,8 @@ class Engine:
                 self.draft_model = PagedDraftModel(draft, num_blocks, config.block_size, self.device,
                                                    graphs=self.runner.graphs_mode, max_batch=config.max_num_seqs,
                                                    chunk_rows=1 + self.num_draft_tokens)
-            if isinstance(self.runner, PagedRunner) and not self.draft_trees:  # verify chunks replay graphs too
-                self.runner.allow_chunks(1 + self.num_draft_tokens)
+            if isinstance(self.runner, PagedRunner):  # verify chunks (chains, trees) replay graphs too
+                self.runner.allow_chunks(1 + self.num_draft_tokens, trees=self.draft_trees)
         on = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         self.async_scheduling = on and isinstance(self.runner, PagedRunner) and draft is None
         self._pending: Launched | None = None  # a step whose tokens the host has not read yet

@@ -14,8 +14,11 @@ n rows of the same sequence, row j at position s + j with context length s + j +
 written before any row attends, so row j reads the chunk's earlier keys from the cache: causal attention
 within the chunk, as the eager varlen path computes it. The engine sets chunk_rows = 1 + the draft length
 for chain drafters (and the draft model's own runner for its catch-up chunks); 1 otherwise, and models with
-recurrent-state layers keep 1 (a state advances token by token within one row). Other mixed steps
-(prefill chunks) and token trees (masks) run eagerly.
+recurrent-state layers keep 1 (a state advances token by token within one row). A chunk ending in a
+token tree (tree drafters) runs the same way where `allow_trees` was called: its tree nodes' rows carry
+AttnMetadata.tree_rows (the first tree slot and a bitmask of the node's ancestors, up to 62 nodes), which the
+paged caches' reference decode path turns into each row's mask; such steps replay graphs of their own (the
+decode kernel does not read the bits). Other mixed steps (prefill chunks) run eagerly.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.infer.runner import LateIds, host_block_tables, token_at
+from lmforge.infer.runner import LateIds, host_block_tables, token_at, tree_chunk_positions
 from lmforge.model.meta import AttnMetadata
 from lmforge.utils import copy_in
 
@@ -54,6 +57,8 @@ class DecodeGraphs:
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
         self.chunk_rows, self.max_rows = 1, self.max_batch
         """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
+        self.trees = False
+        """chunks ending in token trees run as rows too (`allow_trees`)"""
         self.pool = None
         self.failed: str | None = None
         """why capture failed (decode then runs eagerly, with a warning): kept for benchmarks' notes"""
@@ -63,8 +68,13 @@ class DecodeGraphs:
         if self.rows == 4 and n > 1:
             self.chunk_rows, self.max_rows = n, _bucket(self.max_batch * n)
 
+    def allow_trees(self) -> None:
+        """Chunks ending in token trees run as rows too (caches whose decode path reads tree_rows; no windows:
+        a tree node's slot is not its position)."""
+        self.trees = self.rows == 4
+
     def fits(self, batch) -> bool:
-        if self.failed is not None or batch.trees:
+        if self.failed is not None or batch.trees and not (self.trees and max(map(len, batch.trees.values())) <= 62):
             return False
         if batch.num_decodes == len(batch.chunks):
             return len(batch.chunks) <= self.max_batch
@@ -81,19 +91,28 @@ class DecodeGraphs:
         The rows are views of the bucket's output buffers, which the next step overwrites."""
         bs = self.block_size
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
-        ids, pos, slots, lens, tables = [], [], [], [], []
+        ids, pos, slots, lens, tables, starts, bits = [], [], [], [], [], [], []
         for seq, n in batch.chunks:
             s, e, table = seq.num_computed, seq.evicted, seq.block_table
-            for p in range(s, s + n):
-                q = p - e  # cache slot (a KV policy's eviction leaves e fewer slots than positions)
-                ids.append(token_at(seq, p))
+            tree = batch.trees.get(seq.seq_id) if batch.trees else None
+            chain = n - len(tree) if tree else n  # the chunk's tokens before its tree
+            anc = _ancestor_bits(tree) if tree else []
+            for j, p in enumerate(range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)):
+                q = s - e + j  # cache slot (a KV policy's eviction leaves e fewer slots than positions)
+                ids.append(token_at(seq, s + j))
                 pos.append(p)
                 slots.append(table[q // bs] * bs + q % bs)
                 lens.append(q + 1)
                 tables.append(table)
+                starts.append(q + 1 if j < chain else s - e + chain)  # a chain row sees all its keys
+                bits.append(0 if j < chain else anc[j - chain])
         B = len(ids)
-        key = (_bucket(B), W, hidden if feats is None else ("pairs", feats.shape[1], feats.dtype))
+        key = (_bucket(B), W, hidden if feats is None else ("pairs", feats.shape[1], feats.dtype), bool(batch.trees))
         entry = self.entries.get(key) or self._capture(*key)
+        if entry.tree is not None:  # padding rows: start 1 (their one key), no tree bits
+            host_tree = np.zeros((2, key[0]), np.int64)
+            host_tree[0], host_tree[0, :B], host_tree[1, :B] = 1, starts, bits
+            copy_in(entry.tree, torch.from_numpy(host_tree))
         if feats is not None:
             entry.feats[:B].copy_(feats)
         host = np.zeros((self.rows, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
@@ -112,8 +131,9 @@ class DecodeGraphs:
             out = entry.step()  # the eager static-buffer step
         return out[:B] if hidden is None or feats is not None else (out[0][:B], out[1][:B])
 
-    def _capture(self, Bp: int, W: int, what) -> "_Entry":
-        """what: None (logits), a return_hidden value (logits and states) or ("pairs", d, dtype) (a draft head)."""
+    def _capture(self, Bp: int, W: int, what, tree: bool) -> "_Entry":
+        """what: None (logits), a return_hidden value (logits and states) or ("pairs", d, dtype) (a draft head);
+        tree: the rows carry tree_rows (module docstring)."""
         dev = self.cache.device
         host = torch.zeros(self.rows, Bp, dtype=torch.long, device=dev)
         host[2], host[3] = self.scratch_slot, 1
@@ -122,10 +142,12 @@ class DecodeGraphs:
         tables = torch.zeros(Bp, W, dtype=torch.int32, device=dev)
         pairs = isinstance(what, tuple) and what[:1] == ("pairs",)
         feats = torch.zeros(Bp, what[1], dtype=what[2], device=dev) if pairs else None
+        rows_tree = torch.ones(2, Bp, dtype=torch.long, device=dev) if tree else None
         meta = AttnMetadata(positions=host[1][None], slot_mapping=host[2], context_lens=host[3].to(torch.int32),
                             logits_indices=torch.arange(Bp, device=dev), block_tables=tables,
                             query_lens_host=(1,) * Bp, context_lens_host=(1,) * Bp, num_decodes=Bp,
-                            block_size=self.block_size, state_slots=host[4] if self.rows == 5 else None)
+                            block_size=self.block_size, state_slots=host[4] if self.rows == 5 else None,
+                            tree_rows=(rows_tree[0], rows_tree[1]) if tree else None)
 
         def step():
             meta.context_lens.copy_(host[3])  # int32 copy of the lengths, refreshed inside the graph
@@ -141,7 +163,7 @@ class DecodeGraphs:
 
         # the entry holds every tensor the step reads (meta's too): a graph replays raw addresses, so a
         # tensor freed after capture would be read as whatever reuses its memory
-        entry = self.entries[(Bp, W, what)] = _Entry(host, tables, meta, step, feats)
+        entry = self.entries[(Bp, W, what, tree)] = _Entry(host, tables, meta, step, feats, rows_tree)
         if not self.use_graphs:
             return entry
         side = torch.cuda.Stream()
@@ -176,8 +198,19 @@ class _Entry:
     step: object
     feats: torch.Tensor | None = None
     """(B', d) a draft head's input features (pairs), else None"""
+    tree: torch.Tensor | None = None
+    """(2, B') int64 each row's first tree slot and ancestor bits (AttnMetadata.tree_rows), else None"""
     graph: object | None = None
     out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _ancestor_bits(parents: list[int]) -> list[int]:
+    """Per tree node (parents in topological order, -1 = the token before the tree): bit i set for node i
+    itself and each of its ancestors."""
+    out: list[int] = []
+    for i, p in enumerate(parents):
+        out.append((1 << i) | (out[p] if p >= 0 else 0))
+    return out
 
 
 def kernel_step_available() -> str | None:

@@ -83,14 +83,20 @@ class PagedRunner:
         self.has_state = cache_spec.has_state  # recurrent-state rows (lmforge.infer.kv.state)
         self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step,
                           kernel_tune)
-        self.graphs_mode, self.chunk_rows = graphs, 1
+        self.graphs_mode, self.chunk_rows, self.trees = graphs, 1, False
+        self._tree_rows_ok = (store is None and not self.has_state and getattr(self.cache, "decodes_tree_rows", False)
+                              and not any(layer.window for layer in cache_spec.layers))
         self._make_backends()
 
-    def allow_chunks(self, n: int) -> None:
-        """Chunks of up to n tokens (speculative verification) run on the decode graphs too (lmforge.infer.graphs)."""
-        self.chunk_rows = n
+    def allow_chunks(self, n: int, trees: bool = False) -> None:
+        """Chunks of up to n tokens (speculative verification) run on the decode graphs too (lmforge.infer.graphs);
+        trees: chunks ending in token trees as well, where the cache's decode path reads tree rows (the paged
+        K/V and latent caches' reference; not a CacheStore's cache, not sliding windows)."""
+        self.chunk_rows, self.trees = n, trees and self._tree_rows_ok
         if self.graphs is not None:
             self.graphs.allow_chunks(n)
+            if self.trees:
+                self.graphs.allow_trees()
 
     def _make_backends(self) -> None:
         """The decode backends (lmforge.infer.graphs). Both read the model's parameters in place: CUDA
@@ -113,6 +119,8 @@ class PagedRunner:
             self.graphs = DecodeGraphs(self.model, self.cache, self.block_size, num_blocks, max_batch, max_blocks,
                                        use_graphs=graphs == "cuda")
             self.graphs.allow_chunks(self.chunk_rows)
+            if self.trees:
+                self.graphs.allow_trees()
         if kernel_step:
             from lmforge.infer.graphs import BatchOneKernel
             from lmforge.infer.kernel_step import generation_module, unsupported
@@ -152,12 +160,11 @@ class PagedRunner:
             # (a chunk after a prefix hit starts from the snapshot named by its last cached block's key)
             self.cache.start([(seq.seq_id, seq.num_computed == 0, seq.block_keys[-1] if seq.block_keys else None)
                               for seq, _ in batch.chunks])
-        # a cache with a score hook (a KV policy reading attention weights), or a step holding a token tree
-        # (speculative drafts), runs the eager path: the kernel step and replayed graphs compute attention
-        # where no hook can see it and with no mask but causal
-        # (hidden states, a drafter's features, come from the graphs too, not from the kernel step)
-        graphed = not extra and self.cache.score_hook is None and not batch.trees
-        plain = graphed and hidden is None
+        # a cache with a score hook (a KV policy reading attention weights) runs the eager path: the kernel step
+        # and replayed graphs compute attention where no hook can see it; hidden states (a drafter's features)
+        # and token trees (where the graphs take them: allow_trees) come from the graphs, not the kernel step
+        graphed = not extra and self.cache.score_hook is None
+        plain = graphed and hidden is None and not batch.trees
         logits = (self.kernel_step.run(batch, late) if plain and self.kernel_step is not None
                   and self.kernel_step.fits(batch) else None)
         states = None

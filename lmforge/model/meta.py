@@ -101,6 +101,11 @@ class AttnMetadata:
     chain chunk; the tokens before a tree are a chain whose last token is the tree's context end); () =
     every token of every chunk. The engine's speculative chunks end in a tree, other chunks keep their
     causal mask (and no per-token tree walk over a long prefill)"""
+    tree_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    """decode rows of a token tree (the CUDA-graph layout, lmforge.infer.graphs: each token of a verify chunk
+    is a decode row): (start (S,) int64, bits (S,) int64): a row sees its keys below slot `start` and, at or
+    beyond it, the tree slot start + i only where bit i of `bits` is set (its ancestors and itself; a row with
+    start = its context length is a plain decode row). None = no tree rows"""
     # never passed, but an init field: dataclasses.replace (FSDP2's cast of forward inputs) copies every field
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 

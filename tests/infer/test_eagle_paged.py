@@ -138,7 +138,7 @@ def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching, 
     are truly gone); with it on, sequences admitted on a hit (preempted ones too) resume their features from
     the one kept with the hit's last block, and their proposals still equal the reference; the head's cache
     has the target's blocks and every block comes back. graphs: the target's verify chunks and the head's
-    rounds and catch-up chunks run on static buffers (CUDA graphs on a GPU); tree rounds stay eager."""
+    rounds and catch-up chunks run on static buffers (CUDA graphs on a GPU), trees as rows with tree bits."""
     model = tiny_model("llama", init_std=0.1)
     ref, head = heads(model, widths)
     greedy = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
@@ -185,6 +185,8 @@ def test_engine_with_a_paged_head_equals_plain_decoding(widths, prefix_caching, 
     if graphs:  # the head's own rounds (single pairs) and catch-up chunks (several) ran on its static buffers
         used = [key for key in paged.runner.graphs.entries if key[2] and key[2][0] == "pairs"]
         assert used and (widths or max(key[0] for key in used) >= 2)
+        if widths:  # the head's tree rounds and the target's tree verify chunks as rows with tree bits
+            assert any(key[3] for key in used) and any(key[3] for key in engine.runner.graphs.entries)
 
 
 def test_paged_head_refusals():

@@ -309,14 +309,15 @@ def test_state_models_keep_verify_chunks_off_the_decode_graphs(tok):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("draft", ["self", "ngram"])
+@pytest.mark.parametrize("draft", ["self", "ngram", "tree"])
 def test_captured_verify_graphs_equal_the_eager_engine(tok, draft):
-    """On a GPU the verify chunks and the draft model's rounds replay captured graphs: greedy tokens (fp32)
-    equal the engine without graphs, for a batch and for one sequence."""
+    """On a GPU the verify chunks (token trees too) and the draft model's rounds replay captured graphs: greedy
+    tokens (fp32) equal the engine without graphs, for a batch and for one sequence."""
     from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.token_tree import TreeDrafter
 
     target = tiny_model("llama", init_std=0.3).cuda()
-    drafter = target if draft == "self" else "ngram"
+    drafter = {"self": target, "ngram": "ngram", "tree": TreeDrafter(target, (2, 2, 1))}[draft]
     prompts = ["abcabcabc", "hello", "q", "xyxyxyxyxyxy"]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     eager = LLM(target, tok, config=EngineConfig(cuda_graphs=False), draft=drafter, num_draft_tokens=4)
@@ -343,3 +344,27 @@ def test_verify_rows_on_the_decode_graphs_for_attention_variants(tok, variant):
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     assert [o.token_ids for o in outs] == [full_greedy(target, tok.encode(p), n) for p in prompts]
     assert max(seen) == 4
+
+
+@pytest.mark.parametrize("variant", ["llama", "gpt2", "mqa-softcap", "mla", "qk-norm", "sliding"])
+def test_token_tree_verify_rows_on_the_decode_graphs(tok, variant):
+    """A token tree's verify chunk as rows (static buffers): each node's row sees the context and its own
+    ancestors through AttnMetadata.tree_rows (the reference decode path's mask); greedy tokens equal the full
+    forward's, a tree drafted by the target itself (its greedy path is always in the tree) and by a weaker draft,
+    and the tree steps ran on entries of their own (key[3]). A sliding window keeps trees eager (a node's slot
+    is not its position)."""
+    from .test_attention_variants import VARIANTS
+
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.token_tree import TreeDrafter
+
+    arch, extra = (variant, {}) if variant in ("llama", "gpt2", "mqa-softcap") else ("llama", VARIANTS[variant])
+    target = tiny_model(arch, init_std=0.3, **extra)
+    prompts, n = ["abcabcabc", "hello there", "q"], 15
+    for draft in (target, tiny_model(arch, seed=5, n_layers=1, init_std=0.3, **extra)):
+        llm = LLM(target, tok, config=EngineConfig(cuda_graphs=True, block_size=4), draft=TreeDrafter(draft, (2, 2, 1)))
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [full_greedy(target, tok.encode(p), n) for p in prompts]
+        assert any(key[3] for key in llm.engine.runner.graphs.entries) == (variant != "sliding")
+        if draft is target:  # the whole greedy path accepted each round: deepest nodes' rows used
+            assert all(o.metrics["acceptance_rate"] == 1.0 for o in outs)

@@ -76,12 +76,17 @@ def gather(pool: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
     return pool[table[: -(-n // bs)].long()].flatten(0, 1)[:n]
 
 
-def decode_mask(context_lens: torch.Tensor, n_keys: int, window: int, first_key: int = 0) -> torch.Tensor:
+def decode_mask(context_lens: torch.Tensor, n_keys: int, window: int, first_key: int = 0,
+                tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, 1, 1, n_keys): decode query b (at position context_lens[b] - 1) sees its gathered keys (none
-    before slot first_key but its own: PagedCache.first_key)."""
+    before slot first_key but its own: PagedCache.first_key; tree: AttnMetadata.tree_rows, the rows' tree
+    slots only where their bits say)."""
     k_pos = torch.arange(n_keys, device=context_lens.device)
     q_pos = (context_lens.long() - 1)[:, None]
     seen = visible(q_pos, k_pos, window)
+    if tree is not None:  # bit i of a row's bits: tree slot start + i is its ancestor (or itself)
+        rel = k_pos - tree[0][:, None, None]  # (B, 1, n_keys), as `visible` gives
+        seen = seen & ((rel < 0) | ((tree[1][:, None, None] >> rel.clamp(0, 62)) & 1).bool())
     if first_key:
         seen = seen & ((k_pos >= first_key) | (k_pos == q_pos[..., None]))
     return seen[:, None]
@@ -90,9 +95,10 @@ def decode_mask(context_lens: torch.Tensor, n_keys: int, window: int, first_key:
 def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
-                           probs_hook=None, first_key: int = 0) -> torch.Tensor:
+                           probs_hook=None, first_key: int = 0, tree=None) -> torch.Tensor:
     """Plain gather-then-attend: q (B, H, hd), caches (num_blocks, block_size, KV, hd), block_tables
-    (B, max_blocks) int32, context_lens (B,) int32 -> (B, H, hd). Same signature as the kernel.
+    (B, max_blocks) int32, context_lens (B,) int32 -> (B, H, hd). Same signature as the kernel (tree: rows of
+    a token tree, AttnMetadata.tree_rows; the reference only).
     Each kv head's G = H / KV query heads are one (G, hd) @ (hd, S) product, so keys are gathered once
     and never repeated per query head (math_attention's repeat would double the bytes at GQA 2:1)."""
     B, H, hd = q.shape
@@ -105,7 +111,7 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     s = torch.bmm(qg, k.transpose(1, 2)).float().view(KV, B, H // KV, -1) * scale  # (KV, B, G, S)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~decode_mask(context_lens, s.shape[-1], window, first_key)[None, :, 0], float("-inf"))
+    s = s.masked_fill(~decode_mask(context_lens, s.shape[-1], window, first_key, tree)[None, :, 0], float("-inf"))
     if sinks is not None:  # one extra logit per head, dropped after the softmax
         sink = sinks.float().view(1, KV, H // KV, 1).transpose(0, 1).expand(-1, B, -1, 1)
         p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
@@ -115,6 +121,11 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         probs_hook(p.transpose(0, 1).reshape(B, H, 1, -1))
     out = torch.bmm(p.to(v.dtype).view(KV * B, H // KV, -1), v)  # (KV·B, G, hd)
     return out.view(KV, B, H // KV, hd).transpose(0, 1).reshape(B, H, hd)
+
+
+def _tree_rows(meta, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """meta.tree_rows of decode rows lo .. hi - 1 (None: no tree rows)."""
+    return None if meta.tree_rows is None else (meta.tree_rows[0][lo:hi], meta.tree_rows[1][lo:hi])
 
 
 FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -286,6 +297,9 @@ def prefill_layout(meta, block_size: int) -> dict:
 class PagedKVCache(PagedCache):
     """prefill: how prefill chunks attend, 'auto' | 'kernel' | 'reference' (module docstring)."""
 
+    decodes_tree_rows = True
+    """decode rows with AttnMetadata.tree_rows attend on the reference path, masked by them"""
+
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
                  decode: str = "auto", prefill: str = "auto"):
         dtype = dtype or spec.dtype
@@ -317,7 +331,7 @@ class PagedKVCache(PagedCache):
         self._write(vc, v[0].transpose(0, 1), meta.slot_mapping)
         out = torch.empty_like(q)
         nd, hook = meta.num_decodes, self._probs_hook(layer)
-        kernel = self.kernel if hook is None and not self.first_key else None
+        kernel = self.kernel if hook is None and not self.first_key and meta.tree_rows is None else None
         kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
         # the kernel reads each row's own keys; the reference gathers a group's widest table, so it runs
         # over groups of rows of similar context length (meta.decode_groups)
@@ -328,7 +342,8 @@ class PagedKVCache(PagedCache):
             od = self._kernel(kernel, args, kw) if kernel is not None else None
             if od is None:
                 rows_hook = hook and self.hook_for(layer, meta.seq_ids_host[lo:hi])
-                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook, first_key=self.first_key)
+                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook, first_key=self.first_key,
+                                            tree=_tree_rows(meta, lo, hi))
             out[0, :, lo:hi] = od.transpose(0, 1)
         if nd < len(meta.query_lens_host):
             self._prefill(layer, q, k, v, spec, meta, out, hook)
@@ -375,6 +390,9 @@ class PagedLatentCache(PagedCache):
     (`prefill` is accepted for the common signature: MLA's query/key width differs from its value width,
     which the flash kernel does not take)."""
 
+    decodes_tree_rows = True
+    """decode rows with AttnMetadata.tree_rows: their mask (absorbed path)"""
+
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
                  decode: str = "auto", prefill: str = "auto"):
         dtype = dtype or spec.dtype
@@ -401,7 +419,7 @@ class PagedLatentCache(PagedCache):
             tables = meta.block_tables[:nd].long()
             c = cc[tables].flatten(1, 2).to(c_kv.dtype)  # (nd, S, r)
             kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (nd, 1, S, d_r)
-            mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window, self.first_key)
+            mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window, self.first_key, _tree_rows(meta, 0, nd))
             qn, qr = q_nope[0, :, :nd].transpose(0, 1)[:, :, None], q_rope[0, :, :nd].transpose(0, 1)[:, :, None]
             hook_d = hook and self.hook_for(layer, meta.seq_ids_host[:nd])
             out[0, :, :nd] = mla.absorbed(qn, qr, c, kr, mask, spec, hook_d)[:, :, 0].transpose(0, 1)

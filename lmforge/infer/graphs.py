@@ -34,7 +34,10 @@ from lmforge.infer.runner import LateIds, host_block_tables, token_at, tree_chun
 from lmforge.model.meta import AttnMetadata
 from lmforge.utils import copy_in
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_CHUNK_ROWS = 512
+"""the most rows of a step with chunks as rows (speculative verification): a bucket of 2048 rows would hold
+2048 x vocabulary logits (0.6 GB at 152k in bf16) for a step that is compute-heavy anyway (vLLM's default
+largest capture is 512 as well); larger steps run eagerly"""
 
 
 def _bucket(n: int) -> int:
@@ -65,8 +68,8 @@ class DecodeGraphs:
 
     def allow_chunks(self, n: int) -> None:
         """Run chunks of up to n tokens as rows (speculative verification; not for recurrent-state models)."""
-        if self.rows == 4 and n > 1:
-            self.chunk_rows, self.max_rows = n, _bucket(self.max_batch * n)
+        if self.rows == 4 and n > 1:  # rows up to MAX_CHUNK_ROWS (each bucket keeps its own logits buffer)
+            self.chunk_rows, self.max_rows = n, max(self.max_batch, min(_bucket(self.max_batch * n), MAX_CHUNK_ROWS))
 
     def allow_trees(self) -> None:
         """Chunks ending in token trees run as rows too (caches whose decode path reads tree_rows; no windows:

@@ -368,3 +368,18 @@ def test_token_tree_verify_rows_on_the_decode_graphs(tok, variant):
         assert any(key[3] for key in llm.engine.runner.graphs.entries) == (variant != "sliding")
         if draft is target:  # the whole greedy path accepted each round: deepest nodes' rows used
             assert all(o.metrics["acceptance_rate"] == 1.0 for o in outs)
+
+
+def test_verify_rows_on_graphs_are_capped():
+    """Chunks as rows: up to max_num_seqs x (k + 1) rows (a power of two), at most MAX_CHUNK_ROWS (larger steps run
+    eagerly); decode-only batches keep max_num_seqs rows."""
+    from lmforge.infer.engine import Engine, EngineConfig
+    from lmforge.infer.graphs import MAX_CHUNK_ROWS
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    target = tiny_model("llama")
+    for seqs, rows in ((4, 32), (256, MAX_CHUNK_ROWS)):
+        engine = Engine(target, ByteTokenizer(), EngineConfig(cuda_graphs=True, max_num_seqs=seqs, num_kv_tokens=512),
+                        draft="ngram", num_draft_tokens=4)
+        g = engine.runner.graphs
+        assert (g.chunk_rows, g.max_rows, g.max_batch) == (5, rows, seqs)

@@ -17,8 +17,8 @@ for chain drafters (and the draft model's own runner for its catch-up chunks); 1
 recurrent-state layers keep 1 (a state advances token by token within one row). A chunk ending in a
 token tree (tree drafters) runs the same way where `allow_trees` was called: its tree nodes' rows carry
 AttnMetadata.tree_rows (the first tree slot and a bitmask of the node's ancestors, up to 62 nodes), which the
-paged caches' reference decode path turns into each row's mask; such steps replay graphs of their own (the
-decode kernel does not read the bits). Other mixed steps (prefill chunks) run eagerly.
+paged caches' decode paths (the Triton kernel and the reference) turn into each row's mask; such steps replay
+graphs of their own. Other mixed steps (prefill chunks) run eagerly.
 """
 
 from __future__ import annotations

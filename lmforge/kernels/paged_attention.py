@@ -82,17 +82,29 @@ if triton is not None:
         return q
 
     @triton.jit
-    def _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    def _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                      SAFE: tl.constexpr = False):
         """One tile of the online softmax (Milakov & Gimelshein 2018) for GP query rows: q·kᵀ and p·v on
-        tensor cores in the cache's dtype (p rounded to it, as FlashAttention does), fp32 accumulation."""
+        tensor cores in the cache's dtype (p rounded to it, as FlashAttention does), fp32 accumulation.
+        SAFE: a tile may have no visible key (tree rows): its maximum stays -inf without turning into NaN."""
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
         if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
             scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
         scores = tl.where(ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
+        m_use = m_new
+        if SAFE:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+    @triton.jit
+    def _tree_ok(s, ok, t_start, t_bits):
+        """ok where key slot s is below the row's first tree slot or, at or beyond it, a tree slot whose bit is
+        set (its ancestors and itself: AttnMetadata.tree_rows)."""
+        rel = s - t_start
+        return ok & ((rel < 0) | (((t_bits >> tl.minimum(tl.maximum(rel, 0), 62)) & 1) != 0))
 
     @triton.jit
     def _combine_head(part_o_ptr, part_ml_ptr, parts, used, d, HDP: tl.constexpr, sinks_ptr, head,
@@ -120,14 +132,14 @@ if triton is not None:
 
     @triton.jit
     def _paged_attend_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, start_ptr, sinks_ptr, out_ptr,
-                             part_o_ptr, part_ml_ptr, count_ptr,
+                             part_o_ptr, part_ml_ptr, count_ptr, tstart_ptr, tbits_ptr,
                              s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H, KV,
                              GROUP: tl.constexpr, QPP: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
                              HDP: tl.constexpr,
                              BS: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
                              SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
                              START: tl.constexpr, EARLY: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr,
-                             PDL: tl.constexpr, STAGES: tl.constexpr):
+                             PDL: tl.constexpr, STAGES: tl.constexpr, TREE: tl.constexpr):
         """Program (b·H/QPP + head group, split) for QPP query heads: all GROUP heads of one kv head (every
         key read once), or one head (QPP = 1: GROUP times the programs, for short rows at batch 1, where
         parallelism matters more than re-reading keys from L2). GP >= 16 rows (QPP padded, tl.dot needs 16)
@@ -138,7 +150,9 @@ if triton is not None:
         ran, and every key but the last is from earlier steps, so the program reads its first tile before its
         PDL wait and only the new key's row after. STAGES: 0 = the next tile's loads issued before this
         tile's arithmetic (registers), 1 = one tile at a time (wide tiles: a short row in one tile, all read
-        before the wait), >= 2 = Triton's software pipeline."""
+        before the wait), >= 2 = Triton's software pipeline. TREE: rows of a token tree (tstart/tbits: each
+        row's first tree slot and ancestor bits, AttnMetadata.tree_rows) see tree slots only where a bit is set;
+        a tile may then hold no visible key (the softmax step's SAFE form)."""
         row, sp = tl.program_id(0), tl.program_id(1)
         b, first = row // (H // QPP), (row % (H // QPP)) * QPP  # batch row, first query head
         kvh = first // GROUP
@@ -155,6 +169,9 @@ if triton is not None:
             lo0 = tl.maximum(n - window, 0)
         if START:  # a static cache row's left padding: its keys start at slot start[b]
             lo0 = tl.maximum(lo0, tl.load(start_ptr + b))
+        t_start, t_bits = 0, 0
+        if TREE:
+            t_start, t_bits = tl.load(tstart_ptr + b), tl.load(tbits_ptr + b)
         used = tl.minimum(tl.maximum(tl.cdiv(n - lo0, BLOCK_S), 1), SPLITS)  # slices with keys (>= 1)
         chunk = tl.cdiv(n - lo0, used)
         lo = lo0 + sp * chunk
@@ -169,6 +186,8 @@ if triton is not None:
         if STAGES <= 1:
             s = lo + tl.arange(0, BLOCK_S)  # the first tile, loaded before the loop
             ok = s < hi
+            if TREE:
+                ok = _tree_ok(s, ok, t_start, t_bits)
             if EARLY:  # every key but the new one (its slot is known: positions came before the step)
                 new_at = n - 1
                 new_page = tl.load(bt_ptr + b * s_bt + new_at // BS).to(tl.int64)
@@ -198,27 +217,36 @@ if triton is not None:
                 for s0 in range(lo, hi, BLOCK_S):
                     s_next = s0 + BLOCK_S + tl.arange(0, BLOCK_S)
                     ok_next = s_next < hi
+                    if TREE:
+                        ok_next = _tree_ok(s_next, ok_next, t_start, t_bits)
                     k_next = _kv_tile(k_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
                     v_next = _kv_tile(v_ptr, bt_ptr, b, s_bt, s_next, ok_next, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION,
+                                                  TREE)
                     k, v, ok = k_next, v_next, ok_next
             else:  # one tile at a time
                 if lo < hi:
-                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION,
+                                                  TREE)
                 for s0 in range(lo + BLOCK_S, hi, BLOCK_S):
                     s = s0 + tl.arange(0, BLOCK_S)
                     ok = s < hi
+                    if TREE:
+                        ok = _tree_ok(s, ok, t_start, t_bits)
                     k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
                     v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+                    m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION,
+                                                  TREE)
         else:  # Triton's software pipeline: STAGES tiles of keys in flight through async copies
             q = _q_tile(q_ptr, b, H, heads, HD, d, g_ok, d_ok, F32)
             for s0 in tl.range(lo, hi, BLOCK_S, num_stages=STAGES):
                 s = s0 + tl.arange(0, BLOCK_S)
                 ok = s < hi
+                if TREE:
+                    ok = _tree_ok(s, ok, t_start, t_bits)
                 k = _kv_tile(k_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
                 v = _kv_tile(v_ptr, bt_ptr, b, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+                m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION, TREE)
         o_off = (b * H + heads)[:, None] * HD + d[None, :]
         o_mask = g_ok[:, None] & d_ok[None, :]
         if SINKS:
@@ -304,13 +332,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
                            config: PagedConfig | None = None, out: torch.Tensor | None = None,
                            work: tuple[torch.Tensor, ...] | None = None, start: torch.Tensor | None = None,
-                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT) -> torch.Tensor:
+                           early_positions: torch.Tensor | None = None, pdl: bool = PDL_DEFAULT,
+                           tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
     graphs or tune: `config` (slices, keys per tile, warps[, 1 = one query head per program]), `out`,
     `work` (from workspace(), sized for the config), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
     (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
     position, used instead of context_lens: written before the step began and with every other key from
-    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step)."""
+    earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step), `tree` ((start,
+    bits) int64 (B,) each: rows of a token tree, lmforge.model.meta.AttnMetadata.tree_rows)."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"paged_decode_attention wants q (B, H, hd) and k/v caches (blocks, block_size, KV, hd) "
                          f"alike; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
@@ -326,6 +356,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     config = config or default_config(B, KV, block_tables.shape[1] * k_cache.shape[1], q.device, hd)
     (splits, block, warps), per_head = config[:3], len(config) > 3 and config[3] == 1
     stages = config[4] if len(config) > 4 else 0
+    if tree is not None and early_positions is not None:
+        raise ValueError("tree rows and early_positions cannot be combined (a tree step writes several keys per row)")
     if stages > 1 and early_positions is not None:
         raise ValueError(f"paged attention config {config}: early_positions needs stages 0 or 1 (the first tile "
                          "is read before the PDL wait)")
@@ -341,6 +373,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_attend_kernel[(B * H // qpp, splits)](
         q, k_cache, v_cache, block_tables, ctx, start if start is not None else ctx,
         sinks if sinks is not None else q, out, work[0], work[1], work[2],
+        *(tree if tree is not None else (ctx, ctx)),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H, KV,
         GROUP=H // KV, QPP=qpp, GP=_pad(qpp), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
@@ -348,5 +381,5 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         START=start is not None, EARLY=early_positions is not None,
         F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        STAGES=stages, num_warps=warps, **_launch_opts(pdl))
+        STAGES=stages, TREE=tree is not None, num_warps=warps, **_launch_opts(pdl))
     return out

@@ -383,3 +383,23 @@ def test_verify_rows_on_graphs_are_capped():
                         draft="ngram", num_draft_tokens=4)
         g = engine.runner.graphs
         assert (g.chunk_rows, g.max_rows, g.max_batch) == (5, rows, seqs)
+
+
+def test_token_tree_rows_through_the_triton_decode_kernel(tok):
+    """The tree rows' ancestor bits read by the Triton decode kernel (Triton's interpreter on a CPU): greedy tokens
+    equal the full forward's, the target drafting for itself (every node's row used)."""
+    from lmforge.kernels.decode import available
+
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.token_tree import TreeDrafter
+
+    if not available("cuda" if torch.cuda.is_available() else "cpu"):
+        pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
+    target = tiny_model("llama", init_std=0.3, d_model=64).to("cuda" if torch.cuda.is_available() else "cpu")
+    config = EngineConfig(cuda_graphs=True, block_size=4, decode_attention="kernel", prefill_attention="reference")
+    llm = LLM(target, tok, config=config, draft=TreeDrafter(target, (2, 2, 1)))
+    prompts, n = ["abcabcabc", "hello"], 9
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [full_greedy(target.cpu(), tok.encode(p), n) for p in prompts]
+    assert llm.engine.runner.cache.kernel is not None and any(key[3] for key in llm.engine.runner.graphs.entries)
+    assert all(o.metrics["acceptance_rate"] == 1.0 for o in outs)

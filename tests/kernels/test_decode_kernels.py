@@ -285,20 +285,21 @@ def compile_for_hopper() -> dict[str, tuple[int, int]]:
 
     out = {}
     attn = {"bt_ptr": "*i32", "ctx_ptr": "*i64", "start_ptr": "*i64", "count_ptr": "*i32", "part_o_ptr": "*fp32",
-            "part_ml_ptr": "*fp32", "scale": "fp32", "softcap": "fp32"}
+            "part_ml_ptr": "*fp32", "scale": "fp32", "softcap": "fp32", "tstart_ptr": "*i64", "tbits_ptr": "*i64"}
     for early, (splits, block, warps), qpp in ((True, kd.ATTEND_CONFIGS[0], 8), (False, (4, 32, 8), 8),
                                                (True, kd.ATTEND_CONFIGS[2][:3], 1)):
         for opts in (dict(SOFTCAP=False, WINDOW=False, SINKS=False, START=False),
                      dict(SOFTCAP=True, WINDOW=True, SINKS=True, START=True)):
             out[f"attend early={early} qpp={qpp} {opts['SINKS']}"] = build(pa._paged_attend_kernel, attn, dict(
                 GROUP=8, QPP=qpp, GP=16, HD=64 if early else 128, HDP=64 if early else 128, BS=16, BLOCK_S=block,
-                SPLITS=splits, EARLY=early, F32=False, PRECISION="tf32", PDL=True, STAGES=0, **opts), warps)
+                SPLITS=splits, EARLY=early, F32=False, PRECISION="tf32", PDL=True, STAGES=0, TREE=False, **opts), warps)
     for splits, block, warps, _, stages in ((1, 64, 4, 0, 2), (1, 64, 8, 0, 3)):
         # default_config's two choices on an H100/H200 (Triton's software pipeline over the key tiles), for
         # Qwen3-0.6B's attention (2 query heads per kv head, head dim 128)
         out[f"attend pipelined {block}x{warps} stages={stages}"] = build(pa._paged_attend_kernel, attn, dict(
             GROUP=2, QPP=2, GP=16, HD=128, HDP=128, BS=16, BLOCK_S=block, SPLITS=splits, EARLY=False, F32=False,
-            PRECISION="tf32", PDL=True, STAGES=stages, SOFTCAP=False, WINDOW=False, SINKS=False, START=False), warps)
+            PRECISION="tf32", PDL=True, STAGES=stages, SOFTCAP=False, WINDOW=False, SINKS=False, START=False,
+            TREE=False), warps)
     bn, bk, warps = kd.GEMV_CONFIGS[0]
     for glu in (False, True):
         out[f"gemv glu={glu}"] = build(kd._gemv_kernel, {"x_ptr": "*fp32", "r_ptr": "*fp32", "bump_ptr": "*i64",

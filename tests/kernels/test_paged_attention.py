@@ -133,3 +133,43 @@ def test_bad_shapes_are_named():
         paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4, 0, -1))
     with pytest.raises(ValueError, match="early_positions needs stages 0 or 1"):
         paged_decode_attention(q, k, v, t, lens, scale=1.0, config=(1, 16, 4, 0, 2), early_positions=lens.long() - 1)
+
+
+def _tree_rows_ref(q, k_cache, v_cache, tables, lens, start, bits, scale):
+    """Each row attends to its keys below `start` and to tree slot start + i where bit i of `bits` is set:
+    those keys gathered one by one, then the model's math attention."""
+    bs, out = k_cache.shape[1], torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        n, s0 = int(lens[b]), int(start[b])
+        keep = [t for t in range(n) if t < s0 or (int(bits[b]) >> (t - s0)) & 1]
+        slots = torch.tensor([int(tables[b, t // bs]) * bs + t % bs for t in keep])
+        k = k_cache.flatten(0, 1)[slots].transpose(0, 1)[None].float()
+        v = v_cache.flatten(0, 1)[slots].transpose(0, 1)[None].float()
+        out[b] = math_attention(q[b][None, :, None].float(), k, v, None, scale=scale)[0, :, 0].to(q.dtype)
+    return out
+
+
+def test_tree_rows_see_their_ancestors_only():
+    """Rows of a token tree (AttnMetadata.tree_rows: first tree slot and ancestor bits): the kernel in every
+    config - several slices, where some hold no visible key at all (node 39's 29 siblings before it) - and the
+    engine's reference decode path equal keys gathered by hand; a row with start = its length is a plain row."""
+    from lmforge.infer.kv.paged import paged_decode_reference
+    from lmforge.kernels.paged_attention import paged_decode_attention
+
+    parents = [-1, -1, 0, 0, 1, 2, 2, 3, 4, 5] + [-1] * 30  # 30 more children of the root: node 39 sees itself
+    anc = []
+    for i, p in enumerate(parents):
+        anc.append((1 << i) | (anc[p] if p >= 0 else 0))
+    ctx = 25  # keys before the tree; row j of the tree sits at slot ctx + j
+    rows = [3, 9, 17, 39]  # tree nodes 3, 9, 17, 39
+    lens = [ctx + j + 1 for j in rows] + [30]
+    q, k, v, tables, lens_t = _paged(len(lens), 8, 2, 64, 16, lens, seed=11)
+    start = torch.tensor([ctx] * len(rows) + [30], device=DEV)
+    bits = torch.tensor([anc[j] for j in rows] + [0], device=DEV)
+    want = _tree_rows_ref(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens, start.cpu(), bits.cpu(), 0.125)
+    gathered = torch.where(tables < k.shape[0], tables, 0)  # (the reference gathers whole tables)
+    ref = paged_decode_reference(q, k, v, gathered, lens_t, scale=0.125, tree=(start, bits))
+    torch.testing.assert_close(ref.cpu(), want, atol=1e-5, rtol=1e-5)
+    for config in (None, (1, 16, 4), (4, 16, 4), (4, 16, 2, 1), (4, 16, 4, 0, 1), (2, 16, 4, 0, 3)):
+        got = paged_decode_attention(q, k, v, tables, lens_t, scale=0.125, config=config, tree=(start, bits))
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)

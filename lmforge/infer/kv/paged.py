@@ -98,7 +98,7 @@ def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            probs_hook=None, first_key: int = 0, tree=None) -> torch.Tensor:
     """Plain gather-then-attend: q (B, H, hd), caches (num_blocks, block_size, KV, hd), block_tables
     (B, max_blocks) int32, context_lens (B,) int32 -> (B, H, hd). Same signature as the kernel (tree: rows of
-    a token tree, AttnMetadata.tree_rows; the reference only).
+    a token tree, AttnMetadata.tree_rows).
     Each kv head's G = H / KV query heads are one (G, hd) @ (hd, S) product, so keys are gathered once
     and never repeated per query head (math_attention's repeat would double the bytes at GQA 2:1)."""
     B, H, hd = q.shape
@@ -298,7 +298,7 @@ class PagedKVCache(PagedCache):
     """prefill: how prefill chunks attend, 'auto' | 'kernel' | 'reference' (module docstring)."""
 
     decodes_tree_rows = True
-    """decode rows with AttnMetadata.tree_rows attend on the reference path, masked by them"""
+    """decode rows with AttnMetadata.tree_rows are masked by them (the Triton decode kernel and the reference)"""
 
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
                  decode: str = "auto", prefill: str = "auto"):
@@ -331,7 +331,7 @@ class PagedKVCache(PagedCache):
         self._write(vc, v[0].transpose(0, 1), meta.slot_mapping)
         out = torch.empty_like(q)
         nd, hook = meta.num_decodes, self._probs_hook(layer)
-        kernel = self.kernel if hook is None and not self.first_key and meta.tree_rows is None else None
+        kernel = self.kernel if hook is None and not self.first_key else None
         kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
         # the kernel reads each row's own keys; the reference gathers a group's widest table, so it runs
         # over groups of rows of similar context length (meta.decode_groups)
@@ -339,11 +339,11 @@ class PagedKVCache(PagedCache):
         for lo, hi, width in groups:
             qd = q[0, :, lo:hi].transpose(0, 1).contiguous()  # (rows, H, hd)
             args = (qd, kc, vc, meta.block_tables[lo:hi, :width], meta.context_lens[lo:hi])
-            od = self._kernel(kernel, args, kw) if kernel is not None else None
+            tree = _tree_rows(meta, lo, hi)  # (rows of a token tree: their ancestor bits)
+            od = self._kernel(kernel, args, kw if tree is None else {**kw, "tree": tree}) if kernel is not None else None
             if od is None:
                 rows_hook = hook and self.hook_for(layer, meta.seq_ids_host[lo:hi])
-                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook, first_key=self.first_key,
-                                            tree=_tree_rows(meta, lo, hi))
+                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook, first_key=self.first_key, tree=tree)
             out[0, :, lo:hi] = od.transpose(0, 1)
         if nd < len(meta.query_lens_host):
             self._prefill(layer, q, k, v, spec, meta, out, hook)

@@ -217,7 +217,7 @@ if triton is not None:
                 ok = s < hi
                 k = _kv_tile(k_ptr, bt_ptr, 0, 0, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
                 v = _kv_tile(v_ptr, bt_ptr, 0, 0, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
-                m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION)
+                m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION, False)
             mine = u * GP + g  # this unit's rows of the partial results
             tl.store(part_o_ptr + mine[:, None] * HDP + d[None, :], acc)
             tl.store(part_ml_ptr + mine * 2, m_i)

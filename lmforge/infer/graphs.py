@@ -96,19 +96,28 @@ class DecodeGraphs:
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
         ids, pos, slots, lens, tables, starts, bits = [], [], [], [], [], [], []
         for seq, n in batch.chunks:
-            s, e, table = seq.num_computed, seq.evicted, seq.block_table
-            tree = batch.trees.get(seq.seq_id) if batch.trees else None
-            chain = n - len(tree) if tree else n  # the chunk's tokens before its tree
-            anc = _ancestor_bits(tree) if tree else []
-            for j, p in enumerate(range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)):
-                q = s - e + j  # cache slot (a KV policy's eviction leaves e fewer slots than positions)
-                ids.append(token_at(seq, s + j))
-                pos.append(p)
-                slots.append(table[q // bs] * bs + q % bs)
-                lens.append(q + 1)
+            # token j of the chunk: position s + j (a tree node: the tree's root + its depth), cache slot
+            # q0 + j (a KV policy's eviction leaves e fewer slots than positions), context length q0 + j + 1
+            s, table = seq.num_computed, seq.block_table
+            q0 = s - seq.evicted
+            if n == 1:  # a decode (most rows of a large batch)
+                ids.append(token_at(seq, s))
+                pos.append(s)
+                slots.append(table[q0 // bs] * bs + q0 % bs)
+                lens.append(q0 + 1)
                 tables.append(table)
-                starts.append(q + 1 if j < chain else s - e + chain)  # a chain row sees all its keys
-                bits.append(0 if j < chain else anc[j - chain])
+            else:
+                tree = batch.trees.get(seq.seq_id) if batch.trees else None
+                ids += (token_at(seq, p) for p in range(s, s + n))
+                pos += range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)
+                slots += (table[q // bs] * bs + q % bs for q in range(q0, q0 + n))
+                lens += range(q0 + 1, q0 + n + 1)
+                tables += [table] * n
+            if batch.trees:  # a chain row sees all its keys; a tree node, those before the tree and its ancestors
+                tree = batch.trees.get(seq.seq_id) if n > 1 else None
+                chain = n - len(tree) if tree else n
+                starts += [*range(q0 + 1, q0 + chain + 1), *[q0 + chain] * (n - chain)]
+                bits += [0] * chain + (_ancestor_bits(tree) if tree else [])
         B = len(ids)
         key = (_bucket(B), W, hidden if feats is None else ("pairs", feats.shape[1], feats.dtype), bool(batch.trees))
         entry = self.entries.get(key) or self._capture(*key)

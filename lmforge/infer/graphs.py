@@ -6,7 +6,8 @@ launch, provided every tensor it touches keeps its address and shape. So a step 
 single tokens runs in static buffers of a bucket: B' >= B rows (powers of two) and W' >= the longest
 block table (`_width`), one graph per (B', W') captured on first use, all sharing one memory pool.
 Rows beyond B write their keys to a scratch block the pool never hands out and attend to one key, so
-they compute finite garbage nobody reads. Sampling runs outside the graph on the real rows' logits.
+they compute finite garbage nobody reads. Sampling runs outside the graph on the real rows' logits, which
+every bucket's step writes into one shared buffer (`_shared`), so the graphs' outputs cost one buffer's memory.
 On a CPU (tests) the same static-buffer step runs eagerly (use_graphs=False): the logic is the same.
 
 Speculative verification: a chunk of n <= `chunk_rows` tokens (the pending token and its drafts) becomes
@@ -63,6 +64,8 @@ class DecodeGraphs:
         self.trees = False
         """chunks ending in token trees run as rows too (`allow_trees`)"""
         self.pool = None
+        self.outputs: dict[tuple, torch.Tensor] = {}
+        """the steps' output buffers, one per kind of output (`_shared`)"""
         self.failed: str | None = None
         """why capture failed (decode then runs eagerly, with a warning): kept for benchmarks' notes"""
 
@@ -143,6 +146,20 @@ class DecodeGraphs:
             out = entry.step()  # the eager static-buffer step
         return out[:B] if hidden is None or feats is not None else (out[0][:B], out[1][:B])
 
+    def _shared(self, role: str, t: torch.Tensor) -> torch.Tensor:
+        """t (B', ...) copied into the one buffer every bucket's step writes for `role` (and t's row shape and
+        dtype), sized for the largest bucket: a captured graph's output then lives there, so the graphs' outputs
+        take one buffer's memory instead of one (rows x vocabulary logits) per (rows, width) bucket. Each step's
+        rows are read before the next step writes them (the same stream), as with a buffer per bucket."""
+        key = (role, tuple(t.shape[1:]), t.dtype)
+        buf = self.outputs.get(key)
+        if buf is None:  # (first made by a warm-up step, outside any capture)
+            rows = max(self.max_batch, self.max_rows, t.shape[0])
+            buf = self.outputs[key] = torch.empty(rows, *t.shape[1:], dtype=t.dtype, device=t.device)
+        out = buf[:t.shape[0]]
+        out.copy_(t)
+        return out
+
     def _capture(self, Bp: int, W: int, what, tree: bool) -> "_Entry":
         """what: None (logits), a return_hidden value (logits and states) or ("pairs", d, dtype) (a draft head);
         tree: the rows carry tree_rows (module docstring)."""
@@ -167,11 +184,12 @@ class DecodeGraphs:
             # captured graph computes it from the buffers and an eager step never reads an earlier step's
             meta._derived.clear()
             if pairs:
-                return self.model.pairs(feats[None], host[0][None], host[1][None], self.cache, meta)[0]
+                return self._shared("pairs", self.model.pairs(feats[None], host[0][None], host[1][None], self.cache,
+                                                              meta)[0])
             if what is None:
-                return self.model(host[0][None], cache=self.cache, meta=meta)[0]
+                return self._shared("logits", self.model(host[0][None], cache=self.cache, meta=meta)[0])
             logits, states = self.model(host[0][None], cache=self.cache, meta=meta, return_hidden=what)
-            return logits[0], states[0]
+            return self._shared("logits", logits[0]), self._shared("states", states[0])
 
         # the entry holds every tensor the step reads (meta's too): a graph replays raw addresses, so a
         # tensor freed after capture would be read as whatever reuses its memory

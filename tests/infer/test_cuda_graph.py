@@ -88,3 +88,22 @@ def test_the_static_step_rebuilds_what_layers_derive_from_the_metadata(tok):
     while engine.has_unfinished():
         engine.step()
     assert engine.runner.graphs.entries and model.seen == [4, 5, 6, 7, 8]  # one per decode step, each its own
+
+
+def test_every_bucket_writes_one_output_buffer(tok):
+    """Buckets of 8, 4, 2 and 1 rows (and widths) return views of one logits buffer, sized for the largest bucket:
+    captured graphs' outputs take one buffer's memory, not one per bucket; tokens stay the reference's."""
+    model = tiny_model("llama")
+    engine = Engine(model, tok, EngineConfig(cuda_graphs=True, block_size=4, max_num_seqs=8))
+    budgets = [10, 7, 4, 2, 9]
+    rids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+            for p, n in zip(PROMPTS, budgets)]
+    done = {}
+    while engine.has_unfinished():
+        done.update((o.request_id, o.token_ids) for o in engine.step(finished_only=True))
+    assert [done[r] for r in rids] == [full_greedy(model, tok.encode(p), n) for p, n in zip(PROMPTS, budgets)]
+    graphs = engine.runner.graphs
+    (buf,) = graphs.outputs.values()
+    assert buf.shape == (8, model.cfg.vocab_size) and len(graphs.entries) >= 4
+    with torch.inference_mode():
+        assert all(e.step().data_ptr() == buf.data_ptr() for e in graphs.entries.values())

@@ -4,7 +4,8 @@ At large batch a decode step is a few hundred small kernels per layer stack; lau
 costs milliseconds the GPU then waits for. A CUDA graph replays the whole recorded forward with one
 launch, provided every tensor it touches keeps its address and shape. So a step whose chunks are all
 single tokens runs in static buffers of a bucket: B' >= B rows (powers of two) and W' >= the longest
-block table (`_width`), one graph per (B', W') captured on first use, all sharing one memory pool.
+block table (`_width`), one graph per (B', W', what it returns, tree rows or not) captured on first use, all
+sharing one memory pool.
 Rows beyond B write their keys to a scratch block the pool never hands out and attend to one key, so
 they compute finite garbage nobody reads. Sampling runs outside the graph on the real rows' logits, which
 every bucket's step writes into one shared buffer (`_shared`), so the graphs' outputs cost one buffer's memory.
@@ -36,9 +37,9 @@ from lmforge.model.meta import AttnMetadata
 from lmforge.utils import copy_in
 
 MAX_CHUNK_ROWS = 512
-"""the most rows of a step with chunks as rows (speculative verification): a bucket of 2048 rows would hold
-2048 x vocabulary logits (0.6 GB at 152k in bf16) for a step that is compute-heavy anyway (vLLM's default
-largest capture is 512 as well); larger steps run eagerly"""
+"""the most rows of a step with chunks as rows (speculative verification): the shared logits buffer is sized
+for the largest bucket (2048 rows x a 152k vocabulary: 0.6 GB in bf16) and such a step is compute-heavy anyway
+(vLLM's default largest capture is 512 as well); larger steps run eagerly"""
 
 
 def _bucket(n: int) -> int:
@@ -57,7 +58,8 @@ class DecodeGraphs:
         self.model, self.cache, self.block_size = model, cache, block_size
         self.scratch_slot = scratch_block * block_size
         self.max_batch, self.max_blocks, self.use_graphs = _bucket(max_batch), max_blocks, use_graphs
-        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.entries: dict[tuple, _Entry] = {}
+        """(rows B', width W', what the step returns, tree rows) -> its buffers and graph"""
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
         self.chunk_rows, self.max_rows = 1, self.max_batch
         """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
@@ -71,7 +73,7 @@ class DecodeGraphs:
 
     def allow_chunks(self, n: int) -> None:
         """Run chunks of up to n tokens as rows (speculative verification; not for recurrent-state models)."""
-        if self.rows == 4 and n > 1:  # rows up to MAX_CHUNK_ROWS (each bucket keeps its own logits buffer)
+        if self.rows == 4 and n > 1:  # rows up to MAX_CHUNK_ROWS
             self.chunk_rows, self.max_rows = n, max(self.max_batch, min(_bucket(self.max_batch * n), MAX_CHUNK_ROWS))
 
     def allow_trees(self) -> None:

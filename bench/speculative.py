@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -419,6 +420,12 @@ def measure(rep: Report, target, draft, target32, prompts: list[list[int]], args
     variants += [(f"engine + draft model, chain (k={k})", k,
                   lambda k=k: engine_run(LLM(target, ByteTokenizer(), draft=draft, num_draft_tokens=k, config=pool),
                                          prompts, args, dev)) for k in args.k_list]
+    if dev.type == "cuda":  # the drafted steps' CUDA graphs (session 27) against the same engine without them
+        eager = dataclasses.replace(pool, cuda_graphs=False)
+        k = args.k_list[-1]
+        variants.append((f"engine + draft model, chain (k={k}), no CUDA graphs", k,
+                         lambda: engine_run(LLM(target, ByteTokenizer(), draft=draft, num_draft_tokens=k, config=eager),
+                                            prompts, args, dev)))
     variants += [(f"engine + draft model, token tree {w}", tree_size(w),
                   lambda w=w: engine_run(LLM(target, ByteTokenizer(), draft=TreeDrafter(draft, w), config=pool),
                                          prompts, args, dev)) for w in args.tree_widths]

@@ -6,8 +6,9 @@
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
 # (session 27, 2026-12-05: first `spectests` - verify chunks on captured graphs and the unordered-slots kernel test,
-# never run on a GPU -, then `speculative` to measure them: the drafted rows were host-bound eager forwards, 0.49 ms
-# of device time in 13.7 ms per token; docs/benchmarks.md; alltests and speculative2 ran that session)
+# never run on a GPU -, then `speculative` to measure them (its table now has the chain row without CUDA graphs
+# too: the A/B in one call): the drafted rows were host-bound eager forwards, 0.49 ms of device time in 13.7 ms
+# per token; docs/benchmarks.md; alltests and speculative2 ran that session)
 # (session 25, 2026-12-04 late: first alltests - the GPU tests of KV policies and state caches never ran on a GPU -,
 # then speculative and speculative2; the older order follows)
 # (2026-12-04): suite after changes to code that picks the GPU by itself (the whole test suite; all passed on

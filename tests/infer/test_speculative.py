@@ -258,9 +258,9 @@ def _count_chunk_runs(graphs) -> list[int]:
     """Wrap graphs.run to record the longest chunk of every batch it runs."""
     seen, run = [], graphs.run
 
-    def counting(batch, late=None):
+    def counting(batch, late=None, **kw):
         seen.append(max(n for _, n in batch.chunks))
-        return run(batch, late)
+        return run(batch, late, **kw)
 
     graphs.run = counting
     return seen

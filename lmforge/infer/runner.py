@@ -8,9 +8,10 @@ device->host sync of the step is reading the sampled tokens.
 
 Two runners share that interface:
   PagedRunner      the engine's path: paged KV cache (lmforge.infer.kv) of the model's cache_spec(), with
-                   two optional backends (lmforge.infer.graphs): decode-only steps replayed from CUDA
-                   graphs per (batch, block-table width) bucket, and one-sequence steps on the Triton
-                   kernel step; mixed steps (prefill chunks) run eagerly.
+                   two optional backends (lmforge.infer.graphs): decode-only steps - and speculative verify
+                   chunks and token trees, one row per token - replayed from CUDA graphs per (rows,
+                   block-table width) bucket, and one-sequence steps on the Triton kernel step; other mixed
+                   steps (prefill chunks) run eagerly.
   RecomputeRunner  for models without cache_spec() (e.g. a HF model behind lmforge.infer.hf_wrapper):
                    every sampled sequence is recomputed from scratch, the plain reference path.
 """

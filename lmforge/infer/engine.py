@@ -64,11 +64,9 @@ import time
 
 import torch
 
-from lmforge.config import check
 from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.features import hidden_ask
 from lmforge.infer.config import (EngineConfig, kv_dtype, limits, pool_blocks, store_allows, use_fused_kernels,
                                   use_kernel_step, use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
@@ -81,6 +79,7 @@ from lmforge.infer.runner import (Extra, PagedRunner, RecomputeRunner, copy_weig
 from lmforge.infer.sampler import kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
+from lmforge.infer.speculative import attach_drafter, draft_step
 from lmforge.utils import eval_mode
 
 Prompt = str | list[int]
@@ -167,30 +166,7 @@ class Engine:
 
             self.kv_policy = PolicySession(config.kv_policy, self.pool, self.runner.cache, spec)
             self.scheduler.observed_tail = config.kv_policy.observed_tail
-        self.draft_trees = bool(getattr(draft, "proposes_trees", False))
-        if self.draft_trees and not isinstance(self.runner, PagedRunner):
-            raise ConfigError(f"a tree drafter needs a model with cache_spec() (the paged runner); "
-                              f"{type(model).__name__} has none: use a chain drafter (a draft model, 'ngram')")
-        self.num_draft_tokens = draft.tree_size if self.draft_trees else num_draft_tokens
-        self.make_drafter, self.draft_model, self.draft_head = None, None, None
-        self.hidden = hidden_ask(draft, model)  # what a drafter reads of the target (lmforge.infer.features)
-        if draft is not None:
-            from lmforge.infer.draft import PagedDraftHead, is_draft_head
-            from lmforge.infer.speculative import make_drafter_factory
-
-            check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
-            if is_draft_head(draft):  # an EAGLE-style head whose cache shares the pool's blocks (infer.draft)
-                draft = self.draft_head = PagedDraftHead.for_engine(self, draft, num_blocks)
-                self.scheduler.features_cached = True  # hits resume from the features kept with the blocks
-            self.make_drafter = make_drafter_factory(draft, model, self.vocab_size, self.num_draft_tokens)
-            if isinstance(self.runner, PagedRunner) and hasattr(draft, "cache_spec") and not hasattr(draft, "propose"):
-                from lmforge.infer.draft import PagedDraftModel
-
-                self.draft_model = PagedDraftModel(draft, num_blocks, config.block_size, self.device,
-                                                   graphs=self.runner.graphs_mode, max_batch=config.max_num_seqs,
-                                                   chunk_rows=1 + self.num_draft_tokens)
-            if isinstance(self.runner, PagedRunner):  # verify chunks (chains, trees) replay graphs too
-                self.runner.allow_chunks(1 + self.num_draft_tokens, trees=self.draft_trees)
+        attach_drafter(self, draft, num_draft_tokens, num_blocks)  # lmforge.infer.speculative
         on = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         self.async_scheduling = on and isinstance(self.runner, PagedRunner) and draft is None
         self._pending: Launched | None = None  # a step whose tokens the host has not read yet
@@ -404,8 +380,6 @@ class Engine:
             if own is not None:
                 own.copy_blocks(batch.copies)
         if self.make_drafter is not None:  # requests with a drafting strategy extend their chunks
-            from lmforge.infer.speculative import draft_step
-
             draft_step(self, batch)
         if self.kv_policy is not None:  # new sequences' policy state; the score hook where it observes
             self.kv_policy.begin_step(batch)

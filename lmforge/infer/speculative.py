@@ -46,9 +46,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.config import check
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.features import FeatureStream, HiddenAsk
+from lmforge.infer.features import FeatureStream, HiddenAsk, hidden_ask
 from lmforge.infer.processors import apply_processors, build_processors
+from lmforge.infer.runner import PagedRunner
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.token_tree import DraftTree, greedy_path, sampled_path
 from lmforge.model.cache import KVCache
@@ -428,6 +430,35 @@ def speculative_generate(target, drafter, prompt: list[int], params: SamplingPar
         out = next((o for o in engine.step() if o.request_id == rid and o.finished), out)
     stats.seconds = time.perf_counter() - t0
     return out.token_ids, stats
+
+
+def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int) -> None:
+    """The engine's drafting state for `draft` (None: no speculative decoding): what the drafter reads of the
+    target (`hidden`), its factory, a draft model or EAGLE-style head on the engine's block pool
+    (lmforge.infer.draft), and verify chunks (chains and trees) on the decode graphs."""
+    engine.draft_trees = bool(getattr(draft, "proposes_trees", False))
+    if engine.draft_trees and not isinstance(engine.runner, PagedRunner):
+        raise ConfigError(f"a tree drafter needs a model with cache_spec() (the paged runner); "
+                          f"{type(engine.model).__name__} has none: use a chain drafter (a draft model, 'ngram')")
+    engine.num_draft_tokens = draft.tree_size if engine.draft_trees else num_draft_tokens
+    engine.make_drafter, engine.draft_model, engine.draft_head = None, None, None
+    engine.hidden = hidden_ask(draft, engine.model)  # what a drafter reads of the target (lmforge.infer.features)
+    if draft is None:
+        return
+    from lmforge.infer.draft import PagedDraftHead, PagedDraftModel, is_draft_head  # (draft imports this module)
+
+    check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    paged = isinstance(engine.runner, PagedRunner)
+    if is_draft_head(draft):  # an EAGLE-style head whose cache shares the pool's blocks (infer.draft)
+        draft = engine.draft_head = PagedDraftHead.for_engine(engine, draft, num_blocks)
+        engine.scheduler.features_cached = True  # hits resume from the features kept with the blocks
+    engine.make_drafter = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens)
+    if paged and hasattr(draft, "cache_spec") and not hasattr(draft, "propose"):
+        engine.draft_model = PagedDraftModel(draft, num_blocks, engine.config.block_size, engine.device,
+                                             graphs=engine.runner.graphs_mode, max_batch=engine.config.max_num_seqs,
+                                             chunk_rows=1 + engine.num_draft_tokens)
+    if paged:  # verify chunks (chains, trees) replay graphs too
+        engine.runner.allow_chunks(1 + engine.num_draft_tokens, trees=engine.draft_trees)
 
 
 def draft_step(engine, batch) -> None:

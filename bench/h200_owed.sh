@@ -113,7 +113,7 @@ case "${1:-}" in
     run engine_llama 150 python bench/engine.py --shapes llama-1.1b --sections check,offline,unfused,sync,fixed,batch1
     run engine_host 60 python bench/engine_host.py --device cuda --vocab 151936 ;;
   spectests) # session 27's GPU-unrun tests: captured verify graphs (chains, trees, hidden states, paged heads), the
-             # decode kernel's TREE rows and the kernels sharing its softmax step, the unordered-slot kernels
+             # decode kernel's TREE rows and the kernels sharing its softmax step, the shared output buffers
     run spectests 400 python -m pytest -q -p no:cacheprovider tests/infer/test_speculative.py \
         tests/infer/test_kv_policy_unordered.py tests/infer/test_cuda_graph.py tests/infer/test_eagle_hidden.py \
         tests/infer/test_eagle_paged.py tests/kernels/test_paged_attention.py tests/kernels/test_decode_layer.py \

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .infer_helpers import full_greedy, tiny_model
+from .infer_helpers import full_greedy, run_requests, tiny_model
 
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.llm import LLM
@@ -15,6 +15,13 @@ from lmforge.infer.sampling import SamplingParams
 
 PROMPTS = ["Hello there", "a", "The quick brown fox", "xyz", "12"]
 SP = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+BUDGETS = [10, 7, 4, 2, 9]
+
+
+def run_budgets(engine, tok) -> list[list[int]]:
+    """PROMPTS with BUDGETS new tokens each, greedy, run to the end: rows finish at different steps."""
+    reqs = [(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)) for p, n in zip(PROMPTS, BUDGETS)]
+    return [o.token_ids for o in run_requests(engine, reqs)]
 
 
 def test_static_buffer_decode_matches_the_reference(arch, tok):
@@ -22,13 +29,7 @@ def test_static_buffer_decode_matches_the_reference(arch, tok):
     finish the batch runs in buckets 8, 4, 2 and 1, with padding rows in each."""
     model = tiny_model(arch)
     engine = Engine(model, tok, EngineConfig(cuda_graphs=True, block_size=4))
-    budgets = [10, 7, 4, 2, 9]
-    rids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-            for p, n in zip(PROMPTS, budgets)]
-    done = {}
-    while engine.has_unfinished():
-        done.update((o.request_id, o.token_ids) for o in engine.step(finished_only=True))
-    assert [done[r] for r in rids] == [full_greedy(model, tok.encode(p), n) for p, n in zip(PROMPTS, budgets)]
+    assert run_budgets(engine, tok) == [full_greedy(model, tok.encode(p), n) for p, n in zip(PROMPTS, BUDGETS)]
     assert {key[0] for key in engine.runner.graphs.entries} == {1, 2, 4, 8}
 
 
@@ -95,13 +96,7 @@ def test_every_bucket_writes_one_output_buffer(tok):
     captured graphs' outputs take one buffer's memory, not one per bucket; tokens stay the reference's."""
     model = tiny_model("llama")
     engine = Engine(model, tok, EngineConfig(cuda_graphs=True, block_size=4, max_num_seqs=8))
-    budgets = [10, 7, 4, 2, 9]
-    rids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-            for p, n in zip(PROMPTS, budgets)]
-    done = {}
-    while engine.has_unfinished():
-        done.update((o.request_id, o.token_ids) for o in engine.step(finished_only=True))
-    assert [done[r] for r in rids] == [full_greedy(model, tok.encode(p), n) for p, n in zip(PROMPTS, budgets)]
+    assert run_budgets(engine, tok) == [full_greedy(model, tok.encode(p), n) for p, n in zip(PROMPTS, BUDGETS)]
     graphs = engine.runner.graphs
     (buf,) = graphs.outputs.values()
     assert buf.shape == (8, model.cfg.vocab_size) and len(graphs.entries) >= 4

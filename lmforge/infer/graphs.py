@@ -97,32 +97,8 @@ class DecodeGraphs:
         feats (R, d): the model is an EAGLE-style head (lmforge.infer.draft.PagedDraftHead): its
         pairs(feats, ids, positions, cache, meta) -> (R, d) runs instead, feats copied into a static buffer.
         The rows are views of the bucket's output buffers, which the next step overwrites."""
-        bs = self.block_size
         W = min(_width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
-        ids, pos, slots, lens, tables, starts, bits = [], [], [], [], [], [], []
-        for seq, n in batch.chunks:
-            # token j of the chunk: position s + j (a tree node: the tree's root + its depth), cache slot
-            # q0 + j (a KV policy's eviction leaves e fewer slots than positions), context length q0 + j + 1
-            s, table = seq.num_computed, seq.block_table
-            q0 = s - seq.evicted
-            if n == 1:  # a decode (most rows of a large batch)
-                ids.append(token_at(seq, s))
-                pos.append(s)
-                slots.append(table[q0 // bs] * bs + q0 % bs)
-                lens.append(q0 + 1)
-                tables.append(table)
-            else:
-                tree = batch.trees.get(seq.seq_id) if batch.trees else None
-                ids += (token_at(seq, p) for p in range(s, s + n))
-                pos += range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)
-                slots += (table[q // bs] * bs + q % bs for q in range(q0, q0 + n))
-                lens += range(q0 + 1, q0 + n + 1)
-                tables += [table] * n
-            if batch.trees:  # a chain row sees all its keys; a tree node, those before the tree and its ancestors
-                tree = batch.trees.get(seq.seq_id) if n > 1 else None
-                chain = n - len(tree) if tree else n
-                starts += [*range(q0 + 1, q0 + chain + 1), *[q0 + chain] * (n - chain)]
-                bits += [0] * chain + (_ancestor_bits(tree) if tree else [])
+        ids, pos, slots, lens, tables, starts, bits = self._token_rows(batch)
         B = len(ids)
         key = (_bucket(B), W, hidden if feats is None else ("pairs", feats.shape[1], feats.dtype), bool(batch.trees))
         entry = self.entries.get(key) or self._capture(*key)
@@ -147,6 +123,36 @@ class DecodeGraphs:
         else:
             out = entry.step()  # the eager static-buffer step
         return out[:B] if hidden is None or feats is not None else (out[0][:B], out[1][:B])
+
+    def _token_rows(self, batch) -> tuple[list, ...]:
+        """Per token of the batch, chunk after chunk: its id, position, cache slot, context length and block
+        table, and for a step holding token trees its first tree slot and ancestor bits (else [], [])."""
+        bs = self.block_size
+        ids, pos, slots, lens, tables, starts, bits = [], [], [], [], [], [], []
+        for seq, n in batch.chunks:
+            # token j of the chunk: position s + j (a tree node: the tree's root + its depth), cache slot
+            # q0 + j (a KV policy's eviction leaves e fewer slots than positions), context length q0 + j + 1
+            s, table = seq.num_computed, seq.block_table
+            q0 = s - seq.evicted
+            if n == 1:  # a decode (most rows of a large batch)
+                ids.append(token_at(seq, s))
+                pos.append(s)
+                slots.append(table[q0 // bs] * bs + q0 % bs)
+                lens.append(q0 + 1)
+                tables.append(table)
+            else:
+                tree = batch.trees.get(seq.seq_id) if batch.trees else None
+                ids += (token_at(seq, p) for p in range(s, s + n))
+                pos += range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)
+                slots += (table[q // bs] * bs + q % bs for q in range(q0, q0 + n))
+                lens += range(q0 + 1, q0 + n + 1)
+                tables += [table] * n
+            if batch.trees:  # a chain row sees all its keys; a tree node, those before the tree and its ancestors
+                tree = batch.trees.get(seq.seq_id) if n > 1 else None
+                chain = n - len(tree) if tree else n
+                starts += [*range(q0 + 1, q0 + chain + 1), *[q0 + chain] * (n - chain)]
+                bits += [0] * chain + (_ancestor_bits(tree) if tree else [])
+        return ids, pos, slots, lens, tables, starts, bits
 
     def _shared(self, role: str, t: torch.Tensor) -> torch.Tensor:
         """t (B', ...) copied into the one buffer every bucket's step writes for `role` (and t's row shape and

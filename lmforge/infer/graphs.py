@@ -20,7 +20,14 @@ recurrent-state layers keep 1 (a state advances token by token within one row). 
 token tree (tree drafters) runs the same way where `allow_trees` was called: its tree nodes' rows carry
 AttnMetadata.tree_rows (the first tree slot and a bitmask of the node's ancestors, up to 62 nodes), which the
 paged caches' decode paths (the Triton kernel and the reference) turn into each row's mask; such steps replay
-graphs of their own. Other mixed steps (prefill chunks) run eagerly.
+graphs of their own.
+
+Short prompts: where `allow_prompts(n)` was called (EngineConfig.graph_prompts), a prefill chunk whose
+sequence holds at most n cache slots after it (its cached keys + the chunk) runs the same way, one decode row
+per token: row j reads the s + j + 1 keys before and at it, so a chunk costs O(n x context) key reads (from
+L2 at these lengths) instead of one varlen kernel's tiles, in exchange for one graph launch instead of an
+eager forward's hundreds of kernel launches (a short chat prompt's time to first token is then the GPU's).
+Longer prompts and other mixed steps run eagerly.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from lmforge.model.meta import AttnMetadata
 from lmforge.utils import copy_in
 
 MAX_CHUNK_ROWS = 512
-"""the most rows of a step with chunks as rows (speculative verification): the shared logits buffer is sized
+"""the most rows of a step with chunks as rows (speculative verification, short prompts): the shared logits buffer is sized
 for the largest bucket (2048 rows x a 152k vocabulary: 0.6 GB in bf16) and such a step is compute-heavy anyway
 (vLLM's default largest capture is 512 as well); larger steps run eagerly"""
 
@@ -63,6 +70,8 @@ class DecodeGraphs:
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
         self.chunk_rows, self.max_rows = 1, self.max_batch
         """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
+        self.prompt_slots = 0
+        """prefill chunks whose sequence holds at most this many slots after them run as rows (`allow_prompts`)"""
         self.trees = False
         """chunks ending in token trees run as rows too (`allow_trees`)"""
         self.pool = None
@@ -74,7 +83,13 @@ class DecodeGraphs:
     def allow_chunks(self, n: int) -> None:
         """Run chunks of up to n tokens as rows (speculative verification; not for recurrent-state models)."""
         if self.rows == 4 and n > 1:  # rows up to MAX_CHUNK_ROWS
-            self.chunk_rows, self.max_rows = n, max(self.max_batch, min(_bucket(self.max_batch * n), MAX_CHUNK_ROWS))
+            self.chunk_rows, self.max_rows = n, max(self.max_rows, min(_bucket(self.max_batch * n), MAX_CHUNK_ROWS))
+
+    def allow_prompts(self, n: int) -> None:
+        """Run prefill chunks as rows where their sequence holds at most n slots after them (short prompts; not
+        for recurrent-state models)."""
+        if self.rows == 4 and n > 0:
+            self.prompt_slots, self.max_rows = n, max(self.max_rows, MAX_CHUNK_ROWS)
 
     def allow_trees(self) -> None:
         """Chunks ending in token trees run as rows too (caches whose decode path reads tree_rows; no windows:
@@ -86,7 +101,8 @@ class DecodeGraphs:
             return False
         if batch.num_decodes == len(batch.chunks):
             return len(batch.chunks) <= self.max_batch
-        return all(n <= self.chunk_rows for _, n in batch.chunks) and batch.num_tokens <= self.max_rows
+        return batch.num_tokens <= self.max_rows and all(
+            n <= self.chunk_rows or seq.num_computed - seq.evicted + n <= self.prompt_slots for seq, n in batch.chunks)
 
     def run(self, batch, late: LateIds | None = None, hidden: bool | tuple[int, ...] | None = None,
             feats: torch.Tensor | None = None):

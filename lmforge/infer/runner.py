@@ -9,9 +9,9 @@ device->host sync of the step is reading the sampled tokens.
 Two runners share that interface:
   PagedRunner      the engine's path: paged KV cache (lmforge.infer.kv) of the model's cache_spec(), with
                    two optional backends (lmforge.infer.graphs): decode-only steps - and speculative verify
-                   chunks and token trees, one row per token - replayed from CUDA graphs per (rows,
-                   block-table width) bucket, and one-sequence steps on the Triton kernel step; other mixed
-                   steps (prefill chunks) run eagerly.
+                   chunks, token trees and short prompts, one row per token - replayed from CUDA graphs
+                   per (rows, block-table width) bucket, and one-sequence steps on the Triton kernel step;
+                   other mixed steps (longer prefill chunks) run eagerly.
   RecomputeRunner  for models without cache_spec() (e.g. a HF model behind lmforge.infer.hf_wrapper):
                    every sampled sequence is recomputed from scratch, the plain reference path.
 """
@@ -75,7 +75,8 @@ class PagedRunner:
 
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
                  graphs: str | None = None, max_batch: int = 256, decode: str = "auto", prefill: str = "auto",
-                 kernel_step: bool = False, kernel_tune: bool = False, fused_kernels: bool = False, store=None):
+                 kernel_step: bool = False, kernel_tune: bool = False, fused_kernels: bool = False, store=None,
+                 prompt_slots: int = 0):
         self.source, self.block_size, self.device = model, block_size, torch.device(device)
         self.fused_kernels = fused_kernels
         # one block more than the pool hands out: the graphs' padding rows write there
@@ -85,6 +86,9 @@ class PagedRunner:
         self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step,
                           kernel_tune)
         self.graphs_mode, self.chunk_rows, self.trees = graphs, 1, False
+        # short prompts as rows of the graphs read every row's keys: only through the decode kernel on a GPU
+        # (the reference gathers rows x keys); on a CPU the static-buffer step checks the logic
+        self.prompt_slots = prompt_slots if self.cache.kernel is not None or self.device.type != "cuda" else 0
         self._tree_rows_ok = (store is None and not self.has_state and getattr(self.cache, "decodes_tree_rows", False)
                               and not any(layer.window for layer in cache_spec.layers))
         self._make_backends()
@@ -120,6 +124,7 @@ class PagedRunner:
             self.graphs = DecodeGraphs(self.model, self.cache, self.block_size, num_blocks, max_batch, max_blocks,
                                        use_graphs=graphs == "cuda")
             self.graphs.allow_chunks(self.chunk_rows)
+            self.graphs.allow_prompts(self.prompt_slots)
             if self.trees:
                 self.graphs.allow_trees()
         if kernel_step:
@@ -153,8 +158,8 @@ class PagedRunner:
                 hidden: StepHidden | None = None, late: LateIds | None = None) -> Sampled:
         """Sample `rows`; also return the raw logits at `extra` positions and, with hidden, hidden states
         (the model's return_hidden=hidden.layers) at both, or at every position of hidden.chunks instead
-        (Sampled.features; lmforge.infer.features). Such steps run eagerly: the backends give one logits
-        row per chunk and no hidden states.
+        (Sampled.features; lmforge.infer.features). Such steps skip the batch-1 kernel step (one logits row,
+        no hidden states); the decode graphs give every token's logits and states.
         late: decode inputs still on the device (the previous step's samples), copied in there."""
         self.cache.copy_blocks(batch.copies)
         if self.has_state:  # rows for sequences starting at their first token, zeroed (lmforge.infer.kv.state)
@@ -164,8 +169,8 @@ class PagedRunner:
         # a cache with a score hook (a KV policy reading attention weights) runs the eager path: the kernel step
         # and replayed graphs compute attention where no hook can see it; hidden states (a drafter's features)
         # and token trees (where the graphs take them: allow_trees) come from the graphs, not the kernel step
-        graphed = not extra and self.cache.score_hook is None
-        plain = graphed and hidden is None and not batch.trees
+        graphed = self.cache.score_hook is None
+        plain = graphed and not extra and hidden is None and not batch.trees
         logits = (self.kernel_step.run(batch, late) if plain and self.kernel_step is not None
                   and self.kernel_step.fits(batch) else None)
         states = None
@@ -174,7 +179,7 @@ class PagedRunner:
             if len(rows) > 1:
                 logits = logits.repeat(len(rows), 1)  # every row samples the one sequence (no index list)
         elif graphed and self.graphs is not None and self.graphs.fits(batch):
-            idx = token_rows(batch, rows)
+            idx = token_rows(batch, rows) + token_rows(batch, extra)  # (the graphs give every token's logits)
             if hidden is None:
                 logits = _take(self.graphs.run(batch, late), idx)
             else:  # every row's logits and states; the states are copied out of the graph's buffer

@@ -456,7 +456,8 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int) -> Non
     if paged and hasattr(draft, "cache_spec") and not hasattr(draft, "propose"):
         engine.draft_model = PagedDraftModel(draft, num_blocks, engine.config.block_size, engine.device,
                                              graphs=engine.runner.graphs_mode, max_batch=engine.config.max_num_seqs,
-                                             chunk_rows=1 + engine.num_draft_tokens)
+                                             chunk_rows=1 + engine.num_draft_tokens,
+                                             prompt_slots=engine.runner.prompt_slots)
     if paged:  # verify chunks (chains, trees) replay graphs too
         engine.runner.allow_chunks(1 + engine.num_draft_tokens, trees=engine.draft_trees)
 

@@ -1,0 +1,205 @@
+"""Short prompts on the decode graphs (EngineConfig.graph_prompts) vs eager prefill steps, side by side in one run.
+
+    python bench/graph_prompts.py                 # a GPU: the Qwen3-0.6B shape, random init, bf16
+    python bench/graph_prompts.py --smoke         # toy fp32 model on CPU: checks every section runs
+
+A step holding a prefill chunk runs eagerly (one kernel launch per op of every layer, from Python) unless the
+chunk's sequence holds at most graph_prompts tokens after it: then every token is a decode row of one replayed
+graph (lmforge.infer.graphs), reading its own keys through the paged decode kernel. Sections:
+  check   graph_prompts on and off give the same greedy tokens (fp32 toy model on the device: exact) and the
+          same sampled log-probs within 1e-4
+  ttft    time to first token of one request alone (prompt lengths --lengths, prefix caching off): median
+          of --reps, after two warm-up requests per length (captures and compiles happen there)
+  mixed   the same, with --background requests decoding beside it: the first step that holds the prompt
+  served  --requests requests arriving one every --every engine steps (prompts uniform in [--lo, --hi], 32-256
+          new tokens): wall time, output tokens/s, mean / p50 / p90 time to first token
+Each row runs graph_prompts=0 (eager prefill steps) and graph_prompts=512 on one model in the same process.
+Prints a table; writes JSON to $OUT (or bench/results)/graph_prompts.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmforge.infer.detok import IdTokenizer  # noqa: E402
+from lmforge.infer.engine import Engine, EngineConfig  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.model.config import ModelConfig  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import COMMON, SHAPES, SMOKE, sync  # noqa: E402
+
+MODES = {"eager prefill steps": 0, "prompts on graphs (graph_prompts=512)": 512}
+
+
+def build(args, dev, dtype, **extra) -> Transformer:
+    kw = {**COMMON, **SHAPES[args.shape], **(SMOKE if args.smoke else {}), **extra}
+    torch.manual_seed(0)
+    with torch.device(dev):
+        return Transformer(ModelConfig(**kw)).to(dtype).eval()
+
+
+def engine_for(model, slots: int, args, **kw) -> Engine:
+    config = EngineConfig(graph_prompts=slots, cuda_graphs=True, prefix_caching=False,
+                          max_num_seqs=args.max_num_seqs, **kw)
+    return Engine(model, IdTokenizer(model.cfg.vocab_size), config)
+
+
+def prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def first_token_time(engine: Engine, dev, ids: list[int], max_tokens: int = 2) -> float:
+    """Seconds from add_request to the step that returns the request's first token (other requests keep
+    decoding meanwhile)."""
+    sync(dev)
+    t0 = time.perf_counter()
+    rid = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    while True:
+        outs = {o.request_id: o for o in engine.step()}
+        if rid in outs and outs[rid].outputs[0].token_ids:
+            sync(dev)
+            return time.perf_counter() - t0
+
+
+def drain(engine: Engine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def check(args, dev) -> dict:
+    model = build(args, dev, torch.float32, **SMOKE)
+    rng = random.Random(1)
+    prompts = [prompt(rng, n, model.cfg.vocab_size) for n in (5, 40, 200, 7, 600, 90)]
+    got = {}
+    for name, slots in MODES.items():
+        engine = engine_for(model, slots, args)
+        sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+        ids = []
+        for p in prompts:  # arriving two steps apart: each prompt's step holds the others' decodes
+            ids.append(engine.add_request(p, sp))
+            engine.step()
+            engine.step()
+        done = {}
+        while engine.has_unfinished():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        got[slots] = [done[i].outputs[0] for i in ids]
+    same = all(a.token_ids == b.token_ids for a, b in zip(*got.values()))
+    gap = max(abs(x - y) for a, b in zip(*got.values()) for x, y in zip(a.logprobs, b.logprobs))
+    return dict(same_tokens=same, max_logprob_gap=gap, ok=same and gap < 1e-4)
+
+
+def ttft(model, args, dev, background: int) -> dict:
+    rng, out = random.Random(2), {}
+    for name, slots in MODES.items():
+        engine = engine_for(model, slots, args)
+        for _ in range(background):  # long-running decodes beside the timed prompts
+            engine.add_request(prompt(rng, 64, model.cfg.vocab_size),
+                               SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        row = {}
+        for n in args.lengths:
+            times = [first_token_time(engine, dev, prompt(rng, n, model.cfg.vocab_size))
+                     for _ in range(args.reps + 2)][2:]
+            row[n] = statistics.median(times) * 1e3
+        out[name] = row
+        for rid in list(engine.requests):
+            engine.abort(rid)
+        del engine
+    return out
+
+
+def served(model, args, dev) -> dict:
+    rng = random.Random(3)
+    reqs = [(prompt(rng, rng.randint(args.lo, args.hi), model.cfg.vocab_size), rng.randint(32, 256))
+            for _ in range(args.requests)]
+    out = {}
+    for name, slots in MODES.items():
+        engine = engine_for(model, slots, args)
+        engine.add_request(reqs[0][0][:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        drain(engine)  # the first capture and compiles, outside the timing
+        sync(dev)
+        t0 = time.perf_counter()
+        added, first, steps, tokens, pending = {}, {}, 0, 0, list(reqs)
+        while pending or engine.has_unfinished():
+            if pending and steps % args.every == 0:
+                p, new = pending.pop(0)
+                added[engine.add_request(p, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))] = \
+                    time.perf_counter()
+            for o in engine.step():
+                if o.request_id in added and o.request_id not in first and o.outputs[0].token_ids:
+                    first[o.request_id] = time.perf_counter() - added[o.request_id]
+                if o.finished:
+                    tokens += len(o.outputs[0].token_ids)
+            steps += 1
+        sync(dev)
+        wall = time.perf_counter() - t0
+        t = sorted(first.values())
+        out[name] = dict(wall_s=wall, tok_s=tokens / wall, steps=steps, ttft_mean_ms=1e3 * statistics.mean(t),
+                         ttft_p50_ms=1e3 * t[len(t) // 2], ttft_p90_ms=1e3 * t[int(len(t) * 0.9)],
+                         graph_failed=engine.runner.graphs.failed)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    ap.add_argument("--sections", default="check,ttft,mixed,served")
+    ap.add_argument("--lengths", default="16,64,128,256,512")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--background", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--every", type=int, default=4)
+    ap.add_argument("--lo", type=int, default=32)
+    ap.add_argument("--hi", type=int, default=480)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    args = ap.parse_args(argv)
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    if args.smoke:
+        args.lengths, args.reps, args.requests, args.background = [16, 64], 2, 8, 2
+    dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    sections, res = set(args.sections.split(",")), {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+    if "check" in sections:
+        res["check"] = check(args, dev)
+        print("check:", res["check"], flush=True)
+    model = build(args, dev, dtype)
+    if "ttft" in sections:
+        res["ttft_ms"] = ttft(model, args, dev, 0)
+        print("time to first token, alone (ms, median):", flush=True)
+        for name, row in res["ttft_ms"].items():
+            print(f"  {name:40s} " + "  ".join(f"{n}: {v:7.2f}" for n, v in row.items()), flush=True)
+    if "mixed" in sections:
+        res["mixed_ms"] = ttft(model, args, dev, args.background)
+        print(f"time to first token beside {args.background} decoding requests (ms, median):", flush=True)
+        for name, row in res["mixed_ms"].items():
+            print(f"  {name:40s} " + "  ".join(f"{n}: {v:7.2f}" for n, v in row.items()), flush=True)
+    if "served" in sections:
+        res["served"] = served(model, args, dev)
+        print(f"served: {args.requests} requests, one every {args.every} steps, prompts {args.lo}-{args.hi}:")
+        print(f"  {'mode':40s} {'wall s':>8s} {'tok/s':>8s} {'TTFT mean':>10s} {'p50':>8s} {'p90':>8s}")
+        for name, r in res["served"].items():
+            print(f"  {name:40s} {r['wall_s']:8.2f} {r['tok_s']:8.0f} {r['ttft_mean_ms']:10.2f} "
+                  f"{r['ttft_p50_ms']:8.2f} {r['ttft_p90_ms']:8.2f}" + (f"  ({r['graph_failed']})" if r["graph_failed"] else ""))
+    out = Path(os.environ.get("OUT", "bench/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "graph_prompts.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: suite spectests prompts alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: suite spectests mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
 # (session 27, 2026-12-05: first `spectests` - verify chunks on captured graphs and the unordered-slots kernel test,
@@ -118,9 +118,12 @@ case "${1:-}" in
         tests/infer/test_kv_policy_unordered.py tests/infer/test_cuda_graph.py tests/infer/test_eagle_hidden.py \
         tests/infer/test_eagle_paged.py tests/kernels/test_paged_attention.py tests/kernels/test_decode_layer.py \
         tests/infer/test_kernel_step.py ;;
-  prompts)   # short prompts as rows of the decode graphs (EngineConfig.graph_prompts) vs eager prefill steps:
-             # time to first token alone and beside 32 decodes, and a served workload of staggered arrivals
-    run graph_prompts 300 python bench/graph_prompts.py ;;
+  mixedgraphs) # steps holding prefill chunks on CUDA graphs (EngineConfig.graph_prefill_tokens, the Triton varlen
+             # kernel) vs eager: the kernel's tests, then time to first token alone and beside 32 decodes and a served
+             # workload of staggered arrivals
+    run mixed_tests 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_varlen.py \
+        tests/infer/test_graph_prefill.py tests/infer/test_cuda_graph.py
+    run graph_prefill 400 python bench/graph_prefill.py ;;
   speculative)  # the drafted rows 8-40x slower than plain decoding (2026-12-04, not understood): the table with the
                 # tree rows, then one prompt per variant under torch.profiler (kernels, syncs per token; traces in $OUT)
     run speculative 580 python bench/speculative.py --target-seconds 90 --draft-seconds 35 --ks 4 --prompts 3 \
@@ -167,5 +170,5 @@ case "${1:-}" in
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
     run parallel 540 python bench/parallel.py ;;
-  *) echo "usage: bash bench/h200_owed.sh suite|spectests|prompts|alltests|gputests|devtests|devtests2|engine|speculative|speculative2|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
+  *) echo "usage: bash bench/h200_owed.sh suite|spectests|mixedgraphs|alltests|gputests|devtests|devtests2|engine|speculative|speculative2|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
 esac

@@ -10,14 +10,15 @@ import torch
 
 from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.graphs import MAX_CHUNK_ROWS
 from lmforge.infer.kv.paged import DECODE, PREFILL, CacheStore
 from lmforge.infer.kv.policy import KVPolicy
 from lmforge.infer.scheduler import SchedulerConfig
 
-GRAPH_PROMPTS = 0
-"""EngineConfig.graph_prompts=None: short prompts up to this many tokens run on the CUDA graphs (0: off until the
-H200 A/B of bench/graph_prompts.py says otherwise)"""
+GRAPH_PREFILL_TOKENS = 0
+"""EngineConfig.graph_prefill_tokens=None on a GPU: steps holding prefill chunks up to this many tokens replay CUDA
+graphs (0: off until the H200 A/B of bench/graph_prefill.py says otherwise)"""
+MAX_GRAPH_TOKENS = 16384
+"""the largest graph_prefill_tokens: a graph's activations are held by the graphs' memory pool"""
 KERNEL_TUNE_MIN_PARAMS = 100_000_000
 """EngineConfig.kernel_tune=None tunes the batch-1 kernel step for models of at least this many parameters"""
 
@@ -63,10 +64,11 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     """decode-only steps replay CUDA graphs per batch bucket (lmforge.infer.graphs); None = on a GPU.
     True on a CPU runs the same static-buffer step eagerly (what tests check)"""
-    graph_prompts: int | None = None
-    """prefill chunks whose sequence holds at most this many tokens after them (cached + new) run on the CUDA
-    graphs too, one decode row per token (lmforge.infer.graphs: a short prompt's first token then costs one graph
-    launch instead of an eager forward); 0 = off; None = GRAPH_PROMPTS on a GPU where the graphs run"""
+    graph_prefill_tokens: int | None = None
+    """steps holding prefill chunks (a new prompt beside the running decodes), up to this many tokens, replay CUDA
+    graphs too, one per token bucket (lmforge.infer.graphs: attention through the varlen kernel from device
+    metadata), so admitting a prompt costs one graph launch instead of an eager forward; 0 = off; None =
+    GRAPH_PREFILL_TOKENS on a GPU. With cuda_graphs=True on a CPU the same static-buffer step runs eagerly"""
     kernel_step: bool | None = None
     """one-sequence decode steps on the Triton kernel step (lmforge.infer.kernel_step); None = on an
     Ampere-or-newer GPU for the models it supports; True = always (an error if it cannot run)"""
@@ -107,16 +109,17 @@ class EngineConfig:
         check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
         check(self.prefill_attention in PREFILL,
               f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
-        check(self.graph_prompts is None or 0 <= self.graph_prompts <= MAX_CHUNK_ROWS,
-              f"graph_prompts must be None or in [0, {MAX_CHUNK_ROWS}] (rows of one graph step), got {self.graph_prompts}")
+        check(self.graph_prefill_tokens is None or 0 <= self.graph_prefill_tokens <= MAX_GRAPH_TOKENS,
+              f"graph_prefill_tokens must be None or in [0, {MAX_GRAPH_TOKENS}], got {self.graph_prefill_tokens}")
         check(self.kv_policy is None or isinstance(self.kv_policy, KVPolicy),
               f"kv_policy must be a KVPolicy (lmforge.infer.kv.policy.StreamingLLM, SnapKV, ...), got "
               f"{self.kv_policy!r}")
 
 
-def graph_prompts(config: EngineConfig, device: torch.device) -> int:
-    """The longest sequence whose prefill chunks run on the graphs as rows (EngineConfig.graph_prompts)."""
-    return config.graph_prompts if config.graph_prompts is not None else GRAPH_PROMPTS if device.type == "cuda" else 0
+def graph_prefill_tokens(config: EngineConfig, device: torch.device) -> int:
+    """The most tokens of a step holding prefill chunks that replays a graph (EngineConfig.graph_prefill_tokens)."""
+    want = config.graph_prefill_tokens
+    return want if want is not None else GRAPH_PREFILL_TOKENS if device.type == "cuda" else 0
 
 
 def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:

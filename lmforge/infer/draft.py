@@ -39,13 +39,13 @@ class _View:
 
 class PagedDraftModel:
     def __init__(self, model, num_blocks: int, block_size: int, device, graphs: str | None = None,
-                 max_batch: int = 256, chunk_rows: int = 1, prompt_slots: int = 0):
-        """graphs, max_batch, prompt_slots: as the engine's runner (PagedRunner): rounds of single tokens,
-        catch-up chunks of up to chunk_rows tokens (the tokens accepted since the last round) and short prompts
-        replay CUDA graphs."""
+                 max_batch: int = 256, chunk_rows: int = 1, mixed_tokens: int = 0):
+        """graphs, max_batch, mixed_tokens: as the engine's runner (PagedRunner): rounds of single tokens,
+        catch-up chunks of up to chunk_rows tokens (the tokens accepted since the last round) and steps holding
+        prompts replay CUDA graphs."""
         self.model = model.eval()
         self.runner = PagedRunner(model, model.cache_spec(), num_blocks, block_size, device, graphs=graphs,
-                                  max_batch=max_batch, prompt_slots=prompt_slots)
+                                  max_batch=max_batch, mixed_tokens=mixed_tokens)
         self.runner.allow_chunks(chunk_rows)
         self.known: dict[int, tuple[int, int]] = {}  # seq_id -> (tokens with draft keys, preemptions seen)
 

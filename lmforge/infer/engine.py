@@ -67,7 +67,7 @@ import torch
 from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.config import (EngineConfig, graph_prompts, kv_dtype, limits, pool_blocks, store_allows,
+from lmforge.infer.config import (EngineConfig, graph_prefill_tokens, kv_dtype, limits, pool_blocks, store_allows,
                                   use_fused_kernels, use_kernel_step, use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request, marked
@@ -145,7 +145,7 @@ class Engine:
                                                    and use_kernel_step(config, model, self.device)),
                                       kernel_tune=use_kernel_tune(config, model),
                                       fused_kernels=use_fused_kernels(config, self.device), store=config.kv_cache,
-                                      prompt_slots=graph_prompts(config, self.device))
+                                      mixed_tokens=graph_prefill_tokens(config, self.device))
         # state models: prefix hits need state snapshots (lmforge.infer.kv.state)
         snapshots = config.state_snapshots if self.has_state and config.prefix_caching else 0
         caching = config.prefix_caching and (snapshots > 0 or not self.has_state) and allows["prefix_caching"]

@@ -22,12 +22,14 @@ AttnMetadata.tree_rows (the first tree slot and a bitmask of the node's ancestor
 paged caches' decode paths (the Triton kernel and the reference) turn into each row's mask; such steps replay
 graphs of their own.
 
-Short prompts: where `allow_prompts(n)` was called (EngineConfig.graph_prompts), a prefill chunk whose
-sequence holds at most n cache slots after it (its cached keys + the chunk) runs the same way, one decode row
-per token: row j reads the s + j + 1 keys before and at it, so a chunk costs O(n x context) key reads (from
-L2 at these lengths) instead of one varlen kernel's tiles, in exchange for one graph launch instead of an
-eager forward's hundreds of kernel launches (a short chat prompt's time to first token is then the GPU's).
-Longer prompts and other mixed steps run eagerly.
+Mixed steps (prefill chunks beside decodes): where `allow_mixed(n)` was called (EngineConfig.graph_prefill_tokens),
+a step of up to n tokens holding prefill chunks replays a graph of its own per token bucket T' >= its token count:
+its tokens back to back in the eager step's flat row, every layer's attention through the varlen kernel from
+device metadata alone (AttnMetadata.varlen_tiles: each sequence's query offsets, context length and block table,
+and a fixed grid of tiles of 16 queries, lmforge.kernels.paged_attention.paged_varlen_attention; its reference on
+a CPU), logits at up to max_batch positions (the sampled rows and prompt log-prob rows). A step admitting a prompt
+then costs one graph launch instead of an eager forward's hundreds of kernel launches. Longer steps, steps with
+token trees or hidden states asked and recurrent-state models run eagerly.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.infer.runner import LateIds, host_block_tables, token_at, tree_chunk_positions
+from lmforge.infer.runner import LateIds, chunk_inputs, host_block_tables, token_at, tree_chunk_positions
+from lmforge.kernels.paged_attention import varlen_programs, varlen_tiles
 from lmforge.model.meta import AttnMetadata
 from lmforge.utils import copy_in
 
@@ -70,8 +73,8 @@ class DecodeGraphs:
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
         self.chunk_rows, self.max_rows = 1, self.max_batch
         """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
-        self.prompt_slots = 0
-        """prefill chunks whose sequence holds at most this many slots after them run as rows (`allow_prompts`)"""
+        self.mixed_tokens = 0
+        """steps holding prefill chunks, up to this many tokens, replay graphs too (`allow_mixed`)"""
         self.trees = False
         """chunks ending in token trees run as rows too (`allow_trees`)"""
         self.pool = None
@@ -85,11 +88,11 @@ class DecodeGraphs:
         if self.rows == 4 and n > 1:  # rows up to MAX_CHUNK_ROWS
             self.chunk_rows, self.max_rows = n, max(self.max_rows, min(_bucket(self.max_batch * n), MAX_CHUNK_ROWS))
 
-    def allow_prompts(self, n: int) -> None:
-        """Run prefill chunks as rows where their sequence holds at most n slots after them (short prompts; not
-        for recurrent-state models)."""
-        if self.rows == 4 and n > 0:
-            self.prompt_slots, self.max_rows = n, max(self.max_rows, MAX_CHUNK_ROWS)
+    def allow_mixed(self, tokens: int) -> None:
+        """Steps holding prefill chunks, up to `tokens` tokens, replay graphs too (caches that attend a step from
+        device metadata alone: `attends_varlen`; not recurrent-state models)."""
+        if self.rows == 4 and getattr(self.cache, "attends_varlen", False):
+            self.mixed_tokens = tokens
 
     def allow_trees(self) -> None:
         """Chunks ending in token trees run as rows too (caches whose decode path reads tree_rows; no windows:
@@ -101,8 +104,41 @@ class DecodeGraphs:
             return False
         if batch.num_decodes == len(batch.chunks):
             return len(batch.chunks) <= self.max_batch
-        return batch.num_tokens <= self.max_rows and all(
-            n <= self.chunk_rows or seq.num_computed - seq.evicted + n <= self.prompt_slots for seq, n in batch.chunks)
+        return all(n <= self.chunk_rows for _, n in batch.chunks) and batch.num_tokens <= self.max_rows
+
+    def fits_mixed(self, batch, logits: int) -> bool:
+        """A step the mixed graphs take (module docstring), `logits` rows asked of it."""
+        return (self.failed is None and not batch.trees and batch.num_tokens <= self.mixed_tokens
+                and len(batch.chunks) <= self.max_batch and logits <= self.max_batch)
+
+    def run_mixed(self, batch, idx: list[int], late: LateIds | None = None) -> torch.Tensor:
+        """logits (len(idx), V) at flat token indices idx of the batch's row (chunk after chunk, decodes first),
+        from the graph of the step's token bucket; a view of the shared buffer the next step overwrites."""
+        T = batch.num_tokens
+        W = self.max_blocks if self.cache.kernel is not None else min(  # the kernel reads each row's own blocks
+            _width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
+        key = ("mixed", max(16, _bucket(T)), W)
+        entry = self.entries.get(key) or self._capture_mixed(*key[1:])
+        Tp, S, Sp = key[1], len(batch.chunks), self.max_batch
+        ids, pos, slots, ctx, qlens, _, tables = chunk_inputs(batch, self.block_size)
+        host = np.zeros(3 * Tp + Sp, np.int64)  # padding tokens: token 0 at position 0, into the scratch slot
+        host[:T], host[Tp:Tp + T], host[2 * Tp:3 * Tp] = ids, pos, self.scratch_slot
+        host[2 * Tp:2 * Tp + T], host[3 * Tp:3 * Tp + len(idx)] = slots, idx
+        seqs = np.zeros(2 * Sp + 1 + 2 * entry.programs, np.int32)  # padding sequences: no queries, no keys
+        seqs[:S], seqs[Sp:2 * Sp + 1] = ctx, T  # query offsets of padding sequences: T (no queries)
+        seqs[Sp:Sp + S + 1] = np.cumsum([0, *qlens])
+        seqs[2 * Sp + 1:] = np.concatenate(varlen_tiles(qlens, entry.programs))
+        copy_in(entry.host, torch.from_numpy(host))
+        copy_in(entry.tree, torch.from_numpy(seqs))
+        copy_in(entry.tables[:S], host_block_tables(tables, S, W))
+        if late is not None:
+            late.write(entry.host)
+        if entry.graph is not None:
+            entry.graph.replay()
+            out = entry.out
+        else:
+            out = entry.step()
+        return out[:len(idx)]
 
     def run(self, batch, late: LateIds | None = None, hidden: bool | tuple[int, ...] | None = None,
             feats: torch.Tensor | None = None):
@@ -218,8 +254,36 @@ class DecodeGraphs:
         # the entry holds every tensor the step reads (meta's too): a graph replays raw addresses, so a
         # tensor freed after capture would be read as whatever reuses its memory
         entry = self.entries[(Bp, W, what, tree)] = _Entry(host, tables, meta, step, feats, rows_tree)
+        return self._record(entry)
+
+    def _capture_mixed(self, Tp: int, W: int) -> "_Entry":
+        """A mixed step's entry: Tp tokens (ids, positions, slots) and max_batch logits indices in one int64
+        buffer, max_batch sequences' context lengths and query offsets and the tile list in one int32 buffer
+        (kept in the entry's `tree` field), their block tables."""
+        dev, Sp = self.cache.device, self.max_batch
+        programs = varlen_programs(Tp, Sp)
+        host = torch.zeros(3 * Tp + Sp, dtype=torch.long, device=dev)
+        host[2 * Tp:3 * Tp] = self.scratch_slot  # (the warm-up steps write their keys there)
+        seqs = torch.zeros(2 * Sp + 1 + 2 * programs, dtype=torch.int32, device=dev)
+        seqs[2 * Sp + 1:2 * Sp + 1 + programs] = -1  # (no tile: before the first step fills them)
+        tables = torch.zeros(Sp, W, dtype=torch.int32, device=dev)
+        tiles = (seqs[Sp:2 * Sp + 1], seqs[2 * Sp + 1:2 * Sp + 1 + programs], seqs[2 * Sp + 1 + programs:])
+        meta = AttnMetadata(positions=host[Tp:2 * Tp][None], slot_mapping=host[2 * Tp:3 * Tp],
+                            context_lens=seqs[:Sp], logits_indices=host[3 * Tp:], block_tables=tables,
+                            block_size=self.block_size, varlen_tiles=tiles)
+
+        def step():
+            meta._derived.clear()
+            return self._shared("logits", self.model(host[:Tp][None], cache=self.cache, meta=meta)[0])
+
+        entry = self.entries[("mixed", Tp, W)] = _Entry(host, tables, meta, step, tree=seqs, programs=programs)
+        return self._record(entry)
+
+    def _record(self, entry: "_Entry") -> "_Entry":
+        """Capture the entry's step into a CUDA graph (with use_graphs; a failed capture leaves it eager)."""
         if not self.use_graphs:
             return entry
+        step = entry.step
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the capture, as torch requires
@@ -253,7 +317,10 @@ class _Entry:
     feats: torch.Tensor | None = None
     """(B', d) a draft head's input features (pairs), else None"""
     tree: torch.Tensor | None = None
-    """(2, B') int64 each row's first tree slot and ancestor bits (AttnMetadata.tree_rows), else None"""
+    """(2, B') int64 each row's first tree slot and ancestor bits (AttnMetadata.tree_rows), else None; a mixed
+    step's int32 sequence buffer (context lengths, query offsets, tiles)"""
+    programs: int = 0
+    """a mixed step's grid of varlen tiles"""
     graph: object | None = None
     out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
 

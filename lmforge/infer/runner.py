@@ -9,9 +9,10 @@ device->host sync of the step is reading the sampled tokens.
 Two runners share that interface:
   PagedRunner      the engine's path: paged KV cache (lmforge.infer.kv) of the model's cache_spec(), with
                    two optional backends (lmforge.infer.graphs): decode-only steps - and speculative verify
-                   chunks, token trees and short prompts, one row per token - replayed from CUDA graphs
-                   per (rows, block-table width) bucket, and one-sequence steps on the Triton kernel step;
-                   other mixed steps (longer prefill chunks) run eagerly.
+                   chunks and token trees, one row per token - replayed from CUDA graphs per (rows,
+                   block-table width) bucket, steps holding prefill chunks per token bucket (up to
+                   graph_prefill_tokens), and one-sequence steps on the Triton kernel step; other steps
+                   run eagerly.
   RecomputeRunner  for models without cache_spec() (e.g. a HF model behind lmforge.infer.hf_wrapper):
                    every sampled sequence is recomputed from scratch, the plain reference path.
 """
@@ -76,7 +77,7 @@ class PagedRunner:
     def __init__(self, model, cache_spec, num_blocks: int, block_size: int, device, dtype=None, *,
                  graphs: str | None = None, max_batch: int = 256, decode: str = "auto", prefill: str = "auto",
                  kernel_step: bool = False, kernel_tune: bool = False, fused_kernels: bool = False, store=None,
-                 prompt_slots: int = 0):
+                 mixed_tokens: int = 0):
         self.source, self.block_size, self.device = model, block_size, torch.device(device)
         self.fused_kernels = fused_kernels
         # one block more than the pool hands out: the graphs' padding rows write there
@@ -86,9 +87,9 @@ class PagedRunner:
         self._backends = (graphs, num_blocks, max_batch, -(-cache_spec.max_seq_len // block_size), kernel_step,
                           kernel_tune)
         self.graphs_mode, self.chunk_rows, self.trees = graphs, 1, False
-        # short prompts as rows of the graphs read every row's keys: only through the decode kernel on a GPU
-        # (the reference gathers rows x keys); on a CPU the static-buffer step checks the logic
-        self.prompt_slots = prompt_slots if self.cache.kernel is not None or self.device.type != "cuda" else 0
+        # mixed steps on graphs attend through the varlen kernel on a GPU (its reference gathers every token's
+        # whole block table); on a CPU the static-buffer step checks the logic
+        self.mixed_tokens = mixed_tokens if self.cache.kernel is not None or self.device.type != "cuda" else 0
         self._tree_rows_ok = (store is None and not self.has_state and getattr(self.cache, "decodes_tree_rows", False)
                               and not any(layer.window for layer in cache_spec.layers))
         self._make_backends()
@@ -124,7 +125,7 @@ class PagedRunner:
             self.graphs = DecodeGraphs(self.model, self.cache, self.block_size, num_blocks, max_batch, max_blocks,
                                        use_graphs=graphs == "cuda")
             self.graphs.allow_chunks(self.chunk_rows)
-            self.graphs.allow_prompts(self.prompt_slots)
+            self.graphs.allow_mixed(self.mixed_tokens)
             if self.trees:
                 self.graphs.allow_trees()
         if kernel_step:
@@ -179,7 +180,7 @@ class PagedRunner:
             if len(rows) > 1:
                 logits = logits.repeat(len(rows), 1)  # every row samples the one sequence (no index list)
         elif graphed and self.graphs is not None and self.graphs.fits(batch):
-            idx = token_rows(batch, rows) + token_rows(batch, extra)  # (the graphs give every token's logits)
+            idx = token_rows(batch, rows) + token_rows(batch, extra)  # (the rows give every token's logits)
             if hidden is None:
                 logits = _take(self.graphs.run(batch, late), idx)
             else:  # every row's logits and states; the states are copied out of the graph's buffer
@@ -192,6 +193,8 @@ class PagedRunner:
                                     for c in hidden.chunks}
                     return out
                 states = all_states[to_device(idx, all_states.device)]
+        elif graphed and hidden is None and self.graphs is not None and self.graphs.fits_mixed(batch, len(rows) + len(extra)):
+            logits = self.graphs.run_mixed(batch, token_rows(batch, rows) + token_rows(batch, extra), late)
         else:
             ids, meta = self.prepare(batch, rows, extra, late)
             chunks = hidden.chunks if hidden is not None else None
@@ -215,6 +218,8 @@ class PagedRunner:
         ends = [(c, 0) for c in range(len(batch.chunks))]
         if self.graphs is not None and self.graphs.fits(batch):
             return _take(self.graphs.run(batch), token_rows(batch, ends))
+        if self.graphs is not None and self.graphs.fits_mixed(batch, len(ends)):
+            return self.graphs.run_mixed(batch, token_rows(batch, ends))
         ids, meta = self.prepare(batch, [(c, b, None) for c, b in ends])
         return self.model(ids, cache=self.cache, meta=meta)[0]
 
@@ -235,24 +240,7 @@ class PagedRunner:
     def prepare(self, batch: Batch, rows: Step, extra: Extra = (), late: LateIds | None = None
                 ) -> tuple[torch.Tensor, AttnMetadata]:
         bs = self.block_size
-        ids, pos, slots, ctx, qlens, ends, tables = [], [], [], [], [], [], []
-        for seq, n in batch.chunks:
-            # queries keep their positions (RoPE); keys go to the next cache slots: a KV policy's eviction
-            # (lmforge.infer.kv.policy) leaves e = seq.evicted fewer slots than positions (0 without one)
-            s, e, table = seq.num_computed, seq.evicted, seq.block_table
-            if n == 1:  # a decode (most rows of a large batch): no slices or ranges to build
-                ids.append(token_at(seq, s))
-                pos.append(s)
-                slots.append(table[(s - e) // bs] * bs + (s - e) % bs)
-            else:
-                ids += seq.tokens[s:s + n]
-                tree = batch.trees.get(seq.seq_id) if batch.trees else None
-                pos += range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)
-                slots += [table[p // bs] * bs + p % bs for p in range(s - e, s - e + n)]  # tree nodes: node order
-            ctx.append(s - e + n)
-            qlens.append(n)
-            ends.append(len(ids) - 1)
-            tables.append(table)
+        ids, pos, slots, ctx, qlens, ends, tables = chunk_inputs(batch, bs)
         widths = [len(t) for t in tables]
         width = max(widths)
         N, S = len(ids), len(ctx)
@@ -280,6 +268,30 @@ class PagedRunner:
         if late is not None:
             late.write(flat[:N])
         return flat[:N][None], meta
+
+
+def chunk_inputs(batch: Batch, bs: int) -> tuple[list, ...]:
+    """The step's flat row on the host, chunk after chunk: token ids, positions, cache slots; per chunk its
+    context length after the step (in slots), query count, last token's index, block table."""
+    ids, pos, slots, ctx, qlens, ends, tables = [], [], [], [], [], [], []
+    for seq, n in batch.chunks:
+        # queries keep their positions (RoPE); keys go to the next cache slots: a KV policy's eviction
+        # (lmforge.infer.kv.policy) leaves e = seq.evicted fewer slots than positions (0 without one)
+        s, e, table = seq.num_computed, seq.evicted, seq.block_table
+        if n == 1:  # a decode (most rows of a large batch): no slices or ranges to build
+            ids.append(token_at(seq, s))
+            pos.append(s)
+            slots.append(table[(s - e) // bs] * bs + (s - e) % bs)
+        else:
+            ids += seq.tokens[s:s + n]
+            tree = batch.trees.get(seq.seq_id) if batch.trees else None
+            pos += range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)
+            slots += [table[p // bs] * bs + p % bs for p in range(s - e, s - e + n)]  # tree nodes: node order
+        ctx.append(s - e + n)
+        qlens.append(n)
+        ends.append(len(ids) - 1)
+        tables.append(table)
+    return ids, pos, slots, ctx, qlens, ends, tables
 
 
 def tree_chunk_positions(s: int, n: int, tree: list[int]) -> list[int]:

@@ -457,7 +457,7 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int) -> Non
         engine.draft_model = PagedDraftModel(draft, num_blocks, engine.config.block_size, engine.device,
                                              graphs=engine.runner.graphs_mode, max_batch=engine.config.max_num_seqs,
                                              chunk_rows=1 + engine.num_draft_tokens,
-                                             prompt_slots=engine.runner.prompt_slots)
+                                             mixed_tokens=engine.runner.mixed_tokens)
     if paged:  # verify chunks (chains, trees) replay graphs too
         engine.runner.allow_chunks(1 + engine.num_draft_tokens, trees=engine.draft_trees)
 

@@ -83,14 +83,18 @@ if triton is not None:
 
     @triton.jit
     def _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-                      SAFE: tl.constexpr = False):
+                      SAFE: tl.constexpr = False, MASK2D: tl.constexpr = False):
         """One tile of the online softmax (Milakov & Gimelshein 2018) for GP query rows: q·kᵀ and p·v on
         tensor cores in the cache's dtype (p rounded to it, as FlashAttention does), fp32 accumulation.
-        SAFE: a tile may have no visible key (tree rows): its maximum stays -inf without turning into NaN."""
+        ok: (BLOCK_S,) visible keys, every row alike, or with MASK2D (GP, BLOCK_S) per row (causal rows).
+        SAFE: a row may see no key of the tile (tree rows, causal rows): its maximum stays -inf, not NaN."""
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
         if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
             scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
-        scores = tl.where(ok[None, :], scores, float("-inf"))
+        if MASK2D:
+            scores = tl.where(ok, scores, float("-inf"))
+        else:
+            scores = tl.where(ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_use = m_new
         if SAFE:
@@ -322,6 +326,16 @@ def workspace(batch: int, n_heads: int, n_kv: int, head_dim: int, splits: int, d
             torch.zeros(programs, dtype=torch.int32, device=device))
 
 
+def _check_shapes(name: str, rows: str, q, k_cache, v_cache) -> tuple[int, int, int, int]:
+    """(rows, H, hd, KV) of q (rows, H, hd) and k/v caches (blocks, block_size, KV, hd), or a ValueError naming them."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"{name} wants q ({rows}, H, hd) and k/v caches (blocks, block_size, KV, hd) "
+                         f"alike; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
+    return (*q.shape, k_cache.shape[2])
+
+
 def _pad(n: int) -> int:
     """A tile side for n: a power of two, at least 16 (tl.dot's smallest)."""
     return max(16, triton.next_power_of_2(n))
@@ -341,13 +355,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     position, used instead of context_lens: written before the step began and with every other key from
     earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step), `tree` ((start,
     bits) int64 (B,) each: rows of a token tree, lmforge.model.meta.AttnMetadata.tree_rows)."""
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"paged_decode_attention wants q (B, H, hd) and k/v caches (blocks, block_size, KV, hd) "
-                         f"alike; got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
-    B, H, hd = q.shape
-    KV = k_cache.shape[2]
-    if H % KV:
-        raise ValueError(f"{H} query heads are not a multiple of {KV} kv heads")
+    B, H, hd, KV = _check_shapes("paged_decode_attention", "B", q, k_cache, v_cache)
     if block_tables.shape[0] != B or context_lens.shape[0] != B or block_tables.is_floating_point():
         raise ValueError(f"block_tables must be integer (B={B}, max_blocks) and context_lens (B,); got "
                          f"{tuple(block_tables.shape)} {block_tables.dtype} and {tuple(context_lens.shape)}")
@@ -382,4 +390,139 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         STAGES=stages, TREE=tree is not None, num_warps=warps, **_launch_opts(pdl))
+    return out
+
+
+VARLEN_TILE = 16
+"""query tokens per program of the varlen kernel (times the kv head's query heads: the program's rows)"""
+
+
+def varlen_tiles(query_lens, programs: int | None = None) -> tuple[list[int], list[int]]:
+    """The varlen kernel's work list: (sequence, first query) of each tile of VARLEN_TILE queries of each
+    sequence, padded with (-1, 0) (no work) to `programs` entries (a static grid: at most
+    ceil(tokens / VARLEN_TILE) + sequences tiles)."""
+    seqs, firsts = [], []
+    for s, n in enumerate(query_lens):
+        for q0 in range(0, n, VARLEN_TILE):
+            seqs.append(s)
+            firsts.append(q0)
+    if programs is not None:
+        if len(seqs) > programs:
+            raise ValueError(f"{len(seqs)} tiles do not fit a grid of {programs} programs")
+        seqs += [-1] * (programs - len(seqs))
+        firsts += [0] * (programs - len(firsts))
+    return seqs, firsts
+
+
+def varlen_programs(tokens: int, seqs: int) -> int:
+    """The most tiles `tokens` queries of `seqs` sequences make (varlen_tiles)."""
+    return -(-tokens // VARLEN_TILE) + seqs
+
+
+def paged_varlen_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           cu_q: torch.Tensor, context_lens: torch.Tensor, *, scale: float, softcap: float = 0.0,
+                           window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain definition of paged_varlen_attention, from device tensors only (so a CUDA graph can hold it): each
+    query token is a decode row of its sequence - the chunk of sequence s is its last n_s = cu_q[s+1] - cu_q[s]
+    of context_lens[s] keys, so its i-th query sees keys 0 .. context_lens[s] - n_s + i (bottom-right causal).
+    Tokens past cu_q[-1] (a static buffer's padding) get zeros."""
+    from lmforge.model.layers.attention import math_attention, visible
+
+    N = q.shape[0]
+    tok = torch.arange(N, device=q.device)
+    cu = cu_q.long()
+    seq = torch.searchsorted(cu[1:], tok, right=True).clamp(max=len(context_lens) - 1)  # each token's sequence
+    own = context_lens.long()[seq] - (cu[seq + 1] - cu[seq]) + (tok - cu[seq])  # its own key's slot
+    blocks = block_tables.long()[seq]  # (N, W): every token gathers its sequence's table
+    k = k_cache[blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)  # (N, KV, W·bs, hd)
+    v = v_cache[blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)
+    seen = visible(own, torch.arange(k.shape[2], device=q.device), window)  # (N, W·bs)
+    real = tok < cu[-1]
+    out = math_attention(q[:, :, None], k, v, seen[:, None, None], scale=scale, softcap=softcap, sinks=sinks)[:, :, 0]
+    return torch.where(real[:, None, None], out, 0.0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_varlen_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, cu_ptr, ctx_ptr, tseq_ptr, tq0_ptr, sinks_ptr, out_ptr,
+                             s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_bt, scale, softcap, window, H,
+                             GROUP: tl.constexpr, GP: tl.constexpr, TM: tl.constexpr, HD: tl.constexpr,
+                             HDP: tl.constexpr, BS: tl.constexpr, BLOCK_S: tl.constexpr, SOFTCAP: tl.constexpr,
+                             WINDOW: tl.constexpr, SINKS: tl.constexpr, F32: tl.constexpr, PRECISION: tl.constexpr):
+        """Program (tile, kv head): TM consecutive queries of one sequence times the GROUP query heads of one kv
+        head (TM·GP rows, every key read once for all of them), an online softmax over the keys up to the
+        tile's last query, each row masked to its own causal prefix (and window). A tile of sequence -1 is
+        padding (no work)."""
+        p, kvh = tl.program_id(0), tl.program_id(1)
+        sq = tl.load(tseq_ptr + p)
+        if sq >= 0:
+            q0 = tl.load(tq0_ptr + p)
+            start = tl.load(cu_ptr + sq)
+            n = tl.load(cu_ptr + sq + 1) - start
+            ctx = tl.load(ctx_ptr + sq)
+            r = tl.arange(0, TM * GP)
+            i, g = q0 + r // GP, r % GP  # the row's query (within the chunk) and query head (within the group)
+            row_ok = (i < n) & (g < GROUP)
+            head = kvh * GROUP + g
+            own = ctx - n + i  # the query's own key slot: it sees slots <= own
+            d = tl.arange(0, HDP)
+            d_ok = d < HD
+            offs = ((start + i) * H + head)[:, None] * HD + d[None, :]
+            o_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptr + offs, mask=o_mask, other=0.0)
+            if F32:
+                q = q.to(tl.float32)
+            hi = tl.minimum(ctx - n + q0 + TM, ctx)  # past the tile's last query's key
+            lo = 0
+            if WINDOW:  # slots <= own - window are outside every row's window
+                lo = tl.maximum(ctx - n + q0 - window + 1, 0)
+            m_i = tl.full([TM * GP], float("-inf"), tl.float32)
+            l_i = tl.zeros([TM * GP], dtype=tl.float32)
+            acc = tl.zeros([TM * GP, HDP], dtype=tl.float32)
+            for s0 in range(lo, hi, BLOCK_S):
+                s = s0 + tl.arange(0, BLOCK_S)
+                ok = s < hi
+                k = _kv_tile(k_ptr, bt_ptr, sq, s_bt, s, ok, kvh, s_kb, s_ks, s_kh, d, d_ok, BS, F32)
+                v = _kv_tile(v_ptr, bt_ptr, sq, s_bt, s, ok, kvh, s_vb, s_vs, s_vh, d, d_ok, BS, F32)
+                seen = ok[None, :] & (s[None, :] <= own[:, None])
+                if WINDOW:
+                    seen = seen & (s[None, :] > own[:, None] - window)
+                m_i, l_i, acc = _softmax_step(q, k, v, seen, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION,
+                                              True, True)
+            m_all = m_i
+            if SINKS:
+                sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")).to(tl.float32)
+                m_all = tl.maximum(m_all, sink)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+            alpha = tl.exp(m_i - m_all)
+            den = l_i * alpha
+            if SINKS:
+                den += tl.exp(sink - m_all)
+            den = tl.where(den == 0.0, 1.0, den)
+            tl.store(out_ptr + offs, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           cu_q: torch.Tensor, context_lens: torch.Tensor, tiles: tuple[torch.Tensor, torch.Tensor], *,
+                           scale: float, softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
+                           block: int = 64, warps: int = 4) -> torch.Tensor:
+    """Kernel version of paged_varlen_reference: q (N, H, hd) of a step's chunks back to back (cu_q (S + 1,)
+    int32 offsets), their keys already in the paged caches, context_lens (S,) int32, tiles (tile sequence,
+    first query) int32 (P,) from varlen_tiles. Reads only device tensors and launches a grid fixed by P, so a
+    CUDA graph of a mixed step (decodes and prefill chunks) holds it. Padding tokens (past cu_q[-1]) get zeros."""
+    N, H, hd, KV = _check_shapes("paged_varlen_attention", "N", q, k_cache, v_cache)
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or not q.is_contiguous():
+        raise ValueError("paged_varlen_attention needs contiguous q and a contiguous last cache dimension")
+    group = H // KV
+    out = torch.zeros_like(q)
+    _paged_varlen_kernel[(tiles[0].shape[0], KV)](
+        q, k_cache, v_cache, block_tables, cu_q, context_lens, tiles[0], tiles[1],
+        sinks if sinks is not None else q, out,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H,
+        GROUP=group, GP=triton.next_power_of_2(group), TM=VARLEN_TILE,
+        HD=hd, HDP=_pad(hd), BS=k_cache.shape[1], BLOCK_S=block, SOFTCAP=softcap > 0, WINDOW=window > 0,
+        SINKS=sinks is not None, F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
     return out

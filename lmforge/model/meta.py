@@ -92,6 +92,12 @@ class AttnMetadata:
     """varlen row: how many of each sequence's new tokens are speculative drafts (0: none; () = no sequence
     has any): a recurrent layer keeps its state after each token of such a chunk, so the engine can keep
     the state after the accepted ones (lmforge.infer.kv.state)"""
+    varlen_tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """the CUDA-graph layout of a step holding prefill chunks (lmforge.infer.graphs): (cu_q (S + 1,) int32 query
+    offsets of each sequence in the flat row, tile sequence (P,) int32, tile first query (P,) int32): every token
+    of the row is a query of its sequence's chunk, the last of its context_lens keys, attended from these device
+    tensors, context_lens and block_tables alone (lmforge.kernels.paged_attention.paged_varlen_attention); the
+    host lengths are unset. Tokens past cu_q[-1] are padding (their outputs are zeros). None = other layouts"""
     # tree attention (either layout) ------------------------------------------------------------------
     tree_parents: torch.Tensor | None = None
     """(B, T) parent of each new token among its sequence's new tokens (in the varlen row: an index

@@ -299,6 +299,9 @@ class PagedKVCache(PagedCache):
 
     decodes_tree_rows = True
     """decode rows with AttnMetadata.tree_rows are masked by them (the Triton decode kernel and the reference)"""
+    attends_varlen = True
+    """a step with AttnMetadata.varlen_tiles attends from device metadata alone (the varlen kernel where the decode
+    kernel runs, else its reference): the CUDA graphs of steps holding prefill chunks (lmforge.infer.graphs)"""
 
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
                  decode: str = "auto", prefill: str = "auto"):
@@ -329,6 +332,8 @@ class PagedKVCache(PagedCache):
         k, v = as_kept(k, kc.dtype), as_kept(v, vc.dtype)
         self._write(kc, k[0].transpose(0, 1), meta.slot_mapping)
         self._write(vc, v[0].transpose(0, 1), meta.slot_mapping)
+        if meta.varlen_tiles is not None:
+            return self._varlen(q, kc, vc, spec, meta)
         out = torch.empty_like(q)
         nd, hook = meta.num_decodes, self._probs_hook(layer)
         kernel = self.kernel if hook is None and not self.first_key else None
@@ -348,6 +353,22 @@ class PagedKVCache(PagedCache):
         if nd < len(meta.query_lens_host):
             self._prefill(layer, q, k, v, spec, meta, out, hook)
         return out
+
+    def _varlen(self, q, kc, vc, spec: AttnSpec, meta) -> torch.Tensor:
+        """Every token of the row as a query of its chunk, from device metadata alone (AttnMetadata.varlen_tiles):
+        the varlen kernel where the decode kernel runs, else its reference (no score hook: such steps never
+        replay graphs)."""
+        from lmforge.kernels.paged_attention import paged_varlen_attention, paged_varlen_reference
+
+        if self.first_key:
+            raise LmforgeError("a cache with first_key > 0 (a draft head's) has no varlen path")
+        cu, tile_seq, tile_q0 = meta.varlen_tiles
+        args = (q[0].transpose(0, 1).contiguous(), kc, vc, meta.block_tables, cu, meta.context_lens)
+        kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
+        out = self._kernel(paged_varlen_attention, (*args, (tile_seq, tile_q0)), kw) if self.kernel else None
+        if out is None:
+            out = paged_varlen_reference(*args, **kw)
+        return out.transpose(0, 1)[None]
 
     def _prefill(self, layer: int, q, k, v, spec: AttnSpec, meta, out: torch.Tensor, hook) -> None:
         """Every prefill chunk of the step: one varlen kernel call, or the per-sequence reference."""

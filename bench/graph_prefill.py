@@ -1,20 +1,20 @@
-"""Short prompts on the decode graphs (EngineConfig.graph_prompts) vs eager prefill steps, side by side in one run.
+"""Steps holding prefill chunks on CUDA graphs (EngineConfig.graph_prefill_tokens) vs eager, side by side in one run.
 
-    python bench/graph_prompts.py                 # a GPU: the Qwen3-0.6B shape, random init, bf16
-    python bench/graph_prompts.py --smoke         # toy fp32 model on CPU: checks every section runs
+    python bench/graph_prefill.py                 # a GPU: the Qwen3-0.6B shape, random init, bf16
+    python bench/graph_prefill.py --smoke         # toy fp32 model on CPU: checks every section runs
 
-A step holding a prefill chunk runs eagerly (one kernel launch per op of every layer, from Python) unless the
-chunk's sequence holds at most graph_prompts tokens after it: then every token is a decode row of one replayed
-graph (lmforge.infer.graphs), reading its own keys through the paged decode kernel. Sections:
-  check   graph_prompts on and off give the same greedy tokens (fp32 toy model on the device: exact) and the
-          same sampled log-probs within 1e-4
+A step holding a prefill chunk runs eagerly (one kernel launch per op of every layer, from Python) unless it holds at
+most graph_prefill_tokens tokens: then it replays the graph of its token bucket, attention through the Triton varlen
+kernel from device metadata (lmforge.infer.graphs). Sections:
+  check   graphs on and off give the same greedy tokens (fp32 toy model on the device) and the same sampled
+          log-probs within 1e-4
   ttft    time to first token of one request alone (prompt lengths --lengths, prefix caching off): median
           of --reps, after two warm-up requests per length (captures and compiles happen there)
-  mixed   the same, with --background requests decoding beside it: the first step that holds the prompt
+  mixed   the same, with --background requests decoding beside it: the step that holds the prompt
   served  --requests requests arriving one every --every engine steps (prompts uniform in [--lo, --hi], 32-256
           new tokens): wall time, output tokens/s, mean / p50 / p90 time to first token
-Each row runs graph_prompts=0 (eager prefill steps) and graph_prompts=512 on one model in the same process.
-Prints a table; writes JSON to $OUT (or bench/results)/graph_prompts.json.
+Each row runs graph_prefill_tokens=0 (eager prefill steps), 512 and 2048 on one model in the same process.
+Prints a table; writes JSON to $OUT (or bench/results)/graph_prefill.json.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from lmforge.model.transformer import Transformer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import COMMON, SHAPES, SMOKE, sync  # noqa: E402
 
-MODES = {"eager prefill steps": 0, "prompts on graphs (graph_prompts=512)": 512}
+MODES = {"eager prefill steps": 0, "graphs up to 512 tokens": 512, "graphs up to 2048 tokens": 2048}
 
 
 def build(args, dev, dtype, **extra) -> Transformer:
@@ -51,8 +51,8 @@ def build(args, dev, dtype, **extra) -> Transformer:
         return Transformer(ModelConfig(**kw)).to(dtype).eval()
 
 
-def engine_for(model, slots: int, args, **kw) -> Engine:
-    config = EngineConfig(graph_prompts=slots, cuda_graphs=True, prefix_caching=False,
+def engine_for(model, tokens: int, args, **kw) -> Engine:
+    config = EngineConfig(graph_prefill_tokens=tokens, cuda_graphs=True, prefix_caching=False,
                           max_num_seqs=args.max_num_seqs, **kw)
     return Engine(model, IdTokenizer(model.cfg.vocab_size), config)
 
@@ -84,8 +84,8 @@ def check(args, dev) -> dict:
     rng = random.Random(1)
     prompts = [prompt(rng, n, model.cfg.vocab_size) for n in (5, 40, 200, 7, 600, 90)]
     got = {}
-    for name, slots in MODES.items():
-        engine = engine_for(model, slots, args)
+    for name, tokens in MODES.items():
+        engine = engine_for(model, tokens, args)
         sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
         ids = []
         for p in prompts:  # arriving two steps apart: each prompt's step holds the others' decodes
@@ -95,16 +95,17 @@ def check(args, dev) -> dict:
         done = {}
         while engine.has_unfinished():
             done.update({o.request_id: o for o in engine.step() if o.finished})
-        got[slots] = [done[i].outputs[0] for i in ids]
-    same = all(a.token_ids == b.token_ids for a, b in zip(*got.values()))
-    gap = max(abs(x - y) for a, b in zip(*got.values()) for x, y in zip(a.logprobs, b.logprobs))
+        got[tokens] = [done[i].outputs[0] for i in ids]
+    eager, graphed = got[0], [v for k, v in got.items() if k]
+    same = all(a.token_ids == b.token_ids for outs in graphed for a, b in zip(eager, outs))
+    gap = max(abs(x - y) for outs in graphed for a, b in zip(eager, outs) for x, y in zip(a.logprobs, b.logprobs))
     return dict(same_tokens=same, max_logprob_gap=gap, ok=same and gap < 1e-4)
 
 
 def ttft(model, args, dev, background: int) -> dict:
     rng, out = random.Random(2), {}
-    for name, slots in MODES.items():
-        engine = engine_for(model, slots, args)
+    for name, tokens in MODES.items():
+        engine = engine_for(model, tokens, args)
         for _ in range(background):  # long-running decodes beside the timed prompts
             engine.add_request(prompt(rng, 64, model.cfg.vocab_size),
                                SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True))
@@ -127,8 +128,8 @@ def served(model, args, dev) -> dict:
     reqs = [(prompt(rng, rng.randint(args.lo, args.hi), model.cfg.vocab_size), rng.randint(32, 256))
             for _ in range(args.requests)]
     out = {}
-    for name, slots in MODES.items():
-        engine = engine_for(model, slots, args)
+    for name, tokens in MODES.items():
+        engine = engine_for(model, tokens, args)
         engine.add_request(reqs[0][0][:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         drain(engine)  # the first capture and compiles, outside the timing
         sync(dev)
@@ -197,7 +198,7 @@ def main(argv=None) -> dict:
                   f"{r['ttft_p50_ms']:8.2f} {r['ttft_p90_ms']:8.2f}" + (f"  ({r['graph_failed']})" if r["graph_failed"] else ""))
     out = Path(os.environ.get("OUT", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "graph_prompts.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "graph_prefill.json").write_text(json.dumps(res, indent=1, default=str))
     return res
 
 

@@ -13,6 +13,8 @@ kernel from device metadata (lmforge.infer.graphs). Sections:
   mixed   the same, with --background requests decoding beside it: the step that holds the prompt
   served  --requests requests arriving one every --every engine steps (prompts uniform in [--lo, --hi], 32-256
           new tokens): wall time, output tokens/s, mean / p50 / p90 time to first token
+  offline --offline-requests at once (nano-vllm's workload, bench/engine.py): eager prefill steps of 8192 and
+          2048 tokens vs 2048-token steps on graphs
 Each row runs graph_prefill_tokens=0 (eager prefill steps), 512 and 2048 on one model in the same process.
 Prints a table; writes JSON to $OUT (or bench/results)/graph_prefill.json.
 """
@@ -39,7 +41,7 @@ from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import COMMON, SHAPES, SMOKE, sync  # noqa: E402
+from engine import COMMON, SHAPES, SMOKE, run_engine, sync, workload  # noqa: E402
 
 MODES = {"eager prefill steps": 0, "graphs up to 512 tokens": 512, "graphs up to 2048 tokens": 2048}
 
@@ -155,11 +157,26 @@ def served(model, args, dev) -> dict:
     return out
 
 
+def offline(model, args, dev) -> dict:
+    """nano-vllm's workload (all requests at t=0, prompts and outputs uniform in [100, 1024]) with eager prefill steps
+    of 8192 and 2048 tokens and with 2048-token steps on graphs; the second of two passes timed (bench/engine.py)."""
+    reqs = workload(args.offline_requests, 100, 1024, model.cfg.vocab_size)
+    rows = {"eager prefill steps, 8192-token budget": (0, 8192), "eager prefill steps, 2048-token budget": (0, 2048),
+            "graphs up to 2048 tokens, 2048-token budget": (2048, 2048)}
+    out = {}
+    for name, (tokens, budget) in rows.items():
+        config = EngineConfig(graph_prefill_tokens=tokens, max_num_batched_tokens=budget, max_num_seqs=256)
+        res = run_engine(model, reqs, config, dev, passes=2)
+        out[name] = dict(tok_s=res["tok_s"], cold_tok_s=res["cold_tok_s"])
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    ap.add_argument("--sections", default="check,ttft,mixed,served")
+    ap.add_argument("--sections", default="check,ttft,mixed,served,offline")
+    ap.add_argument("--offline-requests", type=int, default=128)
     ap.add_argument("--lengths", default="16,64,128,256,512")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--background", type=int, default=32)
@@ -171,7 +188,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     if args.smoke:
-        args.lengths, args.reps, args.requests, args.background = [16, 64], 2, 8, 2
+        args.lengths, args.reps, args.requests, args.background, args.offline_requests = [16, 64], 2, 8, 2, 4
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     sections, res = set(args.sections.split(",")), {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
@@ -196,6 +213,11 @@ def main(argv=None) -> dict:
         for name, r in res["served"].items():
             print(f"  {name:40s} {r['wall_s']:8.2f} {r['tok_s']:8.0f} {r['ttft_mean_ms']:10.2f} "
                   f"{r['ttft_p50_ms']:8.2f} {r['ttft_p90_ms']:8.2f}" + (f"  ({r['graph_failed']})" if r["graph_failed"] else ""))
+    if "offline" in sections:
+        res["offline"] = offline(model, args, dev)
+        print(f"offline: {args.offline_requests} requests at once, prompts and outputs 100-1024 (second pass):")
+        for name, r in res["offline"].items():
+            print(f"  {name:45s} {r['tok_s']:8.0f} tok/s  (first pass {r['cold_tok_s']:.0f})")
     out = Path(os.environ.get("OUT", "bench/results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "graph_prefill.json").write_text(json.dumps(res, indent=1, default=str))

@@ -22,6 +22,7 @@ Prints a table; writes JSON to $OUT (or bench/results)/graph_prefill.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -53,7 +54,15 @@ def build(args, dev, dtype, **extra) -> Transformer:
         return Transformer(ModelConfig(**kw)).to(dtype).eval()
 
 
+def free(dev) -> None:
+    """Release the previous engines' KV pools and graphs (an engine's pool takes most of the free memory)."""
+    gc.collect()
+    if torch.device(dev).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def engine_for(model, tokens: int, args, **kw) -> Engine:
+    free(next(model.parameters()).device)
     config = EngineConfig(graph_prefill_tokens=tokens, cuda_graphs=True, prefix_caching=False,
                           max_num_seqs=args.max_num_seqs, **kw)
     return Engine(model, IdTokenizer(model.cfg.vocab_size), config)
@@ -166,6 +175,7 @@ def offline(model, args, dev) -> dict:
     out = {}
     for name, (tokens, budget) in rows.items():
         config = EngineConfig(graph_prefill_tokens=tokens, max_num_batched_tokens=budget, max_num_seqs=256)
+        free(dev)
         res = run_engine(model, reqs, config, dev, passes=2)
         out[name] = dict(tok_s=res["tok_s"], cold_tok_s=res["cold_tok_s"])
     return out

@@ -14,9 +14,10 @@ from lmforge.infer.kv.paged import DECODE, PREFILL, CacheStore
 from lmforge.infer.kv.policy import KVPolicy
 from lmforge.infer.scheduler import SchedulerConfig
 
-GRAPH_PREFILL_TOKENS = 0
+GRAPH_PREFILL_TOKENS = 512
 """EngineConfig.graph_prefill_tokens=None on a GPU: steps holding prefill chunks up to this many tokens replay CUDA
-graphs (0: off until the H200 A/B of bench/graph_prefill.py says otherwise)"""
+graphs (bench/graph_prefill.py on an H200, 2026-12-05: time to first token 33-37 -> 3.6-5.4 ms alone, a served
+workload of staggered arrivals 3.1x faster; docs/benchmarks.md)"""
 MAX_GRAPH_TOKENS = 16384
 """the largest graph_prefill_tokens: a graph's activations are held by the graphs' memory pool"""
 KERNEL_TUNE_MIN_PARAMS = 100_000_000

@@ -162,7 +162,7 @@ def test_the_varlen_kernel_serves_the_prefill_graphs(tok):
 
     if not available("cuda" if torch.cuda.is_available() else "cpu"):
         pytest.skip("needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
-    model = tiny_model("llama", init_std=0.3)
+    model = tiny_model("llama", init_std=0.3).to("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine(model, tok, EngineConfig(cuda_graphs=True, graph_prefill_tokens=48, block_size=4,
                                              decode_attention="kernel"))
     calls, kernel = [], pa.paged_varlen_attention

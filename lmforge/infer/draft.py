@@ -38,16 +38,25 @@ class _View:
 
 
 class PagedDraftModel:
+    """A draft model whose cache shares the target's block ids (the engine's pool): chains of k drafts, one
+    decode row per sequence per round, or with `fit` token trees (a TreeDrafter's, lmforge.infer.token_tree):
+    after the catch-up round, one tree-masked forward per depth over each sequence's nodes so far (slots L.. in
+    node order, AttnMetadata trees on the paged cache) gives the frontier's logits, whose top tokens (greedy) or
+    draws (sampled) are the next depth's nodes - the trees TreeDrafter's recomputing loop builds."""
+
     def __init__(self, model, num_blocks: int, block_size: int, device, graphs: str | None = None,
-                 max_batch: int = 256, chunk_rows: int = 1, mixed_tokens: int = 0):
+                 max_batch: int = 256, chunk_rows: int = 1, mixed_tokens: int = 0,
+                 fit=None):
         """graphs, max_batch, mixed_tokens: as the engine's runner (PagedRunner): rounds of single tokens,
-        catch-up chunks of up to chunk_rows tokens (the tokens accepted since the last round) and steps holding
-        prompts replay CUDA graphs."""
-        self.model = model.eval()
+        catch-up chunks of up to chunk_rows tokens (the tokens accepted since the last round), tree rounds and
+        steps holding prompts replay CUDA graphs. fit: k -> the widths of a tree of at most k nodes
+        (TreeDrafter.fit): trees instead of chains."""
+        self.model, self.fit = model.eval(), fit
         self.runner = PagedRunner(model, model.cache_spec(), num_blocks, block_size, device, graphs=graphs,
                                   max_batch=max_batch, mixed_tokens=mixed_tokens)
-        self.runner.allow_chunks(chunk_rows)
+        self.runner.allow_chunks(chunk_rows, trees=fit is not None)
         self.known: dict[int, tuple[int, int]] = {}  # seq_id -> (tokens with draft keys, preemptions seen)
+        self.tree_keys: dict[int, tuple[int, int]] = {}  # seq_id -> (its tree's first slot, nodes with keys)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.runner.cache.copy_blocks(pairs)
@@ -65,6 +74,11 @@ class PagedDraftModel:
         for seq, _, _, _ in items:
             done, pre = self.known.get(seq.seq_id, (0, seq.preemptions))
             views[seq.seq_id] = _View(list(seq.tokens), done if pre == seq.preemptions else 0, seq.block_table, seq.seq_id)
+        if self.fit is not None:  # sequences whose room fits the same tree shape draft together
+            groups: dict[tuple[int, ...], list] = {}
+            for it in items:
+                groups.setdefault(self.fit(it[1]), []).append(it)
+            return {sid: out for widths, group in groups.items() for sid, out in self._trees(group, views, widths).items()}
         out = {seq.seq_id: ([], []) for seq, _, _, _ in items}
         for r in range(max(k for _, k, _, _ in items)):
             chunks = []
@@ -88,8 +102,55 @@ class PagedDraftModel:
             self.known[seq.seq_id] = (views[seq.seq_id].num_computed, seq.preemptions)
         return {sid: (d, torch.stack(q) if q else None) for sid, (d, q) in out.items()}
 
+    def _trees(self, items, views, widths: tuple[int, ...]) -> dict[int, tuple[DraftTree, torch.Tensor | None]]:
+        """widths[d] children of each node of depth d (TreeDrafter's rule, `fit` to each sequence's room): the
+        first depth from the catch-up round's last logits, each deeper one from a tree-masked forward over the
+        nodes so far. Tree slots are stale after verification (known = the context)."""
+        order = sorted(items, key=lambda it: len(it[0].tokens) - views[it[0].seq_id].num_computed != 1)
+        logits = self.runner.logits_at_ends(Batch(chunks=[(views[it[0].seq_id], len(it[0].tokens)
+                                                           - views[it[0].seq_id].num_computed) for it in order]))
+        tokens = {it[0].seq_id: [] for it in items}
+        qs = {it[0].seq_id: [] for it in items}
+        parents, frontier, written = [], [-1], 0
+        for depth, w in enumerate(widths):
+            for j, (seq, _, procs, greedy) in enumerate(order):  # logits rows: sequences x frontier nodes
+                for i in range(len(frontier)):
+                    tokens[seq.seq_id] += _children(logits[j * len(frontier) + i], w, procs, greedy, seq.generator,
+                                                    qs[seq.seq_id])
+            parents += [node for node in frontier for _ in range(w)]
+            frontier = list(range(len(parents) - len(frontier) * w, len(parents)))
+            if depth + 1 == len(widths):
+                break
+            n = len(parents)
+            batch = Batch(chunks=[(_View(list(it[0].tokens) + tokens[it[0].seq_id], len(it[0].tokens),
+                                         it[0].block_table, it[0].seq_id), n) for it in order])
+            if n > 1:  # (a one-node tree is a decode row after the context)
+                batch.trees = {it[0].seq_id: list(parents) for it in order}
+            logits = self.runner.logits_at(batch, [(c, n - 1 - node) for c in range(len(order)) for node in frontier])
+            written = n
+        for seq, _, _, _ in items:
+            self.known[seq.seq_id] = (len(seq.tokens), seq.preemptions)
+            self.tree_keys[seq.seq_id] = (len(seq.tokens), written)
+        return {sid: (DraftTree(t, parents), torch.stack(qs[sid]) if qs[sid] else None) for sid, t in tokens.items()}
+
+    def tree_accepted(self, seq, path: list[int], src: list[int], dst: list[int]) -> None:
+        """The target kept these nodes of seq's tree (path, root to leaf) and moved their keys from slots src to
+        dst (lmforge.model.meta.accepted_slots): the draft's keys move the same way, so its next catch-up
+        starts after the accepted nodes it wrote (all but a deepest-level node), not at the tree's first slot -
+        a sliding-window engine drops blocks behind the target's next query, which an earlier start could need."""
+        first, written = self.tree_keys.pop(seq.seq_id, (None, 0))
+        if first is None or seq.seq_id not in self.known:
+            return
+        keep = 0
+        while keep < len(path) and path[keep] < written:
+            keep += 1
+        if src:  # (moving a deepest node's unwritten slot too: beyond `known`, rewritten before it is read)
+            self.runner.move_positions(seq.block_table, src, dst)
+        self.known[seq.seq_id] = (first + keep, self.known[seq.seq_id][1])
+
     def forget(self, seq) -> None:
         self.known.pop(seq.seq_id, None)
+        self.tree_keys.pop(seq.seq_id, None)
 
 
 def is_draft_head(draft) -> bool:
@@ -282,7 +343,7 @@ class PagedDraftHead:
             for j, b in enumerate(live):
                 it = items[b]
                 for i in range(len(frontier)):
-                    tokens[b] += _children(logits[j * len(frontier) + i], w, it, qs[b])
+                    tokens[b] += _children(logits[j * len(frontier) + i], w, it.procs, it.greedy, it.gen, qs[b])
             parents += [node for node in frontier for _ in range(w)]
             frontier = list(range(len(parents) - len(frontier) * w, len(parents)))
             live = [b for b in live if len(parents) < items[b].k]  # deeper nodes would be trimmed
@@ -299,12 +360,12 @@ class PagedDraftHead:
         return [(DraftTree(t, parents[:len(t)]), torch.stack(q) if q else None) for t, q in zip(tokens, qs)]
 
 
-def _children(logits: torch.Tensor, w: int, it, qs: list) -> list[int]:
-    """A tree node's w children from the head's (V,) logits there: its top tokens (greedy), or w draws with
+def _children(logits: torch.Tensor, w: int, procs, greedy: bool, gen, qs: list) -> list[int]:
+    """A tree node's w children from the drafter's (V,) logits there: its top tokens (greedy), or w draws with
     replacement from its processed distribution (sampled; the q row goes to qs once per child)."""
-    logits = apply_processors(it.procs, logits[None].float(), None)[0]
-    if it.greedy:
+    logits = apply_processors(procs, logits[None].float(), None)[0]
+    if greedy:
         return logits.topk(w).indices.tolist()
     q = logits.softmax(-1)
     qs += [q] * w
-    return torch.multinomial(q, w, replacement=True, generator=it.gen).tolist()
+    return torch.multinomial(q, w, replacement=True, generator=gen).tolist()

@@ -79,7 +79,7 @@ from lmforge.infer.runner import (Extra, PagedRunner, RecomputeRunner, copy_weig
 from lmforge.infer.sampler import kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
-from lmforge.infer.speculative import attach_drafter, draft_step
+from lmforge.infer.speculative import attach_drafter, draft_step, pool_model
 from lmforge.utils import eval_mode
 
 Prompt = str | list[int]
@@ -129,7 +129,7 @@ class Engine:
             num_blocks = -(-config.max_num_seqs * self.max_seq_len // config.block_size)
             self.runner = RecomputeRunner(model, self.device)
         else:
-            draft_bytes = draft.cache_spec().bytes_per_token() if hasattr(draft, "cache_spec") else 0
+            draft_bytes = pool_model(draft).cache_spec().bytes_per_token() if pool_model(draft) is not None else 0
             num_blocks = pool_blocks(config, spec, self.device, self.max_seq_len, draft_bytes)
             # graphs pad every row's block table to a bucket: worth it over the kernel, which reads only each
             # row's keys, not over the gather reference (default: on a GPU when the kernel is there)
@@ -205,7 +205,7 @@ class Engine:
                                f"{self.config.max_num_batched_tokens}; raise it or turn chunked_prefill on")
         bound = self.kv_policy.policy.max_slots(self.config.max_num_batched_tokens) if self.kv_policy else None
         need = self.pool.request_blocks(len(ids), length, params.beam_width, self.window,
-                                        self.config.max_num_batched_tokens, bound)
+                                        self.config.max_num_batched_tokens + 1, bound)  # (+ a draft's lag)
         if need > self.pool.num_blocks:
             beams = f" in {params.beam_width} beams" if params.beam_width > 1 else ""
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{beams} needs {need} KV "
@@ -445,8 +445,10 @@ class Engine:
                 seq.finish = "length"  # a score-only request: its prompt is computed (and its log-probs read)
                 self.scheduler.finish(seq)
                 changed[seq.request.request_id] = seq.request
-            elif self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed
-                self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1)
+            elif self.window and seq.status == Status.RUNNING:  # the next query sits at num_computed; a draft
+                # model's next catch-up may start one token earlier (its last draft's key is never written)
+                lag = 1 if self.draft_model is not None else 0
+                self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1 - lag)
 
     def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
         """Append each extra row's entry to its request (rows come in position order; the row at

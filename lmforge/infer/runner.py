@@ -213,14 +213,18 @@ class PagedRunner:
         return _split(logits, states, rows, vocab_limit)
 
     def logits_at_ends(self, batch: Batch) -> torch.Tensor:
-        """(chunks, V) raw logits at each chunk's last token (a draft model's round): replayed from the
-        decode graphs where the batch fits them (single tokens; chunks up to graphs.chunk_rows), else eager."""
-        ends = [(c, 0) for c in range(len(batch.chunks))]
+        """(chunks, V) raw logits at each chunk's last token (a draft model's round)."""
+        return self.logits_at(batch, [(c, 0) for c in range(len(batch.chunks))])
+
+    def logits_at(self, batch: Batch, at: Extra) -> torch.Tensor:
+        """(len(at), V) raw logits at (chunk, tokens back from its last) positions (a draft model's rounds: chunk
+        ends, a tree's frontier nodes): replayed from the decode graphs where the batch fits them (single tokens;
+        chunks up to graphs.chunk_rows; trees where allowed) or from the mixed graphs, else eager."""
         if self.graphs is not None and self.graphs.fits(batch):
-            return _take(self.graphs.run(batch), token_rows(batch, ends))
-        if self.graphs is not None and self.graphs.fits_mixed(batch, len(ends)):
-            return self.graphs.run_mixed(batch, token_rows(batch, ends))
-        ids, meta = self.prepare(batch, [(c, b, None) for c, b in ends])
+            return _take(self.graphs.run(batch), token_rows(batch, at))
+        if self.graphs is not None and self.graphs.fits_mixed(batch, len(at)):
+            return self.graphs.run_mixed(batch, token_rows(batch, at))
+        ids, meta = self.prepare(batch, [(c, b, None) for c, b in at])
         return self.model(ids, cache=self.cache, meta=meta)[0]
 
     def run_pairs(self, batch: Batch, feats: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ from lmforge.infer.features import FeatureStream, HiddenAsk, hidden_ask
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.runner import PagedRunner
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.token_tree import DraftTree, greedy_path, sampled_path
+from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path, sampled_path
 from lmforge.model.cache import KVCache
 from lmforge.model.meta import accepted_slots
 
@@ -299,6 +299,8 @@ class Speculative:
         src, dst = accepted_slots(tree.parents, path, len(seq.tokens) - len(tree))
         if src:
             engine.runner.move_positions(seq.block_table, src, dst)
+        if hasattr(engine.draft_model, "tree_accepted"):  # a draft model drafting trees on the pool moves its own
+            engine.draft_model.tree_accepted(seq, path, src, dst)
         return [tree.tokens[i] for i in path], [0] + [i + 1 for i in path], nxt
 
     def metrics(self) -> dict:
@@ -453,13 +455,24 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int) -> Non
         draft = engine.draft_head = PagedDraftHead.for_engine(engine, draft, num_blocks)
         engine.scheduler.features_cached = True  # hits resume from the features kept with the blocks
     engine.make_drafter = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens)
-    if paged and hasattr(draft, "cache_spec") and not hasattr(draft, "propose"):
-        engine.draft_model = PagedDraftModel(draft, num_blocks, engine.config.block_size, engine.device,
+    model = pool_model(draft)
+    if paged and model is not None and engine.draft_head is None:  # a draft model (or a TreeDrafter's) on the pool
+        engine.draft_model = PagedDraftModel(model, num_blocks, engine.config.block_size, engine.device,
                                              graphs=engine.runner.graphs_mode, max_batch=engine.config.max_num_seqs,
                                              chunk_rows=1 + engine.num_draft_tokens,
-                                             mixed_tokens=engine.runner.mixed_tokens)
+                                             mixed_tokens=engine.runner.mixed_tokens,
+                                             fit=draft.fit if model is not draft else None)
     if paged:  # verify chunks (chains, trees) replay graphs too
         engine.runner.allow_chunks(1 + engine.num_draft_tokens, trees=engine.draft_trees)
+
+
+def pool_model(draft):
+    """What of a draft keeps a cache on the engine's pool (its bytes per token count in it): a draft model
+    (cache_spec(), no propose), a TreeDrafter's draft model (its own propose, not a subclass's), an EAGLE-style
+    head (cache_spec and pairs); None for drafters without one ('ngram', 'mtp', drafter objects, models without
+    cache_spec)."""
+    model = draft.model if isinstance(draft, TreeDrafter) and type(draft).propose is TreeDrafter.propose else draft
+    return model if callable(getattr(model, "cache_spec", None)) and not hasattr(model, "propose") else None
 
 
 def draft_step(engine, batch) -> None:

@@ -10,8 +10,9 @@ tree to the room the scheduler reserved). On the engine (lmforge.infer.speculati
   1. the target scores root + nodes as one chunk of the step's flat batch: the nodes' keys go to the
      chunk's slots in node order, their positions are the root's + depth (runner.tree_chunk_positions),
      and AttnMetadata.tree_parents makes each node see the cached prefix, the root and its own ancestors
-     only (lmforge.model.meta; every cache kind's mask through attention.tree_visible). Such a step runs
-     the eager path: no CUDA graph, no kernel step, prefill chunks on the reference attention;
+     only (lmforge.model.meta; every cache kind's mask through attention.tree_visible). Such a step runs no
+     kernel step; on the CUDA graphs each node is a decode row masked by its ancestor bits (lmforge.infer.graphs),
+     eagerly its attention runs the reference path;
   2. greedy verification (`greedy_path`) walks from the root, each time into the child whose token is
      the target's argmax there; the emitted tokens are the path + the target's argmax after its last
      node (the bonus token): exactly the target's greedy continuation;
@@ -127,10 +128,11 @@ def greedy_path(tree: DraftTree, target: list[int]) -> list[int]:
 class TreeDrafter:
     """Token trees from a small draft model sharing the target's tokenizer: widths[d] children after each
     node of depth d (the root: depth 0), its top tokens for greedy requests, drawn from its processed
-    distribution (independently, with replacement) for sampled ones. The draft recomputes: each depth is one forward over
-    the context + branch of every node of the previous depth, batched (rows of equal length, no cache),
-    so the drafter keeps no per-sequence state (preemption and forks need nothing). A first, plain
-    version: a cached draft, one forward per depth with the tree mask, is later work."""
+    distribution (independently, with replacement) for sampled ones. `propose` recomputes: each depth is one
+    forward over the context + branch of every node of the previous depth, batched (rows of equal length, no
+    cache), so it keeps no per-sequence state - the readable reference. A paged engine drafts the same trees on
+    its block pool instead (lmforge.infer.draft.PagedDraftModel with this drafter's `fit`: one tree-masked
+    forward per depth over a cached context), unless a subclass overrides propose."""
 
     proposes_trees = True
     """the engine scores this drafter's proposals as token trees"""

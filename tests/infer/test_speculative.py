@@ -403,3 +403,42 @@ def test_token_tree_rows_through_the_triton_decode_kernel(tok):
     assert [o.token_ids for o in outs] == [full_greedy(target.cpu(), tok.encode(p), n) for p in prompts]
     assert llm.engine.runner.cache.kernel is not None and any(key[3] for key in llm.engine.runner.graphs.entries)
     assert all(o.metrics["acceptance_rate"] == 1.0 for o in outs)
+
+
+@pytest.mark.parametrize("variant", ["llama", "sliding", "mla"])
+def test_tree_drafter_on_the_pool_drafts_treedrafters_trees(tok, variant):
+    """A TreeDrafter on a paged engine drafts on the pool (PagedDraftModel with its fit: one tree-masked forward
+    per depth over the nodes so far, on the draft's graphs where the cache reads tree rows) and proposes exactly
+    the trees TreeDrafter's recomputing loop builds from the same contexts (greedy; room-fitted widths near the
+    end included); after verification the draft's accepted keys move with the target's, so its next catch-up
+    starts after them (sliding windows drop blocks behind the target's next query)."""
+    from .test_attention_variants import VARIANTS
+
+    from lmforge.infer.draft import PagedDraftModel
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.token_tree import TreeDrafter
+
+    extra = {} if variant == "llama" else VARIANTS[variant]
+    target = tiny_model("llama", init_std=0.3, **extra)
+    drafter = TreeDrafter(tiny_model("llama", seed=5, n_layers=1, init_std=0.3, **extra), (2, 2, 1))
+    llm = LLM(target, tok, config=EngineConfig(cuda_graphs=True, block_size=4), draft=drafter)
+    paged = llm.engine.draft_model
+    assert isinstance(paged, PagedDraftModel) and paged.fit == drafter.fit
+    rounds, trees, starts = [], paged._trees, []
+
+    def checked(items, views, widths):
+        starts.extend(views[it[0].seq_id].num_computed for it in items)
+        out = trees(items, views, widths)
+        for seq, k, procs, greedy in items:
+            want, _ = drafter.propose(list(seq.tokens), k, procs, greedy, None)
+            rounds.append((out[seq.seq_id][0].tokens, out[seq.seq_id][0].parents) == (want.tokens, want.parents))
+        return out
+
+    paged._trees = checked
+    prompts, n = ["abcabcabc", "hello there", "q"], 15
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [full_greedy(target, tok.encode(p), n) for p in prompts]
+    assert len(rounds) > 6 and all(rounds)
+    assert max(starts) > 12  # catch-ups resumed after accepted nodes, not from 0
+    tree_graphs = any(key[3] for key in paged.runner.graphs.entries if key[0] != "mixed")
+    assert tree_graphs == (variant != "sliding")  # (trees on sliding windows stay eager: a node's slot is not its position)

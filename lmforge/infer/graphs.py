@@ -115,9 +115,7 @@ class DecodeGraphs:
         """logits (len(idx), V) at flat token indices idx of the batch's row (chunk after chunk, decodes first),
         from the graph of the step's token bucket; a view of the shared buffer the next step overwrites."""
         T = batch.num_tokens
-        W = self.max_blocks if self.cache.kernel is not None else min(  # the kernel reads each row's own blocks
-            _width(max(len(s.block_table) for s, _ in batch.chunks)), self.max_blocks)
-        key = ("mixed", max(16, _bucket(T)), W)
+        key = ("mixed", max(16, _bucket(T)), self.max_blocks)  # one table width: a step copies only its own
         entry = self.entries.get(key) or self._capture_mixed(*key[1:])
         Tp, S, Sp = key[1], len(batch.chunks), self.max_batch
         ids, pos, slots, ctx, qlens, _, tables = chunk_inputs(batch, self.block_size)
@@ -130,7 +128,10 @@ class DecodeGraphs:
         seqs[2 * Sp + 1:] = np.concatenate(varlen_tiles(qlens, entry.programs))
         copy_in(entry.host, torch.from_numpy(host))
         copy_in(entry.tree, torch.from_numpy(seqs))
-        copy_in(entry.tables[:S], host_block_tables(tables, S, W))
+        # the tables' used corner: entries past a row's context are never read (the kernel stops at its context,
+        # the reference masks them), so earlier steps' stale block ids may stay there
+        w = max(map(len, tables))
+        copy_in(entry.tables[:S, :w], host_block_tables(tables, S, w))
         if late is not None:
             late.write(entry.host)
         if entry.graph is not None:

@@ -5,6 +5,9 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 28, 2026-12-05: first `speculative` - TreeDrafter's trees now drafted on the block pool and its graphs,
+# the tree rows were 20-44 tok/s with the recomputing loop - then `mixedgraphs` again (mixed-step graphs now at the
+# full table width, one per token bucket) and `gputests`; spectests and mixedgraphs ran that session)
 # (session 27, 2026-12-05: first `spectests` - verify chunks on captured graphs and the unordered-slots kernel test,
 # never run on a GPU -, then `speculative` to measure them (its table now has the chain row without CUDA graphs
 # too: the A/B in one call): the drafted rows were host-bound eager forwards, 0.49 ms of device time in 13.7 ms

@@ -162,7 +162,7 @@ def served(model, args, dev) -> dict:
         t = sorted(first.values())
         out[name] = dict(wall_s=wall, tok_s=tokens / wall, steps=steps, ttft_mean_ms=1e3 * statistics.mean(t),
                          ttft_p50_ms=1e3 * t[len(t) // 2], ttft_p90_ms=1e3 * t[int(len(t) * 0.9)],
-                         graph_failed=engine.runner.graphs.failed)
+                         graph_failed=engine.runner.graphs.failed or engine.runner.graphs.failed_mixed)
     return out
 
 

@@ -47,7 +47,7 @@ from lmforge.model.meta import AttnMetadata
 from lmforge.utils import copy_in
 
 MAX_CHUNK_ROWS = 512
-"""the most rows of a step with chunks as rows (speculative verification, short prompts): the shared logits buffer is sized
+"""the most rows of a step with chunks as rows (speculative verification): the shared logits buffer is sized
 for the largest bucket (2048 rows x a 152k vocabulary: 0.6 GB in bf16) and such a step is compute-heavy anyway
 (vLLM's default largest capture is 512 as well); larger steps run eagerly"""
 
@@ -82,6 +82,8 @@ class DecodeGraphs:
         """the steps' output buffers, one per kind of output (`_shared`)"""
         self.failed: str | None = None
         """why capture failed (decode then runs eagerly, with a warning): kept for benchmarks' notes"""
+        self.failed_mixed: str | None = None
+        """the same for the mixed steps' graphs (those steps then run eagerly; decode keeps its graphs)"""
 
     def allow_chunks(self, n: int) -> None:
         """Run chunks of up to n tokens as rows (speculative verification; not for recurrent-state models)."""
@@ -108,7 +110,7 @@ class DecodeGraphs:
 
     def fits_mixed(self, batch, logits: int) -> bool:
         """A step the mixed graphs take (module docstring), `logits` rows asked of it."""
-        return (self.failed is None and not batch.trees and batch.num_tokens <= self.mixed_tokens
+        return (self.failed_mixed is None and not batch.trees and batch.num_tokens <= self.mixed_tokens
                 and len(batch.chunks) <= self.max_batch and logits <= self.max_batch)
 
     def run_mixed(self, batch, idx: list[int], late: LateIds | None = None) -> torch.Tensor:
@@ -127,7 +129,7 @@ class DecodeGraphs:
         seqs[Sp:Sp + S + 1] = np.cumsum([0, *qlens])
         seqs[2 * Sp + 1:] = np.concatenate(varlen_tiles(qlens, entry.programs))
         copy_in(entry.host, torch.from_numpy(host))
-        copy_in(entry.tree, torch.from_numpy(seqs))
+        copy_in(entry.seqs, torch.from_numpy(seqs))
         # the tables' used corner: entries past a row's context are never read (the kernel stops at its context,
         # the reference masks them), so earlier steps' stale block ids may stay there
         w = max(map(len, tables))
@@ -260,7 +262,7 @@ class DecodeGraphs:
     def _capture_mixed(self, Tp: int, W: int) -> "_Entry":
         """A mixed step's entry: Tp tokens (ids, positions, slots) and max_batch logits indices in one int64
         buffer, max_batch sequences' context lengths and query offsets and the tile list in one int32 buffer
-        (kept in the entry's `tree` field), their block tables."""
+        (`seqs`), their block tables."""
         dev, Sp = self.cache.device, self.max_batch
         programs = varlen_programs(Tp, Sp)
         host = torch.zeros(3 * Tp + Sp, dtype=torch.long, device=dev)
@@ -277,11 +279,12 @@ class DecodeGraphs:
             meta._derived.clear()
             return self._shared("logits", self.model(host[:Tp][None], cache=self.cache, meta=meta)[0])
 
-        entry = self.entries[("mixed", Tp, W)] = _Entry(host, tables, meta, step, tree=seqs, programs=programs)
-        return self._record(entry)
+        entry = self.entries[("mixed", Tp, W)] = _Entry(host, tables, meta, step, seqs=seqs, programs=programs)
+        return self._record(entry, "failed_mixed")
 
-    def _record(self, entry: "_Entry") -> "_Entry":
-        """Capture the entry's step into a CUDA graph (with use_graphs; a failed capture leaves it eager)."""
+    def _record(self, entry: "_Entry", failed: str = "failed") -> "_Entry":
+        """Capture the entry's step into a CUDA graph (with use_graphs; a failed capture leaves it eager and
+        says why in the attribute `failed` names: the steps of its kind then run eagerly)."""
         if not self.use_graphs:
             return entry
         step = entry.step
@@ -296,8 +299,10 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = step()
         except RuntimeError as e:  # an op that cannot be captured: the model still runs, eagerly
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            warnings.warn(f"CUDA graph capture failed ({self.failed}); decoding eagerly", stacklevel=2)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            setattr(self, failed, why)
+            steps = "steps holding prefill chunks run" if failed == "failed_mixed" else "decoding"
+            warnings.warn(f"CUDA graph capture failed ({why}); {steps} eagerly", stacklevel=3)
             return entry
         self.pool = graph.pool()
         entry.graph, entry.out = graph, out
@@ -318,8 +323,9 @@ class _Entry:
     feats: torch.Tensor | None = None
     """(B', d) a draft head's input features (pairs), else None"""
     tree: torch.Tensor | None = None
-    """(2, B') int64 each row's first tree slot and ancestor bits (AttnMetadata.tree_rows), else None; a mixed
-    step's int32 sequence buffer (context lengths, query offsets, tiles)"""
+    """(2, B') int64 each row's first tree slot and ancestor bits (AttnMetadata.tree_rows), else None"""
+    seqs: torch.Tensor | None = None
+    """a mixed step's int32 buffer: the sequences' context lengths, query offsets, then the tiles"""
     programs: int = 0
     """a mixed step's grid of varlen tiles"""
     graph: object | None = None

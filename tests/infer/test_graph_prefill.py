@@ -173,3 +173,34 @@ def test_the_varlen_kernel_serves_the_prefill_graphs(tok):
         pa.paged_varlen_attention = kernel
     assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 4) for p in PROMPTS[:3]]
     assert len(calls) >= 2 * model.cfg.n_layers  # every layer of at least two mixed steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_failed_mixed_capture_keeps_decode_graphs(tok):
+    """A model whose forward cannot be captured on mixed steps (a host sync there): those steps run eagerly with
+    a warning naming why, decode steps keep their graphs, and tokens stay the eager engine's."""
+    from torch import nn
+
+    class SyncsOnPrefill(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def cache_spec(self):
+            return self.model.cache_spec()
+
+        def forward(self, ids, positions=None, cache=None, meta=None):
+            if meta is not None and meta.varlen_tiles is not None:
+                int(meta.context_lens.max())  # a host sync: not capturable
+            return self.model(ids, positions, cache, meta)
+
+    model = SyncsOnPrefill(tiny_model("llama", init_std=0.3).cuda())
+    eager = greedy(Engine(model, tok, EngineConfig(cuda_graphs=False)), PROMPTS[:3])
+    engine = Engine(model, tok, EngineConfig(cuda_graphs=True, graph_prefill_tokens=48))
+    with pytest.warns(UserWarning, match="steps holding prefill chunks run eagerly"):
+        got = greedy(engine, PROMPTS[:3])
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in eager]
+    graphs = engine.runner.graphs
+    assert graphs.failed_mixed and graphs.failed is None
+    assert any(e.graph is not None for key, e in graphs.entries.items() if key[0] != "mixed")

@@ -28,8 +28,9 @@ its tokens back to back in the eager step's flat row, every layer's attention th
 device metadata alone (AttnMetadata.varlen_tiles: each sequence's query offsets, context length and block table,
 and a fixed grid of tiles of 16 queries, lmforge.kernels.paged_attention.paged_varlen_attention; its reference on
 a CPU), logits at up to max_batch positions (the sampled rows and prompt log-prob rows). A step admitting a prompt
-then costs one graph launch instead of an eager forward's hundreds of kernel launches. Longer steps, steps with
-token trees or hidden states asked and recurrent-state models run eagerly.
+then costs one graph launch instead of an eager forward's hundreds of kernel launches. Longer steps, steps where a
+sequence holds more than MIXED_MAX_CONTEXT keys, steps with token trees or hidden states asked and recurrent-state
+models run eagerly.
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ MAX_CHUNK_ROWS = 512
 """the most rows of a step with chunks as rows (speculative verification): the shared logits buffer is sized
 for the largest bucket (2048 rows x a 152k vocabulary: 0.6 GB in bf16) and such a step is compute-heavy anyway
 (vLLM's default largest capture is 512 as well); larger steps run eagerly"""
+
+
+MIXED_MAX_CONTEXT = 4096
+"""mixed steps replay graphs only while every sequence holds at most this many keys after the step: the varlen
+kernel reads a sequence's keys once per tile of 16 queries (in L2 at these lengths) and has no split over keys, so a
+very long context (a chunk continuing a long prompt, a decode beside it) runs eagerly, where the varlen
+FlashAttention kernel and the split decode kernel serve it (an unmeasured bound, set conservatively)"""
 
 
 def _bucket(n: int) -> int:
@@ -73,8 +81,9 @@ class DecodeGraphs:
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
         self.chunk_rows, self.max_rows = 1, self.max_batch
         """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
-        self.mixed_tokens = 0
-        """steps holding prefill chunks, up to this many tokens, replay graphs too (`allow_mixed`)"""
+        self.mixed_tokens, self.mixed_context = 0, MIXED_MAX_CONTEXT
+        """steps holding prefill chunks, up to this many tokens and keys per sequence, replay graphs too
+        (`allow_mixed`)"""
         self.trees = False
         """chunks ending in token trees run as rows too (`allow_trees`)"""
         self.pool = None
@@ -111,7 +120,8 @@ class DecodeGraphs:
     def fits_mixed(self, batch, logits: int) -> bool:
         """A step the mixed graphs take (module docstring), `logits` rows asked of it."""
         return (self.failed_mixed is None and not batch.trees and batch.num_tokens <= self.mixed_tokens
-                and len(batch.chunks) <= self.max_batch and logits <= self.max_batch)
+                and len(batch.chunks) <= self.max_batch and logits <= self.max_batch
+                and all(s.num_computed - s.evicted + n <= self.mixed_context for s, n in batch.chunks))
 
     def run_mixed(self, batch, idx: list[int], late: LateIds | None = None) -> torch.Tensor:
         """logits (len(idx), V) at flat token indices idx of the batch's row (chunk after chunk, decodes first),

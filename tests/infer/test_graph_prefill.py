@@ -204,3 +204,16 @@ def test_a_failed_mixed_capture_keeps_decode_graphs(tok):
     graphs = engine.runner.graphs
     assert graphs.failed_mixed and graphs.failed is None
     assert any(e.graph is not None for key, e in graphs.entries.items() if key[0] != "mixed")
+
+
+def test_long_contexts_keep_mixed_steps_eager(tok):
+    """A step where a sequence would hold more than mixed_context keys (MIXED_MAX_CONTEXT: the varlen kernel has no
+    split over keys) runs eagerly; the others replay graphs, and tokens stay the full forward's."""
+    model = tiny_model("llama", init_std=0.3)
+    engine = Engine(model, tok, EngineConfig(cuda_graphs=True, graph_prefill_tokens=48, block_size=4))
+    engine.runner.graphs.mixed_context = 25
+    seen = record_chunks(engine.runner.graphs)
+    outs = greedy(engine, PROMPTS[:3])
+    assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 8) for p in PROMPTS[:3]]
+    assert seen and 30 not in [n for chunks in seen for n in chunks]  # the 30-token prompt's step ran eagerly
+    assert all(n <= 25 for chunks in seen for n in chunks)

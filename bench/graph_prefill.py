@@ -13,6 +13,8 @@ kernel from device metadata (lmforge.infer.graphs). Sections:
   mixed   the same, with --background requests decoding beside it: the step that holds the prompt
   served  --requests requests arriving one every --every engine steps (prompts uniform in [--lo, --hi], 32-256
           new tokens): wall time, output tokens/s, mean / p50 / p90 time to first token
+  context one request decoding at each of --contexts keys and a 256-token prompt arriving: time to first token,
+          eager vs graphs with MIXED_MAX_CONTEXT lifted (its calibration)
   offline --offline-requests at once (nano-vllm's workload, bench/engine.py): eager prefill steps of 8192 and
           2048 tokens vs 2048-token steps on graphs
 Each row runs graph_prefill_tokens=0 (eager prefill steps), 512 and 2048 on one model in the same process.
@@ -166,6 +168,28 @@ def served(model, args, dev) -> dict:
     return out
 
 
+def long_context(args, dev, dtype) -> dict:
+    """Calibrates MIXED_MAX_CONTEXT: time to first token of a 256-token prompt beside one request decoding at a long
+    context, eager vs graphs forced past the bound (the varlen kernel reads that decode's keys in one program per
+    kv head, with no split over keys)."""
+    model = build(args, dev, dtype, max_seq_len=max(args.contexts) + 1024)
+    rng, out = random.Random(4), {}
+    for ctx in args.contexts:
+        row = {}
+        for name, tokens in (("eager", 0), ("graphs, bound lifted", 512)):
+            engine = engine_for(model, tokens, args)
+            engine.runner.graphs.mixed_context = 1 << 30
+            engine.add_request(prompt(rng, ctx, model.cfg.vocab_size),
+                               SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+            for _ in range(3):
+                engine.step()
+            times = [first_token_time(engine, dev, prompt(rng, 256, model.cfg.vocab_size)) for _ in range(args.reps + 2)]
+            row[name] = statistics.median(times[2:]) * 1e3
+            del engine
+        out[ctx] = row
+    return out
+
+
 def offline(model, args, dev) -> dict:
     """nano-vllm's workload (all requests at t=0, prompts and outputs uniform in [100, 1024]) with eager prefill steps
     of 8192 and 2048 tokens and with 2048-token steps on graphs; the second of two passes timed (bench/engine.py)."""
@@ -185,8 +209,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    ap.add_argument("--sections", default="check,ttft,mixed,served,offline")
+    ap.add_argument("--sections", default="check,ttft,mixed,served,context,offline")
     ap.add_argument("--offline-requests", type=int, default=128)
+    ap.add_argument("--contexts", default="2048,8192,32768", help="the long-context section's decode contexts")
     ap.add_argument("--lengths", default="16,64,128,256,512")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--background", type=int, default=32)
@@ -197,8 +222,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     args = ap.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.contexts = [int(x) for x in args.contexts.split(",")]
     if args.smoke:
         args.lengths, args.reps, args.requests, args.background, args.offline_requests = [16, 64], 2, 8, 2, 4
+        args.contexts = [300]
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     sections, res = set(args.sections.split(",")), {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
@@ -223,6 +250,11 @@ def main(argv=None) -> dict:
         for name, r in res["served"].items():
             print(f"  {name:40s} {r['wall_s']:8.2f} {r['tok_s']:8.0f} {r['ttft_mean_ms']:10.2f} "
                   f"{r['ttft_p50_ms']:8.2f} {r['ttft_p90_ms']:8.2f}" + (f"  ({r['graph_failed']})" if r["graph_failed"] else ""))
+    if "context" in sections:
+        res["context_ms"] = long_context(args, dev, dtype)
+        print("time to first token of a 256-token prompt beside one decode at a long context (ms, median):")
+        for ctx, row in res["context_ms"].items():
+            print(f"  context {ctx:6d}: " + "  ".join(f"{k} {v:7.2f}" for k, v in row.items()), flush=True)
     if "offline" in sections:
         res["offline"] = offline(model, args, dev)
         print(f"offline: {args.offline_requests} requests at once, prompts and outputs 100-1024 (second pass):")

@@ -124,9 +124,9 @@ case "${1:-}" in
   mixedgraphs) # steps holding prefill chunks on CUDA graphs (EngineConfig.graph_prefill_tokens, the Triton varlen
              # kernel) vs eager: the kernel's tests, then time to first token alone and beside 32 decodes and a served
              # workload of staggered arrivals
-    run mixed_tests 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_varlen.py \
+    run mixed_tests 130 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_varlen.py \
         tests/infer/test_graph_prefill.py tests/infer/test_cuda_graph.py
-    run graph_prefill 400 python bench/graph_prefill.py ;;
+    run graph_prefill 440 python bench/graph_prefill.py ;;
   speculative)  # the drafted rows 8-40x slower than plain decoding (2026-12-04, not understood): the table with the
                 # tree rows, then one prompt per variant under torch.profiler (kernels, syncs per token; traces in $OUT)
     run speculative 580 python bench/speculative.py --target-seconds 90 --draft-seconds 35 --ks 4 --prompts 3 \

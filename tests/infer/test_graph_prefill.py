@@ -86,7 +86,7 @@ def test_graphs_give_the_eager_steps_logprobs_and_prompt_logprobs(tok):
         check_prompt_logprobs(model, prompt, graphed.prompt_logprobs, 2)
 
 
-@pytest.mark.parametrize("variant", ["sliding", "sinks", "softcap", "qk-norm", "moe", "mla"])
+@pytest.mark.parametrize("variant", ["sliding", "window-pattern", "sinks", "softcap", "qk-norm", "moe", "mla"])
 def test_prefill_graphs_for_attention_variants(tok, variant):
     """Sliding windows (each query's own window), sinks, soft-capping, QK-norm and MoE layers on the mixed graphs:
     the full forward's greedy tokens. MLA's latent cache has no varlen path: its prefill steps stay eager."""

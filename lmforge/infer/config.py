@@ -44,8 +44,9 @@ class EngineConfig:
     kv_cache_dtype: str | None = None
     """the K/V (or MLA latent) cache's dtype: None = the model's; 'fp32', 'bf16', 'fp16' or 'fp8' (e4m3):
     a narrower cache holds more tokens in the same memory (pool_blocks counts its bytes). Keys and values,
-    the step's new ones included, are attended as the cache keeps them (rounded), in the model's dtype, by
-    the reference paths (the decode kernel and the batch-1 kernel step read the model's dtype: off)"""
+    the step's new ones included, are attended as the cache keeps them (rounded), read in the model's dtype by
+    the reference paths and the Triton paged kernels alike (the batch-1 kernel step reads the model's dtype only:
+    off)"""
     kv_cache: CacheStore | None = None
     """how the paged cache keeps keys and values (lmforge.infer.kv.paged.CacheStore: quantized or compressed
     K/V); None = PagedKVCache / PagedLatentCache at kv_cache_dtype"""

@@ -133,7 +133,7 @@ class Engine:
             num_blocks = pool_blocks(config, spec, self.device, self.max_seq_len, draft_bytes)
             # graphs pad every row's block table to a bucket: worth it over the kernel, which reads only each
             # row's keys, not over the gather reference (default: on a GPU when the kernel is there)
-            kernel = not narrow and decode_kernel(self.device, config.decode_attention) is not None
+            kernel = decode_kernel(self.device, config.decode_attention) is not None
             graphs = (config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda" and kernel
                       ) and allows["cuda_graphs"]
             self.runner = PagedRunner(model, spec, num_blocks, config.block_size, self.device, kv_dtype(config, spec),

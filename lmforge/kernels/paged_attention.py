@@ -87,7 +87,13 @@ if triton is not None:
         """One tile of the online softmax (Milakov & Gimelshein 2018) for GP query rows: q·kᵀ and p·v on
         tensor cores in the cache's dtype (p rounded to it, as FlashAttention does), fp32 accumulation.
         ok: (BLOCK_S,) visible keys, every row alike, or with MASK2D (GP, BLOCK_S) per row (causal rows).
-        SAFE: a row may see no key of the tile (tree rows, causal rows): its maximum stays -inf, not NaN."""
+        SAFE: a row may see no key of the tile (tree rows, causal rows): its maximum stays -inf, not NaN.
+        A cache kept in another dtype than q (EngineConfig.kv_cache_dtype: fp8 or bf16 keys under a wider model) is
+        read in q's, as the reference paths read it."""
+        if k.dtype != q.dtype:
+            k = k.to(q.dtype)
+        if v.dtype != q.dtype:
+            v = v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
         if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
             scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)

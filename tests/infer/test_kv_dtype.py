@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError
 from lmforge.infer.config import KV_DTYPES, pool_blocks
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kv.paged import as_kept
@@ -97,5 +97,24 @@ def test_refusals(tok):
         Engine(NoCache(model), tok, EngineConfig(kv_cache_dtype="bf16"))
     with pytest.raises(ConfigError, match="kernel_step=True"):
         Engine(model, tok, EngineConfig(kv_cache_dtype="bf16", kernel_step=True))
-    with pytest.raises(LmforgeError, match="decode_attention='kernel' reads the cache in the model's dtype"):
-        Engine(model, tok, EngineConfig(kv_cache_dtype="fp8", decode_attention="kernel"))
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8"])
+def test_the_paged_kernels_read_a_narrower_cache(tok, name):
+    """decode_attention='kernel' (on a CPU through Triton's interpreter) over a bf16 or fp8 cache: the decode kernel
+    (and, with graph_prefill_tokens, the varlen kernel of mixed steps) read the rounded keys in the model's dtype -
+    the tokens and log-probs of a forward over rounded keys."""
+    from lmforge.kernels.decode import available
+
+    if not available("cpu"):
+        pytest.skip("needs triton (TRITON_INTERPRET=1 on CPU)")
+    model = tiny_model("llama", init_std=0.3)
+    prompts = [[5, 17, 99, 3, 42, 7, 11], [8, 1, 2]]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    want = [reference(model, p, 6, KV_DTYPES[name]) for p in prompts]
+    for extra in (dict(), dict(cuda_graphs=True, graph_prefill_tokens=32)):
+        engine = Engine(model, tok, EngineConfig(kv_cache_dtype=name, decode_attention="kernel", block_size=4, **extra))
+        assert engine.runner.cache.kernel is not None
+        for out, (tokens, lps) in zip(run(engine, prompts, sp), want):
+            assert out.token_ids == tokens
+            assert out.logprobs == pytest.approx(lps, abs=1e-4)

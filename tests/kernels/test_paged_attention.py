@@ -173,3 +173,19 @@ def test_tree_rows_see_their_ancestors_only():
     for config in (None, (1, 16, 4), (4, 16, 4), (4, 16, 2, 1), (4, 16, 4, 0, 1), (2, 16, 4, 0, 3)):
         got = paged_decode_attention(q, k, v, tables, lens_t, scale=0.125, config=config, tree=(start, bits))
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_paged_kernel_reads_a_narrower_cache(cache_dtype):
+    """A cache kept narrower than the model (EngineConfig.kv_cache_dtype: bf16 or fp8 keys under an fp32 model; on a
+    GPU also fp8 under bf16) is read in q's dtype: the kernel equals the reference over the same rounded keys."""
+    from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+
+    q, k, v, tables, lens = _paged(3, 8, 2, 64, 16, [45, 5, 33], seed=7)
+    for qd in (torch.float32, torch.bfloat16) if DEV == "cuda" else (torch.float32,):
+        args = (q.to(qd), k.to(cache_dtype), v.to(cache_dtype), tables, lens)
+        want = paged_decode_attention_ref(*args, scale=0.125)
+        tol = 1e-4 if qd == torch.float32 else 2e-2
+        for config in (None, (1, 16, 4), (4, 16, 4, 0, 1)):
+            torch.testing.assert_close(paged_decode_attention(*args, scale=0.125, config=config).float(), want.float(),
+                                       atol=tol, rtol=tol)

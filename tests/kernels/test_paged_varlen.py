@@ -118,3 +118,16 @@ def test_tiles_cover_every_query_once():
     assert covered == [(s, q) for s, n in enumerate(lens) for q in range(n)]
     with pytest.raises(ValueError, match="do not fit"):
         varlen_tiles(lens, 3)
+
+
+@needs_triton
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_kernel_reads_a_narrower_cache(cache_dtype):
+    """Keys and values kept in bf16 or fp8 under an fp32 model: read in q's dtype, as the reference does."""
+    from lmforge.kernels.paged_attention import paged_varlen_attention, paged_varlen_reference, varlen_tiles
+
+    q, k, v, tables, cu, ctx = _step(8, 2, 64, 16, CHUNKS, seed=5)
+    args = (q, k.to(cache_dtype), v.to(cache_dtype), tables, cu, ctx)
+    tiles = tuple(torch.tensor(t, dtype=torch.int32, device=DEV) for t in varlen_tiles([n for n, _ in CHUNKS]))
+    want = paged_varlen_reference(*args, scale=0.125)
+    torch.testing.assert_close(paged_varlen_attention(*args, tiles, scale=0.125), want, atol=1e-4, rtol=1e-4)

@@ -308,11 +308,7 @@ class PagedKVCache(PagedCache):
         dtype = dtype or spec.dtype
         check_cache_dtype(dtype)
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
-        if dtype != spec.dtype:  # the decode kernel reads keys in the model's dtype: a narrower cache, the reference
-            if decode == "kernel":
-                raise LmforgeError(f"decode_attention='kernel' reads the cache in the model's dtype ({spec.dtype}), "
-                                   f"but the cache keeps {dtype}; use decode_attention='auto' or 'reference'")
-            decode = "reference"
+        # (a cache narrower than the model, EngineConfig.kv_cache_dtype: the kernels read it in q's dtype)
         self.kernel = decode_kernel(self.device, decode)  # resolved once: no import per layer call
         self.prefill_kernel, self.prefill_mode = prefill_kernel(self.device, prefill), prefill
         shape = lambda l: (num_blocks, block_size, l.kv_heads, l.head_dim)  # noqa: E731

@@ -217,3 +217,19 @@ def test_long_contexts_keep_mixed_steps_eager(tok):
     assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 8) for p in PROMPTS[:3]]
     assert seen and 30 not in [n for chunks in seen for n in chunks]  # the 30-token prompt's step ran eagerly
     assert all(n <= 25 for chunks in seen for n in chunks)
+
+
+def test_async_scheduling_feeds_the_mixed_graphs_late_tokens(tok):
+    """Under async scheduling a mixed step is launched before the previous step's tokens are read: its decode rows'
+    ids are copied into the graph's buffer on the device (LateIds), and tokens stay the full forward's."""
+    model = tiny_model("llama", init_std=0.3)
+    engine = Engine(model, tok, EngineConfig(cuda_graphs=True, graph_prefill_tokens=48, block_size=4,
+                                             async_scheduling=True))
+    seen = record_chunks(engine.runner.graphs)
+    late = []
+    run = engine.runner.graphs.run_mixed
+    engine.runner.graphs.run_mixed = lambda batch, idx, late_ids=None: late.append(late_ids is not None) or run(
+        batch, idx, late_ids)
+    outs = greedy(engine, PROMPTS)
+    assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 8) for p in PROMPTS]
+    assert seen and any(late)  # some mixed steps took device-side ids

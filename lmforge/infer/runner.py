@@ -88,8 +88,10 @@ class PagedRunner:
                           kernel_tune)
         self.graphs_mode, self.chunk_rows, self.trees = graphs, 1, False
         # mixed steps on graphs attend through the varlen kernel on a GPU (its reference gathers every token's
-        # whole block table); on a CPU the static-buffer step checks the logic
-        self.mixed_tokens = mixed_tokens if self.cache.kernel is not None or self.device.type != "cuda" else 0
+        # whole block table); on a CPU the static-buffer step checks the logic. A CacheStore's cache attends its
+        # own way (AttnMetadata.varlen_tiles unread): its mixed steps run eagerly
+        kernel_or_cpu = self.cache.kernel is not None or self.device.type != "cuda"
+        self.mixed_tokens = mixed_tokens if kernel_or_cpu and store is None else 0
         self._tree_rows_ok = (store is None and not self.has_state and getattr(self.cache, "decodes_tree_rows", False)
                               and not any(layer.window for layer in cache_spec.layers))
         self._make_backends()

@@ -89,3 +89,12 @@ def test_what_a_store_cannot_serve(tok):
 
     with pytest.raises(ConfigError, match="no recurrent-state layers"):
         Engine(tiny_state_model("hybrid"), tok, EngineConfig(kv_cache=Int8Store()))
+
+
+def test_a_store_keeps_mixed_steps_eager(tok):
+    """A CacheStore's cache attends its own way (AttnMetadata.varlen_tiles need not be read): graph_prefill_tokens
+    leaves its steps holding prefill chunks eager, while decode steps keep the graphs."""
+    engine = Engine(tiny_model("llama", init_std=0.3), tok, EngineConfig(kv_cache=Int8Store(), cuda_graphs=True,
+                                                                         graph_prefill_tokens=64, block_size=4))
+    assert engine.runner.mixed_tokens == 0 and engine.runner.graphs.mixed_tokens == 0
+    assert engine.runner.graphs is not None

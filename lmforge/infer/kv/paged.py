@@ -466,6 +466,7 @@ class CacheStore:
                                     slots one by one), 'prefix_caching', 'draft' (speculative decoding rewinds
                                     slots); the engine refuses an explicit request for one with this reason
                                     and leaves the default-on ones off
+    Steps holding prefill chunks run eagerly with a store (its attend never sees AttnMetadata.varlen_tiles).
     Models with recurrent-state layers keep the default cache."""
 
     def build(self, spec: CacheSpec, num_blocks: int, block_size: int, device, dtype, decode: str, prefill: str):

@@ -26,7 +26,7 @@ Mixed steps (prefill chunks beside decodes): where `allow_mixed(n)` was called (
 a step of up to n tokens holding prefill chunks replays a graph of its own per token bucket T' >= its token count:
 its tokens back to back in the eager step's flat row, every layer's attention through the varlen kernel from
 device metadata alone (AttnMetadata.varlen_tiles: each sequence's query offsets, context length and block table,
-and a fixed grid of tiles of 16 queries, lmforge.kernels.paged_attention.paged_varlen_attention; its reference on
+and a fixed grid of tiles of 16 queries, lmforge.kernels.paged_varlen.paged_varlen_attention; its reference on
 a CPU), logits at up to max_batch positions (the sampled rows and prompt log-prob rows). A step admitting a prompt
 then costs one graph launch instead of an eager forward's hundreds of kernel launches. Longer steps, steps where a
 sequence holds more than MIXED_MAX_CONTEXT keys, steps with token trees or hidden states asked and recurrent-state
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from lmforge.infer.runner import LateIds, chunk_inputs, host_block_tables, token_at, tree_chunk_positions
-from lmforge.kernels.paged_attention import varlen_programs, varlen_tiles
+from lmforge.kernels.paged_varlen import varlen_programs, varlen_tiles
 from lmforge.model.meta import AttnMetadata
 from lmforge.utils import copy_in
 

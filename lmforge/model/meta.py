@@ -96,7 +96,7 @@ class AttnMetadata:
     """the CUDA-graph layout of a step holding prefill chunks (lmforge.infer.graphs): (cu_q (S + 1,) int32 query
     offsets of each sequence in the flat row, tile sequence (P,) int32, tile first query (P,) int32): every token
     of the row is a query of its sequence's chunk, the last of its context_lens keys, attended from these device
-    tensors, context_lens and block_tables alone (lmforge.kernels.paged_attention.paged_varlen_attention); the
+    tensors, context_lens and block_tables alone (lmforge.kernels.paged_varlen.paged_varlen_attention); the
     host lengths are unset. Tokens past cu_q[-1] are padding (their outputs are zeros). None = other layouts"""
     # tree attention (either layout) ------------------------------------------------------------------
     tree_parents: torch.Tensor | None = None

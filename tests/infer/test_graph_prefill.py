@@ -157,7 +157,7 @@ def test_captured_prefill_graphs_match_eager(tok):
 def test_the_varlen_kernel_serves_the_prefill_graphs(tok):
     """decode_attention='kernel' (on a CPU through Triton's interpreter): the mixed steps' attention runs the varlen
     kernel (counted), not the reference, and tokens stay the full forward's."""
-    from lmforge.kernels import paged_attention as pa
+    from lmforge.kernels import paged_varlen as pa
     from lmforge.kernels.decode import available
 
     if not available("cuda" if torch.cuda.is_available() else "cpu"):

@@ -1,4 +1,4 @@
-"""Varlen attention over a paged cache from device metadata (lmforge/kernels/paged_attention.py:
+"""Varlen attention over a paged cache from device metadata (lmforge/kernels/paged_varlen.py:
 paged_varlen_attention, the mixed steps of the engine's CUDA graphs): the Triton kernel against its reference
 (each query a decode row of its sequence), and that reference against dense causal attention per sequence.
 On CPU the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
@@ -58,7 +58,7 @@ CHUNKS = [(1, 37), (20, 20), (5, 45), (1, 1), (40, 70), (17, 17)]
 
 @pytest.mark.parametrize("H,KV,hd,bs", [(4, 4, 64, 16), (8, 2, 128, 32), (6, 1, 40, 16), (4, 2, 16, 8)])
 def test_reference_is_causal_attention_per_sequence(H, KV, hd, bs):
-    from lmforge.kernels.paged_attention import paged_varlen_reference
+    from lmforge.kernels.paged_varlen import paged_varlen_reference
 
     args = _step(H, KV, hd, bs, CHUNKS, seed=H + hd, pad=5)
     got = paged_varlen_reference(*args, scale=hd ** -0.5)
@@ -71,7 +71,7 @@ def test_reference_is_causal_attention_per_sequence(H, KV, hd, bs):
 def test_kernel_matches_reference(H, KV, hd, bs):
     """MHA, GQA, MQA with a group of 6 (padded), head dims 16-128 (40 padded), block sizes 8-32; tiles padded to a
     larger static grid and padding tokens, as a CUDA graph's bucket holds them."""
-    from lmforge.kernels.paged_attention import (paged_varlen_attention, paged_varlen_reference, varlen_programs,
+    from lmforge.kernels.paged_varlen import (paged_varlen_attention, paged_varlen_reference, varlen_programs,
                                                  varlen_tiles)
 
     args = _step(H, KV, hd, bs, CHUNKS, seed=H + hd, pad=5)
@@ -87,7 +87,7 @@ def test_kernel_matches_reference(H, KV, hd, bs):
 def test_kernel_softcap_window_sinks(softcap, window, sinks):
     """A window shorter than a chunk (rows of one tile see different key ranges; some tiles hold no key a row
     sees), soft-capping and learned sinks: the reference's and dense attention's values."""
-    from lmforge.kernels.paged_attention import paged_varlen_attention, paged_varlen_reference, varlen_tiles
+    from lmforge.kernels.paged_varlen import paged_varlen_attention, paged_varlen_reference, varlen_tiles
 
     args = _step(8, 2, 64, 16, CHUNKS, seed=int(softcap) + window)
     s = torch.randn(8, generator=torch.Generator().manual_seed(3)).to(DEV) if sinks else None
@@ -101,7 +101,7 @@ def test_kernel_softcap_window_sinks(softcap, window, sinks):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_half_precision(dtype):
-    from lmforge.kernels.paged_attention import paged_varlen_attention, paged_varlen_reference, varlen_tiles
+    from lmforge.kernels.paged_varlen import paged_varlen_attention, paged_varlen_reference, varlen_tiles
 
     args = _step(8, 2, 64, 16, CHUNKS, dtype=dtype, seed=4)
     tiles = tuple(torch.tensor(t, dtype=torch.int32, device=DEV) for t in varlen_tiles([n for n, _ in CHUNKS]))
@@ -110,7 +110,7 @@ def test_kernel_half_precision(dtype):
 
 
 def test_tiles_cover_every_query_once():
-    from lmforge.kernels.paged_attention import VARLEN_TILE, varlen_programs, varlen_tiles
+    from lmforge.kernels.paged_varlen import VARLEN_TILE, varlen_programs, varlen_tiles
 
     lens = [1, 16, 17, 40, 1]
     seqs, firsts = varlen_tiles(lens, varlen_programs(sum(lens), len(lens)))
@@ -124,7 +124,7 @@ def test_tiles_cover_every_query_once():
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_kernel_reads_a_narrower_cache(cache_dtype):
     """Keys and values kept in bf16 or fp8 under an fp32 model: read in q's dtype, as the reference does."""
-    from lmforge.kernels.paged_attention import paged_varlen_attention, paged_varlen_reference, varlen_tiles
+    from lmforge.kernels.paged_varlen import paged_varlen_attention, paged_varlen_reference, varlen_tiles
 
     q, k, v, tables, cu, ctx = _step(8, 2, 64, 16, CHUNKS, seed=5)
     args = (q, k.to(cache_dtype), v.to(cache_dtype), tables, cu, ctx)

@@ -354,7 +354,7 @@ class PagedKVCache(PagedCache):
         """Every token of the row as a query of its chunk, from device metadata alone (AttnMetadata.varlen_tiles):
         the varlen kernel where the decode kernel runs, else its reference (no score hook: such steps never
         replay graphs)."""
-        from lmforge.kernels.paged_attention import paged_varlen_attention, paged_varlen_reference
+        from lmforge.kernels.paged_varlen import paged_varlen_attention, paged_varlen_reference
 
         if self.first_key:
             raise LmforgeError("a cache with first_key > 0 (a draft head's) has no varlen path")

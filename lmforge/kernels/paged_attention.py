@@ -110,6 +110,21 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
     @triton.jit
+    def _normalize(acc, m_i, l_i, sink, SINKS: tl.constexpr):
+        """Rows' outputs from an online softmax's running maxima, denominators and unnormalised sums (with SINKS
+        each row's learned sink logit joins the denominator); a row that saw no key gives zeros, not NaN."""
+        m_all = m_i
+        if SINKS:
+            m_all = tl.maximum(m_all, sink)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        alpha = tl.exp(m_i - m_all)
+        den = l_i * alpha
+        if SINKS:
+            den += tl.exp(sink - m_all)
+        den = tl.where(den == 0.0, 1.0, den)
+        return acc * (alpha / den)[:, None]
+
+    @triton.jit
     def _tree_ok(s, ok, t_start, t_bits):
         """ok where key slot s is below the row's first tree slot or, at or beyond it, a tree slot whose bit is
         set (its ancestors and itself: AttnMetadata.tree_rows)."""
@@ -259,20 +274,13 @@ if triton is not None:
                 m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION, TREE)
         o_off = (b * H + heads)[:, None] * HD + d[None, :]
         o_mask = g_ok[:, None] & d_ok[None, :]
-        if SINKS:
-            sink = tl.load(sinks_ptr + heads, mask=g_ok, other=float("-inf")).to(tl.float32)
         if used == 1:  # the row's only slice: the output itself
             if sp == 0:
-                m_all = m_i
+                sink = m_i
                 if SINKS:
-                    m_all = tl.maximum(m_all, sink)
-                m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # an empty row: zeros, not NaN
-                alpha = tl.exp(m_i - m_all)
-                den = l_i * alpha
-                if SINKS:
-                    den += tl.exp(sink - m_all)
-                den = tl.where(den == 0.0, 1.0, den)
-                tl.store(out_ptr + o_off, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+                    sink = tl.load(sinks_ptr + heads, mask=g_ok, other=float("-inf")).to(tl.float32)
+                o = _normalize(acc, m_i, l_i, sink, SINKS)
+                tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=o_mask)
         elif sp < used:
             mine = (row * SPLITS + sp) * GP + g  # this slice's rows of the partial results
             tl.store(part_o_ptr + mine[:, None] * HDP + d[None, :], acc)

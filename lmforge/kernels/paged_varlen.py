@@ -24,7 +24,7 @@ from lmforge.kernels.paged_attention import _check_shapes, _pad, triton
 if triton is not None:
     import triton.language as tl
 
-    from lmforge.kernels.paged_attention import _kv_tile, _softmax_step
+    from lmforge.kernels.paged_attention import _kv_tile, _normalize, _softmax_step
 
 
 VARLEN_TILE = 16
@@ -124,17 +124,10 @@ if triton is not None:
                     seen = seen & (s[None, :] > own[:, None] - window)
                 m_i, l_i, acc = _softmax_step(q, k, v, seen, m_i, l_i, acc, scale, softcap, SOFTCAP, PRECISION,
                                               True, True)
-            m_all = m_i
+            sink = m_i
             if SINKS:
                 sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")).to(tl.float32)
-                m_all = tl.maximum(m_all, sink)
-            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-            alpha = tl.exp(m_i - m_all)
-            den = l_i * alpha
-            if SINKS:
-                den += tl.exp(sink - m_all)
-            den = tl.where(den == 0.0, 1.0, den)
-            tl.store(out_ptr + offs, (acc * (alpha / den)[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+            tl.store(out_ptr + offs, _normalize(acc, m_i, l_i, sink, SINKS).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

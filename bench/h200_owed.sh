@@ -8,8 +8,9 @@
 # (session 28, 2026-12-05: first `speculative` - TreeDrafter's trees now drafted on the block pool and its graphs,
 # the tree rows were 20-44 tok/s with the recomputing loop - then `mixedgraphs` again (mixed-step graphs now at the
 # full table width, one per token bucket), then `alltests` (the paged kernels now read fp8/bf16 caches in q's dtype:
-# bf16 q over fp8 keys compiles only on a GPU; tests/kernels/test_paged_attention.py); spectests and mixedgraphs
-# ran that session)
+# bf16 q over fp8 keys compiles only on a GPU; tests/kernels/test_paged_attention.py) and `decode` (the decode
+# kernel's last softmax step became a shared helper, _normalize: expect no change); spectests and mixedgraphs ran
+# that session)
 # (session 27, 2026-12-05: first `spectests` - verify chunks on captured graphs and the unordered-slots kernel test,
 # never run on a GPU -, then `speculative` to measure them (its table now has the chain row without CUDA graphs
 # too: the A/B in one call): the drafted rows were host-bound eager forwards, 0.49 ms of device time in 13.7 ms

@@ -78,6 +78,8 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks, self.use_graphs = _bucket(max_batch), max_blocks, use_graphs
         self.entries: dict[tuple, _Entry] = {}
         """(rows B', width W', what the step returns, tree rows) -> its buffers and graph"""
+        self.mixed_entries: dict[tuple[int, int], _Entry] = {}
+        """mixed steps' (token bucket T', table width) -> its buffers and graph"""
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
         self.chunk_rows, self.max_rows = 1, self.max_batch
         """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
@@ -127,9 +129,9 @@ class DecodeGraphs:
         """logits (len(idx), V) at flat token indices idx of the batch's row (chunk after chunk, decodes first),
         from the graph of the step's token bucket; a view of the shared buffer the next step overwrites."""
         T = batch.num_tokens
-        key = ("mixed", max(16, _bucket(T)), self.max_blocks)  # one table width: a step copies only its own
-        entry = self.entries.get(key) or self._capture_mixed(*key[1:])
-        Tp, S, Sp = key[1], len(batch.chunks), self.max_batch
+        key = (max(16, _bucket(T)), self.max_blocks)  # one table width: a step copies only its own corner
+        entry = self.mixed_entries.get(key) or self._capture_mixed(*key)
+        Tp, S, Sp = key[0], len(batch.chunks), self.max_batch
         ids, pos, slots, ctx, qlens, _, tables = chunk_inputs(batch, self.block_size)
         host = np.zeros(3 * Tp + Sp, np.int64)  # padding tokens: token 0 at position 0, into the scratch slot
         host[:T], host[Tp:Tp + T], host[2 * Tp:3 * Tp] = ids, pos, self.scratch_slot
@@ -289,7 +291,7 @@ class DecodeGraphs:
             meta._derived.clear()
             return self._shared("logits", self.model(host[:Tp][None], cache=self.cache, meta=meta)[0])
 
-        entry = self.entries[("mixed", Tp, W)] = _Entry(host, tables, meta, step, seqs=seqs, programs=programs)
+        entry = self.mixed_entries[(Tp, W)] = _Entry(host, tables, meta, step, seqs=seqs, programs=programs)
         return self._record(entry, "failed_mixed")
 
     def _record(self, entry: "_Entry", failed: str = "failed") -> "_Entry":

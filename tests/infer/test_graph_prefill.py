@@ -47,7 +47,7 @@ def greedy(engine, prompts, n: int = 8, **kw) -> list:
 
 
 def mixed_keys(engine) -> set:
-    return {key for key in engine.runner.graphs.entries if key[0] == "mixed"}
+    return set(engine.runner.graphs.mixed_entries)
 
 
 @pytest.mark.parametrize("config", [
@@ -67,7 +67,7 @@ def test_prefill_steps_on_graphs_match_the_reference(arch, tok, config):
     assert max(prefills) == 30 if budget > 30 else budget - 2 <= max(prefills) <= budget  # the 30-token prompt's
     if budget > 70:  # the 70-token prompt's step ran eagerly
         assert 70 not in prefills
-    assert all(key[1] >= 16 and key[1] & (key[1] - 1) == 0 for key in mixed_keys(engine))  # token buckets
+    assert all(key[0] >= 16 and key[0] & (key[0] - 1) == 0 for key in mixed_keys(engine))  # token buckets
 
 
 def test_graphs_give_the_eager_steps_logprobs_and_prompt_logprobs(tok):
@@ -151,7 +151,9 @@ def test_captured_prefill_graphs_match_eager(tok):
     for a, b in zip(got, eager):
         assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-3)
     assert max(n for chunks in seen for n in chunks) == 30
-    assert mixed_keys(engine) and all(e.graph is not None for e in engine.runner.graphs.entries.values())
+    graphs = engine.runner.graphs
+    entries = [*graphs.entries.values(), *graphs.mixed_entries.values()]
+    assert mixed_keys(engine) and all(e.graph is not None for e in entries)
 
 
 def test_the_varlen_kernel_serves_the_prefill_graphs(tok):
@@ -203,7 +205,7 @@ def test_a_failed_mixed_capture_keeps_decode_graphs(tok):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in eager]
     graphs = engine.runner.graphs
     assert graphs.failed_mixed and graphs.failed is None
-    assert any(e.graph is not None for key, e in graphs.entries.items() if key[0] != "mixed")
+    assert any(e.graph is not None for e in graphs.entries.values())
 
 
 def test_long_contexts_keep_mixed_steps_eager(tok):

@@ -78,7 +78,8 @@ class PagedDraftModel:
             groups: dict[tuple[int, ...], list] = {}
             for it in items:
                 groups.setdefault(self.fit(it[1]), []).append(it)
-            return {sid: out for widths, group in groups.items() for sid, out in self._trees(group, views, widths).items()}
+            trees = [self._trees(group, views, widths) for widths, group in groups.items()]
+            return {sid: out for drafted in trees for sid, out in drafted.items()}
         out = {seq.seq_id: ([], []) for seq, _, _, _ in items}
         for r in range(max(k for _, k, _, _ in items)):
             chunks = []

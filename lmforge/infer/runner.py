@@ -195,7 +195,8 @@ class PagedRunner:
                                     for c in hidden.chunks}
                     return out
                 states = all_states[to_device(idx, all_states.device)]
-        elif graphed and hidden is None and self.graphs is not None and self.graphs.fits_mixed(batch, len(rows) + len(extra)):
+        elif (graphed and hidden is None and self.graphs is not None
+              and self.graphs.fits_mixed(batch, len(rows) + len(extra))):
             logits = self.graphs.run_mixed(batch, token_rows(batch, rows) + token_rows(batch, extra), late)
         else:
             ids, meta = self.prepare(batch, rows, extra, late)

@@ -20,7 +20,9 @@ runner.prepare; `graphs` = the same through the CUDA-graph backend's static buff
 run eagerly here: its input building is what a GPU's decode-only steps pay; prepare = graphs.run minus
 the stub forward); `mixed` =
 the same decodes plus a 512-token prompt prefilled whole in the step (a new request arriving; it is
-aborted after the step so the batch stays put); `async` = the decode steps with async scheduling
+aborted after the step so the batch stays put), eagerly through runner.prepare; `mixed-g` = that step through the
+mixed-step graphs' static buffers (EngineConfig.graph_prefill_tokens=1024; prepare = graphs.run_mixed minus the
+stub forward); `async` = the decode steps with async scheduling
 (EngineConfig.async_scheduling; the other rows run without it): the same host work in another order
 (each step launches the next before `post` reads the previous one), none of it on the device's critical
 path on a GPU while it stays below the device's step time (~12 ms at batch 256 on an H200). Prompts of the decoding sequences are uniform in
@@ -53,7 +55,7 @@ from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model.cache import CacheSpec, LayerCacheSpec  # noqa: E402
 
 PHASES = ("schedule", "prepare", "forward", "sample", "post")
-KINDS = ("decode", "graphs", "mixed", "async")
+KINDS = ("decode", "graphs", "mixed", "mixed-g", "async")
 
 
 class StubModel(torch.nn.Module):
@@ -82,11 +84,11 @@ def params_for(sampling: str, i: int) -> SamplingParams:
 
 
 def decoding_engine(batch: int, vocab: int, sampling: str, graphs: bool = False, device: str = "cpu",
-                    async_scheduling: bool = False) -> tuple[Engine, StubModel]:
+                    async_scheduling: bool = False, mixed_tokens: int = 0) -> tuple[Engine, StubModel]:
     """An engine whose `batch` sequences have their prompts in the cache: the next step is decode-only."""
     model = StubModel(vocab, batch + 1).to(device)
     config = EngineConfig(max_num_seqs=batch + 1, num_kv_tokens=(batch + 1) * 4096, cuda_graphs=graphs,
-                          kernel_step=False, async_scheduling=async_scheduling)
+                          kernel_step=False, async_scheduling=async_scheduling, graph_prefill_tokens=mixed_tokens)
     engine = Engine(model, IdTokenizer(vocab), config)
     rng = random.Random(0)
     for i in range(batch):
@@ -97,7 +99,7 @@ def decoding_engine(batch: int, vocab: int, sampling: str, graphs: bool = False,
     return engine, model
 
 
-def timed_phases(engine: Engine, model: StubModel, spent: dict[str, float]):
+def timed_phases(engine: Engine, model: StubModel, spent: dict[str, float], mixed: bool = False):
     """Wrap the phases' entry points to add their seconds to `spent` (undo with the returned function)."""
     def wrap(obj, name, phase):
         fn = getattr(obj, name)
@@ -111,7 +113,8 @@ def timed_phases(engine: Engine, model: StubModel, spent: dict[str, float]):
         setattr(obj, name, run)
         return lambda: setattr(obj, name, fn) if obj is runner_mod else delattr(obj, name)
 
-    inputs = (engine.runner.graphs, "run") if engine.runner.graphs is not None else (engine.runner, "prepare")
+    graphs = engine.runner.graphs
+    inputs = (engine.runner, "prepare") if graphs is None else (graphs, "run_mixed" if mixed else "run")
     undo = [wrap(engine.scheduler, "schedule", "schedule"), wrap(*inputs, "prepare"),
             wrap(model, "forward", "forward"), wrap(runner_mod, "sample_rows", "sample")]
     return lambda: [u() for u in undo]
@@ -120,16 +123,16 @@ def timed_phases(engine: Engine, model: StubModel, spent: dict[str, float]):
 def measure(batch: int, kind: str, steps: int, vocab: int, sampling: str, prof: cProfile.Profile | None,
             device: str = "cpu") -> dict:
     """Median ms per phase over `steps` timed steps (medians: the box is shared and single steps stall)."""
-    engine, model = decoding_engine(batch, vocab, sampling, graphs=kind == "graphs", device=device,
-                                    async_scheduling=kind == "async")
+    engine, model = decoding_engine(batch, vocab, sampling, graphs=kind in ("graphs", "mixed-g"), device=device,
+                                    async_scheduling=kind == "async", mixed_tokens=1024 if kind == "mixed-g" else 0)
     rng = random.Random(1)
     spent = dict.fromkeys(PHASES + ("step",), 0.0)
-    undo = timed_phases(engine, model, spent)
+    undo = timed_phases(engine, model, spent, mixed=kind == "mixed-g")
     samples = []
     try:
         for i in range(steps + 1):  # the first step warms up (allocations, first-call caches)
             rid = None
-            if kind == "mixed":
+            if kind.startswith("mixed"):
                 rid = engine.add_request([rng.randrange(vocab) for _ in range(512)], params_for(sampling, 10**6 + i))
             spent.update(dict.fromkeys(spent, 0.0))
             if prof is not None and i > 0:
@@ -139,7 +142,7 @@ def measure(batch: int, kind: str, steps: int, vocab: int, sampling: str, prof: 
             spent["step"] = time.perf_counter() - t0
             if prof is not None:
                 prof.disable()
-            if kind == "graphs":  # graphs.run calls the forward
+            if kind in ("graphs", "mixed-g"):  # graphs.run / run_mixed call the forward
                 spent["prepare"] -= spent["forward"]
             if i > 0:
                 spent["post"] = spent["step"] - sum(spent[p] for p in PHASES if p != "post")
@@ -166,7 +169,7 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(1)
     print(f"host ms per step, V={args.vocab}, {args.sampling}, {args.steps} steps, {args.device}, "
           f"torch {torch.__version__}")
-    print(f"{'batch':>5} {'step':>6} " + " ".join(f"{p:>9}" for p in PHASES + ("total",)) + f" {'us/seq':>8}")
+    print(f"{'batch':>5} {'step':>7} " + " ".join(f"{p:>9}" for p in PHASES + ("total",)) + f" {'us/seq':>8}")
     rows = []
     for batch in map(int, args.batches.split(",")):
         for kind in KINDS:
@@ -174,7 +177,7 @@ def main(argv=None) -> list[dict]:
             row = measure(batch, kind, args.steps, args.vocab, args.sampling, prof, args.device)
             rows.append(row)
             ms = row["ms"]
-            print(f"{batch:>5} {kind:>6} " + " ".join(f"{ms[p]:>9.3f}" for p in PHASES + ("step",))
+            print(f"{batch:>5} {kind:>7} " + " ".join(f"{ms[p]:>9.3f}" for p in PHASES + ("step",))
                   + f" {row['us_per_seq']:>8.1f}", flush=True)
             if prof is not None:
                 text = io.StringIO()

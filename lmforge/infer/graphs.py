@@ -27,10 +27,11 @@ a step of up to n tokens holding prefill chunks replays a graph of its own per t
 its tokens back to back in the eager step's flat row, every layer's attention through the varlen kernel from
 device metadata alone (AttnMetadata.varlen_tiles: each sequence's query offsets, context length and block table,
 and a fixed grid of tiles of 16 queries, lmforge.kernels.paged_varlen.paged_varlen_attention; its reference on
-a CPU), logits at up to max_batch positions (the sampled rows and prompt log-prob rows). A step admitting a prompt
-then costs one graph launch instead of an eager forward's hundreds of kernel launches. Longer steps, steps where a
-sequence holds more than MIXED_MAX_CONTEXT keys, steps with token trees or hidden states asked and recurrent-state
-models run eagerly.
+a CPU), logits at up to max_batch positions (the sampled rows and prompt log-prob rows) and, for a drafter reading
+the target's features, every token's hidden states (a graph of its own per return_hidden value). A step admitting a
+prompt then costs one graph launch instead of an eager forward's hundreds of kernel launches. Longer steps, steps
+where a sequence holds more than MIXED_MAX_CONTEXT keys, steps with token trees and recurrent-state models run
+eagerly.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks, self.use_graphs = _bucket(max_batch), max_blocks, use_graphs
         self.entries: dict[tuple, _Entry] = {}
         """(rows B', width W', what the step returns, tree rows) -> its buffers and graph"""
-        self.mixed_entries: dict[tuple[int, int], _Entry] = {}
-        """mixed steps' (token bucket T', table width) -> its buffers and graph"""
+        self.mixed_entries: dict[tuple, _Entry] = {}
+        """mixed steps' (token bucket T', table width, what the step returns) -> its buffers and graph"""
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
         self.chunk_rows, self.max_rows = 1, self.max_batch
         """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
@@ -125,11 +126,13 @@ class DecodeGraphs:
                 and len(batch.chunks) <= self.max_batch and logits <= self.max_batch
                 and all(s.num_computed - s.evicted + n <= self.mixed_context for s, n in batch.chunks))
 
-    def run_mixed(self, batch, idx: list[int], late: LateIds | None = None) -> torch.Tensor:
-        """logits (len(idx), V) at flat token indices idx of the batch's row (chunk after chunk, decodes first),
-        from the graph of the step's token bucket; a view of the shared buffer the next step overwrites."""
+    def run_mixed(self, batch, idx: list[int], late: LateIds | None = None, hidden=None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (len(idx), V) at flat token indices idx of the batch's row (chunk after chunk, decodes first),
+        with hidden (the model's return_hidden) every token's states (T, D), else None), from the graph of the
+        step's token bucket: views of the shared buffers the next step overwrites."""
         T = batch.num_tokens
-        key = (max(16, _bucket(T)), self.max_blocks)  # one table width: a step copies only its own corner
+        key = (max(16, _bucket(T)), self.max_blocks, hidden)  # one table width: a step copies only its own corner
         entry = self.mixed_entries.get(key) or self._capture_mixed(*key)
         Tp, S, Sp = key[0], len(batch.chunks), self.max_batch
         ids, pos, slots, ctx, qlens, _, tables = chunk_inputs(batch, self.block_size)
@@ -153,7 +156,7 @@ class DecodeGraphs:
             out = entry.out
         else:
             out = entry.step()
-        return out[:len(idx)]
+        return (out[:len(idx)], None) if hidden is None else (out[0][:len(idx)], out[1][:T])
 
     def run(self, batch, late: LateIds | None = None, hidden: bool | tuple[int, ...] | None = None,
             feats: torch.Tensor | None = None):
@@ -228,7 +231,9 @@ class DecodeGraphs:
         rows are read before the next step writes them (the same stream), as with a buffer per bucket."""
         key = (role, tuple(t.shape[1:]), t.dtype)
         buf = self.outputs.get(key)
-        if buf is None:  # (first made by a warm-up step, outside any capture)
+        if buf is None or buf.shape[0] < t.shape[0]:  # (made by a warm-up step, outside any capture; a larger
+            # one replaces it for the graphs captured from now on - a mixed bucket's every-token states - while
+            # earlier graphs keep writing the old one, which their outputs keep alive)
             rows = max(self.max_batch, self.max_rows, t.shape[0])
             buf = self.outputs[key] = torch.empty(rows, *t.shape[1:], dtype=t.dtype, device=t.device)
         out = buf[:t.shape[0]]
@@ -271,10 +276,10 @@ class DecodeGraphs:
         entry = self.entries[(Bp, W, what, tree)] = _Entry(host, tables, meta, step, feats, rows_tree)
         return self._record(entry)
 
-    def _capture_mixed(self, Tp: int, W: int) -> "_Entry":
+    def _capture_mixed(self, Tp: int, W: int, what) -> "_Entry":
         """A mixed step's entry: Tp tokens (ids, positions, slots) and max_batch logits indices in one int64
         buffer, max_batch sequences' context lengths and query offsets and the tile list in one int32 buffer
-        (`seqs`), their block tables."""
+        (`seqs`), their block tables; what: None (logits) or a return_hidden value (and every token's states)."""
         dev, Sp = self.cache.device, self.max_batch
         programs = varlen_programs(Tp, Sp)
         host = torch.zeros(3 * Tp + Sp, dtype=torch.long, device=dev)
@@ -285,13 +290,17 @@ class DecodeGraphs:
         tiles = (seqs[Sp:2 * Sp + 1], seqs[2 * Sp + 1:2 * Sp + 1 + programs], seqs[2 * Sp + 1 + programs:])
         meta = AttnMetadata(positions=host[Tp:2 * Tp][None], slot_mapping=host[2 * Tp:3 * Tp],
                             context_lens=seqs[:Sp], logits_indices=host[3 * Tp:], block_tables=tables,
-                            block_size=self.block_size, varlen_tiles=tiles)
+                            block_size=self.block_size, varlen_tiles=tiles,
+                            hidden_indices=None if what is None else torch.arange(Tp, device=dev))
 
         def step():
             meta._derived.clear()
-            return self._shared("logits", self.model(host[:Tp][None], cache=self.cache, meta=meta)[0])
+            if what is None:
+                return self._shared("logits", self.model(host[:Tp][None], cache=self.cache, meta=meta)[0])
+            logits, states = self.model(host[:Tp][None], cache=self.cache, meta=meta, return_hidden=what)
+            return self._shared("logits", logits[0]), self._shared("states", states[0])
 
-        entry = self.mixed_entries[(Tp, W)] = _Entry(host, tables, meta, step, seqs=seqs, programs=programs)
+        entry = self.mixed_entries[(Tp, W, what)] = _Entry(host, tables, meta, step, seqs=seqs, programs=programs)
         return self._record(entry, "failed_mixed")
 
     def _record(self, entry: "_Entry", failed: str = "failed") -> "_Entry":

@@ -181,13 +181,11 @@ class PagedRunner:
             logits = logits[:1].float() if logits.dtype != torch.float32 else logits[:1].clone()
             if len(rows) > 1:
                 logits = logits.repeat(len(rows), 1)  # every row samples the one sequence (no index list)
-        elif graphed and self.graphs is not None and self.graphs.fits(batch):
-            idx = token_rows(batch, rows) + token_rows(batch, extra)  # (the rows give every token's logits)
-            if hidden is None:
-                logits = _take(self.graphs.run(batch, late), idx)
-            else:  # every row's logits and states; the states are copied out of the graph's buffer
-                every, all_states = self.graphs.run(batch, late, hidden.layers)
-                logits = _take(every, idx)
+        elif graphed and self.graphs is not None and (self.graphs.fits(batch)
+                                                      or self.graphs.fits_mixed(batch, len(rows) + len(extra))):
+            idx = token_rows(batch, rows) + token_rows(batch, extra)
+            logits, all_states = self._replay(batch, idx, late, hidden.layers if hidden is not None else None)
+            if hidden is not None:  # every token's states, copied out of the graph's buffer
                 if hidden.chunks is not None:  # every position of these chunks, in order
                     first = np.cumsum([0] + [n for _, n in batch.chunks]).tolist()
                     out = _split(logits, None, rows, vocab_limit)
@@ -195,9 +193,6 @@ class PagedRunner:
                                     for c in hidden.chunks}
                     return out
                 states = all_states[to_device(idx, all_states.device)]
-        elif (graphed and hidden is None and self.graphs is not None
-              and self.graphs.fits_mixed(batch, len(rows) + len(extra))):
-            logits = self.graphs.run_mixed(batch, token_rows(batch, rows) + token_rows(batch, extra), late)
         else:
             ids, meta = self.prepare(batch, rows, extra, late)
             chunks = hidden.chunks if hidden is not None else None
@@ -215,6 +210,16 @@ class PagedRunner:
                 return out
         return _split(logits, states, rows, vocab_limit)
 
+    def _replay(self, batch: Batch, idx: list[int], late: LateIds | None, layers
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits at flat token indices idx, every token's states with layers = a return_hidden value, else
+        None) from the decode graphs (every token a row) or, for a step holding prefill chunks, the mixed graphs."""
+        if self.graphs.fits(batch):
+            out = self.graphs.run(batch, late, hidden=layers)
+            every, states = (out, None) if layers is None else out
+            return _take(every, idx), states
+        return self.graphs.run_mixed(batch, idx, late, hidden=layers)
+
     def logits_at_ends(self, batch: Batch) -> torch.Tensor:
         """(chunks, V) raw logits at each chunk's last token (a draft model's round)."""
         return self.logits_at(batch, [(c, 0) for c in range(len(batch.chunks))])
@@ -226,7 +231,7 @@ class PagedRunner:
         if self.graphs is not None and self.graphs.fits(batch):
             return _take(self.graphs.run(batch), token_rows(batch, at))
         if self.graphs is not None and self.graphs.fits_mixed(batch, len(at)):
-            return self.graphs.run_mixed(batch, token_rows(batch, at))
+            return self.graphs.run_mixed(batch, token_rows(batch, at))[0]
         ids, meta = self.prepare(batch, [(c, b, None) for c, b in at])
         return self.model(ids, cache=self.cache, meta=meta)[0]
 

@@ -62,13 +62,15 @@ PROMPTS = [SHARED + [5, 6, 7, 8], SHARED + [9], torch.randint(1, 257, (5,), gene
            torch.randint(1, 257, (21,), generator=G).tolist()]
 
 
-@pytest.mark.parametrize("case", ["chain", "tree", "layers", "recompute", "graphs", "layers+graphs"])
+@pytest.mark.parametrize("case", ["chain", "tree", "layers", "recompute", "graphs", "layers+graphs", "mixed",
+                                  "layers+mixed"])
 def test_drafter_gets_every_verified_feature_once_in_order(case):
     """Four requests (a shared prefix, n = 2, a seeded sampled one, a 21-token prompt in chunks of 7) on a pool
     that preempts: each sequence's features, handed step by step, are those of its whole verified context
     (accepted drafts' included, rejected ones' not); greedy outputs are the target's; every sequence's
     drafter state is released. "graphs": verify steps (and short chunks) run on the decode graphs' static
-    buffers, which return every row's features (copied out of the buffer the next step overwrites)."""
+    buffers, which return every row's features (copied out of the buffer the next step overwrites); "mixed": steps
+    holding prompt chunks too, on the mixed graphs (every token's features)."""
     model = tiny_model("llama", init_std=0.1, n_layers=3 if "layers" in case else 2)
     layers = (0, 2, 1) if "layers" in case else None
     toy = trained_toy(model, layers, (2, 2, 1) if case == "tree" else None)
@@ -76,12 +78,15 @@ def test_drafter_gets_every_verified_feature_once_in_order(case):
     reqs = [(PROMPTS[0], greedy), (PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)),
             (PROMPTS[2], SamplingParams(temperature=0.8, seed=4, max_tokens=12, ignore_eos=True)),
             (PROMPTS[3], greedy)]
-    config = EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7, cuda_graphs="graphs" in case)
+    config = EngineConfig(block_size=4, num_kv_tokens=40, max_num_batched_tokens=7,
+                          cuda_graphs="graphs" in case or "mixed" in case, graph_prefill_tokens=16 * ("mixed" in case))
     engine = Engine(NoCacheSpec(model) if case == "recompute" else model, IdTokenizer(257), config, draft=toy,
                     num_draft_tokens=3)
     outs = run_all(engine, reqs)
     if "graphs" in case:  # verify chunks ran there, asking for the features
         assert any(key[2] is not None and key[0] > 4 for key in engine.runner.graphs.entries)
+    if "mixed" in case:  # steps holding prompt chunks ran there, asking for every token's features
+        assert any(key[2] is not None for key in engine.runner.graphs.mixed_entries)
     for (p, sp), out in zip(reqs, outs):
         if sp.greedy:
             assert all(o.token_ids == full_greedy(model, p, sp.max_tokens) for o in out.outputs)
@@ -276,14 +281,15 @@ class LastRowProbe(ToyEagle):
         return [], None
 
 
-@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("graphs", [False, True, "mixed"])
 def test_last_row_drafters_get_layer_features_and_bad_settings_are_refused(graphs):
     model = tiny_model("llama", n_layers=3)
     probe = LastRowProbe(model, hidden_layers=(2, 0))
-    engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=4, cuda_graphs=graphs), draft=probe,
-                    num_draft_tokens=2)
+    config = EngineConfig(block_size=4, cuda_graphs=bool(graphs), graph_prefill_tokens=32 * (graphs == "mixed"))
+    engine = Engine(model, IdTokenizer(257), config, draft=probe, num_draft_tokens=2)
     run_all(engine, [(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))])
     assert not graphs or any(key[2] == (2, 0) for key in engine.runner.graphs.entries)
+    assert graphs != "mixed" or any(key[2] == (2, 0) for key in engine.runner.graphs.mixed_entries)
     assert len(probe.record) == 3  # after the prefill's token, before the 2nd, 3rd, 4th (the 5th has no room)
     for ctx, hidden in probe.record.values():
         torch.testing.assert_close(hidden, reference(model, ctx, (2, 0))[-2], atol=1e-5, rtol=1e-5)

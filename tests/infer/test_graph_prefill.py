@@ -24,9 +24,9 @@ def record_chunks(graphs) -> list[list[int]]:
     """Wrap graphs.run_mixed to record the chunk lengths of every step it runs."""
     seen, run = [], graphs.run_mixed
 
-    def recording(batch, idx, late=None):
+    def recording(batch, idx, late=None, **kw):
         seen.append([n for _, n in batch.chunks])
-        return run(batch, idx, late)
+        return run(batch, idx, late, **kw)
 
     graphs.run_mixed = recording
     return seen
@@ -230,8 +230,8 @@ def test_async_scheduling_feeds_the_mixed_graphs_late_tokens(tok):
     seen = record_chunks(engine.runner.graphs)
     late = []
     run = engine.runner.graphs.run_mixed
-    engine.runner.graphs.run_mixed = lambda batch, idx, late_ids=None: late.append(late_ids is not None) or run(
-        batch, idx, late_ids)
+    engine.runner.graphs.run_mixed = lambda batch, idx, late_ids=None, **kw: late.append(late_ids is not None) or run(
+        batch, idx, late_ids, **kw)
     outs = greedy(engine, PROMPTS)
     assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 8) for p in PROMPTS]
     assert seen and any(late)  # some mixed steps took device-side ids

@@ -235,3 +235,38 @@ def test_async_scheduling_feeds_the_mixed_graphs_late_tokens(tok):
     outs = greedy(engine, PROMPTS)
     assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 8) for p in PROMPTS]
     assert seen and any(late)  # some mixed steps took device-side ids
+
+
+def test_a_mixed_workload_gives_the_eager_engines_outputs(tok):
+    """Greedy, seeded sampling, n = 2, beam search, penalties, prompt log-probs and a stop string, arriving two steps
+    apart on a pool small enough to preempt: the engine with mixed-step graphs gives the eager engine's tokens,
+    texts and log-probs."""
+    model = tiny_model("llama", init_std=0.3)
+    asks = [dict(temperature=0), dict(temperature=0.8, seed=1), dict(temperature=0.9, seed=2, n=2),
+            dict(temperature=0, beam_width=2), dict(temperature=0.7, seed=3, repetition_penalty=1.3),
+            dict(temperature=0, prompt_logprobs=1), dict(temperature=0, stop=["a"])]
+    params = [SamplingParams(max_tokens=10, ignore_eos=True, logprobs=0, **a) for a in asks]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    got = {}
+    for tokens in (0, 48):
+        engine = Engine(model, tok, EngineConfig(cuda_graphs=True, graph_prefill_tokens=tokens, block_size=4,
+                                                 num_kv_tokens=96, max_num_batched_tokens=40))
+        seen = record_chunks(engine.runner.graphs)
+        ids, done = [], {}
+        for p, sp in zip(prompts, params):
+            ids.append(engine.add_request(p, sp))
+            for _ in range(2):
+                done.update({o.request_id: o for o in engine.step() if o.finished})
+        while engine.has_unfinished():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        got[tokens] = [done[i] for i in ids]
+        assert bool(seen) == (tokens > 0)
+    assert engine.stats()["preemptions"] > 0
+    for eager, graphed in zip(got[0], got[48]):
+        assert [o.token_ids for o in graphed.outputs] == [o.token_ids for o in eager.outputs]
+        assert [o.text for o in graphed.outputs] == [o.text for o in eager.outputs]
+        for a, b in zip(graphed.outputs, eager.outputs):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        if eager.prompt_logprobs is not None:
+            for x, y in zip(graphed.prompt_logprobs[1:], eager.prompt_logprobs[1:]):
+                assert list(x.values()) == pytest.approx(list(y.values()), abs=1e-4)

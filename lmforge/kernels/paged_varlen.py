@@ -59,7 +59,8 @@ def paged_varlen_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Plain definition of paged_varlen_attention, from device tensors only (so a CUDA graph can hold it): each
     query token is a decode row of its sequence - the chunk of sequence s is its last n_s = cu_q[s+1] - cu_q[s]
     of context_lens[s] keys, so its i-th query sees keys 0 .. context_lens[s] - n_s + i (bottom-right causal).
-    Tokens past cu_q[-1] (a static buffer's padding) get zeros."""
+    Tokens past cu_q[-1] (a static buffer's padding) get zeros. Every token gathers its sequence's whole table,
+    REFERENCE_TOKENS tokens at a time (the gathered keys' memory stays bounded)."""
     from lmforge.model.layers.attention import math_attention, visible
 
     N = q.shape[0]
@@ -67,13 +68,20 @@ def paged_varlen_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     cu = cu_q.long()
     seq = torch.searchsorted(cu[1:], tok, right=True).clamp(max=len(context_lens) - 1)  # each token's sequence
     own = context_lens.long()[seq] - (cu[seq + 1] - cu[seq]) + (tok - cu[seq])  # its own key's slot
-    blocks = block_tables.long()[seq]  # (N, W): every token gathers its sequence's table
-    k = k_cache[blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)  # (N, KV, W·bs, hd)
-    v = v_cache[blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)
-    seen = visible(own, torch.arange(k.shape[2], device=q.device), window)  # (N, W·bs)
-    real = tok < cu[-1]
-    out = math_attention(q[:, :, None], k, v, seen[:, None, None], scale=scale, softcap=softcap, sinks=sinks)[:, :, 0]
-    return torch.where(real[:, None, None], out, 0.0)
+    slots = torch.arange(block_tables.shape[1] * k_cache.shape[1], device=q.device)
+    out = torch.empty_like(q)
+    for lo in range(0, N, REFERENCE_TOKENS):
+        part = slice(lo, lo + REFERENCE_TOKENS)
+        blocks = block_tables.long()[seq[part]]  # (n, W)
+        k = k_cache[blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)  # (n, KV, W·bs, hd)
+        v = v_cache[blocks].flatten(1, 2).transpose(1, 2).to(q.dtype)
+        seen = visible(own[part], slots, window)[:, None, None]  # (n, 1, 1, W·bs)
+        out[part] = math_attention(q[part, :, None], k, v, seen, scale=scale, softcap=softcap, sinks=sinks)[:, :, 0]
+    return torch.where((tok < cu[-1])[:, None, None], out, 0.0)
+
+
+REFERENCE_TOKENS = 32
+"""query tokens per gather of paged_varlen_reference"""
 
 
 if triton is not None:

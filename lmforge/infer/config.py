@@ -113,6 +113,9 @@ class EngineConfig:
               f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
         check(self.graph_prefill_tokens is None or 0 <= self.graph_prefill_tokens <= MAX_GRAPH_TOKENS,
               f"graph_prefill_tokens must be None or in [0, {MAX_GRAPH_TOKENS}], got {self.graph_prefill_tokens}")
+        check(not (self.graph_prefill_tokens and self.cuda_graphs is False),
+              f"graph_prefill_tokens={self.graph_prefill_tokens} replays steps holding prefill chunks from CUDA graphs, "
+              "but cuda_graphs=False; drop one of them (cuda_graphs=None turns graphs on where a GPU runs them)")
         check(self.kv_policy is None or isinstance(self.kv_policy, KVPolicy),
               f"kv_policy must be a KVPolicy (lmforge.infer.kv.policy.StreamingLLM, SnapKV, ...), got "
               f"{self.kv_policy!r}")

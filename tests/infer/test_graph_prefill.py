@@ -134,6 +134,9 @@ def test_state_models_and_bad_values_keep_prefill_eager(tok):
     for bad in (-1, 1 << 20):
         with pytest.raises(ConfigError, match="graph_prefill_tokens must be"):
             EngineConfig(graph_prefill_tokens=bad)
+    with pytest.raises(ConfigError, match="graph_prefill_tokens=64 replays .* but cuda_graphs=False; drop one"):
+        EngineConfig(graph_prefill_tokens=64, cuda_graphs=False)
+    assert EngineConfig(graph_prefill_tokens=0, cuda_graphs=False).graph_prefill_tokens == 0
 
 
 @pytest.mark.gpu

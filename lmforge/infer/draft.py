@@ -113,13 +113,9 @@ class PagedDraftModel:
         tokens = {it[0].seq_id: [] for it in items}
         qs = {it[0].seq_id: [] for it in items}
         parents, frontier, written = [], [-1], 0
+        asks = [(seq.seq_id, procs, greedy, seq.generator) for seq, _, procs, greedy in order]
         for depth, w in enumerate(widths):
-            for j, (seq, _, procs, greedy) in enumerate(order):  # logits rows: sequences x frontier nodes
-                for i in range(len(frontier)):
-                    tokens[seq.seq_id] += _children(logits[j * len(frontier) + i], w, procs, greedy, seq.generator,
-                                                    qs[seq.seq_id])
-            parents += [node for node in frontier for _ in range(w)]
-            frontier = list(range(len(parents) - len(frontier) * w, len(parents)))
+            frontier = _grow(logits, frontier, w, asks, tokens, qs, parents)
             if depth + 1 == len(widths):
                 break
             n = len(parents)
@@ -341,12 +337,8 @@ class PagedDraftHead:
         live = list(range(len(items)))
         for depth, w in enumerate(self.widths):
             logits = self.head.logits(torch.stack([feat[node][b] for b in live for node in frontier]))
-            for j, b in enumerate(live):
-                it = items[b]
-                for i in range(len(frontier)):
-                    tokens[b] += _children(logits[j * len(frontier) + i], w, it.procs, it.greedy, it.gen, qs[b])
-            parents += [node for node in frontier for _ in range(w)]
-            frontier = list(range(len(parents) - len(frontier) * w, len(parents)))
+            frontier = _grow(logits, frontier, w, [(b, items[b].procs, items[b].greedy, items[b].gen) for b in live],
+                             tokens, qs, parents)
             live = [b for b in live if len(parents) < items[b].k]  # deeper nodes would be trimmed
             if depth + 1 == len(self.widths) or not live:
                 break
@@ -359,6 +351,18 @@ class PagedDraftHead:
             for i in range(len(parents)):
                 feat[i] = {b: y[i] for b, y in out.items()}
         return [(DraftTree(t, parents[:len(t)]), torch.stack(q) if q else None) for t, q in zip(tokens, qs)]
+
+
+def _grow(logits: torch.Tensor, frontier: list[int], w: int, asks, tokens, qs, parents: list[int]) -> list[int]:
+    """One depth of every sequence's tree (the same shape for all): logits (sequences x frontier nodes, V), row
+    j·len(frontier) + i at sequence j's frontier node i; asks: per sequence (key into tokens / qs, processors,
+    greedy, generator). Appends each node's w children to tokens[key] (and their q rows), their parents once to
+    the shared `parents`; returns the new frontier (the children's node indices)."""
+    for j, (key, procs, greedy, gen) in enumerate(asks):
+        for i in range(len(frontier)):
+            tokens[key] += _children(logits[j * len(frontier) + i], w, procs, greedy, gen, qs[key])
+    parents += [node for node in frontier for _ in range(w)]
+    return list(range(len(parents) - len(frontier) * w, len(parents)))
 
 
 def _children(logits: torch.Tensor, w: int, procs, greedy: bool, gen, qs: list) -> list[int]:

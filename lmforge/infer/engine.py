@@ -129,7 +129,8 @@ class Engine:
             num_blocks = -(-config.max_num_seqs * self.max_seq_len // config.block_size)
             self.runner = RecomputeRunner(model, self.device)
         else:
-            draft_bytes = pool_model(draft).cache_spec().bytes_per_token() if pool_model(draft) is not None else 0
+            on_pool = pool_model(draft)  # a draft model or head whose cache shares the pool's block ids
+            draft_bytes = on_pool.cache_spec().bytes_per_token() if on_pool is not None else 0
             num_blocks = pool_blocks(config, spec, self.device, self.max_seq_len, draft_bytes)
             # graphs pad every row's block table to a bucket: worth it over the kernel, which reads only each
             # row's keys, not over the gather reference (default: on a GPU when the kernel is there)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.infer.runner import LateIds, chunk_inputs, host_block_tables, token_at, tree_chunk_positions
+from lmforge.infer.runner import LateIds, chunk_inputs, host_block_tables, token_at
 from lmforge.kernels.paged_varlen import varlen_programs, varlen_tiles
 from lmforge.model.meta import AttnMetadata
 from lmforge.utils import copy_in
@@ -151,11 +151,7 @@ class DecodeGraphs:
         copy_in(entry.tables[:S, :w], host_block_tables(tables, S, w))
         if late is not None:
             late.write(entry.host)
-        if entry.graph is not None:
-            entry.graph.replay()
-            out = entry.out
-        else:
-            out = entry.step()
+        out = entry.run()
         return (out[:len(idx)], None) if hidden is None else (out[0][:len(idx)], out[1][:T])
 
     def run(self, batch, late: LateIds | None = None, hidden: bool | tuple[int, ...] | None = None,
@@ -187,36 +183,19 @@ class DecodeGraphs:
         copy_in(entry.tables, host_block_tables(tables, key[0], W))
         if late is not None:
             late.write(entry.host[0])
-        if entry.graph is not None:
-            entry.graph.replay()
-            out = entry.out
-        else:
-            out = entry.step()  # the eager static-buffer step
+        out = entry.run()
         return out[:B] if hidden is None or feats is not None else (out[0][:B], out[1][:B])
 
     def _token_rows(self, batch) -> tuple[list, ...]:
-        """Per token of the batch, chunk after chunk: its id, position, cache slot, context length and block
-        table, and for a step holding token trees its first tree slot and ancestor bits (else [], [])."""
-        bs = self.block_size
-        ids, pos, slots, lens, tables, starts, bits = [], [], [], [], [], [], []
-        for seq, n in batch.chunks:
-            # token j of the chunk: position s + j (a tree node: the tree's root + its depth), cache slot
-            # q0 + j (a KV policy's eviction leaves e fewer slots than positions), context length q0 + j + 1
-            s, table = seq.num_computed, seq.block_table
-            q0 = s - seq.evicted
-            if n == 1:  # a decode (most rows of a large batch)
-                ids.append(token_at(seq, s))
-                pos.append(s)
-                slots.append(table[q0 // bs] * bs + q0 % bs)
-                lens.append(q0 + 1)
-                tables.append(table)
-            else:
-                tree = batch.trees.get(seq.seq_id) if batch.trees else None
-                ids += (token_at(seq, p) for p in range(s, s + n))
-                pos += range(s, s + n) if tree is None else tree_chunk_positions(s, n, tree)
-                slots += (table[q // bs] * bs + q % bs for q in range(q0, q0 + n))
-                lens += range(q0 + 1, q0 + n + 1)
-                tables += [table] * n
+        """Per token of the batch, chunk after chunk: its id, position and cache slot (the eager step's flat row,
+        runner.chunk_inputs), context length (its slot + 1) and block table, and for a step holding token trees
+        its first tree slot and ancestor bits (else [], [])."""
+        ids, pos, slots, ctx, qlens, _, chunk_tables = chunk_inputs(batch, self.block_size)
+        lens, tables, starts, bits = [], [], [], []
+        for (seq, n), end, table in zip(batch.chunks, ctx, chunk_tables):
+            q0 = end - n  # the chunk's first slot: token j reads q0 + j + 1 keys
+            lens += range(q0 + 1, end + 1)
+            tables += [table] * n
             if batch.trees:  # a chain row sees all its keys; a tree node, those before the tree and its ancestors
                 tree = batch.trees.get(seq.seq_id) if n > 1 else None
                 chain = n - len(tree) if tree else n
@@ -351,6 +330,13 @@ class _Entry:
     """a mixed step's grid of varlen tiles"""
     graph: object | None = None
     out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def run(self):
+        """The step's outputs: the captured graph replayed, else the static-buffer step run eagerly."""
+        if self.graph is None:
+            return self.step()
+        self.graph.replay()
+        return self.out
 
 
 def _ancestor_bits(parents: list[int]) -> list[int]:

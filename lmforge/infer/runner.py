@@ -228,10 +228,8 @@ class PagedRunner:
         """(len(at), V) raw logits at (chunk, tokens back from its last) positions (a draft model's rounds: chunk
         ends, a tree's frontier nodes): replayed from the decode graphs where the batch fits them (single tokens;
         chunks up to graphs.chunk_rows; trees where allowed) or from the mixed graphs, else eager."""
-        if self.graphs is not None and self.graphs.fits(batch):
-            return _take(self.graphs.run(batch), token_rows(batch, at))
-        if self.graphs is not None and self.graphs.fits_mixed(batch, len(at)):
-            return self.graphs.run_mixed(batch, token_rows(batch, at))[0]
+        if self.graphs is not None and (self.graphs.fits(batch) or self.graphs.fits_mixed(batch, len(at))):
+            return self._replay(batch, token_rows(batch, at), None, None)[0]
         ids, meta = self.prepare(batch, [(c, b, None) for c, b in at])
         return self.model(ids, cache=self.cache, meta=meta)[0]
 

@@ -299,7 +299,7 @@ class Speculative:
         src, dst = accepted_slots(tree.parents, path, len(seq.tokens) - len(tree))
         if src:
             engine.runner.move_positions(seq.block_table, src, dst)
-        if hasattr(engine.draft_model, "tree_accepted"):  # a draft model drafting trees on the pool moves its own
+        if engine.draft_model is not None:  # a draft model drafting trees on the pool moves its own keys
             engine.draft_model.tree_accepted(seq, path, src, dst)
         return [tree.tokens[i] for i in path], [0] + [i + 1 for i in path], nxt
 

@@ -149,6 +149,14 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     N, H, hd, KV = _check_shapes("paged_varlen_attention", "N", q, k_cache, v_cache)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or not q.is_contiguous():
         raise ValueError("paged_varlen_attention needs contiguous q and a contiguous last cache dimension")
+    S = context_lens.shape[0]
+    index = (block_tables, cu_q, context_lens, *tiles)
+    if (any(t.is_floating_point() for t in index) or block_tables.dim() != 2 or block_tables.shape[0] != S
+            or cu_q.shape != (S + 1,) or len(tiles) != 2 or tiles[0].shape != tiles[1].shape):
+        raise ValueError(f"paged_varlen_attention wants integer block_tables (S, max_blocks), cu_q (S + 1,), "
+                         f"context_lens (S,) and two tile lists of one length (varlen_tiles); got S={S}, "
+                         f"block_tables {tuple(block_tables.shape)}, cu_q {tuple(cu_q.shape)}, tiles "
+                         f"{[tuple(t.shape) for t in tiles]}")
     group = H // KV
     out = torch.zeros_like(q)
     _paged_varlen_kernel[(tiles[0].shape[0], KV)](

@@ -14,23 +14,30 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
 
 
-def _paged(B, H, KV, hd, bs, lens, dtype=torch.float32, seed=0):
-    """Random q and a pool of blocks handed out to the rows in a shuffled (non-contiguous) order, with
-    unused blocks in between holding garbage; max_blocks covers the longest row plus one spare column."""
-    from lmforge.kernels import paged_attention as pa  # noqa: F401  (import check)
-
-    g = torch.Generator().manual_seed(seed)
+def shuffled_pool(lens, bs, KV, hd, dtype, g, spare: int, fill: int | None = None):
+    """(k_cache, v_cache, tables) for rows of `lens` keys: blocks handed out in a shuffled (non-contiguous) order
+    from a pool with `spare` unused blocks of garbage; tables (rows, longest + 1) hold `fill` past each row's end
+    (None: an out-of-range id, which must never be read)."""
     need = [-(-n // bs) for n in lens]
-    max_blocks = max(need) + 1
-    n_blocks = sum(need) + 5
+    n_blocks = sum(need) + spare
     perm = torch.randperm(n_blocks, generator=g)
-    tables = torch.full((B, max_blocks), n_blocks + 7, dtype=torch.int32)  # out-of-range: must be unread
+    tables = torch.full((len(lens), max(need) + 1), n_blocks + 7 if fill is None else fill, dtype=torch.int32)
     used = 0
     for b, k in enumerate(need):
         tables[b, :k] = perm[used:used + k].to(torch.int32)
         used += k
     k_cache = torch.randn(n_blocks, bs, KV, hd, generator=g).to(dtype)
     v_cache = torch.randn(n_blocks, bs, KV, hd, generator=g).to(dtype)
+    return k_cache, v_cache, tables
+
+
+def _paged(B, H, KV, hd, bs, lens, dtype=torch.float32, seed=0):
+    """Random q and a pool of blocks handed out to the rows in a shuffled (non-contiguous) order, with
+    unused blocks in between holding garbage; max_blocks covers the longest row plus one spare column."""
+    from lmforge.kernels import paged_attention as pa  # noqa: F401  (import check)
+
+    g = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables = shuffled_pool(lens, bs, KV, hd, dtype, g, spare=5)
     q = torch.randn(B, H, hd, generator=g).to(dtype)
     to = lambda t: t.to(DEV)  # noqa: E731
     return to(q), to(k_cache), to(v_cache), to(tables), to(torch.tensor(lens, dtype=torch.int32))

@@ -12,6 +12,8 @@ from lmforge.kernels.decode import available
 from lmforge.model.cache import contiguous_mask
 from lmforge.model.layers.attention import math_attention
 
+from .test_paged_attention import shuffled_pool
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
 
@@ -20,16 +22,8 @@ def _step(H, KV, hd, bs, chunks, dtype=torch.float32, seed=0, pad=0):
     """A step's chunks (new tokens n, context after them ctx) over a shuffled pool of blocks: q (N + pad, H, hd),
     caches, tables (S, W), cu_q (S + 1,), context lengths (S,)."""
     g = torch.Generator().manual_seed(seed)
-    need = [-(-ctx // bs) for _, ctx in chunks]
-    n_blocks = sum(need) + 3
-    perm = torch.randperm(n_blocks, generator=g)
-    tables = torch.zeros(len(chunks), max(need) + 1, dtype=torch.int32)
-    used = 0
-    for s, k in enumerate(need):
-        tables[s, :k] = perm[used:used + k].to(torch.int32)
-        used += k
-    k_cache = torch.randn(n_blocks, bs, KV, hd, generator=g).to(dtype)
-    v_cache = torch.randn(n_blocks, bs, KV, hd, generator=g).to(dtype)
+    # (tables hold block 0 past each row's end: the reference gathers whole tables and masks what it read)
+    k_cache, v_cache, tables = shuffled_pool([ctx for _, ctx in chunks], bs, KV, hd, dtype, g, spare=3, fill=0)
     N = sum(n for n, _ in chunks)
     q = torch.randn(N + pad, H, hd, generator=g).to(dtype)
     cu = torch.tensor([0, *torch.tensor([n for n, _ in chunks]).cumsum(0).tolist()], dtype=torch.int32)
@@ -131,3 +125,20 @@ def test_kernel_reads_a_narrower_cache(cache_dtype):
     tiles = tuple(torch.tensor(t, dtype=torch.int32, device=DEV) for t in varlen_tiles([n for n, _ in CHUNKS]))
     want = paged_varlen_reference(*args, scale=0.125)
     torch.testing.assert_close(paged_varlen_attention(*args, tiles, scale=0.125), want, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_bad_inputs_are_named():
+    """Mismatched metadata is a one-line ValueError naming the shapes, not a kernel fault."""
+    from lmforge.kernels.paged_varlen import paged_varlen_attention, varlen_tiles
+
+    q, k, v, tables, cu, ctx = _step(4, 2, 16, 8, CHUNKS, seed=9)
+    tiles = tuple(torch.tensor(t, dtype=torch.int32, device=DEV) for t in varlen_tiles([n for n, _ in CHUNKS]))
+    with pytest.raises(ValueError, match="multiple of 3 kv heads"):
+        paged_varlen_attention(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1), tables, cu,
+                               ctx, tiles, scale=1.0)
+    for bad in (dict(cu_q=cu[:-1]), dict(block_tables=tables[:2]), dict(context_lens=ctx.float()),
+                dict(tiles=(tiles[0], tiles[1][:1]))):
+        args = dict(block_tables=tables, cu_q=cu, context_lens=ctx, tiles=tiles) | bad
+        with pytest.raises(ValueError, match="paged_varlen_attention wants integer block_tables"):
+            paged_varlen_attention(q, k, v, scale=1.0, **args)

@@ -191,6 +191,8 @@ class DecodeGraphs:
         runner.chunk_inputs), context length (its slot + 1) and block table, and for a step holding token trees
         its first tree slot and ancestor bits (else [], [])."""
         ids, pos, slots, ctx, qlens, _, chunk_tables = chunk_inputs(batch, self.block_size)
+        if len(ids) == len(ctx):  # decodes only (most steps): one row per chunk, its context length as it is
+            return ids, pos, slots, ctx, chunk_tables, [], []
         lens, tables, starts, bits = [], [], [], []
         for (seq, n), end, table in zip(batch.chunks, ctx, chunk_tables):
             q0 = end - n  # the chunk's first slot: token j reads q0 + j + 1 keys

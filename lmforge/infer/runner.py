@@ -181,10 +181,9 @@ class PagedRunner:
             logits = logits[:1].float() if logits.dtype != torch.float32 else logits[:1].clone()
             if len(rows) > 1:
                 logits = logits.repeat(len(rows), 1)  # every row samples the one sequence (no index list)
-        elif graphed and self.graphs is not None and (self.graphs.fits(batch)
-                                                      or self.graphs.fits_mixed(batch, len(rows) + len(extra))):
-            idx = token_rows(batch, rows) + token_rows(batch, extra)
-            logits, all_states = self._replay(batch, idx, late, hidden.layers if hidden is not None else None)
+        elif graphed and (replayed := self._replay(batch, [*rows, *extra], late,
+                                                   hidden.layers if hidden is not None else None)) is not None:
+            logits, all_states, idx = replayed
             if hidden is not None:  # every token's states, copied out of the graph's buffer
                 if hidden.chunks is not None:  # every position of these chunks, in order
                     first = np.cumsum([0] + [n for _, n in batch.chunks]).tolist()
@@ -210,15 +209,22 @@ class PagedRunner:
                 return out
         return _split(logits, states, rows, vocab_limit)
 
-    def _replay(self, batch: Batch, idx: list[int], late: LateIds | None, layers
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits at flat token indices idx, every token's states with layers = a return_hidden value, else
-        None) from the decode graphs (every token a row) or, for a step holding prefill chunks, the mixed graphs."""
+    def _replay(self, batch: Batch, at: list, late: LateIds | None, layers
+                ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+        """(logits at the `at` positions (chunk, tokens back from its last, ...), every token's states with layers
+        = a return_hidden value else None, the positions' flat token indices) from the decode graphs (every token
+        a row) or, for a step holding prefill chunks, the mixed graphs; None when neither takes the step."""
+        if self.graphs is None:
+            return None
         if self.graphs.fits(batch):
+            idx = token_rows(batch, at)
             out = self.graphs.run(batch, late, hidden=layers)
             every, states = (out, None) if layers is None else out
-            return _take(every, idx), states
-        return self.graphs.run_mixed(batch, idx, late, hidden=layers)
+            return _take(every, idx), states, idx
+        if self.graphs.fits_mixed(batch, len(at)):
+            idx = token_rows(batch, at)
+            return (*self.graphs.run_mixed(batch, idx, late, hidden=layers), idx)
+        return None
 
     def logits_at_ends(self, batch: Batch) -> torch.Tensor:
         """(chunks, V) raw logits at each chunk's last token (a draft model's round)."""
@@ -228,8 +234,9 @@ class PagedRunner:
         """(len(at), V) raw logits at (chunk, tokens back from its last) positions (a draft model's rounds: chunk
         ends, a tree's frontier nodes): replayed from the decode graphs where the batch fits them (single tokens;
         chunks up to graphs.chunk_rows; trees where allowed) or from the mixed graphs, else eager."""
-        if self.graphs is not None and (self.graphs.fits(batch) or self.graphs.fits_mixed(batch, len(at))):
-            return self._replay(batch, token_rows(batch, at), None, None)[0]
+        replayed = self._replay(batch, at, None, None)
+        if replayed is not None:
+            return replayed[0]
         ids, meta = self.prepare(batch, [(c, b, None) for c, b in at])
         return self.model(ids, cache=self.cache, meta=meta)[0]
 

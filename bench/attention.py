@@ -99,7 +99,7 @@ def measure(rows, name, run, B, H, N, hd, dev, dtype):
         row["fwdbwd_tflops"] = 3.5 * fwd_flops / row["fwdbwd_ms"] / 1e9
         row["ok"] = row["err_out"] < 2e-2 and row["err_grad"] < 2e-2
         if name.startswith("triton"):
-            row["configs"] = {kind: str(getattr(fa._kernel(kind, hd), "best_config", "")) for kind in ("fwd", "kv", "q")}
+            row["configs"] = {kind: str(getattr(fa._kernel(kind, q), "best_config", "")) for kind in ("fwd", "kv", "q")}
     except Exception as e:  # one backend missing (cuDNN on CPU, an old GPU) must not end the run
         row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
     rows.append(row)

@@ -5,6 +5,8 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 29, 2026-12-05, no GPU lent: the order of session 28 stands; alltests now also runs the fp32 hd-128
+# flash kernel, whose configs are fitted to shared memory - test_gpu_fp32_runs_the_kernel)
 # (session 28, 2026-12-05: first `speculative` - TreeDrafter's trees now drafted on the block pool and its graphs,
 # the tree rows were 20-44 tok/s with the recomputing loop - then `mixedgraphs` again (mixed-step graphs now at the
 # full table width, one per token bucket), then `alltests` (the paged kernels now read fp8/bf16 caches in q's dtype:

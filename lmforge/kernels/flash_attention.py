@@ -41,6 +41,7 @@ compare both to the plain math attention (lmforge.model.layers.attention.math_at
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import NamedTuple
@@ -359,9 +360,10 @@ if triton is not None:
 
 
 # launchers ----------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, warps, stages) candidates per head dim, autotuned per shape at the first call on a
-# GPU. Hopper wants 128-row query tiles (a warpgroup's wgmma is 64 rows) and software pipelining (stages
-# of cp.async K/V loads). Lists are pruned to configurations that do not spill registers on sm_90
+# (BLOCK_M, BLOCK_N, warps, stages) candidates per head dim for 2-byte dtypes (fitting_configs lowers the
+# stages where fp32 tiles or a smaller GPU's shared memory need it), autotuned per shape at the first call
+# on a GPU. Hopper wants 128-row query tiles (a warpgroup's wgmma is 64 rows) and software pipelining
+# (stages of cp.async K/V loads). Lists are pruned to configurations that do not spill registers on sm_90
 # (checked with ptxas, Triton 3.9, 2026-12-02): 4 warps cannot hold a 128 × 128 fp32 accumulator plus
 # the score tile, and the key-block backward (accumulators dK and dV, BLOCK_N × hd each) needs 8 warps
 # or short key tiles at hd 128.
@@ -380,11 +382,52 @@ _FWD_KEY = _KEY + ["KV_LENS", "SINKS"]
 DQ_MODES = ("kernel", "atomic")
 
 
-def _tuned(kernel, kind: str, hd: int, tiles: dict[str, str], **kw):
-    """`kernel` autotuned over CONFIGS[kind][hd] on a GPU; LMFORGE_FLASH_TUNE=0 takes the first (tests:
-    no timing runs, fewer compilations). `tiles`: TMA descriptor arguments -> the block size of their
-    tiles ("BLOCK_M" or "BLOCK_N"), set on the descriptor before each launch."""
-    cands = (INTERPRET_CONFIGS[kind],) if _interpreting() else CONFIGS[kind][hd]
+# tiles in shared memory, in rows of hd elements: (loaded once per program, streamed per pipeline stage)
+_SMEM_ROWS = {"fwd": lambda bm, bn: (bm, 2 * bn),  # q; k and v
+              "kv": lambda bm, bn: (2 * bn, 2 * bm),  # k and v; q and dO
+              "q": lambda bm, bn: (2 * bm, 2 * bn)}  # q and dO; k and v
+
+
+def smem_bytes(kind: str, config: tuple[int, int, int, int], hd: int, itemsize: int) -> int:
+    """Shared memory a configuration's tiles take: the tiles loaded once plus `stages` buffers of the
+    streamed ones (the forward's (128, 64, 8, 3) in fp32 at hd 128 is 262,144 bytes, the figure of
+    Triton's OutOfResources on the H200, 2026-12-05)."""
+    bm, bn, _, stages = config
+    once, streamed = _SMEM_ROWS[kind](bm, bn)
+    return (once + stages * streamed) * hd * itemsize
+
+
+def fitting_configs(kind: str, hd: int, itemsize: int, limit: int) -> list[tuple[int, int, int, int]]:
+    """CONFIGS[kind][hd] with each candidate's stages lowered until its tiles fit `limit` bytes of shared
+    memory (the lists are tuned for 2-byte dtypes: in fp32 none of the forward's fit an H200 at hd 128);
+    candidates that do not fit with one stage are dropped, and the smallest one-stage candidate is kept
+    when none fits."""
+    out = []
+    for bm, bn, w, s in CONFIGS[kind][hd]:
+        while s > 1 and smem_bytes(kind, (bm, bn, w, s), hd, itemsize) > limit:
+            s -= 1
+        if smem_bytes(kind, (bm, bn, w, s), hd, itemsize) <= limit and (bm, bn, w, s) not in out:
+            out.append((bm, bn, w, s))
+    if not out:
+        out = [min(((bm, bn, w, 1) for bm, bn, w, _ in CONFIGS[kind][hd]),
+                   key=lambda c: smem_bytes(kind, c, hd, itemsize))]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_candidates(kind: str, hd: int, itemsize: int, device_index: int) -> tuple:
+    """fitting_configs for the shared memory one program may take on that GPU (Triton's own limit, the
+    one OutOfResources checks)."""
+    from triton.runtime import driver
+
+    limit = driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return tuple(fitting_configs(kind, hd, itemsize, limit))
+
+
+def _tuned(kernel, cands: tuple, tiles: dict[str, str], **kw):
+    """`kernel` autotuned over `cands` on a GPU; LMFORGE_FLASH_TUNE=0 takes the first (tests: no timing
+    runs, fewer compilations). `tiles`: TMA descriptor arguments -> the block size of their tiles
+    ("BLOCK_M" or "BLOCK_N"), set on the descriptor before each launch."""
     if os.environ.get("LMFORGE_FLASH_TUNE", "1") == "0":
         cands = cands[:1]
 
@@ -399,24 +442,32 @@ def _tuned(kernel, kind: str, hd: int, tiles: dict[str, str], **kw):
     return triton.autotune(configs, **{"key": _KEY, **kw})(kernel)
 
 
-_kernels: dict[tuple[str, int], object] = {}
+_kernels: dict[tuple, object] = {}
 
 
-def _kernel(kind: str, hd: int):
-    """The autotuned kernel for one head dim, built at first use (the interpreter switch is read then)."""
-    if (kind, hd) not in _kernels:
-        _kernels[kind, hd] = {
-            "fwd": lambda: _tuned(_fwd_kernel, "fwd", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}, key=_FWD_KEY),
+def _kernel(kind: str, q: torch.Tensor):
+    """The autotuned kernel for q's head dim, dtype width and GPU, built at first use (the interpreter
+    switch is read then): its candidates are those whose tiles fit the GPU's shared memory."""
+    hd, base = q.shape[3], "fwd" if kind == "prefill" else kind
+    if _interpreting():
+        cands = (INTERPRET_CONFIGS[base],)
+    else:
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        cands = _gpu_candidates(base, hd, q.element_size(), index)
+    key = (kind, hd, cands)
+    if key not in _kernels:
+        _kernels[key] = {
+            "fwd": lambda: _tuned(_fwd_kernel, cands, {"K": "BLOCK_N", "V": "BLOCK_N"}, key=_FWD_KEY),
             # the engine's prefill (cu_seqlens_k): N, its token count, changes every step, and tuning
             # again for each would stall serving; one tuning per layer kind serves every step
-            "prefill": lambda: _tuned(_fwd_kernel, "fwd", hd, {"K": "BLOCK_N", "V": "BLOCK_N"},
+            "prefill": lambda: _tuned(_fwd_kernel, cands, {"K": "BLOCK_N", "V": "BLOCK_N"},
                                       key=[k for k in _FWD_KEY if k != "N"]),
-            "q": lambda: _tuned(_bwd_q_kernel, "q", hd, {"K": "BLOCK_N", "V": "BLOCK_N"}),
+            "q": lambda: _tuned(_bwd_q_kernel, cands, {"K": "BLOCK_N", "V": "BLOCK_N"}),
             # the key-block kernel's timing runs add into the dQ buffer: zeroed before each
-            "kv": lambda: _tuned(_bwd_kv_kernel, "kv", hd, {"Q": "BLOCK_M", "DO": "BLOCK_M"},
+            "kv": lambda: _tuned(_bwd_kv_kernel, cands, {"Q": "BLOCK_M", "DO": "BLOCK_M"},
                                  key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQA"]),
         }[kind]()
-    return _kernels[kind, hd]
+    return _kernels[key]
 
 
 class _Opts(NamedTuple):
@@ -451,7 +502,7 @@ def _launch(kind: str, grid_block: str, heads: int, opt: _Opts, tensors: list, t
         t = tensors[i] if mode == 1 else tensors[i].transpose(1, 2)
         tiled[i] = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[3]])
     cu = opt.cu_seqlens if opt.cu_seqlens is not None else q
-    _kernel(kind, q.shape[3])[lambda meta: (triton.cdiv(opt.max_len, meta[grid_block]), docs * heads)](
+    _kernel(kind, q)[lambda meta: (triton.cdiv(opt.max_len, meta[grid_block]), docs * heads)](
         *tiled, cu, opt.scale, opt.softcap, *args, GROUP=q.shape[1] // k.shape[1], HEAD_DIM=q.shape[3],
         CAUSAL=opt.causal, WINDOW=opt.window, SOFTCAP=opt.softcap > 0, VARLEN=opt.cu_seqlens is not None,
         TMA=mode, **kw)

@@ -204,6 +204,24 @@ def test_without_a_gpu_or_interpreter_the_error_names_the_device(monkeypatch):
     assert ("device cpu" if fa.triton is not None else "needs triton") in fa.unsupported(q, k, v)
 
 
+def test_configs_fit_shared_memory_by_dtype():
+    """The candidate lists are tuned for 2-byte dtypes and fit an H100/H200's 232,448 bytes as they are; in
+    fp32 at hd 128 none of the forward's did (Triton's OutOfResources: 262,144 > 232,448 for (128, 64, 8, 3)
+    on the H200), so their stages are lowered until the tiles fit."""
+    limit = 232448
+    assert fa.smem_bytes("fwd", (128, 64, 8, 3), 128, 4) == 262144
+    for kind in ("fwd", "kv", "q"):
+        for hd in fa.HEAD_DIMS:
+            assert fa.fitting_configs(kind, hd, 2, limit) == list(fa.CONFIGS[kind][hd])
+            fp32 = fa.fitting_configs(kind, hd, 4, limit)
+            assert fp32 and all(fa.smem_bytes(kind, c, hd, 4) <= limit for c in fp32)
+            assert len(set(fp32)) == len(fp32)
+            assert {c[:3] for c in fp32} <= {c[:3] for c in fa.CONFIGS[kind][hd]}
+    assert fa.fitting_configs("fwd", 128, 4, limit)[0] == (128, 64, 8, 2)
+    # a GPU too small for any candidate keeps the smallest one-stage one (and the caller's fallback)
+    assert fa.fitting_configs("fwd", 128, 4, 1024) == [(64, 64, 4, 1)]
+
+
 # GPU: bf16/fp16 at real sizes against the fp32 math attention -------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -217,6 +235,16 @@ def test_gpu_kernel_matches_math(hd, dtype, causal, window, softcap, KV, tma):
     got = fa.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap, tma=tma)
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     _assert_matches(got, want, (q, k, v), tol, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hd", fa.HEAD_DIMS)
+def test_gpu_fp32_runs_the_kernel(hd):
+    """fp32 (tf32 dots) at both head dims: the kernel runs (its configs fit shared memory) and matches."""
+    q, k, v = _inputs(1, 4, 2, 700, hd, dtype=torch.float32)
+    want = _math(q, k, v, causal=True)
+    _assert_matches(fa.flash_attention(q, k, v), want, (q, k, v), 2e-2, 2e-2)
 
 
 @pytest.mark.gpu

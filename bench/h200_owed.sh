@@ -2,11 +2,14 @@
 # The H200 measurements the open issues still owe (see the closing notes and docs/benchmarks.md), grouped
 # into parts that each fit one 10-minute device call. Run from the repository root on the GPU machine:
 #
-#     bash bench/h200_owed.sh PART            # PART: suite spectests mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
+#     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (session 29, 2026-12-05, no GPU lent: the order of session 28 stands; alltests now also runs the fp32 hd-128
-# flash kernel, whose configs are fitted to shared memory - test_gpu_fp32_runs_the_kernel)
+# (session 29, 2026-12-05, no GPU lent: first `latent` - MLA's new Triton latent kernel (decode rows, tree rows,
+# the mixed graphs' varlen rows), never compiled on a GPU; opt-in until it passes there and measures faster than the
+# gathered path, then set LATENT_KERNEL_AUTO = True in lmforge/infer/kv/paged.py - then session 28's order;
+# alltests now also runs the fp32 hd-128 flash kernel, whose configs are fitted to shared memory
+# (test_gpu_fp32_runs_the_kernel), and the latent kernel's tests)
 # (session 28, 2026-12-05: first `speculative` - TreeDrafter's trees now drafted on the block pool and its graphs,
 # the tree rows were 20-44 tok/s with the recomputing loop - then `mixedgraphs` again (mixed-step graphs now at the
 # full table width, one per token bucket), then `alltests` (the paged kernels now read fp8/bf16 caches in q's dtype:
@@ -66,7 +69,7 @@ case "${1:-}" in
              # compiles, not the GPU, bound these runs; the machine has 16 cores), each cut at 540 s
     t=tests/kernels
     groups=("tests/infer/test_kernel_step.py tests/infer/test_decode_parts_bench.py $t/test_decode_mlp_bench.py"
-            "$t/test_decode_kernels.py" "$t/test_decode_layer.py $t/test_paged_attention.py"
+            "$t/test_decode_kernels.py" "$t/test_decode_layer.py $t/test_paged_attention.py $t/test_paged_latent.py"
             "$t/test_rmsnorm.py $t/test_rope.py $t/test_swiglu.py $t/test_fused_ce.py $t/test_compiled_training.py"
             "$t/test_flash_attention.py" "$t/test_flash_in_model.py $t/test_moe_kernels.py")
     i=0
@@ -132,6 +135,12 @@ case "${1:-}" in
     run mixed_tests 130 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_varlen.py \
         tests/infer/test_graph_prefill.py tests/infer/test_cuda_graph.py
     run graph_prefill 440 python bench/graph_prefill.py ;;
+  latent)    # MLA's latent kernel (lmforge/kernels/paged_latent.py, 2026-12-05, never run on a GPU): its tests and
+             # the engine's on the GPU, then decode rows vs the gathered eager path at DeepSeek-V2-Lite's attention
+             # (batch 1-128, context 512-8192), a config sweep, and a mixed step's varlen rows
+    run latent_tests 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_latent.py \
+        tests/infer/test_latent_kernel.py tests/infer/test_graph_prefill.py
+    run paged_latent 360 python bench/paged_latent.py --sweep ;;
   speculative)  # the drafted rows 8-40x slower than plain decoding (2026-12-04, not understood): the table with the
                 # tree rows, then one prompt per variant under torch.profiler (kernels, syncs per token; traces in $OUT)
     run speculative 580 python bench/speculative.py --target-seconds 90 --draft-seconds 35 --ks 4 --prompts 3 \

@@ -121,14 +121,19 @@ def one_shape(B: int, ctx: int, H: int, KV: int, hd: int, bs: int, dev, dtype, r
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def shape_args(doc: str, batches: str, contexts: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options of a decode-attention bench: --smoke, --batches, --contexts, --reps, --sweep."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes (CPU, Triton interpreter)")
-    ap.add_argument("--batches", default="32,64,128,256")
-    ap.add_argument("--contexts", default="512,1024,2048,4096")
+    ap.add_argument("--batches", default=batches)
+    ap.add_argument("--contexts", default=contexts)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="time every configuration of SWEEP at every shape")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = shape_args(__doc__, "32,64,128,256", "512,1024,2048,4096", argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         batches, contexts, H, KV, hd, dtype, reps = [2, 3], [32, 48], 4, 2, 16, torch.float32, 2

@@ -95,6 +95,13 @@ if triton is not None:
         if v.dtype != q.dtype:
             v = v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GP, BLOCK_S)
+        return _online_softmax(scores, v, ok, m_i, l_i, acc, softcap, SOFTCAP, PRECISION, SAFE, MASK2D)
+
+    @triton.jit
+    def _online_softmax(scores, v, ok, m_i, l_i, acc, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                        SAFE: tl.constexpr = False, MASK2D: tl.constexpr = False):
+        """_softmax_step from the tile's scaled scores (GP, BLOCK_S) on: soft-capping, the mask, the running
+        maximum and denominator, p·v (v already in q's dtype)."""
         if SOFTCAP:  # c·tanh(s/c), tanh(x) = 2·sigmoid(2x) - 1
             scores = softcap * (2.0 * tl.sigmoid(2.0 * scores / softcap) - 1.0)
         if MASK2D:

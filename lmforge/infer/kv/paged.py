@@ -38,21 +38,29 @@ from lmforge.utils import to_device
 
 DECODE = ("auto", "kernel", "reference")
 PREFILL = DECODE
+LATENT_KERNEL_AUTO = False
+"""whether decode 'auto' takes MLA's Triton latent kernel on a GPU: off until the kernel has run there (built and
+tested in Triton's interpreter 2026-12-05; bench/h200_owed.sh latent); decode_attention='kernel' asks for it"""
 
 
-def decode_kernel(device: torch.device, mode: str = "auto"):
+def decode_kernel(device: torch.device, mode: str = "auto", module: str = "paged_attention"):
     """The Triton paged decode kernel for mode 'kernel' (an error if it cannot be imported; on a CPU it
-    runs in Triton's interpreter) and for 'auto' on a CUDA device when importable; None = the reference."""
-    if mode == "reference" or (mode == "auto" and device.type != "cuda"):
+    runs in Triton's interpreter) and for 'auto' on a CUDA device when importable; None = the reference.
+    module: lmforge.kernels.paged_attention (K/V caches) or paged_latent (MLA's latents: LATENT_KERNEL_AUTO)."""
+    if mode == "reference" or (mode == "auto" and (device.type != "cuda" or
+                                                   module == "paged_latent" and not LATENT_KERNEL_AUTO)):
         return None
     try:
-        from lmforge.kernels.paged_attention import paged_decode_attention
+        if module == "paged_latent":
+            from lmforge.kernels.paged_latent import paged_latent_attention as kernel
+        else:
+            from lmforge.kernels.paged_attention import paged_decode_attention as kernel
     except ImportError:
         if mode == "kernel":
-            raise LmforgeError("decode_attention='kernel' needs lmforge.kernels.paged_attention and triton "
+            raise LmforgeError(f"decode_attention='kernel' needs lmforge.kernels.{module} and triton "
                                "(pip install 'lmforge[kernels]')") from None
         return None
-    return paged_decode_attention
+    return kernel
 
 
 def prefill_kernel(device: torch.device, mode: str = "auto"):
@@ -402,19 +410,24 @@ class PagedKVCache(PagedCache):
 
 
 class PagedLatentCache(PagedCache):
-    """MLA's latents in blocks: decode tokens attend through the absorbed path (MQA over latents),
-    prefill chunks through the per-head expansion (lmforge.model.layers.mla), one sequence at a time
-    (`prefill` is accepted for the common signature: MLA's query/key width differs from its value width,
-    which the flash kernel does not take)."""
+    """MLA's latents in blocks: decode tokens attend through the absorbed path (MQA over latents: the Triton
+    kernel lmforge.kernels.paged_latent where `decode` resolves to it, else the model's own absorbed math over
+    gathered latents), prefill chunks through the per-head expansion (lmforge.model.layers.mla), one sequence
+    at a time (`prefill` is accepted for the common signature: MLA's query/key width differs from its value
+    width, which the flash kernel does not take). A step with AttnMetadata.varlen_tiles (the CUDA graphs of
+    steps holding prefill chunks) attends every token through the absorbed path from device metadata alone."""
 
     decodes_tree_rows = True
     """decode rows with AttnMetadata.tree_rows: their mask (absorbed path)"""
+    attends_varlen = True
+    """steps with AttnMetadata.varlen_tiles: paged_latent_attention's varlen rows (or its reference)"""
 
     def __init__(self, spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
                  decode: str = "auto", prefill: str = "auto"):
         dtype = dtype or spec.dtype
         check_cache_dtype(dtype)
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
+        self.kernel = decode_kernel(self.device, decode, "paged_latent")
         self.c = [torch.zeros(num_blocks, block_size, l.latent_rank, device=device, dtype=dtype) for l in spec.layers]
         self.kr = [torch.zeros(num_blocks, block_size, l.rope_dim, device=device, dtype=dtype) for l in spec.layers]
 
@@ -430,16 +443,28 @@ class PagedLatentCache(PagedCache):
         c_kv, k_rope = as_kept(c_kv, cc.dtype), as_kept(k_rope, kc.dtype)
         self._write(cc, c_kv[0], meta.slot_mapping)
         self._write(kc, k_rope[0, 0], meta.slot_mapping)
+        if meta.varlen_tiles is not None:
+            return self._varlen(layer, mla, q_nope, q_rope, spec, meta)
         out = q_nope.new_empty(*q_nope.shape[:3], mla.d_v)
         nd, hook = meta.num_decodes, self._probs_hook(layer)
         if nd:
-            tables = meta.block_tables[:nd].long()
-            c = cc[tables].flatten(1, 2).to(c_kv.dtype)  # (nd, S, r)
-            kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (nd, 1, S, d_r)
-            mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window, self.first_key, _tree_rows(meta, 0, nd))
-            qn, qr = q_nope[0, :, :nd].transpose(0, 1)[:, :, None], q_rope[0, :, :nd].transpose(0, 1)[:, :, None]
-            hook_d = hook and self.hook_for(layer, meta.seq_ids_host[:nd])
-            out[0, :, :nd] = mla.absorbed(qn, qr, c, kr, mask, spec, hook_d)[:, :, 0].transpose(0, 1)
+            od = None
+            if self.kernel is not None and hook is None and not self.first_key:
+                ql = mla.absorb_query(q_nope[0, :, :nd].transpose(0, 1)).contiguous()  # (nd, H, r)
+                qr = q_rope[0, :, :nd].transpose(0, 1).contiguous()
+                kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, tree=_tree_rows(meta, 0, nd))
+                lat = self._kernel(self.kernel, (ql, qr, cc, kc, meta.block_tables[:nd], meta.context_lens[:nd]), kw)
+                od = None if lat is None else mla.expand_latent(lat).transpose(0, 1)  # (H, nd, d_v)
+            if od is None:
+                tables = meta.block_tables[:nd].long()
+                c = cc[tables].flatten(1, 2).to(c_kv.dtype)  # (nd, S, r)
+                kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (nd, 1, S, d_r)
+                mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window, self.first_key,
+                                   _tree_rows(meta, 0, nd))
+                qn, qr = q_nope[0, :, :nd].transpose(0, 1)[:, :, None], q_rope[0, :, :nd].transpose(0, 1)[:, :, None]
+                hook_d = hook and self.hook_for(layer, meta.seq_ids_host[:nd])
+                od = mla.absorbed(qn, qr, c, kr, mask, spec, hook_d)[:, :, 0].transpose(0, 1)
+            out[0, :, :nd] = od
         for i, start, n, ctx in self._prefills(meta):
             if ctx == n:
                 c, kr = c_kv[:, start:start + n], k_rope[:, :, start:start + n]
@@ -453,6 +478,27 @@ class PagedLatentCache(PagedCache):
             hook_i = hook and self.hook_for(layer, meta.seq_ids_host[i:i + 1])
             out[:, :, sl] = mla.naive(q_nope[:, :, sl], q_rope[:, :, sl], c, kr, mask, spec, hook_i)
         return out
+
+    def _varlen(self, layer: int, mla, q_nope, q_rope, spec: AttnSpec, meta) -> torch.Tensor:
+        """Every token of the row as a query of its chunk through the absorbed path, from device metadata alone
+        (AttnMetadata.varlen_tiles): the kernel's varlen rows where the decode kernel runs, else its reference."""
+        from lmforge.kernels.paged_latent import latent_rows, paged_latent_attention, paged_latent_reference
+
+        if self.first_key:
+            raise LmforgeError("a cache with first_key > 0 (a draft head's) has no varlen path")
+        cu = meta.varlen_tiles[0]
+        ql = mla.absorb_query(q_nope[0].transpose(0, 1)).contiguous()  # (N, H, r)
+        qr = q_rope[0].transpose(0, 1).contiguous()
+        args = (ql, qr, self.c[layer], self.kr[layer], meta.block_tables, meta.context_lens)
+        kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, cu_q=cu)
+        if self.kernel:  # each row's (sequence, own slot), once per step for every layer
+            rows = meta.derived("latent_rows", lambda: latent_rows(meta.block_tables, meta.context_lens, cu, len(ql)))
+            lat = self._kernel(paged_latent_attention, args, {**kw, "rows": rows})
+        else:
+            lat = None
+        if lat is None:
+            lat = paged_latent_reference(*args, **kw)
+        return mla.expand_latent(lat).transpose(0, 1)[None]
 
 
 class CacheStore:

@@ -110,14 +110,31 @@ class MLA(nn.Module):
         layer) takes the naive path, which calls the module."""
         if not plain_linear(self.wkv_b):
             return self.naive(q_nope, q_rope, c_kv, k_rope, mask, spec, probs_hook)
-        w = self.wkv_b.weight.view(self.H, self.d_nope + self.d_v, self.r)
-        w_uk, w_uv = w.split([self.d_nope, self.d_v], dim=1)  # (H, d_n, r), (H, d_v, r)
-        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        q_lat = self.absorb_query(q_nope.transpose(1, 2)).transpose(1, 2)  # (B, H, T, r)
         # one "head" of width r + d_r shared by all H query heads (MQA over latents)
         q = torch.cat((q_lat, q_rope), dim=-1)
         k = torch.cat((c_kv, k_rope[:, 0]), dim=-1)  # (B, S, r + d_r)
         out_lat = _shared_kv_attention(q, k, c_kv, mask, spec.scale, spec.softcap, probs_hook)  # (B, H, T, r)
-        return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)
+        return self.expand_latent(out_lat.transpose(1, 2)).transpose(1, 2)
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_uk (H, d_n, r) and W_uv (H, d_v, r): wkv_b's weight, or, for a wkv_b that is more than an nn.Linear
+        (a LoRA adapter, a quantized layer: still linear, without bias), its matrix read off by applying it to
+        the identity."""
+        if plain_linear(self.wkv_b):
+            w = self.wkv_b.weight
+        else:
+            p = self.wkv_a.weight
+            w = self.wkv_b(torch.eye(self.r, device=p.device, dtype=p.dtype)).t()
+        return w.view(self.H, self.d_nope + self.d_v, self.r).split([self.d_nope, self.d_v], dim=1)
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """(..., H, d_n) -> (..., H, r): q_nope W_uk per head, the query that scores latents directly."""
+        return torch.einsum("...hn,hnr->...hr", q_nope, self._up_weights()[0])
+
+    def expand_latent(self, out_lat: torch.Tensor) -> torch.Tensor:
+        """(..., H, r) -> (..., H, d_v): attention's output over latents through W_uv per head."""
+        return torch.einsum("...hr,hvr->...hv", out_lat, self._up_weights()[1])
 
 
 def _shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, softcap: float,

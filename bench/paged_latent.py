@@ -1,0 +1,149 @@
+"""MLA's attention over the paged latent cache: the Triton kernel (lmforge/kernels/paged_latent.py) against the
+engine's eager path before it (every decode row gathers its whole block table, then the model's absorbed math:
+two batched products over the gathered latents), in one run on one GPU.
+
+    python bench/paged_latent.py                   # H200: DeepSeek-V2-Lite's attention, batch 1-128, context 512-8192
+    python bench/paged_latent.py --sweep           # and every configuration of SWEEP at each shape
+    TRITON_INTERPRET=1 python bench/paged_latent.py --smoke   # toy sizes on CPU: checks the script
+
+Decode rows all at the full context, blocks of 16 handed out in shuffled order; 16 query heads, latent rank 512,
+rope keys of 64, bf16. Reports microseconds per call (one layer), GB/s of latents read (B · context · (r + d_r) ·
+2 bytes, what any exact kernel must read; the copy bandwidth for scale), and the largest difference from the
+fp32 reference. A varlen section times a step holding one 512-token prompt chunk after 1,536 cached tokens beside
+the decode rows (the mixed CUDA graphs' path). Prints a table and writes JSON ($OUT/paged_latent.json, else
+bench/results/).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paged_attention import copy_bandwidth, shape_args, timed  # noqa: E402  (bench/paged_attention.py)
+
+from lmforge.kernels.paged_latent import (  # noqa: E402
+    default_latent_config, paged_latent_attention, paged_latent_reference)
+
+SWEEP = [(s, b, w, 16) for s in (1, 2, 4, 8, 16) for b in (16, 32, 64) for w in (4, 8)]
+"""(slices, keys per tile, warps, heads per program) tried by --sweep"""
+
+
+def gathered(q_lat, q_rope, c_cache, kr_cache, tables, ctx, scale):
+    """The engine's eager decode path before the kernel (PagedLatentCache's reference, as the model's absorbed
+    math): gather every row's whole table, one batched product for the scores and one for the output."""
+    t = tables.long()
+    c = c_cache[t].flatten(1, 2)  # (B, S, r)
+    k = torch.cat((c, kr_cache[t].flatten(1, 2)), -1)  # (B, S, r + d_r)
+    q = torch.cat((q_lat, q_rope), -1)  # (B, H, r + d_r)
+    s = torch.bmm(q, k.transpose(1, 2)).float() * scale
+    seen = torch.arange(k.shape[1], device=q.device)[None, None] < ctx.long()[:, None, None]
+    p = s.masked_fill(~seen, float("-inf")).softmax(-1)
+    return torch.bmm(p.to(c.dtype), c)
+
+
+def pool(B: int, ctx: int, R: int, DR: int, bs: int, dev, dtype, g):
+    blocks = -(-ctx // bs)
+    perm = torch.randperm(B * blocks + 3, generator=g)
+    tables = perm[:B * blocks].view(B, blocks).to(torch.int32)
+    c = torch.randn(B * blocks + 3, bs, R, generator=g).to(dtype)
+    kr = torch.randn(B * blocks + 3, bs, DR, generator=g).to(dtype)
+    return c.to(dev), kr.to(dev), tables.to(dev)
+
+
+def one_shape(B, ctx, H, R, DR, bs, dev, dtype, reps, sweep) -> list[dict]:
+    g = torch.Generator().manual_seed(B * 7 + ctx)
+    c, kr, tables = pool(B, ctx, R, DR, bs, dev, dtype, g)
+    q_lat = torch.randn(B, H, R, generator=g).to(dtype).to(dev)
+    q_rope = torch.randn(B, H, DR, generator=g).to(dtype).to(dev)
+    lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+    scale = (128 + DR) ** -0.5
+    want = paged_latent_reference(q_lat, q_rope, c, kr, tables, lens, scale=scale).float()
+    read = B * ctx * (R + DR) * q_lat.element_size()
+    rows = []
+    default = default_latent_config(B, H, tables.shape[1] * bs, q_lat.device, R)
+    variants = [("gathered (eager before)", lambda: gathered(q_lat, q_rope, c, kr, tables, lens, scale))]
+    variants.append((f"kernel {default}", lambda: paged_latent_attention(q_lat, q_rope, c, kr, tables, lens,
+                                                                        scale=scale)))
+    for cfg in (SWEEP if sweep else []):
+        if cfg != default:
+            variants.append((f"kernel {cfg}", lambda cfg=cfg: paged_latent_attention(
+                q_lat, q_rope, c, kr, tables, lens, scale=scale, config=cfg)))
+    for name, fn in variants:
+        row = dict(batch=B, context=ctx, variant=name)
+        try:
+            err = (fn().float() - want).abs().max().item()
+            sec = timed(fn, dev, reps)
+            row.update(us=sec * 1e6, gbs=read / sec / 1e9, err=err)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile must not end the run
+            row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+        rows.append(row)
+    return rows
+
+
+def varlen_shape(B, H, R, DR, bs, dev, dtype, reps, prompt=512, cached=1536) -> list[dict]:
+    """B decode rows at `cached` + 1 keys and one chunk of `prompt` tokens after `cached` keys, as one step."""
+    g = torch.Generator().manual_seed(11)
+    ctx = cached + prompt
+    c, kr, tables = pool(B + 1, ctx, R, DR, bs, dev, dtype, g)
+    N = B + prompt
+    q_lat = torch.randn(N, H, R, generator=g).to(dtype).to(dev)
+    q_rope = torch.randn(N, H, DR, generator=g).to(dtype).to(dev)
+    cu = torch.tensor([*range(B + 1), N], dtype=torch.int32, device=dev)
+    lens = torch.tensor([cached + 1] * B + [ctx], dtype=torch.int32, device=dev)
+    scale = (128 + DR) ** -0.5
+    kw = dict(scale=scale, cu_q=cu)
+    want = paged_latent_reference(q_lat, q_rope, c, kr, tables, lens, **kw).float()
+    rows = []
+    for name, fn in (("varlen reference", lambda: paged_latent_reference(q_lat, q_rope, c, kr, tables, lens, **kw)),
+                     ("varlen kernel", lambda: paged_latent_attention(q_lat, q_rope, c, kr, tables, lens, **kw))):
+        row = dict(batch=B, context=ctx, variant=f"{name} ({B} decodes + {prompt}-token chunk)")
+        try:
+            err = (fn().float() - want).abs().max().item()
+            row.update(us=timed(fn, dev, reps) * 1e6, err=err)
+        except Exception as e:  # noqa: BLE001
+            row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = shape_args(__doc__, "1,8,32,128", "512,2048,8192", argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        H, R, DR, bs, dtype, reps = 4, 32, 16, 4, torch.float32, 2
+        batches, contexts = [1, 3], [9, 40]
+    else:
+        H, R, DR, bs, dtype, reps = 16, 512, 64, 16, torch.bfloat16, args.reps
+        batches, contexts = [int(x) for x in args.batches.split(",")], [int(x) for x in args.contexts.split(",")]
+    bw = copy_bandwidth(dev)
+    rows = []
+    for B in batches:
+        for ctx in contexts:
+            rows += one_shape(B, ctx, H, R, DR, bs, dev, dtype, reps, args.sweep and not args.smoke)
+    rows += varlen_shape(2 if args.smoke else 32, H, R, DR, bs, dev, dtype, reps,
+                         *((20, 12) if args.smoke else (512, 1536)))
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"\n{name}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, copy {bw / 1e9:.0f} GB/s; "
+          f"H={H}, r={R}, d_r={DR}, block {bs}, {dtype}")
+    print("| batch | context | variant | us | GB/s of latents | max err |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for r in rows:
+        us, gbs, err = r.get("us"), r.get("gbs"), r.get("err")
+        print(f"| {r['batch']} | {r['context']} | {r['variant']} | {'-' if us is None else f'{us:.1f}'} | "
+              f"{'-' if gbs is None else f'{gbs:.0f}'} | {'-' if err is None else f'{err:.1e}'} |"
+              + (f" {r['note']}" if "note" in r else ""))
+    out = Path(os.environ.get("OUT", Path(__file__).parent / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "paged_latent.json").write_text(json.dumps(dict(device=name, copy_gbs=bw / 1e9, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

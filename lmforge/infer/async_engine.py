@@ -63,8 +63,12 @@ class Latest:
         return isinstance(self.item, BaseException) or (self.item is not None and self.item.finished)
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        """The newest output replaces one the reader has not taken, but a delta output
+        (SamplingParams.output_kind='delta') joins it, so a slow reader still gets every piece."""
         if not self.final:  # a finished output or an error ends the stream: nothing replaces it
-            self.item = item
+            unread = self.ready.is_set() and isinstance(self.item, RequestOutput) and isinstance(item, RequestOutput)
+            delta = self.request is not None and self.request.params.output_kind == "delta"
+            self.item = self.item.then(item) if unread and delta else item
             self.ready.set()
 
     async def get(self) -> RequestOutput | BaseException:

@@ -357,7 +357,7 @@ class Engine:
             done = req.finished
             if done:
                 self.requests.pop(req.request_id, None)
-            if done or not finished_only:
+            if done or not (finished_only or req.params.output_kind == "final"):
                 outs.append(req.output())
         return outs
 

@@ -29,6 +29,16 @@ class CompletionOutput:
     for the model's own end-of-text token and every other finish (vLLM's semantics). token_ids may run past
     a stop string's cut (the tokens whose text held it)"""
 
+    def then(self, later: "CompletionOutput") -> "CompletionOutput":
+        """This delta output followed by a later one of the same sample (SamplingParams.output_kind='delta'):
+        lists and text joined, the later one's finish and cumulative fields."""
+        def join(a, b):
+            return None if a is None and b is None else [*(a or ()), *(b or ())]
+        return CompletionOutput(self.index, self.text + later.text, self.token_ids + later.token_ids,
+                                later.finish_reason, join(self.logprobs, later.logprobs),
+                                join(self.top_logprobs, later.top_logprobs), later.cumulative_logprob,
+                                join(self.text_offsets, later.text_offsets), later.stop_reason)
+
 
 @dataclass
 class RequestOutput:
@@ -44,6 +54,17 @@ class RequestOutput:
     log-probability} holding the prompt token itself and the k most likely tokens at its position"""
     finished: bool = True
     """False for the engine's intermediate outputs of a request still generating"""
+
+    def then(self, later: "RequestOutput") -> "RequestOutput":
+        """This delta output followed by a later one of the same request (SamplingParams.output_kind='delta'):
+        each sample's parts joined (CompletionOutput.then), prompt log-probs joined, the later one's metrics
+        and state. Folding a request's deltas in order gives its cumulative output."""
+        mine = {o.index: o for o in self.outputs}
+        outs = [mine[o.index].then(o) if o.index in mine else o for o in later.outputs]
+        lps = (None if self.prompt_logprobs is None and later.prompt_logprobs is None
+               else [*(self.prompt_logprobs or ()), *(later.prompt_logprobs or ())])
+        return RequestOutput(later.prompt, later.prompt_token_ids, outs, later.metrics, later.request_id, lps,
+                             later.finished)
 
     # the first sample's fields, so the common n=1 case reads outs[0].text
     @property

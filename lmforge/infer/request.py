@@ -83,6 +83,9 @@ class Sequence:
     text_ends: list[int] = field(default_factory=list)
     """with logprobs: len(text) after each generated token (CompletionOutput.text_offsets)"""
     text: str = ""
+    sent_tokens: int = 0
+    sent_text: int = 0
+    """output tokens and characters of shown text already in an output (SamplingParams.output_kind='delta')"""
     finish: str | None = None
     stop_reason: int | str | None = None
     """the stop string or SamplingParams.stop_token_ids id that ended it (CompletionOutput.stop_reason)"""
@@ -161,9 +164,11 @@ class Sequence:
             piece += tail
         return piece
 
-    def output(self, final: bool = True) -> CompletionOutput:
+    def output(self, final: bool = True, delta: bool = False) -> CompletionOutput:
         """final: the request has ended (a sample it ended without a reason of its own, as an abort does,
-        reads 'length'); otherwise a running sample's finish_reason is None.
+        reads 'length'); otherwise a running sample's finish_reason is None. delta: only the tokens and text
+        after the previous delta output (SamplingParams.output_kind='delta'; its offsets stay counted from the
+        completion's start).
 
         A running sample's text leaves out a tail that may be the start of a stop string, until later
         tokens show whether it is one (then it is cut) or not (then it shows): so the text of successive
@@ -172,14 +177,20 @@ class Sequence:
         text = self.text
         if self.finish is None and not final and self.params.stop:
             text = text[:len(text) - stop_prefix_len(text, self.params.stop)]
-        want = self.params.logprobs is not None
-        starts = [0, *self.text_ends[:-1]] if want else None  # each token's text starts where the last one's ended
-        return CompletionOutput(
-            index=self.index, text=text, token_ids=self.tokens[self.request.prompt_len:],
-            finish_reason=self.finish or ("length" if final else None), logprobs=list(self.logprobs) if want else None,
-            top_logprobs=list(self.top) if want else None,
+        want, n = self.params.logprobs is not None, len(self.tokens) - self.request.prompt_len
+        lo, shown = (self.sent_tokens, len(text)) if delta else (0, 0)
+        if want:  # each token's text starts where the last one's ended
+            starts = [self.text_ends[lo - 1] if lo else 0, *self.text_ends[lo:n - 1]] if lo < n else []
+        out = CompletionOutput(
+            index=self.index, text=text[self.sent_text:] if delta else text,
+            token_ids=self.tokens[self.request.prompt_len + lo:],
+            finish_reason=self.finish or ("length" if final else None), logprobs=self.logprobs[lo:] if want else None,
+            top_logprobs=self.top[lo:] if want else None,
             cumulative_logprob=self.cumulative_logprob if want else None, stop_reason=self.stop_reason,
             text_offsets=[min(s, len(text)) for s in starts] if want else None)
+        if delta:
+            self.sent_tokens, self.sent_text = n, shown
+        return out
 
 
 @dataclass(eq=False)
@@ -215,6 +226,8 @@ class Request:
     before the next step needs their values (no strategy, no penalties, no prompt log-probs)"""
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """filled as the prompt is computed when params.prompt_logprobs is set: [None, {...}, ...]"""
+    sent_prompt_logprobs: int = 0
+    """entries of prompt_logprobs already in a delta output (SamplingParams.output_kind='delta')"""
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -244,18 +257,23 @@ class Request:
         return True
 
     def output(self) -> RequestOutput:
-        done = self.finished
+        done, delta = self.finished, self.params.output_kind == "delta"
         outs = getattr(self.strategy, "outputs", None)
         if outs is None:
-            outs = self.strategy.partial() if hasattr(self.strategy, "partial") else [s.output(done) for s in self.seqs]
+            outs = (self.strategy.partial() if hasattr(self.strategy, "partial")
+                    else [s.output(done, delta) for s in self.seqs])
         metrics = self.strategy.metrics() if hasattr(self.strategy, "metrics") else {}
         if self.first_token_time is not None:
             metrics["time_to_first_token_s"] = self.first_token_time - self.arrival_time
         if self.seqs:  # prompt tokens read from the prefix cache (a multi-turn program's previous turns)
             metrics["num_cached_tokens"] = self.seqs[0].num_cached_tokens
+        prompt_lps = self.prompt_logprobs
+        if prompt_lps is not None:
+            prompt_lps = prompt_lps[self.sent_prompt_logprobs:]
+            if delta:
+                self.sent_prompt_logprobs += len(prompt_lps)
         return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
-                             request_id=self.request_id, finished=done,
-                             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)
+                             request_id=self.request_id, finished=done, prompt_logprobs=prompt_lps)
 
 
 def encode_prompt(tokenizer, prompt, params: SamplingParams, index: int, vocab_size: int, max_seq_len: int

@@ -83,6 +83,12 @@ class SamplingParams:
     """cut prompts from the left so that prompt + max_tokens fits the context window (the prompt keeps at
     least half the window; generation then ends at the window, finish_reason 'length'), instead of
     raising for a prompt longer than the window"""
+    output_kind: Literal["cumulative", "delta", "final"] = "cumulative"
+    """what the engine's outputs of a running request hold (vLLM's RequestOutputKind): 'cumulative' = everything
+    so far, every time; 'delta' = only what is new since the request's previous output (text, token ids, their
+    log-probs and offsets, prompt log-probs; each sample's finish fields as they stand): a stream costs O(new)
+    per step instead of O(length), and the deltas concatenate (RequestOutput.then) to the cumulative output;
+    'final' = no intermediate outputs, only the finished one (whole)"""
 
     def __post_init__(self) -> None:
         if callable(self.logits_processors):  # one function given as it is
@@ -121,6 +127,9 @@ class SamplingParams:
               f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs}")
         check(self.prompt_logprobs_start >= 1,
               f"prompt_logprobs_start must be >= 1 (the first token has no log-prob), got {self.prompt_logprobs_start}")
+        check(self.beam_width == 1 or self.output_kind != "delta",
+              "beam search's running beams change as the search goes (they do not only grow): output_kind='delta' "
+              "needs samples that do; use 'cumulative' or 'final'")
         check(self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}")
         check(self.beam_width == 1 or self.n <= self.beam_width,
               f"n={self.n} beams asked for but beam_width={self.beam_width}")

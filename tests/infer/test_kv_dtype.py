@@ -45,16 +45,19 @@ def run(engine, prompts, sp):
     return [o.outputs[0] for o in run_requests(engine, [(p, sp) for p in prompts])]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mla"])
-@pytest.mark.parametrize("name", ["bf16", "fp8"])
-def test_engine_equals_a_forward_over_rounded_keys_whatever_the_schedule(tok, arch, name):
-    model = tiny_model("llama", init_std=0.3, **(MLA if arch == "mla" else {}))
+def arch_model(arch: str):
     if arch == "mla":
         from lmforge.model.config import MLAConfig
 
-        model = tiny_model("llama", init_std=0.3, **MLA, mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0,
-                                                                     qk_nope_head_dim=8, qk_rope_head_dim=8,
-                                                                     v_head_dim=8))
+        return tiny_model("llama", init_std=0.3, **MLA, mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8,
+                                                                    qk_rope_head_dim=8, v_head_dim=8))
+    return tiny_model("llama", init_std=0.3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mla"])
+@pytest.mark.parametrize("name", ["bf16", "fp8"])
+def test_engine_equals_a_forward_over_rounded_keys_whatever_the_schedule(tok, arch, name):
+    model = arch_model(arch)
     dtype = KV_DTYPES[name]
     g = torch.Generator().manual_seed(2)
     shared = torch.randint(1, 250, (9,), generator=g).tolist()
@@ -99,16 +102,17 @@ def test_refusals(tok):
         Engine(model, tok, EngineConfig(kv_cache_dtype="bf16", kernel_step=True))
 
 
+@pytest.mark.parametrize("arch", ["llama", "mla"])
 @pytest.mark.parametrize("name", ["bf16", "fp8"])
-def test_the_paged_kernels_read_a_narrower_cache(tok, name):
+def test_the_paged_kernels_read_a_narrower_cache(tok, name, arch):
     """decode_attention='kernel' (on a CPU through Triton's interpreter) over a bf16 or fp8 cache: the decode kernel
-    (and, with graph_prefill_tokens, the varlen kernel of mixed steps) read the rounded keys in the model's dtype -
-    the tokens and log-probs of a forward over rounded keys."""
+    (and, with graph_prefill_tokens, the varlen kernel of mixed steps; MLA: the latent kernel's decode and varlen
+    rows) read the rounded keys in the model's dtype - the tokens and log-probs of a forward over rounded keys."""
     from lmforge.kernels.decode import available
 
     if not available("cpu"):
         pytest.skip("needs triton (TRITON_INTERPRET=1 on CPU)")
-    model = tiny_model("llama", init_std=0.3)
+    model = arch_model(arch)
     prompts = [[5, 17, 99, 3, 42, 7, 11], [8, 1, 2]]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
     want = [reference(model, p, 6, KV_DTYPES[name]) for p in prompts]

@@ -82,6 +82,10 @@ from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 from lmforge.infer.speculative import attach_drafter, draft_step, pool_model
 from lmforge.utils import eval_mode
 
+STREAM_LEN = 1 << 40
+"""a sequence's length bound under a KV policy with positions within the cache (its positions stay below the
+model's window however long it grows: max_tokens ends it)"""
+
 Prompt = str | list[int]
 
 
@@ -163,11 +167,16 @@ class Engine:
             self.runner.cache.keep_snapshots(snapshots)
             self.scheduler.snapshots = self.runner.cache.snapshot_rows
         self.kv_policy = None  # a KV policy at work: lmforge.infer.kv.policy
+        self.stream_len = self.max_seq_len
+        """how long a sequence may grow: the model's window, unless a KV policy keeps positions within the cache"""
         if config.kv_policy is not None:
-            from lmforge.infer.kv.policy import PolicySession
+            from lmforge.infer.kv.policy import PolicySession, key_rotation
 
-            self.kv_policy = PolicySession(config.kv_policy, self.pool, self.runner.cache, spec)
+            rotate = key_rotation(config.kv_policy, model, self.max_seq_len)
+            self.kv_policy = PolicySession(config.kv_policy, self.pool, self.runner.cache, spec, rotate)
             self.scheduler.observed_tail = config.kv_policy.observed_tail
+            if rotate is not None:  # positions are slots, which the policy keeps below the window
+                self.scheduler.max_positions, self.stream_len = self.max_seq_len, STREAM_LEN
         attach_drafter(self, draft, num_draft_tokens, num_blocks)  # lmforge.infer.speculative
         on = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         self.async_scheduling = on and isinstance(self.runner, PagedRunner) and draft is None
@@ -196,10 +205,10 @@ class Engine:
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
             raise LmforgeError(f"logit_bias has token id {max(params.logit_bias)} outside the model's vocabulary "
                                f"[0, {self.vocab_size})")
-        if params.max_tokens and len(ids) + params.max_tokens > self.max_seq_len:
+        if params.max_tokens and len(ids) + params.max_tokens > self.stream_len:
             warn_caller(f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
                         f"({self.max_seq_len}); generation stops there (finish_reason 'length')")
-        length = min(len(ids) + params.max_tokens, self.max_seq_len)
+        length = min(len(ids) + params.max_tokens, self.stream_len)
         if not self.config.chunked_prefill and length > self.config.max_num_batched_tokens:
             raise LmforgeError(f"with chunked_prefill off a sequence is computed in one step (its prompt, and after a "
                                f"preemption its output too): {length} tokens > max_num_batched_tokens="
@@ -214,7 +223,7 @@ class Engine:
                                "gpu_memory_utilization, or lower max_tokens")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals),
                       kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer, self.eos_ids)),
-                      arrival_time=time.perf_counter(), max_len=min(len(ids) + params.max_tokens, self.max_seq_len))
+                      arrival_time=time.perf_counter(), max_len=length)
         # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
         req.generators = [self._generator(params, j) for j in range(params.n)]
         # a score-only request (max_tokens=0) never runs its last token: nothing reads that position's logits
@@ -223,7 +232,7 @@ class Engine:
         if params.beam_width > 1:
             from lmforge.infer.beam import BeamSearch
 
-            req.strategy, req.forked = BeamSearch(req, self.tokenizer, self.max_seq_len), True
+            req.strategy, req.forked = BeamSearch(req, self.tokenizer, self.stream_len), True
         elif self.make_drafter is not None and params.max_tokens:
             from lmforge.infer.speculative import Speculative
 
@@ -237,7 +246,7 @@ class Engine:
 
     def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:
         """Tokenize and validate one prompt (lmforge.infer.request.encode_prompt)."""
-        return encode_prompt(self.tokenizer, prompt, params, index, self.vocab_size, self.max_seq_len)
+        return encode_prompt(self.tokenizer, prompt, params, index, self.vocab_size, self.stream_len)
 
     def free_request_id(self, taken=()) -> str:
         """The next automatic request id that no running request holds, nor any id in `taken` (a front end's
@@ -498,7 +507,7 @@ class Engine:
             self.kv_policy.apply(parent)
         child = self._sequence(parent.request, index, list(parent.tokens))
         child.num_computed, child.block_keys = parent.num_computed, list(parent.block_keys)
-        child.evicted = parent.evicted
+        child.evicted, child.pos_shift = parent.evicted, parent.pos_shift
         child.features = parent.features.copy() if parent.features is not None else None
         child.block_table = self.pool.fork(parent.block_table)
         parent.request.seqs.append(child)
@@ -534,7 +543,7 @@ class Engine:
             seq.top.append({i: v for i, v in top.items() if v != float("-inf")} if top else {})
         if seq.request.first_token_time is None:
             seq.request.first_token_time = time.perf_counter()
-        seq.append(tok, seq.request.eos, self.max_seq_len)
+        seq.append(tok, seq.request.eos, self.stream_len)
         if seq.finish is not None:
             self._register_blocks(seq)  # its blocks stay cached for later prompts with the same prefix
             self.scheduler.finish(seq)

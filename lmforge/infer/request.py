@@ -68,6 +68,9 @@ class Sequence:
     generator: torch.Generator | None = None
     num_computed: int = 0
     """tokens whose keys/values are in the cache (the position of the next token to run)"""
+    pos_shift: int = 0
+    """positions within the cache (a KV policy's cache_positions): the next token's position is num_computed -
+    pos_shift, its slot; 0 otherwise (positions are the text's)"""
     evicted: int = 0
     """keys a KV policy dropped from the cache (lmforge.infer.kv.policy): the cache holds num_slots =
     num_computed - evicted keys (in position order, unless the policy sets ordered_slots = False); the next

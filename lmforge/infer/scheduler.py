@@ -83,6 +83,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.on_release: Callable[[Sequence], None] | None = None
         """called once per finished, aborted or dropped sequence (the engine: per-sequence state elsewhere)"""
+        self.max_positions: int | None = None
+        """positions within the cache (a KV policy's cache_positions): no chunk reaches a position past this (the
+        model's window); the policy's plans before each step keep a sequence's keys below it"""
         self.observed_tail = 0
         """a sequence's last this-many tokens are computed at admission, never taken from the prefix cache (a
         KV policy observes their attention: SnapKV's window, lmforge.infer.kv.policy)"""
@@ -137,6 +140,8 @@ class Scheduler:
                 continue
             remaining = seq.remaining
             n = min(remaining, budget)
+            if self.max_positions is not None:  # positions within the cache: a chunk's last below the window
+                n = min(n, self.max_positions - seq.num_computed + seq.pos_shift)
             if n == 0 or (n < remaining and not self.config.chunked_prefill):
                 kept.append(seq)
                 continue
@@ -196,7 +201,9 @@ class Scheduler:
                 # (FIFO: those behind it wait too, as they do behind a prompt the pool cannot hold)
             start = len(hits) * pool.block_size
             n = min(len(seq.tokens) - start, budget)
-            if n < len(seq.tokens) - start and not self.config.chunked_prefill:
+            if self.max_positions is not None:  # positions within the cache: a chunk's last below the window
+                n = min(n, self.max_positions - start)
+            if n <= 0 or n < len(seq.tokens) - start and not self.config.chunked_prefill:
                 break
             if seq.snapshot_marks:
                 n = _cut(seq, start, n)
@@ -246,7 +253,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, batch: Batch) -> None:
         """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""
         self.pool.release(seq.block_table)
-        seq.num_computed, seq.evicted, seq.block_keys, seq.status = 0, 0, [], Status.WAITING
+        seq.num_computed, seq.evicted, seq.pos_shift, seq.block_keys, seq.status = 0, 0, 0, [], Status.WAITING
         seq.snapshot_marks = {}  # set again at admission
         seq.preemptions += 1
         self.waiting.appendleft(seq)

@@ -147,6 +147,18 @@ class Transformer(nn.Module):
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         return self.final_norm(h) if self.final_norm is not None else h
 
+    def key_rotation(self):
+        """A function turning cached keys by position deltas, f(keys (M, ..., rope width), delta (M,)) (MLA: its
+        rope keys), for a KV policy that re-assigns positions within the cache; None where keys carry no plain
+        RoPE (learned or no position embeddings; a scaling that depends on the sequence length)."""
+        import functools
+
+        from lmforge.model.layers.rope import rotate_by
+
+        if self.rope is None or self.rope._seq_dependent:
+            return None
+        return functools.partial(rotate_by, inv_freq=self.rope.inv_freq, layout=self.rope.layout)
+
     def cache_spec(self) -> CacheSpec:
         """What a KV cache must hold for this model, per layer (engines read this, never cfg)."""
         cfg, p = self.cfg, next(self.parameters())

@@ -32,15 +32,22 @@ class RefCache:
     def length(self) -> int:
         return self.alive[0].shape[1]
 
+    def _keys(self, layer, keys: list, new: torch.Tensor):
+        """Append a step's rotated keys (1, heads, T, d) to keys[layer] (before `alive` grows); returns a function
+        giving the keys the attention uses, read once `alive` has grown (here as stored: keys keep the positions
+        they were computed at)."""
+        keys[layer] = new if keys[layer] is None else torch.cat((keys[layer], new), 2)
+        return lambda: keys[layer]
+
     def attend(self, layer, q, k, v, spec, meta=None):
         T = k.shape[2]
-        self.k[layer] = k if self.k[layer] is None else torch.cat((self.k[layer], k), 2)
+        keys = self._keys(layer, self.k, k)  # a function: read after `alive` grows
         self.v[layer] = v if self.v[layer] is None else torch.cat((self.v[layer], v), 2)
         alive = self.alive[layer] = torch.cat((self.alive[layer], torch.ones(k.shape[1], T, dtype=torch.bool)), 1)
         S, G = alive.shape[1], q.shape[1] // k.shape[1]
         causal = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]  # (T, S)
         mask = causal[None] & alive.repeat_interleave(G, 0)[:, None, :]  # (H, T, S)
-        kk, vv = (t[0].repeat_interleave(G, 0).float() for t in (self.k[layer], self.v[layer]))
+        kk, vv = (t[0].repeat_interleave(G, 0).float() for t in (keys(), self.v[layer]))
         s = (q[0].float() @ kk.transpose(1, 2)) * spec.scale
         p = s.masked_fill(~mask, float("-inf")).softmax(-1)
         self.probs.setdefault(layer, []).append(p)
@@ -51,19 +58,47 @@ class RefCache:
         (one latent "head": every query head sees the same keys)."""
         T = c_kv.shape[1]
         self.k[layer] = c_kv if self.k[layer] is None else torch.cat((self.k[layer], c_kv), 1)
-        self.v[layer] = k_rope if self.v[layer] is None else torch.cat((self.v[layer], k_rope), 2)
+        rope_keys = self._keys(layer, self.v, k_rope)
         alive = self.alive[layer] = torch.cat((self.alive[layer], torch.ones(1, T, dtype=torch.bool)), 1)
         S = alive.shape[1]
         mask = (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]) & alive  # (T, S)
-        return mla.naive(q_nope, q_rope, self.k[layer], self.v[layer], mask[None, None], spec,
+        return mla.naive(q_nope, q_rope, self.k[layer], rope_keys(), mask[None, None], spec,
                          lambda p: self.probs.setdefault(layer, []).append(p[0]))
 
     def advance(self, T: int) -> None:
         pass
 
+    def next_position(self) -> int | None:
+        """The position the next token's query takes (None: its position in the text)."""
+        return None
+
     def keep_positions(self, keep: list[torch.Tensor]) -> None:
         """keep[l] (kv heads, S) bool: which positions stay visible from now on."""
         self.alive = [a & kl for a, kl in zip(self.alive, keep)]
+
+
+class CachePositionsRef(RefCache):
+    """StreamingLLM's positions within the cache (§3.2), by definition: each visible key acts at its rank among
+    the visible keys, and a query at the count of visible keys before it. Keys are kept turned back to position
+    0 and turned to their rank at every attention (not by the engine's per-shift turns)."""
+
+    def __init__(self, n_layers: int, kv_heads: int, rope):
+        super().__init__(n_layers, kv_heads)
+        self.rope = rope
+
+    def _turn(self, keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        from lmforge.model.layers.rope import rotate_by
+
+        return rotate_by(keys[0].transpose(0, 1), pos, self.rope.inv_freq, self.rope.layout).transpose(0, 1)[None]
+
+    def _keys(self, layer, keys: list, new: torch.Tensor):
+        T, p0 = new.shape[2], int(self.alive[layer][0].sum())  # the step's keys came at positions p0 ..
+        plain = self._turn(new, -torch.arange(p0, p0 + T))
+        keys[layer] = plain if keys[layer] is None else torch.cat((keys[layer], plain), 2)
+        return lambda: self._turn(keys[layer], self.alive[layer][0].long().cumsum(0) - 1)
+
+    def next_position(self) -> int:
+        return int(self.alive[0][0].sum())
 
 
 def streaming_keep(ref: RefCache, sinks: int, window: int, slack: int) -> None:
@@ -113,7 +148,8 @@ def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.T
         for seq, start, n, *held in step:
             hit = False
             if seq.seq_id not in states or start < states[seq.seq_id].length:  # new, or preempted (from 0)
-                states[seq.seq_id] = ref = RefCache(cfg.n_layers, kv)
+                states[seq.seq_id] = ref = (CachePositionsRef(cfg.n_layers, kv, model.rope) if getattr(policy, "cache_positions", False)
+                                            else RefCache(cfg.n_layers, kv))
                 ref.prompt_len = held[0] if held else None
                 if start:  # blocks from the prefix cache: a lossless prefill of the prefix
                     with torch.no_grad():
@@ -125,9 +161,11 @@ def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.T
                 streaming_keep(ref, policy.sink_tokens, policy.window, policy.slack)
             elif on_prefill is not None:
                 on_prefill(seq, ref, start)
+            p = ref.next_position()
+            p = start if p is None else p
             with torch.no_grad():
-                logits = model(torch.tensor([seq.tokens[start:start + n]]),
-                               positions=torch.arange(start, start + n)[None], cache=ref)
+                logits = model(torch.tensor([seq.tokens[start:start + n]]), positions=torch.arange(p, p + n)[None],
+                               cache=ref)
             out[(seq.seq_id, start + n)] = logits[0, -1].float().log_softmax(-1)
     return out
 

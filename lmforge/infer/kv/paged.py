@@ -230,6 +230,19 @@ class PagedCache(_Hooked):
                 else:  # kv head h's keys to its own slots d[h]
                     flat.index_put_((d.t(), heads), moved)
 
+    def key_pools(self) -> list[torch.Tensor]:
+        """The pools holding rotated (RoPE) keys, one per layer (`rotate_keys`); none by default."""
+        return []
+
+    def rotate_keys(self, slots: torch.Tensor, delta: torch.Tensor, rotate) -> None:
+        """Turn the keys at flat slots (M,) by delta (M,) positions in every layer (a KV policy re-assigning
+        positions within the cache: lmforge.infer.kv.policy); rotate(keys, delta) is the model's key_rotation().
+        Computed in fp32 and written back in the pool's dtype (each turn rounds the key once more)."""
+        for pool in self.key_pools():
+            flat = _raw(pool.view(-1, *pool.shape[2:]))
+            keys = flat.index_select(0, slots).view(pool.dtype).float()
+            flat.index_copy_(0, slots, _raw(rotate(keys, delta).to(pool.dtype)))
+
     def hook_for(self, layer: int, seq_ids: tuple[int, ...]):
         """The score hook of one call of attention whose probability rows are these sequences' (a decode
         group's rows, or one prefill chunk): `hook_seq_ids` names them while the hook runs."""
@@ -325,6 +338,9 @@ class PagedKVCache(PagedCache):
 
     def pools(self) -> list[torch.Tensor]:
         return self.k + self.v
+
+    def key_pools(self) -> list[torch.Tensor]:
+        return [k for k in self.k if k.numel()]  # (a hybrid's state layers hold no keys)
 
     def layer_pools(self) -> list[tuple[torch.Tensor, ...]]:
         return list(zip(self.k, self.v))
@@ -433,6 +449,9 @@ class PagedLatentCache(PagedCache):
 
     def pools(self) -> list[torch.Tensor]:
         return self.c + self.kr
+
+    def key_pools(self) -> list[torch.Tensor]:
+        return self.kr  # (the latents carry no position)
 
     def layer_pools(self) -> list[tuple[torch.Tensor, ...]]:
         return list(zip(self.c, self.kr))

@@ -6,6 +6,11 @@ num_computed - evicted` keys (lmforge.infer.request.Sequence). Queries keep thei
 keys are stored after RoPE, so a key moved to another slot keeps its original position; a step writes its
 new keys at slots num_slots.. and attends over num_slots + new keys (runner.prepare). Slots stay in position
 order unless the policy sets ordered_slots = False (below). Without a policy evicted is 0 and nothing changes.
+A policy with `cache_positions` (StreamingLLM(positions="cache"), the paper's §3.2) moves positions with the
+slots instead: a query's position is its slot (num_computed - Sequence.pos_shift), each compaction turns the
+keys it moves by their shift (PagedCache.rotate_keys with the model's key_rotation(), after the copies; the
+whole-block table moves are off so a turned key is always in a private block), and the scheduler keeps every
+chunk's positions below the model's window (Scheduler.max_positions), so a stream runs past max_seq_len.
 
 A step of the engine with a policy (lmforge.infer.engine):
   1. before scheduling, `plan(seq, state)` of every running sequence returns the slots to keep (or None):
@@ -56,13 +61,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import check
+from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.utils import to_device
 
@@ -96,6 +101,13 @@ class KVPolicy:
     copies). False: evicted slots below the new count K are filled with the surviving keys of slots >= K,
     per layer and kv head (O(evictions) copies); slot order is then not position order, so the policy
     tracks what each slot holds through `compacted` (H2O, TOVA: one eviction per step)"""
+
+    @property
+    def cache_positions(self) -> bool:
+        """Queries and kept keys take their positions within the cache (a key at slot s acts as if at position s),
+        not their positions in the text; each compaction turns the keys it moves by their shift
+        (StreamingLLM(positions="cache"), the paper's §3.2)."""
+        return False
 
     def start(self, seq, layout: CacheLayout) -> object:
         """Per-sequence state when a sequence is (re)admitted: len(seq.tokens) tokens are to be prefilled."""
@@ -133,25 +145,37 @@ class StreamingLLM(KVPolicy):
     """Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks": keep the first
     sink_tokens keys (the attention sinks, §3.1) and the most recent `window` (the rolling cache, §3.2).
 
-    Positions are the original ones: keys are cached after RoPE, so a kept key keeps the position it was
-    computed at, and a query at position p sees sinks at 0..3 and its window at p - window... The paper
-    (§3.2) instead re-assigns positions within the cache (sinks 0..3, window right after) and re-rotates keys
-    at every step, so a stream can run past the pretraining length; that needs keys cached before RoPE,
-    which lmforge's caches do not do. Here the policy bounds memory (sink_tokens + window keys), not the
-    context window (max_seq_len still applies).
+    positions: "original" (default): keys are cached after RoPE, so a kept key keeps the position it was
+    computed at, and a query at position p sees sinks at 0..3 and its window at p - window...; the policy
+    bounds memory (sink_tokens + window keys), not the context window (max_seq_len still applies).
+    "cache": the paper's §3.2 - positions within the cache: a query takes the position of its slot (the count
+    of keys held before it), so sinks sit at 0..3 and the window right after them, and a stream runs past
+    the model's max_seq_len (the number of keys held never reaches it; a prompt longer than it is prefilled in
+    chunks that fit, with evictions between them). The paper caches keys before RoPE and rotates them at every
+    step; here keys stay rotated in the cache and each compaction turns the keys it moves by their shift
+    (rotations compose: a key turned by -e acts as if computed e positions earlier), computed in fp32 and
+    stored in the cache's dtype - so a key is rounded once more per shift: with a half-precision cache, a slack
+    of a block or more keeps the shifts (window / slack per key) few. Needs plain RoPE (Model.key_rotation).
 
     slack: evict when sink_tokens + window + slack keys are held (1: the paper's rolling cache, which moves
     the whole window every step). With sink_tokens and slack multiples of the block size, an eviction drops
-    whole middle blocks from the block table and copies nothing."""
+    whole middle blocks from the block table and copies nothing (positions "original"; with "cache" the
+    moved keys are turned in place)."""
 
     sink_tokens: int = 4
     window: int
     slack: int = 1
+    positions: Literal["original", "cache"] = "original"
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "StreamingLLM")
         check(self.sink_tokens >= 0, f"StreamingLLM sink_tokens must be >= 0, got {self.sink_tokens}")
         check(self.window >= 1, f"StreamingLLM window must be >= 1, got {self.window}")
         check(self.slack >= 1, f"StreamingLLM slack must be >= 1, got {self.slack}")
+
+    @property
+    def cache_positions(self) -> bool:
+        return self.positions == "cache"
 
     def plan(self, seq, state) -> Keep | None:
         n = seq.num_slots
@@ -265,13 +289,42 @@ def check_engine(policy: KVPolicy, spec, draft, config) -> None:
     if config.kernel_step:
         raise ConfigError(f"kernel_step=True with kv_policy={name}: the batch-1 kernel step writes each key at "
                           "its position's slot; set kernel_step=None (off with a policy) or False")
+    if policy.cache_positions:
+        if not policy.ordered_slots:
+            raise ConfigError(f"kv_policy={name} with positions within the cache needs ordered_slots=True (a key's "
+                              "slot is its position)")
+        if not config.chunked_prefill:
+            raise ConfigError(f"kv_policy={name} with positions within the cache prefills a prompt in chunks that "
+                              "fit the model's window: turn chunked_prefill on")
+        if config.kv_cache is not None:
+            raise ConfigError(f"kv_policy={name} with positions within the cache turns moved keys in the pools; a "
+                              "CacheStore (EngineConfig.kv_cache) keeps its own: use the default cache")
+
+
+def key_rotation(policy: KVPolicy, model, max_seq_len: int):
+    """The model's key rotation for a policy with positions within the cache (None without them), or a one-line
+    refusal: keys without plain RoPE, or a policy whose kept keys leave no room below the model's window."""
+    if not policy.cache_positions:
+        return None
+    name = type(policy).__name__
+    rotate = model.key_rotation() if hasattr(model, "key_rotation") else None
+    if rotate is None:
+        raise ConfigError(f"kv_policy={name} with positions within the cache turns cached keys by their shift: it "
+                          "needs a model whose keys carry plain RoPE (not learned positions, not a scaling that "
+                          "depends on the sequence length)")
+    held = policy.max_slots(1)
+    if held is None or held > max_seq_len:
+        raise ConfigError(f"kv_policy={name} with positions within the cache holds up to {held} keys, more than the "
+                          f"model's max_seq_len={max_seq_len}: a smaller window or slack")
+    return rotate
 
 
 class PolicySession:
     """A policy at work in one engine: per-sequence state, the score hook, compactions, counters."""
 
-    def __init__(self, policy: KVPolicy, pool, cache, spec):
-        self.policy, self.pool, self.cache = policy, pool, cache
+    def __init__(self, policy: KVPolicy, pool, cache, spec, rotate=None):
+        self.policy, self.pool, self.cache, self.rotate = policy, pool, cache, rotate
+        self.turns: list = []  # (flat slots, shifts) of keys a positions-within-the-cache compaction moved
         heads = tuple(1 if layer.kind == "latent" else layer.kv_heads for layer in spec.layers)
         self.layout = CacheLayout(len(spec.layers), heads, pool.block_size)
         self.states: dict[int, object] = {}
@@ -287,7 +340,16 @@ class PolicySession:
         moves: list = []
         failed = [seq for seq in running if not self.apply(seq, moves)]
         self._flush(moves)
+        self._turn()
         return failed
+
+    def _turn(self) -> None:
+        """Turn the keys the compactions since the last call moved (positions within the cache), once their
+        copies are written: one rotation of every key pool."""
+        if self.turns:
+            slots, shift = (torch.cat(t) for t in zip(*self.turns))
+            self.turns = []
+            self.cache.rotate_keys(slots, shift, self.rotate)
 
     def apply(self, seq, moves: list | None = None) -> bool:
         """seq's plan, applied (a sequence not started yet holds no keys); False: no room for its copies.
@@ -368,11 +430,28 @@ class PolicySession:
                 self.cache.compact(src, dst)
             else:
                 moves.append((src, dst))
+        if self.policy.cache_positions:  # kept key keep[i] now sits at slot i: turned by i - keep[i]
+            self._shifts(seq, keep, host)
+            seq.pos_shift += n - k
+            if moves is None:
+                self._turn()
         seq.evicted += n - k
         self.evicted_tokens += n - k
         self.compactions += 1
         self.policy.compacted(state, keep)
         return True
+
+    def _shifts(self, seq, keep: Keep, host: bool) -> None:
+        """Queue the turns of seq's kept keys that changed slots (positions within the cache: host plans only)."""
+        if not host:
+            raise LmforgeError(f"{type(self.policy).__name__} keeps positions within the cache: its plan must be one "
+                               "list of slots for every layer and head, not a per-head tensor")
+        new = np.arange(len(keep))
+        shift = new - np.asarray(keep, np.int64)
+        moved = np.flatnonzero(shift)
+        if len(moved):
+            slots = _flat(seq.block_table, new[moved], self.pool.block_size)
+            self.turns.append(tuple(to_device(torch.from_numpy(a), self.cache.device) for a in (slots, shift[moved])))
 
     def _checked(self, seq, keep: Keep, n: int) -> tuple[Keep, bool]:
         """The plan validated: (a host list, True), or (the (L, heads, K) tensor, False), sorted along K for
@@ -397,7 +476,7 @@ class PolicySession:
         """Kept keys to slots 0..k-1 in order: (src, dst, keep), src None when nothing is copied; None when
         the pool has no room. A destination block that is one source block whole takes its table entry."""
         bs = self.pool.block_size
-        if host:
+        if host and not self.policy.cache_positions:  # (turned keys are written: a reused block may be shared)
             reuse = [_whole_block(keep[j * bs:(j + 1) * bs], bs) for j in range(-(-k // bs))]
         else:
             reuse = [None] * -(-k // bs)

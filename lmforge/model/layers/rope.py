@@ -178,3 +178,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def rotate_by(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """x (M, ..., d) keys already rotated, each turned further by delta[m] positions (a pure rotation: angles
+    delta·θ_i, no attention scale): rotations compose, so a key computed at position p then turned by delta acts
+    as if computed at p + delta. For KV policies that re-assign positions within the cache
+    (lmforge.infer.kv.policy, StreamingLLM(positions="cache"))."""
+    M, d = x.shape[0], x.shape[-1]
+    angles = delta.to(torch.float32)[:, None] * inv_freq.to(x.device)  # (M, d/2)
+    x4 = x.reshape(M, -1, d).transpose(0, 1)[None]  # (1, heads, M, d)
+    out = apply_rope(x4, angles.cos()[None], angles.sin()[None], layout)
+    return out[0].transpose(0, 1).reshape(x.shape)
+

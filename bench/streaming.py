@@ -84,10 +84,11 @@ def recomputed(model, ids: list[int], context: int) -> np.ndarray:
     return out
 
 
-def engine_loss(model, ids: list[int], policy) -> np.ndarray:
+def engine_loss(model, ids: list[int], policy, chunk: int = CHUNK, **config) -> np.ndarray:
     """Loss of every byte after the first, scored by the engine as one prompt (prompt log-probs, no generation),
-    prefilled in chunks of CHUNK bytes with the policy's evictions between them."""
-    llm = LLM(model, ByteTokenizer(), config=EngineConfig(block_size=4, kv_policy=policy, max_num_batched_tokens=CHUNK))
+    prefilled in chunks of `chunk` bytes with the policy's evictions between them."""
+    llm = LLM(model, ByteTokenizer(), config=EngineConfig(block_size=4, kv_policy=policy, max_num_batched_tokens=chunk,
+                                                          **config))
     out = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
     return np.array([-d[t] for d, t in zip(out.prompt_logprobs[1:], ids[1:])])
 
@@ -126,6 +127,14 @@ def main(argv: list[str] | None = None) -> None:
                           StreamingLLM(sink_tokens=0, window=CACHE, slack=8, positions="cache"))):
         t0 = time.perf_counter()
         row(name, engine_loss(model, ids, policy), t0)
+    # each shift re-rounds the moved keys to the cache's dtype: a bf16 cache, shifted every byte (slack 1, the
+    # paper's rolling cache: each key turned ~96 times) or every 8 bytes (~12 times), against the fp32 cache
+    for slack, dtype in ((1, None), (1, "bf16"), (8, "bf16")):
+        t0 = time.perf_counter()
+        policy = StreamingLLM(sink_tokens=4, window=CACHE - 4, slack=slack, positions="cache")
+        row(f"StreamingLLM, cache positions, {dtype or 'fp32'} cache, slack {slack}",
+            engine_loss(model, ids, policy, chunk=1 if slack == 1 else CHUNK, kv_cache_dtype=dtype), t0,
+            "byte by byte" if slack == 1 else "")
     t0 = time.perf_counter()
     try:
         engine_loss(model, ids, StreamingLLM(sink_tokens=4, window=CACHE - 4, slack=8))

@@ -35,6 +35,8 @@ class _View:
     seq_id: int
     evicted: int = 0
     """keys dropped by a KV policy (Sequence.evicted): the draft's own cache keeps every key"""
+    pos_shift: int = 0
+    """positions within the cache (Sequence.pos_shift): a draft's queries keep the text's positions"""
 
 
 class PagedDraftModel:

@@ -57,7 +57,7 @@ def gathered(runner: PagedRunner, table: list[int], n: int) -> list[torch.Tensor
 def plain_prefill(model, tokens: list[int], table: list[int], num_blocks: int) -> PagedRunner:
     """A fresh paged cache holding one causal prefill of tokens, written through this block table."""
     runner = PagedRunner(model, model.cache_spec(), num_blocks, BS, "cpu")
-    ids, meta = runner.prepare(Batch(chunks=[(SimpleNamespace(tokens=tokens, num_computed=0, evicted=0, block_table=table,
+    ids, meta = runner.prepare(Batch(chunks=[(SimpleNamespace(tokens=tokens, num_computed=0, evicted=0, pos_shift=0, block_table=table,
                                                               seq_id=0), len(tokens))]), [])
     with torch.no_grad():
         model(ids, cache=runner.cache, meta=meta)
@@ -73,9 +73,9 @@ def test_runner_scores_a_tree_chunk_beside_decodes_and_chains_then_compacts_it(n
     model = arch_model(name)
     P, T = len(PROMPT), len(TOKENS)
     runner = PagedRunner(model, model.cache_spec(), 12, BS, "cpu", prefill="reference")
-    a = SimpleNamespace(tokens=list(PROMPT), num_computed=0, evicted=0, block_table=[0, 1, 2, 3], seq_id=0)
-    b = SimpleNamespace(tokens=list(OTHER), num_computed=0, evicted=0, block_table=[4, 5], seq_id=1)
-    c = SimpleNamespace(tokens=list(LONG), num_computed=0, evicted=0, block_table=[6, 7, 8], seq_id=2)
+    a = SimpleNamespace(tokens=list(PROMPT), num_computed=0, evicted=0, pos_shift=0, block_table=[0, 1, 2, 3], seq_id=0)
+    b = SimpleNamespace(tokens=list(OTHER), num_computed=0, evicted=0, pos_shift=0, block_table=[4, 5], seq_id=1)
+    c = SimpleNamespace(tokens=list(LONG), num_computed=0, evicted=0, pos_shift=0, block_table=[6, 7, 8], seq_id=2)
 
     def run(batch: Batch, rows):
         ids, meta = runner.prepare(batch, [(ch, back, None) for ch, back in rows])

@@ -474,16 +474,20 @@ class PagedLatentCache(PagedCache):
                 kw = dict(scale=spec.scale, softcap=spec.softcap, window=spec.window, tree=_tree_rows(meta, 0, nd))
                 lat = self._kernel(self.kernel, (ql, qr, cc, kc, meta.block_tables[:nd], meta.context_lens[:nd]), kw)
                 od = None if lat is None else mla.expand_latent(lat).transpose(0, 1)  # (H, nd, d_v)
-            if od is None:
-                tables = meta.block_tables[:nd].long()
-                c = cc[tables].flatten(1, 2).to(c_kv.dtype)  # (nd, S, r)
-                kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (nd, 1, S, d_r)
-                mask = decode_mask(meta.context_lens[:nd], c.shape[1], spec.window, self.first_key,
-                                   _tree_rows(meta, 0, nd))
-                qn, qr = q_nope[0, :, :nd].transpose(0, 1)[:, :, None], q_rope[0, :, :nd].transpose(0, 1)[:, :, None]
-                hook_d = hook and self.hook_for(layer, meta.seq_ids_host[:nd])
-                od = mla.absorbed(qn, qr, c, kr, mask, spec, hook_d)[:, :, 0].transpose(0, 1)
-            out[0, :, :nd] = od
+            if od is not None:
+                out[0, :, :nd] = od
+            # else the model's absorbed math over gathered latents, per group of rows of similar context length
+            # (meta.decode_groups: a group gathers its widest table, not the batch's)
+            for lo, hi, width in (meta.groups() if od is None else ()):
+                tables = meta.block_tables[lo:hi, :width].long()
+                c = cc[tables].flatten(1, 2).to(c_kv.dtype)  # (rows, S, r)
+                kr = kc[tables].flatten(1, 2).to(c_kv.dtype)[:, None]  # (rows, 1, S, d_r)
+                mask = decode_mask(meta.context_lens[lo:hi], c.shape[1], spec.window, self.first_key,
+                                   _tree_rows(meta, lo, hi))
+                qn = q_nope[0, :, lo:hi].transpose(0, 1)[:, :, None]
+                qr = q_rope[0, :, lo:hi].transpose(0, 1)[:, :, None]
+                hook_d = hook and self.hook_for(layer, meta.seq_ids_host[lo:hi])
+                out[0, :, lo:hi] = mla.absorbed(qn, qr, c, kr, mask, spec, hook_d)[:, :, 0].transpose(0, 1)
         for i, start, n, ctx in self._prefills(meta):
             if ctx == n:
                 c, kr = c_kv[:, start:start + n], k_rope[:, :, start:start + n]

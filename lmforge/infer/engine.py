@@ -377,6 +377,10 @@ class Engine:
             for seq in self.kv_policy.plan(self.scheduler.running):  # no free block for its copies
                 self.scheduler.preempt(seq)
         batch = self.scheduler.schedule()
+        if not batch.chunks and batch.preempted:  # the plans preempted every running sequence: a step that admits
+            # nothing new (Scheduler.preempt) would be empty, so schedule again, admitting from the queue
+            first, batch = batch.preempted, self.scheduler.schedule()
+            batch.preempted = first + batch.preempted
         for seq in batch.preempted:  # its cache state went with its blocks: recomputed from its first token
             self._cache_event("preempt", seq.seq_id)
             if self.draft_head is not None:  # the head's entries went too: its features are handed again

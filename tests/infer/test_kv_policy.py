@@ -60,6 +60,24 @@ def test_streaming_llm_with_n_samples_and_preemption(tok, monkeypatch):
     assert engine.pool.num_used == 0
 
 
+def test_plans_preempting_every_running_sequence_admit_from_the_queue(tok, monkeypatch):
+    """A pool so small that the plans once preempt every running sequence (their compactions find no free blocks):
+    that step schedules again and admits from the queue. It raised "could not fit any sequence in the KV pool"
+    with the whole pool free, 2026-12-05."""
+    from lmforge.infer.scheduler import Scheduler
+
+    early, real = [], Scheduler.preempt
+    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: early.append(seq.seq_id) or real(self, seq))
+    model = tiny_model("llama")
+    policy = StreamingLLM(**STREAM)
+    sp = SamplingParams(temperature=1.0, n=3, seed=4, max_tokens=30, ignore_eos=True, logprobs=0)
+    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, num_kv_tokens=48,
+                                                      max_num_batched_tokens=8), [PROMPT, "another prompt"], sp)
+    assert early and all(log)  # every step ran chunks
+    assert check_against(replay(model, log, policy), reqs, greedy=False) == 180
+    assert engine.pool.num_used == 0
+
+
 class _Mixed:
     def plan(self, seq, state):
         keep = super().plan(seq, state)

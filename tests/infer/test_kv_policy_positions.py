@@ -73,6 +73,23 @@ def test_forks_and_block_slack_turn_only_their_own_keys(tok):
     assert turned and engine.pool.num_used == 0
 
 
+def test_preempted_streams_restart_from_their_first_position(tok, monkeypatch):
+    """A pool too small for three samples preempts (also from a compaction's copies): a preempted sample
+    recomputes from token 0 with positions from 0 again (pos_shift reset), its stream past the window again."""
+    from lmforge.infer.scheduler import Scheduler
+
+    preempted, real = [], Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, seq, batch: preempted.append(seq.seq_id) or
+                        real(self, seq, batch))
+    model = model_of("llama")
+    sp = SamplingParams(temperature=1.0, n=3, seed=4, max_tokens=30, ignore_eos=True, logprobs=0)
+    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=CACHE, num_kv_tokens=48,
+                                                      max_num_batched_tokens=8), [PROMPT, "another prompt"], sp)
+    assert preempted and engine.stats()["preemptions"] > 0
+    assert check_against(replay(model, log, CACHE), reqs, greedy=False) == 180
+    assert engine.pool.num_used == 0
+
+
 def test_original_positions_stay_bounded_by_the_window(tok):
     """Without positions within the cache the same request stops at max_seq_len ('length'); with them it runs
     to max_tokens."""

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     k = 64
     for name, loss in curves.items():
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.axvline(WINDOW, color="grey", ls=":", lw=1)
     ax.set(xlabel="byte position in the stream", ylabel=f"loss, nats/byte ({k}-byte mean)",
            title=f"Streaming past a {WINDOW}-position window (byte-level tinyshakespeare)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     img = Path(__file__).resolve().parents[1] / "docs" / "img" / "streaming_cpu.png"
     fig.savefig(img, dpi=110)

@@ -1,82 +1,31 @@
 """KV policies with unordered slots (KVPolicy.ordered_slots = False: evicted slots filled from the tail) against
-the masked reference of tests/infer/kv_policy_ref.py: an H2O-like heavy-hitter policy, ordered and unordered,
-per layer and kv head; through the Triton kernels."""
+the masked reference of tests/infer/kv_policy_ref.py: H2O's heavy hitters (lmforge.infer.kv.policy.H2O, its
+rule applied by hand in position space by the reference), ordered and unordered, per layer and kv head; through
+the Triton kernels."""
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pytest
 import torch
 
 from lmforge.infer.engine import EngineConfig
-from lmforge.infer.kv.policy import KVPolicy
+from lmforge.infer.kv.policy import H2O
 from lmforge.infer.sampling import SamplingParams
 
 from .infer_helpers import tiny_model
 from .kv_policy_ref import PROMPT, RefCache, STREAM, StreamingByPosition, check_against, model_of, replay, run
 
 
-@dataclass
-class _HeavyState:
-    prompt_len: int
-    heads: tuple[int, ...]
-    score: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, S) attention per slot
-    pos: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, S) each slot's position
+class Heavy(H2O):
+    """H2O (lmforge.infer.kv.policy) with slots kept in position order: every kept key after an evicted one
+    moves (O(K) copies per eviction), the same keys kept as with the tail filling of the library's H2O."""
+
+    ordered_slots: ClassVar[bool] = True
 
 
-@dataclass(frozen=True, kw_only=True)
-class Heavy(KVPolicy):
-    """H2O-like (Zhang et al. 2023 §3-4, Algorithm 1): per (layer, kv head) the attention each key received,
-    accumulated over every query (the group's query heads summed); once the prompt is computed keep the
-    `heavy` non-recent keys with the most and the `recent` newest, so one key goes per decode step. It knows
-    each slot's position (`pos`), so it runs in either slot order. alike: one choice for every layer and
-    head (scores summed over them), returned as a host list."""
-
-    heavy: int
-    recent: int
-    alike: bool = False
-    needs_scores: ClassVar[bool] = True
-    observed_tail: ClassVar[int] = sys.maxsize
-
-    def start(self, seq, layout):
-        return _HeavyState(len(seq.tokens), layout.heads)
-
-    def observes(self, state, start, n):
-        return True
-
-    def observe(self, state, layer, probs, first):
-        H, T, S = probs.shape
-        kv = state.heads[layer]
-        c, pos = probs.float().sum(1).view(kv, H // kv, S).sum(1), torch.arange(first, first + T).expand(kv, T)
-        if layer in state.score:  # this step's new keys sit at the last T slots
-            c[:, :S - T] += state.score[layer]
-            pos = torch.cat((state.pos[layer], pos), 1)
-        state.score[layer], state.pos[layer] = c, pos
-
-    def plan(self, seq, state):
-        n, budget = seq.num_slots, self.heavy + self.recent
-        if n <= budget or seq.num_computed < state.prompt_len:
-            return None
-        L, first_recent = len(state.heads), seq.num_computed - self.recent
-        assert all(state.score[layer].shape[1] == n for layer in range(L))
-        if self.alike:
-            total = sum(state.score[layer].sum(0) for layer in range(L))
-            total = total.masked_fill(state.pos[0][0] >= first_recent, float("inf"))
-            return total.topk(budget).indices.sort().values.tolist()
-        return torch.stack([state.score[layer].masked_fill(state.pos[layer] >= first_recent, float("inf"))
-                            .topk(budget, dim=-1).indices for layer in range(L)])  # (L, kv heads, K), any order
-
-    def compacted(self, state, keep):  # new slot i holds old slot keep[..., i]: per-slot state follows
-        for layer, kv in enumerate(state.heads):
-            idx = (torch.tensor(keep) if isinstance(keep, list) else keep[layer]).expand(kv, -1)
-            state.score[layer], state.pos[layer] = state.score[layer].gather(1, idx), state.pos[layer].gather(1, idx)
-
-
-class HeavyUnordered(Heavy):
-    ordered_slots: ClassVar[bool] = False
+HeavyUnordered = H2O
 
 
 def heavy_by_hand(ref: RefCache, start: int, heavy: int, recent: int, alike: bool) -> None:
@@ -145,7 +94,7 @@ def test_unordered_slots_equal_ordered_and_the_reference(tok, arch, config, n, a
     runs = []
     for kind in (Heavy, HeavyUnordered):
         rows = []
-        engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=kind(heavy=6, recent=4, alike=alike),
+        engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=kind(heavy=6, recent=4, per_head=not alike),
                                                          **config), prompts, sp, lambda e, rows=rows: counting(e, rows))
 
         def on_prefill(seq, ref, start):

@@ -60,6 +60,7 @@ read each row's context length in slots, so they stay on.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -154,8 +155,9 @@ class StreamingLLM(KVPolicy):
     chunks that fit, with evictions between them). The paper caches keys before RoPE and rotates them at every
     step; here keys stay rotated in the cache and each compaction turns the keys it moves by their shift
     (rotations compose: a key turned by -e acts as if computed e positions earlier), computed in fp32 and
-    stored in the cache's dtype - so a key is rounded once more per shift: with a half-precision cache, a slack
-    of a block or more keeps the shifts (window / slack per key) few. Needs plain RoPE (Model.key_rotation).
+    stored in the cache's dtype - so a key is rounded once more per shift (window / slack shifts per key; a bf16
+    cache turned at every token measured level with fp32: bench/streaming.py). Needs plain RoPE
+    (Transformer.key_rotation).
 
     slack: evict when sink_tokens + window + slack keys are held (1: the paper's rolling cache, which moves
     the whole window every step). With sink_tokens and slack multiples of the block size, an eviction drops
@@ -186,6 +188,79 @@ class StreamingLLM(KVPolicy):
     def max_slots(self, chunk: int) -> int:
         # a plan leaves at most sink_tokens + window + slack - 1 keys before a step, which adds <= chunk
         return self.sink_tokens + self.window + self.slack - 1 + chunk
+
+
+@dataclass
+class _H2OState:
+    prompt_len: int
+    heads: tuple[int, ...]
+    score: dict[int, torch.Tensor] = field(default_factory=dict)
+    """layer -> (kv heads, S) attention each slot's key has received so far"""
+    pos: dict[int, torch.Tensor] = field(default_factory=dict)
+    """layer -> (kv heads, S) each slot's key's position (slots leave position order: ordered_slots False)"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class H2O(KVPolicy):
+    """Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models"
+    (§3-4, Algorithm 1): per (layer, kv head) the attention each key has received, accumulated over every query so
+    far (the prompt's and each decoded token's; a kv head sums its group's query heads); once the prompt is
+    computed, keep the `heavy` keys with the most among the older ones (the heavy hitters) and the `recent`
+    newest, so from then on one key goes per decoded token - the greedy eviction of Algorithm 1.
+
+    The scores come from the attention weights (`needs_scores`: observed steps run the reference attention, not
+    the kernels) and every prompt query is observed (`observed_tail`: prompts are computed, never read from the
+    prefix cache). Slots are filled from the tail (ordered_slots False: O(1) keys move per eviction), so the
+    state keeps each slot's position. per_head False: one choice for every layer and head (scores summed), a host
+    list. Positions are the text's (a key keeps the position it was computed at)."""
+
+    heavy: int
+    recent: int
+    per_head: bool = True
+    needs_scores: ClassVar[bool] = True
+    observed_tail: ClassVar[int] = sys.maxsize
+    ordered_slots: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check(self.heavy >= 0 and self.recent >= 1,
+              f"H2O needs heavy >= 0 and recent >= 1, got heavy={self.heavy}, recent={self.recent}")
+
+    def start(self, seq, layout: CacheLayout) -> _H2OState:
+        return _H2OState(len(seq.tokens), layout.heads)
+
+    def observes(self, state: _H2OState, start: int, n: int) -> bool:
+        return True
+
+    def observe(self, state: _H2OState, layer: int, probs: torch.Tensor, first: int) -> None:
+        H, T, S = probs.shape
+        kv = state.heads[layer]
+        c = probs.float().sum(1).view(kv, H // kv, S).sum(1)  # (kv heads, S): this chunk's attention per slot
+        pos = torch.arange(first, first + T, device=c.device).expand(kv, T)
+        if layer in state.score:  # this step's new keys sit at the last T slots
+            c[:, :S - T] += state.score[layer]
+            pos = torch.cat((state.pos[layer], pos), 1)
+        state.score[layer], state.pos[layer] = c, pos
+
+    def plan(self, seq, state: _H2OState) -> Keep | None:
+        n, budget = seq.num_slots, self.heavy + self.recent
+        if n <= budget or seq.num_computed < state.prompt_len:
+            return None
+        layers, first_recent = range(len(state.heads)), seq.num_computed - self.recent
+        if not self.per_head:
+            total = sum(state.score[layer].sum(0) for layer in layers)
+            total = total.masked_fill(state.pos[0][0] >= first_recent, float("inf"))
+            return total.topk(budget).indices.sort().values.tolist()
+        return torch.stack([state.score[layer].masked_fill(state.pos[layer] >= first_recent, float("inf"))
+                            .topk(budget, dim=-1).indices for layer in layers])  # (L, kv heads, K), any order
+
+    def max_slots(self, chunk: int) -> int | None:
+        return None  # the prompt is held whole until it is computed
+
+    def compacted(self, state: _H2OState, keep: Keep) -> None:  # new slot i holds old slot keep[..., i]
+        for layer, kv in enumerate(state.heads):
+            idx = (torch.tensor(keep, device=state.score[layer].device) if isinstance(keep, list)
+                   else keep[layer]).expand(kv, -1)
+            state.score[layer], state.pos[layer] = state.score[layer].gather(1, idx), state.pos[layer].gather(1, idx)
 
 
 @dataclass

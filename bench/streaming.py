@@ -15,8 +15,11 @@ Rows, each scoring every byte of the stream after the first (cache of C = 100 ke
   window attention              the same cache without sinks (sink_tokens=0, window=100): the paper's failing
                                 baseline once the first tokens leave the cache
   StreamingLLM, text positions  StreamingLLM(..., positions="original"): stops at max_seq_len
-Prints mean loss (nats per byte) past the window, writes JSON ($OUT or bench/results/streaming.json) and a plot of
-the loss along the stream (docs/img/streaming_cpu.png).
+Then equal cache budgets inside the window (positions the text's): 64 validation windows of 128 bytes, a 16-byte
+prompt and the rest forced as the output (a logits processor; the model's own log-probs reported), under no policy,
+StreamingLLM, a window without sinks and H2O at 24 keys each.
+Prints mean loss (nats per byte), writes JSON ($OUT or bench/results/streaming.json) and a plot of the loss along
+the stream (docs/img/streaming_cpu.png).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmforge.data.shards import write_tokens  # noqa: E402
 from lmforge.infer.engine import EngineConfig  # noqa: E402
-from lmforge.infer.kv.policy import StreamingLLM  # noqa: E402
+from lmforge.infer.kv.policy import H2O, StreamingLLM  # noqa: E402
 from lmforge.infer.llm import LLM  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.model.config import ModelConfig  # noqa: E402
@@ -93,10 +96,51 @@ def engine_loss(model, ids: list[int], policy, chunk: int = CHUNK, **config) -> 
     return np.array([-d[t] for d, t in zip(out.prompt_logprobs[1:], ids[1:])])
 
 
+def forced(target: list[int]):
+    """A logits processor forcing the next output token to target[len(output)] (teacher forcing through the
+    engine: greedy picks it, and the 'raw' log-prob reported is the model's own for it)."""
+    def force(out_ids, logits):
+        keep = torch.full_like(logits, float("-inf"))
+        keep[target[len(out_ids)]] = 0.0
+        return logits + keep
+    return force
+
+
+def budget_rows(model, val: np.ndarray, windows: int, budget: int, prompt: int = 16) -> list[dict]:
+    """Equal cache budgets inside the model's window (positions the text's): `windows` validation windows of
+    WINDOW bytes, each a `prompt`-byte prompt then its remaining bytes forced as the output, decoded through
+    the engine under each policy; the loss of the bytes past position budget + prompt (where the policies
+    differ) and the time, all windows in one batch."""
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(val) - WINDOW, windows)
+    texts = [val[s:s + WINDOW].tolist() for s in starts]
+    policies = {"full cache (no policy)": None,
+                f"StreamingLLM, 4 sinks + {budget - 4}": StreamingLLM(sink_tokens=4, window=budget - 4),
+                f"window of {budget} (no sinks)": StreamingLLM(sink_tokens=0, window=budget),
+                f"H2O, {budget // 2} heavy + {budget // 2} recent (per kv head)": H2O(heavy=budget // 2,
+                                                                                    recent=budget // 2)}
+    rows = []
+    for name, policy in policies.items():
+        llm = LLM(model, ByteTokenizer(), config=EngineConfig(block_size=4, kv_policy=policy, max_num_seqs=windows))
+        params = [SamplingParams(temperature=0, max_tokens=WINDOW - prompt, ignore_eos=True, logprobs=0,
+                                 logits_processors=(forced(t[prompt:]),)) for t in texts]
+        t0 = time.perf_counter()
+        outs = llm.generate([t[:prompt] for t in texts], params)
+        assert all(o.token_ids == t[prompt:] for o, t in zip(outs, texts))
+        loss = -np.array([o.logprobs for o in outs])  # (windows, WINDOW - prompt)
+        rows.append(dict(method=name, budget=budget if policy is not None else None, loss_evicting=float(loss[:, budget:].mean()),
+                         loss_all=float(loss.mean()), evicted=llm.engine.stats()["evicted_tokens"],
+                         seconds=time.perf_counter() - t0))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--stream", type=int, default=4096, help="bytes of validation text scored")
+    ap.add_argument("--windows", type=int, default=64, help="validation windows of the equal-budget section")
+    ap.add_argument("--budget", type=int, default=24, help="keys each policy keeps in the equal-budget section")
     args = ap.parse_args(argv)
     if not DATA.exists():
         raise SystemExit(f"needs {DATA} (../shared/data, see its README)")
@@ -149,10 +193,18 @@ def main(argv: list[str] | None = None) -> None:
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"| {r['method']} | {f(r['loss_past_window'])} | {f(r['loss_first_window'])} | {r['scored']} | "
               f"{r['seconds']:.1f} | {r['note']} |")
+    budget = budget_rows(model, val, args.windows, args.budget)
+    print(f"\nequal budgets inside the window: {args.windows} windows of {WINDOW} bytes, 16-byte prompts, the rest "
+          f"forced; loss of the bytes past {args.budget + 16} (where the policies differ)")
+    print("| policy | cache budget | loss past the budget (nats/byte) | loss, all output bytes | keys evicted | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in budget:
+        print(f"| {r['method']} | {r['budget'] or 'all'} | {r['loss_evicting']:.3f} | {r['loss_all']:.3f} | {r['evicted']} | "
+              f"{r['seconds']:.1f} |")
     out = Path(os.environ.get("OUT", Path(__file__).parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "streaming.json").write_text(json.dumps(dict(rows=rows, stream=len(ids), window=WINDOW, cache=CACHE),
-                                                   indent=1))
+    (out / "streaming.json").write_text(json.dumps(dict(rows=rows, stream=len(ids), window=WINDOW, cache=CACHE,
+                                                        budget_rows=budget), indent=1))
     try:
         import matplotlib
 

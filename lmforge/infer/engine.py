@@ -214,6 +214,8 @@ class Engine:
                                f"preemption its output too): {length} tokens > max_num_batched_tokens="
                                f"{self.config.max_num_batched_tokens}; raise it or turn chunked_prefill on")
         bound = self.kv_policy.policy.max_slots(self.config.max_num_batched_tokens) if self.kv_policy else None
+        if self.scheduler.max_positions is not None:  # positions within the cache: chunks end below the window
+            bound = min(bound, self.scheduler.max_positions)
         need = self.pool.request_blocks(len(ids), length, params.beam_width, self.window,
                                         self.config.max_num_batched_tokens + 1, bound)  # (+ a draft's lag)
         if need > self.pool.num_blocks:

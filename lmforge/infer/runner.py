@@ -294,17 +294,17 @@ def chunk_inputs(batch: Batch, bs: int) -> tuple[list, ...]:
     for seq, n in batch.chunks:
         # queries keep their positions (RoPE); keys go to the next cache slots: a KV policy's eviction
         # (lmforge.infer.kv.policy) leaves e = seq.evicted fewer slots than positions (0 without one), and a
-        # policy with positions within the cache moves positions back with them (p = s - pos_shift: the slot)
+        # policy with positions within the cache moves positions back with them (at = s - pos_shift: the slot)
         s, e, table = seq.num_computed, seq.evicted, seq.block_table
-        p = s - seq.pos_shift
+        at = s - seq.pos_shift  # the first query's position
         if n == 1:  # a decode (most rows of a large batch): no slices or ranges to build
             ids.append(token_at(seq, s))
-            pos.append(p)
+            pos.append(at)
             slots.append(table[(s - e) // bs] * bs + (s - e) % bs)
         else:
             ids += seq.tokens[s:s + n]
             tree = batch.trees.get(seq.seq_id) if batch.trees else None
-            pos += range(p, p + n) if tree is None else tree_chunk_positions(s, n, tree)
+            pos += range(at, at + n) if tree is None else tree_chunk_positions(s, n, tree)
             slots += [table[p // bs] * bs + p % bs for p in range(s - e, s - e + n)]  # tree nodes: node order
         ctx.append(s - e + n)
         qlens.append(n)

@@ -199,9 +199,11 @@ class Scheduler:
             elif computing and _next_key(pool, tokens, hits) in computing:
                 break  # its next block is being computed now (a shared few-shot prefix): hit it next step
                 # (FIFO: those behind it wait too, as they do behind a prompt the pool cannot hold)
+            if self.max_positions is not None:  # positions within the cache: a hit leaves room for a chunk
+                hits = hits[:(self.max_positions - 1) // pool.block_size]
             start = len(hits) * pool.block_size
             n = min(len(seq.tokens) - start, budget)
-            if self.max_positions is not None:  # positions within the cache: a chunk's last below the window
+            if self.max_positions is not None:  # and the chunk's last position stays below the window
                 n = min(n, self.max_positions - start)
             if n <= 0 or n < len(seq.tokens) - start and not self.config.chunked_prefill:
                 break

@@ -90,6 +90,35 @@ def test_preempted_streams_restart_from_their_first_position(tok, monkeypatch):
     assert engine.pool.num_used == 0
 
 
+def test_a_prefix_hit_as_long_as_the_window_leaves_room_for_a_chunk(tok):
+    """A first request's prompt fills the whole window before its first eviction, so its lossless blocks (all
+    max_seq_len positions) are cached; the same prompt again hits them - trimmed to leave room for a chunk below
+    the window (it waited forever, then raised "could not fit any sequence"), with the first request's tokens."""
+    model = model_of("llama")
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=CACHE, max_num_batched_tokens=64))
+    outs = []
+    for _ in range(2):
+        engine.add_request(PROMPT, sp)
+        while engine.has_unfinished():
+            outs += [o for o in engine.step() if o.finished]
+    assert outs[1].metrics["num_cached_tokens"] == 20  # (24 - 1) // 4 blocks of the 24 cached
+    assert outs[0].token_ids == outs[1].token_ids
+    assert outs[1].logprobs == pytest.approx(outs[0].logprobs, abs=1e-5)
+
+
+def test_a_long_stream_needs_only_a_window_of_blocks(tok):
+    """The pool check sizes a request by the keys it can hold, which positions within the cache bound by the window
+    (not by the policy's slots plus a whole step's tokens): 200 tokens on a pool of 32 slots."""
+    model = model_of("llama")
+    engine = Engine(model, tok, EngineConfig(block_size=4, kv_policy=CACHE, num_kv_tokens=32,
+                                             max_num_batched_tokens=64))
+    engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    while engine.has_unfinished():
+        outs = engine.step()
+    assert len(outs[0].token_ids) == 200 and engine.pool.num_used == 0
+
+
 def test_original_positions_stay_bounded_by_the_window(tok):
     """Without positions within the cache the same request stops at max_seq_len ('length'); with them it runs
     to max_tokens."""

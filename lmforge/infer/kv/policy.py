@@ -162,7 +162,8 @@ class StreamingLLM(KVPolicy):
     slack: evict when sink_tokens + window + slack keys are held (1: the paper's rolling cache, which moves
     the whole window every step). With sink_tokens and slack multiples of the block size, an eviction drops
     whole middle blocks from the block table and copies nothing (positions "original"; with "cache" the
-    moved keys are turned in place)."""
+    moved keys are copied to private blocks and turned there: a whole block may be a fork's or the prefix
+    cache's)."""
 
     sink_tokens: int = 4
     window: int

@@ -138,9 +138,9 @@ case "${1:-}" in
   latent)    # MLA's latent kernel (lmforge/kernels/paged_latent.py, 2026-12-05, never run on a GPU): its tests and
              # the engine's on the GPU, then decode rows vs the gathered eager path at DeepSeek-V2-Lite's attention
              # (batch 1-128, context 512-8192), a config sweep, and a mixed step's varlen rows
-    run latent_tests 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_latent.py \
+    run latent_tests 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_paged_latent.py \
         tests/infer/test_latent_kernel.py tests/infer/test_graph_prefill.py
-    run paged_latent 360 python bench/paged_latent.py --sweep ;;
+    run paged_latent 420 python bench/paged_latent.py --sweep ;;
   speculative)  # the drafted rows 8-40x slower than plain decoding (2026-12-04, not understood): the table with the
                 # tree rows, then one prompt per variant under torch.profiler (kernels, syncs per token; traces in $OUT)
     run speculative 580 python bench/speculative.py --target-seconds 90 --draft-seconds 35 --ks 4 --prompts 3 \

@@ -10,8 +10,9 @@ Decode rows all at the full context, blocks of 16 handed out in shuffled order; 
 rope keys of 64, bf16. Reports microseconds per call (one layer), GB/s of latents read (B · context · (r + d_r) ·
 2 bytes, what any exact kernel must read; the copy bandwidth for scale), and the largest difference from the
 fp32 reference. A varlen section times a step holding one 512-token prompt chunk after 1,536 cached tokens beside
-the decode rows (the mixed CUDA graphs' path). Prints a table and writes JSON ($OUT/paged_latent.json, else
-bench/results/).
+the decode rows (the mixed CUDA graphs' path). Last, the engine end to end (a 4-layer random model with that
+attention, 32 x (512 + 128) tokens): the kernel vs the reference, CUDA graphs on and off, tok/s and greedy
+agreement. Prints a table and writes JSON ($OUT/paged_latent.json, else bench/results/).
 """
 
 from __future__ import annotations
@@ -114,6 +115,58 @@ def varlen_shape(B, H, R, DR, bs, dev, dtype, reps, prompt=512, cached=1536) -> 
     return rows
 
 
+def engine_rows(dev, smoke: bool) -> list[dict]:
+    """End to end: a random-init model with DeepSeek-V2-Lite's attention (d 2048, 16 heads, r 512, rope 64, nope
+    128, v 128; 4 dense layers, bf16) decoding 32 prompts of 512 tokens x 128 new tokens through the engine, the
+    latent kernel vs the gathered reference, with and without CUDA graphs (greedy tokens compared)."""
+    import time
+
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.llm import LLM
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.config import MLAConfig, ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    if smoke:
+        cfg = ModelConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=4, attention="mla", max_seq_len=128,
+                          mla=MLAConfig(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16))
+        batch, prompt, new, dtype = 2, 20, 6, torch.float32
+    else:
+        cfg = ModelConfig(vocab_size=32000, d_model=2048, n_layers=4, n_heads=16, attention="mla", max_seq_len=4096,
+                          mla=MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128))
+        batch, prompt, new, dtype = 32, 512, 128, torch.bfloat16
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dev, dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 257, (prompt,), generator=g).tolist() for _ in range(batch)]
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    rows, want = [], None
+    for attn in ("reference", "kernel"):
+        for graphs in (False, True):
+            row = dict(batch=batch, context=prompt + new, variant=f"engine, {attn}, graphs {'on' if graphs else 'off'}")
+            try:
+                llm = LLM(model, ByteTokenizer(), config=EngineConfig(decode_attention=attn, cuda_graphs=graphs))
+                llm.generate(prompts[:2], sp)  # warm-up: compiles, captures
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, sp)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                sec = time.perf_counter() - t0
+                tokens = [o.token_ids for o in outs]
+                want = want or tokens
+                same = sum(a == b for a, b in zip(tokens, want))
+                row.update(us=sec * 1e6, note=f"{batch * new / sec:,.0f} tok/s; {same}/{batch} greedy outputs equal "
+                                              "the first row's")
+            except Exception as e:  # noqa: BLE001
+                row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     args = shape_args(__doc__, "1,8,32,128", "512,2048,8192", argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += one_shape(B, ctx, H, R, DR, bs, dev, dtype, reps, args.sweep and not args.smoke)
     rows += varlen_shape(2 if args.smoke else 32, H, R, DR, bs, dev, dtype, reps,
                          *((20, 12) if args.smoke else (512, 1536)))
+    rows += engine_rows(dev, args.smoke)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     print(f"\n{name}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, copy {bw / 1e9:.0f} GB/s; "
           f"H={H}, r={R}, d_r={DR}, block {bs}, {dtype}")

@@ -184,7 +184,10 @@ class LLM:
         text (complete UTF-8 characters, and nothing a stop string could take back: Sequence.output). A
         beam search yields its best beam once the search ends (the running best beam may change)."""
         params = _check_params(params)
-        rid = self.engine.add_request(self.encode(prompt, params), self._params(params, 0))
+        # it reads each output's whole text (the engine's outputs may reach another caller's step, and a delta
+        # taken there would be lost): cumulative outputs whatever output_kind asks
+        own = dataclasses.replace(self._params(params, 0), output_kind="cumulative")
+        rid = self.engine.add_request(self.encode(prompt, params), own)
         sent = 0
         try:
             while rid in self.engine.requests:

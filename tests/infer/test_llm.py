@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from .infer_helpers import full_greedy, tiny_model
@@ -106,6 +108,9 @@ def test_stream_pieces_join_to_the_generated_text_with_stop_strings(tok):
         prompt = "".join(rng.choice("ab c") for _ in range(rng.randrange(1, 6)))
         pieces = list(llm.stream(prompt, sp))
         assert "".join(pieces) == llm.generate(prompt, sp)[0].text and all(pieces)
+        # whatever output_kind asks (lmforge chat passes --output-kind through): the same pieces
+        for kind in ("delta", "final"):
+            assert list(llm.stream(prompt, dataclasses.replace(sp, output_kind=kind))) == pieces
 
 
 def test_logprobs_are_model_logprobs(tok):

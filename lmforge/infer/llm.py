@@ -151,7 +151,7 @@ class LLM:
         generate's per-index streams), so a program's call samples the same whatever else is queued with it.
         Collect it with wait([id]) or completed()."""
         params = _check_params(params)
-        rid = self.engine.add_request(prompt, params, request_id)
+        rid = self.engine.add_request(prompt, self._params(params, None), request_id)
         self._submitted.add(rid)
         return rid
 
@@ -184,10 +184,7 @@ class LLM:
         text (complete UTF-8 characters, and nothing a stop string could take back: Sequence.output). A
         beam search yields its best beam once the search ends (the running best beam may change)."""
         params = _check_params(params)
-        # it reads each output's whole text (the engine's outputs may reach another caller's step, and a delta
-        # taken there would be lost): cumulative outputs whatever output_kind asks
-        own = dataclasses.replace(self._params(params, 0), output_kind="cumulative")
-        rid = self.engine.add_request(self.encode(prompt, params), own)
+        rid = self.engine.add_request(self.encode(prompt, params), self._params(params, 0))
         sent = 0
         try:
             while rid in self.engine.requests:
@@ -295,9 +292,15 @@ class LLM:
 
     # ---------------------------------------------------------------------------------------------
     @staticmethod
-    def _params(params: SamplingParams, index: int) -> SamplingParams:
-        """Prompt `index`'s own seed (issue 16 §5): seeded prompts never share a random stream."""
-        return params if params.seed is None else dataclasses.replace(params, seed=seed_for(params.seed, index))
+    def _params(params: SamplingParams, index: int | None) -> SamplingParams:
+        """Prompt `index`'s own seed (issue 16 §5): seeded prompts never share a random stream (None: the seed as
+        given). LLM's methods hand out whole outputs, so their requests run with cumulative outputs whatever
+        output_kind says (a delta that reached another caller's step would be lost; SamplingParams.output_kind
+        is for Engine.step and AsyncEngine readers)."""
+        changes = {} if params.output_kind == "cumulative" else {"output_kind": "cumulative"}
+        if params.seed is not None and index is not None:
+            changes["seed"] = seed_for(params.seed, index)
+        return dataclasses.replace(params, **changes) if changes else params
 
 
 def _check_params(params, name: str = "params", what: str = "a SamplingParams") -> SamplingParams:

@@ -10,6 +10,7 @@ from .infer_helpers import full_greedy, tiny_model
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.detok import IdTokenizer, StreamDecoder
+from lmforge.infer.request import seed_for
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer.byte import ByteTokenizer
@@ -108,9 +109,14 @@ def test_stream_pieces_join_to_the_generated_text_with_stop_strings(tok):
         prompt = "".join(rng.choice("ab c") for _ in range(rng.randrange(1, 6)))
         pieces = list(llm.stream(prompt, sp))
         assert "".join(pieces) == llm.generate(prompt, sp)[0].text and all(pieces)
-        # whatever output_kind asks (lmforge chat passes --output-kind through): the same pieces
+        # whatever output_kind asks (lmforge chat passes --output-kind through): the same pieces, and whole outputs
+        # from generate and submit/wait, also when a stream steps the engine meanwhile
         for kind in ("delta", "final"):
-            assert list(llm.stream(prompt, dataclasses.replace(sp, output_kind=kind))) == pieces
+            other = dataclasses.replace(sp, output_kind=kind)
+            assert list(llm.stream(prompt, other)) == pieces
+            rid = llm.submit(prompt, dataclasses.replace(other, seed=seed_for(i, 0)))
+            assert "".join(llm.stream(prompt, sp)) == "".join(pieces)  # (its steps carry the submitted request)
+            assert llm.wait([rid])[0].text == llm.generate(prompt, other)[0].text == "".join(pieces)
 
 
 def test_logprobs_are_model_logprobs(tok):

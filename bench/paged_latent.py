@@ -146,7 +146,10 @@ def engine_rows(dev, smoke: bool) -> list[dict]:
         for graphs in (False, True):
             row = dict(batch=batch, context=prompt + new, variant=f"engine, {attn}, graphs {'on' if graphs else 'off'}")
             try:
-                llm = LLM(model, ByteTokenizer(), config=EngineConfig(decode_attention=attn, cuda_graphs=graphs))
+                # a pool for this workload only (an engine's default takes most of the free GPU memory, which the
+                # next variant's engine would then lack)
+                llm = LLM(model, ByteTokenizer(), config=EngineConfig(decode_attention=attn, cuda_graphs=graphs,
+                                                                      num_kv_tokens=2 * batch * (prompt + new)))
                 llm.generate(prompts[:2], sp)  # warm-up: compiles, captures
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
@@ -162,6 +165,9 @@ def engine_rows(dev, smoke: bool) -> list[dict]:
                                               "the first row's")
             except Exception as e:  # noqa: BLE001
                 row["note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+            llm = None  # its pool and graphs go before the next variant's
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
     return rows

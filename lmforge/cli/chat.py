@@ -36,6 +36,10 @@ class ChatConfig:
     GPT-2 vocab.json + merges.txt, HF tokenizer.json, or a tiktoken rank file"""
     device: str = "cpu"
     """'cpu', 'cuda', 'cuda:1', ... or 'auto'"""
+    kv_policy: str | None = None
+    """a KV-cache policy, NAME:key=value,... (lmforge.infer.kv.policy.policy_from_spec): 'streaming:window=256'
+    (StreamingLLM; ',positions=cache' runs past the model's context window), 'h2o:heavy=64,recent=64',
+    'snapkv:budget=128'"""
 
 
 def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,

@@ -174,9 +174,17 @@ def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[l
 
 
 def load_llm(cfg, **kwargs):
-    """`LLM.load` for a command's config (fields checkpoint, base, tokenizer, device): a run, checkpoint or
-    HF-format model directory; the device is checked first so a bad one is a one-line error."""
+    """`LLM.load` for a command's config (fields checkpoint, base, tokenizer, device, optionally kv_policy): a run,
+    checkpoint or HF-format model directory; the device and the policy are checked first so a bad one is a
+    one-line error."""
     from lmforge.infer.llm import LLM
     from lmforge.utils import pick_device
 
-    return LLM.load(cfg.checkpoint, device=pick_device(cfg.device), tokenizer=cfg.tokenizer, base=cfg.base, **kwargs)
+    device = pick_device(cfg.device)
+    if getattr(cfg, "kv_policy", None):
+        from lmforge.infer.config import EngineConfig
+        from lmforge.infer.kv.policy import policy_from_spec
+
+        kwargs = {"config": EngineConfig(max_num_seqs=kwargs.pop("max_batch_size", None) or 64,
+                                         kv_policy=policy_from_spec(cfg.kv_policy)), **kwargs}
+    return LLM.load(cfg.checkpoint, device=device, tokenizer=cfg.tokenizer, base=cfg.base, **kwargs)

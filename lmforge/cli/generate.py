@@ -39,6 +39,10 @@ class GenerateConfig:
     GPT-2 vocab.json + merges.txt, HF tokenizer.json, or a tiktoken rank file"""
     device: str = "cpu"
     """'cpu', 'cuda', 'cuda:1', ... or 'auto'"""
+    kv_policy: str | None = None
+    """a KV-cache policy, NAME:key=value,... (lmforge.infer.kv.policy.policy_from_spec): 'streaming:window=256'
+    (StreamingLLM; ',positions=cache' runs past the model's context window), 'h2o:heavy=64,recent=64',
+    'snapkv:budget=128'"""
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:

@@ -190,6 +190,33 @@ def test_sample_without_a_prompt_continues_a_newline(ckpt, capsys):
     assert capsys.readouterr().out.split("\n", 1)[1] == "\n" + greedy + "\n"
 
 
+def test_generate_with_a_kv_policy_runs_past_the_window(tmp_path, tok):
+    """--kv-policy streaming:...,positions=cache: a prompt and output longer than the model's max_seq_len (32) run,
+    and the tokens are the library's with the same policy; h2o and snapkv specs build their policies; a bad spec
+    is a one-line error naming the known ones."""
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.kv.policy import H2O, SnapKV, StreamingLLM, policy_from_spec
+
+    model = tiny_model("llama", max_seq_len=32)
+    ckpt = _save_checkpoint(tmp_path / "run", 1, model, tokenizer=tok)
+    out = tmp_path / "o.jsonl"
+    prompt = "the quick brown fox jumps over the lazy dog"
+    gen_cli.main(["--checkpoint", str(ckpt), "--prompts", prompt, "--output", str(out), "--max-tokens", "40",
+                  "--temperature", "0", "--ignore-eos", "True",
+                  "--kv-policy", "streaming:window=16,sink_tokens=4,slack=4,positions=cache"])
+    row = json.loads(out.read_text())
+    policy = StreamingLLM(window=16, sink_tokens=4, slack=4, positions="cache")
+    want = LLM(model, tok, config=EngineConfig(kv_policy=policy)).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+    assert len(row["token_ids"]) == 40 and row["token_ids"] == want.token_ids
+    assert policy_from_spec("h2o:heavy=8,recent=4") == H2O(heavy=8, recent=4)
+    assert policy_from_spec("snapkv:budget=16,pooling=max") == SnapKV(budget=16, pooling="max")
+    with pytest.raises(LmforgeError, match="unknown KV policy 'lru'.*streaming, h2o, snapkv"):
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", "--kv-policy", "lru:size=3"])
+    with pytest.raises(LmforgeError, match="'size=3' is not key=value with a key among"):
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", "--kv-policy", "streaming:size=3"])
+
+
 def test_bad_generate_inputs_are_one_line_errors(ckpt, tmp_path):
     with pytest.raises(LmforgeError, match="--prompts-file FILE"):
         gen_cli.main(["--checkpoint", str(ckpt)])

@@ -223,6 +223,7 @@ class H2O(KVPolicy):
     ordered_slots: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "H2O")
         check(self.heavy >= 0 and self.recent >= 1,
               f"H2O needs heavy >= 0 and recent >= 1, got heavy={self.heavy}, recent={self.recent}")
 
@@ -295,6 +296,7 @@ class SnapKV(KVPolicy):
     needs_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "SnapKV")
         check(self.budget >= 1, f"SnapKV budget must be >= 1, got {self.budget}")
         check(self.window >= 1, f"SnapKV window must be >= 1, got {self.window}")
         check(self.pool_kernel >= 1 and self.pool_kernel % 2 == 1,
@@ -339,6 +341,38 @@ class SnapKV(KVPolicy):
 
     def compacted(self, state: _SnapState, keep: Keep) -> None:
         state.done, state.scores = True, {}
+
+
+POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "snapkv": SnapKV}
+"""names of the shipped policies for `policy_from_spec` (the command line's --kv-policy)"""
+EXAMPLES = {"streaming": "streaming:window=256", "h2o": "h2o:heavy=64,recent=64", "snapkv": "snapkv:budget=128"}
+
+
+def policy_from_spec(spec: str) -> KVPolicy:
+    """'NAME:key=value,...' -> that policy, e.g. 'streaming:window=256,positions=cache', 'h2o:heavy=64,recent=64',
+    'snapkv:budget=128' (NAME one of POLICIES; keys its fields; values as the dataclass coerces them)."""
+    import dataclasses
+
+    name, _, rest = spec.partition(":")
+    kind = POLICIES.get(name.strip().lower())
+    if kind is None:
+        raise ConfigError(f"unknown KV policy {name!r} in {spec!r}; choose one of {', '.join(POLICIES)} "
+                          f"(e.g. {', '.join(EXAMPLES.values())})")
+    name = name.strip().lower()
+    known = {f.name for f in dataclasses.fields(kind)}
+    fields = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in known:
+            raise ConfigError(f"KV policy {name}: {item!r} is not key=value with a key among {', '.join(sorted(known))}")
+        value = value.strip()
+        fields[key] = int(value) if value.lstrip("-").isdigit() else {"true": True, "false": False}.get(value.lower(),
+                                                                                                       value)
+    try:
+        return kind(**fields)
+    except TypeError as e:  # a required field left out
+        raise ConfigError(f"KV policy {spec!r}: {e} (e.g. {EXAMPLES[name]})") from None
 
 
 def check_engine(policy: KVPolicy, spec, draft, config) -> None:

@@ -179,12 +179,14 @@ class Scheduler:
             beams = {id(s.request): 2 * s.params.beam_width for s in self.running if s.params.beam_width > 1}
             seats = sum(beams.values()) + sum(self._seats(s) for s in self.running if s.params.beam_width == 1)
         computing: set[int] = set()  # prefix keys of the blocks this step's admitted prompts fill
-        while self.waiting and budget > 0 and seats < self.config.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.inflight:  # preempted with a token on the device: its prompt is known once that is read
                 break
             need = self._seats(seq)
-            if seats + need > self.config.max_num_seqs:
+            # a preempted beam or sample whose siblings still run comes back whatever the seats: forks take no
+            # seat either, and its siblings may be waiting on it (a beam search's next round needs every beam)
+            if seats + need > self.config.max_num_seqs and not _has_running_sibling(seq):
                 break
             owed = seq.request.owed_prompt_logprob  # cached blocks must end before its predecessor
             if seq.features is not None and not self.features_cached:  # its drafter reads each position's
@@ -274,3 +276,9 @@ def _next_key(pool, tokens: list[int], hits: list[int]) -> int | None:
     if (i + 1) * bs > len(tokens) - 1:  # lookup leaves the last token to compute
         return None
     return pool.block_keys(tokens[:(i + 1) * bs], pool.key[hits[-1]] if hits else None, i)[0]
+
+
+def _has_running_sibling(seq: Sequence) -> bool:
+    """Whether another sequence of seq's request (a beam, a sample forked from the same prompt) is running."""
+    return any(s is not seq and s.status == Status.RUNNING for s in seq.request.seqs)
+

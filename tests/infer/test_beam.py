@@ -77,6 +77,24 @@ def test_many_beam_requests_at_once_equal_alone(tok):
     assert engine.pool.num_used == 0
 
 
+def test_a_preempted_beam_comes_back_whatever_the_seats(tok):
+    """Two beam requests of width 3 with max_num_seqs=2 on a small pool: a preempted beam comes back though the
+    seats are taken (by its own request's idle beams, which wait for it); it waited forever, then "could not fit
+    any sequence", 2026-12-05. Each request gets the beams it gets alone."""
+    model = tiny_model("llama", init_std=0.3)
+    sp = SamplingParams(temperature=0, beam_width=3, max_tokens=12, ignore_eos=True)
+    prompts = ["hello there friend of mine and more text", "another prompt that is long enough"]
+    alone = [LLM(model, tok).generate(p, sp)[0] for p in prompts]
+    engine = Engine(model, tok, EngineConfig(block_size=8, max_num_seqs=2, num_kv_tokens=128, max_num_batched_tokens=16))
+    ids = [engine.add_request(p, sp) for p in prompts]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.stats()["preemptions"] > 0 and engine.pool.num_used == 0
+    for rid, want in zip(ids, alone):
+        assert [o.token_ids for o in outs[rid].outputs] == [o.token_ids for o in want.outputs]
+
+
 def test_beam_stop_strings_logprobs_stream_and_running_outputs(tok):
     """A stop string ends a beam (text cut before it); logprobs come only when asked, with top-k entries
     that equal the model's; while the search runs the request shows its n best live beams, unfinished;

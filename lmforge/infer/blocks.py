@@ -73,14 +73,15 @@ class BlockPool:
         return -(-num_tokens // self.block_size)
 
     def request_blocks(self, prompt_len: int, length: int, beam_width: int = 1, window: int = 0,
-                       step_tokens: int = 0, bound: int | None = None) -> int:
+                       step_tokens: int = 0, bound: int | None = None, policy: bool = False) -> int:
         """Blocks a request of `length` tokens (prompt + output) can hold at once (Engine.add_request refuses
         one the pool cannot ever hold). Beams may each own their blocks from the prompt's last partial one on;
         a sliding window (every layer's) drops blocks behind it after every step (step_tokens: a step's most
-        tokens); a KV policy keeps at most `bound` keys per sequence (KVPolicy.max_slots)."""
+        tokens); a KV policy (`policy`) keeps at most `bound` keys per sequence (KVPolicy.max_slots; None: no
+        bound), and its compactions write each beam's kept keys to blocks of its own: beams then share none."""
         need = self.blocks_for(length)
         if beam_width > 1:
-            shared = prompt_len // self.block_size
+            shared = 0 if policy else prompt_len // self.block_size
             need = shared + beam_width * (need - shared)
         if window:
             need = min(need, self.blocks_for(window + step_tokens) + 1)

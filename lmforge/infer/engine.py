@@ -217,7 +217,8 @@ class Engine:
         if self.scheduler.max_positions is not None:  # positions within the cache: chunks end below the window
             bound = min(bound, self.scheduler.max_positions)
         need = self.pool.request_blocks(len(ids), length, params.beam_width, self.window,
-                                        self.config.max_num_batched_tokens + 1, bound)  # (+ a draft's lag)
+                                        self.config.max_num_batched_tokens + 1, bound,  # (+ a draft's lag)
+                                        policy=self.kv_policy is not None)
         if need > self.pool.num_blocks:
             beams = f" in {params.beam_width} beams" if params.beam_width > 1 else ""
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{beams} needs {need} KV "

@@ -78,6 +78,25 @@ def test_plans_preempting_every_running_sequence_admit_from_the_queue(tok, monke
     assert engine.pool.num_used == 0
 
 
+@pytest.mark.parametrize("positions", ["original", "cache"])
+def test_beams_under_a_policy_are_pool_checked_without_shared_blocks(tok, positions):
+    """A policy's compactions write each beam's kept keys to blocks of its own, so the pool check counts no prompt
+    block as shared: a 3-beam request that fit only by sharing (it then deadlocked after a preemption: the idle
+    beams held the blocks the preempted one needed) is refused with one line; a pool of 9 blocks runs it."""
+    model = tiny_model("llama", max_seq_len=48)
+    policy = StreamingLLM(sink_tokens=4, window=8, slack=1, positions=positions)
+    sp = SamplingParams(temperature=0, beam_width=3, max_tokens=5, ignore_eos=True)
+    prompt = PROMPT[:17]
+    small = Engine(model, tok, EngineConfig(block_size=8, kv_policy=policy, num_kv_tokens=40, max_num_seqs=4))
+    with pytest.raises(LmforgeError, match="in 3 beams needs 9 KV blocks but the pool has 5"):
+        small.add_request(prompt, sp)
+    engine = Engine(model, tok, EngineConfig(block_size=8, kv_policy=policy, num_kv_tokens=72, max_num_seqs=4))
+    engine.add_request(prompt, sp)
+    while engine.has_unfinished():
+        outs = engine.step()
+    assert len(outs[0].outputs[0].token_ids) == 5 and engine.pool.num_used == 0
+
+
 class _Mixed:
     def plan(self, seq, state):
         keep = super().plan(seq, state)

@@ -122,11 +122,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---------------------------------------------------------------------------------------------
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, last: bool = False) -> None:
         """Preempt a running sequence before schedule() (a KV policy's compaction found no free block for
-        its copies): reported among the next batch's preempted, which admits nothing new."""
+        its copies): reported among the next batch's preempted, which admits nothing new. last: it waits behind
+        every waiting sequence (not in front, as a preempted sequence does)."""
         self.running.remove(seq)
         self._preempt(seq, self._early)
+        if last:
+            self.waiting.remove(seq)
+            self.waiting.append(seq)
 
     def schedule(self) -> Batch:
         batch, budget = Batch(), self.config.max_num_batched_tokens

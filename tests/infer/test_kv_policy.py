@@ -14,7 +14,7 @@ import torch
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.engine import Engine, EngineConfig
-from lmforge.infer.kv.policy import KVPolicy, SnapKV, StreamingLLM
+from lmforge.infer.kv.policy import H2O, KVPolicy, SnapKV, StreamingLLM
 from lmforge.infer.sampling import SamplingParams
 
 from .infer_helpers import tiny_model
@@ -95,6 +95,32 @@ def test_beams_under_a_policy_are_pool_checked_without_shared_blocks(tok, positi
     while engine.has_unfinished():
         outs = engine.step()
     assert len(outs[0].outputs[0].token_ids) == 5 and engine.pool.num_used == 0
+
+
+@pytest.mark.parametrize("policy", [H2O(heavy=6, recent=4, per_head=False), StreamingLLM(window=8)])
+def test_beam_searches_waiting_on_each_others_blocks_make_progress(tok, policy):
+    """Two width-3 beam searches on a 12-block pool: the idle beams of each held the blocks that the other's
+    preempted beams needed, and every running beam waited on a sibling ("could not fit any sequence", 2026-12-05).
+    The newest request's beams now give their blocks back and recompute later; each request gets the beams it
+    gets alone."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, beam_width=3, max_tokens=5, ignore_eos=True)
+    prompts = [PROMPT[:11], PROMPT[:10]]
+    config = dict(block_size=4, kv_policy=policy, max_num_seqs=4, max_num_batched_tokens=64)
+    alone = []
+    for p in prompts:
+        one = Engine(model, tok, EngineConfig(**config))
+        one.add_request(p, sp)
+        while one.has_unfinished():
+            alone += [o for o in one.step() if o.finished]
+    engine = Engine(model, tok, EngineConfig(**config, num_kv_tokens=48))
+    ids = [engine.add_request(p, sp) for p in prompts]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.stats()["preemptions"] > 0 and engine.pool.num_used == 0
+    for rid, want in zip(ids, alone):
+        assert [o.token_ids for o in outs[rid].outputs] == [o.token_ids for o in want.outputs]
 
 
 class _Mixed:

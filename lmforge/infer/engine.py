@@ -379,27 +379,7 @@ class Engine:
         if self.kv_policy is not None:  # evictions first: this step's slots follow them (kv.policy)
             for seq in self.kv_policy.plan(self.scheduler.running):  # no free block for its copies
                 self.scheduler.preempt(seq)
-        batch, first, yielded = self.scheduler.schedule(), [], set()
-        rounds = 2 * len(self.scheduler.running) + 3  # (each round preempts running sequences or admits: bounded)
-        # an empty step with work waiting: the plans preempted every running sequence (a step that reports them
-        # admits nothing new, Scheduler.preempt), or - with no step in flight - every running sequence waits on a
-        # sibling the pool cannot take back (beam searches whose idle beams hold the blocks each other's
-        # preempted beams need): then the newest such request's sequences give their blocks back too and wait
-        # behind the queue (each request once per step), and the step is scheduled again, admitting from it
-        while not batch.chunks and rounds:
-            rounds -= 1
-            first += batch.preempted
-            if not batch.preempted:
-                if prev is not None or not (self.scheduler.running and self.scheduler.waiting):
-                    break
-                newest = max(self.scheduler.running, key=lambda s: s.request.arrival).request
-                if newest.request_id in yielded:
-                    break
-                yielded.add(newest.request_id)
-                for seq in [s for s in self.scheduler.running if s.request is newest]:
-                    self.scheduler.preempt(seq, last=True)
-            batch = self.scheduler.schedule()
-        batch.preempted = first + batch.preempted
+        batch = self.scheduler.next_batch(idle=prev is None)
         for seq in batch.preempted:  # its cache state went with its blocks: recomputed from its first token
             self._cache_event("preempt", seq.seq_id)
             if self.draft_head is not None:  # the head's entries went too: its features are handed again

@@ -132,6 +132,31 @@ class Scheduler:
             self.waiting.remove(seq)
             self.waiting.append(seq)
 
+    def next_batch(self, idle: bool) -> Batch:
+        """schedule(), again while the step would be empty with work waiting: the sequences preempted before it
+        (a KV policy's plans, `preempt`) took every running one (a step that reports them admits nothing new),
+        or - idle: no step in flight - every running sequence waits on a sibling the pool cannot take back (beam
+        searches whose idle beams hold the blocks each other's preempted beams need). Then the newest such
+        request's sequences give their blocks back too and wait behind the queue (each request once), and the
+        step is scheduled again, admitting from it. Every round preempts or admits: bounded."""
+        batch, first, yielded = self.schedule(), [], set()
+        rounds = 2 * len(self.running) + 3
+        while not batch.chunks and rounds:
+            rounds -= 1
+            first += batch.preempted
+            if not batch.preempted:
+                if not (idle and self.running and self.waiting):
+                    break
+                newest = max(self.running, key=lambda s: s.request.arrival).request
+                if newest.request_id in yielded:
+                    break
+                yielded.add(newest.request_id)
+                for seq in [s for s in self.running if s.request is newest]:
+                    self.preempt(seq, last=True)
+            batch = self.schedule()
+        batch.preempted = first + batch.preempted
+        return batch
+
     def schedule(self) -> Batch:
         batch, budget = Batch(), self.config.max_num_batched_tokens
         if self._early.preempted:

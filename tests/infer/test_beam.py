@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .infer_helpers import full_greedy, tiny_model
+from .infer_helpers import full_greedy, run_requests, tiny_model
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.engine import Engine, EngineConfig
@@ -86,13 +86,10 @@ def test_a_preempted_beam_comes_back_whatever_the_seats(tok):
     prompts = ["hello there friend of mine and more text", "another prompt that is long enough"]
     alone = [LLM(model, tok).generate(p, sp)[0] for p in prompts]
     engine = Engine(model, tok, EngineConfig(block_size=8, max_num_seqs=2, num_kv_tokens=128, max_num_batched_tokens=16))
-    ids = [engine.add_request(p, sp) for p in prompts]
-    outs = {}
-    while engine.has_unfinished():
-        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    outs = run_requests(engine, [(p, sp) for p in prompts])
     assert engine.stats()["preemptions"] > 0 and engine.pool.num_used == 0
-    for rid, want in zip(ids, alone):
-        assert [o.token_ids for o in outs[rid].outputs] == [o.token_ids for o in want.outputs]
+    for got, want in zip(outs, alone):
+        assert [o.token_ids for o in got.outputs] == [o.token_ids for o in want.outputs]
 
 
 def test_beam_stop_strings_logprobs_stream_and_running_outputs(tok):

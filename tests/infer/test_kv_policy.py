@@ -17,7 +17,7 @@ from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kv.policy import H2O, KVPolicy, SnapKV, StreamingLLM
 from lmforge.infer.sampling import SamplingParams
 
-from .infer_helpers import tiny_model
+from .infer_helpers import run_requests, tiny_model
 from .kv_policy_ref import (PROMPT, RefCache, STREAM, StreamingByPosition, check_against, model_of,
                              replay, run, snapkv_by_hand, streaming_keep)
 
@@ -41,7 +41,14 @@ def test_streaming_llm_equals_the_masked_reference(tok, arch, config, policy):
     assert engine.stats()["evicted_tokens"] > 0 and engine.pool.num_used == 0
 
 
-def test_streaming_llm_with_n_samples_and_preemption(tok, monkeypatch):
+@pytest.mark.parametrize("kv_tokens,chunk,seed,new,prompts,checked", [
+    (64, 16, 1, 20, [PROMPT, "another prompt here"], 120),
+    # 48 slots: the plans once preempt every running sequence (their compactions find no free blocks); that step
+    # then schedules again and admits from the queue (it raised "could not fit any sequence in the KV pool" with
+    # the whole pool free, 2026-12-05)
+    (48, 8, 4, 30, [PROMPT, "another prompt"], 180),
+])
+def test_streaming_llm_with_n_samples_and_preemption(tok, monkeypatch, kv_tokens, chunk, seed, new, prompts, checked):
     """n = 3 samples fork from the compacted prompt (copy-on-write when each evicts), and a pool too small
     for all of them preempts (also a sample whose compaction finds no free block for its copies: a plan is
     never skipped): recomputed from token 0, the policy applied again. Sampled tokens: the reference scores
@@ -49,32 +56,16 @@ def test_streaming_llm_with_n_samples_and_preemption(tok, monkeypatch):
     from lmforge.infer.scheduler import Scheduler
 
     early, real = [], Scheduler.preempt
-    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: early.append(seq.seq_id) or real(self, seq))
+    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq, last=False: early.append(seq.seq_id) or
+                        real(self, seq, last))
     model = tiny_model("llama")
     policy = StreamingLLM(**STREAM)
-    sp = SamplingParams(temperature=1.0, n=3, seed=1, max_tokens=20, ignore_eos=True, logprobs=0)
-    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, num_kv_tokens=64,
-                                                      max_num_batched_tokens=16), [PROMPT, "another prompt here"], sp)
+    sp = SamplingParams(temperature=1.0, n=3, seed=seed, max_tokens=new, ignore_eos=True, logprobs=0)
+    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, num_kv_tokens=kv_tokens,
+                                                      max_num_batched_tokens=chunk), prompts, sp)
     assert engine.stats()["preemptions"] >= len(early) > 0
-    assert check_against(replay(model, log, policy), reqs, greedy=False) == 120
-    assert engine.pool.num_used == 0
-
-
-def test_plans_preempting_every_running_sequence_admit_from_the_queue(tok, monkeypatch):
-    """A pool so small that the plans once preempt every running sequence (their compactions find no free blocks):
-    that step schedules again and admits from the queue. It raised "could not fit any sequence in the KV pool"
-    with the whole pool free, 2026-12-05."""
-    from lmforge.infer.scheduler import Scheduler
-
-    early, real = [], Scheduler.preempt
-    monkeypatch.setattr(Scheduler, "preempt", lambda self, seq: early.append(seq.seq_id) or real(self, seq))
-    model = tiny_model("llama")
-    policy = StreamingLLM(**STREAM)
-    sp = SamplingParams(temperature=1.0, n=3, seed=4, max_tokens=30, ignore_eos=True, logprobs=0)
-    engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, num_kv_tokens=48,
-                                                      max_num_batched_tokens=8), [PROMPT, "another prompt"], sp)
-    assert early and all(log)  # every step ran chunks
-    assert check_against(replay(model, log, policy), reqs, greedy=False) == 180
+    assert all(log)  # every step ran chunks
+    assert check_against(replay(model, log, policy), reqs, greedy=False) == checked
     assert engine.pool.num_used == 0
 
 
@@ -107,20 +98,12 @@ def test_beam_searches_waiting_on_each_others_blocks_make_progress(tok, policy):
     sp = SamplingParams(temperature=0, beam_width=3, max_tokens=5, ignore_eos=True)
     prompts = [PROMPT[:11], PROMPT[:10]]
     config = dict(block_size=4, kv_policy=policy, max_num_seqs=4, max_num_batched_tokens=64)
-    alone = []
-    for p in prompts:
-        one = Engine(model, tok, EngineConfig(**config))
-        one.add_request(p, sp)
-        while one.has_unfinished():
-            alone += [o for o in one.step() if o.finished]
+    alone = [run_requests(Engine(model, tok, EngineConfig(**config)), [(p, sp)])[0] for p in prompts]
     engine = Engine(model, tok, EngineConfig(**config, num_kv_tokens=48))
-    ids = [engine.add_request(p, sp) for p in prompts]
-    outs = {}
-    while engine.has_unfinished():
-        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    outs = run_requests(engine, [(p, sp) for p in prompts])
     assert engine.stats()["preemptions"] > 0 and engine.pool.num_used == 0
-    for rid, want in zip(ids, alone):
-        assert [o.token_ids for o in outs[rid].outputs] == [o.token_ids for o in want.outputs]
+    for got, want in zip(outs, alone):
+        assert [o.token_ids for o in got.outputs] == [o.token_ids for o in want.outputs]
 
 
 class _Mixed:

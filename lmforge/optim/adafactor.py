@@ -45,8 +45,10 @@ class Adafactor(PerParamOptimizer):
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.mul_(b2).add_(g2m.mean(dim=1), alpha=1 - b2)
             col.mul_(b2).add_(g2m.mean(dim=0), alpha=1 - b2)
-            v = torch.outer(row, col).div_(row.mean())
-            u = (_as_matrix(g) / v.sqrt()).reshape(g.shape)
+            # 1/sqrt(V) = rsqrt(R / mean(R)) rsqrt(C)^T: the row ratio is near 1 and the column term carries the
+            # scale, where R C^T itself underflows fp32 for tiny or zero gradients (eps1^2 = 1e-60: 0/0 = NaN)
+            inv = torch.outer(row.div(row.mean()).rsqrt_(), col.rsqrt())
+            u = (_as_matrix(g) * inv).reshape(g.shape)
         else:
             v = state["exp_avg_sq"]
             v.mul_(b2).add_(g2, alpha=1 - b2)

@@ -47,6 +47,30 @@ def test_adafactor_one_step_matches_factored_rule_with_sums():
     assert set(opt.state[p]) == {"step", "exp_avg_sq_row", "exp_avg_sq_col"}  # n + m numbers, not n·m
 
 
+def test_adafactor_takes_zero_and_tiny_fp32_gradients():
+    """A matrix whose gradient is zero (a LoRA A beside its zero-initialised B, on the first step) or tiny: the
+    rank-1 estimate R C^T is ~eps1^2 = 1e-60, below fp32's range, and was 0, so the update was 0/0 = NaN."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 6))
+    opt = Adafactor([p], lr=0.1, clip_threshold=1e9)
+    w0 = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), w0)
+    g = torch.randn(8, 6) * 1e-20
+    p.grad = g.clone()
+    opt.step()
+    # the factored rule in float64 (t = 2), on the same statistics
+    b2 = 1 - 2.0 ** -0.8
+    g2_0, g2_1 = torch.full((8, 6), 1e-30, dtype=torch.float64), g.double() ** 2 + 1e-30
+    r = b2 * g2_0.mean(1) + (1 - b2) * g2_1.mean(1)
+    c = b2 * g2_0.mean(0) + (1 - b2) * g2_1.mean(0)
+    v = torch.outer(r, c) / r.mean()
+    expect = w0.double() - 0.1 * g.double() / v.sqrt()
+    torch.testing.assert_close(p.detach().double(), expect, rtol=1e-5, atol=0)
+    assert torch.isfinite(p).all()
+
+
 def test_adafactor_update_clipping_caps_rms():
     p = _param((6, 4))
     w0 = p.detach().clone()

@@ -149,6 +149,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.evaluated_step = -1  # the last step whose evaluation metrics.jsonl holds (a checkpoint keeps it)
         use_bf16 = uses_bf16(cfg, self.device)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
                          else contextlib.nullcontext())
@@ -178,6 +179,7 @@ class Trainer:
     def _train_state(self, optimizer_state: dict[str, Any], names: list[str],
                      data_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                "evaluated_step": self.evaluated_step,
                 "optimizer": optimizer_state, "optimizer_name": optimizer_name(self.optimizer, self.cfg),
                 "optimizer_params": names,  # parameter names in id order: any layout maps the state back
                 "data": self.data.state_dict(), "objective": self.objective.state_dict(), **rng_state(),
@@ -282,6 +284,7 @@ class Trainer:
         self.objective.load_state_dict(state.get("objective", {}))
         set_rng_state(state)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.evaluated_step = state.get("evaluated_step", self.step)  # older checkpoints: taken as evaluated
         self.metrics.truncate_after(self.step)
         self.last_checkpoint = path
         if self.rank == 0:
@@ -502,6 +505,7 @@ class Trainer:
         if ev:
             if record:
                 self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
+                self.evaluated_step = self.step
             if self.rank == 0:  # with the bar off too: a batch job's log keeps its evaluations
                 line = f"step {self.step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items())
                 if self._live:
@@ -526,8 +530,7 @@ class Trainer:
         data_stats = getattr(self.data, "log_stats", None)
         if callable(data_stats):
             row.update(data_stats())
-        self._call("on_log", row)
-        self.metrics.log(row)
+        self.metrics.log(row)  # before the hooks: a KeyboardInterrupt raised in one must not lose the row
         shown = dict(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}",
                      **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
         if self._live:
@@ -535,6 +538,7 @@ class Trainer:
         elif self.rank == 0:  # no bar (a batch job, a log file): one plain line per log step
             print(f"step {self.step:>6}/{self.cfg.max_steps} | " + " | ".join(f"{k} {v}" for k, v in shown.items()),
                   flush=True)
+        self._call("on_log", row)
 
     def _is_log_step(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps
@@ -548,6 +552,14 @@ class Trainer:
     def has_current_checkpoint(self) -> bool:
         """Whether the last checkpoint written is of the current step."""
         return self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:06d}")
+
+    def _eval_owed(self) -> bool:
+        """At the start of fit: step 0's evaluation, or a resumed evaluation step's that the interrupted run did
+        not log (a second Ctrl-C during the step's log or evaluation checkpoints the step without it). The
+        checkpoint carries evaluated_step, so every rank decides alike."""
+        s, cfg = self.step, self.cfg
+        due = s == 0 or s % cfg.eval_every == 0 or s == cfg.max_steps
+        return due and self.evaluated_step != s
 
     def _save_at_boundary(self, t_start: float) -> None:
         self.flush()  # never checkpoint weights that a NaN step has already touched
@@ -574,8 +586,8 @@ class Trainer:
         self.interrupts.reset()
         try:
             with self.interrupts.deferred_signals():
-                if self.step == 0:
-                    ev, ev_step = self._log_eval(bar), 0
+                if self._eval_owed():
+                    ev, ev_step = self._log_eval(bar), self.step
                 asked = False
                 while self.step < cfg.max_steps:
                     asked = self.interrupts.at_boundary(self.runner)  # one all-reduce; raises on a signal

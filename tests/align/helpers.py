@@ -1,5 +1,9 @@
 """Tiny models and preference batches shared by the objective tests."""
 
+import dataclasses
+import json
+from pathlib import Path
+
 import torch
 
 from lmforge.model.config import ModelConfig
@@ -37,3 +41,28 @@ def grads(model) -> list[torch.Tensor]:
     out = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
     return out
+
+
+def post_base(tmp: Path) -> Path:
+    """`tmp` with a tiny byte-level model pretrained for a few steps (tmp/base) and chat / preference / unpaired
+    JSONL files (chat.jsonl, pairs.jsonl, unpaired.jsonl): 48 'reverse WORD' records."""
+    from lmforge.train.trainer import train
+
+    from ..train.helpers import make_shard, tiny_config
+
+    shard = make_shard(tmp / "t.bin")
+    base_cfg = tiny_config(shard, tmp / "base", max_steps=4, ckpt_every=4, eval_every=4)
+    train(dataclasses.replace(base_cfg, model=dataclasses.replace(base_cfg.model, max_seq_len=64)))
+    words = ["cat", "dog", "mat", "sun", "red", "tree", "river", "house"]
+    chat, pairs = [], []
+    for i in range(48):
+        w = words[i % 8] + words[(i * 3) % 8]
+        chat.append({"messages": [{"role": "user", "content": f"reverse {w}"},
+                                  {"role": "assistant", "content": w[::-1]}]})
+        pairs.append({"prompt": f"reverse {w}\n", "chosen": w[::-1], "rejected": w})
+    (tmp / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    unpaired = [{"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
+                for i, p in enumerate(pairs)]
+    (tmp / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
+    return tmp

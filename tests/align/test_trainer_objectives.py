@@ -16,9 +16,8 @@ from lmforge import checkpoint as ckpt
 from lmforge.align.sft import model_logits
 from lmforge.align.logprobs import sequence_logprobs
 from lmforge.train import posttrain as PT
-from lmforge.train.trainer import train
 
-from ..train.helpers import make_shard, tiny_config
+from .helpers import post_base
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,23 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny byte-level model pretrained for a few steps, and chat / preference JSONL files."""
-    tmp = tmp_path_factory.mktemp("post")
-    shard = make_shard(tmp / "t.bin")
-    base_cfg = tiny_config(shard, tmp / "base", max_steps=4, ckpt_every=4, eval_every=4)
-    train(dataclasses.replace(base_cfg, model=dataclasses.replace(base_cfg.model, max_seq_len=64)))
-    words = ["cat", "dog", "mat", "sun", "red", "tree", "river", "house"]
-    chat, pairs = [], []
-    for i in range(48):
-        w = words[i % 8] + words[(i * 3) % 8]
-        chat.append({"messages": [{"role": "user", "content": f"reverse {w}"},
-                                  {"role": "assistant", "content": w[::-1]}]})
-        pairs.append({"prompt": f"reverse {w}\n", "chosen": w[::-1], "rejected": w})
-    (tmp / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
-    (tmp / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    unpaired = [{"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": bool(i % 3)}
-                for i, p in enumerate(pairs)]
-    (tmp / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired))
-    return tmp
+    return post_base(tmp_path_factory.mktemp("post"))
 
 
 def _toml(base, run, objective="sft", max_steps=12, extra=""):

@@ -108,7 +108,7 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     return rp
 
 
-def _act(d: dict, key: str = "hidden_act", table: dict = HF_ACT, default: str = "silu") -> str:
+def hf_activation(d: dict, key: str = "hidden_act", table: dict = HF_ACT, default: str = "silu") -> str:
     act = d.get(key, default)
     if act not in table:
         raise ConfigError(f"config.json {key}={act!r} is not supported; supported: {sorted(table)}")
@@ -152,7 +152,7 @@ def llama_cfg(d: dict, **extra) -> ModelConfig:
               head_dim=d.get("head_dim"), d_ff=d.get("intermediate_size"),
               max_seq_len=d.get("max_position_embeddings", 2048), pos_emb="rope", rope_theta=theta,
               rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6),
-              activation=_act(d), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+              activation=hf_activation(d), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
               bias=mlp_bias, qkv_bias=attn_bias,
               sliding_window=window, layer_types=types, scaled_residual_init=False,
               init_std=d.get("initializer_range", 0.02))
@@ -258,7 +258,7 @@ def gpt2_cfg(d: dict) -> ModelConfig:
     return ModelConfig(vocab_size=d["vocab_size"], d_model=d["n_embd"], n_layers=d["n_layer"], n_heads=d["n_head"],
                        d_ff=d.get("n_inner"), max_seq_len=d.get("n_positions", 1024), pos_emb="learned",
                        norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                       activation=_act(d, "activation_function", GPT2_ACT, "gelu_new"), bias=True,
+                       activation=hf_activation(d, "activation_function", GPT2_ACT, "gelu_new"), bias=True,
                        tie_embeddings=bool(d.get("tie_word_embeddings", True)), init_std=d.get("initializer_range", 0.02))
 
 
@@ -293,7 +293,7 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
 
 # ---------------------------------------------------------------------------------------------------
 def gemma2_cfg(d: dict) -> ModelConfig:
-    return llama_cfg(d, activation=_act(d, "hidden_activation" if "hidden_activation" in d else "hidden_act"),
+    return llama_cfg(d, activation=hf_activation(d, "hidden_activation" if "hidden_activation" in d else "hidden_act"),
                      norm_position="sandwich", embed_scale=math.sqrt(d["hidden_size"]),
                      attn_scale=d.get("query_pre_attn_scalar", 256) ** -0.5,
                      attn_softcap=d.get("attn_logit_softcapping") or 0.0,

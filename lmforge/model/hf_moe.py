@@ -10,8 +10,9 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig
-from lmforge.model.hf_families import (Rule, attn_rules, dense_mlp_rules, embed_rules, expert_rules, llama_cfg,
-                                       llama_cfg_to_hf, mla_rules, norm_rules, one, rope_from_hf, rope_to_hf)
+from lmforge.model.hf_families import (HF_ACT_OUT, Rule, attn_rules, dense_mlp_rules, embed_rules, expert_rules,
+                                       hf_activation, llama_cfg, llama_cfg_to_hf, mla_rules, norm_rules, one,
+                                       rope_from_hf, rope_to_hf)
 
 
 def mixtral_cfg(d: dict) -> ModelConfig:
@@ -77,7 +78,7 @@ def deepseek_v3_cfg(d: dict) -> ModelConfig:
                        d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 4096),
                        rope_theta=theta, rope_scaling=scaling,
                        rope_layout="interleaved" if d.get("rope_interleave", True) else "half",
-                       norm_eps=d.get("rms_norm_eps", 1e-6), activation="swiglu", attention="mla", mla=mla,
+                       norm_eps=d.get("rms_norm_eps", 1e-6), activation=hf_activation(d), attention="mla", mla=mla,
                        mlp="moe", moe=moe, bias=bool(d.get("attention_bias", False)), qkv_bias=None,
                        tie_embeddings=bool(d.get("tie_word_embeddings", False)), scaled_residual_init=False,
                        mtp=MTPConfig(depth=d["num_nextn_predict_layers"]) if d.get("num_nextn_predict_layers") else None)
@@ -94,7 +95,7 @@ def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
                 qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, head_dim=a.qk_rope_head_dim,
                 rope_interleave=cfg.rope_layout == "interleaved", rope_parameters=rope_to_hf(cfg),
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.bias,
-                tie_word_embeddings=cfg.tie_embeddings,
+                tie_word_embeddings=cfg.tie_embeddings, hidden_act=HF_ACT_OUT.get(cfg.activation, cfg.activation),
                 num_nextn_predict_layers=cfg.mtp.depth if cfg.mtp is not None else 0)
 
 

@@ -303,9 +303,8 @@ def gemma2_cfg(d: dict) -> ModelConfig:
 
 def gemma2_cfg_to_hf(cfg: ModelConfig) -> dict:
     d = llama_cfg_to_hf(cfg)
-    d.pop("hidden_act")
     qpas = (cfg.attn_scale or cfg.hd ** -0.5) ** -2
     qpas = round(qpas) if abs(qpas - round(qpas)) < 1e-6 else qpas
-    d.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=qpas,
+    d.update(hidden_activation=d.pop("hidden_act"), query_pre_attn_scalar=qpas,
              attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=cfg.logit_softcap or None)
     return d

@@ -32,6 +32,9 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, head_dim=8, sliding_window=4,
                                                         query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
                                                         final_logit_softcapping=3.0)),
+    # Gemma 2 with exact GELU (hidden_activation): exported with it (every Gemma 2 was written as tanh-GELU)
+    "gemma2_gelu": ("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, head_dim=8, sliding_window=4,
+                                                             hidden_activation="gelu", query_pre_attn_scalar=8)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(COMMON, num_local_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(COMMON, num_experts=4, num_experts_per_tok=2,
                                                               moe_intermediate_size=16, norm_topk_prob=False)),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -17,6 +18,7 @@ from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.cli import main
 from lmforge.cli.export import ExportConfig, export
 from lmforge.config import to_dict
+from lmforge.errors import ConfigError
 from lmforge.infer.chat_template import TEMPLATES, get_template
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
@@ -142,6 +144,48 @@ def test_peft_adapter_equals_the_adapted_model(tmp_path, tok):
                  str(tmp_path / "base2")]) == 0
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft2").eval()
     assert (logits(auto, ids) - want).abs().max() <= 1e-5 and not (tmp_path / "peft2" / "base").exists()
+
+
+def _from_hf(tmp_path: Path, vocab_size: int, cfg_cls: str, model_cls: str, **kw) -> Transformer:
+    """A tiny random transformers model of another family, saved and loaded into lmforge."""
+    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64, **kw)
+    torch.manual_seed(0)
+    getattr(transformers, model_cls)(cfg).save_pretrained(tmp_path / "hf")
+    return Transformer.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+
+
+DEEPSEEK = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+                first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1)
+
+
+@pytest.mark.parametrize("family, targets, refused", [
+    ("deepseek_v3", ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"), None),
+    ("deepseek_v3", ("down",), "DeepSeek-V3 MLP projection"),  # PEFT adapted the experts instead (logits 0.1 off)
+    ("deepseek_v3", ("gate", "up", "down"), "DeepSeek-V3 MLP projection"),  # PEFT: nothing to adapt
+    ("gpt_oss", ("router",), "GptOssTopKRouter"),  # PEFT: not a supported module
+    ("gpt_oss", ("wq", "wo"), None),
+])
+def test_peft_adapters_of_other_families_load_in_peft_or_are_refused(tmp_path, tok, family, targets, refused):
+    """Adapters on the layers PEFT (with transformers 5) loads as written equal the lmforge model through PEFT;
+    the others are refused in one line at export (found by random adapters over random HF models, 2026-12-05)."""
+    kw = DEEPSEEK if family == "deepseek_v3" else dict(num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                                       num_experts_per_tok=2, sliding_window=4)
+    cls = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"), "gpt_oss": ("GptOssConfig",
+                                                                                    "GptOssForCausalLM")}[family]
+    lora = LoRAConfig(r=2, alpha=4.0, targets=targets)
+    model = adapted(_from_hf(tmp_path, tok.vocab_size, *cls, **kw), lora)
+    lora_run(tmp_path / "run", model, tok, lora)
+    with pytest.raises(ConfigError, match=refused) if refused else contextlib.nullcontext():
+        export(ExportConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "peft"), adapter=True))
+    if refused:
+        assert not (tmp_path / "peft").exists()
+        return
+    ids = ids_for(tok.vocab_size)
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    got = peft.PeftModel.from_pretrained(written, tmp_path / "peft").eval()
+    assert (logits(got, ids) - logits(model, ids)).abs().max() <= 1e-5
 
 
 def _template_export(tmp_path: Path, name: str, tokenizer) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from lmforge.errors import CheckpointError, ConfigError
@@ -31,6 +32,16 @@ UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "fan_in_fan_out":
                "alpha_pattern": "per-module lora_alpha (alpha_pattern)", "layer_replication": "layer_replication",
                "trainable_token_indices": "trainable token indices", "target_parameters": "target_parameters"}
 """adapter_config.json fields lmforge's LoRALinear cannot honour when set (the name in errors)"""
+
+
+PEFT_CANNOT_LOAD: dict[str, tuple[tuple[str, str], ...]] = {
+    "gpt_oss": ((r"\.mlp\.router$", "gpt-oss's router, a GptOssTopKRouter in transformers (not a Linear PEFT adapts)"),),
+    "deepseek_v3": ((r"\.mlp(\.shared)?\.(gate|up|down)$",
+                     "a DeepSeek-V3 MLP projection, which PEFT's transformers-5 MoE conversion reads as the routed "
+                     "experts' fused gate_up_proj / down_proj (it fails to load, or adapts the wrong weights)"),),
+}
+"""per family: lmforge LoRA layer names (regex) whose PEFT adapter transformers + PEFT would not load as written
+(found with transformers 5.25 and peft 0.21 by loading written directories; tests/test_export.py)"""
 
 
 def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
@@ -49,6 +60,10 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
             why = ("a fused projection (model.fused_proj=true), which PEFT's per-projection adapters cannot express"
                    if name.endswith((".wqkv", ".gate_up")) else f"stored in another form in the {family} HF layout")
             raise ConfigError(f"--adapter: LoRA layer {name} is {why}; export without --adapter (merged)")
+        for pattern, what in PEFT_CANNOT_LOAD.get(family, ()):
+            if re.search(pattern, name):
+                raise ConfigError(f"--adapter: LoRA layer {name} is {what}; export without --adapter (merged), or "
+                                  "train adapters on other layers")
         modules[name] = names[f"{name}.weight"].removesuffix(".weight")
     shapes = {(m.lora_A.shape[0], m.scale) for m in layers.values()}
     if len(shapes) > 1:

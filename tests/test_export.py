@@ -148,8 +148,8 @@ def test_peft_adapter_equals_the_adapted_model(tmp_path, tok):
 
 def _from_hf(tmp_path: Path, vocab_size: int, cfg_cls: str, model_cls: str, **kw) -> Transformer:
     """A tiny random transformers model of another family, saved and loaded into lmforge."""
-    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=64, **kw)
+    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **kw)
     torch.manual_seed(0)
     getattr(transformers, model_cls)(cfg).save_pretrained(tmp_path / "hf")
     return Transformer.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -349,3 +349,16 @@ def test_a_peft_made_adapter_loads_into_lmforge(tmp_path, tok, capsys):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     assert main(["generate", "--checkpoint", str(tmp_path / "adapter"), "--prompts", "Hi"]) == 2  # hub id base
     assert "not a local directory" in _one_line_error(capsys)
+
+
+def test_a_peft_head_over_a_tied_base_is_refused_in_one_line(tmp_path, tok):
+    """PEFT keeps lm_head in full (modules_to_save) as a head of its own, also where the base ties its head to
+    the embeddings (Qwen2.5-0.5B, Gemma): the tied lmforge model has no place for it, so loading says what to do
+    (found by random PEFT adapters over random HF models, 2026-12-05; it said 'neither a LoRA factor nor ...')."""
+    base = tiny(tok.vocab_size, tie_embeddings=True)
+    base.save_pretrained(tmp_path / "base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    conf = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    peft.get_peft_model(hf, conf).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ConfigError, match=r"keeps lm_head in full .* tied to its embeddings .* \(merge_and_unload\)"):
+        load_model(tmp_path / "adapter", base=tmp_path / "base", tokenizer=False)

@@ -35,7 +35,8 @@ UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "fan_in_fan_out":
 
 
 PEFT_CANNOT_LOAD: dict[str, tuple[tuple[str, str], ...]] = {
-    "gpt_oss": ((r"\.mlp\.router$", "gpt-oss's router, a GptOssTopKRouter in transformers (not a Linear PEFT adapts)"),),
+    "gpt_oss": ((r"\.mlp\.router$", "gpt-oss's router, a GptOssTopKRouter in transformers (not a Linear PEFT "
+                                     "adapts)"),),
     "deepseek_v3": ((r"\.mlp(\.shared)?\.(gate|up|down)$",
                      "a DeepSeek-V3 MLP projection, which PEFT's transformers-5 MoE conversion reads as the routed "
                      "experts' fused gate_up_proj / down_proj (it fails to load, or adapts the wrong weights)"),),
@@ -158,6 +159,11 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
             state[f"{lm}.{part}"] = t
         elif name in to_lm:  # a module kept in full (modules_to_save)
             state[to_lm[name]] = t
+        elif name == "lm_head.weight" and model.cfg.tie_embeddings:
+            raise ConfigError(f"{path} keeps lm_head in full (modules_to_save) over a base whose output head is tied "
+                              "to its embeddings (tie_word_embeddings): PEFT trained a head of its own, which the tied "
+                              "model has no place for; merge it with peft (merge_and_unload), untie the head "
+                              "(tie_word_embeddings=false) and load that model instead")
         else:
             raise ConfigError(f"{path}: tensor {key} is neither a LoRA factor nor a weight the {family} rules map; "
                               "lmforge cannot apply this adapter")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -166,6 +167,10 @@ class _Reader:
             raise CheckpointError(f"{path.name} does not hold {name!r}, which the index's weight_map puts there")
         return h
 
+    def is_empty(self, name: str) -> bool:
+        """A tensor with no elements (transformers writes zero-width shared experts for n_shared_experts=0)."""
+        return math.prod(self._handle(name).get_slice(name).get_shape()) == 0
+
     def dtype_of(self, name: str) -> str:
         return self._handle(name).get_slice(name).get_dtype()
 
@@ -196,7 +201,7 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
                         "lm_head.weight; loading it untied, as transformers does")
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
     rules = FAMILIES[fam][3](cfg)
-    _check_names(rules, files, cfg, fam)
+    _check_names(rules, files, cfg, fam, reader)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)  # cast while on meta: storage is allocated once, in `dtype`
     model.to_empty(device=device or "cpu")
@@ -257,13 +262,14 @@ def _check_filled(model, rules, fam: str) -> None:
         raise CheckpointError(f"no checkpoint tensor fills {unfilled[0]!r} ({len(unfilled)} unfilled) in the {fam} rules")
 
 
-def _check_names(rules, files: dict, cfg: ModelConfig, fam: str) -> None:
+def _check_names(rules, files: dict, cfg: ModelConfig, fam: str, reader: _Reader) -> None:
     wanted = {n for r in rules for n in r.hf}
     missing = sorted(wanted - set(files))
     if missing:
         raise CheckpointError(f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing) for a {fam} model "
                               f"with the config in config.json")
-    extra = sorted(n for n in set(files) - wanted if not IGNORED.search(n) and not _ignorable(n, cfg, fam))
+    extra = sorted(n for n in set(files) - wanted
+                   if not IGNORED.search(n) and not _ignorable(n, cfg, fam) and not reader.is_empty(n))
     if extra:
         raise CheckpointError(f"checkpoint has unexpected tensor {extra[0]!r} ({len(extra)} unexpected) "
                               f"for a {fam} model")

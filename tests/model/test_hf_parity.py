@@ -54,6 +54,11 @@ FAMILIES = {
         num_experts_per_tok=1, moe_intermediate_size=8, kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4,
         qk_nope_head_dim=4, v_head_dim=4, first_k_dense_replace=1, n_group=2, topk_group=1, n_shared_experts=1,
         routed_scaling_factor=2.5, norm_topk_prob=False)),
+    # no shared experts: transformers writes zero-width shared-expert tensors, which hold nothing to load
+    "deepseek_v3_no_shared": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(**
+        COMMON | dict(num_key_value_heads=4), n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1,
+        n_group=1, topk_group=1, n_shared_experts=0)),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4, rope_parameters=dict(
             rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AbstractSet, Collection, Iterable, Iterator, Literal
@@ -21,6 +22,7 @@ import numpy as np
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import formats
 from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
+from lmforge.tokenizer.formats import NORMAL_FORMS
 from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, resolve_pattern,
                                            special_regex, split_specials)
 from lmforge.tokenizer.reference import ReferenceEncoder
@@ -36,11 +38,18 @@ class Tokenizer:
     vocab: id -> token bytes; merges: ordered pairs of token bytes (each pair's concatenation must be
     in the vocabulary); special_tokens: strings that are never split or merged (reused from the
     vocabulary when their bytes are there, otherwise given the next free ids); pattern: "gpt2",
-    "cl100k", "o200k" or a custom pre-tokenization regex.
+    "cl100k", "o200k" or a custom pre-tokenization regex; normalization: a Unicode normal form ("NFC",
+    "NFD", "NFKC", "NFKD") applied to the text between special tokens before it is split (a HF tokenizer.json
+    `normalizer`: Qwen2's NFC), or None.
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
-                 special_tokens: Iterable[str] | dict[str, int] | None = None, pattern: str = "gpt2"):
+                 special_tokens: Iterable[str] | dict[str, int] | None = None, pattern: str = "gpt2",
+                 normalization: str | None = None):
+        if normalization not in NORMAL_FORMS:
+            raise ConfigError(f"normalization={normalization!r} is not a Unicode normal form; use one of "
+                              f"{NORMAL_FORMS[1:]} or None")
+        self.normalization = normalization
         self.pattern = resolve_pattern(pattern)
         self.vocab = {int(i): bytes(b) for i, b in vocab.items()}
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
@@ -194,6 +203,8 @@ class Tokenizer:
             return self._ordinary(without_surrogates(text))
 
     def _ordinary(self, text: str) -> list[int]:
+        if self.normalization is not None:
+            text = unicodedata.normalize(self.normalization, text)
         if self._enc is None:
             return self.reference.encode(text)
         ids = self._enc.encode_ordinary(text)
@@ -224,6 +235,8 @@ class Tokenizer:
         """`encode` (all specials allowed) through the pure-Python reference encoder only."""
         out: list[int] = []
         for seg, is_special in split_specials(without_surrogates(text), self._specials):
+            if not is_special and self.normalization is not None:
+                seg = unicodedata.normalize(self.normalization, seg)
             out.extend([self.special_tokens[seg]] if is_special else self.reference.encode(seg))
         return out
 
@@ -273,6 +286,7 @@ class Tokenizer:
     def to_dict(self) -> dict:
         name = next((k for k, v in PATTERNS.items() if v == self.pattern), None)
         return {"type": "bpe", "version": FORMAT_VERSION, "pattern": name or self.pattern,
+                **({"normalization": self.normalization} if self.normalization else {}),
                 "special_tokens": self.special_tokens,
                 "vocab": formats.encode_vocab(self.vocab, self.special_tokens),
                 "merges": [f"{formats.bytes_to_str(a)} {formats.bytes_to_str(b)}" for a, b in self.merges]}
@@ -295,7 +309,7 @@ class Tokenizer:
             vocab = formats.decode_vocab(d["vocab"], where)
             merges = [formats.parse_merge(m, where) for m in d["merges"]]
             specials = {str(s): int(i) for s, i in d["special_tokens"].items()}
-            return cls(vocab, merges, specials, pattern=d["pattern"])
+            return cls(vocab, merges, specials, pattern=d["pattern"], normalization=d.get("normalization"))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise DataError(f"{where} is corrupt: {type(e).__name__}: {e}") from e
 
@@ -319,19 +333,21 @@ class Tokenizer:
         return formats.write_gpt2(self, out_dir)
 
     def _warn_pattern_lost(self, fmt: str) -> None:
-        """GPT-2 and tiktoken files hold no pre-tokenization pattern: readers assume GPT-2's."""
-        if self.pattern != PATTERNS["gpt2"]:
+        """GPT-2 and tiktoken files hold no pre-tokenization pattern (readers assume GPT-2's) nor normalization."""
+        lost = [what for what, gone in (("pre-tokenization pattern (not GPT-2's)", self.pattern != PATTERNS["gpt2"]),
+                                        (f"{self.normalization} normalization", self.normalization is not None))
+                if gone]
+        if lost:
             from lmforge.errors import warn_caller
 
-            warn_caller(f"{fmt} cannot record this tokenizer's pre-tokenization pattern (not GPT-2's): loaded back "
-                        "it splits text with GPT-2's and gives other ids; share lmforge_tokenizer.json or "
-                        "tokenizer.json (HF), which keep it")
+            warn_caller(f"{fmt} cannot record this tokenizer's {' and '.join(lost)}: loaded back it gives other ids "
+                        "for some texts; share lmforge_tokenizer.json or tokenizer.json (HF), which keep it")
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "Tokenizer":
         """Import a byte-level BPE `tokenizer.json` (or a directory holding one)."""
-        vocab, merges, specials, pattern = formats.read_hf(path)
-        return cls(vocab, merges, specials, pattern)
+        vocab, merges, specials, pattern, normalization = formats.read_hf(path)
+        return cls(vocab, merges, specials, pattern, normalization)
 
     def save_hf(self, path: str | Path) -> Path:
         """Export `tokenizer.json` that HF `tokenizers` loads and encodes to the same ids."""

@@ -139,7 +139,8 @@ def hf_tokenizer_json(tok) -> dict[str, Any]:
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for s, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])]
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": tok.normalization} if tok.normalization else None,
         "pre_tokenizer": _hf_pre_tokenizer(tok.pattern),
         "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
@@ -174,8 +175,26 @@ def _hf_pattern(pre: Any, where: str) -> str:
     raise DataError(f"{where}: unsupported pre_tokenizer {pre.get('type')!r} (need ByteLevel or Split+ByteLevel)")
 
 
-def read_hf(path: str | Path) -> tuple[Vocab, Merges, dict[str, int], str]:
-    """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3 style) -> Tokenizer arguments."""
+NORMAL_FORMS = (None, "NFC", "NFD", "NFKC", "NFKD")
+"""the text normalizations a Tokenizer applies (unicodedata's forms; HF tokenizers' normalizers of the same names)"""
+
+
+def _hf_normalization(norm: Any, where: str) -> str | None:
+    """A tokenizer.json `normalizer` -> the Unicode normal form it applies, or None; others are refused."""
+    if norm is None:
+        return None
+    steps = norm.get("normalizers", []) if isinstance(norm, dict) and norm.get("type") == "Sequence" else [norm]
+    kinds = [s.get("type") if isinstance(s, dict) else s for s in steps]
+    if not kinds:
+        return None
+    if len(kinds) == 1 and kinds[0] in NORMAL_FORMS[1:]:
+        return kinds[0]
+    raise DataError(f"{where}: normalizer {' + '.join(map(str, kinds))} is not supported (lmforge applies one Unicode "
+                    f"normal form: {', '.join(NORMAL_FORMS[1:])}, or none)")
+
+
+def read_hf(path: str | Path) -> tuple[Vocab, Merges, dict[str, int], str, str | None]:
+    """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3, Qwen2 style) -> Tokenizer arguments."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -191,7 +210,8 @@ def read_hf(path: str | Path) -> tuple[Vocab, Merges, dict[str, int], str]:
     raw_vocab = {s: i for s, i in model.get("vocab", {}).items() if s not in specials}
     vocab = decode_vocab(raw_vocab, str(path))
     merges = [parse_merge(m, str(path)) for m in model.get("merges", [])]
-    return vocab, merges, specials, _hf_pattern(doc.get("pre_tokenizer"), str(path))
+    return (vocab, merges, specials, _hf_pattern(doc.get("pre_tokenizer"), str(path)),
+            _hf_normalization(doc.get("normalizer"), str(path)))
 
 
 # ---- tiktoken rank files --------------------------------------------------------------------------

@@ -142,3 +142,37 @@ def test_colliding_specials():
         Tokenizer(vocab, [], {"<|x|>": 300, "<|y|>": 300})  # same id twice
     with pytest.raises(DataError, match="not found"):
         Tokenizer.load("/nonexistent/dir")
+
+
+def test_hf_normalizer_is_applied_kept_and_written(tmp_path):
+    """A tokenizer.json with a Unicode normalizer (Qwen2's NFC) encodes decomposed text as HF does (it was
+    ignored: 'é' as e + U+0301 got other ids); lmforge's own file and the HF export keep it; other normalizers
+    are refused in one line (found by random HF-trained tokenizers, 2026-12-05)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PATTERNS["cl100k"]), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    corpus = "café naïve résumé Ångström déjà vu the cat sat on the mat 1234 " * 200
+    hf.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                         show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_hf(tmp_path)
+    texts = ["cafe\u0301 re\u0301sume\u0301", "A\u030angstro\u0308m<|endoftext|>de\u0301ja\u0300", "\u212b plain"]
+    assert ours.normalization == "NFC"
+    for t in texts:
+        assert ours.encode(t) == hf.encode(t).ids == ours.encode_reference(t), t
+    assert ours.reference.encode(texts[0]) != ours.encode(texts[0])  # the raw text's ids: normalizing matters
+    again = Tokenizer.load(ours.save(tmp_path / "own"))
+    written = tokenizers.Tokenizer.from_file(str(ours.save_hf(tmp_path / "out")))
+    for t in texts:
+        assert again.encode(t) == written.encode(t).ids == hf.encode(t).ids
+    doc = json.loads((tmp_path / "tokenizer.json").read_text())
+    doc["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "Lowercase"}]}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="normalizer NFD \\+ Lowercase is not supported"):
+        Tokenizer.from_hf(tmp_path / "bad.json")

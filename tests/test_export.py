@@ -362,3 +362,32 @@ def test_a_peft_head_over_a_tied_base_is_refused_in_one_line(tmp_path, tok):
     peft.get_peft_model(hf, conf).save_pretrained(tmp_path / "adapter")
     with pytest.raises(ConfigError, match=r"keeps lm_head in full .* tied to its embeddings .* \(merge_and_unload\)"):
         load_model(tmp_path / "adapter", base=tmp_path / "base", tokenizer=False)
+
+
+def test_gemma_norms_kept_in_full_cross_both_ways(tmp_path, tok):
+    """Gemma stores norm gains minus one: a PEFT adapter keeping the norms in full (modules_to_save=["norm"]
+    matches every *norm module) loads into lmforge with PEFT's logits, and lmforge's export of an adapter run
+    that trained final_norm loads in PEFT with lmforge's (both were refused: the offset rule is not a plain
+    name; found by random PEFT adapters over random HF models, 2026-12-05)."""
+    model = _from_hf(tmp_path, tok.vocab_size, "Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2,
+                     head_dim=8, sliding_window=4, query_pre_attn_scalar=8)
+    tok.save_hf(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    trained = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                      modules_to_save=["norm"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    trained.save_pretrained(tmp_path / "adapter")
+    ids = ids_for(tok.vocab_size)
+    want = logits(trained.eval(), ids)
+    assert (logits(model, ids) - want).abs().max() > 1e-2
+    assert (logits(load_model(tmp_path / "adapter", base=tmp_path / "hf")[0], ids) - want).abs().max() <= 1e-5
+    lora = LoRAConfig(r=2, alpha=4.0, targets=("wq", "wv"), trainable=("final_norm",))
+    adapted_model = adapted(model, lora)
+    lora_run(tmp_path / "run", adapted_model, tok, lora)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "peft"), "--adapter"]) == 0
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    got = peft.PeftModel.from_pretrained(written, tmp_path / "peft").eval()
+    assert (logits(got, ids) - logits(adapted_model, ids)).abs().max() <= 1e-5

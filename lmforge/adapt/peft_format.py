@@ -8,7 +8,8 @@ A PEFT directory holds adapter_config.json (r, lora_alpha, use_rslora, target_mo
 base_model_name_or_path) and adapter_model.safetensors, whose keys are "base_model.model." + the HF module
 name + ".lora_A.weight" / ".lora_B.weight" ((r, in) and (out, r): lmforge's shapes), and, for a module
 kept in full (modules_to_save), "base_model.model." + its HF tensor names. Names go through the family's HF
-rules (lmforge.model.hf.hf_names), the same table that loads and writes HF checkpoints. load_model and every
+rules (lmforge.model.hf.hf_names; kept modules through hf_single_rules, which also changes Gemma's norm gains
+as its checkpoints store them), the same table that loads and writes HF checkpoints. load_model and every
 --checkpoint option open a PEFT directory through load_peft: the base model (a HF or lmforge directory; a
 hub id needs base=), lmforge LoRA layers with PEFT's scale (lora_alpha / r, or / sqrt(r) with rsLoRA; each
 module's r read from its tensors, so rank_pattern needs nothing), the kept modules' weights. What lmforge's
@@ -49,7 +50,7 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
     """(adapter_config.json, adapter_model.safetensors tensors) of the model's LoRA layers in PEFT's naming.
     `lora`: the run's [lora] section, for rslora, dropout and the modules kept trainable."""
     from lmforge.adapt.lora import lora_layers
-    from lmforge.model.hf import hf_names
+    from lmforge.model.hf import hf_names, hf_single_rules
 
     layers = lora_layers(model)
     if not layers:
@@ -79,7 +80,7 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
     for name, m in layers.items():
         for part in ("lora_A", "lora_B"):  # (r, in), (out, r): PEFT's Linear weights as lmforge's
             tensors[f"{PREFIX}{modules[name]}.{part}.weight"] = getattr(m, part).detach().contiguous().cpu()
-    kept = kept_modules(model, tuple(lora.get("trainable") or ()), names)
+    kept = kept_modules(model, tuple(lora.get("trainable") or ()), hf_single_rules(model.cfg, family))
     for params in kept.values():
         tensors.update({f"{PREFIX}{k}": t for k, t in params.items()})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
@@ -89,9 +90,10 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
     return config, tensors
 
 
-def kept_modules(model, patterns: tuple[str, ...], names: dict[str, str]) -> dict[str, dict]:
+def kept_modules(model, patterns: tuple[str, ...], rules: dict) -> dict[str, dict]:
     """HF module name -> {HF tensor name: tensor} of each module [lora] trainable kept in full (PEFT's
-    modules_to_save); one whose tensors are not those of one HF module is refused."""
+    modules_to_save), each tensor as HF stores it (`rules`: lmforge.model.hf.hf_single_rules); one whose
+    tensors are not those of one HF module is refused."""
     from lmforge.adapt.lora import matches
 
     out: dict[str, dict] = {}
@@ -100,7 +102,10 @@ def kept_modules(model, patterns: tuple[str, ...], names: dict[str, str]) -> dic
         if not name or not matches(name, patterns) or any(name.startswith(c + ".") for c in chosen):
             continue
         chosen.append(name)
-        params = {names.get(f"{name}.{p}"): (p, t.detach().contiguous().cpu()) for p, t in module.named_parameters()}
+        params = {}
+        for p, t in module.named_parameters():
+            rule = rules.get(f"{name}.{p}")
+            params[rule.hf[0] if rule else None] = (p, rule.to_hf([t.detach()])[0].contiguous().cpu() if rule else t)
         heads = {h.removesuffix("." + p) if h and h.endswith("." + p) else None for h, (p, _) in params.items()}
         if None in heads or len(heads) != 1:
             raise ConfigError(f"--adapter: the module {name} that [lora] trainable kept in full is not one HF module "
@@ -124,7 +129,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
 
     from lmforge.adapt.lora import load_lora, restore_lora
     from lmforge.checkpoint import is_hf_dir, load_model, resolve_checkpoint
-    from lmforge.model.hf import family_of, guess_family, hf_names, read_hf_config
+    from lmforge.model.hf import family_of, guess_family, hf_names, hf_single_rules, read_hf_config
     from lmforge.tokenizer.load import load_tokenizer
 
     path = Path(path)
@@ -142,6 +147,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
     ckpt = resolve_checkpoint(where)
     family = family_of(read_hf_config(ckpt)) if is_hf_dir(ckpt) else guess_family(model.cfg)
     to_lm = {hf: lm for lm, hf in hf_names(model.cfg, family).items()}
+    kept_rules = {r.hf[0]: r for r in hf_single_rules(model.cfg, family).values()}
     tensors = load_file(str(path / WEIGHTS))
     layers, state = {}, {}
     for key, t in tensors.items():
@@ -157,8 +163,8 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
                 r = t.shape[0]
                 layers[lm] = [r, config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)]
             state[f"{lm}.{part}"] = t
-        elif name in to_lm:  # a module kept in full (modules_to_save)
-            state[to_lm[name]] = t
+        elif name in kept_rules:  # a module kept in full (modules_to_save), as HF stores it
+            state[kept_rules[name].lm[0]] = kept_rules[name].to_lm([t])[0]
         elif name == "lm_head.weight" and model.cfg.tie_embeddings:
             raise ConfigError(f"{path} keeps lm_head in full (modules_to_save) over a base whose output head is tied "
                               "to its embeddings (tie_word_embeddings): PEFT trained a head of its own, which the tied "

@@ -118,6 +118,15 @@ def hf_names(cfg: ModelConfig, family: str) -> dict[str, str]:
     return {r.lm[0]: r.hf[0] for r in FAMILIES[family][3](cfg) if r.plain}
 
 
+def hf_single_rules(cfg: ModelConfig, family: str) -> dict[str, D.Rule]:
+    """lmforge tensor name -> the family's rule carrying it as one whole HF tensor, stored as it is or changed
+    elementwise (Gemma's norm gains, stored minus one): what a module kept in full (PEFT's modules_to_save) is
+    written and read through. hf_names holds the plain ones among them."""
+    if family not in FAMILIES:
+        raise ConfigError(f"family={family!r} is not a supported HF family; choose one of {sorted(FAMILIES)}")
+    return {r.lm[0]: r for r in FAMILIES[family][3](cfg) if len(r.hf) == len(r.lm) == 1 and "#" not in r.lm[0]}
+
+
 # tensors ---------------------------------------------------------------------------------------------
 def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> file holding it (single file or sharded with an index)."""

@@ -35,8 +35,8 @@ def counted(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(cuda_graphs=True, graph_prefill_tokens=48),
-                                   dict(chunked_prefill=True, max_num_batched_tokens=8)])
+@pytest.mark.parametrize("extra", [dict(cuda_graphs=False), dict(cuda_graphs=True, graph_prefill_tokens=48),
+                                   dict(cuda_graphs=False, chunked_prefill=True, max_num_batched_tokens=8)])
 def test_latent_kernel_serves_decode_and_mixed_steps(tok, monkeypatch, extra):
     model = variant_model("mla", d_model=64).to(DEV)
     calls = counted(monkeypatch)
@@ -45,7 +45,8 @@ def test_latent_kernel_serves_decode_and_mixed_steps(tok, monkeypatch, extra):
     seen = record_chunks(engine.runner.graphs) if extra.get("graph_prefill_tokens") else None
     outs = greedy(engine, PROMPTS[:4], logprobs=0)
     assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 8) for p in PROMPTS[:4]]
-    assert calls["decode"] >= 8 * model.cfg.n_layers
+    # eager steps call the kernel per step and layer (a graph calls it when captured: a GPU's default)
+    assert calls["decode"] >= (1 if extra["cuda_graphs"] else 8) * model.cfg.n_layers
     if seen is not None:
         assert seen and calls["varlen"] >= len(seen) * model.cfg.n_layers
     ref = Engine(model, tok, EngineConfig(block_size=4, decode_attention="reference", max_num_seqs=4, **extra))

@@ -57,7 +57,7 @@ def test_reference_matches_the_definition():
     q_lat, q_rope, c, kr, tables, ctx = _decode(3, 4, 32, 16, 4, [1, 9, 14])
     scale = 1 / math.sqrt(48)
     own = ctx.long() - 1
-    tree = (torch.tensor([0, 5, 10]), torch.tensor([1, 0b1011, 0b1101]))
+    tree = (torch.tensor([0, 5, 10], device=DEV), torch.tensor([1, 0b1011, 0b1101], device=DEV))
     for kw in (dict(), dict(softcap=5.0), dict(window=4), dict(tree=tree)):
         got = paged_latent_reference(q_lat, q_rope, c, kr, tables, ctx, scale=scale, **kw)
         want = _loop(q_lat.cpu(), q_rope.cpu(), c.cpu(), kr.cpu(), tables.cpu(), torch.arange(3), own.cpu(), scale,

@@ -181,8 +181,8 @@ def default_latent_config(rows: int, heads: int, max_keys: int, device: torch.de
     """All heads in one program up to 16 (DeepSeek-V2-Lite's 16; V3's 128 take eight groups), tiles of 64 keys
     over 8 warps at r >= 256 (4 warps at smaller ranks), slices until the programs reach half the SMs (with at
     least four tiles per slice). Measured on the H200 (bench/paged_latent.py --sweep, 2026-12-05, V2-Lite's
-    attention in bf16): within 7% of the sweep's best at 8-128 rows x 512-8192 keys, 1.15-1.58x faster than
-    the first default (32-key tiles, slices up to one program per SM)."""
+    attention in bf16): within 10% of the sweep's best at 32-128 rows x 512-8192 keys (19-29% off at 8 rows x
+    512-2048 keys), 1.08-1.58x faster than the first default (32-key tiles, slices up to one program per SM)."""
     gp = min(_pad(heads), 16)
     block, warps = 64, (8 if rank >= 256 else 4)
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 8

@@ -20,6 +20,7 @@ import pytest
 from lmforge.config import from_dict
 from lmforge.train import posttrain as PT
 
+from ..train.helpers import metric_rows
 from . import test_trainer_objectives as post
 from .test_trainer_objectives import _interrupted_at
 
@@ -55,19 +56,14 @@ def random_run(r: random.Random, base, run) -> tuple[str, dict]:
     return objective, d
 
 
-def _rows(result) -> list[tuple]:
-    """(step, loss, val_loss) of every metrics.jsonl row (a resumed run's history holds the rows before it)."""
-    return [(h["step"], h.get("loss"), h.get("val_loss")) for h in result.history]
-
-
 @pytest.mark.parametrize("seed", range(32))
 def test_a_random_post_training_run_resumes_bit_exactly(seed, base, tmp_path, monkeypatch):
     r = random.Random(seed)
     objective, d = random_run(r, base, tmp_path / "a")
     stop = r.randint(1, d["max_steps"] - 1)
-    full = _rows(PT.posttrain(from_dict(PT.config_class(objective), d)))
+    full = metric_rows(PT.posttrain(from_dict(PT.config_class(objective), d)))
     assert all(math.isfinite(x) for row in full for x in row[1:] if x is not None)
     again = from_dict(PT.config_class(objective), {**d, "run_dir": str(tmp_path / "b")})
     _interrupted_at(stop, again, monkeypatch)
-    resumed = _rows(PT.posttrain(again))
+    resumed = metric_rows(PT.posttrain(again))
     assert resumed == full  # row for row, bit for bit

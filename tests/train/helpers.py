@@ -40,6 +40,12 @@ def tiny_config(shard: Path, run_dir: Path, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def metric_rows(result) -> list[tuple]:
+    """(step, loss, val_loss) of every metrics.jsonl row of a run (a resumed run's history holds the rows before
+    its resume too): what an interrupted and resumed run must reproduce row for row."""
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in result.history]
+
+
 def fit_interrupted_at(tr, step: int) -> None:
     """Run tr.fit() with a Ctrl-C (KeyboardInterrupt) arriving just before step `step + 1` begins."""
     import pytest

@@ -11,7 +11,7 @@ from lmforge.errors import ConfigError
 from lmforge.train.metrics import read_metrics
 from lmforge.train.trainer import Trainer, train
 
-from .helpers import make_shard, tiny_config
+from .helpers import make_shard, metric_rows, tiny_config
 
 K = 7  # the step during which the interrupt lands (off any eval/checkpoint boundary)
 
@@ -140,17 +140,13 @@ def test_an_interrupt_raised_in_a_step_goes_to_a_boundary(setup, tmp_path, point
     assert _losses(train(cfg)) == full
 
 
-def _rows(result):
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in result.history]
-
-
 @pytest.mark.parametrize("point", ["on_step_end", "on_log", "eval"])
 def test_an_evaluation_the_interrupt_cut_off_runs_at_resume(setup, tmp_path, point):
     """A KeyboardInterrupt between step 10's update and its evaluation (a second Ctrl-C in a hook, the log or
     the evaluation itself) checkpoints step 10 without its val_loss row: the resumed run evaluates first, so the
     run's metrics (losses and validation losses, row for row) equal the uninterrupted run's."""
     shard, _ = setup
-    full = _rows(train(tiny_config(shard, tmp_path / "full", max_steps=20, eval_every=10, ckpt_every=100)))
+    full = metric_rows(train(tiny_config(shard, tmp_path / "full", max_steps=20, eval_every=10, ckpt_every=100)))
     cfg = tiny_config(shard, tmp_path / "run", max_steps=20, eval_every=10, ckpt_every=100)
     tr = Trainer(cfg)
     intr = _Interrupt(tr, "raise", after_step=10)
@@ -159,7 +155,7 @@ def test_an_evaluation_the_interrupt_cut_off_runs_at_resume(setup, tmp_path, poi
         tr.fit()
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == ["step_000010"]
     assert not [r for r in read_metrics(tmp_path / "run") if r["step"] == 10 and "val_loss" in r]
-    assert _rows(train(cfg)) == full
+    assert metric_rows(train(cfg)) == full
 
 
 def test_an_interrupt_inside_the_update_writes_no_checkpoint(setup, tmp_path):

@@ -25,7 +25,7 @@ from lmforge.optim.config import OptimConfig
 from lmforge.train.config import DataConfig
 from lmforge.train.trainer import Trainer
 
-from .helpers import fit_interrupted_at, make_shard, tiny_config
+from .helpers import fit_interrupted_at, make_shard, metric_rows, tiny_config
 
 OPTIMIZERS = ("adamw", "muon", "lion", "adafactor", "soap", "shampoo", "dion")
 
@@ -58,11 +58,6 @@ def random_model(r: random.Random) -> ModelConfig:
     return ModelConfig(**m)
 
 
-def _rows(result) -> list[tuple]:
-    """(step, loss, val_loss) of every metrics.jsonl row (a resumed run's history holds the rows before it)."""
-    return [(h["step"], h.get("loss"), h.get("val_loss")) for h in result.history]
-
-
 def _engine_matches_recompute(run) -> None:
     from lmforge.infer.llm import LLM
     from lmforge.infer.sampling import SamplingParams
@@ -91,11 +86,11 @@ def test_a_random_training_run_resumes_bit_exactly(seed, tmp_path):
                       ckpt_every=r.choice([3, 100]), grad_accum=r.choice([1, 2]), seed=r.randint(0, 9),
                       dtype=r.choice(["fp32", "fp32", "bf16"]))
     stop = r.randint(1, steps - 1)
-    full = _rows(Trainer(cfg).fit())
+    full = metric_rows(Trainer(cfg).fit())
     assert all(math.isfinite(x) for row in full for x in row[1:] if x is not None)
     again = dataclasses.replace(cfg, run_dir=str(tmp_path / "b"))
     fit_interrupted_at(Trainer(again), stop)
-    resumed = _rows(Trainer(again).fit())
+    resumed = metric_rows(Trainer(again).fit())
     assert resumed == full  # row for row, bit for bit
     if cfg.dtype == "fp32" and cfg.model.dropout == 0:
         _engine_matches_recompute(tmp_path / "a")

@@ -182,9 +182,7 @@ def load_llm(cfg, **kwargs):
 
     device = pick_device(cfg.device)
     if getattr(cfg, "kv_policy", None):
-        from lmforge.infer.config import EngineConfig
         from lmforge.infer.kv.policy import policy_from_spec
 
-        kwargs = {"config": EngineConfig(max_num_seqs=kwargs.pop("max_batch_size", None) or 64,
-                                         kv_policy=policy_from_spec(cfg.kv_policy)), **kwargs}
+        kwargs["kv_policy"] = policy_from_spec(cfg.kv_policy)
     return LLM.load(cfg.checkpoint, device=device, tokenizer=cfg.tokenizer, base=cfg.base, **kwargs)

@@ -53,19 +53,22 @@ class LLM:
     speculative decoding (lmforge.infer.speculative; the engine checks it).
     cuda_graphs: decode steps replay CUDA graphs (default: on a GPU; EngineConfig.cuda_graphs).
     max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs; default 64).
-    config: the whole EngineConfig instead of the two options above."""
+    kv_policy: a KV-cache policy (EngineConfig.kv_policy, lmforge.infer.kv.policy; default none).
+    config: the whole EngineConfig instead of the three options above."""
 
     def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4,
-                 cuda_graphs: bool | None = None, max_batch_size: int | None = None, config: EngineConfig | None = None):
+                 cuda_graphs: bool | None = None, max_batch_size: int | None = None, kv_policy=None,
+                 config: EngineConfig | None = None):
         self.model = model  # left in its mode (a Trainer may share it); the engine's steps run it in eval mode
         self.tokenizer = tokenizer
         self.draft = draft.eval() if isinstance(draft, torch.nn.Module) else draft
         self.num_draft_tokens = num_draft_tokens
         self.device = next(model.parameters()).device
-        if config is not None and (cuda_graphs is not None or max_batch_size is not None):
+        if config is not None and (cuda_graphs is not None or max_batch_size is not None or kv_policy is not None):
             raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
-                              "EngineConfig.max_num_seqs), not beside it")
-        self.config = config or EngineConfig(max_num_seqs=max_batch_size or 64, cuda_graphs=cuda_graphs)
+                              "EngineConfig.max_num_seqs), kv_policy too (EngineConfig.kv_policy), not beside it")
+        self.config = config or EngineConfig(max_num_seqs=max_batch_size or 64, cuda_graphs=cuda_graphs,
+                                             kv_policy=kv_policy)
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens)
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed

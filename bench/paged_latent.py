@@ -4,6 +4,7 @@ two batched products over the gathered latents), in one run on one GPU.
 
     python bench/paged_latent.py                   # H200: DeepSeek-V2-Lite's attention, batch 1-128, context 512-8192
     python bench/paged_latent.py --sweep           # and every configuration of SWEEP at each shape
+    python bench/paged_latent.py --batches 0       # only the engine's fp32 kernel-vs-reference check (~1 min)
     TRITON_INTERPRET=1 python bench/paged_latent.py --smoke   # toy sizes on CPU: checks the script
 
 Decode rows all at the full context, blocks of 16 handed out in shuffled order; 16 query heads, latent rank 512,
@@ -11,8 +12,9 @@ rope keys of 64, bf16. Reports microseconds per call (one layer), GB/s of latent
 2 bytes, what any exact kernel must read; the copy bandwidth for scale), and the largest difference from the
 fp32 reference. A varlen section times a step holding one 512-token prompt chunk after 1,536 cached tokens beside
 the decode rows (the mixed CUDA graphs' path). Last, the engine end to end (a 4-layer random model with that
-attention, 32 x (512 + 128) tokens): the kernel vs the reference, CUDA graphs on and off, tok/s and greedy
-agreement. Prints a table and writes JSON ($OUT/paged_latent.json, else bench/results/).
+attention, 32 x (512 + 128) tokens): first in fp32 (8 shorter prompts; greedy tokens and their log-probs, kernel
+vs reference: the correctness check for LATENT_KERNEL_AUTO), then timed in bf16, the kernel vs the reference, CUDA
+graphs on and off, tok/s and agreement of the first 4 greedy tokens. Prints a table and writes JSON ($OUT/paged_latent.json, else bench/results/).
 """
 
 from __future__ import annotations

@@ -102,15 +102,13 @@ def kept_modules(model, patterns: tuple[str, ...], rules: dict) -> dict[str, dic
         if not name or not matches(name, patterns) or any(name.startswith(c + ".") for c in chosen):
             continue
         chosen.append(name)
-        params = {}
-        for p, t in module.named_parameters():
-            rule = rules.get(f"{name}.{p}")
-            params[rule.hf[0] if rule else None] = (p, rule.to_hf([t.detach()])[0].contiguous().cpu() if rule else t)
-        heads = {h.removesuffix("." + p) if h and h.endswith("." + p) else None for h, (p, _) in params.items()}
+        params = {p: rules.get(f"{name}.{p}") for p, _ in module.named_parameters()}
+        heads = {r.hf[0].removesuffix("." + p) if r and r.hf[0].endswith("." + p) else None for p, r in params.items()}
         if None in heads or len(heads) != 1:
             raise ConfigError(f"--adapter: the module {name} that [lora] trainable kept in full is not one HF module "
                               "PEFT can keep (modules_to_save); export without --adapter (merged)")
-        out[heads.pop()] = {h: t for h, (_, t) in params.items()}
+        out[heads.pop()] = {params[p].hf[0]: params[p].to_hf([t.detach()])[0].contiguous().cpu()
+                            for p, t in module.named_parameters()}
     return out
 
 

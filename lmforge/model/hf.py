@@ -113,9 +113,7 @@ def hf_names(cfg: ModelConfig, family: str) -> dict[str, str]:
     ('blocks.0.attn.wq.weight' -> 'model.layers.0.self_attn.q_proj.weight'): the names under which a file
     of per-module tensors in HF's naming, such as a PEFT adapter, is written. Tensors the rules transpose,
     split or fuse (GPT-2's c_attn, a fused q|k|v, stacked experts) are not in it."""
-    if family not in FAMILIES:
-        raise ConfigError(f"family={family!r} is not a supported HF family; choose one of {sorted(FAMILIES)}")
-    return {r.lm[0]: r.hf[0] for r in FAMILIES[family][3](cfg) if r.plain}
+    return {lm: r.hf[0] for lm, r in hf_single_rules(cfg, family).items() if r.plain}
 
 
 def hf_single_rules(cfg: ModelConfig, family: str) -> dict[str, D.Rule]:

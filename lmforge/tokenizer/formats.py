@@ -190,7 +190,8 @@ def _hf_normalization(norm: Any, where: str) -> str | None:
     if len(kinds) == 1 and kinds[0] in NORMAL_FORMS[1:]:
         return kinds[0]
     raise DataError(f"{where}: normalizer {' + '.join(map(str, kinds))} is not supported (lmforge applies one Unicode "
-                    f"normal form: {', '.join(NORMAL_FORMS[1:])}, or none)")
+                    f"normal form: {', '.join(NORMAL_FORMS[1:])}, or none); give another tokenizer "
+                    "(LLM.load(path, tokenizer=...), --tokenizer)")
 
 
 def read_hf(path: str | Path) -> tuple[Vocab, Merges, dict[str, int], str, str | None]:

@@ -2,7 +2,9 @@
 definition; `build_processors(params)` chains the ones a SamplingParams turns on, in the usual order:
 penalties and bias on the raw logits, then temperature, then the truncation filters (each computed on
 the distribution left by the previous one). Filters remove tokens by setting their logit to -inf and
-always keep the most likely token, so no distribution becomes empty. `batched_processors(params list)`
+always keep the most likely token, so no distribution becomes empty. Tied tokens share one fate: a filter
+keeps every token tied with one it keeps (ties at the top, with the k-th or with the nucleus's last member),
+so what survives never depends on token ids or on the order a sort happens to leave ties in. `batched_processors(params list)`
 is the same chain over rows that set only temperature, top-k and top-p, each with its own values.
 """
 
@@ -73,9 +75,17 @@ def temperature(logits: torch.Tensor, hist: TokenHistory | None, t: float) -> to
 
 # truncation filters ---------------------------------------------------------------------------------
 def _keep(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mask out tokens where keep is False, always keeping each row's argmax."""
-    keep = keep.scatter(-1, logits.argmax(-1, keepdim=True), True)
-    return logits.masked_fill(~keep, NEG_INF)
+    """Mask out tokens where keep is False, always keeping each row's most likely tokens (all tied at the top)."""
+    return logits.masked_fill(~(keep | (logits == logits.max(-1, keepdim=True).values)), NEG_INF)
+
+
+def _sorted_prefix(score: torch.Tensor, weight: torch.Tensor, mass: float | torch.Tensor) -> torch.Tensor:
+    """Keep mask of the shortest run of tokens, in ascending `score`, whose `weight` (probability) reaches
+    `mass`, widened to every token whose score ties the run's last member's."""
+    s, order = score.sort(-1)
+    w = weight.gather(-1, order)
+    last = ((w.cumsum(-1) - w) < mass).sum(-1, keepdim=True).clamp(min=1) - 1  # index of the run's last member
+    return score <= s.gather(-1, last)
 
 
 def top_k(logits: torch.Tensor, hist: TokenHistory | None, k: int | list[int]) -> torch.Tensor:
@@ -99,11 +109,8 @@ def top_k(logits: torch.Tensor, hist: TokenHistory | None, k: int | list[int]) -
 def top_p(logits: torch.Tensor, hist: TokenHistory | None, p: float | torch.Tensor) -> torch.Tensor:
     """Nucleus sampling (Holtzman et al. 2020, eq. 2): the smallest set of most likely tokens whose
     probability mass reaches p. p: one for every row, or (B, 1) per row (inf = that row unfiltered)."""
-    probs, order = logits.softmax(-1).sort(-1, descending=True)
-    mass_before = probs.cumsum(-1) - probs  # mass of strictly more likely tokens
-    keep_sorted = mass_before < p
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return _keep(logits, keep)
+    probs = logits.softmax(-1)
+    return _keep(logits, _sorted_prefix(-probs, probs, p))
 
 
 def min_p(logits: torch.Tensor, hist: TokenHistory | None, p: float) -> torch.Tensor:
@@ -114,16 +121,13 @@ def min_p(logits: torch.Tensor, hist: TokenHistory | None, p: float) -> torch.Te
 
 def typical(logits: torch.Tensor, hist: TokenHistory | None, mass: float) -> torch.Tensor:
     """Locally typical sampling (Meister et al. 2023, §5): rank tokens by |-log p - H(p)| (closest to the
-    expected information first) and keep the smallest such prefix whose probability reaches `mass`."""
+    expected information first) and keep the smallest such prefix whose probability reaches `mass`. The
+    set need not hold the most likely token (the paper's point), so unlike the other filters it is not
+    added: the set is never empty."""
     logp = logits.log_softmax(-1)
     probs = logp.exp()
     entropy = -(probs * logp.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
-    dist = (-logp - entropy).abs()
-    order = dist.argsort(-1)
-    p_sorted = probs.gather(-1, order)
-    keep_sorted = (p_sorted.cumsum(-1) - p_sorted) < mass
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return _keep(logits, keep)
+    return logits.masked_fill(~_sorted_prefix((-logp - entropy).abs(), probs, mass), NEG_INF)
 
 
 def epsilon(logits: torch.Tensor, hist: TokenHistory | None, eps: float) -> torch.Tensor:

@@ -69,6 +69,44 @@ def test_epsilon_and_eta():
     assert thr < 0.1 and kept(P.eta(LOGITS, None, eta)) != kept(P.epsilon(LOGITS, None, eta))
 
 
+def test_ties_share_one_fate():
+    """Tokens tied in probability are kept or dropped together (no dependence on ids or sort order), and the
+    typical set is the paper's even when it leaves out the most likely token."""
+    ties = torch.tensor([[0.3, 0.3, 0.3, 0.1]]).log()
+    assert kept(P.top_p(ties, None, 0.5)) == [0, 1, 2]  # 0.3 alone is short of 0.5; its ties come along
+    assert kept(P.epsilon(ties, None, 0.9)) == [0, 1, 2]  # every token tied at the top survives
+    assert kept(P.typical(ties.flip(-1), None, 0.2)) == [1, 2, 3]
+    peaked = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]]).log()  # H = 1.23 nats: -log 0.1 = 2.30, -log 0.6 = 0.51
+    assert kept(P.typical(peaked, None, 0.3)) == [0]  # 0.51 is nearer H than 2.30
+    near = torch.tensor([[0.4, 0.3, 0.3]]).log()  # H = 1.09: -log 0.3 = 1.20 is nearer than -log 0.4 = 0.92
+    assert kept(P.typical(near, None, 0.3)) == [1, 2]  # the mode is left out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_filters_match_transformers_warpers(seed):
+    """Each truncation filter keeps what transformers' warper keeps, over random rows with -inf entries and
+    ties; where HF's choice among tied tokens depends on its sort order, lmforge keeps the whole tie."""
+    L = pytest.importorskip("transformers.generation.logits_process")
+    warpers = {"top_k": (P.top_k, L.TopKLogitsWarper), "top_p": (P.top_p, L.TopPLogitsWarper),
+               "min_p": (P.min_p, L.MinPLogitsWarper), "typical": (P.typical, L.TypicalLogitsWarper),
+               "epsilon": (P.epsilon, L.EpsilonLogitsWarper), "eta": (P.eta, L.EtaLogitsWarper)}
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(60):
+        x = torch.randn(3, 17, generator=gen) * [0.1, 1.0, 5.0][trial % 3]
+        if trial % 2:
+            x = x.round()
+        x[torch.rand(3, 17, generator=gen) < 0.2 * (trial % 4 == 3)] = float("-inf")
+        x[:, 0] = x[:, 0].clamp(min=-50)
+        for name, (ours, theirs) in warpers.items():
+            a = 1 + trial % 16 if name == "top_k" else [1e-3, 0.05, 0.3, 0.6, 0.9][trial % 5]
+            mine = torch.isfinite(ours(x, None, a))
+            hf = torch.isfinite(theirs(a)(torch.zeros(3, 1, dtype=torch.long), x.clone()))
+            for row, m, h in zip(x, mine, hf):
+                ties = torch.isin(row, row[h])  # every token tied with one HF keeps
+                assert (m == h).all() or (name not in ("typical", "min_p") and (h <= m).all() and (m <= ties).all()), \
+                    (name, a, row, m, h)
+
+
 def test_temperature_and_logit_bias():
     torch.testing.assert_close(P.temperature(LOGITS, None, 0.5), LOGITS * 2)
     out = P.logit_bias(torch.zeros(2, 4), None, {1: 3.0, 3: -1.0})

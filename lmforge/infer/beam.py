@@ -7,7 +7,9 @@ Each round, once every live beam has its next-token log-probabilities, the 2·W 
 log-probability are ranked; those ending in a stop token, or whose text now contains a stop string, join
 the finished set (scored sum / length**alpha) if they rank among the W best, and the W best others become
 the next beams. With early_stopping the search ends as soon as W hypotheses are finished; otherwise once
-no live beam can still beat the worst finished one at its current length. Log-probabilities are those of
+no live beam can still beat the worst finished one at its current length. Beams still running when the search
+ends are dropped (they are not hypotheses: they neither stopped nor reached the length limit); at the length
+limit the running beams join the finished set (finish_reason "length"). Log-probabilities are those of
 the raw model distribution (SamplingParams refuses penalties and logit_bias with beams). Outputs carry
 cumulative_logprob always, logprobs and top_logprobs when params.logprobs asks for them; while the search
 runs, the n best live beams are the request's outputs (finish_reason None).
@@ -78,7 +80,10 @@ class BeamSearch:
             nxt.append((live[b], h))
             if len(nxt) == self.W:
                 break
-        if self._done([h for _, h in nxt]) or len(nxt[0][1][0]) >= self.steps:
+        if self._done([h for _, h in nxt]):  # the finished set is final: beams still running are dropped
+            self._finish(engine, live, [])
+            return
+        if len(nxt[0][1][0]) >= self.steps:  # the length limit finishes the running beams
             self._finish(engine, live, nxt)
             return
         for parent, h in nxt:  # fork every survivor before dropping the old beams

@@ -59,6 +59,39 @@ def test_early_stopping_and_length_normalisation(tok):
     assert norm == sorted(norm, reverse=True)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_beams_equal_transformers_beam_search(tok, tmp_path, seed):
+    """The same hypotheses and normalised scores as transformers' generate(num_beams=W) on the exported model,
+    over random widths, lengths, length penalties, early stopping and a stop token the search meets."""
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.hf import save_pretrained
+
+    rng = random.Random(seed)
+    model = tiny_model("llama", seed=seed, init_std=0.1)
+    save_pretrained(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    llm = LLM(model, tok)
+    for _ in range(6):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 6))]
+        W, T, alpha, early = rng.randint(2, 5), rng.randint(1, 10), rng.choice([0.0, 0.5, 1.0, 2.0, -1.0]), rng.random() < .5
+        n, stop = rng.randint(1, W), rng.choice([None, *full_greedy(model, prompt, 4)])
+        out = llm.generate([prompt], SamplingParams(
+            temperature=0, beam_width=W, n=n, max_tokens=T, ignore_eos=True, stop_token_ids=() if stop is None else (stop,),
+            length_penalty=alpha, early_stopping=early))[0].outputs
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              num_beams=W, num_return_sequences=n, max_new_tokens=T, do_sample=False, eos_token_id=stop,
+                              pad_token_id=0, length_penalty=alpha, early_stopping=early, return_dict_in_generate=True,
+                              output_scores=True)
+        theirs = [s[len(prompt):] for s in ref.sequences.tolist()]
+        theirs = [t[:t.index(stop) + 1] if stop in t else t for t in theirs]
+        assert [o.token_ids for o in out] == theirs, (prompt, W, n, T, alpha, early, stop)
+        mine = [o.cumulative_logprob / len(o.token_ids) ** alpha for o in out]
+        assert mine == pytest.approx(ref.sequences_scores.tolist(), abs=1e-4)
+
+
 def test_many_beam_requests_at_once_equal_alone(tok):
     """Beam requests share the engine's batch with each other and with sampled requests, under a small
     token budget and block pool: each gets the beams it gets alone."""

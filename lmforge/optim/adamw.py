@@ -32,40 +32,52 @@ class AdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = run_closure(closure)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            fused = group["fused"] if group["fused"] is not None else params[0].is_cuda
-            for p in params:
-                if not self.state[p]:
-                    # the fused kernel reads the step count on the device; the foreach path on the host
-                    step = torch.zeros((), device=p.device if fused else "cpu")
-                    self.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-            states = [self.state[p] for p in params]
-            grads = [p.grad for p in params]
-            m = [s["exp_avg"] for s in states]
-            v = [s["exp_avg_sq"] for s in states]
-            if fused:
-                steps = [s["step"].to(p.device) for s, p in zip(states, params)]
-                torch._foreach_add_(steps, 1)
-                for s, t in zip(states, steps):
-                    s["step"] = t
-                torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
-                                    eps=eps, amsgrad=False, maximize=False)
-                continue
-            for s in states:
-                s["step"] += 1
-            # all params of a group share a step count (they are updated together)
-            t = int(states[0]["step"].item())
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_lerp_(m, grads, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-            bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
+            for params in _batches([p for p in group["params"] if p.grad is not None]):
+                self._update(group, params)
         return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One group's update of `params` (tensors one multi-tensor call can take together)."""
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        fused = group["fused"] if group["fused"] is not None else params[0].is_cuda
+        for p in params:
+            if not self.state[p]:
+                # the fused kernel reads the step count on the device; the foreach path on the host
+                step = torch.zeros((), device=p.device if fused else "cpu")
+                self.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_avg_sq"] for s in states]
+        if fused:
+            steps = [s["step"].to(p.device) for s, p in zip(states, params)]
+            torch._foreach_add_(steps, 1)
+            for s, t in zip(states, steps):
+                s["step"] = t
+            torch._fused_adamw_(params, grads, m, v, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
+                                eps=eps, amsgrad=False, maximize=False)
+            return
+        for s in states:
+            s["step"] += 1
+        # all params of a group share a step count (they are updated together)
+        t = int(states[0]["step"].item())
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
+
+
+def _batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """params split into lists one multi-tensor call takes: one per (tensor type, device, dtype). A tensor-parallel
+    model without sequence parallelism has plain replicated norms beside DTensor matrices (and biases) in a
+    group, and a foreach op refuses to mix the two."""
+    out: dict = {}
+    for p in params:
+        out.setdefault((type(p), p.device, p.dtype), []).append(p)
+    return list(out.values())

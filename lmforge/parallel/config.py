@@ -80,9 +80,9 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.tp={self.tp} must divide n_heads={heads} and n_kv_heads={kv}")
             if model_cfg.n_layers % self.pp:
                 raise ConfigError(f"parallel.pp={self.pp} must divide n_layers={model_cfg.n_layers}")
-            if self.tp > 1 and model_cfg.tie_embeddings:
-                raise ConfigError("parallel.tp > 1 with model.tie_embeddings: the embedding and head are sharded "
-                                  "along different dims; untie them (tie_embeddings=false)")
+            if self.pp > 1 and model_cfg.tie_embeddings:
+                raise ConfigError("parallel.pp > 1 with model.tie_embeddings: the embedding and head live on different "
+                                  "stages; untie them (tie_embeddings=false)")
             if self.tp > 1 and (model_cfg.mlp != "dense" or model_cfg.attention != "mha" or model_cfg.attn_sinks
                                 or model_cfg.fused_proj):
                 raise ConfigError("parallel.tp > 1 supports dense MLPs and mha attention without sinks or fused "

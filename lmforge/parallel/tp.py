@@ -11,7 +11,9 @@ after wo/down and an all-gather before wq/up (same bytes, activations 1/tp the s
 Loss parallelism: the head is column-parallel over the vocabulary and the cross-entropy reduces the
 sharded logits' max and sum-exp across ranks, so the (tokens x vocab) logits are never gathered.
 
-Heads are whole per rank, so each attention module's head counts are set to the local ones.
+Heads are whole per rank, so each attention module's head counts are set to the local ones. Tied embeddings
+stay tied: the embedding (row-parallel) and the head (column-parallel) both shard the one (vocab, d) matrix by
+vocabulary rows.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_
     cfg = model.cfg
     if cfg.n_heads % tp or cfg.kv_heads % tp:
         raise ConfigError(f"parallel.tp={tp} must divide n_heads={cfg.n_heads} and n_kv_heads={cfg.kv_heads}")
-    if cfg.tie_embeddings:
-        raise ConfigError("parallel.tp > 1 with model.tie_embeddings: untie them (tie_embeddings=false)")
     seq = Shard(1) if sequence_parallel else Replicate()
     top = {
         "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
@@ -44,6 +44,10 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_
     # a pipeline stage lacks the embedding or the head
     present = {k: v for k, v in top.items() if v is not None and getattr(model, k, None) is not None}
     parallelize_module(model, tp_mesh, present)
+    if cfg.tie_embeddings and "tok_emb" in present and "lm_head" in present:
+        # both plans shard the (vocab, d) matrix by vocabulary rows (Shard(0)), but each module got its own
+        # DTensor copy: tie the head back to the embedding's, so one parameter gets both gradients (Megatron)
+        model.lm_head.weight = model.tok_emb.weight
     if sequence_parallel and hasattr(model, "seq_shards"):  # a pipeline stage
         model.seq_shards = tp
     for block in blocks_of(model):
@@ -57,9 +61,12 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_
         }
         if block.mlp.gate is not None:
             plan["mlp.gate"] = ColwiseParallel()
-        if sequence_parallel:
-            plan.update({name: SequenceParallel() for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm")
-                         if getattr(block, name) is not None})
+        if block.attn.q_norm is not None:  # QK-norm's weights are shared by every head: replicated, their
+            # gradients summed over the ranks' heads, as a norm's over sequence shards (heads are dim 2)
+            plan.update({f"attn.{n}": SequenceParallel(sequence_dim=2, use_local_output=True) for n in ("q_norm", "k_norm")})
+        if sequence_parallel:  # local outputs: post-norm and sandwich blocks add them to plain tensors
+            plan.update({name: SequenceParallel(use_local_output=True)
+                         for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm") if getattr(block, name) is not None})
         parallelize_module(block, tp_mesh, plan)
         block.attn.n_heads //= tp  # the local heads: forward views q as (B, T, n_heads / tp, hd)
         block.attn.n_kv //= tp

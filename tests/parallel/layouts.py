@@ -4,12 +4,15 @@ loss of every step, to compare with one process."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 from lmforge.optim import build_optimizer
+from lmforge.optim.config import OptimConfig
 from lmforge.parallel.config import ParallelConfig
 from lmforge.parallel.runner import ParallelRunner
 from lmforge.train.loss import lm_loss
@@ -47,17 +50,29 @@ LAYOUTS_4 = {
 }
 LAYOUTS_8 = {"pp_fsdp_tp": dict(pp=2, dp_shard=2, tp=2, microbatches=2)}  # 3-D
 
+VARIANT = dict(tie_embeddings=True, qk_norm=True, norm_position="sandwich", bias=True)
+"""a second model for tensor parallelism: tied embeddings (one parameter sharded for both uses), QK-norm (weights
+shared by the heads that ranks split), sandwich norms (outputs added to plain tensors), biases (DTensors beside the
+plain norms of a layout without sequence parallelism)"""
+OPT_LINEAR = OptimConfig(name="adamw", lr=0.3, eps=1.0, weight_decay=0.1)
+"""eps = 1 makes AdamW's step nearly linear in the gradients: the comparison checks the gradients, not Adam's
+sign-like step on near-zero gradients, which turns their last-bit differences into differences of lr"""
+LAYOUTS_VARIANT_2 = {f"variant_{name}": dict(LAYOUTS_2[name], model=VARIANT, opt=OPT_LINEAR)
+                     for name in ("tp_sp", "tp_no_sp", "tp_loss_parallel")}
+LAYOUTS_VARIANT_4 = {"variant_fsdp_tp": dict(LAYOUTS_4["fsdp_tp"], model=VARIANT, opt=OPT_LINEAR)}
 
-def model() -> Transformer:
+
+def model(overrides: dict | None = None) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(CFG)
+    return Transformer(dataclasses.replace(CFG, **overrides) if overrides else CFG)
 
 
-def reference(steps: int = STEPS, resume: str | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(steps: int = STEPS, resume: str | None = None, variant: dict | None = None,
+              opt_cfg: OptimConfig = OPT) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process, full batch: (loss, gradient norm) of every step and the final parameters. With `resume`, load a
-    distributed checkpoint written after step 2 and take step 3 only."""
-    m = model()
-    opt = build_optimizer(m, OPT)
+    distributed checkpoint written after step 2 and take step 3 only. variant: ModelConfig overrides."""
+    m = model(variant)
+    opt = build_optimizer(m, opt_cfg)
     todo = batches(steps)
     if resume is not None:
         from lmforge.parallel.checkpoint import load_distributed
@@ -96,9 +111,10 @@ class Run:
         layout = dict(layout)
         self.objective = LMObjective() if layout.pop("objective", False) else None
         self.accum = layout.pop("accum", 1)  # micro-batches per step, reduce-scatter on the last only
-        self.runner = ParallelRunner(model(), ParallelConfig(**layout), seq_len=8, batch_size=8)
+        variant, opt_cfg = layout.pop("model", None), layout.pop("opt", OPT)
+        self.runner = ParallelRunner(model(variant), ParallelConfig(**layout), seq_len=8, batch_size=8)
         self.model = self.runner.model
-        self.opt = build_optimizer(self.model, OPT)
+        self.opt = build_optimizer(self.model, opt_cfg)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         r = self.runner

@@ -39,8 +39,9 @@ def test_bad_fields_are_refused(field, value):
 def test_model_features_tp_cannot_split_are_refused():
     import dataclasses
 
+    ParallelConfig(tp=2).validate(2, dataclasses.replace(CFG, tie_embeddings=True))  # TP keeps them tied
     with pytest.raises(ConfigError, match="tie_embeddings"):
-        ParallelConfig(tp=2).validate(2, dataclasses.replace(CFG, tie_embeddings=True))
+        ParallelConfig(pp=2).validate(2, dataclasses.replace(CFG, tie_embeddings=True, n_layers=2))
     with pytest.raises(ConfigError, match="loss_parallel needs tp > 1"):
         ParallelConfig(loss_parallel=True)
     with pytest.raises(ConfigError, match="sliding_window=4"):

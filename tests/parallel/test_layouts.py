@@ -26,12 +26,12 @@ def ckpt_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world2(ckpt_dir):
-    return run_local(L.layout_suite, 2, L.LAYOUTS_2, ckpt_dir, None, timeout=150, start_method="fork")[0]
+    return run_local(L.layout_suite, 2, {**L.LAYOUTS_2, **L.LAYOUTS_VARIANT_2}, ckpt_dir, None, timeout=150, start_method="fork")[0]
 
 
 @pytest.fixture(scope="module")
 def world4(world2, ckpt_dir):  # after world2 has written the checkpoint
-    return run_local(L.layout_suite, 4, L.LAYOUTS_4, None, ckpt_dir, timeout=150, start_method="fork")[0]
+    return run_local(L.layout_suite, 4, {**L.LAYOUTS_4, **L.LAYOUTS_VARIANT_4}, None, ckpt_dir, timeout=150, start_method="fork")[0]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,19 @@ def test_four_process_layout_matches_one_process(world4, ref, name):
 @pytest.mark.parametrize("name", list(L.LAYOUTS_8))
 def test_eight_process_3d_layout_matches_one_process(world8, ref, name):
     _same_curve(world8[name], ref[0])
+
+
+@pytest.fixture(scope="module")
+def ref_variant():
+    return L.reference(variant=L.VARIANT, opt_cfg=L.OPT_LINEAR)
+
+
+@pytest.mark.parametrize("name", [*L.LAYOUTS_VARIANT_2, *L.LAYOUTS_VARIANT_4])
+def test_tensor_parallel_keeps_tied_embeddings_qk_norm_and_sandwich_norms(world2, world4, ref_variant, name):
+    """TP on a model with tied embeddings, QK-norm, sandwich norms and biases (layouts.VARIANT) gives one process's
+    curve: QK-norm's gradients were each rank's heads' share (a wrong curve without sequence parallelism, a crash
+    with it), sandwich norms crashed under sequence parallelism, a tied model was refused."""
+    _same_curve({**world2, **world4}[name], ref_variant[0])
 
 
 def _close(a: dict, b: dict) -> float:

@@ -148,7 +148,7 @@ def test_layout_is_checked_against_model_and_batch_in_the_config(tmp_path):
 
     tied = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, tie_embeddings=True)
     with pytest.raises(ConfigError, match="tie_embeddings"):
-        tiny_config(tmp_path / "t.bin", tmp_path / "run", model=tied, parallel=ParallelConfig(tp=2))
+        tiny_config(tmp_path / "t.bin", tmp_path / "run", model=tied, parallel=ParallelConfig(pp=2))
     with pytest.raises(ConfigError, match="batch_size=8 must be divisible by the data-parallel size 1 x microbatches=16"):
         tiny_config(tmp_path / "t.bin", tmp_path / "run", parallel=ParallelConfig(pp=2, microbatches=16))
 

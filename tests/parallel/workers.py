@@ -180,18 +180,28 @@ def sharded_matrix_suite(rank: int, world: int) -> dict:
 
 
 # -- expert parallelism ----------------------------------------------------------------------------------
-def moe_cfg() -> ModelConfig:
+def moe_cfg(**moe) -> ModelConfig:
     from lmforge.model.config import MoEConfig
 
     return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attn_impl="math",
-                       activation="swiglu", mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=16))
+                       activation="swiglu", mlp="moe", moe=MoEConfig(**{"n_experts": 4, "top_k": 2, "d_expert": 16, **moe}))
 
 
-def expert_parallel_suite(rank: int, world: int) -> dict:
+def starved_moe(m: Transformer) -> Transformer:
+    """An MoE model whose routers send every token to expert 0 (zero weights, a bias of +-10): under expert
+    parallelism the other ranks' experts get no rows."""
+    with torch.no_grad():
+        for block in m.blocks:
+            block.mlp.router.weight.zero_()
+            block.mlp.router.bias.copy_(torch.tensor([10.0] + [-10.0] * (block.mlp.E - 1)))
+    return m
+
+
+def expert_parallel_suite(rank: int, world: int, starve: bool = False) -> dict:
     from lmforge.parallel.ddp import broadcast_module_
     from lmforge.parallel.ep import apply_ep, sync_gradients
 
-    m = model(moe_cfg())
+    m = starved_moe(model(moe_cfg(router_bias=True, top_k=1))) if starve else model(moe_cfg())
     broadcast_module_(m)
     apply_ep(m)
     opt = build_optimizer(m, OPT)

@@ -47,16 +47,16 @@ GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Reference: x (M, in) sorted by expert with counts (E,) rows each, w (E, out, in) -> (M, out), one
     matmul per expert."""
-    if not len(x):
-        return x.new_zeros(0, w.shape[1])
+    if not len(x):  # (0, out), still a function of x and w: autograd reaches what made x (expert
+        return x @ w[0].T  # parallelism's all-to-all must run its backward on every rank, rows or none)
     return torch.cat([xe @ w[e].T for e, xe in enumerate(x.split(counts.tolist()))])
 
 
 def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """grouped_mm_loop on torch._grouped_mm: offsets are the groups' cumulative ends, built on the device;
     its backward is two more grouped matmuls (dX with W_e, dW_e = dY[g_e]^T X[g_e] over the same offsets)."""
-    if not len(x):
-        return x.new_zeros(0, w.shape[1])
+    if not len(x):  # as grouped_mm_loop: an empty result still connected to x and w
+        return x @ w[0].T
     return _GroupedLinear.apply(x.contiguous(), w, counts.cumsum(0, dtype=torch.int32))
 
 

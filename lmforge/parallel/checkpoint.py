@@ -15,10 +15,13 @@ import torch
 from torch import nn
 
 
-def _states(model: nn.Module, optimizer: torch.optim.Optimizer | None):
+def _states(model: nn.Module, optimizer: torch.optim.Optimizer | None, flat: bool = True):
+    """The model's and optimizer's state dicts for DCP. flat: the optimizer's group settings (lr, betas, role, ...)
+    are stored per parameter name, not per group index: a pipeline stage's optimizer has fewer groups than a
+    whole model's (no embedding or head group), so the indices differ between layouts while the names do not."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    opts = StateDictOptions(strict=False)  # a pipeline stage holds only some of the keys
+    opts = StateDictOptions(strict=False, flatten_optimizer_state_dict=flat)  # a stage holds only some keys
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -49,12 +52,21 @@ def load_distributed(path: str | Path, model: nn.Module, optimizer: torch.optim.
 
     if not (Path(path) / ".metadata").is_file():
         raise CheckpointError(f"{path} is not a distributed checkpoint (no .metadata); write one with save_distributed")
-    msd, osd = _states(model, optimizer)
+    flat = not _indexed_groups(path)
+    msd, osd = _states(model, optimizer, flat)
     state = {"model": msd, **({"optim": osd} if osd is not None else {}), **({"extra": extra} if extra else {})}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state.get("optim") or {},
-                   options=StateDictOptions(strict=False))
+                   options=StateDictOptions(strict=False, flatten_optimizer_state_dict=flat))
     return state.get("extra")
+
+
+def _indexed_groups(path: str | Path) -> bool:
+    """Whether the checkpoint keeps optimizer group settings by group index (written before 2026-12-05; such a
+    checkpoint resumes only where the optimizer has the same groups)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return any(k.startswith("optim.param_groups.0.") for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

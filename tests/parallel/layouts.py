@@ -136,22 +136,25 @@ def layout_suite(rank: int, world: int, layouts: dict, ckpt: str | None = None, 
     for name, layout in layouts.items():
         run = Run(layout, world)
         out[name] = [run.step(x, y) for x, y in batches(STEPS)]  # [(loss, grad norm)] per step
-    if ckpt is not None:  # 2 steps with FSDP on this world, then save
-        from lmforge.parallel.checkpoint import save_distributed
+    if ckpt is not None:  # 2 steps with FSDP on this world, then save; the same as a pipeline into ckpt + "_pp"
+        from lmforge.parallel.checkpoint import gather_full_state_dict, save_distributed
 
-        run = Run(dict(dp_shard=world), world)
-        for x, y in batches(2):
-            run.step(x, y)
-        save_distributed(ckpt, run.model, run.opt)
-        from lmforge.parallel.checkpoint import gather_full_state_dict
-
-        out["full_state_after_2"] = gather_full_state_dict(run.model)
-    if resume is not None:  # resume as FSDP x TP and take step 3
+        for layout, path in ((dict(pp=world, microbatches=4), ckpt + "_pp"), (dict(dp_shard=world), ckpt)):
+            run = Run(layout, world)
+            for x, y in batches(2):
+                run.step(x, y)
+            save_distributed(path, run.model, run.opt)
+        out["full_state_after_2"] = gather_full_state_dict(run.model)  # the FSDP run's
+    if resume is not None:  # resume as FSDP x TP and take step 3; the pipeline's as FSDP x TP, FSDP's as PP x FSDP
         from lmforge.parallel.checkpoint import load_distributed
 
-        run = Run(dict(dp_shard=world // 2, tp=2), world)
-        load_distributed(resume, run.model, run.opt)
-        out["resumed"] = run.step(*batches(3)[2])[0]
-        out["resumed_params"] = full_params(run.model)
+        for key, layout, path in (("resumed", dict(dp_shard=world // 2, tp=2), resume),
+                                  ("resumed_from_pp", dict(dp_shard=world // 2, tp=2), resume + "_pp"),
+                                  ("resumed_into_pp", dict(pp=2, dp_shard=world // 2, microbatches=2), resume)):
+            run = Run(layout, world)
+            load_distributed(path, run.model, run.opt)
+            out[key] = run.step(*batches(3)[2])[0]
+            if key == "resumed":
+                out["resumed_params"] = full_params(run.model)
     dist.barrier()
     return out if rank == 0 else {}

@@ -133,21 +133,28 @@ def snapkv_by_hand(probs: dict[int, list[torch.Tensor]], prompt_len: int, budget
 
 
 def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.Tensor]:
-    """The engine's schedule on the reference: log[step] = [(seq, start, n[, tokens held then])]; a sequence
-    first seen after position 0 is a fork and starts from its parent's state as of the step before; start 0
+    """The engine's schedule on the reference: log[step] = [(seq, start, n[, tokens held then, preemptions])]; a
+    sequence preempted since its last step restarts (at start > 0 after a prefix hit, which may equal where it
+    stopped: blocks it computed before any eviction are in the prefix cache); a sequence
+    first seen after position 0 is a fork and starts from its parent's state as the prompt's last chunk left it
+    (the parent may have decoded further before the fork's first step: a small token budget); start 0
     (re)starts it (its prompt: the tokens held then, `RefCache.prompt_len`). Returns {(seq_id, position):
-    log-probs of the token at that position}."""
+    log-probs of the token at that position} (the first computation's: the one the token was chosen from)."""
     cfg = model.cfg
     kv = 1 if cfg.attention == "mla" else cfg.n_kv_heads or cfg.n_heads
     states: dict[int, RefCache] = {}
+    prefilled: dict[int, RefCache] = {}  # a request's first sequence as its prompt's last chunk left it
+    times: dict[int, int] = {}  # each sequence's preemptions when last scheduled
     out = {}
     for step in log:
         for seq, start, *_ in step:
-            if seq.index > 0 and seq.seq_id not in states:
-                states[seq.seq_id] = copy.deepcopy(states[seq.request.seqs[0].seq_id])
+            if seq.index > 0 and seq.seq_id not in states:  # forks share the prompt's state, whatever the first
+                states[seq.seq_id] = copy.deepcopy(prefilled[seq.request.seqs[0].seq_id])  # sequence did since
         for seq, start, n, *held in step:
             hit = False
-            if seq.seq_id not in states or start < states[seq.seq_id].length:  # new, or preempted (from 0)
+            preempted = len(held) > 1 and held[1] != times.setdefault(seq.seq_id, held[1])
+            times[seq.seq_id] = held[1] if len(held) > 1 else 0
+            if seq.seq_id not in states or start < states[seq.seq_id].length or preempted:  # new, or restarted
                 states[seq.seq_id] = ref = (CachePositionsRef(cfg.n_layers, kv, model.rope) if getattr(policy, "cache_positions", False)
                                             else RefCache(cfg.n_layers, kv))
                 ref.prompt_len = held[0] if held else None
@@ -166,12 +173,16 @@ def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.T
             with torch.no_grad():
                 logits = model(torch.tensor([seq.tokens[start:start + n]]), positions=torch.arange(p, p + n)[None],
                                cache=ref)
-            out[(seq.seq_id, start + n)] = logits[0, -1].float().log_softmax(-1)
+            # a recomputation after a preemption (the policy applied anew) does not replace the logits its token
+            # was chosen from
+            out.setdefault((seq.seq_id, start + n), logits[0, -1].float().log_softmax(-1))
+            if seq.index == 0 and start + n == seq.request.prompt_len:
+                prefilled[seq.seq_id] = copy.deepcopy(ref)
     return out
 
 
 def run(model, tok, config, prompts, params, before=None):
-    """The engine's outputs and its schedule: [(seq, num_computed before, n, tokens held)] per step.
+    """The engine's outputs and its schedule: [(seq, num_computed before, n, tokens held, preemptions)] per step.
     before(engine): called before the first request (spies)."""
     engine = Engine(model, tok, config)
     if before is not None:
@@ -179,7 +190,7 @@ def run(model, tok, config, prompts, params, before=None):
     log, real = [], engine.runner.execute
 
     def spy(batch, *a, **k):
-        log.append([(seq, seq.num_computed, n, len(seq.tokens)) for seq, n in batch.chunks])
+        log.append([(seq, seq.num_computed, n, len(seq.tokens), seq.preemptions) for seq, n in batch.chunks])
         return real(batch, *a, **k)
     engine.runner.execute = spy
     reqs = [engine.requests[engine.add_request(p, params)] for p in prompts]

@@ -101,7 +101,7 @@ def test_unordered_slots_equal_ordered_and_the_reference(tok, arch, config, n, a
             heavy_by_hand(ref, start, 6, 4, alike)
         assert check_against(replay(model, log, kind(heavy=6, recent=4), on_prefill), reqs, greedy=n == 1) == 40 * n
         assert engine.pool.num_used == 0 and (engine.stats()["preemptions"] > 0) == (n > 1)
-        runs.append((reqs, [[(s.seq_id, a, b) for s, a, b, _ in step] for step in log], rows))
+        runs.append((reqs, [[(s.seq_id, a, b) for s, a, b, *_ in step] for step in log], rows))
     (ordered, sched_o, rows_o), (unordered, sched_u, rows_u) = runs
     assert sched_u == sched_o
     for ro, ru in zip(ordered, unordered):

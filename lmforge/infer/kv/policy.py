@@ -283,7 +283,7 @@ class SnapKV(KVPolicy):
       C = sum_{i in window} A[:, i, :L_prefix]          Eq. 1: attention of the window's queries over the
                                                          prefix keys (L_prefix = prompt - window), summed
       C' = pool1d(C, pool_kernel, padding=pool_kernel//2)  §4.2: clustering by pooling along the keys
-      I = top-budget(C')                                 Eq. 2, per head
+      I = top-budget(C')                                 Eq. 2, per head (ties: the earlier key)
 
     GQA: a kv head's C sums its group's query heads (MLA's one latent "head": all heads). budget counts the
     prefix keys only: the paper's max_capacity_prompt is budget + window. Prompts of at most budget + window
@@ -334,7 +334,9 @@ class SnapKV(KVPolicy):
         keep = []
         for layer in range(len(state.heads)):
             pooled = pool(state.scores[layer][:, None], k, stride=1, padding=k // 2)[:, 0]  # (heads, prefix)
-            top = pooled.topk(self.budget, dim=-1).indices.sort(dim=-1).values
+            # ties (max pooling makes plateaus of equal scores) go to the earlier key, on every device and
+            # whatever order topk would leave them in
+            top = pooled.argsort(dim=-1, descending=True, stable=True)[:, :self.budget].sort(dim=-1).values
             rest = torch.arange(prefix, seq.num_slots, device=top.device).expand(top.shape[0], -1)
             keep.append(torch.cat((top, rest), dim=-1))  # the window (and any later key) is kept
         return torch.stack(keep)

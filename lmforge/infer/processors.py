@@ -4,8 +4,9 @@ penalties and bias on the raw logits, then temperature, then the truncation filt
 the distribution left by the previous one). Filters remove tokens by setting their logit to -inf and
 always keep the most likely token, so no distribution becomes empty. Tied tokens share one fate: a filter
 keeps every token tied with one it keeps (ties at the top, with the k-th or with the nucleus's last member),
-so what survives never depends on token ids or on the order a sort happens to leave ties in. `batched_processors(params list)`
-is the same chain over rows that set only temperature, top-k and top-p, each with its own values.
+so what survives never depends on token ids or on the order a sort happens to leave ties in.
+`batched_processors(params list)` is the same chain over rows that set only temperature, top-k and top-p,
+each with its own values.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def _indexed_groups(path: str | Path) -> bool:
     checkpoint resumes only where the optimizer has the same groups)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    return any(k.startswith("optim.param_groups.0.") for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(k.startswith("optim.param_groups.0.") for k in keys)
 
 
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

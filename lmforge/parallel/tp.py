@@ -63,10 +63,11 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_
             plan["mlp.gate"] = ColwiseParallel()
         if block.attn.q_norm is not None:  # QK-norm's weights are shared by every head: replicated, their
             # gradients summed over the ranks' heads, as a norm's over sequence shards (heads are dim 2)
-            plan.update({f"attn.{n}": SequenceParallel(sequence_dim=2, use_local_output=True) for n in ("q_norm", "k_norm")})
+            plan.update({f"attn.{n}": SequenceParallel(sequence_dim=2, use_local_output=True)
+                         for n in ("q_norm", "k_norm")})
         if sequence_parallel:  # local outputs: post-norm and sandwich blocks add them to plain tensors
-            plan.update({name: SequenceParallel(use_local_output=True)
-                         for name in ("norm1", "norm2", "post_attn_norm", "post_mlp_norm") if getattr(block, name) is not None})
+            norms = ("norm1", "norm2", "post_attn_norm", "post_mlp_norm")
+            plan.update({n: SequenceParallel(use_local_output=True) for n in norms if getattr(block, n) is not None})
         parallelize_module(block, tp_mesh, plan)
         block.attn.n_heads //= tp  # the local heads: forward views q as (B, T, n_heads / tp, hd)
         block.attn.n_kv //= tp

@@ -75,11 +75,12 @@ def test_beams_equal_transformers_beam_search(tok, tmp_path, seed):
     llm = LLM(model, tok)
     for _ in range(6):
         prompt = [rng.randrange(256) for _ in range(rng.randint(1, 6))]
-        W, T, alpha, early = rng.randint(2, 5), rng.randint(1, 10), rng.choice([0.0, 0.5, 1.0, 2.0, -1.0]), rng.random() < .5
+        W, T, early = rng.randint(2, 5), rng.randint(1, 10), rng.random() < .5
+        alpha = rng.choice([0.0, 0.5, 1.0, 2.0, -1.0])
         n, stop = rng.randint(1, W), rng.choice([None, *full_greedy(model, prompt, 4)])
         out = llm.generate([prompt], SamplingParams(
-            temperature=0, beam_width=W, n=n, max_tokens=T, ignore_eos=True, stop_token_ids=() if stop is None else (stop,),
-            length_penalty=alpha, early_stopping=early))[0].outputs
+            temperature=0, beam_width=W, n=n, max_tokens=T, ignore_eos=True,
+            stop_token_ids=() if stop is None else (stop,), length_penalty=alpha, early_stopping=early))[0].outputs
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                               num_beams=W, num_return_sequences=n, max_new_tokens=T, do_sample=False, eos_token_id=stop,

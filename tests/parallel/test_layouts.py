@@ -27,12 +27,14 @@ def ckpt_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world2(ckpt_dir):
-    return run_local(L.layout_suite, 2, {**L.LAYOUTS_2, **L.LAYOUTS_VARIANT_2}, ckpt_dir, None, timeout=150, start_method="fork")[0]
+    layouts = {**L.LAYOUTS_2, **L.LAYOUTS_VARIANT_2}
+    return run_local(L.layout_suite, 2, layouts, ckpt_dir, None, timeout=150, start_method="fork")[0]
 
 
 @pytest.fixture(scope="module")
 def world4(world2, ckpt_dir):  # after world2 has written the checkpoint
-    return run_local(L.layout_suite, 4, {**L.LAYOUTS_4, **L.LAYOUTS_VARIANT_4}, None, ckpt_dir, timeout=150, start_method="fork")[0]
+    layouts = {**L.LAYOUTS_4, **L.LAYOUTS_VARIANT_4}
+    return run_local(L.layout_suite, 4, layouts, None, ckpt_dir, timeout=150, start_method="fork")[0]
 
 
 @pytest.fixture(scope="module")

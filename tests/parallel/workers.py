@@ -184,7 +184,8 @@ def moe_cfg(**moe) -> ModelConfig:
     from lmforge.model.config import MoEConfig
 
     return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, attn_impl="math",
-                       activation="swiglu", mlp="moe", moe=MoEConfig(**{"n_experts": 4, "top_k": 2, "d_expert": 16, **moe}))
+                       activation="swiglu", mlp="moe",
+                       moe=MoEConfig(**{"n_experts": 4, "top_k": 2, "d_expert": 16, **moe}))
 
 
 def starved_moe(m: Transformer) -> Transformer:

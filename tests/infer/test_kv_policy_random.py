@@ -1,13 +1,13 @@
-"""StreamingLLM and SnapKV on seeded random engine configurations against the masked reference
-(kv_policy_ref.replay of the engine's own schedule): sinks, windows and slack, original or cache positions or
-unordered slots, GQA or MLA, block sizes, token budgets, prefix caching, async scheduling, small pools
-(preemptions and recomputation), n samples forking from a compacted prompt. Every output token's log-prob (and
-greedy tokens) equal the reference's and no block is left in use. The sweep that built this (1,500 configurations, 79k tokens, 2026-12-05) found three
-gaps of the reference, none of the engine: forks copied the parent's state after it had decoded further, a
-recomputed position replaced the logits its token was drawn from, and a preempted sequence resumed from a prefix
-hit at the length it had reached was not seen as restarted. SnapKV's sweep (600 configurations) found one of the
-engine: its top-budget choice broke ties (max pooling makes plateaus of equal scores) in topk's order, now the
-earlier key's, as the paper's equations by hand (stable order)."""
+"""StreamingLLM and SnapKV on seeded random engine configurations against the masked reference (kv_policy_ref.replay of
+the engine's own schedule): sinks, windows and slack, original or cache positions or unordered slots, GQA or MLA,
+block sizes, token budgets, prefix caching, async scheduling, small pools (preemptions and recomputation), n samples
+forking from a compacted prompt. Every output token's log-prob (and greedy tokens) equal the reference's and no
+block is left in use. The sweep that built this (1,500 configurations, 79k tokens, 2026-12-05) found three gaps of
+the reference, none of the engine: forks copied the parent's state after it had decoded further, a recomputed
+position replaced the logits its token was drawn from, and a preempted sequence resumed from a prefix hit at the
+length it had reached was not seen as restarted. SnapKV's sweep (600 configurations) found one of the engine: its
+top-budget choice broke ties (max pooling makes plateaus of equal scores) in topk's order, now the earlier key's, as
+the paper's equations by hand (stable order)."""
 
 from __future__ import annotations
 

@@ -44,6 +44,11 @@ class SequenceHead(nn.Module):
         nn.init.zeros_(self.head.bias)
         if not train_backbone:
             backbone.requires_grad_(False)
+        for name in ("lm_head", "mtp"):  # outside the trunk the head reads: no gradient ever reaches them, and
+            # data-parallel replicas (DDP) would wait for one; a head tied to the embedding stays trained
+            part = getattr(backbone, name, None)
+            if part is not None and not (name == "lm_head" and part.weight is backbone.tok_emb.weight):
+                part.requires_grad_(False)
 
     def head_record(self) -> dict:
         """What a checkpoint's config.json records beside the backbone's config, so that

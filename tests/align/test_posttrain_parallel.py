@@ -70,17 +70,19 @@ def _losses(result) -> list[float]:
     return [r["loss"] for r in result.history if "loss" in r]
 
 
-def _worker(rank: int, world: int, base: str, run: str, objective: str) -> dict:
-    res = PT.posttrain(_cfg(base, run, objective, LAYOUT[objective]))
+def _worker(rank: int, world: int, base: str, run: str, objective: str, layout: dict) -> dict:
+    res = PT.posttrain(_cfg(base, run, objective, layout))
     return {"losses": _losses(res), "final_eval": res.final_eval}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "rm", "kto"])
-def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective):
+# a reward model under DDP too: its backbone's LM head gets no gradient (frozen: DDP waited for it and raised)
+@pytest.mark.parametrize("objective,layout", [*LAYOUT.items(), ("rm", {"dp_replicate": 2})],
+                         ids=[*LAYOUT, "rm_ddp"])
+def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective, layout):
     ref = PT.posttrain(_cfg(str(base), str(tmp_path / "one"), objective))
     ref_losses = _losses(ref)
     run = tmp_path / "two"
-    got = run_local(_worker, 2, str(base), str(run), objective, timeout=120, start_method="fork")
+    got = run_local(_worker, 2, str(base), str(run), objective, layout, timeout=120, start_method="fork")
     assert len(ref_losses) == 6 and got[1]["losses"] == []  # only rank 0 logs
     np.testing.assert_allclose(got[0]["losses"], ref_losses, atol=ATOL, rtol=0)
     for r in got:  # every rank gets the same final validation metrics: the 1-process ones

@@ -1,6 +1,6 @@
 """Post-training on 2 gloo processes (CPU) through the one Trainer: SFT under FSDP2 and DPO under DDP (its
-frozen reference replicated on both ranks) and a reward model under FSDP2 give the 1-process loss curve and final validation metrics on
-the same global batch, rank 0 writes each checkpoint once, and the 2-process step-3 checkpoint resumes in
+frozen reference replicated on both ranks) and a reward model under FSDP2 and under DDP give the 1-process loss
+curve and final validation metrics on the same global batch, rank 0 writes each checkpoint once, and the 2-process step-3 checkpoint resumes in
 one process with the rest of the uninterrupted curve; `lmforge sft --nproc 2` runs under torchrun. tp /
 pp / cp are refused in the config.
 

@@ -5,6 +5,9 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 31, 2026-12-05: `latent` ran - 42/42 tests, fp32 engine check equal, LATENT_KERNEL_AUTO now on; an
+# `alltests` call was taken back mid-run. Next: `alltests` (now with the latent kernel the MLA default; includes the
+# fp32 flash test never run), `gputests`, `speculative`, `mixedgraphs`, `decode`)
 # (session 30, 2026-12-05: `latent` ran once - kernel 2.2-4.2x the gathered path, 40/42 tests with two test bugs
 # since fixed - rerun it first: the fixed tests, the new default config, and the engine's fp32 kernel-vs-reference
 # check that decides LATENT_KERNEL_AUTO; then session 29's list below without `latent`)

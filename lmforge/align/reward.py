@@ -24,6 +24,7 @@ from torch import nn
 from lmforge.align.dpo import PAIR, Stateless
 from lmforge.align.logprobs import model_inputs
 from lmforge.align.losses import bradley_terry_loss
+from lmforge.align.value import freeze_unread
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.utils import eval_mode
@@ -44,11 +45,7 @@ class SequenceHead(nn.Module):
         nn.init.zeros_(self.head.bias)
         if not train_backbone:
             backbone.requires_grad_(False)
-        for name in ("lm_head", "mtp"):  # outside the trunk the head reads: no gradient ever reaches them, and
-            # data-parallel replicas (DDP) would wait for one; a head tied to the embedding stays trained
-            part = getattr(backbone, name, None)
-            if part is not None and not (name == "lm_head" and part.weight is backbone.tok_emb.weight):
-                part.requires_grad_(False)
+        freeze_unread(backbone)
 
     def head_record(self) -> dict:
         """What a checkpoint's config.json records beside the backbone's config, so that

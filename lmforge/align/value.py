@@ -69,6 +69,16 @@ def _check_backbone(backbone: nn.Module, who: str, *, shared: bool) -> None:
                           f"{type(backbone).__name__}.forward has no return_hidden option; use an lmforge Transformer")
 
 
+def freeze_unread(backbone: nn.Module) -> None:
+    """Freeze what a head on the backbone's trunk never reads: its LM head (unless tied to the embedding, which the
+    trunk reads) and MTP heads. No gradient reaches them, and data-parallel replicas (DDP) would wait for one. For
+    separate heads (SequenceHead, ValueModel); a shared trunk (PolicyWithValue) keeps its LM head trained."""
+    for name in ("lm_head", "mtp"):
+        part = getattr(backbone, name, None)
+        if part is not None and not (name == "lm_head" and part.weight is backbone.tok_emb.weight):
+            part.requires_grad_(False)
+
+
 def _param_roles(model: nn.Module) -> dict[str, str]:
     """The backbone's optimizer roles under "backbone.", the value head's weight and bias in role "value": its
     own learning rate (OptimConfig.value_lr), no weight decay, AdamW under Muon/Dion (like lm_head)."""
@@ -81,8 +91,8 @@ def _param_roles(model: nn.Module) -> dict[str, str]:
 class ValueModel(nn.Module):
     """A separate critic (or a process reward model): backbone (an lmforge Transformer) + a scalar head at
     every position. forward(ids) = values(ids): (B, T) fp32. train_backbone=False freezes the backbone (the
-    head alone trains; the trunk runs without autograd). Its LM head is carried along unused (the checkpoint
-    stays a Transformer's), as a reward model's is."""
+    head alone trains; the trunk runs without autograd). Its LM head is carried along unused and frozen (the
+    checkpoint stays a Transformer's: freeze_unread), as a reward model's is."""
 
     def __init__(self, backbone: nn.Module, *, train_backbone: bool = True):
         super().__init__()
@@ -91,6 +101,7 @@ class ValueModel(nn.Module):
         self.value_head = value_linear(backbone)
         if not train_backbone:
             backbone.requires_grad_(False)
+        freeze_unread(backbone)
 
     @property
     def cfg(self):

@@ -544,3 +544,20 @@ def test_group_advantages_are_trls_grpo_and_rloo(scale):
     if scale == "group":  # what docs/rl.md's sketch computes by hand per prompt
         by_hand = torch.cat([(r - r.mean()) / (r.std() + 1e-4) for r in rewards.view(-1, n)])
         torch.testing.assert_close(group_advantages(rewards, n), by_hand, rtol=0, atol=1e-6)
+
+
+def test_separate_heads_freeze_the_lm_head_they_never_read():
+    """ValueModel and SequenceHead read the trunk only: the backbone's LM head gets no gradient and is frozen (DDP
+    replicas waited for its gradient and raised; tests/align/test_posttrain_parallel.py runs a reward model under
+    DDP), unless it is tied to the embedding the trunk reads; a shared trunk (PolicyWithValue) keeps it trained."""
+    import dataclasses
+
+    from lmforge.align.reward import SequenceHead
+    from lmforge.model.transformer import Transformer
+
+    for wrap in (ValueModel, SequenceHead):
+        m = wrap(tiny_model(0))
+        assert not m.backbone.lm_head.weight.requires_grad and m.backbone.tok_emb.weight.requires_grad
+        tied = Transformer(dataclasses.replace(tiny_model(0).cfg, tie_embeddings=True))
+        assert wrap(tied).backbone.lm_head.weight.requires_grad  # it is the embedding
+    assert PolicyWithValue(tiny_model(0)).backbone.lm_head.weight.requires_grad

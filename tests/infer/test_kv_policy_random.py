@@ -14,15 +14,43 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import EngineConfig
-import torch
-
 from lmforge.infer.kv.policy import SnapKV, StreamingLLM
 from lmforge.infer.sampling import SamplingParams
 
 from .kv_policy_ref import StreamingByPosition, check_against, model_of, replay, run, snapkv_by_hand
+
+
+def _engine_case(rng: random.Random, seed: int, policy, kv_tokens: tuple, max_prompts: int, max_new: int):
+    """The engine configuration, prompts and sampling of a case (drawn in this order from `rng`)."""
+    block, budget = rng.choice([1, 2, 4, 8]), rng.choice([4, 8, 12, 64])
+    chunked = getattr(policy, "cache_positions", False) or rng.random() < 0.8
+    config = EngineConfig(block_size=block, kv_policy=policy, chunked_prefill=chunked,
+                          max_num_batched_tokens=budget if chunked else 4096, prefix_caching=rng.random() < 0.5,
+                          num_kv_tokens=rng.choice([None, *kv_tokens]), async_scheduling=rng.random() < 0.4,
+                          max_num_seqs=rng.choice([1, 2, 8]))
+    prompts = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 40)))
+               for _ in range(rng.randint(1, max_prompts))]
+    greedy = rng.random() < 0.6
+    params = SamplingParams(temperature=0 if greedy else 1.0, n=1 if greedy else rng.randint(1, 3), seed=seed,
+                            max_tokens=rng.randint(1, max_new), ignore_eos=True, logprobs=0)
+    return config, prompts, params, greedy
+
+
+def _check(tok, model, policy, config, prompts, params, greedy, on_prefill=None) -> None:
+    """Every output token against the reference's replay of the engine's schedule, and no block left in use; a
+    request the pool cannot hold even under the policy's bound is refused up front."""
+    try:
+        engine, reqs, log = run(model, tok, config, prompts, params)
+    except LmforgeError as e:
+        assert "KV blocks but the pool has" in str(e)
+        return
+    assert check_against(replay(model, log, policy, on_prefill), reqs, greedy=greedy) == sum(
+        len(s.tokens) - r.prompt_len for r in reqs for s in r.seqs)
+    assert engine.pool.num_used == 0
 
 
 def _case(seed: int):
@@ -32,31 +60,14 @@ def _case(seed: int):
     kind = rng.choice(["original", "cache", "unordered"])
     policy = (StreamingLLM(**kw, positions="cache") if kind == "cache" and arch == "llama"
               else StreamingByPosition(**kw) if kind == "unordered" else StreamingLLM(**kw))
-    block, budget = rng.choice([1, 2, 4, 8]), rng.choice([4, 8, 12, 64])
-    chunked = policy.cache_positions or rng.random() < 0.8
-    config = EngineConfig(block_size=block, kv_policy=policy, chunked_prefill=chunked,
-                          max_num_batched_tokens=budget if chunked else 4096,
-                          prefix_caching=rng.random() < 0.5, num_kv_tokens=rng.choice([None, 48, 64, 128]),
-                          async_scheduling=rng.random() < 0.4, max_num_seqs=rng.choice([1, 2, 8]))
-    prompts = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 40))) for _ in range(rng.randint(1, 4))]
-    greedy = rng.random() < 0.6
-    params = SamplingParams(temperature=0 if greedy else 1.0, n=1 if greedy else rng.randint(1, 3), seed=seed,
-                            max_tokens=rng.randint(1, 30), ignore_eos=True, logprobs=0)
-    return model_of(arch), policy, config, prompts, params, greedy
+    return (model_of(arch), policy, *_engine_case(rng, seed, policy, (48, 64, 128), 4, 30))
 
 
 # seeds 205, 364 and 997 are the sweep's cases of the three reference gaps
 @pytest.mark.parametrize("seed", [205, 364, 997, *range(30)])
 def test_streaming_llm_on_random_configurations_equals_the_reference(tok, seed):
     model, policy, config, prompts, params, greedy = _case(seed)
-    try:
-        engine, reqs, log = run(model, tok, config, prompts, params)
-    except LmforgeError as e:  # a request the pool cannot hold even under the policy's bound: refused up front
-        assert "KV blocks but the pool has" in str(e)
-        return
-    assert check_against(replay(model, log, policy), reqs, greedy=greedy) == sum(
-        len(s.tokens) - r.prompt_len for r in reqs for s in r.seqs)
-    assert engine.pool.num_used == 0
+    _check(tok, model, policy, config, prompts, params, greedy)
 
 
 def _snap_case(seed: int):
@@ -64,17 +75,7 @@ def _snap_case(seed: int):
     arch = rng.choice(["llama", "llama", "mla"])
     policy = SnapKV(budget=rng.randint(1, 10), window=rng.randint(1, 8), pool_kernel=rng.choice([1, 3, 5, 7]),
                     pooling=rng.choice(["avg", "max"]))
-    block, budget = rng.choice([1, 2, 4, 8]), rng.choice([4, 8, 12, 64])
-    chunked = rng.random() < 0.8
-    config = EngineConfig(block_size=block, kv_policy=policy, chunked_prefill=chunked,
-                          max_num_batched_tokens=budget if chunked else 4096, prefix_caching=rng.random() < 0.5,
-                          num_kv_tokens=rng.choice([None, 64, 128, 256]), async_scheduling=rng.random() < 0.4,
-                          max_num_seqs=rng.choice([1, 2, 8]))
-    prompts = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 40))) for _ in range(rng.randint(1, 3))]
-    greedy = rng.random() < 0.6
-    params = SamplingParams(temperature=0 if greedy else 1.0, n=1 if greedy else rng.randint(1, 3), seed=seed,
-                            max_tokens=rng.randint(1, 20), ignore_eos=True, logprobs=0)
-    return arch, policy, config, prompts, params, greedy
+    return (arch, policy, *_engine_case(rng, seed, policy, (64, 128, 256), 3, 20))
 
 
 # seeds 175, 182 and 191: max pooling's ties decided the kept keys
@@ -96,11 +97,4 @@ def test_snapkv_on_random_configurations_equals_the_papers_equations(tok, seed):
                 keep.append(k)
             ref.keep_positions(keep)
 
-    try:
-        engine, reqs, log = run(model, tok, config, prompts, params)
-    except LmforgeError as e:
-        assert "KV blocks but the pool has" in str(e)
-        return
-    assert check_against(replay(model, log, policy, on_prefill), reqs, greedy=greedy) == sum(
-        len(s.tokens) - r.prompt_len for r in reqs for s in r.seqs)
-    assert engine.pool.num_used == 0
+    _check(tok, model, policy, config, prompts, params, greedy, on_prefill)

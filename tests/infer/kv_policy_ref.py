@@ -133,12 +133,12 @@ def snapkv_by_hand(probs: dict[int, list[torch.Tensor]], prompt_len: int, budget
 
 
 def replay(model, log, policy, on_prefill=None) -> dict[tuple[int, int], torch.Tensor]:
-    """The engine's schedule on the reference: log[step] = [(seq, start, n[, tokens held then, preemptions])]; a
-    sequence preempted since its last step restarts (at start > 0 after a prefix hit, which may equal where it
-    stopped: blocks it computed before any eviction are in the prefix cache); a sequence
-    first seen after position 0 is a fork and starts from its parent's state as the prompt's last chunk left it
-    (the parent may have decoded further before the fork's first step: a small token budget); start 0
-    (re)starts it (its prompt: the tokens held then, `RefCache.prompt_len`). Returns {(seq_id, position):
+    """The engine's schedule on the reference: log[step] = [(seq, start, n[, tokens held then, preemptions])]. A
+    sequence first seen after position 0 is a fork and starts from its parent's state as the prompt's last chunk
+    left it (the parent may have decoded further before the fork's first step: a small token budget). Start 0
+    (re)starts a sequence (its prompt: the tokens held then, `RefCache.prompt_len`), and so does a preemption since
+    its last step, also at start > 0 after a prefix hit (which may equal where it stopped: blocks computed before
+    any eviction are in the prefix cache). Returns {(seq_id, position):
     log-probs of the token at that position} (the first computation's: the one the token was chosen from)."""
     cfg = model.cfg
     kv = 1 if cfg.attention == "mla" else cfg.n_kv_heads or cfg.n_heads

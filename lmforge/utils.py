@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -263,3 +264,26 @@ def eval_mode(model) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def capture_cuda_graph(fn, pool=None):
+    """(graph, fn()'s output) with fn recorded in a new torch.cuda.CUDAGraph (pool: a memory pool shared with
+    other graphs). A capture that fails raises its error with the process as it was before it: when the capture
+    cannot end (an op CUDA forbids during capture, e.g. a device sync), torch.cuda.graph (torch 2.11) leaves its
+    capture stream current and the CUDA random generators in capture mode, and every later random draw then
+    fails ("Offset increment outside graph capture encountered unexpectedly"). Here the previous stream is
+    restored and a trivial capture ends the generators' capture mode, so a caller that falls back to eager
+    steps (the engine's graphs, the batch-1 kernel step) keeps serving."""
+    import torch
+
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    except BaseException:
+        torch.cuda.set_stream(stream)
+        with contextlib.suppress(RuntimeError), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            torch.zeros(1, device=stream.device)
+        torch.cuda.set_stream(stream)
+        raise
+    return graph, out

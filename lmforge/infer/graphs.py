@@ -46,7 +46,7 @@ import torch
 from lmforge.infer.runner import LateIds, chunk_inputs, host_block_tables, token_at
 from lmforge.kernels.paged_varlen import varlen_programs, varlen_tiles
 from lmforge.model.meta import AttnMetadata
-from lmforge.utils import copy_in
+from lmforge.utils import capture_cuda_graph, copy_in
 
 MAX_CHUNK_ROWS = 512
 """the most rows of a step with chunks as rows (speculative verification): the shared logits buffer is sized
@@ -296,10 +296,8 @@ class DecodeGraphs:
             for _ in range(2):
                 step()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = step()
+            graph, out = capture_cuda_graph(step, self.pool)
         except RuntimeError as e:  # an op that cannot be captured: the model still runs, eagerly
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             setattr(self, failed, why)

@@ -52,6 +52,7 @@ from lmforge.kernels import decode as kd
 from lmforge.kernels import decode_layer as dl
 from lmforge.kernels import paged_attention as pa
 from lmforge.kernels.tuning import KernelConfigs, cache_path, coordinate_descent, gpu_name
+from lmforge.utils import capture_cuda_graph
 
 
 PERSISTENT_DEFAULT = False
@@ -316,9 +317,7 @@ class KernelStep:
         with torch.cuda.stream(side):
             self._run(self.token, torch.zeros_like(self.position), scratch, self.configs)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.step(self.token, self.position)
+        self.graph, _ = capture_cuda_graph(lambda: self.step(self.token, self.position), pool)
 
     def replay(self, token: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
         """Copy token and position into the graph's inputs (None: the caller wrote ks.inputs itself) and
@@ -362,9 +361,7 @@ class KernelStep:
         positions = [torch.full((1,), c - 1, dtype=torch.long, device=self.x.device) for c in contexts]
 
         def one(configs: KernelConfigs, pos: torch.Tensor) -> float:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._run(tok, pos, kv, configs)
+            graph, _ = capture_cuda_graph(lambda: self._run(tok, pos, kv, configs))
             graph.replay()
             torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from .infer_helpers import full_greedy, run_requests, tiny_model
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
+from lmforge.utils import capture_cuda_graph
 
 PROMPTS = ["Hello there", "a", "The quick brown fox", "xyz", "12"]
 SP = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -44,6 +45,22 @@ def test_engine_decode_graphs_match_eager(tok):
     assert [o.token_ids for o in graphs] == [o.token_ids for o in eager]
     assert llm.generate(prompts[0], SP)[0].token_ids == eager[0].token_ids  # batch 1
     assert all(e.graph is not None for e in llm.engine.runner.graphs.entries.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_failed_capture_leaves_the_stream_random_draws_and_later_captures_working():
+    """A capture that fails (a device sync inside it) raises, and the process goes on as before it: the same
+    current stream, random draws outside graphs, and new captures (also of random ops). Plain torch.cuda.graph
+    (torch 2.11, H200, 2026-12-05) left the capture stream current and every later randn failing."""
+    stream, x = torch.cuda.current_stream(), torch.ones(8, device="cuda")
+    with pytest.raises(RuntimeError):
+        capture_cuda_graph(lambda: (x * 2, torch.cuda.synchronize()))
+    assert torch.cuda.current_stream() == stream and not torch.cuda.is_current_stream_capturing()
+    assert torch.randn(4, device="cuda").isfinite().all()
+    graph, out = capture_cuda_graph(lambda: x * 3 + torch.rand_like(x) * 0)
+    graph.replay()
+    assert out.tolist() == [3.0] * 8
 
 
 def test_decode_graph_entries_keep_every_tensor_they_read(tok):

@@ -275,7 +275,10 @@ class Transformer(nn.Module):
         return 4 * attn.n_heads * attn.hd * seq_len
 
     def param_roles(self) -> dict[str, str]:
-        """name -> 'embedding' | 'head' | 'matrix' | 'vector', for optimizers' parameter-group rules."""
+        """name -> 'embedding' | 'head' | 'matrix' | 'vector', for optimizers' parameter-group rules. A module's
+        STACKED_VECTORS (MoE's per-expert biases, (E, d)) are vectors whatever their shape."""
+        stacked = {f"{prefix}.{name}" if prefix else name for prefix, m in self.named_modules()
+                   for name in getattr(m, "STACKED_VECTORS", ())}
         roles = {}
         for name, p in self.named_parameters():
             if name.startswith(("tok_emb.", "pos_emb.")):
@@ -283,7 +286,7 @@ class Transformer(nn.Module):
             elif name.startswith("lm_head."):
                 roles[name] = "head"
             else:
-                roles[name] = "matrix" if p.dim() >= 2 else "vector"
+                roles[name] = "matrix" if p.dim() >= 2 and name not in stacked else "vector"
         return roles
 
     # HF checkpoints (lmforge.model.hf) -----------------------------------------------------------------

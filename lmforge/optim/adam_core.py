@@ -43,14 +43,15 @@ def rms(x: torch.Tensor) -> float:
 
 
 class MatrixPreconditioner(PerParamOptimizer):
-    """Matrices (dim >= 2) step along `self.direction(p, state, group)`; vectors take Adam's step."""
+    """Matrices (dim >= 2) step along `self.direction(p, state, group)`; vectors (and a group of role "vector",
+    e.g. MoE's (E, d) expert biases) take Adam's step."""
 
     def direction(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def update(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
-        if p.dim() >= 2:
+        if p.dim() >= 2 and group.get("role") != "vector":
             d = self.direction(p, state, group)
         else:
             d = adam_direction(p.grad, state, group["betas"], group["eps"])

@@ -1,6 +1,6 @@
 """AdamW (Loshchilov & Hutter, 2019), written from scratch.
 
-Per parameter, with gradient g and step t:
+Per parameter, with gradient g and step t (its own count of steps that had a gradient):
     p <- p * (1 - lr * wd)                      decoupled weight decay
     m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
     p <- p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
@@ -59,18 +59,28 @@ class AdamW(torch.optim.Optimizer):
             return
         for s in states:
             s["step"] += 1
-        # all params of a group share a step count (they are updated together)
-        t = int(states[0]["step"].item())
-        if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_lerp_(m, grads, 1 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-        bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
+        # bias corrections use each parameter's own count: a parameter without a gradient on some steps (an
+        # expert no token reached, a layer unfrozen later) is behind the others of its group
+        by_step: dict[int, list[int]] = {}
+        for i, s in enumerate(states):
+            by_step.setdefault(int(s["step"].item()), []).append(i)
+        for t, idx in by_step.items():
+            pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            _foreach_adamw_(pick(params), pick(grads), pick(m), pick(v), t, lr, b1, b2, eps, wd)
+
+
+def _foreach_adamw_(params, grads, m, v, t: int, lr: float, b1: float, b2: float, eps: float, wd: float) -> None:
+    """The update of the module docstring on parameters that all take their t-th step."""
+    if wd != 0:
+        torch._foreach_mul_(params, 1 - lr * wd)
+    torch._foreach_lerp_(m, grads, 1 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+    bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
 
 
 def _batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -1,7 +1,7 @@
 """Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"; Liu et al. 2025,
 "Muon is Scalable for LLM Training").
 
-For each 2-D "matrix" parameter W (m x n) with gradient G:
+For each 2-D "matrix" parameter W (m x n) with gradient G (each expert of a stacked (E, m, n) MoE weight alone):
     B <- mu B + G                                  momentum buffer
     M = G + mu B  (Nesterov)  or  M = B            the momentum update
     O = NS5(M) ~= U V^T  where M = U S V^T         orthogonalised update (all singular values ~ 1)
@@ -13,7 +13,8 @@ NS5 is the quintic Newton–Schulz iteration X <- a X + (b A + c A^2) X, A = X X
 X = M / ||M||_F, with (a, b, c) = (3.4445, -4.7750, 2.0315) chosen to push small singular values up fast
 rather than to converge: after 5 steps the singular values lie roughly in [0.7, 1.2], not at exactly 1.
 Embeddings, the head and vectors (role != "matrix") are updated by AdamW inside the same optimizer
-(groups with use_muon=False). MuonClip's QK-clip (`clip_qk_`, math in `lmforge.optim.qk_clip`) is on when qk_clip_tau > 0.
+(groups with use_muon=False). MuonClip's QK-clip (`clip_qk_`, math in `lmforge.optim.qk_clip`) is on when
+qk_clip_tau > 0.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ class Muon(PerParamOptimizer):
                                       use_muon=True))
 
     def _muon_update(self, p: torch.Tensor, group: dict) -> None:
-        g = p.grad.reshape(p.shape[0], -1)
+        g = p.grad  # (out, in), or stacked experts (E, out, in): each expert orthogonalised on its own
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g)
-        buf = state["momentum_buffer"]
+        buf = state["momentum_buffer"] = state["momentum_buffer"].view(g.shape)  # (E, out * in) in old states
         buf.mul_(group["momentum"]).add_(g)
         m = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
         ns_dtype = torch.bfloat16 if p.is_cuda else None  # bf16 is stable for NS5 (Jordan et al.) and fast

@@ -70,9 +70,9 @@ class ShardedMuon(Muon):
         return super().step(closure)
 
     def _orthogonalise(self, m: torch.Tensor, group: dict) -> torch.Tensor:
-        """(rows, cols) whole momentum -> the scaled NS5 update."""
+        """(rows, cols) whole momentum, or stacked experts (E, rows, cols) -> the scaled NS5 update (Muon's)."""
         o = newton_schulz(m, group["ns_steps"], dtype=torch.bfloat16 if m.is_cuda else None)
-        return o * shape_scale(m.shape[0], m.shape[1], group["scale"])
+        return o * shape_scale(m.shape[-2], m.shape[-1], group["scale"])
 
     def _owner_update(self, m, group: dict) -> torch.Tensor:
         """This rank's rows of the update, computed on the matrix's owner: gather rows, NS, scatter rows."""
@@ -82,7 +82,7 @@ class ShardedMuon(Muon):
         self._matrix_index += 1
         rows = [len(c) for c in torch.arange(m.shape[0]).chunk(world)]  # FSDP2's torch.chunk row split
         rows += [0] * (world - len(rows))
-        local = m.to_local().reshape(rows[rank], -1)
+        local = m.to_local().reshape(rows[rank], math.prod(m.shape[1:]))  # a rank may hold no rows (4 on 3)
         padded = local.new_zeros(max(rows), local.shape[1])  # gloo/NCCL gather and scatter want equal sizes
         padded[:rows[rank]] = local
         parts = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
@@ -90,7 +90,8 @@ class ShardedMuon(Muon):
         dist.gather(padded, parts, dst=src, group=pg)
         out = None
         if rank == owner:
-            o = self._orthogonalise(torch.cat([t[:r] for t, r in zip(parts, rows)]), group)
+            whole = torch.cat([t[:r] for t, r in zip(parts, rows)])
+            o = self._orthogonalise(whole.view(m.shape), group).view(whole.shape)
             out = [padded.new_zeros(padded.shape) for _ in range(world)]
             for t, chunk in zip(out, o.split(rows)):
                 t[:chunk.shape[0]] = chunk
@@ -113,7 +114,7 @@ class ShardedMuon(Muon):
             o = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
         else:
             full = m.full_tensor()  # (m, n...) the whole matrix on every rank
-            o = _own_rows(self._orthogonalise(full.reshape(full.shape[0], -1), group).reshape(full.shape), p)
+            o = _own_rows(self._orthogonalise(full, group), p)
         apply_step_(p, o, group["lr"], group["weight_decay"])
 
 

@@ -81,3 +81,28 @@ def test_model_param_roles_take_precedence():
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         dataclasses.replace(OptimConfig(), **{field: value})
+
+
+@pytest.mark.parametrize("name", ["muon", "dion", "shampoo", "soap", "adamw"])
+def test_stacked_expert_biases_are_vectors(name):
+    """MoE's (E, d) expert biases are one bias per expert: role "vector" (no weight decay, AdamW's step under
+    Muon / Dion, Adam's under Shampoo / SOAP), while the (E, out, in) expert weights stay matrices."""
+    from lmforge.model.config import ModelConfig, MoEConfig
+    from lmforge.model.transformer import Transformer
+
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, mlp="moe",
+                                    moe=MoEConfig(n_experts=4, top_k=2, expert_bias=True)))
+    roles = param_roles(model)
+    biases = [n for n in roles if n.split(".")[-1] in ("b_up", "b_gate", "b_down")]
+    assert len(biases) == 3 and {roles[n] for n in biases} == {"vector"} and roles["blocks.0.mlp.w_up"] == "matrix"
+    opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.1, lr=0.01))
+    params = dict(model.named_parameters())
+    bias = params[biases[0]]
+    group = next(g for g in opt.param_groups if any(p is bias for p in g["params"]))
+    assert group["role"] == "vector" and group["weight_decay"] == 0.0
+    # one step from a zero momentum: Adam's first step moves every element by lr (sign of its gradient)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = bias.detach().clone()
+    opt.step()
+    torch.testing.assert_close((bias.detach() - before).abs(), torch.full_like(before, 0.01), atol=1e-5, rtol=1e-3)

@@ -105,9 +105,11 @@ def sharded_matrix(request):
     return request.param, run_local(w.sharded_matrix_suite, request.param, timeout=120, start_method="fork")[0]
 
 
-@pytest.mark.parametrize("name, cfg", [("muon", w.MUON), ("muon_owner", w.MUON), ("dion", w.DION)])
+@pytest.mark.parametrize("name, cfg", [("muon", w.MUON), ("muon_owner", w.MUON), ("dion", w.DION), ("muon_moe", w.MUON),
+                                       ("muon_owner_moe", w.MUON)])
 def test_matrix_optimizers_on_fsdp2_shards_match_one_process(sharded_matrix, name, cfg):
     """ShardedMuon gathers whole matrices (on every rank, or on one owner per matrix that scatters the
-    rows back); ShardedDion moves only rank-r factors: all equal the unsharded step."""
+    rows back); ShardedDion moves only rank-r factors: all equal the unsharded step (MoE: expert by expert)."""
     world, got = sharded_matrix
-    assert _maxdiff(got[name], w.reference(cfg, b=2 * world)) < ATOL
+    arch = w.moe_cfg() if name.endswith("moe") else w.CFG
+    assert _maxdiff(got[name], w.reference(cfg, b=2 * world, cfg=arch)) < ATOL

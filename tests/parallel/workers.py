@@ -44,9 +44,10 @@ def loss_of(m, x, y) -> torch.Tensor:
     return lm_loss(m(x), y)[0]
 
 
-def reference(opt_cfg: OptimConfig = OPT, steps: int = STEPS, b: int = B) -> dict[str, torch.Tensor]:
+def reference(opt_cfg: OptimConfig = OPT, steps: int = STEPS, b: int = B, cfg: ModelConfig = CFG
+              ) -> dict[str, torch.Tensor]:
     """One process, full batch: the parameters every layout must reach."""
-    m = model()
+    m = model(cfg)
     opt = build_optimizer(m, opt_cfg)
     for x, y in batches(steps, b):
         loss_of(m, x, y).backward()
@@ -157,17 +158,20 @@ DION = OptimConfig(name="dion", lr=2e-2, adam_lr=1e-2, weight_decay=0.1, rank=4)
 
 
 def sharded_matrix_suite(rank: int, world: int) -> dict:
-    """On 3 ranks the 32- and 128-row matrices split unevenly (11/11/10 rows): FSDP2's torch.chunk split."""
+    """On 3 ranks the 32- and 128-row matrices split unevenly (11/11/10 rows): FSDP2's torch.chunk split; the
+    MoE model's stacked (4, out, in) expert weights split by expert (2/1/1), each expert orthogonalised alone."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from lmforge.parallel.fsdp import apply_fsdp
     from lmforge.parallel.matrix_optim import ShardedDion, ShardedMuon
 
     out = {}
-    builds = (("muon", MUON, ShardedMuon.from_optimizer), ("dion", DION, ShardedDion.from_optimizer),
-              ("muon_owner", MUON, lambda o: ShardedMuon.from_optimizer(o, owner_compute=True)))
-    for name, cfg, build in builds:
-        m = model()
+    owner = lambda o: ShardedMuon.from_optimizer(o, owner_compute=True)  # noqa: E731
+    builds = (("muon", MUON, ShardedMuon.from_optimizer, CFG), ("dion", DION, ShardedDion.from_optimizer, CFG),
+              ("muon_owner", MUON, owner, CFG), ("muon_moe", MUON, ShardedMuon.from_optimizer, moe_cfg()),
+              ("muon_owner_moe", MUON, owner, moe_cfg()))
+    for name, cfg, build, arch in builds:
+        m = model(arch)
         apply_fsdp(m, init_device_mesh("cpu", (world,)))
         opt = build(build_optimizer(m, cfg))
         for x, y in batches(b=2 * world):

@@ -31,6 +31,27 @@ def test_adamw_matches_torch_over_100_steps():
         assert (a - b).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_counts_steps_per_parameter_like_torch(fused):
+    """Parameters of one group that miss gradients on some steps (an expert no token reached, a layer
+    unfrozen later) are bias-corrected with their own step counts, as torch's AdamW does (the foreach path
+    used the group's first parameter's count for all)."""
+    gen = torch.Generator().manual_seed(2)
+    ours = [torch.nn.Parameter(torch.randn(4, 3, generator=gen)) for _ in range(3)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    o1 = AdamW(ours, lr=0.1, betas=(0.9, 0.99), weight_decay=0.05, fused=fused)
+    o2 = torch.optim.AdamW(ref, lr=0.1, betas=(0.9, 0.99), weight_decay=0.05, foreach=False)
+    for step in range(12):
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            live = (step + i) % 3 != 0 or (i == 0 and step > 6)  # each skips some steps, the first one later
+            g = torch.randn(a.shape, generator=gen) if live else None
+            a.grad, b.grad = (g.clone(), g.clone()) if live else (None, None)
+        o1.step()
+        o2.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_fused_adamw_matches_foreach_path():
     torch.manual_seed(1)
     a = [torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(16))]

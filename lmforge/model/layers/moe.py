@@ -199,6 +199,9 @@ def glu_fused(activation: str, gu: torch.Tensor) -> torch.Tensor:
 
 
 class MoE(nn.Module):
+    STACKED_VECTORS = ("b_up", "b_gate", "b_down")
+    """(E, d) parameters that are one vector per expert (biases): role "vector" for the optimizers"""
+
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         m = cfg.moe_cfg

@@ -5,7 +5,7 @@
 Batch keys: input_ids / targets / loss_mask (B, T) one completion per row, label (B,) bool (True =
 desirable); kl_input_ids / kl_targets / kl_loss_mask (B, T) the same prompts with MISMATCHED completions
 (another row's), whose policy-vs-reference log-ratio estimates the reference point z0; when the batch has
-none they are built from its own rows (`mismatched_rows`: row i's prompt + row i+1's completion, as TRL;
+none they are built from its own rows (`mismatched_rows`: row i's prompt + row i-1's completion, as TRL;
 lmforge's KTO data pairs them over the global batch, lmforge.align.data.kto_batch), or z0 = 0 with
 KTOConfig(kl=False) (TRL's calculate_KL=False); ref_logps / ref_kl_logps (B,) optional precomputed
 reference log-prob sums. On N data-parallel processes z0 is the mean over every rank's mismatched rows (one
@@ -59,7 +59,8 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def mismatched_rows(batch: dict) -> dict:
-    """kl_input_ids / kl_targets / kl_loss_mask: row i's prompt followed by row (i+1) mod B's completion.
+    """kl_input_ids / kl_targets / kl_loss_mask: row i's prompt followed by row (i-1) mod B's completion (TRL's
+    KTOTrainer shifts the completions the same way: `completions[-1:] + completions[:-1]`).
     A row's prompt is its tokens up to its first counted target, its completion the counted targets
     (one contiguous span per row, as prompt/completion data has); rows are right-padded."""
     ids, tgt, mask = batch["input_ids"], batch["targets"], response_mask(batch)
@@ -70,7 +71,7 @@ def mismatched_rows(batch: dict) -> dict:
             raise ConfigError(f"KTO row {b} has no completion token to score; drop the example")
         start, end = int(pos[0]), int(pos[-1])
         parts.append((ids[b, :start + 1], tgt[b, start:end + 1]))  # prompt (+ its last token), completion
-    rows = [torch.cat([p, parts[(i + 1) % len(parts)][1]]) for i, (p, _) in enumerate(parts)]
+    rows = [torch.cat([p, parts[i - 1][1]]) for i, (p, _) in enumerate(parts)]
     T = max(len(r) for r in rows) - 1
     out_ids = torch.zeros(len(rows), T, dtype=ids.dtype, device=ids.device)
     out_tgt = torch.full((len(rows), T), -100, dtype=tgt.dtype, device=ids.device)

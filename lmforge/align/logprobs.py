@@ -25,8 +25,9 @@ def _logsumexp_chunked(logits: torch.Tensor, chunk: int) -> torch.Tensor:
     for lo in range(0, V, chunk):
         z = logits[..., lo:lo + chunk].float()
         m_new = torch.maximum(m, z.amax(-1))
+        shift = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows masked (-inf) so far: exp(-inf) = 0
         # rescale the running sum to the new maximum (online softmax, Milakov & Gimelshein 2018)
-        s = s * torch.exp(m - m_new).nan_to_num(0.0) + torch.exp(z - m_new[..., None]).sum(-1)
+        s = s * torch.exp(m - shift) + torch.exp(z - shift[..., None]).sum(-1)
         m = m_new
     return m + torch.log(s)
 
@@ -62,12 +63,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, chunk: int = 
 
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """(B, T, V) -> (B, T) fp32 entropy of each position's distribution, H = lse - sum p·z (no grad)."""
+    """(B, T, V) -> (B, T) fp32 entropy of each position's distribution, H = lse - sum p·z (no grad); masked
+    logits (-inf, p = 0) add nothing."""
     lse = _logsumexp_chunked(logits, chunk)
     acc = torch.zeros_like(lse)
     for lo in range(0, logits.shape[-1], chunk):
         z = logits[..., lo:lo + chunk].float()
-        acc += (torch.exp(z - lse[..., None]) * z).sum(-1)
+        p = torch.exp(z - lse[..., None])
+        acc += (p * z.masked_fill(p == 0, 0.0)).sum(-1)
     return lse - acc
 
 

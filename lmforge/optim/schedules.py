@@ -54,13 +54,18 @@ def _decay(frac: float, shape: str) -> float:
     raise ValueError(f"unknown decay shape {shape!r}; choose linear, cosine, 1-sqrt or exp")
 
 
+def wsd_decay_start(total: int, decay_fraction: float) -> int:
+    """The step where WSD's final decay begins: the last round(total * decay_fraction) steps (at least one)."""
+    return total - max(1, int(round(total * decay_fraction)))
+
+
 def wsd(step: int, total: int, warmup: int = 0, min_ratio: float = 0.0, decay_fraction: float = 0.2,
         decay_shape: str = "linear") -> float:
     w = _warm(step, warmup)
     if w is not None:
         return w
-    decay_steps = max(1, int(round(total * decay_fraction)))
-    start = total - decay_steps
+    start = wsd_decay_start(total, decay_fraction)
+    decay_steps = total - start
     if step < start:
         return 1.0
     frac = min(1.0, (step - start) / decay_steps)

@@ -157,6 +157,17 @@ class LoopConfig:
 
             warn_caller(f"optim.warmup_steps={self.optim.warmup_steps} > max_steps={self.max_steps}: the learning "
                         "rate never reaches optim.lr")
+        elif self.optim.schedule == "wsd":
+            from lmforge.optim.schedules import wsd_decay_start
+
+            start = wsd_decay_start(self.max_steps, self.optim.decay_fraction)
+            if self.optim.warmup_steps > start:
+                from lmforge.errors import warn_caller
+
+                warn_caller(f"optim.warmup_steps={self.optim.warmup_steps} runs into the WSD decay, which starts at "
+                            f"step {start} of max_steps={self.max_steps} (optim.decay_fraction="
+                            f"{self.optim.decay_fraction}): the rate jumps from its peak into the decay; lower "
+                            "warmup_steps or decay_fraction")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -73,8 +73,9 @@ def test_kto_objective_matches_trl(weights):
 
 
 def test_kto_builds_mismatched_rows_itself():
-    """Without kl_* keys the objective pairs each prompt with the next row's completion: the same loss as
-    those rows given explicitly, built here from the raw token lists."""
+    """Without kl_* keys the objective pairs each prompt with the previous row's completion (TRL's KTOTrainer:
+    completions[-1:] + completions[:-1]; it was the next row's): the same loss as those rows given explicitly,
+    built here from the raw token lists."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 41, (n,), generator=g) for n in (3, 5, 2)]
     comps = [torch.randint(0, 41, (n,), generator=g) for n in (4, 2, 6)]
@@ -90,7 +91,7 @@ def test_kto_builds_mismatched_rows_itself():
 
     ids, tgt = build(list(zip(prompts, comps)))
     batch = {"input_ids": ids, "targets": tgt, "loss_mask": tgt >= 0, "label": torch.tensor([True, False, True])}
-    kl_ids, kl_tgt = build([(prompts[i], comps[(i + 1) % 3]) for i in range(3)])
+    kl_ids, kl_tgt = build(list(zip(prompts, comps[-1:] + comps[:-1])))
     rows = mismatched_rows(batch)
     assert torch.equal(rows["kl_input_ids"], kl_ids) and torch.equal(rows["kl_targets"], kl_tgt)
     model, ref = tiny_model(0), tiny_model(1)

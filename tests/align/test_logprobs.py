@@ -39,6 +39,24 @@ def test_entropy_and_sequence_sums():
     torch.testing.assert_close(m.double(), (lp * mask).sum(-1) / mask.sum(-1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 8192])
+def test_masked_logits_keep_logprobs_grads_and_entropy_finite(chunk):
+    """-inf logits (a vocabulary limit, a constrained token) at the start of the vocabulary, where a whole first
+    chunk may be masked: log-probs, gradients and entropy equal log_softmax's (they were NaN)."""
+    logits = torch.tensor([[[-math.inf, 0.0, 1.0, 2.0], [-math.inf, -math.inf, 0.5, -1.0]]], requires_grad=True)
+    targets = torch.tensor([[3, 2]])
+    got = token_logprobs(logits, targets, chunk=chunk)
+    got.sum().backward()
+    ref_logits = logits.detach().double().requires_grad_()
+    ref_lp = ref_logits.log_softmax(-1)
+    ref_lp.gather(-1, targets[..., None]).sum().backward()
+    torch.testing.assert_close(got.double(), ref_lp.gather(-1, targets[..., None]).squeeze(-1).detach())
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad)
+    p = ref_lp.detach().exp()
+    want = -(p * ref_lp.detach().masked_fill(p == 0, 0.0)).sum(-1)
+    torch.testing.assert_close(token_entropy(logits.detach(), chunk=chunk).double(), want)
+
+
 def test_masked_reductions_empty_mask():
     v = torch.tensor([1.0, 2.0, 3.0])
     none = torch.zeros(3, dtype=torch.bool)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,13 @@ def test_undefined_metrics_are_written_as_null(tmp_path):
 def test_warmup_longer_than_the_run_warns_and_a_damaged_checkpoint_says_how_to_go_back(tmp_path):
     with pytest.warns(UserWarning, match="warmup_steps=50 > max_steps=10: the learning rate never reaches"):
         tiny_config(tmp_path / "t.bin", tmp_path / "w", max_steps=10, optim=dict(lr=1e-3, warmup_steps=50))
+    with pytest.warns(UserWarning, match="warmup_steps=90 runs into the WSD decay, which starts at step 80 of "):
+        tiny_config(tmp_path / "t.bin", tmp_path / "w", max_steps=100,
+                    optim=dict(lr=1e-3, warmup_steps=90, schedule="wsd", decay_fraction=0.2))
+    with warnings.catch_warnings():  # a warmup that ends where the decay starts is fine
+        warnings.simplefilter("error")
+        tiny_config(tmp_path / "t.bin", tmp_path / "w", max_steps=100,
+                    optim=dict(lr=1e-3, warmup_steps=80, schedule="wsd", decay_fraction=0.2))
     shard = make_shard(tmp_path / "t.bin")
     train(tiny_config(shard, tmp_path / "run", max_steps=4, ckpt_every=2))
     newest = ckpt.checkpoint_dirs(tmp_path / "run")[-1]

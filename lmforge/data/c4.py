@@ -1,10 +1,14 @@
-"""C4's clean-up rules (Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", Sec. 2.2).
+r"""C4's clean-up rules (Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", Sec. 2.2).
 
 Line rules remove lines (counted in `c4.line_*` counters and `meta.c4_lines_removed`): lines not ending
-in terminal punctuation, lines with fewer than 3 words, lines mentioning "javascript", cookie/policy
-boilerplate. Page rules reject the document: "lorem ipsum", a curly brace (code), a word from the
-bad-words list (C4 used the "List of Dirty, Naughty, Obscene, and Otherwise Bad Words"; lmforge ships
-none and takes yours through `bad_words` / `bad_words_file`), and too few sentences left.
+in terminal punctuation or ending in an ellipsis ("..." or "…", as TFDS's `c4_utils.clean_page`), lines
+with fewer than 3 words, lines mentioning "javascript", cookie/policy boilerplate. Blank lines are dropped
+too but are not counted as removed. Page rules reject the document: "lorem ipsum", a curly brace (code), a
+bad word (C4 used the "List of Dirty, Naughty, Obscene, and Otherwise Bad Words"; lmforge ships none and
+takes yours through `bad_words` / `bad_words_file`), and too few sentences left. A bad word or phrase
+matches, case-insensitively, where it is bounded by non-word characters or the ends of the text, as
+TFDS's `(?:\W|^)(w1|w2|...)(?:\W|$)`: "dog" matches "dog's" but not "dogs", "x-rated" matches, "blue
+waffle" does not match "blue waffles".
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
 
 TERMINAL = (".", "!", "?", '"', "'", "”", "’")
+ELLIPSES = ("...", "…")  # end in "." but are not terminal: TFDS drops these lines
 POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
-_WORD = re.compile(r"[\w']+")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,14 +52,18 @@ class C4Config:
 
 
 @functools.lru_cache(maxsize=8)
-def _bad_words(words: tuple[str, ...], path: str) -> frozenset[str]:
+def _bad_words_pattern(words: tuple[str, ...], path: str) -> re.Pattern | None:
+    """The bad words and phrases (lowercased) as one regex over lowercased text, each bounded by non-word
+    characters or the text's ends; None when there are none."""
     out = {w.strip().lower() for w in words if w.strip()}
     if path:
         try:
             out |= {ln.strip().lower() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()}
         except OSError as e:
             raise DataError(f"cannot read c4.bad_words_file {path}: {e}") from e
-    return frozenset(out)
+    if not out:
+        return None
+    return re.compile(r"(?<!\w)(?:{})(?!\w)".format("|".join(map(re.escape, sorted(out)))))
 
 
 def _line_rule(line: str, cfg: C4Config) -> str | None:
@@ -65,7 +73,7 @@ def _line_rule(line: str, cfg: C4Config) -> str | None:
         return "javascript"
     if cfg.drop_policy_lines and any(p in low for p in POLICY):
         return "policy"
-    if cfg.terminal_punct and not line.endswith(TERMINAL):
+    if cfg.terminal_punct and (not line.endswith(TERMINAL) or line.endswith(ELLIPSES)):
         return "no_terminal_punct"
     if len(line.split()) < cfg.min_words_per_line:
         return "too_few_words"
@@ -79,11 +87,9 @@ def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple
         return None, "lorem_ipsum"
     if cfg.drop_curly_braces and ("{" in text or "}" in text):
         return None, "curly_brace"
-    bad = _bad_words(cfg.bad_words, cfg.bad_words_file)
-    if bad:
-        multi = [w for w in bad if " " in w]
-        if any(w in bad for w in _WORD.findall(low)) or any(w in low for w in multi):
-            return None, "bad_words"
+    bad = _bad_words_pattern(cfg.bad_words, cfg.bad_words_file)
+    if bad is not None and bad.search(low):
+        return None, "bad_words"
     kept = []
     for line in text.split("\n"):
         line = line.strip()
@@ -101,14 +107,15 @@ def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple
 
 
 def c4(cfg: C4Config, docs: list[Document], ctx: StageContext) -> list[Document]:
-    """Apply C4's line and page rules; reason `c4:<page rule>`."""
+    """Apply C4's line and page rules; reason `c4:<page rule>`. `meta.c4_lines_removed`: the lines a line
+    rule removed (blank lines, also dropped, are not counted)."""
     for d in docs:
-        before = d.text.count("\n") + 1
         out, rule = clean_c4(d.text, cfg, ctx)
         if out is None:
             ctx.count(f"c4.{rule}")
             d.reject(f"c4:{rule}")
             continue
-        d.meta["c4_lines_removed"] = before - (out.count("\n") + 1)
+        nonblank = sum(1 for line in d.text.split("\n") if line.strip())
+        d.meta["c4_lines_removed"] = nonblank - (out.count("\n") + 1 if out else 0)  # kept lines are non-blank
         d.text = out
     return docs

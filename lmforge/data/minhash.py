@@ -4,8 +4,9 @@ Massive Datasets", ch. 3), as used by GPT-3, The Pile, RefinedWeb and FineWeb.
 1. Shingles: the set of word (or character) n-grams of a document, hashed to uint64.
 2. Signatures: for num_perm hash functions h_i(x) = ((a_i x + b_i) mod 2^64) >> 32 -- Dietzfelbinger's
    multiply-add-shift family, universal for 32-bit keys with random 64-bit a_i, b_i, and two cheap
-   numpy operations instead of a modulo by a prime -- the minimum over the shingles. Computed for a whole batch of documents at once: one (num_perm, total_shingles)
-   matrix per chunk and `np.minimum.reduceat` over document boundaries.
+   numpy operations instead of a modulo by a prime -- the minimum over the shingles. Computed for a
+   whole batch of documents at once: one (num_perm, total_shingles) matrix per chunk and
+   `np.minimum.reduceat` over document boundaries.
 3. LSH: signatures cut into b bands of r rows; documents sharing any band become candidates. (b, r)
    are chosen for the target Jaccard threshold t by minimising the false-positive plus false-negative
    area under the S-curve P(s) = 1 - (1 - s^r)^b.
@@ -118,7 +119,8 @@ def signatures(shingle_sets: list[np.ndarray], num_perm: int = 128, seed: int = 
 
 
 def shingle_texts(texts: list[str], ngram: int = 5, unit: str = "word") -> tuple[np.ndarray, np.ndarray]:
-    """(concatenated shingle hashes, count per text): word n-grams in one vectorised pass."""
+    """(concatenated shingle hashes, count per text): n-grams of `hashing.normalize_words` words (or of
+    characters), the word n-grams in one vectorised pass."""
     if unit == "word":
         return batch_word_ngram_hashes(texts, ngram)
     per = [char_ngram_hashes(t, ngram) for t in texts]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import random
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from lmforge.data.bloom import BloomDedupConfig, BloomFilter, bloom_dedup
 from lmforge.data.decontam import DecontamConfig, decontam
 from lmforge.data.document import Document
 from lmforge.data.exact import ExactDedupConfig, LineDedupConfig, exact_dedup, line_dedup
-from lmforge.data.hashing import batch_word_ngram_hashes, text_ngram_hashes
+from lmforge.data.hashing import batch_word_ngram_hashes, normalize_words, text_ngram_hashes
 from lmforge.data.minhash import (MinHashConfig, choose_bands_rows, cluster, jaccard, minhash_dedup,
                                   signatures)
 from lmforge.data.stage import StageContext
@@ -105,6 +106,64 @@ def test_batch_shingles_match_per_document_sets():
     hashes, counts = batch_word_ngram_hashes(texts, 3)
     assert counts.tolist() == [11, 0, 1, 5]
     assert len(np.unique(hashes[:11])) == len(text_ngram_hashes(texts[0], 3)) == 10  # "sat on the" twice
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x ^= x >> 30
+    x = x * 0xBF58476D1CE4E5B9 & _M64
+    x ^= x >> 27
+    x = x * 0x94D049BB133111EB & _M64
+    return x ^ (x >> 31)
+
+
+def _reference_shingles(text: str, n: int) -> list[int]:
+    """Plain-Python reference for the batch shingles: the n-grams of `normalize_words(text)` (one
+    n-gram of all words when there are fewer than n), each word hashed as splitmix64 of
+    sum_k b_k P^k over its UTF-8 bytes, an n-gram as the polynomial sum (acc P + h + 1) of its words."""
+    p = 0x100000001B3
+    words = [_splitmix64(sum(b * pow(p, k, 1 << 64) for k, b in enumerate(w.encode("utf-8"))) & _M64)
+             for w in normalize_words(text)]
+    out = []
+    for i in range(max(len(words) - n + 1, 1 if words else 0)):
+        acc = 0
+        for h in words[i:i + n]:
+            acc = (acc * p + h + 1) & _M64
+        out.append(_splitmix64(acc))
+    return out
+
+
+def test_batch_shingles_are_the_ngrams_of_normalize_words_for_unicode_text():
+    """The vectorised byte path must split and lowercase words exactly as `normalize_words` (the
+    word definition decontamination and Bloom dedup use), also where bytes alone cannot tell: curly
+    quotes, guillemets, dashes, no-break spaces and ellipses split words, accented capitals lower."""
+    pieces = ["the", "Cat", "x1", "a_b", "ÉCOLE", "Ärger", "naïve", "ΣΟΦΙΑ", "İstanbul", "straße", "日本語",
+              "e\u0301", "x²", "½", "😀", "K", "ﬁne", "\ud800", "\x00", "“", "”", "’", "«", "»", "—", "…",
+              "\u00a0", "\u3000", " ", ". ", ",", "-", "\n", "'", "(", ")"]
+    rng = random.Random(0)
+    for _ in range(40):
+        texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) for _ in range(rng.randint(1, 30))]
+        n = rng.randint(1, 6)
+        hashes, counts = batch_word_ngram_hashes(texts, n, block_chars=rng.choice([50, 1 << 16]))
+        ends = np.cumsum(counts)
+        for t, e, c in zip(texts, ends, counts):
+            assert hashes[e - c:e].tolist() == _reference_shingles(t, n), repr(t)
+
+
+def test_curly_quoted_copy_is_a_near_duplicate():
+    """A page and its copy with typographic punctuation (“ ” ’ — … no-break spaces) and capitals
+    have the same words, so MinHash must put them in one cluster."""
+    plain = ("He said hello world to them and then the committee of the école normale supérieure "
+             "met again on Tuesday to discuss the cost benefit analysis of the new library plan "
+             "which it's fair to say nobody had read before the meeting began in earnest")
+    fancy = ("He said “Hello World” to them\u00a0— and then the committee of the ÉCOLE NORMALE "
+             "SUPÉRIEURE met again on Tuesday… to discuss the cost—benefit analysis of the «new library "
+             "plan», which it’s fair to say nobody had read before the meeting began in earnest")
+    assert normalize_words(plain) == normalize_words(fancy)
+    other = " ".join(f"unrelated{i}" for i in range(40))
+    assert _groups(cluster([plain, other, fancy], MinHashConfig(threshold=0.8))) == [[0, 2]]
 
 
 def test_minhash_finds_exactly_the_planted_clusters():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import random
+import re
+
 import pytest
 
 from lmforge.data.c4 import C4Config, c4, clean_c4
@@ -34,6 +38,48 @@ def test_good_text_passes_every_gopher_rule():
 ])
 def test_each_gopher_quality_rule(text, rule):
     assert rule in quality_failures(text, GopherConfig())
+
+
+def _random_texts(vocab: list[str], count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 80))) for _ in range(count)]
+
+
+def test_gopher_alpha_words_counts_tokens_with_an_isalpha_character():
+    """Paper: at least 80% of words hold at least one alphabetic character. ², ½, ①, Ⅳ are numerics, not
+    letters (str.isalpha() is False), so "x²" counts and "½" does not. The threshold is set exactly at
+    the reference ratio (passes) and one float above it (fails), which pins the count."""
+    vocab = ["the", "x²", "²", "½", "①", "Ⅳ", "一", "123", "é", "_", "—", "#", "3½", "日本", "٣", "ǅ", "ʰ"]
+    for text in _random_texts(vocab, 300, seed=1):
+        words = text.split()
+        ratio = sum(any(ch.isalpha() for ch in w) for w in words) / len(words)
+        assert "alpha_words" not in quality_failures(text, GopherConfig(min_alpha_words_ratio=ratio)), text
+        above = GopherConfig(min_alpha_words_ratio=math.nextafter(ratio, 2.0))
+        assert "alpha_words" in quality_failures(text, above), text
+
+
+def test_gopher_symbol_ratio_is_checked_for_hash_and_ellipsis_separately():
+    """Paper: "a symbol-to-word ratio greater than 0.1 for either the hash symbol or the ellipsis"."""
+    n = 100
+    both = " ".join(["#tag"] * 8 + ["more..."] * 8 + ["word"] * (n - 16))  # 0.08 each, 0.16 summed
+    assert "symbol_word_ratio" not in quality_failures(both, GopherConfig())
+    assert "symbol_word_ratio" in quality_failures(both.replace("word", "#w", 3), GopherConfig())  # 11 #
+    assert "symbol_word_ratio" in quality_failures(both.replace("word", "w…", 3), GopherConfig())  # 11 ellipses
+    for text in _random_texts(["word", "#tag", "##", "so...", "…", "....", "the"], 300, seed=2):
+        words = len(text.split())
+        ref = text.count("#") / words > 0.1 or (text.count("...") + text.count("…")) / words > 0.1
+        assert ("symbol_word_ratio" in quality_failures(text, GopherConfig())) == ref, text
+
+
+def test_gopher_stop_words_compare_lowercased_tokens():
+    """A stop word is a token whose lowercase, stripped of punctuation, is in the list: "WITH" and
+    "(The)" count; "wıth" (dotless ı) and "wİth" do not (re.IGNORECASE's Unicode folding matched them)."""
+    punct = "\"'“”‘’.,;:!?()[]{}«»"
+    vocab = ["with", "WITH", "wıth", "wİth", "The.", "(that)", "tһe", "ᴛhe", "Ⓣhe", "and,", "ﬀ", "cat", "dog"]
+    for text in _random_texts(vocab, 400, seed=3):
+        ref = sum(w.lower().strip(punct) in GopherConfig().stop_words for w in text.split()) >= 2
+        assert ("stop_words" not in quality_failures(text, GopherConfig())) == ref, text
+    assert "stop_words" in quality_failures("wıth wıth cat " * 20, GopherConfig())
 
 
 def test_gopher_repetition_rules():
@@ -84,6 +130,49 @@ def test_c4_bad_words_file_hook(tmp_path):
     docs = c4(C4Config(bad_words_file=str(f)), [Document(id="x", text=GOOD), Document(id="y", text=GOOD +
               " It flooded.")], StageContext())
     assert [d.drop for d in docs] == ["c4:too_few_sentences", "c4:bad_words"]
+
+
+C4_BODY = ("The river flooded the valley after three days of rain.\nFarmers moved their animals to higher ground.\n"
+           "The army helped to build walls of sandbags.\nSchools were closed for the week.\n"
+           "Everyone hopes that the water will go down soon!")
+
+
+def test_c4_drops_lines_ending_in_an_ellipsis():
+    """TFDS clean_page: `not line.endswith(_END_MARKS) or line.endswith(_ELLIPSIS)` removes the line."""
+    for tail in ("And then the story went on and on...", "And then the story went on and on…"):
+        ctx = StageContext()
+        out, rule = clean_c4(C4_BODY + "\n" + tail, C4Config(), ctx)
+        assert rule == "" and tail not in out and out == C4_BODY
+        assert ctx.counters == {"c4.line_no_terminal_punct": 1}
+    assert clean_c4(C4_BODY + "\nThe story ends here at last.", C4Config())[0].endswith("at last.")
+
+
+def test_c4_bad_words_are_bounded_by_non_word_characters_like_tfds():
+    """Reference: TFDS's badwords regex `(?:\\W|^)(w1|w2|...)(?:\\W|$)` over the lowercased page."""
+    bad = ("blue waffle", "x-rated", "dog", "a$$")
+    tfds = re.compile(r"(?:\W|^)({})(?:\W|$)".format("|".join(map(re.escape, bad))))
+    tokens = ["True", "blue", "Blue", "waffles", "waffle", "waffle.", "dog's", "dogs", "Dog!", "hotdog", "dog_",
+              "x-rated", "X-Rated", "xrated", "a$$", "a$$hole", "(dog)", "the", "water", "-", "\n"]
+    rng = random.Random(4)
+    hits = 0
+    for _ in range(400):
+        page = " ".join(rng.choice(tokens) for _ in range(rng.randint(1, 8))) + "\n" + C4_BODY
+        ref = tfds.search(page.lower()) is not None
+        hits += ref
+        assert (clean_c4(page, C4Config(bad_words=bad))[1] == "bad_words") == ref, page
+    assert 50 < hits < 350  # both outcomes exercised
+    assert clean_c4("True blue waffles.\n" + C4_BODY, C4Config(bad_words=bad))[1] == ""
+    assert clean_c4("An X-rated film.\n" + C4_BODY, C4Config(bad_words=bad))[1] == "bad_words"
+    assert clean_c4("The dog's bowl.\n" + C4_BODY, C4Config(bad_words=bad))[1] == "bad_words"
+
+
+def test_c4_lines_removed_counts_only_lines_a_rule_removed():
+    text = "\n\nToo short.\n\n   \n" + C4_BODY.replace("\n", "\n\n") + "\nPlease enable JavaScript.\n\n"
+    ctx = StageContext()
+    (doc,) = c4(C4Config(), [Document(id="x", text=text)], ctx)
+    assert doc.drop is None and doc.text == C4_BODY
+    removed = sum(v for k, v in ctx.counters.items() if k.startswith("c4.line_"))
+    assert removed == 2 and doc.meta["c4_lines_removed"] == removed
 
 
 def test_fineweb_rules():

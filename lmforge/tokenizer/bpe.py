@@ -23,8 +23,8 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import formats
 from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
 from lmforge.tokenizer.formats import NORMAL_FORMS
-from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, resolve_pattern,
-                                           special_regex, split_specials)
+from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, pieces_pattern,
+                                           resolve_pattern, special_regex, split_specials)
 from lmforge.tokenizer.reference import ReferenceEncoder
 from lmforge.utils import write_json_atomic
 
@@ -38,18 +38,22 @@ class Tokenizer:
     vocab: id -> token bytes; merges: ordered pairs of token bytes (each pair's concatenation must be
     in the vocabulary); special_tokens: strings that are never split or merged (reused from the
     vocabulary when their bytes are there, otherwise given the next free ids); pattern: "gpt2",
-    "cl100k", "o200k" or a custom pre-tokenization regex; normalization: a Unicode normal form ("NFC",
+    "cl100k", "o200k" or a custom pre-tokenization regex (the text between its matches, if any, is a
+    piece too, as in HF's Split "isolated"; tiktoken would drop it); normalization: a Unicode normal form ("NFC",
     "NFD", "NFKC", "NFKD") applied to the text between special tokens before it is split (a HF tokenizer.json
-    `normalizer`: Qwen2's NFC), or None.
+    `normalizer`: Qwen2's NFC), or None; ignore_merges: a pre-token that is itself in the vocabulary is
+    emitted as that token instead of being merged (HF's `model.ignore_merges`, set by Llama-3; tiktoken
+    always works so).
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  special_tokens: Iterable[str] | dict[str, int] | None = None, pattern: str = "gpt2",
-                 normalization: str | None = None):
+                 normalization: str | None = None, ignore_merges: bool = False):
         if normalization not in NORMAL_FORMS:
             raise ConfigError(f"normalization={normalization!r} is not a Unicode normal form; use one of "
                               f"{NORMAL_FORMS[1:]} or None")
         self.normalization = normalization
+        self.ignore_merges = bool(ignore_merges)
         self.pattern = resolve_pattern(pattern)
         self.vocab = {int(i): bytes(b) for i, b in vocab.items()}
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
@@ -59,7 +63,8 @@ class Tokenizer:
         self._decode_table = [_REPLACEMENT] * self.vocab_size
         for i, b in self.vocab.items():
             self._decode_table[i] = b
-        self.reference = ReferenceEncoder(self.pattern, self._ranks, self._merged, self._byte_ids)
+        self.reference = ReferenceEncoder(self.pattern, self._ranks, self._merged, self._byte_ids,
+                                          self._by_bytes if self.ignore_merges else None)
         self._enc, self._rank_to_id = self._build_fast()
         self.path: Path | None = None
 
@@ -110,8 +115,9 @@ class Tokenizer:
                 pair, new = (self._by_bytes[a], self._by_bytes[b]), self._by_bytes[a + b]
             except KeyError as e:
                 raise ConfigError(f"merge #{r} ({a!r}, {b!r}) uses a token missing from the vocabulary: {e}") from e
-            if pair not in self._ranks:
-                self._ranks[pair], self._merged[pair] = r, new
+            # a pair listed twice takes its last rank, as in HF tokenizers and GPT-2's encoder.py (dicts
+            # built from the list); the fast path is off then (one token made by two merges)
+            self._ranks[pair], self._merged[pair] = r, new
 
     def _merge_ids(self) -> list[int]:
         return [self._by_bytes[a + b] for a, b in self.merges]
@@ -138,6 +144,10 @@ class Tokenizer:
         made = [a + b for a, b in self.merges]
         if len(set(made)) != len(made):
             return None, None  # one token made by two merges: tiktoken's ranks cannot express that
+        # tiktoken emits a pre-token that is in its ranks whole (that is ignore_merges), but it knows only
+        # bytes and merge results; a token made by no merge would be merged into if it were given a rank
+        if self.ignore_merges and len(self._by_bytes) > 256 + len(made):
+            return None, None
         if self._ids_are_ranks():
             ranks, rank_to_id = self.mergeable_ranks(), None
             rank_of = [ranks[t] for t in made]
@@ -146,7 +156,7 @@ class Tokenizer:
             ranks.update({t: 256 + k for k, t in enumerate(made)})
             rank_to_id = np.array(self._byte_ids + [self._by_bytes[t] for t in made], dtype=np.int64)
             rank_of = list(range(256, 256 + len(made)))
-        enc = tiktoken.Encoding(f"lmforge-{id(self)}", pat_str=self.pattern, mergeable_ranks=ranks,
+        enc = tiktoken.Encoding(f"lmforge-{id(self)}", pat_str=pieces_pattern(self.pattern), mergeable_ranks=ranks,
                                 special_tokens={})
         to_id = (lambda rs: rs) if rank_to_id is None else (lambda rs: [int(rank_to_id[r]) for r in rs])
         # Each token's own bytes must come out of both encoders the same way; a token that tiktoken would
@@ -187,8 +197,9 @@ class Tokenizer:
 
     # ---- encoding --------------------------------------------------------------------------------
 
-    def _allowed(self, allowed_special, disallowed_special) -> tuple[str, ...]:
-        allowed = set(self._specials) if allowed_special == "all" else set(allowed_special)
+    def _allowed(self, allowed_special, disallowed_special) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        # as in tiktoken, allowed names that are not special tokens are ignored, disallowed ones are not
+        allowed = set(self._specials) if allowed_special == "all" else set(allowed_special) & set(self._specials)
         if disallowed_special == "all":
             disallowed = set(self._specials) - allowed
         else:
@@ -213,7 +224,8 @@ class Tokenizer:
     def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = "all",
                disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
         """Text -> ids. Specials are matched longest first. As in tiktoken, a special listed in neither
-        set is disallowed (ValueError) when disallowed_special="all"; lmforge's default allows all."""
+        set is disallowed (ValueError) when disallowed_special="all", and names in allowed_special that are
+        not special tokens are ignored; lmforge's default allows all."""
         allowed, disallowed = self._allowed(allowed_special, disallowed_special)
         if disallowed:
             m = special_regex(disallowed).search(text)
@@ -250,7 +262,8 @@ class Tokenizer:
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. an open file's lines) to exactly the ids of encoding
         their concatenation. Text is cut only where tokenization cannot change (after a special token;
-        for named patterns, at a newline between printable characters), so memory stays bounded by
+        for named patterns, at a newline between printable characters: `pretokenize._SAFE_CUT`), so memory
+        stays bounded by
         the distance between such points."""
         longest = max((len(s) for s in self._specials), default=0)
         parts: list[str] = []
@@ -287,6 +300,7 @@ class Tokenizer:
         name = next((k for k, v in PATTERNS.items() if v == self.pattern), None)
         return {"type": "bpe", "version": FORMAT_VERSION, "pattern": name or self.pattern,
                 **({"normalization": self.normalization} if self.normalization else {}),
+                **({"ignore_merges": True} if self.ignore_merges else {}),
                 "special_tokens": self.special_tokens,
                 "vocab": formats.encode_vocab(self.vocab, self.special_tokens),
                 "merges": [f"{formats.bytes_to_str(a)} {formats.bytes_to_str(b)}" for a, b in self.merges]}
@@ -309,7 +323,8 @@ class Tokenizer:
             vocab = formats.decode_vocab(d["vocab"], where)
             merges = [formats.parse_merge(m, where) for m in d["merges"]]
             specials = {str(s): int(i) for s, i in d["special_tokens"].items()}
-            return cls(vocab, merges, specials, pattern=d["pattern"], normalization=d.get("normalization"))
+            return cls(vocab, merges, specials, pattern=d["pattern"], normalization=d.get("normalization"),
+                       ignore_merges=bool(d.get("ignore_merges", False)))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise DataError(f"{where} is corrupt: {type(e).__name__}: {e}") from e
 
@@ -346,8 +361,7 @@ class Tokenizer:
     @classmethod
     def from_hf(cls, path: str | Path) -> "Tokenizer":
         """Import a byte-level BPE `tokenizer.json` (or a directory holding one)."""
-        vocab, merges, specials, pattern, normalization = formats.read_hf(path)
-        return cls(vocab, merges, specials, pattern, normalization)
+        return cls(**formats.read_hf(path))
 
     def save_hf(self, path: str | Path) -> Path:
         """Export `tokenizer.json` that HF `tokenizers` loads and encodes to the same ids."""

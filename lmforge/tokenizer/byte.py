@@ -20,7 +20,7 @@ def without_surrogates(text: str) -> str:
 
 class ByteTokenizer:
     """ids 0..255 are bytes; specials (default `<|endoftext|>`) follow. Decoding never raises:
-    invalid UTF-8 becomes U+FFFD."""
+    invalid UTF-8 and unknown ids (negative, or past the specials) become U+FFFD, as in the BPE Tokenizer."""
 
     def __init__(self, special_tokens: tuple[str, ...] | list[str] = ("<|endoftext|>",)):
         self.special_tokens = list(special_tokens)
@@ -46,7 +46,7 @@ class ByteTokenizer:
         inv = {v: k for k, v in self.special_ids.items()}
         for i in ids:
             i = int(i)
-            if i < 256:
+            if 0 <= i < 256:
                 buf.append(i)
             else:
                 out.append(buf.decode("utf-8", errors="replace"))

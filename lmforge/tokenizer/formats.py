@@ -1,6 +1,7 @@
 """Byte-level BPE file formats other tools use: GPT-2's `vocab.json` + `merges.txt`, Hugging Face's
-`tokenizer.json`, and tiktoken's rank files. Each reader returns (vocab, merges, specials, pattern),
-the arguments of `lmforge.tokenizer.bpe.Tokenizer`; each writer takes a Tokenizer.
+`tokenizer.json`, and tiktoken's rank files. Each reader returns the arguments of
+`lmforge.tokenizer.bpe.Tokenizer` ((vocab, merges, specials, pattern); `read_hf` a dict of them, as
+tokenizer.json holds more); each writer takes a Tokenizer.
 
 GPT-2 and HF store token bytes as printable unicode strings: every byte value is mapped to one
 character (printable Latin-1 bytes to themselves, the rest to U+0100 onwards), so a byte string
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -123,13 +125,70 @@ def write_gpt2(tok, out_dir: str | Path) -> tuple[Path, Path]:
 
 # ---- Hugging Face tokenizer.json ------------------------------------------------------------------
 
+_INTERVAL = re.compile(r"\{\d*,?\d*\}")
+_ESCAPE = re.compile(r"\\(?:[pPNx]\{[^}]*\}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.S)
+
+
+def _rewrite_intervals(pattern: str, possessive) -> str:
+    """`pattern` with each `A{n,m}+` (A an atom: a character, escape, class or group) replaced by
+    `possessive(A, "{n,m}")`. The `regex` module (and tiktoken) read `{n,m}+` as a possessive interval,
+    Oniguruma (HF tokenizers) as the interval repeated, `(?:A{n,m})+`: cl100k's `\\p{N}{1,3}+` made
+    "123456" one piece in HF. `*+`, `++` and `?+` mean the same in both."""
+    out, groups, atom, i = "", [], None, 0
+    while i < len(pattern):
+        c, j = pattern[i], i + 1
+        if c == "\\":
+            esc = _ESCAPE.match(pattern, i)
+            j = esc.end() if esc else j
+        elif c == "[":
+            j = i + 2 if pattern[i + 1:i + 2] == "^" else i + 1
+            j += pattern[j:j + 1] == "]"
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            j += 1
+        elif c == "(":
+            groups.append(len(out))
+            if pattern[j:j + 1] == "?":  # (?:  (?i:  (?=  (?<!  (?P<name>  (?i) ...: no atom yet
+                while j < len(pattern) and pattern[j] not in ":=!>)":
+                    j += 1
+                j += 1
+                if pattern[j - 1] == ")":
+                    groups.pop()
+            out, atom, i = out + pattern[i:j], None, j
+            continue
+        elif c == ")":
+            atom = groups.pop() if groups else None
+            out, i = out + c, j
+            continue
+        elif c == "{" and atom is not None and (q := _INTERVAL.match(pattern, i)):
+            j = q.end()
+            if pattern[j:j + 1] == "+":
+                out, i = out[:atom] + possessive(out[atom:], q.group()), j + 1
+            else:
+                out, i = out + q.group(), j
+            continue
+        elif c in "*+?|":
+            out, i = out + c, j
+            atom = atom if c != "|" else None
+            continue
+        atom, out, i = len(out), out + pattern[i:j], j
+    return out
+
+
+def oniguruma_pattern(pattern: str) -> str:
+    """`pattern` (as the `regex` module reads it) written so that Oniguruma splits alike: possessive
+    intervals become atomic groups, `A{n,m}+` -> `(?>A{n,m})`."""
+    return _rewrite_intervals(pattern, lambda atom, interval: f"(?>{atom}{interval})")
+
+
 def _hf_pre_tokenizer(pattern: str) -> dict[str, Any]:
     # HF's ByteLevel(use_regex=True) splits with GPT-2's regex itself; other regexes go in a Split
-    # step ("isolated": each match becomes its own piece) before a ByteLevel that only maps bytes.
+    # step ("isolated": each match becomes its own piece, and so does each stretch of text between
+    # matches) before a ByteLevel that only maps bytes.
     if pattern == PATTERNS["gpt2"]:
         return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     return {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": oniguruma_pattern(pattern)}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
     ]}
 
@@ -145,7 +204,8 @@ def hf_tokenizer_json(tok) -> dict[str, Any]:
         "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": tok.ignore_merges,
                   # specials sit in the model vocab too (as in GPT-2's own file): HF gives an added token
                   # that is not in the vocab a new id instead of the one listed in added_tokens
                   "vocab": {**encode_vocab(tok.vocab, tok.special_tokens), **tok.special_tokens},
@@ -160,6 +220,13 @@ def write_hf(tok, path: str | Path) -> Path:
     return target
 
 
+def _hf_regex(pattern: str) -> str:
+    """An Oniguruma Split regex from tokenizer.json -> the `regex` pattern that splits alike (the inverse
+    of `oniguruma_pattern`; a named pattern's export reads back as that pattern)."""
+    named = {oniguruma_pattern(p): p for p in PATTERNS.values()}
+    return named.get(pattern) or _rewrite_intervals(pattern, lambda atom, interval: f"(?:{atom}{interval})+")
+
+
 def _hf_pattern(pre: Any, where: str) -> str:
     if not isinstance(pre, dict):
         raise DataError(f"{where}: no byte-level pre_tokenizer; only byte-level BPE tokenizers can be imported")
@@ -167,12 +234,23 @@ def _hf_pattern(pre: Any, where: str) -> str:
         if pre.get("add_prefix_space"):
             raise DataError(f"{where}: ByteLevel add_prefix_space=true is not supported")
         return PATTERNS["gpt2"] if pre.get("use_regex", True) else r"[\s\S]+"
-    if pre.get("type") == "Sequence":
-        steps = pre.get("pretokenizers", [])
-        splits = [s for s in steps if s.get("type") == "Split"]
-        if len(splits) == 1 and "Regex" in splits[0].get("pattern", {}) and steps[-1].get("type") == "ByteLevel":
-            return splits[0]["pattern"]["Regex"]
-    raise DataError(f"{where}: unsupported pre_tokenizer {pre.get('type')!r} (need ByteLevel or Split+ByteLevel)")
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    kinds = [s.get("type") if isinstance(s, dict) else s for s in steps]
+    if kinds == ["Split", "ByteLevel"] and "Regex" in (steps[0].get("pattern") or {}):
+        split, byte_level = steps
+        # lmforge splits as "Isolated" does (matches and the text between them are pieces); other
+        # behaviours, inverted matches, or ByteLevel splitting again with GPT-2's regex would be misread
+        what = [w for w, bad in ((f"Split behavior {split.get('behavior')!r}",
+                                  str(split.get("behavior")).lower() != "isolated"),
+                                 ("Split invert=true", split.get("invert")),
+                                 ("ByteLevel use_regex=true after Split", byte_level.get("use_regex", True))) if bad]
+        if what:
+            raise DataError(f"{where}: pre_tokenizer {' and '.join(what)} is not supported (lmforge reads a Split "
+                            "with behavior 'Isolated', invert=false, then ByteLevel use_regex=false); give another "
+                            "tokenizer (LLM.load(path, tokenizer=...), --tokenizer)")
+        return _hf_regex(split["pattern"]["Regex"])
+    raise DataError(f"{where}: unsupported pre_tokenizer {' + '.join(map(str, kinds)) or pre.get('type')!r} "
+                    "(lmforge reads ByteLevel, or Sequence of Split + ByteLevel)")
 
 
 NORMAL_FORMS = (None, "NFC", "NFD", "NFKC", "NFKD")
@@ -194,8 +272,8 @@ def _hf_normalization(norm: Any, where: str) -> str | None:
                     "(LLM.load(path, tokenizer=...), --tokenizer)")
 
 
-def read_hf(path: str | Path) -> tuple[Vocab, Merges, dict[str, int], str, str | None]:
-    """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3, Qwen2 style) -> Tokenizer arguments."""
+def read_hf(path: str | Path) -> dict[str, Any]:
+    """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3, Qwen2 style) -> Tokenizer keyword arguments."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -207,12 +285,21 @@ def read_hf(path: str | Path) -> tuple[Vocab, Merges, dict[str, int], str, str |
         raise DataError(f"{path}: a SentencePiece-style BPE tokenizer.json ('▁' for spaces, byte fallback: Llama 2, "
                         "Mistral, Gemma), which lmforge does not read (it reads byte-level BPE); give another "
                         "tokenizer (LLM.load(path, tokenizer=...), --tokenizer)")
-    specials = {t["content"]: t["id"] for t in doc.get("added_tokens", []) if isinstance(t, dict)}
+    added = [t for t in doc.get("added_tokens", []) if isinstance(t, dict)]
+    for t in added:  # HF lets these tokens' matches take in whitespace or need word bounds; lmforge's do not
+        flags = [f"{k}=true" for k in ("lstrip", "rstrip", "single_word") if t.get(k)]
+        if flags:
+            raise DataError(f"{path}: added token {t.get('content')!r} has {', '.join(flags)}, which lmforge does not "
+                            "apply (its special tokens match their text exactly); set it false in the file or give "
+                            "another tokenizer (LLM.load(path, tokenizer=...), --tokenizer)")
+    specials = {t["content"]: t["id"] for t in added}
     raw_vocab = {s: i for s, i in model.get("vocab", {}).items() if s not in specials}
     vocab = decode_vocab(raw_vocab, str(path))
     merges = [parse_merge(m, str(path)) for m in model.get("merges", [])]
-    return (vocab, merges, specials, _hf_pattern(doc.get("pre_tokenizer"), str(path)),
-            _hf_normalization(doc.get("normalizer"), str(path)))
+    return {"vocab": vocab, "merges": merges, "special_tokens": specials,
+            "pattern": _hf_pattern(doc.get("pre_tokenizer"), str(path)),
+            "normalization": _hf_normalization(doc.get("normalizer"), str(path)),
+            "ignore_merges": bool(model.get("ignore_merges", False))}
 
 
 # ---- tiktoken rank files --------------------------------------------------------------------------

@@ -57,12 +57,16 @@ def findall(pat: str, text: str) -> list[str]:
     return (fast or compile_pattern(pat)).findall(text)
 
 
-# A newline between two printable ASCII characters ("x\ny") is a pre-token boundary for every named
-# pattern, whatever comes before or after: no alternative matches a newline followed by a non-space,
-# and the newline itself is a one-character token whether or not the text ends right after it. Custom
-# patterns get no such guarantee, so their text is only cut at special tokens and document ends.
-_SAFE_CUT = _re.compile(r"(?<=[!-~]\n)(?=[!-~])")
-_SAFE_CUT_BYTES = _re.compile(rb"[!-~]\n[!-~]")
+# A newline between two printable ASCII characters ("x\ny"), where the second is not "/", is a pre-token
+# boundary for every named pattern, whatever comes before or after. Right of it: the newline itself is
+# a one-character token whether or not the text ends after it (gpt2/cl100k `\s`, `\s++$`, `\s*[\r\n]`;
+# o200k `\s*[\r\n]+`), since only whitespace-led alternatives match a newline and none of them goes on
+# into a non-space. Left of it: no alternative runs from a non-space across a newline into a non-space,
+# except o200k's ` ?[^\s\p{L}\p{N}]+[\r\n/]*`, which takes "\n/" after punctuation ("!\n/" is one
+# pre-token), hence no "/" after the cut. Custom patterns get no such guarantee, so their text is only
+# cut at special tokens and document ends.
+_SAFE_CUT = _re.compile(r"(?<=[!-~]\n)(?=[!-.0-~])")
+_SAFE_CUT_BYTES = _re.compile(rb"[!-~]\n[!-.0-~]")
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -75,9 +79,20 @@ def resolve_pattern(pattern: str) -> str:
     return pat
 
 
+def pieces_pattern(pat: str) -> str:
+    """`pat` extended so that each stretch of text between two of its matches is a piece too, as in HF's
+    Split(behavior="isolated"): no text is lost. (`findall` and tiktoken drop such gaps; a custom pattern
+    that does not match every character would lose text.) The named patterns match every character, so
+    they stay as they are: tiktoken gets exactly the regex it was written for."""
+    if pat in PATTERNS.values():
+        return pat
+    return rf"(?:{pat})|(?:(?!(?:{pat}))[\s\S])+"
+
+
 @lru_cache(maxsize=16)
 def compile_pattern(pat: str) -> regex.Pattern:
-    return regex.compile(pat)
+    """The compiled splitter of `pat`: its matches and the gaps between them (`pieces_pattern`)."""
+    return regex.compile(pieces_pattern(pat))
 
 
 def has_safe_cuts(pat: str) -> bool:
@@ -163,7 +178,8 @@ def _specials_nest(specials: tuple[str, ...]) -> bool:
 
 def safe_byte_cut(data: bytes, start: int, pat: str, specials: tuple[str, ...]) -> int:
     """First position >= start in `data` where the byte stream may be cut: the start of a special
-    token, or (named patterns) just after a newline between printable ASCII bytes. -1 if none."""
+    token, or (named patterns) just after a newline between printable ASCII bytes, the second not "/"
+    (see `_SAFE_CUT`). -1 if none."""
     best = -1
     for s in () if _specials_nest(specials) else specials:
         i = data.find(s.encode("utf-8"), start)

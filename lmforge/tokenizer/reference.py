@@ -2,7 +2,9 @@
 
 Within each pre-token, start from its bytes and repeatedly merge the adjacent pair that came earliest
 in the merge list (every occurrence of it, left to right), until no adjacent pair is a merge. This is
-GPT-2's original `bpe()` and applies the merges exactly as training did.
+GPT-2's original `bpe()` and applies the merges exactly as training did. With `whole` (HF's
+`ignore_merges`, set by Llama-3), a pre-token that is itself a token is emitted as that token first,
+as tiktoken does, whatever the merges would make of it.
 """
 
 from __future__ import annotations
@@ -14,22 +16,24 @@ class ReferenceEncoder:
     """Encode ordinary text (no special tokens) with the merge list, in pure Python.
 
     ranks: (left id, right id) -> merge index; merged: same pair -> id of the merged token;
-    byte_ids: id of each single byte, indexed by byte value.
+    byte_ids: id of each single byte, indexed by byte value; whole: token bytes -> id of the tokens a
+    pre-token is emitted as without merging (ignore_merges), or None.
     """
 
     def __init__(self, pattern: str, ranks: dict[tuple[int, int], int], merged: dict[tuple[int, int], int],
-                 byte_ids: list[int], cache_size: int = 1 << 16):
+                 byte_ids: list[int], whole: dict[bytes, int] | None = None, cache_size: int = 1 << 16):
         self.regex = compile_pattern(pattern)
         self.ranks = ranks
         self.merged = merged
         self.byte_ids = byte_ids
+        self.whole = whole or {}
         self.cache: dict[str, list[int]] = {}
         self.cache_size = cache_size
 
     def bpe(self, ids: list[int]) -> list[int]:
         ranks = self.ranks
         while len(ids) > 1:
-            best, best_rank = None, len(ranks)
+            best, best_rank = None, float("inf")  # ranks are merge indices, past len(ranks) when a pair repeats
             for pair in zip(ids, ids[1:]):
                 r = ranks.get(pair)
                 if r is not None and r < best_rank:
@@ -56,7 +60,8 @@ class ReferenceEncoder:
         for piece in self.regex.findall(text):
             ids = cache.get(piece)
             if ids is None:
-                ids = self.encode_bytes(piece.encode("utf-8"))
+                b = piece.encode("utf-8")
+                ids = [self.whole[b]] if b in self.whole else self.encode_bytes(b)
                 if len(cache) >= self.cache_size:
                     cache.clear()
                 cache[piece] = ids

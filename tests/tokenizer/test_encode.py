@@ -151,3 +151,39 @@ def test_encode_iterable_equals_whole_text(gpt2, trained):
 def test_encode_batch(trained):
     texts = [f"line {i}: " + "to be or not to be " * (i % 7) for i in range(50)]
     assert trained.encode_batch(texts) == [trained.encode(t) for t in texts]
+
+
+def test_duplicate_merge_pair_takes_its_last_rank(tmp_path):
+    """A pair listed twice ranks where it is listed last, as in HF tokenizers and GPT-2's encoder.py (lmforge
+    kept the first: "bcc" gave b + cc instead of bc + c; found by a sweep, 2026-12)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenizer.formats import hf_tokenizer_json
+
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"cc", 257: b"bc"}
+    tok = Tokenizer(vocab, [(b"c", b"c"), (b"b", b"c"), (b"c", b"c")])
+    hf = tokenizers.Tokenizer.from_str(json.dumps(hf_tokenizer_json(tok)))
+    for t in ["bcc", "ccc bccc", "cbcc"]:
+        assert tok.encode(t) == hf.encode(t).ids == tok.encode_reference(t), t
+    assert tok.encode("bcc") == [257, 99]
+
+
+def test_unknown_ids_decode_alike_in_both_tokenizers():
+    """ByteTokenizer.decode raised ValueError on a negative id though decoding never raises; unknown ids are
+    U+FFFD in both tokenizers (found by a sweep, 2026-12). A BPE tokenizer without merges has the same ids."""
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    byte, bpe = ByteTokenizer(), Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+    cases = ([104, -1], [-5, 104, 105], [104, 257, 105], [0xE2, -1, 0x82, 0xAC], [0xE2, 0x82, 0xAC, 256, -1])
+    for ids in cases:
+        assert byte.decode(ids) == bpe.decode(ids), ids
+    assert byte.decode([104, -1, 105]) == "h\ufffdi"
+
+
+def test_allowed_special_names_that_are_not_specials_are_ignored(gpt2):
+    """As in tiktoken: a name in allowed_special that is no special token is ignored (lmforge raised KeyError
+    when it occurred in the text; found by a sweep, 2026-12)."""
+    tok, enc = gpt2
+    text = "foo <|endoftext|> foo"
+    allowed = {"<|endoftext|>", "foo"}
+    assert tok.encode(text, allowed_special=allowed) == enc.encode(text, allowed_special=allowed)
+    assert tok.encode("foo", allowed_special={"foo"}) == enc.encode("foo", allowed_special={"foo"})

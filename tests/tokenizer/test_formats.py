@@ -176,3 +176,111 @@ def test_hf_normalizer_is_applied_kept_and_written(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match="normalizer NFD \\+ Lowercase is not supported"):
         Tokenizer.from_hf(tmp_path / "bad.json")
+
+
+DIGITS = ["123456", "x 1234567890123 y", "2024-12-05 10:30:00", "9" * 40 + "\n" + "12 345 6789 ", "v1.23456e+78"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k", "o200k", r"(?:[^\s0-9]|x)+|(?i:[0-9]){1,2}+|\s+"])
+def test_hf_export_splits_long_digit_runs_alike(tmp_path, name):
+    """The export writes an Oniguruma equivalent of the pattern: Oniguruma read cl100k's possessive
+    `\\p{N}{1,3}+` as `(?:\\p{N}{1,3})+`, so HF made "123456" one piece (found by a sweep, 2026-12)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    corpus = " ".join(str(n) for n in range(0, 30000, 7)) + " the cat sat 12:34 " * 50
+    tok = train_bpe(iter([corpus]), 400, ["<|endoftext|>"], pattern=name, progress=False, workers=1)
+    hf = tokenizers.Tokenizer.from_file(str(tok.save_hf(tmp_path)))
+    back = Tokenizer.from_hf(tmp_path)  # a named pattern reads back by name, a custom one as written for HF
+    assert back.pattern == tok.pattern or name not in PATTERNS
+    for t in DIGITS + SAMPLES:
+        assert hf.encode(t).ids == tok.encode(t) == back.encode(t), t
+
+
+def test_hf_ignore_merges_is_applied_kept_and_written(tmp_path):
+    """`model.ignore_merges: true` (Llama-3's tokenizer.json): a pre-token that is in the vocabulary is one
+    token, even one no merge builds ("xyz") or one BPE would build otherwise ("aaa" -> "aa" + "a"). It was
+    ignored (found by a sweep against HF tokenizers, 2026-12)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenizer.formats import hf_tokenizer_json
+
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"aa", 257: b"aaa", 258: b"xyz"}
+    doc = hf_tokenizer_json(Tokenizer(vocab, [(b"a", b"a"), (b"a", b"aa")], ["<|endoftext|>"]))
+    doc["model"]["ignore_merges"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_hf(tmp_path)
+    texts = ["aaa", "xyz", "aaa\nxyz\naaaa xyzxyz<|endoftext|>aaa", "xy aaaaa"]
+    assert ours.ignore_merges and not ours.fast  # tiktoken cannot hold "xyz" without merging into it
+    for t in texts:
+        assert ours.encode(t) == hf.encode(t).ids == ours.encode_reference(t), t
+    assert ours.encode("aaa\nxyz") == [257, 10, 258]
+    again = Tokenizer.load(ours.save(tmp_path / "own"))
+    written = tokenizers.Tokenizer.from_file(str(ours.save_hf(tmp_path / "out")))
+    for t in texts:
+        assert again.encode(t) == written.encode(t).ids == hf.encode(t).ids
+    # every token built by its own merge (what the fast path needs): tiktoken's whole-piece lookup is
+    # ignore_merges, so the fast path stays
+    small = train_bpe(iter(["the cat sat on the mat, naïve 1234 " * 40]), 320, progress=False, workers=1)
+    fast = Tokenizer(small.vocab, small.merges, small.special_tokens, ignore_merges=True)
+    written = tokenizers.Tokenizer.from_file(str(fast.save_hf(tmp_path / "fast")))
+    assert fast.fast and json.loads((tmp_path / "fast" / "tokenizer.json").read_text())["model"]["ignore_merges"]
+    for t in SAMPLES + ["the cat", "mat, naïve"]:
+        assert fast.encode(t) == written.encode(t).ids == fast.encode_reference(t), t
+
+
+def test_text_between_pattern_matches_is_kept_as_hf_does(tmp_path):
+    """A pattern that does not match every character: the text between its matches is a piece of its own,
+    as in HF's Split(behavior="isolated") (lmforge used findall and dropped it: "a, b" encoded as "ab";
+    found by a sweep, 2026-12). Training counts, the fast path and the reference keep it alike."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenizer.train import count_text
+
+    pat = r"\p{L}+|\p{N}"
+    assert count_text("ab, 12!", pat, ()) == {b"ab": 1, b", ": 1, b"1": 1, b"2": 1, b"!": 1}
+    tok = train_bpe(iter(["the cat, the hat; 1984 -- ok! 🙂 " * 40]), 300, ["<|endoftext|>"], pattern=pat,
+                    progress=False, workers=1)
+    hf = tokenizers.Tokenizer.from_file(str(tok.save_hf(tmp_path)))
+    assert tok.fast
+    for t in SAMPLES + ["the cat, the hat; 1984 -- ok! 🙂", ", ;", " "]:
+        assert tok.encode(t) == hf.encode(t).ids == tok.encode_reference(t), t
+        assert tok.decode(tok.encode(t)) == t
+    assert Tokenizer.from_hf(tmp_path).pattern == pat
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"behavior": "Removed"}, "Split behavior 'Removed'"), ({"invert": True}, "Split invert=true"),
+    ({"use_regex": True}, "ByteLevel use_regex=true after Split"),
+])
+def test_hf_split_that_lmforge_would_misread_is_refused(tmp_path, change, words):
+    """Split behaviours other than "Isolated", inverted matches and a second GPT-2 split were read as plain
+    isolated splits (found by a sweep, 2026-12): now refused in one line naming the value."""
+    tok = train_bpe(iter(["the cat sat " * 20]), 270, pattern="cl100k", progress=False, workers=1)
+    doc = json.loads(tok.save_hf(tmp_path).read_text())
+    split, byte_level = doc["pre_tokenizer"]["pretokenizers"]
+    (byte_level if "use_regex" in change else split).update(change)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=f"{words} is not supported"):
+        Tokenizer.from_hf(tmp_path)
+
+
+def test_hf_added_token_with_strip_is_refused(tmp_path):
+    """HF's lstrip/rstrip let a special token's match take in the whitespace beside it; lmforge read such
+    tokens as exact matches, giving other ids (found by a sweep, 2026-12): refused in one line."""
+    tok = train_bpe(iter(["the cat sat " * 20]), 270, ["<|endoftext|>"], progress=False, workers=1)
+    doc = json.loads(tok.save_hf(tmp_path).read_text())
+    doc["added_tokens"][0]["lstrip"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="added token '<\\|endoftext\\|>' has lstrip=true, which lmforge does not"):
+        Tokenizer.from_hf(tmp_path)
+
+
+def test_hf_possessive_interval_is_read_as_oniguruma_reads_it(tmp_path):
+    """A tokenizer.json holding `\\p{N}{1,3}+` (lmforge's cl100k exports before 2026-12) splits in HF as
+    `(?:\\p{N}{1,3})+`; the import reads it so, giving HF's ids."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = train_bpe(iter([" ".join(map(str, range(0, 9000, 7)))]), 300, pattern="cl100k", progress=False, workers=1)
+    doc = json.loads(tok.save_hf(tmp_path).read_text())
+    doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = PATTERNS["cl100k"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    hf, ours = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), Tokenizer.from_hf(tmp_path)
+    for t in DIGITS:
+        assert ours.encode(t) == hf.encode(t).ids, t

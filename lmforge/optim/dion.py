@@ -9,7 +9,8 @@ found by one warm-started power iteration, and feeds the part it left out back i
     Q <- R / ||R||_col                         column-normalised, warm start for the next step
     W <- W (1 - lr wd) - lr sqrt(m / n) P Q^T
 P Q^T has orthonormal columns on one side and unit columns on the other, so its scale is fixed like Muon's
-while costing O((m + n) r) per step beyond the matmuls. Non-matrix params use AdamW (use_dion=False).
+while costing O((m + n) r) per step beyond the matmuls. Non-matrix params use AdamW (use_dion=False). A stacked
+(E, m, n) MoE weight runs one Dion per expert (batched QR and matmuls, a Q per expert), as Muon does.
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ from lmforge.optim.base import PerParamOptimizer, apply_step_
 
 
 def column_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    return x / (x.norm(dim=0, keepdim=True) + eps)
+    return x / (x.norm(dim=-2, keepdim=True) + eps)
 
 
 def dion_update(b: torch.Tensor, q: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Dion step on buffer B = M + G with warm start Q: returns (update P Q^T, new M, new Q)."""
+    """One Dion step on buffer B = M + G with warm start Q: returns (update P Q^T, new M, new Q). Leading dims
+    are a batch (stacked experts: B (E, m, n), Q (E, n, r))."""
     p, _ = torch.linalg.qr(b @ q)  # (m, r)
-    r = b.T @ p  # (n, r)
-    new_m = b - (1 - mu) * (p @ r.T)
+    r = b.mT @ p  # (n, r)
+    new_m = b - (1 - mu) * (p @ r.mT)
     new_q = column_normalize(r)
-    return p @ new_q.T, new_m, new_q
+    return p @ new_q.mT, new_m, new_q
+
+
+def initial_q(shape: torch.Size, rank: int, seed: int) -> torch.Tensor:
+    """Dion's column-normalised random warm start for a weight of `shape` ((m, n), or stacked (E, m, n): one Q
+    per expert), fp32 on the CPU, drawn from the seed and the matrix shape so every process draws the same."""
+    m, n = shape[-2], shape[-1]
+    gen = torch.Generator().manual_seed(seed + m * 7919 + n)
+    return column_normalize(torch.randn(*shape[:-2], n, min(rank, m, n), generator=gen, dtype=torch.float32))
 
 
 class Dion(PerParamOptimizer):
@@ -45,21 +55,14 @@ class Dion(PerParamOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, rank=rank, weight_decay=weight_decay,
                                       betas=betas, eps=eps, use_dion=True))
 
-    def _init_state(self, p: torch.Tensor, rank: int) -> dict:
-        m, n = p.shape[0], p[0].numel()
-        r = min(rank, m, n)
-        gen = torch.Generator().manual_seed(self._seed + m * 7919 + n)
-        q0 = torch.randn(n, r, generator=gen, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
-        return {"momentum_buffer": torch.zeros(m, n, dtype=p.dtype, device=p.device), "q": column_normalize(q0)}
-
     def _dion_step(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
         if not state:
-            state.update(self._init_state(p, group["rank"]))
-        g = p.grad.reshape(p.shape[0], -1)
+            state["momentum_buffer"] = torch.zeros_like(p)
+            state["q"] = initial_q(p.shape, group["rank"], self._seed).to(device=p.device, dtype=p.dtype)
         update, state["momentum_buffer"], state["q"] = dion_update(
-            state["momentum_buffer"] + g, state["q"], group["momentum"])
-        apply_step_(p, update.reshape(p.shape) * (g.shape[0] / g.shape[1]) ** 0.5, group["lr"], group["weight_decay"])
+            state["momentum_buffer"] + p.grad, state["q"], group["momentum"])
+        apply_step_(p, update * (p.shape[-2] / p.shape[-1]) ** 0.5, group["lr"], group["weight_decay"])
 
     def update(self, p: torch.Tensor, group: dict) -> None:
         if group["use_dion"] and p.dim() >= 2:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from lmforge.errors import ConfigError
 from lmforge.optim.base import apply_step_
-from lmforge.optim.dion import Dion, column_normalize
+from lmforge.optim.dion import Dion, column_normalize, dion_update, initial_q
 from lmforge.optim.muon import Muon, newton_schulz, shape_scale
 
 
@@ -130,15 +130,14 @@ class ShardedDion(Dion):
             return super().update(p, group)
         from torch.distributed.tensor import DTensor
 
+        if p.dim() > 2:
+            return self._local_experts_step(p, group)
         m, n = p.shape[0], math.prod(p.shape[1:])
         g = p.grad.to_local().reshape(-1, n)  # (m_i, n): this rank's rows
         state = self.state[p]
         if not state:
-            r = min(group["rank"], m, n)
-            gen = torch.Generator().manual_seed(self._seed + m * 7919 + n)  # the same Q0 as unsharded Dion
-            q0 = torch.randn(n, r, generator=gen, dtype=torch.float32).to(device=g.device, dtype=g.dtype)
             state["momentum_buffer"] = torch.zeros_like(p.grad)
-            state["q"] = column_normalize(q0)
+            state["q"] = initial_q((m, n), group["rank"], self._seed).to(device=g.device, dtype=g.dtype)  # Dion's
         b = state["momentum_buffer"].to_local().reshape(-1, n) + g
         group_ = p.device_mesh.get_group()
         r = state["q"].shape[1]
@@ -152,5 +151,21 @@ class ShardedDion(Dion):
         state["momentum_buffer"].to_local().copy_(new_m.reshape(state["momentum_buffer"].to_local().shape))
         state["q"] = column_normalize(r_mat)
         update = (p_i @ state["q"].T).reshape(p.to_local().shape) * (m / n) ** 0.5
+        apply_step_(p, DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()),
+                    group["lr"], group["weight_decay"])
+
+    def _local_experts_step(self, p, group: dict) -> None:
+        """A stacked (E, m, n) expert weight sharded by expert: each rank holds its experts whole, so it runs their
+        per-expert Dion alone, with the Q each expert has in unsharded Dion; nothing is communicated."""
+        from torch.distributed.tensor import DTensor
+
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+            state["q"] = _own_rows(initial_q(p.shape, group["rank"], self._seed).to(p.device, p.dtype), p).to_local()
+        buf = state["momentum_buffer"].to_local()
+        update, new_m, state["q"] = dion_update(buf + p.grad.to_local(), state["q"], group["momentum"])
+        buf.copy_(new_m)
+        update = update * (p.shape[-2] / p.shape[-1]) ** 0.5
         apply_step_(p, DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()),
                     group["lr"], group["weight_decay"])

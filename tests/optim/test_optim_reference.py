@@ -8,6 +8,7 @@ import scipy.linalg
 import torch
 
 from lmforge.optim import SOAP, Adafactor, AdamW, Dion, Lion, Muon, Shampoo
+from lmforge.optim.dion import dion_update, initial_q
 from lmforge.optim.muon import CUBIC_COEFFS, newton_schulz
 from lmforge.optim.qk_clip import qk_clip_
 
@@ -121,7 +122,7 @@ def test_dion_one_step_matches_numpy_algorithm():
     p = _param((10, 6))
     w0, g = p.detach().numpy().copy(), p.grad.numpy().copy()
     opt = Dion([p], lr=0.05, momentum=0.9, rank=3)
-    q0 = opt._init_state(p, 3)["q"].numpy()
+    q0 = initial_q(p.shape, 3, seed=0).double().numpy()
     opt.step()
     b = g  # M0 = 0
     pm, _ = np.linalg.qr(b @ q0)
@@ -130,6 +131,26 @@ def test_dion_one_step_matches_numpy_algorithm():
     np.testing.assert_allclose(p.detach().numpy(), w0 - 0.05 * np.sqrt(10 / 6) * pm @ q1.T, atol=1e-10)
     # error feedback: the residual of the rank-3 step stays in the buffer
     np.testing.assert_allclose(opt.state[p]["momentum_buffer"].numpy(), b - 0.1 * pm @ r.T, atol=1e-10)
+
+
+def test_dion_runs_one_dion_per_expert_of_a_stacked_weight():
+    """A stacked (E, m, n) MoE weight: each expert steps as Dion on its own (m, n) matrix with its own Q (it was one
+    Dion on the flattened (E, m * n) matrix), over three steps with error feedback."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(3, 10, 6, dtype=torch.float64, generator=gen))
+    ref = [w.detach()[e].clone() for e in range(3)]
+    q = initial_q(w.shape, 4, seed=0).double()
+    bufs, qs = [torch.zeros(10, 6, dtype=torch.float64) for _ in range(3)], [q[e] for e in range(3)]
+    opt = Dion([w], lr=0.05, momentum=0.9, rank=4)
+    for _ in range(3):
+        g = torch.randn(3, 10, 6, dtype=torch.float64, generator=gen)
+        w.grad = g.clone()
+        opt.step()
+        for e in range(3):
+            update, bufs[e], qs[e] = dion_update(bufs[e] + g[e], qs[e], 0.9)
+            ref[e] -= 0.05 * (10 / 6) ** 0.5 * update
+    for e in range(3):
+        torch.testing.assert_close(w.detach()[e], ref[e])
 
 
 def test_shampoo_one_step_matches_fractional_powers():

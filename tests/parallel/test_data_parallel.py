@@ -106,10 +106,18 @@ def sharded_matrix(request):
 
 
 @pytest.mark.parametrize("name, cfg", [("muon", w.MUON), ("muon_owner", w.MUON), ("dion", w.DION), ("muon_moe", w.MUON),
-                                       ("muon_owner_moe", w.MUON)])
+                                       ("muon_owner_moe", w.MUON), ("dion_moe", w.DION)])
 def test_matrix_optimizers_on_fsdp2_shards_match_one_process(sharded_matrix, name, cfg):
     """ShardedMuon gathers whole matrices (on every rank, or on one owner per matrix that scatters the
     rows back); ShardedDion moves only rank-r factors: all equal the unsharded step (MoE: expert by expert)."""
     world, got = sharded_matrix
     arch = w.moe_cfg() if name.endswith("moe") else w.CFG
-    assert _maxdiff(got[name], w.reference(cfg, b=2 * world, cfg=arch)) < ATOL
+    want = w.reference(cfg, b=2 * world, cfg=arch)
+    if name == "dion_moe":  # Dion's QR of the 4-row routers' near-singular momentum turns the ranks' 1e-7 gradient
+        # sums into ~1e-4 (on identical gradients sharded Dion equals Dion to 1e-16 in fp64, also with a rank holding
+        # no rows); the stacked experts, each whole on one rank, are held to ATOL
+        experts = [k for k in want if ".mlp.w_" in k]
+        assert _maxdiff({k: got[name][k] for k in experts}, {k: want[k] for k in experts}) < ATOL
+        assert _maxdiff(got[name], want) < 5e-4
+        return
+    assert _maxdiff(got[name], want) < ATOL

@@ -169,7 +169,7 @@ def sharded_matrix_suite(rank: int, world: int) -> dict:
     owner = lambda o: ShardedMuon.from_optimizer(o, owner_compute=True)  # noqa: E731
     builds = (("muon", MUON, ShardedMuon.from_optimizer, CFG), ("dion", DION, ShardedDion.from_optimizer, CFG),
               ("muon_owner", MUON, owner, CFG), ("muon_moe", MUON, ShardedMuon.from_optimizer, moe_cfg()),
-              ("muon_owner_moe", MUON, owner, moe_cfg()))
+              ("muon_owner_moe", MUON, owner, moe_cfg()), ("dion_moe", DION, ShardedDion.from_optimizer, moe_cfg()))
     for name, cfg, build, arch in builds:
         m = model(arch)
         apply_fsdp(m, init_device_mesh("cpu", (world,)))

@@ -60,7 +60,9 @@ def _frontier(flops, n_opt, loss_opt, parabolas=None) -> Frontier:
 
 
 def fit_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], n_points: int = 20) -> Frontier:
-    """Approach 1 from training curves [(N, tokens seen, loss), ...] (loss at each eval of each run)."""
+    """Approach 1 from training curves [(N, tokens seen, loss), ...] (loss at each eval of each run): at each of
+    `n_points` budgets C (log-spaced over the curves' range) the lowest loss any run reached at C and its N; budgets
+    in a gap that no run's curve covers (runs of budgets far apart, evaluated rarely) are left out."""
     if len(curves) < 2:
         raise FitError(f"approach 1 needs training curves of at least 2 model sizes, got {len(curves)}")
     logc, logl = [], []
@@ -76,13 +78,18 @@ def fit_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], n_points: i
     # loss of every run at every C it reached (NaN where it did not), then the lower envelope
     table = np.array([np.where((grid >= c[0]) & (grid <= c[-1]), np.interp(grid, c, l), np.nan)
                       for c, l in zip(logc, logl)])
+    reached = ~np.isnan(table).all(axis=0)  # budgets between runs' curves that no run covers have no envelope
+    grid, table = grid[reached], table[:, reached]
+    if len(grid) < 2:
+        raise FitError("approach 1: the runs' curves cover fewer than 2 of the budgets between them; evaluate "
+                       "each run more often or train budgets closer together")
     best = np.nanargmin(np.where(np.isnan(table), np.inf, table), axis=0)
     sizes = np.array([n for n, _, _ in curves], dtype=np.float64)
     n_opt = sizes[best]
     if len(np.unique(n_opt)) < 2:
         raise FitError(f"approach 1: one model size (N={n_opt[0]:g}) is best at every budget; "
                        "the curves do not cross, so no frontier can be fitted")
-    return _frontier(np.exp(grid), n_opt, np.exp(table[best, np.arange(n_points)]))
+    return _frontier(np.exp(grid), n_opt, np.exp(table[best, np.arange(len(grid))]))
 
 
 def _vertex(sel: Runs, c: float, extrapolate: bool) -> tuple[float, float, tuple[float, float, float]]:

@@ -1,7 +1,8 @@
 """The table of runs that sweeps write and fits read: one row per trained model.
 
 Columns: N (parameters), D (training tokens), loss (final validation loss); optional C (training FLOPs,
-6ND when absent) and budget (the FLOP budget a run was planned for, which groups IsoFLOP curves). Files
+6ND when absent) and budget (the FLOP budget a run was planned for, which groups IsoFLOP curves; C to 9
+significant digits when absent). Files
 are CSV or JSON (a list of row objects, or {"runs": [...]}). Every fit validates the table first: missing
 columns, non-positive or non-finite values and too few rows are reported by name, never fitted.
 """
@@ -61,7 +62,9 @@ def runs_from_rows(rows: Iterable[dict[str, Any]]) -> Runs:
     n, d, loss = (_column(rows, c) for c in REQUIRED)
     has = lambda col: all(r.get(col) not in ("", None) for r in rows)  # noqa: E731
     c = _column(rows, "C") if has("C") else 6.0 * n * d
-    budget = _column(rows, "budget") if has("budget") else c
+    # without a budget column the runs group by C to 9 significant digits: 6·N·D of runs planned for one budget
+    # differs in its last bits (1e18 vs 9.999999999999999e17), which split one IsoFLOP curve into several
+    budget = _column(rows, "budget") if has("budget") else np.array([float(f"{x:.9g}") for x in c])
     return Runs(n, d, loss, c, budget)
 
 

@@ -76,9 +76,11 @@ def _chunk_rows(N: int, V: int, elt: int) -> int:
 
 def _accumulate(dw: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """dw (fp32) += a @ b: on CUDA in the GEMM's fp32 epilogue where torch has it (addmm with out_dtype),
-    else through a (V, d) product in the matmul dtype."""
+    else through a (V, d) product in the matmul dtype (fp32 for fp16 inputs)."""
     if a.is_cuda and a.dtype != dw.dtype and _fp32_addmm(a.device.index or 0, a.dtype):
         torch.addmm(dw, a, b, out_dtype=dw.dtype, out=dw)
+    elif a.dtype == torch.float16:  # a chunk's sum of (p - onehot) h overflows fp16's 65504 (bf16 has fp32's range)
+        dw.add_(a.float() @ b.float())
     else:
         dw.add_(a @ b)
 
@@ -140,7 +142,15 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     h2 = h.reshape(-1, h.shape[-1]).to(dtype).contiguous()
     tgt = targets.reshape(-1).contiguous()
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows (or None: sized to the vocabulary), got "
+                         f"{chunk_size}")
     chunk = chunk_size or _chunk_rows(h2.shape[0], weight.shape[0], h2.element_size())
+    # a target outside [0, V) would read another row's logit (the kernel has no bounds check): fail as
+    # F.cross_entropy does, without a host sync (on a GPU a device-side assert)
+    torch._assert_async(((tgt == ignore_index) | (tgt >= 0) & (tgt < weight.shape[0])).all(),
+                        f"fused_linear_cross_entropy: a target is outside [0, {weight.shape[0]}) and is not "
+                        f"ignore_index={ignore_index}: check the data's padding id and the vocabulary size")
     with torch.autocast(dev, enabled=False):
         return _FusedLinearCE.apply(h2, weight.to(dtype), tgt, float(z_loss), ignore_index, chunk)
 

@@ -275,7 +275,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     w = w.to(x.dtype)
     if w.stride(-1) != 1:
         w = w.contiguous()
-    return _GroupedMM.apply(x.contiguous(), w, counts.to(torch.int32))
+    return _GroupedMM.apply(x.contiguous(), w, counts.to(torch.int32).contiguous())  # read as one row
 
 
 class _GatherTokens(torch.autograd.Function):

@@ -347,6 +347,14 @@ def workspace(batch: int, n_heads: int, n_kv: int, head_dim: int, splits: int, d
             torch.zeros(programs, dtype=torch.int32, device=device))
 
 
+def index_layout(block_tables: torch.Tensor, *vectors: torch.Tensor | None) -> tuple:
+    """Index tensors as the kernels read them: a block table's entries one apart (a view of a wider table keeps
+    its row stride) and 1-D tensors (lengths, offsets, sinks, tree rows) contiguous; None stays None. Copies only
+    what is laid out otherwise (a column-major table or a strided length vector was read wrongly, silently)."""
+    table = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    return (table, *(t if t is None else t.contiguous() for t in vectors))
+
+
 def _check_shapes(name: str, rows: str, q, k_cache, v_cache) -> tuple[int, int, int, int]:
     """(rows, H, hd, KV) of q (rows, H, hd) and k/v caches (blocks, block_size, KV, hd), or a ValueError naming them."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != q.shape[2]:
@@ -394,6 +402,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if splits & (splits - 1) or block & (block - 1) or block < 16 or not 0 <= stages <= 8:
         raise ValueError(f"paged attention config {config}: slices must be a power of two, keys per tile a "
                          "power of two >= 16, stages 0 (double-buffered), 1 (one tile at a time) or a pipeline of 2 to 8")
+    block_tables, context_lens, start, sinks, early_positions = index_layout(
+        block_tables, context_lens, start, sinks, early_positions)
+    tree = None if tree is None else tuple(t.contiguous() for t in tree)
     out = torch.empty_like(q) if out is None else out
     if splits > 1 and work is None:
         work = workspace(B, H, KV, hd, splits, q.device, per_head)

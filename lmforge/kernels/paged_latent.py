@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from lmforge.kernels.paged_attention import _pad, _sm_count, triton
+from lmforge.kernels.paged_attention import _pad, _sm_count, index_layout, triton
 
 if triton is not None:
     import triton.language as tl
@@ -223,6 +223,8 @@ def paged_latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, c_cache: t
     if splits & (splits - 1) or block & (block - 1) or block < 16 or gp & (gp - 1) or gp < 16:
         raise ValueError(f"paged latent config {(splits, block, warps, gp)}: slices a power of two, keys per tile "
                          "and heads per program powers of two >= 16")
+    block_tables, context_lens, cu_q = index_layout(block_tables, context_lens, cu_q)
+    tree, rows = (None if ts is None else tuple(t.contiguous() for t in ts) for ts in (tree, rows))
     if varlen and rows is None:
         rows = latent_rows(block_tables, context_lens, cu_q, N)
     groups = -(-H // gp)

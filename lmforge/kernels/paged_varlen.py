@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from lmforge.kernels.paged_attention import _check_shapes, _pad, triton
+from lmforge.kernels.paged_attention import _check_shapes, _pad, index_layout, triton
 
 if triton is not None:
     import triton.language as tl
@@ -157,6 +157,7 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"context_lens (S,) and two tile lists of one length (varlen_tiles); got S={S}, "
                          f"block_tables {tuple(block_tables.shape)}, cu_q {tuple(cu_q.shape)}, tiles "
                          f"{[tuple(t.shape) for t in tiles]}")
+    block_tables, cu_q, context_lens, sinks, *tiles = index_layout(block_tables, cu_q, context_lens, sinks, *tiles)
     group = H // KV
     out = torch.zeros_like(q)
     _paged_varlen_kernel[(tiles[0].shape[0], KV)](

@@ -113,10 +113,11 @@ class _RMSNormFn(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """x (..., D), weight (D,) -> (..., D) in x's dtype; differentiable in x and weight."""
-    if weight.shape != (x.shape[-1],) or x.shape[-1] > MAX_DIM:
-        raise ValueError(f"fused RMSNorm takes x (..., D) with D <= {MAX_DIM} and weight (D,); got x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}: use lmforge.model.layers.norm.RMSNorm for other shapes")
-    return _RMSNormFn.apply(x, weight, eps)
+    if weight.shape != (x.shape[-1],) or not 0 < x.shape[-1] <= MAX_DIM:
+        raise ValueError(f"fused RMSNorm takes x (..., D) with 0 < D <= {MAX_DIM} and weight (D,); got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}: use lmforge.model.layers.norm.RMSNorm for "
+                         "other shapes")
+    return _RMSNormFn.apply(x, weight.contiguous(), eps)  # the kernels read the weight as one contiguous row
 
 
 class FusedRMSNorm(RMSNorm):

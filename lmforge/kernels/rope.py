@@ -56,6 +56,8 @@ if triton is not None:
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, sign: float) -> torch.Tensor:
     B, H, T, hd = x.shape
+    if x.numel() == 0:  # no heads or positions: nothing to launch
+        return torch.empty_like(x)
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty_like(x)  # same strides as x where x is dense (the usual transposed view)

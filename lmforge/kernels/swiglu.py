@@ -100,7 +100,11 @@ class _SwiGLUFn(torch.autograd.Function):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) · up, computed in fp32 and stored in the inputs' (promoted) dtype; differentiable."""
+    """silu(gate) · up, computed in fp32 and stored in the inputs' (promoted) dtype; differentiable. gate and up
+    have one shape (no broadcasting: the kernel reads both row by row)."""
+    if gate.shape != up.shape:
+        raise ValueError(f"fused SwiGLU takes gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}; "
+                         "use lmforge.kernels.swiglu.swiglu_ref (F.silu(gate) * up) to broadcast")
     return _SwiGLUFn.apply(gate, up)
 
 

@@ -108,7 +108,8 @@ def test_paged_decode_reads_strided_tables_lengths_and_sinks():
 
 
 def test_paged_varlen_reads_strided_index_tensors():
-    from lmforge.kernels.paged_varlen import paged_varlen_attention, paged_varlen_reference, varlen_programs, varlen_tiles
+    from lmforge.kernels.paged_varlen import (paged_varlen_attention, paged_varlen_reference, varlen_programs,
+                                              varlen_tiles)
 
     q, k, v, tables, cu, ctx = _step(4, 2, 16, 8, CHUNKS, seed=3)
     tiles = tuple(torch.tensor(t, dtype=torch.int32, device=DEV)

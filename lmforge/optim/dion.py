@@ -19,6 +19,7 @@ from typing import Iterable
 
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.optim.adam_core import adamw_step_
 from lmforge.optim.base import PerParamOptimizer, apply_step_
 
@@ -45,6 +46,15 @@ def initial_q(shape: torch.Size, rank: int, seed: int) -> torch.Tensor:
     return column_normalize(torch.randn(*shape[:-2], n, min(rank, m, n), generator=gen, dtype=torch.float32))
 
 
+def check_q(q: torch.Tensor, shape: torch.Size) -> None:
+    """Refuse a saved Q that does not fit the weight `shape` (one Q per matrix or per expert): lmforge before
+    2026-12-05 kept one Q over a stacked (E, m, n) weight flattened to (E, m * n)."""
+    if q.dim() != len(shape) or q.shape[:-2] != shape[:-2] or q.shape[-2] != shape[-1]:
+        raise ConfigError(f"this Dion state holds Q {tuple(q.shape)} for a weight of shape {tuple(shape)}: it was "
+                          "saved by lmforge before Dion ran one Q per expert (2026-12-05); resume with "
+                          "reset_optimizer = true (weights, data position and step are kept)")
+
+
 class Dion(PerParamOptimizer):
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, rank: int = 16,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
@@ -60,6 +70,7 @@ class Dion(PerParamOptimizer):
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p)
             state["q"] = initial_q(p.shape, group["rank"], self._seed).to(device=p.device, dtype=p.dtype)
+        check_q(state["q"], p.shape)
         update, state["momentum_buffer"], state["q"] = dion_update(
             state["momentum_buffer"] + p.grad, state["q"], group["momentum"])
         apply_step_(p, update * (p.shape[-2] / p.shape[-1]) ** 0.5, group["lr"], group["weight_decay"])

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from lmforge.errors import ConfigError
 from lmforge.optim.base import apply_step_
-from lmforge.optim.dion import Dion, column_normalize, dion_update, initial_q
+from lmforge.optim.dion import Dion, check_q, column_normalize, dion_update, initial_q
 from lmforge.optim.muon import Muon, newton_schulz, shape_scale
 
 
@@ -164,6 +164,7 @@ class ShardedDion(Dion):
             state["momentum_buffer"] = torch.zeros_like(p.grad)
             state["q"] = _own_rows(initial_q(p.shape, group["rank"], self._seed).to(p.device, p.dtype), p).to_local()
         buf = state["momentum_buffer"].to_local()
+        check_q(state["q"], buf.shape)
         update, new_m, state["q"] = dion_update(buf + p.grad.to_local(), state["q"], group["momentum"])
         buf.copy_(new_m)
         update = update * (p.shape[-2] / p.shape[-1]) ** 0.5

@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.optim import SOAP, Adafactor, AdamW, Dion, Lion, Muon, Shampoo
 from lmforge.optim.dion import dion_update, initial_q
 from lmforge.optim.muon import CUBIC_COEFFS, newton_schulz
@@ -151,6 +152,10 @@ def test_dion_runs_one_dion_per_expert_of_a_stacked_weight():
             ref[e] -= 0.05 * (10 / 6) ** 0.5 * update
     for e in range(3):
         torch.testing.assert_close(w.detach()[e], ref[e])
+    # a state saved before (one Q over the flattened (E, m * n) weight) is refused in one line, naming the way out
+    opt.state[w]["q"] = torch.zeros(60, 4, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="resume with reset_optimizer = true"):
+        opt.step()
 
 
 def test_shampoo_one_step_matches_fractional_powers():

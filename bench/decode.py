@@ -47,6 +47,7 @@ from lmforge.infer.speculative import ModelDrafter, NGramDrafter, speculative_ge
 from lmforge.model.config import ModelConfig  # noqa: E402
 from lmforge.model.layers.fused import fused_copy  # noqa: E402
 from lmforge.model.transformer import Transformer  # noqa: E402
+from lmforge.utils import capture_cuda_graph  # noqa: E402
 
 LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632,
                 max_seq_len=512, pos_emb="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False)
@@ -426,10 +427,7 @@ def gemv_table(model) -> str:
             with torch.cuda.stream(s):
                 fn(ws[0])
             torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for i in range(100):
-                    fn(ws[i % len(ws)])
+            g, _ = capture_cuda_graph(lambda fn=fn, ws=ws: [fn(ws[i % len(ws)]) for i in range(100)])
             g.replay()
             times = []
             for _ in range(5):

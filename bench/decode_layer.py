@@ -15,6 +15,8 @@ import statistics
 
 import torch
 
+from lmforge.utils import capture_cuda_graph
+
 
 def build(L, H, KV, hd, D, FF, ctx, bs, dtype, dev):
     from lmforge.kernels import decode_layer as dl
@@ -37,9 +39,7 @@ def timed(fn, reps=20) -> float:
     """Median seconds of one replay of a CUDA graph of fn."""
     fn()
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = capture_cuda_graph(fn)
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

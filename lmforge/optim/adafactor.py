@@ -1,12 +1,13 @@
 """Adafactor (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost").
 
-For a matrix gradient G (n x m; higher-rank tensors are viewed as (shape[0], rest)), Algorithm 4 keeps
+For a matrix gradient G (n x m; leading dims are a batch of matrices, as in torch.optim.Adafactor and
+transformers' Adafactor, so each expert of a stacked (E, n, m) MoE weight has its own statistics), Algorithm 4 keeps
 only row and column statistics of the second moment instead of the full n x m tensor:
     b2_t = 1 - t^(-c)                                          (eq. 7, c = 0.8: a decay that warms up)
     R <- b2_t R + (1 - b2_t) mean_j (G^2 + eps1)                row means, n numbers
     C <- b2_t C + (1 - b2_t) mean_i (G^2 + eps1)                column means, m numbers
     V = R C^T / mean(R)                                         rank-1 estimate of E[G^2]
-    U = G / sqrt(V);  U <- U / max(1, RMS(U) / d)               update clipping (section 6)
+    U = G / sqrt(V);  U <- U / max(1, RMS(U) / d)               update clipping (section 6), per matrix
 Vectors keep a full (unfactored) second moment. With b1 > 0 a first moment of U is kept (the paper's
 optional momentum, used by most modern recipes); the step is p <- p (1 - lr wd) - lr U. The learning
 rate is given explicitly (no relative step size), so it slots into the same schedules as the others.
@@ -18,12 +19,8 @@ from typing import Iterable
 
 import torch
 
-from lmforge.optim.adam_core import rms
+from lmforge.optim.adam_core import layout_error, rms
 from lmforge.optim.base import PerParamOptimizer, apply_step_
-
-
-def _as_matrix(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1)
 
 
 class Adafactor(PerParamOptimizer):
@@ -41,26 +38,24 @@ class Adafactor(PerParamOptimizer):
         b2 = 1.0 - float(state["step"]) ** (-group["decay_rate"])
         g2 = g.square().add_(group["eps1"])
         if g.dim() >= 2:
-            g2m = _as_matrix(g2)
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(b2).add_(g2m.mean(dim=1), alpha=1 - b2)
-            col.mul_(b2).add_(g2m.mean(dim=0), alpha=1 - b2)
+            row.mul_(b2).add_(g2.mean(dim=-1), alpha=1 - b2)
+            col.mul_(b2).add_(g2.mean(dim=-2), alpha=1 - b2)
             # 1/sqrt(V) = rsqrt(R / mean(R)) rsqrt(C)^T: the row ratio is near 1 and the column term carries the
             # scale, where R C^T itself underflows fp32 for tiny or zero gradients (eps1^2 = 1e-60: 0/0 = NaN)
-            inv = torch.outer(row.div(row.mean()).rsqrt_(), col.rsqrt())
-            u = (_as_matrix(g) * inv).reshape(g.shape)
-        else:
-            v = state["exp_avg_sq"]
-            v.mul_(b2).add_(g2, alpha=1 - b2)
-            u = g / v.sqrt()
+            u = g * row.div(row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1) * col.rsqrt().unsqueeze(-2)
+            clip = u.square().mean(dim=(-2, -1), keepdim=True).sqrt_().div_(group["clip_threshold"]).clamp_min_(1.0)
+            return u.div_(clip)
+        v = state["exp_avg_sq"]
+        v.mul_(b2).add_(g2, alpha=1 - b2)
+        u = g / v.sqrt()
         return u.div_(max(1.0, rms(u) / group["clip_threshold"]))
 
     def _init_state(self, p: torch.Tensor, beta1: float) -> dict:
         state: dict = {"step": torch.tensor(0.0)}
         if p.dim() >= 2:
-            m = _as_matrix(p)
-            state["exp_avg_sq_row"] = torch.zeros(m.shape[0], dtype=p.dtype, device=p.device)
-            state["exp_avg_sq_col"] = torch.zeros(m.shape[1], dtype=p.dtype, device=p.device)
+            state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=p.dtype, device=p.device)
+            state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=p.dtype, device=p.device)
         else:
             state["exp_avg_sq"] = torch.zeros_like(p)
         if beta1 > 0:
@@ -71,6 +66,9 @@ class Adafactor(PerParamOptimizer):
         if not self.state[p]:
             self.state[p] = self._init_state(p, group["beta1"])
         state = self.state[p]
+        if p.dim() >= 2 and tuple(state["exp_avg_sq_row"].shape) != tuple(p.shape[:-1]):
+            raise layout_error("Adafactor's row statistics", tuple(state["exp_avg_sq_row"].shape),
+                               tuple(p.shape[:-1]), p.shape)
         u = self._scaled_grad(p.grad, state, group)
         if group["beta1"] > 0:
             u = state["exp_avg"].lerp_(u, 1 - group["beta1"])

@@ -2,7 +2,8 @@
 blocked, grafted form used at scale (Anil et al. 2020, "Scalable Second Order Optimization for Deep
 Learning"; Shi et al. 2023, "A Distributed Data-Parallel PyTorch Implementation of Distributed Shampoo").
 
-A matrix parameter (m x n; higher-rank tensors viewed as (shape[0], rest)) is cut into blocks of at most
+A matrix parameter (m x n; leading dims are a batch of matrices, so a stacked (E, m, n) MoE weight is E matrices
+each with its own factors) is cut into blocks of at most
 block_size x block_size. For each block with gradient G_b the two Kronecker factors are
     L <- b L + (1 - b) G_b G_b^T   (rows x rows),   R <- b R + (1 - b) G_b^T G_b   (cols x cols)
 (b = 1 gives the paper's running sums), and the step direction is (Gupta et al., Algorithm 1)
@@ -20,16 +21,16 @@ from typing import Iterable
 
 import torch
 
-from lmforge.optim.adam_core import MatrixPreconditioner, adam_direction
+from lmforge.optim.adam_core import MatrixPreconditioner, adam_direction, layout_error
 
 
 def inverse_root(mat: torch.Tensor, root: int, eps: float) -> torch.Tensor:
-    """(mat + eps * lambda_max I)^(-1/root) of a symmetric PSD matrix via eigh (in float64 for accuracy)."""
-    a = mat.double()
-    vals, vecs = torch.linalg.eigh(a)
+    """(mat + eps * lambda_max I)^(-1/root) of a symmetric PSD matrix via eigh (in float64 for accuracy); leading
+    dims are a batch of matrices, each damped by its own largest eigenvalue."""
+    vals, vecs = torch.linalg.eigh(mat.double())
     vals = vals.clamp_min(0.0)
-    damp = eps * max(float(vals.max()), 1e-30)
-    out = (vecs * (vals + damp).pow(-1.0 / root)) @ vecs.T
+    damp = eps * vals.amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    out = (vecs * (vals + damp).pow(-1.0 / root).unsqueeze(-2)) @ vecs.mT
     return out.to(mat.dtype)
 
 
@@ -51,34 +52,41 @@ class Shampoo(MatrixPreconditioner):
                                       precondition_frequency=precondition_frequency, block_size=block_size,
                                       graft=graft))
 
-    def _init_factors(self, state: dict, g: torch.Tensor, size: int) -> None:
-        blocks = block_slices(g.shape[0], g.shape[1], size)
-        state["L"] = [torch.zeros(rs.stop - rs.start, rs.stop - rs.start, dtype=g.dtype, device=g.device)
-                      for rs, _ in blocks]
-        state["R"] = [torch.zeros(cs.stop - cs.start, cs.stop - cs.start, dtype=g.dtype, device=g.device)
-                      for _, cs in blocks]
-        state["L_inv"] = [torch.zeros_like(x) for x in state["L"]]
-        state["R_inv"] = [torch.zeros_like(x) for x in state["R"]]
+    @staticmethod
+    def _factor_shapes(g: torch.Tensor, size: int) -> list[tuple[tuple, tuple]]:
+        """The (L, R) shapes of each block: (*batch, rows, rows) and (*batch, cols, cols)."""
+        lead = tuple(g.shape[:-2])
+        return [(lead + (rs.stop - rs.start,) * 2, lead + (cs.stop - cs.start,) * 2)
+                for rs, cs in block_slices(g.shape[-2], g.shape[-1], size)]
 
     def direction(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-        g = p.grad.reshape(p.shape[0], -1)
+        g = p.grad
+        shapes = self._factor_shapes(g, group["block_size"])
         if "L" not in state:
-            self._init_factors(state, g, group["block_size"])
+            for side, k in (("L", 0), ("R", 1)):
+                state[side] = [torch.zeros(s[k], dtype=g.dtype, device=g.device) for s in shapes]
+                state[side + "_inv"] = [torch.zeros_like(x) for x in state[side]]
+        saved = [tuple(x.shape) for x in state["L"] + state["R"]]
+        want = [s[0] for s in shapes] + [s[1] for s in shapes]
+        if saved != want:
+            i = next((i for i, (a, b) in enumerate(zip(saved, want)) if a != b), 0)
+            raise layout_error("a Shampoo factor", saved[i], want[i], p.shape)
         adam = adam_direction(g, state, group["betas"], group["eps"])
         momentum = state["exp_avg"] / (1 - group["betas"][0] ** int(state["step"].item()))
         t, beta = int(state["step"].item()), group["precond_beta"]
         refresh = t == 1 or t % group["precondition_frequency"] == 0
+        w = 1.0 if beta == 1 else 1 - beta
         out = torch.empty_like(g)
-        for i, (rs, cs) in enumerate(block_slices(g.shape[0], g.shape[1], group["block_size"])):
-            gb = g[rs, cs]
-            w = 1.0 if beta == 1 else 1 - beta
-            state["L"][i].mul_(beta).add_(gb @ gb.T, alpha=w)
-            state["R"][i].mul_(beta).add_(gb.T @ gb, alpha=w)
+        for i, (rs, cs) in enumerate(block_slices(g.shape[-2], g.shape[-1], group["block_size"])):
+            gb = g[..., rs, cs]
+            state["L"][i].mul_(beta).add_(gb @ gb.mT, alpha=w)
+            state["R"][i].mul_(beta).add_(gb.mT @ gb, alpha=w)
             if refresh:
                 state["L_inv"][i] = inverse_root(state["L"][i], 4, group["precond_eps"])
                 state["R_inv"][i] = inverse_root(state["R"][i], 4, group["precond_eps"])
-            d = state["L_inv"][i] @ momentum[rs, cs] @ state["R_inv"][i]
-            if group["graft"] == "adam":
-                d = d * (adam[rs, cs].norm() / (d.norm() + 1e-30))
-            out[rs, cs] = d
-        return out.reshape(p.shape)
+            d = state["L_inv"][i] @ momentum[..., rs, cs] @ state["R_inv"][i]
+            if group["graft"] == "adam":  # each block of each matrix takes the norm of Adam's step on it
+                norm = lambda x: torch.linalg.matrix_norm(x, keepdim=True)  # noqa: E731
+                d = d * (norm(adam[..., rs, cs]) / (norm(d) + 1e-30))
+            out[..., rs, cs] = d
+        return out

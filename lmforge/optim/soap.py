@@ -1,7 +1,8 @@
 """SOAP (Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam", Algorithm 3).
 
 Shampoo with exponent 1/2 is, up to a scalar, Adafactor run in the eigenbasis of its preconditioner; SOAP
-runs full Adam in that basis instead. For a matrix parameter with gradient G (m x n):
+runs full Adam in that basis instead. For a matrix parameter with gradient G (m x n; leading dims are a batch of
+matrices, so each expert of a stacked (E, m, n) MoE weight has its own factors and basis):
     L <- b L + (1 - b) G G^T,  R <- b R + (1 - b) G^T G          Shampoo's factors
     Q_L, Q_R = eigenvectors(L), eigenvectors(R)                  refreshed every `precondition_frequency` steps
     G' = Q_L^T G Q_R                                             gradient in the eigenbasis
@@ -21,11 +22,11 @@ from typing import Iterable
 
 import torch
 
-from lmforge.optim.adam_core import MatrixPreconditioner
+from lmforge.optim.adam_core import MatrixPreconditioner, layout_error
 
 
 def _eigvecs(mat: torch.Tensor) -> torch.Tensor:
-    _, vecs = torch.linalg.eigh(mat.double())
+    _, vecs = torch.linalg.eigh(mat.double())  # leading dims: a batch
     return vecs.flip(-1).to(mat.dtype)  # descending eigenvalue order, as SOAP sorts them
 
 
@@ -43,28 +44,33 @@ class SOAP(MatrixPreconditioner):
     @staticmethod
     def _rotate(x: torch.Tensor, ql: torch.Tensor | None, qr: torch.Tensor | None, back: bool = False):
         if ql is not None:
-            x = (ql @ x) if back else (ql.T @ x)
+            x = (ql @ x) if back else (ql.mT @ x)
         if qr is not None:
-            x = (x @ qr.T) if back else (x @ qr)
+            x = (x @ qr.mT) if back else (x @ qr)
         return x
 
     def direction(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-        g = p.grad.reshape(p.shape[0], -1)
+        g = p.grad
         (b1, b2), beta = group["betas"], group["precond_beta"]
+        sides = {side: tuple(g.shape[:-2]) + (dim, dim)
+                 for side, dim in (("L", g.shape[-2]), ("R", g.shape[-1])) if dim <= group["block_size"]}
         if "step" not in state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
-            for side, dim in (("L", g.shape[0]), ("R", g.shape[1])):
-                if dim <= group["block_size"]:
-                    state[side] = torch.zeros(dim, dim, dtype=g.dtype, device=g.device)
-                    state["Q" + side] = torch.eye(dim, dtype=g.dtype, device=g.device)
+            for side, shape in sides.items():
+                state[side] = torch.zeros(shape, dtype=g.dtype, device=g.device)
+                state["Q" + side] = torch.eye(shape[-1], dtype=g.dtype, device=g.device).expand(shape).clone()
+        for name, want in (("exp_avg", tuple(g.shape)), ("L", sides.get("L")), ("R", sides.get("R"))):
+            saved = tuple(state[name].shape) if name in state else None
+            if saved != want:
+                raise layout_error(f"SOAP's {name}", saved, want, p.shape)
         state["step"] += 1
         t = int(state["step"].item())
         w = 1.0 if beta == 1 else 1 - beta
         if "L" in state:
-            state["L"].mul_(beta).add_(g @ g.T, alpha=w)
+            state["L"].mul_(beta).add_(g @ g.mT, alpha=w)
         if "R" in state:
-            state["R"].mul_(beta).add_(g.T @ g, alpha=w)
+            state["R"].mul_(beta).add_(g.mT @ g, alpha=w)
         if t == 1 or t % group["precondition_frequency"] == 0:
             for side in ("L", "R"):
                 if side in state:
@@ -75,4 +81,4 @@ class SOAP(MatrixPreconditioner):
         state["exp_avg_sq"].mul_(b2).addcmul_(g_rot, g_rot, value=1 - b2)
         m_rot = self._rotate(state["exp_avg"], ql, qr) / (1 - b1**t)
         n_rot = m_rot / ((state["exp_avg_sq"] / (1 - b2**t)).sqrt() + group["eps"])
-        return self._rotate(n_rot, ql, qr, back=True).reshape(p.shape)
+        return self._rotate(n_rot, ql, qr, back=True)

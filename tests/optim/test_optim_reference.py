@@ -204,6 +204,39 @@ def test_soap_without_rotation_is_adamw():
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("make, old_state", [
+    (lambda ps: Shampoo(ps, lr=0.05, block_size=4, precondition_frequency=2),
+     {"L": [torch.zeros(3, 3)], "R": [torch.zeros(70, 70)]}),
+    (lambda ps: SOAP(ps, lr=0.05, block_size=6, precondition_frequency=2),
+     {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3, 70), "exp_avg_sq": torch.zeros(3, 70),
+      "L": torch.zeros(3, 3), "QL": torch.eye(3)}),
+    (lambda ps: Adafactor(ps, lr=0.05, beta1=0.9, clip_threshold=0.5),
+     {"step": torch.tensor(1.0), "exp_avg_sq_row": torch.zeros(3), "exp_avg_sq_col": torch.zeros(70)}),
+], ids=["shampoo", "soap", "adafactor"])
+def test_matrix_optimizers_precondition_each_expert_of_a_stacked_weight_alone(make, old_state):
+    """A stacked (E, m, n) MoE weight steps as E separate (m, n) matrices (their own factors, bases, row/column
+    statistics, grafting norms and update clipping), as Muon and Dion do: the same three steps as one optimizer per
+    expert. It was one (E, m * n) matrix. Shampoo's blocks (4) cut both sides; SOAP rotates the 5 rows only."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(3, 5, 14, dtype=torch.float64, generator=gen))
+    alone = [torch.nn.Parameter(w.detach()[e].clone()) for e in range(3)]
+    stacked, per_expert = make([w]), [make([a]) for a in alone]
+    for _ in range(3):
+        g = torch.randn(3, 5, 14, dtype=torch.float64, generator=gen) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
+        w.grad = g.clone()
+        stacked.step()
+        for e, (a, opt) in enumerate(zip(alone, per_expert)):
+            a.grad = g[e].clone()
+            opt.step()
+    for e in range(3):
+        torch.testing.assert_close(w.detach()[e], alone[e].detach(), rtol=1e-10, atol=1e-12)
+    # a state saved before (statistics of the flattened (3, 70) matrix) is refused in one line, naming the way out
+    stacked.state[w] = {k: ([x.double() for x in v] if isinstance(v, list) else v.double())
+                        for k, v in old_state.items()}
+    with pytest.raises(ConfigError, match=r"of shape \(3, 5, 14\).*reset_optimizer = true"):
+        stacked.step()
+
+
 @pytest.mark.parametrize("n_kv", [4, 2])
 def test_qk_clip_caps_max_logit_at_tau(n_kv):
     hd, n_q, d = 8, 4, 16

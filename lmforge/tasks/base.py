@@ -85,18 +85,23 @@ class Task:
 
     def verify(self, example: Example, completion: str) -> bool:
         got = self.parse(completion, example)
-        return got is not None and normalize(got) == normalize(example.answer)
+        if got is None:
+            return False
+        target = normalize(example.answer)
+        # a list answer ("32, 821") reads "32,821" as a list, not as thousands
+        return normalize(got, thousands="," not in target) == target
 
 
-def normalize(answer: str) -> str:
+def normalize(answer: str, thousands: bool = True) -> str:
     """Compare answers modulo spacing, case, a trailing period, markdown/LaTeX wrapping (**x**, $x$,
-    \\boxed{x}), a leading + or a zero fraction on an integer, and thousands separators in numbers."""
+    \\boxed{x}), a leading + or a zero fraction on an integer, and (thousands=True) thousands separators in
+    numbers: "1,234" is 1234; with thousands=False it is the list "1, 234"."""
     a = " ".join(answer.strip().split()).lower()
     a = a.strip("*$ ").rstrip(".").strip("*$ ")
     boxed = re.fullmatch(r"\\boxed\{(.*)\}", a)
     if boxed:
         a = boxed.group(1).strip()
-    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", a):  # 1,234 -> 1234
+    if thousands and re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", a):  # 1,234 -> 1234
         a = a.replace(",", "")
     number = re.fullmatch(r"\+?(-?\d+)(\.0+)?", a)  # +1234, 1234.0 -> 1234
     if number:

@@ -86,6 +86,16 @@ class GSM8K(_FileTask):
             return False
 
 
+# an option letter: "(b)" or "(B)", a capital standing alone, or a lowercase letter that ends the answer (followed by
+# punctuation or the line's end, so the article in "Answer: a matter of taste" is not option A)
+_OPTION = r"(?:\(([a-dA-D])\)|(?-i:([A-D]))\b|(?-i:([a-d]))(?=[).,;:!?]|[ \t]*(?:\n|$)))"
+
+
+def _letter(m) -> str:
+    groups = m.groups() if isinstance(m, re.Match) else m
+    return next(g for g in groups if g).upper()
+
+
 class MMLU(_FileTask):
     name, subdir = "mmlu", "mmlu"
     templates = ("{q}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer with the letter of the correct option.",)
@@ -108,15 +118,16 @@ class MMLU(_FileTask):
         return out
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        """The letter after the last 'Answer:' or 'the answer is' (either case), else the first standalone
-        capital A-D in the text."""
+        """The letter after the last 'Answer:' or 'the answer is', else the first standalone capital A-D in the
+        text. A lowercase letter counts there only as a whole answer ("b", "(b)", "b.", not the article in
+        "the answer is a matter of ...")."""
         marked = final_answer(completion)
-        said = re.findall(r"answer\s+is\s*:?\s*\(?([abcdABCD])\b", completion, re.IGNORECASE)
+        said = re.findall(r"answer\s+is\s*:?\s*" + _OPTION, completion, re.IGNORECASE)
         if marked is not None:
-            m = re.match(r"\W*([abcdABCD])\b", marked)
+            m = re.match(r"[^\w(]*" + _OPTION, marked)
             if m:
-                return m.group(1).upper()
+                return _letter(m)
         if said:
-            return said[-1].upper()
+            return _letter(said[-1])
         m = re.search(r"\b([ABCD])\b", marked if marked is not None else completion)
         return m.group(1) if m else None

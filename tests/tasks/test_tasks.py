@@ -162,6 +162,18 @@ def test_task_settings_are_checked_and_commutative_problems_keep_one_split():
     assert not pairs(train) & pairs(test)  # 3 + 4 and 4 + 3 are one problem
 
 
+def test_a_list_answer_reads_commas_as_separators_and_a_number_as_thousands():
+    """Sorting numbers >= 100: "32,821" is the list 32, 821 (it was read as the number 32821 and judged wrong)."""
+    from lmforge.tasks.base import Example, Task
+    from lmforge.tasks.listops import Sorting
+
+    task = Sorting(max_value=999)
+    e = task.render({"items": [821, 32]}, task.templates[0])
+    assert e.answer == "32, 821" and task.verify(e, "Answer: 32,821") and not task.verify(e, "Answer: 32821")
+    number = Example(prompt="2 * 16410.5?", answer="32821", solution="", key="n")
+    assert Task().verify(number, "Answer: 32,821") and not Task().verify(number, "Answer: 32, 821")
+
+
 def test_dataset_parsers_take_the_marked_answer_and_loaders_name_bad_lines(tmp_path):
     from lmforge.errors import DataError
     from lmforge.tasks.datasets import GSM8K, MMLU
@@ -172,6 +184,10 @@ def test_dataset_parsers_take_the_marked_answer_and_loaders_name_bad_lines(tmp_p
     assert g.parse("Answer: 4 (she sells 9 eggs at $2 each)") == "4" and g.parse("#### 4\nthen 7") == "4"
     assert g.parse("so 12 then 18") == "18"
     assert m.parse("A is wrong; the answer is D") == "D" and m.parse("Answer: b") == "B" and m.parse("I pick C") == "C"
+    # a lowercase letter is an option only as a whole answer, never the article "a"
+    assert m.parse("The answer is a matter of taste, but I pick C") == "C"
+    assert m.parse("Answer: a bit of both. B") == "B" and m.parse("the answer is (a)") == "A"
+    assert m.parse("answer is: c.") == "C" and m.parse("Answer: d\nsince") == "D"
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "4 #### 4"}\n'
                                                    '{"question": "q", "answer": "no final line"}\n')
     with pytest.raises(DataError, match="test.jsonl:2: the answer has no '#### <final answer>' line"):

@@ -5,8 +5,8 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (session 33, 2026-12-05: `gputests` ran alone on an H100 - 63 passed, 1 skipped. Next, on an H200: `speculative`,
-# `mixedgraphs`, `decode`)
+# (session 33, 2026-12-05: `gputests` ran alone on an H100 - 63 passed, 1 skipped -, then `speculative`,
+# `mixedgraphs` and bench/decode.py on the same H100 (docs/benchmarks.md). Next, on an H200: `decode`)
 # (session 32, 2026-12-05, on an H100 - no H200 came: `alltests` passed but for three `-m gpu` failures since fixed
 # (docs/benchmarks.md, session 32): a stale token-tree test, and a kernel-step capture failing once with several
 # processes on the GPU, whose fallback then broke every later random draw (lmforge.utils.capture_cuda_graph fixes

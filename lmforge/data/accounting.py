@@ -48,13 +48,21 @@ def apply_stage(spec: StageSpec, cfg: Any, live: list[Document], ctx: StageConte
     t0 = time.perf_counter()
     out = run_stage(spec, cfg, live, ctx) if live else []
     rec["seconds"] = time.perf_counter() - t0
+    kept, dropped = record_outcome(rec, out, ids_in)
+    return kept, dropped, rec
+
+
+def record_outcome(rec: dict[str, Any], out: list[Document], ids_in: set[int]
+                   ) -> tuple[list[Document], list[Document]]:
+    """Fill a stage record's outputs from the documents a stage returned: those whose object id is not in
+    `ids_in` (the ids of the documents it was given) it added. Returns (kept, rejected)."""
     rec["added"] = sum(1 for d in out if id(d) not in ids_in)
     kept = [d for d in out if d.drop is None]
     dropped = [d for d in out if d.drop is not None]
     rec["docs_out"] = len(kept)
     rec["bytes_out"] = sum(d.nbytes for d in kept)
     rec["rejected"] = dict(Counter(d.drop for d in dropped))
-    return kept, dropped, rec
+    return kept, dropped
 
 
 def merge_stats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ al. 2010, link density; Readability's class/id vocabularies; Barbaric 2021, traf
    "most read" lists, tag clouds, menus without telling names);
 4. position: the `header` holding the page's first `h1` becomes a `div`, so the headline and
    standfirst survive resiliparse's main-content pass (which skips page headers); `headline` finds
-   the article's title (the h1 or h2 sharing most words with <title>) for the caller to restore.
+   the article's title (the visible h1 or h2 covering most of <title>'s words) for the caller to restore.
 
 No rule hides an element holding >= 40% of the page's paragraph text (a "c-fixed-sidebar-layout"
 wrapper, a "share-zone" or an `aside` around the post): such an element is made neutral instead, its
@@ -48,12 +48,19 @@ _STRONG_PREFIXES = tuple(w for w in STRONG_WORDS if len(w) >= 4)
 _WEAK_PREFIXES = tuple(w for w in WEAK_WORDS if len(w) >= 4)
 
 _ATTR = re.compile(r"""(?:class|id)\s*=\s*(?:"([^"<>]*)"|'([^'<>]*)'|([^\s"'<>=]+))""")
+# A start tag up to (and including the whitespace before) one of its attributes, "<div data-x='a' ": tells a
+# class/id attribute from the same characters in text (an escaped tag in a code sample)
+_ATTR_VALUE = r"""(?:"[^"]*"|'[^']*'|[^\s"'<>=`]+)"""
+_START_TAG_HEAD = re.compile(rf"""<[A-Za-z][A-Za-z0-9-]*(?:\s+[^\s"'<>/=]+(?:\s*=\s*{_ATTR_VALUE})?)*\s+""")
 _STRUCTURE = re.compile(rf"<({'|'.join(STRUCTURE_TAGS)})(?=[\s>/])", re.I)
 _LIST_TAG = re.compile(r"<(/?)(ul|ol)\b[^>]*>", re.I)
 _LINK = re.compile(r"<a\b[^>]*>(.*?)</a\s*>", re.S | re.I)
 _TAG = re.compile(r"<[^>]+>")
 _SCRIPT_START = re.compile(r"<(script|style)\b", re.I)
-_SCRIPT_END = {name: re.compile(rf"</{name}\s*>", re.I) for name in ("script", "style")}
+# What a browser never shows: comments and the contents of script, style, template and noscript elements.
+_UNRENDERED_START = re.compile(r"<(!--|(?:script|style|template|noscript)\b)", re.I)
+_UNRENDERED_END = {name: re.compile(rf"</{name}\s*>", re.I) for name in ("script", "style", "template", "noscript")}
+_UNRENDERED_END["!--"] = re.compile(r"-->")
 _PARAGRAPH = re.compile(r"<p\b[^>]*>(.*?)</p\s*>", re.S | re.I)
 _HEADING = re.compile(r"<(h[12])\b[^>]*>(.*?)</\1\s*>", re.S | re.I)
 _H1 = re.compile(r"<h1\b", re.I)
@@ -149,16 +156,28 @@ def element_end(html: str, start: int, name: str) -> int:
     return len(html)
 
 
-def strip_scripts(html: str) -> str:
-    """The markup without script and style elements (their text is never content and would skew
-    the scans); an unclosed one runs to the end."""
+def _strip(html: str, start: re.Pattern) -> str:
+    """The markup without the elements (or comments) whose opening `start` finds; an unclosed one runs to
+    the end."""
     parts, pos = [], 0
-    while (m := _SCRIPT_START.search(html, pos)) is not None:
+    while (m := start.search(html, pos)) is not None:
         parts.append(html[pos:m.start()])
-        end = _SCRIPT_END[m.group(1).lower()].search(html, m.end())
+        end = _UNRENDERED_END[m.group(1).lower()].search(html, m.end())
         pos = end.end() if end else len(html)
     parts.append(html[pos:])
     return "".join(parts)
+
+
+def strip_scripts(html: str) -> str:
+    """The markup without script and style elements (their text is never content and would skew
+    the scans)."""
+    return _strip(html, _SCRIPT_START)
+
+
+def strip_unrendered(html: str) -> str:
+    """The markup without comments, script, style, template and noscript elements: what a reader never
+    sees, so an `<h1>` there (a commented-out draft, a template for a client-side widget) is no headline."""
+    return _strip(html, _UNRENDERED_START)
 
 
 def paragraph_len(fragment: str) -> int:
@@ -187,11 +206,16 @@ class _Page:
         return self._length
 
     def _element(self, at: int) -> tuple[int, str] | None:
+        """(offset, name) of the start tag holding the attribute at `at`; None when `at` lies outside a
+        start tag (text such as `&lt;div class="comment"&gt;` in a code sample, whose nearest "<" opens
+        `<code>`) or in the page's html/head/body/main."""
         lt = self.html.rfind("<", 0, at)
-        name = _NAME.match(self.html, lt + 1) if lt >= 0 else None
-        if name is None or name.group(0).lower() in ("html", "body", "main", "head"):
+        if lt < 0 or _START_TAG_HEAD.fullmatch(self.html, lt, at) is None:
             return None
-        return lt, name.group(0)
+        name = _NAME.match(self.html, lt + 1).group(0)
+        if name.lower() in ("html", "body", "main", "head"):
+            return None
+        return lt, name
 
     def holds_article(self, lt: int, name: str) -> tuple[bool, int]:
         """(does the element starting at `lt` hold the article?, offset past its end tag or -1)."""
@@ -235,23 +259,28 @@ class _Page:
 
 
 def headline(html: str) -> str:
-    """The page's headline: of its h1 (else h2) elements, the one sharing most words with <title>
-    (the first h1 is often the site's logo); "" if none shares half its words."""
+    """The page's headline: of its h1 (else h2) elements with at least half their words in <title>, the
+    one covering most of the title's words; "" if none. Ties go to the heading with fewer words outside
+    the title, then to the later one: a site's logo h1 comes first and also lies in the title ("Example
+    News" and "Solar boats" each cover half of "Solar boats - Example News"). Comments, scripts, styles,
+    templates and noscript are not scanned: a heading there is never shown."""
     import html as html_lib
 
+    html = strip_unrendered(html)
     title = _TITLE.search(html)
     title_words = set(_WORD.findall(html_lib.unescape(title.group(1)).lower())) if title else set()
     for level in ("h1", "h2"):
-        best, best_score = "", 0.0
+        best, best_key = "", (0, 0)
         for m in _HEADING.finditer(html):
             if m.group(1).lower() != level:
                 continue
             text = " ".join(html_lib.unescape(_TAG.sub(" ", m.group(2))).split())
             words = set(_WORD.findall(text.lower()))
-            score = len(words & title_words) / len(words) if words else 0.0
-            if score > best_score:
-                best, best_score = text, score
-        if best_score >= 0.5:
+            shared = len(words & title_words)
+            key = (shared, -len(words))
+            if shared and shared >= 0.5 * len(words) and key >= best_key:  # >=: a tie goes to the later one
+                best, best_key = text, key
+        if best:
             return best
     return ""
 
@@ -260,7 +289,7 @@ def mark_boilerplate(html: str) -> str:
     """The page with boilerplate elements given a `hidden` attribute (see the module docstring)."""
     page = _Page(strip_scripts(html))
     for m in _ATTR.finditer(page.html):
-        if is_boilerplate_name(m[m.lastindex]) and page.html[m.start() - 1].isspace():
+        if is_boilerplate_name(m[m.lastindex]):
             page.named(m)
     for m in _STRUCTURE.finditer(page.html):
         page.structural(m)

@@ -2,9 +2,10 @@
 
 GPT-3 (Brown et al. 2020, App. C) flagged overlaps of 13-grams (after lowercasing and stripping
 punctuation); we do the same with a configurable n. Evaluation items shorter than n words are skipped,
-as in GPT-3, because their n-grams would be too generic. Eval files: JSONL (every string field is one
-item, e.g. GSM8K's question and answer), CSV (every cell, e.g. MMLU's question and choices), plain text
-(one item per line); a directory means all such files inside it.
+as in GPT-3, because their n-grams would be too generic. Eval files: JSONL (every string in a record is one
+item, e.g. GSM8K's question and answer, including those in lists and nested objects; a line may also be a
+bare string or list), CSV (every cell, e.g. MMLU's question and choices), plain text (one item per line); a
+directory means all such files inside it.
 """
 
 from __future__ import annotations
@@ -41,12 +42,26 @@ class DecontamConfig:
         check(self.min_matches >= 1, f"decontam.min_matches must be >= 1, got {self.min_matches}")
 
 
+def _strings(value: object) -> Iterator[str]:
+    """Every string in a JSON value: itself, or those inside its lists and objects (a record's "choices" list
+    holds eval text as much as its "question" field does; a line may also be a bare string or list)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+
+
 def _items(path: Path) -> Iterator[str]:
     if path.suffix == ".jsonl":
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        # split on "\n" only: str.splitlines also splits on U+2028, U+2029 and U+0085, which JSON allows
+        # unescaped inside strings
+        for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
             if line.strip():
-                rec = json.loads(line)
-                yield from (v for v in rec.values() if isinstance(v, str))
+                yield from _strings(json.loads(line))
     elif path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             for row in csv.reader(f):

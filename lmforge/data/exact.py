@@ -69,9 +69,9 @@ class LineDedupConfig:
 
 
 def line_key(line: str, normalize: bool = False) -> bytes:
-    """A 64-bit key of one line: the line exactly, or its normalised form."""
-    if normalize:
-        line = _DIGITS.sub("0", " ".join(line.lower().split()))
+    """A 64-bit key of one line: the line exactly, or its normalised form. Text is split on "\n", so a CRLF
+    line keeps its "\r"; the key leaves it out, or Windows and Unix copies of a line would never match."""
+    line = _DIGITS.sub("0", " ".join(line.lower().split())) if normalize else line.rstrip("\r")
     return hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 

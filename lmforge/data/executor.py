@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.accounting import apply_stage, balance, merge_stats, read_stage, stage_record
-from lmforge.data.document import Document
+from lmforge.data.accounting import apply_stage, balance, merge_stats, read_stage, record_outcome, stage_record
+from lmforge.data.document import Document, stable_id
 from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs
 from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
@@ -110,24 +109,28 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
     (spec, scfg), = phases(cfg.built_stages())[p]
     label = stage_labels(cfg)[sum(len(ph) for ph in phases(cfg.built_stages())[:p])]
     per_shard = {s: _load_input(cfg, layout, p, s, files) for s, files in shards.items()}
-    owner = {}
+    owner: dict[int, str] = {}
     all_live: list[Document] = []
+    stage_recs: dict[str, dict[str, Any]] = {}
     for s, (live, _, _) in per_shard.items():
         for d in live:
             owner[id(d)] = s
         all_live += live
+        # measured before the stage runs: line and Bloom dedup shorten the texts in place
+        stage_recs[s] = {**stage_record(label), "docs_in": len(live), "bytes_in": sum(d.nbytes for d in live)}
     ctx = StageContext(shard="global", workdir=layout.root)
     t0 = time.perf_counter()
     out = spec.fn(scfg, all_live, ctx) if all_live else []
     seconds = time.perf_counter() - t0
+    mine: dict[str, list[Document]] = {s: [] for s in per_shard}
+    names = sorted(per_shard)
+    for d in out:  # a document the stage added has no owner: a hash of its id picks one, the same every run
+        mine[owner.get(id(d)) or names[int(stable_id(d.id), 16) % len(names)]].append(d)
     out_stats = []
     for i, (s, (live, dropped, records)) in enumerate(per_shard.items()):
-        mine = [d for d in out if owner.get(id(d)) == s]
-        kept, gone = [d for d in mine if d.drop is None], [d for d in mine if d.drop is not None]
-        rec = stage_record(label)
-        rec.update(docs_in=len(live), bytes_in=sum(d.nbytes for d in live), docs_out=len(kept),
-                   bytes_out=sum(d.nbytes for d in kept), rejected=dict(Counter(d.drop for d in gone)),
-                   seconds=seconds if i == 0 else 0.0)
+        rec = stage_recs[s]
+        kept, gone = record_outcome(rec, mine[s], {id(d) for d in live})  # counts the added ones it received
+        rec["seconds"] = seconds if i == 0 else 0.0
         # corpus-wide counters are reported once, with the first shard
         out_stats.append(_finish_shard(cfg, layout, p, s, kept, dropped + gone, records + [rec],
                                        ctx.counters if i == 0 else {}))

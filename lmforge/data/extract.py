@@ -56,24 +56,39 @@ class ExtractConfig:
         check(self.max_html_bytes > 0, f"extract.max_html_bytes must be > 0, got {self.max_html_bytes}")
 
 
+# Byte-order marks, longest first: a BOM decides the encoding before any declaration (WHATWG HTML
+# "determining the character encoding", step 1), since a header or <meta> that disagrees with it is stale.
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
 def detect_charset(raw: bytes, content_type: str | None = None) -> str:
-    """The charset to decode a page with, in order of trust: the HTTP Content-Type header; UTF-8 when
-    the bytes are valid UTF-8 (statistical detectors mistake UTF-8 pages with little non-ASCII text for
-    cp1252); a <meta charset> in the first 4 KiB; else resiliparse's detector."""
+    """The charset to decode a page with, in order of trust: a byte-order mark; the HTTP Content-Type
+    header; UTF-8 when the bytes are valid UTF-8 (statistical detectors mistake UTF-8 pages with little
+    non-ASCII text for cp1252); a <meta charset> in the first 4 KiB; else resiliparse's detector.
+
+    Declared labels go through the WHATWG Encoding Standard's label table (resiliparse's
+    `map_encoding_to_html5`), as browsers do: iso-8859-1, latin1 and us-ascii decode as windows-1252, whose
+    0x80-0x9F bytes are the curly quotes, dashes and euro sign such pages mean, not C1 control characters;
+    iso-8859-9 as windows-1254, gb2312 as gbk. Unknown labels are skipped."""
     import codecs
 
-    declared = [m.group(1) for m in [_CHARSET.search(content_type or "")] if m]
+    enc = require("resiliparse.parse.encoding", "data")
+    for bom, name in _BOMS:
+        if raw.startswith(bom):
+            return name
+    declared = [(m.group(1), False) for m in [_CHARSET.search(content_type or "")] if m]
     try:
         raw.decode("utf-8")
-        declared.append("utf-8")
+        declared.append(("utf-8", False))
     except UnicodeDecodeError:
-        declared += [m.group(1).decode("ascii", "replace") for m in [_META_CHARSET.search(raw[:4096])] if m]
-    for name in declared:
-        try:
-            return codecs.lookup(name).name
-        except LookupError:
+        declared += [(m.group(1).decode("ascii", "replace"), True) for m in [_META_CHARSET.search(raw[:4096])] if m]
+    for label, in_meta in declared:
+        name = enc.map_encoding_to_html5(label, fallback_utf8=False)
+        if name is None:
             continue
-    enc = require("resiliparse.parse.encoding", "data")
+        if in_meta and name.startswith("utf-16"):  # a <meta> readable as ASCII is not UTF-16 (WHATWG prescan)
+            name = "utf-8"
+        return codecs.lookup(name).name
     return enc.detect_encoding(raw) or "utf-8"
 
 

@@ -1,7 +1,7 @@
-"""PII masking: e-mail addresses, US phone numbers (formatted, bare 10-digit and +1 forms), IPv4 and IPv6 addresses become replacement tokens
-(the `|||EMAIL_ADDRESS|||` style of Dolma, Soldaini et al. 2024), with counts per document in
-`meta.pii`. Regexes find candidates; IP candidates are validated with `ipaddress` so that version
-strings and clock times are not masked.
+"""PII masking: e-mail addresses, US phone numbers (formatted, bare 10-digit and +1 forms), IPv4 and IPv6
+addresses become replacement tokens (the `|||EMAIL_ADDRESS|||` style of Dolma, Soldaini et al. 2024), with
+counts per document in `meta.pii`. Regexes find candidates; IP candidates are validated with `ipaddress` so
+that version strings and clock times are not masked.
 """
 
 from __future__ import annotations
@@ -14,23 +14,38 @@ from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.stage import StageContext
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# Every pattern is compiled with re.ASCII: the lookarounds ask "is the neighbour part of the same token?", and
+# an address or number written flush against CJK, kana or accented text ("请发邮件至user@example.com谢谢",
+# "電話555-123-4567まで") has a Unicode \w neighbour that is not part of it. ASCII \d also keeps Arabic-Indic
+# and other non-ASCII digits from being read as US phone numbers.
+# The local part may start with "_" and hold "'" (RFC 5322 atext: o'brien@example.com); "'" is not in the
+# lookbehind so that a quoted address ('bob@example.com') is still masked.
+EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9_][A-Za-z0-9._%+'-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", re.ASCII)
 # US numbers: optional +1 / 1 country code, area code bare or in parentheses, then 3 + 4 digits.
 # The two separators after a bare area code must agree (555-123-4567, 555.123.4567, 555 123 4567), so
-# dates like 2020-01-1234 or decimals are not taken for phones.
+# dates like 2020-01-1234 or decimals are not taken for phones. Separators stay on one line: numbers on
+# separate lines ("555\n123\n4567", a column of a table) are not one phone number.
 PHONE = re.compile(
-    r"(?<![\w+])(?:\+?1[\s.-]?)?"
-    r"(?:\(\d{3}\)[\s.-]?\d{3}[\s.-]\d{4}|\d{3}([\s.-])\d{3}\1\d{4})"
-    r"(?![\w-])"
+    r"(?<![\w+])(?:\+?1[ \t.-]?)?"
+    r"(?:\(\d{3}\)[ \t.-]?\d{3}[ \t.-]\d{4}|\d{3}([ \t.-])\d{3}\1\d{4})"
+    r"(?![\w-])",
+    re.ASCII,
 )
 # Unformatted US numbers: 10 digits (optionally after +1) whose area code starts with 2-9 as NANP area
 # codes do (which rules out Unix timestamps and 1234567890-style counters), standing alone: not part of
 # a longer number, a decimal, an identifier, or a path/query in a URL (see `_URL`).
-PHONE_BARE = re.compile(r"(?<![\w+/=?&#.:%-])(?:\+1[\s.-]?)?[2-9]\d{9}(?![\w/-]|[.,:]\d)")
-_URL = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|\bwww\.)\S+", re.I)
+PHONE_BARE = re.compile(r"(?<![\w+/=?&#.:%-])(?:\+1[ \t.-]?)?[2-9]\d{9}(?![\w/-]|[.,:]\d)", re.ASCII)
+_URL = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|\bwww\.)\S+", re.I | re.ASCII)
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
-IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d+\.\d+\.\d+\.\d+|[0-9A-Fa-f]{0,4})(?![\w:]|\.\d)")
+IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", re.ASCII)
+# The candidate ends in a hex digit or in "::", and may be followed by a colon that starts no further group:
+# "2001:db8::1: down" (a label's colon) masks 2001:db8::1, where "2001:db8::1:" would fail validation.
+IPV6_CANDIDATE = re.compile(
+    r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d+\.\d+\.\d+\.\d+|[0-9A-Fa-f]{0,4})"
+    r"(?:(?<=[0-9A-Fa-f])|(?<=::))(?!\w|:[0-9A-Fa-f]|\.\d)",
+    re.ASCII,
+)
 
 TOKENS = {"email": "|||EMAIL_ADDRESS|||", "phone": "|||PHONE_NUMBER|||", "ip": "|||IP_ADDRESS|||"}
 KINDS = ("email", "phone", "ipv4", "ipv6")

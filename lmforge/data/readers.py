@@ -93,7 +93,8 @@ def _json_doc(path: Path, lineno: int, line: bytes, text_key: str, id_key: str) 
         rec = json.loads(text)
     except json.JSONDecodeError as e:
         return _error_doc(path, f"line {lineno}", "bad_json", e)
-    if not isinstance(rec, dict) or not isinstance(rec.get(text_key, ""), str):
+    # a null text reads as "", as a null in a Parquet text column does
+    if not isinstance(rec, dict) or not isinstance(rec.get(text_key), (str, type(None))):
         return _error_doc(path, f"line {lineno}", "bad_record")
     # a record lmforge wrote (Document.to_record: id, text, a dict meta, drop) keeps its drop reason; in
     # anyone else's records "drop" and a non-dict "meta" are ordinary fields
@@ -116,6 +117,8 @@ def read_jsonl(path: str | Path, *, text_key: str = "text", id_key: str = "id") 
     try:
         with open_binary(path) as f:
             for lineno, line in enumerate(f, 1):
+                if lineno == 1:  # a UTF-8 byte-order mark (Windows editors write one) is no part of the JSON
+                    line = line.removeprefix(b"\xef\xbb\xbf")
                 if line.strip():
                     yield _json_doc(path, lineno, line, text_key, id_key)
     except (OSError, EOFError, zlib.error) as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,6 +14,20 @@ from lmforge.data.document import Document
 from lmforge.errors import ConfigError, require
 
 WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
+# A lone surrogate (U+D800-U+DFFF) reaches a document through a legal JSON escape ("\ud800") but has no UTF-8
+# encoding: written as CESU bytes it reads back as three U+FFFD, and pyarrow refuses it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_line(value: Any) -> str:
+    """One line of JSON, non-ASCII text as is and lone surrogates as the escapes they came from, so that
+    they read back exactly."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(value, ensure_ascii=False))
+
+
+def _utf8_safe(value: str | None) -> tuple[str | None, int]:
+    """(value with lone surrogates replaced by U+FFFD, how many were replaced)."""
+    return (value, 0) if value is None else _SURROGATE.subn("\ufffd", value)
 
 
 def write_jsonl(path: str | Path, docs: Iterable[Document], *, with_text: bool = True) -> int:
@@ -20,8 +35,8 @@ def write_jsonl(path: str | Path, docs: Iterable[Document], *, with_text: bool =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    lines = [json.dumps(d.to_record(with_text), ensure_ascii=False) for d in docs]
-    data = ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8", errors="surrogatepass")
+    lines = [_json_line(d.to_record(with_text)) for d in docs]
+    data = ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=5)
     elif path.name.endswith(".zst"):
@@ -32,22 +47,24 @@ def write_jsonl(path: str | Path, docs: Iterable[Document], *, with_text: bool =
 
 
 def write_parquet(path: str | Path, docs: Iterable[Document]) -> int:
-    """Parquet with columns id, text, meta (a JSON string: metadata is free-form), drop."""
+    """Parquet with columns id, text, meta (a JSON string: metadata is free-form), drop. Parquet strings
+    must be valid UTF-8: lone surrogates in id, text or drop become U+FFFD, counted in the written
+    `meta.encode_errors` (the meta JSON keeps them as escapes)."""
     pa = require("pyarrow", "data")
     pq = require("pyarrow.parquet", "data")
-    docs = list(docs)
-    table = pa.table({
-        "id": [d.id for d in docs],
-        "text": [d.text for d in docs],
-        "meta": [json.dumps(d.meta, ensure_ascii=False) for d in docs],
-        "drop": [d.drop for d in docs],
-    })
+    columns: dict[str, list] = {"id": [], "text": [], "meta": [], "drop": []}
+    for d in docs:
+        (doc_id, a), (text, b), (drop, c) = _utf8_safe(d.id), _utf8_safe(d.text), _utf8_safe(d.drop)
+        meta = {**d.meta, "encode_errors": a + b + c} if a + b + c else d.meta
+        for name, value in (("id", doc_id), ("text", text), ("meta", _json_line(meta)), ("drop", drop)):
+            columns[name].append(value)
+    table = pa.table(columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
-    return len(docs)
+    return len(columns["id"])
 
 
 def write_docs(path: str | Path, docs: Iterable[Document], fmt: str = "jsonl") -> int:

@@ -83,6 +83,20 @@ def test_line_dedup_keeps_trailing_newline_consistently():
     assert [d.meta.get("lines_removed") for d in out] == [1, None, 1, None]
 
 
+def test_line_dedup_matches_crlf_and_lf_copies_of_a_line():
+    """Text splits on "\n", so a CRLF document's lines end in "\r": the comparison leaves it out, the kept
+    lines keep it."""
+    docs = [Document(id="a", text="Body A\r\nShare this article\r\nBody A2\r\n"),
+            Document(id="b", text="Share this article\nBody B")]
+    ctx = StageContext()
+    out = line_dedup(LineDedupConfig(), docs, ctx)
+    assert [d.text for d in out] == ["Body A\r\nBody A2\r\n", "Body B"]
+    assert ctx.counters["line_dedup.lines_removed"] == 2
+    first = line_dedup(LineDedupConfig(mode="first"), [Document(id="a", text="x\r\nShared line\r\n"),
+                                                       Document(id="b", text="Shared line\ny")], StageContext())
+    assert [d.text for d in first] == ["x\r\nShared line\r\n", "y"]
+
+
 def test_bands_rows_match_datasketch_choice():
     lsh = pytest.importorskip("datasketch.lsh")
     for t in (0.5, 0.7, 0.8, 0.9):
@@ -256,6 +270,24 @@ def test_decontamination_against_gsm8k_and_mmlu():
     out = decontam(DecontamConfig(eval_paths=(str(gsm), str(mmlu)), ngram=13), docs, StageContext())
     assert [d.drop for d in out] == ["decontam", None, "decontam"]
     assert out[0].meta["eval_ngram_matches"] == len(text_ngram_hashes(q, 13))
+
+
+def test_decontamination_jsonl_line_separators_and_non_object_records(tmp_path):
+    """U+2028/U+2029/U+0085 are legal unescaped inside JSON strings and do not end a JSONL line; a line
+    may be a bare string or list, and lists inside a record hold eval text too."""
+    a, b, c, d = ("alpha beta gamma delta", "one two three four", "red green blue cyan", "north south east west")
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"q": f"{a}\u2028{b}\u2029{c}\u0085{d}", "id": 7}, ensure_ascii=False) + "\r\n"
+                    + json.dumps("sun moon star comet") + "\n"
+                    + json.dumps({"choices": ["cat dog cow pig", {"text": "oak elm ash fir"}], "label": 2}) + "\n",
+                    encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    docs = [Document(id="sep", text=f"{b} x"), Document(id="str", text="the sun moon star comet"),
+            Document(id="list", text="cat dog cow pig"), Document(id="nested", text="oak elm ash fir"),
+            Document(id="clean", text="nothing in common here")]
+    out = decontam(DecontamConfig(eval_paths=(str(path),), ngram=4), docs, StageContext())
+    assert [d.drop for d in out] == ["decontam"] * 4 + [None]
+    assert [d.meta.get("eval_ngram_matches") for d in out] == [1, 1, 1, 1, None]
 
 
 def test_minhash_character_shingles():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.data.boilerplate import headline, mark_boilerplate
 from lmforge.data.document import Document
 from lmforge.data.extract import ExtractConfig, detect_charset, extract, html_to_text
 from lmforge.data.extract_quality import normalize, precision_recall_f1, score, total
@@ -42,13 +43,14 @@ def test_every_shared_page_extracts(web_html):
     assert all(d.raw is None for d in docs)
     assert not any("â€" in d.text or "Ã¤" in d.text for d in docs)  # no UTF-8-read-as-cp1252 mojibake
     by = {d.id: d for d in docs}
-    assert by["landwirt.com.sensortechnik.html"].meta["charset"] == "iso8859-1"  # invalid UTF-8 -> meta
+    # invalid UTF-8 -> its <meta> label iso-8859-1, which decodes as windows-1252 (WHATWG Encoding Standard)
+    assert by["landwirt.com.sensortechnik.html"].meta["charset"] == "cp1252"
     assert "Moderne Sensortechnik im Kuhstall" in by["landwirt.com.sensortechnik.html"].text
 
 
 def test_charset_detection_and_malformed_html():
     latin = "<html><head><meta charset='iso-8859-1'></head><body><p>Grüße aus Köln</p></body></html>"
-    assert detect_charset(latin.encode("latin-1")) == "iso8859-1"
+    assert detect_charset(latin.encode("latin-1")) == "cp1252"  # the WHATWG label table: iso-8859-1 is windows-1252
     assert html_to_text(latin.encode("latin-1"))[0] == "Grüße aus Köln"
     assert detect_charset(latin.encode("utf-8")) == "utf-8"
     assert detect_charset(b"abc", "text/html; charset=Shift_JIS") == "shift_jis"
@@ -58,6 +60,28 @@ def test_charset_detection_and_malformed_html():
     out = extract(ExtractConfig(max_html_bytes=60), bad, StageContext())
     assert [d.drop for d in out] == [None, "extract:empty", None, "extract:too_large", None]
     assert out[0].text == "Unclosed tags <<>>" and out[4].text == "already text"
+
+
+def test_latin1_labels_decode_as_windows_1252():
+    """Pages labelled iso-8859-1 / latin1 / us-ascii mean windows-1252 (WHATWG Encoding Standard): 0x93 0x94
+    0x80 0x96 are curly quotes, the euro sign and a dash, not C1 control characters."""
+    raw = b"<p>\x93Quoted\x94 price \x80 5 \x96 caf\xe9.</p>"
+    assert html_to_text(b"<meta charset='iso-8859-1'>" + raw) == ("\u201cQuoted\u201d price \u20ac 5 \u2013 caf\u00e9.",
+                                                                  "cp1252")
+    for label in ("latin1", "US-ASCII", "ISO_8859-1"):
+        assert detect_charset(raw, f"text/html; charset={label}") == "cp1252"
+    assert detect_charset(raw, "text/html; charset=iso-8859-9") == "cp1254"
+    assert detect_charset(raw, "text/html; charset=gb2312") == "gbk"
+    assert detect_charset(b"<meta charset=latin1>" + raw, "text/html; charset=no-such-charset") == "cp1252"
+
+
+def test_byte_order_mark_overrides_the_header():
+    page = "<p>Grüße aus Köln.</p>"
+    assert html_to_text(b"\xef\xbb\xbf" + page.encode(), content_type="text/html; charset=iso-8859-1") == (
+        "Grüße aus Köln.", "utf-8")
+    assert html_to_text(b"\xff\xfe" + page.encode("utf-16-le"), content_type="text/html; charset=utf-8") == (
+        "Grüße aus Köln.", "utf-16-le")
+    assert html_to_text(b"\xfe\xff" + page.encode("utf-16-be")) == ("Grüße aus Köln.", "utf-16-be")
 
 
 def test_langid_on_real_pages(web_html):
@@ -163,6 +187,33 @@ def test_wrapper_named_like_boilerplate_keeps_the_article():
     text = normalize(html_to_text(page.encode())[0])
     assert text.startswith("A story This paragraph") and text.count("This paragraph belongs to the article") == 24
     assert "Nice one." not in text
+
+
+def test_class_names_in_escaped_code_are_left_alone():
+    """`class="comment"` written as text (an escaped tag in a code sample) is no attribute: the rules must
+    not insert their markers into the visible text. A real comment box next to it still goes."""
+    body = "<p>" + "This paragraph belongs to the article and must be kept by the extractor. " * 3 + "</p>"
+    page = (f'<html><body><article>{body}<p>Write <code>&lt;div class="comment" id=reply&gt;</code> in the '
+            f'template.</p>{body}</article><div class="comment"><p>Nice one.</p></div></body></html>')
+    marked = mark_boilerplate(page)
+    assert '&lt;div class="comment" id=reply&gt;' in marked and '<div hidden data-lmforge-class="comment">' in marked
+    text = html_to_text(page)[0]
+    assert 'Write <div class="comment" id=reply> in the template.' in text.split("\n") and "Nice one." not in text
+
+
+def test_headline_skips_hidden_markup_and_the_site_logo():
+    body = "<p>" + "This paragraph belongs to the article and must be kept by the extractor. " * 3 + "</p>"
+    draft = (f"<html><head><title>Old Secret Draft Title</title></head><body><!-- <h1>Old Secret Draft Title</h1> -->"
+             f"<template><h1>Old Secret Draft Title</h1></template><article>{body}</article></body></html>")
+    assert headline(draft) == "" and html_to_text(draft)[0].startswith("This paragraph belongs")
+    logo = (f"<html><head><title>Solar boats - Example News</title></head><body><div class=logo><h1>Example News"
+            f"</h1></div><article><h1>Solar boats</h1>{body}</article></body></html>")
+    assert headline(logo) == "Solar boats"
+    assert html_to_text(logo)[0].startswith("Solar boats\n\nThis paragraph belongs")
+    # the heading covering more of the title wins wherever it stands; an equal cover goes to the closer fit
+    title = "<title>Bohnenviertel - Stadt Stuttgart</title>"
+    assert headline(f"{title}<h1>Cnet.de</h1><h1>Bohnenviertel Stadt</h1><h1>Stuttgart</h1>") == "Bohnenviertel Stadt"
+    assert headline(f"{title}<h1>Bohnenviertel</h1><h1>Stuttgart Marketing</h1>") == "Bohnenviertel"
 
 
 def test_annotated_pages_quality(web_html):

@@ -63,3 +63,25 @@ def test_long_numbers_that_are_not_bare_phones():
             "www.shop.com/p-2831823829.html; order id=2831823829; ts 1700000000 and 1234567890; "
             "account 28318238291234; pi 3.2831823829; big 0012831823829; sum 2831823829.50 USD")
     assert mask_pii(text) == (text, {"email": 0, "phone": 0, "ipv4": 0, "ipv6": 0})
+
+
+def test_pii_next_to_cjk_and_accented_letters_is_masked():
+    # A non-ASCII letter beside an address is not part of it (the lookarounds use ASCII word classes).
+    cases = {"请发邮件至user@example.com谢谢": f"请发邮件至{E}谢谢",
+             "服务器IP地址192.168.1.1已封禁": f"服务器IP地址{I}已封禁",
+             "電話555-123-4567まで": f"電話{P}まで",
+             "café2001:db8::1": f"café{I}"}
+    for text, want in cases.items():
+        assert mask_pii(text)[0] == want
+    arabic_indic = "Call ٥٥٥-١٢٣-٤٥٦٧ or ٢٨٣١٨٢٣٨٢٩"  # not ASCII digits: not a US phone number
+    assert mask_pii(arabic_indic) == (arabic_indic, {"email": 0, "phone": 0, "ipv4": 0, "ipv6": 0})
+
+
+def test_pii_edge_cases_of_local_parts_colons_and_line_breaks():
+    assert mask_pii("Mail _john@example.com or o'brien@example.com, not 'bob@example.com'")[0] == (
+        f"Mail {E} or {E}, not '{E}'")
+    masked, counts = mask_pii("Address 2001:db8::1: down; ::1: too")
+    assert masked == f"Address {I}: down; {I}: too" and counts["ipv6"] == 2
+    # Digits on separate lines (a table column) are not one phone number; tabs still separate one.
+    assert mask_pii("lines:\n555\n123\n4567")[0] == "lines:\n555\n123\n4567"
+    assert mask_pii("tel\t555\t123\t4567")[0] == f"tel\t{P}"

@@ -112,6 +112,36 @@ def test_nothing_lost_on_bad_input(tmp_path):
     assert len(txt) == 1 and txt[0].meta["decode_errors"] == 3
 
 
+def test_documents_a_global_stage_adds_are_written_and_counted(tmp_path, monkeypatch):
+    """A global stage may add documents (as map stages may): each goes to a shard picked by its id and is
+    counted as added, so the report balances; bytes in are measured before the stage shortens texts."""
+    from lmforge.data.exact import ExactDedupConfig
+    from lmforge.data.stage import StageSpec
+    from lmforge.data.stages import STAGES
+
+    def grow(cfg, docs, ctx):
+        docs[0].reject("test:gone")
+        docs[1].text = "short"
+        return docs + [Document(id=f"new{i}", text=f"added document {i}") for i in range(3)]
+
+    monkeypatch.setitem(STAGES, "exact_dedup", StageSpec("exact_dedup", ExactDedupConfig, grow, "global"))
+    d = tmp_path / "in"
+    d.mkdir()
+    texts = {f"{f}{i}": f"document {f}{i} of file {f}" for f in "ab" for i in range(2)}
+    for f in "ab":
+        (d / f"{f}.jsonl").write_text("".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items()
+                                              if k.startswith(f)))
+    p = _write_pipeline(tmp_path, f'paths = ["{d}"]\nfiles_per_shard = 1', '[[stages]]\nstage = "exact_dedup"\n',
+                        extra="workers = 1\nprogress = false")
+    report = run_local(load_pipeline(p))
+    assert report["balance"] == {"input_docs": 4, "added_docs": 3, "kept_docs": 6, "rejected_docs": 1,
+                                 "balanced": True}
+    stage = report["stages"][1]
+    assert (stage["docs_in"], stage["added"], stage["docs_out"], stage["rejected"]) == (4, 3, 6, {"test:gone": 1})
+    assert stage["bytes_in"] == sum(map(len, texts.values()))
+    assert sorted(x.id for x in _kept(tmp_path / "run")) == ["a1", "b0", "b1", "new0", "new1", "new2"]
+
+
 def test_killed_run_resumes_without_redoing_shards(tmp_path, web_html):
     p = _write_pipeline(tmp_path, f'paths = ["{web_html}/*.html"]\nfiles_per_shard = 8',
                         '[[stages]]\nstage = "extract"\n[[stages]]\nstage = "gopher"\n', extra="progress = false")

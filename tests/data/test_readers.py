@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.data.document import Document
 from lmforge.data.readers import decode_text, detect_format, read_documents
-from lmforge.data.writers import ShardedWriter, write_jsonl
+from lmforge.data.writers import ShardedWriter, write_jsonl, write_parquet
 
 
 def _docs(n: int) -> list[Document]:
@@ -100,7 +100,8 @@ def test_warc_and_wet(tmp_path):
     from lmforge.data.stage import StageContext
 
     (out,) = extract(ExtractConfig(main_content=False), [d1], StageContext())
-    assert out.text == "Café crème, a page." and out.meta["charset"] == "iso8859-1"
+    # the header's iso-8859-1 decodes as windows-1252, as the WHATWG Encoding Standard maps that label
+    assert out.text == "Café crème, a page." and out.meta["charset"] == "cp1252"
 
 
 def test_truncated_warc_is_reported(tmp_path):
@@ -117,3 +118,29 @@ def test_write_jsonl_without_text(tmp_path):
     d = Document(id="a", text="secret", meta={"m": 1}, drop="gopher:word_count")
     write_jsonl(tmp_path / "r.jsonl", [d], with_text=False)
     assert json.loads((tmp_path / "r.jsonl").read_text()) == {"id": "a", "meta": {"m": 1}, "drop": "gopher:word_count"}
+
+
+def test_lone_surrogates_round_trip_in_jsonl_and_never_crash_parquet(tmp_path):
+    """"\\ud800" is a legal JSON escape whose character has no UTF-8 encoding: JSONL writes the escape
+    back (exact round trip); Parquet, whose strings must be UTF-8, writes U+FFFD and counts it."""
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"id": "a", "text": "bad \\ud800 char \\udfff", "note": "x\\udc80"}\n{"id": "b", "text": "ok"}\n')
+    docs = list(read_documents(src))
+    assert docs[0].text == "bad \ud800 char \udfff" and docs[0].meta["note"] == "x\udc80"
+    write_jsonl(tmp_path / "o.jsonl", docs)
+    back = list(read_documents(tmp_path / "o.jsonl"))
+    assert [(d.text, d.meta.get("note"), d.meta.get("decode_errors")) for d in back] == [
+        ("bad \ud800 char \udfff", "x\udc80", None), ("ok", None, None)]
+    pytest.importorskip("pyarrow")
+    assert write_parquet(tmp_path / "o.parquet", docs) == 2
+    a, b = read_documents(tmp_path / "o.parquet")
+    assert (a.text, a.meta["note"], a.meta["encode_errors"]) == ("bad \ufffd char \ufffd", "x\udc80", 2)
+    assert b.text == "ok" and "encode_errors" not in b.meta and "encode_errors" not in docs[0].meta
+
+
+def test_jsonl_byte_order_mark_and_null_text(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "hello"}\n{"id": "b", "text": null}\n{"id": "c", "text": 0}\n')
+    docs = list(read_documents(p))
+    assert [(d.id, d.text, d.drop) for d in docs] == [("a", "hello", None), ("b", "", None),
+                                                      (docs[2].id, "", "read_error:bad_record")]

@@ -63,7 +63,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         raise ConfigError(f"rewards[{row}, {col}] = {float(rewards[row, col]):g} lies outside the mask, where GAE "
                           "would drop it; put a sequence's score on its last response token (outcome_rewards)")
     keep = m.to(dtype)
-    r, v = rewards.to(dtype) * keep, values.to(dtype) * keep
+    # where, not * keep: a NaN or inf value in the padding must not reach the row (NaN * 0 = NaN)
+    r, v = torch.where(m, rewards.to(dtype), 0.0), torch.where(m, values.to(dtype), 0.0)
     adv = torch.zeros_like(v)
     B, T = v.shape
     last = v.new_zeros(B)  # A_{t+1}: 0 past an episode's end
@@ -86,11 +87,11 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     if n < 2:
         raise ConfigError(f"masked_whiten needs at least 2 masked entries for a variance, the mask selects {n}; "
                           "whiten over a larger batch")
-    keep = m.to(x.dtype)
-    mean = (x * keep).sum() / n
-    var = (((x - mean) ** 2) * keep).sum() / (n - 1)  # Bessel's correction, as TRL's masked_var
+    x = torch.where(m, x, 0.0)  # entries outside the mask are ignored, even NaN or inf ones
+    mean = x.sum() / n
+    var = torch.where(m, (x - mean) ** 2, 0.0).sum() / (n - 1)  # Bessel's correction, as TRL's masked_var
     out = (x - mean) * torch.rsqrt(var + eps)
-    return (out + mean if not shift_mean else out) * keep
+    return torch.where(m, out + mean if not shift_mean else out, 0.0)
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -4,14 +4,17 @@ Record formats (one JSON object per line; TRL's field names):
   chat                {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
   prompt/completion   {"prompt": str | messages, "completion": str | messages}
   preference          {"prompt": ..., "chosen": ..., "rejected": ...}              (DPO family, reward models)
+                      optional "margin": number, the gap a reward model must leave (every record or none)
   unpaired (KTO)      {"prompt": ..., "completion": ..., "label": true | false}
 
 An example is (ids, mask): mask[i] is true where token i is trained on as a target. Chat goes through the
 chat template of lmforge.infer.chat_template: with loss_on="assistant" only the assistant turns' content and
-end markers count (TRL's assistant_only_loss); loss_on="all" trains on every token. Batches carry the keys
-of lmforge.train.objective: input_ids, targets (-100 where not trained), loss_mask; packed rows add
-doc_ids and positions restarting per document (lmforge.model.meta), so several examples share a row
-without attending to each other; preference pairs become chosen_* / rejected_*, KTO adds `label`.
+end markers count (TRL's assistant_only_loss), and of a prompt/completion record only the completion's (a
+prompt's own assistant turns are context, as in TRL's SFT / DPO / KTO); loss_on="all" trains on every token.
+Batches carry the keys of lmforge.train.objective: input_ids, targets (-100 where not trained), loss_mask;
+packed rows add doc_ids and positions restarting per document (lmforge.model.meta), so several examples
+share a row without attending to each other; preference pairs become chosen_* / rejected_* (+ `margin` (B,)
+when the records give one, read by lmforge.align.reward's RewardObjective), KTO adds `label`.
 
 Bad records raise a one-line DataError naming file:line and field (on_error="raise"), or with
 on_error="skip" are counted per reason in a DataReport that the caller prints and saves: never dropped
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -130,20 +134,32 @@ class Encoder:
         check_template(tokenizer, self.template)
         self.eos = getattr(tokenizer, "eot_id", None)
 
-    def chat(self, messages: Any, where: str, field_name: str = "messages") -> Example:
-        """field_name: the record field the messages came from (a preference pair's are prompt + chosen/rejected)."""
+    def chat(self, messages: Any, where: str, field_name: str = "messages", n_prompt: int = 0) -> Example:
+        """field_name: the record field the messages came from (a preference pair's are prompt + chosen/rejected).
+        The first `n_prompt` messages are a prompt/completion record's prompt: with loss_on='assistant' they are
+        never trained, assistant turns included (only the completion is, as TRL's SFT / DPO / KTO)."""
         if not isinstance(messages, list) or not messages:
             raise RecordError("bad_messages",
                               f"{where}: field {field_name!r} must be a non-empty list of {{role, content}} objects")
         if self.loss_on == "assistant" and not any(isinstance(m, dict) and m.get("role") == "assistant"
-                                                   for m in messages):
-            raise RecordError("no_assistant_turn", f"{where}: field {field_name!r} has no assistant turn, so "
+                                                   for m in messages[n_prompt:]):
+            after = " after its prompt" if n_prompt else ""
+            raise RecordError("no_assistant_turn", f"{where}: field {field_name!r} has no assistant turn{after}, so "
                               "nothing would be trained; add one or set data.loss_on='all'")
         try:
             ids, mask = self.template.encode(self.tok, messages, add_generation_prompt=False)
         except (LmforgeError, AttributeError) as e:
             raise RecordError("bad_messages", f"{where}: field {field_name!r}: {e}") from e
-        return ids, [True] * len(ids) if self.loss_on == "all" else mask
+        if self.loss_on == "all":
+            return ids, [True] * len(ids)
+        if n_prompt:
+            # each piece is tokenized on its own (ChatTemplate.encode), so the prompt's tokens open the full encoding
+            p_ids, _ = self.template.encode(self.tok, messages[:n_prompt], add_generation_prompt=False)
+            if ids[:len(p_ids)] != p_ids:
+                raise DataError(f"chat template {self.template.name!r} does not encode a prompt as a prefix of "
+                                "prompt + completion, so the prompt's tokens cannot be told apart; use chatml or plain")
+            mask = [False] * len(p_ids) + mask[len(p_ids):]
+        return ids, mask
 
     def prompt_completion(self, prompt: Any, completion: Any, where: str, name: str = "completion") -> Example:
         """Loss on the completion only (TRL's completion_only_loss) unless loss_on='all'. Strings are
@@ -155,8 +171,8 @@ class Encoder:
         if isinstance(prompt, list) != isinstance(completion, list):
             raise RecordError("mixed_formats",
                               f"{where}: fields 'prompt' and {name!r} must both be strings or both message lists")
-        if isinstance(prompt, list):  # conversational: the completion's assistant turns are trained
-            return self.chat(prompt + completion, where, f"prompt + {name}")
+        if isinstance(prompt, list):  # conversational: the completion's assistant turns are trained, not the prompt's
+            return self.chat(prompt + completion, where, f"prompt + {name}", n_prompt=len(prompt))
         p, c_ids = self.tok.encode(prompt), self.tok.encode(completion)
         c_ids = c_ids + ([self.eos] if self.eos is not None else [])
         return p + c_ids, [self.loss_on == "all"] * len(p) + [True] * len(c_ids)
@@ -203,8 +219,9 @@ def _truncate(ex: Example, max_tokens: int, cut: list[bool], where: str, keep_en
 
 def encode_record(enc: Encoder, rec: dict, kind: str, where: str, max_tokens: int, report: DataReport,
                   truncation: str = "keep_start"):
-    """One record -> an SFT example, a (chosen, rejected) pair, or (example, label) for KTO; a record
-    truncated (either side of a pair) counts once in report.truncated."""
+    """One record -> an SFT example, a (chosen, rejected) pair ((chosen, rejected, margin) when the record has a
+    'margin'), or (example, label) for KTO; a record truncated (either side of a pair) counts once in
+    report.truncated."""
     cut: list[bool] = []
     keep_end = truncation == "keep_end"
     item = _encode(enc, rec, kind, where, lambda ex: _truncate(ex, max_tokens, cut, where, keep_end))
@@ -229,8 +246,13 @@ def _encode(enc: Encoder, rec: dict, kind: str, where: str, fit):
         if rec["chosen"] == rec["rejected"]:
             raise RecordError("chosen_equals_rejected", f"{where}: fields 'chosen' and 'rejected' are identical, so "
                               "the pair teaches nothing; remove the record")
-        return (fit(enc.prompt_completion(rec["prompt"], rec["chosen"], where, "chosen")),
+        margin = rec.get("margin")
+        if "margin" in rec and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                or not math.isfinite(margin)):
+            raise RecordError("bad_margin", f"{where}: field 'margin' must be a finite number, got {margin!r}")
+        pair = (fit(enc.prompt_completion(rec["prompt"], rec["chosen"], where, "chosen")),
                 fit(enc.prompt_completion(rec["prompt"], rec["rejected"], where, "rejected")))
+        return pair + (float(margin),) if "margin" in rec else pair
     if kind == "kto":
         if not isinstance(rec.get("label"), bool):
             raise RecordError("bad_label", f"{where}: field 'label' must be true (desirable) or false (undesirable), "
@@ -256,6 +278,8 @@ def load_records(files: tuple[str, ...], enc: Encoder, kind: str, seq_len: int, 
                 report.reject(e.reason, where)
     if not items:
         raise DataError(f"no usable {kind} records in {list(files)}: {report.summary()}")
+    if kind == "preference":
+        pair_margins(items)  # a file set mixing pairs with and without a margin fails here, not mid-run
     return items, report
 
 
@@ -325,15 +349,28 @@ def packed_batch(rows: list[list[Example]], seq_len: int) -> dict[str, torch.Ten
     return {"input_ids": ids, "targets": tgt, "loss_mask": mask, "doc_ids": doc, "positions": packed_positions(doc)}
 
 
-def pair_batch(pairs: list[tuple[Example, Example]]) -> dict[str, torch.Tensor]:
-    """Preference pairs -> chosen_* and rejected_* (each side padded to its own longest row)."""
-    return {**pad_batch([c for c, _ in pairs], prefix="chosen_"),
-            **pad_batch([r for _, r in pairs], prefix="rejected_")}
+def pair_margins(pairs: list[tuple]) -> torch.Tensor | None:
+    """(B,) float margins of (chosen, rejected, margin) pairs, None when no pair has one; pairs mixing both are
+    refused (a missing margin is not silently 0)."""
+    n = sum(len(p) == 3 for p in pairs)
+    if 0 < n < len(pairs):
+        raise DataError(f"{n} of {len(pairs)} preference pairs have a 'margin' field and the rest none; give every "
+                        "record a margin (0 for a plain Bradley-Terry pair) or none")
+    return torch.tensor([p[2] for p in pairs], dtype=torch.float32) if n else None
+
+
+def pair_batch(pairs: list[tuple]) -> dict[str, torch.Tensor]:
+    """Preference pairs (chosen, rejected[, margin]) -> chosen_* and rejected_* (each side padded to its own
+    longest row), and `margin` (B,) when the pairs carry one (TRL's reward collator passes it on likewise)."""
+    batch = {**pad_batch([p[0] for p in pairs], prefix="chosen_"),
+             **pad_batch([p[1] for p in pairs], prefix="rejected_")}
+    margin = pair_margins(pairs)
+    return batch if margin is None else {**batch, "margin": margin}
 
 
 def kto_batch(items: list[tuple[Example, bool]], kl: bool = True) -> dict[str, torch.Tensor]:
     """Unpaired examples -> input_ids / targets / loss_mask, label, and (kl) KTO's mismatched rows kl_*
-    (row i's prompt + row i+1's completion) paired over the whole batch here, before data-parallel ranks
+    (row i's prompt + row i-1's completion, as TRL) paired over the whole batch here, before data-parallel ranks
     split its rows: N ranks then estimate KTO's reference point from the pairs one process would use."""
     from lmforge.align.kto import mismatched_rows
 

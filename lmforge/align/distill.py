@@ -39,9 +39,13 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, kind: str = "forward_kl",
                      beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T, V) logits -> (B, T) divergence per position, in fp32."""
-    log_s = F.log_softmax(student_logits.float() / temperature, -1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    """(B, T, V) logits -> (B, T) divergence per position, in fp32. Logits may be -inf (a top-k teacher's):
+    their log-probs are clamped to the lowest float, so p log p = 0 there (not 0 * -inf = NaN, which would
+    also poison the mean at masked positions) and gradients stay finite (p_S - p_T for forward KL); one truly
+    infinite (reverse KL onto a token the teacher rules out) comes out huge (~1e38) rather than inf."""
+    lowest = torch.finfo(torch.float32).min
+    log_s = F.log_softmax(student_logits.float() / temperature, -1).clamp(min=lowest)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, -1).clamp(min=lowest)
     if kind == "forward_kl":
         return _kl(log_t, log_s)
     if kind == "reverse_kl":

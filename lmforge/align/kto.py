@@ -61,8 +61,9 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
 def mismatched_rows(batch: dict) -> dict:
     """kl_input_ids / kl_targets / kl_loss_mask: row i's prompt followed by row (i-1) mod B's completion (TRL's
     KTOTrainer shifts the completions the same way: `completions[-1:] + completions[:-1]`).
-    A row's prompt is its tokens up to its first counted target, its completion the counted targets
-    (one contiguous span per row, as prompt/completion data has); rows are right-padded."""
+    A row's prompt is its tokens up to its first counted target; its completion runs from there to its last
+    counted target, taken from the row's tokens (so the gaps a conversational completion has between its
+    assistant turns are real tokens, never -100) and trained where the row was; rows are right-padded."""
     ids, tgt, mask = batch["input_ids"], batch["targets"], response_mask(batch)
     parts = []
     for b in range(ids.shape[0]):
@@ -70,14 +71,16 @@ def mismatched_rows(batch: dict) -> dict:
         if len(pos) == 0:
             raise ConfigError(f"KTO row {b} has no completion token to score; drop the example")
         start, end = int(pos[0]), int(pos[-1])
-        parts.append((ids[b, :start + 1], tgt[b, start:end + 1]))  # prompt (+ its last token), completion
-    rows = [torch.cat([p, parts[i - 1][1]]) for i, (p, _) in enumerate(parts)]
+        # the tokens after the prompt (input ids start+1..end, then the last target) and which are counted
+        completion = torch.cat([ids[b, start + 1:end + 1], tgt[b, end:end + 1]])
+        parts.append((ids[b, :start + 1], completion, mask[b, start:end + 1]))
+    rows = [torch.cat([p, parts[i - 1][1]]) for i, (p, _, _) in enumerate(parts)]
     T = max(len(r) for r in rows) - 1
     out_ids = torch.zeros(len(rows), T, dtype=ids.dtype, device=ids.device)
     out_tgt = torch.full((len(rows), T), -100, dtype=tgt.dtype, device=ids.device)
-    for i, (r, (p, _)) in enumerate(zip(rows, parts)):
+    for i, (r, (p, _, _)) in enumerate(zip(rows, parts)):
         out_ids[i, :len(r) - 1] = r[:-1]
-        out_tgt[i, len(p) - 1:len(r) - 1] = r[len(p):]
+        out_tgt[i, len(p) - 1:len(r) - 1] = torch.where(parts[i - 1][2], r[len(p):], -100)
     return {"kl_input_ids": out_ids, "kl_targets": out_tgt, "kl_loss_mask": out_tgt >= 0}
 
 

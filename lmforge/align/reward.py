@@ -1,7 +1,7 @@
 """Reward models and sequence classifiers: a linear head on the last hidden state of a language model.
 
     rm = SequenceHead(lm, out_dim=1)                 # reward model: one scalar per sequence
-    obj = RewardObjective(RewardConfig(margin=False))
+    obj = RewardObjective(RewardConfig(center_rewards_coefficient=0.01))   # a batch's `margin` is read if given
     clf = SequenceHead(lm, out_dim=4, train_backbone=False)   # head-only fine-tuning (a linear probe)
     obj = ClassificationObjective()
 
@@ -10,8 +10,9 @@ batch gives it, else the last position whose target counts (`loss_mask`), i.e. t
 whole prompt and response but the final token (an end-of-turn marker in chat data), else the last position.
 
 RewardObjective: Bradley-Terry pairwise loss on chosen_* / rejected_* rows (optional per-pair `margin`
-(B,) key, Llama 2; optional reward centring, Eisenstein et al. 2023, as TRL's center_rewards_coefficient);
-metrics as TRL's RewardTrainer: accuracy, margin, mean/min/max_reward.
+(B,) key, Llama 2: the preference records' "margin" field, lmforge.align.data; optional reward centring,
+Eisenstein et al. 2023, as TRL's center_rewards_coefficient); metrics as TRL's RewardTrainer: accuracy,
+margin, mean/min/max_reward.
 ClassificationObjective: cross-entropy of `label` (B,) long; metric accuracy.
 """
 

@@ -190,3 +190,55 @@ def test_packing_fills_rows_like_trl_best_fit_decreasing():
     ours = D.pack_rows([([1] * (n + 1), [True] * (n + 1)) for n in lengths], 64)
     # ties between equally full rows may be broken differently; the row fills cannot differ
     assert sorted(sum(lengths[i] for i in r) for r in ours) == sorted(sum(r) for r in theirs)
+
+
+def _bpe(specials):
+    from lmforge.tokenizer.train import train_bpe
+
+    return train_bpe(iter(["user assistant hello there again\n " * 30]), 300, special_tokens=specials,
+                     progress=False, workers=1)
+
+
+@pytest.mark.parametrize("template,specials", [
+    ("plain", None), ("chatml", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+    ("llama3", ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])])
+def test_a_conversational_prompt_is_never_trained_only_its_completion(template, specials):
+    """A prompt/completion record with message lists trains the completion alone (TRL's SFT / DPO / KTO),
+    not the assistant turns inside its prompt; with every template the prompt's tokens open the encoding."""
+    tok = TOK if specials is None else _bpe(specials)
+    enc = D.Encoder(tok, template)
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+              {"role": "assistant", "content": "OLD"}, {"role": "user", "content": "again"}]
+    completion = [{"role": "assistant", "content": "there"}, {"role": "user", "content": "more"},
+                  {"role": "assistant", "content": "NEW"}]
+    ids, mask = enc.prompt_completion(prompt, completion, "x:1")
+    full, full_mask = enc.chat(prompt + completion, "x:1")
+    p_ids, _ = enc.template.encode(tok, prompt, add_generation_prompt=False)
+    assert ids == full and ids[:len(p_ids)] == p_ids and not any(mask[:len(p_ids)])
+    assert mask[len(p_ids):] == full_mask[len(p_ids):]
+    end = enc.template.end
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == f"there{end}NEW{end}"
+    pair = D.encode_record(enc, {"prompt": prompt, "chosen": completion, "rejected": completion[:1]}, "preference",
+                           "x:2", 512, D.DataReport())
+    assert [tok.decode([t for t, m in zip(*ex) if m]) for ex in pair] == [f"there{end}NEW{end}", f"there{end}"]
+    with pytest.raises(DataError, match=r"x:3: field 'prompt \+ completion' has no assistant turn after its prompt"):
+        enc.prompt_completion(prompt, [{"role": "user", "content": "?"}], "x:3")
+    ids_all, mask_all = D.Encoder(tok, template, loss_on="all").prompt_completion(prompt, completion, "x:4")
+    assert ids_all == ids and all(mask_all)
+
+
+def test_preference_margins_reach_the_batch_and_mixed_files_are_refused(tmp_path):
+    enc = D.Encoder(TOK, "plain")
+    f = _write(tmp_path / "m.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 3},
+                                      {"prompt": "r", "chosen": "c", "rejected": "dd", "margin": 0.5}])
+    items, _ = D.load_records((str(f),), enc, "preference", 64, "raise")
+    b = D.pair_batch(items)
+    assert b["margin"].dtype == torch.float32 and b["margin"].tolist() == [3.0, 0.5]
+    assert b["rejected_targets"][1][b["rejected_loss_mask"][1]].tolist() == list(b"dd") + [TOK.eot_id]
+    mixed = _write(tmp_path / "mixed.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.0},
+                                              {"prompt": "q", "chosen": "a", "rejected": "c"}])
+    with pytest.raises(DataError, match=r"^1 of 2 preference pairs have a 'margin' field and the rest none"):
+        D.load_records((str(mixed),), enc, "preference", 64, "raise")
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}])
+    with pytest.raises(DataError, match=r"^bad.jsonl:1: field 'margin' must be a finite number, got 'big'"):
+        D.load_records((str(bad),), enc, "preference", 64, "raise")

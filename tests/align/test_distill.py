@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lmforge.align.distill import DistillConfig, DistillObjective, token_divergence
+from lmforge.align.logprobs import masked_mean
 from lmforge.errors import ConfigError
 
 from .helpers import grads, sequences, tiny_model
@@ -44,6 +45,35 @@ def test_masked_mean_matches_trl_gkd(kind, beta):
     g2, = torch.autograd.grad(theirs, s)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(g1, g2)
+
+
+def test_minus_inf_logits_of_a_top_k_teacher_give_finite_divergences_and_gradients():
+    """0 log 0 = 0: a -inf logit (a top-k teacher's, or the student's) adds nothing, instead of 0 * -inf = NaN;
+    the gradient of forward KL stays p_S - p_T, and -inf logits at a masked position leave the mean finite."""
+    inf = float("inf")
+    s = torch.tensor([[[2.0, 1.0, 0.0, -1.0], [-inf, 1.0, 2.0, -inf]]], requires_grad=True)
+    t = torch.tensor([[[3.0, 1.0, -inf, -inf], [-inf, 0.0, 1.0, -inf]]])
+    ps, pt = s.detach().double().softmax(-1), t.double().softmax(-1)
+    kl = lambda p, q: (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)  # noqa: E731  (0 log 0 = 0)
+    m = 0.5 * pt + 0.5 * ps
+    refs = {"forward_kl": kl(pt, ps), "reverse_kl": kl(ps, pt), "jsd": 0.5 * kl(pt, m) + 0.5 * kl(ps, m)}
+    assert refs["forward_kl"][0, 0].item() == pytest.approx(0.194059, abs=1e-6)
+    assert refs["jsd"][0, 0].item() == pytest.approx(0.060459, abs=1e-6)
+    for kind, ref in refs.items():
+        got = token_divergence(s, t, kind=kind)
+        g, = torch.autograd.grad(got[0, 1] if kind == "reverse_kl" else got.sum(), s)
+        assert torch.isfinite(g).all() and g[0, 1, 0] == g[0, 1, 3] == 0
+        if kind == "reverse_kl":  # KL(p_S || p_T) is infinite where p_T rules out a token the student keeps
+            assert got[0, 0] > 1e30 and got[0, 1].item() == pytest.approx(ref[0, 1].item(), abs=1e-6)
+            continue
+        torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=0)
+        if kind == "forward_kl":
+            torch.testing.assert_close(g.double(), ps - pt, atol=1e-6, rtol=0)
+    mask = torch.tensor([[True, False]])
+    t_masked = torch.tensor([[[3.0, 1.0, -inf, -inf], [-inf, -inf, 0.0, -inf]]])  # one token left at position 1
+    s_masked = torch.tensor([[[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, -inf, 0.0]]])  # ... which the student rules out
+    div = masked_mean(token_divergence(s_masked, t_masked, kind="forward_kl"), mask)
+    assert div.item() == pytest.approx(0.194059, abs=1e-6)
 
 
 def test_objective_uses_teacher_on_counted_tokens_and_checks_vocab():

@@ -133,3 +133,26 @@ def test_bad_configs():
         KTOConfig(desirable_weight=0)
     with pytest.raises(ConfigError, match="beta"):
         ORPOConfig(beta=0)
+
+
+def test_mismatched_rows_of_conversational_completions_hold_real_tokens():
+    """A conversational completion trains its assistant turns, not the user turn between them: its targets
+    have a -100 gap. The mismatched rows are then each prompt + the previous row's completion exactly as that
+    record would encode (the gap's tokens as inputs, untrained), never -100 in kl_input_ids."""
+    from lmforge.align import data as D
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    enc = D.Encoder(ByteTokenizer(), "plain")
+    u, a = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    prompts = [[u("hi"), a("OLD"), u("again")], [u("yo")], [u("q")]]
+    comps = [[a("NEW")], [a("ok"), u("and?"), a("done")], [a("x"), u("y"), a("zz")]]
+    items = [(enc.prompt_completion(p, c, f"x:{i}"), i != 1) for i, (p, c) in enumerate(zip(prompts, comps))]
+    b = D.kto_batch(items)
+    want = D.pad_batch([enc.prompt_completion(prompts[i], comps[i - 1], "w") for i in range(3)])
+    assert int(b["kl_input_ids"].min()) >= 0
+    for k in ("input_ids", "targets", "loss_mask"):
+        assert b[f"kl_{k}"].tolist() == want[k].tolist(), k
+    row0 = [t for t, m in zip(want["targets"][0].tolist(), want["loss_mask"][0].tolist()) if m]
+    assert bytes(row0).decode() == "x\nzz\n"  # row 0's prompt + row 2's completion: the user turn untrained
+    loss, metrics = KTOObjective(reference=tiny_model(1, vocab_size=257)).loss(tiny_model(0, vocab_size=257), b)
+    assert torch.isfinite(loss) and torch.isfinite(metrics["kl"])

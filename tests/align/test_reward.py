@@ -93,3 +93,28 @@ def test_reward_scores_read_where_training_reads():
     assert got == pytest.approx(want, abs=1e-6) and got[-1] != pytest.approx(at_end, abs=1e-4)
     with pytest.raises(ConfigError, match="item 0 must be a \\(prompt, completion\\) tuple or a list of messages"):
         reward_scores(rm, tok, ["just text"])
+
+
+def test_a_records_margin_reaches_the_loss(tmp_path):
+    """`lmforge rm` data: a preference record's "margin" field travels through load_records and pair_batch
+    into RewardObjective's Bradley-Terry loss, -log sigmoid(r_c - r_r - margin) (Llama 2; TRL's collator)."""
+    import json
+
+    from lmforge.align import data as D
+    from lmforge.align.reward import score_index
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    f = tmp_path / "m.jsonl"
+    recs = [{"prompt": "2+2=", "chosen": " 4", "rejected": " 5", "margin": 3.0},
+            {"prompt": "hi", "chosen": " hello", "rejected": " go", "margin": 0.5}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    items, _ = D.load_records((str(f),), D.Encoder(ByteTokenizer(), "plain"), "preference", 64, "raise")
+    batch = D.pair_batch(items)
+    torch.manual_seed(0)
+    rm = SequenceHead(tiny_model(0, vocab_size=257))
+    loss, _ = RewardObjective().loss(rm, batch)
+    with torch.no_grad():
+        r_c, r_r = (rm(batch[f"{p}input_ids"], score_index(batch, p))[:, 0] for p in ("chosen_", "rejected_"))
+    want = -torch.nn.functional.logsigmoid(r_c - r_r - torch.tensor([3.0, 0.5])).mean()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    assert loss.item() > -torch.nn.functional.logsigmoid(r_c - r_r).mean().item() + 0.5  # the margins count

@@ -510,6 +510,20 @@ def test_gae_is_the_sum_of_discounted_td_residuals_per_episode():
     torch.testing.assert_close(mc[0][mask[0]], (togo - values[0])[mask[0]], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("pad", [float("nan"), float("inf")])
+def test_values_outside_the_mask_are_ignored_even_nan_or_inf(pad):
+    """A critic's padding may hold anything: GAE and whitening read the masked entries only."""
+    mask = torch.tensor([[True, True, False]])
+    rewards = torch.tensor([[0.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, torch.tensor([[0.5, 0.2, pad]]), mask, gamma=1.0, lam=0.95)
+    torch.testing.assert_close(adv, torch.tensor([[0.46, 0.8, 0.0]]))  # A_1 = 1 - 0.2, A_0 = (0.2 - 0.5) + 0.95 A_1
+    torch.testing.assert_close(ret, torch.tensor([[0.96, 1.0, 0.0]]))
+    white = masked_whiten(torch.tensor([[1.0, 2.0, pad]]), mask)
+    torch.testing.assert_close(white, torch.tensor([[-0.5 ** 0.5, 0.5 ** 0.5, 0.0]]))
+    kept = masked_whiten(torch.tensor([[1.0, 2.0, pad]]), mask, shift_mean=False)
+    torch.testing.assert_close(kept, torch.tensor([[1.5 - 0.5 ** 0.5, 1.5 + 0.5 ** 0.5, 0.0]]))
+
+
 def test_advantage_inputs_are_checked():
     rewards, values, mask = _rollout()
     bad = rewards.clone()

@@ -91,7 +91,7 @@ def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple
     if bad is not None and bad.search(low):
         return None, "bad_words"
     kept = []
-    for line in text.split("\n"):
+    for line in text.splitlines():  # as TFDS's clean_page: \r, \x0b, \x0c, \x85, U+2028, U+2029 end lines too
         line = line.strip()
         if not line:
             continue
@@ -115,7 +115,7 @@ def c4(cfg: C4Config, docs: list[Document], ctx: StageContext) -> list[Document]
             ctx.count(f"c4.{rule}")
             d.reject(f"c4:{rule}")
             continue
-        nonblank = sum(1 for line in d.text.split("\n") if line.strip())
+        nonblank = sum(1 for line in d.text.splitlines() if line.strip())
         d.meta["c4_lines_removed"] = nonblank - (out.count("\n") + 1 if out else 0)  # kept lines are non-blank
         d.text = out
     return docs

@@ -175,6 +175,15 @@ def test_c4_lines_removed_counts_only_lines_a_rule_removed():
     assert removed == 2 and doc.meta["c4_lines_removed"] == removed
 
 
+def test_c4_splits_lines_as_tfds_splitlines():
+    """TFDS's clean_page splits with str.splitlines: a lone \r (old Mac files), form feeds, U+2028 and U+0085 end a
+    line there; they were inside one line here, so a bad line joined a good one and the pair was judged as one."""
+    for sep in ("\r", "\x0c", "\u2028", "\x85", "\r\n"):
+        text = C4_BODY.replace("\n", sep) + sep + "Please enable JavaScript." + sep + "Too short."
+        (doc,) = c4(C4Config(), [Document(id="x", text=text)], StageContext())
+        assert doc.drop is None and doc.text == C4_BODY and doc.meta["c4_lines_removed"] == 2, sep
+
+
 def test_fineweb_rules():
     good = "\n".join(s.strip() + "." for s in GOOD.split(".") if s.strip())
     assert fineweb_failures(good, FineWebConfig()) == []

@@ -7,8 +7,9 @@
         lmforge_tokenizer.json
         manifest.json        byte size and SHA-256 of every file above, written last
 
-A checkpoint is built in a hidden `.tmp_step_*` directory and renamed into place, so a crash never leaves
-a partial `step_*`; a kill can leave the temporary directory, which `clean_partial` removes at resume.
+A checkpoint is built in a hidden `.step_*.writing-PID` directory and renamed into place (lmforge.utils.atomic_dir;
+a step written again replaces its old checkpoint whole or not at all), so a crash never leaves a partial
+`step_*`; a kill can leave the hidden directories, which `clean_partial` sorts out at resume.
 On load every file's size and checksum is checked against the manifest (streamed, ~1.5 GB/s), so a
 truncated or same-size-corrupted file is refused instead of producing NaNs later. Files get the mode
 the umask allows (0644 under umask 022), so a shared run folder is readable by collaborators.
@@ -42,7 +43,11 @@ from lmforge.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.utils import atomic_dir, run_metadata
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_DIR = re.compile(r"^\.tmp_step_\d+_(\d+)$")
+# what a killed writer leaves beside step_N (utils.atomic_dir's names): `.step_N.writing-PID`, the checkpoint
+# being written, and `.step_N.replaced-PID`, the step's earlier checkpoint, moved aside for the new one to be
+# renamed in; `.tmp_step_N_PID` is what lmforge before 2026-12 wrote into
+_TMP_DIR = re.compile(r"^\.(?:tmp_step_\d+_|step_\d+\.writing-)(\d+)$")
+_REPLACED_DIR = re.compile(r"^\.(step_\d+)\.replaced-(\d+)$")
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -66,13 +71,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_partial(run_dir: str | Path) -> list[Path]:
-    """Remove `.tmp_step_*` directories left by writers that were killed (their pid is gone, or is
-    this process); a live writer's directory is left alone. Returns what was removed."""
+    """Remove the directories left by checkpoint writers that were killed (their pid is gone, or is this
+    process): partial checkpoints, and earlier checkpoints moved aside for a rewrite of their step; one of
+    these whose step has no checkpoint (the writer died between the two renames) is put back instead. A live
+    writer's directories are left alone. Returns what was removed."""
     root = Path(run_dir) / "checkpoints"
     removed = []
-    for p in root.iterdir() if root.is_dir() else ():
-        m = _TMP_DIR.match(p.name)
-        if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+    for p in sorted(root.iterdir()) if root.is_dir() else ():
+        m = _TMP_DIR.match(p.name) or _REPLACED_DIR.match(p.name)
+        pid = int(m.group(m.lastindex)) if m else None
+        if pid is None or (pid != os.getpid() and _pid_alive(pid)):
+            continue
+        if m.re is _REPLACED_DIR and not (root / m.group(1)).exists():
+            os.replace(p, root / m.group(1))
+        else:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -184,22 +196,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, t
     """Write RUN_DIR/checkpoints/step_{step:06d} atomically; keep the newest `keep_last` checkpoints.
     base (base_record of the checkpoint the model's frozen weights come from): an adapter-only checkpoint,
     without the frozen parameters, recording the base instead."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        _write(tmp, step, model, train_state, tokenizer, extra, base)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    tmp = None
+    try:  # a step written again (a resumed run's) replaces the old one whole, or leaves it as it was
+        with atomic_dir(final) as tmp:
+            _write(tmp, step, model, train_state, tokenizer, extra, base)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(e):
-            raise CheckpointError(f"disk full at {tmp} while writing the step {step} checkpoint; it was not "
-                                  f"written and earlier checkpoints are intact: free space and resume") from e
+            raise CheckpointError(f"disk full at {tmp or final.parent} while writing the step {step} checkpoint; "
+                                  "it was not written and earlier checkpoints are intact: free space and resume"
+                                  ) from e
         raise
     if keep_last:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
@@ -245,7 +251,7 @@ def is_hf_dir(path: Path) -> bool:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (lmforge's or HF's), or the newest checkpoint of a run directory."""
-    from lmforge.adapt.peft_format import is_peft_dir
+    from lmforge.adapt.peft_format import is_peft_dir, refuse_pickled
 
     path = Path(path)
     if (path / "manifest.json").is_file() or (path / "model.safetensors").is_file() or is_hf_dir(path) \
@@ -253,6 +259,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = checkpoint_dirs(path)
     if not found:
+        refuse_pickled(path)  # a PEFT directory of adapter_model.bin: said so, with the conversion
         raise CheckpointError(f"no checkpoint found in {path} (expected {path}/checkpoints/step_*/ "
                               "or a HF model directory with config.json)")
     return found[-1]

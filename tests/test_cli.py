@@ -132,3 +132,29 @@ def test_train_refuses_a_model_section_its_switch_ignores(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "model.moe is set but model.mlp='dense' ignores it: set model.mlp='moe', or remove" in err
     assert not checkpoint_dirs(tmp_path / "run")
+
+
+def test_a_run_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    """--run-dir naming an existing file (or a path under one) is refused in one line that names it and the fix,
+    before anything is built (it was a FileExistsError traceback from the metrics log's mkdir)."""
+    shard = make_shard(tmp_path / "t.bin")
+    taken = tmp_path / "runs_file"
+    taken.write_text("notes\n")
+    for run_dir, what in [(taken, "is an existing file"), (taken / "a", f"lies under '{taken}', an existing file")]:
+        assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == (f"lmforge train: error: run_dir '{run_dir}' {what}, not a directory; set "
+                                       "run_dir (--run-dir) to a new or existing directory, or move the file away")
+        assert "Traceback" not in err
+    assert taken.read_text() == "notes\n"
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_generate_refuses_a_batch_size_below_one_naming_the_flag(tmp_path, size, capsys):
+    """--batch-size 0 ran with 64 and -3 was refused naming the engine's max_num_seqs (found 2026-12-05): both
+    are refused while the options are read, naming --batch-size."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompts", "Hi", "--batch-size", size])
+    text = " ".join(capsys.readouterr().err.replace("│", " ").split())  # tyro's box, unwrapped
+    assert e.value.code == 2 and f"--batch-size must be >= 1 (prompts decoded together), got {size}" in text
+    assert "max_num_seqs" not in text

@@ -144,9 +144,9 @@ class LoRALinear(nn.Module):
         return (out + delta * self.scale).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """scale · B A, (out, in), in the base weight's dtype (the adapters' over a base without a weight)."""
-        delta = self.scale * (self.lora_B @ self.lora_A)
-        return delta.to(self.weight.dtype) if self.weight is not None else delta
+        """scale · B A, (out, in), in the adapters' dtype (fp32 over a half-precision base): added in place,
+        `weight.add_(delta)` rounds the sum once, as PEFT's merge; cast first, it would round twice."""
+        return self.scale * (self.lora_B @ self.lora_A)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, scale={self.scale:g}"
@@ -274,7 +274,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
                           "nn.Linear (e.g. a quantized base, QLoRA): its update cannot be merged into it; serve it "
                           "unmerged, save the adapters alone (lora_state_dict), or merge onto a full-precision copy")
     for name, lora in layers.items():
-        lora.weight.add_(lora.delta_weight())
+        lora.weight.add_(lora.delta_weight())  # the fp32 delta added in place: W + scale·BA rounded once
         _unwrap(model, name, lora)
     return model
 

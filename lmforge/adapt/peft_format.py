@@ -7,13 +7,18 @@ ecosystem in both directions:
 A PEFT directory holds adapter_config.json (r, lora_alpha, use_rslora, target_modules, modules_to_save,
 base_model_name_or_path) and adapter_model.safetensors, whose keys are "base_model.model." + the HF module
 name + ".lora_A.weight" / ".lora_B.weight" ((r, in) and (out, r): lmforge's shapes), and, for a module
-kept in full (modules_to_save), "base_model.model." + its HF tensor names. Names go through the family's HF
+kept in full (modules_to_save), "base_model.model." + its HF tensor names; beside an adapted lm_head or
+embed_tokens PEFT also saves that layer's base weight (".base_layer.weight", save_embedding_layers="auto"),
+which it loads in place of the base's, as load_peft does where it differs. Names go through the family's HF
 rules (lmforge.model.hf.hf_names; kept modules through hf_single_rules, which also changes Gemma's norm gains
 as its checkpoints store them), the same table that loads and writes HF checkpoints. load_model and every
 --checkpoint option open a PEFT directory through load_peft: the base model (a HF or lmforge directory; a
 hub id needs base=), lmforge LoRA layers with PEFT's scale (lora_alpha / r, or / sqrt(r) with rsLoRA; each
 module's r read from its tensors, so rank_pattern needs nothing), the kept modules' weights. What lmforge's
-LoRALinear cannot compute (DoRA, LoRA biases, alpha_pattern, Conv1D's fan_in_fan_out, ...) is refused.
+LoRALinear cannot compute (DoRA, aLoRA, LoRA biases, alpha_pattern, Conv1D's fan_in_fan_out, an initialisation
+that PEFT recomputes the base weights from, such as PiSSA, ...: UNSUPPORTED) is refused, and so is a config field
+set that lmforge does not know (INERT lists those that change nothing it computes). The legacy adapter_model.bin
+(a pickle) is refused with the command that converts it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from pathlib import Path
+
+import torch
 
 from lmforge.errors import CheckpointError, ConfigError
 
@@ -29,10 +37,45 @@ PREFIX = "base_model.model."
 """what PEFT puts before a module name of the model it wraps (adapter_model.safetensors keys)"""
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+"""what PEFT wrote before safetensors (a pickle: refused, with the one-line conversion)"""
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
                "alpha_pattern": "per-module lora_alpha (alpha_pattern)", "layer_replication": "layer_replication",
-               "trainable_token_indices": "trainable token indices", "target_parameters": "target_parameters"}
-"""adapter_config.json fields lmforge's LoRALinear cannot honour when set (the name in errors)"""
+               "trainable_token_indices": "trainable token indices", "target_parameters": "target_parameters",
+               "alora_invocation_tokens": "aLoRA (alora_invocation_tokens: the update only from the invocation "
+                                          "tokens on)",
+               "use_bdlora": "block-diagonal LoRA (use_bdlora)", "velora_config": "VeLoRA (velora_config)",
+               "monteclora_config": "MonteCLoRA (monteclora_config)", "arrow_config": "Arrow routing (arrow_config)",
+               "kasa_config": "KaSA (kasa_config)"}
+"""adapter_config.json fields (peft 0.21's LoraConfig) that, set, make an adapter compute something lmforge's
+LoRALinear does not (the name in errors). `_peft_config` also refuses a bias, an initialisation that changes
+the base weights and any field of neither this table nor INERT."""
+UNMERGEABLE = ("alora_invocation_tokens", "arrow_config")
+"""of those, what peft's merge_and_unload refuses too"""
+INERT = frozenset({
+    # what the adapter is and where it came from
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    # which modules are adapted, at what rank, and which are kept in full: the tensors say it (each r is lora_A's)
+    "r", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "modules_to_save",
+    # training only: dropout (off at inference), the settings of an initialisation (the tensors replace its
+    # values; init_lora_weights itself is checked)
+    "lora_dropout", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    # QA-LoRA pools the inputs of GPTQ layers only, which lmforge does not load: over a float base PEFT
+    # computes plain LoRA, as lmforge does
+    "use_qalora", "qalora_group_size",
+    # Megatron's parallel Linears (a HF or lmforge base has none) and PEFT's runtime options
+    "megatron_config", "megatron_core", "runtime_config",
+    # adapters tied as the base's weights are: what it ties (an embedding's adapter, a tied head's, a tied head
+    # kept in full) shows in the tensors, which load_peft refuses; without tied weights it does nothing
+    "ensure_weight_tying",
+    "lora_alpha", "use_rslora", "bias", "init_lora_weights",  # what lmforge computes with, or checks
+})
+"""adapter_config.json fields that change nothing lmforge computes once the tensors are loaded, or that
+`_peft_config` checks itself"""
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica", "lora_ga")
+"""init_lora_weights under which PEFT loads an adapter onto its base as it is; PiSSA, CorDA, OLoRA and LoftQ
+recompute the base weights when the adapter is loaded (a residual of the base, a quantized base)"""
 
 
 PEFT_CANNOT_LOAD: dict[str, tuple[tuple[str, str], ...]] = {
@@ -118,6 +161,19 @@ def is_peft_dir(path: str | Path) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+def refuse_pickled(path: str | Path) -> None:
+    """Refuses, naming the file and the conversion, a PEFT directory whose tensors are only in the legacy
+    adapter_model.bin: a pickle, which lmforge does not open (as it opens no pickled checkpoint)."""
+    path = Path(path)
+    if (path / CONFIG).is_file() and (path / LEGACY_WEIGHTS).is_file() and not (path / WEIGHTS).is_file():
+        # the paths as JSON strings, which are Python literals too, in double quotes (no quoting inside shlex's)
+        code = (f"import torch; from safetensors.torch import save_file; save_file(torch.load("
+                f"{json.dumps(str(path / LEGACY_WEIGHTS))}, weights_only=True), {json.dumps(str(path / WEIGHTS))})")
+        raise CheckpointError(f"{path} is a PEFT adapter whose tensors are in {path / LEGACY_WEIGHTS}, a pickle, "
+                              f"which lmforge does not load; write them as {WEIGHTS} once: python -c "
+                              f"{shlex.quote(code)}")
+
+
 def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool = True):
     """(model, tokenizer) of a PEFT LoRA adapter directory over its base: the base as load_model loads it
     (`base`, else the config's base_model_name_or_path), lmforge LoRA layers (unmerged) around the adapted
@@ -127,7 +183,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
 
     from lmforge.adapt.lora import load_lora, restore_lora
     from lmforge.checkpoint import is_hf_dir, load_model, resolve_checkpoint
-    from lmforge.model.hf import family_of, guess_family, hf_names, hf_single_rules, read_hf_config
+    from lmforge.model.hf import family_of, guess_family, read_hf_config
     from lmforge.tokenizer.load import load_tokenizer
 
     path = Path(path)
@@ -144,15 +200,33 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
         tok = load_tokenizer(path)
     ckpt = resolve_checkpoint(where)
     family = family_of(read_hf_config(ckpt)) if is_hf_dir(ckpt) else guess_family(model.cfg)
+    layers, state = _lmforge_state(path, load_file(str(path / WEIGHTS)), model, family, config)
+    restore_lora(model, layers)
+    load_lora(model, state)  # checked whole (names, shapes) before anything is copied
+    return model.eval(), tok
+
+
+def _lmforge_state(path: Path, tensors: dict, model, family: str, config: dict) -> tuple[dict, dict]:
+    """({lmforge layer: [r, scale]}, {lmforge name: tensor}) of a PEFT adapter's tensors over `model`: the
+    LoRA factors, the modules kept in full, and the base weights PEFT saves beside an adapted embedding or
+    output head (save_embedding_layers="auto") and loads in place of the base's."""
+    from lmforge.model.hf import hf_names, hf_single_rules
+
     to_lm = {hf: lm for lm, hf in hf_names(model.cfg, family).items()}
     kept_rules = {r.hf[0]: r for r in hf_single_rules(model.cfg, family).values()}
-    tensors = load_file(str(path / WEIGHTS))
+    if model.cfg.tie_embeddings and any(k.startswith(f"{PREFIX}lm_head.lora_") for k in tensors):
+        raise ConfigError(f"{path} adapts lm_head, whose weight this base ties to its embeddings "
+                          "(tie_word_embeddings); lmforge's LoRA layers do not adapt a tied head (a merge would change "
+                          "the embeddings too): save the base with its head untied (tie_word_embeddings=false) and "
+                          "load the adapter onto that")
+    params = dict(model.named_parameters(remove_duplicate=False))
     layers, state = {}, {}
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
+        module = name.rsplit(".", 2)[0]
+        unwrapped = re.sub(r"\.base_layer(?=\.[^.]+$)", "", name)  # lm_head.base_layer.weight -> lm_head.weight
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
-            module, part = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
-            lm = to_lm.get(module + ".weight")
+            part, lm = name.rsplit(".", 2)[1], to_lm.get(module + ".weight")
             if lm is None:
                 raise ConfigError(f"{path}: the adapter adapts {module}, which the {family} rules do not map onto one "
                                   "lmforge Linear (a fused or transposed weight); lmforge cannot apply it")
@@ -161,6 +235,18 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
                 r = t.shape[0]
                 layers[lm] = [r, config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)]
             state[f"{lm}.{part}"] = t
+        elif unwrapped != name and unwrapped in kept_rules:
+            lm, weight = kept_rules[unwrapped].lm[0], kept_rules[unwrapped].to_lm([t])[0]
+            if weight.shape != params[lm].shape:
+                raise ConfigError(f"{path} holds the base weight {key} of shape {tuple(weight.shape)}, the base's is "
+                                  f"{tuple(params[lm].shape)} (a resized vocabulary?); give the base it was trained "
+                                  "on: base=DIR or --base DIR")
+            if not torch.equal(weight.to(params[lm].dtype), params[lm]):
+                state[lm] = weight  # another base weight than the base's: PEFT loads it in the base's place
+        elif name.endswith((".lora_embedding_A", ".lora_embedding_B")):
+            raise ConfigError(f"{path} adapts the embedding {name.rsplit('.', 1)[0]} (lora_embedding_A / B), which "
+                              "lmforge's LoRA layers (Linears only) do not compute; merge the adapter with peft "
+                              "(merge_and_unload) and load the merged model instead")
         elif name in kept_rules:  # a module kept in full (modules_to_save), as HF stores it
             state[kept_rules[name].lm[0]] = kept_rules[name].to_lm([t])[0]
         elif name == "lm_head.weight" and model.cfg.tie_embeddings:
@@ -173,9 +259,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
                               "lmforge cannot apply this adapter")
     if not layers:
         raise ConfigError(f"{path} holds no LoRA factors (lora_A / lora_B weights)")
-    restore_lora(model, layers)
-    load_lora(model, state)  # checked whole (names, shapes) before anything is copied
-    return model.eval(), tok
+    return layers, state
 
 
 def _peft_config(path: Path) -> dict:
@@ -192,7 +276,15 @@ def _peft_config(path: Path) -> dict:
     used = [what for key, what in UNSUPPORTED.items() if config.get(key)]
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r}")
+    init = config.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        used.append(f"init_lora_weights={init!r} (the base weights recomputed when PEFT loads it)"
+                    if isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq"))
+                    else f"init_lora_weights={init!r}")
+    used += [f"{key}={value!r} (a field this lmforge does not know)" for key, value in config.items()
+             if key not in INERT and key not in UNSUPPORTED and value]
     if used:
-        raise ConfigError(f"{path} uses {', '.join(used)}, which lmforge's LoRA layers do not compute; merge the "
-                          "adapter with peft (merge_and_unload) and load the merged model instead")
+        fix = ("run it with peft, which cannot merge it either" if any(config.get(k) for k in UNMERGEABLE) else
+               "merge the adapter with peft (merge_and_unload) and load the merged model instead")
+        raise ConfigError(f"{path} uses {', '.join(used)}, which lmforge's LoRA layers do not compute; {fix}")
     return config

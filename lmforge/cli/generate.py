@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lmforge.cli.sampling import (Sampling, normalize_argv, sampling_field, top_logprobs_rows, unescape,
                                   warn_if_past_context)
+from lmforge.config import check
 from lmforge.errors import DataError, LmforgeError
 
 
@@ -43,6 +44,9 @@ class GenerateConfig:
     """a KV-cache policy, NAME:key=value,... (lmforge.infer.kv.policy.policy_from_spec): 'streaming:window=256'
     (StreamingLLM; ',positions=cache' runs past the model's context window), 'h2o:heavy=64,recent=64',
     'snapkv:budget=128'"""
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, f"--batch-size must be >= 1 (prompts decoded together), got {self.batch_size}")
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:

@@ -67,8 +67,10 @@ class LLM:
         if config is not None and (cuda_graphs is not None or max_batch_size is not None or kv_policy is not None):
             raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
                               "EngineConfig.max_num_seqs), kv_policy too (EngineConfig.kv_policy), not beside it")
-        self.config = config or EngineConfig(max_num_seqs=max_batch_size or 64, cuda_graphs=cuda_graphs,
-                                             kv_policy=kv_policy)
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1 (sequences decoded together), got {max_batch_size}")
+        self.config = config or EngineConfig(max_num_seqs=64 if max_batch_size is None else max_batch_size,
+                                             cuda_graphs=cuda_graphs, kv_policy=kv_policy)
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens)
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
@@ -83,7 +85,8 @@ class LLM:
         from lmforge.tokenizer.load import load_tokenizer
 
         from lmforge.checkpoint import load_model
-        model, saved = load_model(path, device=device, tokenizer=tokenizer is None, base=base)  # (yours replaces its own)
+        # (a tokenizer given replaces the checkpoint's own)
+        model, saved = load_model(path, device=device, tokenizer=tokenizer is None, base=base)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer or saved
         if tok is None:
             raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one: LLM.load(path, tokenizer='byte' or a "

@@ -73,9 +73,14 @@ def resolve_pattern(pattern: str) -> str:
     """A pattern name ("gpt2", "cl100k", "o200k") or a custom regex -> the regex string."""
     pat = PATTERNS.get(pattern, pattern)
     try:
-        compile_pattern(pat)
+        regex.compile(pat)  # alone first, so that an error's position is one in the pattern as given
     except regex.error as e:
         raise ConfigError(f"pre-tokenization pattern {pattern!r} is not a valid regex: {e}") from e
+    try:
+        compile_pattern(pat)
+    except regex.error as e:  # e.g. a (?x) comment running to the end swallows the wrapper's ")"
+        raise ConfigError(f"pre-tokenization pattern {pattern!r} is a valid regex, but not inside the wrapper that "
+                          f"keeps the text between its matches, {pieces_pattern('PATTERN')}: {e.msg}") from e
     return pat
 
 

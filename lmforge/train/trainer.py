@@ -106,10 +106,22 @@ def _check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optim
                                   f"head, a reward head...) a submodule of the trained model")
 
 
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuses a run_dir that is, or lies under, an existing file (its metrics log and checkpoints could
+    not be written), before anything is built."""
+    path = Path(run_dir)
+    there = next((p for p in (path, *path.parents) if p.exists()), None)
+    if there is not None and not there.is_dir():
+        what = "is an existing file" if there == path else f"lies under {str(there)!r}, an existing file"
+        raise ConfigError(f"run_dir {str(path)!r} {what}, not a directory; set run_dir (--run-dir) to a new or "
+                          "existing directory, or move the file away")
+
+
 class Trainer:
     """hooks: objects with any of on_step_end(trainer, stats), on_log(trainer, row), on_eval(trainer,
     metrics), on_save(trainer, path). evaluator: model -> dict of floats (run under no_grad and eval
-    mode; the model is on the trainer's device, so its inputs go there). extra_meta: JSON-able facts stored in every checkpoint's config.json (e.g. the chat template).
+    mode; the model is on the trainer's device, so its inputs go there). extra_meta: JSON-able facts stored in
+    every checkpoint's config.json (e.g. the chat template).
     base: lmforge.checkpoint.base_record of the checkpoint the model's frozen weights were loaded from: the
     checkpoints are then adapter-only (the frozen parameters left out, the base recorded; a LoRA run's), and
     a resume checks that the model was built on the same base."""
@@ -123,10 +135,12 @@ class Trainer:
         if isinstance(model, TrainConfig):  # Trainer(cfg): pretraining built from its config
             from lmforge.train.pretrain import pretraining_parts
 
+            check_run_dir(model.run_dir)  # before the model and the data are built
             model, optimizer, data, objective, config, evaluator, tokenizer, runner = pretraining_parts(model)
         if optimizer is None or data is None or objective is None or config is None:
             raise ConfigError("Trainer needs model, optimizer, data, objective and config (or one TrainConfig)")
         self.cfg = cfg = config
+        check_run_dir(cfg.run_dir)
         self._live = False  # a live progress bar: set by fit
         self.device = ddp.train_device(cfg.device)
         self.rank, self.world = ddp.rank_and_world()  # only rank 0 writes metrics, plots and checkpoints
@@ -218,8 +232,8 @@ class Trainer:
         if self.rank == 0:
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.run_dir, self.step, model, train_state=self._train_state(opt_state, names, data_ranks),
-                tokenizer=self.tokenizer, keep_last=self.cfg.keep_last, extra={"tokens": self.tokens, **self.extra_meta},
-                base=self.base)
+                tokenizer=self.tokenizer, keep_last=self.cfg.keep_last,
+                extra={"tokens": self.tokens, **self.extra_meta}, base=self.base)
         if self.world > 1:
             torch.distributed.barrier()  # no rank reads it (or moves on to resume) before it is written
             self.last_checkpoint = ddp.checkpoint_path(self.run_dir, self.step)
@@ -272,7 +286,8 @@ class Trainer:
         if "model" in meta and hasattr(self.model, "cfg"):
             ckpt.check_same_model(meta["model"], self.model.cfg)
         if "model" in meta:  # LoRA runs: the same adapters (an alpha change keeps the shapes, not the function)
-            saved, now = meta.get("lora", {}), {k: list(v) for k, v in ckpt.model_meta(self.model).get("lora", {}).items()}
+            saved = meta.get("lora", {})
+            now = {k: list(v) for k, v in ckpt.model_meta(self.model).get("lora", {}).items()}
             if saved != now:
                 k = next(iter(sorted(set(saved) ^ set(now)) or [n for n in saved if saved[n] != now.get(n)]))
                 raise ConfigError(f"{path} was trained with LoRA adapter {k} = {saved.get(k)} ([r, scale]) but the "
@@ -325,8 +340,8 @@ class Trainer:
             self.flops_per_token = self.model.flops_per_token(batch["input_ids"].shape[-1])
         if self.device.type == "cuda":  # host rows pinned for an asynchronous copy; device tensors (e.g.
             # rollouts sampled on the GPU) are used where they are
-            return {k: (v.pin_memory().to(self.device, non_blocking=True) if v.device.type == "cpu" else v.to(self.device))
-                    for k, v in batch.items()}
+            return {k: (v.pin_memory().to(self.device, non_blocking=True) if v.device.type == "cpu"
+                        else v.to(self.device)) for k, v in batch.items()}
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _micro_batches(self) -> list[tuple[Batch, float | None]]:

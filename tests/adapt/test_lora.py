@@ -87,6 +87,31 @@ def test_init_is_the_base_model_and_merge_keeps_the_function():
     torch.testing.assert_close(model(IDS), adapted, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_into_a_half_precision_base_rounds_once_as_peft(dtype):
+    """The fp32 update is added to a bf16 / fp16 weight in place, so W + scale·BA is rounded once: PEFT's
+    merge bit for bit. (Cast to the weight's dtype first, it was rounded twice: 10,595 of 65,536 bf16 elements
+    one ulp off, found 2026-12-05.)"""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 256).to(dtype)
+    model = nn.Sequential(LoRALinear(copy.deepcopy(lin), r=8, scale=2.0))
+    with torch.no_grad():
+        model[0].lora_B.normal_(0, 0.05)
+    assert model[0].lora_A.dtype == torch.float32
+    once = (lin.weight.float() + 2.0 * (model[0].lora_B @ model[0].lora_A)).to(dtype)
+    twice = lin.weight + (2.0 * (model[0].lora_B @ model[0].lora_A)).to(dtype)
+    assert (once != twice).sum() > 1000  # the two roundings differ here, so the test can tell them apart
+    merged = merge_lora(copy.deepcopy(model))[0]
+    assert merged.weight.dtype == dtype and torch.equal(merged.weight, once)
+    peft = pytest.importorskip("peft")
+    ref = peft.get_peft_model(nn.Sequential(copy.deepcopy(lin)), peft.LoraConfig(target_modules=["0"], r=8,
+                                                                                  lora_alpha=16))
+    with torch.no_grad():
+        ref.base_model.model[0].lora_A["default"].weight.copy_(model[0].lora_A)
+        ref.base_model.model[0].lora_B["default"].weight.copy_(model[0].lora_B)
+    assert torch.equal(ref.merge_and_unload()[0].weight, merged.weight)
+
+
 def test_disabled_adapters_give_the_plain_linear_and_the_base_model():
     """enabled=False is the base layer bit for bit; adapters_disabled(model) is the base model, and puts
     every layer's previous state back, on an error too."""
@@ -281,7 +306,8 @@ def test_qlora_adapters_wrap_a_quantized_base_train_and_refuse_to_merge():
     assert len(layers) == 3 * len(model.blocks) and all(isinstance(m.base, Int8Linear) for m in layers.values())
     torch.testing.assert_close(model(IDS), want, rtol=0, atol=0)
     adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in layers.values())
-    assert trainable_parameters(model) == type(trainable_parameters(model))(adapters, tiny_model(0).num_params() + adapters)
+    assert trainable_parameters(model) == type(trainable_parameters(model))(adapters,
+                                                                            tiny_model(0).num_params() + adapters)
     randomise_b(model)
     codes = {n: b.clone() for n, b in model.named_buffers()}
     model(IDS).square().mean().backward()

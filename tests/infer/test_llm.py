@@ -264,7 +264,8 @@ def test_generate_takes_any_form_of_prompts_and_names_bad_ones(tok):
     with pytest.raises(ConfigError, match="params must be a SamplingParams or a list of them, one per prompt, "
                                           "got dict"):
         llm.generate("a", {"temperature": 0})
-    with pytest.raises(LmforgeError, match="prompts must be a string, a list of token ids, or a list of those; got int"):
+    with pytest.raises(LmforgeError,
+                       match="prompts must be a string, a list of token ids, or a list of those; got int"):
         llm.generate(5)
     with pytest.raises(LmforgeError, match="got NoneType"):
         llm.generate(None)
@@ -273,6 +274,17 @@ def test_generate_takes_any_form_of_prompts_and_names_bad_ones(tok):
     with pytest.raises(ConfigError, match="set cuda_graphs and max_batch_size in it"):
         from lmforge.infer.engine import EngineConfig
         LLM(llm.model, tok, max_batch_size=2, config=EngineConfig())
+
+
+def test_max_batch_size_is_taken_as_given_and_a_bad_one_named(tok):
+    """max_batch_size=None is 64 sequences; 1 is 1; 0 or less is refused naming max_batch_size (0 silently
+    became 64 with `max_batch_size or 64`; found 2026-12-05)."""
+    model = tiny_model("llama")
+    assert LLM(model, tok).config.max_num_seqs == 64 and LLM(model, tok, max_batch_size=1).config.max_num_seqs == 1
+    for bad in (0, -3):
+        with pytest.raises(ConfigError, match=rf"^max_batch_size must be >= 1 \(sequences decoded together\), "
+                                              rf"got {bad}$"):
+            LLM(model, tok, max_batch_size=bad)
 
 
 def test_truncate_prompt_leaves_room_for_max_tokens(tok):

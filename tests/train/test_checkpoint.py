@@ -3,6 +3,7 @@
 import errno
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,11 +60,42 @@ def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match=r"disk full at .*\.tmp_step_000002_\d+ while writing the step 2"):
+    with pytest.raises(CheckpointError, match=r"disk full at .*\.step_000002\.writing-\d+ while writing the step 2"):
         ckpt.save_checkpoint(tmp_path, 2, model, train_state={"a": 2})
     assert ckpt.checkpoint_dirs(tmp_path) == [good]
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
     ckpt._verify(good)
+
+
+def test_a_rewritten_step_keeps_its_old_checkpoint_when_the_rewrite_fails(tmp_path, monkeypatch):
+    """Writing a step that exists again (a resumed run's) replaces it whole or not at all: a failure at the
+    rename that puts the new one in place leaves the old one, verified, where it was (it used to be deleted
+    first, so the step was lost; found 2026-12-05)."""
+    old = _toy()
+    good = ckpt.save_checkpoint(tmp_path, 5, old, train_state={"a": 1})
+    rename = os.replace
+
+    def failing(src, dst):  # the rename of the new checkpoint (hidden while written) onto step_000005
+        if Path(dst) == good and Path(src).name.startswith(".") and ".replaced-" not in Path(src).name:
+            raise OSError("simulated failure at the rename")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with torch.no_grad():
+        new = _toy().requires_grad_(False)
+        new[0].weight.add_(1.0)
+    with pytest.raises(OSError, match="simulated failure"):
+        ckpt.save_checkpoint(tmp_path, 5, new, train_state={"a": 2})
+    monkeypatch.setattr(os, "replace", rename)
+    assert ckpt.checkpoint_dirs(tmp_path) == [good] and [p.name for p in good.parent.iterdir()] == [good.name]
+    ckpt._verify(good)
+    loaded = _toy()
+    ckpt.load_weights(loaded, good)
+    assert torch.equal(loaded[0].weight, old[0].weight) and ckpt.load_train_state(good) == {"a": 1}
+    ckpt.save_checkpoint(tmp_path, 5, new, train_state={"a": 2})  # and a rewrite that succeeds replaces it
+    ckpt.load_weights(loaded, good)
+    assert torch.equal(loaded[0].weight, new[0].weight) and ckpt.load_train_state(good) == {"a": 2}
+    assert [p.name for p in good.parent.iterdir()] == [good.name]
 
 
 def test_partial_folders_of_dead_writers_are_cleaned(tmp_path):
@@ -75,6 +107,28 @@ def test_partial_folders_of_dead_writers_are_cleaned(tmp_path):
         (d / "model.safetensors").write_bytes(b"x" * 10)
     assert ckpt.clean_partial(tmp_path) == [dead]
     assert not dead.exists() and alive.exists()
+
+
+def test_a_writer_killed_while_rewriting_a_step_leaves_it_restorable(tmp_path):
+    """What a writer killed inside atomic_dir leaves: the new checkpoint half written (removed), or, killed
+    between its two renames, the step's old checkpoint moved aside with no step_* in its place (put back at
+    resume), or moved aside after the new one was renamed in (removed)."""
+    m = _toy()
+    root = tmp_path / "checkpoints"
+    five, six = ckpt.save_checkpoint(tmp_path, 5, m), ckpt.save_checkpoint(tmp_path, 6, m)
+    aside = root / ".step_000005.replaced-999999999"  # a dead pid
+    os.replace(five, aside)
+    stale = root / ".step_000006.replaced-999999999"
+    ckpt.save_checkpoint(tmp_path, 6, m).rename(stale)
+    ckpt.save_checkpoint(tmp_path, 6, m)
+    partial = root / ".step_000007.writing-999999999"
+    partial.mkdir()
+    live = root / f".step_000008.writing-{os.getppid()}"
+    live.mkdir()
+    assert ckpt.checkpoint_dirs(tmp_path) == [six]
+    assert ckpt.clean_partial(tmp_path) == [stale, partial]
+    assert ckpt.checkpoint_dirs(tmp_path) == [five, six] and not aside.exists() and live.exists()
+    ckpt._verify(five)
 
 
 def _tiny_hf_dir(path):

@@ -1,0 +1,174 @@
+"""PEFT adapter directories that PEFT itself wrote, opened by lmforge (load_peft): what lmforge computes as PEFT
+does loads with PEFT's logits; what it would compute otherwise (aLoRA, an initialisation that rewrites the base,
+a field it does not know) is refused in one line; the base weight PEFT saves beside an adapted lm_head loads as
+PEFT loads it; a legacy adapter_model.bin is refused with the command that converts it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.checkpoint import load_model
+from lmforge.cli import main
+from lmforge.errors import CheckpointError, ConfigError
+
+from ..test_export import ids_for, logits, tiny
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB = 97
+
+
+def _base(path, **kw):
+    tiny(VOCAB, **kw).save_pretrained(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _adapter(base_dir, out, save=None, **conf):
+    """A PEFT adapter over the HF model in base_dir, B random (init_lora_weights=False unless given), saved to
+    `out`; returns PEFT's logits of the saved adapter reloaded onto a fresh copy of that base."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    model = peft.get_peft_model(hf, peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False, **conf}))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, **(save or {}))
+    reloaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), out)
+    return logits(reloaded.eval(), ids_for(VOCAB))
+
+
+def test_every_lora_config_field_of_the_installed_peft_is_classified():
+    """A field PEFT adds is refused when set until it is put in INERT (changes nothing lmforge computes) or
+    UNSUPPORTED: this names it."""
+    from packaging.version import Version
+
+    from lmforge.adapt.peft_format import INERT, UNMERGEABLE, UNSUPPORTED
+
+    if Version(peft.__version__) >= Version("0.22"):
+        pytest.skip(f"the fields are classified for peft 0.21; peft {peft.__version__}'s new ones are refused when set "
+                    "until classified in lmforge/adapt/peft_format.py")
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert fields - INERT - set(UNSUPPORTED) == set()
+    assert not INERT & set(UNSUPPORTED) and set(UNMERGEABLE) <= set(UNSUPPORTED)
+
+
+def test_an_alora_adapter_is_refused_not_applied_at_every_position(tmp_path):
+    """aLoRA applies its update from the invocation tokens on; lmforge applied it at every position (logits off
+    by 0.58-0.94 where PEFT gives the base's; found 2026-12-05). PEFT cannot merge it either."""
+    _base(tmp_path / "base")
+    _adapter(tmp_path / "base", tmp_path / "alora", target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[3, 5])
+    with pytest.raises(ConfigError, match=r"^\S+alora uses aLoRA \(alora_invocation_tokens: the update only from the "
+                                          r"invocation tokens on\), which lmforge's LoRA layers do not compute; run "
+                                          r"it with peft, which cannot merge it either$"):
+        load_model(tmp_path / "alora", base=tmp_path / "base", tokenizer=False)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_initialisation_that_rewrites_the_base_is_refused(tmp_path, init):
+    """PiSSA / OLoRA adapters saved as trained: PEFT recomputes the base's residual when it loads them, so
+    lmforge's plain base + BA differed from PEFT's (found 2026-12-05)."""
+    _base(tmp_path / "base")
+    want = _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj"], init_lora_weights=init)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    config["init_lora_weights"] = False  # the same tensors read as a plain adapter: not PEFT's function
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "plain" / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "ad" / "adapter_model.safetensors").read_bytes())
+    plain = load_model(tmp_path / "plain", base=tmp_path / "base", tokenizer=False)[0]
+    assert (logits(plain, ids_for(VOCAB)) - want).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match=rf"uses init_lora_weights='{init}' \(the base weights recomputed when "
+                                          r"PEFT loads it\), which .*merge the adapter with peft \(merge_and_unload\)"):
+        load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+
+
+def test_fields_that_change_nothing_load_and_set_variants_or_unknown_fields_are_refused(tmp_path):
+    """Dropout, layer selection, QA-LoRA over a float base (GPTQ layers only), weight tying over an untied base,
+    an initialisation the tensors replace: PEFT's logits. Every UNSUPPORTED field set, and a field lmforge does
+    not know, is refused naming it; one left unset (null) is not."""
+    from lmforge.adapt.peft_format import UNSUPPORTED
+
+    _base(tmp_path / "base")
+    want = _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj", "v_proj", "down_proj"],
+                    lora_dropout=0.1, layers_to_transform=[1], use_qalora=True, ensure_weight_tying=True,
+                    init_lora_weights="orthogonal", use_rslora=True, rank_pattern={"down_proj": 2})
+    model = load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)[0]
+    assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
+    file = tmp_path / "ad" / "adapter_config.json"
+    config = json.loads(file.read_text())
+    for key, what in [*UNSUPPORTED.items(), ("a_future_option", "a_future_option=True (a field this lmforge does "
+                                                                "not know)")]:
+        file.write_text(json.dumps({**config, key: True}))
+        with pytest.raises(ConfigError, match=rf"uses {re.escape(what)}, which lmforge's LoRA layers do not compute"):
+            load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+    file.write_text(json.dumps({**config, "a_future_option": None}))
+    load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+
+
+def test_an_adapted_lm_head_with_its_saved_base_weight_loads_as_peft_loads_it(tmp_path):
+    """PEFT's default save_embedding_layers="auto" writes lm_head.base_layer.weight beside lm_head's factors
+    (lmforge refused it as 'neither a LoRA factor nor a weight the llama rules map'; found 2026-12-05) and
+    loads it in place of the base's: over another base head lmforge gives PEFT's logits too. A head of another
+    shape, an embedding's LoRA and a tied head's are refused, saying what to do."""
+    _base(tmp_path / "base")
+    want = _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj", "lm_head"])
+    tensors = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.base_layer.weight" in tensors
+    model = load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)[0]
+    assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
+    other = tiny(VOCAB)
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.3)
+    other.save_pretrained(tmp_path / "other")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "other")
+    peft_there = logits(peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval(), ids_for(VOCAB))
+    assert (peft_there - want).abs().max() <= 1e-5  # PEFT put the saved head in place of the other base's
+    model = load_model(tmp_path / "ad", base=tmp_path / "other", tokenizer=False)[0]
+    assert (logits(model, ids_for(VOCAB)) - peft_there).abs().max() <= 1e-5
+    tensors["base_model.model.lm_head.base_layer.weight"] = tensors["base_model.model.lm_head.base_layer.weight"][:90]
+    save_file(tensors, tmp_path / "ad" / "adapter_model.safetensors")
+    with pytest.raises(ConfigError, match=r"holds the base weight base_model.model.lm_head.base_layer.weight of shape "
+                                          r"\(90, 32\), the base's is \(97, 32\) \(a resized vocabulary\?\)"):
+        load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+    _adapter(tmp_path / "base", tmp_path / "emb", target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(ConfigError, match=r"adapts the embedding model.embed_tokens \(lora_embedding_A / B\), which "
+                                          r"lmforge's LoRA layers \(Linears only\) do not compute"):
+        load_model(tmp_path / "emb", base=tmp_path / "base", tokenizer=False)
+    _base(tmp_path / "tied", tie_embeddings=True)
+    _adapter(tmp_path / "tied", tmp_path / "tied_ad", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match=r"adapts lm_head, whose weight this base ties to its embeddings .* save the "
+                                          r"base with its head untied \(tie_word_embeddings=false\)"):
+        load_model(tmp_path / "tied_ad", base=tmp_path / "tied", tokenizer=False)
+
+
+def test_a_legacy_adapter_model_bin_is_named_with_the_command_that_converts_it(tmp_path, capsys):
+    """A PEFT directory with only adapter_model.bin (safe_serialization=False) said 'no checkpoint found ... HF
+    model directory' (found 2026-12-05): the error names the pickle, and its command writes the safetensors file
+    that then loads with PEFT's logits."""
+    _base(tmp_path / "base")
+    want = _adapter(tmp_path / "base", tmp_path / "ad", save={"safe_serialization": False}, target_modules=["q_proj"])
+    assert sorted(p.name for p in (tmp_path / "ad").glob("adapter_model*")) == ["adapter_model.bin"]
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'ad'} is a PEFT adapter whose tensors are in "
+                              f"{tmp_path / 'ad' / 'adapter_model.bin'}, a pickle, which lmforge does not load; write "
+                              "them as adapter_model.safetensors once: python -c ")
+    assert main(["generate", "--checkpoint", str(tmp_path / "ad"), "--base", str(tmp_path / "base"), "--prompts",
+                 "Hi"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (progress bars aside)
+    assert errors == [f"lmforge generate: error: {message}"]
+    command = message.split(" once: ", 1)[1].replace("python", shlex.quote(sys.executable), 1)
+    subprocess.run(command, shell=True, check=True, capture_output=True)
+    model = load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)[0]
+    assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5

@@ -115,6 +115,19 @@ def test_signature_agreement_estimates_jaccard():
     assert (sig[0] == sig[1]).mean() == pytest.approx(true, abs=0.05)  # std ~ sqrt(.24/1024) = .015
 
 
+def test_signatures_of_structured_keys_are_unbiased():
+    """Consecutive integers as keys (ids rather than hashed shingles): the plain multiply-shift family's minima
+    were correlated and the estimates ran 0.063 low on average; mixing the keys first removes the bias."""
+    rng = np.random.default_rng(0)
+    errors = []
+    for _ in range(200):
+        off = int(rng.integers(1, 200))
+        a, b = np.arange(200, dtype=np.uint64), np.arange(off, off + 200, dtype=np.uint64)
+        sig = signatures([a, b], num_perm=256)
+        errors.append((sig[0] == sig[1]).mean() - (200 - off) / (200 + off))
+    assert abs(np.mean(errors)) < 0.015  # std of the mean over 200 pairs ~ 0.002
+
+
 def test_batch_shingles_match_per_document_sets():
     texts = ["The cat sat on the mat, and the dog sat on the log.", "", "one two", "Ünïcode wörds ça va très bien ok"]
     hashes, counts = batch_word_ngram_hashes(texts, 3)

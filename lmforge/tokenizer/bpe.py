@@ -6,6 +6,13 @@ merges the adjacent pair whose *concatenation* has the lowest rank, while BPE pr
 earliest *pair* in the merge list; the two agree when ranks follow merge order and every token is
 built by its own merge. The fast path is used only after that is checked (see `_build_fast`), and
 falls back to the reference encoder otherwise.
+
+Unicode versions: a pattern's classes (\\p{L}, \\p{N}, \\s) are read from each regex engine's own tables. The
+reference's `regex` module knows Unicode 17; tiktoken's Rust engine an older version (4,644 code points that
+`regex` calls letters are not letters there, among them CJK extension ideographs added since), and HF
+tokenizers' Oniguruma yet another. A text holding such characters can pre-tokenize differently in the two
+paths (as it does between tiktoken and HF tokenizers); lmforge does not pick one, since for a tiktoken
+encoding tiktoken's own split is the one its users expect.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import formats
 from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
 from lmforge.tokenizer.formats import NORMAL_FORMS
-from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, pieces_pattern,
+from lmforge.tokenizer.pretokenize import (PATTERNS, can_match_empty, check_specials, last_safe_cut, pieces_pattern,
                                            resolve_pattern, special_regex, split_specials)
 from lmforge.tokenizer.reference import ReferenceEncoder
 from lmforge.utils import write_json_atomic
@@ -163,8 +163,13 @@ class Tokenizer:
             ranks.update({t: 256 + k for k, t in enumerate(made)})
             rank_to_id = np.array(self._byte_ids + [self._by_bytes[t] for t in made], dtype=np.int64)
             rank_of = list(range(256, 256 + len(made)))
-        enc = tiktoken.Encoding(f"lmforge-{id(self)}", pat_str=pieces_pattern(self.pattern), mergeable_ranks=ranks,
-                                special_tokens={})
+        if can_match_empty(self.pattern):
+            return None, None  # tiktoken's one regex cannot keep the gaps around empty matches
+        try:
+            enc = tiktoken.Encoding(f"lmforge-{id(self)}", pat_str=pieces_pattern(self.pattern),
+                                    mergeable_ranks=ranks, special_tokens={})
+        except ValueError:  # a pattern tiktoken's engine reads otherwise (e.g. a (?x) comment running to its end)
+            return None, None
         to_id = (lambda rs: rs) if rank_to_id is None else (lambda rs: [int(rank_to_id[r]) for r in rs])
         # Each token's own bytes must come out of both encoders the same way; a token that tiktoken would
         # build from a pair other than its merge shows up here.

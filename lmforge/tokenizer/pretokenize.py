@@ -73,31 +73,65 @@ def resolve_pattern(pattern: str) -> str:
     """A pattern name ("gpt2", "cl100k", "o200k") or a custom regex -> the regex string."""
     pat = PATTERNS.get(pattern, pattern)
     try:
-        regex.compile(pat)  # alone first, so that an error's position is one in the pattern as given
+        regex.compile(pat)
     except regex.error as e:
         raise ConfigError(f"pre-tokenization pattern {pattern!r} is not a valid regex: {e}") from e
-    try:
-        compile_pattern(pat)
-    except regex.error as e:  # e.g. a (?x) comment running to the end swallows the wrapper's ")"
-        raise ConfigError(f"pre-tokenization pattern {pattern!r} is a valid regex, but not inside the wrapper that "
-                          f"keeps the text between its matches, {pieces_pattern('PATTERN')}: {e.msg}") from e
     return pat
 
 
 def pieces_pattern(pat: str) -> str:
     """`pat` extended so that each stretch of text between two of its matches is a piece too, as in HF's
-    Split(behavior="isolated"): no text is lost. (`findall` and tiktoken drop such gaps; a custom pattern
-    that does not match every character would lose text.) The named patterns match every character, so
-    they stay as they are: tiktoken gets exactly the regex it was written for."""
+    Split(behavior="isolated"): no text is lost (tiktoken drops such gaps). One regex, for tiktoken's fast
+    path; right only for a pattern that never matches the empty string (`can_match_empty`). The named patterns
+    match every character, so they stay as they are: tiktoken gets exactly the regex it was written for."""
     if pat in PATTERNS.values():
         return pat
     return rf"(?:{pat})|(?:(?!(?:{pat}))[\s\S])+"
 
 
+def can_match_empty(pat: str) -> bool:
+    """Whether `pat` may match the empty string somewhere: its smallest width, as the stdlib parser reads it
+    with `\\p{..}` classes taken for one character each, is 0. True when that parser cannot read it (syntax
+    only the `regex` module has): the safe answer, which only costs the tiktoken fast path."""
+    if pat in PATTERNS.values():
+        return False
+    try:
+        parser = __import__("re._parser" if sys.version_info >= (3, 11) else "sre_parse", fromlist=["parse"])
+        return parser.parse(_re.sub(r"\\[pP](?:\{[^}]*\}|[A-Za-z])", r"\\w", pat)).getwidth()[0] == 0
+    except Exception:  # noqa: BLE001 - any parse failure means "unknown"
+        return True
+
+
+class _Pieces:
+    """The pieces of a custom pattern, as HF's Split(behavior="isolated") cuts them: each non-empty match,
+    and each stretch between two match boundaries (an empty match is a boundary too: `x?` isolates every
+    character). Whole matches, whatever groups the pattern captures (`findall` would give the groups)."""
+
+    def __init__(self, pat: str):
+        self.regex = regex.compile(pat)
+
+    def findall(self, text: str) -> list[str]:
+        out, last, pos = [], 0, 0
+        while pos <= len(text) and (m := self.regex.search(text, pos)) is not None:
+            start, end = m.span()
+            if start > last:
+                out.append(text[last:start])
+            if end > start:
+                out.append(text[start:end])
+            last = end
+            # after an empty match the next starts one character on, as in Oniguruma and Rust's regex (Python's
+            # finditer would retry the same position for a non-empty match: `(?:ab)*|\\w*` took "cabc" whole)
+            pos = end if end > start else end + 1
+        if last < len(text):
+            out.append(text[last:])
+        return out
+
+
 @lru_cache(maxsize=16)
-def compile_pattern(pat: str) -> regex.Pattern:
-    """The compiled splitter of `pat`: its matches and the gaps between them (`pieces_pattern`)."""
-    return regex.compile(pieces_pattern(pat))
+def compile_pattern(pat: str) -> regex.Pattern | _Pieces:
+    """The splitter of `pat` (`.findall(text)` -> pre-tokens): a named pattern's regex, or a custom pattern's
+    matches and the gaps between them (`_Pieces`)."""
+    return regex.compile(pat) if pat in PATTERNS.values() else _Pieces(pat)
 
 
 def has_safe_cuts(pat: str) -> bool:

@@ -246,6 +246,35 @@ def test_text_between_pattern_matches_is_kept_as_hf_does(tmp_path):
     assert Tokenizer.from_hf(tmp_path).pattern == pat
 
 
+def test_custom_patterns_with_groups_or_empty_matches_split_as_hf(tmp_path):
+    """Custom patterns with capture groups gave tuples of groups (findall), and ones that can match the empty
+    string lost text ("x?" kept nothing) and, on tiktoken, every gap (found 2026-12-05). The pieces now follow
+    HF's Split(behavior="isolated") on 1,500 seeded combinations (an empty match is a boundary; after one the
+    search moves a character on); such patterns encode on the reference path, equal to HF. Oniguruma's ^ and $
+    are line anchors where `regex`'s are the text's ends, so they are left out."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenizer.pretokenize import can_match_empty, findall
+
+    atoms = [r"\w*", r"x?", r"(\w+)", r"\s", r"(a)(b)", r".", r" ?\p{L}+", r"\p{N}{1,3}", r"(?<=a)b*", r"[^\s\p{L}]+",
+             r"b+", r"(?=c)", r"\s+(?!\S)", r"a|", r"(?:ab)*", r"\b"]
+    texts = ["ab cd ab", "aab  c1234 xyz!!", "", "c", "  a\nb\tc d", "abcabc", "x yx xx", "é ü 12ab"]
+    rng = random.Random(0)
+    for _ in range(1500):
+        pat = "|".join(rng.sample(atoms, rng.randint(1, 3)))
+        split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(pat), behavior="isolated")
+        for t in texts:
+            assert findall(pat, t) == [p for p, _ in split.pre_tokenize_str(t)], (pat, t)
+    assert can_match_empty(r"a|b*") and can_match_empty(r"(?=c)") and not can_match_empty(r"(\w+)|\s")
+    for pat in (r"(\p{L}+)|(\p{N})", r"\p{L}*|\p{N}?"):
+        tok = train_bpe(iter(["the cat, the hat; 1984 -- ok! " * 40]), 290, ["<|endoftext|>"], pattern=pat,
+                        progress=False, workers=1)
+        hf = tokenizers.Tokenizer.from_file(str(tok.save_hf(tmp_path / str(len(pat)))))
+        assert tok.fast == (not can_match_empty(pat))
+        for t in SAMPLES + ["the cat, the hat; 1984 -- ok!", ", ;", " "]:
+            assert tok.encode(t) == hf.encode(t).ids == tok.encode_reference(t), (pat, t)
+            assert tok.decode(tok.encode(t)) == t
+
+
 @pytest.mark.parametrize("change, words", [
     ({"behavior": "Removed"}, "Split behavior 'Removed'"), ({"invert": True}, "Split invert=true"),
     ({"use_regex": True}, "ByteLevel use_regex=true after Split"),

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.hf import eos_token_ids
 from lmforge.model.transformer import tap_layers
 
 
@@ -24,6 +25,9 @@ class HFCausalLM(nn.Module):
         self.vocab_size = int(cfg.vocab_size)
         self.max_seq_len = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"))
         self.n_layers = int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0))
+        # the ids that end a sample, as HF's generate() and lmforge's own loader read them
+        self.eos_token_ids = eos_token_ids(getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
+                                           getattr(cfg, "eos_token_id", None))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, meta=None, *,
                 return_hidden: bool | tuple[int, ...] = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -70,8 +70,26 @@ def logit_bias(logits: torch.Tensor, hist: TokenHistory | None, bias: dict[int, 
     return logits.index_add(-1, ids, vals.expand(logits.shape[0], -1))
 
 
-def temperature(logits: torch.Tensor, hist: TokenHistory | None, t: float) -> torch.Tensor:
+SMALL_TEMPERATURE = 1e-4
+"""below it a row's largest logit is subtracted before the division (the same distribution): logits / 1e-45
+overflow to +-inf, and softmax of a row of infinities is NaN"""
+
+
+def temperature(logits: torch.Tensor, hist: TokenHistory | None, t: float | torch.Tensor, shift: bool = False
+                ) -> torch.Tensor:
+    if shift:
+        logits = only_infinite(logits)
+        top = logits.amax(-1, keepdim=True)
+        logits = logits - torch.where(torch.isfinite(top), top, 0.0)
     return logits / t
+
+
+def only_infinite(logits: torch.Tensor) -> torch.Tensor:
+    """A row holding +inf (a logit_bias past float32's range, a processor's +inf) keeps its +inf entries only,
+    as logits 0 and the rest -inf: the limit of its distribution, all its +inf tokens equally likely, where
+    softmax would give NaN (and the sampler token 0)."""
+    inf = torch.isposinf(logits)
+    return torch.where(inf.any(-1, keepdim=True), torch.where(inf, 0.0, NEG_INF), logits)
 
 
 # truncation filters ---------------------------------------------------------------------------------
@@ -159,7 +177,7 @@ def build_processors(params: SamplingParams) -> list[Processor]:
     if params.greedy:
         return procs
     if params.temperature != 1.0:
-        procs.append(partial(temperature, t=params.temperature))
+        procs.append(partial(temperature, t=params.temperature, shift=params.temperature < SMALL_TEMPERATURE))
     filters = ((params.top_k != 0, partial(top_k, k=params.top_k)),
                (params.top_p != 1.0, partial(top_p, p=params.top_p)),
                (params.min_p != 0.0, partial(min_p, p=params.min_p)),
@@ -179,8 +197,9 @@ def batched_processors(params: list[SamplingParams], device=None) -> list[Proces
     procs: list[Processor] = []
     temps = {p.temperature for p in params}
     if temps != {1.0}:
+        shift = min(temps) < SMALL_TEMPERATURE
         t = temps.pop() if len(temps) == 1 else to_device([[p.temperature] for p in params], device)
-        procs.append(partial(temperature, t=t))
+        procs.append(partial(temperature, t=t, shift=shift))
     if any(p.top_k for p in params):
         procs.append(partial(top_k, k=[p.top_k for p in params]))
     if any(p.top_p != 1.0 for p in params):

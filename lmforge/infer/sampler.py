@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.processors import TokenHistory, apply_processors, batched_processors, build_processors
+from lmforge.infer.processors import (TokenHistory, apply_processors, batched_processors, build_processors,
+                                      only_infinite)
 from lmforge.infer.sampling import SamplingParams
 from lmforge.utils import HostCopy, to_device
 
@@ -139,6 +140,8 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         elif kind != GREEDY:
             hist = _history([rows[i] for i in rows_of], logits.shape[-1], logits.device) if params.penalized else None
             sub = apply_processors(build_processors(params), sub, hist)
+        if not params.greedy:
+            sub = only_infinite(sub)  # a row with +inf logits draws among those (softmax would be NaN)
         if shaped is not None and kind != GREEDY:
             if idx is None:
                 shaped = sub

@@ -24,7 +24,8 @@ class SamplingParams:
     n: int = 1
     """independent samples per prompt (RequestOutput.outputs holds them all)"""
     temperature: float = 1.0
-    """0 = greedy (argmax); otherwise logits are divided by it"""
+    """0 = greedy (argmax); otherwise logits are divided by it (below 1e-4 after subtracting the row's largest,
+    so that the division cannot overflow)"""
     top_k: int = 0
     """keep the k most likely tokens; 0 = off"""
     top_p: float = 1.0

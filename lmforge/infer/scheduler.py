@@ -246,7 +246,9 @@ class Scheduler:
             for b in hits:
                 pool.hold(b)
             pool.count_lookup(len(tokens), len(hits))
-            seq.block_table, seq.num_computed, seq.num_cached_tokens = list(hits), start, start
+            seq.block_table, seq.num_computed = list(hits), start
+            if seq.preemptions == 0:  # the prompt tokens read from the prefix cache, counted at the first admission
+                seq.num_cached_tokens = min(start, seq.request.prompt_len)  # (a readmission hits its own blocks)
             seq.block_keys = pool.block_keys(seq.tokens[:start])
             if pool.prefix_caching:
                 computing.update(pool.block_keys(seq.tokens[:start + n], seq.block_keys[-1] if seq.block_keys else None,

@@ -240,10 +240,15 @@ def _generation_config(path: Path) -> dict:
 
 
 def _eos_ids(path: Path, hf: dict) -> tuple[int, ...]:
-    """eos_token_id of generation_config.json, else of config.json (an int or a list; Llama 3 lists three)."""
-    eos = _generation_config(path).get("eos_token_id")
-    eos = hf.get("eos_token_id") if eos is None else eos
-    ids = eos if isinstance(eos, list) else [eos]
+    """eos_token_id of generation_config.json, else of config.json."""
+    return eos_token_ids(_generation_config(path).get("eos_token_id"), hf.get("eos_token_id"))
+
+
+def eos_token_ids(generation_eos, config_eos) -> tuple[int, ...]:
+    """A HF model's end-of-sequence ids: its generation config's eos_token_id, else its config's (an int or a
+    list; Llama 3 lists three)."""
+    eos = config_eos if generation_eos is None else generation_eos
+    ids = eos if isinstance(eos, (list, tuple)) else [eos]
     return tuple(int(i) for i in ids if isinstance(i, int) and not isinstance(i, bool))
 
 

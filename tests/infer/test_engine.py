@@ -187,6 +187,27 @@ def test_hf_model_through_the_wrapper_matches_hf_greedy(tok):
         assert o.token_ids == want
 
 
+def test_the_wrapper_stops_at_the_hf_models_end_of_sequence_id(tok):
+    """HFCausalLM never passed the model's eos_token_id to the engine, so it ran past it to max_tokens where HF's
+    generate() and LLM.load of the same weights stop (found 2026-12-05)."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.infer.hf_wrapper import HFCausalLM
+    from lmforge.infer.llm import LLM
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    ids = torch.tensor([tok.encode("hello world")])
+    free = transformers.LlamaForCausalLM(cfg).eval().generate(ids, max_new_tokens=8, do_sample=False,
+                                                              pad_token_id=0, eos_token_id=None)[0, ids.shape[1]:]
+    torch.manual_seed(0)
+    cfg.eos_token_id = int(free[3])  # the fourth greedy token ends the sample
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    want = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    out = LLM(HFCausalLM(hf), tok).generate([ids[0].tolist()], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert out.token_ids == want == free[:want.index(int(free[3])) + 1].tolist() and out.finish_reason == "stop"
+
+
 def test_async_engine_streams_each_request(tok):
     model = tiny_model("llama")
     sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)

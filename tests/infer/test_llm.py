@@ -421,6 +421,18 @@ def test_outputs_report_prompt_tokens_read_from_the_prefix_cache(tok):
     assert again.metrics["num_cached_tokens"] == 24  # 31 computed tokens (the last one never ran): 3 blocks
 
 
+def test_a_preempted_request_reports_only_the_prompt_tokens_its_first_admission_read(tok):
+    """Readmitted after a preemption, a request hits its own prompt and generated blocks: the metric took that
+    hit (12 cached tokens of a fresh 10-token prompt; found 2026-12-05). It is the first admission's, as vLLM's."""
+    from lmforge.infer.engine import EngineConfig
+
+    llm = LLM(tiny_model("llama"), tok, config=EngineConfig(block_size=4, num_kv_tokens=64))
+    outs = llm.generate([list(range(10 + i, 20 + i)) for i in range(3)],
+                        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert llm.engine.stats()["preemptions"] > 0
+    assert [o.metrics["num_cached_tokens"] for o in outs] == [0, 0, 0]
+
+
 def test_a_batch_sharing_a_prefix_computes_it_once(tok):
     """Few-shot programs send many prompts behind the same demonstrations in one call: the prompts behind
     the first wait one step and read its blocks from the prefix cache, instead of all computing the shared

@@ -82,3 +82,25 @@ def test_greedy_rows_share_one_group_whatever_their_filters():
     assert {kind_of(p) for p in params} == {GREEDY}
     assert kind_of(SamplingParams(temperature=0, repetition_penalty=1.2)) != GREEDY
     assert kind_of(SamplingParams(min_p=0.1)) not in (GREEDY, ("plain",))
+
+
+def test_infinite_logits_and_tiny_temperatures_sample_their_limit_not_token_zero():
+    """A +inf logit (a processor's, or a logit_bias past float32's range) and a temperature so small that
+    logits / t overflow made the row's softmax NaN: the draw then returned token 0 with NaN log-probs (found
+    2026-12-05). A row holding +inf draws among its +inf tokens; a tiny temperature is the argmax, as greedy."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 3
+    force = lambda ids, row: row.index_fill(0, torch.tensor([65, 70]), float("inf"))  # noqa: E731
+    cases = [SamplingParams(logits_processors=(force,), logprobs=0, logprobs_mode="processed"),
+             SamplingParams(logit_bias={65: 1e39}, logprobs=0, logprobs_mode="processed"),
+             SamplingParams(temperature=1e-45, logprobs=0, logprobs_mode="processed"),
+             SamplingParams(temperature=1e-45, top_k=5, top_p=0.5)]
+    for seed in range(20):
+        out = sample_rows(logits, [_row(p, seed=seed) for p in cases])
+        tokens = out.tokens.tolist()
+        assert tokens[0] in (65, 70) and tokens[1] == 65 and tokens[2:] == logits[2:].argmax(-1).tolist()
+        assert torch.isfinite(out.logprobs).all()  # log p = log 1/2 for the two forced tokens, 0 for the others
+        assert out.logprobs[:3].tolist() == [torch.tensor(0.5).log().item(), 0.0, 0.0]
+    # mixed temperatures in one batched group, one of them tiny
+    plain = [SamplingParams(temperature=t) for t in (1e-45, 0.7)]
+    assert sample_rows(logits[:2], [_row(p, seed=1) for p in plain]).tokens[0] == logits[0].argmax()

@@ -44,12 +44,9 @@ def run(argv: list[str]) -> int:
         changes["output"] = dataclasses.replace(cfg.output, dir=args.output)
     cfg = dataclasses.replace(cfg, **changes)
     if cfg.executor == "ray":
-        from lmforge.data.executor import _check_run_dir
         from lmforge.data.ray_executor import run_ray
 
-        if args.restart:
-            _check_run_dir(cfg, restart=True)
-        report = run_ray(cfg)
+        report = run_ray(cfg, restart=args.restart)
     else:
         from lmforge.data.executor import run_local
 

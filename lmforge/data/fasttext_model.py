@@ -247,7 +247,7 @@ class FastTextModel:
         if word != EOS and self.args.maxn > 0:
             chars = BOW + word + EOW
             for i in range(len(chars)):
-                for n in range(self.args.minn, self.args.maxn + 1):
+                for n in range(max(self.args.minn, 1), self.args.maxn + 1):  # no empty n-gram at minn = 0
                     if i + n > len(chars) or (n == 1 and (i == 0 or i + n == len(chars))):
                         continue
                     gram = fnv1a(chars[i:i + n].encode("utf-8", "surrogateescape"))
@@ -257,8 +257,11 @@ class FastTextModel:
         return tuple(ids), h - (1 << 32) if h >= 1 << 31 else h  # fastText stores it as int32
 
     def features(self, text: str) -> list[int]:
-        """Input-matrix rows of one line of text (newlines count as spaces)."""
-        tokens = [t for t in _SPLIT.split(text) if t] + [EOS]
+        """Input-matrix rows of one line of text (newlines count as spaces). A `</s>` token in the text ends
+        it, as in fastText's Dictionary::getLine: what follows is not read."""
+        tokens = [t for t in _SPLIT.split(text) if t]
+        tokens = tokens[:tokens.index(EOS)] if EOS in tokens else tokens
+        tokens.append(EOS)
         ids: list[int] = []
         hashes: list[int] = []
         for tok in tokens:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 
 from lmforge.config import check, coerce_fields
@@ -28,7 +29,8 @@ class MixConfig:
     def __post_init__(self) -> None:
         coerce_fields(self, "mix")  # each field's type, named when wrong
         for k, w in {**self.weights, "default_weight": self.default_weight}.items():
-            check(isinstance(w, (int, float)) and w >= 0, f"mix.weights[{k!r}] must be a number >= 0, got {w!r}")
+            check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+                  f"mix.weights[{k!r}] must be a finite number >= 0, got {w!r}")
 
 
 def weight_of(doc: Document, cfg: MixConfig) -> float:

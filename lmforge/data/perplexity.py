@@ -42,6 +42,8 @@ class PerplexityConfig:
         check(bool(self.model), "perplexity.model must name a checkpoint directory or 'module:factory'")
         check(self.max_perplexity >= 0, f"perplexity.max_perplexity must be >= 0, got {self.max_perplexity}")
         check(self.context >= 2, f"perplexity.context must be >= 2, got {self.context}")
+        check(self.max_tokens >= 2, f"perplexity.max_tokens must be >= 2 (a token is scored given the one before "
+                                    f"it), got {self.max_tokens}")
         check(self.head_max <= self.middle_max, "perplexity.head_max must be <= middle_max")
 
 

@@ -16,12 +16,12 @@ from typing import Any
 
 from lmforge.data.accounting import apply_stage, read_stage
 from lmforge.data.document import Document
-from lmforge.data.executor import _check_run_dir, build_report, stage_labels
+from lmforge.data.executor import _check_run_dir, build_report, run_entries, stage_labels
 from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
 from lmforge.data.writers import write_docs, write_jsonl
-from lmforge.errors import require
+from lmforge.errors import ConfigError, require
 
 COLUMNS = ("kind", "id", "text", "meta", "raw", "drop")
 
@@ -123,12 +123,18 @@ def _global_phase(ds: Any, cfg: PipelineConfig, p: int) -> Any:
     return ray.data.from_arrow(_table(new))
 
 
-def run_ray(cfg: PipelineConfig, batch_size: int = 256) -> dict[str, Any]:
-    """Run the pipeline on Ray Data (connecting to a running cluster, or starting a local one)."""
+def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -> dict[str, Any]:
+    """Run the pipeline on Ray Data (connecting to a running cluster, or starting a local one). It keeps no
+    per-shard markers, so it cannot resume: an output.dir holding an earlier run's output is refused (every
+    document would be written a second time beside it) unless `restart` removes that run first."""
     ray = require("ray", "ray")
+    _check_run_dir(cfg, restart)
+    earlier = [e for e in run_entries(cfg) if e.is_dir() and e.name != "_work" and any(e.iterdir())]
+    if earlier:
+        raise ConfigError(f"{cfg.output.dir} holds an earlier run's output ({earlier[0]}), and the Ray executor "
+                          "cannot resume one; rerun with --restart to redo it, or choose a new output.dir")
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=False)
-    _check_run_dir(cfg)
     shards = make_shards(cfg.input)
     ds = ray.data.from_items([{"shard": s, "files": [str(f) for f in fs]} for s, fs in shards.items()])
     ds = ds.flat_map(_ReadShard(cfg))
@@ -142,8 +148,12 @@ def run_ray(cfg: PipelineConfig, batch_size: int = 256) -> dict[str, Any]:
     ds = ds.map_batches(_WriteBatch(cfg), batch_size=batch_size, batch_format="pyarrow")
     stats = [json.loads(r["meta"]) for r in ds.take_all()]
     kept = sum(s.get("kept", 0) for s in stats if s["phase"] == -1)
+    # the read rows share phase 0 with the first map phase's and may come back after them: read first, so the
+    # report lists the stages in pipeline order whatever the batching
+    rows = sorted((s for s in stats if s["phase"] >= 0),
+                  key=lambda s: (s["phase"], not any(r["name"] == "read" for r in s["stages"])))
     records = [{"phase": s["phase"], "shard": f"{i:08d}", "stages": s["stages"], "counters": s["counters"]}
-               for i, s in enumerate(stats) if s["phase"] >= 0]
+               for i, s in enumerate(rows)]
     report = build_report(records, kept, Path(cfg.output.dir) / "data")
     report["executor"] = "ray"
     write_report(report, cfg.output.dir, cfg.output.plot)

@@ -49,6 +49,23 @@ def test_predictions_match_fasttext(name):
         np.testing.assert_allclose([g[1] for g in top], case["k2_threshold02"]["probs"], atol=1e-6)
 
 
+def test_minn_zero_adds_no_empty_ngram_and_an_end_of_line_token_ends_the_line():
+    """fastText's computeSubwords counts n from 1, so a model trained with minn = 0 (its supervised default) has
+    no empty character n-gram; lmforge added fnv1a(b"") at every position (the top label flipped on such models;
+    checked against fastText's own prediction code, fasttext-predict 0.9.2.4, 2026-12-05). And its getLine stops
+    at a "</s>" token: the text after it was read too."""
+    import dataclasses
+
+    model = FastTextModel(FIXTURES / "softmax.bin")
+    words = ["guitar", "xyz", "album", "naïve"]
+    one = [model.features(w) for w in words]
+    model.args = dataclasses.replace(model.args, minn=0)
+    assert [model.features(w) for w in words] == one
+    text = "guitar album </s> recipe oven flour butter"
+    assert model.features(text) == model.features("guitar album")
+    assert model.predict(text, k=-1) == model.predict("guitar album", k=-1)
+
+
 def test_fnv1a_reference_values():
     # published FNV-1a 32-bit test vectors (ASCII), and fastText's sign extension of bytes >= 0x80
     assert fnv1a(b"") == 0x811C9DC5 and fnv1a(b"a") == 0xE40C292C and fnv1a(b"foobar") == 0xBF9CF968

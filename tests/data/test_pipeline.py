@@ -178,6 +178,24 @@ def test_mix_weights():
     assert sum(d.drop == "mix:downsampled" for d in out) == 400 - len(web)
 
 
+@pytest.mark.parametrize("weight", [float("inf"), True, float("nan")])
+def test_mix_refuses_a_weight_that_is_not_a_finite_number(weight):
+    """inf (valid TOML) was accepted and then rejected every document as error:mix (OverflowError); True counted
+    as 1 (found 2026-12-05)."""
+    with pytest.raises(ConfigError, match=r"mix.weights\['web'\] must be a finite number >= 0"):
+        MixConfig(weights={"web": weight})
+
+
+def test_perplexity_refuses_fewer_than_two_scored_tokens():
+    """max_tokens 0 or 1 scores no token: every document came out at perplexity inf and was rejected."""
+    from lmforge.data.perplexity import PerplexityConfig
+
+    for n in (0, 1):
+        with pytest.raises(ConfigError, match=f"perplexity.max_tokens must be >= 2 .* got {n}"):
+            PerplexityConfig(model="m", max_tokens=n)
+    assert PerplexityConfig(model="m", max_tokens=2).max_tokens == 2
+
+
 def test_config_errors(tmp_path):
     bad_stage = _write_pipeline(tmp_path, 'paths = ["x.jsonl"]', '[[stages]]\nstage = "nope"\n')
     with pytest.raises(ConfigError, match="is not a stage"):

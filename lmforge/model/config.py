@@ -25,14 +25,16 @@ class RopeScaling:
     kind: Literal["linear", "ntk", "dynamic", "yarn", "longrope", "llama3"] = "linear"
     factor: float = 1.0
     original_max_seq_len: int | None = None
-    """pretraining context (YaRN, LongRoPE, Llama-3, dynamic NTK); None means model.max_seq_len"""
+    """pretraining context (YaRN, LongRoPE, Llama-3); None means model.max_seq_len. Dynamic NTK takes none: it
+    scales once the context passes model.max_seq_len, as transformers does"""
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     """YaRN ramp bounds in rotations per original context"""
     yarn_truncate: bool = True
     mscale: float = 0.0
     mscale_all_dim: float = 0.0
-    """DeepSeek's YaRN temperature variant: attention factor mscale(factor, mscale)/mscale(factor, all_dim)"""
+    """DeepSeek's YaRN temperature variant: attention factor mscale(factor, mscale)/mscale(factor, all_dim); MLA
+    also multiplies its softmax scale by mscale(factor, all_dim)² under every kind, as transformers does"""
     attention_factor: float | None = None
     """cos/sin temperature; None derives it from factor (YaRN: 0.1 ln s + 1; LongRoPE: sqrt(1 + ln s/ln L))"""
     low_freq_factor: float = 1.0
@@ -46,6 +48,9 @@ class RopeScaling:
         check(self.kind in ROPE_SCALINGS, f"model.rope_scaling.kind={self.kind!r}; choose one of {ROPE_SCALINGS}")
         check(self.factor >= 1.0 or self.kind == "longrope",
               f"model.rope_scaling.factor must be >= 1, got {self.factor}")
+        check(self.kind != "dynamic" or self.original_max_seq_len is None,
+              "model.rope_scaling.original_max_seq_len is not used by kind='dynamic', which scales once the context "
+              "passes model.max_seq_len; set model.max_seq_len to the pretraining context instead")
         check(self.kind != "longrope" or (self.short_factor is not None and self.long_factor is not None),
               "model.rope_scaling.short_factor and long_factor are required for kind='longrope'")
         check(self.high_freq_factor > self.low_freq_factor,

@@ -56,10 +56,17 @@ GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "
 GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 # families whose transformers class reads sliding_window (a Llama config.json may carry the field unused)
 SLIDING = ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gpt_oss")
+# families whose attention slides on every layer or none (no layer_types); an export with mixed types is refused
+UNIFORM_WINDOW = ("mixtral", "qwen3_moe")
+# families that read a config.json without layer_types as alternating windows, and need a sliding_window to run
+ALTERNATING_DEFAULT = ("gemma2", "gpt_oss")
 
 
-def rope_from_hf(d: dict, default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
-    """Read transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling` fields."""
+def rope_from_hf(d: dict, default_theta: float = 10000.0, default_max_len: int = 2048
+                 ) -> tuple[float, RopeScaling | None]:
+    """Read transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling` fields. A YaRN or
+    LongRoPE factor left out is max_position_embeddings / original context (Phi-3), resolved here so that an
+    export writes it (an explicit factor, 1.0 included, is kept as it is, as transformers does)."""
     rp = dict(d.get("rope_parameters") or {})
     if not rp:
         rp = dict(d.get("rope_scaling") or {})
@@ -72,8 +79,12 @@ def rope_from_hf(d: dict, default_theta: float = 10000.0) -> tuple[float, RopeSc
     if kind not in names:
         raise ConfigError(f"config.json rope_parameters.rope_type={kind!r} is not supported; "
                           f"supported: {sorted(names)}")
-    kw = dict(kind=names[kind], factor=float(rp.get("factor") or 1.0),
-              original_max_seq_len=rp.get("original_max_position_embeddings"))
+    max_len = d.get("max_position_embeddings", default_max_len)
+    orig, factor = rp.get("original_max_position_embeddings"), rp.get("factor")
+    if factor is None and kind in ("yarn", "longrope"):
+        factor = max_len / (orig or max_len)
+    # dynamic NTK scales from max_position_embeddings alone: transformers ignores an original context there
+    kw = dict(kind=names[kind], factor=float(factor or 1.0), original_max_seq_len=None if kind == "dynamic" else orig)
     for hf_key, key in (("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
                         ("mscale_all_dim", "mscale_all_dim"), ("attention_factor", "attention_factor"),
                         ("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor")):
@@ -97,8 +108,9 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
         rp["original_max_position_embeddings"] = sc.original_max_seq_len
     if sc.kind == "yarn":
         rp.update(beta_fast=sc.beta_fast, beta_slow=sc.beta_slow, truncate=sc.yarn_truncate)
-        if sc.mscale:
-            rp.update(mscale=sc.mscale, mscale_all_dim=sc.mscale_all_dim)
+    for key in ("mscale", "mscale_all_dim"):  # mscale_all_dim scales MLA's softmax under any scaling kind
+        if getattr(sc, key):
+            rp[key] = getattr(sc, key)
     if sc.kind == "llama3":
         rp.update(low_freq_factor=sc.low_freq_factor, high_freq_factor=sc.high_freq_factor)
     if sc.kind == "longrope":
@@ -118,12 +130,19 @@ def hf_activation(d: dict, key: str = "hidden_act", table: dict = HF_ACT, defaul
 def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
     """(sliding_window, layer_types) as transformers fills them: explicit `layer_types`, else the family's
     default pattern (Gemma 2 / gpt-oss alternate from a sliding first layer; Qwen2 slides from
-    max_window_layers on; Mistral slides everywhere)."""
-    window = (d.get("sliding_window") or 0) if d.get("model_type") in SLIDING else 0
+    max_window_layers on; Mistral slides everywhere; a Mistral config.json with layer_types is read by
+    AutoConfig as Ministral's, which follows them). Mixtral and Qwen3-MoE have no per-layer types: every layer
+    slides (Qwen3-MoE only with use_sliding_window), whatever layer_types or max_window_layers say."""
+    fam = d.get("model_type")
+    window = (d.get("sliding_window") or 0) if fam in SLIDING else 0
+    if fam == "qwen3_moe" and not d.get("use_sliding_window", False):
+        window = 0  # Qwen3MoeConfig drops the window
+    if fam in UNIFORM_WINDOW:
+        return int(window), None
     types = d.get("layer_types")
-    if types is None and d.get("model_type") in ("gemma2", "gpt_oss"):
+    if types is None and fam in ALTERNATING_DEFAULT:
         types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
-    if types is None and d.get("model_type") in ("qwen2", "qwen3", "qwen3_moe"):
+    if types is None and fam in ("qwen2", "qwen3"):
         use = d.get("use_sliding_window", False)
         types = ["sliding_attention" if use and i >= d.get("max_window_layers", 0) else "full_attention"
                  for i in range(n_layers)]
@@ -160,7 +179,7 @@ def llama_cfg(d: dict, **extra) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-def llama_cfg_to_hf(cfg: ModelConfig) -> dict:
+def llama_cfg_to_hf(cfg: ModelConfig, family: str = "llama") -> dict:
     d = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
              intermediate_size=cfg.ff, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
@@ -171,6 +190,8 @@ def llama_cfg_to_hf(cfg: ModelConfig) -> dict:
         types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
         d.update(sliding_window=cfg.sliding_window, layer_types=[f"{t}_attention" for t in types],
                  use_sliding_window=True, max_window_layers=0)  # the last two for Qwen2-style configs
+    elif family in ALTERNATING_DEFAULT:  # every layer full, said explicitly; the window is a placeholder none uses
+        d.update(sliding_window=cfg.max_seq_len, layer_types=["full_attention"] * cfg.n_layers)
     else:
         d["sliding_window"] = None
     return d
@@ -302,7 +323,7 @@ def gemma2_cfg(d: dict) -> ModelConfig:
 
 
 def gemma2_cfg_to_hf(cfg: ModelConfig) -> dict:
-    d = llama_cfg_to_hf(cfg)
+    d = llama_cfg_to_hf(cfg, "gemma2")
     qpas = (cfg.attn_scale or cfg.hd ** -0.5) ** -2
     qpas = round(qpas) if abs(qpas - round(qpas)) < 1e-6 else qpas
     d.update(hidden_activation=d.pop("hidden_act"), query_pre_attn_scalar=qpas,

@@ -65,7 +65,9 @@ def qwen3_moe_rules(cfg: ModelConfig) -> list[Rule]:
 def deepseek_v3_cfg(d: dict) -> ModelConfig:
     if d.get("topk_method", "noaux_tc") != "noaux_tc" or d.get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError("config.json topk_method/scoring_func: only DeepSeek-V3's noaux_tc + sigmoid are supported")
-    theta, scaling = rope_from_hf(d)
+    if d.get("attention_bias"):
+        raise ConfigError("config.json attention_bias=true is not supported for DeepSeek-V3 (lmforge's MLA has none)")
+    theta, scaling = rope_from_hf(d, default_max_len=4096)
     mla = MLAConfig(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
                     qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
                     v_head_dim=d["v_head_dim"], norm_eps=1e-6)  # transformers' latent norms: eps fixed at 1e-6
@@ -79,7 +81,7 @@ def deepseek_v3_cfg(d: dict) -> ModelConfig:
                        rope_theta=theta, rope_scaling=scaling,
                        rope_layout="interleaved" if d.get("rope_interleave", True) else "half",
                        norm_eps=d.get("rms_norm_eps", 1e-6), activation=hf_activation(d), attention="mla", mla=mla,
-                       mlp="moe", moe=moe, bias=bool(d.get("attention_bias", False)), qkv_bias=None,
+                       mlp="moe", moe=moe, bias=False, qkv_bias=None,
                        tie_embeddings=bool(d.get("tie_word_embeddings", False)), scaled_residual_init=False,
                        mtp=MTPConfig(depth=d["num_nextn_predict_layers"]) if d.get("num_nextn_predict_layers") else None)
 
@@ -150,7 +152,7 @@ def gpt_oss_cfg(d: dict) -> ModelConfig:
 
 def gpt_oss_cfg_to_hf(cfg: ModelConfig) -> dict:
     m = cfg.moe_cfg
-    d = llama_cfg_to_hf(cfg)
+    d = llama_cfg_to_hf(cfg, "gpt_oss")
     d.pop("hidden_act")
     return {**d, "num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k, "intermediate_size": m.d_expert or cfg.ff,
             "attention_bias": cfg.bias, "swiglu_limit": 7.0}

@@ -139,6 +139,29 @@ def test_export_refuses_what_the_family_config_cannot_say(tmp_path, change, fiel
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("family, qk_norm", [("mixtral", False), ("qwen3_moe", True)])
+def test_export_refuses_mixed_windows_in_families_that_slide_on_every_layer(tmp_path, family, qk_norm):
+    """Mixtral and Qwen3-MoE apply config.sliding_window to every layer (no layer_types): a model with full and
+    sliding layers is refused, one that slides everywhere exports with equal logits."""
+    import dataclasses
+
+    from lmforge.model.config import MoEConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, d_ff=48,
+                      qk_norm=qk_norm, sliding_window=4, layer_types=("full", "sliding"), init_std=0.1, mlp="moe",
+                      moe=MoEConfig(n_experts=4, top_k=2, norm_topk=family == "mixtral"))
+    with pytest.raises(ConfigError, match=rf"{family} HF layout cannot express model.layer_types=\('full', 'sl"):
+        Transformer(cfg).save_pretrained(tmp_path / "mixed")
+    transformers = pytest.importorskip("transformers")
+    model = Transformer(dataclasses.replace(cfg, layer_types=None)).eval()
+    model.save_pretrained(tmp_path / "uniform")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "uniform", attn_implementation="eager").eval()
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
 def test_a_second_save_leaves_no_stale_weights_and_loaders_agree(tmp_path):
     from lmforge.model.hf import save_pretrained
 
@@ -171,6 +194,10 @@ def test_config_fields_that_change_the_math_are_read_or_refused(ckpt, tmp_path):
         config_from_hf(dict(core, model_type="gpt_oss", num_local_experts=4, intermediate_size=16, swiglu_limit=3.0))
     with pytest.raises(ConfigError, match="attention_bias=true with mlp_bias=false is not supported"):
         config_from_hf(dict(core, model_type="llama", attention_bias=True))
+    with pytest.raises(ConfigError, match="attention_bias=true is not supported for DeepSeek-V3"):
+        config_from_hf(dict(core, model_type="deepseek_v3", attention_bias=True, intermediate_size=16, kv_lora_rank=8,
+                            qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=8))
     for dtype, want in (("auto", torch.float32), ("torch.float16", torch.float16)):
         (path / "config.json").write_text(json.dumps({**cfg, "dtype": dtype}))
         assert Transformer.from_pretrained(path).tok_emb.weight.dtype == want

@@ -59,11 +59,43 @@ FAMILIES = {
         COMMON | dict(num_key_value_heads=4), n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
         kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1,
         n_group=1, topk_group=1, n_shared_experts=0)),
+    # LongRoPE without a factor: transformers takes max_position_embeddings / original (here 4), and an export
+    # must write it; an explicit factor of 1.0 stays 1.0 (attention factor 1)
+    "llama_longrope": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.2, 1.5, 2.0], long_factor=[2.0, 3.0, 4.0, 5.0],
+        original_max_position_embeddings=16))),
+    "llama_longrope_factor_1": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, factor=1.0, short_factor=[1.0, 1.2, 1.5, 2.0],
+        long_factor=[2.0, 3.0, 4.0, 5.0], original_max_position_embeddings=16))),
+    # dynamic NTK scales past max_position_embeddings only: an original context (16) must not start it earlier
+    "llama_dynamic_original": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=16))),
+    # Qwen3-MoE slides on every layer when use_sliding_window, whatever max_window_layers says
+    "qwen3_moe_window": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, use_sliding_window=True,
+        sliding_window=4, max_window_layers=1)),
+    # Mixtral has no layer_types: every layer slides
+    "mixtral_layer_types": ("MixtralConfig", "MixtralForCausalLM", dict(
+        COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])),
+    # mscale_all_dim scales MLA's softmax under any RoPE scaling, not only YaRN
+    "deepseek_v3_linear_mscale": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(**
+        COMMON | dict(num_key_value_heads=4), n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1,
+        n_group=1, topk_group=1, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0,
+                                                      mscale_all_dim=1.0))),
+    # no sliding layer: the export must say so (a config.json without layer_types means alternating windows)
+    "gemma2_no_window": ("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, head_dim=8, sliding_window=4,
+                                                                  layer_types=["full_attention"] * 2)),
+    "gpt_oss_no_window": ("GptOssConfig", "GptOssForCausalLM", dict(
+        COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["full_attention"] * 2)),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         COMMON, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4, rope_parameters=dict(
             rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
             original_max_position_embeddings=16))),
 }
+SEQ_LEN = {"llama_dynamic_original": 40}  # past the original context (16), within max_position_embeddings
 
 
 def _hf_model(name: str):
@@ -83,7 +115,7 @@ def _hf_model(name: str):
 def test_hf_round_trip(name, tmp_path):
     hf = _hf_model(name)
     hf.save_pretrained(tmp_path / "hf")
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 96, (2, SEQ_LEN.get(name, 12)), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(ids).logits
         ours = Transformer.from_pretrained(tmp_path / "hf", dtype=torch.float32)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.model.config import ModelConfig, RopeScaling
 from lmforge.model.layers.rope import RotaryEmbedding, scaled_inv_freq
 from lmforge.model.transformer import Transformer
@@ -62,14 +63,17 @@ def test_dynamic_ntk_matches_transformers(seq_len):
     rope = RotaryEmbedding(HD, 10000.0, scaling=RopeScaling(kind="dynamic", factor=4.0), max_seq_len=MAX)
     cos, _ = rope.cos_sin(torch.tensor([[seq_len - 1]]))
     torch.testing.assert_close(cos[0, 0], torch.cos((seq_len - 1) * want_inv), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="original_max_seq_len is not used by kind='dynamic'"):
+        RopeScaling(kind="dynamic", factor=4.0, original_max_seq_len=512)
 
 
 @pytest.mark.parametrize("seq_len", [None, 513])
 def test_longrope_short_long_switch_matches_transformers(seq_len):
     short, long = [1.0 + 0.1 * i for i in range(HD // 2)], [2.0 + 0.3 * i for i in range(HD // 2)]
     params = dict(short_factor=short, long_factor=long, original_max_position_embeddings=512)
-    want_inv, want_attn = _hf("longrope", params, seq_len)
-    sc = RopeScaling(kind="longrope", original_max_seq_len=512, short_factor=tuple(short), long_factor=tuple(long))
+    want_inv, want_attn = _hf("longrope", params, seq_len)  # no factor: transformers takes MAX / 512
+    sc = RopeScaling(kind="longrope", factor=MAX / 512, original_max_seq_len=512, short_factor=tuple(short),
+                     long_factor=tuple(long))
     inv, attn = scaled_inv_freq(HD, 10000.0, sc, MAX, seq_len)
     torch.testing.assert_close(inv, want_inv, rtol=1e-6, atol=0)
     assert attn == pytest.approx(want_attn) and attn == pytest.approx(math.sqrt(1 + math.log(8) / math.log(512)))

@@ -60,7 +60,8 @@ class MLA(nn.Module):
     def _default_scale(cfg, qk: int) -> float:
         scale = 1.0 / math.sqrt(qk)
         sc = cfg.rope_scaling
-        if sc is not None and sc.kind == "yarn" and sc.mscale_all_dim:  # DeepSeek-V2: softmax scale · mscale²
+        # DeepSeek-V2: softmax scale · mscale², under any RoPE scaling (transformers' yarn_apply_mscale)
+        if sc is not None and sc.mscale_all_dim:
             scale *= _yarn_mscale(sc.factor, sc.mscale_all_dim) ** 2
         return scale
 

@@ -9,7 +9,8 @@ the wild and both are supported:
 Context extension by a factor s = new context / original context L (RopeScaling.kind):
   linear    position interpolation (Chen et al. 2023): θ_i / s
   ntk       NTK-aware base change (bloc97): base · s^(d/(d-2)), high frequencies barely move
-  dynamic   NTK with s recomputed from the current length once it exceeds L (emozilla)
+  dynamic   NTK with s recomputed from the current length once it exceeds max_seq_len (emozilla; L is
+            max_seq_len here, as in transformers)
   yarn      NTK-by-parts (Peng et al. 2023): frequencies with fewer than beta_slow rotations over L
             are interpolated, more than beta_fast kept, a linear ramp between; plus a softmax
             temperature folded into cos/sin: attention factor 0.1·ln s + 1
@@ -84,15 +85,14 @@ def scaled_inv_freq(dim: int, theta: float, sc, max_seq_len: int, seq_len: int |
         return rope_inv_freq(dim, theta) / s, 1.0
     if kind == "ntk":
         return rope_inv_freq(dim, theta * s ** (dim / (dim - 2))), 1.0
-    if kind == "dynamic":
-        L = max(seq_len or orig, orig)
-        return rope_inv_freq(dim, theta * (s * L / orig - (s - 1)) ** (dim / (dim - 2))), 1.0
+    if kind == "dynamic":  # measured against max_seq_len, not an original context (transformers does the same)
+        L = max(seq_len or max_seq_len, max_seq_len)
+        return rope_inv_freq(dim, theta * (s * L / max_seq_len - (s - 1)) ** (dim / (dim - 2))), 1.0
     if kind == "yarn":
         return yarn_inv_freq(dim, theta, sc, orig)
     if kind == "llama3":
         return llama3_inv_freq(dim, theta, sc, orig), 1.0
-    # longrope: factor defaults to max_seq_len / original context (Phi-3)
-    s = sc.factor if sc.factor != 1.0 or sc.original_max_seq_len is None else max_seq_len / orig
+    # longrope (a Phi-3 config.json without a factor means max_seq_len / orig: hf_families.rope_from_hf resolves it)
     attn = sc.attention_factor
     if attn is None:
         attn = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(orig))

@@ -34,8 +34,10 @@ def model_or_reject(path: str, docs: list[Document], stage: str) -> FastTextMode
 
 def one_line(text: str, max_chars: int) -> str:
     """What the classifiers see: the first max_chars characters, newlines as spaces (fastText predicts
-    one line at a time; DCLM and Dolma join a document's lines the same way)."""
-    return " ".join(text[:max_chars].split())
+    one line at a time; DCLM and Dolma join a document's lines the same way). Other characters stay: fastText
+    splits words on ASCII whitespace only, so a no-break space or an ideographic space (U+3000) is part of a
+    word to it (str.split() made them word breaks, and changed the scores)."""
+    return text[:max_chars].replace("\n", " ")
 
 
 def label_score(model: FastTextModel, text: str, label: str) -> float:

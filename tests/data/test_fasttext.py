@@ -66,6 +66,18 @@ def test_minn_zero_adds_no_empty_ngram_and_an_end_of_line_token_ends_the_line():
     assert model.predict(text, k=-1) == model.predict("guitar album", k=-1)
 
 
+def test_classifiers_see_lines_joined_with_other_whitespace_kept():
+    """one_line used str.split(), so a no-break space or U+3000 broke words that fastText (ASCII whitespace only)
+    keeps whole: the stage's scores differed from fastText's on the same document (found 2026-12-05)."""
+    from lmforge.data.fasttext_stages import one_line
+
+    text = "caf\u00e9\u00a0au lait\n\u97f3\u697d\u3000\u5927\u597d\u304d\r\nend"
+    assert one_line(text, 1000) == "caf\u00e9\u00a0au lait \u97f3\u697d\u3000\u5927\u597d\u304d\r end"
+    model = FastTextModel(FIXTURES / "softmax.bin")
+    assert model.features(one_line(text, 1000)) == model.features(text)  # newlines count as spaces there
+    assert one_line(text, 4) == "caf\u00e9"
+
+
 def test_fnv1a_reference_values():
     # published FNV-1a 32-bit test vectors (ASCII), and fastText's sign extension of bytes >= 0x80
     assert fnv1a(b"") == 0x811C9DC5 and fnv1a(b"a") == 0xE40C292C and fnv1a(b"foobar") == 0xBF9CF968

@@ -330,13 +330,15 @@ class FastTextModel:
         return dict(zip(self.labels, np.exp(self.label_log_probs(text)).tolist()))
 
     def predict(self, text: str, k: int = 1, threshold: float = 0.0) -> list[tuple[str, float]]:
-        """The k best labels (k < 0: all) with probability >= threshold, best first."""
+        """The k best labels (k < 0: all) with probability >= threshold, best first; of equal scores the later
+        label first, as fastText's findKBest keeps it (its min-heap pops the earlier of two equal entries: the
+        one-vs-all loss's table sigmoid gives exact ties)."""
         scores, p = self._scores(text)
         if p is None:
             keep = np.flatnonzero(scores >= np.log(np.float32(threshold) + np.float32(1e-5)))
         else:
             keep = np.flatnonzero(p >= np.float32(threshold))
-        order = keep[np.argsort(-scores[keep], kind="stable")]
+        order = keep[np.lexsort((-keep, -scores[keep]))]  # score descending, then label index descending
         order = order[:k] if k >= 0 else order
         return [(self.labels[i], float(np.exp(scores[i]))) for i in order if np.isfinite(scores[i])]
 

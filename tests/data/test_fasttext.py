@@ -78,6 +78,15 @@ def test_classifiers_see_lines_joined_with_other_whitespace_kept():
     assert one_line(text, 4) == "caf\u00e9"
 
 
+def test_equal_scores_rank_the_later_label_first_as_fasttext():
+    """The one-vs-all fixture scores food and tech alike on this text (its table sigmoid); fastText's predict
+    returns tech at k = 1 (checked with fasttext-predict 0.9.2.4), lmforge returned food (found 2026-12-05)."""
+    model = FastTextModel(FIXTURES / "ova.bin")
+    both = model.predict("\u97f3\u4e50 na\u00efve the", k=2)
+    assert both[0][1] == both[1][1] and [label for label, _ in both] == ["__label__tech", "__label__food"]
+    assert model.predict("\u97f3\u4e50 na\u00efve the", k=1)[0][0] == "__label__tech"
+
+
 def test_fnv1a_reference_values():
     # published FNV-1a 32-bit test vectors (ASCII), and fastText's sign extension of bytes >= 0x80
     assert fnv1a(b"") == 0x811C9DC5 and fnv1a(b"a") == 0xE40C292C and fnv1a(b"foobar") == 0xBF9CF968

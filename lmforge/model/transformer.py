@@ -21,7 +21,7 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.layers.block import ATTENTION, MLPS, Block  # noqa: F401  (registries re-exported)
 from lmforge.model.layers.mla import MLA
 from lmforge.model.layers.moe import MoE
-from lmforge.model.layers.mtp import MTP
+from lmforge.model.layers.mtp import MTP, next_token_targets
 from lmforge.model.layers.norm import build_norm
 from lmforge.model.layers.position import LearnedPositions, SinusoidalPositions
 from lmforge.model.layers.rope import RotaryEmbedding
@@ -112,8 +112,8 @@ class Transformer(nn.Module):
                 m.e_bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                meta: AttnMetadata | None = None, *, return_hidden: bool | tuple[int, ...] = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                meta: AttnMetadata | None = None, *, return_hidden: bool | tuple[int, ...] = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, T) -> logits (B, T, V). positions (B, T) or (T,) default to meta.positions, else
         cache.length + arange(T); `cache` (lmforge.model.cache, lmforge.infer.kv) is written in place;
         `meta` (lmforge.model.meta) describes the token layout (packed documents, the engine's varlen
@@ -125,14 +125,19 @@ class Transformer(nn.Module):
         "second-to-top-layer feature", Li et al. 2024 §3) and Medusa's heads too. A tuple of block indices
         (i, j, ...): those blocks' outputs (the residual stream right after block i, no final norm) concatenated
         in that order, D = len(tuple) * d_model: EAGLE-3's low, middle and high features (Li et al. 2025 §3).
-        In training with multi-token prediction, the MTP loss of this batch is kept for aux_loss()."""
+        In training with multi-token prediction, the MTP loss of this batch is kept for aux_loss(): its targets
+        follow `targets` (B, T), the main loss's next-token targets (-100 = none: padding stays out of the MTP
+        loss too), by default input_ids shifted by one; packed rows' documents (meta.doc_ids) stay apart."""
         layers = tap_layers(return_hidden, len(self.blocks))
         taps = dict.fromkeys(layers) if layers else None
         h, rope = self.hidden(input_ids, positions, cache, meta, taps)
         self._mtp_loss = None
+        self._clear_mtp_aux()
         if self.mtp is not None and self.training and cache is None:
-            extra = [self.logits(x) for x in self.mtp.heads(h, input_ids, self.embed, rope)]
-            self._mtp_loss = self.mtp.loss(extra, input_ids) if extra else None
+            doc_ids = meta.doc_ids if meta is not None else None
+            extra = [self.logits(x) for x in self.mtp.heads(h, input_ids, self.embed, rope, doc_ids)]
+            targets = next_token_targets(input_ids, doc_ids) if targets is None else targets
+            self._mtp_loss = self.mtp.loss(extra, targets, doc_ids) if extra else None
         at = meta.logits_indices if meta is not None else None
         out = self._final(h.flatten(0, 1)[at][None] if at is not None else h)
         logits = self.logits(out)
@@ -143,6 +148,15 @@ class Transformer(nn.Module):
             states = torch.cat([taps[i] for i in layers], dim=-1)
             return logits, states.flatten(0, 1)[where][None] if where is not None else states
         return logits, out if where is at else self._final(h.flatten(0, 1)[where][None])
+
+    def _clear_mtp_aux(self) -> None:
+        """Forget the MTP modules' MoE losses and loads of an earlier forward: a forward that skips a depth (rows
+        of at most k tokens, or eval) would leave aux_loss() a loss whose graph backward has freed. The trunk's
+        MoE layers run in every forward and overwrite theirs, so only the MTP modules are walked (all ~700 modules
+        of a 61-layer MoE model take 0.6 ms on a CPU host, per forward, decode steps included)."""
+        for m in self.mtp.modules() if self.mtp is not None else ():
+            if isinstance(m, MoE):
+                m.last_aux, m.last_stats = None, {}
 
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         return self.final_norm(h) if self.final_norm is not None else h
@@ -213,6 +227,7 @@ class Transformer(nn.Module):
         if self.mtp is None:
             raise ConfigError("forward_mtp needs model.mtp to be set")
         h, rope = self.hidden(input_ids)
+        self._clear_mtp_aux()
         main = self.logits(self.final_norm(h) if self.final_norm is not None else h)
         return main, [self.logits(x) for x in self.mtp.heads(h, input_ids, self.embed, rope)]
 

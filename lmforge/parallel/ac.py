@@ -5,6 +5,12 @@ of keeping them (Chen et al. 2016), trading ~1/3 more compute for activation mem
   selective  operator-level (Korthikanti et al. 2022, sec. 5): inside every block, outputs of the
              expensive ops (matmuls, attention) are saved and only the cheap element-wise ones (norms,
              activations, rope) are recomputed - most of the memory back for a few percent of compute
+
+A model that draws random numbers in its blocks' training forward (dropout > 0, noisy MoE gating) has the
+RNG state saved with each checkpoint and restored for the recompute, so backward sees the forward's own
+dropout masks and gating noise; otherwise the recompute would draw new ones and the gradients would belong
+to another forward than the loss. Models without randomness skip it (torchtitan's default): nothing to
+restore, and one RNG-state copy per block and device less.
 """
 
 from __future__ import annotations
@@ -30,20 +36,31 @@ def _save_expensive_ops():
     return create_selective_checkpoint_contexts(policy)
 
 
+def draws_random(model: nn.Module) -> bool:
+    """Whether the model's training forward draws random numbers: dropout > 0 (attention probabilities,
+    residual and MLP outputs) or noisy MoE gating; True for a model without an lmforge ModelConfig."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "dropout"):
+        return True
+    return cfg.dropout > 0 or (cfg.mlp == "moe" and cfg.moe_cfg.noisy)
+
+
 def apply_ac(model: nn.Module, mode: str, every: int = 1) -> nn.Module:
     """Wrap model.blocks in place ('full' every n-th block, or 'selective' in every block) with torch's
     checkpoint_wrapper, as torchtitan does: FSDP's hooks then sit outside the recomputed region.
     Parameter names gain a `_checkpoint_wrapped_module.` part, which torch.distributed.checkpoint's
-    state-dict functions remove, so distributed checkpoints keep the plain names."""
+    state-dict functions remove, so distributed checkpoints keep the plain names. The RNG state is
+    preserved for the recompute where the model draws random numbers (draws_random)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     if mode not in ("full", "selective"):
         raise ConfigError(f"activation_checkpoint={mode!r}; choose full or selective")
+    rng = draws_random(model)
     blocks = model.blocks
     keys = list(blocks.keys()) if isinstance(blocks, nn.ModuleDict) else range(len(blocks))
     for i, key in enumerate(keys):
         if mode == "selective":
-            blocks[key] = checkpoint_wrapper(blocks[key], context_fn=_save_expensive_ops, preserve_rng_state=False)
+            blocks[key] = checkpoint_wrapper(blocks[key], context_fn=_save_expensive_ops, preserve_rng_state=rng)
         elif i % every == 0:
-            blocks[key] = checkpoint_wrapper(blocks[key], preserve_rng_state=False)
+            blocks[key] = checkpoint_wrapper(blocks[key], preserve_rng_state=rng)
     return model

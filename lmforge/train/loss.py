@@ -45,16 +45,23 @@ class LMObjective:
     """Next-token cross-entropy (+ z-loss) of model(input_ids) against targets, plus model.aux_loss()
     when the model has one. Metrics: loss = the plain cross-entropy (what the golden curve and the
     validation loss measure), aux_loss when there is one, and an MoE model's moe_stats() (expert loads,
-    dropped fraction, the balancing part of aux_loss). Stateless."""
+    dropped fraction, the balancing part of aux_loss). A model with MTP heads gets the targets too, so its
+    MTP loss skips what the main loss skips. Stateless."""
 
     def __init__(self, z_loss: float = 0.0):
         self.z_loss = z_loss
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = model(batch["input_ids"])
+        mtp = getattr(model, "mtp", None) is not None
+        logits = model(batch["input_ids"], targets=batch["targets"]) if mtp else model(batch["input_ids"])
         loss, ce = lm_loss(logits, batch["targets"], self.z_loss)
         return with_aux(model, loss, ce)
+
+    def batch_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """The trained tokens (targets other than -100) the loss averages over: the Trainer weighs accumulated
+        micro-batches by them, so grad_accum micro-batches give the gradient of one batch of all their rows."""
+        return int((batch["targets"] != -100).sum())
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -205,6 +205,10 @@ class MoE(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         m = cfg.moe_cfg
+        kept = m.topk_groups * (m.n_experts // m.n_groups)  # experts of the groups group-limited routing keeps
+        if m.top_k > kept:
+            raise ConfigError(f"model.moe.top_k={m.top_k} exceeds the {kept} experts of the topk_groups="
+                              f"{m.topk_groups} groups routing keeps: raise topk_groups or lower top_k")
         self.m, self.layer_idx, self.activation = m, layer_idx, cfg.activation
         self.E, self.k, d = m.n_experts, m.top_k, cfg.d_model
         de = m.d_expert or cfg.ff
@@ -235,8 +239,11 @@ class MoE(nn.Module):
         if self.m.n_groups > 1:  # keep the topk_groups groups with the best top-2 score sums
             g = choice.view(-1, self.m.n_groups, self.E // self.m.n_groups)
             group_score = g.topk(min(2, g.shape[-1]), dim=-1).values.sum(-1)
-            keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(self.m.topk_groups, -1).indices, 1)
-            choice = (g * keep[..., None]).view(-1, self.E)
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(
+                1, group_score.topk(self.m.topk_groups, -1).indices, True)
+            # -inf, not 0, as DeepSeek-V3's Gate and HF's DeepseekV3TopkRouter: with the balancing bias a kept
+            # expert's choice score can be negative, and a zeroed expert of a discarded group would beat it
+            choice = g.masked_fill(~keep[..., None], float("-inf")).view(-1, self.E)
         idx = choice.topk(self.k, dim=-1).indices
         w = scores.gather(1, idx)
         if self.m.norm_topk:
@@ -389,13 +396,17 @@ class MoE(nn.Module):
 @torch.no_grad()
 def upcycle_mlp(moe: MoE, mlp: MLP, noise_std: float = 0.0) -> None:
     """Sparse upcycling (Komatsuzaki et al. 2023): every expert starts as a copy of the dense MLP
-    (optionally perturbed), the router from N(0, 0.02) so routing starts near uniform."""
+    (optionally perturbed), its biases included, the router from N(0, 0.02) so routing starts near uniform,
+    and the shared experts' down projection at zero, so they add nothing until trained."""
     if getattr(mlp, "gate_up", None) is not None:
         raise ConfigError("upcycling reads the dense MLP's gate and up weights: upcycle a model built with "
                           "model.fused_proj=false")
     if moe.w_up.shape[1] != mlp.up.weight.shape[0]:
         raise ConfigError(f"upcycling needs model.moe.d_expert == dense d_ff ({mlp.up.weight.shape[0]}), "
                           f"got {moe.w_up.shape[1]}")
+    if moe.b_up is None and any(lin is not None and lin.bias is not None for lin in (mlp.up, mlp.gate, mlp.down)):
+        raise ConfigError("upcycling a dense MLP with biases: the experts would drop them; set "
+                          "model.moe.expert_bias=true")
     pairs = [(moe.w_up, mlp.up), (moe.w_down, mlp.down)] + ([(moe.w_gate, mlp.gate)] if moe.gated else [])
     for stacked, lin in pairs:
         stacked.copy_(lin.weight.expand_as(stacked))
@@ -404,6 +415,10 @@ def upcycle_mlp(moe: MoE, mlp: MLP, noise_std: float = 0.0) -> None:
     for b, lin in ((moe.b_up, mlp.up), (moe.b_gate, mlp.gate), (moe.b_down, mlp.down)):
         if b is not None and lin is not None and lin.bias is not None:
             b.copy_(lin.bias.expand_as(b))
+    if moe.shared is not None:  # zero output (as LoRA's B): the layer starts as the dense MLP alone
+        nn.init.zeros_(moe.shared.down.weight)
+        if moe.shared.down.bias is not None:
+            nn.init.zeros_(moe.shared.down.bias)
     nn.init.normal_(moe.router.weight, 0.0, 0.02)
 
 

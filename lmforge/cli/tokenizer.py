@@ -43,7 +43,8 @@ class EncodeArgs:
     input: tuple[str, ...]
     out: str
     val_fraction: float = 0.0
-    """the last this-much of every file goes to val.bin"""
+    """the last this-much of every file goes to val.bin (at most: the tail starts at the first safe cut or line
+    start after that point, so each file gives between half of it and all of it)"""
     workers: Optional[int] = None
     progress: bool = True
 

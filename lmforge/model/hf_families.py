@@ -60,6 +60,9 @@ SLIDING = ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gpt_o
 UNIFORM_WINDOW = ("mixtral", "qwen3_moe")
 # families that read a config.json without layer_types as alternating windows, and need a sliding_window to run
 ALTERNATING_DEFAULT = ("gemma2", "gpt_oss")
+# transformers' default sliding_window per family, for a config.json that leaves the key out (Qwen's apply only
+# with use_sliding_window; Mixtral's is None)
+DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen3_moe": 4096, "gemma2": 4096, "gpt_oss": 128}
 
 
 def rope_from_hf(d: dict, default_theta: float = 10000.0, default_max_len: int = 2048
@@ -134,7 +137,8 @@ def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
     AutoConfig as Ministral's, which follows them). Mixtral and Qwen3-MoE have no per-layer types: every layer
     slides (Qwen3-MoE only with use_sliding_window), whatever layer_types or max_window_layers say."""
     fam = d.get("model_type")
-    window = (d.get("sliding_window") or 0) if fam in SLIDING else 0
+    # a config.json without the key gets the config class's default window, as transformers reads it
+    window = (d.get("sliding_window", DEFAULT_WINDOW.get(fam)) or 0) if fam in SLIDING else 0
     if fam == "qwen3_moe" and not d.get("use_sliding_window", False):
         window = 0  # Qwen3MoeConfig drops the window
     if fam in UNIFORM_WINDOW:

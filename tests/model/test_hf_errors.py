@@ -241,3 +241,22 @@ def test_the_checkpoints_eos_ids_end_generation_and_are_exported(tmp_path):
 
     ckpt.save_checkpoint(tmp_path / "run", 1, llm.model)
     assert ckpt.load_model(tmp_path / "run")[0].eos_token_ids == (999, stop)
+
+
+@pytest.mark.parametrize("family, extra", [("mistral", {}), ("qwen2", {"use_sliding_window": True}),
+                                           ("qwen3_moe", {"use_sliding_window": True}), ("gemma2", {}),
+                                           ("gpt_oss", {}), ("mixtral", {}), ("qwen3", {})])
+def test_a_config_json_without_sliding_window_gets_the_families_default_window(family, extra):
+    """A config.json that leaves sliding_window out: transformers' config classes fill their default (Mistral,
+    Qwen with use_sliding_window and Gemma 2: 4,096; gpt-oss: 128; Mixtral, Qwen without it: none); lmforge
+    read none, so past the window its attention differed (found 2026-12-05)."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.hf import config_from_hf
+
+    d = dict(model_type=family, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=8192, **extra)
+    if family in ("mixtral", "qwen3_moe", "gpt_oss"):
+        d.update(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    hf = transformers.AutoConfig.for_model(**d)
+    want = hf.sliding_window or 0
+    assert config_from_hf(d).sliding_window == want

@@ -6,8 +6,8 @@ import contextlib
 import json
 import os
 import shutil
+import secrets
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,13 +15,14 @@ from typing import Any, Iterator
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path` (atomic on POSIX),
-    on failure it is removed, so readers never see a half-written file."""
+    """Yield a temporary path beside `path` (`.<name>.<pid>-<random>.tmp`, created empty); on success it is
+    renamed onto `path` (atomic on POSIX), on failure it is removed, so readers never see a half-written file.
+    The file gets the mode a plain open() gives (0666 less the umask): mkstemp's 0600 would make a shared run
+    folder unreadable to collaborators."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -24,8 +24,8 @@ class RunArgs:
     """overrides [output] dir"""
     restart: bool = False
     """discard an earlier run in the output directory and start over (needed when the inputs changed)"""
-    progress: bool = True
-    """show progress bars"""
+    progress: Optional[bool] = None
+    """show progress bars (overrides the file's `progress`; unset: the file's value holds)"""
 
 
 def run(argv: list[str]) -> int:
@@ -35,7 +35,9 @@ def run(argv: list[str]) -> int:
     args = parse_config(RunArgs, argv, prog="lmforge data run", description=RunArgs.__doc__ or "",
                         config_file=False)
     cfg = load_pipeline(args.pipeline)
-    changes: dict = {"progress": args.progress}
+    changes: dict = {}
+    if args.progress is not None:
+        changes["progress"] = args.progress
     if args.workers is not None:
         changes["workers"] = args.workers
     if args.executor is not None:

@@ -27,7 +27,7 @@ from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inpu
 from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
-from lmforge.data.writers import write_docs, write_jsonl
+from lmforge.data.writers import remove_stale_temps, write_docs, write_jsonl
 from lmforge.errors import ConfigError
 from lmforge.utils import process_pool, write_json_atomic
 
@@ -138,11 +138,31 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
 
 
 def run_entries(cfg: PipelineConfig) -> list[Path]:
-    """What a run writes in output.dir (the layout above, plus each tokenize stage's relative out_dir)."""
+    """What a run writes in output.dir (the layout above, plus each tokenize stage's relative out_dir), in the
+    order --restart removes them: the markers first (a shard without one is redone) and pipeline.json last, so
+    that a --restart cut short leaves a directory the next run still recognises (and checks) as this run's."""
     root = Path(cfg.output.dir)
-    names = ["pipeline.json", "data", "rejected", "_work", "report.json", "report.md", "report.png"]
     outs = [Path(t.get("out_dir", "tokens")) for t in cfg.stages if t.get("stage") == "tokenize"]
-    return [root / n for n in names] + [root / o for o in outs if not o.is_absolute()]
+    names = ["_work", "data", "rejected", "report.json", "report.md", "report.png"]
+    return [root / n for n in names] + [root / o for o in outs if not o.is_absolute()] + [root / "pipeline.json"]
+
+
+def _orphan_output(root: Path) -> Path | None:
+    """A file an earlier run left in `root` without the pipeline.json that says what made it (a --restart of
+    an older lmforge, which removed pipeline.json first, cut short): resuming from its markers would be blind."""
+    for folder, pattern in (("_work", "*"), ("rejected", "*.jsonl")):
+        found = next((f for f in (root / folder).rglob(pattern) if f.is_file()), None)
+        if found is not None:
+            return found
+    return root / "report.json" if (root / "report.json").is_file() else None
+
+
+def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
+    """What pipeline.json holds to tell this pipeline from another: everything that changes the files written
+    (the output directory and the plot aside), as JSON would read it back."""
+    output = {k: v for k, v in asdict(cfg.output).items() if k not in ("dir", "plot")}
+    mine = {"input": asdict(cfg.input), "stages": [dict(t) for t in cfg.stages], "output": output}
+    return json.loads(json.dumps(mine))
 
 
 def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list[Path]]:
@@ -160,14 +180,17 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     if inside:
         raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
                           "its files there; choose an output.dir apart from the inputs")
-    if restart and saved.is_file():
+    orphan = None if saved.is_file() else _orphan_output(root)
+    if restart and (saved.is_file() or orphan is not None):
         for entry in run_entries(cfg):  # only what a run writes: other files in the directory stay
             if entry.is_dir():
                 shutil.rmtree(entry)
             else:
                 entry.unlink(missing_ok=True)
-    mine = {"input": asdict(cfg.input), "stages": [dict(t) for t in cfg.stages], "output_format": cfg.output.format}
-    mine = json.loads(json.dumps(mine))
+    elif orphan is not None:
+        raise ConfigError(f"{root} holds an earlier run's files ({orphan}) but no pipeline.json saying which pipeline "
+                          f"and inputs made them; rerun with --restart to remove them, or choose a new output.dir")
+    mine = run_identity(cfg)
     inputs = input_fingerprint(shards)
     if saved.is_file():
         old = json.loads(saved.read_text())
@@ -214,6 +237,18 @@ def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], d
     return done
 
 
+def _outputs(cfg: PipelineConfig, layout: RunLayout, shards: list[str]) -> list[Path]:
+    """Every file a run of these shards writes (whose killed writers' temporary files it may remove)."""
+    out = [layout.root / n for n in ("pipeline.json", "report.json", "report.md", "report.png")]
+    for p in range(layout.n_phases):
+        out += [f(p, s) for s in shards for f in (layout.live, layout.marker, layout.rejected)]
+    for t in cfg.stages:
+        if t.get("stage") == "tokenize":
+            tokens = layout.root / t.get("out_dir", "tokens")  # an absolute out_dir replaces the root
+            out += [tokens / f"{s}.bin" for s in shards]
+    return out
+
+
 def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the report (also written to output.dir).
 
@@ -221,16 +256,15 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
     run killed inside one redoes that phase. `restart` discards an earlier run in output.dir."""
     shards = _check_run_dir(cfg, restart)
     layout = RunLayout(cfg)
+    remove_stale_temps(_outputs(cfg, layout, list(shards)))
     all_stats: list[dict[str, Any]] = []
     skipped = processed = 0
     for p, phase in enumerate(phases(cfg.built_stages())):
         done = {s: json.loads(layout.marker(p, s).read_text()) for s in shards if layout.marker(p, s).is_file()}
+        desc = f"phase {p + 1}/{layout.n_phases} [{', '.join(spec.name for spec, _ in phase) or 'copy'}]"
         if len(done) == len(shards):
             skipped += len(shards)
-            all_stats += [done[s] for s in shards]
-            continue
-        desc = f"phase {p + 1}/{layout.n_phases} [{', '.join(spec.name for spec, _ in phase) or 'copy'}]"
-        if phase and phase[0][0].kind == "global":
+        elif phase and phase[0][0].kind == "global":
             processed += len(shards)
             done = {st["shard"]: st for st in run_global_phase(cfg, p, shards)}
         else:
@@ -238,7 +272,7 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
             processed += len(shards) - len(done)
             done = _run_map_phase(cfg, p, shards, done, desc)
         all_stats += [done[s] for s in shards]
-        if p > 0:
+        if p > 0:  # phase p is complete, also when an earlier run finished it: its input documents go
             for s in shards:
                 layout.live(p - 1, s).unlink(missing_ok=True)
     kept = sum(st["kept"] for st in all_stats if st["phase"] == layout.n_phases - 1)

@@ -15,7 +15,8 @@ def report_markdown(report: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in report["stages"]:
         lines.append(f"| {s['name']} | {s['docs_in']} | {s['docs_out']} | {s['added']} | "
-                     f"{sum(s['rejected'].values())} | {s['bytes_in'] / 1e6:.2f} | {s['bytes_out'] / 1e6:.2f} | {s.get('seconds', 0):.2f} |")
+                     f"{sum(s['rejected'].values())} | {s['bytes_in'] / 1e6:.2f} | {s['bytes_out'] / 1e6:.2f} | "
+                     f"{s.get('seconds', 0):.2f} |")
     lines += ["", "| rejection reason | documents |", "|---|---:|"]
     reasons: dict[str, int] = {}
     for s in report["stages"]:
@@ -58,8 +59,11 @@ def plot_drops(report: dict[str, Any], path: str | Path) -> Path | None:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a kill mid-write must not leave an empty report.png
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")  # tmp's .tmp names no format
+    finally:
+        plt.close(fig)
     return path
 
 

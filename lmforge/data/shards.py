@@ -58,7 +58,11 @@ class TokenShardWriter:
         self.max_id = -1
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._f = open(self._tmp, "wb")
-        self._f.write(b"\0" * _RESERVED)
+        try:
+            self._f.write(b"\0" * _RESERVED)
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, ids: Iterable[int] | np.ndarray) -> None:
         arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64)
@@ -87,19 +91,25 @@ class TokenShardWriter:
         }
 
     def close(self) -> Path:
-        head = json.dumps(self.header()).encode()
-        room = _RESERVED - len(MAGIC) - 4
-        if len(head) > room:
-            raise DataError(f"shard header too large ({len(head)} bytes); shorten the extra metadata")
-        head = head.ljust(room, b" ")
-        self._f.flush()
-        self._f.seek(0)
-        self._f.write(MAGIC + struct.pack("<I", len(head)) + head)
-        self._f.close()
-        os.replace(self._tmp, self.path)
+        """Write the header and rename the file into place; a failure (or Ctrl-C) here removes the temporary."""
+        try:
+            head = json.dumps(self.header()).encode()
+            room = _RESERVED - len(MAGIC) - 4
+            if len(head) > room:
+                raise DataError(f"shard header too large ({len(head)} bytes); shorten the extra metadata")
+            head = head.ljust(room, b" ")
+            self._f.flush()
+            self._f.seek(0)
+            self._f.write(MAGIC + struct.pack("<I", len(head)) + head)
+            self._f.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:
+        """Drop the shard: close and remove the temporary file (a no-op after a successful close)."""
         self._f.close()
         self._tmp.unlink(missing_ok=True)
 

@@ -12,11 +12,15 @@ from typing import Any, Iterable
 
 from lmforge.data.document import Document
 from lmforge.errors import ConfigError, require
+from lmforge.utils import atomic_path
 
 WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 # A lone surrogate (U+D800-U+DFFF) reaches a document through a legal JSON escape ("\ud800") but has no UTF-8
 # encoding: written as CESU bytes it reads back as three U+FFFD, and pyarrow refuses it.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# a writer's temporary file beside its output: `.<name>.<pid>.tmp` (TokenShardWriter) or `.<name>.<pid>-<random>.tmp`
+# (utils.atomic_path; mkstemp's `.<name>.<random>.tmp` before 2026-12)
+_TEMP = re.compile(r"\.(.+)\.[\w-]+\.tmp")
 
 
 def _json_line(value: Any) -> str:
@@ -33,16 +37,14 @@ def _utf8_safe(value: str | None) -> tuple[str | None, int]:
 def write_jsonl(path: str | Path, docs: Iterable[Document], *, with_text: bool = True) -> int:
     """Write documents to one JSONL file (compressed by suffix), atomically; returns the count."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     lines = [_json_line(d.to_record(with_text)) for d in docs]
     data = ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=5)
     elif path.name.endswith(".zst"):
         data = require("zstandard", "data").ZstdCompressor(level=3).compress(data)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return len(lines)
 
 
@@ -59,12 +61,27 @@ def write_parquet(path: str | Path, docs: Iterable[Document]) -> int:
         for name, value in (("id", doc_id), ("text", text), ("meta", _json_line(meta)), ("drop", drop)):
             columns[name].append(value)
     table = pa.table(columns)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return len(columns["id"])
+
+
+def remove_stale_temps(paths: Iterable[str | Path]) -> int:
+    """Remove the temporary files that killed writers left beside `paths` (the outputs a run is about to write);
+    returns how many. Only a temporary of one of these names is touched, never another file in the folders."""
+    by_dir: dict[Path, set[str]] = {}
+    for p in map(Path, paths):
+        by_dir.setdefault(p.parent, set()).add(p.name)
+    removed = 0
+    for folder, names in by_dir.items():
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):  # one listing per folder: a run has thousands of shards
+            m = _TEMP.fullmatch(entry.name)
+            if m and m[1] in names and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def write_docs(path: str | Path, docs: Iterable[Document], fmt: str = "jsonl") -> int:

@@ -145,6 +145,7 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
     The shard header records `spec` (default: the tokenizer's own spec) so the trainer can reopen it.
     """
     from lmforge.data.shards import TokenShardWriter
+    from lmforge.data.writers import remove_stale_temps
 
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
@@ -154,10 +155,13 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
         raise DataError(f"input is empty: {', '.join(map(str, files[:3]))}")
     out = Path(out_dir)
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
-    writers = {s: TokenShardWriter(out / f"{s}.bin", vocab_size=tok.vocab_size, tokenizer=spec or tok.spec(),
-                                   doc_sep=tok.eot_id) for s in splits}
+    remove_stale_temps([out / "train.bin", out / "val.bin"])  # a killed run's partial shards (as large as one)
+    writers: dict[str, TokenShardWriter] = {}
     report = EncodeReport()
     try:
+        for s in splits:
+            writers[s] = TokenShardWriter(out / f"{s}.bin", vocab_size=tok.vocab_size, tokenizer=spec or tok.spec(),
+                                          doc_sep=tok.eot_id)
         results = _run_ordered(tok, [t for _, t in tagged], workers, progress, sum(t[2] - t[1] for _, t in tagged),
                                "encode")
         for (split, _), (pieces, size, bad) in zip(tagged, results):
@@ -166,13 +170,13 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
                 w.add_document(ids) if new_doc else w.add(ids)
             report.bytes += size
             report.undecodable_bytes += bad
-    except BaseException:
+        for s, w in writers.items():
+            report.tokens[s], report.docs[s] = w.num_tokens, w.num_docs
+            report.shards[s] = w.close()
+    except BaseException:  # abort() removes each temporary file; a shard already renamed into place stays
         for w in writers.values():
             w.abort()
         raise
-    for s, w in writers.items():
-        report.tokens[s], report.docs[s] = w.num_tokens, w.num_docs
-        report.shards[s] = w.close()
     if val_fraction > 0 and not report.tokens["val"]:
         from lmforge.errors import warn_caller
 

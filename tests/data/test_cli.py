@@ -58,7 +58,7 @@ stage = "pii"
     assert warc and warc[0].text == TEXT  # navigation boilerplate removed
     rejected = [x for f in (out / "rejected").glob("*.jsonl") for x in read_documents(f)]
     assert [x.drop for x in rejected] == ["exact_duplicate"] and rejected[0].id == "z2"
-    assert json.loads((out / "pipeline.json").read_text())["output_format"] == "parquet"
+    assert json.loads((out / "pipeline.json").read_text())["output"] == {"format": "parquet", "rejected_text": False}
 
 
 def test_a_run_whose_every_document_is_empty_asks_about_text_key(tmp_path, capsys):

@@ -149,7 +149,8 @@ class Interrupts:
                        f"resume from {trainer.last_checkpoint}")
             return
         consistent = self.to_boundary(trainer)
-        if trainer._pending and trainer._logged_step != trainer.step and trainer._is_log_step():
+        row_owed = trainer._pending or (trainer._logged_stats is not None and trainer._logged_stats[0] == trainer.step)
+        if row_owed and trainer._logged_step != trainer.step and trainer._is_log_step():
             trainer._log_step(bar, t_start)  # a step completed by to_boundary, or interrupted before its log
         trainer.elapsed = time.perf_counter() - t_start
         trainer.flush()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -117,6 +118,48 @@ def check_run_dir(run_dir: str | Path) -> None:
                           "existing directory, or move the file away")
 
 
+class RunDirLock:
+    """An exclusive, non-blocking lock on RUN_DIR/.lock (flock), so a second process training into the same
+    run_dir is refused instead of interleaving its metrics and checkpoints with the first one's. The kernel
+    drops it when the process dies (a SIGKILL leaves no stale lock); the file holds the holder's PID."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no protection
+            return
+        if self._file is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ConfigError(f"run_dir {str(self.path.parent)!r} is in use by another training process (PID "
+                              f"{holder}); wait for it to end or stop it, or use another run_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the flock
+            self._file = None
+
+
 class Trainer:
     """hooks: objects with any of on_step_end(trainer, stats), on_log(trainer, row), on_eval(trainer,
     metrics), on_save(trainer, path). evaluator: model -> dict of floats (run under no_grad and eval
@@ -144,6 +187,7 @@ class Trainer:
         self._live = False  # a live progress bar: set by fit
         self.device = ddp.train_device(cfg.device)
         self.rank, self.world = ddp.rank_and_world()  # only rank 0 writes metrics, plots and checkpoints
+        self._lock = RunDirLock(Path(cfg.run_dir))
         self.runner = runner
         ddp.check_runner(runner, self.world, objective)
         if runner is not None and runner.pp_mesh is not None and cfg.grad_accum > 1:
@@ -182,12 +226,30 @@ class Trainer:
         self._begin_s = 0.0  # seconds in begin_step hooks since the last log row (not training time)
         self.interrupts = Interrupts(optimizer)  # signals, stop requests, the step's phase
         self.qk_clip = self._qk_clip()
-        if cfg.resume:
+        if self.rank == 0:  # held from before the resume reads the run_dir until fit ends (or close())
+            self._lock.acquire()
+        try:
+            self._resume_or_start()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _resume_or_start(self) -> None:
+        if self.cfg.resume:
             self._maybe_resume()
         elif ckpt.checkpoint_dirs(self.run_dir):
             # a fresh run must not mix its metrics and checkpoints with an older run's
             raise ConfigError(f"run_dir {self.run_dir} already holds checkpoints of another run and resume=False; "
                               "use a new run_dir, set resume=true to continue it, or delete it")
+
+    def close(self) -> None:
+        """Release the run_dir for another process (fit does this when it ends; a later fit takes it again)."""
+        self._lock.release()
+
+    def __del__(self):
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     # state ---------------------------------------------------------------------------------------
     def _train_state(self, optimizer_state: dict[str, Any], names: list[str],
@@ -531,21 +593,27 @@ class Trainer:
         return ev
 
     def _log_step(self, bar, t_start: float) -> None:
-        stats = {**self.flush(), "lr": self.optimizer.param_groups[0]["lr"]}
+        """Build the step's whole row, write it, and only then mark it logged: an interrupt while the row is
+        built (a second Ctrl-C in a data source's log_stats) leaves the flushed stats in `_logged_stats` and
+        `_logged_step` behind, so `Interrupts.interrupted` writes the row before the checkpoint."""
+        if self._logged_stats is None or self._logged_stats[0] != self.step:
+            self._logged_stats = (self.step, {**self.flush(), "lr": self.optimizer.param_groups[0]["lr"]})
+        stats = self._logged_stats[1]
         now = time.perf_counter()
         self.elapsed = now - t_start
         # begin_step hooks' time (RL rollouts) is not training: tok/s and MFU leave it out, begin_step_s shows it
         tps = (self.tokens - self._tok_last) / max(now - self._t_last - self._begin_s, 1e-9)
-        self._t_last, self._tok_last, self._logged_step = now, self.tokens, self.step
         row = {"step": self.step, "tokens": self.tokens, **stats, "tok_per_s": tps, "elapsed": self.elapsed}
         if self._begin_s:
-            row["begin_step_s"], self._begin_s = self._begin_s, 0.0
+            row["begin_step_s"] = self._begin_s
         if self.flops_per_token and self.peak:
             row["mfu"] = tps * self.flops_per_token / (self.peak * self.world)
         data_stats = getattr(self.data, "log_stats", None)
         if callable(data_stats):
             row.update(data_stats())
         self.metrics.log(row)  # before the hooks: a KeyboardInterrupt raised in one must not lose the row
+        self._t_last, self._tok_last, self._logged_step, self._begin_s = now, self.tokens, self.step, 0.0
+        self._logged_stats = None
         shown = dict(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}",
                      **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
         if self._live:
@@ -584,6 +652,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.rank == 0:
+            self._lock.acquire()  # again after an earlier fit released it
             if self.step == 0:  # a fresh run starts a fresh log
                 self.metrics.path.unlink(missing_ok=True)
             write_json_atomic(self.run_dir / "config.json",
@@ -596,6 +665,7 @@ class Trainer:
         ev: dict[str, float] = {}
         ev_step = -1
         self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
+        self._logged_stats: tuple[int, dict[str, float]] | None = None  # a log row's stats, flushed, not yet written
         self._begin_s = 0.0
         t_start = time.perf_counter() - self.elapsed
         self.interrupts.reset()
@@ -603,6 +673,10 @@ class Trainer:
             with self.interrupts.deferred_signals():
                 if self._eval_owed():
                     ev, ev_step = self._log_eval(bar), self.step
+                    if self.evaluated_step == self.step and self.has_current_checkpoint():
+                        # the resumed checkpoint said the evaluation was owed: rewrite it (atomically), or every
+                        # later resume from it would log the evaluation again
+                        self._save_at_boundary(t_start)
                 asked = False
                 while self.step < cfg.max_steps:
                     asked = self.interrupts.at_boundary(self.runner)  # one all-reduce; raises on a signal
@@ -636,6 +710,7 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+            self.close()
         if cfg.plot and self.rank == 0:
             plot_losses(self.run_dir)
         return TrainResult(self.run_dir, self.step, ev.get("val_loss"), ev.get("val_bpb"), self.elapsed,

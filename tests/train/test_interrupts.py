@@ -8,6 +8,7 @@ import pytest
 
 from lmforge import checkpoint as ckpt
 from lmforge.errors import ConfigError
+from lmforge.optim.config import OptimConfig
 from lmforge.train.metrics import read_metrics
 from lmforge.train.trainer import Trainer, train
 
@@ -191,3 +192,61 @@ def test_partial_checkpoint_folders_are_removed_at_resume(setup, tmp_path):
     (junk / "model.safetensors").write_bytes(b"\0" * 100)
     Trainer(cfg)
     assert not junk.exists()
+
+
+def _val_steps(run_dir):
+    return [r["step"] for r in read_metrics(run_dir) if "val_loss" in r]
+
+
+def test_an_owed_evaluation_is_logged_once_however_often_the_run_resumes(setup, tmp_path):
+    """The resume that logs step 10's owed evaluation rewrites step 10's checkpoint, so a later resume from it
+    (after a kill before the next checkpoint, or the finished run started again) does not log it again."""
+    shard, _ = setup
+    full_cfg = tiny_config(shard, tmp_path / "full", max_steps=20, eval_every=10, ckpt_every=10)
+    full = metric_rows(train(full_cfg))
+    cfg = dataclasses.replace(full_cfg, run_dir=str(tmp_path / "run"))
+    tr = Trainer(cfg)
+    _arm(tr, "on_step_end", _Interrupt(tr, "raise", after_step=10))
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert ckpt.load_train_state(ckpt.checkpoint_dirs(tmp_path / "run")[-1])["evaluated_step"] == 0
+    for _ in range(2):  # resumed at step 10 = max_steps: the owed evaluation, then nothing to do
+        train(dataclasses.replace(cfg, max_steps=10))
+    assert _val_steps(tmp_path / "run") == [0, 10]
+    assert ckpt.load_train_state(ckpt.checkpoint_dirs(tmp_path / "run")[-1])["evaluated_step"] == 10
+    assert metric_rows(train(cfg)) == full
+    assert ckpt.load_train_state(ckpt.checkpoint_dirs(tmp_path / "run")[-1])["evaluated_step"] == 20
+
+
+def test_an_interrupt_while_a_log_row_is_built_keeps_the_row(setup, tmp_path):
+    """A second Ctrl-C inside the data source's log_stats (after the step's metrics were read): the row is
+    still written before the checkpoint, so the resumed run's rows equal the uninterrupted run's."""
+    shard, _ = setup
+    full = metric_rows(train(tiny_config(shard, tmp_path / "full", max_steps=20, eval_every=10, ckpt_every=100)))
+    cfg = tiny_config(shard, tmp_path / "run", max_steps=20, eval_every=10, ckpt_every=100)
+    tr = Trainer(cfg)
+    intr = _Interrupt(tr, "raise")
+    tr.data.log_stats = lambda: intr.fire() or {"data/extra": 1.0}
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    assert intr.done and [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{K:06d}"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == list(range(1, K + 1))
+    assert metric_rows(train(cfg)) == full
+
+
+def test_a_second_trainer_on_a_run_dir_in_use_is_refused(setup, tmp_path):
+    """Two processes on one run_dir would interleave metrics.jsonl and checkpoints: the second is refused,
+    naming the holder's PID, until the first one's fit ends (or close())."""
+    import os
+
+    shard, _ = setup
+    cfg = tiny_config(shard, tmp_path / "run", max_steps=4, ckpt_every=4, optim=OptimConfig(lr=3e-3, warmup_steps=2))
+    first = Trainer(cfg)
+    with pytest.raises(ConfigError, match=rf"in use by another training process \(PID {os.getpid()}\)"):
+        Trainer(dataclasses.replace(cfg, resume=True))
+    assert first.fit().steps == 4  # the refused one touched nothing
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
+    again = Trainer(dataclasses.replace(cfg, max_steps=6))  # fit released the run_dir
+    assert again.step == 4
+    again.close()
+    assert Trainer(dataclasses.replace(cfg, max_steps=6)).fit().steps == 6

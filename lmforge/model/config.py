@@ -109,7 +109,9 @@ class MoEConfig:
     seq_aux_loss: float = 0.0
     """DeepSeek-V3 sequence-wise balance loss weight"""
     bias_update_rate: float = 0.0
-    """DeepSeek-V3 aux-loss-free balancing: per-expert selection bias += rate·sign(mean load - load)"""
+    """DeepSeek-V3 aux-loss-free balancing: per-expert selection bias += rate·sign(mean load - load), after every
+    training forward on that forward's tokens (each micro-batch, each rank's own; DeepSeek-V3 updates once per
+    step over the whole batch, so with grad_accum = g the bias moves up to g·rate per step)"""
     capacity_factor: float = 0.0
     """> 0: each expert takes at most ceil(cf·tokens·k/E) tokens, the rest are dropped; 0 = dropless"""
     dispatch: Literal["grouped", "loop"] = "grouped"

@@ -5,12 +5,40 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import secrets
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary beside `path` that a writer fills before renaming it onto `path`: `.<name>.<pid>-<random>.tmp`
+    (atomic_path, TokenShardWriter), so that `remove_stale_temps` knows a killed writer's leftovers by name."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+_TEMP = re.compile(r"\.(.+)\.[\w-]+\.tmp")  # temp_name's form (and the older .<name>.<pid>.tmp / mkstemp ones)
+
+
+def remove_stale_temps(paths: Iterable[str | Path]) -> int:
+    """Remove the temporary files that killed writers left beside `paths` (the outputs a run is about to write);
+    returns how many. Only a temporary of one of these names is touched, never another file in the folders."""
+    by_dir: dict[Path, set[str]] = {}
+    for p in map(Path, paths):
+        by_dir.setdefault(p.parent, set()).add(p.name)
+    removed = 0
+    for folder, names in by_dir.items():
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):  # one listing per folder: a run has thousands of shards
+            m = _TEMP.fullmatch(entry.name)
+            if m and m[1] in names and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 @contextmanager
@@ -21,7 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     folder unreadable to collaborators."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp_path = temp_name(path)
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
     try:
         yield tmp_path

@@ -27,9 +27,9 @@ from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inpu
 from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
-from lmforge.data.writers import remove_stale_temps, write_docs, write_jsonl
+from lmforge.data.writers import write_docs, write_jsonl
 from lmforge.errors import ConfigError
-from lmforge.utils import process_pool, write_json_atomic
+from lmforge.utils import process_pool, remove_stale_temps, write_json_atomic
 
 
 class RunLayout:
@@ -147,14 +147,26 @@ def run_entries(cfg: PipelineConfig) -> list[Path]:
     return [root / n for n in names] + [root / o for o in outs if not o.is_absolute()] + [root / "pipeline.json"]
 
 
-def _orphan_output(root: Path) -> Path | None:
-    """A file an earlier run left in `root` without the pipeline.json that says what made it (a --restart of
-    an older lmforge, which removed pipeline.json first, cut short): resuming from its markers would be blind."""
-    for folder, pattern in (("_work", "*"), ("rejected", "*.jsonl")):
-        found = next((f for f in (root / folder).rglob(pattern) if f.is_file()), None)
+def _orphan_output(cfg: PipelineConfig) -> Path | None:
+    """A file an earlier run left in output.dir (one of `run_entries`) without the pipeline.json that says what
+    made it (a --restart of an older lmforge, which removed pipeline.json first, cut short): resuming from its
+    markers, or writing beside its documents, would be blind."""
+    for entry in run_entries(cfg)[:-1]:  # all but pipeline.json itself
+        if entry.is_file():
+            return entry
+        found = next((f for f in entry.rglob("*") if f.is_file()), None) if entry.is_dir() else None
         if found is not None:
             return found
-    return root / "report.json" if (root / "report.json").is_file() else None
+    return None
+
+
+def _saved_identity(saved: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
+    """A pipeline.json's identity in today's form: lmforge before 2026-12-05 stored only the output format
+    ("output_format"), read here with this config's other output settings (it wrote no others)."""
+    if "output_format" in saved and "output" not in saved:
+        saved = dict(saved)
+        saved["output"] = {**run_identity(cfg)["output"], "format": saved.pop("output_format")}
+    return saved
 
 
 def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
@@ -180,8 +192,8 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     if inside:
         raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
                           "its files there; choose an output.dir apart from the inputs")
-    orphan = None if saved.is_file() else _orphan_output(root)
-    if restart and (saved.is_file() or orphan is not None):
+    orphan = None if saved.is_file() else _orphan_output(cfg)
+    if restart:
         for entry in run_entries(cfg):  # only what a run writes: other files in the directory stay
             if entry.is_dir():
                 shutil.rmtree(entry)
@@ -193,7 +205,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     mine = run_identity(cfg)
     inputs = input_fingerprint(shards)
     if saved.is_file():
-        old = json.loads(saved.read_text())
+        old = _saved_identity(json.loads(saved.read_text()), cfg)
         old_inputs = old.pop("inputs", None)
         if old != mine:
             raise ConfigError(f"{root} holds a run of a different pipeline; choose a new output.dir, or rerun "

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from lmforge.errors import DataError
+from lmforge.utils import temp_name
 
 MAGIC = b"LMFTOKS1"
 VERSION = 1
@@ -56,7 +57,7 @@ class TokenShardWriter:
         self.num_tokens = 0
         self.num_docs = 0
         self.max_id = -1
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._tmp = temp_name(self.path)
         self._f = open(self._tmp, "wb")
         try:
             self._f.write(b"\0" * _RESERVED)

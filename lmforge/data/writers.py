@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,7 +19,6 @@ WRITE_FORMATS = ("jsonl", "jsonl.gz", "jsonl.zst", "parquet")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # a writer's temporary file beside its output: `.<name>.<pid>.tmp` (TokenShardWriter) or `.<name>.<pid>-<random>.tmp`
 # (utils.atomic_path; mkstemp's `.<name>.<random>.tmp` before 2026-12)
-_TEMP = re.compile(r"\.(.+)\.[\w-]+\.tmp")
 
 
 def _json_line(value: Any) -> str:
@@ -64,24 +62,6 @@ def write_parquet(path: str | Path, docs: Iterable[Document]) -> int:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return len(columns["id"])
-
-
-def remove_stale_temps(paths: Iterable[str | Path]) -> int:
-    """Remove the temporary files that killed writers left beside `paths` (the outputs a run is about to write);
-    returns how many. Only a temporary of one of these names is touched, never another file in the folders."""
-    by_dir: dict[Path, set[str]] = {}
-    for p in map(Path, paths):
-        by_dir.setdefault(p.parent, set()).add(p.name)
-    removed = 0
-    for folder, names in by_dir.items():
-        if not folder.is_dir():
-            continue
-        for entry in os.scandir(folder):  # one listing per folder: a run has thousands of shards
-            m = _TEMP.fullmatch(entry.name)
-            if m and m[1] in names and entry.is_file(follow_symlinks=False):
-                Path(entry.path).unlink(missing_ok=True)
-                removed += 1
-    return removed
 
 
 def write_docs(path: str | Path, docs: Iterable[Document], fmt: str = "jsonl") -> int:

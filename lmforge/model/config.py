@@ -132,6 +132,9 @@ class MoEConfig:
               f"model.moe.n_groups={self.n_groups} must divide n_experts={self.n_experts}")
         check(1 <= self.topk_groups <= self.n_groups,
               f"model.moe.topk_groups must lie in [1, n_groups], got {self.topk_groups}")
+        kept = self.topk_groups * (self.n_experts // self.n_groups)  # experts of the groups routing keeps
+        check(self.top_k <= kept, f"model.moe.top_k={self.top_k} exceeds the {kept} experts of the topk_groups="
+                                  f"{self.topk_groups} groups routing keeps: raise topk_groups or lower top_k")
         for name in ("aux_loss", "z_loss", "seq_aux_loss", "bias_update_rate", "capacity_factor"):
             check(getattr(self, name) >= 0, f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
         check(self.dense_layers >= 0, f"model.moe.dense_layers must be >= 0, got {self.dense_layers}")

@@ -82,7 +82,7 @@ def rope_from_hf(d: dict, default_theta: float = 10000.0, default_max_len: int =
     if kind not in names:
         raise ConfigError(f"config.json rope_parameters.rope_type={kind!r} is not supported; "
                           f"supported: {sorted(names)}")
-    max_len = d.get("max_position_embeddings", default_max_len)
+    max_len = d.get("max_position_embeddings") or default_max_len
     orig, factor = rp.get("original_max_position_embeddings"), rp.get("factor")
     if factor is None and kind in ("yarn", "longrope"):
         factor = max_len / (orig or max_len)

@@ -78,6 +78,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.mtp = MTP(cfg) if cfg.mtp is not None else None
+        self._mtp_moes = [m for m in self.mtp.modules() if isinstance(m, MoE)] if self.mtp is not None else []
         self._mtp_loss: torch.Tensor | None = None
         self.reset_parameters()
         if cfg.fused_proj:  # after init: a fused model starts from the same weights as an unfused one
@@ -152,11 +153,9 @@ class Transformer(nn.Module):
     def _clear_mtp_aux(self) -> None:
         """Forget the MTP modules' MoE losses and loads of an earlier forward: a forward that skips a depth (rows
         of at most k tokens, or eval) would leave aux_loss() a loss whose graph backward has freed. The trunk's
-        MoE layers run in every forward and overwrite theirs, so only the MTP modules are walked (all ~700 modules
-        of a 61-layer MoE model take 0.6 ms on a CPU host, per forward, decode steps included)."""
-        for m in self.mtp.modules() if self.mtp is not None else ():
-            if isinstance(m, MoE):
-                m.last_aux, m.last_stats = None, {}
+        MoE layers run in every forward and overwrite theirs; the MTP ones are listed once, at construction."""
+        for m in self._mtp_moes:
+            m.last_aux, m.last_stats = None, {}
 
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         return self.final_norm(h) if self.final_norm is not None else h

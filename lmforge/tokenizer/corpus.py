@@ -145,7 +145,7 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
     The shard header records `spec` (default: the tokenizer's own spec) so the trainer can reopen it.
     """
     from lmforge.data.shards import TokenShardWriter
-    from lmforge.data.writers import remove_stale_temps
+    from lmforge.utils import remove_stale_temps
 
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")

@@ -123,6 +123,8 @@ class RunDirLock:
     run_dir is refused instead of interleaving its metrics and checkpoints with the first one's. The kernel
     drops it when the process dies (a SIGKILL leaves no stale lock); the file holds the holder's PID."""
 
+    _held: dict[Path, "RunDirLock"] = {}  # the run_dirs this process holds (a conflict there may be garbage)
+
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self._file = None
@@ -138,26 +140,43 @@ class RunDirLock:
             return
         if self._file is not None:
             return
+        key = self.path.resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if key not in RunDirLock._held:
+                    raise
+                # held in this process: by a Trainer nothing refers to any more (a notebook cell run again), whose
+                # reference cycle only the collector frees - collect it, and its lock with it, then try once more
+                import gc
+
+                gc.collect()
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
+            mine = " (another Trainer of this process: call its close() or let its fit end)" if key in \
+                RunDirLock._held else ""
             raise ConfigError(f"run_dir {str(self.path.parent)!r} is in use by another training process (PID "
-                              f"{holder}); wait for it to end or stop it, or use another run_dir") from None
+                              f"{holder}){mine}; wait for it to end or stop it, or use another run_dir") from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
         self._file = f
+        RunDirLock._held[key] = self
 
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the file drops the flock
             self._file = None
+            key = self.path.resolve()
+            if RunDirLock._held.get(key) is self:
+                del RunDirLock._held[key]
 
 
 class Trainer:
@@ -187,6 +206,7 @@ class Trainer:
         self._live = False  # a live progress bar: set by fit
         self.device = ddp.train_device(cfg.device)
         self.rank, self.world = ddp.rank_and_world()  # only rank 0 writes metrics, plots and checkpoints
+        self._logged_stats: tuple[int, dict[str, float]] | None = None  # a log row's stats, flushed, not yet written
         self._lock = RunDirLock(Path(cfg.run_dir))
         self.runner = runner
         ddp.check_runner(runner, self.world, objective)
@@ -411,7 +431,8 @@ class Trainer:
         None = 1/grad_accum, or, for objectives with `batch_weight(batch)` (the items their loss averages
         over, e.g. SFT's trained tokens), the micro-batch's share of the step's items, so accumulated
         micro-batches give the loss of one big batch (as HF/TRL normalise). Weights are read on the host
-        before the transfer, so no device sync. On N ranks the total is the ranks' mean (one host all-reduce):
+        before the transfer, so no device sync (a batch a data source made on the device, e.g. GPU rollouts,
+        costs one per micro-batch). On N ranks the total is the ranks' mean (one host all-reduce):
         the ranks' gradients are averaged, so each share is then its part of the global batch's items x N
         (rows for objectives without batch_weight)."""
         raw = [self.data.next_batch() for _ in range(self.cfg.grad_accum)]
@@ -665,7 +686,7 @@ class Trainer:
         ev: dict[str, float] = {}
         ev_step = -1
         self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
-        self._logged_stats: tuple[int, dict[str, float]] | None = None  # a log row's stats, flushed, not yet written
+        self._logged_stats = None
         self._begin_s = 0.0
         t_start = time.perf_counter() - self.elapsed
         self.interrupts.reset()

@@ -205,3 +205,27 @@ def test_cli_progress_flag_overrides_the_file_only_when_given(tmp_path, monkeypa
     assert main(["data", "run", str(p), "--progress", "False"]) == 0
     assert main(["data", "run", str(p)]) == 0
     assert seen == [False, True, False, True]
+
+
+def test_a_run_made_before_the_output_identity_resumes_and_data_files_alone_are_seen(tmp_path):
+    """A pipeline.json written before the output settings joined the identity ("output_format" only) is the same
+    pipeline, not another one (review, 2026-12-05); and a directory holding only an earlier run's data/ files,
+    without pipeline.json, is refused until --restart, which clears it (it was neither refused nor cleared)."""
+    cfg = load_pipeline(_pipeline(tmp_path, _inputs(tmp_path / "in")))
+    first = run_local(cfg)
+    run = tmp_path / "run"
+    saved = run / "pipeline.json"
+    old = json.loads(saved.read_text())
+    old["output_format"] = old.pop("output")["format"]
+    saved.write_text(json.dumps(old))
+    assert run_local(cfg)["balance"] == first["balance"]
+    for entry in ("pipeline.json", "report.json", "report.md", "report.png"):
+        (run / entry).unlink(missing_ok=True)
+    for folder in ("_work", "rejected", "tokens"):
+        for f in (run / folder).rglob("*"):
+            if f.is_file():
+                f.unlink()
+    assert any(f.is_file() for f in (run / "data").rglob("*"))
+    with pytest.raises(ConfigError, match=r"holds an earlier run's files .*data.* rerun with --restart"):
+        run_local(cfg)
+    assert run_local(cfg, restart=True)["balance"] == first["balance"]

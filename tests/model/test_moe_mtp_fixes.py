@@ -36,9 +36,9 @@ def test_group_limited_routing_never_picks_a_discarded_groups_expert():
 
 
 def test_group_limited_routing_refuses_more_choices_than_kept_experts():
-    cfg = dataclasses.replace(TINY, mlp="moe", moe=MoEConfig(n_experts=8, top_k=3, n_groups=4, topk_groups=1))
+    # refused by the config, before any model is built
     with pytest.raises(ConfigError, match="top_k=3 exceeds the 2 experts of the topk_groups=1 groups"):
-        MoE(cfg, 0)
+        MoE(dataclasses.replace(TINY, mlp="moe", moe=MoEConfig(n_experts=8, top_k=3, n_groups=4, topk_groups=1)), 0)
 
 
 # MTP: ignored targets and packed documents -------------------------------------------------------------

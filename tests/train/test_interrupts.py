@@ -3,6 +3,7 @@ resumed run's losses equal the uninterrupted run's bit for bit (issue 16 §1).""
 
 import dataclasses
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -250,3 +251,22 @@ def test_a_second_trainer_on_a_run_dir_in_use_is_refused(setup, tmp_path):
     assert again.step == 4
     again.close()
     assert Trainer(dataclasses.replace(cfg, max_steps=6)).fit().steps == 6
+
+
+def test_a_trainer_nothing_refers_to_gives_its_run_dir_to_the_next(setup, tmp_path):
+    """A Trainer sits in a reference cycle, so `del` did not release its run_dir lock (only a later garbage
+    collection did): a new Trainer on that run_dir in the same process (a notebook cell run again) was refused,
+    naming this very process (review, 2026-12-05). The lock's owner is collected first now. (A fresh interpreter:
+    pytest's own references keep the first Trainer out of a plain cycle.)"""
+    import subprocess
+    import sys
+
+    shard, _ = setup
+    code = (f"import gc, sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+            "from pathlib import Path\nfrom tests.train.helpers import tiny_config\n"
+            "from lmforge.train.trainer import Trainer\n"
+            f"cfg = tiny_config(Path({str(shard)!r}), Path({str(tmp_path / 'run')!r}), max_steps=2)\n"
+            "gc.disable()\nt = Trainer(cfg)\ndel t\nprint(Trainer(cfg).fit().steps)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "2"

@@ -205,10 +205,6 @@ class MoE(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         m = cfg.moe_cfg
-        kept = m.topk_groups * (m.n_experts // m.n_groups)  # experts of the groups group-limited routing keeps
-        if m.top_k > kept:
-            raise ConfigError(f"model.moe.top_k={m.top_k} exceeds the {kept} experts of the topk_groups="
-                              f"{m.topk_groups} groups routing keeps: raise topk_groups or lower top_k")
         self.m, self.layer_idx, self.activation = m, layer_idx, cfg.activation
         self.E, self.k, d = m.n_experts, m.top_k, cfg.d_model
         de = m.d_expert or cfg.ff

@@ -44,7 +44,7 @@ class EncodeArgs:
     out: str
     val_fraction: float = 0.0
     """the last this-much of every file goes to val.bin (at most: the tail starts at the first safe cut or line
-    start after that point, so each file gives between half of it and all of it)"""
+    start after that point, so usually half of it or more; a file with neither in its tail gives less or none)"""
     workers: Optional[int] = None
     progress: bool = True
 

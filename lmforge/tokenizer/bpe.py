@@ -30,8 +30,8 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import formats
 from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
 from lmforge.tokenizer.formats import NORMAL_FORMS
-from lmforge.tokenizer.pretokenize import (PATTERNS, can_match_empty, check_specials, last_safe_cut, pieces_pattern,
-                                           resolve_pattern, special_regex, split_specials)
+from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, pieces_pattern,
+                                           resolve_pattern, special_regex, split_specials, wraps_alone)
 from lmforge.tokenizer.reference import ReferenceEncoder
 from lmforge.utils import write_json_atomic
 
@@ -163,8 +163,8 @@ class Tokenizer:
             ranks.update({t: 256 + k for k, t in enumerate(made)})
             rank_to_id = np.array(self._byte_ids + [self._by_bytes[t] for t in made], dtype=np.int64)
             rank_of = list(range(256, 256 + len(made)))
-        if can_match_empty(self.pattern):
-            return None, None  # tiktoken's one regex cannot keep the gaps around empty matches
+        if not wraps_alone(self.pattern):
+            return None, None  # tiktoken's one regex cannot keep the gaps around empty matches or back-references
         try:
             enc = tiktoken.Encoding(f"lmforge-{id(self)}", pat_str=pieces_pattern(self.pattern),
                                     mergeable_ranks=ranks, special_tokens={})

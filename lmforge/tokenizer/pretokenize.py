@@ -102,6 +102,16 @@ def can_match_empty(pat: str) -> bool:
         return True
 
 
+def wraps_alone(pat: str) -> bool:
+    """Whether `pieces_pattern(pat)`, one regex, splits as `_Pieces` does (the tiktoken fast path's condition):
+    `pat` never matches empty, and holds no back-reference (the wrapper repeats `pat`, so a numbered or named
+    reference in its second copy would point at the first copy's group, which never matched there)."""
+    return not can_match_empty(pat) and not _BACKREFERENCE.search(pat)
+
+
+_BACKREFERENCE = _re.compile(r"\\[1-9]|\\g<|\(\?P=|\\k<")
+
+
 class _Pieces:
     """The pieces of a custom pattern, as HF's Split(behavior="isolated") cuts them: each non-empty match,
     and each stretch between two match boundaries (an empty match is a boundary too: `x?` isolates every

@@ -275,6 +275,22 @@ def test_custom_patterns_with_groups_or_empty_matches_split_as_hf(tmp_path):
             assert tok.decode(tok.encode(t)) == t
 
 
+def test_a_pattern_with_a_back_reference_keeps_its_pieces_on_every_path(tmp_path):
+    """The fast path's one regex repeats the pattern for the gaps, so a back-reference there pointed at a group
+    of the other copy: "(a)\\1| " split "xaay b" as ['xaay', ' ', 'b'] on tiktoken and ['x', 'aa', 'y', ' ', 'b']
+    on the reference (review, 2026-12-05). Such patterns encode on the reference path, equal to HF."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmforge.tokenizer.pretokenize import findall
+
+    pat = r"(a)\1| "
+    assert findall(pat, "xaay b") == ["x", "aa", "y", " ", "b"]
+    tok = train_bpe(iter(["xaay baa aab " * 40]), 270, ["<|endoftext|>"], pattern=pat, progress=False, workers=1)
+    hf = tokenizers.Tokenizer.from_file(str(tok.save_hf(tmp_path)))
+    assert not tok.fast
+    for t in ["xaay b", "aaaa  ab", "ba a aa"]:
+        assert tok.encode(t) == hf.encode(t).ids == tok.encode_reference(t), t
+
+
 @pytest.mark.parametrize("change, words", [
     ({"behavior": "Removed"}, "Split behavior 'Removed'"), ({"invert": True}, "Split invert=true"),
     ({"use_regex": True}, "ByteLevel use_regex=true after Split"),

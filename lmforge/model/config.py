@@ -109,9 +109,10 @@ class MoEConfig:
     seq_aux_loss: float = 0.0
     """DeepSeek-V3 sequence-wise balance loss weight"""
     bias_update_rate: float = 0.0
-    """DeepSeek-V3 aux-loss-free balancing: per-expert selection bias += rate·sign(mean load - load), after every
-    training forward on that forward's tokens (each micro-batch, each rank's own; DeepSeek-V3 updates once per
-    step over the whole batch, so with grad_accum = g the bias moves up to g·rate per step)"""
+    """DeepSeek-V3 aux-loss-free balancing (§2.1.2): per-expert selection bias += rate·sign(mean load - load), once
+    per optimizer step, the load being the step's whole batch (every micro-batch, summed over the ranks): the
+    Trainer calls lmforge.model.layers.moe.update_expert_biases after each update (a loop of your own calls it
+    after optimizer.step())"""
     capacity_factor: float = 0.0
     """> 0: each expert takes at most ceil(cf·tokens·k/E) tokens, the rest are dropped; 0 = dropless"""
     dispatch: Literal["grouped", "loop"] = "grouped"

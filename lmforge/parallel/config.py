@@ -90,11 +90,6 @@ class ParallelConfig:
             if self.sequence_parallel and self.tp > 1 and model_cfg.pos_emb in ("learned", "sinusoidal"):
                 raise ConfigError(f"parallel.sequence_parallel with pos_emb={model_cfg.pos_emb!r}: use rope or set "
                                   "sequence_parallel=false")
-            moe = getattr(model_cfg, "moe", None)
-            if self.activation_checkpoint != "none" and model_cfg.mlp == "moe" and moe is not None and moe.bias_update_rate > 0:
-                raise ConfigError("parallel.activation_checkpoint with model.moe.bias_update_rate > 0: the routing "
-                                  "bias moves during the forward, so the recomputed forward would route differently "
-                                  "from the one whose loss is backpropagated; turn one of them off")
             if self.cp > 1 and (model_cfg.attention != "mha" or model_cfg.sliding_window):
                 raise ConfigError(f"parallel.cp={self.cp} supports full mha/gqa attention; this model has attention="
                                   f"{model_cfg.attention!r}, sliding_window={model_cfg.sliding_window}")

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
+from lmforge.model.layers.moe import update_expert_biases
 from lmforge.optim import lr_multiplier
 from lmforge.train import distributed as ddp
 from lmforge.train.config import LoopConfig, TrainConfig, uses_bf16
@@ -496,6 +497,7 @@ class Trainer:
         self._in_flight = (n_tokens, stats)
         self.interrupts.begin_update()
         self.optimizer.step()  # a torch optimizer's step hooks also mark the update's start and end
+        update_expert_biases(self.model, world=self.runner is not None)  # aux-loss-free MoE balancing, per step
         if self.qk_clip is not None:
             stats.update(self._clip_qk())
         self.interrupts.end_update()

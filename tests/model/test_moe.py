@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.model.config import ModelConfig, MoEConfig
-from lmforge.model.layers.moe import MoE
+from lmforge.model.layers.moe import MoE, update_expert_biases
 from lmforge.model.transformer import Transformer
 from lmforge.model.upcycle import upcycle
 
@@ -214,15 +214,48 @@ def test_balance_losses_match_formulas():
     torch.testing.assert_close(m.last_aux, want, rtol=1e-5, atol=1e-6)
 
 
-def test_aux_free_bias_moves_towards_underloaded_experts():
+def test_aux_free_bias_moves_once_per_step_by_the_whole_steps_load():
+    """DeepSeek-V3 §2.1.2: the bias moves once per optimizer step, by the sign of the step's whole load (every
+    micro-batch), not after each forward; forwards without gradients (evaluations, old log-probs) and eval mode
+    count nothing."""
     m = _moe(score="sigmoid", bias_update_rate=0.01).train()
-    m(torch.randn(4, 8, 32))
-    load = m.last_stats["load"]
-    assert torch.equal(m.e_bias, 0.01 * torch.sign(load.mean() - load))
+    loads = []
+    for _ in range(3):  # three micro-batches of one step
+        m(torch.randn(4, 8, 32))
+        loads.append(m.last_stats["load"] * 4 * 8 * 2)  # assignments per expert
+        assert torch.equal(m.e_bias, torch.zeros(4))  # nothing moves before the step ends
+    with torch.no_grad():
+        m(torch.randn(4, 8, 32))
     m.eval()
-    before = m.e_bias.clone()
     m(torch.randn(4, 8, 32))
-    assert torch.equal(m.e_bias, before)  # only updated while training
+    assert update_expert_biases(m) == 1
+    n = sum(loads)
+    assert torch.equal(m.e_bias, 0.01 * torch.sign(n.mean() - n))
+    assert not torch.equal(torch.sign(n.mean() - n), torch.sign(loads[0].mean() - loads[0]))  # the test's point
+    assert torch.equal(m.step_load, torch.zeros(4))
+    assert "step_load" not in m.state_dict()
+    update_expert_biases(m)  # no forward since: the bias moves by sign(0) = 0
+    assert torch.equal(m.e_bias, 0.01 * torch.sign(n.mean() - n))
+
+
+def test_aux_free_bias_with_activation_checkpointing_routes_the_recompute_as_the_forward():
+    """A recomputed forward (activation checkpointing) routes with the bias the forward used, so gradients equal
+    the plain forward's; it counts its tokens twice, which leaves the sign of the update unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(4, 8, 32)
+    grads, biases = [], []
+    for ac in (False, True):
+        m = _moe(score="sigmoid", bias_update_rate=0.01).train()
+        m.e_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+        y = checkpoint(m, x, use_reentrant=False) if ac else m(x)
+        y.square().sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+        update_expert_biases(m)
+        biases.append(m.e_bias.clone())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(biases[0], biases[1])
 
 
 def test_noisy_gating_only_in_training():

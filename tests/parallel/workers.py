@@ -3,6 +3,8 @@ Each returns plain tensors/numbers; the tests compare them with one process on t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -202,11 +204,16 @@ def starved_moe(m: Transformer) -> Transformer:
     return m
 
 
-def expert_parallel_suite(rank: int, world: int, starve: bool = False) -> dict:
+BIASED = dict(score="sigmoid", bias_update_rate=0.05)  # aux-loss-free balancing: one bias over all ranks
+
+
+def expert_parallel_suite(rank: int, world: int, starve: bool = False, biased: bool = False) -> dict:
+    from lmforge.model.layers.moe import update_expert_biases
     from lmforge.parallel.ddp import broadcast_module_
     from lmforge.parallel.ep import apply_ep, sync_gradients
 
-    m = starved_moe(model(moe_cfg(router_bias=True, top_k=1))) if starve else model(moe_cfg())
+    m = (starved_moe(model(moe_cfg(router_bias=True, top_k=1))) if starve
+         else model(moe_cfg(**BIASED)) if biased else model(moe_cfg()))
     broadcast_module_(m)
     apply_ep(m)
     opt = build_optimizer(m, OPT)
@@ -216,10 +223,29 @@ def expert_parallel_suite(rank: int, world: int, starve: bool = False) -> dict:
         loss.backward()
         sync_gradients(m)
         opt.step()
+        update_expert_biases(m, world=True)
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    out = {"params": params_of(m), "losses": torch.stack(losses)}
+    out = {"params": params_of(m), "losses": torch.stack(losses),
+           "biases": {k: v.clone() for k, v in m.named_buffers() if k.endswith("e_bias")}}
     return out
+
+
+def stage_bias_suite(rank: int, world: int) -> dict:
+    """Pipeline stages hold different MoE layers: rank r is stage r // 2 (blocks.{stage}) of a 2-stage, 2-replica
+    layout, its layer's step load set to known values; update_expert_biases(world=True) sums each layer's load
+    over the ranks that hold it."""
+    from lmforge.model.layers.moe import MoE, update_expert_biases
+    from lmforge.parallel.pp import split_stage
+
+    cfg = moe_cfg(**BIASED)
+    stage = split_stage(model(dataclasses.replace(cfg, tie_embeddings=False)), rank // 2, 2)
+    for m in stage.modules():
+        if isinstance(m, MoE):
+            m.step_load.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]) * (rank + 1) if rank % 2 else
+                              torch.tensor([9.0, 0.0, 0.0, 0.0] if rank == 0 else [0.0, 0.0, 0.0, 30.0]))
+    updated = update_expert_biases(stage, world=True)
+    return {"updated": updated, "biases": {k: v.clone() for k, v in stage.named_buffers() if k.endswith("e_bias")}}
 
 
 def qk_clip_suite(rank: int, world: int) -> dict:

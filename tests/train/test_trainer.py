@@ -307,8 +307,34 @@ def test_settings_one_process_or_a_tied_head_would_ignore_say_so(tmp_path):
         tiny_config(shard, tmp_path / "t", model=tied, optim=dict(lr=1e-3, head_lr=1e-2))
     moe = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, mlp="moe",
                       moe=MoEConfig(n_experts=4, top_k=2, bias_update_rate=1e-3))
-    with pytest.raises(ConfigError, match="activation_checkpoint with model.moe.bias_update_rate > 0"):
-        ParallelConfig(dp_shard=2, activation_checkpoint="full").validate(2, moe)
+    # the aux-free bias moves once per step (lmforge.model.layers.moe.update_expert_biases), so a recomputed
+    # forward routes as the first one did: activation checkpointing with it is no longer refused
+    ParallelConfig(dp_shard=2, activation_checkpoint="full").validate(2, moe)
+
+
+def test_aux_free_moe_bias_moves_once_per_step_by_all_micro_batches(tmp_path):
+    """DeepSeek-V3's aux-loss-free bias: one move per optimizer step by the sign of the load of all its
+    micro-batches (it moved after each micro-batch before)."""
+    from lmforge.model.config import ModelConfig, MoEConfig
+    from lmforge.model.layers.moe import MoE
+
+    moe = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, mlp="moe",
+                      moe=MoEConfig(n_experts=4, top_k=1, score="sigmoid", bias_update_rate=0.25))
+    tr = Trainer(tiny_config(make_shard(tmp_path / "t.bin"), tmp_path / "run", model=moe, grad_accum=3,
+                             optim=dict(lr=3e-3), max_steps=2, eval_every=100, ckpt_every=100))
+    layers = [m for m in tr.model.modules() if isinstance(m, MoE)]
+    loads: dict[int, list] = {i: [] for i in range(len(layers))}
+    for i, m in enumerate(layers):
+        m.register_forward_hook(lambda mod, a, out, i=i: loads[i].append(mod.last_stats["load"].clone()))
+    for _ in range(2):
+        before = [m.e_bias.clone() for m in layers]
+        for v in loads.values():
+            v.clear()
+        tr.train_step()
+        for i, m in enumerate(layers):
+            assert len(loads[i]) == 3
+            n = sum(loads[i])
+            torch.testing.assert_close(m.e_bias, before[i] + 0.25 * torch.sign(n.mean() - n))
 
 
 class Hooked:

@@ -7,7 +7,8 @@
 Balancing (all optional, weights in MoEConfig): the Switch/GShard loss E·Σ_i f_i·P_i (f = fraction
 of assignments, P = mean router probability), the ST-MoE router z-loss mean(logsumexp(logits)²),
 DeepSeek-V3's sequence-wise loss (the Switch loss per sequence) and its auxiliary-loss-free bias,
-nudged by ±rate towards under-loaded experts and used only to choose experts, never to weight them.
+nudged by ±rate towards under-loaded experts once per optimizer step (`update_expert_biases`, by the step's
+whole load over every micro-batch and rank) and used only to choose experts, never to weight them.
 Capacity factor cf > 0 keeps at most ceil(cf·N·k/E) assignments per expert (earlier tokens first);
 the rest are dropped (their residual passes through). cf = 0 is dropless.
 
@@ -32,6 +33,7 @@ kept count sizes the rows). Expert weights are stacked (E, out, in).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -220,6 +222,8 @@ class MoE(nn.Module):
         self.shared = MLP(d, m.n_shared * de, cfg.activation, cfg.bias) if m.n_shared > 0 else None
         # aux-loss-free balancing bias (DeepSeek-V3 e_score_correction_bias): selection only
         self.register_buffer("e_bias", torch.zeros(self.E))
+        # the assignments per expert of this optimizer step's training forwards, until update_expert_biases
+        self.register_buffer("step_load", torch.zeros(self.E), persistent=False)
         self.dispatch, self.gemm = m.dispatch, m.gemm
         self.last_aux: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -381,12 +385,53 @@ class MoE(nn.Module):
             s = (f_seq * probs.view(B, T, E).mean(1)).sum(-1).mean() * m.seq_aux_loss
             aux = s if aux is None else aux + s
         self.last_aux = logits.new_zeros((), dtype=torch.float32) if aux is None else aux
-        if m.bias_update_rate > 0 and self.training:  # DeepSeek-V3 §2.1.2
+        if m.bias_update_rate > 0 and self.training and torch.is_grad_enabled():  # counted, applied once per step
             with torch.no_grad():
-                n = load.float()
-                self.e_bias += m.bias_update_rate * torch.sign(n.mean() - n)
+                self.step_load += load.float()
         dropped = f.new_zeros(()) if keep is None else (~keep).float().mean()
         self.last_stats = {"load": f.detach(), "dropped": dropped.detach()}
+
+
+_WORLD_ROWS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, int]]]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def update_expert_biases(model: nn.Module, world: bool = False) -> int:
+    """DeepSeek-V3's auxiliary-loss-free balancing (§2.1.2), once per optimizer step: every MoE layer with
+    model.moe.bias_update_rate > 0 moves its selection bias by rate·sign(mean load - load), the load being its
+    expert assignments over the whole step (every micro-batch's training forward since the last call; with
+    `world`, summed over every rank of torch.distributed, so all data-parallel replicas keep one bias). Call
+    after optimizer.step() (the Trainer does); returns the number of layers updated.
+
+    A forward recomputed under activation checkpointing counts its tokens again; each layer is either always
+    recomputed or never, so its loads are scaled uniformly and the sign is unchanged. Under pipeline
+    parallelism the layers live on different ranks: the loads travel as one (layers over all ranks, E) table,
+    the rows keyed by module name, a rank adding zeros for the layers it does not hold."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoE) and m.m.bias_update_rate > 0}
+    if world:
+        import torch.distributed as dist
+
+        rows = _WORLD_ROWS.get(model)
+        if rows is None:  # every rank's (name, E), gathered once per model
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted((name, m.E) for name, m in layers.items()))
+            rows = _WORLD_ROWS[model] = sorted(set().union(*map(set, gathered)))
+        if not rows:
+            return 0
+        device = next(iter(model.parameters())).device
+        table = torch.zeros(len(rows), max(E for _, E in rows), device=device)
+        for i, (name, E) in enumerate(rows):
+            if name in layers:
+                table[i, :E] = layers[name].step_load
+        dist.all_reduce(table)
+        loads = {name: table[i, :E] for i, (name, E) in enumerate(rows) if name in layers}
+    else:
+        loads = {name: m.step_load for name, m in layers.items()}
+    for name, m in layers.items():
+        n = loads[name]
+        m.e_bias.copy_(m.e_bias.float() + m.m.bias_update_rate * torch.sign(n.mean() - n))
+        m.step_load.zero_()
+    return len(layers)
 
 
 @torch.no_grad()

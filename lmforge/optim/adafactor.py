@@ -8,8 +8,10 @@ only row and column statistics of the second moment instead of the full n x m te
     C <- b2_t C + (1 - b2_t) mean_i (G^2 + eps1)                column means, m numbers
     V = R C^T / mean(R)                                         rank-1 estimate of E[G^2]
     U = G / sqrt(V);  U <- U / max(1, RMS(U) / d)               update clipping (section 6), per matrix
-Vectors keep a full (unfactored) second moment. With b1 > 0 a first moment of U is kept (the paper's
-optional momentum, used by most modern recipes); the step is p <- p (1 - lr wd) - lr U. The learning
+Vectors keep a full (unfactored) second moment and clip by their own RMS; a group of role "vector" holds
+vectors whatever their dims (an (E, d) stack of MoE expert biases is E vectors, each clipped alone). With
+b1 > 0 a first moment of U is kept (the paper's optional momentum, used by most modern recipes); the step is
+p <- p (1 - lr wd) - lr U. The learning
 rate is given explicitly (no relative step size), so it slots into the same schedules as the others.
 """
 
@@ -33,11 +35,11 @@ class Adafactor(PerParamOptimizer):
                                       clip_threshold=clip_threshold, weight_decay=weight_decay))
 
     def _scaled_grad(self, g: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-        """U = G / sqrt(V_hat) with the factored (dim >= 2) or full (vectors) second moment, then clipped."""
+        """U = G / sqrt(V_hat) with the factored (matrices) or full (vectors) second moment, then clipped."""
         state["step"] += 1
         b2 = 1.0 - float(state["step"]) ** (-group["decay_rate"])
         g2 = g.square().add_(group["eps1"])
-        if g.dim() >= 2:
+        if _factored(g, group):
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.mul_(b2).add_(g2.mean(dim=-1), alpha=1 - b2)
             col.mul_(b2).add_(g2.mean(dim=-2), alpha=1 - b2)
@@ -49,27 +51,39 @@ class Adafactor(PerParamOptimizer):
         v = state["exp_avg_sq"]
         v.mul_(b2).add_(g2, alpha=1 - b2)
         u = g / v.sqrt()
-        return u.div_(max(1.0, rms(u) / group["clip_threshold"]))
+        if u.dim() == 0:
+            return u.div_(max(1.0, rms(u) / group["clip_threshold"]))
+        # each vector (each expert's of a stack) by its own RMS
+        return u.div_(u.square().mean(dim=-1, keepdim=True).sqrt_().div_(group["clip_threshold"]).clamp_min_(1.0))
 
-    def _init_state(self, p: torch.Tensor, beta1: float) -> dict:
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state: dict = {"step": torch.tensor(0.0)}
-        if p.dim() >= 2:
+        if _factored(p, group):
             state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=p.dtype, device=p.device)
             state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=p.dtype, device=p.device)
         else:
             state["exp_avg_sq"] = torch.zeros_like(p)
-        if beta1 > 0:
+        if group["beta1"] > 0:
             state["exp_avg"] = torch.zeros_like(p)
         return state
 
     def update(self, p: torch.Tensor, group: dict) -> None:
         if not self.state[p]:
-            self.state[p] = self._init_state(p, group["beta1"])
+            self.state[p] = self._init_state(p, group)
         state = self.state[p]
-        if p.dim() >= 2 and tuple(state["exp_avg_sq_row"].shape) != tuple(p.shape[:-1]):
-            raise layout_error("Adafactor's row statistics", tuple(state["exp_avg_sq_row"].shape),
+        saved = state.get("exp_avg_sq_row")
+        if _factored(p, group) and (saved is None or tuple(saved.shape) != tuple(p.shape[:-1])):
+            raise layout_error("Adafactor's row statistics", None if saved is None else tuple(saved.shape),
                                tuple(p.shape[:-1]), p.shape)
+        if not _factored(p, group) and saved is not None:  # saved before a stack of vectors was vectors
+            raise layout_error("Adafactor's row statistics", tuple(saved.shape), None, p.shape)
         u = self._scaled_grad(p.grad, state, group)
         if group["beta1"] > 0:
             u = state["exp_avg"].lerp_(u, 1 - group["beta1"])
         apply_step_(p, u, group["lr"], group["weight_decay"])
+
+
+def _factored(p: torch.Tensor, group: dict) -> bool:
+    """Row and column statistics for a matrix (or a stack of them); a full second moment for a vector, for a
+    scalar and for any tensor of a role "vector" group (MoE's (E, d) expert biases: E vectors)."""
+    return p.dim() >= 2 and group.get("role") != "vector"

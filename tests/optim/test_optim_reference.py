@@ -204,6 +204,26 @@ def test_soap_without_rotation_is_adamw():
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
 
 
+def _stack_steps_as_experts_alone(make, shape: tuple, seed: int):
+    """Three steps of make([stacked weight]) and of make([expert e's slice]) per expert, on the same gradients
+    (the experts' scales 1, 10 and 0.1 apart): each slice must end equal. Returns the stack and its optimizer."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64, generator=gen))
+    alone = [torch.nn.Parameter(w.detach()[e].clone()) for e in range(shape[0])]
+    stacked, per_expert = make([w]), [make([a]) for a in alone]
+    scale = torch.tensor([1.0, 10.0, 0.1]).view(3, *[1] * (len(shape) - 1))
+    for _ in range(3):
+        g = torch.randn(*shape, dtype=torch.float64, generator=gen) * scale
+        w.grad = g.clone()
+        stacked.step()
+        for e, (a, opt) in enumerate(zip(alone, per_expert)):
+            a.grad = g[e].clone()
+            opt.step()
+    for e in range(shape[0]):
+        torch.testing.assert_close(w.detach()[e], alone[e].detach(), rtol=1e-10, atol=1e-12)
+    return w, stacked
+
+
 @pytest.mark.parametrize("make, old_state", [
     (lambda ps: Shampoo(ps, lr=0.05, block_size=4, precondition_frequency=2),
      {"L": [torch.zeros(3, 3)], "R": [torch.zeros(70, 70)]}),
@@ -217,23 +237,22 @@ def test_matrix_optimizers_precondition_each_expert_of_a_stacked_weight_alone(ma
     """A stacked (E, m, n) MoE weight steps as E separate (m, n) matrices (their own factors, bases, row/column
     statistics, grafting norms and update clipping), as Muon and Dion do: the same three steps as one optimizer per
     expert. It was one (E, m * n) matrix. Shampoo's blocks (4) cut both sides; SOAP rotates the 5 rows only."""
-    gen = torch.Generator().manual_seed(5)
-    w = torch.nn.Parameter(torch.randn(3, 5, 14, dtype=torch.float64, generator=gen))
-    alone = [torch.nn.Parameter(w.detach()[e].clone()) for e in range(3)]
-    stacked, per_expert = make([w]), [make([a]) for a in alone]
-    for _ in range(3):
-        g = torch.randn(3, 5, 14, dtype=torch.float64, generator=gen) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
-        w.grad = g.clone()
-        stacked.step()
-        for e, (a, opt) in enumerate(zip(alone, per_expert)):
-            a.grad = g[e].clone()
-            opt.step()
-    for e in range(3):
-        torch.testing.assert_close(w.detach()[e], alone[e].detach(), rtol=1e-10, atol=1e-12)
+    w, stacked = _stack_steps_as_experts_alone(make, (3, 5, 14), seed=5)
     # a state saved before (statistics of the flattened (3, 70) matrix) is refused in one line, naming the way out
     stacked.state[w] = {k: ([x.double() for x in v] if isinstance(v, list) else v.double())
                         for k, v in old_state.items()}
     with pytest.raises(ConfigError, match=r"of shape \(3, 5, 14\).*reset_optimizer = true"):
+        stacked.step()
+
+
+def test_adafactor_steps_a_stack_of_expert_biases_as_separate_vectors():
+    """A role "vector" group's (E, d) MoE expert biases are E vectors: each its own full second moment and update
+    clipping, as one Adafactor per expert's (d,) bias (they were factored as one (E, d) matrix)."""
+    make = lambda ps: Adafactor([{"params": ps, "role": "vector"}], lr=0.05, beta1=0.9, clip_threshold=0.5)  # noqa: E731
+    b, stacked = _stack_steps_as_experts_alone(make, (3, 6), seed=7)
+    stacked.state[b] = {"step": torch.tensor(1.0), "exp_avg_sq_row": torch.zeros(3, dtype=torch.float64),
+                        "exp_avg_sq_col": torch.zeros(6, dtype=torch.float64)}  # saved when factored
+    with pytest.raises(ConfigError, match=r"of shape \(3, 6\).*reset_optimizer = true"):
         stacked.step()
 
 

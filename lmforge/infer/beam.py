@@ -3,10 +3,10 @@ stopping, as a strategy running on the engine: the live beams of a request are o
 the engine's batch (any number of requests search at once, beside sampled requests), and a new beam is
 a fork of its parent that shares the parent's cache blocks (copy-on-write, lmforge.infer.blocks).
 
-Each round, once every live beam has its next-token log-probabilities, the 2·W best candidates by summed
-log-probability are ranked; those ending in a stop token, or whose text now contains a stop string, join
-the finished set (scored sum / length**alpha) if they rank among the W best, and the W best others become
-the next beams. With early_stopping the search ends as soon as W hypotheses are finished; otherwise once
+Each round, once every live beam has its next-token log-probabilities, the candidates are ranked by summed
+log-probability; those ending in a stop token, or whose text now contains a stop string, join the finished
+set (scored sum / length**alpha) if they rank among the W best, and the W best others become the next beams
+(HF ranks the (1 + stop ids)·W best, which always hold W that do not stop). With early_stopping the search ends as soon as W hypotheses are finished; otherwise once
 no live beam can still beat the worst finished one at its current length. Beams still running when the search
 ends are dropped (they are not hypotheses: they neither stopped nor reached the length limit); at the length
 limit the running beams join the finished set (finish_reason "length"). Log-probabilities are those of
@@ -31,6 +31,18 @@ Hyp = tuple[list[int], list[float], list[dict[int, float]]]
 
 def _norm(score: float, length: int, alpha: float) -> float:
     return score / max(length, 1) ** alpha
+
+
+def _ranked(scores: torch.Tensor, first: int):
+    """(score, flat index) of `scores` from the best down: the `first` best in one topk (HF's (1 + stop ids)·W
+    candidates always hold W that do not stop), the rest, if a round asks for more (stop strings can end any
+    candidate), from one full sort."""
+    top = scores.topk(min(max(first, 2), scores.numel()))
+    yield from zip(top.values.tolist(), top.indices.tolist())
+    if top.indices.numel() < scores.numel():
+        seen = set(top.indices.tolist())
+        values, order = scores.sort(descending=True, stable=True)
+        yield from ((v, i) for v, i in zip(values.tolist(), order.tolist()) if i not in seen)
 
 
 class BeamSearch:
@@ -62,10 +74,9 @@ class BeamSearch:
     def _expand(self, engine, live: list[Sequence]) -> None:
         logp = torch.stack([self.pending.pop(s.seq_id) for s in live])  # (beams, V)
         sums = torch.tensor([sum(self.hyp[s.seq_id][1]) for s in live], device=logp.device)
-        cand = (logp + sums[:, None]).flatten().topk(min(2 * self.W, logp.numel()))
         V, alpha, k = logp.shape[-1], self.params.length_penalty, self.params.logprobs
         nxt = []
-        for rank, (score, flat) in enumerate(zip(cand.values.tolist(), cand.indices.tolist())):
+        for rank, (score, flat) in enumerate(_ranked((logp + sums[:, None]).flatten(), (1 + len(self.eos)) * self.W)):
             b, tok = divmod(flat, V)
             toks, lps, tops = self.hyp[live[b].seq_id]
             lp = float(logp[b, tok])
@@ -80,11 +91,11 @@ class BeamSearch:
             nxt.append((live[b], h))
             if len(nxt) == self.W:
                 break
+        if nxt and len(nxt[0][1][0]) >= self.steps:  # the length limit finishes the running beams (even where
+            self._finish(engine, live, nxt)           # this round filled the finished set: they compete in it)
+            return
         if self._done([h for _, h in nxt]):  # the finished set is final: beams still running are dropped
             self._finish(engine, live, [])
-            return
-        if len(nxt[0][1][0]) >= self.steps:  # the length limit finishes the running beams
-            self._finish(engine, live, nxt)
             return
         for parent, h in nxt:  # fork every survivor before dropping the old beams
             child = engine.fork(parent, len(self.request.seqs))

@@ -93,6 +93,41 @@ def test_beams_equal_transformers_beam_search(tok, tmp_path, seed):
         assert mine == pytest.approx(ref.sequences_scores.tolist(), abs=1e-4)
 
 
+@pytest.mark.parametrize("case", ["length_limit_fills_the_set", "more_stops_than_beams"])
+def test_beam_edge_cases_equal_transformers(case, tmp_path):
+    """length_limit_fills_the_set: early stopping, the W-th finished hypothesis arrives on the last step; the
+    beams reaching the length limit then still compete for the finished set (they were dropped, and a worse
+    one-token hypothesis returned). more_stops_than_beams: four stop ids, three of them among the first step's
+    2·W best candidates; W beams must live on (HF ranks (1 + stop ids)·W candidates; only one lived)."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.infer.detok import IdTokenizer
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.hf import save_pretrained
+    from lmforge.model.transformer import Transformer
+
+    V, seed, std, prompt, W, T, alpha, stops, early = {
+        "length_limit_fills_the_set": (8, 28, 0.6, [7, 6, 3], 3, 3, 0.5, [3], True),
+        "more_stops_than_beams": (6, 110, 0.3, [4, 5, 1, 2, 2, 2, 2], 2, 7, 2.0, [1, 5, 2, 4], False)}[case]
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=2, max_seq_len=64, init_std=std, n_heads=4,
+                                    n_kv_heads=2)).eval()
+    save_pretrained(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    out = LLM(model, IdTokenizer(V)).generate([prompt], SamplingParams(
+        temperature=0, beam_width=W, n=W, max_tokens=T, ignore_eos=True, stop_token_ids=tuple(stops),
+        length_penalty=alpha, early_stopping=early))[0].outputs
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          num_beams=W, num_return_sequences=W, max_new_tokens=T, do_sample=False, eos_token_id=stops,
+                          pad_token_id=stops[0], length_penalty=alpha, early_stopping=early,
+                          return_dict_in_generate=True, output_scores=True)
+    theirs = [s[len(prompt):] for s in ref.sequences.tolist()]
+    theirs = [t[:min(t.index(x) for x in stops if x in t) + 1] if any(x in t for x in stops) else t for t in theirs]
+    assert [o.token_ids for o in out] == theirs
+    assert [o.cumulative_logprob / len(o.token_ids) ** alpha for o in out] == pytest.approx(
+        ref.sequences_scores.tolist(), abs=1e-4)
+
+
 def test_many_beam_requests_at_once_equal_alone(tok):
     """Beam requests share the engine's batch with each other and with sampled requests, under a small
     token budget and block pool: each gets the beams it gets alone."""

@@ -59,7 +59,10 @@ class SamplingParams:
     """token ids that end generation (the tokenizer's end-of-text id is added unless ignore_eos)"""
     ignore_eos: bool = False
     seed: int | None = None
-    """reproducible sampling: the same seed gives the same samples, whatever else is in the batch"""
+    """reproducible sampling: the same seed gives the same samples, whatever else is in the batch. With a
+    drafter (speculative decoding) the draws also depend on how many tokens each round drafts, which the step's
+    room sets (max_num_batched_tokens, max_num_seqs, preemption): the same seed in another batch or engine may
+    then sample other tokens, from the same distribution"""
     logprobs: int | None = None
     """None = no logprobs; k >= 0 = the chosen token's log-probability plus the k most likely ones"""
     logprobs_mode: Literal["raw", "processed"] = "raw"

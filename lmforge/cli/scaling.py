@@ -2,7 +2,8 @@
 
     lmforge scaling sweep [--budgets 3e10 1e11 3e11 --depths 1 2 3 4 --out runs/scaling_sweep]
     lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
-    lmforge scaling flops --depth 12 --tokens 1e9      (6ND and the exact count for a from_depth model)
+    lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, and the exact count for a
+                                                         from_depth model)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _flops(argv: list[str]) -> int:
     cfg = ModelConfig.from_depth(a.depth, vocab_size=a.vocab_size, max_seq_len=a.seq_len)
     n = num_params(cfg)
     print(f"N = {n:,} ({num_params(cfg, exclude_embeddings=True):,} without embeddings)")
-    print(f"6ND         = {flops_6nd(n, a.tokens):.4g} FLOPs")
+    print(f"6ND         = {flops_6nd(n, a.tokens):.4g} FLOPs (N = all {n:,} parameters)")
     print(f"exact count = {flops_per_token(cfg, a.seq_len) * a.tokens:.4g} FLOPs (seq_len {a.seq_len})")
     return 0
 
@@ -60,7 +61,7 @@ def _flops(argv: list[str]) -> int:
 COMMANDS = {
     "sweep": (_sweep, "train a grid of models over FLOP budgets and record final losses"),
     "fit": (_fit, "fit scaling laws to a run table; predict compute-optimal N, D; plots"),
-    "flops": (_flops, "6ND and the exact FLOP count of a model"),
+    "flops": (_flops, "6ND (N = all parameters) and the exact FLOP count of a model"),
 }
 
 

@@ -2,14 +2,17 @@
 
 Two conventions:
   * C = 6 N D (Kaplan et al. 2020, section 2.1): 2 FLOPs per multiply-add per parameter forward, twice
-    that backward, with N the (non-embedding) parameter count and D the training tokens.
+    that backward, with D the training tokens and N the parameter count. Kaplan et al. count non-embedding
+    parameters; lmforge's sweep and `lmforge scaling flops` use the total count, `num_params(cfg)`
+    (embeddings included: 7-72% of it at a CPU sweep's sizes); `flops_6nd` takes whichever N it is given.
   * The exact per-architecture count: 2 FLOPs per multiply-add of every matrix (attention projections,
     MLP, output head) plus the attention scores and their weighted sum, 2 * 2 * H * hd * T per token per
     layer at context T (Kaplan's 2 n_layer n_ctx d_attn forward term, PaLM appendix B), times 3 for
     training. At small widths the head and attention terms make this differ from 6N a lot, which is why
     Chinchilla's Table A4 and this module keep both.
-`dense_flops_per_token` derives the exact count from a ModelConfig alone; `flops_per_token` asks the
-model (`Transformer.flops_per_token`), which also covers MoE/MLA layers.
+`dense_flops_per_token` derives the exact count from a ModelConfig alone (dense decoders only: it refuses
+MoE, MLA and, in training, MTP); `flops_per_token` asks the model (`Transformer.flops_per_token`), which
+covers them all.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ def flops_6nd(n_params: float, tokens: float) -> float:
 
 def dense_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
     """Exact matmul FLOPs per token of a dense decoder (lmforge ModelConfig) at context seq_len."""
+    parts = [part for part, has in (("mlp='moe'", cfg.mlp == "moe"), ("attention='mla'", cfg.attention == "mla"),
+                                    ("mtp heads (training)", cfg.mtp is not None and training)) if has]
+    if parts:
+        raise ConfigError(f"dense_flops_per_token counts dense decoders only, and this config has {', '.join(parts)}; "
+                          "use flops_per_token(cfg, seq_len), the model's own count")
     d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd
     attn_proj = d * h * hd + 2 * d * kv * hd + h * hd * d  # W_q, W_k, W_v, W_o
     mlp = (3 if cfg.is_glu else 2) * d * cfg.ff

@@ -6,8 +6,8 @@ and its tokens D_opt = C / (6 N_opt); power laws N_opt ∝ C^a, D_opt ∝ C^b ar
 
 Approach 2, IsoFLOP profiles: for each fixed budget C, models of several sizes are trained for C/(6N)
 tokens each; a parabola in log N through their final losses has its vertex at N_opt(C). Power laws are
-then fitted to the vertices. A budget whose parabola opens downwards (no minimum) is an error that names
-the budget: the sizes tried do not bracket the optimum.
+then fitted to the vertices. A budget whose parabola opens downwards or is flat (no minimum) is an error
+that names the budget: the sizes tried do not bracket the optimum, or the runs' losses barely differ.
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ def fit_envelope(curves: list[tuple[float, np.ndarray, np.ndarray]], n_points: i
     logc, logl = [], []
     for n, tokens, loss in curves:
         tokens, loss = np.asarray(tokens, dtype=np.float64), np.asarray(loss, dtype=np.float64)
-        if len(tokens) < 2 or (tokens <= 0).any() or (loss <= 0).any():
-            raise FitError(f"curve of N={n:g} needs >= 2 points with tokens > 0 and loss > 0")
+        bad = ~(np.isfinite(tokens) & np.isfinite(loss) & (tokens > 0) & (loss > 0))  # NaN: a diverged evaluation
+        if len(tokens) < 2 or bad.any() or not (np.isfinite(n) and n > 0):
+            at = f"; point {np.argmax(bad)} has tokens={tokens[bad][0]:g}, loss={loss[bad][0]:g}" if bad.any() else ""
+            raise FitError(f"curve of N={n:g} needs N > 0 and >= 2 points with finite tokens > 0 and loss > 0{at}")
         order = np.argsort(tokens)
         logc.append(np.log(6 * n * tokens[order]))
         logl.append(np.log(loss[order]))
@@ -96,7 +98,13 @@ def _vertex(sel: Runs, c: float, extrapolate: bool) -> tuple[float, float, tuple
     """(N_opt, loss at N_opt, parabola) of one budget's IsoFLOP profile, or FitError saying why not."""
     x = np.log(sel.n)
     c2, c1, c0 = np.polyfit(x, sel.loss, 2)
-    if c2 <= 0:
+    # equal losses fit a parabola of rounding noise (c2 ~ ±1e-16) with a vertex anywhere: over the sizes
+    # trained the curvature must change the loss by more than 1e-6 of it
+    if abs(c2) * np.ptp(x) ** 2 <= 1e-6 * sel.loss.mean():
+        raise FitError(f"IsoFLOP budget C={c:.3g}: loss vs log N has no minimum (the parabola is flat: the losses "
+                       f"span only {np.ptp(sel.loss):.3g}); check that these runs trained, or train sizes further "
+                       "apart")
+    if c2 < 0:
         raise FitError(f"IsoFLOP budget C={c:.3g}: loss vs log N has no minimum (parabola opens down); "
                        "train smaller and larger models at this budget so they bracket the optimum")
     x_opt = -c1 / (2 * c2)

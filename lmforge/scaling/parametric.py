@@ -13,8 +13,11 @@ evaluated on the whole grid and L-BFGS runs from the best `n_starts` points, and
 profile: for fixed exponents L is linear in (E, A, B), so on a fine (alpha, beta) grid (steps of 0.02) the
 three are solved by least squares on relative residuals, and the best such points start L-BFGS too (the
 paper grid's best points alone ended in a local optimum for ~8% of noise-free synthetic tables, predicting
-their own points 0.2-4% off); the best converged optimum with positive exponents is kept. FitError when
-no L-BFGS run converged, or none converged to positive exponents.
+their own points 0.2-4% off); the best converged optimum with exponents in (0, 3] is kept (the grid spans
+[0, 2]; beyond 3 a fit chases noise, e.g. beta ~ 30 through 5 runs). FitError when no L-BFGS run converged, or
+none converged to such exponents, and when the data cannot determine the law: fewer runs than 6 (more than
+the 5 parameters), runs of one FLOP budget only (there log D = log(C/6) - log N, so the N and D terms cannot
+be told apart), or a fit whose N or D term is negligible across the table (equal losses).
 
 The compute-optimal allocation under C = 6ND follows in closed form (eq. 4):
     N_opt(C) = G (C/6)^a,  D_opt(C) = G^-1 (C/6)^b,  G = (alpha A / (beta B))^(1/(alpha+beta)),
@@ -31,6 +34,9 @@ import numpy as np
 from lmforge.scaling.powerlaw import FitError
 from lmforge.scaling.table import Runs
 
+MAX_EXPONENT = 3.0
+"""a fitted alpha or beta must lie in (0, MAX_EXPONENT]: a decreasing loss needs positive exponents, and beyond 3
+(the paper's grid spans 0..2) a fit chases noise (5 runs of one budget fitted beta ~ 30, B ~ 1e278)"""
 PAPER_GRID = dict(alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5), e=np.arange(-1, 1.01, 0.5),
                   a=np.arange(0, 25.1, 5), b=np.arange(0, 25.1, 5))
 
@@ -129,14 +135,18 @@ def _profile_points(ln, ld, ly, step: float = 0.02) -> np.ndarray:
 
 def fit_parametric(runs: Runs, delta: float = 1e-3, n_starts: int = 8, grid: dict | None = None,
                    gtol: float = 1e-10) -> ParametricFit:
-    """Chinchilla approach 3 on a run table (at least 5 runs with several N and D)."""
+    """Chinchilla approach 3 on a run table (at least 6 runs, of several N and D and at least 2 budgets)."""
     from scipy.optimize import minimize
 
-    if len(runs) < 5:  # a FitError: the report skips this approach (with the reason) and keeps the others
-        raise FitError(f"the parametric L(N, D) fit (approach 3) needs at least 5 runs, got {len(runs)}; train more "
-                       "models first")
+    if len(runs) <= 5:  # a FitError: the report skips this approach (with the reason) and keeps the others
+        raise FitError(f"the parametric L(N, D) fit (approach 3) needs more runs than its 5 parameters (at least 6), "
+                       f"got {len(runs)}; train more models first")
     if len(np.unique(runs.n)) < 2 or len(np.unique(runs.d)) < 2:
         raise FitError("approach 3 needs runs at several model sizes N and several token counts D")
+    if len(np.unique(runs.budget)) < 2:
+        raise FitError(f"approach 3 needs runs at 2 or more FLOP budgets, got one (C={runs.budget[0]:.3g}): at one "
+                       "budget log D = log(C/6) - log N, so the N and D terms cannot be told apart; train another "
+                       "budget")
     ln, ld, ly = np.log(runs.n), np.log(runs.d), np.log(runs.loss)
     pts, vals = _grid_values(grid or PAPER_GRID, ln, ld, ly, delta)
     profile = _profile_points(ln, ld, ly)
@@ -149,16 +159,23 @@ def fit_parametric(runs: Runs, delta: float = 1e-3, n_starts: int = 8, grid: dic
         converged = res.success or np.abs(res.jac).max() < 1e-7
         if not converged:
             failures.append(res.message)
-        elif min(res.x[3:]) <= 0:  # a decreasing loss needs positive exponents: such an optimum is not a law
+        elif not 0 < min(res.x[3:]) <= max(res.x[3:]) <= MAX_EXPONENT:  # not a law (see MAX_EXPONENT)
             rejected = res if rejected is None or res.fun < rejected.fun else rejected
         elif best is None or res.fun < best.fun:
             best = res
     if best is None and rejected is not None:
-        raise FitError(f"approach 3: fitted exponents must be > 0, got alpha={rejected.x[3]:.3g}, "
-                       f"beta={rejected.x[4]:.3g}; the runs do not span enough N and D")
+        raise FitError(f"approach 3: fitted exponents must lie in (0, {MAX_EXPONENT:g}], got "
+                       f"alpha={rejected.x[3]:.3g}, beta={rejected.x[4]:.3g}; the runs do not span enough N and D")
     if best is None:
         raise FitError(f"approach 3: L-BFGS did not converge from any of {len(starts)} starts "
                        f"(last message: {failures[-1] if failures else 'none'})")
     a, b, e, alpha, beta = best.x
-    return ParametricFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
-                         beta=float(beta), objective=float(best.fun), n_runs=len(runs))
+    fit = ParametricFit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
+                        beta=float(beta), objective=float(best.fun), n_runs=len(runs))
+    # equal losses fit E alone, with A, B ~ 1e-8: exponents (and so N_opt) that nothing in the data decides
+    for var, name, term in (("N", "A/N^alpha", fit.A / runs.n**fit.alpha), ("D", "B/D^beta", fit.B / runs.d**fit.beta)):
+        if np.ptp(term) <= 1e-6 * runs.loss.mean():
+            raise FitError(f"approach 3: the fitted {name} varies by only {np.ptp(term):.3g} across the runs "
+                           f"(losses {runs.loss.min():.4g}..{runs.loss.max():.4g}): the losses do not depend on "
+                           f"{var}, so N_opt and D_opt are undetermined; check that the runs trained")
+    return fit

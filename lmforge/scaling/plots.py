@@ -15,6 +15,7 @@ from lmforge.errors import require
 from lmforge.scaling.isoflop import Frontier
 from lmforge.scaling.parametric import ParametricFit
 from lmforge.scaling.table import Runs
+from lmforge.utils import atomic_path
 
 
 def _plt():
@@ -26,11 +27,14 @@ def _plt():
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write `fig` to `path` atomically (a reader never sees half a figure) and close it, written or not."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:  # the temporary name ends in .tmp: the format comes from `path`
+            fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")
+    finally:
+        _plt().close(fig)
     return path
 
 

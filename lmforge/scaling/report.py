@@ -1,12 +1,14 @@
 """`lmforge scaling fit`: every fit the table allows, predictions for chosen budgets, plots, one JSON.
 
-Fits that the data cannot support (e.g. approach 2 without 3 sizes per budget) are reported as skipped
-with their reason; a fit that runs but does not converge raises, as everywhere in lmforge.scaling.
+Fits that the data cannot support (e.g. approach 2 without 3 sizes per budget, approach 3 on one budget or on
+equal losses) are reported as skipped with their reason; a fit that runs but does not converge raises, as
+everywhere in lmforge.scaling.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from lmforge.scaling.inference import inference_aware_optimum
 from lmforge.scaling.isoflop import fit_envelope, fit_isoflop
 from lmforge.scaling.parametric import fit_parametric
 from lmforge.scaling.powerlaw import FitError, fit_power_law
-from lmforge.scaling.table import Runs, load_runs
+from lmforge.scaling.table import Runs, load_curves, load_runs
 from lmforge.utils import atomic_path
 
 
@@ -44,9 +46,13 @@ class FitConfig:
     recorded under approach2.dropped)"""
 
     def __post_init__(self) -> None:
-        check(all(c > 0 for c in self.predict), f"predict budgets must be > 0, got {self.predict}")
+        check(all(math.isfinite(c) and c > 0 for c in self.predict),
+              f"predict budgets must be finite and > 0, got {self.predict}")
         check(self.bootstrap >= 0, f"bootstrap must be >= 0, got {self.bootstrap}")
-        check(self.inference_tokens >= 0, f"inference_tokens must be >= 0, got {self.inference_tokens}")
+        check(math.isfinite(self.inference_tokens) and self.inference_tokens >= 0,
+              f"inference_tokens must be finite and >= 0, got {self.inference_tokens}")
+        check(len(self.predict) >= 1 or not self.inference_tokens,
+              "inference_tokens needs a predict budget (its target is the loss at the largest): pass --predict")
 
 
 def _try(report: dict, key: str, fn):
@@ -83,8 +89,7 @@ def run_fits(cfg: FitConfig) -> dict:
     curves_path = Path(cfg.curves) if cfg.curves else Path(cfg.table).with_name("curves.json")
     env = None
     if curves_path.is_file():
-        curves = [(c["N"], [t for t, _ in c["curve"]], [l for _, l in c["curve"]])
-                  for c in json.loads(curves_path.read_text()) if len(c["curve"]) >= 2]
+        curves = load_curves(curves_path)
         env = _try(report, "approach1", lambda: fit_envelope(curves))
     preds = {}
     for name, fit in (("approach1", env), ("approach2", iso), ("approach3", par)):
@@ -105,7 +110,7 @@ def run_fits(cfg: FitConfig) -> dict:
                 runs, lambda r: {k: v for k, v in fit_parametric(r, n_starts=2).as_dict().items()
                                  if k in ("E", "alpha", "beta", "a")}, n=min(cfg.bootstrap, 50), by_budget=False))
     if par is not None and cfg.inference_tokens:
-        target = preds["approach3"][-1]["loss"]
+        target = max(preds["approach3"], key=lambda p: p["C"])["loss"]
         opt = _try(report, "inference", lambda: inference_aware_optimum(par, target, cfg.inference_tokens))
         if opt is not None:
             report["inference_aware"] = {"target_loss": target, "N": opt.n, "D_train": opt.d_train,
@@ -125,7 +130,8 @@ def write_report(cfg: FitConfig, report: dict) -> Path:
             report["plots"] = [str(isoflop_plot(runs, iso, out / "isoflop.png")),
                                str(frontier_plot(iso, out / "frontier.png", par))]
         if par is not None:
-            report.setdefault("plots", []).append(str(predicted_vs_observed(runs, par, out / "predicted_vs_observed.png")))
+            report.setdefault("plots", []).append(
+                str(predicted_vs_observed(runs, par, out / "predicted_vs_observed.png")))
     path = out / "fit.json"
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=1, default=float))

@@ -5,26 +5,33 @@ gets D = C / (6 N) tokens, i.e. steps = D / tokens_per_step; (C, d) pairs that w
 `min_steps` or more than `max_steps` steps are left out of the plan. Each run is an ordinary trainer run
 (`lmforge.train.trainer.train`) in its own directory; the table (N, D, C, C_exact, budget, loss, ...) goes
 to runs.csv and runs.json, and the evaluation curves to curves.json for Chinchilla's approach 1.
-A finished run leaves result.json in its directory, so re-running a sweep only trains what is missing.
+N is the model's total parameter count (embeddings and head included: `num_params`), in the plan and in 6ND.
+A finished run leaves result.json in its directory (C<budget>_d<depth>, the budget in its shortest exact
+form), so re-running a sweep only trains what is missing; a result.json recorded for another plan or other
+settings (a changed width, seq_len, lr, data, ...: RUN_SETTINGS) is refused, naming its directory, as the
+trainer refuses a checkpoint of another model.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lmforge.config import check
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.scaling.flops import flops_per_token, num_params
+from lmforge.scaling.table import read_json
 from lmforge.utils import write_json_atomic
 
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     budgets: tuple[float, ...] = (3e10, 1e11, 3e11, 1e12)
-    """training FLOP budgets C (6ND convention)"""
+    """training FLOP budgets C (6ND convention, N = all parameters, embeddings included)"""
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     width: int = 16
     """width per layer of depth: d_model = width·depth, heads of `width` (nanochat's dial uses 64; 16 gives
@@ -51,15 +58,23 @@ class SweepConfig:
     """print the plan (N, D, steps per run) and stop"""
 
     def __post_init__(self) -> None:
-        check(len(self.budgets) >= 1 and all(b > 0 for b in self.budgets), f"budgets must be > 0, got {self.budgets}")
+        check(len(self.budgets) >= 1 and all(math.isfinite(b) and b > 0 for b in self.budgets),
+              f"budgets must be finite and > 0, got {self.budgets}")
         check(len(self.depths) >= 1 and all(d >= 1 for d in self.depths), f"depths must be >= 1, got {self.depths}")
-        check(0 < self.min_steps <= self.max_steps, f"need 0 < min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        check(0 < self.min_steps <= self.max_steps,
+              f"need 0 < min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         check(self.width >= 2 and self.width % 2 == 0, f"width must be even and >= 2, got {self.width}")
         check(self.evals >= 1, f"evals must be >= 1, got {self.evals}")
 
     @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size
+
+
+RUN_SETTINGS = ("width", "seq_len", "batch_size", "lr", "optimizer", "warmup_frac", "evals", "eval_batches", "data",
+                "seed")
+"""the SweepConfig fields that decide a run's result besides its row of the plan (budget, depth, N, steps, D);
+result.json records them, and a finished run is reused only when they and its row match"""
 
 
 def _model_cfg(cfg: SweepConfig, depth: int):
@@ -118,6 +133,30 @@ def _train_cfg(cfg: SweepConfig, run: dict, shards: tuple[str, str], run_dir: Pa
         plot=False, resume=True)  # a sweep killed mid-way continues its runs
 
 
+def _run_dir(cfg: SweepConfig, run: dict) -> Path:
+    # the budget's shortest exact form (2e+08, 2.4e+08): named to one digit, 2e8 and 2.4e8 shared a directory
+    return Path(cfg.out) / f"C{np.format_float_scientific(float(run['budget']), trim='-')}_d{run['depth']}"
+
+
+def _finished(done: Path, run: dict, settings: dict) -> dict | None:
+    """The record in result.json `done` when the run was trained, for this row of the plan with these settings
+    (None when not trained yet); a record of another run is refused: reusing it would put that run in the table."""
+    if not done.is_file():
+        return None
+    rec = read_json(done, "a finished sweep run's record (an object)")
+    if not isinstance(rec, dict):
+        raise DataError(f"{done} is not a sweep run's record (an object); remove {done.parent} to train it again")
+    # a record written before settings were recorded (2026-12-05) is checked by its row of the plan alone
+    settings = settings if "settings" in rec else {}
+    was = {k: rec.get(k) for k in run} | {k: rec["settings"].get(k) for k in settings}
+    diff = [f"{k} {was[k]!r} -> {v!r}" for k, v in (run | settings).items() if was[k] != v]
+    if diff:
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise ConfigError(f"{done} records another run than this sweep plans ({', '.join(diff[:4])}{more}): sweep "
+                          f"into a new --out, or remove {done.parent} to train it again")
+    return rec
+
+
 def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
     """Train every planned run (reusing finished ones); returns (table rows, curves)."""
     import torch
@@ -126,24 +165,25 @@ def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
+    runs = plan(cfg)
+    found = [_finished(_run_dir(cfg, r) / "result.json", r, settings) for r in runs]  # refused before any work
     shards = _write_shards(cfg)
     rows, curves = [], []
-    for run in plan(cfg):
-        run_dir = Path(cfg.out) / f"C{run['budget']:.0e}_d{run['depth']}"
-        done = run_dir / "result.json"
-        if done.is_file():
-            rec = json.loads(done.read_text())
-        else:
+    for run, rec in zip(runs, found):
+        run_dir = _run_dir(cfg, run)
+        if rec is None:
             res = train(_train_cfg(cfg, run, shards, run_dir))
             evals = [(h["tokens"], h["val_loss"]) for h in res.history if "val_loss" in h and h.get("tokens")]
             rec = {**run, "loss": res.final_val_loss, "wall_time": res.wall_time,
                    "C": 6.0 * run["N"] * run["D"],
                    "C_exact": flops_per_token(_model_cfg(cfg, run["depth"]), cfg.seq_len) * run["D"],
-                   "curve": evals}
-            write_json_atomic(done, rec)  # a half-written record would stop the sweep's resume
+                   "curve": evals, "settings": settings}
+            write_json_atomic(run_dir / "result.json", rec)  # a half-written record would stop the sweep's resume
         log(f"C={run['budget']:.1e} depth={run['depth']} N={run['N']:,} steps={run['steps']}: "
             f"val loss {rec['loss']:.4f} ({rec['wall_time']:.0f}s)")
         curves.append({"N": rec["N"], "curve": rec.pop("curve")})
+        rec.pop("settings", None)  # the table holds one row of numbers per run
         rows.append(rec)
     return rows, curves
 

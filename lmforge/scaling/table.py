@@ -1,4 +1,5 @@
-"""The table of runs that sweeps write and fits read: one row per trained model.
+"""The table of runs that sweeps write and fits read: one row per trained model (and their training curves,
+curves.json, for approach 1).
 
 Columns: N (parameters), D (training tokens), loss (final validation loss); optional C (training FLOPs,
 6ND when absent) and budget (the FLOP budget a run was planned for, which groups IsoFLOP curves; C to 9
@@ -68,17 +69,45 @@ def runs_from_rows(rows: Iterable[dict[str, Any]]) -> Runs:
     return Runs(n, d, loss, c, budget)
 
 
+def read_json(path: str | Path, form: str) -> Any:
+    """The parsed JSON file at `path`, or a DataError naming it and `form`, what it should hold."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:  # JSONDecodeError (a truncated file), or bytes that are not UTF-8
+        raise DataError(f"{path} is not valid JSON ({e}); it should hold {form}") from e
+
+
 def load_runs(path: str | Path) -> Runs:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"run table not found: {path}")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        rows = data["runs"] if isinstance(data, dict) else data
+        form = 'a list of run objects ({"N": ..., "D": ..., "loss": ...}) or {"runs": [...]}'
+        data = read_json(path, form)
+        rows = data.get("runs") if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path} is not a run table: it should hold {form}")
     else:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     return runs_from_rows(rows)
+
+
+def load_curves(path: str | Path) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """Training curves for approach 1 from curves.json (written by the sweep): (N, tokens, loss) per run that
+    has at least 2 evaluations."""
+    form = 'a list of {"N": parameters, "curve": [[tokens, loss], ...]} (one per run)'
+    curves = []
+    try:
+        for c in read_json(path, form):
+            n, pts = float(c["N"]), np.array(c["curve"], dtype=np.float64)  # (evaluations, 2)
+            if len(pts) and pts.shape[1:] != (2,):
+                raise ValueError(f"curve of shape {pts.shape}")
+            if len(pts) >= 2:
+                curves.append((n, pts[:, 0], pts[:, 1]))
+    except (TypeError, KeyError, IndexError, ValueError) as e:
+        raise DataError(f"{path} is not a curves file ({type(e).__name__}: {e}); it should hold {form}") from e
+    return curves
 
 
 def write_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:

@@ -67,8 +67,109 @@ def test_sweep_names_the_points_it_leaves_out_and_a_fit_of_few_runs_skips_approa
     main_sweep(SweepConfig(budgets=(1e10,), depths=(1, 6), min_steps=50, out=str(tmp_path / "d"), dry_run=True))
     err = capsys.readouterr().err
     assert "left out: C=1.0e+10 depth=6" in err and "< min_steps=50 (budget too small for this model)" in err
-    table = write_rows(_isoflop_rows()[:4], tmp_path / "runs.csv")
+    table = write_rows(_isoflop_rows()[:5], tmp_path / "runs.csv")
     from lmforge.scaling.report import FitConfig
 
     report = run_fits(FitConfig(table=str(table), bootstrap=0))
-    assert "approach 3) needs at least 5 runs, got 4" in report["skipped"]["approach3"] and "kaplan" in report
+    # 5 runs for 5 parameters: an interpolation (it fitted beta ~ 30), skipped with the reason
+    assert "more runs than its 5 parameters (at least 6), got 5" in report["skipped"]["approach3"]
+    assert "kaplan" in report and "approach3" not in report
+
+
+def test_sweep_names_each_budget_exactly_and_refuses_a_record_of_another_run(tmp_path):
+    """Run directories were named by the budget to one digit: 2e8 and 2.4e8 shared one, and the second budget's
+    row was the first's record. A record trained with other settings (a width, an lr) was reused silently; it is
+    refused, naming the directory and what differs, before anything trains."""
+    pytest.importorskip("lmforge.train.trainer")
+    from lmforge.errors import ConfigError
+    from lmforge.scaling.sweep import main_sweep
+
+    out = tmp_path / "sw"
+    base = dict(depths=(1,), min_steps=3, seq_len=16, batch_size=4, evals=2, eval_batches=1, out=str(out))
+    rows = main_sweep(SweepConfig(budgets=(2e8, 2.4e8), width=8, **base))
+    assert [r["budget"] for r in rows] == [2e8, 2.4e8] and rows[0]["D"] < rows[1]["D"]
+    assert sorted(p.name for p in out.glob("C*")) == ["C2.4e+08_d1", "C2e+08_d1"]
+    assert "settings" not in rows[0] and json.loads((out / "C2e+08_d1" / "result.json").read_text())["settings"][
+        "width"] == 8
+    with pytest.raises(ConfigError, match=r"C2e\+08_d1/result.json records another run than this sweep plans "
+                                          r"\(N \d+ -> \d+, steps \d+ -> \d+, D \d+ -> \d+, width 8 -> 12\): sweep "
+                                          r"into a new --out, or remove .*C2e\+08_d1 to train it again"):
+        main_sweep(SweepConfig(budgets=(3e8, 2e8), width=12, **base))
+    assert not (out / "C3e+08_d1").exists()  # refused before the new budget trained
+    with pytest.raises(ConfigError, match=r"\(lr 0.003 -> 0.001\)"):
+        main_sweep(SweepConfig(budgets=(2e8,), width=8, lr=1e-3, **base))
+    # a record written before settings were recorded is reused when its row of the plan matches
+    done = out / "C2e+08_d1" / "result.json"
+    rec = json.loads(done.read_text())
+    done.write_text(json.dumps({k: v for k, v in rec.items() if k != "settings"} | {"loss": 9.5}))
+    assert main_sweep(SweepConfig(budgets=(2e8,), width=8, lr=1e-3, **base))[0]["loss"] == 9.5
+
+
+@pytest.mark.parametrize("name, text", [("wrongkey.json", '{"rows": []}'), ("broken.json", '[{"N": 1,'),
+                                        ("scalar.json", "5"), ("string.json", '{"runs": "x"}'),
+                                        ("lists.json", "[[1e6, 1e9, 3.0]]")])
+def test_fit_names_a_malformed_json_table_and_the_form_it_should_hold(tmp_path, capsys, name, text):
+    from lmforge.cli import main
+
+    (tmp_path / name).write_text(text)
+    assert main(["scaling", "fit", "--table", str(tmp_path / name), "--bootstrap", "0", "--plots", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{tmp_path / name} is not" in err
+    assert 'it should hold a list of run objects ({"N": ..., "D": ..., "loss": ...}) or {"runs": [...]}' in err
+
+
+def test_fit_names_a_malformed_curves_json(tmp_path):
+    from lmforge.errors import DataError
+    from lmforge.scaling.report import FitConfig, run_fits
+
+    table = write_rows(_isoflop_rows()[:5], tmp_path / "runs.csv")
+    (tmp_path / "curves.json").write_text('{"curves": []}')  # picked up beside the table
+    with pytest.raises(DataError, match=r"curves.json is not a curves file .* it should hold a list of "):
+        run_fits(FitConfig(table=str(table), bootstrap=0))
+
+
+def test_infinite_budgets_are_refused(capsys):
+    from lmforge.cli import main
+    from lmforge.errors import ConfigError
+    from lmforge.scaling.report import FitConfig
+
+    with pytest.raises(SystemExit):  # the parser's error box; this was an OverflowError traceback
+        main(["scaling", "sweep", "--budgets", "inf", "--dry_run", "true"])
+    assert "budgets must be finite and > 0, got (inf,)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"predict budgets must be finite and > 0, got \(1e\+21, inf\)"):
+        FitConfig(predict=(1e21, float("inf")))  # wrote Infinity (not JSON) into fit.json
+    with pytest.raises(ConfigError, match="inference_tokens must be finite and >= 0, got inf"):
+        FitConfig(inference_tokens=float("inf"))
+    with pytest.raises(ConfigError, match="inference_tokens needs a predict budget"):
+        FitConfig(predict=(), inference_tokens=1e12)
+
+
+def test_inference_target_is_the_loss_of_the_largest_predict_budget(tmp_path):
+    from lmforge.scaling.report import FitConfig, run_fits
+
+    table = write_rows(_isoflop_rows(), tmp_path / "runs.csv")
+    reports = [run_fits(FitConfig(table=str(table), predict=p, bootstrap=0, inference_tokens=1e12))
+               for p in ((1e21, 1e22), (1e22, 1e21))]  # the second took the last budget's, 1e21's, loss
+    for r in reports:
+        at_largest = next(p["loss"] for p in r["predictions"]["approach3"] if p["C"] == 1e22)
+        assert r["inference_aware"]["target_loss"] == at_largest
+    assert reports[1]["inference_aware"]["N"] == pytest.approx(reports[0]["inference_aware"]["N"], rel=1e-9)
+
+
+@pytest.mark.parametrize("what", ["one budget", "equal losses"])
+def test_fit_skips_approaches_the_table_cannot_determine(tmp_path, what):
+    """One IsoFLOP budget (log D = log(C/6) - log N) gave approach 3 parameters far from the truth; equal losses
+    gave both approaches 2 and 3 a frontier fitted to rounding noise. Both are skipped with the reason."""
+    from lmforge.scaling.report import FitConfig, run_fits
+
+    rows = ([r for r in _isoflop_rows() if r["budget"] == 1e20] if what == "one budget"
+            else [dict(r, loss=3.0) for r in _isoflop_rows()])
+    report = run_fits(FitConfig(table=str(write_rows(rows, tmp_path / "runs.csv")), bootstrap=0))
+    assert report["predictions"] == {} and "approach2" not in report and "approach3" not in report
+    skipped = report["skipped"]
+    if what == "one budget":
+        assert "approach 3 needs runs at 2 or more FLOP budgets, got one (C=1e+20)" in skipped["approach3"]
+        assert "approach 2 needs at least 2 budgets" in skipped["approach2"]
+    else:
+        assert "the losses do not depend on N, so N_opt and D_opt are undetermined" in skipped["approach3"]
+        assert "the parabola is flat: the losses span only 0" in skipped["approach2"]

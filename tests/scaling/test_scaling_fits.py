@@ -15,7 +15,7 @@ from lmforge.scaling.inference import inference_aware_optimum
 from lmforge.scaling.isoflop import fit_envelope, fit_isoflop
 from lmforge.scaling.parametric import ParametricFit, fit_parametric
 from lmforge.scaling.powerlaw import FitError, fit_power_law
-from lmforge.scaling.table import load_runs, runs_from_rows, write_rows
+from lmforge.scaling.table import load_curves, load_runs, runs_from_rows, write_rows
 
 TRUE = ParametricFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, objective=0.0, n_runs=0)
 A_TRUE = TRUE.beta / (TRUE.alpha + TRUE.beta)  # 0.4516
@@ -161,8 +161,8 @@ def test_errors_are_clear(tmp_path):
         runs_from_rows([{"N": 1.0, "loss": 2.0}])
     with pytest.raises(DataError, match="'loss' must be finite and > 0"):
         runs_from_rows(rows[:3] + [dict(rows[3], loss=-1.0)])
-    with pytest.raises(LmforgeError, match="at least 5 runs"):
-        fit_parametric(runs_from_rows(rows[:4]))
+    with pytest.raises(LmforgeError, match=r"at least 6\), got 5"):
+        fit_parametric(runs_from_rows(rows[:5]))
     upside_down = [dict(r, loss=10 - r["loss"]) for r in rows]
     with pytest.raises(FitError, match="no minimum"):
         fit_isoflop(runs_from_rows(upside_down))
@@ -211,3 +211,78 @@ def test_plots_write_png(tmp_path):
              predicted_vs_observed(runs, TRUE, tmp_path / "pvo.png")]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_approach3_refuses_tables_that_cannot_determine_the_law():
+    """Each of these 'fitted': one budget gave alpha, beta and N_opt far from the truth; a law with beta = 4 (a
+    few runs chased by noise gave beta ~ 30, B ~ 1e278) was reported as found; equal losses gave A, B ~ 1e-8."""
+    rows = _isoflop_rows()
+    with pytest.raises(FitError, match=r"2 or more FLOP budgets, got one \(C=1e\+20\).*cannot be told apart"):
+        fit_parametric(runs_from_rows([r for r in rows if r["budget"] == 1e20]))
+    steep = ParametricFit(E=1.0, A=2.0, B=50.0, alpha=0.5, beta=4.0, objective=0.0, n_runs=0)
+    grid = [(n * c / 600, c) for c in (6e2, 6e3, 6e4) for n in np.logspace(0, 2, 5)]
+    steep_rows = [dict(N=n, D=c / (6 * n), loss=float(steep.predict(n, c / (6 * n))), budget=c) for n, c in grid]
+    with pytest.raises(FitError, match=r"exponents must lie in \(0, 3\], got alpha=0.5, beta=4;"):
+        fit_parametric(runs_from_rows(steep_rows))
+    with pytest.raises(FitError, match=r"A/N\^alpha varies by only .* the losses do not depend on N, so"):
+        fit_parametric(runs_from_rows([dict(r, loss=3.0) for r in rows]))
+
+
+def test_approach2_refuses_a_flat_profile():
+    """Equal losses fit a parabola of rounding noise (c2 ~ 3e-16 > 0) whose vertex fell anywhere."""
+    with pytest.raises(FitError, match=r"C=1e\+18: loss vs log N has no minimum \(the parabola is flat: the losses "
+                                       r"span only 0\); check that these runs trained"):
+        fit_isoflop(runs_from_rows([dict(r, loss=3.0) for r in _isoflop_rows()]))
+    scaled = fit_isoflop(runs_from_rows([dict(r, loss=1e-3 * r["loss"]) for r in _isoflop_rows()]))
+    assert scaled.a == pytest.approx(fit_isoflop(runs_from_rows(_isoflop_rows())).a, rel=1e-9)  # scale-free
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_approach1_refuses_a_non_finite_point(bad):
+    """A NaN evaluation (json round-trips it through curves.json) moved the frontier's exponent, silently."""
+    tokens = np.logspace(8, 11, 20)
+    curves = [(n, tokens, TRUE.predict(n, tokens)) for n in (1e7, 3e7, 1e8)]
+    loss = curves[2][2].copy()
+    loss[10] = bad
+    with pytest.raises(FitError, match=rf"curve of N=1e\+08 .* finite .*; point 10 has tokens=3.79269e\+09, "
+                                       rf"loss={bad}"):
+        fit_envelope(curves[:2] + [(1e8, tokens, loss)])
+
+
+def test_load_curves(tmp_path):
+    path = tmp_path / "curves.json"
+    path.write_text('[{"N": 1e7, "curve": [[1e8, 3.0], [2e8, 2.5]]}, {"N": 2e7, "curve": [[1e8, 2.9]]}]')
+    (n, tokens, loss), = load_curves(path)  # a run evaluated once has no curve
+    assert n == 1e7 and tokens.tolist() == [1e8, 2e8] and loss.tolist() == [3.0, 2.5]
+    for text in ('{"curves": []}', '[{"N": 1e7}]', '[{"N": 1e7, "curve": [[1e8, 3.0], [2e8]]}]',
+                 '[{"N": 1e7, "curve": [1e8, 3.0]}]', '[{"N": "big", "curve": []}]', '[{"N": 1e7, "curve": [[1e8, '):
+        path.write_text(text)
+        with pytest.raises(DataError, match=rf"{path} is not .*it should hold a list of \{{\"N\": parameters, "
+                                            r"\"curve\": \[\[tokens, loss\], ...\]\} \(one per run\)$"):
+            load_curves(path)
+
+
+def test_a_failed_plot_leaves_no_file_and_no_open_figure(tmp_path, monkeypatch):
+    """Figures were written in place (a reader could see half of one) and left open when savefig raised."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from lmforge.scaling.plots import isoflop_plot
+
+    runs = runs_from_rows(_isoflop_rows())
+    fr = fit_isoflop(runs)
+
+    def disk_full(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half a figure")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    open_before = plt.get_fignums()
+    with pytest.raises(OSError, match="disk full"):
+        isoflop_plot(runs, fr, tmp_path / "iso.png")
+    assert plt.get_fignums() == open_before and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    path = isoflop_plot(runs, fr, tmp_path / "iso.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and list(tmp_path.iterdir()) == [path]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import PRESETS, ModelConfig, MTPConfig
 from lmforge.errors import ConfigError
 from lmforge.scaling.flops import dense_flops_per_token, flops_6nd, flops_per_token, num_params, tokens_for_budget
 
@@ -31,3 +31,21 @@ def test_6nd_and_budget_tokens():
     assert tokens_for_budget(1.2e20, 1e9) == pytest.approx(2e10)
     with pytest.raises(ConfigError, match="positive"):
         flops_6nd(0, 1)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_dense_count_refuses_what_it_does_not_count(name):
+    """The config-only count covers dense decoders; for MoE and MLA it returned a dense count silently."""
+    cfg = ModelConfig.preset(name)
+    if cfg.mlp == "dense" and cfg.attention == "mha" and cfg.mtp is None:
+        assert dense_flops_per_token(cfg, 128) == flops_per_token(cfg, 128)
+    else:
+        with pytest.raises(ConfigError, match=r"dense decoders only.*use flops_per_token\(cfg, seq_len\)"):
+            dense_flops_per_token(cfg, 128)
+
+
+def test_dense_count_refuses_mtp_in_training_only():
+    cfg = ModelConfig.preset("llama-tiny", mtp=MTPConfig(depth=2))
+    with pytest.raises(ConfigError, match=r"has mtp heads \(training\); use flops_per_token"):
+        dense_flops_per_token(cfg, 128)
+    assert dense_flops_per_token(cfg, 128, training=False) == flops_per_token(cfg, 128, training=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config import check
+from lmforge.errors import DataError
 from lmforge.scaling.bootstrap import bootstrap
 from lmforge.scaling.inference import inference_aware_optimum
 from lmforge.scaling.isoflop import fit_envelope, fit_isoflop
@@ -87,6 +88,9 @@ def run_fits(cfg: FitConfig) -> dict:
     iso = _try(report, "approach2", lambda: _iso(runs, cfg))
     par = _try(report, "approach3", lambda: fit_parametric(runs))
     curves_path = Path(cfg.curves) if cfg.curves else Path(cfg.table).with_name("curves.json")
+    if cfg.curves and not curves_path.is_file():
+        raise DataError(f"curves file not found: {curves_path} (--curves; leave it out to use curves.json beside "
+                        "the table, if any)")
     env = None
     if curves_path.is_file():
         curves = load_curves(curves_path)

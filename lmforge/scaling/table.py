@@ -88,7 +88,7 @@ def load_runs(path: str | Path) -> Runs:
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path} is not a run table: it should hold {form}")
     else:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is no column
             rows = list(csv.DictReader(f))
     return runs_from_rows(rows)
 

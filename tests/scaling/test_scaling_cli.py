@@ -173,3 +173,18 @@ def test_fit_skips_approaches_the_table_cannot_determine(tmp_path, what):
     else:
         assert "the losses do not depend on N, so N_opt and D_opt are undetermined" in skipped["approach3"]
         assert "the parabola is flat: the losses span only 0" in skipped["approach2"]
+
+
+def test_a_bom_csv_table_reads_and_a_missing_curves_file_is_named(tmp_path):
+    """A spreadsheet's UTF-8 byte-order mark read as part of the first column's name ("lacks column(s) ['N']");
+    an explicit --curves path that does not exist was ignored (approach 1 silently left out)."""
+    from lmforge.errors import DataError
+    from lmforge.scaling.report import FitConfig, run_fits
+    from lmforge.scaling.table import load_runs
+
+    table = write_rows(_isoflop_rows(), tmp_path / "runs.csv")
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
+    assert load_runs(bom).n.tolist() == load_runs(table).n.tolist()
+    with pytest.raises(DataError, match=r"curves file not found: .*nope.json \(--curves; leave it out"):
+        run_fits(FitConfig(table=str(table), curves=str(tmp_path / "nope.json"), bootstrap=0))

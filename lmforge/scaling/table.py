@@ -80,7 +80,9 @@ def read_json(path: str | Path, form: str) -> Any:
 def load_runs(path: str | Path) -> Runs:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"run table not found: {path}")
+        inside = f": give {path / 'runs.csv'}" if (path / "runs.csv").is_file() else ""
+        raise DataError(f"run table {path} is a directory, not a .csv or .json file{inside}" if path.is_dir()
+                        else f"run table not found: {path}")
     if path.suffix == ".json":
         form = 'a list of run objects ({"N": ..., "D": ..., "loss": ...}) or {"runs": [...]}'
         data = read_json(path, form)

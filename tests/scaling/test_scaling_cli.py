@@ -186,5 +186,7 @@ def test_a_bom_csv_table_reads_and_a_missing_curves_file_is_named(tmp_path):
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
     assert load_runs(bom).n.tolist() == load_runs(table).n.tolist()
+    with pytest.raises(DataError, match=r"run table .* is a directory, not a .csv or .json file: give .*runs.csv$"):
+        load_runs(tmp_path)  # a directory: it said "not found"
     with pytest.raises(DataError, match=r"curves file not found: .*nope.json \(--curves; leave it out"):
         run_fits(FitConfig(table=str(table), curves=str(tmp_path / "nope.json"), bootstrap=0))

@@ -8,6 +8,7 @@ bits-per-byte, then sample from the trained model.
 
 from __future__ import annotations
 
+import math
 import shutil
 import sysconfig
 import time
@@ -15,6 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import check, coerce_fields
+from lmforge.errors import ConfigError
+
+MARKER = ".lmforge-demo"
+"""the file that marks a directory as the demo's own: only such a directory (or an empty one) is cleared for a
+re-run, so `--out` pointed at a training run by mistake is refused instead of losing its checkpoints"""
+VAL_FRACTION = 0.05
+PROMPTS = ("def ", "class ")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +42,7 @@ class DemoConfig:
     lr: float = 3e-3
     device: str = "auto"
     samples: int = 2
+    """samples printed at the end, prompted in turn by "def " and "class " (0: none)"""
     seed: int = 1337
 
     def __post_init__(self) -> None:
@@ -41,6 +50,7 @@ class DemoConfig:
         check(self.corpus_mb > 0, f"corpus_mb must be > 0, got {self.corpus_mb}")
         check(self.tokenizer in ("bpe", "byte"), f"tokenizer must be 'bpe' or 'byte', got {self.tokenizer!r}")
         check(self.steps > 0 and self.depth > 0, "steps and depth must be > 0")
+        check(self.samples >= 0, f"--samples must be >= 0 (0 prints none), got {self.samples}")
 
 
 def stdlib_corpus(max_bytes: int) -> list[str]:
@@ -82,16 +92,51 @@ def _tokenize(docs: list[str], cfg: DemoConfig, out: Path):
     return tok, shard, n
 
 
+def claim_out_dir(out: Path) -> None:
+    """Make `out` the demo's directory: a new or empty one gets the marker; one holding the marker (or the demo's
+    shard, data/stdlib.bin, as a demo's made before the marker) is a previous demo's, whose checkpoints and
+    metrics log are cleared (the tokenizer and shards are rewritten). Anything else (a training run, a file) is
+    refused before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the demo's run (another --out)")
+    ours = (out / MARKER).is_file() or (out / "data" / "stdlib.bin").is_file()  # (the shard: a demo before the marker)
+    if out.is_dir() and not ours and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty and was not made by lmforge demo; give a new or empty directory "
+                          "(another --out), so that nothing in it is overwritten")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--out {out} lies under a file; give a directory for the demo's run (another --out)"
+                          ) from None
+    (out / MARKER).write_text("made by `lmforge demo`: a re-run with this --out replaces its checkpoints and log\n")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def check_corpus_size(cfg: DemoConfig, n_tokens: int, n_bytes: int) -> None:
+    """Both splits of the corpus need a sequence of seq_len + 1 tokens (lmforge.train.data.open_splits): say so in
+    the demo's own flags, with the --corpus-mb that would be enough."""
+    need = cfg.seq_len + 1
+    n_val = int(n_tokens * VAL_FRACTION)
+    if min(n_val, n_tokens - n_val) < need:
+        enough = need / VAL_FRACTION * n_bytes / n_tokens / 1e6  # bytes per token as measured on this corpus
+        digits = 1 - math.floor(math.log10(enough))
+        enough = math.ceil(enough * 10**digits) / 10**digits  # two significant digits, rounded up
+        raise ConfigError(f"--corpus-mb {cfg.corpus_mb} gives {n_tokens:,} tokens, too few for a {VAL_FRACTION:.0%} "
+                          f"validation split of one --seq-len {cfg.seq_len} sequence ({need} tokens); raise "
+                          f"--corpus-mb to at least {enough:g} or lower --seq-len")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     import lmforge as lf
     from lmforge.model.config import ModelConfig
     from lmforge.optim.config import OptimConfig
     from lmforge.train.config import DataConfig, TrainConfig
+    from lmforge.utils import pick_device
 
+    device = pick_device(cfg.device)  # a device this machine lacks fails now, not after the corpus and tokenizer
     out = Path(cfg.out)
-    # the demo owns its directory: a re-run replaces the previous demo's checkpoints and log
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    claim_out_dir(out)
     t0 = time.perf_counter()
     docs = stdlib_corpus(int(cfg.corpus_mb * 1e6))
     n_bytes = sum(len(d.encode()) for d in docs)
@@ -99,27 +144,32 @@ def run_demo(cfg: DemoConfig) -> dict:
     tok, shard, n_tok = _tokenize(docs, cfg, out)
     print(f"[2/4] tokenizer: {cfg.tokenizer}, vocab {tok.vocab_size}; {n_tok:,} tokens "
           f"({n_bytes / n_tok:.2f} bytes/token) in {time.perf_counter() - t0:.0f}s")
+    check_corpus_size(cfg, n_tok, n_bytes)
     model_cfg = ModelConfig.from_depth(cfg.depth, vocab_size=tok.vocab_size, max_seq_len=cfg.seq_len)
     tcfg = TrainConfig(
         model=model_cfg,
-        data=DataConfig(train=(str(shard),), seq_len=cfg.seq_len, batch_size=cfg.batch_size, val_fraction=0.05),
+        data=DataConfig(train=(str(shard),), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                        val_fraction=VAL_FRACTION),
         optim=OptimConfig(lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10), weight_decay=0.1, min_lr_ratio=0.05),
         run_dir=str(out), max_steps=cfg.steps, eval_every=max(1, cfg.steps // 4), eval_batches=8,
-        log_every=10, ckpt_every=cfg.steps, seed=cfg.seed, device=cfg.device, resume=False)
+        log_every=10, ckpt_every=cfg.steps, seed=cfg.seed, device=device, resume=False)
     print(f"[3/4] training a {model_cfg.n_layers}-layer, {model_cfg.d_model}-wide model "
           f"({lf.Transformer(model_cfg).num_params() / 1e6:.1f}M parameters) for {cfg.steps} steps")
     result = lf.train(tcfg)
-    print("[4/4] samples (temperature 0.8, top-k 50):")
-    from lmforge.infer.llm import LLM
-    from lmforge.infer.sampling import SamplingParams
+    print("[4/4] samples (temperature 0.8, top-k 50):" if cfg.samples else "[4/4] samples: none (--samples 0)")
+    if cfg.samples:
+        from lmforge.infer.llm import LLM
+        from lmforge.infer.sampling import SamplingParams
 
-    llm = LLM.load(result.checkpoint)
-    prompts = ["def ", "class "][: cfg.samples] or ["def "]
-    outs = llm.generate(prompts, SamplingParams(temperature=0.8, top_k=50, max_tokens=96, seed=cfg.seed))
-    for p, o in zip(prompts, outs):
+        llm = LLM.load(result.checkpoint)
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(cfg.samples)]  # prompt i samples from seed (seed, i)
+        longest = max(len(llm.tokenizer.encode(p)) for p in prompts)
+        room = max(min(96, llm.max_seq_len - longest), 1)  # a short --seq-len ends samples early: not worth a warning
+        outs = llm.generate(prompts, SamplingParams(temperature=0.8, top_k=50, max_tokens=room, seed=cfg.seed))
+        for p, o in zip(prompts, outs):
+            print("-" * 60)
+            print(p + o.text)
         print("-" * 60)
-        print(p + o.text)
-    print("-" * 60)
     bpb = f", {result.final_val_bpb:.3f} bits/byte" if result.final_val_bpb else ""
     print(f"validation loss {result.final_val_loss:.3f}{bpb}; done in {time.perf_counter() - t0:.0f}s")
     files = ", ".join(n for n in ("metrics.jsonl", "loss.png") if (out / n).exists())

@@ -158,3 +158,33 @@ def test_generate_refuses_a_batch_size_below_one_naming_the_flag(tmp_path, size,
     text = " ".join(capsys.readouterr().err.replace("│", " ").split())  # tyro's box, unwrapped
     assert e.value.code == 2 and f"--batch-size must be >= 1 (prompts decoded together), got {size}" in text
     assert "max_num_seqs" not in text
+
+
+def test_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
+    """A warning during a command was Python's two lines pointing at tyro's file or the console script; now
+    `lmforge CMD: warning: MSG`. Python's own showwarning is back once the command ends (library use is unchanged)."""
+    import warnings
+
+    before = warnings.showwarning
+    shard = make_shard(tmp_path / "t.bin")
+    assert main(["train", "--data.train", str(shard), "--run-dir", str(tmp_path / "run"), "--max-steps", "2",
+                 "--optim.warmup-steps", "100", "--model.d-model", "32", "--model.n-layers", "1", "--model.n-heads",
+                 "2", "--model.vocab-size", "257", "--data.seq-len", "16", "--data.batch-size", "2", "--progress",
+                 "false", "--plot", "false", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert ("lmforge train: warning: optim.warmup_steps=100 > max_steps=2: the learning rate never reaches optim.lr"
+            in err)
+    assert not [line for line in err if "UserWarning" in line or ".py:" in line]
+    assert warnings.showwarning is before
+    with pytest.warns(UserWarning, match="after the command"):
+        warnings.warn("after the command", UserWarning)
+
+
+def test_a_closed_stdout_pipe_ends_quietly_with_141(tmp_path):
+    """`lmforge data stages | head -1` printed a BrokenPipeError traceback: now nothing, and the status a shell
+    gives a command SIGPIPE ended."""
+    p = subprocess.Popen([sys.executable, "-m", "lmforge", "data", "stages"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the command writes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and err == ""

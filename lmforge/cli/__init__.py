@@ -41,7 +41,36 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _show_warning(cmd: str):
+    """warnings.showwarning for a command's run: `lmforge CMD: warning: MSG` on one line. The file and source line
+    Python would add point at tyro or the console script (warn_caller names the first frame outside lmforge, which
+    for a command is one of those), so they say nothing to someone at a terminal."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        try:
+            print(f"lmforge {cmd}: warning{kind}: {message}", file=file or sys.stderr)
+        except OSError:  # stderr closed: a warning is not worth failing the command for
+            pass
+    return show
+
+
+def _quiet_broken_pipe() -> int:
+    """After stdout's reader went away (`lmforge data stages | head -1`): point stdout at /dev/null, so Python's
+    flush at exit does not raise again, and return 141, the status a shell reports for a process that SIGPIPE ended
+    (what `cat FILE | head -1` gives), so `set -o pipefail` scripts see the same as for any other command."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (replaced in-process)
+        pass
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `lmforge COMMAND ...`; returns the exit status: 0 done, 2 a user error (printed in one line), 130 Ctrl-C,
+    141 when stdout is a pipe whose reader closed early (`| head`). While a command runs, Python warnings print as
+    `lmforge COMMAND: warning: MSG` (in Python's own format under --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -58,20 +87,29 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in table:
         print(f"lmforge: error: unknown command {cmd!r}; choose one of: {', '.join(table)}", file=sys.stderr)
         return 2
+    import warnings
+
     from lmforge.errors import LmforgeError
 
-    try:
-        module = importlib.import_module(table[cmd][0])
-        return int(module.main(rest) or 0)
-    except LmforgeError as e:
-        if debug:
-            raise
-        print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
-        print("(run with --debug for a traceback)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # restores Python's showwarning when the command ends (library use is untouched)
+        if not debug:
+            warnings.showwarning = _show_warning(cmd)
+        try:
+            module = importlib.import_module(table[cmd][0])
+            status = int(module.main(rest) or 0)
+            sys.stdout.flush()  # a closed pipe fails here, inside the handler, not at interpreter exit
+            return status
+        except BrokenPipeError:
+            return _quiet_broken_pipe()
+        except LmforgeError as e:
+            if debug:
+                raise
+            print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
+            print("(run with --debug for a traceback)", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ A prompts file is plain text (one prompt per line; \\n, \\t and \\\\ escapes) or
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, TextIO
 
-from lmforge.cli.sampling import (Sampling, normalize_argv, sampling_field, top_logprobs_rows, unescape,
-                                  warn_if_past_context)
+from lmforge.cli.sampling import (Sampling, normalize_argv, past_context_notice, sampling_field, top_logprobs_rows,
+                                  unescape)
 from lmforge.config import check
 from lmforge.errors import DataError, LmforgeError
 
@@ -30,7 +33,8 @@ class GenerateConfig:
     prompts_file: str | None = None
     """plain text (one prompt per line; \\n, \\t and \\\\ escapes) or JSONL with a "prompt" field"""
     output: str | None = None
-    """JSONL file to write; None writes to standard output"""
+    """JSONL file to write (replaced once every prompt is done: a failed or interrupted run leaves it as it was);
+    None writes to standard output"""
     sampling: Sampling = sampling_field(max_tokens=64)
     """how to sample (lmforge.SamplingParams; CLI default temperature 0.8, top-p 0.95)"""
     batch_size: int = 64
@@ -49,13 +53,26 @@ class GenerateConfig:
         check(self.batch_size >= 1, f"--batch-size must be >= 1 (prompts decoded together), got {self.batch_size}")
 
 
+def _read_text(path: Path) -> str:
+    """A prompts file's text; a missing, unreadable or non-UTF-8 file is a one-line error naming it."""
+    if path.is_dir():
+        raise DataError(f"--prompts-file {path} is a directory; give a text or JSONL file of prompts")
+    if not path.is_file():
+        raise DataError(f"prompts file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--prompts-file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.end]!r}); "
+                        "save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"--prompts-file {path} cannot be read: {e.strerror}") from None
+
+
 def read_prompts(cfg: GenerateConfig) -> list[str]:
     prompts = list(cfg.prompts)
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise DataError(f"prompts file not found: {path}")
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(_read_text(path).splitlines()):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
@@ -70,12 +87,36 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
     return prompts
 
 
-def _open_output(path: str | None):
+def check_output(path: str | None) -> None:
+    """Refuse an --output that cannot become a file, before the model loads: empty, a directory, under a file, in a
+    directory that does not exist or cannot be written."""
     if path is None:
-        return sys.stdout
-    if not Path(path).parent.is_dir():
-        raise DataError(f"--output {path}: directory {Path(path).parent} does not exist; create it first")
-    return open(path, "w", encoding="utf-8")
+        return
+    if not path:
+        raise DataError("--output is empty: give a file path, or leave --output out to write to standard output")
+    out = Path(path)
+    if out.is_dir():
+        raise DataError(f"--output {path} is a directory; give a file path such as {out / 'out.jsonl'}")
+    parent = next((p for p in out.parents if p.exists()), out.parent)  # the nearest that exists
+    if parent.exists() and not parent.is_dir():
+        raise DataError(f"--output {path}: {parent} is a file, not a directory; give a path in a directory")
+    if parent != out.parent:
+        raise DataError(f"--output {path}: directory {out.parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"--output {path}: directory {parent} is not writable; give a path in a writable directory")
+
+
+@contextlib.contextmanager
+def open_output(path: str | None) -> Iterator[TextIO]:
+    """Standard output, or a file written beside `path` and renamed onto it once every row is written: a refused,
+    failed or interrupted (Ctrl-C) run leaves an existing file as it was, never emptied or half-written."""
+    if path is None:
+        yield sys.stdout
+        return
+    from lmforge.utils import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        yield f
 
 
 def result_row(r, sp, tok) -> dict:
@@ -99,14 +140,12 @@ def main(argv: list[str]) -> int:
     cfg = parse_config(GenerateConfig, normalize_argv(argv, GenerateConfig), prog="lmforge generate",
                        description="Generate from many prompts; write one JSON line per prompt.")
     prompts = read_prompts(cfg)
+    check_output(cfg.output)
     llm = load_llm(cfg, max_batch_size=cfg.batch_size)
     sp = cfg.sampling
-    warn_if_past_context(llm, [len(llm.tokenizer.encode(p)) for p in prompts], sp)
-    out = _open_output(cfg.output)
-    try:
+    # every prompt tokenized and checked (too long for the window, ...) before anything is said or written
+    lengths = [len(llm.encode(p, sp, i)) for i, p in enumerate(prompts)]
+    with past_context_notice(llm, lengths, sp), open_output(cfg.output) as out:
         for r in llm.generate(prompts, sp):
             out.write(json.dumps(result_row(r, sp, llm.tokenizer), ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0

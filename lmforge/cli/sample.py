@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field, top_logprobs_rows, warn_if_past_context
+from lmforge.cli.sampling import Sampling, normalize_argv, past_context_notice, sampling_field, top_logprobs_rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,8 +45,8 @@ def main(argv: list[str]) -> int:
                        description="Print samples from a checkpoint.")
     llm = load_llm(cfg)
     sp, prompt = cfg.sampling, "\n" if cfg.prompt is None else cfg.prompt
-    warn_if_past_context(llm, [len(llm.tokenizer.encode(prompt))], sp)
-    out = llm.generate([prompt], sp)[0]
+    with past_context_notice(llm, [len(llm.tokenizer.encode(prompt))], sp):
+        out = llm.generate([prompt], sp)[0]
     for i, o in enumerate(out.outputs):
         print(f"--- sample {i + 1}/{len(out.outputs)} ({len(o.token_ids)} tokens, {o.finish_reason}) ---")
         print(prompt + o.text)

@@ -9,11 +9,13 @@ model wanders, and one default keeps the commands comparable.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
+import warnings
 from dataclasses import field
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 import tyro
 
@@ -76,14 +78,24 @@ def normalize_argv(argv: list[str], cls: type, aliases: dict[str, str] | None = 
     return out
 
 
-def warn_if_past_context(llm, prompt_lengths: list[int], sp: SamplingParams) -> None:
-    """Say (once, on stderr) when --max-tokens cannot be reached because the context window ends first."""
+PAST_CONTEXT_WARNING = r"max_tokens=\d+ after a \d+-token prompt passes the context window"
+"""the engine's per-request warning (lmforge.infer.engine.Engine.add_request) that past_context_notice replaces"""
+
+
+@contextlib.contextmanager
+def past_context_notice(llm, prompt_lengths: list[int], sp: SamplingParams) -> Iterator[None]:
+    """Say once (a warning) when --max-tokens cannot be reached because the context window ends first (not with a
+    positions=cache KV policy, which runs past the window); inside, the engine's same warning per prompt is
+    silenced."""
     context = llm.max_seq_len
     longest = max(prompt_lengths, default=0)
-    if longest + sp.max_tokens > context:
+    if longest + sp.max_tokens > context and llm.engine.stream_len <= context:
         room = max(context - longest, 0)
-        print(f"warning: --max-tokens {sp.max_tokens} with a {longest}-token prompt goes past the model's "
-              f"{context}-token context; generation stops after at most {room} new tokens", file=sys.stderr)
+        warnings.warn(f"--max-tokens {sp.max_tokens} with a {longest}-token prompt goes past the model's "
+                      f"{context}-token context; generation stops after at most {room} new tokens", stacklevel=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PAST_CONTEXT_WARNING)
+        yield
 
 
 def top_logprobs_rows(tok, top: list[dict[int, float] | None] | None) -> list[list[dict[str, Any]] | None] | None:

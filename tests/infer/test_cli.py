@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from .infer_helpers import tiny_model
@@ -38,7 +39,8 @@ def ckpt(tmp_path, tok):
 
 def test_llm_load_matches_in_memory_model(ckpt, tok):
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    assert LLM.load(ckpt).generate("hi", sp)[0].token_ids == LLM(tiny_model("llama"), tok).generate("hi", sp)[0].token_ids
+    want = LLM(tiny_model("llama"), tok).generate("hi", sp)[0].token_ids
+    assert LLM.load(ckpt).generate("hi", sp)[0].token_ids == want
 
 
 def test_sample_prints_samples(ckpt, capsys):
@@ -168,12 +170,14 @@ def test_beam_width_implies_temperature_zero(ckpt, tmp_path, capsys):
     assert [s["token_ids"] for s in row["samples"]] == [o.token_ids for o in ref[0].outputs]
 
 
-def test_max_tokens_past_the_context_warns(ckpt, capsys):
-    sample_cli.main(["--checkpoint", str(ckpt), "--prompt", "abcd", "--max-tokens", "130", "--temperature", "0",
-                     "--ignore-eos", "True"])
-    cap = capsys.readouterr()
-    assert "--max-tokens 130 with a 4-token prompt goes past the model's 128-token context" in cap.err
-    assert "(124 tokens, length)" in cap.out
+def test_max_tokens_past_the_context_warns_once(ckpt, capsys):
+    with pytest.warns(UserWarning) as got:
+        sample_cli.main(["--checkpoint", str(ckpt), "--prompt", "abcd", "--max-tokens", "130", "--temperature", "0",
+                         "--ignore-eos", "True"])
+    assert "(124 tokens, length)" in capsys.readouterr().out
+    assert [str(w.message) for w in got if "context" in str(w.message)] == [  # not the engine's again
+        "--max-tokens 130 with a 4-token prompt goes past the model's 128-token context; generation stops after at "
+        "most 124 new tokens"]
 
 
 def test_sample_reads_a_config_file(ckpt, tmp_path, capsys):
@@ -190,7 +194,7 @@ def test_sample_without_a_prompt_continues_a_newline(ckpt, capsys):
     assert capsys.readouterr().out.split("\n", 1)[1] == "\n" + greedy + "\n"
 
 
-def test_generate_with_a_kv_policy_runs_past_the_window(tmp_path, tok):
+def test_generate_with_a_kv_policy_runs_past_the_window(tmp_path, tok, capsys):
     """--kv-policy streaming:...,positions=cache: a prompt and output longer than the model's max_seq_len (32) run,
     and the tokens are the library's with the same policy; h2o and snapkv specs build their policies; a bad spec
     is a one-line error naming the known ones."""
@@ -201,9 +205,11 @@ def test_generate_with_a_kv_policy_runs_past_the_window(tmp_path, tok):
     ckpt = _save_checkpoint(tmp_path / "run", 1, model, tokenizer=tok)
     out = tmp_path / "o.jsonl"
     prompt = "the quick brown fox jumps over the lazy dog"
-    gen_cli.main(["--checkpoint", str(ckpt), "--prompts", prompt, "--output", str(out), "--max-tokens", "40",
-                  "--temperature", "0", "--ignore-eos", "True",
-                  "--kv-policy", "streaming:window=16,sink_tokens=4,slack=4,positions=cache"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning that it stops at the window: it does not
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts", prompt, "--output", str(out), "--max-tokens", "40",
+                      "--temperature", "0", "--ignore-eos", "True",
+                      "--kv-policy", "streaming:window=16,sink_tokens=4,slack=4,positions=cache"])
     row = json.loads(out.read_text())
     policy = StreamingLLM(window=16, sink_tokens=4, slack=4, positions="cache")
     want = LLM(model, tok, config=EngineConfig(kv_policy=policy)).generate(
@@ -294,7 +300,78 @@ def test_chat_falls_back_to_plain_for_a_tokenizer_without_chatml_tokens_and_refu
     assert chat_cli.main(["--checkpoint", str(ckpt)]) == 0  # a byte tokenizer: <|im_start|> would be 12 bytes
     out = capsys.readouterr().out
     assert "has no chatml special tokens: using the plain template" in out and "template plain;" in out
-    with pytest.raises(DataError, match="uses <\\|im_start\\|> but the tokenizer encodes it as 12 tokens.*--template plain"):
+    with pytest.raises(DataError,
+                       match="uses <\\|im_start\\|> but the tokenizer encodes it as 12 tokens.*--template plain"):
         chat_cli.main(["--checkpoint", str(ckpt), "--template", "chatml"])
     with pytest.raises(LmforgeError, match="unknown chat template 'llama2'"):
         chat_cli.main(["--checkpoint", str(ckpt), "--template", "llama2"])
+
+
+def _files(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_generate_output_is_replaced_only_when_every_prompt_is_done(ckpt, tmp_path, capsys, monkeypatch):
+    """--output was opened (emptied) before generating: a prompt refused as too long, or a Ctrl-C, lost the file's
+    earlier results. Now it is written beside and renamed at the end; a refusal says nothing else first."""
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"prompt": "old"}\n')
+    with pytest.raises(LmforgeError, match="prompt 1 has 200 tokens but the context window is 128"):
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", "x" * 200, "--max-tokens", "2",
+                      "--output", str(out)])
+    assert capsys.readouterr().err == ""  # no "stops after at most 0 new tokens" warning before the refusal
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(LLM, "generate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", "--max-tokens", "2", "--output", str(out)])
+    assert out.read_text() == '{"prompt": "old"}\n' and _files(tmp_path) == ["o.jsonl", "run"]  # no temp left
+    gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", "bc", "--max-tokens", "2", "--temperature", "0",
+                  "--output", str(out)])
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["a", "bc"]
+    assert _files(tmp_path) == ["o.jsonl", "run"]
+
+
+def test_generate_output_paths_that_cannot_be_a_file_are_one_line_errors(ckpt, tmp_path):
+    """--output naming a directory (IsADirectoryError), empty (FileNotFoundError ''), or under a file ("directory
+    afile.txt does not exist" though it exists, as a file): each says what is wrong, before the model loads."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x\n")
+    cases = [(tmp_path, f"--output {tmp_path} is a directory; give a file path such as {tmp_path / 'out.jsonl'}"),
+             ("", "--output is empty: give a file path, or leave --output out to write to standard output"),
+             (afile / "x.jsonl", f"--output {afile / 'x.jsonl'}: {afile} is a file, not a directory"),
+             (afile / "a" / "x.jsonl", f"--output {afile / 'a' / 'x.jsonl'}: {afile} is a file, not a directory"),
+             (tmp_path / "no" / "x.jsonl", f"--output {tmp_path / 'no' / 'x.jsonl'}: directory {tmp_path / 'no'} "
+                                           "does not exist; create it first")]
+    for output, message in cases:
+        with pytest.raises(LmforgeError) as e:
+            gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "a", f"--output={output}"])
+        assert str(e.value).startswith(message), str(e.value)
+    assert afile.read_text() == "x\n"
+
+
+def test_generate_prompts_file_not_utf8_or_a_directory(ckpt, tmp_path):
+    """Non-UTF-8 bytes were a UnicodeDecodeError traceback, a directory was "not found": one line each, naming the
+    file (and the byte)."""
+    pf = tmp_path / "p.txt"
+    pf.write_bytes(b"hello\n\xe9t\xe9\n")
+    with pytest.raises(LmforgeError, match=rf"^--prompts-file {pf} is not UTF-8 text \(byte 6: b'\\xe9'\); save it "
+                                           "as UTF-8$"):
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts-file", str(pf)])
+    with pytest.raises(LmforgeError, match=rf"^--prompts-file {tmp_path} is a directory; give a text or JSONL file"):
+        gen_cli.main(["--checkpoint", str(ckpt), "--prompts-file", str(tmp_path)])
+
+
+def test_generate_says_max_tokens_past_the_context_once(ckpt, tmp_path, capsys, recwarn):
+    """The command's own warning, then one engine UserWarning per prompt length saying the same: once now."""
+    from lmforge.cli import main
+
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompts", "a", "bcd", "efghij", "--max-tokens", "126",
+                 "--temperature", "0", "--output", str(tmp_path / "o.jsonl")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "lmforge generate: warning: --max-tokens 126 with a 6-token prompt goes past the model's 128-token context; "
+        "generation stops after at most 122 new tokens"]
+    assert not [w for w in recwarn if "context window" in str(w.message)]

@@ -40,7 +40,7 @@ import torch
 
 from lmforge.config import from_dict, to_dict
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError
-from lmforge.utils import atomic_dir, run_metadata
+from lmforge.utils import atomic_dir, honour_umask, run_metadata
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # what a killed writer leaves beside step_N (utils.atomic_dir's names): `.step_N.writing-PID`, the checkpoint
@@ -140,29 +140,6 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux reports it (setting it to read it would
-    race with threads creating files)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _honour_umask(folder: Path) -> None:
-    """mkstemp-style writers create 0600 files; give every file the mode a plain open() would."""
-    mask = _umask()
-    for p in folder.iterdir():
-        p.chmod(0o666 & ~mask)
-    folder.chmod(0o777 & ~mask)
-
-
 def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer, extra, base) -> None:
     from safetensors.torch import save_file
 
@@ -183,7 +160,7 @@ def _seal(folder: Path) -> None:
     manifest = {"files": {p.name: p.stat().st_size for p in files},
                 "sha256": {p.name: sha256_file(p) for p in files}}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    _honour_umask(folder)
+    honour_umask(folder)
 
 
 def _is_disk_full(e: BaseException) -> bool:

@@ -208,8 +208,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(_config_text(path))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
 
@@ -220,12 +219,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix != ".json":
         return load_toml(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(_config_text(path))
+    except json.JSONDecodeError as e:
         raise ConfigError(f"cannot read config {path}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must hold a JSON object of settings")
     return data
+
+
+def _config_text(path: Path) -> str:
+    """A config file's text; one that cannot be read or is not UTF-8 (TOML and JSON files are) is a ConfigError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): {e.reason}; save it as UTF-8") from e
 
 
 def load_config(cls: type[T], path: str | Path) -> T:

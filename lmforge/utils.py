@@ -1,4 +1,4 @@
-"""Small helpers shared across lmforge: atomic file writes, run metadata, device choice."""
+"""Small helpers shared across lmforge: atomic writes, output-path checks, file modes, run metadata, devices."""
 
 from __future__ import annotations
 
@@ -39,6 +39,53 @@ def remove_stale_temps(paths: Iterable[str | Path]) -> int:
                 Path(entry.path).unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+def check_output_path(path: str | Path, name: str, *, flag: str | None = None, file: bool = False) -> Path:
+    """Refuse, before any work, an output path a command could not write: empty, an existing file where a
+    directory is meant (with `file`, a directory where a file is), or a path under an existing file (the
+    writers' mkdir or rename would fail mid-run with a traceback). `name` is the setting (run_dir, --out),
+    `flag` the option that sets it when that differs."""
+    from lmforge.errors import ConfigError
+
+    setting = f"{name} ({flag})" if flag else name
+    want = "a file path" if file else "a new or existing directory"
+    if not str(path):
+        raise ConfigError(f"{name} is empty; set {setting} to {want}")
+    path = Path(path)
+    there = next((p for p in (path, *path.parents) if p.exists()), None)
+    if there == path and file and path.is_dir():
+        raise ConfigError(f"{name} {str(path)!r} is a directory, not a file; set {setting} to {want}")
+    if there is not None and not there.is_dir() and not (there == path and file):
+        what = "is an existing file" if there == path else f"lies under {str(there)!r}, an existing file"
+        raise ConfigError(f"{name} {str(path)!r} {what}, not a directory; set {setting} to {want}, or move the "
+                          "file away")
+    return path
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it to read it would
+    race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and everything below it) the modes a plain open() / mkdir would:
+    writers such as safetensors' save_file create 0600 files, which would make a shared run folder or an
+    export unreadable to collaborators."""
+    mask, path = umask(), Path(path)
+    for p in [*(path.rglob("*") if path.is_dir() else ()), path]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""lmforge.utils.atomic_path: the file it renames into place has the mode a plain open() gives."""
+"""lmforge.utils.atomic_path: the file it renames into place has the mode a plain open() gives; honour_umask
+gives other writers' files those modes; check_output_path refuses an output path no writer could use."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import os
 
 import pytest
 
-from lmforge.utils import atomic_path, write_json_atomic
+from lmforge.errors import ConfigError
+from lmforge.utils import atomic_path, check_output_path, honour_umask, write_json_atomic
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
@@ -30,3 +32,56 @@ def test_atomic_path_removes_its_temporary_on_interrupt(tmp_path):
         tmp.write_text("half")
         raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_honour_umask_gives_a_folder_and_what_is_below_it_plain_modes(tmp_path, umask, file_mode, dir_mode):
+    """safetensors' save_file makes 0600 files; an export folder has a subfolder (a PEFT export's base/)."""
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "out" / "base").mkdir(parents=True, mode=0o700)
+    for p in (tmp_path / "out" / "a.safetensors", tmp_path / "out" / "base" / "b.safetensors"):
+        save_file({"w": torch.zeros(2)}, str(p))
+    (tmp_path / "alone.safetensors").write_bytes(b"x")
+    (tmp_path / "alone.safetensors").chmod(0o600)
+    assert (tmp_path / "out" / "a.safetensors").stat().st_mode & 0o777 == 0o600  # what the fix is for
+    old = os.umask(umask)
+    try:
+        honour_umask(tmp_path / "out")
+        honour_umask(tmp_path / "alone.safetensors")
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {"out": dir_mode, "out/base": dir_mode, "out/a.safetensors": file_mode,
+                     "out/base/b.safetensors": file_mode, "alone.safetensors": file_mode}
+
+
+def test_check_output_path_refuses_what_no_writer_could_use(tmp_path):
+    """The one check every command that writes a directory (or a file) runs before any work: the writers'
+    mkdir and rename gave FileExistsError / NotADirectoryError tracebacks mid-run (found 2026-12-05)."""
+    taken, folder = tmp_path / "notes.txt", tmp_path / "d"
+    taken.write_text("mine\n")
+    folder.mkdir()
+    cases = [
+        (taken, {}, f"--out '{taken}' is an existing file, not a directory; set --out to a new or existing "
+                    "directory, or move the file away"),
+        (taken / "a" / "b", {}, f"--out '{taken}/a/b' lies under '{taken}', an existing file, not a directory; "
+                                "set --out to a new or existing directory, or move the file away"),
+        ("", {}, "--out is empty; set --out to a new or existing directory"),
+        (folder, {"file": True}, f"--out '{folder}' is a directory, not a file; set --out to a file path"),
+        (taken / "x.json", {"file": True}, f"--out '{taken}/x.json' lies under '{taken}', an existing file, not a "
+                                           "directory; set --out to a file path, or move the file away"),
+    ]
+    for path, kw, message in cases:
+        with pytest.raises(ConfigError) as e:
+            check_output_path(path, "--out", **kw)
+        assert str(e.value) == message
+    assert taken.read_text() == "mine\n"
+    assert check_output_path(folder, "--out") == folder
+    assert check_output_path(str(folder / "new" / "deeper"), "--out") == folder / "new" / "deeper"
+    assert check_output_path(taken, "--out", file=True) == taken  # an existing file is replaced
+    with pytest.raises(ConfigError) as e:  # the trainer's run_dir words (tests/test_cli.py), for it to share
+        check_output_path(taken / "a", "run_dir", flag="--run-dir")
+    assert str(e.value) == (f"run_dir '{taken / 'a'}' lies under '{taken}', an existing file, not a directory; "
+                            "set run_dir (--run-dir) to a new or existing directory, or move the file away")

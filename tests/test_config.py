@@ -178,3 +178,24 @@ def test_help_names_the_sections_that_are_off(capsys):
     with pytest.raises(SystemExit):
         parse_config(PT.config_class("dpo"), ["--help"], prog="lmforge dpo", description="DPO.")
     assert "--lora.FIELD flags (or a [lora] table) turn the lora section on." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, raw, where", [
+    ("run.toml", b"max_steps = 2\n# caf\xe9 au lait\n", 19),  # Latin-1: \xe9 then a space, no continuation
+    ("run.json", b'{"max_steps": 2, "note": "\xff\xfe"}', 26),
+])
+def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path, name, raw, where, capsys):
+    """Every command that reads a config file (train --config, data run) named the file's bytes in a
+    UnicodeDecodeError traceback (found 2026-12-05): now one line with the file and the byte."""
+    from lmforge.cli import main
+
+    path = tmp_path / name
+    path.write_bytes(raw)
+    reason = "invalid continuation byte" if name.endswith(".toml") else "invalid start byte"
+    commands = [["train", "--config", str(path)]] + ([["data", "run", str(path)]] if name.endswith(".toml") else [])
+    for argv in commands:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == (f"lmforge {argv[0]}: error: {path} is not UTF-8 text (byte {where}): "
+                                       f"{reason}; save it as UTF-8")
+        assert "Traceback" not in err

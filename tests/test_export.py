@@ -391,3 +391,55 @@ def test_gemma_norms_kept_in_full_cross_both_ways(tmp_path, tok):
     written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
     got = peft.PeftModel.from_pretrained(written, tmp_path / "peft").eval()
     assert (logits(got, ids) - logits(adapted_model, ids)).abs().max() <= 1e-5
+
+
+def test_exported_files_follow_the_umask(tmp_path, tok):
+    """safetensors' save_file makes 0600 files, so model.safetensors (every shard of a sharded save) and a PEFT
+    export's adapter_model.safetensors were unreadable to collaborators where checkpoints were not (found
+    2026-12-05); every exported file and folder now has the modes a plain open() / mkdir gives."""
+    import os
+
+    from lmforge.model.hf import save_pretrained
+
+    lora = LoRAConfig(r=2, targets=("wq", "wo"))
+    lora_run(tmp_path / "run", adapted(tiny(tok.vocab_size), lora), tok, lora)
+    old = os.umask(0o027)
+    try:
+        assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+        assert main(["export", str(tmp_path / "run"), str(tmp_path / "peft"), "--adapter"]) == 0
+        save_pretrained(tiny(tok.vocab_size), tmp_path / "sharded", max_shard_bytes=60_000)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")
+             if p.relative_to(tmp_path).parts[0] != "run"}
+    assert {"merged/model.safetensors", "peft/adapter_model.safetensors", "peft/base/model.safetensors",
+            "sharded/model-00002-of-00003.safetensors"} <= set(modes)  # (149 kB of fp32 weights: 3 shards)
+    assert {p: m for p, m in modes.items() if m != (0o750 if (tmp_path / p).is_dir() else 0o640)} == {}
+
+
+def test_an_out_that_no_export_could_replace_is_a_one_line_error(tmp_path, tok, capsys, monkeypatch):
+    """OUT under a file (NotADirectoryError), the current directory (OSError: Device or resource busy from
+    renaming '.') and --base-out '' gave tracebacks, an empty file 'exists and is not empty' (found
+    2026-12-05); each is refused before the checkpoint is read, naming what OUT is."""
+    save_checkpoint(tmp_path / "run", 1, tiny(tok.vocab_size), tokenizer=tok)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "here").mkdir()
+    run, empty = str(tmp_path / "run"), str(tmp_path / "empty.txt")
+    cases = [
+        ([empty], f"OUT '{empty}' is an existing file, not a directory; set OUT to a new or existing directory, "
+                  "or move the file away"),
+        ([f"{empty}/out", "--force"], f"OUT '{empty}/out' lies under '{empty}', an existing file, not a directory; "
+                                      "set OUT to a new or existing directory, or move the file away"),
+        ([str(tmp_path / "peft"), "--adapter", "--base-out="], "--base-out is empty; set --base-out to a new or "
+                                                               "existing directory"),
+        ([".", "--force"], ". is the current directory or holds it, and an export replaces its directory whole; "
+                           "run lmforge from another directory, or export into another one"),
+        ([str(tmp_path), "--force"], f"{tmp_path} is the current directory or holds it, and an export replaces its "
+                                     "directory whole; run lmforge from another directory, or export into another one"),
+    ]
+    monkeypatch.chdir(tmp_path / "here")
+    for args, message in cases:
+        assert main(["export", run, *args]) == 2
+        assert _one_line_error(capsys).splitlines()[0] == f"lmforge export: error: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "here", "run"]
+    assert (tmp_path / "empty.txt").read_bytes() == b"" and list((tmp_path / "here").iterdir()) == []

@@ -32,7 +32,7 @@ from typing import Annotated, Literal
 import tyro
 
 from lmforge.errors import ConfigError
-from lmforge.utils import atomic_dir
+from lmforge.utils import atomic_dir, check_output_path, honour_umask
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -84,8 +84,9 @@ def export(cfg: ExportConfig) -> Path:
     from lmforge.tokenizer.byte import ByteTokenizer
     from lmforge.tokenizer.load import load_tokenizer
 
+    out = check_output_path(cfg.out, "OUT")
+    base_out = check_output_path(cfg.base_out, "--base-out") if cfg.base_out is not None else None
     ckpt = resolve_checkpoint(cfg.checkpoint)
-    out, base_out = Path(cfg.out), Path(cfg.base_out) if cfg.base_out else None
     if base_out is not None and not cfg.adapter:
         raise ConfigError("--base-out is where --adapter puts the base model; add --adapter or leave --base-out out")
     if base_out is not None and base_out.resolve() == out.resolve():
@@ -150,6 +151,7 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
         save_pretrained(model, base_tmp, dtype=dtype, family=family)
         files.write(base_tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        honour_umask(tmp / "adapter_model.safetensors")  # save_file makes it 0600
         base_final = (base_out or out / "base").resolve()
         write_json_atomic(tmp / "adapter_config.json", {**config, "base_model_name_or_path": str(base_final)})
         files.write(tmp)
@@ -161,7 +163,11 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
 # ---- where and how ----------------------------------------------------------------------------------
 
 def check_target(path: Path, ckpt: Path, force: bool) -> None:
-    """An existing non-empty target is replaced only with --force, and never when it holds the checkpoint."""
+    """An existing non-empty target is replaced only with --force, and never when it holds the checkpoint or
+    the current directory (atomic_dir renames the target away, and a process cannot rename '.')."""
+    if path.resolve() == Path.cwd() or path.resolve() in Path.cwd().parents:
+        raise ConfigError(f"{path} is the current directory or holds it, and an export replaces its directory "
+                          "whole; run lmforge from another directory, or export into another one")
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return
     if not force:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 from lmforge.cli.common import parse_config, run_group
 from lmforge.config import check
+from lmforge.utils import check_output_path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +33,9 @@ class TrainArgs:
         check(len(self.input) > 0, "input: give at least one text file")
         check(self.vocab_size >= 256 + len(self.special),
               f"vocab_size={self.vocab_size} is below 256 bytes + {len(self.special)} special tokens")
+        check(not (self.export and Path(self.out).suffix == ".json"), f"--export writes its files into a "
+              f"directory, but --out {self.out!r} names one .json file; give --out a directory")
+        check_workers(self.workers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +56,7 @@ class EncodeArgs:
     def __post_init__(self):
         check(len(self.input) > 0, "input: give at least one text file")
         check(0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)")
+        check_workers(self.workers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,12 +73,21 @@ class StatsArgs:
     workers: Optional[int] = None
     progress: bool = False
 
+    def __post_init__(self):
+        check_workers(self.workers)
+
+
+def check_workers(workers: int | None) -> None:
+    check(workers is None or workers >= 1, f"--workers must be >= 1 (worker processes), got {workers}; leave it "
+          "out to use every core")
+
 
 def train(argv: list[str]) -> int:
     from lmforge.tokenizer.corpus import expand_inputs
     from lmforge.tokenizer.train import train_bpe
 
     a = parse_config(TrainArgs, argv, prog="lmforge tokenizer train", description=TrainArgs.__doc__ or "")
+    check_output_path(a.out, "--out", file=Path(a.out).suffix == ".json")  # a .json --out is the tokenizer file
     files = expand_inputs(a.input)
     stats: dict = {}
     t0 = time.perf_counter()
@@ -95,12 +110,15 @@ def encode(argv: list[str]) -> int:
     from lmforge.tokenizer.load import load_tokenizer
 
     a = parse_config(EncodeArgs, argv, prog="lmforge tokenizer encode", description=EncodeArgs.__doc__ or "")
+    check_output_path(a.out, "--out")
     tok = load_tokenizer(a.tokenizer)
     t0 = time.perf_counter()
     rep = encode_to_shards(tok, a.input, a.out, val_fraction=a.val_fraction, workers=a.workers, progress=a.progress)
     secs = time.perf_counter() - t0
     for split, path in rep.shards.items():
         print(f"{split}: {rep.tokens[split]:,} tokens, {rep.docs[split]:,} document{'s' * (rep.docs[split] != 1)} -> {path}")
+    for path in rep.removed:
+        print(f"removed {path}: an earlier encode's, and this one writes no val.bin (give --val-fraction for one)")
     total = sum(rep.tokens.values())
     print(f"{rep.bytes:,} bytes, {rep.bytes / max(total, 1):.3f} bytes/token, {rep.bytes / 1e6 / secs:.1f} MB/s, "
           f"{rep.undecodable_bytes:,} undecodable bytes (not UTF-8)")

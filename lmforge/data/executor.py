@@ -29,7 +29,7 @@ from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
 from lmforge.data.writers import write_docs, write_jsonl
 from lmforge.errors import ConfigError
-from lmforge.utils import process_pool, remove_stale_temps, write_json_atomic
+from lmforge.utils import check_output_path, process_pool, remove_stale_temps, write_json_atomic
 
 
 class RunLayout:
@@ -183,7 +183,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     directory of an earlier run first. Returns the shards."""
     from lmforge.data.pipeline import check_requirements, describe_changes, input_fingerprint
 
-    root = Path(cfg.output.dir)
+    root = check_output_path(cfg.output.dir, "output.dir", flag="--output")
     saved = root / "pipeline.json"
     shards = make_shards(cfg.input)
     files = [f for fs in shards.values() for f in fs]

@@ -26,7 +26,7 @@ from lmforge.errors import CheckpointError, ConfigError, warn_caller
 from lmforge.model import hf_families as D
 from lmforge.model import hf_moe as M
 from lmforge.model.config import ModelConfig
-from lmforge.utils import atomic_path, write_json_atomic
+from lmforge.utils import atomic_path, honour_umask, write_json_atomic
 
 # model_type -> (architecture name, cfg_from_hf, cfg_to_hf, rules)
 FAMILIES = {
@@ -438,12 +438,14 @@ def _write_shards(path: Path, shards: list[dict], save_file) -> set[str]:
     if len(shards) == 1:
         with atomic_path(path / "model.safetensors") as tmp:
             save_file(shards[0], str(tmp), metadata=meta)
+            honour_umask(tmp)  # save_file makes it 0600
         return {"model.safetensors"}
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         with atomic_path(path / fname) as tmp:
             save_file(shard, str(tmp), metadata=meta)
+            honour_umask(tmp)
         for k, t in shard.items():
             weight_map[k] = fname
             total += t.numel() * t.element_size()

@@ -136,6 +136,27 @@ class EncodeReport:
     docs: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
     undecodable_bytes: int = 0
+    removed: list[Path] = field(default_factory=list)
+    """an earlier encode's val.bin, which this one (writing none) removed: the pair would mix two encodes"""
+
+
+def _earlier_val(out: Path) -> Path | None:
+    """out/val.bin, when an encode that writes none must remove it: beside the new train.bin it would be read as
+    its pair, made by the same tokenizer from the same files. It is removed only when the folder is evidently an
+    earlier encode's output (train.bin and val.bin both token shards); any other val.bin is refused."""
+    from lmforge.data.shards import TokenFile
+
+    val = out / "val.bin"
+    if not val.exists():
+        return None
+    try:
+        for name in ("train.bin", "val.bin"):
+            TokenFile(out / name)
+    except DataError:
+        raise ConfigError(f"{val} is there but is not half of an earlier encode's train.bin/val.bin pair, and "
+                          "this encode writes no val.bin (--val-fraction 0), so it would be taken for the new "
+                          "train.bin's; move it away, or encode into another directory") from None
+    return val
 
 
 def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Path, *, val_fraction: float = 0.0,
@@ -155,6 +176,7 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
         raise DataError(f"input is empty: {', '.join(map(str, files[:3]))}")
     out = Path(out_dir)
     splits = ["train", "val"] if val_fraction > 0 else ["train"]
+    earlier_val = _earlier_val(out) if "val" not in splits else None
     remove_stale_temps([out / "train.bin", out / "val.bin"])  # a killed run's partial shards (as large as one)
     writers: dict[str, TokenShardWriter] = {}
     report = EncodeReport()
@@ -177,6 +199,9 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
         for w in writers.values():
             w.abort()
         raise
+    if earlier_val is not None:  # only now: a failed encode leaves the earlier pair as it was
+        earlier_val.unlink(missing_ok=True)
+        report.removed.append(earlier_val)
     if val_fraction > 0 and not report.tokens["val"]:
         from lmforge.errors import warn_caller
 

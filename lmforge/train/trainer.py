@@ -52,7 +52,7 @@ from lmforge.train.config import LoopConfig, TrainConfig, uses_bf16
 from lmforge.train.interrupts import Interrupts, rng_state, set_rng_state
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 from lmforge.train.objective import Batch, DataSource, Objective, checked_loss, checked_metrics
-from lmforge.utils import run_metadata, write_json_atomic
+from lmforge.utils import check_output_path, run_metadata, write_json_atomic
 
 if TYPE_CHECKING:
     from lmforge.parallel.runner import ParallelRunner
@@ -109,14 +109,9 @@ def _check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optim
 
 
 def check_run_dir(run_dir: str | Path) -> None:
-    """Refuses a run_dir that is, or lies under, an existing file (its metrics log and checkpoints could
-    not be written), before anything is built."""
-    path = Path(run_dir)
-    there = next((p for p in (path, *path.parents) if p.exists()), None)
-    if there is not None and not there.is_dir():
-        what = "is an existing file" if there == path else f"lies under {str(there)!r}, an existing file"
-        raise ConfigError(f"run_dir {str(path)!r} {what}, not a directory; set run_dir (--run-dir) to a new or "
-                          "existing directory, or move the file away")
+    """Refuses a run_dir that is empty, or is or lies under an existing file (its metrics log and checkpoints
+    could not be written), before anything is built."""
+    check_output_path(run_dir, "run_dir", flag="--run-dir")
 
 
 class RunDirLock:

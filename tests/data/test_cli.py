@@ -68,3 +68,24 @@ def test_a_run_whose_every_document_is_empty_asks_about_text_key(tmp_path, capsy
     main(["data", "run", str(p)])
     assert "every document read was empty: is input.text_key right? (the field holding the text; now 'text')" \
         in capsys.readouterr().out
+
+
+def test_an_output_dir_no_run_could_write_is_a_one_line_error(tmp_path, capsys):
+    """--output (or [output] dir) naming a file, or a path under one, gave a FileExistsError traceback from
+    pipeline.json's write, and '' ran into the current directory (found 2026-12-05): refused before any work."""
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n')
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "c.jsonl"}"]\n[output]\ndir = "{taken}"\n')
+    fix = "set output.dir (--output) to a new or existing directory"
+    for args, message in [([], f"output.dir '{taken}' is an existing file, not a directory; {fix}, or move the "
+                                "file away"),
+                          (["--output", f"{taken}/run"], f"output.dir '{taken}/run' lies under '{taken}', an existing "
+                                                         f"file, not a directory; {fix}, or move the file away"),
+                          (["--output="], f"output.dir is empty; {fix}")]:
+        assert main(["data", "run", str(p), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == f"lmforge data: error: {message}" and "Traceback" not in err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["c.jsonl", "notes.txt", "p.toml"]
+    assert taken.read_text() == "mine\n"

@@ -147,3 +147,87 @@ def test_encode_with_byte_tokenizer(corpus, tmp_path):
     shard = TokenFile(out / "train.bin")
     assert shard.tokenizer == "byte" and shard.doc_sep == 256
     assert _docs(shard) == [list(d.encode()) for d in corpus[1].read_text().split("<|endoftext|>")]
+
+
+def test_an_out_no_writer_could_use_is_refused_before_any_work(tmp_path, capsys):
+    """--out naming a file, or a path under one, gave FileExistsError / NotADirectoryError tracebacks after the
+    training or encoding was done, and --out '' wrote into the current directory (found 2026-12-05)."""
+    (tmp_path / "a.txt").write_text("some text\n" * 20)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    (tmp_path / "tok.json").mkdir()
+    fix = "set --out to a new or existing directory"
+    cases = [
+        (["train", "--vocab-size", "300"], str(taken), f"--out '{taken}' is an existing file, not a directory; "
+                                                       f"{fix}, or move the file away"),
+        (["train", "--vocab-size", "300"], f"{taken}/sub", f"--out '{taken}/sub' lies under '{taken}', an existing "
+                                                           f"file, not a directory; {fix}, or move the file away"),
+        (["train", "--vocab-size", "300"], "", f"--out is empty; {fix}"),
+        (["train", "--vocab-size", "300"], str(tmp_path / "tok.json"),  # a .json --out is the tokenizer file
+         f"--out '{tmp_path / 'tok.json'}' is a directory, not a file; set --out to a file path"),
+        (["encode", "--tokenizer", "byte"], str(taken), f"--out '{taken}' is an existing file, not a directory; "
+                                                        f"{fix}, or move the file away"),
+        (["encode", "--tokenizer", "byte"], "", f"--out is empty; {fix}"),
+    ]
+    for args, out, message in cases:
+        assert lmforge_main(["tokenizer", *args, "--input", str(tmp_path / "a.txt"), "--out", out,
+                             "--progress", "False"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == f"lmforge tokenizer: error: {message}" and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "notes.txt", "tok.json"]
+    assert taken.read_text() == "mine\n" and not any((tmp_path / "tok.json").iterdir())
+    assert lmforge_main(["tokenizer", "train", "--input", str(tmp_path / "a.txt"), "--vocab-size", "260",
+                         "--out", str(tmp_path / "t.json"), "--progress", "False"]) == 0
+    assert load_tokenizer(tmp_path / "t.json").vocab_size == 260
+
+
+@pytest.mark.parametrize("cmd, args", [(cmd, ["--workers", n]) for cmd in ("train", "encode", "stats")
+                                       for n in ("0", "-3")] + [("train", ["--export", "hf"])])
+def test_workers_below_one_and_export_into_a_json_file_are_refused(tmp_path, cmd, args, capsys):
+    """--workers 0 and -3 were taken silently (0 as every core, -3 as one); --export with a .json --out wrote
+    the tokenizer file and then failed to make a directory of the same name."""
+    extra = {"train": ["--vocab-size", "300", "--out", str(tmp_path / "t.json")],
+             "encode": ["--tokenizer", "byte", "--out", str(tmp_path / "o")], "stats": ["--tokenizer", "byte"]}[cmd]
+    with pytest.raises(SystemExit) as e:
+        lmforge_main(["tokenizer", cmd, "--input", str(tmp_path / "a.txt"), *extra, *args])
+    text = " ".join(capsys.readouterr().err.replace("│", " ").split())  # tyro's box, unwrapped
+    want = (f"--workers must be >= 1 (worker processes), got {args[1]}; leave it out to use every core"
+            if args[0] == "--workers" else f"--export writes its files into a directory, but --out "
+            f"'{tmp_path / 't.json'}' names one .json file; give --out a directory")
+    assert e.value.code == 2 and want in text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_encode_without_val_removes_the_earlier_encodes_val_bin(tok_dir, corpus, tmp_path, capsys, monkeypatch):
+    """Encoding into the --out of an earlier encode that wrote a val.bin, without --val-fraction, left that
+    val.bin (of another tokenizer) beside the new train.bin, and the pair was read as one (found 2026-12-05).
+    It is removed once the new train.bin is in place; a val.bin that is not half of such a pair is refused."""
+    import os
+
+    out = tmp_path / "enc"
+    encode = ["tokenizer", "encode", "--input", str(corpus[0]), "--out", str(out), "--progress", "False"]
+    assert lmforge_main([*encode, "--tokenizer", str(tok_dir), "--val-fraction", "0.1"]) == 0
+    before = {n: (out / n).read_bytes() for n in ("train.bin", "val.bin")}
+    capsys.readouterr()
+    real = os.replace
+
+    def killed(a, b):  # the new train.bin never comes: the earlier pair stays as it was
+        if Path(b).name == "train.bin":
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", killed)
+    assert lmforge_main([*encode, "--tokenizer", "byte"]) == 130
+    monkeypatch.undo()
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert lmforge_main([*encode, "--tokenizer", "byte"]) == 0
+    assert os.listdir(out) == ["train.bin"] and TokenFile(out / "train.bin").tokenizer == "byte"
+    assert f"removed {out / 'val.bin'}: an earlier encode's, and this one writes no val.bin" in capsys.readouterr().out
+    (out / "val.bin").write_bytes(before["val.bin"])  # beside no earlier train.bin of its own pair
+    (out / "train.bin").write_text("not a shard")
+    assert lmforge_main([*encode, "--tokenizer", "byte"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"lmforge tokenizer: error: {out / 'val.bin'} is there but is not half of an earlier encode's "
+        "train.bin/val.bin pair, and this encode writes no val.bin (--val-fraction 0), so it would be taken for "
+        "the new train.bin's; move it away, or encode into another directory")
+    assert (out / "val.bin").read_bytes() == before["val.bin"] and (out / "train.bin").read_text() == "not a shard"

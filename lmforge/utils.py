@@ -188,6 +188,9 @@ def pick_device(name: str = "auto") -> str:
             raise ConfigError(f"device {name!r}: Apple MPS is not available here; use --device cpu")
     elif dev.type != "cpu":
         raise ConfigError(f"device {name!r} is not supported by lmforge; {hint}")
+    elif dev.index not in (None, 0):
+        raise ConfigError(f"device {name!r}: the CPU is one device, 'cpu' (its cores are threads, not devices); "
+                          "use --device cpu")
     return name
 
 

@@ -42,7 +42,8 @@ def test_no_mfu_on_cpu():
 
 
 @pytest.mark.parametrize("name, message", [("tpu", "device 'tpu' is not a device torch knows"),
-                                           ("meta", "device 'meta' is not supported by lmforge")])
+                                           ("meta", "device 'meta' is not supported by lmforge"),
+                                           ("cpu:5", "device 'cpu:5': the CPU is one device, 'cpu'")])
 def test_unknown_devices(name, message):
     with pytest.raises(ConfigError, match=message):
         pick_device(name)

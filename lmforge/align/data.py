@@ -181,6 +181,10 @@ class Encoder:
 def read_jsonl(path: str | Path, report: DataReport, on_error: str):
     """(file:line, record) for every line; undecodable lines raise or are counted."""
     path = Path(path)
+    if path.is_dir():
+        from lmforge.train.data import directory_error
+
+        raise directory_error(path, "a JSONL data file", "*.jsonl")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     with open(path, "rb") as f:

@@ -7,6 +7,7 @@ directory, together with the lmforge version and git hash.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 class SourceConfig:
     """One named data source of a mixture (mid-training)."""
 
-    name: str
+    name: str = ""
+    """what metrics.jsonl calls it (tokens/NAME); every source needs one"""
     train: tuple[str, ...] = ()
     val: tuple[str, ...] = ()
     """validation shards; if empty, the last data.val_fraction of the source's training tokens"""
@@ -69,7 +71,8 @@ class DataConfig:
         check(self.seq_len > 0, f"data.seq_len must be > 0, got {self.seq_len}")
         check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
         check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
-        check(self.bytes_per_token >= 0, f"data.bytes_per_token must be >= 0, got {self.bytes_per_token}")
+        check(0 <= self.bytes_per_token < math.inf,
+              f"data.bytes_per_token must be a finite number >= 0, got {self.bytes_per_token}")
         if self.sources or self.phases:
             self._check_mixture()
 
@@ -77,15 +80,20 @@ class DataConfig:
         names = [s.name for s in self.sources]
         check(bool(self.sources) and not self.train and not self.val,
               "data.sources replaces data.train/data.val: give the shards inside each [[data.sources]]")
+        for i, s in enumerate(self.sources):  # [[data.sources]] entries: the i-th such table in the file
+            check(bool(s.name), f"data.sources[{i}] has no name: add name = \"...\" to [[data.sources]] entry {i + 1}")
+            check(bool(s.train), f"data.sources[{i}] ({s.name!r}) has no training shards: add train = [\"...bin\"] "
+                  f"to [[data.sources]] entry {i + 1}")
         check(len(set(names)) == len(names), f"data.sources names must be unique, got {names}")
         check(bool(self.phases), "data.sources needs at least one [[data.phases]] entry (start = 0, weights = [...])")
         starts = [p.start for p in self.phases]
         check(starts[0] == 0 and all(a < b for a, b in zip(starts, starts[1:])) and starts[-1] < 1,
               f"data.phases starts must begin at 0 and increase within [0, 1), got {starts}")
         for i, p in enumerate(self.phases):
-            check(len(p.weights) == len(names) and all(w >= 0 for w in p.weights) and sum(p.weights) > 0,
-                  f"data.phases[{i}].weights must be {len(names)} non-negative numbers (one per source "
-                  f"{names}) with a positive sum, got {list(p.weights)}")
+            check(len(p.weights) == len(names) and all(w >= 0 for w in p.weights)
+                  and 0 < sum(p.weights) < math.inf,
+                  f"data.phases[{i}].weights must be {len(names)} non-negative finite numbers (one per source "
+                  f"{names}) with a positive finite sum, got {list(p.weights)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +147,11 @@ class LoopConfig:
     def __post_init__(self) -> None:
         coerce_fields(self)  # plain dicts for model/data/optim; wrong types name the key
         check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
+        check(bool(self.run_dir.strip()), f"run_dir={self.run_dir!r} would write the run into the current folder; "
+              "name its directory (run_dir = \"runs/NAME\", or \".\" to mean this folder)")
         check(self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum}")
+        # seeds derived from it (seed + 1 + source, align.data's seed * 1_000_003 + epoch) stay within torch's 64 bits
+        check(0 <= self.seed < 2**32, f"seed must lie in [0, 2**32), got {self.seed}")
         check(self.compile or not self.compile_tune,
               "compile_tune = true tunes the kernels torch.compile generates: set compile = true as well")
         check(self.compile or not self.compile_cudagraphs,

@@ -11,13 +11,66 @@ Windows have seq_len + 1 tokens: inputs x = w[:-1], targets y = w[1:].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from lmforge.data.shards import TokenFile
 from lmforge.errors import DataError
+
+PROBE = "The quick brown fox, 1234 times: jumps! éü 日本 \n\tdef f(x): return x ** 2  \u2014 end"
+"""text two tokenizers encode to compare them (ids of one model's data or frozen models must mean its tokens)"""
+
+
+def encode_alike(a, b) -> bool:
+    """Whether two tokenizer objects give PROBE the same ids (tokenizers that differ in merges, bytes or
+    special tokens do not)."""
+    return a.encode(PROBE) == b.encode(PROBE)
+
+
+def tokenizer_spec(spec: str | None, shard: TokenFile) -> str | None:
+    """A tokenizer spec for a shard (its header's, or the run's): a path that names nothing as given is read
+    relative to the shard's folder, where it may have been moved with the shards."""
+    if spec and spec != "byte" and not Path(spec).exists() and (shard.path.parent / spec).exists():
+        return str(shard.path.parent / spec)
+    return spec
+
+
+def _tokenizer_file(shard: TokenFile) -> Path | None:
+    """The file or folder of a shard's tokenizer, resolved (two spellings of one path compare equal); None: a
+    spec that names none ('byte', a content hash, a file not found)."""
+    spec = tokenizer_spec(shard.tokenizer, shard)
+    return Path(spec).resolve() if spec and spec != "byte" and Path(spec).exists() else None
+
+
+def check_one_tokenizer(shards: Iterable[TokenFile]) -> TokenFile:
+    """The first shard, once every other one is known to hold ids of the same tokenizer: the same vocab_size
+    and the same spec, or the same file however spelled (relative, absolute, through a link), or files that
+    load as tokenizers encoding alike (a copy). A shard of another tokenizer (a byte-level val.bin beside BPE
+    training shards) is refused: its ids would be read as other tokens, and its validation loss mean nothing."""
+    from lmforge.tokenizer.load import load_tokenizer
+
+    first, *rest = list(shards)
+    loaded: dict[Path, Any] = {}
+
+    def load(path: Path):
+        if path not in loaded:
+            loaded[path] = load_tokenizer(path)
+        return loaded[path]
+
+    a = _tokenizer_file(first)
+    for shard in rest:
+        b = _tokenizer_file(shard)
+        same = first.vocab_size == shard.vocab_size and (
+            shard.tokenizer == first.tokenizer if a is None or b is None else a == b or encode_alike(load(a), load(b)))
+        if not same:
+            raise DataError(f"{shard.path} was encoded by tokenizer {shard.tokenizer!r} (vocab {shard.vocab_size}) "
+                            f"but {first.path} by {first.tokenizer!r} (vocab {first.vocab_size}), so one id means "
+                            "another token in each; re-encode one with the other's tokenizer (lmforge tokenizer "
+                            "encode --tokenizer ...)")
+    return first
 
 
 @dataclass
@@ -35,13 +88,31 @@ class Split:
         return np.asarray(self.file.tokens[self.start + offset: self.start + offset + length], dtype=np.int64)
 
 
+def directory_error(path: Path, what: str, pattern: str, prefer: str = "", key: str = "") -> DataError:
+    """The error for a directory given where `what` (a file) belongs, naming the files in it that would do
+    (`prefer` when it is there, else those matching `pattern`)."""
+    fits = [path / prefer] if prefer and (path / prefer).is_file() else sorted(path.glob(pattern))
+    names = ", ".join(map(str, fits[:3])) + (", ..." if len(fits) > 3 else "")
+    hint = (f"; give the file in it: {names}" if len(fits) == 1 else f"; give the files in it: {names}" if fits
+            else f", and holds no {pattern} file; give the path of {what}")
+    return DataError(f"{key + ': ' if key else ''}{path} is a directory, not {what}{hint}")
+
+
+def _token_files(paths: tuple[str, ...], key: str) -> list[TokenFile]:
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise directory_error(p, "a token shard file", "*.bin", f"{key.rsplit('.', 1)[-1]}.bin", key)
+    return [TokenFile(p) for p in paths]
+
+
 def open_splits(train: tuple[str, ...], val: tuple[str, ...], val_fraction: float, seq_len: int,
-                model_vocab: int) -> tuple[list[Split], list[Split]]:
-    """Open the shards; without val shards, hold out the last `val_fraction` of every training shard."""
+                model_vocab: int, key: str = "data") -> tuple[list[Split], list[Split]]:
+    """Open the shards; without val shards, hold out the last `val_fraction` of every training shard. `key`
+    names their config section in errors (data, data.sources[1])."""
     if not train:
-        raise DataError("no training data: set data.train to one or more token shard files")
-    files = [TokenFile(p) for p in train]
-    val_files = [TokenFile(p) for p in val]
+        raise DataError(f"no training data: set {key}.train to one or more token shard files")
+    files = _token_files(train, f"{key}.train")
+    val_files = _token_files(val, f"{key}.val")
     for f in files + val_files:
         f.check_vocab(model_vocab)
     if val_files:

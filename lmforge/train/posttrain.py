@@ -49,6 +49,7 @@ from lmforge.align.data import PostDataConfig, build_sources
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
+from lmforge.train.data import encode_alike
 from lmforge.train.distributed import distribute, join, rank_and_world, train_device
 from lmforge.utils import write_json_atomic
 
@@ -126,8 +127,33 @@ def config_class(name: str) -> type[PostTrainConfig]:
                                       kw_only=True)
 
 
-PROBE = "The quick brown fox, 1234 times: jumps! éü 日本 \n\tdef f(x): return x ** 2  \u2014 end"
-"""text both tokenizers encode to compare them (ids of frozen models must mean the policy's tokens)"""
+def scores_text(model: torch.nn.Module) -> bool:
+    """Whether a loaded model is a head that scores text (a reward model, classifier or critic: SequenceHead,
+    ValueModel) rather than a language model with next-token logits; the test by which
+    lmforge.infer.config.limits refuses to generate from one."""
+    return hasattr(model, "head_record") and not hasattr(model, "cache_spec")
+
+
+def not_a_language_model(model: torch.nn.Module, role: str, path: str) -> ConfigError:
+    return ConfigError(f"{role} {path} is a reward model, classifier or critic ({type(model).__name__}: a head on a "
+                       f"language model), which has no next-token logits; give {role} a language model checkpoint "
+                       "(e.g. the one it was trained from)")
+
+
+def continues_head(model: torch.nn.Module, cfg: PostTrainConfig) -> bool:
+    """Whether the init model already is the model this objective trains (`lmforge rm --init` a reward model:
+    its trained head goes on training rather than a fresh one being put on top). A language model: False (the
+    objective wraps it as usual). Any other scoring head is refused (an SFT/DPO init that is a reward model, a
+    classifier or critic under rm)."""
+    if not scores_text(model):
+        return False
+    wrap = objective_spec(cfg.objective).wrap
+    if wrap is None or type(model) is not resolve(wrap) or model.head_record().get("out_dim") != 1:
+        raise not_a_language_model(model, "init", cfg.init)
+    if cfg.lora is not None and cfg.lora.save == "adapters":  # load_model puts adapters on a plain LM base
+        raise ConfigError(f"[lora] adapters alone cannot be saved over the reward model {cfg.init} (their base "
+                          "would itself be a reward model, which checkpoints do not rebuild); set lora.save = 'full'")
+    return True
 
 
 def _frozen_model(path: str, role: str, device: str, tok=None):
@@ -136,9 +162,12 @@ def _frozen_model(path: str, role: str, device: str, tok=None):
     if not path:
         raise ConfigError(f"this objective needs a {role} model: set {role} = 'checkpoint or HF directory'")
     model, own = load_model(path, device=device)
-    if tok is not None and own is not None and own.encode(PROBE) != tok.encode(PROBE):
+    if scores_text(model):
+        raise not_a_language_model(model, f"the {role}", path)
+    if tok is not None and own is not None and not encode_alike(own, tok):
         raise ConfigError(f"the {role} {path} has a tokenizer other than this run's (they encode the same text "
-                          f"differently), so its token ids mean other tokens; use a {role} trained with the same tokenizer")
+                          f"differently), so its token ids mean other tokens; use a {role} trained with the same "
+                          "tokenizer")
     return model
 
 
@@ -209,7 +238,8 @@ def posttrain(cfg: PostTrainConfig):
     torch.manual_seed(cfg.seed)  # the same on every rank: identical heads and data order
     model, tok = load_model(cfg.init, device=device)
     merged = bool(lora_layers(model))  # start_model merges an init's adapters: a LoRA run's base is that model
-    mcfg = model.cfg
+    own_head = continues_head(model, cfg)
+    mcfg = model.backbone.cfg if own_head else model.cfg
     if cfg.data.seq_len > mcfg.max_seq_len and mcfg.pos_emb not in ("rope", "none"):
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the init model's max_seq_len={mcfg.max_seq_len} "
                           f"({mcfg.pos_emb} positions); lower data.seq_len")
@@ -235,7 +265,7 @@ def posttrain(cfg: PostTrainConfig):
     if rank0:
         print(f"data: {report.summary()}")
     objective = build_objective(cfg, cfg.init, device, model, tok)  # frozen models: whole on every rank
-    if spec.wrap:
+    if spec.wrap and not own_head:
         model = resolve(spec.wrap)(model)
     model.train()
     model, train_src, runner = distribute(model, train_src, par, device=device, seq_len=cfg.data.seq_len,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -15,7 +14,7 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.optim import build_optimizer
 from lmforge.train.config import TrainConfig, uses_bf16
-from lmforge.train.data import BatchSampler, eval_windows, open_splits
+from lmforge.train.data import BatchSampler, check_one_tokenizer, eval_windows, open_splits, tokenizer_spec
 from lmforge.train.loss import LMObjective, token_losses
 from lmforge.train.distributed import distribute, join, sum_over_ranks, train_device
 
@@ -72,26 +71,17 @@ class LMEvaluator:
         return out
 
 
-def _resolve_tokenizer(spec: str | None, shard_dir: Path):
-    from lmforge.tokenizer.load import load_tokenizer
-
-    if not spec:
-        return None
-    if spec != "byte" and not Path(spec).exists() and (shard_dir / spec).exists():
-        spec = str(shard_dir / spec)
-    return load_tokenizer(spec)
-
-
 def _mixture(cfg: TrainConfig):
-    """The MixtureSource of data.sources/phases, the first shard (for its tokenizer) and the validation
-    splits of all sources together."""
+    """The MixtureSource of data.sources/phases, and the training and validation splits of all sources
+    together."""
     from lmforge.train.mixture import MixtureSource
 
     d = cfg.data
-    samplers, val = {}, []
+    samplers, train, val = {}, [], []
     for i, src in enumerate(d.sources):
-        tr, va = open_splits(src.train, src.val, d.val_fraction, d.seq_len, cfg.model.vocab_size)
+        tr, va = open_splits(src.train, src.val, d.val_fraction, d.seq_len, cfg.model.vocab_size, f"data.sources[{i}]")
         samplers[src.name] = BatchSampler(tr, 1, d.seq_len, d.sampling, cfg.seed + 1 + i)
+        train += tr
         val += va
     phases = [(round(p.start * cfg.max_steps), list(p.weights)) for p in d.phases]
     starts = [s for s, _ in phases] + [cfg.max_steps]
@@ -102,7 +92,7 @@ def _mixture(cfg: TrainConfig):
         warn_caller(f"data.phases[{empty[0]}] (start {d.phases[empty[0]].start}) covers no step of max_steps="
                     f"{cfg.max_steps} (phases start at steps {starts[:-1]}): its weights are never used")
     mix = MixtureSource(samplers, phases, batch_size=d.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed)
-    return mix, samplers[d.sources[0].name].splits[0].file, val
+    return mix, train, val
 
 
 class Parts(NamedTuple):
@@ -124,12 +114,15 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
     model = (model if model is not None else Transformer(cfg.model)).to(train_device(cfg.device))
     d = cfg.data
     if d.sources:
-        sampler, first, val_splits = _mixture(cfg)
+        sampler, train_splits, val_splits = _mixture(cfg)
     else:
         train_splits, val_splits = open_splits(d.train, d.val, d.val_fraction, d.seq_len, cfg.model.vocab_size)
-        first = train_splits[0].file
         sampler = BatchSampler(train_splits, d.batch_size, d.seq_len, d.sampling, cfg.seed)
-    tokenizer = tokenizer or _resolve_tokenizer(cfg.tokenizer or first.tokenizer, first.path.parent)
+    first = check_one_tokenizer(s.file for s in train_splits + val_splits)
+    if tokenizer is None and (cfg.tokenizer or first.tokenizer):
+        from lmforge.tokenizer.load import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_spec(cfg.tokenizer or first.tokenizer, first))
     if cfg.bf16_residual:
         if not uses_bf16(cfg, train_device(cfg.device)):
             raise ConfigError(f"bf16_residual = true needs bf16 autocast (dtype = '{cfg.dtype}' on "

@@ -16,6 +16,7 @@ from lmforge import checkpoint as ckpt
 from lmforge.align.sft import model_logits
 from lmforge.align.logprobs import sequence_logprobs
 from lmforge.train import posttrain as PT
+from lmforge.train.data import PROBE
 
 from .helpers import post_base
 
@@ -71,7 +72,8 @@ def test_lmforge_sft_command_end_to_end(base, tmp_path):
     out = subprocess.run([sys.executable, "-m", "lmforge", "sft", "--config", str(tmp_path / "sft.toml"),
                           "--max_steps", "8"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "data: 48 records: 48 used (12 held out for validation), 0 truncated" in out.stdout and "done: 8 steps" in out.stdout
+    assert "data: 48 records: 48 used (12 held out for validation), 0 truncated" in out.stdout
+    assert "done: 8 steps" in out.stdout
     run = tmp_path / "run"
     assert [p.name for p in ckpt.checkpoint_dirs(run)] == ["step_000006", "step_000008"]
     meta = json.loads((ckpt.checkpoint_dirs(run)[-1] / "config.json").read_text())
@@ -291,7 +293,7 @@ def test_a_reference_with_another_tokenizer_of_the_same_size_is_refused(base, tm
     from lmforge.errors import ConfigError
     from lmforge.tokenizer.train import train_bpe
 
-    other = train_bpe(iter([PT.PROBE * 20]), 257, special_tokens=[], progress=False, workers=1)  # 256 bytes + 1 merge
+    other = train_bpe(iter([PROBE * 20]), 257, special_tokens=[], progress=False, workers=1)  # 256 bytes + 1 merge
     model, _ = ckpt.load_model(base / "base")
     path = ckpt.save_checkpoint(tmp_path / "other", 1, model, tokenizer=other)
     with pytest.raises(ConfigError, match="the reference .* has a tokenizer other than this run's"):

@@ -1,0 +1,69 @@
+"""Post-training from a model that scores text (a reward model, a critic): refused as the init, teacher or
+reference of a language-model objective in one line; `lmforge rm` from a reward model goes on training it."""
+
+import re
+
+import pytest
+import torch
+
+from lmforge import checkpoint as ckpt
+from lmforge.errors import ConfigError
+from lmforge.train import posttrain as PT
+from lmforge.train.trainer import Trainer
+
+from . import test_trainer_objectives as post
+
+base = post.base  # the fixture: a tiny pretrained checkpoint and chat / preference JSONL files
+
+
+@pytest.fixture(scope="module")
+def reward_model(base):
+    PT.posttrain(post._cfg(base, base / "rm", "rm", max_steps=2, plot=False))
+    return base / "rm"
+
+
+def _chat(base):
+    return {"train": [str(base / "chat.jsonl")], "template": "plain", "seq_len": 64, "batch_size": 4}
+
+
+def test_a_model_that_scores_text_is_refused_as_init_teacher_or_reference(base, reward_model, tmp_path):
+    from lmforge.align.value import ValueModel
+
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            f"init {reward_model} is a reward model, classifier or critic (SequenceHead: a head on a language "
+            "model), which has no next-token logits; give init a language model checkpoint")):
+        PT.posttrain(post._cfg(base, tmp_path / "sft", init=str(reward_model)))
+    with pytest.raises(ConfigError, match=rf"^the teacher {reward_model} is a reward model, .*; give the teacher a "):
+        PT.posttrain(post._cfg(base, tmp_path / "distill", "distill", teacher=str(reward_model), data=_chat(base)))
+    with pytest.raises(ConfigError, match=rf"^the reference {reward_model} is a reward model"):
+        PT.posttrain(post._cfg(base, tmp_path / "dpo", "dpo", reference=str(reward_model)))
+    lm, tok = ckpt.load_model(base / "base")
+    critic = ckpt.save_checkpoint(tmp_path / "critic", 1, ValueModel(lm), tokenizer=tok)
+    with pytest.raises(ConfigError, match=rf"^init {critic} is a reward model, classifier or critic \(ValueModel"):
+        PT.posttrain(post._cfg(base, tmp_path / "rm", "rm", init=str(critic)))
+    assert not any((tmp_path / run).exists() for run in ("sft", "distill", "dpo", "rm"))
+
+
+def test_a_reward_model_goes_on_training_from_a_reward_model_with_its_trained_head(base, reward_model, tmp_path,
+                                                                                   monkeypatch):
+    from lmforge.align.reward import SequenceHead
+    from lmforge.model.transformer import Transformer
+
+    started = []
+    with monkeypatch.context() as m:  # the model the run starts from, as the Trainer gets it
+        m.setattr(Trainer, "fit", lambda self: started.append(self.model))
+        PT.posttrain(post._cfg(base, tmp_path / "a", "rm", init=str(reward_model), plot=False))
+    model, saved = started[0], ckpt.load_model(reward_model)[0].state_dict()
+    assert type(model) is SequenceHead and type(model.backbone) is Transformer  # not a head on a head
+    assert model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(t, saved[n]) for n, t in model.state_dict().items())  # the trained head and trunk
+    res = PT.posttrain(post._cfg(base, tmp_path / "b", "rm", init=str(reward_model), max_steps=2, plot=False))
+    assert res.steps == 2 and type(ckpt.load_model(tmp_path / "b")[0]) is SequenceHead
+    lora = {"r": 2, "targets": ["wq"]}
+    with pytest.raises(ConfigError, match=rf"^\[lora\] adapters alone cannot be saved over the reward model "
+                                          rf"{reward_model} .*; set lora.save = 'full'$"):
+        PT.posttrain(post._cfg(base, tmp_path / "c", "rm", init=str(reward_model), lora=lora))
+    PT.posttrain(post._cfg(base, tmp_path / "d", "rm", init=str(reward_model), lora={**lora, "save": "full"},
+                           max_steps=2, plot=False))
+    adapted = ckpt.load_model(tmp_path / "d")[0]
+    assert type(adapted) is SequenceHead and type(adapted.backbone) is Transformer

@@ -1,0 +1,133 @@
+"""Pretraining input refused before a run starts: shards of two tokenizers in one run (not the same tokenizer
+spelled two ways), a directory where a shard file belongs, values that would overflow or never train."""
+
+import dataclasses
+import math
+import shutil
+
+import pytest
+
+from lmforge.data.shards import write_tokens
+from lmforge.errors import ConfigError, DataError
+from lmforge.model.config import ModelConfig
+from lmforge.optim.config import OptimConfig
+from lmforge.train.config import DataConfig, LoopConfig, PhaseConfig, SourceConfig
+from lmforge.train.pretrain import pretraining_parts
+
+from .helpers import make_shard, synthetic_text, tiny_config
+
+MODEL = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
+
+
+def _bpe(text: str):
+    from lmforge.tokenizer.train import train_bpe
+
+    return train_bpe(iter([text]), 300, special_tokens=[], progress=False, workers=1)
+
+
+def _config(tmp_path, train, val=(), run="run"):
+    cfg = tiny_config(train[0], tmp_path / run, model=MODEL, max_steps=10)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=tuple(map(str, train)),
+                                                             val=tuple(map(str, val))))
+
+
+@pytest.fixture
+def bpe_shards(tmp_path):
+    """A BPE tokenizer saved at tmp/tok/tok.json and the synthetic text encoded by it as tmp/a/train.bin."""
+    tok = _bpe(synthetic_text())
+    path = tok.save(tmp_path / "tok" / "tok.json")
+    ids = tok.encode(synthetic_text(seed=1))
+    train = write_tokens(tmp_path / "a" / "train.bin", ids, vocab_size=300, tokenizer=str(path))
+    return tok, path, ids, train
+
+
+def test_one_tokenizer_spelled_two_ways_or_copied_is_accepted(tmp_path, bpe_shards):
+    tok, path, ids, train = bpe_shards
+    relative = write_tokens(tmp_path / "a" / "val.bin", ids, vocab_size=300, tokenizer="../tok/tok.json")
+    shutil.copy(path, tmp_path / "copy.json")
+    copied = write_tokens(tmp_path / "b" / "val.bin", ids, vocab_size=300, tokenizer=str(tmp_path / "copy.json"))
+    for val in (relative, copied):
+        parts = pretraining_parts(_config(tmp_path, [train], [val]))
+        assert parts.tokenizer.encode("the cat sat") == tok.encode("the cat sat")
+
+
+def test_shards_of_another_tokenizer_are_refused_naming_both_files(tmp_path, bpe_shards):
+    tok, path, ids, train = bpe_shards
+    byte = make_shard(tmp_path / "byte" / "val.bin")  # vocab 257, tokenizer 'byte'
+    with pytest.raises(DataError, match=rf"{byte} was encoded by tokenizer 'byte' \(vocab 257\) but {train} by "
+                                        rf"'{path}' \(vocab 300\), so one id means another token in each; re-encode"):
+        pretraining_parts(_config(tmp_path, [train], [byte]))
+    with pytest.raises(DataError, match=rf"{train} was encoded by .* but {byte} by 'byte'"):
+        pretraining_parts(_config(tmp_path, [byte], [train]))
+    # the same vocabulary size, other merges: the two files load as tokenizers that encode text differently
+    other = _bpe("zebra quartz jumps vexing " * 200).save(tmp_path / "other.json")
+    val = write_tokens(tmp_path / "c" / "val.bin", ids, vocab_size=300, tokenizer=str(other))
+    with pytest.raises(DataError, match=rf"{val} was encoded by tokenizer '{other}' \(vocab 300\)"):
+        pretraining_parts(_config(tmp_path, [train], [val]))
+    cfg = _config(tmp_path, [train])  # a mixture's sources: every source's shards
+    data = DataConfig(seq_len=32, batch_size=8, sources=(SourceConfig(name="bpe", train=(str(train),)),
+                                                         SourceConfig(name="byte", train=(str(byte),))),
+                      phases=(PhaseConfig(start=0.0, weights=(1.0, 1.0)),))
+    with pytest.raises(DataError, match=rf"{byte} was encoded by tokenizer 'byte' \(vocab 257\) but {train}"):
+        pretraining_parts(dataclasses.replace(cfg, data=data))
+
+
+def test_a_directory_given_for_a_shard_names_the_shards_in_it(tmp_path, bpe_shards):
+    tok, path, ids, train = bpe_shards
+    folder = train.parent
+    with pytest.raises(DataError, match=rf"^data.train: {folder} is a directory, not a token shard file; give the "
+                                        rf"file in it: {train}$"):
+        pretraining_parts(_config(tmp_path, [folder]))
+    with pytest.raises(DataError, match=rf"^data.val: {tmp_path / 'tok'} is a directory, .* and holds no \*.bin file"):
+        pretraining_parts(_config(tmp_path, [train], [tmp_path / "tok"]))
+    cfg = _config(tmp_path, [train])
+    data = DataConfig(seq_len=32, batch_size=8, sources=(SourceConfig(name="s", train=(str(tmp_path),)),),
+                      phases=(PhaseConfig(start=0.0, weights=(1.0,)),))
+    with pytest.raises(DataError, match=rf"^data.sources\[0\].train: {tmp_path} is a directory, .* holds no "):
+        pretraining_parts(dataclasses.replace(cfg, data=data))
+    shutil.copy(train, folder / "more.bin")
+    with pytest.raises(DataError, match=rf"give the files in it: {folder / 'more.bin'}, {train}$"):
+        pretraining_parts(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=(str(folder),))))
+
+
+def test_an_sft_data_folder_names_the_jsonl_files_in_it(tmp_path):
+    from lmforge.align.data import DataReport, read_jsonl
+
+    with pytest.raises(DataError, match=rf"^{tmp_path} is a directory, not a JSONL data file, and holds no "):
+        list(read_jsonl(tmp_path, DataReport(), "raise"))
+    (tmp_path / "chat.jsonl").write_text('{"text": "hi"}\n')
+    with pytest.raises(DataError, match=rf"^{tmp_path} is a directory, not a JSONL data file; give the file in "
+                                        rf"it: {tmp_path / 'chat.jsonl'}$"):
+        list(read_jsonl(tmp_path, DataReport(), "raise"))
+
+
+def test_values_that_would_overflow_or_never_train_are_refused():
+    assert LoopConfig(seed=2**32 - 1).seed == 2**32 - 1
+    for seed in (2**32, 10**20, -1):
+        with pytest.raises(ConfigError, match=rf"^seed must lie in \[0, 2\*\*32\), got {seed}$"):
+            LoopConfig(seed=seed)
+    for run_dir in ("", "  "):
+        with pytest.raises(ConfigError, match=rf"^run_dir='{run_dir}' would write the run into the current folder"):
+            LoopConfig(run_dir=run_dir)
+    assert LoopConfig(run_dir=".").run_dir == "."
+    for name in ("lr", "eps", "weight_decay", "grad_clip", "head_lr", "precond_eps", "clip_threshold"):
+        for bad in (math.inf, math.nan):
+            with pytest.raises(ConfigError, match=rf"^optim.{name} must be (a finite number|> 0|>= 0)"):
+                OptimConfig(**{name: bad})
+    with pytest.raises(ConfigError, match=r"^optim.lr must be a finite number, got inf$"):
+        OptimConfig(lr=math.inf)
+    with pytest.raises(ConfigError, match=r"^data.bytes_per_token must be a finite number >= 0, got inf$"):
+        DataConfig(bytes_per_token=math.inf)
+
+
+def test_bad_mixture_entries_name_their_own_fields():
+    a, b = SourceConfig(name="a", train=("x.bin",)), SourceConfig(name="b", train=("y.bin",))
+    for weights in ((math.inf, 1.0), (1e308, 1e308)):  # the second: a sum that overflows
+        with pytest.raises(ConfigError, match=r"data.phases\[0\].weights must be 2 non-negative finite numbers"):
+            DataConfig(sources=(a, b), phases=(PhaseConfig(start=0.0, weights=weights),))
+    phases = (PhaseConfig(start=0.0, weights=(1.0, 1.0)),)
+    with pytest.raises(ConfigError, match=r'^data.sources\[1\] has no name: add name = "..." to \[\[data.sources\]\] '
+                                          r"entry 2$"):
+        DataConfig(sources=(a, SourceConfig(train=("y.bin",))), phases=phases)
+    with pytest.raises(ConfigError, match=r"^data.sources\[1\] \('b'\) has no training shards: add train = "):
+        DataConfig(sources=(a, SourceConfig(name="b")), phases=phases)

@@ -158,9 +158,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | Non
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING and n not in data and n not in kwargs]
     if required:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"missing config key '{prefix}{required[0]}' (a [{prefix}{required[0]}] table or "
-                          f"{prefix}{required[0]} = ...); it has no default")
+        prefix, key = f"{where}." if where else "", required[0]
+        form = f"a [{prefix}{key}] table" if dataclasses.is_dataclass(hints[key]) else f"{key} = ..."
+        raise ConfigError(f"missing config key '{prefix}{key}' ({form}); it has no default")
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
         default = _default(fields[name], base) if isinstance(value, dict) else None

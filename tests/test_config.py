@@ -3,6 +3,8 @@ accepted where a user would pass them, with the same meaning as the typed values
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -166,8 +168,16 @@ def test_a_pipeline_is_refused_for_losses_it_would_drop():
 def test_a_missing_required_key_is_named():
     from lmforge.data.pipeline import PipelineConfig
 
-    with pytest.raises(ConfigError, match=r"missing config key 'input' \(a \[input\] table or input = ...\)"):
+    with pytest.raises(ConfigError, match=r"missing config key 'input' \(a \[input\] table\)"):
         from_dict(PipelineConfig, {"output": {"dir": "x"}})
+
+    @dataclasses.dataclass
+    class Source:
+        name: str
+
+    # a scalar's form (it suggested a [data.sources[1].name] table too)
+    with pytest.raises(ConfigError, match=r"missing config key 'data.sources\[1\].name' \(name = ...\)"):
+        from_dict(Source, {}, "data.sources[1]")
 
 
 def test_help_names_the_sections_that_are_off(capsys):

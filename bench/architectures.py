@@ -4,7 +4,10 @@
    torch._grouped_mm where it applies, else one matmul per expert over the sorted rows) vs the per-expert
    loop reference. bench/moe_kernels.py compares every gemm (torch, Triton, loop) side by side.
 2. KV-cache bytes per token and decode step time at equal width (same d_model, heads, layers):
-   MHA, GQA (n_kv = H/4), MLA (latent r + shared rope key, absorbed inference path).
+   MHA, GQA (n_kv = H/4), MLA (latent r + shared rope key, absorbed inference path), and MLA with the latents
+   expanded each step (the same weights: its first decode logits are compared with the absorbed path's).
+A fast path's output (and, for the MoE layer, gradients) must match its reference's (max |x - ref| / max |ref| <=
+1e-4 fp32, 3e-2 bf16: bench.common.TOLERANCE) or its row says FAIL and it is not timed.
 3. Training throughput (the Trainer's step: forward, loss + aux loss, backward, AdamW) of an MoE model vs a
    dense model with the same active parameters per token (dense d_ff = top_k · d_expert).
 
@@ -20,21 +23,27 @@ import dataclasses
 import json
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from lmforge.model.cache import KVCache
-from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig
-from lmforge.model.layers.mla import MLACache
-from lmforge.model.layers.moe import MoE
-from lmforge.model.transformer import Transformer
-from lmforge.optim.config import OptimConfig
-from lmforge.train.config import LoopConfig
-from lmforge.train.harness import FixedBatches, StepTimer, scratch_trainer
-from lmforge.train.loss import LMObjective
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import TOLERANCE, compare, output_and_grads, parse_sections, rel_err, verdict  # noqa: E402
+from lmforge.model.cache import KVCache  # noqa: E402
+from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig  # noqa: E402
+from lmforge.model.layers.mla import MLACache  # noqa: E402
+from lmforge.model.layers.moe import MoE  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+from lmforge.optim.config import OptimConfig  # noqa: E402
+from lmforge.train.config import LoopConfig  # noqa: E402
+from lmforge.train.harness import FixedBatches, StepTimer, scratch_trainer  # noqa: E402
+from lmforge.train.loss import LMObjective  # noqa: E402
+
+SECTIONS = ("moe", "decode", "train")
 
 SIZES = {  # device -> sizes of each section
     "cpu": dict(moe=dict(d=256, E=8, k=2, de=512, tokens=2048), moe_fine=dict(d=256, E=32, k=4, de=128, tokens=2048),
@@ -68,22 +77,23 @@ def bench_moe(device: str, dtype, s: dict, reps: int) -> list[dict]:
             p.normal_(0, 0.02)
     x = torch.randn(1, s["tokens"], s["d"], device=device, dtype=dtype, requires_grad=True)
     kernel = _grouped_kernel(layer, x)
-    with torch.no_grad():  # the fast path must agree with its reference on this device and dtype
-        layer.dispatch = "loop"
-        ref = layer(x).float()
-        layer.dispatch = "grouped"
-        diff = (layer(x).float() - ref).abs().max().item() / ref.abs().max().item()
+    # the fast path must agree with its reference on this device and dtype (output and gradients), or it is not timed
+    layer.dispatch = "loop"
+    want = output_and_grads(layer, x)
+    layer.dispatch = "grouped"
+    errs = compare(output_and_grads(layer, x), want)
     rows = []
     for dispatch in ("grouped", "loop"):
         layer.dispatch = dispatch
-
-        def step():
-            layer(x).float().square().mean().backward()
-
-        sec = _timeit(step, reps, device)
-        rows.append(dict(experts=s["E"], top_k=s["k"], d_model=s["d"], d_expert=s["de"], tokens=s["tokens"],
-                         dispatch=dispatch if dispatch == "loop" else f"grouped ({kernel})", tokens_per_s=s["tokens"] / sec, ms=sec * 1e3,
-                         rel_diff_vs_loop=diff if dispatch == "grouped" else 0.0))
+        row = dict(experts=s["E"], top_k=s["k"], d_model=s["d"], d_expert=s["de"], tokens=s["tokens"],
+                   dispatch=dispatch if dispatch == "loop" else f"grouped ({kernel})",
+                   tokens_per_s=float("nan"), ms=float("nan"),
+                   rel_diff_vs_loop=errs["forward"] if dispatch == "grouped" else 0.0,
+                   check=verdict(errs, TOLERANCE[dtype]) if dispatch == "grouped" else "reference")
+        if row["check"] in ("ok", "reference"):
+            sec = _timeit(lambda: layer(x).float().square().mean().backward(), reps, device)
+            row.update(tokens_per_s=s["tokens"] / sec, ms=sec * 1e3)
+        rows.append(row)
     return rows
 
 
@@ -105,10 +115,14 @@ def _dec_configs(s: dict) -> dict[str, ModelConfig]:
 
 @torch.no_grad()
 def bench_decode(device: str, dtype, s: dict, reps: int) -> list[dict]:
+    """Decode step time per attention kind. The MLA rows share weights and prompt (reseeded), and the expanded
+    path's first decode logits are compared with the absorbed path's before it is timed."""
     rows = []
     configs = list(_dec_configs(s).items())
     configs.append((configs[-1][0] + ", latents expanded each step", configs[-1][1]))
+    absorbed = None
     for name, cfg in configs:
+        torch.manual_seed(0)  # the same weights and prompt wherever the config is the same (MLA absorbed / expanded)
         model = Transformer(cfg).to(device, dtype).eval()
         mla = cfg.attention == "mla"
         if "expanded" in name:  # no absorption: rebuild every head's keys/values from all latents each step
@@ -117,11 +131,15 @@ def bench_decode(device: str, dtype, s: dict, reps: int) -> list[dict]:
         per_tok = MLACache.bytes_per_token(cfg, 2) if mla else cfg.n_layers * 2 * cfg.kv_heads * cfg.hd * 2
         ids = torch.randint(0, cfg.vocab_size, (s["batch"], s["prefix"]), device=device)
         step_ids = ids[:, :1]
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-        def decode():
+        def prefilled():
             cache = (MLACache if mla else KVCache).for_model(model, s["batch"], cfg.max_seq_len, dtype=dtype)
             model(ids, cache=cache)
-            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+            return cache
+
+        def decode():
+            cache = prefilled()
             sync()
             t = time.perf_counter()
             for _ in range(s["steps"]):
@@ -129,9 +147,19 @@ def bench_decode(device: str, dtype, s: dict, reps: int) -> list[dict]:
             sync()
             return (time.perf_counter() - t) / s["steps"]
 
-        step = statistics.median(decode() for _ in range(reps))
-        rows.append(dict(attention=name, cache_bytes_per_token_bf16=per_tok, params=model.num_params(),
-                         batch=s["batch"], context=s["prefix"], decode_step_ms=step * 1e3))
+        row = dict(attention=name, cache_bytes_per_token_bf16=per_tok, params=model.num_params(),
+                   batch=s["batch"], context=s["prefix"], decode_step_ms=float("nan"),
+                   rel_diff_vs_absorbed=float("nan"), check="-")
+        if mla:  # the first decode step's logits: the expanded path must give the absorbed path's
+            logits = model(step_ids, cache=prefilled()).float()
+            if absorbed is None:
+                absorbed, row["check"] = logits, "reference"
+            else:
+                row["rel_diff_vs_absorbed"] = rel_err(logits, absorbed)
+                row["check"] = verdict({"logits": row["rel_diff_vs_absorbed"]}, TOLERANCE[dtype])
+        if row["check"] in ("-", "reference", "ok"):
+            row["decode_step_ms"] = statistics.median(decode() for _ in range(reps)) * 1e3
+        rows.append(row)
         del model
     mha = rows[0]["cache_bytes_per_token_bf16"]
     for r in rows:
@@ -177,11 +205,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--sections", default="moe,decode,train")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); on a shared "
                     "machine 1 avoids OpenMP threads spinning while descheduled")
     args = ap.parse_args()
+    sections = parse_sections(ap, args.sections, SECTIONS)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
@@ -192,7 +221,6 @@ def main() -> None:
     result = dict(date=datetime.now(timezone.utc).isoformat(timespec="minutes"), hardware=hw, dtype=str(dtype),
                   torch=torch.__version__, grouped_mm=hasattr(torch, "_grouped_mm"))
     print(f"# {hw}, {dtype}, torch {torch.__version__}, {result['date']}")
-    sections = args.sections.split(",")
     out = Path(args.out or Path(__file__).parent / "results" / f"architectures_{dev}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = [("moe", "moe_layer", "MoE layer, forward+backward",

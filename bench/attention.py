@@ -54,11 +54,13 @@ def triton_variant(dq_mode: str, tma: bool | None = None):
     return run
 
 
-def bench_ms(fn, dev) -> float:
+def bench_ms(fn, dev, grad_to_none=None) -> float:
+    """Median milliseconds of fn (do_bench's default is the mean); grad_to_none: tensors whose .grad is reset
+    before each call, so a forward+backward does not time accumulating into the previous call's gradients."""
     if dev.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
     fn()  # CPU smoke: one warm run, one timed
     t = time.perf_counter()
     fn()
@@ -94,7 +96,7 @@ def measure(rows, name, run, B, H, N, hd, dev, dtype):
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         fwd_flops = 4 * B * H * N * N * hd / 2
         row["fwd_ms"] = bench_ms(lambda: run(q, k, v), dev)
-        row["fwdbwd_ms"] = bench_ms(lambda: run(q, k, v).backward(do), dev)
+        row["fwdbwd_ms"] = bench_ms(lambda: run(q, k, v).backward(do), dev, grad_to_none=[q, k, v])
         row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
         row["fwdbwd_tflops"] = 3.5 * fwd_flops / row["fwdbwd_ms"] / 1e9
         row["ok"] = row["err_out"] < 2e-2 and row["err_grad"] < 2e-2
@@ -200,7 +202,7 @@ def measure_packed(rows, N: int, B: int, mean_len: int, smoke: bool, dev, dtype)
             out = run(qq, kk, vv)
             ref = out.detach().float() if ref is None else ref
             row["err_out"] = ((out.float() - ref).abs().max() / ref.abs().max()).item()
-            row["fwdbwd_ms"] = bench_ms(lambda: run(qq, kk, vv).backward(do), dev)
+            row["fwdbwd_ms"] = bench_ms(lambda: run(qq, kk, vv).backward(do), dev, grad_to_none=[qq, kk, vv])
         except Exception as e:  # noqa: BLE001 - one variant failing must not end the run
             row["note"] = failure(e)
         rows.append(row)
@@ -214,7 +216,7 @@ def measure_packed(rows, N: int, B: int, mean_len: int, smoke: bool, dev, dtype)
             def step():  # a new AttnMetadata per step, as the SFT data source builds one per batch
                 logits = model(ids, positions=pos, meta=AttnMetadata.packed(doc))
                 F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten()).backward()
-            row["fwdbwd_ms"] = bench_ms(step, dev)
+            row["fwdbwd_ms"] = bench_ms(step, dev, grad_to_none=list(model.parameters()))
         except Exception as e:  # noqa: BLE001
             row["note"] = failure(e)
         rows.append(row)

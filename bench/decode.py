@@ -18,7 +18,9 @@ whole captured step, and saved). "agree" = common prefix with the plain eager en
 generated: random-init logits have near-ties that bf16 rounding in different kernels can flip, after which
 free-running outputs diverge legitimately.
 Roofline: batch-1 decode must read every weight once per token, so tokens/s <= copy bandwidth / weight
-bytes, with the bandwidth measured here by a device-to-device copy (bytes read + written).
+bytes, with the bandwidth measured here by a device-to-device copy (bytes read + written). Of the untied token
+embedding a step reads one row (bench.common.decode_weight_bytes: 2.069 GB for the 1.1B shape; runs before
+2026-12-05 counted the whole 131 MB table, 2.200 GB).
 
 Prints a table and writes JSON (bench/results/decode.json, or $OUT/decode.json when OUT is set).
 """
@@ -31,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import decode_weight_bytes, parse_sections  # noqa: E402
 from lmforge.infer.detok import IdTokenizer  # noqa: E402
 from lmforge.infer.engine import EngineConfig  # noqa: E402
 from lmforge.infer.llm import LLM  # noqa: E402
@@ -53,6 +57,7 @@ LLAMA_1B = dict(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_he
                 max_seq_len=512, pos_emb="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False)
 TINY = dict(LLAMA_1B, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=128, vocab_size=512, init_std=0.2)
 SECTIONS = ("plain", "graph", "kernels", "spec", "hf")
+EXTRA_SECTIONS = ("gemv", "profile")
 
 
 def sync(dev: torch.device) -> None:
@@ -72,7 +77,7 @@ def copy_bandwidth(dev: torch.device) -> float:
         sync(dev)
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    return 2 * 4 * n / sorted(times)[len(times) // 2]
+    return 2 * 4 * n / statistics.median(times)
 
 
 def decode_attention():
@@ -301,14 +306,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernel-variants", default="full", choices=["short", "full"],
                     help="short: configs as chosen, reloaded from disk, no prefetch; full: + no evict hint, no PDL")
     args = ap.parse_args(argv)
-    sections = set(args.sections.split(","))
+    sections = set(parse_sections(ap, args.sections, SECTIONS + EXTRA_SECTIONS))
+    if args.kernel_configs:  # refused now, not after the plain rows have run (the kernel rows load it again)
+        from lmforge.errors import ConfigError
+        from lmforge.kernels.tuning import KernelConfigs
+
+        try:
+            KernelConfigs.load(Path(args.kernel_configs))
+        except ConfigError as e:
+            ap.error(str(e))
     dev = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     new, batches = args.new_tokens, [int(b) for b in args.batches.split(",")]
     torch.manual_seed(0)
     with torch.device(dev):
         model = Transformer(ModelConfig(**(TINY if args.quick else LLAMA_1B))).to(dtype).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = decode_weight_bytes(model)  # one row of the token embedding, not the table
     bw = copy_bandwidth(dev)
     out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     rep = Report(out_dir / ("decode_quick.json" if args.quick else "decode.json"), {
@@ -317,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__, "command": "python bench/decode.py " + " ".join(argv or sys.argv[1:]),
         "params": model.num_params(), "weight_bytes": weight_bytes, "copy_bandwidth_Bps": bw,
         "roofline_tok_s": bw / weight_bytes, "prompt_len": args.prompt_len, "new_tokens": new})
-    print(f"{rep.meta['device']}: {model.num_params() / 1e9:.3f}B params, {weight_bytes / 1e9:.2f} GB, "
+    print(f"{rep.meta['device']}: {model.num_params() / 1e9:.3f}B params, {weight_bytes / 1e9:.3f} GB read per token, "
           f"copy {bw / 1e12:.2f} TB/s -> roofline {bw / weight_bytes:.0f} tok/s at batch 1", flush=True)
     if "gemv" in sections and dev.type == "cuda":
         print(gemv_table(model), flush=True)

@@ -59,6 +59,9 @@ def main():
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--configs", type=int, default=len(dl.LAYER_CONFIGS), help="the first N candidates")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/decode_layer.py times CUDA graphs and needs a CUDA GPU (the layer kernel's CPU checks, "
+                         "in Triton's interpreter: tests/kernels/test_decode_layer.py)")
     dev = torch.device("cuda")
     L, H, KV, hd, D, FF = args.layers, 32, 4, 64, 2048, 5632
     t = build(L, H, KV, hd, D, FF, args.context, 16, torch.bfloat16, dev)
@@ -88,6 +91,8 @@ def main():
         rows.append((s, config))
         print(f"one launch {config}: {s / L * 1e6:.1f} us/layer, {weight_bytes / s / 1e12:.2f} TB/s "
               f"({weight_bytes / s / bw:.1%} of copy)", flush=True)
+    if not rows:
+        raise SystemExit("every configuration failed: see the errors above")
     best = min(rows)[1]
     s = timed(run(best, split=True))
     print(f"five launches {best}: {s / L * 1e6:.1f} us/layer", flush=True)

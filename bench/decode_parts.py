@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench.common import decode_weight_bytes  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.infer import kernel_step as kstep  # noqa: E402
 from lmforge.kernels import decode as kd  # noqa: E402
@@ -114,10 +115,12 @@ class Filter:
 
 
 def weight_bytes(model) -> dict[str, int]:
-    """Bytes of weight matrices each kind reads per token (the small norm gains left out)."""
+    """Bytes of weight matrices each kind reads per token (the small norm gains left out; with them the kinds sum
+    to bench.common.decode_weight_bytes, the roofline's bytes in bench/decode.py). embed reads one row."""
     n = lambda p: p.numel() * p.element_size()  # noqa: E731
     b = model.blocks
-    return dict(embed=model.cfg.d_model * 2, qkv=sum(n(p) for x in b for p in x.attn.parameters()) - sum(n(x.attn.wo.weight) for x in b),
+    emb = model.tok_emb.weight
+    return dict(embed=n(emb[0]), qkv=sum(n(p) for x in b for p in x.attn.parameters()) - sum(n(x.attn.wo.weight) for x in b),
                 attn=0, o=sum(n(x.attn.wo.weight) for x in b), gu=sum(n(x.mlp.gate.weight) + n(x.mlp.up.weight) for x in b),
                 down=sum(n(x.mlp.down.weight) for x in b), head=n(model.lm_head.weight))
 
@@ -208,7 +211,7 @@ def parts_table(step, model, tok, pos, timed, dev) -> tuple[int, float | None]:
             nulled[k] = timed(lambda: step.step(tok, pos))
             f.null = set()
     wb = weight_bytes(model)
-    total = sum(wb.values())
+    total = decode_weight_bytes(model)  # the kinds plus the norm gains: the bytes bench/decode.py divides by
     bw = None
     rows = bounds(model, timed, dev)
     if rows:
@@ -256,7 +259,7 @@ def main() -> None:
     tok = torch.zeros(1, dtype=torch.long, device=dev)
     pos = torch.full((1,), args.context, dtype=torch.long, device=dev)
     timed = timer(args.reps)
-    total, bw = sum(weight_bytes(model).values()), None
+    total, bw = decode_weight_bytes(model), None
     if not args.no_parts:
         total, bw = parts_table(step, model, tok, pos, timed, dev)
     if args.attend or args.compare:

@@ -36,8 +36,9 @@ the second pass, as nano-vllm's benchmark times a warmed-up LLM; the first pass 
 Engine captures a decode CUDA graph per new batch bucket, Triton compiles a kernel variant per new shape
 class). Every row reports the first-use work inside its timed pass (`first_use`: compiles, captures and
 their seconds; bench/profiling.one_time_costs). The prefix rows time one pass on a fresh engine.
-Roofline per decode step: max(bytes / copy bandwidth, FLOPs / matmul peak) with bytes = weights + the KV
-of every live sequence, FLOPs = 2 x params x live sequences (+ attention); prefill adds its FLOPs. Copy
+Roofline per decode step: max(bytes / copy bandwidth, FLOPs / matmul peak) with bytes = weights (one row
+of an untied token embedding) + the KV of every live sequence, FLOPs = 2 x Linear weights x live sequences
+(+ attention); prefill adds its FLOPs (before 2026-12-05 both counted the whole untied embedding table). Copy
 bandwidth and the bf16 matmul peak are measured here. Prints a table; writes JSON to $OUT (or bench/results)
 /engine_<shapes>.json. Rows print as they finish, so a run cut short still reports what it measured.
 """
@@ -50,6 +51,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -59,6 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import decode_weight_bytes, parse_sections  # noqa: E402
 from lmforge.infer.detok import IdTokenizer  # noqa: E402
 from lmforge.infer.engine import Engine, EngineConfig  # noqa: E402
 from lmforge.infer.kv.paged import decode_kernel  # noqa: E402
@@ -74,6 +77,7 @@ SHAPES = {
                        tie_embeddings=False),
 }
 COMMON = dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", max_seq_len=4096)
+SECTIONS = ("check", "profile", "offline", "unfused", "sync", "fixed", "batch1", "prefix", "baseline", "hf", "hf_batch")
 SMOKE = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, init_std=0.2)
 
 
@@ -164,7 +168,7 @@ def _one_pass(engine: Engine, model, reqs, dev) -> dict:
             "prefix_hit_rate": st["prefix_hit_rate"], "preemptions": st["preemptions"] - preempted,
             "steps_with_prefill": phases["mixed"][0], "prefill_phase_s": phases["mixed"][1],
             "decode_steps": phases["decode"][0], "decode_phase_s": phases["decode"][1],
-            "decode_ms_by_batch": {f"{b}-{b + 63}": round(1e3 * sorted(v)[len(v) // 2], 2)
+            "decode_ms_by_batch": {f"{b}-{b + 63}": round(1e3 * statistics.median(v), 2)
                                    for b, v in sorted(by_batch.items())},
             "first_use": (f"{once['triton_compiles']} Triton compiles {once['triton_compile_s']:.2f} s "
                           f"{dict(sorted(once['compiled'].items(), key=lambda kv: -kv[1])[:3])}, "
@@ -245,18 +249,21 @@ def check(model, dev) -> dict:
 
 
 def roofline(model, reqs, dev, bw: float, peak: float) -> dict:
-    """Tokens/s bound of the whole workload, all requests decoding together (they fit on the device)."""
-    params = sum(p.numel() for p in model.parameters())
-    wbytes = params * next(model.parameters()).element_size()
+    """Tokens/s bound of the whole workload, all requests decoding together (they fit on the device). A step
+    reads every weight once but only its rows of an untied token embedding (bench.common.decode_weight_bytes;
+    before 2026-12-05 the whole table was counted, 131 MB of the 1.1B Llama shape's 2.2 GB), and its matmul
+    FLOPs are the Linear layers' (Transformer.flops_per_token: the head, not the embedding lookup)."""
+    wbytes = decode_weight_bytes(model)
+    linear = model.flops_per_token(0, training=False)  # 2 x the Linear weights: FLOPs per token, no attention
     kv_tok = model.cache_spec().bytes_per_token()
     cfg = model.cfg
     attn_flops_per_key = 4 * cfg.n_heads * cfg.hd * cfg.n_layers
-    prefill = sum(2 * params * len(p) + attn_flops_per_key * len(p) ** 2 / 2 for p, _ in reqs) / peak
+    prefill = sum(linear * len(p) + attn_flops_per_key * len(p) ** 2 / 2 for p, _ in reqs) / peak
     total, out = prefill, sum(n for _, n in reqs)
     for t in range(max(n for _, n in reqs)):
         live = [(len(p) + t) for p, n in reqs if n > t]
         bytes_ = wbytes + kv_tok * sum(live)
-        flops = 2 * params * len(live) + attn_flops_per_key * sum(live)
+        flops = linear * len(live) + attn_flops_per_key * sum(live)
         total += max(bytes_ / bw, flops / peak)
     return {"roofline_tok_s": out / total, "weights_GB": wbytes / 1e9, "kv_bytes_per_token": kv_tok}
 
@@ -276,7 +283,7 @@ def measure_device(dev) -> tuple[float, float]:
             fn()
             sync(dev)
             ts.append(time.perf_counter() - t0)
-        return sorted(ts[2:])[len(ts[2:]) // 2]
+        return statistics.median(ts[2:])
 
     return 8 * n / median(lambda: b.copy_(a)), 2 * m ** 3 / median(lambda: x @ y)
 
@@ -432,7 +439,7 @@ def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="toy fp32 models on CPU")
     ap.add_argument("--shapes", default="qwen3-0.6b,llama-1.1b")
-    ap.add_argument("--sections", default="check,profile,offline,unfused,sync,fixed,batch1,prefix,baseline,hf,hf_batch")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--hf-requests", type=int, default=32, help="HF generate() runs on the first N requests")
     ap.add_argument("--hf-batch", type=int, default=32)
@@ -449,7 +456,8 @@ def parse(argv) -> argparse.Namespace:
     if args.smoke:
         args.requests, args.hf_requests, args.hf_batch, args.fixed_new = 12, 6, 3, 16
         args.hf_batch_requests, args.max_num_batched_tokens, args.prefix_kv_tokens = 3, 64, 1024
-    args.sections = set(args.sections.split(","))
+    args.sections = set(parse_sections(ap, args.sections, SECTIONS))
+    parse_sections(ap, args.shapes, SHAPES, "--shapes")
     return args
 
 

@@ -3,11 +3,12 @@ text-bearing block with its tag, the class/id of its nearest landmark ancestors 
 
 This is how the annotations were made (reading the page's own markup, not any extractor's output):
     python bench/extract_outline.py ../shared/data/web_html/blog.python.org.html
+    python bench/extract_outline.py --min=40 PAGE.html ...     # only blocks of >= 40 characters
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from resiliparse.parse.encoding import bytes_to_str, detect_encoding
@@ -57,9 +58,15 @@ def outline(path: Path, width: int = 110, min_chars: int = 15) -> None:
         stack.extend(reversed(list(node.child_nodes)))
 
 
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pages", nargs="+", type=Path, help="HTML files")
+    ap.add_argument("--min", type=int, default=15, help="shortest block text printed (characters)")
+    args = ap.parse_args(argv)
+    for page in args.pages:
+        print("=" * 20, page)
+        outline(page, min_chars=args.min)
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    shortest = int(args.pop(0).removeprefix("--min=")) if args and args[0].startswith("--min=") else 15
-    for arg in args:
-        print("=" * 20, arg)
-        outline(Path(arg), min_chars=shortest)
+    main()

@@ -18,7 +18,8 @@ kernel from device metadata (lmforge.infer.graphs). Sections:
   offline --offline-requests at once (nano-vllm's workload, bench/engine.py): eager prefill steps of 8192 and
           2048 tokens vs 2048-token steps on graphs
 Each row runs graph_prefill_tokens=0 (eager prefill steps), 512 and 2048 on one model in the same process.
-Prints a table; writes JSON to $OUT (or bench/results)/graph_prefill.json.
+--smoke shrinks what sizes the graphs' static buffers (max_seq_len 1024, a 16k-token KV pool, 8 sequences) and the
+workloads. Prints a table; writes JSON to $OUT (or bench/results)/graph_prefill.json after every section.
 """
 
 from __future__ import annotations
@@ -46,11 +47,18 @@ from lmforge.model.transformer import Transformer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import COMMON, SHAPES, SMOKE, run_engine, sync, workload  # noqa: E402
 
+from bench.common import parse_sections  # noqa: E402
+
 MODES = {"eager prefill steps": 0, "graphs up to 512 tokens": 512, "graphs up to 2048 tokens": 2048}
+SECTIONS = ("check", "ttft", "mixed", "served", "context", "offline")
+SMOKE_ENGINE = dict(max_seq_len=1024, num_kv_tokens=16384, max_num_seqs=8)
+"""--smoke: a graph's static buffers hold max_num_seqs rows x max_seq_len keys of block table (at the Qwen3
+shape's 4,096 and 64 the CPU smoke took > 300 s)"""
 
 
 def build(args, dev, dtype, **extra) -> Transformer:
-    kw = {**COMMON, **SHAPES[args.shape], **(SMOKE if args.smoke else {}), **extra}
+    small = dict(SMOKE, max_seq_len=SMOKE_ENGINE["max_seq_len"]) if args.smoke else {}
+    kw = {**COMMON, **SHAPES[args.shape], **small, **extra}
     torch.manual_seed(0)
     with torch.device(dev):
         return Transformer(ModelConfig(**kw)).to(dtype).eval()
@@ -66,7 +74,7 @@ def free(dev) -> None:
 def engine_for(model, tokens: int, args, **kw) -> Engine:
     free(next(model.parameters()).device)
     config = EngineConfig(graph_prefill_tokens=tokens, cuda_graphs=True, prefix_caching=False,
-                          max_num_seqs=args.max_num_seqs, **kw)
+                          max_num_seqs=args.max_num_seqs, num_kv_tokens=args.num_kv_tokens, **kw)
     return Engine(model, IdTokenizer(model.cfg.vocab_size), config)
 
 
@@ -120,8 +128,9 @@ def ttft(model, args, dev, background: int) -> dict:
     for name, tokens in MODES.items():
         engine = engine_for(model, tokens, args)
         for _ in range(background):  # long-running decodes beside the timed prompts
-            engine.add_request(prompt(rng, 64, model.cfg.vocab_size),
-                               SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True))
+            engine.add_request(prompt(rng, 64, model.cfg.vocab_size),  # (--smoke: within its 1,024 positions)
+                               SamplingParams(temperature=0, max_tokens=min(3000, model.cfg.max_seq_len - 64),
+                                              ignore_eos=True))
         for _ in range(3):
             engine.step()
         row = {}
@@ -138,7 +147,7 @@ def ttft(model, args, dev, background: int) -> dict:
 
 def served(model, args, dev) -> dict:
     rng = random.Random(3)
-    reqs = [(prompt(rng, rng.randint(args.lo, args.hi), model.cfg.vocab_size), rng.randint(32, 256))
+    reqs = [(prompt(rng, rng.randint(args.lo, args.hi), model.cfg.vocab_size), rng.randint(*args.new))
             for _ in range(args.requests)]
     out = {}
     for name, tokens in MODES.items():
@@ -163,7 +172,7 @@ def served(model, args, dev) -> dict:
         wall = time.perf_counter() - t0
         t = sorted(first.values())
         out[name] = dict(wall_s=wall, tok_s=tokens / wall, steps=steps, ttft_mean_ms=1e3 * statistics.mean(t),
-                         ttft_p50_ms=1e3 * t[len(t) // 2], ttft_p90_ms=1e3 * t[int(len(t) * 0.9)],
+                         ttft_p50_ms=1e3 * statistics.median(t), ttft_p90_ms=1e3 * t[int(len(t) * 0.9)],
                          graph_failed=engine.runner.graphs.failed or engine.runner.graphs.failed_mixed)
     return out
 
@@ -172,7 +181,7 @@ def long_context(args, dev, dtype) -> dict:
     """Calibrates MIXED_MAX_CONTEXT: time to first token of a 256-token prompt beside one request decoding at a long
     context, eager vs graphs forced past the bound (the varlen kernel reads that decode's keys in one program per
     kv head, with no split over keys)."""
-    model = build(args, dev, dtype, max_seq_len=max(args.contexts) + 1024)
+    model = build(args, dev, dtype, max_seq_len=max(args.contexts) + (512 if args.smoke else 1024))
     rng, out = random.Random(4), {}
     for ctx in args.contexts:
         row = {}
@@ -198,7 +207,9 @@ def offline(model, args, dev) -> dict:
             "graphs up to 2048 tokens, 2048-token budget": (2048, 2048)}
     out = {}
     for name, (tokens, budget) in rows.items():
-        config = EngineConfig(graph_prefill_tokens=tokens, max_num_batched_tokens=budget, max_num_seqs=256)
+        config = EngineConfig(graph_prefill_tokens=tokens, max_num_batched_tokens=budget,
+                              max_num_seqs=SMOKE_ENGINE["max_num_seqs"] if args.smoke else 256,
+                              num_kv_tokens=args.num_kv_tokens)
         free(dev)
         res = run_engine(model, reqs, config, dev, passes=2)
         out[name] = dict(tok_s=res["tok_s"], cold_tok_s=res["cold_tok_s"])
@@ -209,7 +220,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    ap.add_argument("--sections", default="check,ttft,mixed,served,context,offline")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS))
     ap.add_argument("--offline-requests", type=int, default=128)
     ap.add_argument("--contexts", default="2048,8192,32768", help="the long-context section's decode contexts")
     ap.add_argument("--lengths", default="16,64,128,256,512")
@@ -221,28 +232,40 @@ def main(argv=None) -> dict:
     ap.add_argument("--hi", type=int, default=480)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     args = ap.parse_args(argv)
+    sections = set(parse_sections(ap, args.sections, SECTIONS))
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.new, args.num_kv_tokens = (32, 256), None  # served: new tokens per request; the engine's own pool size
     if args.smoke:
         args.lengths, args.reps, args.requests, args.background, args.offline_requests = [16, 64], 2, 8, 2, 4
-        args.contexts = [300]
+        args.contexts, args.hi, args.new = [300], 128, (4, 16)
+        args.max_num_seqs, args.num_kv_tokens = SMOKE_ENGINE["max_num_seqs"], SMOKE_ENGINE["num_kv_tokens"]
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    sections, res = set(args.sections.split(",")), {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results") / "graph_prefill.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        out.write_text(json.dumps(res, indent=1, default=str))
+
     if "check" in sections:
         res["check"] = check(args, dev)
         print("check:", res["check"], flush=True)
+        save()
     model = build(args, dev, dtype)
     if "ttft" in sections:
         res["ttft_ms"] = ttft(model, args, dev, 0)
         print("time to first token, alone (ms, median):", flush=True)
         for name, row in res["ttft_ms"].items():
             print(f"  {name:40s} " + "  ".join(f"{n}: {v:7.2f}" for n, v in row.items()), flush=True)
+        save()
     if "mixed" in sections:
         res["mixed_ms"] = ttft(model, args, dev, args.background)
         print(f"time to first token beside {args.background} decoding requests (ms, median):", flush=True)
         for name, row in res["mixed_ms"].items():
             print(f"  {name:40s} " + "  ".join(f"{n}: {v:7.2f}" for n, v in row.items()), flush=True)
+        save()
     if "served" in sections:
         res["served"] = served(model, args, dev)
         print(f"served: {args.requests} requests, one every {args.every} steps, prompts {args.lo}-{args.hi}:")
@@ -250,19 +273,20 @@ def main(argv=None) -> dict:
         for name, r in res["served"].items():
             print(f"  {name:40s} {r['wall_s']:8.2f} {r['tok_s']:8.0f} {r['ttft_mean_ms']:10.2f} "
                   f"{r['ttft_p50_ms']:8.2f} {r['ttft_p90_ms']:8.2f}" + (f"  ({r['graph_failed']})" if r["graph_failed"] else ""))
+        save()
     if "context" in sections:
         res["context_ms"] = long_context(args, dev, dtype)
         print("time to first token of a 256-token prompt beside one decode at a long context (ms, median):")
         for ctx, row in res["context_ms"].items():
             print(f"  context {ctx:6d}: " + "  ".join(f"{k} {v:7.2f}" for k, v in row.items()), flush=True)
+        save()
     if "offline" in sections:
         res["offline"] = offline(model, args, dev)
         print(f"offline: {args.offline_requests} requests at once, prompts and outputs 100-1024 (second pass):")
         for name, r in res["offline"].items():
             print(f"  {name:45s} {r['tok_s']:8.0f} tok/s  (first pass {r['cold_tok_s']:.0f})")
-    out = Path(os.environ.get("OUT", "bench/results"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "graph_prefill.json").write_text(json.dumps(res, indent=1, default=str))
+        save()
+    print(f"JSON: {out}")
     return res
 
 

@@ -37,7 +37,8 @@
 # then speculative and speculative2; the older order follows)
 # (2026-12-04): suite after changes to code that picks the GPU by itself (the whole test suite; all passed on
 # 2026-12-04), alltests after any change to a kernel or the engine's GPU paths (every kernel test module and -m gpu,
-# seven processes at once, ~400 s; all passed on 2026-12-04), decode (--tune-step: 64.4-67.7%, goal 80%;
+# seven processes at once, ~400 s; all passed on 2026-12-04), decode (--tune-step: 64.4-67.7% of the old 2.20 GB
+# roofline, 60.6-63.7% of the 2.069 GB a step reads (bench.common.decode_weight_bytes, 2026-12-05), goal 80%;
 # bench/decode_parts.py says where the
 # step's time goes - attention's own chain ~4-4.5 us and each small GEMV's ramp/tail ~1-1.5 us per layer, a bare
 # kernel boundary only 0.4-0.7 us; the one-launch and ticketed MLPs of bench/decode_mlp.py, L2 prefetches (own rows,
@@ -173,10 +174,10 @@ case "${1:-}" in
     run decode 270 python bench/decode.py --tune-step --hf default ;;
   kernels)   # issue 14: compiled training MFU at 304M (goal 55%), kernel table of the plain step; each variant compiles
     run train_kernels 580 python bench/train_kernels.py --sections mfu --depths 16 --budget 480 --profile \
-        --mfu-variants plain,plain+bf16res,loss+cdt+bf16res ;;
+        --mfu-variants plain,plain+bf16res,loss+cdt+bf16res --out "$out/train_kernels.json" ;;
   kernels24) # issue 14: the same at 834M (goal 58%)
     run train_kernels24 580 python bench/train_kernels.py --sections mfu --depths 24 --budget 480 \
-        --mfu-variants plain,plain+bf16res,loss+bf16res ;;
+        --mfu-variants plain,plain+bf16res,loss+bf16res --out "$out/train_kernels24.json" ;;
   prefill)   # issues 11 and 12: batched varlen prefill vs the per-sequence loop; packed rows on the kernel
     run prefill 300 python bench/prefill_attention.py
     run packed 280 python bench/attention.py --packed --seqs 2048,4096,8192 --max-seconds 240 ;;
@@ -195,10 +196,11 @@ case "${1:-}" in
     fi ;;
   moe)       # issue 14: dropless MoE variants vs dense at equal active FLOPs (goal >= 0.85x), host vs GPU time
     run moe_host 80 python bench/moe_step_host.py --profile --out "$out/moe_step_host.json"
-    run moe 300 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 260
+    run moe 300 python bench/moe_kernels.py --sections train,profile --profile-step compiled --budget 260 \
+        --out "$out/moe_kernels.json"
     run moe64 200 python bench/moe_kernels.py --sections train --train-batch 64 --budget 180 \
         --train-rows "triton dispatch, gemm auto" --out "$out/moe64.json" ;;
   parallel)  # issue 14: FSDP2 on one GPU vs the plain Trainer (the wrapper's overhead)
-    run parallel 540 python bench/parallel.py ;;
-  *) echo "usage: bash bench/h200_owed.sh suite|spectests|mixedgraphs|alltests|gputests|devtests|devtests2|engine|speculative|speculative2|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
+    run parallel 540 python bench/parallel.py --out "$out/parallel.json" ;;
+  *) echo "usage: bash bench/h200_owed.sh suite|spectests|latent|mixedgraphs|alltests|gputests|devtests|devtests2|engine|speculative|speculative2|paged|hf|decode|megakernel|kernels|kernels24|prefill|align|moe|parallel" >&2; exit 2 ;;
 esac

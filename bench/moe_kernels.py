@@ -2,8 +2,9 @@
 matmul side by side against a dense MLP of the same active FLOPs, in one run:
 
 1. layer    one layer's forward+backward: a dense SwiGLU MLP with d_ff = top_k · d_expert (plain, and with
-            the Triton SwiGLU), then the MoE variants below (each output is first compared with the
-            per-expert loop's); tokens/s and vs_best_dense, the ratio to the faster dense MLP
+            the Triton SwiGLU), then the MoE variants below (each one's output and gradients are first compared
+            with the per-expert loop's: max |x - loop| / max |loop| <= 1e-4 fp32, 3e-2 bf16, else FAIL and not
+            timed); tokens/s and vs_best_dense, the ratio to the faster dense MLP
 2. train    the real Trainer step (forward, CE + aux loss, backward, fused AdamW; bf16 autocast, eager as
             bench/architectures.py measured it) of a dense model and of the MoE variants at equal active
             FLOPs per token (dense d_ff = top_k · d_expert): tokens/s and the MoE/dense ratios (goal >= 0.85x):
@@ -48,6 +49,8 @@ from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MoE
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import TOLERANCE, compare, output_and_grads, parse_sections, verdict  # noqa: E402
 from train_kernels import guarded, random_shard, run_sections, timeit, trainer_throughput  # noqa: E402
 
 SIZES = {
@@ -57,6 +60,7 @@ SIZES = {
     "smoke": dict(layers=[dict(d=32, E=4, k=2, de=32, tokens=64)],
                   train=dict(d=32, layers=2, H=2, E=4, k=2, de=32, seq=16, batch=2), reps=1),
 }
+SECTIONS = ("layer", "train", "profile")
 # name -> (dispatch, gemm); dispatch "loop" is MoE.experts_loop, "torch" MoE's sorted dispatch, "triton" TritonMoE's
 VARIANTS = {"loop dispatch (reference)": ("loop", "auto"),
             "torch dispatch, gemm loop": ("torch", "loop"), "torch dispatch, gemm torch": ("torch", "torch"),
@@ -85,21 +89,27 @@ def _auto_name(layer: MoE, x: torch.Tensor) -> str:
 
 
 def bench_layer(s: dict, dev: str, dtype, args) -> list[dict]:
+    """Per shape: the dense MLPs, then each MoE variant (the loop reference's weights), whose output and gradients
+    (x's and every parameter's, of mean(y²)) are compared with the loop's first (bench.common.TOLERANCE); a
+    variant that disagrees is marked FAIL and not timed."""
     rows = []
     for sz in s["layers"]:
         cfg = ModelConfig(d_model=sz["d"], n_heads=4, n_layers=1, mlp="moe",
                           moe=MoEConfig(n_experts=sz["E"], top_k=sz["k"], d_expert=sz["de"]))
         ref = _init(_moe_layer(cfg, "loop", "auto").to(dev, dtype))
         x = torch.randn(1, sz["tokens"], sz["d"], device=dev, dtype=dtype, requires_grad=True)
-        with torch.no_grad():
-            want = ref(x).float()
+        want = output_and_grads(ref, x)
         shape = dict(experts=sz["E"], top_k=sz["k"], d_model=sz["d"], d_expert=sz["de"], tokens=sz["tokens"])
 
         def measure(layer, check: bool):
             row = {}
             if check:
-                with torch.no_grad():
-                    row["rel_diff_vs_loop"] = ((layer(x).float() - want).abs().max() / want.abs().max()).item()
+                errs = compare(output_and_grads(layer, x), want)
+                grads = [v for k, v in errs.items() if k != "forward"]
+                row = dict(rel_diff_vs_loop=errs["forward"], grad_rel_diff_vs_loop=max(grads),
+                           check=verdict(errs, TOLERANCE[dtype]))
+                if row["check"] != "ok":
+                    return row  # a wrong layer's speed means nothing: not timed
             ms = timeit(lambda: layer(x).float().square().mean().backward(), s["reps"], dev)
             return dict(row, ms=ms, tokens_per_s=sz["tokens"] / ms * 1e3)
 
@@ -205,7 +215,7 @@ def profile_layer(s: dict, dev: str, dtype, args) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes on CPU (TRITON_INTERPRET=1 for the Triton rows)")
-    ap.add_argument("--sections", default="layer,train,profile")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS))
     ap.add_argument("--warmup", type=int, default=3)
     # the eager MoE step is close to host-bound (its host time varies by machine): more, shorter blocks than
     # bench/train_kernels.py's default, and the median of them
@@ -221,6 +231,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later variants are skipped past it")
     ap.add_argument("--out", default="bench/results/moe_kernels.json")
     args = ap.parse_args()
+    keys = parse_sections(ap, args.sections, SECTIONS)
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     s = SIZES["smoke" if args.smoke else "gpu"]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -232,7 +243,7 @@ def main() -> None:
                 "train": ("MoE vs dense Trainer step at equal active FLOPs (eager, then compiled; bf16 autocast on CUDA)",
                           lambda: bench_train(s, dev, args)),
                 "profile": ("Kernel profiles (tables printed above)", lambda: profile_layer(s, dev, dtype, args))}
-    run_sections(sections, args.sections.split(","), result, Path(args.out))
+    run_sections(sections, keys, result, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from lmforge.scaling.sweep import SweepConfig, main_sweep
 def main(argv: list[str]) -> None:
     cfg = parse_config(SweepConfig, argv, prog="bench/scaling.py", description=__doc__)
     rows = main_sweep(cfg)
+    if cfg.dry_run:  # the plan is printed; there is no run table to fit
+        return
     print("| budget C | depth | N | D (tokens) | steps | val loss | wall (s) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['budget']:.0e} | {r['depth']} | {r['N']:,} | {r['D']:,} | {r['steps']} | {r['loss']:.4f} "

@@ -16,7 +16,7 @@ pp: bubble = 1 - m·t_stage / t_step, t_stage one stage's forward+backward of on
 against (p-1)/(m+p-1). moe: a depth-12 MoE (16 experts, top-2) with experts split over the GPUs
 (--ep, all-to-all dispatch) or replicated; both average the other gradients with the same all-reduce.
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0 ...).
-Rank 0 prints one JSON line and writes bench/results/scaling_gpus/<config>_<variant>_n<N>.json.
+Rank 0 prints one JSON line and writes <config>_<variant>_n<N>.json to $OUT, else bench/results/scaling_gpus/.
 
 big, pp, cp and optim time the one Trainer's train_step through its ParallelRunner (what `lmforge train`
 runs; parallel_common.trainer_step). dp and moe keep their own loop: the teaching DDP/ZeRO versions, torch
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -228,8 +229,12 @@ def run_optim(args, rank, world, device) -> dict:
     extra = {"adamw": 0, "muon": full * (world - 1) / world, "muon_owner": 2 * full * (world - 1) / world**2,
              "dion": sum((p.shape[0] + p[0].numel()) * min(rank_r, *p.shape) * 4 for p in matrices)
              * (world - 1) / world}[args.optim]
-    fsdp_bytes = 3 * model.num_params() * 2  # bf16 all-gather forward + backward, reduce-scatter grads (fp32 = 2x)
-    runner = ParallelRunner(model, ParallelConfig(dp_shard=world, param_dtype="bf16"), device=device)
+    pcfg = ParallelConfig(dp_shard=world, param_dtype="bf16")
+    # all-gathers of the parameters for the forward and again for the backward in param_dtype, one reduce-scatter
+    # of the gradients in reduce_dtype (fp32 unless set: 2 + 2 + 4 bytes per parameter here, not 3 x 2)
+    size = {"bf16": 2, "fp32": 4}
+    fsdp_bytes = model.num_params() * (2 * size[pcfg.param_dtype] + size[pcfg.reduce_dtype])
+    runner = ParallelRunner(model, pcfg, device=device)
     ocfg = OptimConfig(name=args.optim.removesuffix("_owner"), lr=0.02 if args.optim != "adamw" else 3e-4,
                        adam_lr=3e-4, rank=rank_r, warmup_steps=0)
     opt = build_optimizer(model, ocfg)
@@ -319,7 +324,7 @@ def main() -> None:
                 "torch": torch.__version__, "smoke": args.smoke}
         row = {**meta, **out}
         name = f"{args.config}_{variant}_n{world}{'_smoke' if args.smoke else ''}.json"
-        path = Path("bench/results/scaling_gpus") / name
+        path = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "results" / "scaling_gpus") / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row, indent=2))
         print(json.dumps({k: v for k, v in row.items() if k not in ("by_seq",)}))

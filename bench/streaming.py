@@ -19,7 +19,7 @@ Then equal cache budgets inside the window (positions the text's): 64 validation
 prompt and the rest forced as the output (a logits processor; the model's own log-probs reported), under no policy,
 StreamingLLM, a window without sinks and H2O at 24 keys each.
 Prints mean loss (nats per byte), writes JSON ($OUT or bench/results/streaming.json) and a plot of the loss along
-the stream (docs/img/streaming_cpu.png).
+the stream (--out-png, default docs/img/streaming_cpu.png, the docs' figure; --out-png '' writes none).
 """
 
 from __future__ import annotations
@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stream", type=int, default=4096, help="bytes of validation text scored")
     ap.add_argument("--windows", type=int, default=64, help="validation windows of the equal-budget section")
     ap.add_argument("--budget", type=int, default=24, help="keys each policy keeps in the equal-budget section")
+    figure = Path(__file__).resolve().parents[1] / "docs" / "img" / "streaming_cpu.png"
+    ap.add_argument("--out-png", default=str(figure),
+                    help="the plot of the loss along the stream ('' for none; default: the docs' figure)")
     args = ap.parse_args(argv)
     if not DATA.exists():
         raise SystemExit(f"needs {DATA} (../shared/data, see its README)")
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "streaming.json").write_text(json.dumps(dict(rows=rows, stream=len(ids), window=WINDOW, cache=CACHE,
                                                         budget_rows=budget), indent=1))
+    if not args.out_png:
+        return
     try:
         import matplotlib
 
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
            title=f"Streaming past a {WINDOW}-position window (byte-level tinyshakespeare)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
-    img = Path(__file__).resolve().parents[1] / "docs" / "img" / "streaming_cpu.png"
+    img = Path(args.out_png)
+    img.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(img, dpi=110)
     print(f"plot: {img}")
 

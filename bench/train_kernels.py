@@ -11,9 +11,13 @@
              reports its first step's seconds (the compile) and Dynamo's graphs and graph breaks; --profile
              prints the first variant's kernel table
 
-Every variant is checked against its reference first and timed only if it agrees; a variant that fails
-prints its error and the run goes on. A time budget (--budget) skips what would not fit. Table last;
-JSON in bench/results/train_kernels.json.
+Checks (column `check`: ok, or FAIL naming what disagreed): a kernel variant's forward output and its inputs'
+gradients, and a loss variant's loss and its gradients (h and W), are compared with the eager reference's first
+(max |x - ref| / max |ref| <= 1e-4 in fp32, 3e-2 in bf16: bench.common.TOLERANCE) and timed only if they agree;
+an mfu variant's first-step loss (same seed, same weights and batch) is compared with the first variant's of its
+depth (relative difference <= 1e-4 fp32, 1e-2 under bf16 autocast; the step is timed either way, since the loss
+comes from the timed run). A variant that raises prints its error and the run goes on. A time budget (--budget)
+skips what would not fit. Table last; JSON in bench/results/train_kernels.json.
 
     python bench/train_kernels.py                     # H200, ~3 minutes
     TRITON_INTERPRET=1 python bench/train_kernels.py --smoke    # CPU, toy sizes, checks the script
@@ -32,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.kernels import fused_ce, rmsnorm, rope, swiglu
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import TOLERANCE, parse_sections, rel_err, verdict  # noqa: E402
+from lmforge.kernels import fused_ce, rmsnorm, rope, swiglu  # noqa: E402
 
 SIZES = {
     "gpu": dict(tokens=32768, d=2048, B=16, H=16, T=2048, hd=128, ff=5632, vocabs=(32768, 131072), reps=10,
@@ -40,6 +47,10 @@ SIZES = {
     "smoke": dict(tokens=64, d=48, B=2, H=3, T=8, hd=16, ff=40, vocabs=(96, 200), reps=1, depths=(2,), seq=32,
                   batch=2),
 }
+SECTIONS = ("kernels", "memory", "mfu")
+LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+"""relative difference of a first-step loss from the reference variant's (bf16: different kernels round
+differently, ~1e-3 at init)"""
 T0 = time.perf_counter()
 
 
@@ -101,20 +112,28 @@ def rope_tables(s: dict, dev: str):
 
 
 def bench_kernels(s: dict, dev: str, dtype, args) -> list[dict]:
+    """Every variant's output and input gradients against the eager reference's, then (if they agree) its forward
+    and forward+backward times."""
     rows = []
     for name, make, fused, ref, fwd_bytes, bwd_bytes in kernel_cases(s, dev, dtype):
         inputs = make()
-        want = ref(*inputs).float()
-        dy = torch.randn_like(want).to(dtype)
+        wrt = [x for x in inputs if x.requires_grad]
+        want = ref(*inputs)
+        dy = torch.randn_like(want)
+        want_grads = torch.autograd.grad(want, wrt, dy)
 
         def measure(fn):
-            got = fn(*inputs).float()
+            got = fn(*inputs)
+            grads = torch.autograd.grad(got, wrt, dy)
+            errs = dict(max_rel_err=rel_err(got, want), grad_rel_err=max(map(rel_err, grads, want_grads)))
+            check = verdict(dict(forward=errs["max_rel_err"], gradient=errs["grad_rel_err"]), TOLERANCE[dtype])
+            if check != "ok":
+                return dict(errs, check=check)  # a wrong kernel's speed means nothing: not timed
             with torch.no_grad():
                 f_ms = timeit(lambda: fn(*inputs), s["reps"], dev)
             fb_ms = timeit(lambda: torch.autograd.backward(fn(*inputs), dy), s["reps"], dev)
             return dict(fwd_ms=f_ms, fwd_GBps=fwd_bytes / f_ms / 1e6, fwd_bwd_ms=fb_ms,
-                        fwd_bwd_GBps=(fwd_bytes + bwd_bytes) / fb_ms / 1e6,
-                        max_rel_err=((got - want).abs().max() / want.abs().max()).item())
+                        fwd_bwd_GBps=(fwd_bytes + bwd_bytes) / fb_ms / 1e6, **errs, check=check)
 
         for variant, fn in {"triton": fused, "eager": ref, "torch.compile": torch.compile(ref)}.items():
             rows.append(guarded(dict(kernel=name, variant=variant), args, lambda: measure(fn)))
@@ -123,6 +142,8 @@ def bench_kernels(s: dict, dev: str, dtype, args) -> list[dict]:
 
 # 2. LM head + loss memory --------------------------------------------------------------------------------
 def bench_memory(s: dict, dev: str, dtype, args) -> list[dict]:
+    """Each variant's loss and gradients (h, W) against the eager h @ W^T + lm_loss, then (if they agree) its
+    forward+backward time and peak memory."""
     rows = []
     for V in s["vocabs"]:
         h0 = torch.randn(s["tokens"], s["d"], device=dev)
@@ -131,31 +152,38 @@ def bench_memory(s: dict, dev: str, dtype, args) -> list[dict]:
         plain = lambda h: fused_ce.linear_cross_entropy_ref(h, w, y, 1e-4)  # noqa: E731
         variants = {"fused (chunked)": lambda h: fused_ce.fused_linear_cross_entropy(h, w, y, 1e-4),
                     "eager h@W^T + lm_loss": plain, "torch.compile(h@W^T + lm_loss)": torch.compile(plain)}
-        ref_loss = []
+
+        def step(fn, h) -> float:
+            w.grad = h.grad = None
+            with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+                loss = fn(h)[0]
+            loss.backward()
+            return loss.item()
+
+        h_ref = h0.clone().requires_grad_()
+        want = (step(plain, h_ref), h_ref.grad.clone(), w.grad.clone())
+        del h_ref
 
         def measure(fn):
             h = h0.clone().requires_grad_()
-
-            def step():
-                w.grad = h.grad = None
-                with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = fn(h)[0]
-                loss.backward()
-                return loss.item()
-
-            ms = timeit(step, max(1, s["reps"] // 2), dev)
+            loss = step(fn, h)
+            errs = dict(loss=loss, loss_diff=abs(loss - want[0]),
+                        grad_rel_err=max(rel_err(h.grad, want[1]), rel_err(w.grad, want[2])))
+            check = verdict(dict(loss=errs["loss_diff"] / abs(want[0]), gradient=errs["grad_rel_err"]),
+                            TOLERANCE[dtype])
+            if check != "ok":
+                return dict(tokens=s["tokens"], d=s["d"], **errs, check=check)  # not timed
+            ms = timeit(lambda: step(fn, h), max(1, s["reps"] // 2), dev)
             peak = float("nan")
             w.grad = h.grad = None
             if dev == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            loss = step()
+            step(fn, h)
             if dev == "cuda":
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-            ref_loss.append(loss)
-            return dict(tokens=s["tokens"], d=s["d"], loss=loss, loss_diff=abs(loss - ref_loss[0]), fwd_bwd_ms=ms,
-                        peak_extra_GiB=peak)
+            return dict(tokens=s["tokens"], d=s["d"], **errs, fwd_bwd_ms=ms, peak_extra_GiB=peak, check=check)
 
         for variant, fn in variants.items():
             rows.append(guarded(dict(vocab=V, variant=variant), args, lambda: measure(fn)))
@@ -184,14 +212,23 @@ def bench_mfu(s: dict, dev: str, args) -> list[dict]:
         batch = s["batch"] if depth < 20 else s["batch"] // 2  # bench/train_throughput.py --batch-large
         # plain | kernels | loss | kernels+loss, each optionally with "@eager" (no torch.compile: fast to
         # start) or "+cdt" (TrainConfig.compile_tune: Inductor's coordinate-descent tuning of its kernels)
+        ref_loss = {}  # batch -> the first variant's first-step loss at it (same seed: same weights and data)
         for i, variant in enumerate(args.mfu_variants.split(",")):
             prepare = apply_fused_kernels if "kernels" in variant else None
             compile = dev == "cuda" and not variant.endswith("@eager")
             b = batch if compile else max(1, batch // 2)  # eager keeps every intermediate: half the batch fits
-            rows.append(guarded(dict(depth=depth, variant=variant), args, lambda: trainer_throughput(
+            row = guarded(dict(depth=depth, variant=variant), args, lambda: trainer_throughput(
                 mcfg, shard, b, s["seq"], dev, args, prepare=prepare, fused_loss="loss" in variant,
                 compile=compile, tune="+cdt" in variant, graphs="+cg" in variant,
-                bf16_residual="+bf16res" in variant, profile=args.profile and i == 0)))
+                bf16_residual="+bf16res" in variant, profile=args.profile and i == 0))
+            if "first_loss" in row:
+                want = ref_loss.setdefault(b, row["first_loss"])
+                tol = LOSS_TOLERANCE[torch.bfloat16 if dev == "cuda" else torch.float32]
+                row["check"] = verdict(dict(first_loss=abs(row["first_loss"] - want) / abs(want)), tol)
+                if row["check"] != "ok":
+                    print(f"depth {depth}, {variant}: {row['check']} (first-step loss {row['first_loss']:.5f} vs "
+                          f"{want:.5f})", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -245,8 +282,7 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
         torch._dynamo.utils.counters.clear()
     with scratch_trainer(parts.model, parts.optimizer, parts.data, objective, cfg) as tr:
         t0 = time.perf_counter()
-        tr.train_step()  # compiles under torch.compile
-        _sync(dev)
+        first_loss = float(tr.train_step()["loss"])  # compiles under torch.compile
         first_s = time.perf_counter() - t0
         for _ in range(args.warmup - 1):
             tr.train_step()
@@ -271,7 +307,7 @@ def trainer_throughput(mcfg, shard: Path, batch: int, seq: int, dev: str, args, 
                   graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values())) if compile else {}
     return dict(params_M=tr.model.num_params() / 1e6, tokens_per_step=cfg.tokens_per_step, step_ms=step_s * 1e3,
                 tok_per_s=tps, mfu=tps * tr.flops_per_token / tr.peak if tr.peak else float("nan"), peak_mem_GiB=mem,
-                first_step_s=first_s, **graphs, **extra)
+                first_step_s=first_s, first_loss=first_loss, **graphs, **extra)
 
 
 def _host_time(step) -> dict:
@@ -322,7 +358,7 @@ def run_sections(sections: dict, keys: list[str], result: dict, out: Path) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="toy sizes on CPU (TRITON_INTERPRET=1)")
-    ap.add_argument("--sections", default="kernels,memory,mfu")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma list of: " + ", ".join(SECTIONS))
     ap.add_argument("--mfu-variants", default="plain,kernels+loss,loss")
     ap.add_argument("--depths", default=None, help="comma list (default 16,24)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -332,6 +368,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=170.0, help="seconds; later variants are skipped past it")
     ap.add_argument("--out", default="bench/results/train_kernels.json")
     args = ap.parse_args()
+    keys = parse_sections(ap, args.sections, SECTIONS)
     dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     s = dict(SIZES["smoke" if args.smoke else "gpu"])
     if args.depths:
@@ -347,7 +384,8 @@ def main() -> None:
                 "memory": ("LM head + loss, forward+backward: peak memory beyond inputs",
                            lambda: bench_memory(s, dev, dtype, args)),
                 "mfu": ("Trainer step MFU (bf16, compile, cuDNN attention, seq 2048)", lambda: bench_mfu(s, dev, args))}
-    run_sections(sections, args.sections.split(","), result, Path(args.out))
+    run_sections(sections, keys, result, Path(args.out))
+
 
 if __name__ == "__main__":
     main()

@@ -32,6 +32,8 @@ from lmforge.errors import ConfigError
 from lmforge.utils import write_json_atomic
 
 CACHE_ENV = "LMFORGE_KERNEL_CACHE"
+JSON_KEYS = ("gpu", "model", "configs")
+"""the keys of a saved set (KernelConfigs.to_json)"""
 SHIPPED_DIR = Path(__file__).parent / "configs"
 """sets tuned on the project's benchmark GPUs, one file per GPU and model shape (cache_path's names)"""
 
@@ -64,9 +66,26 @@ class KernelConfigs:
         return {"gpu": self.gpu, "model": self.model, "configs": {k: list(v) for k, v in self.table.items()}}
 
     @classmethod
-    def from_json(cls, d: dict) -> "KernelConfigs":
-        return cls(gpu=d.get("gpu", ""), model=d.get("model", ""),
-                   table={k: tuple(v) for k, v in d.get("configs", {}).items()})
+    def from_json(cls, d: dict, source: str = "kernel config set") -> "KernelConfigs":
+        """The set to_json wrote. A dict without "configs", or with keys beside gpu/model/configs (the first
+        tuner's flat {shape key: config} files), is refused: read leniently it loaded as an empty set, and the
+        step ran on default block shapes without a word. `source` names the file in the error."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} is not a KernelConfigs set: expected a JSON object with keys "
+                              f"{', '.join(JSON_KEYS)}, got a JSON {type(d).__name__}")
+        extra = sorted(set(d) - set(JSON_KEYS))
+        if "configs" not in d or extra:
+            why = [] if "configs" in d else ["no 'configs'"]
+            if extra:
+                why.append("unknown keys " + ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3
+                                                                     else ""))
+            if len(why) == 2:
+                why.append("a flat file of shape keys (the first tuner's) does not convert: tune again")
+            raise ConfigError(f"{source} is not a KernelConfigs set (keys {', '.join(JSON_KEYS)}): {'; '.join(why)}")
+        if not isinstance(d["configs"], dict):
+            raise ConfigError(f"{source}: 'configs' must map shape keys to configurations, got a JSON "
+                              f"{type(d['configs']).__name__}")
+        return cls(gpu=d.get("gpu", ""), model=d.get("model", ""), table={k: tuple(v) for k, v in d["configs"].items()})
 
     def save(self, path: Path | None = None) -> Path:
         """Write to `path` (default: this GPU and model's file in the cache directory), atomically."""
@@ -76,10 +95,13 @@ class KernelConfigs:
 
     @classmethod
     def load(cls, path: Path) -> "KernelConfigs":
+        source = f"kernel config file {path}"
         try:
-            return cls.from_json(json.loads(Path(path).read_text()))
+            return cls.from_json(json.loads(Path(path).read_text()), source=source)
         except (OSError, ValueError, TypeError, AttributeError) as e:
-            raise ConfigError(f"kernel config file {path} is unreadable ({e}); delete it to tune again") from e
+            if isinstance(e, ConfigError) and str(e).startswith(source):  # from_json's own: names the file
+                raise
+            raise ConfigError(f"{source} is unreadable ({e}); delete it to tune again") from e
 
     @classmethod
     def cached(cls, gpu: str, model: str) -> "KernelConfigs | None":

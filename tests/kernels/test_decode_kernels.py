@@ -207,6 +207,30 @@ def test_kernel_configs_round_trip_and_cache_path(tmp_path, monkeypatch):
 
 
 
+def test_kernel_configs_refuse_a_file_in_another_format(tmp_path):
+    """A dict without "configs", or with keys beside gpu/model/configs (the first tuner's flat {shape key: config}
+    files, e.g. the old bench/configs/h100_kernel_decode_1b.json), is refused with the file named: it used to load
+    as an empty set, and the step ran on default block shapes without a word."""
+    import json
+
+    from lmforge.errors import ConfigError
+    from lmforge.kernels.tuning import KernelConfigs
+
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({repr(kd.add_key(2048, 2048, torch.bfloat16)): [4, 256, 4, 4],
+                                "('attend', 32, 4, 64, 400)": [32, 16, 1]}))
+    with pytest.raises(ConfigError, match=r"flat\.json is not a KernelConfigs set.*no 'configs'.*unknown keys"):
+        KernelConfigs.load(flat)
+    for bad, match in (({"gpu": "x", "model": "y"}, "no 'configs'"),
+                       ({"configs": {}, "tuned": 1}, "unknown keys tuned"),
+                       ([1, 2], "got a JSON list"), ({"configs": [1]}, "'configs' must map")):
+        with pytest.raises(ConfigError, match=match):
+            KernelConfigs.from_json(bad)
+    good = KernelConfigs(gpu="g", model="m").with_config(kd.add_key(1, 2, torch.bfloat16), (4, 256, 4, 4))
+    assert KernelConfigs.from_json(good.to_json()) == good
+    assert KernelConfigs.from_json({"configs": {}}) == KernelConfigs()  # gpu and model may be left out
+
+
 def test_shipped_kernel_configs_serve_where_the_cache_has_none(tmp_path, monkeypatch):
     """A set shipped with lmforge (lmforge/kernels/configs/) is used when the cache has no file for that GPU
     and model shape; a cached file (a user's own tune) wins over it. The shipped H200 set is the 1.1B Llama

@@ -22,6 +22,16 @@ class TrainingDiverged(LmforgeError):
     """The loss became NaN or infinite."""
 
 
+class RequestError(LmforgeError):
+    """One generation request's own input failed while it ran (its logits processor left no token allowed, or
+    raised): that request was aborted and the others went on. `request_id` names it. A user's input error (a
+    server's 4xx), not an engine failure."""
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
 def require(module: str, extra: str):
     """Import an optional dependency, or fail with a message naming the extra that provides it."""
     import importlib

@@ -20,12 +20,15 @@ step). Prompts are tokenized in a thread, outside the step lock, for the same re
 A stream keeps only its request's newest output: each RequestOutput is a cumulative snapshot, so a slow
 reader skips the ones it missed instead of queueing one per step, and the final one is never replaced.
 Leaving a stream early (`break`, `aclose()`, a cancelled task or anyio cancel scope, as Starlette does when
-a client disconnects, or closing or dropping it before its first output: `Stream`) aborts the request, without awaiting anything: under a cancelled scope any await in
-the cleanup would raise again before the abort ran. When no step is running the abort is immediate;
-otherwise it is applied before the next step.
+a client disconnects, or closing or dropping it before its first output: `Stream`) aborts the request,
+without awaiting anything: under a cancelled scope any await in the cleanup would raise again before the
+abort ran. When no step is running the abort is immediate; otherwise it is applied before the next step.
 
 A step that raises fails every running stream with an EngineError (a new one per stream, caused by the
-step's exception) and aborts its request; `shutdown()` stops taking requests and ends the running ones.
+step's exception) and aborts its request; `shutdown()` stops taking requests and ends the running ones. A
+request whose own input fails mid-generation (a logits processor that leaves no token allowed) is not the
+engine's failure: Engine.step aborts it alone, its stream raises its lmforge.errors.RequestError (a user's
+input error, a 4xx) and the other streams go on.
 With a seed, a request's samples are those LLM.generate gives the same prompt (prompt i of a list:
 `prompt_index=i`), so a server and `lmforge generate` agree.
 """
@@ -128,7 +131,8 @@ class AsyncEngine:
                           *, prompt_index: int = 0) -> str:
         """Queue a prompt and return its id; bad input (params, a prompt too long for the window, an id in
         use) raises here with nothing queued. Read its outputs with `stream(id)`, or `abort(id)` it: a
-        request never streamed runs to its end and its last output stays held until one of the two.
+        request never streamed runs to its end and its last output stays held until one of the two (an
+        abort of a request never streamed hands its output to the caller and frees the id).
         With params.seed, the samples are those of prompt `prompt_index` of LLM.generate with that seed
         (the seed is derived per prompt there: lmforge.infer.request.seed_for). After shutdown() this
         raises EngineError."""
@@ -158,7 +162,8 @@ class AsyncEngine:
 
     def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """The outputs of a request added with `add_request`: after each step its newest snapshot (the
-        ones a slow reader missed are skipped), the last one `finished`. An engine failure raises here."""
+        ones a slow reader missed are skipped), the last one `finished`. An engine failure raises here
+        (EngineError), and so does the request's own failed input (lmforge.errors.RequestError)."""
         latest = self.streams.get(str(request_id))
         if latest is None or latest.taken:
             raise LmforgeError(f"no request {request_id!r} to stream: add it with add_request first (each "
@@ -178,17 +183,27 @@ class AsyncEngine:
             await outs.aclose()
 
     async def abort(self, request_id: str) -> RequestOutput:
-        """Stop a request and return its output so far; a request that finished before anyone streamed it
-        is released (its held output returned)."""
+        """Stop a request and return its output so far. Its stream, if one reads it, ends with that output;
+        a request nobody streams is released: the caller has its output (every delta not read, joined) and
+        the id is free again. A request that already finished is left as it is and its final output
+        returned (a no-op, as vLLM's: a server's abort often races the last step), and released if nobody
+        streams it; one a failed step ended raises its stream's EngineError. An id never added (or
+        released) raises LmforgeError."""
+        rid = str(request_id)
         async with self._between_steps():
-            held = self.streams.get(str(request_id))
-            if str(request_id) not in self.engine.requests and held is not None and not held.taken \
-                    and isinstance(held.item, RequestOutput) and held.item.finished:
-                return self.streams.pop(str(request_id)).item
-            out = self.engine.abort(request_id)
-        latest = self.streams.get(out.request_id)
-        if latest is not None:
-            latest.put(out)
+            latest = self.streams.get(rid)
+            if rid not in self.engine.requests and latest is not None and latest.final:
+                if not latest.taken:
+                    del self.streams[rid]
+                if isinstance(latest.item, BaseException):
+                    raise _engine_error(rid, latest.item)
+                return latest.item
+            out = self.engine.abort(rid)
+            if latest is not None:
+                latest.put(out)
+                if not latest.taken:  # nobody reads it: the output goes to the caller (it used to stay held)
+                    del self.streams[rid]
+                    return latest.item
         return out
 
     async def shutdown(self, timeout: float = 0.0) -> None:
@@ -220,8 +235,9 @@ class AsyncEngine:
             while True:
                 item = await latest.get()
                 if isinstance(item, BaseException):  # one error for all streams: each raises its own
-                    raise EngineError(f"the engine failed in a step ({type(item).__name__}: {item}); request "
-                                      f"{rid!r} was aborted") from item
+                    raise _engine_error(rid, item)
+                if item.error is not None:  # its own input failed (Engine.step aborted it alone)
+                    raise item.error
                 yield item
                 if item.finished:
                     return
@@ -295,3 +311,10 @@ class AsyncEngine:
                 self.streams[rid].put(error)
         for rid in failed:
             self.engine.abort(rid)
+
+
+def _engine_error(rid: str, error: BaseException) -> EngineError:
+    """What a stream of a request that a failed step ended raises (a new one each time, caused by the step's)."""
+    err = EngineError(f"the engine failed in a step ({type(error).__name__}: {error}); request {rid!r} was aborted")
+    err.__cause__ = error
+    return err

@@ -6,13 +6,15 @@ a fork of its parent that shares the parent's cache blocks (copy-on-write, lmfor
 Each round, once every live beam has its next-token log-probabilities, the candidates are ranked by summed
 log-probability; those ending in a stop token, or whose text now contains a stop string, join the finished
 set (scored sum / length**alpha) if they rank among the W best, and the W best others become the next beams
-(HF ranks the (1 + stop ids)·W best, which always hold W that do not stop). With early_stopping the search ends as soon as W hypotheses are finished; otherwise once
-no live beam can still beat the worst finished one at its current length. Beams still running when the search
-ends are dropped (they are not hypotheses: they neither stopped nor reached the length limit); at the length
-limit the running beams join the finished set (finish_reason "length"). Log-probabilities are those of
+(HF ranks the (1 + stop ids)·W best, which always hold W that do not stop). With early_stopping the search
+ends as soon as W hypotheses are finished; otherwise once no live beam can still beat the worst finished one
+at its current length. Beams still running when the search ends are dropped (they are not hypotheses: they
+neither stopped nor reached the length limit); at the length limit the running beams join the finished set
+(finish_reason "length"). Log-probabilities are those of
 the raw model distribution (SamplingParams refuses penalties and logit_bias with beams). Outputs carry
 cumulative_logprob always, logprobs and top_logprobs when params.logprobs asks for them; while the search
-runs, the n best live beams are the request's outputs (finish_reason None).
+runs, the n best live beams are the request's outputs (finish_reason None), and an aborted search returns
+them, finish_reason "abort" (one empty sample if it had not run a step: only the prompt's beam lives).
 """
 
 from __future__ import annotations
@@ -132,10 +134,12 @@ class BeamSearch:
                                 finish_reason=why, logprobs=list(lps) if want else None,
                                 top_logprobs=list(tops) if want else None, cumulative_logprob=sum(lps))
 
-    def partial(self) -> list[CompletionOutput]:
-        """The n best live beams so far (the request's outputs while the search runs)."""
+    def partial(self, reason: str | None = None) -> list[CompletionOutput]:
+        """The n best live beams so far, their finish_reason `reason`: the request's outputs while the search
+        runs (None) or when it was aborted ('abort'). Before the first expansion only the prompt's own beam
+        lives (no token yet): an abort then gives that one empty sample, not n copies of it."""
         live = sorted(self.hyp.values(), key=lambda h: -_norm(sum(h[1]), len(h[0]), self.params.length_penalty))
-        return [self._output(i, h, None) for i, h in enumerate(live[: self.params.n])]
+        return [self._output(i, h, reason) for i, h in enumerate(live[: self.params.n])]
 
     def _finish(self, engine, live: list[Sequence], nxt) -> None:
         for _, h in nxt:

@@ -221,8 +221,8 @@ class Engine:
                                         policy=self.kv_policy is not None)
         if need > self.pool.num_blocks:
             beams = f" in {params.beam_width} beams" if params.beam_width > 1 else ""
-            raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{beams} needs {need} KV "
-                               f"blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
+            raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{beams} needs "
+                               f"{need} KV blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
                                "gpu_memory_utilization, or lower max_tokens")
         req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals),
                       kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer, self.eos_ids)),
@@ -261,9 +261,17 @@ class Engine:
 
     def abort(self, request_id: str) -> RequestOutput:
         """Stop a request now, free its blocks, and return its output so far."""
-        req = self.requests.pop(str(request_id), None)
+        req = self.requests.get(str(request_id))
         if req is None:
             raise LmforgeError(f"no running request with id {request_id!r} (finished, aborted or never added)")
+        self._abort(req)
+        return req.output()
+
+    def _abort(self, req: Request) -> None:
+        """Drop a request: its running samples end ('abort') and free their blocks (a step still pending
+        drops their rows: Launched.stale)."""
+        if self.requests.get(req.request_id) is req:
+            del self.requests[req.request_id]
         req.aborted = True
         for s in req.seqs:
             if s.status != Status.FINISHED:
@@ -271,7 +279,6 @@ class Engine:
                 if s.decoder is not None:  # bytes held for a character still incomplete show, as at any finish
                     s.text += s.decoder.flush()
                 self.scheduler.finish(s)
-        return req.output()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -329,6 +336,10 @@ class Engine:
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Run one forward over the scheduled tokens; return the outputs of requests that changed (only
         those that finished with finished_only: building outputs costs host time at large batches).
+        A request whose own input failed in the step (a logits processor that left no token allowed, or
+        raised) is aborted alone: its output is among those returned, finished, with `error` set (a
+        lmforge.errors.RequestError naming it); the step goes on for the others, whose outputs are what
+        they would be without it. LLM's methods and AsyncEngine's streams raise that error.
         The model runs in eval mode, whatever mode a trainer sharing it left it in (restored after), and in
         its own dtype: an autocast around the call (a Trainer's evaluation, an RL source's begin_step) does not
         reach the engine, whose outputs would otherwise depend on where it is called from."""
@@ -427,6 +438,7 @@ class Engine:
         stale = step.stale()
         samples_of: dict[int, int] = {}
         claimed: dict[int, tuple[Sequence, list[int]]] = {}
+        failed = sampled.failed or {}
         if sampled.features is not None:  # every position's features; a drafted chunk's: its strategy verifies
             for seq, n in batch.chunks:  # (before any fork: forks copy them)
                 if seq.seq_id in sampled.features and seq.seq_id not in stale and not _claims(seq):
@@ -438,6 +450,11 @@ class Engine:
             if seq.seq_id in stale:
                 continue
             changed[seq.request.request_id] = seq.request
+            if r in failed and not seq.request.aborted:  # its own input failed: it ends, the step goes on
+                seq.request.error = failed[r]
+                self._abort(seq.request)
+            if seq.request.aborted:  # (its other rows of this step too)
+                continue
             if _claims(seq):
                 claimed.setdefault(seq.seq_id, (seq, []))[1].append(r)
                 continue
@@ -468,7 +485,8 @@ class Engine:
         position p is prompt token p + 1's)."""
         seqs = [batch.chunks[c][0] for c, _ in extra]
         # (prompt tokens: a score-only sequence does not hold its last one)
-        targets = [s.request.prompt_ids[s.num_computed + batch.chunks[c][1] - back] for s, (c, back) in zip(seqs, extra)]
+        targets = [s.request.prompt_ids[s.num_computed + batch.chunks[c][1] - back]
+                   for s, (c, back) in zip(seqs, extra)]
         entries = logprob_entries(logits, targets, [s.params.prompt_logprobs for s in seqs], self.vocab_limit)
         for seq, entry in zip(seqs, entries):
             seq.request.prompt_logprobs.append(entry)

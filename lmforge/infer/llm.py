@@ -34,7 +34,7 @@ from typing import Iterable, Iterator, Sequence as Seq
 import torch
 
 from lmforge.config import is_int
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, LmforgeError, RequestError
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.outputs import RequestOutput
 from lmforge.infer.request import seed_for
@@ -125,11 +125,13 @@ class LLM:
             for prompt, params in requests:
                 ids.append(self.engine.add_request(prompt, params))
             return self._collect(ids)
-        except BaseException:
+        except BaseException as e:
             for rid in ids:
                 self._held.pop(rid, None)
                 if rid in self.engine.requests:
                     self.engine.abort(rid)
+            if isinstance(e, RequestError) and e.request_id in ids:  # one prompt's own input failed: by its index
+                raise RequestError(f"prompt {ids.index(e.request_id)}: {e}", e.request_id) from e
             raise
 
     def _collect(self, ids: list[str]) -> list[RequestOutput]:
@@ -141,6 +143,9 @@ class LLM:
                                    "(collected already, aborted, or never added)")
         while any(rid not in self._held for rid in ids):
             self._step(finished_only=True)
+            for rid in ids:  # a request aborted for its own failed input (a logits processor): its error
+                if rid in self._held and self._held[rid].error is not None:
+                    raise self._held.pop(rid).error
         return [self._held.pop(rid) for rid in ids]
 
     def _step(self, finished_only: bool = False) -> list[RequestOutput]:
@@ -166,7 +171,11 @@ class LLM:
         outputs, in order. Other requests keep running; those finishing meanwhile stay to be collected."""
         if isinstance(request_ids, str):
             raise LmforgeError(f"wait takes a list of request ids, got the string {request_ids!r}; wait([id])")
-        outs = self._collect([str(r) for r in request_ids])
+        try:
+            outs = self._collect([str(r) for r in request_ids])
+        except RequestError as e:  # that request's own input failed: it is gone, the others run on
+            self._submitted.discard(e.request_id)
+            raise
         self._submitted.difference_update(o.request_id for o in outs)
         return outs
 
@@ -183,7 +192,10 @@ class LLM:
                 continue
             for rid in ready:
                 self._submitted.discard(rid)
-                yield self._held.pop(rid)
+                out = self._held.pop(rid)
+                if out.error is not None:  # its own input failed (the others stay to be collected)
+                    raise out.error
+                yield out
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one sample as it is produced: what each engine output adds to the last one's
@@ -195,10 +207,14 @@ class LLM:
         try:
             while rid in self.engine.requests:
                 for out in self._step():
+                    if out.request_id == rid and out.error is not None:
+                        raise out.error
                     if out.request_id == rid and (out.finished or params.beam_width == 1) and len(out.text) > sent:
                         yield out.text[sent:]
                         sent = len(out.text)
             last = self._held.pop(rid, None)  # it finished while another call stepped the engine
+            if last is not None and last.error is not None:
+                raise last.error
             if last is not None and len(last.text) > sent:
                 yield last.text[sent:]
         finally:

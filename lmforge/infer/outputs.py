@@ -23,7 +23,9 @@ class CompletionOutput:
     text_offsets: list[int] | None = None
     """with logprobs: where each token's text starts in `text` (OpenAI's text_offset, counted from the
     completion's start; a token that shows no character yet, a byte of an incomplete one, starts where the next
-    does; clipped to the text shown)"""
+    does; the tokens past a stop string's cut start at the text's end). While the sample runs, the tokens whose
+    text would start after the text shown (inside a tail held back as a possible stop string) are not in the
+    output yet, log-probs and all: an offset given is never revised (lmforge.infer.request.Sequence.output)"""
     stop_reason: int | str | None = None
     """what ended a 'stop': the stop string matched, or the token id of SamplingParams.stop_token_ids; None
     for the model's own end-of-text token and every other finish (vLLM's semantics). token_ids may run past
@@ -54,6 +56,10 @@ class RequestOutput:
     log-probability} holding the prompt token itself and the k most likely tokens at its position"""
     finished: bool = True
     """False for the engine's intermediate outputs of a request still generating"""
+    error: Exception | None = None
+    """the lmforge.errors.RequestError that ended the request when its own input failed mid-generation (a
+    logits processor that left no token allowed, or raised): it was aborted (finish_reason 'abort') and the
+    others went on. LLM's methods and AsyncEngine's streams raise it; a reader of Engine.step checks it"""
 
     def then(self, later: "RequestOutput") -> "RequestOutput":
         """This delta output followed by a later one of the same request (SamplingParams.output_kind='delta'):
@@ -64,7 +70,7 @@ class RequestOutput:
         lps = (None if self.prompt_logprobs is None and later.prompt_logprobs is None
                else [*(self.prompt_logprobs or ()), *(later.prompt_logprobs or ())])
         return RequestOutput(later.prompt, later.prompt_token_ids, outs, later.metrics, later.request_id, lps,
-                             later.finished)
+                             later.finished, later.error)
 
     # the first sample's fields, so the common n=1 case reads outs[0].text
     @property

@@ -9,6 +9,7 @@ random stream. A sequence holds its tokens (prompt + output), how many of them h
 
 from __future__ import annotations
 
+import bisect
 import enum
 from dataclasses import dataclass, field
 
@@ -176,21 +177,32 @@ class Sequence:
         A running sample's text leaves out a tail that may be the start of a stop string, until later
         tokens show whether it is one (then it is cut) or not (then it shows): so the text of successive
         outputs only grows, and a stream built on them (LLM.stream, AsyncEngine, a server's deltas) never
-        shows what a stop string takes back. Once the sample ends, its text is whole."""
+        shows what a stop string takes back. Once the sample ends, its text is whole.
+
+        With log-probs, the tokens whose text would start after the text shown (inside the held tail: the
+        tail spans several tokens, or a byte of a character still incomplete follows it) are left out too,
+        with their log-probs, until it shows or is cut: their offsets are not known yet (the tail may be
+        cut before them), and a delta cannot take back an offset it sent. So every offset given is final
+        (each later output, the finished one too, repeats it) and folded deltas equal the cumulative output."""
         text = self.text
-        if self.finish is None and not final and self.params.stop:
+        running = self.finish is None and not final
+        if running and self.params.stop:
             text = text[:len(text) - stop_prefix_len(text, self.params.stop)]
         want, n = self.params.logprobs is not None, len(self.tokens) - self.request.prompt_len
+        whole = n
+        if want and running and n and len(text) < len(self.text):  # token i > 0 starts at text_ends[i - 1]
+            n = 1 + bisect.bisect_right(self.text_ends, len(text), 0, n - 1)
         lo, shown = (self.sent_tokens, len(text)) if delta else (0, 0)
         if want:  # each token's text starts where the last one's ended
             starts = [self.text_ends[lo - 1] if lo else 0, *self.text_ends[lo:n - 1]] if lo < n else []
+        first = self.request.prompt_len
         out = CompletionOutput(
             index=self.index, text=text[self.sent_text:] if delta else text,
-            token_ids=self.tokens[self.request.prompt_len + lo:],
-            finish_reason=self.finish or ("length" if final else None), logprobs=self.logprobs[lo:] if want else None,
-            top_logprobs=self.top[lo:] if want else None,
-            cumulative_logprob=self.cumulative_logprob if want else None, stop_reason=self.stop_reason,
-            text_offsets=[min(s, len(text)) for s in starts] if want else None)
+            token_ids=self.tokens[first + lo:first + n],
+            finish_reason=self.finish or ("length" if final else None),
+            logprobs=self.logprobs[lo:n] if want else None, top_logprobs=self.top[lo:n] if want else None,
+            cumulative_logprob=(self.cumulative_logprob if n == whole else sum(self.logprobs[:n])) if want else None,
+            stop_reason=self.stop_reason, text_offsets=[min(s, len(text)) for s in starts] if want else None)
         if delta:
             self.sent_tokens, self.sent_text = n, shown
         return out
@@ -207,6 +219,8 @@ class Request:
     forked: bool = False
     """whether the n samples exist yet (they fork after the first sequence's prefill)"""
     aborted: bool = False
+    error: Exception | None = None
+    """what ended it when its own input failed in a step (a lmforge.errors.RequestError: Engine.step)"""
     strategy: object | None = None
     """decodes this request instead of sampling (beam search: lmforge.infer.beam); gets each row's logits"""
     done: bool = False
@@ -262,8 +276,8 @@ class Request:
     def output(self) -> RequestOutput:
         done, delta = self.finished, self.params.output_kind == "delta"
         outs = getattr(self.strategy, "outputs", None)
-        if outs is None:
-            outs = (self.strategy.partial() if hasattr(self.strategy, "partial")
+        if outs is None:  # (an aborted search's outputs are its live beams, ended 'abort')
+            outs = (self.strategy.partial("abort" if self.aborted else None) if hasattr(self.strategy, "partial")
                     else [s.output(done, delta) for s in self.seqs])
         metrics = self.strategy.metrics() if hasattr(self.strategy, "metrics") else {}
         if self.first_token_time is not None:
@@ -276,7 +290,7 @@ class Request:
             if delta:
                 self.sent_prompt_logprobs += len(prompt_lps)
         return RequestOutput(self.prompt, list(self.prompt_ids), sorted(outs, key=lambda o: o.index), metrics,
-                             request_id=self.request_id, finished=done, prompt_logprobs=prompt_lps)
+                             request_id=self.request_id, finished=done, prompt_logprobs=prompt_lps, error=self.error)
 
 
 def encode_prompt(tokenizer, prompt, params: SamplingParams, index: int, vocab_size: int, max_seq_len: int

@@ -473,4 +473,4 @@ def prompt_rows(batch: Batch) -> Extra:
 
 def row_for(seq: Sequence, generator) -> Row:
     req = seq.request
-    return Row(req.params, generator, seq.tokens, req.prompt_len, req.kind)
+    return Row(req.params, generator, seq.tokens, req.prompt_len, req.kind, req.request_id)

@@ -7,7 +7,9 @@ lmforge.infer.processors once over its rows, so a batch of 256 rows of one kind 
 common cases share a group whatever their values: greedy rows without penalties or bias take one
 argmax, and rows that set only temperature, top-k and top-p run one chain with per-row arguments
 (`PLAIN`). Penalties see each row's own history; a request's own logits_processors (constrained decoding)
-run first, row by row, on a copy (`_custom`). Ids at or beyond `vocab_limit` (a model vocabulary
+run first, row by row, on a copy (`_custom`); a row they leave without an allowed token (or whose processor
+raises) is one request's error, not the batch's: it is recorded on the Sampled (`failed`), the row draws from
+the model's own logits, and the engine aborts that request alone. Ids at or beyond `vocab_limit` (a model vocabulary
 padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are never drawn.
 Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions;
 the draw itself is one batched exponential race (`draw`), only the noise of seeded rows is filled per row.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import RequestError
 from lmforge.infer.processors import (TokenHistory, apply_processors, batched_processors, build_processors,
                                       only_infinite)
 from lmforge.infer.sampling import SamplingParams
@@ -36,6 +38,8 @@ class Row:
     prompt_len: int
     kind: tuple = ()
     """rows of equal kind are processed together (`kind_of`); () = computed from params"""
+    request_id: str | None = None
+    """the request it samples for (named in the error its logits_processors may raise)"""
 
 
 @dataclass
@@ -58,6 +62,9 @@ class Sampled:
     position's features, lmforge.infer.features; then `hidden` is None)"""
     copy: HostCopy | None = None
     """tokens, logprobs, top values and ids on their way to the host (`to_host`)"""
+    failed: dict[int, RequestError] | None = None
+    """row -> the error of a request whose logits_processors failed on it (the row's token is meaningless: the
+    engine aborts that request and drops it)"""
 
     def to_host(self) -> None:
         """Queue the copies of tokens, logprobs and top-k to host memory now, right behind the step that
@@ -121,8 +128,9 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         logits = logits.clone()
         logits[:, vocab_limit:] = float("-inf")
     raw = logits  # the model's distribution: 'raw' log-probs and what strategies read
+    failed = None
     if any(r.params.logits_processors for r in rows):
-        logits = _custom(logits, rows)
+        logits, failed = _custom(logits, rows)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     processed = [r.params.logprobs is not None and r.params.logprobs_mode == "processed" and not r.params.greedy
                  for r in rows]
@@ -156,25 +164,38 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
         else:
             tokens[idx] = chosen
     source = raw if shaped is None else torch.where(to_device(processed, logits.device)[:, None], shaped, raw)
-    return _logprobs(raw, tokens, rows, source)
+    out = _logprobs(raw, tokens, rows, source)
+    out.failed = failed
+    return out
 
 
-def _custom(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+def _custom(logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, dict[int, RequestError] | None]:
     """A copy of logits with each row's own logits_processors applied (SamplingParams.logits_processors:
-    f(output ids, (V,) logits) -> (V,) logits, in order). A row they leave without an allowed token raises."""
-    out = logits.clone()
+    f(output ids, (V,) logits) -> (V,) logits, in order), and {row: error} for the rows they left without an
+    allowed token (or NaN) or where one raised. Raising here would fail the whole step, every request in the
+    batch, for one request's input: a failed row keeps the model's logits (its draw is valid, and dropped)."""
+    out, failed = logits.clone(), {}
     for i, r in enumerate(rows):
         if r.params.logits_processors:
             ids = r.tokens[r.prompt_len:]
-            row = out[i]
-            for f in r.params.logits_processors:
-                row = f(ids, row)
-            if not bool(torch.isfinite(row).any()) or bool(torch.isnan(row).any()):  # (a host read: per custom row)
-                raise LmforgeError(f"a logits processor left no token allowed (or gave NaN) after {len(ids)} output "
-                                   "tokens: it must allow at least one token (e.g. the end-of-text id once its "
-                                   "constraint is complete)")
-            out[i] = row
-    return out
+            row, cause = out[i], None
+            try:
+                for f in r.params.logits_processors:
+                    row = f(ids, row)
+                bad = not bool(torch.isfinite(row).any()) or bool(torch.isnan(row).any())  # (a host read per row)
+            except Exception as e:  # the request's own code: its error, not the engine's
+                bad, cause = True, e
+            if not bad:
+                out[i] = row
+                continue
+            out[i] = logits[i]  # (a processor may have written into its view of out's row)
+            what = (f"raised {type(cause).__name__}: {cause}" if cause is not None else
+                    "left no token allowed (or gave NaN)")
+            failed[i] = RequestError(f"request {r.request_id!r}: a logits processor {what} after {len(ids)} output "
+                                     "tokens; the request was aborted. A processor must allow at least one token "
+                                     "(e.g. the end-of-text id once its constraint is complete)", r.request_id)
+            failed[i].__cause__ = cause
+    return out, failed or None
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row], source: torch.Tensor | None = None

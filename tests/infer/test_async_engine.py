@@ -14,8 +14,9 @@ import time
 import traceback
 
 import pytest
+import torch
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, LmforgeError, RequestError
 from lmforge.infer.async_engine import AsyncEngine, EngineError
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.llm import LLM
@@ -157,13 +158,15 @@ def test_a_slow_reader_holds_the_newest_snapshot_and_gets_the_final_one(tok):
         while not aeng.streams[rid].final:  # the request finishes while its reader sleeps
             await asyncio.sleep(0.005)
         held = aeng.streams[rid].item
-        with pytest.raises(LmforgeError, match="no running request"):
-            await aeng.abort(rid)  # too late: changes nothing
-        return first, held, await collect(outs), aeng
+        late = await aeng.abort(rid)  # too late: changes nothing (it raised "no running request": a server's race)
+        with pytest.raises(LmforgeError, match="no running request with id 'nope'"):
+            await aeng.abort("nope")  # an id never added still raises
+        return first, held, late, await collect(outs), aeng
 
-    first, held, rest, aeng = asyncio.run(main())
+    first, held, late, rest, aeng = asyncio.run(main())
     want = full_greedy(model, tok.encode("slow"), 20)
     assert first.token_ids == want[:1] and not first.finished
+    assert late is held  # the abort of a request that finished a step ago returns its final output
     assert len(rest) == 1 and rest[0] is held and rest[0].finished and rest[0].finish_reason == "length"
     assert rest[0].token_ids == want and not aeng.streams
 
@@ -188,6 +191,77 @@ def test_abort_releases_a_request_that_finished_unread(tok):
     assert out.finished and out.token_ids == full_greedy(model, tok.encode("unread"), 5) and not aeng.streams
 
 
+@pytest.mark.parametrize("kind", ["cumulative", "delta"])
+def test_abort_of_a_running_request_never_streamed_hands_over_its_output_and_frees_its_id(tok, kind):
+    """A server aborting a request before its response began (nobody streams it): the abort's caller takes its
+    output (with deltas, every one it held, joined) and the id is free. Its output stayed held for good:
+    stats()['streams'] stayed 1 and the id 'in use' (add_request refused it) however long the server ran."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, output_kind=kind)
+    short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok, EngineConfig(block_size=4)))
+        await aeng.add_request("never read", sp, request_id="x")
+        while aeng.engine.requests["x"].seqs[0].num_output < 3:
+            await asyncio.sleep(0.002)
+        out = await aeng.abort("x")
+        after = aeng.stats()
+        again = await collect(aeng.generate("never read", short, request_id="x"))  # the id is free again
+        with pytest.raises(LmforgeError, match="no running request with id 'x'"):
+            await aeng.abort("x")  # streamed to its end and released: nothing to abort
+        return out, after, again, aeng.stats()
+
+    out, after, again, end = asyncio.run(main())
+    n = len(out.token_ids)
+    assert out.finished and out.finish_reason == "abort" and 3 <= n < 50
+    assert out.token_ids == full_greedy(model, tok.encode("never read"), n)  # the whole output, from its first token
+    assert (after["streams"], after["requests"], after["used_blocks"]) == (0, 0, 0)
+    assert again[-1].token_ids == full_greedy(model, tok.encode("never read"), 4)
+    assert (end["streams"], end["requests"], end["used_blocks"]) == (0, 0, 0)
+
+
+FORBID_ALL = {  # logits processors that fail on purpose (their request's own input error)
+    "no token allowed at the first token": lambda ids, lg: torch.full_like(lg, float("-inf")),
+    "no token allowed after 3 tokens": lambda ids, lg: lg if len(ids) < 3 else torch.full_like(lg, float("-inf")),
+    "raises after 3 tokens": lambda ids, lg: lg if len(ids) < 3 else [][0],
+}
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("how", list(FORBID_ALL))
+def test_a_failing_logits_processor_ends_only_its_own_stream(tok, how, async_scheduling):
+    """One request's logits processor leaving no token allowed (or raising) is that user's input error: its
+    stream raises a RequestError naming it (a LmforgeError, a 4xx) and the other streams go on with the outputs
+    they get alone, the pool freed at the end. The step raised, so every stream failed with an EngineError (a
+    500) for one user's constraint."""
+    config = EngineConfig(block_size=4, async_scheduling=async_scheduling)
+    model = tiny_model("llama")
+    goods = [("hello there", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)),
+             ("sampled pair", SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=12, logprobs=0))]
+    bad = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logits_processors=(FORBID_ALL[how],))
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok, config))
+        streams = [collect(aeng.generate(p, sp)) for p, sp in goods]
+        bad_rid = await aeng.add_request("bad one", bad, request_id="the bad one")
+        results = await asyncio.gather(*streams, collect(aeng.stream(bad_rid)), return_exceptions=True)
+        state = (aeng.engine.pool.num_used, len(aeng.engine.requests), aeng.stats()["streams"])
+        return results, state
+
+    (*good_outs, err), state = asyncio.run(main())
+    assert isinstance(err, RequestError) and not isinstance(err, EngineError) and err.request_id == "the bad one"
+    assert "request 'the bad one': a logits processor" in str(err)
+    assert ("raised IndexError" in str(err)) == how.startswith("raises")
+    assert ("after 0 output tokens" in str(err)) == how.endswith("first token")
+    for (p, sp), outs in zip(goods, good_outs):
+        alone = LLM(model, tok, config=config).generate(p, sp)[0]  # (prompt 0's seed: as AsyncEngine derives it)
+        assert outs[-1].finished and [o.token_ids for o in outs[-1].outputs] == [o.token_ids for o in alone.outputs]
+        assert [o.finish_reason for o in outs[-1].outputs] == [o.finish_reason for o in alone.outputs]
+    assert good_outs[0][-1].token_ids == full_greedy(model, tok.encode("hello there"), 20)
+    assert state == (0, 0, 0)
+
+
 def test_automatic_ids_skip_held_ones_and_a_left_stream_aborts_only_its_own_request(tok):
     """A server's id "1" finishes while its reader is slow (its output held): automatic ids then skip "1",
     and when the old reader leaves, the request running beside it is not the one aborted."""
@@ -206,7 +280,8 @@ def test_automatic_ids_skip_held_ones_and_a_left_stream_aborts_only_its_own_requ
         return a, b, await collect(aeng.stream(b))
 
     a, b, got = asyncio.run(main())
-    assert got[-1].outputs[0].finish_reason == "length" and got[-1].token_ids == full_greedy(model, tok.encode("auto b"), 30)
+    assert got[-1].outputs[0].finish_reason == "length"
+    assert got[-1].token_ids == full_greedy(model, tok.encode("auto b"), 30)
 
 
 @pytest.mark.parametrize("where", ["Engine.step", "the runner"])

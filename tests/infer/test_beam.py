@@ -154,7 +154,8 @@ def test_a_preempted_beam_comes_back_whatever_the_seats(tok):
     sp = SamplingParams(temperature=0, beam_width=3, max_tokens=12, ignore_eos=True)
     prompts = ["hello there friend of mine and more text", "another prompt that is long enough"]
     alone = [LLM(model, tok).generate(p, sp)[0] for p in prompts]
-    engine = Engine(model, tok, EngineConfig(block_size=8, max_num_seqs=2, num_kv_tokens=128, max_num_batched_tokens=16))
+    engine = Engine(model, tok, EngineConfig(block_size=8, max_num_seqs=2, num_kv_tokens=128,
+                                             max_num_batched_tokens=16))
     outs = run_requests(engine, [(p, sp) for p in prompts])
     assert engine.stats()["preemptions"] > 0 and engine.pool.num_used == 0
     for got, want in zip(outs, alone):
@@ -194,6 +195,52 @@ def test_beam_stop_strings_logprobs_stream_and_running_outputs(tok):
         seen += [o for o in engine.step() if o.request_id == rid]
     assert all(len(o.outputs) <= 2 and {x.finish_reason for x in o.outputs} == {None} for o in seen[:-1])
     assert seen[-1].finished and [o.token_ids for o in seen[-1].outputs] == [o.token_ids for o in free.outputs]
+
+
+def test_an_aborted_beam_search_ends_with_abort(tok):
+    """Engine.abort, AsyncEngine.abort and shutdown of a running search: its n best live beams, finished with
+    finish_reason 'abort' (they read None, a running sample's reason, in a finished output). Aborted before
+    its first step, only the prompt's beam lives: one empty sample (not n)."""
+    import asyncio
+
+    from lmforge.infer.async_engine import AsyncEngine
+
+    model = tiny_model("llama")
+    beam = SamplingParams(temperature=0, beam_width=3, n=2, max_tokens=30, ignore_eos=True)
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    rid = engine.add_request("hello", beam)
+    for _ in range(4):
+        running = [o for o in engine.step() if o.request_id == rid][-1]
+    out = engine.abort(rid)
+    assert out.finished and [o.finish_reason for o in out.outputs] == ["abort", "abort"]
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in running.outputs]  # the live beams
+    assert [len(o.token_ids) for o in out.outputs] == [4, 4] and out.outputs[0].token_ids != out.outputs[1].token_ids
+    assert out.outputs[0].cumulative_logprob == pytest.approx(seq_logprob(model, tok.encode("hello"),
+                                                                          out.outputs[0].token_ids), abs=1e-4)
+    early = engine.abort(engine.add_request("hello", beam))
+    assert early.finished and [(o.index, o.token_ids, o.text, o.finish_reason) for o in early.outputs] == \
+        [(0, [], "", "abort")]
+    assert engine.pool.num_used == 0 and not engine.requests
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok, EngineConfig(block_size=4)))
+        outs = {}
+
+        async def read(rid, stop):
+            outs[rid] = []
+            async for o in aeng.stream(rid):
+                outs[rid].append(o)
+                if len(outs[rid]) == 3:
+                    await stop()
+
+        a = await aeng.add_request("hello", beam)
+        await read(a, lambda: aeng.abort(a))
+        b = await aeng.add_request("hello", beam)
+        await read(b, aeng.shutdown)
+        return outs[a][-1], outs[b][-1]
+
+    for last in asyncio.run(main()):
+        assert last.finished and [o.finish_reason for o in last.outputs] == ["abort", "abort"]
 
 
 def test_beams_refuse_penalties_and_bias_and_check_their_blocks(tok):

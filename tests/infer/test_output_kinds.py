@@ -60,6 +60,46 @@ def test_deltas_fold_to_the_cumulative_output_at_every_step(tok, case, config):
     assert grew  # deltas were pieces, not whole outputs
 
 
+def test_offsets_of_tokens_inside_a_held_stop_prefix_wait_for_it(tok):
+    """A tail that may begin a stop string can span tokens (a byte of an incomplete character after it, or a
+    longer stop's prefix): the offsets of the tokens after its start are not known while it is held (it may be
+    cut before them). They were clipped to the text shown and sent in a delta, so the deltas folded to other
+    offsets than the cumulative output's, e.g. [0, 1, 1, 2, ...] for [0, 1, 2, 2, ...]. Such tokens now wait,
+    log-probs and all, until the tail shows or is cut: the deltas fold to the cumulative output at every step,
+    and every output's tokens, log-probs and offsets are a prefix of the finished output's."""
+    model = tiny_model("llama", init_std=0.3)
+    bias = {ord("a"): 5.0, ord("b"): 5.0, ord("e"): 5.0, ord("t"): 3.0, ord("h"): 3.0}
+    waited = 0
+    for seed in range(6):
+        sp = SamplingParams(temperature=1.0, seed=seed, n=2, max_tokens=12, stop=("ab", "the"), logprobs=1,
+                            logit_bias=bias, ignore_eos=True)
+        engines = [Engine(model, tok, EngineConfig(block_size=4)) for _ in range(2)]
+        for eng, kind in zip(engines, ("cumulative", "delta")):
+            for i, p in enumerate(PROMPTS):
+                eng.add_request(p, dataclasses.replace(sp, output_kind=kind), request_id=str(i))
+        steps, folded = [], {}
+        while engines[0].has_unfinished():
+            cum, dlt = ({o.request_id: o for o in e.step()} for e in engines)
+            for rid, d in dlt.items():
+                folded[rid] = folded[rid].then(d) if rid in folded else d
+                assert fields(folded[rid]) == fields(cum[rid])
+            for rid, out in cum.items():  # tokens the engine holds beyond those in the output: waiting
+                req = engines[0].requests.get(rid)
+                waited += req is not None and any(len(s.tokens) - req.prompt_len > len(o.token_ids)
+                                                   for s, o in zip(req.seqs, out.outputs))
+            steps.append(cum)
+        finals = {rid: out for cum in steps for rid, out in cum.items() if out.finished}
+        for cum in steps:
+            for rid, out in cum.items():
+                for o in out.outputs:
+                    f, k = finals[rid].outputs[o.index], len(o.token_ids)
+                    assert (o.token_ids, o.logprobs, o.text_offsets) == \
+                        (f.token_ids[:k], f.logprobs[:k], f.text_offsets[:k])
+                    assert o.cumulative_logprob == pytest.approx(sum(o.logprobs), abs=1e-5)
+                    assert all(x <= len(o.text) for x in o.text_offsets) and f.text.startswith(o.text)
+    assert waited  # tokens really waited for a held tail
+
+
 def test_final_gives_only_the_finished_output(tok):
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     model = tiny_model("llama", init_std=0.3)

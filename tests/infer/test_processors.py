@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -11,6 +12,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.infer import processors as P
+from lmforge.infer.request import seed_for
 from lmforge.infer.sampling import SamplingParams
 
 PROBS = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
@@ -175,7 +177,8 @@ def test_logits_processors_constrain_each_request_and_see_its_outputs(tok, async
 
     from .infer_helpers import tiny_model
 
-    llm = LLM(tiny_model("llama", init_std=0.3), tok, config=EngineConfig(block_size=4, async_scheduling=async_scheduling))
+    llm = LLM(tiny_model("llama", init_std=0.3), tok,
+              config=EngineConfig(block_size=4, async_scheduling=async_scheduling))
     allowed = [104, 105, 32, 111]
     ban = {t: -1e9 for t in range(257) if t not in allowed}
     for base in (SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0),
@@ -224,3 +227,51 @@ def test_logits_processors_refusals(tok):
         llm.generate("hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
                                           logits_processors=(lambda ids, l: l if len(ids) < 2 else l - float("inf"),)))
     assert not llm.engine.requests  # the failed call's request was aborted
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_failing_processor_aborts_only_its_request(tok, async_scheduling):
+    """A processor leaving no token allowed raised inside the sampler, mid-step: Engine.step failed for every
+    request in the batch, with an error naming none. Now the step goes on: the failing request ends alone
+    (finish_reason 'abort', its output's `error` a RequestError naming it), the others equal their outputs
+    alone, the pool is free at the end; LLM.generate raises the error by prompt, wait() only for that
+    request, and the engine serves the next call."""
+    from lmforge.errors import RequestError
+    from lmforge.infer.engine import Engine, EngineConfig
+    from lmforge.infer.llm import LLM
+
+    from .infer_helpers import full_greedy, tiny_model
+
+    model, config = tiny_model("llama"), EngineConfig(block_size=4, async_scheduling=async_scheduling)
+    good = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    sampled = SamplingParams(temperature=1.0, seed=2, n=2, max_tokens=10, logprobs=0)
+    bad = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                         logits_processors=(lambda ids, l: l if len(ids) < 3 else l - float("inf"),))
+    alone = LLM(model, tok, config=config).generate(["hello there", "two"], [good, sampled])
+
+    engine = Engine(model, tok, config)
+    rids = [engine.add_request("hello there", good), engine.add_request("bad one", bad, request_id="b"),
+            engine.add_request("two", dataclasses.replace(sampled, seed=seed_for(2, 1)))]
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    failed = done["b"]
+    assert isinstance(failed.error, RequestError) and failed.error.request_id == "b"
+    assert str(failed.error).startswith("request 'b': a logits processor left no token allowed (or gave NaN) "
+                                        "after 3 output tokens")
+    assert failed.finish_reason == "abort" and failed.token_ids == full_greedy(model, tok.encode("bad one"), 3)
+    for rid, want in zip((rids[0], rids[2]), alone):
+        assert done[rid].error is None
+        assert [o.token_ids for o in done[rid].outputs] == [o.token_ids for o in want.outputs]
+    assert engine.pool.num_used == 0 and not engine.requests
+
+    llm = LLM(model, tok, config=config)
+    with pytest.raises(RequestError, match=r"^prompt 1: request '\d+': a logits processor left no token allowed"):
+        llm.generate(["hello there", "bad one"], [good, bad])
+    assert not llm.engine.requests and llm.engine.pool.num_used == 0 and not llm._held
+    ok, no = llm.submit("hello there", good), llm.submit("bad one", bad)
+    with pytest.raises(RequestError, match=f"request '{no}'"):
+        llm.wait([no])
+    assert llm.wait([ok])[0].token_ids == alone[0].token_ids and not llm._submitted  # the other went on
+    assert llm.generate("hello there", good)[0].token_ids == alone[0].token_ids
+    assert llm.engine.pool.num_used == 0

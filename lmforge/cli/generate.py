@@ -97,6 +97,8 @@ def check_output(path: str | None) -> None:
     out = Path(path)
     if out.is_dir():
         raise DataError(f"--output {path} is a directory; give a file path such as {out / 'out.jsonl'}")
+    if _special(out):  # a pipe, /dev/stdout, >(gzip > f): written in place, as it is
+        return
     parent = next((p for p in out.parents if p.exists()), out.parent)  # the nearest that exists
     if parent.exists() and not parent.is_dir():
         raise DataError(f"--output {path}: {parent} is a file, not a directory; give a path in a directory")
@@ -106,12 +108,23 @@ def check_output(path: str | None) -> None:
         raise DataError(f"--output {path}: directory {parent} is not writable; give a path in a writable directory")
 
 
+def _special(path: Path) -> bool:
+    """An existing target that is not a regular file (a named pipe, a device, /dev/fd/N of a process
+    substitution): a temporary file renamed onto it would replace it instead of writing through it."""
+    return path.exists() and not path.is_file()
+
+
 @contextlib.contextmanager
 def open_output(path: str | None) -> Iterator[TextIO]:
     """Standard output, or a file written beside `path` and renamed onto it once every row is written: a refused,
-    failed or interrupted (Ctrl-C) run leaves an existing file as it was, never emptied or half-written."""
+    failed or interrupted (Ctrl-C) run leaves an existing file as it was, never emptied or half-written. A pipe
+    or device given as `path` is written in place."""
     if path is None:
         yield sys.stdout
+        return
+    if _special(Path(path)):
+        with open(path, "w", encoding="utf-8") as f:
+            yield f
         return
     from lmforge.utils import atomic_path
 

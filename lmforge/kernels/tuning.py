@@ -80,8 +80,9 @@ class KernelConfigs:
                 why.append("unknown keys " + ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3
                                                                      else ""))
             if len(why) == 2:
-                why.append("a flat file of shape keys (the first tuner's) does not convert: tune again")
-            raise ConfigError(f"{source} is not a KernelConfigs set (keys {', '.join(JSON_KEYS)}): {'; '.join(why)}")
+                why.append("a flat file of shape keys (the first tuner's) does not convert")
+            raise ConfigError(f"{source} is not a KernelConfigs set (keys {', '.join(JSON_KEYS)}): {'; '.join(why)}; "
+                              "delete it to tune again (on first use, or with bench/decode.py --tune-step)")
         if not isinstance(d["configs"], dict):
             raise ConfigError(f"{source}: 'configs' must map shape keys to configurations, got a JSON "
                               f"{type(d['configs']).__name__}")

@@ -76,7 +76,8 @@ class Adafactor(PerParamOptimizer):
             raise layout_error("Adafactor's row statistics", None if saved is None else tuple(saved.shape),
                                tuple(p.shape[:-1]), p.shape)
         if not _factored(p, group) and saved is not None:  # saved before a stack of vectors was vectors
-            raise layout_error("Adafactor's row statistics", tuple(saved.shape), None, p.shape)
+            raise layout_error("Adafactor's row statistics", tuple(saved.shape), None, p.shape,
+                               why="it was saved by lmforge before a stack of expert biases was E vectors (2026-12-05)")
         u = self._scaled_grad(p.grad, state, group)
         if group["beta1"] > 0:
             u = state["exp_avg"].lerp_(u, 1 - group["beta1"])

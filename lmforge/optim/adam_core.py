@@ -39,15 +39,17 @@ def adamw_step_(p: torch.Tensor, state: dict, lr: float, betas: tuple[float, flo
     apply_step_(p, adam_direction(p.grad, state, betas, eps), lr, weight_decay)
 
 
-def layout_error(name: str, saved: tuple | None, expected: tuple | None, weight: torch.Size) -> ConfigError:
-    """The error for a saved statistic `name` of shape `saved` where this weight needs `expected`: saved with
-    another block size, or by lmforge before 2026-12-05, when Shampoo, SOAP and Adafactor viewed a stacked
-    (E, m, n) MoE weight as one (E, m * n) matrix (each expert is its own matrix now). None: no such statistic."""
+def layout_error(name: str, saved: tuple | None, expected: tuple | None, weight: torch.Size,
+                 why: str = "it was saved with another block size, or by lmforge before each expert of a stacked "
+                             "MoE weight was its own matrix (2026-12-05)") -> ConfigError:
+    """The error for a saved statistic `name` of shape `saved` where this weight needs `expected`: by default
+    saved with another block size, or by lmforge before 2026-12-05, when Shampoo, SOAP and Adafactor viewed a
+    stacked (E, m, n) MoE weight as one (E, m * n) matrix (each expert is its own matrix now); `why` says
+    otherwise. None: no such statistic."""
     shape = lambda s: "none" if s is None else str(tuple(s))  # noqa: E731
     return ConfigError(f"this optimizer state holds {name} of shape {shape(saved)} for a weight of shape "
-                       f"{tuple(weight)}, which needs {shape(expected)}: it was saved with another block size, or by "
-                       "lmforge before each expert of a stacked MoE weight was its own matrix (2026-12-05); resume "
-                       "with reset_optimizer = true (weights, data position and step are kept)")
+                       f"{tuple(weight)}, which needs {shape(expected)}: {why}; resume with reset_optimizer = true "
+                       "(weights, data position and step are kept)")
 
 
 def rms(x: torch.Tensor) -> float:

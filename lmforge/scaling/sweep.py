@@ -134,8 +134,15 @@ def _train_cfg(cfg: SweepConfig, run: dict, shards: tuple[str, str], run_dir: Pa
 
 
 def _run_dir(cfg: SweepConfig, run: dict) -> Path:
-    # the budget's shortest exact form (2e+08, 2.4e+08): named to one digit, 2e8 and 2.4e8 shared a directory
-    return Path(cfg.out) / f"C{np.format_float_scientific(float(run['budget']), trim='-')}_d{run['depth']}"
+    """The budget's shortest exact form (2e+08, 2.4e+08): named to one digit, 2e8 and 2.4e8 shared a directory.
+    A finished run of this budget under its old one-digit name (a sweep before 2026-12-05) is found there."""
+    new = Path(cfg.out) / f"C{np.format_float_scientific(float(run['budget']), trim='-')}_d{run['depth']}"
+    old = Path(cfg.out) / f"C{run['budget']:.0e}_d{run['depth']}"
+    if old != new and not new.exists() and (old / "result.json").is_file():
+        rec = read_json(old / "result.json", "a finished sweep run's record (an object)")
+        if isinstance(rec, dict) and rec.get("budget") == run["budget"]:
+            return old
+    return new
 
 
 def _finished(done: Path, run: dict, settings: dict) -> dict | None:

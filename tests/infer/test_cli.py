@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -309,6 +310,23 @@ def test_chat_falls_back_to_plain_for_a_tokenizer_without_chatml_tokens_and_refu
 
 def _files(path):
     return sorted(p.name for p in path.iterdir())
+
+
+def test_generate_output_writes_through_a_named_pipe(ckpt, tmp_path):
+    """A pipe given as --output is written in place (a temporary file renamed onto it replaced the pipe, and its
+    reader waited forever)."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert gen_cli.main(["--checkpoint", str(ckpt), "--prompts", "ab", "--max-tokens", "3", "--temperature", "0",
+                         "--output", str(fifo)]) == 0
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and json.loads(got[0])["prompt"] == "ab"
 
 
 def test_generate_output_is_replaced_only_when_every_prompt_is_done(ckpt, tmp_path, capsys, monkeypatch):

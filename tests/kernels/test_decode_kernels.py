@@ -219,7 +219,8 @@ def test_kernel_configs_refuse_a_file_in_another_format(tmp_path):
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({repr(kd.add_key(2048, 2048, torch.bfloat16)): [4, 256, 4, 4],
                                 "('attend', 32, 4, 64, 400)": [32, 16, 1]}))
-    with pytest.raises(ConfigError, match=r"flat\.json is not a KernelConfigs set.*no 'configs'.*unknown keys"):
+    with pytest.raises(ConfigError, match=r"flat\.json is not a KernelConfigs set.*no 'configs'.*unknown keys.*; "
+                                          r"delete it to tune again"):
         KernelConfigs.load(flat)
     for bad, match in (({"gpu": "x", "model": "y"}, "no 'configs'"),
                        ({"configs": {}, "tuned": 1}, "unknown keys tuned"),

@@ -232,10 +232,24 @@ def test_aux_free_bias_moves_once_per_step_by_the_whole_steps_load():
     n = sum(loads)
     assert torch.equal(m.e_bias, 0.01 * torch.sign(n.mean() - n))
     assert not torch.equal(torch.sign(n.mean() - n), torch.sign(loads[0].mean() - loads[0]))  # the test's point
-    assert torch.equal(m.step_load, torch.zeros(4))
+    assert m.step_load.tolist() == [0, 0, 0, 0]
     assert "step_load" not in m.state_dict()
     update_expert_biases(m)  # no forward since: the bias moves by sign(0) = 0
     assert torch.equal(m.e_bias, 0.01 * torch.sign(n.mean() - n))
+
+
+def test_aux_free_bias_counts_exactly_in_a_bf16_model():
+    """The step's counts stay integers when the model is cast to bf16 (summed in bf16, counts past 256 rounded
+    and could flip the sign of an expert's move)."""
+    m = _moe(score="sigmoid", bias_update_rate=0.01).train().to(torch.bfloat16)
+    loads = []
+    for _ in range(40):
+        m(torch.randn(16, 32, 32, dtype=torch.bfloat16))
+        loads.append(m.last_stats["load"].double() * 16 * 32 * 2)
+    n = torch.stack(loads).sum(0).round()
+    assert m.step_load.dtype == torch.long and m.step_load.tolist() == n.long().tolist() and n.max() > 4096
+    update_expert_biases(m)
+    assert m.e_bias.float().tolist() == (0.01 * torch.sign(n.mean() - n)).to(torch.bfloat16).float().tolist()
 
 
 def test_aux_free_bias_with_activation_checkpointing_routes_the_recompute_as_the_forward():

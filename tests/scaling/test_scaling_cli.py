@@ -103,6 +103,13 @@ def test_sweep_names_each_budget_exactly_and_refuses_a_record_of_another_run(tmp
     rec = json.loads(done.read_text())
     done.write_text(json.dumps({k: v for k, v in rec.items() if k != "settings"} | {"loss": 9.5}))
     assert main_sweep(SweepConfig(budgets=(2e8,), width=8, lr=1e-3, **base))[0]["loss"] == 9.5
+    # 2.4e8's record under its old one-digit name (C2e+08_d1, an earlier sweep's) is found there, not retrained
+    done = out / "C2.4e+08_d1" / "result.json"
+    rec = json.loads(done.read_text())
+    (out / "C2.4e+08_d1").rename(tmp_path / "moved")
+    (out / "C2e+08_d1" / "result.json").write_text(json.dumps(rec | {"loss": 7.25}))
+    assert main_sweep(SweepConfig(budgets=(2.4e8,), width=8, **base))[0]["loss"] == 7.25
+    assert not (out / "C2.4e+08_d1").exists()
 
 
 @pytest.mark.parametrize("name, text", [("wrongkey.json", '{"rows": []}'), ("broken.json", '[{"N": 1,'),

@@ -223,7 +223,8 @@ class MoE(nn.Module):
         # aux-loss-free balancing bias (DeepSeek-V3 e_score_correction_bias): selection only
         self.register_buffer("e_bias", torch.zeros(self.E))
         # the assignments per expert of this optimizer step's training forwards, until update_expert_biases
-        self.register_buffer("step_load", torch.zeros(self.E), persistent=False)
+        # (integers: a float buffer would follow the model to bf16, whose sums past 256 round)
+        self.register_buffer("step_load", torch.zeros(self.E, dtype=torch.long), persistent=False)
         self.dispatch, self.gemm = m.dispatch, m.gemm
         self.last_aux: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -387,7 +388,7 @@ class MoE(nn.Module):
         self.last_aux = logits.new_zeros((), dtype=torch.float32) if aux is None else aux
         if m.bias_update_rate > 0 and self.training and torch.is_grad_enabled():  # counted, applied once per step
             with torch.no_grad():
-                self.step_load += load.float()
+                self.step_load += load.round().long() if load.is_floating_point() else load
         dropped = f.new_zeros(()) if keep is None else (~keep).float().mean()
         self.last_stats = {"load": f.detach(), "dropped": dropped.detach()}
 
@@ -419,7 +420,7 @@ def update_expert_biases(model: nn.Module, world: bool = False) -> int:
         if not rows:
             return 0
         device = next(iter(model.parameters())).device
-        table = torch.zeros(len(rows), max(E for _, E in rows), device=device)
+        table = torch.zeros(len(rows), max(E for _, E in rows), dtype=torch.float64, device=device)
         for i, (name, E) in enumerate(rows):
             if name in layers:
                 table[i, :E] = layers[name].step_load
@@ -428,7 +429,7 @@ def update_expert_biases(model: nn.Module, world: bool = False) -> int:
     else:
         loads = {name: m.step_load for name, m in layers.items()}
     for name, m in layers.items():
-        n = loads[name]
+        n = loads[name].double()
         m.e_bias.copy_(m.e_bias.float() + m.m.bias_update_rate * torch.sign(n.mean() - n))
         m.step_load.zero_()
     return len(layers)

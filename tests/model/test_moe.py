@@ -272,6 +272,18 @@ def test_aux_free_bias_with_activation_checkpointing_routes_the_recompute_as_the
     assert torch.equal(biases[0], biases[1])
 
 
+def test_compiled_fp32_moe_on_cpu_equals_eager():
+    """torch._grouped_mm runs eagerly on CPU in fp32, but its meta function (what torch.compile traces) takes
+    bf16 only: a compiled fp32 MoE raised "Expected inputs of BF16 type"; 'auto' now takes the loop there."""
+    m = _moe(score="sigmoid").train()
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    want = m(x)
+    got = torch.compile(m)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_noisy_gating_only_in_training():
     m = _moe(noisy=True)
     x = torch.randn(2, 8, 32)

@@ -85,10 +85,13 @@ class _GroupedLinear(torch.autograd.Function):
 def grouped_mm_applies(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
     """torch._grouped_mm takes these operands: fp32/bf16/fp16 and rows of 16 bytes' multiples for every
     width in `dims`; from torch 2.9 on any device (CPU and GPUs without its CUTLASS kernel through a
-    fallback loop, with a host sync), in torch 2.8 only bf16 on sm90 (anything else raises)."""
+    fallback loop, with a host sync), in torch 2.8 only bf16 on sm90 (anything else raises); under
+    torch.compile only bf16."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
             or any(d * x.element_size() % 16 for d in dims):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its meta function (what torch.compile
+        return False                                                   # traces) takes bf16 only (torch 2.13)
     if _torch_version() >= (2, 9):
         return True
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9

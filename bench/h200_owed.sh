@@ -5,6 +5,10 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 34, 2026-12-05: no GPU ran. Next: `gputests` (the engine's per-request errors and delta hold-back,
+# the MoE bias counted per step, all new since the last GPU run), then `decode` on an H200 - its % of roofline
+# now counts one embedding row per token (2.069 GB, not 2.200) -, then `kernels` and `moe`, whose variants are
+# now checked before they are timed (bf16 gates never run on a GPU: check a FAIL before believing it))
 # (session 33, 2026-12-05: `gputests` ran alone on an H100 - 63 passed, 1 skipped -, then `speculative`,
 # `mixedgraphs` and bench/decode.py on the same H100 (docs/benchmarks.md). Next, on an H200: `decode`)
 # (session 32, 2026-12-05, on an H100 - no H200 came: `alltests` passed but for three `-m gpu` failures since fixed

@@ -66,7 +66,8 @@ class SequenceHead(nn.Module):
         if index is None:
             index = torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
         last = h[torch.arange(h.shape[0], device=h.device), index]  # (B, d)
-        return self.head(last.to(self.head.weight.dtype))
+        with torch.autocast(last.device.type, enabled=False):  # scores in the head's dtype, as read_values'
+            return self.head(last.to(self.head.weight.dtype)).float()
 
 
 @torch.no_grad()

@@ -114,7 +114,8 @@ class MoEConfig:
     Trainer calls lmforge.model.layers.moe.update_expert_biases after each update (a loop of your own calls it
     after optimizer.step())"""
     capacity_factor: float = 0.0
-    """> 0: each expert takes at most ceil(cf·tokens·k/E) tokens, the rest are dropped; 0 = dropless"""
+    """> 0: in a training forward each expert takes at most ceil(cf·tokens·k/E) tokens, the rest are dropped
+    (evaluation and generation run dropless); 0 = dropless"""
     dispatch: Literal["grouped", "loop"] = "grouped"
     gemm: Literal["auto", "torch", "triton", "loop"] = "auto"
     """the grouped dispatch's expert matmuls: 'torch' = torch._grouped_mm, 'triton' = lmforge.kernels.moe,

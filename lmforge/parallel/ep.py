@@ -71,7 +71,7 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         self.ep = dist.get_world_size(group)
         lo, hi = expert_range(moe.E, self.ep, dist.get_rank(group))
-        if moe.capacity(1) is not None:
+        if moe.m.capacity_factor > 0:
             raise ConfigError("expert parallelism here is dropless: set model.moe.capacity_factor=0")
         self.group, self.E_local = group, hi - lo
         self.experts = LocalExperts(moe, lo, hi)

@@ -20,8 +20,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0, ig
     if z_loss <= 0:
         return ce, ce
     keep = tgt != ignore_index
-    lse = torch.logsumexp(flat[keep], dim=-1)
-    return ce + z_loss * lse.square().mean(), ce
+    # over the counted positions, as a masked sum (flat[keep] has a data-dependent shape: a graph break)
+    lse = torch.logsumexp(flat, dim=-1)
+    return ce + z_loss * torch.where(keep, lse.square(), 0).sum() / keep.sum(), ce
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

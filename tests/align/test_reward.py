@@ -61,6 +61,24 @@ def test_head_reads_last_counted_position_and_head_only_freezes_trunk():
     assert all(p.grad is not None for p in full.backbone.blocks.parameters())  # the trunk trains
 
 
+def test_scores_are_fp32_under_bf16_autocast():
+    """The head ran under the trainer's bf16 autocast (the default on a GPU): scores, the Bradley-Terry loss,
+    margins and accuracy came out rounded to bf16 (a reward of 6 to steps of 1/32; a margin to a tie). As
+    read_values does for value heads, the head computes in its own dtype outside autocast."""
+    rm = SequenceHead(tiny_model(0), out_dim=1)
+    with torch.no_grad():
+        rm.head.bias.fill_(6.0)
+        rm.head.weight.mul_(3)
+    ids = torch.randint(0, 41, (4, 7))
+    want = rm(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = rm.backbone.final_norm(rm.backbone.hidden(ids)[0])[:, -1]
+        got = rm(ids)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, rm.head(h.float()), rtol=1e-6, atol=1e-6)  # the bf16 trunk, an fp32 head
+    assert (got - want).abs().max() < 0.1 and not torch.equal(got, got.bfloat16().float())
+
+
 def test_errors_name_the_fix():
     with pytest.raises(ConfigError, match="SequenceHead"):
         RewardObjective().loss(tiny_model(0), pair_batch())

@@ -193,6 +193,13 @@ def test_capacity_drops_late_tokens_and_dropless_keeps_all():
     torch.testing.assert_close(m(x), loop, rtol=1e-5, atol=1e-5)
     assert float(m.last_stats["dropped"]) == pytest.approx(1 - float(keep.float().mean()))
     assert _moe(capacity_factor=0.0).capacity(16) is None
+    # evaluation and generation run dropless: a token's output must not depend on its batch-mates (in the
+    # inference engine a prompt's greedy tokens changed with the other requests, the chunking and the step)
+    m.eval()
+    assert m.capacity(16) is None
+    dropless = _moe(capacity_factor=0.0).eval()
+    torch.testing.assert_close(m(x), dropless(x))
+    torch.testing.assert_close(m(x[:, :3]), dropless(x)[:, :3])
 
 
 def test_balance_losses_match_formulas():
@@ -249,7 +256,7 @@ def test_aux_free_bias_counts_exactly_in_a_bf16_model():
     n = torch.stack(loads).sum(0).round()
     assert m.step_load.dtype == torch.long and m.step_load.tolist() == n.long().tolist() and n.max() > 4096
     update_expert_biases(m)
-    assert m.e_bias.float().tolist() == (0.01 * torch.sign(n.mean() - n)).to(torch.bfloat16).float().tolist()
+    assert m.e_bias.tolist() == (0.01 * torch.sign(n.mean() - n)).float().tolist()
 
 
 def test_aux_free_bias_with_activation_checkpointing_routes_the_recompute_as_the_forward():
@@ -270,6 +277,18 @@ def test_aux_free_bias_with_activation_checkpointing_routes_the_recompute_as_the
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     assert torch.equal(biases[0], biases[1])
+
+
+def test_balancing_bias_stays_fp32_in_a_bf16_model():
+    """model.to(bf16) rounded e_bias: past |0.5| a 1e-3 step is under half a bf16 step, so the bias stopped
+    moving (HF keeps DeepSeek-V3's e_score_correction_bias in fp32 too)."""
+    m = _moe(score="sigmoid", bias_update_rate=1e-3).train().to(torch.bfloat16)
+    assert m.e_bias.dtype == torch.float32 and m.w_up.dtype == torch.bfloat16
+    m.e_bias.fill_(0.75)
+    m.step_load.copy_(torch.tensor([10, 0, 0, 0]))
+    update_expert_biases(m)
+    assert m.e_bias.tolist() == pytest.approx([0.749, 0.751, 0.751, 0.751], abs=1e-6)
+    m(torch.randn(2, 4, 32, dtype=torch.bfloat16))  # routes with the fp32 bias
 
 
 def test_compiled_fp32_moe_on_cpu_equals_eager():

@@ -232,6 +232,12 @@ class MoE(nn.Module):
         self.last_aux: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.e_bias.dtype != torch.float32:  # model.to(bf16) must not round the balancing bias: a ±1e-3 step
+            self.e_bias = self.e_bias.float()   # past |0.5| is under half a bf16 step (HF keeps it fp32 too)
+        return self
+
     # routing ------------------------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> top-k expert ids (N, k), their weights (N, k), scores (N, E), logits (N, E)."""
@@ -255,8 +261,11 @@ class MoE(nn.Module):
         return idx, (w if self.m.routed_scale == 1 else w * self.m.routed_scale), scores, logits
 
     def capacity(self, n_tokens: int) -> int | None:
+        """Assignments each expert keeps in a training forward of n_tokens; None = dropless, as every forward
+        in eval mode is: a capacity over the whole batch would make one sequence's output depend on the others
+        (its batch-mates, prefill chunks and decode steps in the inference engine)."""
         cf = self.m.capacity_factor
-        return math.ceil(cf * n_tokens * self.k / self.E) if cf > 0 else None
+        return math.ceil(cf * n_tokens * self.k / self.E) if cf > 0 and self.training else None
 
     # experts ------------------------------------------------------------------------------------
     def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, mm: GroupedMM | None = None,

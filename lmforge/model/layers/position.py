@@ -16,7 +16,9 @@ class LearnedPositions(nn.Module):
         self.max_len = max_len
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        if int(positions.max()) >= self.max_len:
+        # (checked in eager mode only: reading the max is a graph break under torch.compile, which trains on
+        # positions below max_seq_len - the data config is checked against it)
+        if not torch.compiler.is_compiling() and int(positions.max()) >= self.max_len:
             from lmforge.errors import LmforgeError
 
             raise LmforgeError(f"position {int(positions.max())} is beyond model.max_seq_len={self.max_len} "
@@ -40,6 +42,8 @@ class SinusoidalPositions(nn.Module):
         self.register_buffer("table", sinusoidal_table(max_len, dim), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        if int(positions.max()) >= self.table.shape[0]:  # grow on demand: the formula extrapolates
+        # grow on demand (the formula extrapolates); not under torch.compile, whose training positions lie in
+        # the table built for max_seq_len (reading the max would break the graph)
+        if not torch.compiler.is_compiling() and int(positions.max()) >= self.table.shape[0]:
             self.table = sinusoidal_table(int(positions.max()) + 1, self.dim).to(self.table.device)
         return self.table[positions]

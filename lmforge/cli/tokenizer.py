@@ -67,7 +67,7 @@ class StatsArgs:
     """'byte' or a tokenizer directory or file (any format load_tokenizer reads)"""
     input: tuple[str, ...]
     top: int = 10
-    """list the most frequent tokens"""
+    """list the most frequent tokens (0: none)"""
     json: bool = False
     """print the numbers as JSON"""
     workers: Optional[int] = None
@@ -75,6 +75,7 @@ class StatsArgs:
 
     def __post_init__(self):
         check_workers(self.workers)
+        check(self.top >= 0, f"--top must be >= 0 (0 lists none), got {self.top}")
 
 
 def check_workers(workers: int | None) -> None:

@@ -182,7 +182,8 @@ def test_an_out_no_writer_could_use_is_refused_before_any_work(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("cmd, args", [(cmd, ["--workers", n]) for cmd in ("train", "encode", "stats")
-                                       for n in ("0", "-3")] + [("train", ["--export", "hf"])])
+                                       for n in ("0", "-3")] + [("train", ["--export", "hf"]),
+                                                                ("stats", ["--top", "-1"])])
 def test_workers_below_one_and_export_into_a_json_file_are_refused(tmp_path, cmd, args, capsys):
     """--workers 0 and -3 were taken silently (0 as every core, -3 as one); --export with a .json --out wrote
     the tokenizer file and then failed to make a directory of the same name."""
@@ -192,8 +193,9 @@ def test_workers_below_one_and_export_into_a_json_file_are_refused(tmp_path, cmd
         lmforge_main(["tokenizer", cmd, "--input", str(tmp_path / "a.txt"), *extra, *args])
     text = " ".join(capsys.readouterr().err.replace("│", " ").split())  # tyro's box, unwrapped
     want = (f"--workers must be >= 1 (worker processes), got {args[1]}; leave it out to use every core"
-            if args[0] == "--workers" else f"--export writes its files into a directory, but --out "
-            f"'{tmp_path / 't.json'}' names one .json file; give --out a directory")
+            if args[0] == "--workers" else "--top must be >= 0 (0 lists none), got -1" if args[0] == "--top"
+            else f"--export writes its files into a directory, but --out '{tmp_path / 't.json'}' names one .json "
+            "file; give --out a directory")
     assert e.value.code == 2 and want in text
     assert list(tmp_path.iterdir()) == []
 

@@ -220,11 +220,18 @@ def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, e
     return tokens // c.block_size
 
 
+def scores_text(model) -> bool:
+    """Whether a loaded model is a head that scores text (a reward model, classifier or critic: SequenceHead,
+    ValueModel) rather than a language model with next-token logits (a policy with a value head has those: it
+    has a cache_spec)."""
+    return hasattr(model, "head_record") and not hasattr(model, "cache_spec")
+
+
 def limits(model, spec) -> tuple[int, int]:
     """(context window, vocabulary size) from the cache spec, or from the model's own attributes."""
     if spec is not None:
         return spec.max_seq_len, spec.vocab_size
-    if hasattr(model, "head_record"):  # a SequenceHead (lmforge.align.reward) scores, it has no next-token logits
+    if scores_text(model):  # a SequenceHead (lmforge.align.reward) scores, it has no next-token logits
         raise ConfigError(f"{type(model).__name__} is a reward model, classifier or critic (a head on a language "
                           "model): it scores text, it does not generate; use lmforge.align.reward.reward_scores, "
                           "model.values(ids) (a ValueModel) or lmforge.align.prm.prm_scores (a process reward model)")

@@ -127,13 +127,6 @@ def config_class(name: str) -> type[PostTrainConfig]:
                                       kw_only=True)
 
 
-def scores_text(model: torch.nn.Module) -> bool:
-    """Whether a loaded model is a head that scores text (a reward model, classifier or critic: SequenceHead,
-    ValueModel) rather than a language model with next-token logits; the test by which
-    lmforge.infer.config.limits refuses to generate from one."""
-    return hasattr(model, "head_record") and not hasattr(model, "cache_spec")
-
-
 def not_a_language_model(model: torch.nn.Module, role: str, path: str) -> ConfigError:
     return ConfigError(f"{role} {path} is a reward model, classifier or critic ({type(model).__name__}: a head on a "
                        f"language model), which has no next-token logits; give {role} a language model checkpoint "
@@ -145,6 +138,8 @@ def continues_head(model: torch.nn.Module, cfg: PostTrainConfig) -> bool:
     its trained head goes on training rather than a fresh one being put on top). A language model: False (the
     objective wraps it as usual). Any other scoring head is refused (an SFT/DPO init that is a reward model, a
     classifier or critic under rm)."""
+    from lmforge.infer.config import scores_text
+
     if not scores_text(model):
         return False
     wrap = objective_spec(cfg.objective).wrap
@@ -158,6 +153,7 @@ def continues_head(model: torch.nn.Module, cfg: PostTrainConfig) -> bool:
 
 def _frozen_model(path: str, role: str, device: str, tok=None):
     from lmforge.checkpoint import load_model
+    from lmforge.infer.config import scores_text
 
     if not path:
         raise ConfigError(f"this objective needs a {role} model: set {role} = 'checkpoint or HF directory'")

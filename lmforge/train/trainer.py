@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
-from lmforge.model.layers.moe import update_expert_biases
+from lmforge.model.layers.moe import MoE, update_expert_biases
 from lmforge.optim import lr_multiplier
 from lmforge.train import distributed as ddp
 from lmforge.train.config import LoopConfig, TrainConfig, uses_bf16
@@ -215,6 +215,12 @@ class Trainer:
                                   "parallel.n_microbatches instead of grad_accum")
         self.run_dir = Path(cfg.run_dir)
         self.model = model.to(self.device)
+        # MoE layers with aux-loss-free balancing: their bias moves after each update (not walked for others).
+        # Decided by the config where there is one, so every rank takes part in the update's collectives (a
+        # pipeline stage may hold no MoE layer)
+        mcfg = getattr(self.model, "cfg", None)
+        self._moves_expert_bias = (getattr(mcfg, "mlp", None) == "moe" and mcfg.moe_cfg.bias_update_rate > 0) or any(
+            isinstance(m, MoE) and m.m.bias_update_rate > 0 for m in self.model.modules())
         self.optimizer, self.data, self.objective = optimizer, data, objective
         self.hooks, self.evaluator, self.tokenizer = list(hooks), evaluator, tokenizer
         self.extra_meta = dict(extra_meta or {})
@@ -492,7 +498,8 @@ class Trainer:
         self._in_flight = (n_tokens, stats)
         self.interrupts.begin_update()
         self.optimizer.step()  # a torch optimizer's step hooks also mark the update's start and end
-        update_expert_biases(self.model, world=self.runner is not None)  # aux-loss-free MoE balancing, per step
+        if self._moves_expert_bias:  # aux-loss-free MoE balancing, once per step
+            update_expert_biases(self.model, world=self.runner is not None)
         if self.qk_clip is not None:
             stats.update(self._clip_qk())
         self.interrupts.end_update()

@@ -5,6 +5,9 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 35, 2026-12-05: no H200 came; on an H100 `gputests` (63 passed, 1 skipped), `decode` (72.8% of the H100's
+# corrected roofline), `moe` and `kernels` (every variant's new check ok) ran - docs/benchmarks.md. Next, on an H200:
+# `decode`, the goal's measurement with the corrected bytes, never yet run there)
 # (session 34, 2026-12-05: no GPU ran. Next: `gputests` (the engine's per-request errors and delta hold-back,
 # the MoE bias counted per step, all new since the last GPU run), then `decode` on an H200 - its % of roofline
 # now counts one embedding row per token (2.069 GB, not 2.200) -, then `kernels` and `moe`, whose variants are

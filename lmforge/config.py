@@ -17,6 +17,7 @@ from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 from lmforge.errors import ConfigError
+from lmforge.utils import read_utf8
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -205,8 +206,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     try:
         return tomllib.loads(_config_text(path))
     except tomllib.TOMLDecodeError as e:
@@ -228,15 +227,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _config_text(path: Path) -> str:
-    """A config file's text; one that cannot be read or is not UTF-8 (TOML and JSON files are) is a ConfigError."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from e
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): {e.reason}; save it as UTF-8") from e
+    """A config file's text; one that is missing, cannot be read or is not UTF-8 (TOML and JSON files are) is a
+    ConfigError."""
+    return read_utf8(path, "config file", want="a TOML or JSON file")
 
 
 def load_config(cls: type[T], path: str | Path) -> T:

@@ -92,25 +92,23 @@ def _tokenize(docs: list[str], cfg: DemoConfig, out: Path):
     return tok, shard, n
 
 
-def claim_out_dir(out: Path) -> None:
+def claim_out_dir(out: str | Path) -> Path:
     """Make `out` the demo's directory: a new or empty one gets the marker; one holding the marker (or the demo's
     shard, data/stdlib.bin, as a demo's made before the marker) is a previous demo's, whose checkpoints and
-    metrics log are cleared (the tokenizer and shards are rewritten). Anything else (a training run, a file) is
-    refused before anything is written."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory for the demo's run (another --out)")
+    metrics log are cleared (the tokenizer and shards are rewritten). Anything else (a training run, a file, a
+    path under a file: lmforge.utils.check_output_path) is refused before anything is written."""
+    from lmforge.utils import check_output_path
+
+    out = check_output_path(out, "--out", want="a new or empty directory")
     ours = (out / MARKER).is_file() or (out / "data" / "stdlib.bin").is_file()  # (the shard: a demo before the marker)
     if out.is_dir() and not ours and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty and was not made by lmforge demo; give a new or empty directory "
                           "(another --out), so that nothing in it is overwritten")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"--out {out} lies under a file; give a directory for the demo's run (another --out)"
-                          ) from None
+    out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by `lmforge demo`: a re-run with this --out replaces its checkpoints and log\n")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
+    return out
 
 
 def check_corpus_size(cfg: DemoConfig, n_tokens: int, n_bytes: int) -> None:
@@ -135,8 +133,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from lmforge.utils import pick_device
 
     device = pick_device(cfg.device)  # a device this machine lacks fails now, not after the corpus and tokenizer
-    out = Path(cfg.out)
-    claim_out_dir(out)
+    out = claim_out_dir(cfg.out)
     t0 = time.perf_counter()
     docs = stdlib_corpus(int(cfg.corpus_mb * 1e6))
     n_bytes = sum(len(d.encode()) for d in docs)

@@ -1,4 +1,5 @@
-"""Small helpers shared across lmforge: atomic writes, output-path checks, file modes, run metadata, devices."""
+"""Small helpers shared across lmforge: atomic writes, output-path checks, UTF-8 reads, file modes, run metadata,
+devices."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from lmforge.errors import ConfigError, LmforgeError
 
 
 def temp_name(path: Path) -> Path:
@@ -41,26 +44,65 @@ def remove_stale_temps(paths: Iterable[str | Path]) -> int:
     return removed
 
 
-def check_output_path(path: str | Path, name: str, *, flag: str | None = None, file: bool = False) -> Path:
-    """Refuse, before any work, an output path a command could not write: empty, an existing file where a
-    directory is meant (with `file`, a directory where a file is), or a path under an existing file (the
-    writers' mkdir or rename would fail mid-run with a traceback). `name` is the setting (run_dir, --out),
-    `flag` the option that sets it when that differs."""
-    from lmforge.errors import ConfigError
-
-    setting = f"{name} ({flag})" if flag else name
-    want = "a file path" if file else "a new or existing directory"
-    if not str(path):
-        raise ConfigError(f"{name} is empty; set {setting} to {want}")
+def output_path_problem(path: str | Path, *, file: bool = False) -> tuple[str, Path | None] | None:
+    """What keeps a writer from using `path` as an output directory (with `file`, an output file), as (problem,
+    what is in the way), or None: ("empty", None); ("directory", path) where a file is meant; ("file", path), an
+    existing file where a directory is meant; ("under", f): the path lies under f, an existing file (the writers'
+    mkdir or rename would fail mid-run with a traceback). check_output_path words it; a command with words of its
+    own (lmforge generate) asks this."""
+    if not str(path):  # before Path(): Path("") is "."
+        return "empty", None
     path = Path(path)
     there = next((p for p in (path, *path.parents) if p.exists()), None)
-    if there == path and file and path.is_dir():
+    if there is None or there.is_dir():
+        return ("directory", path) if there == path and file else None
+    if there != path:
+        return "under", there
+    return None if file else ("file", path)
+
+
+def check_output_path(path: str | Path, name: str, *, flag: str | None = None, file: bool = False,
+                      want: str | None = None) -> Path:
+    """Refuse, before any work, an output path a command could not write (`output_path_problem`): empty, an
+    existing file where a directory is meant (with `file`, a directory where a file is), or a path under an
+    existing file. `name` is the setting (run_dir, --out), `flag` the option that sets it when that differs,
+    `want` what to set it to when the command takes less than a new or existing directory (or a file path)."""
+    setting = f"{name} ({flag})" if flag else name
+    want = want or ("a file path" if file else "a new or existing directory")
+    problem = output_path_problem(path, file=file)
+    path = Path(path)
+    if problem is None:
+        return path
+    kind, there = problem
+    if kind == "empty":
+        raise ConfigError(f"{name} is empty; set {setting} to {want}")
+    if kind == "directory":
         raise ConfigError(f"{name} {str(path)!r} is a directory, not a file; set {setting} to {want}")
-    if there is not None and not there.is_dir() and not (there == path and file):
-        what = "is an existing file" if there == path else f"lies under {str(there)!r}, an existing file"
-        raise ConfigError(f"{name} {str(path)!r} {what}, not a directory; set {setting} to {want}, or move the "
-                          "file away")
-    return path
+    what = "is an existing file" if kind == "file" else f"lies under {str(there)!r}, an existing file"
+    raise ConfigError(f"{name} {str(path)!r} {what}, not a directory; set {setting} to {want}, or move the file "
+                      "away")
+
+
+def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
+              error: type[LmforgeError] = ConfigError) -> str:
+    """The text of the file `path`, read as UTF-8. A directory, a missing or unreadable file, or bytes that are
+    not UTF-8 raise one line of `error` (ConfigError for a config file, DataError for data) naming `what` (the
+    file's setting: 'config file', '--prompts-file'), the path and the fix; `want` is what to give instead of
+    a directory ('a TOML or JSON file')."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory; give {want}")
+    try:
+        raw = path.read_bytes()  # not is_file() first: a pipe (<(cmd), /dev/stdin) is read too
+    except FileNotFoundError:
+        raise error(f"{what} {path} not found") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.end]!r}); save it as "
+                    "UTF-8") from None
 
 
 def umask() -> int:
@@ -166,8 +208,6 @@ def pick_device(name: str = "auto") -> str:
     """'auto' -> 'cuda' when available, else 'cpu'. Any other name is checked against what this torch
     build and machine offer, so a wrong one is a one-line error instead of a traceback mid-run."""
     import torch
-
-    from lmforge.errors import ConfigError
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

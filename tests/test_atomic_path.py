@@ -1,5 +1,6 @@
 """lmforge.utils.atomic_path: the file it renames into place has the mode a plain open() gives; honour_umask
-gives other writers' files those modes; check_output_path refuses an output path no writer could use."""
+gives other writers' files those modes; check_output_path refuses an output path no writer could use, and
+output_path_problem, the check it words, is the one `lmforge generate` uses too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import pytest
 
 from lmforge.errors import ConfigError
-from lmforge.utils import atomic_path, check_output_path, honour_umask, write_json_atomic
+from lmforge.utils import atomic_path, check_output_path, honour_umask, output_path_problem, write_json_atomic
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
@@ -85,3 +86,27 @@ def test_check_output_path_refuses_what_no_writer_could_use(tmp_path):
         check_output_path(taken / "a", "run_dir", flag="--run-dir")
     assert str(e.value) == (f"run_dir '{taken / 'a'}' lies under '{taken}', an existing file, not a directory; "
                             "set run_dir (--run-dir) to a new or existing directory, or move the file away")
+
+
+def test_one_output_path_check_for_generate_and_check_output_path(tmp_path):
+    """lmforge generate's --output check walked the path's parents with a copy of check_output_path's logic: one
+    check now, output_path_problem, that check_output_path and generate each word in their own way (generate's
+    words are pinned in tests/infer/test_cli.py)."""
+    from lmforge.cli.generate import check_output
+    from lmforge.errors import DataError
+
+    taken, folder, fifo = tmp_path / "notes.txt", tmp_path / "d", tmp_path / "p.fifo"
+    taken.write_text("mine\n")
+    folder.mkdir()
+    os.mkfifo(fifo)
+    as_file = {"": ("empty", None), folder: ("directory", folder), taken / "a": ("under", taken),
+               taken / "a" / "b.jsonl": ("under", taken), taken: None, fifo: None, folder / "new.jsonl": None}
+    for path, problem in as_file.items():
+        assert output_path_problem(path, file=True) == problem, path
+        if problem is not None:  # generate refuses what the one check finds, and nothing else of these
+            with pytest.raises(DataError):
+                check_output(str(path))
+        else:
+            check_output(str(path))
+    assert output_path_problem(taken) == ("file", taken) and output_path_problem(folder) is None
+    assert output_path_problem(taken / "x") == ("under", taken) and output_path_problem(folder / "a" / "b") is None

@@ -201,11 +201,43 @@ def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path, name, raw,
 
     path = tmp_path / name
     path.write_bytes(raw)
-    reason = "invalid continuation byte" if name.endswith(".toml") else "invalid start byte"
+    bad = raw[where:where + 1]
     commands = [["train", "--config", str(path)]] + ([["data", "run", str(path)]] if name.endswith(".toml") else [])
     for argv in commands:
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err.splitlines()[0] == (f"lmforge {argv[0]}: error: {path} is not UTF-8 text (byte {where}): "
-                                       f"{reason}; save it as UTF-8")
+        assert err.splitlines()[0] == (f"lmforge {argv[0]}: error: config file {path} is not UTF-8 text (byte "
+                                       f"{where}: {bad!r}); save it as UTF-8")
         assert "Traceback" not in err
+
+
+def test_one_utf8_reader_for_config_and_prompts_files(tmp_path):
+    """Config files and generate's --prompts-file were read by two copies of one reader, which differed: a
+    config directory was "config file not found", a missing JSON config an OSError repr, and a prompts file
+    given as a pipe (<(cmd)) "not found". One reader now (lmforge.utils.read_utf8), each caller's error class."""
+    import os
+    import threading
+
+    from lmforge.cli.generate import GenerateConfig, read_prompts
+    from lmforge.config import read_config_file
+    from lmforge.errors import DataError
+
+    (tmp_path / "d.toml").mkdir()
+    cases = [(tmp_path / "d.toml", f"config file {tmp_path / 'd.toml'} is a directory; give a TOML or JSON file"),
+             (tmp_path / "nope.json", f"config file {tmp_path / 'nope.json'} not found"),
+             (tmp_path / "nope.toml", f"config file {tmp_path / 'nope.toml'} not found")]
+    for path, message in cases:
+        with pytest.raises(ConfigError) as e:
+            read_config_file(path)
+        assert str(e.value) == message
+    for path in (tmp_path / "nope.txt", tmp_path / "d.toml"):
+        with pytest.raises(DataError) as e:  # generate's class, its own words for a directory
+            read_prompts(GenerateConfig(checkpoint="x", prompts_file=str(path)))
+        assert str(e.value) == (f"--prompts-file {path} not found" if path.suffix == ".txt" else
+                                f"--prompts-file {path} is a directory; give a text or JSONL file of prompts")
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("caf\u00e9\nsecond\n"), daemon=True)
+    writer.start()
+    assert read_prompts(GenerateConfig(checkpoint="x", prompts_file=str(fifo))) == ["caf\u00e9", "second"]
+    writer.join(timeout=60)

@@ -73,10 +73,16 @@ def test_demo_refuses_an_out_it_did_not_make_and_keeps_it(tmp_path, capsys):
     assert _tree(run) == before
     afile = tmp_path / "notes.txt"
     afile.write_text("notes\n")
-    for out, what in [(afile, "is a file"), (afile / "sub", "lies under a file")]:
-        with pytest.raises(ConfigError, match=f"--out {out} {what}; give a directory for the demo's run"):
+    fix = "set --out to a new or empty directory"  # the words of lmforge.utils.check_output_path, the one check
+    cases = [(afile, f"--out '{afile}' is an existing file, not a directory; {fix}, or move the file away"),
+             (afile / "sub", f"--out '{afile / 'sub'}' lies under '{afile}', an existing file, not a directory; {fix}, "
+                             "or move the file away"),
+             ("", f"--out is empty; {fix}")]  # it was the current directory
+    for out, message in cases:
+        with pytest.raises(ConfigError) as e:
             run_demo(DemoConfig(out=str(out), steps=1, device="cpu"))
-    assert afile.read_text() == "notes\n"
+        assert str(e.value) == message
+    assert afile.read_text() == "notes\n" and capsys.readouterr().out == ""
     old_demo = tmp_path / "old_demo"  # a demo's directory made before the marker: its shard says whose it is
     (old_demo / "data").mkdir(parents=True)
     (old_demo / "data" / "stdlib.bin").write_bytes(b"")

@@ -20,6 +20,7 @@ from lmforge.cli.sampling import (Sampling, normalize_argv, past_context_notice,
                                   unescape)
 from lmforge.config import check
 from lmforge.errors import DataError, LmforgeError
+from lmforge.utils import output_path_problem, read_utf8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,26 +54,12 @@ class GenerateConfig:
         check(self.batch_size >= 1, f"--batch-size must be >= 1 (prompts decoded together), got {self.batch_size}")
 
 
-def _read_text(path: Path) -> str:
-    """A prompts file's text; a missing, unreadable or non-UTF-8 file is a one-line error naming it."""
-    if path.is_dir():
-        raise DataError(f"--prompts-file {path} is a directory; give a text or JSONL file of prompts")
-    if not path.is_file():
-        raise DataError(f"prompts file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"--prompts-file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.end]!r}); "
-                        "save it as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"--prompts-file {path} cannot be read: {e.strerror}") from None
-
-
 def read_prompts(cfg: GenerateConfig) -> list[str]:
     prompts = list(cfg.prompts)
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
-        for i, line in enumerate(_read_text(path).splitlines()):
+        text = read_utf8(path, "--prompts-file", want="a text or JSONL file of prompts", error=DataError)
+        for i, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
@@ -88,24 +75,26 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 
 
 def check_output(path: str | None) -> None:
-    """Refuse an --output that cannot become a file, before the model loads: empty, a directory, under a file, in a
-    directory that does not exist or cannot be written."""
+    """Refuse an --output that cannot become a file, before the model loads: empty, a directory, under a file (the
+    project's one check, lmforge.utils.output_path_problem, in this command's words), in a directory that does not
+    exist or cannot be written."""
     if path is None:
         return
-    if not path:
+    kind, there = output_path_problem(path, file=True) or (None, None)
+    if kind == "empty":
         raise DataError("--output is empty: give a file path, or leave --output out to write to standard output")
+    if kind == "directory":
+        raise DataError(f"--output {path} is a directory; give a file path such as {there / 'out.jsonl'}")
+    if kind == "under":
+        raise DataError(f"--output {path}: {there} is a file, not a directory; give a path in a directory")
     out = Path(path)
-    if out.is_dir():
-        raise DataError(f"--output {path} is a directory; give a file path such as {out / 'out.jsonl'}")
     if _special(out):  # a pipe, /dev/stdout, >(gzip > f): written in place, as it is
         return
-    parent = next((p for p in out.parents if p.exists()), out.parent)  # the nearest that exists
-    if parent.exists() and not parent.is_dir():
-        raise DataError(f"--output {path}: {parent} is a file, not a directory; give a path in a directory")
-    if parent != out.parent:
+    if not out.parent.is_dir():
         raise DataError(f"--output {path}: directory {out.parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataError(f"--output {path}: directory {parent} is not writable; give a path in a writable directory")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise DataError(f"--output {path}: directory {out.parent} is not writable; give a path in a writable "
+                        "directory")
 
 
 def _special(path: Path) -> bool:

@@ -29,6 +29,10 @@ class TokenizeConfig:
         coerce_fields(self, "tokenize")  # each field's type, named when wrong
         check(bool(self.tokenizer), "tokenize.tokenizer must be set (e.g. 'byte' or a tokenizer directory)")
 
+    def shard_dir(self, workdir: Path) -> Path:
+        """Where the `.bin` files go: out_dir, relative to `workdir` (the pipeline's output directory)."""
+        return Path(workdir) / self.out_dir  # an absolute out_dir stays as it is
+
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(spec: str) -> Any:
@@ -45,8 +49,7 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
     tok = _tokenizer(cfg.tokenizer)
     encode = getattr(tok, "encode_ordinary", tok.encode)
     sep = getattr(tok, "eot_id", None) if cfg.doc_sep else None
-    out = Path(cfg.out_dir)
-    path = (out if out.is_absolute() else ctx.workdir / out) / f"{ctx.shard}.bin"
+    path = cfg.shard_dir(ctx.workdir) / f"{ctx.shard}.bin"
     encoded = []
     for d in docs:
         try:

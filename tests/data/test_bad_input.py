@@ -115,6 +115,33 @@ def test_a_stage_that_cannot_start_fails_the_run_and_marks_nothing_done(tmp_path
     assert not list((tmp_path / "bad").glob("_work/**/*.done.json"))
 
 
+def test_a_tokenize_out_dir_no_writer_could_make_is_refused_before_any_work(tmp_path):
+    """A tokenize out_dir naming an existing file, or a path under one, ran the whole pipeline: each shard's
+    writer failed, every document was rejected as error:tokenize, and the run ended "balanced" with exit 0 and
+    no token shard (found 2026-12-05). Now one line before anything is written."""
+    import pytest
+
+    from lmforge.errors import ConfigError
+
+    _jsonl(tmp_path / "in" / "a.jsonl", [{"text": "one doc"}, {"text": "two doc"}])
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    fix = "set tokenize.out_dir to a new or existing directory, or move the file away"
+    cases = [(str(taken), f"'{taken}' is an existing file, not a directory; {fix}"),
+             (str(taken / "tok"), f"'{taken / 'tok'}' lies under '{taken}', an existing file, not a directory; {fix}"),
+             ("notes.txt/tok", f"'{tmp_path / 'rel' / 'notes.txt' / 'tok'}' lies under "  # relative to output.dir
+                               f"'{tmp_path / 'rel' / 'notes.txt'}', an existing file, not a directory; {fix}")]
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "notes.txt").write_text("mine\n")
+    for i, (out_dir, message) in enumerate(cases):
+        name = "rel" if i == 2 else f"run{i}"
+        with pytest.raises(ConfigError) as e:
+            _run(tmp_path, name, f'[[stages]]\nstage = "tokenize"\nout_dir = "{out_dir}"\n')
+        assert str(e.value) == f"tokenize.out_dir {message}"
+        assert sorted(p.name for p in (tmp_path / name).glob("*")) == (["notes.txt"] if i == 2 else [])
+    assert taken.read_text() == "mine\n"
+
+
 def test_html_behind_a_directory_needs_extract_and_odd_fields_are_fields(tmp_path):
     import pytest
 

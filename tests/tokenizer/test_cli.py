@@ -181,6 +181,22 @@ def test_an_out_no_writer_could_use_is_refused_before_any_work(tmp_path, capsys)
     assert load_tokenizer(tmp_path / "t.json").vocab_size == 260
 
 
+def test_encode_into_a_train_or_val_bin_that_is_a_directory_is_refused_before_encoding(tmp_path, capsys):
+    """OUT/train.bin (or val.bin) being a directory: the whole corpus was encoded, then the rename onto it gave an
+    IsADirectoryError traceback; for val.bin, the new train.bin was already in place with no val.bin beside it
+    (found 2026-12-05). Now one line before encoding, and --out is left as it was."""
+    (tmp_path / "a.txt").write_text("some text\n" * 200)
+    for split, extra in [("train", []), ("val", ["--val-fraction", "0.1"])]:
+        out = tmp_path / f"out_{split}"
+        (out / f"{split}.bin").mkdir(parents=True)
+        assert lmforge_main(["tokenizer", "encode", "--tokenizer", "byte", "--input", str(tmp_path / "a.txt"),
+                             "--out", str(out), "--progress", "False", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == (f"lmforge tokenizer: error: --out {out}: {out / f'{split}.bin'} is a directory, "
+                                       "not a token file; move it away, or encode into another --out")
+        assert [p.name for p in out.iterdir()] == [f"{split}.bin"]
+
+
 @pytest.mark.parametrize("cmd, args", [(cmd, ["--workers", n]) for cmd in ("train", "encode", "stats")
                                        for n in ("0", "-3")] + [("train", ["--export", "hf"]),
                                                                 ("stats", ["--top", "-1"])])

@@ -174,7 +174,8 @@ def sync_rollout(llm, policy: torch.nn.Module) -> None:
 
 class Repeated(dict):
     """A batch a rank runs only to join the step's collectives: rows another rank trains on, which the
-    Trainer gives no weight (RankRows, when a batch has fewer rows than ranks)."""
+    Trainer gives no weight and leaves out of the MoE expert load (RankRows, when a batch has fewer rows than
+    ranks)."""
 
 
 class RankRows:

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_dict
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
-from lmforge.model.layers.moe import MoE, update_expert_biases
+from lmforge.model.layers.moe import MoE, load_uncounted, update_expert_biases
 from lmforge.optim import lr_multiplier
 from lmforge.train import distributed as ddp
 from lmforge.train.config import LoopConfig, TrainConfig, uses_bf16
@@ -446,9 +446,12 @@ class Trainer:
         if weigh is not None and self.runner is not None:
             total = float(ddp.sum_over_ranks(torch.tensor([total], dtype=torch.float64), self.runner)) / self.world
         shares = [w / total for w in weights] if total > 0 else [None] * len(raw)
-        # a rank's repeated rows (a batch shorter than the ranks: RankRows) join the step at no weight
+        # a rank's repeated rows (a batch shorter than the ranks: RankRows) join the step at no weight; they stay
+        # Repeated on the device, so train_step leaves their tokens out of the MoE load too
         shares = [0.0 if isinstance(b, ddp.Repeated) else s for b, s in zip(raw, shares)]
-        return [(self._to_device(b), share) for b, share in zip(raw, shares)]
+        moved = [self._to_device(b) for b in raw]
+        return [(ddp.Repeated(m) if isinstance(b, ddp.Repeated) else m, share)
+                for b, m, share in zip(raw, moved, shares)]
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step. Metrics and grad norm stay on the device (no host sync); `flush()` reads
@@ -473,7 +476,9 @@ class Trainer:
         micro = self._micro_batches()
         for i, (batch, share) in enumerate(micro):
             n_tokens += batch_tokens(batch)
-            with self.forward_context():
+            # repeated rows are not the step's tokens: they must not move the aux-loss-free MoE bias
+            uncounted = load_uncounted(self.model) if isinstance(batch, ddp.Repeated) else contextlib.nullcontext()
+            with self.forward_context(), uncounted:
                 loss, metrics = self._forward_backward(batch, 1 / cfg.grad_accum if share is None else share,
                                                        sync=i == len(micro) - 1)
             metrics = {"loss": loss, **metrics}

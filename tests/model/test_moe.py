@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.model.config import ModelConfig, MoEConfig
-from lmforge.model.layers.moe import MoE, update_expert_biases
+from lmforge.model.layers.moe import MoE, load_uncounted, update_expert_biases
 from lmforge.model.transformer import Transformer
 from lmforge.model.upcycle import upcycle
 
@@ -277,6 +277,22 @@ def test_aux_free_bias_with_activation_checkpointing_routes_the_recompute_as_the
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     assert torch.equal(biases[0], biases[1])
+
+
+def test_forwards_under_load_uncounted_add_nothing_to_the_steps_load():
+    """load_uncounted (the Trainer's context for a rank's Repeated rows) leaves the step's load as it was
+    through the forward, the backward and an activation-checkpoint recompute, and the rest still counts."""
+    from torch.utils.checkpoint import checkpoint
+
+    m = _moe(score="sigmoid", bias_update_rate=0.01).train()
+    m(torch.randn(4, 8, 32))
+    counted = m.step_load.clone()
+    assert counted.sum() == 4 * 8 * 2
+    with load_uncounted(m):
+        checkpoint(m, torch.randn(16, 8, 32), use_reentrant=False).square().sum().backward()
+    assert torch.equal(m.step_load, counted)
+    m(torch.randn(4, 8, 32))
+    assert m.step_load.sum() == 2 * 4 * 8 * 2
 
 
 def test_balancing_bias_stays_fp32_in_a_bf16_model():

@@ -326,6 +326,56 @@ def test_batch_with_fewer_rows_than_ranks_trains_as_one_process(tmp_path, layout
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
 
 
+def _repeated_row_bias(run_dir: str, layout: dict | None) -> list[float]:
+    """The aux-loss-free MoE bias after one step of two micro-batches, of 4 rows and of 1 row, with the one
+    Trainer: on one process, or through RankRows and a ParallelRunner (on 2 ranks the 1-row micro-batch is
+    rank 1's Repeated batch)."""
+    import torch
+
+    from lmforge.model.config import ModelConfig, MoEConfig
+    from lmforge.model.layers.moe import MoE
+    from lmforge.model.transformer import Transformer
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.distributed import RankRows
+    from lmforge.train.harness import FixedBatches
+    from lmforge.train.loss import LMObjective
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32, mlp="moe",
+                                    moe=MoEConfig(n_experts=4, top_k=1, score="sigmoid", bias_update_rate=0.25)))
+    g = torch.Generator().manual_seed(7)
+    batches = [{"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+               for ids in (torch.randint(0, 41, (rows, 9), generator=g) for rows in (4, 1))]
+    data, runner = FixedBatches(batches), None
+    if layout is not None:
+        from lmforge.parallel.runner import ParallelRunner
+
+        runner = ParallelRunner(model, ParallelConfig(**layout), device="cpu")
+        model, data = runner.model, RankRows(data, runner.dp_rank, runner.dp_size, 4)
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=1, grad_accum=2,
+                     log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False,
+                     plot=False)
+    trainer = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg, runner=runner)
+    trainer.train_step()
+    return next(m for m in trainer.model.modules() if isinstance(m, MoE)).e_bias.tolist()
+
+
+def _repeated_row_bias_worker(rank: int, world: int, run_dir: str, layout: dict) -> list[float]:
+    return _repeated_row_bias(run_dir, layout)
+
+
+@pytest.mark.parametrize("layout", [dict(dp_replicate=2), dict(dp_shard=2)])
+def test_repeated_rows_add_nothing_to_the_moe_load(tmp_path, layout):
+    """Rank 1's copy of the 1-row micro-batch (a Repeated batch, weight 0) is no token of the step: the bias
+    moves by the step's load over its 5 real rows, as on one process. Counted, the row's load doubled and
+    moved two experts the other way (seed 7)."""
+    ref = _repeated_row_bias(str(tmp_path / "one"), None)
+    got = run_local(_repeated_row_bias_worker, 2, str(tmp_path / "two"), layout, timeout=120, start_method="fork")
+    assert got[0] == got[1] == ref
+
+
 def _dion_worker(rank: int, world: int, shard: str, run_dir: str) -> list[float]:
     from lmforge.optim.config import OptimConfig
 

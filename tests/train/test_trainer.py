@@ -415,3 +415,39 @@ def test_without_the_bar_each_log_step_and_evaluation_is_a_plain_line(tmp_path, 
     steps = [line for line in lines if line.startswith("step") and "| loss" in line]
     assert [s.split("|")[0].split()[1] for s in steps] == ["2/4", "4/4"] and all("tok_s" in s for s in steps)
     assert any(line.startswith("step      4 | val_loss") for line in lines)
+
+
+def test_aux_free_moe_bias_ignores_the_load_of_a_repeated_batch(tmp_path):
+    """A rank's Repeated batch (lmforge.train.distributed.RankRows: rows another rank trains on, run at weight 0
+    only to join the collectives) adds nothing to the step's expert load: the bias moves by the real
+    micro-batch's load alone (the repeated tokens used to count, and here would flip the move)."""
+    from lmforge.model.config import ModelConfig, MoEConfig
+    from lmforge.model.layers.moe import MoE
+    from lmforge.model.transformer import Transformer
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.distributed import Repeated
+    from lmforge.train.harness import FixedBatches
+    from lmforge.train.loss import LMObjective
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32, mlp="moe",
+                                    moe=MoEConfig(n_experts=4, top_k=1, score="sigmoid", bias_update_rate=0.25)))
+    g = torch.Generator().manual_seed(1)
+    real, repeated = torch.randint(0, 41, (1, 9), generator=g), torch.randint(0, 41, (8, 9), generator=g)
+    data = FixedBatches([{"input_ids": real[:, :-1], "targets": real[:, 1:]},
+                         Repeated({"input_ids": repeated[:, :-1], "targets": repeated[:, 1:]})])
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=str(tmp_path), max_steps=1, grad_accum=2,
+                     log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False,
+                     plot=False)
+    tr = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg)
+    layer = next(m for m in tr.model.modules() if isinstance(m, MoE))
+    loads = []
+    layer.register_forward_hook(lambda mod, a, out: loads.append(mod.last_stats["load"].clone()))
+    tr.train_step()
+    (n_real, n_repeated) = loads
+    counted = n_real * 8 + n_repeated * 64  # assignments: 8 and 64 tokens at top_k=1
+    assert not torch.equal(torch.sign(counted.mean() - counted), torch.sign(n_real.mean() - n_real))
+    torch.testing.assert_close(layer.e_bias, 0.25 * torch.sign(n_real.mean() - n_real))
+    assert layer.step_load.tolist() == [0, 0, 0, 0]

@@ -32,9 +32,10 @@ kept count sizes the rows). Expert weights are stacked (E, out, in).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -412,9 +413,9 @@ _WORLD_ROWS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, int]]]" = wea
 def update_expert_biases(model: nn.Module, world: bool = False) -> int:
     """DeepSeek-V3's auxiliary-loss-free balancing (§2.1.2), once per optimizer step: every MoE layer with
     model.moe.bias_update_rate > 0 moves its selection bias by rate·sign(mean load - load), the load being its
-    expert assignments over the whole step (every micro-batch's training forward since the last call; with
-    `world`, summed over every rank of torch.distributed, so all data-parallel replicas keep one bias). Call
-    after optimizer.step() (the Trainer does); returns the number of layers updated.
+    expert assignments over the whole step (every micro-batch's training forward since the last call, but those
+    under `load_uncounted`; with `world`, summed over every rank of torch.distributed, so all data-parallel
+    replicas keep one bias). Call after optimizer.step() (the Trainer does); returns the number of layers updated.
 
     A forward recomputed under activation checkpointing counts its tokens again; each layer is either always
     recomputed or never, so its loads are scaled uniformly and the sign is unchanged. Under pipeline
@@ -445,6 +446,22 @@ def update_expert_biases(model: nn.Module, world: bool = False) -> int:
         m.e_bias.copy_(m.e_bias.float() + m.m.bias_update_rate * torch.sign(n.mean() - n))
         m.step_load.zero_()
     return len(layers)
+
+
+@contextlib.contextmanager
+def load_uncounted(model: nn.Module) -> Iterator[None]:
+    """Training forwards inside add nothing to the step's expert load (`MoE.step_load`): each MoE layer's
+    load is restored on exit, so a forward, its backward and any activation-checkpoint recompute all leave it
+    as it was (nothing in the forward changes, compiled or not). For a batch run only to join the step's
+    collectives (a rank's weight-0 `lmforge.train.distributed.Repeated` rows, which another rank trains on):
+    its tokens are not part of the step and must not move the aux-loss-free bias."""
+    saved = [(m, m.step_load.clone()) for m in model.modules() if isinstance(m, MoE)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, load in saved:
+                m.step_load.copy_(load)
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ their own points 0.2-4% off); the best converged optimum with exponents in (0, 3
 [0, 2]; beyond 3 a fit chases noise, e.g. beta ~ 30 through 5 runs). FitError when no L-BFGS run converged, or
 none converged to such exponents, and when the data cannot determine the law: fewer runs than 6 (more than
 the 5 parameters), runs of one FLOP budget only (there log D = log(C/6) - log N, so the N and D terms cannot
-be told apart), or a fit whose N or D term is negligible across the table (equal losses).
+be told apart), a fit whose N or D term is negligible across the table (equal losses), or one that puts E
+at its lower bound 0 (losses that fall as a pure power law over the table: it cannot identify E).
 
 The compute-optimal allocation under C = 6ND follows in closed form (eq. 4):
     N_opt(C) = G (C/6)^a,  D_opt(C) = G^-1 (C/6)^b,  G = (alpha A / (beta B))^(1/(alpha+beta)),
@@ -32,11 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmforge.scaling.powerlaw import FitError
-from lmforge.scaling.table import Runs
+from lmforge.scaling.table import BUDGET_SPREAD, Runs
 
 MAX_EXPONENT = 3.0
 """a fitted alpha or beta must lie in (0, MAX_EXPONENT]: a decreasing loss needs positive exponents, and beyond 3
 (the paper's grid spans 0..2) a fit chases noise (5 runs of one budget fitted beta ~ 30, B ~ 1e278)"""
+MIN_E_SHARE = 1e-3
+"""a fitted E below this fraction of the smallest loss is E's lower bound 0 (see fit_parametric's E check). On small
+tables of Chinchilla's law at 1% noise, fits at that bound ended at E of 1e-8 to 1e-11 times the smallest loss,
+the others at 0.1 times or more"""
 PAPER_GRID = dict(alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5), e=np.arange(-1, 1.01, 0.5),
                   a=np.arange(0, 25.1, 5), b=np.arange(0, 25.1, 5))
 
@@ -146,7 +151,7 @@ def fit_parametric(runs: Runs, delta: float = 1e-3, n_starts: int = 8, grid: dic
     if len(np.unique(runs.budget)) < 2:
         raise FitError(f"approach 3 needs runs at 2 or more FLOP budgets, got one (C={runs.budget[0]:.3g}): at one "
                        "budget log D = log(C/6) - log N, so the N and D terms cannot be told apart; train another "
-                       "budget")
+                       f"budget (a table without a budget column counts runs within {BUDGET_SPREAD:g}x in C as one)")
     ln, ld, ly = np.log(runs.n), np.log(runs.d), np.log(runs.loss)
     pts, vals = _grid_values(grid or PAPER_GRID, ln, ld, ly, delta)
     profile = _profile_points(ln, ld, ly)
@@ -178,4 +183,11 @@ def fit_parametric(runs: Runs, delta: float = 1e-3, n_starts: int = 8, grid: dic
             raise FitError(f"approach 3: the fitted {name} varies by only {np.ptp(term):.3g} across the runs "
                            f"(losses {runs.loss.min():.4g}..{runs.loss.max():.4g}): the losses do not depend on "
                            f"{var}, so N_opt and D_opt are undetermined; check that the runs trained")
+    # E = exp(e) > 0 has no optimum at E = 0: where the table's losses fall as a pure power law (no floor within
+    # the N and D trained; small tables), L-BFGS walks e towards -inf until the gradient vanishes and returns an E
+    # of ~1e-9 that nothing in the data decides, and predictions that fall towards 0 loss beyond the table
+    if fit.E < MIN_E_SHARE * runs.loss.min():
+        raise FitError(f"approach 3: the fit puts E at its lower bound 0 (E = {fit.E:.3g}, under {MIN_E_SHARE:g} of "
+                       f"the smallest loss {runs.loss.min():.4g}): the table cannot identify the irreducible loss; "
+                       "train more runs over a wider range of N and D (larger budgets)")
     return fit

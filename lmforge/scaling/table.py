@@ -2,8 +2,8 @@
 curves.json, for approach 1).
 
 Columns: N (parameters), D (training tokens), loss (final validation loss); optional C (training FLOPs,
-6ND when absent) and budget (the FLOP budget a run was planned for, which groups IsoFLOP curves; C to 9
-significant digits when absent). Files
+6ND when absent) and budget (the FLOP budget a run was planned for, which groups IsoFLOP curves; when absent,
+runs whose C lie within a factor BUDGET_SPREAD share one, `infer_budgets`). Files
 are CSV or JSON (a list of row objects, or {"runs": [...]}). Every fit validates the table first: missing
 columns, non-positive or non-finite values and too few rows are reported by name, never fitted.
 """
@@ -22,6 +22,11 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.utils import atomic_path, write_json_atomic
 
 REQUIRED = ("N", "D", "loss")
+BUDGET_SPREAD = 1.2
+"""without a budget column, runs whose C lie within this factor of their group's smallest share one budget. A run
+planned for budget C trains round(C / (6 N tokens_per_step)) steps, so its 6ND lies within 1/(2 steps) of C:
+±2.5% at the sweep's min_steps = 20, ±10% at 5 steps; IsoFLOP budgets lie further apart (Chinchilla's >= 1.67x,
+the sweep's default 3.3x)"""
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,24 @@ def runs_from_rows(rows: Iterable[dict[str, Any]]) -> Runs:
     n, d, loss = (_column(rows, c) for c in REQUIRED)
     has = lambda col: all(r.get(col) not in ("", None) for r in rows)  # noqa: E731
     c = _column(rows, "C") if has("C") else 6.0 * n * d
-    # without a budget column the runs group by C to 9 significant digits: 6·N·D of runs planned for one budget
-    # differs in its last bits (1e18 vs 9.999999999999999e17), which split one IsoFLOP curve into several
-    budget = _column(rows, "budget") if has("budget") else np.array([float(f"{x:.9g}") for x in c])
+    budget = _column(rows, "budget") if has("budget") else infer_budgets(c)
     return Runs(n, d, loss, c, budget)
+
+
+def infer_budgets(c: np.ndarray) -> np.ndarray:
+    """The budget each run was planned for, from its FLOPs C alone: the runs in order of C, a group taking each
+    run within BUDGET_SPREAD of its smallest, and each group's budget its C's geometric mean to 9 significant
+    digits. Grouped by C itself, the steps' rounding (and 6·N·D's last bits, 1e18 vs 9.999999999999999e17) made
+    every run of one budget a budget of its own: a one-budget table passed approach 3's check for 2 budgets,
+    which cannot tell the N and D terms apart on it, and approach 2 found no curve of 3 sizes."""
+    order = np.argsort(c, kind="stable")
+    budget, start = np.empty_like(c), 0
+    for i in range(1, len(c) + 1):
+        if i == len(c) or c[order[i]] > c[order[start]] * BUDGET_SPREAD:
+            group = order[start:i]
+            budget[group] = float(f"{np.exp(np.log(c[group]).mean()):.9g}")
+            start = i
+    return budget
 
 
 def read_json(path: str | Path, form: str) -> Any:

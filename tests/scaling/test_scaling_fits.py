@@ -6,6 +6,8 @@ alpha = 0.34, beta = 0.28, so N_opt ∝ C^0.452 and D_opt ∝ C^0.548. Noise: 0.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,35 @@ def test_approach2_groups_6nd_budgets_despite_float_rounding():
     got = fit_isoflop(runs_from_rows([{k: v for k, v in r.items() if k != "budget"} for r in rows]))
     assert (got.a, got.b) == pytest.approx((want.a, want.b), rel=1e-9)
     np.testing.assert_allclose(got.flops, want.flops, rtol=1e-9)
+
+
+def _rounded_step_rows(budgets) -> list[dict]:
+    """Runs of each budget without a budget column, as a sweep trains them: round(C / (6 N tokens_per_step))
+    steps, 20 for the largest model and 2000 for the smallest, so 6ND scatters up to 2.5% around C."""
+    rows = []
+    for c in budgets:
+        sizes = TRUE.compute_optimal(c)[0] * np.logspace(-1, 1, 9)
+        per_step = c / (6 * sizes[-1]) / 20
+        for n in sizes:
+            d = round(c / (6 * n) / per_step) * per_step
+            rows.append(dict(N=n, D=d, loss=float(TRUE.predict(n, d))))
+    return rows
+
+
+def test_a_table_without_budget_column_groups_the_runs_of_a_budget_despite_rounded_steps():
+    """Grouped by C = 6ND (to 9 digits), each run of a budget was a budget of its own: a table of one budget
+    passed approach 3's check for 2 budgets and fitted N and D terms it cannot tell apart; approach 2 found no
+    curve of 3 sizes. Runs within BUDGET_SPREAD in C share one budget, their C's geometric mean."""
+    one = runs_from_rows(_rounded_step_rows([1e20]))
+    assert len({float(f"{c:.9g}") for c in one.c}) > 5 and np.ptp(one.c) / 1e20 > 0.01  # the rounding at issue
+    with pytest.raises(FitError, match=r"2 or more FLOP budgets, got one \(C=1e\+20\).*without a budget column"):
+        fit_parametric(one)
+    assert np.unique(one.budget) == pytest.approx([1e20], rel=0.01)
+    rows = _rounded_step_rows([1e18, 1e19, 1e20])
+    got = fit_isoflop(runs_from_rows(rows))
+    want = fit_isoflop(runs_from_rows([dict(r, budget=c) for r, c in zip(rows, np.repeat([1e18, 1e19, 1e20], 9))]))
+    np.testing.assert_allclose(got.flops, want.flops, rtol=0.01)
+    assert (got.a, got.b) == pytest.approx((want.a, want.b), abs=0.01)
 
 
 def test_approach1_leaves_out_budgets_no_run_reached():
@@ -226,6 +257,22 @@ def test_approach3_refuses_tables_that_cannot_determine_the_law():
         fit_parametric(runs_from_rows(steep_rows))
     with pytest.raises(FitError, match=r"A/N\^alpha varies by only .* the losses do not depend on N, so"):
         fit_parametric(runs_from_rows([dict(r, loss=3.0) for r in rows]))
+
+
+@pytest.mark.parametrize("table", ["no floor", "6 noisy runs"])
+def test_approach3_refuses_an_irreducible_loss_at_its_lower_bound(table):
+    """E = exp(e) has no optimum at E = 0: on losses that fall as a pure power law over the table (a law without
+    E, or 6 runs of TRUE at 1% noise) L-BFGS walked e towards -inf and returned E ~ 1e-13 and 5e-9 as fitted."""
+    law = dataclasses.replace(TRUE, E=0.0) if table == "no floor" else TRUE
+    rng = np.random.default_rng(6)
+    rows = []
+    for c in (1e18, 1e19):
+        for n in law.compute_optimal(c)[0] * np.logspace(-0.5, 0.5, 4 if table == "no floor" else 3):
+            noise = 1.0 if table == "no floor" else np.exp(rng.normal(0, 0.01))
+            rows.append(dict(N=n, D=c / (6 * n), loss=float(law.predict(n, c / (6 * n))) * noise, budget=c))
+    with pytest.raises(FitError, match=r"the fit puts E at its lower bound 0 \(E = .*the table cannot identify the "
+                                       r"irreducible loss; train more runs over a wider range of N and D"):
+        fit_parametric(runs_from_rows(rows))
 
 
 def test_approach2_refuses_a_flat_profile():

@@ -428,7 +428,7 @@ class Trainer:
                         else v.to(self.device)) for k, v in batch.items()}
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _micro_batches(self) -> list[tuple[Batch, float | None]]:
+    def _micro_batches(self) -> tuple[list[tuple[Batch, float | None]], int]:
         """The step's grad_accum micro-batches on the device, each with its share of the step's loss:
         None = 1/grad_accum, or, for objectives with `batch_weight(batch)` (the items their loss averages
         over, e.g. SFT's trained tokens), the micro-batch's share of the step's items, so accumulated
@@ -436,22 +436,26 @@ class Trainer:
         before the transfer, so no device sync (a batch a data source made on the device, e.g. GPU rollouts,
         costs one per micro-batch). On N ranks the total is the ranks' mean (one host all-reduce):
         the ranks' gradients are averaged, so each share is then its part of the global batch's items x N
-        (rows for objectives without batch_weight)."""
+        (rows for objectives without batch_weight). Also returns the step's tokens over every data-parallel
+        rank (the same all-reduce; a rank's Repeated rows are not the step's)."""
         raw = [self.data.next_batch() for _ in range(self.cfg.grad_accum)]
+        n_tokens = sum(batch_tokens(b) for b in raw if not isinstance(b, ddp.Repeated))
         weigh = getattr(self.objective, "batch_weight", None)
         if weigh is None and self.runner is not None:  # ranks' shares of a short batch differ: weigh by rows
             weigh = batch_rows
         weights = [0.0 if isinstance(b, ddp.Repeated) else float(weigh(b)) for b in raw] if weigh is not None else []
         total = sum(weights)
-        if weigh is not None and self.runner is not None:
-            total = float(ddp.sum_over_ranks(torch.tensor([total], dtype=torch.float64), self.runner)) / self.world
+        if self.runner is not None:  # (weigh is set): ranks outside data parallelism (tp, pp, cp) hold the same
+            # rows as their replica's, so each global sum counts world / dp_size times
+            sums = ddp.sum_over_ranks(torch.tensor([total, n_tokens], dtype=torch.float64), self.runner)
+            total, n_tokens = float(sums[0]) / self.world, round(float(sums[1]) * self.runner.dp_size / self.world)
         shares = [w / total for w in weights] if total > 0 else [None] * len(raw)
         # a rank's repeated rows (a batch shorter than the ranks: RankRows) join the step at no weight; they stay
         # Repeated on the device, so train_step leaves their tokens out of the MoE load too
         shares = [0.0 if isinstance(b, ddp.Repeated) else s for b, s in zip(raw, shares)]
         moved = [self._to_device(b) for b in raw]
         return [(ddp.Repeated(m) if isinstance(b, ddp.Repeated) else m, share)
-                for b, m, share in zip(raw, moved, shares)]
+                for b, m, share in zip(raw, moved, shares)], n_tokens
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step. Metrics and grad norm stay on the device (no host sync); `flush()` reads
@@ -462,7 +466,6 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
         sums: dict[str, torch.Tensor] = {}
-        n_tokens = 0
         if self.qk_clip is not None:
             self.qk_clip.reset()  # the max logits of this step's forward passes only (not of evaluations)
         hooks = [h for h in (getattr(self.data, "begin_step", None), getattr(self.objective, "begin_step", None)) if h]
@@ -473,18 +476,21 @@ class Trainer:
                 begin(self)
             _sync(self.device)
             self._begin_s += time.perf_counter() - t0
-        micro = self._micro_batches()
+        micro, n_tokens = self._micro_batches()
         for i, (batch, share) in enumerate(micro):
-            n_tokens += batch_tokens(batch)
-            # repeated rows are not the step's tokens: they must not move the aux-loss-free MoE bias
-            uncounted = load_uncounted(self.model) if isinstance(batch, ddp.Repeated) else contextlib.nullcontext()
+            # repeated rows are not the step's tokens: they must not move the aux-loss-free MoE bias, nor count
+            repeated = isinstance(batch, ddp.Repeated)
+            uncounted = load_uncounted(self.model) if repeated else contextlib.nullcontext()
             with self.forward_context(), uncounted:
                 loss, metrics = self._forward_backward(batch, 1 / cfg.grad_accum if share is None else share,
                                                        sync=i == len(micro) - 1)
             metrics = {"loss": loss, **metrics}
             for k, v in metrics.items():  # counts (num_*) add up over the micro-batches, means are weighted
-                v = v.detach().float() if share is None or k.startswith("num_") else \
-                    v.detach().float() * (share * cfg.grad_accum)
+                v = v.detach().float()
+                if k.startswith("num_"):
+                    v = v * (not repeated)  # (a Repeated batch's rows are counted by the rank that trains on them)
+                elif share is not None:
+                    v = v * (share * cfg.grad_accum)
                 sums[k] = sums[k] + v if k in sums else v
         stats = {k: v if k.startswith("num_") else v / cfg.grad_accum for k, v in sums.items()}
         if self.runner is None:
@@ -498,7 +504,6 @@ class Trainer:
             keys = list(stats)
             stats = dict(zip(keys, self.runner.global_loss(torch.stack([stats[k] for k in keys]))))
             stats = {k: v * self.runner.dp_size if k.startswith("num_") else v for k, v in stats.items()}
-            n_tokens *= self.runner.dp_size
         stats["grad_norm"] = gnorm
         self._in_flight = (n_tokens, stats)
         self.interrupts.begin_update()

@@ -72,7 +72,12 @@ def _losses(result) -> list[float]:
 
 def _worker(rank: int, world: int, base: str, run: str, objective: str, layout: dict) -> dict:
     res = PT.posttrain(_cfg(base, run, objective, layout))
-    return {"losses": _losses(res), "final_eval": res.final_eval}
+    return {"losses": _losses(res), "final_eval": res.final_eval, "counts": _counts(res)}
+
+
+def _counts(result) -> list[tuple]:
+    """Each logged step's tokens so far and its objective's counts (num_*), e.g. SFT's trained tokens."""
+    return [(r["tokens"], *(r[k] for k in sorted(r) if k.startswith("num_"))) for r in result.history if "loss" in r]
 
 
 # a reward model under DDP too: its backbone's LM head gets no gradient (frozen: DDP waited for it and raised)
@@ -85,6 +90,7 @@ def test_two_processes_match_one_and_resume_in_one(base, tmp_path, objective, la
     got = run_local(_worker, 2, str(base), str(run), objective, layout, timeout=120, start_method="fork")
     assert len(ref_losses) == 6 and got[1]["losses"] == []  # only rank 0 logs
     np.testing.assert_allclose(got[0]["losses"], ref_losses, atol=ATOL, rtol=0)
+    assert got[0]["counts"] == _counts(ref)  # the global batch's tokens and counts, however the ranks split it
     for r in got:  # every rank gets the same final validation metrics: the 1-process ones
         assert r["final_eval"].keys() == ref.final_eval.keys() and len(ref.final_eval) >= 2
         for k in ref.final_eval.keys() - BATCH_LEVEL:

@@ -326,10 +326,10 @@ def test_batch_with_fewer_rows_than_ranks_trains_as_one_process(tmp_path, layout
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
 
 
-def _repeated_row_bias(run_dir: str, layout: dict | None) -> list[float]:
-    """The aux-loss-free MoE bias after one step of two micro-batches, of 4 rows and of 1 row, with the one
-    Trainer: on one process, or through RankRows and a ParallelRunner (on 2 ranks the 1-row micro-batch is
-    rank 1's Repeated batch)."""
+def _repeated_row_bias(run_dir: str, layout: dict | None) -> tuple[list[float], int]:
+    """The aux-loss-free MoE bias and the tokens counted after one step of two micro-batches, of 4 rows and of 1
+    row, with the one Trainer: on one process, or through RankRows and a ParallelRunner (on 2 ranks the 1-row
+    micro-batch is rank 1's Repeated batch)."""
     import torch
 
     from lmforge.model.config import ModelConfig, MoEConfig
@@ -359,10 +359,10 @@ def _repeated_row_bias(run_dir: str, layout: dict | None) -> list[float]:
                      plot=False)
     trainer = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg, runner=runner)
     trainer.train_step()
-    return next(m for m in trainer.model.modules() if isinstance(m, MoE)).e_bias.tolist()
+    return next(m for m in trainer.model.modules() if isinstance(m, MoE)).e_bias.tolist(), trainer.tokens
 
 
-def _repeated_row_bias_worker(rank: int, world: int, run_dir: str, layout: dict) -> list[float]:
+def _repeated_row_bias_worker(rank: int, world: int, run_dir: str, layout: dict) -> tuple[list[float], int]:
     return _repeated_row_bias(run_dir, layout)
 
 
@@ -370,8 +370,10 @@ def _repeated_row_bias_worker(rank: int, world: int, run_dir: str, layout: dict)
 def test_repeated_rows_add_nothing_to_the_moe_load(tmp_path, layout):
     """Rank 1's copy of the 1-row micro-batch (a Repeated batch, weight 0) is no token of the step: the bias
     moves by the step's load over its 5 real rows, as on one process. Counted, the row's load doubled and
-    moved two experts the other way (seed 7)."""
+    moved two experts the other way (seed 7). The step's tokens are its 5 rows' 40 on every rank, as on one
+    process (rank 0's 3 rows x 8 tokens were counted twice: 48)."""
     ref = _repeated_row_bias(str(tmp_path / "one"), None)
+    assert ref[1] == 5 * 8
     got = run_local(_repeated_row_bias_worker, 2, str(tmp_path / "two"), layout, timeout=120, start_method="fork")
     assert got[0] == got[1] == ref
 

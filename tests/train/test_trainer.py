@@ -441,13 +441,21 @@ def test_aux_free_moe_bias_ignores_the_load_of_a_repeated_batch(tmp_path):
     cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=str(tmp_path), max_steps=1, grad_accum=2,
                      log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False,
                      plot=False)
-    tr = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg)
+
+    class Counting(LMObjective):  # an objective with a count (num_*), as SFT's trained tokens
+        def loss(self, model, batch):
+            loss, metrics = super().loss(model, batch)
+            return loss, {**metrics, "num_rows": torch.tensor(float(len(batch["input_ids"])))}
+
+    tr = Trainer(model, build_optimizer(model, cfg.optim), data, Counting(), config=cfg)
     layer = next(m for m in tr.model.modules() if isinstance(m, MoE))
     loads = []
     layer.register_forward_hook(lambda mod, a, out: loads.append(mod.last_stats["load"].clone()))
-    tr.train_step()
+    stats = tr.train_step()
     (n_real, n_repeated) = loads
     counted = n_real * 8 + n_repeated * 64  # assignments: 8 and 64 tokens at top_k=1
     assert not torch.equal(torch.sign(counted.mean() - counted), torch.sign(n_real.mean() - n_real))
     torch.testing.assert_close(layer.e_bias, 0.25 * torch.sign(n_real.mean() - n_real))
     assert layer.step_load.tolist() == [0, 0, 0, 0]
+    # nor are they the step's tokens or counts (they were: 72 tokens, 9 rows)
+    assert tr.tokens == 8 and float(stats["num_rows"]) == 1.0

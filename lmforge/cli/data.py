@@ -23,7 +23,8 @@ class RunArgs:
     output: Optional[str] = None
     """overrides [output] dir"""
     restart: bool = False
-    """discard an earlier run in the output directory and start over (needed when the inputs changed)"""
+    """discard an earlier run in the output directory and start over (needed when the inputs changed); only the
+    files a run writes there are removed, and a token directory outside it is left as it is"""
     progress: Optional[bool] = None
     """show progress bars (overrides the file's `progress`; unset: the file's value holds)"""
 

@@ -11,7 +11,6 @@ from typing import Literal, Optional
 
 from lmforge.cli.common import parse_config, run_group
 from lmforge.config import check
-from lmforge.errors import ConfigError
 from lmforge.utils import check_output_path
 
 
@@ -108,11 +107,11 @@ def train(argv: list[str]) -> int:
 
 
 def encode(argv: list[str]) -> int:
-    from lmforge.tokenizer.corpus import encode_to_shards
+    from lmforge.tokenizer.corpus import check_shard_paths, encode_to_shards
     from lmforge.tokenizer.load import load_tokenizer
 
     a = parse_config(EncodeArgs, argv, prog="lmforge tokenizer encode", description=EncodeArgs.__doc__ or "")
-    check_shard_paths(a.out, ("train", "val") if a.val_fraction > 0 else ("train",))
+    check_shard_paths(a.out, a.val_fraction, "--out")  # encode_to_shards checks too; here before the tokenizer loads
     tok = load_tokenizer(a.tokenizer)
     t0 = time.perf_counter()
     rep = encode_to_shards(tok, a.input, a.out, val_fraction=a.val_fraction, workers=a.workers, progress=a.progress)
@@ -128,17 +127,6 @@ def encode(argv: list[str]) -> int:
     if rep.undecodable_bytes:
         print(undecodable_note(rep.undecodable_bytes, kept=hasattr(tok, "encode_bytes")))
     return 0
-
-
-def check_shard_paths(out: str, splits: tuple[str, ...]) -> None:
-    """Refuse, before encoding, an --out no writer could use, or one whose train.bin / val.bin is a directory: the
-    shard, encoded in full, was then renamed onto it and failed with an IsADirectoryError traceback (for val.bin,
-    after the new train.bin was in place, left with no val.bin beside it)."""
-    folder = check_output_path(out, "--out")
-    taken = next((folder / f"{s}.bin" for s in splits if (folder / f"{s}.bin").is_dir()), None)
-    if taken is not None:
-        raise ConfigError(f"--out {out}: {taken} is a directory, not a token file; move it away, or encode into "
-                          "another --out")
 
 
 def undecodable_note(n: int, kept: bool) -> str:

@@ -15,6 +15,7 @@ A shard whose marker exists is skipped, so a killed run resumes where it stopped
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
 from lmforge.data.writers import write_docs, write_jsonl
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.utils import check_output_path, process_pool, remove_stale_temps, write_json_atomic
 
 
@@ -137,14 +138,62 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
     return out_stats
 
 
-def run_entries(cfg: PipelineConfig) -> list[Path]:
-    """What a run writes in output.dir (the layout above, plus each tokenize stage's relative out_dir), in the
-    order --restart removes them: the markers first (a shard without one is redone) and pipeline.json last, so
-    that a --restart cut short leaves a directory the next run still recognises (and checks) as this run's."""
+# what a run writes directly in output.dir, in the order --restart removes them (see run_entries)
+RUN_NAMES = ("_work", "data", "rejected", "report.json", "report.md", "report.png", "pipeline.json")
+
+
+def token_dirs(cfg: PipelineConfig) -> list[tuple[str, Path]]:
+    """(out_dir as configured, the directory it names) of the pipeline's tokenize stage, if it has one."""
     root = Path(cfg.output.dir)
-    outs = [Path(t.get("out_dir", "tokens")) for t in cfg.stages if t.get("stage") == "tokenize"]
-    names = ["_work", "data", "rejected", "report.json", "report.md", "report.png"]
-    return [root / n for n in names] + [root / o for o in outs if not o.is_absolute()] + [root / "pipeline.json"]
+    return [(stage.out_dir, stage.shard_dir(root)) for spec, stage in cfg.built_stages() if spec.name == "tokenize"]
+
+
+def run_entries(cfg: PipelineConfig) -> list[Path]:
+    """What a run writes in output.dir (the layout above, plus the tokenize stage's out_dir when that lies inside
+    output.dir), in the order --restart removes them: the markers first (a shard without one is redone) and
+    pipeline.json last, so that a --restart cut short leaves a directory the next run still recognises (and
+    checks) as this run's. A token directory outside output.dir (absolute, or '../tokens') is not the run's to
+    remove: it may hold other corpora's shards (the run's own there are replaced when it writes them again)."""
+    root = Path(cfg.output.dir)
+    inside = [d for _, d in token_dirs(cfg) if d.resolve().is_relative_to(root.resolve())]
+    return [root / n for n in RUN_NAMES[:-1]] + inside + [root / RUN_NAMES[-1]]
+
+
+def _check_writable(path: Path, name: str) -> None:
+    """Refuse a directory the run could not make or write in: the nearest existing directory on its path must be
+    writable by this user (os.access; root passes whatever the mode)."""
+    there = Path(os.path.abspath(path))
+    while not there.exists():
+        there = there.parent
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name} {str(path)!r} cannot be written: {str(there)!r} is not writable by this user; "
+                          f"make it writable, or set {name} to a directory you can write")
+
+
+def check_token_dirs(cfg: PipelineConfig) -> None:
+    """Refuse, before any work, a tokenize out_dir the run could not use, or could not own:
+    - an existing file, a path under one, or a place this user cannot write: each shard's writer failed, every
+      document was rejected as `error:tokenize`, and the run ended "balanced" with no token shard;
+    - output.dir itself ("" or ".") or a directory above it (".."): --restart removes the token directory with
+      everything in it, so it removed the whole output.dir (files of the user's there too) or, from "../..", the
+      inputs and everything beside them;
+    - one of the run's own entries (data/, rejected/, ...) or a directory inside one: the shards mixed with the
+      kept documents or the work files."""
+    root = Path(cfg.output.dir)
+    top = root.resolve()
+    fix = "set tokenize.out_dir to a directory of its own, such as 'tokens' (the default)"
+    for out_dir, path in token_dirs(cfg):
+        check_output_path(path, "tokenize.out_dir")
+        where = path.resolve()
+        if top.is_relative_to(where):
+            what = "output.dir itself" if where == top else f"{str(where)!r}, a directory above output.dir '{root}'"
+            raise ConfigError(f"tokenize.out_dir {out_dir!r} is {what}: --restart removes the token directory with "
+                              f"everything in it; {fix}")
+        taken = next((top / n for n in RUN_NAMES if where.is_relative_to(top / n)), None)
+        if taken is not None:
+            raise ConfigError(f"tokenize.out_dir {out_dir!r} is {'' if where == taken else 'inside '}{str(taken)!r}, "
+                              f"where the run writes its own files; {fix}")
+        _check_writable(path, "tokenize.out_dir")
 
 
 def _orphan_output(cfg: PipelineConfig) -> Path | None:
@@ -178,12 +227,15 @@ def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list[Path]]:
-    """Check the optional packages the pipeline needs, then that output.dir holds nothing or an earlier
-    run of this pipeline on these same inputs (names, sizes, modification times); `restart` empties the
-    directory of an earlier run first. Returns the shards."""
+    """Check that output.dir and the token directory can be written (`check_token_dirs`), the optional packages
+    the pipeline needs, then that output.dir holds nothing or an earlier run of this pipeline on these same inputs
+    (names, sizes, modification times); `restart` empties the directory of an earlier run first (`run_entries`
+    only). Returns the shards."""
     from lmforge.data.pipeline import check_requirements, describe_changes, input_fingerprint
 
     root = check_output_path(cfg.output.dir, "output.dir", flag="--output")
+    _check_writable(root, "output.dir")
+    check_token_dirs(cfg)
     saved = root / "pipeline.json"
     shards = make_shards(cfg.input)
     files = [f for fs in shards.values() for f in fs]
@@ -254,10 +306,8 @@ def _outputs(cfg: PipelineConfig, layout: RunLayout, shards: list[str]) -> list[
     out = [layout.root / n for n in ("pipeline.json", "report.json", "report.md", "report.png")]
     for p in range(layout.n_phases):
         out += [f(p, s) for s in shards for f in (layout.live, layout.marker, layout.rejected)]
-    for t in cfg.stages:
-        if t.get("stage") == "tokenize":
-            tokens = layout.root / t.get("out_dir", "tokens")  # an absolute out_dir replaces the root
-            out += [tokens / f"{s}.bin" for s in shards]
+    for _, tokens in token_dirs(cfg):
+        out += [tokens / f"{s}.bin" for s in shards]
     return out
 
 
@@ -265,7 +315,8 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the report (also written to output.dir).
 
     A map phase resumes shard by shard; a global phase is all-or-nothing (it needs every document), so a
-    run killed inside one redoes that phase. `restart` discards an earlier run in output.dir."""
+    run killed inside one redoes that phase. `restart` discards an earlier run in output.dir. A stage that rejected
+    every document as an error fails the run once the report is written (`check_stage_errors`)."""
     shards = _check_run_dir(cfg, restart)
     layout = RunLayout(cfg)
     remove_stale_temps(_outputs(cfg, layout, list(shards)))
@@ -291,7 +342,33 @@ def run_local(cfg: PipelineConfig, restart: bool = False) -> dict[str, Any]:
     report = build_report(all_stats, kept, layout.root / "data")
     report["shards"] = {"total": len(shards), "processed": processed, "skipped": skipped}
     write_report(report, layout.root, cfg.output.plot)
+    check_stage_errors(report, layout.root)
     return report
+
+
+def check_stage_errors(report: dict[str, Any], root: Path) -> None:
+    """Fail a run in which a stage rejected every document it was given as `error:<stage>` (a stage that cannot
+    work: a token directory it cannot write, a bug), naming the stage and the first error. The report balances,
+    so it passed as a run that kept nothing. A stage that rejects everything for its own reasons (langid keeping
+    another language, `toxicity:bad_model`) made a decision, and passes."""
+    for st in report["stages"]:
+        reason = f"error:{st['name'].split('[')[0]}"  # "tokenize[3]": a label told apart by its place
+        if st["docs_in"] and not st["docs_out"] and set(st["rejected"]) == {reason}:
+            raise LmforgeError(f"stage '{st['name']}' rejected every document it was given ({st['docs_in']}) as "
+                               f"{reason}; the first: {_first_error(root, reason)}. Fix that, then rerun with "
+                               f"--restart (the report is in {root / 'report.md'})")
+
+
+def _first_error(root: Path, reason: str) -> str:
+    """The error recorded (meta.errors) on the first rejected record of `reason` in root/rejected/."""
+    for path in sorted((root / "rejected").glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("drop") == reason:
+                    errors = (rec.get("meta") or {}).get("errors") or ["(not recorded)"]
+                    return " ".join(str(errors[-1]).split())  # one line
+    return "(not recorded)"
 
 
 def build_report(all_stats: list[dict[str, Any]], kept: int, output: str | Path) -> dict[str, Any]:

@@ -33,7 +33,6 @@ from lmforge.data.readers import FORMATS, detect_format, read_documents
 from lmforge.data.stage import StageSpec
 from lmforge.data.writers import WRITE_FORMATS
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.utils import check_output_path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,10 +185,9 @@ def stage_needs(table: dict) -> list[tuple[str, str]]:
 
 
 def check_requirements(cfg: PipelineConfig, files: list[Path]) -> None:
-    """Refuse to start a run that would fail on every document: for want of an optional package (a missing
-    extractor would otherwise reject each page as a parse error; the message names the package and extra), or
-    of a place to write token shards (`check_token_dirs`)."""
-    check_token_dirs(cfg)
+    """Refuse to start a run that would fail on every document for want of an optional package (a missing
+    extractor would otherwise reject each page as a parse error; the message names the package and extra). The
+    executors check the places a run writes (output.dir, the token directory) before this."""
     needs: dict[tuple[str, str], str] = {}
     for t in cfg.stages:
         for need in stage_needs(t):
@@ -217,15 +215,6 @@ def check_requirements(cfg: PipelineConfig, files: list[Path]) -> None:
         more = f" (and {', '.join(x[0] for x in missing[1:])})" if len(missing) > 1 else ""
         raise LmforgeError(f"{why} needs the '{m}' package{more}, which is not installed: "
                            f"pip install 'lmforge[{extra}]'; nothing was run")
-
-
-def check_token_dirs(cfg: PipelineConfig) -> None:
-    """Refuse a tokenize stage whose out_dir (relative to output.dir) no writer could make: an existing file, or a
-    path under one. Left to the stage, each shard's writer failed, every document was rejected as
-    `error:tokenize`, and the run ended "balanced" with no token shard written."""
-    for spec, stage in cfg.built_stages():
-        if spec.name == "tokenize":
-            check_output_path(stage.shard_dir(Path(cfg.output.dir)), "tokenize.out_dir")
 
 
 def input_fingerprint(shards: dict[str, list[Path]]) -> list[list]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from lmforge.data.accounting import apply_stage, read_stage
 from lmforge.data.document import Document
-from lmforge.data.executor import _check_run_dir, build_report, run_entries, stage_labels
+from lmforge.data.executor import _check_run_dir, build_report, check_stage_errors, run_entries, stage_labels
 from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
@@ -157,4 +157,5 @@ def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -
     report = build_report(records, kept, Path(cfg.output.dir) / "data")
     report["executor"] = "ray"
     write_report(report, cfg.output.dir, cfg.output.plot)
+    check_stage_errors(report, Path(cfg.output.dir))
     return report

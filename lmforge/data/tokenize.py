@@ -19,7 +19,9 @@ from lmforge.data.stage import StageContext, reject_error
 class TokenizeConfig:
     """tokenizer: a spec for `lmforge.tokenizer.load.load_tokenizer` ("byte", a tokenizer directory or file
     in any format it reads);
-    out_dir: where `<shard>.bin` files go (relative to the pipeline's output directory)."""
+    out_dir: where `<shard>.bin` files go (relative to the pipeline's output directory): a directory of its own,
+    not the output directory, one above it, or one of the run's own (data/, rejected/); --restart removes it only
+    when it lies inside the output directory."""
 
     tokenizer: str = "byte"
     out_dir: str = "tokens"
@@ -71,9 +73,10 @@ def tokenize_to_shards(inputs: str | Path | Iterable[str | Path], tokenizer: Any
     tokenizer object or a spec for `load_tokenizer` ("byte", a directory, a file). An unsaved tokenizer is
     saved to `out_dir/tokenizer/` first, so the shards name a file the trainer (and checkpoints) can
     reopen. Returns the `EncodeReport` (paths, token and document counts, bytes that were not UTF-8)."""
-    from lmforge.tokenizer.corpus import encode_to_shards
+    from lmforge.tokenizer.corpus import check_shard_paths, encode_to_shards
     from lmforge.tokenizer.load import load_tokenizer
 
+    check_shard_paths(out_dir, val_fraction)  # before the tokenizer is saved there (encode_to_shards checks again)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     if hasattr(tok, "path") and tok.path is None:
         tok.save(Path(out_dir) / "tokenizer")

@@ -159,6 +159,23 @@ def _earlier_val(out: Path) -> Path | None:
     return val
 
 
+def check_shard_paths(out: str | Path, val_fraction: float = 0.0, name: str = "out_dir") -> Path:
+    """Refuse, before encoding, an output directory no writer could use (`check_output_path`), or one whose
+    train.bin / val.bin (val.bin only when `val_fraction` asks for one) is a directory: the shard, encoded in
+    full, was then renamed onto it and failed with an IsADirectoryError traceback (for val.bin, after the new
+    train.bin was in place, left with no val.bin beside it). `name` is the setting in the message (the CLI's
+    --out). Returns the directory."""
+    from lmforge.utils import check_output_path
+
+    folder = check_output_path(out, name)
+    splits = ("train", "val") if val_fraction > 0 else ("train",)
+    taken = next((folder / f"{s}.bin" for s in splits if (folder / f"{s}.bin").is_dir()), None)
+    if taken is not None:
+        raise ConfigError(f"{name} {out}: {taken} is a directory, not a token file; move it away, or encode into "
+                          f"another {name}")
+    return folder
+
+
 def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Path, *, val_fraction: float = 0.0,
                      workers: int | None = None, progress: bool = True, spec: str | None = None) -> EncodeReport:
     """Encode files into out_dir/train.bin (and val.bin: the last `val_fraction` of each file).
@@ -170,6 +187,7 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
 
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1)")
+    check_shard_paths(out_dir, val_fraction)
     files = expand_inputs(inputs)
     tagged = list(_encode_tasks(tok, files, val_fraction))
     if not tagged:

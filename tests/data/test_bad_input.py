@@ -178,3 +178,128 @@ def test_a_parquet_text_column_of_numbers_is_a_rejected_record(tmp_path):
     docs = list(read_parquet(tmp_path / "ints.parquet"))
     assert [d.drop for d in docs] == ["read_error:bad_record"] * 2
     assert "column 'text' holds int, not text" in docs[0].meta["error"]
+
+
+def test_a_tokenize_out_dir_that_is_output_dir_or_above_it_is_refused_and_restart_keeps_what_others_own(tmp_path):
+    """out_dir "" or "." made output.dir itself the token directory, and --restart (which removes the token
+    directory) removed the whole output.dir with a file of the user's in it; ".." removed the directory above,
+    "../.." the inputs and the pipeline file too. "data" mixed the shards with the kept documents. A relative
+    out_dir outside output.dir ("../tokens") was removed with another corpus's shards in it (found 2026-12-05)."""
+    import pytest
+
+    from lmforge.errors import ConfigError
+
+    _jsonl(tmp_path / "in" / "a.jsonl", [{"text": "one doc"}, {"text": "two doc"}])
+    out = tmp_path / "runs" / "out"
+    out.mkdir(parents=True)
+    (out / "my_notes.txt").write_text("mine")
+    (tmp_path / "runs" / "other.txt").write_text("theirs")
+    p = tmp_path / "p.toml"
+
+    def run(out_dir: str) -> dict:
+        p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{out}"\n'
+                     f'[[stages]]\nstage = "tokenize"\nout_dir = "{out_dir}"\n')
+        return run_local(load_pipeline(p), restart=True)
+
+    fix = "set tokenize.out_dir to a directory of its own, such as 'tokens' (the default)"
+    cases = {"": "output.dir itself", ".": "output.dir itself", str(out): "output.dir itself",
+             "..": f"'{tmp_path / 'runs'}', a directory above output.dir '{out}'",
+             "../..": f"'{tmp_path}', a directory above output.dir '{out}'",
+             "data": f"'{out / 'data'}'", "rejected/tok": f"inside '{out / 'rejected'}'",
+             "report.json": f"'{out / 'report.json'}'"}
+    for out_dir, what in cases.items():
+        with pytest.raises(ConfigError) as e:
+            run(out_dir)
+        why = (": --restart removes the token directory with everything in it" if "output.dir" in what
+               else ", where the run writes its own files")
+        assert str(e.value) == f"tokenize.out_dir {out_dir!r} is {what}{why}; {fix}"
+    assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"]
+    assert (tmp_path / "runs" / "other.txt").is_file() and (tmp_path / "in" / "a.jsonl").is_file()
+
+    for outside in ("../tokens", str(tmp_path / "shared")):  # not the run's to remove: only its shards are replaced
+        tokens = (out / outside).resolve()
+        _jsonl(tokens / "other_corpus.jsonl", [{"text": "theirs"}])
+        run(outside)
+        assert run(outside)["balance"]["kept_docs"] == 2
+        assert sorted(f.name for f in tokens.iterdir()) == ["other_corpus.jsonl", "shard-00000.bin"]
+    assert (out / "my_notes.txt").read_text() == "mine"
+
+
+def _tokenize_into(tmp_path: Path, out_dir: Path) -> Path:
+    _jsonl(tmp_path / "in" / "a.jsonl", [{"text": "one doc"}, {"text": "two doc"}])
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\ndir = "{tmp_path / "out"}"\n'
+                 f'[[stages]]\nstage = "tokenize"\nout_dir = "{out_dir}"\n')
+    return p
+
+
+def test_a_tokenize_out_dir_this_user_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch):
+    """An out_dir under a directory without write permission: every document was rejected as error:tokenize
+    (PermissionError) and the run ended "balanced" (found 2026-12-05). os.access answers as for a user without
+    the permission (root writes anywhere: the real chmod case is the test below)."""
+    import os
+
+    import pytest
+
+    from lmforge.errors import ConfigError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real(path, mode, **kw))
+    p = _tokenize_into(tmp_path, locked / "tok")
+    with pytest.raises(ConfigError) as e:
+        run_local(load_pipeline(p))
+    assert str(e.value) == (f"tokenize.out_dir '{locked / 'tok'}' cannot be written: '{locked}' is not writable by "
+                            "this user; make it writable, or set tokenize.out_dir to a directory you can write")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenize_out_dir_under_a_read_only_directory_is_refused(tmp_path):
+    import os
+
+    import pytest
+
+    from lmforge.errors import ConfigError
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root (with CAP_DAC_OVERRIDE) writes there all the same
+            pytest.skip("this user writes into a read-only directory: permissions are not enforced (root)")
+        with pytest.raises(ConfigError, match="cannot be written: .* is not writable by this user"):
+            run_local(load_pipeline(_tokenize_into(tmp_path, locked / "tok")))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_stage_that_rejects_every_document_as_an_error_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A stage failing on every document (here the token writer, as on a disk that refuses writes) rejected each
+    as error:<stage>, and the run ended "balanced" with exit 0 and nothing kept. Now the report is written and
+    the run fails with one line naming the stage and the first error; a filter dropping everything passes."""
+    import pytest
+
+    from lmforge.cli import main
+    from lmforge.data import shards
+    from lmforge.errors import LmforgeError
+
+    def refuse(self, path, **kw):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(shards.TokenShardWriter, "__init__", refuse)
+    p = _tokenize_into(tmp_path, Path("tokens"))
+    bin_path = tmp_path / "out" / "tokens" / "shard-00000.bin"
+    with pytest.raises(LmforgeError) as e:
+        run_local(load_pipeline(p))
+    assert str(e.value) == (f"stage 'tokenize' rejected every document it was given (2) as error:tokenize; the "
+                            f"first: tokenize: OSError: [Errno 28] No space left on device: '{bin_path}'. Fix that, "
+                            f"then rerun with --restart (the report is in {tmp_path / 'out' / 'report.md'})")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["balance"]["rejected_docs"] == 2
+    assert main(["data", "run", str(p)]) == 2  # resumed from the markers: the same failure, one line
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"lmforge data: error: {e.value}" and "Traceback" not in err
+    monkeypatch.undo()
+    assert run_local(load_pipeline(p), restart=True)["balance"]["kept_docs"] == 2
+
+    report, rejected = _run(tmp_path, "filtered", '[[stages]]\nstage = "gopher"\n')  # too short: a decision
+    assert report["balance"]["kept_docs"] == 0 and {d.drop for d in rejected} == {"gopher:word_count"}

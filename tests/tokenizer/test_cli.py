@@ -197,6 +197,32 @@ def test_encode_into_a_train_or_val_bin_that_is_a_directory_is_refused_before_en
         assert [p.name for p in out.iterdir()] == [f"{split}.bin"]
 
 
+def test_the_library_encoders_refuse_a_train_or_val_bin_directory_before_encoding(tmp_path, monkeypatch):
+    """encode_to_shards and tokenize_to_shards (the library behind the CLI check above) encoded everything, then
+    failed with an IsADirectoryError traceback, leaving the new train.bin without val.bin (found 2026-12-05);
+    tokenize_to_shards also saved an unsaved tokenizer into out_dir first. Now the same check, before any work."""
+    from lmforge.data.tokenize import tokenize_to_shards
+    from lmforge.errors import ConfigError
+    from lmforge.tokenizer import corpus
+    from lmforge.tokenizer.train import train_bpe
+
+    (tmp_path / "a.txt").write_text("some text\n" * 200)
+    unsaved = train_bpe([tmp_path / "a.txt"], 260, ("<|endoftext|>",), progress=False)
+    monkeypatch.setattr(corpus, "_run_ordered", lambda *a, **k: pytest.fail("encoded before the check"))
+    for split, val_fraction in [("train", 0.0), ("val", 0.1)]:
+        for name, encode in [("encode", lambda out: corpus.encode_to_shards(
+                                 load_tokenizer("byte"), [str(tmp_path / "a.txt")], out, val_fraction=val_fraction)),
+                             ("tokenize", lambda out: tokenize_to_shards(tmp_path / "a.txt", unsaved, out,
+                                                                         val_fraction=val_fraction))]:
+            out = tmp_path / f"{name}_{split}"
+            (out / f"{split}.bin").mkdir(parents=True)
+            with pytest.raises(ConfigError) as e:
+                encode(out)
+            assert str(e.value) == (f"out_dir {out}: {out / f'{split}.bin'} is a directory, not a token file; move it "
+                                    "away, or encode into another out_dir")
+            assert [p.name for p in out.iterdir()] == [f"{split}.bin"]
+
+
 @pytest.mark.parametrize("cmd, args", [(cmd, ["--workers", n]) for cmd in ("train", "encode", "stats")
                                        for n in ("0", "-3")] + [("train", ["--export", "hf"]),
                                                                 ("stats", ["--top", "-1"])])

@@ -83,10 +83,11 @@ class ParallelRunner:
         # training and validation each get a schedule (and stage) of their own over the same stage module:
         # older torch (2.11 on the H200) keeps the receive buffers made by a stage's first call, so an eval before
         # the first step (the Trainer's step-0 eval) left training without gradients to send back
-        self._schedule = lambda: build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(),
-                                                cfg.n_microbatches, cfg.pp_schedule,
-                                                lambda out, y: self.loss_fn(out, y) * self._scale, self.device)
-        self.schedule, self.eval_schedule = self._schedule(), None
+        self._schedule = lambda loss_fn: build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(),
+                                                        cfg.n_microbatches, cfg.pp_schedule, loss_fn, self.device)
+        self.schedule = self._schedule(lambda out, y: self.loss_fn(out, y) * self._scale)
+        # a stage keeps the buffers shaped by its first call, so validation gets a schedule per batch shape
+        self.eval_schedules: dict[tuple[int, ...], object] = {}
 
     def _grad_sync(self, sync: bool) -> None:
         """FSDP2 reduce-scatters after every backward unless told not to: with gradient accumulation only
@@ -151,21 +152,37 @@ class ParallelRunner:
         ranks of one tensor-parallel group or pipeline share rows, and only one of them (tp rank 0 of the
         last stage) reports, the others return (0, no targets): summed over all ranks, every row counts
         once. Call in eval mode on every rank."""
+        most = -(-x.shape[0] // self.eval_size)  # the rows of this split's largest share
         x, y = (t.tensor_split(self.eval_size)[self.eval_rank] for t in (x, y))
         if self.pp_mesh is not None:
-            self._scale = 1.0
-            if self.eval_schedule is None:
-                self.eval_schedule = self._schedule()
-            losses = self._through_pipeline(self.eval_schedule.eval, x, y)
-            # micro-batches of equal size: the sum of their mean losses x their tokens
-            nats = (torch.stack(losses).double().sum() * (y.numel() / len(losses)) if self.last
-                    else torch.zeros((), dtype=torch.float64, device=self.device))
+            nats = self._pipeline_nats(x, y, most)
         else:
             with self._loss_context():
                 nats = plain(token_losses(self.model(x), y).double().sum())
         if not self.reports:
             return torch.zeros_like(nats), y[:0]
         return nats, y
+
+    def _pipeline_nats(self, x: torch.Tensor, y: torch.Tensor, most: int) -> torch.Tensor:
+        """Summed nats of (x, y) through the pipeline (on the last stage; zero on the others). The schedule cuts
+        a batch into n_microbatches equal parts, and its stages keep the buffers of their first call: every
+        rank pads its rows to one shape, `most` rows rounded up to a multiple of n_microbatches (at least one
+        row each), with ignored targets (-100: zero loss), and each shape gets a schedule of its own (the short
+        last validation batch). One shape on all data-parallel replicas, even one given no rows, keeps their
+        calls in step (FSDP-sharded stages all-gather together). Each micro-batch reports its summed nats, so
+        micro-batches of unequal token counts add up to the one-process sum."""
+        m = self.cfg.n_microbatches
+        pad = max(m, -(-most // m) * m) - x.shape[0]
+        if pad:  # (rows + pad, T): padded inputs are any valid id, their targets ignored
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+            y = torch.cat([y, y.new_full((pad, *y.shape[1:]), -100)])
+        key = tuple(x.shape)
+        if key not in self.eval_schedules:
+            self.eval_schedules[key] = self._schedule(lambda out, t: token_losses(out, t).double().sum())
+        with self._loss_context():
+            losses = self._through_pipeline(self.eval_schedules[key].eval, x, y)
+        return (torch.stack([plain(t) for t in losses]).sum() if self.last
+                else torch.zeros((), dtype=torch.float64, device=self.device))
 
     def _loss_context(self):
         if not self.cfg.loss_parallel:

@@ -247,11 +247,13 @@ class LLM:
     def score(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list[tuple[float, bool]]:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
         log-probs given everything before them, and whether the continuation is the greedy one (each of
-        its tokens an argmax). Strings are split as lm-eval does: the context's trailing whitespace moves
+        its tokens the argmax, the first maximal id as greedy decoding picks: a token merely tied with it is
+        not greedy, as in lm-eval). Strings are split as lm-eval does: the context's trailing whitespace moves
         to the continuation, the context is tokenized alone and the continuation is what follows that many
         tokens of context + continuation tokenized whole (a merge across the boundary is not undone: the
         scored sequence is the context's own tokens, then those); token ids are taken as they are. An
-        empty context is the tokenizer's end-of-text token. Too long a pair loses its oldest context
+        empty context is the tokenizer's end-of-text token, or the continuation's first token when that is it
+        (lm-eval: no doubled end-of-text). Too long a pair loses its oldest context
         tokens: the window holds max_seq_len + 1 tokens, as lm-eval's on HF models (the last token is a
         target, never an input). tests/infer/test_lm_eval_parity.py compares with lm-eval's HFLM.
         Pairs run as score-only requests (max_tokens=0) with prompt log-probs from the continuation on:
@@ -272,9 +274,11 @@ class LLM:
                 outs[i] = out
         scores = []
         for (ctx, cont), out in zip(pairs, outs):
-            steps = out.prompt_logprobs[len(ctx):]  # each holds its prompt token and the argmax
+            # each step: {its prompt token, then the argmax} (logprob_entries), one key when they are the same.
+            # Greedy means each token IS the argmax (lm-eval: cont == logits.argmax), not merely tied with it
+            steps = out.prompt_logprobs[len(ctx):]
             scores.append((sum(d[t] for d, t in zip(steps, cont)),
-                           all(d[t] >= max(d.values()) for d, t in zip(steps, cont))))
+                           all(list(d)[-1] == t for d, t in zip(steps, cont))))
         return scores
 
     def _pair(self, context: Prompt, continuation: Prompt, index: int) -> tuple[list[int], list[int]]:
@@ -300,7 +304,12 @@ class LLM:
             if eot is None:
                 raise LmforgeError(f"pair {index} has an empty context and the tokenizer has no end-of-text "
                                    "token to stand for it; give at least one context token")
-            ctx = [int(eot)]
+            # lm-eval: a continuation that opens with that token is its own context (not [eot] + [eot, ...])
+            ctx, cont = (cont[:1], cont[1:]) if int(cont[0]) == int(eot) else ([int(eot)], cont)
+            if not cont:
+                raise LmforgeError(f"pair {index} has an empty context and a continuation of only the end-of-text "
+                                   "token that stands for it: nothing is left to score (lm-eval refuses it too); "
+                                   "give a context or more continuation")
         keep = self.max_seq_len + 1  # the last token is only read (a score-only request's window)
         if len(cont) >= keep:
             raise LmforgeError(f"pair {index}: a {len(cont)}-token continuation leaves no context in the "

@@ -210,7 +210,8 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row], sourc
 def logprob_entries(logits: torch.Tensor, targets: list[int], ks: list[int], vocab_limit: int | None = None
                     ) -> list[dict[int, float]]:
     """Per row: {target: log p(target), then the row's k most likely ids: their log p} (vLLM's prompt
-    log-prob entries; the target first, and once if it is among the top k)."""
+    log-prob entries; the target first, and once if it is among the top k). The first of the top ids is the
+    argmax, greedy decoding's choice on ties (token_logprobs): with k = 1 the entry's last key is that id."""
     chosen, values, ids = token_logprobs(logits, torch.tensor(targets, device=logits.device), max(ks), vocab_limit)
     top = zip(ids.tolist(), values.tolist()) if ids is not None else (([], []) for _ in targets)
     return [{t: lp, **dict(zip(i[:k], v[:k]))} for t, lp, k, (i, v) in zip(targets, chosen.tolist(), ks, top)]
@@ -220,7 +221,9 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab_lim
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """logits (M, V), tokens (M,) -> log p(tokens) (M,) and the k most likely (values, ids) (M, k) (None
     for k = 0) under log_softmax of the logits, ids at or beyond vocab_limit excluded: the semantics of
-    generated and prompt log-probs alike."""
+    generated and prompt log-probs alike. The first id is logits.argmax, the first maximal id: what greedy
+    decoding picks (sample_rows) and lm-eval's is_greedy compares with; topk's order among tied values is
+    unspecified."""
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits.clone()
@@ -230,5 +233,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab_lim
     k = min(k, logp.shape[-1])
     if k == 0:
         return chosen, None, None
-    top = logp.topk(k, dim=-1)
-    return chosen, top.values, top.indices
+    values, ids = logp.topk(k, dim=-1)
+    # put the argmax first: swapped with column 0 where topk has it elsewhere, else in column 0's place. Its
+    # log-prob equals column 0's (x - lse rounds monotonically), so the values keep their order
+    first = logits.argmax(-1, keepdim=True)  # (M, 1)
+    hit = ids == first
+    at = torch.where(hit.any(-1, keepdim=True), hit.int().argmax(-1, keepdim=True), 0)  # (M, 1)
+    ids = ids.scatter(1, at, ids[:, :1]).scatter(1, torch.zeros_like(at), first)
+    return chosen, values, ids

@@ -64,12 +64,23 @@ def load_scorer(spec: str, tokenizer: str = "") -> tuple[Any, Any]:
     return model.eval(), load_tokenizer(tokenizer or spec)
 
 
+def check_context(model: Any, context: int) -> None:
+    """Refuse windows longer than the scoring model was built for (its cfg.max_seq_len, when it has one): RoPE
+    would extrapolate silently and learned positions fail on the first long document, naming only the model."""
+    limit = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    if isinstance(limit, int) and context > limit:
+        raise ConfigError(f"perplexity.context={context} is longer than the scoring model's max_seq_len={limit}; "
+                          f"set perplexity.context to at most {limit}")
+
+
 def perplexity(model: Any, tokenizer: Any, text: str, context: int = 256, max_tokens: int = 1024) -> float:
     """exp(mean next-token negative log-likelihood) over the first max_tokens tokens, scored in
-    non-overlapping windows of `context` tokens. inf for texts of fewer than 2 tokens."""
+    non-overlapping windows of `context` tokens (at most the model's max_seq_len: check_context). inf for
+    texts of fewer than 2 tokens."""
     import torch
     import torch.nn.functional as F
 
+    check_context(model, context)
     ids = list(tokenizer.encode(text))[:max_tokens]
     if len(ids) < 2:
         return math.inf

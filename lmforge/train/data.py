@@ -139,8 +139,8 @@ class BatchSampler:
     """Pretraining's DataSource (lmforge.train.objective): batches {"input_ids": x, "targets": y} of
     (batch_size, seq_len) LongTensors."""
 
-    def __init__(self, splits: list[Split], batch_size: int, seq_len: int, mode: str, seed: int):
-        self.splits, self.batch_size, self.seq_len, self.mode = splits, batch_size, seq_len, mode
+    def __init__(self, splits: list[Split], batch_size: int, seq_len: int, mode: str, seed: int, key: str = "data"):
+        self.splits, self.batch_size, self.seq_len, self.mode, self.key = splits, batch_size, seq_len, mode, key
         self.gen = torch.Generator().manual_seed(seed)
         sizes = torch.tensor([len(s) - seq_len - 1 + 1 for s in splits], dtype=torch.float64)
         self.weights = sizes / sizes.sum()
@@ -171,9 +171,20 @@ class BatchSampler:
         return {"input_ids": x, "targets": y}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gen": self.gen.get_state(), "shard": self.shard, "pos": self.pos, "epoch": self.epoch}
+        return {"gen": self.gen.get_state(), "shard": self.shard, "pos": self.pos, "epoch": self.epoch,
+                "sizes": [len(s) for s in self.splits]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A sequential position is a split index and an offset into it: it resumes only over the splits it was
+        saved with (their token counts, saved since 2026-12-05; an older state is checked for range). Over other
+        shards it read past the list (an IndexError mid-run) or continued at a place that means other text."""
+        sizes = [len(s) for s in self.splits]
+        if self.mode == "sequential" and (state.get("sizes", sizes) != sizes or state["shard"] >= len(sizes)):
+            was = state.get("sizes")
+            raise DataError(f"{self.key}.train changed since the checkpoint: its sequential position (split "
+                            f"{state['shard']} of {len(was) if was else 'its'} training splits, token {state['pos']}) "
+                            f"does not apply to the {len(sizes)} split(s) given now; resume with the same "
+                            f"{self.key}.train, or set data.sampling = 'random'")
         self.gen.set_state(state["gen"])
         self.shard, self.pos, self.epoch = state["shard"], state["pos"], state["epoch"]
 

@@ -80,7 +80,7 @@ def _mixture(cfg: TrainConfig):
     samplers, train, val = {}, [], []
     for i, src in enumerate(d.sources):
         tr, va = open_splits(src.train, src.val, d.val_fraction, d.seq_len, cfg.model.vocab_size, f"data.sources[{i}]")
-        samplers[src.name] = BatchSampler(tr, 1, d.seq_len, d.sampling, cfg.seed + 1 + i)
+        samplers[src.name] = BatchSampler(tr, 1, d.seq_len, d.sampling, cfg.seed + 1 + i, f"data.sources[{i}]")
         train += tr
         val += va
     phases = [(round(p.start * cfg.max_steps), list(p.weights)) for p in d.phases]

@@ -131,3 +131,28 @@ def test_bad_mixture_entries_name_their_own_fields():
         DataConfig(sources=(a, SourceConfig(train=("y.bin",))), phases=phases)
     with pytest.raises(ConfigError, match=r"^data.sources\[1\] \('b'\) has no training shards: add train = "):
         DataConfig(sources=(a, SourceConfig(name="b")), phases=phases)
+
+
+def test_a_sequential_position_over_other_shards_is_refused_on_resume(tmp_path):
+    """A sequential sampler's saved position (split 1 of 2, an offset into it) resumed over one shard read past
+    the list: an IndexError mid-run. Now one line naming data.train and the fix; the same shards resume."""
+    from lmforge.data.shards import TokenFile
+    from lmforge.train.data import BatchSampler, Split
+
+    shards = [TokenFile(make_shard(tmp_path / f"s{i}.bin", synthetic_text(200, seed=i))) for i in (1, 2)]
+    splits = [Split(f, 0, len(f)) for f in shards]
+    a = BatchSampler(splits, 4, 32, "sequential", 0)
+    while a.shard == 0:
+        a.next_batch()
+    state = a.state_dict()
+    again = BatchSampler(splits, 4, 32, "sequential", 0)
+    again.load_state_dict(state)
+    assert again.next_batch()["input_ids"].equal(a.next_batch()["input_ids"])
+    with pytest.raises(DataError, match=r"^data.train changed since the checkpoint: its sequential position \(split "
+                       r"1 of 2 training splits, token \d+\) does not apply to the 1 split\(s\) given now; resume "
+                       r"with the same data.train, or set data.sampling = 'random'$"):
+        BatchSampler(splits[:1], 4, 32, "sequential", 0).load_state_dict(state)
+    BatchSampler(splits[:1], 4, 32, "random", 0).load_state_dict(state)  # a random draw resumes anywhere
+    old = {k: v for k, v in state.items() if k != "sizes"}  # a state saved before the sizes: checked for range
+    with pytest.raises(DataError, match="split 1 of its training splits"):
+        BatchSampler(splits[:1], 4, 32, "sequential", 0).load_state_dict(old)

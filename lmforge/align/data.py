@@ -385,18 +385,22 @@ def kto_batch(items: list[tuple[Example, bool]], kl: bool = True) -> dict[str, t
 class ExampleSource:
     """A DataSource over encoded items: each epoch a seeded permutation, cut into batches (SFT with
     packing: the permuted examples are packed into rows first, then the rows are shuffled). The state is
-    (epoch, position), since an epoch's order is a function of (seed, epoch): resume is exact."""
+    (epoch, position) and what the epoch's order is a function of (its seed, the items, the packing), so
+    resume is exact. A run resumed with a new seed finishes the epoch in its saved order and shuffles the next
+    ones with the new seed (a new order mid-epoch would repeat some items and skip others); one resumed with
+    other items or packing mid-epoch is refused."""
 
     def __init__(self, items: list, batch_size: int, collate: Callable[[list], dict[str, torch.Tensor]], *,
                  seed: int = 0, pack_len: int | None = None):
         self.items, self.batch_size, self.collate, self.seed, self.pack_len = items, batch_size, collate, seed, pack_len
         self.epoch, self.pos = 0, 0
         self._order: list | None = None
+        self._order_seed = seed  # the current epoch's: a resumed run keeps the checkpoint's until the epoch ends
 
     def _epoch_units(self) -> list:
         """The epoch's batch units: items, or (with packing) rows of items."""
         if self._order is None:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed(self._order_seed * 1_000_003 + self.epoch)
             perm = [self.items[i] for i in torch.randperm(len(self.items), generator=g).tolist()]
             if self.pack_len is not None:
                 rows = [[perm[i] for i in row] for row in pack_rows(perm, self.pack_len)]
@@ -407,7 +411,7 @@ class ExampleSource:
     def next_batch(self) -> dict[str, torch.Tensor]:
         units = self._epoch_units()
         if self.pos >= len(units):
-            self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+            self.epoch, self.pos, self._order, self._order_seed = self.epoch + 1, 0, None, self.seed
             units = self._epoch_units()
         chunk = units[self.pos:self.pos + self.batch_size]
         self.pos += len(chunk)
@@ -423,10 +427,26 @@ class ExampleSource:
         return [self.collate(units[i:i + self.batch_size]) for i in range(0, len(units), self.batch_size)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self._order_seed, "n_items": len(self.items),
+                "pack_len": self.pack_len, "units": len(self._epoch_units())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A state saved before the order's inputs were (seed, n_items, pack_len, units): taken as this source's."""
         self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
+        self._order_seed = state.get("seed", self.seed)
+        was = (state.get("n_items", len(self.items)), state.get("pack_len", self.pack_len))
+        if was == (len(self.items), self.pack_len) or self.pos == 0:
+            return
+        if self.pos < state["units"]:
+            def data(n: int, pack: int | None) -> str:
+                return f"{n} training examples" + (f" packed to {pack} tokens" if pack else " (no packing)")
+
+            unit = "rows" if was[1] else "examples"
+            raise DataError(f"the checkpoint is {self.pos} of {state['units']} {unit} into epoch {self.epoch} of "
+                            f"{data(*was)}, but the data is now {data(len(self.items), self.pack_len)}, so the rest "
+                            "of that epoch is unknown; resume with the run's data.train, data.seq_len and "
+                            "data.packing, or start a new run with init = that checkpoint")
+        self.epoch, self.pos, self._order_seed = self.epoch + 1, 0, self.seed  # that epoch had ended
 
 
 def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows: bool = True

@@ -11,9 +11,12 @@ A KeyboardInterrupt raised inside a step (a second Ctrl-C, or one raised by code
 step's phases, which this object tracks:
 
     None       at a step boundary
-    "micro"    forward/backward of the micro-batches   -> roll back: grads dropped, data-source and RNG
-                                                          state restored from the step-start snapshot
-    "update"   inside optimizer.step                   -> no consistent state: no checkpoint is written
+    "micro"    forward/backward of the micro-batches   -> roll back: grads and the MoE expert loads counted
+                                                          so far dropped, data-source and RNG state restored
+                                                          from the step-start snapshot
+    "update"   inside optimizer.step, or the Trainer's -> no consistent state: no checkpoint is written, and
+               own changes after it (the aux-loss-free    `fit` refuses to go on (a new Trainer resumes from
+               MoE bias, MuonClip's QK-clip)              the last checkpoint)
     "updated"  weights updated, counters not yet       -> roll forward: the step is finished
 
 On N processes a rank that leaves inside a step writes no checkpoint either (the others are inside its
@@ -31,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from lmforge.errors import ConfigError
+from lmforge.model.layers.moe import MoE
 from lmforge.train import distributed as ddp
 
 if TYPE_CHECKING:
@@ -56,7 +61,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Interrupts:
     """The stop flags of one `fit` and the phase of the step in flight (see the module docstring)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, post_update: bool = False):
+        """post_update: the Trainer changes the weights again after optimizer.step (the aux-loss-free MoE bias,
+        the QK-clip), so the update ends at `end_update`, not when optimizer.step returns."""
         self.phase: str | None = None
         self.snapshot: dict[str, Any] = {}
         self.signal: int | None = None  # the first SIGINT/SIGTERM received
@@ -65,15 +72,22 @@ class Interrupts:
         self._step_hooks = hasattr(optimizer, "register_step_pre_hook")
         if self._step_hooks:  # torch optimizers: know exactly when the weights start and stop changing
             optimizer.register_step_pre_hook(self._set_phase("update"))
-            optimizer.register_step_post_hook(self._set_phase("updated"))
+            if not post_update:
+                optimizer.register_step_post_hook(self._set_phase("updated"))
 
     def _set_phase(self, phase: str) -> Callable:
         def hook(*_):
             self.phase = phase
         return hook
 
-    def reset(self) -> None:
-        """A new `fit`: no signal, no agreed stop, no hook's request."""
+    def reset(self, trainer: Trainer) -> None:
+        """A new `fit`: no signal, no agreed stop, no hook's request. Refused after an interrupt inside an
+        update, whose half-updated weights no step may build on."""
+        if self.phase == "update":
+            where = (f"resume from {trainer.last_checkpoint}" if trainer.last_checkpoint is not None
+                     else "start the run again with a new model and optimizer (no checkpoint was written)")
+            raise ConfigError(f"step {trainer.step + 1} was interrupted inside its optimizer update, which left the "
+                              f"weights half-updated, so this Trainer cannot go on; build a new Trainer to {where}")
         self.signal, self.agreed, self.reason = None, False, None
 
     # the step's phases ----------------------------------------------------------------------------
@@ -98,6 +112,9 @@ class Interrupts:
             trainer._finish_step()
         elif self.phase == "micro":
             trainer.optimizer.zero_grad(set_to_none=True)
+            for m in trainer.model.modules():  # the loads the step's finished micro-batches counted
+                if isinstance(m, MoE):
+                    m.step_load.zero_()
             trainer.data.load_state_dict(self.snapshot["data"])
             set_rng_state(self.snapshot)
             self.phase = None

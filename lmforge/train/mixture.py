@@ -5,7 +5,8 @@ OLMo 2 (OLMo et al. 2024, sec. 4) trains on web-scale data, then anneals the lea
 high-quality mix ("Dolmino"); with the WSD schedule the same switch is a phase starting at the decay.
 Phases start at fractions of max_steps; the step is the number of batches drawn // grad_accum, so the
 schedule needs no help from the loop, and the state (generator, counts, every source's position)
-resumes exactly.
+resumes exactly. The state keeps its grad_accum: a run resumed with another one counts the steps done as
+if drawn at the new grad_accum, so each phase still starts at its step.
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ class MixtureSource:
         return {**{f"tokens/{n}": t for n, t in zip(self.names, self.tokens)}, "mix_phase": self.phase_at(last_step)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gen": self.gen.get_state(), "batches": self.batches, "tokens": list(self.tokens),
-                "sources": [s.state_dict() for s in self.samplers]}
+        return {"gen": self.gen.get_state(), "batches": self.batches, "grad_accum": self.grad_accum,
+                "tokens": list(self.tokens), "sources": [s.state_dict() for s in self.samplers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["gen"])
-        self.batches, self.tokens = state["batches"], list(state["tokens"])
+        # (a state saved before grad_accum was: taken as this one's)
+        steps, rest = divmod(state["batches"], state.get("grad_accum", self.grad_accum))
+        self.batches, self.tokens = steps * self.grad_accum + rest, list(state["tokens"])
         for s, st in zip(self.samplers, state["sources"]):
             s.load_state_dict(st)

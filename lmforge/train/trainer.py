@@ -108,6 +108,22 @@ def _check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optim
                                   f"head, a reward head...) a submodule of the trained model")
 
 
+GROUP_COUNTERS = ("step",)
+"""Keys of an optimizer's param_groups that count what the optimizer has done (a per-group step count, where an
+optimizer keeps one there): a resume keeps them from the checkpoint. Every other key is a setting."""
+
+
+def _keep_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]]) -> None:
+    """After optimizer.load_state_dict (which also restores the saved param_groups' lr, base_lr, weight_decay,
+    betas...): each group's settings back to those this run's optimizer was built with, so a resume with a new
+    optim.lr or weight_decay trains with them, as its 'settings changed' line says. Groups are matched by
+    position: loading maps the checkpoint's groups onto this optimizer's own, in its order (by the parameters'
+    names under a ParallelRunner). The per-parameter state, counters, and keys only the checkpoint's groups hold
+    (ones an optimizer adds as it steps) stay as loaded."""
+    for group, mine in zip(optimizer.param_groups, settings, strict=True):
+        group.update({k: v for k, v in mine.items() if k not in GROUP_COUNTERS or k not in group})
+
+
 def check_run_dir(run_dir: str | Path) -> None:
     """Refuses a run_dir that is empty, or is or lies under an existing file (its metrics log and checkpoints
     could not be written), before anything is built."""
@@ -246,8 +262,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._in_flight: tuple[int, dict[str, torch.Tensor]] = (0, {})  # the step's tokens and metrics
         self._begin_s = 0.0  # seconds in begin_step hooks since the last log row (not training time)
-        self.interrupts = Interrupts(optimizer)  # signals, stop requests, the step's phase
         self.qk_clip = self._qk_clip()
+        # signals, stop requests, the step's phase (its update ends after the bias move and the QK-clip)
+        self.interrupts = Interrupts(optimizer, post_update=self._moves_expert_bias or self.qk_clip is not None)
         if self.rank == 0:  # held from before the resume reads the run_dir until fit ends (or close())
             self._lock.acquire()
         try:
@@ -328,6 +345,7 @@ class Trainer:
         """partial: an adapter-only checkpoint, whose frozen parameters are the model's own (its base)."""
         # checkpoints written before the names were stored: the optimizer's own order (every layout but pp)
         names = state.get("optimizer_params") or ddp.param_names(self.model, self.optimizer)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.runner is None:
             ckpt.load_weights(self.model, path, set(self.model.state_dict()) - ckpt.frozen_names(self.model)
                               if partial else None)
@@ -335,13 +353,14 @@ class Trainer:
                 raise ConfigError(f"{path}: the optimizer state lists its parameters in another order than this "
                                   "optimizer; use the same optim settings, or set reset_optimizer=true")
             self._load_optimizer(state, path)
-            return
-        from safetensors.torch import load_file
+        else:
+            from safetensors.torch import load_file
 
-        reset = self.cfg.reset_optimizer
-        self._load_optimizer(state, path, check_only=True)
-        ddp.load_states(self.model, self.optimizer, load_file(str(path / "model.safetensors")),
-                        None if reset else state["optimizer"], names, partial=partial)
+            reset = self.cfg.reset_optimizer
+            self._load_optimizer(state, path, check_only=True)
+            ddp.load_states(self.model, self.optimizer, load_file(str(path / "model.safetensors")),
+                            None if reset else state["optimizer"], names, partial=partial)
+        _keep_group_settings(self.optimizer, settings)
 
     def _load_optimizer(self, state: dict[str, Any], path: Path, check_only: bool = False) -> None:
         saved, now = state.get("optimizer_name"), optimizer_name(self.optimizer, self.cfg)
@@ -390,7 +409,11 @@ class Trainer:
             tqdm.write(f"resumed from {path} at step {self.step}")
             changed = changed_settings(self.run_dir / "config.json", to_dict(self.cfg))
             if changed:
-                why = (" (the learning-rate schedule follows the new max_steps)" if "max_steps " in changed else "")
+                notes = ["the learning-rate schedule follows the new max_steps"] if "max_steps " in changed else []
+                if changed.startswith("seed ") or ", seed " in changed:
+                    notes.append("the data order and random state continue from the checkpoint, not from the new "
+                                 "seed; a post-training data source shuffles its later epochs with it")
+                why = f" ({'; '.join(notes)})" if notes else ""
                 tqdm.write(f"settings changed since the run's last start: {changed}{why}")
             if self.step >= self.cfg.max_steps:
                 tqdm.write(f"the run is already at step {self.step} >= max_steps={self.cfg.max_steps}: nothing to "
@@ -686,6 +709,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
+        self.interrupts.reset(self)  # (refused after an interrupt inside an update)
         if self.rank == 0:
             self._lock.acquire()  # again after an earlier fit released it
             if self.step == 0:  # a fresh run starts a fresh log
@@ -703,7 +727,6 @@ class Trainer:
         self._logged_stats = None
         self._begin_s = 0.0
         t_start = time.perf_counter() - self.elapsed
-        self.interrupts.reset()
         try:
             with self.interrupts.deferred_signals():
                 if self._eval_owed():

@@ -180,6 +180,41 @@ def test_example_source_resumes_exactly():
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_with_a_new_seed_finishes_the_epoch_in_its_order():
+    """20 items, 2 batches of 4 into epoch 0, resumed with seed 1: every item is seen exactly once in epoch 0
+    (recomputing the epoch's order from the new seed repeated some and skipped others); epoch 1 follows seed 1."""
+    items = list(range(20))
+    src = D.ExampleSource(items, 4, lambda xs: xs, seed=0)
+    first = src.next_batch() + src.next_batch()
+    resumed = D.ExampleSource(items, 4, lambda xs: xs, seed=1)
+    resumed.load_state_dict(src.state_dict())
+    rest = [x for _ in range(3) for x in resumed.next_batch()]
+    assert sorted(first + rest) == items
+    fresh = D.ExampleSource(items, 4, lambda xs: xs, seed=1)
+    fresh.load_state_dict({"epoch": 1, "pos": 0})  # epoch 1 in seed 1's order
+    assert [x for _ in range(5) for x in resumed.next_batch()] == [x for _ in range(5) for x in fresh.next_batch()]
+
+
+def test_a_resume_mid_epoch_over_other_items_or_packing_is_refused():
+    exs = _examples(11)
+
+    def source(n=11, pack=48):
+        return D.ExampleSource(exs[:n], 2, lambda rows: rows, seed=3, pack_len=pack)
+
+    src = source()
+    src.next_batch()
+    mid = src.state_dict()
+    for other in (source(n=10), source(pack=40), source(pack=None)):
+        with pytest.raises(DataError, match=r"the checkpoint is 2 of \d+ rows into epoch 0 of 11 training examples "
+                                            r"packed to 48 tokens, but the data is now"):
+            other.load_state_dict(mid)
+    while src.pos < len(src._epoch_units()):
+        src.next_batch()
+    other = source(pack=40)
+    other.load_state_dict(src.state_dict())  # at the epoch's end: the next starts over the new data
+    assert (other.epoch, other.pos) == (1, 0) and other.next_batch() == other._epoch_units()[:2]
+
+
 def test_packing_fills_rows_like_trl_best_fit_decreasing():
     datasets = pytest.importorskip("datasets")
     trl_data = pytest.importorskip("trl.data_utils")

@@ -68,3 +68,17 @@ def test_bad_mixtures_are_refused():
         DataConfig(sources=src, phases=(PhaseConfig(start=0.5, weights=(1.0,)),))
     with pytest.raises(ConfigError, match="replaces data.train"):
         DataConfig(train=("y",), sources=src, phases=(PhaseConfig(weights=(1.0,)),))
+
+
+def test_a_resume_with_another_grad_accum_keeps_the_phases_at_their_steps(tmp_path):
+    """Stopped at step 4 with grad_accum 1 and resumed with 2: phase 1 still starts at step 6 (the mixture
+    counted steps as batches drawn // grad_accum, so the 4 batches drawn read as step 2 and every later phase
+    started late)."""
+    cfg = _mixed(tmp_path, "run", grad_accum=1)
+    fit_interrupted_at(Trainer(cfg), 4)
+    res = Trainer(dataclasses.replace(cfg, grad_accum=2)).fit()
+    rows = [r for r in res.history if r["step"] > 4 and "mix_phase" in r]
+    assert [r["step"] for r in rows] == [5, 6, 7, 8, 9, 10]
+    assert [r["mix_phase"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    hq = [r["tokens/hq"] for r in rows]
+    assert [b - a for a, b in zip(hq[1:], hq[2:])] == [2 * 8 * 32] * 4  # steps 7-10: every row from hq

@@ -6,6 +6,7 @@ Run directory layout (output.dir):
     rejected/p<phase>-<shard>.jsonl    rejected documents: id, metadata, drop reason
     _work/p<phase>/<shard>.jsonl       documents between phases (deleted when the run completes)
     _work/p<phase>/<shard>.done.json   completion marker + that shard's statistics
+    _token_files/<shard>.bin.json      a token shard the tokenize stage writes, recorded before it is written
     report.json / report.md / report.png
 
 A shard whose marker exists is skipped, so a killed run resumes where it stopped; markers are written
@@ -28,6 +29,7 @@ from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inpu
 from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
+from lmforge.data.tokenize import RECORDS, recorded_token_files
 from lmforge.data.writers import write_docs, write_jsonl
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.utils import check_output_path, process_pool, remove_stale_temps, write_json_atomic
@@ -139,7 +141,7 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
 
 
 # what a run writes directly in output.dir, in the order --restart removes them (see run_entries)
-RUN_NAMES = ("_work", "data", "rejected", "report.json", "report.md", "report.png", "pipeline.json")
+RUN_NAMES = ("_work", "data", "rejected", "report.json", "report.md", "report.png", RECORDS, "pipeline.json")
 
 
 def token_dirs(cfg: PipelineConfig) -> list[tuple[str, Path]]:
@@ -150,13 +152,25 @@ def token_dirs(cfg: PipelineConfig) -> list[tuple[str, Path]]:
 
 def run_entries(cfg: PipelineConfig) -> list[Path]:
     """What a run writes in output.dir (the layout above, plus the tokenize stage's out_dir when that lies inside
-    output.dir), in the order --restart removes them: the markers first (a shard without one is redone) and
-    pipeline.json last, so that a --restart cut short leaves a directory the next run still recognises (and
-    checks) as this run's. A token directory outside output.dir (absolute, or '../tokens') is not the run's to
-    remove: it may hold other corpora's shards (the run's own there are replaced when it writes them again)."""
+    output.dir), in the order --restart removes them: the markers first (a shard without one is redone), then the
+    token shard records and pipeline.json last, so that a --restart cut short leaves a directory the next run still
+    recognises (and checks) as this run's, with its token shards still named. A token directory outside output.dir
+    (absolute, or '../tokens') is not the run's to remove: it may hold other corpora's shards; the run's own there
+    are the recorded ones (`remove_token_files`)."""
     root = Path(cfg.output.dir)
     inside = [d for _, d in token_dirs(cfg) if d.resolve().is_relative_to(root.resolve())]
-    return [root / n for n in RUN_NAMES[:-1]] + inside + [root / RUN_NAMES[-1]]
+    return [root / n for n in RUN_NAMES[:-2]] + inside + [root / n for n in RUN_NAMES[-2:]]
+
+
+def remove_token_files(root: Path) -> None:
+    """Remove the token shards the earlier run in `root` recorded (`recorded_token_files`), and their killed
+    writers' temporaries, wherever its token directory was, and nothing else there. Rewriting them is not enough:
+    the local executor names a shard after its input shard, so one the new run no longer has (fewer inputs) would
+    stay; the Ray executor names each after a random batch id, so training on the directory would read both runs."""
+    paths = recorded_token_files(root)
+    remove_stale_temps(paths)
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _check_writable(path: Path, name: str) -> None:
@@ -246,6 +260,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
                           "its files there; choose an output.dir apart from the inputs")
     orphan = None if saved.is_file() else _orphan_output(cfg)
     if restart:
+        remove_token_files(root)  # before the records that name them go with the run's entries
         for entry in run_entries(cfg):  # only what a run writes: other files in the directory stay
             if entry.is_dir():
                 shutil.rmtree(entry)
@@ -307,7 +322,7 @@ def _outputs(cfg: PipelineConfig, layout: RunLayout, shards: list[str]) -> list[
     for p in range(layout.n_phases):
         out += [f(p, s) for s in shards for f in (layout.live, layout.marker, layout.rejected)]
     for _, tokens in token_dirs(cfg):
-        out += [tokens / f"{s}.bin" for s in shards]
+        out += [tokens / f"{s}.bin" for s in shards] + [layout.root / RECORDS / f"{s}.bin.json" for s in shards]
     return out
 
 

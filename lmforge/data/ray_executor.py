@@ -76,6 +76,8 @@ class _MapPhase:
         rows = batch.to_pylist()
         passthrough = [r for r in rows if r["kind"] != "doc" or r["drop"]]
         live = [row_doc(r) for r in rows if r["kind"] == "doc" and not r["drop"]]
+        # a batch is no input shard, so its token shard gets a random name: the tokenize stage records each in
+        # output.dir before writing it, and --restart removes those (`remove_token_files`)
         ctx = StageContext(shard=f"ray-{uuid.uuid4().hex[:12]}", workdir=Path(self.cfg.output.dir))
         dropped, records = [], []
         for (spec, scfg), label in zip(self.stages, self.labels):

@@ -1,10 +1,12 @@
 """Tokenization into the trainer's memory-mapped token shards (`lmforge.data.shards`): the pipeline's
 `tokenize` stage (one token shard per pipeline shard, documents separated by the tokenizer's end-of-text
-id), and `tokenize_to_shards`, the one-call public way from text files to train.bin / val.bin."""
+id), the record of the shards a run wrote (`recorded_token_files`), and `tokenize_to_shards`, the one-call public
+way from text files to train.bin / val.bin."""
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,6 +15,13 @@ from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.shards import TokenShardWriter
 from lmforge.data.stage import StageContext, reject_error
+from lmforge.errors import ConfigError
+from lmforge.utils import write_json_atomic
+
+# the folder of the stage's workdir (output.dir) where each token shard is recorded before it is written: the token
+# directory may lie outside output.dir beside other corpora's shards, so --restart removes exactly the files named
+# here, and a shard a killed run began is named too
+RECORDS = "_token_files"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,8 +29,9 @@ class TokenizeConfig:
     """tokenizer: a spec for `lmforge.tokenizer.load.load_tokenizer` ("byte", a tokenizer directory or file
     in any format it reads);
     out_dir: where `<shard>.bin` files go (relative to the pipeline's output directory): a directory of its own,
-    not the output directory, one above it, or one of the run's own (data/, rejected/); --restart removes it only
-    when it lies inside the output directory."""
+    not the output directory, one above it, or one of the run's own (data/, rejected/); --restart removes the
+    earlier run's shards there (`recorded_token_files`), and the directory itself only when it lies inside the
+    output directory."""
 
     tokenizer: str = "byte"
     out_dir: str = "tokens"
@@ -47,11 +57,13 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
     """Write the batch's documents to `<out_dir>/<shard>.bin` in one go; records `meta.num_tokens`. A
     document's text is ordinary text: a special token's string in it (web text may hold `<|endoftext|>`) is
     encoded as text, never as the separator. A document that cannot be encoded is rejected
-    (`error:tokenize`) and the others are written: the shard holds exactly the documents kept."""
+    (`error:tokenize`) and the others are written: the shard holds exactly the documents kept. The shard is
+    recorded in `<workdir>/_token_files/` before it is written (`recorded_token_files`)."""
     tok = _tokenizer(cfg.tokenizer)
     encode = getattr(tok, "encode_ordinary", tok.encode)
     sep = getattr(tok, "eot_id", None) if cfg.doc_sep else None
     path = cfg.shard_dir(ctx.workdir) / f"{ctx.shard}.bin"
+    write_json_atomic(Path(ctx.workdir) / RECORDS / f"{path.name}.json", {"out_dir": cfg.out_dir, "file": path.name})
     encoded = []
     for d in docs:
         try:
@@ -64,6 +76,24 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
             d.meta["num_tokens"] = len(ids)
     ctx.count("tokenize.tokens", w.num_tokens)
     return docs
+
+
+def recorded_token_files(workdir: str | Path) -> list[Path]:
+    """The token shards the run in `workdir` (output.dir) wrote or began to write, wherever its out_dir was
+    (relative paths resolve from `workdir`, as the stage resolved them). Each record names one `.bin` file in its
+    out_dir; one naming anything else is refused rather than followed (--restart removes what is listed)."""
+    folder = Path(workdir) / RECORDS
+    if not folder.is_dir():
+        return []
+    out = []
+    for rec in sorted(folder.glob("*.bin.json")):
+        entry = json.loads(rec.read_text())
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if f"{name}.json" != rec.name:  # (the glob: a bare name ending .bin)
+            raise ConfigError(f"token shard record {rec} names {name!r}, not the token shard it is named after; "
+                              f"remove the record (or {folder}) by hand if it is not the run's")
+        out.append(TokenizeConfig(out_dir=str(entry["out_dir"])).shard_dir(Path(workdir)) / name)
+    return out
 
 
 def tokenize_to_shards(inputs: str | Path | Iterable[str | Path], tokenizer: Any, out_dir: str | Path, *,

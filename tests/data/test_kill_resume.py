@@ -152,8 +152,8 @@ def test_rerun_removes_killed_writers_temporaries_and_nothing_else(tmp_path, mon
     for f in others:
         f.unlink()
     assert _files(run) == _fresh(tmp_path, inputs)
-    assert sorted(f.name for f in run.iterdir()) == ["_work", "data", "pipeline.json", "rejected", "report.json",
-                                                     "report.md", "report.png", "tokens"]
+    assert sorted(f.name for f in run.iterdir()) == ["_token_files", "_work", "data", "pipeline.json", "rejected",
+                                                     "report.json", "report.md", "report.png", "tokens"]
 
 
 def test_report_png_appears_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -13,10 +13,18 @@ from lmforge.data.pipeline import load_pipeline
 from lmforge.data.readers import read_documents
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own deprecated settings
-def test_ray_matches_local(tmp_path, web_html):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One small local Ray for the module's tests (starting one takes most of their time)."""
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'lmforge[ray]')")
     pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own deprecated settings
+def test_ray_matches_local(tmp_path, web_html, local_ray):
     (tmp_path / "extra.jsonl").write_text(json.dumps({"id": "j1", "text": "bad json follows"}) + "\n{oops\n")
     pages = sorted(web_html.glob("*.html"))[:10]
     paths = ", ".join(f'"{p}"' for p in pages)
@@ -44,29 +52,25 @@ stage = "tokenize"
     local = run_local(cfg)
     from lmforge.data.ray_executor import run_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        rcfg = dataclasses.replace(cfg, executor="ray",
-                                   output=dataclasses.replace(cfg.output, dir=str(tmp_path / "ray")))
-        remote = run_ray(rcfg, batch_size=5)  # small batches: the read rows come back among the first phase's
-        kept = lambda d: sorted((x.id, x.text) for f in (d / "data").glob("*") for x in read_documents(f))  # noqa: E731
-        first = kept(tmp_path / "ray")
-        # no markers to resume from: a second run into the same directory is refused (it wrote every document
-        # again beside the first run's), and --restart redoes it
-        with pytest.raises(ConfigError, match="earlier run's output .* cannot resume one; rerun with --restart"):
-            run_ray(rcfg)
-        again = run_ray(rcfg, restart=True)
-        # one map stage over small batches: the read rows came back after that stage's and the report listed it
-        # first (an order that depended on the batching)
-        for f in range(3):
-            lines = [json.dumps({"id": f"{f}-{i}", "text": f"doc {f} {i}"}) + "\n" for i in range(20)]
-            (tmp_path / f"g{f}.jsonl").write_text("".join(lines))
-        (tmp_path / "g.toml").write_text(f'workers = 2\nprogress = false\n[input]\npaths = ["{tmp_path}/g*.jsonl"]'
-                                         f'\n[output]\ndir = "{tmp_path / "g"}"\nplot = false\n'
-                                         '[[stages]]\nstage = "gopher"\n')
-        gopher = run_ray(load_pipeline(tmp_path / "g.toml", executor="ray"), batch_size=5)
-    finally:
-        ray.shutdown()
+    rcfg = dataclasses.replace(cfg, executor="ray",
+                               output=dataclasses.replace(cfg.output, dir=str(tmp_path / "ray")))
+    remote = run_ray(rcfg, batch_size=5)  # small batches: the read rows come back among the first phase's
+    kept = lambda d: sorted((x.id, x.text) for f in (d / "data").glob("*") for x in read_documents(f))  # noqa: E731
+    first = kept(tmp_path / "ray")
+    # no markers to resume from: a second run into the same directory is refused (it wrote every document
+    # again beside the first run's), and --restart redoes it
+    with pytest.raises(ConfigError, match="earlier run's output .* cannot resume one; rerun with --restart"):
+        run_ray(rcfg)
+    again = run_ray(rcfg, restart=True)
+    # one map stage over small batches: the read rows came back after that stage's and the report listed it
+    # first (an order that depended on the batching)
+    for f in range(3):
+        lines = [json.dumps({"id": f"{f}-{i}", "text": f"doc {f} {i}"}) + "\n" for i in range(20)]
+        (tmp_path / f"g{f}.jsonl").write_text("".join(lines))
+    (tmp_path / "g.toml").write_text(f'workers = 2\nprogress = false\n[input]\npaths = ["{tmp_path}/g*.jsonl"]'
+                                     f'\n[output]\ndir = "{tmp_path / "g"}"\nplot = false\n'
+                                     '[[stages]]\nstage = "gopher"\n')
+    gopher = run_ray(load_pipeline(tmp_path / "g.toml", executor="ray"), batch_size=5)
     assert remote["balance"] == local["balance"] and local["balance"]["input_docs"] == 12
     strip = lambda st: [{k: v for k, v in s.items() if k != "seconds"} for s in st]  # noqa: E731
     assert strip(remote["stages"]) == strip(local["stages"]) == strip(again["stages"])
@@ -74,3 +78,30 @@ stage = "tokenize"
     assert [st["name"] for st in gopher["stages"]] == ["read", "gopher"]
     tokens = lambda d: sum(f.stat().st_size > 0 for f in (d / "tokens").glob("*.bin"))  # noqa: E731
     assert tokens(tmp_path / "ray") >= 1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_restart_removes_its_own_token_shards_outside_output_dir(tmp_path, local_ray):
+    """Ray names each token shard after a random batch id, so --restart into a token directory outside output.dir
+    (left alone: other corpora's shards may lie there) replaced none of the earlier run's: the directory held both
+    runs' shards and training on it read every document twice (found 2026-12-05). Now exactly this run's go."""
+    from lmforge.data.ray_executor import run_ray
+    from lmforge.data.shards import TokenFile
+
+    for i in range(3):
+        (tmp_path / f"{i}.jsonl").write_text(json.dumps({"id": f"d{i}", "text": f"document number {i}"}) + "\n")
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "other-corpus.bin").write_bytes(b"theirs")
+    (tmp_path / "p.toml").write_text(f'progress = false\nexecutor = "ray"\n[input]\npaths = ["{tmp_path}/*.jsonl"]'
+                                     f'\n[output]\ndir = "{tmp_path / "run"}"\nplot = false\n'
+                                     '[[stages]]\nstage = "tokenize"\nout_dir = "../tokens"\n')
+    first = run_ray(load_pipeline(tmp_path / "p.toml"), batch_size=1)
+    before = {f.name for f in tokens.glob("ray-*.bin")}
+    (tmp_path / "2.jsonl").unlink()
+    again = run_ray(load_pipeline(tmp_path / "p.toml"), batch_size=1, restart=True)
+    after = {f.name for f in tokens.glob("ray-*.bin")}
+    assert before and after and not before & after
+    assert (tokens / "other-corpus.bin").read_bytes() == b"theirs" and len(list(tokens.iterdir())) == len(after) + 1
+    assert sum(len(TokenFile(tokens / f)) for f in after) == again["counters"]["tokenize.tokens"]
+    assert 0 < again["counters"]["tokenize.tokens"] < first["counters"]["tokenize.tokens"]

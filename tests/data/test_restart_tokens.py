@@ -1,0 +1,91 @@
+"""--restart and a tokenize out_dir outside output.dir (beside other corpora's shards): the earlier run's token shards
+there go, wherever they are and however the run ended, and nothing else there does (the Ray executor's case is in
+test_ray.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lmforge.data.tokenize as tokenize_mod
+from lmforge.data.executor import run_local
+from lmforge.data.pipeline import load_pipeline
+from lmforge.data.shards import TokenFile
+from lmforge.errors import ConfigError
+from lmforge.utils import temp_name
+
+OTHERS = {"other-corpus.bin": b"theirs", "shard-00009.bin": b"another run's shard, named like ours"}
+
+
+def _setup(tmp_path: Path, n_inputs: int = 3) -> tuple[Path, Path]:
+    """n one-document inputs, a pipeline tokenizing them into ../tokens, which holds another corpus's files."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(n_inputs):
+        (inputs / f"{i}.jsonl").write_text(json.dumps({"id": f"d{i}", "text": f"document number {i}"}) + "\n")
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for name, data in OTHERS.items():
+        (tokens / name).write_bytes(data)
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{inputs}"]\n[output]\ndir = "{tmp_path / "run"}"\n'
+                 'plot = false\n[[stages]]\nstage = "tokenize"\nout_dir = "../tokens"\n')
+    return p, tokens
+
+
+def _theirs_untouched(tokens: Path) -> bool:
+    return all((tokens / name).read_bytes() == data for name, data in OTHERS.items())
+
+
+def test_restart_with_fewer_inputs_removes_the_earlier_runs_token_shards_outside_output_dir(tmp_path):
+    """A run over 3 inputs, then --restart over 2: the third input's shard stayed in the token directory (found
+    2026-12-05: --restart left a directory outside output.dir alone, and only same-named shards were replaced), so
+    training on its *.bin read a document the corpus no longer had."""
+    p, tokens = _setup(tmp_path)
+    run_local(load_pipeline(p))
+    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, "shard-00000.bin", "shard-00001.bin",
+                                                               "shard-00002.bin"])
+    (tmp_path / "in" / "2.jsonl").unlink()
+    report = run_local(load_pipeline(p), restart=True)
+    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, "shard-00000.bin", "shard-00001.bin"])
+    assert _theirs_untouched(tokens)
+    mine = sum(len(TokenFile(tokens / f"shard-0000{i}.bin")) for i in range(2))
+    assert mine == report["counters"]["tokenize.tokens"] > 0
+
+
+def test_restart_removes_the_shard_a_killed_run_was_writing(tmp_path, monkeypatch):
+    """A run killed (kill -9: no cleanup) while its third token shard was being written left that shard's
+    temporary in the token directory; --restart over 2 inputs removes it, as the shard was recorded before its
+    writer started."""
+    p, tokens = _setup(tmp_path)
+    real = tokenize_mod.TokenShardWriter
+
+    def killed_at_third(path, **kwargs):
+        if Path(path).name == "shard-00002.bin":
+            temp_name(Path(path)).write_bytes(b"half a shard")
+            raise SystemExit("killed")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(tokenize_mod, "TokenShardWriter", killed_at_third)
+    with pytest.raises(SystemExit):
+        run_local(load_pipeline(p))
+    monkeypatch.undo()
+    assert any(f.name.startswith(".shard-00002.bin.") for f in tokens.iterdir())
+    (tmp_path / "in" / "2.jsonl").unlink()
+    run_local(load_pipeline(p), restart=True)
+    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, "shard-00000.bin", "shard-00001.bin"])
+    assert _theirs_untouched(tokens)
+
+
+def test_a_token_shard_record_naming_another_file_is_refused(tmp_path):
+    """--restart removes what the records name: one edited to name a file other than its own shard is refused
+    rather than followed."""
+    p, tokens = _setup(tmp_path, n_inputs=1)
+    run_local(load_pipeline(p))
+    record = tmp_path / "run" / "_token_files" / "shard-00000.bin.json"
+    record.write_text(json.dumps({"out_dir": "../tokens", "file": "other-corpus.bin"}))
+    with pytest.raises(ConfigError, match="names 'other-corpus.bin', not the token shard it is named after"):
+        run_local(load_pipeline(p), restart=True)
+    assert _theirs_untouched(tokens)

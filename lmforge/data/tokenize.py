@@ -15,7 +15,7 @@ from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.shards import TokenShardWriter
 from lmforge.data.stage import StageContext, reject_error
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.utils import write_json_atomic
 
 # the folder of the stage's workdir (output.dir) where each token shard is recorded before it is written: the token
@@ -70,10 +70,15 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
             encoded.append((d, encode(d.text)))
         except Exception as e:  # noqa: BLE001  (a pathological document; the stage goes on without it)
             reject_error(d, "tokenize", e)
-    with TokenShardWriter(path, vocab_size=tok.vocab_size, tokenizer=cfg.tokenizer, doc_sep=sep) as w:
-        for d, ids in encoded:
-            w.add_document(ids)
-            d.meta["num_tokens"] = len(ids)
+    try:
+        with TokenShardWriter(path, vocab_size=tok.vocab_size, tokenizer=cfg.tokenizer, doc_sep=sep) as w:
+            for d, ids in encoded:
+                w.add_document(ids)
+                d.meta["num_tokens"] = len(ids)
+    except OSError as e:  # no document's fault: retried document by document (run_stage), each retry rewrote the
+        # shard with its one document, and the others were lost while counted as kept
+        raise DataError(f"tokenize: cannot write the token shard {path}: {e.strerror or e}; fix that and run "
+                        "again (the shards finished before are kept)") from e
     ctx.count("tokenize.tokens", w.num_tokens)
     return docs
 

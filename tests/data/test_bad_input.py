@@ -274,26 +274,28 @@ def test_a_tokenize_out_dir_under_a_read_only_directory_is_refused(tmp_path):
 
 
 def test_a_stage_that_rejects_every_document_as_an_error_fails_the_run(tmp_path, monkeypatch, capsys):
-    """A stage failing on every document (here the token writer, as on a disk that refuses writes) rejected each
-    as error:<stage>, and the run ended "balanced" with exit 0 and nothing kept. Now the report is written and
+    """A stage failing on every document (here a tokenizer that cannot encode any) rejected each as
+    error:<stage>, and the run ended "balanced" with exit 0 and nothing kept. Now the report is written and
     the run fails with one line naming the stage and the first error; a filter dropping everything passes."""
     import pytest
 
     from lmforge.cli import main
-    from lmforge.data import shards
+    from lmforge.data import tokenize
     from lmforge.errors import LmforgeError
 
-    def refuse(self, path, **kw):
-        raise OSError(28, "No space left on device", str(path))
+    class Broken:
+        vocab_size, eot_id = 257, 256
 
-    monkeypatch.setattr(shards.TokenShardWriter, "__init__", refuse)
+        def encode(self, text):
+            raise ValueError("cannot encode")
+
+    monkeypatch.setattr(tokenize, "_tokenizer", lambda spec: Broken())
     p = _tokenize_into(tmp_path, Path("tokens"))
-    bin_path = tmp_path / "out" / "tokens" / "shard-00000.bin"
     with pytest.raises(LmforgeError) as e:
         run_local(load_pipeline(p))
-    assert str(e.value) == (f"stage 'tokenize' rejected every document it was given (2) as error:tokenize; the "
-                            f"first: tokenize: OSError: [Errno 28] No space left on device: '{bin_path}'. Fix that, "
-                            f"then rerun with --restart (the report is in {tmp_path / 'out' / 'report.md'})")
+    assert str(e.value) == ("stage 'tokenize' rejected every document it was given (2) as error:tokenize; the "
+                            "first: tokenize: ValueError: cannot encode. Fix that, then rerun with --restart (the "
+                            f"report is in {tmp_path / 'out' / 'report.md'})")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["balance"]["rejected_docs"] == 2
     assert main(["data", "run", str(p)]) == 2  # resumed from the markers: the same failure, one line
     err = capsys.readouterr().err
@@ -303,3 +305,36 @@ def test_a_stage_that_rejects_every_document_as_an_error_fails_the_run(tmp_path,
 
     report, rejected = _run(tmp_path, "filtered", '[[stages]]\nstage = "gopher"\n')  # too short: a decision
     assert report["balance"]["kept_docs"] == 0 and {d.drop for d in rejected} == {"gopher:word_count"}
+
+
+def test_a_token_shard_that_cannot_be_written_fails_the_run_and_loses_no_document(tmp_path, monkeypatch, capsys):
+    """A token writer failing (a full disk) is no document's fault: the stage was retried document by document,
+    each retry rewrote the shard with its one document, and a writer failing once kept only the last document
+    while counting every one as kept. Now the run fails in one line before the shard is marked done, and a
+    rerun writes every document."""
+    import pytest
+
+    from lmforge.cli import main
+    from lmforge.data import shards
+    from lmforge.errors import DataError
+
+    real, calls = shards.TokenShardWriter.__init__, []
+
+    def full_once(self, path, **kw):  # the batch's write fails, later (per-document) ones succeed
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device", str(path))
+        real(self, path, **kw)
+
+    monkeypatch.setattr(shards.TokenShardWriter, "__init__", full_once)
+    p = _tokenize_into(tmp_path, Path("tokens"))
+    bin_path = tmp_path / "out" / "tokens" / "shard-00000.bin"
+    with pytest.raises(DataError) as e:
+        run_local(load_pipeline(p))
+    assert str(e.value) == (f"tokenize: cannot write the token shard {bin_path}: No space left on device; fix that "
+                            "and run again (the shards finished before are kept)")
+    assert len(calls) == 1
+    monkeypatch.undo()
+    assert main(["data", "run", str(p)]) == 0  # the shard was not marked done: redone whole
+    capsys.readouterr()
+    assert shards.TokenFile(bin_path).tokens.size == len("one doc") + len("two doc") + 2  # both, with separators

@@ -35,6 +35,7 @@ def test_score_equals_lm_eval_hf_loglikelihood(tmp_path):
              (text[5000:5400], text[5400:5460]),                  # "\nW" + "hat": a merge across the boundary
              (text[:2000], " hear me speak."),                    # 500+ tokens: lm-eval's window of 65
              ("", "First Citizen"),                              # empty context: the end-of-text token
+             ("", "<|endoftext|>First Citizen"),                 # ... or the continuation's own first token
              ("x", text[300:480])]                                # a 58-token continuation
     want = ref.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
     got = LLM(model, tok).score(pairs)

@@ -13,7 +13,6 @@ from lmforge.infer.sampler import logprob_entries, token_logprobs
 from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer.byte import ByteTokenizer
 
-from ..conftest import shared_data
 from .infer_helpers import tiny_model
 
 CTX = [65, 66, 67]
@@ -63,25 +62,3 @@ def test_empty_context_with_a_leading_end_of_text_token_is_not_doubled():
     assert got[2] == llm.score([([eot], [72, 105])])[0]  # an empty context stands for the end-of-text token
     with pytest.raises(LmforgeError, match="only the end-of-text"):
         llm.score([([], [eot])])
-
-
-def test_empty_context_equals_lm_eval_when_the_continuation_opens_with_end_of_text(tmp_path):
-    pytest.importorskip("lm_eval", reason="lm-eval is the reference here (pip install lm-eval)")
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from lmforge.tokenizer.load import load_tokenizer
-
-    tok = load_tokenizer(shared_data("gpt2"))
-    model = tiny_model("llama", vocab_size=50257, init_std=0.3, max_seq_len=64)
-    model.save_pretrained(tmp_path)
-    tok.save_hf(tmp_path)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    ref = HFLM(pretrained=hf, tokenizer=hf_tok, max_length=64, batch_size=1, device="cpu")
-    pairs = [("", "<|endoftext|>Hello world"), ("", "Hello world")]
-    want = ref.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
-    got = LLM(model, tok).score(pairs)
-    assert [g for _, g in got] == [g for _, g in want]
-    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)

@@ -134,6 +134,9 @@ def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:
     want = config.kernel_step
     if want is False:
         return False
+    gpu = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    if not (want or gpu):  # decided before importing Triton (~0.5 s that a CPU process never uses)
+        return False
     from lmforge.infer.graphs import kernel_step_available
 
     why = kernel_step_available()
@@ -143,8 +146,7 @@ def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:
         why = unsupported(model)
     if want and why is not None:
         raise ConfigError(f"kernel_step=True, but the batch-1 kernel step cannot run: {why}")
-    gpu = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    return why is None and (want or gpu)
+    return why is None
 
 
 def use_kernel_tune(config: EngineConfig, model) -> bool:
@@ -159,9 +161,11 @@ def use_fused_kernels(config: EngineConfig, device: torch.device) -> bool:
     want = config.fused_kernels
     if want is not None:
         return want
+    if device.type != "cuda":  # (before importing Triton, as use_kernel_step)
+        return False
     from lmforge.kernels.training import unsupported
 
-    return device.type == "cuda" and unsupported(device) is None
+    return unsupported(device) is None
 
 
 KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}

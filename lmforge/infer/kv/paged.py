@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
@@ -104,23 +105,28 @@ def decode_mask(context_lens: torch.Tensor, n_keys: int, window: int, first_key:
 def paged_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
                            softcap: float = 0.0, window: int = 0, sinks: torch.Tensor | None = None,
-                           probs_hook=None, first_key: int = 0, tree=None) -> torch.Tensor:
+                           probs_hook=None, first_key: int = 0, tree=None, mask: torch.Tensor | None = None
+                           ) -> torch.Tensor:
     """Plain gather-then-attend: q (B, H, hd), caches (num_blocks, block_size, KV, hd), block_tables
     (B, max_blocks) int32, context_lens (B,) int32 -> (B, H, hd). Same signature as the kernel (tree: rows of
-    a token tree, AttnMetadata.tree_rows).
+    a token tree, AttnMetadata.tree_rows), plus mask: these arguments' `decode_mask` where the caller built it
+    already (once per step for every layer: PagedKVCache.attend).
     Each kv head's G = H / KV query heads are one (G, hd) @ (hd, S) product, so keys are gathered once
     and never repeated per query head (math_attention's repeat would double the bytes at GQA 2:1)."""
     B, H, hd = q.shape
-    KV, bt = k_cache.shape[2], block_tables.long()
-    # gathered straight into (KV, B, max_blocks, bs, hd), so (KV·B) is one batch dim of both products; a cache
-    # kept narrower than the compute (bf16 or fp8 keys under an fp32 model) is read in q's dtype, as prefill does
-    k = k_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd).to(q.dtype)  # (KV·B, S, hd)
-    v = v_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd).to(q.dtype)
+    KV, bt = k_cache.shape[2], block_tables.flatten().long()
+    # whole blocks gathered along the pool's first dim (index_select: 2.5-3.4x faster on a CPU than indexing a
+    # permuted view, 2026-12-05), then laid out (KV, B, S, hd), so (KV·B) is one batch dim of both products; a
+    # cache kept narrower than the compute (bf16 or fp8 keys under an fp32 model) is read in q's dtype, as prefill does
+    k = k_cache.index_select(0, bt).view(B, -1, KV, hd).permute(2, 0, 1, 3).reshape(KV * B, -1, hd).to(q.dtype)
+    v = v_cache.index_select(0, bt).view(B, -1, KV, hd).permute(2, 0, 1, 3).reshape(KV * B, -1, hd).to(q.dtype)
     qg = q.view(B, KV, H // KV, hd).transpose(0, 1).reshape(KV * B, H // KV, hd)
     s = torch.bmm(qg, k.transpose(1, 2)).float().view(KV, B, H // KV, -1) * scale  # (KV, B, G, S)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~decode_mask(context_lens, s.shape[-1], window, first_key, tree)[None, :, 0], float("-inf"))
+    if mask is None:
+        mask = decode_mask(context_lens, s.shape[-1], window, first_key, tree)
+    s = s.masked_fill(~mask[None, :, 0], float("-inf"))
     if sinks is not None:  # one extra logit per head, dropped after the softmax
         sink = sinks.float().view(1, KV, H // KV, 1).transpose(0, 1).expand(-1, B, -1, 1)
         p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
@@ -143,6 +149,17 @@ FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasat
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """fp8 pools as their bytes: index_copy_ has no fp8 kernel (CPU, torch 2.13); moving bytes is the same move."""
     return t.view(torch.uint8) if t.dtype in FP8 else t
+
+
+def pool_zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape), zeroed lazily on a CPU: numpy's zeros come from calloc, whose pages the OS maps as
+    zeros and backs only when first written, so a pool sized for the worst case (up to 1 GiB) costs neither
+    the 1-2 s that torch.zeros takes to write every byte nor resident memory until blocks are used. Dtypes numpy
+    lacks (bf16, fp8) are allocated as integers of their width: all-zero bytes read as +0.0 in every float dtype."""
+    if device.type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    alias = {torch.bfloat16: torch.int16, **{t: torch.uint8 for t in FP8}}.get(dtype, dtype)
+    return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=alias).numpy().dtype)).view(dtype)
 
 
 def check_cache_dtype(dtype: torch.dtype) -> None:
@@ -334,8 +351,8 @@ class PagedKVCache(PagedCache):
         self.kernel = decode_kernel(self.device, decode)  # resolved once: no import per layer call
         self.prefill_kernel, self.prefill_mode = prefill_kernel(self.device, prefill), prefill
         shape = lambda l: (num_blocks, block_size, l.kv_heads, l.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(l), device=device, dtype=dtype) for l in spec.layers]
-        self.v = [torch.zeros(shape(l), device=device, dtype=dtype) for l in spec.layers]
+        self.k = [pool_zeros(shape(l), self.device, dtype) for l in spec.layers]
+        self.v = [pool_zeros(shape(l), self.device, dtype) for l in spec.layers]
 
     def pools(self) -> list[torch.Tensor]:
         return self.k + self.v
@@ -369,7 +386,10 @@ class PagedKVCache(PagedCache):
             od = self._kernel(kernel, args, kw if tree is None else {**kw, "tree": tree}) if kernel is not None else None
             if od is None:
                 rows_hook = hook and self.hook_for(layer, meta.seq_ids_host[lo:hi])
-                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook, first_key=self.first_key, tree=tree)
+                n_keys, first = width * self.block_size, self.first_key  # built once per step, window and group
+                mask = meta.derived(("decode_mask", lo, hi, n_keys, spec.window, first),
+                                    lambda: decode_mask(args[4], n_keys, spec.window, first, tree))
+                od = paged_decode_reference(*args, **kw, probs_hook=rows_hook, first_key=first, tree=tree, mask=mask)
             out[0, :, lo:hi] = od.transpose(0, 1)
         if nd < len(meta.query_lens_host):
             self._prefill(layer, q, k, v, spec, meta, out, hook)
@@ -445,8 +465,8 @@ class PagedLatentCache(PagedCache):
         check_cache_dtype(dtype)
         self.block_size, self.num_blocks, self.device = block_size, num_blocks, torch.device(device or "cpu")
         self.kernel = decode_kernel(self.device, decode, "paged_latent")
-        self.c = [torch.zeros(num_blocks, block_size, l.latent_rank, device=device, dtype=dtype) for l in spec.layers]
-        self.kr = [torch.zeros(num_blocks, block_size, l.rope_dim, device=device, dtype=dtype) for l in spec.layers]
+        self.c = [pool_zeros((num_blocks, block_size, l.latent_rank), self.device, dtype) for l in spec.layers]
+        self.kr = [pool_zeros((num_blocks, block_size, l.rope_dim), self.device, dtype) for l in spec.layers]
 
     def pools(self) -> list[torch.Tensor]:
         return self.c + self.kr

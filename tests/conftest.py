@@ -12,8 +12,10 @@ import pytest
 # read when a kernel is defined, so it must be set before lmforge.kernels is first imported
 if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" or not Path("/dev/nvidia0").exists():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# checksums lmforge.checkpoint remembers go to a fresh directory, not the user's ~/.cache
+# checksums lmforge.checkpoint remembers and the tokenizer fast-path checks lmforge.tokenizer.agreement passed go
+# to fresh directories, not the user's ~/.cache
 os.environ.setdefault("LMFORGE_HASH_CACHE", tempfile.mkdtemp(prefix="lmforge-sha256-"))
+os.environ.setdefault("LMFORGE_TOKENIZER_CACHE", tempfile.mkdtemp(prefix="lmforge-bpe-agreement-"))
 
 
 def pytest_configure(config):

@@ -4,8 +4,8 @@ the pure-Python reference, streaming and batch encoding, and loading/saving in s
 Ids: any id -> bytes table works. Encoding needs all 256 single bytes in the vocabulary. tiktoken
 merges the adjacent pair whose *concatenation* has the lowest rank, while BPE proper merges the
 earliest *pair* in the merge list; the two agree when ranks follow merge order and every token is
-built by its own merge. The fast path is used only after that is checked (see `_build_fast`), and
-falls back to the reference encoder otherwise.
+built by its own merge. The fast path is used only after that is checked (`agreement`, remembered on
+disk once passed), and falls back to the reference encoder otherwise.
 
 Unicode versions: a pattern's classes (\\p{L}, \\p{N}, \\s) are read from each regex engine's own tables. The
 reference's `regex` module knows Unicode 17; tiktoken's Rust engine an older version (4,644 code points that
@@ -27,7 +27,7 @@ from typing import AbstractSet, Collection, Iterable, Iterator, Literal
 import numpy as np
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tokenizer import formats
+from lmforge.tokenizer import agreement, formats
 from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
 from lmforge.tokenizer.formats import NORMAL_FORMS
 from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, pieces_pattern,
@@ -108,7 +108,8 @@ class Tokenizer:
                 raise ConfigError(f"token id {i} is negative")
             if i not in special_ids:
                 if b in self._by_bytes:
-                    raise ConfigError(f"token bytes {b!r} appear twice in the vocabulary (ids {self._by_bytes[b]}, {i})")
+                    raise ConfigError(f"token bytes {b!r} appear twice in the vocabulary "
+                                      f"(ids {self._by_bytes[b]}, {i})")
                 self._by_bytes[b] = i
         missing = [x for x in range(256) if bytes([x]) not in self._by_bytes]
         if missing:
@@ -171,12 +172,11 @@ class Tokenizer:
         except ValueError:  # a pattern tiktoken's engine reads otherwise (e.g. a (?x) comment running to its end)
             return None, None
         to_id = (lambda rs: rs) if rank_to_id is None else (lambda rs: [int(rank_to_id[r]) for r in rs])
-        # Each token's own bytes must come out of both encoders the same way; a token that tiktoken would
-        # build from a pair other than its merge shows up here.
-        for k, t in enumerate(made):
-            fast = enc._encode_single_piece(t) if hasattr(enc, "_encode_single_piece") else [rank_of[k]]
-            if to_id(fast) != self.reference.encode_bytes(t):
-                return None, None
+        # each token's own bytes must come out of both encoders the same way (remembered on disk once passed)
+        by = self._by_bytes
+        triples = [(by[a], by[b], by[t]) for (a, b), t in zip(self.merges, made)]
+        if not agreement.agrees(enc, made, rank_of, to_id, self.reference, triples, self._byte_ids):
+            return None, None
         return enc, rank_to_id
 
     # ---- properties ------------------------------------------------------------------------------

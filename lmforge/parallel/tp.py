@@ -24,6 +24,12 @@ from lmforge.errors import ConfigError
 from lmforge.parallel.fsdp import blocks_of
 
 
+def _plain_output(module: nn.Module, args, out):
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return out.clone() if isinstance(out, AsyncCollectiveTensor) else out
+
+
 def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_parallel: bool = False) -> nn.Module:
     """Shard an lmforge Transformer over the 1-D `tp_mesh` in place."""
     from torch.distributed.tensor import Replicate, Shard
@@ -44,6 +50,10 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = True, loss_
     # a pipeline stage lacks the embedding or the head
     present = {k: v for k, v in top.items() if v is not None and getattr(model, k, None) is not None}
     parallelize_module(model, tp_mesh, present)
+    if "tok_emb" in present:  # its row-parallel output is an AsyncCollectiveTensor (a reduce not yet waited on):
+        # fed to a compiled first block, the compiled backward returned no gradient for it (tp alone crashed in
+        # DTensor's backward; with FSDP the embedding silently got none). A clone waits and keeps the autograd link
+        model.tok_emb.register_forward_hook(_plain_output)
     if cfg.tie_embeddings and "tok_emb" in present and "lm_head" in present:
         # both plans shard the (vocab, d) matrix by vocabulary rows (Shard(0)), but each module got its own
         # DTensor copy: tie the head back to the embedding's, so one parameter gets both gradients (Megatron)

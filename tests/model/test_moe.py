@@ -381,3 +381,31 @@ def test_expert_counts_compiled_equal_bincount():
     compiled = torch.compile(lambda i: _count(i, 8), fullgraph=True)
     for got in (_count(ids, 8), compiled(ids)):
         assert got.dtype == torch.long and torch.equal(got, torch.bincount(ids, minlength=8))
+
+
+def test_compiled_loop_gemm_moe_compiles_once_whatever_the_routing():
+    """A compiled fp32 MoE on the loop GEMM ('auto' on a CPU): the frame after counts.tolist()'s graph break
+    guarded on every expert's count and recompiled at each new routing, up to dynamo's recompile limit (found
+    2026-12-05). The loop now runs outside the graph: as many graphs after 8 steps as after 2."""
+    from torch._dynamo.utils import counters
+
+    from lmforge.model.config import ModelConfig, MoEConfig
+    from lmforge.model.transformer import Transformer
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, mlp="moe",
+                                moe=MoEConfig(n_experts=4, top_k=2, n_shared=1, score="sigmoid", expert_bias=True)))
+    for b in m.blocks:
+        b.compile(backend="aot_eager")  # dynamo's guards and graphs are tested, not Inductor's code
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    graphs = []
+    for step in range(8):
+        x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(step))
+        m(x).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[1] == graphs[-1], graphs

@@ -213,6 +213,10 @@ class TrainConfig(LoopConfig):
         check(self.parallel.pp == 1 or not (moe or self.model.mtp is not None),
               f"parallel.pp={self.parallel.pp} runs the plain LM loss through the pipeline schedule, which would "
               f"drop this model's {'MoE balancing' if moe else 'MTP'} loss; set parallel.pp=1 (use dp_shard/tp)")
+        check(self.parallel.pp == 1 or not self.compile,
+              f"compile = true compiles the model and loss as one, which the pipeline's stages (parallel.pp="
+              f"{self.parallel.pp}) never run: it compiled nothing; set compile = false and [parallel] compile = true "
+              "to compile each stage's blocks")
         if self.parallel.world_size > 1:  # the layout's fit to the model and batch, before any process starts
             self.parallel.validate(self.parallel.world_size, self.model, seq_len=self.data.seq_len,
                                    batch_size=self.data.batch_size)

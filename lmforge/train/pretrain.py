@@ -141,6 +141,12 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
 
         warn_caller(f"parallel.activation_checkpoint={cfg.parallel.activation_checkpoint!r} is applied by the parallel "
                     "runner, which one process does not use: training without it (launch with --nproc N)")
+    if runner is None and cfg.parallel.compile:
+        from lmforge.errors import warn_caller
+
+        warn_caller("parallel.compile = true compiles each block in the parallel runner, which one process does not "
+                    "use: training uncompiled; set compile = true to compile the model on one process (or launch "
+                    "with --nproc N)")
     evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
                             token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token, runner)
     optimizer = build_optimizer(model, cfg.optim)

@@ -302,6 +302,13 @@ def test_settings_one_process_or_a_tied_head_would_ignore_say_so(tmp_path):
     shard = make_shard(tmp_path / "t.bin")
     with pytest.warns(UserWarning, match="activation_checkpoint='full' is applied by the parallel runner"):
         Trainer(tiny_config(shard, tmp_path / "ac", parallel=ParallelConfig(activation_checkpoint="full")))
+    with pytest.warns(UserWarning, match=r"parallel.compile = true compiles each block in the parallel runner, which "
+                      "one process does not use: training uncompiled; set compile = true"):  # (it said nothing)
+        Trainer(tiny_config(shard, tmp_path / "pc", parallel=ParallelConfig(compile=True)))
+    with pytest.raises(ConfigError, match=r"^compile = true compiles the model and loss as one, which the pipeline's "
+                       r"stages \(parallel.pp=2\) never run: it compiled nothing; set compile = false and \[parallel\] "
+                       "compile = true"):
+        tiny_config(shard, tmp_path / "pp", compile=True, parallel=ParallelConfig(pp=2))
     tied = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, tie_embeddings=True)
     with pytest.warns(UserWarning, match="optim.head_lr has no effect with model.tie_embeddings"):
         tiny_config(shard, tmp_path / "t", model=tied, optim=dict(lr=1e-3, head_lr=1e-2))

@@ -135,7 +135,9 @@ def test_score_is_lm_eval_loglikelihood(tok):
     refs += [(context, c) for c in choices]
     assert llm.engine.stats()["prefix_hit_blocks"] >= 2 * ((len(context) - 1) // 4)
     roomy = LLM(model, tok, config=EngineConfig(block_size=4))  # all pairs fit one step's budget at once
-    assert roomy.score([(context, c) for c in choices]) == pytest.approx(got[-3:], abs=1e-5)
+    roomy_got = roomy.score([(context, c) for c in choices])  # (approx compares (float, bool) pairs exactly)
+    assert [g for _, g in roomy_got] == [g for _, g in got[-3:]]
+    assert [lp for lp, _ in roomy_got] == pytest.approx([lp for lp, _ in got[-3:]], abs=1e-5)
     assert roomy.engine.stats()["prefix_hit_blocks"] == 2 * (len(context) // 4)  # the first computed it
     for (ctx, cont), (lp, is_greedy) in zip(refs, got):
         logp = full_logprobs(model, (ctx + cont)[:-1])[len(ctx) - 1:]  # the last token is only a target

@@ -36,6 +36,12 @@ from .test_rl_seam import GRPO, TOL, Checks, CountTokenizer, Rollouts, collate, 
 PARTS = 2  # the global batch's prompts in 2 parts, each with its own seed: rank r of 2 samples part r
 STEPS = 3
 ATOL = 1e-4  # weights: the ranks' gradients are summed in another order than one process's (as in tests/train)
+OPT_EPS = 1.0
+"""AdamW's eps = 1 makes its step nearly linear in the gradients (as tests/parallel/layouts.OPT_LINEAR): with the
+default 1e-8, a parameter with a near-zero gradient steps by ~lr times the sign of its last-bit noise, which the
+ranks' summation order flips - on an AVX2 EPYC the weights then parted by 1.05e-3 and the rollouts' log-probs by
+4.8e-4 (2026-12-05, at the code that passed on another machine), a comparison of Adam's sign of noise, not of
+the gradients"""
 TASK = Counting(alphabet="ab", length=(1, 3))
 LORA = LoRAConfig(r=2, alpha=4.0, targets=("wq", "wv"))
 
@@ -105,7 +111,8 @@ def fit(run_dir: str, layout: dict | None = None, *, sync: bool = True, lora: bo
     src = ShareRollouts(llm, TASK, TASK.examples("train", 8, seed=0), sync=sync)
     model, src, runner = distributed.distribute(model, src, par, device=torch.device("cpu"), seq_len=32, batch_size=16)
     cfg = LoopConfig(run_dir=run_dir, max_steps=steps, log_every=1, eval_every=100, ckpt_every=100, device="cpu",
-                     progress=False, plot=False, seed=0, optim=OptimConfig(lr=3e-2, weight_decay=0.0))
+                     progress=False, plot=False, seed=0, optim=OptimConfig(lr=3e-2, weight_decay=0.0,
+                     eps=OPT_EPS))
     objective, checks = LocalGRPO(), Checks(llm)
     Trainer(model, build_optimizer(model, cfg.optim), src, objective, config=cfg, runner=runner,
             hooks=[checks]).fit()

@@ -1,6 +1,6 @@
-"""CPU fast paths against the code they replaced, kept here verbatim as references, compared bit for bit: the
-paged decode reference's gather and per-step mask, the lazily zeroed KV pools, and a CPU engine built without
-importing Triton."""
+"""CPU fast paths against the code they replaced, kept here as references, compared bit for bit: the paged
+decode reference's gather (the old one here verbatim) and per-step mask, the lazily zeroed KV pools, and a CPU
+engine built without importing Triton."""
 
 from __future__ import annotations
 
@@ -19,27 +19,18 @@ from lmforge.infer.sampling import SamplingParams
 from .infer_helpers import run_requests, tiny_model
 
 
-def old_paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, *, scale, softcap=0.0, window=0,
-                               sinks=None, probs_hook=None, first_key=0, tree=None, mask=None):
-    """paged_decode_reference before 2026-12-05 (advanced indexing of a permuted view, its own mask; mask ignored)."""
-    B, H, hd = q.shape
-    KV, bt = k_cache.shape[2], block_tables.long()
-    k = k_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd).to(q.dtype)
-    v = v_cache.permute(2, 0, 1, 3)[:, bt].reshape(KV * B, -1, hd).to(q.dtype)
-    qg = q.view(B, KV, H // KV, hd).transpose(0, 1).reshape(KV * B, H // KV, hd)
-    s = torch.bmm(qg, k.transpose(1, 2)).float().view(KV, B, H // KV, -1) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~decode_mask(context_lens, s.shape[-1], window, first_key, tree)[None, :, 0], float("-inf"))
-    if sinks is not None:
-        sink = sinks.float().view(1, KV, H // KV, 1).transpose(0, 1).expand(-1, B, -1, 1)
-        p = torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
-    else:
-        p = torch.softmax(s, dim=-1)
-    if probs_hook is not None:
-        probs_hook(p.transpose(0, 1).reshape(B, H, 1, -1))
-    out = torch.bmm(p.to(v.dtype).view(KV * B, H // KV, -1), v)
-    return out.view(KV, B, H // KV, hd).transpose(0, 1).reshape(B, H, hd)
+def old_gather(cache, block_tables, dtype):
+    """paged.gather_blocks before 2026-12-05: advanced indexing of a permuted view of the pool."""
+    B, (KV, hd) = block_tables.shape[0], cache.shape[2:]
+    return cache.permute(2, 0, 1, 3)[:, block_tables.long()].reshape(KV * B, -1, hd).to(dtype)
+
+
+def old_paged_decode_reference(*args, **kw):
+    """paged_decode_reference before 2026-12-05: the old gather, and its own mask in every call (a caller's
+    once-per-step mask ignored)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(paged, "gather_blocks", old_gather)
+        return paged_decode_reference(*args, **{**kw, "mask": None})
 
 
 def _tables(B, nb, width, seed=0):

@@ -9,6 +9,9 @@ Run directory layout (output.dir):
     _token_files/<shard>.bin.json      a token shard the tokenize stage writes, recorded before it is written
     report.json / report.md / report.png
 
+and in the tokenize stage's out_dir (wherever it lies) .lmforge-owner.json, naming the output.dir of the run that
+writes its token shards there (a run with another output.dir is refused: `check_token_dirs`).
+
 A shard whose marker exists is skipped, so a killed run resumes where it stopped; markers are written
 (atomically) only after the shard's outputs are in place.
 """
@@ -29,7 +32,7 @@ from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inpu
 from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
-from lmforge.data.tokenize import RECORDS, recorded_token_files
+from lmforge.data.tokenize import OWNER, RECORDS, claim_token_dir, recorded_token_files
 from lmforge.data.writers import write_docs, write_jsonl
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.utils import check_output_path, process_pool, remove_stale_temps, write_json_atomic
@@ -192,7 +195,10 @@ def check_token_dirs(cfg: PipelineConfig) -> None:
       everything in it, so it removed the whole output.dir (files of the user's there too) or, from "../..", the
       inputs and everything beside them;
     - one of the run's own entries (data/, rejected/, ...) or a directory inside one: the shards mixed with the
-      kept documents or the work files."""
+      kept documents or the work files;
+    - a token directory another run (another output.dir) writes into: same-named shards overwrote each other's
+      silently, one run's --restart removed the other's, and training read a mix of both (`claim_token_dir`: the
+      tokenize stage claims the directory for its run before it writes there)."""
     root = Path(cfg.output.dir)
     top = root.resolve()
     fix = "set tokenize.out_dir to a directory of its own, such as 'tokens' (the default)"
@@ -208,6 +214,7 @@ def check_token_dirs(cfg: PipelineConfig) -> None:
             raise ConfigError(f"tokenize.out_dir {out_dir!r} is {'' if where == taken else 'inside '}{str(taken)!r}, "
                               f"where the run writes its own files; {fix}")
         _check_writable(path, "tokenize.out_dir")
+        claim_token_dir(path, root, out_dir, create=False)
 
 
 def _orphan_output(cfg: PipelineConfig) -> Path | None:
@@ -323,6 +330,7 @@ def _outputs(cfg: PipelineConfig, layout: RunLayout, shards: list[str]) -> list[
         out += [f(p, s) for s in shards for f in (layout.live, layout.marker, layout.rejected)]
     for _, tokens in token_dirs(cfg):
         out += [tokens / f"{s}.bin" for s in shards] + [layout.root / RECORDS / f"{s}.bin.json" for s in shards]
+        out.append(tokens / OWNER)
     return out
 
 

@@ -1,12 +1,13 @@
 """Tokenization into the trainer's memory-mapped token shards (`lmforge.data.shards`): the pipeline's
 `tokenize` stage (one token shard per pipeline shard, documents separated by the tokenizer's end-of-text
-id), the record of the shards a run wrote (`recorded_token_files`), and `tokenize_to_shards`, the one-call public
-way from text files to train.bin / val.bin."""
+id), the record of the shards a run wrote (`recorded_token_files`), the token directory's owner (`claim_token_dir`),
+and `tokenize_to_shards`, the one-call public way from text files to train.bin / val.bin."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,12 +17,15 @@ from lmforge.data.document import Document
 from lmforge.data.shards import TokenShardWriter
 from lmforge.data.stage import StageContext, reject_error
 from lmforge.errors import ConfigError, DataError
-from lmforge.utils import write_json_atomic
+from lmforge.utils import temp_name, write_json_atomic
 
 # the folder of the stage's workdir (output.dir) where each token shard is recorded before it is written: the token
 # directory may lie outside output.dir beside other corpora's shards, so --restart removes exactly the files named
 # here, and a shard a killed run began is named too
 RECORDS = "_token_files"
+# the file in a token directory naming the output.dir of the one run that writes its shards there (`claim_token_dir`):
+# another run's shards of the same names would be overwritten, and its --restart would remove them
+OWNER = ".lmforge-owner.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,9 +33,10 @@ class TokenizeConfig:
     """tokenizer: a spec for `lmforge.tokenizer.load.load_tokenizer` ("byte", a tokenizer directory or file
     in any format it reads);
     out_dir: where `<shard>.bin` files go (relative to the pipeline's output directory): a directory of its own,
-    not the output directory, one above it, or one of the run's own (data/, rejected/); --restart removes the
-    earlier run's shards there (`recorded_token_files`), and the directory itself only when it lies inside the
-    output directory."""
+    not the output directory, one above it, or one of the run's own (data/, rejected/), and one run's: the first
+    run to write there claims it, and a run with another output directory is refused (`claim_token_dir`);
+    --restart removes the earlier run's shards there (`recorded_token_files`), and the directory itself only when
+    it lies inside the output directory."""
 
     tokenizer: str = "byte"
     out_dir: str = "tokens"
@@ -58,11 +63,13 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
     document's text is ordinary text: a special token's string in it (web text may hold `<|endoftext|>`) is
     encoded as text, never as the separator. A document that cannot be encoded is rejected
     (`error:tokenize`) and the others are written: the shard holds exactly the documents kept. The shard is
-    recorded in `<workdir>/_token_files/` before it is written (`recorded_token_files`)."""
+    recorded in `<workdir>/_token_files/` before it is written (`recorded_token_files`), and the token directory
+    claimed for the run first (`claim_token_dir`: another run's is refused)."""
     tok = _tokenizer(cfg.tokenizer)
     encode = getattr(tok, "encode_ordinary", tok.encode)
     sep = getattr(tok, "eot_id", None) if cfg.doc_sep else None
     path = cfg.shard_dir(ctx.workdir) / f"{ctx.shard}.bin"
+    claim_token_dir(path.parent, ctx.workdir, cfg.out_dir)
     write_json_atomic(Path(ctx.workdir) / RECORDS / f"{path.name}.json", {"out_dir": cfg.out_dir, "file": path.name})
     encoded = []
     for d in docs:
@@ -99,6 +106,44 @@ def recorded_token_files(workdir: str | Path) -> list[Path]:
                               f"remove the record (or {folder}) by hand if it is not the run's")
         out.append(TokenizeConfig(out_dir=str(entry["out_dir"])).shard_dir(Path(workdir)) / name)
     return out
+
+
+def claim_token_dir(token_dir: str | Path, workdir: str | Path, out_dir: str, *, create: bool = True) -> None:
+    """Make `token_dir` the run in `workdir`'s (output.dir) token directory: its OWNER marker, written atomically
+    and only where there is none yet (a hard link of a finished temporary: two runs claiming at once cannot both
+    win), names the resolved output.dir. A marker naming another output.dir is refused in one line (`out_dir`, the
+    setting as configured, names it): the other run's shards of the same names would be overwritten and its
+    --restart would remove this run's. With `create` false only that check is made (`check_token_dirs`, before
+    any work); the tokenize stage claims the directory before it writes a shard there."""
+    token_dir, top = Path(token_dir).resolve(), Path(workdir).resolve()
+    marker = token_dir / OWNER
+    if not marker.exists():
+        if not create:
+            return
+        token_dir.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(marker)
+        tmp.write_text(json.dumps({"output_dir": str(top)}) + "\n")
+        try:
+            os.link(tmp, marker)
+            return
+        except FileExistsError:  # another run claimed it first: checked below
+            pass
+        except OSError:  # a filesystem without hard links: written whole all the same
+            os.replace(tmp, marker)
+            return
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        entry = json.loads(marker.read_text())
+        owner = Path(entry["output_dir"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"tokenize.out_dir {out_dir!r}: its owner marker {marker} cannot be read ({e}); remove it "
+                          f"if no other run writes token shards into '{token_dir}'") from e
+    if owner.resolve() != top:
+        raise ConfigError(f"tokenize.out_dir {out_dir!r} ('{token_dir}') holds the token shards of another run, "
+                          f"output.dir '{owner}' ({marker}): this run (output.dir '{Path(workdir)}') would overwrite "
+                          f"them and its --restart would remove them; set tokenize.out_dir to another directory, or "
+                          f"remove that run's shards and {marker} if they are no longer wanted")
 
 
 def tokenize_to_shards(inputs: str | Path | Iterable[str | Path], tokenizer: Any, out_dir: str | Path, *,

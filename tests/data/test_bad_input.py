@@ -10,6 +10,7 @@ from pathlib import Path
 from lmforge.data.executor import run_local
 from lmforge.data.pipeline import load_pipeline
 from lmforge.data.readers import read_documents
+from lmforge.data.tokenize import OWNER
 
 FIXTURES = Path(__file__).parent / "fasttext"
 PAGE = ("<html><head><title>Solar boats</title></head><body><article><h1>Solar boats</h1><p>Three solar boats "
@@ -221,7 +222,7 @@ def test_a_tokenize_out_dir_that_is_output_dir_or_above_it_is_refused_and_restar
         _jsonl(tokens / "other_corpus.jsonl", [{"text": "theirs"}])
         run(outside)
         assert run(outside)["balance"]["kept_docs"] == 2
-        assert sorted(f.name for f in tokens.iterdir()) == ["other_corpus.jsonl", "shard-00000.bin"]
+        assert sorted(f.name for f in tokens.iterdir()) == [OWNER, "other_corpus.jsonl", "shard-00000.bin"]
     assert (out / "my_notes.txt").read_text() == "mine"
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from lmforge.data.executor import run_local
 from lmforge.data.pipeline import load_pipeline
+from lmforge.data.tokenize import OWNER
 from lmforge.errors import ConfigError
 
 TEXT = "The river flooded the valley after three days of heavy rain in the hills near the old town"
@@ -37,9 +38,9 @@ def _pipeline(tmp_path: Path, inputs: Path, out: str = "run", output: str = "") 
 
 def _files(run: Path) -> dict[str, bytes | None]:
     """Every file of a run directory by relative path: the contents of the outputs, the names of the rest (the
-    markers and reports hold timings)."""
+    markers and reports hold timings, the token directory's OWNER its run's output.dir)."""
     return {str(f.relative_to(run)): f.read_bytes() if f.parts[len(run.parts)] in ("data", "rejected", "tokens")
-            else None for f in sorted(run.rglob("*")) if f.is_file()}
+            and f.name != OWNER else None for f in sorted(run.rglob("*")) if f.is_file()}
 
 
 def _kill_when(monkeypatch, fn_owner, name: str, hit) -> None:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import lmforge.data.executor as executor
 import lmforge.data.tokenize as tokenize_mod
 from lmforge.data.executor import run_local
 from lmforge.data.pipeline import load_pipeline
 from lmforge.data.shards import TokenFile
+from lmforge.data.tokenize import OWNER
 from lmforge.errors import ConfigError
 from lmforge.utils import temp_name
 
@@ -45,11 +47,11 @@ def test_restart_with_fewer_inputs_removes_the_earlier_runs_token_shards_outside
     training on its *.bin read a document the corpus no longer had."""
     p, tokens = _setup(tmp_path)
     run_local(load_pipeline(p))
-    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, "shard-00000.bin", "shard-00001.bin",
+    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, OWNER, "shard-00000.bin", "shard-00001.bin",
                                                                "shard-00002.bin"])
     (tmp_path / "in" / "2.jsonl").unlink()
     report = run_local(load_pipeline(p), restart=True)
-    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, "shard-00000.bin", "shard-00001.bin"])
+    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, OWNER, "shard-00000.bin", "shard-00001.bin"])
     assert _theirs_untouched(tokens)
     mine = sum(len(TokenFile(tokens / f"shard-0000{i}.bin")) for i in range(2))
     assert mine == report["counters"]["tokenize.tokens"] > 0
@@ -75,7 +77,7 @@ def test_restart_removes_the_shard_a_killed_run_was_writing(tmp_path, monkeypatc
     assert any(f.name.startswith(".shard-00002.bin.") for f in tokens.iterdir())
     (tmp_path / "in" / "2.jsonl").unlink()
     run_local(load_pipeline(p), restart=True)
-    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, "shard-00000.bin", "shard-00001.bin"])
+    assert sorted(f.name for f in tokens.iterdir()) == sorted([*OTHERS, OWNER, "shard-00000.bin", "shard-00001.bin"])
     assert _theirs_untouched(tokens)
 
 
@@ -89,3 +91,69 @@ def test_a_token_shard_record_naming_another_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="names 'other-corpus.bin', not the token shard it is named after"):
         run_local(load_pipeline(p), restart=True)
     assert _theirs_untouched(tokens)
+
+
+def _second_run(tmp_path: Path, out_dir: str) -> Path:
+    """Another run, over another corpus of 2 inputs (output.dir run2), tokenizing into `out_dir`."""
+    inputs = tmp_path / "in2"
+    if not inputs.is_dir():
+        inputs.mkdir()
+        for i in range(2):
+            (inputs / f"{i}.jsonl").write_text(json.dumps({"id": f"e{i}", "text": f"another corpus, {i}"}) + "\n")
+    p = tmp_path / "p2.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{inputs}"]\n[output]\ndir = "{tmp_path / "run2"}"\n'
+                 f'plot = false\n[[stages]]\nstage = "tokenize"\nout_dir = "{out_dir}"\n')
+    return p
+
+
+def test_a_second_run_into_another_runs_token_directory_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Two runs (two output dirs) tokenizing into one token directory outside both name their shards alike
+    (shard-00000.bin, ...): the second overwrote the first's silently, its --restart removed them (it records the
+    same names), and training on the directory read a mix (found 2026-12-05). The directory names the output.dir
+    that writes there (OWNER); another run is refused in one line before it writes or removes anything, and the
+    first run's own resume and --restart still work."""
+    p, tokens = _setup(tmp_path, n_inputs=2)
+    run_local(load_pipeline(p))
+    first = {f.name: f.read_bytes() for f in tokens.iterdir()}
+    marker = tokens / OWNER
+    for out_dir in ("../tokens", str(tokens)):
+        for restart in (False, True):
+            with pytest.raises(ConfigError) as e:
+                run_local(load_pipeline(_second_run(tmp_path, out_dir)), restart=restart)
+            assert str(e.value) == (
+                f"tokenize.out_dir {out_dir!r} ('{tokens}') holds the token shards of another run, output.dir "
+                f"'{tmp_path / 'run'}' ({marker}): this run (output.dir '{tmp_path / 'run2'}') would overwrite them "
+                f"and its --restart would remove them; set tokenize.out_dir to another directory, or remove that "
+                f"run's shards and {marker} if they are no longer wanted")
+            assert {f.name: f.read_bytes() for f in tokens.iterdir()} == first
+            assert not (tmp_path / "run2").exists()
+    with monkeypatch.context() as m:  # claimed after the check (runs started together): the stage refuses to write
+        m.setattr(executor, "check_token_dirs", lambda cfg: None)
+        with pytest.raises(ConfigError, match="holds the token shards of another run"):
+            run_local(load_pipeline(_second_run(tmp_path, "../tokens")))
+    assert {f.name: f.read_bytes() for f in tokens.iterdir()} == first
+    assert not (tmp_path / "run2" / "_token_files").exists()
+    assert run_local(load_pipeline(p))["shards"]["skipped"] == 2  # the owner resumes
+    run_local(load_pipeline(p), restart=True)  # and restarts
+    assert {f.name: f.read_bytes() for f in tokens.iterdir()} == first
+
+    for name in ("shard-00000.bin", "shard-00001.bin", OWNER):  # the fix the error names: the other run's go
+        (tokens / name).unlink()
+    run_local(load_pipeline(_second_run(tmp_path, "../tokens")))
+    assert json.loads(marker.read_text()) == {"output_dir": str(tmp_path / "run2")}
+    with pytest.raises(ConfigError, match="holds the token shards of another run"):  # and now the first is refused
+        run_local(load_pipeline(p))
+
+
+def test_a_run_into_a_token_directory_inside_another_runs_output_dir_is_refused(tmp_path):
+    """A token directory inside output.dir is the run's (--restart removes it whole): another run pointed at it
+    (an absolute out_dir) is refused as well, and the directory's own run restarts as before."""
+    p, _ = _setup(tmp_path, n_inputs=1)
+    p.write_text(p.read_text().replace('out_dir = "../tokens"', 'out_dir = "tokens"'))
+    run_local(load_pipeline(p))
+    inside = tmp_path / "run" / "tokens"
+    with pytest.raises(ConfigError, match=f"output.dir '{tmp_path / 'run'}'"):
+        run_local(load_pipeline(_second_run(tmp_path, str(inside))))
+    assert sorted(f.name for f in inside.iterdir()) == [OWNER, "shard-00000.bin"]
+    run_local(load_pipeline(p), restart=True)
+    assert sorted(f.name for f in inside.iterdir()) == [OWNER, "shard-00000.bin"]

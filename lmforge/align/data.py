@@ -24,8 +24,10 @@ silently. Examples longer than seq_len + 1 tokens are truncated, and counted.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
+from array import array
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -382,6 +384,33 @@ def kto_batch(items: list[tuple[Example, bool]], kl: bool = True) -> dict[str, t
     return {**batch, **(mismatched_rows(batch) if kl else {}), "label": torch.tensor([lab for _, lab in items])}
 
 
+def _feed(h, x) -> None:
+    if isinstance(x, (list, tuple)):
+        try:
+            flat = array("q", x).tobytes()  # token ids, a loss mask
+        except (TypeError, OverflowError):  # an example (ids, mask), a pair, (example, label)...
+            h.update(b"(%d:" % len(x))
+            for y in x:
+                _feed(h, y)
+            return
+        h.update(b"[%d:" % len(x) + flat)
+    elif isinstance(x, torch.Tensor):  # its repr elides the middle of a long tensor
+        h.update(f"t{x.dtype}{tuple(x.shape)}:".encode() + x.detach().cpu().contiguous().view(-1).view(torch.uint8)
+                 .numpy().tobytes())
+    else:  # a margin, a label
+        h.update(b"v" + repr(x).encode() + b";")
+
+
+def fingerprint(items: list) -> str:
+    """A short hash of encoded items in order (their token ids, masks, margins, labels): two item lists of the
+    same length and packing that differ in any token hash apart, so a resume can tell its data changed."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(b"%d;" % len(items))
+    for item in items:
+        _feed(h, item)
+    return h.hexdigest()
+
+
 class ExampleSource:
     """A DataSource over encoded items: each epoch a seeded permutation, cut into batches (SFT with
     packing: the permuted examples are packed into rows first, then the rows are shuffled). The state is
@@ -395,17 +424,20 @@ class ExampleSource:
         self.items, self.batch_size, self.collate, self.seed, self.pack_len = items, batch_size, collate, seed, pack_len
         self.epoch, self.pos = 0, 0
         self._order: list | None = None
+        self._order_key: tuple[int, int] | None = None  # the (epoch, seed) that _order is the order of
         self._order_seed = seed  # the current epoch's: a resumed run keeps the checkpoint's until the epoch ends
+        self.fingerprint = fingerprint(items)  # once: a resume checks that the examples are the checkpoint's
 
     def _epoch_units(self) -> list:
-        """The epoch's batch units: items, or (with packing) rows of items."""
-        if self._order is None:
+        """The epoch's batch units: items, or (with packing) rows of items; computed once per (epoch, seed)."""
+        key = (self.epoch, self._order_seed)
+        if self._order is None or self._order_key != key:
             g = torch.Generator().manual_seed(self._order_seed * 1_000_003 + self.epoch)
             perm = [self.items[i] for i in torch.randperm(len(self.items), generator=g).tolist()]
             if self.pack_len is not None:
                 rows = [[perm[i] for i in row] for row in pack_rows(perm, self.pack_len)]
                 perm = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-            self._order = perm
+            self._order, self._order_key = perm, key
         return self._order
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -428,24 +460,31 @@ class ExampleSource:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self._order_seed, "n_items": len(self.items),
-                "pack_len": self.pack_len, "units": len(self._epoch_units())}
+                "pack_len": self.pack_len, "units": len(self._epoch_units()), "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A state saved before the order's inputs were (seed, n_items, pack_len, units): taken as this source's."""
-        self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
+        """A state saved before the order's inputs were (seed, n_items, pack_len, units, fingerprint): taken as
+        this source's."""
+        self.epoch, self.pos = state["epoch"], state["pos"]
         self._order_seed = state.get("seed", self.seed)
         was = (state.get("n_items", len(self.items)), state.get("pack_len", self.pack_len))
-        if was == (len(self.items), self.pack_len) or self.pos == 0:
+        same = state.get("fingerprint", self.fingerprint) == self.fingerprint
+        if (was == (len(self.items), self.pack_len) and same) or self.pos == 0:
             return
         if self.pos < state["units"]:
             def data(n: int, pack: int | None) -> str:
                 return f"{n} training examples" + (f" packed to {pack} tokens" if pack else " (no packing)")
 
             unit = "rows" if was[1] else "examples"
-            raise DataError(f"the checkpoint is {self.pos} of {state['units']} {unit} into epoch {self.epoch} of "
-                            f"{data(*was)}, but the data is now {data(len(self.items), self.pack_len)}, so the rest "
-                            "of that epoch is unknown; resume with the run's data.train, data.seq_len and "
-                            "data.packing, or start a new run with init = that checkpoint")
+            where = f"the checkpoint is {self.pos} of {state['units']} {unit} into epoch {self.epoch} of {data(*was)}"
+            if was != (len(self.items), self.pack_len):
+                raise DataError(f"{where}, but the data is now {data(len(self.items), self.pack_len)}, so the rest "
+                                "of that epoch is unknown; resume with the run's data.train, data.seq_len and "
+                                "data.packing, or start a new run with init = that checkpoint")
+            raise DataError(f"{where}, but the examples' contents have changed (fingerprint {state['fingerprint']} "
+                            f"-> {self.fingerprint}), so the rest of that epoch is unknown; resume with the run's "
+                            "data.train files, tokenizer and data settings (template, loss_on, truncation), or start "
+                            "a new run with init = that checkpoint")
         self.epoch, self.pos, self._order_seed = self.epoch + 1, 0, self.seed  # that epoch had ended
 
 

@@ -215,6 +215,72 @@ def test_a_resume_mid_epoch_over_other_items_or_packing_is_refused():
     assert (other.epoch, other.pos) == (1, 0) and other.next_batch() == other._epoch_units()[:2]
 
 
+def test_a_resume_mid_epoch_over_other_contents_is_refused():
+    """The same number of examples and packing but another token in one example (an edited file, another
+    tokenizer or template): refused mid-epoch as other items are (the run went on over examples other than the
+    checkpoint's order holds, silently); at the epoch's end the next epoch starts over the new data; a state
+    saved before the fingerprint was recorded loads as before."""
+    exs = _examples(11)
+    ids, mask = exs[5]
+    edited = exs[:5] + [(ids[:-2] + [ids[-2] + 1] + ids[-1:], mask)] + exs[6:]
+
+    for pack in (48, None):
+        src = D.ExampleSource(exs, 2, lambda rows: rows, seed=3, pack_len=pack)
+        src.next_batch()
+        mid = src.state_dict()
+        other = D.ExampleSource(edited, 2, lambda rows: rows, seed=3, pack_len=pack)
+        assert len(other._epoch_units()) == mid["units"]  # the same count of rows: only the contents differ
+        unit = "rows" if pack else "examples"
+        with pytest.raises(DataError, match=rf"the checkpoint is 2 of \d+ {unit} into epoch 0 of 11 training "
+                                            r"examples.*, but the examples' contents have changed \(fingerprint "
+                                            r"\w+ -> \w+\), so the rest of that epoch is unknown; resume with the "
+                                            r"run's data.train files"):
+            other.load_state_dict(mid)
+        old = {k: v for k, v in mid.items() if k != "fingerprint"}  # a checkpoint from before the fingerprint
+        other.load_state_dict(old)
+        assert (other.epoch, other.pos) == (0, 2)
+        same = D.ExampleSource(list(exs), 2, lambda rows: rows, seed=3, pack_len=pack)  # equal contents, new lists
+        same.load_state_dict(mid)
+        assert same.next_batch() == src.next_batch()
+        while src.pos < len(src._epoch_units()):
+            src.next_batch()
+        other.load_state_dict(src.state_dict())  # at the epoch's end: the next starts over the new data
+        assert (other.epoch, other.pos) == (1, 0) and other.next_batch() == other._epoch_units()[:2]
+
+
+def test_the_fingerprint_covers_every_field_of_an_item():
+    ex = ([1, 2, 3], [False, True, True])
+    kinds = [[ex], [([1, 2, 4], ex[1])], [([1, 2, 3], [False, False, True])], [(ex, ex)], [(ex, ex, 0.5)],
+             [(ex, ex, 1.0)], [(ex, True)], [(ex, False)], [ex, ex], [([1, 2], [1, 3])], [([1], [2, 3])]]
+    assert len({D.fingerprint(items) for items in kinds}) == len(kinds)
+    x, y = torch.arange(5000), torch.arange(5000)
+    y[2500] = 0  # in the middle that a tensor's repr leaves out
+    assert D.fingerprint([x]) != D.fingerprint([y])
+
+
+def test_the_epoch_order_is_computed_once_per_epoch(monkeypatch):
+    """The step snapshot saves the source's state every step: the epoch's order (a permutation and, packed, the
+    rows) is computed once per epoch and seed, not at each state_dict; the states are those of a fresh
+    computation."""
+    exs = _examples(11)
+    n_batches = -(-len(D.ExampleSource(exs, 2, lambda rows: rows, seed=3, pack_len=48)._epoch_units()) // 2)
+    calls = []
+    perm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(1) or perm(*a, **k))
+    src = D.ExampleSource(exs, 2, lambda rows: rows, seed=3, pack_len=48)
+    states = []
+    for _ in range(2 * n_batches):  # two epochs
+        states.append(src.state_dict())
+        src.next_batch()
+        states.append(src.state_dict())
+    assert src.epoch == 1 and len(calls) == 2 * 2  # per epoch: the items' permutation and the rows'
+    monkeypatch.setattr(torch, "randperm", perm)
+    for state in states:
+        fresh = D.ExampleSource(exs, 2, lambda rows: rows, seed=3, pack_len=48)
+        fresh.load_state_dict(state)
+        assert fresh.state_dict() == state
+
+
 def test_packing_fills_rows_like_trl_best_fit_decreasing():
     datasets = pytest.importorskip("datasets")
     trl_data = pytest.importorskip("trl.data_utils")

@@ -110,7 +110,28 @@ def _check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optim
 
 GROUP_COUNTERS = ("step",)
 """Keys of an optimizer's param_groups that count what the optimizer has done (a per-group step count, where an
-optimizer keeps one there): a resume keeps them from the checkpoint. Every other key is a setting."""
+optimizer keeps one there): a resume keeps them from the checkpoint, also one saved before GROUP_START was."""
+GROUP_START = "start_settings"
+"""The key under which each param_group keeps its other keys as they were when the run's Trainer was built (its
+settings, and the counters an optimizer keeps in its groups at their initial values): saved with the group, so
+a resume can tell the keys that the run moved (counters such as schedule-free's k and weight_sum or Prodigy's
+d, which those optimizers also list among their constructor defaults) from the settings."""
+GROUP_SCHEDULED = ("lr",)
+"""Keys the Trainer itself sets at every step (lr from base_lr and the schedule): settings, never counters."""
+
+
+def _group_start(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items()
+            if k not in ("params", GROUP_START)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.equal(b)
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _keep_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]]) -> None:
@@ -118,10 +139,22 @@ def _keep_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict[s
     betas...): each group's settings back to those this run's optimizer was built with, so a resume with a new
     optim.lr or weight_decay trains with them, as its 'settings changed' line says. Groups are matched by
     position: loading maps the checkpoint's groups onto this optimizer's own, in its order (by the parameters'
-    names under a ParallelRunner). The per-parameter state, counters, and keys only the checkpoint's groups hold
-    (ones an optimizer adds as it steps) stay as loaded."""
+    names under a ParallelRunner). The per-parameter state and keys only the checkpoint's groups hold (ones an
+    optimizer adds as it steps) stay as loaded, and so do the group's counters: GROUP_COUNTERS, and every key the
+    checkpoint's run moved away from its start (GROUP_START) that this run starts at the same value (a key whose
+    start the config changed takes the config's value; lr is the Trainer's own, GROUP_SCHEDULED)."""
     for group, mine in zip(optimizer.param_groups, settings, strict=True):
-        group.update({k: v for k, v in mine.items() if k not in GROUP_COUNTERS or k not in group})
+        start = group.get(GROUP_START)  # the checkpoint's run's; None in a checkpoint saved before it was kept
+
+        def counter(k: str) -> bool:
+            if k not in group:
+                return False
+            if k in GROUP_COUNTERS:
+                return True
+            return (isinstance(start, dict) and k in start and k not in GROUP_SCHEDULED and k != GROUP_START
+                    and _same(mine[k], start[k]) and not _same(group[k], start[k]))
+
+        group.update({k: v for k, v in mine.items() if not counter(k)})
 
 
 def check_run_dir(run_dir: str | Path) -> None:
@@ -244,6 +277,7 @@ class Trainer:
         _check_optimizer_params(self.model, self.optimizer)
         for g in self.optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
+            g.setdefault(GROUP_START, _group_start(g))  # a resume tells the counters the run moves by it
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.evaluated_step = -1  # the last step whose evaluation metrics.jsonl holds (a checkpoint keeps it)
         use_bf16 = uses_bf16(cfg, self.device)

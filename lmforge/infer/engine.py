@@ -76,7 +76,7 @@ from lmforge.infer.pending import Launched, overlaps
 from lmforge.infer.request import Request, Sequence, Status, encode_prompt, seed_for, stop_ids
 from lmforge.infer.runner import (Extra, PagedRunner, RecomputeRunner, copy_weights, prompt_rows, row_for,
                                   sampling_rows)
-from lmforge.infer.sampler import kind_of, logprob_entries
+from lmforge.infer.sampler import forget, kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 from lmforge.infer.speculative import attach_drafter, draft_step, pool_model
@@ -498,10 +498,10 @@ class Engine:
             return []
         if _claims(seq):
             return req.strategy.rows(seq, n)
-        if not req.forked:  # the first sample of each of the n sequences comes from these logits
-            return [(0, row_for(seq, g)) for g in req.generators]
-        if seq.row is None:
+        if seq.row is None:  # (sample 0's generator: seq's own)
             seq.row = row_for(seq, seq.generator)
+        if not req.forked:  # the first sample of each of the n sequences comes from these logits
+            return [(0, seq.row)] + [(0, row_for(seq, g)) for g in req.generators[1:]]
         return [(0, seq.row)]
 
     def _generator(self, params: SamplingParams, j: int) -> torch.Generator | None:
@@ -538,6 +538,7 @@ class Engine:
 
     def _released(self, seq: Sequence) -> None:
         """A sequence finished, was aborted or dropped (Scheduler.on_release): per-sequence state goes."""
+        forget(seq.row)  # its penalties' (V,) state (lmforge.infer.sampler.token_history)
         if hasattr(seq.request.strategy, "release"):  # a drafter's per-sequence state (speculative decoding)
             seq.request.strategy.release(seq)
         if self.draft_model is not None:

@@ -95,7 +95,8 @@ class Sequence:
     """the stop string or SamplingParams.stop_token_ids id that ended it (CompletionOutput.stop_reason)"""
     decoder: StreamDecoder | None = None
     row: object | None = None
-    """the sampler's Row of this sequence (lmforge.infer.sampler.Row), built once: its fields never change"""
+    """the sampler's Row of this sequence (lmforge.infer.sampler.Row), built once: its fields never change but
+    `history`, the penalties' state of the tokens, advanced as they are appended and dropped when it ends"""
     num_cached_tokens: int = 0
     """prompt tokens found in the prefix cache at admission"""
     snapshot_marks: dict[int, int] = field(default_factory=dict)

@@ -51,6 +51,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.features import FeatureStream, HiddenAsk, hidden_ask
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.runner import PagedRunner
+from lmforge.infer.sampler import forget
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path, sampled_path
 from lmforge.model.cache import KVCache
@@ -262,6 +263,7 @@ class Speculative:
         st.reachable += drafts.depth if isinstance(drafts, DraftTree) else len(drafts)
         st.target_forwards += 1
         del seq.tokens[L:]
+        forget(seq.row)  # tokens cut, not appended: a penalties' state of them is stale (sampler.token_history)
         seq.num_computed = L  # the pending token's keys were written in this forward
         if engine.has_state:  # recurrent layers: the state after the pending token and the accepted drafts
             engine.runner.cache.verified(seq.seq_id, 1 + len(accepted))

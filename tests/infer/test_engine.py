@@ -286,3 +286,113 @@ def test_many_decode_rows_run_in_groups_of_similar_length(tok):
         outs.update({o.request_id: o for o in engine.step(finished_only=True)})
     for rid, p in zip(ids, prompts):
         assert outs[rid].token_ids == reference(model, tok, p, sp)[0]
+
+
+# penalties: the kept, incrementally advanced history (sampler.token_history) against the rebuild-every-step
+# reference (sampler._history, INCREMENTAL = False), bit for bit --------------------------------------------
+PEN = dict(repetition_penalty=1.6, frequency_penalty=0.6, presence_penalty=0.4)
+LONG = [(7 * i + 3) % 250 + 1 for i in range(37)]  # a shared prefix (prefix-cache hits)
+
+
+def _penalty_script(kind: str) -> tuple[dict, list]:
+    """(EngineConfig kwargs, [(step, action)]): penalized rows of every kind (greedy, seeded, unseeded, n > 1,
+    processed log-probs, prompt log-probs, stop at EOS) beside unpenalized ones, arriving at different steps and
+    ending at different ones; action = (prompt, SamplingParams, request id) to add, or a request id to abort."""
+    sp = SamplingParams
+    mix = [(0, ([5, 9, 5, 9, 5, 2], sp(temperature=0, max_tokens=14, ignore_eos=True, logprobs=1, **PEN), "g")),
+           (0, ("the cat sat", sp(temperature=0.9, seed=3, n=3, max_tokens=9, logprobs=2, logprobs_mode="processed",
+                                  frequency_penalty=0.8, presence_penalty=0.3, ignore_eos=True), "s")),
+           (0, ([1, 2, 3], sp(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1), "plain-greedy")),
+           (1, ("abcabc", sp(temperature=1.1, top_k=40, max_tokens=17, repetition_penalty=1.4, ignore_eos=True,
+                             logprobs=1, logprobs_mode="processed"), "unseeded")),
+           (1, ("xyz", sp(temperature=0.8, seed=11, n=2, max_tokens=5, ignore_eos=True), "plain-seeded")),
+           (2, (LONG + [4], sp(temperature=0.7, seed=5, max_tokens=11, prompt_logprobs=1, **PEN), "eos")),
+           (4, (LONG + [9, 9], sp(temperature=0, max_tokens=8, n=2, ignore_eos=True, presence_penalty=2.0), "late")),
+           (6, (LONG + [4, 4], sp(temperature=0.6, seed=8, max_tokens=10, ignore_eos=True, **PEN), "later"))]
+    configs = {"mixed": dict(block_size=4), "prefix": dict(block_size=4),
+               "preempt": dict(block_size=4, max_num_batched_tokens=5, num_kv_tokens=64),
+               "async": dict(block_size=4, async_scheduling=True), "abort": dict(block_size=4)}
+    if kind == "prefix":  # two prompts sharing the first one's prefix arrive after its blocks are cached
+        mix = [(at + 12 if a[2] in ("late", "later") else at, a) for at, a in mix]
+    if kind == "abort":  # a penalized n > 1 request aborted mid-run; its id (and another's) reused by a new request
+        mix += [(3, "s"), (4, ("again", sp(temperature=0.9, seed=4, n=2, max_tokens=7, ignore_eos=True, **PEN), "s")),
+                (5, "unseeded"), (5, ("abcabc", sp(temperature=0, max_tokens=6, ignore_eos=True, **PEN), "unseeded"))]
+    return configs[kind], mix
+
+
+def _penalty_run(model, tok, kind: str) -> tuple[list, dict]:
+    """Every output a request ends with (finished or aborted): token ids, log-probs, top entries, cumulative
+    log-prob, finish reason, prompt log-probs; and the engine's stats. Rows of ended sequences keep no history."""
+    from lmforge.infer import sampler
+
+    config, script = _penalty_script(kind)
+    torch.manual_seed(0)  # unseeded rows draw from the default stream
+    engine = Engine(model, tok, EngineConfig(**config))
+    released, on_release = [], engine.scheduler.on_release
+    engine.scheduler.on_release = lambda s: (released.append(s), on_release(s))
+    outs, step, live = [], 0, 0
+
+    def record(o):
+        outs.append((o.request_id, o.prompt_logprobs, [(c.index, c.token_ids, c.logprobs, c.top_logprobs,
+                                                        c.cumulative_logprob, c.finish_reason) for c in o.outputs]))
+
+    while script or engine.has_unfinished():
+        for _, action in [a for a in script if a[0] == step]:
+            if isinstance(action, str):
+                record(engine.abort(action))
+            else:
+                engine.add_request(*action)
+        script = [a for a in script if a[0] > step]
+        for o in engine.step():
+            if o.finished:
+                record(o)
+        running = list(engine.scheduler.running) + list(engine.scheduler.waiting)
+        kept = sum(1 for r in engine.requests.values() for s in r.seqs if s.row is not None and s.row.history)
+        live = max(live, kept)
+        assert kept <= sum(1 for s in running if s.params.penalized)  # (V,) states only for live sequences
+        step += 1
+    assert released and all(s.row is None or s.row.history is None for s in released)
+    assert bool(live) == sampler.INCREMENTAL  # (the reference keeps none)
+    return outs, engine.stats()
+
+
+@pytest.mark.parametrize("kind", ["mixed", "preempt", "prefix", "async", "abort"])
+def test_penalized_requests_equal_the_rebuild_every_step_reference(tok, kind, monkeypatch):
+    """Penalized requests (repetition / frequency / presence) among unpenalized ones give the same tokens, log-probs
+    (raw and processed) and top entries, bit for bit, whether the sampler advances each row's kept history by the
+    tokens appended since its last step or rebuilds every row's history from its token list each step: with
+    greedy, seeded and unseeded sampling, n > 1 forks, arrivals and endings at different steps, preemption and
+    recompute (a tiny KV pool), chunked prefill, prefix-cache hits, async scheduling beside them, and an abort
+    mid-run whose request ids are reused. The per-step debug comparison (CHECK_HISTORY) is on for the
+    incremental run too. (Beam search and speculative decoding refuse penalties: test_beam, test_speculative.)"""
+    from lmforge.infer import sampler
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(sampler, "INCREMENTAL", False)
+    ref, ref_stats = _penalty_run(model, tok, kind)
+    monkeypatch.setattr(sampler, "INCREMENTAL", True)
+    monkeypatch.setattr(sampler, "CHECK_HISTORY", True)
+    got, stats = _penalty_run(model, tok, kind)
+    assert got == ref
+    assert stats == ref_stats
+    if kind == "preempt":
+        assert stats["preemptions"] > 0
+    if kind == "prefix":
+        assert stats["prefix_hit_blocks"] > 0
+    outs = dict((rid, o) for rid, _, o in got)
+    assert len(outs["s"]) == (2 if kind == "abort" else 3) and len({tuple(o[1]) for o in outs["s"]}) > 1
+
+
+def test_penalized_comparison_catches_a_skipped_history_update(tok, monkeypatch):
+    """The test above fails on outputs alone (no debug comparison) when the incremental update is wrong: here
+    every row's newest appended token is never counted nor seen."""
+    from lmforge.infer import sampler
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(sampler, "INCREMENTAL", False)
+    ref, _ = _penalty_run(model, tok, "mixed")
+    monkeypatch.setattr(sampler, "INCREMENTAL", True)
+    real = sampler._appended
+    monkeypatch.setattr(sampler, "_appended", lambda h, r: real(h, r)[:-1])
+    got, _ = _penalty_run(model, tok, "mixed")
+    assert got != ref

@@ -104,3 +104,74 @@ def test_infinite_logits_and_tiny_temperatures_sample_their_limit_not_token_zero
     # mixed temperatures in one batched group, one of them tiny
     plain = [SamplingParams(temperature=t) for t in (1e-45, 0.7)]
     assert sample_rows(logits[:2], [_row(p, seed=1) for p in plain]).tokens[0] == logits[0].argmax()
+
+
+def _same_history(rows, vocab: int) -> bool:
+    from lmforge.infer.sampler import _history, token_history
+
+    got, ref = token_history(rows, vocab, "cpu"), _history(rows, vocab, "cpu")
+    return torch.equal(got.counts, ref.counts) and torch.equal(got.seen, ref.seen)
+
+
+def test_token_history_advances_with_appends_and_rebuilds_on_any_other_change():
+    """The penalties' kept state (Row.history) equals the rebuild-every-step reference (_history) bit for bit:
+    rows appending 0, 1 or several tokens a step in changing groups (a row missing some steps, as a preempted
+    one does), and after every change that is not an append: a cut list regrown (a speculative rollback), a
+    replaced list, an in-place rewrite the row is told of (`forget`), another default dtype."""
+    import random
+
+    from lmforge.infer.sampler import forget
+
+    rng, V = random.Random(0), 50
+    p = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5)
+    rows = [Row(p, None, [rng.randrange(V) for _ in range(rng.randrange(1, 9))], 0) for _ in range(5)]
+    for r in rows:
+        r.prompt_len = len(r.tokens)
+    for step in range(40):
+        for r in rows:
+            r.tokens += [rng.randrange(V) for _ in range(rng.choice([0, 1, 1, 1, 3]))]
+        group = [r for r in rows if rng.random() < 0.8] or rows[:1]
+        rng.shuffle(group)
+        assert _same_history(group, V), step
+        r = rng.choice(rows)
+        if step % 7 == 3:  # cut back below its state's length and regrown
+            del r.tokens[max(r.prompt_len, len(r.tokens) - 3):]
+            r.tokens += [rng.randrange(V) for _ in range(rng.randrange(3))]
+        elif step % 7 == 5:  # a new list object
+            r.tokens = list(r.tokens)
+        elif step % 7 == 6 and len(r.tokens) > r.prompt_len + 1:  # rewritten in place, same length: told
+            r.tokens[r.prompt_len] = (r.tokens[r.prompt_len] + 1) % V
+            forget(r)
+    assert all(r.history is not None for r in rows)
+    dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert _same_history(rows, V)
+    finally:
+        torch.set_default_dtype(dtype)
+    assert _same_history(rows, V)
+    rows[0].tokens += [1, 1]
+    assert _same_history([rows[0], rows[1], rows[0]], V)  # a row twice (its state advances once)
+    assert _same_history(rows, V)
+    short = Row(p, None, [], 3)  # state built before its prompt is whole: appended prompt tokens are seen only
+    for grow in ([], [4], [4, 5], [6, 4, 4], [], [7]):
+        short.tokens += grow
+        assert _same_history([short] + rows, V)
+
+
+def test_token_history_check_catches_a_skipped_update(monkeypatch):
+    """The debug comparison (CHECK_HISTORY) raises on a state that missed an appended token."""
+    import pytest
+
+    from lmforge.infer import sampler
+
+    rows = [Row(SamplingParams(presence_penalty=1.0), None, [1, 2, 3], 2) for _ in range(3)]
+    monkeypatch.setattr(sampler, "CHECK_HISTORY", True)
+    sampler.token_history(rows, 10, "cpu")
+    rows[1].tokens.append(7)
+    sampler.token_history(rows, 10, "cpu")
+    real = sampler._appended
+    monkeypatch.setattr(sampler, "_appended", lambda h, r: real(h, r)[:-1])  # drops each row's newest token
+    rows[2].tokens.append(4)
+    with pytest.raises(AssertionError, match=r"rows \[2\]"):
+        sampler.token_history(rows, 10, "cpu")

@@ -10,7 +10,9 @@ vocabulary and averaged over the counted tokens (loss_mask, targets != -100):
                (GKD's generalised JSD, Agarwal et al. 2024, eq. 1; beta -> 0 / 1 is forward / reverse KL
                up to scale, so those endpoints are plain KLs as in TRL)
 No tau^2 factor (as TRL's GKD): with tau > 1 scale the learning rate or `weight` instead.
-`sft_weight` > 0 adds that much of the usual cross-entropy on the data's own targets.
+`sft_weight` > 0 adds that much of the usual cross-entropy on the data's own targets. A student with MoE or MTP
+layers gets its auxiliary losses added (lmforge.align.logprobs.ModelAux; never the teacher's): metrics loss
+(the distillation loss alone), aux_loss, moe/*.
 
 Batch keys: input_ids / targets / loss_mask (B, T), optional teacher_logits (B, T, V) precomputed.
 Sequence-level distillation (training on the teacher's generations) is data: lmforge.align.sampled.
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from lmforge.align.dpo import ReferenceHolder
 from lmforge.align.frozen import Frozen, held
-from lmforge.align.logprobs import masked_mean, model_inputs, response_mask, token_logprobs
+from lmforge.align.logprobs import ModelAux, masked_mean, model_logits, response_mask, token_logprobs
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 
@@ -97,8 +99,8 @@ class DistillObjective(ReferenceHolder):
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(model)
         cfg = self.cfg
-        ids, kwargs = model_inputs(batch)
-        logits = model(ids, **kwargs)
+        aux = ModelAux(model)  # read at the student's forward, before a teacher (a BaseReference) reruns its layers
+        logits = model_logits(model, batch, aux=aux)
         teacher = batch.get("teacher_logits")
         if teacher is None:
             if self.ref is None:
@@ -112,4 +114,4 @@ class DistillObjective(ReferenceHolder):
                                            temperature=cfg.temperature), mask)
         ce = -masked_mean(token_logprobs(logits, batch["targets"]), mask)
         loss = cfg.weight * div + (cfg.sft_weight * ce if cfg.sft_weight else 0.0)
-        return loss, {"distill/divergence": div.detach(), "distill/ce": ce.detach()}
+        return aux.add(loss, {"distill/divergence": div.detach(), "distill/ce": ce.detach()})

@@ -12,7 +12,9 @@ Batch keys (lmforge.train.objective layout, prefixed per sequence):
                                                instead of running the reference
 Sequence log-probs are sums over the completion tokens; IPO divides each log-ratio by its completion's
 length and SimPO uses per-token means (both as TRL). The equations are in lmforge.align.losses; metrics
-are named as TRL logs them (rewards = beta * summed log-ratio; SimPO: beta * mean log-prob).
+are named as TRL logs them (rewards = beta * summed log-ratio; SimPO: beta * mean log-prob). An MoE or MTP
+policy's auxiliary losses of its own forward are added (lmforge.align.logprobs.ModelAux; TRL adds the router aux
+loss of its concatenated forward): metrics loss (the preference loss alone), aux_loss, moe/*.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from lmforge.align.frozen import Frozen, check_beta, held
-from lmforge.align.logprobs import batch_logps
+from lmforge.align.logprobs import ModelAux, batch_logps
 from lmforge.align.losses import PAIR_LOSSES, dpo_loss, ipo_loss, preference_metrics, simpo_loss
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
@@ -116,7 +118,8 @@ class DPOObjective(ReferenceHolder):
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(model)
         cfg = self.cfg
-        (pi_c, pi_r), _, (m_c, m_r) = batch_logps(model, batch, PAIR, average=cfg.loss_type == "simpo")
+        aux = ModelAux(model)  # read at the policy's forward, before a BaseReference reruns its layers
+        (pi_c, pi_r), _, (m_c, m_r) = batch_logps(model, batch, PAIR, average=cfg.loss_type == "simpo", aux=aux)
         if cfg.loss_type == "simpo":
             losses = simpo_loss(pi_c, pi_r, beta=cfg.beta, gamma=cfg.simpo_gamma,
                                 label_smoothing=cfg.label_smoothing)
@@ -130,4 +133,4 @@ class DPOObjective(ReferenceHolder):
             else:
                 losses = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
             rc, rr = cfg.beta * (pi_c - ref_c), cfg.beta * (pi_r - ref_r)
-        return losses.mean(), preference_metrics(rc, rr, pi_c, pi_r)
+        return aux.add(losses.mean(), preference_metrics(rc, rr, pi_c, pi_r))

@@ -10,7 +10,9 @@ lmforge's KTO data pairs them over the global batch, lmforge.align.data.kto_batc
 KTOConfig(kl=False) (TRL's calculate_KL=False); ref_logps / ref_kl_logps (B,) optional precomputed
 reference log-prob sums. On N data-parallel processes z0 is the mean over every rank's mismatched rows (one
 all-reduce, as TRL gathers it over processes), so the ranks share one reference point.
-Loss per example as in lmforge.align.losses.kto_loss, averaged over the batch; metrics as TRL logs them.
+Loss per example as in lmforge.align.losses.kto_loss, averaged over the batch; metrics as TRL logs them. An
+MoE or MTP policy's auxiliary losses of its forward on the batch's rows (not the no-grad reference-point rows)
+are added (lmforge.align.logprobs.ModelAux): metrics loss (KTO's alone), aux_loss, moe/*.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from lmforge.align.dpo import ReferenceHolder, reference_logps
 from lmforge.align.frozen import Frozen, check_beta, held
-from lmforge.align.logprobs import batch_logps, response_mask
+from lmforge.align.logprobs import ModelAux, batch_logps, response_mask
 from lmforge.align.losses import kto_kl, kto_loss
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
@@ -100,7 +102,8 @@ class KTOObjective(ReferenceHolder):
             batch = {**batch, **mismatched_rows(batch)}
         has_kl = cfg.kl
         prefixes = ("", "kl_") if has_kl else ("",)
-        pi = batch_logps(model, batch)[0][0]
+        aux = ModelAux(model)  # read at the policy's forward, before a BaseReference reruns its layers
+        pi = batch_logps(model, batch, aux=aux)[0][0]
         ref_keys = ("ref_logps", "ref_kl_logps") if has_kl else ("ref_logps",)
         refs = reference_logps(self.ref, batch, prefixes, average=False, keys=ref_keys)
         ref = refs[0]
@@ -118,4 +121,4 @@ class KTOObjective(ReferenceHolder):
         metrics = {"kl": kl, "rewards/chosen": mean(rewards, good), "rewards/rejected": mean(rewards, ~good),
                    "logps/chosen": mean(pi.detach(), good), "logps/rejected": mean(pi.detach(), ~good)}
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        return losses.mean(), metrics
+        return aux.add(losses.mean(), metrics)

@@ -8,11 +8,16 @@ in bf16 that saves two fp32 copies of the logits per batch.
 
 Masked reductions: `masked_mean` over an all-zero mask is 0/0 = NaN by design (an empty selection has no
 mean; objectives must not hide that); `masked_sum` of an empty selection is 0.
+
+`ModelAux` adds the trained model's own auxiliary losses (MoE balancing / router z-losses, MTP) to every
+post-training objective's loss, as pretraining's LMObjective adds them (lmforge.train.loss.with_aux).
 """
 
 from __future__ import annotations
 
 import torch
+
+from lmforge.train.loss import model_aux
 
 DEFAULT_CHUNK = 8192  # vocabulary entries per chunk
 
@@ -105,6 +110,69 @@ def response_mask(batch: dict, prefix: str = "") -> torch.Tensor:
     return mask & lm.bool() if lm is not None else mask
 
 
+class ModelAux:
+    """The trained model's auxiliary losses (model.aux_loss(): MoE balancing and router z-losses, MTP) over an
+    objective's forwards of it, added to the objective's loss as pretraining adds them (lmforge.train.loss.with_aux;
+    TRL adds the router aux loss to SFT and DPO the same way). One per loss() call:
+
+        aux = ModelAux(model)
+        logits = model_logits(model, batch, aux=aux)           # or batch_logps(..., aux=aux): read() after each forward
+        ... reference / teacher forwards, the objective's loss ...
+        return aux.add(loss, metrics)
+
+    read() must follow the trained model's forward before any other forward of its modules: model.aux_loss() is
+    the LAST forward's, and a BaseReference runs the same MoE layers (adapters off, eval mode: no MTP loss). Only
+    the trained model's forwards are read (never a reference's or teacher's, nor KTO's no-grad reference-point
+    rows), and only in training mode: evaluation (the Trainer's runs the model in eval mode, as pretraining's, whose
+    val_loss has no aux either) adds nothing. A training-mode forward without gradients (the Trainer's micro-batch
+    with nothing to train) still reports them, so every micro-batch returns the same metrics.
+    Several policy forwards (chosen and rejected rows of packed pairs) add the mean of theirs: one concatenated
+    forward's aux is a mean over all its tokens too. add(loss, metrics) -> (loss + aux, metrics with `loss` = the
+    objective's own loss (unless it names one), aux_loss and moe/* stats), as pretraining logs them; a model
+    without aux losses (aux_loss() None, or no such method) gets both back unchanged."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.losses: list[torch.Tensor] = []
+        self.stats: list[dict[str, torch.Tensor]] = []
+
+    def read(self) -> None:
+        """Take the model's aux losses (and MoE stats) of the forward just run; nothing in eval mode."""
+        got = model_aux(self.model) if self.model.training else None
+        if got is not None:
+            self.losses.append(got[0])
+            self.stats.append(got[1])
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not self.losses:
+            return loss, metrics
+        one = len(self.losses) == 1
+        aux = self.losses[0] if one else torch.stack([a.float() for a in self.losses]).mean()
+        stats = self.stats[0] if one else {k: torch.stack([s[k] for s in self.stats]).mean() for k in self.stats[0]}
+        return loss + aux, {"loss": loss.detach(), **metrics, "aux_loss": aux.detach(), **stats}
+
+
+def mtp_targets(model: torch.nn.Module, batch: dict, prefix: str = "") -> dict:
+    """{'targets': the counted targets (-100 elsewhere)} for a model with MTP heads, whose MTP loss then skips
+    what the objective skips (prompts, padding), as pretraining's; {} for any other model."""
+    if getattr(model, "mtp", None) is None:
+        return {}
+    return {"targets": batch[f"{prefix}targets"].masked_fill(~response_mask(batch, prefix), -100)}
+
+
+def model_logits(model: torch.nn.Module, batch: dict, prefix: str = "", *, aux: ModelAux | None = None
+                 ) -> torch.Tensor:
+    """(B, T, V) logits of batch[prefix + 'input_ids']; packed rows (doc_ids present) attend per document. With
+    `aux`, the trained model's forward: its aux losses are read (ModelAux) and an MTP model's MTP loss gets the
+    counted targets."""
+    ids, kwargs = model_inputs(batch, prefix)
+    logits = model(ids, **kwargs, **mtp_targets(model, batch, prefix)) if aux is not None else model(ids, **kwargs)
+    if aux is not None:
+        aux.read()
+    return logits
+
+
 def model_inputs(batch: dict, prefix: str = "") -> tuple[torch.Tensor, dict]:
     """(input_ids, kwargs) for `model(ids, positions=..., meta=...)`; packed rows pass their doc ids."""
     kwargs = {}
@@ -118,10 +186,12 @@ def model_inputs(batch: dict, prefix: str = "") -> tuple[torch.Tensor, dict]:
 
 
 def batch_logps(model: torch.nn.Module, batch: dict, prefixes: tuple[str, ...] = ("",), *,
-                average: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+                average: bool = False, aux: ModelAux | None = None
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Sequence log-probs of several prefixed sequences of a batch in ONE forward (chosen and rejected
     concatenated along the batch, as TRL does; the shorter side right-padded, which a causal model's
-    earlier positions never see), or one forward each for packed rows.
+    earlier positions never see), or one forward each for packed rows. `aux`: the trained model's forwards,
+    whose aux losses it reads (model_logits).
     Returns per prefix: sequence sums (or means) (B,), token log-probs (B, T_prefix), masks (B, T_prefix)."""
     packed = any(batch.get(f"{p}doc_ids") is not None or batch.get(f"{p}positions") is not None for p in prefixes)
     if len(prefixes) > 1 and not packed:
@@ -130,14 +200,14 @@ def batch_logps(model: torch.nn.Module, batch: dict, prefixes: tuple[str, ...] =
         pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
         ids = torch.cat([pad(batch[f"{p}input_ids"], 0) for p in prefixes])
         targets = torch.cat([pad(batch[f"{p}targets"], -100) for p in prefixes])
-        tok = token_logprobs(model(ids), targets)
-        toks = [t[:, :n] for t, n in zip(tok.chunk(len(prefixes)), lens)]
         ms = [response_mask(batch, p) for p in prefixes]
+        joined = {"input_ids": ids, "targets": targets, "loss_mask": torch.cat([pad(m, False) for m in ms])}
+        tok = token_logprobs(model_logits(model, joined, aux=aux), targets)
+        toks = [t[:, :n] for t, n in zip(tok.chunk(len(prefixes)), lens)]
     else:
         toks, ms = [], []
         for p in prefixes:
-            ids, kwargs = model_inputs(batch, p)
-            toks.append(token_logprobs(model(ids, **kwargs), batch[f"{p}targets"]))
+            toks.append(token_logprobs(model_logits(model, batch, p, aux=aux), batch[f"{p}targets"]))
             ms.append(response_mask(batch, p))
     seqs = [masked_mean(t, m, dim=-1) if average else masked_sum(t, m, dim=-1) for t, m in zip(toks, ms)]
     return seqs, toks, ms

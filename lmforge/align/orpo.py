@@ -4,7 +4,8 @@
 
 Batch keys as DPO (chosen_* / rejected_*). The odds use per-token MEAN log-probs (the paper's eq. 4 on
 length-normalised likelihoods, as TRL). Metrics as TRL's ORPOTrainer: rewards = lambda * mean log-prob,
-nll_loss, log_odds_ratio (mean log sigmoid), log_odds_chosen (mean log odds ratio).
+nll_loss, log_odds_ratio (mean log sigmoid), log_odds_chosen (mean log odds ratio). An MoE or MTP model's
+auxiliary losses are added (lmforge.align.logprobs.ModelAux): metrics loss (ORPO's alone), aux_loss, moe/*.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from lmforge.align.dpo import PAIR, Stateless
 from lmforge.align.frozen import check_beta
-from lmforge.align.logprobs import batch_logps, masked_mean
+from lmforge.align.logprobs import ModelAux, batch_logps, masked_mean
 from lmforge.align.losses import orpo_log_odds, preference_metrics
 from lmforge.config import coerce_fields
 
@@ -38,11 +39,12 @@ class ORPOObjective(Stateless):
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lam = self.cfg.beta
-        (avg_c, avg_r), (tok_c, _), (mask_c, _) = batch_logps(model, batch, PAIR, average=True)
+        aux = ModelAux(model)
+        (avg_c, avg_r), (tok_c, _), (mask_c, _) = batch_logps(model, batch, PAIR, average=True, aux=aux)
         nll = -masked_mean(tok_c, mask_c)
         log_odds = orpo_log_odds(avg_c, avg_r)
         ratio = F.logsigmoid(log_odds)
         metrics = preference_metrics(lam * avg_c, lam * avg_r, avg_c, avg_r)
         metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": ratio.detach().mean(),
                         "log_odds_chosen": log_odds.detach().mean()})
-        return nll - lam * ratio.mean(), metrics
+        return aux.add(nll - lam * ratio.mean(), metrics)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.align.dpo import Stateless
+from lmforge.align.logprobs import ModelAux
 from lmforge.align.value import values_of
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
@@ -117,11 +118,12 @@ class ProcessRewardObjective(Stateless):
         at = self.steps(batch)
         if not bool(at.any()):
             raise ConfigError("this batch labels no step (step_labels is -100 everywhere); check the data")
-        logits = values_of(model, batch)[at]  # (S,) one per labelled step
+        aux = ModelAux(model)  # a trained MoE trunk's balancing losses (ValueModel.aux_loss)
+        logits = values_of(model, batch, aux=aux)[at]  # (S,) one per labelled step
         y = batch["step_labels"][at].float()
         loss = F.binary_cross_entropy_with_logits(logits, y)
         p = torch.sigmoid(logits.detach())
-        return loss, {"accuracy": ((logits.detach() > 0).float() == y).float().mean(), "mean_score": p.mean()}
+        return aux.add(loss, {"accuracy": ((logits.detach() > 0).float() == y).float().mean(), "mean_score": p.mean()})
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ RewardObjective: Bradley-Terry pairwise loss on chosen_* / rejected_* rows (opti
 Eisenstein et al. 2023, as TRL's center_rewards_coefficient); metrics as TRL's RewardTrainer: accuracy,
 margin, mean/min/max_reward.
 ClassificationObjective: cross-entropy of `label` (B,) long; metric accuracy.
+Both add the trained trunk's MoE balancing losses (SequenceHead.aux_loss, lmforge.align.logprobs.ModelAux):
+metrics loss (the objective's own), aux_loss.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch
 from torch import nn
 
 from lmforge.align.dpo import PAIR, Stateless
-from lmforge.align.logprobs import model_inputs
+from lmforge.align.logprobs import ModelAux, model_inputs
 from lmforge.align.losses import bradley_terry_loss
-from lmforge.align.value import freeze_unread
+from lmforge.align.value import freeze_unread, trunk_aux_loss
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.utils import eval_mode
@@ -52,6 +54,10 @@ class SequenceHead(nn.Module):
         """What a checkpoint's config.json records beside the backbone's config, so that
         lmforge.checkpoint.load_model rebuilds this model (a trained reward model scores RL rollouts)."""
         return {"kind": "sequence", "out_dim": self.head.out_features, "train_backbone": self.train_backbone}
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The trunk's MoE losses of the last forward while it trains (objectives add them: ModelAux); None frozen."""
+        return trunk_aux_loss(self.backbone) if self.train_backbone else None
 
     @classmethod
     def from_record(cls, backbone: nn.Module, record: dict) -> "SequenceHead":
@@ -114,12 +120,16 @@ def score_index(batch: dict, prefix: str = "") -> torch.Tensor | None:
     return T - 1 - mask.flip(-1).int().argmax(-1)
 
 
-def scores(model: nn.Module, batch: dict, prefix: str = "") -> torch.Tensor:
+def scores(model: nn.Module, batch: dict, prefix: str = "", *, aux: ModelAux | None = None) -> torch.Tensor:
+    """(B, out_dim) scores of a batch's `prefix` rows; `aux`: the trained model's forward (ModelAux.read)."""
     if not isinstance(model, SequenceHead):
         raise ConfigError(f"this objective needs a model with a head: wrap it, SequenceHead(model, out_dim), "
                           f"not a bare {type(model).__name__}")
     ids, kwargs = model_inputs(batch, prefix)
-    return model(ids, score_index(batch, prefix), **kwargs)
+    out = model(ids, score_index(batch, prefix), **kwargs)
+    if aux is not None:
+        aux.read()
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,14 +150,15 @@ class RewardObjective(Stateless):
         self.cfg = cfg or RewardConfig()
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r = scores(model, batch, PAIR[0]).squeeze(-1)
-        r_r = scores(model, batch, PAIR[1]).squeeze(-1)
+        aux = ModelAux(model)
+        r = scores(model, batch, PAIR[0], aux=aux).squeeze(-1)
+        r_r = scores(model, batch, PAIR[1], aux=aux).squeeze(-1)
         loss = bradley_terry_loss(r, r_r, batch.get("margin")).mean()
         if self.cfg.center_rewards_coefficient:
             loss = loss + self.cfg.center_rewards_coefficient * ((r + r_r) ** 2).mean()
         both = torch.cat([r, r_r]).detach()
-        return loss, {"accuracy": (r > r_r).float().mean(), "margin": (r - r_r).detach().mean(),
-                      "mean_reward": both.mean(), "min_reward": both.min(), "max_reward": both.max()}
+        return aux.add(loss, {"accuracy": (r > r_r).float().mean(), "margin": (r - r_r).detach().mean(),
+                              "mean_reward": both.mean(), "min_reward": both.min(), "max_reward": both.max()})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +178,8 @@ class ClassificationObjective(Stateless):
         self.cfg = cfg or ClassificationConfig()
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = scores(model, batch).float()
+        aux = ModelAux(model)
+        logits = scores(model, batch, aux=aux).float()
         label = batch["label"].long()
         loss = nn.functional.cross_entropy(logits, label, label_smoothing=self.cfg.label_smoothing)
-        return loss, {"accuracy": (logits.argmax(-1) == label).float().mean()}
+        return aux.add(loss, {"accuracy": (logits.argmax(-1) == label).float().mean()})

@@ -10,9 +10,11 @@ NEFTune (Jain et al. 2023, "NEFTune: Noisy Embeddings Improve Instruction Finetu
 training, the token embeddings get uniform noise ε ~ U(-1, 1) scaled by α / sqrt(L·d), L the sequence
 length and d the embedding width; as in HF/TRL, L is the batch's padded (or packed) row length.
 
-`model_logits(model, batch, prefix)` runs the forward every post-training objective shares: packed rows
-pass their positions and document ids (lmforge.model.meta.AttnMetadata) so documents never attend to each
-other.
+`model_logits(model, batch, prefix)` (lmforge.align.logprobs) runs the forward every post-training objective
+shares: packed rows pass their positions and document ids (lmforge.model.meta.AttnMetadata) so documents never
+attend to each other. The trained positions are `response_mask`'s: loss_mask where the batch has one (bool or
+0/1 integers), and never a -100 target; without loss_mask every target other than -100 trains (pretraining's
+layout). An MoE or MTP model's auxiliary losses are added to the loss (lmforge.align.logprobs.ModelAux).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from lmforge.align.logprobs import masked_mean, model_inputs, token_logprobs
+from lmforge.align.logprobs import ModelAux, masked_mean, model_logits, response_mask, token_logprobs
 from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.train.distributed import eval_rows, sum_over_ranks
@@ -42,12 +44,6 @@ class SFTConfig:
         check(self.loss in ("token_mean", "sequence_mean"),
               f"sft.loss must be 'token_mean' or 'sequence_mean', got {self.loss!r}")
         check(self.neftune_alpha >= 0, f"sft.neftune_alpha must be >= 0, got {self.neftune_alpha}")
-
-
-def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-    """(B, T, V) logits of batch[prefix + 'input_ids']; packed rows (doc_ids present) attend per document."""
-    ids, kwargs = model_inputs(batch, prefix)
-    return model(ids, **kwargs)
 
 
 def input_embedding(model: torch.nn.Module) -> torch.nn.Module:
@@ -87,6 +83,7 @@ def document_keys(mask: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Ten
 def sequence_mean(values: torch.Tensor, mask: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
     """Mean over documents of each document's masked mean of `values` (B, T). A document is a row, or a
     (row, doc_id) pair in packed rows; documents without masked tokens do not count."""
+    mask = mask.bool()  # (a 0/1 integer mask would index rows, not select positions)
     uniq, inv = torch.unique(document_keys(mask, doc_ids)[mask], return_inverse=True)
     sums = torch.zeros(len(uniq), dtype=values.dtype, device=values.device).index_add(0, inv, values[mask])
     counts = torch.bincount(inv, minlength=len(uniq)).to(values.dtype)
@@ -94,8 +91,9 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor, doc_ids: torch.Tenso
 
 
 class SFTObjective:
-    """Negative log-likelihood of the trained targets. Metrics (TRL's names): loss, mean_token_accuracy,
-    num_tokens (trained tokens in the batch). Stateless."""
+    """Negative log-likelihood of the trained targets (response_mask: loss_mask if given, never -100), plus an
+    MoE/MTP model's aux losses. Metrics (TRL's names): loss (the NLL alone), mean_token_accuracy, num_tokens
+    (trained tokens in the batch); with aux losses also aux_loss and moe/* as pretraining. Stateless."""
 
     Config = SFTConfig
 
@@ -104,10 +102,11 @@ class SFTObjective:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        aux = ModelAux(model)
         with neftune(model, self.cfg.neftune_alpha):
-            logits = model_logits(model, batch)
+            logits = model_logits(model, batch, aux=aux)
         targets = batch["targets"]
-        mask = batch["loss_mask"] & (targets != -100)
+        mask = response_mask(batch)
         nll = -token_logprobs(logits, targets)
         if self.cfg.loss == "token_mean":
             loss = masked_mean(nll, mask)
@@ -115,12 +114,12 @@ class SFTObjective:
             loss = sequence_mean(nll, mask, batch.get("doc_ids"))
         with torch.no_grad():
             acc = masked_mean((logits.argmax(-1) == targets).float(), mask)
-        return loss, {"loss": loss.detach(), "mean_token_accuracy": acc, "num_tokens": mask.sum().float()}
+        return aux.add(loss, {"loss": loss.detach(), "mean_token_accuracy": acc, "num_tokens": mask.sum().float()})
 
     def batch_weight(self, batch: dict[str, torch.Tensor]) -> int:
         """Items this loss averages over (trained tokens, or examples with sequence_mean): the Trainer
         weighs accumulated micro-batches by it, so grad_accum x B rows = one batch of grad_accum*B rows."""
-        mask = batch["loss_mask"] & (batch["targets"] != -100)
+        mask = response_mask(batch)
         if self.cfg.loss == "token_mean":
             return int(mask.sum())
         return int(torch.unique(document_keys(mask, batch.get("doc_ids"))[mask]).numel())

@@ -36,7 +36,7 @@ import inspect
 import torch
 from torch import nn
 
-from lmforge.align.logprobs import model_inputs
+from lmforge.align.logprobs import ModelAux, model_inputs
 from lmforge.errors import ConfigError
 
 
@@ -67,6 +67,19 @@ def _check_backbone(backbone: nn.Module, who: str, *, shared: bool) -> None:
     if shared and "return_hidden" not in inspect.signature(backbone.forward).parameters:
         raise ConfigError(f"{who} reads the hidden state of the policy's own forward, but "
                           f"{type(backbone).__name__}.forward has no return_hidden option; use an lmforge Transformer")
+
+
+def trunk_aux_loss(backbone: nn.Module) -> torch.Tensor | None:
+    """The MoE balancing / router z-losses of the trunk's last forward, for a head that reads .hidden() (its MTP
+    heads never run there, so an MTP loss the backbone kept from another forward is not this one's); None
+    without MoE layers."""
+    from lmforge.model.layers.moe import MoE
+
+    mtp = getattr(backbone, "mtp", None)
+    skip = {id(m) for m in mtp.modules()} if mtp is not None else set()
+    terms = [m.last_aux for m in backbone.modules() if isinstance(m, MoE) and id(m) not in skip
+             and m.last_aux is not None]
+    return torch.stack([t.float() for t in terms]).sum() if terms else None
 
 
 def freeze_unread(backbone: nn.Module) -> None:
@@ -113,6 +126,10 @@ class ValueModel(nn.Module):
 
     def param_roles(self) -> dict[str, str]:
         return _param_roles(self)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The trunk's MoE losses of the last forward while it trains (objectives add them: ModelAux); None frozen."""
+        return trunk_aux_loss(self.backbone) if self.train_backbone else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, meta=None) -> torch.Tensor:
         """(B, T) ids -> (B, T) fp32 values, one per position (packed rows: positions / meta as the model's)."""
@@ -296,10 +313,14 @@ def value_from_record(backbone: nn.Module, record: dict) -> nn.Module:
     return ValueModel(backbone, train_backbone=train_backbone)
 
 
-def values_of(model: nn.Module, batch: dict, prefix: str = "") -> torch.Tensor:
-    """(B, T) fp32 values of a batch's `prefix` rows from a model with a per-token value head."""
+def values_of(model: nn.Module, batch: dict, prefix: str = "", *, aux: ModelAux | None = None) -> torch.Tensor:
+    """(B, T) fp32 values of a batch's `prefix` rows from a model with a per-token value head; `aux`: the trained
+    model's forward, whose aux losses it reads (lmforge.align.logprobs.ModelAux)."""
     if not callable(getattr(model, "values", None)):
         raise ConfigError(f"this objective needs a model with a per-token value head: wrap it, ValueModel(model) or "
                           f"PolicyWithValue(model), not a bare {type(model).__name__}")
     ids, kwargs = model_inputs(batch, prefix)
-    return model.values(ids, kwargs.get("positions"), kwargs.get("meta"))
+    out = model.values(ids, kwargs.get("positions"), kwargs.get("meta"))
+    if aux is not None:
+        aux.read()
+    return out

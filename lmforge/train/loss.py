@@ -34,12 +34,22 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def with_aux(model: torch.nn.Module, loss: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """(loss + the model's aux losses, metrics) after a forward: MoE balancing and MTP losses when the model
     has them (aux_loss), and an MoE model's expert loads and dropped tokens (moe_stats) to watch balancing."""
+    got = model_aux(model)
+    if got is None:
+        return loss, {"loss": ce}
+    aux, stats = got
+    return loss + aux, {"loss": ce, "aux_loss": aux.detach(), **stats}
+
+
+def model_aux(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """(aux loss, MoE stats) of the model's last forward - model.aux_loss() and model.moe_stats() where it has
+    them -, or None for a model without aux losses (read by with_aux and lmforge.align.logprobs.ModelAux)."""
     aux_fn = getattr(model, "aux_loss", None)
     aux = aux_fn() if callable(aux_fn) else None
     if aux is None:
-        return loss, {"loss": ce}
+        return None
     stats_fn = getattr(model, "moe_stats", None)
-    return loss + aux, {"loss": ce, "aux_loss": aux.detach(), **(stats_fn() if callable(stats_fn) else {})}
+    return aux, stats_fn() if callable(stats_fn) else {}
 
 
 class LMObjective:

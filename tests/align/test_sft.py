@@ -123,3 +123,24 @@ def test_accumulated_micro_batches_train_like_one_big_batch(tmp_path, loss):
         params.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["token_mean", "sequence_mean"])
+def test_loss_mask_may_be_absent_or_integer(loss):
+    """The batch protocol's loss_mask is optional (absent: every target other than -100 trains, pretraining's
+    layout) and may be 0/1 integers as HF collators give it: the same loss, metrics and batch weight."""
+    logits, batch = _batch()
+    obj = SFTObjective(SFTConfig(loss=loss))
+    ref, ref_metrics = obj.loss(Fixed(logits), batch)
+    no_mask = {k: v for k, v in batch.items() if k != "loss_mask"}
+    as_int = {**batch, "loss_mask": batch["loss_mask"].long()}
+    for b in (no_mask, as_int):
+        got, metrics = obj.loss(Fixed(logits), b)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        assert {k: float(v) for k, v in metrics.items()} == {k: float(v) for k, v in ref_metrics.items()}
+        assert obj.batch_weight(b) == obj.batch_weight(batch)
+    # an integer mask with zeros where targets count still leaves those positions out
+    part = {**batch, "loss_mask": (batch["loss_mask"] & (torch.arange(batch["targets"].shape[1]) % 2 == 0)).int()}
+    got, _ = obj.loss(Fixed(logits), part)
+    expect, _ = obj.loss(Fixed(logits), {**batch, "loss_mask": part["loss_mask"].bool()})
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)

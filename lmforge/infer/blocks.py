@@ -1,8 +1,10 @@
 """The paged block pool: which cache blocks are free, who holds each, and which hold a known prefix.
 
 Blocks are reference-counted: `n > 1` samples (and beam candidates) fork from their parent and share its
-blocks; a sequence about to write into a block someone else also holds gets a private copy first
-(copy-on-write; the engine copies the contents in the cache, `BlockPool.append` reports the pairs).
+blocks; a sequence about to write into a block someone else also holds (or a prefix key names) gets a private
+one first - every such block of the range a step writes, not only the partly filled tail: a table may already
+hold room reserved for speculative drafts when it forks (copy-on-write; the engine copies the contents in the
+cache, `BlockPool.append` reports the pairs; a block with none of the sequence's keys yet is not copied).
 
 Prefix caching (SGLang's RadixAttention idea, vLLM's block-hash form): a block that is full gets the
 key hash((parent block's key, its token ids)), so a key names the whole prefix up to the block's end. A
@@ -147,10 +149,16 @@ class BlockPool:
         return self.needed(table, num_tokens, new_tokens) <= len(self.fresh) + len(self.idle)
 
     def needed(self, table: list[int], num_tokens: int, new_tokens: int) -> int:
-        """Fresh blocks that writing new_tokens after the first num_tokens takes (copy-on-write included)."""
+        """Fresh blocks that writing new_tokens after the first num_tokens takes: the blocks past the table's end,
+        and a private one for each block of the written range someone else may read (copy-on-write, `_shared`)."""
         bs = self.block_size
-        extra = max(0, -(-(num_tokens + new_tokens) // bs) - len(table))
-        return extra + bool(num_tokens % bs and self.ref[table[num_tokens // bs]] > 1)
+        i, last = num_tokens // bs, -(-(num_tokens + new_tokens) // bs)
+        return max(0, last - len(table)) + sum(1 for b in table[i:last] if self._shared(b))
+
+    def _shared(self, b: int) -> bool:
+        """Whether a sequence holding block b must not write into it: another sequence holds it too (a fork, a
+        prefix hit) or a prefix key names it (later prompts read it as it is)."""
+        return b != self.null and (self.ref[b] > 1 or self.key[b] is not None)
 
     def append(self, table: list[int], num_tokens: int, new_tokens: int) -> list[tuple[int, int]]:
         """Make `table` cover num_tokens + new_tokens; returns the (src, dst) blocks to copy first."""
@@ -168,11 +176,16 @@ class BlockPool:
         i, end = num_tokens // bs, num_tokens + new_tokens
         last = -(-end // bs)
         copies = []
-        if num_tokens % bs and self.ref[table[i]] > 1:  # copy-on-write of a shared tail
-            dst = self._take()
-            copies.append((table[i], dst))
-            self.ref[table[i]] -= 1
-            table[i] = dst
+        # copy-on-write of every block the step writes into that is not this sequence's alone: the partly filled
+        # tail, and blocks already in the table past it (room reserved for drafts before a fork shared it)
+        for j in range(i, min(last, len(table))):
+            b = table[j]
+            if self._shared(b):
+                dst = self._take()
+                if j * bs < num_tokens:  # its first slots hold this sequence's keys: copied before the step
+                    copies.append((b, dst))
+                self.release([b])  # one hold fewer (a named block nobody else holds idles, still cached)
+                table[j] = dst
         while len(table) < last:
             table.append(self._take())
         for j in range(i, last):  # the copied head of a CoW block, then the new slots

@@ -18,21 +18,25 @@ the umask allows (0644 under umask 022), so a shared run folder is readable by c
 with its tokenizer.json), so every `--checkpoint` option and `LLM.load` accept downloaded models.
 
 Adapter-only checkpoints (`save_checkpoint(..., base=base_record(init))`, what a LoRA run writes by default)
-leave out the frozen parameters: model.safetensors holds what training changes (trainable parameters and
-buffers), and config.json's "base" names where the rest comes from, {"path", "sha256", "merge_lora"}: the
-base checkpoint's resolved directory, its checkpoint_identity checksum and whether its own adapters are
-merged first (a LoRA run whose init was itself a LoRA checkpoint trains on the merged model). `load_model`
-rebuilds base + recorded adapters + saved tensors, refusing a base that is missing or whose weights changed.
+leave out exactly what the base gives back (`frozen_names`: the base model's frozen parameters and buffers,
+a quantized base's codes too): model.safetensors holds everything else (what trains, a head, a frozen part
+that is not the base's, such as a separate critic's trunk), and config.json's "base" names where the rest
+comes from, {"path", "sha256", "merge_lora"}: the base checkpoint's resolved directory, its
+checkpoint_identity checksum and whether its own adapters are merged first (a LoRA run whose init was
+itself a LoRA checkpoint trains on the merged model). `load_model` rebuilds base + recorded adapters + saved
+tensors, refusing a base that is missing or whose weights changed.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +95,34 @@ def clean_partial(run_dir: str | Path) -> list[Path]:
 
 
 def frozen_names(model) -> set[str]:
-    """Names of the model's frozen parameters, a tied one under each of its names: what an adapter-only
-    checkpoint leaves to its base. A stand-in for a model (a sharded model's gathered weights) gives its
-    `frozen` attribute."""
+    """Names of what an adapter-only checkpoint leaves to its base, a tied tensor under each of its names:
+    exactly what the base checkpoint gives back, i.e. the frozen parameters and the buffers of the base model
+    (the innermost `.backbone` of a head's model, where base_record's checkpoint is loaded: the tensors
+    load_model takes from the base), less its adapters' own parameters (lmforge.adapt.lora.adapter_names) and
+    the MoE balancing biases a Trainer moves (bias_update_rate > 0). Everything else is saved, frozen or not:
+    what trains, a head, a separate critic's trunk, a frozen part that is not the base's. A stand-in for a
+    model (a sharded model's gathered weights) gives its `frozen` attribute."""
     if not isinstance(model, torch.nn.Module):
         return set(getattr(model, "frozen", ()))
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    from lmforge.adapt.lora import adapter_names
+    from lmforge.model.layers.moe import MoE
+
+    prefix, base = "", model
+    while getattr(base, "head_record", None) is not None and isinstance(getattr(base, "backbone", None),
+                                                                          torch.nn.Module):
+        prefix, base = prefix + "backbone.", base.backbone
+    kept = adapter_names(base) | {f"{n}.e_bias" if n else "e_bias" for n, m in base.named_modules(
+        remove_duplicate=False) if isinstance(m, MoE) and m.m.bias_update_rate > 0}
+    given = {n for n, p in base.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    given |= {n for n, _ in base.named_buffers(remove_duplicate=False)}
+    keys = model.state_dict().keys()
+    return {prefix + n for n in given - kept if prefix + n in keys}
+
+
+LEAVES_OUT = "base_tensors"
+"""config.json's "leaves_out" of an adapter-only checkpoint: it leaves out frozen_names (the base model's frozen
+parameters and buffers). Those written before 2026-12-06 have none: they left out every frozen parameter, the
+base's or not, and held every buffer."""
 
 
 def _state_for_save(model: torch.nn.Module, leave_out: set[str] = frozenset()) -> dict[str, torch.Tensor]:
@@ -143,7 +169,8 @@ def sha256_file(path: Path) -> str:
 def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer, extra, base) -> None:
     from safetensors.torch import save_file
 
-    meta = {"step": step, **model_meta(model), **({"base": base} if base else {}), **run_metadata(), **(extra or {})}
+    left = {"base": base, "leaves_out": LEAVES_OUT} if base else {}
+    meta = {"step": step, **model_meta(model), **left, **run_metadata(), **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     weights = _state_for_save(model, frozen_names(model) if base else set())
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -163,6 +190,68 @@ def _seal(folder: Path) -> None:
     honour_umask(folder)
 
 
+_OWNERS = {"data": "the data source's state_dict()", "objective": "the objective's state_dict()"}
+
+
+def _reads_back(value: Any) -> bool:
+    """Whether torch.load(weights_only=True) reads `value` back (torch's own unpickler decides)."""
+    buf = io.BytesIO()
+    torch.serialization.save(value, buf)  # (torch.save itself: what a test makes fail to fake a full disk)
+    buf.seek(0)
+    try:
+        torch.serialization.load(buf, weights_only=True)
+    except Exception:  # torch raises several types for what its weights-only unpickler refuses
+        return False
+    return True
+
+
+def _skeleton(value: Any) -> Any:
+    """`value` with every tensor replaced by None (tensors always read back): what else it holds, small.
+    Other container types (a dict subclass, a namedtuple) are kept whole: the unpickler judges them too."""
+    if isinstance(value, torch.Tensor):
+        return None
+    if type(value) in (dict, OrderedDict):
+        return type(value)((k, _skeleton(v)) for k, v in value.items())
+    if type(value) in (list, tuple, set):
+        return type(value)(_skeleton(v) for v in value)
+    return value
+
+
+def _unreadable(value: Any, path: str) -> tuple[str, Any] | None:
+    """(key path, value) of the innermost part of `value` that weights_only loading refuses, or None."""
+    if type(value) in (dict, OrderedDict):
+        for k, v in value.items():
+            if not _reads_back(k):
+                return f"{path} (the key {k!r})", k
+            if found := _unreadable(v, f"{path}[{k!r}]"):
+                return found
+    elif type(value) in (list, tuple, set):
+        for i, v in enumerate(value):
+            if found := _unreadable(v, f"{path}[{i}]"):
+                return found
+    return None if _reads_back(_skeleton(value)) else (path, value)
+
+
+def check_train_state(state: dict[str, Any]) -> None:
+    """Refuse, in one line and before anything is written, a train state that load_train_state could not read
+    back (checkpoints are loaded with torch.load(weights_only=True), which takes tensors and plain Python
+    values only): e.g. a numpy integer or array in a data source's or objective's state_dict(), which would
+    make every checkpoint of the run unusable at its resume."""
+    if _reads_back(_skeleton(state)):
+        return
+    for key, part in state.items():
+        if found := _unreadable(part, ""):
+            path, value = found
+            where = f"{_OWNERS[key]}{path}" if key in _OWNERS else f"the train state's {key!r}{path}"
+            kind = f"{type(value).__module__}.{type(value).__qualname__}"
+            raise ConfigError(f"{where} is a {kind}, which a checkpoint cannot hold (it is read back with "
+                              "torch.load(weights_only=True): tensors, int, float, bool, str, None and lists, "
+                              "tuples and dicts of these); store it as one of those, e.g. int(x), x.tolist() or "
+                              "torch.from_numpy(x)")
+    raise ConfigError("the train state cannot be read back with torch.load(weights_only=True); keep it to tensors "
+                      "and plain Python values")
+
+
 def _is_disk_full(e: BaseException) -> bool:
     return (isinstance(e, OSError) and e.errno in _DISK_FULL) or "No space left on device" in str(e)
 
@@ -174,6 +263,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, t
     base (base_record of the checkpoint the model's frozen weights come from): an adapter-only checkpoint,
     without the frozen parameters, recording the base instead."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    if train_state is not None:
+        check_train_state(train_state)  # what a resume could not read back is refused before writing
     tmp = None
     try:  # a step written again (a resumed run's) replaces the old one whole, or leaves it as it was
         with atomic_dir(final) as tmp:
@@ -350,9 +441,13 @@ def model_config_of(ckpt: Path):
     return from_dict(ModelConfig, meta["model"], "model"), meta
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None = None) -> None:
+def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None = None, *,
+                 own_frozen: bool = True) -> None:
     """Load weights, refusing missing/unexpected/mis-shaped tensors (nothing is half-loaded). `required`:
-    the names the file must hold (an adapter-only checkpoint's: what its base does not give); default all."""
+    the names the file must hold (an adapter-only checkpoint's: what its base does not give); default all.
+    own_frozen (a resume: the model's frozen parameters are as the run built them): an adapter-only
+    checkpoint from before "leaves_out" was recorded, which left out every frozen parameter, need not hold
+    them."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -362,6 +457,9 @@ def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None =
         raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: {e}") from e
     own = model.state_dict()
     need = set(own) if required is None else required
+    if required is not None and own_frozen and _recorded_base(ckpt) \
+            and "leaves_out" not in json.loads((ckpt / "config.json").read_text()):
+        need = need - {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     shared = {n for n in need if n not in state and any(own[n].data_ptr() == own[m].data_ptr()
                                                        for m in state if m in own)}
     missing = sorted(need - set(state) - shared)
@@ -485,7 +583,7 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
             model = _with_head(model, meta["head"], ckpt)
         # over a base, the file must hold every tensor the base does not give (adapters, a new head)
         required = {n for n, t in _named_tensors(model) if id(t) not in given} if record else None
-        load_weights(model, ckpt, required)
+        load_weights(model, ckpt, required, own_frozen=False)  # the model is rebuilt: nothing is its own
         tok = load_tokenizer(ckpt) if tokenizer and (ckpt / FILE_NAME).is_file() else None
     return model.to(device).eval(), tok
 

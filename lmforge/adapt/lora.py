@@ -30,7 +30,9 @@ built with fused_proj=true has attn.wqkv and mlp.gate_up instead; LoRA on those 
 projection with one A, a different (smaller) adapter than one per part.
 
 LoRALinear keeps the base layer's `weight` and `bias` under their own names, so a LoRA model's state_dict
-is the base model's plus `*.lora_A` / `*.lora_B`. The paths that read a projection's `.weight` alone do
+is the base model's plus `*.lora_A` / `*.lora_B`: the layer's `adapter_params`, which a subclass with an adapter
+parameter of its own (DoRA's magnitude) extends; `adapter_names(model)` lists them for every reader (adapter
+checkpoints, BaseReference, lmforge.checkpoint.frozen_names). The paths that read a projection's `.weight` alone do
 not take an unmerged adapter silently: the engine's batch-1 kernel step stays off (kernel_step=True is
 refused), the fused linear + cross-entropy loss refuses an adapted lm_head, and MLA's absorbed decode falls
 back to its naive path for an adapted wkv_b (all through lmforge.model.layers.fused.plain_linear), and
@@ -39,8 +41,9 @@ save_pretrained refuses state its HF layout would drop. Merge (merge_lora) to se
 QLoRA (Dettmers et al. 2023): the frozen base may be any linear-like layer other than a bare nn.Linear - a
 quantized Linear (integer in_features / out_features, forward (..., in) -> (..., out)) or an nn.Linear subclass
 with its own forward. LoRALinear then keeps it whole as the submodule `base` and calls it (its state_dict keys
-gain `base.`: `wq.base.qweight`; named_parameters agree, so adapter-only checkpoints still leave its frozen
-parameters out), and the update cannot be merged into it (merge_lora refuses; remove_lora puts it back).
+gain `base.`: `wq.base.qweight`; named_parameters and named_buffers agree, so adapter-only checkpoints still
+leave its frozen parameters and buffers, the quantized codes, out), and the update cannot be merged into it
+(merge_lora refuses; remove_lora puts it back).
 """
 
 from __future__ import annotations
@@ -98,10 +101,6 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-ADAPTER_PARAMS = (".lora_A", ".lora_B")
-"""name suffixes of the adapter parameters (what a base model lacks)"""
-
-
 def linear_like(module: nn.Module) -> bool:
     """A layer LoRA can adapt: an nn.Linear, or a layer with integer in_features and out_features whose forward
     maps (..., in) -> (..., out) - a quantized Linear (QLoRA's frozen 4-bit base), an nn.Linear subclass."""
@@ -114,7 +113,13 @@ class LoRALinear(nn.Module):
     """A frozen Linear (the base layer's own weight and bias Parameters) plus scale · B A; with `enabled`
     False (adapters_disabled) the plain Linear, bit for bit. Over any other linear-like base (a quantized
     Linear, an nn.Linear subclass: see the module docstring) the base is kept whole as `self.base` and called;
-    `weight` and `bias` are then None."""
+    `weight` and `bias` are then None.
+
+    `adapter_params` names the layer's own adapter parameters (what the base layer lacks: trained, saved in
+    adapter checkpoints, left out of BaseReference's checksum); a subclass adding one (DoRA's magnitude vector)
+    extends it, and every reader (adapter_names) follows."""
+
+    adapter_params: tuple[str, ...] = ("lora_A", "lora_B")
 
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
@@ -158,6 +163,17 @@ class LoRALinear(nn.Module):
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         plain.weight, plain.bias = self.weight, self.bias
         return plain
+
+
+ADAPTER_PARAMS = tuple("." + n for n in LoRALinear.adapter_params)
+"""name suffixes of a plain LoRALinear's adapter parameters; what a model's adapters are is adapter_names(model)"""
+
+
+def adapter_names(model: nn.Module) -> set[str]:
+    """Names (as in model.state_dict() and named_parameters) of the adapter parameters of every LoRA layer in
+    `model` (each layer's `adapter_params`, under each name a shared layer has): what a base model lacks."""
+    return {f"{name}.{p}" if name else p for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, LoRALinear) for p in m.adapter_params}
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -306,8 +322,9 @@ def lora_state_dict(model: nn.Module, cfg: LoRAConfig) -> dict[str, torch.Tensor
     layers = lora_layers(model)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no LoRA adapters; apply_lora(model, cfg) first")
+    adapters = adapter_names(model)
     state = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
-             if n.endswith(ADAPTER_PARAMS) or p.requires_grad}
+             if n in adapters or p.requires_grad}
     return {**state, **{n + SCALE: torch.tensor(m.scale, dtype=torch.float64) for n, m in layers.items()}}
 
 
@@ -320,7 +337,8 @@ def load_lora(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     layers = lora_layers(model)
     scales = {n[: -len(SCALE)]: float(t) for n, t in state.items() if n.endswith(SCALE)}
     state = {n: t for n, t in state.items() if not n.endswith(SCALE)}
-    needed = [n for n in params if n.endswith(ADAPTER_PARAMS)]
+    adapters = adapter_names(model)
+    needed = [n for n in params if n in adapters]
     missing = [n for n in needed if n not in state]
     unknown = [n for n in state if n not in params] + [n + SCALE for n in scales if n not in layers]
     if not needed or missing or unknown:

@@ -91,13 +91,24 @@ PEFT_CANNOT_LOAD: dict[str, tuple[tuple[str, str], ...]] = {
 
 def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
     """(adapter_config.json, adapter_model.safetensors tensors) of the model's LoRA layers in PEFT's naming.
-    `lora`: the run's [lora] section, for rslora, dropout and the modules kept trainable."""
-    from lmforge.adapt.lora import lora_layers
+    `lora`: the run's [lora] section, for rslora, dropout and the modules kept trainable. A HF model behind
+    lmforge.infer.hf_wrapper.HFCausalLM already has HF's module names (under `hf.`): `family` is not used."""
+    from lmforge.adapt.lora import LoRALinear, lora_layers
+    from lmforge.infer.hf_wrapper import HFCausalLM
     from lmforge.model.hf import hf_names, hf_single_rules
 
     layers = lora_layers(model)
     if not layers:
         raise ConfigError("the checkpoint holds no LoRA adapters: export it without --adapter")
+    for name, m in layers.items():
+        extra = [p for p in m.adapter_params if p not in LoRALinear.adapter_params]
+        if extra:  # e.g. DoRA's magnitude: PEFT's plain LoRA adapter has no place for it
+            raise ConfigError(f"--adapter: LoRA layer {name} ({type(m).__name__}) has adapter parameters {extra} "
+                              "beyond A and B, which a PEFT LoRA adapter does not hold; export without --adapter")
+    if isinstance(model, HFCausalLM):
+        modules = {name: name.removeprefix("hf.") for name in layers}
+        kept = _kept_hf_modules(model, tuple(lora.get("trainable") or ()))
+        return _peft_files(layers, modules, kept, lora)
     names = hf_names(model.cfg, family)
     modules = {}
     for name in layers:
@@ -110,6 +121,12 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
                 raise ConfigError(f"--adapter: LoRA layer {name} is {what}; export without --adapter (merged), or "
                                   "train adapters on other layers")
         modules[name] = names[f"{name}.weight"].removesuffix(".weight")
+    kept = kept_modules(model, tuple(lora.get("trainable") or ()), hf_single_rules(model.cfg, family))
+    return _peft_files(layers, modules, kept, lora)
+
+
+def _peft_files(layers: dict, modules: dict[str, str], kept: dict[str, dict], lora: dict) -> tuple[dict, dict]:
+    """to_peft's (config, tensors) from the LoRA layers, their HF module names and the kept modules' tensors."""
     shapes = {(m.lora_A.shape[0], m.scale) for m in layers.values()}
     if len(shapes) > 1:
         raise ConfigError(f"--adapter: the LoRA layers differ in rank or scale ({sorted(shapes)}), which one "
@@ -123,7 +140,6 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
     for name, m in layers.items():
         for part in ("lora_A", "lora_B"):  # (r, in), (out, r): PEFT's Linear weights as lmforge's
             tensors[f"{PREFIX}{modules[name]}.{part}.weight"] = getattr(m, part).detach().contiguous().cpu()
-    kept = kept_modules(model, tuple(lora.get("trainable") or ()), hf_single_rules(model.cfg, family))
     for params in kept.values():
         tensors.update({f"{PREFIX}{k}": t for k, t in params.items()})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
@@ -133,18 +149,35 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
     return config, tensors
 
 
+def _kept(model, patterns: tuple[str, ...]):
+    """(name, module) of each outermost module whose name [lora] trainable's patterns match."""
+    from lmforge.adapt.lora import matches
+
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if name and matches(name, patterns) and not any(name.startswith(c + ".") for c in chosen):
+            chosen.append(name)
+            yield name, module
+
+
+def _kept_hf_modules(model, patterns: tuple[str, ...]) -> dict[str, dict]:
+    """kept_modules of a HF model behind HFCausalLM: its tensors as they are, under their HF names."""
+    out: dict[str, dict] = {}
+    for name, module in _kept(model, patterns):
+        if name == "hf":
+            raise ConfigError("--adapter: [lora] trainable keeps the whole HF model in full, which is no adapter; "
+                              "export without --adapter (merged)")
+        hf = name.removeprefix("hf.")
+        out[hf] = {f"{hf}.{p}": t.detach().contiguous().cpu() for p, t in module.named_parameters()}
+    return out
+
+
 def kept_modules(model, patterns: tuple[str, ...], rules: dict) -> dict[str, dict]:
     """HF module name -> {HF tensor name: tensor} of each module [lora] trainable kept in full (PEFT's
     modules_to_save), each tensor as HF stores it (`rules`: lmforge.model.hf.hf_single_rules); one whose
     tensors are not those of one HF module is refused."""
-    from lmforge.adapt.lora import matches
-
     out: dict[str, dict] = {}
-    chosen: list[str] = []
-    for name, module in model.named_modules():
-        if not name or not matches(name, patterns) or any(name.startswith(c + ".") for c in chosen):
-            continue
-        chosen.append(name)
+    for name, module in _kept(model, patterns):
         params = {p: rules.get(f"{name}.{p}") for p, _ in module.named_parameters()}
         heads = {r.hf[0].removesuffix("." + p) if r and r.hf[0].endswith("." + p) else None for p, r in params.items()}
         if None in heads or len(heads) != 1:

@@ -12,6 +12,9 @@ holding its weights a second time.
 policy itself with its adapters disabled (lmforge.adapt.lora.adapters_disabled), run in eval mode (the
 policy's modes come back after) without gradients. Since only the adapters train, that is the starting
 model at every step; its checksum covers the weights outside the adapters, so a resume checks the base.
+The one base state a Trainer moves under frozen weights, the selection bias of MoE layers with aux-loss-free
+balancing (bias_update_rate > 0), is kept as it was when the BaseReference was made and put in place while
+the reference runs, so the reference stays the starting model.
 
 Reference log-probs can be cached: DPO over several epochs sees each pair again, and the reference
 never changes, so `cache_size > 0` keeps the sequence log-probs keyed by a hash of the token ids.
@@ -22,32 +25,37 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
 
-from lmforge.adapt.lora import ADAPTER_PARAMS, adapters_disabled, lora_layers
+from lmforge.adapt.lora import adapter_names, adapters_disabled, lora_layers
 from lmforge.align.logprobs import batch_logps, model_inputs
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.model.layers.moe import MoE
 from lmforge.utils import eval_mode
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:
-    """The model's vocabulary size from its config, or its output head; None if neither is known."""
+    """The model's vocabulary size from its config, its own `vocab_size` (a HF model behind
+    lmforge.infer.hf_wrapper.HFCausalLM), or its output head; None if none is known."""
     cfg = getattr(model, "cfg", None)
     if cfg is not None and getattr(cfg, "vocab_size", None) is not None:
         return int(cfg.vocab_size)
+    own = getattr(model, "vocab_size", None)
+    if isinstance(own, int) and not isinstance(own, bool):
+        return own
     head = getattr(model, "lm_head", None)
     return int(head.out_features) if isinstance(head, torch.nn.Linear) else None
 
 
-def weights_checksum(model: torch.nn.Module, *, exclude: tuple[str, ...] = ()) -> str:
+def weights_checksum(model: torch.nn.Module, *, exclude: tuple[str, ...] = (), skip: Collection[str] = ()) -> str:
     """sha256 (16 hex digits) over tensor names, shapes, dtypes and bytes, in state_dict order, leaving out
-    the tensors whose names end with one of `exclude`."""
+    the tensors whose names end with one of `exclude`, and those named in `skip`."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        if exclude and name.endswith(exclude):
+        if (exclude and name.endswith(exclude)) or name in skip:
             continue
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         # reshape(-1) first: a 0-d tensor (a scalar buffer) has no last dimension to view as bytes
@@ -191,14 +199,19 @@ class BaseReference(Frozen):
     def __init__(self, policy: torch.nn.Module, *, path: str | None = None):
         super().__init__(policy, role="reference", path=path)
         self._check_base()
+        # the starting selection biases of the MoE layers the Trainer moves (aux-loss-free balancing,
+        # update_expert_biases): put back while the reference runs, so it stays the starting model
+        self._start_biases = {m: m.e_bias.detach().clone() for m in policy.modules()
+                              if isinstance(m, MoE) and m.m.bias_update_rate > 0}
         # the base as given now (before a resume loads the checkpoint's): another base is refused on resume
-        self._checksum = weights_checksum(policy, exclude=ADAPTER_PARAMS)
+        self._checksum = weights_checksum(policy, skip=adapter_names(policy))
 
     def _check_base(self) -> None:
         if not lora_layers(self.model):
             raise ConfigError(f"BaseReference needs a policy with LoRA adapters (apply_lora first); "
                               f"{type(self.model).__name__} has none, so it would be its own reference")
-        trained = [n for n, p in self.model.named_parameters() if p.requires_grad and not n.endswith(ADAPTER_PARAMS)]
+        adapters = adapter_names(self.model)  # each LoRA layer's own (LoRALinear.adapter_params)
+        trained = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in adapters]
         if trained:
             raise ConfigError(f"BaseReference: {trained[0]} is trained (LoRAConfig.trainable or requires_grad), so "
                               "the policy with adapters off is not the starting model; freeze it, or give a "
@@ -210,8 +223,22 @@ class BaseReference(Frozen):
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
-        with adapters_disabled(self.model), eval_mode(self.model):
+        with adapters_disabled(self.model), eval_mode(self.model), self._starting_biases():
             yield
+
+    @contextlib.contextmanager
+    def _starting_biases(self) -> Iterator[None]:
+        """The MoE selection biases as they were at construction, the trained model's back on exit."""
+        now = {m: m.e_bias.detach().clone() for m in self._start_biases}
+        with torch.no_grad():
+            for m, start in self._start_biases.items():
+                m.e_bias.copy_(start)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, bias in now.items():
+                    m.e_bias.copy_(bias)
 
 
 def held(model: torch.nn.Module | Frozen | None, *, role: str, device: str | torch.device | None = None,

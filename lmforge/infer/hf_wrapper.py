@@ -29,6 +29,10 @@ class HFCausalLM(nn.Module):
         self.eos_token_ids = eos_token_ids(getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
                                            getattr(cfg, "eos_token_id", None))
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The HF model's token embedding (what NEFTune adds its noise to, as TRL does on a HF model)."""
+        return self.hf.get_input_embeddings()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None, meta=None, *,
                 return_hidden: bool | tuple[int, ...] = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids -> logits (B, T, V); no cache (full recompute), positions default to 0..T-1.

@@ -233,3 +233,62 @@ def test_two_fsdp_processes_write_adapter_checkpoints_that_resume_in_two_and_in_
             resumed = _losses(PT.posttrain(_cfg(base, run, lora=LORA, optim=OPTIM, max_steps=4, plot=False)))
         assert resumed == pytest.approx(one, abs=1e-4), resume  # steps 1-2 as run, 3-4 resumed
         assert "step_000002 at step 2" in capfd.readouterr().out
+
+
+def test_an_adapter_checkpoint_leaves_out_exactly_what_its_base_gives(tmp_path):
+    """What an adapter-only checkpoint leaves out is what its base checkpoint gives back, nothing else: a
+    PolicyAndCritic over a LoRA policy saves its critic whole, frozen or not (its unread lm_head, the trunk with
+    train_backbone=False: in no other file), and load_model rebuilds both trunks exactly."""
+    from lmforge.adapt.lora import LoRAConfig, adapter_names, apply_lora
+    from lmforge.align.value import PolicyAndCritic, ValueModel
+
+    from ..adapt.test_lora import randomise_b
+    from ..align.helpers import tiny_model
+
+    ids = torch.randint(0, 41, (2, 7), generator=torch.Generator().manual_seed(0))
+    base = ckpt.save_checkpoint(tmp_path / "base", 0, tiny_model(0))
+    for train_backbone in (True, False):
+        ac = PolicyAndCritic(apply_lora(tiny_model(0), LoRAConfig(r=2, alpha=4, targets=("wq", "wv"))),
+                             ValueModel(tiny_model(1), train_backbone=train_backbone))
+        randomise_b(ac)
+        path = ckpt.save_checkpoint(tmp_path / f"ac_{train_backbone}", 1, ac, base=ckpt.base_record(base))
+        saved = set(load_file(path / "model.safetensors"))
+        assert {n for n in saved if n.startswith("backbone.")} == {f"backbone.{n}" for n in adapter_names(ac.backbone)}
+        assert {n for n in ac.state_dict() if n.startswith("critic.")} - saved <= {"critic.backbone.lm_head.weight"}
+        model, _ = ckpt.load_model(path)
+        with torch.no_grad():
+            got, want = model.policy_and_values(ids), ac.eval().policy_and_values(ids)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # one written before (every frozen parameter left out, "leaves_out" not recorded) still resumes, onto the
+    # model the run builds; load_model, which has no critic of its own, still refuses it
+    from safetensors.torch import save_file
+
+    frozen = {n for n, p in ac.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    save_file({n: t for n, t in load_file(path / "model.safetensors").items() if n not in frozen},
+              str(path / "model.safetensors"))
+    meta = json.loads((path / "config.json").read_text())
+    del meta["leaves_out"]
+    (path / "config.json").write_text(json.dumps(meta))
+    ckpt._seal(path)
+    ckpt.load_weights(ac, path, set(ac.state_dict()) - ckpt.frozen_names(ac))
+    with pytest.raises(CheckpointError, match=r"missing \['critic.backbone"):
+        ckpt.load_model(path)
+
+
+def test_an_adapter_checkpoint_of_a_quantized_base_holds_the_adapters_alone(tmp_path):
+    """QLoRA: the quantized base's codes and scales are buffers, which the base checkpoint holds; an
+    adapter-only checkpoint leaves them out (it holds A and B alone), and a resume finds every tensor it needs."""
+    from lmforge.adapt.lora import LoRAConfig, adapter_names, apply_lora
+
+    from ..adapt.test_lora import quantized, randomise_b
+    from ..align.helpers import tiny_model
+
+    qbase = ckpt.save_checkpoint(tmp_path / "qbase", 0, quantized(tiny_model(0), ("wq", "wk", "wv")))
+    cfg = LoRAConfig(r=2, alpha=4, targets=("wq", "wv"))
+    model = apply_lora(quantized(tiny_model(0), ("wq", "wk", "wv")), cfg)
+    randomise_b(model)
+    path = ckpt.save_checkpoint(tmp_path / "q", 1, model, base=ckpt.base_record(qbase))
+    assert set(load_file(path / "model.safetensors")) == adapter_names(model)
+    resumed = apply_lora(quantized(tiny_model(0), ("wq", "wk", "wv")), cfg)  # as a Trainer's resume loads it
+    ckpt.load_weights(resumed, path, set(resumed.state_dict()) - ckpt.frozen_names(resumed))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))

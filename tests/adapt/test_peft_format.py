@@ -172,3 +172,38 @@ def test_a_legacy_adapter_model_bin_is_named_with_the_command_that_converts_it(t
     subprocess.run(command, shell=True, check=True, capture_output=True)
     model = load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)[0]
     assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
+
+
+def test_adapters_trained_on_a_hf_model_behind_the_wrapper_export_to_peft(tmp_path):
+    """LoRA on a HF model behind lmforge.infer.hf_wrapper.HFCausalLM (module names already HF's, under `hf.`):
+    to_peft writes an adapter PEFT loads onto that HF base with the same logits, the module kept in full as
+    modules_to_save; NEFTune finds the wrapped model's token embedding (get_input_embeddings) and trains."""
+    from lmforge.adapt.lora import LoRAConfig, apply_lora
+    from lmforge.adapt.peft_format import to_peft
+    from lmforge.align.sft import SFTConfig, SFTObjective
+    from lmforge.infer.hf_wrapper import HFCausalLM
+
+    from .test_lora import randomise_b
+
+    hf = _base(tmp_path / "base")
+    model = apply_lora(HFCausalLM(hf), LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj"), trainable=("norm",)))
+    randomise_b(model)
+    with torch.no_grad():
+        hf.model.norm.weight.mul_(1.5)
+    config, tensors = to_peft(model, None, {"alpha": 8, "trainable": ["norm"]})
+    assert config["modules_to_save"] == ["model.norm"] and "base_model.model.model.norm.weight" in tensors
+    assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in tensors
+    out = tmp_path / "adapter"
+    out.mkdir()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "base")}))
+    reloaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), out)
+    ids = ids_for(VOCAB)
+    torch.testing.assert_close(logits(reloaded.eval(), ids), logits(model.eval(), ids), rtol=0, atol=1e-5)
+    assert model.get_input_embeddings() is hf.get_input_embeddings()
+    from ..align.helpers import sequences
+
+    batch = sequences(2, 10, VOCAB, [2, 3], 0)
+    plain = SFTObjective().loss(model.train(), batch)[0]
+    noisy = SFTObjective(SFTConfig(neftune_alpha=5.0)).loss(model.train(), batch)[0]
+    assert torch.isfinite(noisy) and not torch.equal(noisy, plain)

@@ -155,3 +155,102 @@ def test_base_reference_identity_is_the_base_and_errors_name_the_fix():
     policy.lm_head.weight.requires_grad_(True)  # unfrozen after the reference was built: refused at first use
     with pytest.raises(ConfigError, match="BaseReference: lm_head.weight is trained"):
         later.loss(policy, pair_batch())
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024) as a LoRALinear subclass: a trainable per-row magnitude over the normalised
+    W + scale·BA, declared an adapter parameter; with adapters off the plain Linear."""
+
+    adapter_params = (*LoRALinear.adapter_params, "magnitude")
+
+    def __init__(self, base: nn.Linear, r: int, scale: float):
+        super().__init__(base, r, scale)
+        self.magnitude = nn.Parameter(self.weight.detach().norm(dim=1).clone())
+
+    def forward(self, x):
+        if not self.enabled:
+            return nn.functional.linear(x, self.weight, self.bias)
+        w = self.weight + self.delta_weight()
+        return nn.functional.linear(x, w * (self.magnitude / w.norm(dim=1).detach())[:, None], self.bias)
+
+
+def test_an_adapter_layer_declares_its_adapter_parameters():
+    """A LoRALinear subclass with an adapter parameter of its own (DoRA's magnitude) names it in
+    adapter_params, and every reader follows: BaseReference accepts the policy and its checksum is the base's,
+    the adapter state holds and needs it, and adapter-only checkpoints save it as they save A and B."""
+    from lmforge import checkpoint as ckpt
+    from lmforge.adapt.lora import adapter_names, load_lora, lora_state_dict
+
+    base = tiny_model(0)
+    policy = copy.deepcopy(base).requires_grad_(False)
+    for block in policy.blocks:
+        block.attn.wq = DoRALinear(block.attn.wq, 2, 2.0)
+    randomise_b(policy)
+    with torch.no_grad():
+        policy.blocks[0].attn.wq.magnitude.mul_(1.5)
+    assert adapter_names(policy) == {f"blocks.{i}.attn.wq.{p}" for i in range(len(policy.blocks))
+                                     for p in ("lora_A", "lora_B", "magnitude")}
+    ref = BaseReference(policy)
+    assert ref.checksum == weights_checksum(base)
+    batch = pair_batch()
+    want = DPOObjective(DPOConfig(), reference=copy.deepcopy(base)).loss(policy, batch)[0]
+    torch.testing.assert_close(DPOObjective(DPOConfig(), reference=ref).loss(policy, batch)[0], want)
+    cfg = LoRAConfig(r=2, alpha=4, targets=("wq",))
+    state = lora_state_dict(policy, cfg)
+    assert "blocks.0.attn.wq.magnitude" in state
+    other = copy.deepcopy(base)
+    for block in other.blocks:
+        block.attn.wq = DoRALinear(block.attn.wq, 2, 2.0)
+    load_lora(other, state)
+    assert torch.equal(other.blocks[0].attn.wq.magnitude, policy.blocks[0].attn.wq.magnitude)
+    with pytest.raises(ConfigError, match=r"missing \['blocks.0.attn.wq.magnitude'\]"):
+        load_lora(other, {n: t for n, t in state.items() if not n.endswith("magnitude")})
+    policy.blocks[0].attn.wq.magnitude.requires_grad_(False)  # frozen or not, an adapter is not the base's
+    assert not adapter_names(policy) & ckpt.frozen_names(policy)
+
+
+def test_base_reference_stays_the_starting_model_while_expert_biases_move():
+    """MoE with aux-loss-free balancing under LoRA: the Trainer moves each layer's selection bias after every
+    step (update_expert_biases), a buffer adapters_disabled does not touch; BaseReference runs with the biases
+    it started with, so its log-probs stay the starting model's, and the policy keeps its own."""
+    from lmforge.align.logprobs import batch_logps
+    from lmforge.model.config import MoEConfig
+    from lmforge.model.layers.moe import update_expert_biases
+
+    start = tiny_model(0, mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, bias_update_rate=0.05)).eval()
+    policy = apply_lora(copy.deepcopy(start), LoRAConfig(r=2, targets=("wq", "wv")))
+    ref = BaseReference(policy)
+    batch = pair_batch()
+    for _ in range(3):  # training forwards, then the Trainer's update after the optimizer step
+        policy.train()(batch["chosen_input_ids"])
+        assert update_expert_biases(policy) == len(policy.blocks)
+    moved = {n: b.clone() for n, b in policy.named_buffers() if n.endswith("e_bias")}
+    assert all(b.abs().sum() > 0 for b in moved.values())
+    with torch.no_grad():
+        want = batch_logps(start, batch, ("chosen_", "rejected_"))[0]
+    got = ref.sequence_logps(batch, ("chosen_", "rejected_"))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(b, moved[n]) for n, b in policy.named_buffers() if n.endswith("e_bias"))
+
+
+def test_the_vocabulary_check_reads_a_hf_model_behind_the_wrapper():
+    """A reference or teacher of another vocabulary (another tokenizer) is refused also when it, or the
+    trained model, is a HF model behind lmforge.infer.hf_wrapper.HFCausalLM (its size is the wrapper's
+    vocab_size: no lmforge config, no lm_head of its own); the same vocabulary is accepted."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.infer.hf_wrapper import HFCausalLM
+
+    def hf(vocab):
+        torch.manual_seed(0)
+        return HFCausalLM(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32)))
+
+    batch = pair_batch()
+    with pytest.raises(ConfigError, match="reference vocab_size=64 differs from the trained model's vocab_size=41"):
+        DPOObjective(DPOConfig(), reference=hf(64)).loss(tiny_model(0), batch)
+    with pytest.raises(ConfigError, match="reference vocab_size=50 differs from the trained model's vocab_size=41"):
+        DPOObjective(DPOConfig(), reference=tiny_model(1, vocab_size=50)).loss(hf(41), batch)
+    with pytest.raises(ConfigError, match="teacher vocab_size=64 differs"):
+        DistillObjective(teacher=hf(64)).loss(tiny_model(0), sequences(3, 10, 41, [2, 3, 4], 0))
+    assert torch.isfinite(DPOObjective(DPOConfig(), reference=hf(41)).loss(tiny_model(0), batch)[0])

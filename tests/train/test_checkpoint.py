@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge import checkpoint as ckpt
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 
 
 def _toy():
@@ -27,6 +27,24 @@ def test_any_module_round_trips(tmp_path):
     assert ckpt.load_train_state(path) == {"step": 3}
     with pytest.raises(CheckpointError, match="torch.nn.modules.container.Sequential model"):
         ckpt.load_model(tmp_path)
+
+
+def test_a_train_state_a_resume_could_not_read_is_refused_before_writing(tmp_path):
+    """Checkpoints are read back with torch.load(weights_only=True): a data source's or objective's state
+    holding a numpy value would make every checkpoint unusable at the resume, so the save refuses it in one
+    line naming where it is and the fix, and writes nothing; plain Python values and tensors save and load."""
+    np = pytest.importorskip("numpy")
+    cases = {"data": {"i": np.int64(3)}, "objective": {"kl": {"history": [1.0, np.arange(2)]}}}
+    where = {"data": r"the data source's state_dict\(\)\['i'\] is a numpy.int64",
+             "objective": r"the objective's state_dict\(\)\['kl'\]\['history'\]\[1\] is a numpy.ndarray"}
+    for key, state in cases.items():
+        with pytest.raises(ConfigError, match=where[key] + r", which a checkpoint cannot hold .* int\(x\)"):
+            ckpt.save_checkpoint(tmp_path, 1, _toy(), train_state={"step": 1, key: state, "m": torch.ones(2)})
+        assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    fine = {"step": 1, "data": {"i": 3, "perm": torch.arange(3), "rng": (3, (1, 2), None)}, "objective": {}}
+    path = ckpt.save_checkpoint(tmp_path, 1, _toy(), train_state=fine)
+    got = ckpt.load_train_state(path)
+    assert got["data"]["rng"] == (3, (1, 2), None) and torch.equal(got["data"]["perm"], torch.arange(3))
 
 
 def test_same_size_corruption_is_refused(tmp_path):

@@ -19,6 +19,8 @@ them, finish_reason "abort" (one empty sample if it had not run a step: only the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmforge.infer.detok import safe_decode
@@ -68,7 +70,9 @@ class BeamSearch:
         return [(0, row_for(seq, None))]
 
     def on_logits(self, engine, seq: Sequence, rows: list[int], sampled) -> None:
-        self.pending[seq.seq_id] = sampled.logits[rows[0]].float().log_softmax(-1)
+        # scores and log-probs under the model's own distribution, over all its rows (sampler.Sampled.full)
+        full = sampled.logits if sampled.full is None else sampled.full
+        self.pending[seq.seq_id] = full[rows[0]].float().log_softmax(-1)
         live = [s for s in self.request.seqs if s.seq_id in self.hyp]
         if all(s.seq_id in self.pending for s in live):
             self._expand(engine, live)
@@ -76,14 +80,15 @@ class BeamSearch:
     def _expand(self, engine, live: list[Sequence]) -> None:
         logp = torch.stack([self.pending.pop(s.seq_id) for s in live])  # (beams, V)
         sums = torch.tensor([sum(self.hyp[s.seq_id][1]) for s in live], device=logp.device)
-        V, alpha, k = logp.shape[-1], self.params.length_penalty, self.params.logprobs
-        nxt = []
-        for rank, (score, flat) in enumerate(_ranked((logp + sums[:, None]).flatten(), (1 + len(self.eos)) * self.W)):
+        V, alpha, k, limit = logp.shape[-1], self.params.length_penalty, self.params.logprobs, engine.vocab_limit
+        cand = logp if limit is None else logp.index_fill(-1, torch.arange(limit, V, device=logp.device), -math.inf)
+        nxt = []  # (ids past a padded vocabulary's tokenizer: never a candidate, never listed, but their mass counts)
+        for rank, (score, flat) in enumerate(_ranked((cand + sums[:, None]).flatten(), (1 + len(self.eos)) * self.W)):
             b, tok = divmod(flat, V)
             toks, lps, tops = self.hyp[live[b].seq_id]
             lp = float(logp[b, tok])
             if k is not None:  # the sampler's entries: {chosen: lp, then the k most likely} (logp is normalised)
-                tops = tops + logprob_entries(logp[b:b + 1], [tok], [k])
+                tops = tops + logprob_entries(logp[b:b + 1], [tok], [k], limit)
             h = (toks + [tok], lps + [lp], tops)
             why = "stop" if tok in self.eos or self._stop_at(h[0]) is not None else None
             if why:

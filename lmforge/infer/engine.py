@@ -79,7 +79,7 @@ from lmforge.infer.runner import (Extra, PagedRunner, RecomputeRunner, copy_weig
 from lmforge.infer.sampler import forget, kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
-from lmforge.infer.speculative import attach_drafter, draft_step, pool_model
+from lmforge.infer.speculative import attach_drafter, draft_step, pool_model, speculates
 from lmforge.utils import eval_mode
 
 STREAM_LEN = 1 << 40
@@ -90,7 +90,8 @@ Prompt = str | list[int]
 
 
 class Engine:
-    """draft: None, or speculative decoding for every request (beam searches aside) with this drafter:
+    """draft: None, or speculative decoding for every request with this drafter, but beam searches and requests
+    with penalties or logits_processors, which run plain beside them (lmforge.infer.speculative.speculates):
     'ngram' (prompt lookup), 'mtp' (the model's parallel MTP heads), a draft model sharing the tokenizer,
     or a drafter object (lmforge.infer.speculative); num_draft_tokens drafts per round. A drafter object
     with `uses_hidden_states` (EAGLE/Medusa style: True, "all", and `hidden_layers`; lmforge.infer.features)
@@ -236,7 +237,7 @@ class Engine:
             from lmforge.infer.beam import BeamSearch
 
             req.strategy, req.forked = BeamSearch(req, self.tokenizer, self.stream_len), True
-        elif self.make_drafter is not None and params.max_tokens:
+        elif self.make_drafter is not None and params.max_tokens and speculates(params):
             from lmforge.infer.speculative import Speculative
 
             req.strategy = Speculative(req, self.make_drafter, self.num_draft_tokens, self.hidden)
@@ -424,7 +425,7 @@ class Engine:
         step = Launched(batch, rows, sampled, self.async_scheduling and overlaps(batch, rows, extra))
         if step.overlap:
             step.hold_tokens()
-            sampled.logits = None  # (M, V), for strategies only: not kept alive a step longer
+            sampled.logits = sampled.full = None  # (M, V), for strategies only: not kept alive a step longer
             for seq, _ in batch.chunks:  # full blocks of known tokens: the next schedule may hit them, as in sync
                 self._register_blocks(seq)
         return step

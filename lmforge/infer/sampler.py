@@ -13,7 +13,11 @@ rebuilding it from the token lists took ~5 ms and grew with length); a request's
 (or whose processor raises) is one request's error, not the batch's: it is recorded on the Sampled (`failed`),
 the row draws from the model's own logits, and the engine aborts that request alone. Ids at or beyond
 `vocab_limit` (a model vocabulary padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are
-never drawn.
+never drawn, nor listed among the top log-probs or taken as greedy's argmax (they cannot be detokenized); but
+'raw' log-probs, of the chosen token and of the listed top ids alike, are the model's own distribution, the
+log_softmax over ALL its rows (the padded ones keep their mass): what a plain forward, the training side's
+lmforge.align.logprobs.token_logprobs, HF and lm-eval compute, so an RL ratio starts at 1. 'processed' log-probs
+(logprobs_mode) are the distribution drawn from, the padded ids excluded.
 Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions;
 the draw itself is one batched exponential race (`draw`), only the noise of seeded rows is filled per row.
 Nothing here reads the device: the caller syncs once, on the returned tensors.
@@ -60,6 +64,9 @@ class Sampled:
     """(M, K) most likely tokens, K the largest logprobs any row asked for"""
     logits: torch.Tensor | None = None
     """(M, V) float logits before any processor (ids beyond the vocabulary limit at -inf), for strategies"""
+    full: torch.Tensor | None = None
+    """(M, V) the model's float logits, ids beyond the vocabulary limit unmasked: the rows raw log-probs are taken
+    from (`token_logprobs`); None when nothing was masked (then `logits` are the model's)"""
     extra: torch.Tensor | None = None
     """(E, V) raw model logits at the step's extra positions (prompt log-probs), not sampled"""
     hidden: torch.Tensor | None = None
@@ -215,11 +222,13 @@ def draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tenso
 
 def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None = None) -> Sampled:
     """logits (M, V) raw model outputs, one per row -> Sampled."""
-    logits = logits.float()
+    logits = full = logits.float()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = logits.clone()
         logits[:, vocab_limit:] = float("-inf")
-    raw = logits  # the model's distribution: 'raw' log-probs and what strategies read
+    else:
+        full, vocab_limit = None, None
+    raw = logits  # the model's logits, undrawable ids masked: what strategies read and draw from
     failed = None
     if any(r.params.logits_processors for r in rows):
         logits, failed = _custom(logits, rows)
@@ -256,9 +265,10 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
             tokens = chosen
         else:
             tokens[idx] = chosen
-    source = raw if shaped is None else torch.where(to_device(processed, logits.device)[:, None], shaped, raw)
-    out = _logprobs(raw, tokens, rows, source)
-    out.failed = failed
+    model = raw if full is None else full  # 'raw' log-probs: the model's distribution over all its rows
+    source = model if shaped is None else torch.where(to_device(processed, logits.device)[:, None], shaped, model)
+    out = _logprobs(raw, tokens, rows, source, vocab_limit)
+    out.failed, out.full = failed, full
     return out
 
 
@@ -291,13 +301,15 @@ def _custom(logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, dict[i
     return out, failed or None
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row], source: torch.Tensor | None = None
-              ) -> Sampled:
-    """source: the logits the log-probs are taken from (rows with logprobs_mode='processed': as sampled)."""
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row], source: torch.Tensor | None = None,
+              vocab_limit: int | None = None) -> Sampled:
+    """source: the logits the log-probs are taken from (the model's, unmasked; rows with
+    logprobs_mode='processed': as sampled)."""
     want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     if not want:
         return Sampled(tokens, None, None, None, logits)
-    return Sampled(tokens, *token_logprobs(logits if source is None else source, tokens, max(want)), logits)
+    return Sampled(tokens, *token_logprobs(logits if source is None else source, tokens, max(want), vocab_limit),
+                   logits)
 
 
 def logprob_entries(logits: torch.Tensor, targets: list[int], ks: list[int], vocab_limit: int | None = None
@@ -313,16 +325,18 @@ def logprob_entries(logits: torch.Tensor, targets: list[int], ks: list[int], voc
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, vocab_limit: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """logits (M, V), tokens (M,) -> log p(tokens) (M,) and the k most likely (values, ids) (M, k) (None
-    for k = 0) under log_softmax of the logits, ids at or beyond vocab_limit excluded: the semantics of
-    generated and prompt log-probs alike. The first id is logits.argmax, the first maximal id: what greedy
-    decoding picks (sample_rows) and lm-eval's is_greedy compares with; topk's order among tied values is
-    unspecified."""
+    for k = 0) under log_softmax of the logits over all V ids: the semantics of generated and prompt log-probs
+    alike, a plain forward's. Ids at or beyond vocab_limit (a padded vocabulary's rows past the tokenizer's) keep
+    their mass in that normalisation but are never listed: the top ids are the k (at most vocab_limit) most
+    likely among the ids below it, with their values under the full distribution (so they need not sum to 1
+    even for k = vocab_limit). The first id is the argmax of the logits below vocab_limit, the first maximal
+    id: what greedy decoding picks (sample_rows) and lm-eval's is_greedy compares with; topk's order among tied
+    values is unspecified."""
     logits = logits.float()
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, vocab_limit:] = float("-inf")
     logp = logits.log_softmax(-1)
     chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:  # listed ids: those a tokenizer can decode
+        logits, logp = logits[:, :vocab_limit], logp[:, :vocab_limit]
     k = min(k, logp.shape[-1])
     if k == 0:
         return chosen, None, None

@@ -29,7 +29,8 @@ so with `proposes_trees = True` and `tree_size` (the nodes the scheduler reserve
 walking the tree: into the argmax's child when greedy, by SpecInfer's multi-step speculative sampling when
 sampled (lmforge.infer.token_tree, e.g. TreeDrafter).
 
-`Speculative` is the strategy that runs it on the engine, for every sequence of every request at once:
+`Speculative` is the strategy that runs it on the engine, for every sequence of every request at once (but
+beam searches and requests with penalties or logits_processors, which run plain beside them: `speculates`):
 the scheduler reserves cache room for k drafts beyond a sequence's pending token (Request.lookahead),
 the drafter proposes, the target scores pending token + drafts as one chunk of the engine's flat batch
 with logits at each of those positions, and the verified tokens go through the engine's usual token
@@ -51,7 +52,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.features import FeatureStream, HiddenAsk, hidden_ask
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.runner import PagedRunner
-from lmforge.infer.sampler import forget
+from lmforge.infer.sampler import forget, token_logprobs
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path, sampled_path
 from lmforge.model.cache import KVCache
@@ -174,15 +175,26 @@ class SpecStats:
                 "tokens_per_forward": emitted / max(self.target_forwards, 1), "seconds": self.seconds}
 
 
+NOT_SPECULATIVE = ("a request with repetition/frequency/presence penalties or logits_processors does not decode "
+                   "speculatively (drafts are verified against the model's own distribution): an Engine with a draft "
+                   "runs it without speculation, speculative_generate cannot")
+
+
+def speculates(params: SamplingParams) -> bool:
+    """Whether a request runs speculatively on an engine with a drafter. Not with penalties or logits_processors:
+    they read every earlier output token, which each draft changes, and drafts are verified against the model's
+    own distribution. The engine runs those requests plain beside the speculative ones (as it runs beam
+    searches), so their outputs are an engine's without a drafter."""
+    return not (params.penalized or params.logits_processors)
+
+
 class Speculative:
     """The strategy of one request on an engine with a draft (see the module docstring)."""
 
     def __init__(self, request, make_drafter, k: int, hidden: HiddenAsk | None = None):
         p = request.params
-        if p.penalized or p.logits_processors:
-            raise ConfigError("speculative decoding does not support repetition/frequency/presence penalties or "
-                              "logits_processors (drafts are verified against the model's own distribution); drop "
-                              "them or generate without a draft")
+        if not speculates(p):  # (the engine gives such requests no strategy: `speculates`)
+            raise ConfigError(NOT_SPECULATIVE)
         self.request, self.make_drafter, self.k, self.hidden = request, make_drafter, k, hidden
         if hidden is not None and hidden.every:  # forks copy it (Engine.fork)
             request.seqs[0].features = FeatureStream()
@@ -270,14 +282,23 @@ class Speculative:
         new = accepted + [nxt]
         k = seq.params.logprobs
         shaped = seq.params.logprobs_mode == "processed" and not seq.params.greedy
-        # processed: the distribution p the tokens were verified and drawn against, already computed above
-        logp = None if k is None else p.log() if shaped else logits.float().log_softmax(-1)
-        for i, tok in enumerate(new):
-            top = {}
+        lps, tops = [None] * len(new), [{}] * len(new)
+        if k is not None and shaped:  # the distribution p the tokens were verified and drawn against (above)
+            logp = p.log()
+            for i, tok in enumerate(new):
+                lps[i] = float(logp[at[i], tok])
+                if k:
+                    vals, ids = logp[at[i]].topk(min(k, logp.shape[-1]))
+                    tops[i] = dict(zip(ids.tolist(), vals.tolist()))
+        elif k is not None:  # raw: the model's own distribution over all its rows (sampler.token_logprobs)
+            full = sampled.full if sampled.full is not None else sampled.logits
+            lp, vals, ids = token_logprobs(full[[rows[j] for j in at]], torch.tensor(new, device=full.device), k,
+                                           engine.vocab_limit)
+            lps = lp.tolist()
             if k:
-                vals, ids = logp[at[i]].topk(min(k, logp.shape[-1]))
-                top = dict(zip(ids.tolist(), vals.tolist()))
-            engine.accept(seq, tok, float(logp[at[i], tok]) if logp is not None else None, top)
+                tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        for i, tok in enumerate(new):
+            engine.accept(seq, tok, lps[i], tops[i])
             if seq.finish is not None:
                 return
             if i < len(accepted):
@@ -422,6 +443,8 @@ def speculative_generate(target, drafter, prompt: list[int], params: SamplingPar
     from lmforge.infer.detok import IdTokenizer
     from lmforge.infer.engine import Engine, EngineConfig
 
+    if not speculates(params):  # (its stats are a speculative request's: this one would run plain)
+        raise ConfigError(NOT_SPECULATIVE)
     seed = int(torch.randint(2**62, (1,), generator=gen)) if gen is not None else params.seed
     params = dataclasses.replace(params, seed=seed, stop_token_ids=tuple(eos), n=1)
     vocab = target.cache_spec().vocab_size

@@ -257,3 +257,30 @@ def test_beams_refuse_penalties_and_bias_and_check_their_blocks(tok):
     engine.add_request(list(range(1, 60)), sp)
     while engine.has_unfinished():
         engine.step()
+
+
+def test_beam_scores_on_a_padded_vocabulary_are_the_models_own_logprobs(tok):
+    """A model vocabulary padded past the tokenizer's (257 byte tokens in 320 rows, the padded rows holding most
+    of the mass): beams never take a padded id, and their scores and log-probs are log_softmax over ALL the
+    model's rows, as the sampler's raw log-probs and a plain forward (they were renormalised over the 257
+    ids, ~1 nat a token here, which also changes how beams rank)."""
+    from .test_engine import padded_model
+
+    model = padded_model()
+    p = tok.encode("the cat")
+    sp = SamplingParams(temperature=0, beam_width=3, n=3, max_tokens=6, ignore_eos=True, length_penalty=0.0,
+                        logprobs=2)
+    out = LLM(model, tok).generate([p], sp)[0]
+    for c in out.outputs:
+        assert all(t < 257 for t in c.token_ids)
+        ids = p + c.token_ids
+        with torch.no_grad():
+            logp = model(torch.tensor([ids]))[0, :-1].float().log_softmax(-1)[len(p) - 1:]
+        want = logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert c.logprobs == pytest.approx(want.tolist(), abs=1e-5)
+        assert c.cumulative_logprob == pytest.approx(float(want.sum()), abs=1e-4)
+        for row, top in zip(logp, c.top_logprobs):
+            assert all(t < 257 for t in top)
+            best = row[:257].topk(2)
+            assert all(top[t] == pytest.approx(v, abs=1e-5) for t, v in zip(best.indices.tolist(),
+                                                                             best.values.tolist()))

@@ -170,6 +170,72 @@ def test_padded_vocabulary_never_samples_an_undecodable_id(tok):
     assert len(outs[rid].token_ids) == 4
 
 
+def padded_model(shift: float = 2.0):
+    """257 byte tokens in 320 rows, the padded rows' logits raised by `shift`: they hold most of the mass and the
+    full distribution's argmax, which the engine must never draw, list or call greedy."""
+    model = tiny_model("llama", vocab_size=320)
+    bump = torch.zeros(320)
+    bump[257:] = shift
+    model.lm_head.register_forward_hook(lambda mod, args, out: out + bump)
+    return model
+
+
+@pytest.mark.parametrize("engine_kw", [dict(), dict(draft="ngram"), dict(config=dict(cuda_graphs=True)),
+                                       dict(config=dict(max_num_batched_tokens=5))])
+def test_padded_vocabulary_logprobs_are_the_models_own_distribution(tok, engine_kw):
+    """Raw log-probs (generated, top, prompt and LLM.score's) are log_softmax over ALL the model's rows, what a
+    plain forward and lmforge.align.token_logprobs give (an RL ratio starts at 1): the engine renormalised them
+    over the tokenizer's 257 ids (0.2 nats a token at ModelConfig's 50,304-for-50,257 kind of padding, found
+    2026-12-06). Padded ids are still never drawn, listed or greedy; 'processed' log-probs exclude them."""
+    from lmforge.align.logprobs import token_logprobs
+    from lmforge.infer.llm import LLM
+
+    model = padded_model()
+    kw = dict(engine_kw)
+    llm = LLM(model, tok, config=EngineConfig(block_size=4, **kw.pop("config", {})), **kw)
+    prompt = tok.encode("the cat and the cat and the")
+    asks = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=3),
+            SamplingParams(temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, logprobs=3),
+            SamplingParams(temperature=0.7, seed=4, max_tokens=8, ignore_eos=True, logprobs=3,
+                           logprobs_mode="processed")]
+    outs = llm.generate([prompt] * 3, asks)
+    if "draft" in engine_kw:
+        assert outs[0].metrics["accepted"] > 0  # (log-probs of accepted drafts come from the verify rows)
+    for sp, out in zip(asks, outs):
+        ids = prompt + out.token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, :-1].float()
+        logp = logits.log_softmax(-1)
+        assert all(t < 257 for t in out.token_ids)
+        assert (logits.argmax(-1) >= 257).all()  # (the full argmax is always a padded id here)
+        want = token_logprobs(logits[None], torch.tensor([ids[1:]]))[0, len(prompt) - 1:]
+        if sp.logprobs_mode == "processed":  # the distribution drawn from: no padded ids
+            want = (logits[:, :257] / 0.7).log_softmax(-1)[len(prompt) - 1:].gather(
+                -1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        else:
+            for i, top in enumerate(out.outputs[0].top_logprobs):
+                row = logp[len(prompt) - 1 + i]
+                best = row[:257].topk(3)
+                assert sorted(top) == sorted(best.indices.tolist())
+                assert [top[t] for t in best.indices.tolist()] == pytest.approx(best.values.tolist(), abs=1e-5)
+        assert out.outputs[0].logprobs == pytest.approx(want.tolist(), abs=1e-5)
+        if sp.temperature == 0:
+            assert out.token_ids == logits[len(prompt) - 1:, :257].argmax(-1).tolist()  # greedy among drawable
+            for t in range(1, len(prompt)):
+                best = logp[t - 1, :257].topk(3)
+                assert out.prompt_logprobs[t] == pytest.approx(
+                    {prompt[t]: float(logp[t - 1, prompt[t]]), **dict(zip(best.indices.tolist(),
+                                                                           best.values.tolist()))}, abs=1e-5)
+    greedy = outs[0].token_ids[:4]
+    (lp, is_greedy), (lp2, is_greedy2) = llm.score([(prompt, greedy), (prompt, [5, 6])])
+    for cont, got in ((greedy, lp), ([5, 6], lp2)):
+        ids = prompt + cont
+        with torch.no_grad():
+            want = token_logprobs(model(torch.tensor([ids[:-1]])), torch.tensor([ids[1:]]))[0, len(prompt) - 1:]
+        assert got == pytest.approx(float(want.sum()), abs=1e-4)
+    assert is_greedy and not is_greedy2  # greedy: the argmax among the ids the engine can produce
+
+
 def test_hf_model_through_the_wrapper_matches_hf_greedy(tok):
     transformers = pytest.importorskip("transformers")
     from lmforge.infer.hf_wrapper import HFCausalLM

@@ -220,9 +220,10 @@ def test_logits_processors_refusals(tok):
     with pytest.raises(ConfigError, match="beam search ranks"):
         SamplingParams(beam_width=2, temperature=0, logits_processors=(allow([1]),))
     model = tiny_model("llama")
-    with pytest.raises(ConfigError, match="logits_processors"):
-        LLM(model, tok, draft="ngram").generate("hi", SamplingParams(logits_processors=(allow([1]),)))
     llm = LLM(model, tok)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logits_processors=(allow([1]),))
+    # on an engine with a drafter it runs without speculative decoding (tests/infer/test_speculative.py)
+    assert LLM(model, tok, draft="ngram").generate("hi", sp)[0].token_ids == llm.generate("hi", sp)[0].token_ids
     with pytest.raises(LmforgeError, match="left no token allowed .* after 2 output tokens"):
         llm.generate("hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
                                           logits_processors=(lambda ids, l: l if len(ids) < 2 else l - float("inf"),)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.infer.sampler import Row, draw, sample_rows
+from lmforge.infer.sampler import Row, draw, logprob_entries, sample_rows, token_logprobs
 from lmforge.infer.sampling import SamplingParams
 
 
@@ -46,6 +46,34 @@ def test_seeded_rows_do_not_depend_on_their_batch_companions():
     out = sample_rows(mixed_logits, others + [_row(plain, seed=10 + i) for i in order]).tokens.tolist()
     assert out[3:] == [alone[i] for i in order]
     assert out[0] == mixed_logits[0].argmax().item()
+
+
+def test_a_vocab_limit_masks_draws_and_listed_ids_not_the_raw_distribution():
+    """Ids at or past vocab_limit are never drawn, listed or greedy's argmax, but raw log-probs are log_softmax
+    over every row (a plain forward's); processed ones are of the masked, shaped distribution drawn from."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 40)
+    logits[:, 30:] += 4.0  # the padded ids hold the argmax and most of the mass
+    full = logits.log_softmax(-1)
+    rows = [_row(SamplingParams(temperature=0, logprobs=5)), _row(SamplingParams(temperature=1.0, logprobs=5), 1),
+            _row(SamplingParams(temperature=0.5, logprobs=5, logprobs_mode="processed"), 2),
+            _row(SamplingParams(temperature=1.0, top_k=3, logprobs=0), 3)]
+    out = sample_rows(logits, rows, vocab_limit=30)
+    tokens = out.tokens
+    assert (tokens < 30).all() and tokens[0] == logits[0, :30].argmax()
+    want = full.gather(-1, tokens[:, None])[:, 0]
+    want[2] = (logits[2, :30] / 0.5).log_softmax(-1)[tokens[2]]
+    assert torch.allclose(out.logprobs, want, atol=1e-6)
+    assert (out.top_ids < 30).all() and torch.equal(out.top_ids[:, 0], logits[:, :30].argmax(-1))
+    for r in (0, 1, 3):
+        assert torch.allclose(out.top_values[r], full[r].gather(-1, out.top_ids[r]), atol=1e-6)
+        assert torch.allclose(out.top_values[r], full[r, :30].topk(5).values, atol=1e-6)
+    assert torch.isneginf(out.logits[:, 30:]).all() and torch.equal(out.full, logits)  # strategies draw masked
+    lp, values, ids = token_logprobs(logits, torch.tensor([1, 2, 31, 5]), 50, vocab_limit=30)
+    assert ids.shape == (4, 30) and torch.equal(ids[:, 0], logits[:, :30].argmax(-1))  # at most the drawable ids
+    assert torch.allclose(lp, full[torch.arange(4), torch.tensor([1, 2, 31, 5])])
+    entry = logprob_entries(logits[:1], [3], [2], vocab_limit=30)[0]
+    assert list(entry)[-2:] == logits[0, :30].topk(2).indices.tolist() and entry[3] == float(full[0, 3])
 
 
 def test_greedy_rows_take_the_argmax():

@@ -89,10 +89,46 @@ def test_ngram_lookup():
     assert drafts == [6, 5] and q.sum(-1).tolist() == [1.0, 1.0] and q[0, 6] == 1
 
 
-def test_speculative_rejects_unsupported_params(tok):
-    llm = LLM(tiny_model("llama"), tok, draft="ngram")
-    with pytest.raises(ConfigError, match="penalties"):
-        llm.generate("x", SamplingParams(repetition_penalty=1.3))
+def _only(allowed: list[int]):
+    def f(ids, row):
+        out = torch.full_like(row, float("-inf"))
+        out[allowed] = row[allowed]
+        return out
+    return f
+
+
+@pytest.mark.parametrize("draft", ["ngram", "model", "mtp"])
+def test_penalized_and_processed_requests_run_plain_beside_speculative_ones(tok, draft):
+    """Requests with penalties or logits_processors were refused on an engine with a drafter, so a server needed
+    a second engine for them (found 2026-12-06): they run without speculation beside the speculative requests of
+    the same engine (as beam searches do), with the outputs of the same requests on an engine without one."""
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.model.config import MTPConfig
+
+    target = tiny_model("llama", init_std=0.3, **(dict(mtp=MTPConfig(kind="parallel", depth=2)) if draft == "mtp"
+                                                   else {}))
+    drafter = tiny_model("llama", seed=5, n_layers=1, init_std=0.3) if draft == "model" else draft
+    prompts = ["abcabcabcabc", "the cat and the cat and the", "xyz xyz xyz", "hello hello"]
+    common = dict(max_tokens=12, ignore_eos=True, logprobs=2)
+    asks = [SamplingParams(temperature=0, repetition_penalty=1.5, **common),
+            SamplingParams(temperature=0.8, seed=7, n=2, frequency_penalty=0.8, presence_penalty=0.5, **common),
+            SamplingParams(temperature=0, logits_processors=(_only(tok.encode("abc ")),), **common),
+            SamplingParams(temperature=0, **common)]  # speculative, in the same steps
+    config = EngineConfig(block_size=4, max_num_batched_tokens=16)
+    want = LLM(target, tok, config=config).generate(prompts, asks)
+    llm = LLM(target, tok, config=config, draft=drafter, num_draft_tokens=3)
+    got = llm.generate(prompts, asks)
+    for w, g in zip(want, got):
+        assert len(w.outputs) == len(g.outputs)
+        for a, b in zip(w.outputs, g.outputs):
+            assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+            assert [sorted(t) for t in a.top_logprobs] == [sorted(t) for t in b.top_logprobs]
+    assert all("drafted" not in g.metrics for g in got[:3]) and got[3].metrics["drafted"] > 0
+    assert set(got[2].token_ids) <= set(tok.encode("abc "))
+    with pytest.raises(ConfigError, match="penalties"):  # speculative_generate's stats exist only speculating
+        speculative_generate(target, NGramDrafter(vocab_size=257), [1, 2, 3], SamplingParams(
+            repetition_penalty=1.3, max_tokens=3), 3, set(), 128)
 
 
 def test_mtp_heads_as_draft(tok):

@@ -30,6 +30,7 @@ from lmforge.align.logprobs import ModelAux, masked_mean, model_logits, response
 from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.train.distributed import eval_rows, sum_over_ranks
+from lmforge.train.objective import metric_terms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,12 +169,8 @@ class ObjectiveEvaluator:
             keys = keys or list(metrics)
             # every rank runs the forward (FSDP gathers inside it); a share without items adds nothing, and
             # neither does a metric the share cannot define (NaN: e.g. KTO's mean over a label it lacks)
-            values = [float(metrics[k]) for k in keys]
-            counts = [k.startswith("num_") for k in keys]
-            use = [w > 0 and math.isfinite(v) for v in values]
-            rows.append([v * (1.0 if c else w) if u else 0.0 for v, c, u in zip(values, counts, use)]
-                        + [(1.0 if c else w) if u else 0.0 for c, u in zip(counts, use)])
-        sums = sum_over_ranks(torch.tensor(rows, dtype=torch.float64), self.runner)
+            rows.append(torch.cat(metric_terms({k: metrics[k] for k in keys}, w, torch.float64)).cpu())
+        sums = sum_over_ranks(torch.stack(rows), self.runner)
         out = {}
         for i, k in enumerate(keys):  # per batch: counts summed, means weighted; then the mean over batches
             total, weight = sums[:, i], sums[:, len(keys) + i]

@@ -11,9 +11,9 @@ A KeyboardInterrupt raised inside a step (a second Ctrl-C, or one raised by code
 step's phases, which this object tracks:
 
     None       at a step boundary
-    "micro"    forward/backward of the micro-batches   -> roll back: grads and the MoE expert loads counted
-                                                          so far dropped, data-source and RNG state restored
-                                                          from the step-start snapshot
+    "micro"    the step's begin_step hooks, forward/   -> roll back: grads and the MoE expert loads counted
+               backward of the micro-batches              so far dropped, data-source, objective and RNG
+                                                          state restored from the step-start snapshot
     "update"   inside optimizer.step, or the Trainer's -> no consistent state: no checkpoint is written, and
                own changes after it (the aux-loss-free    `fit` refuses to go on (a new Trainer resumes from
                MoE bias, MuonClip's QK-clip)              the last checkpoint)
@@ -91,9 +91,10 @@ class Interrupts:
         self.signal, self.agreed, self.reason = None, False, None
 
     # the step's phases ----------------------------------------------------------------------------
-    def begin_step(self, data) -> None:
-        """Snapshot (small: generator states and positions) for rolling the step back."""
-        self.snapshot = {"data": data.state_dict(), **rng_state()}
+    def begin_step(self, data, objective) -> None:
+        """Snapshot (small: generator states, positions, the objective's state such as an adaptive KL
+        coefficient) for rolling the step back; taken before the step's begin_step hooks run."""
+        self.snapshot = {"data": data.state_dict(), "objective": objective.state_dict(), **rng_state()}
         self.phase = "micro"
 
     def begin_update(self) -> None:
@@ -116,6 +117,7 @@ class Interrupts:
                 if isinstance(m, MoE):
                     m.step_load.zero_()
             trainer.data.load_state_dict(self.snapshot["data"])
+            trainer.objective.load_state_dict(self.snapshot["objective"])
             set_rng_state(self.snapshot)
             self.phase = None
         return True

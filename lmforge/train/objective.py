@@ -6,7 +6,9 @@ Pretraining is one objective (next-token cross-entropy) over one data source (wi
 SFT, reward models, DPO and its family, distillation and RL are other objectives over other sources, on
 the same loop, checkpoints and metrics.
 
-A batch is a plain dict of tensors, so objectives can ask for what they need. Keys with fixed meaning:
+A batch is a plain dict of tensors, so objectives can ask for what they need (the Trainer moves its tensors to
+the device; other values, such as an RL source's prompt texts or a list of rewards, reach the objective as they
+are; a runner that cuts global batches into ranks' rows, RankRows, needs tensors). Keys with fixed meaning:
   input_ids   (B, T) long   tokens fed to the model
   targets     (B, T) long   next-token targets; -100 = no loss at that position
   loss_mask   (B, T) bool   positions that count in the loss (e.g. assistant tokens only)
@@ -42,7 +44,11 @@ class DataSource(Protocol):
     (lmforge.train.distributed.distribute then does not cut a global batch for it); `per_rank_state = True`,
     a source whose state differs per rank (its rank's share of a rollout that several PPO epochs train on):
     checkpoints then hold every rank's state and each rank resumes its own (on as many processes); without
-    it rank 0's state is saved and every rank resumes from it."""
+    it rank 0's state is saved and every rank resumes from it.
+    A finite source ends the run by raising StopIteration from `next_batch`: the run ends at the last whole
+    step as at max_steps (a step it cannot fill is rolled back, its drawn micro-batches left untrained; then
+    the final evaluation, a checkpoint, a line saying the data ended, and TrainResult.stop_reason saying so);
+    resuming that checkpoint ends there again."""
 
     def next_batch(self) -> Batch: ...
 
@@ -58,13 +64,20 @@ class Objective(Protocol):
     Metrics are 0-d tensors left on the device (the loop reads them in one host sync at log time; a plain
     number is taken too), the same names every step; names follow TRL where TRL logs the same quantity
     (rewards/chosen, rewards/margins, ...). A metric is a mean over the batch, weighted like the loss
-    across micro-batches, except counts named `num_*`, which add up over the step.
+    across micro-batches, except counts named `num_*`, which add up over the step; a metric a micro-batch
+    cannot define (NaN: a mean over a label it lacks) is averaged over those that do (`metric_terms`).
     Frozen extra models (reference policy, teacher, reward model) belong to the objective: eval mode,
     requires_grad False, possibly on another device. `state_dict` holds what a resumed run needs, e.g. a
-    reference model's identity (path and checksum), never its weights a second time.
+    reference model's identity (path and checksum), never its weights a second time; like a data source's it
+    returns a snapshot (copies, not live references): the Trainer takes one at every step start (before the
+    begin_step hooks) and loads it back to roll an interrupted step back.
     Optional: `batch_weight(batch) -> int`, the number of items the loss averages over (trained tokens,
     pairs...), read on the host; with grad_accum the Trainer weighs micro-batches by it so accumulation
-    equals one big batch. Without it every micro-batch weighs 1/grad_accum. `begin_step(trainer)`, as for
+    equals one big batch. Without it every micro-batch weighs 1/grad_accum. A batch_weight of 0 (nothing to
+    train: all rows masked out, an RL group with no advantage) skips the micro-batch: its loss (NaN is fine) gets
+    no backward and its metrics are left out; a step whose micro-batches all weigh 0 makes no update (weights and
+    optimizer state unchanged), counts as a step and logs loss null. A loss without gradient (a constant) is
+    refused: skip with batch_weight 0 instead. `begin_step(trainer)`, as for
     data sources (called after the data source's), e.g. an adaptive KL coefficient's update."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
@@ -103,6 +116,38 @@ def _metric_tensors(metrics, who: str, device) -> dict[str, torch.Tensor]:
             raise ConfigError(f"{who}: metric {k!r} must be one number (a 0-d tensor), got {shape}")
         out[str(k)] = v.reshape(())
     return out
+
+
+def metric_terms(metrics: dict[str, torch.Tensor], weight: float, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One share's part in metrics combined over shares (micro-batches of a step, ranks, validation batches): the
+    rule of the Trainer's step metrics (and of lmforge.align.sft.ObjectiveEvaluator's). Returns (totals,
+    weights), stacked in the metrics' order, to be summed over the shares and read by `combined_metrics`. A mean
+    adds value x weight (weight: the share's part of the items its loss averages over, its `batch_weight`), a
+    count (`num_*`) its value; a share without items (weight 0) adds nothing, and neither does a metric the share
+    cannot define (NaN/inf: KTO's mean over a label the share lacks), so it is averaged over those that do.
+    Stays on the device, with no host-to-device copy (no sync); `dtype`: the terms' (float64 for evaluation).
+    """
+    device = next(iter(metrics.values())).device  # (a frozen model's metric may come from another device)
+    values = torch.stack([v.detach().to(dtype).reshape(()).to(device) for v in metrics.values()])
+    if not weight > 0:
+        return torch.zeros_like(values), torch.zeros_like(values)
+    w = torch.full_like(values, float(weight))
+    for i, k in enumerate(metrics):
+        if k.startswith("num_"):
+            w[i] = 1.0
+    use = torch.isfinite(values)
+    return torch.where(use, values * w, 0.0), torch.where(use, w, 0.0)
+
+
+def combined_metrics(keys: list[str], totals: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The metrics from `metric_terms` summed over shares: a mean is its weighted mean, a count (`num_*`) its
+    sum; NaN (logged as null) where no share defined it."""
+    defined = weights > 0
+    means = totals / torch.where(defined, weights, 1.0)
+    nan = torch.full_like(totals, float("nan"))
+    value = torch.where(defined, means, nan), torch.where(defined, totals, nan)
+    return {k: value[k.startswith("num_")][i] for i, k in enumerate(keys)}
 
 
 def checked_metrics(metrics, who: str) -> dict[str, float]:

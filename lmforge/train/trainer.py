@@ -24,8 +24,9 @@ plots and checkpoints.
 Interrupts (lmforge.train.interrupts, an object the Trainer owns): SIGINT/SIGTERM only set a flag; the
 loop stops at the next step boundary (agreed over the ranks), writes a checkpoint of that state and raises
 KeyboardInterrupt, so resuming is bit-exact; a KeyboardInterrupt inside a step rolls it back to its start
-(or forward to its end). A hook ends the run early with `request_stop`. A NaN/inf loss stops the run and
-leaves the last good checkpoint in place.
+(or forward to its end). A hook ends the run early with `request_stop`, a finite data source by raising
+StopIteration (lmforge.train.objective.DataSource). A NaN/inf loss stops the run and leaves the last good
+checkpoint in place.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from lmforge.train import distributed as ddp
 from lmforge.train.config import LoopConfig, TrainConfig, uses_bf16
 from lmforge.train.interrupts import Interrupts, rng_state, set_rng_state
 from lmforge.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
-from lmforge.train.objective import Batch, DataSource, Objective, checked_loss, checked_metrics
+from lmforge.train.objective import (Batch, DataSource, Objective, checked_loss, checked_metrics, combined_metrics,
+                                     metric_terms)
 from lmforge.utils import check_output_path, run_metadata, write_json_atomic
 
 if TYPE_CHECKING:
@@ -69,7 +71,16 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     final_eval: dict[str, float] = field(default_factory=dict)
     stop_reason: str | None = None
-    """why fit ended before max_steps when a hook called Trainer.request_stop (None = it ran to max_steps)"""
+    """why fit ended before max_steps: a hook called Trainer.request_stop, or the data source ended (it raised
+    StopIteration); None = it ran to max_steps"""
+
+
+class DataEnded(Exception):
+    """The data source's next_batch raised StopIteration (a finite source at its end) inside a step."""
+
+    def __init__(self, drawn: int):
+        super().__init__(drawn)
+        self.drawn = drawn  # micro-batches of the unfinished step drawn before it
 
 
 def sdpa_context(backend: str):
@@ -98,14 +109,24 @@ def optimizer_name(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> str:
 
 def _check_optimizer_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every parameter the optimizer updates must be the model's: checkpoints save the model's parameters
-    (and name the optimizer state by them), so one held elsewhere would be trained, then lost or refused."""
+    (and name the optimizer state by them), so one held elsewhere would be trained, then lost or refused. And
+    every trainable parameter of the model must be the optimizer's: one it lacks (an optimizer built before
+    apply_lora or before a head was added) would get gradients that nothing applies."""
     mine = {id(p) for p in model.parameters()}
+    held = set()
     for g in optimizer.param_groups:
         for p in g["params"]:
             if id(p) not in mine:
                 raise ConfigError(f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the "
                                   f"model, so checkpoints would not save it; make the module that owns it (a value "
                                   f"head, a reward head...) a submodule of the trained model")
+            held.add(id(p))
+    lacking = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if lacking:
+        names = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
+        raise ConfigError(f"the optimizer lacks {len(lacking)} of the model's trainable parameters ({names}), which "
+                          "would never be updated; build the optimizer after apply_lora / freezing / adding heads "
+                          "(from the model as it trains), or set requires_grad=False on those meant to stay fixed")
 
 
 GROUP_COUNTERS = ("step",)
@@ -289,6 +310,8 @@ class Trainer:
         self.loss_fn = checked_loss(torch.compile(objective.loss, options=options or None) if cfg.compile
                                     else objective.loss, type(objective).__name__)
         self._pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self._empty_steps: set[int] = set()  # steps with nothing to train (no update; their loss is undefined)
+        self._told_empty = False
         self.flops_per_token: float | None = None  # known at the first batch (it depends on seq_len)
         self.peak = peak_flops(self.device, "bf16" if use_bf16 else "fp32")
         self.metrics = (MetricsLog(self.run_dir, tensorboard=cfg.tensorboard, wandb=cfg.wandb, config=to_dict(cfg))
@@ -481,48 +504,68 @@ class Trainer:
             self.flops_per_token = self.model.flops_per_token(batch["input_ids"].shape[-1])
         if self.device.type == "cuda":  # host rows pinned for an asynchronous copy; device tensors (e.g.
             # rollouts sampled on the GPU) are used where they are
-            return {k: (v.pin_memory().to(self.device, non_blocking=True) if v.device.type == "cpu"
-                        else v.to(self.device)) for k, v in batch.items()}
-        return {k: v.to(self.device) for k, v in batch.items()}
+            move = lambda v: v.pin_memory().to(self.device, non_blocking=True) if v.device.type == "cpu" \
+                else v.to(self.device)  # noqa: E731
+        else:
+            move = lambda v: v.to(self.device)  # noqa: E731
+        # other values (RL metadata: the prompts' texts, a list of rewards) reach the objective as they are
+        return {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _micro_batches(self) -> tuple[list[tuple[Batch, float | None]], int]:
+    def _micro_batches(self) -> tuple[list[tuple[Batch, float | None]], int, bool]:
         """The step's grad_accum micro-batches on the device, each with its share of the step's loss:
         None = 1/grad_accum, or, for objectives with `batch_weight(batch)` (the items their loss averages
         over, e.g. SFT's trained tokens), the micro-batch's share of the step's items, so accumulated
-        micro-batches give the loss of one big batch (as HF/TRL normalise). Weights are read on the host
+        micro-batches give the loss of one big batch (as HF/TRL normalise); a micro-batch of weight 0 (nothing
+        to train) gets share 0 and adds nothing to the step. Weights are read on the host
         before the transfer, so no device sync (a batch a data source made on the device, e.g. GPU rollouts,
         costs one per micro-batch). On N ranks the total is the ranks' mean (one host all-reduce):
         the ranks' gradients are averaged, so each share is then its part of the global batch's items x N
         (rows for objectives without batch_weight). Also returns the step's tokens over every data-parallel
-        rank (the same all-reduce; a rank's Repeated rows are not the step's)."""
-        raw = [self.data.next_batch() for _ in range(self.cfg.grad_accum)]
-        n_tokens = sum(batch_tokens(b) for b in raw if not isinstance(b, ddp.Repeated))
+        rank (the same all-reduce; a rank's Repeated rows are not the step's), and whether the whole step has
+        nothing to train (every weight 0, on every rank). Raises DataEnded when the data source's next_batch
+        raised StopIteration (on any rank: the flag travels in the same all-reduce)."""
+        raw = []
+        try:
+            for _ in range(self.cfg.grad_accum):
+                raw.append(self.data.next_batch())
+        except StopIteration:
+            ended = True
+        else:
+            ended = False
+        if ended and self.runner is None:
+            raise DataEnded(len(raw))
+        raw_ok = [] if ended else raw
+        n_tokens = sum(batch_tokens(b) for b in raw_ok if not isinstance(b, ddp.Repeated))
         weigh = getattr(self.objective, "batch_weight", None)
         if weigh is None and self.runner is not None:  # ranks' shares of a short batch differ: weigh by rows
             weigh = batch_rows
-        weights = [0.0 if isinstance(b, ddp.Repeated) else float(weigh(b)) for b in raw] if weigh is not None else []
+        weights = [0.0 if isinstance(b, ddp.Repeated) else float(weigh(b)) for b in raw_ok] if weigh is not None \
+            else []
         total = sum(weights)
         if self.runner is not None:  # (weigh is set): ranks outside data parallelism (tp, pp, cp) hold the same
             # rows as their replica's, so each global sum counts world / dp_size times
-            sums = ddp.sum_over_ranks(torch.tensor([total, n_tokens], dtype=torch.float64), self.runner)
+            sums = ddp.sum_over_ranks(torch.tensor([total, n_tokens, ended], dtype=torch.float64), self.runner)
             total, n_tokens = float(sums[0]) / self.world, round(float(sums[1]) * self.runner.dp_size / self.world)
-        shares = [w / total for w in weights] if total > 0 else [None] * len(raw)
+            if sums[2] > 0:
+                raise DataEnded(len(raw))
+        empty = weigh is not None and total == 0  # (batch_weight 0 everywhere: shares 0, the update is skipped)
+        shares = [w / total for w in weights] if total > 0 else [0.0 if empty else None] * len(raw)
         # a rank's repeated rows (a batch shorter than the ranks: RankRows) join the step at no weight; they stay
         # Repeated on the device, so train_step leaves their tokens out of the MoE load too
         shares = [0.0 if isinstance(b, ddp.Repeated) else s for b, s in zip(raw, shares)]
         moved = [self._to_device(b) for b in raw]
         return [(ddp.Repeated(m) if isinstance(b, ddp.Repeated) else m, share)
-                for b, m, share in zip(raw, moved, shares)], n_tokens
+                for b, m, share in zip(raw, moved, shares)], n_tokens, empty
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step. Metrics and grad norm stay on the device (no host sync); `flush()` reads
         them in one go at log time and stops the run on a NaN/inf loss."""
         cfg = self.cfg
-        self.interrupts.begin_step(self.data)
+        self.interrupts.begin_step(self.data, self.objective)
         mult = lr_multiplier(cfg.optim, self.step, cfg.max_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
-        sums: dict[str, torch.Tensor] = {}
+        sums: tuple[torch.Tensor, ...] = ()
         if self.qk_clip is not None:
             self.qk_clip.reset()  # the max logits of this step's forward passes only (not of evaluations)
         hooks = [h for h in (getattr(self.data, "begin_step", None), getattr(self.objective, "begin_step", None)) if h]
@@ -533,42 +576,62 @@ class Trainer:
                 begin(self)
             _sync(self.device)
             self._begin_s += time.perf_counter() - t0
-        micro, n_tokens = self._micro_batches()
+        micro, n_tokens, empty_step = self._micro_batches()
+        keys: list[str] = []
         for i, (batch, share) in enumerate(micro):
-            # repeated rows are not the step's tokens: they must not move the aux-loss-free MoE bias, nor count
+            # repeated rows are not the step's tokens: they must not move the aux-loss-free MoE bias, nor count;
+            # neither do the rows of a micro-batch with nothing to train (batch_weight 0)
             repeated = isinstance(batch, ddp.Repeated)
-            uncounted = load_uncounted(self.model) if repeated else contextlib.nullcontext()
+            uncounted = load_uncounted(self.model) if share == 0.0 else contextlib.nullcontext()
             with self.forward_context(), uncounted:
                 loss, metrics = self._forward_backward(batch, 1 / cfg.grad_accum if share is None else share,
-                                                       sync=i == len(micro) - 1)
+                                                       sync=i == len(micro) - 1, empty=share == 0.0 and not repeated)
             metrics = {"loss": loss, **metrics}
-            for k, v in metrics.items():  # counts (num_*) add up over the micro-batches, means are weighted
-                v = v.detach().float()
-                if k.startswith("num_"):
-                    v = v * (not repeated)  # (a Repeated batch's rows are counted by the rank that trains on them)
-                elif share is not None:
-                    v = v * (share * cfg.grad_accum)
-                sums[k] = sums[k] + v if k in sums else v
-        stats = {k: v if k.startswith("num_") else v / cfg.grad_accum for k, v in sums.items()}
+            if keys and list(metrics) != keys:
+                raise ConfigError(f"the objective's metrics changed between micro-batches: {keys} then "
+                                  f"{list(metrics)}; return the same metrics for every batch")
+            keys = list(metrics)
+            # counts (num_*) add up over the micro-batches, means are weighted by their shares; a share-0 micro-batch
+            # (a Repeated batch, counted by the rank that trains on its rows; one with nothing to train) adds
+            # nothing, and neither does a metric a micro-batch cannot define (NaN: KTO's mean over a label it lacks)
+            terms = metric_terms(metrics, 1 / cfg.grad_accum if share is None else share)
+            sums = terms if not sums else (sums[0] + terms[0], sums[1] + terms[1])
+        totals, weights = sums
         if self.runner is None:
             params = [p for p in self.model.parameters() if p.grad is not None]
-            if cfg.optim.grad_clip > 0:
+            if not params:  # no micro-batch had anything to train
+                gnorm = torch.zeros((), device=self.device)
+            elif cfg.optim.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             else:
                 gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        else:  # the norm over every shard, stage and replica; the mean over the ranks' equal shares of the batch
+        else:  # the norm over every shard, stage and replica; the ranks' sums (means over ranks of equal shares)
             gnorm = self.runner.clip_grad_norm_(cfg.optim.grad_clip)
-            keys = list(stats)
-            stats = dict(zip(keys, self.runner.global_loss(torch.stack([stats[k] for k in keys]))))
-            stats = {k: v * self.runner.dp_size if k.startswith("num_") else v for k, v in stats.items()}
+            both = self.runner.global_loss(torch.cat([totals, weights]))
+            totals, weights = both[:len(keys)], both[len(keys):]
+            if self.runner.pp_mesh is not None:  # every stage holds the weights, only the last the totals
+                weights = weights / self.runner.cfg.pp
+            totals = torch.stack([t * self.runner.dp_size if k.startswith("num_") else t
+                                  for k, t in zip(keys, totals.unbind())])
+        stats: dict[str, torch.Tensor] = combined_metrics(keys, totals, weights)
         stats["grad_norm"] = gnorm
         self._in_flight = (n_tokens, stats)
         self.interrupts.begin_update()
-        self.optimizer.step()  # a torch optimizer's step hooks also mark the update's start and end
-        if self._moves_expert_bias:  # aux-loss-free MoE balancing, once per step
-            update_expert_biases(self.model, world=self.runner is not None)
-        if self.qk_clip is not None:
-            stats.update(self._clip_qk())
+        if empty_step:  # nothing to train in any micro-batch: no update (weights and optimizer state unchanged)
+            self._empty_steps.add(self.step + 1)
+            if not self._told_empty and self.rank == 0:
+                tqdm.write(f"step {self.step + 1}: every micro-batch has batch_weight 0 (nothing to train), so the "
+                           "step makes no update; it counts as a step and logs loss null (said once per run)")
+            self._told_empty = True
+            if self.qk_clip is not None:
+                stats.update({"qk/max_logit": torch.full((), float("nan"), device=self.device),
+                              "qk/clipped_heads": torch.zeros((), device=self.device)})
+        else:
+            self.optimizer.step()  # a torch optimizer's step hooks also mark the update's start and end
+            if self._moves_expert_bias:  # aux-loss-free MoE balancing, once per step
+                update_expert_biases(self.model, world=self.runner is not None)
+            if self.qk_clip is not None:
+                stats.update(self._clip_qk())
         self.interrupts.end_update()
         self._finish_step()
         stats = {**stats, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -610,18 +673,49 @@ class Trainer:
         with self.autocast, sdpa_context(self.cfg.sdpa_backend):
             yield
 
-    def _forward_backward(self, batch: Batch, scale: float, sync: bool) -> tuple[torch.Tensor, dict]:
+    def _forward_backward(self, batch: Batch, scale: float, sync: bool, empty: bool = False
+                          ) -> tuple[torch.Tensor, dict]:
         """One micro-batch's forward and backward, its gradients scaled by `scale`: in this process, or this
         rank's share through the ParallelRunner (a pipeline runs the LM loss through its schedule; sync=False
-        lets FSDP skip the reduce-scatter until the step's last micro-batch)."""
+        lets FSDP skip the reduce-scatter until the step's last micro-batch). empty: a micro-batch with nothing
+        to train (batch_weight 0, whose loss may well be NaN, a mean over nothing): its loss and metrics without
+        a backward in one process; under a runner (whose ranks all join the backward's collectives) with the
+        gradient reaching the model's outputs zeroed, so it adds exactly nothing."""
         runner = self.runner
         if runner is None:
-            loss, metrics = self.loss_fn(self.model, batch)
+            if empty:
+                with torch.no_grad():
+                    return self.loss_fn(self.model, batch)
+            loss, metrics = self._loss_to_train(self.model, batch)
             (loss * scale).backward()
             return loss, metrics
         if runner.pp_mesh is not None:
             return runner.forward_backward(batch["input_ids"], batch["targets"], scale, sync), {}
-        return runner.objective_step(batch, self.loss_fn, scale, sync)
+        return runner.objective_step(batch, self._empty_loss if empty else self._loss_to_train, scale, sync)
+
+    def _loss_to_train(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+        loss, metrics = self.loss_fn(model, batch)
+        if not loss.requires_grad:
+            raise ConfigError(f"{type(self.objective).__name__}.loss returned a loss that does not depend on the "
+                              "trained parameters (no grad_fn), so there is nothing to backpropagate; to skip a batch "
+                              "with nothing to train, return 0 from the objective's batch_weight(batch) (the Trainer "
+                              "then leaves it out of the step)")
+        return loss, metrics
+
+    def _empty_loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """The objective's loss with the gradient that reaches the model's outputs replaced by zeros."""
+        from torch.utils._pytree import tree_leaves
+
+        def zero_grads(module, args, out):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(torch.zeros_like)
+
+        handle = model.register_forward_hook(zero_grads)
+        try:
+            return self.loss_fn(model, batch)
+        finally:
+            handle.remove()
 
     def _finish_step(self) -> None:
         n_tokens, stats = self._in_flight
@@ -646,11 +740,12 @@ class Trainer:
         self._pending.clear()
         # a finite loss can still come with a non-finite gradient, which the optimizer step has already applied
         for step, row in zip(steps, values):
-            for name in ("loss", "grad_norm"):
+            for name in ("grad_norm",) if step in self._empty_steps else ("loss", "grad_norm"):  # (no loss to take)
                 if name in keys and not math.isfinite(row[keys.index(name)]):
                     where = self.last_checkpoint or "none was written"
                     raise TrainingDiverged(f"{name} became {row[keys.index(name)]} at step {step}; stopped. Last good "
                                            f"checkpoint: {where}. Lower optim.lr or raise optim.warmup_steps")
+        self._empty_steps.difference_update(steps)
         return dict(zip(keys, values[-1]))
 
     @torch.no_grad()
@@ -774,7 +869,15 @@ class Trainer:
                     asked = self.interrupts.at_boundary(self.runner)  # one all-reduce; raises on a signal
                     if asked:
                         break
-                    self.train_step()
+                    try:
+                        self.train_step()
+                    except DataEnded as end:  # a finite source at its end: the run ends at the last whole step
+                        self.interrupts.to_boundary(self)  # (the unfinished step rolled back)
+                        left = (f"; the {end.drawn} micro-batch(es) drawn for step {self.step + 1} are left untrained"
+                                if end.drawn else "")
+                        self.interrupts.reason = f"the data ended (its next_batch raised StopIteration{left})"
+                        asked = True
+                        break
                     bar.update(1)
                     if self._is_log_step():
                         self._log_step(bar, t_start)

@@ -9,6 +9,7 @@ from lmforge.data.shards import write_tokens
 from lmforge.model.config import ModelConfig
 from lmforge.optim.config import OptimConfig
 from lmforge.train.config import DataConfig, TrainConfig
+from lmforge.train.loss import LMObjective
 
 WORDS = "the cat sat on a mat while dogs ran past small red houses and green trees by the river".split()
 
@@ -60,3 +61,15 @@ def fit_interrupted_at(tr, step: int) -> None:
     tr.train_step = interrupt
     with pytest.raises(KeyboardInterrupt):
         tr.fit()
+
+
+class MaskedMean(LMObjective):
+    """Next-token NLL as a masked mean, the way post-training objectives take it: (x * mask).sum() / n, whose
+    backward over a batch (or rank's share) with nothing to train is NaN (0 * inf), not just its loss."""
+
+    def loss(self, model, batch):
+        keep = batch["targets"] != -100
+        logps = model(batch["input_ids"]).float().log_softmax(-1)
+        logps = logps.gather(-1, batch["targets"].clamp(min=0)[..., None])[..., 0]
+        loss = -(logps * keep).sum() / keep.sum()
+        return loss, {"loss": loss}

@@ -326,6 +326,60 @@ def test_batch_with_fewer_rows_than_ranks_trains_as_one_process(tmp_path, layout
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
 
 
+def _empty_rows_fit(run_dir: str, layout: dict | None) -> tuple[list[float], list[float]]:
+    """4 steps of grad_accum 2 over micro-batches of 4 rows where some rows have nothing to train (targets all
+    -100): one micro-batch is empty on rank 1 only (its rows 2-3), another on every rank; one process or 2 ranks
+    through RankRows and a ParallelRunner. The logged losses and gradient norms."""
+    import torch
+
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.distributed import RankRows
+    from lmforge.train.harness import FixedBatches
+
+    from .helpers import MaskedMean
+
+    model = _tiny_lm()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for masked in ((), (2, 3), (), (0, 1, 2, 3)):
+        ids = torch.randint(0, 41, (4, 9), generator=g)
+        targets = ids[:, 1:].clone()
+        targets[list(masked)] = -100
+        batches.append({"input_ids": ids[:, :-1], "targets": targets})
+    data, runner = FixedBatches(batches), None
+    if layout is not None:
+        from lmforge.parallel.runner import ParallelRunner
+
+        runner = ParallelRunner(model, ParallelConfig(**layout), device="cpu")
+        model, data = runner.model, RankRows(data, runner.dp_rank, runner.dp_size, 4)
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=4, grad_accum=2,
+                     log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False,
+                     plot=False)
+
+
+    history = Trainer(model, build_optimizer(model, cfg.optim), data, MaskedMean(), config=cfg,
+                      runner=runner).fit().history
+    return _losses(history), [r["grad_norm"] for r in history if "grad_norm" in r]
+
+
+def _empty_rows_worker(rank: int, world: int, run_dir: str, layout: dict) -> tuple[list[float], list[float]]:
+    return _empty_rows_fit(run_dir, layout)
+
+
+@pytest.mark.parametrize("layout", [dict(dp_replicate=2), dict(dp_shard=2)])
+def test_a_rank_with_nothing_to_train_in_a_micro_batch_adds_nothing(tmp_path, layout):
+    """A rank whose share of a micro-batch has no trained token (batch_weight 0, a loss of NaN: a mean over
+    nothing) still joins the forward and backward's collectives, with the gradient reaching the model's outputs
+    zeroed: the run trains as one process (the NaN used to reach every rank's gradients)."""
+    ref = _empty_rows_fit(str(tmp_path / "one"), None)
+    got = run_local(_empty_rows_worker, 2, str(tmp_path / "two"), layout, timeout=120, start_method="fork")
+    assert len(ref[0]) == 4 and all(np.isfinite(ref[0] + ref[1]))
+    np.testing.assert_allclose(got[0][0], ref[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got[0][1], ref[1], atol=1e-5, rtol=0)
+
+
 def _repeated_row_bias(run_dir: str, layout: dict | None) -> tuple[list[float], int]:
     """The aux-loss-free MoE bias and the tokens counted after one step of two micro-batches, of 4 rows and of 1
     row, with the one Trainer: on one process, or through RankRows and a ParallelRunner (on 2 ranks the 1-row

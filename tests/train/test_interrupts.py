@@ -270,3 +270,55 @@ def test_a_trainer_nothing_refers_to_gives_its_run_dir_to_the_next(setup, tmp_pa
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "2"
+
+
+class _Adaptive:
+    """An objective whose state its begin_step moves (an adaptive KL coefficient's update): the LM loss x beta."""
+
+    def __init__(self, inner):
+        self.inner, self.beta = inner, 1.0
+
+    def begin_step(self, trainer):
+        self.beta *= 0.5
+
+    def loss(self, model, batch):
+        loss, metrics = self.inner.loss(model, batch)
+        return loss * self.beta, {**metrics, "beta": self.beta}
+
+    def state_dict(self):
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state):
+        self.beta = state["beta"]
+
+
+def test_an_interrupt_raised_in_a_step_rolls_the_objectives_state_back(setup, tmp_path):
+    """A KeyboardInterrupt inside step 3 (after its begin_step hooks moved the objective's beta) rolled the data
+    source and the RNG back but not the objective: the step-2 checkpoint held step 3's beta and the resumed run
+    applied begin_step twice. The objective's state is rolled back with the rest: bit-exact resume."""
+    import torch
+
+    from lmforge.train.pretrain import pretraining_parts
+
+    shard, _ = setup
+
+    def run(name, interrupt=False):
+        model, opt, data, obj, config, *_ = pretraining_parts(
+            tiny_config(shard, tmp_path / name, max_steps=5, eval_every=100, ckpt_every=100))
+        tr = Trainer(model, opt, data, _Adaptive(obj), config=config)
+        if interrupt:
+            intr = _Interrupt(tr, "raise", after_step=2)
+            _wrap(tr.data, "next_batch", True, intr)
+            with pytest.raises(KeyboardInterrupt):
+                tr.fit()
+            assert tr.objective.beta == 0.25  # as at step 2's end
+            return None
+        return tr, tr.fit()
+
+    full, full_res = run("full")
+    run("run", interrupt=True)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == ["step_000002"]
+    resumed, res = run("run")
+    assert resumed.objective.beta == full.objective.beta == 0.5 ** 5
+    assert metric_rows(res) == metric_rows(full_res)
+    assert all(torch.equal(p, q) for p, q in zip(full.model.parameters(), resumed.model.parameters()))

@@ -466,3 +466,175 @@ def test_aux_free_moe_bias_ignores_the_load_of_a_repeated_batch(tmp_path):
     assert layer.step_load.tolist() == [0, 0, 0, 0]
     # nor are they the step's tokens or counts (they were: 72 tokens, 9 rows)
     assert tr.tokens == 8 and float(stats["num_rows"]) == 1.0
+
+
+def _tiny_run(tmp_path, data, objective=None, name="run", optimizer=None, model=None, **loop):
+    """A Trainer over a tiny Transformer (vocab 41) with `data` (a DataSource or a list of batches, cycled)."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.harness import FixedBatches
+    from lmforge.train.loss import LMObjective
+
+    torch.manual_seed(0)
+    model = model or Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    base = dict(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=str(tmp_path / name), max_steps=1,
+                log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False, plot=False)
+    cfg = LoopConfig(**{**base, **loop})
+    data = FixedBatches(data) if isinstance(data, list) else data
+    return Trainer(model, optimizer or build_optimizer(model, cfg.optim), data, objective or LMObjective(), config=cfg)
+
+
+def _rows(seed, n=2, T=8, trained=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 41, (n, T + 1), generator=g)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:] if trained else torch.full((n, T), -100)}
+
+
+def test_a_micro_batch_with_nothing_to_train_adds_nothing_and_a_step_of_them_updates_nothing(tmp_path):
+    """A micro-batch whose batch_weight is 0 (every target -100: an RL source's filtered-out group) has a loss
+    of NaN (a mean over nothing); it used to turn the whole step's gradients NaN. It adds nothing: the step equals
+    the step without it, bit for bit, and its metrics stay finite. A step of only such micro-batches makes no
+    update (weights and optimizer state unchanged), counts as a step and logs loss null, not a divergence."""
+    from .helpers import MaskedMean
+
+    a, empty = _rows(1), _rows(2, trained=False)
+    alone = _tiny_run(tmp_path, [a], MaskedMean(), name="alone")
+    alone.train_step()
+    both = _tiny_run(tmp_path, [a, empty], MaskedMean(), name="both", grad_accum=2)
+    stats = both.train_step()
+    assert all(p.equal(q) for p, q in zip(alone.model.parameters(), both.model.parameters()))
+    assert float(stats["loss"]) == float(alone.flush()["loss"]) and math.isfinite(float(stats["grad_norm"]))
+
+    tr = _tiny_run(tmp_path, [empty, empty, a, a], name="noop", grad_accum=2, max_steps=2)
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    after_1 = []
+
+    class Watch:
+        def on_step_end(self, trainer, stats):
+            if trainer.step == 1:
+                after_1.append(all(p.equal(q) for p, q in zip(before, trainer.model.parameters()))
+                               and not trainer.optimizer.state)
+
+    tr.hooks.append(Watch())
+    res = tr.fit()  # step 2 trains; step 1's undefined loss is no divergence
+    rows = [r for r in res.history if "loss" in r]
+    assert after_1 == [True] and res.steps == 2 and [r["step"] for r in rows] == [1, 2]
+    assert math.isnan(rows[0]["loss"]) and rows[0]["grad_norm"] == 0.0 and rows[1]["loss"] > 0
+    assert not all(p.equal(q) for p, q in zip(before, tr.model.parameters()))
+
+
+def test_a_loss_without_gradient_says_to_skip_with_batch_weight_zero(tmp_path):
+    """An objective returning a constant loss to skip a batch crashed in backward with torch's raw 'does not
+    require grad'; it is a one-line error saying how to skip one (batch_weight 0)."""
+    class Constant:
+        def loss(self, model, batch):
+            return torch.zeros(()), {}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    tr = _tiny_run(tmp_path, [_rows(1)], Constant())
+    with pytest.raises(ConfigError, match=r"Constant.loss returned a loss that does not depend on the trained "
+                                          r"parameters .*return 0 from the objective's batch_weight\(batch\)"):
+        tr.train_step()
+
+
+def test_a_metric_a_micro_batch_cannot_define_is_averaged_over_those_that_do(tmp_path):
+    """A mean over a sub-population (KTO's rewards/chosen over the desirable rows) is NaN in a micro-batch that
+    lacks it; the step's value used to be NaN whenever one micro-batch lacked it. It is the mean over the
+    micro-batches that define it, as for one batch of their rows, by the rule the post-training evaluator
+    (ObjectiveEvaluator) also applies."""
+    from lmforge.align.sft import ObjectiveEvaluator
+    from lmforge.train.loss import LMObjective
+
+    class PerLabel(LMObjective):  # the targets' mean over the rows labelled 1 (NaN where there is none)
+        def loss(self, model, batch):
+            loss, metrics = super().loss(model, batch)
+            mine = batch["label"].bool()
+            return loss, {**metrics, "labelled/mean_target": batch["targets"][mine].float().mean()}
+
+    a, b = {**_rows(1), "label": torch.tensor([0, 0])}, {**_rows(2), "label": torch.tensor([1, 1])}
+    one = {k: torch.cat([a[k], b[k]]) for k in a}
+    whole = _tiny_run(tmp_path, [one], PerLabel(), name="whole").fit().history[0]
+    accum = _tiny_run(tmp_path, [a, b], PerLabel(), name="accum", grad_accum=2).fit().history[0]
+    assert accum["labelled/mean_target"] == pytest.approx(whole["labelled/mean_target"])
+    assert accum["loss"] == pytest.approx(whole["loss"])
+    with torch.no_grad():
+        val = ObjectiveEvaluator(PerLabel(), [a, b])(_tiny_run(tmp_path, [a], name="ev").model)
+    assert val["val_labelled/mean_target"] == pytest.approx(accum["labelled/mean_target"])
+
+
+def test_a_finite_data_source_ends_the_run_as_max_steps_would(tmp_path, capsys):
+    """A data source that raises StopIteration at its end (one epoch) used to let it escape fit() with no final
+    evaluation, checkpoint or TrainResult. The run ends at the last whole step: a step the data cannot fill is
+    rolled back (its micro-batches left untrained), it is evaluated and checkpointed, one line says why, and
+    resuming the run ends there again."""
+    class Finite:
+        def __init__(self, n):
+            self.n, self.i = n, 0
+
+        def next_batch(self):
+            if self.i >= self.n:
+                raise StopIteration
+            self.i += 1
+            return _rows(self.i)
+
+        def state_dict(self):
+            return {"i": self.i}
+
+        def load_state_dict(self, state):
+            self.i = state["i"]
+
+    evaluated = []
+    tr = _tiny_run(tmp_path, Finite(5), grad_accum=2, max_steps=10)
+    tr.evaluator = lambda model: evaluated.append(1) or {"val_x": 1.0}
+    res = tr.fit()
+    assert res.steps == 2 and res.stop_reason.startswith("the data ended")
+    assert "step 3 are left untrained" in res.stop_reason and res.final_eval == {"val_x": 1.0}
+    assert res.checkpoint.name == "step_000002" and len(evaluated) == 2  # steps 0 and 2
+    assert "stopped at step 2: the data ended (its next_batch raised StopIteration; the 1 micro-batch(es) drawn" \
+        in capsys.readouterr().out
+    assert tr.data.i == 4  # rolled back to the step's start: a resume sees the same end
+    again = _tiny_run(tmp_path, Finite(5), grad_accum=2, max_steps=10, resume=True).fit()
+    assert again.steps == 2 and again.stop_reason.startswith("the data ended")
+
+
+def test_non_tensor_batch_values_reach_the_objective_unchanged(tmp_path):
+    """RL metadata in a batch (the prompts' texts) used to fail deep in _to_device; tensors are moved, other
+    values are passed through as they are."""
+    from lmforge.train.loss import LMObjective
+
+    seen = []
+
+    class Reading(LMObjective):
+        def loss(self, model, batch):
+            seen.append(batch["prompts"])
+            return super().loss(model, batch)
+
+    _tiny_run(tmp_path, [{**_rows(1), "prompts": ["a", "b"]}], Reading()).fit()
+    assert seen == [["a", "b"]]
+
+
+def test_an_optimizer_built_before_apply_lora_is_refused(tmp_path):
+    """An optimizer built before apply_lora holds the frozen base and none of the adapters: every step trained
+    nothing, silently. Refused in one line, naming what it lacks and the fix."""
+    from lmforge.adapt.lora import LoRAConfig, apply_lora
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+
+    model = Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    opt = build_optimizer(model, OptimConfig(lr=1e-2))
+    apply_lora(model, LoRAConfig(r=2, alpha=4, targets=("wq", "wv")))
+    with pytest.raises(ConfigError, match=r"the optimizer lacks 4 of the model's trainable parameters "
+                                          r"\(blocks.0.attn.wq.lora_A, blocks.0.attn.wq.lora_B, "
+                                          r"blocks.0.attn.wv.lora_A, \.\.\.\).*build the optimizer after apply_lora"):
+        _tiny_run(tmp_path, [_rows(1)], model=model, optimizer=opt)
+    _tiny_run(tmp_path, [_rows(1)], model=model, name="ok").fit()  # built after apply_lora: accepted

@@ -210,15 +210,21 @@ def test_an_adapter_layer_declares_its_adapter_parameters():
 
 
 def test_base_reference_stays_the_starting_model_while_expert_biases_move():
-    """MoE with aux-loss-free balancing under LoRA: the Trainer moves each layer's selection bias after every
-    step (update_expert_biases), a buffer adapters_disabled does not touch; BaseReference runs with the biases
-    it started with, so its log-probs stay the starting model's, and the policy keeps its own."""
+    """MoE with aux-loss-free balancing under LoRA with adapters on the router: the Trainer moves each layer's
+    selection bias after every step (update_expert_biases), a buffer adapters_disabled does not touch;
+    BaseReference runs with the biases it started with, so its log-probs stay the starting model's, and the policy
+    keeps its own. With the router frozen (no adapter on it) the biases do not move at all."""
     from lmforge.align.logprobs import batch_logps
     from lmforge.model.config import MoEConfig
     from lmforge.model.layers.moe import update_expert_biases
 
     start = tiny_model(0, mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, bias_update_rate=0.05)).eval()
-    policy = apply_lora(copy.deepcopy(start), LoRAConfig(r=2, targets=("wq", "wv")))
+    frozen = apply_lora(copy.deepcopy(start), LoRAConfig(r=2, targets=("wq", "wv")))
+    frozen.train()(pair_batch()["chosen_input_ids"])
+    assert update_expert_biases(frozen) == 0
+    assert all(torch.equal(b, dict(start.named_buffers())[n]) for n, b in frozen.named_buffers() if "e_bias" in n)
+    assert all(float(m.step_load.abs().sum()) == 0 for m in frozen.modules() if hasattr(m, "step_load"))
+    policy = apply_lora(copy.deepcopy(start), LoRAConfig(r=2, targets=("wq", "wv", "router")))
     ref = BaseReference(policy)
     batch = pair_batch()
     for _ in range(3):  # training forwards, then the Trainer's update after the optimizer step

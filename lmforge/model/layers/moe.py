@@ -422,8 +422,18 @@ def update_expert_biases(model: nn.Module, world: bool = False) -> int:
     A forward recomputed under activation checkpointing counts its tokens again; each layer is either always
     recomputed or never, so its loads are scaled uniformly and the sign is unchanged. Under pipeline
     parallelism the layers live on different ranks: the loads travel as one (layers over all ranks, E) table,
-    the rows keyed by module name, a rank adding zeros for the layers it does not hold."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoE) and m.m.bias_update_rate > 0}
+    the rows keyed by module name, a rank adding zeros for the layers it does not hold.
+
+    A layer whose router is frozen (no trainable parameter: the base of an adapter run, where only LoRA
+    matrices train) keeps its bias: the bias is part of the frozen routing, as HF and PEFT keep it; its load is
+    dropped."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoE) and m.m.bias_update_rate > 0:
+            if any(p.requires_grad for p in m.router.parameters()):
+                layers[name] = m
+            else:
+                m.step_load.zero_()
     if world:
         import torch.distributed as dist
 

@@ -192,7 +192,7 @@ class RankRows:
         self.source, self.rank, self.world = source, rank, world
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        batch = self.source.next_batch()
+        batch = rows_only(self.source.next_batch(), "RankRows")
         rows = len(next(iter(batch.values())))
         if rows <= self.rank:
             return Repeated({k: v[:1] for k, v in batch.items()})
@@ -298,7 +298,18 @@ def eval_rows(runner, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     """This rank's share of a validation batch's rows (all of them (B, ...)), split as runner.eval_nats
     splits them: over the data-parallel and context-parallel ranks (runner.eval_rank of eval_size); the
     ranks of one tensor-parallel group get the same rows, and only one of them reports (runner.reports)."""
-    return {k: v.tensor_split(runner.eval_size)[runner.eval_rank] for k, v in batch.items()}
+    return {k: v.tensor_split(runner.eval_size)[runner.eval_rank] for k, v in rows_only(batch, "eval_rows").items()}
+
+
+def rows_only(batch: dict, where: str) -> dict[str, torch.Tensor]:
+    """`batch`, refused in one line when a value is not a tensor: cutting a batch into ranks' rows needs every
+    value's rows (one process passes other values to the objective as they are: Trainer._to_device)."""
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            raise ConfigError(f"{where} splits a batch's rows over the data-parallel ranks, but batch[{k!r}] is a "
+                              f"{type(v).__name__}, not a tensor of rows; make it a tensor (B, ...), or train on one "
+                              "process")
+    return batch
 
 
 def sum_over_ranks(sums: torch.Tensor, runner) -> torch.Tensor:

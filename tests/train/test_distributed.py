@@ -546,3 +546,25 @@ def test_a_per_rank_source_makes_its_own_rows_and_trains_as_one_process(tmp_path
     got = run_local(_per_rank_worker, 2, str(tmp_path / "two"), dict(dp_replicate=2), timeout=120, start_method="fork")
     assert len(ref) == 4 and got[1] == []
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
+
+
+def test_rank_rows_refuse_a_value_without_rows_in_one_line():
+    """One process passes a batch's non-tensor values (an RL source's prompt texts) to the objective as they are;
+    cutting a global batch into ranks' rows (RankRows, eval_rows) cannot, and says so naming the key (it failed
+    deep inside with AttributeError: 'list' object has no attribute 'tensor_split')."""
+    import torch
+
+    from lmforge.train.distributed import RankRows, eval_rows
+    from lmforge.train.harness import FixedBatches
+
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "prompts": ["a", "b", "c", "d"]}
+    with pytest.raises(ConfigError, match=r"RankRows splits .* batch\['prompts'\] is a list, not a tensor of rows"):
+        RankRows(FixedBatches([batch]), 0, 2, 4).next_batch()
+
+    class Runner:
+        eval_size, eval_rank = 2, 1
+
+    with pytest.raises(ConfigError, match=r"eval_rows splits .* batch\['prompts'\] is a list"):
+        eval_rows(Runner(), batch)
+    got = RankRows(FixedBatches([{"input_ids": torch.arange(8).view(4, 2)}]), 1, 2, 4).next_batch()
+    assert got["input_ids"].tolist() == [[4, 5], [6, 7]]

@@ -31,6 +31,23 @@ engine's failure: Engine.step aborts it alone, its stream raises its lmforge.err
 input error, a 4xx) and the other streams go on.
 With a seed, a request's samples are those LLM.generate gives the same prompt (prompt i of a list:
 `prompt_index=i`), so a server and `lmforge generate` agree.
+
+Between rounds (an RL rollout server syncing the policy's weights): `await pause(mode)` stops admitting,
+`await update_weights(...)` / `await reset_prefix_cache()` change the engine between steps, `await resume()`
+admits again. While paused, add_request waits (it does not raise; a prompt is still tokenized, and bad input
+raises once it is admitted) and runs its request after resume(); shutdown() ends the wait with EngineError.
+What pause does to the requests already added (running or queued in the engine) is `mode`:
+  "wait"  (default) they step on to their ends (at most `timeout` seconds, then the rest are aborted);
+          pause returns once none is left and no step runs;
+  "abort" they are aborted now (their streams end with finish_reason 'abort'), as vLLM's pause_generation
+          does by default;
+  "hold"  the step in flight ends and no other starts: they stay in the engine, frozen (their streams wait,
+          their KV blocks stay held, abort still works), and step on after resume(). Their keys come from
+          the current weights, so update_weights / reset_prefix_cache refuse while any is held.
+update_weights and reset_prefix_cache need no pause first: each holds new requests back itself, waits for
+the running ones to end (pause("abort") first to cut them), runs under the lock the step loop takes (never
+beside a step, on the loop's thread: the copy blocks the loop for its duration), then admits again unless
+pause() was called. They have Engine.update_weights' and Engine.reset_prefix_cache's arguments and errors.
 """
 
 from __future__ import annotations
@@ -126,6 +143,10 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None  # held while a step runs; made on the running loop
         self._closed = False  # shutdown() was called: no new requests
+        self._paused = False  # pause() was called (resume() not yet): add_request waits
+        self._holds = 0  # update_weights / reset_prefix_cache in progress: add_request waits
+        self._holding = False  # pause("hold"): no step starts; the requests in the engine stay as they are
+        self._gate: asyncio.Event | None = None  # set while add_request may go on (or after shutdown)
 
     async def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                           *, prompt_index: int = 0) -> str:
@@ -135,7 +156,8 @@ class AsyncEngine:
         abort of a request never streamed hands its output to the caller and frees the id).
         With params.seed, the samples are those of prompt `prompt_index` of LLM.generate with that seed
         (the seed is derived per prompt there: lmforge.infer.request.seed_for). After shutdown() this
-        raises EngineError."""
+        raises EngineError. While paused (pause(), update_weights) it waits for resume() before it queues the
+        request (bad input then raises after resume)."""
         if self._closed:
             raise EngineError("this AsyncEngine was shut down: it takes no new requests")
         if isinstance(params, SamplingParams) and params.seed is not None:
@@ -146,17 +168,22 @@ class AsyncEngine:
             # lock, so that streams and steps go on meanwhile (the engine checks the ids again, cheaply)
             prompt = await asyncio.get_running_loop().run_in_executor(
                 None, self.engine.encode, text, params or SamplingParams())
-        async with self._between_steps():
-            if self._closed:  # (shut down while the prompt was tokenized)
-                raise EngineError("this AsyncEngine was shut down: it takes no new requests")
-            if request_id is not None and str(request_id) in self.streams:  # finished, its stream not read
-                raise LmforgeError(f"request id {str(request_id)!r} is already in use; pass another request_id")
-            self._apply_aborts()  # a stream left with this id a moment ago must not abort the new request
-            if request_id is None:  # not the id of a finished request whose output is still held
-                request_id = self.engine.free_request_id(taken=self.streams)
-            rid = self.engine.add_request(prompt, params, request_id)
-            self.engine.requests[rid].prompt = text  # (the outputs' prompt: the text, as if it had been passed)
-            self.streams[rid] = Latest(self.engine.requests[rid])
+        while True:
+            await self._admission().wait()  # paused: until resume() (or shutdown)
+            async with self._between_steps():
+                if self._closed:  # (shut down while the prompt was tokenized, or while paused)
+                    raise EngineError("this AsyncEngine was shut down: it takes no new requests")
+                if not self._admitting():  # paused again while this waited for the lock
+                    continue
+                if request_id is not None and str(request_id) in self.streams:  # finished, its stream not read
+                    raise LmforgeError(f"request id {str(request_id)!r} is already in use; pass another request_id")
+                self._apply_aborts()  # a stream left with this id a moment ago must not abort the new request
+                if request_id is None:  # not the id of a finished request whose output is still held
+                    request_id = self.engine.free_request_id(taken=self.streams)
+                rid = self.engine.add_request(prompt, params, request_id)
+                self.engine.requests[rid].prompt = text  # (the outputs' prompt: the text, as if it had been passed)
+                self.streams[rid] = Latest(self.engine.requests[rid])
+                break
         self._start()
         return rid
 
@@ -209,20 +236,123 @@ class AsyncEngine:
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Stop taking requests (add_request raises EngineError), give the running ones up to `timeout`
         seconds to finish, then abort the rest: their streams end with a finished output whose samples read
-        finish_reason 'abort' (a server sends it and closes the response). Returns once no step runs."""
+        finish_reason 'abort' (a server sends it and closes the response). Returns once no step runs.
+        A paused engine's waiting add_request calls raise EngineError; requests held by pause("hold") step
+        on within the timeout like the others."""
         self._closed = True
+        self._open_gate()
+        self._holding = False
+        if timeout > 0:
+            self._start()
         task = self._loop_task
         if timeout > 0 and task is not None and not task.done():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)
         async with self._between_steps():
-            for rid in list(self.engine.requests):
-                out = self.engine.abort(rid)
-                latest = self.streams.get(rid)
-                if latest is not None:
-                    latest.put(out)
+            self._abort_all()
         if task is not None:
             await task
+
+    # between rounds: pause / resume, weights, prefix cache -------------------------------------------
+    @property
+    def paused(self) -> bool:
+        """pause() was called and resume() not yet (add_request waits)."""
+        return self._paused
+
+    async def pause(self, mode: str = "wait", timeout: float | None = None) -> None:
+        """Stop admitting requests without shutting down: add_request waits until resume(). The requests
+        already added (mode, module docstring): "wait" lets them run to their ends (at most `timeout`
+        seconds, None: no limit; then the rest are aborted), "abort" aborts them now, "hold" freezes them
+        in the engine until resume(). Returns once no step runs (and, but for "hold", no request is left).
+        Calling it again while paused changes the mode (e.g. "abort" after "hold" ends the held ones)."""
+        if mode not in ("wait", "abort", "hold"):
+            raise LmforgeError(f"pause(mode={mode!r}): give 'wait' (running requests finish), 'abort' (they are "
+                               "aborted) or 'hold' (they stay, frozen, until resume())")
+        self._paused = True
+        self._open_gate()
+        if mode == "hold":
+            self._holding = True
+            async with self._between_steps():  # the step in flight ends; the loop sees _holding before the next
+                return
+        self._holding = False
+        await self._finish_running(0.0 if mode == "abort" else timeout)
+
+    async def resume(self) -> None:
+        """Admit requests again (those waiting in add_request are queued) and step on the held ones."""
+        self._paused = self._holding = False
+        self._open_gate()
+        self._start()  # (returns at once when no request is left)
+
+    async def update_weights(self, weights=None, *, partial: bool = False) -> None:
+        """Engine.update_weights between steps (same arguments): new requests wait meanwhile, the running
+        ones finish first (on the old weights), then the weights are copied and the prefix cache dropped
+        under the step lock; requests after it see only the new weights. Refused (LmforgeError) while
+        pause("hold") holds requests."""
+        await self._between_requests("update_weights", self.engine.update_weights, weights, partial=partial)
+
+    async def reset_prefix_cache(self) -> None:
+        """Engine.reset_prefix_cache between steps, as update_weights (running requests finish first)."""
+        await self._between_requests("reset_prefix_cache", self.engine.reset_prefix_cache)
+
+    async def _between_requests(self, what: str, fn, *args, **kwargs) -> None:
+        """fn(*args, **kwargs) on the loop under the step lock, once no request is left; admissions held
+        meanwhile (restored after, unless pause() holds them)."""
+        self._holds += 1
+        self._open_gate()
+        try:
+            if not self._holding:
+                await self._finish_running(None)
+            async with self._between_steps():
+                if self._holding and self.engine.has_unfinished():
+                    raise LmforgeError(f"{what}: {len(self.engine.requests)} request(s) are held by pause('hold') "
+                                       "with keys from the current weights; resume() them, or pause('wait') or "
+                                       "pause('abort') first")
+                fn(*args, **kwargs)  # (Engine refuses if a request were left: nothing can add one now)
+        finally:
+            self._holds -= 1
+            self._open_gate()
+
+    async def _finish_running(self, timeout: float | None) -> None:
+        """Step the requests in the engine to their ends (None: no limit; else at most timeout seconds, then
+        those left are aborted); returns with no step running. Admissions must be held (else it may never
+        end). (engine.requests is not read here: off the lock a step may be changing it.)"""
+        if timeout is None or timeout > 0:
+            self._start()  # (a loop task with nothing left returns at once)
+            task = self._loop_task
+            if timeout is None:
+                await asyncio.shield(task)
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), timeout)
+        async with self._between_steps():
+            if timeout is not None:
+                self._abort_all()
+
+    def _abort_all(self) -> None:
+        """Abort every request in the engine (between steps); their streams get the 'abort' outputs."""
+        for rid in list(self.engine.requests):
+            out = self.engine.abort(rid)
+            latest = self.streams.get(rid)
+            if latest is not None:
+                latest.put(out)
+
+    def _admitting(self) -> bool:
+        return not self._paused and not self._holds
+
+    def _admission(self) -> asyncio.Event:
+        """Set while add_request may queue (or after shutdown, to raise); made on the running loop."""
+        if self._gate is None:
+            self._gate = asyncio.Event()
+            self._open_gate()
+        return self._gate
+
+    def _open_gate(self) -> None:
+        """The admission event follows the state (paused, holds, closed)."""
+        if self._gate is not None:
+            if self._closed or self._admitting():
+                self._gate.set()
+            else:
+                self._gate.clear()
 
     def stats(self) -> dict:
         """Engine.stats() (KV blocks in use, prefix hits, preemptions, the queue: requests, waiting, running)
@@ -275,7 +405,7 @@ class AsyncEngine:
         while True:
             async with self._between_steps():
                 self._apply_aborts()
-                if not self.engine.has_unfinished():
+                if not self.engine.has_unfinished() or self._holding:  # (pause("hold"): resume() starts it)
                     return
                 self._stepping = True
                 step = loop.run_in_executor(None, self.engine.step)

@@ -634,3 +634,199 @@ def test_a_stream_left_before_its_first_output_aborts_its_request(tok, how):
     rid, aeng, done = asyncio.run(main())
     assert rid not in aeng.engine.requests and not aeng.streams and aeng.engine.pool.num_used == 0
     assert done[-1].token_ids == full_greedy(model, tok.encode("read"), 8)
+
+
+def instrument(engine: Engine, aeng: AsyncEngine, delay: float = 0.01) -> dict:
+    """Count steps, flag while one runs (each takes `delay` s: wide windows for a race), and record, for each
+    call of Engine.update_weights / reset_prefix_cache, whether a step was running then and the requests."""
+    rec = {"steps": 0, "inside": False, "calls": [], "in_step": threading.Event()}
+    step = engine.step
+
+    def stepping(*args):
+        rec["inside"] = True
+        rec["in_step"].set()
+        try:
+            time.sleep(delay)
+            return step(*args)
+        finally:
+            rec["steps"] += 1
+            rec["inside"] = False
+
+    def watched(name):
+        fn = getattr(engine, name)
+
+        def call(*args, **kwargs):
+            rec["calls"].append((name, rec["inside"], aeng._stepping, len(engine.requests)))
+            return fn(*args, **kwargs)
+        return call
+
+    engine.step = stepping
+    engine.update_weights = watched("update_weights")
+    engine.reset_prefix_cache = watched("reset_prefix_cache")  # (update_weights calls it on the instance too)
+    return rec
+
+
+@pytest.mark.timeout(120)  # (each wait below has its own timeout too)
+def test_update_weights_racing_streams_runs_between_them_and_later_requests_see_only_the_new_weights(tok):
+    """An RL rollout server syncs the policy while streams run: AsyncEngine.update_weights holds new requests
+    back, lets the running ones finish on the old weights, copies the new ones under the step lock (never
+    inside Engine.step: reaching into aeng.engine.update_weights from the loop once ran beside a step), and
+    the requests after it equal a fresh engine built on the new weights, log-probs included."""
+    model, new = tiny_model("llama"), tiny_model("llama", seed=1)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    early = [f"early {i}" for i in range(3)]
+    late = ["late 0", "early 1"]  # (a prompt the old weights cached: the prefix cache must be dropped)
+    old_ref = [full_greedy(model, tok.encode(p), 10) for p in early]
+    old_late = [full_greedy(model, tok.encode(p), 10) for p in late]
+
+    async def main():
+        engine = Engine(model, tok, EngineConfig(block_size=4))
+        aeng = AsyncEngine(engine)
+        rec = instrument(engine, aeng)
+        first = [asyncio.ensure_future(collect(aeng.generate(p, sp))) for p in early]
+        while rec["steps"] < 3 or not rec["inside"]:  # a step in flight, the streams half way
+            await asyncio.sleep(0.001)
+        update = asyncio.ensure_future(aeng.update_weights(new.state_dict()))
+        await asyncio.sleep(0)
+        second = [asyncio.ensure_future(collect(aeng.generate(p, sp))) for p in late]
+        await asyncio.sleep(0.05)
+        waiting = not any(t.done() for t in second) and aeng.stats()["requests"] <= len(early)
+        await asyncio.wait_for(update, 30)
+        outs = await asyncio.wait_for(asyncio.gather(*first, *second), 30)
+        return outs, rec, waiting, engine
+
+    outs, rec, waiting, engine = asyncio.run(main())
+    assert rec["calls"][0] == ("update_weights", False, False, 0)  # between steps, no request left
+    assert all(c[1:] == (False, False, 0) for c in rec["calls"])
+    assert waiting
+    for p, ref, o in zip(early, old_ref, outs[:3]):
+        assert o[-1].finish_reason == "length" and o[-1].token_ids == ref, p  # finished on the old weights
+    fresh = LLM(tiny_model("llama", seed=1), tok, config=EngineConfig(block_size=4)).generate(late, sp)
+    for o, f in zip(outs[3:], fresh):
+        assert o[-1].token_ids == f.token_ids
+        assert max(abs(a - b) for a, b in zip(o[-1].outputs[0].logprobs, f.outputs[0].logprobs)) < 1e-5
+    assert [o[-1].token_ids for o in outs[3:]] != old_late  # (the new weights change the tokens)
+    assert not engine.requests and engine.pool.num_used == 0
+
+
+@pytest.mark.timeout(120)  # (each wait below has its own timeout too)
+def test_reset_prefix_cache_between_steps(tok):
+    """reset_prefix_cache while a stream runs: called once that stream finished, never inside a step; the
+    repeated prompt then finds no cached prefix."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = "a prompt of several blocks"
+
+    async def main():
+        engine = Engine(model, tok, EngineConfig(block_size=4))
+        aeng = AsyncEngine(engine)
+        await collect(aeng.generate(prompt, sp))
+        rec = instrument(engine, aeng)
+        run = asyncio.ensure_future(collect(aeng.generate(prompt, sp)))  # a prefix hit
+        while not rec["inside"]:
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(aeng.reset_prefix_cache(), 30)
+        hits = engine.stats()["prefix_hit_blocks"]
+        again = await asyncio.wait_for(collect(aeng.generate(prompt, sp)), 30)
+        return await run, again, rec, hits, engine.stats()["prefix_hit_blocks"]
+
+    run, again, rec, hits, hits_after = asyncio.run(main())
+    assert rec["calls"] == [("reset_prefix_cache", False, False, 0)]
+    assert run[-1].finish_reason == "length" and hits == 0 and hits_after == 0
+    assert again[-1].token_ids == run[-1].token_ids == full_greedy(model, tok.encode(prompt), 6)
+
+
+@pytest.mark.timeout(120)  # (each wait below has its own timeout too)
+def test_pause_wait_finishes_running_requests_and_admits_new_ones_only_after_resume(tok):
+    """pause() (mode 'wait'): the running request steps to its end, then no step runs; a request added while
+    paused waits in add_request (not refused) and runs, with the right tokens, after resume()."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        engine = Engine(model, tok, EngineConfig(block_size=4))
+        aeng = AsyncEngine(engine)
+        rec = instrument(engine, aeng)
+        running = asyncio.ensure_future(collect(aeng.generate("running", sp)))
+        while rec["steps"] < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(aeng.pause(), 30)
+        finished_at_pause = running.done() and not engine.requests and not aeng._stepping
+        steps = rec["steps"]
+        added = [asyncio.ensure_future(collect(aeng.generate(f"paused {i}", sp))) for i in range(2)]
+        await asyncio.sleep(0.2)
+        held = (rec["steps"] == steps, not any(t.done() for t in added), not engine.requests, aeng.paused)
+        await aeng.resume()
+        outs = await asyncio.wait_for(asyncio.gather(*added), 30)
+        return await running, finished_at_pause, held, outs, aeng.paused
+
+    running, finished_at_pause, held, outs, paused_after = asyncio.run(main())
+    assert finished_at_pause and held == (True, True, True, True) and not paused_after
+    assert running[-1].finish_reason == "length"
+    assert running[-1].token_ids == full_greedy(model, tok.encode("running"), 12)
+    for i, o in enumerate(outs):
+        assert o[-1].finish_reason == "length" and o[-1].token_ids == full_greedy(model, tok.encode(f"paused {i}"), 12)
+
+
+@pytest.mark.timeout(120)  # (each wait below has its own timeout too)
+def test_pause_hold_freezes_running_requests_until_resume(tok):
+    """pause('hold'): the step in flight ends and no other runs; the running request stays, its stream
+    waiting, and goes on after resume() with the tokens it would have had; update_weights refuses meanwhile
+    (its keys come from the current weights)."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    async def main():
+        engine = Engine(model, tok, EngineConfig(block_size=4))
+        aeng = AsyncEngine(engine)
+        rec = instrument(engine, aeng)
+        running = asyncio.ensure_future(collect(aeng.generate("held", sp)))
+        while rec["steps"] < 3:
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(aeng.pause("hold"), 30)
+        steps, stepping = rec["steps"], aeng._stepping or rec["inside"]
+        added = asyncio.ensure_future(collect(aeng.generate("added", sp)))
+        await asyncio.sleep(0.2)
+        held = (rec["steps"] == steps, not running.done(), not added.done(), list(engine.requests))
+        with pytest.raises(LmforgeError, match="held by pause"):
+            await asyncio.wait_for(aeng.update_weights(), 30)
+        await aeng.resume()
+        return await asyncio.wait_for(asyncio.gather(running, added), 30), stepping, held, engine
+
+    (running, added), stepping, held, engine = asyncio.run(main())
+    assert not stepping and held[:3] == (True, True, True) and len(held[3]) == 1
+    assert running[-1].finish_reason == "length" and running[-1].token_ids == full_greedy(model, tok.encode("held"), 20)
+    assert added[-1].token_ids == full_greedy(model, tok.encode("added"), 20)
+    assert not engine.requests and engine.pool.num_used == 0
+
+
+@pytest.mark.timeout(120)  # (each wait below has its own timeout too)
+def test_pause_abort_ends_running_streams_and_shutdown_ends_waiting_adds(tok):
+    """pause('abort') ends the running streams with finish_reason 'abort' at once; an add_request waiting
+    on the pause raises EngineError when the engine shuts down (no hang); a bad mode is a one-line error."""
+    model = tiny_model("llama")
+    sp = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+
+    async def main():
+        engine = Engine(model, tok, EngineConfig(block_size=4))
+        aeng = AsyncEngine(engine)
+        rec = instrument(engine, aeng)
+        running = asyncio.ensure_future(collect(aeng.generate("aborted", sp)))
+        while rec["steps"] < 2:
+            await asyncio.sleep(0.001)
+        with pytest.raises(LmforgeError, match="'wait'"):
+            await aeng.pause("drain")
+        await asyncio.wait_for(aeng.pause("abort"), 30)
+        out = await asyncio.wait_for(running, 30)
+        waiting = asyncio.ensure_future(aeng.add_request("never", sp))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await asyncio.wait_for(aeng.shutdown(), 30)
+        with pytest.raises(EngineError, match="shut down"):
+            await asyncio.wait_for(waiting, 30)
+        return out, engine
+
+    out, engine = asyncio.run(main())
+    assert out[-1].finish_reason == "abort" and len(out[-1].token_ids) < 100
+    assert out[-1].token_ids == full_greedy(model, tok.encode("aborted"), len(out[-1].token_ids))
+    assert not engine.requests and engine.pool.num_used == 0

@@ -511,6 +511,67 @@ def test_refusals(tok):
         Engine(NoSpec(), tok, EngineConfig(kv_policy=StreamingLLM(window=8)))
 
 
+class PaddedPyramid(KVPolicy):
+    """PyramidKV's wish (fewer keys in upper layers) forced into one K: layer 1's 8 newest slots, padded to
+    layer 0's 16 by repeating one of them (attention would count that key 9 times)."""
+
+    def plan(self, seq, state):
+        n = seq.num_slots
+        if n < 20:
+            return None
+        upper = [n - 8] * 8 + list(range(n - 8, n))
+        return torch.tensor([[list(range(n - 16, n))] * 2, [upper] * 2])
+
+
+class PaddedUnordered(PaddedPyramid):
+    ordered_slots = False
+
+    def plan(self, seq, state):
+        keep = super().plan(seq, state)
+        return None if keep is None else keep.flip(-1)  # (any order along K; still one slot repeated)
+
+
+class OutOfRange(KVPolicy):
+    def plan(self, seq, state):
+        n = seq.num_slots
+        return torch.tensor([[list(range(n - 4, n))] * 2, [list(range(n - 3, n + 1))] * 2]) if n >= 20 else None
+
+
+@pytest.mark.parametrize("policy,match", [
+    (PaddedPyramid(), r"PaddedPyramid.plan repeats a slot in layer 1, kv head 0 of sequence 0: keep K distinct"),
+    (PaddedUnordered(), r"PaddedUnordered.plan repeats a slot in layer 1, kv head 0 of sequence 0"),
+    (OutOfRange(), r"OutOfRange.plan keeps a slot outside \[0, \d+\) in layer 1, kv head 0"),
+])
+def test_a_tensor_plan_with_repeated_or_outside_slots_is_refused(tok, policy, match):
+    """A per-layer budget padded by repeating a slot was accepted silently (a tensor plan's values were never
+    read) and attention double-counted the key. CPU tensors are now checked (free: no device sync); the error
+    names the policy, the layer and head, and what to return."""
+    engine = Engine(tiny_model("llama"), tok, EngineConfig(block_size=4, kv_policy=policy))
+    engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    with pytest.raises(LmforgeError, match=match) as err:
+        while engine.has_unfinished():
+            engine.step()
+    assert "\n" not in str(err.value) and engine.stats()["kv_compactions"] == 0
+
+
+class PaddedChecked(PaddedPyramid):
+    check_plans = True  # (a device plan's values are read only then: a sync per compaction)
+
+    def plan(self, seq, state):
+        keep = super().plan(seq, state)
+        return None if keep is None else keep.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_check_plans_reads_a_device_plan(tok):
+    engine = Engine(tiny_model("llama").cuda(), tok, EngineConfig(block_size=4, kv_policy=PaddedChecked()))
+    engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    with pytest.raises(LmforgeError, match="PaddedChecked.plan repeats a slot in layer 1, kv head 0"):
+        while engine.has_unfinished():
+            engine.step()
+
+
 def test_the_guide_runs(tmp_path, monkeypatch):
     """docs/kv_policies.md's python blocks run as written (their asserts check real values)."""
     from ..test_docs import run_guide

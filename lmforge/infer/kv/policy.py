@@ -16,11 +16,15 @@ A step of the engine with a policy (lmforge.infer.engine):
   1. before scheduling, `plan(seq, state)` of every running sequence returns the slots to keep (or None):
      one ascending host list for every layer and head alike, or an (L, heads, K) device tensor per layer and
      kv head (heads = 1 for MLA's latent caches). Every layer and head keeps the same count K, so the
-     sequence keeps one num_slots. The plan reads counts (num_computed, num_slots, its own state), never
-     token values: under async scheduling the previous step's tokens may still be on the device, but its
-     keys are written before the compaction (one stream), so planning here gives sync and async engines
-     the same evictions. A fork (n > 1 samples, beams) applies its parent's plan first, so the children
-     share the compacted blocks.
+     sequence keeps one num_slots; its K slots must be distinct in every layer and head (a repeated slot
+     is a key attention counts twice). Plans are validated in `PolicySession._checked`: host lists and
+     CPU tensors always (values included: repeated or out-of-range slots are refused with one line naming
+     the policy, the layer and head), a device tensor by shape only, its values only with the policy's
+     `check_plans = True` (one device sync per compaction: for writing and testing a policy). The plan
+     reads counts (num_computed, num_slots, its own state), never token values: under async scheduling the
+     previous step's tokens may still be on the device, but its keys are written before the compaction
+     (one stream), so planning here gives sync and async engines the same evictions. A fork (n > 1
+     samples, beams) applies its parent's plan first, so the children share the compacted blocks.
   2. compaction (`PolicySession.compact`): the kept keys move to the first K slots through the block table
      (gather, then write: `PagedKVCache.compact`); a destination block whose kept keys are one source block
      whole, in order, takes that block's table entry instead (StreamingLLM dropping whole middle blocks
@@ -55,6 +59,18 @@ and token trees (drafts rewind and move keys by position), sliding-window and re
 (windows are measured on slots), models without cache_spec(), and kernel_step=True (the batch-1 kernel step
 writes each key at its position's slot; it is off with a policy). CUDA graphs and the Triton decode kernel
 read each row's context length in slots, so they stay on.
+
+Per-(layer, head) budgets (PyramidKV: fewer keys in upper layers; Ada-KV: per kv head) are not supported:
+K is one count per sequence, and padding a smaller layer's plan by repeating a slot is refused (above). To add
+them: let a plan carry counts, e.g. an (L, heads, Kmax) tensor plus an (L, heads) count tensor whose padding
+entries are ignored (`_checked`, `_ordered_moves`/`_fill_moves`, `compacted`); keep one `Sequence.num_slots`
+= Kmax, so every layer still appends a step's new keys at slots Kmax.. and the block table, BlockPool
+accounting and prefix-cache rules stay per sequence (memory is then bounded by the largest layer's budget;
+saving memory per layer needs per-layer block tables, a much larger change); and make attention skip each
+(layer, head)'s slots count..Kmax-1: a per-(layer, kv head) valid length or slot mask passed from the runner's
+metadata (beside `context_lens`) to every attention path - the reference mask, the Triton decode and varlen
+prefill kernels, MLA's absorbed/expanded paths and the CUDA-graph static buffers - and to the score hook
+(`observe` would see those slots masked).
 """
 
 from __future__ import annotations
@@ -102,6 +118,9 @@ class KVPolicy:
     copies). False: evicted slots below the new count K are filled with the surviving keys of slots >= K,
     per layer and kv head (O(evictions) copies); slot order is then not position order, so the policy
     tracks what each slot holds through `compacted` (H2O, TOVA: one eviction per step)"""
+    check_plans: ClassVar[bool] = False
+    """read a device tensor plan's values to refuse repeated or out-of-range slots (one device sync per
+    compaction: turn it on while writing or testing a policy). Host lists and CPU tensors are always checked."""
 
     @property
     def cache_positions(self) -> bool:
@@ -567,8 +586,9 @@ class PolicySession:
 
     def _checked(self, seq, keep: Keep, n: int) -> tuple[Keep, bool]:
         """The plan validated: (a host list, True), or (the (L, heads, K) tensor, False), sorted along K for
-        ordered slots (hole filling needs no order). A device tensor is not read (no sync): its shape is
-        checked, not its values."""
+        ordered slots (hole filling needs no order). A tensor's values (distinct slots in [0, n) in every
+        layer and head) are checked on a CPU tensor; a device tensor's only with the policy's check_plans
+        (reading them is a device sync), else its shape alone."""
         if not isinstance(keep, torch.Tensor) or keep.dim() == 1:  # (a 1-d device tensor is read: one sync)
             keep = keep.tolist() if isinstance(keep, torch.Tensor) else list(keep)
             k = len(keep)
@@ -582,7 +602,26 @@ class PolicySession:
             raise LmforgeError(f"{type(self.policy).__name__}.plan returned a tensor of shape {tuple(keep.shape)} "
                                f"for sequence {seq.seq_id} ({n} slots): give ({L}, {heads} or 1, K < {n}) slots, "
                                "or one list for every layer and head")
-        return (keep.sort(dim=-1).values if self.policy.ordered_slots else keep), False
+        keep = keep.sort(dim=-1).values if self.policy.ordered_slots else keep
+        if keep.device.type == "cpu" or self.policy.check_plans:
+            self._refuse_repeats(seq, keep, n)
+        return keep, False
+
+    def _refuse_repeats(self, seq, keep: torch.Tensor, n: int) -> None:
+        """A tensor plan's slots must be distinct and in [0, n) in every layer and head: a repeated slot (a
+        smaller layer budget padded to K) would be a key attention counts twice. Reads keep on the host."""
+        s = keep.detach().cpu()
+        s = s if self.policy.ordered_slots else s.sort(dim=-1).values
+        repeat = (s[..., 1:] == s[..., :-1]).any(-1)
+        outside = (s[..., 0] < 0) | (s[..., -1] >= n)
+        for bad, what in ((repeat, "repeats a slot"), (outside, "keeps a slot outside [0, {n})")):
+            if bool(bad.any()):
+                layer, head = (int(i) for i in bad.nonzero()[0])
+                raise LmforgeError(
+                    f"{type(self.policy).__name__}.plan {what.format(n=n)} in layer {layer}, kv head {head} of "
+                    f"sequence {seq.seq_id}: keep K distinct slots of [0, {n}) in every layer and head (one K "
+                    "for all: a smaller layer budget cannot be padded by repeating a slot, which attention "
+                    "would count twice; per-layer budgets: lmforge.infer.kv.policy's docstring)")
 
     def _ordered_moves(self, seq, keep: Keep, host: bool, k: int, old: list[int]):
         """Kept keys to slots 0..k-1 in order: (src, dst, keep), src None when nothing is copied; None when

@@ -5,6 +5,10 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 36, 2026-12-06: no GPU could be started all session (H200 and H100 asked ~10 times). Owed, unchanged:
+# `decode` on an H200, then `gputests` on any GPU - now also for this session's GPU-touching changes: the
+# penalties' incremental history (sampler.token_history, index_put_/_foreach_copy_ on the device), raw log-probs
+# from the unmasked logits (Sampled.full, speculative verify rows, beam), copy-on-write of shared blocks)
 # (session 35, 2026-12-05: no H200 came; on an H100 `gputests` (63 passed, 1 skipped), `decode` (72.8% of the H100's
 # corrected roofline), `moe` and `kernels` (every variant's new check ok) ran - docs/benchmarks.md. Next, on an H200:
 # `decode`, the goal's measurement with the corrected bytes, never yet run there)

@@ -111,7 +111,8 @@ def recorded_token_files(workdir: str | Path) -> list[Path]:
 def claim_token_dir(token_dir: str | Path, workdir: str | Path, out_dir: str, *, create: bool = True) -> None:
     """Make `token_dir` the run in `workdir`'s (output.dir) token directory: its OWNER marker, written atomically
     and only where there is none yet (a hard link of a finished temporary: two runs claiming at once cannot both
-    win), names the resolved output.dir. A marker naming another output.dir is refused in one line (`out_dir`, the
+    win), names the resolved output.dir (relative to the token dir when it lies inside output.dir: a moved or
+    renamed run stays the owner). A marker naming another output.dir is refused in one line (`out_dir`, the
     setting as configured, names it): the other run's shards of the same names would be overwritten and its
     --restart would remove this run's. With `create` false only that check is made (`check_token_dirs`, before
     any work); the tokenize stage claims the directory before it writes a shard there."""
@@ -122,7 +123,9 @@ def claim_token_dir(token_dir: str | Path, workdir: str | Path, out_dir: str, *,
             return
         token_dir.mkdir(parents=True, exist_ok=True)
         tmp = temp_name(marker)
-        tmp.write_text(json.dumps({"output_dir": str(top)}) + "\n")
+        # inside output.dir the owner is named relative to the token dir, so a moved or renamed run stays its owner
+        owner = os.path.relpath(top, token_dir) if token_dir.is_relative_to(top) else str(top)
+        tmp.write_text(json.dumps({"output_dir": owner}) + "\n")
         try:
             os.link(tmp, marker)
             return
@@ -135,11 +138,12 @@ def claim_token_dir(token_dir: str | Path, workdir: str | Path, out_dir: str, *,
             tmp.unlink(missing_ok=True)
     try:
         entry = json.loads(marker.read_text())
-        owner = Path(entry["output_dir"])
+        owner = token_dir / entry["output_dir"]  # (an absolute path stays itself; a relative one: from the marker)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"tokenize.out_dir {out_dir!r}: its owner marker {marker} cannot be read ({e}); remove it "
                           f"if no other run writes token shards into '{token_dir}'") from e
-    if owner.resolve() != top:
+    owner = owner.resolve()
+    if owner != top:
         raise ConfigError(f"tokenize.out_dir {out_dir!r} ('{token_dir}') holds the token shards of another run, "
                           f"output.dir '{owner}' ({marker}): this run (output.dir '{Path(workdir)}') would overwrite "
                           f"them and its --restart would remove them; set tokenize.out_dir to another directory, or "

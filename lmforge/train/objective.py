@@ -75,10 +75,12 @@ class Objective(Protocol):
     pairs...), read on the host; with grad_accum the Trainer weighs micro-batches by it so accumulation
     equals one big batch. Without it every micro-batch weighs 1/grad_accum. A batch_weight of 0 (nothing to
     train: all rows masked out, an RL group with no advantage) skips the micro-batch: its loss (NaN is fine) gets
-    no backward and its metrics are left out; a step whose micro-batches all weigh 0 makes no update (weights and
-    optimizer state unchanged), counts as a step and logs loss null. A loss without gradient (a constant) is
-    refused: skip with batch_weight 0 instead. `begin_step(trainer)`, as for
-    data sources (called after the data source's), e.g. an adaptive KL coefficient's update."""
+    no backward and its means are left out (its num_* counts still add up); a step whose micro-batches all weigh
+    0 makes no update (weights and optimizer state unchanged), counts as a step and logs loss null. Under
+    [parallel] such a loss must still come from the model's forward (every rank joins the collectives; the
+    Trainer zeroes its gradient). A loss without gradient (a constant) is refused: skip with batch_weight 0.
+    `begin_step(trainer)`, as for data sources (called after the data source's), e.g. an adaptive KL
+    coefficient's update."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
@@ -118,25 +120,27 @@ def _metric_tensors(metrics, who: str, device) -> dict[str, torch.Tensor]:
     return out
 
 
-def metric_terms(metrics: dict[str, torch.Tensor], weight: float, dtype: torch.dtype = torch.float32
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def metric_terms(metrics: dict[str, torch.Tensor | float], weight: float, dtype: torch.dtype = torch.float32,
+                 counted: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One share's part in metrics combined over shares (micro-batches of a step, ranks, validation batches): the
     rule of the Trainer's step metrics (and of lmforge.align.sft.ObjectiveEvaluator's). Returns (totals,
     weights), stacked in the metrics' order, to be summed over the shares and read by `combined_metrics`. A mean
-    adds value x weight (weight: the share's part of the items its loss averages over, its `batch_weight`), a
-    count (`num_*`) its value; a share without items (weight 0) adds nothing, and neither does a metric the share
-    cannot define (NaN/inf: KTO's mean over a label the share lacks), so it is averaged over those that do.
-    Stays on the device, with no host-to-device copy (no sync); `dtype`: the terms' (float64 for evaluation).
-    """
-    device = next(iter(metrics.values())).device  # (a frozen model's metric may come from another device)
-    values = torch.stack([v.detach().to(dtype).reshape(()).to(device) for v in metrics.values()])
-    if not weight > 0:
-        return torch.zeros_like(values), torch.zeros_like(values)
-    w = torch.full_like(values, float(weight))
+    adds value x weight (weight: the share's part of the items its loss averages over, its `batch_weight`), and
+    a share without items (weight 0) adds nothing to it; a count (`num_*`) adds its value where the share is
+    `counted` (default: weight > 0; a micro-batch with nothing to train still counts its zero, a rank's
+    Repeated rows, counted by the rank that trains on them, do not). A metric the share cannot define (NaN/inf:
+    KTO's mean over a label the share lacks) adds nothing, so it is averaged over those that do. Metrics may
+    be 0-d tensors or numbers. Stays on the device, with no host-to-device copy for tensor metrics (no sync);
+    `dtype`: the terms' (float64 for evaluation)."""
+    counted = weight > 0 if counted is None else counted
+    device = next((v.device for v in metrics.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    values = torch.stack([(v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))).to(dtype)
+                          .reshape(()).to(device) for v in metrics.values()])
+    w = torch.full_like(values, float(weight) if weight > 0 else 0.0)
     for i, k in enumerate(metrics):
         if k.startswith("num_"):
-            w[i] = 1.0
-    use = torch.isfinite(values)
+            w[i] = 1.0 if counted else 0.0
+    use = torch.isfinite(values) & (w > 0)
     return torch.where(use, values * w, 0.0), torch.where(use, w, 0.0)
 
 

@@ -592,9 +592,10 @@ class Trainer:
                                   f"{list(metrics)}; return the same metrics for every batch")
             keys = list(metrics)
             # counts (num_*) add up over the micro-batches, means are weighted by their shares; a share-0 micro-batch
-            # (a Repeated batch, counted by the rank that trains on its rows; one with nothing to train) adds
-            # nothing, and neither does a metric a micro-batch cannot define (NaN: KTO's mean over a label it lacks)
-            terms = metric_terms(metrics, 1 / cfg.grad_accum if share is None else share)
+            # (one with nothing to train; a Repeated batch, whose counts are the rank's that trains on its rows)
+            # adds nothing to the means, and no metric adds what a micro-batch cannot define (NaN: KTO's mean over a
+            # label it lacks)
+            terms = metric_terms(metrics, 1 / cfg.grad_accum if share is None else share, counted=not repeated)
             sums = terms if not sums else (sums[0] + terms[0], sums[1] + terms[1])
         totals, weights = sums
         if self.runner is None:
@@ -713,9 +714,15 @@ class Trainer:
 
         handle = model.register_forward_hook(zero_grads)
         try:
-            return self.loss_fn(model, batch)
+            loss, metrics = self.loss_fn(model, batch)
         finally:
             handle.remove()
+        if not loss.requires_grad:  # (one process runs no backward for it; here every rank must)
+            raise ConfigError(f"{type(self.objective).__name__}.loss returned a constant for a batch with nothing to "
+                              "train (batch_weight 0); under [parallel] every rank joins the step's forward and "
+                              "backward collectives, so compute it from the model's forward as for any batch (a NaN "
+                              "mean over nothing is fine: the Trainer zeroes its gradient)")
+        return loss, metrics
 
     def _finish_step(self) -> None:
         n_tokens, stats = self._in_flight

@@ -94,3 +94,25 @@ def test_a_metric_a_batch_cannot_define_is_left_out_not_nan():
         (float(per_batch[0]["rewards/chosen"]) + float(per_batch[1]["rewards/chosen"])) / 2, rel=1e-6)
     assert metrics["val_kl"] == pytest.approx((float(per_batch[0]["kl"]) + float(per_batch[1]["kl"])) / 2,
                                               rel=1e-6, abs=1e-9)
+
+
+def test_the_evaluator_takes_metrics_given_as_plain_numbers():
+    """The Objective protocol takes a metric as a 0-d tensor or a plain number (as the Trainer's step does); the
+    evaluator's shared rule (train.objective.metric_terms) failed on a float with AttributeError."""
+    import torch
+
+    from lmforge.align.sft import ObjectiveEvaluator
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    class Plain:
+        def loss(self, model, batch):
+            logits = model(batch["input_ids"])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+            return loss, {"plain_metric": 0.5, "num_rows": 2}
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=41, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    ids = torch.randint(0, 41, (2, 9))
+    got = ObjectiveEvaluator(Plain(), [{"input_ids": ids[:, :-1], "targets": ids[:, 1:]}] * 2)(model)
+    assert got["val_plain_metric"] == 0.5 and got["val_num_rows"] == 2.0 and got["val_loss"] > 0

@@ -157,3 +157,16 @@ def test_a_run_into_a_token_directory_inside_another_runs_output_dir_is_refused(
     assert sorted(f.name for f in inside.iterdir()) == [OWNER, "shard-00000.bin"]
     run_local(load_pipeline(p), restart=True)
     assert sorted(f.name for f in inside.iterdir()) == [OWNER, "shard-00000.bin"]
+
+
+def test_a_moved_run_stays_the_owner_of_the_token_directory_inside_it(tmp_path):
+    """A token directory inside output.dir names its owner relative to itself: the run moved or renamed (and
+    output.dir set to the new place) resumes, skipping its done shards; it was refused as another run."""
+    import shutil
+
+    p, _ = _setup(tmp_path, n_inputs=2)
+    p.write_text(p.read_text().replace('out_dir = "../tokens"', 'out_dir = "tokens"'))
+    run_local(load_pipeline(p))
+    shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
+    p.write_text(p.read_text().replace(f'dir = "{tmp_path / "run"}"', f'dir = "{tmp_path / "moved"}"'))
+    assert run_local(load_pipeline(p))["shards"] == {"total": 2, "processed": 0, "skipped": 2}

@@ -526,6 +526,43 @@ def test_a_micro_batch_with_nothing_to_train_adds_nothing_and_a_step_of_them_upd
     assert not all(p.equal(q) for p, q in zip(before, tr.model.parameters()))
 
 
+def test_counts_of_a_micro_batch_with_nothing_to_train_still_add_up(tmp_path):
+    """num_* counts add up over a step's micro-batches also where one has nothing to train (batch_weight 0: its
+    count is 0, not left out), so a step of only such micro-batches logs num_tokens 0, not null."""
+    from .helpers import MaskedMean
+
+    class Counted(MaskedMean):
+        def loss(self, model, batch):
+            loss, metrics = super().loss(model, batch)
+            return loss, {**metrics, "num_tokens": (batch["targets"] != -100).sum().float()}
+
+    a, empty = _rows(1), _rows(2, trained=False)
+    res = _tiny_run(tmp_path, [empty, empty, a, empty], Counted(), grad_accum=2, max_steps=2).fit()
+    rows = [r for r in res.history if "loss" in r]
+    assert [r["num_tokens"] for r in rows] == [0.0, 16.0]
+
+
+def test_a_constant_loss_for_an_empty_micro_batch_is_refused_under_a_runner(tmp_path):
+    """Under [parallel] a micro-batch with nothing to train still runs forward and backward on every rank (the
+    collectives), its output gradient zeroed: a constant loss there failed in the runner's backward with torch's
+    raw 'does not require grad'; it is a one-line error saying to compute it from the model's forward."""
+    from .helpers import MaskedMean
+
+    class ConstWhenEmpty(MaskedMean):
+        def loss(self, model, batch):
+            if not (batch["targets"] != -100).any():
+                return torch.tensor(float("nan")), {"loss": torch.tensor(float("nan"))}
+            return super().loss(model, batch)
+
+    tr = _tiny_run(tmp_path, [_rows(1)], ConstWhenEmpty())
+    with pytest.raises(ConfigError, match=r"ConstWhenEmpty.loss returned a constant for a batch with nothing to "
+                                          r"train .* compute it from the model's forward"):
+        tr._empty_loss(tr.model, _rows(2, trained=False))
+    loss, _ = tr._empty_loss(tr.model, _rows(1))  # a forward's loss: its gradient reaches the model as zeros
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in tr.model.parameters())
+
+
 def test_a_loss_without_gradient_says_to_skip_with_batch_weight_zero(tmp_path):
     """An objective returning a constant loss to skip a batch crashed in backward with torch's raw 'does not
     require grad'; it is a one-line error saying how to skip one (batch_weight 0)."""

@@ -427,13 +427,9 @@ def update_expert_biases(model: nn.Module, world: bool = False) -> int:
     A layer whose router is frozen (no trainable parameter: the base of an adapter run, where only LoRA
     matrices train) keeps its bias: the bias is part of the frozen routing, as HF and PEFT keep it; its load is
     dropped."""
-    layers = {}
-    for name, m in model.named_modules():
-        if isinstance(m, MoE) and m.m.bias_update_rate > 0:
-            if any(p.requires_grad for p in m.router.parameters()):
-                layers[name] = m
-            else:
-                m.step_load.zero_()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoE) and m.m.bias_update_rate > 0}
+    # (decided at every call: the world's table below keeps every layer, so a router unfrozen later joins in)
+    moving = {name for name, m in layers.items() if any(p.requires_grad for p in m.router.parameters())}
     if world:
         import torch.distributed as dist
 
@@ -454,10 +450,11 @@ def update_expert_biases(model: nn.Module, world: bool = False) -> int:
     else:
         loads = {name: m.step_load for name, m in layers.items()}
     for name, m in layers.items():
-        n = loads[name].double()
-        m.e_bias.copy_(m.e_bias.float() + m.m.bias_update_rate * torch.sign(n.mean() - n))
+        if name in moving:
+            n = loads[name].double()
+            m.e_bias.copy_(m.e_bias.float() + m.m.bias_update_rate * torch.sign(n.mean() - n))
         m.step_load.zero_()
-    return len(layers)
+    return len(moving)
 
 
 @contextlib.contextmanager

@@ -61,12 +61,11 @@ class MetricsLog:
             return
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         with atomic_path(self.path) as tmp:  # a crash here must not cost the run its history
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.write_text("".join(_json_row(r) for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:  # strict JSON: an undefined metric (NaN, inf) is written as null
-            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                for k, v in row.items()}) + "\n")
+        with open(self.path, "a") as f:
+            f.write(_json_row(row))
         step = row.get("step", 0)
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
@@ -80,6 +79,12 @@ class MetricsLog:
             self.tb.close()
         if self.wb is not None:
             self.wb.finish()
+
+
+def _json_row(row: dict[str, Any]) -> str:
+    """A metrics.jsonl line, strict JSON: an undefined metric (NaN, inf) is written as null (read_metrics reads it
+    back as NaN)."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}) + "\n"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

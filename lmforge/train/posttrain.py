@@ -198,6 +198,21 @@ def adapter_base(cfg: PostTrainConfig, merged: bool) -> dict[str, Any] | None:
     return base_record(cfg.init, merge_lora=merged)
 
 
+def check_run_objective(cfg: PostTrainConfig) -> None:
+    """Refuse a run_dir whose checkpoints another objective wrote (their config.json's "objective"): resuming
+    it would train that run on with this loss, its metrics and final checkpoint a mix of both."""
+    import json
+
+    from lmforge.checkpoint import checkpoint_dirs
+
+    done = checkpoint_dirs(cfg.run_dir)
+    was = json.loads((done[-1] / "config.json").read_text()).get("objective") if done else None
+    if was is not None and was != cfg.objective:
+        raise ConfigError(f"run_dir {cfg.run_dir!r} holds a {was} run (its checkpoints' objective), which "
+                          f"`lmforge {cfg.objective}` would resume with another loss; set run_dir to a new directory, "
+                          f"or start from that run with init = '{cfg.run_dir}'")
+
+
 def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: torch.nn.Module | None = None,
                     tok=None):
     """The objective with its frozen models: loaded from their paths, or, for the reference of a [lora]
@@ -229,6 +244,7 @@ def posttrain(cfg: PostTrainConfig):
     if not cfg.init:
         raise ConfigError("init is not set: give the checkpoint, run or HF directory to start from (init = 'runs/x')")
     spec = objective_spec(cfg.objective)
+    check_run_objective(cfg)
     par = join(cfg.parallel, cfg.device)
     device = train_device(cfg.device)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical heads and data order

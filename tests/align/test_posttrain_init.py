@@ -67,3 +67,15 @@ def test_a_reward_model_goes_on_training_from_a_reward_model_with_its_trained_he
                            max_steps=2, plot=False))
     adapted = ckpt.load_model(tmp_path / "d")[0]
     assert type(adapted) is SequenceHead and type(adapted.backbone) is Transformer
+
+
+def test_a_run_dir_of_another_objective_is_refused(base, reward_model, tmp_path):
+    """A post-training command pointed at a run_dir another objective's checkpoints are in (config.json's
+    "objective") is refused in one line before anything is written: it resumed that run with its own loss,
+    metrics.jsonl and the final checkpoint a mix of both. The same objective resumes as before."""
+    before = sorted(p.name for p in (reward_model / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            f"run_dir '{reward_model}' holds a rm run (its checkpoints' objective), which `lmforge dpo` would resume "
+            f"with another loss; set run_dir to a new directory, or start from that run with init = '{reward_model}'")):
+        PT.posttrain(post._cfg(base, reward_model, "dpo", max_steps=3, plot=False))
+    assert sorted(p.name for p in (reward_model / "checkpoints").iterdir()) == before

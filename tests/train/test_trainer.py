@@ -235,6 +235,10 @@ def test_undefined_metrics_are_written_as_null(tmp_path):
     assert line["kto/undesirable"] is None and line["x"] is None
     back = read_metrics(tmp_path)[0]
     assert back["loss"] == 2.0 and math.isnan(back["kto/undesirable"])
+    log.log({"step": 2, "loss": 1.0})
+    log.truncate_after(1)  # a resume rewrites the rows it keeps: null stays null (it was written as bare NaN)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [json.dumps(
+        {"step": 1, "loss": 2.0, "kto/undesirable": None, "x": None})]
 
 
 def test_warmup_longer_than_the_run_warns_and_a_damaged_checkpoint_says_how_to_go_back(tmp_path):

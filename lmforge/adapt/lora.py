@@ -165,10 +165,6 @@ class LoRALinear(nn.Module):
         return plain
 
 
-ADAPTER_PARAMS = tuple("." + n for n in LoRALinear.adapter_params)
-"""name suffixes of a plain LoRALinear's adapter parameters; what a model's adapters are is adapter_names(model)"""
-
-
 def adapter_names(model: nn.Module) -> set[str]:
     """Names (as in model.state_dict() and named_parameters) of the adapter parameters of every LoRA layer in
     `model` (each layer's `adapter_params`, under each name a shared layer has): what a base model lacks."""

@@ -190,19 +190,20 @@ def stored_dtype(ckpt: Path, model):
     directory (their weights come from their base), loads in its own."""
     from safetensors import safe_open
 
-    from lmforge.adapt.lora import ADAPTER_PARAMS
+    from lmforge.adapt.lora import adapter_names
     from lmforge.checkpoint import is_hf_dir
     from lmforge.model.hf import SAFETENSORS_DTYPES
 
     counts: Counter = Counter()
+    adapters = adapter_names(model)  # (the checkpoint's tensors are named as the model's)
     own = not is_hf_dir(ckpt) and (ckpt / "config.json").is_file()  # (a PEFT directory: its base's)
     if own and not json.loads((ckpt / "config.json").read_text()).get("base"):
         with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-            counts.update(f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith(ADAPTER_PARAMS))  # noqa: SIM118
+            counts.update(f.get_slice(k).get_dtype() for k in f.keys() if k not in adapters)  # noqa: SIM118
     stored = [d for d, _ in counts.most_common() if d in SAFETENSORS_DTYPES]
     if stored:
         return SAFETENSORS_DTYPES[stored[0]]
-    return next(p.dtype for n, p in model.named_parameters() if not n.endswith(ADAPTER_PARAMS))
+    return next(p.dtype for n, p in model.named_parameters() if n not in adapters)
 
 
 def chat_template(cfg: ExportConfig, ckpt: Path):

@@ -326,17 +326,32 @@ def test_batch_with_fewer_rows_than_ranks_trains_as_one_process(tmp_path, layout
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
 
 
-def _empty_rows_fit(run_dir: str, layout: dict | None) -> tuple[list[float], list[float]]:
-    """4 steps of grad_accum 2 over micro-batches of 4 rows where some rows have nothing to train (targets all
-    -100): one micro-batch is empty on rank 1 only (its rows 2-3), another on every rank; one process or 2 ranks
-    through RankRows and a ParallelRunner. The logged losses and gradient norms."""
-    import torch
-
+def _layout_trainer(model, batches: list[dict], layout: dict | None, run_dir: str, objective, max_steps: int):
+    """A Trainer (grad_accum 2, fp32 CPU) over `batches` of 4 rows: on one process, or on this rank's rows through
+    RankRows and a ParallelRunner of `layout`."""
     from lmforge.optim import build_optimizer
     from lmforge.optim.config import OptimConfig
     from lmforge.train.config import LoopConfig
     from lmforge.train.distributed import RankRows
     from lmforge.train.harness import FixedBatches
+
+    data, runner = FixedBatches(batches), None
+    if layout is not None:
+        from lmforge.parallel.runner import ParallelRunner
+
+        runner = ParallelRunner(model, ParallelConfig(**layout), device="cpu")
+        model, data = runner.model, RankRows(data, runner.dp_rank, runner.dp_size, 4)
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=max_steps, grad_accum=2,
+                     log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False,
+                     plot=False)
+    return Trainer(model, build_optimizer(model, cfg.optim), data, objective, config=cfg, runner=runner)
+
+
+def _empty_rows_fit(run_dir: str, layout: dict | None) -> tuple[list[float], list[float]]:
+    """4 steps of grad_accum 2 over micro-batches of 4 rows where some rows have nothing to train (targets all
+    -100): one micro-batch is empty on rank 1 only (its rows 2-3), another on every rank; one process or 2 ranks
+    through RankRows and a ParallelRunner. The logged losses and gradient norms."""
+    import torch
 
     from .helpers import MaskedMean
 
@@ -348,19 +363,7 @@ def _empty_rows_fit(run_dir: str, layout: dict | None) -> tuple[list[float], lis
         targets = ids[:, 1:].clone()
         targets[list(masked)] = -100
         batches.append({"input_ids": ids[:, :-1], "targets": targets})
-    data, runner = FixedBatches(batches), None
-    if layout is not None:
-        from lmforge.parallel.runner import ParallelRunner
-
-        runner = ParallelRunner(model, ParallelConfig(**layout), device="cpu")
-        model, data = runner.model, RankRows(data, runner.dp_rank, runner.dp_size, 4)
-    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=4, grad_accum=2,
-                     log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False,
-                     plot=False)
-
-
-    history = Trainer(model, build_optimizer(model, cfg.optim), data, MaskedMean(), config=cfg,
-                      runner=runner).fit().history
+    history = _layout_trainer(model, batches, layout, run_dir, MaskedMean(), max_steps=4).fit().history
     return _losses(history), [r["grad_norm"] for r in history if "grad_norm" in r]
 
 
@@ -389,11 +392,6 @@ def _repeated_row_bias(run_dir: str, layout: dict | None) -> tuple[list[float], 
     from lmforge.model.config import ModelConfig, MoEConfig
     from lmforge.model.layers.moe import MoE
     from lmforge.model.transformer import Transformer
-    from lmforge.optim import build_optimizer
-    from lmforge.optim.config import OptimConfig
-    from lmforge.train.config import LoopConfig
-    from lmforge.train.distributed import RankRows
-    from lmforge.train.harness import FixedBatches
     from lmforge.train.loss import LMObjective
 
     torch.manual_seed(0)
@@ -402,16 +400,7 @@ def _repeated_row_bias(run_dir: str, layout: dict | None) -> tuple[list[float], 
     g = torch.Generator().manual_seed(7)
     batches = [{"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
                for ids in (torch.randint(0, 41, (rows, 9), generator=g) for rows in (4, 1))]
-    data, runner = FixedBatches(batches), None
-    if layout is not None:
-        from lmforge.parallel.runner import ParallelRunner
-
-        runner = ParallelRunner(model, ParallelConfig(**layout), device="cpu")
-        model, data = runner.model, RankRows(data, runner.dp_rank, runner.dp_size, 4)
-    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=run_dir, max_steps=1, grad_accum=2,
-                     log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32", progress=False,
-                     plot=False)
-    trainer = Trainer(model, build_optimizer(model, cfg.optim), data, LMObjective(), config=cfg, runner=runner)
+    trainer = _layout_trainer(model, batches, layout, run_dir, LMObjective(), max_steps=1)
     trainer.train_step()
     return next(m for m in trainer.model.modules() if isinstance(m, MoE)).e_bias.tolist(), trainer.tokens
 

@@ -10,9 +10,20 @@ lmforge's KTO data pairs them over the global batch, lmforge.align.data.kto_batc
 KTOConfig(kl=False) (TRL's calculate_KL=False); ref_logps / ref_kl_logps (B,) optional precomputed
 reference log-prob sums. On N data-parallel processes z0 is the mean over every rank's mismatched rows (one
 all-reduce, as TRL gathers it over processes), so the ranks share one reference point.
-Loss per example as in lmforge.align.losses.kto_loss, averaged over the batch; metrics as TRL logs them. An
-MoE or MTP policy's auxiliary losses of its forward on the batch's rows (not the no-grad reference-point rows)
-are added (lmforge.align.logprobs.ModelAux): metrics loss (KTO's alone), aux_loss, moe/*.
+Loss per example as in lmforge.align.losses.kto_loss, averaged over the batch. Metrics: kl (z0); per label
+(chosen = desirable, rejected = undesirable) the means of rewards/* (beta (pi - ref)) and logps/*, with their
+counts num_chosen / num_rejected; rewards/margins = rewards/chosen - rewards/rejected. The Trainer combines the
+per-label means over a step's micro-batches and ranks from sums and counts (`subset_means`,
+lmforge.train.objective.SubsetMeans): a step whose labels fall in different micro-batches logs each label's
+mean over all its rows and their difference; a step without any row of a label logs that label's means and the
+margin as null (NaN; the keys stay, so every step logs the same names). Older TRL KTOTrainer releases (0.x) define
+them the same way (per-label `*_sum` and `count/*` summed over the processes and the logging window, here the
+step; the margin from the two means), but leave out an absent label's keys and do not log the counts; TRL 1.x (1.16
+checked) averages each micro-batch's per-label means (gathered over processes) unweighted, and the margins of
+the micro-batches that have both labels, which is not chosen - rejected when the labels are split unevenly.
+One call of `loss` (e.g. an evaluation batch) reports its own per-label means (NaN for a label it lacks) and
+their difference. An MoE or MTP policy's auxiliary losses of its forward on the batch's rows (not the no-grad
+reference-point rows) are added (lmforge.align.logprobs.ModelAux): metrics loss (KTO's alone), aux_loss, moe/*.
 """
 
 from __future__ import annotations
@@ -27,6 +38,11 @@ from lmforge.align.logprobs import ModelAux, batch_logps, response_mask
 from lmforge.align.losses import kto_kl, kto_loss
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
+from lmforge.train.objective import SubsetMeans
+
+PER_LABEL = SubsetMeans(counts={"rewards/chosen": "num_chosen", "rewards/rejected": "num_rejected",
+                                "logps/chosen": "num_chosen", "logps/rejected": "num_rejected"},
+                        differences={"rewards/margins": ("rewards/chosen", "rewards/rejected")})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +104,7 @@ def mismatched_rows(batch: dict) -> dict:
 
 class KTOObjective(ReferenceHolder):
     Config = KTOConfig
+    subset_means = PER_LABEL
 
     def __init__(self, cfg: KTOConfig | None = None, *, reference: torch.nn.Module | Frozen | None = None,
                  reference_path: str | None = None):
@@ -121,4 +138,5 @@ class KTOObjective(ReferenceHolder):
         metrics = {"kl": kl, "rewards/chosen": mean(rewards, good), "rewards/rejected": mean(rewards, ~good),
                    "logps/chosen": mean(pi.detach(), good), "logps/rejected": mean(pi.detach(), ~good)}
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        metrics.update(num_chosen=good.sum().float(), num_rejected=(~good).sum().float())
         return aux.add(losses.mean(), metrics)

@@ -156,6 +156,7 @@ class ObjectiveEvaluator:
             return {}
         device = next(model.parameters()).device
         keys: list[str] = []
+        subsets = getattr(self.objective, "subset_means", None)  # (KTO's per-label means: by their own counts)
         rows = []  # per batch: this rank's weighted sum of each metric, then the weight behind each
         for b in self.batches:
             # a batch with fewer rows than ranks to split it over (a short last one): every rank runs all of
@@ -169,7 +170,7 @@ class ObjectiveEvaluator:
             keys = keys or list(metrics)
             # every rank runs the forward (FSDP gathers inside it); a share without items adds nothing, and
             # neither does a metric the share cannot define (NaN: e.g. KTO's mean over a label it lacks)
-            rows.append(torch.cat(metric_terms({k: metrics[k] for k in keys}, w, torch.float64)).cpu())
+            rows.append(torch.cat(metric_terms({k: metrics[k] for k in keys}, w, torch.float64, subsets=subsets)).cpu())
         sums = sum_over_ranks(torch.stack(rows), self.runner)
         out = {}
         for i, k in enumerate(keys):  # per batch: counts summed, means weighted; then the mean over batches
@@ -177,6 +178,8 @@ class ObjectiveEvaluator:
             ok = weight > 0
             per_batch = total[ok] if k.startswith("num_") else total[ok] / weight[ok]
             out[f"val_{k}"] = float(per_batch.mean()) if ok.any() else float("nan")
+        for k, (a, b) in (subsets.differences.items() if subsets is not None else ()):  # (a margin: of the means)
+            out[f"val_{k}"] = out[f"val_{a}"] - out[f"val_{b}"]
         return out
 
     def _weight(self, share: dict[str, torch.Tensor]) -> float:

@@ -21,6 +21,7 @@ label (KTO), teacher_logits, ref_chosen_logps (precomputed reference log-probs).
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
@@ -66,6 +67,8 @@ class Objective(Protocol):
     (rewards/chosen, rewards/margins, ...). A metric is a mean over the batch, weighted like the loss
     across micro-batches, except counts named `num_*`, which add up over the step; a metric a micro-batch
     cannot define (NaN: a mean over a label it lacks) is averaged over those that do (`metric_terms`).
+    Optional: `subset_means: SubsetMeans`, metrics that are means over a subset of the items (KTO's over its
+    desirable rows), combined over the step from sums and counts, and differences of them (a margin).
     Frozen extra models (reference policy, teacher, reward model) belong to the objective: eval mode,
     requires_grad False, possibly on another device. `state_dict` holds what a resumed run needs, e.g. a
     reference model's identity (path and checksum), never its weights a second time; like a data source's it
@@ -120,8 +123,40 @@ def _metric_tensors(metrics, who: str, device) -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class SubsetMeans:
+    """An objective's metrics that are means over a subset of its items, e.g. KTO's rewards/chosen over the
+    desirable rows: each share (micro-batch, rank) weighs its value by its own count of that subset, a `num_*`
+    metric of the same objective, so the step's value is the subset's sum over all its shares divided by its
+    count - the mean over the subset's rows wherever they fell - and NaN (logged null) only when no share of the
+    step has one. Weighing by the share instead (the rule for plain means) is wrong when the subset is spread
+    unevenly over the micro-batches. `differences` are recomputed from the combined metrics, a - b, instead of
+    averaging each share's own (KTO's rewards/margins: a share lacking a label has none, and a mean of
+    per-share differences is not the difference of the means); NaN when a or b is."""
+
+    counts: dict[str, str]
+    """{mean metric: the num_* metric counting the items it averages over}"""
+    differences: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """{metric: (a, b)}: a - b of the combined metrics"""
+
+    def __post_init__(self):
+        for mean, count in self.counts.items():
+            if not count.startswith("num_") or mean.startswith("num_"):
+                raise ConfigError(f"SubsetMeans.counts[{mean!r}] = {count!r}: map a mean to the num_* count of the "
+                                  "items it averages over")
+
+    def check(self, keys: list[str]) -> None:
+        """Refuses metrics that lack a name this declares (an objective's subset_means out of date)."""
+        named = {*self.counts, *self.counts.values(), *self.differences, *(x for d in self.differences.values()
+                                                                           for x in d)}
+        if missing := sorted(named - set(keys)):
+            raise ConfigError(f"the objective's subset_means names metrics {missing} that its loss does not return "
+                              f"(it returns {sorted(keys)})")
+
+
 def metric_terms(metrics: dict[str, torch.Tensor | float], weight: float, dtype: torch.dtype = torch.float32,
-                 counted: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 counted: bool | None = None, subsets: SubsetMeans | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One share's part in metrics combined over shares (micro-batches of a step, ranks, validation batches): the
     rule of the Trainer's step metrics (and of lmforge.align.sft.ObjectiveEvaluator's). Returns (totals,
     weights), stacked in the metrics' order, to be summed over the shares and read by `combined_metrics`. A mean
@@ -130,8 +165,9 @@ def metric_terms(metrics: dict[str, torch.Tensor | float], weight: float, dtype:
     `counted` (default: weight > 0; a micro-batch with nothing to train still counts its zero, a rank's
     Repeated rows, counted by the rank that trains on them, do not). A metric the share cannot define (NaN/inf:
     KTO's mean over a label the share lacks) adds nothing, so it is averaged over those that do. Metrics may
-    be 0-d tensors or numbers. Stays on the device, with no host-to-device copy for tensor metrics (no sync);
-    `dtype`: the terms' (float64 for evaluation)."""
+    be 0-d tensors or numbers. `subsets`: means weighed by their subset's count in the share (where the share
+    has weight) rather than by the share, and differences left to `combined_metrics`. Stays on the device, with
+    no host-to-device copy for tensor metrics (no sync); `dtype`: the terms' (float64 for evaluation)."""
     counted = weight > 0 if counted is None else counted
     device = next((v.device for v in metrics.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
     values = torch.stack([(v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))).to(dtype)
@@ -140,18 +176,29 @@ def metric_terms(metrics: dict[str, torch.Tensor | float], weight: float, dtype:
     for i, k in enumerate(metrics):
         if k.startswith("num_"):
             w[i] = 1.0 if counted else 0.0
+    if subsets is not None:
+        keys = list(metrics)
+        subsets.check(keys)
+        for k, n in subsets.counts.items():
+            w[keys.index(k)] = values[keys.index(n)] if weight > 0 else 0.0
+        for k in subsets.differences:
+            w[keys.index(k)] = 0.0
     use = torch.isfinite(values) & (w > 0)
     return torch.where(use, values * w, 0.0), torch.where(use, w, 0.0)
 
 
-def combined_metrics(keys: list[str], totals: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+def combined_metrics(keys: list[str], totals: torch.Tensor, weights: torch.Tensor,
+                     subsets: SubsetMeans | None = None) -> dict[str, torch.Tensor]:
     """The metrics from `metric_terms` summed over shares: a mean is its weighted mean, a count (`num_*`) its
-    sum; NaN (logged as null) where no share defined it."""
+    sum; NaN (logged as null) where no share defined it; `subsets`' differences from the combined values."""
     defined = weights > 0
     means = totals / torch.where(defined, weights, 1.0)
     nan = torch.full_like(totals, float("nan"))
     value = torch.where(defined, means, nan), torch.where(defined, totals, nan)
-    return {k: value[k.startswith("num_")][i] for i, k in enumerate(keys)}
+    out = {k: value[k.startswith("num_")][i] for i, k in enumerate(keys)}
+    for k, (a, b) in (subsets.differences if subsets is not None else {}).items():
+        out[k] = out[a] - out[b]
+    return out
 
 
 def checked_metrics(metrics, who: str) -> dict[str, float]:

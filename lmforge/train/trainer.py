@@ -578,6 +578,7 @@ class Trainer:
             self._begin_s += time.perf_counter() - t0
         micro, n_tokens, empty_step = self._micro_batches()
         keys: list[str] = []
+        subsets = getattr(self.objective, "subset_means", None)  # (KTO's per-label means: from sums and counts)
         for i, (batch, share) in enumerate(micro):
             # repeated rows are not the step's tokens: they must not move the aux-loss-free MoE bias, nor count;
             # neither do the rows of a micro-batch with nothing to train (batch_weight 0)
@@ -594,8 +595,9 @@ class Trainer:
             # counts (num_*) add up over the micro-batches, means are weighted by their shares; a share-0 micro-batch
             # (one with nothing to train; a Repeated batch, whose counts are the rank's that trains on its rows)
             # adds nothing to the means, and no metric adds what a micro-batch cannot define (NaN: KTO's mean over a
-            # label it lacks)
-            terms = metric_terms(metrics, 1 / cfg.grad_accum if share is None else share, counted=not repeated)
+            # label it lacks); an objective's subset means (KTO's per-label ones) are weighed by their subset's count
+            terms = metric_terms(metrics, 1 / cfg.grad_accum if share is None else share, counted=not repeated,
+                                 subsets=subsets)
             sums = terms if not sums else (sums[0] + terms[0], sums[1] + terms[1])
         totals, weights = sums
         if self.runner is None:
@@ -614,7 +616,7 @@ class Trainer:
                 weights = weights / self.runner.cfg.pp
             totals = torch.stack([t * self.runner.dp_size if k.startswith("num_") else t
                                   for k, t in zip(keys, totals.unbind())])
-        stats: dict[str, torch.Tensor] = combined_metrics(keys, totals, weights)
+        stats: dict[str, torch.Tensor] = combined_metrics(keys, totals, weights, subsets)
         stats["grad_norm"] = gnorm
         self._in_flight = (n_tokens, stats)
         self.interrupts.begin_update()
@@ -681,7 +683,8 @@ class Trainer:
         lets FSDP skip the reduce-scatter until the step's last micro-batch). empty: a micro-batch with nothing
         to train (batch_weight 0, whose loss may well be NaN, a mean over nothing): its loss and metrics without
         a backward in one process; under a runner (whose ranks all join the backward's collectives) with the
-        gradient reaching the model's outputs zeroed, so it adds exactly nothing."""
+        gradient reaching the model's outputs zeroed, so it adds exactly nothing (a pipeline's LM loss sums over
+        the trained tokens at scale 0, which adds nothing as well: ParallelRunner._pipeline_loss)."""
         runner = self.runner
         if runner is None:
             if empty:

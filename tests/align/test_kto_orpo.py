@@ -2,6 +2,7 @@
 KTOTrainer / ORPOTrainer code fed the same model's log-probs (loss, metrics, parameter gradients)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,88 @@ def test_mismatched_rows_of_conversational_completions_hold_real_tokens():
     assert bytes(row0).decode() == "x\nzz\n"  # row 0's prompt + row 2's completion: the user turn untrained
     loss, metrics = KTOObjective(reference=tiny_model(1, vocab_size=257)).loss(tiny_model(0, vocab_size=257), b)
     assert torch.isfinite(loss) and torch.isfinite(metrics["kl"])
+
+
+def _kto_step(tmp_path, name, batches, grad_accum, layout=None):
+    """The first step's metrics of a Trainer running KTO on a tiny model over `batches` (micro-batches): in one
+    process, or on this rank's rows (RankRows) through a ParallelRunner of `layout`."""
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.harness import FixedBatches
+    from lmforge.train.trainer import Trainer
+
+    model, data, runner = tiny_model(0), FixedBatches(batches), None
+    if layout is not None:
+        from lmforge.parallel.config import ParallelConfig
+        from lmforge.parallel.runner import ParallelRunner
+        from lmforge.train.distributed import RankRows
+
+        runner = ParallelRunner(model, ParallelConfig(**layout), device="cpu")
+        model, data = runner.model, RankRows(data, runner.dp_rank, runner.dp_size, len(batches[0]["label"]))
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-2, warmup_steps=0), run_dir=str(tmp_path / name), max_steps=1,
+                     grad_accum=grad_accum, log_every=1, eval_every=100, ckpt_every=100, device="cpu", dtype="fp32",
+                     progress=False, plot=False)
+    obj = KTOObjective(KTOConfig(beta=0.3, kl=False), reference=tiny_model(1))
+    tr = Trainer(model, build_optimizer(model, cfg.optim), data, obj, config=cfg, runner=runner)
+    tr.train_step()
+    return tr.flush()
+
+
+@pytest.mark.parametrize("labels", [([1, 1, 1], [0, 0, 0]), ([1, 1, 1], [1, 0, 0])])
+def test_kto_per_label_metrics_combine_over_micro_batches(tmp_path, labels):
+    """rewards/margins was computed per micro-batch, so a step whose desirable and undesirable rows fell in
+    different micro-batches logged it NaN, and per-label means were averaged by micro-batch, not by row. They
+    come from sums and counts over the step: equal to one batch of all the rows, and the margin is chosen -
+    rejected. A step without an undesirable row logs that label's means and the margin as null (NaN)."""
+    parts = [{**sequences(3, 10, 41, [2, 3, 4], seed), "label": torch.tensor(lab, dtype=torch.bool)}
+             for seed, lab in zip((5, 6), labels)]
+    whole = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    one = _kto_step(tmp_path, "one", [whole], 1)
+    split = _kto_step(tmp_path, "split", parts, 2)
+    for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins",
+              "num_chosen", "num_rejected"):
+        assert split[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
+    assert math.isfinite(split["rewards/margins"])
+    assert split["rewards/margins"] == pytest.approx(split["rewards/chosen"] - split["rewards/rejected"])
+    assert (split["num_chosen"], split["num_rejected"]) == (sum(map(sum, labels)), 6 - sum(map(sum, labels)))
+
+    good = [{**p, "label": torch.ones(3, dtype=torch.bool)} for p in parts]
+    only = _kto_step(tmp_path, "only", good, 2)
+    assert math.isfinite(only["rewards/chosen"]) and only["num_rejected"] == 0
+    assert math.isnan(only["rewards/rejected"]) and math.isnan(only["rewards/margins"])
+
+
+def test_kto_validation_margin_from_the_label_means():
+    """ObjectiveEvaluator took the margin per validation batch: with the desirable rows in one batch and the
+    undesirable in another it was NaN. It is the difference of the per-label means over the batches."""
+    from lmforge.align.sft import ObjectiveEvaluator
+
+    obj = KTOObjective(KTOConfig(beta=0.3, kl=False), reference=tiny_model(1))
+    good = {**sequences(3, 10, 41, [2, 3, 4], 5), "label": torch.ones(3, dtype=torch.bool)}
+    bad = {**sequences(2, 10, 41, [2, 3], 6), "label": torch.zeros(2, dtype=torch.bool)}
+    model = tiny_model(0)
+    out = ObjectiveEvaluator(obj, [good, bad])(model)
+    _, m_good = obj.loss(model, good)
+    _, m_bad = obj.loss(model, bad)
+    assert out["val_rewards/chosen"] == pytest.approx(float(m_good["rewards/chosen"]), rel=1e-5)
+    assert out["val_rewards/rejected"] == pytest.approx(float(m_bad["rewards/rejected"]), rel=1e-5)
+    assert math.isfinite(out["val_rewards/margins"])
+    assert out["val_rewards/margins"] == pytest.approx(out["val_rewards/chosen"] - out["val_rewards/rejected"])
+
+
+def _kto_rank_worker(rank: int, world: int, root: str, batches: list[dict]) -> dict:
+    return _kto_step(Path(root), "ranks", batches, 1, dict(dp_replicate=2))
+
+
+def test_kto_per_label_metrics_combine_over_ranks(tmp_path):
+    """Under a ParallelRunner each rank computed the per-label means of its own rows: with the desirable rows on
+    one rank and the undesirable on the other the margin was NaN. The step's values are one process's."""
+    from lmforge.parallel.launch import run_local
+
+    batch = {**sequences(4, 10, 41, [2, 3, 4, 2], 7), "label": torch.tensor([True, True, True, False])}
+    one = _kto_step(tmp_path, "one", [batch], 1)
+    got = run_local(_kto_rank_worker, 2, str(tmp_path), [batch], timeout=120, start_method="fork")[0]
+    for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/margins",
+              "num_chosen", "num_rejected"):
+        assert got[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k

@@ -282,6 +282,7 @@ def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     weights of an adapter-only checkpoint, the frozen parameters left as they are."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
+    from torch.utils._pytree import tree_leaves
 
     opts = StateDictOptions(full_state_dict=True)
     mine = get_model_state_dict(model).keys()  # this rank's parameter names (no communication)
@@ -291,6 +292,14 @@ def load_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
         return
     named = {"state": {names[i]: s for i, s in opt_state["state"].items()},
              "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_state["param_groups"]]}
+    if not any(isinstance(t, torch.Tensor) and t.dim() > 0 for t in tree_leaves(named["state"])):
+        # a state with nothing to shard or place (plain SGD's is empty; or step counters only): torch's full-state
+        # loader takes the device from the optimizer's own tensors and asserts when there are none. Loaded as a
+        # local state instead, with an entry for every parameter, so torch matches them by name (an empty state
+        # would be taken for an id-keyed one as it stands) and a pipeline stage takes only its own
+        everyone = {n: {} for g in named["param_groups"] for n in g["params"]}
+        named["state"] = {**everyone, **named["state"]}
+        opts = dataclasses.replace(opts, full_state_dict=False)
     set_optimizer_state_dict(model, optimizer, named, options=opts)
 
 

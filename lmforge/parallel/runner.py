@@ -85,7 +85,7 @@ class ParallelRunner:
         # the first step (the Trainer's step-0 eval) left training without gradients to send back
         self._schedule = lambda loss_fn: build_schedule(self.model, self.stage, cfg.pp, self.pp_mesh.get_group(),
                                                         cfg.n_microbatches, cfg.pp_schedule, loss_fn, self.device)
-        self.schedule = self._schedule(lambda out, y: self.loss_fn(out, y) * self._scale)
+        self.schedule = self._schedule(self._pipeline_loss)
         # a stage keeps the buffers shaped by its first call, so validation gets a schedule per batch shape
         self.eval_schedules: dict[tuple[int, ...], object] = {}
 
@@ -101,16 +101,22 @@ class ParallelRunner:
                          ) -> torch.Tensor:
         """Forward and backward of this rank's rows (x, y: (B_local, T)); gradients accumulate scaled by
         `scale` (1/grad_accum); sync=False on all but the last micro-batch skips FSDP's reduce-scatter.
-        Returns the detached local mean loss (zero on pipeline stages but the last)."""
+        Returns the detached local mean loss (zero on pipeline stages but the last, whose loss is the token mean
+        over the rows' trained targets however the schedule cuts them)."""
         self._grad_sync(sync)
         if self.pp_mesh is not None:
-            # each micro-batch's loss carries its share, scale / n_microbatches (build_schedule keeps the schedule
-            # from dividing the accumulated .grad itself); losses come back scaled so
-            div = self.cfg.n_microbatches if schedule_scales_grads() else 1  # (older torch's schedule divides)
-            self._scale = scale / div
-            losses = self._through_pipeline(self.schedule.step, x, y)  # each: its micro-batch's loss x scale / div
-            return (torch.stack(losses).sum().detach() * div / (scale * len(losses)) if self.last
-                    else torch.zeros((), device=self.device))
+            # each pipeline micro-batch's loss sum (_pipeline_loss) carries the share scale / (the rows' trained
+            # tokens), times n_microbatches where older torch's schedule divides the accumulated .grad by it
+            # (build_schedule keeps a newer one from doing so)
+            share = scale * self.cfg.n_microbatches / (self.cfg.n_microbatches if schedule_scales_grads() else 1)
+            tokens = (y != -100).sum()  # (a device tensor: no host sync)
+            self._scale = share / tokens.clamp(min=1)
+            losses = self._through_pipeline(self.schedule.step, x, y)  # each: its loss sum x self._scale
+            if not self.last:
+                return torch.zeros((), device=self.device)
+            # the token mean; NaN for rows with nothing to train (a mean over nothing, as in one process) and where
+            # scale is 0 (a micro-batch the Trainer leaves out, whose sums the zero share hides)
+            return torch.stack(losses).sum().detach() * tokens.clamp(min=1) / share / tokens
         if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
             b = shard_batch({"input_ids": x, "targets": y}, self.cp_mesh)
             x, y = b["input_ids"], b["targets"]
@@ -134,6 +140,17 @@ class ParallelRunner:
             loss, metrics = loss_fn(self.model, batch)
             (loss * scale).backward()
         return plain(loss.detach()), {k: plain(v.detach()) for k, v in metrics.items()}
+
+    def _pipeline_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss the schedule backpropagates for one pipeline micro-batch: loss_fn's mean times its trained
+        tokens (targets other than -100), times self._scale (the share over the tokens of all this rank's rows),
+        so the micro-batches add up to one process's token mean however the tokens fall among them (a mean of
+        their means weighs them equally). One without any adds exactly 0, not its mean over nothing: when one of
+        the pieces the schedule cut the rows into had no trained token, that NaN lost the step's logged loss and
+        the others' gradient was still divided by the number of pieces. A Trainer's micro-batch of ignored rows
+        (batch_weight 0, scale 0) adds 0 the same way."""
+        n = (y != -100).sum()
+        return torch.where(n > 0, plain(self.loss_fn(out, y)) * n, 0.0) * self._scale
 
     def _through_pipeline(self, run: Callable, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """One call of the schedule's step or eval: the first stage feeds x, the last scores y and returns

@@ -28,6 +28,9 @@ A drafter may propose a token tree instead, `(DraftTree(tokens, parents), q (N, 
 so with `proposes_trees = True` and `tree_size` (the nodes the scheduler reserves room for), verified by
 walking the tree: into the argmax's child when greedy, by SpecInfer's multi-step speculative sampling when
 sampled (lmforge.infer.token_tree, e.g. TreeDrafter).
+Which drafts are kept is the drafter's `acceptance` (an AcceptanceRule; absent: `ExactAcceptance`, the rules
+above, which keep the target's output law): `TypicalAcceptance` is Medusa's typical acceptance, which trades
+that exactness for longer accepted runs.
 
 `Speculative` is the strategy that runs it on the engine, for every sequence of every request at once (but
 beam searches and requests with penalties or logits_processors, which run plain beside them: `speculates`):
@@ -44,17 +47,26 @@ import dataclasses
 import inspect
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from lmforge.config import check
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.acceptance import (  # noqa: F401 (the rules' home is lmforge.infer.acceptance)
+    EXACT,
+    AcceptanceRule,
+    TypicalAcceptance,
+    _draw,
+    acceptance_of,
+    verify,
+)
 from lmforge.infer.features import FeatureStream, HiddenAsk, hidden_ask
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.runner import PagedRunner
 from lmforge.infer.sampler import forget, token_logprobs
 from lmforge.infer.sampling import SamplingParams
-from lmforge.infer.token_tree import DraftTree, TreeDrafter, greedy_path, sampled_path
+from lmforge.infer.token_tree import DraftTree, TreeDrafter
 from lmforge.model.cache import KVCache
 from lmforge.model.meta import accepted_slots
 
@@ -70,24 +82,15 @@ def _probs(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def _draw(p: torch.Tensor, gen: torch.Generator | None) -> int:
-    return int(torch.multinomial(p, 1, generator=gen))
+@dataclass(frozen=True)
+class DrafterFactory:
+    """seq -> a fresh drafter for it (make), and the rule every sequence's drafts are verified by."""
 
+    make: Callable
+    acceptance: AcceptanceRule = EXACT
 
-def verify(p: torch.Tensor, q: torch.Tensor, drafts: list[int], gen: torch.Generator | None = None
-           ) -> tuple[int, int]:
-    """Modified rejection sampling. p (k+1, V) target, q (k, V) draft distributions, drafts (k,).
-    Returns (accepted count a, the next token): drafts[:a] + [token] are emitted."""
-    for i, x in enumerate(drafts):
-        px, qx = float(p[i, x]), float(q[i, x])
-        u = float(torch.rand((), generator=gen, device=p.device))
-        if qx > 0 and u * qx < px:  # u < p/q without dividing by a tiny q
-            continue
-        residual = (p[i] - q[i]).clamp(min=0)
-        if float(residual.sum()) <= 0:  # p == q here; any rejection is then measure-zero: sample p
-            residual = p[i]
-        return i, _draw(residual / residual.sum(), gen)
-    return len(drafts), _draw(p[len(drafts)], gen)
+    def __call__(self, seq):
+        return self.make(seq)
 
 
 class ModelDrafter:
@@ -196,6 +199,7 @@ class Speculative:
         if not speculates(p):  # (the engine gives such requests no strategy: `speculates`)
             raise ConfigError(NOT_SPECULATIVE)
         self.request, self.make_drafter, self.k, self.hidden = request, make_drafter, k, hidden
+        self.acceptance: AcceptanceRule = getattr(make_drafter, "acceptance", EXACT)  # (DrafterFactory)
         if hidden is not None and hidden.every:  # forks copy it (Engine.fork)
             request.seqs[0].features = FeatureStream()
         self.procs = build_processors(p)
@@ -232,7 +236,7 @@ class Speculative:
         """A drafter's answer for seq, a tree trimmed to the room the step has for it."""
         if isinstance(drafts, DraftTree):
             drafts = drafts.first(budget)
-            if q is None and len(drafts) and not seq.params.greedy:  # (before any sequence takes its drafts)
+            if q is None and len(drafts) and not seq.params.greedy and self.acceptance.needs_q:  # (before any takes)
                 raise ConfigError(TREES_NEED_Q)
             return drafts, (q[:len(drafts)] if q is not None else None)
         return drafts, q
@@ -263,7 +267,7 @@ class Speculative:
         if isinstance(drafts, DraftTree):
             accepted, at, nxt = self._walk(engine, seq, drafts, p, q)
         else:
-            a, nxt = verify(p, q.to(p.device) if drafts else p[:0], drafts, seq.generator)
+            a, nxt = self.acceptance.chain(p, q, drafts, seq.params.greedy, seq.generator)
             accepted, at = drafts[:a], list(range(a + 1))
         # at[i]: the logits row emitted token i was verified or drawn against
         if sampled.hidden is not None:  # features of the last verified input token, whose logits gave nxt
@@ -309,16 +313,11 @@ class Speculative:
         if engine.draft_model is not None:
             engine.draft_model.accept(seq, len(seq.tokens) - 1)
 
-    @staticmethod
-    def _walk(engine, seq, tree: DraftTree, p: torch.Tensor, q) -> tuple[list[int], list[int], int]:
-        """Tree verification, greedy or sampled: (accepted tokens, logits row of each emitted token, the
+    def _walk(self, engine, seq, tree: DraftTree, p: torch.Tensor, q) -> tuple[list[int], list[int], int]:
+        """Tree verification by the acceptance rule: (accepted tokens, logits row of each emitted token, the
         next token). The accepted nodes' keys/values, written in node order after the root, move to the
         positions right after it in every layer."""
-        if seq.params.greedy:
-            path = greedy_path(tree, p.argmax(-1).tolist())
-            nxt = int(p[path[-1] + 1 if path else 0].argmax())
-        else:
-            path, nxt = sampled_path(tree, p, q.to(p.device) if q is not None else None, seq.generator)
+        path, nxt = self.acceptance.tree(tree, p, q, seq.params.greedy, seq.generator)
         src, dst = accepted_slots(tree.parents, path, len(seq.tokens) - len(tree))
         if src:
             engine.runner.move_positions(seq.block_table, src, dst)
@@ -472,14 +471,20 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int) -> Non
     engine.hidden = hidden_ask(draft, engine.model)  # what a drafter reads of the target (lmforge.infer.features)
     if draft is None:
         return
-    from lmforge.infer.draft import PagedDraftHead, PagedDraftModel, is_draft_head  # (draft imports this module)
+    from lmforge.infer.draft import (  # (draft imports this module)
+        PagedDraftHead,
+        PagedDraftModel,
+        is_draft_head,
+    )
 
     check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    acceptance = acceptance_of(draft)  # (the user's object: a head is wrapped below)
     paged = isinstance(engine.runner, PagedRunner)
     if is_draft_head(draft):  # an EAGLE-style head whose cache shares the pool's blocks (infer.draft)
         draft = engine.draft_head = PagedDraftHead.for_engine(engine, draft, num_blocks)
         engine.scheduler.features_cached = True  # hits resume from the features kept with the blocks
-    engine.make_drafter = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens)
+    make = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens)
+    engine.make_drafter = DrafterFactory(make, acceptance)
     model = pool_model(draft)
     if paged and model is not None and engine.draft_head is None:  # a draft model (or a TreeDrafter's) on the pool
         engine.draft_model = PagedDraftModel(model, num_blocks, engine.config.block_size, engine.device,
@@ -503,14 +508,19 @@ def pool_model(draft):
 def draft_step(engine, batch) -> None:
     """Speculative requests scheduled for their last token extend that chunk by their drafts (the
     scheduler reserved room for them: Request.lookahead). A draft model drafts for all at once, and so
-    does a drafter object with propose_batch (lmforge.infer.speculative.propose_step)."""
-    todo = []
+    does a drafter object with propose_batch (lmforge.infer.speculative.propose_step); it also computes the
+    prompts of requests whose n > 1 samples fork after this step, once for all of them (PagedDraftModel.prefill)."""
+    todo, forking = [], []
     for i, (seq, n) in enumerate(batch.chunks):
         strategy = seq.request.strategy
         if hasattr(strategy, "budget") and n == seq.remaining:
             k = strategy.budget(engine, seq, batch.room.get(seq.seq_id, 0))
             if k is not None:
                 todo.append((i, seq, k))
+            elif seq.params.n > 1 and seq.params.max_tokens > 2:  # its samples fork after this step and draft
+                forking.append(seq)
+    if forking and engine.draft_model is not None:  # the prompt's draft keys once, for every sample
+        engine.draft_model.prefill(forking)
     if not todo:
         return
     if engine.draft_model is not None:

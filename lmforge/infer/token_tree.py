@@ -137,11 +137,13 @@ class TreeDrafter:
     proposes_trees = True
     """the engine scores this drafter's proposals as token trees"""
 
-    def __init__(self, model, widths: tuple[int, ...] = (3, 2, 1)):
+    def __init__(self, model, widths: tuple[int, ...] = (3, 2, 1), acceptance=None):
+        """acceptance: the rule its trees are verified by (lmforge.infer.speculative.AcceptanceRule, e.g.
+        TypicalAcceptance); None = the exact one."""
         widths = tuple(widths)
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ConfigError(f"TreeDrafter widths must be positive ints, one per depth, e.g. (3, 2, 1); got {widths}")
-        self.model, self.widths = model, widths
+        self.model, self.widths, self.acceptance = model, widths, acceptance
 
     @property
     def tree_size(self) -> int:

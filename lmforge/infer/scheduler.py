@@ -177,9 +177,11 @@ class Scheduler:
             if seq.snapshot_marks:  # a state model's prefill ends where its state is kept (`_marks`)
                 n = _cut(seq, seq.num_computed, n)
             # room for drafts: never past the request's last token (k drafts + the bonus token are k + 1
-            # new tokens), which add_request sized the pool check for
+            # new tokens), which add_request sized the pool check for; none before the first token is sampled
+            # (the prefill's last chunk, of a request not yet forked into its n samples, scores no drafts)
             left = seq.request.max_len - len(seq.tokens) - seq.inflight - 1
-            extra = max(0, min(seq.request.lookahead, budget - n, left)) if n == remaining else 0
+            drafts = n == remaining and seq.request.forked
+            extra = max(0, min(seq.request.lookahead, budget - n, left)) if drafts else 0
             copies = self.pool.try_append(seq.block_table, seq.num_slots, n + extra)
             while copies is None:  # no room: preempt the newest running sequence (this one last)
                 victim = queue.pop() if queue else seq

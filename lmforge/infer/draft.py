@@ -7,7 +7,9 @@ allocation and no preemption logic of its own. Each round of drafting is one fla
 model over every speculating sequence: the first feeds each sequence's tokens the draft has not seen
 yet (its context since the last verified position, a small prefill), the next ones one draft token
 each. Draft keys are valid up to the verified prefix (`accept`); a preempted sequence's blocks were
-freed, so its draft state restarts from zero.
+freed, so its draft state restarts from zero. A request of n > 1 samples has its prompt's draft keys
+computed once, in the step that prefills it (`prefill`): its samples fork from the prompt's blocks (shared,
+the last one copied on write with the draft keys in it) and start their catch-up after the prompt.
 """
 
 from __future__ import annotations
@@ -58,15 +60,36 @@ class PagedDraftModel:
                                   max_batch=max_batch, mixed_tokens=mixed_tokens)
         self.runner.allow_chunks(chunk_rows, trees=fit is not None)
         self.known: dict[int, tuple[int, int]] = {}  # seq_id -> (tokens with draft keys, preemptions seen)
+        self.before_fork: dict[int, int] = {}  # a request's first seq_id -> prompt tokens with draft keys (`prefill`)
         self.tree_keys: dict[int, tuple[int, int]] = {}  # seq_id -> (its tree's first slot, nodes with keys)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.runner.cache.copy_blocks(pairs)
 
+    def done(self, seq) -> int:
+        """Tokens of seq whose draft keys are in its blocks: its own progress (none since a preemption), or for a
+        sample forked from a prompt `prefill` computed, never preempted, the prompt's."""
+        if seq.seq_id in self.known:
+            done, pre = self.known[seq.seq_id]
+            return done if pre == seq.preemptions else 0
+        first = seq.request.seqs[0].seq_id
+        return min(self.before_fork.get(first, 0), len(seq.tokens) - 1) if not seq.preemptions else 0
+
+    @torch.inference_mode()
+    def prefill(self, seqs) -> None:
+        """Draft keys for these sequences' tokens (prompts whose n samples fork after this step), one forward."""
+        views = [_View(list(s.tokens), self.done(s), s.block_table, s.seq_id) for s in seqs]
+        chunks = sorted(((v, len(v.tokens) - v.num_computed) for v in views if v.num_computed < len(v.tokens)),
+                        key=lambda c: c[1] != 1)  # decodes first, as the runner's layout wants
+        if chunks:
+            self.runner.logits_at_ends(Batch(chunks=chunks))
+        for seq in seqs:
+            self.known[seq.seq_id] = (len(seq.tokens), seq.preemptions)
+            self.before_fork[seq.seq_id] = len(seq.tokens)
+
     def accept(self, seq, verified: int) -> None:
         """seq's first `verified` tokens are final: draft keys past them are stale."""
-        done, pre = self.known.get(seq.seq_id, (0, seq.preemptions))
-        self.known[seq.seq_id] = (min(done, verified), pre)
+        self.known[seq.seq_id] = (min(self.done(seq), verified), seq.preemptions)
 
     @torch.inference_mode()
     def propose(self, items, probs) -> dict[int, tuple[list[int], torch.Tensor]]:
@@ -74,8 +97,7 @@ class PagedDraftModel:
         Returns seq_id -> (drafts, q (d, V))."""
         views = {}
         for seq, _, _, _ in items:
-            done, pre = self.known.get(seq.seq_id, (0, seq.preemptions))
-            views[seq.seq_id] = _View(list(seq.tokens), done if pre == seq.preemptions else 0, seq.block_table, seq.seq_id)
+            views[seq.seq_id] = _View(list(seq.tokens), self.done(seq), seq.block_table, seq.seq_id)
         if self.fit is not None:  # sequences whose room fits the same tree shape draft together
             groups: dict[tuple[int, ...], list] = {}
             for it in items:
@@ -149,6 +171,7 @@ class PagedDraftModel:
 
     def forget(self, seq) -> None:
         self.known.pop(seq.seq_id, None)
+        self.before_fork.pop(seq.seq_id, None)
         self.tree_keys.pop(seq.seq_id, None)
 
 

@@ -25,6 +25,11 @@ comes from, {"path", "sha256", "merge_lora"}: the base checkpoint's resolved dir
 checkpoint_identity checksum and whether its own adapters are merged first (a LoRA run whose init was
 itself a LoRA checkpoint trains on the merged model). `load_model` rebuilds base + recorded adapters + saved
 tensors, refusing a base that is missing or whose weights changed.
+
+config.json records how to rebuild what is not a plain Transformer: "lora" ({layer: [r, scale]}, [r, scale,
+"dora"] for DoRA: lmforge.adapt.lora.lora_record) and "base_layers" (the quantized Linears of a QLoRA model, by
+registered kind and settings: lmforge.adapt.qlora). A Linear quantized after its base checkpoint was loaded is
+not what that base gives back, so an adapter-only checkpoint keeps its codes (_left_to_base).
 """
 
 from __future__ import annotations
@@ -107,16 +112,23 @@ def frozen_names(model) -> set[str]:
     from lmforge.adapt.lora import adapter_names
     from lmforge.model.layers.moe import MoE
 
-    prefix, base = "", model
-    while getattr(base, "head_record", None) is not None and isinstance(getattr(base, "backbone", None),
-                                                                          torch.nn.Module):
-        prefix, base = prefix + "backbone.", base.backbone
+    prefix, base = _base_of(model)
     kept = adapter_names(base) | {f"{n}.e_bias" if n else "e_bias" for n, m in base.named_modules(
         remove_duplicate=False) if isinstance(m, MoE) and m.m.bias_update_rate > 0}
     given = {n for n, p in base.named_parameters(remove_duplicate=False) if not p.requires_grad}
     given |= {n for n, _ in base.named_buffers(remove_duplicate=False)}
     keys = model.state_dict().keys()
     return {prefix + n for n in given - kept if prefix + n in keys}
+
+
+def _base_of(model) -> tuple[str, Any]:
+    """(name prefix, module) of the innermost `.backbone` of a head's model (the model itself without a head):
+    where base_record's checkpoint is loaded."""
+    prefix, base = "", model
+    while getattr(base, "head_record", None) is not None and isinstance(getattr(base, "backbone", None),
+                                                                          torch.nn.Module):
+        prefix, base = prefix + "backbone.", base.backbone
+    return prefix, base
 
 
 LEAVES_OUT = "base_tensors"
@@ -153,10 +165,13 @@ def model_meta(model: torch.nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "cfg", None)
     if isinstance(cfg, ModelConfig):
         from lmforge.adapt.lora import lora_record
+        from lmforge.adapt.qlora import base_layer_record
 
         lora = lora_record(model)  # unmerged adapters: load_model puts them back before the weights
+        layers = base_layer_record(model)  # quantized Linears (QLoRA's base): load_model rebuilds them first
         eos = [int(i) for i in getattr(model, "eos_token_ids", None) or ()]  # a HF model's end-of-sequence ids
-        return {"model": to_dict(cfg), **({"lora": lora} if lora else {}), **({"eos_token_ids": eos} if eos else {})}
+        return {"model": to_dict(cfg), **({"base_layers": layers} if layers else {}),
+                **({"lora": lora} if lora else {}), **({"eos_token_ids": eos} if eos else {})}
     cls = getattr(model, "model_class", type(model))  # a gathered sharded model names the class it shards
     return {"model_class": f"{cls.__module__}.{cls.__qualname__}"}
 
@@ -172,13 +187,27 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer,
     left = {"base": base, "leaves_out": LEAVES_OUT} if base else {}
     meta = {"step": step, **model_meta(model), **left, **run_metadata(), **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    weights = _state_for_save(model, frozen_names(model) if base else set())
+    weights = _state_for_save(model, _left_to_base(model, meta, base) if base else set())
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
     if tokenizer is not None:
         tokenizer.save(tmp)
     _seal(tmp)
+
+
+def _left_to_base(model: torch.nn.Module, meta: dict, base: dict) -> set[str]:
+    """frozen_names less the tensors of base layers the base checkpoint does not have as the model has them
+    (a Linear quantized after the base was loaded, for QLoRA): the base cannot give those back."""
+    left = frozen_names(model)
+    ours = meta.get("base_layers") or {}
+    try:
+        theirs = json.loads((Path(base["path"]) / "config.json").read_text()).get("base_layers") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        theirs = {}
+    prefix = _base_of(model)[0]  # (the record's names are the backbone's)
+    changed = tuple(f"{prefix}{n}." for n, entry in ours.items() if theirs.get(n) != entry)
+    return {n for n in left if not n.startswith(changed)} if changed else left
 
 
 def _seal(folder: Path) -> None:
@@ -574,6 +603,10 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
     else:
         model = _base_model(record, ckpt, base) if record else Transformer(cfg)
         given = {id(t) for t in (*model.parameters(), *model.buffers())} if record else set()
+        if meta.get("base_layers"):  # quantized Linears (QLoRA): rebuilt, their codes loaded from the file
+            from lmforge.adapt.qlora import restore_base_layers
+
+            restore_base_layers(model, meta["base_layers"], str(ckpt))
         if meta.get("lora"):  # a LoRA run's checkpoint: the adapters as they were trained (unmerged)
             from lmforge.adapt.lora import restore_lora
 

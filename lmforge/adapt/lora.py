@@ -43,7 +43,12 @@ quantized Linear (integer in_features / out_features, forward (..., in) -> (...,
 with its own forward. LoRALinear then keeps it whole as the submodule `base` and calls it (its state_dict keys
 gain `base.`: `wq.base.qweight`; named_parameters and named_buffers agree, so adapter-only checkpoints still
 leave its frozen parameters and buffers, the quantized codes, out), and the update cannot be merged into it
-(merge_lora refuses; remove_lora puts it back).
+(merge_lora refuses; remove_lora puts it back). Checkpoints record the quantized layers by a registered kind
+(lmforge.adapt.qlora), so load_model rebuilds them under the adapters.
+
+DoRA (LoRAConfig(dora=True); lmforge.adapt.dora.DoRALinear) is a LoRALinear with a trained magnitude; each layer's
+`kind` is what a checkpoint records (lora_record), so load_model builds the same layer class back; a subclass
+lmforge does not know is recorded by its class's path and refused there by name.
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ class LoRAConfig:
     """module-name patterns of modules kept fully trainable (e.g. a classification head: "head")"""
     rslora: bool = False
     """rank-stabilised scale alpha / sqrt(r)"""
+    dora: bool = False
+    """weight-decomposed LoRA (DoRA, lmforge.adapt.dora): a trained per-row magnitude over the adapted weight's
+    direction; over nn.Linear bases only (PEFT's use_dora)"""
     save: Literal["adapters", "full"] = "adapters"
     """what a post-training run's checkpoints hold: 'adapters' (what trains, plus the base checkpoint's path
     and checksum: megabytes, opened with that base) or 'full' (every weight: opens without the base)"""
@@ -120,6 +128,8 @@ class LoRALinear(nn.Module):
     extends it, and every reader (adapter_names) follows."""
 
     adapter_params: tuple[str, ...] = ("lora_A", "lora_B")
+    kind = "lora"
+    """the name a checkpoint records the layer under (lora_record; layer_kinds() maps it back to the class)"""
 
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
@@ -218,33 +228,57 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     model.requires_grad_(False)
     for name in kept:
         model.get_submodule(name).requires_grad_(True)
+    layer = layer_kinds()["dora" if cfg.dora else "lora"]
     for name in targets:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, child, LoRALinear(getattr(owner, child), cfg.r, cfg.scale, cfg.dropout))
+        setattr(owner, child, layer(getattr(owner, child), cfg.r, cfg.scale, cfg.dropout))
     return model
 
 
+def layer_kinds() -> dict[str, type[LoRALinear]]:
+    """The adapter layers a checkpoint can name (lora_record's third entry), by their `kind`."""
+    from lmforge.adapt.dora import DoRALinear
+
+    return {"lora": LoRALinear, "dora": DoRALinear}
+
+
+def _kind(layer: LoRALinear) -> str:
+    """The name a checkpoint records `layer` under: its kind when that names its class, else its class's path
+    (a subclass lmforge does not know: restore_lora refuses it by name)."""
+    if layer_kinds().get(layer.kind) is type(layer):
+        return layer.kind
+    return f"{type(layer).__module__}.{type(layer).__qualname__}"
+
+
 def lora_record(model) -> dict[str, list]:
-    """{layer: [r, scale]} of a model's unmerged adapters: what a checkpoint records (restore_lora's input).
-    A stand-in for a model (a sharded model's gathered weights) gives its `lora` attribute."""
+    """{layer: [r, scale]} of a model's unmerged adapters, [r, scale, kind] for a layer other than plain LoRA
+    (DoRA's "dora"): what a checkpoint records (restore_lora's input). A stand-in for a model (a sharded
+    model's gathered weights) gives its `lora` attribute."""
     if not isinstance(model, nn.Module):
         return dict(getattr(model, "lora", {}))
-    return {n: [m.lora_A.shape[0], m.scale] for n, m in lora_layers(model).items()}
+    return {n: [m.lora_A.shape[0], m.scale, *([kind] if (kind := _kind(m)) != "lora" else [])]
+            for n, m in lora_layers(model).items()}
 
 
 def restore_lora(model: nn.Module, layers: dict[str, list]) -> nn.Module:
-    """In place: the LoRALinear layers a checkpoint records ({name: [r, scale]}, lmforge.checkpoint.model_meta)
+    """In place: the LoRA layers a checkpoint records ({name: [r, scale(, kind)]}, lmforge.checkpoint.model_meta)
     around the model's Linears, so its weights load as they were saved (no dropout: for inference and
     evaluation; apply_lora builds adapters to train). Returns the model."""
-    for name, (r, scale) in layers.items():
+    kinds = layer_kinds()
+    for name, (r, scale, *kind) in layers.items():
+        layer = kinds.get(kind[0] if kind else "lora")
+        if layer is None:
+            raise ConfigError(f"the checkpoint's LoRA layer {name} is a {kind[0]}, an adapter layer lmforge does not "
+                              f"build (it builds {', '.join(kinds)}); build the model yourself (apply that layer) "
+                              "and load_weights(model, path)")
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
         base = getattr(owner, child, None)
         if base is None or not linear_like(base):
             raise ConfigError(f"the checkpoint has a LoRA adapter on {name}, which is not a Linear layer of "
                               f"{type(model).__name__}")
-        setattr(owner, child, LoRALinear(base, int(r), float(scale)))
+        setattr(owner, child, layer(base, int(r), float(scale)))
     return model
 
 

@@ -1,0 +1,173 @@
+"""DoRA layers (against PEFT's use_dora) and QLoRA-style models (LoRA over a quantized base) in checkpoints:
+load_model gives back the model that was saved - full checkpoints, adapter-only ones over a plain or a
+quantized base - with bit-equal logits; what it cannot rebuild is refused in one line naming the fix."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lmforge import checkpoint as ckpt
+from lmforge.adapt.dora import DoRALinear
+from lmforge.adapt.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, lora_layers, merge_lora
+from lmforge.adapt.qlora import BASE_LAYERS
+from lmforge.errors import ConfigError
+
+from ..align.helpers import tiny_model
+from .test_lora import Int8Linear, quantized
+
+IDS = torch.randint(0, 41, (2, 9), generator=torch.Generator().manual_seed(1))
+QUANTIZED = ("wq", "wk", "wv")
+
+
+class RegisteredInt8(Int8Linear):
+    """test_lora's stand-in quantized Linear with what a registered base layer has: from_linear and settings."""
+
+    settings = {"bits": 8}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int) -> "RegisteredInt8":
+        assert bits == 8
+        return cls(linear)
+
+
+@pytest.fixture
+def int8(monkeypatch):
+    monkeypatch.setitem(BASE_LAYERS, "test-int8", RegisteredInt8)
+    return RegisteredInt8
+
+
+def trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Adapters as after training: every B, and DoRA's magnitudes, moved from their start."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("lora_B", "magnitude")):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def quantize(model: nn.Module, cls=RegisteredInt8) -> nn.Module:
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in QUANTIZED:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, cls(m))
+    return model
+
+
+def same_logits(path, model, **kw) -> None:
+    loaded, _ = ckpt.load_model(path, tokenizer=False, **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), model.eval()(IDS), rtol=0, atol=0)
+
+
+def test_dora_equals_peft_and_merges():
+    """DoRA's magnitude starts at ||W||_row and its output equals PEFT's use_dora (fp32, 1e-6) at start and
+    trained; merge_lora folds W' = m (W + sBA) / ||W + sBA|| into the weight; adapters off is the base."""
+    peft = pytest.importorskip("peft")
+    base = tiny_model(0).eval()
+    lora = LoRAConfig(r=2, alpha=4, targets=("wq", "wo", "up"), dora=True)
+    ours = apply_lora(copy.deepcopy(base), lora)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, use_dora=True,
+                                                                       target_modules=["wq", "wo", "up"]))
+    for name, layer in lora_layers(ours).items():
+        assert isinstance(layer, DoRALinear)
+        other = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.magnitude, other.lora_magnitude_vector["default"].weight)
+    trained(ours)
+    with torch.no_grad():
+        for name, layer in lora_layers(ours).items():
+            other = theirs.base_model.model.get_submodule(name)
+            other.lora_A["default"].weight.copy_(layer.lora_A)
+            other.lora_B["default"].weight.copy_(layer.lora_B)
+            other.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+        want = ours(IDS)
+        torch.testing.assert_close(theirs.eval()(IDS), want, rtol=0, atol=1e-6)
+        assert (want - base(IDS)).abs().max() > 1e-2  # the adapters matter
+        with adapters_disabled(ours):
+            torch.testing.assert_close(ours(IDS), base(IDS), rtol=0, atol=0)
+        torch.testing.assert_close(merge_lora(copy.deepcopy(ours))(IDS), want, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="DoRA adapts an nn.Linear's weight, not a Int8Linear"):
+        apply_lora(quantized(tiny_model(0)), LoRAConfig(targets=("wq",), dora=True))
+
+
+def test_a_dora_checkpoint_opens_as_saved(tmp_path):
+    """A full and an adapter-only DoRA checkpoint record their layers as "dora"; load_model rebuilds DoRA
+    layers (plain LoRA ones failed on the magnitudes) and gives the saved model's logits bit for bit."""
+    base_ckpt = ckpt.save_checkpoint(tmp_path / "base", 0, tiny_model(0))
+    model = trained(apply_lora(tiny_model(0), LoRAConfig(r=2, alpha=4, targets=("wq", "down"), dora=True)))
+    full = ckpt.save_checkpoint(tmp_path / "full", 1, model)
+    same_logits(full, model)
+    adapters = ckpt.save_checkpoint(tmp_path / "adapters", 1, model, base=ckpt.base_record(base_ckpt))
+    assert {n.rsplit(".", 1)[-1] for n in load_file(adapters / "model.safetensors")} == {"lora_A", "lora_B",
+                                                                                          "magnitude"}
+    same_logits(adapters, model)
+    loaded, _ = ckpt.load_model(adapters, tokenizer=False)
+    assert all(type(m) is DoRALinear for m in lora_layers(loaded).values())
+
+
+def test_an_adapter_layer_lmforge_does_not_build_is_refused_in_one_line(tmp_path):
+    """A LoRALinear subclass of the user's own is recorded by its class's path and refused at load by name
+    (it was rebuilt as plain LoRA, which failed on its extra tensors)."""
+
+    class Mine(LoRALinear):
+        pass
+
+    model = tiny_model(0)
+    model.blocks[0].attn.wq = Mine(model.blocks[0].attn.wq, 2, 2.0)
+    path = ckpt.save_checkpoint(tmp_path / "mine", 1, model)
+    with pytest.raises(ConfigError) as e:
+        ckpt.load_model(path)
+    assert "blocks.0.attn.wq is a tests.adapt.test_dora_qlora_checkpoints." in str(e.value)
+    assert "Mine, an adapter layer lmforge does not build" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_quantized_base_checkpoint_and_qlora_checkpoints_open_as_saved(tmp_path, int8):
+    """QLoRA: a quantized base checkpoint records its layers' kind and settings and reopens quantized; adapters
+    saved alone over it, a full QLoRA checkpoint, and adapters over a float base quantized after loading (its
+    codes saved, since that base cannot give them back) all reopen to the trained model's logits bit for bit."""
+    qbase = ckpt.save_checkpoint(tmp_path / "qbase", 0, quantize(tiny_model(0)))
+    assert ckpt._verify(qbase)["base_layers"]["blocks.0.attn.wq"] == {"kind": "test-int8", "settings": {"bits": 8}}
+    same_logits(qbase, quantize(tiny_model(0)))
+    lora = LoRAConfig(r=2, alpha=4, targets=("wq", "wv", "up"))
+    model = trained(apply_lora(quantize(tiny_model(0)), lora))
+    with torch.no_grad():
+        assert (model(IDS) - quantize(tiny_model(0))(IDS)).abs().max() > 1e-2  # the adapters matter
+    over_q = ckpt.save_checkpoint(tmp_path / "over_q", 1, model, base=ckpt.base_record(qbase))
+    assert all(".lora_" in n for n in load_file(over_q / "model.safetensors"))  # the codes are the base's
+    same_logits(over_q, model)
+    same_logits(ckpt.save_checkpoint(tmp_path / "full", 1, model), model)
+    fbase = ckpt.save_checkpoint(tmp_path / "fbase", 0, tiny_model(0))
+    over_f = ckpt.save_checkpoint(tmp_path / "over_f", 1, model, base=ckpt.base_record(fbase))
+    assert "blocks.0.attn.wq.base.codes" in load_file(over_f / "model.safetensors")
+    same_logits(over_f, model)
+    loaded, _ = ckpt.load_model(over_f, tokenizer=False)
+    assert type(loaded.blocks[0].attn.wq.base) is int8 and type(loaded.blocks[0].attn.wk) is int8
+
+
+def test_an_unregistered_quantized_layer_is_refused_in_one_line(tmp_path):
+    """A quantized layer whose class was not registered when the checkpoint was written cannot be rebuilt
+    (its settings were not recorded): load_model names the layer, its class and the fix in one line (it
+    failed with a list of missing and unexpected tensors)."""
+    path = ckpt.save_checkpoint(tmp_path / "q", 0, apply_lora(quantize(tiny_model(0), Int8Linear),
+                                                              LoRAConfig(targets=("wq",))))
+    with pytest.raises(ConfigError) as e:
+        ckpt.load_model(path)
+    msg = str(e.value)
+    assert "base layer blocks.0.attn.wq is tests.adapt.test_lora.Int8Linear, a kind load_model cannot rebuild" in msg
+    assert "register_base_layer(KIND, cls)" in msg and "\n" not in msg
+
+
+def test_a_reward_model_over_a_backbone_quantized_after_loading_opens_as_saved(tmp_path, int8):
+    """A head on a QLoRA backbone (quantized after its float base was loaded), saved adapter-only: the
+    backbone's codes are saved under the head's `backbone.` names, and load_model rebuilds the head's model."""
+    from lmforge.align.reward import SequenceHead
+
+    fbase = ckpt.save_checkpoint(tmp_path / "fbase", 0, tiny_model(0))
+    backbone = trained(apply_lora(quantize(tiny_model(0)), LoRAConfig(r=2, alpha=4, targets=("wq", "up"))))
+    model = SequenceHead(backbone, 1, train_backbone=False).eval()
+    path = ckpt.save_checkpoint(tmp_path / "rm", 1, model, base=ckpt.base_record(fbase))
+    assert "backbone.blocks.0.attn.wq.base.codes" in load_file(path / "model.safetensors")
+    same_logits(path, model)

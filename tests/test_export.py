@@ -339,7 +339,7 @@ def test_a_peft_made_adapter_loads_into_lmforge(tmp_path, tok, capsys):
     with pytest.raises(Exception, match="'org/some-hub-model', which is not a local directory .* base=DIR"):
         load_model(tmp_path / "adapter")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(Exception, match="uses DoRA, which lmforge's LoRA layers do not compute"):
+    with pytest.raises(Exception, match="sets use_dora but holds no lora_magnitude_vector for blocks.0"):
         load_model(tmp_path / "adapter", base=tmp_path / "base")
     for bad, msg in [({**cfg, "peft_type": "IA3"}, "is a IA3 adapter; lmforge applies LoRA adapters only"),
                      ({**cfg, "lora_alpha": None}, "has no numeric lora_alpha")]:
@@ -443,3 +443,110 @@ def test_an_out_that_no_export_could_replace_is_a_one_line_error(tmp_path, tok, 
         assert _one_line_error(capsys).splitlines()[0] == f"lmforge export: error: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "here", "run"]
     assert (tmp_path / "empty.txt").read_bytes() == b"" and list((tmp_path / "here").iterdir()) == []
+
+
+def _hf_adapter(path: Path, model, lora: LoRAConfig, base: Path) -> Path:
+    """to_peft's files for a HF model behind HFCausalLM, written as a PEFT adapter directory over `base`."""
+    from safetensors.torch import save_file
+
+    from lmforge.adapt.peft_format import to_peft
+
+    config, tensors = to_peft(model, "unused", to_dict(lora))
+    path.mkdir()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    return path
+
+
+def test_peft_adapters_of_a_hf_model_load_in_peft_or_are_refused(tmp_path):
+    """LoRA on a transformers model behind HFCausalLM (built from a config, no hub; a plain Llama is
+    tests/adapt/test_peft_format.py's): DeepSeek-V3's attention adapters load with PeftModel.from_pretrained to
+    the adapted model's logits. An adapter PEFT would load onto other weights - a DeepSeek-V3 dense MLP
+    projection, which PEFT's transformers-5 MoE conversion moves onto the experts - and one over a base that is
+    no nn.Linear (a quantized layer) are refused in one line (they were written)."""
+    from lmforge.infer.hf_wrapper import HFCausalLM
+
+    from .adapt.test_lora import Int8Linear
+
+    ids = ids_for(96)
+    deepseek = HFCausalLM(transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, **DEEPSEEK)))
+    deepseek.hf.save_pretrained(tmp_path / "deepseek")
+    attention = LoRAConfig(r=2, targets=("q_a_proj", "kv_b_proj"))
+    model = adapted(deepseek, attention)
+    _hf_adapter(tmp_path / "attn", model, attention, tmp_path / "deepseek")
+    got = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "deepseek"),
+                                         tmp_path / "attn").eval()
+    assert (logits(got, ids) - logits(model, ids)).abs().max() <= 1e-6
+    mlp = LoRAConfig(r=2, targets=("mlp.gate_proj", "mlp.up_proj"))
+    with pytest.raises(ConfigError, match=r"LoRA layer hf.model.layers.0.mlp.gate_proj is the deepseek_v3 module "
+                                          r"model.layers.0.mlp.gate_proj, whose adapter PEFT .* loads onto the MoE "
+                                          r"experts' fused weights"):
+        _hf_adapter(tmp_path / "mlp", adapted(deepseek, mlp), mlp, tmp_path / "unused")
+    quantized = HFCausalLM(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64)))
+    quantized.hf.model.layers[0].self_attn.q_proj = Int8Linear(quantized.hf.model.layers[0].self_attn.q_proj)
+    lora = LoRAConfig(r=2, targets=("q_proj",))
+    with pytest.raises(ConfigError, match="hf.model.layers.0.self_attn.q_proj wraps a Int8Linear .*, not an nn.Linear"):
+        _hf_adapter(tmp_path / "q", adapted(quantized, lora), lora, tmp_path / "unused")
+
+
+def test_a_refused_export_prints_its_error_alone_naming_what_the_user_set(tmp_path, capsys):
+    """A refusal comes first and alone: --adapter on a checkpoint without adapters printed a lora_dropout note,
+    and a merged export the "merged N adapters" line, before the error. An MoE layout the family cannot hold is
+    named by the MoE setting, not by model.d_ff (which sizes no layer of a model without dense MLPs, and is a
+    consequence where it does)."""
+    from lmforge.model.config import MoEConfig
+
+    save_checkpoint(tmp_path / "full", 1, tiny(300))
+    assert main(["export", str(tmp_path / "full"), str(tmp_path / "peft"), "--adapter"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") <= 2 and "holds no LoRA adapters" in err  # (+ the --debug hint line)
+    for moe, named in [(MoEConfig(n_experts=4, top_k=2, d_expert=16, n_shared=1), "model.moe.n_shared=1"),
+                       (MoEConfig(n_experts=4, top_k=2, d_expert=16, dense_layers=1), "model.moe.dense_layers=1")]:
+        model = adapted(tiny(300, mlp="moe", moe=moe), LoRAConfig(r=2, targets=("wq",)))
+        lora_run(tmp_path / named, model, None, LoRAConfig(r=2, targets=("wq",)))
+        for adapter in ([], ["--adapter"]):
+            assert main(["export", str(tmp_path / named), str(tmp_path / "out"), "--family", "mixtral", *adapter]) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and f"the mixtral HF layout cannot express {named} " in err and "d_ff" not in err
+
+
+def test_dora_adapters_cross_to_peft_both_ways(tmp_path, tok):
+    """DoRA: `lmforge export --adapter` writes use_dora and each layer's lora_magnitude_vector, which PEFT loads
+    to the lmforge model's logits; load_model opens that directory, and one PEFT made, as lmforge DoRA layers
+    with PEFT's logits. A merged export folds the magnitudes in."""
+    from lmforge.adapt.dora import DoRALinear
+
+    base = tiny(tok.vocab_size)
+    lora = LoRAConfig(r=4, alpha=8, targets=("wq", "wv", "down"), dora=True)
+    model = adapted(base, lora)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, DoRALinear):
+                m.magnitude.mul_(1.2)
+    lora_run(tmp_path / "run", model, tok, lora)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "peft"), "--adapter"]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    ids, want = ids_for(tok.vocab_size), logits(model, ids_for(tok.vocab_size))
+    got = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base"),
+                                         tmp_path / "peft").eval()
+    assert (logits(got, ids) - want).abs().max() <= 1e-5
+    back = load_model(tmp_path / "peft")[0]
+    assert sum(isinstance(m, DoRALinear) for m in back.modules()) == 6
+    assert (logits(back, ids) - want).abs().max() <= 1e-5
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(merged, ids) - want).abs().max() <= 1e-5
+    base.save_pretrained(tmp_path / "base")
+    made = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["q_proj", "o_proj"], use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.9)
+    made.save_pretrained(tmp_path / "made")
+    mine = load_model(tmp_path / "made", base=tmp_path / "base", tokenizer=False)[0]
+    assert (logits(mine, ids) - logits(made.eval(), ids)).abs().max() <= 1e-5

@@ -14,8 +14,9 @@ rules (lmforge.model.hf.hf_names; kept modules through hf_single_rules, which al
 as its checkpoints store them), the same table that loads and writes HF checkpoints. load_model and every
 --checkpoint option open a PEFT directory through load_peft: the base model (a HF or lmforge directory; a
 hub id needs base=), lmforge LoRA layers with PEFT's scale (lora_alpha / r, or / sqrt(r) with rsLoRA; each
-module's r read from its tensors, so rank_pattern needs nothing), the kept modules' weights. What lmforge's
-LoRALinear cannot compute (DoRA, aLoRA, LoRA biases, alpha_pattern, Conv1D's fan_in_fan_out, an initialisation
+module's r read from its tensors, so rank_pattern needs nothing), the kept modules' weights; use_dora adapters
+(lora_magnitude_vector beside A and B) as lmforge's DoRA layers, both ways. What lmforge's
+LoRALinear cannot compute (aLoRA, LoRA biases, alpha_pattern, Conv1D's fan_in_fan_out, an initialisation
 that PEFT recomputes the base weights from, such as PiSSA, ...: UNSUPPORTED) is refused, and so is a config field
 set that lmforge does not know (INERT lists those that change nothing it computes). The legacy adapter_model.bin
 (a pickle) is refused with the command that converts it.
@@ -35,11 +36,13 @@ from lmforge.errors import CheckpointError, ConfigError
 
 PREFIX = "base_model.model."
 """what PEFT puts before a module name of the model it wraps (adapter_model.safetensors keys)"""
+MAGNITUDE = "lora_magnitude_vector"
+"""the key suffix of a DoRA layer's magnitude (out,) in adapter_model.safetensors"""
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 LEGACY_WEIGHTS = "adapter_model.bin"
 """what PEFT wrote before safetensors (a pickle: refused, with the one-line conversion)"""
-UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
+UNSUPPORTED = {"lora_bias": "LoRA biases", "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
                "alpha_pattern": "per-module lora_alpha (alpha_pattern)", "layer_replication": "layer_replication",
                "trainable_token_indices": "trainable token indices", "target_parameters": "target_parameters",
                "alora_invocation_tokens": "aLoRA (alora_invocation_tokens: the update only from the invocation "
@@ -69,7 +72,7 @@ INERT = frozenset({
     # adapters tied as the base's weights are: what it ties (an embedding's adapter, a tied head's, a tied head
     # kept in full) shows in the tensors, which load_peft refuses; without tied weights it does nothing
     "ensure_weight_tying",
-    "lora_alpha", "use_rslora", "bias", "init_lora_weights",  # what lmforge computes with, or checks
+    "lora_alpha", "use_rslora", "use_dora", "bias", "init_lora_weights",  # what lmforge computes with, or checks
 })
 """adapter_config.json fields that change nothing lmforge computes once the tensors are loaded, or that
 `_peft_config` checks itself"""
@@ -89,10 +92,43 @@ PEFT_CANNOT_LOAD: dict[str, tuple[tuple[str, str], ...]] = {
 (found with transformers 5.25 and peft 0.21 by loading written directories; tests/test_export.py)"""
 
 
+def peft_moe_targets(model_type: str) -> frozenset[str]:
+    """Module leaf names (gate_proj, up_proj, down_proj, w1, ...) that PEFT, loading an adapter onto a transformers-5
+    model of `model_type`, re-targets to the MoE experts' fused weights (its v4 -> v5 conversion: an adapter on a
+    dense MLP or shared expert of that name fails to load, or adapts the experts instead). Read from PEFT's and
+    transformers' own tables (private: none where a version lacks them)."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:
+        return frozenset()
+    return frozenset(_MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {}))
+
+
+def _refuse_unloadable(layers: dict, modules: dict[str, str], model_type: str) -> None:
+    """Refuses, in one line, an adapted layer PEFT would not load as written: a base that is no nn.Linear (PEFT's
+    LoRA adapts those; a quantized base of lmforge's is none), or a module name PEFT moves onto MoE experts."""
+    from torch import nn
+
+    moe = peft_moe_targets(model_type)
+    for name, m in layers.items():
+        if m.base is not None and not isinstance(m.base, nn.Linear):
+            raise ConfigError(f"--adapter: LoRA layer {name} wraps a {type(m.base).__name__} (e.g. a quantized base), "
+                              "not an nn.Linear, which PEFT's LoRA does not load onto; save the adapters with lmforge "
+                              "(lmforge.adapt.lora_state_dict or an adapter-only checkpoint) instead")
+        leaf = modules[name].rsplit(".", 1)[-1]
+        if leaf in moe:
+            raise ConfigError(f"--adapter: LoRA layer {name} is the {model_type} module {modules[name]}, whose adapter "
+                              f"PEFT (transformers 5) loads onto the MoE experts' fused weights instead (a {leaf} of a "
+                              "dense MLP or shared expert); export without --adapter (merged), or train adapters on "
+                              "other layers")
+
+
 def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
     """(adapter_config.json, adapter_model.safetensors tensors) of the model's LoRA layers in PEFT's naming.
     `lora`: the run's [lora] section, for rslora, dropout and the modules kept trainable. A HF model behind
     lmforge.infer.hf_wrapper.HFCausalLM already has HF's module names (under `hf.`): `family` is not used."""
+    from lmforge.adapt.dora import DoRALinear
     from lmforge.adapt.lora import LoRALinear, lora_layers
     from lmforge.infer.hf_wrapper import HFCausalLM
     from lmforge.model.hf import hf_names, hf_single_rules
@@ -102,11 +138,15 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
         raise ConfigError("the checkpoint holds no LoRA adapters: export it without --adapter")
     for name, m in layers.items():
         extra = [p for p in m.adapter_params if p not in LoRALinear.adapter_params]
-        if extra:  # e.g. DoRA's magnitude: PEFT's plain LoRA adapter has no place for it
+        if extra and type(m) is not DoRALinear:  # PEFT's adapter has a place for A, B and DoRA's magnitude only
             raise ConfigError(f"--adapter: LoRA layer {name} ({type(m).__name__}) has adapter parameters {extra} "
                               "beyond A and B, which a PEFT LoRA adapter does not hold; export without --adapter")
+    if len({type(m) is DoRALinear for m in layers.values()}) > 1:
+        raise ConfigError("--adapter: some LoRA layers are DoRA and some are not, which one adapter_config.json "
+                          "(use_dora) does not say; export without --adapter (merged)")
     if isinstance(model, HFCausalLM):
         modules = {name: name.removeprefix("hf.") for name in layers}
+        _refuse_unloadable(layers, modules, getattr(model.hf.config, "model_type", ""))
         kept = _kept_hf_modules(model, tuple(lora.get("trainable") or ()))
         return _peft_files(layers, modules, kept, lora)
     names = hf_names(model.cfg, family)
@@ -121,6 +161,7 @@ def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:
                 raise ConfigError(f"--adapter: LoRA layer {name} is {what}; export without --adapter (merged), or "
                                   "train adapters on other layers")
         modules[name] = names[f"{name}.weight"].removesuffix(".weight")
+    _refuse_unloadable(layers, modules, family)
     kept = kept_modules(model, tuple(lora.get("trainable") or ()), hf_single_rules(model.cfg, family))
     return _peft_files(layers, modules, kept, lora)
 
@@ -137,14 +178,17 @@ def _peft_files(layers: dict, modules: dict[str, str], kept: dict[str, dict], lo
     if isinstance(lora.get("alpha"), (int, float)) and math.isclose(lora["alpha"], alpha, rel_tol=1e-9):
         alpha = lora["alpha"]  # the run's own, not its value rounded through the scale
     tensors = {}
+    dora = any(hasattr(m, "magnitude") for m in layers.values())  # (all or none: to_peft)
     for name, m in layers.items():
         for part in ("lora_A", "lora_B"):  # (r, in), (out, r): PEFT's Linear weights as lmforge's
             tensors[f"{PREFIX}{modules[name]}.{part}.weight"] = getattr(m, part).detach().contiguous().cpu()
+        if dora:  # (out,): PEFT's DoRA magnitude, saved without ".weight"
+            tensors[f"{PREFIX}{modules[name]}.{MAGNITUDE}"] = m.magnitude.detach().contiguous().cpu()
     for params in kept.values():
         tensors.update({f"{PREFIX}{k}": t for k, t in params.items()})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
               "lora_dropout": float(lora.get("dropout", 0.0)), "target_modules": list(modules.values()),
-              "modules_to_save": list(kept) or None, "bias": "none", "fan_in_fan_out": False,
+              "modules_to_save": list(kept) or None, "bias": "none", "fan_in_fan_out": False, "use_dora": dora,
               "inference_mode": True}
     return config, tensors
 
@@ -266,8 +310,15 @@ def _lmforge_state(path: Path, tensors: dict, model, family: str, config: dict) 
             lm = lm.removesuffix(".weight")
             if part == "lora_A":
                 r = t.shape[0]
-                layers[lm] = [r, config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)]
+                layers[lm] = [r, config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r),
+                              *(["dora"] if config.get("use_dora") else [])]
             state[f"{lm}.{part}"] = t
+        elif name.endswith(f".{MAGNITUDE}") and config.get("use_dora"):  # DoRA's (out,) magnitude
+            lm = to_lm.get(name.removesuffix(MAGNITUDE) + "weight")
+            if lm is None:
+                raise ConfigError(f"{path}: the adapter adapts {name.removesuffix('.' + MAGNITUDE)}, which the "
+                                  f"{family} rules do not map onto one lmforge Linear; lmforge cannot apply it")
+            state[lm.removesuffix(".weight") + ".magnitude"] = t
         elif unwrapped != name and unwrapped in kept_rules:
             lm, weight = kept_rules[unwrapped].lm[0], kept_rules[unwrapped].to_lm([t])[0]
             if weight.shape != params[lm].shape:
@@ -292,6 +343,10 @@ def _lmforge_state(path: Path, tensors: dict, model, family: str, config: dict) 
                               "lmforge cannot apply this adapter")
     if not layers:
         raise ConfigError(f"{path} holds no LoRA factors (lora_A / lora_B weights)")
+    lacking = [lm for lm in layers if config.get("use_dora") and f"{lm}.magnitude" not in state]
+    if lacking:
+        raise ConfigError(f"{path} sets use_dora but holds no {MAGNITUDE} for {lacking[0]} (DoRA's magnitude); it is "
+                          "not a complete DoRA adapter: save it again with peft")
     return layers, state
 
 

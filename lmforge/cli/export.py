@@ -109,12 +109,12 @@ def export(cfg: ExportConfig) -> Path:
     model.eos_token_ids = eos_ids(model, bpe, template)
     files = TokenizerFiles(bpe, template, model.eos_token_ids, model.cfg.max_seq_len,
                            byte=isinstance(tok, ByteTokenizer))
-    if bpe is None:
-        print(f"note: {ckpt} holds no tokenizer, so none is written (give one with --tokenizer)")
     if cfg.adapter:
         write_adapter(model, ckpt, out, base_out, family, dtype, files)
     else:
         write_merged(model, out, family, dtype, files)
+    if bpe is None:  # (notes come after the export: a refused one prints its error alone)
+        print(f"note: {ckpt} holds no tokenizer, so none is written (give one with --tokenizer)")
     return out
 
 
@@ -125,10 +125,11 @@ def write_merged(model, out: Path, family: str, dtype, files: TokenizerFiles) ->
     n = len(lora_layers(model))
     if n:
         merge_lora(model)
-        print(f"merged {n} LoRA adapters into the weights (--adapter writes them apart, for PEFT)")
     with atomic_dir(out) as tmp:
         save_pretrained(model, tmp, dtype=dtype, family=family)
         files.write(tmp)
+    if n:
+        print(f"merged {n} LoRA adapters into the weights (--adapter writes them apart, for PEFT)")
     print(f"wrote {out}: a HF {family} model in {str(dtype).removeprefix('torch.')}{files.summary()}")
 
 
@@ -142,10 +143,7 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
     from lmforge.utils import write_json_atomic
 
     lora = run_lora(ckpt)
-    if not lora:
-        print(f"note: no [lora] section in the config.json of {ckpt}'s run: the adapter gets lora_dropout 0 and no "
-              "modules_to_save (modules trained in full are in the base model written)")
-    config, tensors = to_peft(model, family, lora)
+    config, tensors = to_peft(model, family, lora)  # refused before any note is printed
     with atomic_dir(out) as tmp, (atomic_dir(base_out) if base_out else contextlib.nullcontext(tmp / "base")) as base_tmp:
         remove_lora(model)  # the adapters are in `tensors`; what is left is the base model
         save_pretrained(model, base_tmp, dtype=dtype, family=family)
@@ -158,6 +156,9 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
     print(f"wrote {out}: a PEFT LoRA adapter on {len(config['target_modules'])} modules (r={config['r']}, "
           f"lora_alpha={config['lora_alpha']:g}) over the HF {family} base model in {base_out or out / 'base'}"
           f"{files.summary()}")
+    if not lora:
+        print(f"note: no [lora] section in the config.json of {ckpt}'s run: the adapter got lora_dropout 0 and no "
+              "modules_to_save (modules trained in full are in the base model written)")
 
 
 # ---- where and how ----------------------------------------------------------------------------------

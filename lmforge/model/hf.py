@@ -374,9 +374,15 @@ def _math_view(cfg: ModelConfig) -> dict:
         view["mla"] = {**dataclasses.asdict(cfg.mla), "norm_eps": cfg.mla.norm_eps or cfg.norm_eps}
     if cfg.mtp is not None:
         view["mtp"] = (cfg.mtp.kind, cfg.mtp.depth)
-    view.update(n_kv_heads=cfg.kv_heads, head_dim=cfg.hd, d_ff=cfg.ff,
-                qkv_bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias, attn_scale=cfg.attn_scale or cfg.hd ** -0.5,
-                layer_types=tuple(cfg.layer_type(i) for i in range(cfg.n_layers)) if cfg.sliding_window else None)
+    # d_ff sizes only dense MLPs (an MoE expert's default size is resolved into moe.d_expert above)
+    dense = cfg.mtp is not None or any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+    derived = dict(n_kv_heads=cfg.kv_heads, head_dim=cfg.hd, d_ff=cfg.ff if dense else None,
+                   qkv_bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias,
+                   attn_scale=cfg.attn_scale or cfg.hd ** -0.5,
+                   layer_types=tuple(cfg.layer_type(i) for i in range(cfg.n_layers)) if cfg.sliding_window else None)
+    for k in derived:  # compared last, so what the user set (an MoE layout a family lacks) is named first
+        view.pop(k, None)
+    view.update(derived)
     if cfg.attention == "mla":  # its own dimensions (model.mla) shape the heads and their default scale
         view.update(head_dim=None, n_kv_heads=None, attn_scale=cfg.attn_scale)
     return view

@@ -159,14 +159,17 @@ class TypicalAcceptance:
         return path[::-1], choices[best + 1]
 
 
-def acceptance_of(draft) -> AcceptanceRule:
-    """The rule a draft's proposals are verified by: its `acceptance`, or ExactAcceptance."""
-    rule = getattr(draft, "acceptance", None)
+def acceptance_of(draft, rule=None) -> AcceptanceRule:
+    """The rule a draft's proposals are verified by: `rule` (the engine's `acceptance=`), else the drafter's
+    `acceptance`, else ExactAcceptance."""
+    given = rule is not None
+    rule = rule if given else getattr(draft, "acceptance", None)
     if rule is None:
         return EXACT
     if not (callable(getattr(rule, "chain", None)) and callable(getattr(rule, "tree", None))
             and hasattr(rule, "needs_q")):
-        raise ConfigError(f"{type(draft).__name__}.acceptance must be an acceptance rule (needs_q, chain(p, q, drafts, "
-                          f"greedy, gen), tree(tree, p, q, greedy, gen)), got {rule!r}; use e.g. "
-                          "TypicalAcceptance(epsilon=0.09, delta=0.3), or drop it for the exact rule")
+        whose = "acceptance" if given else f"{type(draft).__name__}.acceptance"
+        raise ConfigError(f"{whose} must be an acceptance rule (needs_q, chain(p, q, drafts, greedy, gen), tree(tree, "
+                          f"p, q, greedy, gen)), got {rule!r}; use e.g. TypicalAcceptance(epsilon=0.09, delta=0.3), "
+                          "or drop it for the exact rule")
     return rule

@@ -100,10 +100,11 @@ class Engine:
     cache in this engine's blocks (lmforge.infer.draft.PagedDraftHead). A drafter with `proposes_trees = True`
     (lmforge.infer.token_tree.TreeDrafter) proposes token trees, up to its
     `tree_size` nodes per step (num_draft_tokens does not apply), on models with a cache_spec() (the paged
-    runner)."""
+    runner). acceptance: which drafts verification keeps (lmforge.infer.acceptance, e.g. Medusa's
+    TypicalAcceptance with draft='mtp'); None: the drafter's own `acceptance`, else the exact rule."""
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *, draft=None,
-                 num_draft_tokens: int = 4):
+                 num_draft_tokens: int = 4, acceptance=None):
         self.config = config = config or EngineConfig()
         self.model = model  # its mode is the caller's (a Trainer may share it): steps switch to eval mode
         self.tokenizer = tokenizer
@@ -178,7 +179,7 @@ class Engine:
             self.scheduler.observed_tail = config.kv_policy.observed_tail
             if rotate is not None:  # positions are slots, which the policy keeps below the window
                 self.scheduler.max_positions, self.stream_len = self.max_seq_len, STREAM_LEN
-        attach_drafter(self, draft, num_draft_tokens, num_blocks)  # lmforge.infer.speculative
+        attach_drafter(self, draft, num_draft_tokens, num_blocks, acceptance)  # lmforge.infer.speculative
         on = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda"
         self.async_scheduling = on and isinstance(self.runner, PagedRunner) and draft is None
         self._pending: Launched | None = None  # a step whose tokens the host has not read yet

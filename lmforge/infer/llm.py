@@ -50,13 +50,14 @@ class LLM:
     draft: None, a smaller model sharing the tokenizer, "ngram" (prompt-lookup drafting), "mtp" (the
     model's own parallel MTP heads) or a drafter object (`propose`/`accept`: Medusa or EAGLE heads; one
     proposing token trees, e.g. lmforge.infer.token_tree.TreeDrafter) to decode with
-    speculative decoding (lmforge.infer.speculative; the engine checks it).
+    speculative decoding (lmforge.infer.speculative; the engine checks it); acceptance: the rule its drafts
+    are verified by (lmforge.infer.acceptance, e.g. TypicalAcceptance; default the drafter's, else exact).
     cuda_graphs: decode steps replay CUDA graphs (default: on a GPU; EngineConfig.cuda_graphs).
     max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs; default 64).
     kv_policy: a KV-cache policy (EngineConfig.kv_policy, lmforge.infer.kv.policy; default none).
     config: the whole EngineConfig instead of the three options above."""
 
-    def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4,
+    def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4, acceptance=None,
                  cuda_graphs: bool | None = None, max_batch_size: int | None = None, kv_policy=None,
                  config: EngineConfig | None = None):
         self.model = model  # left in its mode (a Trainer may share it); the engine's steps run it in eval mode
@@ -71,7 +72,8 @@ class LLM:
             raise ConfigError(f"max_batch_size must be >= 1 (sequences decoded together), got {max_batch_size}")
         self.config = config or EngineConfig(max_num_seqs=64 if max_batch_size is None else max_batch_size,
                                              cuda_graphs=cuda_graphs, kv_policy=kv_policy)
-        self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens)
+        self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens,
+                             acceptance=acceptance)
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
         self.chat_template: str | None = None

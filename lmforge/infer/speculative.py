@@ -458,10 +458,14 @@ def speculative_generate(target, drafter, prompt: list[int], params: SamplingPar
     return out.token_ids, stats
 
 
-def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int) -> None:
+def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int, acceptance=None) -> None:
     """The engine's drafting state for `draft` (None: no speculative decoding): what the drafter reads of the
     target (`hidden`), its factory, a draft model or EAGLE-style head on the engine's block pool
-    (lmforge.infer.draft), and verify chunks (chains and trees) on the decode graphs."""
+    (lmforge.infer.draft), and verify chunks (chains and trees) on the decode graphs. acceptance: the rule
+    drafts are verified by (lmforge.infer.acceptance; None: the drafter's own `acceptance`, else the exact one)."""
+    if draft is None and acceptance is not None:
+        raise ConfigError("acceptance= applies to speculative decoding: give a draft too (draft='mtp', 'ngram', a "
+                          "draft model or a drafter), or drop acceptance")
     engine.draft_trees = bool(getattr(draft, "proposes_trees", False))
     if engine.draft_trees and not isinstance(engine.runner, PagedRunner):
         raise ConfigError(f"a tree drafter needs a model with cache_spec() (the paged runner); "
@@ -478,7 +482,7 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int) -> Non
     )
 
     check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
-    acceptance = acceptance_of(draft)  # (the user's object: a head is wrapped below)
+    acceptance = acceptance_of(draft, acceptance)  # (the user's object: a head is wrapped below)
     paged = isinstance(engine.runner, PagedRunner)
     if is_draft_head(draft):  # an EAGLE-style head whose cache shares the pool's blocks (infer.draft)
         draft = engine.draft_head = PagedDraftHead.for_engine(engine, draft, num_blocks)

@@ -181,3 +181,24 @@ def test_typical_acceptance_on_a_flat_target_keeps_drafts_above_the_threshold_on
     assert typical["accepted"] > 3 * max(exact["accepted"], 1)
     assert typical["accepted"] < typical["drafted"]  # some drafts fell below the threshold
     assert typical["target_forwards"] < exact["target_forwards"]
+
+
+def test_the_engine_takes_the_rule_for_any_drafter(tok):
+    """acceptance= on LLM/Engine: Medusa is parallel heads (draft='mtp') verified by typical acceptance. On a
+    flat target it keeps more of the heads' drafts than the exact rule, greedy output stays the target's; a
+    rule without a draft, or not a rule, is refused."""
+    from lmforge.model.config import MTPConfig
+
+    target = tiny_model("llama", init_std=0.05, mtp=MTPConfig(kind="parallel", depth=2))
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    medusa = LLM(target, tok, draft="mtp", num_draft_tokens=2, acceptance=TypicalAcceptance())
+    assert medusa.engine.make_drafter.acceptance == TypicalAcceptance()
+    assert medusa.generate("abc", greedy)[0].outputs[0].token_ids == full_greedy(target, tok.encode("abc"), 12)
+    hot = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True, seed=1)
+    exact = LLM(target, tok, draft="mtp", num_draft_tokens=2).generate("abc", hot)[0].metrics
+    typical = medusa.generate("abc", hot)[0].metrics
+    assert typical["accepted"] > exact["accepted"]
+    with pytest.raises(ConfigError, match="acceptance= applies to speculative decoding: give a draft too"):
+        LLM(target, tok, acceptance=TypicalAcceptance())
+    with pytest.raises(ConfigError, match=r"^acceptance must be an acceptance rule"):
+        LLM(target, tok, draft="ngram", acceptance="typical")

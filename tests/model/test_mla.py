@@ -99,8 +99,8 @@ def test_mla_flops_and_roles():
 
 
 def test_absorbed_decode_with_a_lora_adapter_on_wkv_b_equals_the_full_forward():
-    """Absorbing W_uk / W_uv reads wkv_b's bare weight: with a LoRA adapter on it (B A non-zero) the decode
-    steps must still include the update (they take the naive path), as the full forward does."""
+    """Absorbing W_uk / W_uv needs wkv_b's whole matrix: with a LoRA adapter on it (B A non-zero) the decode
+    steps must still include the update (read off the module: W + s·B A), as the full forward does."""
     from lmforge.adapt.lora import LoRAConfig, LoRALinear, apply_lora
 
     torch.manual_seed(0)

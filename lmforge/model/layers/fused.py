@@ -25,10 +25,25 @@ from torch import nn
 
 
 def plain_linear(module: nn.Module | None) -> bool:
-    """A bare nn.Linear: its .weight (and .bias) is its whole function. Paths that read the weight instead of
-    calling the module (fusing, the batch-1 decode kernels, the fused LM-head loss, MLA's absorbed decode) must
-    check this: a subclass or wrapper - a LoRALinear's B A, a quantized layer's scales - would drop out."""
-    return type(module) is nn.Linear
+    """A bare nn.Linear holding bare floating-point tensors: its .weight (and .bias) is its whole function. Paths
+    that read the weight instead of calling the module (fusing, the batch-1 decode kernels, the fused LM-head
+    loss, MLA's absorbed decode) must check this: a subclass or wrapper - a LoRALinear's B A, a quantized layer's
+    scales - would drop out, and so would an nn.Linear whose weight is a tensor subclass (torchao's quantized
+    tensors: reshaping or stacking them raises, or reads codes as values)."""
+    return type(module) is nn.Linear and bare_tensor(module.weight) and (module.bias is None or
+                                                                       bare_tensor(module.bias))
+
+
+def bare_tensor(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> bool:
+    """t is a plain torch.Tensor or nn.Parameter (no tensor subclass: quantized, distributed, ...) holding
+    floating-point values - of `dtype`, where one is given - so reading it as a matrix reads what a layer
+    computes with."""
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point()
+            and (dtype is None or t.dtype == dtype))
+
+
+class NotFusable(ValueError):
+    """fuse_linears' refusal, raised before anything is changed."""
 
 
 def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...]) -> list[int]:
@@ -37,12 +52,13 @@ def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...]) -> list[
     output sizes, for `torch.split`."""
     lins = [getattr(module, p) for p in parts]
     if not all(plain_linear(l) for l in lins):  # e.g. a LoRALinear: stacking .weight would drop its adapter
-        raise ValueError(f"cannot fuse {parts}: they are {[type(l).__name__ for l in lins]}, not plain nn.Linear; "
-                         "merge_lora(model) first")
+        kinds = [f"{type(l).__name__} of {type(getattr(l, 'weight', None)).__name__}" for l in lins]
+        raise NotFusable(f"cannot fuse {parts}: they are {kinds}, not plain nn.Linear of plain float weights; "
+                         "merge_lora(model) first (a quantized layer cannot be stacked: leave it unfused)")
     first = lins[0]
     has_bias = first.bias is not None
     if any(l.in_features != first.in_features or (l.bias is not None) != has_bias for l in lins):
-        raise ValueError(f"cannot fuse {parts}: they differ in input size or bias")
+        raise NotFusable(f"cannot fuse {parts}: they differ in input size or bias")
     sizes = [l.out_features for l in lins]
     out = nn.Linear(first.in_features, sum(sizes), bias=has_bias, device=first.weight.device,
                     dtype=first.weight.dtype)
@@ -95,9 +111,14 @@ def fused_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` whose fusable projections (modules with a `fuse()` method: attention q/k/v, gated
     MLP gate/up) are fused; every other parameter and buffer is the model's own tensor (no copy), the
     stacked weights are new (the parts' bytes once more; none for a model already fused). `model` is not
-    changed. A snapshot: later changes to the model's q/k/v or gate/up weights do not reach the copy."""
+    changed. A snapshot: later changes to the model's q/k/v or gate/up weights do not reach the copy.
+    Parts that cannot be stacked (a LoRA adapter, a quantized layer, parts differing in bias) stay unfused:
+    the copy computes the model's function either way, and fusing is only a speed-up."""
     out = shared_copy(model)
     for m in out.modules():
         if m is not out and hasattr(m, "fuse"):
-            m.fuse()
+            try:
+                m.fuse()
+            except NotFusable:
+                pass
     return out

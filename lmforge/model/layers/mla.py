@@ -18,6 +18,7 @@ cache holds r + d_r numbers per token and layer instead of 2·H·head_dim.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ class MLA(nn.Module):
         super().__init__()
         m = cfg.mla_cfg
         self.layer_idx, self.H = layer_idx, cfg.n_heads
-        self.r, self.d_nope, self.d_rope, self.d_v = m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        self.r, self.d_nope, self.d_rope, self.d_v = (m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim,
+                                                      m.v_head_dim)
         d, H, qk = cfg.d_model, cfg.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim
         if m.q_lora_rank > 0:
             self.wq_a = nn.Linear(d, m.q_lora_rank, bias=cfg.bias)
@@ -48,7 +50,8 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.r, m.norm_eps or cfg.norm_eps)
         self.wkv_b = nn.Linear(self.r, H * (self.d_nope + self.d_v), bias=False)
         self.wo = nn.Linear(H * self.d_v, d, bias=cfg.bias)
-        self.rope_layout, self.softcap, self.impl, self.dropout = cfg.rope_layout, cfg.attn_softcap, cfg.attn_impl, cfg.dropout
+        self.rope_layout, self.softcap = cfg.rope_layout, cfg.attn_softcap
+        self.impl, self.dropout = cfg.attn_impl, cfg.dropout
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else self._default_scale(cfg, qk)
         self.absorb_max_tokens = 1  # with a cache, steps of at most this many new tokens use the absorbed path
@@ -89,7 +92,8 @@ class MLA(nn.Module):
         q_nope, q_rope = self._queries(x, rope)
         c_kv, k_rope = self._latents(x, rope)
         if cache is not None and not hasattr(cache, "attend_latent"):
-            raise TypeError(f"attention='mla' needs a latent cache (MLACache or the engine's), got {type(cache).__name__}")
+            raise TypeError(f"attention='mla' needs a latent cache (MLACache or the engine's), got "
+                            f"{type(cache).__name__}")
         spec = self.train_spec if self.training else self.spec
         out = (cache if cache is not None else DENSE).attend_latent(self.layer_idx, self, q_nope, q_rope, c_kv,
                                                                      k_rope, spec, meta)
@@ -106,36 +110,108 @@ class MLA(nn.Module):
         return attend_with(q, k, v, mask, spec, probs_hook)
 
     def absorbed(self, q_nope, q_rope, c_kv, k_rope, mask: Mask, spec: AttnSpec, probs_hook=None) -> torch.Tensor:
-        """Attention over the cached latents: W_uk absorbed into the query, W_uv into the output. Absorbing
-        reads wkv_b's bare weight, so a wkv_b that is more than an nn.Linear (a LoRA adapter's B A, a quantized
-        layer) takes the naive path, which calls the module."""
-        if not plain_linear(self.wkv_b):
+        """Attention over the cached latents: W_uk absorbed into the query, W_uv into the output (the matrices
+        from `_up_weights`). A wkv_b whose matrix cannot be read off (not linear-like, or with a bias) takes the
+        naive path, which calls the module."""
+        if not self.absorbable():
             return self.naive(q_nope, q_rope, c_kv, k_rope, mask, spec, probs_hook)
-        q_lat = self.absorb_query(q_nope.transpose(1, 2)).transpose(1, 2)  # (B, H, T, r)
+        w_uk, w_uv = self._up_weights(q_nope)
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         # one "head" of width r + d_r shared by all H query heads (MQA over latents)
         q = torch.cat((q_lat, q_rope), dim=-1)
         k = torch.cat((c_kv, k_rope[:, 0]), dim=-1)  # (B, S, r + d_r)
         out_lat = _shared_kv_attention(q, k, c_kv, mask, spec.scale, spec.softcap, probs_hook)  # (B, H, T, r)
-        return self.expand_latent(out_lat.transpose(1, 2)).transpose(1, 2)
+        return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)
 
-    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_uk (H, d_n, r) and W_uv (H, d_v, r): wkv_b's weight, or, for a wkv_b that is more than an nn.Linear
-        (a LoRA adapter, a quantized layer: still linear, without bias), its matrix read off by applying it to
-        the identity."""
+    def absorbable(self) -> bool:
+        """Whether W_uk / W_uv can be read off wkv_b: a bare nn.Linear, or a bias-free linear-like layer (integer
+        in_features / out_features of wkv_b's shape: a quantized Linear, a LoRA adapter, one over the other)."""
+        m = self.wkv_b
+        return plain_linear(m) or (getattr(m, "in_features", None) == self.r and getattr(m, "bias", None) is None
+                                   and getattr(m, "out_features", None) == self.H * (self.d_nope + self.d_v))
+
+    def _up_weights(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_uk (H, d_n, r) and W_uv (H, d_v, r). A bare nn.Linear's weight is read as it is. Any other absorbable
+        wkv_b is applied to the r x r identity, in the dtype and on the device of `like` (the activations it
+        meets; default: kv_norm's weight): the rows are the matrix the layer computes with - a quantized layer's
+        dequantized weight, W + s·B A under LoRA, both stacked - whatever its storage, with no protocol asked of the
+        layer (a weight-only quantizer's `dequantize()` would not cover LoRA over it, nor packed tensor subclasses).
+        A read costs r·|wkv_b| multiply-adds, so the matrix is kept (`_UpWeightsMemo`, one dequantized copy of wkv_b:
+        32 MiB a layer at DeepSeek-V3's sizes in bf16) until wkv_b changes. Under torch.compile or CUDA-graph
+        capture nothing is kept: the read is recorded and redone at each replay, so in-place weight updates
+        (Engine.update_weights) reach the graphs as they do for plain weights."""
         if plain_linear(self.wkv_b):
             w = self.wkv_b.weight
         else:
-            p = self.wkv_a.weight
-            w = self.wkv_b(torch.eye(self.r, device=p.device, dtype=p.dtype)).t()
+            p = like if like is not None else self.kv_norm.weight
+            w = self._up_memo.read(self.wkv_b, self.r, p.dtype, p.device)
         return w.view(self.H, self.d_nope + self.d_v, self.r).split([self.d_nope, self.d_v], dim=1)
+
+    @property
+    def _up_memo(self) -> "_UpWeightsMemo":
+        memo = self.__dict__.get("_up_weights_memo")
+        if memo is None:  # (not built in __init__: modules unpickled from older files lack it too)
+            memo = self.__dict__["_up_weights_memo"] = _UpWeightsMemo()
+        return memo
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_up_weights_memo", None)  # weak references do not pickle; copies read the matrix again
+        return state
 
     def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
         """(..., H, d_n) -> (..., H, r): q_nope W_uk per head, the query that scores latents directly."""
-        return torch.einsum("...hn,hnr->...hr", q_nope, self._up_weights()[0])
+        return torch.einsum("...hn,hnr->...hr", q_nope, self._up_weights(q_nope)[0])
 
     def expand_latent(self, out_lat: torch.Tensor) -> torch.Tensor:
         """(..., H, r) -> (..., H, d_v): attention's output over latents through W_uv per head."""
-        return torch.einsum("...hr,hvr->...hv", out_lat, self._up_weights()[1])
+        return torch.einsum("...hr,hvr->...hv", out_lat, self._up_weights(out_lat)[1])
+
+
+class _UpWeightsMemo:
+    """wkv_b's matrix read off the module (MLA._up_weights), kept until the module changes, so decode steps do
+    not read it again at every step and layer. Changed means: a parameter or buffer replaced, moved, cast or
+    written in place (each tensor's identity, storage, dtype and version counter: optimizer steps, copy_,
+    load_state_dict, Engine.update_weights all bump or replace them), or a submodule's plain attribute changed (a
+    LoRA layer's `enabled` or `scale`, train/eval mode). The tensors are held by weak references: a memo keeps
+    neither the old weights nor a replaced layer alive."""
+
+    def __init__(self):
+        self.refs: list[weakref.ref] = []
+        self.state: tuple = ()
+        self.w: torch.Tensor | None = None
+
+    def read(self, module: nn.Module, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(out, r): module applied to the r x r identity, transposed."""
+        tensors = [*module.parameters(), *module.buffers()]
+        if not self._keepable(tensors, device):  # read afresh, under the caller's modes, and not kept
+            return module(torch.eye(r, dtype=dtype, device=device)).t()
+        state = (dtype, device, tuple((t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors),
+                 tuple(_plain_attributes(m) for m in module.modules()))
+        if (self.w is not None and state == self.state and len(self.refs) == len(tensors)
+                and all(ref() is t for ref, t in zip(self.refs, tensors))):
+            return self.w
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable in and out of inference mode
+            self.w = module(torch.eye(r, dtype=dtype, device=device)).t().contiguous()
+        self.refs, self.state = [weakref.ref(t) for t in tensors], state
+        return self.w
+
+    @staticmethod
+    def _keepable(tensors: list[torch.Tensor], device: torch.device) -> bool:
+        """Not while torch.compile traces or a CUDA graph is captured (the recorded read must replay against the
+        current weights), nor while gradients must reach wkv_b, nor over inference tensors (no version counter)."""
+        if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        return not any(t.is_inference() for t in tensors)
+
+
+def _plain_attributes(module: nn.Module) -> tuple:
+    """A module's own attributes that are plain values (flags, scales, sizes), with its class: what, besides its
+    tensors, decides what it computes."""
+    return (type(module), tuple((k, v) for k, v in vars(module).items()
+                                if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))))
 
 
 def _shared_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float, softcap: float,

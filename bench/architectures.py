@@ -101,7 +101,7 @@ def _grouped_kernel(layer: MoE, x: torch.Tensor) -> str:
     """Which grouped matmul gemm='auto' picks here (lmforge.model.layers.moe.pick_gemm)."""
     from lmforge.model.layers.moe import grouped_mm_applies
 
-    return "_grouped_mm" if grouped_mm_applies(x, (layer.w_up.shape[1], layer.w_up.shape[2])) else "loop over experts"
+    return "_grouped_mm" if grouped_mm_applies(x, (layer.experts.w_up.shape[1], layer.experts.w_up.shape[2])) else "loop over experts"
 
 
 def _dec_configs(s: dict) -> dict[str, ModelConfig]:

@@ -246,7 +246,7 @@ def expert_rules(cfg: ModelConfig, hf: str, lm: str, names=("gate_proj", "up_pro
     rules = []
     for e in range(cfg.moe_cfg.n_experts):
         for h, l in zip(names, ("w_gate", "w_up", "w_down")):
-            rules.append(one(f"{hf}.experts.{e}.{h}.weight", f"{lm}.{l}#{e}"))
+            rules.append(one(f"{hf}.experts.{e}.{h}.weight", f"{lm}.experts.{l}#{e}"))
     return rules
 
 

@@ -165,13 +165,13 @@ def gpt_oss_rules(cfg: ModelConfig) -> list[Rule]:
         hf, lm = f"model.layers.{i}.mlp", f"blocks.{i}.mlp"
         rules += attn_rules(cfg, i) + norm_rules(cfg, i)
         rules += [one(f"{hf}.router.weight", f"{lm}.router.weight"), one(f"{hf}.router.bias", f"{lm}.router.bias"),
-                  Rule((f"{hf}.experts.gate_up_proj",), (f"{lm}.w_gate", f"{lm}.w_up"),
+                  Rule((f"{hf}.experts.gate_up_proj",), (f"{lm}.experts.w_gate", f"{lm}.experts.w_up"),
                        lambda t: [t[0][..., 0::2].transpose(1, 2).contiguous(), t[0][..., 1::2].transpose(1, 2).contiguous()],
                        lambda t: [torch.stack((t[0], t[1]), dim=2).flatten(1, 2).transpose(1, 2).contiguous()]),
-                  Rule((f"{hf}.experts.gate_up_proj_bias",), (f"{lm}.b_gate", f"{lm}.b_up"),
+                  Rule((f"{hf}.experts.gate_up_proj_bias",), (f"{lm}.experts.b_gate", f"{lm}.experts.b_up"),
                        lambda t: [t[0][..., 0::2].contiguous(), t[0][..., 1::2].contiguous()],
                        lambda t: [torch.stack((t[0], t[1]), dim=-1).flatten(-2)]),
-                  one(f"{hf}.experts.down_proj", f"{lm}.w_down", lambda t: t.transpose(1, 2).contiguous(),
+                  one(f"{hf}.experts.down_proj", f"{lm}.experts.w_down", lambda t: t.transpose(1, 2).contiguous(),
                       lambda t: t.transpose(1, 2).contiguous()),
-                  one(f"{hf}.experts.down_proj_bias", f"{lm}.b_down")]
+                  one(f"{hf}.experts.down_proj_bias", f"{lm}.experts.b_down")]
     return rules

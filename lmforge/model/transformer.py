@@ -11,6 +11,7 @@ multi-token-prediction heads (layers/mtp.py). HF checkpoints: from_pretrained / 
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from lmforge.model.cache import CacheSpec, LayerCacheSpec
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers.block import ATTENTION, MLPS, Block  # noqa: F401  (registries re-exported)
 from lmforge.model.layers.mla import MLA
+from lmforge.model.layers.mlp import GATED
 from lmforge.model.layers.moe import MoE
 from lmforge.model.layers.mtp import MTP, next_token_targets
 from lmforge.model.layers.norm import build_norm
@@ -27,7 +29,7 @@ from lmforge.model.layers.position import LearnedPositions, SinusoidalPositions
 from lmforge.model.layers.rope import RotaryEmbedding
 from lmforge.model.meta import AttnMetadata
 
-RESIDUAL_OUTPUTS = ("attn.wo.weight", "mlp.down.weight", "mlp.w_down", "mlp.shared.down.weight")
+RESIDUAL_OUTPUTS = ("attn.wo.weight", "mlp.down.weight", "mlp.experts.w_down", "mlp.shared.down.weight")
 
 
 def tap_layers(return_hidden, n_layers: int) -> tuple[int, ...]:
@@ -51,6 +53,70 @@ def attention_cache_spec(cfg: ModelConfig, i: int) -> LayerCacheSpec:
         return LayerCacheSpec(kind="latent", window=window, latent_rank=m.kv_lora_rank, rope_dim=m.qk_rope_head_dim)
     return LayerCacheSpec(kind="sliding" if window else "full", window=window, kv_heads=cfg.kv_heads,
                           query_heads=cfg.n_heads, head_dim=cfg.hd)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a layer that maps (..., in) -> (..., out) through one in x out weight: an nn.Linear, or a
+    layer standing for one that says so with integer in_features and out_features (a quantized Linear, a LoRA
+    layer over its base: lmforge.adapt.lora.linear_like's test); None for any other module."""
+    i, o = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return (i, o) if isinstance(i, int) and isinstance(o, int) and not isinstance(i, bool) else None
+
+
+def _layers(module: nn.Module, seen: set[int] | None = None) -> Iterator[tuple[nn.Module, str]]:
+    """The outermost linear layers and the MoE layers under `module`, each once (a shared module as
+    named_modules lists it), as (layer, 'linear' | 'moe'). Neither a linear layer's submodules (a LoRA layer's
+    base) nor an MoE's experts module are walked into: the layer counts as a whole, whatever replaced or wrapped
+    its insides."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    if linear_shape(module) is not None:
+        yield module, "linear"
+        return
+    if isinstance(module, MoE):
+        yield module, "moe"
+    for name, child in module.named_children():
+        if child is not None and not (isinstance(module, MoE) and name == "experts"):
+            yield from _layers(child, seen)
+
+
+def _routed_weights(moe: MoE) -> int:
+    """Weights of one routed expert's MLP (up, down and a gated MLP's gate): d_model x d_expert each."""
+    return (2 + (moe.activation in GATED)) * moe.d_model * moe.d_expert
+
+
+def matmul_macs(model: nn.Module) -> int:
+    """Multiply-adds per token of every linear layer in `model` from the layers' shapes (in·out each), the
+    routed experts by their MoE's shapes (top_k experts run per token); a linear layer counts once, as its base
+    (a LoRA layer's rank-r matmuls are left out: the model's FLOPs, not the adapter's)."""
+    total = 0
+    for m, kind in _layers(model):
+        if kind == "moe":
+            total += m.k * _routed_weights(m)
+        else:
+            i, o = linear_shape(m)
+            total += i * o
+    return total
+
+
+def packed_weights(model: nn.Module) -> int:
+    """Weights that layers stand for but hold in no Parameter (a quantized layer's packed codes and scales):
+    in·out of a linear layer without an in·out Parameter, the E experts' weights of an MoE whose experts hold no
+    Parameter of one expert's or E experts' weight size. A LoRA layer's base weight is a Parameter, counted with
+    the parameters; over a quantized base, its codes count here and the adapter's matrices as parameters."""
+    total = 0
+    for m, kind in _layers(model):
+        if kind == "moe":
+            sizes = {m.d_model * m.d_expert, m.E * m.d_model * m.d_expert}
+            if m.experts is not None and not any(p.numel() in sizes for p in m.experts.parameters()):
+                total += m.E * _routed_weights(m)
+        else:
+            i, o = linear_shape(m)
+            if not any(p.numel() == i * o for p in m.parameters()):
+                total += i * o
+    return total
 
 
 class Transformer(nn.Module):
@@ -255,8 +321,10 @@ class Transformer(nn.Module):
 
     # accounting ----------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (a tied head counts once); optionally without token/position embeddings."""
-        n = sum(p.numel() for p in self.parameters())
+        """Unique parameters (a tied head counts once); optionally without token/position embeddings. A layer
+        holding its weight as packed codes instead of a Parameter (a quantized Linear or MoE experts) counts the
+        weights it stands for (in·out, `packed_weights`), not its codes and scales."""
+        n = sum(p.numel() for p in self.parameters()) + packed_weights(self)
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel()
             if isinstance(self.pos_emb, LearnedPositions):
@@ -264,20 +332,19 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
-        """Matmul FLOPs per token at context `seq_len`: 2 per multiply-add of every Linear (lm_head
-        included, tied or not) plus attention scores and their weighted sum, 2·2·H·hd·seq_len per layer
-        (the full, un-halved causal count of PaLM's appendix B and nanochat). Training = 3x forward
+        """Matmul FLOPs per token at context `seq_len`: 2 per multiply-add of every linear layer (lm_head
+        included, tied or not; read from the layers' shapes, `matmul_macs`: a quantized or LoRA-wrapped Linear
+        counts as its base, the adapter's own rank-r matmuls not, so an adapter or quantized run reports the
+        model's FLOPs as the full run does) plus attention scores and their weighted sum, 2·2·H·hd·seq_len per
+        layer (the full, un-halved causal count of PaLM's appendix B and nanochat). Training = 3x forward
         (backward costs twice the forward). Norms, biases and softmax are ignored (< 1%)."""
-        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        for m in self.modules():
-            if isinstance(m, MoE):  # only top_k of E routed experts run per token
-                linear += sum(w.numel() for w in (m.w_up, m.w_gate, m.w_down) if w is not None) * m.k // m.E
+        linear = matmul_macs(self)
         attn_blocks = list(self.blocks) + ([getattr(mod, "block", mod) for mod in self.mtp.modules_]
                                            if self.mtp is not None and training else [])
         if self.mtp is not None and not training:
-            linear -= sum(m.weight.numel() for m in self.mtp.modules() if isinstance(m, nn.Linear))
+            linear -= matmul_macs(self.mtp)
         elif self.mtp is not None:  # each depth runs the shared output head once more
-            linear += self.mtp.depth * self.lm_head.weight.numel()
+            linear += self.mtp.depth * matmul_macs(self.lm_head)
         attn = sum(self._attn_flops(b.attn, seq_len) for b in attn_blocks)
         forward = 2 * linear + attn
         return float(3 * forward if training else forward)

@@ -8,8 +8,9 @@ its own tokens, and two all-to-alls move token rows to the ranks holding their e
 Everything but the experts stays replicated (data parallel over the same ranks). Gradients: the experts'
 come back through the all-to-all from every rank's loss, so they are divided by ep; the replicated
 parameters' are averaged with an all-reduce (`sync_gradients`). The router, balancing losses and shared
-experts are the wrapped MoE's own; expert weights are renamed (mlp.experts.w_up holds only the local
-slice), so EP models are checkpointed with their layout (not through lmforge.parallel.checkpoint).
+experts are the wrapped MoE's own (renamed mlp.moe.router, ...); the local experts are an `Experts.slice` in
+the MoE's place (mlp.experts.w_up holds only the local rows), so EP models are checkpointed with their layout
+(not through lmforge.parallel.checkpoint).
 """
 
 from __future__ import annotations
@@ -19,25 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.model.layers.moe import MoE
-
-EXPERT_WEIGHTS = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
-
-
-class LocalExperts(nn.Module):
-    """Experts [lo, hi) of an MoE, computed by the MoE's own grouped path (MoE._expert_mlp)."""
-
-    _expert_mlp = MoE._expert_mlp
-
-    def __init__(self, moe: MoE, lo: int, hi: int):
-        super().__init__()
-        self.E, self.gated, self.activation = hi - lo, moe.gated, moe.activation
-        for name in EXPERT_WEIGHTS:
-            w = getattr(moe, name)
-            setattr(self, name, nn.Parameter(w[lo:hi].detach().clone()) if w is not None else None)
-
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return self._expert_mlp(x, counts)
+from lmforge.model.layers.moe import Experts, MoE
 
 
 class _AllToAll(torch.autograd.Function):
@@ -74,11 +57,11 @@ class ExpertParallelMoE(nn.Module):
         if moe.m.capacity_factor > 0:
             raise ConfigError("expert parallelism here is dropless: set model.moe.capacity_factor=0")
         self.group, self.E_local = group, hi - lo
-        self.experts = LocalExperts(moe, lo, hi)
-        for name in EXPERT_WEIGHTS:  # the wrapped MoE keeps the router, shared experts and balancing only
-            if getattr(moe, name) is not None:
-                delattr(moe, name)
-                setattr(moe, name, None)
+        if not isinstance(moe.experts, Experts):
+            raise ConfigError(f"expert parallelism splits an MoE's stacked Experts; this one's experts are a "
+                              f"{type(moe.experts).__name__}: apply expert parallelism before replacing them")
+        self.experts = moe.experts.slice(lo, hi)  # this rank's share, computed as the whole MoE computes all
+        moe.experts = None  # the wrapped MoE keeps the router, shared experts and balancing only
         self.moe = moe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +109,8 @@ def apply_ep(model: nn.Module, group=None) -> nn.Module:
 def sync_gradients(model: nn.Module, group=None) -> None:
     """After backward: expert grads / ep (every rank's loss reached them); all other grads averaged."""
     world = dist.get_world_size(group)
-    experts = {id(p) for m in model.modules() if isinstance(m, LocalExperts) for p in m.parameters()}
+    # the ranks' expert slices only: an MoE left whole (an MTP module's) is replicated like the rest
+    experts = {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoE) for p in m.experts.parameters()}
     for p in model.parameters():
         if p.grad is None:
             continue

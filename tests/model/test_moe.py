@@ -35,7 +35,7 @@ def _dense_reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
     top = scores.topk(m.k, -1)
     w = top.values / top.values.sum(-1, keepdim=True) if m.m.norm_topk else top.values
     gate = torch.zeros_like(scores).scatter(1, top.indices, w * m.m.routed_scale)
-    outs = torch.stack([m._one_expert(flat, e) for e in range(m.E)], 1)  # (N, E, d)
+    outs = torch.stack([m.experts.expert(flat, e) for e in range(m.E)], 1)  # (N, E, d)
     y = (gate[..., None] * outs).sum(1)
     if m.shared is not None:
         y = y + m.shared(flat)
@@ -299,7 +299,7 @@ def test_balancing_bias_stays_fp32_in_a_bf16_model():
     """model.to(bf16) rounded e_bias: past |0.5| a 1e-3 step is under half a bf16 step, so the bias stopped
     moving (HF keeps DeepSeek-V3's e_score_correction_bias in fp32 too)."""
     m = _moe(score="sigmoid", bias_update_rate=1e-3).train().to(torch.bfloat16)
-    assert m.e_bias.dtype == torch.float32 and m.w_up.dtype == torch.bfloat16
+    assert m.e_bias.dtype == torch.float32 and m.experts.w_up.dtype == torch.bfloat16
     m.e_bias.fill_(0.75)
     m.step_load.copy_(torch.tensor([10, 0, 0, 0]))
     update_expert_biases(m)
@@ -356,7 +356,7 @@ def test_upcycled_model_equals_dense():
     ids = torch.randint(0, 64, (2, 9))
     torch.testing.assert_close(moe(ids), dense(ids), rtol=1e-5, atol=1e-5)
     noisy = upcycle(dense, MoEConfig(n_experts=4, top_k=2), noise_std=0.01)
-    assert not torch.equal(noisy.blocks[0].mlp.w_up[0], noisy.blocks[0].mlp.w_up[1])
+    assert not torch.equal(noisy.blocks[0].mlp.experts.w_up[0], noisy.blocks[0].mlp.experts.w_up[1])
 
 
 def test_upcycling_copies_the_mtp_modules_experts_too():

@@ -94,7 +94,8 @@ def test_stacked_expert_biases_are_vectors(name):
                                     moe=MoEConfig(n_experts=4, top_k=2, expert_bias=True)))
     roles = param_roles(model)
     biases = [n for n in roles if n.split(".")[-1] in ("b_up", "b_gate", "b_down")]
-    assert len(biases) == 3 and {roles[n] for n in biases} == {"vector"} and roles["blocks.0.mlp.w_up"] == "matrix"
+    assert len(biases) == 3 and {roles[n] for n in biases} == {"vector"}
+    assert roles["blocks.0.mlp.experts.w_up"] == "matrix"
     opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.1, lr=0.01))
     params = dict(model.named_parameters())
     bias = params[biases[0]]

@@ -116,7 +116,7 @@ def test_matrix_optimizers_on_fsdp2_shards_match_one_process(sharded_matrix, nam
     if name == "dion_moe":  # Dion's QR of the 4-row routers' near-singular momentum turns the ranks' 1e-7 gradient
         # sums into ~1e-4 (on identical gradients sharded Dion equals Dion to 1e-16 in fp64, also with a rank holding
         # no rows); the stacked experts, each whole on one rank, are held to ATOL
-        experts = [k for k in want if ".mlp.w_" in k]
+        experts = [k for k in want if ".mlp.experts.w_" in k]
         assert _maxdiff({k: got[name][k] for k in experts}, {k: want[k] for k in experts}) < ATOL
         assert _maxdiff(got[name], want) < 5e-4
         return

@@ -46,7 +46,7 @@ def test_expert_parallel_matches_one_process(starve, biased):
     for rank, res in enumerate(results):
         for name, p in res["params"].items():
             if ".experts." in name:  # blocks.i.mlp.experts.w_up holds experts [rank*per, (rank+1)*per)
-                want = ref[name.replace("mlp.experts.", "mlp.")][rank * per:(rank + 1) * per]
+                want = ref[name][rank * per:(rank + 1) * per]
             else:
                 want = ref[name.replace("mlp.moe.", "mlp.")]
             assert (p - want).abs().max() < 5e-5, name
@@ -72,3 +72,26 @@ def test_aux_free_bias_of_pipeline_stages_sums_each_layer_over_its_own_ranks():
         first = [9.0, 0.0, 0.0, 0.0] if rank < 2 else [0.0, 0.0, 0.0, 30.0]
         n = torch.tensor(first) + torch.tensor([1.0, 2.0, 3.0, 4.0]) * (2 * (rank // 2) + 2)
         assert torch.equal(bias, rate * torch.sign(n.mean() - n))
+
+
+def test_sync_gradients_leaves_only_the_ranks_expert_slices_unreduced(monkeypatch):
+    """The experts split over ranks are the ExpertParallelMoE layers' slices; an MoE left whole (an MTP module's,
+    which apply_ep does not split) is replicated and its experts' gradients are all-reduced like the rest.
+    In one process: the collectives are stand-ins recording what they reduce."""
+    import dataclasses
+
+    from lmforge.model.config import MTPConfig
+    from lmforge.parallel import ep
+
+    monkeypatch.setattr(ep.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(ep.dist, "get_rank", lambda group=None: 1)
+    reduced = []
+    monkeypatch.setattr(ep.dist, "all_reduce", lambda t, group=None: reduced.append(t))
+    m = ep.apply_ep(w.model(dataclasses.replace(w.moe_cfg(), mtp=MTPConfig(depth=1))))
+    assert m.blocks[0].mlp.experts.w_up.shape[0] == 2 and m.mtp.modules_[0].block.mlp.experts.w_up.shape[0] == 4
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    ep.sync_gradients(m)
+    sliced = {id(p) for b in m.blocks for p in b.mlp.experts.parameters()}
+    assert {id(g) for g in reduced} == {id(p.grad) for p in m.parameters() if id(p) not in sliced}
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in m.parameters())

@@ -28,6 +28,23 @@ no step reads a count on the host. `gemm` picks the grouped matmul (model.moe.ge
 `loop` dispatch runs experts one by one over torch.where's tokens and is the reference the grouped path is
 tested against. With a capacity factor the grouped path drops over-capacity assignments (a host sync: the
 kept count sizes the rows). Expert weights are stacked (E, out, in).
+
+The routed experts are a submodule, `MoE.experts` (an `Experts`: the stacked weights, the grouped path and
+the per-expert reference), and every dispatch reaches them through one call, the contract a replacement keeps:
+
+    moe.experts(x, counts, *, mm=..., act=..., reference=...) -> y
+        x       (M, d)  the routed rows sorted by expert (M = kept assignments: N·k when dropless; the grouped
+                        dispatch casts them to autocast's dtype); expert e owns rows [o_e, o_e + counts[e])
+        counts  (E,)    int64 rows per expert, on x's device
+        y       (M, d)  row i through expert e(i)'s MLP (before the router weighting, which MoE applies)
+        keywords        how the built-in Experts computes (grouped matmul, the fused gated activation of a
+                        kernel-swapped MoE, the per-expert reference of dispatch 'loop'); a replacement may
+                        ignore them
+
+So a quantizer or an adapter swaps `moe.experts` for its own module, calibration hangs a forward (pre-)hook
+on it and sees exactly each expert's inputs (GPTQ's X^T X per expert: x.split(counts.tolist())), and expert
+parallelism holds `Experts.slice` of its share. State-dict names: `mlp.experts.w_up` etc.; an older lmforge
+checkpoint's `mlp.w_up` loads through a load_state_dict pre-hook (`move_expert_keys`).
 """
 
 from __future__ import annotations
@@ -206,26 +223,123 @@ def glu_fused(activation: str, gu: torch.Tensor) -> torch.Tensor:
     return glu(activation, *gu.chunk(2, dim=-1))
 
 
-class MoE(nn.Module):
+class Experts(nn.Module):
+    """The E routed expert MLPs of an MoE layer, weights stacked (E, out, in) (+ optional (E, out) biases):
+    the seam a quantizer or adapter replaces (module docstring). x (M, d) sorted by expert, expert e owning
+    `counts[e]` consecutive rows -> (M, d), each row through its expert's MLP."""
+
     STACKED_VECTORS = ("b_up", "b_gate", "b_down")
     """(E, d) parameters that are one vector per expert (biases): role "vector" for the optimizers"""
 
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, activation: str, bias: bool = False):
+        super().__init__()
+        E, d, de = n_experts, d_model, d_expert
+        self.E, self.d_model, self.d_expert, self.activation = E, d, de, activation
+        self.gated = activation in GATED
+        self.w_up = nn.Parameter(torch.empty(E, de, d))
+        self.w_gate = nn.Parameter(torch.empty(E, de, d)) if self.gated else None
+        self.w_down = nn.Parameter(torch.empty(E, d, de))
+        self.b_up = nn.Parameter(torch.zeros(E, de)) if bias else None
+        self.b_gate = nn.Parameter(torch.zeros(E, de)) if bias and self.gated else None
+        self.b_down = nn.Parameter(torch.zeros(E, d)) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"E={self.E}, d_model={self.d_model}, d_expert={self.d_expert}, activation={self.activation!r}, " \
+               f"bias={self.b_up is not None}"
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, *, mm: GroupedMM | None = None,
+                act: Callable[[str, torch.Tensor], torch.Tensor] = glu_fused, reference: bool = False
+                ) -> torch.Tensor:
+        """x (M, d) sorted by expert with `counts` (E,) rows each -> (M, d). The keywords say how, never what:
+        `reference` runs one F.linear per expert (MoE dispatch 'loop'); else grouped matmuls `mm` (default:
+        gemm 'auto'), gate and up as one over their stacked weights where the weights are cast anyway
+        (autocast) or the rows outnumber them (training batches), else one each, then down; `act` is the
+        gated activation of the fused [gate | up] rows (a kernel-swapped MoE passes its own)."""
+        if reference:
+            return self._reference(x, counts)
+        x = autocast_to(x)
+        mm = mm or pick_gemm("auto", x, (self.d_model, self.d_expert))
+        e = None if self.b_up is None else torch.repeat_interleave(
+            torch.arange(self.E, device=x.device), counts, output_size=x.shape[0])  # each row's expert
+        if self.gated and self.w_gate.dtype == x.dtype and x.shape[0] < self.E * x.shape[1]:
+            # no cast to make and fewer rows than the weights hold (a decode step): two grouped matmuls on the
+            # weights as they are, not a stacked copy of every expert's gate and up weights each forward
+            gate, up = mm(x, self.w_gate, counts), mm(x, self.w_up, counts)
+            if e is not None:
+                gate, up = gate + self.b_gate.to(x.dtype)[e], up + self.b_up.to(x.dtype)[e]
+            h = glu(self.activation, gate, up)
+        elif self.gated:  # the cast copies the weights anyway: stacked, one grouped matmul for both
+            up = mm(x, StackCast.apply(x.dtype, self.w_gate, self.w_up), counts)  # (M, 2·d_expert)
+            if e is not None:
+                up = up + torch.cat([self.b_gate, self.b_up], 1).to(x.dtype)[e]
+            h = act(self.activation, up)
+        else:
+            up = mm(x, self.w_up.to(x.dtype), counts)
+            h = ACT[self.activation](up if e is None else up + self.b_up.to(x.dtype)[e])
+        y = mm(h, self.w_down.to(x.dtype), counts)
+        return y if e is None else y + self.b_down.to(x.dtype)[e]
+
+    def _reference(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One expert at a time over its rows: the grouped path's reference."""
+        return torch.cat([self.expert(xe, e) for e, xe in enumerate(x.split(counts.tolist()))])
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's MLP on rows x (M, d) -> (M, d), as a dense MLP computes it."""
+        up = F.linear(x, self.w_up[e], None if self.b_up is None else self.b_up[e])
+        if self.gated:
+            gate = F.linear(x, self.w_gate[e], None if self.b_gate is None else self.b_gate[e])
+            h = glu(self.activation, gate, up)
+        else:
+            h = ACT[self.activation](up)
+        return F.linear(h, self.w_down[e], None if self.b_down is None else self.b_down[e])
+
+    def slice(self, lo: int, hi: int) -> "Experts":
+        """Experts [lo, hi) as their own module (expert parallelism's local share): copies of those rows of
+        every weight, on their device and in their dtype."""
+        with torch.device("meta"):
+            part = Experts(hi - lo, self.d_model, self.d_expert, self.activation, self.b_up is not None)
+        for name, p in self.named_parameters():
+            setattr(part, name, nn.Parameter(p[lo:hi].detach().clone(), requires_grad=p.requires_grad))
+        return part
+
+
+_EXPERT_WEIGHTS = ("w_up", "w_gate", "w_down", "b_up", "b_gate", "b_down")
+
+
+def move_expert_keys(state: dict, prefix: str = "") -> int:
+    """Rename, in place, an old checkpoint's routed-expert weights of the MoE at `prefix` (its `prefix`w_up,
+    from before the experts moved into MoE.experts) to `prefix`experts.w_up, ...; returns how many moved."""
+    moved = 0
+    for name in _EXPERT_WEIGHTS:
+        if prefix + name in state and prefix + "experts." + name not in state:
+            state[prefix + "experts." + name] = state.pop(prefix + name)
+            moved += 1
+    return moved
+
+
+def upgrade_expert_keys(model: nn.Module, state: dict) -> dict:
+    """`state` (a model's state dict, possibly from an older lmforge) with every MoE layer's routed-expert weights
+    under their current names (`move_expert_keys`), in place; for loaders that compare names before
+    load_state_dict (whose own pre-hook on MoE renames them too)."""
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            move_expert_keys(state, f"{name}." if name else "")
+    return state
+
+
+class MoE(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         m = cfg.moe_cfg
         self.m, self.layer_idx, self.activation = m, layer_idx, cfg.activation
         self.E, self.k, d = m.n_experts, m.top_k, cfg.d_model
-        de = m.d_expert or cfg.ff
-        self.gated = cfg.activation in GATED
+        self.d_model, self.d_expert = d, m.d_expert or cfg.ff
+        # registered first: its parameters come first, in the order they had as MoE's own (initialisation draws
+        # them in that order, optimizer states list them so)
+        self.experts = Experts(self.E, d, self.d_expert, cfg.activation, m.expert_bias)
         self.router = nn.Linear(d, self.E, bias=m.router_bias)
         self.noise = nn.Linear(d, self.E, bias=False) if m.noisy else None
-        self.w_up = nn.Parameter(torch.empty(self.E, de, d))
-        self.w_gate = nn.Parameter(torch.empty(self.E, de, d)) if self.gated else None
-        self.w_down = nn.Parameter(torch.empty(self.E, d, de))
-        self.b_up = nn.Parameter(torch.zeros(self.E, de)) if m.expert_bias else None
-        self.b_gate = nn.Parameter(torch.zeros(self.E, de)) if m.expert_bias and self.gated else None
-        self.b_down = nn.Parameter(torch.zeros(self.E, d)) if m.expert_bias else None
-        self.shared = MLP(d, m.n_shared * de, cfg.activation, cfg.bias) if m.n_shared > 0 else None
+        self.shared = MLP(d, m.n_shared * self.d_expert, cfg.activation, cfg.bias) if m.n_shared > 0 else None
         # aux-loss-free balancing bias (DeepSeek-V3 e_score_correction_bias): selection only
         self.register_buffer("e_bias", torch.zeros(self.E))
         # the assignments per expert of this optimizer step's training forwards, until update_expert_biases
@@ -234,6 +348,7 @@ class MoE(nn.Module):
         self.dispatch, self.gemm = m.dispatch, m.gemm
         self.last_aux: torch.Tensor | None = None
         self.last_stats: dict[str, torch.Tensor] = {}
+        self.register_load_state_dict_pre_hook(_old_expert_names)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -271,43 +386,6 @@ class MoE(nn.Module):
         return math.ceil(cf * n_tokens * self.k / self.E) if cf > 0 and self.training else None
 
     # experts ------------------------------------------------------------------------------------
-    def _expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, mm: GroupedMM | None = None,
-                    act: Callable[[str, torch.Tensor], torch.Tensor] = glu_fused) -> torch.Tensor:
-        """x (M, d) sorted by expert with `counts` rows each -> (M, d) through every expert's MLP: grouped
-        matmuls `mm` (default: gemm 'auto') - gate and up as one over their stacked weights where the
-        weights are cast anyway (autocast) or the rows outnumber them (training batches), else one each -
-        then down; `act` is the gated activation of the fused [gate | up] rows."""
-        x = autocast_to(x)
-        mm = mm or pick_gemm("auto", x, self.w_down.shape[1:])
-        e = None if self.b_up is None else torch.repeat_interleave(
-            torch.arange(self.E, device=x.device), counts, output_size=x.shape[0])  # each row's expert
-        if self.gated and self.w_gate.dtype == x.dtype and x.shape[0] < self.E * x.shape[1]:
-            # no cast to make and fewer rows than the weights hold (a decode step): two grouped matmuls on the
-            # weights as they are, not a stacked copy of every expert's gate and up weights each forward
-            gate, up = mm(x, self.w_gate, counts), mm(x, self.w_up, counts)
-            if e is not None:
-                gate, up = gate + self.b_gate.to(x.dtype)[e], up + self.b_up.to(x.dtype)[e]
-            h = glu(self.activation, gate, up)
-        elif self.gated:  # the cast copies the weights anyway: stacked, one grouped matmul for both
-            up = mm(x, StackCast.apply(x.dtype, self.w_gate, self.w_up), counts)  # (M, 2·d_expert)
-            if e is not None:
-                up = up + torch.cat([self.b_gate, self.b_up], 1).to(x.dtype)[e]
-            h = act(self.activation, up)
-        else:
-            up = mm(x, self.w_up.to(x.dtype), counts)
-            h = ACT[self.activation](up if e is None else up + self.b_up.to(x.dtype)[e])
-        y = mm(h, self.w_down.to(x.dtype), counts)
-        return y if e is None else y + self.b_down.to(x.dtype)[e]
-
-    def _one_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        up = F.linear(x, self.w_up[e], None if self.b_up is None else self.b_up[e])
-        if self.gated:
-            gate = F.linear(x, self.w_gate[e], None if self.b_gate is None else self.b_gate[e])
-            h = glu(self.activation, gate, up)
-        else:
-            h = ACT[self.activation](up)
-        return F.linear(h, self.w_down[e], None if self.b_down is None else self.b_down[e])
-
     def _keep_mask(self, idx: torch.Tensor) -> torch.Tensor | None:
         """(N, k) bool: assignments within capacity; earlier tokens (and higher choices) win. None when
         dropless (every assignment kept)."""
@@ -329,7 +407,7 @@ class MoE(nn.Module):
             return self._experts_dropping(x, idx, w, keep, dtype)
         order, inv, counts = sort_by_expert(idx, self.E, counts)
         rows = self._gather(autocast_to(x), order, inv, self.k)  # (N·k, d) in expert order
-        y = self._expert_mlp(rows, counts, self._gemm(rows), self._act)
+        y = self.experts(rows, counts, mm=self._gemm(rows), act=self._act)
         return self._combine(y, w, order, inv, dtype)
 
     def _experts_dropping(self, x, idx, w, keep, dtype: torch.dtype) -> torch.Tensor:
@@ -339,12 +417,12 @@ class MoE(nn.Module):
         order = order[keep.reshape(-1)[order]]  # drop over-capacity assignments
         tok = order // self.k
         rows = autocast_to(x)[tok]
-        y = self._expert_mlp(rows, _count(flat[order], self.E), self._gemm(rows), self._act)
+        y = self.experts(rows, _count(flat[order], self.E), mm=self._gemm(rows), act=self._act)
         return x.new_zeros(x.shape, dtype=dtype).index_add_(0, tok, (y * w.reshape(-1)[order, None]).to(dtype))
 
     # the grouped path's steps, which lmforge.kernels.moe.TritonMoE replaces with Triton kernels
     def _gemm(self, x: torch.Tensor) -> GroupedMM:
-        return pick_gemm(self.gemm, x, self.w_down.shape[1:])
+        return pick_gemm(self.gemm, x, (self.d_model, self.d_expert))
 
     _act = staticmethod(glu_fused)
     _combine = staticmethod(combine)
@@ -355,13 +433,14 @@ class MoE(nn.Module):
 
     def experts_loop(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, keep: torch.Tensor | None
                      ) -> torch.Tensor:
-        """Reference: one expert at a time over the tokens routed to it."""
-        out = x.new_zeros(x.shape)
-        for e in range(self.E):
-            tok, slot = torch.where(idx == e if keep is None else (idx == e) & keep)
-            if tok.numel():
-                out.index_add_(0, tok, (self._one_expert(x[tok], e) * w[tok, slot, None]).to(x.dtype))
-        return out
+        """Reference: each expert's tokens found with torch.where, run through the experts one expert at a time
+        (Experts' reference) and added back expert by expert."""
+        picks = [torch.where(idx == e if keep is None else (idx == e) & keep) for e in range(self.E)]
+        tok, slot = torch.cat([t for t, _ in picks]), torch.cat([s for _, s in picks])
+        counts = torch.tensor([len(t) for t, _ in picks], device=x.device)
+        # gathered expert by expert, as the loop always did: x's gradient sums its parts in the same order
+        y = self.experts(torch.cat([x[t] for t, _ in picks]), counts, reference=True)
+        return x.new_zeros(x.shape).index_add_(0, tok, (y * w[tok, slot, None]).to(x.dtype))
 
     # forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -406,6 +485,12 @@ class MoE(nn.Module):
                 self.step_load += load.round().long() if load.is_floating_point() else load
         dropped = f.new_zeros(()) if keep is None else (~keep).float().mean()
         self.last_stats = {"load": f.detach(), "dropped": dropped.detach()}
+
+
+def _old_expert_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of MoE: an older lmforge checkpoint's `prefix`w_up, ... (the routed experts were
+    MoE's own parameters) load into `prefix`experts.w_up, ..."""
+    move_expert_keys(state_dict, prefix)
 
 
 _WORLD_ROWS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, int]]]" = weakref.WeakKeyDictionary()
@@ -481,18 +566,19 @@ def upcycle_mlp(moe: MoE, mlp: MLP, noise_std: float = 0.0) -> None:
     if getattr(mlp, "gate_up", None) is not None:
         raise ConfigError("upcycling reads the dense MLP's gate and up weights: upcycle a model built with "
                           "model.fused_proj=false")
-    if moe.w_up.shape[1] != mlp.up.weight.shape[0]:
+    ex = moe.experts
+    if ex.w_up.shape[1] != mlp.up.weight.shape[0]:
         raise ConfigError(f"upcycling needs model.moe.d_expert == dense d_ff ({mlp.up.weight.shape[0]}), "
-                          f"got {moe.w_up.shape[1]}")
-    if moe.b_up is None and any(lin is not None and lin.bias is not None for lin in (mlp.up, mlp.gate, mlp.down)):
+                          f"got {ex.w_up.shape[1]}")
+    if ex.b_up is None and any(lin is not None and lin.bias is not None for lin in (mlp.up, mlp.gate, mlp.down)):
         raise ConfigError("upcycling a dense MLP with biases: the experts would drop them; set "
                           "model.moe.expert_bias=true")
-    pairs = [(moe.w_up, mlp.up), (moe.w_down, mlp.down)] + ([(moe.w_gate, mlp.gate)] if moe.gated else [])
+    pairs = [(ex.w_up, mlp.up), (ex.w_down, mlp.down)] + ([(ex.w_gate, mlp.gate)] if ex.gated else [])
     for stacked, lin in pairs:
         stacked.copy_(lin.weight.expand_as(stacked))
         if noise_std > 0:
             stacked.add_(torch.randn_like(stacked) * noise_std)
-    for b, lin in ((moe.b_up, mlp.up), (moe.b_gate, mlp.gate), (moe.b_down, mlp.down)):
+    for b, lin in ((ex.b_up, mlp.up), (ex.b_gate, mlp.gate), (ex.b_down, mlp.down)):
         if b is not None and lin is not None and lin.bias is not None:
             b.copy_(lin.bias.expand_as(b))
     if moe.shared is not None:  # zero output (as LoRA's B): the layer starts as the dense MLP alone

@@ -5,6 +5,9 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 37, 2026-12-06: an H100 came once (asked as nvidia-h200): `decode` 72.5% of the H100's roofline, `gputests`
+# 64 passed 1 skipped, MoE/MLA GPU tests passed (docs/benchmarks.md). Owed: `decode` on an H200 (never run there with
+# the corrected bytes))
 # (session 36, 2026-12-06: no GPU could be started all session (H200 and H100 asked ~10 times). Owed, unchanged:
 # `decode` on an H200, then `gputests` on any GPU - now also for this session's GPU-touching changes: the
 # penalties' incremental history (sampler.token_history, index_put_/_foreach_copy_ on the device), raw log-probs

@@ -8,7 +8,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.adapt.lora import LoRAConfig, apply_lora
@@ -16,6 +15,8 @@ from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from lmforge.model.layers.mlp import ACT, glu
 from lmforge.model.layers.moe import MoE
 from lmforge.model.transformer import Transformer
+
+from ..int8_linear import Int8Linear
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
 CONFIGS = {
@@ -25,22 +26,6 @@ CONFIGS = {
     "mla": dict(attention="mla", rope_layout="interleaved",
                 mla=MLAConfig(kv_lora_rank=16, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)),
 }
-
-
-class Int8Linear(nn.Module):
-    """Stand-in for a weight-only quantized Linear: int8 codes and per-row scales in buffers, no `weight`."""
-
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        w = lin.weight.detach()
-        scale = w.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
-        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
-        self.register_buffer("scales", scale)
-        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, (self.qweight * self.scales).to(x.dtype), self.bias)
 
 
 class Int8Experts(nn.Module):

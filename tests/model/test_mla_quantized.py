@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import MLAConfig, ModelConfig
@@ -19,28 +18,11 @@ from lmforge.model.layers.mla import MLA, MLACache
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer.byte import ByteTokenizer
 
+from ..int8_linear import Int8Linear
+
 CFG = ModelConfig(vocab_size=260, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, attention="mla",
                   rope_layout="interleaved", n_kv_heads=None, init_std=0.1,
                   mla=MLAConfig(kv_lora_rank=12, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6))
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 with one scale per output row: codes and scales are buffers, there is no .weight."""
-
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        w = lin.weight.detach()
-        scales = w.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
-        self.register_buffer("qweight", torch.round(w / scales).to(torch.int8))
-        self.register_buffer("scales", scales)
-        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales
-
-    def forward(self, x):
-        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 def _swap(model: nn.Module, make) -> nn.Module:

@@ -28,7 +28,8 @@ tensors, refusing a base that is missing or whose weights changed.
 
 config.json records how to rebuild what is not a plain Transformer: "lora" ({layer: [r, scale]}, [r, scale,
 "dora"] for DoRA: lmforge.adapt.lora.lora_record) and "base_layers" (the quantized Linears of a QLoRA model, by
-registered kind and settings: lmforge.adapt.qlora). A Linear quantized after its base checkpoint was loaded is
+registered kind and settings: lmforge.adapt.qlora; load_model builds them as empty shells on a Transformer made
+on the meta device, never their float weights). A Linear quantized after its base checkpoint was loaded is
 not what that base gives back, so an adapter-only checkpoint keeps its codes (_left_to_base).
 """
 
@@ -138,12 +139,20 @@ base's or not, and held every buffer."""
 
 
 def _state_for_save(model: torch.nn.Module, leave_out: set[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """state_dict without `leave_out`, tied tensors kept once (safetensors refuses shared storage)."""
+    """state_dict without `leave_out`, tied tensors kept once (safetensors refuses shared storage). Refuses a
+    tensor subclass (torchao's quantized weights, ...): safetensors stores plain tensors, and reading its data
+    failed deep inside the writer ("Attempted to access the data pointer on an invalid python storage")."""
     seen: dict[int, str] = {}
     out = {}
     for name, t in model.state_dict().items():
         if name in leave_out:
             continue
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            cls = f"{type(t).__module__}.{type(t).__qualname__}"
+            raise ConfigError(f"{name} is a {cls}, a tensor subclass a checkpoint cannot store (it holds plain "
+                              "tensors); keep such layers' state as plain tensors (codes, scales) and register "
+                              "the layer (lmforge.adapt.qlora.register_base_layer), or save the model before "
+                              "converting it")
         key = t.data_ptr()
         if key in seen and t.numel() > 0:
             continue
@@ -484,6 +493,9 @@ def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None =
         state = load_file(str(ckpt / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {ckpt / 'model.safetensors'}: {e}") from e
+    from lmforge.model.layers.moe import upgrade_expert_keys
+
+    state = upgrade_expert_keys(model, state)  # (checkpoints from before MoE.experts: mlp.w_up -> mlp.experts.w_up)
     own = model.state_dict()
     need = set(own) if required is None else required
     if required is not None and own_frozen and _recorded_base(ckpt) \
@@ -505,7 +517,21 @@ def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None =
         if t.shape != own[name].shape:
             raise CheckpointError(f"{ckpt}: tensor {name} has shape {tuple(t.shape)}, model expects "
                                   f"{tuple(own[name].shape)}")
+        if _dtype_kind(t.dtype) != _dtype_kind(own[name].dtype):
+            raise CheckpointError(f"{ckpt}: tensor {name} is {_dtype_kind(t.dtype)} ({t.dtype}) in the file but "
+                                  f"{_dtype_kind(own[name].dtype)} ({own[name].dtype}) in the model, and copying "
+                                  "would convert it (integer codes truncated or read as numbers); build the model "
+                                  "with the layers it was saved from (the same quantized layer kind), or convert "
+                                  "the tensor yourself")
     model.load_state_dict(state, strict=False)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """What a dtype holds, as far as load_weights may cast between them: floats (any width: fp32 <-> bf16 is a
+    rounding), integers (quantized codes, indices) or booleans (masks)."""
+    if dtype == torch.bool:
+        return "boolean"
+    return "floating-point" if dtype.is_floating_point or dtype.is_complex else "integer"
 
 
 def check_same_model(saved: dict, current) -> None:
@@ -577,6 +603,14 @@ def _base_model(record: dict, ckpt: Path, base: str | Path | None) -> torch.nn.M
     return model
 
 
+def load_recorded_base(path: str | Path, base: str | Path | None = None) -> torch.nn.Module | None:
+    """The base model an adapter-only checkpoint records (loaded, its identity checked; `base`: where it is now,
+    as load_model's), or None for a checkpoint that holds all its weights."""
+    ckpt = resolve_checkpoint(path)
+    record = _recorded_base(ckpt)
+    return _base_model(record, ckpt, base).eval() if record else None
+
+
 def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *, base: str | Path | None = None):
     """(model, tokenizer) from a checkpoint, a run directory, a HF model directory or a PEFT LoRA adapter
     directory (lmforge.adapt.peft_format); tokenizer is None if none was saved, or not read (tokenizer=False:
@@ -601,16 +635,28 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
     if hf:
         model, tok = _load_hf(ckpt, tokenizer)
     else:
-        model = _base_model(record, ckpt, base) if record else Transformer(cfg)
+        layers = meta.get("base_layers")  # quantized Linears (QLoRA): rebuilt, their codes loaded from the file
+        if record:
+            model = _base_model(record, ckpt, base)
+        elif layers:  # on meta: the float weights of the quantized layers are never built (qlora.base_shell)
+            with torch.device("meta"):
+                model = Transformer(cfg)
+        else:
+            model = Transformer(cfg)
         given = {id(t) for t in (*model.parameters(), *model.buffers())} if record else set()
-        if meta.get("base_layers"):  # quantized Linears (QLoRA): rebuilt, their codes loaded from the file
+        if layers:
             from lmforge.adapt.qlora import restore_base_layers
 
-            restore_base_layers(model, meta["base_layers"], str(ckpt))
+            restore_base_layers(model, layers, str(ckpt))
         if meta.get("lora"):  # a LoRA run's checkpoint: the adapters as they were trained (unmerged)
             from lmforge.adapt.lora import restore_lora
 
             restore_lora(model, meta["lora"])
+        if layers:  # what is still on meta allocated for the file's tensors; RoPE tables and the like computed
+            from lmforge.adapt.qlora import materialize
+            from lmforge.model.hf import init_buffers
+
+            init_buffers(materialize(model))
         model.eos_token_ids = tuple(meta.get("eos_token_ids", ()))
         if meta.get("head"):  # a reward model or classifier: its head around the backbone
             model = _with_head(model, meta["head"], ckpt)

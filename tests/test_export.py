@@ -94,7 +94,8 @@ def test_export_loads_in_transformers_and_lmforge(tmp_path, tok):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.dtype == torch.float32 and (logits(hf, ids) - want).abs().max() <= 1e-5
     back, back_tok = load_model(tmp_path / "hf")
-    assert (logits(back, ids) - want).abs().max() <= 1e-5 and back_tok.encode("Hello world") == tok.encode("Hello world")
+    assert (logits(back, ids) - want).abs().max() <= 1e-5
+    assert back_tok.encode("Hello world") == tok.encode("Hello world")
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     specials = tok.special_tokens
     assert gen["eos_token_id"] == [specials["<|im_end|>"], specials["<|endoftext|>"]]  # an answer ends at im_end
@@ -550,3 +551,55 @@ def test_dora_adapters_cross_to_peft_both_ways(tmp_path, tok):
     made.save_pretrained(tmp_path / "made")
     mine = load_model(tmp_path / "made", base=tmp_path / "base", tokenizer=False)[0]
     assert (logits(mine, ids) - logits(made.eval(), ids)).abs().max() <= 1e-5
+
+
+def _int8():
+    """tests/adapt's stand-in quantized Linear (int8 codes, per-row scales), registrable: with from_linear."""
+    from .adapt.test_lora import Int8Linear
+
+    class Int8(Int8Linear):
+        @classmethod
+        def from_linear(cls, linear: torch.nn.Linear) -> "Int8":
+            return cls(linear)
+
+    return Int8
+
+
+def test_qlora_adapters_export_to_peft_over_their_float_base(tmp_path, tok, capsys, monkeypatch):
+    """A QLoRA checkpoint (adapters over Linears quantized after its float base was loaded) was refused by both
+    exports. --adapter writes PEFT adapters over the float base its base record names, with a note that the
+    adapters were trained over a quantized base; PEFT over that base gives lmforge's float base + the same
+    adapters. A merged export stays refused, naming why and --adapter."""
+    from lmforge.adapt.lora import load_lora, lora_state_dict
+    from lmforge.adapt.qlora import BASE_LAYERS
+    from lmforge.checkpoint import base_record
+
+    int8 = _int8()
+    monkeypatch.setitem(BASE_LAYERS, "test-export-int8", int8)
+    save_checkpoint(tmp_path / "fbase", 0, tiny(tok.vocab_size), tokenizer=tok)
+    fbase = tmp_path / "fbase" / "checkpoints" / "step_000000"
+    model = load_model(fbase, tokenizer=False)[0]
+    for block in model.blocks:
+        block.attn.wq, block.attn.wv = int8(block.attn.wq), int8(block.attn.wv)
+    lora = LoRAConfig(r=4, alpha=8, targets=("wq", "wv", "up"))
+    model = adapted(model, lora)
+    save_checkpoint(tmp_path / "run", 1, model, tokenizer=tok, base=base_record(fbase))
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"config": {"lora": to_dict(lora)}}))
+    with pytest.raises(ConfigError, match=r"trained over quantized layers \(blocks.0.attn.wq: test-export-int8, "
+                                          r"QLoRA\).*export with --adapter"):
+        export(ExportConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "merged")))
+    assert not (tmp_path / "merged").exists()
+    export(ExportConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "peft"), adapter=True))
+    note = capsys.readouterr().out
+    assert f"trained over 4 quantized layers (QLoRA) and are written over the float base those were quantized " \
+           f"from ({fbase.resolve()})" in note
+    floats = apply_lora(load_model(fbase, tokenizer=False)[0], lora)  # lmforge: the float base + the same adapters
+    load_lora(floats, lora_state_dict(model, lora))
+    ids = ids_for(tok.vocab_size)
+    got = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base"),
+                                         tmp_path / "peft").eval()
+    assert (logits(got, ids) - logits(floats.eval(), ids)).abs().max() <= 1e-5
+    assert (logits(got, ids) - logits(model, ids)).abs().max() > 0  # the quantization error: not the trained model
+    whole = save_checkpoint(tmp_path / "whole", 1, model, tokenizer=tok)  # no float base recorded: none to go over
+    with pytest.raises(ConfigError, match="holds its quantized base whole and records no float base"):
+        export(ExportConfig(checkpoint=str(whole), out=str(tmp_path / "peft2"), adapter=True))

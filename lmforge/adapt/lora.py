@@ -43,8 +43,9 @@ quantized Linear (integer in_features / out_features, forward (..., in) -> (...,
 with its own forward. LoRALinear then keeps it whole as the submodule `base` and calls it (its state_dict keys
 gain `base.`: `wq.base.qweight`; named_parameters and named_buffers agree, so adapter-only checkpoints still
 leave its frozen parameters and buffers, the quantized codes, out), and the update cannot be merged into it
-(merge_lora refuses; remove_lora puts it back). Checkpoints record the quantized layers by a registered kind
-(lmforge.adapt.qlora), so load_model rebuilds them under the adapters.
+(merge_lora refuses; remove_lora puts it back). A quantized layer's own parts (an LLM.int8-style outlier
+nn.Linear inside it) are never targets: the layer is adapted whole (outer_layers). Checkpoints record the
+quantized layers by a registered kind (lmforge.adapt.qlora), so load_model rebuilds them under the adapters.
 
 DoRA (LoRAConfig(dora=True); lmforge.adapt.dora.DoRALinear) is a LoRALinear with a trained magnitude; each layer's
 `kind` is what a checkpoint records (lora_record), so load_model builds the same layer class back; a subclass
@@ -210,29 +211,52 @@ def _refuse_tied(model: nn.Module, targets: list[str]) -> None:
                               f"changing both; leave {name} out of targets")
 
 
+def outer_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear-like and LoRA layers of `model` by name, less those inside another one: a quantized layer's
+    own parts (LLM.int8's outlier nn.Linear, an inner quantized Linear) belong to its forward, which LoRA calls
+    whole; an adapter on one of them would adapt a piece of the layer, and a wrap of both the layer and its
+    part would break the layer's forward (it reads its part's attributes)."""
+    out, inside = {}, None
+    for name, m in model.named_modules():  # depth-first: a layer's submodules come right after it
+        if not name or (inside is not None and name.startswith(inside)):
+            continue
+        inside = None
+        if isinstance(m, LoRALinear) or linear_like(m):
+            out[name], inside = m, name + "."
+    return out
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """In place: every nn.Linear (or other linear_like layer: a quantized Linear, for QLoRA) matching
-    cfg.targets becomes a LoRALinear; every other parameter is frozen except those of modules matching
-    cfg.trainable. Returns the model. Refuses a pattern that matches nothing, a tied target weight, and a
-    model that already has adapters."""
+    cfg.targets becomes a LoRALinear (not the parts inside a quantized layer: outer_layers); every other
+    parameter is frozen except those of modules matching cfg.trainable. Returns the model. Refuses a pattern
+    that matches nothing, a tied target weight, a layer the adapter cannot wrap (DoRA over a quantized base)
+    and a model that already has adapters; a refused call leaves the model as it was."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ConfigError(f"{type(model).__name__} already has LoRA adapters; merge_lora(model) first, or "
                           "apply_lora to a fresh model")
-    linears = [n for n, m in model.named_modules() if n and linear_like(m)]
+    linears = list(outer_layers(model))
     short = sorted({n.rsplit(".", 1)[-1] for n in linears})
     targets = _matching(model, linears, cfg.targets, "LoRA target", "nn.Linear (or linear-like layer)",
-                        f"its Linear layers are named {', '.join(short)}")
+                        f"its Linear layers are named {', '.join(short)} (a quantized layer's own parts are "
+                        "adapted with it, not alone)")
     kept = _matching(model, [n for n, _ in model.named_modules() if n], cfg.trainable, "trainable pattern",
                      "module", "name a module, e.g. 'head'")
     _refuse_tied(model, targets)
+    layer = layer_kinds()["dora" if cfg.dora else "lora"]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:  # every layer is built before the model changes (building one freezes its base)
+        built = {name: layer(model.get_submodule(name), cfg.r, cfg.scale, cfg.dropout) for name in targets}
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
     model.requires_grad_(False)
     for name in kept:
         model.get_submodule(name).requires_grad_(True)
-    layer = layer_kinds()["dora" if cfg.dora else "lora"]
-    for name in targets:
+    for name, wrapped in built.items():
         parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, layer(getattr(owner, child), cfg.r, cfg.scale, cfg.dropout))
+        setattr(model.get_submodule(parent), child, wrapped)
     return model
 
 

@@ -15,6 +15,9 @@ lora_dropout, target_modules as full HF module names, modules_to_save for what [
 full) and adapter_model.safetensors (fp32, as lmforge trains adapters), named by the family's HF name rules
 (lmforge.model.hf.hf_names), over a base model directory: the checkpoint's weights without the adapters.
 peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT) is then the trained model.
+A QLoRA checkpoint (adapters over quantized layers, lmforge.adapt.qlora) exports with --adapter only: its
+adapters over the float base its base record names, the layers' float originals (a note says base + adapters
+differ from the trained model by the quantization error); merged, it is refused.
 
 Each directory is built in a hidden temporary directory beside it and renamed into place, so a failed
 export leaves nothing half-written; an existing non-empty OUT is replaced only with --force.
@@ -94,13 +97,17 @@ def export(cfg: ExportConfig) -> Path:
     for target in (out, base_out) if base_out is not None else (out,):
         check_target(target, ckpt, cfg.force)
     if cfg.family is not None and cfg.family not in FAMILIES:
-        raise ConfigError(f"--family {cfg.family!r} is not a HF family lmforge writes; choose one of {sorted(FAMILIES)}")
+        raise ConfigError(f"--family {cfg.family!r} is not a HF family lmforge writes; choose one of "
+                          f"{sorted(FAMILIES)}")
     template = chat_template(cfg, ckpt)
     model, tok = load_model(ckpt, tokenizer=cfg.tokenizer is None, base=cfg.base)
     tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tok
     if not isinstance(model, Transformer):
         raise ConfigError(f"{ckpt} holds a {type(model).__name__} (a head on a backbone), which HF's "
                           "AutoModelForCausalLM has no place for; export a causal LM checkpoint")
+    quantized = quantized_under_adapters(model, ckpt, cfg.adapter)
+    if quantized:  # QLoRA: the adapters go over the float base the checkpoint's base record names
+        model = over_float_base(model, ckpt, cfg.base)
     bpe = as_bpe(tok, model.cfg.vocab_size) if tok is not None else None
     if template is not None and tok is not None:  # its markers must be special tokens, as training required
         check_template(tok, template, plain="--template plain")
@@ -113,7 +120,11 @@ def export(cfg: ExportConfig) -> Path:
         write_adapter(model, ckpt, out, base_out, family, dtype, files)
     else:
         write_merged(model, out, family, dtype, files)
-    if bpe is None:  # (notes come after the export: a refused one prints its error alone)
+    if quantized:  # (notes come after the export: a refused one prints its error alone)
+        print(f"note: the adapters were trained over {len(quantized)} quantized layers (QLoRA) and are written over "
+              f"the float base those were quantized from ({recorded_base_path(ckpt, cfg.base)}), so base + adapters "
+              "differ from the trained model by the quantization error")
+    if bpe is None:
         print(f"note: {ckpt} holds no tokenizer, so none is written (give one with --tokenizer)")
     return out
 
@@ -144,7 +155,8 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
 
     lora = run_lora(ckpt)
     config, tensors = to_peft(model, family, lora)  # refused before any note is printed
-    with atomic_dir(out) as tmp, (atomic_dir(base_out) if base_out else contextlib.nullcontext(tmp / "base")) as base_tmp:
+    with atomic_dir(out) as tmp, \
+            (atomic_dir(base_out) if base_out else contextlib.nullcontext(tmp / "base")) as base_tmp:
         remove_lora(model)  # the adapters are in `tensors`; what is left is the base model
         save_pretrained(model, base_tmp, dtype=dtype, family=family)
         files.write(base_tmp)
@@ -159,6 +171,49 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
     if not lora:
         print(f"note: no [lora] section in the config.json of {ckpt}'s run: the adapter got lora_dropout 0 and no "
               "modules_to_save (modules trained in full are in the base model written)")
+
+
+# ---- QLoRA ------------------------------------------------------------------------------------------
+
+def quantized_under_adapters(model, ckpt: Path, adapter: bool) -> dict[str, dict]:
+    """The quantized layers (lmforge.adapt.qlora's record) of a model with LoRA adapters: a QLoRA model, whose
+    merged export is refused ({} for any other model)."""
+    from lmforge.adapt.lora import lora_layers
+    from lmforge.adapt.qlora import base_layer_record
+
+    quantized = base_layer_record(model) if lora_layers(model) else {}
+    if quantized and not adapter:
+        name, entry = next(iter(quantized.items()))
+        raise ConfigError(f"{ckpt}'s LoRA adapters were trained over quantized layers ({name}: "
+                          f"{entry.get('kind') or entry.get('class')}, QLoRA): merging them into the codes would "
+                          "requantize the update, and merging them into the float weights would make a model that "
+                          "was never trained, without a word; export with --adapter (PEFT adapters over its float "
+                          "base, noted), or serve it unmerged with lmforge")
+    return quantized
+
+
+def over_float_base(model, ckpt: Path, base: str | None):
+    """A QLoRA model's adapters (and what else trained) moved onto the float base its checkpoint records
+    (lmforge.adapt.qlora.onto_float_base): what PEFT's adapters go over."""
+    from lmforge.adapt.qlora import onto_float_base
+    from lmforge.checkpoint import load_recorded_base
+
+    floats = load_recorded_base(ckpt, base)
+    if floats is None:
+        raise ConfigError(f"--adapter: {ckpt} holds its quantized base whole and records no float base, which PEFT "
+                          "adapters need under them; export a checkpoint saved adapter-only over the float base the "
+                          "run quantized ([lora] save = 'adapters', the default)")
+    try:
+        onto_float_base(model, floats)
+    except ConfigError as e:
+        raise ConfigError(f"--adapter: {ckpt} holds adapters over quantized layers, and its recorded base is no "
+                          f"float model to put them over: {e}") from None
+    floats.eos_token_ids = model.eos_token_ids
+    return floats
+
+
+def recorded_base_path(ckpt: Path, base: str | None) -> str:
+    return str(base) if base is not None else json.loads((ckpt / "config.json").read_text())["base"]["path"]
 
 
 # ---- where and how ----------------------------------------------------------------------------------

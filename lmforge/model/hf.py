@@ -212,7 +212,7 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)  # cast while on meta: storage is allocated once, in `dtype`
     model.to_empty(device=device or "cpu")
-    _init_buffers(model)
+    init_buffers(model)
     own = _tensors(model)
     with torch.no_grad():
         for rule in rules:
@@ -297,7 +297,7 @@ def _ignorable(name: str, cfg: ModelConfig, fam: str) -> bool:
     return cfg.mtp is None or name.endswith(("embed_tokens.weight", "shared_head.head.weight"))
 
 
-def _init_buffers(model: torch.nn.Module) -> None:
+def init_buffers(model: torch.nn.Module) -> None:
     """Recompute the non-persistent buffers that to_empty() left uninitialised (RoPE tables, ...)."""
     from lmforge.model.layers.moe import MoE
     from lmforge.model.layers.position import SinusoidalPositions, sinusoidal_table

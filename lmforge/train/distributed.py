@@ -348,6 +348,9 @@ class Gathered:
         from lmforge.adapt.lora import lora_record
 
         self.lora = lora_record(model)  # its LoRA layers, which the checkpoint records
+        from lmforge.adapt.qlora import base_layer_record
+
+        self.base_layers = base_layer_record(model)  # its quantized Linears (QLoRA), which load_model rebuilds
         from lmforge.checkpoint import frozen_names
 
         self.frozen = frozen_names(model)  # what an adapter-only checkpoint leaves to its base

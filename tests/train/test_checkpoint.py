@@ -237,3 +237,73 @@ def test_a_hf_directory_is_hashed_once_until_its_files_change(tmp_path, monkeypa
     assert len(reads) == 2 and changed["sha256"] != first["sha256"]
     monkeypatch.setenv(ckpt.HASH_CACHE_ENV, "/proc/read-only-cache")  # nowhere to remember: still right
     assert ckpt.checkpoint_identity(tmp_path / "hf") == changed and len(reads) == 3
+
+
+class _Codes(torch.nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.register_buffer("codes", torch.arange(-3, 3).to(dtype).view(2, 3))
+        self.register_buffer("scales", torch.ones(2))
+
+
+@pytest.mark.parametrize("saved, loaded", [(torch.float32, torch.int8), (torch.int8, torch.float32),
+                                           (torch.bool, torch.int8), (torch.float32, torch.bool)])
+def test_integer_float_and_bool_tensors_do_not_load_into_each_other(tmp_path, saved, loaded):
+    """load_weights checked shapes only: float "codes" loaded into an int8 buffer (truncated) and int8 codes
+    into a float buffer without a word. Now refused in one line naming the tensor, both dtypes and the fix;
+    a float tensor still loads into another float dtype (bf16 scales into an fp32 model)."""
+    path = ckpt.save_checkpoint(tmp_path, 0, _Codes(saved).to(torch.bfloat16) if saved.is_floating_point
+                                else _Codes(saved))
+    model = _Codes(loaded)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_weights(model, path)
+    msg = str(e.value)
+    assert "tensor codes is" in msg and str(loaded) in msg and "the same quantized layer kind" in msg
+    assert "\n" not in msg
+    assert torch.equal(model.codes, _Codes(loaded).codes)  # nothing loaded
+    fine = _Codes(torch.int8)
+    ckpt.load_weights(fine, ckpt.save_checkpoint(tmp_path / "ok", 0, _Codes(torch.int8).to(torch.bfloat16)))
+    assert fine.scales.dtype == torch.float32 and fine.codes.dtype == torch.int8
+
+
+class _Wrapped(torch.Tensor):
+    """A minimal tensor subclass, as torchao's quantized weights are."""
+
+
+def test_a_tensor_subclass_is_refused_before_anything_is_written(tmp_path):
+    """A tensor subclass (torchao's Int8Tensor weights) killed the save deep inside safetensors ("Attempted to
+    access the data pointer on an invalid python storage"); now it is refused in one line naming the tensor and
+    the fix, and no checkpoint is left."""
+    model = _toy()
+    model[0].weight = torch.nn.Parameter(model[0].weight.detach().as_subclass(_Wrapped), requires_grad=False)
+    with pytest.raises(ConfigError) as e:
+        ckpt.save_checkpoint(tmp_path, 1, model)
+    msg = str(e.value)
+    assert msg.startswith("0.weight is a tests.train.test_checkpoint._Wrapped, a tensor subclass")
+    assert "register_base_layer" in msg and "\n" not in msg
+    assert ckpt.checkpoint_dirs(tmp_path) == []
+
+
+def test_a_checkpoint_from_before_moe_experts_loads(tmp_path):
+    """MoE's routed experts moved into MoE.experts (mlp.w_up -> mlp.experts.w_up): a checkpoint written with the
+    old names loads, bit-exact, through load_weights (which compares names before load_state_dict) and load_model."""
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.model.config import ModelConfig, MoEConfig
+    from lmforge.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, mlp="moe",
+                      moe=MoEConfig(n_experts=4, top_k=2, d_expert=16))
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    path = ckpt.save_checkpoint(tmp_path, 1, model)
+    state = load_file(str(path / "model.safetensors"))
+    old = {n.replace(".experts.", "."): t for n, t in state.items()}
+    assert old.keys() != state.keys() and "blocks.0.mlp.w_up" in old
+    save_file(old, str(path / "model.safetensors"), metadata={"format": "pt"})
+    ckpt._seal(path)  # (the manifest's checksums of the rewritten file)
+    ids = torch.randint(0, 64, (1, 8))
+    fresh = Transformer(cfg).eval()
+    ckpt.load_weights(fresh, path)
+    assert torch.equal(fresh(ids), model(ids))
+    assert torch.equal(ckpt.load_model(path, tokenizer=False)[0](ids), model(ids))

@@ -134,10 +134,22 @@ class BeamSearch:
         toks, lps, tops = h
         text = safe_decode(self.tokenizer, [t for t in toks if t not in self.eos])
         cut = self._stop_at(toks) if why == "stop" else None
+        reason = self._stop_reason(toks, text, cut) if why == "stop" else None
+        if cut is not None and self.params.include_stop_str_in_output:
+            cut += len(reason)
         want = self.params.logprobs is not None
         return CompletionOutput(index=index, text=text if cut is None else text[:cut], token_ids=list(toks),
                                 finish_reason=why, logprobs=list(lps) if want else None,
-                                top_logprobs=list(tops) if want else None, cumulative_logprob=sum(lps))
+                                top_logprobs=list(tops) if want else None, cumulative_logprob=sum(lps),
+                                stop_reason=reason)
+
+    def _stop_reason(self, toks: list[int], text: str, cut: int | None) -> int | str | None:
+        """What ended a stopped hypothesis, as a sampled sequence reports it (request.Sequence.stop_reason): the
+        stop string found at `cut`, else its last token when that is one of SamplingParams.stop_token_ids
+        (None: the model's end of text)."""
+        if toks and toks[-1] in self.eos:
+            return toks[-1] if toks[-1] in self.params.stop_token_ids else None
+        return None if cut is None else next(s for s in self.params.stop if text.startswith(s, cut))
 
     def partial(self, reason: str | None = None) -> list[CompletionOutput]:
         """The n best live beams so far, their finish_reason `reason`: the request's outputs while the search

@@ -501,10 +501,18 @@ class Engine:
         if _claims(seq):
             return req.strategy.rows(seq, n)
         if seq.row is None:  # (sample 0's generator: seq's own)
-            seq.row = row_for(seq, seq.generator)
+            seq.row = self._row(seq, seq.index, seq.generator)
         if not req.forked:  # the first sample of each of the n sequences comes from these logits
-            return [(0, seq.row)] + [(0, row_for(seq, g)) for g in req.generators[1:]]
+            return [(0, seq.row)] + [(0, self._row(seq, j, g)) for j, g in enumerate(req.generators[1:], 1)]
         return [(0, seq.row)]
+
+    @staticmethod
+    def _row(seq: Sequence, index: int, generator):
+        """The sampler's Row of sample `index` (seq's own, or one drawing its first token from seq's logits)."""
+        row = row_for(seq, generator)
+        if seq.params.logits_processors:  # (per-sample instances of factory entries: Request.processors_for)
+            row.processors = seq.request.processors_for(index)
+        return row
 
     def _generator(self, params: SamplingParams, j: int) -> torch.Generator | None:
         if params.seed is None or params.greedy:

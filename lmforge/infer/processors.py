@@ -24,6 +24,37 @@ from lmforge.utils import to_device
 NEG_INF = float("-inf")
 
 
+def is_factory(entry) -> bool:
+    """Whether a SamplingParams.logits_processors entry makes one processor per sample (`for_sequence()`)
+    instead of being one processor every sample of the request shares."""
+    return callable(getattr(entry, "for_sequence", None))
+
+
+def for_sample(entries: tuple) -> tuple[Callable, ...] | None:
+    """One sample's logits processors: each factory entry replaced by a fresh `entry.for_sequence()`, the plain
+    functions as they are; None when no entry is a factory (the sample uses params.logits_processors)."""
+    if not any(is_factory(f) for f in entries):
+        return None
+    return tuple(_made(f) if is_factory(f) else f for f in entries)
+
+
+def _made(factory) -> Callable:
+    """factory.for_sequence(), or where it raises or gives no function a processor raising that: the sampler
+    makes it the request's error (lmforge.infer.sampler._custom), where an exception here would fail the step."""
+    try:
+        made, cause = factory.for_sequence(), None
+    except Exception as e:  # the request's own code
+        made, cause = None, e
+    if callable(made):
+        return made
+    what = (f"raised {type(cause).__name__}: {cause}" if cause is not None else
+            f"returned {type(made).__name__}, not a function f(output_ids, logits) -> logits")
+
+    def failed(ids, logits):
+        raise TypeError(f"{type(factory).__name__}.for_sequence() {what}") from cause
+    return failed
+
+
 @dataclass
 class TokenHistory:
     """What the penalties look at, per row: counts (B, V) of generated tokens, and `seen` (B, V) bool for

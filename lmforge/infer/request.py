@@ -19,6 +19,7 @@ from lmforge.config import is_int
 from lmforge.errors import LmforgeError
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
+from lmforge.infer.processors import for_sample
 from lmforge.infer.sampling import SamplingParams
 
 
@@ -157,9 +158,10 @@ class Sequence:
             hits = [h for h in hits if h >= 0]
             if hits:
                 cut = min(hits)
-                piece = piece[: max(0, len(piece) - (len(self.text) - cut))]
                 self.stop_reason = next(s for s in params.stop if self.text.startswith(s, cut))
-                self.text, self.finish = self.text[:cut], "stop"
+                end = cut + len(self.stop_reason) if params.include_stop_str_in_output else cut
+                piece = piece[: max(0, len(piece) - (len(self.text) - end))]
+                self.text, self.finish = self.text[:end], "stop"
                 return piece
         length = len(self.tokens)  # (num_output without its two property lookups: once per token)
         if length - len(self.request.prompt_ids) >= params.max_tokens or length >= max_seq_len:
@@ -187,7 +189,7 @@ class Sequence:
         (each later output, the finished one too, repeats it) and folded deltas equal the cumulative output."""
         text = self.text
         running = self.finish is None and not final
-        if running and self.params.stop:
+        if running and self.params.stop and not self.params.include_stop_str_in_output:  # (kept if it completes)
             text = text[:len(text) - stop_prefix_len(text, self.params.stop)]
         want, n = self.params.logprobs is not None, len(self.tokens) - self.request.prompt_len
         whole = n
@@ -246,6 +248,8 @@ class Request:
     """filled as the prompt is computed when params.prompt_logprobs is set: [None, {...}, ...]"""
     sent_prompt_logprobs: int = 0
     """entries of prompt_logprobs already in a delta output (SamplingParams.output_kind='delta')"""
+    processors: dict[int, tuple | None] = field(default_factory=dict)
+    """sample index -> its logits processors (`processors_for`), made on its first row"""
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
@@ -254,6 +258,15 @@ class Request:
     @property
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
+
+    def processors_for(self, index: int) -> tuple | None:
+        """Sample `index`'s logits processors: params.logits_processors with every factory entry's
+        `for_sequence()` instance, made once per sample, so the rows of its first token (drawn from the shared
+        prefill logits), of its forked sequence and of its recomputation after a preemption share it; None
+        where no entry is a factory (lmforge.infer.processors.for_sample)."""
+        if index not in self.processors:
+            self.processors[index] = for_sample(self.params.logits_processors)
+        return self.processors[index]
 
     @property
     def owed_prompt_logprob(self) -> int | None:

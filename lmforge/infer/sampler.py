@@ -10,8 +10,9 @@ argmax, and rows that set only temperature, top-k and top-p run one chain with p
 appended since (`token_history`: ~0.5 ms a step for 8 rows of 1,500 tokens at V = 32,000 on a CPU core, where
 rebuilding it from the token lists took ~5 ms and grew with length); a request's own logits_processors
 (constrained decoding) run first, row by row, on a copy (`_custom`); a row they leave without an allowed token
-(or whose processor raises) is one request's error, not the batch's: it is recorded on the Sampled (`failed`),
-the row draws from the model's own logits, and the engine aborts that request alone. Ids at or beyond
+(or whose processor raises, or returns anything but a float tensor shaped like its logits) is one request's
+error, not the batch's: it is recorded on the Sampled (`failed`), the row draws from the model's own logits, and
+the engine aborts that request alone. Ids at or beyond
 `vocab_limit` (a model vocabulary padded past its tokenizer's, e.g. GPT-2's 50,257 tokens in 50,304 rows) are
 never drawn, nor listed among the top log-probs or taken as greedy's argmax (they cannot be detokenized); but
 'raw' log-probs, of the chosen token and of the listed top ids alike, are the model's own distribution, the
@@ -47,6 +48,9 @@ class Row:
     """rows of equal kind are processed together (`kind_of`); () = computed from params"""
     request_id: str | None = None
     """the request it samples for (named in the error its logits_processors may raise)"""
+    processors: tuple | None = None
+    """its sample's own logits processors (factory entries made per sample: Request.processors_for); None =
+    params.logits_processors, shared"""
     history: RowHistory | None = None
     """the penalties' state of `tokens`, kept from one step to the next (`token_history`); None until a penalized
     group samples this row, and dropped (`forget`) when its sequence ends or its tokens change other than by
@@ -231,7 +235,7 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
     raw = logits  # the model's logits, undrawable ids masked: what strategies read and draw from
     failed = None
     if any(r.params.logits_processors for r in rows):
-        logits, failed = _custom(logits, rows)
+        logits, failed = _custom(logits, rows, vocab_limit)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     processed = [r.params.logprobs is not None and r.params.logprobs_mode == "processed" and not r.params.greedy
                  for r in rows]
@@ -272,33 +276,65 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None =
     return out
 
 
-def _custom(logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, dict[int, RequestError] | None]:
+def _custom(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None = None
+            ) -> tuple[torch.Tensor, dict[int, RequestError] | None]:
     """A copy of logits with each row's own logits_processors applied (SamplingParams.logits_processors:
-    f(output ids, (V,) logits) -> (V,) logits, in order), and {row: error} for the rows they left without an
-    allowed token (or NaN) or where one raised. Raising here would fail the whole step, every request in the
+    f(output ids, (V,) logits) -> (V,) logits, in order), and {row: error} for the rows where one raised or
+    returned something other than a floating (V,) tensor, or that they left without an allowed token below
+    vocab_limit (or with NaN). Ids at or beyond vocab_limit are masked again after them: a processor may not
+    reopen a padded id (it cannot be detokenized). Raising here would fail the whole step, every request in the
     batch, for one request's input: a failed row keeps the model's logits (its draw is valid, and dropped)."""
     out, failed = logits.clone(), {}
     for i, r in enumerate(rows):
         if r.params.logits_processors:
             ids = r.tokens[r.prompt_len:]
-            row, cause = out[i], None
+            row, what, cause = out[i], None, None
             try:
-                for f in r.params.logits_processors:
+                for f in r.params.logits_processors if r.processors is None else r.processors:
                     row = f(ids, row)
-                bad = not bool(torch.isfinite(row).any()) or bool(torch.isnan(row).any())  # (a host read per row)
+                    what = _bad_output(row, logits.shape[-1], f, vocab_limit)
+                    if what is not None:
+                        break
+                else:
+                    out[i] = row  # (inside the try: a device or dtype the copy refuses is this request's error)
+                    if vocab_limit is not None:
+                        out[i, vocab_limit:] = float("-inf")
+                    kept = out[i, :vocab_limit]  # (the ids a draw may take)
+                    if not bool(torch.isfinite(kept).any()) or bool(torch.isnan(kept).any()):  # (a host read per row)
+                        what = "left no token allowed (or gave NaN)" + (
+                            f" among the ids below {vocab_limit}, the tokenizer's; ids from {vocab_limit} up (the "
+                            "model's padded rows) are never drawn" if vocab_limit is not None else "")
             except Exception as e:  # the request's own code: its error, not the engine's
-                bad, cause = True, e
-            if not bad:
-                out[i] = row
+                what, cause = f"raised {type(e).__name__}: {e}", e
+            if what is None:
                 continue
             out[i] = logits[i]  # (a processor may have written into its view of out's row)
-            what = (f"raised {type(cause).__name__}: {cause}" if cause is not None else
-                    "left no token allowed (or gave NaN)")
             failed[i] = RequestError(f"request {r.request_id!r}: a logits processor {what} after {len(ids)} output "
-                                     "tokens; the request was aborted. A processor must allow at least one token "
-                                     "(e.g. the end-of-text id once its constraint is complete)", r.request_id)
+                                     "tokens; the request was aborted. A processor must return a float tensor shaped "
+                                     "like the logits it is given and allow at least one token (e.g. the "
+                                     "end-of-text id once its constraint is complete)", r.request_id)
             failed[i].__cause__ = cause
     return out, failed or None
+
+
+def _bad_output(row, vocab: int, f, vocab_limit: int | None) -> str | None:
+    """What is wrong with a logits processor's return value (None: a floating tensor shaped (vocab,)). Only
+    metadata is read (no device sync). A 0-d tensor or a bool mask would broadcast or cast silently into the
+    row (every logit equal, or 0/1 logits), so they are refused like a wrong shape."""
+    name = getattr(f, "__qualname__", None) or type(f).__name__
+    if not isinstance(row, torch.Tensor):
+        return (f"{name} returned {type(row).__name__}, not a torch.Tensor: return the (modified) logits tensor "
+                "it was given")
+    if tuple(row.shape) != (vocab,):
+        sized = (f" (the model's rows, more than the tokenizer's {vocab_limit}: build masks with "
+                 "logits.shape[-1] or torch.full_like(logits, ...), not the tokenizer's vocab_size)"
+                 if vocab_limit is not None else "")
+        return (f"{name} returned a tensor of shape {tuple(row.shape)}, but the logits it is given have shape "
+                f"({vocab},){sized}: return a tensor of that exact shape")
+    if not row.dtype.is_floating_point:
+        return (f"{name} returned a {row.dtype} tensor: return float logits (-inf forbids a token), not a mask; "
+                "e.g. logits.masked_fill(~allowed, float('-inf'))")
+    return None
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row], source: torch.Tensor | None = None,

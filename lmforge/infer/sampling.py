@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Literal
 
 from lmforge.config import check, coerce_fields, is_int
@@ -49,12 +49,26 @@ class SamplingParams:
     logits_processors: tuple[Callable, ...] = ()
     """per-request functions f(output_ids: list[int], logits: Tensor (V,)) -> Tensor (V,), applied in order to
     the row's model logits before everything above (constrained decoding: one of given options, a regex, a
-    grammar; vLLM's logits_processors). -inf forbids a token; leaving none allowed is an error. They read
+    grammar; vLLM's logits_processors). V is the model's row count, which may exceed the tokenizer's vocabulary
+    (padded embeddings): return a float tensor of that exact shape; ids past the tokenizer's are never drawn,
+    whatever a processor gives them. -inf forbids a token; leaving none allowed (or returning another shape or
+    dtype, or raising) aborts that request alone. A function is shared by every sample of the request (n > 1)
+    and by every request given these params, so it must be a pure function of (output_ids, logits); a processor
+    that keeps state (an incremental parser, an FSM) is given as a factory instead: an object whose
+    `for_sequence()` returns a new processor, called once per sample, whose processor then sees that sample's
+    tokens only (its first token's call included; the same instance serves it after a preemption). They read
     every earlier output token, so such a request's steps never overlap (async scheduling) and it cannot use
     beam search or speculative decoding, which rank or verify the model's own distribution. 'raw' logprobs
     stay the model's; 'processed' ones include them"""
     stop: tuple[str, ...] = ()
-    """stop strings: generation ends when the text contains one; the text is cut before it"""
+    """stop strings: generation ends when the text contains one; the text is cut before it (after it with
+    include_stop_str_in_output), and whatever the last token spelled past it is dropped. token_ids (and their
+    log-probs) keep every token sampled, those that spelled the stop string and the last one whole, as vLLM's
+    do: the tokens the model produced, which a continuation or an RL loss reads; with logprobs, text_offsets
+    say where each token's text starts (the text length for those past the cut)"""
+    include_stop_str_in_output: bool = False
+    """keep the stop string that ended a sample at the end of its text (vLLM's name; a ReAct loop's 'search[');
+    a running sample's text then needs no held-back tail"""
     stop_token_ids: tuple[int, ...] = ()
     """token ids that end generation (the tokenizer's end-of-text id is added unless ignore_eos)"""
     ignore_eos: bool = False
@@ -95,7 +109,7 @@ class SamplingParams:
     'final' = no intermediate outputs, only the finished one (whole)"""
 
     def __post_init__(self) -> None:
-        if callable(self.logits_processors):  # one function given as it is
+        if callable(self.logits_processors) or _factory(self.logits_processors):  # one function given as it is
             object.__setattr__(self, "logits_processors", (self.logits_processors,))
         # every field's type (a request body's seed 1.5 or top_k "7" would otherwise fail inside an engine step,
         # taking the batch's other requests with it); lists become tuples, numpy numbers plain ones
@@ -142,8 +156,9 @@ class SamplingParams:
         check(self.beam_width == 1 or not (self.penalized or self.logit_bias),
               "beam search ranks the model's raw log-probabilities: penalties and logit_bias do not apply to it; "
               "drop them or use beam_width=1")
-        check(all(callable(f) for f in self.logits_processors),
-              f"logits_processors must be functions f(output_ids, logits) -> logits, got {self.logits_processors!r:.80}")
+        check(all(callable(f) or _factory(f) for f in self.logits_processors),
+              "logits_processors must be functions f(output_ids, logits) -> logits or factories with a "
+              f"for_sequence() method returning one, got {self.logits_processors!r:.80}")
         check(self.beam_width == 1 or not self.logits_processors,
               "beam search ranks the model's raw log-probabilities: logits_processors do not apply to it; drop them "
               "or use beam_width=1")
@@ -170,6 +185,13 @@ class SamplingParams:
             opts["logit_bias"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in bias.items()}
         return cls(**opts)
 
+    def __hash__(self) -> int:
+        """Equal params hash equal (a dict or set key: grouping requests, caching per-params state). The
+        generated hash would hash every field as it is and fail on logit_bias, a dict: it enters as its sorted
+        (id, value) pairs, the form equality compares. Do not mutate logit_bias after creation."""
+        return hash(tuple(tuple(sorted(v.items())) if f.name == "logit_bias" else v
+                          for f, v in ((f, getattr(self, f.name)) for f in fields(self))))
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -178,3 +200,8 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Whether a penalty reads the sequence's history (repetition, frequency or presence)."""
         return self.repetition_penalty != 1 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
+
+def _factory(entry) -> bool:
+    """A logits_processors entry making one processor per sample (lmforge.infer.processors.is_factory)."""
+    return callable(getattr(entry, "for_sequence", None))

@@ -55,6 +55,10 @@ def test_early_stopping_and_length_normalisation(tok):
     for o in out.outputs:
         if o.finish_reason == "stop":
             assert o.token_ids[-1] in (stop, tok.eot_id) and stop not in o.token_ids[:-1]
+            # the stop token id that ended it, as a sampled sample reports (None: the end-of-text id)
+            assert o.stop_reason == (stop if o.token_ids[-1] == stop else None)
+        else:
+            assert o.stop_reason is None
     norm = [o.cumulative_logprob / len(o.token_ids) for o in out.outputs]
     assert norm == sorted(norm, reverse=True)
 
@@ -177,7 +181,9 @@ def test_beam_stop_strings_logprobs_stream_and_running_outputs(tok):
     for o in stopped.outputs:
         assert stop not in o.text
         if o.finish_reason == "stop":
-            assert stop in tok.decode(o.token_ids)
+            assert stop in tok.decode(o.token_ids) and o.stop_reason == stop  # (was None)
+        else:
+            assert o.stop_reason is None
     assert free.outputs[0].logprobs is None and free.outputs[0].top_logprobs is None
     with_lp = llm.generate("ab", SamplingParams(**{**base.__dict__, "logprobs": 2}))[0].outputs[0]
     assert with_lp.token_ids == free.outputs[0].token_ids and len(with_lp.top_logprobs) == 8

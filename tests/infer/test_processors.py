@@ -157,6 +157,15 @@ def test_invalid_sampling_values_name_the_field(field, value):
     assert SamplingParams.from_dict({"logit_bias": {"50256": -100}}).logit_bias == {50256: -100}  # JSON keys
 
 
+def test_equal_sampling_params_hash_equal():
+    """SamplingParams is frozen, so a dict or set key; hash() raised TypeError on its logit_bias dict."""
+    a = SamplingParams(temperature=0.5, logit_bias={3: 1.0, 1: -2}, stop=["x"])
+    b = SamplingParams(temperature=0.5, logit_bias={1: -2.0, 3: 1}, stop=("x",))
+    assert a == b and hash(a) == hash(b) and hash(SamplingParams()) == hash(SamplingParams())
+    assert len({a, b, SamplingParams(), SamplingParams()}) == 2
+    assert {a: 1}[b] == 1 and hash(a) != hash(dataclasses.replace(a, logit_bias={1: -2.0}))
+
+
 # per-request logits processors (SamplingParams.logits_processors) ------------------------------------------
 def allow(tokens):
     """A processor allowing only the given ids (a choice among options, one token at a time)."""
@@ -276,3 +285,64 @@ def test_a_failing_processor_aborts_only_its_request(tok, async_scheduling):
     assert llm.wait([ok])[0].token_ids == alone[0].token_ids and not llm._submitted  # the other went on
     assert llm.generate("hello there", good)[0].token_ids == alone[0].token_ids
     assert llm.engine.pool.num_used == 0
+
+
+class _Recorder:
+    """A stateful processor: records the newest output token at every call (an incremental FSM's update) and
+    checks that it is called with exactly the tokens it has recorded (its own sample's, one more each call)."""
+
+    def __init__(self, made: list):
+        self.seen: list[int] = []
+        made.append(self)
+
+    def __call__(self, ids, logits):
+        if ids:
+            self.seen.append(ids[-1])
+        assert ids == self.seen, f"called with {ids}, but its state holds {self.seen}"
+        return logits
+
+
+class _PerSample:
+    """A factory entry: for_sequence() makes one _Recorder per sample."""
+
+    def __init__(self):
+        self.made: list[_Recorder] = []
+
+    def for_sequence(self):
+        return _Recorder(self.made)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_factory_processors_make_one_processor_per_sample(tok, async_scheduling):
+    """A logits_processors entry with for_sequence() is called once per sample (n = 3: three processors), each
+    of which sees its own sample's tokens only, its first token's call included (the n first tokens are drawn
+    from one prefill's logits); a plain function beside it is shared, as before; preempted samples keep theirs;
+    two requests given the same params get their own. A plain stateful function (shared) mixes the samples."""
+    from lmforge.infer.engine import Engine, EngineConfig
+    from lmforge.infer.llm import LLM
+
+    from .infer_helpers import run_requests, tiny_model
+
+    model = tiny_model("llama", init_std=0.3)
+    factory, calls = _PerSample(), []
+    sp = SamplingParams(temperature=1.0, seed=0, n=3, max_tokens=6, ignore_eos=True,
+                        logits_processors=(factory, lambda ids, l: calls.append(len(ids)) or l))
+    out = LLM(model, tok, config=EngineConfig(block_size=4, async_scheduling=async_scheduling)).generate("x", sp)[0]
+    assert len(factory.made) == 3 and len(calls) == 3 * 6
+    assert sorted(p.seen for p in factory.made) == sorted(o.token_ids[:-1] for o in out.outputs)  # (the last: unseen)
+    plain = SamplingParams(**{**vars(sp), "logits_processors": ()})
+    assert [o.token_ids for o in out.outputs] == [o.token_ids for o in LLM(model, tok).generate("x", plain)[0].outputs]
+    # preemption (a pool too small for every sample at once) and two requests sharing the params
+    factory.made.clear()
+    small = Engine(model, tok, EngineConfig(block_size=4, num_kv_tokens=48, async_scheduling=async_scheduling))
+    longer = dataclasses.replace(sp, max_tokens=12)
+    outs = run_requests(small, [("x", longer), ("yy", longer)])
+    assert len(factory.made) == 6
+    assert small.scheduler.num_preemptions > 0
+    assert sorted(p.seen for p in factory.made) == sorted(o.token_ids[:-1] for r in outs for o in r.outputs)
+    shared = _Recorder([])
+    with pytest.raises(Exception, match="but its state holds"):  # the failure per-sample factories avoid
+        LLM(model, tok).generate("x", dataclasses.replace(sp, logits_processors=(shared,)))
+    with pytest.raises(ConfigError, match="or factories with a for_sequence"):
+        SamplingParams(logits_processors=(object(),))
+    assert SamplingParams(logits_processors=factory).logits_processors == (factory,)

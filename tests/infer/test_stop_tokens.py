@@ -1,0 +1,74 @@
+"""What a sample ended by a stop string holds: its text cut before the stop string (or after it, with
+include_stop_str_in_output), its token_ids every token sampled (SamplingParams.stop's documented rule)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lmforge.infer.sampling import SamplingParams
+
+
+def force(ids_seq, eot):
+    """A processor spelling ids_seq, then the end-of-text id."""
+    def f(ids, logits):
+        out = torch.full_like(logits, float("-inf"))
+        out[ids_seq[len(ids)] if len(ids) < len(ids_seq) else eot] = 0.0
+        return out
+    return f
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("output_kind", ["cumulative", "delta"])
+def test_stop_string_text_and_token_ids(tok, include, output_kind):
+    """Byte tokens: '本' spans three tokens, the stop is found on its last. The text is cut before it (kept with
+    include_stop_str_in_output), token_ids hold every sampled token, through the stop string's last, with their
+    log-probs and offsets; a stream's text only grows and folds to the final text either way."""
+    from lmforge.infer.engine import Engine
+
+    from .infer_helpers import tiny_model
+
+    spelled = "Action: café 日本語 more"
+    ids = tok.encode(spelled)
+    through = tok.encode("Action: café 日本")
+    sp = SamplingParams(temperature=0, max_tokens=40, stop=("本", "zz"), logprobs=0, output_kind=output_kind,
+                        include_stop_str_in_output=include, logits_processors=(force(ids, tok.eot_id),))
+    engine = Engine(tiny_model("llama"), tok)
+    rid = engine.add_request("Q", sp)
+    seen = []
+    while engine.has_unfinished():
+        seen += [o.outputs[0] for o in engine.step() if o.request_id == rid]
+    last = seen[-1]
+    want = "Action: café 日本" if include else "Action: café 日"
+    if output_kind == "delta":
+        assert "".join(o.text for o in seen) == want and sum((o.token_ids for o in seen), []) == through
+    else:
+        assert last.text == want and last.token_ids == through and len(last.logprobs) == len(through)
+        texts = [o.text for o in seen]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # shown text never taken back
+        assert len(last.text_offsets) == len(through) and max(last.text_offsets) <= len(want)
+    assert last.finish_reason == "stop" and last.stop_reason == "本"
+
+
+def test_include_stop_str_in_beams_and_options(tok):
+    """Beam search keeps the stop string in the text as sampling does; the option round-trips through
+    from_dict, and equal params hash equal with it."""
+    from lmforge.infer.llm import LLM
+
+    from .infer_helpers import tiny_model
+
+    llm = LLM(tiny_model("llama", init_std=0.3), tok)
+    base = SamplingParams(temperature=0, beam_width=3, n=2, max_tokens=8, ignore_eos=True)
+    text = llm.generate("ab", base)[0].outputs[0].text
+    stop = text[2:4]
+    for include in (False, True):
+        out = llm.generate("ab", dataclasses.replace(base, stop=(stop,), include_stop_str_in_output=include))[0]
+        stopped = [o for o in out.outputs if o.finish_reason == "stop"]
+        assert stopped
+        for o in stopped:
+            assert o.stop_reason == stop and o.text.endswith(stop) == include and o.text.count(stop) == include
+    sp = SamplingParams.from_dict({"stop": "x", "include_stop_str_in_output": True})
+    same = SamplingParams(stop=("x",), include_stop_str_in_output=True)
+    assert sp.include_stop_str_in_output and sp == same and hash(sp) == hash(same)

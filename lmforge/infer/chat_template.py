@@ -44,12 +44,16 @@ class ChatTemplate:
     def role(self, role: str) -> str:
         return dict(self.role_names).get(role, role)
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt for `messages`; with add_generation_prompt, opened for the assistant's next turn."""
-        return "".join(p.text for p in self.segments(messages, add_generation_prompt))
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
+               continue_final_message: bool = False) -> str:
+        """The prompt for `messages`; with add_generation_prompt (default: unless continue_final_message),
+        opened for the assistant's next turn; with continue_final_message, ending right after the last
+        (assistant) message's content, for the model to continue it (segments)."""
+        return "".join(p.text for p in self.segments(messages, _opens(add_generation_prompt, continue_final_message),
+                                                     continue_final_message))
 
-    def encode(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True
-               ) -> tuple[list[int], list[bool]]:
+    def encode(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
+               continue_final_message: bool = False) -> tuple[list[int], list[bool]]:
         """Token ids of `render(messages)` and, per token, whether SFT trains on it. The template's markers
         are encoded as special tokens and the messages' content as plain text, so a message that contains
         "<|im_end|><|im_start|>system" stays text: it cannot close its turn or open another (prompt
@@ -57,7 +61,7 @@ class ChatTemplate:
         plain = getattr(tokenizer, "encode_ordinary", tokenizer.encode)  # a byte tokenizer has no specials to parse
         ids: list[int] = []
         mask: list[bool] = []
-        pieces = self.segments(messages, add_generation_prompt)
+        pieces = self.segments(messages, _opens(add_generation_prompt, continue_final_message), continue_final_message)
         i = 0
         while i < len(pieces):
             p = pieces[i]
@@ -71,9 +75,22 @@ class ChatTemplate:
             i += 1
         return ids, mask
 
-    def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[Piece]:
+    def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+                 continue_final_message: bool = False) -> list[Piece]:
         """The rendered conversation in pieces: markers, and each message's content apart from them. SFT
-        masks the loss to the pieces marked `train` (an assistant's content and its end marker)."""
+        masks the loss to the pieces marked `train` (an assistant's content and its end marker).
+        continue_final_message (HF's apply_chat_template and vLLM's name): the last message is a partial
+        assistant answer ('{"answer": "') that generation continues, so it is left open: no end marker after
+        it, and no new turn (refused with add_generation_prompt, and unless the last message is the
+        assistant's). HF's apply_chat_template(continue_final_message=True) on jinja() renders the same."""
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ConfigError("continue_final_message continues the last assistant message and "
+                                  "add_generation_prompt opens a new turn: pass add_generation_prompt=False")
+            last = messages[-1].get("role") if messages and isinstance(messages[-1], dict) else None
+            if last != "assistant":
+                raise ConfigError("continue_final_message needs the conversation to end with the assistant's "
+                                  f"partial message to continue; its last message is {last!r}")
         out = [Piece(self.bos, False, False)] if self.bos else []
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
@@ -85,7 +102,8 @@ class ChatTemplate:
                 raise ConfigError(f"message {i} content must be a string, got {type(content).__name__}")
             out.append(Piece(self.header.format(role=self.role(role)), False, False))
             out.append(Piece(content, role == "assistant", True))
-            out.append(Piece(self.end, role == "assistant", False))
+            if not (continue_final_message and i == len(messages) - 1):
+                out.append(Piece(self.end, role == "assistant", False))
         if add_generation_prompt:
             out.append(Piece(self.header.format(role=self.role("assistant")), False, False))
         return out
@@ -94,7 +112,9 @@ class ChatTemplate:
         """This template as the Jinja of a HF tokenizer_config.json "chat_template" (what `lmforge export`
         writes): it renders what render(messages, add_generation_prompt) does. Every piece of text is a quoted
         literal (a JSON string is a Jinja string with the same escapes), so HF's trim_blocks / lstrip_blocks
-        cannot change it; an unknown role raises with the words of segments()."""
+        cannot change it; an unknown role raises with the words of segments(). transformers' own
+        continue_final_message (cutting the rendering after the last message's content) then gives what
+        render(messages, continue_final_message=True) does (tests/infer/test_chat_continue.py)."""
         q = json.dumps
         headers = ", ".join(f"{q(r)}: {q(self.header.format(role=self.role(r)))}" for r in ROLES)
         unknown = " ~ ".join([q("message "), "loop.index0", q(" has role '"), "message['role']",
@@ -111,13 +131,16 @@ class ChatTemplate:
 
     @property
     def stop(self) -> tuple[str, ...]:
-        """Stop strings that end an assistant turn during generation."""
-        stops = [self.end.strip() or self.end]
-        nxt = self.header.split("{role}")[0]
-        if nxt.strip():
-            stops.append(nxt.strip())
-        if self.name == "plain":
-            stops = ["\nUser:"]
+        """Stop strings that end an assistant turn during generation: the end marker, and what opens any next
+        turn: the header's marker before {role} (<|im_start|>), else (a plain header, "User: ") the end and
+        every role's header ("\\nUser:", "\\nTool:", ...): the answer of a model writing the next turn itself
+        (a tool's result, the user's reply) ends where that turn would begin."""
+        stops = [self.end.strip()] if self.end.strip() else []  # (a blank end alone would stop at every line)
+        opens = self.header.split("{role}")[0].strip()
+        if opens:
+            stops.append(opens)
+        else:
+            stops += [self.end + self.header.format(role=self.role(r)).rstrip() for r in ROLES]
         return tuple(dict.fromkeys(stops))
 
     def stop_token_ids(self, tokenizer) -> tuple[int, ...]:
@@ -137,12 +160,17 @@ class ChatTemplate:
 
 TEMPLATES: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate(name="chatml", header="<|im_start|>{role}\n", end="<|im_end|>\n"),
-    "llama3": ChatTemplate(name="llama3", bos="<|begin_of_text|>", header="<|start_header_id|>{role}<|end_header_id|>\n\n",
-                           end="<|eot_id|>"),
+    "llama3": ChatTemplate(name="llama3", bos="<|begin_of_text|>",
+                           header="<|start_header_id|>{role}<|end_header_id|>\n\n", end="<|eot_id|>"),
     "plain": ChatTemplate(name="plain", header="{role}: ", end="\n",
                           role_names=(("system", "System"), ("user", "User"), ("assistant", "Assistant"),
                                       ("tool", "Tool"))),
 }
+
+
+def _opens(add_generation_prompt: bool | None, continue_final_message: bool) -> bool:
+    """add_generation_prompt's default: a new assistant turn, unless the last message is continued."""
+    return not continue_final_message if add_generation_prompt is None else add_generation_prompt
 
 
 def get_template(name: str) -> ChatTemplate:

@@ -78,6 +78,7 @@ class LLM:
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
         self.chat_template: str | None = None
         """chat()'s default template: the one a fine-tuned checkpoint records (LLM.load), else None"""
+        self._told_plain = False  # chat() warned once that it fell back to the plain template
 
     @classmethod
     def load(cls, path, device: str = "cpu", *, tokenizer=None, base=None, **kwargs) -> "LLM":
@@ -107,26 +108,32 @@ class LLM:
         return self.engine.encode(prompt, params, index)
 
     # ---------------------------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 *, errors: str = "raise") -> list[RequestOutput]:
         """One RequestOutput per prompt; `params.n` samples each (RequestOutput.outputs). A prompt is a string
         or a list (or 1-D tensor) of token ids; `prompts` is one prompt or any iterable of them. `params` is
         one SamplingParams for every prompt or a list of them, one per prompt (lm-eval's generate_until has
-        per-request settings); either way a seed gives prompt i the stream of (seed, i)."""
+        per-request settings); either way a seed gives prompt i the stream of (seed, i).
+        errors: what a request failing on its own input while it runs (a logits processor leaving no token
+        allowed: lmforge.errors.RequestError) does: "raise" (default) raises it by prompt index and drops the
+        batch; "return" returns that prompt's output in its place, finished with `error` set, and the others'
+        as usual. Bad prompts or params are refused before anything runs either way, and a failed engine step
+        (not one request's fault) raises."""
+        _check_errors(errors)
         prompts = _prompt_list(prompts)
         per_prompt = _params_list(params, len(prompts))
         encoded = [self.encode(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
-        outs = self._run([(e, self._params(sp, i)) for i, (e, sp) in enumerate(zip(encoded, per_prompt))])
+        outs = self._run([(e, self._params(sp, i)) for i, (e, sp) in enumerate(zip(encoded, per_prompt))], errors)
         return [dataclasses.replace(o, prompt=p if isinstance(p, str) else None) for o, p in zip(outs, prompts)]
 
-    def _run(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[list[int], SamplingParams]], errors: str = "raise") -> list[RequestOutput]:
         """Queue every (token ids, params) and step the engine until all finish (in order). On any error,
         also a bad request halfway through queueing, the requests queued so far are aborted."""
         ids: list[str] = []
         try:
             for prompt, params in requests:
                 ids.append(self.engine.add_request(prompt, params))
-            return self._collect(ids)
+            return self._collect(ids, errors)
         except BaseException as e:
             for rid in ids:
                 self._held.pop(rid, None)
@@ -136,23 +143,50 @@ class LLM:
                 raise RequestError(f"prompt {ids.index(e.request_id)}: {e}", e.request_id) from e
             raise
 
-    def _collect(self, ids: list[str]) -> list[RequestOutput]:
+    def _collect(self, ids: list[str], errors: str = "raise") -> list[RequestOutput]:
         """Step the engine until every request in ids has finished; their outputs, in order. Outputs of
-        other requests finishing meanwhile are held for their own callers (_held)."""
+        other requests finishing meanwhile are held for their own callers (_held). errors="raise": the first
+        of ids to fail on its own input raises its error (its output taken, the others left running or held);
+        "return": failed outputs are returned in place. A failed step (_step) takes ids' outputs and raises."""
         for rid in ids:
             if rid not in self._held and rid not in self.engine.requests:
                 raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected "
                                    "(collected already, aborted, or never added)")
-        while any(rid not in self._held for rid in ids):
-            self._step(finished_only=True)
-            for rid in ids:  # a request aborted for its own failed input (a logits processor): its error
-                if rid in self._held and self._held[rid].error is not None:
-                    raise self._held.pop(rid).error
-        return [self._held.pop(rid) for rid in ids]
+        while True:
+            if errors == "raise":
+                for rid in ids:  # a request aborted for its own failed input (a logits processor): its error
+                    if rid in self._held and self._held[rid].error is not None:
+                        raise self._held.pop(rid).error
+            if all(rid in self._held for rid in ids):
+                return [self._held.pop(rid) for rid in ids]
+            try:
+                self._step(finished_only=True)
+            except Exception:
+                for rid in ids:  # the caller has its error: their failed outputs are not held for it
+                    self._held.pop(rid, None)
+                raise
 
     def _step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """One engine step; every finished output goes to _held until its caller takes it."""
-        outs = self.engine.step(finished_only=finished_only)
+        """One engine step; every finished output goes to _held until its caller takes it.
+
+        A step that raises (not one request's input failing, which Engine.step returns as that request's
+        output with `error`: a model or engine failure, e.g. a processor returning a wrong-shaped tensor)
+        would raise again at every later step while its requests stay queued, wedging every caller. Which
+        requests that step ran cannot be told from outside the engine, so all running requests are aborted:
+        each output is held finished with `error`, a RequestError naming the request whose cause is the
+        step's exception, and the exception is raised here, once; the LLM then serves new requests.
+        (KeyboardInterrupt is not caught: a step cut short that way can be run again.)"""
+        try:
+            outs = self.engine.step(finished_only=finished_only)
+        except Exception as e:
+            own = isinstance(e, RequestError) and e.request_id in self.engine.requests  # one request's, raised
+            for rid in [e.request_id] if own else list(self.engine.requests):
+                err = e if own else RequestError(f"request {rid!r} was aborted: an engine step failed "
+                                                 f"({type(e).__name__}: {e})", rid)
+                if not own:
+                    err.__cause__ = e
+                self._held[rid] = dataclasses.replace(self.engine.abort(rid), finished=True, error=err)
+            raise
         for out in outs:
             if out.finished:
                 self._held[out.request_id] = out
@@ -168,22 +202,36 @@ class LLM:
         self._submitted.add(rid)
         return rid
 
-    def wait(self, request_ids: Seq[str]) -> list[RequestOutput]:
+    def wait(self, request_ids: Seq[str], *, errors: str = "raise") -> list[RequestOutput]:
         """Step the engine until these requests (submitted, or added to self.engine) have finished; their
-        outputs, in order. Other requests keep running; those finishing meanwhile stay to be collected."""
+        outputs, in order. Other requests keep running; those finishing meanwhile stay to be collected.
+        errors: as generate's; "raise" raises the first failed request's error (that request is collected,
+        the others stay), "return" returns failed outputs in place, with `error` set. A failed engine step
+        raises its exception and these requests are gone with it (the others get failed outputs: _step)."""
+        _check_errors(errors)
         if isinstance(request_ids, str):
             raise LmforgeError(f"wait takes a list of request ids, got the string {request_ids!r}; wait([id])")
+        ids = [str(r) for r in request_ids]
         try:
-            outs = self._collect([str(r) for r in request_ids])
+            outs = self._collect(ids, errors)
         except RequestError as e:  # that request's own input failed: it is gone, the others run on
             self._submitted.discard(e.request_id)
+            raise
+        except Exception:  # a failed step: _collect took these requests' failed outputs
+            self._submitted.difference_update(ids)
             raise
         self._submitted.difference_update(o.request_id for o in outs)
         return outs
 
-    def completed(self) -> Iterator[RequestOutput]:
+    def completed(self, *, errors: str = "raise") -> Iterator[RequestOutput]:
         """Yield each submitted request's output as it finishes, stepping the engine, until no submitted
-        request is left; requests submitted while iterating (a finished call's follow-up) are included."""
+        request is left; requests submitted while iterating (a finished call's follow-up) are included.
+        errors="raise": a request that failed on its own input raises its error, which ends this generator
+        (as any raising generator) but loses nothing: the other requests run on, and a new completed()
+        continues with them. errors="return": the failed output is yielded (`error` set) and iteration goes
+        on, what an LM program running many calls wants. A failed engine step raises its exception once;
+        every request it aborted then comes out of a new completed() as a failed output."""
+        _check_errors(errors)
         while self._submitted:
             ready = [rid for rid in self._held if rid in self._submitted]  # in the order they finished
             if not ready:
@@ -195,7 +243,7 @@ class LLM:
             for rid in ready:
                 self._submitted.discard(rid)
                 out = self._held.pop(rid)
-                if out.error is not None:  # its own input failed (the others stay to be collected)
+                if out.error is not None and errors == "raise":  # (the others stay to be collected)
                     raise out.error
                 yield out
 
@@ -225,7 +273,8 @@ class LLM:
                 self.engine.abort(rid)
 
     def chat(self, conversations, params: SamplingParams | Seq[SamplingParams] | None = None, *,
-             template=None) -> list[RequestOutput]:
+             template=None, add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+             errors: str = "raise") -> list[RequestOutput]:
         """The assistant's next turn for each conversation (a list of {"role", "content"} messages, or a list
         of such lists), batched as generate batches prompts. Each is encoded by the chat template
         (ChatTemplate.encode: markers as special tokens, contents as plain text, so a message cannot open a
@@ -233,18 +282,27 @@ class LLM:
         and those that are special tokens params.stop_token_ids (ChatTemplate.stop_token_ids).
         template: a name (lmforge.infer.chat_template.TEMPLATES) or a ChatTemplate; default: the one the
         checkpoint records (LLM.load), else chatml where the tokenizer has its special tokens, else plain
-        (chat_template.choose_template, as `lmforge chat` chooses)."""
+        (chat_template.choose_template, as `lmforge chat` chooses; falling back to plain warns, once per LLM).
+        continue_final_message: each conversation ends with a partial assistant message that the answer
+        continues (the prompt ends right after its content: no end marker, no new turn; HF's and vLLM's
+        name); add_generation_prompt (default: unless continuing) opens a new assistant turn.
+        errors: as generate's ("return": a failed conversation's output in its place, `error` set)."""
+        from lmforge.errors import warn_caller
         from lmforge.infer.chat_template import choose_template
 
-        tpl, _ = choose_template(self.tokenizer, template, self.chat_template)  # markers: single special tokens
+        tpl, notice = choose_template(self.tokenizer, template, self.chat_template)  # markers: single specials
+        if notice and not self._told_plain:
+            self._told_plain = True
+            warn_caller(f"LLM.chat: {notice} (pass template= to choose one)")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        ids = [tpl.encode(self.tokenizer, list(c))[0] for c in conversations]
+        ids = [tpl.encode(self.tokenizer, list(c), add_generation_prompt, continue_final_message)[0]
+               for c in conversations]
         end_ids = tpl.stop_token_ids(self.tokenizer)  # a marker that is one special token ends on the token
         per = [dataclasses.replace(sp, stop=tuple(dict.fromkeys(sp.stop + tpl.stop)),
                                    stop_token_ids=tuple(dict.fromkeys(sp.stop_token_ids + end_ids)))
                for sp in _params_list(params, len(ids))]
-        return self.generate(ids, per)
+        return self.generate(ids, per, errors=errors)
 
     def score(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list[tuple[float, bool]]:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
@@ -334,6 +392,12 @@ class LLM:
         if params.seed is not None and index is not None:
             changes["seed"] = seed_for(params.seed, index)
         return dataclasses.replace(params, **changes) if changes else params
+
+
+def _check_errors(errors) -> None:
+    if errors not in ("raise", "return"):
+        raise ConfigError(f"errors must be 'raise' or 'return' (a failed request's output in its place), "
+                          f"got {errors!r}")
 
 
 def _check_params(params, name: str = "params", what: str = "a SamplingParams") -> SamplingParams:

@@ -18,16 +18,10 @@ from typing import Callable
 
 import torch
 
-from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sampling import SamplingParams, is_factory
 from lmforge.utils import to_device
 
 NEG_INF = float("-inf")
-
-
-def is_factory(entry) -> bool:
-    """Whether a SamplingParams.logits_processors entry makes one processor per sample (`for_sequence()`)
-    instead of being one processor every sample of the request shares."""
-    return callable(getattr(entry, "for_sequence", None))
 
 
 def for_sample(entries: tuple) -> tuple[Callable, ...] | None:

@@ -109,7 +109,7 @@ class SamplingParams:
     'final' = no intermediate outputs, only the finished one (whole)"""
 
     def __post_init__(self) -> None:
-        if callable(self.logits_processors) or _factory(self.logits_processors):  # one function given as it is
+        if callable(self.logits_processors) or is_factory(self.logits_processors):  # one function given as it is
             object.__setattr__(self, "logits_processors", (self.logits_processors,))
         # every field's type (a request body's seed 1.5 or top_k "7" would otherwise fail inside an engine step,
         # taking the batch's other requests with it); lists become tuples, numpy numbers plain ones
@@ -156,7 +156,7 @@ class SamplingParams:
         check(self.beam_width == 1 or not (self.penalized or self.logit_bias),
               "beam search ranks the model's raw log-probabilities: penalties and logit_bias do not apply to it; "
               "drop them or use beam_width=1")
-        check(all(callable(f) or _factory(f) for f in self.logits_processors),
+        check(all(callable(f) or is_factory(f) for f in self.logits_processors),
               "logits_processors must be functions f(output_ids, logits) -> logits or factories with a "
               f"for_sequence() method returning one, got {self.logits_processors!r:.80}")
         check(self.beam_width == 1 or not self.logits_processors,
@@ -202,6 +202,7 @@ class SamplingParams:
         return self.repetition_penalty != 1 or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
 
-def _factory(entry) -> bool:
-    """A logits_processors entry making one processor per sample (lmforge.infer.processors.is_factory)."""
+def is_factory(entry) -> bool:
+    """Whether a logits_processors entry makes one processor per sample (`for_sequence()`) instead of being one
+    processor every sample of the request shares (lmforge.infer.processors.for_sample)."""
     return callable(getattr(entry, "for_sequence", None))

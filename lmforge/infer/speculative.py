@@ -521,7 +521,10 @@ def draft_step(engine, batch) -> None:
             k = strategy.budget(engine, seq, batch.room.get(seq.seq_id, 0))
             if k is not None:
                 todo.append((i, seq, k))
-            elif seq.params.n > 1 and seq.params.max_tokens > 2:  # its samples fork after this step and draft
+            elif seq.params.n > 1 and seq.params.max_tokens - 1 > 1:
+                # its samples fork after this step; each drafts while more than its next token is left after the
+                # first (`budget`: max_tokens - num_output - 1 > 0 at num_output = 1), so only then is the prompt
+                # worth the draft model's keys
                 forking.append(seq)
     if forking and engine.draft_model is not None:  # the prompt's draft keys once, for every sample
         engine.draft_model.prefill(forking)

@@ -36,6 +36,10 @@ from lmforge.errors import LmforgeError
 
 @dataclass
 class PrefixStats:
+    """Prefix-cache hits of admitted sequences. queried_blocks counts the blocks each lookup could have hit: the
+    full blocks of the tokens looked up, the last token left to compute - not the whole prompt where less is
+    looked up (a KV policy's observed tail, H2O's whole prompt: none; prompt log-probs owed from a token)."""
+
     queried_blocks: int = 0
     hit_blocks: int = 0
 
@@ -301,7 +305,7 @@ class BlockPool:
     def count_lookup(self, num_tokens: int, hits: int) -> None:
         """Hit-rate statistics of one admitted sequence (blocks it could have hit, blocks it did)."""
         if self.prefix_caching:
-            self.stats.queried_blocks += (num_tokens - 1) // self.block_size
+            self.stats.queried_blocks += max(0, num_tokens - 1) // self.block_size  # (0 tokens: no block)
             self.stats.hit_blocks += hits
 
     def reset_prefix_cache(self) -> None:

@@ -173,8 +173,9 @@ KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 
 def store_allows(c: EngineConfig, spec, draft) -> dict[str, bool]:
     """With a CacheStore (EngineConfig.kv_cache): which default-on features it leaves on ('kernel_step',
-    'cuda_graphs', 'prefix_caching'); a feature asked for explicitly (kernel_step or cuda_graphs True, a KV
-    policy, a draft) that it cannot serve, or a model with recurrent-state layers, is a one-line error."""
+    'cuda_graphs': only for a store with graph_safe = True, 'prefix_caching'); a feature asked for explicitly
+    (kernel_step or cuda_graphs True, a KV policy, a draft) that it cannot serve, or a model with recurrent-state
+    layers, is a one-line error."""
     store = c.kv_cache
     if store is None:
         return {"kernel_step": True, "cuda_graphs": True, "prefix_caching": True}
@@ -186,6 +187,9 @@ def store_allows(c: EngineConfig, spec, draft) -> dict[str, bool]:
     allows = {}
     for feature, explicit in asked.items():
         why = store.unsupported(feature)
+        if feature == "cuda_graphs" and why is None and not store.graph_safe:
+            why = ("it does not declare graph_safe = True (a graph step's host metadata are placeholders: no "
+                   "sequence ids, unit lengths; CacheStore's docstring)")
         if why is not None and explicit:
             raise ConfigError(f"kv_cache={type(store).__name__} cannot serve {feature}: {why}")
         allows[feature] = why is None
@@ -200,7 +204,7 @@ def kv_dtype(c: EngineConfig, spec) -> torch.dtype:
 def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, extra_per_token: int = 0) -> int:
     """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids. The state rows
     of recurrent layers (max_num_seqs + 1 + state_snapshots of spec.bytes_per_sequence(), lmforge.infer.kv.state)
-    come first. A
+    and a CacheStore's per-sequence state (max_num_seqs of its bytes_per_sequence) come first. A
     model of state layers only stores nothing per token: its blocks are bookkeeping, as many as max_num_seqs
     full-length sequences hold whatever num_kv_tokens says (a KV budget would only refuse requests and preempt)."""
     if spec.bytes_per_token() + extra_per_token == 0:
@@ -208,6 +212,8 @@ def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, e
     per_token = (spec.bytes_per_token(kv_dtype(c, spec)) if c.kv_cache is None
                  else c.kv_cache.bytes_per_token(spec, kv_dtype(c, spec))) + extra_per_token
     state = (c.max_num_seqs + 1 + c.state_snapshots) * spec.bytes_per_sequence()
+    if c.kv_cache is not None:
+        state += c.max_num_seqs * c.kv_cache.bytes_per_sequence(spec, kv_dtype(c, spec))
     if c.num_kv_tokens is not None:
         tokens = c.num_kv_tokens
     elif device.type == "cuda":

@@ -233,6 +233,8 @@ class DecodeGraphs:
         pairs = isinstance(what, tuple) and what[:1] == ("pairs",)
         feats = torch.zeros(Bp, what[1], dtype=what[2], device=dev) if pairs else None
         rows_tree = torch.ones(2, Bp, dtype=torch.long, device=dev) if tree else None
+        # host fields are placeholders, fixed at capture (no sequence ids, unit lengths): a cache reads the device
+        # tensors here; a CacheStore's cache runs on these steps only with graph_safe (kv.paged.CacheStore)
         meta = AttnMetadata(positions=host[1][None], slot_mapping=host[2], context_lens=host[3].to(torch.int32),
                             logits_indices=torch.arange(Bp, device=dev), block_tables=tables,
                             query_lens_host=(1,) * Bp, context_lens_host=(1,) * Bp, num_decodes=Bp,

@@ -73,14 +73,20 @@ class AttnMetadata:
     context_lens: torch.Tensor | None = None
     """(S,) int32 keys each sequence attends over after this step's writes"""
     query_lens_host: tuple[int, ...] = ()
-    """new tokens of each sequence this step (host copy); their sum is N"""
+    """new tokens of each sequence this step (host copy); their sum is N. On CUDA-graph steps
+    (lmforge.infer.graphs) the host fields are placeholders fixed at capture, the same for every replay: a decode
+    graph's query_lens_host = context_lens_host = (1,) * B' (B' the padded bucket), seq_ids_host = (); a mixed
+    step's all ()"""
     context_lens_host: tuple[int, ...] = ()
+    """keys of each sequence after this step's writes (host copy of context_lens; a placeholder on graph steps)"""
     num_decodes: int = 0
     """the first num_decodes sequences have exactly one query each (decode steps)"""
     seq_ids_host: tuple[int, ...] = ()
     """the engine's id of each sequence (host copy): caches that keep per-sequence state (a KV policy's
-    scores, an SSM's recurrent state) key it by this; the engine names forks and finished sequences to
-    them with the same ids (cache.fork / cache.release)"""
+    scores, an SSM's state rows, a CacheStore's buffers) key it by this; the engine names forks and finished
+    sequences to them with the same ids (cache.fork / cache.release). () on CUDA-graph steps (a captured forward
+    has no host values): state read there needs a device tensor (an SSM's rows: state_slots), and a CacheStore's
+    cache runs under graphs only where it declares graph_safe (lmforge.infer.kv.paged.CacheStore)"""
     decode_groups: tuple[tuple[int, int, int], ...] = ()
     """(first row, end row, block-table width) of decode rows sorted by context length, for caches that
     gather a group's blocks (the padded width then follows the group, not the batch); () = one group"""

@@ -30,10 +30,12 @@ class Int8Cache(PagedKVCache):
 
 
 class Int8Store(CacheStore):
+    graph_safe = True  # PagedKVCache's decode path reads device metadata only
+
     def __init__(self, refuse=()):
         self.refuse, self.built = refuse, 0
 
-    def build(self, spec, num_blocks, block_size, device, dtype, decode, prefill):
+    def build(self, spec, num_blocks, block_size, device, dtype, decode, prefill, max_seqs):
         self.built += 1
         return Int8Cache(spec, num_blocks, block_size, device, dtype, decode, prefill)
 

@@ -255,6 +255,13 @@ class PagedCache(_Hooked):
                 else:  # kv head h's keys to its own slots d[h]
                     flat.index_put_((d.t(), heads), moved)
 
+    def compacted(self, seq_id: int, keep, old_num_slots: int) -> None:
+        """A KV policy compacted sequence seq_id (lmforge.infer.kv.policy), after its keys moved: of its
+        old_num_slots slots, new slot i holds the key of old slot keep[..., i] (KVPolicy.compacted's form: a host
+        list, or an (L, heads, K) tensor on the device). Called for every applied plan, also when nothing was
+        copied (whole blocks changed hands in the block table). For a cache that keeps per-sequence state by
+        slot (a store's full-precision buffer of recent keys); the built-in caches keep none."""
+
     def key_pools(self) -> list[torch.Tensor]:
         """The pools holding rotated (RoPE) keys, one per layer (`rotate_keys`); none by default."""
         return []
@@ -556,21 +563,52 @@ class CacheStore:
     """How the engine's paged cache keeps keys and values (EngineConfig.kv_cache). None there = the
     default: PagedKVCache / PagedLatentCache at EngineConfig.kv_cache_dtype. A store for quantized or
     compressed K/V (per-token int8 with scales, KIVI, Lexico's sparse codes) subclasses this:
-      build(spec, num_blocks, block_size, device, dtype, decode, prefill) -> its cache object (a PagedCache)
+      build(spec, num_blocks, block_size, device, dtype, decode, prefill, max_seqs) -> its cache object (a
+                                    PagedCache); max_seqs: the most sequences running at once (rows of its
+                                    per-sequence state)
       bytes_per_token(spec, dtype)  what a token takes in the pool: the engine sizes it by this
+      bytes_per_sequence(spec, dtype)  what one sequence's own state takes beside its blocks (a buffer of
+                                    recent keys in full precision: Lexico, KIVI's residual); the pool's budget
+                                    leaves max_num_seqs of it aside (config.pool_blocks). Default 0
       unsupported(feature)          why it cannot serve a feature, or None: 'kernel_step' (the batch-1 Triton
                                     step reads K/V pools itself), 'cuda_graphs', 'kv_policy' (compaction moves
                                     slots one by one), 'prefix_caching', 'draft' (speculative decoding rewinds
                                     slots); the engine refuses an explicit request for one with this reason
                                     and leaves the default-on ones off
-    Steps holding prefill chunks run eagerly with a store (its attend never sees AttnMetadata.varlen_tiles).
-    Models with recurrent-state layers keep the default cache."""
+    and opts in, by class attribute, to what its cache must be written for:
+      graph_safe = True        its attend computes right on CUDA-graph steps (lmforge.infer.graphs). Those
+                               replay one captured forward, so AttnMetadata carries device tensors only
+                               (slot_mapping, block_tables, context_lens, positions); its host fields are
+                               placeholders fixed at capture: query_lens_host = context_lens_host = (1,) * B'
+                               (B' the padded bucket), seq_ids_host = () - no sequence ids, so per-sequence
+                               state keyed by them is not found. False (default): graphs stay off, and
+                               cuda_graphs=True is a one-line error
+      calls_score_hook = True  its attend passes self.hook_for(layer, seq_ids) (PagedCache) as the probability
+                               hook of each attention it computes (a decode group's rows, each prefill chunk),
+                               as PagedKVCache.attend does; a KV policy with needs_scores (H2O, SnapKV) is
+                               refused without it
+    Its cache is told of per-sequence events (keyed by AttnMetadata.seq_ids_host): fork(parent, child),
+    release(seq_id), preempt(seq_id) where it has them (Engine._cache_event), and a KV policy's compactions
+    (PagedCache.compacted(seq_id, keep, old_num_slots), after the keys moved, also when only block-table entries
+    changed hands). A policy selects slots; compressing what a slot holds is the store's business
+    (docs/kv_policies.md). Steps holding prefill chunks run eagerly with a store (its attend never sees
+    AttnMetadata.varlen_tiles). Models with recurrent-state layers keep the default cache."""
 
-    def build(self, spec: CacheSpec, num_blocks: int, block_size: int, device, dtype, decode: str, prefill: str):
+    graph_safe: bool = False
+    """its cache reads only device metadata where a CUDA-graph step runs it (above); False keeps graphs off"""
+    calls_score_hook: bool = False
+    """its cache's attend calls the score hook (hook_for) as the built-in caches do; False refuses policies
+    with needs_scores"""
+
+    def build(self, spec: CacheSpec, num_blocks: int, block_size: int, device, dtype, decode: str, prefill: str,
+              max_seqs: int):
         raise NotImplementedError
 
     def bytes_per_token(self, spec: CacheSpec, dtype: torch.dtype) -> int:
         return spec.bytes_per_token(dtype)
+
+    def bytes_per_sequence(self, spec: CacheSpec, dtype: torch.dtype) -> int:
+        return 0
 
     def unsupported(self, feature: str) -> str | None:
         return None
@@ -578,10 +616,11 @@ class CacheStore:
 
 def new_paged_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=None, dtype=None,
                     decode: str = "auto", prefill: str = "auto", max_seqs: int = 256, store: CacheStore | None = None):
-    """max_seqs: rows of recurrent state, one per running sequence (models with state layers only); store:
-    a CacheStore that builds the cache instead of the default kinds."""
+    """max_seqs: the most sequences running at once (rows of recurrent state, models with state layers; a store's
+    per-sequence state); store: a CacheStore that builds the cache instead of the default kinds."""
     if store is not None:
-        return store.build(spec, num_blocks, block_size, device, dtype or spec.dtype, decode, prefill)
+        dtype = dtype or spec.dtype
+        return store.build(spec, num_blocks, block_size, device, dtype, decode, prefill, max_seqs=max_seqs)
     if spec.has_state:  # Mamba / hybrids: state rows beside the blocks, one cache object (lmforge.infer.kv.state)
         from lmforge.infer.kv.state import new_state_cache
 

@@ -57,8 +57,11 @@ Preemption recomputes from token 0 (evicted = 0, state restarted: the recomputed
 Forks copy the parent's state (`fork`). Refused with a one-line error (`check_engine`): speculative decoding
 and token trees (drafts rewind and move keys by position), sliding-window and recurrent-state models
 (windows are measured on slots), models without cache_spec(), and kernel_step=True (the batch-1 kernel step
-writes each key at its position's slot; it is off with a policy). CUDA graphs and the Triton decode kernel
-read each row's context length in slots, so they stay on.
+writes each key at its position's slot; it is off with a policy), and a policy with needs_scores on a
+CacheStore that does not declare `calls_score_hook` (its attend would never feed `observe`). CUDA graphs and
+the Triton decode kernel read each row's context length in slots, so they stay on. A CacheStore's cache is
+told of every applied plan after the keys moved (`PagedCache.compacted(seq_id, keep, old_num_slots)`, also when
+only block-table entries changed hands): a policy selects slots, a store compresses what they hold.
 
 Per-(layer, head) budgets (PyramidKV: fewer keys in upper layers; Ada-KV: per kv head) are not supported:
 K is one count per sequence, and padding a smaller layer's plan by repeating a slot is refused (above). To add
@@ -266,6 +269,7 @@ class H2O(KVPolicy):
         n, budget = seq.num_slots, self.heavy + self.recent
         if n <= budget or seq.num_computed < state.prompt_len:
             return None
+        _all_observed(self, seq, state.score, state.heads)
         layers, first_recent = range(len(state.heads)), seq.num_computed - self.recent
         if not self.per_head:
             total = sum(state.score[layer].sum(0) for layer in layers)
@@ -345,9 +349,7 @@ class SnapKV(KVPolicy):
     def plan(self, seq, state: _SnapState) -> Keep | None:
         if not self._compresses(state) or seq.num_computed < state.prompt_len:
             return None
-        if len(state.scores) != len(state.heads):
-            raise LmforgeError(f"SnapKV observed {len(state.scores)} of {len(state.heads)} layers of sequence "
-                               f"{seq.seq_id}: a layer's attention did not reach the cache's score hook")
+        _all_observed(self, seq, state.scores, state.heads)
         prefix, k = state.prompt_len - self.window, self.pool_kernel
         pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
         keep = []
@@ -362,6 +364,14 @@ class SnapKV(KVPolicy):
 
     def compacted(self, state: _SnapState, keep: Keep) -> None:
         state.done, state.scores = True, {}
+
+
+def _all_observed(policy: KVPolicy, seq, scores: dict, heads: tuple[int, ...]) -> None:
+    """Refuse to plan from scores some layer never gave (its attention did not call the score hook)."""
+    if len(scores) != len(heads):
+        raise LmforgeError(f"{type(policy).__name__} observed {len(scores)} of {len(heads)} layers of sequence "
+                           f"{seq.seq_id}: a layer's attention did not reach the cache's score hook (a cache's "
+                           "attend passes hook_for(layer, seq_ids) to its attention: CacheStore.calls_score_hook)")
 
 
 POLICIES = {"streaming": StreamingLLM, "h2o": H2O, "snapkv": SnapKV}
@@ -417,6 +427,12 @@ def check_engine(policy: KVPolicy, spec, draft, config) -> None:
                           f"{sorted(kinds)}, window {max(layer.window for layer in spec.layers)}) is not supported: "
                           "its masks measure windows on cache slots, which eviction renumbers; use a full-attention "
                           "model")
+    store = config.kv_cache
+    if policy.needs_scores and store is not None and not store.calls_score_hook:
+        raise ConfigError(f"kv_policy={name} scores keys by their attention, but kv_cache={type(store).__name__} "
+                          "does not declare calls_score_hook = True (its attend must pass hook_for(layer, seq_ids) "
+                          "to its attention, as PagedKVCache.attend does); use a policy without scores "
+                          "(StreamingLLM) or the default cache")
     if config.kernel_step:
         raise ConfigError(f"kernel_step=True with kv_policy={name}: the batch-1 kernel step writes each key at "
                           "its position's slot; set kernel_step=None (off with a policy) or False")
@@ -456,6 +472,7 @@ class PolicySession:
     def __init__(self, policy: KVPolicy, pool, cache, spec, rotate=None):
         self.policy, self.pool, self.cache, self.rotate = policy, pool, cache, rotate
         self.turns: list = []  # (flat slots, shifts) of keys a positions-within-the-cache compaction moved
+        self.told: list = []  # (seq_id, keep, old num_slots) of compactions the cache is still to be told of
         heads = tuple(1 if layer.kind == "latent" else layer.kv_heads for layer in spec.layers)
         self.layout = CacheLayout(len(spec.layers), heads, pool.block_size)
         self.states: dict[int, object] = {}
@@ -472,7 +489,15 @@ class PolicySession:
         failed = [seq for seq in running if not self.apply(seq, moves)]
         self._flush(moves)
         self._turn()
+        self._tell()
         return failed
+
+    def _tell(self) -> None:
+        """Tell the cache of each compaction since the last call, once its keys moved (PagedCache.compacted: a
+        store's per-sequence state follows the slots)."""
+        for event in self.told:
+            self.cache.compacted(*event)
+        self.told = []
 
     def _turn(self) -> None:
         """Turn the keys the compactions since the last call moved (positions within the cache), once their
@@ -566,6 +591,9 @@ class PolicySession:
             seq.pos_shift += n - k
             if moves is None:
                 self._turn()
+        self.told.append((seq.seq_id, keep, n))
+        if moves is None:
+            self._tell()
         seq.evicted += n - k
         self.evicted_tokens += n - k
         self.compactions += 1

@@ -117,8 +117,14 @@ class Engine:
     def __init__(self, model):
         self.model, self.tokenizer = model, TOK
 
+    def _llm(self) -> LLM:
+        return LLM(self.model, TOK, cuda_graphs=False, max_batch_size=256)
+
     def generate(self, prompts, params: SamplingParams):
-        return LLM(self.model, TOK, cuda_graphs=False, max_batch_size=256).generate(prompts, params)
+        return self._llm().generate(prompts, params)
+
+    def chat(self, conversations, params: SamplingParams, *, template: str = "plain"):
+        return self._llm().chat(conversations, params, template=template)
 
 
 def accuracy(model, task, examples, max_tokens: int) -> float:

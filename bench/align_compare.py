@@ -68,15 +68,18 @@ METHODS = {
 
 
 def kto_records(pairs: list[dict]) -> list[dict]:
-    """Each pair as two unpaired records (chosen desirable, rejected not); KTOObjective builds its KL rows
-    (every prompt with the next row's completion, TRL's mismatched pairs)."""
-    return ([{"prompt": x["prompt"], "completion": x["chosen"], "label": True} for x in pairs]
-            + [{"prompt": x["prompt"], "completion": x["rejected"], "label": False} for x in pairs])
+    """Each pair as two unpaired records (chosen desirable, rejected not; their sampled ids kept); KTOObjective
+    builds its KL rows (every prompt with the next row's completion, TRL's mismatched pairs)."""
+    def side(x: dict, name: str, label: bool) -> dict:
+        ids = {"completion_ids": x[f"{name}_ids"]} if f"{name}_ids" in x else {}
+        return {"prompt": x["prompt"], "prompt_ids": x["prompt_ids"], "completion": x[name], **ids, "label": label}
+    return [side(x, "chosen", True) for x in pairs] + [side(x, "rejected", False) for x in pairs]
 
 
 def pair_records(pairs: list[dict]) -> list[dict]:
-    """Verifier-made pairs as preference records, each completion ended by the stop string."""
-    return [{"prompt": x["prompt"], "chosen": x["chosen"] + "\n", "rejected": x["rejected"] + "\n"} for x in pairs]
+    """Verifier-made pairs as preference records: conversational, with the sampled ids (each sampled side ends
+    with the stop string's newline; a reference solution gets the plain template's, the same)."""
+    return pairs
 
 
 @torch.no_grad()

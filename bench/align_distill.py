@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.align_common import (RENDER, SIZED, STOP, Clock, Engine, accuracy, completion_loss,  # noqa: E402
+from bench.align_common import (SIZED, STOP, Clock, Engine, accuracy, completion_loss,  # noqa: E402
                                 fit, model, parser, sft_records, sized_args, source, write_json)
 from lmforge.align.distill import DistillConfig, DistillObjective  # noqa: E402
 from lmforge.align.sampled import distillation_records  # noqa: E402
@@ -45,16 +45,13 @@ from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.tasks import TASKS  # noqa: E402
 
 
-def teacher_sft_records(recs: list[dict]) -> list[dict]:
-    """The teacher's outputs as prompt/completion records, ended by the stop string."""
-    return [{"prompt": r["prompt"], "completion": r["completion"] + "\n"} for r in recs]
 
 
 def teacher_records(teacher, task, examples, args, verify: bool):
     params = (SamplingParams(n=4, temperature=1.0, max_tokens=args.max_tokens, stop=STOP, seed=args.seed)
               if verify else SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=STOP))
     llm = Engine(teacher)
-    recs, stats = distillation_records(llm, examples, params, task=task if verify else None, render=RENDER)
+    recs, stats = distillation_records(llm, examples, params, task=task if verify else None)
     teacher.train()
     return recs, stats
 
@@ -132,7 +129,7 @@ def main(argv=None):
     def seq_records(verify: bool):  # the teacher answers only when a sequence-level variant runs
         recs, stats["verified" if verify else "greedy"] = teacher_records(teacher, task, prompts, args, verify)
         print(f"[{clock()}s] seq-KD records ({'verified' if verify else 'greedy'}) {stats}", flush=True)
-        return teacher_sft_records(recs)
+        return recs  # (their sampled ids end with the stop string's newline, as sft_records' text)
 
     data = sft_records(train_ex)
     variants = {

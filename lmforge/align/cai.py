@@ -6,8 +6,17 @@
           probabilities it gives the options (A) and (B), averaged over both orders to cancel position
           bias, are the AI preference label: ai_preferences -> DPO pairs or reward-model data
 
-Every step is a function over the engine's front door, `llm.generate(prompts, SamplingParams)`, so any
-object with that method (and a tokenizer, for the judge's option tokens) can play the model.
+Every step is a function over the engine's front doors, `llm.chat(conversations, SamplingParams,
+template=)` for the turns (the template's end-of-turn markers stop each answer, so none runs on into a turn
+written for the user) and `llm.generate` for the judge's one token, so any object with those methods (and a
+tokenizer, for the judge's option tokens) can play the model. Answers are kept as generated (not stripped).
+
+Records are conversational, as those of lmforge.align.sampled: "prompt" is the user turn, "completion"
+(chosen, rejected) an assistant turn, so the data loader applies its chat template and end marker. An SL-CAI
+record is the revision as the answer to the bare prompt (Bai et al.'s SFT data: the critique turns are left
+out), with "prompt_ids" (the prompt as the template opened it for the first answer) and "completion_ids" (the
+final revision's tokens, ending with what stopped it), and the revision's "finish_reason": one cut at
+max_tokens ('length') has no end, and its ids train none.
 """
 
 from __future__ import annotations
@@ -18,7 +27,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from lmforge.errors import ConfigError
-from lmforge.infer.chat_template import get_template
 from lmforge.infer.sampling import SamplingParams
 
 
@@ -52,34 +60,35 @@ def _turns(prompt: str, *pairs: tuple[str, str]) -> list[dict[str, str]]:
     return msgs
 
 
-def _generate(llm, conversations: list[list[dict]], params: SamplingParams, template: str) -> list[str]:
-    tmpl = get_template(template)
-    return [o.text.strip() for o in llm.generate([tmpl.encode(llm.tokenizer, c)[0] for c in conversations], params)]
-
-
 def sl_cai_records(llm, prompts: Sequence[str], params: SamplingParams, *,
                    principles: Sequence[Principle] = CONSTITUTION, rounds: int = 1, seed: int = 0,
                    template: str = "plain") -> list[dict]:
-    """{"prompt", "completion", "initial", "critiques", "revisions"} per prompt; completion = the last
-    revision. One batched generate call per step."""
+    """{"prompt", "completion", "prompt_ids", "completion_ids", "finish_reason", "initial", "critiques",
+    "revisions"} per prompt; completion = the last revision. One batched chat call per step."""
     if rounds < 1 or not principles:
         raise ConfigError(f"rounds={rounds} must be >= 1 and principles non-empty")
     rng = random.Random(seed)
-    responses = _generate(llm, [_turns(p) for p in prompts], params, template)
-    hist = [{"prompt": p, "initial": r, "critiques": [], "revisions": [], "current": r}
-            for p, r in zip(prompts, responses)]
+    first = llm.chat([_turns(p) for p in prompts], params, template=template)
+    hist = [{"prompt": p, "prompt_ids": list(o.prompt_token_ids), "initial": o.outputs[0].text, "critiques": [],
+             "revisions": [], "current": o.outputs[0]} for p, o in zip(prompts, first)]
     for _ in range(rounds):
         chosen = [rng.choice(principles) for _ in prompts]
-        crit = _generate(llm, [_turns(h["prompt"], (h["current"], f"Critique request: {pr.critique}"))
-                               for h, pr in zip(hist, chosen)], params, template)
-        rev = _generate(llm, [_turns(h["prompt"], (h["current"], f"Critique request: {pr.critique}"),
-                                     (c, f"Revision request: {pr.revision}"))
-                              for h, pr, c in zip(hist, chosen, crit)], params, template)
+        asks = [_turns(h["prompt"], (h["current"].text, f"Critique request: {pr.critique}"))
+                for h, pr in zip(hist, chosen)]
+        crit = [o.outputs[0].text for o in llm.chat(asks, params, template=template)]
+        rev = llm.chat([_turns(h["prompt"], (h["current"].text, f"Critique request: {pr.critique}"),
+                               (c, f"Revision request: {pr.revision}"))
+                        for h, pr, c in zip(hist, chosen, crit)], params, template=template)
         for h, c, r in zip(hist, crit, rev):
             h["critiques"].append(c)
-            h["revisions"].append(r)
-            h["current"] = r
-    return [{"prompt": h["prompt"], "completion": h.pop("current"), **h} for h in hist]
+            h["revisions"].append(r.outputs[0].text)
+            h["current"] = r.outputs[0]
+    records = []
+    for h in hist:
+        last = h.pop("current")
+        records.append({**h, "prompt": _turns(h["prompt"]), "completion": [{"role": "assistant", "content": last.text}],
+                        "completion_ids": list(last.token_ids), "finish_reason": last.finish_reason})
+    return records
 
 
 def judge_prompt(prompt: str, a: str, b: str, principle: Principle) -> str:
@@ -102,8 +111,9 @@ def _option_probs(out, ids: tuple[int, int]) -> tuple[float, float]:
 def ai_preferences(llm, prompts: Sequence[str], pairs: Sequence[tuple[str, str]], *,
                    principles: Sequence[Principle] = CONSTITUTION, seed: int = 0, top_logprobs: int = 20
                    ) -> tuple[list[dict], dict[str, int]]:
-    """{"prompt", "chosen", "rejected", "p_chosen"} per pair the judge prefers one side of; ties (no
-    preference after averaging both orders) are counted in stats, not returned."""
+    """{"prompt", "chosen", "rejected", "p_chosen"} per pair the judge prefers one side of (conversational:
+    the prompt a user turn, the responses assistant turns); ties (no preference after averaging both orders)
+    are counted in stats, not returned."""
     ids = tuple(llm.tokenizer.encode(x)[0] for x in ("A", "B"))
     rng = random.Random(seed)
     chosen = [rng.choice(principles) for _ in prompts]
@@ -118,5 +128,6 @@ def ai_preferences(llm, prompts: Sequence[str], pairs: Sequence[tuple[str, str]]
             ties += 1
             continue
         win, lose = (a, b) if p_a > 0.5 else (b, a)
-        records.append({"prompt": p, "chosen": win, "rejected": lose, "p_chosen": max(p_a, 1 - p_a)})
+        records.append({"prompt": _turns(p), "chosen": [{"role": "assistant", "content": win}],
+                        "rejected": [{"role": "assistant", "content": lose}], "p_chosen": max(p_a, 1 - p_a)})
     return records, {"pairs": n, "labelled": len(records), "ties": ties}

@@ -16,6 +16,15 @@ packed rows add doc_ids and positions restarting per document (lmforge.model.met
 share a row without attending to each other; preference pairs become chosen_* / rejected_* (+ `margin` (B,)
 when the records give one, read by lmforge.align.reward's RewardObjective), KTO adds `label`.
 
+Records made by sampling (lmforge.align.sampled, lmforge.align.cai) also carry the sampled tokens:
+"prompt_ids" and "completion_ids" (a pair's "chosen_ids" / "rejected_ids"). Those are trained as they are,
+not re-encoded from the text (which may split differently, or not round-trip where a sample holds an
+incomplete character): the loss on the completion ids, and nothing appended, since a sample that stopped holds
+the token (or the stop string's tokens) that ended it and one cut at max_tokens has no end. The prompt ids must
+be this Encoder's encoding of the prompt (the chat template opened for the assistant), else the record was
+sampled under another template or tokenizer and is refused; a side without ids (a reference solution) is
+encoded from its text.
+
 Bad records raise a one-line DataError naming file:line and field (on_error="raise"), or with
 on_error="skip" are counted per reason in a DataReport that the caller prints and saves: never dropped
 silently. Examples longer than seq_len + 1 tokens are truncated, and counted.
@@ -163,9 +172,11 @@ class Encoder:
             mask = [False] * len(p_ids) + mask[len(p_ids):]
         return ids, mask
 
-    def prompt_completion(self, prompt: Any, completion: Any, where: str, name: str = "completion") -> Example:
+    def prompt_completion(self, prompt: Any, completion: Any, where: str, name: str = "completion",
+                          ids: tuple[Any, Any] | None = None) -> Example:
         """Loss on the completion only (TRL's completion_only_loss) unless loss_on='all'. Strings are
-        concatenated (+ the end-of-text token); message lists go through the chat template."""
+        concatenated (+ the end-of-text token); message lists go through the chat template; ids (the record's
+        prompt_ids and `name`_ids, see the module docstring) are taken as they are."""
         for fname, v in (("prompt", prompt), (name, completion)):
             if not (isinstance(v, str) and v) and not (isinstance(v, list) and v):
                 raise RecordError(f"bad_{fname}",
@@ -173,11 +184,39 @@ class Encoder:
         if isinstance(prompt, list) != isinstance(completion, list):
             raise RecordError("mixed_formats",
                               f"{where}: fields 'prompt' and {name!r} must both be strings or both message lists")
+        if ids is not None:
+            return self.sampled(prompt, *ids, where, name)
         if isinstance(prompt, list):  # conversational: the completion's assistant turns are trained, not the prompt's
             return self.chat(prompt + completion, where, f"prompt + {name}", n_prompt=len(prompt))
         p, c_ids = self.tok.encode(prompt), self.tok.encode(completion)
         c_ids = c_ids + ([self.eos] if self.eos is not None else [])
         return p + c_ids, [self.loss_on == "all"] * len(p) + [True] * len(c_ids)
+
+    def sampled(self, prompt: Any, prompt_ids: Any, completion_ids: Any, where: str, name: str) -> Example:
+        """A sampled record's tokens as they are, after checking the prompt ids are this Encoder's prompt."""
+        V = self.tok.vocab_size
+        for fname, v in (("prompt_ids", prompt_ids), (f"{name}_ids", completion_ids)):
+            if not (isinstance(v, list) and v and all(type(t) is int and 0 <= t < V for t in v)):
+                raise RecordError("bad_ids", f"{where}: field {fname!r} must be a non-empty list of token ids "
+                                             f"below the tokenizer's vocab_size={V}")
+        if isinstance(prompt, list):
+            try:
+                want = self.template.encode(self.tok, prompt, add_generation_prompt=True)[0]
+            except (LmforgeError, AttributeError) as e:
+                raise RecordError("bad_messages", f"{where}: field 'prompt': {e}") from e
+        else:
+            want = self.tok.encode(prompt)
+        if prompt_ids != want:
+            raise RecordError("ids_mismatch", f"{where}: field 'prompt_ids' is not this run's encoding of 'prompt' "
+                              f"(chat template {self.template.name!r}): it was sampled under another template or "
+                              "tokenizer; set data.template to the one it was sampled with, or remove the *_ids "
+                              "fields to train on the re-encoded text")
+        return prompt_ids + completion_ids, [self.loss_on == "all"] * len(prompt_ids) + [True] * len(completion_ids)
+
+
+def sampled_ids(rec: dict, name: str) -> tuple[Any, Any] | None:
+    """(prompt_ids, `name`_ids) of a record that carries its sampled tokens, else None (encoded from text)."""
+    return (rec.get("prompt_ids"), rec[f"{name}_ids"]) if f"{name}_ids" in rec else None
 
 
 def read_jsonl(path: str | Path, report: DataReport, on_error: str):
@@ -241,7 +280,8 @@ def _encode(enc: Encoder, rec: dict, kind: str, where: str, fit):
         if "messages" in rec:
             return fit(enc.chat(rec["messages"], where))
         if "prompt" in rec and "completion" in rec:
-            return fit(enc.prompt_completion(rec["prompt"], rec["completion"], where))
+            return fit(enc.prompt_completion(rec["prompt"], rec["completion"], where,
+                                             ids=sampled_ids(rec, "completion")))
         raise RecordError("unknown_format", f"{where}: expected field 'messages' (chat) or 'prompt' + "
                                             f"'completion'; got {sorted(rec)}")
     if kind == "preference":
@@ -256,14 +296,15 @@ def _encode(enc: Encoder, rec: dict, kind: str, where: str, fit):
         if "margin" in rec and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                 or not math.isfinite(margin)):
             raise RecordError("bad_margin", f"{where}: field 'margin' must be a finite number, got {margin!r}")
-        pair = (fit(enc.prompt_completion(rec["prompt"], rec["chosen"], where, "chosen")),
-                fit(enc.prompt_completion(rec["prompt"], rec["rejected"], where, "rejected")))
+        pair = tuple(fit(enc.prompt_completion(rec["prompt"], rec[side], where, side, sampled_ids(rec, side)))
+                     for side in ("chosen", "rejected"))
         return pair + (float(margin),) if "margin" in rec else pair
     if kind == "kto":
         if not isinstance(rec.get("label"), bool):
             raise RecordError("bad_label", f"{where}: field 'label' must be true (desirable) or false (undesirable), "
                             f"got {rec.get('label')!r}")
-        return fit(enc.prompt_completion(rec.get("prompt"), rec.get("completion"), where)), rec["label"]
+        return fit(enc.prompt_completion(rec.get("prompt"), rec.get("completion"), where,
+                                         ids=sampled_ids(rec, "completion"))), rec["label"]
     raise DataError(f"unknown data kind {kind!r}; choose sft, preference or kto")
 
 

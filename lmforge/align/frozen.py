@@ -83,8 +83,8 @@ class Frozen:
     (requires_grad False, moved to `device`) at its first forward, so a check can refuse it first."""
 
     def __init__(self, model: torch.nn.Module, *, role: str, device: str | torch.device | None = None,
-                 path: str | None = None, cache_size: int = 0):
-        self.role, self.path, self.cache_size = role, path, cache_size
+                 path: str | None = None, cache_size: int = 0, vocab: int | None = None):
+        self.role, self.path, self.cache_size, self.vocab = role, path, cache_size, vocab
         self.model = model
         self._target = torch.device(device) if device is not None else None
         self._frozen = False
@@ -124,11 +124,18 @@ class Frozen:
             raise ConfigError(f"the {self.role} {what}; {fix}")
 
     def check_vocab(self, model: torch.nn.Module) -> None:
-        """One-line ConfigError when the trained model and this one disagree on the vocabulary."""
+        """One-line ConfigError when the trained model and this one disagree on the vocabulary: sizes must be
+        equal, or with `vocab` (the tokenizer's size: the user compares over its ids) both at least that."""
         mine, theirs = vocab_size(self.model), vocab_size(model)
-        if mine is not None and theirs is not None and mine != theirs:
+        if mine is None or theirs is None:
+            return
+        if self.vocab is not None and min(mine, theirs) < self.vocab:
+            raise ConfigError(f"{self.role} vocab_size={mine} and the trained model's vocab_size={theirs} must both "
+                              f"cover the tokenizer's {self.vocab} ids; use a {self.role} built with this tokenizer")
+        if self.vocab is None and mine != theirs:
             raise ConfigError(f"{self.role} vocab_size={mine} differs from the trained model's vocab_size={theirs}; "
-                              f"use a {self.role} built with the same tokenizer")
+                              f"use a {self.role} built with the same tokenizer (if only the embedding padding "
+                              "differs, give the tokenizer's vocabulary size: vocab_size=, as lmforge distill does)")
 
     # forward ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -242,15 +249,16 @@ class BaseReference(Frozen):
 
 
 def held(model: torch.nn.Module | Frozen | None, *, role: str, device: str | torch.device | None = None,
-         path: str | None = None, cache_size: int = 0) -> Frozen | None:
+         path: str | None = None, cache_size: int = 0, vocab: int | None = None) -> Frozen | None:
     """What an objective holds for its `reference=` / `teacher=` argument: a module becomes a Frozen; a
-    Frozen (a BaseReference) is adopted, taking the objective's role, path and cache; None stays None."""
+    Frozen (a BaseReference) is adopted, taking the objective's role, path, cache and vocab; None stays None."""
     if not isinstance(model, Frozen):
-        return None if model is None else Frozen(model, role=role, device=device, path=path, cache_size=cache_size)
+        return None if model is None else Frozen(model, role=role, device=device, path=path, cache_size=cache_size,
+                                                 vocab=vocab)
     if device is not None:
         raise ConfigError(f"{role}_device={str(device)!r} cannot move a {type(model).__name__}, which runs where "
                           f"its model is; unset {role}_device, or pass a separate {role} model")
-    model.role, model.path, model.cache_size = role, path or model.path, cache_size
+    model.role, model.path, model.cache_size, model.vocab = role, path or model.path, cache_size, vocab
     return model
 
 

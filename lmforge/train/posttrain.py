@@ -226,9 +226,14 @@ def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: t
     for role, path in (("reference", cfg.reference or init_path), ("teacher", cfg.teacher)):
         if role in params and not (role == "reference" and getattr(options, "loss_type", "") == "simpo"):
             base = role == "reference" and not cfg.reference and cfg.lora is not None and policy is not None
-            kwargs[role] = BaseReference(policy) if base else _frozen_model(path, role, device, tok)
+            # loaded straight onto its own device (teacher_device / reference_device): a teacher built on the
+            # run's GPU first would not fit exactly when the option is needed
+            where = getattr(options, f"{role}_device", None) or device
+            kwargs[role] = BaseReference(policy) if base else _frozen_model(path, role, where, tok)
             if f"{role}_path" in params:
                 kwargs[f"{role}_path"] = path
+    if "vocab_size" in params and getattr(tok, "vocab_size", None):  # frozen models may be padded beyond it
+        kwargs["vocab_size"] = tok.vocab_size
     return cls(options, **kwargs) if options is not None else cls(**kwargs)
 
 

@@ -343,3 +343,29 @@ def test_preference_margins_reach_the_batch_and_mixed_files_are_refused(tmp_path
     bad = _write(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}])
     with pytest.raises(DataError, match=r"^bad.jsonl:1: field 'margin' must be a finite number, got 'big'"):
         D.load_records((str(bad),), enc, "preference", 64, "raise")
+
+
+def test_sampled_token_ids_are_trained_as_they_are_in_every_record_kind(tmp_path):
+    """prompt_ids / completion_ids (chosen_ids, rejected_ids) of sampled records: taken as they are, loss on the
+    completion ids, nothing appended; a side without ids is encoded from its text; bad or foreign ids refused."""
+    enc = D.Encoder(TOK, "plain")
+    user = [{"role": "user", "content": "hi"}]
+    p_ids = list(b"User: hi\nAssistant: ")
+    sampled = [104, 195]  # 'h' and the first byte of a two-byte character: its text would not round-trip
+    rec = {"prompt": user, "completion": [{"role": "assistant", "content": "h\ufffd"}], "prompt_ids": p_ids,
+           "completion_ids": sampled}
+    ids, mask = D.encode_record(enc, rec, "sft", "x:1", 99, D.DataReport())
+    assert ids == p_ids + sampled and mask == [False] * len(p_ids) + [True, True]
+    kto, label = D.encode_record(enc, {**rec, "label": False}, "kto", "x:1", 99, D.DataReport())
+    assert kto == (ids, mask) and label is False
+    pair = {"prompt": user, "prompt_ids": p_ids, "chosen": [{"role": "assistant", "content": "ok"}],
+            "rejected": [{"role": "assistant", "content": "no"}], "rejected_ids": [110, TOK.eot_id]}
+    chosen, rejected = D.encode_record(enc, pair, "preference", "x:1", 99, D.DataReport())
+    assert chosen == enc.chat(user + pair["chosen"], "x", n_prompt=1)  # text: the template's end marker
+    assert rejected == (p_ids + [110, TOK.eot_id], [False] * len(p_ids) + [True, True])
+    bad = [({**rec, "completion_ids": [104, 999]}, "bad_ids"), ({**rec, "completion_ids": []}, "bad_ids"),
+           ({k: v for k, v in rec.items() if k != "prompt_ids"}, "bad_ids"),
+           ({**rec, "prompt_ids": list(b"User: hi\n")}, "ids_mismatch")]
+    path = _write(tmp_path / "bad.jsonl", [r for r, _ in bad] + [rec])
+    items, report = D.load_records((str(path),), enc, "sft", 64, "skip")
+    assert len(items) == 1 and report.rejected == {"bad_ids": 3, "ids_mismatch": 1}

@@ -582,6 +582,40 @@ def recorded_chat_template(path: str | Path) -> str | None:
     return meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
 
 
+def hf_chat_template(path: str | Path):
+    """A HF model directory's own chat template as a lmforge.infer.chat_template.JinjaTemplate (None: not a HF
+    directory, or it has none): chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or
+    a list of named templates: "default"), with the special tokens the config names (bos_token, eos_token, ...),
+    which the Jinja reads; its eos_token ends an answer."""
+    from lmforge.infer.chat_template import JinjaTemplate
+
+    try:
+        ckpt = resolve_checkpoint(path)
+    except (OSError, LmforgeError):
+        return None
+    if not is_hf_dir(ckpt):
+        return None
+    try:
+        config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    source = config.get("chat_template")
+    if (ckpt / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it
+        source = (ckpt / "chat_template.jinja").read_text()
+    if isinstance(source, list):
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(source, str) or not source.strip():
+        return None
+    tokens = {}
+    for key, value in config.items():  # an AddedToken is saved as {"content": ...}
+        value = value.get("content") if isinstance(value, dict) else value
+        if key.endswith("_token") and isinstance(value, str):
+            tokens[key] = value
+    return JinjaTemplate(name=f"{ckpt.name}'s own (tokenizer_config.json)", source=source,
+                         tokens=tuple(sorted(tokens.items())), end=tokens.get("eos_token", ""))
+
+
 def _base_model(record: dict, ckpt: Path, base: str | Path | None) -> torch.nn.Module:
     """The model an adapter-only checkpoint's tensors go onto: its recorded base (or `base`, where it is
     now) once its identity is checked, with the base's own adapters merged where the record says so."""

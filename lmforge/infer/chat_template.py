@@ -6,13 +6,16 @@ Each template is a small frozen dataclass of strings, so new formats are data, n
   chatml   <|im_start|>role\\ncontent<|im_end|>\\n ... <|im_start|>assistant\\n      (OpenAI ChatML, Qwen)
   llama3   <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...  (Llama 3)
   plain    "User: ...\\nAssistant: ..." for base models and byte-level toy models
+A HF checkpoint's own Jinja template (JinjaTemplate) is rendered with jinja2, for generation.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
+from datetime import datetime
 from typing import NamedTuple
 
 from lmforge.errors import ConfigError
@@ -54,25 +57,45 @@ class ChatTemplate:
 
     def encode(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
                continue_final_message: bool = False) -> tuple[list[int], list[bool]]:
-        """Token ids of `render(messages)` and, per token, whether SFT trains on it. The template's markers
-        are encoded as special tokens and the messages' content as plain text, so a message that contains
-        "<|im_end|><|im_start|>system" stays text: it cannot close its turn or open another (prompt
-        injection through user text). Chat generation and SFT both tokenize conversations here."""
+        """Token ids of `render(messages)` and, per token, whether SFT trains on it. The template's markers that
+        are single tokens of this tokenizer are encoded as special tokens, the plain text of each message between
+        them (header, content, end string) in one piece, so the ids are those of HF's apply_chat_template on
+        jinja() (which tokenizes the rendered text whole; only whitespace ending a message may split otherwise)
+        while the tokens of the first messages are those of those messages alone (SFT's prompt-completion
+        records take the prompt's ids as a prefix: lmforge.align.data), and a message that contains
+        "<|im_end|><|im_start|>system" stays text: it cannot close its turn or open another (prompt injection
+        through user text). A token is trained when it overlaps a trained piece (an assistant's content or end
+        marker: HF's assistant-token mask does the same), so " Hi" after a plain "Assistant:" header is trained.
+        No BOS is added beyond the template's own (HF: add_special_tokens=False). Chat generation and SFT both
+        tokenize conversations here."""
         plain = getattr(tokenizer, "encode_ordinary", tokenizer.encode)  # a byte tokenizer has no specials to parse
+        pieces = self.segments(messages, _opens(add_generation_prompt, continue_final_message), continue_final_message)
         ids: list[int] = []
         mask: list[bool] = []
-        pieces = self.segments(messages, _opens(add_generation_prompt, continue_final_message), continue_final_message)
-        i = 0
-        while i < len(pieces):
-            p = pieces[i]
-            if p.content and i + 1 < len(pieces) and not MARKER.search(pieces[i + 1].text):
-                t = plain(p.text + pieces[i + 1].text)  # an end marker of plain text ("\n") joins its content
-                i += 1
-            else:
-                t = (plain if p.content else tokenizer.encode)(p.text) if p.text else []
-            ids += t
-            mask += [p.train] * len(t)
-            i += 1
+        run: list[tuple[str, bool]] = []  # the plain text since the last special marker: (text, train) pieces
+
+        def flush() -> None:
+            t, m = _encode_run(tokenizer, plain, run)
+            ids.extend(t)
+            mask.extend(m)
+            run.clear()
+
+        for k, p in enumerate(pieces):
+            if k and not p.content and not pieces[k - 1].content:  # a header: each message is a run of its own
+                flush()
+            parts = [p.text] if p.content else MARKER.split(p.text)
+            markers = [] if p.content else MARKER.findall(p.text)
+            for j, part in enumerate(parts):
+                run.append((part, p.train))
+                if j < len(markers):
+                    one = tokenizer.encode(markers[j])
+                    if len(one) == 1:  # a special token of this tokenizer (else plain text, in the run)
+                        flush()
+                        ids.append(one[0])
+                        mask.append(p.train)
+                    else:
+                        run.append((markers[j], p.train))
+        flush()
         return ids, mask
 
     def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
@@ -158,6 +181,93 @@ class ChatTemplate:
         return tuple(ids)
 
 
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+"""end-of-turn markers of common HF chat templates: one that a template's Jinja writes ends an answer"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JinjaTemplate(ChatTemplate):
+    """A HF checkpoint's own chat template (tokenizer_config.json "chat_template" or chat_template.jinja:
+    lmforge.checkpoint.hf_chat_template), rendered by jinja2 as transformers' apply_chat_template renders it:
+    sandboxed, trim_blocks and lstrip_blocks, loop controls, raise_exception, tojson and strftime_now, the
+    tokenizer config's special tokens (bos_token, eos_token, ...) as variables. A default system prompt or other
+    logic in the Jinja is kept, which the built-in templates cannot express. encode tokenizes the rendered text
+    whole with special tokens parsed and no BOS added (HF: add_special_tokens=False; markers a message's content
+    holds are parsed too, as in HF). Generation only: its segments (SFT's trained pieces) cannot be told."""
+    source: str
+    tokens: tuple[tuple[str, str], ...] = ()
+    """the template's variables naming special tokens: (("bos_token", "<|begin_of_text|>"), ...)"""
+    header: str = ""
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
+               continue_final_message: bool = False) -> str:
+        opens = _opens(add_generation_prompt, continue_final_message)
+        if continue_final_message and opens:
+            raise ConfigError("continue_final_message continues the last assistant message and "
+                              "add_generation_prompt opens a new turn: pass add_generation_prompt=False")
+        messages = [dict(m) for m in messages]
+        tag = "\x00lmforge-continue\x00"  # cut after the last content: what transformers does with its own tag
+        if continue_final_message:
+            if not messages or not isinstance(messages[-1].get("content"), str):
+                raise ConfigError("continue_final_message needs the conversation to end with a message whose "
+                                  "content is a string")
+            messages[-1]["content"] += tag
+        text = _compiled(self.source).render(messages=messages, add_generation_prompt=opens, tools=None, documents=None,
+                                             **dict(self.tokens))
+        if continue_final_message:
+            if tag not in text:
+                raise ConfigError(f"chat template {self.name!r} does not write the last message's content, so it "
+                                  "cannot be continued")
+            text = text[:text.rindex(tag)]
+        return text
+
+    def encode(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
+               continue_final_message: bool = False) -> tuple[list[int], list[bool]]:
+        ids = tokenizer.encode(self.render(messages, add_generation_prompt, continue_final_message))
+        return ids, [False] * len(ids)
+
+    def segments(self, messages, add_generation_prompt: bool = False, continue_final_message: bool = False):
+        raise ConfigError(f"chat template {self.name!r} is the checkpoint's own Jinja: it renders prompts for "
+                          "generation, but cannot mark an assistant's tokens for training; train with a built-in "
+                          f"template ({', '.join(TEMPLATES)})")
+
+    def jinja(self) -> str:
+        return self.source
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """The end marker (the tokenizer config's eos_token) and the end-of-turn markers the Jinja writes."""
+        stops = [self.end] if self.end else []
+        return tuple(dict.fromkeys(stops + [m for m in END_OF_TURN if m in self.source]))
+
+    def stop_token_ids(self, tokenizer) -> tuple[int, ...]:
+        return tuple(int(t[0]) for t in map(tokenizer.encode, self.stop) if len(t) == 1)
+
+
+def _compiled(source: str):
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise ConfigError("a HF checkpoint's own chat template is rendered with jinja2, which is not installed: "
+                          "pip install jinja2 (it comes with lmforge[hf]'s transformers), or pass template= a "
+                          f"built-in one ({', '.join(TEMPLATES)})") from e
+
+    def raise_exception(message):
+        raise ConfigError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"the checkpoint's chat template is not valid Jinja: {e}") from e
+
+
 TEMPLATES: dict[str, ChatTemplate] = {
     "chatml": ChatTemplate(name="chatml", header="<|im_start|>{role}\n", end="<|im_end|>\n"),
     "llama3": ChatTemplate(name="llama3", bos="<|begin_of_text|>",
@@ -166,6 +276,36 @@ TEMPLATES: dict[str, ChatTemplate] = {
                           role_names=(("system", "System"), ("user", "User"), ("assistant", "Assistant"),
                                       ("tool", "Tool"))),
 }
+
+
+def _encode_run(tokenizer, plain, run: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """One stretch of plain text, as (text, train) pieces, encoded whole -> its ids and, per id, whether it
+    overlaps a trained piece (by byte offsets: HF's assistant-token mask marks each token a trained character
+    falls in)."""
+    text = "".join(t for t, _ in run)
+    if not text:
+        return [], []
+    spans, at = [], 0  # the trained pieces' byte ranges in the run's text
+    for t, train in run:
+        n = len(_normalized(tokenizer, t).encode("utf-8", "surrogatepass"))
+        if train:
+            spans.append((at, at + n))
+        at += n
+    ids, mask, at = plain(text), [], 0
+    for t in ids:
+        n = len(_token_bytes(tokenizer, t))
+        mask.append(any(a < at + n and at < b for a, b in spans))
+        at += n
+    return ids, mask
+
+
+def _normalized(tokenizer, text: str) -> str:
+    form = getattr(tokenizer, "normalization", None)  # (Qwen2's NFC: the bytes the tokens hold)
+    return unicodedata.normalize(form, text) if form else text
+
+
+def _token_bytes(tokenizer, token: int) -> bytes:
+    return tokenizer.token_bytes(token) if hasattr(tokenizer, "token_bytes") else tokenizer.decode([token]).encode()
 
 
 def _opens(add_generation_prompt: bool | None, continue_final_message: bool) -> bool:

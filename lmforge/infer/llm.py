@@ -5,6 +5,7 @@
     outs[0].text, outs[0].token_ids, outs[0].finish_reason, outs[0].outputs   # all n samples
     for piece in llm.stream("Once upon", params): ...
     llm.score([("The capital of France is", " Paris")])   # [(sum log-prob, is greedy)]: lm-eval's loglikelihood
+    llm.score_tokens(pairs)[0].token_logprobs             # per continuation token (normalized scores)
     llm.update_weights()                   # after a trainer changed the model in place (RL rollouts)
     rid = llm.submit(prompt, params); llm.wait([rid])   # queue without waiting; collect later
     for out in llm.completed(): ...        # each submitted request's output as it finishes (LM programs)
@@ -35,12 +36,25 @@ import torch
 
 from lmforge.config import is_int
 from lmforge.errors import ConfigError, LmforgeError, RequestError
+from lmforge.infer.chat_template import ChatTemplate
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.outputs import RequestOutput
-from lmforge.infer.request import seed_for
+from lmforge.infer.request import prompt_ids, seed_for
 from lmforge.infer.sampling import SamplingParams
 
 Prompt = str | list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """One (context, continuation) pair scored (LLM.score_tokens): the continuation's tokens, each one's
+    log-prob given all before it, their sum and whether every token is the argmax (lm-eval's two numbers).
+    context_ids: the context as scored (BOS or end-of-text for an empty one; cut to the window)."""
+    logprob: float
+    is_greedy: bool
+    context_ids: list[int]
+    token_ids: list[int]
+    token_logprobs: list[float]
 
 
 class LLM:
@@ -76,8 +90,9 @@ class LLM:
                              acceptance=acceptance)
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
-        self.chat_template: str | None = None
-        """chat()'s default template: the one a fine-tuned checkpoint records (LLM.load), else None"""
+        self.chat_template: str | ChatTemplate | None = None
+        """chat()'s default template: the one a fine-tuned checkpoint records, or a HF checkpoint's own Jinja
+        (LLM.load: checkpoint.hf_chat_template), else None"""
         self._told_plain = False  # chat() warned once that it fell back to the plain template
 
     @classmethod
@@ -94,10 +109,10 @@ class LLM:
         if tok is None:
             raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one: LLM.load(path, tokenizer='byte' or a "
                                "tokenizer file), on the command line --tokenizer")
-        from lmforge.checkpoint import recorded_chat_template
+        from lmforge.checkpoint import hf_chat_template, recorded_chat_template
 
         llm = cls(model, tok, **kwargs)
-        llm.chat_template = recorded_chat_template(path)
+        llm.chat_template = recorded_chat_template(path) or hf_chat_template(path)
         return llm
 
     @property
@@ -105,7 +120,13 @@ class LLM:
         return self.engine.max_seq_len
 
     def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:
+        """A prompt's token ids, validated (Engine.encode); a string is tokenized as a prompt
+        (lmforge.infer.request.prompt_ids: a Llama-3 tokenizer's BOS first)."""
         return self.engine.encode(prompt, params, index)
+
+    def text_ids(self, text: str) -> list[int]:
+        """`text` tokenized as a prompt, unvalidated (lmforge.infer.request.prompt_ids)."""
+        return prompt_ids(self.tokenizer, text)
 
     # ---------------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -152,19 +173,23 @@ class LLM:
             if rid not in self._held and rid not in self.engine.requests:
                 raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected "
                                    "(collected already, aborted, or never added)")
+        new = [rid for rid in ids if rid in self._held]  # finished before this call, then at each step
+        waiting = set(ids).difference(new)  # (counted down, not rescanned: a score call queues thousands)
         while True:
             if errors == "raise":
-                for rid in ids:  # a request aborted for its own failed input (a logits processor): its error
-                    if rid in self._held and self._held[rid].error is not None:
+                for rid in new:  # a request aborted for its own failed input (a logits processor): its error
+                    if self._held[rid].error is not None:
                         raise self._held.pop(rid).error
-            if all(rid in self._held for rid in ids):
+            if not waiting:
                 return [self._held.pop(rid) for rid in ids]
             try:
-                self._step(finished_only=True)
+                outs = self._step(finished_only=True)
             except Exception:
                 for rid in ids:  # the caller has its error: their failed outputs are not held for it
                     self._held.pop(rid, None)
                 raise
+            new = [o.request_id for o in outs if o.finished and o.request_id in waiting]
+            waiting.difference_update(new)
 
     def _step(self, finished_only: bool = False) -> list[RequestOutput]:
         """One engine step; every finished output goes to _held until its caller takes it.
@@ -281,8 +306,9 @@ class LLM:
         turn of its own) and opened for the assistant; the template's end-of-turn strings join params.stop
         and those that are special tokens params.stop_token_ids (ChatTemplate.stop_token_ids).
         template: a name (lmforge.infer.chat_template.TEMPLATES) or a ChatTemplate; default: the one the
-        checkpoint records (LLM.load), else chatml where the tokenizer has its special tokens, else plain
-        (chat_template.choose_template, as `lmforge chat` chooses; falling back to plain warns, once per LLM).
+        checkpoint records, or a HF checkpoint's own (its tokenizer_config.json Jinja; LLM.load), else chatml
+        where the tokenizer has its special tokens, else plain (chat_template.choose_template; falling back to
+        plain warns, once per LLM).
         continue_final_message: each conversation ends with a partial assistant message that the answer
         continues (the prompt ends right after its content: no end marker, no new turn; HF's and vLLM's
         name); add_generation_prompt (default: unless continuing) opens a new assistant turn.
@@ -311,43 +337,57 @@ class LLM:
         not greedy, as in lm-eval). Strings are split as lm-eval does: the context's trailing whitespace moves
         to the continuation, the context is tokenized alone and the continuation is what follows that many
         tokens of context + continuation tokenized whole (a merge across the boundary is not undone: the
-        scored sequence is the context's own tokens, then those); token ids are taken as they are. An
-        empty context is the tokenizer's end-of-text token, or the continuation's first token when that is it
-        (lm-eval: no doubled end-of-text). Too long a pair loses its oldest context
-        tokens: the window holds max_seq_len + 1 tokens, as lm-eval's on HF models (the last token is a
-        target, never an input). tests/infer/test_lm_eval_parity.py compares with lm-eval's HFLM.
+        scored sequence is the context's own tokens, then those); both are tokenized as prompts (text_ids: a
+        Llama-3 tokenizer's BOS first, as HF's tokenizer does for lm-eval); token ids are taken as they are. An
+        empty context is the tokenizer's BOS token, else its end-of-text token (lm-eval's prefix_token_id), or
+        the continuation's first token when that is it (lm-eval: no doubled token). Too long a pair loses its
+        oldest context tokens: the window holds max_seq_len + 1 tokens, as lm-eval's on HF models (the last
+        token is a target, never an input). tests/infer/test_lm_eval_parity.py compares with lm-eval's HFLM.
         Pairs run as score-only requests (max_tokens=0) with prompt log-probs from the continuation on:
         first one pair per distinct context, then the others, whose shared context the prefix cache then
-        serves (a multiple-choice question's context is computed once)."""
+        serves (a multiple-choice question's context is computed once). score_tokens: the same, per token."""
+        return [(s.logprob, s.is_greedy) for s in self.score_tokens(pairs)]
+
+    def score_tokens(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list["Score"]:
+        """`score`, with each continuation's tokens and their log-probs (a Score per pair): what per-token or
+        per-byte normalized scores (lm-eval's acc_norm, perplexity) and LM-as-judge readers need."""
         for i, p in enumerate(pairs):
             if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
         pairs = [self._pair(ctx, cont, i) for i, (ctx, cont) in enumerate(pairs)]
         first = {tuple(ctx): i for i, (ctx, _) in reversed(list(enumerate(pairs)))}  # each context's first pair
-        rest = [i for i in range(len(pairs)) if i not in set(first.values())]
+        firsts = set(first.values())  # (built once: a membership test per pair, not a set per pair)
+        rest = [i for i in range(len(pairs)) if i not in firsts]
+        params: dict[int, SamplingParams] = {}  # one per context length: MMLU's pairs share a few
         outs: list = [None] * len(pairs)
-        for group in (sorted(first.values()), rest):
-            done = self._run([(pairs[i][0] + pairs[i][1], SamplingParams(
-                max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=len(pairs[i][0])))
-                for i in group]) if group else []
-            for i, out in zip(group, done):
+        for group in (sorted(firsts), rest):
+            requests = []
+            for i in group:
+                start = len(pairs[i][0])
+                if start not in params:
+                    params[start] = SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=start)
+                requests.append((pairs[i][0] + pairs[i][1], params[start]))
+            for i, out in zip(group, self._run(requests) if group else []):
                 outs[i] = out
         scores = []
         for (ctx, cont), out in zip(pairs, outs):
             # each step: {its prompt token, then the argmax} (logprob_entries), one key when they are the same.
             # Greedy means each token IS the argmax (lm-eval: cont == logits.argmax), not merely tied with it
             steps = out.prompt_logprobs[len(ctx):]
-            scores.append((sum(d[t] for d, t in zip(steps, cont)),
-                           all(list(d)[-1] == t for d, t in zip(steps, cont))))
+            lps = [d[t] for d, t in zip(steps, cont)]
+            scores.append(Score(sum(lps), all(list(d)[-1] == t for d, t in zip(steps, cont)), list(ctx),
+                                list(cont), lps))
         return scores
 
     def _pair(self, context: Prompt, continuation: Prompt, index: int) -> tuple[list[int], list[int]]:
         if isinstance(context, str) and isinstance(continuation, str):
-            stripped = context.rstrip()
-            context, continuation = stripped, context[len(stripped):] + continuation
-            whole = self.tokenizer.encode(context + continuation)
-            ctx = self.tokenizer.encode(context) if context else []
-            cont = whole[len(ctx):]  # the context keeps its own tokens where a merge crosses the boundary (lm-eval)
+            if context:
+                stripped = context.rstrip()
+                context, continuation = stripped, context[len(stripped):] + continuation
+                whole, ctx = self.text_ids(context + continuation), self.text_ids(context)
+                cont = whole[len(ctx):]  # the context keeps its own tokens where a merge crosses it (lm-eval)
+            else:  # (lm-eval: the continuation alone gets no BOS; the prefix token below stands for the context)
+                ctx, cont = [], self.tokenizer.encode(continuation)
         elif isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple)):
             ctx, cont = list(context), list(continuation)
             bad = [t for t in ctx + cont if not is_int(t) or not 0 <= t < self.engine.vocab_size]
@@ -359,17 +399,18 @@ class LLM:
                                f"lists, got {type(context).__name__} and {type(continuation).__name__}")
         if not cont:
             raise LmforgeError(f"pair {index} has an empty continuation: there is nothing to score")
-        if not ctx:
-            eot = getattr(self.tokenizer, "eot_id", None)
-            if eot is None:
-                raise LmforgeError(f"pair {index} has an empty context and the tokenizer has no end-of-text "
+        if not ctx:  # lm-eval's prefix_token_id: the BOS token, else end-of-text
+            bos = getattr(self.tokenizer, "bos_id", None)
+            start = bos if bos is not None else getattr(self.tokenizer, "eot_id", None)
+            if start is None:
+                raise LmforgeError(f"pair {index} has an empty context and the tokenizer has no BOS or end-of-text "
                                    "token to stand for it; give at least one context token")
             # lm-eval: a continuation that opens with that token is its own context (not [eot] + [eot, ...])
-            ctx, cont = (cont[:1], cont[1:]) if int(cont[0]) == int(eot) else ([int(eot)], cont)
+            ctx, cont = (cont[:1], cont[1:]) if int(cont[0]) == int(start) else ([int(start)], cont)
             if not cont:
-                raise LmforgeError(f"pair {index} has an empty context and a continuation of only the end-of-text "
-                                   "token that stands for it: nothing is left to score (lm-eval refuses it too); "
-                                   "give a context or more continuation")
+                raise LmforgeError(f"pair {index} has an empty context and a continuation of only the "
+                                   f"{'BOS' if bos is not None else 'end-of-text'} token that stands for it: nothing "
+                                   "is left to score (lm-eval refuses it too); give a context or more continuation")
         keep = self.max_seq_len + 1  # the last token is only read (a score-only request's window)
         if len(cont) >= keep:
             raise LmforgeError(f"pair {index}: a {len(cont)}-token continuation leaves no context in the "

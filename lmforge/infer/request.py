@@ -307,15 +307,26 @@ class Request:
                              request_id=self.request_id, finished=done, prompt_logprobs=prompt_lps, error=self.error)
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """`text` tokenized as HF tokenizes a prompt (encode's add_special_tokens=True: a Llama-3 tokenizer.json's
+    <|begin_of_text|> first), unless it already opens with that BOS (a rendered chat template), as lm-eval's
+    HFLM: the prompt holds it once. Tokenizers without such tokens (lmforge's, GPT-2's) encode it as it is.
+    Every front door's text prompt comes through here (Engine, LLM, AsyncEngine, the server, LLM.score)."""
+    before, after = getattr(tokenizer, "prefix_tokens", ()), getattr(tokenizer, "suffix_tokens", ())
+    if not before and not after:
+        return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=not (before and text.startswith(before[0])))
+
+
 def encode_prompt(tokenizer, prompt, params: SamplingParams, index: int, vocab_size: int, max_seq_len: int
                   ) -> list[int]:
-    """Tokenize and validate one prompt (ids are checked against the model's vocabulary and window;
-    prompt `index` is named in errors)."""
+    """Tokenize (prompt_ids) and validate one prompt (ids are checked against the model's vocabulary and
+    window; prompt `index` is named in errors). truncate_prompt keeps a text prompt's BOS first."""
     if isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
         prompt = prompt.tolist()
     if not isinstance(prompt, (str, list, tuple)):
         raise LmforgeError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
-    ids = list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt)
+    ids = list(prompt) if not isinstance(prompt, str) else prompt_ids(tokenizer, prompt)
     if not ids:
         raise LmforgeError(f"prompt {index} is empty: give at least one token of text")
     bad = [t for t in ids if not is_int(t) or not 0 <= t < vocab_size]
@@ -325,7 +336,11 @@ def encode_prompt(tokenizer, prompt, params: SamplingParams, index: int, vocab_s
     longest = max_seq_len + 1 if params.max_tokens == 0 else max_seq_len - 1  # (its last token unrun)
     if params.truncate_prompt:  # room for max_tokens, but at least half the window stays prompt
         keep = max(max_seq_len - params.max_tokens, max_seq_len // 2, 1) if params.max_tokens else longest
-        ids = ids[-keep:]
+        bos = getattr(tokenizer, "bos_id", None) if isinstance(prompt, str) else None
+        if len(ids) > keep and keep > 1 and bos is not None and ids[0] == bos:
+            ids = ids[:1] + ids[len(ids) - keep + 1:]  # (the oldest text goes, not the BOS the model expects)
+        else:
+            ids = ids[-keep:]
     elif len(ids) > longest:
         score = " (a score-only prompt, max_tokens=0, may hold max_seq_len + 1)" if not params.max_tokens else ""
         raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "

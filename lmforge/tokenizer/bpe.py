@@ -50,12 +50,15 @@ class Tokenizer:
     "NFD", "NFKC", "NFKD") applied to the text between special tokens before it is split (a HF tokenizer.json
     `normalizer`: Qwen2's NFC), or None; ignore_merges: a pre-token that is itself in the vocabulary is
     emitted as that token instead of being merged (HF's `model.ignore_merges`, set by Llama-3; tiktoken
-    always works so).
+    always works so); prefix_tokens / suffix_tokens: special tokens that encode(text, add_special_tokens=True)
+    puts before / after the text (a HF tokenizer.json post_processor: Llama-3's <|begin_of_text|> before; none
+    for lmforge-trained tokenizers).
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  special_tokens: Iterable[str] | dict[str, int] | None = None, pattern: str = "gpt2",
-                 normalization: str | None = None, ignore_merges: bool = False):
+                 normalization: str | None = None, ignore_merges: bool = False,
+                 prefix_tokens: Iterable[str] = (), suffix_tokens: Iterable[str] = ()):
         if normalization not in NORMAL_FORMS:
             raise ConfigError(f"normalization={normalization!r} is not a Unicode normal form; use one of "
                               f"{NORMAL_FORMS[1:]} or None")
@@ -66,6 +69,11 @@ class Tokenizer:
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
         self.special_tokens = self._place_specials(special_tokens)
         self._specials = tuple(self.special_tokens)
+        self.prefix_tokens, self.suffix_tokens = tuple(prefix_tokens), tuple(suffix_tokens)
+        unknown = [t for t in self.prefix_tokens + self.suffix_tokens if t not in self.special_tokens]
+        if unknown:
+            raise ConfigError(f"prefix/suffix token {unknown[0]!r} is not one of the special tokens "
+                              f"{list(self.special_tokens)}; add it to special_tokens")
         self._check_tables()
         self._decode_table = [_REPLACEMENT] * self.vocab_size
         for i, b in self.vocab.items():
@@ -190,6 +198,12 @@ class Tokenizer:
         return self.special_tokens.get("<|endoftext|>")
 
     @property
+    def bos_id(self) -> int | None:
+        """The first token encode(text, add_special_tokens=True) adds before a text (Llama-3's <|begin_of_text|>),
+        or None; what lm-eval scores an empty context after, and prompts open with (LLM)."""
+        return self.special_tokens[self.prefix_tokens[0]] if self.prefix_tokens else None
+
+    @property
     def fast(self) -> bool:
         """Whether encoding runs on tiktoken (False: the pure-Python reference)."""
         return self._enc is not None
@@ -233,11 +247,19 @@ class Tokenizer:
         ids = self._enc.encode_ordinary(text)
         return ids if self._rank_to_id is None else self._rank_to_id[ids].tolist()
 
-    def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = "all",
+    def encode(self, text: str, *, add_special_tokens: bool = False,
+               allowed_special: Literal["all"] | AbstractSet[str] = "all",
                disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
         """Text -> ids. Specials are matched longest first. As in tiktoken, a special listed in neither
         set is disallowed (ValueError) when disallowed_special="all", and names in allowed_special that are
-        not special tokens are ignored; lmforge's default allows all."""
+        not special tokens are ignored; lmforge's default allows all. add_special_tokens: put prefix_tokens
+        before and suffix_tokens after the ids, as HF's encode does by default; lmforge's default is False (as
+        tiktoken, and HF's apply_chat_template): a piece of a longer text (a chat template's, a completion, a
+        training document) gets no BOS of its own. Prompts get it where they are made (LLM.encode)."""
+        if add_special_tokens and (self.prefix_tokens or self.suffix_tokens):
+            ids = self.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+            return ([self.special_tokens[t] for t in self.prefix_tokens] + ids
+                    + [self.special_tokens[t] for t in self.suffix_tokens])
         allowed, disallowed = self._allowed(allowed_special, disallowed_special)
         if disallowed:
             m = special_regex(disallowed).search(text)
@@ -313,6 +335,8 @@ class Tokenizer:
         return {"type": "bpe", "version": FORMAT_VERSION, "pattern": name or self.pattern,
                 **({"normalization": self.normalization} if self.normalization else {}),
                 **({"ignore_merges": True} if self.ignore_merges else {}),
+                **({"prefix_tokens": list(self.prefix_tokens)} if self.prefix_tokens else {}),
+                **({"suffix_tokens": list(self.suffix_tokens)} if self.suffix_tokens else {}),
                 "special_tokens": self.special_tokens,
                 "vocab": formats.encode_vocab(self.vocab, self.special_tokens),
                 "merges": [f"{formats.bytes_to_str(a)} {formats.bytes_to_str(b)}" for a, b in self.merges]}
@@ -336,7 +360,8 @@ class Tokenizer:
             merges = [formats.parse_merge(m, where) for m in d["merges"]]
             specials = {str(s): int(i) for s, i in d["special_tokens"].items()}
             return cls(vocab, merges, specials, pattern=d["pattern"], normalization=d.get("normalization"),
-                       ignore_merges=bool(d.get("ignore_merges", False)))
+                       ignore_merges=bool(d.get("ignore_merges", False)),
+                       prefix_tokens=d.get("prefix_tokens", ()), suffix_tokens=d.get("suffix_tokens", ()))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise DataError(f"{where} is corrupt: {type(e).__name__}: {e}") from e
 
@@ -360,9 +385,10 @@ class Tokenizer:
         return formats.write_gpt2(self, out_dir)
 
     def _warn_pattern_lost(self, fmt: str) -> None:
-        """GPT-2 and tiktoken files hold no pre-tokenization pattern (readers assume GPT-2's) nor normalization."""
+        """GPT-2 and tiktoken files hold no pre-tokenization pattern (readers assume GPT-2's), normalization or BOS."""
         lost = [what for what, gone in (("pre-tokenization pattern (not GPT-2's)", self.pattern != PATTERNS["gpt2"]),
-                                        (f"{self.normalization} normalization", self.normalization is not None))
+                                        (f"{self.normalization} normalization", self.normalization is not None),
+                                        ("prefix/suffix tokens (BOS)", bool(self.prefix_tokens or self.suffix_tokens)))
                 if gone]
         if lost:
             from lmforge.errors import warn_caller
@@ -376,7 +402,9 @@ class Tokenizer:
         return cls(**formats.read_hf(path))
 
     def save_hf(self, path: str | Path) -> Path:
-        """Export `tokenizer.json` that HF `tokenizers` loads and encodes to the same ids."""
+        """Export `tokenizer.json` that HF `tokenizers` loads and encodes to the same ids (its encode's default
+        add_special_tokens=True as this encode(text, add_special_tokens=True): prefix/suffix tokens in the
+        post_processor)."""
         return formats.write_hf(self, path)
 
     @classmethod

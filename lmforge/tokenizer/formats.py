@@ -213,7 +213,7 @@ def hf_tokenizer_json(tok) -> dict[str, Any]:
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": {"type": tok.normalization} if tok.normalization else None,
         "pre_tokenizer": _hf_pre_tokenizer(tok.pattern),
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+        "post_processor": _hf_post_processor(tok),
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
@@ -223,6 +223,27 @@ def hf_tokenizer_json(tok) -> dict[str, Any]:
                   "vocab": {**encode_vocab(tok.vocab, tok.special_tokens), **tok.special_tokens},
                   "merges": [[bytes_to_str(a), bytes_to_str(b)] for a, b in tok.merges]},
     }
+
+
+def _hf_post_processor(tok) -> dict[str, Any]:
+    """ByteLevel (which adds nothing), then, for a tokenizer with prefix or suffix tokens, a TemplateProcessing
+    that adds them, as Llama-3's tokenizer.json does (HF's encode adds them unless add_special_tokens=False)."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
+    before, after = list(tok.prefix_tokens), list(tok.suffix_tokens)
+    if not before and not after:
+        return byte_level
+
+    def template(*seqs: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for n, seq in enumerate(seqs):
+            out += [{"SpecialToken": {"id": s, "type_id": n}} for s in before]
+            out.append({"Sequence": {"id": seq, "type_id": n}})
+            out += [{"SpecialToken": {"id": s, "type_id": n}} for s in after]
+        return out
+
+    ids = {s: {"id": s, "ids": [tok.special_tokens[s]], "tokens": [s]} for s in before + after}
+    return {"type": "Sequence", "processors": [byte_level, {
+        "type": "TemplateProcessing", "single": template("A"), "pair": template("A", "B"), "special_tokens": ids}]}
 
 
 def write_hf(tok, path: str | Path) -> Path:
@@ -284,8 +305,47 @@ def _hf_normalization(norm: Any, where: str) -> str | None:
                     "(LLM.load(path, tokenizer=...), --tokenizer)")
 
 
+def _hf_added_specials(post: Any, specials: dict[str, int], where: str) -> tuple[list[str], list[str]]:
+    """A tokenizer.json `post_processor` -> the special tokens HF's encode puts before and after every text
+    (add_special_tokens=True, its default): Llama-3's TemplateProcessing <|begin_of_text|> before, RoBERTa's <s>
+    before and </s> after; ByteLevel adds none. Only the single-text template is read (pairs are BERT's)."""
+    if not isinstance(post, dict):
+        return [], []
+    steps = post.get("processors") or [] if post.get("type") == "Sequence" else [post]
+    before: list[str] = []
+    after: list[str] = []
+    for step in steps:
+        kind = step.get("type") if isinstance(step, dict) else step
+        if kind == "ByteLevel":
+            continue
+        if kind in ("RobertaProcessing", "BertProcessing"):
+            before.append(str(step["cls"][0]))
+            after.append(str(step["sep"][0]))
+        elif kind == "TemplateProcessing":
+            single = step.get("single") or []
+            seq = [i for i, x in enumerate(single) if "Sequence" in x]
+            if len(seq) != 1:
+                raise DataError(f"{where}: post_processor template {single!r} does not hold the text exactly once")
+            table = step.get("special_tokens") or {}
+            for i, x in enumerate(single):
+                if "SpecialToken" in x:
+                    name = x["SpecialToken"]["id"]
+                    entry = table.get(name, {"tokens": [name], "ids": [specials.get(name)]})
+                    for s, i_s in zip(entry.get("tokens", []), entry.get("ids", [])):
+                        if specials.get(s) != i_s:
+                            raise DataError(f"{where}: post_processor adds {s!r} as id {i_s}, but it is not that "
+                                            "added token; fix the file or give another tokenizer")
+                        (before if i < seq[0] else after).append(s)
+        else:
+            raise DataError(f"{where}: post_processor {kind!r} is not supported (lmforge reads ByteLevel, "
+                            "TemplateProcessing, RobertaProcessing and BertProcessing); give another tokenizer "
+                            "(LLM.load(path, tokenizer=...), --tokenizer)")
+    return before, after
+
+
 def read_hf(path: str | Path) -> dict[str, Any]:
-    """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3, Qwen2 style) -> Tokenizer keyword arguments."""
+    """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3, Qwen2 style) -> Tokenizer keyword arguments,
+    the special tokens its post_processor adds around a text among them (prefix_tokens, suffix_tokens)."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -308,10 +368,11 @@ def read_hf(path: str | Path) -> dict[str, Any]:
     raw_vocab = {s: i for s, i in model.get("vocab", {}).items() if s not in specials}
     vocab = decode_vocab(raw_vocab, str(path))
     merges = [parse_merge(m, str(path)) for m in model.get("merges", [])]
+    before, after = _hf_added_specials(doc.get("post_processor"), specials, str(path))
     return {"vocab": vocab, "merges": merges, "special_tokens": specials,
             "pattern": _hf_pattern(doc.get("pre_tokenizer"), str(path)),
             "normalization": _hf_normalization(doc.get("normalizer"), str(path)),
-            "ignore_merges": bool(model.get("ignore_merges", False))}
+            "ignore_merges": bool(model.get("ignore_merges", False)), "prefix_tokens": before, "suffix_tokens": after}
 
 
 # ---- tiktoken rank files --------------------------------------------------------------------------

@@ -108,3 +108,54 @@ def test_marker_templates_stop_at_any_next_turn():
     """chatml and llama3 open every role's turn with one marker: it (and the end marker) is the stop."""
     assert get_template("chatml").stop == ("<|im_end|>", "<|im_start|>")
     assert get_template("llama3").stop == ("<|eot_id|>", "<|start_header_id|>")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_encode_matches_transformers_on_a_pretrained_bpe_tokenizer(tmp_path, name):
+    """GPT-2's tokenizer (the plain template is the default for such a model; for chatml and llama3 with their
+    markers added as special tokens, as Qwen's and Llama-3's tokenizers have them): a header and the content
+    after it are tokenized together, as HF's apply_chat_template tokenizes the rendered text whole ("System:",
+    " You", not "System:", " ", "You")."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from lmforge.tokenizer.load import load_tokenizer
+
+    from ..conftest import shared_data
+
+    load_tokenizer(shared_data("gpt2")).save_hf(tmp_path)
+    doc = json.loads((tmp_path / "tokenizer.json").read_text())
+    for k, s in enumerate(SPECIALS[1:]):
+        doc["added_tokens"].append({"id": 50257 + k, "content": s, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    t = get_template(name)
+    hf.chat_template = t.jinja()
+    judge = [{"role": "system", "content": "You are a fair judge."},
+             {"role": "user", "content": "Which answer is better, A or B?"}]
+    for conversation, cont in [(judge, False)] + [(c, True) for c in PARTIAL]:
+        want = hf.apply_chat_template(conversation, tokenize=True, continue_final_message=cont,
+                                      add_generation_prompt=not cont)["input_ids"]
+        assert t.encode(tok, conversation, continue_final_message=cont)[0] == want
+    if name == "plain":
+        assert [tok.decode([i]) for i in t.encode(tok, judge)[0][:3]] == ["System", ":", " You"]
+
+
+def test_a_token_spanning_header_and_answer_is_trained():
+    """SFT's mask with whole-run tokens: a token overlapping an assistant's content (" Hello" starts in the plain
+    header's space) is trained; tokens wholly in headers and user turns are not."""
+    from lmforge.tokenizer.load import load_tokenizer
+
+    from ..conftest import shared_data
+
+    tok = load_tokenizer(shared_data("gpt2"))
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello friend"}]
+    ids, mask = get_template("plain").encode(tok, msgs, add_generation_prompt=False)
+    assert ids == tok.encode("User: Hi there\nAssistant: Hello friend\n")
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == " Hello friend\n"
+    # each message is its own run: a prompt's ids open its conversation's even where "\n\n" is one token alone
+    prompt = [{"role": "user", "content": "Hi there\n"}]
+    alone = get_template("plain").encode(tok, prompt, add_generation_prompt=False)[0]
+    assert get_template("plain").encode(tok, prompt + msgs[1:], add_generation_prompt=False)[0][:len(alone)] == alone

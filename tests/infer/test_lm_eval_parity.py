@@ -42,3 +42,57 @@ def test_score_equals_lm_eval_hf_loglikelihood(tmp_path):
     assert [g for _, g in got] == [g for _, g in want]
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4, rel=1e-6)
     assert len(tok.encode(pairs[3][0])) > 64  # (the window case is one)
+
+
+def _llama3_style_tokenizer(tmp_path):
+    """GPT-2's tokenizer.json with Llama-3's BOS rule: <|begin_of_text|> (id 50257) added by a TemplateProcessing
+    post_processor, so HF's encode puts it before every text."""
+    import json
+
+    load_tokenizer(shared_data("gpt2")).save_hf(tmp_path)
+    doc = json.loads((tmp_path / "tokenizer.json").read_text())
+    bos = "<|begin_of_text|>"
+    doc["added_tokens"].append({"id": 50257, "content": bos, "single_word": False, "lstrip": False, "rstrip": False,
+                                "normalized": False, "special": True})
+    special = {"SpecialToken": {"id": bos, "type_id": 0}}
+    doc["post_processor"] = {"type": "Sequence", "processors": [doc["post_processor"], {
+        "type": "TemplateProcessing", "single": [special, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [special, {"Sequence": {"id": "A", "type_id": 0}}, special, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [50257], "tokens": [bos]}}}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+
+
+def test_score_and_prompts_equal_lm_eval_with_a_bos_tokenizer(tmp_path):
+    """A Llama-3-style tokenizer.json (its post_processor adds BOS): HFLM scores every context after BOS, an empty
+    one as BOS alone, and a text already opening with BOS gets no second one; LLM.load reads the rule from the
+    directory and score / generate follow it, while the text's own encode (chat templates, training) adds none."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from lmforge.infer.sampling import SamplingParams
+
+    _llama3_style_tokenizer(tmp_path)
+    tiny_model("llama", vocab_size=50258, init_std=0.3, max_seq_len=64).save_pretrained(tmp_path)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<|begin_of_text|>",
+                                     eos_token="<|endoftext|>")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ref = HFLM(pretrained=hf, tokenizer=hf_tok, max_length=64, batch_size=3, device="cpu")
+    text = shared_data("tinyshakespeare", "input.txt").read_text()[:3000]
+    pairs = [("The capital of France is", " Paris"),
+             ("Speak, speak. ", "You are all resolved"),          # trailing space moves to the continuation
+             ("", "First Citizen"),                               # empty context: BOS, not end-of-text
+             ("", "<|begin_of_text|>First Citizen"),              # ... or the continuation's own BOS
+             ("<|begin_of_text|>First Citizen:", " Before we"),  # BOS already there: not doubled
+             (text[:1500], " hear me speak.")]                    # past the window: BOS cut with the oldest tokens
+    want = ref.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    llm = LLM.load(tmp_path)
+    got = llm.score(pairs)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4, rel=1e-6)
+    assert llm.score_tokens(pairs[2:3])[0].context_ids == [50257]
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    for prompt in ("Hello world", "<|begin_of_text|>Hello world"):
+        out = llm.generate(prompt, sp)[0]
+        assert out.prompt_token_ids == ref.tok_encode(prompt) == [50257] + hf_tok.encode("Hello world")[1:]
+    assert llm.tokenizer.encode("Hello world") == hf_tok.encode("Hello world", add_special_tokens=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -329,3 +330,66 @@ def test_hf_possessive_interval_is_read_as_oniguruma_reads_it(tmp_path):
     hf, ours = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), Tokenizer.from_hf(tmp_path)
     for t in DIGITS:
         assert ours.encode(t) == hf.encode(t).ids, t
+
+
+def _with_post_processor(tmp_path: Path, tok, post: dict, extra: list[str]) -> Path:
+    """tok's tokenizer.json with `extra` added tokens (ids after the vocabulary) and this post_processor."""
+    doc = json.loads(tok.save_hf(tmp_path / "base").read_text())
+    for k, s in enumerate(extra):
+        doc["added_tokens"].append({"id": tok.vocab_size + k, "content": s, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": True})
+    doc["post_processor"] = post
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+LLAMA3_POST = {"type": "Sequence", "processors": [
+    {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+    {"type": "TemplateProcessing",
+     "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+     "pair": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+              {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+     "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [800],
+                                              "tokens": ["<|begin_of_text|>"]}}}]}
+
+
+def test_hf_post_processor_bos_is_read_applied_on_request_and_written(tmp_path, tok):
+    """Llama-3's tokenizer.json adds <|begin_of_text|> through its post_processor (HF's encode, whose default is
+    add_special_tokens=True): read as prefix_tokens, added by encode(add_special_tokens=True) only (the default
+    stays the text's own ids: chat templates and training data add no BOS), and written back by save_hf and save."""
+    tokenizers = pytest.importorskip("tokenizers")
+    assert tok.vocab_size == 800
+    path = _with_post_processor(tmp_path, tok, LLAMA3_POST, ["<|begin_of_text|>"])
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    ours = Tokenizer.from_hf(path)
+    assert ours.prefix_tokens == ("<|begin_of_text|>",) and ours.suffix_tokens == () and ours.bos_id == 800
+    for text in _texts()[:20]:
+        assert ours.encode(text, add_special_tokens=True) == hf.encode(text).ids
+        assert ours.encode(text, add_special_tokens=True)[0] == 800
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids == tok.encode(text)
+    written = tokenizers.Tokenizer.from_file(str(ours.save_hf(tmp_path / "out")))
+    assert written.encode("Hello world").ids == hf.encode("Hello world").ids == [800] + tok.encode("Hello world")
+    assert Tokenizer.from_hf(tmp_path / "out").bos_id == 800
+    assert Tokenizer.load(ours.save(tmp_path / "own")).encode("Hi", add_special_tokens=True) == [800] + tok.encode("Hi")
+    assert tok.bos_id is None and tok.encode("Hi", add_special_tokens=True) == tok.encode("Hi")  # no rule: no BOS
+
+
+def test_hf_roberta_post_processor_adds_before_and_after(tmp_path, tok):
+    tokenizers = pytest.importorskip("tokenizers")
+    post = {"type": "RobertaProcessing", "sep": ["</s>", 801], "cls": ["<s>", 800], "trim_offsets": True,
+            "add_prefix_space": False}
+    path = _with_post_processor(tmp_path, tok, post, ["<s>", "</s>"])
+    ours, hf = Tokenizer.from_hf(path), tokenizers.Tokenizer.from_file(str(path))
+    assert (ours.prefix_tokens, ours.suffix_tokens) == (("<s>",), ("</s>",))
+    assert ours.encode("Hello world", add_special_tokens=True) == hf.encode("Hello world").ids
+    assert ours.encode("Hello world", add_special_tokens=True) == [800] + tok.encode("Hello world") + [801]
+
+
+def test_hf_post_processor_that_is_not_read_is_refused(tmp_path, tok):
+    bad = {**LLAMA3_POST["processors"][1], "special_tokens": {
+        "<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [5], "tokens": ["<|begin_of_text|>"]}}}
+    with pytest.raises(DataError, match=re.escape("adds '<|begin_of_text|>' as id 5, but it is not that added token")):
+        Tokenizer.from_hf(_with_post_processor(tmp_path, tok, bad, ["<|begin_of_text|>"]))
+    with pytest.raises(DataError, match="post_processor 'Mystery' is not supported"):
+        Tokenizer.from_hf(_with_post_processor(tmp_path, tok, {"type": "Mystery"}, []))

@@ -652,7 +652,7 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
     `base` when the base has moved (checked to be the same weights either way); a PEFT adapter from its
     base_model_name_or_path, or `base`."""
     from lmforge.adapt.peft_format import is_peft_dir, load_peft
-    from lmforge.model.transformer import Transformer
+    from lmforge.model.registry import build_model  # the class model.arch names (a Transformer unless registered)
     from lmforge.tokenizer.byte import FILE_NAME
     from lmforge.tokenizer.load import load_tokenizer
 
@@ -674,9 +674,9 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
             model = _base_model(record, ckpt, base)
         elif layers:  # on meta: the float weights of the quantized layers are never built (qlora.base_shell)
             with torch.device("meta"):
-                model = Transformer(cfg)
+                model = build_model(cfg)
         else:
-            model = Transformer(cfg)
+            model = build_model(cfg)
         given = {id(t) for t in (*model.parameters(), *model.buffers())} if record else set()
         if layers:
             from lmforge.adapt.qlora import restore_base_layers

@@ -55,7 +55,8 @@ class EngineConfig:
     reserve for activations, at most max_num_seqs x context tokens"""
     num_kv_tokens: int | None = None
     """fixed KV budget in tokens (rounded down to blocks); default on CPU: min(max_num_seqs x context,
-    1 GiB of cache)"""
+    1 GiB of cache). The state rows of recurrent layers are checked against the memory whatever it says
+    (sequence_bytes)"""
     decode_attention: str = "auto"
     """paged decode attention: 'auto' (the Triton kernel on a GPU when importable, else the reference),
     'kernel' (always; on a CPU through Triton's interpreter) or 'reference' (gather, then attend)"""
@@ -201,29 +202,69 @@ def kv_dtype(c: EngineConfig, spec) -> torch.dtype:
     return KV_DTYPES[c.kv_cache_dtype] if c.kv_cache_dtype is not None else spec.dtype
 
 
+STATE_ONLY_TOKENS = 2**23
+"""a model of state layers only: its bookkeeping blocks cover at most this many tokens (at least one sequence of the
+full context), about 30 MB of host lists at block_size 16 (256 sequences of a 256K context would be 4.2M blocks,
+226 MB; 2026-12-06, CPU); past it the scheduler preempts as on a full pool"""
+
+
+def cache_budget(c: EngineConfig, device: torch.device) -> int:
+    """Bytes the caches (state rows and KV pool) may take: on a GPU, gpu_memory_utilization of its memory less what
+    is in use and a reserve for one forward's activations; on a CPU, 1 GiB."""
+    if device.type != "cuda":
+        return 2**30
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache
+    reserve = 2 * 2**30 + c.max_num_batched_tokens * 64 * 1024  # activations of one forward
+    return int(free - total * (1 - c.gpu_memory_utilization) - reserve)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def sequence_bytes(c: EngineConfig, spec, device: torch.device) -> int:
+    """Bytes set aside before the KV pool: the state rows of recurrent layers (max_num_seqs + 1, and
+    state_snapshots when prefix caching is on, of spec.bytes_per_sequence(): lmforge.infer.kv.state) and a
+    CacheStore's per-sequence state (max_num_seqs of its bytes_per_sequence). Over cache_budget - whatever
+    num_kv_tokens says, which sizes only the KV pool - they are a one-line error naming them."""
+    snaps = c.state_snapshots if c.prefix_caching else 0  # (the engine keeps none without prefix caching)
+    rows = c.max_num_seqs + 1 + snaps
+    parts = {}
+    if spec.has_state:
+        why = f"max_num_seqs {c.max_num_seqs} + 1" + (f" + state_snapshots {snaps}" if snaps else "")
+        parts[f"{rows} recurrent-state rows ({why}) of {_size(spec.bytes_per_sequence())}"] = (
+            rows * spec.bytes_per_sequence())
+    if c.kv_cache is not None:
+        store = c.kv_cache.bytes_per_sequence(spec, kv_dtype(c, spec))
+        parts[f"{c.max_num_seqs} x {_size(store)} of {type(c.kv_cache).__name__} state"] = c.max_num_seqs * store
+    need = sum(parts.values())
+    if need and need > (budget := cache_budget(c, device)):
+        gpu = device.type == "cuda"
+        where = ("gpu_memory_utilization of the GPU, less what is in use and an activation reserve" if gpu
+                 else "a CPU's cache budget")
+        fix = "max_num_seqs" + (" or state_snapshots" if snaps and spec.has_state else "")
+        fix += " or raise gpu_memory_utilization" if gpu else ""
+        raise LmforgeError(f"the per-sequence state does not fit: {' + '.join(parts)} = {_size(need)}, over "
+                           f"{_size(budget)} ({where}); lower {fix}")
+    return need
+
+
 def pool_blocks(c: EngineConfig, spec, device: torch.device, max_seq_len: int, extra_per_token: int = 0) -> int:
-    """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids. The state rows
-    of recurrent layers (max_num_seqs + 1 + state_snapshots of spec.bytes_per_sequence(), lmforge.infer.kv.state)
-    and a CacheStore's per-sequence state (max_num_seqs of its bytes_per_sequence) come first. A
-    model of state layers only stores nothing per token: its blocks are bookkeeping, as many as max_num_seqs
-    full-length sequences hold whatever num_kv_tokens says (a KV budget would only refuse requests and preempt)."""
+    """Blocks in the pool; extra_per_token: a draft model's cache, which shares the block ids. What every
+    sequence keeps (sequence_bytes) comes off the budget first. A model of state layers only stores nothing per
+    token: its blocks are bookkeeping, as many as max_num_seqs full-length sequences hold (at most
+    STATE_ONLY_TOKENS) whatever num_kv_tokens says (a KV budget would only refuse requests and preempt)."""
+    state = sequence_bytes(c, spec, device)
     if spec.bytes_per_token() + extra_per_token == 0:
-        return c.max_num_seqs * -(-max_seq_len // c.block_size)
+        per_seq = -(-max_seq_len // c.block_size)
+        return min(c.max_num_seqs * per_seq, max(per_seq, STATE_ONLY_TOKENS // c.block_size))
     per_token = (spec.bytes_per_token(kv_dtype(c, spec)) if c.kv_cache is None
                  else c.kv_cache.bytes_per_token(spec, kv_dtype(c, spec))) + extra_per_token
-    state = (c.max_num_seqs + 1 + c.state_snapshots) * spec.bytes_per_sequence()
-    if c.kv_cache is not None:
-        state += c.max_num_seqs * c.kv_cache.bytes_per_sequence(spec, kv_dtype(c, spec))
     if c.num_kv_tokens is not None:
         tokens = c.num_kv_tokens
-    elif device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache
-        reserve = 2 * 2**30 + c.max_num_batched_tokens * 64 * 1024  # activations of one forward
-        tokens = int(free - total * (1 - c.gpu_memory_utilization) - reserve - state) // per_token
-        tokens = min(tokens, c.max_num_seqs * max_seq_len)  # never more than the batch can hold
     else:
-        tokens = min(c.max_num_seqs * max_seq_len, (2**30 - state) // per_token)
+        tokens = min(c.max_num_seqs * max_seq_len, (cache_budget(c, device) - state) // per_token)
     if tokens < c.block_size:
         raise LmforgeError(f"no memory left for the KV cache ({tokens} tokens); raise "
                            "gpu_memory_utilization or set num_kv_tokens")

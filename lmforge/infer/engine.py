@@ -157,9 +157,10 @@ class Engine:
         snapshots = config.state_snapshots if self.has_state and config.prefix_caching else 0
         caching = config.prefix_caching and (snapshots > 0 or not self.has_state) and allows["prefix_caching"]
         self.pool = BlockPool(num_blocks, config.block_size, caching)
-        # when every layer slides (Mistral), blocks behind the window are freed as sequences advance
-        windows = [layer.window for layer in spec.layers] if spec is not None else [0]
-        self.window = min(windows) if all(windows) else 0
+        # when every attention layer slides (Mistral; Samba: recurrent layers between sliding ones, which keep
+        # no keys), blocks behind the window are freed as sequences advance
+        windows = [layer.window for layer in spec.layers if layer.kind != "state"] if spec is not None else [0]
+        self.window = min(windows) if windows and all(windows) else 0
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                                    chunked_prefill=config.chunked_prefill,

@@ -163,6 +163,9 @@ class MTPConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    arch: str | None = None
+    """the model class built from this config, by its name in lmforge.model.registry.MODELS; None = 'transformer'
+    (lmforge's Transformer; None, not the name, so that checkpoints written before the field resume as equal)"""
     vocab_size: int = 50304
     d_model: int = 768
     n_layers: int = 12
@@ -248,6 +251,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self, "model")  # each field's type, named when wrong
+        check(self.arch != "", "model.arch='' names no model class; leave it out for the Transformer")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             check(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
         check(self.head_dim is not None or self.d_model % self.n_heads == 0,
@@ -274,8 +278,9 @@ class ModelConfig:
         if self.layer_types is not None:
             check(len(self.layer_types) == self.n_layers,
                   f"model.layer_types has {len(self.layer_types)} entries; model.n_layers={self.n_layers}")
-            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
-            check(not bad, f"model.layer_types entry {bad[:1]} is not one of {LAYER_TYPES}")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES and self.arch in (None, "transformer")]
+            check(not bad, f"model.layer_types entry {bad[:1]} is not one of {LAYER_TYPES} (another model.arch "
+                  "checks its own: a hybrid's recurrent layers)")
             check("sliding" not in self.layer_types or self.sliding_window > 0,
                   "model.layer_types has 'sliding' layers but model.sliding_window is 0")
         check(self.attn_scale is None or self.attn_scale > 0, f"model.attn_scale must be > 0, got {self.attn_scale}")

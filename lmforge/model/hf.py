@@ -1,4 +1,5 @@
-"""HF-format checkpoints <-> lmforge's Transformer.
+"""HF-format checkpoints <-> lmforge's Transformer (or another model class a family names through its config's
+`arch`: lmforge.model.registry).
 
     Transformer.from_pretrained(dir)   config.json + model.safetensors (or model-*.safetensors with
                                        model.safetensors.index.json) of a supported family
@@ -28,7 +29,8 @@ from lmforge.model import hf_moe as M
 from lmforge.model.config import ModelConfig
 from lmforge.utils import atomic_path, honour_umask, write_json_atomic
 
-# model_type -> (architecture name, cfg_from_hf, cfg_to_hf, rules)
+# model_type -> (architecture name, cfg_from_hf, cfg_to_hf, rules); the ModelConfig cfg_from_hf returns names the
+# model class it loads into (arch, lmforge.model.registry: None = the Transformer)
 FAMILIES = {
     "gpt2": ("GPT2LMHeadModel", D.gpt2_cfg, D.gpt2_cfg_to_hf, D.gpt2_rules),
     "llama": ("LlamaForCausalLM", D.llama_cfg, D.llama_cfg_to_hf, D.llama_rules),
@@ -90,7 +92,11 @@ def config_to_hf(cfg: ModelConfig, family: str) -> dict:
 
 
 def guess_family(cfg: ModelConfig) -> str:
-    """The HF family whose architecture matches `cfg` (for save_pretrained without an explicit family)."""
+    """The HF family whose architecture matches `cfg` (for save_pretrained without an explicit family): a
+    Transformer's; another model class (ModelConfig.arch) names its family."""
+    if cfg.arch not in (None, "transformer"):
+        raise ConfigError(f"save_pretrained: a model.arch={cfg.arch!r} model has no family to guess; pass family= "
+                          f"(one whose config.json reads back as arch {cfg.arch!r})")
     if cfg.attention == "mla":
         return "deepseek_v3"
     if cfg.mlp == "moe":
@@ -189,8 +195,9 @@ class _Reader:
 
 
 def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, family: str | None = None):
-    """Build a Transformer from a HF-format directory; see the module docstring."""
-    from lmforge.model.transformer import Transformer
+    """Build a model from a HF-format directory (a Transformer, or the class its family's config names:
+    ModelConfig.arch, lmforge.model.registry); see the module docstring."""
+    from lmforge.model.registry import build_model
 
     path = Path(path)
     hf = read_hf_config(path)
@@ -210,7 +217,8 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     rules = FAMILIES[fam][3](cfg)
     _check_names(rules, files, cfg, fam, reader)
     with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)  # cast while on meta: storage is allocated once, in `dtype`
+        model = build_model(cfg).to(dtype)  # cast while on meta: storage is allocated once, in `dtype`
+    ties = shared_parameters(model)  # (to_empty gives each name a tensor of its own)
     model.to_empty(device=device or "cpu")
     init_buffers(model)
     own = _tensors(model)
@@ -223,11 +231,25 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
                     raise CheckpointError(f"tensor {rule.hf[0]!r} has shape {tuple(t.shape)} after conversion; "
                                           f"{name} expects {tuple(dst.shape)} (config.json and weights disagree)")
                 dst.copy_(t)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    for alias, name in ties:  # a tied head: the embedding again
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(name))
     _check_filled(model, rules, fam)
     model.eos_token_ids = _eos_ids(path, hf)  # the engine stops a sample at any of them
     return model.eval()
+
+
+def shared_parameters(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(alias, name) of every parameter reachable under a second name (a tied head: 'lm_head.weight',
+    'tok_emb.weight')."""
+    first: dict[int, str] = {}
+    ties = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return ties
 
 
 def _generation_config(path: Path) -> dict:

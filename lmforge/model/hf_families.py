@@ -3,7 +3,9 @@
 Each family gives: cfg_from_hf(config.json dict) -> ModelConfig, cfg_to_hf(ModelConfig) -> dict, and
 rules(cfg) -> [Rule]: which HF tensors make which lmforge tensors, with the conversion both ways
 (transposes of GPT-2's Conv1D, fused q|k|v or gate|up, Gemma's 1+w norms, stacked experts).
-An lmforge name 'x#e' is slice e (dim 0) of a stacked parameter 'x'.
+An lmforge name 'x#e' is slice e (dim 0) of a stacked parameter 'x'. The families here load into lmforge's
+Transformer; a family of another model class (a Mamba) sets ModelConfig.arch to that class's registered name
+(lmforge.model.registry), and the loader builds it.
 """
 
 from __future__ import annotations

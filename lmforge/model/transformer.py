@@ -128,6 +128,9 @@ class Transformer(nn.Module):
         super().__init__()
         if not isinstance(cfg, ModelConfig):
             raise ConfigError(f"Transformer needs a ModelConfig, got {type(cfg).__name__}")
+        if cfg.arch not in (None, "transformer"):
+            raise ConfigError(f"model.arch={cfg.arch!r} names another model class; build it with "
+                              "lmforge.model.registry.build_model(cfg)")
         self.cfg = cfg
         # token ids that end generation besides the tokenizer's end-of-text (a HF checkpoint's eos_token_id;
         # set by from_pretrained, kept by lmforge checkpoints, written by save_pretrained, read by the engine)

@@ -25,7 +25,7 @@ class ChatConfig:
     """the base model of a PEFT adapter directory, or of an adapter-only checkpoint whose base moved"""
     template: str | None = None
     """chat template: chatml | llama3 | plain; default: the one the checkpoint was fine-tuned with (lmforge
-    sft/dpo/... record it), else chatml"""
+    sft/dpo/... record it), else a HF checkpoint's own (its tokenizer_config.json Jinja), else chatml"""
     system: str = ""
     """system message that opens every conversation"""
     sampling: Sampling = sampling_field(max_tokens=512)
@@ -43,11 +43,12 @@ class ChatConfig:
 
 
 def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,
-              write: Callable[[str], object] = sys.stdout.write) -> list[dict[str, str]]:
-    """Run the conversation until /exit or end of input; returns the final history."""
+              write: Callable[[str], object] = sys.stdout.write, *, template=None) -> list[dict[str, str]]:
+    """Run the conversation until /exit or end of input; returns the final history. template: a ChatTemplate
+    (a HF checkpoint's own, main's choice), else cfg.template by name."""
     from lmforge.infer.chat_template import get_template
 
-    template = get_template(cfg.template or "chatml")
+    template = template or get_template(cfg.template or "chatml")
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(start)
     # a turn ends at the template's end marker: as a string, and as its token where it is one special token
@@ -98,16 +99,18 @@ def main(argv: list[str]) -> int:
 
     cfg = parse_config(ChatConfig, normalize_argv(argv, ChatConfig), prog="lmforge chat",
                        description="Chat with a checkpoint in the terminal (/reset, /exit; Ctrl-C stops an answer).")
-    from lmforge.checkpoint import recorded_chat_template
+    from lmforge.checkpoint import hf_chat_template, recorded_chat_template
     from lmforge.infer.chat_template import choose_template, get_template
 
-    recorded = recorded_chat_template(cfg.checkpoint)  # the fine-tuning run's
-    get_template(cfg.template or recorded or "chatml")  # an unknown name is refused before the model loads
+    # the fine-tuning run's, else a HF checkpoint's own Jinja (tokenizer_config.json), as LLM.load chooses
+    recorded = recorded_chat_template(cfg.checkpoint) or hf_chat_template(cfg.checkpoint)
+    named = cfg.template or (recorded if isinstance(recorded, str) else None)
+    get_template(named or "chatml")  # an unknown name is refused before the model loads
     llm = load_llm(cfg)
     template, notice = choose_template(llm.tokenizer, cfg.template, recorded, plain="--template plain")
     cfg = dataclasses.replace(cfg, template=template.name)
     if notice:
         print(f"({notice})")
     print(f"lmforge chat: template {cfg.template}; /reset to start over, /exit to leave, Ctrl-C stops an answer")
-    chat_loop(llm, cfg)
+    chat_loop(llm, cfg, template=template)
     return 0

@@ -45,11 +45,12 @@ def dense_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
 
 
 def build_meta_model(cfg) -> torch.nn.Module:
-    """lmforge's Transformer for `cfg` on the meta device: exact shapes, no memory, no init cost."""
-    from lmforge.model.transformer import Transformer
+    """The model `cfg` describes (lmforge's Transformer unless cfg.arch names another registered class:
+    lmforge.model.registry) on the meta device: exact shapes, no memory, no init cost."""
+    from lmforge.model.registry import build_model
 
     with torch.device("meta"):
-        return Transformer(cfg)
+        return build_model(cfg)
 
 
 def flops_per_token(cfg, seq_len: int, training: bool = True) -> float:

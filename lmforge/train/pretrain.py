@@ -107,11 +107,11 @@ class Parts(NamedTuple):
 
 
 def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> Parts:
-    from lmforge.model.transformer import Transformer
+    from lmforge.model.registry import build_model  # the class model.arch names (lmforge's Transformer by default)
 
     par = join(cfg.parallel, cfg.device)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
-    model = (model if model is not None else Transformer(cfg.model)).to(train_device(cfg.device))
+    model = (model if model is not None else build_model(cfg.model)).to(train_device(cfg.device))
     d = cfg.data
     if d.sources:
         sampler, train_splits, val_splits = _mixture(cfg)

@@ -297,7 +297,7 @@ def test_chat_falls_back_to_plain_for_a_tokenizer_without_chatml_tokens_and_refu
     from lmforge.cli import chat as chat_cli
     from lmforge.errors import DataError
 
-    monkeypatch.setattr(chat_cli, "chat_loop", lambda llm, cfg: [])  # no terminal: the setup is what is tested
+    monkeypatch.setattr(chat_cli, "chat_loop", lambda llm, cfg, **kw: [])  # no terminal: the setup is what is tested
     assert chat_cli.main(["--checkpoint", str(ckpt)]) == 0  # a byte tokenizer: <|im_start|> would be 12 bytes
     out = capsys.readouterr().out
     assert "has no chatml special tokens: using the plain template" in out and "template plain;" in out

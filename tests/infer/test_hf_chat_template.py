@@ -70,3 +70,19 @@ def test_chat_template_jinja_file_is_preferred_and_none_without_a_template(tmp_p
     assert hf_chat_template(d).end == "<|x|>" and hf_chat_template(d).render(USER) == "<|x|>"  # an AddedToken record
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     assert hf_chat_template(d) is None and LLM.load(d).chat_template is None
+
+
+def test_lmforge_chat_uses_the_checkpoints_own_template(tmp_path, monkeypatch, capsys):
+    """`lmforge chat --checkpoint <HF dir>` chats with the directory's Jinja (its default system prompt), as
+    LLM.load does; --template still picks a built-in one."""
+    from lmforge.cli import chat as chat_cli
+
+    seen = []
+    monkeypatch.setattr(chat_cli, "chat_loop", lambda llm, cfg, **kw: seen.append(kw["template"]) or [])
+    path = _qwen_style_dir(tmp_path)
+    assert chat_cli.main(["--checkpoint", str(path)]) == 0
+    assert seen[-1].jinja() == QWEN and "tokenizer_config.json" in capsys.readouterr().out
+    assert chat_cli.main(["--checkpoint", str(path), "--template", "chatml"]) == 0
+    assert seen[-1].name == "chatml"
+    prompt = seen[0].render(USER)  # what chat_loop encodes each turn with
+    assert prompt.startswith("<|im_start|>system\nYou are Qwen")

@@ -130,8 +130,8 @@ def registered(monkeypatch):
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    return ModelConfig(arch="tiny_mamba", vocab_size=64, d_model=16, n_heads=1, d_ff=32, n_layers=2, pos_emb="none",
-                       **kw)
+    return ModelConfig(**{**dict(arch="tiny_mamba", vocab_size=64, d_model=16, n_heads=1, d_ff=32, n_layers=2,
+                                 pos_emb="none"), **kw})
 
 
 def randomized(model: nn.Module) -> nn.Module:
@@ -195,3 +195,18 @@ def test_a_hf_family_builds_the_class_its_config_names(registered, tmp_path, tie
     again = transformers.MambaForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert (again(ids).logits - want).abs().max() < 1e-5
+
+
+def test_pretraining_and_the_flop_counter_build_the_registered_class(registered, tmp_path):
+    """`lmforge train --model.arch NAME` trains the class registered under NAME (pretraining_parts builds through
+    the registry), and the scaling code's meta model is that class too (not a Transformer of the same fields)."""
+    from lmforge.scaling.flops import build_meta_model
+    from lmforge.train.pretrain import pretraining_parts
+
+    from ..train.helpers import make_shard, tiny_config
+
+    meta = build_meta_model(tiny_cfg())
+    assert type(meta) is TinyMamba and meta.lm_head.weight.is_meta
+    shard = make_shard(tmp_path / "train.bin")
+    cfg = tiny_config(shard, tmp_path / "run", model=tiny_cfg(vocab_size=257, max_seq_len=32))
+    assert type(pretraining_parts(cfg).model) is TinyMamba

@@ -51,10 +51,7 @@ def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,
     template = template or get_template(cfg.template or "chatml")
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(start)
-    # a turn ends at the template's end marker: as a string, and as its token where it is one special token
-    # (a tokenizer may decode special tokens to nothing, and no stop string would ever match)
-    sp = dataclasses.replace(cfg.sampling, stop=tuple(cfg.sampling.stop) + tuple(template.stop), truncate_prompt=True,
-                             stop_token_ids=tuple(cfg.sampling.stop_token_ids) + template.stop_token_ids(llm.tokenizer))
+    sp = dataclasses.replace(cfg.sampling, truncate_prompt=True)  # a long conversation loses its oldest tokens
     while True:
         try:
             line = read("you> ")
@@ -77,7 +74,9 @@ def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,
         if not cmd:
             continue
         history.append({"role": "user", "content": line})
-        history.append({"role": "assistant", "content": _answer(llm, template.encode(llm.tokenizer, history)[0], sp, write)})
+        # LLM.chat's encoding, the template's end markers as stop strings and (special) stop tokens
+        prompt, turn = llm.chat_request(history, sp, template=template)
+        history.append({"role": "assistant", "content": _answer(llm, prompt, turn, write)})
 
 
 def _answer(llm, prompt: list[int], sp, write) -> str:

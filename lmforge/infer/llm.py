@@ -7,9 +7,10 @@
     llm.score([("The capital of France is", " Paris")])   # [(sum log-prob, is greedy)]: lm-eval's loglikelihood
     llm.score_tokens(pairs)[0].token_logprobs             # per continuation token (normalized scores)
     llm.update_weights()                   # after a trainer changed the model in place (RL rollouts)
-    rid = llm.submit(prompt, params); llm.wait([rid])   # queue without waiting; collect later
+    rid = llm.submit(prompt, params); llm.wait([rid])   # queue without waiting; collect later (llm.abort(rid))
     for out in llm.completed(): ...        # each submitted request's output as it finishes (LM programs)
     llm.chat([{"role": "user", "content": "Hi"}], params, template="chatml")   # one answer per conversation
+    llm.submit(*llm.chat_request(conversation, params))   # one chat call, queued as a program's call
 
 Prompts are validated and queued as engine requests, run to completion with continuous batching, and
 returned as `RequestOutput`s in prompt order. With a seed, prompt i gets its own stream derived from the
@@ -153,7 +154,7 @@ class LLM:
         ids: list[str] = []
         try:
             for prompt, params in requests:
-                ids.append(self.engine.add_request(prompt, params))
+                ids.append(self._add(prompt, params))
             return self._collect(ids, errors)
         except BaseException as e:
             for rid in ids:
@@ -173,15 +174,17 @@ class LLM:
             if rid not in self._held and rid not in self.engine.requests:
                 raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected "
                                    "(collected already, aborted, or never added)")
-        new = [rid for rid in ids if rid in self._held]  # finished before this call, then at each step
-        waiting = set(ids).difference(new)  # (counted down, not rescanned: a score call queues thousands)
+        distinct = list(dict.fromkeys(ids))  # an id given twice (a program's cache merging two calls) is one output
+        new = [rid for rid in distinct if rid in self._held]  # finished before this call, then at each step
+        waiting = set(distinct).difference(new)  # (counted down, not rescanned: a score call queues thousands)
         while True:
             if errors == "raise":
                 for rid in new:  # a request aborted for its own failed input (a logits processor): its error
                     if self._held[rid].error is not None:
                         raise self._held.pop(rid).error
             if not waiting:
-                return [self._held.pop(rid) for rid in ids]
+                outs = {rid: self._held.pop(rid) for rid in distinct}
+                return [outs[rid] for rid in ids]
             try:
                 outs = self._step(finished_only=True)
             except Exception:
@@ -221,11 +224,42 @@ class LLM:
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one request without running it; returns its id. Its seed is used as given (unlike
         generate's per-index streams), so a program's call samples the same whatever else is queued with it.
-        Collect it with wait([id]) or completed()."""
+        Collect it with wait([id]) or completed(), or cancel it with abort(id). request_id: your own id, refused
+        while a request of this LLM still has it (running, or finished and not yet collected); default: the
+        engine's next number that none has."""
         params = _check_params(params)
-        rid = self.engine.add_request(prompt, self._params(params, None), request_id)
+        rid = self._add(prompt, self._params(params, None), request_id)
         self._submitted.add(rid)
         return rid
+
+    def _add(self, prompt, params: SamplingParams, request_id: str | None = None) -> str:
+        """Engine.add_request under an id that no output this LLM still owes a caller has: a finished request
+        waiting in _held, or a submitted one not yet collected (the engine knows only its running requests; an
+        id reused there would hand one call's output to the other)."""
+        if request_id is None:
+            rid = self.engine.free_request_id()
+            while rid in self._held or rid in self._submitted:
+                rid = self.engine.free_request_id()
+        else:
+            rid = str(request_id)
+            if rid in self._held or rid in self._submitted:
+                raise LmforgeError(f"request id {rid!r} is in use: a submitted request not yet collected (wait, "
+                                   "completed) or aborted (abort) has it; pass another request_id")
+        return self.engine.add_request(prompt, params, rid)
+
+    def abort(self, request_id: str) -> RequestOutput:
+        """Cancel a request of this LLM (a submitted call the program no longer needs): a running one stops now
+        and frees its blocks; a finished one not yet collected is dropped. Returns its output (finish_reason
+        'abort' for the samples it cut short); wait and completed no longer see it, and its id is free again."""
+        rid = str(request_id)
+        self._submitted.discard(rid)
+        held = self._held.pop(rid, None)
+        if rid in self.engine.requests:
+            return self.engine.abort(rid)
+        if held is None:
+            raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected (collected "
+                               "already, aborted, or never added)")
+        return held
 
     def wait(self, request_ids: Seq[str], *, errors: str = "raise") -> list[RequestOutput]:
         """Step the engine until these requests (submitted, or added to self.engine) have finished; their
@@ -255,7 +289,8 @@ class LLM:
         (as any raising generator) but loses nothing: the other requests run on, and a new completed()
         continues with them. errors="return": the failed output is yielded (`error` set) and iteration goes
         on, what an LM program running many calls wants. A failed engine step raises its exception once;
-        every request it aborted then comes out of a new completed() as a failed output."""
+        every request it aborted then comes out of a new completed() as a failed output. A request collected
+        by wait or cancelled by abort while iterating is not yielded."""
         _check_errors(errors)
         while self._submitted:
             ready = [rid for rid in self._held if rid in self._submitted]  # in the order they finished
@@ -266,6 +301,8 @@ class LLM:
                 self._step(finished_only=True)
                 continue
             for rid in ready:
+                if rid not in self._submitted or rid not in self._held:  # collected (wait) or aborted meanwhile
+                    continue
                 self._submitted.discard(rid)
                 out = self._held.pop(rid)
                 if out.error is not None and errors == "raise":  # (the others stay to be collected)
@@ -277,7 +314,7 @@ class LLM:
         text (complete UTF-8 characters, and nothing a stop string could take back: Sequence.output). A
         beam search yields its best beam once the search ends (the running best beam may change)."""
         params = _check_params(params)
-        rid = self.engine.add_request(self.encode(prompt, params), self._params(params, 0))
+        rid = self._add(self.encode(prompt, params), self._params(params, 0))
         sent = 0
         try:
             while rid in self.engine.requests:
@@ -299,12 +336,10 @@ class LLM:
 
     def chat(self, conversations, params: SamplingParams | Seq[SamplingParams] | None = None, *,
              template=None, add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
              errors: str = "raise") -> list[RequestOutput]:
         """The assistant's next turn for each conversation (a list of {"role", "content"} messages, or a list
-        of such lists), batched as generate batches prompts. Each is encoded by the chat template
-        (ChatTemplate.encode: markers as special tokens, contents as plain text, so a message cannot open a
-        turn of its own) and opened for the assistant; the template's end-of-turn strings join params.stop
-        and those that are special tokens params.stop_token_ids (ChatTemplate.stop_token_ids).
+        of such lists), batched as generate batches prompts; each conversation runs as chat_request makes it.
         template: a name (lmforge.infer.chat_template.TEMPLATES) or a ChatTemplate; default: the one the
         checkpoint records, or a HF checkpoint's own (its tokenizer_config.json Jinja; LLM.load), else chatml
         where the tokenizer has its special tokens, else plain (chat_template.choose_template; falling back to
@@ -312,7 +347,32 @@ class LLM:
         continue_final_message: each conversation ends with a partial assistant message that the answer
         continues (the prompt ends right after its content: no end marker, no new turn; HF's and vLLM's
         name); add_generation_prompt (default: unless continuing) opens a new assistant turn.
+        tools, chat_template_kwargs: for a checkpoint's own Jinja template (JinjaTemplate.render: tool schemas,
+        variables such as enable_thinking); a built-in template refuses them.
         errors: as generate's ("return": a failed conversation's output in its place, `error` set)."""
+        tpl = self._chat_template(template)
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        requests = [self._chat_request(tpl, c, sp, add_generation_prompt, continue_final_message, tools,
+                                       chat_template_kwargs)
+                    for c, sp in zip(conversations, _params_list(params, len(conversations)))]
+        return self.generate([ids for ids, _ in requests], [sp for _, sp in requests], errors=errors)
+
+    def chat_request(self, conversation: Seq[dict], params: SamplingParams | None = None, *, template=None,
+                     add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+                     tools: list[dict] | None = None, chat_template_kwargs: dict | None = None
+                     ) -> tuple[list[int], SamplingParams]:
+        """One conversation as a request: (prompt token ids, params with the template's stops), what chat runs
+        for each conversation. `llm.submit(*llm.chat_request(conv, params))` queues a chat call beside other
+        calls (an LM program), `llm.stream(*...)` streams it (lmforge chat). The chat template (chosen as for
+        chat) encodes the conversation (ChatTemplate.encode: markers as special tokens, contents as plain text,
+        so a message cannot open a turn of its own); its end-of-turn strings join params.stop and those that
+        are single special tokens params.stop_token_ids (ChatTemplate.stop_token_ids). The other options are
+        chat's."""
+        return self._chat_request(self._chat_template(template), conversation, _check_params(params),
+                                  add_generation_prompt, continue_final_message, tools, chat_template_kwargs)
+
+    def _chat_template(self, template) -> ChatTemplate:
         from lmforge.errors import warn_caller
         from lmforge.infer.chat_template import choose_template
 
@@ -320,15 +380,17 @@ class LLM:
         if notice and not self._told_plain:
             self._told_plain = True
             warn_caller(f"LLM.chat: {notice} (pass template= to choose one)")
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
-        ids = [tpl.encode(self.tokenizer, list(c), add_generation_prompt, continue_final_message)[0]
-               for c in conversations]
+        return tpl
+
+    def _chat_request(self, tpl: ChatTemplate, conversation, params: SamplingParams, add_generation_prompt,
+                      continue_final_message: bool, tools, chat_template_kwargs) -> tuple[list[int], SamplingParams]:
+        if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
+            raise LmforgeError(f"a conversation is a list of {{'role', 'content'}} messages, got {conversation!r:.80}")
+        ids = tpl.encode(self.tokenizer, list(conversation), add_generation_prompt, continue_final_message,
+                         tools=tools, **(chat_template_kwargs or {}))[0]
         end_ids = tpl.stop_token_ids(self.tokenizer)  # a marker that is one special token ends on the token
-        per = [dataclasses.replace(sp, stop=tuple(dict.fromkeys(sp.stop + tpl.stop)),
-                                   stop_token_ids=tuple(dict.fromkeys(sp.stop_token_ids + end_ids)))
-               for sp in _params_list(params, len(ids))]
-        return self.generate(ids, per, errors=errors)
+        return ids, dataclasses.replace(params, stop=tuple(dict.fromkeys(params.stop + tpl.stop)),
+                                        stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids + end_ids)))
 
     def score(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list[tuple[float, bool]]:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'

@@ -77,16 +77,22 @@ def test_stream_holds_back_stop_string_prefixes(tok):
     assert all(stop[:2] not in p for p in pieces[:-1])  # a stop-string prefix is never streamed early
 
 
-class FakeLLM:
-    """Streams a fixed answer; raises KeyboardInterrupt after two pieces when asked to."""
+class FakeLLM(LLM):
+    """Streams a fixed answer; raises KeyboardInterrupt after two pieces when asked to. Its chat_request is
+    LLM's (no model: the chat loop encodes each turn through it)."""
 
     def __init__(self):
-        from lmforge.tokenizer.byte import ByteTokenizer
+        import lmforge as lf
 
-        self.prompts, self.interrupt, self.tokenizer = [], False, ByteTokenizer()
+        self.prompts, self.interrupt = [], False  # bytes, and chatml's markers as special tokens:
+        self.tokenizer = lf.Tokenizer({i: bytes([i]) for i in range(256)}, [],
+                                      special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        self.chat_template, self._told_plain, self.stops, self.stop_ids = None, False, [], []
 
     def stream(self, prompt, sp):
         self.prompts.append(self.tokenizer.decode(prompt))  # the chat loop sends token ids
+        self.stops.append(sp.stop)
+        self.stop_ids.append(sp.stop_token_ids)
         for i, piece in enumerate(["Hel", "lo", "!"]):
             if self.interrupt and i == 2:
                 raise KeyboardInterrupt
@@ -108,6 +114,8 @@ def test_chat_loop_streams_resets_and_survives_ctrl_c():
     assert llm.prompts[1].count("<|im_start|>user") == 1  # the reset dropped the first exchange
     assert hist[-1] == {"role": "assistant", "content": "Hello"}  # the interrupted answer is kept
     assert llm.prompts[2].endswith("<|im_start|>assistant\n") and len(llm.prompts) == 3
+    assert llm.stops[0] == ("<|im_end|>", "<|im_start|>")  # the template's stops (LLM.chat_request)
+    assert llm.stop_ids[0] == (258, 257)  # and their special tokens
 
 
 def test_chat_loop_quit_and_unknown_commands_are_not_messages():

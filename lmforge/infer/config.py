@@ -4,6 +4,7 @@ blocks the pool holds, and the model's context window and vocabulary."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +35,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     """tokens per forward at most (prefill chunks + decode tokens)"""
     chunked_prefill: bool = True
-    prefix_caching: bool = True
+    prefix_caching: bool | None = None
     """reuse the cached blocks of a known prompt prefix; on models with recurrent-state layers only with
-    state_snapshots > 0 (a block holds keys, not the state after it: lmforge.infer.kv.state)"""
+    state_snapshots > 0 (a block holds keys, not the state after it: lmforge.infer.kv.state). None = on, except
+    for a RoPE scaling that depends on the context length (dynamic NTK, LongRoPE), whose cached keys depend on
+    the length of the sequence that computed them: off there, and True is an error"""
+    max_model_len: int | None = None
+    """the longest sequence served (prompt + generated tokens); None = the model's max_seq_len (a HF checkpoint's
+    max_position_embeddings). Larger serves a RoPE-scaled checkpoint (YaRN, linear, dynamic NTK...) past it;
+    refused for models with learned or sinusoidal position embeddings (docs/inference.md, long context)"""
     state_snapshots: int = 0
     """models with recurrent-state layers: copies of the state kept for prefix caching, each the size of
     one sequence's state (lmforge.infer.kv.state: taken at branch points and prompts' last block boundary,
@@ -106,6 +113,8 @@ class EngineConfig:
               f"kv_cache must be a lmforge.infer.kv.paged.CacheStore (or None), got {self.kv_cache!r:.80}")
         check(self.kv_cache_dtype is None or self.kv_cache_dtype in KV_DTYPES,
               f"kv_cache_dtype must be None (the model's) or one of {sorted(KV_DTYPES)}, got {self.kv_cache_dtype!r}")
+        check(self.max_model_len is None or self.max_model_len > 0,
+              f"max_model_len must be > 0 (or None: the model's max_seq_len), got {self.max_model_len}")
         check(self.num_kv_tokens is None or self.num_kv_tokens >= self.block_size,
               f"num_kv_tokens must be >= block_size ({self.block_size}), got {self.num_kv_tokens}")
         SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
@@ -228,7 +237,7 @@ def sequence_bytes(c: EngineConfig, spec, device: torch.device) -> int:
     state_snapshots when prefix caching is on, of spec.bytes_per_sequence(): lmforge.infer.kv.state) and a
     CacheStore's per-sequence state (max_num_seqs of its bytes_per_sequence). Over cache_budget - whatever
     num_kv_tokens says, which sizes only the KV pool - they are a one-line error naming them."""
-    snaps = c.state_snapshots if c.prefix_caching else 0  # (the engine keeps none without prefix caching)
+    snaps = c.state_snapshots if c.prefix_caching is not False else 0  # (the engine keeps none without it)
     rows = c.max_num_seqs + 1 + snaps
     parts = {}
     if spec.has_state:
@@ -276,6 +285,49 @@ def scores_text(model) -> bool:
     ValueModel) rather than a language model with next-token logits (a policy with a value head has those: it
     has a cache_spec)."""
     return hasattr(model, "head_record") and not hasattr(model, "cache_spec")
+
+
+def length_dependent_rope(model) -> bool:
+    """Whether the model's RoPE frequencies follow each sequence's length (dynamic NTK, LongRoPE): the paged runner
+    then gives every token its length (AttnMetadata.rope_lengths), and rope_allows turns features off."""
+    rope = getattr(getattr(model, "generation_module", model), "rope", None)
+    return bool(getattr(rope, "length_dependent", False))
+
+
+def rope_allows(c: EngineConfig, model, allows: dict[str, bool]) -> dict[str, bool]:
+    """store_allows' answer, less what a length-dependent RoPE cannot serve: prefix caching (a cached block's keys
+    hold frequencies chosen by the length of the sequence that computed them; prefix_caching=True is a one-line
+    error) and CUDA graphs (their steps carry no per-token lengths: eager steps instead)."""
+    if not length_dependent_rope(model):
+        return allows
+    kind = getattr(getattr(model, "cfg", None), "rope_scaling", None)
+    kind = kind.kind if kind is not None else "length-dependent"
+    if c.prefix_caching:
+        raise ConfigError(f"prefix_caching=True cannot serve RoPE scaling {kind!r}: a prefix's keys depend on the "
+                          "length of the sequence that computed them; leave prefix_caching unset (off here)")
+    if c.cuda_graphs:
+        raise ConfigError(f"cuda_graphs=True cannot serve RoPE scaling {kind!r}: graph steps carry no per-token "
+                          "context lengths; leave cuda_graphs unset (off here)")
+    return {**allows, "prefix_caching": False, "cuda_graphs": False}
+
+
+def serving_spec(model, spec, max_model_len: int | None):
+    """The cache spec with the served window (EngineConfig.max_model_len) as its max_seq_len; a static RoPE's
+    cos/sin tables grow to cover it here, before any backend captures their addresses."""
+    if max_model_len is None:
+        return spec
+    inner = getattr(model, "generation_module", model)
+    if spec is None:
+        raise ConfigError(f"max_model_len={max_model_len} needs a model with cache_spec() (an lmforge model); "
+                          f"{type(model).__name__} has none")
+    pos_emb = getattr(inner, "pos_emb", None)
+    if max_model_len > spec.max_seq_len and pos_emb is not None:
+        raise ConfigError(f"max_model_len={max_model_len} is past the model's max_seq_len={spec.max_seq_len}, but its "
+                          f"{type(pos_emb).__name__} cover {spec.max_seq_len} positions only; lower max_model_len")
+    rope = getattr(inner, "rope", None)
+    if rope is not None:
+        rope.reserve(max_model_len)
+    return dataclasses.replace(spec, max_seq_len=max_model_len)
 
 
 def limits(model, spec) -> tuple[int, int]:

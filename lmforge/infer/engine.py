@@ -67,8 +67,8 @@ import torch
 from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.config import (EngineConfig, graph_prefill_tokens, kv_dtype, limits, pool_blocks, store_allows,
-                                  use_fused_kernels, use_kernel_step, use_kernel_tune)
+from lmforge.infer.config import (EngineConfig, graph_prefill_tokens, kv_dtype, limits, pool_blocks, rope_allows,
+                                  serving_spec, store_allows, use_fused_kernels, use_kernel_step, use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request, marked
 from lmforge.infer.outputs import RequestOutput
@@ -118,6 +118,7 @@ class Engine:
             from lmforge.infer.kv.policy import check_engine as check_policy_engine
 
             check_policy_engine(config.kv_policy, spec, draft, config)
+        spec = serving_spec(model, spec, config.max_model_len)  # the window served: EngineConfig.max_model_len
         self.max_seq_len, self.vocab_size = limits(model, spec)
         # a HF checkpoint's end-of-sequence ids (config.json / generation_config.json eos_token_id)
         self.eos_ids = tuple(getattr(model, "eos_token_ids", None) or ())
@@ -128,6 +129,7 @@ class Engine:
         self.vocab_limit = tok_vocab if tok_vocab is not None and tok_vocab < self.vocab_size else None
         narrow = spec is not None and kv_dtype(config, spec) != spec.dtype  # a cache narrower than the model
         allows = store_allows(config, spec, draft)  # what a CacheStore (EngineConfig.kv_cache) can serve
+        allows = rope_allows(config, model, allows)  # and a length-dependent RoPE (dynamic NTK, LongRoPE)
         if spec is None and config.kv_cache_dtype is not None or narrow and config.kernel_step:
             raise ConfigError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs a model with cache_spec() (the paged "
                               "cache) and no kernel_step=True (the kernel step reads keys in the model's dtype)")
@@ -154,8 +156,9 @@ class Engine:
                                       fused_kernels=use_fused_kernels(config, self.device), store=config.kv_cache,
                                       mixed_tokens=graph_prefill_tokens(config, self.device))
         # state models: prefix hits need state snapshots (lmforge.infer.kv.state)
-        snapshots = config.state_snapshots if self.has_state and config.prefix_caching else 0
-        caching = config.prefix_caching and (snapshots > 0 or not self.has_state) and allows["prefix_caching"]
+        wanted = config.prefix_caching is not False  # (None: on where it can be)
+        snapshots = config.state_snapshots if self.has_state and wanted else 0
+        caching = wanted and (snapshots > 0 or not self.has_state) and allows["prefix_caching"]
         self.pool = BlockPool(num_blocks, config.block_size, caching)
         # when every attention layer slides (Mistral; Samba: recurrent layers between sliding ones, which keep
         # no keys), blocks behind the window are freed as sequences advance

@@ -6,6 +6,7 @@
     for piece in llm.stream("Once upon", params): ...
     llm.score([("The capital of France is", " Paris")])   # [(sum log-prob, is greedy)]: lm-eval's loglikelihood
     llm.score_tokens(pairs)[0].token_logprobs             # per continuation token (normalized scores)
+    llm.score_rolling([document])[0].logprob              # whole document in windows: lm-eval's loglikelihood_rolling
     llm.update_weights()                   # after a trainer changed the model in place (RL rollouts)
     rid = llm.submit(prompt, params); llm.wait([rid])   # queue without waiting; collect later (llm.abort(rid))
     for out in llm.completed(): ...        # each submitted request's output as it finishes (LM programs)
@@ -50,7 +51,8 @@ Prompt = str | list[int]
 class Score:
     """One (context, continuation) pair scored (LLM.score_tokens): the continuation's tokens, each one's
     log-prob given all before it, their sum and whether every token is the argmax (lm-eval's two numbers).
-    context_ids: the context as scored (BOS or end-of-text for an empty one; cut to the window)."""
+    context_ids: the context as scored (BOS or end-of-text for an empty one; cut to the window). A document
+    scored in windows (LLM.score_rolling) is one Score: its tokens, after the prefix token as context_ids."""
     logprob: float
     is_greedy: bool
     context_ids: list[int]
@@ -431,15 +433,7 @@ class LLM:
                 requests.append((pairs[i][0] + pairs[i][1], params[start]))
             for i, out in zip(group, self._run(requests) if group else []):
                 outs[i] = out
-        scores = []
-        for (ctx, cont), out in zip(pairs, outs):
-            # each step: {its prompt token, then the argmax} (logprob_entries), one key when they are the same.
-            # Greedy means each token IS the argmax (lm-eval: cont == logits.argmax), not merely tied with it
-            steps = out.prompt_logprobs[len(ctx):]
-            lps = [d[t] for d, t in zip(steps, cont)]
-            scores.append(Score(sum(lps), all(list(d)[-1] == t for d, t in zip(steps, cont)), list(ctx),
-                                list(cont), lps))
-        return scores
+        return [_read_score(ctx, cont, out) for (ctx, cont), out in zip(pairs, outs)]
 
     def _pair(self, context: Prompt, continuation: Prompt, index: int) -> tuple[list[int], list[int]]:
         if isinstance(context, str) and isinstance(continuation, str):
@@ -479,6 +473,60 @@ class LLM:
                                f"{self.max_seq_len}-token window; shorten it below {keep} tokens")
         return ctx[max(0, len(ctx) + len(cont) - keep):], cont
 
+    def score_rolling(self, documents: Prompt | Seq[Prompt]) -> list[Score]:
+        """lm-eval's loglikelihood_rolling (perplexity, bits per byte): each document's every token scored once,
+        given the tokens before it, in windows of at most max_seq_len predicted tokens (rolling_windows: lm-eval's
+        layout, so documents longer than the window score as lm-eval's HFLM scores them). A Score per document:
+        logprob is the sum (lm-eval's number), token_ids the document's tokens, token_logprobs one per token,
+        context_ids the prefix token the first one is predicted from (the tokenizer's BOS, else end-of-text, as
+        for score's empty context), is_greedy whether every token is the argmax. Perplexity is
+        exp(-logprob / len(token_ids)); bits per byte -logprob / (ln 2 * the text's UTF-8 bytes).
+        `documents`: one document or a list; a string is tokenized as lm-eval's HFLM tokenizes it (text_ids: a
+        Llama-3 tokenizer's BOS first, which is then scored after the prefix BOS, as lm-eval does), token ids are
+        taken as given. Every window of every document is one score-only request, all queued together."""
+        prefix = self._prefix_id()
+        if prefix is None:
+            raise LmforgeError("score_rolling predicts a document's first token from the tokenizer's BOS or "
+                               "end-of-text token, and this tokenizer has neither")
+        docs = [self._document(d, i) for i, d in enumerate(_prompt_list(documents))]
+        windows = [(i, ctx, cont) for i, ids in enumerate(docs) for ctx, cont in
+                   rolling_windows(ids, prefix, self.max_seq_len)]
+        params = {n: SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=n)
+                  for n in {len(ctx) for _, ctx, _ in windows}}
+        outs = self._run([(ctx + cont, params[len(ctx)]) for _, ctx, cont in windows])
+        per_doc: list[list[Score]] = [[] for _ in docs]
+        for (i, ctx, cont), out in zip(windows, outs):
+            per_doc[i].append(_read_score(ctx, cont, out))
+        scores = []
+        for ids, ws in zip(docs, per_doc):
+            lps = [lp for w in ws for lp in w.token_logprobs]
+            scores.append(Score(sum(lps), all(w.is_greedy for w in ws), [prefix], ids, lps))
+        return scores
+
+    def _prefix_id(self) -> int | None:
+        """lm-eval's prefix_token_id: the token a sequence's first token is predicted from (BOS, else
+        end-of-text)."""
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return bos if bos is not None else getattr(self.tokenizer, "eot_id", None)
+
+    def _document(self, document: Prompt, index: int) -> list[int]:
+        if isinstance(document, str):
+            if not document:
+                raise LmforgeError(f"document {index} is empty text: there is nothing to score")
+            return self.text_ids(document)
+        if isinstance(document, torch.Tensor) and document.dim() == 1:
+            document = document.tolist()
+        if not isinstance(document, (list, tuple)):
+            raise LmforgeError(f"document {index} must be a string or a list of token ids, got "
+                               f"{type(document).__name__}")
+        if not document:
+            raise LmforgeError(f"document {index} has no tokens: there is nothing to score")
+        bad = [t for t in document if not is_int(t) or not 0 <= t < self.engine.vocab_size]
+        if bad:
+            raise LmforgeError(f"document {index} has token id {bad[0]!r} outside the model's vocabulary "
+                               f"[0, {self.engine.vocab_size})")
+        return [int(t) for t in document]
+
     def update_weights(self, weights=None, *, partial: bool = False) -> None:
         """Engine.update_weights: None after the model changed in place, else a state_dict or module (partial:
         only the tensors it names)."""
@@ -495,6 +543,32 @@ class LLM:
         if params.seed is not None and index is not None:
             changes["seed"] = seed_for(params.seed, index)
         return dataclasses.replace(params, **changes) if changes else params
+
+
+def rolling_windows(ids: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:
+    """A document's (context, continuation) pairs for LLM.score_rolling, lm-eval's layout (its
+    get_rolling_token_windows with context_len=1, made disjoint): every token is in exactly one continuation, in
+    order, each given all the tokens before it that fit a (window + 1)-token score-only request, the most a
+    model with a `window`-token window reads (the last token is only a target). For window W and n tokens:
+
+        [prefix] -> ids[0:W]                    the first window: the prefix token stands for "no context"
+        ids[W-1:W] -> ids[W:2W]                 full windows: W predicted tokens leave room for one of context
+        ids[n-W-1:k] -> ids[k:n]                a short last window fills the rest with more context
+    """
+    pairs = [([prefix], ids[:window])]
+    for start in range(window, len(ids), window):
+        end = min(start + window, len(ids))
+        pairs.append((ids[end - window - 1:start], ids[start:end]))  # (end > window: never a negative start)
+    return pairs
+
+
+def _read_score(ctx: list[int], cont: list[int], out: RequestOutput) -> Score:
+    """A score-only request's output (its prompt ctx + cont, log-probs from len(ctx) on) as cont's Score."""
+    # each step: {its prompt token, then the argmax} (logprob_entries), one key when they are the same.
+    # Greedy means each token IS the argmax (lm-eval: cont == logits.argmax), not merely tied with it
+    steps = out.prompt_logprobs[len(ctx):]
+    lps = [d[t] for d, t in zip(steps, cont)]
+    return Score(sum(lps), all(list(d)[-1] == t for d, t in zip(steps, cont)), list(ctx), list(cont), lps)
 
 
 def _check_errors(errors) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from lmforge.adapt.lora import lora_layers
 from lmforge.errors import LmforgeError
+from lmforge.infer.config import length_dependent_rope
 from lmforge.infer.features import StepHidden
 from lmforge.infer.kv import new_paged_cache
 from lmforge.infer.request import Sequence
@@ -80,6 +81,7 @@ class PagedRunner:
                  mixed_tokens: int = 0):
         self.source, self.block_size, self.device = model, block_size, torch.device(device)
         self.fused_kernels = fused_kernels
+        self.rope_lengths = length_dependent_rope(model)  # each token's context length goes with the step
         # one block more than the pool hands out: the graphs' padding rows write there
         self.cache = new_paged_cache(cache_spec, num_blocks + 1, block_size, device, dtype, decode, prefill,
                                      max_seqs=max_batch, store=store)
@@ -265,9 +267,11 @@ class PagedRunner:
         parents, sizes = tree_parents_row(batch) if batch.trees else ([], ())
         M = 3 * N + S + len(logits_idx)
         state = self.cache.slots([seq.seq_id for seq, _ in batch.chunks]) if self.has_state else []
-        P = M + len(parents) + len(state)  # then the block tables, flattened: all in the step's one copy
+        lengths = rope_lengths(batch, pos, qlens) if self.rope_lengths else []
+        R = M + len(parents) + len(state)
+        P = R + len(lengths)  # then the block tables, flattened: all in the step's one copy
         # numpy turns a list of ints into an array ~4x faster than torch.tensor
-        head = ids + pos + slots + ctx + logits_idx + parents + state
+        head = ids + pos + slots + ctx + logits_idx + parents + state + lengths
         flat = to_device(torch.from_numpy(np.concatenate([np.array(head, np.int64),
                                                           host_block_tables(tables, S, width).numpy().ravel()])),
                          self.device)
@@ -281,7 +285,7 @@ class PagedRunner:
                           if self.has_state and batch.drafts else ()),
             decode_groups=decode_groups(widths[:batch.num_decodes]),
             tree_parents=flat[M:M + len(parents)][None] if parents else None, tree_sizes_host=sizes,
-            state_slots=flat[P - len(state):P] if state else None)
+            state_slots=flat[R - len(state):R] if state else None, rope_lengths=flat[R:P][None] if lengths else None)
         if late is not None:
             late.write(flat[:N])
         return flat[:N][None], meta
@@ -311,6 +315,14 @@ def chunk_inputs(batch: Batch, bs: int) -> tuple[list, ...]:
         ends.append(len(ids) - 1)
         tables.append(table)
     return ids, pos, slots, ctx, qlens, ends, tables
+
+
+def rope_lengths(batch: Batch, pos: list[int], qlens: list[int]) -> list[int]:
+    """Each token's context length for a length-dependent RoPE (AttnMetadata.rope_lengths): the one transformers'
+    generate gives it, max(its sequence's prompt length, position + 1) - a prompt's tokens the prompt's length
+    however it is chunked, a decoded token its position + 1 (also when a preempted sequence recomputes it)."""
+    prompts = np.repeat([seq.request.prompt_len for seq, _ in batch.chunks], qlens)
+    return np.maximum(np.array(pos, np.int64) + 1, prompts).tolist()
 
 
 def tree_chunk_positions(s: int, n: int, tree: list[int]) -> list[int]:

@@ -294,6 +294,11 @@ class ModelConfig:
               f"model.moe.dense_layers={self.moe_cfg.dense_layers} exceeds model.n_layers={self.n_layers}")
         check(self.rope_scaling is None or self.pos_emb == "rope",
               "model.rope_scaling needs model.pos_emb='rope'")
+        sc = self.rope_scaling
+        for name in ("short_factor", "long_factor") if sc is not None and sc.kind == "longrope" else ():
+            check(len(getattr(sc, name)) == self.rope_dim // 2,
+                  f"model.rope_scaling.{name} has {len(getattr(sc, name))} entries; the rotated head width "
+                  f"{self.rope_dim} needs rope_dim/2 = {self.rope_dim // 2}")
 
     def ignored_sections(self) -> list[str]:
         """Sections set for a part this model does not have (model.moe with mlp='dense', model.mla with

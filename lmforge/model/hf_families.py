@@ -86,6 +86,8 @@ def rope_from_hf(d: dict, default_theta: float = 10000.0, default_max_len: int =
                           f"supported: {sorted(names)}")
     max_len = d.get("max_position_embeddings") or default_max_len
     orig, factor = rp.get("original_max_position_embeddings"), rp.get("factor")
+    if kind in ("yarn", "llama3", "longrope") and d.get("original_max_position_embeddings") is not None:
+        orig = d["original_max_position_embeddings"]  # a top-level one (Phi-3) wins, as in transformers
     if factor is None and kind in ("yarn", "longrope"):
         factor = max_len / (orig or max_len)
     # dynamic NTK scales from max_position_embeddings alone: transformers ignores an original context there

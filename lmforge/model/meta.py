@@ -60,6 +60,11 @@ class AttnMetadata:
     """(B, T) document index of each token in a packed row; None = one document per row"""
     positions: torch.Tensor | None = None
     """(B, T) position of each token; the model uses it when no positions argument is given"""
+    rope_lengths: torch.Tensor | None = None
+    """(B, T) int64, or broadcastable: the context length each token's RoPE frequencies follow, read only where
+    they depend on it (dynamic NTK, LongRoPE: lmforge.model.layers.rope): the engine's varlen row gives each token
+    max(its sequence's prompt length, position + 1), context parallelism the whole sequence's length; None = each
+    row's last position + 1"""
     logits_indices: torch.Tensor | None = None
     """(M,) flat token indices whose logits the model returns, as (1, M, V); None = every token"""
     hidden_indices: torch.Tensor | None = None

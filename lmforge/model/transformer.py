@@ -237,7 +237,7 @@ class Transformer(nn.Module):
 
         from lmforge.model.layers.rope import rotate_by
 
-        if self.rope is None or self.rope._seq_dependent:
+        if self.rope is None or self.rope.length_dependent:
             return None
         return functools.partial(rotate_by, inv_freq=self.rope.inv_freq, layout=self.rope.layout)
 
@@ -271,7 +271,8 @@ class Transformer(nn.Module):
         x = self.drop(x)
         if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):
             x = x.to(self.residual_dtype)  # outside autocast (eval, generation in fp32) the weights' dtype
-        rope = self.rope.cos_sin(positions, n_positions) if self.rope is not None else None
+        lengths = meta.rope_lengths if meta is not None else None  # (length-dependent RoPE scaling only)
+        rope = self.rope.cos_sin(positions, n_positions, lengths) if self.rope is not None else None
         if meta is not None and meta.doc_ids is not None and cache is not None:
             raise ConfigError("packed documents (meta.doc_ids) are a training layout; run them without a cache")
         for i, block in enumerate(self.blocks):

@@ -17,12 +17,15 @@ are refused or skipped).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.model.layers.attention import attend_with
+from lmforge.model.meta import AttnMetadata
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -97,7 +100,8 @@ def shard_batch(batch: dict[str, torch.Tensor], cp_mesh) -> dict[str, torch.Tens
 
 def apply_cp(model: nn.Module, cp_mesh) -> nn.Module:
     """Make `model(local_ids)` context-parallel in training mode: a forward pre-hook turns a call on this
-    rank's tokens into model(local_ids, positions=global positions, cache=ContextParallelKV), so objectives
+    rank's tokens into model(local_ids, positions=global positions, cache=ContextParallelKV; with a length-dependent
+    RoPE also meta.rope_lengths = the whole sequence's length), so objectives
     that call model(batch["input_ids"]) run unchanged on shard_batch's output. Eval mode is untouched
     (evaluation sees whole sequences)."""
     group, rank, cp = cp_mesh.get_group(), cp_mesh.get_local_rank(), cp_mesh.size()
@@ -110,7 +114,12 @@ def apply_cp(model: nn.Module, cp_mesh) -> nn.Module:
         if pos is None:
             pos = load_balanced_positions(ids.shape[1] * cp, rank, cp).to(ids.device)
         pos = pos[0] if pos.dim() == 2 else pos  # every row of a batch holds the same positions
-        return args, {**kwargs, "positions": pos, "cache": ContextParallelKV(pos, group)}
+        extra = {}
+        if getattr(getattr(module, "rope", None), "length_dependent", False):
+            # dynamic NTK / LongRoPE follow the whole sequence's length, not this rank's last position
+            meta = kwargs.get("meta") or AttnMetadata()
+            extra["meta"] = dataclasses.replace(meta, rope_lengths=torch.full_like(pos, ids.shape[1] * cp))
+        return args, {**kwargs, "positions": pos, "cache": ContextParallelKV(pos, group), **extra}
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return model

@@ -18,6 +18,10 @@ Context extension by a factor s = new context / original context L (RopeScaling.
             and the 'long' set beyond; attention factor sqrt(1 + ln s / ln L)
   llama3    Llama 3.1: low frequencies (wavelength > L/low_freq_factor) divided by s, high ones kept,
             smooth interpolation between
+
+dynamic and longrope depend on the context length, which each token takes from its own sequence: the length
+transformers' generate gives it (a prompt's tokens the prompt's length, a decoded token its position + 1), never
+the longest sequence of a batch or the last position of a chunk (`RotaryEmbedding.cos_sin`'s `lengths`).
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ class RotaryEmbedding(nn.Module):
         self._seq_dependent = scaling is not None and scaling.kind in ("dynamic", "longrope")
         n = 0 if self._seq_dependent else max_seq_len
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        # LongRoPE's long-factor frequencies (the short ones are inv_freq); unused by the other kinds
+        self.register_buffer("inv_freq_long", torch.empty(head_dim // 2), persistent=False)
         self.register_buffer("cos_table", torch.empty(n, head_dim // 2), persistent=False)
         self.register_buffer("sin_table", torch.empty(n, head_dim // 2), persistent=False)
         self.reset_tables()
@@ -125,6 +131,10 @@ class RotaryEmbedding(nn.Module):
         least max_seq_len) on the buffers' device; also after to_empty()."""
         inv, self.attention_scale = scaled_inv_freq(self.head_dim, self.theta, self.scaling, self.max_seq_len)
         self.inv_freq = inv.float().to(self.inv_freq.device)  # attention_scale: YaRN/LongRoPE temperature
+        if self.scaling is not None and self.scaling.kind == "longrope":
+            orig = self.scaling.original_max_seq_len or self.max_seq_len
+            long, _ = scaled_inv_freq(self.head_dim, self.theta, self.scaling, self.max_seq_len, orig + 1)
+            self.inv_freq_long = long.float().to(self.inv_freq.device)
         if not self._seq_dependent and self.cos_table.device.type != "meta":
             n = n_positions or max(self.cos_table.shape[0], self.max_seq_len)
             angles = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq
@@ -143,27 +153,42 @@ class RotaryEmbedding(nn.Module):
             self.reset_tables()
         return self
 
-    def _inv_freq_for(self, positions: torch.Tensor) -> torch.Tensor:
-        if not self._seq_dependent:
-            return self.inv_freq
-        seq_len = int(positions.max()) + 1  # the context the current forward reaches
-        inv, _ = scaled_inv_freq(self.head_dim, self.theta, self.scaling, self.max_seq_len, seq_len)
-        return inv
+    @property
+    def length_dependent(self) -> bool:
+        """The frequencies depend on each token's context length (dynamic NTK, LongRoPE): cos_sin reads `lengths`."""
+        return self._seq_dependent
 
-    def cos_sin(self, positions: torch.Tensor, n_positions: int | None = None
+    def _inv_freq_for(self, positions: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """(..., d/2) inverse frequencies of each token, from its context length: computed on the device, no sync."""
+        if lengths is None:  # each row's own context (a forward without a cache, or a row decoding one sequence)
+            lengths = positions.amax(dim=-1, keepdim=True) + 1
+        lengths, sc = lengths.to(positions.device), self.scaling
+        if sc.kind == "longrope":  # the long factors once the context passes the original one
+            orig = sc.original_max_seq_len or self.max_seq_len
+            return torch.where((lengths > orig)[..., None], self.inv_freq_long, self.inv_freq)
+        # dynamic NTK: base theta·(s·L/max_seq_len - (s - 1))^(d/(d-2)), L = max(length, max_seq_len); fp32 in
+        # transformers' order of operations
+        d, s = self.head_dim, sc.factor
+        L = lengths.clamp(min=self.max_seq_len)
+        base = self.theta * ((s * L / self.max_seq_len) - (s - 1)) ** (d / (d - 2))
+        exps = torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d
+        return 1.0 / (base[..., None] ** exps)
+
+    def cos_sin(self, positions: torch.Tensor, n_positions: int | None = None, lengths: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) int >= 0 -> cos, sin of shape (B, T, head_dim/2), in fp32. `n_positions` is a
         bound (max position + 1) the caller knows on the host; the tables grow to cover it. Without one,
         CPU positions are checked here, and GPU positions must lie below the tables' length (max_seq_len
-        or more): checking them would stall the GPU at every forward."""
+        or more): checking them would stall the GPU at every forward.
+        lengths (B, T) or broadcastable to it, int: the context length of each token's sequence, read by the
+        length-dependent kinds only (length_dependent); None = each row's last position + 1."""
         if not self._seq_dependent:
             if n_positions is None and positions.device.type == "cpu" and positions.numel():
                 n_positions = int(positions.max()) + 1
             if n_positions is not None:
                 self.reserve(n_positions)
             return self.cos_table[positions], self.sin_table[positions]
-        inv = self._inv_freq_for(positions).to(positions.device)
-        angles = positions.to(torch.float32)[..., None] * inv
+        angles = positions.to(torch.float32)[..., None] * self._inv_freq_for(positions, lengths)
         return angles.cos() * self.attention_scale, angles.sin() * self.attention_scale
 
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.align.dpo import ReferenceHolder
-from lmforge.align.frozen import Frozen, held
+from lmforge.align.frozen import Frozen, frozen_dtype, held
 from lmforge.align.logprobs import ModelAux, masked_mean, model_logits, response_mask, token_logprobs
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
@@ -130,6 +130,9 @@ class DistillConfig:
     sft_weight: float = 0.0
     """weight of the cross-entropy on the data's targets (0 = pure distillation)"""
     teacher_device: str | None = None
+    teacher_dtype: str | None = None
+    """hold the teacher in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 teacher
+    beside a bf16-trained model in half the memory (its logits are still compared in fp32)"""
     teacher_support: bool = False
     """compare the student renormalised over the tokens the teacher gives (its finite logits) only: for a
     top-k teacher, whose reverse KL is otherwise infinite"""
@@ -151,6 +154,7 @@ class DistillConfig:
         if self.divergence == "sampled_reverse_kl" and self.temperature != 1.0:
             raise ConfigError(f"temperature={self.temperature}: sampled_reverse_kl compares the log-probs of the "
                               "sampled tokens at temperature 1 (as the engine gives them); set temperature = 1.0")
+        frozen_dtype(self.teacher_dtype, "teacher_dtype")
         if self.chunk < 0:
             raise ConfigError(f"chunk={self.chunk} must be >= 0 (0 = no chunking), e.g. 256")
         if self.weight < 0 or self.sft_weight < 0 or self.weight + self.sft_weight == 0:
@@ -166,7 +170,8 @@ class DistillObjective(ReferenceHolder):
         be padded differently beyond it (None: their vocabularies must be equal)."""
         self.cfg = cfg = cfg or DistillConfig()
         self.vocab_size = vocab_size
-        self.ref = held(teacher, role="teacher", device=cfg.teacher_device, path=teacher_path, vocab=vocab_size)
+        self.ref = held(teacher, role="teacher", device=cfg.teacher_device, dtype=cfg.teacher_dtype,
+                        path=teacher_path, vocab=vocab_size)
 
     def batch_weight(self, batch: dict) -> int:
         """The response tokens the loss averages over: accumulated micro-batches are weighed by them, so

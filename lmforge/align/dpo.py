@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmforge.align.frozen import Frozen, check_beta, held
+from lmforge.align.frozen import Frozen, check_beta, frozen_dtype, held
 from lmforge.align.logprobs import ModelAux, batch_logps
 from lmforge.align.losses import PAIR_LOSSES, dpo_loss, ipo_loss, preference_metrics, simpo_loss
 from lmforge.config import coerce_fields
@@ -45,6 +45,9 @@ class DPOConfig:
     """SimPO's target reward margin gamma"""
     reference_device: str | None = None
     """run the reference on this device (default: where it is)"""
+    reference_dtype: str | None = None
+    """hold the reference in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 reference
+    beside a bf16-trained model in half the memory (its log-probs are still compared in fp32)"""
     reference_cache: int = 0
     """cache the reference log-probs of this many batches (multi-epoch runs see batches again)"""
 
@@ -58,6 +61,7 @@ class DPOConfig:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5); 0 = plain DPO")
         if self.label_smoothing and self.loss_type == "ipo":
             raise ConfigError("label_smoothing applies to loss_type 'sigmoid' or 'simpo', not 'ipo'; set it to 0")
+        frozen_dtype(self.reference_dtype, "reference_dtype")
         if self.reference_cache < 0:
             raise ConfigError(f"reference_cache={self.reference_cache} must be >= 0 (0 = no cache)")
 
@@ -112,7 +116,7 @@ class DPOObjective(ReferenceHolder):
         # SimPO has no reference: none is run, none is held. Without one the batches must carry
         # ref_chosen_logps / ref_rejected_logps
         self.ref = None if cfg.loss_type == "simpo" else held(
-            reference, role="reference", device=cfg.reference_device, path=reference_path,
+            reference, role="reference", device=cfg.reference_device, dtype=cfg.reference_dtype, path=reference_path,
             cache_size=cfg.reference_cache)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,10 +1,12 @@
 """Frozen extra models held by objectives: the DPO/KTO reference policy, the distillation teacher.
 
 A `Frozen` model runs in eval mode without gradients, optionally on another device (its inputs are moved
-there and its outputs moved back). It is left as it was given until its first forward: the objective
-first checks that it is not the trained model and shares no parameter with it (`check_not_trained`), since
-freezing such a model would freeze the trained one and an optimizer built afterwards would silently get
-none of its parameters. Its identity (a path if known, and a checksum of its weights) goes into the
+there and its outputs moved back) and in another dtype (`FROZEN_DTYPES`: an fp32 checkpoint held in bf16
+beside a bf16-trained model takes half the memory; the objectives upcast its logits to fp32 all the same).
+It is left as it was given until its first forward: the objective first checks that it is not the trained
+model and shares no parameter with it (`check_not_trained`), since freezing such a model would freeze the
+trained one and an optimizer built afterwards would silently get none of its parameters. Its identity (a
+path if known, and a checksum of its weights in the dtype it runs in, cast yet or not) goes into the
 objective's state_dict, so a resumed run can check it got the same reference back without the checkpoint
 holding its weights a second time.
 
@@ -36,6 +38,19 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.layers.moe import MoE
 from lmforge.utils import eval_mode
 
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def frozen_dtype(value: str | torch.dtype | None, name: str) -> torch.dtype | None:
+    """The torch dtype a `{role}_dtype` option names (None: the model's own, as saved); a one-line ConfigError
+    naming the choices otherwise."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in FROZEN_DTYPES:
+        raise ConfigError(f"{name}={value!r} is not one of {sorted(FROZEN_DTYPES)} (or None: the dtype it was saved "
+                          "in); e.g. 'bf16' holds an fp32 model in half the memory")
+    return FROZEN_DTYPES[value]
+
 
 def vocab_size(model: torch.nn.Module) -> int | None:
     """The model's vocabulary size from its config, its own `vocab_size` (a HF model behind
@@ -50,13 +65,18 @@ def vocab_size(model: torch.nn.Module) -> int | None:
     return int(head.out_features) if isinstance(head, torch.nn.Linear) else None
 
 
-def weights_checksum(model: torch.nn.Module, *, exclude: tuple[str, ...] = (), skip: Collection[str] = ()) -> str:
+def weights_checksum(model: torch.nn.Module, *, exclude: tuple[str, ...] = (), skip: Collection[str] = (),
+                     dtype: torch.dtype | None = None) -> str:
     """sha256 (16 hex digits) over tensor names, shapes, dtypes and bytes, in state_dict order, leaving out
-    the tensors whose names end with one of `exclude`, and those named in `skip`."""
+    the tensors whose names end with one of `exclude`, and those named in `skip`. With `dtype`, over the
+    floating-point tensors cast to it (as Module.to(dtype) casts them), so a model hashes alike before and
+    after that cast."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         if (exclude and name.endswith(exclude)) or name in skip:
             continue
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         # reshape(-1) first: a 0-d tensor (a scalar buffer) has no last dimension to view as bytes
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -79,14 +99,18 @@ def shared_parameter(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
 
 
 class Frozen:
-    """A model that is never trained: run in eval mode without gradients, optionally on `device`. Frozen
-    (requires_grad False, moved to `device`) at its first forward, so a check can refuse it first."""
+    """A model that is never trained: run in eval mode without gradients, optionally on `device` and in
+    `dtype` (a FROZEN_DTYPES name). Frozen (requires_grad False, moved to `device`, cast to `dtype`) at its
+    first forward, so a check can refuse it first: cast earlier, a parameter it shares with the trained model
+    would be cast under that model too."""
 
     def __init__(self, model: torch.nn.Module, *, role: str, device: str | torch.device | None = None,
-                 path: str | None = None, cache_size: int = 0, vocab: int | None = None):
+                 dtype: str | torch.dtype | None = None, path: str | None = None, cache_size: int = 0,
+                 vocab: int | None = None):
         self.role, self.path, self.cache_size, self.vocab = role, path, cache_size, vocab
         self.model = model
         self._target = torch.device(device) if device is not None else None
+        self._dtype = frozen_dtype(dtype, f"{role}_dtype")
         self._frozen = False
         self._checksum: str | None = None
         self._cache: OrderedDict[bytes, torch.Tensor] = OrderedDict()
@@ -99,7 +123,7 @@ class Frozen:
     @property
     def checksum(self) -> str:
         if self._checksum is None:
-            self._checksum = weights_checksum(self.model)
+            self._checksum = weights_checksum(self.model, dtype=self._dtype)
         return self._checksum
 
     def identity(self) -> dict[str, Any]:
@@ -110,7 +134,7 @@ class Frozen:
             raise CheckpointError(
                 f"the checkpoint was trained against {self.role} {saved.get('path') or '?'} "
                 f"(checksum {saved['checksum']}), but this {self.role} has checksum {self.checksum}; "
-                f"pass the same {self.role} model to resume")
+                f"pass the same {self.role} model (at the same {self.role}_dtype) to resume")
 
     def check_not_trained(self, model: torch.nn.Module) -> None:
         """One-line ConfigError when this model is the trained `model` or shares a parameter with it."""
@@ -141,8 +165,8 @@ class Frozen:
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
         if not self._frozen:  # the first forward: the objective has checked it is not the trained model
-            if self._target is not None:
-                self.model.to(self._target)
+            if self._target is not None or self._dtype is not None:
+                self.model.to(device=self._target, dtype=self._dtype)
             self.model.requires_grad_(False)
             self._frozen = True
         if self.model.training:
@@ -249,15 +273,19 @@ class BaseReference(Frozen):
 
 
 def held(model: torch.nn.Module | Frozen | None, *, role: str, device: str | torch.device | None = None,
-         path: str | None = None, cache_size: int = 0, vocab: int | None = None) -> Frozen | None:
+         dtype: str | torch.dtype | None = None, path: str | None = None, cache_size: int = 0,
+         vocab: int | None = None) -> Frozen | None:
     """What an objective holds for its `reference=` / `teacher=` argument: a module becomes a Frozen; a
     Frozen (a BaseReference) is adopted, taking the objective's role, path, cache and vocab; None stays None."""
     if not isinstance(model, Frozen):
-        return None if model is None else Frozen(model, role=role, device=device, path=path, cache_size=cache_size,
-                                                 vocab=vocab)
+        return None if model is None else Frozen(model, role=role, device=device, dtype=dtype, path=path,
+                                                 cache_size=cache_size, vocab=vocab)
     if device is not None:
         raise ConfigError(f"{role}_device={str(device)!r} cannot move a {type(model).__name__}, which runs where "
                           f"its model is; unset {role}_device, or pass a separate {role} model")
+    if dtype is not None:  # a BaseReference's weights are the trained policy's: casting them would cast the policy
+        raise ConfigError(f"{role}_dtype={str(dtype)!r} cannot cast a {type(model).__name__}, which runs in its "
+                          f"model's dtype; unset {role}_dtype, or pass a separate {role} model")
     model.role, model.path, model.cache_size, model.vocab = role, path or model.path, cache_size, vocab
     return model
 

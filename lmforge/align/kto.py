@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.align.dpo import ReferenceHolder, reference_logps
-from lmforge.align.frozen import Frozen, check_beta, held
+from lmforge.align.frozen import Frozen, check_beta, frozen_dtype, held
 from lmforge.align.logprobs import ModelAux, batch_logps, response_mask
 from lmforge.align.losses import kto_kl, kto_loss
 from lmforge.config import coerce_fields
@@ -54,11 +54,15 @@ class KTOConfig:
     kl: bool = True
     """estimate z0 from mismatched pairs (False: z0 = 0, cheaper)"""
     reference_device: str | None = None
+    reference_dtype: str | None = None
+    """hold the reference in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 reference
+    beside a bf16-trained model in half the memory (its log-probs are still compared in fp32)"""
     reference_cache: int = 0
 
     def __post_init__(self):
         coerce_fields(self, "kto")  # each field's type, named when wrong
         check_beta(self.beta)
+        frozen_dtype(self.reference_dtype, "reference_dtype")
         for name in ("desirable_weight", "undesirable_weight"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
@@ -109,8 +113,8 @@ class KTOObjective(ReferenceHolder):
     def __init__(self, cfg: KTOConfig | None = None, *, reference: torch.nn.Module | Frozen | None = None,
                  reference_path: str | None = None):
         self.cfg = cfg = cfg or KTOConfig()
-        self.ref = held(reference, role="reference", device=cfg.reference_device, path=reference_path,
-                        cache_size=cfg.reference_cache)
+        self.ref = held(reference, role="reference", device=cfg.reference_device, dtype=cfg.reference_dtype,
+                        path=reference_path, cache_size=cfg.reference_cache)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._check(model)

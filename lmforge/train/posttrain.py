@@ -151,20 +151,24 @@ def continues_head(model: torch.nn.Module, cfg: PostTrainConfig) -> bool:
     return True
 
 
-def _frozen_model(path: str, role: str, device: str, tok=None):
+def _frozen_model(path: str, role: str, device: str, tok=None, dtype: str | None = None):
+    from lmforge.align.frozen import frozen_dtype
     from lmforge.checkpoint import load_model
     from lmforge.infer.config import scores_text
 
     if not path:
         raise ConfigError(f"this objective needs a {role} model: set {role} = 'checkpoint or HF directory'")
-    model, own = load_model(path, device=device)
+    cast = frozen_dtype(dtype, f"{role}_dtype")
+    # cast (teacher_dtype / reference_dtype) on the CPU, where load_model builds every model before moving it,
+    # so `device` never holds the model in its saved dtype
+    model, own = load_model(path, device=device if cast is None else "cpu")
     if scores_text(model):
         raise not_a_language_model(model, f"the {role}", path)
     if tok is not None and own is not None and not encode_alike(own, tok):
         raise ConfigError(f"the {role} {path} has a tokenizer other than this run's (they encode the same text "
                           f"differently), so its token ids mean other tokens; use a {role} trained with the same "
                           "tokenizer")
-    return model
+    return model if cast is None else model.to(device=device, dtype=cast)
 
 
 def start_model(model: torch.nn.Module, lora: LoRAConfig | None, own_reference: bool) -> torch.nn.Module:
@@ -229,7 +233,8 @@ def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: t
             # loaded straight onto its own device (teacher_device / reference_device): a teacher built on the
             # run's GPU first would not fit exactly when the option is needed
             where = getattr(options, f"{role}_device", None) or device
-            kwargs[role] = BaseReference(policy) if base else _frozen_model(path, role, where, tok)
+            dtype = getattr(options, f"{role}_dtype", None)
+            kwargs[role] = BaseReference(policy) if base else _frozen_model(path, role, where, tok, dtype)
             if f"{role}_path" in params:
                 kwargs[f"{role}_path"] = path
     if "vocab_size" in params and getattr(tok, "vocab_size", None):  # frozen models may be padded beyond it

@@ -16,6 +16,8 @@ _EXPORTS = {
     "LmforgeError": "lmforge.errors",
     "ModelConfig": "lmforge.model.config",
     "Transformer": "lmforge.model.transformer",
+    "register_model": "lmforge.model.registry",
+    "build_model": "lmforge.model.registry",
     "KVCache": "lmforge.model.cache",
     "TrainConfig": "lmforge.train.config",
     "DataConfig": "lmforge.train.config",

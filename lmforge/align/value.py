@@ -301,10 +301,10 @@ def value_from_record(backbone: nn.Module, record: dict) -> nn.Module:
     if "critic" in record:  # PolicyAndCritic: the critic's trunk built from its own config
         from lmforge.config import from_dict
         from lmforge.model.config import ModelConfig
-        from lmforge.model.transformer import Transformer
+        from lmforge.model.registry import build_model  # (the class its arch names)
 
         p = next(backbone.parameters())
-        trunk = Transformer(from_dict(ModelConfig, record["critic"], "head.critic")).to(p.device, p.dtype)
+        trunk = build_model(from_dict(ModelConfig, record["critic"], "head.critic")).to(p.device, p.dtype)
         if record.get("critic_lora"):  # the critic's adapters as trained (unmerged), before its weights load
             from lmforge.adapt.lora import restore_lora
 

@@ -210,3 +210,10 @@ def test_pretraining_and_the_flop_counter_build_the_registered_class(registered,
     shard = make_shard(tmp_path / "train.bin")
     cfg = tiny_config(shard, tmp_path / "run", model=tiny_cfg(vocab_size=257, max_seq_len=32))
     assert type(pretraining_parts(cfg).model) is TinyMamba
+
+
+def test_the_registry_is_public():
+    import lmforge as lf
+
+    assert lf.register_model is registry.register_model and lf.build_model is registry.build_model
+    assert type(lf.build_model(tiny_cfg(arch=None))) is Transformer

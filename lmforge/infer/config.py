@@ -311,19 +311,21 @@ def rope_allows(c: EngineConfig, model, allows: dict[str, bool]) -> dict[str, bo
     return {**allows, "prefix_caching": False, "cuda_graphs": False}
 
 
-def serving_spec(model, spec, max_model_len: int | None):
-    """The cache spec with the served window (EngineConfig.max_model_len) as its max_seq_len; a static RoPE's
-    cos/sin tables grow to cover it here, before any backend captures their addresses."""
+def serving_spec(model, spec, max_model_len: int | None, what: str = "max_model_len",
+                 fix: str = "lower max_model_len"):
+    """The cache spec with the served window (EngineConfig.max_model_len; a draft model's: the target's window) as
+    its max_seq_len; a static RoPE's cos/sin tables grow to cover it here, before any backend captures their
+    addresses. what / fix: how the one-line refusal names the window and its remedy."""
     if max_model_len is None:
         return spec
     inner = getattr(model, "generation_module", model)
     if spec is None:
-        raise ConfigError(f"max_model_len={max_model_len} needs a model with cache_spec() (an lmforge model); "
+        raise ConfigError(f"{what}={max_model_len} needs a model with cache_spec() (an lmforge model); "
                           f"{type(model).__name__} has none")
     pos_emb = getattr(inner, "pos_emb", None)
     if max_model_len > spec.max_seq_len and pos_emb is not None:
-        raise ConfigError(f"max_model_len={max_model_len} is past the model's max_seq_len={spec.max_seq_len}, but its "
-                          f"{type(pos_emb).__name__} cover {spec.max_seq_len} positions only; lower max_model_len")
+        raise ConfigError(f"{what}={max_model_len} is past the model's max_seq_len={spec.max_seq_len}, but its "
+                          f"{type(pos_emb).__name__} cover {spec.max_seq_len} positions only; {fix}")
     rope = getattr(inner, "rope", None)
     if rope is not None:
         rope.reserve(max_model_len)

@@ -50,13 +50,22 @@ class PagedDraftModel:
 
     def __init__(self, model, num_blocks: int, block_size: int, device, graphs: str | None = None,
                  max_batch: int = 256, chunk_rows: int = 1, mixed_tokens: int = 0,
-                 fit=None):
+                 fit=None, window: int | None = None):
         """graphs, max_batch, mixed_tokens: as the engine's runner (PagedRunner): rounds of single tokens,
         catch-up chunks of up to chunk_rows tokens (the tokens accepted since the last round), tree rounds and
         steps holding prompts replay CUDA graphs. fit: k -> the widths of a tree of at most k nodes
-        (TreeDrafter.fit): trees instead of chains."""
+        (TreeDrafter.fit): trees instead of chains. window: the target's context window; a draft model with a
+        shorter one is served that far (its block tables and RoPE tables widened: its drafts past its own training
+        length are only less often accepted), or refused where its position embeddings cannot reach it."""
+        from lmforge.infer.config import serving_spec
+
         self.model, self.fit = model.eval(), fit
-        self.runner = PagedRunner(model, model.cache_spec(), num_blocks, block_size, device, graphs=graphs,
+        spec = model.cache_spec()
+        if window is not None and window > spec.max_seq_len:
+            spec = serving_spec(model, spec, window, what="the target's context window",
+                                fix="use a draft model whose max_seq_len covers it, or lower the target's "
+                                    "(EngineConfig.max_model_len)")
+        self.runner = PagedRunner(model, spec, num_blocks, block_size, device, graphs=graphs,
                                   max_batch=max_batch, mixed_tokens=mixed_tokens)
         self.runner.allow_chunks(chunk_rows, trees=fit is not None)
         self.known: dict[int, tuple[int, int]] = {}  # seq_id -> (tokens with draft keys, preemptions seen)

@@ -495,7 +495,8 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int, accept
                                              graphs=engine.runner.graphs_mode, max_batch=engine.config.max_num_seqs,
                                              chunk_rows=1 + engine.num_draft_tokens,
                                              mixed_tokens=engine.runner.mixed_tokens,
-                                             fit=draft.fit if model is not draft else None)
+                                             fit=draft.fit if model is not draft else None,
+                                             window=engine.max_seq_len)
     if paged:  # verify chunks (chains, trees) replay graphs too
         engine.runner.allow_chunks(1 + engine.num_draft_tokens, trees=engine.draft_trees)
 

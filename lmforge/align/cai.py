@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from lmforge.align.sampled import reply
 from lmforge.errors import ConfigError
 from lmforge.infer.sampling import SamplingParams
 
@@ -86,8 +87,7 @@ def sl_cai_records(llm, prompts: Sequence[str], params: SamplingParams, *,
     records = []
     for h in hist:
         last = h.pop("current")
-        records.append({**h, "prompt": _turns(h["prompt"]), "completion": [{"role": "assistant", "content": last.text}],
-                        "completion_ids": list(last.token_ids), "finish_reason": last.finish_reason})
+        records.append({**h, "prompt": _turns(h["prompt"]), **reply(last), "finish_reason": last.finish_reason})
     return records
 
 

@@ -185,4 +185,9 @@ def load_llm(cfg, **kwargs):
         from lmforge.infer.kv.policy import policy_from_spec
 
         kwargs["kv_policy"] = policy_from_spec(cfg.kv_policy)
+    if getattr(cfg, "max_model_len", None) is not None:  # (an EngineConfig field LLM has no shortcut for)
+        from lmforge.infer.engine import EngineConfig
+
+        kwargs["config"] = EngineConfig(max_num_seqs=kwargs.pop("max_batch_size", None) or 64,
+                                        kv_policy=kwargs.pop("kv_policy", None), max_model_len=cfg.max_model_len)
     return LLM.load(cfg.checkpoint, device=device, tokenizer=cfg.tokenizer, base=cfg.base, **kwargs)

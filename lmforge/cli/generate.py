@@ -49,6 +49,9 @@ class GenerateConfig:
     """a KV-cache policy, NAME:key=value,... (lmforge.infer.kv.policy.policy_from_spec): 'streaming:window=256'
     (StreamingLLM; ',positions=cache' runs past the model's context window), 'h2o:heavy=64,recent=64',
     'snapkv:budget=128'"""
+    max_model_len: int | None = None
+    """serve this many tokens of context instead of the model's max_seq_len (EngineConfig.max_model_len: a
+    rope-scaled checkpoint whose max_position_embeddings is its original context; docs/inference.md, long context)"""
 
     def __post_init__(self):
         check(self.batch_size >= 1, f"--batch-size must be >= 1 (prompts decoded together), got {self.batch_size}")

@@ -388,6 +388,9 @@ class LLM:
                       continue_final_message: bool, tools, chat_template_kwargs) -> tuple[list[int], SamplingParams]:
         if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
             raise LmforgeError(f"a conversation is a list of {{'role', 'content'}} messages, got {conversation!r:.80}")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise LmforgeError("chat_template_kwargs is a dict of the template's variables, e.g. "
+                               f"{{'enable_thinking': False}}; got {type(chat_template_kwargs).__name__}")
         ids = tpl.encode(self.tokenizer, list(conversation), add_generation_prompt, continue_final_message,
                          tools=tools, **(chat_template_kwargs or {}))[0]
         end_ids = tpl.stop_token_ids(self.tokenizer)  # a marker that is one special token ends on the token

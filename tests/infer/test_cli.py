@@ -401,3 +401,23 @@ def test_generate_says_max_tokens_past_the_context_once(ckpt, tmp_path, capsys, 
         "lmforge generate: warning: --max-tokens 126 with a 6-token prompt goes past the model's 128-token context; "
         "generation stops after at most 122 new tokens"]
     assert not [w for w in recwarn if "context window" in str(w.message)]
+
+
+def test_max_model_len_widens_the_served_window_from_the_command_line(ckpt):
+    """--max-model-len (generate, chat) serves past the checkpoint's max_seq_len, as EngineConfig.max_model_len does
+    (a rope-scaled checkpoint whose max_position_embeddings is its original context)."""
+    from types import SimpleNamespace
+
+    from lmforge.cli.chat import ChatConfig
+    from lmforge.cli.common import load_llm
+    from lmforge.cli.generate import GenerateConfig
+
+    assert GenerateConfig.__dataclass_fields__["max_model_len"].default is None
+    assert ChatConfig.__dataclass_fields__["max_model_len"].default is None
+    cfg = SimpleNamespace(checkpoint=str(ckpt), base=None, tokenizer=None, device="cpu", kv_policy=None,
+                          max_model_len=300)
+    llm = load_llm(cfg)
+    assert llm.max_seq_len == 300 and llm.config.max_num_seqs == 64
+    out = llm.generate("a" * 200, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.prompt_token_ids) == 200 and len(out.token_ids) == 4
+    assert load_llm(SimpleNamespace(**{**vars(cfg), "max_model_len": None})).max_seq_len == 128

@@ -184,3 +184,16 @@ def test_react_turn_resent_as_ids_reuses_the_generated_tokens_cache(tok):
     block = llm.engine.config.block_size
     computed = len(first.prompt_token_ids) + len(first.token_ids) - 1  # (the last token was sampled, never run)
     assert again.metrics["num_cached_tokens"] == computed // block * block > len(first.prompt_token_ids)
+
+
+def test_chat_template_kwargs_must_be_a_dict():
+    from lmforge.errors import LmforgeError
+    from lmforge.infer.llm import LLM
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    from .infer_helpers import tiny_model
+
+    llm = LLM(tiny_model(), ByteTokenizer())
+    with pytest.raises(LmforgeError, match=r"^chat_template_kwargs is a dict of the template's variables, e\.g\. "
+                                           r"\{'enable_thinking': False\}; got list"):
+        llm.chat_request([{"role": "user", "content": "hi"}], template="plain", chat_template_kwargs=[1])

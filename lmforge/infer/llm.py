@@ -459,8 +459,7 @@ class LLM:
         if not cont:
             raise LmforgeError(f"pair {index} has an empty continuation: there is nothing to score")
         if not ctx:  # lm-eval's prefix_token_id: the BOS token, else end-of-text
-            bos = getattr(self.tokenizer, "bos_id", None)
-            start = bos if bos is not None else getattr(self.tokenizer, "eot_id", None)
+            start = self._prefix_id()
             if start is None:
                 raise LmforgeError(f"pair {index} has an empty context and the tokenizer has no BOS or end-of-text "
                                    "token to stand for it; give at least one context token")
@@ -468,7 +467,8 @@ class LLM:
             ctx, cont = (cont[:1], cont[1:]) if int(cont[0]) == int(start) else ([int(start)], cont)
             if not cont:
                 raise LmforgeError(f"pair {index} has an empty context and a continuation of only the "
-                                   f"{'BOS' if bos is not None else 'end-of-text'} token that stands for it: nothing "
+                                   f"{'end-of-text' if getattr(self.tokenizer, 'bos_id', None) is None else 'BOS'} "
+                                   "token that stands for it: nothing "
                                    "is left to score (lm-eval refuses it too); give a context or more continuation")
         keep = self.max_seq_len + 1  # the last token is only read (a score-only request's window)
         if len(cont) >= keep:

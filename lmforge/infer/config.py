@@ -289,7 +289,7 @@ def scores_text(model) -> bool:
 
 def length_dependent_rope(model) -> bool:
     """Whether the model's RoPE frequencies follow each sequence's length (dynamic NTK, LongRoPE): the paged runner
-    then gives every token its length (AttnMetadata.rope_lengths), and rope_allows turns features off."""
+    then gives every token its length (AttnMetadata.rope_lengths), and rope_allows turns prefix caching off."""
     rope = getattr(getattr(model, "generation_module", model), "rope", None)
     return bool(getattr(rope, "length_dependent", False))
 
@@ -297,7 +297,7 @@ def length_dependent_rope(model) -> bool:
 def rope_allows(c: EngineConfig, model, allows: dict[str, bool]) -> dict[str, bool]:
     """store_allows' answer, less what a length-dependent RoPE cannot serve: prefix caching (a cached block's keys
     hold frequencies chosen by the length of the sequence that computed them; prefix_caching=True is a one-line
-    error) and CUDA graphs (their steps carry no per-token lengths: eager steps instead)."""
+    error). CUDA graphs serve it: their steps carry each token's length (lmforge.infer.graphs' RoPE row)."""
     if not length_dependent_rope(model):
         return allows
     kind = getattr(getattr(model, "cfg", None), "rope_scaling", None)
@@ -305,10 +305,7 @@ def rope_allows(c: EngineConfig, model, allows: dict[str, bool]) -> dict[str, bo
     if c.prefix_caching:
         raise ConfigError(f"prefix_caching=True cannot serve RoPE scaling {kind!r}: a prefix's keys depend on the "
                           "length of the sequence that computed them; leave prefix_caching unset (off here)")
-    if c.cuda_graphs:
-        raise ConfigError(f"cuda_graphs=True cannot serve RoPE scaling {kind!r}: graph steps carry no per-token "
-                          "context lengths; leave cuda_graphs unset (off here)")
-    return {**allows, "prefix_caching": False, "cuda_graphs": False}
+    return {**allows, "prefix_caching": False}
 
 
 def serving_spec(model, spec, max_model_len: int | None, what: str = "max_model_len",

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmforge.infer.runner import LateIds, chunk_inputs, host_block_tables, token_at
+from lmforge.infer.config import length_dependent_rope
+from lmforge.infer.runner import LateIds, chunk_inputs, host_block_tables, rope_lengths, token_at
 from lmforge.kernels.paged_varlen import varlen_programs, varlen_tiles
 from lmforge.model.meta import AttnMetadata
 from lmforge.utils import capture_cuda_graph, copy_in
@@ -82,6 +83,10 @@ class DecodeGraphs:
         self.mixed_entries: dict[tuple, _Entry] = {}
         """mixed steps' (token bucket T', table width, what the step returns) -> its buffers and graph"""
         self.rows = 5 if hasattr(cache, "read_state") else 4  # + each row's recurrent-state row (kv.state)
+        self.rope_row = self.rows if length_dependent_rope(model) else None
+        """the host buffer's row of each token's RoPE context length (AttnMetadata.rope_lengths; dynamic NTK,
+        LongRoPE), after the others; None for a static RoPE"""
+        self.width = self.rows + (self.rope_row is not None)
         self.chunk_rows, self.max_rows = 1, self.max_batch
         """the longest chunk run as rows of one sequence (module docstring; set with `allow_chunks`)"""
         self.mixed_tokens, self.mixed_context = 0, MIXED_MAX_CONTEXT
@@ -136,9 +141,11 @@ class DecodeGraphs:
         entry = self.mixed_entries.get(key) or self._capture_mixed(*key)
         Tp, S, Sp = key[0], len(batch.chunks), self.max_batch
         ids, pos, slots, ctx, qlens, _, tables = chunk_inputs(batch, self.block_size)
-        host = np.zeros(3 * Tp + Sp, np.int64)  # padding tokens: token 0 at position 0, into the scratch slot
-        host[:T], host[Tp:Tp + T], host[2 * Tp:3 * Tp] = ids, pos, self.scratch_slot
+        host = np.zeros(entry.host.shape[0], np.int64)  # padding tokens: token 0 at position 0, into the scratch
+        host[:T], host[Tp:Tp + T], host[2 * Tp:3 * Tp] = ids, pos, self.scratch_slot  # slot (RoPE length 1)
         host[2 * Tp:2 * Tp + T], host[3 * Tp:3 * Tp + len(idx)] = slots, idx
+        if self.rope_row is not None:
+            host[3 * Tp + Sp:], host[3 * Tp + Sp:3 * Tp + Sp + T] = 1, rope_lengths(batch, pos, qlens)
         seqs = np.zeros(2 * Sp + 1 + 2 * entry.programs, np.int32)  # padding sequences: no queries, no keys
         seqs[:S], seqs[Sp:2 * Sp + 1] = ctx, T  # query offsets of padding sequences: T (no queries)
         seqs[Sp:Sp + S + 1] = np.cumsum([0, *qlens])
@@ -174,11 +181,14 @@ class DecodeGraphs:
             copy_in(entry.tree, torch.from_numpy(host_tree))
         if feats is not None:
             entry.feats[:B].copy_(feats)
-        host = np.zeros((self.rows, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
+        host = np.zeros((self.width, key[0]), np.int64)  # padding rows: token 0 at position 0, into the scratch slot
         host[0, :B], host[1, :B], host[2, :B], host[2, B:], host[3] = ids, pos, slots, self.scratch_slot, 1
         host[3, :B] = lens  # context length: the token's slot + 1 (its position + 1 unless a KV policy evicted)
         if self.rows == 5:  # padding rows read and write the null state row (one row per chunk: decodes only)
             host[4, :B], host[4, B:] = self.cache.slots([s.seq_id for s, _ in batch.chunks]), self.cache.null_slot
+        if self.rope_row is not None:  # padding rows: length 1 (position 0)
+            host[self.rope_row] = 1
+            host[self.rope_row, :B] = rope_lengths(batch, pos, [n for _, n in batch.chunks])
         copy_in(entry.host, torch.from_numpy(host))  # in place: the graph reads these buffers
         copy_in(entry.tables, host_block_tables(tables, key[0], W))
         if late is not None:
@@ -225,10 +235,12 @@ class DecodeGraphs:
         """what: None (logits), a return_hidden value (logits and states) or ("pairs", d, dtype) (a draft head);
         tree: the rows carry tree_rows (module docstring)."""
         dev = self.cache.device
-        host = torch.zeros(self.rows, Bp, dtype=torch.long, device=dev)
+        host = torch.zeros(self.width, Bp, dtype=torch.long, device=dev)
         host[2], host[3] = self.scratch_slot, 1
         if self.rows == 5:
             host[4] = self.cache.null_slot
+        if self.rope_row is not None:
+            host[self.rope_row] = 1
         tables = torch.zeros(Bp, W, dtype=torch.int32, device=dev)
         pairs = isinstance(what, tuple) and what[:1] == ("pairs",)
         feats = torch.zeros(Bp, what[1], dtype=what[2], device=dev) if pairs else None
@@ -239,7 +251,8 @@ class DecodeGraphs:
                             logits_indices=torch.arange(Bp, device=dev), block_tables=tables,
                             query_lens_host=(1,) * Bp, context_lens_host=(1,) * Bp, num_decodes=Bp,
                             block_size=self.block_size, state_slots=host[4] if self.rows == 5 else None,
-                            tree_rows=(rows_tree[0], rows_tree[1]) if tree else None)
+                            tree_rows=(rows_tree[0], rows_tree[1]) if tree else None,
+                            rope_lengths=host[self.rope_row][None] if self.rope_row is not None else None)
 
         def step():
             meta.context_lens.copy_(host[3])  # int32 copy of the lengths, refreshed inside the graph
@@ -265,16 +278,19 @@ class DecodeGraphs:
         (`seqs`), their block tables; what: None (logits) or a return_hidden value (and every token's states)."""
         dev, Sp = self.cache.device, self.max_batch
         programs = varlen_programs(Tp, Sp)
-        host = torch.zeros(3 * Tp + Sp, dtype=torch.long, device=dev)
+        rope = self.rope_row is not None  # then each token's RoPE context length follows the logits indices
+        host = torch.zeros(3 * Tp + Sp + rope * Tp, dtype=torch.long, device=dev)
         host[2 * Tp:3 * Tp] = self.scratch_slot  # (the warm-up steps write their keys there)
+        host[3 * Tp + Sp:] = 1
         seqs = torch.zeros(2 * Sp + 1 + 2 * programs, dtype=torch.int32, device=dev)
         seqs[2 * Sp + 1:2 * Sp + 1 + programs] = -1  # (no tile: before the first step fills them)
         tables = torch.zeros(Sp, W, dtype=torch.int32, device=dev)
         tiles = (seqs[Sp:2 * Sp + 1], seqs[2 * Sp + 1:2 * Sp + 1 + programs], seqs[2 * Sp + 1 + programs:])
         meta = AttnMetadata(positions=host[Tp:2 * Tp][None], slot_mapping=host[2 * Tp:3 * Tp],
-                            context_lens=seqs[:Sp], logits_indices=host[3 * Tp:], block_tables=tables,
+                            context_lens=seqs[:Sp], logits_indices=host[3 * Tp:3 * Tp + Sp], block_tables=tables,
                             block_size=self.block_size, varlen_tiles=tiles,
-                            hidden_indices=None if what is None else torch.arange(Tp, device=dev))
+                            hidden_indices=None if what is None else torch.arange(Tp, device=dev),
+                            rope_lengths=host[3 * Tp + Sp:][None] if rope else None)
 
         def step():
             meta._derived.clear()
@@ -318,7 +334,8 @@ class _Entry:
 
     host: torch.Tensor
     """(4, B') int64 on the device: token, position, cache slot, context length of each row (and its state
-    row: (5, B') for models with recurrent-state layers)"""
+    row: (5, B') for models with recurrent-state layers; then its RoPE context length for a length-dependent RoPE);
+    a mixed step's (3 T' + S' [+ T']): ids, positions, slots, logits indices [, RoPE context lengths]"""
     tables: torch.Tensor
     meta: AttnMetadata
     step: object

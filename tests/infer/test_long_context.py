@@ -1,7 +1,7 @@
 """Serving long contexts: a length-dependent RoPE (dynamic NTK, LongRoPE) gives each token of the engine's step its
 own sequence's context length (a sequence's outputs do not depend on its batch or on how its prompt is chunked,
-and equal transformers' generate), prefix caching and CUDA graphs are off for it; EngineConfig.max_model_len serves
-a RoPE-scaled model past its max_seq_len."""
+and equal transformers' generate, on CUDA graphs' static buffers too), prefix caching is off for it;
+EngineConfig.max_model_len serves a RoPE-scaled model past its max_seq_len."""
 
 from __future__ import annotations
 
@@ -65,18 +65,35 @@ def test_chunked_prefill_prompt_logprobs_equal_one_full_forward(kind, tok):
     assert err <= 1e-4
 
 
-def test_prefix_caching_and_graphs_are_off_for_a_length_dependent_rope(tok):
+def test_prefix_caching_is_off_for_a_length_dependent_rope(tok):
     """A cached prefix's keys carry the frequencies of the sequence that computed them: refused when asked for,
     off by default (a static RoPE keeps it on)."""
     model, _ = _model("longrope")
     assert not _llm(model, None, tok).engine.pool.prefix_caching
-    assert _llm(model, None, tok).engine.runner.graphs is None
     with pytest.raises(ConfigError, match="prefix_caching=True cannot serve RoPE scaling 'longrope'"):
         _llm(model, None, tok, prefix_caching=True)
-    with pytest.raises(ConfigError, match="cuda_graphs=True cannot serve RoPE scaling 'longrope'"):
-        _llm(model, None, tok, cuda_graphs=True)
     assert _llm(tiny_model("llama"), None, tok).engine.pool.prefix_caching
     assert not _llm(tiny_model("llama"), None, tok, prefix_caching=False).engine.pool.prefix_caching
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_graph_steps_carry_each_tokens_rope_length(kind, tok):
+    """The decode graphs' and the mixed graphs' static buffers (cuda_graphs=True runs them eagerly on a CPU) hold
+    each token's RoPE length: a short sequence decoding beside a long prompt, whose chunks share mixed steps with
+    it, gives the eager step's tokens and log-probs (with the lengths of the graphs' placeholders, 1, the long
+    factors / NTK base never apply and the outputs differ)."""
+    model, window = _model(kind)
+    short, long = _prompts()
+    sp = lf.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    ref = _llm(model, window, tok, cuda_graphs=False).generate([short, long], sp)
+    llm = _llm(model, window, tok, cuda_graphs=True, graph_prefill_tokens=64, max_num_batched_tokens=48)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.rope_row is not None
+    out = llm.generate([short, long], sp)
+    assert graphs.entries and graphs.mixed_entries  # both kinds of graph step ran
+    for a, b in zip(out, ref):
+        assert a.token_ids == b.token_ids
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-4)
 
 
 def _hf_pair(tmp_path, cls: str, max_pos: int, rope: dict):
@@ -160,3 +177,23 @@ def test_preempted_sequences_recompute_the_frequencies_they_decoded_with(tok):
     for w, o in zip(want, got):
         assert o.token_ids == w.token_ids
         assert o.outputs[0].cumulative_logprob == pytest.approx(w.outputs[0].cumulative_logprob, abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_captured_graphs_serve_a_length_dependent_rope(kind, tok):
+    """The same on a GPU, where the graphs are captured and replayed (the lengths' ops must capture)."""
+    model, window = _model(kind)
+    model = model.cuda()
+    short, long = _prompts()
+    sp = lf.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    ref = _llm(model, window, tok, cuda_graphs=False, graph_prefill_tokens=0).generate([short, long], sp)
+    llm = _llm(model, window, tok, cuda_graphs=True, graph_prefill_tokens=64, max_num_batched_tokens=48)
+    out = llm.generate([short, long], sp)
+    graphs = llm.engine.runner.graphs
+    assert graphs.failed is None and graphs.failed_mixed is None
+    assert any(e.graph is not None for e in graphs.entries.values())
+    for a, b in zip(out, ref):
+        assert a.token_ids == b.token_ids
+        assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=2e-3)

@@ -323,6 +323,19 @@ class InlinePool:
         pass
 
 
+def compute_dtype(model):
+    """The floating-point dtype a model computes in: its first floating-point parameter's (else buffer's), so a
+    quantized layer's integer codes (an int8 / NF4 embedding, packed int4 weights) never decide it. torch's
+    default dtype for a model with no floating-point tensor."""
+    import torch
+
+    for tensors in (model.parameters(), model.buffers()):
+        for t in tensors:
+            if t.is_floating_point():
+                return t.dtype
+    return torch.get_default_dtype()
+
+
 def to_device(data, device, dtype=None):
     """`data` (a host tensor, or what torch.tensor takes) on `device`, without waiting for the work already
     queued there. A plain host-to-GPU copy (`torch.tensor(x, device='cuda')`, `.to('cuda')`) synchronises

@@ -80,7 +80,7 @@ from lmforge.infer.sampler import forget, kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 from lmforge.infer.speculative import attach_drafter, draft_step, pool_model, speculates
-from lmforge.utils import eval_mode
+from lmforge.utils import compute_dtype, eval_mode
 
 STREAM_LEN = 1 << 40
 """a sequence's length bound under a KV policy with positions within the cache (its positions stay below the
@@ -109,7 +109,7 @@ class Engine:
         self.model = model  # its mode is the caller's (a Trainer may share it): steps switch to eval mode
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = compute_dtype(model)  # (not a quantized layer's integer codes)
         spec = model.cache_spec() if hasattr(model, "cache_spec") else None
         self.has_state = spec is not None and spec.has_state  # recurrent-state layers: lmforge.infer.kv.state
         if self.has_state:
@@ -305,12 +305,12 @@ class Engine:
         a model moved since the engine was built (e.g. by Trainer(model); the KV cache stays behind)."""
         self._refuse_while_running("update_weights")
         self._drain()
-        p = next(self.model.parameters())
+        p, dtype = next(self.model.parameters()), compute_dtype(self.model)
         if p.device != self.device:
             raise LmforgeError(f"update_weights: the model moved from {self.device} to {p.device} after the engine "
                                f"was built; move it first (model.to('{p.device}')), then build the engine")
-        if p.dtype != self.dtype:  # the KV cache and captured graphs hold the old dtype
-            raise LmforgeError(f"update_weights: the model's dtype changed from {self.dtype} to {p.dtype} after the "
+        if dtype != self.dtype:  # the KV cache and captured graphs hold the old dtype
+            raise LmforgeError(f"update_weights: the model's dtype changed from {self.dtype} to {dtype} after the "
                                f"engine was built; cast it back (model.to({self.dtype})) or build a new engine")
         if weights is not None:
             copy_weights(self.model, weights, partial)

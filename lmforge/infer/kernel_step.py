@@ -52,7 +52,7 @@ from lmforge.kernels import decode as kd
 from lmforge.kernels import decode_layer as dl
 from lmforge.kernels import paged_attention as pa
 from lmforge.kernels.tuning import KernelConfigs, cache_path, coordinate_descent, gpu_name
-from lmforge.utils import capture_cuda_graph
+from lmforge.utils import capture_cuda_graph, compute_dtype
 
 
 PERSISTENT_DEFAULT = False
@@ -102,7 +102,7 @@ def _not_bare_weight(model) -> str | None:
     """Why the kernels cannot take a weight the model computes with: they read the embedding's and each
     projection's .weight and nothing else, as floating-point tensors of the model's dtype. A LoRA adapter's
     B A or a quantized layer's codes and scales would be silently left out (or int8 codes read as floats)."""
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)
     names = ["tok_emb", "lm_head"] + [f"blocks.{i}.{part}" for i in range(len(model.blocks))
                                       for part in ("attn.wqkv", "attn.wq", "attn.wk", "attn.wv", "attn.wo",
                                                    "mlp.gate_up", "mlp.gate", "mlp.up", "mlp.down")]
@@ -149,7 +149,7 @@ def save_or_warn(configs: KernelConfigs) -> None:
 
 def model_signature(model) -> str:
     """The model shape kernel configs are keyed by (lmforge.kernels.tuning)."""
-    c, dtype = model.cfg, next(model.parameters()).dtype
+    c, dtype = model.cfg, compute_dtype(model)
     return (f"llama-d{c.d_model}-l{c.n_layers}-h{c.n_heads}-kv{c.kv_heads}-hd{c.hd}-ff{c.ff}-v{c.vocab_size}-"
             f"{str(dtype).removeprefix('torch.')}")
 

@@ -28,6 +28,7 @@ from lmforge.model.layers.norm import build_norm
 from lmforge.model.layers.position import LearnedPositions, SinusoidalPositions
 from lmforge.model.layers.rope import RotaryEmbedding
 from lmforge.model.meta import AttnMetadata
+from lmforge.utils import compute_dtype
 
 RESIDUAL_OUTPUTS = ("attn.wo.weight", "mlp.down.weight", "mlp.experts.w_down", "mlp.shared.down.weight")
 
@@ -243,9 +244,10 @@ class Transformer(nn.Module):
 
     def cache_spec(self) -> CacheSpec:
         """What a KV cache must hold for this model, per layer (engines read this, never cfg)."""
-        cfg, p = self.cfg, next(self.parameters())
+        cfg = self.cfg
         layers = tuple(attention_cache_spec(cfg, i) for i in range(cfg.n_layers))
-        return CacheSpec(layers=layers, dtype=p.dtype, max_seq_len=cfg.max_seq_len, vocab_size=cfg.vocab_size)
+        return CacheSpec(layers=layers, dtype=compute_dtype(self), max_seq_len=cfg.max_seq_len,
+                         vocab_size=cfg.vocab_size)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids)

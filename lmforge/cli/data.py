@@ -55,13 +55,29 @@ def run(argv: list[str]) -> int:
 
         report = run_local(cfg, restart=args.restart)
     print(report_markdown(report))
-    read = next((st for st in report["stages"] if st["name"] == "read"), None)
-    if read and read["docs_in"] and read["rejected"].get("empty") == read["docs_in"]:
-        print(f"every document read was empty: is input.text_key right? (the field holding the text; now "
-              f"{cfg.input.text_key!r})")
+    hint = read_hint(report, cfg.input.text_key, cfg.output.dir)
+    if hint:
+        print(hint)
     print(reuse_line(report, cfg.output.dir))
     print(f"kept documents: {report['output']}; report: {cfg.output.dir}/report.md")
     return 0 if report["balance"]["balanced"] else 1
+
+
+def read_hint(report: dict, text_key: str, out_dir: str) -> str:
+    """A line for a run that read nothing usable: every record empty, without the text field, or unreadable."""
+    read = next((st for st in report["stages"] if st["name"] == "read"), None)
+    if not read or not read["docs_in"] or read["docs_out"]:
+        return ""
+    rejected = read["rejected"]
+    if rejected.get("empty", 0) + rejected.get("read_error:missing_text", 0) == read["docs_in"]:
+        return (f"every document read was empty or lacked its text field: is input.text_key right? (the field "
+                f"holding the text; now {text_key!r})")
+    if sum(n for r, n in rejected.items() if r.startswith("read_error:")) == read["docs_in"]:
+        top = max(rejected, key=rejected.get)
+        return (f"every record read was a read error (most: {top}, {rejected[top]}): check the input's format "
+                f"(input.format; a .json file must hold JSON Lines or one JSON array); each error is in "
+                f"{out_dir}/rejected/")
+    return ""
 
 
 def reuse_line(report: dict, out_dir: str) -> str:

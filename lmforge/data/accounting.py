@@ -17,12 +17,20 @@ def stage_record(name: str) -> dict[str, Any]:
             "seconds": 0.0, "rejected": {}}
 
 
-def read_stage(docs: Iterable[Document]) -> tuple[list[Document], list[Document], dict[str, Any]]:
-    """The pseudo-stage "read": reader errors and empty documents are rejected here."""
+def read_stage(docs: Iterable[Document], counters: dict[str, int] | None = None
+               ) -> tuple[list[Document], list[Document], dict[str, Any]]:
+    """The pseudo-stage "read": reader errors and empty documents are rejected here. Documents sharing an id
+    with an earlier one of the same shard are kept (ids are the input's, and dedup is a stage's choice) but
+    counted in `counters["read:duplicate_ids"]`, since anything keyed by id downstream would merge them."""
     rec = stage_record("read")
     live, dropped = [], []
     reasons: Counter[str] = Counter()
+    seen: set[str] = set()
+    duplicates = 0
     for d in docs:
+        if d.drop is None:
+            duplicates += d.id in seen
+            seen.add(d.id)
         rec["docs_in"] += 1
         rec["bytes_in"] += d.nbytes
         if d.drop is None and not d.text.strip() and not d.raw:
@@ -35,6 +43,8 @@ def read_stage(docs: Iterable[Document]) -> tuple[list[Document], list[Document]
             rec["bytes_out"] += d.nbytes
     rec["docs_out"] = len(live)
     rec["rejected"] = dict(reasons)
+    if duplicates and counters is not None:
+        counters["read:duplicate_ids"] = counters.get("read:duplicate_ids", 0) + duplicates
     return live, dropped, rec
 
 

@@ -1,14 +1,24 @@
-r"""C4's clean-up rules (Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", Sec. 2.2).
+r"""C4's clean-up rules (Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", Sec. 2.2), as the
+code that built C4 applies them: TFDS `tensorflow_datasets/text/c4_utils.py`, `clean_page`.
 
-Line rules remove lines (counted in `c4.line_*` counters and `meta.c4_lines_removed`): lines not ending
-in terminal punctuation or ending in an ellipsis ("..." or "…", as TFDS's `c4_utils.clean_page`), lines
-with fewer than 3 words, lines mentioning "javascript", cookie/policy boilerplate. Blank lines are dropped
-too but are not counted as removed. Page rules reject the document: "lorem ipsum", a curly brace (code), a
-bad word (C4 used the "List of Dirty, Naughty, Obscene, and Otherwise Bad Words"; lmforge ships none and
-takes yours through `bad_words` / `bad_words_file`), and too few sentences left. A bad word or phrase
-matches, case-insensitively, where it is bounded by non-word characters or the ends of the text, as
-TFDS's `(?:\W|^)(w1|w2|...)(?:\W|$)`: "dog" matches "dog's" but not "dogs", "x-rated" matches, "blue
-waffle" does not match "blue waffles".
+Each stripped line, in TFDS's order: a line holding a word longer than 1000 characters is removed; Wikipedia-style
+citations ("[1]", "[edit]", "[citation needed]") are cut out of it; it is removed if it does not end in terminal
+punctuation or ends in an ellipsis ("..." or "…"), or has fewer than `min_words_per_line` words; a surviving line
+containing "lorem ipsum" or a curly brace rejects the page; one mentioning "javascript" or cookie/policy
+boilerplate is removed. Removed lines are counted in `c4.line_*` counters and `meta.c4_lines_removed` (blank lines
+are dropped too but not counted). The page is then rejected for a bad word in what survived (C4 used the "List of
+Dirty, Naughty, Obscene, and Otherwise Bad Words"; lmforge ships none and takes yours through `bad_words` /
+`bad_words_file`) or for fewer than `min_sentences` sentences in it. Page rules look only at surviving lines, so a
+navigation line with a "{" no longer rejects an article.
+
+Thresholds are TFDS's constants `_MIN_WORDS_PER_LINE = 5` and `_MIN_NUM_SENTENCES = 3` (and `_MAX_WORD_LENGTH =
+1000`). The paper's prose says the reverse ("fewer than 5 sentences", "at least 3 words"), and datatrove's
+`C4QualityFilter` follows the prose (min_num_sentences=5, min_words_per_line=3): set those two fields to match it.
+TFDS counts sentences with NLTK's punkt on each kept line; lmforge counts runs of . ! ? followed by whitespace or
+the line's end, at least one per kept line (a kept line ends in terminal punctuation). A bad word or phrase
+matches, case-insensitively, where it is bounded by non-word characters or the ends of the text, as TFDS's
+`(?:\W|^)(w1|w2|...)(?:\W|$)`: "dog" matches "dog's" but not "dogs", "x-rated" matches, "blue waffle" does not
+match "blue waffles".
 """
 
 from __future__ import annotations
@@ -26,7 +36,10 @@ from lmforge.errors import DataError
 TERMINAL = (".", "!", "?", '"', "'", "”", "’")
 ELLIPSES = ("...", "…")  # end in "." but are not terminal: TFDS drops these lines
 POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
-_SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
+# a run of end marks followed by whitespace or the end, matched only from the run's start and never given back:
+# `[.!?]+(?:\s|$)` retried from every dot of a long run of dots ("....page 4"), quadratic in its length
+_SENTENCE_END = re.compile(r"(?<![.!?])[.!?]++(?:\s|$)")
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")  # TFDS get_clean_page_fn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,18 +47,21 @@ class C4Config:
     """Switches and thresholds of each C4 rule; bad_words / bad_words_file: the bad-words hook."""
 
     terminal_punct: bool = True
-    min_words_per_line: int = 3
+    min_words_per_line: int = 5  # TFDS _MIN_WORDS_PER_LINE (the paper's prose and datatrove: 3)
+    max_word_length: int = 1000  # TFDS _MAX_WORD_LENGTH: a line with a longer word is removed; 0: no limit
+    remove_citations: bool = True
     drop_javascript_lines: bool = True
     drop_policy_lines: bool = True
     drop_lorem_ipsum: bool = True
     drop_curly_braces: bool = True
-    min_sentences: int = 5
+    min_sentences: int = 3  # TFDS _MIN_NUM_SENTENCES (the paper's prose and datatrove: 5)
     bad_words: tuple[str, ...] = ()
     bad_words_file: str = ""
 
     def __post_init__(self) -> None:
         coerce_fields(self, "c4")  # each field's type, named when wrong
         check(self.min_words_per_line >= 0, f"c4.min_words_per_line must be >= 0, got {self.min_words_per_line}")
+        check(self.max_word_length >= 0, f"c4.max_word_length must be >= 0, got {self.max_word_length}")
         check(self.min_sentences >= 0, f"c4.min_sentences must be >= 0, got {self.min_sentences}")
         check(not self.bad_words_file or Path(self.bad_words_file).is_file(),
               f"c4.bad_words_file not found: {self.bad_words_file}")
@@ -67,41 +83,50 @@ def _bad_words_pattern(words: tuple[str, ...], path: str) -> re.Pattern | None:
 
 
 def _line_rule(line: str, cfg: C4Config) -> str | None:
-    """The rule that removes this line, or None to keep it."""
-    low = line.lower()
-    if cfg.drop_javascript_lines and "javascript" in low:
-        return "javascript"
-    if cfg.drop_policy_lines and any(p in low for p in POLICY):
-        return "policy"
+    """The rule that removes this (citation-free) line or rejects the page ("page:<rule>"), or None to keep it;
+    in TFDS clean_page's order."""
     if cfg.terminal_punct and (not line.endswith(TERMINAL) or line.endswith(ELLIPSES)):
         return "no_terminal_punct"
     if len(line.split()) < cfg.min_words_per_line:
         return "too_few_words"
+    low = line.lower()
+    if cfg.drop_lorem_ipsum and "lorem ipsum" in low:
+        return "page:lorem_ipsum"
+    if cfg.drop_javascript_lines and "javascript" in low:
+        return "javascript"
+    if cfg.drop_curly_braces and ("{" in line or "}" in line):
+        return "page:curly_brace"
+    if cfg.drop_policy_lines and any(p in low for p in POLICY):
+        return "policy"
     return None
 
 
 def clean_c4(text: str, cfg: C4Config, ctx: StageContext | None = None) -> tuple[str | None, str]:
     """(cleaned text, "") or (None, page rule) when the page is rejected."""
-    low = text.lower()
-    if cfg.drop_lorem_ipsum and "lorem ipsum" in low:
-        return None, "lorem_ipsum"
-    if cfg.drop_curly_braces and ("{" in text or "}" in text):
-        return None, "curly_brace"
-    bad = _bad_words_pattern(cfg.bad_words, cfg.bad_words_file)
-    if bad is not None and bad.search(low):
-        return None, "bad_words"
     kept = []
+    sentences = 0
     for line in text.splitlines():  # as TFDS's clean_page: \r, \x0b, \x0c, \x85, U+2028, U+2029 end lines too
         line = line.strip()
         if not line:
             continue
-        rule = _line_rule(line, cfg)
+        if cfg.max_word_length and any(len(w) > cfg.max_word_length for w in line.split()):
+            rule: str | None = "too_long_word"
+        else:
+            if cfg.remove_citations:
+                line = _CITATION.sub("", line)
+            rule = _line_rule(line, cfg)
         if rule is None:
             kept.append(line)
+            sentences += max(1, len(_SENTENCE_END.findall(line)))
+        elif rule.startswith("page:"):
+            return None, rule[5:]
         elif ctx is not None:
             ctx.count(f"c4.line_{rule}")
     out = "\n".join(kept)
-    if len(_SENTENCE_END.findall(out)) < cfg.min_sentences:
+    bad = _bad_words_pattern(cfg.bad_words, cfg.bad_words_file)
+    if bad is not None and bad.search(out.lower()):
+        return None, "bad_words"
+    if sentences < cfg.min_sentences:
         return None, "too_few_sentences"
     return out, ""
 

@@ -4,14 +4,17 @@ GPT-3 (Brown et al. 2020, App. C) flagged overlaps of 13-grams (after lowercasin
 punctuation); we do the same with a configurable n. Evaluation items shorter than n words are skipped,
 as in GPT-3, because their n-grams would be too generic. Eval files: JSONL (every string in a record is one
 item, e.g. GSM8K's question and answer, including those in lists and nested objects; a line may also be a
-bare string or list), CSV (every cell, e.g. MMLU's question and choices), plain text (one item per line); a
-directory means all such files inside it.
+bare string or list), JSON (.json: JSON Lines, or one JSON array or object), CSV (every cell, e.g. MMLU's question
+and choices), plain text (one item per line); each may be .gz or .zst compressed; a directory means all such files
+inside it. An eval file that cannot be read, or eval sets with no item of n words, fail the run with a one-line
+error: a decontamination that silently matches nothing would pass contaminated data as clean.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import numpy as np
 from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
+from lmforge.data.readers import ARCHIVE_ERRORS, decode_text, open_binary
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
 
@@ -55,26 +59,64 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(v)
 
 
+EVAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".txt")
+
+
+def _kind(path: Path) -> str:
+    """"json", "csv" or "text" from the name, compression suffixes looked through."""
+    name = path.name.lower()
+    for suffix in (".gz", ".zst", ".zstd"):
+        name = name.removesuffix(suffix)
+    return "json" if name.endswith((".jsonl", ".ndjson", ".json")) else "csv" if name.endswith(".csv") else "text"
+
+
 def _items(path: Path) -> Iterator[str]:
-    if path.suffix == ".jsonl":
+    """The eval items of one file; a file that cannot be read or parsed raises a DataError naming it (and the line)."""
+    try:
+        with open_binary(path) as f:
+            text = decode_text(f.read())[0].removeprefix("\ufeff")
+    except (OSError, *ARCHIVE_ERRORS) as e:
+        raise DataError(f"cannot read decontamination set {path}: {type(e).__name__}: {e}; fix or replace the "
+                        "file") from e
+    kind = _kind(path)
+    if kind == "csv":
+        yield from (cell for row in csv.reader(io.StringIO(text, newline="")) for cell in row)
+    elif kind == "text":
+        yield from text.splitlines()
+    elif (whole := _whole_json(text)) is not None:  # one array or object (.json)
+        yield from _strings(whole)
+    else:
         # split on "\n" only: str.splitlines also splits on U+2028, U+2029 and U+0085, which JSON allows
         # unescaped inside strings
-        for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+        for lineno, line in enumerate(text.split("\n"), 1):
             if line.strip():
-                yield from _strings(json.loads(line))
-    elif path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            for row in csv.reader(f):
-                yield from row
-    else:
-        yield from path.read_text(encoding="utf-8", errors="replace").splitlines()
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"decontamination set {path} line {lineno} is not JSON ({e.msg}): "
+                                    f"{line.strip()[:60]!r}; fix the line or remove the file from "
+                                    "decontam.eval_paths") from None
+                yield from _strings(value)
+
+
+def _whole_json(text: str) -> object:
+    """text parsed as one JSON array or object, or None when it is not one (JSON Lines: json.loads stops at the
+    second line's "Extra data")."""
+    if not text.lstrip().startswith(("[", "{")):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def _files(paths: tuple[str, ...]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix in (".jsonl", ".csv", ".txt"))
+            out += sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")
+                          and q.name.lower().removesuffix(".gz").removesuffix(".zst").removesuffix(".zstd")
+                          .endswith(EVAL_SUFFIXES))
         elif p.is_file():
             out.append(p)
         else:
@@ -86,12 +128,17 @@ def _files(paths: tuple[str, ...]) -> list[Path]:
 def eval_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:
     """Sorted distinct uint64 hashes of every n-gram of every evaluation item with >= n words."""
     chunks = []
-    for f in _files(paths):
+    files = _files(paths)
+    for f in files:
         for item in _items(f):
             words = normalize_words(item)
             if len(words) >= n:
                 chunks.append(ngram_hashes(word_hashes(words), n))
-    return np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, dtype=np.uint64)
+    if not chunks:
+        raise DataError(f"decontam.eval_paths {list(paths)} hold no item of {n} words or more ({len(files)} file(s) "
+                        f"of .jsonl/.json/.csv/.txt, optionally .gz/.zst), so nothing could be matched; point it at "
+                        f"the eval data or lower decontam.ngram")
+    return np.unique(np.concatenate(chunks))
 
 
 def count_matches(text: str, table: np.ndarray, n: int) -> int:

@@ -63,12 +63,13 @@ def stage_labels(cfg: PipelineConfig) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}[{i}]" for i, n in enumerate(names)]
 
 
-def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path]
-                ) -> tuple[list[Document], list[Document], list[dict[str, Any]]]:
-    """(live docs, rejected at read, stage records) entering phase p for one shard."""
+def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path],
+                counters: dict[str, int]) -> tuple[list[Document], list[Document], list[dict[str, Any]]]:
+    """(live docs, rejected at read, stage records) entering phase p for one shard; reading counts into
+    `counters`."""
     if p > 0:
         return list(read_documents(layout.live(p - 1, shard))), [], []
-    live, dropped, rec = read_stage(read_inputs(cfg.input, files))
+    live, dropped, rec = read_stage(read_inputs(cfg.input, files), counters)
     return live, dropped, [rec]
 
 
@@ -88,8 +89,8 @@ def run_map_shard(cfg: PipelineConfig, p: int, shard: str, files: list[Path]) ->
     stages = phases(cfg.built_stages())[p]
     labels = stage_labels(cfg)
     first = sum(len(ph) for ph in phases(cfg.built_stages())[:p])
-    live, dropped, records = _load_input(cfg, layout, p, shard, files)
     ctx = StageContext(shard=shard, workdir=layout.root)
+    live, dropped, records = _load_input(cfg, layout, p, shard, files, ctx.counters)
     for k, (spec, scfg) in enumerate(stages):
         live, gone, rec = apply_stage(spec, scfg, live, ctx)
         rec["name"] = labels[first + k]
@@ -114,7 +115,8 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
     layout = RunLayout(cfg)
     (spec, scfg), = phases(cfg.built_stages())[p]
     label = stage_labels(cfg)[sum(len(ph) for ph in phases(cfg.built_stages())[:p])]
-    per_shard = {s: _load_input(cfg, layout, p, s, files) for s, files in shards.items()}
+    ctx = StageContext(shard="global", workdir=layout.root)
+    per_shard = {s: _load_input(cfg, layout, p, s, files, ctx.counters) for s, files in shards.items()}
     owner: dict[int, str] = {}
     all_live: list[Document] = []
     stage_recs: dict[str, dict[str, Any]] = {}
@@ -124,7 +126,6 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
         all_live += live
         # measured before the stage runs: line and Bloom dedup shorten the texts in place
         stage_recs[s] = {**stage_record(label), "docs_in": len(live), "bytes_in": sum(d.nbytes for d in live)}
-    ctx = StageContext(shard="global", workdir=layout.root)
     t0 = time.perf_counter()
     out = spec.fn(scfg, all_live, ctx) if all_live else []
     seconds = time.perf_counter() - t0

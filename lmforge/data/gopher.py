@@ -80,7 +80,10 @@ def quality_failures(text: str, cfg: GopherConfig) -> list[str]:
         fails.append("bullet_lines")
     if lines and sum(ln.endswith(("...", "…")) for ln in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
         fails.append("ellipsis_lines")
-    if len(_alpha_word_pattern().findall(text)) / n < cfg.min_alpha_words_ratio:
+    # searched word by word: `\S*[letter]\S*` over the whole text was retried from every character of a token
+    # holding no letter, quadratic in its length (a 40,000-digit token took seconds)
+    has_alpha = _alpha_word_pattern().search
+    if sum(1 for w in words if has_alpha(w)) / n < cfg.min_alpha_words_ratio:
         fails.append("alpha_words")
     found = 0
     for _ in _stop_word_pattern(cfg.stop_words).finditer(text.lower()):
@@ -94,8 +97,8 @@ def quality_failures(text: str, cfg: GopherConfig) -> list[str]:
 
 @functools.cache
 def _alpha_word_pattern() -> re.Pattern:
-    r"""A whitespace token holding at least one alphabetic character (`str.isalpha`), the paper's "at
-    least one alphabetic character". `[^\W\d_]` alone is not that: `\w` is `str.isalnum`, which also
+    r"""One alphabetic character (`str.isalpha`), searched in each word: a word where it is found has the
+    paper's "at least one alphabetic character". `[^\W\d_]` alone is not that: `\w` is `str.isalnum`, which also
     takes numerics that are neither letters nor decimal digits (² ½ ① Ⅳ: about 1,100 code points), so the
     class leaves those out too. Built on first use (a ~60 ms scan of all code points)."""
     numeric = [c for c in range(sys.maxunicode + 1)
@@ -107,7 +110,7 @@ def _alpha_word_pattern() -> re.Pattern:
         else:
             runs.append([c, c])
     excluded = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in runs)
-    return re.compile(rf"\S*[^\W\d_{excluded}]\S*")
+    return re.compile(rf"[^\W\d_{excluded}]")
 
 
 @functools.lru_cache(maxsize=8)
@@ -169,19 +172,27 @@ def top_ngram_char_frac(words: list[str] | _Words, n: int) -> float:
 
 
 def dup_ngram_char_frac(words: list[str] | _Words, n: int) -> float:
-    """Characters of the words covered by any n-gram occurring more than once / all word characters
-    (each word counted once even if several duplicate n-grams cover it)."""
+    """Characters in repeats of word n-grams / all word characters. As datatrove's `find_all_duplicate`
+    (GopherRepetitionFilter): scanning left to right, an n-gram seen before adds its characters and the scan
+    jumps past it (no word counts twice), while a first occurrence adds nothing; the paper's "fraction of
+    characters contained within all duplicate n-grams" counts the text a repeat adds. The denominator is all
+    word characters (datatrove divides by len(text), spaces included)."""
     w = words if isinstance(words, _Words) else _Words(words)
     if len(w.words) < n:
         return 0.0
-    _, counts, inv = _ngram_ids(w, n)
-    starts = np.flatnonzero(counts[inv] > 1)
-    if not len(starts):
-        return 0.0
-    cover = np.zeros(len(w.words) + 1, dtype=np.int64)  # +1 at each start, -1 n words later
-    np.add.at(cover, starts, 1)
-    np.add.at(cover, starts + n, -1)
-    return float(w.lens[np.cumsum(cover[:-1]) > 0].sum() / max(w.lens.sum(), 1))
+    grams = ngram_hashes(w.hashes, n).tolist()
+    ends = np.concatenate([[0], np.cumsum(w.lens)])
+    chars = (ends[n:] - ends[:-n]).tolist()  # characters of the n-gram starting at each word
+    seen: set[int] = set()
+    repeated = i = 0
+    while i < len(grams):
+        if grams[i] in seen:
+            repeated += chars[i]
+            i += n
+        else:
+            seen.add(grams[i])
+            i += 1
+    return repeated / max(int(ends[-1]), 1)
 
 
 def repetition_failures(text: str, cfg: GopherConfig) -> list[str]:

@@ -48,15 +48,30 @@ def _uniform(seed: int, doc_id: str) -> float:
 
 def mix(cfg: MixConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Reject (`mix:downsampled`) or repeat each document per its source's weight; copies get ids
-    `<id>#mix<k>` and `meta.mix_copy = k`."""
-    out: list[Document] = []
+    `<id>#mix<k>` and `meta.mix_copy = k`.
+
+    The originals keep their order; the copies follow them round by round (every first copy, then every second
+    ...), each round ordered by a hash of (seed, copy id), so no two instances of a document are neighbours
+    (where a round would start with the document just before it, the round is rotated by one). A copy right
+    after its original shares a training context window with it once short documents are packed, and the model
+    can copy the first instance instead of predicting."""
+    rounds: dict[int, list[tuple[float, str, Document]]] = {}
     for d in docs:
         w = weight_of(d, cfg)
-        copies = int(w) + (1 if _uniform(cfg.seed, d.id) < w - int(w) else 0)
-        if copies == 0:
+        n = int(w) + (1 if _uniform(cfg.seed, d.id) < w - int(w) else 0)
+        if n == 0:
             d.reject("mix:downsampled")
-        out.append(d)
-        for k in range(1, copies):
-            out.append(replace(d, id=f"{d.id}#mix{k}", meta={**d.meta, "mix_copy": k}))
+        for k in range(1, n):
+            copy_id = f"{d.id}#mix{k}"
+            rounds.setdefault(k, []).append(
+                (_uniform(cfg.seed, copy_id), d.id, replace(d, id=copy_id, meta={**d.meta, "mix_copy": k})))
             ctx.count("mix.copies_added")
+    out = list(docs)
+    last = docs[-1].id if docs else None
+    for k in sorted(rounds):
+        r = sorted(rounds[k], key=lambda c: (c[0], c[2].id))
+        if len(r) > 1 and r[0][1] == last:
+            r = r[1:] + r[:1]
+        out += [c for _, _, c in r]
+        last = r[-1][1]
     return out

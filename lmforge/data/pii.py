@@ -34,9 +34,38 @@ PHONE = re.compile(
 )
 # Unformatted US numbers: 10 digits (optionally after +1) whose area code starts with 2-9 as NANP area
 # codes do (which rules out Unix timestamps and 1234567890-style counters), standing alone: not part of
-# a longer number, a decimal, an identifier, or a path/query in a URL (see `_URL`).
+# a longer number, a decimal, an identifier, or a path/query in a URL (see `url_spans`).
 PHONE_BARE = re.compile(r"(?<![\w+/=?&#.:%-])(?:\+1[ \t.-]?)?[2-9]\d{9}(?![\w/-]|[.,:]\d)", re.ASCII)
-_URL = re.compile(r"(?:\b[a-z][a-z0-9+.-]*://|\bwww\.)\S+", re.I | re.ASCII)
+# A URL, as `(?:\b[a-z][a-z0-9+.-]*://|\bwww\.)\S+` (case-insensitive, ASCII) finds them: `url_spans`. That
+# pattern itself is quadratic in a long dotted token (host names, Java package paths): from every word boundary in it
+# `[a-z0-9+.-]*` runs to the token's end before failing. This one starts a scheme only where a run of scheme
+# characters starts and never gives the run back; `url_spans` then finds where the plain pattern's match would start.
+_URL_START = re.compile(r"(?<![a-z0-9+.-])(?P<run>[a-z0-9+.-]*+)://(?=\S)|\bwww\.(?=\S)", re.I | re.ASCII)
+_NON_SPACE = re.compile(r"\S*")
+
+
+def _is_word(c: str) -> bool:
+    return c.isascii() and (c.isalnum() or c == "_")
+
+
+def url_spans(text: str) -> list[tuple[int, int]]:
+    r"""The spans of `(?:\b[a-z][a-z0-9+.-]*://|\bwww\.)\S+` in text (re.I, re.ASCII), found in linear time."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    while m := _URL_START.search(text, pos):
+        start = m.start()
+        if m.group("run") is not None:  # the scheme starts at the run's first letter at a word boundary
+            start = next((i for i in range(m.start(), m.end("run")) if text[i].isascii() and text[i].isalpha()
+                          and (i == 0 or not _is_word(text[i - 1]))), -1)
+            if start < 0:
+                pos = m.end()
+                continue
+        end = _NON_SPACE.match(text, m.end()).end()
+        spans.append((start, end))
+        pos = end
+    return spans
+
+
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", re.ASCII)
 # The candidate ends in a hex digit or in "::", and may be followed by a colon that starts no further group:
@@ -97,7 +126,7 @@ def mask_pii(text: str, cfg: PIIConfig = PIIConfig()) -> tuple[str, dict[str, in
         text = sub(IPV4, "ipv4", cfg.ip_token, text)
     if "phone" in cfg.kinds:
         text = sub(PHONE, "phone", cfg.phone_token, text)
-        urls = [m.span() for m in _URL.finditer(text)]
+        urls = url_spans(text)
         text = sub(PHONE_BARE, "phone", cfg.phone_token, text,
                    lambda _, at: not any(a <= at < b for a, b in urls))
     return text, counts

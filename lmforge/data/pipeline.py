@@ -89,7 +89,7 @@ class PipelineConfig:
         check("tokenize" not in names[:-1], "the `tokenize` stage must be the last stage (it writes the token "
               "shards, so every stage after it would be ignored there)")
         raw_input = self.input.format in ("html", "warc") or any(
-            p.endswith((".html", ".htm", ".warc", ".warc.gz")) for p in self.input.paths)
+            _uncompressed_name(p).endswith((".html", ".htm", ".warc")) for p in self.input.paths)
         if raw_input:
             check(bool(built) and built[0][0].name == "extract",
                   "HTML/WARC input needs `stage = \"extract\"` as the first stage")
@@ -98,6 +98,14 @@ class PipelineConfig:
         from lmforge.data.stages import build_stage
 
         return [build_stage(t, i) for i, t in enumerate(self.stages)]
+
+
+def _uncompressed_name(path: str) -> str:
+    """A path's name less a compression suffix (page.html.gz -> page.html), lower-cased."""
+    name = path.lower()
+    for suffix in (".gz", ".zst", ".zstd"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def load_pipeline(path: str | Path, **overrides: Any) -> PipelineConfig:

@@ -7,6 +7,8 @@ a record that cannot be decoded, or an archive cut off mid-stream becomes a docu
 
 from __future__ import annotations
 
+import base64
+import datetime
 import gzip
 import io
 import json
@@ -37,15 +39,77 @@ def detect_format(path: str | Path) -> str:
     return "text"
 
 
+class CorruptArchive(ValueError):
+    """A compressed input whose bytes do not decode (not a cut: a damaged or mislabelled file)."""
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A zstd file decoded frame after frame (a streaming writer emits one frame per chunk). Raises EOFError when
+    the input ends inside a frame: zstandard's stream_reader returns the bytes it has and no error there, so a
+    file cut by a killed download read as a shorter, valid one."""
+
+    def __init__(self, f: BinaryIO, zstd: Any):
+        self._f, self._zstd = f, zstd
+        self._dec: Any = None  # the decompressor of the frame being read; None between frames
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._pos == len(self._out):
+            data = self._f.read(1 << 16)
+            if not data:
+                if self._dec is not None:
+                    raise EOFError("zstd input ends inside a frame (the file is truncated)")
+                return 0
+            self._out, self._pos = self._decode(data), 0
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decode(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            if self._dec is None:
+                self._dec = self._zstd.ZstdDecompressor().decompressobj()
+            try:
+                parts.append(self._dec.decompress(data))
+            except self._zstd.ZstdError as e:
+                raise CorruptArchive(f"zstd: {e}") from e
+            if not self._dec.eof:
+                break
+            data, self._dec = self._dec.unused_data, None  # the next frame starts in the same chunk
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+# what a damaged or cut compressed file raises while it is read: gzip's EOFError/BadGzipFile/zlib.error, ours
+ARCHIVE_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, CorruptArchive)
+
+
+def archive_reason(e: BaseException) -> str:
+    """The read_error reason for an exception met while reading a file."""
+    if isinstance(e, (CorruptArchive, gzip.BadGzipFile)):
+        return "corrupt_archive"
+    if isinstance(e, (EOFError, zlib.error)):
+        return "truncated_archive"
+    return "io"
+
+
 def open_binary(path: str | Path) -> BinaryIO:
-    """Open a file for reading, decompressing .gz and .zst transparently."""
+    """Open a file for reading, decompressing .gz and .zst transparently. A cut file raises EOFError and a
+    damaged one CorruptArchive (or gzip's BadGzipFile / zlib.error) when the bad part is read."""
     path = Path(path)
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if path.name.endswith((".zst", ".zstd")):
         zstd = require("zstandard", "data")
-        raw = zstd.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
-        return io.BufferedReader(raw)  # type: ignore[arg-type]  # adds line iteration
+        return io.BufferedReader(_ZstdFrames(open(path, "rb"), zstd))  # type: ignore[return-value]
     return open(path, "rb")
 
 
@@ -71,8 +135,8 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
     try:
         with open_binary(path) as f:
             data = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        yield _error_doc(path, "file", "truncated_archive" if isinstance(e, (EOFError, zlib.error)) else "io", e)
+    except (OSError, *ARCHIVE_ERRORS) as e:
+        yield _error_doc(path, "file", archive_reason(e), e)
         return
     text, bad = decode_text(data)
     if unit != "file":  # Windows line ends split like Unix ones
@@ -93,95 +157,191 @@ def _json_doc(path: Path, lineno: int, line: bytes, text_key: str, id_key: str) 
         rec = json.loads(text)
     except json.JSONDecodeError as e:
         return _error_doc(path, f"line {lineno}", "bad_json", e)
+    return _record_doc(path, f"line {lineno}", str(lineno), rec, text_key, id_key, bad)
+
+
+def _record_doc(path: Path, where: str, key: str, rec: Any, text_key: str, id_key: str, bad: int = 0) -> Document:
+    """A Document from one parsed JSON record (a line of JSON Lines or an element of a JSON array)."""
     # a null text reads as "", as a null in a Parquet text column does
     if not isinstance(rec, dict) or not isinstance(rec.get(text_key), (str, type(None))):
-        return _error_doc(path, f"line {lineno}", "bad_record")
+        return _error_doc(path, where, "bad_record")
     # a record lmforge wrote (Document.to_record: id, text, a dict meta, drop) keeps its drop reason; in
     # anyone else's records "drop" and a non-dict "meta" are ordinary fields
     ours = isinstance(rec.get("meta"), dict)
+    drop = rec.get("drop") if ours and isinstance(rec.get("drop"), str) else None
+    if text_key not in rec and drop is None:  # not the same as an empty text: the wrong field name, most often
+        return _error_doc(path, where, "missing_text", KeyError(f"no field {text_key!r} (input.text_key)"))
     meta = dict(rec["meta"]) if ours else {}
     meta.update({k: v for k, v in rec.items() if k not in (text_key, id_key) and not (ours and k in ("meta", "drop"))})
     meta.setdefault("source", str(path))
     if bad:
         meta["decode_errors"] = bad
     doc_id = rec.get(id_key)
-    drop = rec.get("drop") if ours and isinstance(rec.get("drop"), str) else None
-    return Document(id=str(doc_id) if doc_id is not None else stable_id(str(path), str(lineno)),
+    return Document(id=str(doc_id) if doc_id is not None else stable_id(str(path), key),
                     text=rec.get(text_key) or "", meta=meta, drop=drop)
 
 
+def _is_json_array(path: Path) -> bool:
+    """A `.json` file whose first non-blank byte is `[`: one JSON array (json.dump, pandas to_json(lines=False)),
+    not JSON Lines."""
+    name = path.name.lower()
+    for suffix in (".gz", ".zst", ".zstd"):
+        name = name.removesuffix(suffix)
+    if not name.endswith(".json"):
+        return False
+    with open_binary(path) as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+def _read_json_array(path: Path, text_key: str, id_key: str) -> Iterator[Document]:
+    with open_binary(path) as f:
+        data = f.read()
+    text, bad = decode_text(data.removeprefix(b"\xef\xbb\xbf"))
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        yield _error_doc(path, "file", "bad_json", e)
+        return
+    for i, rec in enumerate(records):
+        yield _record_doc(path, f"element {i}", f"element {i}", rec, text_key, id_key, bad if i == 0 else 0)
+
+
 def read_jsonl(path: str | Path, *, text_key: str = "text", id_key: str = "id") -> Iterator[Document]:
-    """JSON Lines, optionally .gz or .zst. Other top-level keys go into `meta`."""
+    """JSON Lines, optionally .gz or .zst; a `.json` file holding one JSON array is read element by element.
+    Other top-level keys go into `meta`. A record without the text field is `read_error:missing_text`."""
     path = Path(path)
     lineno = 0
     try:
+        if _is_json_array(path):
+            yield from _read_json_array(path, text_key, id_key)
+            return
         with open_binary(path) as f:
             for lineno, line in enumerate(f, 1):
                 if lineno == 1:  # a UTF-8 byte-order mark (Windows editors write one) is no part of the JSON
                     line = line.removeprefix(b"\xef\xbb\xbf")
                 if line.strip():
                     yield _json_doc(path, lineno, line, text_key, id_key)
-    except (OSError, EOFError, zlib.error) as e:
-        yield _error_doc(path, f"after line {lineno}", "truncated_archive", e)
-    except Exception as e:  # zstandard raises its own ZstdError on a cut stream
-        yield _error_doc(path, f"after line {lineno}", "truncated_archive", e)
+    except (OSError, *ARCHIVE_ERRORS) as e:
+        yield _error_doc(path, f"after line {lineno}", archive_reason(e), e)
+
+
+def json_safe(value: Any) -> Any:
+    """A Parquet cell as a JSON value, so the writers can store it in `meta`: timestamps, dates and times become
+    ISO-8601 strings, decimals and durations their str(), binary base64 text; lists and maps are converted
+    element by element."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(x, tuple) and len(x) == 2 for x in value) and value:  # pyarrow's map type: (key, value)
+            return {str(k): json_safe(v) for k, v in value}
+        return [json_safe(x) for x in value]
+    return str(value)  # Decimal, timedelta, anything else pyarrow hands back
 
 
 def read_parquet(path: str | Path, *, text_key: str = "text", id_key: str = "id",
                  batch_size: int = 1024) -> Iterator[Document]:
-    """Parquet, streamed by record batches. A `meta` column holding JSON strings is parsed back."""
+    """Parquet, streamed by record batches. A `meta` column holding JSON strings is parsed back; other columns
+    go into `meta` as JSON values (`json_safe`). A file without the text column gives one
+    `read_error:missing_text` per row."""
     pq = require("pyarrow.parquet", "data")
     path = Path(path)
     row = 0
     try:
         pf = pq.ParquetFile(path)
+        has_text = text_key in pf.schema_arrow.names
         for batch in pf.iter_batches(batch_size=batch_size):
             for rec in batch.to_pylist():
-                text = rec.get(text_key)
-                if text is not None and not isinstance(text, str):  # e.g. an integer column
-                    yield _error_doc(path, f"row {row}", "bad_record",
-                                     TypeError(f"column {text_key!r} holds {type(text).__name__}, not text"))
-                    row += 1
-                    continue
-                meta = rec.pop("meta", None)
-                meta = json.loads(meta) if isinstance(meta, str) else dict(meta or {})
-                drop = rec.pop("drop", None)
-                meta.update({k: v for k, v in rec.items() if k not in (text_key, id_key)})
-                meta.setdefault("source", str(path))
-                doc_id = rec.get(id_key)
-                yield Document(id=str(doc_id) if doc_id is not None else stable_id(str(path), str(row)),
-                               text=text or "", meta=meta, drop=drop if isinstance(drop, str) else None)
+                doc = _parquet_doc(path, row, rec, text_key, id_key, has_text)
                 row += 1
+                yield doc
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError on a corrupt or cut file
         yield _error_doc(path, f"after row {row}", "corrupt_parquet", e)
 
 
+def _parquet_doc(path: Path, row: int, rec: dict[str, Any], text_key: str, id_key: str, has_text: bool
+                 ) -> Document:
+    text = rec.get(text_key)
+    drop = rec.pop("drop", None)
+    if not has_text and not isinstance(drop, str):
+        return _error_doc(path, f"row {row}", "missing_text", KeyError(f"no column {text_key!r} (input.text_key)"))
+    if text is not None and not isinstance(text, str):  # e.g. an integer column
+        return _error_doc(path, f"row {row}", "bad_record",
+                          TypeError(f"column {text_key!r} holds {type(text).__name__}, not text"))
+    meta = rec.pop("meta", None)
+    meta = json.loads(meta) if isinstance(meta, str) else json_safe(dict(meta or {}))
+    meta.update({k: json_safe(v) for k, v in rec.items() if k not in (text_key, id_key)})
+    meta.setdefault("source", str(path))
+    doc_id = rec.get(id_key)
+    return Document(id=str(doc_id) if doc_id is not None else stable_id(str(path), str(row)),
+                    text=text or "", meta=meta, drop=drop if isinstance(drop, str) else None)
+
+
 def read_html(path: str | Path) -> Iterator[Document]:
-    """One HTML file = one document whose `raw` bytes the extract stage turns into text."""
+    """One HTML file (.html, .html.gz, .html.zst) = one document whose `raw` bytes the extract stage turns into
+    text."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        yield _error_doc(path, "file", "io", e)
+        with open_binary(path) as f:
+            data = f.read()
+    except (OSError, *ARCHIVE_ERRORS) as e:
+        yield _error_doc(path, "file", archive_reason(e), e)
         return
     yield Document(id=stable_id(str(path)), raw=data, meta={"source": str(path), "content_type": "text/html"})
 
 
 def read_warc(path: str | Path, *, record_types: tuple[str, ...] = ("response", "conversion", "resource")
               ) -> Iterator[Document]:
-    """WARC (raw HTML responses) and WET (extracted text, `conversion` records) via warcio."""
+    """WARC (raw HTML responses) and WET (extracted text, `conversion` records) via warcio.
+
+    warcio ends quietly on some cuts: inside the last record's headers it sees no record at all, and a
+    gzip member cut inside its payload reads as a shorter payload. So each record is read to its end and
+    its gzip member must be complete, and after the last one the rest of the file must be blank; otherwise
+    the archive is reported as `read_error:truncated_archive`."""
     warcio = require("warcio.archiveiterator", "data")
     path = Path(path)
     n = 0
+    end = 0  # where the last complete record ends (a byte offset in the file as stored)
     try:
         with open(path, "rb") as f:
-            for rec in warcio.ArchiveIterator(f):
-                if rec.rec_type not in record_types:
-                    continue
-                yield _warc_doc(path, rec, n)
-                n += 1
+            it = warcio.ArchiveIterator(f)
+            for rec in it:
+                doc = _warc_doc(path, rec, n) if rec.rec_type in record_types else None
+                it.read_to_end()
+                cut = _warc_cut(rec, it.reader.decompressor)
+                if cut:
+                    yield _error_doc(path, f"record {n}", "truncated_archive", EOFError(cut))
+                    return
+                end = it.get_record_offset() + it.get_record_length()
+                if doc is not None:
+                    yield doc
+                    n += 1
+            f.seek(end)
+            while chunk := f.read(1 << 16):
+                if chunk.strip():  # bytes after the last record that make no record: a cut one
+                    yield _error_doc(path, f"after record {n}", "truncated_archive",
+                                     EOFError(f"{path.stat().st_size - end} bytes after the last complete record "
+                                              "make no record"))
+                    return
     except Exception as e:  # warcio: ArchiveLoadFailed, EOFError or zlib.error on a cut archive
         yield _error_doc(path, f"after record {n}", "truncated_archive", e)
+
+
+def _warc_cut(rec: Any, decompressor: Any) -> str:
+    """Why a record warcio read to its end is cut short ('' when it is whole)."""
+    length = (rec.rec_headers.get_header("Content-Length") or "").strip()
+    # every WARC record has one; warcio parses headers cut before it as a record (ARC headers name no such field)
+    if getattr(rec, "format", "warc") == "warc" and not length.isdigit():
+        return "the record's headers stop before a Content-Length"
+    if decompressor is not None and not getattr(decompressor, "eof", True):
+        return "the record's gzip member ends before its end-of-stream marker"
+    return ""
 
 
 def _warc_doc(path: Path, rec: Any, n: int) -> Document:

@@ -38,7 +38,7 @@ def write_jsonl(path: str | Path, docs: Iterable[Document], *, with_text: bool =
     lines = [_json_line(d.to_record(with_text)) for d in docs]
     data = ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")
     if path.name.endswith(".gz"):
-        data = gzip.compress(data, compresslevel=5)
+        data = gzip.compress(data, compresslevel=5, mtime=0)  # no timestamp: the same documents, the same bytes
     elif path.name.endswith(".zst"):
         data = require("zstandard", "data").ZstdCompressor(level=3).compress(data)
     with atomic_path(path) as tmp:

@@ -3,7 +3,9 @@ statistics (compression, vocabulary use). Files are cut into byte ranges at safe
 worker processes in order, and streamed into `TokenShardWriter`, so memory stays bounded.
 
 Documents: each file is one, and inside a file the `<|endoftext|>` text (when the tokenizer has it)
-separates documents; the writer puts the separator id before every document.
+separates documents; the writer puts the separator id before every document. Within a document, text is encoded
+with `encode_ordinary`, as the data pipeline's `tokenize` stage does: a special-token string in the text (a web
+page quoting "<|im_start|>") stays text and never becomes a control token.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
         pieces = [(np.asarray(tok.encode_bytes(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs_b)]
         return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad
     docs = text.split(sep) if sep else [text]
-    pieces = [(np.asarray(tok.encode(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs)]
+    encode = getattr(tok, "encode_ordinary", tok.encode)  # (a tokenizer without specials has only encode)
+    pieces = [(np.asarray(encode(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs)]
     return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad  # empty docs are dropped
 
 

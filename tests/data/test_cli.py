@@ -66,8 +66,8 @@ def test_a_run_whose_every_document_is_empty_asks_about_text_key(tmp_path, capsy
     p = tmp_path / "p.toml"
     p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "c.jsonl"}"]\n[output]\ndir = "{tmp_path / "o"}"\n')
     main(["data", "run", str(p)])
-    assert "every document read was empty: is input.text_key right? (the field holding the text; now 'text')" \
-        in capsys.readouterr().out
+    assert ("every document read was empty or lacked its text field: is input.text_key right? (the field holding "
+            "the text; now 'text')") in capsys.readouterr().out
 
 
 def test_an_output_dir_no_run_could_write_is_a_one_line_error(tmp_path, capsys):
@@ -89,3 +89,14 @@ def test_an_output_dir_no_run_could_write_is_a_one_line_error(tmp_path, capsys):
         assert err.splitlines()[0] == f"lmforge data: error: {message}" and "Traceback" not in err
     assert sorted(q.name for q in tmp_path.iterdir()) == ["c.jsonl", "notes.txt", "p.toml"]
     assert taken.read_text() == "mine\n"
+
+
+def test_a_run_whose_every_record_is_a_read_error_says_so(tmp_path, capsys):
+    """A .json file of something else read as JSON Lines kept nothing and exited 0 with no hint (2026-12-06)."""
+    (tmp_path / "c.jsonl").write_text('{"text": "a",\n"id": 1}\nnot json\n')
+    p = tmp_path / "p.toml"
+    p.write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "c.jsonl"}"]\n[output]\ndir = "{tmp_path / "o"}"\n'
+                 'plot = false\n')
+    main(["data", "run", str(p)])
+    assert ("every record read was a read error (most: read_error:bad_json, 3): check the input's format"
+            in capsys.readouterr().out)

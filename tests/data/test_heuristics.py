@@ -92,8 +92,9 @@ def test_gopher_repetition_rules():
     words = spam.split()
     assert top_ngram_char_frac(words, 2) == pytest.approx(30 * 6 / sum(map(len, words)))
     assert "top_2gram" in repetition_failures(spam, GopherConfig())
-    # exact duplicate-n-gram coverage on a tiny case: "a b c d e" twice covers all 10 words
-    assert dup_ngram_char_frac("a b c d e a b c d e".split(), 5) == 1.0
+    # duplicate n-grams count only the repeats, not the first occurrence (Gopher, Rae et al. 2021 A.1.1; datatrove's
+    # find_all_duplicate): "a b c d e" twice is half repeat
+    assert dup_ngram_char_frac("a b c d e a b c d e".split(), 5) == 0.5
     assert dup_ngram_char_frac("a b c d e f g h i j".split(), 5) == 0.0
 
 
@@ -118,7 +119,10 @@ def test_c4_lines_and_pages():
     assert ctx.counters == {"c4.line_no_terminal_punct": 1, "c4.line_policy": 1, "c4.line_javascript": 1,
                             "c4.line_too_few_words": 1}
     assert clean_c4(text + "\nLorem ipsum dolor sit amet.", C4Config())[1] == "lorem_ipsum"
-    assert clean_c4(text + "\nfunction f() { return 1; }", C4Config())[1] == "curly_brace"
+    assert clean_c4(text + "\nThe script was function f() { return 1; }.", C4Config())[1] == "curly_brace"
+    # page rules look only at lines that survive the line rules (TFDS clean_page): a code line without an end mark
+    # is removed, and the page kept
+    assert clean_c4(text + "\nfunction f() { return 1; }", C4Config())[1] == ""
     assert clean_c4(text, C4Config(bad_words=("sandbags",)))[1] == "bad_words"
     assert clean_c4(text, C4Config(bad_words=("sand",)))[1] == ""  # whole words only
     assert clean_c4(text, C4Config(min_sentences=6))[1] == "too_few_sentences"
@@ -129,7 +133,7 @@ def test_c4_bad_words_file_hook(tmp_path):
     f.write_text("flooded\n")
     docs = c4(C4Config(bad_words_file=str(f)), [Document(id="x", text=GOOD), Document(id="y", text=GOOD +
               " It flooded.")], StageContext())
-    assert [d.drop for d in docs] == ["c4:too_few_sentences", "c4:bad_words"]
+    assert [d.drop for d in docs] == [None, "c4:bad_words"]  # GOOD's 3 sentences meet TFDS's _MIN_NUM_SENTENCES
 
 
 C4_BODY = ("The river flooded the valley after three days of rain.\nFarmers moved their animals to higher ground.\n"
@@ -152,18 +156,20 @@ def test_c4_bad_words_are_bounded_by_non_word_characters_like_tfds():
     bad = ("blue waffle", "x-rated", "dog", "a$$")
     tfds = re.compile(r"(?:\W|^)({})(?:\W|$)".format("|".join(map(re.escape, bad))))
     tokens = ["True", "blue", "Blue", "waffles", "waffle", "waffle.", "dog's", "dogs", "Dog!", "hotdog", "dog_",
-              "x-rated", "X-Rated", "xrated", "a$$", "a$$hole", "(dog)", "the", "water", "-", "\n"]
+              "x-rated", "X-Rated", "xrated", "a$$", "a$$hole", "(dog)", "the", "water", "-", "\t"]
     rng = random.Random(4)
     hits = 0
     for _ in range(400):
-        page = " ".join(rng.choice(tokens) for _ in range(rng.randint(1, 8))) + "\n" + C4_BODY
+        # bad words count only in lines the line rules keep: this one has an end mark and five words or more
+        page = " ".join(rng.choice(tokens) for _ in range(rng.randint(1, 8))) + " is on the sign.\n" + C4_BODY
         ref = tfds.search(page.lower()) is not None
         hits += ref
         assert (clean_c4(page, C4Config(bad_words=bad))[1] == "bad_words") == ref, page
     assert 50 < hits < 350  # both outcomes exercised
-    assert clean_c4("True blue waffles.\n" + C4_BODY, C4Config(bad_words=bad))[1] == ""
-    assert clean_c4("An X-rated film.\n" + C4_BODY, C4Config(bad_words=bad))[1] == "bad_words"
-    assert clean_c4("The dog's bowl.\n" + C4_BODY, C4Config(bad_words=bad))[1] == "bad_words"
+    assert clean_c4("True blue waffles are sold here.\n" + C4_BODY, C4Config(bad_words=bad))[1] == ""
+    assert clean_c4("An X-rated film was shown.\n" + C4_BODY, C4Config(bad_words=bad))[1] == "bad_words"
+    assert clean_c4("The dog's bowl was empty.\n" + C4_BODY, C4Config(bad_words=bad))[1] == "bad_words"
+    assert clean_c4("The dog's bowl.\n" + C4_BODY, C4Config(bad_words=bad))[1] == ""  # a line the rules remove
 
 
 def test_c4_lines_removed_counts_only_lines_a_rule_removed():
@@ -206,17 +212,17 @@ def _reference_top(words: list[str], n: int) -> float:
 
 
 def _reference_dup(words: list[str], n: int) -> float:
-    from collections import Counter
-
-    if len(words) < n:
-        return 0.0
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(grams)
-    covered = [False] * len(words)
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i:i + n] = [True] * n
-    return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
+    """datatrove's find_all_duplicate over tuples of words: a repeat adds its characters and the scan jumps past it."""
+    seen, repeated, i = set(), 0, 0
+    while i < len(words) - n + 1:
+        g = tuple(words[i:i + n])
+        if g in seen:
+            repeated += sum(map(len, g))
+            i += n
+        else:
+            seen.add(g)
+            i += 1
+    return repeated / max(sum(map(len, words)), 1) if len(words) >= n else 0.0
 
 
 def test_hashed_ngram_rules_match_reference():

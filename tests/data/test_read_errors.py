@@ -1,0 +1,173 @@
+"""Inputs cut, damaged or shaped unexpectedly: every loss is a `read_error:*` document, never a silently shorter
+stream, and odd but valid inputs (a JSON array, a compressed page, Parquet timestamps) are read whole
+(defects found by the 2026-12-06 data sweep)."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.executor import run_local
+from lmforge.data.pipeline import load_pipeline
+from lmforge.data.readers import read_documents, read_warc
+from lmforge.errors import ConfigError
+
+ROWS = "".join(json.dumps({"id": str(i), "text": f"document number {i} " * 20}) + "\n" for i in range(200)).encode()
+
+
+def _drops(docs):
+    return [d.drop for d in docs if d.drop]
+
+
+@pytest.mark.parametrize("frac", [0.3, 0.9, 0.99])
+def test_a_cut_zstd_file_is_a_truncated_archive(tmp_path, frac):
+    zstd = pytest.importorskip("zstandard")
+    data = zstd.ZstdCompressor().compress(ROWS)
+    p = tmp_path / "cut.jsonl.zst"
+    p.write_bytes(data[: int(len(data) * frac)])
+    docs = list(read_documents(p))  # zstandard's stream_reader gave 0 documents and no error here
+    assert docs[-1].drop == "read_error:truncated_archive" and _drops(docs) == ["read_error:truncated_archive"]
+
+
+def test_multi_frame_zstd_is_read_whole_and_a_cut_last_frame_is_reported(tmp_path):
+    zstd = pytest.importorskip("zstandard")
+    frames = [zstd.ZstdCompressor().compress(ROWS[i:i + 4000]) for i in range(0, len(ROWS), 4000)]
+    p = tmp_path / "frames.jsonl.zst"
+    p.write_bytes(b"".join(frames))
+    assert [d.id for d in read_documents(p)] == [str(i) for i in range(200)]
+    p.write_bytes(frames[0] + frames[1][:7])  # cut just inside the second frame
+    docs = list(read_documents(p))
+    assert _drops(docs) == ["read_error:truncated_archive"] and docs[-1].drop  # was a bad_json line
+
+
+def test_a_damaged_txt_zst_is_a_read_error_not_a_traceback(tmp_path):
+    pytest.importorskip("zstandard")
+    p = tmp_path / "garbage.txt.zst"
+    p.write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00garbage" * 10)
+    (d,) = read_documents(p)  # raised ZstdError
+    assert d.drop == "read_error:corrupt_archive" and "zstd" in d.meta["error"]
+
+
+def _warc(n: int, gz: bool) -> tuple[bytes, list[int]]:
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    buf, ends = io.BytesIO(), []
+    w = WARCWriter(buf, gzip=gz)
+    for i in range(n):
+        body = b"<html><body><p>" + b"page %d text " % i * 200 + b"</p></body></html>"
+        hh = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(f"http://x/{i}", "response", payload=io.BytesIO(body), http_headers=hh))
+        ends.append(buf.tell())
+    return buf.getvalue(), ends
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_warc_cut_anywhere_in_its_last_record_reports_it(tmp_path, gz):
+    pytest.importorskip("warcio")
+    data, ends = _warc(3, gz)
+    p = tmp_path / ("a.warc.gz" if gz else "a.warc")
+    p.write_bytes(data)
+    whole = list(read_warc(p))
+    assert _drops(whole) == [] and len(whole) == 3
+    step = 1 if gz else 7
+    for cut in range(ends[1] + 1, len(data) - 4, step):  # the last 4 bytes are the blank lines after a record
+        p.write_bytes(data[:cut])
+        docs = list(read_warc(p))  # a cut in the WARC/HTTP headers or a gzip member lost the record silently
+        assert len(docs) == 3 and docs[2].drop == "read_error:truncated_archive", cut - ends[1]
+
+
+def test_a_compressed_html_page_is_decompressed(tmp_path):
+    page = b"<html><body><p>A page about solar boats crossing the lake.</p></body></html>"
+    p = tmp_path / "page.html.gz"
+    p.write_bytes(gzip.compress(page))
+    (d,) = read_documents(p)
+    assert d.raw == page
+    (tmp_path / "p.toml").write_text(f'[input]\npaths = ["{p}"]\n[output]\ndir = "{tmp_path / "o"}"\n'
+                                     '[[stages]]\nstage = "pii"\n')
+    with pytest.raises(ConfigError, match="extract"):  # .html.gz needs extract first, as .html does
+        load_pipeline(tmp_path / "p.toml")
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_array_file_is_read_element_by_element(tmp_path, indent):
+    rows = [{"id": str(i), "text": f"document {i}"} for i in range(5)] + [{"id": "x"}]
+    p = tmp_path / "data.json"
+    p.write_text(json.dumps(rows, indent=indent))
+    docs = list(read_documents(p))
+    assert [d.text for d in docs[:5]] == [f"document {i}" for i in range(5)] and _drops(docs[:5]) == []
+    assert docs[5].drop == "read_error:missing_text" and docs[5].meta["where"] == "element 5"
+
+
+def test_missing_text_is_not_empty_and_duplicate_ids_are_counted(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"id": "1", "text": "one"}\n{"id": "1", "body": "no text"}\n'
+                                             '{"id": "1", "text": "same id"}\n{"id": "2", "text": ""}\n')
+    (tmp_path / "p.toml").write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\n'
+                                     f'dir = "{tmp_path / "o"}"\nplot = false\n')
+    report = run_local(load_pipeline(tmp_path / "p.toml"))
+    assert report["stages"][0]["rejected"] == {"read_error:missing_text": 1, "empty": 1}
+    assert report["counters"] == {"read:duplicate_ids": 1}
+    assert report["balance"]["balanced"] and report["balance"]["kept_docs"] == 2
+
+
+def test_parquet_timestamp_binary_and_decimal_columns_become_json_meta(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["some text one", "some text two"],
+                             "date": [datetime.datetime(2024, 1, 2, 3, 4, 5)] * 2, "blob": [b"\x00\x01"] * 2,
+                             "price": [decimal.Decimal("1.50")] * 2}), tmp_path / "in" / "t.parquet")
+    d = next(iter(read_documents(tmp_path / "in" / "t.parquet")))
+    assert d.meta["date"] == "2024-01-02T03:04:05" and d.meta["blob"] == "AAE=" and d.meta["price"] == "1.50"
+    (tmp_path / "p.toml").write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\n'
+                                     f'dir = "{tmp_path / "o"}"\nplot = false\n[[stages]]\nstage = "pii"\n')
+    report = run_local(load_pipeline(tmp_path / "p.toml"))  # the JSONL writer's json.dumps raised
+    assert report["balance"]["kept_docs"] == 2
+    back = [x for f in Path(tmp_path / "o" / "data").glob("*") for x in read_documents(f)]
+    assert sorted(x.meta["date"] for x in back) == ["2024-01-02T03:04:05"] * 2
+
+
+def test_decontam_reads_compressed_and_json_array_eval_files_and_names_a_bad_line(tmp_path):
+    from lmforge.data.decontam import DecontamConfig, decontam, eval_ngrams
+    from lmforge.data.document import Document
+    from lmforge.data.stage import StageContext
+    from lmforge.errors import DataError
+
+    item = {"question": "how many apples does the farmer sell at the market on each sunday morning"}
+    (tmp_path / "a.jsonl").write_text(json.dumps(item) + "\n")
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress((json.dumps(item) + "\n").encode()))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "c.json").write_text(json.dumps([item]))
+    plain = eval_ngrams((str(tmp_path / "a.jsonl"),), 8)
+    for other in ("b.jsonl.gz", "d"):  # the .gz was read as text lines of gzip bytes; a .json dir entry skipped
+        assert (eval_ngrams((str(tmp_path / other),), 8) == plain).all() and len(plain) == 7
+    doc = Document(id="x", text="Q: How many apples does the farmer sell at the market on each Sunday morning?")
+    (out,) = decontam(DecontamConfig(eval_paths=(str(tmp_path / "b.jsonl.gz"),), ngram=8), [doc], StageContext())
+    assert out.drop == "decontam"
+    (tmp_path / "bad.jsonl").write_text(json.dumps(item) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"bad.jsonl line 2 is not JSON"):  # was a JSONDecodeError on every doc
+        eval_ngrams((str(tmp_path / "bad.jsonl"),), 8)
+    (tmp_path / "short.txt").write_text("too short\n")
+    with pytest.raises(DataError, match="hold no item of 8 words"):
+        eval_ngrams((str(tmp_path / "short.txt"),), 8)
+
+
+def test_jsonl_gz_output_is_byte_reproducible(tmp_path, monkeypatch):
+    import time
+
+    from lmforge.data.document import Document
+    from lmforge.data.writers import write_jsonl
+
+    docs = [Document(id=str(i), text=f"doc {i}") for i in range(10)]
+    write_jsonl(tmp_path / "a.jsonl.gz", docs)
+    later = time.time() + 3600
+    monkeypatch.setattr(time, "time", lambda: later)  # gzip stamps its header with time.time() unless told
+    write_jsonl(tmp_path / "b.jsonl.gz", docs)
+    assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.jsonl.gz").read_bytes()

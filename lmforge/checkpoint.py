@@ -27,10 +27,14 @@ itself a LoRA checkpoint trains on the merged model). `load_model` rebuilds base
 tensors, refusing a base that is missing or whose weights changed.
 
 config.json records how to rebuild what is not a plain Transformer: "lora" ({layer: [r, scale]}, [r, scale,
-"dora"] for DoRA: lmforge.adapt.lora.lora_record) and "base_layers" (the quantized Linears of a QLoRA model, by
-registered kind and settings: lmforge.adapt.qlora; load_model builds them as empty shells on a Transformer made
-on the meta device, never their float weights). A Linear quantized after its base checkpoint was loaded is
-not what that base gives back, so an adapter-only checkpoint keeps its codes (_left_to_base).
+"dora"] for DoRA: lmforge.adapt.lora.lora_record) and "base_layers" (the modules that are not what build_model
+puts there - quantized Linears, experts, embeddings of a QLoRA model - by registered kind and settings:
+lmforge.adapt.qlora; load_model builds them as empty shells on a Transformer made on the meta device, never their
+float weights). A module quantized after its base checkpoint was loaded is not what that base gives back, so an
+adapter-only checkpoint keeps its codes (_left_to_base), and refuses to leave to the base a frozen tensor the
+base's model does not have. "dtype" is the model's float compute dtype (lmforge.utils.compute_dtype), which
+load_model builds in (a checkpoint written before it was recorded loads in fp32); integer and boolean tensors
+load only into their own dtype (castable).
 """
 
 from __future__ import annotations
@@ -179,10 +183,37 @@ def model_meta(model: torch.nn.Module) -> dict[str, Any]:
         lora = lora_record(model)  # unmerged adapters: load_model puts them back before the weights
         layers = base_layer_record(model)  # quantized Linears (QLoRA's base): load_model rebuilds them first
         eos = [int(i) for i in getattr(model, "eos_token_ids", None) or ()]  # a HF model's end-of-sequence ids
-        return {"model": to_dict(cfg), **({"base_layers": layers} if layers else {}),
-                **({"lora": lora} if lora else {}), **({"eos_token_ids": eos} if eos else {})}
+        return {"model": to_dict(cfg), "dtype": _dtype_name(_float_dtype(model)),
+                **({"base_layers": layers} if layers else {}), **({"lora": lora} if lora else {}),
+                **({"eos_token_ids": eos} if eos else {})}
     cls = getattr(model, "model_class", type(model))  # a gathered sharded model names the class it shards
     return {"model_class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _float_dtype(model) -> torch.dtype:
+    """The model's float compute dtype (lmforge.utils.compute_dtype); a stand-in's from its state_dict."""
+    from lmforge.utils import compute_dtype
+
+    if isinstance(model, torch.nn.Module):
+        return compute_dtype(model)
+    return next((t.dtype for t in model.state_dict().values() if t.is_floating_point()), torch.get_default_dtype())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def recorded_dtype(meta: dict, ckpt: Path) -> torch.dtype | None:
+    """The float compute dtype config.json records ("dtype"; None for a checkpoint written before 2026-12-06,
+    which loads in the default dtype as it always did)."""
+    name = meta.get("dtype")
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{ckpt}/config.json: dtype {name!r} is not a floating-point torch dtype; write "
+                              "e.g. 'bfloat16', or remove it to load in float32")
+    return dtype
 
 
 def sha256_file(path: Path) -> str:
@@ -195,6 +226,10 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer,
 
     left = {"base": base, "leaves_out": LEAVES_OUT} if base else {}
     meta = {"step": step, **model_meta(model), **left, **run_metadata(), **(extra or {})}
+    if meta.get("base_layers"):  # refused only at load, maybe hours later: said now
+        from lmforge.adapt.qlora import warn_unregistered
+
+        warn_unregistered(meta["base_layers"])
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     weights = _state_for_save(model, _left_to_base(model, meta, base) if base else set())
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -214,9 +249,39 @@ def _left_to_base(model: torch.nn.Module, meta: dict, base: dict) -> set[str]:
         theirs = json.loads((Path(base["path"]) / "config.json").read_text()).get("base_layers") or {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         theirs = {}
-    prefix = _base_of(model)[0]  # (the record's names are the backbone's)
+    prefix, inner = _base_of(model)  # (the record's names are the backbone's)
     changed = tuple(f"{prefix}{n}." for n, entry in ours.items() if theirs.get(n) != entry)
-    return {n for n in left if not n.startswith(changed)} if changed else left
+    left = {n for n in left if not n.startswith(changed)} if changed else left
+    same = tuple(f"{prefix}{n}." for n, entry in ours.items() if theirs.get(n) == entry)  # the base rebuilds them
+    _refuse_unbuilt(inner, prefix, {n for n in left if not n.startswith(same)}, base)
+    return left
+
+
+def _refuse_unbuilt(inner, prefix: str, left: set[str], base: dict) -> None:
+    """Refuse, in one line, to leave to the base a tensor the base's model does not have: one of a module whose
+    class is not what build_model(cfg) puts there, or that it does not build (a frozen module added to the model),
+    which base_layer_record did not record as a layer the base lacks (a stand-in's stale record): the checkpoint
+    would load the base's module in its place, or none, without a word."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.registry import build_model
+
+    cfg = getattr(inner, "cfg", None)
+    if not isinstance(cfg, ModelConfig) or not left:
+        return
+    with torch.device("meta"):
+        built = build_model(cfg)
+    own = built.state_dict().keys()
+    foreign = sorted(n for n in left if n[len(prefix):] not in own)
+    if not foreign:
+        return
+    module = foreign[0][len(prefix):].rpartition(".")[0]
+    cls = type(inner.get_submodule(module)).__name__ if isinstance(inner, torch.nn.Module) else "module"
+    there = type(built.get_submodule(module)).__name__ if module in dict(built.named_modules()) else "nothing"
+    raise ConfigError(f"adapter-only checkpoint: {module} (a {cls}) holds the frozen {foreign[0]}, which the base "
+                      f"{base.get('path')} does not give back (its model builds {there} there); if it replaced the "
+                      "base's module, register its class (lmforge.adapt.qlora.register_base_layer) so the checkpoint "
+                      "records and saves it, else save the whole model (save_checkpoint without base=) and "
+                      "load_weights it onto the model you build")
 
 
 def _seal(folder: Path) -> None:
@@ -517,21 +582,22 @@ def load_weights(model: torch.nn.Module, ckpt: Path, required: set[str] | None =
         if t.shape != own[name].shape:
             raise CheckpointError(f"{ckpt}: tensor {name} has shape {tuple(t.shape)}, model expects "
                                   f"{tuple(own[name].shape)}")
-        if _dtype_kind(t.dtype) != _dtype_kind(own[name].dtype):
-            raise CheckpointError(f"{ckpt}: tensor {name} is {_dtype_kind(t.dtype)} ({t.dtype}) in the file but "
-                                  f"{_dtype_kind(own[name].dtype)} ({own[name].dtype}) in the model, and copying "
-                                  "would convert it (integer codes truncated or read as numbers); build the model "
-                                  "with the layers it was saved from (the same quantized layer kind), or convert "
+        if not castable(t.dtype, own[name].dtype):
+            raise CheckpointError(f"{ckpt}: tensor {name} is {t.dtype} in the file but {own[name].dtype} in the "
+                                  f"model, and copying would convert it ({CAST_RULE}); build the model with the "
+                                  "layers it was saved from (the same quantized layer kind and settings), or convert "
                                   "the tensor yourself")
     model.load_state_dict(state, strict=False)
 
 
-def _dtype_kind(dtype: torch.dtype) -> str:
-    """What a dtype holds, as far as load_weights may cast between them: floats (any width: fp32 <-> bf16 is a
-    rounding), integers (quantized codes, indices) or booleans (masks)."""
-    if dtype == torch.bool:
-        return "boolean"
-    return "floating-point" if dtype.is_floating_point or dtype.is_complex else "integer"
+CAST_RULE = ("only floating-point tensors are cast between widths; integer codes would be truncated, wrapped "
+             "(uint8 int4 codes into int8) or read as numbers")
+
+
+def castable(saved: torch.dtype, into: torch.dtype) -> bool:
+    """Whether a tensor of dtype `saved` may be copied into one of dtype `into`: floats into floats (fp32 <-> bf16
+    is a rounding); integers (quantized codes, indices) and booleans (masks) only into their own dtype."""
+    return saved == into or (saved.is_floating_point and into.is_floating_point)
 
 
 def check_same_model(saved: dict, current) -> None:
@@ -550,11 +616,11 @@ def load_train_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {ckpt / 'train_state.pt'}: {e}") from e
 
 
-def _load_hf(path: Path, tokenizer: bool = True):
+def _load_hf(path: Path, tokenizer: bool = True, dtype: torch.dtype | None = None):
     from lmforge.model.transformer import Transformer
     from lmforge.tokenizer.bpe import Tokenizer
 
-    model = Transformer.from_pretrained(path)
+    model = Transformer.from_pretrained(path, dtype=dtype)
     tok = Tokenizer.from_hf(path) if tokenizer and (path / "tokenizer.json").is_file() else None
     return model, tok
 
@@ -645,20 +711,26 @@ def load_recorded_base(path: str | Path, base: str | Path | None = None) -> torc
     return _base_model(record, ckpt, base).eval() if record else None
 
 
-def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *, base: str | Path | None = None):
+def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *, base: str | Path | None = None,
+               dtype: torch.dtype | None = None):
     """(model, tokenizer) from a checkpoint, a run directory, a HF model directory or a PEFT LoRA adapter
     directory (lmforge.adapt.peft_format); tokenizer is None if none was saved, or not read (tokenizer=False:
     the caller brings its own). An adapter-only checkpoint loads its base from the path it records, or from
     `base` when the base has moved (checked to be the same weights either way); a PEFT adapter from its
-    base_model_name_or_path, or `base`."""
+    base_model_name_or_path, or `base`. dtype: the float compute dtype to build the model in; default the one
+    the checkpoint records (config.json "dtype": what the model computed in when saved; float32 for one written
+    before it was recorded), a HF directory's own, a PEFT adapter's base's. Quantized layers' integer codes keep
+    their dtype; the float parts of their shells are built in it (base_shell's dtype=), and LoRA adapters are
+    fp32 over a half-precision model, as when they were trained (lmforge.adapt.lora)."""
     from lmforge.adapt.peft_format import is_peft_dir, load_peft
     from lmforge.model.registry import build_model  # the class model.arch names (a Transformer unless registered)
     from lmforge.tokenizer.byte import FILE_NAME
     from lmforge.tokenizer.load import load_tokenizer
+    from lmforge.utils import compute_dtype
 
     if is_peft_dir(path):  # a PEFT LoRA adapter directory: over its base_model_name_or_path, or `base`
         model, tok = load_peft(path, base, tokenizer)
-        return model.to(device), tok
+        return model.to(device, dtype), tok
     ckpt = resolve_checkpoint(path)
     hf = is_hf_dir(ckpt)
     cfg, meta = (None, {}) if hf else model_config_of(ckpt)
@@ -667,9 +739,10 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
         raise ConfigError(f"base={str(base)!r} was given, but {ckpt} holds all its weights (it has no base); "
                           "leave base out")
     if hf:
-        model, tok = _load_hf(ckpt, tokenizer)
+        model, tok = _load_hf(ckpt, tokenizer, dtype)
     else:
-        layers = meta.get("base_layers")  # quantized Linears (QLoRA): rebuilt, their codes loaded from the file
+        dtype = dtype or recorded_dtype(meta, ckpt)
+        layers = meta.get("base_layers")  # quantized modules (QLoRA): rebuilt, their codes loaded from the file
         if record:
             model = _base_model(record, ckpt, base)
         elif layers:  # on meta: the float weights of the quantized layers are never built (qlora.base_shell)
@@ -677,11 +750,13 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
                 model = build_model(cfg)
         else:
             model = build_model(cfg)
+        if dtype is not None and compute_dtype(model) != dtype:  # (before the shells and adapters: see above)
+            model.to(dtype)
         given = {id(t) for t in (*model.parameters(), *model.buffers())} if record else set()
         if layers:
             from lmforge.adapt.qlora import restore_base_layers
 
-            restore_base_layers(model, layers, str(ckpt))
+            restore_base_layers(model, layers, str(ckpt), dtype=compute_dtype(model), device="cpu")
         if meta.get("lora"):  # a LoRA run's checkpoint: the adapters as they were trained (unmerged)
             from lmforge.adapt.lora import restore_lora
 

@@ -1,43 +1,52 @@
 """QLoRA's quantized base in checkpoints (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized
 LLMs"): LoRA trains over any linear-like base layer (lmforge.adapt.lora.linear_like), so a model whose
 Linears were replaced by quantized ones, then given adapters, is QLoRA. For load_model to give back what
-was trained, a checkpoint records each layer of the Transformer that is no longer a plain nn.Linear:
+was trained, a checkpoint records each module of the model that is not what build_model(cfg) puts at its name
+(the outermost such module: a quantized Linear, a quantized MoE `Experts`, a quantized token embedding; an
+nn.Linear whose weight is a tensor subclass, such as torchao's, is not the plain Linear either):
 
     config.json  "base_layers": {"blocks.0.attn.wq": {"kind": "int8", "settings": {"group": 64}}, ...}
 
 and load_model rebuilds it without building the float weights it replaced (QLoRA's point is a base that
 never exists in full precision; a GPTQ-style layer cannot be made from random weights anyway): the
-Transformer is built on the meta device, each recorded Linear becomes an empty shell of its kind's class
+Transformer is built on the meta device, each recorded module becomes an empty shell of its kind's class
 (base_shell), the rest is allocated, and the saved tensors (codes, scales) are loaded into it. The record
-names the layer where the Transformer has it (`blocks.0.attn.wq`, also when a LoRA layer wraps it).
+names the module where the Transformer has it (`blocks.0.attn.wq`, also when a LoRA layer wraps it).
 
-Kinds are registered by name (register_base_layer), so config.json stays plain strings and nothing is
-imported by a name read from a file. A registered class has `from_linear(linear: nn.Linear, **settings)` and,
-where it takes settings, a `settings` dict (JSON values) that gives them back. load_model builds its shell with
-the optional classmethod `empty(in_features, out_features, bias, **settings)` (tensors allocated, uninitialised:
-the checkpoint fills them; non-persistent buffers such as a code book computed), else with `from_linear` on an
-nn.Linear on the meta device, whose tensors are then allocated empty - which works for a layer whose
-from_linear is plain tensor arithmetic and which has no non-persistent buffers; otherwise load_model refuses
-the layer, naming `empty` as the fix. A layer of a class not registered when the checkpoint was written is
-recorded by its class's path and refused at load, naming the fix.
+Kinds are registered by name (register_base_layer), so config.json stays plain strings and nothing is imported by a
+name read from a file. A registered class has, where it takes settings, a `settings` dict (JSON values) that gives
+them back, and builds its shell with the classmethod `empty(**settings, dtype=, device=)` (tensors allocated,
+uninitialised: the checkpoint fills them; non-persistent buffers such as a code book computed; `dtype` the model's
+float compute dtype, which the class may keep its scales above; dtype= and device= are passed where its signature
+takes them). A layer that replaces an nn.Linear is called as `empty(in_features, out_features, bias, **settings,
+dtype=, device=)` (the Linear's shape, bias a bool), and may instead have only `from_linear(linear: nn.Linear,
+**settings)`: load_model then calls it on an nn.Linear on the meta device, whose tensors are then allocated empty -
+which works for a layer whose from_linear is plain tensor arithmetic and which has no non-persistent buffers;
+otherwise load_model refuses the layer, naming `empty` as the fix. A module of a class not registered when the
+checkpoint was written is recorded by its class's path, warned about at save and refused at load, naming the fix.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, warn_caller
 
 BASE_LAYERS: dict[str, type] = {}
 """kind -> the base layer class checkpoints name by it (register_base_layer)"""
 
+REGISTER = "lmforge.adapt.qlora.register_base_layer(KIND, cls)"
+
 
 def register_base_layer(kind: str, cls: type) -> type:
-    """Let checkpoints record layers of `cls` as `kind` and load_model rebuild them. Returns cls."""
-    if not callable(getattr(cls, "from_linear", None)):
-        raise ConfigError(f"{cls.__qualname__} has no from_linear(linear, **settings): load_model builds a base "
-                          "layer from the nn.Linear it replaced; add that classmethod")
+    """Let checkpoints record modules of `cls` as `kind` and load_model rebuild them. Returns cls."""
+    if not callable(getattr(cls, "empty", None)) and not callable(getattr(cls, "from_linear", None)):
+        raise ConfigError(f"{cls.__qualname__} has neither empty(**settings, dtype=, device=) nor "
+                          "from_linear(linear, **settings): load_model builds a base layer with one of them; add a "
+                          "classmethod empty (lmforge.adapt.qlora)")
     if BASE_LAYERS.get(kind, cls) is not cls:
         raise ConfigError(f"base layer kind {kind!r} is already {BASE_LAYERS[kind].__qualname__}; choose another name")
     BASE_LAYERS[kind] = cls
@@ -48,66 +57,184 @@ def _path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def base_layer_record(model: nn.Module) -> dict[str, dict]:
-    """{name: {"kind", "settings"}} of every linear-like layer of `model` that is not a plain nn.Linear (a
-    LoRA layer's base under the LoRA layer's name); an unregistered class as {"class": its path}. A stand-in for
-    a model (a sharded model's gathered weights) gives its `base_layers` attribute, if any."""
-    from lmforge.adapt.lora import LoRALinear, outer_layers
+def _own_class(module: nn.Module) -> type:
+    """The module's class as a single process has it: FSDP2 swaps in FSDP<Name>(FSDPModule, Name)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    if not isinstance(model, nn.Module):
-        return dict(getattr(model, "base_layers", {}))
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
-    kinds = {cls: kind for kind, cls in BASE_LAYERS.items()}
+
+def _bare(t: torch.Tensor | None) -> bool:
+    """No tensor subclass that changes what the tensor holds: a DTensor (FSDP's shard) is judged by its shard."""
+    t = getattr(t, "_local_tensor", t)
+    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _altered(module: nn.Module, built: type, twin: nn.Module | None = None) -> bool:
+    """Whether `module` computes other than a module of the class build_model puts at its name: another class
+    holding other state (a quantized layer's codes and scales), or that class holding a tensor subclass (torchao's
+    quantized weight on an nn.Linear: fused.plain_linear). twin: the built module (on the meta device); a module
+    of another class holding the same floating-point tensors under the same names and shapes is a kernel swap
+    (lmforge.kernels' FusedRMSNorm from fused_kernels), not a replacement: a checkpoint loads it as built."""
+    from lmforge.model.layers.fused import plain_linear
+
+    if _own_class(module) is not built:
+        return twin is None or not _same_state(module, twin)
+    if built is nn.Linear:  # (FSDP's DTensor shards of a plain Linear are plain)
+        sharded = all(_bare(t) for t in (module.weight, module.bias)) and module.weight.is_floating_point()
+        return not (plain_linear(module) or sharded)
+    return not all(_bare(t) for t in (*module._parameters.values(), *module._buffers.values()))
+
+
+def _same_state(module: nn.Module, twin: nn.Module) -> bool:
+    """module's state_dict has twin's names and shapes, every tensor a bare floating-point one."""
+    mine, theirs = module.state_dict(keep_vars=True), twin.state_dict(keep_vars=True)
+    return mine.keys() == theirs.keys() and all(
+        _bare(t) and t.is_floating_point() and tuple(t.shape) == tuple(theirs[k].shape) for k, t in mine.items())
+
+
+def built_modules(model: nn.Module) -> dict[str, nn.Module] | None:
+    """{name: module} of what build_model(model.cfg) makes (on the meta device: no memory), None for a model it
+    does not build (no lmforge ModelConfig, or a class of the user's own)."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.registry import build_model
+
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, ModelConfig):
+        return None
+    with torch.device("meta"):
+        built = build_model(cfg)
+    return dict(built.named_modules()) if type(built) is _own_class(model) else None
+
+
+def _unwrapped(model: nn.Module) -> dict[str, nn.Module]:
+    """model.named_modules() under their state_dict names: an activation-checkpoint wrapper (parallel.ac) gives
+    its name to the module it wraps, and its `_checkpoint_wrapped_module.` part is dropped."""
     out = {}
-    for name, m in outer_layers(model).items():  # (a quantized layer's own parts are rebuilt with it)
-        layer = m.base if isinstance(m, LoRALinear) else m
-        if layer is None or type(layer) is nn.Linear:
-            continue
-        kind = kinds.get(type(layer))
-        out[name] = {"kind": kind, "settings": dict(getattr(layer, "settings", None) or {})} if kind else \
-            {"class": _path(type(layer))}
+    for name, m in model.named_modules():
+        out[name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")] = m
     return out
 
 
-def restore_base_layers(model: nn.Module, record: dict[str, dict], where: str) -> None:
-    """In place: each plain nn.Linear `record` names replaced by an empty shell of its recorded kind
-    (base_shell: its tensors are the checkpoint's to fill); a layer already of that kind, from a quantized base
-    checkpoint, is left. `where` (the checkpoint) names the problem in errors."""
-    from lmforge.adapt.lora import LoRALinear
+def replaced_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the outermost modules of `model` that are not what build_model(model.cfg) puts at their
+    names (a LoRA layer's base under the LoRA layer's name; modules the built model lacks are not its business).
+    For a model build_model does not make: its linear-like layers that are not a plain nn.Linear."""
+    from lmforge.adapt.lora import LoRALinear, linear_like
 
+    built = built_modules(model)
+    out, inside = {}, None
+    for name, m in _unwrapped(model).items():  # depth-first: a module's submodules come right after it
+        if not name or (inside is not None and name.startswith(inside)):
+            continue
+        inside = None
+        layer = m.base if isinstance(m, LoRALinear) else m
+        if isinstance(m, LoRALinear):
+            inside = name + "."  # (its base and adapters are the LoRA layer's)
+            if layer is None:  # it holds its Linear's weight and bias itself
+                if not all(_bare(t) for t in (m.weight, m.bias)):
+                    out[name] = m
+                continue
+        if built is None:
+            want, twin = (nn.Linear if linear_like(layer) else None), None
+        else:
+            twin = built.get(name)
+            want = type(twin) if twin is not None else None
+        if want is not None and _altered(layer, want, twin):
+            out[name], inside = layer, name + "."
+    return out
+
+
+def base_layer_record(model: nn.Module) -> dict[str, dict]:
+    """{name: {"kind", "settings"}} of every module replaced_modules finds; an unregistered class as {"class": its
+    path} (an nn.Linear holding a tensor subclass: the class and the weight's). A stand-in for a model (a sharded
+    model's gathered weights) gives its `base_layers` attribute, if any."""
+    if not isinstance(model, nn.Module):
+        return dict(getattr(model, "base_layers", {}))
+    kinds = {cls: kind for kind, cls in BASE_LAYERS.items()}
+    out = {}
+    for name, layer in replaced_modules(model).items():
+        cls = _own_class(layer)
+        kind = kinds.get(cls)
+        if kind:
+            out[name] = {"kind": kind, "settings": dict(getattr(layer, "settings", None) or {})}
+        else:
+            weight = getattr(getattr(layer, "weight", None), "_local_tensor", getattr(layer, "weight", None))
+            ours = cls.__module__.startswith(("torch.nn.", "lmforge.")) and isinstance(weight, torch.Tensor)
+            held = f" holding a {_path(type(weight))}" if ours and not _bare(weight) else ""  # (torchao's)
+            out[name] = {"class": _path(cls) + held}
+    return out
+
+
+def warn_unregistered(record: dict[str, dict]) -> None:
+    """Warn, at save, of a recorded module load_model will refuse (its class is not registered)."""
+    bad = [(n, e["class"]) for n, e in record.items() if "class" in e]
+    if bad:
+        warn_caller(f"base layer {bad[0][0]} is a {bad[0][1]}, which load_model cannot rebuild ({len(bad)} such "
+                    f"module(s)): the checkpoint loads only onto a model you build (load_weights); register its "
+                    f"class before saving ({REGISTER}), or dequantize it first")
+
+
+def restore_base_layers(model: nn.Module, record: dict[str, dict], where: str, *,
+                        dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> None:
+    """In place: each module `record` names, as build_model made it, replaced by an empty shell of its recorded
+    kind (base_shell: its tensors are the checkpoint's to fill; float ones in `dtype`, default the model's
+    compute dtype, on `device`); a module already of that kind, from a quantized base checkpoint, is left.
+    `where` (the checkpoint) names the problem in errors."""
+    from lmforge.adapt.lora import LoRALinear
+    from lmforge.utils import compute_dtype
+
+    dtype = dtype or compute_dtype(model)
+    kinds = tuple(BASE_LAYERS.values())
     for name, entry in record.items():
         cls = BASE_LAYERS.get(entry.get("kind"))
         if cls is None:
             what = entry.get("class") or f"a {entry.get('kind')!r} layer"
             raise ConfigError(f"{where}: base layer {name} is {what}, a kind load_model cannot rebuild (registered: "
                               f"{sorted(BASE_LAYERS) or 'none'}); register its class before saving "
-                              "(lmforge.adapt.qlora.register_base_layer(KIND, cls)), or build the model yourself and "
-                              "load_weights(model, path)")
+                              f"({REGISTER}), or build the model yourself and load_weights(model, path)")
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
         layer = getattr(owner, child, None)
         inner = layer.base if isinstance(layer, LoRALinear) else layer
         if type(inner) is cls:
             continue
-        if type(layer) is not nn.Linear:
+        if layer is None or isinstance(layer, (LoRALinear, *kinds)):
             raise ConfigError(f"{where}: base layer {name} was a {entry['kind']} layer, but the model it loads onto "
                               f"has a {type(inner).__name__} there; give the base it was trained on")
-        setattr(owner, child, base_shell(cls, layer, entry.get("settings", {}), f"{where}: base layer {name}"))
+        shell = base_shell(cls, layer, entry.get("settings", {}), f"{where}: base layer {name}", dtype, device)
+        setattr(owner, child, shell)
 
 
-def base_shell(cls: type, linear: nn.Linear, settings: dict, what: str) -> nn.Module:
-    """A `cls` layer in `linear`'s place whose saved tensors are yet to be loaded, built without reading
-    `linear`'s weight: cls.empty(in_features, out_features, bias, **settings), else cls.from_linear on a meta
-    Linear of that shape (its tensors stay on meta for load_model to allocate). Refuses a class that has
-    neither way: its from_linear needs real weights, or its layer holds non-persistent buffers that meta
-    tensors would leave uncomputed."""
-    shape = (linear.in_features, linear.out_features, linear.bias is not None)
+def _call(fn, args: tuple, kwargs: dict, optional: dict):
+    """fn(*args, **kwargs, **those of `optional` its signature takes)."""
+    params = inspect.signature(fn).parameters.values()
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
+    names = {p.name for p in params}
+    return fn(*args, **kwargs, **{k: v for k, v in optional.items() if takes_all or k in names})
+
+
+def base_shell(cls: type, built: nn.Module, settings: dict, what: str, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """A `cls` module in the place of `built` (what build_model made there) whose saved tensors are yet to be
+    loaded, built without reading `built`'s weights: cls.empty(**settings, dtype=, device=) (in the place of an
+    nn.Linear: cls.empty(in_features, out_features, bias, **settings, dtype=, device=)), else, for an nn.Linear,
+    cls.from_linear on a meta Linear of that shape (its tensors stay on meta for load_model to allocate). Refuses a
+    class that has neither way: its from_linear needs real weights, or its layer holds non-persistent buffers that
+    meta tensors would leave uncomputed."""
+    linear = isinstance(built, nn.Linear)
+    shape = (built.in_features, built.out_features, built.bias is not None) if linear else ()
+    dtype = dtype or torch.get_default_dtype()
     if callable(getattr(cls, "empty", None)):
-        return cls.empty(*shape, **settings)
-    fix = (f"give {cls.__qualname__} a classmethod empty(in_features, out_features, bias, **settings) that builds "
-           "the layer with its saved tensors allocated (lmforge.adapt.qlora)")
+        return _call(cls.empty, shape, settings, {"dtype": dtype, "device": torch.device(device)})
+    shape_args = "in_features, out_features, bias, " if linear else ""
+    fix = (f"give {cls.__qualname__} a classmethod empty({shape_args}**settings) (dtype= and device= too, where it "
+           "can) that builds the layer with its saved tensors allocated (lmforge.adapt.qlora)")
+    if not linear:
+        raise ConfigError(f"{what}: {cls.__qualname__} has no empty(), and load_model builds a layer from "
+                          f"from_linear only in an nn.Linear's place (this is a {type(built).__name__}); {fix}")
     try:
-        layer = cls.from_linear(nn.Linear(*shape, device="meta"), **settings)
+        layer = cls.from_linear(nn.Linear(*shape, device="meta", dtype=dtype), **settings)
     except Exception as e:  # whatever a quantizer raises on a weight without data
         raise ConfigError(f"{what}: {cls.__qualname__}.from_linear cannot build it from a meta-device Linear "
                           f"({type(e).__name__}: {e}), and load_model does not build float weights to quantize "

@@ -241,9 +241,11 @@ def source_family(ckpt: Path, model) -> str:
 
 
 def stored_dtype(ckpt: Path, model):
-    """The dtype the checkpoint stores its weights in. load_model builds an lmforge model in fp32 whatever its
-    file holds, so that file's (most common) dtype; a HF checkpoint, or an adapter-only one or a PEFT
-    directory (their weights come from their base), loads in its own."""
+    """The dtype the checkpoint stores its weights in: its file's (most common) float dtype (load_model builds an
+    lmforge model in the dtype config.json records, but in fp32 for a checkpoint written before that); a HF
+    checkpoint, or an adapter-only one or a PEFT directory (their weights come from their base), loads in its
+    own: the model's float dtype less its adapters' (fp32 over a half-precision base) and integer codes."""
+    import torch
     from safetensors import safe_open
 
     from lmforge.adapt.lora import adapter_names
@@ -259,7 +261,8 @@ def stored_dtype(ckpt: Path, model):
     stored = [d for d, _ in counts.most_common() if d in SAFETENSORS_DTYPES]
     if stored:
         return SAFETENSORS_DTYPES[stored[0]]
-    return next(p.dtype for n, p in model.named_parameters() if n not in adapters)
+    return next((p.dtype for n, p in model.named_parameters() if n not in adapters and p.is_floating_point()),
+                torch.get_default_dtype())
 
 
 def chat_template(cfg: ExportConfig, ckpt: Path):

@@ -436,14 +436,18 @@ def copy_weights(model, weights, partial: bool = False) -> None:
     missing = [] if partial else sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
+    from lmforge.checkpoint import CAST_RULE, castable
+
+    dtypes = [k for k in own if k in state and not castable(state[k].dtype, own[k].dtype)]
+    if missing or unexpected or shapes or dtypes:
         detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
                   else f"{shapes[0]} has shape {tuple(state[shapes[0]].shape)}, the model's "
-                       f"{tuple(own[shapes[0]].shape)}")
+                       f"{tuple(own[shapes[0]].shape)}" if shapes
+                  else f"{dtypes[0]} is {state[dtypes[0]].dtype}, the model's {own[dtypes[0]].dtype}: {CAST_RULE}")
         raise LmforgeError(f"update_weights: these weights do not fit the engine's model ({detail}); "
                            "pass a state_dict of the same architecture; nothing was changed")
     with torch.no_grad():
-        model.load_state_dict(state, strict=not partial)  # copy_ per tensor: any dtype and device
+        model.load_state_dict(state, strict=not partial)  # copy_ per tensor: floats cast, onto any device
 
 
 def _addresses(model) -> list[int]:

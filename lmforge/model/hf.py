@@ -27,7 +27,7 @@ from lmforge.errors import CheckpointError, ConfigError, warn_caller
 from lmforge.model import hf_families as D
 from lmforge.model import hf_moe as M
 from lmforge.model.config import ModelConfig
-from lmforge.utils import atomic_path, honour_umask, write_json_atomic
+from lmforge.utils import atomic_path, compute_dtype, honour_umask, write_json_atomic
 
 # model_type -> (architecture name, cfg_from_hf, cfg_to_hf, rules); the ModelConfig cfg_from_hf returns names the
 # model class it loads into (arch, lmforge.model.registry: None = the Transformer)
@@ -293,7 +293,8 @@ def _check_filled(model, rules, fam: str) -> None:
     filled = {n.partition("#")[0] for r in rules for n in r.lm}
     unfilled = sorted(n for n, _ in model.named_parameters() if n not in filled)
     if unfilled:
-        raise CheckpointError(f"no checkpoint tensor fills {unfilled[0]!r} ({len(unfilled)} unfilled) in the {fam} rules")
+        raise CheckpointError(f"no checkpoint tensor fills {unfilled[0]!r} ({len(unfilled)} unfilled) in the {fam} "
+                              "rules")
 
 
 def _check_names(rules, files: dict, cfg: ModelConfig, fam: str, reader: _Reader) -> None:
@@ -351,8 +352,7 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     _refuse_dropped_state(model, rules, fam)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    p = next(model.parameters())
-    hf_cfg["dtype"] = str(dtype or p.dtype).removeprefix("torch.")
+    hf_cfg["dtype"] = str(dtype or compute_dtype(model)).removeprefix("torch.")
     eos = tuple(getattr(model, "eos_token_ids", None) or ())
     if eos:  # what the model was loaded with: transformers' generate stops there too
         hf_cfg["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
@@ -372,7 +372,8 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
         cur[name], size = t, size + nbytes
     shards.append(cur)
     written = _write_shards(path, shards, save_file)
-    for old in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors", path / "model.safetensors.index.json"]:
+    for old in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors",
+                path / "model.safetensors.index.json"]:
         if old.name not in written:  # an earlier save's weights: loaders would disagree about which to read
             old.unlink(missing_ok=True)
     if "eos_token_id" in hf_cfg:  # what transformers' generate reads first (other settings in the file are kept)
@@ -452,8 +453,15 @@ def _refuse_dropped_state(model, rules, fam: str) -> None:
                if k not in read and v.data_ptr() not in read_ptrs and bool(v.detach().ne(0).any())]
     if not dropped:
         return
+    from lmforge.adapt.qlora import base_layer_record
+
+    quantized = [(n, e.get("kind") or e.get("class")) for n, e in base_layer_record(model).items()
+                 if any(k.startswith(f"{n}.") for k in dropped)]
     hint = ("; they are unmerged LoRA adapters (merge them first with lmforge.adapt.merge_lora(model), or save "
             "them alone with lmforge.adapt.lora_state_dict)" if any(".lora_" in k for k in dropped) else
+            f"; {quantized[0][0]} is a quantized layer ({quantized[0][1]}, {len(quantized)} such) and a HF layout "
+            "holds float weights: dequantize the model first (an nn.Linear of each layer's dequantized weight in its "
+            "place), or save it as an lmforge checkpoint, which records its quantized layers" if quantized else
             "; save it as an lmforge checkpoint, or choose a family whose layout holds it (family=...)")
     raise ConfigError(f"save_pretrained: the {fam} HF layout has no place for {len(dropped)} tensors of this model "
                       f"(e.g. {dropped[0]}), so the export would not compute what the model does{hint}")

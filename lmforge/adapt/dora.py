@@ -24,6 +24,7 @@ from torch import nn
 
 from lmforge.adapt.lora import LoRALinear
 from lmforge.errors import ConfigError
+from lmforge.model.layers.fused import plain_linear
 
 
 class DoRALinear(LoRALinear):
@@ -33,9 +34,11 @@ class DoRALinear(LoRALinear):
     kind = "dora"
 
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float = 0.0):
-        if type(base) is not nn.Linear:  # the norm needs the weight itself, which a quantized layer does not hold
-            raise ConfigError(f"DoRA adapts an nn.Linear's weight, not a {type(base).__name__} (e.g. a quantized "
-                              "base): use plain LoRA there (dora=false)")
+        if not plain_linear(base):  # the norm needs the weight itself, which a quantized layer does not hold
+            w = getattr(base, "weight", None)
+            held = f" of {type(w).__name__}" if isinstance(w, torch.Tensor) else ""
+            raise ConfigError(f"DoRA adapts an nn.Linear's weight, not a {type(base).__name__}{held} (e.g. a "
+                              "quantized base): use plain LoRA there (dora=false)")
         super().__init__(base, r, scale, dropout)
         self.magnitude = nn.Parameter(self.weight_norm())  # (out,): ||W||_row, as B = 0
 

@@ -38,14 +38,16 @@ refused), the fused linear + cross-entropy loss refuses an adapted lm_head, and 
 back to its naive path for an adapted wkv_b (all through lmforge.model.layers.fused.plain_linear), and
 save_pretrained refuses state its HF layout would drop. Merge (merge_lora) to serve at full speed.
 
-QLoRA (Dettmers et al. 2023): the frozen base may be any linear-like layer other than a bare nn.Linear - a
-quantized Linear (integer in_features / out_features, forward (..., in) -> (..., out)) or an nn.Linear subclass
-with its own forward. LoRALinear then keeps it whole as the submodule `base` and calls it (its state_dict keys
-gain `base.`: `wq.base.qweight`; named_parameters and named_buffers agree, so adapter-only checkpoints still
-leave its frozen parameters and buffers, the quantized codes, out), and the update cannot be merged into it
-(merge_lora refuses; remove_lora puts it back). A quantized layer's own parts (an LLM.int8-style outlier
-nn.Linear inside it) are never targets: the layer is adapted whole (outer_layers). Checkpoints record the
-quantized layers by a registered kind (lmforge.adapt.qlora), so load_model rebuilds them under the adapters.
+QLoRA (Dettmers et al. 2023): the frozen base may be any linear-like layer other than a plain nn.Linear of float
+weights (lmforge.model.layers.fused.plain_linear) - a quantized Linear (integer in_features / out_features, forward
+(..., in) -> (..., out)), an nn.Linear subclass with its own forward, or an nn.Linear holding a tensor subclass
+(torchao's quantized weights, whose arithmetic is not a float matrix's). LoRALinear then keeps it whole as the
+submodule `base` and calls it (its state_dict keys gain `base.`: `wq.base.qweight`; named_parameters and
+named_buffers agree, so adapter-only checkpoints still leave its frozen parameters and buffers, the quantized codes,
+out), and the update cannot be merged into it (merge_lora refuses; remove_lora puts it back). A quantized layer's
+own parts (an LLM.int8-style outlier nn.Linear inside it) are never targets: the layer is adapted whole
+(outer_layers). Checkpoints record the quantized layers by a registered kind (lmforge.adapt.qlora), so load_model
+rebuilds them under the adapters.
 
 DoRA (LoRAConfig(dora=True); lmforge.adapt.dora.DoRALinear) is a LoRALinear with a trained magnitude; each layer's
 `kind` is what a checkpoint records (lora_record), so load_model builds the same layer class back; a subclass
@@ -67,6 +69,8 @@ from torch import nn
 
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
+from lmforge.model.layers.fused import bare_tensor, plain_linear
+from lmforge.model.transformer import parameter_count
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,8 +125,8 @@ def linear_like(module: nn.Module) -> bool:
 class LoRALinear(nn.Module):
     """A frozen Linear (the base layer's own weight and bias Parameters) plus scale · B A; with `enabled`
     False (adapters_disabled) the plain Linear, bit for bit. Over any other linear-like base (a quantized
-    Linear, an nn.Linear subclass: see the module docstring) the base is kept whole as `self.base` and called;
-    `weight` and `bias` are then None.
+    Linear, an nn.Linear subclass or one holding torchao's quantized weight: see the module docstring) the base
+    is kept whole as `self.base` and called; `weight` and `bias` are then None.
 
     `adapter_params` names the layer's own adapter parameters (what the base layer lacks: trained, saved in
     adapter checkpoints, left out of BaseReference's checksum); a subclass adding one (DoRA's magnitude vector)
@@ -135,7 +139,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        if type(base) is nn.Linear:  # its .weight and .bias are its whole function (fused.plain_linear)
+        if plain_linear(base):  # its .weight and .bias are its whole function (not a torchao tensor subclass)
             self.base = None
             self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) | None: shared, frozen
         else:  # reading its .weight would drop what its forward does (dequantization, scales, ...)
@@ -338,10 +342,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
     off = [n for n, m in layers.items() if not m.enabled]
     if off:  # the merged layer would compute the adapted function, not the disabled one asked for
         raise ConfigError(f"LoRA layer {off[0]} is disabled (inside adapters_disabled); merge outside it")
-    wrapped = [n for n, m in layers.items() if m.base is not None]
-    if wrapped:  # folding B A into packed low-bit weights would requantize them: not the trained function
-        raise ConfigError(f"LoRA layer {wrapped[0]} wraps a {type(layers[wrapped[0]].base).__name__}, not an "
-                          "nn.Linear (e.g. a quantized base, QLoRA): its update cannot be merged into it; serve it "
+    # every layer checked before any changes: folding B A into packed low-bit weights would requantize them (not
+    # the trained function), and adding to a tensor subclass (torchao) raises half-way through the model
+    wrapped = [n for n, m in layers.items() if m.base is not None or not bare_tensor(m.weight)]
+    if wrapped:
+        base = layers[wrapped[0]].unwrapped()
+        w = getattr(base, "weight", None)
+        held = f" of {type(w).__name__} {w.dtype}" if isinstance(w, torch.Tensor) else ""
+        raise ConfigError(f"LoRA layer {wrapped[0]} wraps a {type(base).__name__}{held}, not an nn.Linear of float "
+                          "weights (e.g. a quantized base, QLoRA): its update cannot be merged into it; serve it "
                           "unmerged, save the adapters alone (lora_state_dict), or merge onto a full-precision copy")
     for name, lora in layers.items():
         lora.weight.add_(lora.delta_weight())  # the fp32 delta added in place: W + scale·BA rounded once
@@ -424,10 +433,9 @@ class ParamCount:
 
 
 def trainable_parameters(model: nn.Module) -> ParamCount:
-    """Trainable and total parameter counts (tied parameters once), as PEFT's print_trainable_parameters. A
-    quantized layer's weight (codes in buffers, no weight Parameter) counts as its in x out weights, so a QLoRA
-    model's total is the model's size, not its floating-point remainder."""
-    params = list(model.parameters())
-    packed = sum(m.in_features * m.out_features for m in model.modules()
-                 if linear_like(m) and not isinstance(getattr(m, "weight", None), nn.Parameter))
-    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + packed)
+    """Trainable and total parameter counts (tied parameters once), as PEFT's print_trainable_parameters. The total
+    is lmforge.model.transformer.parameter_count, Transformer.num_params' rule: a quantized layer counts as its
+    in x out weights whether its codes sit in buffers or in Parameters (bitsandbytes' Params4bit), so a QLoRA
+    model's total is the model's size, not its floating-point remainder, nor its packed codes."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ParamCount(trainable, parameter_count(model))

@@ -102,22 +102,27 @@ def matmul_macs(model: nn.Module) -> int:
     return total
 
 
-def packed_weights(model: nn.Module) -> int:
-    """Weights that layers stand for but hold in no Parameter (a quantized layer's packed codes and scales):
-    in·out of a linear layer without an in·out Parameter, the E experts' weights of an MoE whose experts hold no
-    Parameter of one expert's or E experts' weight size. A LoRA layer's base weight is a Parameter, counted with
-    the parameters; over a quantized base, its codes count here and the adapter's matrices as parameters."""
-    total = 0
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of `model`, each tensor once (a tied head once), with every layer standing for a weight counted
+    as that weight: an outermost linear layer (an nn.Linear, or what replaced or wrapped one: a quantized or LoRA
+    layer; `_layers`) as in·out, an MoE's experts as their E experts' weights, however they hold them (packed
+    codes in a Parameter as bitsandbytes' Params4bit, buffers, a tensor subclass). Their own parameters are that
+    weight and are left out of the sum, except biases (leaf name 'bias', an experts module's STACKED_VECTORS) and
+    a layer's `adapter_params` (LoRA's A and B, DoRA's magnitude), which count as themselves. A layer whose
+    weight Parameters were all counted already (shared with an earlier layer) counts once.
+    Transformer.num_params and lmforge.adapt.lora.trainable_parameters both count this way."""
+    weights, held = 0, set()
     for m, kind in _layers(model):
-        if kind == "moe":
-            sizes = {m.d_model * m.d_expert, m.E * m.d_model * m.d_expert}
-            if m.experts is not None and not any(p.numel() in sizes for p in m.experts.parameters()):
-                total += m.E * _routed_weights(m)
-        else:
-            i, o = linear_shape(m)
-            if not any(p.numel() == i * o for p in m.parameters()):
-                total += i * o
-    return total
+        holder = m.experts if kind == "moe" else m
+        if holder is None:
+            continue
+        keep = set(getattr(holder, "STACKED_VECTORS", ())) | set(getattr(holder, "adapter_params", ()))
+        own = {id(p) for name, p in holder.named_parameters() if name.rsplit(".", 1)[-1] != "bias" and name not in keep}
+        if own and own <= held:
+            continue
+        held |= own
+        weights += m.E * _routed_weights(m) if kind == "moe" else math.prod(linear_shape(m))
+    return weights + sum(p.numel() for p in model.parameters() if id(p) not in held)
 
 
 class Transformer(nn.Module):
@@ -253,12 +258,15 @@ class Transformer(nn.Module):
         x = self.tok_emb(input_ids)
         return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
 
-    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-               meta: AttnMetadata | None = None, taps: dict[int, torch.Tensor | None] | None = None):
-        """The trunk: (B, T) ids -> last hidden states (B, T, d) before the final norm, and the rope tables.
-        taps: block index -> filled with that block's output (B, T, d) (forward's return_hidden tuple)."""
+    def block_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                     meta: AttnMetadata | None = None, *, offset: int = 0
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Block 0's input and the rope tables: (B, T) ids -> x (B, T, d) (token embedding, absolute positions,
+        dropout, the residual dtype) and (cos, sin) or None, which every block takes as `block(x, rope, None,
+        cache, meta)`. The calibration seam: sequential per-block quantizers (GPTQ, AWQ) run block i on block
+        i-1's output from here without copying the front of the trunk; hidden() starts here too. positions
+        (B, T) or (T,) default to meta.positions, else offset + arange(T) (hidden passes its cache's length)."""
         B, T = input_ids.shape
-        offset = getattr(cache, "length", 0)
         n_positions = None  # host-side bound on the positions, when known without reading them
         if positions is None and meta is not None and meta.positions is not None:
             positions = meta.positions
@@ -275,14 +283,21 @@ class Transformer(nn.Module):
             x = x.to(self.residual_dtype)  # outside autocast (eval, generation in fp32) the weights' dtype
         lengths = meta.rope_lengths if meta is not None else None  # (length-dependent RoPE scaling only)
         rope = self.rope.cos_sin(positions, n_positions, lengths) if self.rope is not None else None
+        return x, rope
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+               meta: AttnMetadata | None = None, taps: dict[int, torch.Tensor | None] | None = None):
+        """The trunk: (B, T) ids -> last hidden states (B, T, d) before the final norm, and the rope tables.
+        taps: block index -> filled with that block's output (B, T, d) (forward's return_hidden tuple)."""
         if meta is not None and meta.doc_ids is not None and cache is not None:
             raise ConfigError("packed documents (meta.doc_ids) are a training layout; run them without a cache")
+        x, rope = self.block_inputs(input_ids, positions, meta, offset=getattr(cache, "length", 0))
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None, cache, meta)
             if taps is not None and i in taps:
                 taps[i] = x
         if cache is not None and hasattr(cache, "advance"):
-            cache.advance(T)
+            cache.advance(input_ids.shape[1])
         return x, rope
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -328,9 +343,9 @@ class Transformer(nn.Module):
     # accounting ----------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without token/position embeddings. A layer
-        holding its weight as packed codes instead of a Parameter (a quantized Linear or MoE experts) counts the
-        weights it stands for (in·out, `packed_weights`), not its codes and scales."""
-        n = sum(p.numel() for p in self.parameters()) + packed_weights(self)
+        holding its weight as packed codes (a quantized Linear or MoE experts, in buffers or in Parameters) counts
+        the weights it stands for (in·out, `parameter_count`), not its codes and scales."""
+        n = parameter_count(self)
         if exclude_embeddings:
             n -= self.tok_emb.weight.numel()
             if isinstance(self.pos_emb, LearnedPositions):

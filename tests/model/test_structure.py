@@ -57,8 +57,11 @@ def outputs(model: Transformer, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def scale_for(model: Transformer, group) -> torch.Tensor:
+    """A random positive scale the group can take: under GQA (group.repeat), one per KV group."""
     lo, hi = group.columns or (0, group_weight(model, group.linears[0]).shape[-1])
-    return (torch.rand(hi - lo, dtype=torch.float64) + 0.5)
+    r, d = group.repeat or (1, hi - lo)
+    s = torch.rand((hi - lo) // r, dtype=torch.float64) + 0.5
+    return s.view(-1, 1, d).expand(-1, r, d).flatten()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

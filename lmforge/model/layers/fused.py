@@ -17,7 +17,9 @@ the model's parameters, their identities and its state_dict as they were.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -97,14 +99,36 @@ def _join_keys(fused, parts, module, state_dict, prefix, *args) -> None:
 
 def shared_copy(model: nn.Module) -> nn.Module:
     """A copy of `model`'s modules that holds the model's own tensors: parameters, buffers and any tensor a
-    module keeps as an attribute (e.g. MoE's last aux loss, a non-leaf tensor that deepcopy refuses), none
-    of them copied. Module-level changes to the copy (classes, fused projections, hooks) leave `model` alone."""
+    module keeps among its attributes (e.g. MoE's last aux loss, a non-leaf tensor that deepcopy refuses; a
+    quantizer's record of absmax and code tables), however deep in lists, tuples, dicts, dataclasses or other
+    objects (`reachable_tensors`), none of them copied. Module-level changes to the copy (classes, fused
+    projections, hooks) leave `model` alone; in-place changes to the model's tensors reach it."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     for m in model.modules():
-        for v in vars(m).values():
-            items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
-            shared.update((id(t), t) for t in items if isinstance(t, torch.Tensor))
+        shared.update((id(t), t) for t in reachable_tensors(vars(m)))
     return copy.deepcopy(model, shared)
+
+
+def reachable_tensors(root: object) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from `root` through lists, tuples, sets, dicts, dataclass fields and other objects'
+    attributes (`vars`), each object visited once; modules are not entered (shared_copy walks each itself), nor
+    classes, functions or a tensor's own attributes (the tensor is shared whole)."""
+    seen, todo = set(), [root]
+    while todo:
+        v = todo.pop()
+        if id(v) in seen or isinstance(v, (nn.Module, type, str, bytes, int, float)) or callable(v):
+            continue
+        seen.add(id(v))
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, dict):
+            todo += v.values()
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            todo += v
+        elif dataclasses.is_dataclass(v):
+            todo += (getattr(v, f.name, None) for f in dataclasses.fields(v))
+        elif hasattr(v, "__dict__"):
+            todo += vars(v).values()
 
 
 def fused_copy(model: nn.Module) -> nn.Module:

@@ -89,7 +89,7 @@ def past_context_notice(llm, prompt_lengths: list[int], sp: SamplingParams) -> I
     silenced."""
     context = llm.max_seq_len
     longest = max(prompt_lengths, default=0)
-    if longest + sp.max_tokens > context and llm.engine.stream_len <= context:
+    if sp.max_tokens is not None and longest + sp.max_tokens > context and llm.engine.stream_len <= context:
         room = max(context - longest, 0)
         warnings.warn(f"--max-tokens {sp.max_tokens} with a {longest}-token prompt goes past the model's "
                       f"{context}-token context; generation stops after at most {room} new tokens", stacklevel=3)

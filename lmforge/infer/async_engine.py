@@ -10,7 +10,10 @@
 One background task runs `Engine.step()` in a worker thread while any request is unfinished (the event
 loop stays free to accept requests); requests are added and aborted between steps, on the loop, so the
 engine's state is only ever changed by one thread at a time (a prompt may be tokenized beside a step:
-Engine.encode only reads).
+Engine.encode only reads). Steps run on the AsyncEngine's own one-thread executor and prompts are encoded on
+a separate bounded pool (`encode_threads`), neither of them the loop's default executor: there a burst of
+long prompts queued the next step behind all of them (60 prompts of ~50 ms each: a running stream's step waited
+~0.5 s, 2026-12), and so would anything else a server runs in the default executor. shutdown() closes both.
 
 The next step is launched as soon as the last one's outputs are handed to the streams, before the streams
 run: what a server does with an output (JSON, SSE framing, socket writes) then overlaps the step instead of
@@ -56,6 +59,8 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine
@@ -135,8 +140,15 @@ class Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    """encode_threads: threads tokenizing and validating prompts beside the steps (module docstring)."""
+
+    def __init__(self, engine: Engine, *, encode_threads: int = 2):
+        if not isinstance(encode_threads, int) or encode_threads < 1:
+            raise LmforgeError(f"encode_threads must be an int >= 1, got {encode_threads!r}")
         self.engine = engine
+        # threads start on first use; a step never waits behind an encode (nor behind the loop's default pool)
+        self._step_pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-step")
+        self._encode_pool = ThreadPoolExecutor(encode_threads, thread_name_prefix="lmforge-encode")
         self.streams: dict[str, Latest] = {}
         self._aborts: dict[str, object] = {}  # streams left while a step ran (id -> Request): aborted before the next
         self._stepping = False  # a step is running in the worker thread
@@ -155,9 +167,9 @@ class AsyncEngine:
         request never streamed runs to its end and its last output stays held until one of the two (an
         abort of a request never streamed hands its output to the caller and frees the id).
         With params.seed, the samples are those of prompt `prompt_index` of LLM.generate with that seed
-        (the seed is derived per prompt there: lmforge.infer.request.seed_for). After shutdown() this
-        raises EngineError. While paused (pause(), update_weights) it waits for resume() before it queues the
-        request (bad input then raises after resume)."""
+        (the seed is derived per prompt there: lmforge.infer.request.seed_for); errors name it ("prompt 3 has
+        ..."). After shutdown() this raises EngineError. While paused (pause(), update_weights) it waits for
+        resume() before it queues the request (bad input then raises after resume)."""
         if self._closed:
             raise EngineError("this AsyncEngine was shut down: it takes no new requests")
         if isinstance(params, SamplingParams) and params.seed is not None:
@@ -167,7 +179,7 @@ class AsyncEngine:
             # a long prompt takes milliseconds to tokenize (12k GPT-2 tokens: 20 ms): in a thread, outside the
             # lock, so that streams and steps go on meanwhile (the engine checks the ids again, cheaply)
             prompt = await asyncio.get_running_loop().run_in_executor(
-                None, self.engine.encode, text, params or SamplingParams())
+                self._encode_pool, self.engine.encode, text, params or SamplingParams(), prompt_index)
         while True:
             await self._admission().wait()  # paused: until resume() (or shutdown)
             async with self._between_steps():
@@ -180,7 +192,7 @@ class AsyncEngine:
                 self._apply_aborts()  # a stream left with this id a moment ago must not abort the new request
                 if request_id is None:  # not the id of a finished request whose output is still held
                     request_id = self.engine.free_request_id(taken=self.streams)
-                rid = self.engine.add_request(prompt, params, request_id)
+                rid = self.engine.add_request(prompt, params, request_id, prompt_index=prompt_index)
                 self.engine.requests[rid].prompt = text  # (the outputs' prompt: the text, as if it had been passed)
                 self.streams[rid] = Latest(self.engine.requests[rid])
                 break
@@ -252,6 +264,9 @@ class AsyncEngine:
             self._abort_all()
         if task is not None:
             await task
+        # no step runs now; encodes still queued finish (their add_request raises EngineError: _closed)
+        self._step_pool.shutdown(wait=False)
+        self._encode_pool.shutdown(wait=False)
 
     # between rounds: pause / resume, weights, prefix cache -------------------------------------------
     @property
@@ -408,11 +423,15 @@ class AsyncEngine:
                 if not self.engine.has_unfinished() or self._holding:  # (pause("hold"): resume() starts it)
                     return
                 self._stepping = True
-                step = loop.run_in_executor(None, self.engine.step)
                 try:
-                    outs = await asyncio.shield(step)
+                    step = self._step_pool.submit(self.engine.step)
+                    outs = await asyncio.shield(asyncio.wrap_future(step, loop=loop))
                 except asyncio.CancelledError:  # (the loop closing) the thread steps on: the engine is its own
-                    step.add_done_callback(self._step_ended)  # until it ends; then the streams' aborts apply
+                    # until it ends, then the streams' aborts apply. Waited for here, blocking the loop for the
+                    # rest of one step: a closing loop runs no callback once asyncio.run is done, and asyncio.run
+                    # waits for the threads of its default executor only, not for this one's
+                    futures.wait([step])
+                    self._step_ended(step)
                     raise
                 except Exception as e:  # any failure of a step: delivered to the streams, not lost in the task
                     self._stepping = False
@@ -425,7 +444,7 @@ class AsyncEngine:
                     latest.put(out)
             # no yield here; requests added meanwhile wait on the lock, which is fair: they come first
 
-    def _step_ended(self, step: asyncio.Future) -> None:
+    def _step_ended(self, step: futures.Future) -> None:
         """A step that outlived its cancelled loop task ended: the engine is the loop's again."""
         self._stepping = False
         if step.exception() is not None:

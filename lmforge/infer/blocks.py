@@ -51,7 +51,8 @@ class PrefixStats:
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int = 16, prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
-            raise LmforgeError(f"a block pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+            raise LmforgeError(f"a block pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, "
+                               f"{block_size}")
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
         self.ref = [0] * num_blocks
         self.key: list[int | None] = [None] * num_blocks
@@ -78,22 +79,21 @@ class BlockPool:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def request_blocks(self, prompt_len: int, length: int, beam_width: int = 1, window: int = 0,
+    def request_blocks(self, prompt_len: int, length: int, samples: int = 1, window: int = 0,
                        step_tokens: int = 0, bound: int | None = None, policy: bool = False) -> int:
-        """Blocks a request of `length` tokens (prompt + output) can hold at once (Engine.add_request refuses
-        one the pool cannot ever hold). Beams may each own their blocks from the prompt's last partial one on;
-        a sliding window (every layer's) drops blocks behind it after every step (step_tokens: a step's most
-        tokens); a KV policy (`policy`) keeps at most `bound` keys per sequence (KVPolicy.max_slots; None: no
-        bound), and its compactions write each beam's kept keys to blocks of its own: beams then share none."""
-        need = self.blocks_for(length)
-        if beam_width > 1:
-            shared = 0 if policy else prompt_len // self.block_size
-            need = shared + beam_width * (need - shared)
+        """Blocks a request of `length` tokens (prompt + output) holds at most at once (Engine.add_request refuses
+        one the pool cannot ever hold). Its `samples` sequences (n samples, or beam search's beams) share the
+        prompt's full blocks and each own theirs from the prompt's last partial one on; a sliding window (every
+        layer's) drops blocks behind it after every step (step_tokens: a step's most tokens); a KV policy
+        (`policy`) keeps at most `bound` keys per sequence (KVPolicy.max_slots; None: no bound), and its
+        compactions write each sequence's kept keys to blocks of its own: samples then share none."""
+        per = self.blocks_for(length)  # one sequence's
         if window:
-            need = min(need, self.blocks_for(window + step_tokens) + 1)
+            per = min(per, self.blocks_for(window + step_tokens) + 1)
         if bound is not None:
-            need = min(need, beam_width * (self.blocks_for(bound) + 1))
-        return need
+            per = min(per, self.blocks_for(bound) + 1)
+        shared = 0 if policy else min(prompt_len // self.block_size, per)
+        return shared + samples * (per - shared)
 
     @property
     def utilization(self) -> float:

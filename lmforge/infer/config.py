@@ -31,7 +31,7 @@ class EngineConfig:
     """tokens per KV cache block"""
     max_num_seqs: int = 256
     """sequences decoded together at most (models with recurrent-state layers: also their state rows,
-    lmforge.infer.kv.state)"""
+    lmforge.infer.kv.state); a request's n samples (or beams) fork past it (strict_admission refuses them)"""
     max_num_batched_tokens: int = 4096
     """tokens per forward at most (prefill chunks + decode tokens)"""
     chunked_prefill: bool = True
@@ -102,6 +102,19 @@ class EngineConfig:
     kv_policy: KVPolicy | None = None
     """which keys each sequence keeps in the cache (lmforge.infer.kv.policy: StreamingLLM, SnapKV, your own);
     None = all of them"""
+    max_logprobs: int | None = 20
+    """the most top log-probs a request may ask for, per generated token (SamplingParams.logprobs) and per prompt
+    token (prompt_logprobs); more is refused at add_request. Each listed id costs every step a top-k over the
+    vocabulary and a dict entry per token, paid by the whole batch (logprobs=50000 made a step of 9 other requests
+    10x slower, 2026-12). 20 is vLLM's default and the OpenAI API's bound; None = no limit (offline scoring or
+    distillation that wants more)"""
+    strict_admission: bool = False
+    """a server's admission, as vLLM's and OpenAI's servers answer 400: add_request refuses, in one line, a request
+    whose prompt + max_tokens passes the context window, whose n (or beam_width) exceeds max_num_seqs, or whose
+    samples' blocks the pool cannot hold at once. False (offline use) accepts them: the first with a warning, its
+    samples stopping at the window (finish_reason 'length'); the others run their samples past max_num_seqs (they
+    join the running batch at the fork) and in turns through preemption (slower, but they finish).
+    SamplingParams(max_tokens=None) asks for up to the window either way"""
 
     def __post_init__(self) -> None:
         coerce_fields(self)  # each field's type, named when wrong (kernel_tune=1, block_size=16.5)
@@ -118,14 +131,18 @@ class EngineConfig:
         check(self.num_kv_tokens is None or self.num_kv_tokens >= self.block_size,
               f"num_kv_tokens must be >= block_size ({self.block_size}), got {self.num_kv_tokens}")
         SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens)
-        check(self.decode_attention in DECODE, f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
+        check(self.decode_attention in DECODE,
+              f"decode_attention must be one of {DECODE}, got {self.decode_attention!r}")
         check(self.prefill_attention in PREFILL,
               f"prefill_attention must be one of {PREFILL}, got {self.prefill_attention!r}")
         check(self.graph_prefill_tokens is None or 0 <= self.graph_prefill_tokens <= MAX_GRAPH_TOKENS,
               f"graph_prefill_tokens must be None or in [0, {MAX_GRAPH_TOKENS}], got {self.graph_prefill_tokens}")
         check(not (self.graph_prefill_tokens and self.cuda_graphs is False),
-              f"graph_prefill_tokens={self.graph_prefill_tokens} replays steps holding prefill chunks from CUDA graphs, "
-              "but cuda_graphs=False; drop one of them (cuda_graphs=None turns graphs on where a GPU runs them)")
+              f"graph_prefill_tokens={self.graph_prefill_tokens} replays steps holding prefill chunks from CUDA "
+              "graphs, but cuda_graphs=False; drop one of them (cuda_graphs=None turns graphs on where a GPU runs "
+              "them)")
+        check(self.max_logprobs is None or self.max_logprobs >= 0,
+              f"max_logprobs must be None (no limit) or >= 0, got {self.max_logprobs}")
         check(self.kv_policy is None or isinstance(self.kv_policy, KVPolicy),
               f"kv_policy must be a KVPolicy (lmforge.infer.kv.policy.StreamingLLM, SnapKV, ...), got "
               f"{self.kv_policy!r}")

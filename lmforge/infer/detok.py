@@ -16,10 +16,12 @@ class StreamDecoder:
     Uses the tokenizer's `token_bytes(id)` when it has one (exact bytes, fed through an incremental UTF-8
     decoder); otherwise decodes the whole id list each step and holds back trailing U+FFFD, which is how
     tokenizers render an incomplete character. A tokenizer with `has_text = False` (IdTokenizer) makes no
-    text: nothing is decoded (host time per token at large batches)."""
+    text: nothing is decoded (host time per token at large batches). skip: ids that add no text
+    (SamplingParams.skip_special_tokens: `special_ids(tokenizer)`)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip: frozenset[int] | tuple = ()):
         self.tok = tokenizer
+        self.skip = skip
         self.has_text = getattr(tokenizer, "has_text", True)
         self.by_bytes = callable(getattr(tokenizer, "token_bytes", None))
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -27,7 +29,7 @@ class StreamDecoder:
         self.emitted = 0
 
     def push(self, token_id: int) -> str:
-        if not self.has_text:
+        if not self.has_text or self.skip and token_id in self.skip:
             return ""
         if self.by_bytes:
             return self.utf8.decode(self.tok.token_bytes(int(token_id)))
@@ -46,6 +48,16 @@ class StreamDecoder:
         text = safe_decode(self.tok, self.ids)
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
+
+
+def special_ids(tokenizer) -> frozenset[int]:
+    """The ids of a tokenizer's special tokens: lmforge's Tokenizer (`special_tokens`, name -> id), ByteTokenizer
+    (`special_ids`), a HF tokenizer (`all_special_ids`); none for others."""
+    for name in ("special_ids", "special_tokens"):
+        table = getattr(tokenizer, name, None)
+        if isinstance(table, dict):
+            return frozenset(int(i) for i in table.values())
+    return frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", None) or ())
 
 
 def safe_decode(tokenizer, ids: list[int]) -> str:

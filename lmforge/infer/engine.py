@@ -51,7 +51,11 @@ What later work attaches to:
   drafters     a drafter with `uses_hidden_states` gets the target's features with each context: True, the
                sampled row's (Sampled.hidden); "all", every verified position's, each once, in order
                (Sampled.features -> Sequence.features); hidden_layers, blocks' outputs (lmforge.infer.features).
-  servers      lmforge.infer.async_engine streams each request and aborts one without the others.
+  servers      lmforge.infer.async_engine streams each request and aborts one without the others. One request
+               cannot cost the others unbounded work: top log-probs are at most EngineConfig.max_logprobs, and
+               strict_admission (a server's 400s) refuses n or beam_width above max_num_seqs, samples whose blocks
+               the pool cannot hold at once, and prompt + max_tokens past the window (SamplingParams(max_tokens=None)
+               runs to the window).
   KV policies  EngineConfig(kv_policy=...) (lmforge.infer.kv.policy: StreamingLLM, SnapKV): each running
                sequence's plan is applied before the schedule (compaction; a sequence keeps num_slots keys
                beside its num_computed positions), forks apply it first, observed steps get the score hook.
@@ -59,6 +63,7 @@ What later work attaches to:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -66,12 +71,12 @@ import torch
 
 from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
-from lmforge.infer.detok import StreamDecoder
+from lmforge.infer.detok import StreamDecoder, special_ids
 from lmforge.infer.config import (EngineConfig, graph_prefill_tokens, kv_dtype, limits, pool_blocks, rope_allows,
                                   serving_spec, store_allows, use_fused_kernels, use_kernel_step, use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request, marked
-from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.outputs import PromptIds, RequestOutput
 from lmforge.infer.pending import Launched, overlaps
 from lmforge.infer.request import Request, Sequence, Status, encode_prompt, seed_for, stop_ids
 from lmforge.infer.runner import (Extra, PagedRunner, RecomputeRunner, copy_weights, prompt_rows, row_for,
@@ -127,6 +132,7 @@ class Engine:
             raise ConfigError(f"tokenizer vocab_size={tok_vocab} is larger than the model's vocab_size="
                               f"{self.vocab_size}: this tokenizer was not made for this model")
         self.vocab_limit = tok_vocab if tok_vocab is not None and tok_vocab < self.vocab_size else None
+        self.special_ids = special_ids(tokenizer)  # left out of texts asking skip_special_tokens
         narrow = spec is not None and kv_dtype(config, spec) != spec.dtype  # a cache narrower than the model
         allows = store_allows(config, spec, draft)  # what a CacheStore (EngineConfig.kv_cache) can serve
         allows = rope_allows(config, model, allows)  # and a length-dependent RoPE (dynamic NTK, LongRoPE)
@@ -191,10 +197,11 @@ class Engine:
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
 
     # requests ------------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
-                    ) -> str:
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    *, prompt_index: int | None = None) -> str:
         """Queue a prompt (text or token ids); returns its id. Bad input raises a one-line error and
-        leaves the engine as it was."""
+        leaves the engine as it was; prompt_index names the prompt in it (prompt i of a caller's batch; None:
+        the prompt's own errors say 'prompt 0', the request's name none)."""
         self._sync_adapters()
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -207,30 +214,10 @@ class Engine:
             raise LmforgeError(f"request id {rid!r} is already in use; pass another request_id")
         if self.has_state:
             check_state_request(params, self.config.max_num_seqs)
-        ids = self.encode(prompt, params)
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise LmforgeError(f"logit_bias has token id {max(params.logit_bias)} outside the model's vocabulary "
-                               f"[0, {self.vocab_size})")
-        if params.max_tokens and len(ids) + params.max_tokens > self.stream_len:
-            warn_caller(f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
-                        f"({self.max_seq_len}); generation stops there (finish_reason 'length')")
-        length = min(len(ids) + params.max_tokens, self.stream_len)
-        if not self.config.chunked_prefill and length > self.config.max_num_batched_tokens:
-            raise LmforgeError(f"with chunked_prefill off a sequence is computed in one step (its prompt, and after a "
-                               f"preemption its output too): {length} tokens > max_num_batched_tokens="
-                               f"{self.config.max_num_batched_tokens}; raise it or turn chunked_prefill on")
-        bound = self.kv_policy.policy.max_slots(self.config.max_num_batched_tokens) if self.kv_policy else None
-        if self.scheduler.max_positions is not None:  # positions within the cache: chunks end below the window
-            bound = min(bound, self.scheduler.max_positions)
-        need = self.pool.request_blocks(len(ids), length, params.beam_width, self.window,
-                                        self.config.max_num_batched_tokens + 1, bound,  # (+ a draft's lag)
-                                        policy=self.kv_policy is not None)
-        if need > self.pool.num_blocks:
-            beams = f" in {params.beam_width} beams" if params.beam_width > 1 else ""
-            raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{beams} needs "
-                               f"{need} KV blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
-                               "gpu_memory_utilization, or lower max_tokens")
-        req = Request(rid, prompt if isinstance(prompt, str) else None, ids, params, next(self._arrivals),
+        self._check_caps(params)
+        ids = self.encode(prompt, params, prompt_index or 0)
+        params, length = self._check_length(ids, params, prompt_index)
+        req = Request(rid, prompt if isinstance(prompt, str) else None, PromptIds(ids), params, next(self._arrivals),
                       kind=kind_of(params), eos=frozenset(stop_ids(params, self.tokenizer, self.eos_ids)),
                       arrival_time=time.perf_counter(), max_len=length)
         # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
@@ -252,6 +239,63 @@ class Engine:
         self.requests[rid] = req
         self.scheduler.add(req.seqs[0])
         return rid
+
+    def _check_caps(self, params: SamplingParams) -> None:
+        """Per-request bounds a server relies on: top log-probs cost every step of the batch (EngineConfig.
+        max_logprobs), and under strict_admission a request's samples (or beams) may not outnumber max_num_seqs
+        (they all join the running batch at the fork: n=5000 took 28.8 s of steps for 2 tokens)."""
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise LmforgeError(f"logit_bias has token id {max(params.logit_bias)} outside the model's vocabulary "
+                               f"[0, {self.vocab_size})")
+        width = max(params.n, params.beam_width)
+        if self.config.strict_admission and width > self.config.max_num_seqs:
+            name = "beam_width" if params.beam_width > 1 else "n"
+            raise LmforgeError(f"{name}={width} runs {width} sequences, more than EngineConfig.max_num_seqs="
+                               f"{self.config.max_num_seqs}; lower {name} or raise max_num_seqs")
+        cap = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs") if cap is not None else ():
+            k = getattr(params, name)
+            if k is not None and k > cap:
+                raise LmforgeError(f"{name}={k} is more than this engine lists (EngineConfig.max_logprobs={cap}); ask "
+                                   f"for at most {cap} or raise max_logprobs (None: no limit)")
+
+    def _check_length(self, ids: list[int], params: SamplingParams, index: int | None
+                      ) -> tuple[SamplingParams, int]:
+        """The request's params (max_tokens=None resolved to the room left in the window) and the length its
+        samples stop at; a request the window (EngineConfig.strict_admission) or the pool cannot serve raises."""
+        if params.max_tokens is None:  # up to the context window
+            if self.stream_len == STREAM_LEN:
+                raise LmforgeError("max_tokens=None asks for tokens up to the context window, but this engine's KV "
+                                   "policy keeps positions within the cache (no window ends it); give a number")
+            params = dataclasses.replace(params, max_tokens=self.stream_len - len(ids))
+        if params.max_tokens and len(ids) + params.max_tokens > self.stream_len:
+            past = (f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
+                    f"({self.max_seq_len})")
+            if self.config.strict_admission:
+                where = f"prompt {index}: " if index is not None else ""
+                raise LmforgeError(f"{where}{past}; ask for at most {self.stream_len - len(ids)} new tokens, or "
+                                   "max_tokens=None (up to the window)")
+            warn_caller(f"{past}; generation stops there (finish_reason 'length')")
+        length = min(len(ids) + params.max_tokens, self.stream_len)
+        if not self.config.chunked_prefill and length > self.config.max_num_batched_tokens:
+            raise LmforgeError(f"with chunked_prefill off a sequence is computed in one step (its prompt, and after a "
+                               f"preemption its output too): {length} tokens > max_num_batched_tokens="
+                               f"{self.config.max_num_batched_tokens}; raise it or turn chunked_prefill on")
+        bound = self.kv_policy.policy.max_slots(self.config.max_num_batched_tokens) if self.kv_policy else None
+        if self.scheduler.max_positions is not None:  # positions within the cache: chunks end below the window
+            bound = min(bound, self.scheduler.max_positions)
+        # beams advance together; n samples take turns through preemption, unless a server wants them all at once
+        width = max(params.n, params.beam_width) if self.config.strict_admission else params.beam_width
+        need = self.pool.request_blocks(len(ids), length, width, self.window,
+                                        self.config.max_num_batched_tokens + 1, bound,  # (+ a draft's lag)
+                                        policy=self.kv_policy is not None)
+        if need > self.pool.num_blocks:
+            many = "" if width == 1 else f" in {width} beams" if params.beam_width > 1 else f" in {width} samples"
+            lower = "max_tokens or n" if width > params.beam_width else "max_tokens"
+            raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{many} needs "
+                               f"{need} KV blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
+                               f"gpu_memory_utilization, or lower {lower}")
+        return params, length
 
     def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:
         """Tokenize and validate one prompt (lmforge.infer.request.encode_prompt)."""
@@ -526,7 +570,7 @@ class Engine:
     def _sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:
         gen = req.generators[index] if index < len(req.generators) else None
         seq = Sequence(next(self._seq_ids), req, index, tokens, gen)
-        seq.decoder = StreamDecoder(self.tokenizer)
+        seq.decoder = StreamDecoder(self.tokenizer, self.special_ids if req.params.skip_special_tokens else ())
         return seq
 
     def _fork(self, parent: Sequence) -> None:

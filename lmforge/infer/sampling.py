@@ -16,13 +16,16 @@ from lmforge.config import check, coerce_fields, is_int
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    max_tokens: int = 64
+    max_tokens: int | None = 64
     """new tokens at most per sample (finish_reason 'length' when reached). 0 = score the prompt only (the
     OpenAI completions API's max_tokens=0 with echo): with prompt_logprobs, each prompt token's log-prob and
     nothing generated; the prompt's last token is never run through the model (nothing reads its logits), so
-    the prompt may hold max_seq_len + 1 tokens (lm-eval's window on HF models)"""
+    the prompt may hold max_seq_len + 1 tokens (lm-eval's window on HF models). None = up to the context window
+    (the OpenAI API's max_tokens=null): the engine sets it to the room the prompt leaves when it admits the
+    request (its outputs' request holds that number)"""
     n: int = 1
-    """independent samples per prompt (RequestOutput.outputs holds them all)"""
+    """independent samples per prompt (RequestOutput.outputs holds them all); at most the engine's max_num_seqs
+    under EngineConfig.strict_admission"""
     temperature: float = 1.0
     """0 = greedy (argmax); otherwise logits are divided by it (below 1e-4 after subtracting the row's largest,
     so that the division cannot overflow)"""
@@ -78,7 +81,8 @@ class SamplingParams:
     room sets (max_num_batched_tokens, max_num_seqs, preemption): the same seed in another batch or engine may
     then sample other tokens, from the same distribution"""
     logprobs: int | None = None
-    """None = no logprobs; k >= 0 = the chosen token's log-probability plus the k most likely ones"""
+    """None = no logprobs; k >= 0 = the chosen token's log-probability plus the k most likely ones (k at most the
+    engine's EngineConfig.max_logprobs, 20 by default; prompt_logprobs too)"""
     logprobs_mode: Literal["raw", "processed"] = "raw"
     """'raw': logprobs are those of the model's own distribution, log_softmax(logits); 'processed': of the
     distribution tokens are drawn from, after temperature, penalties, logit_bias and the top-k/top-p/...
@@ -101,6 +105,11 @@ class SamplingParams:
     """cut prompts from the left so that prompt + max_tokens fits the context window (the prompt keeps at
     least half the window; generation then ends at the window, finish_reason 'length'), instead of
     raising for a prompt longer than the window"""
+    skip_special_tokens: bool = False
+    """leave special tokens (the tokenizer's `special_tokens`, e.g. '<|endoftext|>' sampled under ignore_eos, a
+    chat template's markers) out of the text; token_ids keep them. False keeps lmforge's texts as they were;
+    vLLM and its OpenAI server default to True (a server passes it). Not for beam search (its text is decoded
+    whole: lmforge.infer.beam)"""
     output_kind: Literal["cumulative", "delta", "final"] = "cumulative"
     """what the engine's outputs of a running request hold (vLLM's RequestOutputKind): 'cumulative' = everything
     so far, every time; 'delta' = only what is new since the request's previous output (text, token ids, their
@@ -117,8 +126,10 @@ class SamplingParams:
         check(all(is_int(k) and k >= 0 and isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
                   for k, v in self.logit_bias.items()),
               f"logit_bias must map token ids (ints >= 0) to finite numbers, got {self.logit_bias!r}")
-        check(self.max_tokens >= 0, f"max_tokens must be >= 0 (0 = score the prompt only), got {self.max_tokens}")
-        check(self.max_tokens > 0 or (self.n == 1 and self.beam_width == 1),
+        check(self.max_tokens is None or self.max_tokens >= 0,
+              f"max_tokens must be >= 0 (0 = score the prompt only; None = up to the context window), got "
+              f"{self.max_tokens}")
+        check(self.max_tokens != 0 or (self.n == 1 and self.beam_width == 1),
               f"max_tokens=0 scores the prompt and samples nothing: n={self.n} and beam_width={self.beam_width} "
               "must be 1")
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
@@ -162,6 +173,8 @@ class SamplingParams:
         check(self.beam_width == 1 or not self.logits_processors,
               "beam search ranks the model's raw log-probabilities: logits_processors do not apply to it; drop them "
               "or use beam_width=1")
+        check(self.beam_width == 1 or not self.skip_special_tokens,
+              "beam search decodes its text whole, special tokens included: skip_special_tokens needs beam_width=1")
 
     @classmethod
     def from_dict(cls, options: dict) -> "SamplingParams":
@@ -192,6 +205,27 @@ class SamplingParams:
         return hash(tuple(tuple(sorted(v.items())) if f.name == "logit_bias" else v
                           for f, v in ((f, getattr(self, f.name)) for f in fields(self))))
 
+    def cache_key(self) -> str:
+        """A digest of these params that is the same in every process and run (sha256 of their sorted JSON),
+        for a disk cache of LM calls: equal keys ask for the same outputs. Greedy params (temperature 0) leave
+        out the fields greedy decoding ignores (GREEDY_IGNORES), so they share one key whatever those say. The
+        key changes when SamplingParams gains a field (old cache entries then miss, never mismatch).
+        logits_processors (functions, whose digest would be their id in this process) are refused."""
+        import hashlib
+        import json
+
+        from lmforge.errors import ConfigError
+
+        if self.logits_processors:
+            raise ConfigError("cache_key: logits_processors are functions with no stable digest; drop them or key "
+                              "the cache yourself")
+        skip = GREEDY_IGNORES if self.greedy else ()
+        fields_ = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        fields_["logit_bias"] = sorted(self.logit_bias.items())
+        fields_.pop("logits_processors")
+        text = json.dumps(fields_, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -200,6 +234,12 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Whether a penalty reads the sequence's history (repetition, frequency or presence)."""
         return self.repetition_penalty != 1 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
+
+GREEDY_IGNORES = ("top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "seed", "logprobs_mode")
+"""fields greedy decoding (temperature 0) never reads: the filters (lmforge.infer.processors.build_processors
+stops before them), the seed (greedy rows draw nothing: no generator) and logprobs_mode (greedy rows report raw
+log-probs either way). Penalties, logit_bias and logits_processors still shape greedy's argmax"""
 
 
 def is_factory(entry) -> bool:

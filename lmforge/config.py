@@ -178,15 +178,52 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | Non
 def coerce_fields(cfg: Any, where: str = "") -> None:
     """For `__post_init__`: accept what a user would naturally pass in Python (a dict for a nested
     config, a path string for a list of paths, a list for a tuple) and refuse wrong types with the key
-    and expected type. Values keep their meaning; only their type is normalised (frozen-safe)."""
-    hints = _hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        if not f.init:
+    and expected type. Values keep their meaning; only their type is normalised (frozen-safe).
+    A value that already has its field's type skips _coerce (_field_plan): SamplingParams is built per
+    request, and coercing all 28 of its fields cost ~0.3 ms (2 CPU cores, 2026-12-06)."""
+    for name, tp, unchanged in _field_plan(type(cfg)):
+        value = getattr(cfg, name)
+        if unchanged(value):
             continue
-        value = getattr(cfg, f.name)
-        new = _coerce(hints[f.name], value, f"{where}.{f.name}" if where else f.name)
+        new = _coerce(tp, value, f"{where}.{name}" if where else name)
         if new is not value:
-            object.__setattr__(cfg, f.name, new)
+            object.__setattr__(cfg, name, new)
+
+
+_SCALARS = (int, float, bool, str)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_plan(cls: type) -> tuple[tuple[str, Any, Any], ...]:
+    """Per dataclass, computed once: each init field's (name, annotation, test of values _coerce returns as
+    they are)."""
+    hints = _hints(cls)
+    return tuple((f.name, hints[f.name], _unchanged_test(hints[f.name])) for f in dataclasses.fields(cls) if f.init)
+
+
+def _unchanged_test(tp: Any):
+    """A cheap test passing only values that _coerce(tp, value) returns unchanged (the others go through it;
+    tests/test_config.py checks the two agree)."""
+    if tp in _SCALARS:
+        return lambda v: type(v) is tp
+    if _is_dataclass_type(tp):
+        return lambda v: isinstance(v, tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        # only the first member's own type: an earlier member converts what a later one would keep (float | int)
+        first = next((a for a in args if a is not type(None)), None)
+        ok = ((type(None),) if type(None) in args else ()) + ((first,) if first in _SCALARS else ())
+        return lambda v: type(v) in ok
+    if origin is typing.Literal:
+        return lambda v: v in args
+    if origin is dict:
+        return lambda v: type(v) is dict
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        inner = args[0]
+        if inner in _SCALARS:
+            return lambda v: type(v) is tuple and all(type(x) is inner for x in v)
+        return lambda v: type(v) is tuple and not v
+    return lambda v: False
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

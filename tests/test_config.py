@@ -241,3 +241,47 @@ def test_one_utf8_reader_for_config_and_prompts_files(tmp_path):
     writer.start()
     assert read_prompts(GenerateConfig(checkpoint="x", prompts_file=str(fifo))) == ["caf\u00e9", "second"]
     writer.join(timeout=60)
+
+
+def _config_classes() -> list[type]:
+    from lmforge.infer.engine import EngineConfig
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model.config import ModelConfig
+
+    return [SamplingParams, EngineConfig, ModelConfig, MoEConfig, TrainConfig, DataConfig]
+
+
+VALUES = [0, 3, 2.5, 6.0, True, False, None, "x", "", (), ("a", "b"), (1, 2), [1], {1: 0.5}, {}, np.int64(3),
+          np.float32(0.5), "raw", "cumulative"]
+
+
+@pytest.mark.parametrize("cls", _config_classes(), ids=lambda c: c.__name__)
+def test_coerce_fast_path_passes_only_values_coerce_keeps(cls):
+    """coerce_fields' per-class plan skips _coerce only for values it would return as they are (the reference):
+    for every field of these configs and a spread of values, a value the fast test passes is one _coerce keeps."""
+    from lmforge.config import _coerce, _field_plan
+
+    for name, tp, unchanged in _field_plan(cls):
+        for v in VALUES:
+            if not unchanged(v):
+                continue
+            got = _coerce(tp, v, name)
+            assert got == v and type(got) is type(v), (cls.__name__, name, tp, v, got)
+
+
+def test_coerce_fields_plans_each_class_once_and_skips_typed_values(monkeypatch):
+    """SamplingParams is built per request: its field types are looked up once per class and values already of
+    their field's type skip _coerce (0.35 ms a SamplingParams before, 2026-12-06), with the same results."""
+    import lmforge.config as config
+    from lmforge.infer.sampling import SamplingParams
+
+    SamplingParams()  # planned
+    before = config._field_plan.cache_info()
+    calls = []
+    real = config._coerce
+    monkeypatch.setattr(config, "_coerce", lambda tp, v, where: calls.append(where) or real(tp, v, where))
+    sp = SamplingParams(temperature=0.7, max_tokens=8, stop=("x",), seed=3, logprobs=None)
+    assert calls == [] and config._field_plan.cache_info().misses == before.misses
+    sp = SamplingParams(temperature=1, max_tokens=np.int64(8), stop=["x"], top_k=4.0)  # these go through _coerce
+    assert set(calls) == {"max_tokens", "stop", "stop[0]", "temperature", "top_k"}
+    assert (type(sp.temperature), type(sp.max_tokens), sp.stop, type(sp.top_k)) == (float, int, ("x",), int)

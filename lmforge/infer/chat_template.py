@@ -7,10 +7,15 @@ Each template is a small frozen dataclass of strings, so new formats are data, n
   llama3   <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...  (Llama 3)
   plain    "User: ...\\nAssistant: ..." for base models and byte-level toy models
 A HF checkpoint's own Jinja template (JinjaTemplate) is rendered with jinja2, for generation.
+
+Generation front ends (LLM.chat, a server on an Engine) build each conversation's request with chat_request
+(the template's stops added, the seed derived for a batch index), the template from choose_template and
+checkpoint_chat_template; normalize_messages takes OpenAI-style messages (content parts, tool calls).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 
 ROLES = ("system", "user", "assistant", "tool")
 MARKER = re.compile(r"<\|[^|]*\|>")
@@ -61,8 +66,10 @@ class ChatTemplate:
 
     def encode(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
                continue_final_message: bool = False, *, tools: list[dict] | None = None,
-               documents: list[dict] | None = None, **template_kwargs) -> tuple[list[int], list[bool]]:
-        """Token ids of `render(messages)` and, per token, whether SFT trains on it. The template's markers that
+               documents: list[dict] | None = None, mask: bool = True,
+               **template_kwargs) -> tuple[list[int], list[bool] | None]:
+        """Token ids of `render(messages)` and, per token, whether SFT trains on it (mask=False: None, and the
+        same ids without the mask's cost, ~10x less host time: generation's path). The template's markers that
         are single tokens of this tokenizer are encoded as special tokens, the plain text of each message between
         them (header, content, end string) in one piece, so the ids are those of HF's apply_chat_template on
         jinja() (which tokenizes the rendered text whole; only whitespace ending a message may split otherwise)
@@ -74,16 +81,24 @@ class ChatTemplate:
         No BOS is added beyond the template's own (HF: add_special_tokens=False). Chat generation and SFT both
         tokenize conversations here."""
         self._no_variables(tools, documents, template_kwargs)
-        plain = getattr(tokenizer, "encode_ordinary", tokenizer.encode)  # a byte tokenizer has no specials to parse
         pieces = self.segments(messages, _opens(add_generation_prompt, continue_final_message), continue_final_message)
+        return self._encode_pieces(tokenizer, pieces, mask)
+
+    def _encode_pieces(self, tokenizer, pieces: list[Piece], mask: bool) -> tuple[list[int], list[bool] | None]:
+        plain = getattr(tokenizer, "encode_ordinary", tokenizer.encode)  # a byte tokenizer has no specials to parse
         ids: list[int] = []
-        mask: list[bool] = []
+        train: list[bool] = []
         run: list[tuple[str, bool]] = []  # the plain text since the last special marker: (text, train) pieces
+        specials: dict[str, list[int]] = {}  # each marker's ids, tokenized once per call
 
         def flush() -> None:
-            t, m = _encode_run(tokenizer, plain, run)
+            if mask:
+                t, m = _encode_run(tokenizer, plain, run)
+                train.extend(m)
+            else:  # (the same text in the same runs: the same ids)
+                text = "".join(t for t, _ in run)
+                t = plain(text) if text else []
             ids.extend(t)
-            mask.extend(m)
             run.clear()
 
         for k, p in enumerate(pieces):
@@ -94,15 +109,26 @@ class ChatTemplate:
             for j, part in enumerate(parts):
                 run.append((part, p.train))
                 if j < len(markers):
-                    one = tokenizer.encode(markers[j])
+                    one = specials.get(markers[j])
+                    if one is None:
+                        one = specials[markers[j]] = tokenizer.encode(markers[j])
                     if len(one) == 1:  # a special token of this tokenizer (else plain text, in the run)
                         flush()
                         ids.append(one[0])
-                        mask.append(p.train)
+                        train.append(p.train)
                     else:
                         run.append((markers[j], p.train))
         flush()
-        return ids, mask
+        return ids, (train if mask else None)
+
+    def prompt(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
+               continue_final_message: bool = False, *, tools: list[dict] | None = None,
+               documents: list[dict] | None = None, **template_kwargs) -> tuple[str, list[int]]:
+        """What generation needs: the rendered text (render's) and its ids (encode's, without the training mask),
+        from one rendering."""
+        self._no_variables(tools, documents, template_kwargs)
+        pieces = self.segments(messages, _opens(add_generation_prompt, continue_final_message), continue_final_message)
+        return "".join(p.text for p in pieces), self._encode_pieces(tokenizer, pieces, False)[0]
 
     def _no_variables(self, tools, documents, template_kwargs: dict) -> None:
         """A built-in template has no variables: tool schemas or documents it cannot write would be lost."""
@@ -234,9 +260,21 @@ class JinjaTemplate(ChatTemplate):
                 raise ConfigError("continue_final_message needs the conversation to end with a message whose "
                                   "content is a string")
             messages[-1]["content"] += tag
-        # (transformers: the special tokens, then the caller's variables over them)
-        text = _compiled(self.source).render(messages=messages, add_generation_prompt=opens, tools=tools,
-                                             documents=documents, **{**dict(self.tokens), **template_kwargs})
+        compiled = _compiled(self.source)
+        try:  # (transformers: the special tokens, then the caller's variables over them)
+            text = compiled.render(messages=messages, add_generation_prompt=opens, tools=tools,
+                                   documents=documents, **{**dict(self.tokens), **template_kwargs})
+        except LmforgeError:  # raise_exception(): the template's own words
+            raise
+        except Exception as e:  # jinja2's UndefinedError, a TypeError adding None or a list to a string, ...
+            import jinja2
+
+            if not isinstance(e, (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)):
+                raise
+            detail = str(e).splitlines()[0] if str(e) else "no message"
+            raise ConfigError(f"chat template {self.name!r} failed on these messages ({type(e).__name__}: {detail}); "
+                              "give each message a role and a string content (normalize_messages turns OpenAI-style "
+                              "messages into that shape)") from e
         if continue_final_message:
             if tag not in text:
                 raise ConfigError(f"chat template {self.name!r} does not write the last message's content, so it "
@@ -246,10 +284,18 @@ class JinjaTemplate(ChatTemplate):
 
     def encode(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
                continue_final_message: bool = False, *, tools: list[dict] | None = None,
-               documents: list[dict] | None = None, **template_kwargs) -> tuple[list[int], list[bool]]:
-        ids = tokenizer.encode(self.render(messages, add_generation_prompt, continue_final_message, tools=tools,
-                                           documents=documents, **template_kwargs))
-        return ids, [False] * len(ids)
+               documents: list[dict] | None = None, mask: bool = True,
+               **template_kwargs) -> tuple[list[int], list[bool] | None]:
+        ids = self.prompt(tokenizer, messages, add_generation_prompt, continue_final_message, tools=tools,
+                          documents=documents, **template_kwargs)[1]
+        return ids, ([False] * len(ids) if mask else None)
+
+    def prompt(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
+               continue_final_message: bool = False, *, tools: list[dict] | None = None,
+               documents: list[dict] | None = None, **template_kwargs) -> tuple[str, list[int]]:
+        text = self.render(messages, add_generation_prompt, continue_final_message, tools=tools,
+                           documents=documents, **template_kwargs)
+        return text, tokenizer.encode(text)
 
     def segments(self, messages, add_generation_prompt: bool = False, continue_final_message: bool = False):
         raise ConfigError(f"chat template {self.name!r} is the checkpoint's own Jinja: it renders prompts for "
@@ -366,3 +412,104 @@ def choose_template(tokenizer, asked=None, recorded: str | None = None, plain: s
             raise
         return get_template("plain"), "this tokenizer has no chatml special tokens: using the plain template"
     return template, None
+
+
+def normalize_messages(messages) -> list[dict]:
+    """OpenAI-style chat messages in the shape HF chat templates (and the built-in ones) read: a content given as
+    a list of parts becomes its text parts joined by newlines (another kind of part, an image, is refused); an
+    assistant message with tool_calls and a null or missing content gets content ""; each tool call's
+    function.arguments, a JSON string in OpenAI's API, becomes the dict HF's templates write with tojson.
+    Messages already in that shape come back equal; the caller's dicts are not changed. LLM.chat and
+    chat_request apply it to every conversation."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ConfigError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}")
+        m = dict(m)
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ConfigError(f"message {i} has a content part of type {kind!r}: only text parts "
+                                      "({'type': 'text', 'text': ...}) can be rendered as a prompt")
+                texts.append(part["text"])
+            m["content"] = "\n".join(texts)
+        if m.get("tool_calls"):
+            if content is None:
+                m["content"] = ""
+            m["tool_calls"] = [_tool_call(call, i, k) for k, call in enumerate(m["tool_calls"])]
+        out.append(m)
+    return out
+
+
+def _tool_call(call, i: int, k: int):
+    """One OpenAI tool call with its arguments parsed from their JSON string (HF's templates write a dict)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
+    except ValueError as e:
+        raise ConfigError(f"message {i} tool_calls[{k}] has arguments that are not JSON ({e}): give a JSON "
+                          "object string, as OpenAI's API does") from e
+    return {**call, "function": {**fn, "arguments": args}}
+
+
+class ChatRequest(NamedTuple):
+    """One conversation as an engine request (chat_request)."""
+    prompt_token_ids: list[int]
+    params: object
+    """the SamplingParams it runs with: the template's stops added, the seed derived for its index"""
+    prompt: str
+    """the rendered prompt text (a chat answer's RequestOutput.prompt)"""
+
+
+def chat_request(tokenizer, template: ChatTemplate, conversation, params=None, *,
+                 add_generation_prompt: bool | None = None, continue_final_message: bool = False,
+                 tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+                 index: int | None = None) -> ChatRequest:
+    """One conversation (OpenAI- or HF-style messages: normalize_messages) as an engine request: its prompt ids,
+    the params it runs with and the rendered text. What LLM.chat and LLM.chat_request run, and what a server
+    holding only an Engine or AsyncEngine calls (template: choose_template(tokenizer, asked,
+    checkpoint_chat_template(path))[0]). The template encodes the conversation (ChatTemplate.prompt: markers as
+    special tokens, contents as plain text, so a message cannot open a turn of its own); its end-of-turn strings
+    join params.stop and those that are single special tokens params.stop_token_ids (ChatTemplate.stop_token_ids).
+    index: the conversation's place in a batch; a seed then becomes seed_for(seed, index), as LLM.chat gives
+    conversation `index` (None: the seed as given, as LLM.submit uses it). The returned params carry the seed
+    that runs, for a cache to key on. add_generation_prompt, continue_final_message, tools and
+    chat_template_kwargs are ChatTemplate.render's (HF's apply_chat_template's names)."""
+    from lmforge.infer.request import seed_for
+    from lmforge.infer.sampling import SamplingParams
+
+    if params is None:
+        params = SamplingParams()
+    elif not isinstance(params, SamplingParams):
+        raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__} "
+                          "(SamplingParams.from_dict turns a dict of options into one)")
+    if not isinstance(template, ChatTemplate):
+        raise ConfigError(f"template must be a ChatTemplate (get_template(name), choose_template), got "
+                          f"{type(template).__name__}")
+    if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
+        raise LmforgeError(f"a conversation is a list of {{'role', 'content'}} messages, got {conversation!r:.80}")
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise LmforgeError("chat_template_kwargs is a dict of the template's variables, e.g. "
+                           f"{{'enable_thinking': False}}; got {type(chat_template_kwargs).__name__}")
+    text, ids = template.prompt(tokenizer, normalize_messages(conversation), add_generation_prompt,
+                                continue_final_message, tools=tools, **(chat_template_kwargs or {}))
+    end_ids = template.stop_token_ids(tokenizer)  # a marker that is one special token ends on the token
+    changes = dict(stop=tuple(dict.fromkeys(params.stop + template.stop)),
+                   stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids + end_ids)))
+    if params.seed is not None and index is not None:
+        changes["seed"] = seed_for(params.seed, index)
+    return ChatRequest(ids, dataclasses.replace(params, **changes), text)
+
+
+def checkpoint_chat_template(path) -> str | ChatTemplate | None:
+    """The chat template a checkpoint directory carries, without loading it: the one a fine-tuned checkpoint
+    records (a TEMPLATES name), else a HF checkpoint's own Jinja (JinjaTemplate), else None. What LLM.load sets
+    as LLM.chat_template, and choose_template's `recorded` for a server built on an Engine."""
+    from lmforge.checkpoint import hf_chat_template, recorded_chat_template
+
+    return recorded_chat_template(path) or hf_chat_template(path)

@@ -27,20 +27,28 @@ engine until requests finish): a finished call resumes its program, whose next c
 batch. Every entry point shares one engine: an output finishing while another call steps the engine
 (a `generate` inside a half-read `stream`, a submitted request finishing during `generate`) is held for
 its own caller, never lost.
+
+Threads (dspy.Evaluate(num_threads=N), a thread pool of LM-program calls) may share one LLM: generate, chat,
+score, score_tokens, score_rolling, stream, submit, wait, abort and chat_request are thread-safe. Each engine
+step, and each request's queueing or abort, holds the LLM's lock (not a whole call), so the threads' requests
+run in the same batches, and a call's requests finishing in another thread's step are held for it. completed()
+hands out every submitted request, so one thread at a time iterates it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import threading
 from typing import Iterable, Iterator, Sequence as Seq
 
 import torch
 
 from lmforge.config import is_int
 from lmforge.errors import ConfigError, LmforgeError, RequestError
-from lmforge.infer.chat_template import ChatTemplate
+from lmforge.infer.chat_template import ChatTemplate, chat_request as build_chat_request, checkpoint_chat_template
 from lmforge.infer.engine import Engine, EngineConfig
-from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.request import prompt_ids, seed_for
 from lmforge.infer.sampling import SamplingParams
 
@@ -58,6 +66,8 @@ class Score:
     context_ids: list[int]
     token_ids: list[int]
     token_logprobs: list[float]
+    num_cached_tokens: int = 0
+    """context tokens read from the prefix cache (RequestOutput.metrics; a rolling score: all its windows')"""
 
 
 class LLM:
@@ -93,29 +103,30 @@ class LLM:
                              acceptance=acceptance)
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
+        self._lock = threading.RLock()  # held for each engine step, queueing and abort (threads: module docstring)
+        self._steps = 0  # engine steps taken: a caller seeing it move by more than its own step rescans _held
         self.chat_template: str | ChatTemplate | None = None
         """chat()'s default template: the one a fine-tuned checkpoint records, or a HF checkpoint's own Jinja
         (LLM.load: checkpoint.hf_chat_template), else None"""
         self._told_plain = False  # chat() warned once that it fell back to the plain template
 
     @classmethod
-    def load(cls, path, device: str = "cpu", *, tokenizer=None, base=None, **kwargs) -> "LLM":
+    def load(cls, path, device: str = "cpu", *, tokenizer=None, base=None, dtype=None, **kwargs) -> "LLM":
         """Open a run or checkpoint directory written by lmforge's trainer. `tokenizer` (an object or a
         spec for lmforge.tokenizer.load.load_tokenizer) replaces or supplies the checkpoint's own. `base`:
-        where an adapter-only checkpoint's base model is now, when it moved (lmforge.checkpoint.load_model)."""
+        where an adapter-only checkpoint's base model is now, when it moved (lmforge.checkpoint.load_model).
+        dtype: the float dtype to load in (default: the one the checkpoint was saved in, fp32 for older ones)."""
         from lmforge.tokenizer.load import load_tokenizer
 
         from lmforge.checkpoint import load_model
         # (a tokenizer given replaces the checkpoint's own)
-        model, saved = load_model(path, device=device, tokenizer=tokenizer is None, base=base)
+        model, saved = load_model(path, device=device, tokenizer=tokenizer is None, base=base, dtype=dtype)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer or saved
         if tok is None:
             raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one: LLM.load(path, tokenizer='byte' or a "
                                "tokenizer file), on the command line --tokenizer")
-        from lmforge.checkpoint import hf_chat_template, recorded_chat_template
-
         llm = cls(model, tok, **kwargs)
-        llm.chat_template = recorded_chat_template(path) or hf_chat_template(path)
+        llm.chat_template = checkpoint_chat_template(path)
         return llm
 
     @property
@@ -138,62 +149,100 @@ class LLM:
         or a list (or 1-D tensor) of token ids; `prompts` is one prompt or any iterable of them. `params` is
         one SamplingParams for every prompt or a list of them, one per prompt (lm-eval's generate_until has
         per-request settings); either way a seed gives prompt i the stream of (seed, i).
-        errors: what a request failing on its own input while it runs (a logits processor leaving no token
-        allowed: lmforge.errors.RequestError) does: "raise" (default) raises it by prompt index and drops the
-        batch; "return" returns that prompt's output in its place, finished with `error` set, and the others'
-        as usual. Bad prompts or params are refused before anything runs either way, and a failed engine step
-        (not one request's fault) raises."""
+        errors: what a prompt failing on its own input does: "raise" (default) raises its error, named by prompt
+        index, and drops the batch; "return" returns that prompt's output in its place, finished with `error` set
+        (a lmforge.errors.RequestError "prompt i: ...", its cause the original error) and the others' as usual. It
+        covers input refused before it runs (too long, empty or out-of-vocabulary; a logit_bias id outside the
+        vocabulary; more KV blocks than the pool has: an empty output, no tokens) and input failing while it runs
+        (a logits processor leaving no token allowed: its tokens so far, finish_reason 'abort'). A failed engine
+        step (not one request's fault) raises either way."""
         _check_errors(errors)
         prompts = _prompt_list(prompts)
         per_prompt = _params_list(params, len(prompts))
-        encoded = [self.encode(p, sp, i) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
-        outs = self._run([(e, self._params(sp, i)) for i, (e, sp) in enumerate(zip(encoded, per_prompt))], errors)
+        requests: list = []
+        for i, (p, sp) in enumerate(zip(prompts, per_prompt)):
+            try:
+                requests.append((self.encode(p, sp, i), self._params(sp, i)))
+            except LmforgeError as e:
+                requests.append(_failed_output(_input_error(e, "prompt", i, errors), [], sp))
+        outs = self._run(requests, errors)
         return [dataclasses.replace(o, prompt=p if isinstance(p, str) else None) for o, p in zip(outs, prompts)]
 
-    def _run(self, requests: list[tuple[list[int], SamplingParams]], errors: str = "raise") -> list[RequestOutput]:
-        """Queue every (token ids, params) and step the engine until all finish (in order). On any error,
-        also a bad request halfway through queueing, the requests queued so far are aborted."""
+    def _run(self, requests: list, errors: str = "raise", what: str = "prompt") -> list[RequestOutput]:
+        """Queue every (token ids, params) and step the engine until all finish (in order). An item that is a
+        RequestOutput already failed while it was built (errors="return"); one the engine refuses (Engine.add_request)
+        becomes one with errors="return", else its error raises named `{what} i: `. On any error raised, the
+        requests queued so far are aborted."""
         ids: list[str] = []
+        index: dict[str, int] = {}  # request id -> its place in `requests`
+        failed: dict[int, RequestOutput] = {}
         try:
-            for prompt, params in requests:
-                ids.append(self._add(prompt, params))
-            return self._collect(ids, errors)
+            for i, item in enumerate(requests):
+                if isinstance(item, RequestOutput):
+                    failed[i] = item
+                    continue
+                try:
+                    ids.append(self._add(*item))
+                    index[ids[-1]] = i
+                except LmforgeError as e:
+                    failed[i] = _failed_output(_input_error(e, what, i, errors), item[0], item[1])
+            outs = iter(self._collect(ids, errors))
+            return [failed[i] if i in failed else next(outs) for i in range(len(requests))]
         except BaseException as e:
-            for rid in ids:
-                self._held.pop(rid, None)
-                if rid in self.engine.requests:
-                    self.engine.abort(rid)
-            if isinstance(e, RequestError) and e.request_id in ids:  # one prompt's own input failed: by its index
-                raise RequestError(f"prompt {ids.index(e.request_id)}: {e}", e.request_id) from e
+            with self._lock:
+                for rid in ids:
+                    self._held.pop(rid, None)
+                    if rid in self.engine.requests:
+                        self.engine.abort(rid)
+            if isinstance(e, RequestError) and e.request_id in index:  # one prompt's own input failed: by its index
+                raise RequestError(f"{what} {index[e.request_id]}: {e}", e.request_id) from e
             raise
 
     def _collect(self, ids: list[str], errors: str = "raise") -> list[RequestOutput]:
         """Step the engine until every request in ids has finished; their outputs, in order. Outputs of
-        other requests finishing meanwhile are held for their own callers (_held). errors="raise": the first
-        of ids to fail on its own input raises its error (its output taken, the others left running or held);
-        "return": failed outputs are returned in place. A failed step (_step) takes ids' outputs and raises."""
-        for rid in ids:
-            if rid not in self._held and rid not in self.engine.requests:
-                raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected "
-                                   "(collected already, aborted, or never added)")
-        distinct = list(dict.fromkeys(ids))  # an id given twice (a program's cache merging two calls) is one output
-        new = [rid for rid in distinct if rid in self._held]  # finished before this call, then at each step
-        waiting = set(distinct).difference(new)  # (counted down, not rescanned: a score call queues thousands)
+        other requests finishing meanwhile are held for their own callers (_held), and ids finishing in
+        another thread's step are found there (rescanned when the step count moved past this caller's own).
+        errors="raise": the first of ids to fail on its own input raises its error (its output taken, the others
+        left running or held); "return": failed outputs are returned in place. A failed step (_step) takes ids'
+        outputs and raises. Ids that are neither running nor held once the engine is idle (another caller
+        collected or aborted them) raise rather than wait forever."""
+        with self._lock:
+            for rid in ids:
+                if rid not in self._held and rid not in self.engine.requests:
+                    raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected "
+                                       "(collected already, aborted, or never added)")
+            distinct = list(dict.fromkeys(ids))  # an id given twice (a program's cache merging two calls): one output
+            new = [rid for rid in distinct if rid in self._held]  # finished before this call, then at each step
+            waiting = set(distinct).difference(new)  # (counted down, not rescanned: a score call queues thousands)
+            seen = self._steps
         while True:
             if errors == "raise":
-                for rid in new:  # a request aborted for its own failed input (a logits processor): its error
-                    if self._held[rid].error is not None:
-                        raise self._held.pop(rid).error
+                with self._lock:
+                    for rid in new:  # a request aborted for its own failed input (a logits processor): its error
+                        out = self._held.get(rid)  # (None: another thread's caller took it; found below)
+                        if out is not None and out.error is not None:
+                            raise self._held.pop(rid).error
             if not waiting:
-                outs = {rid: self._held.pop(rid) for rid in distinct}
+                with self._lock:
+                    outs = {rid: self._held.pop(rid, None) for rid in distinct}
+                    gone = [rid for rid, out in outs.items() if out is None]
+                    if gone:  # (the others stay held for a later wait)
+                        self._held.update((rid, out) for rid, out in outs.items() if out is not None)
+                    _check_not_taken(gone)
                 return [outs[rid] for rid in ids]
-            try:
-                outs = self._step(finished_only=True)
-            except Exception:
-                for rid in ids:  # the caller has its error: their failed outputs are not held for it
-                    self._held.pop(rid, None)
-                raise
-            new = [o.request_id for o in outs if o.finished and o.request_id in waiting]
+            with self._lock:
+                if self._steps != seen or not self.engine.requests:  # another thread stepped: ours may be held
+                    new = [rid for rid in waiting if rid in self._held]
+                    _check_not_taken(waiting.difference(new) if not self.engine.requests else ())
+                else:
+                    try:
+                        outs = self._step(finished_only=True)
+                    except Exception:
+                        for rid in ids:  # the caller has its error: their failed outputs are not held for it
+                            self._held.pop(rid, None)
+                        raise
+                    new = [o.request_id for o in outs if o.finished and o.request_id in waiting]
+                seen = self._steps
             waiting.difference_update(new)
 
     def _step(self, finished_only: bool = False) -> list[RequestOutput]:
@@ -206,21 +255,23 @@ class LLM:
         each output is held finished with `error`, a RequestError naming the request whose cause is the
         step's exception, and the exception is raised here, once; the LLM then serves new requests.
         (KeyboardInterrupt is not caught: a step cut short that way can be run again.)"""
-        try:
-            outs = self.engine.step(finished_only=finished_only)
-        except Exception as e:
-            own = isinstance(e, RequestError) and e.request_id in self.engine.requests  # one request's, raised
-            for rid in [e.request_id] if own else list(self.engine.requests):
-                err = e if own else RequestError(f"request {rid!r} was aborted: an engine step failed "
-                                                 f"({type(e).__name__}: {e})", rid)
-                if not own:
-                    err.__cause__ = e
-                self._held[rid] = dataclasses.replace(self.engine.abort(rid), finished=True, error=err)
-            raise
-        for out in outs:
-            if out.finished:
-                self._held[out.request_id] = out
-        return outs
+        with self._lock:
+            self._steps += 1
+            try:
+                outs = self.engine.step(finished_only=finished_only)
+            except Exception as e:
+                own = isinstance(e, RequestError) and e.request_id in self.engine.requests  # one request's, raised
+                for rid in [e.request_id] if own else list(self.engine.requests):
+                    err = e if own else RequestError(f"request {rid!r} was aborted: an engine step failed "
+                                                     f"({type(e).__name__}: {e})", rid)
+                    if not own:
+                        err.__cause__ = e
+                    self._held[rid] = dataclasses.replace(self.engine.abort(rid), finished=True, error=err)
+                raise
+            for out in outs:
+                if out.finished:
+                    self._held[out.request_id] = out
+            return outs
 
     # ---------------------------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
@@ -230,34 +281,37 @@ class LLM:
         while a request of this LLM still has it (running, or finished and not yet collected); default: the
         engine's next number that none has."""
         params = _check_params(params)
-        rid = self._add(prompt, self._params(params, None), request_id)
-        self._submitted.add(rid)
+        with self._lock:
+            rid = self._add(prompt, self._params(params, None), request_id)
+            self._submitted.add(rid)
         return rid
 
     def _add(self, prompt, params: SamplingParams, request_id: str | None = None) -> str:
         """Engine.add_request under an id that no output this LLM still owes a caller has: a finished request
         waiting in _held, or a submitted one not yet collected (the engine knows only its running requests; an
         id reused there would hand one call's output to the other)."""
-        if request_id is None:
-            rid = self.engine.free_request_id()
-            while rid in self._held or rid in self._submitted:
+        with self._lock:
+            if request_id is None:
                 rid = self.engine.free_request_id()
-        else:
-            rid = str(request_id)
-            if rid in self._held or rid in self._submitted:
-                raise LmforgeError(f"request id {rid!r} is in use: a submitted request not yet collected (wait, "
-                                   "completed) or aborted (abort) has it; pass another request_id")
-        return self.engine.add_request(prompt, params, rid)
+                while rid in self._held or rid in self._submitted:
+                    rid = self.engine.free_request_id()
+            else:
+                rid = str(request_id)
+                if rid in self._held or rid in self._submitted:
+                    raise LmforgeError(f"request id {rid!r} is in use: a submitted request not yet collected (wait, "
+                                       "completed) or aborted (abort) has it; pass another request_id")
+            return self.engine.add_request(prompt, params, rid)
 
     def abort(self, request_id: str) -> RequestOutput:
         """Cancel a request of this LLM (a submitted call the program no longer needs): a running one stops now
         and frees its blocks; a finished one not yet collected is dropped. Returns its output (finish_reason
         'abort' for the samples it cut short); wait and completed no longer see it, and its id is free again."""
         rid = str(request_id)
-        self._submitted.discard(rid)
-        held = self._held.pop(rid, None)
-        if rid in self.engine.requests:
-            return self.engine.abort(rid)
+        with self._lock:
+            self._submitted.discard(rid)
+            held = self._held.pop(rid, None)
+            if rid in self.engine.requests:
+                return self.engine.abort(rid)
         if held is None:
             raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected (collected "
                                "already, aborted, or never added)")
@@ -295,18 +349,20 @@ class LLM:
         by wait or cancelled by abort while iterating is not yielded."""
         _check_errors(errors)
         while self._submitted:
-            ready = [rid for rid in self._held if rid in self._submitted]  # in the order they finished
-            if not ready:
-                if not any(rid in self.engine.requests for rid in self._submitted):
-                    self._submitted.clear()  # aborted through the engine: nothing left to wait for
-                    return
-                self._step(finished_only=True)
-                continue
-            for rid in ready:
-                if rid not in self._submitted or rid not in self._held:  # collected (wait) or aborted meanwhile
+            with self._lock:
+                ready = [rid for rid in self._held if rid in self._submitted]  # in the order they finished
+                if not ready:
+                    if not any(rid in self.engine.requests for rid in self._submitted):
+                        self._submitted.clear()  # aborted through the engine: nothing left to wait for
+                        return
+                    self._step(finished_only=True)
                     continue
-                self._submitted.discard(rid)
-                out = self._held.pop(rid)
+            for rid in ready:
+                with self._lock:
+                    if rid not in self._submitted or rid not in self._held:  # collected (wait) or aborted meanwhile
+                        continue
+                    self._submitted.discard(rid)
+                    out = self._held.pop(rid)
                 if out.error is not None and errors == "raise":  # (the others stay to be collected)
                     raise out.error
                 yield out
@@ -332,9 +388,10 @@ class LLM:
             if last is not None and len(last.text) > sent:
                 yield last.text[sent:]
         finally:
-            self._held.pop(rid, None)
-            if rid in self.engine.requests:
-                self.engine.abort(rid)
+            with self._lock:
+                self._held.pop(rid, None)
+                if rid in self.engine.requests:
+                    self.engine.abort(rid)
 
     def chat(self, conversations, params: SamplingParams | Seq[SamplingParams] | None = None, *,
              template=None, add_generation_prompt: bool | None = None, continue_final_message: bool = False,
@@ -351,28 +408,49 @@ class LLM:
         name); add_generation_prompt (default: unless continuing) opens a new assistant turn.
         tools, chat_template_kwargs: for a checkpoint's own Jinja template (JinjaTemplate.render: tool schemas,
         variables such as enable_thinking); a built-in template refuses them.
-        errors: as generate's ("return": a failed conversation's output in its place, `error` set)."""
+        Messages may be OpenAI's (content parts, tool_calls with JSON-string arguments): normalize_messages.
+        errors: as generate's ("return": a failed conversation's output in its place, `error` set, also for one
+        the template refuses, e.g. an unknown role; "raise": its error, named "conversation i: ").
+        Each output's `prompt` is the conversation's rendered prompt text (None where rendering failed)."""
+        _check_errors(errors)
         tpl = self._chat_template(template)
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        requests = [self._chat_request(tpl, c, sp, add_generation_prompt, continue_final_message, tools,
-                                       chat_template_kwargs)
-                    for c, sp in zip(conversations, _params_list(params, len(conversations)))]
-        return self.generate([ids for ids, _ in requests], [sp for _, sp in requests], errors=errors)
+        requests: list = []
+        texts: list[str | None] = []
+        for i, (c, sp) in enumerate(zip(conversations, _params_list(params, len(conversations)))):
+            text = None
+            try:
+                req = build_chat_request(self.tokenizer, tpl, c, sp, add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, tools=tools,
+                                         chat_template_kwargs=chat_template_kwargs, index=i)
+                text = req.prompt  # (its seed is derived for index i already: _params adds none)
+                requests.append((self.encode(req.prompt_token_ids, req.params, i), self._params(req.params, None)))
+            except LmforgeError as e:
+                requests.append(_failed_output(_input_error(e, "conversation", i, errors), [], sp))
+            texts.append(text)
+        outs = self._run(requests, errors, "conversation")
+        return [dataclasses.replace(o, prompt=t) for o, t in zip(outs, texts)]
 
     def chat_request(self, conversation: Seq[dict], params: SamplingParams | None = None, *, template=None,
                      add_generation_prompt: bool | None = None, continue_final_message: bool = False,
-                     tools: list[dict] | None = None, chat_template_kwargs: dict | None = None
-                     ) -> tuple[list[int], SamplingParams]:
+                     tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+                     index: int | None = None) -> tuple[list[int], SamplingParams]:
         """One conversation as a request: (prompt token ids, params with the template's stops), what chat runs
-        for each conversation. `llm.submit(*llm.chat_request(conv, params))` queues a chat call beside other
-        calls (an LM program), `llm.stream(*...)` streams it (lmforge chat). The chat template (chosen as for
-        chat) encodes the conversation (ChatTemplate.encode: markers as special tokens, contents as plain text,
-        so a message cannot open a turn of its own); its end-of-turn strings join params.stop and those that
-        are single special tokens params.stop_token_ids (ChatTemplate.stop_token_ids). The other options are
-        chat's."""
-        return self._chat_request(self._chat_template(template), conversation, _check_params(params),
-                                  add_generation_prompt, continue_final_message, tools, chat_template_kwargs)
+        for conversation `index` of its batch: `llm.submit(*llm.chat_request(conv, params, index=i))` samples
+        what `llm.chat(convs, params)[i]` does (a seed becomes seed_for(seed, i), and the returned params carry
+        it, for a cache to key on); index None (default) keeps the seed as given, as submit does.
+        `llm.submit(*llm.chat_request(conv, params))` queues a chat call beside other calls (an LM program),
+        `llm.stream(*...)` streams it (lmforge chat). The template is chosen as for chat, and
+        lmforge.infer.chat_template.chat_request builds the request (a server holding only an Engine calls it
+        too): markers as special tokens, contents as plain text, so a message cannot open a turn of its own;
+        the template's end-of-turn strings join params.stop, those that are single special tokens
+        params.stop_token_ids. The other options are chat's."""
+        req = build_chat_request(self.tokenizer, self._chat_template(template), conversation, _check_params(params),
+                                 add_generation_prompt=add_generation_prompt,
+                                 continue_final_message=continue_final_message, tools=tools,
+                                 chat_template_kwargs=chat_template_kwargs, index=index)
+        return req.prompt_token_ids, req.params
 
     def _chat_template(self, template) -> ChatTemplate:
         from lmforge.errors import warn_caller
@@ -384,20 +462,7 @@ class LLM:
             warn_caller(f"LLM.chat: {notice} (pass template= to choose one)")
         return tpl
 
-    def _chat_request(self, tpl: ChatTemplate, conversation, params: SamplingParams, add_generation_prompt,
-                      continue_final_message: bool, tools, chat_template_kwargs) -> tuple[list[int], SamplingParams]:
-        if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
-            raise LmforgeError(f"a conversation is a list of {{'role', 'content'}} messages, got {conversation!r:.80}")
-        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
-            raise LmforgeError("chat_template_kwargs is a dict of the template's variables, e.g. "
-                               f"{{'enable_thinking': False}}; got {type(chat_template_kwargs).__name__}")
-        ids = tpl.encode(self.tokenizer, list(conversation), add_generation_prompt, continue_final_message,
-                         tools=tools, **(chat_template_kwargs or {}))[0]
-        end_ids = tpl.stop_token_ids(self.tokenizer)  # a marker that is one special token ends on the token
-        return ids, dataclasses.replace(params, stop=tuple(dict.fromkeys(params.stop + tpl.stop)),
-                                        stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids + end_ids)))
-
-    def score(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list[tuple[float, bool]]:
+    def score(self, pairs: Seq[tuple[Prompt, Prompt]], *, truncate: str = "left") -> list[tuple[float, bool]]:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
         log-probs given everything before them, and whether the continuation is the greedy one (each of
         its tokens the argmax, the first maximal id as greedy decoding picks: a token merely tied with it is
@@ -409,19 +474,22 @@ class LLM:
         empty context is the tokenizer's BOS token, else its end-of-text token (lm-eval's prefix_token_id), or
         the continuation's first token when that is it (lm-eval: no doubled token). Too long a pair loses its
         oldest context tokens: the window holds max_seq_len + 1 tokens, as lm-eval's on HF models (the last
-        token is a target, never an input). tests/infer/test_lm_eval_parity.py compares with lm-eval's HFLM.
+        token is a target, never an input); truncate="error" refuses it instead (a few-shot prompt whose
+        instruction would be cut silently). tests/infer/test_lm_eval_parity.py compares with lm-eval's HFLM.
         Pairs run as score-only requests (max_tokens=0) with prompt log-probs from the continuation on:
         first one pair per distinct context, then the others, whose shared context the prefix cache then
-        serves (a multiple-choice question's context is computed once). score_tokens: the same, per token."""
-        return [(s.logprob, s.is_greedy) for s in self.score_tokens(pairs)]
+        serves (a multiple-choice question's context is computed once). score_tokens: the same, per token.
+        score_request: one pair as a request to submit."""
+        return [(s.logprob, s.is_greedy) for s in self.score_tokens(pairs, truncate=truncate)]
 
-    def score_tokens(self, pairs: Seq[tuple[Prompt, Prompt]]) -> list["Score"]:
+    def score_tokens(self, pairs: Seq[tuple[Prompt, Prompt]], *, truncate: str = "left") -> list["Score"]:
         """`score`, with each continuation's tokens and their log-probs (a Score per pair): what per-token or
         per-byte normalized scores (lm-eval's acc_norm, perplexity) and LM-as-judge readers need."""
+        _check_truncate(truncate)
         for i, p in enumerate(pairs):
             if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
-        pairs = [self._pair(ctx, cont, i) for i, (ctx, cont) in enumerate(pairs)]
+        pairs = [self._pair(ctx, cont, i, truncate) for i, (ctx, cont) in enumerate(pairs)]
         first = {tuple(ctx): i for i, (ctx, _) in reversed(list(enumerate(pairs)))}  # each context's first pair
         firsts = set(first.values())  # (built once: a membership test per pair, not a set per pair)
         rest = [i for i in range(len(pairs)) if i not in firsts]
@@ -432,13 +500,23 @@ class LLM:
             for i in group:
                 start = len(pairs[i][0])
                 if start not in params:
-                    params[start] = SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=start)
+                    params[start] = _score_params(start)
                 requests.append((pairs[i][0] + pairs[i][1], params[start]))
             for i, out in zip(group, self._run(requests) if group else []):
                 outs[i] = out
-        return [_read_score(ctx, cont, out) for (ctx, cont), out in zip(pairs, outs)]
+        return [read_score(out) for out in outs]
 
-    def _pair(self, context: Prompt, continuation: Prompt, index: int) -> tuple[list[int], list[int]]:
+    def score_request(self, context: Prompt, continuation: Prompt, *, truncate: str = "left"
+                      ) -> tuple[list[int], SamplingParams]:
+        """One (context, continuation) pair as a score-only request, tokenized and cut as score does:
+        `rid = llm.submit(*llm.score_request(ctx, cont))`, then read_score(the output) is its Score (a program
+        queueing its scoring calls beside its generation with submit / completed)."""
+        _check_truncate(truncate)
+        ctx, cont = self._pair(context, continuation, 0, truncate)
+        return ctx + cont, _score_params(len(ctx))
+
+    def _pair(self, context: Prompt, continuation: Prompt, index: int, truncate: str = "left"
+              ) -> tuple[list[int], list[int]]:
         if isinstance(context, str) and isinstance(continuation, str):
             if context:
                 stripped = context.rstrip()
@@ -474,6 +552,10 @@ class LLM:
         if len(cont) >= keep:
             raise LmforgeError(f"pair {index}: a {len(cont)}-token continuation leaves no context in the "
                                f"{self.max_seq_len}-token window; shorten it below {keep} tokens")
+        if truncate == "error" and len(ctx) + len(cont) > keep:
+            raise LmforgeError(f"pair {index}: its {len(ctx)}-token context and {len(cont)}-token continuation pass "
+                               f"the {keep}-token window (max_seq_len + 1); shorten the context, or pass "
+                               "truncate='left' to drop its oldest tokens as lm-eval does")
         return ctx[max(0, len(ctx) + len(cont) - keep):], cont
 
     def score_rolling(self, documents: Prompt | Seq[Prompt]) -> list[Score]:
@@ -494,16 +576,16 @@ class LLM:
         docs = [self._document(d, i) for i, d in enumerate(_prompt_list(documents))]
         windows = [(i, ctx, cont) for i, ids in enumerate(docs) for ctx, cont in
                    rolling_windows(ids, prefix, self.max_seq_len)]
-        params = {n: SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=n)
-                  for n in {len(ctx) for _, ctx, _ in windows}}
+        params = {n: _score_params(n) for n in {len(ctx) for _, ctx, _ in windows}}
         outs = self._run([(ctx + cont, params[len(ctx)]) for _, ctx, cont in windows])
         per_doc: list[list[Score]] = [[] for _ in docs]
         for (i, ctx, cont), out in zip(windows, outs):
-            per_doc[i].append(_read_score(ctx, cont, out))
+            per_doc[i].append(read_score(out))
         scores = []
         for ids, ws in zip(docs, per_doc):
             lps = [lp for w in ws for lp in w.token_logprobs]
-            scores.append(Score(sum(lps), all(w.is_greedy for w in ws), [prefix], ids, lps))
+            scores.append(Score(sum(lps), all(w.is_greedy for w in ws), [prefix], ids, lps,
+                                sum(w.num_cached_tokens for w in ws)))
         return scores
 
     def _prefix_id(self) -> int | None:
@@ -533,7 +615,8 @@ class LLM:
     def update_weights(self, weights=None, *, partial: bool = False) -> None:
         """Engine.update_weights: None after the model changed in place, else a state_dict or module (partial:
         only the tensors it names)."""
-        self.engine.update_weights(weights, partial=partial)
+        with self._lock:
+            self.engine.update_weights(weights, partial=partial)
 
     # ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -565,13 +648,67 @@ def rolling_windows(ids: list[int], prefix: int, window: int) -> list[tuple[list
     return pairs
 
 
-def _read_score(ctx: list[int], cont: list[int], out: RequestOutput) -> Score:
-    """A score-only request's output (its prompt ctx + cont, log-probs from len(ctx) on) as cont's Score."""
+def read_score(out: RequestOutput) -> Score:
+    """A score-only request's output (LLM.score_request: its prompt ctx + cont, log-probs from len(ctx) on,
+    the context's positions None) as cont's Score. A failed output raises its error."""
+    if out.error is not None:
+        raise out.error
+    lps_at = out.prompt_logprobs
+    if lps_at is None or all(d is None for d in lps_at):
+        raise LmforgeError("read_score reads a score-only request's output (LLM.score_request); this one has no "
+                           "prompt log-probs")
+    start = next(k for k, d in enumerate(lps_at) if d is not None)
+    ctx, cont = out.prompt_token_ids[:start], out.prompt_token_ids[start:]
     # each step: {its prompt token, then the argmax} (logprob_entries), one key when they are the same.
     # Greedy means each token IS the argmax (lm-eval: cont == logits.argmax), not merely tied with it
-    steps = out.prompt_logprobs[len(ctx):]
+    steps = lps_at[start:]
     lps = [d[t] for d, t in zip(steps, cont)]
-    return Score(sum(lps), all(list(d)[-1] == t for d, t in zip(steps, cont)), list(ctx), list(cont), lps)
+    return Score(sum(lps), all(list(d)[-1] == t for d, t in zip(steps, cont)), list(ctx), list(cont), lps,
+                 out.metrics.get("num_cached_tokens", 0))
+
+
+def _score_params(start: int) -> SamplingParams:
+    """A score-only request's params: no new token, prompt log-probs from token `start` (the continuation) on."""
+    return SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=start)
+
+
+def _check_truncate(truncate) -> None:
+    if truncate not in ("left", "error"):
+        raise ConfigError(f"truncate must be 'left' (drop a too-long pair's oldest context tokens, lm-eval's way) "
+                          f"or 'error', got {truncate!r}")
+
+
+def _input_error(error: LmforgeError, what: str, index: int, errors: str) -> RequestError:
+    """A prompt's input refused before it ran, named by its place ("prompt 3: ..." unless its message already
+    says so): errors="raise" raises it (its own type), "return" gives the RequestError its failed output holds,
+    the original error as its cause."""
+    message = str(error) if re.match(rf"{what} {index}\b", str(error)) else f"{what} {index}: {error}"
+    if errors == "raise":
+        if message == str(error):
+            raise error
+        try:
+            named = type(error)(message)
+        except TypeError:  # (a subclass taking other arguments)
+            named = LmforgeError(message)
+        raise named from error
+    named = RequestError(message)
+    named.__cause__ = error
+    return named
+
+
+def _failed_output(error: RequestError, prompt_token_ids, params: SamplingParams) -> RequestOutput:
+    """A request refused before it ran, as the output errors="return" gives in its place: finished, each of its
+    samples empty (finish_reason 'abort', as a request failing while it runs), `error` set."""
+    n = params.n if isinstance(params, SamplingParams) else 1
+    return RequestOutput(None, list(prompt_token_ids), [CompletionOutput(j, "", [], "abort") for j in range(n)],
+                         finished=True, error=error)
+
+
+def _check_not_taken(gone) -> None:
+    """Requests a caller waits for that are neither running nor held: another caller collected or aborted them."""
+    if gone:
+        raise LmforgeError(f"request(s) {sorted(gone)[:3]} are neither running nor waiting to be collected: another "
+                           "caller (a thread's wait, completed or abort) took them; collect each request in one place")
 
 
 def _check_errors(errors) -> None:

@@ -49,3 +49,12 @@ def test_engine_serves_a_model_with_an_int8_embedding(tok):
     out = llm.generate([prompt], lf.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
     assert list(out.token_ids) == full_greedy(model, prompt, 8)
     llm.engine.update_weights()  # the dtype check reads the same floating-point dtype
+
+
+def test_llm_load_opens_a_checkpoint_in_its_saved_dtype_or_the_one_asked(tmp_path, tok):
+    from lmforge import checkpoint as ckpt
+
+    path = ckpt.save_checkpoint(tmp_path / "c", 0, tiny_model("llama").to(torch.bfloat16))
+    assert lf.LLM.load(path, tokenizer=tok).engine.dtype == torch.bfloat16
+    llm = lf.LLM.load(path, tokenizer=tok, dtype=torch.float32)
+    assert llm.engine.dtype == torch.float32 and compute_dtype(llm.engine.model) == torch.float32

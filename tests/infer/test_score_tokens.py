@@ -39,7 +39,8 @@ def _stub_run(seen: list):
     def run(requests, errors="raise"):
         seen.extend(p for _, p in requests)
         return [SimpleNamespace(prompt_logprobs=[None] * p.prompt_logprobs_start +
-                                [{t: -1.0} for t in ids[p.prompt_logprobs_start:]]) for ids, p in requests]
+                                [{t: -1.0} for t in ids[p.prompt_logprobs_start:]], prompt_token_ids=ids,
+                                error=None, metrics={}) for ids, p in requests]
     return run
 
 

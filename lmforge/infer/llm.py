@@ -40,37 +40,22 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
-from typing import Iterable, Iterator, Sequence as Seq
+from typing import Iterator, Sequence as Seq
 
 import torch
 
-from lmforge.config import is_int
 from lmforge.errors import ConfigError, LmforgeError, RequestError
 from lmforge.infer.chat_template import ChatTemplate, chat_request as build_chat_request, checkpoint_chat_template
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
-from lmforge.infer.request import prompt_ids, seed_for
+from lmforge.infer.request import prompt_ids, prompt_list, seed_for
+from lmforge.infer.score import Score, Scoring, read_score, rolling_windows  # noqa: F401  (re-exported)
 from lmforge.infer.sampling import SamplingParams
 
 Prompt = str | list[int]
 
 
-@dataclasses.dataclass(frozen=True)
-class Score:
-    """One (context, continuation) pair scored (LLM.score_tokens): the continuation's tokens, each one's
-    log-prob given all before it, their sum and whether every token is the argmax (lm-eval's two numbers).
-    context_ids: the context as scored (BOS or end-of-text for an empty one; cut to the window). A document
-    scored in windows (LLM.score_rolling) is one Score: its tokens, after the prefix token as context_ids."""
-    logprob: float
-    is_greedy: bool
-    context_ids: list[int]
-    token_ids: list[int]
-    token_logprobs: list[float]
-    num_cached_tokens: int = 0
-    """context tokens read from the prefix cache (RequestOutput.metrics; a rolling score: all its windows')"""
-
-
-class LLM:
+class LLM(Scoring):
     """Generate text with any model honouring `model(ids, positions=None, cache=None, meta=None) -> logits`
     and describing its cache with `cache_spec()` (else the plain recompute path runs).
 
@@ -157,7 +142,7 @@ class LLM:
         (a logits processor leaving no token allowed: its tokens so far, finish_reason 'abort'). A failed engine
         step (not one request's fault) raises either way."""
         _check_errors(errors)
-        prompts = _prompt_list(prompts)
+        prompts = prompt_list(prompts)
         per_prompt = _params_list(params, len(prompts))
         requests: list = []
         for i, (p, sp) in enumerate(zip(prompts, per_prompt)):
@@ -462,156 +447,6 @@ class LLM:
             warn_caller(f"LLM.chat: {notice} (pass template= to choose one)")
         return tpl
 
-    def score(self, pairs: Seq[tuple[Prompt, Prompt]], *, truncate: str = "left") -> list[tuple[float, bool]]:
-        """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
-        log-probs given everything before them, and whether the continuation is the greedy one (each of
-        its tokens the argmax, the first maximal id as greedy decoding picks: a token merely tied with it is
-        not greedy, as in lm-eval). Strings are split as lm-eval does: the context's trailing whitespace moves
-        to the continuation, the context is tokenized alone and the continuation is what follows that many
-        tokens of context + continuation tokenized whole (a merge across the boundary is not undone: the
-        scored sequence is the context's own tokens, then those); both are tokenized as prompts (text_ids: a
-        Llama-3 tokenizer's BOS first, as HF's tokenizer does for lm-eval); token ids are taken as they are. An
-        empty context is the tokenizer's BOS token, else its end-of-text token (lm-eval's prefix_token_id), or
-        the continuation's first token when that is it (lm-eval: no doubled token). Too long a pair loses its
-        oldest context tokens: the window holds max_seq_len + 1 tokens, as lm-eval's on HF models (the last
-        token is a target, never an input); truncate="error" refuses it instead (a few-shot prompt whose
-        instruction would be cut silently). tests/infer/test_lm_eval_parity.py compares with lm-eval's HFLM.
-        Pairs run as score-only requests (max_tokens=0) with prompt log-probs from the continuation on:
-        first one pair per distinct context, then the others, whose shared context the prefix cache then
-        serves (a multiple-choice question's context is computed once). score_tokens: the same, per token.
-        score_request: one pair as a request to submit."""
-        return [(s.logprob, s.is_greedy) for s in self.score_tokens(pairs, truncate=truncate)]
-
-    def score_tokens(self, pairs: Seq[tuple[Prompt, Prompt]], *, truncate: str = "left") -> list["Score"]:
-        """`score`, with each continuation's tokens and their log-probs (a Score per pair): what per-token or
-        per-byte normalized scores (lm-eval's acc_norm, perplexity) and LM-as-judge readers need."""
-        _check_truncate(truncate)
-        for i, p in enumerate(pairs):
-            if not isinstance(p, (tuple, list)) or len(p) != 2:
-                raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
-        pairs = [self._pair(ctx, cont, i, truncate) for i, (ctx, cont) in enumerate(pairs)]
-        first = {tuple(ctx): i for i, (ctx, _) in reversed(list(enumerate(pairs)))}  # each context's first pair
-        firsts = set(first.values())  # (built once: a membership test per pair, not a set per pair)
-        rest = [i for i in range(len(pairs)) if i not in firsts]
-        params: dict[int, SamplingParams] = {}  # one per context length: MMLU's pairs share a few
-        outs: list = [None] * len(pairs)
-        for group in (sorted(firsts), rest):
-            requests = []
-            for i in group:
-                start = len(pairs[i][0])
-                if start not in params:
-                    params[start] = _score_params(start)
-                requests.append((pairs[i][0] + pairs[i][1], params[start]))
-            for i, out in zip(group, self._run(requests) if group else []):
-                outs[i] = out
-        return [read_score(out) for out in outs]
-
-    def score_request(self, context: Prompt, continuation: Prompt, *, truncate: str = "left"
-                      ) -> tuple[list[int], SamplingParams]:
-        """One (context, continuation) pair as a score-only request, tokenized and cut as score does:
-        `rid = llm.submit(*llm.score_request(ctx, cont))`, then read_score(the output) is its Score (a program
-        queueing its scoring calls beside its generation with submit / completed)."""
-        _check_truncate(truncate)
-        ctx, cont = self._pair(context, continuation, 0, truncate)
-        return ctx + cont, _score_params(len(ctx))
-
-    def _pair(self, context: Prompt, continuation: Prompt, index: int, truncate: str = "left"
-              ) -> tuple[list[int], list[int]]:
-        if isinstance(context, str) and isinstance(continuation, str):
-            if context:
-                stripped = context.rstrip()
-                context, continuation = stripped, context[len(stripped):] + continuation
-                whole, ctx = self.text_ids(context + continuation), self.text_ids(context)
-                cont = whole[len(ctx):]  # the context keeps its own tokens where a merge crosses it (lm-eval)
-            else:  # (lm-eval: the continuation alone gets no BOS; the prefix token below stands for the context)
-                ctx, cont = [], self.tokenizer.encode(continuation)
-        elif isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple)):
-            ctx, cont = list(context), list(continuation)
-            bad = [t for t in ctx + cont if not is_int(t) or not 0 <= t < self.engine.vocab_size]
-            if bad:
-                raise LmforgeError(f"pair {index} has token id {bad[0]!r} outside the model's vocabulary "
-                                   f"[0, {self.engine.vocab_size})")
-        else:
-            raise LmforgeError(f"pair {index}: context and continuation must both be strings or both token id "
-                               f"lists, got {type(context).__name__} and {type(continuation).__name__}")
-        if not cont:
-            raise LmforgeError(f"pair {index} has an empty continuation: there is nothing to score")
-        if not ctx:  # lm-eval's prefix_token_id: the BOS token, else end-of-text
-            start = self._prefix_id()
-            if start is None:
-                raise LmforgeError(f"pair {index} has an empty context and the tokenizer has no BOS or end-of-text "
-                                   "token to stand for it; give at least one context token")
-            # lm-eval: a continuation that opens with that token is its own context (not [eot] + [eot, ...])
-            ctx, cont = (cont[:1], cont[1:]) if int(cont[0]) == int(start) else ([int(start)], cont)
-            if not cont:
-                raise LmforgeError(f"pair {index} has an empty context and a continuation of only the "
-                                   f"{'end-of-text' if getattr(self.tokenizer, 'bos_id', None) is None else 'BOS'} "
-                                   "token that stands for it: nothing "
-                                   "is left to score (lm-eval refuses it too); give a context or more continuation")
-        keep = self.max_seq_len + 1  # the last token is only read (a score-only request's window)
-        if len(cont) >= keep:
-            raise LmforgeError(f"pair {index}: a {len(cont)}-token continuation leaves no context in the "
-                               f"{self.max_seq_len}-token window; shorten it below {keep} tokens")
-        if truncate == "error" and len(ctx) + len(cont) > keep:
-            raise LmforgeError(f"pair {index}: its {len(ctx)}-token context and {len(cont)}-token continuation pass "
-                               f"the {keep}-token window (max_seq_len + 1); shorten the context, or pass "
-                               "truncate='left' to drop its oldest tokens as lm-eval does")
-        return ctx[max(0, len(ctx) + len(cont) - keep):], cont
-
-    def score_rolling(self, documents: Prompt | Seq[Prompt]) -> list[Score]:
-        """lm-eval's loglikelihood_rolling (perplexity, bits per byte): each document's every token scored once,
-        given the tokens before it, in windows of at most max_seq_len predicted tokens (rolling_windows: lm-eval's
-        layout, so documents longer than the window score as lm-eval's HFLM scores them). A Score per document:
-        logprob is the sum (lm-eval's number), token_ids the document's tokens, token_logprobs one per token,
-        context_ids the prefix token the first one is predicted from (the tokenizer's BOS, else end-of-text, as
-        for score's empty context), is_greedy whether every token is the argmax. Perplexity is
-        exp(-logprob / len(token_ids)); bits per byte -logprob / (ln 2 * the text's UTF-8 bytes).
-        `documents`: one document or a list; a string is tokenized as lm-eval's HFLM tokenizes it (text_ids: a
-        Llama-3 tokenizer's BOS first, which is then scored after the prefix BOS, as lm-eval does), token ids are
-        taken as given. Every window of every document is one score-only request, all queued together."""
-        prefix = self._prefix_id()
-        if prefix is None:
-            raise LmforgeError("score_rolling predicts a document's first token from the tokenizer's BOS or "
-                               "end-of-text token, and this tokenizer has neither")
-        docs = [self._document(d, i) for i, d in enumerate(_prompt_list(documents))]
-        windows = [(i, ctx, cont) for i, ids in enumerate(docs) for ctx, cont in
-                   rolling_windows(ids, prefix, self.max_seq_len)]
-        params = {n: _score_params(n) for n in {len(ctx) for _, ctx, _ in windows}}
-        outs = self._run([(ctx + cont, params[len(ctx)]) for _, ctx, cont in windows])
-        per_doc: list[list[Score]] = [[] for _ in docs]
-        for (i, ctx, cont), out in zip(windows, outs):
-            per_doc[i].append(read_score(out))
-        scores = []
-        for ids, ws in zip(docs, per_doc):
-            lps = [lp for w in ws for lp in w.token_logprobs]
-            scores.append(Score(sum(lps), all(w.is_greedy for w in ws), [prefix], ids, lps,
-                                sum(w.num_cached_tokens for w in ws)))
-        return scores
-
-    def _prefix_id(self) -> int | None:
-        """lm-eval's prefix_token_id: the token a sequence's first token is predicted from (BOS, else
-        end-of-text)."""
-        bos = getattr(self.tokenizer, "bos_id", None)
-        return bos if bos is not None else getattr(self.tokenizer, "eot_id", None)
-
-    def _document(self, document: Prompt, index: int) -> list[int]:
-        if isinstance(document, str):
-            if not document:
-                raise LmforgeError(f"document {index} is empty text: there is nothing to score")
-            return self.text_ids(document)
-        if isinstance(document, torch.Tensor) and document.dim() == 1:
-            document = document.tolist()
-        if not isinstance(document, (list, tuple)):
-            raise LmforgeError(f"document {index} must be a string or a list of token ids, got "
-                               f"{type(document).__name__}")
-        if not document:
-            raise LmforgeError(f"document {index} has no tokens: there is nothing to score")
-        bad = [t for t in document if not is_int(t) or not 0 <= t < self.engine.vocab_size]
-        if bad:
-            raise LmforgeError(f"document {index} has token id {bad[0]!r} outside the model's vocabulary "
-                               f"[0, {self.engine.vocab_size})")
-        return [int(t) for t in document]
-
     def update_weights(self, weights=None, *, partial: bool = False) -> None:
         """Engine.update_weights: None after the model changed in place, else a state_dict or module (partial:
         only the tensors it names)."""
@@ -629,53 +464,6 @@ class LLM:
         if params.seed is not None and index is not None:
             changes["seed"] = seed_for(params.seed, index)
         return dataclasses.replace(params, **changes) if changes else params
-
-
-def rolling_windows(ids: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:
-    """A document's (context, continuation) pairs for LLM.score_rolling, lm-eval's layout (its
-    get_rolling_token_windows with context_len=1, made disjoint): every token is in exactly one continuation, in
-    order, each given all the tokens before it that fit a (window + 1)-token score-only request, the most a
-    model with a `window`-token window reads (the last token is only a target). For window W and n tokens:
-
-        [prefix] -> ids[0:W]                    the first window: the prefix token stands for "no context"
-        ids[W-1:W] -> ids[W:2W]                 full windows: W predicted tokens leave room for one of context
-        ids[n-W-1:k] -> ids[k:n]                a short last window fills the rest with more context
-    """
-    pairs = [([prefix], ids[:window])]
-    for start in range(window, len(ids), window):
-        end = min(start + window, len(ids))
-        pairs.append((ids[end - window - 1:start], ids[start:end]))  # (end > window: never a negative start)
-    return pairs
-
-
-def read_score(out: RequestOutput) -> Score:
-    """A score-only request's output (LLM.score_request: its prompt ctx + cont, log-probs from len(ctx) on,
-    the context's positions None) as cont's Score. A failed output raises its error."""
-    if out.error is not None:
-        raise out.error
-    lps_at = out.prompt_logprobs
-    if lps_at is None or all(d is None for d in lps_at):
-        raise LmforgeError("read_score reads a score-only request's output (LLM.score_request); this one has no "
-                           "prompt log-probs")
-    start = next(k for k, d in enumerate(lps_at) if d is not None)
-    ctx, cont = out.prompt_token_ids[:start], out.prompt_token_ids[start:]
-    # each step: {its prompt token, then the argmax} (logprob_entries), one key when they are the same.
-    # Greedy means each token IS the argmax (lm-eval: cont == logits.argmax), not merely tied with it
-    steps = lps_at[start:]
-    lps = [d[t] for d, t in zip(steps, cont)]
-    return Score(sum(lps), all(list(d)[-1] == t for d, t in zip(steps, cont)), list(ctx), list(cont), lps,
-                 out.metrics.get("num_cached_tokens", 0))
-
-
-def _score_params(start: int) -> SamplingParams:
-    """A score-only request's params: no new token, prompt log-probs from token `start` (the continuation) on."""
-    return SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=start)
-
-
-def _check_truncate(truncate) -> None:
-    if truncate not in ("left", "error"):
-        raise ConfigError(f"truncate must be 'left' (drop a too-long pair's oldest context tokens, lm-eval's way) "
-                          f"or 'error', got {truncate!r}")
 
 
 def _input_error(error: LmforgeError, what: str, index: int, errors: str) -> RequestError:
@@ -734,22 +522,3 @@ def _params_list(params, n_prompts: int) -> list[SamplingParams]:
         raise ConfigError(f"params is a list of {len(params)} SamplingParams for {n_prompts} prompts; give one "
                           "per prompt, or one SamplingParams for all")
     return [_check_params(p, f"params[{i}]") for i, p in enumerate(params)]
-
-
-def _prompt_list(prompts) -> list:
-    """One prompt (a string, token ids as a list, tuple or 1-D tensor) or an iterable of prompts -> a list."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() not in (1, 2):
-            raise LmforgeError(f"a tensor of prompts must be 1-D (one prompt's ids) or 2-D (one row per prompt), "
-                               f"got {prompts.dim()}-D")
-        return [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
-    if not isinstance(prompts, Iterable):
-        raise LmforgeError(f"prompts must be a string, a list of token ids, or a list of those; got "
-                           f"{type(prompts).__name__}")
-    prompts = list(prompts)
-    if prompts and all(is_int(t) for t in prompts):  # one prompt given as its token ids
-        return [prompts]
-    return prompts
-

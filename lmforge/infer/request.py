@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import enum
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
@@ -359,3 +360,22 @@ def encode_prompt(tokenizer, prompt, params: SamplingParams, index: int, vocab_s
         raise LmforgeError(f"prompt {index} has {len(ids)} tokens but the context window is "
                            f"{max_seq_len}{score}; shorten it or set truncate_prompt=True")
     return ids if plain else [int(t) for t in ids]
+
+
+def prompt_list(prompts) -> list:
+    """One prompt (a string, token ids as a list, tuple or 1-D tensor) or an iterable of prompts -> a list (LLM's
+    generate and score_rolling)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() not in (1, 2):
+            raise LmforgeError(f"a tensor of prompts must be 1-D (one prompt's ids) or 2-D (one row per prompt), "
+                               f"got {prompts.dim()}-D")
+        return [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+    if not isinstance(prompts, Iterable):
+        raise LmforgeError(f"prompts must be a string, a list of token ids, or a list of those; got "
+                           f"{type(prompts).__name__}")
+    prompts = list(prompts)
+    if prompts and all(is_int(t) for t in prompts):  # one prompt given as its token ids
+        return [prompts]
+    return prompts

@@ -180,6 +180,30 @@ class AsyncEngine:
             # lock, so that streams and steps go on meanwhile (the engine checks the ids again, cheaply)
             prompt = await asyncio.get_running_loop().run_in_executor(
                 self._encode_pool, self.engine.encode, text, params or SamplingParams(), prompt_index)
+        return await self._queue(prompt, params, request_id, prompt_index, text)
+
+    async def add_chat_request(self, conversation, params: SamplingParams | None = None,
+                               request_id: str | None = None, *, template, prompt_index: int = 0,
+                               **options) -> str:
+        """Queue one conversation (OpenAI- or HF-style messages) rendered by `template` (a ChatTemplate:
+        lmforge.infer.chat_template.choose_template, checkpoint_chat_template) as add_request queues a prompt:
+        rendered and tokenized on the encoding threads (lmforge.infer.chat_template.chat_request: the template's
+        end-of-turn stops join params; options: add_generation_prompt, continue_final_message, tools,
+        chat_template_kwargs), its seed that of conversation `prompt_index` of LLM.chat, its outputs' prompt the
+        rendered text. Bad messages raise here (ConfigError / LmforgeError: a server's 400) with nothing queued."""
+        if self._closed:
+            raise EngineError("this AsyncEngine was shut down: it takes no new requests")
+        from lmforge.infer.chat_template import chat_request
+
+        req = await asyncio.get_running_loop().run_in_executor(
+            self._encode_pool, lambda: chat_request(self.engine.tokenizer, template, conversation, params, **options))
+        params = req.params
+        if params.seed is not None:
+            params = dataclasses.replace(params, seed=seed_for(params.seed, prompt_index))
+        return await self._queue(req.prompt_token_ids, params, request_id, prompt_index, req.prompt)
+
+    async def _queue(self, prompt, params, request_id: str | None, prompt_index: int, text: str | None) -> str:
+        """add_request's second half: the request queued between steps (after a pause), its outputs' prompt `text`."""
         while True:
             await self._admission().wait()  # paused: until resume() (or shutdown)
             async with self._between_steps():

@@ -80,6 +80,34 @@ def test_chat_request_without_an_llm_runs_on_an_engine(tok):
         chat_request(tok, "plain", CONVS[0])
 
 
+def test_async_engine_queues_a_conversation_as_llm_chat_runs_it(tok):
+    """AsyncEngine.add_chat_request: rendered and tokenized on the encoding threads, conversation
+    `prompt_index`'s seed, the rendered prompt on its outputs; bad messages raise before anything is queued."""
+    import asyncio
+
+    from lmforge.infer.async_engine import AsyncEngine
+
+    model = tiny_model()
+    tpl, _ = ct.choose_template(tok, "plain")
+    sampled = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=11)
+    want = LLM(model, tok).chat([CONVS[0], CONVS[1]], sampled, template="plain")[1]
+
+    async def main():
+        aeng = AsyncEngine(Engine(model, tok, EngineConfig()))
+        try:
+            rid = await aeng.add_chat_request(CONVS[1], sampled, template=tpl, prompt_index=1)
+            async for out in aeng.stream(rid):
+                last = out
+            with pytest.raises(ConfigError):
+                await aeng.add_chat_request([{"role": "robot", "content": "x"}], sampled, template=tpl)
+            return last, len(aeng.engine.requests)
+        finally:
+            await aeng.shutdown()
+
+    out, left = asyncio.run(main())
+    assert out.token_ids == want.token_ids and out.prompt == tpl.render(CONVS[1]) and left == 0
+
+
 def test_checkpoint_chat_template_without_an_llm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": QWEN}))

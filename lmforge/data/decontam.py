@@ -80,7 +80,12 @@ def _items(path: Path) -> Iterator[str]:
                         "file") from e
     kind = _kind(path)
     if kind == "csv":
-        yield from (cell for row in csv.reader(io.StringIO(text, newline="")) for cell in row)
+        try:
+            rows = list(csv.reader(io.StringIO(text, newline="")))
+        except csv.Error as e:  # a cell past csv's field limit, a NUL byte
+            raise DataError(f"decontamination set {path} is not readable CSV ({e}); fix the file or give it as "
+                            ".jsonl") from None
+        yield from (cell for row in rows for cell in row)
     elif kind == "text":
         yield from text.splitlines()
     elif (whole := _whole_json(text)) is not None:  # one array or object (.json)

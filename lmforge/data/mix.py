@@ -67,7 +67,7 @@ def mix(cfg: MixConfig, docs: list[Document], ctx: StageContext) -> list[Documen
                 (_uniform(cfg.seed, copy_id), d.id, replace(d, id=copy_id, meta={**d.meta, "mix_copy": k})))
             ctx.count("mix.copies_added")
     out = list(docs)
-    last = docs[-1].id if docs else None
+    last = next((d.id for d in reversed(docs) if d.drop is None), None)  # (a downsampled one is dropped)
     for k in sorted(rounds):
         r = sorted(rounds[k], key=lambda c: (c[0], c[2].id))
         if len(r) > 1 and r[0][1] == last:

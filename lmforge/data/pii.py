@@ -39,8 +39,9 @@ PHONE_BARE = re.compile(r"(?<![\w+/=?&#.:%-])(?:\+1[ \t.-]?)?[2-9]\d{9}(?![\w/-]
 # A URL, as `(?:\b[a-z][a-z0-9+.-]*://|\bwww\.)\S+` (case-insensitive, ASCII) finds them: `url_spans`. That
 # pattern itself is quadratic in a long dotted token (host names, Java package paths): from every word boundary in it
 # `[a-z0-9+.-]*` runs to the token's end before failing. This one starts a scheme only where a run of scheme
-# characters starts and never gives the run back; `url_spans` then finds where the plain pattern's match would start.
-_URL_START = re.compile(r"(?<![a-z0-9+.-])(?P<run>[a-z0-9+.-]*+)://(?=\S)|\bwww\.(?=\S)", re.I | re.ASCII)
+# characters starts (one try per run: linear; no possessive quantifier, which Python 3.10 lacks);
+# `url_spans` then finds where the plain pattern's match would start.
+_URL_START = re.compile(r"(?<![a-z0-9+.-])(?P<run>[a-z0-9+.-]*)://(?=\S)|\bwww\.(?=\S)", re.I | re.ASCII)
 _NON_SPACE = re.compile(r"\S*")
 
 

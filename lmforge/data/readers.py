@@ -275,7 +275,12 @@ def _parquet_doc(path: Path, row: int, rec: dict[str, Any], text_key: str, id_ke
         return _error_doc(path, f"row {row}", "bad_record",
                           TypeError(f"column {text_key!r} holds {type(text).__name__}, not text"))
     meta = rec.pop("meta", None)
-    meta = json.loads(meta) if isinstance(meta, str) else json_safe(dict(meta or {}))
+    try:
+        meta = json.loads(meta) if isinstance(meta, str) else json_safe(dict(meta or {}))
+        if not isinstance(meta, dict):
+            raise TypeError(f"column 'meta' holds {type(meta).__name__}, not an object")
+    except (ValueError, TypeError) as e:  # one bad row, not the rest of the file (json's errors are ValueErrors)
+        return _error_doc(path, f"row {row}", "bad_record", e)
     meta.update({k: json_safe(v) for k, v in rec.items() if k not in (text_key, id_key)})
     meta.setdefault("source", str(path))
     doc_id = rec.get(id_key)

@@ -137,6 +137,17 @@ def test_mix_places_copies_away_from_their_originals_in_a_fixed_order():
     assert [d.id for d in mix(MixConfig(weights={"books": 3.0}), batch(), StageContext())] == ids
 
 
+def test_a_downsampled_last_document_does_not_let_a_copy_sit_by_its_original():
+    """The neighbour check looked at the batch's last document even when mix had just dropped it."""
+    from lmforge.data.mix import MixConfig, mix
+
+    for seed in range(20):
+        docs = [Document(id=f"{s}{i}", text="t", meta={"source": s}) for i, s in enumerate(("w", "a", "a", "b"))]
+        out = mix(MixConfig(weights={"a": 2.0, "b": 0.0}, seed=seed), docs, StageContext())
+        kept = [d.id.split("#")[0] for d in out if d.drop is None]
+        assert not any(x == y for x, y in zip(kept, kept[1:])), kept
+
+
 def _datatrove_fineweb(text: str, dup: float) -> str:
     """datatrove FineWebQualityFilter.filter (lmforge's terminal marks, whitespace words): the first failing rule."""
     from lmforge.data.fineweb import TERMINAL

@@ -171,3 +171,20 @@ def test_jsonl_gz_output_is_byte_reproducible(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "time", lambda: later)  # gzip stamps its header with time.time() unless told
     write_jsonl(tmp_path / "b.jsonl.gz", docs)
     assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.jsonl.gz").read_bytes()
+
+
+def test_a_bad_parquet_meta_row_and_an_unparsable_csv_eval_are_one_line_errors(tmp_path):
+    """One row whose meta is not a JSON object is that row's bad_record (it made the rest of the file
+    corrupt_parquet); a CSV eval file csv cannot parse is a DataError naming it (was a csv traceback)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from lmforge.data.decontam import eval_ngrams
+    from lmforge.errors import DataError
+
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["one text", "two text", "three text"],
+                             "meta": ['{"k": 1}', "{oops", '{"k": 3}']}), tmp_path / "t.parquet")
+    docs = list(read_documents(tmp_path / "t.parquet"))
+    assert [d.drop for d in docs] == [None, "read_error:bad_record", None] and docs[2].meta["k"] == 3
+    (tmp_path / "big.csv").write_text('"' + "x" * 200_000 + '"\n')
+    with pytest.raises(DataError, match="big.csv is not readable CSV"):
+        eval_ngrams((str(tmp_path / "big.csv"),), 8)

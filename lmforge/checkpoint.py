@@ -730,7 +730,14 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
 
     if is_peft_dir(path):  # a PEFT LoRA adapter directory: over its base_model_name_or_path, or `base`
         model, tok = load_peft(path, base, tokenizer)
-        return model.to(device, dtype), tok
+        if dtype is not None:  # the base in dtype, the adapters kept fp32 (as the other checkpoints load them)
+            from lmforge.adapt.lora import adapter_names
+
+            keep = adapter_names(model)
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if name not in keep and t.is_floating_point():
+                    t.data = t.data.to(dtype)
+        return model.to(device), tok
     ckpt = resolve_checkpoint(path)
     hf = is_hf_dir(ckpt)
     cfg, meta = (None, {}) if hf else model_config_of(ckpt)

@@ -196,11 +196,9 @@ class AsyncEngine:
         from lmforge.infer.chat_template import chat_request
 
         req = await asyncio.get_running_loop().run_in_executor(
-            self._encode_pool, lambda: chat_request(self.engine.tokenizer, template, conversation, params, **options))
-        params = req.params
-        if params.seed is not None:
-            params = dataclasses.replace(params, seed=seed_for(params.seed, prompt_index))
-        return await self._queue(req.prompt_token_ids, params, request_id, prompt_index, req.prompt)
+            self._encode_pool, lambda: chat_request(self.engine.tokenizer, template, conversation, params,
+                                                    index=prompt_index, **options))
+        return await self._queue(req.prompt_token_ids, req.params, request_id, prompt_index, req.prompt)
 
     async def _queue(self, prompt, params, request_id: str | None, prompt_index: int, text: str | None) -> str:
         """add_request's second half: the request queued between steps (after a pause), its outputs' prompt `text`."""

@@ -496,6 +496,10 @@ def chat_request(tokenizer, template: ChatTemplate, conversation, params=None, *
     if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
         raise LmforgeError("chat_template_kwargs is a dict of the template's variables, e.g. "
                            f"{{'enable_thinking': False}}; got {type(chat_template_kwargs).__name__}")
+    reserved = sorted(set(chat_template_kwargs or ()) & {"messages", "add_generation_prompt", "tools", "documents"})
+    if reserved:
+        raise ConfigError(f"chat_template_kwargs key {reserved[0]!r} is set by chat_request itself; pass it as its "
+                          "own argument (tools=, add_generation_prompt=) or drop it")
     text, ids = template.prompt(tokenizer, normalize_messages(conversation), add_generation_prompt,
                                 continue_final_message, tools=tools, **(chat_template_kwargs or {}))
     end_ids = template.stop_token_ids(tokenizer)  # a marker that is one special token ends on the token

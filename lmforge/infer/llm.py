@@ -49,7 +49,7 @@ from lmforge.infer.chat_template import ChatTemplate, chat_request as build_chat
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.outputs import CompletionOutput, RequestOutput
 from lmforge.infer.request import prompt_ids, prompt_list, seed_for
-from lmforge.infer.score import Score, Scoring, read_score, rolling_windows  # noqa: F401  (re-exported)
+from lmforge.infer.score import Score, Scoring, _list_of, read_score, rolling_windows  # noqa: F401  (re-exported)
 from lmforge.infer.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -277,9 +277,7 @@ class LLM(Scoring):
         id reused there would hand one call's output to the other)."""
         with self._lock:
             if request_id is None:
-                rid = self.engine.free_request_id()
-                while rid in self._held or rid in self._submitted:
-                    rid = self.engine.free_request_id()
+                rid = self.engine.free_request_id(taken=self._held.keys() | self._submitted)
             else:
                 rid = str(request_id)
                 if rid in self._held or rid in self._submitted:
@@ -399,6 +397,7 @@ class LLM(Scoring):
         Each output's `prompt` is the conversation's rendered prompt text (None where rendering failed)."""
         _check_errors(errors)
         tpl = self._chat_template(template)
+        conversations = _list_of(conversations, "conversations", "messages, or a list of such lists")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         requests: list = []

@@ -15,10 +15,9 @@ from typing import Sequence as Seq
 
 import torch
 
-from lmforge.config import is_int
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.outputs import RequestOutput
-from lmforge.infer.request import prompt_list
+from lmforge.infer.request import check_ids, prompt_list
 from lmforge.infer.sampling import SamplingParams
 
 Prompt = str | list[int]
@@ -67,6 +66,7 @@ class Scoring:
         """`score`, with each continuation's tokens and their log-probs (a Score per pair): what per-token or
         per-byte normalized scores (lm-eval's acc_norm, perplexity) and LM-as-judge readers need."""
         _check_truncate(truncate)
+        pairs = _list_of(pairs, "pairs", "(context, continuation) pairs")  # (a generator is read once)
         for i, p in enumerate(pairs):
             if not isinstance(p, (tuple, list)) or len(p) != 2:
                 raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
@@ -108,10 +108,8 @@ class Scoring:
                 ctx, cont = [], self.tokenizer.encode(continuation)
         elif isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple)):
             ctx, cont = list(context), list(continuation)
-            bad = [t for t in ctx + cont if not is_int(t) or not 0 <= t < self.engine.vocab_size]
-            if bad:
-                raise LmforgeError(f"pair {index} has token id {bad[0]!r} outside the model's vocabulary "
-                                   f"[0, {self.engine.vocab_size})")
+            if ctx or cont:
+                check_ids(ctx + cont, self.engine.vocab_size, f"pair {index}")
         else:
             raise LmforgeError(f"pair {index}: context and continuation must both be strings or both token id "
                                f"lists, got {type(context).__name__} and {type(continuation).__name__}")
@@ -187,11 +185,9 @@ class Scoring:
                                f"{type(document).__name__}")
         if not document:
             raise LmforgeError(f"document {index} has no tokens: there is nothing to score")
-        bad = [t for t in document if not is_int(t) or not 0 <= t < self.engine.vocab_size]
-        if bad:
-            raise LmforgeError(f"document {index} has token id {bad[0]!r} outside the model's vocabulary "
-                               f"[0, {self.engine.vocab_size})")
-        return [int(t) for t in document]
+        document = list(document)
+        return document if check_ids(document, self.engine.vocab_size, f"document {index}") else \
+            [int(t) for t in document]
 
 
 def rolling_windows(ids: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:
@@ -239,3 +235,10 @@ def _check_truncate(truncate) -> None:
     if truncate not in ("left", "error"):
         raise ConfigError(f"truncate must be 'left' (drop a too-long pair's oldest context tokens, lm-eval's way) "
                           f"or 'error', got {truncate!r}")
+
+
+def _list_of(items, name: str, what: str) -> list:
+    """items as a list (a generator read once), or a one-line error for what is not iterable."""
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise LmforgeError(f"{name} must be a list of {what}, got {type(items).__name__}")
+    return list(items)

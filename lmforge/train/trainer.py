@@ -447,7 +447,7 @@ class Trainer:
             ckpt.check_same_model(meta["model"], self.model.cfg)
         if "model" in meta:  # LoRA runs: the same adapters (an alpha change keeps the shapes, not the function)
             saved = meta.get("lora", {})
-            now = {k: list(v) for k, v in ckpt.model_meta(self.model).get("lora", {}).items()}
+            now = {k: list(v) for k, v in _lora_now(self.model).items()}  # (not model_meta: no meta-model build)
             if saved != now:
                 k = next(iter(sorted(set(saved) ^ set(now)) or [n for n in saved if saved[n] != now.get(n)]))
                 raise ConfigError(f"{path} was trained with LoRA adapter {k} = {saved.get(k)} ([r, scale]) but the "
@@ -957,3 +957,13 @@ def _sync(device) -> None:
     """Wait for the device's queued work (CUDA), so host time measures what ran between two calls."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _lora_now(model) -> dict:
+    """The model's unmerged adapters as a checkpoint records them (checkpoint.model_meta's "lora"; a head on a
+    backbone: the backbone's)."""
+    from lmforge.adapt.lora import lora_record
+
+    if getattr(model, "head_record", None) is not None and hasattr(model, "backbone"):
+        model = model.backbone
+    return lora_record(model)

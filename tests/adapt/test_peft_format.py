@@ -174,6 +174,19 @@ def test_a_legacy_adapter_model_bin_is_named_with_the_command_that_converts_it(t
     assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
 
 
+def test_a_peft_directory_loaded_in_bf16_keeps_its_adapters_fp32(tmp_path):
+    """load_model(dtype=) casts a PEFT adapter's base, not its LoRA factors (they were cast with it), as the other
+    checkpoint kinds load adapters over a half-precision model."""
+    from lmforge.adapt.lora import adapter_names
+
+    _base(tmp_path / "base")
+    _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj"])
+    model = load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False, dtype=torch.bfloat16)[0]
+    names = adapter_names(model)
+    assert names and all(p.dtype == (torch.float32 if n in names else torch.bfloat16)
+                         for n, p in model.named_parameters())
+
+
 def test_adapters_trained_on_a_hf_model_behind_the_wrapper_export_to_peft(tmp_path):
     """LoRA on a HF model behind lmforge.infer.hf_wrapper.HFCausalLM (module names already HF's, under `hf.`):
     to_peft writes an adapter PEFT loads onto that HF base with the same logits, the module kept in full as

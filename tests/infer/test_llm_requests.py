@@ -112,3 +112,23 @@ def test_score_truncate_error_names_the_lengths(tok):
         llm.score([(ctx, " 4")], truncate="error")
     with pytest.raises(ConfigError, match="truncate must be"):
         llm.score([(ctx, " 4")], truncate="right")
+
+
+def test_generators_of_pairs_and_conversations_and_reserved_template_variables(tok):
+    """A generator of pairs was read twice (its second pass empty: score returned []); a generator of conversations
+    and a non-list were tracebacks; a chat_template_kwargs key chat_request sets itself was blamed on the messages."""
+    llm = LLM(tiny_model(), tok)
+    pairs = [("the cat", " sat"), ([5, 6, 7], [8, 9])]
+    assert llm.score(p for p in pairs) == llm.score(pairs) and len(llm.score(pairs)) == 2
+    with pytest.raises(LmforgeError, match="pairs must be a list of"):
+        llm.score(None)
+    sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    conv = [{"role": "user", "content": "hi"}]
+    want = llm.chat([conv], sp, template="plain")[0].token_ids
+    assert llm.chat((c for c in [conv]), sp, template="plain")[0].token_ids == want
+    with pytest.raises(LmforgeError, match="conversations must be a list of"):
+        llm.chat(5, sp, template="plain")
+    with pytest.raises(ConfigError, match="key 'messages' is set by chat_request itself"):
+        llm.chat_request(conv, sp, template="plain", chat_template_kwargs={"messages": []})
+    with pytest.raises(LmforgeError, match=r"pair 0 has token id 999 outside"):
+        llm.score([([1, 999], [2])])

@@ -25,7 +25,7 @@ import numpy as np
 from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
-from lmforge.data.readers import ARCHIVE_ERRORS, decode_text, open_binary
+from lmforge.data.readers import ARCHIVE_ERRORS, decode_text, open_binary, uncompressed_name
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
 
@@ -64,9 +64,7 @@ EVAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".txt")
 
 def _kind(path: Path) -> str:
     """"json", "csv" or "text" from the name, compression suffixes looked through."""
-    name = path.name.lower()
-    for suffix in (".gz", ".zst", ".zstd"):
-        name = name.removesuffix(suffix)
+    name = uncompressed_name(path)
     return "json" if name.endswith((".jsonl", ".ndjson", ".json")) else "csv" if name.endswith(".csv") else "text"
 
 
@@ -120,8 +118,7 @@ def _files(paths: tuple[str, ...]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             out += sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")
-                          and q.name.lower().removesuffix(".gz").removesuffix(".zst").removesuffix(".zstd")
-                          .endswith(EVAL_SUFFIXES))
+                          and uncompressed_name(q).endswith(EVAL_SUFFIXES))
         elif p.is_file():
             out.append(p)
         else:

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from lmforge.config import check, from_dict, load_toml
 from lmforge.data.document import Document
-from lmforge.data.readers import FORMATS, detect_format, read_documents
+from lmforge.data.readers import FORMATS, compression, detect_format, read_documents, uncompressed_name
 from lmforge.data.stage import StageSpec
 from lmforge.data.writers import WRITE_FORMATS
 from lmforge.errors import ConfigError, DataError, LmforgeError
@@ -89,7 +89,7 @@ class PipelineConfig:
         check("tokenize" not in names[:-1], "the `tokenize` stage must be the last stage (it writes the token "
               "shards, so every stage after it would be ignored there)")
         raw_input = self.input.format in ("html", "warc") or any(
-            _uncompressed_name(p).endswith((".html", ".htm", ".warc")) for p in self.input.paths)
+            uncompressed_name(p).endswith((".html", ".htm", ".warc")) for p in self.input.paths)
         if raw_input:
             check(bool(built) and built[0][0].name == "extract",
                   "HTML/WARC input needs `stage = \"extract\"` as the first stage")
@@ -98,14 +98,6 @@ class PipelineConfig:
         from lmforge.data.stages import build_stage
 
         return [build_stage(t, i) for i, t in enumerate(self.stages)]
-
-
-def _uncompressed_name(path: str) -> str:
-    """A path's name less a compression suffix (page.html.gz -> page.html), lower-cased."""
-    name = path.lower()
-    for suffix in (".gz", ".zst", ".zstd"):
-        name = name.removesuffix(suffix)
-    return name
 
 
 def load_pipeline(path: str | Path, **overrides: Any) -> PipelineConfig:
@@ -209,7 +201,7 @@ def check_requirements(cfg: PipelineConfig, files: list[Path]) -> None:
                               "first stage (else they are raw markup); add it, or leave such files out")
         if fmt in READER_NEEDS:
             needs.setdefault(READER_NEEDS[fmt], f"input {f.name}")
-        if f.name.endswith((".zst", ".zstd")):
+        if compression(f) == "zstd":
             needs.setdefault(ZSTD, f"input {f.name}")
     if cfg.output.format == "parquet":
         needs.setdefault(READER_NEEDS["parquet"], "output.format 'parquet'")

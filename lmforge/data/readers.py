@@ -22,12 +22,25 @@ from lmforge.errors import DataError, require
 FORMATS = ("text", "jsonl", "parquet", "html", "warc")
 
 
+# compression suffix -> codec; names are matched lower-cased, so FILE.JSONL.GZ reads as file.jsonl.gz does
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+
+def compression(path: str | Path) -> str | None:
+    """The codec a file name's suffix names ("gzip", "zstd"), any case, or None for an uncompressed file."""
+    return COMPRESSIONS.get(Path(path).suffix.lower())
+
+
+def uncompressed_name(path: str | Path) -> str:
+    """A file's name lower-cased, less its compression suffix (Page.HTML.gz -> page.html): what names its
+    format. The one place lmforge.data looks through compression suffixes."""
+    name = Path(path).name.lower()
+    return name[: -len(Path(name).suffix)] if compression(name) else name
+
+
 def detect_format(path: str | Path) -> str:
     """Guess a reader from the file name (compression suffixes are looked through)."""
-    name = Path(path).name.lower()
-    for suffix in (".gz", ".zst", ".zstd"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+    name = uncompressed_name(path)
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if name.endswith(".parquet"):
@@ -105,9 +118,10 @@ def open_binary(path: str | Path) -> BinaryIO:
     """Open a file for reading, decompressing .gz and .zst transparently. A cut file raises EOFError and a
     damaged one CorruptArchive (or gzip's BadGzipFile / zlib.error) when the bad part is read."""
     path = Path(path)
-    if path.name.endswith(".gz"):
+    codec = compression(path)
+    if codec == "gzip":
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    if path.name.endswith((".zst", ".zstd")):
+    if codec == "zstd":
         zstd = require("zstandard", "data")
         return io.BufferedReader(_ZstdFrames(open(path, "rb"), zstd))  # type: ignore[return-value]
     return open(path, "rb")
@@ -184,10 +198,7 @@ def _record_doc(path: Path, where: str, key: str, rec: Any, text_key: str, id_ke
 def _is_json_array(path: Path) -> bool:
     """A `.json` file whose first non-blank byte is `[`: one JSON array (json.dump, pandas to_json(lines=False)),
     not JSON Lines."""
-    name = path.name.lower()
-    for suffix in (".gz", ".zst", ".zstd"):
-        name = name.removesuffix(suffix)
-    if not name.endswith(".json"):
+    if not uncompressed_name(path).endswith(".json"):
         return False
     with open_binary(path) as f:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmforge.data.document import Document
+from lmforge.data.readers import compression
 from lmforge.errors import ConfigError, require
 from lmforge.utils import atomic_path
 
@@ -37,9 +38,10 @@ def write_jsonl(path: str | Path, docs: Iterable[Document], *, with_text: bool =
     path = Path(path)
     lines = [_json_line(d.to_record(with_text)) for d in docs]
     data = ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")
-    if path.name.endswith(".gz"):
+    codec = compression(path)  # the suffixes, in any case, that readers.open_binary decompresses
+    if codec == "gzip":
         data = gzip.compress(data, compresslevel=5, mtime=0)  # no timestamp: the same documents, the same bytes
-    elif path.name.endswith(".zst"):
+    elif codec == "zstd":
         data = require("zstandard", "data").ZstdCompressor(level=3).compress(data)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

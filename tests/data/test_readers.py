@@ -144,3 +144,19 @@ def test_jsonl_byte_order_mark_and_null_text(tmp_path):
     docs = list(read_documents(p))
     assert [(d.id, d.text, d.drop) for d in docs] == [("a", "hello", None), ("b", "", None),
                                                       (docs[2].id, "", "read_error:bad_record")]
+
+
+@pytest.mark.parametrize("name", ["FILE.JSONL.GZ", "file.jsonl.ZST", "file.Jsonl.Zstd", "ARRAY.JSON.GZ"])
+def test_compression_suffixes_in_any_case_are_written_and_read_compressed(tmp_path, name):
+    from lmforge.data.decontam import eval_ngrams
+
+    path = tmp_path / name
+    if name.startswith("ARRAY"):  # a JSON array: found through the same suffix rule, then decompressed
+        path.write_bytes(gzip.compress(json.dumps([d.to_record() for d in _docs(3)]).encode()))
+    else:
+        write_jsonl(path, _docs(3))
+    assert path.read_bytes()[:4] in (b"\x1f\x8b\x08\x00", b"\x28\xb5\x2f\xfd")  # gzip / zstd magic: compressed
+    back = list(read_documents(path))
+    assert [(d.id, d.text, d.drop) for d in back] == [(f"d{i}", f"text number {i} é", None) for i in range(3)]
+    # decontamination finds the file in a directory and reads its strings as items: each text's 2 word 3-grams
+    assert len(eval_ngrams((str(tmp_path),), 3)) == 6

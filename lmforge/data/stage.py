@@ -4,6 +4,10 @@ A stage is a pair (frozen config dataclass, function). Map stages see one batch 
 time and may run in any worker, in any order; global stages (corpus-wide dedup) see every live document
 at once. Both return the documents they were given (possibly with `drop` set, text and metadata
 changed) and may add new ones (upsampling when mixing).
+
+A stage changes a document's meta only by setting keys (`d.meta["score"] = s`, a new list or dict as the value),
+never by editing a value already there in place (`d.meta["errors"].append(...)`): `run_stage` restores a failed
+batch from a shallow copy of each meta, which shares those values with the document.
 """
 
 from __future__ import annotations
@@ -52,8 +56,14 @@ def run_stage(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext
 
     A failed call may already have changed some documents (cleaned text, meta) and counted into its counters,
     so every call counts into a scratch context merged only when it returns, and the documents are put back
-    as they were before they are retried (else the retry counts twice and computes meta from cleaned text)."""
-    saved = [_snapshot(d) for d in docs]
+    as they were before they are retried (else the retry counts twice and computes meta from cleaned text).
+
+    The snapshot is taken on every call for a rare retry, so it is kept cheap: the field references and a shallow
+    copy of meta. Copying meta's lists and dicts too cost ~8x more (2026-12-06, 100k documents of 6 meta keys
+    through 4 no-op stages on a loaded 2-core box: 11.9 -> 1.4 us a document a stage, the stage's own loop 0.2).
+    It relies on the stage contract in the module docstring: a stage sets meta keys to new values and never edits
+    a value already in meta in place."""
+    saved = [(d.text, d.meta.copy(), d.raw, d.drop) for d in docs]
     try:
         return _counted(spec, cfg, docs, ctx)
     except LmforgeError:
@@ -88,24 +98,14 @@ def _counted(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext)
     return out
 
 
-def _snapshot(d: Document) -> tuple[str, dict[str, Any], bytes | None, str | None]:
-    return d.text, _meta_copy(d.meta), d.raw, d.drop
-
-
 def _restore(d: Document, snap: tuple[str, dict[str, Any], bytes | None, str | None]) -> None:
     d.text, meta, d.raw, d.drop = snap
-    d.meta = _meta_copy(meta)  # the snapshot stays intact for a later restore
-
-
-def _meta_copy(meta: dict[str, Any]) -> dict[str, Any]:
-    """meta with its lists and dicts copied one level down (stages set keys and append to lists such as
-    meta.errors; none edits deeper): ~1.5 us a document where copy.deepcopy took ~15-70 us, and every stage
-    call snapshots its batch."""
-    return {k: v.copy() if isinstance(v, (list, dict)) else v for k, v in meta.items()}
+    d.meta = meta.copy()  # the snapshot stays intact for a later restore
 
 
 def reject_error(d: Document, stage: str, e: Exception) -> None:
     """Reject d as `error:<stage>`, the exception recorded in meta.errors (what run_stage does to a document
     a stage fails on; stages that catch per-document errors themselves use it too)."""
-    d.meta.setdefault("errors", []).append(f"{stage}: {type(e).__name__}: {e}"[:200])
+    # a new list, not an append: run_stage's snapshot shares meta's values with the document
+    d.meta["errors"] = [*d.meta.get("errors", ()), f"{stage}: {type(e).__name__}: {e}"[:200]]
     d.reject(f"error:{stage}")

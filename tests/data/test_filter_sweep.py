@@ -121,6 +121,43 @@ def test_a_retried_batch_counts_once_and_restores_what_the_failed_call_changed(m
     assert out[2].text == text + "\nBOOM here." and len(out[2].meta["errors"]) == 1
 
 
+class _CountingList(list):
+    copies = 0
+
+    def copy(self):
+        type(self).copies += 1
+        return super().copy()
+
+
+def test_a_stage_call_copies_no_meta_value_yet_a_failed_batch_is_restored():
+    """run_stage snapshotted every document for the rare retry by copying each list and dict in meta (~1.5-4.5 us a
+    document a stage, and a long list in meta was copied whole at every stage); now a shallow copy of meta, sound
+    because stages set keys (reject_error too) instead of editing values in place."""
+    from lmforge.data.stage import reject_error
+
+    def stage(cfg, docs, ctx):
+        for d in docs:
+            d.meta["tags"] = [*d.meta["tags"], "seen"]
+            d.meta["score"] = 1.0
+            if "own" in d.text:  # a stage catching its own per-document error
+                reject_error(d, "s", ValueError("caught"))
+            if "BOOM" in d.text:
+                raise RuntimeError("bug")
+        return docs
+
+    spec = StageSpec("s", object, stage)
+    _CountingList.copies = 0
+    tags = _CountingList(["a"])
+    docs = [Document(id=str(i), text=t, meta={"tags": tags}) for i, t in enumerate(["ok", "own", "BOOM"])]
+    out = run_stage(spec, None, docs, StageContext())
+    assert _CountingList.copies == 0 and tags == ["a"]  # the failed call's edits did not reach the shared value
+    assert [d.meta["tags"] for d in out] == [["a", "seen"], ["a", "seen"], ["a"]]
+    assert [d.meta.get("score") for d in out] == [1.0, 1.0, None]  # BOOM's restored meta has no key the call set
+    assert [d.drop for d in out] == [None, "error:s", "error:s"]
+    assert out[1].meta["errors"] == ["s: ValueError: caught"]  # once: the failed call's rejection was undone
+    assert out[2].meta["errors"] == ["s: RuntimeError: bug"]
+
+
 def test_mix_places_copies_away_from_their_originals_in_a_fixed_order():
     from lmforge.data.mix import MixConfig, mix
 

@@ -22,6 +22,8 @@ class Document:
     meta: dict[str, Any] = field(default_factory=dict)
     raw: bytes | None = None
     drop: str | None = None
+    # (text, its UTF-8 size) as `nbytes` last measured it: the executors count bytes in and out at every stage
+    _text_bytes: tuple[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def reject(self, reason: str) -> None:
         """Mark this document as dropped (the first reason wins)."""
@@ -31,8 +33,15 @@ class Document:
     @property
     def nbytes(self) -> int:
         """Size used for the bytes-in/bytes-out report: text if extracted, else the raw payload."""
-        if self.text:
-            return len(self.text.encode("utf-8", errors="replace"))
+        text = self.text
+        if text:
+            if text.isascii():  # O(1): CPython flags ASCII strings
+                return len(text)
+            # encoding ~3 KB of non-ASCII text takes microseconds, and most stages leave the text as it is: the
+            # size is measured again only for a new text (an identity check, not a comparison)
+            if self._text_bytes is None or self._text_bytes[0] is not text:
+                self._text_bytes = (text, len(text.encode("utf-8", errors="replace")))
+            return self._text_bytes[1]
         return len(self.raw) if self.raw is not None else 0
 
     def to_record(self, with_text: bool = True) -> dict[str, Any]:

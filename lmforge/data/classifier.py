@@ -188,7 +188,7 @@ def _load(directory: str) -> HashedNgramClassifier:
 
 def quality(cfg: QualityConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Set `meta.quality_score`; reject `quality:low_score` below the threshold."""
-    if Path(cfg.model).suffix in (".bin", ".ftz") or Path(cfg.model).is_file():
+    if Path(cfg.model).suffix.lower() in (".bin", ".ftz") or Path(cfg.model).is_file():
         model = fasttext_stages.model_or_reject(cfg.model, docs, "quality")
         if model is None:
             return docs

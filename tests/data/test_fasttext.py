@@ -166,3 +166,13 @@ def test_stages_reject_documents_when_the_model_is_bad(tmp_path):
         name = stage.__name__.replace("_filter", "")
         assert [d.drop for d in docs] == [f"{name}:bad_model"] * 2
         assert path in docs[0].meta["error"] and "\n" not in docs[0].meta["error"]
+
+
+def test_quality_takes_a_fasttext_model_path_by_its_suffix_in_any_case(tmp_path):
+    """A missing MODEL.BIN was looked up as a hashed-classifier directory ("no quality classifier in ...: train
+    one"), while model.bin was named as the missing fastText file it is."""
+    docs = [Document(id="a", text="some text")]
+    quality(QualityConfig(model=str(tmp_path / "MODEL.BIN")), docs, StageContext())
+    assert docs[0].drop == "quality:bad_model"
+    assert docs[0].meta["error"] == (f"fastText model {tmp_path / 'MODEL.BIN'} does not exist; give the path of a "
+                                     ".bin or .ftz file")

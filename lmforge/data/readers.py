@@ -195,20 +195,9 @@ def _record_doc(path: Path, where: str, key: str, rec: Any, text_key: str, id_ke
                     text=rec.get(text_key) or "", meta=meta, drop=drop)
 
 
-def _is_json_array(path: Path) -> bool:
-    """A `.json` file whose first non-blank byte is `[`: one JSON array (json.dump, pandas to_json(lines=False)),
-    not JSON Lines."""
-    if not uncompressed_name(path).endswith(".json"):
-        return False
-    with open_binary(path) as f:
-        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
-    return head.startswith(b"[")
-
-
-def _read_json_array(path: Path, text_key: str, id_key: str) -> Iterator[Document]:
-    with open_binary(path) as f:
-        data = f.read()
-    text, bad = decode_text(data.removeprefix(b"\xef\xbb\xbf"))
+def _json_array_docs(path: Path, data: bytes, text_key: str, id_key: str) -> Iterator[Document]:
+    """The documents of a `.json` file holding one JSON array (json.dump, pandas to_json(lines=False))."""
+    text, bad = decode_text(data)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
@@ -219,20 +208,24 @@ def _read_json_array(path: Path, text_key: str, id_key: str) -> Iterator[Documen
 
 
 def read_jsonl(path: str | Path, *, text_key: str = "text", id_key: str = "id") -> Iterator[Document]:
-    """JSON Lines, optionally .gz or .zst; a `.json` file holding one JSON array is read element by element.
-    Other top-level keys go into `meta`. A record without the text field is `read_error:missing_text`."""
+    """JSON Lines, optionally .gz or .zst; a `.json` file whose first non-blank byte is `[` holds one JSON array
+    and is read element by element. Other top-level keys go into `meta`. A record without the text field is
+    `read_error:missing_text`. The file is opened and decompressed once."""
     path = Path(path)
+    maybe_array = uncompressed_name(path).endswith(".json")
     lineno = 0
     try:
-        if _is_json_array(path):
-            yield from _read_json_array(path, text_key, id_key)
-            return
         with open_binary(path) as f:
             for lineno, line in enumerate(f, 1):
                 if lineno == 1:  # a UTF-8 byte-order mark (Windows editors write one) is no part of the JSON
                     line = line.removeprefix(b"\xef\xbb\xbf")
-                if line.strip():
-                    yield _json_doc(path, lineno, line, text_key, id_key)
+                if not line.strip():
+                    continue
+                if maybe_array and line.lstrip().startswith(b"["):  # (only blank lines came before)
+                    yield from _json_array_docs(path, line + f.read(), text_key, id_key)
+                    return
+                maybe_array = False
+                yield _json_doc(path, lineno, line, text_key, id_key)
     except (OSError, *ARCHIVE_ERRORS) as e:
         yield _error_doc(path, f"after line {lineno}", archive_reason(e), e)
 

@@ -188,3 +188,19 @@ def test_a_bad_parquet_meta_row_and_an_unparsable_csv_eval_are_one_line_errors(t
     (tmp_path / "big.csv").write_text('"' + "x" * 200_000 + '"\n')
     with pytest.raises(DataError, match="big.csv is not readable CSV"):
         eval_ngrams((str(tmp_path / "big.csv"),), 8)
+
+
+def test_a_json_array_is_found_after_any_blank_lines_and_its_file_decompressed_once(tmp_path, monkeypatch):
+    """A sniffed 4 KiB head decided "array or JSON Lines" (more blank lines than that first, and the array was read
+    as one bad_json line per element line), then the file was opened and decompressed again to read it."""
+    from lmforge.data import readers
+
+    opened = []
+    real = readers.open_binary
+    monkeypatch.setattr(readers, "open_binary", lambda p: opened.append(p) or real(p))
+    p = tmp_path / "data.json.gz"
+    rows = [{"id": str(i), "text": f"document {i}"} for i in range(3)]
+    p.write_bytes(gzip.compress(b"\xef\xbb\xbf" + b"\n" * 5000 + json.dumps(rows, indent=2).encode()))
+    docs = list(read_documents(p))
+    assert [(d.id, d.text, d.drop) for d in docs] == [(str(i), f"document {i}", None) for i in range(3)]
+    assert opened == [p]

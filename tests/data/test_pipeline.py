@@ -278,6 +278,12 @@ def test_requirements_follow_the_stage_table(tmp_path, monkeypatch):
     with pytest.raises(LmforgeError, match="stage 'extract' needs the 'trafilatura' package"):
         check('[[stages]]\nstage = "extract"\nbackend = "trafilatura"\n')
 
+    # an upper-case .ZST input is read with zstandard as a lower-case one is (the check matched .zst only)
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    cfg = load_pipeline(_write_pipeline(tmp_path, f'paths = ["{tmp_path / "in"}"]', ""))
+    with pytest.raises(LmforgeError, match="input A.JSONL.ZST needs the 'zstandard' package"):
+        check_requirements(cfg, [tmp_path / "in" / "A.JSONL.ZST"])
+
 
 def test_rerun_detects_changed_inputs_and_says_what_it_reused(tmp_path, capsys):
     from lmforge.cli import main

@@ -106,6 +106,9 @@ def _restore(d: Document, snap: tuple[str, dict[str, Any], bytes | None, str | N
 def reject_error(d: Document, stage: str, e: Exception) -> None:
     """Reject d as `error:<stage>`, the exception recorded in meta.errors (what run_stage does to a document
     a stage fails on; stages that catch per-document errors themselves use it too)."""
-    # a new list, not an append: run_stage's snapshot shares meta's values with the document
-    d.meta["errors"] = [*d.meta.get("errors", ()), f"{stage}: {type(e).__name__}: {e}"[:200]]
+    # a new list, not an append: run_stage's snapshot shares meta's values with the document. An input record's own
+    # "errors" field (readers put a record's other fields in meta) that is no list stays, as the first element.
+    prior = d.meta.get("errors")
+    prior = prior if isinstance(prior, list) else [] if prior is None else [prior]
+    d.meta["errors"] = [*prior, f"{stage}: {type(e).__name__}: {e}"[:200]]
     d.reject(f"error:{stage}")

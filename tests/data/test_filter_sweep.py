@@ -158,6 +158,19 @@ def test_a_stage_call_copies_no_meta_value_yet_a_failed_batch_is_restored():
     assert out[2].meta["errors"] == ["s: RuntimeError: bug"]
 
 
+def test_an_input_errors_field_that_is_no_list_survives_a_stage_error():
+    """Readers put a record's other fields in meta: an input's own "errors" (a string, a count) crashed the run
+    with AttributeError ('str' object has no attribute 'append') when any stage failed on that document."""
+    def bad(cfg, docs, ctx):
+        raise RuntimeError("bug")
+
+    docs = [Document(id="a", text="x", meta={"errors": "upstream note"}), Document(id="b", text="y",
+                                                                                  meta={"errors": 3})]
+    out = run_stage(StageSpec("s", object, bad), None, docs, StageContext())
+    assert [(d.drop, d.meta["errors"]) for d in out] == [("error:s", ["upstream note", "s: RuntimeError: bug"]),
+                                                        ("error:s", [3, "s: RuntimeError: bug"])]
+
+
 def test_mix_places_copies_away_from_their_originals_in_a_fixed_order():
     from lmforge.data.mix import MixConfig, mix
 

@@ -125,7 +125,9 @@ class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_total, _g_ce):
         dh, dw, n = ctx.saved_tensors
-        scale = g_total / n
+        # no counted target (a chunk of prompt-only tokens): the loss is 0/0 = NaN, as F.cross_entropy's, but
+        # its gradients are zero as F.cross_entropy's are (dh and dw are all zeros; 0 / 0 would make them NaN)
+        scale = g_total / n.clamp(min=1)
         return dh * scale.to(dh.dtype), (dw * scale).to(ctx.w_dtype), None, None, None, None
 
 

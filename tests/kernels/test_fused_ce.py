@@ -36,6 +36,20 @@ def test_fused_ce_matches_cross_entropy(z_loss, chunk):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_fused_ce_all_targets_ignored_gives_zero_gradients(z_loss):
+    """A batch with no counted target (all prompt, all padding): the loss is NaN (0 / 0) as F.cross_entropy's,
+    and the gradients are zeros as F.cross_entropy's - not NaN, which would poison accumulated gradients."""
+    h, w = torch.randn(6, 16, device=DEV), torch.randn(40, 16, device=DEV)
+    y = torch.full((6,), -100, device=DEV)
+    want = _run(lambda a, b, t: kc.linear_cross_entropy_ref(a, b, t, z_loss), h, w, y)
+    got = _run(lambda a, b, t: kc.fused_linear_cross_entropy(a, b, t, z_loss, chunk_size=4), h, w, y)
+    assert got[0].isnan() and want[0].isnan()
+    for g, r in zip(got[2:], want[2:]):
+        assert torch.equal(r, torch.zeros_like(r))
+        torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
 def test_fused_lm_loss_matches_model_logits():
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer

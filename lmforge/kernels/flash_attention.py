@@ -651,6 +651,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                 _check_key_documents(cu_seqlens.tolist(), cu_seqlens_k.tolist(), k.shape[2])
     if sinks is not None and sinks.shape != (H,):
         raise ConfigError(f"flash_attention: sinks must be one logit per query head ({H},), got {tuple(sinks.shape)}")
+    dtype = q.dtype
+    if dtype == torch.bfloat16 and _interpreting():
+        # Triton's CPU interpreter multiplies bf16 tl.dot operands as raw bits (triton-lang/triton#11584,
+        # unsupported as of 3.8: outputs ~1e9): interpret the fp32 kernels, as paged_attention's F32 does
+        q, k, v = q.float(), k.float(), v.float()
     q, k, v = _dense(q), _dense(k), _dense(v)
     if tma is None:
         tma = TMA_DEFAULT and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
@@ -658,7 +663,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                 N if cu_seqlens is None else max_seqlen, cu_seqlens_k,
                 None if sinks is None else sinks.detach().float().contiguous(), dq_mode,
                 bool(tma) and all(map(_tma_ok, (q, k, v))))
-    return FlashAttention.apply(q, k, v, sinks, opt)
+    return FlashAttention.apply(q, k, v, sinks, opt).to(dtype)
 
 
 def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: float,

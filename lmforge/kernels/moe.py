@@ -272,10 +272,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     differentiable in x and w. Under autocast both are cast to the autocast dtype (as F.linear would)."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    dtype = x.dtype
+    if dtype == torch.bfloat16 and _INTERPRET:  # the interpreter's bf16 tl.dot is wrong (flash_attention.py)
+        x = x.float()
     w = w.to(x.dtype)
     if w.stride(-1) != 1:
         w = w.contiguous()
-    return _GroupedMM.apply(x.contiguous(), w, counts.to(torch.int32).contiguous())  # read as one row
+    return _GroupedMM.apply(x.contiguous(), w, counts.to(torch.int32).contiguous()).to(dtype)  # counts: one row
 
 
 class _GatherTokens(torch.autograd.Function):

@@ -119,6 +119,20 @@ def test_key_lengths_put_queries_at_the_end_of_their_keys(window, softcap, sinks
 
 
 @needs_triton
+def test_bf16_matches_math():
+    """bf16 inputs (the training dtype), packed documents with an empty and a 1-token one, a window and GQA:
+    outputs and gradients in bf16 within bf16's rounding of the fp32 math (in Triton's interpreter, whose
+    bf16 tl.dot multiplies raw bits, through the fp32 kernels)."""
+    q, k, v = _inputs(1, 4, 2, 30, 64, dtype=torch.bfloat16, heads_inner=True)
+    doc_ids = torch.tensor([[0] + [1] * 12 + [2] * 17], device=DEV)
+    want = _math(q, k, v, causal=True, window=7, softcap=8.0, scale=0.2, doc_ids=doc_ids)
+    got = fa.flash_attention(q, k, v, window=7, softcap=8.0, scale=0.2,
+                             cu_seqlens=torch.tensor([0, 0, 1, 13, 30], device=DEV))
+    assert got.dtype == torch.bfloat16
+    _assert_matches(got, want, (q, k, v), tol_out=2e-2, tol_grad=3e-2)
+
+
+@needs_triton
 def test_sinks_outputs_and_gradients_match_math():
     """Learned sinks (gpt-oss) start the online softmax; their gradient -Σ e^(sink - L) D is checked too."""
     q, k, v = _inputs(1, 4, 2, 40, 64, heads_inner=True)

@@ -608,6 +608,13 @@ def _check_key_documents(cu_q: list[int], cu_k: list[int], Nk: int) -> None:
                           f"least as many keys as queries per document; got {cu_k[:4]}...{cu_k[-2:]}")
 
 
+def _doc_ids(cu_seqlens: torch.Tensor, B: int, N: int) -> torch.Tensor:
+    """(B, N) document ids of packed rows from their cumulative lengths (cu_seqlens_from_doc_ids inverted):
+    token t belongs to the document whose end is the first one past t (empty documents own no token)."""
+    tokens = torch.arange(B * N, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).view(B, N)
+
+
 @torch.compiler.disable  # a graph break under torch.compile: the autotuner and descriptors are host code
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     scale: float | None = None, window: int = 0, softcap: float = 0.0,
@@ -677,6 +684,7 @@ def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     than keys, other mask tensors, dropout, an unsupported head dim, dtype or GPU) falls back to the
     reference path with a one-line warning."""
     from lmforge.model.layers.attention import attention, window_mask
+    from lmforge.model.meta import AttnMetadata
 
     reason = unsupported(q, k, v)
     if reason is None:
@@ -693,6 +701,8 @@ def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return flash_attention(q, k, v, causal=isinstance(mask, str) or documents is not None, scale=scale,
                                window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest, sinks=sinks)
     warnings.warn(f"{reason}; using attn_impl='sdpa' for this call", stacklevel=2)
+    if documents is not None:  # packed rows: their own mask (causal within each document), not plain causal
+        mask = AttnMetadata.packed(_doc_ids(documents[0], q.shape[0], q.shape[2])).doc_mask()
     if window > 0 and k.shape[2] > window:
         mask = window_mask(mask, q.shape[2], k.shape[2], window, q.device)
     return attention(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p, impl="sdpa", sinks=sinks)

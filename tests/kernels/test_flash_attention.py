@@ -187,6 +187,20 @@ def test_unsupported_inputs_raise_one_line_or_fall_back(hd, dtype, match):
 
 
 @needs_triton
+def test_fallback_keeps_packed_documents_apart():
+    """attn_impl='triton' on packed rows where the kernel cannot run (head dim 96): the SDPA fallback attends
+    within each document (and the window), as the kernel would - not across documents with plain causal."""
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [2] * 12], device=DEV)
+    q, k, v = (t.detach() for t in _inputs(2, 2, 2, 12, 96))
+    with pytest.warns(UserWarning, match="got 96"):
+        got = fa.flash_attention_for_model(q, k, v, "causal", scale=0.3, window=4,
+                                           documents=(cu_seqlens_from_doc_ids(doc_ids), 12))
+    torch.testing.assert_close(got.double(), _math(q, k, v, causal=True, window=4, scale=0.3, doc_ids=doc_ids),
+                               atol=TOL_OUT, rtol=TOL_OUT)
+    assert fa._doc_ids(torch.tensor([0, 0, 1, 1, 4]), 1, 4).tolist() == [[1, 3, 3, 3]]  # empty documents own nothing
+
+
+@needs_triton
 def test_model_entry_point_matches_the_layer_attention():
     """flash_attention_for_model is what attn_impl='triton' calls: all keys visible (mask None) runs the
     kernel; a cache (fewer queries than keys) falls back to SDPA with a warning; both equal attention()."""

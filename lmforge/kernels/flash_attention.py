@@ -573,7 +573,7 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     """Why the kernel cannot run these tensors here (one line), or None."""
     if triton is None:
         return "flash_attention needs triton (pip install 'lmforge[kernels]')"
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[3] != q.shape[3]:
         return (f"flash_attention takes q (B, H, N, hd) and k, v (B, KV, N, hd); got {tuple(q.shape)}, "
                 f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[3] not in HEAD_DIMS:

@@ -218,6 +218,16 @@ def test_model_entry_point_matches_the_layer_attention():
 
 
 @needs_triton
+def test_query_and_key_head_dims_must_agree():
+    """q of hd 128 over k, v of hd 64 read past each key row (hd 64 over 128: half of it): refused in one line."""
+    q, k, v = _inputs(1, 2, 2, 16, 128)
+    for qq, kk, vv in ((q, k[..., :64], v[..., :64]), (q[..., :64], k, v)):
+        with pytest.raises(LmforgeError, match="k, v \\(B, KV, N, hd\\)") as err:
+            fa.flash_attention(qq, kk, vv)
+        assert "\n" not in str(err.value)
+
+
+@needs_triton
 @pytest.mark.parametrize("cu,match", [([0, 5, 30], "rise from 0"), ([0, 12, 40], "crosses a row"),
                                       ([0, 20, 10, 40], "rise from 0")])
 def test_bad_documents_are_named(cu, match):

@@ -270,6 +270,10 @@ class _GroupedMM(torch.autograd.Function):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x (M, in) sorted by expert, counts (E,) rows per expert (on x's device), w (E, out, in) -> (M, out),
     differentiable in x and w. Under autocast both are cast to the autocast dtype (as F.linear would)."""
+    if x.dim() != 2 or w.dim() != 3 or w.shape[2] != x.shape[1] or counts.shape != (w.shape[0],):
+        # the kernels take the widths from x and the expert count from w: any mismatch reads out of bounds
+        raise ValueError(f"grouped_mm takes x (M, in), w (E, out, in) and counts (E,); got x {tuple(x.shape)}, "
+                         f"w {tuple(w.shape)}, counts {tuple(counts.shape)}")
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     dtype = x.dtype

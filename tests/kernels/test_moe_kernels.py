@@ -47,6 +47,15 @@ def _pair(activation: str, **kw) -> tuple[MoE, MoE]:
     return ref, fast
 
 
+@pytest.mark.parametrize("w_shape,counts", [((3, 8, 12), [4, 0, 6]), ((3, 8, 20), [4, 0, 6]), ((3, 8, 16), [4, 6])])
+def test_grouped_mm_refuses_mismatched_shapes(w_shape, counts):
+    """w's input width or counts' length unlike x's and w's: refused in one line (the kernel read past w or
+    counts: NaN or plausible numbers)."""
+    x = torch.randn(10, 16, device=DEV)
+    with pytest.raises(ValueError, match="grouped_mm takes x \\(M, in\\), w \\(E, out, in\\) and counts \\(E,\\)"):
+        km.grouped_mm(x, torch.randn(*w_shape, device=DEV), torch.tensor(counts, device=DEV))
+
+
 def test_grouped_mm_bf16_matches_fp32_loop():
     """bf16 operands, uneven groups with an empty expert: the result and both gradients in bf16, within its
     rounding of the fp32 loop (in Triton's interpreter, whose bf16 tl.dot multiplies raw bits, through fp32)."""

@@ -14,11 +14,12 @@ import torch
 
 
 def _documents(cu_seqlens: torch.Tensor | None, B: int, N: int) -> list[tuple[int, int, int]]:
-    """(row, first token in the row, length) of every document."""
+    """(row, first token in the row, length) of every non-empty document (an empty one at the end starts
+    at B·N, past the last row)."""
     if cu_seqlens is None:
         return [(b, 0, N) for b in range(B)]
     cu = cu_seqlens.tolist()
-    return [(s // N, s % N, e - s) for s, e in zip(cu[:-1], cu[1:])]
+    return [(s // N, s % N, e - s) for s, e in zip(cu[:-1], cu[1:]) if e > s]
 
 
 def visible(rows: torch.Tensor, cols: torch.Tensor, causal: bool, window: int) -> torch.Tensor:

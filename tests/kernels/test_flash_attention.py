@@ -173,6 +173,22 @@ def test_tiled_reference_matches_math(causal, window, softcap, blocks):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+def test_tiled_reference_skips_empty_documents():
+    """Empty documents in cu_seqlens, one at the very end (starting at B·N, past the last row: it raised an
+    IndexError), give the per-document math attention."""
+    q, k, v = _inputs(2, 2, 1, 12, 8, device="cpu")
+    cu = torch.tensor([0, 5, 5, 12, 24, 24])
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [2] * 12])
+    want = _math(q, k, v, causal=True, doc_ids=doc_ids)
+    o, lse = flash_attention_ref(q.detach(), k.detach(), v.detach(), cu_seqlens=cu, block_m=4, block_n=4)
+    torch.testing.assert_close(o.double(), want, atol=1e-6, rtol=1e-5)
+    do = torch.randn_like(want)
+    got = flash_attention_ref_backward(do, q.detach(), k.detach(), v.detach(), o, lse, cu_seqlens=cu, block_m=4,
+                                       block_n=4)
+    for g, w in zip(got, _grads(want, (q, k, v), do)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 @needs_triton
 @pytest.mark.parametrize("hd,dtype,match", [(96, torch.float32, "head dims"), (64, torch.float64, "dtype")])
 def test_unsupported_inputs_raise_one_line_or_fall_back(hd, dtype, match):

@@ -100,10 +100,12 @@ def _fp32_addmm(device: int, dtype: torch.dtype) -> bool:
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, z_loss: float, ignore_index: int, chunk: int):
+    def forward(ctx, h, weight, targets, z_loss: float, ignore_index: int, chunk: int, grads: tuple[bool, bool]):
+        """grads: whether dh and dW are wanted (evaluation under no_grad, a frozen LM head): each one not
+        wanted skips a GEMM the size of the logits' and, for dW, an fp32 buffer of W's size."""
         N, V = h.shape[0], weight.shape[0]
-        dh = torch.empty_like(h)
-        dw = torch.zeros(weight.shape, device=h.device, dtype=torch.float32)
+        dh = torch.empty_like(h) if grads[0] else None
+        dw = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if grads[1] else None
         loss = torch.empty(N, device=h.device, dtype=torch.float32)
         lse = torch.empty(N, device=h.device, dtype=torch.float32)
         block_v = min(triton.next_power_of_2(V), 4096 if h.is_cuda else 1024)
@@ -112,8 +114,10 @@ class _FusedLinearCE(torch.autograd.Function):
             z = hc @ weight.T  # (C, V): this chunk's logits, overwritten by their gradient
             _ce_kernel[(hc.shape[0],)](z, z.stride(0), targets[s:s + chunk], loss[s:], lse[s:], V, z_loss,
                                        ignore_index, BLOCK_V=block_v, num_warps=16 if h.is_cuda else 4)
-            torch.mm(z, weight, out=dh[s:s + chunk])
-            _accumulate(dw, z.T, hc)
+            if dh is not None:
+                torch.mm(z, weight, out=dh[s:s + chunk])
+            if dw is not None:
+                _accumulate(dw, z.T, hc)
         n = (targets != ignore_index).sum()
         ce = loss.sum() / n
         total = ce + z_loss * lse.square().sum() / n if z_loss > 0 else ce.clone()
@@ -128,7 +132,8 @@ class _FusedLinearCE(torch.autograd.Function):
         # no counted target (a chunk of prompt-only tokens): the loss is 0/0 = NaN, as F.cross_entropy's, but
         # its gradients are zero as F.cross_entropy's are (dh and dw are all zeros; 0 / 0 would make them NaN)
         scale = g_total / n.clamp(min=1)
-        return dh * scale.to(dh.dtype), (dw * scale).to(ctx.w_dtype), None, None, None, None
+        return (None if dh is None else dh * scale.to(dh.dtype), None if dw is None else (dw * scale).to(ctx.w_dtype),
+                None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0,
@@ -153,8 +158,9 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
     torch._assert_async(((tgt == ignore_index) | (tgt >= 0) & (tgt < weight.shape[0])).all(),
                         f"fused_linear_cross_entropy: a target is outside [0, {weight.shape[0]}) and is not "
                         f"ignore_index={ignore_index}: check the data's padding id and the vocabulary size")
+    grads = (torch.is_grad_enabled() and h.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
     with torch.autocast(dev, enabled=False):
-        return _FusedLinearCE.apply(h2, weight.to(dtype), tgt, float(z_loss), ignore_index, chunk)
+        return _FusedLinearCE.apply(h2, weight.to(dtype), tgt, float(z_loss), ignore_index, chunk, grads)
 
 
 def fused_lm_loss(model, x: torch.Tensor, y: torch.Tensor, z_loss: float = 0.0, chunk_size: int | None = None

@@ -50,6 +50,32 @@ def test_fused_ce_all_targets_ignored_gives_zero_gradients(z_loss):
         torch.testing.assert_close(g, r, atol=0, rtol=0)
 
 
+def test_fused_ce_computes_only_the_gradients_wanted():
+    """Under no_grad (evaluation) only the logits' GEMM runs; with a frozen LM head (LoRA) no dW GEMM and no
+    fp32 dW buffer: counted in matmul FLOPs (the CE kernel itself is not a matmul), with the same values."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    N, d, V = 12, 16, 50
+    h, w = torch.randn(N, d, device=DEV), torch.randn(V, d, device=DEV)
+    y = torch.randint(0, V, (N,), device=DEV)
+    gemm = 2 * N * d * V
+    want = _run(lambda a, b, t: kc.linear_cross_entropy_ref(a, b, t), h, w, y)
+    for grad_h, grad_w, gemms in ((False, False, 1), (True, False, 2), (True, True, 3)):
+        hh, ww = h.clone().requires_grad_(grad_h), w.clone().requires_grad_(grad_w)
+        with FlopCounterMode(display=False) as count, torch.set_grad_enabled(grad_h or grad_w):
+            loss, _ = kc.fused_linear_cross_entropy(hh, ww, y, chunk_size=5)
+        assert count.get_total_flops() == gemms * gemm
+        torch.testing.assert_close(loss, want[0], atol=1e-5, rtol=1e-5)
+        if grad_h:
+            loss.backward()
+            torch.testing.assert_close(hh.grad, want[2], atol=1e-5, rtol=1e-5)
+            assert ww.grad is None if not grad_w else torch.allclose(ww.grad, want[3], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # tensors that require grad, under no_grad: the logits' GEMM alone
+        with FlopCounterMode(display=False) as count:
+            kc.fused_linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), y)
+    assert count.get_total_flops() == gemm
+
+
 def test_fused_lm_loss_matches_model_logits():
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer

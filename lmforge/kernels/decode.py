@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,17 @@ def available(device: torch.device | str) -> bool:
     """Triton kernels can run on this device: CUDA, or any device under TRITON_INTERPRET=1 (tests)."""
     dev = torch.device(device)
     return triton is not None and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def falls_back(device: torch.device | str, what: str) -> bool:
+    """False where the Triton kernels run on `device`; else True after a one-line warning, and the caller runs
+    its PyTorch reference (a fused model moved to the CPU, a direct call without a GPU: Triton's launch would
+    fail with "0 active drivers", or on None without the `kernels` extra)."""
+    if available(device):
+        return False
+    warnings.warn(f"{what} needs a CUDA GPU and Triton (pip install 'lmforge[kernels]'; TRITON_INTERPRET=1 on CPU "
+                  f"for tests), got device {torch.device(device).type}; using the PyTorch reference", stacklevel=3)
+    return True
 
 
 # references --------------------------------------------------------------------------------------------

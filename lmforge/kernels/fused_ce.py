@@ -23,7 +23,7 @@ import functools
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.kernels.decode import available, triton
+from lmforge.kernels.decode import available, falls_back, triton
 from lmforge.model.layers.fused import plain_linear
 from lmforge.train.loss import LMObjective, lm_loss, with_aux
 
@@ -145,6 +145,8 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: t
     if weight.dim() != 2 or h.shape[-1] != weight.shape[1] or h.shape[:-1] != targets.shape:
         raise ValueError(f"fused linear + cross-entropy takes h (..., d), weight (V, d), targets (...); got h "
                          f"{tuple(h.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
+    if falls_back(h.device, "fused linear + cross-entropy"):  # the full logits, as lm_loss would have them
+        return linear_cross_entropy_ref(h, weight, targets, z_loss, ignore_index)
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     h2 = h.reshape(-1, h.shape[-1]).to(dtype).contiguous()

@@ -28,9 +28,9 @@ import os
 
 import torch
 
-from lmforge.kernels.decode import available, triton
+from lmforge.kernels.decode import available, falls_back, triton
 from lmforge.kernels.swiglu import _launch as _swiglu_launch
-from lmforge.model.layers.moe import MoE, glu_fused
+from lmforge.model.layers.moe import MoE, glu_fused, grouped_mm_loop
 
 if triton is not None:
     import triton.language as tl
@@ -274,6 +274,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         # the kernels take the widths from x and the expert count from w: any mismatch reads out of bounds
         raise ValueError(f"grouped_mm takes x (M, in), w (E, out, in) and counts (E,); got x {tuple(x.shape)}, "
                          f"w {tuple(w.shape)}, counts {tuple(counts.shape)}")
+    if falls_back(x.device, "the Triton grouped GEMM"):
+        return grouped_mm_loop(x, w, counts)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     dtype = x.dtype

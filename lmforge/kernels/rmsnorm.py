@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.kernels.decode import available, triton
+from lmforge.kernels.decode import available, falls_back, triton
 from lmforge.model.layers.norm import RMSNorm
 
 if triton is not None:
@@ -117,6 +117,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
         raise ValueError(f"fused RMSNorm takes x (..., D) with 0 < D <= {MAX_DIM} and weight (D,); got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}: use lmforge.model.layers.norm.RMSNorm for "
                          "other shapes")
+    if falls_back(x.device, "fused RMSNorm"):
+        return rms_norm_ref(x, weight, eps)
     return _RMSNormFn.apply(x, weight.contiguous(), eps)  # the kernels read the weight as one contiguous row
 
 

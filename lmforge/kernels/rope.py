@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.kernels.decode import available, triton
+from lmforge.kernels.decode import available, falls_back, triton
 from lmforge.model.layers.rope import apply_rope
 
 if triton is not None:
@@ -95,4 +95,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "h
     if x.dim() != 4 or x.shape[-1] % 2 or cos.shape[-1] != x.shape[-1] // 2:
         raise ValueError(f"fused RoPE takes x (B, H, T, hd) with an even head dim and cos/sin (B, T, hd/2); got x "
                          f"{tuple(x.shape)}, cos {tuple(cos.shape)}")
+    if falls_back(x.device, "fused RoPE"):
+        return rope_ref(x, cos, sin, layout)
     return _RopeFn.apply(x, cos, sin, layout)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmforge.kernels.decode import available, triton
+from lmforge.kernels.decode import available, falls_back, triton
 from lmforge.model.layers.mlp import MLP
 
 if triton is not None:
@@ -105,6 +105,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape:
         raise ValueError(f"fused SwiGLU takes gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}; "
                          "use lmforge.kernels.swiglu.swiglu_ref (F.silu(gate) * up) to broadcast")
+    if falls_back(gate.device, "fused SwiGLU"):
+        return swiglu_ref(gate, up)
     return _SwiGLUFn.apply(gate, up)
 
 

@@ -1,0 +1,43 @@
+"""Kernels called on a device Triton cannot run on (a fused model moved to the CPU, a direct call without a GPU)
+run their PyTorch reference after a one-line warning, instead of failing in Triton's launcher ("0 active
+drivers", or on None without the `kernels` extra)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.kernels import fused_ce, moe, rmsnorm, rope, swiglu
+from lmforge.model.layers.moe import grouped_mm_loop
+from lmforge.train.loss import lm_loss
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, 16, generator=g), torch.randn(16, generator=g)
+    gate, up = torch.randn(4, 24, generator=g), torch.randn(4, 24, generator=g)
+    q, ang = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 5, 4, generator=g)
+    h, head, y = torch.randn(6, 16, generator=g), torch.randn(30, 16, generator=g), torch.tensor([1, 2, -100, 4, 5, 29])
+    xs, ws, counts = torch.randn(7, 16, generator=g), torch.randn(3, 8, 16, generator=g), torch.tensor([2, 0, 5])
+    return [
+        ("fused RMSNorm", lambda: rmsnorm.rms_norm(x, w, 1e-6),
+         torch.nn.functional.rms_norm(x, (16,), w, 1e-6)),
+        ("fused SwiGLU", lambda: swiglu.swiglu(gate, up), torch.nn.functional.silu(gate) * up),
+        ("fused RoPE", lambda: rope.rope(q, ang.cos(), ang.sin(), "interleaved"),
+         torch.view_as_real(torch.view_as_complex(q.reshape(2, 3, 5, 4, 2))
+                            * torch.polar(torch.ones_like(ang), ang)[:, None]).flatten(-2)),
+        ("fused linear \\+ cross-entropy", lambda: fused_ce.fused_linear_cross_entropy(h, head, y, 1e-2)[0],
+         lm_loss(h @ head.T, y, 1e-2)[0]),
+        ("grouped GEMM", lambda: moe.grouped_mm(xs, ws, counts), grouped_mm_loop(xs, ws, counts)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_kernels_fall_back_to_their_reference_with_one_line(monkeypatch, i):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no Triton device
+    name, run, want = _cases()[i]
+    with pytest.warns(UserWarning, match=f"{name} needs a CUDA GPU and Triton .* got device cpu; using the PyTorch "
+                                         "reference") as rec:
+        got = run()
+    assert all("\n" not in str(r.message) for r in rec)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -23,12 +23,17 @@ def _sweep(argv: list[str]) -> int:
 
 
 def _fit(argv: list[str]) -> int:
-    from lmforge.errors import require
+    from lmforge.errors import LmforgeError, require
     from lmforge.scaling.report import FitConfig, run_fits, write_report
 
     cfg = parse_config(FitConfig, argv, prog="lmforge scaling fit",
                        description="Kaplan and Chinchilla (approaches 1-3) fits, predictions, CIs and plots.")
     require("scipy", "scaling")  # the fits' optimisers; checked before any work
+    if cfg.plots:  # checked before the fits too: their minutes (bootstrap) would be lost with no fit.json written
+        try:
+            require("matplotlib", "plot")
+        except LmforgeError as e:
+            raise LmforgeError(f"{e}, or pass --plots False") from e
     report = run_fits(cfg)
     path = write_report(cfg, report)
     print(json.dumps({k: v for k, v in report.items() if k != "approach1"}, indent=1, default=float))

@@ -197,3 +197,17 @@ def test_a_bom_csv_table_reads_and_a_missing_curves_file_is_named(tmp_path):
         load_runs(tmp_path)  # a directory: it said "not found"
     with pytest.raises(DataError, match=r"curves file not found: .*nope.json \(--curves; leave it out"):
         run_fits(FitConfig(table=str(table), curves=str(tmp_path / "nope.json"), bootstrap=0))
+
+
+def test_fit_without_matplotlib_stops_before_fitting_and_names_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from lmforge.cli import main
+    from lmforge.scaling import report
+
+    table = write_rows(_isoflop_rows(), tmp_path / "runs.csv")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(report, "run_fits", lambda cfg: pytest.fail("fitted before checking the plot extra"))
+    assert main(["scaling", "fit", "--table", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'lmforge[plot]', or pass --plots False" in err and len(err.strip().splitlines()) == 2

@@ -64,7 +64,10 @@ def runs_from_rows(rows: Iterable[dict[str, Any]]) -> Runs:
         raise DataError("the run table is empty")
     missing = [c for c in REQUIRED if any(c not in r or r[c] in ("", None) for r in rows)]
     if missing:
-        raise ConfigError(f"the run table lacks column(s) {missing}; need {list(REQUIRED)} (C, budget optional)")
+        # a ';'-separated CSV reads as one column named 'N;D;loss'; None keys hold a row's extra values
+        found = list(dict.fromkeys(k for r in rows for k in r if k is not None))
+        raise ConfigError(f"the run table lacks column(s) {missing}; need {list(REQUIRED)} (C, budget optional; "
+                          f"names are case-sensitive, the CSV comma-separated), found {found}")
     n, d, loss = (_column(rows, c) for c in REQUIRED)
     has = lambda col: all(r.get(col) not in ("", None) for r in rows)  # noqa: E731
     c = _column(rows, "C") if has("C") else 6.0 * n * d

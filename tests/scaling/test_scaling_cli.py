@@ -211,3 +211,14 @@ def test_fit_without_matplotlib_stops_before_fitting_and_names_the_extra(tmp_pat
     assert main(["scaling", "fit", "--table", str(table)]) == 2
     err = capsys.readouterr().err
     assert "pip install 'lmforge[plot]', or pass --plots False" in err and len(err.strip().splitlines()) == 2
+
+
+def test_a_table_with_misnamed_columns_names_the_columns_it_found(tmp_path, capsys):
+    from lmforge.cli import main
+
+    (tmp_path / "semi.csv").write_text("N;D;loss\n1e6;1e9;3.1\n")  # a spreadsheet's ';'-separated export
+    (tmp_path / "lower.csv").write_text("n,d,Loss\n1e6,1e9,3.1\n")
+    assert main(["scaling", "fit", "--table", str(tmp_path / "semi.csv")]) == 2
+    assert "lacks column(s) ['N', 'D', 'loss']" in (err := capsys.readouterr().err) and "found ['N;D;loss']" in err
+    assert main(["scaling", "fit", "--table", str(tmp_path / "lower.csv")]) == 2
+    assert "found ['n', 'd', 'Loss']" in capsys.readouterr().err

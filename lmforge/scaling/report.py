@@ -45,6 +45,8 @@ class FitConfig:
     strict: bool = False
     """approach 2: fail on a budget whose minimum is not bracketed (default: leave it out, with the reason
     recorded under approach2.dropped)"""
+    progress: bool = True
+    """progress bars over the bootstrap resamples"""
 
     def __post_init__(self) -> None:
         check(all(math.isfinite(c) and c > 0 for c in self.predict),
@@ -108,11 +110,13 @@ def run_fits(cfg: FitConfig) -> dict:
     if cfg.bootstrap:
         if iso is not None:
             report["approach2_ci90"] = _try(report, "bootstrap2", lambda: bootstrap(
-                runs, lambda r: _ab(_iso(r, cfg)), n=cfg.bootstrap))
+                runs, lambda r: _ab(_iso(r, cfg)), n=cfg.bootstrap,
+                progress="bootstrap approach 2" if cfg.progress else ""))
         if par is not None:
             report["approach3_ci90"] = _try(report, "bootstrap3", lambda: bootstrap(
                 runs, lambda r: {k: v for k, v in fit_parametric(r, n_starts=2).as_dict().items()
-                                 if k in ("E", "alpha", "beta", "a")}, n=min(cfg.bootstrap, 50), by_budget=False))
+                                 if k in ("E", "alpha", "beta", "a")}, n=min(cfg.bootstrap, 50), by_budget=False,
+                progress="bootstrap approach 3" if cfg.progress else ""))
     if par is not None and cfg.inference_tokens:
         target = max(preds["approach3"], key=lambda p: p["C"])["loss"]
         opt = _try(report, "inference", lambda: inference_aware_optimum(par, target, cfg.inference_tokens))

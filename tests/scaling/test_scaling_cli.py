@@ -222,3 +222,15 @@ def test_a_table_with_misnamed_columns_names_the_columns_it_found(tmp_path, caps
     assert "lacks column(s) ['N', 'D', 'loss']" in (err := capsys.readouterr().err) and "found ['N;D;loss']" in err
     assert main(["scaling", "fit", "--table", str(tmp_path / "lower.csv")]) == 2
     assert "found ['n', 'd', 'Loss']" in capsys.readouterr().err
+
+
+def test_fit_shows_progress_over_the_bootstrap_resamples(tmp_path, capsys):
+    from lmforge.cli import main
+
+    table = write_rows(_isoflop_rows(), tmp_path / "runs.csv")
+    assert main(["scaling", "fit", "--table", str(table), "--bootstrap", "3", "--plots", "False"]) == 0
+    err = capsys.readouterr().err
+    assert "bootstrap approach 2" in err and "bootstrap approach 3" in err and "3/3" in err
+    assert main(["scaling", "fit", "--table", str(table), "--bootstrap", "3", "--plots", "False",
+                 "--progress", "False"]) == 0
+    assert "bootstrap" not in capsys.readouterr().err

@@ -46,7 +46,18 @@ class Runs:
         return Runs(self.n[idx], self.d[idx], self.loss[idx], self.c[idx], self.budget[idx])
 
 
-def _column(rows: list[dict], name: str) -> np.ndarray:
+def _column(rows: list[dict], name: str) -> np.ndarray | None:
+    """Column `name` as float64 (all finite and > 0), or None when no row has a value in it. A column with values
+    in some rows only is refused, naming the first empty row: an unfinished run's blank loss is no missing column,
+    and a C or budget given for some runs must not be replaced by 6ND for all of them."""
+    filled = [r.get(name) not in ("", None) for r in rows]
+    if not any(filled):
+        return None
+    if not all(filled):
+        i = filled.index(False)
+        leave_out = "" if name in REQUIRED else f", or leave {name!r} out of every row"
+        raise DataError(f"column {name!r} is empty in row {i} ({ {k: v for k, v in rows[i].items() if k} }): fill "
+                        f"it in or remove the row{leave_out}")
     try:
         out = np.array([float(r[name]) for r in rows], dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -62,17 +73,17 @@ def runs_from_rows(rows: Iterable[dict[str, Any]]) -> Runs:
     rows = list(rows)
     if not rows:
         raise DataError("the run table is empty")
-    missing = [c for c in REQUIRED if any(c not in r or r[c] in ("", None) for r in rows)]
+    missing = [c for c in REQUIRED if all(r.get(c) in ("", None) for r in rows)]
     if missing:
         # a ';'-separated CSV reads as one column named 'N;D;loss'; None keys hold a row's extra values
         found = list(dict.fromkeys(k for r in rows for k in r if k is not None))
         raise ConfigError(f"the run table lacks column(s) {missing}; need {list(REQUIRED)} (C, budget optional; "
                           f"names are case-sensitive, the CSV comma-separated), found {found}")
     n, d, loss = (_column(rows, c) for c in REQUIRED)
-    has = lambda col: all(r.get(col) not in ("", None) for r in rows)  # noqa: E731
-    c = _column(rows, "C") if has("C") else 6.0 * n * d
-    budget = _column(rows, "budget") if has("budget") else infer_budgets(c)
-    return Runs(n, d, loss, c, budget)
+    c = _column(rows, "C")
+    c = 6.0 * n * d if c is None else c
+    budget = _column(rows, "budget")
+    return Runs(n, d, loss, c, infer_budgets(c) if budget is None else budget)
 
 
 def infer_budgets(c: np.ndarray) -> np.ndarray:

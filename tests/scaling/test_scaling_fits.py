@@ -333,3 +333,17 @@ def test_a_failed_plot_leaves_no_file_and_no_open_figure(tmp_path, monkeypatch):
     monkeypatch.undo()
     path = isoflop_plot(runs, fr, tmp_path / "iso.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and list(tmp_path.iterdir()) == [path]
+
+
+def test_an_empty_cell_is_named_by_its_row_and_a_partial_optional_column_is_not_replaced():
+    rows = _isoflop_rows()
+    with pytest.raises(DataError, match=r"column 'loss' is empty in row 2 \(.*'loss': ''.*\): fill it in or remove"):
+        runs_from_rows(rows[:2] + [dict(rows[2], loss="")] + rows[3:])  # an unfinished run's blank cell
+    with pytest.raises(DataError, match="column 'loss' is empty in row 1"):
+        runs_from_rows([rows[0], {k: v for k, v in rows[1].items() if k != "loss"}])  # a JSON row without it
+    # a C column filled for some runs only was replaced by 6ND for every run, the given values dropped in silence
+    with pytest.raises(DataError, match="column 'C' is empty in row 1 .* or leave 'C' out of every row"):
+        runs_from_rows([dict(rows[0], C=1e18), dict(rows[1], C="")])
+    with_c = runs_from_rows([dict(r, C=2 * 6 * r["N"] * r["D"]) for r in rows])
+    assert with_c.c == pytest.approx(2 * 6 * with_c.n * with_c.d)
+    assert runs_from_rows([dict(r, C="") for r in rows]).c == pytest.approx(6 * with_c.n * with_c.d)

@@ -3,7 +3,7 @@
     lmforge scaling sweep [--budgets 3e10 1e11 3e11 --depths 1 2 3 4 --out runs/scaling_sweep]
     lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
     lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, and the exact count for a
-                                                         from_depth model)
+                                                         from_depth model; --model PRESET or run.toml for others)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from lmforge.cli.common import parse_config, run_group
+from lmforge.errors import ConfigError
 
 
 def _sweep(argv: list[str]) -> int:
@@ -44,22 +45,44 @@ def _fit(argv: list[str]) -> int:
 @dataclass(frozen=True, kw_only=True)
 class FlopsArgs:
     depth: int = 12
+    """a from_depth(depth) model (with --vocab-size, max_seq_len 1024), unless --model is given"""
+    model: str = ""
+    """a ModelConfig preset name (llama-small, gpt2-small, ...) or a TOML/JSON file: a run config's [model]
+    section, or a model's keys at top level (a checkpoint's config.json); replaces --depth and --vocab-size"""
     tokens: float = 1e9
-    seq_len: int = 1024
+    seq_len: int = 0
+    """context of the attention term (0 = the model's max_seq_len)"""
     vocab_size: int = 50304
 
 
+def _flops_model(a: FlopsArgs):
+    """The ModelConfig `lmforge scaling flops` counts (see FlopsArgs.model)."""
+    from lmforge.config import from_dict, read_config_file
+    from lmforge.model.config import PRESETS, ModelConfig
+
+    if not a.model:
+        return ModelConfig.from_depth(a.depth, vocab_size=a.vocab_size, max_seq_len=a.seq_len or 1024)
+    if a.model in PRESETS:
+        return ModelConfig.preset(a.model)
+    if not a.model.endswith((".toml", ".json")):
+        raise ConfigError(f"--model {a.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a .toml / "
+                          ".json file")
+    data = read_config_file(a.model)
+    data = data.get("model", data) if isinstance(data.get("model"), dict) else data
+    return from_dict(ModelConfig, data, where="model")
+
+
 def _flops(argv: list[str]) -> int:
-    from lmforge.model.config import ModelConfig
     from lmforge.scaling.flops import flops_6nd, flops_per_token, num_params
 
-    a = parse_config(FlopsArgs, argv, prog="lmforge scaling flops", description="FLOPs of a from_depth model.",
+    a = parse_config(FlopsArgs, argv, prog="lmforge scaling flops", description="FLOPs of a model.",
                      config_file=False)
-    cfg = ModelConfig.from_depth(a.depth, vocab_size=a.vocab_size, max_seq_len=a.seq_len)
+    cfg = _flops_model(a)
     n = num_params(cfg)
     print(f"N = {n:,} ({num_params(cfg, exclude_embeddings=True):,} without embeddings)")
     print(f"6ND         = {flops_6nd(n, a.tokens):.4g} FLOPs (N = all {n:,} parameters)")
-    print(f"exact count = {flops_per_token(cfg, a.seq_len) * a.tokens:.4g} FLOPs (seq_len {a.seq_len})")
+    seq_len = a.seq_len or cfg.max_seq_len
+    print(f"exact count = {flops_per_token(cfg, seq_len) * a.tokens:.4g} FLOPs (seq_len {seq_len})")
     return 0
 
 

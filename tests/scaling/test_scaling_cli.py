@@ -234,3 +234,24 @@ def test_fit_shows_progress_over_the_bootstrap_resamples(tmp_path, capsys):
     assert main(["scaling", "fit", "--table", str(table), "--bootstrap", "3", "--plots", "False",
                  "--progress", "False"]) == 0
     assert "bootstrap" not in capsys.readouterr().err
+
+
+def test_flops_command_counts_a_llama_shape_from_a_run_config_or_a_preset(tmp_path, capsys):
+    from lmforge.cli import main
+
+    # Llama-3-8B's shape as a run config's [model] section; N and the FLOPs counted here by hand
+    (tmp_path / "run.toml").write_text(
+        'max_steps = 10\n[model]\nvocab_size = 128256\nd_model = 4096\nn_layers = 32\nn_heads = 32\nn_kv_heads = 8\n'
+        'd_ff = 14336\nmax_seq_len = 8192\nactivation = "swiglu"\n')
+    d, kv, ff, v, t = 4096, 8 * 128, 14336, 128256, 8192
+    layer = 2 * d * d + 2 * d * kv + 3 * d * ff  # q, o; k, v; gate, up, down
+    forward = 32 * (2 * layer + 4 * d * t) + 2 * d * v  # + QK^T and AV at context t; + the output head
+    assert main(["scaling", "flops", "--model", str(tmp_path / "run.toml"), "--tokens", "1e9"]) == 0
+    out = capsys.readouterr().out
+    assert "N = 8,030,261,248 " in out  # Meta's published count
+    assert f"6ND         = {6 * 8_030_261_248 * 1e9:.4g}" in out
+    assert f"exact count = {3 * forward * 1e9:.4g} FLOPs (seq_len 8192)" in out
+    assert main(["scaling", "flops", "--model", "llama-small"]) == 0
+    assert "(seq_len 2048)" in capsys.readouterr().out  # the preset's own context
+    assert main(["scaling", "flops", "--model", "llama-smal"]) == 2
+    assert "--model 'llama-smal' is neither a preset (" in capsys.readouterr().err

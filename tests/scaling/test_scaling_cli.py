@@ -255,3 +255,14 @@ def test_flops_command_counts_a_llama_shape_from_a_run_config_or_a_preset(tmp_pa
     assert "(seq_len 2048)" in capsys.readouterr().out  # the preset's own context
     assert main(["scaling", "flops", "--model", "llama-smal"]) == 2
     assert "--model 'llama-smal' is neither a preset (" in capsys.readouterr().err
+
+
+def test_sweep_refuses_a_data_file_that_does_not_exist(tmp_path, capsys):
+    from lmforge.cli import main
+
+    # a typo'd --data trained the whole grid on Python's own sources instead, the table none the wiser
+    assert main(["scaling", "sweep", "--budgets", "2e8", "--depths", "1", "--width", "8", "--min-steps", "3",
+                 "--seq-len", "16", "--batch-size", "4", "--out", str(tmp_path / "sw"),
+                 "--data", str(tmp_path / "corpus.txt")]) == 2
+    assert f"--data {tmp_path / 'corpus.txt'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 from lmforge.cli.common import parse_config, run_group
@@ -39,6 +40,12 @@ def _fit(argv: list[str]) -> int:
     path = write_report(cfg, report)
     print(json.dumps({k: v for k, v in report.items() if k != "approach1"}, indent=1, default=float))
     print(f"wrote {path}")
+    # the reasons are in the JSON above too, but a screen of numbers above hides them
+    for name, why in report.get("skipped", {}).items():
+        print(f"lmforge scaling fit: skipped {name}: {why}", file=sys.stderr)
+    if not report["predictions"]:
+        print("lmforge scaling fit: no approach fitted the compute-optimal frontier, so nothing is predicted; "
+              "train more model sizes and budgets (reasons above)", file=sys.stderr)
     return 0
 
 

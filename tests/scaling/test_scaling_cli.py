@@ -266,3 +266,14 @@ def test_sweep_refuses_a_data_file_that_does_not_exist(tmp_path, capsys):
                  "--data", str(tmp_path / "corpus.txt")]) == 2
     assert f"--data {tmp_path / 'corpus.txt'}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
+
+
+def test_fit_says_on_stderr_which_approaches_it_skipped_and_that_nothing_was_predicted(tmp_path, capsys):
+    from lmforge.cli import main
+
+    rows = [dict(r, N=1e6) for r in _isoflop_rows()[::3]]  # one model size
+    assert main(["scaling", "fit", "--table", str(write_rows(rows, tmp_path / "runs.csv")), "--plots", "False"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("lmforge scaling fit: skipped approach2: approach 2 needs at least 2 budgets")
+    assert err[1].startswith("lmforge scaling fit: skipped approach3: approach 3 needs runs at several model sizes")
+    assert err[2].startswith("lmforge scaling fit: no approach fitted the compute-optimal frontier")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lmforge.config import check, coerce_fields
+from lmforge.errors import DataError
 from lmforge.utils import write_json_atomic
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -85,10 +86,21 @@ class OptimBenchConfig:
             check(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
         check(self.lr_factor > 1, f"lr_factor must be > 1, got {self.lr_factor}")
 
+def corpus_path(path: str = "") -> Path | None:
+    """The benchmark text's file: `path`, refused when it is no file (training on the fallback text in silence
+    would answer another question), else the bundled Shakespeare, else None (Python's own sources stand in)."""
+    if path:
+        if not Path(path).is_file():
+            raise DataError(f"--data {path}: no such file; give a text file, or leave --data out to train on the "
+                            "default text")
+        return Path(path)
+    return SHAKESPEARE if SHAKESPEARE.is_file() else None
+
+
 def corpus_bytes(path: str = "") -> np.ndarray:
-    """Byte-level token ids (ByteTokenizer ids 0..255) of the benchmark text."""
-    p = Path(path) if path else SHAKESPEARE
-    if p.is_file():
+    """Byte-level token ids (ByteTokenizer ids 0..255) of the benchmark text (`corpus_path`)."""
+    p = corpus_path(path)
+    if p is not None:
         return np.frombuffer(p.read_bytes(), dtype=np.uint8).astype(np.int64)
     import sysconfig
 

@@ -172,9 +172,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.data and not Path(cfg.data).is_file():  # corpus_bytes would fall back to its default text in silence
-        raise DataError(f"--data {cfg.data}: no such file; give a text file, or leave --data out to train on Python's "
-                        "own sources")
+    from lmforge.optim.benchmark import corpus_path
+
+    corpus_path(cfg.data)  # a typo'd --data is refused before any work
     settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
     runs = plan(cfg)
     found = [_finished(_run_dir(cfg, r) / "result.json", r, settings) for r in runs]  # refused before any work

@@ -85,3 +85,14 @@ def test_an_optimizer_that_never_reaches_the_target_reads_so_and_an_empty_list_i
     result = {"target_loss": 2.0, "reference": "adamw", "tokens": 1, "n_params": 1, "device": "cpu",
               "summary": [dict(row, optimizer="lion")]}
     assert "| not reached | not reached | not reached |" in format_table(result)
+
+
+def test_a_benchmark_text_that_is_no_file_is_refused(tmp_path):
+    """`lmforge bench optimizers --data typo.txt` trained on the fallback text in silence."""
+    from lmforge.errors import DataError
+    from lmforge.optim.benchmark import corpus_bytes
+
+    with pytest.raises(DataError, match=r"--data .*typo.txt: no such file"):
+        corpus_bytes(str(tmp_path / "typo.txt"))
+    (tmp_path / "t.txt").write_bytes(b"abc")
+    assert corpus_bytes(str(tmp_path / "t.txt")).tolist() == [97, 98, 99]

@@ -356,8 +356,9 @@ class Transformer(nn.Module):
         """Matmul FLOPs per token at context `seq_len`: 2 per multiply-add of every linear layer (lm_head
         included, tied or not; read from the layers' shapes, `matmul_macs`: a quantized or LoRA-wrapped Linear
         counts as its base, the adapter's own rank-r matmuls not, so an adapter or quantized run reports the
-        model's FLOPs as the full run does) plus attention scores and their weighted sum, 2·2·H·hd·seq_len per
-        layer (the full, un-halved causal count of PaLM's appendix B and nanochat). Training = 3x forward
+        model's FLOPs as the full run does) plus attention scores and their weighted sum, 2·2·H·hd·keys per
+        layer (the full, un-halved causal count of PaLM's appendix B and nanochat: keys = seq_len, or a sliding
+        layer's window when it is shorter). Training = 3x forward
         (backward costs twice the forward). Norms, biases and softmax are ignored (< 1%)."""
         linear = matmul_macs(self)
         attn_blocks = list(self.blocks) + ([getattr(mod, "block", mod) for mod in self.mtp.modules_]
@@ -372,9 +373,10 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _attn_flops(attn: nn.Module, seq_len: int) -> int:
+        keys = min(attn.window, seq_len) if getattr(attn, "window", 0) else seq_len
         if isinstance(attn, MLA):  # scores over d_nope + d_rope, weighted sum over d_v
-            return 2 * attn.H * (attn.d_nope + attn.d_rope + attn.d_v) * seq_len
-        return 4 * attn.n_heads * attn.hd * seq_len
+            return 2 * attn.H * (attn.d_nope + attn.d_rope + attn.d_v) * keys
+        return 4 * attn.n_heads * attn.hd * keys
 
     def param_roles(self) -> dict[str, str]:
         """name -> 'embedding' | 'head' | 'matrix' | 'vector', for optimizers' parameter-group rules. A module's

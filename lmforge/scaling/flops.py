@@ -30,7 +30,8 @@ def flops_6nd(n_params: float, tokens: float) -> float:
 
 
 def dense_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
-    """Exact matmul FLOPs per token of a dense decoder (lmforge ModelConfig) at context seq_len."""
+    """Exact matmul FLOPs per token of a dense decoder (lmforge ModelConfig) at context seq_len (a sliding layer
+    attends min(window, seq_len) keys)."""
     parts = [part for part, has in (("mlp='moe'", cfg.mlp == "moe"), ("attention='mla'", cfg.attention == "mla"),
                                     ("mtp heads (training)", cfg.mtp is not None and training)) if has]
     if parts:
@@ -39,8 +40,10 @@ def dense_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
     d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd
     attn_proj = d * h * hd + 2 * d * kv * hd + h * hd * d  # W_q, W_k, W_v, W_o
     mlp = (3 if cfg.is_glu else 2) * d * cfg.ff
-    per_layer = 2 * (attn_proj + mlp) + 4 * h * hd * seq_len  # + QK^T and AV
-    forward = cfg.n_layers * per_layer + 2 * d * cfg.vocab_size  # + output head
+    keys = [min(cfg.sliding_window, seq_len) if cfg.layer_type(i) == "sliding" else seq_len  # a window's keys
+            for i in range(cfg.n_layers)]
+    attn = sum(4 * h * hd * k for k in keys)  # QK^T and AV
+    forward = cfg.n_layers * 2 * (attn_proj + mlp) + attn + 2 * d * cfg.vocab_size  # + output head
     return float(3 * forward if training else forward)
 
 

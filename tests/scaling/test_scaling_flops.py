@@ -49,3 +49,17 @@ def test_dense_count_refuses_mtp_in_training_only():
     with pytest.raises(ConfigError, match=r"has mtp heads \(training\); use flops_per_token"):
         dense_flops_per_token(cfg, 128)
     assert dense_flops_per_token(cfg, 128, training=False) == flops_per_token(cfg, 128, training=False)
+
+
+def test_a_sliding_layer_counts_its_window_of_keys():
+    """Attention FLOPs of a sliding layer are over min(window, seq_len) keys (nanochat counts the same); they
+    were over seq_len, so a Mistral/Gemma-style model's MFU and scaling budgets were overstated."""
+    from dataclasses import replace
+
+    base = ModelConfig.from_depth(2, vocab_size=64, max_seq_len=64)
+    mixed = replace(base, sliding_window=4, layer_types=("sliding", "full"))
+    per_key = 4 * base.n_heads * base.hd  # QK^T and AV per token per key, forward
+    for seq_len in (16, 3):
+        drop = per_key * (seq_len - min(4, seq_len))  # the sliding layer's keys past its window
+        assert flops_per_token(mixed, seq_len, training=False) == flops_per_token(base, seq_len, training=False) - drop
+        assert dense_flops_per_token(mixed, seq_len) == flops_per_token(mixed, seq_len)

@@ -5,11 +5,20 @@ in the merge list (every occurrence of it, left to right), until no adjacent pai
 GPT-2's original `bpe()` and applies the merges exactly as training did. With `whole` (HF's
 `ignore_merges`, set by Llama-3), a pre-token that is itself a token is emitted as that token first,
 as tiktoken does, whatever the merges would make of it.
+
+Long pre-tokens (a base64 blob, minified code, a run of CJK without spaces) take the same merges through a
+heap over a linked list: the scan costs O(length) per merge applied, which made a 100k-character random word
+take minutes (2026-12-06: 158 s against 0.06 s on tiktoken).
 """
 
 from __future__ import annotations
 
+import heapq
+
 from lmforge.tokenizer.pretokenize import compile_pattern
+
+SCAN_MAX = 128
+"""pre-tokens of at most this many bytes are merged by the plain scan; longer ones through the heap"""
 
 
 class ReferenceEncoder:
@@ -31,6 +40,10 @@ class ReferenceEncoder:
         self.cache_size = cache_size
 
     def bpe(self, ids: list[int]) -> list[int]:
+        return self.bpe_scan(ids) if len(ids) <= SCAN_MAX else self.bpe_heap(ids)
+
+    def bpe_scan(self, ids: list[int]) -> list[int]:
+        """Merge the lowest-ranked adjacent pair, every occurrence left to right, until none is a merge."""
         ranks = self.ranks
         while len(ids) > 1:
             best, best_rank = None, float("inf")  # ranks are merge indices, past len(ranks) when a pair repeats
@@ -50,6 +63,36 @@ class ReferenceEncoder:
                     i += 1
             ids = out
         return ids
+
+    def bpe_heap(self, ids: list[int]) -> list[int]:
+        """What `bpe_scan` makes of `ids`, in O(n log n). A heap holds (rank, position) of adjacent pairs; all
+        entries of the lowest rank are taken at once and merged left to right, as the scan merges every
+        occurrence of its pair in one pass (a pair made meanwhile waits for the next round even when its rank
+        is lower, as in the scan). Positions are the first byte's index, so they keep the left-to-right order;
+        an entry is stale when its position is gone or now starts another pair (each rank names one pair)."""
+        ranks, merged = self.ranks, self.merged
+        tok = list(ids)  # -1: merged into its left neighbour
+        nxt = list(range(1, len(tok))) + [-1]
+        prv = list(range(-1, len(tok) - 1))
+        heap = [(r, i) for i, pair in enumerate(zip(tok, tok[1:])) if (r := ranks.get(pair)) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, made = heap[0][0], []
+            while heap and heap[0][0] == rank:
+                i = heapq.heappop(heap)[1]
+                j = nxt[i]
+                if tok[i] < 0 or j < 0 or ranks.get((tok[i], tok[j])) != rank:
+                    continue
+                tok[i], tok[j] = merged[(tok[i], tok[j])], -1
+                k = nxt[i] = nxt[j]
+                if k >= 0:
+                    prv[k] = i
+                for left, right in ((prv[i], i), (i, k)):  # the merged token's two new pairs
+                    if left >= 0 and right >= 0 and (r := ranks.get((tok[left], tok[right]))) is not None:
+                        made.append((r, left))
+            for entry in made:
+                heapq.heappush(heap, entry)
+        return [t for t in tok if t >= 0]
 
     def encode_bytes(self, piece: bytes) -> list[int]:
         return self.bpe([self.byte_ids[b] for b in piece])

@@ -384,11 +384,15 @@ class Tokenizer:
         self._warn_pattern_lost("GPT-2 vocab.json + merges.txt")
         return formats.write_gpt2(self, out_dir)
 
-    def _warn_pattern_lost(self, fmt: str) -> None:
-        """GPT-2 and tiktoken files hold no pre-tokenization pattern (readers assume GPT-2's), normalization or BOS."""
+    def _warn_pattern_lost(self, fmt: str, read_back_specials: dict[str, int] | None = None) -> None:
+        """GPT-2 and tiktoken files hold no pre-tokenization pattern (readers assume GPT-2's), normalization or BOS;
+        tiktoken's no special tokens either (`read_back_specials`: what a reader assumes instead)."""
+        specials_lost = read_back_specials is not None and read_back_specials != self.special_tokens
         lost = [what for what, gone in (("pre-tokenization pattern (not GPT-2's)", self.pattern != PATTERNS["gpt2"]),
                                         (f"{self.normalization} normalization", self.normalization is not None),
-                                        ("prefix/suffix tokens (BOS)", bool(self.prefix_tokens or self.suffix_tokens)))
+                                        ("prefix/suffix tokens (BOS)", bool(self.prefix_tokens or self.suffix_tokens)),
+                                        (f"special tokens {self.special_tokens} (read back as {read_back_specials})",
+                                         specials_lost))
                 if gone]
         if lost:
             from lmforge.errors import warn_caller
@@ -414,5 +418,5 @@ class Tokenizer:
         return cls({r: b for b, r in ranks.items()}, formats.merges_from_ranks(ranks), special_tokens, pattern)
 
     def save_tiktoken(self, path: str | Path) -> Path:
-        self._warn_pattern_lost("a tiktoken rank file")
+        self._warn_pattern_lost("a tiktoken rank file", formats.tiktoken_specials(self.mergeable_ranks()))
         return formats.write_tiktoken(self, path)

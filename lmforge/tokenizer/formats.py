@@ -107,9 +107,9 @@ def decode_vocab(raw: Any, where: str) -> Vocab:
 # ---- GPT-2 vocab.json + merges.txt ----------------------------------------------------------------
 
 def read_gpt2(vocab_json: str | Path, merges_txt: str | Path) -> tuple[Vocab, Merges, dict[str, int], str]:
-    """GPT-2 files. Entries of vocab.json that are not byte-level strings (e.g. `<|endoftext|>`, which
-    contains '|' only in its printable form but is a special) are taken as special tokens when they are
-    not the product of any merge; GPT-2's only such entry is `<|endoftext|>`."""
+    """GPT-2 files. Entries of vocab.json that are neither one byte nor the product of a merge are taken as
+    special tokens (BPE could never emit them otherwise): GPT-2's only such entry is `<|endoftext|>`, and
+    `write_gpt2` puts every special there (`<s>`, `[PAD]`, `<|im_start|>`: all read back as specials)."""
     raw = _read_json(Path(vocab_json), "GPT-2 vocab file")
     if not isinstance(raw, dict):
         raise DataError(f"GPT-2 vocab file {vocab_json} is not a JSON object")
@@ -117,8 +117,10 @@ def read_gpt2(vocab_json: str | Path, merges_txt: str | Path) -> tuple[Vocab, Me
         lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"GPT-2 merges file {merges_txt} cannot be read: {e}") from e
-    merges = [parse_merge(ln, str(merges_txt)) for ln in lines if ln.strip() and not ln.startswith("#version")]
-    specials = {s: i for s, i in raw.items() if s.startswith("<|") and s.endswith("|>") and len(s) > 4}
+    lines = [ln for ln in lines if ln.strip() and not ln.startswith("#version")]
+    merges = [parse_merge(ln, str(merges_txt)) for ln in lines]
+    made = {ln.replace(" ", "") for ln in lines}  # each merge's product, printable (no byte prints as a space)
+    specials = {s: i for s, i in raw.items() if s not in made and not (len(s) == 1 and s in char_to_byte())}
     vocab = decode_vocab({s: i for s, i in raw.items() if s not in specials}, str(vocab_json))
     return vocab, merges, specials, "gpt2"
 
@@ -403,6 +405,13 @@ def read_tiktoken(path: str | Path) -> dict[bytes, int]:
         except ValueError as e:
             raise DataError(f"{path} line {n} is not 'base64 rank': {line[:60]!r}") from e
     return ranks
+
+
+def tiktoken_specials(ranks: dict[bytes, int]) -> dict[str, int]:
+    """The special tokens a rank file is read back with, as the format holds none: `<|endoftext|>` at the first
+    id no rank takes (256 in lmforge-trained files, after the last rank in GPT-2's)."""
+    taken = set(ranks.values())
+    return {"<|endoftext|>": next(i for i in range(len(taken) + 1) if i not in taken)}
 
 
 def merges_from_ranks(ranks: dict[bytes, int]) -> Merges:

@@ -52,12 +52,9 @@ def _from_json(path: Path):
 
 def _from_tiktoken(path: Path):
     from lmforge.tokenizer.bpe import Tokenizer
-    from lmforge.tokenizer.formats import read_tiktoken
+    from lmforge.tokenizer.formats import read_tiktoken, tiktoken_specials
 
-    ranks = set(read_tiktoken(path).values())
-    # the first free id: lmforge-trained files leave 256 free for it, GPT-2's puts it after the last rank
-    eot = next(i for i in range(len(ranks) + 1) if i not in ranks)
-    return Tokenizer.from_tiktoken(path, {"<|endoftext|>": eot})
+    return Tokenizer.from_tiktoken(path, tiktoken_specials(read_tiktoken(path)))
 
 
 def _in_directory(path: Path) -> Path:

@@ -95,7 +95,7 @@ def train(argv: list[str]) -> int:
     tok = train_bpe(files, a.vocab_size, a.special, pattern=a.pattern, workers=a.workers,
                     progress=a.progress, stats=stats)
     path = tok.save(a.out)
-    writers = {"hf": tok.save_hf, "gpt2": tok.save_gpt2, "tiktoken": lambda d: tok.save_tiktoken(f"{d}/bpe.tiktoken")}
+    writers = {"hf": tok.save_hf, "gpt2": tok.save_gpt2, "tiktoken": tok.save_tiktoken}  # each into --out
     for fmt in a.export:
         writers[fmt](a.out)
     print(f"trained {tok.vocab_size} tokens ({len(tok.merges)} merges) on {stats['bytes']:,} bytes in "

@@ -39,6 +39,13 @@ FORMAT_VERSION = 1
 _REPLACEMENT = "\ufffd".encode()
 
 
+def _check_text(text) -> None:
+    """encode's argument must be a str: bytes failed deep inside the pattern matching with a message about str."""
+    if not isinstance(text, str):
+        hint = "; decode the bytes first (data.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else ""
+        raise TypeError(f"encode takes a str, got {type(text).__name__}{hint}")
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer.
 
@@ -234,6 +241,7 @@ class Tokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode treating special-token strings as plain text."""
+        _check_text(text)
         try:
             return self._ordinary(text)
         except UnicodeEncodeError:
@@ -260,6 +268,7 @@ class Tokenizer:
             ids = self.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
             return ([self.special_tokens[t] for t in self.prefix_tokens] + ids
                     + [self.special_tokens[t] for t in self.suffix_tokens])
+        _check_text(text)
         allowed, disallowed = self._allowed(allowed_special, disallowed_special)
         if disallowed:
             m = special_regex(disallowed).search(text)
@@ -321,6 +330,8 @@ class Tokenizer:
     # ---- decoding --------------------------------------------------------------------------------
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        if isinstance(ids, (str, bytes, bytearray)):  # iterating one gave characters (or byte values) as ids
+            raise TypeError(f"decode takes token ids (a list of ints), got {type(ids).__name__}")
         table, n = self._decode_table, len(self._decode_table)
         return b"".join([table[i] if 0 <= i < n else _REPLACEMENT for i in map(int, ids)])
 

@@ -382,12 +382,14 @@ def read_hf(path: str | Path) -> dict[str, Any]:
 def write_tiktoken(tok, path: str | Path) -> Path:
     """tiktoken's `.tiktoken` format: one "base64(token bytes) rank" line per mergeable token. Ranks are
     merge priorities, so this needs ids that grow with merge order (true for lmforge-trained and
-    GPT-2 tokenizers); specials are not part of the format."""
+    GPT-2 tokenizers); specials are not part of the format. `path`: the file, or a directory to write
+    bpe.tiktoken into (as `write_hf` and `write_gpt2` take one)."""
     ranks = tok.mergeable_ranks()
+    path = Path(path) / "bpe.tiktoken" if Path(path).is_dir() else Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(f"{base64.b64encode(b).decode()} {r}\n"
                                for b, r in sorted(ranks.items(), key=lambda x: x[1])))
-    return Path(path)
+    return path
 
 
 def read_tiktoken(path: str | Path) -> dict[bytes, int]:

@@ -18,6 +18,7 @@ same corpus always gives the same merges.
 from __future__ import annotations
 
 import heapq
+import operator
 import os
 from collections import Counter, defaultdict, deque
 from pathlib import Path
@@ -286,7 +287,11 @@ def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str] | Iterable[os
 
     specials = tuple(check_specials(special_tokens))
     pat = resolve_pattern(pattern)
-    if not isinstance(vocab_size, int) or vocab_size < 256 + len(specials):
+    try:
+        vocab_size = operator.index(vocab_size)  # a numpy integer (a sweep's value) too
+    except TypeError:
+        raise ConfigError(f"vocab_size={vocab_size!r} must be an integer") from None
+    if vocab_size < 256 + len(specials):
         raise ConfigError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 256 + "
                           f"{len(specials)} special tokens = {256 + len(specials)}")
     counts, info = count_pretokens(files_or_iterator, pat, specials, workers)
@@ -297,6 +302,12 @@ def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str] | Iterable[os
     if stats is not None:
         stats.update(info, distinct_pretokens=len(counts))
     merges = learn_merges(counts, vocab_size - 256 - len(specials), progress)
+    if len(merges) < vocab_size - 256 - len(specials):
+        from lmforge.errors import warn_caller
+
+        warn_caller(f"vocab_size={vocab_size} asked for {vocab_size - 256 - len(specials)} merges, but the corpus "
+                    f"holds only {len(merges)} (every pre-token is one token): the tokenizer has "
+                    f"{256 + len(specials) + len(merges)} tokens; train on more text for a larger vocabulary")
     vocab = {i: bytes([i]) for i in range(256)}
     for k, s in enumerate(specials):
         vocab[256 + k] = s.encode("utf-8")

@@ -216,7 +216,9 @@ class Tokenizer:
         return self._enc is not None
 
     def token_bytes(self, i: int) -> bytes:
-        return self.vocab[i]
+        """One token's bytes; an id that is no token (past the vocabulary: a model's padded rows, or negative)
+        gives U+FFFD's, as in `decode` (streaming detokenization decodes through this, one id at a time)."""
+        return self._decode_table[i] if 0 <= i < len(self._decode_table) else _REPLACEMENT
 
     def spec(self) -> str:
         """What token shards record: the saved file's path, else a content hash."""

@@ -56,7 +56,10 @@ class ByteTokenizer:
         return "".join(out)
 
     def token_bytes(self, i: int) -> bytes:
-        return bytes([i]) if i < 256 else self.special_tokens[i - 256].encode()
+        """One token's bytes; an id that is no token gives U+FFFD's, as in `decode`."""
+        if 0 <= i < 256:
+            return bytes([i])
+        return self.special_tokens[i - 256].encode() if 256 <= i < self.vocab_size else "\ufffd".encode()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -27,12 +27,14 @@ _TOK = None  # the tokenizer inside a worker process (set by _init)
 
 
 def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Files, directories (every file below, sorted) and glob patterns -> existing, non-empty list."""
+    """Files, directories (every file below, sorted, but hidden ones: a checkout's .git objects, .DS_Store) and
+    glob patterns -> existing, non-empty list, each file once (`--input data data/a.txt` read a.txt twice)."""
     out: list[Path] = []
     for pat in patterns:
         p = Path(pat)
         if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file()
+                              and not any(part.startswith(".") for part in q.relative_to(p).parts)))
         elif p.is_file():
             out.append(p)
         else:
@@ -42,7 +44,8 @@ def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
             out.extend(hits)
     if not out:
         raise DataError("no input files given")
-    return out
+    seen: set[Path] = set()
+    return [f for f in out if not (f.resolve() in seen or seen.add(f.resolve()))]
 
 
 def _init(tok) -> None:

@@ -307,9 +307,8 @@ class Tokenizer:
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. an open file's lines) to exactly the ids of encoding
         their concatenation. Text is cut only where tokenization cannot change (after a special token;
-        for named patterns, at a newline between printable characters: `pretokenize._SAFE_CUT`), so memory
-        stays bounded by
-        the distance between such points."""
+        for named patterns, at a line end where no pre-token crosses it: `pretokenize._SAFE_CUT`), so memory
+        stays bounded by the distance between such points."""
         longest = max((len(s) for s in self._specials), default=0)
         parts: list[str] = []
         size, limit = 0, buffer_chars

@@ -65,8 +65,12 @@ def findall(pat: str, text: str) -> list[str]:
 # except o200k's ` ?[^\s\p{L}\p{N}]+[\r\n/]*`, which takes "\n/" after punctuation ("!\n/" is one
 # pre-token), hence no "/" after the cut. Custom patterns get no such guarantee, so their text is only
 # cut at special tokens and document ends.
-_SAFE_CUT = _re.compile(r"(?<=[!-~]\n)(?=[!-.0-~])")
-_SAFE_CUT_BYTES = _re.compile(rb"[!-~]\n[!-.0-~]")
+# Windows line ends ("x\r\ny") have no such point (the "\r\n" at a text's end is one pre-token, "\r", "\n" inside),
+# so a CRLF file was one chunk, read whole by one worker. There the cut goes before the "\r" when a letter or digit
+# precedes it: no alternative runs from one across "\r" (letters and numbers stop there; only punctuation-led
+# ones take "[\r\n]" after them), and a run of whitespace starting at "\r" splits the same whatever precedes it.
+_SAFE_CUT = _re.compile(r"(?<=[!-~]\n)(?=[!-.0-~])|(?<=[A-Za-z0-9])(?=\r\n)")
+_SAFE_CUT_BYTES = _re.compile(_SAFE_CUT.pattern.encode())
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -234,15 +238,15 @@ def _specials_nest(specials: tuple[str, ...]) -> bool:
 
 def safe_byte_cut(data: bytes, start: int, pat: str, specials: tuple[str, ...]) -> int:
     """First position >= start in `data` where the byte stream may be cut: the start of a special
-    token, or (named patterns) just after a newline between printable ASCII bytes, the second not "/"
-    (see `_SAFE_CUT`). -1 if none."""
+    token, or (named patterns) just after a newline between printable ASCII bytes, the second not "/",
+    or before a "\r\n" after a letter or digit (see `_SAFE_CUT`). -1 if none."""
     best = -1
     for s in () if _specials_nest(specials) else specials:
         i = data.find(s.encode("utf-8"), start)
         if i != -1 and (best == -1 or i < best):
             best = i
     if has_safe_cuts(pat):
-        m = _SAFE_CUT_BYTES.search(data, max(0, start - 1))
-        if m is not None and (best == -1 or m.start() + 2 < best):
-            best = m.start() + 2
+        m = _SAFE_CUT_BYTES.search(data, start)  # (the lookbehind sees the byte before `start`)
+        if m is not None and (best == -1 or m.start() < best):
+            best = m.start()
     return best

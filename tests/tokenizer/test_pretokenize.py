@@ -31,7 +31,7 @@ def test_safe_pieces_do_not_change_pretokens(name):
     (it was: training counts, encode_iterable and corpus shards changed for o200k; found 2026-12 by a sweep)."""
     rng = random.Random(1)
     words = ["x", "y\n", "\n", " ", "  ", "\t", "é", "日本", "🙂", "'s", "12", ".", "(", "\r\n", "<|endoftext|>",
-             "/", "!", "\n/", "!\n", "//", "\r", "A", "Ab", "'", "#", "~", "\\"]
+             "/", "!", "\n/", "!\n", "//", "\r", "A", "Ab", "'", "#", "~", "\\", "a\r\n", "9\r\n", "\r\n\r\n", " \r\n"]
     rx = regex.compile(PATTERNS[name])
     for _ in range(1000):
         text = "".join(rng.choice(words) for _ in range(rng.randint(1, 80)))
@@ -63,3 +63,26 @@ def test_last_safe_cut_respects_specials():
     cut = last_safe_cut(text, PATTERNS["gpt2"], specials, end)
     assert text[:cut] == "x\ny<|a|><|a|>"  # after the complete longer special, not inside it
     assert last_safe_cut("no cut here", "custom(regex)", (), 5) == 0
+
+
+def test_a_file_with_windows_line_ends_is_cut_into_chunks(tmp_path):
+    """A CRLF file had no safe cut ("\\r\\n" after a line is no "\\n" between printable characters), so training and
+    encoding read it as one chunk in one worker however large; now it is cut before each "\\r\\n" after a letter or
+    digit, and the counts, the shards' ids and encode_iterable's ids are those of the whole text."""
+    from collections import Counter
+
+    from lmforge.tokenizer import train as tr
+
+    lines = [f"line {i} of the corpus, about rivers and towns {i * 7}" for i in range(400)]
+    text = "\r\n".join(lines) + "\r\n"
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(text.encode())
+    for name in ("gpt2", "cl100k", "o200k"):
+        ranges = tr.file_ranges(path, PATTERNS[name], (), chunk=1000)
+        assert len(ranges) > 10 and ranges[0][0] == 0 and ranges[-1][1] == len(text)
+        assert all(text.encode()[a:a + 2] == b"\r\n" for a, _ in ranges[1:])
+        counts = sum((tr.count_text(text[a:b], PATTERNS[name], ()) for a, b in ranges), start=Counter())
+        assert counts == tr.count_text(text, PATTERNS[name], ())
+    tok = tr.train_bpe(iter([text]), 300, ["<|endoftext|>"], progress=False, workers=1)
+    chunks = [text[i:i + 37] for i in range(0, len(text), 37)]
+    assert list(tok.encode_iterable(chunks, buffer_chars=64)) == tok.encode(text)

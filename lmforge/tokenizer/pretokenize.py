@@ -155,9 +155,17 @@ def compile_pattern(pat: str) -> regex.Pattern | _Pieces:
     return regex.compile(pat) if pat in PATTERNS.values() else _Pieces(pat)
 
 
+# Llama-3's split (its tokenizer.json Split regex as `formats.read_hf` reads it): a custom pattern, not cl100k's (it
+# splits trailing whitespace otherwise), but the `_SAFE_CUT` argument holds for it word for word (its punctuation run
+# takes "[\r\n]*" after it, no "/"), so a Llama-3 corpus is cut into chunks too: it was one chunk per file, read
+# whole by one worker. The tests check its cuts as they check the named patterns'.
+LLAMA3 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+          r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
 def has_safe_cuts(pat: str) -> bool:
-    """Whether `_SAFE_CUT` points are pre-token boundaries for this regex (true for the named ones)."""
-    return pat in PATTERNS.values()
+    """Whether `_SAFE_CUT` points are pre-token boundaries for this regex (true for the named ones and Llama-3's)."""
+    return pat in PATTERNS.values() or pat == LLAMA3
 
 
 def check_specials(special_tokens: Iterable[str] | None) -> list[str]:

@@ -9,7 +9,7 @@ import random
 import pytest
 import regex
 
-from lmforge.tokenizer.pretokenize import PATTERNS, ascii_pattern, last_safe_cut, safe_byte_cut, safe_pieces
+from lmforge.tokenizer.pretokenize import LLAMA3, PATTERNS, ascii_pattern, last_safe_cut, safe_byte_cut, safe_pieces
 
 ALPHABET = [chr(i) for i in range(128)] + ["'s", "'ll", "'VE", "  ", "\n", "\r\n", "\n\n", "abc", "123"] * 6
 
@@ -24,7 +24,7 @@ def test_ascii_twin_splits_like_regex(name):
         assert fast.findall(text) == slow.findall(text), text
 
 
-@pytest.mark.parametrize("name", ["gpt2", "cl100k", "o200k"])
+@pytest.mark.parametrize("name", ["gpt2", "cl100k", "o200k", "llama3"])
 def test_safe_pieces_do_not_change_pretokens(name):
     """Cut points are pre-token boundaries for every named pattern, and the str and bytes cut rules find the
     same points. o200k's ` ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*` takes "!\\n/" whole, so a newline before "/" is no cut
@@ -32,14 +32,15 @@ def test_safe_pieces_do_not_change_pretokens(name):
     rng = random.Random(1)
     words = ["x", "y\n", "\n", " ", "  ", "\t", "é", "日本", "🙂", "'s", "12", ".", "(", "\r\n", "<|endoftext|>",
              "/", "!", "\n/", "!\n", "//", "\r", "A", "Ab", "'", "#", "~", "\\", "a\r\n", "9\r\n", "\r\n\r\n", " \r\n"]
-    rx = regex.compile(PATTERNS[name])
+    pat = LLAMA3 if name == "llama3" else PATTERNS[name]
+    rx = regex.compile(pat)
     for _ in range(1000):
         text = "".join(rng.choice(words) for _ in range(rng.randint(1, 80)))
-        pieces = safe_pieces(text, PATTERNS[name])
+        pieces = safe_pieces(text, pat)
         assert "".join(pieces) == text
         assert [t for p in pieces for t in rx.findall(p)] == rx.findall(text), text
         byte_cuts = [0]
-        while (c := safe_byte_cut(text.encode(), byte_cuts[-1] + 1, PATTERNS[name], ())) != -1:
+        while (c := safe_byte_cut(text.encode(), byte_cuts[-1] + 1, pat, ())) != -1:
             byte_cuts.append(c)
         assert byte_cuts[1:] == list(itertools.accumulate(len(p.encode()) for p in pieces[:-1]))
 
@@ -84,5 +85,22 @@ def test_a_file_with_windows_line_ends_is_cut_into_chunks(tmp_path):
         counts = sum((tr.count_text(text[a:b], PATTERNS[name], ()) for a, b in ranges), start=Counter())
         assert counts == tr.count_text(text, PATTERNS[name], ())
     tok = tr.train_bpe(iter([text]), 300, ["<|endoftext|>"], progress=False, workers=1)
+    chunks = [text[i:i + 37] for i in range(0, len(text), 37)]
+    assert list(tok.encode_iterable(chunks, buffer_chars=64)) == tok.encode(text)
+
+
+def test_a_llama3_tokenizer_json_corpus_is_cut_into_chunks(tmp_path):
+    """Llama-3's split regex, read from its tokenizer.json, is cut where the named patterns are (it was one chunk per
+    file: one worker read a whole corpus file, and encode_iterable buffered its whole stream)."""
+    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.train import file_ranges, train_bpe
+
+    text = "".join(f"Line {i}: the rivers' towns, {i * 7} of them!\n" for i in range(300))
+    tok = Tokenizer.from_hf(train_bpe(iter([text]), 300, ["<|begin_of_text|>"], pattern=LLAMA3, progress=False,
+                                      workers=1).save_hf(tmp_path))
+    assert tok.pattern == LLAMA3
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    assert len(file_ranges(path, tok.pattern, (), chunk=1000)) > 10
     chunks = [text[i:i + 37] for i in range(0, len(text), 37)]
     assert list(tok.encode_iterable(chunks, buffer_chars=64)) == tok.encode(text)

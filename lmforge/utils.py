@@ -83,6 +83,35 @@ def check_output_path(path: str | Path, name: str, *, flag: str | None = None, f
                       "away")
 
 
+def input_files(patterns: Iterable[str | Path]) -> list[Path]:
+    """Input files named by paths, directories and glob patterns: a directory gives every file below it, sorted,
+    less hidden ones (a checkout's .git objects, .DS_Store; named outright, a hidden file is read); each file once
+    (`data data/a.txt` names a.txt twice). A path or pattern that names no file is a DataError, as is naming none.
+    What the tokenizer's and the data pipeline's inputs both go through."""
+    import glob
+
+    from lmforge.errors import DataError
+
+    out: list[Path] = []
+    for pat in map(str, patterns):
+        p = Path(pat)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file()
+                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
+        elif p.is_file():
+            out.append(p)
+        else:
+            hits = sorted(Path(h) for h in glob.glob(pat, recursive=True) if Path(h).is_file())
+            if not hits:
+                raise DataError(f"input not found: {pat} (no such file or directory, and no file matches it as a "
+                                "glob pattern)")
+            out += hits
+    if not out:
+        raise DataError("no input files given")
+    seen: set[Path] = set()
+    return [f for f in out if not (f.resolve() in seen or seen.add(f.resolve()))]
+
+
 def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
               error: type[LmforgeError] = ConfigError) -> str:
     """The text of the file `path`, read as UTF-8. A directory, a missing or unreadable file, or bytes that are

@@ -22,7 +22,6 @@ parallel); each global stage (dedup) is a phase of its own over the whole corpus
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,7 +31,8 @@ from lmforge.data.document import Document
 from lmforge.data.readers import FORMATS, compression, detect_format, read_documents, uncompressed_name
 from lmforge.data.stage import StageSpec
 from lmforge.data.writers import WRITE_FORMATS
-from lmforge.errors import ConfigError, DataError, LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.utils import input_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,23 +120,8 @@ def phases(stages: list[tuple[StageSpec, Any]]) -> list[list[tuple[StageSpec, An
 
 
 def expand_inputs(cfg: InputConfig) -> list[Path]:
-    """Sorted, distinct input files."""
-    files: list[Path] = []
-    for p in cfg.paths:
-        path = Path(p)
-        if path.is_dir():
-            files += sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
-        elif any(c in p for c in "*?["):
-            files += [Path(q) for q in sorted(glob.glob(p, recursive=True)) if Path(q).is_file()]
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"input path not found: {p}")
-    seen: set[Path] = set()
-    uniq = [f for f in files if not (f in seen or seen.add(f))]
-    if not uniq:
-        raise DataError(f"no input files match {list(cfg.paths)}")
-    return uniq
+    """Sorted, distinct input files (`lmforge.utils.input_files`: directories less hidden files, globs)."""
+    return input_files(cfg.paths)
 
 
 def make_shards(cfg: InputConfig) -> dict[str, list[Path]]:

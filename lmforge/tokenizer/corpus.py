@@ -10,7 +10,6 @@ page quoting "<|im_start|>") stays text and never becomes a control token.
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,31 +20,15 @@ import numpy as np
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.pretokenize import PATTERNS, safe_byte_cut
 from lmforge.tokenizer.train import decode_counting, file_ranges
+from lmforge.utils import input_files
 
 EOT = "<|endoftext|>"
 _TOK = None  # the tokenizer inside a worker process (set by _init)
 
 
 def expand_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
-    """Files, directories (every file below, sorted, but hidden ones: a checkout's .git objects, .DS_Store) and
-    glob patterns -> existing, non-empty list, each file once (`--input data data/a.txt` read a.txt twice)."""
-    out: list[Path] = []
-    for pat in patterns:
-        p = Path(pat)
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file()
-                              and not any(part.startswith(".") for part in q.relative_to(p).parts)))
-        elif p.is_file():
-            out.append(p)
-        else:
-            hits = sorted(Path(h) for h in glob.glob(pat, recursive=True) if Path(h).is_file())
-            if not hits:
-                raise DataError(f"input not found: {pat}")
-            out.extend(hits)
-    if not out:
-        raise DataError("no input files given")
-    seen: set[Path] = set()
-    return [f for f in out if not (f.resolve() in seen or seen.add(f.resolve()))]
+    """Files, directories and glob patterns -> existing, non-empty list (`lmforge.utils.input_files`)."""
+    return input_files(patterns)
 
 
 def _init(tok) -> None:

@@ -308,3 +308,17 @@ def test_rerun_detects_changed_inputs_and_says_what_it_reused(tmp_path, capsys):
     assert main(["data", "run", str(p), "--restart"]) == 0
     assert "fresh run" in capsys.readouterr().out
     assert sorted(x.id for x in _kept(tmp_path / "run")) == ["a2", "b"]
+
+
+def test_pipeline_inputs_skip_hidden_directories_and_refuse_an_unmatched_glob(tmp_path):
+    """A directory input read a checkout's .git/objects as documents (only hidden file names were skipped), and a
+    glob matching nothing was skipped in silence: one rule with the tokenizer's inputs (lmforge.utils.input_files)."""
+    from lmforge.data.pipeline import InputConfig, expand_inputs
+    from lmforge.errors import DataError
+
+    (tmp_path / "d" / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / "d" / ".git" / "objects" / "ab").write_text("x")
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "a"}\n')
+    assert expand_inputs(InputConfig(paths=(str(tmp_path / "d"),))) == [tmp_path / "d" / "a.jsonl"]
+    with pytest.raises(DataError, match=r"input not found: .*\*\.parquet"):
+        expand_inputs(InputConfig(paths=(str(tmp_path / "d"), str(tmp_path / "*.parquet"))))

@@ -87,6 +87,9 @@ class ParallelConfig:
                                 or model_cfg.fused_proj):
                 raise ConfigError("parallel.tp > 1 supports dense MLPs and mha attention without sinks or fused "
                                   "projections; set tp=1 for this model")
+            if self.tp > 1 and model_cfg.ff % self.tp:  # column shards of up/gate must match down's row shards
+                raise ConfigError(f"parallel.tp={self.tp} must divide the MLP width d_ff={model_cfg.ff}; set "
+                                  f"model.d_ff to a multiple of {self.tp}")
             if self.sequence_parallel and self.tp > 1 and model_cfg.pos_emb in ("learned", "sinusoidal"):
                 raise ConfigError(f"parallel.sequence_parallel with pos_emb={model_cfg.pos_emb!r}: use rope or set "
                                   "sequence_parallel=false")

@@ -42,6 +42,11 @@ def test_model_features_tp_cannot_split_are_refused():
     ParallelConfig(tp=2).validate(2, dataclasses.replace(CFG, tie_embeddings=True))  # TP keeps them tied
     with pytest.raises(ConfigError, match="tie_embeddings"):
         ParallelConfig(pp=2).validate(2, dataclasses.replace(CFG, tie_embeddings=True, n_layers=2))
+    # the MLP width: column shards of up/gate must match down's row shards (d_ff=69 failed in the first forward, deep
+    # in DTensor: "a and b must have same reduction dim, but got [64, 70] X [69, 32]"); 70 splits and trains
+    ParallelConfig(tp=2).validate(2, dataclasses.replace(CFG, d_ff=70))
+    with pytest.raises(ConfigError, match="tp=2 must divide the MLP width d_ff=69"):
+        ParallelConfig(tp=2).validate(2, dataclasses.replace(CFG, d_ff=69))
     with pytest.raises(ConfigError, match="loss_parallel needs tp > 1"):
         ParallelConfig(loss_parallel=True)
     with pytest.raises(ConfigError, match="sliding_window=4"):

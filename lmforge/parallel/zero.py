@@ -166,7 +166,7 @@ class ZeroOptimizer:
         """name -> the whole tensor, on every rank (stage 3 gathers a copy; the model stays partitioned)."""
         out = {}
         for name, p in self.model.named_parameters():
-            if self.stage == 3 and p not in self._live:
+            if self.stage == 3 and p in self.owner and p not in self._live:  # (frozen ones are never partitioned)
                 full = p.data.clone() if self.owned(p) else torch.empty(self.shapes[p], dtype=p.dtype, device=p.device)
                 dist.broadcast(full, src=self._src(p), group=self.group)
                 out[name] = full

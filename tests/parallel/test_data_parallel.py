@@ -64,6 +64,13 @@ def test_zero_runs_matrix_optimizers_on_whole_matrices(suite, ref):
     assert _maxdiff(results[0]["zero3_dion"], ref["dion"]) < ATOL
 
 
+def test_zero3_keeps_frozen_parameters_whole(suite):
+    """A frozen parameter (here the tied embedding and head) is in no partition: full_parameters() returned it
+    as it is instead of failing with a KeyError on stage 3's owner table."""
+    _, results = suite
+    assert _maxdiff(results[0]["zero3_frozen"], w.reference(frozen=True)) < ATOL
+
+
 @pytest.mark.parametrize("stage", (1, 2, 3))
 def test_memory_accounting_matches_measured_bytes(suite, stage):
     """fp32 params (4 B), grads (4 B), AdamW m and v (8 B): measured per rank = zero_memory(n_owned)."""

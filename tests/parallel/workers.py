@@ -46,10 +46,11 @@ def loss_of(m, x, y) -> torch.Tensor:
     return lm_loss(m(x), y)[0]
 
 
-def reference(opt_cfg: OptimConfig = OPT, steps: int = STEPS, b: int = B, cfg: ModelConfig = CFG
-              ) -> dict[str, torch.Tensor]:
-    """One process, full batch: the parameters every layout must reach."""
+def reference(opt_cfg: OptimConfig = OPT, steps: int = STEPS, b: int = B, cfg: ModelConfig = CFG,
+              frozen: bool = False) -> dict[str, torch.Tensor]:
+    """One process, full batch: the parameters every layout must reach (frozen: with the tied embedding frozen)."""
     m = model(cfg)
+    m.tok_emb.weight.requires_grad_(not frozen)
     opt = build_optimizer(m, opt_cfg)
     for x, y in batches(steps, b):
         loss_of(m, x, y).backward()
@@ -91,10 +92,11 @@ def _ddp(kind: str, rank: int, world: int) -> tuple[dict[str, torch.Tensor], lis
     return params_of(m), launched
 
 
-def _zero(stage: int, rank: int, world: int, opt_cfg: OptimConfig = OPT, accum: int = 1):
+def _zero(stage: int, rank: int, world: int, opt_cfg: OptimConfig = OPT, accum: int = 1, frozen: bool = False):
     from lmforge.parallel.zero import ZeroOptimizer, owned_numel, state_bytes
 
     m = model()
+    m.tok_emb.weight.requires_grad_(not frozen)  # a frozen parameter stays whole on every rank, outside the partition
     zero = ZeroOptimizer(m, build_optimizer(m, opt_cfg), stage)
     memory = None
     for i, (x, y) in enumerate(batches()):
@@ -146,6 +148,7 @@ def data_parallel_suite(rank: int, world: int) -> dict:
     out["zero3_accum"], _ = _zero(3, rank, world, accum=2)
     out["zero2_muon"], _ = _zero(2, rank, world, MUON)
     out["zero3_dion"], _ = _zero(3, rank, world, DION)
+    out["zero3_frozen"], _ = _zero(3, rank, world, frozen=True)
     out["torch_ddp"] = _torch_ddp(rank, world)
     out["fsdp2"] = _fsdp2(rank, world)
     out["n_params"] = sum(p.numel() for p in model().parameters())

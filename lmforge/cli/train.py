@@ -77,6 +77,14 @@ def check_launch(cfg, nproc: int) -> None:
     if nproc > 1:  # all sizes 1: FSDP over the processes
         sharded = par.dp_shard > 1 or par.tp > 1 or par.cp > 1 or par.world_size == 1
         check_sharding(cfg.optim.name, sharded, tensor_parallel=par.tp > 1)
+        # the layout the processes will run against the model and batch: a batch the ranks cannot split failed in
+        # every process, under torchrun's report of failed children
+        from lmforge.model.config import ModelConfig
+
+        model, data = getattr(cfg, "model", None), getattr(cfg, "data", None)
+        par.for_world(nproc).validate(nproc, model if isinstance(model, ModelConfig) else None,
+                                      seq_len=getattr(data, "seq_len", None),
+                                      batch_size=getattr(data, "batch_size", None))
 
 
 def main(argv: list[str]) -> int:

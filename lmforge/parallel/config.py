@@ -8,6 +8,7 @@ parameters (FSDP runs over the flattened dp_shard x cp dimension), since they se
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +63,13 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    def for_world(self, world: int) -> "ParallelConfig":
+        """The layout a launch of `world` processes runs: this one, or FSDP2 over all of them (dp_shard=world)
+        where every size is 1 (`--nproc N` without a [parallel] layout)."""
+        if self.world_size == 1 and world > 1:
+            return dataclasses.replace(self, dp_shard=world)
+        return self
 
     @property
     def n_microbatches(self) -> int:

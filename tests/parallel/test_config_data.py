@@ -172,17 +172,23 @@ def test_parallel_section_of_a_toml_config_loads():
         from_dict(ParallelConfig, {"tp_size": 2})
 
 
-@pytest.mark.parametrize("command", ["train", "sft"])
-def test_nproc_parses_the_config_once_before_launching(command, tmp_path, monkeypatch, capsys):
-    """A bad config under --nproc N answers once, in the launching process, instead of once per rank after
-    torchrun started N of them; a good one is what the relaunch carries."""
+@pytest.fixture
+def launched(monkeypatch) -> list[list[str]]:
+    """The torchrun commands `lmforge COMMAND --nproc N` runs from here on (recorded, none started)."""
     import subprocess
 
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
+    monkeypatch.delenv("RANK", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_nproc_parses_the_config_once_before_launching(command, tmp_path, launched, capsys):
+    """A bad config under --nproc N answers once, in the launching process, instead of once per rank after
+    torchrun started N of them; a good one is what the relaunch carries."""
     from lmforge.cli import main
 
-    launched = []
-    monkeypatch.setattr(subprocess, "call", lambda argv: launched.append(argv) or 0)
-    monkeypatch.delenv("RANK", raising=False)
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim]\nno_such_key = 1\n")
     assert main([command, "--config", str(bad), "--nproc", "2"]) == 2
@@ -192,3 +198,18 @@ def test_nproc_parses_the_config_once_before_launching(command, tmp_path, monkey
         wrong.write_text('objective = "dpo"\n')
         assert main([command, "--config", str(wrong), "--nproc", "2"]) == 2
         assert "this is `lmforge sft`" in capsys.readouterr().err and launched == []
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_nproc_checks_the_batch_against_the_default_layout_before_launching(command, tmp_path, launched, capsys):
+    """--nproc 2 without a [parallel] layout runs FSDP2 over both processes: a batch they cannot split is refused
+    once, before torchrun starts (it failed in every rank, under torchrun's report of failed children)."""
+    from lmforge.cli import main
+
+    odd = tmp_path / "odd.toml"
+    odd.write_text("[data]\nbatch_size = 3\n")
+    assert main([command, "--config", str(odd), "--nproc", "2"]) == 2
+    assert "batch_size=3 must be divisible by the data-parallel size 2" in capsys.readouterr().err
+    assert launched == []
+    odd.write_text("[data]\nbatch_size = 4\n")
+    assert main([command, "--config", str(odd), "--nproc", "2"]) == 0 and len(launched) == 1

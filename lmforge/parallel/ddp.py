@@ -30,6 +30,16 @@ def broadcast_module_(module: nn.Module, src: int = 0, group=None) -> None:
             dist.broadcast(t.data, src=dist.get_global_rank(group, src) if group is not None else src, group=group)
 
 
+@torch.no_grad()
+def average_gradients(params, group=None) -> None:
+    """All-reduce each existing gradient over `group` and divide by its size: the replicas' mean gradient."""
+    world = dist.get_world_size(group)
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(world)
+
+
 class NaiveDDP(nn.Module):
     """All-reduce each gradient after backward: call `sync_gradients()` between backward and step."""
 
@@ -42,12 +52,8 @@ class NaiveDDP(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    @torch.no_grad()
     def sync_gradients(self) -> None:
-        for p in self.module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.group)
-                p.grad.div_(self.world)
+        average_gradients(self.module.parameters(), self.group)
 
 
 class BucketedDDP(nn.Module):

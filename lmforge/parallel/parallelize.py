@@ -1,5 +1,7 @@
 """Apply a ParallelConfig to a model from outside, in torchtitan's order:
-tensor parallelism -> activation checkpointing -> torch.compile per block -> FSDP2 (or DDP).
+tensor parallelism -> activation checkpointing -> torch.compile per block -> FSDP2 (or DDP: torch's composable
+DDP for whole models, FSDP2's replicate over tensor-parallel shards, an all-reduce after the schedule for
+pipeline stages).
 
 TP first, because FSDP shards the TP-local DTensors again along the data-parallel dims (2-D
 parameters: Shard(0) over dp_shard, column/row shards over tp); AC and compile wrap the blocks before
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from lmforge.errors import ConfigError
 from lmforge.parallel.ac import apply_ac
 from lmforge.parallel.config import ParallelConfig, submesh
+from lmforge.parallel.ddp import broadcast_module_
 from lmforge.parallel.fsdp import apply_fsdp, blocks_of
 from lmforge.parallel.tp import apply_tp
 
@@ -48,11 +52,39 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh) -> nn.Module:
     if dp_mesh is not None and names != ("dp_replicate",):
         apply_fsdp(model, dp_mesh, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype,
                    reshard_after_forward=cfg.reshard_after_forward)
-    elif dp_mesh is not None:  # replicas only: DDP (torch's composable replicate)
+    elif dp_mesh is not None and cfg.tp == 1 and cfg.pp == 1:  # replicas only: DDP (torch's composable replicate)
         from torch.distributed._composable import replicate
 
         replicate(model, device_mesh=dp_mesh)
+    elif stage_replicas(cfg, mesh) is not None:  # whole pipeline stages: the runner averages their gradients
+        broadcast_module_(model, group=stage_replicas(cfg, mesh))
+    elif dp_mesh is not None:  # replicas of TP shards: FSDP2's replicate
+        replicate_fsdp(model, dp_mesh, cfg)
     return model
+
+
+def stage_replicas(cfg: ParallelConfig, mesh):
+    """The process group of a pipeline stage's whole replicas (pp and dp_replicate only), else None. Their gradients
+    are averaged by ParallelRunner after each schedule step (ddp.average_gradients): the composable DDP's hooks
+    never averaged them under the pipeline schedule (each replica stepped on its own rows), and FSDP2's replicate
+    would make the weights DTensors, which Shampoo, SOAP and Adafactor refuse."""
+    if mesh is None or cfg.pp == 1 or mesh.mesh_dim_names != ("dp_replicate",):  # (mesh: the stage's, without pp)
+        return None
+    return mesh.get_group()
+
+
+def replicate_fsdp(model: nn.Module, dp_mesh, cfg: ParallelConfig) -> None:
+    """DDP built on FSDP2 (a shard group of one) for replicas of tensor-parallel shards: the composable DDP fails on
+    TP's DTensor weights ("Tensor list must have at least one tensor"); FSDP2's replicate composes with TP as
+    fully_shard does."""
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+    except ImportError:  # older torch
+        import torch
+
+        raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} with tp={cfg.tp} needs FSDP2's replicate (a newer "
+                          f"torch than {torch.__version__}); use dp_shard instead") from None
+    replicate(model, mesh=dp_mesh)
 
 
 def dp_rank_and_size(mesh) -> tuple[int, int]:
@@ -64,4 +96,4 @@ def dp_rank_and_size(mesh) -> tuple[int, int]:
     return rank, size
 
 
-__all__ = ["parallelize", "data_parallel_mesh", "dp_rank_and_size"]
+__all__ = ["parallelize", "data_parallel_mesh", "dp_rank_and_size", "stage_replicas"]

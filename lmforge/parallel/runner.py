@@ -30,7 +30,8 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig, build_mesh, submesh
 from lmforge.parallel.cp import apply_cp, shard_batch
-from lmforge.parallel.parallelize import dp_rank_and_size, parallelize
+from lmforge.parallel.ddp import average_gradients
+from lmforge.parallel.parallelize import dp_rank_and_size, parallelize, stage_replicas
 from lmforge.parallel.pp import build_schedule, schedule_scales_grads, split_stage
 from lmforge.train.loss import lm_loss, token_losses
 
@@ -80,6 +81,7 @@ class ParallelRunner:
         self.model = split_stage(model, self.stage, cfg.pp)
         rest = [n for n in self.mesh.mesh_dim_names if n != "pp"]
         parallelize(self.model, cfg, submesh(self.mesh, *rest) if rest else None)
+        self.replicas = stage_replicas(cfg, submesh(self.mesh, *rest) if rest else None)  # averaged after a step
         # training and validation each get a schedule (and stage) of their own over the same stage module:
         # older torch (2.11 on the H200) keeps the receive buffers made by a stage's first call, so an eval before
         # the first step (the Trainer's step-0 eval) left training without gradients to send back
@@ -112,6 +114,8 @@ class ParallelRunner:
             tokens = (y != -100).sum()  # (a device tensor: no host sync)
             self._scale = share / tokens.clamp(min=1)
             losses = self._through_pipeline(self.schedule.step, x, y)  # each: its loss sum x self._scale
+            if sync and self.replicas is not None:  # whole replicas of this stage: their mean gradient
+                average_gradients(self.model.parameters(), self.replicas)
             if not self.last:
                 return torch.zeros((), device=self.device)
             # the token mean; NaN for rows with nothing to train (a mean over nothing, as in one process) and where

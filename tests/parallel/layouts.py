@@ -46,6 +46,9 @@ LAYOUTS_4 = {
     "fsdp_cp": dict(dp_shard=2, cp=2),
     "tp_cp": dict(tp=2, cp=2),
     "hsdp_cp": dict(dp_replicate=2, cp=2),
+    "ddp_tp": dict(dp_replicate=2, tp=2),  # FSDP2's replicate: the composable DDP failed on TP's DTensors
+    # replicas of a pipeline stage, averaged on the last micro-step: under the composable DDP they never were
+    "pp_ddp_accum": dict(pp=2, dp_replicate=2, microbatches=2, accum=2),
     "fsdp_tp_objective": dict(dp_shard=2, tp=2, loss_parallel=True, objective=True),
 }
 LAYOUTS_8 = {"pp_fsdp_tp": dict(pp=2, dp_shard=2, tp=2, microbatches=2)}  # 3-D

@@ -1,7 +1,8 @@
 """Production layouts on torch.distributed (gloo, CPU): FSDP2 (resharded or kept after forward), DDP,
 tensor parallel (with and without sequence parallel, vocabulary-parallel loss), pipeline parallel
 (GPipe, 1F1B), activation checkpointing (full, selective), context parallel on 2 processes; HSDP,
-FSDP x TP, PP x FSDP, PP x TP, FSDP x CP, TP x CP, HSDP x CP on 4; PP x FSDP x TP on 8. Each trains
+FSDP x TP, PP x FSDP, PP x TP, FSDP x CP, TP x CP, HSDP x CP, DDP x TP, PP x DDP (with gradient
+accumulation) on 4; PP x FSDP x TP on 8. Each trains
 the same tiny model for 3 AdamW steps on the same global batches and must give one process's loss
 curve and global gradient norms (clipped at 0.5) through ParallelRunner: tolerance 1e-5 (absolute for
 losses, relative for norms; fp32, measured <= 5e-7: the summation order). Two layouts (CP; FSDP x TP
@@ -34,7 +35,7 @@ def world2(ckpt_dir):
 @pytest.fixture(scope="module")
 def world4(world2, ckpt_dir):  # after world2 has written the checkpoint
     layouts = {**L.LAYOUTS_4, **L.LAYOUTS_VARIANT_4}
-    return run_local(L.layout_suite, 4, layouts, None, ckpt_dir, timeout=150, start_method="fork")[0]
+    return run_local(L.layout_suite, 4, layouts, None, ckpt_dir, timeout=240, start_method="fork")[0]
 
 
 @pytest.fixture(scope="module")

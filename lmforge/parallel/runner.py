@@ -121,11 +121,20 @@ class ParallelRunner:
             # the token mean; NaN for rows with nothing to train (a mean over nothing, as in one process) and where
             # scale is 0 (a micro-batch the Trainer leaves out, whose sums the zero share hides)
             return torch.stack(losses).sum().detach() * tokens.clamp(min=1) / share / tokens
+        share = None
         if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
             b = shard_batch({"input_ids": x, "targets": y}, self.cp_mesh)
             x, y = b["input_ids"], b["targets"]
+            # the rows' token mean, not the mean of the ranks' means (gradients are averaged over the cp ranks): each
+            # rank's mean weighs cp x its share of the trained tokens - exactly 1 without ignored targets (-100)
+            n = (y != -100).sum()
+            total = n.clone()
+            dist.all_reduce(total, group=self.cp_mesh.get_group())
+            share = n * self.cfg.cp / total.clamp(min=1)
         with self._loss_context():
             loss = self.loss_fn(self.model(x), y)
+            if share is not None:  # (a rank without trained tokens adds exactly 0, not its mean over nothing)
+                loss = torch.where(n > 0, plain(loss) * share, 0.0)
             (loss * scale).backward()
         return plain(loss.detach())
 

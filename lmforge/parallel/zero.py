@@ -74,8 +74,8 @@ class ZeroOptimizer:
         broadcast_module_(model, group=group)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.owner = {p: r for p, r in zip(self.params, partition(self.params, self.world))}
-        for g in optimizer.param_groups:
-            g["params"] = [p for p in g["params"] if self.owner[p] == self.rank]
+        for g in optimizer.param_groups:  # (a frozen parameter is in no partition: no rank steps it)
+            g["params"] = [p for p in g["params"] if self.owner.get(p) == self.rank]
         self.shapes = {p: p.shape for p in self.params}
         self._live: set[torch.Tensor] = set(self.params)  # same on every rank: whether p is materialised
         if stage >= 2:

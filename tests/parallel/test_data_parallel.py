@@ -65,8 +65,9 @@ def test_zero_runs_matrix_optimizers_on_whole_matrices(suite, ref):
 
 
 def test_zero3_keeps_frozen_parameters_whole(suite):
-    """A frozen parameter (here the tied embedding and head) is in no partition: full_parameters() returned it
-    as it is instead of failing with a KeyError on stage 3's owner table."""
+    """A frozen parameter (here the tied embedding and head) is in no partition, even when the optimizer was built
+    over it: it is pruned from the optimizer's groups, and full_parameters() returns it as it is (both failed
+    with a KeyError on the owner table)."""
     _, results = suite
     assert _maxdiff(results[0]["zero3_frozen"], w.reference(frozen=True)) < ATOL
 

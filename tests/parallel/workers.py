@@ -96,8 +96,9 @@ def _zero(stage: int, rank: int, world: int, opt_cfg: OptimConfig = OPT, accum: 
     from lmforge.parallel.zero import ZeroOptimizer, owned_numel, state_bytes
 
     m = model()
+    opt = build_optimizer(m, opt_cfg)  # over every parameter, as a torch optimizer built before freezing one is
     m.tok_emb.weight.requires_grad_(not frozen)  # a frozen parameter stays whole on every rank, outside the partition
-    zero = ZeroOptimizer(m, build_optimizer(m, opt_cfg), stage)
+    zero = ZeroOptimizer(m, opt, stage)
     memory = None
     for i, (x, y) in enumerate(batches()):
         xs, ys = local(x, rank, world), local(y, rank, world)

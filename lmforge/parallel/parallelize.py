@@ -56,8 +56,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh) -> nn.Module:
         from torch.distributed._composable import replicate
 
         replicate(model, device_mesh=dp_mesh)
-    elif stage_replicas(cfg, mesh) is not None:  # whole pipeline stages: the runner averages their gradients
-        broadcast_module_(model, group=stage_replicas(cfg, mesh))
+    elif (replicas := stage_replicas(cfg, mesh)) is not None:  # whole pipeline stages: the runner averages their
+        broadcast_module_(model, group=replicas)  # gradients; they start equal
     elif dp_mesh is not None:  # replicas of TP shards: FSDP2's replicate
         replicate_fsdp(model, dp_mesh, cfg)
     return model

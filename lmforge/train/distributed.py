@@ -64,9 +64,7 @@ def join(par: ParallelConfig, device: str = "auto") -> ParallelConfig | None:
     from lmforge.parallel.launch import backend_for, init_distributed
 
     _, world = init_distributed(backend_for(device), expected_world=None if par.world_size == 1 else par.world_size)
-    if par.world_size == 1 and world > 1:
-        par = dataclasses.replace(par, dp_shard=world)
-    return par if world > 1 else None
+    return par.for_world(world) if world > 1 else None
 
 
 def check_runner(runner, world: int, objective) -> None:

@@ -262,14 +262,13 @@ def _refuse_unbuilt(inner, prefix: str, left: set[str], base: dict) -> None:
     class is not what build_model(cfg) puts there, or that it does not build (a frozen module added to the model),
     which base_layer_record did not record as a layer the base lacks (a stand-in's stale record): the checkpoint
     would load the base's module in its place, or none, without a word."""
+    from lmforge.adapt.qlora import meta_model
     from lmforge.model.config import ModelConfig
-    from lmforge.model.registry import build_model
 
     cfg = getattr(inner, "cfg", None)
     if not isinstance(cfg, ModelConfig) or not left:
         return
-    with torch.device("meta"):
-        built = build_model(cfg)
+    built = meta_model(cfg)  # (the build base_layer_record compared the model with; a stand-in's too)
     own = built.state_dict().keys()
     foreign = sorted(n for n in left if n[len(prefix):] not in own)
     if not foreign:

@@ -188,3 +188,30 @@ def test_a_closed_stdout_pipe_ends_quietly_with_141(tmp_path):
     p.stdout.close()  # the reader is gone before the command writes
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 141 and err == ""
+
+
+def test_load_llm_builds_its_engine_config_in_llm_also_with_max_model_len(tmp_path):
+    """With --max-model-len, load_llm built an EngineConfig of its own beside LLM's: max_batch_size 0 became 64
+    there (LLM refuses it), and an option it did not copy (cuda_graphs) was refused as given beside config=. Now
+    max_model_len is an LLM option, and every option reaches the one config LLM builds."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.cli.common import load_llm
+    from lmforge.errors import ConfigError
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=260, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    path = save_checkpoint(tmp_path / "run", 1, model, tokenizer=ByteTokenizer())
+    cfg = SimpleNamespace(checkpoint=str(path), base=None, tokenizer=None, device="cpu", kv_policy=None,
+                          max_model_len=48)
+    with pytest.raises(ConfigError, match="max_batch_size must be >= 1"):
+        load_llm(cfg, max_batch_size=0)
+    llm = load_llm(cfg, max_batch_size=3, cuda_graphs=False)
+    assert (llm.config.max_num_seqs, llm.config.cuda_graphs, llm.config.max_model_len) == (3, False, 48)
+    assert llm.max_seq_len == 48

@@ -149,7 +149,8 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
     optional = [n for n, tp in _section_types(cls).items() if tp[1]]
     if optional:  # their flags are hidden while they are None (tyro lists a section only once it is set)
-        description += "\n\n" + " ".join(f"--{n}.FIELD flags (or a [{n}] table) turn the {n} section on." for n in optional)
+        description += "\n\n" + " ".join(f"--{n}.FIELD flags (or a [{n}] table) turn the {n} section on."
+                                         for n in optional)
     if open_sections(cls, argv, data) or path is not None:
         default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
     return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
@@ -174,9 +175,9 @@ def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[l
 
 
 def load_llm(cfg, **kwargs):
-    """`LLM.load` for a command's config (fields checkpoint, base, tokenizer, device, optionally kv_policy): a run,
-    checkpoint or HF-format model directory; the device and the policy are checked first so a bad one is a
-    one-line error."""
+    """`LLM.load` for a command's config (fields checkpoint, base, tokenizer, device, optionally kv_policy and
+    max_model_len): a run, checkpoint or HF-format model directory; the device and the policy are checked first so
+    a bad one is a one-line error. kwargs: LLM's other options (max_batch_size, ...)."""
     from lmforge.infer.llm import LLM
     from lmforge.utils import pick_device
 
@@ -185,9 +186,6 @@ def load_llm(cfg, **kwargs):
         from lmforge.infer.kv.policy import policy_from_spec
 
         kwargs["kv_policy"] = policy_from_spec(cfg.kv_policy)
-    if getattr(cfg, "max_model_len", None) is not None:  # (an EngineConfig field LLM has no shortcut for)
-        from lmforge.infer.engine import EngineConfig
-
-        kwargs["config"] = EngineConfig(max_num_seqs=kwargs.pop("max_batch_size", None) or 64,
-                                        kv_policy=kwargs.pop("kv_policy", None), max_model_len=cfg.max_model_len)
+    if getattr(cfg, "max_model_len", None) is not None:
+        kwargs["max_model_len"] = cfg.max_model_len
     return LLM.load(cfg.checkpoint, device=device, tokenizer=cfg.tokenizer, base=cfg.base, **kwargs)

@@ -67,23 +67,27 @@ class LLM(Scoring):
     cuda_graphs: decode steps replay CUDA graphs (default: on a GPU; EngineConfig.cuda_graphs).
     max_batch_size: sequences decoded together at most (EngineConfig.max_num_seqs; default 64).
     kv_policy: a KV-cache policy (EngineConfig.kv_policy, lmforge.infer.kv.policy; default none).
-    config: the whole EngineConfig instead of the three options above."""
+    max_model_len: the longest sequence served (EngineConfig.max_model_len; default the model's max_seq_len).
+    config: the whole EngineConfig instead of the four options above."""
 
     def __init__(self, model, tokenizer, *, draft=None, num_draft_tokens: int = 4, acceptance=None,
                  cuda_graphs: bool | None = None, max_batch_size: int | None = None, kv_policy=None,
-                 config: EngineConfig | None = None):
+                 max_model_len: int | None = None, config: EngineConfig | None = None):
         self.model = model  # left in its mode (a Trainer may share it); the engine's steps run it in eval mode
         self.tokenizer = tokenizer
         self.draft = draft.eval() if isinstance(draft, torch.nn.Module) else draft
         self.num_draft_tokens = num_draft_tokens
         self.device = next(model.parameters()).device
-        if config is not None and (cuda_graphs is not None or max_batch_size is not None or kv_policy is not None):
-            raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
-                              "EngineConfig.max_num_seqs), kv_policy too (EngineConfig.kv_policy), not beside it")
+        shortcuts = [("cuda_graphs", cuda_graphs, "cuda_graphs"), ("max_batch_size", max_batch_size, "max_num_seqs"),
+                     ("kv_policy", kv_policy, "kv_policy"), ("max_model_len", max_model_len, "max_model_len")]
+        beside = [(name, field) for name, value, field in shortcuts if value is not None]
+        if config is not None and beside:
+            raise ConfigError(f"{beside[0][0]}= was given beside config=: set EngineConfig.{beside[0][1]} in the "
+                              "config instead")
         if max_batch_size is not None and max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1 (sequences decoded together), got {max_batch_size}")
         self.config = config or EngineConfig(max_num_seqs=64 if max_batch_size is None else max_batch_size,
-                                             cuda_graphs=cuda_graphs, kv_policy=kv_policy)
+                                             cuda_graphs=cuda_graphs, kv_policy=kv_policy, max_model_len=max_model_len)
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens,
                              acceptance=acceptance)
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
@@ -100,7 +104,8 @@ class LLM(Scoring):
         """Open a run or checkpoint directory written by lmforge's trainer. `tokenizer` (an object or a
         spec for lmforge.tokenizer.load.load_tokenizer) replaces or supplies the checkpoint's own. `base`:
         where an adapter-only checkpoint's base model is now, when it moved (lmforge.checkpoint.load_model).
-        dtype: the float dtype to load in (default: the one the checkpoint was saved in, fp32 for older ones)."""
+        dtype: the float dtype to load in (default: the one the checkpoint was saved in, fp32 for older ones).
+        kwargs: LLM's options (max_batch_size, max_model_len, config, draft, ...)."""
         from lmforge.tokenizer.load import load_tokenizer
 
         from lmforge.checkpoint import load_model

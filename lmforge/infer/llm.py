@@ -78,12 +78,10 @@ class LLM(Scoring):
         self.draft = draft.eval() if isinstance(draft, torch.nn.Module) else draft
         self.num_draft_tokens = num_draft_tokens
         self.device = next(model.parameters()).device
-        shortcuts = [("cuda_graphs", cuda_graphs, "cuda_graphs"), ("max_batch_size", max_batch_size, "max_num_seqs"),
-                     ("kv_policy", kv_policy, "kv_policy"), ("max_model_len", max_model_len, "max_model_len")]
-        beside = [(name, field) for name, value, field in shortcuts if value is not None]
-        if config is not None and beside:
-            raise ConfigError(f"{beside[0][0]}= was given beside config=: set EngineConfig.{beside[0][1]} in the "
-                              "config instead")
+        if config is not None and any(v is not None for v in (cuda_graphs, max_batch_size, kv_policy, max_model_len)):
+            raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
+                              "EngineConfig.max_num_seqs), kv_policy and max_model_len too (EngineConfig.kv_policy, "
+                              "EngineConfig.max_model_len), not beside it")
         if max_batch_size is not None and max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1 (sequences decoded together), got {max_batch_size}")
         self.config = config or EngineConfig(max_num_seqs=64 if max_batch_size is None else max_batch_size,

@@ -89,9 +89,13 @@ class LLM(Scoring):
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens,
                              acceptance=acceptance)
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
+        # Finished ids are routed to who waits for them as they finish (_hold), so no caller rescans what it waits
+        # for after each step (with threads that was O(threads x waiting ids) per step, under the lock):
+        self._waiters: dict[str, list[list[str]]] = {}  # request id -> the inboxes of the _collect calls waiting
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
+        self._ready: dict[str, None] = {}  # those of them finished, in the order they finished (completed())
         self._lock = threading.RLock()  # held for each engine step, queueing and abort (threads: module docstring)
-        self._steps = 0  # engine steps taken: a caller seeing it move by more than its own step rescans _held
+        self._steps = 0  # engine steps taken
         self.chat_template: str | ChatTemplate | None = None
         """chat()'s default template: the one a fine-tuned checkpoint records, or a HF checkpoint's own Jinja
         (LLM.load: checkpoint.hf_chat_template), else None"""
@@ -188,12 +192,13 @@ class LLM(Scoring):
 
     def _collect(self, ids: list[str], errors: str = "raise") -> list[RequestOutput]:
         """Step the engine until every request in ids has finished; their outputs, in order. Outputs of
-        other requests finishing meanwhile are held for their own callers (_held), and ids finishing in
-        another thread's step are found there (rescanned when the step count moved past this caller's own).
-        errors="raise": the first of ids to fail on its own input raises its error (its output taken, the others
-        left running or held); "return": failed outputs are returned in place. A failed step (_step) takes ids'
-        outputs and raises. Ids that are neither running nor held once the engine is idle (another caller
-        collected or aborted them) raise rather than wait forever."""
+        other requests finishing meanwhile are held for their own callers (_held); ids finishing in any
+        caller's step (another thread's too) reach this call's inbox (_hold), so the work per step is what
+        finished, not what is waited for. errors="raise": the first of ids to fail on its own input raises its
+        error (its output taken, the others left running or held); "return": failed outputs are returned in place.
+        A failed step (_step) takes ids' outputs and raises. Ids that are neither running nor held once the engine
+        is idle (another caller collected or aborted them) raise rather than wait forever."""
+        inbox: list[str] = []
         with self._lock:
             for rid in ids:
                 if rid not in self._held and rid not in self.engine.requests:
@@ -202,7 +207,20 @@ class LLM(Scoring):
             distinct = list(dict.fromkeys(ids))  # an id given twice (a program's cache merging two calls): one output
             new = [rid for rid in distinct if rid in self._held]  # finished before this call, then at each step
             waiting = set(distinct).difference(new)  # (counted down, not rescanned: a score call queues thousands)
-            seen = self._steps
+            for rid in waiting:
+                self._waiters.setdefault(rid, []).append(inbox)
+        try:
+            return self._collect_loop(ids, distinct, new, waiting, inbox, errors)
+        finally:
+            with self._lock:
+                for rid in waiting:  # (those still waited for: the others left the table as they finished)
+                    others = [box for box in self._waiters.pop(rid, ()) if box is not inbox]
+                    if others:
+                        self._waiters[rid] = others
+
+    def _collect_loop(self, ids: list[str], distinct: list[str], new: list[str], waiting: set[str],
+                      inbox: list[str], errors: str) -> list[RequestOutput]:
+        """_collect's steps: `new` the ids found finished, `waiting` those not yet, `inbox` where _hold puts them."""
         while True:
             if errors == "raise":
                 with self._lock:
@@ -219,18 +237,17 @@ class LLM(Scoring):
                     _check_not_taken(gone)
                 return [outs[rid] for rid in ids]
             with self._lock:
-                if self._steps != seen or not self.engine.requests:  # another thread stepped: ours may be held
-                    new = [rid for rid in waiting if rid in self._held]
-                    _check_not_taken(waiting.difference(new) if not self.engine.requests else ())
-                else:
+                if not inbox and not self.engine.requests:  # (nothing can finish them now)
+                    _check_not_taken(waiting)
+                elif not inbox:
                     try:
-                        outs = self._step(finished_only=True)
+                        self._step(finished_only=True)
                     except Exception:
                         for rid in ids:  # the caller has its error: their failed outputs are not held for it
                             self._held.pop(rid, None)
                         raise
-                    new = [o.request_id for o in outs if o.finished and o.request_id in waiting]
-                seen = self._steps
+                new = inbox[:]
+                inbox.clear()
             waiting.difference_update(new)
 
     def _step(self, finished_only: bool = False) -> list[RequestOutput]:
@@ -254,12 +271,22 @@ class LLM(Scoring):
                                                      f"({type(e).__name__}: {e})", rid)
                     if not own:
                         err.__cause__ = e
-                    self._held[rid] = dataclasses.replace(self.engine.abort(rid), finished=True, error=err)
+                    self._hold(dataclasses.replace(self.engine.abort(rid), finished=True, error=err))
                 raise
             for out in outs:
                 if out.finished:
-                    self._held[out.request_id] = out
+                    self._hold(out)
             return outs
+
+    def _hold(self, out: RequestOutput) -> None:
+        """Keep a finished output for its caller: in _held, its id routed to the _collect calls waiting for it
+        (leaving the table: an id finishes once) and, for a submitted request, to completed()."""
+        rid = out.request_id
+        self._held[rid] = out
+        for inbox in self._waiters.pop(rid, ()):
+            inbox.append(rid)
+        if rid in self._submitted:
+            self._ready[rid] = None
 
     # ---------------------------------------------------------------------------------------------
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
@@ -279,8 +306,8 @@ class LLM(Scoring):
         waiting in _held, or a submitted one not yet collected (the engine knows only its running requests; an
         id reused there would hand one call's output to the other)."""
         with self._lock:
-            if request_id is None:
-                rid = self.engine.free_request_id(taken=self._held.keys() | self._submitted)
+            if request_id is None:  # (looked up in place: a union copied per request made N submits O(N^2))
+                rid = self.engine.free_request_id(taken=_InAny(self._held, self._submitted))
             else:
                 rid = str(request_id)
                 if rid in self._held or rid in self._submitted:
@@ -294,7 +321,7 @@ class LLM(Scoring):
         'abort' for the samples it cut short); wait and completed no longer see it, and its id is free again."""
         rid = str(request_id)
         with self._lock:
-            self._submitted.discard(rid)
+            self._handed_out([rid])
             held = self._held.pop(rid, None)
             if rid in self.engine.requests:
                 return self.engine.abort(rid)
@@ -316,13 +343,20 @@ class LLM(Scoring):
         try:
             outs = self._collect(ids, errors)
         except RequestError as e:  # that request's own input failed: it is gone, the others run on
-            self._submitted.discard(e.request_id)
+            self._handed_out([e.request_id])
             raise
         except Exception:  # a failed step: _collect took these requests' failed outputs
-            self._submitted.difference_update(ids)
+            self._handed_out(ids)
             raise
-        self._submitted.difference_update(o.request_id for o in outs)
+        self._handed_out(ids)
         return outs
+
+    def _handed_out(self, ids) -> None:
+        """Submitted requests collected (wait) or cancelled (abort): completed() no longer owes them."""
+        with self._lock:
+            for rid in ids:
+                self._submitted.discard(rid)
+                self._ready.pop(rid, None)
 
     def completed(self, *, errors: str = "raise") -> Iterator[RequestOutput]:
         """Yield each submitted request's output as it finishes, stepping the engine, until no submitted
@@ -336,22 +370,21 @@ class LLM(Scoring):
         _check_errors(errors)
         while self._submitted:
             with self._lock:
-                ready = [rid for rid in self._held if rid in self._submitted]  # in the order they finished
-                if not ready:
+                if not self._ready:
                     if not any(rid in self.engine.requests for rid in self._submitted):
                         self._submitted.clear()  # aborted through the engine: nothing left to wait for
                         return
                     self._step(finished_only=True)
                     continue
-            for rid in ready:
-                with self._lock:
-                    if rid not in self._submitted or rid not in self._held:  # collected (wait) or aborted meanwhile
-                        continue
-                    self._submitted.discard(rid)
-                    out = self._held.pop(rid)
-                if out.error is not None and errors == "raise":  # (the others stay to be collected)
-                    raise out.error
-                yield out
+                rid = next(iter(self._ready))  # the first to finish
+                del self._ready[rid]
+                if rid not in self._submitted or rid not in self._held:  # collected (wait) or aborted meanwhile
+                    continue
+                self._submitted.discard(rid)
+                out = self._held.pop(rid)
+            if out.error is not None and errors == "raise":  # (the others stay to be collected)
+                raise out.error
+            yield out
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one sample as it is produced: what each engine output adds to the last one's
@@ -492,6 +525,16 @@ def _failed_output(error: RequestError, prompt_token_ids, params: SamplingParams
     n = params.n if isinstance(params, SamplingParams) else 1
     return RequestOutput(None, list(prompt_token_ids), [CompletionOutput(j, "", [], "abort") for j in range(n)],
                          finished=True, error=error)
+
+
+class _InAny:
+    """`x in _InAny(a, b)`: x is in a or in b (a view, not a copy)."""
+
+    def __init__(self, *containers):
+        self.containers = containers
+
+    def __contains__(self, x) -> bool:
+        return any(x in c for c in self.containers)
 
 
 def _check_not_taken(gone) -> None:

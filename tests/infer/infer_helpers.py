@@ -58,3 +58,17 @@ def greedy_with_attention(model, prompt: list[int], n: int, attention) -> tuple[
             ids.append(int(logp.argmax()))
             lps.append(float(logp[ids[-1]]))
     return ids[len(prompt):], lps
+
+
+def counting(container: type) -> type:
+    """A subclass of `container` (dict, set) counting `key in it` lookups in `.lookups`: how many times a code path
+    looks request ids up (a rescan per step shows as lookups growing with the steps)."""
+
+    class Counting(container):
+        lookups = 0
+
+        def __contains__(self, key) -> bool:
+            self.lookups += 1
+            return super().__contains__(key)
+
+    return Counting

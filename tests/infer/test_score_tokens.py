@@ -13,7 +13,7 @@ import torch
 from lmforge.infer.llm import LLM, Score
 from lmforge.tokenizer.byte import ByteTokenizer
 
-from .infer_helpers import tiny_model
+from .infer_helpers import counting, tiny_model
 
 
 def test_score_tokens_gives_each_continuation_tokens_log_prob():
@@ -58,21 +58,11 @@ def test_score_groups_mmlu_sized_inputs_in_linear_time():
     assert len(seen) == 20_000 and len({id(p) for p in seen}) == 1
 
 
-class _CountingDict(dict):
-    def __init__(self):
-        super().__init__()
-        self.lookups = 0
-
-    def __contains__(self, key):
-        self.lookups += 1
-        return super().__contains__(key)
-
-
 def test_collect_counts_finished_requests_instead_of_rescanning():
     """Waiting on N requests over many engine steps looks each id up a bounded number of times (it was every id,
     twice, at every step: quadratic in a large score call)."""
     llm = LLM(tiny_model(init_std=0.3, max_seq_len=64), ByteTokenizer(), max_batch_size=4)
-    llm._held = _CountingDict()
+    llm._held = counting(dict)()
     pairs = [([65 + i % 20, 66], [67, 68]) for i in range(120)]
     want = LLM(llm.model, ByteTokenizer()).score(pairs)
     assert [lp for lp, _ in llm.score(pairs)] == pytest.approx([lp for lp, _ in want], abs=1e-4)

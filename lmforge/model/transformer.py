@@ -175,6 +175,8 @@ class Transformer(nn.Module):
         cfg = self.cfg
         resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
         for name, p in self.named_parameters():
+            if p.is_meta:  # nothing to fill (a shapes-only build: checkpoint checks, meta-device init); the meta
+                continue   # path of normal_ costs milliseconds a tensor: most of an 80-layer model's build
             if name.endswith("mlp.noise.weight"):
                 nn.init.zeros_(p)  # noise std starts at softplus(0) for every token (Shazeer et al. 2017)
             elif p.dim() >= 2:

@@ -95,3 +95,27 @@ def test_positions_argument_shifts_rope():
     torch.testing.assert_close(same, m(ids))
     # RoPE is relative: shifting every position leaves the logits unchanged
     torch.testing.assert_close(m(ids, positions=torch.arange(100, 105)), same, rtol=1e-4, atol=1e-4)
+
+
+def test_a_meta_build_fills_no_tensor(monkeypatch):
+    """Every checkpoint save compares the model with a meta-device build; normal_ on meta tensors was most of
+    that build's time (0.73 -> 0.19 s at 80 layers). A real build still initialises every matrix."""
+    import torch.nn as nn
+
+    from lmforge.model.config import ModelConfig
+
+    calls = []
+    real = nn.init.normal_
+    def normal_(*a, **k):
+        calls.append((a[0] if a else k["tensor"]).is_meta)
+        return real(*a, **k)
+
+    monkeypatch.setattr(nn.init, "normal_", normal_)
+    cfg = ModelConfig.from_depth(2, vocab_size=64, max_seq_len=16)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    calls.clear()  # (nn.Embedding's own constructor fills its weight)
+    model.reset_parameters()
+    assert calls == []
+    Transformer(cfg)
+    assert calls and not any(calls)

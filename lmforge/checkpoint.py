@@ -399,9 +399,10 @@ def _verify(ckpt: Path, checksums: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"{man} is corrupt: {e}") from e
     for name, size in sizes.items():
         p = ckpt / name
-        if not p.is_file() or p.stat().st_size != size:
-            got = p.stat().st_size if p.is_file() else "missing"
-            raise CheckpointError(f"{p} is truncated or damaged ({got} bytes, expected {size}); {EARLIER}")
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing (manifest.json lists it: {size} bytes); restore it, or {EARLIER}")
+        if p.stat().st_size != size:
+            raise CheckpointError(f"{p} is truncated or damaged ({p.stat().st_size} bytes, expected {size}); {EARLIER}")
         if checksums and name in sums and sha256_file(p) != sums[name]:
             raise CheckpointError(f"{p} is corrupted (SHA-256 differs from manifest.json); {EARLIER}")
     return json.loads((ckpt / "config.json").read_text())

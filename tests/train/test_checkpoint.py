@@ -57,6 +57,19 @@ def test_same_size_corruption_is_refused(tmp_path):
         ckpt._verify(path)
 
 
+def test_a_missing_and_a_cut_weight_file_are_told_apart(tmp_path):
+    """A deleted model.safetensors was reported as 'truncated or damaged (missing bytes, ...)'."""
+    path = ckpt.save_checkpoint(tmp_path, 1, _toy())
+    w = path / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[:-3])
+    with pytest.raises(CheckpointError, match=rf"model.safetensors is truncated or damaged \({len(data) - 3} bytes"):
+        ckpt._verify(path)
+    w.unlink()
+    with pytest.raises(CheckpointError, match=r"model.safetensors is missing \(manifest.json lists it"):
+        ckpt._verify(path)
+
+
 def test_files_honour_the_umask(tmp_path):
     from lmforge.tokenizer.byte import ByteTokenizer
 

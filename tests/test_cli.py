@@ -215,3 +215,54 @@ def test_load_llm_builds_its_engine_config_in_llm_also_with_max_model_len(tmp_pa
     llm = load_llm(cfg, max_batch_size=3, cuda_graphs=False)
     assert (llm.config.max_num_seqs, llm.config.cuda_graphs, llm.config.max_model_len) == (3, False, 48)
     assert llm.max_seq_len == 48
+
+
+# `lmforge CMD --help` (and a typo'd flag, which fails in the same parse) imports only what builds the options:
+# the libraries a command runs on are imported where it runs. In one interpreter, the commands without torch first.
+_HELP_IMPORTS = r"""
+import contextlib, importlib, io, json, sys
+from lmforge.cli import COMMANDS, main
+
+POSTTRAIN = ("sft", "dpo", "rm", "distill", "kto", "orpo")
+
+
+def helps(names):
+    for name in names:
+        groups = getattr(importlib.import_module(COMMANDS[name][0]), "COMMANDS", None)  # lmforge GROUP SUB
+        for argv in ([[name, sub] for sub in groups] if groups else [[name]]):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                try:
+                    main([*argv, "--help"])
+                except SystemExit:
+                    pass
+            assert "usage" in out.getvalue().lower(), argv
+            yield argv
+
+
+def loaded(prefixes):
+    return sorted(m for m in sys.modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+LIBS = ["transformers", "trl", "peft", "datasets", "scipy", "matplotlib", "triton", "sympy"]
+plain = list(helps([c for c in COMMANDS if c not in POSTTRAIN]))
+first = loaded(["torch", *LIBS])
+post = list(helps(POSTTRAIN))
+print(json.dumps({"plain": plain, "post": post, "first": first,
+                  "then": loaded([*LIBS, "torch._dynamo", "torch.distributed.fsdp", "lmforge.model.transformer"])}))
+"""
+
+
+def test_help_imports_no_heavy_library():
+    """`lmforge rm --help` took 6 s of CPU: the post-training configs imported the model code, and with it
+    torch._dynamo, sympy and triton; `train --help` imported the trainer, `scaling flops` and `bench` torch."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", _HELP_IMPORTS], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert ["train"] in got["plain"] and ["scaling", "flops"] in got["plain"] and ["data", "stages"] in got["plain"]
+    assert len(got["post"]) == 6
+    assert got["first"] == []  # no torch at all for every command but the post-training ones
+    assert got["then"] == []  # those import torch (their objectives' options live with the objectives), no more
+

@@ -70,7 +70,6 @@ from torch import nn
 from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.model.layers.fused import bare_tensor, plain_linear
-from lmforge.model.transformer import parameter_count
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -437,5 +436,7 @@ def trainable_parameters(model: nn.Module) -> ParamCount:
     is lmforge.model.transformer.parameter_count, Transformer.num_params' rule: a quantized layer counts as its
     in x out weights whether its codes sit in buffers or in Parameters (bitsandbytes' Params4bit), so a QLoRA
     model's total is the model's size, not its floating-point remainder, nor its packed codes."""
+    from lmforge.model.transformer import parameter_count  # (the model code: not needed by LoRAConfig's users)
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ParamCount(trainable, parameter_count(model))

@@ -35,7 +35,6 @@ import torch
 from lmforge.adapt.lora import adapter_names, adapters_disabled, lora_layers
 from lmforge.align.logprobs import batch_logps, model_inputs
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.model.layers.moe import MoE
 from lmforge.utils import eval_mode
 
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -230,6 +229,8 @@ class BaseReference(Frozen):
     def __init__(self, policy: torch.nn.Module, *, path: str | None = None):
         super().__init__(policy, role="reference", path=path)
         self._check_base()
+        from lmforge.model.layers.moe import MoE  # (it imports torch._dynamo: not at import, for --help)
+
         # the starting selection biases of the MoE layers the Trainer moves (aux-loss-free balancing,
         # update_expert_biases): put back while the reference runs, so it stays the starting model
         self._start_biases = {m: m.e_bias.detach().clone() for m in policy.modules()

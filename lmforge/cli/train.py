@@ -91,7 +91,6 @@ def main(argv: list[str]) -> int:
     import os
 
     from lmforge.train.config import TrainConfig
-    from lmforge.train.trainer import train
 
     rc, cfg = relaunch("train", argv, lambda a: parse_config(TrainConfig, a, prog="lmforge train",
                                                             description=_description()))
@@ -105,6 +104,8 @@ def main(argv: list[str]) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         print(model_summary(cfg), flush=True)
+    from lmforge.train.trainer import train  # (torch and the model code: not needed for --help or a bad flag)
+
     result = train(cfg)
     if not rank0:
         return 0

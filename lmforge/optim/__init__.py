@@ -9,50 +9,76 @@ Muon and Dion update "matrix" params their own way and the other roles with Adam
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
+import importlib
+from typing import TYPE_CHECKING, Any, Callable
 
 from lmforge.errors import ConfigError
 from lmforge.optim import schedules
-from lmforge.optim.adafactor import Adafactor
-from lmforge.optim.adamw import AdamW
-from lmforge.optim.dion import Dion
-from lmforge.optim.groups import param_roles, role_groups
-from lmforge.optim.lion import Lion
-from lmforge.optim.muon import Muon, newton_schulz
-from lmforge.optim.shampoo import Shampoo
-from lmforge.optim.soap import SOAP
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "AdamW", "Lion", "Adafactor", "Shampoo", "SOAP", "Muon", "Dion",
            "newton_schulz", "param_groups", "param_roles", "build_optimizer", "lr_multiplier"]
 
+# The optimizer classes (and torch) are imported on first use, so that the registries' names are at hand without
+# torch: `lmforge train --help` lists them, and OptimConfig checks a name against them. name -> defining module.
+_LAZY = {
+    "AdamW": "lmforge.optim.adamw", "Lion": "lmforge.optim.lion", "Adafactor": "lmforge.optim.adafactor",
+    "Shampoo": "lmforge.optim.shampoo", "SOAP": "lmforge.optim.soap", "Muon": "lmforge.optim.muon",
+    "newton_schulz": "lmforge.optim.muon", "Dion": "lmforge.optim.dion", "param_roles": "lmforge.optim.groups",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmforge.optim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 def _adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    from lmforge.optim.adamw import AdamW
+
     return AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def _torch_adamw(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=torch.cuda.is_available() or None)
 
 
 def _lion(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    from lmforge.optim.lion import Lion
+
     return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def _adafactor(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    from lmforge.optim.adafactor import Adafactor
+
     return Adafactor(groups, lr=cfg.lr, beta1=cfg.betas[0], decay_rate=cfg.adafactor_decay,
                      clip_threshold=cfg.clip_threshold, weight_decay=cfg.weight_decay)
 
 
 def _shampoo(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    from lmforge.optim.shampoo import Shampoo
+
     return Shampoo(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                    precond_beta=cfg.precond_beta, precond_eps=cfg.precond_eps,
                    precondition_frequency=cfg.precondition_frequency, block_size=cfg.block_size, graft=cfg.graft)
 
 
 def _soap(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    from lmforge.optim.soap import SOAP
+
     return SOAP(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                 precond_beta=cfg.precond_beta, precondition_frequency=cfg.precondition_frequency,
                 block_size=cfg.block_size)
@@ -68,12 +94,16 @@ def _hybrid(groups: list[dict], cfg, flag: str) -> list[dict]:
 
 
 def _muon(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    from lmforge.optim.muon import Muon
+
     return Muon(_hybrid(groups, cfg, "use_muon"), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                 ns_steps=cfg.ns_steps, scale=cfg.muon_scale, weight_decay=cfg.weight_decay,
                 betas=tuple(cfg.betas), eps=cfg.eps, qk_clip_tau=cfg.qk_clip_tau)
 
 
 def _dion(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    from lmforge.optim.dion import Dion
+
     return Dion(_hybrid(groups, cfg, "use_dion"), lr=cfg.lr, momentum=cfg.momentum, rank=cfg.rank,
                 weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
 
@@ -95,6 +125,8 @@ SCHEDULES: dict[str, Callable[..., float]] = {
 
 def param_groups(model: torch.nn.Module, weight_decay: float, cfg=None) -> list[dict]:
     """One group per parameter role; with `cfg`, roles get embed_lr / head_lr / vector_lr / value_lr when set."""
+    from lmforge.optim.groups import role_groups
+
     lrs = None
     if cfg is not None:
         lrs = {"embedding": cfg.embed_lr, "head": cfg.head_lr, "vector": cfg.vector_lr, "value": cfg.value_lr}
@@ -143,6 +175,8 @@ def lr_multiplier(cfg, step: int, total: int) -> float:
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes held in optimizer state tensors (moments, factors, bases), for memory-per-parameter reports."""
+    import torch
+
     total = 0
 
     def add(v) -> None:

@@ -22,12 +22,16 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from lmforge.config import check, coerce_fields
 from lmforge.errors import DataError
 from lmforge.utils import write_json_atomic
+
+if TYPE_CHECKING:  # torch is imported where a benchmark runs: `lmforge bench optimizers --help` needs the config only
+    import torch
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 DEFAULT_LR = {"adamw": 3e-3, "torch_adamw": 3e-3, "lion": 1e-3, "adafactor": 3e-3, "shampoo": 3e-3,
@@ -109,10 +113,14 @@ def corpus_bytes(path: str = "") -> np.ndarray:
     return np.frombuffer(text, dtype=np.uint8).astype(np.int64)
 
 def _device(spec: str) -> torch.device:
+    import torch
+
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
 
 def _batches(ids: np.ndarray, n: int, cfg: OptimBenchConfig, seed: int) -> list[dict[str, torch.Tensor]]:
     """n batches of batch_size random windows, as {"input_ids", "targets"} CPU tensors."""
+    import torch
+
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(ids) - cfg.seq_len - 1, size=(n, cfg.batch_size))
     out = []
@@ -135,6 +143,8 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
 
     A run that diverges (non-finite loss; the Trainer stops at the next evaluation) keeps its curve up to
     its last good evaluation and gets final loss inf."""
+    import torch
+
     from lmforge.errors import TrainingDiverged
     from lmforge.model.config import ModelConfig
     from lmforge.model.transformer import Transformer
@@ -184,6 +194,8 @@ def to_target(curve: list[dict], target: float) -> tuple[float, float]:
     return float("inf"), float("inf")
 
 def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
+    import torch
+
     dev = _device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

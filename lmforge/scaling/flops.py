@@ -17,9 +17,12 @@ covers them all.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from lmforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def flops_6nd(n_params: float, tokens: float) -> float:
@@ -50,6 +53,8 @@ def dense_flops_per_token(cfg, seq_len: int, training: bool = True) -> float:
 def build_meta_model(cfg) -> torch.nn.Module:
     """The model `cfg` describes (lmforge's Transformer unless cfg.arch names another registered class:
     lmforge.model.registry) on the meta device: exact shapes, no memory, no init cost."""
+    import torch
+
     from lmforge.model.registry import build_model
 
     with torch.device("meta"):

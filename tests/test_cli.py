@@ -266,3 +266,10 @@ def test_help_imports_no_heavy_library():
     assert got["first"] == []  # no torch at all for every command but the post-training ones
     assert got["then"] == []  # those import torch (their objectives' options live with the objectives), no more
 
+
+def test_data_stages_refuses_arguments(capsys):
+    assert main(["data", "stages", "--verbose"]) == 2
+    assert "`lmforge data stages` takes no arguments, got '--verbose'" in capsys.readouterr().err
+    assert main(["data", "stages", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lmforge data stages") and "extract" not in out

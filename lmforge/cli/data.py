@@ -91,7 +91,14 @@ def reuse_line(report: dict, out_dir: str) -> str:
 
 def stages(argv: list[str]) -> int:
     from lmforge.data.stages import STAGES
+    from lmforge.errors import ConfigError
 
+    if argv in (["-h"], ["--help"]):
+        print("usage: lmforge data stages\n\nLists the stages a pipeline can use: each one's name, kind (map: one "
+              "document at a time; global: the whole corpus), what it does and its options.")
+        return 0
+    if argv:  # a typo'd flag was ignored, and the list printed as if it had been understood
+        raise ConfigError(f"`lmforge data stages` takes no arguments, got {' '.join(argv)!r}")
     for name, spec in STAGES.items():
         fields = ", ".join(f.name for f in dataclasses.fields(spec.config))
         print(f"{name:<14} {spec.kind:<6} {spec.help}\n{'':<22}options: {fields}")
@@ -130,9 +137,12 @@ def train_classifier_cmd(argv: list[str]) -> int:
     return 0
 
 
+COMMANDS = {
+    "run": (run, "run or resume a pipeline: lmforge data run pipeline.toml [--workers N]"),
+    "stages": (stages, "list the stages a pipeline can use, with their options"),
+    "train-classifier": (train_classifier_cmd, "train the fastText-style quality classifier"),
+}
+
+
 def main(argv: list[str]) -> int:
-    return run_group("data", argv, {
-        "run": (run, "run or resume a pipeline: lmforge data run pipeline.toml [--workers N]"),
-        "stages": (stages, "list the stages a pipeline can use, with their options"),
-        "train-classifier": (train_classifier_cmd, "train the fastText-style quality classifier"),
-    })
+    return run_group("data", argv, COMMANDS)

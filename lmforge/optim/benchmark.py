@@ -21,7 +21,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np

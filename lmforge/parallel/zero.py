@@ -22,6 +22,13 @@ Per step:
   stage 3  non-owners keep no weight storage. A forward pre-hook broadcasts a module's weights from
            their owners, a forward hook frees them; a hook on the module's outputs gathers them again
            when backward reaches the module; after the gradient is reduced they are freed again.
+
+Unused parameters are treated as lmforge.parallel.ddp's DDP treats them (and one process on the whole batch):
+one used on some ranks only gets the mean with zeros from the others; one no rank used keeps grad None and
+the optimizer leaves it alone. Stages 2-3 reduce in a fixed parameter order (ddp.InOrderLauncher), one round
+per forward: a parameter a rank skipped holds back the ones after it until the next forward or step(), so
+every rank issues the same reductions. Stage 3, like FSDP, also needs every rank to run the same modules'
+forward (their weights are broadcast there): a module skipped on some ranks only is not supported.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.parallel.ddp import broadcast_module_
+from lmforge.parallel.ddp import InOrderLauncher, average_gradients, broadcast_module_, used_anywhere
+
 
 def zero_memory(n_params: int, world: int, stage: int, *, param: float = 2, grad: float = 2, optim: float = 12,
                 n_owned: int | None = None) -> dict[str, float]:
@@ -78,9 +86,13 @@ class ZeroOptimizer:
             g["params"] = [p for p in g["params"] if self.owner.get(p) == self.rank]
         self.shapes = {p: p.shape for p in self.params}
         self._live: set[torch.Tensor] = set(self.params)  # same on every rank: whether p is materialised
-        if stage >= 2:
+        if stage >= 2:  # one reduction per parameter per forward, in reverse registration order (backward's)
+            self._reductions = InOrderLauncher([[p] for p in reversed(self.params)], self._reduce_to_owner)
+            self._used: set[torch.Tensor] = set()  # parameters this rank produced a gradient for since step()
+            self._round_open = False
+            model.register_forward_pre_hook(lambda mod, args: self._new_round())
             for p in self.params:
-                p.register_post_accumulate_grad_hook(self._reduce_to_owner)
+                p.register_post_accumulate_grad_hook(self._on_grad)
         if stage == 3:
             self._free(self.params)
             for m in model.modules():
@@ -122,13 +134,31 @@ class ZeroOptimizer:
         self._free(params)
 
     # stages 2-3: gradients to their owner during backward --------------------------------------------
+    def _new_round(self) -> None:
+        """A forward that will be backpropagated: reductions still waiting from the previous one go first."""
+        if torch.is_grad_enabled():
+            self._end_round()
+            self._round_open = True
+
+    def _end_round(self) -> None:
+        if self._round_open:
+            self._reductions.launch_rest()
+            self._reductions.reset()
+            self._round_open = False
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        self._used.add(p)
+        self._reductions.ready(p)
+
     @torch.no_grad()
-    def _reduce_to_owner(self, p: torch.Tensor) -> None:
+    def _reduce_to_owner(self, i: int) -> None:
         # with gradient accumulation the owner's grad already holds the earlier micro-batches' sum and
         # the others hold only this micro-batch's: the reduced sum is still right
-        dist.reduce(p.grad, dst=self._src(p), group=self.group)
-        if not self.owned(p):
-            p.grad = None
+        (p,) = self._reductions.buckets[i]
+        # not used on this rank (in this forward): it adds zeros (of the full shape: a stage-3 p may be freed)
+        grad = p.grad if p.grad is not None else torch.zeros(self.shapes[p], dtype=p.dtype, device=p.device)
+        dist.reduce(grad, dst=self._src(p), group=self.group)
+        p.grad = grad if self.owned(p) else None
         if self.stage == 3:
             self._free([p])
 
@@ -138,13 +168,15 @@ class ZeroOptimizer:
         """Average gradients, clip to the global norm `max_norm` (0 = off), step the owners, share the new
         weights (stages 1-2). Returns the global gradient norm before clipping."""
         if self.stage == 1:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=self.group)
+            average_gradients(self.params, self.group)
+        else:
+            self._end_round()
+            used = used_anywhere(self.params, [p in self._used for p in self.params], self.group)
+            self._used.clear()
+            for p, u in zip(self.params, used):
+                if self.owned(p) and p.grad is not None:  # (the sum of the ranks' gradients, zeros where unused)
+                    p.grad = p.grad.div_(self.world) if u else None
         mine = [p for p in self.params if self.owned(p) and p.grad is not None]
-        for p in mine:
-            p.grad.div_(self.world)
         sq = torch.zeros((), dtype=torch.float64)
         for p in mine:
             sq += p.grad.double().square().sum().cpu()

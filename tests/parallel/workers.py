@@ -271,3 +271,86 @@ def qk_clip_suite(rank: int, world: int) -> dict:
     clip_qk_(rec.layers(), TAU)
     out = {"max": maxes, "params": {k: v.full_tensor().clone() for k, v in m.named_parameters()}}
     return out if rank == 0 else {}
+
+
+# -- parameters some ranks (or none) use: DDP and ZeRO vs one process and torch's DDP ----------------------
+class Branchy(torch.nn.Module):
+    """`branch` runs only where asked (a rank's conditional path, an expert none of its tokens chose);
+    `unused` never runs. Registered before `out`, so reverse-order reductions meet them mid-backward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(4, 8)
+        self.branch = torch.nn.Linear(8, 8)
+        self.unused = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, use_branch: bool = True) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        if use_branch:
+            h = h + torch.tanh(self.branch(h))
+        return self.out(h)
+
+
+BRANCH_OPT = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1)
+
+
+def branch_data(world: int, accum: int, steps: int = 3) -> torch.Tensor:
+    """(steps, world, accum, 2 rows, 4) inputs; the target is 0."""
+    return torch.randn(steps, world, accum, 2, 4, generator=torch.Generator().manual_seed(2))
+
+
+def uses_branch(rank: int, micro: int, pattern: str) -> bool:
+    """'skip0': rank 0 never takes the branch; 'alternate': ranks take it on alternate micro-batches; 'all'."""
+    return {"skip0": rank != 0, "alternate": (rank + micro) % 2 == 0, "all": True}[pattern]
+
+
+def branch_loss(m, x: torch.Tensor, use: bool) -> torch.Tensor:
+    return m(x, use).square().mean()
+
+
+def branch_reference(world: int, accum: int, pattern: str) -> dict[str, torch.Tensor]:
+    """One process: the mean of every rank's and micro-batch's loss, one AdamW step per step."""
+    m = Branchy()
+    opt = build_optimizer(m, BRANCH_OPT)
+    for xs in branch_data(world, accum):
+        loss = sum(branch_loss(m, xs[r, k], uses_branch(r, k, pattern)) for r in range(world) for k in range(accum))
+        (loss / (world * accum)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return params_of(m)
+
+
+def _branch_run(kind: str, rank: int, world: int, accum: int, pattern: str) -> dict[str, torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lmforge.parallel.ddp import BucketedDDP, NaiveDDP
+    from lmforge.parallel.zero import ZeroOptimizer
+
+    m = Branchy()
+    wrapped = {"naive": NaiveDDP, "bucketed": lambda m: BucketedDDP(m, bucket_mb=1e-4),  # a bucket per parameter
+               "torch_ddp": lambda m: DistributedDataParallel(m, find_unused_parameters=True)}.get(kind, lambda m: m)(m)
+    opt = build_optimizer(m, BRANCH_OPT)
+    zero = ZeroOptimizer(m, opt, int(kind[-1])) if kind.startswith("zero") else None
+    for xs in branch_data(world, accum):
+        for k in range(accum):
+            (branch_loss(wrapped, xs[rank, k], uses_branch(rank, k, pattern)) / accum).backward()
+        if zero is not None:
+            zero.step()
+            continue
+        if kind == "naive":
+            wrapped.sync_gradients()
+        elif kind == "bucketed":
+            wrapped.finish_gradient_sync()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return zero.full_parameters() if zero is not None else params_of(m)
+
+
+def branch_suite(rank: int, world: int, runs: list[tuple[str, int, str]]) -> dict:
+    """Each (kind, accum, pattern) run's parameters, on rank 0."""
+    out = {run: _branch_run(*run[:1], rank, world, *run[1:]) for run in runs}
+    dist.barrier()
+    return out if rank == 0 else {}
+

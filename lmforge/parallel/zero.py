@@ -82,6 +82,9 @@ class ZeroOptimizer:
         broadcast_module_(model, group=group)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.owner = {p: r for p, r in zip(self.params, partition(self.params, self.world))}
+        self.names = {p: name for name, p in model.named_parameters()}
+        # the unpartitioned groups, in the order torch's state_dict numbers parameters (full_state_dict)
+        self._full_groups = [list(g["params"]) for g in optimizer.param_groups]
         for g in optimizer.param_groups:  # (a frozen parameter is in no partition: no rank steps it)
             g["params"] = [p for p in g["params"] if self.owner.get(p) == self.rank]
         self.shapes = {p: p.shape for p in self.params}
@@ -205,6 +208,59 @@ class ZeroOptimizer:
             else:
                 out[name] = p.detach().clone()
         return out
+
+    # checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's shard: the optimizer state of the parameters it owns. Save one per rank; resume at the
+        same world size by loading the full parameters into the model, building the optimizer and the
+        ZeroOptimizer as before, then load_state_dict(shard)."""
+        return {"world": self.world, "rank": self.rank, "owned": [self.names[p] for p in self._owned_in_order()],
+                "optimizer": self.optimizer.state_dict()}
+
+    def full_state_dict(self) -> dict:
+        """The unpartitioned optimizer's state_dict (torch's format; a copy, on CPU), gathered on every rank: it
+        loads into the same optimizer built over the whole model in one process, and into a ZeroOptimizer
+        of any world size (load_state_dict)."""
+        index = {p: i for i, p in enumerate(p for g in self._full_groups for p in g)}
+        mine = {index[p]: {k: v.to('cpu', copy=True) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                for p, st in self.optimizer.state.items()}
+        parts: list[dict] = [{} for _ in range(self.world)]
+        dist.all_gather_object(parts, mine, group=self.group)
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in full]}
+                  for g, full in zip(self.optimizer.param_groups, self._full_groups)]
+        return {"state": {i: st for part in parts for i, st in part.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load this rank's shard (state_dict(), same world size and partition) or a full_state_dict()."""
+        if "world" not in state:
+            state = self._shard_of(state)
+        elif state["world"] != self.world or state["owned"] != [self.names[p] for p in self._owned_in_order()]:
+            raise ConfigError(f"this ZeRO shard was saved by rank {state['rank']} of {state['world']}, which owned "
+                              f"other parameters than rank {self.rank} of {self.world}: load each rank's own shard at "
+                              "the same world size, or a full_state_dict() at any")
+        else:
+            state = state["optimizer"]
+        self.optimizer.load_state_dict(state)
+
+    def _shard_of(self, full: dict) -> dict:
+        """The owned parameters' part of a full_state_dict(), numbered as this rank's optimizer numbers them."""
+        sizes = [len(g["params"]) for g in full["param_groups"]]
+        if sizes != [len(g) for g in self._full_groups]:
+            raise ConfigError(f"this optimizer state has groups of {sizes} parameters but the optimizer has "
+                              f"{[len(g) for g in self._full_groups]}: build it as the saved one was built")
+        state, groups, j = {}, [], 0
+        for g, whole, saved in zip(self.optimizer.param_groups, self._full_groups, full["param_groups"]):
+            position = {p: k for k, p in enumerate(whole)}
+            ids = list(range(j, j + len(g["params"])))
+            for p, local in zip(g["params"], ids):
+                if saved["params"][position[p]] in full["state"]:
+                    state[local] = full["state"][saved["params"][position[p]]]
+            groups.append({**saved, "params": ids})
+            j += len(ids)
+        return {"state": state, "param_groups": groups}
+
+    def _owned_in_order(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
 
 def state_bytes(zero: ZeroOptimizer) -> dict[str, int]:

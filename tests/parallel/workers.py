@@ -3,6 +3,7 @@ Each returns plain tensors/numbers; the tests compare them with one process on t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -354,3 +355,54 @@ def branch_suite(rank: int, world: int, runs: list[tuple[str, int, str]]) -> dic
     dist.barrier()
     return out if rank == 0 else {}
 
+
+# -- ZeRO checkpoints ---------------------------------------------------------------------------------------
+def _zero_steps(zero, m, steps, rank: int, world: int) -> None:
+    for x, y in steps:
+        loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
+        zero.step()
+
+
+def _reloaded(obj):
+    """obj after torch.save and a weights_only load, as a checkpoint file would give it back."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _with_params(params: dict[str, torch.Tensor], cfg: ModelConfig = CFG) -> Transformer:
+    m = model(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(params[name])
+    return m
+
+
+def zero_resume_suite(rank: int, world: int, runs: list[tuple[int, str]]) -> dict:
+    """Per (stage, optimizer): 2 steps, save the parameters, this rank's shard and the full optimizer state; a
+    fresh model and ZeroOptimizer resume from the shard (and from the full state) for the 3rd step. Also the
+    uninterrupted ZeRO run's parameters."""
+    from lmforge.parallel.zero import ZeroOptimizer
+
+    out = {}
+    for stage, opt_name in runs:
+        cfg = {"adamw": OPT, "muon": MUON}[opt_name]
+        data = batches()
+        m = model()
+        zero = ZeroOptimizer(m, build_optimizer(m, cfg), stage)
+        _zero_steps(zero, m, data[:2], rank, world)
+        params, shard, full = _reloaded((zero.full_parameters(), zero.state_dict(), zero.full_state_dict()))
+        resumed = {}
+        for kind, saved in (("shard", shard), ("full", full)):
+            m2 = _with_params(params)
+            z2 = ZeroOptimizer(m2, build_optimizer(m2, cfg), stage)
+            z2.load_state_dict(copy.deepcopy(saved))  # (optimizers keep the loaded tensors: steps would change them)
+            _zero_steps(z2, m2, data[2:], rank, world)
+            resumed[kind] = z2.full_parameters()
+        out[(stage, opt_name)] = {"uninterrupted": _zero(stage, rank, world, cfg)[0], "resumed": resumed,
+                                  "params": params, "full": full, "shard": shard}
+    dist.barrier()
+    return out

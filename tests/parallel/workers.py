@@ -406,3 +406,14 @@ def zero_resume_suite(rank: int, world: int, runs: list[tuple[int, str]]) -> dic
                                   "params": params, "full": full, "shard": shard}
     dist.barrier()
     return out
+
+
+def zero_resume_full(rank: int, world: int, stage: int, params: dict, full: dict) -> dict[str, torch.Tensor]:
+    """The 3rd step of a ZeroOptimizer at this world size, resumed from parameters and a full_state_dict."""
+    from lmforge.parallel.zero import ZeroOptimizer
+
+    m = _with_params(params)
+    zero = ZeroOptimizer(m, build_optimizer(m, OPT), stage)
+    zero.load_state_dict(full)
+    _zero_steps(zero, m, batches()[2:], rank, world)
+    return zero.full_parameters()

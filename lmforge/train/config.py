@@ -217,6 +217,12 @@ class TrainConfig(LoopConfig):
               f"compile = true compiles the model and loss as one, which the pipeline's stages (parallel.pp="
               f"{self.parallel.pp}) never run: it compiled nothing; set compile = false and [parallel] compile = true "
               "to compile each stage's blocks")
+        par = self.parallel  # sequence parallelism and QK-norm under tp hand RMSNorm DTensors, which Triton cannot read
+        dtensor_norms = par.tp > 1 and ((par.sequence_parallel and self.model.norm == "rmsnorm") or self.model.qk_norm)
+        check(not (self.fused_kernels and dtensor_norms),
+              f"fused_kernels with parallel.tp={par.tp}: the Triton RMSNorm cannot take the DTensors that "
+              + ("QK-norm" if self.model.qk_norm else "sequence parallelism") + " hands it; set fused_kernels = false"
+              + ("" if self.model.qk_norm else " or parallel.sequence_parallel = false"))
         if self.parallel.world_size > 1:  # the layout's fit to the model and batch, before any process starts
             self.parallel.validate(self.parallel.world_size, self.model, seq_len=self.data.seq_len,
                                    batch_size=self.data.batch_size)

@@ -44,13 +44,15 @@ from lmforge.parallel.ddp import InOrderLauncher, average_gradients, broadcast_m
 
 
 def zero_memory(n_params: int, world: int, stage: int, *, param: float = 2, grad: float = 2, optim: float = 12,
-                n_owned: int | None = None) -> dict[str, float]:
-    """Model-state bytes per rank under ZeRO `stage` (0 = plain DDP). Defaults are mixed-precision Adam
-    (2 + 2 + 12 = 16 bytes/parameter); n_owned is this rank's partition (default Psi / N, the paper's)."""
+                n_owned: int | None = None, n_frozen: int = 0) -> dict[str, float]:
+    """Model-state bytes per rank under ZeRO `stage` (0 = plain DDP) of `n_params` trained parameters. Defaults
+    are the paper's mixed-precision Adam (2 + 2 + 12 = 16 bytes/parameter); lmforge's AdamW on fp32 weights (bf16
+    autocast) also holds 16: param=4, grad=4, optim=8. n_owned is this rank's partition (default Psi / N, the
+    paper's); n_frozen parameters (requires_grad False) are in no partition: whole on every rank, at any stage."""
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"ZeRO stage={stage}; choose 0, 1, 2 or 3")
     owned = n_params / world if n_owned is None else n_owned
-    out = {"param": param * (owned if stage >= 3 else n_params),
+    out = {"param": param * ((owned if stage >= 3 else n_params) + n_frozen),
            "grad": grad * (owned if stage >= 2 else n_params),
            "optim": optim * (owned if stage >= 1 else n_params)}
     out["total"] = out["param"] + out["grad"] + out["optim"]
@@ -264,10 +266,10 @@ class ZeroOptimizer:
 
 
 def state_bytes(zero: ZeroOptimizer) -> dict[str, int]:
-    """Measured bytes this rank holds now: parameter storage, gradients, optimizer state."""
+    """Measured bytes this rank holds now: parameter storage (frozen parameters too), gradients, optimizer state."""
     from lmforge.optim import optimizer_state_bytes
 
-    return {"param": sum(p.data.numel() * p.element_size() for p in zero.params),
+    return {"param": sum(p.data.numel() * p.element_size() for p in zero.model.parameters()),
             "grad": sum(p.grad.numel() * p.grad.element_size() for p in zero.params if p.grad is not None),
             "optim": optimizer_state_bytes(zero.optimizer)}
 

@@ -87,6 +87,19 @@ def test_memory_accounting_matches_measured_bytes(suite, stage):
     assert max(abs(o - n / world) for o in owned) <= 64 * 32
 
 
+def test_memory_accounting_counts_frozen_parameters(suite):
+    """A frozen parameter (the 64x32 tied embedding) is in no partition: whole on every rank under ZeRO-3, its
+    bytes in the measured storage and in zero_memory's n_frozen (state_bytes skipped it: measured < held)."""
+    world, results = suite
+    frozen = 64 * 32
+    for r in range(world):
+        got = results[r]["memory_frozen"]
+        want = zero_memory(results[r]["n_params"] - frozen, world, 3, param=4, grad=4, optim=8,
+                           n_owned=got["n_owned"], n_frozen=frozen)
+        assert {k: got[k] for k in ("param", "grad", "optim")} == {k: want[k] for k in ("param", "grad", "optim")}
+        assert got["param"] == 4 * (got["n_owned"] + frozen)
+
+
 def test_zero_memory_formula_paper_numbers():
     """Rajbhandari et al. 2020, Figure 1: Psi = 7.5B, N = 64, K = 12 -> 120 / 31.4 / 16.6 / 1.88 GB."""
     psi, n = 7.5e9, 64

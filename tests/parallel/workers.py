@@ -150,12 +150,12 @@ def data_parallel_suite(rank: int, world: int) -> dict:
     out["zero3_accum"], _ = _zero(3, rank, world, accum=2)
     out["zero2_muon"], _ = _zero(2, rank, world, MUON)
     out["zero3_dion"], _ = _zero(3, rank, world, DION)
-    out["zero3_frozen"], _ = _zero(3, rank, world, frozen=True)
+    out["zero3_frozen"], out["memory_frozen"] = _zero(3, rank, world, frozen=True)
     out["torch_ddp"] = _torch_ddp(rank, world)
     out["fsdp2"] = _fsdp2(rank, world)
     out["n_params"] = sum(p.numel() for p in model().parameters())
     if rank != 0:
-        out = {"memory": out["memory"], "n_params": out["n_params"]}
+        out = {"memory": out["memory"], "memory_frozen": out["memory_frozen"], "n_params": out["n_params"]}
     dist.barrier()
     return out
 

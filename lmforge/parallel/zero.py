@@ -178,13 +178,17 @@ class ZeroOptimizer:
             self._end_round()
             used = used_anywhere(self.params, [p in self._used for p in self.params], self.group)
             self._used.clear()
-            for p, u in zip(self.params, used):
-                if self.owned(p) and p.grad is not None:  # (the sum of the ranks' gradients, zeros where unused)
-                    p.grad = p.grad.div_(self.world) if u else None
+            for p, u in zip(self.params, used):  # an owner holds the ranks' summed gradient (zeros from some)
+                if self.owned(p) and p.grad is not None:
+                    if u:
+                        p.grad.div_(self.world)
+                    else:  # no rank used it: the zeros sent for it are no gradient
+                        p.grad = None
         mine = [p for p in self.params if self.owned(p) and p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float64)
+        # on the parameters' device: NCCL reduces GPU tensors only (a CPU one failed there)
+        sq = torch.zeros((), dtype=torch.float64, device=self.params[0].device if self.params else "cpu")
         for p in mine:
-            sq += p.grad.double().square().sum().cpu()
+            sq += p.grad.double().square().sum()
         dist.all_reduce(sq, group=self.group)
         norm = sq.sqrt()
         if max_norm > 0 and float(norm) > max_norm:
@@ -224,7 +228,7 @@ class ZeroOptimizer:
         loads into the same optimizer built over the whole model in one process, and into a ZeroOptimizer
         of any world size (load_state_dict)."""
         index = {p: i for i, p in enumerate(p for g in self._full_groups for p in g)}
-        mine = {index[p]: {k: v.to('cpu', copy=True) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        mine = {index[p]: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
                 for p, st in self.optimizer.state.items()}
         parts: list[dict] = [{} for _ in range(self.world)]
         dist.all_gather_object(parts, mine, group=self.group)

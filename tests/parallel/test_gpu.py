@@ -52,30 +52,18 @@ def test_from_scratch_ddp_and_zero_run_on_nccl(tmp_path):
     """The teaching DDP and ZeRO on NCCL (a group of one GPU): every collective they issue takes GPU tensors
     (ZeroOptimizer.step all-reduced its gradient norm as a CPU tensor, which NCCL refuses), and each equals the
     plain model. Tolerance: the CPU tests' 5e-5."""
-    from lmforge.parallel.ddp import BucketedDDP, NaiveDDP
-    from lmforge.parallel.zero import ZeroOptimizer
     from tests.parallel import workers as w
 
     def run(kind: str) -> dict[str, torch.Tensor]:
         m = w.model().cuda()
-        zero = ZeroOptimizer(m, build_optimizer(m, w.OPT), int(kind[-1])) if kind.startswith("zero") else None
-        wrapped = {"naive": NaiveDDP, "bucketed": BucketedDDP}.get(kind, lambda m: m)(m)
-        opt = build_optimizer(m, w.OPT) if zero is None else None
+        wrapped, opt, zero = w.build_data_parallel(kind, m)
         for x, y in w.batches():
             w.loss_of(wrapped, x.cuda(), y.cuda()).backward()
-            if zero is not None:
-                zero.step()
-                continue
-            if kind == "naive":
-                wrapped.sync_gradients()
-            elif kind == "bucketed":
-                wrapped.finish_gradient_sync()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        full = zero.full_parameters() if zero is not None else w.params_of(m)
-        if zero is not None:
-            assert zero.full_state_dict()["state"]  # all_gather_object on NCCL
-        return {k: v.cpu() for k, v in full.items()}
+            w.finish_step(wrapped, opt, zero)
+        if zero is None:
+            return {k: v.cpu() for k, v in w.params_of(m).items()}
+        assert zero.full_state_dict()["state"]  # all_gather_object on NCCL
+        return {k: v.cpu() for k, v in zero.full_parameters().items()}
 
     dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:

@@ -323,29 +323,40 @@ def branch_reference(world: int, accum: int, pattern: str) -> dict[str, torch.Te
     return params_of(m)
 
 
-def _branch_run(kind: str, rank: int, world: int, accum: int, pattern: str) -> dict[str, torch.Tensor]:
+def build_data_parallel(kind: str, m: torch.nn.Module, opt_cfg: OptimConfig = OPT):
+    """(the module to call, optimizer, ZeroOptimizer or None) for kind naive | bucketed (a bucket per parameter)
+    | torch_ddp (find_unused_parameters) | zero1-3 | plain (m itself)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from lmforge.parallel.ddp import BucketedDDP, NaiveDDP
     from lmforge.parallel.zero import ZeroOptimizer
 
-    m = Branchy()
-    wrapped = {"naive": NaiveDDP, "bucketed": lambda m: BucketedDDP(m, bucket_mb=1e-4),  # a bucket per parameter
+    wrapped = {"naive": NaiveDDP, "bucketed": lambda m: BucketedDDP(m, bucket_mb=1e-4),
                "torch_ddp": lambda m: DistributedDataParallel(m, find_unused_parameters=True)}.get(kind, lambda m: m)(m)
-    opt = build_optimizer(m, BRANCH_OPT)
-    zero = ZeroOptimizer(m, opt, int(kind[-1])) if kind.startswith("zero") else None
+    opt = build_optimizer(m, opt_cfg)
+    return wrapped, opt, ZeroOptimizer(m, opt, int(kind[-1])) if kind.startswith("zero") else None
+
+
+def finish_step(wrapped, opt, zero) -> None:
+    """After backward: the teaching DDP's gradient sync and the optimizer step, or ZeroOptimizer.step()."""
+    if zero is not None:
+        zero.step()
+        return
+    if hasattr(wrapped, "sync_gradients"):
+        wrapped.sync_gradients()
+    elif hasattr(wrapped, "finish_gradient_sync"):
+        wrapped.finish_gradient_sync()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _branch_run(kind: str, rank: int, world: int, accum: int, pattern: str) -> dict[str, torch.Tensor]:
+    m = Branchy()
+    wrapped, opt, zero = build_data_parallel(kind, m, BRANCH_OPT)
     for xs in branch_data(world, accum):
         for k in range(accum):
             (branch_loss(wrapped, xs[rank, k], uses_branch(rank, k, pattern)) / accum).backward()
-        if zero is not None:
-            zero.step()
-            continue
-        if kind == "naive":
-            wrapped.sync_gradients()
-        elif kind == "bucketed":
-            wrapped.finish_gradient_sync()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        finish_step(wrapped, opt, zero)
     return zero.full_parameters() if zero is not None else params_of(m)
 
 

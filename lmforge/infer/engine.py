@@ -63,7 +63,6 @@ What later work attaches to:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 
@@ -203,7 +202,7 @@ class Engine:
         leaves the engine as it was; prompt_index names the prompt in it (prompt i of a caller's batch; None:
         the prompt's own errors say 'prompt 0', the request's name none)."""
         self._sync_adapters()
-        params = params or SamplingParams()
+        params = params or SamplingParams.default()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id is None:
@@ -267,7 +266,7 @@ class Engine:
             if self.stream_len == STREAM_LEN:
                 raise LmforgeError("max_tokens=None asks for tokens up to the context window, but this engine's KV "
                                    "policy keeps positions within the cache (no window ends it); give a number")
-            params = dataclasses.replace(params, max_tokens=self.stream_len - len(ids))
+            params = params.derived(max_tokens=self.stream_len - len(ids))
         if params.max_tokens and len(ids) + params.max_tokens > self.stream_len:
             past = (f"max_tokens={params.max_tokens} after a {len(ids)}-token prompt passes the context window "
                     f"({self.max_seq_len})")

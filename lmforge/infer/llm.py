@@ -498,7 +498,7 @@ class LLM(Scoring):
         changes = {} if params.output_kind == "cumulative" else {"output_kind": "cumulative"}
         if params.seed is not None and index is not None:
             changes["seed"] = seed_for(params.seed, index)
-        return dataclasses.replace(params, **changes) if changes else params
+        return params.derived(**changes)
 
 
 def _input_error(error: LmforgeError, what: str, index: int, errors: str) -> RequestError:
@@ -552,7 +552,7 @@ def _check_errors(errors) -> None:
 
 def _check_params(params, name: str = "params", what: str = "a SamplingParams") -> SamplingParams:
     if params is None:
-        return SamplingParams()
+        return SamplingParams.default()
     if not isinstance(params, SamplingParams):
         raise ConfigError(f"{name} must be {what}, got {type(params).__name__} "
                           "(SamplingParams.from_dict turns a dict of options into one)")

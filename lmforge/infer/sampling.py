@@ -1,6 +1,8 @@
 """SamplingParams: every knob of one generation request, as a frozen dataclass validated on creation.
 
-Defaults switch every method off except plain sampling at temperature 1; temperature=0 is greedy.
+Defaults switch every method off except plain sampling at temperature 1; temperature=0 is greedy. Requests given
+no params share one validated SamplingParams.default(); per-request variants (a prompt's own seed) come from
+params.derived(**changes), which checks only what changed.
 The logits processors each field turns on live in `lmforge.infer.processors`.
 """
 
@@ -8,10 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Callable, Literal
 
-from lmforge.config import check, coerce_fields, is_int
+from lmforge.config import coerce_fields, is_int
+from lmforge.errors import ConfigError, LmforgeError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,75 +122,52 @@ class SamplingParams:
     'final' = no intermediate outputs, only the finished one (whole)"""
 
     def __post_init__(self) -> None:
-        if callable(self.logits_processors) or is_factory(self.logits_processors):  # one function given as it is
+        self._validate(None)
+
+    def _validate(self, changed: Collection[str] | None) -> None:
+        """Normalise and check the fields (all of them, or only the `changed` ones and the rules that read them:
+        derived). A single logits processor becomes a 1-tuple; every field's type is checked (a request body's
+        seed 1.5 or top_k "7" would otherwise fail inside an engine step, taking the batch's other requests with
+        it; lists become tuples, numpy numbers plain ones); then the _RULES, in order, whose messages are only
+        built for a rule that fails (formatting all of them was a third of a construction's ~40 us, 2026-12)."""
+        if ((changed is None or "logits_processors" in changed)  # one function given as it is
+                and (callable(self.logits_processors) or is_factory(self.logits_processors))):
             object.__setattr__(self, "logits_processors", (self.logits_processors,))
-        # every field's type (a request body's seed 1.5 or top_k "7" would otherwise fail inside an engine step,
-        # taking the batch's other requests with it); lists become tuples, numpy numbers plain ones
-        coerce_fields(self)
-        check(all(is_int(k) and k >= 0 and isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-                  for k, v in self.logit_bias.items()),
-              f"logit_bias must map token ids (ints >= 0) to finite numbers, got {self.logit_bias!r}")
-        check(self.max_tokens is None or self.max_tokens >= 0,
-              f"max_tokens must be >= 0 (0 = score the prompt only; None = up to the context window), got "
-              f"{self.max_tokens}")
-        check(self.max_tokens != 0 or (self.n == 1 and self.beam_width == 1),
-              f"max_tokens=0 scores the prompt and samples nothing: n={self.n} and beam_width={self.beam_width} "
-              "must be 1")
-        check(self.n >= 1, f"n must be >= 1, got {self.n}")
-        check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        check(self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        check(0 < self.top_p <= 1, f"top_p must lie in (0, 1], got {self.top_p}")
-        check(0 <= self.min_p <= 1, f"min_p must lie in [0, 1], got {self.min_p}")
-        check(0 < self.typical_p <= 1, f"typical_p must lie in (0, 1], got {self.typical_p}")
-        check(0 <= self.epsilon_cutoff < 1, f"epsilon_cutoff must lie in [0, 1), got {self.epsilon_cutoff}")
-        check(0 <= self.eta_cutoff < 1, f"eta_cutoff must lie in [0, 1), got {self.eta_cutoff}")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            v = getattr(self, name)
-            check(-2 <= v <= 2, f"{name} must lie in [-2, 2], got {v}")
-        check(isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop),
-              f"stop must be a tuple of non-empty strings, got {self.stop!r}")
-        check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-              f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
-        check(self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}")
-        check(self.logprobs_mode == "raw" or self.logprobs is not None,
-              f"logprobs_mode={self.logprobs_mode!r} chooses which log-probs are returned, but none are asked for: "
-              "set logprobs=0 (the sampled token's) or more")
-        check(self.prompt_logprobs is None or self.prompt_logprobs >= 0,
-              f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs}")
-        check(self.prompt_logprobs_start >= 1,
-              f"prompt_logprobs_start must be >= 1 (the first token has no log-prob), got {self.prompt_logprobs_start}")
-        check(self.beam_width == 1 or self.output_kind != "delta",
-              "beam search's running beams change as the search goes (they do not only grow): output_kind='delta' "
-              "needs samples that do; use 'cumulative' or 'final'")
-        check(self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}")
-        check(self.beam_width == 1 or self.n <= self.beam_width,
-              f"n={self.n} beams asked for but beam_width={self.beam_width}")
-        check(self.beam_width == 1 or self.temperature == 0,
-              f"beam search is deterministic: set temperature=0 (got {self.temperature})")
-        check(self.beam_width == 1 or not (self.penalized or self.logit_bias),
-              "beam search ranks the model's raw log-probabilities: penalties and logit_bias do not apply to it; "
-              "drop them or use beam_width=1")
-        check(all(callable(f) or is_factory(f) for f in self.logits_processors),
-              "logits_processors must be functions f(output_ids, logits) -> logits or factories with a "
-              f"for_sequence() method returning one, got {self.logits_processors!r:.80}")
-        check(self.beam_width == 1 or not self.logits_processors,
-              "beam search ranks the model's raw log-probabilities: logits_processors do not apply to it; drop them "
-              "or use beam_width=1")
-        check(self.beam_width == 1 or not self.skip_special_tokens,
-              "beam search decodes its text whole, special tokens included: skip_special_tokens needs beam_width=1")
+        coerce_fields(self)  # (~8 us: a value that already has its field's type is not converted)
+        rules = _RULES if changed is None else [_RULES[i] for i in sorted({i for n in changed for i in _READING[n]})]
+        for _, ok, message in rules:
+            if not ok(self):
+                raise ConfigError(message(self))
+
+    @classmethod
+    def default(cls) -> "SamplingParams":
+        """The default params, built and validated once and shared by every caller (requests given no params:
+        LLM.submit(prompt), Engine.add_request): frozen, and its logit_bias read-only, so no caller can change
+        what the others run with. Derive variants with derived()."""
+        made = _DEFAULTS.get(cls)
+        if made is None:
+            made = _DEFAULTS[cls] = cls(logit_bias=_SharedBias())
+        return made
+
+    def derived(self, **changes) -> "SamplingParams":
+        """These params with `changes` (what dataclasses.replace(self, **changes) gives), validated as a
+        construction validates them, but only the changed fields and the rules reading them are checked: the
+        others were when self was made (a per-prompt seed, the window's max_tokens: ~15 us where
+        dataclasses.replace takes ~40-50, 2 CPU cores, 2026-12). An unknown field name is a one-line error."""
+        if not changes:
+            return self
+        _check_known(changes)
+        new = object.__new__(type(self))  # every field, later ones too: the instance dict is copied whole
+        new.__dict__.update(self.__dict__)  # (copy.copy's reduce protocol took 6 us of it)
+        for name, value in changes.items():
+            object.__setattr__(new, name, value)
+        new._validate(changes)
+        return new
 
     @classmethod
     def from_dict(cls, options: dict) -> "SamplingParams":
         """From plain options (a request body, a TOML table); an unknown key is a one-line error."""
-        import dataclasses
-
-        from lmforge.errors import ConfigError
-
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"unknown sampling option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
+        _check_known(options)
         opts = dict(options)
         for name in ("stop", "stop_token_ids"):
             if isinstance(opts.get(name), list):
@@ -213,8 +194,6 @@ class SamplingParams:
         logits_processors (functions, whose digest would be their id in this process) are refused."""
         import hashlib
         import json
-
-        from lmforge.errors import ConfigError
 
         if self.logits_processors:
             raise ConfigError("cache_key: logits_processors are functions with no stable digest; drop them or key "
@@ -246,3 +225,111 @@ def is_factory(entry) -> bool:
     """Whether a logits_processors entry makes one processor per sample (`for_sequence()`) instead of being one
     processor every sample of the request shares (lmforge.infer.processors.for_sample)."""
     return callable(getattr(entry, "for_sequence", None))
+
+
+def _finite_bias(bias: dict) -> bool:
+    return all(is_int(k) and k >= 0 and isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+               for k, v in bias.items())
+
+
+_Rule = tuple[frozenset, Callable[[SamplingParams], bool], Callable[[SamplingParams], str]]
+
+
+def _rule(names: str, ok: Callable[[SamplingParams], bool], message: Callable[[SamplingParams], str]) -> _Rule:
+    return frozenset(names.split()), ok, message
+
+
+_RULES: tuple[_Rule, ...] = (
+    # (the fields a rule reads: derived() runs the rules reading a changed field; the order is the checks' order)
+    _rule("logit_bias", lambda p: _finite_bias(p.logit_bias),
+          lambda p: f"logit_bias must map token ids (ints >= 0) to finite numbers, got {p.logit_bias!r}"),
+    _rule("max_tokens", lambda p: p.max_tokens is None or p.max_tokens >= 0,
+          lambda p: f"max_tokens must be >= 0 (0 = score the prompt only; None = up to the context window), got "
+                    f"{p.max_tokens}"),
+    _rule("max_tokens n beam_width", lambda p: p.max_tokens != 0 or (p.n == 1 and p.beam_width == 1),
+          lambda p: f"max_tokens=0 scores the prompt and samples nothing: n={p.n} and beam_width={p.beam_width} "
+                    "must be 1"),
+    _rule("n", lambda p: p.n >= 1, lambda p: f"n must be >= 1, got {p.n}"),
+    _rule("temperature", lambda p: p.temperature >= 0,
+          lambda p: f"temperature must be >= 0 (0 = greedy), got {p.temperature}"),
+    _rule("top_k", lambda p: p.top_k >= 0, lambda p: f"top_k must be >= 0 (0 = off), got {p.top_k}"),
+    _rule("top_p", lambda p: 0 < p.top_p <= 1, lambda p: f"top_p must lie in (0, 1], got {p.top_p}"),
+    _rule("min_p", lambda p: 0 <= p.min_p <= 1, lambda p: f"min_p must lie in [0, 1], got {p.min_p}"),
+    _rule("typical_p", lambda p: 0 < p.typical_p <= 1, lambda p: f"typical_p must lie in (0, 1], got {p.typical_p}"),
+    _rule("epsilon_cutoff", lambda p: 0 <= p.epsilon_cutoff < 1,
+          lambda p: f"epsilon_cutoff must lie in [0, 1), got {p.epsilon_cutoff}"),
+    _rule("eta_cutoff", lambda p: 0 <= p.eta_cutoff < 1,
+          lambda p: f"eta_cutoff must lie in [0, 1), got {p.eta_cutoff}"),
+    _rule("repetition_penalty", lambda p: p.repetition_penalty > 0,
+          lambda p: f"repetition_penalty must be > 0, got {p.repetition_penalty}"),
+    _rule("frequency_penalty", lambda p: -2 <= p.frequency_penalty <= 2,
+          lambda p: f"frequency_penalty must lie in [-2, 2], got {p.frequency_penalty}"),
+    _rule("presence_penalty", lambda p: -2 <= p.presence_penalty <= 2,
+          lambda p: f"presence_penalty must lie in [-2, 2], got {p.presence_penalty}"),
+    _rule("stop", lambda p: isinstance(p.stop, (tuple, list)) and all(isinstance(s, str) and s for s in p.stop),
+          lambda p: f"stop must be a tuple of non-empty strings, got {p.stop!r}"),
+    _rule("stop_token_ids", lambda p: all(isinstance(t, int) and t >= 0 for t in p.stop_token_ids),
+          lambda p: f"stop_token_ids must be non-negative ints, got {p.stop_token_ids!r}"),
+    _rule("logprobs", lambda p: p.logprobs is None or p.logprobs >= 0,
+          lambda p: f"logprobs must be None or >= 0, got {p.logprobs}"),
+    _rule("logprobs_mode logprobs", lambda p: p.logprobs_mode == "raw" or p.logprobs is not None,
+          lambda p: f"logprobs_mode={p.logprobs_mode!r} chooses which log-probs are returned, but none are asked "
+                    "for: set logprobs=0 (the sampled token's) or more"),
+    _rule("prompt_logprobs", lambda p: p.prompt_logprobs is None or p.prompt_logprobs >= 0,
+          lambda p: f"prompt_logprobs must be None or >= 0, got {p.prompt_logprobs}"),
+    _rule("prompt_logprobs_start", lambda p: p.prompt_logprobs_start >= 1,
+          lambda p: f"prompt_logprobs_start must be >= 1 (the first token has no log-prob), got "
+                    f"{p.prompt_logprobs_start}"),
+    _rule("beam_width output_kind", lambda p: p.beam_width == 1 or p.output_kind != "delta",
+          lambda p: "beam search's running beams change as the search goes (they do not only grow): "
+                    "output_kind='delta' needs samples that do; use 'cumulative' or 'final'"),
+    _rule("beam_width", lambda p: p.beam_width >= 1, lambda p: f"beam_width must be >= 1, got {p.beam_width}"),
+    _rule("beam_width n", lambda p: p.beam_width == 1 or p.n <= p.beam_width,
+          lambda p: f"n={p.n} beams asked for but beam_width={p.beam_width}"),
+    _rule("beam_width temperature", lambda p: p.beam_width == 1 or p.temperature == 0,
+          lambda p: f"beam search is deterministic: set temperature=0 (got {p.temperature})"),
+    _rule("beam_width repetition_penalty frequency_penalty presence_penalty logit_bias",
+          lambda p: p.beam_width == 1 or not (p.penalized or p.logit_bias),
+          lambda p: "beam search ranks the model's raw log-probabilities: penalties and logit_bias do not apply to "
+                    "it; drop them or use beam_width=1"),
+    _rule("logits_processors", lambda p: all(callable(f) or is_factory(f) for f in p.logits_processors),
+          lambda p: "logits_processors must be functions f(output_ids, logits) -> logits or factories with a "
+                    f"for_sequence() method returning one, got {p.logits_processors!r:.80}"),
+    _rule("beam_width logits_processors", lambda p: p.beam_width == 1 or not p.logits_processors,
+          lambda p: "beam search ranks the model's raw log-probabilities: logits_processors do not apply to it; "
+                    "drop them or use beam_width=1"),
+    _rule("beam_width skip_special_tokens", lambda p: p.beam_width == 1 or not p.skip_special_tokens,
+          lambda p: "beam search decodes its text whole, special tokens included: skip_special_tokens needs "
+                    "beam_width=1"),
+)
+"""SamplingParams' checks, each (the fields it reads, the test, its message: built only when the test fails)"""
+
+_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+_READING = {name: tuple(i for i, rule in enumerate(_RULES) if name in rule[0]) for name in _FIELDS}
+"""field name -> the indices of the _RULES reading it"""
+
+_DEFAULTS: dict[type, SamplingParams] = {}
+"""SamplingParams.default()'s instance, per class"""
+
+
+def _check_known(names) -> None:
+    """Refuse a name that is no SamplingParams field, listing the known ones."""
+    unknown = sorted(set(names) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown sampling option {unknown[0]!r}; known options: {', '.join(sorted(_FIELDS))}")
+
+
+class _SharedBias(dict):
+    """SamplingParams.default()'s logit_bias (empty): read-only, as every request given no params shares it."""
+
+    __slots__ = ()
+
+    def _read_only(self, *args, **kwargs):
+        raise LmforgeError("SamplingParams.default() is shared by every request given no params: its logit_bias "
+                           "cannot change; build your own (SamplingParams(logit_bias={...}) or "
+                           "SamplingParams.default().derived(logit_bias={...}))")
+
+    __setitem__ = __delitem__ = __ior__ = setdefault = update = pop = popitem = clear = _read_only
+
+    def __reduce__(self):  # (a pickled or deep-copied one is the caller's own: a plain dict)
+        return dict, (dict(self),)

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Collection
 
 import torch
 
@@ -382,9 +383,10 @@ class Engine:
             self._finish(pending, {})
 
     # the loop ------------------------------------------------------------------------------------
-    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False, watch: Collection[str] = ()) -> list[RequestOutput]:
         """Run one forward over the scheduled tokens; return the outputs of requests that changed (only
-        those that finished with finished_only: building outputs costs host time at large batches).
+        those that finished with finished_only: building outputs costs host time at large batches, and those of
+        the running requests in `watch` too: a caller streaming one request among many, LLM.stream).
         A request whose own input failed in the step (a logits processor that left no token allowed, or
         raised) is aborted alone: its output is among those returned, finished, with `error` set (a
         lmforge.errors.RequestError naming it); the step goes on for the others, whose outputs are what
@@ -394,7 +396,7 @@ class Engine:
         reach the engine, whose outputs would otherwise depend on where it is called from."""
         self._sync_adapters()
         with eval_mode(self.model), torch.autocast(self.device.type, enabled=False):
-            return self._step(finished_only)
+            return self._step(finished_only, watch)
 
     def _sync_adapters(self) -> None:
         """LoRA adapters switched off or on (lmforge.adapt.adapters_disabled: a LoRA run's reference) or
@@ -408,7 +410,7 @@ class Engine:
                                "request(s) ran with the other setting; switch them between generations")
         self.update_weights()
 
-    def _step(self, finished_only: bool) -> list[RequestOutput]:
+    def _step(self, finished_only: bool, watch: Collection[str] = ()) -> list[RequestOutput]:
         """Launch the next step, then read the pending one (async scheduling: lmforge.infer.pending) and
         the new one unless it overlaps the next. Outputs are built once, after both."""
         prev, self._pending = self._pending, None
@@ -429,7 +431,7 @@ class Engine:
             done = req.finished
             if done:
                 self.requests.pop(req.request_id, None)
-            if done or not (finished_only or req.params.output_kind == "final"):
+            if done or req.params.output_kind != "final" and (not finished_only or req.request_id in watch):
                 outs.append(req.output())
         return outs
 

@@ -250,8 +250,9 @@ class LLM(Scoring):
                 inbox.clear()
             waiting.difference_update(new)
 
-    def _step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """One engine step; every finished output goes to _held until its caller takes it.
+    def _step(self, finished_only: bool = False, watch: Seq[str] = ()) -> list[RequestOutput]:
+        """One engine step; every finished output goes to _held until its caller takes it. finished_only, watch:
+        Engine.step's (which running requests' outputs are built).
 
         A step that raises (not one request's input failing, which Engine.step returns as that request's
         output with `error`: a model or engine failure, e.g. a processor returning a wrong-shaped tensor)
@@ -263,7 +264,7 @@ class LLM(Scoring):
         with self._lock:
             self._steps += 1
             try:
-                outs = self.engine.step(finished_only=finished_only)
+                outs = self.engine.step(finished_only, watch)
             except Exception as e:
                 own = isinstance(e, RequestError) and e.request_id in self.engine.requests  # one request's, raised
                 for rid in [e.request_id] if own else list(self.engine.requests):
@@ -395,7 +396,7 @@ class LLM(Scoring):
         sent = 0
         try:
             while rid in self.engine.requests:
-                for out in self._step():
+                for out in self._step(finished_only=True, watch=(rid,)):  # (not every running request's output)
                     if out.request_id == rid and out.error is not None:
                         raise out.error
                     if out.request_id == rid and (out.finished or params.beam_width == 1) and len(out.text) > sent:

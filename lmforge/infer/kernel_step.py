@@ -208,7 +208,9 @@ class KernelStep:
         self.layers = [(b.norm1.weight, _qkv_weights(b.attn), b.attn.wo.weight, b.norm2.weight,
                         _gate_up_weights(b.mlp), b.mlp.down.weight, b.attn) for b in model.blocks]
         self.signature, self.gpu = model_signature(model), gpu_name(p.device)
-        cached = KernelConfigs.cached(self.gpu, self.signature) if configs is None and p.is_cuda else None
+        # the disk set for this device and shape (on a CPU, Triton's interpreter: gpu 'cpu'); a cache file that
+        # does not load is warned about and tuned again, not an engine that cannot start
+        cached = KernelConfigs.cached(self.gpu, self.signature, strict=False) if configs is None else None
         self.configs = configs or cached or KernelConfigs(model=self.signature)
         # tune on first use when nothing was given and the disk set lacks a shape this mode runs
         self.autotune = (autotune and configs is None and p.is_cuda

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, warn_caller
 from lmforge.utils import write_json_atomic
 
 CACHE_ENV = "LMFORGE_KERNEL_CACHE"
@@ -105,12 +105,23 @@ class KernelConfigs:
             raise ConfigError(f"{source} is unreadable ({e}); delete it to tune again") from e
 
     @classmethod
-    def cached(cls, gpu: str, model: str) -> "KernelConfigs | None":
+    def cached(cls, gpu: str, model: str, *, strict: bool = True) -> "KernelConfigs | None":
         """The set saved in the cache for this GPU and model shape, else the one shipped with lmforge for
-        them, else None."""
+        them, else None. A cache file that does not load (cut short by a crash, edited, another format) raises
+        a ConfigError naming it; strict=False (an engine starting: lmforge.infer.kernel_step) warns in one
+        line naming it and goes on as if it were not there: the shipped set or None, so the caller tunes again
+        where it tunes, and save() then replaces the file atomically."""
         path = cache_path(gpu, model)
-        if not path.exists():
-            path = SHIPPED_DIR / path.name
+        if path.exists():
+            try:
+                return cls.load(path)
+            except ConfigError as e:
+                if strict:
+                    raise
+                shipped = (SHIPPED_DIR / path.name).exists()
+                warn_caller(f"{e} (ignored: {'the set shipped with lmforge' if shipped else 'default block shapes'} "
+                            "serve until a tune rewrites it)")
+        path = SHIPPED_DIR / path.name
         return cls.load(path) if path.exists() else None
 
 

@@ -6,6 +6,8 @@ and it never changes the model it is given. On CPU the kernels run in Triton's i
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -352,3 +354,56 @@ def test_a_policy_with_a_value_head_decodes_on_the_kernel_step():
     prompt = torch.randint(0, 257, (7,), generator=torch.Generator().manual_seed(3)).tolist()
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
     assert len(steps) == 4 and out.token_ids == full_greedy(model, prompt, 5)
+
+
+def test_a_corrupt_kernel_config_cache_file_is_warned_about_and_replaced_by_the_next_tune(tmp_path, monkeypatch):
+    """A cached set that does not load (a crash cut the file short, an edit) stopped every engine start with a
+    ConfigError. Now the engine starts with one warning naming the file, on the shipped set or default block
+    shapes (so it tunes again where it tunes: KernelStep.autotune), and the tune's save replaces the file
+    atomically: the next start reads the new set without a word. KernelConfigs.load and cached() stay strict."""
+    import json
+    import warnings
+
+    from lmforge.infer.kernel_step import model_signature, save_or_warn
+    from lmforge.kernels import tuning
+    from lmforge.kernels.tuning import cache_path, gpu_name
+
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, d_model=64, head_dim=16).to(DEV)
+    path = cache_path(gpu_name(DEV), model_signature(model))
+    path.parent.mkdir()
+    path.write_text('{"gpu": "x", "model": "y", "configs": {"(\'add\', 64')  # cut short by a crash
+
+    def start() -> tuple[Engine, list[str]]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            engine = Engine(model, IdTokenizer(257), EngineConfig(kernel_step=True, block_size=4))
+        return engine, [str(w.message) for w in seen]
+
+    engine, said = start()
+    step = engine.runner.kernel_step.step
+    assert len(said) == 1 and str(path) in said[0] and "unreadable" in said[0] and "\n" not in said[0]
+    assert "default block shapes serve until a tune rewrites it" in said[0]
+    assert step.configs == KernelConfigs(model=step.signature)  # no set: a GPU's step tunes at its first capture
+    with pytest.raises(ConfigError, match="unreadable.*delete it"):
+        KernelConfigs.cached(step.gpu, step.signature)  # (strict: bench tools reading a set they were given)
+
+    tuned = dataclasses.replace(_coarse(step), gpu=step.gpu, model=step.signature)
+    save_or_warn(tuned)  # what KernelStep.tune does with its set
+    assert json.loads(path.read_text()) == tuned.to_json() and [p.name for p in path.parent.iterdir()] == [path.name]
+    engine, said = start()
+    assert said == [] and engine.runner.kernel_step.step.configs == tuned
+    prompt = [5, 17, 99, 3, 250]
+    out = LLM(model, IdTokenizer(257), config=EngineConfig(kernel_step=True, block_size=4)).generate(
+        prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert out.token_ids == full_greedy(model, prompt, 3)
+
+    shipped = tmp_path / "shipped"  # a set shipped for this GPU and shape serves instead of the corrupt file
+    shipped.mkdir()
+    tuned.save(shipped / path.name)
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped)
+    path.write_text("")
+    with pytest.warns(UserWarning, match=r"unreadable .*the set shipped with lmforge serve"):
+        assert KernelConfigs.cached(step.gpu, step.signature, strict=False) == tuned
+    with pytest.raises(LmforgeError, match="unreadable"):
+        KernelConfigs.cached(step.gpu, step.signature)

@@ -48,9 +48,12 @@ class KernelConfigs:
     """repr(shape key) -> block configuration"""
 
     def __post_init__(self):
+        for name in ("gpu", "model"):  # (they name the cache file a tune saves to)
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"KernelConfigs.{name} = {getattr(self, name)!r}: expected a string")
         for k, v in self.table.items():
             if (not isinstance(k, str) or not isinstance(v, tuple) or not v
-                    or not all(isinstance(i, int) and i >= 0 for i in v) or v[0] == 0):
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v) or v[0] == 0):
                 # (0 is a flag's value in some positions: paged attention's (slices, tile, warps, per head 0/1, ...))
                 raise ConfigError(f"KernelConfigs.table[{k!r}] = {v!r}: expected a tuple of non-negative ints, the "
                                   "first positive")

@@ -407,3 +407,9 @@ def test_a_corrupt_kernel_config_cache_file_is_warned_about_and_replaced_by_the_
         assert KernelConfigs.cached(step.gpu, step.signature, strict=False) == tuned
     with pytest.raises(LmforgeError, match="unreadable"):
         KernelConfigs.cached(step.gpu, step.signature)
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "none")
+    for edited, says in (({"gpu": "g", "model": None, "configs": {}}, "KernelConfigs.model = None: expected a string"),
+                         ({"configs": {"k": [4, True]}}, "expected a tuple of non-negative ints")):
+        path.write_text(json.dumps(edited))  # (a null model failed the tune's save: no file name)
+        with pytest.warns(UserWarning, match=says):
+            assert KernelConfigs.cached(step.gpu, step.signature, strict=False) is None

@@ -91,7 +91,8 @@ class LLM(Scoring):
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
         # Finished ids are routed to who waits for them as they finish (_hold), so no caller rescans what it waits
         # for after each step (with threads that was O(threads x waiting ids) per step, under the lock):
-        self._waiters: dict[str, list[list[str]]] = {}  # request id -> the inboxes of the _collect calls waiting
+        # (abort posts an _Aborted error to them instead: the waiting call raises it at once)
+        self._waiters: dict[str, list[list]] = {}  # request id -> the inboxes of the _collect calls waiting
         self._submitted: set[str] = set()  # submit()'s requests not yet handed out by wait / completed
         self._ready: dict[str, None] = {}  # those of them finished, in the order they finished (completed())
         self._lock = threading.RLock()  # held for each engine step, queueing and abort (threads: module docstring)
@@ -183,6 +184,8 @@ class LLM(Scoring):
         except BaseException as e:
             with self._lock:
                 for rid in ids:
+                    if isinstance(e, _Aborted) and rid == e.request_id:  # (abort took it; its id may be reused)
+                        continue
                     self._held.pop(rid, None)
                     if rid in self.engine.requests:
                         self.engine.abort(rid)
@@ -196,9 +199,10 @@ class LLM(Scoring):
         caller's step (another thread's too) reach this call's inbox (_hold), so the work per step is what
         finished, not what is waited for. errors="raise": the first of ids to fail on its own input raises its
         error (its output taken, the others left running or held); "return": failed outputs are returned in place.
-        A failed step (_step) takes ids' outputs and raises. Ids that are neither running nor held once the engine
+        A failed step (_step) takes ids' outputs and raises. One of ids aborted (abort) while this call waits raises
+        _Aborted at once, the others left running or held. Ids that are neither running nor held once the engine
         is idle (another caller collected or aborted them) raise rather than wait forever."""
-        inbox: list[str] = []
+        inbox: list = []  # finished ids, and _Aborted errors (abort)
         with self._lock:
             for rid in ids:
                 if rid not in self._held and rid not in self.engine.requests:
@@ -219,7 +223,7 @@ class LLM(Scoring):
                         self._waiters[rid] = others
 
     def _collect_loop(self, ids: list[str], distinct: list[str], new: list[str], waiting: set[str],
-                      inbox: list[str], errors: str) -> list[RequestOutput]:
+                      inbox: list, errors: str) -> list[RequestOutput]:
         """_collect's steps: `new` the ids found finished, `waiting` those not yet, `inbox` where _hold puts them."""
         while True:
             if errors == "raise":
@@ -248,6 +252,9 @@ class LLM(Scoring):
                         raise
                 new = inbox[:]
                 inbox.clear()
+            for item in new:
+                if isinstance(item, _Aborted):  # (its id may be another request's already: nothing of it is touched)
+                    raise item
             waiting.difference_update(new)
 
     def _step(self, finished_only: bool = False, watch: Seq[str] = ()) -> list[RequestOutput]:
@@ -319,10 +326,13 @@ class LLM(Scoring):
     def abort(self, request_id: str) -> RequestOutput:
         """Cancel a request of this LLM (a submitted call the program no longer needs): a running one stops now
         and frees its blocks; a finished one not yet collected is dropped. Returns its output (finish_reason
-        'abort' for the samples it cut short); wait and completed no longer see it, and its id is free again."""
+        'abort' for the samples it cut short); wait and completed no longer see it, and its id is free again. A
+        wait (another thread's) waiting for it raises at once: RequestError "request X was aborted"."""
         rid = str(request_id)
         with self._lock:
             self._handed_out([rid])
+            for inbox in self._waiters.pop(rid, ()):  # (now, before the id is reused: no waiter sees its next owner)
+                inbox.append(_Aborted(f"request {rid!r} was aborted (LLM.abort) while this call waited for it", rid))
             held = self._held.pop(rid, None)
             if rid in self.engine.requests:
                 return self.engine.abort(rid)
@@ -336,18 +346,24 @@ class LLM(Scoring):
         outputs, in order. Other requests keep running; those finishing meanwhile stay to be collected.
         errors: as generate's; "raise" raises the first failed request's error (that request is collected,
         the others stay), "return" returns failed outputs in place, with `error` set. A failed engine step
-        raises its exception and these requests are gone with it (the others get failed outputs: _step)."""
+        raises its exception and these requests are gone with it (the others get failed outputs: _step). One of
+        them aborted (abort, another thread) while this waits raises RequestError "request X was aborted" at once.
+        When it raises because one of them was taken elsewhere (another wait, completed() or abort collected it),
+        the others are not lost: running or finished, they stay submitted, for a later wait or completed()."""
         _check_errors(errors)
         if isinstance(request_ids, str):
             raise LmforgeError(f"wait takes a list of request ids, got the string {request_ids!r}; wait([id])")
         ids = [str(r) for r in request_ids]
         try:
             outs = self._collect(ids, errors)
+        except _Aborted:  # abort handed it out already (its id may be a new request's now): the others run on
+            raise
         except RequestError as e:  # that request's own input failed: it is gone, the others run on
             self._handed_out([e.request_id])
             raise
-        except Exception:  # a failed step: _collect took these requests' failed outputs
-            self._handed_out(ids)
+        except Exception:  # a failed step took these requests' failed outputs; one taken elsewhere took none of them
+            with self._lock:  # (those still running or held stay to be collected: wait, completed)
+                self._handed_out([rid for rid in ids if rid not in self._held and rid not in self.engine.requests])
             raise
         self._handed_out(ids)
         return outs
@@ -526,6 +542,10 @@ def _failed_output(error: RequestError, prompt_token_ids, params: SamplingParams
     n = params.n if isinstance(params, SamplingParams) else 1
     return RequestOutput(None, list(prompt_token_ids), [CompletionOutput(j, "", [], "abort") for j in range(n)],
                          finished=True, error=error)
+
+
+class _Aborted(RequestError):
+    """A request aborted (LLM.abort) while a wait waited for it: what that wait raises (a RequestError naming it)."""
 
 
 class _InAny:

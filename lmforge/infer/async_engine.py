@@ -64,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine
-from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.outputs import RequestOutput, join_outputs
 from lmforge.infer.request import seed_for
 from lmforge.infer.sampling import SamplingParams
 
@@ -79,21 +79,34 @@ class Latest:
 
     def __init__(self, request=None):
         self.request = request  # the engine's Request it follows (an id may be reused once it is gone)
-        self.item: RequestOutput | BaseException | None = None
+        # the newest output, or the delta outputs the reader has not taken yet, joined once when read (item)
+        self._items: list[RequestOutput | BaseException] = []
         self.ready = asyncio.Event()
         self.taken = False  # a stream reads it (one per request)
 
     @property
+    def item(self) -> RequestOutput | BaseException | None:
+        if len(self._items) > 1:
+            self._items = [join_outputs(self._items)]
+        return self._items[-1] if self._items else None
+
+    @property
     def final(self) -> bool:
-        return isinstance(self.item, BaseException) or (self.item is not None and self.item.finished)
+        last = self._items[-1] if self._items else None
+        return isinstance(last, BaseException) or (last is not None and last.finished)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """The newest output replaces one the reader has not taken, but a delta output
-        (SamplingParams.output_kind='delta') joins it, so a slow reader still gets every piece."""
+        (SamplingParams.output_kind='delta') joins it, so a slow reader still gets every piece (kept, and
+        joined in one pass when read: joining at each put re-copied everything unread, O(k^2) k outputs behind)."""
         if not self.final:  # a finished output or an error ends the stream: nothing replaces it
-            unread = self.ready.is_set() and isinstance(self.item, RequestOutput) and isinstance(item, RequestOutput)
+            unread = (self.ready.is_set() and isinstance(self._items[-1], RequestOutput)
+                      and isinstance(item, RequestOutput))
             delta = self.request is not None and self.request.params.output_kind == "delta"
-            self.item = self.item.then(item) if unread and delta else item
+            if unread and delta:
+                self._items.append(item)
+            else:
+                self._items = [item]
             self.ready.set()
 
     async def get(self) -> RequestOutput | BaseException:

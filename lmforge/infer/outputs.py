@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from lmforge.errors import LmforgeError
 
@@ -54,13 +55,8 @@ class CompletionOutput:
 
     def then(self, later: "CompletionOutput") -> "CompletionOutput":
         """This delta output followed by a later one of the same sample (SamplingParams.output_kind='delta'):
-        lists and text joined, the later one's finish and cumulative fields."""
-        def join(a, b):
-            return None if a is None and b is None else [*(a or ()), *(b or ())]
-        return CompletionOutput(self.index, self.text + later.text, self.token_ids + later.token_ids,
-                                later.finish_reason, join(self.logprobs, later.logprobs),
-                                join(self.top_logprobs, later.top_logprobs), later.cumulative_logprob,
-                                join(self.text_offsets, later.text_offsets), later.stop_reason)
+        lists and text joined, the later one's finish and cumulative fields (join_samples)."""
+        return join_samples([self, later])
 
 
 @dataclass
@@ -90,13 +86,7 @@ class RequestOutput:
         """This delta output followed by a later one of the same request (SamplingParams.output_kind='delta'):
         each sample's parts joined (CompletionOutput.then), prompt log-probs joined, the later one's metrics
         and state. Folding a request's deltas in order gives its cumulative output."""
-        mine = {o.index: o for o in self.outputs}
-        outs = [mine[o.index].then(o) if o.index in mine else o for o in later.outputs]
-        lps = (None if self.prompt_logprobs is None and later.prompt_logprobs is None
-               else [*(self.prompt_logprobs or ()), *(later.prompt_logprobs or ())])
-        ids = later.prompt_token_ids if later.prompt_token_ids is not None else self.prompt_token_ids
-        return RequestOutput(later.prompt, ids, outs, later.metrics, later.request_id, lps, later.finished,
-                             later.error)
+        return join_outputs([self, later])
 
     @property
     def usage(self) -> dict[str, int]:
@@ -130,3 +120,40 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+def join_outputs(deltas: Sequence[RequestOutput]) -> RequestOutput:
+    """A request's delta outputs (SamplingParams.output_kind='delta'), in order, as one: what folding them with
+    RequestOutput.then gives, in one pass over their parts (a fold re-copies everything so far at each step:
+    O(k^2) for a reader k outputs behind). The last output's samples, each joined with its deltas in the
+    consecutive outputs before it that hold it (join_samples); prompt log-probs joined; the last prompt ids
+    given (delta outputs carry them only first and last); the last output's metrics and state."""
+    if len(deltas) == 1:
+        return deltas[0]
+    runs: dict[int, list[CompletionOutput]] = {}  # sample index -> its deltas in the outputs so far that hold it
+    for out in deltas:  # (a sample missing from an output starts over after it, as a fold of `then` does)
+        before, runs = runs, {}
+        for o in out.outputs:
+            runs[o.index] = before.get(o.index, [])
+            runs[o.index].append(o)
+    last = deltas[-1]
+    ids = next((d.prompt_token_ids for d in reversed(deltas) if d.prompt_token_ids is not None), None)
+    return RequestOutput(last.prompt, ids, [join_samples(runs[o.index]) for o in last.outputs], last.metrics,
+                         last.request_id, _joined([d.prompt_logprobs for d in deltas]), last.finished, last.error)
+
+
+def join_samples(deltas: Sequence[CompletionOutput]) -> CompletionOutput:
+    """One sample's delta outputs, in order, as one (CompletionOutput.then's rule, in one pass): text and lists
+    joined, the last one's finish and cumulative fields."""
+    last = deltas[-1]
+    return CompletionOutput(last.index, "".join(d.text for d in deltas), _joined([d.token_ids for d in deltas]),
+                            last.finish_reason, _joined([d.logprobs for d in deltas]),
+                            _joined([d.top_logprobs for d in deltas]), last.cumulative_logprob,
+                            _joined([d.text_offsets for d in deltas]), last.stop_reason)
+
+
+def _joined(lists: list) -> list | None:
+    """Lists concatenated, a None among them read as empty; None when all are None."""
+    if all(x is None for x in lists):
+        return None
+    return [v for x in lists if x is not None for v in x]

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -186,13 +185,13 @@ class AsyncEngine:
         if self._closed:
             raise EngineError("this AsyncEngine was shut down: it takes no new requests")
         if isinstance(params, SamplingParams) and params.seed is not None:
-            params = dataclasses.replace(params, seed=seed_for(params.seed, prompt_index))
+            params = params.derived(seed=seed_for(params.seed, prompt_index))
         text = prompt if isinstance(prompt, str) else None
         if text is not None and isinstance(params, SamplingParams | None):
             # a long prompt takes milliseconds to tokenize (12k GPT-2 tokens: 20 ms): in a thread, outside the
             # lock, so that streams and steps go on meanwhile (the engine checks the ids again, cheaply)
             prompt = await asyncio.get_running_loop().run_in_executor(
-                self._encode_pool, self.engine.encode, text, params or SamplingParams(), prompt_index)
+                self._encode_pool, self.engine.encode, text, params or SamplingParams.default(), prompt_index)
         return await self._queue(prompt, params, request_id, prompt_index, text)
 
     async def add_chat_request(self, conversation, params: SamplingParams | None = None,

@@ -15,7 +15,6 @@ checkpoint_chat_template; normalize_messages takes OpenAI-style messages (conten
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import re
@@ -484,7 +483,7 @@ def chat_request(tokenizer, template: ChatTemplate, conversation, params=None, *
     from lmforge.infer.sampling import SamplingParams
 
     if params is None:
-        params = SamplingParams()
+        params = SamplingParams.default()
     elif not isinstance(params, SamplingParams):
         raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__} "
                           "(SamplingParams.from_dict turns a dict of options into one)")
@@ -507,7 +506,7 @@ def chat_request(tokenizer, template: ChatTemplate, conversation, params=None, *
                    stop_token_ids=tuple(dict.fromkeys(params.stop_token_ids + end_ids)))
     if params.seed is not None and index is not None:
         changes["seed"] = seed_for(params.seed, index)
-    return ChatRequest(ids, dataclasses.replace(params, **changes), text)
+    return ChatRequest(ids, params.derived(**changes), text)
 
 
 def checkpoint_chat_template(path) -> str | ChatTemplate | None:

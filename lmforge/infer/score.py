@@ -228,7 +228,7 @@ def read_score(out: RequestOutput) -> Score:
 
 def _score_params(start: int) -> SamplingParams:
     """A score-only request's params: no new token, prompt log-probs from token `start` (the continuation) on."""
-    return SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=start)
+    return SamplingParams.default().derived(max_tokens=0, prompt_logprobs=1, prompt_logprobs_start=start)
 
 
 def _check_truncate(truncate) -> None:

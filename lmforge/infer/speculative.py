@@ -43,7 +43,6 @@ cache slots they wrote are simply overwritten later (attention only reads up to 
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import time
 from dataclasses import dataclass
@@ -445,7 +444,7 @@ def speculative_generate(target, drafter, prompt: list[int], params: SamplingPar
     if not speculates(params):  # (its stats are a speculative request's: this one would run plain)
         raise ConfigError(NOT_SPECULATIVE)
     seed = int(torch.randint(2**62, (1,), generator=gen)) if gen is not None else params.seed
-    params = dataclasses.replace(params, seed=seed, stop_token_ids=tuple(eos), n=1)
+    params = params.derived(seed=seed, stop_token_ids=tuple(eos), n=1)
     vocab = target.cache_spec().vocab_size
     tokens = min(max_seq_len, len(prompt) + params.max_tokens + k + 1)
     engine = Engine(target, IdTokenizer(vocab), EngineConfig(num_kv_tokens=-(-tokens // 16) * 16 + 16),

@@ -106,10 +106,21 @@ def decode_vocab(raw: Any, where: str) -> Vocab:
 
 # ---- GPT-2 vocab.json + merges.txt ----------------------------------------------------------------
 
+SPECIALS_FILE = "added_tokens.json"
+"""written beside vocab.json: {special token: id}, the record of which entries are specials (Hugging Face's
+slow GPT-2 tokenizer reads the same file)"""
+
+
+def _merge_products(merges: Merges) -> set[bytes]:
+    return {a + b for a, b in merges}
+
+
 def read_gpt2(vocab_json: str | Path, merges_txt: str | Path) -> tuple[Vocab, Merges, dict[str, int], str]:
-    """GPT-2 files. Entries of vocab.json that are neither one byte nor the product of a merge are taken as
-    special tokens (BPE could never emit them otherwise): GPT-2's only such entry is `<|endoftext|>`, and
-    `write_gpt2` puts every special there (`<s>`, `[PAD]`, `<|im_start|>`: all read back as specials)."""
+    """GPT-2 files. The special tokens are those `added_tokens.json` beside vocab.json names (`write_gpt2`
+    writes it). Without that file, entries of vocab.json that are neither one byte nor the product of a merge
+    are taken as specials (BPE could never emit them otherwise; GPT-2's only such entry is `<|endoftext|>`),
+    with a warning naming any other: an ordinary token no merge makes (a truncated merges.txt, a Llama-3-style
+    ignore_merges vocab) cannot be told apart from a special by this rule."""
     raw = _read_json(Path(vocab_json), "GPT-2 vocab file")
     if not isinstance(raw, dict):
         raise DataError(f"GPT-2 vocab file {vocab_json} is not a JSON object")
@@ -119,21 +130,47 @@ def read_gpt2(vocab_json: str | Path, merges_txt: str | Path) -> tuple[Vocab, Me
         raise DataError(f"GPT-2 merges file {merges_txt} cannot be read: {e}") from e
     lines = [ln for ln in lines if ln.strip() and not ln.startswith("#version")]
     merges = [parse_merge(ln, str(merges_txt)) for ln in lines]
-    made = {ln.replace(" ", "") for ln in lines}  # each merge's product, printable (no byte prints as a space)
-    specials = {s: i for s, i in raw.items() if s not in made and not (len(s) == 1 and s in char_to_byte())}
+    record = Path(vocab_json).parent / SPECIALS_FILE
+    if record.is_file():
+        specials = _read_json(record, "GPT-2 special tokens file")
+        if not isinstance(specials, dict) or not all(isinstance(i, int) and raw.get(s, i) == i
+                                                     for s, i in specials.items()):
+            raise DataError(f"{record} must be a JSON object of special token -> id, agreeing with {vocab_json}")
+    else:
+        made = {ln.replace(" ", "") for ln in lines}  # each merge's product, printable (no byte prints as a space)
+        specials = {s: i for s, i in raw.items() if s not in made and not (len(s) == 1 and s in char_to_byte())}
+        unusual = [s for s in specials if s != "<|endoftext|>"]
+        if unusual:
+            from lmforge.errors import warn_caller
+            warn_caller(f"{vocab_json}: no {SPECIALS_FILE} beside it, so its entries no merge makes are taken as "
+                        f"special tokens: {unusual[:20]}{' ...' if len(unusual) > 20 else ''}; if some are ordinary "
+                        f"tokens (a truncated merges.txt, an ignore_merges vocab), write {SPECIALS_FILE} "
+                        "({special: id}) naming only the specials")
     vocab = decode_vocab({s: i for s, i in raw.items() if s not in specials}, str(vocab_json))
-    return vocab, merges, specials, "gpt2"
+    return vocab, merges, dict(specials), "gpt2"
 
 
 def write_gpt2(tok, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write vocab.json (specials included, as GPT-2 does) and merges.txt into out_dir."""
+    """Write vocab.json (specials included, as GPT-2 does), merges.txt, and added_tokens.json (which entries
+    are specials) into out_dir. Warns when the vocab holds ordinary tokens no merge makes: BPE never emits
+    them, and a reader without added_tokens.json takes them for specials."""
     out = Path(out_dir)
+    made = _merge_products(tok.merges)
+    special_ids = set(tok.special_tokens.values())
+    unreached = [b for i, b in sorted(tok.vocab.items()) if i not in special_ids and len(b) > 1 and b not in made]
+    if unreached:
+        from lmforge.errors import warn_caller
+        warn_caller(f"{len(unreached)} ordinary token(s) no merge makes ({unreached[:10]}"
+                    f"{' ...' if len(unreached) > 10 else ''}): BPE without ignore_merges (which GPT-2 files cannot "
+                    f"record) never emits them, and a reader of "
+                    f"{out / 'vocab.json'} that ignores {SPECIALS_FILE} takes them for special tokens")
     vocab = encode_vocab(tok.vocab, tok.special_tokens)
     vocab.update(tok.special_tokens)
     write_json_atomic(out / "vocab.json", dict(sorted(vocab.items(), key=lambda kv: kv[1])))
     with atomic_path(out / "merges.txt") as tmp:
         body = "\n".join(f"{bytes_to_str(a)} {bytes_to_str(b)}" for a, b in tok.merges)
         tmp.write_text("#version: 0.2\n" + body + "\n", encoding="utf-8")
+    write_json_atomic(out / SPECIALS_FILE, dict(sorted(tok.special_tokens.items(), key=lambda kv: kv[1])))
     return out / "vocab.json", out / "merges.txt"
 
 

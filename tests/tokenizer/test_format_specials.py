@@ -37,3 +37,42 @@ def test_tiktoken_export_warns_when_the_specials_cannot_come_back(tmp_path):
         warnings.simplefilter("error")  # <|endoftext|> at 256 comes back as it was: nothing to say
         plain.save_tiktoken(tmp_path / "plain.tiktoken")
     assert load_tokenizer(tmp_path / "plain.tiktoken").special_tokens == plain.special_tokens
+
+
+def _unmerged_vocab_tokenizer():
+    # token 258 is an ordinary token no merge makes (a Llama-3-style ignore_merges vocab, a truncated merges.txt)
+    from lmforge.tokenizer.bpe import Tokenizer
+    vocab = {i: bytes([i]) for i in range(256)}
+    vocab.update({256: b"he", 257: b"hel", 258: b" world"})
+    return Tokenizer(vocab, [(b"h", b"e"), (b"he", b"l")], ["<|endoftext|>"])
+
+
+def test_gpt2_files_record_which_entries_are_specials(tmp_path):
+    # read_gpt2 took every entry neither a byte nor a merge product for a special: " world" came back as a
+    # special named "Ġworld", so decode gave "Ġworld" and the text "Ġworld" encoded as that one id
+    tok = _unmerged_vocab_tokenizer()
+    with pytest.warns(UserWarning, match=r"1 ordinary token\(s\) no merge makes \(\[b' world'\]\)"):
+        tok.save_gpt2(tmp_path)
+    assert (tmp_path / "added_tokens.json").read_text().split() == ['{', '"<|endoftext|>":', '259', '}']
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the record names the specials: nothing to guess, nothing to say
+        back = load_tokenizer(tmp_path / "vocab.json")
+    assert back.special_tokens == {"<|endoftext|>": 259}
+    assert back.vocab == tok.vocab and back.decode([258]) == " world"
+    assert back.encode("Ġworld") == list("Ġworld".encode())
+
+
+def test_gpt2_files_without_the_record_warn_naming_the_guessed_specials(tmp_path):
+    tok = _unmerged_vocab_tokenizer()
+    with pytest.warns(UserWarning):
+        tok.save_gpt2(tmp_path)
+    (tmp_path / "added_tokens.json").unlink()  # as files written by other tools: GPT-2's own has no record
+    with pytest.warns(UserWarning, match=r"entries no merge makes are taken as special tokens: \['Ġworld'\]"):
+        back = load_tokenizer(tmp_path / "vocab.json")
+    assert back.special_tokens == {"Ġworld": 258, "<|endoftext|>": 259}
+    plain = train_bpe(iter([TEXT]), 300, ["<|endoftext|>"], progress=False, workers=1)
+    plain.save_gpt2(tmp_path / "plain")
+    (tmp_path / "plain" / "added_tokens.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # GPT-2's own layout (<|endoftext|> the only such entry) loads quietly
+        assert load_tokenizer(tmp_path / "plain" / "vocab.json").special_tokens == plain.special_tokens

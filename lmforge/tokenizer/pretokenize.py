@@ -76,12 +76,16 @@ _SAFE_CUT_BYTES = _re.compile(_SAFE_CUT.pattern.encode())
 def resolve_pattern(pattern: str) -> str:
     """A pattern name ("gpt2", "cl100k", "o200k") or a custom regex -> the regex string. A bare word that is not
     a name is refused: as a regex it matches only itself, so the text between matches (whole lines, spaces and
-    all) would be one pre-token each, and a typo (`--pattern gpt4`, `cl100k_base`) trained such a tokenizer."""
+    all) would be one pre-token each, and a typo (`--pattern gpt4`, `cl100k_base`, `gpt-4`) trained such a tokenizer."""
     if not isinstance(pattern, str):
         raise ConfigError(f"pre-tokenization pattern must be a str (a name or a regex), got {type(pattern).__name__}")
-    if pattern not in PATTERNS and _re.fullmatch(r"\w+", pattern):
-        raise ConfigError(f"pre-tokenization pattern {pattern!r} is not one of the names {list(PATTERNS)}; give one "
-                          "of them or a regex")
+    # a name-like word (`gpt-4`, `o200k-base` too); "." or "..." (every 1 or 3 characters a piece) stay regexes
+    if pattern not in PATTERNS and _re.fullmatch(r"[\w.-]+", pattern) and _re.search(r"[^\W_]", pattern):
+        import difflib
+        close = difflib.get_close_matches(pattern.lower(), PATTERNS, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"pre-tokenization pattern {pattern!r} is not one of the names {list(PATTERNS)}; {hint}"
+                          "give one of them or a regex")
     pat = PATTERNS.get(pattern, pattern)
     try:
         regex.compile(pat)

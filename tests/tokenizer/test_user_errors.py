@@ -20,6 +20,16 @@ def test_a_misspelt_pattern_name_is_refused(name):
         train_bpe(iter([TEXT]), 300, progress=False, workers=1, pattern=name)
 
 
+@pytest.mark.parametrize("name, close", [("gpt-4", "gpt2"), ("o200k-base", "o200k"), ("cl100k.base", "cl100k"),
+                                         ("GPT2", "gpt2")])
+def test_a_misspelt_name_with_dots_or_dashes_is_refused_naming_the_closest(name, close):
+    # only \w+ words were caught: "gpt-4" or "o200k-base" trained a tokenizer splitting on nothing but itself
+    from lmforge.tokenizer.pretokenize import resolve_pattern
+    with pytest.raises(ConfigError, match=rf"pattern '{name}' is not one of the names .*; did you mean '{close}'\?"):
+        resolve_pattern(name)
+    assert resolve_pattern("...") == "..." and resolve_pattern(r"\w+|\s+") == r"\w+|\s+"  # regexes still pass
+
+
 def test_vocab_size_takes_numpy_integers_and_names_a_non_integer():
     tok = train_bpe(iter([TEXT * 5]), np.int64(270), ["<|endoftext|>"], progress=False, workers=1)
     assert tok.vocab_size == 270  # was refused as "vocab_size=270 is too small"

@@ -28,6 +28,7 @@ from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.readers import ARCHIVE_ERRORS, decode_text, open_binary, uncompressed_name
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
+from lmforge.utils import input_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,15 +115,16 @@ def _whole_json(text: str) -> object:
 
 
 def _files(paths: tuple[str, ...]) -> list[Path]:
+    """The eval files named by paths, directories and glob patterns, through the one rule for inputs
+    (`input_files`: hidden files and directories skipped); of a directory's or a pattern's files only those of
+    eval suffixes (it may hold a README or a LICENSE), a file named outright whatever its name."""
     out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")
-                          and uncompressed_name(q).endswith(EVAL_SUFFIXES))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise DataError(f"decontamination set not found: {p}")
+    for p in paths:
+        try:
+            files = input_files([p])
+        except DataError as e:
+            raise DataError(f"decontam.eval_paths {p!r}: {e}") from None
+        out += [f for f in files if Path(p).is_file() or uncompressed_name(f).endswith(EVAL_SUFFIXES)]
     return out
 
 

@@ -17,6 +17,7 @@ from lmforge.data.hashing import batch_word_ngram_hashes, normalize_words, text_
 from lmforge.data.minhash import (MinHashConfig, choose_bands_rows, cluster, jaccard, minhash_dedup,
                                   signatures)
 from lmforge.data.stage import StageContext
+from lmforge.errors import DataError
 from lmforge.data.synthetic import near_duplicate_corpus
 from tests.data.conftest import shared
 
@@ -331,3 +332,18 @@ def test_minhash_character_shingles():
     cfg = MinHashConfig(threshold=0.7, unit="char", ngram=5, num_perm=256)
     assert _groups(cluster(texts, cfg)) == [[0, 1]]
     assert _groups(cluster(texts, MinHashConfig(threshold=0.7, unit="word", ngram=5))) == []  # too few words
+
+
+def test_decontamination_skips_hidden_directories_as_every_input_does(tmp_path):
+    # decontam walked directories itself, skipping hidden file names but not hidden directories: a checkout's
+    # .git or an editor's .cache/ copy of some text flagged training documents the eval set does not hold
+    evals = tmp_path / "evals"
+    (evals / ".cache").mkdir(parents=True)
+    (evals / "gsm.jsonl").write_text(json.dumps({"q": "one two three four five six"}) + "\n")
+    (evals / ".cache" / "notes.txt").write_text("seven eight nine ten eleven twelve\n")
+    (evals / "README.md").write_text("seven eight nine ten eleven twelve\n")  # not an eval suffix: skipped
+    docs = [Document(id="a", text="x one two three four five"), Document(id="b", text="seven eight nine ten")]
+    out = decontam(DecontamConfig(eval_paths=(str(evals),), ngram=4), docs, StageContext())
+    assert [d.drop for d in out] == ["decontam", None]
+    with pytest.raises(DataError, match=r"decontam.eval_paths '.*missing': input not found: .*missing"):
+        decontam(DecontamConfig(eval_paths=(str(tmp_path / "missing"),), ngram=4), docs, StageContext())

@@ -131,21 +131,26 @@ def read_gpt2(vocab_json: str | Path, merges_txt: str | Path) -> tuple[Vocab, Me
     lines = [ln for ln in lines if ln.strip() and not ln.startswith("#version")]
     merges = [parse_merge(ln, str(merges_txt)) for ln in lines]
     record = Path(vocab_json).parent / SPECIALS_FILE
+    specials: dict[str, int] = {}
     if record.is_file():
         specials = _read_json(record, "GPT-2 special tokens file")
         if not isinstance(specials, dict) or not all(isinstance(i, int) and raw.get(s, i) == i
                                                      for s, i in specials.items()):
             raise DataError(f"{record} must be a JSON object of special token -> id, agreeing with {vocab_json}")
-    else:
+    # write_gpt2's record names every special, each in vocab.json too; Hugging Face's added_tokens.json names only
+    # the tokens added past vocab.json (a fine-tune's <pad>), so those that vocab.json holds are still found by rule
+    if not record.is_file() or any(s not in raw for s in specials):
         made = {ln.replace(" ", "") for ln in lines}  # each merge's product, printable (no byte prints as a space)
-        specials = {s: i for s, i in raw.items() if s not in made and not (len(s) == 1 and s in char_to_byte())}
-        unusual = [s for s in specials if s != "<|endoftext|>"]
+        guessed = {s: i for s, i in raw.items()
+                   if s not in made and s not in specials and not (len(s) == 1 and s in char_to_byte())}
+        unusual = [s for s in guessed if s != "<|endoftext|>"]
         if unusual:
             from lmforge.errors import warn_caller
-            warn_caller(f"{vocab_json}: no {SPECIALS_FILE} beside it, so its entries no merge makes are taken as "
-                        f"special tokens: {unusual[:20]}{' ...' if len(unusual) > 20 else ''}; if some are ordinary "
-                        f"tokens (a truncated merges.txt, an ignore_merges vocab), write {SPECIALS_FILE} "
-                        "({special: id}) naming only the specials")
+            warn_caller(f"{vocab_json}: entries no merge makes are taken as special tokens, as no {SPECIALS_FILE} "
+                        f"beside it names every special: {unusual[:20]}{' ...' if len(unusual) > 20 else ''}; if "
+                        "some are ordinary tokens (a truncated merges.txt, an ignore_merges vocab), write "
+                        f"{SPECIALS_FILE} ({{special: id}}) naming only the specials")
+        specials = {**guessed, **specials}
     vocab = decode_vocab({s: i for s, i in raw.items() if s not in specials}, str(vocab_json))
     return vocab, merges, dict(specials), "gpt2"
 

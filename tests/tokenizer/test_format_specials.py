@@ -67,7 +67,7 @@ def test_gpt2_files_without_the_record_warn_naming_the_guessed_specials(tmp_path
     with pytest.warns(UserWarning):
         tok.save_gpt2(tmp_path)
     (tmp_path / "added_tokens.json").unlink()  # as files written by other tools: GPT-2's own has no record
-    with pytest.warns(UserWarning, match=r"entries no merge makes are taken as special tokens: \['Ġworld'\]"):
+    with pytest.warns(UserWarning, match=r"entries no merge makes are taken as special tokens, .*: \[.Ġworld.\]"):
         back = load_tokenizer(tmp_path / "vocab.json")
     assert back.special_tokens == {"Ġworld": 258, "<|endoftext|>": 259}
     plain = train_bpe(iter([TEXT]), 300, ["<|endoftext|>"], progress=False, workers=1)
@@ -76,3 +76,17 @@ def test_gpt2_files_without_the_record_warn_naming_the_guessed_specials(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # GPT-2's own layout (<|endoftext|> the only such entry) loads quietly
         assert load_tokenizer(tmp_path / "plain" / "vocab.json").special_tokens == plain.special_tokens
+
+
+def test_gpt2_files_with_hf_added_tokens_keep_the_specials_vocab_json_holds(tmp_path):
+    # Hugging Face's added_tokens.json names only tokens added past vocab.json (a fine-tune's pad token): the
+    # <|endoftext|> inside vocab.json is still a special, not an ordinary token no merge makes
+    plain = train_bpe(iter([TEXT]), 300, ["<|endoftext|>"], progress=False, workers=1)
+    plain.save_gpt2(tmp_path)
+    eot, pad = plain.special_tokens["<|endoftext|>"], plain.vocab_size  # <pad>: the first id past vocab.json
+    (tmp_path / "added_tokens.json").write_text('{"<pad>": %d}' % pad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = load_tokenizer(tmp_path / "vocab.json")
+    assert back.special_tokens == {"<|endoftext|>": eot, "<pad>": pad}
+    assert back.encode("the cat<pad>") == plain.encode_ordinary("the cat") + [pad]

@@ -96,8 +96,11 @@ def input_files(patterns: Iterable[str | Path]) -> list[Path]:
     for pat in map(str, patterns):
         p = Path(pat)
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file()
-                          and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            found = sorted(q for q in p.rglob("*") if q.is_file()
+                           and not any(part.startswith(".") for part in q.relative_to(p).parts))
+            if not found:
+                raise DataError(f"input directory {pat} holds no file (hidden files and directories are skipped)")
+            out += found
         elif p.is_file():
             out.append(p)
         else:

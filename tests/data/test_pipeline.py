@@ -322,3 +322,7 @@ def test_pipeline_inputs_skip_hidden_directories_and_refuse_an_unmatched_glob(tm
     assert expand_inputs(InputConfig(paths=(str(tmp_path / "d"),))) == [tmp_path / "d" / "a.jsonl"]
     with pytest.raises(DataError, match=r"input not found: .*\*\.parquet"):
         expand_inputs(InputConfig(paths=(str(tmp_path / "d"), str(tmp_path / "*.parquet"))))
+    (tmp_path / "e" / ".cache").mkdir(parents=True)
+    (tmp_path / "e" / ".cache" / "x.jsonl").write_text("{}\n")
+    with pytest.raises(DataError, match=r"input directory .*e holds no file \(hidden"):
+        expand_inputs(InputConfig(paths=(str(tmp_path / "e"),)))

@@ -274,10 +274,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         # the kernels take the widths from x and the expert count from w: any mismatch reads out of bounds
         raise ValueError(f"grouped_mm takes x (M, in), w (E, out, in) and counts (E,); got x {tuple(x.shape)}, "
                          f"w {tuple(w.shape)}, counts {tuple(counts.shape)}")
-    if falls_back(x.device, "the Triton grouped GEMM"):
-        return grouped_mm_loop(x, w, counts)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    if falls_back(x.device, "the Triton grouped GEMM"):  # after the cast: the kernel's dtypes (w follows x)
+        return grouped_mm_loop(x, w.to(x.dtype), counts)
     dtype = x.dtype
     if dtype == torch.bfloat16 and _INTERPRET:  # the interpreter's bf16 tl.dot is wrong (flash_attention.py)
         x = x.float()

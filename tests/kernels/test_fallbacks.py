@@ -4,6 +4,8 @@ drivers", or on None without the `kernels` extra)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -41,3 +43,52 @@ def test_kernels_fall_back_to_their_reference_with_one_line(monkeypatch, i):
         got = run()
     assert all("\n" not in str(r.message) for r in rec)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _mixed_cases():
+    """The five kernels on bf16 activations with fp32 weights (a bf16 model's master weights, or autocast),
+    each with the inputs its gradient reaches."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    bf = torch.bfloat16
+    x, w = r(3, 5, 16, dtype=bf), r(16)
+    gate, up = r(4, 24, dtype=bf), r(4, 24)
+    q, ang = r(2, 3, 5, 8, dtype=bf), torch.randn(2, 5, 4, generator=g)
+    h, head, y = r(6, 16, dtype=bf), r(30, 16), torch.tensor([1, 2, -100, 4, 5, 29])
+    xs, ws, counts = r(7, 16, dtype=bf), r(3, 8, 16), torch.tensor([2, 0, 5])
+    return [
+        (lambda: rmsnorm.rms_norm(x, w, 1e-6), (x, w)),
+        (lambda: swiglu.swiglu(gate, up), (gate, up)),
+        (lambda: rope.rope(q, ang.cos(), ang.sin(), "interleaved"), (q,)),
+        (lambda: fused_ce.fused_linear_cross_entropy(h, head, y, 1e-2)[0], (h, head)),
+        (lambda: moe.grouped_mm(xs, ws, counts), (xs, ws)),
+    ]
+
+
+def _run_mixed(i: int, autocast: bool) -> list[torch.Tensor]:
+    """The output and the gradients of case i, the warning (if any) ignored."""
+    run, inputs = _mixed_cases()[i]
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = run()
+    out.float().square().sum().backward()
+    return [out] + [t.grad for t in inputs]
+
+
+@pytest.mark.skipif(moe.triton is None, reason="compares with the kernels run in Triton's interpreter")
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("i", range(5))
+def test_fallbacks_match_the_kernels_dtypes_and_gradients(monkeypatch, i, autocast):
+    """bf16 activations with fp32 weights, with and without autocast: the fallback returns what the kernel
+    (in the interpreter) returns - dtype, shape, values to bf16 rounding - and the same gradients (the grouped
+    GEMM's fallback once raised "expected m1 and m2 to have the same dtype" without autocast)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    want = _run_mixed(i, autocast)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    got = _run_mixed(i, autocast)
+    for g, k in zip(got, want):
+        assert (g.dtype, g.shape) == (k.dtype, k.shape)
+        assert ((g.float() - k.float()).norm() / k.float().norm()).item() < 2e-2  # bf16 rounding, not a bug

@@ -34,16 +34,28 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+
+def _no_triton(e: ImportError) -> str:
+    """Why `triton` is None, for the fallback's notice: not installed, or installed but older than 3.3 (no
+    gdc_* for PDL below), which is then to be upgraded, not installed."""
+    if e.name == "triton":
+        return "Triton is not installed: pip install 'lmforge[kernels]'"
+    return f"the installed Triton is too old ({e}): pip install -U 'triton>=3.3'"
+
+
 try:
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # the `kernels` extra; callers check available()
+    _NO_TRITON = ""
+except ImportError as e:  # the `kernels` extra; callers check available()
+    _NO_TRITON = _no_triton(e)
     triton = None
 
 # Programmatic dependent launch (Hopper+), on by default where supported; LMFORGE_PDL=0 turns the default
@@ -54,7 +66,7 @@ PDL_DEFAULT = os.environ.get("LMFORGE_PDL", "1") != "0"
 @functools.lru_cache(maxsize=None)
 def pdl_supported() -> bool:
     """This Triton can launch with PDL and the GPU is Hopper or newer (checked once: launches are hot)."""
-    if triton is None or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if triton is None or not torch.cuda.is_available() or interpreting():
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -73,21 +85,40 @@ def _launch_opts(pdl: bool = PDL_DEFAULT, prefetch: bool | None = None, evict: b
     return opts
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: kernels run in Triton's CPU interpreter (the tests), read at each call. The one check
+    of the switch (Triton itself reads it when a kernel is first defined: tests/conftest.py)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available(device: torch.device | str) -> bool:
     """Triton kernels can run on this device: CUDA, or any device under TRITON_INTERPRET=1 (tests)."""
     dev = torch.device(device)
-    return triton is not None and (dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and (dev.type == "cuda" or interpreting())
 
 
 def falls_back(device: torch.device | str, what: str) -> bool:
-    """False where the Triton kernels run on `device`; else True after a one-line warning, and the caller runs
-    its PyTorch reference (a fused model moved to the CPU, a direct call without a GPU: Triton's launch would
-    fail with "0 active drivers", or on None without the `kernels` extra)."""
+    """False where the Triton kernels run on `device`; else True after a one-line warning (once per kernel and
+    device type), and the caller runs its PyTorch reference (a fused model moved to the CPU, a direct call
+    without a GPU: Triton's launch would fail with "0 active drivers", or on None without the `kernels` extra)."""
     if available(device):
         return False
-    warnings.warn(f"{what} needs a CUDA GPU and Triton (pip install 'lmforge[kernels]'; TRITON_INTERPRET=1 on CPU "
-                  f"for tests), got device {torch.device(device).type}; using the PyTorch reference", stacklevel=3)
+    _fallback_notice(what, torch.device(device).type)
     return True
+
+
+@torch.compiler.disable  # warnings.warn is a graph break anyway; this way it is reported from the caller's frame
+@functools.lru_cache(maxsize=None)  # the fallback runs at every call: one notice is enough
+def _fallback_notice(what: str, device_type: str) -> None:
+    why = _NO_TRITON or "TRITON_INTERPRET=1 runs the kernels on CPU, for tests"
+    # reported from the first frame outside the kernels and torch (the model's layer, the user's call), not
+    # from torch.compiler.disable's wrapper
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"{what} needs a CUDA GPU and Triton ({why}), got device {device_type}; using the PyTorch "
+                  "reference", stacklevel=level)
 
 
 # references --------------------------------------------------------------------------------------------

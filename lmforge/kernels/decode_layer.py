@@ -40,12 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import warnings
 
 import torch
 
-from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, triton
+from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, interpreting, triton
 from lmforge.kernels.paged_attention import _pad
 
 if triton is not None:
@@ -393,7 +392,7 @@ def layer_key(d_model: int, n_heads: int, n_kv: int, head_dim: int, ff: int, dty
 def programs(device: torch.device) -> int:
     """One program per SM on a GPU (every program must be resident for the grid barriers); a few under
     the interpreter, enough that every phase deals rows and attention units to several programs."""
-    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cuda" and not interpreting():
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 3
 
@@ -491,7 +490,7 @@ def decode_layer(x: torch.Tensor, g1: torch.Tensor, wqkv: tuple[torch.Tensor, to
     if H * splits * 16 > work.part_o.shape[0]:
         raise ValueError(f"decode_layer config {config}: {splits} slices need a larger workspace "
                          f"(workspace(..., max_splits={splits}))")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = interpreting()
     split = interpret if split is None else split
     P = n_programs or programs(x.device)
     consts = dict(D=D, DP=triton.next_power_of_2(D), FF=FF, HD=hd, HDP=_pad(hd), OK=H * hd,

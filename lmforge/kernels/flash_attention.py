@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.kernels.decode import interpreting
 
 try:
     import triton
@@ -60,10 +61,6 @@ HEAD_DIMS = (64, 128)
 # TMA tile loads on Hopper: off by default until measured on the GPU (bench/attention.py, variant triton-tma)
 TMA_DEFAULT = False
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32: tests and the interpreter (tf32 dots on GPU)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # kernels ------------------------------------------------------------------------------------------------
@@ -449,7 +446,7 @@ def _kernel(kind: str, q: torch.Tensor):
     """The autotuned kernel for q's head dim, dtype width and GPU, built at first use (the interpreter
     switch is read then): its candidates are those whose tiles fit the GPU's shared memory."""
     hd, base = q.shape[3], "fwd" if kind == "prefill" else kind
-    if _interpreting():
+    if interpreting():
         cands = (INTERPRET_CONFIGS[base],)
     else:
         index = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -581,7 +578,7 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return (f"flash_attention takes q, k, v of one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, "
                 f"{v.dtype}; cast them or use attn_impl='sdpa'")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         return f"flash_attention runs on CUDA GPUs (or with TRITON_INTERPRET=1), got device {q.device}"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
         cap = "%d.%d" % torch.cuda.get_device_capability(q.device)
@@ -659,7 +656,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if sinks is not None and sinks.shape != (H,):
         raise ConfigError(f"flash_attention: sinks must be one logit per query head ({H},), got {tuple(sinks.shape)}")
     dtype = q.dtype
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and interpreting():
         # Triton's CPU interpreter multiplies bf16 tl.dot operands as raw bits (triton-lang/triton#11584,
         # unsupported as of 3.8: outputs ~1e9): interpret the fp32 kernels, as paged_attention's F32 does
         q, k, v = q.float(), k.float(), v.float()

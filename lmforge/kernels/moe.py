@@ -24,11 +24,9 @@ grouped GEMM on a GPU. The per-expert loop stays the reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from lmforge.kernels.decode import available, falls_back, triton
+from lmforge.kernels.decode import available, falls_back, interpreting, triton
 from lmforge.kernels.swiglu import _launch as _swiglu_launch
 from lmforge.model.layers.moe import MoE, glu_fused, grouped_mm_loop
 
@@ -38,12 +36,9 @@ if triton is not None:
 __all__ = ["available", "grouped_mm", "TritonMoE"]
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _configs(names: tuple[str, str, str]) -> list:
     """Autotuning candidates for bf16 on Hopper (one small config in the CPU interpreter)."""
-    if _INTERPRET:
+    if interpreting():
         return [triton.Config(dict(zip(names, (16, 16, 16))), num_warps=1)]
     shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]  # few: each is compiled and timed per new shape
     return [triton.Config(dict(zip(names, s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
@@ -279,7 +274,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     if falls_back(x.device, "the Triton grouped GEMM"):  # after the cast: the kernel's dtypes (w follows x)
         return grouped_mm_loop(x, w.to(x.dtype), counts)
     dtype = x.dtype
-    if dtype == torch.bfloat16 and _INTERPRET:  # the interpreter's bf16 tl.dot is wrong (flash_attention.py)
+    if dtype == torch.bfloat16 and interpreting():  # the interpreter's bf16 tl.dot is wrong (flash_attention.py)
         x = x.float()
     w = w.to(x.dtype)
     if w.stride(-1) != 1:

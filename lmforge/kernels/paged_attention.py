@@ -25,11 +25,10 @@ learned sinks (gpt-oss: one extra logit per head in the softmax denominator).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, triton
+from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, interpreting, triton
 
 if triton is not None:
     import triton.language as tl
@@ -419,7 +418,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=H // KV, QPP=qpp, GP=_pad(qpp), HD=hd, HDP=_pad(hd), BS=k_cache.shape[1],
         BLOCK_S=block, SPLITS=splits, SOFTCAP=softcap > 0, WINDOW=window > 0, SINKS=sinks is not None,
         START=start is not None, EARLY=early_positions is not None,
-        F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # its bf16 dot is wrong (3.9)
+        F32=q.dtype == torch.float32 or interpreting(),  # its bf16 dot is wrong (3.9)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         STAGES=stages, TREE=tree is not None, num_warps=warps, **_launch_opts(pdl))
     return out

@@ -24,10 +24,9 @@ the rope keys' tile) and as the values (FlashMLA's point: K and V are one tensor
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from lmforge.kernels.decode import interpreting
 from lmforge.kernels.paged_attention import _pad, _sm_count, index_layout, triton
 
 if triton is not None:
@@ -245,7 +244,7 @@ def paged_latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, c_cache: t
         float(scale), float(softcap), int(window), H,
         GP=gp, R=R, RP=rp, DR=DR, DRP=_pad(DR), BS=c_cache.shape[1], BLOCK_S=block, SPLITS=splits,
         SOFTCAP=softcap > 0, WINDOW=window > 0,
-        F32=q_lat.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",  # the interpreter's bf16 dot is wrong (3.9)
+        F32=q_lat.dtype == torch.float32 or interpreting(),  # the interpreter's bf16 dot is wrong (3.9)
         PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32", TREE=tree is not None, VARLEN=varlen,
         num_warps=warps)
     return out

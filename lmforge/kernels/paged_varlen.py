@@ -15,10 +15,9 @@ tile's whole key range, so very long contexts are left to the eager kernels (lmf
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from lmforge.kernels.decode import interpreting
 from lmforge.kernels.paged_attention import _check_shapes, _pad, index_layout, triton
 
 if triton is not None:
@@ -167,6 +166,6 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(2), block_tables.stride(0), scale, float(softcap), int(window), H,
         GROUP=group, GP=triton.next_power_of_2(group), TM=VARLEN_TILE,
         HD=hd, HDP=_pad(hd), BS=k_cache.shape[1], BLOCK_S=block, SOFTCAP=softcap > 0, WINDOW=window > 0,
-        SINKS=sinks is not None, F32=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        SINKS=sinks is not None, F32=q.dtype == torch.float32 or interpreting(),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
     return out

@@ -4,14 +4,22 @@ drivers", or on None without the `kernels` extra)."""
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from lmforge.kernels import fused_ce, moe, rmsnorm, rope, swiglu
+from lmforge.kernels import decode, fused_ce, moe, rmsnorm, rope, swiglu
 from lmforge.model.layers.moe import grouped_mm_loop
 from lmforge.train.loss import lm_loss
+
+
+@pytest.fixture(autouse=True)
+def fresh_notices():
+    """The notice is once per kernel: forget the ones an earlier test gave."""
+    decode._fallback_notice.__wrapped__.cache_clear()
 
 
 def _cases():
@@ -92,3 +100,43 @@ def test_fallbacks_match_the_kernels_dtypes_and_gradients(monkeypatch, i, autoca
     for g, k in zip(got, want):
         assert (g.dtype, g.shape) == (k.dtype, k.shape)
         assert ((g.float() - k.float()).norm() / k.float().norm()).item() < 2e-2  # bf16 rounding, not a bug
+
+
+def test_the_notice_is_given_once_per_kernel_from_the_callers_line_also_compiled(monkeypatch):
+    """A fallback runs at every call, its notice only at the first; inside torch.compile it is reported from the
+    user's line, not from dynamo's frames."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w = torch.randn(2, 8), torch.randn(8)
+
+    def f(x):
+        return rmsnorm.rms_norm(x, w) * 2
+
+    compiled = torch.compile(f, backend="eager")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), 2 * rmsnorm.rms_norm_ref(x, w, 1e-5))
+        f(x)
+        swiglu.swiglu(x, x)
+    assert [(str(r.message).split(" needs")[0], r.filename) for r in rec] == [
+        ("fused RMSNorm", __file__), ("fused SwiGLU", __file__)]
+
+
+def test_the_notice_tells_a_too_old_triton_from_a_missing_one():
+    """pyproject allows triton >= 3.0, but decode.py imports gdc_* (3.3): an old Triton is to be upgraded,
+    not installed."""
+    old = ImportError("cannot import name 'gdc_wait' from 'triton.language.extra.cuda'",
+                      name="triton.language.extra.cuda")
+    assert decode._no_triton(old) == ("the installed Triton is too old (cannot import name 'gdc_wait' from "
+                                      "'triton.language.extra.cuda'): pip install -U 'triton>=3.3'")
+    missing = ModuleNotFoundError("No module named 'triton'", name="triton")
+    assert decode._no_triton(missing) == "Triton is not installed: pip install 'lmforge[kernels]'"
+
+
+def test_the_interpreter_switch_is_read_in_one_place():
+    """TRITON_INTERPRET is read by decode.interpreting() alone, at each call (moe once read it at import, and
+    four modules had their own copy of the check)."""
+    root = Path(decode.__file__).parents[1]
+    reads = [(str(p.relative_to(root)), n) for p in sorted(root.rglob("*.py"))
+             for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"environ.*TRITON_INTERPRET", line)]
+    assert [path for path, _ in reads] == ["kernels/decode.py"]

@@ -13,7 +13,7 @@ from lmforge.kernels.flash_reference import flash_attention_ref, flash_attention
 from lmforge.model.layers.attention import math_attention
 from lmforge.model.meta import AttnMetadata, cu_seqlens_from_doc_ids
 
-needs_triton = pytest.mark.skipif(fa.triton is None or (not torch.cuda.is_available() and not fa._interpreting()),
+needs_triton = pytest.mark.skipif(fa.triton is None or (not torch.cuda.is_available() and not fa.interpreting()),
                                   reason="needs triton (the `kernels` extra): a GPU, or TRITON_INTERPRET=1 on CPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 inputs: exact dots in the interpreter, tf32 tensor-core dots on a GPU

@@ -673,13 +673,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: float,
                               softcap: float = 0.0, window: int = 0,
                               documents: tuple[torch.Tensor, int] | None = None, dropout_p: float = 0.0,
-                              sinks: torch.Tensor | None = None) -> torch.Tensor:
+                              sinks: torch.Tensor | None = None, doc_mask=None) -> torch.Tensor:
     """attn_impl = "triton" for lmforge.model.layers.attention: `mask` is the layer's mask before any
     window is applied ("causal", None = all keys, or a bool tensor), `window` the layer's sliding window,
     `documents` the (cu_seqlens, longest length) of packed rows (AttnMetadata.documents(), computed once
-    per forward; their bool mask is then ignored). What the kernel cannot do (a cache with fewer queries
-    than keys, other mask tensors, dropout, an unsupported head dim, dtype or GPU) falls back to the
-    reference path with a one-line warning."""
+    per forward; their bool mask is then ignored). `doc_mask`: a callable giving those rows' (B, 1, T, T) mask
+    for the SDPA fallback (AttnMetadata.doc_mask, built once per forward there; else rebuilt from cu_seqlens).
+    What the kernel cannot do (a cache with fewer queries than keys, other mask tensors, dropout, an unsupported
+    head dim, dtype or GPU) falls back to the reference path with a one-line warning."""
     from lmforge.model.layers.attention import attention, window_mask
     from lmforge.model.meta import AttnMetadata
 
@@ -699,7 +700,8 @@ def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest, sinks=sinks)
     warnings.warn(f"{reason}; using attn_impl='sdpa' for this call", stacklevel=2)
     if documents is not None:  # packed rows: their own mask (causal within each document), not plain causal
-        mask = AttnMetadata.packed(_doc_ids(documents[0], q.shape[0], q.shape[2])).doc_mask()
+        mask = doc_mask() if doc_mask is not None else AttnMetadata.packed(
+            _doc_ids(documents[0], q.shape[0], q.shape[2])).doc_mask()
     if window > 0 and k.shape[2] > window:
         mask = window_mask(mask, q.shape[2], k.shape[2], window, q.device)
     return attention(q, k, v, mask, scale=scale, softcap=softcap, dropout_p=dropout_p, impl="sdpa", sinks=sinks)

@@ -216,6 +216,30 @@ def test_fallback_keeps_packed_documents_apart():
     assert fa._doc_ids(torch.tensor([0, 0, 1, 1, 4]), 1, 4).tolist() == [[1, 3, 3, 3]]  # empty documents own nothing
 
 
+def test_fallback_takes_the_packed_mask_the_metadata_keeps(monkeypatch):
+    """The layers of one forward share an AttnMetadata, whose doc_mask() is built once: the SDPA fallback takes it
+    from there (it rebuilt the (B, 1, T, T) mask from cu_seqlens at every layer), and equals the math reference."""
+    built = []
+    doc_ids_of = fa._doc_ids
+    monkeypatch.setattr(fa, "_doc_ids", lambda *a: built.append(a[1:]) or doc_ids_of(*a))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [2] * 12])
+    q, k, v = (t.detach() for t in _inputs(2, 2, 2, 12, 96))  # head dim 96: the kernel cannot run
+    want = _math(q, k, v, causal=True, window=0, scale=0.3, doc_ids=doc_ids)
+    meta = AttnMetadata.packed(doc_ids)
+    masks = []
+    for layer in range(3):
+        with pytest.warns(UserWarning, match="got 96"):
+            got = fa.flash_attention_for_model(q, k, v, "causal", scale=0.3, documents=meta.documents(),
+                                               doc_mask=lambda: masks.append(1) or meta.doc_mask())
+        torch.testing.assert_close(got.double(), want, atol=TOL_OUT, rtol=TOL_OUT)
+    assert built == [] and len(masks) == 3
+    assert meta.doc_mask() is meta.doc_mask()  # (one tensor for the forward)
+    with pytest.warns(UserWarning, match="got 96"):  # without the metadata's: rebuilt from cu_seqlens, same values
+        got = fa.flash_attention_for_model(q, k, v, "causal", scale=0.3, documents=meta.documents())
+    torch.testing.assert_close(got.double(), want, atol=TOL_OUT, rtol=TOL_OUT)
+    assert built == [(2, 12)]
+
+
 @needs_triton
 def test_model_entry_point_matches_the_layer_attention():
     """flash_attention_for_model is what attn_impl='triton' calls: all keys visible (mask None) runs the

@@ -159,7 +159,8 @@ class DenseAttention:
 
             return flash_attention_for_model(q, k, v, "causal", scale=spec.scale, softcap=spec.softcap,
                                              window=spec.window, documents=None if meta is None else meta.documents(),
-                                             dropout_p=spec.dropout, sinks=spec.sinks)
+                                             dropout_p=spec.dropout, sinks=spec.sinks,
+                                             doc_mask=None if meta is None else meta.doc_mask)
         return attend_with(q, k, v, self.mask(q.shape[2], spec, meta, q.device), spec)
 
     def attend_latent(self, layer: int, mla, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta=None):

@@ -31,21 +31,28 @@ def test_abort_wakes_a_thread_waiting_for_the_request_even_when_its_id_is_reused
         except Exception as e:
             got["error"] = e
 
+    # the abort and the id's reuse between two of the waiter's steps, made where it steps (under the LLM's lock,
+    # which the waiter holds while stepping: another thread taking it then could come after X has finished)
+    step, calls, aborted = llm.engine.step, [], []
+
+    def step_then_abort(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            aborted.append(llm.abort("X"))
+            llm.submit("second", SHORT, request_id="X")
+        return step(*a, **k)
+
+    llm.engine.step = step_then_abort
     t = threading.Thread(target=waiter, daemon=True)
     t.start()
-    deadline = time.monotonic() + 30
-    while "X" not in llm._waiters and time.monotonic() < deadline:  # the waiter is inside wait
-        time.sleep(0.001)
-    with llm._lock:  # the abort and the id's reuse, before the waiter steps again
-        aborted = llm.abort("X")
-        llm.submit("second", SHORT, request_id="X")
     t.join(30)
     assert not t.is_alive()
     assert "out" not in got, "the waiter of the aborted X got the new X's output"
     err = got["error"]
     assert isinstance(err, RequestError) and err.request_id == "X"
     assert str(err) == "request 'X' was aborted (LLM.abort) while this call waited for it"
-    assert aborted.finish_reason == "abort" and len(aborted.token_ids) < 40
+    assert aborted[0].finish_reason == "abort" and len(aborted[0].token_ids) < 40
+    llm.engine.step = step
     new = llm.wait(["X"])[0]  # the new X is untouched: its own output, for its own caller
     assert new.prompt_token_ids == llm.text_ids("second") and len(new.token_ids) == 3
     assert not llm._held and not llm._submitted and not llm._waiters

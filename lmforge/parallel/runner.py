@@ -103,8 +103,10 @@ class ParallelRunner:
                          ) -> torch.Tensor:
         """Forward and backward of this rank's rows (x, y: (B_local, T)); gradients accumulate scaled by
         `scale` (1/grad_accum); sync=False on all but the last micro-batch skips FSDP's reduce-scatter.
-        Returns the detached local mean loss (zero on pipeline stages but the last, whose loss is the token mean
-        over the rows' trained targets however the schedule cuts them)."""
+        Returns the detached local loss, whose mean over the ranks (global_loss) is the token mean over the rows'
+        trained targets: a rank's own mean, times cp x its share of the trained tokens under context parallelism
+        (_cp_weighted); zero on pipeline stages but the last, whose loss is the token mean over the rows' trained
+        targets however the schedule cuts them."""
         self._grad_sync(sync)
         if self.pp_mesh is not None:
             # each pipeline micro-batch's loss sum (_pipeline_loss) carries the share scale / (the rows' trained
@@ -121,38 +123,60 @@ class ParallelRunner:
             # the token mean; NaN for rows with nothing to train (a mean over nothing, as in one process) and where
             # scale is 0 (a micro-batch the Trainer leaves out, whose sums the zero share hides)
             return torch.stack(losses).sum().detach() * tokens.clamp(min=1) / share / tokens
-        share = None
         if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
             b = shard_batch({"input_ids": x, "targets": y}, self.cp_mesh)
             x, y = b["input_ids"], b["targets"]
-            # the rows' token mean, not the mean of the ranks' means (gradients are averaged over the cp ranks): each
-            # rank's mean weighs cp x its share of the trained tokens - exactly 1 without ignored targets (-100)
-            n = (y != -100).sum()
-            total = n.clone()
-            dist.all_reduce(total, group=self.cp_mesh.get_group())
-            share = n * self.cfg.cp / total.clamp(min=1)
         with self._loss_context():
             loss = self.loss_fn(self.model(x), y)
-            if share is not None:  # (a rank without trained tokens adds exactly 0, not its mean over nothing)
-                loss = torch.where(n > 0, plain(loss) * share, 0.0)
+            if self.cp_mesh is not None:
+                loss = self._cp_weighted(loss, (y != -100).sum())
             (loss * scale).backward()
         return plain(loss.detach())
 
     def objective_step(self, batch: dict[str, torch.Tensor], loss_fn: LossFn, scale: float = 1.0,
-                       sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       sync: bool = True, weight: Callable[[dict[str, torch.Tensor]], float] | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward and backward of an objective's loss on this rank's batch (dict of (B, T) tensors):
         loss_fn(model, batch) -> (loss, metrics), e.g. an lmforge.train Objective's `loss`. Returns the
-        detached local loss and metrics as plain tensors. Not for pipeline layouts (a stage has no logits)."""
+        detached local loss and metrics as plain tensors. Not for pipeline layouts (a stage has no logits).
+        Under context parallelism the loss and the metrics other than counts (num_*) are taken as means over
+        this rank's items and weighed by cp x its share of them (_cp_weighted), so their mean over the ranks is
+        the whole rows' mean: the items are `weight(shard)` (the objective's batch_weight), else the trained
+        targets (other than -100) where the batch has targets, else every rank weighs 1."""
         self._grad_sync(sync)
         if self.pp_mesh is not None:
             raise ConfigError("pipeline parallel runs the LM loss of forward_backward; objectives with their "
                               "own model calls need parallel.pp=1")
+        n = None
         if self.cp_mesh is not None:
             batch = shard_batch(batch, self.cp_mesh)
+            if weight is not None:  # (read on the host, as the Trainer reads it)
+                n = torch.tensor(int(weight(batch)), device=self.device)
+            elif "targets" in batch:
+                n = (batch["targets"] != -100).sum()
         with self._loss_context():
             loss, metrics = loss_fn(self.model, batch)
+            if n is not None:
+                share = self._cp_share(n)
+                loss = self._cp_weighted(loss, n, share)
+                metrics = {k: v if k.startswith("num_") else self._cp_weighted(v, n, share)
+                           for k, v in metrics.items()}
             (loss * scale).backward()
         return plain(loss.detach()), {k: plain(v.detach()) for k, v in metrics.items()}
+
+    def _cp_share(self, n: torch.Tensor) -> torch.Tensor:
+        """cp x this rank's share of the items (trained tokens) that the context-parallel ranks hold together:
+        exactly 1 when the load-balanced chunks give every rank as many (no ignored targets)."""
+        total = n.clone()
+        dist.all_reduce(total, group=self.cp_mesh.get_group())
+        return n * self.cfg.cp / total.clamp(min=1)
+
+    def _cp_weighted(self, mean: torch.Tensor, n: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor:
+        """A context-parallel rank's mean over its n items, weighed so the ranks' mean (gradients and losses are
+        averaged over them) is the whole rows' mean, not the mean of the ranks' means: mean x cp x its share of
+        the items (_cp_share). A rank without items adds exactly 0, not its mean over nothing (NaN)."""
+        share = self._cp_share(n) if share is None else share
+        return torch.where(n > 0, plain(mean) * share, 0.0)
 
     def _pipeline_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss the schedule backpropagates for one pipeline micro-batch: loss_fn's mean times its trained

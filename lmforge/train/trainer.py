@@ -695,7 +695,8 @@ class Trainer:
             return loss, metrics
         if runner.pp_mesh is not None:
             return runner.forward_backward(batch["input_ids"], batch["targets"], scale, sync), {}
-        return runner.objective_step(batch, self._empty_loss if empty else self._loss_to_train, scale, sync)
+        return runner.objective_step(batch, self._empty_loss if empty else self._loss_to_train, scale, sync,
+                                     weight=getattr(self.objective, "batch_weight", None))
 
     def _loss_to_train(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         loss, metrics = self.loss_fn(model, batch)

@@ -557,3 +557,38 @@ def test_rank_rows_refuse_a_value_without_rows_in_one_line():
         eval_rows(Runner(), batch)
     got = RankRows(FixedBatches([{"input_ids": torch.arange(8).view(4, 2)}]), 1, 2, 4).next_batch()
     assert got["input_ids"].tolist() == [[4, 5], [6, 7]]
+
+
+def _masked_cp_fit(shard: str, run_dir: str, layout: dict | None) -> tuple[list[float], list[float]]:
+    """Four steps with ignored targets (-100), (losses, grad norms): steps 1 and 3 ignore targets 0-11 of every
+    32-token row (prompt-like: cp rank 0 of 2 holds 4 trained targets of its 16, rank 1 all 16), steps 2 and 4
+    targets 8-23 (all that cp rank 1 holds: its mean is over nothing)."""
+    par = dict(parallel=ParallelConfig(**layout)) if layout else {}
+    tr = Trainer(tiny_config(shard, run_dir, max_steps=4, eval_every=100, ckpt_every=100, **par))
+    draw = tr.data.next_batch
+
+    def next_batch():
+        batch = dict(draw())
+        y = batch["targets"].clone()
+        y[:, slice(0, 12) if tr.step % 2 == 0 else slice(8, 24)] = -100
+        return {**batch, "targets": y}
+
+    tr.data.next_batch = next_batch
+    res = tr.fit()
+    return _losses(res.history), [float(r["grad_norm"]) for r in res.history if "grad_norm" in r]
+
+
+def _masked_cp_worker(rank: int, world: int, shard: str, run_dir: str) -> tuple[list[float], list[float]]:
+    return _masked_cp_fit(shard, run_dir, dict(cp=2))
+
+
+def test_context_parallel_trainer_with_ignored_targets_matches_one_process(single, tmp_path):
+    """The Trainer's cp path (objective_step) weighs each cp rank's mean by its share of the trained targets: the
+    loss and gradient are the rows' token mean, as on one process (they were the mean of the ranks' means: a loss
+    off by 1e-3 and a grad norm by 2%, and NaN with half the gradient where a cp rank held no trained target)."""
+    shard = str(single[0])
+    want = _masked_cp_fit(shard, str(tmp_path / "one"), None)
+    got = run_local(_masked_cp_worker, 2, shard, str(tmp_path / "cp"), timeout=120, start_method="fork")[0]
+    assert len(got[0]) == 4 and all(np.isfinite(got[0]))
+    np.testing.assert_allclose(got[0], want[0], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4)

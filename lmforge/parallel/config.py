@@ -38,7 +38,10 @@ class ParallelConfig:
     loss_parallel: bool = False
     """with tp > 1: cross-entropy on vocabulary-sharded logits (the full logits never exist on one rank)"""
     param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2's mixed precision (layouts with FSDP2 units only: fsdp_units): the dtype weights are gathered and
+    computed in"""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP2's mixed precision (fsdp_units only): the dtype gradients are reduced in"""
     reshard_after_forward: bool = True
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     """'full': recompute every block; 'selective': keep matmul/attention outputs, recompute the rest"""
@@ -72,6 +75,18 @@ class ParallelConfig:
         return self
 
     @property
+    def sizes(self) -> str:
+        """The layout's sizes above 1, for messages: 'dp_shard=2 x tp=2' ('all 1')."""
+        return " x ".join(f"{d}={getattr(self, d)}" for d in DIMS if getattr(self, d) > 1) or "all 1"
+
+    @property
+    def fsdp_units(self) -> bool:
+        """Whether parallelize wraps the model (or its stages) in FSDP2 units, which alone apply param_dtype and
+        reduce_dtype: fully_shard over dp_shard and cp (or one process's size-1 mesh), FSDP2's replicate over the
+        replicas of tensor-parallel shards. DDP, tp or pp alone and whole pipeline-stage replicas have none."""
+        return self.dp_shard > 1 or self.cp > 1 or self.world_size == 1 or (self.dp_replicate > 1 and self.tp > 1)
+
+    @property
     def n_microbatches(self) -> int:
         return self.microbatches or 2 * self.pp
 
@@ -79,9 +94,14 @@ class ParallelConfig:
                  batch_size: int | None = None) -> None:
         """One-line errors for a layout that does not fit the launch or the model."""
         if self.world_size != world_size:
-            sizes = " x ".join(f"{d}={getattr(self, d)}" for d in DIMS if getattr(self, d) > 1) or "all 1"
-            raise ConfigError(f"the parallel layout ({sizes}) needs world_size={self.world_size} but the launch has "
-                              f"{world_size} processes; make the product of the sizes equal the process count")
+            raise ConfigError(f"the parallel layout ({self.sizes}) needs world_size={self.world_size} but the launch "
+                              f"has {world_size} processes; make the product of the sizes equal the process count")
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self, name) != "fp32" and not self.fsdp_units:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)!r} is FSDP2's mixed precision, and this "
+                                  f"layout ({self.sizes}) has no FSDP2 units (dp_shard or cp > 1, or dp_replicate "
+                                  "with tp > 1); leave it fp32 (bf16 compute: the run's dtype = 'bf16') or shard with "
+                                  "dp_shard")
         if model_cfg is not None:
             heads, kv = model_cfg.n_heads, model_cfg.kv_heads
             if heads % self.tp or kv % self.tp:

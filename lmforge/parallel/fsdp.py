@@ -34,13 +34,21 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def mixed_precision(param_dtype: str, reduce_dtype: str):
+    """FSDP2's MixedPrecisionPolicy for ParallelConfig's param_dtype / reduce_dtype names (fully_shard and
+    replicate both take it): weights gathered and computed in param_dtype, gradients reduced in reduce_dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+
+
 def apply_fsdp(model: nn.Module, mesh, *, param_dtype: str = "fp32", reduce_dtype: str = "fp32",
                reshard_after_forward: bool | int = True) -> nn.Module:
     """Shard `model` in place: every block, then the root. `mesh` is 1-D (FSDP) or 2-D ("dp_replicate",
     "dp_shard": HSDP, replicated across the first dim and sharded across the second)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
+    mp = mixed_precision(param_dtype, reduce_dtype)
     for block in blocks_of(model):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)

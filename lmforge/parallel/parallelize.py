@@ -18,7 +18,7 @@ from lmforge.errors import ConfigError
 from lmforge.parallel.ac import apply_ac
 from lmforge.parallel.config import ParallelConfig, submesh
 from lmforge.parallel.ddp import broadcast_module_
-from lmforge.parallel.fsdp import apply_fsdp, blocks_of
+from lmforge.parallel.fsdp import apply_fsdp, blocks_of, mixed_precision
 from lmforge.parallel.tp import apply_tp
 
 
@@ -76,7 +76,9 @@ def stage_replicas(cfg: ParallelConfig, mesh):
 def replicate_fsdp(model: nn.Module, dp_mesh, cfg: ParallelConfig) -> None:
     """DDP built on FSDP2 (a shard group of one) for replicas of tensor-parallel shards: the composable DDP fails on
     TP's DTensor weights ("Tensor list must have at least one tensor"); FSDP2's replicate composes with TP as
-    fully_shard does."""
+    fully_shard does. Like apply_fsdp, every block is a unit of its own (its gradients are all-reduced as soon as
+    its backward is done, overlapping the backward of the blocks before it), then the root, all under the
+    mixed-precision policy of param_dtype / reduce_dtype."""
     try:
         from torch.distributed._composable.replicate_with_fsdp import replicate
     except ImportError:  # older torch
@@ -84,7 +86,10 @@ def replicate_fsdp(model: nn.Module, dp_mesh, cfg: ParallelConfig) -> None:
 
         raise ConfigError(f"parallel.dp_replicate={cfg.dp_replicate} with tp={cfg.tp} needs FSDP2's replicate (a newer "
                           f"torch than {torch.__version__}); use dp_shard instead") from None
-    replicate(model, mesh=dp_mesh)
+    mp = mixed_precision(cfg.param_dtype, cfg.reduce_dtype)
+    for block in blocks_of(model):
+        replicate(block, mesh=dp_mesh, mp_policy=mp)
+    replicate(model, mesh=dp_mesh, mp_policy=mp)
 
 
 def dp_rank_and_size(mesh) -> tuple[int, int]:

@@ -58,25 +58,31 @@ class FlopsArgs:
     section, or a model's keys at top level (a checkpoint's config.json); replaces --depth and --vocab-size"""
     tokens: float = 1e9
     seq_len: int = 0
-    """context of the attention term (0 = the model's max_seq_len)"""
+    """context of the attention term (0 = a run config's [data] seq_len, else the model's max_seq_len)"""
     vocab_size: int = 50304
 
 
 def _flops_model(a: FlopsArgs):
-    """The ModelConfig `lmforge scaling flops` counts (see FlopsArgs.model)."""
+    """The ModelConfig `lmforge scaling flops` counts (see FlopsArgs.model) and the context it is counted at:
+    --seq-len, else the rows a run config trains on ([data] seq_len), else the model's max_seq_len."""
     from lmforge.config import from_dict, read_config_file
     from lmforge.model.config import PRESETS, ModelConfig
 
     if not a.model:
-        return ModelConfig.from_depth(a.depth, vocab_size=a.vocab_size, max_seq_len=a.seq_len or 1024)
+        cfg = ModelConfig.from_depth(a.depth, vocab_size=a.vocab_size, max_seq_len=a.seq_len or 1024)
+        return cfg, a.seq_len or cfg.max_seq_len
     if a.model in PRESETS:
-        return ModelConfig.preset(a.model)
+        cfg = ModelConfig.preset(a.model)
+        return cfg, a.seq_len or cfg.max_seq_len
     if not a.model.endswith((".toml", ".json")):
         raise ConfigError(f"--model {a.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a .toml / "
                           ".json file")
-    data = read_config_file(a.model)
-    data = data.get("model", data) if isinstance(data.get("model"), dict) else data
-    return from_dict(ModelConfig, data, where="model")
+    raw = read_config_file(a.model)
+    cfg = from_dict(ModelConfig, raw["model"] if isinstance(raw.get("model"), dict) else raw, where="model")
+    seq_len = raw["data"].get("seq_len") if isinstance(raw.get("data"), dict) else None
+    if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1):
+        raise ConfigError(f"{a.model}: data.seq_len must be a positive integer, got {seq_len!r}")
+    return cfg, a.seq_len or seq_len or cfg.max_seq_len
 
 
 def _flops(argv: list[str]) -> int:
@@ -84,11 +90,10 @@ def _flops(argv: list[str]) -> int:
 
     a = parse_config(FlopsArgs, argv, prog="lmforge scaling flops", description="FLOPs of a model.",
                      config_file=False)
-    cfg = _flops_model(a)
+    cfg, seq_len = _flops_model(a)
     n = num_params(cfg)
     print(f"N = {n:,} ({num_params(cfg, exclude_embeddings=True):,} without embeddings)")
     print(f"6ND         = {flops_6nd(n, a.tokens):.4g} FLOPs (N = all {n:,} parameters)")
-    seq_len = a.seq_len or cfg.max_seq_len
     print(f"exact count = {flops_per_token(cfg, seq_len) * a.tokens:.4g} FLOPs (seq_len {seq_len})")
     return 0
 

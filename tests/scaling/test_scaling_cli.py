@@ -257,6 +257,27 @@ def test_flops_command_counts_a_llama_shape_from_a_run_config_or_a_preset(tmp_pa
     assert "--model 'llama-smal' is neither a preset (" in capsys.readouterr().err
 
 
+def test_flops_of_a_run_config_count_the_rows_it_trains_on(tmp_path, capsys):
+    """A run config's [data] seq_len is the context its attention term is counted at (it was the model's
+    max_seq_len, whatever the run trained on); --seq-len still overrides it."""
+    from lmforge.cli import main
+    from lmforge.model.config import ModelConfig
+    from lmforge.scaling.flops import flops_per_token
+
+    (tmp_path / "run.toml").write_text('[model]\nvocab_size = 256\nd_model = 64\nn_layers = 2\nn_heads = 4\n'
+                                       'max_seq_len = 1024\n[data]\ntrain = ["t.bin"]\nseq_len = 128\n')
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=1024)
+    assert f"{flops_per_token(cfg, 128):.4g}" != f"{flops_per_token(cfg, 1024):.4g}"  # (attention grows with t)
+    run = ["scaling", "flops", "--model", str(tmp_path / "run.toml"), "--tokens", "1e6"]
+    assert main(run) == 0
+    assert f"exact count = {flops_per_token(cfg, 128) * 1e6:.4g} FLOPs (seq_len 128)" in capsys.readouterr().out
+    assert main([*run, "--seq-len", "512"]) == 0
+    assert f"exact count = {flops_per_token(cfg, 512) * 1e6:.4g} FLOPs (seq_len 512)" in capsys.readouterr().out
+    (tmp_path / "bad.toml").write_text('[model]\nd_model = 64\nn_heads = 4\n[data]\nseq_len = "128"\n')
+    assert main(["scaling", "flops", "--model", str(tmp_path / "bad.toml")]) == 2
+    assert "bad.toml: data.seq_len must be a positive integer, got '128'" in capsys.readouterr().err
+
+
 def test_sweep_refuses_a_data_file_that_does_not_exist(tmp_path, capsys):
     from lmforge.cli import main
 

@@ -560,11 +560,11 @@ def test_rank_rows_refuse_a_value_without_rows_in_one_line():
 
 
 def _masked_cp_fit(shard: str, run_dir: str, layout: dict | None) -> tuple[list[float], list[float]]:
-    """Four steps with ignored targets (-100), (losses, grad norms): steps 1 and 3 ignore targets 0-11 of every
+    """Five steps with ignored targets (-100), (losses, grad norms): steps 1, 3 and 5 ignore targets 0-11 of every
     32-token row (prompt-like: cp rank 0 of 2 holds 4 trained targets of its 16, rank 1 all 16), steps 2 and 4
     targets 8-23 (all that cp rank 1 holds: its mean is over nothing)."""
     par = dict(parallel=ParallelConfig(**layout)) if layout else {}
-    tr = Trainer(tiny_config(shard, run_dir, max_steps=4, eval_every=100, ckpt_every=100, **par))
+    tr = Trainer(tiny_config(shard, run_dir, max_steps=5, eval_every=100, ckpt_every=100, **par))
     draw = tr.data.next_batch
 
     def next_batch():
@@ -589,6 +589,6 @@ def test_context_parallel_trainer_with_ignored_targets_matches_one_process(singl
     shard = str(single[0])
     want = _masked_cp_fit(shard, str(tmp_path / "one"), None)
     got = run_local(_masked_cp_worker, 2, shard, str(tmp_path / "cp"), timeout=120, start_method="fork")[0]
-    assert len(got[0]) == 4 and all(np.isfinite(got[0]))
+    assert len(got[0]) == 5 and all(np.isfinite(got[0]))
     np.testing.assert_allclose(got[0], want[0], atol=ATOL, rtol=0)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4)

@@ -136,13 +136,14 @@ def run_big(args, rank, world, device) -> dict:
     cfg = (ModelConfig(**{**LLAMA3_8B, "max_seq_len": args.seq}) if not args.smoke else
            ModelConfig(**{**LLAMA3_8B, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128,
                           "vocab_size": 512, "max_seq_len": args.seq}))
-    pc = ParallelConfig(dp_shard=world // args.tp, tp=args.tp, param_dtype="bf16", activation_checkpoint=args.ac,
-                        compile=args.compile)
+    fsdp = world // args.tp > 1  # FSDP2 computes in bf16 (param_dtype); tp alone has no FSDP units: autocast there
+    pc = ParallelConfig(dp_shard=world // args.tp, tp=args.tp, param_dtype="bf16" if fsdp else "fp32",
+                        activation_checkpoint=args.ac, compile=args.compile)
     pc.validate(world, cfg, seq_len=args.seq, batch_size=args.batch * pc.dp_shard)
     runner = build_big(cfg, pc, device)
     model = runner.model
     fpt = Transformer.flops_per_token(model, args.seq)
-    step = trainer_step(model, build_optimizer(model, ADAMW), ADAMW, device, runner=runner, bf16_autocast=False)
+    step = trainer_step(model, build_optimizer(model, ADAMW), ADAMW, device, runner=runner, bf16_autocast=not fsdp)
     # host batches, as the Trainer reads them; the tp ranks of one data-parallel rank share theirs
     batches = random_batches(args.warmup, args.batch, args.seq, cfg.vocab_size, "cpu", seed=rank // args.tp)
     r = timed(step, batches, device, args.warmup, args.steps)

@@ -35,14 +35,20 @@ _EXPORTS = {
 __all__ = sorted([*_EXPORTS, "train"]) + ["__version__"]
 
 
+def lazy_attribute(namespace: dict[str, Any], table: dict[str, str], name: str) -> Any:
+    """A package's module-level __getattr__ for names imported on first use: `name` from the module `table` names
+    for it, kept in the package's `namespace` (its globals()) so the next lookup is a plain one; lmforge's public
+    names here, the optimizer classes in lmforge.optim."""
+    if name not in table:
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+    value = namespace[name] = getattr(importlib.import_module(table[name]), name)
+    return value
+
+
 def __getattr__(name: str) -> Any:
     if name == "train":  # the package lmforge.train is callable: lf.train(cfg)
         return importlib.import_module("lmforge.train")
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+    return lazy_attribute(globals(), _EXPORTS, name)
 
 
 def __dir__() -> list[str]:

@@ -9,9 +9,9 @@ Muon and Dion update "matrix" params their own way and the other roles with Adam
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any, Callable
 
+from lmforge import lazy_attribute
 from lmforge.errors import ConfigError
 from lmforge.optim import schedules
 
@@ -31,11 +31,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lmforge.optim' has no attribute {name!r}")
+    return lazy_attribute(globals(), _LAZY, name)
 
 
 def __dir__() -> list[str]:

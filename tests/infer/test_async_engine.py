@@ -465,7 +465,14 @@ def test_shutdown_ends_running_streams_with_abort_and_refuses_new_requests(tok):
                                                                                     ignore_eos=True))))
         longs = [asyncio.ensure_future(collect(aeng.generate(f"long {i}", SamplingParams(
             temperature=0, max_tokens=100, ignore_eos=True)))) for i in range(2)]
-        while not engine.requests or min(len(r.seqs[0].tokens) - r.prompt_len for r in engine.requests.values()) < 1:
+        long_prompts = {tuple(tok.encode(f"long {i}")) for i in range(2)}
+
+        def longs_started():  # both long requests in the engine (their adds race the loop) with a token each
+            started = {tuple(r.seqs[0].tokens[:r.prompt_len]) for r in engine.requests.values()
+                       if len(r.seqs[0].tokens) > r.prompt_len}
+            return long_prompts <= started
+
+        while not longs_started():
             await asyncio.sleep(0.001)
         await aeng.shutdown(timeout=1.0)
         stepping_after = aeng._stepping or not aeng._loop_task.done()

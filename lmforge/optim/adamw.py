@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from lmforge.optim.base import run_closure
+from lmforge.optim.base import check_grad, run_closure
 
 
 class AdamW(torch.optim.Optimizer):
@@ -32,8 +32,11 @@ class AdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = run_closure(closure)
         for group in self.param_groups:
-            for params in _batches([p for p in group["params"] if p.grad is not None]):
-                self._update(group, params)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                check_grad(p, "AdamW", complex_ok=True)
+            for batch in _batches(params):
+                self._update(group, batch)
         return loss
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
@@ -46,9 +49,13 @@ class AdamW(torch.optim.Optimizer):
                 step = torch.zeros((), device=p.device if fused else "cpu")
                 self.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
-        m = [s["exp_avg"] for s in states]
-        v = [s["exp_avg_sq"] for s in states]
+        # a complex parameter steps as its (..., 2) real view, as in torch.optim.AdamW: each of the real and
+        # imaginary parts has its own second moment (g * g of a complex g would mix them, and be complex)
+        real = lambda xs: [torch.view_as_real(x) if x.is_complex() else x for x in xs]  # noqa: E731
+        grads = real([p.grad for p in params])
+        m = real([s["exp_avg"] for s in states])
+        v = real([s["exp_avg_sq"] for s in states])
+        params = real(params)
         if fused:
             steps = [s["step"].to(p.device) for s, p in zip(states, params)]
             torch._foreach_add_(steps, 1)

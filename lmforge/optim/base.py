@@ -8,6 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from lmforge.errors import ConfigError
+
+
+def check_grad(p: torch.Tensor, optimizer: str, complex_ok: bool = False) -> None:
+    """Refuse, in one line, a gradient the optimizer cannot take: a sparse one (an nn.Embedding(sparse=True)),
+    which the dense moment updates fail on deep inside, and a complex parameter, for which the squared
+    gradients, signs and matrix roots here would be silently wrong (AdamW takes it, as torch.optim.AdamW does)."""
+    if p.grad.is_sparse:
+        raise ConfigError(f"{optimizer} takes dense gradients only, got a sparse one for a parameter of shape "
+                          f"{tuple(p.shape)}: build the embedding with sparse=False")
+    if p.is_complex() and not complex_ok:
+        raise ConfigError(f"{optimizer} does not take complex parameters (shape {tuple(p.shape)}, {p.dtype}): store "
+                          "the parameter as real and imaginary parts (torch.view_as_real), or use AdamW")
+
 
 def apply_step_(p: torch.Tensor, direction: torch.Tensor, lr: float, weight_decay: float) -> None:
     """p <- p (1 - lr wd) - lr d  (decoupled weight decay, Loshchilov & Hutter 2019)."""
@@ -34,5 +48,6 @@ class PerParamOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
+                    check_grad(p, type(self).__name__)
                     self.update(p, group)
         return loss

@@ -28,10 +28,18 @@ def column_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return x / (x.norm(dim=-2, keepdim=True) + eps)
 
 
+def orthonormal_columns(x: torch.Tensor) -> torch.Tensor:
+    """Q of the reduced QR of x (leading dims a batch): orthonormal columns spanning x's. torch.linalg.qr takes
+    no bf16/fp16 (on CPU or CUDA), so a half-precision x is factored in fp32 and Q cast back."""
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    q, _ = torch.linalg.qr(x.float() if half else x)
+    return q.to(x.dtype)
+
+
 def dion_update(b: torch.Tensor, q: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Dion step on buffer B = M + G with warm start Q: returns (update P Q^T, new M, new Q). Leading dims
     are a batch (stacked experts: B (E, m, n), Q (E, n, r))."""
-    p, _ = torch.linalg.qr(b @ q)  # (m, r)
+    p = orthonormal_columns(b @ q)  # (m, r)
     r = b.mT @ p  # (n, r)
     new_m = b - (1 - mu) * (p @ r.mT)
     new_q = column_normalize(r)

@@ -1,0 +1,74 @@
+"""Inputs beyond dense real fp32 gradients: complex and bf16 parameters, sparse gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.optim import SOAP, Adafactor, AdamW, Dion, Lion, Muon, Shampoo
+
+ALL = (AdamW, Lion, Adafactor, Shampoo, SOAP, Muon, Dion)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_adamw_steps_complex_parameters_as_torch_does(fused):
+    """torch.optim.AdamW steps a complex parameter as its real view (a second moment per real and imaginary
+    part); g * g of the complex gradient gave other numbers (1e-3 apart after 5 steps)."""
+    torch.manual_seed(0)
+    z = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    w = torch.nn.Parameter(torch.randn(3))
+    z_ref, w_ref = (torch.nn.Parameter(p.detach().clone()) for p in (z, w))
+    ours = AdamW([z, w], lr=1e-2, weight_decay=0.1, fused=fused)
+    ref = torch.optim.AdamW([z_ref, w_ref], lr=1e-2, weight_decay=0.1, foreach=True)
+    for _ in range(5):
+        for p, q in ((z, z_ref), (w, w_ref)):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=0 if fused is None else 1e-7)
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=0)
+    assert ours.state[z]["exp_avg_sq"].dtype == torch.complex64  # state_dict-compatible with torch's
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_sparse_gradients_are_refused_in_one_line(cls):
+    """An nn.Embedding(sparse=True) failed deep inside a moment update ('Could not run aten::lerp_ with
+    arguments from the SparseCPU backend'), or (Dion) stepped on."""
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ConfigError, match=rf"{cls.__name__} takes dense gradients only.*shape \(10, 4\).*sparse=False"):
+        cls(emb.parameters()).step()
+    assert torch.equal(emb.weight, before)
+
+
+@pytest.mark.parametrize("cls", [c for c in ALL if c is not AdamW], ids=lambda c: c.__name__)
+def test_complex_parameters_are_refused_where_the_rule_is_real(cls):
+    """Signs, squared gradients, Newton-Schulz and eigen-bases of a complex matrix were computed as if it were
+    real (Shampoo, SOAP, Muon, Dion stepped silently) or failed inside torch (Lion's sign, Adafactor's clamp)."""
+    p = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ConfigError, match=rf"{cls.__name__} does not take complex parameters.*view_as_real"):
+        cls([p]).step()
+
+
+def test_dion_steps_bf16_parameters_like_fp32():
+    """torch.linalg.qr has no bf16 kernel ('geqrf_cpu' / 'geqrf_cuda' not implemented for 'BFloat16'): Dion
+    crashed on its first step of a bf16 weight. The QR runs in fp32 now; the step matches fp32 Dion's."""
+    torch.manual_seed(0)
+    w32 = torch.nn.Parameter(torch.randn(16, 8))
+    w16 = torch.nn.Parameter(w32.detach().to(torch.bfloat16))
+    # a large rate, so the steps dwarf bf16's rounding of the weights (~0.004 of each)
+    opt32, opt16 = Dion([w32], lr=1.0, rank=4), Dion([w16], lr=1.0, rank=4)
+    start32, start16 = w32.detach().clone(), w16.detach().float()
+    for _ in range(3):
+        w32.grad = torch.randn_like(w32)
+        w16.grad = w32.grad.to(torch.bfloat16)
+        opt32.step()
+        opt16.step()
+    assert opt16.state[w16]["q"].dtype == torch.bfloat16
+    moved32, moved16 = w32.detach() - start32, w16.detach().float() - start16
+    assert moved32.norm() > 1.0
+    assert (moved16 - moved32).norm() < 0.05 * moved32.norm()

@@ -51,9 +51,9 @@ class OptimBenchConfig:
     adam_lr: float = 3e-3
     """Muon/Dion: AdamW rate of embeddings, head and vectors"""
     precondition_frequency: int = 10
+    """Shampoo/SOAP: steps between preconditioner (inverse root / eigenbasis) refreshes"""
     block_size: int = 256
     """Shampoo: block side; SOAP: sides longer than this are left unrotated"""
-    """Shampoo/SOAP: steps between preconditioner (inverse root / eigenbasis) refreshes"""
     lr_points: int = 3
     """learning rates per optimizer: centre * lr_factor^k, k = -(lr_points // 2) ..."""
     lr_factor: float = 3.0
@@ -192,14 +192,29 @@ def to_target(curve: list[dict], target: float) -> tuple[float, float]:
             return (prev["step"] + f * (cur["step"] - prev["step"]), prev["time"] + f * (cur["time"] - prev["time"]))
     return float("inf"), float("inf")
 
+def merged_runs(path: str) -> list[dict]:
+    """The runs of an earlier benchmark's results.json (or partial.json), refused in one line when unreadable."""
+    try:
+        return json.loads(Path(path).read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--merge {path}: not a readable results.json of `lmforge bench optimizers` ({e}); give "
+                        "the results.json or partial.json an earlier run wrote") from None
+
+
 def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
     import torch
 
     dev = _device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # the merged runs are read before hours of training, so a mistyped --merge fails now, not at the end
+    merged = merged_runs(cfg.merge) if cfg.merge else []
     ids = corpus_bytes(cfg.data)
     split = int(0.9 * len(ids))
+    if len(ids) - split < cfg.seq_len + 2:  # each split must hold one window of seq_len + 1 tokens to draw
+        raise DataError(f"the benchmark text has {len(ids):,} bytes, too few for a training and a validation "
+                        f"window of seq_len={cfg.seq_len} (10% of it is held out): give a text of at least "
+                        f"{10 * (cfg.seq_len + 2):,} bytes, or a shorter --seq_len")
     train = _batches(ids[:split], cfg.steps, cfg, cfg.seed)
     val = _batches(ids[split:], cfg.eval_batches, cfg, cfg.seed + 1)
     if dev.type == "cuda":  # TF32 matmuls, and one short discarded run so CUDA start-up is not timed
@@ -217,8 +232,7 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
             log(f"{name:>10} lr={lr:.3g}: final val {r['final_val_loss']:.4f} ({r['wall_time']:.1f}s)")
             runs.append(r)
             write_json_atomic(Path(cfg.out) / "partial.json", {"runs": runs})  # survives a killed sweep (atomic)
-    if cfg.merge:
-        runs = json.loads(Path(cfg.merge).read_text())["runs"] + runs
+    runs = merged + runs
     result = summarize(runs, cfg.target_loss)
     return {"config": asdict(cfg), "device": str(dev), "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
             **result}

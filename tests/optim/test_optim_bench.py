@@ -96,3 +96,30 @@ def test_a_benchmark_text_that_is_no_file_is_refused(tmp_path):
         corpus_bytes(str(tmp_path / "typo.txt"))
     (tmp_path / "t.txt").write_bytes(b"abc")
     assert corpus_bytes(str(tmp_path / "t.txt")).tolist() == [97, 98, 99]
+
+
+def test_a_merge_file_that_is_no_results_file_is_refused_before_any_run(tmp_path):
+    """A mistyped --merge raised FileNotFoundError after the whole sweep had trained (its summary lost)."""
+    from lmforge.errors import DataError
+
+    cfg = OptimBenchConfig(optimizers=("lion",), depth=1, seq_len=16, batch_size=2, steps=2, lr_points=1,
+                           eval_every=2, eval_batches=1, device="cpu", out=str(tmp_path / "out"),
+                           merge=str(tmp_path / "typo.json"))
+    with pytest.raises(DataError, match=r"--merge .*typo.json: not a readable results.json"):
+        run_benchmark(cfg, log=lambda s: None)
+    assert not (tmp_path / "out" / "partial.json").exists()  # refused before the first run
+    (tmp_path / "typo.json").write_text('{"summary": []}')
+    with pytest.raises(DataError, match="not a readable results.json"):
+        run_benchmark(cfg, log=lambda s: None)
+
+
+def test_a_text_too_short_for_one_window_is_refused_in_one_line(tmp_path):
+    """numpy's 'high <= 0' from drawing a window start in a text shorter than a window."""
+    from lmforge.errors import DataError
+
+    (tmp_path / "t.txt").write_bytes(b"hello world")
+    cfg = OptimBenchConfig(optimizers=("lion",), depth=1, seq_len=16, batch_size=2, steps=2, lr_points=1,
+                           eval_every=2, eval_batches=1, device="cpu", out=str(tmp_path / "out"),
+                           data=str(tmp_path / "t.txt"))
+    with pytest.raises(DataError, match=r"has 11 bytes, too few .* at least 180 bytes, or a shorter --seq_len"):
+        run_benchmark(cfg, log=lambda s: None)

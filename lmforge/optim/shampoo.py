@@ -26,12 +26,17 @@ from lmforge.optim.adam_core import MatrixPreconditioner, adam_direction, layout
 
 def inverse_root(mat: torch.Tensor, root: int, eps: float) -> torch.Tensor:
     """(mat + eps * lambda_max I)^(-1/root) of a symmetric PSD matrix via eigh (in float64 for accuracy); leading
-    dims are a batch of matrices, each damped by its own largest eigenvalue."""
+    dims are a batch of matrices, each damped by its own largest eigenvalue. A zero matrix (the factor of a weight,
+    or of one expert of a stack, that has had no gradient yet: a LoRA A while B = 0) holds no curvature and gets the
+    identity (no preconditioning), not (1e-30)^(-1/root) I, which scaled the momentum steps until the next refresh
+    by ~1e15."""
     vals, vecs = torch.linalg.eigh(mat.double())
     vals = vals.clamp_min(0.0)
-    damp = eps * vals.amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    top = vals.amax(dim=-1, keepdim=True)
+    damp = eps * top.clamp_min(1e-30)
     out = (vecs * (vals + damp).pow(-1.0 / root).unsqueeze(-2)) @ vecs.mT
-    return out.to(mat.dtype)
+    eye = torch.eye(mat.shape[-1], dtype=out.dtype, device=out.device)
+    return torch.where(top.unsqueeze(-1) > 0, out, eye).to(mat.dtype)
 
 
 def block_slices(rows: int, cols: int, size: int) -> list[tuple[slice, slice]]:

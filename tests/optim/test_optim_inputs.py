@@ -72,3 +72,24 @@ def test_dion_steps_bf16_parameters_like_fp32():
     moved32, moved16 = w32.detach() - start32, w16.detach().float() - start16
     assert moved32.norm() > 1.0
     assert (moved16 - moved32).norm() < 0.05 * moved32.norm()
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 4, 3)], ids=["matrix", "expert stack"])
+def test_shampoo_steps_a_weight_whose_first_gradient_is_zero_by_its_momentum(shape):
+    """A weight with no gradient on the refresh step 1 (a LoRA A while B = 0; an expert no token reached) had a zero
+    factor, whose damped inverse root was (1e-30)^(-1/4) I: ungrafted, its next steps were ~1e15 too large (weights
+    of 1e16). A zero factor preconditions with the identity until the next refresh: the step is Adam's momentum."""
+    torch.manual_seed(0)
+    lr, b1 = 1e-2, 0.9
+    w = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    opt = Shampoo([w], lr=lr, betas=(b1, 0.95), graft="none", precondition_frequency=10)
+    grads = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
+    last = lambda x: x.view(-1, 4, 3)[-1]  # noqa: E731 - the matrix, or the stack's last expert
+    last(grads[0]).zero_()  # no gradient on step 1
+    m, want = torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64)
+    for t, g in enumerate(grads, 1):
+        w.grad = g.clone()
+        opt.step()
+        m = b1 * m + (1 - b1) * last(g)
+        want -= lr * m / (1 - b1**t)
+    torch.testing.assert_close(last(w.detach()), want, rtol=1e-12, atol=1e-15)

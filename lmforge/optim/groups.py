@@ -41,7 +41,16 @@ def infer_roles(model: torch.nn.Module) -> dict[str, str]:
 
 
 def param_roles(model: torch.nn.Module) -> dict[str, str]:
-    roles = model.param_roles() if hasattr(model, "param_roles") else infer_roles(model)
+    """name -> role, named as `model.named_parameters()` names them."""
+    if not hasattr(model, "param_roles"):
+        roles = infer_roles(model)
+    else:
+        roles = model.param_roles()
+        owner = getattr(model.param_roles, "__self__", model)
+        if owner is not model:  # a wrapper that forwards attributes (torch.compile's) names the same parameters
+            # with a prefix ("_orig_mod."): matched by name, every role fell back to the rule below
+            by_id = {id(p): roles[n] for n, p in owner.named_parameters() if n in roles}
+            roles = {n: by_id[id(p)] for n, p in model.named_parameters() if id(p) in by_id}
     bad = {n: r for n, r in roles.items() if r not in ROLES}
     if bad:
         name, role = next(iter(bad.items()))

@@ -75,6 +75,26 @@ def test_model_param_roles_take_precedence():
         build_optimizer(m, OptimConfig())
 
 
+def test_a_compiled_model_keeps_its_declared_roles():
+    """torch.compile's wrapper names every parameter "_orig_mod.<name>" but forwards param_roles() to the model,
+    whose names lack the prefix: no name matched, so every role fell back to dim >= 2 -> "matrix" (Muon on the
+    embedding and head, embed_lr / head_lr ignored; here a declared 2-D "vector" decayed)."""
+    class Declared(_Named):
+        def param_roles(self):
+            return {"wte.weight": "embedding", "proj.weight": "vector", "proj.bias": "vector",
+                    "lm_head.weight": "head"}
+
+    m = Declared()
+    compiled = torch.compile(m)  # compiles at its first call only
+    assert param_roles(compiled) == {"_orig_mod.wte.weight": "embedding", "_orig_mod.proj.weight": "vector",
+                                     "_orig_mod.proj.bias": "vector", "_orig_mod.lm_head.weight": "head"}
+    cfg = OptimConfig(name="muon", lr=0.02, embed_lr=1e-3, weight_decay=0.1)
+    groups = {g["role"]: g for g in build_optimizer(compiled, cfg).param_groups}
+    assert set(groups) == {"embedding", "vector", "head"}
+    assert groups["embedding"]["params"] == [m.wte.weight] and groups["embedding"]["lr"] == 1e-3
+    assert groups["vector"]["weight_decay"] == 0.0 and not groups["head"]["use_muon"]
+
+
 @pytest.mark.parametrize("field,value", [("ns_steps", 0), ("decay_shape", "sqrt"), ("rank", 0),
                                          ("precondition_frequency", 0), ("graft", "sgd"), ("name", "sgdd"),
                                          ("momentum", 1.0), ("schedule", "step")])

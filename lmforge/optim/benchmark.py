@@ -185,7 +185,9 @@ def run_one(cfg: OptimBenchConfig, name: str, lr: float, train, val) -> dict:
 
 def to_target(curve: list[dict], target: float) -> tuple[float, float]:
     """(steps, seconds) at which the validation loss first reaches `target`, interpolated linearly
-    between evaluations; (inf, inf) if it never does."""
+    between evaluations; (inf, inf) if it never does, or the target is none (inf: every run diverged)."""
+    if not math.isfinite(target):
+        return float("inf"), float("inf")
     for prev, cur in zip(curve, curve[1:]):
         if cur["val_loss"] <= target:
             f = (prev["val_loss"] - target) / max(prev["val_loss"] - cur["val_loss"], 1e-12)
@@ -239,13 +241,17 @@ def run_benchmark(cfg: OptimBenchConfig, log=print) -> dict:
 
 
 def summarize(runs: list[dict], target_loss: float = 0.0) -> dict:
-    """Best run per optimizer, steps/time to the target (0 = best AdamW final loss) and speed-ups.
+    """Best run per optimizer, steps/time to the target (0 = best AdamW final loss; the best finished optimizer's
+    where AdamW diverged at every rate) and speed-ups.
     Also used to merge the runs of several benchmark invocations on the same data and seed."""
     best: dict[str, dict] = {}
     for r in runs:
         if r["optimizer"] not in best or r["final_val_loss"] < best[r["optimizer"]]["final_val_loss"]:
             best[r["optimizer"]] = r
     ref = best.get("adamw", next(iter(best.values())))
+    if not target_loss and not math.isfinite(ref["final_val_loss"]):
+        # the reference diverged at every rate (final loss inf): the best optimizer that finished sets the target
+        ref = min(best.values(), key=lambda r: r["final_val_loss"])
     target = target_loss or ref["final_val_loss"]
     ref_steps = to_target(ref["curve"], target)[0]
     summary = []
@@ -289,10 +295,12 @@ def plot_curves(result: dict, path: str | Path) -> Path:
         if best.get(r["optimizer"]) == r["lr"]:
             c = r["curve"]
             ax.plot([p["step"] for p in c], [p["val_loss"] for p in c], label=f"{r['optimizer']} (lr {r['lr']:.3g})")
-    ax.axhline(result["target_loss"], color="gray", ls=":", lw=1, label="target")
+    if math.isfinite(result["target_loss"]):
+        ax.axhline(result["target_loss"], color="gray", ls=":", lw=1, label="target")
     ax.set(xlabel="step", ylabel="validation loss (nats/byte)", title="optimizers at their best learning rate")
-    lo = min(s["final_val_loss"] for s in result["summary"])
-    ax.set_ylim(lo - 0.1, lo + 1.2)
+    finals = [s["final_val_loss"] for s in result["summary"] if math.isfinite(s["final_val_loss"])]
+    if finals:  # a diverged run's final loss is inf: the axis spans the finished ones
+        ax.set_ylim(min(finals) - 0.1, min(finals) + 1.2)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

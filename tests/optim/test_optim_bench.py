@@ -123,3 +123,26 @@ def test_a_text_too_short_for_one_window_is_refused_in_one_line(tmp_path):
                            data=str(tmp_path / "t.txt"))
     with pytest.raises(DataError, match=r"has 11 bytes, too few .* at least 180 bytes, or a shorter --seq_len"):
         run_benchmark(cfg, log=lambda s: None)
+
+
+def test_a_reference_that_diverged_at_every_rate_hands_the_target_to_the_best_finisher(tmp_path):
+    """AdamW's final loss inf (diverged at each rate) was the target: every curve 'reached' it at step -inf, and
+    the plot's axis limits (inf) raised after the whole sweep."""
+    from lmforge.optim.benchmark import plot_curves, summarize
+
+    def run(name, final, losses):
+        return {"optimizer": name, "lr": 1e-3, "final_val_loss": final, "wall_time": 1.0, "n_params": 10,
+                "state_bytes_per_param": 4.0,
+                "curve": [{"step": 10 * i, "val_loss": v, "time": float(i)} for i, v in enumerate(losses)]}
+
+    result = summarize([run("adamw", math.inf, [5.0, 4.0]), run("lion", 3.0, [5.0, 4.0, 3.0]),
+                        run("muon", 3.5, [5.0, 2.0, 3.5])])
+    assert (result["target_loss"], result["reference"]) == (3.0, "lion")
+    by = {s["optimizer"]: s for s in result["summary"]}
+    assert by["lion"]["steps_to_target"] == 20.0 and by["lion"]["speedup_vs_ref"] == 1.0
+    assert by["muon"]["steps_to_target"] == pytest.approx(20 / 3) and by["muon"]["speedup_vs_ref"] == pytest.approx(3)
+    assert by["adamw"]["steps_to_target"] == math.inf and by["adamw"]["speedup_vs_ref"] == 0.0
+    assert plot_curves(result, tmp_path / "c.png").is_file()
+    everyone_diverged = summarize([run("adamw", math.inf, [5.0, 4.0])])
+    assert everyone_diverged["summary"][0]["steps_to_target"] == math.inf
+    assert plot_curves(everyone_diverged, tmp_path / "d.png").is_file()

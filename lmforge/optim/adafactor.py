@@ -63,8 +63,6 @@ class Adafactor(PerParamOptimizer):
             state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=p.dtype, device=p.device)
         else:
             state["exp_avg_sq"] = torch.zeros_like(p)
-        if group["beta1"] > 0:
-            state["exp_avg"] = torch.zeros_like(p)
         return state
 
     def update(self, p: torch.Tensor, group: dict) -> None:
@@ -80,6 +78,8 @@ class Adafactor(PerParamOptimizer):
                                why="it was saved by lmforge before a stack of expert biases was E vectors (2026-12-05)")
         u = self._scaled_grad(p.grad, state, group)
         if group["beta1"] > 0:
+            if "exp_avg" not in state:  # made at the first step with momentum: a resume may turn beta1 on
+                state["exp_avg"] = torch.zeros_like(p)
             u = state["exp_avg"].lerp_(u, 1 - group["beta1"])
         apply_step_(p, u, group["lr"], group["weight_decay"])
 

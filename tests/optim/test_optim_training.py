@@ -91,3 +91,28 @@ def test_state_memory_per_parameter():
     assert counts["lion"] == pytest.approx(4.0)  # one moment
     assert counts["adafactor"] < 5.0  # momentum + row/col factors, not a full second moment
     assert 4.0 < counts["muon"] < 8.0  # one buffer for matrices, two Adam moments for the rest
+
+
+def test_adafactor_resumed_with_momentum_turned_on_starts_it_from_zero():
+    """A resume that sets optim.betas[0] > 0 over an Adafactor state saved without momentum (the Trainer applies
+    the new config's beta1 to the loaded groups) raised KeyError 'exp_avg' at its first step."""
+    from lmforge.optim import Adafactor
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = Adafactor([w], lr=0.1, beta1=0.0)
+    for _ in range(2):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    saved, w0, g = copy.deepcopy(opt.state_dict()), w.detach().clone(), torch.randn_like(w)
+    moved = {}
+    for beta1 in (0.0, 0.9):
+        w.data.copy_(w0)
+        resumed = Adafactor([w], lr=0.1, beta1=beta1)
+        resumed.load_state_dict(copy.deepcopy(saved))  # restores the saved groups' beta1 = 0 ...
+        resumed.param_groups[0]["beta1"] = beta1  # ... which the Trainer sets back to this run's config
+        w.grad = g.clone()
+        resumed.step()
+        moved[beta1] = w0 - w.detach()
+    assert moved[0.0].abs().min() > 0
+    torch.testing.assert_close(moved[0.9], 0.1 * moved[0.0])  # m = 0.9 * 0 + 0.1 u: momentum from zero

@@ -63,6 +63,16 @@ def check_q(q: torch.Tensor, shape: torch.Size) -> None:
                           "reset_optimizer = true (weights, data position and step are kept)")
 
 
+def q_at_rank(q: torch.Tensor, shape: torch.Size, rank: int, seed: int) -> torch.Tensor:
+    """Q with the columns `rank` asks for a weight of `shape` (min(rank, m, n)). A resume with another optim.rank
+    keeps the saved columns it still needs and draws the ones it adds as a fresh start would: Q only warm-starts
+    the power iteration (it kept the saved rank, whatever the config said)."""
+    r = min(rank, shape[-2], shape[-1])
+    if q.shape[-1] == r:
+        return q
+    return torch.cat([q[..., :r], initial_q(shape, rank, seed).to(q)[..., q.shape[-1]:]], dim=-1)
+
+
 class Dion(PerParamOptimizer):
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, rank: int = 16,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
@@ -79,6 +89,7 @@ class Dion(PerParamOptimizer):
             state["momentum_buffer"] = torch.zeros_like(p)
             state["q"] = initial_q(p.shape, group["rank"], self._seed).to(device=p.device, dtype=p.dtype)
         check_q(state["q"], p.shape)
+        state["q"] = q_at_rank(state["q"], p.shape, group["rank"], self._seed)
         update, state["momentum_buffer"], state["q"] = dion_update(
             state["momentum_buffer"] + p.grad, state["q"], group["momentum"])
         apply_step_(p, update * (p.shape[-2] / p.shape[-1]) ** 0.5, group["lr"], group["weight_decay"])

@@ -116,3 +116,30 @@ def test_adafactor_resumed_with_momentum_turned_on_starts_it_from_zero():
         moved[beta1] = w0 - w.detach()
     assert moved[0.0].abs().min() > 0
     torch.testing.assert_close(moved[0.9], 0.1 * moved[0.0])  # m = 0.9 * 0 + 0.1 u: momentum from zero
+
+
+@pytest.mark.parametrize("saved_rank, rank", [(2, 4), (4, 2)])
+def test_dion_resumed_with_another_rank_steps_at_the_new_rank(saved_rank, rank):
+    """optim.rank changed on resume (the Trainer sets the new config's rank on the loaded groups) was ignored: the
+    saved Q kept the old rank, and every update stayed of rank saved_rank."""
+    from lmforge.optim import Dion
+    from lmforge.optim.dion import dion_update, initial_q
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(12, 8, dtype=torch.float64))
+    opt = Dion([w], lr=0.1, rank=saved_rank)
+    for _ in range(2):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    before, g = w.detach().clone(), torch.randn_like(w)
+    resumed = Dion([w], lr=0.1, rank=rank)
+    resumed.load_state_dict(copy.deepcopy(saved))
+    resumed.param_groups[0]["rank"] = rank  # the Trainer's: this run's config over the checkpoint's groups
+    w.grad = g.clone()
+    resumed.step()
+    assert torch.linalg.matrix_rank(w.detach() - before).item() == rank
+    # the power iteration starts from the saved columns it still needs, and fresh ones for those it adds
+    q = torch.cat([saved["state"][0]["q"][:, :rank], initial_q(w.shape, rank, 0).double()[:, saved_rank:]], dim=-1)
+    update, _, _ = dion_update(saved["state"][0]["momentum_buffer"] + g, q, 0.95)
+    torch.testing.assert_close(w.detach(), before - 0.1 * (12 / 8) ** 0.5 * update)

@@ -18,6 +18,8 @@ import torch
 def qk_clip_(w_q: torch.Tensor, w_k: torch.Tensor, max_logits: torch.Tensor, tau: float,
              head_dim: int, alpha: float = 0.5) -> torch.Tensor:
     """Rescale W_q, W_k in place so no head's max logit exceeds tau; returns gamma per query head."""
+    if not tau > 0:  # gamma = tau / S_max <= 0 would zero the heads or (tau < 0) turn them to NaN
+        raise ValueError(f"QK-clip's cap tau must be > 0, got {tau}")
     n_q, n_kv = w_q.shape[0] // head_dim, w_k.shape[0] // head_dim
     if max_logits.numel() != n_q:
         raise ValueError(f"max_logits has {max_logits.numel()} entries for {n_q} query heads")

@@ -93,3 +93,17 @@ def test_shampoo_steps_a_weight_whose_first_gradient_is_zero_by_its_momentum(sha
         m = b1 * m + (1 - b1) * last(g)
         want -= lr * m / (1 - b1**t)
     torch.testing.assert_close(last(w.detach()), want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_qk_clip_cap_that_is_not_positive_is_refused():
+    """A negative tau (Muon(qk_clip_tau=-1), or qk_clip_ called with it) turned every clipped head's W_q, W_k into
+    NaN (gamma = tau / S_max < 0, raised to the power 1/2); 0 zeroed them."""
+    from lmforge.optim.qk_clip import qk_clip_
+
+    with pytest.raises(ValueError, match=r"qk_clip_tau=-1.0 \(>= 0; 0 = no QK-clip\)"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], qk_clip_tau=-1.0)
+    wq, wk = torch.randn(4, 3), torch.randn(4, 3)
+    for tau in (-1.0, 0.0):
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            qk_clip_(wq, wk, torch.tensor([5.0, 0.5]), tau, head_dim=2)
+    assert torch.isfinite(wq).all() and torch.isfinite(wk).all()

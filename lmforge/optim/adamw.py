@@ -8,7 +8,7 @@ This is exactly torch.optim.AdamW's update (tests compare over 100 steps). The m
 `torch._foreach_*` ops do each line for all parameters of a group in a few kernel launches; that
 path is the readable reference. `fused=True` (the default for CUDA parameters) runs all of it in one
 kernel per tensor chunk with torch's fused AdamW op, reading and writing each state tensor once
-(a test compares it with the foreach path).
+(a test compares it with the foreach path). A complex parameter steps as its real view, as in torch.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ def check_grad(p: torch.Tensor, optimizer: str, complex_ok: bool = False) -> Non
     """Refuse, in one line, a gradient the optimizer cannot take: a sparse one (an nn.Embedding(sparse=True)),
     which the dense moment updates fail on deep inside, and a complex parameter, for which the squared
     gradients, signs and matrix roots here would be silently wrong (AdamW takes it, as torch.optim.AdamW does)."""
-    if p.grad.is_sparse:
-        raise ConfigError(f"{optimizer} takes dense gradients only, got a sparse one for a parameter of shape "
+    if p.grad.layout != torch.strided:  # sparse COO, CSR, ...
+        raise ConfigError(f"{optimizer} takes dense gradients only, got a {p.grad.layout} one for a parameter of shape "
                           f"{tuple(p.shape)}: build the embedding with sparse=False")
     if p.is_complex() and not complex_ok:
         raise ConfigError(f"{optimizer} does not take complex parameters (shape {tuple(p.shape)}, {p.dtype}): store "

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from lmforge.errors import ConfigError
 from lmforge.optim.base import apply_step_
-from lmforge.optim.dion import Dion, check_q, column_normalize, dion_update, initial_q
+from lmforge.optim.dion import Dion, check_q, column_normalize, dion_update, initial_q, orthonormal_columns, q_at_rank
 from lmforge.optim.muon import Muon, newton_schulz, shape_scale
 
 
@@ -138,12 +138,13 @@ class ShardedDion(Dion):
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p.grad)
             state["q"] = initial_q((m, n), group["rank"], self._seed).to(device=g.device, dtype=g.dtype)  # Dion's
+        state["q"] = q_at_rank(state["q"], (m, n), group["rank"], self._seed)  # a resume may change optim.rank
         b = state["momentum_buffer"].to_local().reshape(-1, n) + g
         group_ = p.device_mesh.get_group()
         r = state["q"].shape[1]
         bq = DTensor.from_local(b @ state["q"], p.device_mesh, p.placements, shape=(m, r),
                                 stride=(r, 1)).full_tensor()  # (m, r) gathered; shards may be uneven
-        p_full, _ = torch.linalg.qr(bq)
+        p_full = orthonormal_columns(bq)  # (QR in fp32 for bf16 shards)
         p_i = _own_rows(p_full, p).to_local()  # (m_i, r)
         r_mat = b.T @ p_i  # (n, r): this rank's share of B^T P
         dist.all_reduce(r_mat, group=group_)

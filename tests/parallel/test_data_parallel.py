@@ -142,3 +142,12 @@ def test_matrix_optimizers_on_fsdp2_shards_match_one_process(sharded_matrix, nam
         assert _maxdiff(got[name], want) < 5e-4
         return
     assert _maxdiff(got[name], want) < ATOL
+
+
+def test_sharded_dion_resumed_with_another_rank_steps_at_it(sharded_matrix):
+    """A resume with another optim.rank: ShardedDion keeps the saved Q's first columns, as Dion does (it kept the
+    saved rank)."""
+    world, got = sharded_matrix
+    want = w.reference_reranked(w.DION, b=2 * world, new_rank=2)
+    assert _maxdiff(got["dion_rerank"], want) < ATOL
+    assert _maxdiff(got["dion_rerank"], got["dion"]) > 100 * ATOL  # the rank change changed the steps

@@ -186,8 +186,33 @@ def sharded_matrix_suite(rank: int, world: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         out[name] = {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
+    m = model(CFG)  # Dion resumed at rank 2 after a step at rank 4: the 2-D path keeps Q's first 2 columns
+    apply_fsdp(m, init_device_mesh("cpu", (world,)))
+    opt = ShardedDion.from_optimizer(build_optimizer(m, DION))
+    for x, y in batches(b=2 * world):
+        loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for g in opt.param_groups:
+            if "rank" in g:
+                g["rank"] = 2
+    out["dion_rerank"] = {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
     dist.barrier()
     return out if rank == 0 else {}
+
+
+def reference_reranked(cfg: OptimConfig, b: int, new_rank: int) -> dict[str, torch.Tensor]:
+    """reference(), with the optimizer's rank set to new_rank after the first step."""
+    m = model(CFG)
+    opt = build_optimizer(m, cfg)
+    for x, y in batches(b=b):
+        loss_of(m, x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for g in opt.param_groups:
+            if "rank" in g:
+                g["rank"] = new_rank
+    return params_of(m)
 
 
 # -- expert parallelism ----------------------------------------------------------------------------------

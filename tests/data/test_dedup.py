@@ -98,6 +98,21 @@ def test_line_dedup_matches_crlf_and_lf_copies_of_a_line():
     assert [d.text for d in first] == ["x\r\nShared line\r\n", "y"]
 
 
+@pytest.mark.parametrize("mode", ["all", "first"])
+def test_line_dedup_hashes_each_line_once(monkeypatch, mode):
+    """Mode "all" counts every line before removing any; it hashed each line in both passes (2x the stage's main
+    cost). The result is that of the known answer either way."""
+    from lmforge.data import exact
+
+    calls = []
+    monkeypatch.setattr(exact, "line_key", lambda ln, normalize=False: calls.append(ln) or exact.hashlib.blake2b(
+        ln.rstrip("\r").encode(), digest_size=8).digest())
+    docs = [Document(id="a", text="nav\nbody a\n\nx"), Document(id="b", text="nav\nbody b\nnav")]
+    out = line_dedup(LineDedupConfig(mode=mode, min_chars=2), docs, StageContext())
+    assert sorted(calls) == ["body a", "body b", "nav", "nav", "nav"]  # eligible lines, once each ("x" is short)
+    assert [d.text for d in out] == (["body a\n\nx", "body b"] if mode == "all" else ["nav\nbody a\n\nx", "body b"])
+
+
 def test_bands_rows_match_datasketch_choice():
     lsh = pytest.importorskip("datasketch.lsh")
     for t in (0.5, 0.7, 0.8, 0.9):

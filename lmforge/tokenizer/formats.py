@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from contextlib import ExitStack
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,11 @@ SPECIALS_FILE = "added_tokens.json"
 slow GPT-2 tokenizer reads the same file)"""
 
 
+WRITING_MARKER = ".gpt2-files.writing"
+"""present beside vocab.json while `write_gpt2` renames its three files into place: a writer stopped between two
+renames leaves some files new and some old, and this marker, which `read_gpt2` refuses"""
+
+
 def _merge_products(merges: Merges) -> set[bytes]:
     return {a + b for a, b in merges}
 
@@ -121,6 +127,11 @@ def read_gpt2(vocab_json: str | Path, merges_txt: str | Path) -> tuple[Vocab, Me
     are taken as specials (BPE could never emit them otherwise; GPT-2's only such entry is `<|endoftext|>`),
     with a warning naming any other: an ordinary token no merge makes (a truncated merges.txt, a Llama-3-style
     ignore_merges vocab) cannot be told apart from a special by this rule."""
+    marker = Path(vocab_json).parent / WRITING_MARKER
+    if marker.exists():
+        raise DataError(f"the GPT-2 files in {marker.parent} were being written when their writer stopped ({marker} "
+                        f"is left): vocab.json, merges.txt and {SPECIALS_FILE} may come from two tokenizers; write "
+                        "them again (Tokenizer.save_gpt2)")
     raw = _read_json(Path(vocab_json), "GPT-2 vocab file")
     if not isinstance(raw, dict):
         raise DataError(f"GPT-2 vocab file {vocab_json} is not a JSON object")
@@ -171,11 +182,17 @@ def write_gpt2(tok, out_dir: str | Path) -> tuple[Path, Path]:
                     f"{out / 'vocab.json'} that ignores {SPECIALS_FILE} takes them for special tokens")
     vocab = encode_vocab(tok.vocab, tok.special_tokens)
     vocab.update(tok.special_tokens)
-    write_json_atomic(out / "vocab.json", dict(sorted(vocab.items(), key=lambda kv: kv[1])))
-    with atomic_path(out / "merges.txt") as tmp:
-        body = "\n".join(f"{bytes_to_str(a)} {bytes_to_str(b)}" for a, b in tok.merges)
-        tmp.write_text("#version: 0.2\n" + body + "\n", encoding="utf-8")
-    write_json_atomic(out / SPECIALS_FILE, dict(sorted(tok.special_tokens.items(), key=lambda kv: kv[1])))
+    merges = "\n".join(f"{bytes_to_str(a)} {bytes_to_str(b)}" for a, b in tok.merges)
+    texts = {  # renamed in reverse order: vocab.json, which readers are pointed at, comes last into a new folder
+        "vocab.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), indent=2) + "\n",
+        "merges.txt": "#version: 0.2\n" + merges + "\n",
+        SPECIALS_FILE: json.dumps(dict(sorted(tok.special_tokens.items(), key=lambda kv: kv[1])), indent=2) + "\n"}
+    marker = out / WRITING_MARKER
+    with ExitStack() as renames:  # each file whole in its temporary before any is renamed onto the old set
+        for name, text in texts.items():
+            renames.enter_context(atomic_path(out / name)).write_text(text, encoding="utf-8")
+        marker.touch()  # until the three renames (as the stack closes) are done: the set may be mixed
+    marker.unlink()
     return out / "vocab.json", out / "merges.txt"
 
 

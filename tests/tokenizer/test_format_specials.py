@@ -90,3 +90,39 @@ def test_gpt2_files_with_hf_added_tokens_keep_the_specials_vocab_json_holds(tmp_
         back = load_tokenizer(tmp_path / "vocab.json")
     assert back.special_tokens == {"<|endoftext|>": eot, "<pad>": pad}
     assert back.encode("the cat<pad>") == plain.encode_ordinary("the cat") + [pad]
+
+
+def test_gpt2_files_stopped_between_renames_are_refused_not_read_as_a_mixed_set(tmp_path, monkeypatch):
+    """write_gpt2 renamed vocab.json, merges.txt and added_tokens.json into place one by one, each written in
+    turn: a writer stopped between two left one tokenizer's vocab beside another's merges, read back silently."""
+    import os
+
+    from lmforge.errors import DataError
+    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.formats import WRITING_MARKER
+
+    text = TEXT + "".join(f"a story of {w} and {v}.\n" for w in ("kings", "rivers") for v in ("wars", "storms"))
+    old, new = (train_bpe(iter([text]), n, ["<|endoftext|>"], progress=False, workers=1) for n in (270, 290))
+    assert new.merges[:len(old.merges)] == old.merges  # (a mixed set read back without a complaint before)
+    v, m = old.save_gpt2(tmp_path)
+    assert not (tmp_path / WRITING_MARKER).exists()
+    replace, done = os.replace, []
+
+    def stop_after_one(src, dst):  # the process dies after the first rename
+        if done:
+            raise KeyboardInterrupt
+        replace(src, dst)
+        done.append(dst)
+
+    monkeypatch.setattr(os, "replace", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_gpt2(tmp_path)
+    monkeypatch.setattr(os, "replace", replace)
+    assert len(done) == 1 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["vocab.json", "merges.txt", "added_tokens.json", WRITING_MARKER])  # no temporaries left
+    with pytest.raises(DataError, match=rf"being written when their writer stopped \({tmp_path / WRITING_MARKER}"):
+        Tokenizer.from_gpt2_files(v, m)
+    new.save_gpt2(tmp_path)  # written again: one whole set, the marker gone
+    back = Tokenizer.from_gpt2_files(v, m)
+    assert (back.vocab, back.merges, back.special_tokens) == (new.vocab, new.merges, new.special_tokens)
+    assert not (tmp_path / WRITING_MARKER).exists()

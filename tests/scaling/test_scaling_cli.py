@@ -298,3 +298,20 @@ def test_fit_says_on_stderr_which_approaches_it_skipped_and_that_nothing_was_pre
     assert err[0].startswith("lmforge scaling fit: skipped approach2: approach 2 needs at least 2 budgets")
     assert err[1].startswith("lmforge scaling fit: skipped approach3: approach 3 needs runs at several model sizes")
     assert err[2].startswith("lmforge scaling fit: no approach fitted the compute-optimal frontier")
+
+
+def test_flops_of_a_run_config_without_data_seq_len_count_the_default_it_trains_at(tmp_path, capsys):
+    """A [data] table without seq_len trains at DataConfig's default seq_len; the count used the model's
+    max_seq_len (1024 here) instead."""
+    from lmforge.cli import main
+    from lmforge.model.config import ModelConfig
+    from lmforge.scaling.flops import flops_per_token
+    from lmforge.train.config import DataConfig, TrainConfig
+
+    model = 'vocab_size = 256\nd_model = 64\nn_layers = 2\nn_heads = 4\nmax_seq_len = 1024\n'
+    (tmp_path / "run.toml").write_text(f'[model]\n{model}[data]\ntrain = ["t.bin"]\n')
+    trains_at = TrainConfig(data=DataConfig(train=("t.bin",))).data.seq_len
+    assert trains_at == 256
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=1024)
+    assert main(["scaling", "flops", "--model", str(tmp_path / "run.toml"), "--tokens", "1e6"]) == 0
+    assert f"exact count = {flops_per_token(cfg, 256) * 1e6:.4g} FLOPs (seq_len 256)" in capsys.readouterr().out

@@ -26,7 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.accounting import apply_stage, balance, merge_stats, read_stage, record_outcome, stage_record
+from lmforge.data.accounting import (apply_stage, balance, duplicate_ids, merge_stats, read_stage, record_outcome,
+                                     stage_record)
 from lmforge.data.document import Document, stable_id
 from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs
 from lmforge.data.readers import read_documents
@@ -63,13 +64,12 @@ def stage_labels(cfg: PipelineConfig) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}[{i}]" for i, n in enumerate(names)]
 
 
-def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path],
-                counters: dict[str, int]) -> tuple[list[Document], list[Document], list[dict[str, Any]]]:
-    """(live docs, rejected at read, stage records) entering phase p for one shard; reading counts into
-    `counters`."""
+def _load_input(cfg: PipelineConfig, layout: RunLayout, p: int, shard: str, files: list[Path]
+                ) -> tuple[list[Document], list[Document], list[dict[str, Any]]]:
+    """(live docs, rejected at read, stage records) entering phase p for one shard."""
     if p > 0:
         return list(read_documents(layout.live(p - 1, shard))), [], []
-    live, dropped, rec = read_stage(read_inputs(cfg.input, files), counters)
+    live, dropped, rec = read_stage(read_inputs(cfg.input, files))
     return live, dropped, [rec]
 
 
@@ -90,7 +90,7 @@ def run_map_shard(cfg: PipelineConfig, p: int, shard: str, files: list[Path]) ->
     labels = stage_labels(cfg)
     first = sum(len(ph) for ph in phases(cfg.built_stages())[:p])
     ctx = StageContext(shard=shard, workdir=layout.root)
-    live, dropped, records = _load_input(cfg, layout, p, shard, files, ctx.counters)
+    live, dropped, records = _load_input(cfg, layout, p, shard, files)
     for k, (spec, scfg) in enumerate(stages):
         live, gone, rec = apply_stage(spec, scfg, live, ctx)
         rec["name"] = labels[first + k]
@@ -116,7 +116,7 @@ def run_global_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]])
     (spec, scfg), = phases(cfg.built_stages())[p]
     label = stage_labels(cfg)[sum(len(ph) for ph in phases(cfg.built_stages())[:p])]
     ctx = StageContext(shard="global", workdir=layout.root)
-    per_shard = {s: _load_input(cfg, layout, p, s, files, ctx.counters) for s, files in shards.items()}
+    per_shard = {s: _load_input(cfg, layout, p, s, files) for s, files in shards.items()}
     owner: dict[int, str] = {}
     all_live: list[Document] = []
     stage_recs: dict[str, dict[str, Any]] = {}
@@ -396,11 +396,15 @@ def _first_error(root: Path, reason: str) -> str:
 
 
 def build_report(all_stats: list[dict[str, Any]], kept: int, output: str | Path) -> dict[str, Any]:
-    """Merge shard statistics (each {"phase", "shard", "stages", "counters"}) in pipeline order."""
+    """Merge shard statistics (each {"phase", "shard", "stages", "counters"}) in pipeline order. Duplicate ids
+    are counted over the whole run here, from the read records (a shard sees only its own)."""
     records = [r for st in sorted(all_stats, key=lambda s: (s["phase"], s["shard"])) for r in st["stages"]]
     stages = merge_stats(records)
     counters: dict[str, int] = {}
     for st in all_stats:
         for k, v in st["counters"].items():
             counters[k] = counters.get(k, 0) + v
+    if dups := duplicate_ids(records):
+        # (a marker an older lmforge wrote holds no hashes but its own shard's count, in its counters)
+        counters["read:duplicate_ids"] = counters.get("read:duplicate_ids", 0) + dups
     return {"stages": stages, "counters": counters, "balance": balance(stages, kept), "output": str(output)}

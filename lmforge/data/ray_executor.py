@@ -58,9 +58,8 @@ class _ReadShard:
         self.cfg = cfg
 
     def __call__(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        counters: dict[str, int] = {}
-        live, dropped, rec = read_stage(read_inputs(self.cfg.input, [Path(f) for f in item["files"]]), counters)
-        return [doc_row(d) for d in live + dropped] + [stats_row({"phase": 0, "stages": [rec], "counters": counters})]
+        live, dropped, rec = read_stage(read_inputs(self.cfg.input, [Path(f) for f in item["files"]]))
+        return [doc_row(d) for d in live + dropped] + [stats_row({"phase": 0, "stages": [rec], "counters": {}})]
 
 
 class _MapPhase:

@@ -65,7 +65,7 @@ stage = "tokenize"
     # one map stage over small batches: the read rows came back after that stage's and the report listed it
     # first (an order that depended on the batching)
     for f in range(3):
-        lines = [json.dumps({"id": f"{f}-{i}", "text": f"doc {f} {i}"}) + "\n" for i in range(20)]
+        lines = [json.dumps({"id": f"{f}-{i}" if i else "same", "text": f"doc {f} {i}"}) + "\n" for i in range(20)]
         (tmp_path / f"g{f}.jsonl").write_text("".join(lines))
     (tmp_path / "g.toml").write_text(f'workers = 2\nprogress = false\n[input]\npaths = ["{tmp_path}/g*.jsonl"]'
                                      f'\n[output]\ndir = "{tmp_path / "g"}"\nplot = false\n'
@@ -76,6 +76,7 @@ stage = "tokenize"
     assert strip(remote["stages"]) == strip(local["stages"]) == strip(again["stages"])
     assert first == kept(tmp_path / "ray") == kept(tmp_path / "local") and len(first) > 0
     assert [st["name"] for st in gopher["stages"]] == ["read", "gopher"]
+    assert gopher["counters"]["read:duplicate_ids"] == 2  # "same" in each of 3 shards: counted across them
     tokens = lambda d: sum(f.stat().st_size > 0 for f in (d / "tokens").glob("*.bin"))  # noqa: E731
     assert tokens(tmp_path / "ray") >= 1
 

@@ -117,6 +117,26 @@ def test_missing_text_is_not_empty_and_duplicate_ids_are_counted(tmp_path):
     assert report["balance"]["balanced"] and report["balance"]["kept_docs"] == 2
 
 
+@pytest.mark.parametrize("stages", ["", '[[stages]]\nstage = "exact_dedup"\n'])  # a map phase, a global one
+def test_duplicate_ids_are_counted_across_shards_and_a_resumed_run_counts_the_same(tmp_path, stages):
+    """Each shard counted only the ids repeated inside it: "2" in both shards went uncounted. The ids' hashes
+    travel in each shard's marker, so a run resumed from markers counts what a fresh one does."""
+    (tmp_path / "in").mkdir()
+    for name, ids in (("a", ["1", "2"]), ("b", ["2", "3", "3", "4"])):
+        (tmp_path / "in" / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "text": f"{name} text {k}"}) + "\n"
+                                                               for k, i in enumerate(ids)))
+    (tmp_path / "p.toml").write_text(f'progress = false\n[input]\npaths = ["{tmp_path / "in"}"]\n[output]\n'
+                                     f'dir = "{tmp_path / "o"}"\nplot = false\n{stages}')
+    report = run_local(load_pipeline(tmp_path / "p.toml"))
+    assert report["shards"]["total"] == 2 and report["counters"] == {"read:duplicate_ids": 2}
+    assert "id_hashes" not in json.dumps(report)  # they stay in the markers
+    (tmp_path / "o" / "_work" / "p0" / "shard-00001.done.json").unlink()  # killed before b's marker: b is redone
+    report = run_local(load_pipeline(tmp_path / "p.toml"))
+    assert report["shards"] == {"total": 2, "processed": 2 if stages else 1, "skipped": 0 if stages else 1}
+    assert report["counters"] == {"read:duplicate_ids": 2}
+    assert run_local(load_pipeline(tmp_path / "p.toml"))["counters"] == {"read:duplicate_ids": 2}  # all from markers
+
+
 def test_parquet_timestamp_binary_and_decimal_columns_become_json_meta(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

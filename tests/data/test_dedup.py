@@ -374,6 +374,14 @@ def test_bloom_dedup_batches_its_numpy_calls(monkeypatch):
     out = bloom_dedup(BloomDedupConfig(), docs, StageContext())
     assert len(calls) == 1 and paragraphs > 150
     assert sum(d.meta.get("paragraphs_removed", 0) for d in out) > 10
+    from lmforge.data import bloom
+
+    monkeypatch.setattr(bloom, "_BLOCK_CHARS", 1000)  # a document larger than a block is split at paragraphs
+    calls.clear()
+    big = Document(id="big", text="\n".join(d.text for d in _bloom_corpus(0, n_docs=40)))
+    size = len(big.text)
+    bloom_dedup(BloomDedupConfig(), [big], StageContext())
+    assert len(calls) >= size // 1000 > 5 and max(calls) < 100, (size, calls)  # items: one a paragraph
 
 
 def test_decontamination_against_gsm8k_and_mmlu():

@@ -58,15 +58,15 @@ class FlopsArgs:
     section, or a model's keys at top level (a checkpoint's config.json); replaces --depth and --vocab-size"""
     tokens: float = 1e9
     seq_len: int = 0
-    """context of the attention term (0 = the rows a run config with a [data] table trains on: its seq_len, or
-    data.seq_len's default; else the model's max_seq_len)"""
+    """context of the attention term (0 = the rows a run config trains on: its [data] seq_len, or data.seq_len's
+    default; else (a preset or a checkpoint's config.json) the model's max_seq_len)"""
     vocab_size: int = 50304
 
 
 def _flops_model(a: FlopsArgs):
     """The ModelConfig `lmforge scaling flops` counts (see FlopsArgs.model) and the context it is counted at:
-    --seq-len, else the rows a run config with a [data] table trains on (its seq_len, or DataConfig's default when
-    it gives none), else the model's max_seq_len."""
+    --seq-len, else the rows a run config (a file with a [model] table) trains on (its [data] seq_len, or
+    DataConfig's default when it gives none), else the model's max_seq_len."""
     from lmforge.config import from_dict, read_config_file
     from lmforge.model.config import PRESETS, ModelConfig
 
@@ -82,10 +82,11 @@ def _flops_model(a: FlopsArgs):
     raw = read_config_file(a.model)
     cfg = from_dict(ModelConfig, raw["model"] if isinstance(raw.get("model"), dict) else raw, where="model")
     seq_len = None
-    if isinstance(raw.get("data"), dict):
+    if isinstance(raw.get("model"), dict):  # a run config: it trains at its [data] seq_len, or the default
         from lmforge.train.config import DataConfig
 
-        seq_len = raw["data"].get("seq_len", DataConfig().seq_len)  # a [data] without one trains at the default
+        data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+        seq_len = data.get("seq_len", DataConfig().seq_len)
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
             raise ConfigError(f"{a.model}: data.seq_len must be a positive integer, got {seq_len!r}")
     return cfg, a.seq_len or seq_len or cfg.max_seq_len

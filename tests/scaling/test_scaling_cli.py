@@ -242,7 +242,7 @@ def test_flops_command_counts_a_llama_shape_from_a_run_config_or_a_preset(tmp_pa
     # Llama-3-8B's shape as a run config's [model] section; N and the FLOPs counted here by hand
     (tmp_path / "run.toml").write_text(
         'max_steps = 10\n[model]\nvocab_size = 128256\nd_model = 4096\nn_layers = 32\nn_heads = 32\nn_kv_heads = 8\n'
-        'd_ff = 14336\nmax_seq_len = 8192\nactivation = "swiglu"\n')
+        'd_ff = 14336\nmax_seq_len = 8192\nactivation = "swiglu"\n[data]\nseq_len = 8192\n')
     d, kv, ff, v, t = 4096, 8 * 128, 14336, 128256, 8192
     layer = 2 * d * d + 2 * d * kv + 3 * d * ff  # q, o; k, v; gate, up, down
     forward = 32 * (2 * layer + 4 * d * t) + 2 * d * v  # + QK^T and AV at context t; + the output head
@@ -301,8 +301,8 @@ def test_fit_says_on_stderr_which_approaches_it_skipped_and_that_nothing_was_pre
 
 
 def test_flops_of_a_run_config_without_data_seq_len_count_the_default_it_trains_at(tmp_path, capsys):
-    """A [data] table without seq_len trains at DataConfig's default seq_len; the count used the model's
-    max_seq_len (1024 here) instead."""
+    """A run config whose [data] table has no seq_len (or which has no [data]) trains at DataConfig's default
+    seq_len; the count used the model's max_seq_len (1024 here) instead. A checkpoint's config.json counts at it."""
     from lmforge.cli import main
     from lmforge.model.config import ModelConfig
     from lmforge.scaling.flops import flops_per_token
@@ -315,3 +315,10 @@ def test_flops_of_a_run_config_without_data_seq_len_count_the_default_it_trains_
     cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=1024)
     assert main(["scaling", "flops", "--model", str(tmp_path / "run.toml"), "--tokens", "1e6"]) == 0
     assert f"exact count = {flops_per_token(cfg, 256) * 1e6:.4g} FLOPs (seq_len 256)" in capsys.readouterr().out
+    (tmp_path / "run.toml").write_text(f'max_steps = 10\n[model]\n{model}')  # no [data]: shards given at launch
+    assert main(["scaling", "flops", "--model", str(tmp_path / "run.toml"), "--tokens", "1e6"]) == 0
+    assert "(seq_len 256)" in capsys.readouterr().out
+    (tmp_path / "config.json").write_text('{"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4, '
+                                          '"max_seq_len": 1024}')  # a checkpoint's config: its own context
+    assert main(["scaling", "flops", "--model", str(tmp_path / "config.json"), "--tokens", "1e6"]) == 0
+    assert "(seq_len 1024)" in capsys.readouterr().out

@@ -24,7 +24,7 @@ import numpy as np
 from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
 from lmforge.data.exact import set_kept_lines
-from lmforge.data.hashing import _power_tables, mix64, ngram_hashes, normalize_words, word_hashes
+from lmforge.data.hashing import power_tables, mix64, ngram_hashes, normalize_words, word_hashes
 from lmforge.data.stage import StageContext
 
 _EXACT_BELOW = 4096  # bits: above, the asymptotic size is within a few percent of the target rate
@@ -158,7 +158,7 @@ def _whole_hashes(wh: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.uint64)
     ends = np.cumsum(lengths)
     exponent = np.repeat(ends - 1, lengths) - np.arange(len(wh))  # L-1-j: the word's place from its paragraph end
-    pw, _ = _power_tables(int(lengths.max()))
+    pw, _ = power_tables(int(lengths.max()))
     with np.errstate(over="ignore"):
         terms = (wh + np.uint64(1)) * pw[exponent]
         return mix64(np.add.reduceat(terms, (ends - lengths)[lengths > 0]))  # segments of the non-empty ones

@@ -75,7 +75,7 @@ _P_INV = np.uint64(pow(int(_P), -1, 2**64))
 _POWERS: dict[str, np.ndarray] = {}
 
 
-def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+def power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     """P^i and P^-i mod 2^64 for i < n (memoised, grown by doubling)."""
     if len(_POWERS.get("p", ())) < n:
         m = max(n, 2 * len(_POWERS.get("p", ())), 1 << 16)
@@ -129,7 +129,7 @@ def _block_word_ngram_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.n
     if len(seps) != len(texts) - 1 and texts:
         seps = np.cumsum([len(t.encode("utf-8", "surrogatepass")) + 1 for t in texts[:-1]], dtype=np.int64)
     a = np.frombuffer(buf.translate(_TO_SPACES), dtype=np.uint8)
-    pw, inv = _power_tables(len(a))
+    pw, inv = power_tables(len(a))
     isword = a != 32
     # the buffer starts and ends with a space, so word/space transitions alternate start, end, ...
     edges = np.flatnonzero(isword[1:] != isword[:-1]) + 1

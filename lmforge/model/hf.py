@@ -81,7 +81,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
                               "not supported yet; use a bf16/fp16/fp32 checkpoint")
     fam = family_of(hf)
     try:
-        return FAMILIES[fam][1](hf)
+        return FAMILIES[fam][1](D.with_family_defaults(hf, fam))
     except KeyError as e:
         raise ConfigError(f"config.json of a {fam} model lacks the field {e.args[0]!r}") from e
 

@@ -62,9 +62,33 @@ SLIDING = ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gpt_o
 UNIFORM_WINDOW = ("mixtral", "qwen3_moe")
 # families that read a config.json without layer_types as alternating windows, and need a sliding_window to run
 ALTERNATING_DEFAULT = ("gemma2", "gpt_oss")
-# transformers' default sliding_window per family, for a config.json that leaves the key out (Qwen's apply only
-# with use_sliding_window; Mixtral's is None)
-DEFAULT_WINDOW = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096, "qwen3_moe": 4096, "gemma2": 4096, "gpt_oss": 128}
+# transformers' config-class defaults, per family, of the fields that lmforge would otherwise fill with a generic
+# fallback: a config.json that leaves one out means the family's value (a Gemma 2 config.json without
+# attn_logit_softcapping soft-caps at 50 in transformers; a DeepSeek-V3 one without routed_scaling_factor scales by
+# 2.5). Qwen's sliding_window applies only with use_sliding_window; Mixtral's is None. with_family_defaults merges
+# them under a config.json.
+FAMILY_DEFAULTS: dict[str, dict] = {
+    "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, sliding_window=4096),
+    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128, sliding_window=4096),
+    "gemma2": dict(max_position_embeddings=8192, num_key_value_heads=4, head_dim=256, sliding_window=4096,
+                   hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "mixtral": dict(max_position_embeddings=131072, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
+                    num_experts_per_tok=2),
+    "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4, sliding_window=4096,
+                      num_experts_per_tok=8, moe_intermediate_size=768),
+    "deepseek_v3": dict(q_lora_rank=1536, moe_intermediate_size=2048, num_experts_per_tok=8, n_shared_experts=1,
+                        routed_scaling_factor=2.5, n_group=8, topk_group=4, first_k_dense_replace=3,
+                        num_nextn_predict_layers=1),
+    "gpt_oss": dict(max_position_embeddings=131072, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                    rope_theta=150000.0, sliding_window=128),
+}
+
+
+def with_family_defaults(d: dict, family: str) -> dict:
+    """config.json `d` of `family` with the family's defaults (FAMILY_DEFAULTS) under it and its model_type set
+    (a config.json recognised by its `architectures` alone reads as that family's)."""
+    return {**FAMILY_DEFAULTS.get(family, {}), **d, "model_type": family}
 
 
 def rope_from_hf(d: dict, default_theta: float = 10000.0, default_max_len: int = 2048
@@ -141,8 +165,7 @@ def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
     AutoConfig as Ministral's, which follows them). Mixtral and Qwen3-MoE have no per-layer types: every layer
     slides (Qwen3-MoE only with use_sliding_window), whatever layer_types or max_window_layers say."""
     fam = d.get("model_type")
-    # a config.json without the key gets the config class's default window, as transformers reads it
-    window = (d.get("sliding_window", DEFAULT_WINDOW.get(fam)) or 0) if fam in SLIDING else 0
+    window = (d.get("sliding_window") or 0) if fam in SLIDING else 0
     if fam == "qwen3_moe" and not d.get("use_sliding_window", False):
         window = 0  # Qwen3MoeConfig drops the window
     if fam in UNIFORM_WINDOW:
@@ -164,7 +187,7 @@ def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
 
 def llama_cfg(d: dict, **extra) -> ModelConfig:
     """The Llama-like core shared by Llama, Mistral, Qwen2/3, Gemma 2, Mixtral, Qwen3-MoE, gpt-oss."""
-    theta, scaling = rope_from_hf(d, extra.pop("default_theta", 10000.0))
+    theta, scaling = rope_from_hf(d)
     window, types = _layer_types(d, d["num_hidden_layers"])
     # transformers' attention_bias puts biases on q, k, v and o, mlp_bias on gate, up and down; lmforge's
     # `bias` covers o and the MLP, `qkv_bias` q/k/v: the two flags must agree (families with q/k/v biases
@@ -288,7 +311,8 @@ def gpt2_cfg(d: dict) -> ModelConfig:
                        d_ff=d.get("n_inner"), max_seq_len=d.get("n_positions", 1024), pos_emb="learned",
                        norm="layernorm", norm_eps=d.get("layer_norm_epsilon", 1e-5),
                        activation=hf_activation(d, "activation_function", GPT2_ACT, "gelu_new"), bias=True,
-                       tie_embeddings=bool(d.get("tie_word_embeddings", True)), init_std=d.get("initializer_range", 0.02))
+                       tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+                       init_std=d.get("initializer_range", 0.02))
 
 
 def gpt2_cfg_to_hf(cfg: ModelConfig) -> dict:
@@ -322,7 +346,7 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
 
 # ---------------------------------------------------------------------------------------------------
 def gemma2_cfg(d: dict) -> ModelConfig:
-    return llama_cfg(d, activation=hf_activation(d, "hidden_activation" if "hidden_activation" in d else "hidden_act"),
+    return llama_cfg(d, activation=hf_activation(d, "hidden_activation"),  # transformers' Gemma 2 reads no hidden_act
                      norm_position="sandwich", embed_scale=math.sqrt(d["hidden_size"]),
                      attn_scale=d.get("query_pre_attn_scalar", 256) ** -0.5,
                      attn_softcap=d.get("attn_logit_softcapping") or 0.0,

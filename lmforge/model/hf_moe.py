@@ -40,7 +40,8 @@ def qwen3_moe_cfg(d: dict) -> ModelConfig:
     if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
         raise ConfigError("config.json mlp_only_layers / decoder_sparse_step != 1 are not supported "
                           "(lmforge supports dense layers only as a prefix: model.moe.dense_layers)")
-    moe = MoEConfig(n_experts=d.get("num_experts") or d["num_local_experts"], top_k=d["num_experts_per_tok"], d_expert=d["moe_intermediate_size"],
+    moe = MoEConfig(n_experts=d.get("num_experts") or d["num_local_experts"], top_k=d["num_experts_per_tok"],
+                    d_expert=d["moe_intermediate_size"],
                     norm_topk=bool(d.get("norm_topk_prob", False)))
     return llama_cfg(d, mlp="moe", moe=moe, qk_norm=True)
 
@@ -71,10 +72,13 @@ def deepseek_v3_cfg(d: dict) -> ModelConfig:
     mla = MLAConfig(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
                     qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
                     v_head_dim=d["v_head_dim"], norm_eps=1e-6)  # transformers' latent norms: eps fixed at 1e-6
-    moe = MoEConfig(n_experts=d["n_routed_experts"], top_k=d["num_experts_per_tok"], d_expert=d["moe_intermediate_size"],
-                    n_shared=d.get("n_shared_experts") or 0, score="sigmoid", norm_topk=bool(d.get("norm_topk_prob", True)),
+    moe = MoEConfig(n_experts=d["n_routed_experts"], top_k=d["num_experts_per_tok"],
+                    d_expert=d["moe_intermediate_size"], n_shared=d.get("n_shared_experts") or 0, score="sigmoid",
+                    norm_topk=bool(d.get("norm_topk_prob", True)),
                     routed_scale=float(d.get("routed_scaling_factor", 1.0)), n_groups=d.get("n_group") or 1,
-                    topk_groups=d.get("topk_group") or 1, dense_layers=d.get("first_k_dense_replace", 0))
+                    topk_groups=d.get("topk_group") or 1,
+                    # layers from first_k_dense_replace on are MoE: none when it is past the last one
+                    dense_layers=min(d.get("first_k_dense_replace", 0), d["num_hidden_layers"]))
     return ModelConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
                        n_heads=d["num_attention_heads"], head_dim=d["qk_nope_head_dim"] + d["qk_rope_head_dim"],
                        d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 4096),
@@ -83,7 +87,8 @@ def deepseek_v3_cfg(d: dict) -> ModelConfig:
                        norm_eps=d.get("rms_norm_eps", 1e-6), activation=hf_activation(d), attention="mla", mla=mla,
                        mlp="moe", moe=moe, bias=False, qkv_bias=None,
                        tie_embeddings=bool(d.get("tie_word_embeddings", False)), scaled_residual_init=False,
-                       mtp=MTPConfig(depth=d["num_nextn_predict_layers"]) if d.get("num_nextn_predict_layers") else None)
+                       mtp=MTPConfig(depth=d["num_nextn_predict_layers"]) if d.get("num_nextn_predict_layers")
+                       else None)
 
 
 def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
@@ -146,6 +151,9 @@ def gpt_oss_cfg(d: dict) -> ModelConfig:
                               f"implemented with {key}={value}")
     moe = MoEConfig(n_experts=d["num_local_experts"], top_k=d.get("num_experts_per_tok", 4),
                     d_expert=d["intermediate_size"], norm_topk=True, router_bias=True, expert_bias=True)
+    if not (d.get("rope_parameters") or d.get("rope_scaling")):  # GptOssConfig's default RoPE: YaRN x32
+        d = {**d, "rope_parameters": dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                          original_max_position_embeddings=4096)}
     return llama_cfg(d, mlp="moe", moe=moe, activation="swiglu_oss", attn_sinks=True,
                      qkv_bias=bool(d.get("attention_bias", True)), bias=bool(d.get("attention_bias", True)))
 
@@ -154,8 +162,8 @@ def gpt_oss_cfg_to_hf(cfg: ModelConfig) -> dict:
     m = cfg.moe_cfg
     d = llama_cfg_to_hf(cfg, "gpt_oss")
     d.pop("hidden_act")
-    return {**d, "num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k, "intermediate_size": m.d_expert or cfg.ff,
-            "attention_bias": cfg.bias, "swiglu_limit": 7.0}
+    return {**d, "num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k,
+            "intermediate_size": m.d_expert or cfg.ff, "attention_bias": cfg.bias, "swiglu_limit": 7.0}
 
 
 def gpt_oss_rules(cfg: ModelConfig) -> list[Rule]:
@@ -166,7 +174,8 @@ def gpt_oss_rules(cfg: ModelConfig) -> list[Rule]:
         rules += attn_rules(cfg, i) + norm_rules(cfg, i)
         rules += [one(f"{hf}.router.weight", f"{lm}.router.weight"), one(f"{hf}.router.bias", f"{lm}.router.bias"),
                   Rule((f"{hf}.experts.gate_up_proj",), (f"{lm}.experts.w_gate", f"{lm}.experts.w_up"),
-                       lambda t: [t[0][..., 0::2].transpose(1, 2).contiguous(), t[0][..., 1::2].transpose(1, 2).contiguous()],
+                       lambda t: [t[0][..., 0::2].transpose(1, 2).contiguous(),
+                                  t[0][..., 1::2].transpose(1, 2).contiguous()],
                        lambda t: [torch.stack((t[0], t[1]), dim=2).flatten(1, 2).transpose(1, 2).contiguous()]),
                   Rule((f"{hf}.experts.gate_up_proj_bias",), (f"{lm}.experts.b_gate", f"{lm}.experts.b_up"),
                        lambda t: [t[0][..., 0::2].contiguous(), t[0][..., 1::2].contiguous()],

@@ -97,7 +97,8 @@ def test_weights_are_read_tensor_by_tensor(ckpt, monkeypatch):
 def test_sliding_layer_defaults_follow_transformers():
     from lmforge.model.hf import config_from_hf
 
-    core = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48)
+    core = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48)
     gemma = config_from_hf(dict(core, model_type="gemma2", sliding_window=4096, head_dim=8))
     assert [gemma.layer_type(i) for i in range(4)] == ["sliding", "full", "sliding", "full"]
     mistral = config_from_hf(dict(core, model_type="mistral", sliding_window=4096))

@@ -55,10 +55,18 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     f = Path(path) / "config.json"
     if not f.is_file():
         raise CheckpointError(f"no config.json in {path}: not a HF-format checkpoint directory")
+    return _json_object(f)
+
+
+def _json_object(f: Path) -> dict:
+    """The JSON object in file f (config.json, the shard index); CheckpointError naming f if it holds none."""
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f} holds a JSON {type(d).__name__}, not an object: not a HF-format file")
+    return d
 
 
 def family_of(hf: dict) -> str:
@@ -76,7 +84,8 @@ def family_of(hf: dict) -> str:
 def config_from_hf(hf: dict) -> ModelConfig:
     """config.json dict -> ModelConfig (ConfigError naming the field if it is missing or unsupported)."""
     if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?")
+        qc = hf["quantization_config"]
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else qc
         raise CheckpointError(f"config.json quantization_config (quant_method={method!r}): quantized checkpoints are "
                               "not supported yet; use a bf16/fp16/fp32 checkpoint")
     fam = family_of(hf)
@@ -136,16 +145,27 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> file holding it (single file or sharded with an index)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        wm = json.loads(index.read_text()).get("weight_map", {})
+        wm = _json_object(index).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise CheckpointError(f"{index} has no weight_map object of tensor name -> file name")
         return {k: path / v for k, v in wm.items()}
     single = path / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path} "
                               "(only safetensors checkpoints are loaded: no pickle)")
-    from safetensors import safe_open
+    return {k: single for k in _open_safetensors(single).keys()}
 
-    with safe_open(str(single), "pt") as f:
-        return {k: single for k in f.keys()}
+
+def _open_safetensors(path: Path):
+    """safe_open(path) (memory-mapped); CheckpointError naming the file when it is not a safetensors file (a
+    truncated download, a Git LFS pointer)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), "pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}): a truncated or unfinished "
+                              "download, or a Git LFS pointer? Fetch the file again") from e
 
 
 def _target(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -165,16 +185,14 @@ class _Reader:
     """Opens each safetensors file once (memory-mapped) and hands out single tensors."""
 
     def __init__(self, files: dict[str, Path]):
-        from safetensors import safe_open
-
-        self.files, self.handles, self._open = files, {}, safe_open
+        self.files, self.handles = files, {}
 
     def _handle(self, name: str):
         path = self.files[name]
         if path not in self.handles:
             if not path.is_file():
                 raise CheckpointError(f"{path} is missing: the index's weight_map names it for {name!r}")
-            self.handles[path] = self._open(str(path), "pt")
+            self.handles[path] = _open_safetensors(path)
         h = self.handles[path]
         if name not in h.keys():
             raise CheckpointError(f"{path.name} does not hold {name!r}, which the index's weight_map puts there")

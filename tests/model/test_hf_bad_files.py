@@ -1,0 +1,56 @@
+"""A HF directory whose files are not what they claim (a config.json or shard index holding no JSON object, a
+truncated safetensors download, a string quantization_config) fails with a CheckpointError naming the file, not an
+AttributeError or a bare JSON / safetensors traceback (found 2026-12-06)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.errors import CheckpointError
+from lmforge.model.config import ModelConfig
+from lmforge.model.hf import save_pretrained
+from lmforge.model.transformer import Transformer
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, d_ff=48)
+
+
+def _saved(path, **kw):
+    torch.manual_seed(0)
+    save_pretrained(Transformer(CFG).eval(), path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("text, match", [("[1, 2]", "config.json holds a JSON list, not an object"),
+                                         ("{oops", "config.json is not valid JSON")])
+def test_a_config_json_without_a_json_object_is_named(tmp_path, text, match):
+    (_saved(tmp_path) / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_a_string_quantization_config_is_named(tmp_path):
+    cfg = json.loads((_saved(tmp_path) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": "bitsandbytes"}))
+    with pytest.raises(CheckpointError, match="quant_method='bitsandbytes'.*not supported"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text, match", [("{oops", "index.json is not valid JSON"),
+                                         ('{"weight_map": [1]}', "index.json has no weight_map object"),
+                                         ("{}", "index.json has no weight_map object")])
+def test_a_broken_shard_index_is_named(tmp_path, text, match):
+    (_saved(tmp_path, max_shard_bytes=20_000) / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_truncated_safetensors_file_is_named(tmp_path, sharded):
+    _saved(tmp_path, max_shard_bytes=20_000 if sharded else 2**30)
+    f = sorted(tmp_path.glob("model*.safetensors"))[-1]
+    f.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # a Git LFS pointer where the weights belong
+    with pytest.raises(CheckpointError, match=f"{f.name} is not a readable safetensors file"):
+        Transformer.from_pretrained(tmp_path)

@@ -258,7 +258,12 @@ class Transformer(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids)
-        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+        if self.cfg.embed_scale == 1.0:
+            return x
+        # the scale rounded to the embeddings' dtype first, as Gemma's reference code and transformers do: bf16
+        # embeddings of width 3072 are multiplied by 55.5, not sqrt(3072) = 55.43 (rounded on the host: nothing
+        # is copied to the device, which a CUDA-graph capture would refuse)
+        return x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype).item()
 
     def block_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                      meta: AttnMetadata | None = None, *, offset: int = 0

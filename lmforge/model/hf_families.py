@@ -100,6 +100,10 @@ def rope_from_hf(d: dict, default_theta: float = 10000.0, default_max_len: int =
     if not rp:
         rp = dict(d.get("rope_scaling") or {})
         rp.setdefault("rope_theta", d.get("rope_theta", default_theta))
+    nested = sorted(k for k, v in rp.items() if isinstance(v, dict))
+    if nested:  # transformers-5's per-layer-type RoPE (Gemma 3): read flat, it would be plain RoPE at theta 10000
+        raise ConfigError(f"config.json rope_parameters holds one RoPE per layer type ({nested}), which lmforge does "
+                          "not support: every layer shares one RoPE")
     theta = float(rp.get("rope_theta", d.get("rope_theta", default_theta)))
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind == "default":

@@ -47,3 +47,14 @@ def test_a_config_json_recognised_by_its_architectures_reads_as_that_family():
     """No model_type, architectures naming Mistral: its sliding window is read (it was dropped as no family's)."""
     cfg = config_from_hf(dict(CORE, architectures=["MistralForCausalLM"], num_key_value_heads=2, sliding_window=4))
     assert cfg.sliding_window == 4 and cfg.layer_type(0) == "sliding"
+
+
+def test_per_layer_type_rope_parameters_are_refused():
+    """transformers-5 nests rope_parameters by layer type (Gemma 3's local and global RoPE); read as one flat table,
+    they were silently plain RoPE at theta 10000."""
+    from lmforge.errors import ConfigError
+
+    nested = {"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+              "sliding_attention": dict(rope_type="default", rope_theta=1e4)}
+    with pytest.raises(ConfigError, match=r"one RoPE per layer type \(\['full_attention', 'sliding_attention'\]\)"):
+        config_from_hf(dict(CORE, model_type="gemma2", rope_parameters=nested))

@@ -41,6 +41,7 @@ FAMILIES = {
     "gemma2": ("Gemma2ForCausalLM", D.gemma2_cfg, D.gemma2_cfg_to_hf, lambda c: D.llama_rules(c, gemma=True)),
     "mixtral": ("MixtralForCausalLM", M.mixtral_cfg, M.mixtral_cfg_to_hf, M.mixtral_rules),
     "qwen3_moe": ("Qwen3MoeForCausalLM", M.qwen3_moe_cfg, M.qwen3_moe_cfg_to_hf, M.qwen3_moe_rules),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", M.deepseek_v2_cfg, M.deepseek_v2_cfg_to_hf, M.deepseek_v2_rules),
     "deepseek_v3": ("DeepseekV3ForCausalLM", M.deepseek_v3_cfg, M.deepseek_v3_cfg_to_hf, M.deepseek_v3_rules),
     "gpt_oss": ("GptOssForCausalLM", M.gpt_oss_cfg, M.gpt_oss_cfg_to_hf, M.gpt_oss_rules),
 }
@@ -106,8 +107,8 @@ def guess_family(cfg: ModelConfig) -> str:
     if cfg.arch not in (None, "transformer"):
         raise ConfigError(f"save_pretrained: a model.arch={cfg.arch!r} model has no family to guess; pass family= "
                           f"(one whose config.json reads back as arch {cfg.arch!r})")
-    if cfg.attention == "mla":
-        return "deepseek_v3"
+    if cfg.attention == "mla":  # DeepSeek-V2 routes by softmax, V3 by sigmoid
+        return "deepseek_v2" if cfg.mlp == "moe" and cfg.moe_cfg.score == "softmax" else "deepseek_v3"
     if cfg.mlp == "moe":
         if cfg.attn_sinks or cfg.activation == "swiglu_oss":
             return "gpt_oss"

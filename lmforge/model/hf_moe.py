@@ -1,6 +1,7 @@
 """HF mixture-of-experts families <-> ModelConfig and parameter names: Mixtral, Qwen3-MoE,
-DeepSeek-V3 (MLA + sigmoid group-limited routing + shared experts) and gpt-oss (sinks, alternating
-sliding windows, YaRN, fused biased experts). Companion of hf_families.py."""
+DeepSeek-V3 (MLA + sigmoid group-limited routing + shared experts), DeepSeek-V2 (MLA + softmax greedy routing +
+shared experts) and gpt-oss (sinks, alternating sliding windows, YaRN, fused biased experts). Companion of
+hf_families.py."""
 
 from __future__ import annotations
 
@@ -62,33 +63,53 @@ def qwen3_moe_rules(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-# DeepSeek-V3 --------------------------------------------------------------------------------------
-def deepseek_v3_cfg(d: dict) -> ModelConfig:
-    if d.get("topk_method", "noaux_tc") != "noaux_tc" or d.get("scoring_func", "sigmoid") != "sigmoid":
-        raise ConfigError("config.json topk_method/scoring_func: only DeepSeek-V3's noaux_tc + sigmoid are supported")
+# DeepSeek-V2 / V3 ---------------------------------------------------------------------------------
+def _deepseek_cfg(d: dict, name: str, routing: dict, **extra) -> ModelConfig:
+    """The DeepSeek-V2/V3 trunk: MLA, dense MLPs for the first first_k_dense_replace layers, then MoE layers of
+    routed experts (routed by `routing`'s MoEConfig fields) beside shared ones."""
     if d.get("attention_bias"):
-        raise ConfigError("config.json attention_bias=true is not supported for DeepSeek-V3 (lmforge's MLA has none)")
-    theta, scaling = rope_from_hf(d, default_max_len=4096)
+        raise ConfigError(f"config.json attention_bias=true is not supported for {name} (lmforge's MLA has none)")
+    theta, scaling = rope_from_hf(d)
     mla = MLAConfig(kv_lora_rank=d["kv_lora_rank"], q_lora_rank=d.get("q_lora_rank") or 0,
                     qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
                     v_head_dim=d["v_head_dim"], norm_eps=1e-6)  # transformers' latent norms: eps fixed at 1e-6
     moe = MoEConfig(n_experts=d["n_routed_experts"], top_k=d["num_experts_per_tok"],
-                    d_expert=d["moe_intermediate_size"], n_shared=d.get("n_shared_experts") or 0, score="sigmoid",
-                    norm_topk=bool(d.get("norm_topk_prob", True)),
-                    routed_scale=float(d.get("routed_scaling_factor", 1.0)), n_groups=d.get("n_group") or 1,
-                    topk_groups=d.get("topk_group") or 1,
+                    d_expert=d["moe_intermediate_size"], n_shared=d.get("n_shared_experts") or 0,
+                    routed_scale=float(d.get("routed_scaling_factor", 1.0)),
                     # layers from first_k_dense_replace on are MoE: none when it is past the last one
-                    dense_layers=min(d.get("first_k_dense_replace", 0), d["num_hidden_layers"]))
+                    dense_layers=min(d.get("first_k_dense_replace", 0), d["num_hidden_layers"]), **routing)
     return ModelConfig(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
                        n_heads=d["num_attention_heads"], head_dim=d["qk_nope_head_dim"] + d["qk_rope_head_dim"],
-                       d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 4096),
-                       rope_theta=theta, rope_scaling=scaling,
-                       rope_layout="interleaved" if d.get("rope_interleave", True) else "half",
-                       norm_eps=d.get("rms_norm_eps", 1e-6), activation=hf_activation(d), attention="mla", mla=mla,
-                       mlp="moe", moe=moe, bias=False, qkv_bias=None,
-                       tie_embeddings=bool(d.get("tie_word_embeddings", False)), scaled_residual_init=False,
-                       mtp=MTPConfig(depth=d["num_nextn_predict_layers"]) if d.get("num_nextn_predict_layers")
-                       else None)
+                       d_ff=d["intermediate_size"], max_seq_len=d["max_position_embeddings"],
+                       rope_theta=theta, rope_scaling=scaling, norm_eps=d.get("rms_norm_eps", 1e-6),
+                       activation=hf_activation(d), attention="mla", mla=mla, mlp="moe", moe=moe, bias=False,
+                       qkv_bias=None, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+                       scaled_residual_init=False, **extra)
+
+
+def deepseek_v3_cfg(d: dict) -> ModelConfig:
+    if d.get("topk_method", "noaux_tc") != "noaux_tc" or d.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError("config.json topk_method/scoring_func: only DeepSeek-V3's noaux_tc + sigmoid are supported")
+    routing = dict(score="sigmoid", norm_topk=bool(d.get("norm_topk_prob", True)), n_groups=d.get("n_group") or 1,
+                   topk_groups=d.get("topk_group") or 1)
+    return _deepseek_cfg(d, "DeepSeek-V3", routing,
+                         rope_layout="interleaved" if d.get("rope_interleave", True) else "half",
+                         mtp=MTPConfig(depth=d["num_nextn_predict_layers"]) if d.get("num_nextn_predict_layers")
+                         else None)
+
+
+def deepseek_v2_cfg(d: dict) -> ModelConfig:
+    """Softmax scores, the top k taken as they are (transformers' DeepseekV2TopkRouter: no renormalisation) and
+    scaled by routed_scaling_factor; RoPE on interleaved pairs (its complex rotation)."""
+    method, groups = d.get("topk_method") or "greedy", d.get("n_group") or 1
+    if method not in ("greedy", "group_limited_greedy") or (method == "group_limited_greedy" and groups > 1):
+        raise ConfigError(f"config.json topk_method={method!r} with n_group={groups} is not supported for "
+                          "DeepSeek-V2: lmforge routes it greedily over all experts (topk_method='greedy'); its "
+                          "group-limited routing scores groups as DeepSeek-V3 does, not by their best expert")
+    if d.get("norm_topk_prob"):
+        raise ConfigError("config.json norm_topk_prob=true is not supported for DeepSeek-V2: transformers' "
+                          "DeepSeek-V2 never renormalises the top-k weights while DeepSeek's own code would")
+    return _deepseek_cfg(d, "DeepSeek-V2", dict(score="softmax", norm_topk=False), rope_layout="interleaved")
 
 
 def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
@@ -104,6 +125,13 @@ def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.bias,
                 tie_word_embeddings=cfg.tie_embeddings, hidden_act=HF_ACT_OUT.get(cfg.activation, cfg.activation),
                 num_nextn_predict_layers=cfg.mtp.depth if cfg.mtp is not None else 0)
+
+
+def deepseek_v2_cfg_to_hf(cfg: ModelConfig) -> dict:
+    d = deepseek_v3_cfg_to_hf(cfg)
+    for key in ("rope_interleave", "num_nextn_predict_layers", "n_group", "topk_group"):  # V3's only
+        d.pop(key)
+    return {**d, "topk_method": "greedy"}
 
 
 def _deepseek_mtp_rules(cfg: ModelConfig) -> list[Rule]:
@@ -124,6 +152,11 @@ def _deepseek_mtp_rules(cfg: ModelConfig) -> list[Rule]:
                   one(f"{hf}.eh_proj.weight", f"{lm}.proj.weight", swap, swap),
                   one(f"{hf}.shared_head.norm.weight", f"mtp.norms.{k}.weight")]
     return rules
+
+
+def deepseek_v2_rules(cfg: ModelConfig) -> list[Rule]:
+    """DeepSeek-V3's names without the routing bias (V2 balances with auxiliary losses only)."""
+    return [r for r in deepseek_v3_rules(cfg) if not r.hf[0].endswith(".gate.e_score_correction_bias")]
 
 
 def deepseek_v3_rules(cfg: ModelConfig) -> list[Rule]:

@@ -14,6 +14,8 @@ MINIMAL = {  # what each family's reader requires; everything else left to the d
     "qwen3": dict(num_key_value_heads=2), "gemma2": {}, "mixtral": dict(num_local_experts=4, num_key_value_heads=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "gpt_oss": dict(num_local_experts=4, num_key_value_heads=2),
+    "deepseek_v2": dict(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=8,
+                        num_experts_per_tok=2),
     "deepseek_v3": dict(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=8,
                         num_experts_per_tok=2, moe_intermediate_size=8),
 }

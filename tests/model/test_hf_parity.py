@@ -39,7 +39,8 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(COMMON, num_experts=4, num_experts_per_tok=2,
                                                               moe_intermediate_size=16, norm_topk_prob=False)),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(**
-        COMMON | dict(num_key_value_heads=4), n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, kv_lora_rank=16, q_lora_rank=24,
+        COMMON | dict(num_key_value_heads=4), n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        kv_lora_rank=16, q_lora_rank=24,
         qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, n_group=4, topk_group=2,
         n_shared_experts=1, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
                                                  mscale_all_dim=0.707, original_max_position_embeddings=16))),
@@ -54,6 +55,18 @@ FAMILIES = {
         num_experts_per_tok=1, moe_intermediate_size=8, kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4,
         qk_nope_head_dim=4, v_head_dim=4, first_k_dense_replace=1, n_group=2, topk_group=1, n_shared_experts=1,
         routed_scaling_factor=2.5, norm_topk_prob=False)),
+    # DeepSeek-V2: softmax routing, greedy top-k never renormalised, scaled by routed_scaling_factor; complex
+    # (interleaved) RoPE with YaRN's softmax scale (V2-Lite: full-rank queries, q_lora_rank null)
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(**
+        COMMON | dict(num_key_value_heads=4), n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8,
+        first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.5, rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0, mscale_all_dim=0.707,
+            original_max_position_embeddings=16))),
+    "deepseek_v2_q_lora": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(**
+        COMMON | dict(num_key_value_heads=4), n_routed_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
+        kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, n_shared_experts=2,
+        topk_method="group_limited_greedy", n_group=1, topk_group=1)),
     # no shared experts: transformers writes zero-width shared-expert tensors, which hold nothing to load
     "deepseek_v3_no_shared": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(**
         COMMON | dict(num_key_value_heads=4), n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
@@ -125,6 +138,7 @@ def test_hf_round_trip(name, tmp_path):
     with torch.no_grad():
         assert (ours(ids) - want).abs().max().item() <= 1e-4
     ours.save_pretrained(tmp_path / "lm")
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lm", attn_implementation="eager").float().eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lm", attn_implementation="eager")
+    back = back.float().eval()
     with torch.no_grad():
         assert (back(ids).logits - want).abs().max().item() <= 1e-4

@@ -90,6 +90,8 @@ class MoEConfig:
     """hidden width of each routed expert; None means model.d_ff"""
     n_shared: int = 0
     """always-on shared experts (DeepSeekMoE), fused into one MLP of width n_shared·d_expert"""
+    shared_gate: bool = False
+    """scale the shared experts' output per token by σ(x·w), a learned one-logit gate (Qwen2-MoE)"""
     score: Literal["softmax", "sigmoid"] = "softmax"
     norm_topk: bool = True
     """renormalise the selected k weights to sum to 1"""
@@ -130,6 +132,8 @@ class MoEConfig:
               f"model.moe.top_k must lie in [1, n_experts={self.n_experts}], got {self.top_k}")
         check(self.d_expert is None or self.d_expert > 0, f"model.moe.d_expert must be > 0, got {self.d_expert}")
         check(self.n_shared >= 0, f"model.moe.n_shared must be >= 0, got {self.n_shared}")
+        check(not self.shared_gate or self.n_shared > 0, "model.moe.shared_gate gates the shared experts: it needs "
+                                                         "model.moe.n_shared > 0")
         check(self.n_groups >= 1 and self.n_experts % self.n_groups == 0,
               f"model.moe.n_groups={self.n_groups} must divide n_experts={self.n_experts}")
         check(1 <= self.topk_groups <= self.n_groups,

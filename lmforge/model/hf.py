@@ -40,6 +40,7 @@ FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", lambda d: D.llama_cfg(d, qk_norm=True), D.llama_cfg_to_hf, D.llama_rules),
     "gemma2": ("Gemma2ForCausalLM", D.gemma2_cfg, D.gemma2_cfg_to_hf, lambda c: D.llama_rules(c, gemma=True)),
     "mixtral": ("MixtralForCausalLM", M.mixtral_cfg, M.mixtral_cfg_to_hf, M.mixtral_rules),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", M.qwen2_moe_cfg, M.qwen2_moe_cfg_to_hf, M.qwen2_moe_rules),
     "qwen3_moe": ("Qwen3MoeForCausalLM", M.qwen3_moe_cfg, M.qwen3_moe_cfg_to_hf, M.qwen3_moe_rules),
     "deepseek_v2": ("DeepseekV2ForCausalLM", M.deepseek_v2_cfg, M.deepseek_v2_cfg_to_hf, M.deepseek_v2_rules),
     "deepseek_v3": ("DeepseekV3ForCausalLM", M.deepseek_v3_cfg, M.deepseek_v3_cfg_to_hf, M.deepseek_v3_rules),
@@ -112,6 +113,8 @@ def guess_family(cfg: ModelConfig) -> str:
     if cfg.mlp == "moe":
         if cfg.attn_sinks or cfg.activation == "swiglu_oss":
             return "gpt_oss"
+        if cfg.moe_cfg.shared_gate:
+            return "qwen2_moe"
         return "qwen3_moe" if cfg.qk_norm else "mixtral"
     if cfg.pos_emb == "learned":
         return "gpt2"

@@ -57,7 +57,7 @@ HF_ACT_OUT = {"swiglu": "silu", "geglu_tanh": "gelu_pytorch_tanh", "geglu": "gel
 GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 # families whose transformers class reads sliding_window (a Llama config.json may carry the field unused)
-SLIDING = ("mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gpt_oss")
+SLIDING = ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma2", "gpt_oss")
 # families whose attention slides on every layer or none (no layer_types); an export with mixed types is refused
 UNIFORM_WINDOW = ("mixtral", "qwen3_moe")
 # families that read a config.json without layer_types as alternating windows, and need a sliding_window to run
@@ -69,20 +69,23 @@ ALTERNATING_DEFAULT = ("gemma2", "gpt_oss")
 # them under a config.json.
 FAMILY_DEFAULTS: dict[str, dict] = {
     "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8, sliding_window=4096),
-    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, sliding_window=4096),
-    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, sliding_window=4096, max_window_layers=28),
+    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128, sliding_window=4096,
+                  max_window_layers=28),
     "gemma2": dict(max_position_embeddings=8192, num_key_value_heads=4, head_dim=256, sliding_window=4096,
                    hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "mixtral": dict(max_position_embeddings=131072, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
                     num_experts_per_tok=2),
+    "qwen2_moe": dict(max_position_embeddings=32768, num_key_value_heads=16, sliding_window=4096,
+                      max_window_layers=28, num_experts_per_tok=4, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632),
     "qwen3_moe": dict(max_position_embeddings=32768, num_key_value_heads=4, sliding_window=4096,
                       num_experts_per_tok=8, moe_intermediate_size=768),
     "deepseek_v2": dict(max_position_embeddings=2048, q_lora_rank=1536, moe_intermediate_size=1407,
                         n_shared_experts=2),
     "deepseek_v3": dict(max_position_embeddings=4096, q_lora_rank=1536, moe_intermediate_size=2048,
-                        num_experts_per_tok=8, n_shared_experts=1,
-                        routed_scaling_factor=2.5, n_group=8, topk_group=4, first_k_dense_replace=3,
-                        num_nextn_predict_layers=1),
+                        num_experts_per_tok=8, n_shared_experts=1, routed_scaling_factor=2.5, n_group=8,
+                        topk_group=4, first_k_dense_replace=3, num_nextn_predict_layers=1),
     "gpt_oss": dict(max_position_embeddings=131072, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
                     rope_theta=150000.0, sliding_window=128),
 }
@@ -168,13 +171,14 @@ def hf_activation(d: dict, key: str = "hidden_act", table: dict = HF_ACT, defaul
 def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
     """(sliding_window, layer_types) as transformers fills them: explicit `layer_types`, else the family's
     default pattern (Gemma 2 / gpt-oss alternate from a sliding first layer; Qwen2 slides from
-    max_window_layers on; Mistral slides everywhere; a Mistral config.json with layer_types is read by
-    AutoConfig as Ministral's, which follows them). Mixtral and Qwen3-MoE have no per-layer types: every layer
-    slides (Qwen3-MoE only with use_sliding_window), whatever layer_types or max_window_layers say."""
+    max_window_layers on, Qwen2-MoE on its even-indexed layers below it; Mistral slides everywhere; a Mistral
+    config.json with layer_types is read by AutoConfig as Ministral's, which follows them). Mixtral and
+    Qwen3-MoE have no per-layer types: every layer slides (Qwen3-MoE only with use_sliding_window), whatever
+    layer_types or max_window_layers say."""
     fam = d.get("model_type")
     window = (d.get("sliding_window") or 0) if fam in SLIDING else 0
-    if fam == "qwen3_moe" and not d.get("use_sliding_window", False):
-        window = 0  # Qwen3MoeConfig drops the window
+    if fam in ("qwen2_moe", "qwen3_moe") and not d.get("use_sliding_window", False):
+        window = 0  # their config classes drop the window
     if fam in UNIFORM_WINDOW:
         return int(window), None
     types = d.get("layer_types")
@@ -182,7 +186,10 @@ def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
         types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
     if types is None and fam in ("qwen2", "qwen3"):
         use = d.get("use_sliding_window", False)
-        types = ["sliding_attention" if use and i >= d.get("max_window_layers", 0) else "full_attention"
+        types = ["sliding_attention" if use and i >= d["max_window_layers"] else "full_attention"
+                 for i in range(n_layers)]
+    if types is None and fam == "qwen2_moe":
+        types = ["sliding_attention" if (i + 1) % 2 and i < d["max_window_layers"] else "full_attention"
                  for i in range(n_layers)]
     if types is None:
         return int(window), None

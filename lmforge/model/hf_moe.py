@@ -1,4 +1,5 @@
-"""HF mixture-of-experts families <-> ModelConfig and parameter names: Mixtral, Qwen3-MoE,
+"""HF mixture-of-experts families <-> ModelConfig and parameter names: Mixtral, Qwen2-MoE (a sigmoid-gated shared
+expert), Qwen3-MoE,
 DeepSeek-V3 (MLA + sigmoid group-limited routing + shared experts), DeepSeek-V2 (MLA + softmax greedy routing +
 shared experts) and gpt-oss (sinks, alternating sliding windows, YaRN, fused biased experts). Companion of
 hf_families.py."""
@@ -37,10 +38,44 @@ def mixtral_rules(cfg: ModelConfig) -> list[Rule]:
     return rules
 
 
-def qwen3_moe_cfg(d: dict) -> ModelConfig:
+def _every_layer_moe(d: dict) -> None:
     if d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1:
         raise ConfigError("config.json mlp_only_layers / decoder_sparse_step != 1 are not supported "
                           "(lmforge supports dense layers only as a prefix: model.moe.dense_layers)")
+
+
+def qwen2_moe_cfg(d: dict) -> ModelConfig:
+    """Qwen2's attention (q/k/v biases) with softmax top-k experts beside one shared expert, sized
+    shared_expert_intermediate_size (n_shared = that / moe_intermediate_size) and gated per token by
+    σ(shared_expert_gate(x))."""
+    _every_layer_moe(d)
+    d_expert, shared = d["moe_intermediate_size"], d["shared_expert_intermediate_size"]
+    if shared <= 0 or shared % d_expert:
+        raise ConfigError(f"config.json shared_expert_intermediate_size={shared} is not supported: lmforge's shared "
+                          f"expert is a whole number of experts wide (moe_intermediate_size={d_expert})")
+    moe = MoEConfig(n_experts=d.get("num_experts") or d["num_local_experts"], top_k=d["num_experts_per_tok"],
+                    d_expert=d_expert, n_shared=shared // d_expert, shared_gate=True,
+                    norm_topk=bool(d.get("norm_topk_prob", False)))
+    return llama_cfg(d, mlp="moe", moe=moe, qkv_bias=bool(d.get("qkv_bias", True)), bias=False)
+
+
+def qwen2_moe_cfg_to_hf(cfg: ModelConfig) -> dict:
+    d = qwen3_moe_cfg_to_hf(cfg)
+    return {**d, "shared_expert_intermediate_size": cfg.moe_cfg.n_shared * d["moe_intermediate_size"],
+            "qkv_bias": bool(cfg.qkv_bias)}
+
+
+def qwen2_moe_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = qwen3_moe_rules(cfg)
+    for i in range(cfg.n_layers):
+        hf, lm = f"model.layers.{i}.mlp", f"blocks.{i}.mlp"
+        rules += dense_mlp_rules(f"{hf}.shared_expert", f"{lm}.shared")
+        rules.append(one(f"{hf}.shared_expert_gate.weight", f"{lm}.shared.out_gate.weight"))
+    return rules
+
+
+def qwen3_moe_cfg(d: dict) -> ModelConfig:
+    _every_layer_moe(d)
     moe = MoEConfig(n_experts=d.get("num_experts") or d["num_local_experts"], top_k=d["num_experts_per_tok"],
                     d_expert=d["moe_intermediate_size"],
                     norm_topk=bool(d.get("norm_topk_prob", False)))

@@ -202,6 +202,7 @@ def _mlp(pre: str, mlp: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...], bo
         into_shared, out_shared, _ = _mlp(f"{pre}.shared", mlp.shared) if mlp.shared is not None else ((), (), 0)
         return tuple(into) + into_shared, (f"{pre}.experts.w_down",) + out_shared, True
     names = ("gate_up",) if getattr(mlp, "gate_up", None) is not None else ("gate", "up")
+    names += ("out_gate",)  # a gated shared expert's gate reads the MLP's input too (Qwen2-MoE)
     return tuple(f"{pre}.{n}" for n in names if getattr(mlp, n, None) is not None), (f"{pre}.down",), False
 
 

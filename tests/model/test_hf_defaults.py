@@ -10,8 +10,12 @@ from lmforge.model.hf import _math_view, config_from_hf
 
 CORE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 MINIMAL = {  # what each family's reader requires; everything else left to the defaults
-    "llama": {}, "mistral": dict(num_key_value_heads=2), "qwen2": dict(num_key_value_heads=2),
-    "qwen3": dict(num_key_value_heads=2), "gemma2": {}, "mixtral": dict(num_local_experts=4, num_key_value_heads=2),
+    "llama": {}, "mistral": dict(num_key_value_heads=2), "gemma2": {},
+    # Qwen slides from max_window_layers (28 when left out) on: no layer of these two-layer models
+    "qwen2": dict(num_key_value_heads=2, use_sliding_window=True),
+    "qwen3": dict(num_key_value_heads=2, use_sliding_window=True),
+    "mixtral": dict(num_local_experts=4, num_key_value_heads=2),
+    "qwen2_moe": dict(num_experts=4, num_key_value_heads=2, use_sliding_window=True),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "gpt_oss": dict(num_local_experts=4, num_key_value_heads=2),
     "deepseek_v2": dict(kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=8,

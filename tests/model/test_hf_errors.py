@@ -244,7 +244,8 @@ def test_the_checkpoints_eos_ids_end_generation_and_are_exported(tmp_path):
     assert ckpt.load_model(tmp_path / "run")[0].eos_token_ids == (999, stop)
 
 
-@pytest.mark.parametrize("family, extra", [("mistral", {}), ("qwen2", {"use_sliding_window": True}),
+@pytest.mark.parametrize("family, extra", [("mistral", {}),
+                                           ("qwen2", {"use_sliding_window": True, "max_window_layers": 0}),
                                            ("qwen3_moe", {"use_sliding_window": True}), ("gemma2", {}),
                                            ("gpt_oss", {}), ("mixtral", {}), ("qwen3", {})])
 def test_a_config_json_without_sliding_window_gets_the_families_default_window(family, extra):

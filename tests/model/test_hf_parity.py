@@ -36,6 +36,16 @@ FAMILIES = {
     "gemma2_gelu": ("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, head_dim=8, sliding_window=4,
                                                              hidden_activation="gelu", query_pre_attn_scalar=8)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(COMMON, num_local_experts=4, num_experts_per_tok=2)),
+    # Qwen2-MoE: q/k/v biases, softmax top-k (not renormalised) beside a shared expert 2 experts wide whose output
+    # a per-token sigmoid gate scales
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(COMMON, num_experts=4, num_experts_per_tok=2,
+                                                              moe_intermediate_size=16,
+                                                              shared_expert_intermediate_size=32)),
+    # renormalised top-k, sliding windows on its even-indexed layers below max_window_layers
+    "qwen2_moe_window": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        COMMON, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, norm_topk_prob=True, use_sliding_window=True, sliding_window=4,
+        max_window_layers=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(COMMON, num_experts=4, num_experts_per_tok=2,
                                                               moe_intermediate_size=16, norm_topk_prob=False)),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(**

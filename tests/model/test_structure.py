@@ -26,6 +26,9 @@ FAMILIES = {
     "sandwich-tied": dict(norm_position="sandwich", activation="geglu_tanh", tie_embeddings=True, embed_scale=4.0),
     "parallel": dict(block="parallel", norm="layernorm", activation="gelu"),
     "moe-shared": dict(**_MOE),
+    # Qwen2-MoE: the shared expert's sigmoid gate reads norm2's output as well
+    "moe-gated-shared": dict(mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=24, n_shared=2, shared_gate=True,
+                                                      capacity_factor=0.0)),
     "moe-noisy-dense-first": dict(mlp="moe", moe=MoEConfig(n_experts=4, top_k=2, d_expert=24, noisy=True,
                                                            dense_layers=1, capacity_factor=0.0)),
     "mla": dict(**_MLA),

@@ -327,6 +327,20 @@ def upgrade_expert_keys(model: nn.Module, state: dict) -> dict:
     return state
 
 
+class SharedExperts(MLP):
+    """The always-on shared experts as one MLP; with `gated`, its output scaled per token by σ(x·w_g), one learned
+    logit (Qwen2-MoE's shared_expert_gate). Part of the module, so whoever calls `moe.shared` (expert parallelism
+    too) gets the gate."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False, gated: bool = False):
+        super().__init__(d_model, d_ff, activation, bias)
+        self.out_gate = nn.Linear(d_model, 1, bias=False) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.out_gate is None else y * torch.sigmoid(self.out_gate(x))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
@@ -339,7 +353,8 @@ class MoE(nn.Module):
         self.experts = Experts(self.E, d, self.d_expert, cfg.activation, m.expert_bias)
         self.router = nn.Linear(d, self.E, bias=m.router_bias)
         self.noise = nn.Linear(d, self.E, bias=False) if m.noisy else None
-        self.shared = MLP(d, m.n_shared * self.d_expert, cfg.activation, cfg.bias) if m.n_shared > 0 else None
+        self.shared = (SharedExperts(d, m.n_shared * self.d_expert, cfg.activation, cfg.bias, m.shared_gate)
+                       if m.n_shared > 0 else None)
         # aux-loss-free balancing bias (DeepSeek-V3 e_score_correction_bias): selection only
         self.register_buffer("e_bias", torch.zeros(self.E))
         # the assignments per expert of this optimizer step's training forwards, until update_expert_biases

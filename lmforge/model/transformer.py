@@ -142,6 +142,12 @@ class Transformer(nn.Module):
         # set by from_pretrained, kept by lmforge checkpoints, written by save_pretrained, read by the engine)
         self.eos_token_ids: tuple[int, ...] = ()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # embed_scale rounded to each float dtype the embeddings may have, as Gemma's reference code and
+        # transformers round it: bf16 embeddings of width 3072 are multiplied by 55.5, not sqrt(3072) = 55.43
+        # (plain floats, read in forward without a tensor op: no host copy, no torch.compile graph break)
+        self._embed_scales = {dt: torch.tensor(cfg.embed_scale, dtype=dt, device="cpu").item()
+                              for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+                              if cfg.embed_scale != 1.0}
         self.pos_emb = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(cfg.pos_emb)
         self.pos_emb = self.pos_emb(cfg.max_seq_len, cfg.d_model) if self.pos_emb else None
         self.rope = (RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_layout, cfg.rope_scaling, cfg.max_seq_len)
@@ -260,10 +266,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(input_ids)
         if self.cfg.embed_scale == 1.0:
             return x
-        # the scale rounded to the embeddings' dtype first, as Gemma's reference code and transformers do: bf16
-        # embeddings of width 3072 are multiplied by 55.5, not sqrt(3072) = 55.43 (rounded on the host: nothing
-        # is copied to the device, which a CUDA-graph capture would refuse)
-        return x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype).item()
+        return x * self._embed_scales.get(x.dtype, self.cfg.embed_scale)
 
     def block_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                      meta: AttnMetadata | None = None, *, offset: int = 0

@@ -38,6 +38,8 @@ FAMILIES = {
     "qwen2": ("Qwen2ForCausalLM", lambda d: D.llama_cfg(d, qkv_bias=True, bias=False), D.llama_cfg_to_hf,
               D.llama_rules),
     "qwen3": ("Qwen3ForCausalLM", lambda d: D.llama_cfg(d, qk_norm=True), D.llama_cfg_to_hf, D.llama_rules),
+    "gemma": ("GemmaForCausalLM", D.gemma_cfg, lambda c: D.llama_cfg_to_hf(c, "gemma"),
+              lambda c: D.llama_rules(c, gemma=True)),
     "gemma2": ("Gemma2ForCausalLM", D.gemma2_cfg, D.gemma2_cfg_to_hf, lambda c: D.llama_rules(c, gemma=True)),
     "mixtral": ("MixtralForCausalLM", M.mixtral_cfg, M.mixtral_cfg_to_hf, M.mixtral_rules),
     "qwen2_moe": ("Qwen2MoeForCausalLM", M.qwen2_moe_cfg, M.qwen2_moe_cfg_to_hf, M.qwen2_moe_rules),
@@ -120,6 +122,8 @@ def guess_family(cfg: ModelConfig) -> str:
         return "gpt2"
     if cfg.norm_position == "sandwich":
         return "gemma2"
+    if cfg.embed_scale == math.sqrt(cfg.d_model):  # Gemma (1)'s embedding scale, pre-norm
+        return "gemma"
     if cfg.qk_norm:
         return "qwen3"
     if cfg.qkv_bias and not cfg.bias:

@@ -72,6 +72,8 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, sliding_window=4096, max_window_layers=28),
     "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128, sliding_window=4096,
                   max_window_layers=28),
+    "gemma": dict(max_position_embeddings=8192, num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
+                  tie_word_embeddings=True),
     "gemma2": dict(max_position_embeddings=8192, num_key_value_heads=4, head_dim=256, sliding_window=4096,
                    hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
     "mixtral": dict(max_position_embeddings=131072, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6,
@@ -359,6 +361,13 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
 
 
 # ---------------------------------------------------------------------------------------------------
+def gemma_cfg(d: dict) -> ModelConfig:
+    """Gemma (1): Llama's pre-norm blocks with Gemma's (1 + w) norm gains (llama_rules(gemma=True)), embeddings
+    times sqrt(d_model), tanh-GELU (the official releases' hidden_act='gelu' meant it: transformers reads it so)."""
+    act = "gelu_pytorch_tanh" if d.get("hidden_act") == "gelu" else d.get("hidden_act")
+    return llama_cfg({**d, "hidden_act": act}, embed_scale=math.sqrt(d["hidden_size"]))
+
+
 def gemma2_cfg(d: dict) -> ModelConfig:
     return llama_cfg(d, activation=hf_activation(d, "hidden_activation"),  # transformers' Gemma 2 reads no hidden_act
                      norm_position="sandwich", embed_scale=math.sqrt(d["hidden_size"]),

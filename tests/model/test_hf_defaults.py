@@ -10,7 +10,7 @@ from lmforge.model.hf import _math_view, config_from_hf
 
 CORE = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
 MINIMAL = {  # what each family's reader requires; everything else left to the defaults
-    "llama": {}, "mistral": dict(num_key_value_heads=2), "gemma2": {},
+    "llama": {}, "mistral": dict(num_key_value_heads=2), "gemma": dict(num_key_value_heads=2), "gemma2": {},
     # Qwen slides from max_window_layers (28 when left out) on: no layer of these two-layer models
     "qwen2": dict(num_key_value_heads=2, use_sliding_window=True),
     "qwen3": dict(num_key_value_heads=2, use_sliding_window=True),
@@ -34,6 +34,8 @@ def test_a_config_json_without_optional_fields_reads_as_transformers_fills_it(fa
 
 
 def test_family_defaults_that_change_the_logits():
+    legacy = config_from_hf(dict(CORE, model_type="gemma", hidden_act="gelu", num_key_value_heads=1))
+    assert (legacy.activation, legacy.tie_embeddings, legacy.hd) == ("geglu_tanh", True, 256)  # Gemma 1's tanh-GELU
     gemma = config_from_hf(dict(CORE, model_type="gemma2"))
     assert (gemma.attn_softcap, gemma.logit_softcap, gemma.activation, gemma.hd) == (50.0, 30.0, "geglu_tanh", 256)
     mixtral = config_from_hf(dict(CORE, model_type="mixtral", num_local_experts=4, num_key_value_heads=2))

@@ -29,6 +29,8 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(COMMON, rope_parameters=dict(
         rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16))),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(COMMON, head_dim=16)),
+    # Gemma (1): pre-norm blocks with (1 + w) gains, embeddings times sqrt(d_model), tanh-GELU, tied head
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(COMMON, head_dim=16)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(COMMON, head_dim=8, sliding_window=4,
                                                         query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
                                                         final_logit_softcapping=3.0)),

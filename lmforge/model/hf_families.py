@@ -202,7 +202,7 @@ def _layer_types(d: dict, n_layers: int) -> tuple[int, tuple[str, ...] | None]:
 
 
 def llama_cfg(d: dict, **extra) -> ModelConfig:
-    """The Llama-like core shared by Llama, Mistral, Qwen2/3, Gemma 2, Mixtral, Qwen3-MoE, gpt-oss."""
+    """The Llama-like core shared by Llama, Mistral, Qwen2/3, Gemma 1/2, Mixtral, Qwen2/3-MoE, gpt-oss."""
     theta, scaling = rope_from_hf(d)
     window, types = _layer_types(d, d["num_hidden_layers"])
     # transformers' attention_bias puts biases on q, k, v and o, mlp_bias on gate, up and down; lmforge's

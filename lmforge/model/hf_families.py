@@ -93,10 +93,24 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 }
 
 
+# transformers' attribute_map per family: the other names a config.json may give a field (alias -> field)
+FAMILY_ALIASES: dict[str, dict[str, str]] = {
+    "gpt2": dict(hidden_size="n_embd", max_position_embeddings="n_positions", num_attention_heads="n_head",
+                 num_hidden_layers="n_layer"),
+    "mixtral": dict(num_experts="num_local_experts"), "qwen3_moe": dict(num_experts="num_local_experts"),
+    "gpt_oss": dict(num_experts="num_local_experts"), "deepseek_v2": dict(num_experts="n_routed_experts"),
+    "deepseek_v3": dict(num_local_experts="n_routed_experts", num_mtp_layers="num_nextn_predict_layers"),
+}
+
+
 def with_family_defaults(d: dict, family: str) -> dict:
-    """config.json `d` of `family` with the family's defaults (FAMILY_DEFAULTS) under it and its model_type set
+    """config.json `d` of `family` read as transformers reads it: fields given under an alias (FAMILY_ALIASES)
+    renamed (the field's own name wins), the family's defaults (FAMILY_DEFAULTS) under them, its model_type set
     (a config.json recognised by its `architectures` alone reads as that family's)."""
-    return {**FAMILY_DEFAULTS.get(family, {}), **d, "model_type": family}
+    aliases = FAMILY_ALIASES.get(family, {})
+    renamed = {aliases[k]: v for k, v in d.items() if k in aliases}
+    return {**FAMILY_DEFAULTS.get(family, {}), **renamed, **{k: v for k, v in d.items() if k not in aliases},
+            "model_type": family}
 
 
 def rope_from_hf(d: dict, default_theta: float = 10000.0, default_max_len: int = 2048

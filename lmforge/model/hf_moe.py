@@ -53,8 +53,8 @@ def qwen2_moe_cfg(d: dict) -> ModelConfig:
     if shared <= 0 or shared % d_expert:
         raise ConfigError(f"config.json shared_expert_intermediate_size={shared} is not supported: lmforge's shared "
                           f"expert is a whole number of experts wide (moe_intermediate_size={d_expert})")
-    moe = MoEConfig(n_experts=d.get("num_experts") or d["num_local_experts"], top_k=d["num_experts_per_tok"],
-                    d_expert=d_expert, n_shared=shared // d_expert, shared_gate=True,
+    moe = MoEConfig(n_experts=d["num_experts"], top_k=d["num_experts_per_tok"], d_expert=d_expert,
+                    n_shared=shared // d_expert, shared_gate=True,
                     norm_topk=bool(d.get("norm_topk_prob", False)))
     return llama_cfg(d, mlp="moe", moe=moe, qkv_bias=bool(d.get("qkv_bias", True)), bias=False)
 
@@ -76,7 +76,7 @@ def qwen2_moe_rules(cfg: ModelConfig) -> list[Rule]:
 
 def qwen3_moe_cfg(d: dict) -> ModelConfig:
     _every_layer_moe(d)
-    moe = MoEConfig(n_experts=d.get("num_experts") or d["num_local_experts"], top_k=d["num_experts_per_tok"],
+    moe = MoEConfig(n_experts=d["num_local_experts"], top_k=d["num_experts_per_tok"],
                     d_expert=d["moe_intermediate_size"],
                     norm_topk=bool(d.get("norm_topk_prob", False)))
     return llama_cfg(d, mlp="moe", moe=moe, qk_norm=True)

@@ -66,3 +66,19 @@ def test_per_layer_type_rope_parameters_are_refused():
               "sliding_attention": dict(rope_type="default", rope_theta=1e4)}
     with pytest.raises(ConfigError, match=r"one RoPE per layer type \(\['full_attention', 'sliding_attention'\]\)"):
         config_from_hf(dict(CORE, model_type="gemma2", rope_parameters=nested))
+
+
+def test_fields_given_under_transformers_aliases_are_read():
+    """transformers' attribute_map names: Mixtral's num_experts, DeepSeek-V3's num_local_experts / num_mtp_layers,
+    GPT-2's hidden_size (a config.json giving them failed as 'lacks the field', or dropped the MTP layer)."""
+    mixtral = config_from_hf(dict(CORE, model_type="mixtral", num_experts=4, num_key_value_heads=2))
+    assert mixtral.moe.n_experts == 4
+    ds = dict(CORE, model_type="deepseek_v3", **MINIMAL["deepseek_v3"], n_group=2, topk_group=1)
+    ds.pop("n_routed_experts")
+    v3 = config_from_hf(dict(ds, num_local_experts=6, num_mtp_layers=2))
+    assert (v3.moe.n_experts, v3.mtp.depth) == (6, 2)
+    gpt2 = config_from_hf(dict(model_type="gpt2", vocab_size=64, hidden_size=32, num_attention_heads=4,
+                               num_hidden_layers=2, max_position_embeddings=16))
+    assert (gpt2.d_model, gpt2.n_heads, gpt2.n_layers, gpt2.max_seq_len) == (32, 4, 2, 16)
+    both = config_from_hf(dict(CORE, model_type="mixtral", num_experts=4, num_local_experts=8, num_key_value_heads=2))
+    assert both.moe.n_experts == 8  # the field's own name wins

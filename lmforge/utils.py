@@ -451,3 +451,29 @@ def capture_cuda_graph(fn, pool=None):
         torch.cuda.set_stream(stream)
         raise
     return graph, out
+
+
+def compiler_disable(fn):
+    """`@torch.compiler.disable` without importing torch._dynamo (with sympy and triton, ~2 s) when the decorated
+    module loads: a model or kernel module then loads in a process that never compiles without paying for dynamo.
+
+    While torch._dynamo is not imported, nothing can be compiling, so `fn` runs as it is. Under torch.compile
+    the call goes through torch's own lazy form of the decorator (torch._disable_dynamo, which imports dynamo at
+    its first call): a graph break there, `fn` run eagerly, as @torch.compiler.disable gives. The break reason
+    dynamo reports is "Attempted to call function marked as skipped" (the wrapper lives in torch/_compile.py)
+    rather than "Skip calling torch.compiler.disable()d function"."""
+    import functools
+    import sys
+
+    import torch
+
+    disabled = torch._disable_dynamo(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        # is_compiling() first: Dynamo folds it to True while tracing and never looks at sys.modules
+        if not torch.compiler.is_compiling() and "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        return disabled(*args, **kwargs)
+
+    return call

@@ -40,6 +40,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from lmforge.utils import compiler_disable
+
 
 def _no_triton(e: ImportError) -> str:
     """Why `triton` is None, for the fallback's notice: not installed, or installed but older than 3.3 (no
@@ -107,13 +109,13 @@ def falls_back(device: torch.device | str, what: str) -> bool:
     return True
 
 
-@torch.compiler.disable  # warnings.warn is a graph break anyway; this way it is reported from the caller's frame
+@compiler_disable  # warnings.warn is a graph break anyway; this way it is reported from the caller's frame
 @functools.lru_cache(maxsize=None)  # the fallback runs at every call: one notice is enough
 def _fallback_notice(what: str, device_type: str) -> None:
     why = _NO_TRITON or "TRITON_INTERPRET=1 runs the kernels on CPU, for tests"
     # reported from the first frame outside the kernels and torch (the model's layer, the user's call), not
-    # from torch.compiler.disable's wrapper
-    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    # from compiler_disable's wrapper (lmforge/utils.py) or torch's
+    inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__), compiler_disable.__code__.co_filename)
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1

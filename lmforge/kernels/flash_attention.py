@@ -50,6 +50,7 @@ import torch
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.kernels.decode import interpreting
+from lmforge.utils import compiler_disable
 
 try:
     import triton
@@ -612,7 +613,7 @@ def _doc_ids(cu_seqlens: torch.Tensor, B: int, N: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True).view(B, N)
 
 
-@torch.compiler.disable  # a graph break under torch.compile: the autotuner and descriptors are host code
+@compiler_disable  # a graph break under torch.compile: the autotuner and descriptors are host code
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     scale: float | None = None, window: int = 0, softcap: float = 0.0,
                     cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,

@@ -26,6 +26,7 @@ from lmforge.errors import ConfigError
 from lmforge.kernels.decode import available, falls_back, triton
 from lmforge.model.layers.fused import plain_linear
 from lmforge.train.loss import LMObjective, lm_loss, with_aux
+from lmforge.utils import compiler_disable
 
 if triton is not None:
     import triton.language as tl
@@ -183,7 +184,7 @@ def fused_lm_loss(model, x: torch.Tensor, y: torch.Tensor, z_loss: float = 0.0, 
     return _eager_head(h, model.lm_head.weight, y, z_loss, chunk_size)
 
 
-@torch.compiler.disable
+@compiler_disable
 def _eager_head(h, weight, y, z_loss, chunk_size):
     """The chunk loop stays out of torch.compile's graph (the trunk before it is compiled as usual)."""
     return fused_linear_cross_entropy(h, weight, y, z_loss, chunk_size=chunk_size)

@@ -60,11 +60,12 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.model.layers.mlp import ACT, GATED, MLP, glu
+from lmforge.utils import compiler_disable
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@torch.compiler.disable  # counts.tolist() breaks the graph anyway; traced, the frame after the break guarded on
+@compiler_disable  # counts.tolist() breaks the graph anyway; traced, the frame after the break guarded on
 # every expert's count and recompiled at each new routing until dynamo's recompile limit (then ran eager)
 def grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Reference: x (M, in) sorted by expert with counts (E,) rows each, w (E, out, in) -> (M, out), one

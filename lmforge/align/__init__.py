@@ -1,6 +1,7 @@
 """Post-training: objectives for the one Trainer (SFT, reward models, DPO and its family, distillation,
 RL), the log-prob and masked-reduction utilities they share, and data builders (chat, preferences).
 
+  config.py     the post-training configs (objectives' options, [data], the run, OBJECTIVES) without torch
   logprobs.py   chunked fp32 token log-probs, entropy, masked reductions, batch_logps over prefixed rows
   losses.py     DPO / cDPO / IPO / SimPO / KTO / ORPO / Bradley-Terry as pure functions of log-probs
   frozen.py     Frozen: reference and teacher models (eval, no grad, other device, identity, cache);

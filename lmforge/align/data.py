@@ -40,47 +40,17 @@ from array import array
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 
-from lmforge.config import check, coerce_fields
+from lmforge.align.config import PostDataConfig
 from lmforge.errors import DataError, LmforgeError
 from lmforge.infer.chat_template import MARKER, ChatTemplate, get_template
 from lmforge.model.meta import packed_positions
 
 Example = tuple[list[int], list[bool]]
 IGNORE = -100
-
-
-@dataclass(frozen=True, kw_only=True)
-class PostDataConfig:
-    train: tuple[str, ...] = ()
-    """JSONL files of chat / prompt-completion / preference / KTO records"""
-    val: tuple[str, ...] = ()
-    """validation JSONL files; if empty, the last `val_fraction` of the training records is held out"""
-    val_fraction: float = 0.05
-    template: str = "chatml"
-    """chat template (chatml | llama3 | plain); its special tokens must be special tokens of the tokenizer"""
-    loss_on: Literal["assistant", "all"] = "assistant"
-    """'assistant': loss on assistant turns / completions only; 'all': on every token"""
-    seq_len: int = 512
-    batch_size: int = 8
-    """rows per micro-batch (a packed row holds several examples)"""
-    packing: bool = True
-    """pack several examples per row (per-document attention, positions restart); SFT only"""
-    on_error: Literal["raise", "skip"] = "raise"
-    """a malformed record stops the run with its file:line ('raise') or is counted and reported ('skip')"""
-    truncation: Literal["keep_start", "keep_end"] = "keep_start"
-    """an example longer than seq_len + 1 tokens keeps its first ('keep_start') or its last ('keep_end': a long
-    prompt loses its oldest tokens, its completion stays whole) seq_len + 1 tokens (TRL's truncation_mode)"""
-
-    def __post_init__(self) -> None:
-        coerce_fields(self, "data")  # each field's type, named when wrong
-        check(self.seq_len > 1, f"data.seq_len must be > 1, got {self.seq_len}")
-        check(self.batch_size > 0, f"data.batch_size must be > 0, got {self.batch_size}")
-        check(0 <= self.val_fraction < 1, f"data.val_fraction must lie in [0, 1), got {self.val_fraction}")
-        check(self.loss_on in ("assistant", "all"), f"data.loss_on must be 'assistant' or 'all', got {self.loss_on!r}")
 
 
 @dataclass

@@ -36,20 +36,16 @@ Sequence-level distillation (training on the teacher's generations) is data: lmf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lmforge.align.config import DIVERGENCES, DistillConfig  # noqa: F401 (DIVERGENCES: re-exported)
 from lmforge.align.dpo import ReferenceHolder
-from lmforge.align.frozen import Frozen, frozen_dtype, held
+from lmforge.align.frozen import Frozen, held
 from lmforge.align.logprobs import ModelAux, masked_mean, model_logits, response_mask, token_logprobs
-from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
-
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """(..., V) log-probs -> (...) KL(p || q) = sum p (log p - log q) (torch's kl_div takes q first)."""
@@ -116,49 +112,6 @@ def sparse_teacher(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> tor
     log-prob, so a short row may be padded with any id and -inf."""
     dense = torch.full((*ids.shape[:-1], vocab), float("-inf"), device=logprobs.device)
     return dense.scatter_reduce_(-1, ids.long(), logprobs.float(), reduce="amax")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    divergence: str = "forward_kl"
-    """forward_kl | reverse_kl | jsd"""
-    beta: float = 0.5
-    """jsd interpolation (0 < beta < 1)"""
-    temperature: float = 1.0
-    weight: float = 1.0
-    """weight of the divergence term"""
-    sft_weight: float = 0.0
-    """weight of the cross-entropy on the data's targets (0 = pure distillation)"""
-    teacher_device: str | None = None
-    teacher_dtype: str | None = None
-    """hold the teacher in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 teacher
-    beside a bf16-trained model in half the memory (its logits are still compared in fp32)"""
-    teacher_support: bool = False
-    """compare the student renormalised over the tokens the teacher gives (its finite logits) only: for a
-    top-k teacher, whose reverse KL is otherwise infinite"""
-    chunk: int = 0
-    """positions per chunk of the divergence, each recomputed in the backward pass (0 = the whole batch at
-    once): its fp32 (B, T, V) intermediates, several times the logits, held for one chunk only. Measured on
-    CPU (2026-12-06, B=1, T=2048, V=32000, bf16 logits, forward + backward): forward KL peak 2005 -> 341 MB,
-    JSD 3007 -> 467 MB at chunk = 256 (the cross-entropy: 443 MB), for ~1.6x the divergence's time"""
-
-    def __post_init__(self):
-        coerce_fields(self, "distill")  # each field's type, named when wrong
-        if self.divergence not in DIVERGENCES:
-            raise ConfigError(f"divergence={self.divergence!r} is not one of {DIVERGENCES}")
-        if self.divergence == "jsd" and not 0 < self.beta < 1:
-            raise ConfigError(f"beta={self.beta} must be in (0, 1) for jsd; use forward_kl (beta 0) or "
-                              f"reverse_kl (beta 1) for the endpoints")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0, e.g. 1.0 or 2.0")
-        if self.divergence == "sampled_reverse_kl" and self.temperature != 1.0:
-            raise ConfigError(f"temperature={self.temperature}: sampled_reverse_kl compares the log-probs of the "
-                              "sampled tokens at temperature 1 (as the engine gives them); set temperature = 1.0")
-        frozen_dtype(self.teacher_dtype, "teacher_dtype")
-        if self.chunk < 0:
-            raise ConfigError(f"chunk={self.chunk} must be >= 0 (0 = no chunking), e.g. 256")
-        if self.weight < 0 or self.sft_weight < 0 or self.weight + self.sft_weight == 0:
-            raise ConfigError(f"weight={self.weight} and sft_weight={self.sft_weight} must be >= 0, not both 0")
 
 
 class DistillObjective(ReferenceHolder):

@@ -19,51 +19,17 @@ loss of its concatenated forward): metrics loss (the preference loss alone), aux
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lmforge.align.frozen import Frozen, check_beta, frozen_dtype, held
+from lmforge.align.config import DPOConfig
+from lmforge.align.frozen import Frozen, held
 from lmforge.align.logprobs import ModelAux, batch_logps
-from lmforge.align.losses import PAIR_LOSSES, dpo_loss, ipo_loss, preference_metrics, simpo_loss
-from lmforge.config import coerce_fields
+from lmforge.align.losses import dpo_loss, ipo_loss, preference_metrics, simpo_loss
 from lmforge.errors import ConfigError
 
 PAIR = ("chosen_", "rejected_")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPOConfig:
-    beta: float = 0.1
-    """KL-anchor strength (DPO's beta, IPO's tau, SimPO's reward scale)"""
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO) | ipo | simpo"""
-    label_smoothing: float = 0.0
-    """probability that a label is flipped (conservative DPO); sigmoid and simpo only"""
-    simpo_gamma: float = 0.5
-    """SimPO's target reward margin gamma"""
-    reference_device: str | None = None
-    """run the reference on this device (default: where it is)"""
-    reference_dtype: str | None = None
-    """hold the reference in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 reference
-    beside a bf16-trained model in half the memory (its log-probs are still compared in fp32)"""
-    reference_cache: int = 0
-    """cache the reference log-probs of this many batches (multi-epoch runs see batches again)"""
-
-    def __post_init__(self):
-        coerce_fields(self, "dpo")  # each field's type, named when wrong
-        check_beta(self.beta)
-        if self.loss_type not in PAIR_LOSSES:
-            raise ConfigError(f"loss_type={self.loss_type!r} is not one of {PAIR_LOSSES}; KTO and ORPO have their "
-                              f"own objectives (lmforge.align.kto:KTOObjective, lmforge.align.orpo:ORPOObjective)")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5); 0 = plain DPO")
-        if self.label_smoothing and self.loss_type == "ipo":
-            raise ConfigError("label_smoothing applies to loss_type 'sigmoid' or 'simpo', not 'ipo'; set it to 0")
-        frozen_dtype(self.reference_dtype, "reference_dtype")
-        if self.reference_cache < 0:
-            raise ConfigError(f"reference_cache={self.reference_cache} must be >= 0 (0 = no cache)")
 
 
 def reference_logps(ref: Frozen | None, batch: dict, prefixes: tuple[str, ...], *, average: bool,

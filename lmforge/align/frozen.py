@@ -33,11 +33,12 @@ from typing import Any
 import torch
 
 from lmforge.adapt.lora import adapter_names, adapters_disabled, lora_layers
+from lmforge.align.config import FROZEN_DTYPE_NAMES, check_beta, check_frozen_dtype  # noqa: F401 (re-export)
 from lmforge.align.logprobs import batch_logps, model_inputs
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.utils import eval_mode
 
-FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FROZEN_DTYPES = {name: getattr(torch, dtype) for name, dtype in FROZEN_DTYPE_NAMES.items()}
 
 
 def frozen_dtype(value: str | torch.dtype | None, name: str) -> torch.dtype | None:
@@ -45,9 +46,7 @@ def frozen_dtype(value: str | torch.dtype | None, name: str) -> torch.dtype | No
     naming the choices otherwise."""
     if value is None or isinstance(value, torch.dtype):
         return value
-    if value not in FROZEN_DTYPES:
-        raise ConfigError(f"{name}={value!r} is not one of {sorted(FROZEN_DTYPES)} (or None: the dtype it was saved "
-                          "in); e.g. 'bf16' holds an fp32 model in half the memory")
+    check_frozen_dtype(value, name)
     return FROZEN_DTYPES[value]
 
 
@@ -289,8 +288,3 @@ def held(model: torch.nn.Module | Frozen | None, *, role: str, device: str | tor
                           f"model's dtype; unset {role}_dtype, or pass a separate {role} model")
     model.role, model.path, model.cache_size, model.vocab = role, path or model.path, cache_size, vocab
     return model
-
-
-def check_beta(beta: float, name: str = "beta") -> None:
-    if not beta > 0:
-        raise ConfigError(f"{name} must be > 0, got {beta}; e.g. 0.1 (the strength of the KL anchor)")

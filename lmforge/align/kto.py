@@ -28,44 +28,20 @@ reference-point rows) are added (lmforge.align.logprobs.ModelAux): metrics loss 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from lmforge.align.dpo import ReferenceHolder, reference_logps
-from lmforge.align.frozen import Frozen, check_beta, frozen_dtype, held
+from lmforge.align.config import KTOConfig
+from lmforge.align.frozen import Frozen, held
 from lmforge.align.logprobs import ModelAux, batch_logps, response_mask
 from lmforge.align.losses import kto_kl, kto_loss
-from lmforge.config import coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.train.objective import SubsetMeans
 
 PER_LABEL = SubsetMeans(counts={"rewards/chosen": "num_chosen", "rewards/rejected": "num_rejected",
                                 "logps/chosen": "num_chosen", "logps/rejected": "num_rejected"},
                         differences={"rewards/margins": ("rewards/chosen", "rewards/rejected")})
-
-
-@dataclass(frozen=True, kw_only=True)
-class KTOConfig:
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    """lambda_D: raise it when desirable examples are rarer (the paper keeps w_d n_d / (w_u n_u) in [1, 4/3])"""
-    undesirable_weight: float = 1.0
-    kl: bool = True
-    """estimate z0 from mismatched pairs (False: z0 = 0, cheaper)"""
-    reference_device: str | None = None
-    reference_dtype: str | None = None
-    """hold the reference in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 reference
-    beside a bf16-trained model in half the memory (its log-probs are still compared in fp32)"""
-    reference_cache: int = 0
-
-    def __post_init__(self):
-        coerce_fields(self, "kto")  # each field's type, named when wrong
-        check_beta(self.beta)
-        frozen_dtype(self.reference_dtype, "reference_dtype")
-        for name in ("desirable_weight", "undesirable_weight"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:

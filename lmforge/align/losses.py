@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-PAIR_LOSSES = ("sigmoid", "ipo", "simpo")
+from lmforge.align.config import PAIR_LOSSES  # noqa: F401 (DPOConfig's table, re-exported here)
 
 
 def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, *,

@@ -10,25 +10,13 @@ auxiliary losses are added (lmforge.align.logprobs.ModelAux): metrics loss (ORPO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
 from lmforge.align.dpo import PAIR, Stateless
-from lmforge.align.frozen import check_beta
+from lmforge.align.config import ORPOConfig
 from lmforge.align.logprobs import ModelAux, batch_logps, masked_mean
 from lmforge.align.losses import orpo_log_odds, preference_metrics
-from lmforge.config import coerce_fields
-
-
-@dataclass(frozen=True, kw_only=True)
-class ORPOConfig:
-    beta: float = 0.1
-    """lambda, the weight of the odds-ratio term (TRL calls it beta)"""
-
-    def __post_init__(self):
-        coerce_fields(self, "orpo")  # each field's type, named when wrong
-        check_beta(self.beta)
 
 
 class ORPOObjective(Stateless):

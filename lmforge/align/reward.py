@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmforge.align.config import RewardConfig
 from lmforge.align.dpo import PAIR, Stateless
 from lmforge.align.logprobs import ModelAux, model_inputs
 from lmforge.align.losses import bradley_terry_loss
@@ -130,17 +131,6 @@ def scores(model: nn.Module, batch: dict, prefix: str = "", *, aux: ModelAux | N
     if aux is not None:
         aux.read()
     return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class RewardConfig:
-    center_rewards_coefficient: float = 0.0
-    """weight of mean((r_c + r_r)^2), keeping rewards centred on 0 (0 = off)"""
-
-    def __post_init__(self):
-        coerce_fields(self, "rm")  # each field's type, named when wrong
-        if self.center_rewards_coefficient < 0:
-            raise ConfigError(f"center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0")
 
 
 class RewardObjective(Stateless):

@@ -21,30 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from lmforge.align.config import SFTConfig
 from lmforge.align.logprobs import ModelAux, masked_mean, model_logits, response_mask, token_logprobs
-from lmforge.config import check, coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.train.distributed import eval_rows, sum_over_ranks
 from lmforge.train.objective import metric_terms
-
-
-@dataclass(frozen=True, kw_only=True)
-class SFTConfig:
-    loss: Literal["token_mean", "sequence_mean"] = "token_mean"
-    """token_mean: every trained token weighs the same; sequence_mean: every example weighs the same"""
-    neftune_alpha: float = 0.0
-    """NEFTune noise scale α (5 in the paper; 0 = off)"""
-
-    def __post_init__(self) -> None:
-        coerce_fields(self, "sft")  # each field's type, named when wrong
-        check(self.loss in ("token_mean", "sequence_mean"),
-              f"sft.loss must be 'token_mean' or 'sequence_mean', got {self.loss!r}")
-        check(self.neftune_alpha >= 0, f"sft.neftune_alpha must be >= 0, got {self.neftune_alpha}")
 
 
 def input_embedding(model: torch.nn.Module) -> torch.nn.Module:

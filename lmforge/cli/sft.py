@@ -20,9 +20,9 @@ HELP = {
 def run_objective(name: str, argv: list[str]) -> int:
     import os
 
+    from lmforge.align.config import config_class  # (torch-free: --help and a bad flag answer at once)
     from lmforge.cli.train import relaunch
     from lmforge.errors import ConfigError
-    from lmforge.train.posttrain import config_class, posttrain
 
     def parse(args: list[str]):
         cfg = parse_config(config_class(name), args, prog=f"lmforge {name}", description=HELP[name] +
@@ -35,6 +35,8 @@ def run_objective(name: str, argv: list[str]) -> int:
     rc, cfg = relaunch(name, argv, parse)
     if rc is not None:
         return rc
+    from lmforge.train.posttrain import posttrain  # (torch, the model code and the objectives)
+
     result = posttrain(cfg)
     if os.environ.get("RANK", "0") != "0":
         return 0

@@ -9,10 +9,10 @@
     [sft]                              # the objective's own options: a section named after the command
     neftune_alpha = 5.0                # (its class's `Config`, e.g. [dpo] beta = 0.1)
 
-Objectives resolve by name through OBJECTIVES, lazily imported "module:Class" paths, so an objective
-plugs in by adding one line. An objective class is built as Class(Class.Config(...)) plus, when its
-constructor takes them, reference=/reference_path= (DPO, KTO: a frozen copy of `reference`, by default
-the init model) or teacher=/teacher_path= (distillation).
+Objectives resolve by name through OBJECTIVES (lmforge.align.config, with PostTrainConfig: importable without
+torch), lazily imported "module:Class" paths, so an objective plugs in by adding one line. An objective class is
+built as Class(Class.Config(...)) plus, when its constructor takes them, reference=/reference_path= (DPO, KTO: a
+frozen copy of `reference`, by default the init model) or teacher=/teacher_path= (distillation).
 
 A [lora] section (LoRAConfig) puts fresh adapters on the policy after loading it, and only they train
 (plus LoRAConfig.trainable modules). The reference then defaults to the policy with its adapters disabled
@@ -35,96 +35,21 @@ pipeline and context parallel are refused: the objectives call the model themsel
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import inspect
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmforge.adapt.lora import LoRAConfig
-from lmforge.align.data import PostDataConfig, build_sources
+# the run's config and the objectives' registry live in a torch-free module (`lmforge sft --help` reads them there)
+from lmforge.align.config import (OBJECTIVES, ObjectiveSpec, PostTrainConfig, config_class,  # noqa: F401
+                                  objective_spec, resolve)
+from lmforge.align.data import build_sources
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.parallel.config import ParallelConfig
-from lmforge.train.config import LoopConfig
 from lmforge.train.data import encode_alike
 from lmforge.train.distributed import distribute, join, rank_and_world, train_device
 from lmforge.utils import write_json_atomic
-
-
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    path: str
-    """'module:Class' of the objective"""
-    data: str
-    """record kind it trains on: sft | preference | kto (lmforge.align.data)"""
-    wrap: str | None = None
-    """'module:Class' wrapping the loaded model (a reward model's scalar head)"""
-
-
-OBJECTIVES: dict[str, ObjectiveSpec] = {
-    "sft": ObjectiveSpec("lmforge.align.sft:SFTObjective", "sft"),
-    "dpo": ObjectiveSpec("lmforge.align.dpo:DPOObjective", "preference"),
-    "rm": ObjectiveSpec("lmforge.align.reward:RewardObjective", "preference", wrap="lmforge.align.reward:SequenceHead"),
-    "distill": ObjectiveSpec("lmforge.align.distill:DistillObjective", "sft"),
-    "kto": ObjectiveSpec("lmforge.align.kto:KTOObjective", "kto"),
-    "orpo": ObjectiveSpec("lmforge.align.orpo:ORPOObjective", "preference"),
-}
-
-
-def resolve(path: str):
-    module, _, name = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"cannot import {path} ({e}); is this lmforge version complete?") from e
-
-
-def objective_spec(name: str) -> ObjectiveSpec:
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name]
-
-
-@dataclass(frozen=True, kw_only=True)
-class PostTrainConfig(LoopConfig):
-    objective: str = "sft"
-    """sft | dpo | rm | distill | kto | orpo (set by the command)"""
-    init: str = ""
-    """checkpoint, run directory or HF model directory to start from"""
-    reference: str = ""
-    """frozen reference model for DPO/KTO ('' = the init model; with [lora]: the policy with adapters off)"""
-    teacher: str = ""
-    """teacher model for distillation"""
-    tokenizer: str = ""
-    """tokenizer spec ('' = the one saved with the init model)"""
-    lora: LoRAConfig | None = None
-    """[lora] train LoRA adapters on the policy instead of all its weights (None: full fine-tuning); flags
-    --lora.r, --lora.alpha, --lora.targets, --lora.dropout, --lora.trainable, --lora.rslora open it"""
-    data: PostDataConfig = field(default_factory=PostDataConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """[parallel] data-parallel layout over the processes (`--nproc N`): dp_shard (FSDP2) or dp_replicate (DDP)"""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        objective_spec(self.objective)
-        other = {d: getattr(self.parallel, d) for d in ("tp", "pp", "cp") if getattr(self.parallel, d) > 1}
-        if other:
-            raise ConfigError(f"post-training runs data parallel only, got parallel {other}: use dp_shard / "
-                              "dp_replicate and set tp = pp = cp = 1")
-
-
-def config_class(name: str) -> type[PostTrainConfig]:
-    """PostTrainConfig plus a section `name` holding the objective's own Config (defaults applied), so
-    TOML files and the generated CLI reach its options as [name] / --name.key."""
-    options = getattr(resolve(objective_spec(name).path), "Config", None)
-    extra = [("objective", str, field(default=name))]
-    if options is not None:
-        extra.append((name, options, field(default_factory=options)))
-    return dataclasses.make_dataclass(f"{name.upper()}RunConfig", extra, bases=(PostTrainConfig,), frozen=True,
-                                      kw_only=True)
 
 
 def not_a_language_model(model: torch.nn.Module, role: str, path: str) -> ConfigError:

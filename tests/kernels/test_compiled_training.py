@@ -45,4 +45,5 @@ def test_fused_kernels_compiled_match_plain_eager(mlp):
     # MoE 0.02 for most parameters and 0.075 for the router (bf16 near-ties route some tokens differently)
     assert max(errors.values()) < (0.12 if mlp == "moe" else 0.03), errors
     breaks = torch._dynamo.utils.counters["graph_break"]
-    assert all("compiler.disable" in reason for reason in breaks), dict(breaks)
+    # the only breaks are lmforge.utils.compiler_disable's (torch's lazy disable wrapper lives in torch/_compile.py)
+    assert all("compiler.disable" in reason or "torch/_compile.py" in reason for reason in breaks), dict(breaks)

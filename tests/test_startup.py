@@ -139,3 +139,23 @@ def test_the_configs_keep_their_old_import_paths_and_one_table_each():
     assert list(frozen.FROZEN_DTYPES) == list(config.FROZEN_DTYPE_NAMES)
     for name, spec in config.OBJECTIVES.items():  # the registry names the options its objective builds from
         assert spec.config is config.resolve(spec.path).Config, name
+
+
+_MOE_FORWARD = r"""
+import json, sys
+import torch
+from lmforge.model.config import ModelConfig, MoEConfig
+from lmforge.model.transformer import Transformer
+cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=8, mlp="moe",
+                  moe=MoEConfig(n_experts=4, top_k=2, d_expert=8))
+Transformer(cfg)(torch.randint(0, 32, (1, 5)))
+print(json.dumps("triton" in sys.modules))
+"""
+
+
+def test_an_moe_forward_on_cpu_imports_no_triton():
+    """model.moe.gemm='auto' on a CPU tensor picks the loop without asking whether Triton's kernel is available
+    (lmforge.kernels.decode imports triton, ~0.6 s, on an MoE model's first forward)."""
+    r = subprocess.run([sys.executable, "-c", _MOE_FORWARD], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "false"

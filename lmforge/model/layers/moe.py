@@ -133,10 +133,14 @@ def grouped_mm_sync_free(x: torch.Tensor) -> bool:
 def pick_gemm(gemm: str, x: torch.Tensor, dims: tuple[int, ...]) -> GroupedMM:
     """The grouped matmul `gemm` names (model.moe.gemm) for operands like x with widths `dims`."""
     if gemm == "auto":
-        from lmforge.kernels.decode import available  # (Triton imported there only if installed)
+        if grouped_mm_applies(x, dims) and grouped_mm_sync_free(x):
+            gemm = "torch"
+        elif x.is_cuda:  # (Triton, ~0.6 s to import, only where its kernel could run)
+            from lmforge.kernels.decode import available
 
-        gemm = "torch" if grouped_mm_applies(x, dims) and grouped_mm_sync_free(x) else \
-            "triton" if x.is_cuda and available(x.device) else "loop"
+            gemm = "triton" if available(x.device) else "loop"
+        else:
+            gemm = "loop"
     if gemm == "triton":
         from lmforge.kernels.moe import available, grouped_mm
 

@@ -36,7 +36,7 @@ def test_loading_the_model_and_kernel_modules_imports_no_dynamo():
 
 
 DECORATED = [(moe, "grouped_mm_loop"), (flash_attention, "flash_attention"), (fused_ce, "_eager_head"),
-             (decode, "_fallback_notice")]
+             (decode, "fallback_notice")]
 
 
 @pytest.mark.parametrize("module, name", DECORATED, ids=[n for _, n in DECORATED])
@@ -54,7 +54,7 @@ def _drivers():
         (moe, "grouped_mm_loop", lambda x, w, c: moe.grouped_mm_loop(x.relu(), w, c).sin() * 2, (x, w, counts)),
         (fused_ce, "_eager_head", lambda h, W, y: fused_ce._eager_head(h * 1.5, W, y, 1e-2, None)[0].exp(),
          (h, head, y)),
-        (decode, "_fallback_notice", lambda x: (x.cos(), decode.falls_back(x.device, "fused test"), x.sin())[::2],
+        (decode, "fallback_notice", lambda x: (x.cos(), decode.falls_back(x.device, "fused test"), x.sin())[::2],
          (x,)),
     ]
 
@@ -65,7 +65,7 @@ def _explain(fn, args):
     return ex.graph_count, ex.graph_break_count, [frame.name for frame in ex.break_reasons[0].user_stack]
 
 
-@pytest.mark.parametrize("i", range(3), ids=["grouped_mm_loop", "_eager_head", "_fallback_notice"])
+@pytest.mark.parametrize("i", range(3), ids=["grouped_mm_loop", "_eager_head", "fallback_notice"])
 def test_compiled_callers_break_the_graph_where_torch_compiler_disable_did(monkeypatch, i):
     """Compiled (aot_eager), a caller of each function gives its eager result with the function run eagerly,
     in two graphs around one break at the call, as with @torch.compiler.disable."""

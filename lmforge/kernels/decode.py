@@ -74,7 +74,8 @@ def pdl_supported() -> bool:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
         return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and torch.cuda.get_device_capability()[0] >= 9
+    return ("launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+            and torch.cuda.get_device_capability()[0] >= 9)
 
 
 def _launch_opts(pdl: bool = PDL_DEFAULT, prefetch: bool | None = None, evict: bool = True) -> dict:
@@ -109,18 +110,23 @@ def falls_back(device: torch.device | str, what: str) -> bool:
     return True
 
 
-@compiler_disable  # warnings.warn is a graph break anyway; this way it is reported from the caller's frame
-@functools.lru_cache(maxsize=None)  # the fallback runs at every call: one notice is enough
 def _fallback_notice(what: str, device_type: str) -> None:
     why = _NO_TRITON or "TRITON_INTERPRET=1 runs the kernels on CPU, for tests"
+    fallback_notice(f"{what} needs a CUDA GPU and Triton ({why}), got device {device_type}; using the PyTorch "
+                    "reference")
+
+
+@compiler_disable  # warnings.warn is a graph break anyway; this way it is reported from the caller's frame
+@functools.lru_cache(maxsize=None)  # the fallback runs at every call (every layer, every step): one notice is enough
+def fallback_notice(message: str) -> None:
+    """A kernel's fallback to its reference, warned once per message (keep shapes and lengths out of it)."""
     # reported from the first frame outside the kernels and torch (the model's layer, the user's call), not
     # from compiler_disable's wrapper (lmforge/utils.py) or torch's
     inside = (os.path.dirname(__file__), os.path.dirname(torch.__file__), compiler_disable.__code__.co_filename)
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
-    warnings.warn(f"{what} needs a CUDA GPU and Triton ({why}), got device {device_type}; using the PyTorch "
-                  "reference", stacklevel=level)
+    warnings.warn(message, stacklevel=level)
 
 
 # references --------------------------------------------------------------------------------------------

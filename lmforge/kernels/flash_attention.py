@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.kernels.decode import interpreting
+from lmforge.kernels.decode import fallback_notice, interpreting
 from lmforge.utils import compiler_disable
 
 try:
@@ -688,7 +687,7 @@ def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     reason = unsupported(q, k, v)
     if reason is None:
         if q.shape[2] != k.shape[2]:
-            reason = f"flash_attention needs as many queries as keys (got {q.shape[2]} and {k.shape[2]}: a cache)"
+            reason = "flash_attention needs as many queries as keys (fewer queries: a cache's steps)"
         elif dropout_p > 0:
             reason = "flash_attention has no attention dropout"
         elif not (isinstance(mask, str) or mask is None or documents is not None):
@@ -699,7 +698,7 @@ def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cu, longest = documents if documents is not None else (None, None)
         return flash_attention(q, k, v, causal=isinstance(mask, str) or documents is not None, scale=scale,
                                window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest, sinks=sinks)
-    warnings.warn(f"{reason}; using attn_impl='sdpa' for this call", stacklevel=2)
+    fallback_notice(f"{reason}; using attn_impl='sdpa' for these calls")  # once (every layer, every step)
     if documents is not None:  # packed rows: their own mask (causal within each document), not plain causal
         mask = doc_mask() if doc_mask is not None else AttnMetadata.packed(
             _doc_ids(documents[0], q.shape[0], q.shape[2])).doc_mask()

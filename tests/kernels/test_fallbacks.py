@@ -19,7 +19,7 @@ from lmforge.train.loss import lm_loss
 @pytest.fixture(autouse=True)
 def fresh_notices():
     """The notice is once per kernel: forget the ones an earlier test gave."""
-    decode._fallback_notice.__wrapped__.cache_clear()
+    decode.fallback_notice.__wrapped__.cache_clear()
 
 
 def _cases():

@@ -4,10 +4,13 @@ TRITON_INTERPRET=1), at small shapes in fp32; the `gpu` tests run bf16/fp16 at r
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.kernels import decode
 from lmforge.kernels import flash_attention as fa
 from lmforge.kernels.flash_reference import flash_attention_ref, flash_attention_ref_backward, visible
 from lmforge.model.layers.attention import math_attention
@@ -251,10 +254,14 @@ def test_model_entry_point_matches_the_layer_attention():
     assert got.grad_fn is not None and type(got.grad_fn).__name__ == "FlashAttentionBackward"
     want = attention(q, k, v, None, scale=0.3, softcap=2.0, impl="math")
     torch.testing.assert_close(got, want, atol=TOL_OUT, rtol=TOL_OUT)
+    decode.fallback_notice.__wrapped__.cache_clear()  # (an earlier test may have had the notice)
     with pytest.warns(UserWarning, match="as many queries as keys"):
         got = fa.flash_attention_for_model(q[:, :, -3:], k, v, "causal", scale=0.3)
     torch.testing.assert_close(got, attention(q[:, :, -3:], k, v, "causal", scale=0.3, impl="math"),
                                atol=TOL_OUT, rtol=TOL_OUT)
+    with warnings.catch_warnings():  # once: not again at every layer and step (another length here)
+        warnings.simplefilter("error")
+        fa.flash_attention_for_model(q[:, :, -2:], k, v, "causal", scale=0.3)
 
 
 @needs_triton

@@ -161,22 +161,46 @@ DEEPSEEK = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2
                 first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1)
 
 
-@pytest.mark.parametrize("family, targets, refused", [
-    ("deepseek_v3", ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"), None),
-    ("deepseek_v3", ("down",), "DeepSeek-V3 MLP projection"),  # PEFT adapted the experts instead (logits 0.1 off)
-    ("deepseek_v3", ("gate", "up", "down"), "DeepSeek-V3 MLP projection"),  # PEFT: nothing to adapt
-    ("gpt_oss", ("router",), "GptOssTopKRouter"),  # PEFT: not a supported module
-    ("gpt_oss", ("wq", "wo"), None),
+V2 = {k: v for k, v in DEEPSEEK.items() if k not in ("n_group", "topk_group")}  # (DeepSeek-V3's group routing)
+FAMILY_MODELS = {
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", DEEPSEEK),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", V2),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                                                          num_experts_per_tok=2, sliding_window=4)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_key_value_heads=2, num_experts=4,
+                                                                num_experts_per_tok=2, moe_intermediate_size=16,
+                                                                shared_expert_intermediate_size=32)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=4,
+                                                            num_experts_per_tok=2)),
+}
+ROUTER_DORA = "adapts as the parameter gate.weight \\(lora.ParamWrapper\\), which does not take DoRA"
+
+
+@pytest.mark.parametrize("family, targets, dora, refused", [
+    ("deepseek_v3", ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "router"), False, None),  # the router: a ParamWrapper
+    ("deepseek_v3", ("down",), False, "DeepSeek-V3 MLP projection"),  # PEFT adapted the experts instead (0.1 off)
+    ("deepseek_v3", ("gate", "up", "down"), False, "DeepSeek-V3 MLP projection"),  # PEFT: nothing to adapt
+    ("deepseek_v2", ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "router"), False, None),
+    ("deepseek_v2", ("mlp.gate", "mlp.up", "mlp.down"), False, "loads onto the MoE experts' fused weights"),
+    ("deepseek_v2", ("shared.down",), False, "loads onto the MoE experts' fused weights"),  # PEFT: the base's logits
+    ("deepseek_v2", ("router",), True, ROUTER_DORA),
+    ("gpt_oss", ("router",), False, "GptOssTopKRouter"),  # PEFT: not a supported module
+    ("gpt_oss", ("wq", "wo"), False, None),
+    ("gemma", TARGETS, False, None),  # (its head is tied: no target)
+    ("qwen2_moe", ("wq", "wk", "wv", "wo", "shared.gate", "shared.up", "shared.down", "out_gate"), False, None),
+    ("qwen2_moe", ("router",), False, "Qwen2MoeTopKRouter"),  # PEFT: not a supported module
+    ("mixtral", ("router",), True, ROUTER_DORA),
 ])
-def test_peft_adapters_of_other_families_load_in_peft_or_are_refused(tmp_path, tok, family, targets, refused):
+def test_peft_adapters_of_other_families_load_in_peft_or_are_refused(tmp_path, tok, family, targets, dora, refused):
     """Adapters on the layers PEFT (with transformers 5) loads as written equal the lmforge model through PEFT;
-    the others are refused in one line at export (found by random adapters over random HF models, 2026-12-05)."""
-    kw = DEEPSEEK if family == "deepseek_v3" else dict(num_key_value_heads=2, head_dim=8, num_local_experts=4,
-                                                       num_experts_per_tok=2, sliding_window=4)
-    cls = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"), "gpt_oss": ("GptOssConfig",
-                                                                                    "GptOssForCausalLM")}[family]
-    lora = LoRAConfig(r=2, alpha=4.0, targets=targets)
-    model = adapted(_from_hf(tmp_path, tok.vocab_size, *cls, **kw), lora)
+    the others are refused in one line at export (found by random adapters over random HF models, 2026-12-05;
+    Gemma, Qwen2-MoE and DeepSeek-V2 2026-12-06: Qwen2-MoE's router was written and PEFT refused it; DeepSeek's
+    routers, which PEFT adapts exactly as parameters, were refused, and Mixtral's DoRA router was written)."""
+    lora = LoRAConfig(r=2, alpha=4.0, targets=targets, dora=dora)
+    cfg_cls, model_cls, kw = FAMILY_MODELS[family]
+    base = _from_hf(tmp_path, tok.vocab_size, cfg_cls, model_cls, **kw)
+    model = adapted(base, lora)
     lora_run(tmp_path / "run", model, tok, lora)
     with pytest.raises(ConfigError, match=refused) if refused else contextlib.nullcontext():
         export(ExportConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "peft"), adapter=True))
@@ -184,6 +208,7 @@ def test_peft_adapters_of_other_families_load_in_peft_or_are_refused(tmp_path, t
         assert not (tmp_path / "peft").exists()
         return
     ids = ids_for(tok.vocab_size)
+    assert (logits(model, ids) - logits(base, ids)).abs().max() > 1e-3  # the adapters matter
     written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
     got = peft.PeftModel.from_pretrained(written, tmp_path / "peft").eval()
     assert (logits(got, ids) - logits(model, ids)).abs().max() <= 1e-5

@@ -84,6 +84,10 @@ recompute the base weights when the adapter is loaded (a residual of the base, a
 PEFT_CANNOT_LOAD: dict[str, tuple[tuple[str, str], ...]] = {
     "gpt_oss": ((r"\.mlp\.router$", "gpt-oss's router, a GptOssTopKRouter in transformers (not a Linear PEFT "
                                      "adapts)"),),
+    # (PEFT's MoE conversion, which adapts DeepSeek's and Qwen3-MoE's routers as parameters, skips qwen2_moe: its
+    # router stays a module target, which PEFT refuses)
+    "qwen2_moe": ((r"\.mlp\.router$", "Qwen2-MoE's router, a Qwen2MoeTopKRouter in transformers (not a Linear PEFT "
+                                       "adapts)"),),
     "deepseek_v3": ((r"\.mlp(\.shared)?\.(gate|up|down)$",
                      "a DeepSeek-V3 MLP projection, which PEFT's transformers-5 MoE conversion reads as the routed "
                      "experts' fused gate_up_proj / down_proj (it fails to load, or adapts the wrong weights)"),),
@@ -92,22 +96,24 @@ PEFT_CANNOT_LOAD: dict[str, tuple[tuple[str, str], ...]] = {
 (found with transformers 5.25 and peft 0.21 by loading written directories; tests/test_export.py)"""
 
 
-def peft_moe_targets(model_type: str) -> frozenset[str]:
-    """Module leaf names (gate_proj, up_proj, down_proj, w1, ...) that PEFT, loading an adapter onto a transformers-5
-    model of `model_type`, re-targets to the MoE experts' fused weights (its v4 -> v5 conversion: an adapter on a
-    dense MLP or shared expert of that name fails to load, or adapts the experts instead). Read from PEFT's and
-    transformers' own tables (private: none where a version lacks them)."""
+def peft_moe_targets(model_type: str) -> dict[str, str]:
+    """Module leaf name (gate_proj, up_proj, down_proj, w1, gate, ...) -> the parameter PEFT adapts in its place when
+    it loads an adapter onto a transformers-5 model of `model_type` (its v4 -> v5 MoE conversion): the experts' fused
+    gate_up_proj / down_proj (an adapter on a dense MLP or shared expert of that name fails to load, or adapts the
+    experts instead), or the router's own weight ("gate" -> "gate.weight": the same weights, adapted through PEFT's
+    lora.ParamWrapper). Read from PEFT's own tables (private: none where a version lacks them), which are those
+    PEFT consults (its model -> pattern table adds Mixtral to transformers')."""
     try:
-        from peft.utils.transformers_weight_conversion import _MOE_TARGET_MODULE_MAPPING
-        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
     except ImportError:
-        return frozenset()
-    return frozenset(_MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {}))
+        return {}
+    return dict(_MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {}))
 
 
 def _refuse_unloadable(layers: dict, modules: dict[str, str], model_type: str) -> None:
     """Refuses, in one line, an adapted layer PEFT would not load as written: a base that is no nn.Linear (PEFT's
-    LoRA adapts those; a quantized base of lmforge's is none), or a module name PEFT moves onto MoE experts."""
+    LoRA adapts those; a quantized base of lmforge's is none), a module name PEFT moves onto MoE experts, or a DoRA
+    layer PEFT would adapt as a parameter (its ParamWrapper takes no DoRA)."""
     from torch import nn
 
     moe = peft_moe_targets(model_type)
@@ -117,11 +123,17 @@ def _refuse_unloadable(layers: dict, modules: dict[str, str], model_type: str) -
                               "not an nn.Linear, which PEFT's LoRA does not load onto; save the adapters with lmforge "
                               "(lmforge.adapt.lora_state_dict or an adapter-only checkpoint) instead")
         leaf = modules[name].rsplit(".", 1)[-1]
-        if leaf in moe:
+        if leaf not in moe:
+            continue
+        if moe[leaf] != f"{leaf}.weight":
             raise ConfigError(f"--adapter: LoRA layer {name} is the {model_type} module {modules[name]}, whose adapter "
                               f"PEFT (transformers 5) loads onto the MoE experts' fused weights instead (a {leaf} of a "
                               "dense MLP or shared expert); export without --adapter (merged), or train adapters on "
                               "other layers")
+        if hasattr(m, "magnitude"):  # DoRA (all layers or none: to_peft)
+            raise ConfigError(f"--adapter: DoRA layer {name} is the {model_type} module {modules[name]}, which PEFT "
+                              f"(transformers 5) adapts as the parameter {moe[leaf]} (lora.ParamWrapper), which does "
+                              "not take DoRA; export without --adapter (merged), or train DoRA on other layers")
 
 
 def to_peft(model, family: str, lora: dict) -> tuple[dict, dict]:

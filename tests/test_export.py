@@ -214,6 +214,30 @@ def test_peft_adapters_of_other_families_load_in_peft_or_are_refused(tmp_path, t
     assert (logits(got, ids) - logits(model, ids)).abs().max() <= 1e-5
 
 
+def test_a_module_kept_in_full_whose_parts_hf_names_otherwise_crosses_to_peft(tmp_path, tok):
+    """[lora] trainable keeping DeepSeek's shared experts (lmforge blocks.1.mlp.shared: gate / up / down; HF
+    mlp.shared_experts: gate_proj / up_proj / down_proj) was refused as "not one HF module" (found 2026-12-06): it is
+    PEFT's modules_to_save model.layers.1.mlp.shared_experts, which loads in PEFT, and back into lmforge, with the
+    adapted model's logits. Qwen2-MoE's shared expert stays refused: its gate is HF's sibling shared_expert_gate."""
+    lora = LoRAConfig(r=2, alpha=4.0, targets=("wq_a",), trainable=("shared",))
+    model = adapted(_from_hf(tmp_path, tok.vocab_size, *FAMILY_MODELS["deepseek_v2"][:2], **V2), lora)
+    lora_run(tmp_path / "run", model, tok, lora)
+    export(ExportConfig(checkpoint=str(tmp_path / "run"), out=str(tmp_path / "peft"), adapter=True))
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert conf["modules_to_save"] == ["model.layers.1.mlp.shared_experts"]
+    ids = ids_for(tok.vocab_size)
+    got = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base"),
+                                         tmp_path / "peft").eval()
+    assert (logits(got, ids) - logits(model, ids)).abs().max() <= 1e-5
+    assert (logits(load_model(tmp_path / "peft")[0], ids) - logits(model, ids)).abs().max() <= 1e-5
+    cfg_cls, model_cls, kw = FAMILY_MODELS["qwen2_moe"]
+    lora = LoRAConfig(r=2, targets=("wq",), trainable=("shared",))
+    qwen = adapted(_from_hf(tmp_path / "qwen", tok.vocab_size, cfg_cls, model_cls, **kw), lora)
+    lora_run(tmp_path / "qwen_run", qwen, tok, lora)
+    with pytest.raises(ConfigError, match="the module blocks.0.mlp.shared that .* is not one HF module PEFT can keep"):
+        export(ExportConfig(checkpoint=str(tmp_path / "qwen_run"), out=str(tmp_path / "qwen_peft"), adapter=True))
+
+
 def _template_export(tmp_path: Path, name: str, tokenizer) -> Path:
     save_checkpoint(tmp_path / name, 1, tiny(tokenizer.vocab_size), tokenizer=tokenizer)
     assert main(["export", str(tmp_path / name), str(tmp_path / f"{name}-hf"), "--template", name]) == 0

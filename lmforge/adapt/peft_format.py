@@ -231,11 +231,14 @@ def _kept_hf_modules(model, patterns: tuple[str, ...]) -> dict[str, dict]:
 def kept_modules(model, patterns: tuple[str, ...], rules: dict) -> dict[str, dict]:
     """HF module name -> {HF tensor name: tensor} of each module [lora] trainable kept in full (PEFT's
     modules_to_save), each tensor as HF stores it (`rules`: lmforge.model.hf.hf_single_rules); one whose
-    tensors are not those of one HF module is refused."""
+    tensors are not those of one HF module is refused. A module's submodules may have other HF names (DeepSeek's
+    `shared` is HF's `shared_experts`, its `gate` `gate_proj`): each tensor names its HF module by dropping as many
+    trailing parts as its name under the module has (gate.weight: two), and all must name the same one."""
     out: dict[str, dict] = {}
     for name, module in _kept(model, patterns):
         params = {p: rules.get(f"{name}.{p}") for p, _ in module.named_parameters()}
-        heads = {r.hf[0].removesuffix("." + p) if r and r.hf[0].endswith("." + p) else None for p, r in params.items()}
+        heads = {r.hf[0].rsplit(".", p.count(".") + 1)[0] if r and r.hf[0].count(".") > p.count(".") else None
+                 for p, r in params.items()}
         if None in heads or len(heads) != 1:
             raise ConfigError(f"--adapter: the module {name} that [lora] trainable kept in full is not one HF module "
                               "PEFT can keep (modules_to_save); export without --adapter (merged)")

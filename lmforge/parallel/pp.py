@@ -34,6 +34,7 @@ class StageModule(nn.Module):
         super().__init__()
         self.cfg, self.first, self.last = model.cfg, lo == 0, hi == len(model.blocks)
         self.tok_emb = model.tok_emb if self.first else None
+        self._embed_scales = model._embed_scales  # (read by Transformer.embed)
         self.pos_emb = model.pos_emb if self.first else None
         self.drop = model.drop
         self.rope = model.rope

@@ -59,14 +59,14 @@ class FlopsArgs:
     tokens: float = 1e9
     seq_len: int = 0
     """context of the attention term (0 = the rows a run config trains on: its [data] seq_len, or data.seq_len's
-    default; else (a preset or a checkpoint's config.json) the model's max_seq_len)"""
+    default; else (a preset, a checkpoint's config.json) the model's max_seq_len)"""
     vocab_size: int = 50304
 
 
 def _flops_model(a: FlopsArgs):
     """The ModelConfig `lmforge scaling flops` counts (see FlopsArgs.model) and the context it is counted at:
-    --seq-len, else the rows a run config (a file with a [model] table) trains on (its [data] seq_len, or
-    DataConfig's default when it gives none), else the model's max_seq_len."""
+    --seq-len, else the rows a run config (a file with a [model] table, not a checkpoint's) trains on (its [data]
+    seq_len, or DataConfig's default when it gives none), else the model's max_seq_len."""
     from lmforge.config import from_dict, read_config_file
     from lmforge.model.config import PRESETS, ModelConfig
 
@@ -82,7 +82,8 @@ def _flops_model(a: FlopsArgs):
     raw = read_config_file(a.model)
     cfg = from_dict(ModelConfig, raw["model"] if isinstance(raw.get("model"), dict) else raw, where="model")
     seq_len = None
-    if isinstance(raw.get("model"), dict):  # a run config: it trains at its [data] seq_len, or the default
+    if isinstance(raw.get("model"), dict) and "step" not in raw:  # a run config (a checkpoint's config.json
+        # has its [model] beside the step it was saved at): it trains at its [data] seq_len, or the default
         from lmforge.train.config import DataConfig
 
         data = raw.get("data") if isinstance(raw.get("data"), dict) else {}

@@ -319,6 +319,15 @@ def test_flops_of_a_run_config_without_data_seq_len_count_the_default_it_trains_
     assert main(["scaling", "flops", "--model", str(tmp_path / "run.toml"), "--tokens", "1e6"]) == 0
     assert "(seq_len 256)" in capsys.readouterr().out
     (tmp_path / "config.json").write_text('{"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4, '
-                                          '"max_seq_len": 1024}')  # a checkpoint's config: its own context
+                                          '"max_seq_len": 1024}')  # a model's keys at top level: its own context
+    assert main(["scaling", "flops", "--model", str(tmp_path / "config.json"), "--tokens", "1e6"]) == 0
+    assert "(seq_len 1024)" in capsys.readouterr().out
+    # an lmforge checkpoint's config.json ({"step", "model": {...}, "dtype", ...}, as the Trainer writes it)
+    import json
+
+    from lmforge.checkpoint import model_meta
+    from lmforge.model.transformer import Transformer
+
+    (tmp_path / "config.json").write_text(json.dumps({"step": 3, **model_meta(Transformer(cfg))}))
     assert main(["scaling", "flops", "--model", str(tmp_path / "config.json"), "--tokens", "1e6"]) == 0
     assert "(seq_len 1024)" in capsys.readouterr().out

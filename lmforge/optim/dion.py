@@ -63,14 +63,16 @@ def check_q(q: torch.Tensor, shape: torch.Size) -> None:
                           "reset_optimizer = true (weights, data position and step are kept)")
 
 
-def q_at_rank(q: torch.Tensor, shape: torch.Size, rank: int, seed: int) -> torch.Tensor:
+def q_at_rank(q: torch.Tensor, shape: torch.Size, rank: int, seed: int, rows=None) -> torch.Tensor:
     """Q with the columns `rank` asks for a weight of `shape` (min(rank, m, n)). A resume with another optim.rank
     keeps the saved columns it still needs and draws the ones it adds as a fresh start would: Q only warm-starts
-    the power iteration (it kept the saved rank, whatever the config said)."""
+    the power iteration (it kept the saved rank, whatever the config said). `rows`: maps the fresh Q of the whole
+    weight to the part `q` is (a rank's experts of a stack sharded by expert)."""
     r = min(rank, shape[-2], shape[-1])
     if q.shape[-1] == r:
         return q
-    return torch.cat([q[..., :r], initial_q(shape, rank, seed).to(q)[..., q.shape[-1]:]], dim=-1)
+    fresh = initial_q(shape, rank, seed).to(q)
+    return torch.cat([q[..., :r], (rows(fresh) if rows else fresh)[..., q.shape[-1]:]], dim=-1)
 
 
 class Dion(PerParamOptimizer):

@@ -166,6 +166,8 @@ class ShardedDion(Dion):
             state["q"] = _own_rows(initial_q(p.shape, group["rank"], self._seed).to(p.device, p.dtype), p).to_local()
         buf = state["momentum_buffer"].to_local()
         check_q(state["q"], buf.shape)
+        state["q"] = q_at_rank(state["q"], p.shape, group["rank"], self._seed,  # a resume may change optim.rank
+                               rows=lambda q: _own_rows(q, p).to_local())
         update, new_m, state["q"] = dion_update(buf + p.grad.to_local(), state["q"], group["momentum"])
         buf.copy_(new_m)
         update = update * (p.shape[-2] / p.shape[-1]) ** 0.5

@@ -146,8 +146,14 @@ def test_matrix_optimizers_on_fsdp2_shards_match_one_process(sharded_matrix, nam
 
 def test_sharded_dion_resumed_with_another_rank_steps_at_it(sharded_matrix):
     """A resume with another optim.rank: ShardedDion keeps the saved Q's first columns, as Dion does (it kept the
-    saved rank)."""
+    saved rank), on 2-D shards and on expert stacks sharded by expert."""
     world, got = sharded_matrix
     want = w.reference_reranked(w.DION, b=2 * world, new_rank=2)
     assert _maxdiff(got["dion_rerank"], want) < ATOL
     assert _maxdiff(got["dion_rerank"], got["dion"]) > 100 * ATOL  # the rank change changed the steps
+    # stacked experts sharded by expert (each whole on one rank): held to ATOL as in the matrix test above
+    want = w.reference_reranked(w.DION, b=2 * world, new_rank=2, arch=w.moe_cfg())
+    experts = [k for k in want if ".mlp.experts.w_" in k]
+    assert _maxdiff({k: got["dion_moe_rerank"][k] for k in experts}, {k: want[k] for k in experts}) < ATOL
+    assert _maxdiff({k: got["dion_moe_rerank"][k] for k in experts}, {k: got["dion_moe"][k] for k in experts}) \
+        > 100 * ATOL

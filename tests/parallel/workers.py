@@ -186,24 +186,25 @@ def sharded_matrix_suite(rank: int, world: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         out[name] = {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
-    m = model(CFG)  # Dion resumed at rank 2 after a step at rank 4: the 2-D path keeps Q's first 2 columns
-    apply_fsdp(m, init_device_mesh("cpu", (world,)))
-    opt = ShardedDion.from_optimizer(build_optimizer(m, DION))
-    for x, y in batches(b=2 * world):
-        loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for g in opt.param_groups:
-            if "rank" in g:
-                g["rank"] = 2
-    out["dion_rerank"] = {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
+    for name, arch in (("dion_rerank", CFG), ("dion_moe_rerank", moe_cfg())):
+        m = model(arch)  # Dion resumed at rank 2 after a step at rank 4: Q's first 2 columns kept
+        apply_fsdp(m, init_device_mesh("cpu", (world,)))
+        opt = ShardedDion.from_optimizer(build_optimizer(m, DION))
+        for x, y in batches(b=2 * world):
+            loss_of(m, local(x, rank, world), local(y, rank, world)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for g in opt.param_groups:
+                if "rank" in g:
+                    g["rank"] = 2
+        out[name] = {k: v.full_tensor().detach().clone() for k, v in m.named_parameters()}
     dist.barrier()
     return out if rank == 0 else {}
 
 
-def reference_reranked(cfg: OptimConfig, b: int, new_rank: int) -> dict[str, torch.Tensor]:
+def reference_reranked(cfg: OptimConfig, b: int, new_rank: int, arch: ModelConfig = CFG) -> dict[str, torch.Tensor]:
     """reference(), with the optimizer's rank set to new_rank after the first step."""
-    m = model(CFG)
+    m = model(arch)
     opt = build_optimizer(m, cfg)
     for x, y in batches(b=b):
         loss_of(m, x, y).backward()

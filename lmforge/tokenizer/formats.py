@@ -192,7 +192,7 @@ def write_gpt2(tok, out_dir: str | Path) -> tuple[Path, Path]:
         for name, text in texts.items():
             renames.enter_context(atomic_path(out / name)).write_text(text, encoding="utf-8")
         marker.touch()  # until the three renames (as the stack closes) are done: the set may be mixed
-    marker.unlink()
+    marker.unlink(missing_ok=True)  # (a concurrent writer of the same folder may have removed it)
     return out / "vocab.json", out / "merges.txt"
 
 

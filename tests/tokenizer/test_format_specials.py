@@ -126,3 +126,25 @@ def test_gpt2_files_stopped_between_renames_are_refused_not_read_as_a_mixed_set(
     back = Tokenizer.from_gpt2_files(v, m)
     assert (back.vocab, back.merges, back.special_tokens) == (new.vocab, new.merges, new.special_tokens)
     assert not (tmp_path / WRITING_MARKER).exists()
+
+
+def test_gpt2_files_written_by_two_writers_at_once_both_finish(tmp_path, monkeypatch):
+    """Two writers of one folder: the one finishing first removes the marker, and the other's removal raised
+    FileNotFoundError after its files were in place."""
+    import os
+
+    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.formats import WRITING_MARKER
+
+    tok = train_bpe(iter([TEXT]), 270, ["<|endoftext|>"], progress=False, workers=1)
+    replace = os.replace
+
+    def other_writer_finishes(src, dst):  # the other writer's last step, between this one's renames
+        replace(src, dst)
+        (tmp_path / WRITING_MARKER).unlink(missing_ok=True)
+
+    monkeypatch.setattr(os, "replace", other_writer_finishes)
+    v, m = tok.save_gpt2(tmp_path)
+    monkeypatch.setattr(os, "replace", replace)
+    back = Tokenizer.from_gpt2_files(v, m)
+    assert (back.vocab, back.merges) == (tok.vocab, tok.merges) and not (tmp_path / WRITING_MARKER).exists()

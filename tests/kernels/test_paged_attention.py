@@ -59,25 +59,26 @@ def _check(args, tol, **kw):
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("H,KV,hd,bs", [(4, 4, 64, 16), (8, 2, 128, 32), (6, 1, 64, 16), (4, 2, 16, 16)])
+@pytest.mark.parametrize("H,KV,hd,bs", [(2, 2, 16, 16), (4, 2, 128, 32), (3, 1, 64, 16)])
 def test_paged_kernel_matches_reference(H, KV, hd, bs):
-    """MHA, GQA, MQA (group 6: padded to 16 rows), head dims 16/64/128, block sizes 16/32; rows of different
-    lengths: partial last blocks, a single key, exact block multiples."""
+    """MHA, GQA, MQA (group 3: no power of two, padded to 16 rows), head dims 16/64/128, block sizes 16/32; rows
+    of different lengths: partial last blocks, a single key, exact block multiples. (Few heads: the interpreter's
+    time grows with programs, and a one-head-per-program config runs one per query head.)"""
     lens = [37, 1, 2 * bs, 70]
     _check(_paged(4, H, KV, hd, bs, lens, seed=H + hd), 1e-4, scale=hd ** -0.5)
 
 
-@pytest.mark.parametrize("softcap,window,sinks", [(5.0, 0, False), (0.0, 20, False), (0.0, 0, True),
-                                                  (30.0, 9, True)])
+@pytest.mark.parametrize("softcap,window,sinks", [(5.0, 20, False), (0.0, 0, True), (30.0, 9, True)])
 def test_paged_kernel_softcap_window_sinks(softcap, window, sinks):
-    args = _paged(3, 8, 2, 64, 16, [45, 5, 33], seed=int(softcap) + window)
-    s = torch.randn(8, generator=torch.Generator().manual_seed(3)).to(DEV) if sinks else None
+    """A strong soft-cap with a window over two tiles, sinks alone, and all three together."""
+    args = _paged(3, 4, 2, 64, 16, [45, 5, 33], seed=int(softcap) + window)
+    s = torch.randn(4, generator=torch.Generator().manual_seed(3)).to(DEV) if sinks else None
     _check(args, 1e-4, scale=0.125, softcap=softcap, window=window, sinks=s)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_paged_kernel_half_precision(dtype):
-    args = _paged(2, 8, 2, 64, 16, [50, 19], dtype=dtype, seed=4)
+    args = _paged(2, 4, 2, 64, 16, [50, 19], dtype=dtype, seed=4)
     _check(args, 2e-2, scale=0.125)
 
 
@@ -170,7 +171,7 @@ def test_tree_rows_see_their_ancestors_only():
     ctx = 25  # keys before the tree; row j of the tree sits at slot ctx + j
     rows = [3, 9, 17, 39]  # tree nodes 3, 9, 17, 39
     lens = [ctx + j + 1 for j in rows] + [30]
-    q, k, v, tables, lens_t = _paged(len(lens), 8, 2, 64, 16, lens, seed=11)
+    q, k, v, tables, lens_t = _paged(len(lens), 4, 2, 64, 16, lens, seed=11)
     start = torch.tensor([ctx] * len(rows) + [30], device=DEV)
     bits = torch.tensor([anc[j] for j in rows] + [0], device=DEV)
     want = _tree_rows_ref(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens, start.cpu(), bits.cpu(), 0.125)
@@ -188,7 +189,7 @@ def test_paged_kernel_reads_a_narrower_cache(cache_dtype):
     GPU also fp8 under bf16) is read in q's dtype: the kernel equals the reference over the same rounded keys."""
     from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
-    q, k, v, tables, lens = _paged(3, 8, 2, 64, 16, [45, 5, 33], seed=7)
+    q, k, v, tables, lens = _paged(3, 4, 2, 64, 16, [45, 5, 33], seed=7)
     for qd in (torch.float32, torch.bfloat16) if DEV == "cuda" else (torch.float32,):
         args = (q.to(qd), k.to(cache_dtype), v.to(cache_dtype), tables, lens)
         want = paged_decode_attention_ref(*args, scale=0.125)

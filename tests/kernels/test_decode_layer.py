@@ -61,10 +61,10 @@ def _run(t, pos, config, eps, scale, split=None, n_programs=None, **attn):
     return x, kc, vc
 
 
-@pytest.mark.parametrize("H,KV,hd,D,FF,n_old", [(4, 2, 16, 64, 96, 9), (6, 1, 32, 48, 80, 20), (4, 4, 16, 40, 72, 0)])
+@pytest.mark.parametrize("H,KV,hd,D,FF,n_old", [(4, 2, 16, 64, 48, 9), (3, 1, 32, 48, 80, 20), (2, 2, 16, 40, 40, 0)])
 def test_decode_layer_matches_the_references(H, KV, hd, D, FF, n_old):
-    """GQA, MQA and MHA; heads x head_dim != d_model; widths that are not powers of two; a first token
-    (no earlier keys). Row ranges that end mid-tile, tiles that span heads, several K tiles in the down
+    """GQA, MQA (a group of 3) and MHA; heads x head_dim != d_model; widths that are not powers of two; a first
+    token (no earlier keys). Row ranges that end mid-tile, tiles that span heads, several K tiles in the down
     projection, slices left empty, one query head per unit and whole kv groups."""
     t = _layer(H, KV, hd, D, FF, n_old, bs=4, seed=H * D + n_old)
     eps, scale = 1e-5, hd ** -0.5
@@ -80,7 +80,7 @@ def test_decode_layer_matches_the_references(H, KV, hd, D, FF, n_old):
 
 def test_decode_layer_attention_options():
     """Soft-capping, a sliding window and learned sinks, as the paged attention kernel has them."""
-    t = _layer(4, 2, 16, 64, 96, 13, bs=4, seed=7)
+    t = _layer(4, 2, 16, 32, 48, 13, bs=4, seed=7)  # (narrow MLP: the interpreter's time grows with its rows)
     sinks = torch.randn(4, generator=torch.Generator().manual_seed(1)).to(DEV)
     for attn in (dict(softcap=3.0), dict(window=5), dict(sinks=sinks)):
         want = _reference(t, 13, 1e-5, 0.25, **attn)[0]

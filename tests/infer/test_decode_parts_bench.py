@@ -7,6 +7,7 @@ import torch
 
 from lmforge.infer import kernel_step as kstep
 from lmforge.kernels import decode as kd
+from lmforge.kernels.tuning import KernelConfigs
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kd.available(DEV), reason="needs triton: a GPU, or TRITON_INTERPRET=1 on CPU")
@@ -17,6 +18,11 @@ def test_filter_sees_every_kernel_by_kind_and_skips_what_it_is_told():
 
     model, kv = P.build(tiny=True, context=5, dev=DEV)
     step = kstep.KernelStep(model, kv)
+    # wide tiles, one attention slice: few programs per launch, which Triton's interpreter runs one by one (what the
+    # filter sees does not depend on block shapes)
+    wide = {"gemv": (64, 256, 4), "add": (64, 256, 4, 1), "qkv_rope": (8, 512, 4), "attend": (1, 64, 8)}
+    step = kstep.KernelStep(model, kv, configs=KernelConfigs(model=step.signature,
+                                                             table={repr(key): wide[key[0]] for key in step.keys()}))
     tok, pos = torch.zeros(1, dtype=torch.long, device=DEV), torch.full((1,), 5, dtype=torch.long, device=DEV)
     f = P.Filter(step)
     seen = []

@@ -21,14 +21,14 @@ KINDS = ("naive", "bucketed", "bucketed_accum", "zero1", "zero2", "zero3", "zero
          "fsdp2")
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
-def suite(request):
-    return request.param, run_local(w.data_parallel_suite, request.param, timeout=150, start_method="fork")
-
-
 @pytest.fixture(scope="module")
 def ref():
     return {"adamw": w.reference(w.OPT), "muon": w.reference(w.MUON), "dion": w.reference(w.DION)}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def suite(request, ref):  # after ref: the ranks fork with what it imported (DTensor, dynamo) already loaded
+    return request.param, run_local(w.data_parallel_suite, request.param, timeout=150, start_method="fork")
 
 
 def _maxdiff(a: dict, b: dict) -> float:
@@ -122,7 +122,7 @@ def test_bad_stage_is_refused():
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3_uneven_rows"])
-def sharded_matrix(request):
+def sharded_matrix(request, ref):  # (after ref, as suite)
     return request.param, run_local(w.sharded_matrix_suite, request.param, timeout=120, start_method="fork")[0]
 
 

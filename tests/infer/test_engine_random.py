@@ -82,14 +82,22 @@ def run_random(tok, seed: int) -> int:
 
 
 SEEDS = range(40)
+EVICTED: dict[int, int] = {}  # seed -> keys its run evicted (a seed's run is deterministic): each seed runs once
+
+
+def evicted(tok, seed: int) -> int:
+    if seed not in EVICTED:
+        EVICTED[seed] = run_random(tok, seed)
+    return EVICTED[seed]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_configurations_finish_every_request_and_free_every_block(tok, seed):
-    run_random(tok, seed)
+    evicted(tok, seed)
 
 
 def test_the_random_configurations_evict(tok):
-    """The sweep exercises evictions: most seeds with a policy evict keys."""
+    """The sweep exercises evictions: most seeds with a policy evict keys (the counts of the runs above; a seed
+    not run yet, e.g. this test run alone, runs here with all its checks)."""
     with_policy = [seed for seed in SEEDS if seed % 6 != 5]
-    assert sum(bool(run_random(tok, seed)) for seed in with_policy) >= len(with_policy) // 2
+    assert sum(bool(evicted(tok, seed)) for seed in with_policy) >= len(with_policy) // 2

@@ -3,6 +3,7 @@ loss curve as the plain LM objective (CPU: Triton's interpreter); fused_kernels 
 
 import pytest
 
+from lmforge.optim.config import OptimConfig
 from lmforge.train.config import DataConfig
 from lmforge.train.trainer import train
 
@@ -17,13 +18,15 @@ def _losses(res):
 
 def test_fused_loss_follows_the_plain_curve(tmp_path):
     shard = make_shard(tmp_path / "t.bin")
-    # rows of 2 and one validation batch: Triton's interpreter runs each kernel program as Python (RoPE
-    # launches one per position; at the helpers' 8 rows and 4 validation batches this test took ~3 minutes)
-    small = dict(max_steps=8, eval_every=8, ckpt_every=8, eval_batches=1,
-                 data=DataConfig(train=(str(shard),), seq_len=32, batch_size=2))
+    # 4 steps of 2 rows of 16 tokens and one validation batch: Triton's interpreter runs each kernel program as
+    # Python (RoPE and the loss launch one per position; at the helpers' 8 rows of 32 and 4 validation batches this
+    # test took ~3 minutes, at 8 steps of 2 rows of 32 ~2.5); no warmup, so that each step's update moves the next
+    # loss by the full learning rate and a wrong gradient shows
+    small = dict(max_steps=4, eval_every=4, ckpt_every=4, eval_batches=1, optim=OptimConfig(lr=3e-3, warmup_steps=0),
+                 data=DataConfig(train=(str(shard),), seq_len=16, batch_size=2))
     plain = _losses(train(tiny_config(shard, tmp_path / "a", **small)))
     fused = _losses(train(tiny_config(shard, tmp_path / "b", fused_loss=True, fused_kernels=True, **small)))
-    assert len(plain) == len(fused) == 8
+    assert len(plain) == len(fused) == 4
     assert fused == pytest.approx(plain, abs=2e-4)
 
 

@@ -602,7 +602,8 @@ def test_switching_lora_adapters_off_reaches_the_engines_fast_paths(tok):
     with adapters_disabled(policy):
         off = run(engine, reqs)[0]
         left = engine.add_request("left running", sp)
-    assert off.token_ids == plain.token_ids and off.outputs[0].logprobs == pytest.approx(plain.outputs[0].logprobs, abs=1e-4)
+    assert off.token_ids == plain.token_ids
+    assert off.outputs[0].logprobs == pytest.approx(plain.outputs[0].logprobs, abs=1e-4)
     with pytest.raises(LmforgeError, match="switched on or off .* while 1 request"):
         engine.step()  # the adapters came back on under a request computed with them off
     engine.abort(left)

@@ -5,6 +5,8 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 41, 2026-12-06: no H200 came (nine asks); on an H100 `gputests` (two processes) 67 passed 2 skipped at
+# 8f8057a. Owed: `decode` on an H200)
 # (session 40, 2026-12-06: no H200 came (six asks); on an H100 `gputests` (two processes) 66 passed 2 skipped at
 # 4a8e029 and 67 passed 2 skipped at 11bf188. Owed: `decode` on an H200)
 # (session 39, 2026-12-06: no H200 came (six asks); on an H100 `gputests` (as two processes: tests/kernels and the

@@ -23,6 +23,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL_OUT, TOL_GRAD = (2e-5, 5e-5) if DEV == "cpu" else (5e-3, 1e-2)
 
 
+@pytest.fixture(autouse=True)
+def fresh_notices():
+    """The fallback notice is once per reason: forget the ones an earlier test gave."""
+    decode.fallback_notice.__wrapped__.cache_clear()
+
+
 def _inputs(B, H, KV, N, hd, dtype=torch.float32, device=DEV, seed=0, heads_inner=False):
     g = torch.Generator().manual_seed(seed)
     if heads_inner:  # (B, N, H, hd) transposed: the model's layout after its projections
@@ -230,17 +236,19 @@ def test_fallback_takes_the_packed_mask_the_metadata_keeps(monkeypatch):
     want = _math(q, k, v, causal=True, window=0, scale=0.3, doc_ids=doc_ids)
     meta = AttnMetadata.packed(doc_ids)
     masks = []
-    for layer in range(3):
-        with pytest.warns(UserWarning, match="got 96"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for layer in range(3):
             got = fa.flash_attention_for_model(q, k, v, "causal", scale=0.3, documents=meta.documents(),
                                                doc_mask=lambda: masks.append(1) or meta.doc_mask())
-        torch.testing.assert_close(got.double(), want, atol=TOL_OUT, rtol=TOL_OUT)
-    assert built == [] and len(masks) == 3
-    assert meta.doc_mask() is meta.doc_mask()  # (one tensor for the forward)
-    with pytest.warns(UserWarning, match="got 96"):  # without the metadata's: rebuilt from cu_seqlens, same values
+            torch.testing.assert_close(got.double(), want, atol=TOL_OUT, rtol=TOL_OUT)
+        assert built == [] and len(masks) == 3
+        assert meta.doc_mask() is meta.doc_mask()  # (one tensor for the forward)
+        # without the metadata's: rebuilt from cu_seqlens, same values
         got = fa.flash_attention_for_model(q, k, v, "causal", scale=0.3, documents=meta.documents())
     torch.testing.assert_close(got.double(), want, atol=TOL_OUT, rtol=TOL_OUT)
     assert built == [(2, 12)]
+    assert ["got 96" in str(w.message) for w in seen] == [True]  # the fallback said once, not at every layer
 
 
 @needs_triton
@@ -254,7 +262,6 @@ def test_model_entry_point_matches_the_layer_attention():
     assert got.grad_fn is not None and type(got.grad_fn).__name__ == "FlashAttentionBackward"
     want = attention(q, k, v, None, scale=0.3, softcap=2.0, impl="math")
     torch.testing.assert_close(got, want, atol=TOL_OUT, rtol=TOL_OUT)
-    decode.fallback_notice.__wrapped__.cache_clear()  # (an earlier test may have had the notice)
     with pytest.warns(UserWarning, match="as many queries as keys"):
         got = fa.flash_attention_for_model(q[:, :, -3:], k, v, "causal", scale=0.3)
     torch.testing.assert_close(got, attention(q[:, :, -3:], k, v, "causal", scale=0.3, impl="math"),

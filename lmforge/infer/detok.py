@@ -14,8 +14,13 @@ class StreamDecoder:
     """push(id) -> the new complete text; flush() -> whatever was held back (U+FFFD if never completed).
 
     Uses the tokenizer's `token_bytes(id)` when it has one (exact bytes, fed through an incremental UTF-8
-    decoder); otherwise decodes the whole id list each step and holds back trailing U+FFFD, which is how
-    tokenizers render an incomplete character. A tokenizer with `has_text = False` (IdTokenizer) makes no
+    decoder); otherwise decodes a window of recent ids each step and holds back trailing U+FFFD, which is how
+    tokenizers render an incomplete character. The window opens where the text before last stood complete
+    (as vLLM's incremental detokenizer), so a step costs the last piece or two, not the whole text; a decode
+    that treats its first token apart (SentencePiece's leading "▁" stripped, byte tokens joined into one
+    character) treats it so in both the window's old and new text, and the difference is what the whole
+    text gained. (Ids that decode to invalid UTF-8 may show a different number of U+FFFD than decoding them
+    all at once.) A tokenizer with `has_text = False` (IdTokenizer) makes no
     text: nothing is decoded (host time per token at large batches). skip: ids that add no text
     (SamplingParams.skip_special_tokens: `special_ids(tokenizer)`)."""
 
@@ -26,7 +31,9 @@ class StreamDecoder:
         self.by_bytes = callable(getattr(tokenizer, "token_bytes", None))
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids: list[int] = []
-        self.emitted = 0
+        self.start = 0  # the window: ids[start:] is decoded each step
+        self.done = 0  # ids[:done] were all shown, their text complete: where the next window opens
+        self.emitted = 0  # characters of the window's text already returned
 
     def push(self, token_id: int) -> str:
         if not self.has_text or self.skip and token_id in self.skip:
@@ -34,10 +41,13 @@ class StreamDecoder:
         if self.by_bytes:
             return self.utf8.decode(self.tok.token_bytes(int(token_id)))
         self.ids.append(int(token_id))
-        text = safe_decode(self.tok, self.ids)
+        text = safe_decode(self.tok, self.ids[self.start:])
         stable = len(text.rstrip("\ufffd"))
         piece = text[self.emitted:stable]
         self.emitted = max(self.emitted, stable)
+        if stable == len(text):  # all shown: the next window opens at the last one's complete point
+            self.start, self.done = self.done, len(self.ids)
+            self.emitted = len(safe_decode(self.tok, self.ids[self.start:]))
         return piece
 
     def flush(self) -> str:
@@ -45,7 +55,7 @@ class StreamDecoder:
             return ""
         if self.by_bytes:
             return self.utf8.decode(b"", final=True)
-        text = safe_decode(self.tok, self.ids)
+        text = safe_decode(self.tok, self.ids[self.start:])
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
 

@@ -404,6 +404,16 @@ def _hf_added_specials(post: Any, specials: dict[str, int], where: str) -> tuple
     return before, after
 
 
+def is_sentencepiece(doc: Any) -> bool:
+    """Whether a tokenizer.json is SentencePiece-style BPE (byte fallback, or "▁" for spaces: Llama 2, Mistral,
+    Gemma) rather than byte-level BPE: load_tokenizer opens it as a SentencePieceBPE instead of a Tokenizer."""
+    model = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        return False
+    steps = json.dumps([doc.get("normalizer"), doc.get("pre_tokenizer"), doc.get("decoder")])  # ("▁" as \u2581)
+    return bool(model.get("byte_fallback")) or "Metaspace" in steps or "\\u2581" in steps
+
+
 def read_hf(path: str | Path) -> dict[str, Any]:
     """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3, Qwen2 style) -> Tokenizer keyword arguments,
     the special tokens its post_processor adds around a text among them (prefix_tokens, suffix_tokens)."""
@@ -414,10 +424,10 @@ def read_hf(path: str | Path) -> dict[str, Any]:
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":
         raise DataError(f"{path}: not a BPE tokenizer.json (model.type must be 'BPE')")
-    if model.get("byte_fallback") or "Metaspace" in json.dumps(doc.get("pre_tokenizer") or doc.get("decoder") or ""):
+    if is_sentencepiece(doc):
         raise DataError(f"{path}: a SentencePiece-style BPE tokenizer.json ('▁' for spaces, byte fallback: Llama 2, "
-                        "Mistral, Gemma), which lmforge does not read (it reads byte-level BPE); give another "
-                        "tokenizer (LLM.load(path, tokenizer=...), --tokenizer)")
+                        "Mistral, Gemma), not byte-level BPE; open it with load_tokenizer, which reads it as a "
+                        "lmforge.tokenizer.sentencepiece.SentencePieceBPE")
     added = [t for t in doc.get("added_tokens", []) if isinstance(t, dict)]
     for t in added:  # HF lets these tokens' matches take in whitespace or need word bounds; lmforge's do not
         flags = [f"{k}=true" for k in ("lstrip", "rstrip", "single_word") if t.get(k)]

@@ -3,7 +3,9 @@
     "byte"                                  the byte tokenizer
     lmforge JSON                            lmforge_tokenizer.json (or a directory holding it); its "type"
                                             field says which class reads it
-    HF tokenizer.json                       a byte-level BPE `tokenizer.json` (or a directory holding one)
+    HF tokenizer.json                       a BPE `tokenizer.json` (or a directory holding one): byte-level
+                                            (GPT-2, Llama 3, Qwen2) as a Tokenizer, SentencePiece-style (Llama 2,
+                                            Mistral, Gemma) as a sentencepiece.SentencePieceBPE
     GPT-2 files                             a directory with vocab.json + merges.txt (or its vocab.json)
     tiktoken rank file                      "base64 rank" lines (`tokenizer train --export tiktoken`);
                                             the format holds no pattern or special tokens, so the GPT-2
@@ -35,7 +37,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _from_json(path: Path):
+    from lmforge.tokenizer import sentencepiece
     from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.formats import is_sentencepiece
 
     data = _read_json(path)
     kind = data.get("type")
@@ -43,8 +47,12 @@ def _from_json(path: Path):
         return ByteTokenizer.from_dict(data)
     if kind == "bpe":
         return Tokenizer.load(path)
+    if kind == sentencepiece.TYPE:
+        tok = sentencepiece.SentencePieceBPE.from_dict(data, str(path))
+        tok.path = path.resolve()
+        return tok
     if isinstance(data.get("model"), dict):  # (GPT-2's vocab.json has a token "model" too, as an id)
-        return Tokenizer.from_hf(path)
+        return sentencepiece.SentencePieceBPE(data, str(path)) if is_sentencepiece(data) else Tokenizer.from_hf(path)
     if (path.parent / "merges.txt").is_file() and all(isinstance(v, int) for v in data.values()):
         return Tokenizer.from_gpt2_files(path, path.parent / "merges.txt")
     raise DataError(f"tokenizer file {path} is none of the formats lmforge reads ({FORMATS})")

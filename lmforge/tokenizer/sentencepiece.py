@@ -1,0 +1,510 @@
+"""SentencePiece-style BPE read from a Hugging Face `tokenizer.json`: Llama 2, Mistral, Gemma, TinyLlama.
+
+Where byte-level BPE (bpe.py) maps every byte to a printable character and merges those, SentencePiece BPE
+merges *characters*: a space is written "▁" (U+2581) and kept inside tokens ("▁the"), and a character the
+vocabulary lacks falls back to one token per UTF-8 byte, "<0xE6>" ("byte fallback"), or to the unknown token.
+The same steps as HF tokenizers, read from the file and applied in its order:
+
+    encode: split out added tokens (<s>, </s>, ...)  -> normalizer (Prepend "▁", Replace " " -> "▁", NFKC)
+            -> added tokens marked normalized -> pre_tokenizer (Metaspace: " " -> "▁", prepend "▁", split at "▁")
+            -> BPE over characters, lowest merge rank first -> post_processor (Llama 2's <s> before the text,
+            with add_special_tokens=True)
+    decode: ids -> pieces -> decoder steps (Replace "▁" -> " ", ByteFallback, Fuse, Strip one leading " ",
+            Metaspace) -> text
+
+What a file asks for that is not read here (a regex normalizer, BPE dropout, a word-bounded added token) is
+refused when the file is opened, naming the field. decode(ids) is HF's decode(ids, skip_special_tokens=False),
+except that an id that is no token gives U+FFFD (HF drops it), as in lmforge's other tokenizers, and that byte
+tokens that are no valid UTF-8 give U+FFFD per invalid stretch (HF: per token of their run; `_byte_fallback`).
+
+Streaming: a token's text depends on its neighbours (the leading space is stripped only at the start; byte
+tokens join into one character), so there is no per-token `token_bytes`; lmforge.infer.detok.StreamDecoder
+decodes a short window of recent ids instead, which gives decode(all ids) piece by piece.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import re
+import unicodedata
+from pathlib import Path
+from typing import Any, Iterable
+
+from lmforge.errors import DataError
+from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
+from lmforge.tokenizer.formats import _hf_added_specials, _read_json
+from lmforge.tokenizer.pretokenize import special_regex
+from lmforge.utils import write_json_atomic
+
+TYPE = "sentencepiece_bpe"
+"""the "type" of the lmforge_tokenizer.json `save` writes (load_tokenizer dispatches on it)"""
+FORMAT_VERSION = 1
+EOT_NAMES = ("</s>", "<eos>", "<|endoftext|>")
+"""the end-of-text token, the first of these the file's special tokens hold (Llama 2 and Mistral: </s>, Gemma: <eos>)"""
+
+_SPACES = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                    + "".join(map(chr, range(0x2000, 0x200b))))
+"""Unicode White_Space (Rust's char::is_whitespace): what an added token's lstrip / rstrip takes in"""
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_UNREAD = "; give another tokenizer (LLM.load(path, tokenizer=...), --tokenizer)"
+
+
+def _steps(node: Any, key: str) -> list[dict]:
+    """A normalizer / pre_tokenizer / decoder: its steps, a Sequence flattened."""
+    if node is None:
+        return []
+    if not isinstance(node, dict):
+        raise DataError(f"{key} {node!r} is not a JSON object")
+    if node.get("type") == "Sequence":
+        inner = node.get({"normalizer": "normalizers", "pre_tokenizer": "pretokenizers"}.get(key, "decoders")) or []
+        return [s for n in inner for s in _steps(n, key)]
+    return [node]
+
+
+def _string_pattern(step: dict, where: str) -> str:
+    pattern = step.get("pattern") or {}
+    if "String" not in pattern:
+        raise DataError(f"{where}: {step.get('type')} with pattern {pattern!r} is not supported (lmforge reads a "
+                        f"String pattern, not a Regex){_UNREAD}")
+    return pattern["String"]
+
+
+def _prepend_scheme(step: dict) -> str:
+    """Metaspace's prepend_scheme; files written before it existed say add_prefix_space (true: "always")."""
+    return step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+
+
+def _read_normalizer(node: Any, where: str) -> list[tuple]:
+    out: list[tuple] = []
+    for s in _steps(node, "normalizer"):
+        kind = s.get("type")
+        if kind == "Prepend":
+            out.append(("prepend", s["prepend"]))
+        elif kind == "Replace":
+            out.append(("replace", _string_pattern(s, f"{where} normalizer"), s["content"]))
+        elif kind in ("NFC", "NFD", "NFKC", "NFKD"):
+            out.append(("form", kind))
+        else:
+            raise DataError(f"{where}: normalizer {kind!r} is not supported (lmforge reads Prepend, Replace, "
+                            f"NFC/NFD/NFKC/NFKD){_UNREAD}")
+    return out
+
+
+_SPLIT_BEHAVIORS = ("Removed", "Isolated", "MergedWithPrevious", "MergedWithNext")
+
+
+def _read_pre_tokenizer(node: Any, where: str) -> list[tuple]:
+    out: list[tuple] = []
+    for s in _steps(node, "pre_tokenizer"):
+        kind = s.get("type")
+        if kind == "Metaspace":
+            scheme = _prepend_scheme(s)
+            if scheme not in ("always", "first", "never"):
+                raise DataError(f"{where}: Metaspace prepend_scheme {scheme!r} is not one of always, first, never")
+            out.append(("metaspace", s.get("replacement", "▁"), scheme, bool(s.get("split", True))))
+        elif kind == "Split" and s.get("behavior") in _SPLIT_BEHAVIORS and not s.get("invert"):
+            out.append(("split", _string_pattern(s, f"{where} pre_tokenizer"), s["behavior"]))
+        else:
+            raise DataError(f"{where}: pre_tokenizer {kind!r} ({json.dumps(s)[:120]}) is not supported (lmforge reads "
+                            f"Metaspace, and Split on a String with behavior {', '.join(_SPLIT_BEHAVIORS)}){_UNREAD}")
+    return out
+
+
+def _read_decoder(node: Any, where: str) -> list[tuple]:
+    out: list[tuple] = []
+    for s in _steps(node, "decoder"):
+        kind = s.get("type")
+        if kind == "Replace":
+            out.append(("replace", _string_pattern(s, f"{where} decoder"), s["content"]))
+        elif kind in ("ByteFallback", "Fuse"):
+            out.append((kind.lower(),))
+        elif kind == "Strip":
+            out.append(("strip", s.get("content", " "), int(s.get("start", 0)), int(s.get("stop", 0))))
+        elif kind == "Metaspace":
+            out.append(("metaspace", s.get("replacement", "▁"), _prepend_scheme(s)))
+        else:
+            raise DataError(f"{where}: decoder {kind!r} is not supported (lmforge reads Replace, ByteFallback, Fuse, "
+                            f"Strip, Metaspace){_UNREAD}")
+    return out
+
+
+def _split_on(text: str, sep: str, behavior: str) -> list[str]:
+    """HF's split of a string at each `sep`, the separator removed, alone, or joined to the piece before or after."""
+    parts = text.split(sep)
+    if behavior == "Removed":
+        return [p for p in parts if p]
+    if behavior == "Isolated":
+        out = [x for p in parts[:-1] for x in (p, sep)] + [parts[-1]]
+    elif behavior == "MergedWithPrevious":
+        out = [p + sep for p in parts[:-1]] + [parts[-1]]
+    else:  # MergedWithNext
+        out = [parts[0]] + [sep + p for p in parts[1:]]
+    return [p for p in out if p]
+
+
+def merge_all(symbols: list[int], merges: dict[tuple[int, int], tuple[int, int]]) -> list[int]:
+    """BPE over one word's symbols: repeatedly merge the adjacent pair of lowest rank (leftmost on ties), as HF's
+    `Word::merge_all`: a heap of candidate merges over a linked list, O(n log n) for a text of any length.
+    merges: (left id, right id) -> (rank, merged id). A heap entry is stale once its left symbol was merged away
+    or the pair there now makes another token; it is skipped when popped."""
+    n = len(symbols)
+    if n < 2:
+        return symbols
+    syms: list[int | None] = list(symbols)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(m[0], i, m[1]) for i in range(n - 1) if (m := merges.get((symbols[i], symbols[i + 1])))]
+    heapq.heapify(heap)
+    while heap:
+        _, i, new = heapq.heappop(heap)
+        j = nxt[i]
+        if syms[i] is None or j >= n:
+            continue
+        m = merges.get((syms[i], syms[j]))
+        if m is None or m[1] != new:
+            continue
+        syms[i], syms[j] = new, None
+        k = nxt[i] = nxt[j]
+        if k < n:
+            prv[k] = i
+        if prv[i] >= 0 and (m := merges.get((syms[prv[i]], new))):
+            heapq.heappush(heap, (m[0], prv[i], m[1]))
+        if k < n and (m := merges.get((new, syms[k]))):
+            heapq.heappush(heap, (m[0], i, m[1]))
+    return [s for s in syms if s is not None]
+
+
+class SentencePieceBPE:
+    """A SentencePiece-style BPE tokenizer.json (see the module docstring), with lmforge's tokenizer interface:
+    encode / encode_ordinary / decode, vocab_size, special_tokens, eot_id, bos_id, prefix/suffix_tokens, save,
+    spec. `doc`: the parsed tokenizer.json, kept whole (save and save_hf write it back)."""
+
+    def __init__(self, doc: dict, where: str = "tokenizer.json"):
+        if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict) or doc["model"].get("type") != "BPE":
+            raise DataError(f"{where}: not a BPE tokenizer.json (model.type must be 'BPE')")
+        self.doc, self.path = doc, None
+        self._read_model(doc["model"], where)
+        self._read_added(doc.get("added_tokens") or [], where)
+        self._normalizer = _read_normalizer(doc.get("normalizer"), where)
+        self._pre_tokenizer = _read_pre_tokenizer(doc.get("pre_tokenizer"), where)
+        self._decoder = _read_decoder(doc.get("decoder"), where)
+        before, after = _hf_added_specials(doc.get("post_processor"), self.added_tokens, where)
+        self.prefix_tokens, self.suffix_tokens = tuple(before), tuple(after)
+        # the added tokens split out of the raw text, and (normalized=true) out of the normalized text, whose
+        # contents are matched normalized (HF's AddedVocabulary); encode_ordinary leaves the special ones in the text
+        raw = [t for t in self._added if not t["normalized"]]
+        norm = [dict(t, content=self._normalize(t["content"])) for t in self._added if t["normalized"]]
+        self._tables = {ordinary: tuple({t["content"]: t for t in ts if not (ordinary and t["special"])}
+                                        for ts in (raw, norm)) for ordinary in (False, True)}
+        # id -> its piece, what decode starts from; an added token matched normalized is its normalized content
+        self._pieces: list[str | None] = [None] * self.vocab_size
+        for s, i in self.pieces.items():
+            self._pieces[i] = s
+        for t in raw + norm:
+            self._pieces[t["id"]] = t["content"]
+        self._chars: dict[str, list[int]] = {}  # a character's symbols (its id, or its bytes' ids), cached
+
+    # ---- reading the file ------------------------------------------------------------------------
+
+    def _read_model(self, model: dict, where: str) -> None:
+        refused = [f"model.{k}={model.get(k)!r}" for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")
+                   if model.get(k)]
+        if refused:
+            raise DataError(f"{where}: {', '.join(refused)} is not supported{_UNREAD}")
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
+            raise DataError(f"{where}: model.vocab must be a JSON object of piece -> id")
+        self.pieces: dict[str, int] = dict(vocab)
+        """model.vocab: piece ("▁the", "<0x0A>") -> id"""
+        self.byte_fallback = bool(model.get("byte_fallback"))
+        self.fuse_unk = bool(model.get("fuse_unk"))
+        self.ignore_merges = bool(model.get("ignore_merges"))
+        unk = model.get("unk_token")
+        if unk is not None and unk not in self.pieces:
+            raise DataError(f"{where}: model.unk_token {unk!r} is not in model.vocab")
+        self.unk_id = self.pieces.get(unk) if unk is not None else None
+        self._merges: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, m in enumerate(model.get("merges") or []):
+            pair = m.split(" ") if isinstance(m, str) else m
+            try:
+                a, b = pair
+                # a pair listed twice takes its last rank, as HF builds its merge map from the list
+                self._merges[self.pieces[a], self.pieces[b]] = (rank, self.pieces[a + b])
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{where}: merge #{rank} {m!r} is not two pieces whose join is in model.vocab "
+                                f"({type(e).__name__}: {e})") from e
+
+    def _read_added(self, added: list, where: str) -> None:
+        self._added: list[dict] = []
+        for t in added:
+            if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not isinstance(t.get("id"), int):
+                raise DataError(f"{where}: added token {t!r} has no string content and integer id")
+            if t.get("single_word"):
+                raise DataError(f"{where}: added token {t['content']!r} has single_word=true, which lmforge does not "
+                                f"apply; set it false in the file{_UNREAD}")
+            # HF's defaults: a special token is matched in the raw text, any other after normalization
+            self._added.append({"content": t["content"], "id": t["id"], "special": bool(t.get("special")),
+                                "normalized": bool(t.get("normalized", not t.get("special"))),
+                                "lstrip": bool(t.get("lstrip")), "rstrip": bool(t.get("rstrip"))})
+        self.added_tokens = {t["content"]: t["id"] for t in self._added}
+        self.special_tokens = {t["content"]: t["id"] for t in self._added if t["special"]}
+        """the added tokens marked special: what SamplingParams.skip_special_tokens leaves out (HF's decode
+        skip_special_tokens=True); `added_tokens` holds them all"""
+
+    # ---- properties ------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return max([*self.pieces.values(), *self.added_tokens.values()], default=-1) + 1
+
+    @property
+    def eot_id(self) -> int | None:
+        return next((self.special_tokens[s] for s in EOT_NAMES if s in self.special_tokens), None)
+
+    @property
+    def bos_id(self) -> int | None:
+        """The first token encode(text, add_special_tokens=True) puts before a text (Llama 2's <s>), or None."""
+        return self.added_tokens[self.prefix_tokens[0]] if self.prefix_tokens else None
+
+    @property
+    def vocab(self) -> dict[int, bytes]:
+        """id -> the UTF-8 bytes the token stands for in a text: its piece with "▁" as a space, a byte token's one
+        byte, an added token's content (bits per byte counts these: lmforge.train.pretrain.token_byte_lengths)."""
+        reps = {s[1] for s in self._pre_tokenizer if s[0] == "metaspace"}
+        reps |= {s[2] for s in self._normalizer if s[0] == "replace" and s[1] == " "}
+        out = {}
+        for i, piece in enumerate(self._pieces):
+            if piece is not None:
+                m = _BYTE_PIECE.fullmatch(piece) if self.byte_fallback else None
+                out[i] = bytes([int(m.group(1), 16)]) if m else "".join(
+                    " " if c in reps else c for c in piece).encode()
+        return out
+
+    def spec(self) -> str:
+        """What token shards record: the saved file's path, else a content hash."""
+        if self.path is not None:
+            return str(self.path)
+        return "sentencepiece:" + hashlib.sha1(json.dumps(self.doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (f"SentencePieceBPE(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
+                f"byte_fallback={self.byte_fallback}, specials={list(self.special_tokens)[:8]})")
+
+    # ---- encoding --------------------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Text -> ids, as HF's encode(text, add_special_tokens=...).ids. Added tokens in the text become their
+        ids. add_special_tokens: put prefix_tokens (Llama 2's <s>) before and suffix_tokens after the ids; lmforge's
+        default is False, as for its byte-level Tokenizer: prompts get the BOS where they are made (LLM.encode)."""
+        ids = self._encode(text, ordinary=False)
+        if add_special_tokens:
+            ids = ([self.added_tokens[s] for s in self.prefix_tokens] + ids
+                   + [self.added_tokens[s] for s in self.suffix_tokens])
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode with special tokens' text as plain text (added tokens not marked special still split out, as
+        in HF with split_special_tokens=True)."""
+        return self._encode(text, ordinary=True)
+
+    def _encode(self, text: str, ordinary: bool) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        raw, norm = self._tables[ordinary]
+        out: list[int] = []
+        for seg, start, added in self._split_added(without_surrogates(text), raw):
+            if added is not None:
+                out.append(added)
+                continue
+            for piece, at, added in self._split_added(self._normalize(seg), norm):
+                if added is not None:
+                    out.append(added)
+                    continue
+                for word in self._pre_tokenize(piece, first=start == 0 and at == 0):
+                    out.extend(self._bpe(word))
+        return out
+
+    @staticmethod
+    def _split_added(text: str, table: dict[str, dict]) -> Iterable[tuple[str, int, int | None]]:
+        """(piece, its offset, None) for the text between added tokens, (match, offset, id) for each token:
+        leftmost-longest matches, widened over the whitespace before (lstrip) and after (rstrip) as HF does."""
+        rx = special_regex(tuple(table)) if table else None
+        if rx is None:
+            if text:
+                yield text, 0, None
+            return
+        pos = 0
+        for m in rx.finditer(text):
+            t = table[m.group()]
+            start, stop = m.start(), m.end()
+            if t["lstrip"]:  # (not into whitespace an rstrip token before took in)
+                while start > pos and text[start - 1] in _SPACES:
+                    start -= 1
+            if t["rstrip"]:
+                while stop < len(text) and text[stop] in _SPACES:
+                    stop += 1
+            if start < pos:  # (a match inside the whitespace the previous token took in)
+                continue
+            if start > pos:
+                yield text[pos:start], pos, None
+            yield text[start:stop], start, t["id"]
+            pos = stop
+        if pos < len(text):
+            yield text[pos:], pos, None
+
+    def _normalize(self, text: str) -> str:
+        for step in self._normalizer:
+            if step[0] == "prepend":
+                text = step[1] + text if text else text
+            elif step[0] == "replace":
+                text = text.replace(step[1], step[2])
+            else:
+                text = unicodedata.normalize(step[1], text)
+        return text
+
+    def _pre_tokenize(self, text: str, first: bool) -> list[str]:
+        """The words BPE runs on, each alone. `first`: the text opens the input (Metaspace prepend_scheme
+        "first" puts "▁" only there)."""
+        words = [text] if text else []
+        for step in self._pre_tokenizer:
+            if step[0] == "metaspace":
+                _, rep, scheme, split = step
+                out = []
+                for k, w in enumerate(words):
+                    w = w.replace(" ", rep)
+                    if (scheme == "always" or scheme == "first" and first and k == 0) and not w.startswith(rep):
+                        w = rep + w
+                    out.extend(_split_on(w, rep, "MergedWithNext") if split else [w])
+                words = out
+            else:
+                words = [p for w in words for p in _split_on(w, step[1], step[2])]
+        return words
+
+    def _bpe(self, word: str) -> list[int]:
+        if self.ignore_merges and word in self.pieces:
+            return [self.pieces[word]]
+        symbols: list[int] = []
+        unk = False  # unknown characters are pending (fuse_unk: one <unk> stands for a run of them)
+        for ch in word:
+            ids = self._chars[ch] if ch in self._chars else self._symbols(ch)
+            if not ids:
+                if unk and not self.fuse_unk:
+                    symbols.append(self.unk_id)
+                unk = True
+                continue
+            if unk and ch in self.pieces:  # HF puts a pending <unk> before a known character's id, but after
+                symbols.append(self.unk_id)  # a byte-fallback character's bytes (BPE::merge_word)
+                unk = False
+            symbols.extend(ids)
+        if unk:
+            symbols.append(self.unk_id)
+        return merge_all(symbols, self._merges)
+
+    def _symbols(self, ch: str) -> list[int]:
+        """A character's symbols before merging: its piece, else (byte fallback) its UTF-8 bytes' <0xXX> pieces
+        when all are in the vocabulary; [] for the unknown token (an error when the file has none)."""
+        ids = [self.pieces[ch]] if ch in self.pieces else []
+        if not ids and self.byte_fallback:
+            ids = [self.pieces.get(f"<0x{b:02X}>") for b in ch.encode("utf-8")]
+            ids = [] if None in ids else ids
+        if not ids and self.unk_id is None:
+            raise ValueError(f"character {ch!r} is not in the vocabulary, and the tokenizer has no byte fallback "
+                             "or unk_token to stand for it")
+        self._chars[ch] = ids
+        return ids
+
+    # ---- decoding --------------------------------------------------------------------------------
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """ids -> text through the file's decoder steps; byte tokens that are no valid UTF-8, and an id that is
+        no token, become U+FFFD."""
+        if isinstance(ids, (str, bytes, bytearray)):
+            raise TypeError(f"decode takes token ids (a list of ints), got {type(ids).__name__}")
+        table, n = self._pieces, len(self._pieces)
+        tokens = [(table[i] if 0 <= i < n else None) or "\ufffd" for i in map(int, ids)]
+        for step in self._decoder:
+            tokens = _DECODERS[step[0]](tokens, *step[1:])
+        return "".join(tokens)
+
+    # ---- formats ---------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write lmforge_tokenizer.json (`path` itself if it ends in .json, else in the directory `path`): the
+        tokenizer.json document, whole, under a "type" load_tokenizer reads."""
+        path = Path(path)
+        target = path / FILE_NAME if path.suffix != ".json" else path
+        write_json_atomic(target, {"type": TYPE, "version": FORMAT_VERSION, "tokenizer.json": self.doc})
+        self.path = target.resolve()
+        return target
+
+    def save_hf(self, path: str | Path) -> Path:
+        """Write the tokenizer.json it was read from (into the directory `path`, or the .json file `path`)."""
+        path = Path(path)
+        target = path / "tokenizer.json" if path.suffix != ".json" else path
+        write_json_atomic(target, self.doc)
+        return target
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> "SentencePieceBPE":
+        """Open a SentencePiece-style tokenizer.json (or the directory holding one)."""
+        path = Path(path)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        return cls(_read_json(path, "HF tokenizer file"), str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "tokenizer") -> "SentencePieceBPE":
+        """Read what `save` wrote (a parsed lmforge_tokenizer.json)."""
+        if d.get("type") != TYPE or d.get("version") != FORMAT_VERSION:
+            raise DataError(f"{where} is not a version-{FORMAT_VERSION} {TYPE} tokenizer (type {d.get('type')!r}, "
+                            f"version {d.get('version')!r})")
+        return cls(d.get("tokenizer.json"), where)
+
+
+# ---- decoder steps: HF's, each on the list of token strings ----------------------------------------
+
+def _byte_fallback(tokens: list[str]) -> list[str]:
+    """A run of <0xXX> tokens -> its bytes as one string, each invalid stretch of them U+FFFD (Python's and the
+    Unicode standard's "maximal subpart" rule). HF instead makes every token of a run that is not all valid
+    U+FFFD, valid characters in it too, which no stream can show as it goes: a character already shown would
+    turn into U+FFFD when a bad byte follows; so the two differ on invalid UTF-8 only."""
+    out: list[str] = []
+    run = bytearray()
+    for t in [*tokens, None]:
+        m = _BYTE_PIECE.fullmatch(t) if t is not None and t.startswith("<0") else None
+        if m:
+            run.append(int(m.group(1), 16))
+            continue
+        if run:
+            out.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+        if t is not None:
+            out.append(t)
+    return out
+
+
+def _strip(tokens: list[str], content: str, start: int, stop: int) -> list[str]:
+    """Each token less up to `start` leading and `stop` trailing `content` characters."""
+    out = []
+    for t in tokens:
+        a, b = 0, len(t)
+        while a < min(start, len(t)) and t[a] == content:
+            a += 1
+        while len(t) - b < stop and b > a and t[b - 1] == content:
+            b -= 1
+        out.append(t[a:b])
+    return out
+
+
+def _metaspace(tokens: list[str], rep: str, scheme: str) -> list[str]:
+    """"▁" -> " ", except in the first token, which loses every "▁" unless prepend_scheme is "never"."""
+    return [t.replace(rep, "" if k == 0 and scheme != "never" else " ") for k, t in enumerate(tokens)]
+
+
+_DECODERS = {
+    "replace": lambda tokens, a, b: [t.replace(a, b) for t in tokens],
+    "bytefallback": _byte_fallback,
+    "fuse": lambda tokens: ["".join(tokens)],
+    "strip": _strip,
+    "metaspace": _metaspace,
+}

@@ -1,0 +1,186 @@
+"""SentencePieceBPE (lmforge.tokenizer.sentencepiece) against HF `tokenizers` on the same tokenizer.json: Llama 2's
+layout (Prepend + Replace normalizer) and Metaspace's (prepend_scheme first / always / never, split or not), byte
+fallback and <unk>, added tokens (lstrip / rstrip / normalized / not special), Llama 2's <s> post_processor; decode
+and streaming (StreamDecoder) equal to decoding all ids; load_tokenizer, save and refusals."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from lmforge.errors import DataError
+from lmforge.infer.detok import StreamDecoder, special_ids
+from lmforge.tokenizer.load import load_tokenizer
+from lmforge.tokenizer.sentencepiece import SentencePieceBPE, merge_all
+
+from .sp_files import added, hf, sp_doc
+
+pytest.importorskip("tokenizers")
+
+TEXTS = ["Hello world", " Hello  world ", "   ", " ", "", "\n\nthe king\n", "trailing  ", "  leading", "\t tab\r\n",
+         "café naïve über", "日本語 東京 😀 👍🏽", "Ω ÿ \x00 \x7f", "the king the queen " * 30,
+         "thou art</s>my lord", "<s>x", "a<s>b", "<s><s></s>", "<unk> here", "▁▁x ▁", "中" * 5 + " 東京日本"]
+STYLES = [dict(style="llama"), dict(style="metaspace", prepend="first"), dict(style="metaspace", prepend="first",
+          split=True), dict(style="metaspace", prepend="always", split=True), dict(style="metaspace", prepend="never")]
+ALPHABET = [*"the king queen lord  \n\t", "日", "本", "語", "😀", "é", "ü", "▁", "<s>", "</s>", "<x>", "<y>", "Ω",
+            "\u3000", "\xa0", "東京"]
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 30))) for _ in range(n)]
+
+
+def assert_same(doc: dict, texts: list[str], ordinary: bool = False) -> SentencePieceBPE:
+    ref, ours = hf(doc), SentencePieceBPE(doc)
+    ref.encode_special_tokens = ordinary  # HF's split_special_tokens: special tokens' text stays text
+    for text in texts:
+        for add in (False, True):
+            want = ref.encode(text, add_special_tokens=add).ids
+            got = ours.encode_ordinary(text) if ordinary else ours.encode(text, add_special_tokens=add)
+            if ordinary and add:
+                continue
+            assert got == want, (text, add, ref.encode(text, add_special_tokens=add).tokens)
+            assert ours.decode(want) == ref.decode(want, skip_special_tokens=False), (text, want)
+    return ours
+
+
+@pytest.mark.parametrize("style", STYLES, ids=lambda s: "-".join(map(str, s.values())))
+def test_encode_and_decode_equal_hf_tokenizers(style):
+    tok = assert_same(sp_doc(**style), TEXTS + random_texts(150))
+    assert tok.bos_id == 1 and tok.prefix_tokens == ("<s>",) and tok.eot_id == 2 and tok.vocab_size == 400 + 256
+
+
+def test_byte_fallback_unknown_characters_and_unk():
+    doc = sp_doc()
+    tok = SentencePieceBPE(doc)
+    ids = tok.encode("語")  # absent from the vocabulary: its three UTF-8 bytes
+    assert [tok._pieces[i] for i in ids] == ["▁", "<0xE8>", "<0xAA>", "<0x9E>"] and tok.decode(ids) == "語"
+    for b in range(0x80, 0xA0):  # bytes missing too: <unk> (fused over a run), placed as HF places it
+        doc["model"]["vocab"].pop(f"<0x{b:02X}>")
+    assert_same(doc, TEXTS + random_texts(100, seed=1))
+    doc["model"]["fuse_unk"] = False
+    assert_same(doc, TEXTS + random_texts(100, seed=2))
+    no_fallback = sp_doc(byte_fallback=False)  # unknown characters are <unk>
+    tok = SentencePieceBPE(no_fallback)
+    assert tok.encode("語😀") == [tok.pieces["▁"], 0] and tok.decode([0]) == "<unk>"
+    assert_same(no_fallback, TEXTS + random_texts(100, seed=3))
+
+
+def test_added_tokens_lstrip_rstrip_normalized_and_not_special():
+    for style in STYLES[:2]:
+        doc = sp_doc(**style)
+        added(doc, "<x>", lstrip=True)
+        added(doc, "<y>", rstrip=True, special=False)
+        added(doc, "Ω", normalized=True, special=False)  # matched in the normalized text ("▁Ω" in Llama 2's)
+        texts = TEXTS + ["a  <x>  b", "<y>  c <y>", " <x><y> ", "Ω aΩ a Ω"] + random_texts(150, seed=4)
+        tok = assert_same(doc, texts)
+        assert "<y>" not in tok.special_tokens and "<y>" in tok.added_tokens
+        assert_same(doc, texts, ordinary=True)  # encode_ordinary: special tokens' text as text, others still split
+
+
+def test_metaspace_decoder():
+    doc = sp_doc(style="metaspace", prepend="first")
+    doc["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {
+        "type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}]}
+    assert_same(doc, TEXTS + random_texts(100, seed=5))
+
+
+def test_invalid_utf8_decodes_per_invalid_stretch():
+    tok = SentencePieceBPE(sp_doc())
+    e4, b8, ff, a = (tok.pieces[s] for s in ("<0xE4>", "<0xB8>", "<0xFF>", "<0x41>"))
+    assert tok.decode([e4, b8, a, a, ff]) == "\ufffdAA\ufffd"  # (HF: one U+FFFD per byte token of the run)
+    assert tok.decode([10**6, -1]) == "\ufffd\ufffd"  # ids that are no token
+
+
+def stream(tok, ids, skip=()) -> str:
+    d = StreamDecoder(tok, skip)
+    return "".join(d.push(i) for i in ids) + d.flush()
+
+
+def test_streaming_equals_decoding_all_ids():
+    rng = random.Random(6)
+    for style in STYLES:
+        tok = SentencePieceBPE(sp_doc(**style))
+        for text in TEXTS + random_texts(60, seed=7):
+            ids = tok.encode(text, add_special_tokens=True)
+            assert stream(tok, ids) == tok.decode(ids)
+            assert stream(tok, ids, special_ids(tok)) == tok.decode([i for i in ids if i not in (0, 1, 2)])
+        for _ in range(60):  # any ids: byte tokens split across steps, invalid UTF-8, lone "▁"
+            ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 30))]
+            assert stream(tok, ids) == tok.decode(ids)
+    tok = SentencePieceBPE(sp_doc())
+    ids = tok.encode("日本語 😀")  # 語 and 😀: byte tokens, one character over three and four steps
+    d = StreamDecoder(tok)
+    assert [d.push(i) for i in ids] == ["日本", "", "", "語", " ", "", "", "", "😀"] and d.flush() == ""
+
+
+def test_stream_decoder_window_costs_no_more_per_step_as_text_grows():
+    """Without token_bytes, StreamDecoder decoded every id so far at each step: O(n^2) for an n-token answer."""
+    tok = SentencePieceBPE(sp_doc())
+    decoded = []
+
+    class Counting:
+        def decode(self, ids):
+            decoded.append(len(ids))
+            return tok.decode(ids)
+
+    ids = tok.encode("the king the queen " * 200)
+    assert stream(Counting(), ids) == tok.decode(ids)
+    assert max(decoded) <= 8 and sum(decoded) < 10 * len(ids)
+
+
+def test_long_text_is_one_piece_and_merges_like_hf():
+    tok, ref = SentencePieceBPE(sp_doc()), hf(sp_doc())
+    text = " ".join(random_texts(400, seed=8))
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids
+    merges = {(1, 2): (0, 12), (12, 3): (1, 123), (2, 3): (2, 23)}  # lowest rank first, leftmost on ties
+    assert merge_all([1, 2, 3], merges) == [123] and merge_all([2, 3, 1, 2, 3], merges) == [23, 123]
+    assert merge_all([1, 2, 1, 2], merges) == [12, 12]
+
+
+def test_vocab_gives_each_tokens_text_bytes():
+    tok = SentencePieceBPE(sp_doc())
+    vocab = tok.vocab
+    assert vocab[tok.pieces["▁the"]] == b" the" and vocab[tok.pieces["<0x0A>"]] == b"\n"
+    assert vocab[tok.pieces["<0xE8>"]] == b"\xe8" and vocab[1] == b"<s>"
+
+
+def test_load_tokenizer_save_and_save_hf(tmp_path):
+    doc = sp_doc()
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, SentencePieceBPE)
+    assert tok.encode("the king") == hf(doc).encode("the king", add_special_tokens=False).ids
+    saved = tok.save(tmp_path / "run")
+    again = load_tokenizer(tmp_path / "run")
+    assert again.spec() == str(saved.resolve()) and again.doc == doc
+    assert SentencePieceBPE(doc).spec() == SentencePieceBPE(sp_doc()).spec()  # a content hash when unsaved
+    out = tok.save_hf(tmp_path / "hf")
+    assert hf(json.loads(out.read_text())).encode("Hi").ids == tok.encode("Hi", add_special_tokens=True)
+
+
+def test_byte_level_read_hf_points_to_load_tokenizer(tmp_path):
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(sp_doc()))
+    with pytest.raises(DataError, match="open it with load_tokenizer"):
+        Tokenizer.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda d: d.update(normalizer={"type": "Replace", "pattern": {"Regex": " +"}, "content": "▁"}), "Regex"),
+    (lambda d: d["model"].update(dropout=0.1), "model.dropout"),
+    (lambda d: d["added_tokens"][0].update(single_word=True), "single_word"),
+    (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer 'Whitespace'"),
+    (lambda d: d.update(decoder={"type": "WordPiece"}), "decoder 'WordPiece'"),
+    (lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizer 'Lowercase'"),
+    (lambda d: d["model"]["merges"].append(["zz", "qq"]), "merge #"),
+])
+def test_what_is_not_read_is_refused_naming_the_field(change, field):
+    doc = sp_doc()
+    change(doc)
+    with pytest.raises(DataError, match=field):
+        SentencePieceBPE(doc)

@@ -1,8 +1,8 @@
 """SentencePiece-style BPE tokenizer.json files built with HF `tokenizers` for the SentencePieceBPE tests: a small
 BPE trained on generated Shakespeare-like text, laid out as SentencePiece does (<unk> <s> </s>, the 256 byte
 pieces <0x00>..<0xFF>, then the learned pieces), in the Llama 2 layout (normalizer Prepend "▁" + Replace " " -> "▁",
-no pre_tokenizer) or the Metaspace one (pre_tokenizer Metaspace), decoders Replace / ByteFallback / Fuse / Strip,
-and Llama 2's post_processor adding <s>."""
+no pre_tokenizer), the Metaspace one (pre_tokenizer Metaspace) or Gemma's (normalizer Replace " " -> "▁", nothing
+prepended), decoders Replace / ByteFallback / Fuse / Strip, and Llama 2's post_processor adding <s>."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def _build(style: str, prepend: str, split: bool, byte_fallback: bool) -> str:
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=byte_fallback, fuse_unk=True))
     if style == "llama":
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    elif style == "gemma":  # no "▁" prepended; its Split on " " finds none left after the normalizer
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+        prepend = "never"
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=split)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),

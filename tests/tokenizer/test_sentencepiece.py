@@ -23,7 +23,8 @@ TEXTS = ["Hello world", " Hello  world ", "   ", " ", "", "\n\nthe king\n", "tra
          "café naïve über", "日本語 東京 😀 👍🏽", "Ω ÿ \x00 \x7f", "the king the queen " * 30,
          "thou art</s>my lord", "<s>x", "a<s>b", "<s><s></s>", "<unk> here", "▁▁x ▁", "中" * 5 + " 東京日本"]
 STYLES = [dict(style="llama"), dict(style="metaspace", prepend="first"), dict(style="metaspace", prepend="first",
-          split=True), dict(style="metaspace", prepend="always", split=True), dict(style="metaspace", prepend="never")]
+          split=True), dict(style="metaspace", prepend="always", split=True), dict(style="metaspace", prepend="never"),
+          dict(style="gemma")]
 ALPHABET = [*"the king queen lord  \n\t", "日", "本", "語", "😀", "é", "ü", "▁", "<s>", "</s>", "<x>", "<y>", "Ω",
             "\u3000", "\xa0", "東京"]
 

@@ -144,6 +144,12 @@ def _split_on(text: str, sep: str, behavior: str) -> list[str]:
     return [p for p in out if p]
 
 
+def _merge_pair(m: Any) -> tuple[str, str]:
+    """One merge as "a b" (older files) or ["a", "b"]; ValueError when it is not two pieces."""
+    a, b = m.split(" ") if isinstance(m, str) else m
+    return a, b
+
+
 def merge_all(symbols: list[int], merges: dict[tuple[int, int], tuple[int, int]]) -> list[int]:
     """BPE over one word's symbols: repeatedly merge the adjacent pair of lowest rank (leftmost on ties), as HF's
     `Word::merge_all`: a heap of candidate merges over a linked list, O(n log n) for a text of any length.
@@ -204,6 +210,8 @@ class SentencePieceBPE:
         for t in raw + norm:
             self._pieces[t["id"]] = t["content"]
         self._chars: dict[str, list[int]] = {}  # a character's symbols (its id, or its bytes' ids), cached
+        self._words = self._word_cut({self._pieces[new] for _, new in self._merges.values()})
+        self._cache: dict[str, list[int]] = {}  # a word's ids (HF's BPE keeps such a cache too)
 
     # ---- reading the file ------------------------------------------------------------------------
 
@@ -226,9 +234,8 @@ class SentencePieceBPE:
         self.unk_id = self.pieces.get(unk) if unk is not None else None
         self._merges: dict[tuple[int, int], tuple[int, int]] = {}
         for rank, m in enumerate(model.get("merges") or []):
-            pair = m.split(" ") if isinstance(m, str) else m
             try:
-                a, b = pair
+                a, b = _merge_pair(m)
                 # a pair listed twice takes its last rank, as HF builds its merge map from the list
                 self._merges[self.pieces[a], self.pieces[b]] = (rank, self.pieces[a + b])
             except (KeyError, TypeError, ValueError) as e:
@@ -381,7 +388,37 @@ class SentencePieceBPE:
                 words = [p for w in words for p in _split_on(w, step[1], step[2])]
         return words
 
-    def _bpe(self, word: str) -> list[int]:
+    def _word_cut(self, merged: set[str]) -> re.Pattern | None:
+        """Where a text may be cut into words that BPE merges alone, giving the ids of merging it whole: before
+        each "▁" that follows another character, when no merge makes a piece holding such a pair (SentencePiece
+        trained with split_by_whitespace, its default, makes none), so no merge ever crosses the cut. Llama 2's
+        files have no pre_tokenizer: a text is one piece, and without the cut BPE ran over all of it each time
+        (~100 kB/s); cut, each word's ids come from a cache. None when a merge crosses (the test tokenizers)."""
+        reps = {s[1] for s in self._pre_tokenizer if s[0] == "metaspace"}
+        reps |= {s[2] for s in self._normalizer if s[0] == "replace" and s[1] == " "}
+        if len(reps) != 1 or self.ignore_merges:
+            return None
+        rep = reps.pop()
+        crossing = re.compile(f"[^{re.escape(rep)}]{re.escape(rep)}")
+        if rep not in self.pieces or any(crossing.search(m) for m in merged):
+            return None
+        return re.compile(f"(?<=[^{re.escape(rep)}])(?={re.escape(rep)})")
+
+    def _bpe(self, text: str) -> list[int]:
+        if self._words is None or len(text) < 2:
+            return self._merge(text)
+        out: list[int] = []
+        cache = self._cache
+        for word in self._words.split(text):
+            ids = cache.get(word)
+            if ids is None:
+                if len(cache) >= 1 << 16:
+                    cache.clear()
+                ids = cache[word] = self._merge(word)
+            out.extend(ids)
+        return out
+
+    def _merge(self, word: str) -> list[int]:
         if self.ignore_merges and word in self.pieces:
             return [self.pieces[word]]
         symbols: list[int] = []

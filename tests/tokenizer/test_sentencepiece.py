@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -140,6 +141,26 @@ def test_long_text_is_one_piece_and_merges_like_hf():
     merges = {(1, 2): (0, 12), (12, 3): (1, 123), (2, 3): (2, 23)}  # lowest rank first, leftmost on ties
     assert merge_all([1, 2, 3], merges) == [123] and merge_all([2, 3, 1, 2, 3], merges) == [23, 123]
     assert merge_all([1, 2, 1, 2], merges) == [12, 12]
+
+
+def test_words_no_merge_crosses_are_merged_alone_and_cached(monkeypatch):
+    """Llama 2's files have no pre_tokenizer, so a text is one piece; BPE ran over all of it (~100 kB/s). Where no
+    merge makes a piece with "▁" after another character (SentencePiece's own vocabularies), the text is cut before
+    each such "▁" and each word's ids are cached: the same ids, far less merging."""
+    from lmforge.tokenizer import sentencepiece
+
+    for style in STYLES[:2]:
+        doc = sp_doc(**style)
+        crossing = re.compile("[^▁]▁")
+        doc["model"]["merges"] = [m for m in doc["model"]["merges"] if not crossing.search("".join(m))]
+        assert SentencePieceBPE(sp_doc(**style))._words is None  # (its merges make "e▁": never cut)
+        merged = []
+        monkeypatch.setattr(sentencepiece, "merge_all", lambda syms, m: merged.append(len(syms)) or merge_all(syms, m))
+        text = " ".join(random_texts(300, seed=9)) + " the king the queen" * 300
+        assert_same(doc, [*TEXTS, text] + random_texts(100, seed=10))
+        merged.clear()
+        SentencePieceBPE(doc).encode(text)
+        assert sum(merged) < len(text) // 2
 
 
 def test_vocab_gives_each_tokens_text_bytes():

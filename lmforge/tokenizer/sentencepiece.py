@@ -195,6 +195,9 @@ class SentencePieceBPE:
         self._normalizer = _read_normalizer(doc.get("normalizer"), where)
         self._pre_tokenizer = _read_pre_tokenizer(doc.get("pre_tokenizer"), where)
         self._decoder = _read_decoder(doc.get("decoder"), where)
+        # what a space becomes ("▁"): the Metaspace replacement, or what the normalizer replaces " " with
+        self._spaces = {s[1] for s in self._pre_tokenizer if s[0] == "metaspace"}
+        self._spaces |= {s[2] for s in self._normalizer if s[0] == "replace" and s[1] == " "}
         before, after = _hf_added_specials(doc.get("post_processor"), self.added_tokens, where)
         self.prefix_tokens, self.suffix_tokens = tuple(before), tuple(after)
         # the added tokens split out of the raw text, and (normalized=true) out of the normalized text, whose
@@ -204,7 +207,8 @@ class SentencePieceBPE:
         self._tables = {ordinary: tuple({t["content"]: t for t in ts if not (ordinary and t["special"])}
                                         for ts in (raw, norm)) for ordinary in (False, True)}
         # id -> its piece, what decode starts from; an added token matched normalized is its normalized content
-        self._pieces: list[str | None] = [None] * self.vocab_size
+        self._pieces: list[str | None] = [None] * (max([*self.pieces.values(), *self.added_tokens.values()],
+                                                       default=-1) + 1)
         for s, i in self.pieces.items():
             self._pieces[i] = s
         for t in raw + norm:
@@ -263,7 +267,7 @@ class SentencePieceBPE:
 
     @property
     def vocab_size(self) -> int:
-        return max([*self.pieces.values(), *self.added_tokens.values()], default=-1) + 1
+        return len(self._pieces)
 
     @property
     def eot_id(self) -> int | None:
@@ -278,14 +282,12 @@ class SentencePieceBPE:
     def vocab(self) -> dict[int, bytes]:
         """id -> the UTF-8 bytes the token stands for in a text: its piece with "▁" as a space, a byte token's one
         byte, an added token's content (bits per byte counts these: lmforge.train.pretrain.token_byte_lengths)."""
-        reps = {s[1] for s in self._pre_tokenizer if s[0] == "metaspace"}
-        reps |= {s[2] for s in self._normalizer if s[0] == "replace" and s[1] == " "}
         out = {}
         for i, piece in enumerate(self._pieces):
             if piece is not None:
                 m = _BYTE_PIECE.fullmatch(piece) if self.byte_fallback else None
                 out[i] = bytes([int(m.group(1), 16)]) if m else "".join(
-                    " " if c in reps else c for c in piece).encode()
+                    " " if c in self._spaces else c for c in piece).encode()
         return out
 
     def spec(self) -> str:
@@ -394,11 +396,9 @@ class SentencePieceBPE:
         trained with split_by_whitespace, its default, makes none), so no merge ever crosses the cut. Llama 2's
         files have no pre_tokenizer: a text is one piece, and without the cut BPE ran over all of it each time
         (~100 kB/s); cut, each word's ids come from a cache. None when a merge crosses (the test tokenizers)."""
-        reps = {s[1] for s in self._pre_tokenizer if s[0] == "metaspace"}
-        reps |= {s[2] for s in self._normalizer if s[0] == "replace" and s[1] == " "}
-        if len(reps) != 1 or self.ignore_merges:
+        if len(self._spaces) != 1 or self.ignore_merges:
             return None
-        rep = reps.pop()
+        rep = next(iter(self._spaces))
         crossing = re.compile(f"[^{re.escape(rep)}]{re.escape(rep)}")
         if rep not in self.pieces or any(crossing.search(m) for m in merged):
             return None

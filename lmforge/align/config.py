@@ -37,6 +37,29 @@ def check_frozen_dtype(value: str | None, name: str) -> None:
                           "saved in); e.g. 'bf16' holds an fp32 model in half the memory")
 
 
+def check_frozen_options(cfg, role: str) -> None:
+    """The options of a frozen model an objective holds (lmforge.align.frozen), named `{role}_dtype` and, where the
+    objective caches its outputs, `{role}_cache`: the one check of ReferenceOptions and DistillConfig's teacher."""
+    check_frozen_dtype(getattr(cfg, f"{role}_dtype"), f"{role}_dtype")
+    cache = getattr(cfg, f"{role}_cache", 0)
+    if cache < 0:
+        raise ConfigError(f"{role}_cache={cache} must be >= 0 (0 = no cache)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceOptions:
+    """The frozen reference policy's options, shared by the objectives that hold one (DPOConfig, KTOConfig):
+    a field of each, set as [dpo] reference_dtype = 'bf16' or --kto.reference-cache 64. Subclasses call
+    `check_frozen_options(self, "reference")` from their own __post_init__, after coerce_fields."""
+    reference_device: str | None = None
+    """run the reference on this device (default: where it is)"""
+    reference_dtype: str | None = None
+    """hold the reference in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 reference
+    beside a bf16-trained model in half the memory (its log-probs are still compared in fp32)"""
+    reference_cache: int = 0
+    """cache the reference log-probs of this many batches (multi-epoch runs see batches again)"""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SFTConfig:
     loss: Literal["token_mean", "sequence_mean"] = "token_mean"
@@ -52,7 +75,7 @@ class SFTConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DPOConfig:
+class DPOConfig(ReferenceOptions):
     beta: float = 0.1
     """KL-anchor strength (DPO's beta, IPO's tau, SimPO's reward scale)"""
     loss_type: str = "sigmoid"
@@ -61,13 +84,6 @@ class DPOConfig:
     """probability that a label is flipped (conservative DPO); sigmoid and simpo only"""
     simpo_gamma: float = 0.5
     """SimPO's target reward margin gamma"""
-    reference_device: str | None = None
-    """run the reference on this device (default: where it is)"""
-    reference_dtype: str | None = None
-    """hold the reference in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 reference
-    beside a bf16-trained model in half the memory (its log-probs are still compared in fp32)"""
-    reference_cache: int = 0
-    """cache the reference log-probs of this many batches (multi-epoch runs see batches again)"""
 
     def __post_init__(self):
         coerce_fields(self, "dpo")  # each field's type, named when wrong
@@ -79,29 +95,22 @@ class DPOConfig:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5); 0 = plain DPO")
         if self.label_smoothing and self.loss_type == "ipo":
             raise ConfigError("label_smoothing applies to loss_type 'sigmoid' or 'simpo', not 'ipo'; set it to 0")
-        check_frozen_dtype(self.reference_dtype, "reference_dtype")
-        if self.reference_cache < 0:
-            raise ConfigError(f"reference_cache={self.reference_cache} must be >= 0 (0 = no cache)")
+        check_frozen_options(self, "reference")
 
 
 @dataclass(frozen=True, kw_only=True)
-class KTOConfig:
+class KTOConfig(ReferenceOptions):
     beta: float = 0.1
     desirable_weight: float = 1.0
     """lambda_D: raise it when desirable examples are rarer (the paper keeps w_d n_d / (w_u n_u) in [1, 4/3])"""
     undesirable_weight: float = 1.0
     kl: bool = True
     """estimate z0 from mismatched pairs (False: z0 = 0, cheaper)"""
-    reference_device: str | None = None
-    reference_dtype: str | None = None
-    """hold the reference in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 reference
-    beside a bf16-trained model in half the memory (its log-probs are still compared in fp32)"""
-    reference_cache: int = 0
 
     def __post_init__(self):
         coerce_fields(self, "kto")  # each field's type, named when wrong
         check_beta(self.beta)
-        check_frozen_dtype(self.reference_dtype, "reference_dtype")
+        check_frozen_options(self, "reference")
         for name in ("desirable_weight", "undesirable_weight"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
@@ -140,6 +149,7 @@ class DistillConfig:
     sft_weight: float = 0.0
     """weight of the cross-entropy on the data's targets (0 = pure distillation)"""
     teacher_device: str | None = None
+    """run the teacher on this device (default: where it is)"""
     teacher_dtype: str | None = None
     """hold the teacher in this dtype: 'fp32' | 'bf16' | 'fp16' (None = as saved); 'bf16' holds an fp32 teacher
     beside a bf16-trained model in half the memory (its logits are still compared in fp32)"""
@@ -164,7 +174,7 @@ class DistillConfig:
         if self.divergence == "sampled_reverse_kl" and self.temperature != 1.0:
             raise ConfigError(f"temperature={self.temperature}: sampled_reverse_kl compares the log-probs of the "
                               "sampled tokens at temperature 1 (as the engine gives them); set temperature = 1.0")
-        check_frozen_dtype(self.teacher_dtype, "teacher_dtype")
+        check_frozen_options(self, "teacher")
         if self.chunk < 0:
             raise ConfigError(f"chunk={self.chunk} must be >= 0 (0 = no chunking), e.g. 256")
         if self.weight < 0 or self.sft_weight < 0 or self.weight + self.sft_weight == 0:

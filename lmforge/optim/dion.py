@@ -21,7 +21,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.optim.adam_core import adamw_step_
-from lmforge.optim.base import PerParamOptimizer, apply_step_
+from lmforge.optim.base import PerParamOptimizer, apply_step_, check_hyperparams
 
 
 def column_normalize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -79,8 +79,7 @@ class Dion(PerParamOptimizer):
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, rank: int = 16,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  seed: int = 0):
-        if lr < 0 or not 0 <= momentum < 1 or rank < 1 or weight_decay < 0:
-            raise ValueError(f"invalid Dion hyper-parameters lr={lr} momentum={momentum} rank={rank}")
+        check_hyperparams("Dion", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, rank=rank)
         self._seed = seed
         super().__init__(params, dict(lr=lr, momentum=momentum, rank=rank, weight_decay=weight_decay,
                                       betas=betas, eps=eps, use_dion=True))

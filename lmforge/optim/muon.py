@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from lmforge.optim.adam_core import adamw_step_
-from lmforge.optim.base import PerParamOptimizer, apply_step_
+from lmforge.optim.base import PerParamOptimizer, apply_step_, check_hyperparams
 from lmforge.optim.qk_clip import qk_clip_
 
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -65,9 +65,8 @@ class Muon(PerParamOptimizer):
     def __init__(self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, scale: str = "shape", weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, qk_clip_tau: float = 0.0):
-        if lr < 0 or not 0 <= momentum < 1 or ns_steps < 1 or weight_decay < 0 or not qk_clip_tau >= 0:
-            raise ValueError(f"invalid Muon hyper-parameters lr={lr} momentum={momentum} ns_steps={ns_steps} "
-                             f"wd={weight_decay} qk_clip_tau={qk_clip_tau} (>= 0; 0 = no QK-clip)")
+        check_hyperparams("Muon", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                          ns_steps=ns_steps, qk_clip_tau=qk_clip_tau)
         shape_scale(1, 1, scale)
         self.qk_clip_tau = qk_clip_tau
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,

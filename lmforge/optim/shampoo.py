@@ -22,6 +22,7 @@ from typing import Iterable
 import torch
 
 from lmforge.optim.adam_core import MatrixPreconditioner, adam_direction, layout_error
+from lmforge.optim.base import check_hyperparams
 
 
 def inverse_root(mat: torch.Tensor, root: int, eps: float) -> torch.Tensor:
@@ -49,9 +50,9 @@ class Shampoo(MatrixPreconditioner):
                  eps: float = 1e-8, weight_decay: float = 0.0, precond_beta: float = 0.95,
                  precond_eps: float = 1e-6, precondition_frequency: int = 10, block_size: int = 256,
                  graft: str = "adam"):
-        if lr < 0 or precondition_frequency < 1 or block_size < 1 or graft not in ("adam", "none"):
-            raise ValueError(f"invalid Shampoo hyper-parameters lr={lr} precondition_frequency="
-                             f"{precondition_frequency} block_size={block_size} graft={graft!r}")
+        check_hyperparams("Shampoo", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, precond_beta=precond_beta,
+                          precond_eps=precond_eps, precondition_frequency=precondition_frequency,
+                          block_size=block_size, graft=graft)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       precond_beta=precond_beta, precond_eps=precond_eps,
                                       precondition_frequency=precondition_frequency, block_size=block_size,

@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 
 from lmforge.optim.adam_core import MatrixPreconditioner, layout_error
+from lmforge.optim.base import check_hyperparams
 
 
 def _eigvecs(mat: torch.Tensor) -> torch.Tensor:
@@ -34,9 +35,8 @@ class SOAP(MatrixPreconditioner):
     def __init__(self, params: Iterable, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0, precond_beta: float = 0.95,
                  precondition_frequency: int = 10, block_size: int = 1024):
-        if lr < 0 or precondition_frequency < 1 or not 0 < precond_beta <= 1:
-            raise ValueError(f"invalid SOAP hyper-parameters lr={lr} precondition_frequency="
-                             f"{precondition_frequency} precond_beta={precond_beta}")
+        check_hyperparams("SOAP", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, precond_beta=precond_beta,
+                          precondition_frequency=precondition_frequency, block_size=block_size)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       precond_beta=precond_beta, precondition_frequency=precondition_frequency,
                                       block_size=block_size))

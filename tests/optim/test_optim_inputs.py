@@ -100,7 +100,7 @@ def test_a_qk_clip_cap_that_is_not_positive_is_refused():
     NaN (gamma = tau / S_max < 0, raised to the power 1/2); 0 zeroed them."""
     from lmforge.optim.qk_clip import qk_clip_
 
-    with pytest.raises(ValueError, match=r"qk_clip_tau=-1.0 \(>= 0; 0 = no QK-clip\)"):
+    with pytest.raises(ConfigError, match=r"^Muon: qk_clip_tau=-1.0 must be >= 0 \(0 = no QK-clip\)"):
         Muon([torch.nn.Parameter(torch.randn(4, 4))], qk_clip_tau=-1.0)
     wq, wk = torch.randn(4, 3), torch.randn(4, 3)
     for tau in (-1.0, 0.0):

@@ -3,7 +3,8 @@
     lmforge scaling sweep [--budgets 3e10 1e11 3e11 --depths 1 2 3 4 --out runs/scaling_sweep]
     lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
     lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, and the exact count for a
-                                                         from_depth model; --model PRESET or run.toml for others)
+                                                         from_depth model; --model PRESET, run.toml or a
+                                                         checkpoint for others)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from lmforge.cli.common import parse_config, run_group
 from lmforge.errors import ConfigError
@@ -54,8 +56,9 @@ class FlopsArgs:
     depth: int = 12
     """a from_depth(depth) model (with --vocab-size, max_seq_len 1024), unless --model is given"""
     model: str = ""
-    """a ModelConfig preset name (llama-small, gpt2-small, ...) or a TOML/JSON file: a run config's [model]
-    section, or a model's keys at top level (a checkpoint's config.json); replaces --depth and --vocab-size"""
+    """a ModelConfig preset name (llama-small, gpt2-small, ...), a checkpoint directory or a TOML/JSON file: a run
+    config's [model] section, a run directory's config.json, a checkpoint's config.json or a model's keys at top
+    level; replaces --depth and --vocab-size"""
     tokens: float = 1e9
     seq_len: int = 0
     """context of the attention term (0 = the rows a run config trains on: its [data] seq_len, or data.seq_len's
@@ -65,9 +68,9 @@ class FlopsArgs:
 
 def _flops_model(a: FlopsArgs):
     """The ModelConfig `lmforge scaling flops` counts (see FlopsArgs.model) and the context it is counted at:
-    --seq-len, else the rows a run config (a file with a [model] table, not a checkpoint's) trains on (its [data]
-    seq_len, or DataConfig's default when it gives none), else the model's max_seq_len."""
-    from lmforge.config import from_dict, read_config_file
+    --seq-len, else the rows a run config trains on (its [data] seq_len, or DataConfig's default when it gives
+    none), else the model's max_seq_len."""
+    from lmforge.config import from_dict
     from lmforge.model.config import PRESETS, ModelConfig
 
     if not a.model:
@@ -76,21 +79,56 @@ def _flops_model(a: FlopsArgs):
     if a.model in PRESETS:
         cfg = ModelConfig.preset(a.model)
         return cfg, a.seq_len or cfg.max_seq_len
-    if not a.model.endswith((".toml", ".json")):
-        raise ConfigError(f"--model {a.model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a .toml / "
-                          ".json file")
-    raw = read_config_file(a.model)
-    cfg = from_dict(ModelConfig, raw["model"] if isinstance(raw.get("model"), dict) else raw, where="model")
-    seq_len = None
-    if isinstance(raw.get("model"), dict) and "step" not in raw:  # a run config (a checkpoint's config.json
-        # has its [model] beside the step it was saved at): it trains at its [data] seq_len, or the default
-        from lmforge.train.config import DataConfig
-
-        data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-        seq_len = data.get("seq_len", DataConfig().seq_len)
-        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
-            raise ConfigError(f"{a.model}: data.seq_len must be a positive integer, got {seq_len!r}")
+    path = Path(a.model)
+    if path.is_dir() and (path / "manifest.json").is_file():  # a checkpoint directory: its config.json
+        path = path / "config.json"
+    elif not a.model.endswith((".toml", ".json")):
+        raise ConfigError(f"--model {a.model!r} is neither a preset ({', '.join(sorted(PRESETS))}), a checkpoint "
+                          "directory nor a .toml / .json file")
+    model, seq_len = _model_record(path)
+    cfg = from_dict(ModelConfig, model, where="model")
     return cfg, a.seq_len or seq_len or cfg.max_seq_len
+
+
+def _is_checkpoint_config(path: Path, raw: dict) -> bool:
+    """Whether `raw`, read from `path`, is an lmforge checkpoint's config.json. The signal is the checkpoint's seal:
+    the manifest.json its writer puts beside it last, listing it (lmforge.checkpoint._seal; every checkpoint has
+    one, and a run config never sits in a checkpoint directory). A config.json copied out of its folder has no
+    seal; it is known by the step it was saved at, a key every checkpoint writer has put there and no run config
+    can hold (TrainConfig and PostTrainConfig have no such field, and refuse keys they do not know)."""
+    try:
+        files = json.loads((path.parent / "manifest.json").read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        files = {}
+    return path.name in files or "step" in raw
+
+
+def _model_record(path: Path) -> tuple[dict, int | None]:
+    """The model keys of a TOML/JSON file `--model` names and the rows it trains on (None: not known, so the
+    model's max_seq_len). The file is one of:
+    - an lmforge checkpoint's config.json (_is_checkpoint_config): the model it saved, its [model] table;
+    - a run directory's config.json, the resolved config the Trainer keeps ({"config": run config, "seed", ...});
+    - a run config (a [model] table beside [data], [optim], ...): trained at its [data] seq_len or the default;
+    - a bare model config (the keys of ModelConfig at top level)."""
+    from lmforge.config import read_config_file
+
+    raw = read_config_file(path)
+    if _is_checkpoint_config(path, raw):
+        if not isinstance(raw.get("model"), dict):
+            raise ConfigError(f"{path}: this checkpoint holds a {raw.get('model_class', 'model')} and records no "
+                              "ModelConfig to count; give the run config it was trained from")
+        return raw["model"], None
+    if isinstance(raw.get("config"), dict) and "lmforge_version" in raw:  # a run directory's record: its config
+        raw = raw["config"]
+    if not isinstance(raw.get("model"), dict):
+        return raw, None
+    from lmforge.train.config import DataConfig
+
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    seq_len = data.get("seq_len", DataConfig().seq_len)
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise ConfigError(f"{path}: data.seq_len must be a positive integer, got {seq_len!r}")
+    return raw["model"], seq_len
 
 
 def _flops(argv: list[str]) -> int:

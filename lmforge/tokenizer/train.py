@@ -100,6 +100,15 @@ def file_ranges(path: Path, pat: str, specials: tuple[str, ...], chunk: int | No
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+def _path_kind(path: Path) -> str | None:
+    """'file', 'directory' or None (nothing there); None, not an OSError, for a string no file can be named by: a
+    document passed in a list where paths belong is longer than the OS allows a name (ENAMETOOLONG) or holds a NUL."""
+    try:
+        return "file" if path.is_file() else "directory" if path.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
 def _tasks(source, pat: str, specials: tuple[str, ...]) -> tuple[Iterator, int | None]:
     """Worker tasks and the total input size in bytes (None for a stream of texts)."""
     if isinstance(source, (str, os.PathLike)):
@@ -107,7 +116,11 @@ def _tasks(source, pat: str, specials: tuple[str, ...]) -> tuple[Iterator, int |
     if isinstance(source, (list, tuple)) and all(isinstance(s, (str, os.PathLike)) for s in source):
         paths = [Path(s) for s in source]
         for p in paths:
-            if not p.is_file():
+            kind = _path_kind(p)
+            if kind == "directory":
+                raise DataError(f"training input {str(p)!r} is a directory: pass the files in it, e.g. "
+                                f"sorted(Path({str(p)!r}).glob('*.txt'))")
+            if kind is None:
                 raise DataError(f"training input not found: {str(p)[:80]!r} (strings in a list are file paths; "
                                 "pass texts as an iterator, e.g. iter(texts))")
         total = sum(p.stat().st_size for p in paths)
@@ -118,7 +131,9 @@ def _tasks(source, pat: str, specials: tuple[str, ...]) -> tuple[Iterator, int |
         batch, size = [], 0
         for text in source:
             if not isinstance(text, str):
-                raise DataError(f"training texts must be str, got {type(text).__name__}")
+                hint = " (file paths go in a list or tuple: train_bpe([path, ...]))" if isinstance(
+                    text, os.PathLike) else ""
+                raise DataError(f"training texts must be str, got {type(text).__name__}{hint}")
             batch.append(text)
             size += len(text)
             if size >= CHUNK_BYTES // 4:  # smaller than file chunks: texts often come in a few MB
@@ -279,7 +294,9 @@ def train_bpe(files_or_iterator: str | os.PathLike | Iterable[str] | Iterable[os
               progress: bool = True, stats: dict | None = None):
     """Train a byte-level BPE `Tokenizer` with `vocab_size` tokens: 256 bytes, the specials, then merges.
 
-    files_or_iterator: a path, a list/tuple of paths, or any other iterable of texts (each a document).
+    files_or_iterator: a path, a list/tuple of paths, or any other iterable of texts (each a document): strings in
+        a list or tuple are paths, so texts held in a list are passed as `iter(texts)` (a list of texts is refused
+        in one line saying so, never trained on as if each text were a file's name).
     pattern: "gpt2", "cl100k", "o200k" or a custom pre-tokenization regex.
     stats: if given, filled with bytes read and undecodable bytes (replaced by U+FFFD and counted).
     """

@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.cli.common import parse_config, run_group
+from lmforge.config import check
 from lmforge.errors import ConfigError
 
 
@@ -64,6 +66,11 @@ class FlopsArgs:
     """context of the attention term (0 = the rows a run config trains on: its [data] seq_len, or data.seq_len's
     default; else (a preset, a checkpoint's config.json) the model's max_seq_len)"""
     vocab_size: int = 50304
+
+    def __post_init__(self) -> None:
+        # checked before the count: a negative context was counted as it stood, NaN tokens printed "nan FLOPs"
+        check(math.isfinite(self.tokens) and self.tokens > 0, f"--tokens must be a positive number, got {self.tokens}")
+        check(self.seq_len >= 0, f"--seq-len must be >= 0 (0 = the model's or run's own), got {self.seq_len}")
 
 
 def _flops_model(a: FlopsArgs):

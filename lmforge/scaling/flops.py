@@ -17,6 +17,7 @@ covers them all.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from lmforge.errors import ConfigError
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 def flops_6nd(n_params: float, tokens: float) -> float:
     """Training FLOPs C = 6 N D."""
-    if n_params <= 0 or tokens <= 0:
+    if not (0 < n_params < math.inf and 0 < tokens < math.inf):  # (NaN fails too)
         raise ConfigError(f"6ND needs positive N and D, got N={n_params}, D={tokens}")
     return 6.0 * n_params * tokens
 

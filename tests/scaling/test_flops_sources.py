@@ -60,3 +60,27 @@ def test_a_checkpoint_of_a_model_without_a_model_config_is_named(capsys, tmp_pat
     (tmp_path / "manifest.json").write_text(json.dumps({"files": {"config.json": 1}, "sha256": {}}))
     assert main(["scaling", "flops", "--model", str(tmp_path / "config.json")]) == 2
     assert "holds a my.Net and records no ModelConfig to count" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [("--seq-len", "-3", "--seq-len must be >= 0"),
+                                                ("--tokens", "nan", "--tokens must be a positive number, got nan"),
+                                                ("--tokens", "inf", "--tokens must be a positive number, got inf")])
+def test_a_bad_context_or_token_count_is_refused_not_counted(capsys, flag, value, message):
+    """--seq-len -3 was counted as it stood ("exact count = 6.001e+17 FLOPs (seq_len -3)"), --tokens nan printed
+    "nan FLOPs"; both exited 0."""
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["scaling", "flops", "--model", "llama-small", flag, value])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert message in " ".join(captured.err.split()) and "FLOPs" not in captured.out
+
+
+def test_6nd_refuses_a_count_that_is_not_a_positive_number():
+    from lmforge.errors import ConfigError
+    from lmforge.scaling.flops import flops_6nd
+
+    for n, d in ((1e6, float("nan")), (float("inf"), 1e9), (1e6, -1.0)):
+        with pytest.raises(ConfigError, match="6ND needs positive N and D"):
+            flops_6nd(n, d)

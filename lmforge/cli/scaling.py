@@ -58,9 +58,9 @@ class FlopsArgs:
     depth: int = 12
     """a from_depth(depth) model (with --vocab-size, max_seq_len 1024), unless --model is given"""
     model: str = ""
-    """a ModelConfig preset name (llama-small, gpt2-small, ...), a checkpoint directory or a TOML/JSON file: a run
-    config's [model] section, a run directory's config.json, a checkpoint's config.json or a model's keys at top
-    level; replaces --depth and --vocab-size"""
+    """a ModelConfig preset name (llama-small, gpt2-small, ...), a checkpoint or run directory, or a TOML/JSON file:
+    a run config's [model] section, a run directory's config.json, a checkpoint's config.json or a model's keys at
+    top level; replaces --depth and --vocab-size"""
     tokens: float = 1e9
     seq_len: int = 0
     """context of the attention term (0 = the rows a run config trains on: its [data] seq_len, or data.seq_len's
@@ -87,11 +87,11 @@ def _flops_model(a: FlopsArgs):
         cfg = ModelConfig.preset(a.model)
         return cfg, a.seq_len or cfg.max_seq_len
     path = Path(a.model)
-    if path.is_dir() and (path / "manifest.json").is_file():  # a checkpoint directory: its config.json
+    if path.is_dir() and (path / "config.json").is_file():  # a checkpoint or run directory: its config.json
         path = path / "config.json"
     elif not a.model.endswith((".toml", ".json")):
-        raise ConfigError(f"--model {a.model!r} is neither a preset ({', '.join(sorted(PRESETS))}), a checkpoint "
-                          "directory nor a .toml / .json file")
+        raise ConfigError(f"--model {a.model!r} is neither a preset ({', '.join(sorted(PRESETS))}), a checkpoint or "
+                          "run directory nor a .toml / .json file")
     model, seq_len = _model_record(path)
     cfg = from_dict(ModelConfig, model, where="model")
     return cfg, a.seq_len or seq_len or cfg.max_seq_len

@@ -51,6 +51,7 @@ def test_a_run_directorys_config_json_counts_at_the_rows_the_run_trained_on(caps
     cfg = TrainConfig(model=CFG, data=DataConfig(train=("t.bin",), seq_len=32))
     (tmp_path / "config.json").write_text(json.dumps({"config": to_dict(cfg), "seed": cfg.seed, **run_metadata()}))
     assert _at(32) in _count(capsys, str(tmp_path / "config.json"))
+    assert _at(32) in _count(capsys, str(tmp_path))  # the run directory itself
 
 
 def test_a_checkpoint_of_a_model_without_a_model_config_is_named(capsys, tmp_path):

@@ -22,15 +22,14 @@ from typing import Iterable
 import torch
 
 from lmforge.optim.adam_core import layout_error, rms
-from lmforge.optim.base import PerParamOptimizer, apply_step_
+from lmforge.optim.base import PerParamOptimizer, apply_step_, check_hyperparams
 
 
 class Adafactor(PerParamOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, beta1: float = 0.0, decay_rate: float = 0.8,
                  eps1: float = 1e-30, clip_threshold: float = 1.0, weight_decay: float = 0.0):
-        if lr < 0 or not 0 <= beta1 < 1 or not 0 < decay_rate <= 1 or clip_threshold <= 0 or weight_decay < 0:
-            raise ValueError(f"invalid Adafactor hyper-parameters lr={lr} beta1={beta1} decay_rate={decay_rate} "
-                             f"clip_threshold={clip_threshold} wd={weight_decay}")
+        check_hyperparams("Adafactor", lr=lr, beta1=beta1, decay_rate=decay_rate, eps1=eps1,
+                          clip_threshold=clip_threshold, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, beta1=beta1, decay_rate=decay_rate, eps1=eps1,
                                       clip_threshold=clip_threshold, weight_decay=weight_decay))
 

@@ -18,14 +18,13 @@ from typing import Iterable
 
 import torch
 
-from lmforge.optim.base import check_grad, run_closure
+from lmforge.optim.base import check_grad, check_hyperparams, run_closure
 
 
 class AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, fused: bool | None = None):
-        if lr < 0 or eps <= 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
-            raise ValueError(f"invalid AdamW hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        check_hyperparams("AdamW", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused))
 
     @torch.no_grad()

@@ -14,14 +14,13 @@ from typing import Iterable
 
 import torch
 
-from lmforge.optim.base import PerParamOptimizer, apply_step_
+from lmforge.optim.base import PerParamOptimizer, apply_step_, check_hyperparams
 
 
 class Lion(PerParamOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0):
-        if lr < 0 or not all(0 <= b < 1 for b in betas) or weight_decay < 0:
-            raise ValueError(f"invalid Lion hyper-parameters lr={lr} betas={betas} wd={weight_decay}")
+        check_hyperparams("Lion", lr=lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
 
     def update(self, p: torch.Tensor, group: dict) -> None:

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.optim.adafactor import Adafactor
+from lmforge.optim.adamw import AdamW
 from lmforge.optim.dion import Dion
+from lmforge.optim.lion import Lion
 from lmforge.optim.muon import Muon
 from lmforge.optim.shampoo import Shampoo
 from lmforge.optim.soap import SOAP
@@ -56,3 +59,18 @@ def test_the_edges_of_each_range_are_accepted_and_step(cls):
     p.grad = torch.randn(4, 3)
     opt.step()
     assert torch.equal(p.detach(), before)
+
+
+OTHERS = [  # AdamW, Lion and Adafactor share the check (their own hyper-parameter sets)
+    (AdamW, "betas", (0.9, 1.0), r"two values in \[0, 1\)"), (AdamW, "eps", 0.0, "> 0"),
+    (AdamW, "lr", math.nan, ">= 0 and finite"), (Lion, "betas", (1.0, 0.99), r"two values in \[0, 1\)"),
+    (Lion, "weight_decay", -1.0, ">= 0"), (Adafactor, "beta1", 1.0, r"in \[0, 1\)"),
+    (Adafactor, "decay_rate", 0.0, r"in \(0, 1\]"), (Adafactor, "eps1", 0.0, "> 0"),
+    (Adafactor, "clip_threshold", 0.0, "> 0"), (Adafactor, "lr", -1.0, ">= 0"),
+]
+
+
+@pytest.mark.parametrize("cls,name,value,want", OTHERS, ids=[f"{c.__name__}-{n}={v}" for c, n, v, _ in OTHERS])
+def test_adamw_lion_adafactor_refuse_the_same_way(cls, name, value, want):
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}: {name}={re.escape(repr(value))} must be {want}"):
+        cls([torch.nn.Parameter(torch.randn(4, 3))], **{name: value})

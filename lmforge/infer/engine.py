@@ -81,7 +81,7 @@ from lmforge.infer.pending import Launched, overlaps
 from lmforge.infer.request import Request, Sequence, Status, encode_prompt, seed_for, stop_ids
 from lmforge.infer.runner import (Extra, PagedRunner, RecomputeRunner, copy_weights, prompt_rows, row_for,
                                   sampling_rows)
-from lmforge.infer.sampler import forget, kind_of, logprob_entries
+from lmforge.infer.sampler import SharedStream, forget, kind_of, logprob_entries
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scheduler import Scheduler, SchedulerConfig
 from lmforge.infer.speculative import attach_drafter, draft_step, pool_model, speculates
@@ -195,6 +195,11 @@ class Engine:
         self._pending: Launched | None = None  # a step whose tokens the host has not read yet
         self.requests: dict[str, Request] = {}
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
+        self.rng = SharedStream(device=self.device).manual_seed(int(torch.randint(2**62, ())))
+        """the random stream every unseeded request draws from (sampling, drafts, verification), seeded once here
+        from torch's: generating never moves torch's own RNG, so rollouts or an evaluation inside a training loop
+        leave its dropout and data order as they were (torch.manual_seed before building the engine still makes
+        unseeded samples reproducible). Seeded requests draw from their own generators (_generator)"""
 
     # requests ------------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -548,7 +553,11 @@ class Engine:
         if not req.params.max_tokens:  # score-only: nothing is sampled
             return []
         if _claims(seq):
-            return req.strategy.rows(seq, n)
+            rows = req.strategy.rows(seq, n)
+            for _, row in rows:  # (a strategy reads the logits, not the draw: it comes from the engine's stream,
+                if row.generator is None and not row.params.greedy:  # never torch's nor a seeded request's own)
+                    row.generator = self.rng
+            return rows
         if seq.row is None:  # (sample 0's generator: seq's own)
             seq.row = self._row(seq, seq.index, seq.generator)
         if not req.forked:  # the first sample of each of the n sequences comes from these logits
@@ -564,8 +573,11 @@ class Engine:
         return row
 
     def _generator(self, params: SamplingParams, j: int) -> torch.Generator | None:
-        if params.seed is None or params.greedy:
+        """Sample j's random stream: its own under a seed, else the engine's shared one (None: greedy draws nothing)."""
+        if params.greedy:
             return None
+        if params.seed is None:
+            return self.rng
         return torch.Generator(device=self.device).manual_seed(seed_for(params.seed, j))
 
     def _sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:

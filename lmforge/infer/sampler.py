@@ -20,7 +20,9 @@ log_softmax over ALL its rows (the padded ones keep their mass): what a plain fo
 lmforge.align.logprobs.token_logprobs, HF and lm-eval compute, so an RL ratio starts at 1. 'processed' log-probs
 (logprobs_mode) are the distribution drawn from, the padded ids excluded.
 Seeded rows draw from their own torch.Generator, so a seeded sample never depends on its batch companions;
-the draw itself is one batched exponential race (`draw`), only the noise of seeded rows is filled per row.
+unseeded rows from the one stream their engine gives them all (a SharedStream, Engine.rng: never torch's global
+RNG, which a training loop around the engine owns). The draw itself is one batched exponential race (`draw`), only
+the noise of seeded rows is filled per row.
 Nothing here reads the device: the caller syncs once, on the returned tensors.
 """
 
@@ -210,16 +212,27 @@ def token_history(rows: list[Row], vocab: int, device) -> TokenHistory:
     return hist
 
 
+class SharedStream(torch.Generator):
+    """A random stream many rows draw from: an engine's, for all its unseeded requests (Engine.rng). `draw` fills
+    the noise of the rows drawing from it (and of rows without a generator) in one launch, where a generator of a
+    row's own (a seeded request's) fills that row alone."""
+
+
 def draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
     """probs (B, V) -> (B,) one token per row by the exponential race: argmax(p / q) with q ~ Exp(1) is
     a draw from p (the Gumbel-max trick, exponentiated). torch.multinomial(p, 1) computes exactly this,
-    so the tokens equal per-row multinomial calls bit for bit: a row with a generator fills its own row
+    so the tokens equal per-row multinomial calls bit for bit: a row with a generator of its own fills its row
     of q from it (the draw multinomial(p[i:i + 1], 1, generator=g) makes, whatever else is in the batch),
     then one division and one argmax serve every row. No per-row sampling call, and no device sync
-    (multinomial reads its input's min and max on the host to validate it). probs is overwritten."""
-    q = torch.empty_like(probs).exponential_()  # one launch for the rows without a generator
+    (multinomial reads its input's min and max on the host to validate it). The rows without a generator and
+    those drawing from a SharedStream (at most one per batch: an engine's) fill theirs in one launch, from that
+    stream (none: torch's default generator). probs is overwritten."""
+    shared = next((g for g in gens if isinstance(g, SharedStream)), None)
+    q = torch.empty_like(probs)
+    if shared is not None or any(g is None for g in gens):
+        q.exponential_(generator=shared)  # one launch for the rows drawing from a stream they share
     for i, g in enumerate(gens):
-        if g is not None:
+        if g is not None and g is not shared:
             q[i].exponential_(generator=g)
     return probs.div_(q).argmax(-1)
 

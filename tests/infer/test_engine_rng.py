@@ -1,0 +1,72 @@
+"""Generation leaves torch's global RNG alone: unseeded requests draw from the engine's own stream (Engine.rng),
+so sampling inside a training loop (RL rollouts, evaluation) does not change the training's random state."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.infer.engine import Engine
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
+
+from .infer_helpers import run_requests, tiny_model
+
+PROMPTS = [[5, 6, 7], [9, 9, 9, 9, 9, 9, 9, 9], [3]]
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.token_ids for out in outs for o in out.outputs]
+
+
+def test_unseeded_generation_leaves_torchs_rng_untouched(tok):
+    llm = LLM(tiny_model(), tok)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, n=2, ignore_eos=True)
+    state = torch.get_rng_state()
+    outs = llm.generate(PROMPTS, params)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(len(t) == 12 for t in _tokens(outs))
+
+
+def test_unseeded_speculative_generation_leaves_torchs_rng_untouched(tok):
+    """Drafts and their verification (speculative decoding) draw from the engine's stream too."""
+    llm = LLM(tiny_model(), tok, draft="ngram", num_draft_tokens=3)
+    params = SamplingParams(temperature=0.8, max_tokens=16, ignore_eos=True)
+    state = torch.get_rng_state()
+    outs = llm.generate(PROMPTS, params)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(len(t) == 16 for t in _tokens(outs))
+
+
+def test_unseeded_samples_are_reproducible_from_the_seed_the_engine_was_built_under(tok):
+    model = tiny_model()
+    params = SamplingParams(temperature=1.0, max_tokens=10, n=2, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        engine = Engine(model, tok)
+        torch.rand(7)  # (torch's RNG moving after the engine was built changes nothing it samples)
+        runs.append(_tokens(run_requests(engine, [(p, params) for p in PROMPTS])))
+    assert runs[0] == runs[1]
+    torch.manual_seed(124)
+    other = _tokens(run_requests(Engine(model, tok), [(p, params) for p in PROMPTS]))
+    assert other != runs[0]
+    # the engine's stream advances: a second batch on the same engine samples anew
+    torch.manual_seed(123)
+    engine = Engine(model, tok)
+    first = _tokens(run_requests(engine, [(p, params) for p in PROMPTS]))
+    assert _tokens(run_requests(engine, [(p, params) for p in PROMPTS])) != first
+
+
+def test_seeded_samples_do_not_depend_on_the_engines_stream_or_torchs(tok):
+    """A seeded request samples the same beside unseeded ones, whatever stream the engine was built with."""
+    model = tiny_model()
+    seeded = SamplingParams(temperature=1.0, max_tokens=10, seed=7, ignore_eos=True)
+    free = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
+    got = []
+    for build_seed in (0, 1):
+        torch.manual_seed(build_seed)
+        engine = Engine(model, tok)
+        reqs = [(PROMPTS[0], free), (PROMPTS[1], seeded), (PROMPTS[2], free)] if build_seed else [(PROMPTS[1], seeded)]
+        outs = run_requests(engine, reqs)
+        got.append(next(o for o in outs if o.outputs[0].token_ids and o.prompt_token_ids == PROMPTS[1]))
+    assert got[0].outputs[0].token_ids == got[1].outputs[0].token_ids

@@ -202,39 +202,46 @@ class LLM(Scoring):
         A failed step (_step) takes ids' outputs and raises. One of ids aborted (abort) while this call waits raises
         _Aborted at once, the others left running or held. Ids that are neither running nor held once the engine
         is idle (another caller collected or aborted them) raise rather than wait forever."""
-        inbox: list = []  # finished ids, and _Aborted errors (abort)
+        inbox: list = []  # finished outputs, and _Aborted errors (abort)
         with self._lock:
             for rid in ids:
                 if rid not in self._held and rid not in self.engine.requests:
                     raise LmforgeError(f"no request with id {rid!r} is running or waiting to be collected "
                                        "(collected already, aborted, or never added)")
             distinct = list(dict.fromkeys(ids))  # an id given twice (a program's cache merging two calls): one output
-            new = [rid for rid in distinct if rid in self._held]  # finished before this call, then at each step
-            waiting = set(distinct).difference(new)  # (counted down, not rescanned: a score call queues thousands)
-            for rid in waiting:
+            # the very outputs this call hands out, by identity: between two holds of the lock another caller may
+            # abort or collect one, and a new request reuse its id and finish (its output held under that id)
+            found = {rid: self._held[rid] for rid in distinct if rid in self._held}  # finished before this call
+            waiting = set(distinct).difference(found)  # (counted down, not rescanned: a score call queues thousands)
+            for rid in distinct:  # (finished ones too: an abort of one must reach this call, as of a running one)
                 self._waiters.setdefault(rid, []).append(inbox)
         try:
-            return self._collect_loop(ids, distinct, new, waiting, inbox, errors)
+            return self._collect_loop(ids, distinct, found, waiting, inbox, errors)
         finally:
             with self._lock:
-                for rid in waiting:  # (those still waited for: the others left the table as they finished)
+                for rid in distinct:  # (those still listed: the others left the table as they finished)
                     others = [box for box in self._waiters.pop(rid, ()) if box is not inbox]
                     if others:
                         self._waiters[rid] = others
 
-    def _collect_loop(self, ids: list[str], distinct: list[str], new: list[str], waiting: set[str],
+    def _collect_loop(self, ids: list[str], distinct: list[str], found: dict[str, RequestOutput], waiting: set[str],
                       inbox: list, errors: str) -> list[RequestOutput]:
-        """_collect's steps: `new` the ids found finished, `waiting` those not yet, `inbox` where _hold puts them."""
+        """_collect's steps: `found` the outputs of the ids found finished (each taken only while it is still the
+        one held under its id), `waiting` the ids not yet, `inbox` where _hold puts their outputs."""
+        new = list(found)
         while True:
             if errors == "raise":
                 with self._lock:
                     for rid in new:  # a request aborted for its own failed input (a logits processor): its error
-                        out = self._held.get(rid)  # (None: another thread's caller took it; found below)
-                        if out is not None and out.error is not None:
+                        out = found[rid]  # (no longer held: another thread's caller took it; found below)
+                        if out.error is not None and self._held.get(rid) is out:
                             raise self._held.pop(rid).error
             if not waiting:
                 with self._lock:
-                    outs = {rid: self._held.pop(rid, None) for rid in distinct}
+                    for item in inbox:  # one of ids aborted since this call found it finished
+                        if isinstance(item, _Aborted):
+                            raise item
+                    outs = {rid: self._held.pop(rid) if self._held.get(rid) is found[rid] else None for rid in distinct}
                     gone = [rid for rid, out in outs.items() if out is None]
                     if gone:  # (the others stay held for a later wait)
                         self._held.update((rid, out) for rid, out in outs.items() if out is not None)
@@ -250,11 +257,15 @@ class LLM(Scoring):
                         for rid in ids:  # the caller has its error: their failed outputs are not held for it
                             self._held.pop(rid, None)
                         raise
-                new = inbox[:]
+                items = inbox[:]
                 inbox.clear()
-            for item in new:
+            new = []
+            for item in items:
                 if isinstance(item, _Aborted):  # (its id may be another request's already: nothing of it is touched)
                     raise item
+                if item.request_id in waiting:  # (an id found finished finishes again only as a new request's)
+                    found[item.request_id] = item
+                    new.append(item.request_id)
             waiting.difference_update(new)
 
     def _step(self, finished_only: bool = False, watch: Seq[str] = ()) -> list[RequestOutput]:
@@ -292,7 +303,7 @@ class LLM(Scoring):
         rid = out.request_id
         self._held[rid] = out
         for inbox in self._waiters.pop(rid, ()):
-            inbox.append(rid)
+            inbox.append(out)
         if rid in self._submitted:
             self._ready[rid] = None
 

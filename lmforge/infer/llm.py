@@ -16,7 +16,9 @@
 Prompts are validated and queued as engine requests, run to completion with continuous batching, and
 returned as `RequestOutput`s in prompt order. With a seed, prompt i gets its own stream derived from the
 seed and i (vLLM-style), so identical prompts give different samples and no prompt's samples depend on
-the others. Beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative) are
+the others; without one, samples draw from the engine's own stream (Engine.rng), seeded from torch's RNG when
+the LLM is built: generating never moves torch's RNG (a training loop's, around RL rollouts or evaluation).
+Beam search (lmforge.infer.beam) and speculative decoding (lmforge.infer.speculative) are
 strategies running on the same engine, for all prompts at once. Scoring is generation with prompt
 log-probs (SamplingParams.prompt_logprobs), batched like any other requests.
 

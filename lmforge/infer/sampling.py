@@ -83,7 +83,8 @@ class SamplingParams:
     """reproducible sampling: the same seed gives the same samples, whatever else is in the batch. With a
     drafter (speculative decoding) the draws also depend on how many tokens each round drafts, which the step's
     room sets (max_num_batched_tokens, max_num_seqs, preemption): the same seed in another batch or engine may
-    then sample other tokens, from the same distribution"""
+    then sample other tokens, from the same distribution. None: the engine's own stream (Engine.rng, seeded from
+    torch's RNG when the engine is built), never torch's global RNG"""
     logprobs: int | None = None
     """None = no logprobs; k >= 0 = the chosen token's log-probability plus the k most likely ones (k at most the
     engine's EngineConfig.max_logprobs, 20 by default; prompt_logprobs too)"""

@@ -3,9 +3,10 @@ so sampling inside a training loop (RL rollouts, evaluation) does not change the
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from lmforge.infer.engine import Engine
+from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 
@@ -18,8 +19,10 @@ def _tokens(outs) -> list[list[int]]:
     return [o.token_ids for out in outs for o in out.outputs]
 
 
-def test_unseeded_generation_leaves_torchs_rng_untouched(tok):
-    llm = LLM(tiny_model(), tok)
+@pytest.mark.parametrize("options", [{}, {"cuda_graphs": True}, {"async_scheduling": True}])
+def test_unseeded_generation_leaves_torchs_rng_untouched(tok, options):
+    """Also through the graphs' static-buffer step (run eagerly without a GPU) and async scheduling."""
+    llm = LLM(tiny_model(), tok, config=EngineConfig(**options))
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, n=2, ignore_eos=True)
     state = torch.get_rng_state()
     outs = llm.generate(PROMPTS, params)
@@ -70,3 +73,19 @@ def test_seeded_samples_do_not_depend_on_the_engines_stream_or_torchs(tok):
         outs = run_requests(engine, reqs)
         got.append(next(o for o in outs if o.outputs[0].token_ids and o.prompt_token_ids == PROMPTS[1]))
     assert got[0].outputs[0].token_ids == got[1].outputs[0].token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_unseeded_generation_on_a_gpu_leaves_torchs_rngs_untouched(tok):
+    """CUDA graphs and async scheduling (on by default on a GPU): neither torch's CPU nor its CUDA RNG moves, and
+    an engine built under the same seed samples the same."""
+    params = SamplingParams(temperature=1.0, max_tokens=12, n=2, ignore_eos=True)
+    model, runs = tiny_model().cuda(), []
+    for _ in range(2):
+        torch.manual_seed(5)
+        llm = LLM(model, tok)
+        cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+        runs.append(_tokens(llm.generate(PROMPTS, params)))
+        assert torch.equal(torch.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(), cuda)
+    assert runs[0] == runs[1]

@@ -174,6 +174,9 @@ def has_safe_cuts(pat: str) -> bool:
 
 def check_specials(special_tokens: Iterable[str] | None) -> list[str]:
     """Validate special tokens: non-empty strings, no duplicates. Returns them as a list."""
+    if isinstance(special_tokens, str):  # (iterated, "<pad>" would be five one-character specials)
+        raise ConfigError(f"special tokens are a list of strings, got the single string {special_tokens!r}: "
+                          f"pass [{special_tokens!r}]")
     out: list[str] = []
     for s in special_tokens or ():
         if not isinstance(s, str) or not s:

@@ -60,3 +60,12 @@ def test_save_tiktoken_into_a_directory(tmp_path):
     path = tok.save_tiktoken(tmp_path)  # raised IsADirectoryError; save and save_hf take a directory
     assert path == tmp_path / "bpe.tiktoken"
     assert load_tokenizer(tmp_path).encode("the cat sat") == tok.encode("the cat sat")
+
+
+def test_special_tokens_given_as_one_string_are_refused_naming_the_list():
+    # iterated, "<pad>" was five one-character specials ("<", "p", ...) or "special token 'd' is given twice"
+    with pytest.raises(ConfigError, match=r"got the single string '<pad>': pass \['<pad>'\]"):
+        train_bpe(iter([TEXT]), 300, "<pad>", progress=False, workers=1)
+    from lmforge.tokenizer.bpe import Tokenizer
+    with pytest.raises(ConfigError, match=r"single string '<\|endoftext\|>'"):
+        Tokenizer({i: bytes([i]) for i in range(256)}, [], "<|endoftext|>")

@@ -618,10 +618,11 @@ def load_train_state(ckpt: Path) -> dict[str, Any]:
 
 def _load_hf(path: Path, tokenizer: bool = True, dtype: torch.dtype | None = None):
     from lmforge.model.transformer import Transformer
-    from lmforge.tokenizer.bpe import Tokenizer
+    from lmforge.tokenizer.load import load_tokenizer
 
     model = Transformer.from_pretrained(path, dtype=dtype)
-    tok = Tokenizer.from_hf(path) if tokenizer and (path / "tokenizer.json").is_file() else None
+    # (byte-level BPE as a Tokenizer, SentencePiece-style as a SentencePieceBPE: Llama 2, Mistral, Gemma)
+    tok = load_tokenizer(path / "tokenizer.json") if tokenizer and (path / "tokenizer.json").is_file() else None
     return model, tok
 
 

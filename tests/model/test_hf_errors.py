@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
@@ -227,13 +227,13 @@ def test_the_checkpoints_eos_ids_end_generation_and_are_exported(tmp_path):
     stop = free[0].token_ids[2]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [999, stop]}))
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True, "vocab": {},
-                                                                   "merges": []}}))
+                                                                   "merges": []}, "normalizer": {"type": "Lowercase"}}))
     llm = LLM.load(tmp_path, tokenizer=ByteTokenizer())
     out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=8))[0]
     assert out.token_ids == free[0].token_ids[:3] and out.finish_reason == "stop"
     assert llm.generate("hello", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].token_ids == \
         free[0].token_ids
-    with pytest.raises(Exception, match="SentencePiece-style BPE tokenizer.json"):
+    with pytest.raises(DataError, match="normalizer 'Lowercase' is not supported"):
         LLM.load(tmp_path)
     llm.model.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["eos_token_id"] == [999, stop]

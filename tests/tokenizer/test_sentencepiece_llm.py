@@ -49,3 +49,14 @@ def test_an_lmforge_checkpoint_carries_the_tokenizer(tmp_path):
     assert isinstance(llm.tokenizer, SentencePieceBPE) and llm.tokenizer.doc == tok.doc
     assert llm.generate("the king", GREEDY)[0].outputs[0].token_ids == \
         LLM(model, tok).generate("the king", GREEDY)[0].outputs[0].token_ids
+
+
+def test_llm_load_of_a_hf_dir_reads_its_sentencepiece_tokenizer(tmp_path):
+    # (LLM.load(hf_dir) opened tokenizer.json as byte-level BPE only, refusing Llama 2's, Mistral's, Gemma's)
+    from lmforge.checkpoint import load_model
+
+    d = _hf_dir(tmp_path)
+    llm = LLM.load(d)
+    assert isinstance(llm.tokenizer, SentencePieceBPE) and llm.tokenizer.doc == sp_doc()
+    assert llm.generate("the king", GREEDY)[0].prompt_token_ids == hf(sp_doc()).encode("the king").ids
+    assert isinstance(load_model(d)[1], SentencePieceBPE)

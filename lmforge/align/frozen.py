@@ -36,7 +36,7 @@ from lmforge.adapt.lora import adapter_names, adapters_disabled, lora_layers
 from lmforge.align.config import FROZEN_DTYPE_NAMES, check_beta, check_frozen_dtype  # noqa: F401 (re-export)
 from lmforge.align.logprobs import batch_logps, model_inputs
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.utils import eval_mode
+from lmforge.utils import eval_mode, pick_device
 
 FROZEN_DTYPES = {name: getattr(torch, dtype) for name, dtype in FROZEN_DTYPE_NAMES.items()}
 
@@ -48,6 +48,18 @@ def frozen_dtype(value: str | torch.dtype | None, name: str) -> torch.dtype | No
         return value
     check_frozen_dtype(value, name)
     return FROZEN_DTYPES[value]
+
+
+def frozen_device(value: str | torch.device | None, name: str) -> torch.device | None:
+    """The device a `{role}_device` option names (None: the model's own), checked through pick_device ('auto',
+    'cuda:N' beyond the GPUs there, 'gpu'): a one-line ConfigError naming the option, before any model is
+    loaded onto it, instead of torch's RuntimeError or an assertion in load_model."""
+    if value is None or isinstance(value, torch.device):
+        return value
+    try:
+        return torch.device(pick_device(str(value)))
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}; or leave {name} unset (the run's device)") from None
 
 
 def vocab_size(model: torch.nn.Module) -> int | None:
@@ -107,7 +119,7 @@ class Frozen:
                  vocab: int | None = None):
         self.role, self.path, self.cache_size, self.vocab = role, path, cache_size, vocab
         self.model = model
-        self._target = torch.device(device) if device is not None else None
+        self._target = frozen_device(device, f"{role}_device")
         self._dtype = frozen_dtype(dtype, f"{role}_dtype")
         self._frozen = False
         self._checksum: str | None = None

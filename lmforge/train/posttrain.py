@@ -142,6 +142,16 @@ def check_run_objective(cfg: PostTrainConfig) -> None:
                           f"or start from that run with init = '{cfg.run_dir}'")
 
 
+def frozen_devices(cfg: PostTrainConfig) -> dict[str, torch.device | None]:
+    """The objective's reference_device / teacher_device options, checked (lmforge.align.frozen.frozen_device):
+    a device this machine lacks is a one-line error naming the option."""
+    from lmforge.align.frozen import frozen_device
+
+    options = getattr(cfg, cfg.objective, None)
+    return {role: frozen_device(getattr(options, f"{role}_device", None), f"{cfg.objective}.{role}_device")
+            for role in ("reference", "teacher")}
+
+
 def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: torch.nn.Module | None = None,
                     tok=None):
     """The objective with its frozen models: loaded from their paths, or, for the reference of a [lora]
@@ -157,7 +167,7 @@ def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: t
             base = role == "reference" and not cfg.reference and cfg.lora is not None and policy is not None
             # loaded straight onto its own device (teacher_device / reference_device): a teacher built on the
             # run's GPU first would not fit exactly when the option is needed
-            where = getattr(options, f"{role}_device", None) or device
+            where = frozen_devices(cfg)[role] or device
             dtype = getattr(options, f"{role}_dtype", None)
             kwargs[role] = BaseReference(policy) if base else _frozen_model(path, role, where, tok, dtype)
             if f"{role}_path" in params:
@@ -182,6 +192,7 @@ def posttrain(cfg: PostTrainConfig):
     check_run_objective(cfg)
     par = join(cfg.parallel, cfg.device)
     device = train_device(cfg.device)
+    frozen_devices(cfg)  # before any model is loaded
     torch.manual_seed(cfg.seed)  # the same on every rank: identical heads and data order
     model, tok = load_model(cfg.init, device=device)
     merged = bool(lora_layers(model))  # start_model merges an init's adapters: a LoRA run's base is that model

@@ -276,26 +276,29 @@ def chat_template(cfg: ExportConfig, ckpt: Path):
 
 def eos_ids(model, tok, template) -> tuple[int, ...]:
     """End-of-sequence ids for HF's generate: the model's own (a HF model's), the template's end marker when
-    it is one special token (an answer ends at <|im_end|>), and <|endoftext|>."""
+    it is one special token (an answer ends at <|im_end|>), and the tokenizer's end of text (<|endoftext|>,
+    a SentencePiece tokenizer's </s> or <eos>)."""
     specials = tok.special_tokens if tok is not None else {}
     ids = [*(getattr(model, "eos_token_ids", None) or ()), specials.get(template.end.strip()) if template else None,
-           specials.get("<|endoftext|>")]
+           getattr(tok, "eot_id", None)]
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------
 
 def as_bpe(tok, vocab_size: int):
-    """The tokenizer as a byte-level BPE Tokenizer, which writes HF's tokenizer.json: a byte tokenizer is
-    the one with the 256 bytes as its vocabulary and no merges (the same ids)."""
+    """The tokenizer as one that writes HF's tokenizer.json (save_hf): a byte-level BPE Tokenizer, or a
+    SentencePieceBPE (Llama 2, Mistral, Gemma: the file it was read from); a byte tokenizer is the Tokenizer
+    with the 256 bytes as its vocabulary and no merges (the same ids)."""
     from lmforge.tokenizer.bpe import Tokenizer
     from lmforge.tokenizer.byte import ByteTokenizer
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
 
     if isinstance(tok, ByteTokenizer):
         tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], dict(tok.special_ids))
-    elif not isinstance(tok, Tokenizer):
+    elif not isinstance(tok, (Tokenizer, SentencePieceBPE)):
         raise ConfigError(f"a {type(tok).__name__} has no HF tokenizer.json form (lmforge writes its byte-level "
-                          "BPE and byte tokenizers); give one with --tokenizer")
+                          "BPE, SentencePiece-style BPE and byte tokenizers); give one with --tokenizer")
     if tok.vocab_size > vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}: "
                           "it was not made for this model; give the model's own with --tokenizer")

@@ -16,6 +16,7 @@ checkpoint_chat_template; normalize_messages takes OpenAI-style messages (conten
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import re
 import unicodedata
@@ -71,7 +72,8 @@ class ChatTemplate:
         same ids without the mask's cost, ~10x less host time: generation's path). The template's markers that
         are single tokens of this tokenizer are encoded as special tokens, the plain text of each message between
         them (header, content, end string) in one piece, so the ids are those of HF's apply_chat_template on
-        jinja() (which tokenizes the rendered text whole; only whitespace ending a message may split otherwise)
+        jinja() (which tokenizes the rendered text whole; only whitespace ending a message may split otherwise;
+        a SentencePiece tokenizer is told where each piece sits, to put "▁" before it only where HF does)
         while the tokens of the first messages are those of those messages alone (SFT's prompt-completion
         records take the prompt's ids as a prefix: lmforge.align.data), and a message that contains
         "<|im_end|><|im_start|>system" stays text: it cannot close its turn or open another (prompt injection
@@ -84,21 +86,28 @@ class ChatTemplate:
         return self._encode_pieces(tokenizer, pieces, mask)
 
     def _encode_pieces(self, tokenizer, pieces: list[Piece], mask: bool) -> tuple[list[int], list[bool] | None]:
-        plain = getattr(tokenizer, "encode_ordinary", tokenizer.encode)  # a byte tokenizer has no specials to parse
+        plain = _plain(tokenizer)
         ids: list[int] = []
         train: list[bool] = []
         run: list[tuple[str, bool]] = []  # the plain text since the last special marker: (text, train) pieces
         specials: dict[str, list[int]] = {}  # each marker's ids, tokenized once per call
+        # where the next run sits in the rendered text HF tokenizes whole (a SentencePiece tokenizer's "▁"
+        # before it depends on it: SentencePieceBPE.encode_ordinary): opening it, after a marker, or inside
+        # the text of the run before (a header without a marker)
+        where = "input"
 
         def flush() -> None:
+            nonlocal where
+            text = "".join(t for t, _ in run)
             if mask:
-                t, m = _encode_run(tokenizer, plain, run)
+                t, m = _encode_run(tokenizer, plain, run, where)
                 train.extend(m)
             else:  # (the same text in the same runs: the same ids)
-                text = "".join(t for t, _ in run)
-                t = plain(text) if text else []
+                t = plain(text, where) if text else []
             ids.extend(t)
             run.clear()
+            if text:
+                where = "inside"
 
         for k, p in enumerate(pieces):
             if k and not p.content and not pieces[k - 1].content:  # a header: each message is a run of its own
@@ -115,6 +124,7 @@ class ChatTemplate:
                         flush()
                         ids.append(one[0])
                         train.append(p.train)
+                        where = "split"
                     else:
                         run.append((markers[j], p.train))
         flush()
@@ -351,25 +361,56 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
-def _encode_run(tokenizer, plain, run: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+def _encode_run(tokenizer, plain, run: list[tuple[str, bool]], where: str) -> tuple[list[int], list[bool]]:
     """One stretch of plain text, as (text, train) pieces, encoded whole -> its ids and, per id, whether it
-    overlaps a trained piece (by byte offsets: HF's assistant-token mask marks each token a trained character
-    falls in)."""
+    overlaps a trained piece (HF's assistant-token mask marks each token a trained character falls in): by the
+    characters each token stands for where the tokenizer reports them (encode_ordinary_spans: SentencePiece,
+    whose decode([id]) drops a leading space), else by its bytes (token_bytes, else decode([id])), token after
+    token along the text."""
     text = "".join(t for t, _ in run)
     if not text:
         return [], []
-    spans, at = [], 0  # the trained pieces' byte ranges in the run's text
-    for t, train in run:
-        n = len(_normalized(tokenizer, t).encode("utf-8", "surrogatepass"))
-        if train:
+    spans_of = getattr(tokenizer, "encode_ordinary_spans", None)
+    if spans_of is not None:
+        ids, spans = spans_of(text, where=where)
+        size = len
+    else:
+        ids, spans, at = plain(text, where), [], 0
+        for t in ids:
+            n = len(_token_bytes(tokenizer, t))
             spans.append((at, at + n))
+            at += n
+
+        def size(t: str) -> int:  # (in the bytes the tokens hold)
+            return len(_normalized(tokenizer, t).encode("utf-8", "surrogatepass"))
+    trained, at = [], 0  # the trained pieces' ranges in the run's text
+    for t, train in run:
+        n = size(t)
+        if train:
+            trained.append((at, at + n))
         at += n
-    ids, mask, at = plain(text), [], 0
-    for t in ids:
-        n = len(_token_bytes(tokenizer, t))
-        mask.append(any(a < at + n and at < b for a, b in spans))
-        at += n
-    return ids, mask
+    return ids, [any(a < stop and start < b for start, stop in trained) for a, b in spans]
+
+
+def _plain(tokenizer):
+    """(text, where) -> its ids as plain text (encode_ordinary: special tokens' text stays text), `where` passed
+    on to a tokenizer whose encode_ordinary takes it (SentencePieceBPE) and dropped for others (byte-level BPE
+    puts nothing before a text)."""
+    encode = getattr(tokenizer, "encode_ordinary", None)
+    if encode is None:  # (a byte tokenizer has no specials to parse)
+        return lambda text, where: tokenizer.encode(text)
+    if _takes_where(type(tokenizer)):
+        return lambda text, where: encode(text, where=where)
+    return lambda text, where: encode(text)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_where(cls: type) -> bool:
+    """Whether the class's encode_ordinary takes `where` (asked once per class: inspect costs ~50 us)."""
+    try:
+        return "where" in inspect.signature(cls.encode_ordinary).parameters
+    except (AttributeError, TypeError, ValueError):  # (set on the instance only, or a builtin without a signature)
+        return False
 
 
 def _normalized(tokenizer, text: str) -> str:

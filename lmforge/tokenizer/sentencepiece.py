@@ -17,6 +17,11 @@ refused when the file is opened, naming the field. decode(ids) is HF's decode(id
 except that an id that is no token gives U+FFFD (HF drops it), as in lmforge's other tokenizers, and that byte
 tokens that are no valid UTF-8 give U+FFFD per invalid stretch (HF: per token of their run; `_byte_fallback`).
 
+Pieces of a longer text (a chat template's runs between special tokens): HF normalizes and pre-tokenizes each
+stretch between added tokens on its own, so where "▁" goes before a piece depends on where it sits; encode_ordinary
+takes `where` ("input", "split", "inside") to give the ids HF gives the whole text, and encode_ordinary_spans the
+characters each id stands for (HF's offsets: what SFT masks use).
+
 Streaming: a token's text depends on its neighbours (the leading space is stripped only at the start; byte
 tokens join into one character), so there is no per-token `token_bytes`; lmforge.infer.detok.StreamDecoder
 decodes a short window of recent ids instead, which gives decode(all ids) piece by piece.
@@ -29,6 +34,7 @@ import heapq
 import json
 import re
 import unicodedata
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -48,6 +54,8 @@ _SPACES = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000
                     + "".join(map(chr, range(0x2000, 0x200b))))
 """Unicode White_Space (Rust's char::is_whitespace): what an added token's lstrip / rstrip takes in"""
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+WHERE = ("input", "split", "inside")
+"""where a text encode_ordinary takes sits in a longer input (see encode_ordinary)"""
 _UNREAD = "; give another tokenizer (LLM.load(path, tokenizer=...), --tokenizer)"
 
 
@@ -130,18 +138,54 @@ def _read_decoder(node: Any, where: str) -> list[tuple]:
     return out
 
 
-def _split_on(text: str, sep: str, behavior: str) -> list[str]:
-    """HF's split of a string at each `sep`, the separator removed, alone, or joined to the piece before or after."""
+def _split_on(text: str, sep: str, behavior: str) -> list[tuple[str, int]]:
+    """HF's split of a string at each `sep`, the separator removed, alone, or joined to the piece before or after:
+    (piece, its offset in `text`) pairs."""
     parts = text.split(sep)
+    offsets = list(accumulate([len(p) + len(sep) for p in parts[:-1]], initial=0))
+    if behavior == "MergedWithNext":  # (Metaspace's: the common case, made in one pass)
+        return ([(parts[0], 0)] if parts[0] else []) + [(sep + p, o - len(sep)) for p, o in
+                                                        zip(parts[1:], offsets[1:])]
+    pairs = list(zip(parts, offsets))
     if behavior == "Removed":
-        return [p for p in parts if p]
-    if behavior == "Isolated":
-        out = [x for p in parts[:-1] for x in (p, sep)] + [parts[-1]]
-    elif behavior == "MergedWithPrevious":
-        out = [p + sep for p in parts[:-1]] + [parts[-1]]
-    else:  # MergedWithNext
-        out = [parts[0]] + [sep + p for p in parts[1:]]
-    return [p for p in out if p]
+        out = pairs
+    elif behavior == "Isolated":
+        out = [x for p, o in pairs[:-1] for x in ((p, o), (sep, o + len(p)))] + pairs[-1:]
+    else:  # MergedWithPrevious
+        out = [(p + sep, o) for p, o in pairs[:-1]] + pairs[-1:]
+    return [(p, o) for p, o in out if p]
+
+
+def _cut(word: str, at: int, inserted: int, parts: list[tuple[str, int]]) -> list[tuple[str, int, int]]:
+    """A word at offset `at` of the pre-tokenized text, `inserted` "▁" before it, split into `parts` (each with its
+    offset in the word): each part with its own offset and count of inserted characters."""
+    return [(p, at + o - inserted, 0) if o >= inserted else (p, at, min(inserted - o, len(p))) for p, o in parts]
+
+
+def _replaced_alignment(text: str, old: str, new: str, align: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans of text.replace(old, new)'s characters: each of a replacement takes the span of what it
+    replaced."""
+    if not old:
+        return [(align[0][0], align[-1][1])] * len(text.replace(old, new)) if align else []
+    out, i = [], 0
+    while (j := text.find(old, i)) >= 0:
+        out += align[i:j] + [(align[j][0], align[j + len(old) - 1][1])] * len(new)
+        i = j + len(old)
+    return out + align[i:]
+
+
+def _form_alignment(text: str, form: str, align: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The spans of unicodedata.normalize(form, text)'s characters: normalized a character with the combining
+    marks after it at a time, each result takes their span (the whole text's where that differs from
+    normalizing the text whole)."""
+    starts = [i for i, c in enumerate(text) if i == 0 or not unicodedata.combining(c)] + [len(text)]
+    out, joined = [], []
+    for a, b in zip(starts, starts[1:]):
+        part = unicodedata.normalize(form, text[a:b])
+        joined.append(part)
+        out += [(align[a][0], align[b - 1][1])] * len(part)
+    whole = unicodedata.normalize(form, text)
+    return out if "".join(joined) == whole else [(align[0][0], align[-1][1])] * len(whole)
 
 
 def _merge_pair(m: Any) -> tuple[str, str]:
@@ -183,8 +227,8 @@ def merge_all(symbols: list[int], merges: dict[tuple[int, int], tuple[int, int]]
 
 class SentencePieceBPE:
     """A SentencePiece-style BPE tokenizer.json (see the module docstring), with lmforge's tokenizer interface:
-    encode / encode_ordinary / decode, vocab_size, special_tokens, eot_id, bos_id, prefix/suffix_tokens, save,
-    spec. `doc`: the parsed tokenizer.json, kept whole (save and save_hf write it back)."""
+    encode / encode_ordinary (+ _spans) / decode, vocab_size, special_tokens, eot_id, bos_id, prefix/suffix_tokens,
+    save, spec. `doc`: the parsed tokenizer.json, kept whole (save and save_hf write it back)."""
 
     def __init__(self, doc: dict, where: str = "tokenizer.json"):
         if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict) or doc["model"].get("type") != "BPE":
@@ -312,26 +356,77 @@ class SentencePieceBPE:
                    + [self.added_tokens[s] for s in self.suffix_tokens])
         return ids
 
-    def encode_ordinary(self, text: str) -> list[int]:
+    def encode_ordinary(self, text: str, *, where: str = "input") -> list[int]:
         """Encode with special tokens' text as plain text (added tokens not marked special still split out, as
-        in HF with split_special_tokens=True)."""
-        return self._encode(text, ordinary=True)
+        in HF with split_special_tokens=True). `where` the text sits in a longer input that HF tokenizes whole
+        (a chat template's rendering: lmforge.infer.chat_template), so that the pieces' ids join into HF's:
+        "input" opens it (as a text encoded alone), "split" follows an added token (Llama 2's Prepend and
+        Metaspace prepend_scheme "always" put "▁" before it, "first" does not), "inside" continues the text
+        before it (no "▁" put before it)."""
+        return self._encode(text, True, where)
 
-    def _encode(self, text: str, ordinary: bool) -> list[int]:
+    def encode_ordinary_spans(self, text: str, *, where: str = "input") -> tuple[list[int], list[tuple[int, int]]]:
+        """encode_ordinary's ids and, per id, the (start, stop) characters of `text` it stands for (HF's
+        Encoding.offsets): a "▁" put before the text shares its first character's, each byte token its
+        character's, <unk> its characters'. What SFT's masks use to find the tokens of an assistant's text
+        (decode([id]) drops a token's leading space, so the tokens' texts are no walk along the text)."""
+        spans: list[tuple[int, int]] = []
+        return self._encode(text, True, where, spans), spans
+
+    def _encode(self, text: str, ordinary: bool, where: str = "input",
+                spans: list[tuple[int, int]] | None = None) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        if where not in WHERE:
+            raise ValueError(f"where={where!r} is not one of {WHERE}")
         raw, norm = self._tables[ordinary]
         out: list[int] = []
-        for seg, start, added in self._split_added(without_surrogates(text), raw):
+        for seg, start, added in self._split_added(without_surrogates(text), raw):  # (1:1 in characters)
             if added is not None:
                 out.append(added)
+                if spans is not None:
+                    spans.append((start, start + len(seg)))
                 continue
-            for piece, at, added in self._split_added(self._normalize(seg), norm):
+            opens = start > 0 or where != "inside"  # the segment opens a split (HF normalizes each on its own)
+            # each normalized character's (start, stop) in `text`, kept only where spans are asked for
+            align = [(i, i + 1) for i in range(start, start + len(seg))] if spans is not None else None
+            for piece, at, added in self._split_added(self._normalize(seg, opens, align), norm):
                 if added is not None:
                     out.append(added)
+                    if spans is not None:
+                        spans.append((align[at][0], align[at + len(piece) - 1][1]))
                     continue
-                for word in self._pre_tokenize(piece, first=start == 0 and at == 0):
-                    out.extend(self._bpe(word))
+                first = where == "input" and start == 0 and at == 0
+                for word, w_at, inserted in self._pre_tokenize(piece, first, opens=opens or at > 0):
+                    ids = self._bpe(word)
+                    out.extend(ids)
+                    if spans is not None:  # (a word of inserted "▁" alone: the next character's span)
+                        lo = at + w_at
+                        spans.extend(self._spans(word, ids, align[lo:max(lo + len(word) - inserted, lo + 1)],
+                                                 inserted))
+        return out
+
+    def _spans(self, word: str, ids: list[int], align: list[tuple[int, int]], inserted: int) -> list[tuple[int, int]]:
+        """The spans of one word's ids: `align` holds its characters' spans, less the `inserted` "▁" before
+        them (which share the first one's). A token is its piece's characters, a byte token a part of its
+        character, <unk> one unknown character (fuse_unk: a run of them)."""
+        k, pending, out = 0, 0, []  # k: the word's next character; pending: its bytes already taken
+        for t in ids:
+            piece = self._pieces[t]
+            if not pending and word.startswith(piece, k):
+                a, k = k, k + len(piece)
+            elif pending or (self.byte_fallback and _BYTE_PIECE.fullmatch(piece) and k < len(word)):
+                a, pending = k, pending + 1
+                if pending == len(word[k].encode()):
+                    k, pending = k + 1, 0
+            elif t == self.unk_id and k < len(word):
+                a, k = k, k + 1
+                while self.fuse_unk and k < len(word) and not self._chars.get(word[k], True):
+                    k += 1
+            else:  # (HF's order of a pending <unk> and a byte-fallback character's bytes: the word's span)
+                return [(align[0][0], align[-1][1])] * len(ids)
+            lo, hi = max(a - inserted, 0), max(max(k, a + 1) - inserted, 1) - 1
+            out.append((align[lo][0], align[hi][1]))
         return out
 
     @staticmethod
@@ -362,32 +457,44 @@ class SentencePieceBPE:
         if pos < len(text):
             yield text[pos:], pos, None
 
-    def _normalize(self, text: str) -> str:
+    def _normalize(self, text: str, opens: bool = True, align: list[tuple[int, int]] | None = None) -> str:
+        """The normalizer's steps on `text`; `opens`: the text opens a split (what Prepend puts "▁" before).
+        `align` (each character's span in the input, when given) is changed to the normalized text's."""
         for step in self._normalizer:
             if step[0] == "prepend":
-                text = step[1] + text if text else text
+                if text and opens:
+                    if align is not None:
+                        align[:0] = [align[0]] * len(step[1])  # (HF: the first character's, as its offsets)
+                    text = step[1] + text
             elif step[0] == "replace":
+                if align is not None and step[1] in text and len(step[1]) + len(step[2]) != 2:
+                    align[:] = _replaced_alignment(text, step[1], step[2], align)
                 text = text.replace(step[1], step[2])
             else:
+                if align is not None and not unicodedata.is_normalized(step[1], text):
+                    align[:] = _form_alignment(text, step[1], align)
                 text = unicodedata.normalize(step[1], text)
         return text
 
-    def _pre_tokenize(self, text: str, first: bool) -> list[str]:
-        """The words BPE runs on, each alone. `first`: the text opens the input (Metaspace prepend_scheme
-        "first" puts "▁" only there)."""
-        words = [text] if text else []
+    def _pre_tokenize(self, text: str, first: bool, opens: bool = True) -> list[tuple[str, int, int]]:
+        """The words BPE runs on, each alone, as (word, its offset in `text`, how many "▁" were put before
+        it). `first`: the text opens the input (Metaspace prepend_scheme "first" puts "▁" only there);
+        `opens`: it opens a split ("always" puts "▁" before it; not where it continues the text before)."""
+        words = [(text, 0, 0)] if text else []
         for step in self._pre_tokenizer:
             if step[0] == "metaspace":
                 _, rep, scheme, split = step
                 out = []
-                for k, w in enumerate(words):
+                for k, (w, at, inserted) in enumerate(words):
                     w = w.replace(" ", rep)
-                    if (scheme == "always" or scheme == "first" and first and k == 0) and not w.startswith(rep):
-                        w = rep + w
-                    out.extend(_split_on(w, rep, "MergedWithNext") if split else [w])
+                    if (scheme == "always" and (opens or k) or scheme == "first" and first and k == 0) \
+                            and not w.startswith(rep):
+                        w, inserted = rep + w, inserted + len(rep)
+                    out.extend(_cut(w, at, inserted, _split_on(w, rep, "MergedWithNext") if split else [(w, 0)]))
                 words = out
             else:
-                words = [p for w in words for p in _split_on(w, step[1], step[2])]
+                words = [x for w, at, inserted in words
+                         for x in _cut(w, at, inserted, _split_on(w, step[1], step[2]))]
         return words
 
     def _word_cut(self, merged: set[str]) -> re.Pattern | None:

@@ -35,6 +35,9 @@ def test_export_of_a_sentencepiece_model_reads_back_with_the_same_ids(tmp_path, 
     for gen in (True, False):
         assert hf_tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen) == \
             get_template("plain").render(conversation, add_generation_prompt=gen)
+        ids = hf_tok.apply_chat_template(conversation, tokenize=True, add_generation_prompt=gen)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # (transformers 5: a BatchEncoding)
+        assert ids == get_template("plain").encode(tok, conversation, gen)[0]  # what SFT trained on
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == tok.special_tokens["</s>"] == hf_tok.eos_token_id  # an answer ends at </s>
     back = load_model(tmp_path / "hf")[1]

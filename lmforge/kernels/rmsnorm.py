@@ -124,7 +124,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
 class FusedRMSNorm(RMSNorm):
     """RMSNorm computed by the Triton kernels; same parameters and state-dict names
-    (lmforge.kernels.apply_fused_kernels swaps it in)."""
+    (lmforge.kernels.apply_fused_kernels swaps it in). An offset norm's gain (offset + w) reaches the kernels
+    as one fp32 row, its gradient flowing back to w through the add."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.gain(), self.eps)

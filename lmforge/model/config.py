@@ -194,6 +194,9 @@ class ModelConfig:
     """'rmsnorm' (Zhang & Sennrich 2019; Llama) or 'layernorm' (GPT-2)"""
     norm_eps: float = 1e-5
     """epsilon inside the norm's square root"""
+    norm_offset: float = 0.0
+    """RMSNorm gains parametrised as offset + w (the blocks', the final and MTP's norms): w is stored, the sum taken
+    in fp32. Gemma's (1 + w) norms load with 1, so bf16 weights keep w's precision, as in transformers"""
     norm_position: Literal["pre", "post", "sandwich"] = "pre"
     """'sandwich': pre-norm plus a norm on each sublayer's output before the residual add (Gemma 2)"""
     block: Literal["sequential", "parallel"] = "sequential"
@@ -206,7 +209,10 @@ class ModelConfig:
     """MLA sizes (attention='mla'); None means MLAConfig() defaults"""
     qk_norm: bool = False
     qkv_bias: bool | None = None
-    """bias on the q/k/v projections only (Qwen2); None means model.bias"""
+    """bias on the q/k/v projections (Qwen2: there only); None means model.bias"""
+    o_bias: bool | None = None
+    """bias on attention's output projection; None means model.bias (a Llama config.json's attention_bias=true with
+    mlp_bias=false: qkv_bias and o_bias true, bias false)"""
     attn_scale: float | None = None
     """softmax scale; None means 1/sqrt(head_dim) (Gemma 2 uses query_pre_attn_scalar^-0.5)"""
     attn_softcap: float = 0.0
@@ -274,6 +280,8 @@ class ModelConfig:
         check(self.z_loss >= 0, f"model.z_loss must be >= 0, got {self.z_loss}")
         check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")
+        check(self.norm_offset == 0 or self.norm == "rmsnorm",
+              f"model.norm_offset={self.norm_offset} parametrises RMSNorm gains; model.norm={self.norm!r} takes none")
         check(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
         self._check_architecture()
 
@@ -335,6 +343,14 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """the rotated width of each head: head_dim, or MLA's decoupled rope part"""
         return self.mla_cfg.qk_rope_head_dim if self.attention == "mla" else self.hd
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def has_o_bias(self) -> bool:
+        return self.bias if self.o_bias is None else self.o_bias
 
     @property
     def kv_heads(self) -> int:

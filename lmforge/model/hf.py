@@ -35,12 +35,13 @@ FAMILIES = {
     "gpt2": ("GPT2LMHeadModel", D.gpt2_cfg, D.gpt2_cfg_to_hf, D.gpt2_rules),
     "llama": ("LlamaForCausalLM", D.llama_cfg, D.llama_cfg_to_hf, D.llama_rules),
     "mistral": ("MistralForCausalLM", D.llama_cfg, D.llama_cfg_to_hf, D.llama_rules),
-    "qwen2": ("Qwen2ForCausalLM", lambda d: D.llama_cfg(d, qkv_bias=True, bias=False), D.llama_cfg_to_hf,
+    "qwen2": ("Qwen2ForCausalLM", lambda d: D.llama_cfg(d, qkv_bias=True, o_bias=False, bias=False), D.llama_cfg_to_hf,
               D.llama_rules),
     "qwen3": ("Qwen3ForCausalLM", lambda d: D.llama_cfg(d, qk_norm=True), D.llama_cfg_to_hf, D.llama_rules),
     "gemma": ("GemmaForCausalLM", D.gemma_cfg, lambda c: D.llama_cfg_to_hf(c, "gemma"),
-              lambda c: D.llama_rules(c, gemma=True)),
-    "gemma2": ("Gemma2ForCausalLM", D.gemma2_cfg, D.gemma2_cfg_to_hf, lambda c: D.llama_rules(c, gemma=True)),
+              lambda c: D.llama_rules(c, hf_norm_offset=1.0)),
+    "gemma2": ("Gemma2ForCausalLM", D.gemma2_cfg, D.gemma2_cfg_to_hf,
+               lambda c: D.llama_rules(c, hf_norm_offset=1.0)),
     "mixtral": ("MixtralForCausalLM", M.mixtral_cfg, M.mixtral_cfg_to_hf, M.mixtral_rules),
     "qwen2_moe": ("Qwen2MoeForCausalLM", M.qwen2_moe_cfg, M.qwen2_moe_cfg_to_hf, M.qwen2_moe_rules),
     "qwen3_moe": ("Qwen3MoeForCausalLM", M.qwen3_moe_cfg, M.qwen3_moe_cfg_to_hf, M.qwen3_moe_rules),
@@ -126,7 +127,7 @@ def guess_family(cfg: ModelConfig) -> str:
         return "gemma"
     if cfg.qk_norm:
         return "qwen3"
-    if cfg.qkv_bias and not cfg.bias:
+    if cfg.qkv_bias and not cfg.bias and not cfg.has_o_bias:
         return "qwen2"
     return "mistral" if cfg.sliding_window else "llama"
 
@@ -141,8 +142,8 @@ def hf_names(cfg: ModelConfig, family: str) -> dict[str, str]:
 
 def hf_single_rules(cfg: ModelConfig, family: str) -> dict[str, D.Rule]:
     """lmforge tensor name -> the family's rule carrying it as one whole HF tensor, stored as it is or changed
-    elementwise (Gemma's norm gains, stored minus one): what a module kept in full (PEFT's modules_to_save) is
-    written and read through. hf_names holds the plain ones among them."""
+    elementwise (norm gains between offsets: lmforge.model.hf_families.norm_rule): what a module kept in full
+    (PEFT's modules_to_save) is written and read through. hf_names holds the plain ones among them."""
     if family not in FAMILIES:
         raise ConfigError(f"family={family!r} is not a supported HF family; choose one of {sorted(FAMILIES)}")
     return {r.lm[0]: r for r in FAMILIES[family][3](cfg) if len(r.hf) == len(r.lm) == 1 and "#" not in r.lm[0]}
@@ -408,8 +409,9 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     write_json_atomic(path / "config.json", hf_cfg)  # last: a directory without it was not finished
 
 
-# fields that change no output of the model (training-time settings, implementation choices)
-NOT_MATH = {"attn_impl", "fused_proj", "dropout", "z_loss", "init_std", "scaled_residual_init"}
+# fields that change no output of the model (training-time settings, implementation choices, norm_offset: the
+# gains' parametrisation, which the rules convert)
+NOT_MATH = {"attn_impl", "fused_proj", "dropout", "z_loss", "init_std", "scaled_residual_init", "norm_offset"}
 NOT_MATH_MOE = {"noisy", "aux_loss", "z_loss", "seq_aux_loss", "bias_update_rate", "dispatch", "gemm"}
 
 
@@ -426,7 +428,7 @@ def _math_view(cfg: ModelConfig) -> dict:
     # d_ff sizes only dense MLPs (an MoE expert's default size is resolved into moe.d_expert above)
     dense = cfg.mtp is not None or any(not cfg.is_moe_layer(i) for i in range(cfg.n_layers))
     derived = dict(n_kv_heads=cfg.kv_heads, head_dim=cfg.hd, d_ff=cfg.ff if dense else None,
-                   qkv_bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias,
+                   qkv_bias=cfg.has_qkv_bias, o_bias=cfg.has_o_bias,
                    attn_scale=cfg.attn_scale or cfg.hd ** -0.5,
                    layer_types=tuple(cfg.layer_type(i) for i in range(cfg.n_layers)) if cfg.sliding_window else None)
     for k in derived:  # compared last, so what the user set (an MoE layout a family lacks) is named first

@@ -2,7 +2,7 @@
 
 Each family gives: cfg_from_hf(config.json dict) -> ModelConfig, cfg_to_hf(ModelConfig) -> dict, and
 rules(cfg) -> [Rule]: which HF tensors make which lmforge tensors, with the conversion both ways
-(transposes of GPT-2's Conv1D, fused q|k|v or gate|up, Gemma's 1+w norms, stacked experts).
+(transposes of GPT-2's Conv1D, fused q|k|v or gate|up, norm gains between offsets, stacked experts).
 An lmforge name 'x#e' is slice e (dim 0) of a stacked parameter 'x'. The families here load into lmforge's
 Transformer; a family of another model class (a Mamba) sets ModelConfig.arch to that class's registered name
 (lmforge.model.registry), and the loader builds it.
@@ -60,6 +60,9 @@ GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu":
 SLIDING = ("mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma2", "gpt_oss")
 # families whose attention slides on every layer or none (no layer_types); an export with mixed types is refused
 UNIFORM_WINDOW = ("mixtral", "qwen3_moe")
+# families whose transformers classes read attention_bias (q/k/v/o biases) and mlp_bias (gate/up/down biases)
+ATTENTION_BIAS = ("llama", "qwen3", "gemma", "gemma2", "qwen3_moe", "gpt_oss")
+MLP_BIAS = ("llama",)
 # families that read a config.json without layer_types as alternating windows, and need a sliding_window to run
 ALTERNATING_DEFAULT = ("gemma2", "gpt_oss")
 # transformers' config-class defaults, per family, of the fields that lmforge would otherwise fill with a generic
@@ -89,7 +92,7 @@ FAMILY_DEFAULTS: dict[str, dict] = {
                         num_experts_per_tok=8, n_shared_experts=1, routed_scaling_factor=2.5, n_group=8,
                         topk_group=4, first_k_dense_replace=3, num_nextn_predict_layers=1),
     "gpt_oss": dict(max_position_embeddings=131072, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-                    rope_theta=150000.0, sliding_window=128),
+                    rope_theta=150000.0, sliding_window=128, attention_bias=True),
 }
 
 
@@ -219,21 +222,18 @@ def llama_cfg(d: dict, **extra) -> ModelConfig:
     """The Llama-like core shared by Llama, Mistral, Qwen2/3, Gemma 1/2, Mixtral, Qwen2/3-MoE, gpt-oss."""
     theta, scaling = rope_from_hf(d)
     window, types = _layer_types(d, d["num_hidden_layers"])
-    # transformers' attention_bias puts biases on q, k, v and o, mlp_bias on gate, up and down; lmforge's
-    # `bias` covers o and the MLP, `qkv_bias` q/k/v: the two flags must agree (families with q/k/v biases
-    # only, as Qwen2, say so themselves through `extra`)
-    attn_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
-    if "bias" not in extra and "qkv_bias" not in extra and attn_bias != mlp_bias:
-        raise ConfigError(f"config.json attention_bias={str(attn_bias).lower()} with mlp_bias={str(mlp_bias).lower()} "
-                          "is not supported: lmforge has biases on every projection or none (q/k/v-only biases as "
-                          "Qwen2's)")
+    # transformers' attention_bias puts biases on q, k, v and o (qkv_bias, o_bias), Llama's mlp_bias on gate, up
+    # and down (bias); the families whose classes read no such field have none (Qwen2 sets its own in `extra`)
+    fam = d.get("model_type")
+    attn_bias = bool(d.get("attention_bias", False)) and fam in ATTENTION_BIAS
+    mlp_bias = bool(d.get("mlp_bias", False)) and fam in MLP_BIAS
     kw = dict(vocab_size=d["vocab_size"], d_model=d["hidden_size"], n_layers=d["num_hidden_layers"],
               n_heads=d["num_attention_heads"], n_kv_heads=d.get("num_key_value_heads"),
               head_dim=d.get("head_dim"), d_ff=d.get("intermediate_size"),
               max_seq_len=d.get("max_position_embeddings", 2048), pos_emb="rope", rope_theta=theta,
               rope_scaling=scaling, norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6),
               activation=hf_activation(d), tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-              bias=mlp_bias, qkv_bias=attn_bias,
+              bias=mlp_bias, qkv_bias=attn_bias, o_bias=attn_bias,
               sliding_window=window, layer_types=types, scaled_residual_init=False,
               init_std=d.get("initializer_range", 0.02))
     kw.update(extra)
@@ -245,7 +245,7 @@ def llama_cfg_to_hf(cfg: ModelConfig, family: str = "llama") -> dict:
              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
              intermediate_size=cfg.ff, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
              rope_parameters=rope_to_hf(cfg), tie_word_embeddings=cfg.tie_embeddings,
-             attention_bias=bool(cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias), mlp_bias=cfg.bias,
+             attention_bias=cfg.has_qkv_bias, mlp_bias=cfg.bias,
              hidden_act=HF_ACT_OUT.get(cfg.activation, cfg.activation), initializer_range=cfg.init_std)
     if cfg.sliding_window:
         types = [cfg.layer_type(i) for i in range(cfg.n_layers)]
@@ -260,8 +260,17 @@ def llama_cfg_to_hf(cfg: ModelConfig, family: str = "llama") -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # parameter-name rules
-def embed_rules(cfg: ModelConfig, prefix: str = "model.") -> list[Rule]:
-    rules = [one(f"{prefix}embed_tokens.weight", "tok_emb.weight"), one(f"{prefix}norm.weight", "final_norm.weight")]
+def norm_rule(hf: str, lm: str, cfg: ModelConfig, hf_offset: float = 0.0) -> Rule:
+    """A trunk norm's gain, hf_offset + w_hf in the family (Gemma's 1 + w) and cfg.norm_offset + w in lmforge
+    (a model loaded from the family keeps its offset: the weights cross as they are; another one, as an lmforge
+    Gemma checkpoint written before norm_offset with gains 1 + w stored whole, shifts by the difference)."""
+    shift = hf_offset - cfg.norm_offset
+    return one(hf, lm, lambda t: t + shift, lambda t: t - shift) if shift else one(hf, lm)
+
+
+def embed_rules(cfg: ModelConfig, prefix: str = "model.", hf_norm_offset: float = 0.0) -> list[Rule]:
+    rules = [one(f"{prefix}embed_tokens.weight", "tok_emb.weight"),
+             norm_rule(f"{prefix}norm.weight", "final_norm.weight", cfg, hf_norm_offset)]
     if not cfg.tie_embeddings:
         rules.append(one("lm_head.weight", "lm_head.weight"))
     return rules
@@ -269,11 +278,10 @@ def embed_rules(cfg: ModelConfig, prefix: str = "model.") -> list[Rule]:
 
 def attn_rules(cfg: ModelConfig, i: int) -> list[Rule]:
     hf, lm = f"model.layers.{i}.self_attn", f"blocks.{i}.attn"
-    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
     rules = []
     for h, l in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv")):
-        rules += linear(f"{hf}.{h}", f"{lm}.{l}", qkv_bias)
-    rules += linear(f"{hf}.o_proj", f"{lm}.wo", cfg.bias)
+        rules += linear(f"{hf}.{h}", f"{lm}.{l}", cfg.has_qkv_bias)
+    rules += linear(f"{hf}.o_proj", f"{lm}.wo", cfg.has_o_bias)
     if cfg.qk_norm:
         rules += [one(f"{hf}.q_norm.weight", f"{lm}.q_norm.weight"), one(f"{hf}.k_norm.weight", f"{lm}.k_norm.weight")]
     if cfg.attn_sinks:
@@ -307,24 +315,22 @@ def expert_rules(cfg: ModelConfig, hf: str, lm: str, names=("gate_proj", "up_pro
     return rules
 
 
-def norm_rules(cfg: ModelConfig, i: int, gemma: bool = False) -> list[Rule]:
+def norm_rules(cfg: ModelConfig, i: int, hf_offset: float = 0.0) -> list[Rule]:
     hf, lm = f"model.layers.{i}", f"blocks.{i}"
-    plus = dict(to_lm=lambda t: t + 1, to_hf=lambda t: t - 1) if gemma else {}
     pairs = [("input_layernorm", "norm1")]
     if cfg.norm_position == "sandwich":
         pairs += [("post_attention_layernorm", "post_attn_norm"), ("pre_feedforward_layernorm", "norm2"),
                   ("post_feedforward_layernorm", "post_mlp_norm")]
     else:
         pairs += [("post_attention_layernorm", "norm2")]
-    return [one(f"{hf}.{h}.weight", f"{lm}.{l}.weight", **plus) for h, l in pairs]
+    return [norm_rule(f"{hf}.{h}.weight", f"{lm}.{l}.weight", cfg, hf_offset) for h, l in pairs]
 
 
-def llama_rules(cfg: ModelConfig, gemma: bool = False) -> list[Rule]:
-    rules = embed_rules(cfg)
-    if gemma:
-        rules[1] = one("model.norm.weight", "final_norm.weight", lambda t: t + 1, lambda t: t - 1)
+def llama_rules(cfg: ModelConfig, hf_norm_offset: float = 0.0) -> list[Rule]:
+    """Llama's names; hf_norm_offset = 1 for Gemma's (1 + w) norm gains."""
+    rules = embed_rules(cfg, hf_norm_offset=hf_norm_offset)
     for i in range(cfg.n_layers):
-        rules += attn_rules(cfg, i) + norm_rules(cfg, i, gemma)
+        rules += attn_rules(cfg, i) + norm_rules(cfg, i, hf_norm_offset)
         rules += dense_mlp_rules(f"model.layers.{i}.mlp", f"blocks.{i}.mlp", cfg.bias)
     return rules
 
@@ -376,15 +382,16 @@ def gpt2_rules(cfg: ModelConfig) -> list[Rule]:
 
 # ---------------------------------------------------------------------------------------------------
 def gemma_cfg(d: dict) -> ModelConfig:
-    """Gemma (1): Llama's pre-norm blocks with Gemma's (1 + w) norm gains (llama_rules(gemma=True)), embeddings
-    times sqrt(d_model), tanh-GELU (the official releases' hidden_act='gelu' meant it: transformers reads it so)."""
+    """Gemma (1): Llama's pre-norm blocks with Gemma's (1 + w) norm gains (norm_offset 1, llama_rules with
+    hf_norm_offset 1), embeddings times sqrt(d_model), tanh-GELU (the official releases' hidden_act='gelu' meant
+    it: transformers reads it so)."""
     act = "gelu_pytorch_tanh" if d.get("hidden_act") == "gelu" else d.get("hidden_act")
-    return llama_cfg({**d, "hidden_act": act}, embed_scale=math.sqrt(d["hidden_size"]))
+    return llama_cfg({**d, "hidden_act": act}, embed_scale=math.sqrt(d["hidden_size"]), norm_offset=1.0)
 
 
 def gemma2_cfg(d: dict) -> ModelConfig:
     return llama_cfg(d, activation=hf_activation(d, "hidden_activation"),  # transformers' Gemma 2 reads no hidden_act
-                     norm_position="sandwich", embed_scale=math.sqrt(d["hidden_size"]),
+                     norm_position="sandwich", embed_scale=math.sqrt(d["hidden_size"]), norm_offset=1.0,
                      attn_scale=d.get("query_pre_attn_scalar", 256) ** -0.5,
                      attn_softcap=d.get("attn_logit_softcapping") or 0.0,
                      logit_softcap=d.get("final_logit_softcapping") or 0.0,

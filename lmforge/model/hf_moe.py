@@ -13,7 +13,7 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from lmforge.model.hf_families import (HF_ACT_OUT, Rule, attn_rules, dense_mlp_rules, embed_rules, expert_rules,
-                                       hf_activation, llama_cfg, llama_cfg_to_hf, mla_rules, norm_rules, one,
+                                       hf_activation, llama_cfg, llama_cfg_to_hf, mla_rules, norm_rule, norm_rules, one,
                                        rope_from_hf, rope_to_hf)
 
 
@@ -56,7 +56,8 @@ def qwen2_moe_cfg(d: dict) -> ModelConfig:
     moe = MoEConfig(n_experts=d["num_experts"], top_k=d["num_experts_per_tok"], d_expert=d_expert,
                     n_shared=shared // d_expert, shared_gate=True,
                     norm_topk=bool(d.get("norm_topk_prob", False)))
-    return llama_cfg(d, mlp="moe", moe=moe, qkv_bias=bool(d.get("qkv_bias", True)), bias=False)
+    return llama_cfg(d, mlp="moe", moe=moe, qkv_bias=bool(d.get("qkv_bias", True)), o_bias=False,
+                     bias=False)
 
 
 def qwen2_moe_cfg_to_hf(cfg: ModelConfig) -> dict:
@@ -185,7 +186,7 @@ def _deepseek_mtp_rules(cfg: ModelConfig) -> list[Rule]:
                   for r in layer]
         rules += [one(f"{hf}.enorm.weight", f"{lm}.e_norm.weight"), one(f"{hf}.hnorm.weight", f"{lm}.h_norm.weight"),
                   one(f"{hf}.eh_proj.weight", f"{lm}.proj.weight", swap, swap),
-                  one(f"{hf}.shared_head.norm.weight", f"mtp.norms.{k}.weight")]
+                  norm_rule(f"{hf}.shared_head.norm.weight", f"mtp.norms.{k}.weight", cfg)]
     return rules
 
 

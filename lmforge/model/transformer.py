@@ -24,7 +24,7 @@ from lmforge.model.layers.mla import MLA
 from lmforge.model.layers.mlp import GATED
 from lmforge.model.layers.moe import MoE
 from lmforge.model.layers.mtp import MTP, next_token_targets
-from lmforge.model.layers.norm import build_norm
+from lmforge.model.layers.norm import RMSNorm, model_norm
 from lmforge.model.layers.position import LearnedPositions, SinusoidalPositions
 from lmforge.model.layers.rope import RotaryEmbedding
 from lmforge.model.meta import AttnMetadata
@@ -154,7 +154,7 @@ class Transformer(nn.Module):
                      if cfg.pos_emb == "rope" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.final_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.final_norm else None
+        self.final_norm = model_norm(cfg) if cfg.final_norm else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -180,6 +180,7 @@ class Transformer(nn.Module):
         init_std / sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2)."""
         cfg = self.cfg
         resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_residual_init else cfg.init_std
+        offsets = {id(m.weight): m.offset for m in self.modules() if isinstance(m, RMSNorm)}  # gain = offset + w
         for name, p in self.named_parameters():
             if p.is_meta:  # nothing to fill (a shapes-only build: checkpoint checks, meta-device init); the meta
                 continue   # path of normal_ costs milliseconds a tensor: most of an 80-layer model's build
@@ -190,7 +191,7 @@ class Transformer(nn.Module):
             elif name.endswith(("bias", "sinks", "b_up", "b_gate", "b_down")):
                 nn.init.zeros_(p)
             else:
-                nn.init.ones_(p)
+                nn.init.constant_(p, 1.0 - offsets.get(id(p), 0.0))  # gains of 1
         for m in self.modules():
             if isinstance(m, MoE):
                 m.e_bias.zero_()

@@ -179,7 +179,7 @@ def test_a_second_save_leaves_no_stale_weights_and_loaders_agree(tmp_path):
 
 def test_config_fields_that_change_the_math_are_read_or_refused(ckpt, tmp_path):
     """A tied config over a stored, different head loads untied (as transformers does); gpt-oss clamps
-    other than its own are refused; Llama attention_bias without mlp_bias is refused; dtype 'auto' takes the
+    other than its own are refused; Llama attention_bias without mlp_bias is read; dtype 'auto' takes the
     stored tensors' dtype, 'torch.float16' is read, nonsense is named; a missing shard is named."""
     from lmforge.model.hf import config_from_hf, save_pretrained
 
@@ -193,8 +193,11 @@ def test_config_fields_that_change_the_math_are_read_or_refused(ckpt, tmp_path):
     core = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     with pytest.raises(ConfigError, match="swiglu_limit=3.0 is not supported"):
         config_from_hf(dict(core, model_type="gpt_oss", num_local_experts=4, intermediate_size=16, swiglu_limit=3.0))
-    with pytest.raises(ConfigError, match="attention_bias=true with mlp_bias=false is not supported"):
-        config_from_hf(dict(core, model_type="llama", attention_bias=True))
+    llama = config_from_hf(dict(core, model_type="llama", attention_bias=True))  # was refused: now q/k/v/o biases
+    assert (llama.qkv_bias, llama.o_bias, llama.bias) == (True, True, False)
+    mistral = config_from_hf(dict(core, model_type="mistral", attention_bias=True, mlp_bias=True,
+                                  num_key_value_heads=4))
+    assert not (mistral.has_qkv_bias or mistral.has_o_bias or mistral.bias)  # transformers' Mistral reads neither
     with pytest.raises(ConfigError, match="attention_bias=true is not supported for DeepSeek-V3"):
         config_from_hf(dict(core, model_type="deepseek_v3", attention_bias=True, intermediate_size=16, kv_lora_rank=8,
                             qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=4,

@@ -21,6 +21,10 @@ FAMILIES = {
         rope_type="linear", rope_theta=10000.0, factor=2.0))),
     # biases on every projection (attention_bias: q, k, v, o; mlp_bias: gate, up, down)
     "llama_bias": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, attention_bias=True, mlp_bias=True)),
+    # attention and MLP biases independently (model.qkv_bias and o_bias vs model.bias; refused before)
+    "llama_attention_bias": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, attention_bias=True, mlp_bias=False)),
+    "llama_mlp_bias": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, attention_bias=False, mlp_bias=True)),
+    "qwen3_attention_bias": ("Qwen3Config", "Qwen3ForCausalLM", dict(COMMON, head_dim=16, attention_bias=True)),
     # a sliding_window field Llama does not read (transformers' Llama attends to everything)
     "llama_window_field": ("LlamaConfig", "LlamaForCausalLM", dict(COMMON, sliding_window=4)),
     "gpt2_gelu": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,

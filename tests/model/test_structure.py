@@ -24,6 +24,8 @@ FAMILIES = {
     "gpt2-tied": dict(pos_emb="learned", norm="layernorm", activation="gelu_tanh", bias=True, tie_embeddings=True),
     "post-norm": dict(norm_position="post", norm="layernorm", bias=True),
     "sandwich-tied": dict(norm_position="sandwich", activation="geglu_tanh", tie_embeddings=True, embed_scale=4.0),
+    # Gemma's (1 + w) gains (norm_offset): a fold divides the gain, not w
+    "gemma-offset": dict(norm_position="sandwich", activation="geglu_tanh", embed_scale=4.0, norm_offset=1.0),
     "parallel": dict(block="parallel", norm="layernorm", activation="gelu"),
     "moe-shared": dict(**_MOE),
     # Qwen2-MoE: the shared expert's sigmoid gate reads norm2's output as well

@@ -176,11 +176,11 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.hd
-        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        qkv_bias = cfg.has_qkv_bias
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.hd, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
         self.wv = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=cfg.bias)
+        self.wo = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=cfg.has_o_bias)
         self.wqkv: nn.Linear | None = None  # set by fuse(): q, k, v in one matmul
         self.qkv_sizes: list[int] = []
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None

@@ -19,7 +19,7 @@ from lmforge.model.layers.attention import Attention
 from lmforge.model.layers.mla import MLA
 from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MoE
-from lmforge.model.layers.norm import build_norm
+from lmforge.model.layers.norm import model_norm
 
 # (cfg, layer_idx) -> module
 ATTENTION: dict[str, Callable[..., nn.Module]] = {"mha": Attention, "mla": MLA}
@@ -33,7 +33,7 @@ class Block(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         self.kind = "parallel" if cfg.block == "parallel" else cfg.norm_position
-        norm = lambda: build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)  # noqa: E731
+        norm = lambda: model_norm(cfg)  # noqa: E731
         self.norm1 = norm()
         self.attn = ATTENTION[cfg.attention](cfg, layer_idx)
         self.norm2 = norm() if self.kind != "parallel" else None

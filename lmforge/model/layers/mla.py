@@ -49,7 +49,7 @@ class MLA(nn.Module):
         self.wkv_a = nn.Linear(d, self.r + self.d_rope, bias=cfg.bias)  # latent and shared rope key
         self.kv_norm = RMSNorm(self.r, m.norm_eps or cfg.norm_eps)
         self.wkv_b = nn.Linear(self.r, H * (self.d_nope + self.d_v), bias=False)
-        self.wo = nn.Linear(H * self.d_v, d, bias=cfg.bias)
+        self.wo = nn.Linear(H * self.d_v, d, bias=cfg.has_o_bias)
         self.rope_layout, self.softcap = cfg.rope_layout, cfg.attn_softcap
         self.impl, self.dropout = cfg.attn_impl, cfg.dropout
         self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else 0

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.layers.block import Block
-from lmforge.model.layers.norm import RMSNorm, build_norm
+from lmforge.model.layers.norm import RMSNorm, model_norm
 from lmforge.model.meta import AttnMetadata
 
 
@@ -71,7 +71,7 @@ class MTP(nn.Module):
         else:
             self.modules_ = nn.ModuleList(Block(cfg, cfg.n_layers - 1) for _ in range(self.depth))
         # each depth's own final norm before the shared head (DeepSeek-V3's shared_head.norm)
-        self.norms = nn.ModuleList(build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) for _ in range(self.depth))
+        self.norms = nn.ModuleList(model_norm(cfg) for _ in range(self.depth))
 
     def heads(self, h: torch.Tensor, input_ids: torch.Tensor, embed, rope, doc_ids: torch.Tensor | None = None
               ) -> list[torch.Tensor]:

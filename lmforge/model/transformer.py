@@ -125,11 +125,64 @@ def parameter_count(model: nn.Module) -> int:
     return weights + sum(p.numel() for p in model.parameters() if id(p) not in held)
 
 
-class Transformer(nn.Module):
+def embed_scales(scale: float) -> dict[torch.dtype, float]:
+    """`scale` rounded to each float dtype the embeddings may have, as Gemma's reference code and transformers
+    round it: bf16 embeddings of width 3072 are multiplied by 55.5, not sqrt(3072) = 55.43 (plain floats, read in
+    forward without a tensor op: no host copy, no torch.compile graph break); {} for 1."""
+    return {dt: torch.tensor(scale, dtype=dt, device="cpu").item()
+            for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16) if scale != 1.0}
+
+
+class TrunkFront:
+    """The front of the trunk, up to block 0's input: token embedding, absolute positions, dropout, the residual
+    dtype, and the RoPE tables every block takes. Shared by the Transformer and a pipeline stage
+    (lmforge.parallel.pp.StageModule), which hold the same modules under the same names: cfg, tok_emb (None on
+    a later pipeline stage), pos_emb, drop, rope, residual_dtype and _embed_scales (embed_scales(cfg.embed_scale))."""
+
     residual_dtype: torch.dtype | None = None
     """the residual stream's dtype under autocast when set (TrainConfig.bf16_residual): the embedding's output
     is cast once and every block's add keeps it; None, or autocast off = the embedding's dtype"""
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(input_ids)
+        if self.cfg.embed_scale == 1.0:
+            return x
+        return x * self._embed_scales.get(x.dtype, self.cfg.embed_scale)
+
+    def block_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                     meta: AttnMetadata | None = None, *, offset: int = 0, length: int | None = None
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Block 0's input and the rope tables: (B, T) ids -> x (B, T, d) (token embedding, absolute positions,
+        dropout, the residual dtype) and (cos, sin) or None, which every block takes as `block(x, rope, None,
+        cache, meta)`. The calibration seam: sequential per-block quantizers (GPTQ, AWQ) run block i on block
+        i-1's output from here without copying the front of the trunk; hidden() and every pipeline stage start
+        here too. positions (B, T) or (T,) default to meta.positions, else offset + arange(T) (hidden passes its
+        cache's length). Without a token embedding (a later pipeline stage) input_ids are the previous stage's
+        hidden states (B, T', d), returned as they are; length: the sequence's T where they hold part of it (a
+        sequence-parallel shard)."""
+        B, T = input_ids.shape[0], length or input_ids.shape[1]
+        n_positions = None  # host-side bound on the positions, when known without reading them
+        if positions is None and meta is not None and meta.positions is not None:
+            positions = meta.positions
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
+            n_positions = offset + T
+        elif positions.dim() == 1:
+            positions = positions.expand(B, T)
+        lengths = meta.rope_lengths if meta is not None else None  # (length-dependent RoPE scaling only)
+        rope = self.rope.cos_sin(positions, n_positions, lengths) if self.rope is not None else None
+        if self.tok_emb is None:
+            return input_ids, rope
+        x = self.embed(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions).to(x.dtype)
+        x = self.drop(x)
+        if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.residual_dtype)  # outside autocast (eval, generation in fp32) the weights' dtype
+        return x, rope
+
+
+class Transformer(TrunkFront, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if not isinstance(cfg, ModelConfig):
@@ -142,12 +195,7 @@ class Transformer(nn.Module):
         # set by from_pretrained, kept by lmforge checkpoints, written by save_pretrained, read by the engine)
         self.eos_token_ids: tuple[int, ...] = ()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        # embed_scale rounded to each float dtype the embeddings may have, as Gemma's reference code and
-        # transformers round it: bf16 embeddings of width 3072 are multiplied by 55.5, not sqrt(3072) = 55.43
-        # (plain floats, read in forward without a tensor op: no host copy, no torch.compile graph break)
-        self._embed_scales = {dt: torch.tensor(cfg.embed_scale, dtype=dt, device="cpu").item()
-                              for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-                              if cfg.embed_scale != 1.0}
+        self._embed_scales = embed_scales(cfg.embed_scale)
         self.pos_emb = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(cfg.pos_emb)
         self.pos_emb = self.pos_emb(cfg.max_seq_len, cfg.d_model) if self.pos_emb else None
         self.rope = (RotaryEmbedding(cfg.rope_dim, cfg.rope_theta, cfg.rope_layout, cfg.rope_scaling, cfg.max_seq_len)
@@ -262,39 +310,6 @@ class Transformer(nn.Module):
         layers = tuple(attention_cache_spec(cfg, i) for i in range(cfg.n_layers))
         return CacheSpec(layers=layers, dtype=compute_dtype(self), max_seq_len=cfg.max_seq_len,
                          vocab_size=cfg.vocab_size)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.tok_emb(input_ids)
-        if self.cfg.embed_scale == 1.0:
-            return x
-        return x * self._embed_scales.get(x.dtype, self.cfg.embed_scale)
-
-    def block_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                     meta: AttnMetadata | None = None, *, offset: int = 0
-                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Block 0's input and the rope tables: (B, T) ids -> x (B, T, d) (token embedding, absolute positions,
-        dropout, the residual dtype) and (cos, sin) or None, which every block takes as `block(x, rope, None,
-        cache, meta)`. The calibration seam: sequential per-block quantizers (GPTQ, AWQ) run block i on block
-        i-1's output from here without copying the front of the trunk; hidden() starts here too. positions
-        (B, T) or (T,) default to meta.positions, else offset + arange(T) (hidden passes its cache's length)."""
-        B, T = input_ids.shape
-        n_positions = None  # host-side bound on the positions, when known without reading them
-        if positions is None and meta is not None and meta.positions is not None:
-            positions = meta.positions
-        if positions is None:
-            positions = torch.arange(offset, offset + T, device=input_ids.device).expand(B, T)
-            n_positions = offset + T
-        elif positions.dim() == 1:
-            positions = positions.expand(B, T)
-        x = self.embed(input_ids)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions).to(x.dtype)
-        x = self.drop(x)
-        if self.residual_dtype is not None and torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.residual_dtype)  # outside autocast (eval, generation in fp32) the weights' dtype
-        lengths = meta.rope_lengths if meta is not None else None  # (length-dependent RoPE scaling only)
-        rope = self.rope.cos_sin(positions, n_positions, lengths) if self.rope is not None else None
-        return x, rope
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                meta: AttnMetadata | None = None, taps: dict[int, torch.Tensor | None] | None = None):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.model.transformer import TrunkFront, embed_scales
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -25,16 +26,18 @@ def bubble_fraction(stages: int, microbatches: int) -> float:
     return (stages - 1) / (microbatches + stages - 1)
 
 
-class StageModule(nn.Module):
-    """Blocks [lo, hi) of a Transformer; the first stage also embeds, the last normalises and projects.
-    Training layout only: causal attention over positions 0..T-1, no cache (MoE/MTP auxiliary losses
-    are not carried between stages)."""
+class StageModule(TrunkFront, nn.Module):
+    """Blocks [lo, hi) of a Transformer; the first stage also embeds, the last normalises and projects. Every
+    stage starts from the Transformer's own front (TrunkFront.block_inputs: the first stage's embedding, the
+    residual dtype, each stage's RoPE tables). Training layout only: causal attention over positions 0..T-1,
+    no cache (MoE/MTP auxiliary losses are not carried between stages)."""
 
     def __init__(self, model: nn.Module, lo: int, hi: int):
         super().__init__()
         self.cfg, self.first, self.last = model.cfg, lo == 0, hi == len(model.blocks)
         self.tok_emb = model.tok_emb if self.first else None
-        self._embed_scales = model._embed_scales  # (read by Transformer.embed)
+        self._embed_scales = embed_scales(self.cfg.embed_scale)
+        self.residual_dtype = model.residual_dtype
         self.pos_emb = model.pos_emb if self.first else None
         self.drop = model.drop
         self.rope = model.rope
@@ -44,16 +47,10 @@ class StageModule(nn.Module):
         self.seq_shards = 1  # tensor parallel sets tp: a later stage receives 1/tp of the sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The first stage takes (B, T) ids, a later one the previous stage's (B, T / seq_shards, d)."""
         from lmforge.model.transformer import Transformer
 
-        B, T = x.shape[0], x.shape[1] * (1 if self.first else self.seq_shards)
-        positions = torch.arange(T, device=x.device).expand(B, T)
-        if self.first:  # (B, T) ids -> (B, T, d)
-            x = Transformer.embed(self, x)
-            if self.pos_emb is not None:
-                x = x + self.pos_emb(positions).to(x.dtype)
-            x = self.drop(x)
-        rope = self.rope.cos_sin(positions, T) if self.rope is not None else None
+        x, rope = self.block_inputs(x, length=None if self.first else x.shape[1] * self.seq_shards)
         for block in self.blocks.values():
             x = block(x, rope, "causal", None)
         if self.last:

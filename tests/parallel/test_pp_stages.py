@@ -24,3 +24,21 @@ def test_stages_with_a_scaled_embedding_chain_to_the_whole_model(dtype):
         got = split_stage(model, 1, 2)(split_stage(model, 0, 2)(ids))
         want = model(ids)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+
+def test_stages_keep_the_residual_dtype_under_autocast():
+    """TrainConfig.bf16_residual (Transformer.residual_dtype): the first stage ran its own copy of the trunk's
+    front without the cast, so a pipelined run kept an fp32 residual stream that one process keeps in bf16."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=40, d_model=48, n_layers=2, n_heads=4, max_seq_len=16, tie_embeddings=False,
+                      attn_impl="math")
+    model = Transformer(cfg).eval()
+    model.residual_dtype = torch.bfloat16
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = split_stage(model, 0, 2)(ids)
+        got = split_stage(model, 1, 2)(h)
+        want = model(ids)
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -99,7 +99,10 @@ class MoEConfig:
     """multiplier of the routed output (DeepSeek-V3 routed_scaling_factor)"""
     n_groups: int = 1
     topk_groups: int = 1
-    """node-limited routing: keep the best topk_groups of n_groups expert groups (DeepSeek-V3)"""
+    """node-limited routing: keep the best topk_groups of n_groups expert groups (DeepSeek-V2/V3)"""
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    """a group's rank in node-limited routing: its two best experts' scores summed (DeepSeek-V3) or its best
+    one's (DeepSeek-V2's group_limited_greedy)"""
     noisy: bool = False
     """noisy top-k gating (Shazeer et al. 2017): trainable per-expert Gaussian noise while training"""
     router_bias: bool = False
@@ -136,6 +139,8 @@ class MoEConfig:
                                                          "model.moe.n_shared > 0")
         check(self.n_groups >= 1 and self.n_experts % self.n_groups == 0,
               f"model.moe.n_groups={self.n_groups} must divide n_experts={self.n_experts}")
+        check(self.group_score in ("top2_sum", "max"),
+              f"model.moe.group_score={self.group_score!r}; choose top2_sum (DeepSeek-V3) or max (DeepSeek-V2)")
         check(1 <= self.topk_groups <= self.n_groups,
               f"model.moe.topk_groups must lie in [1, n_groups], got {self.topk_groups}")
         kept = self.topk_groups * (self.n_experts // self.n_groups)  # experts of the groups routing keeps

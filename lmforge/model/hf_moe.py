@@ -136,16 +136,19 @@ def deepseek_v3_cfg(d: dict) -> ModelConfig:
 
 def deepseek_v2_cfg(d: dict) -> ModelConfig:
     """Softmax scores, the top k taken as they are (transformers' DeepseekV2TopkRouter: no renormalisation) and
-    scaled by routed_scaling_factor; RoPE on interleaved pairs (its complex rotation)."""
-    method, groups = d.get("topk_method") or "greedy", d.get("n_group") or 1
-    if method not in ("greedy", "group_limited_greedy") or (method == "group_limited_greedy" and groups > 1):
-        raise ConfigError(f"config.json topk_method={method!r} with n_group={groups} is not supported for "
-                          "DeepSeek-V2: lmforge routes it greedily over all experts (topk_method='greedy'); its "
-                          "group-limited routing scores groups as DeepSeek-V3 does, not by their best expert")
+    scaled by routed_scaling_factor; RoPE on interleaved pairs (its complex rotation). topk_method
+    'group_limited_greedy' (DeepSeek-V2 §2.1.3, device-limited routing) keeps the topk_group of n_group expert
+    groups with the best single expert score; 'greedy' routes over all experts, whatever n_group says."""
+    method = d.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConfigError(f"config.json topk_method={method!r} is not supported for DeepSeek-V2; choose 'greedy' "
+                          "or 'group_limited_greedy'")
+    limited = method == "group_limited_greedy" and (d.get("n_group") or 1) > 1  # one group: greedy routing
+    groups = dict(n_groups=d["n_group"], topk_groups=d.get("topk_group") or 1, group_score="max") if limited else {}
     if d.get("norm_topk_prob"):
         raise ConfigError("config.json norm_topk_prob=true is not supported for DeepSeek-V2: transformers' "
                           "DeepSeek-V2 never renormalises the top-k weights while DeepSeek's own code would")
-    return _deepseek_cfg(d, "DeepSeek-V2", dict(score="softmax", norm_topk=False), rope_layout="interleaved")
+    return _deepseek_cfg(d, "DeepSeek-V2", dict(score="softmax", norm_topk=False, **groups), rope_layout="interleaved")
 
 
 def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
@@ -165,9 +168,9 @@ def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
 
 def deepseek_v2_cfg_to_hf(cfg: ModelConfig) -> dict:
     d = deepseek_v3_cfg_to_hf(cfg)
-    for key in ("rope_interleave", "num_nextn_predict_layers", "n_group", "topk_group"):  # V3's only
+    for key in ("rope_interleave", "num_nextn_predict_layers"):  # V3's only
         d.pop(key)
-    return {**d, "topk_method": "greedy"}
+    return {**d, "topk_method": "group_limited_greedy" if cfg.moe_cfg.n_groups > 1 else "greedy"}
 
 
 def _deepseek_mtp_rules(cfg: ModelConfig) -> list[Rule]:

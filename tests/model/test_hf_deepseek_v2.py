@@ -22,9 +22,20 @@ def test_deepseek_v2_reads_as_softmax_greedy_routing_and_exports_as_v2():
     assert guess_family(cfg) == "deepseek_v2"
 
 
+def test_deepseek_v2_group_limited_routing_ranks_groups_by_their_best_expert():
+    """topk_method='group_limited_greedy' (refused before): the topk_group groups with the best maximum score."""
+    from lmforge.model.hf import config_to_hf
+
+    cfg = config_from_hf(dict(V2, topk_method="group_limited_greedy", n_group=4, topk_group=2))
+    m = cfg.moe
+    assert (m.n_groups, m.topk_groups, m.group_score, m.score, m.norm_topk) == (4, 2, "max", "softmax", False)
+    hf = config_to_hf(cfg, "deepseek_v2")
+    assert (hf["topk_method"], hf["n_group"], hf["topk_group"]) == ("group_limited_greedy", 4, 2)
+
+
 @pytest.mark.parametrize("change, match", [
-    (dict(topk_method="group_limited_greedy", n_group=8, topk_group=3), "topk_method='group_limited_greedy' with "
-                                                                        "n_group=8 is not supported for DeepSeek-V2"),
+    (dict(topk_method="noaux_tc", n_group=8, topk_group=3), "topk_method='noaux_tc' is not supported for "
+                                                            "DeepSeek-V2"),
     (dict(norm_topk_prob=True), "norm_topk_prob=true is not supported for DeepSeek-V2"),
     (dict(attention_bias=True), "attention_bias=true is not supported for DeepSeek-V2")])
 def test_deepseek_v2_routing_lmforge_lacks_is_refused(change, match):

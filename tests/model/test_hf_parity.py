@@ -79,6 +79,11 @@ FAMILIES = {
         first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.5, rope_parameters=dict(
             rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0, mscale_all_dim=0.707,
             original_max_position_embeddings=16))),
+    # group-limited routing (DeepSeek-V2 §2.1.3): the 2 of 4 groups with the best single expert, then the top 2
+    "deepseek_v2_group_limited": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(**
+        COMMON | dict(num_key_value_heads=4), n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+        kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, n_shared_experts=1,
+        first_k_dense_replace=0, topk_method="group_limited_greedy", n_group=4, topk_group=2)),
     "deepseek_v2_q_lora": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(**
         COMMON | dict(num_key_value_heads=4), n_routed_experts=4, num_experts_per_tok=1, moe_intermediate_size=8,
         kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, n_shared_experts=2,

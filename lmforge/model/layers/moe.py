@@ -1,7 +1,8 @@
 """Mixture of experts: token-choice top-k routing over E expert MLPs (+ optional shared experts).
 
     scores = softmax(x W_r) or sigmoid(x W_r)                    (Mixtral / DeepSeek-V3)
-    chosen = top-k(scores + bias)  [within the best groups]       (bias: aux-loss-free balancing)
+    chosen = top-k(scores + bias)  [within the best groups]       (bias: aux-loss-free balancing; groups ranked
+                                                                   by top-2 sums (V3) or maxima (V2))
     y      = shared(x) + routed_scale · Σ_{e in chosen} w_e · expert_e(x),  w = scores[chosen] (renormed)
 
 Balancing (all optional, weights in MoEConfig): the Switch/GShard loss E·Σ_i f_i·P_i (f = fraction
@@ -384,9 +385,10 @@ class MoE(nn.Module):
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x).float())
         scores = logits.softmax(-1) if self.m.score == "softmax" else logits.sigmoid()
         choice = scores + self.e_bias.float()
-        if self.m.n_groups > 1:  # keep the topk_groups groups with the best top-2 score sums
+        if self.m.n_groups > 1:  # keep the topk_groups groups with the best top-2 score sums (V3) or maxima (V2)
             g = choice.view(-1, self.m.n_groups, self.E // self.m.n_groups)
-            group_score = g.topk(min(2, g.shape[-1]), dim=-1).values.sum(-1)
+            group_score = (g.amax(-1) if self.m.group_score == "max" else
+                           g.topk(min(2, g.shape[-1]), dim=-1).values.sum(-1))
             keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(
                 1, group_score.topk(self.m.topk_groups, -1).indices, True)
             # -inf, not 0, as DeepSeek-V3's Gate and HF's DeepseekV3TopkRouter: with the balancing bias a kept

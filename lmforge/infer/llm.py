@@ -40,7 +40,6 @@ hands out every submitted request, so one thread at a time iterates it.
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 from typing import Iterator, Sequence as Seq
 
@@ -49,7 +48,7 @@ import torch
 from lmforge.errors import ConfigError, LmforgeError, RequestError
 from lmforge.infer.chat_template import ChatTemplate, chat_request as build_chat_request, checkpoint_chat_template
 from lmforge.infer.engine import Engine, EngineConfig
-from lmforge.infer.outputs import CompletionOutput, RequestOutput
+from lmforge.infer.outputs import RequestOutput, check_errors, failed_output, input_error
 from lmforge.infer.request import prompt_ids, prompt_list, seed_for
 from lmforge.infer.score import Score, Scoring, _list_of, read_score, rolling_windows  # noqa: F401  (re-exported)
 from lmforge.infer.sampling import SamplingParams
@@ -151,7 +150,7 @@ class LLM(Scoring):
         vocabulary; more KV blocks than the pool has: an empty output, no tokens) and input failing while it runs
         (a logits processor leaving no token allowed: its tokens so far, finish_reason 'abort'). A failed engine
         step (not one request's fault) raises either way."""
-        _check_errors(errors)
+        check_errors(errors)
         prompts = prompt_list(prompts)
         per_prompt = _params_list(params, len(prompts))
         requests: list = []
@@ -159,28 +158,31 @@ class LLM(Scoring):
             try:
                 requests.append((self.encode(p, sp, i), self._params(sp, i)))
             except LmforgeError as e:
-                requests.append(_failed_output(_input_error(e, "prompt", i, errors), [], sp))
+                requests.append(failed_output(input_error(e, "prompt", i, errors), [], sp.n))
         outs = self._run(requests, errors)
         return [dataclasses.replace(o, prompt=p if isinstance(p, str) else None) for o, p in zip(outs, prompts)]
 
-    def _run(self, requests: list, errors: str = "raise", what: str = "prompt") -> list[RequestOutput]:
+    def _run(self, requests: list, errors: str = "raise", what: str = "prompt", names: Seq[int] | None = None
+             ) -> list[RequestOutput]:
         """Queue every (token ids, params) and step the engine until all finish (in order). An item that is a
         RequestOutput already failed while it was built (errors="return"); one the engine refuses (Engine.add_request)
-        becomes one with errors="return", else its error raises named `{what} i: `. On any error raised, the
-        requests queued so far are aborted."""
+        becomes one with errors="return", else its error raises named `{what} i: `, i its caller's index:
+        names[k] for requests[k] (a score call's pair, or the document a window belongs to), by default k. On any
+        error raised, the requests queued so far are aborted."""
         ids: list[str] = []
-        index: dict[str, int] = {}  # request id -> its place in `requests`
+        index: dict[str, int] = {}  # request id -> its caller's index
         failed: dict[int, RequestOutput] = {}
         try:
             for i, item in enumerate(requests):
                 if isinstance(item, RequestOutput):
                     failed[i] = item
                     continue
+                name = i if names is None else names[i]
                 try:
                     ids.append(self._add(*item))
-                    index[ids[-1]] = i
+                    index[ids[-1]] = name
                 except LmforgeError as e:
-                    failed[i] = _failed_output(_input_error(e, what, i, errors), item[0], item[1])
+                    failed[i] = failed_output(input_error(e, what, name, errors), item[0], item[1].n)
             outs = iter(self._collect(ids, errors))
             return [failed[i] if i in failed else next(outs) for i in range(len(requests))]
         except BaseException as e:
@@ -363,7 +365,7 @@ class LLM(Scoring):
         them aborted (abort, another thread) while this waits raises RequestError "request X was aborted" at once.
         When it raises because one of them was taken elsewhere (another wait, completed() or abort collected it),
         the others are not lost: running or finished, they stay submitted, for a later wait or completed()."""
-        _check_errors(errors)
+        check_errors(errors)
         if isinstance(request_ids, str):
             raise LmforgeError(f"wait takes a list of request ids, got the string {request_ids!r}; wait([id])")
         ids = [str(r) for r in request_ids]
@@ -397,7 +399,7 @@ class LLM(Scoring):
         on, what an LM program running many calls wants. A failed engine step raises its exception once;
         every request it aborted then comes out of a new completed() as a failed output. A request collected
         by wait or cancelled by abort while iterating is not yielded."""
-        _check_errors(errors)
+        check_errors(errors)
         while self._submitted:
             with self._lock:
                 if not self._ready:
@@ -461,7 +463,7 @@ class LLM(Scoring):
         errors: as generate's ("return": a failed conversation's output in its place, `error` set, also for one
         the template refuses, e.g. an unknown role; "raise": its error, named "conversation i: ").
         Each output's `prompt` is the conversation's rendered prompt text (None where rendering failed)."""
-        _check_errors(errors)
+        check_errors(errors)
         tpl = self._chat_template(template)
         conversations = _list_of(conversations, "conversations", "messages, or a list of such lists")
         if conversations and isinstance(conversations[0], dict):
@@ -477,7 +479,7 @@ class LLM(Scoring):
                 text = req.prompt  # (its seed is derived for index i already: _params adds none)
                 requests.append((self.encode(req.prompt_token_ids, req.params, i), self._params(req.params, None)))
             except LmforgeError as e:
-                requests.append(_failed_output(_input_error(e, "conversation", i, errors), [], sp))
+                requests.append(failed_output(input_error(e, "conversation", i, errors), [], sp.n))
             texts.append(text)
         outs = self._run(requests, errors, "conversation")
         return [dataclasses.replace(o, prompt=t) for o, t in zip(outs, texts)]
@@ -531,32 +533,6 @@ class LLM(Scoring):
         return params.derived(**changes)
 
 
-def _input_error(error: LmforgeError, what: str, index: int, errors: str) -> RequestError:
-    """A prompt's input refused before it ran, named by its place ("prompt 3: ..." unless its message already
-    says so): errors="raise" raises it (its own type), "return" gives the RequestError its failed output holds,
-    the original error as its cause."""
-    message = str(error) if re.match(rf"{what} {index}\b", str(error)) else f"{what} {index}: {error}"
-    if errors == "raise":
-        if message == str(error):
-            raise error
-        try:
-            named = type(error)(message)
-        except TypeError:  # (a subclass taking other arguments)
-            named = LmforgeError(message)
-        raise named from error
-    named = RequestError(message)
-    named.__cause__ = error
-    return named
-
-
-def _failed_output(error: RequestError, prompt_token_ids, params: SamplingParams) -> RequestOutput:
-    """A request refused before it ran, as the output errors="return" gives in its place: finished, each of its
-    samples empty (finish_reason 'abort', as a request failing while it runs), `error` set."""
-    n = params.n if isinstance(params, SamplingParams) else 1
-    return RequestOutput(None, list(prompt_token_ids), [CompletionOutput(j, "", [], "abort") for j in range(n)],
-                         finished=True, error=error)
-
-
 class _Aborted(RequestError):
     """A request aborted (LLM.abort) while a wait waited for it: what that wait raises (a RequestError naming it)."""
 
@@ -576,12 +552,6 @@ def _check_not_taken(gone) -> None:
     if gone:
         raise LmforgeError(f"request(s) {sorted(gone)[:3]} are neither running nor waiting to be collected: another "
                            "caller (a thread's wait, completed or abort) took them; collect each request in one place")
-
-
-def _check_errors(errors) -> None:
-    if errors not in ("raise", "return"):
-        raise ConfigError(f"errors must be 'raise' or 'return' (a failed request's output in its place), "
-                          f"got {errors!r}")
 
 
 def _check_params(params, name: str = "params", what: str = "a SamplingParams") -> SamplingParams:

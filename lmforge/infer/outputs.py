@@ -1,11 +1,14 @@
-"""What `LLM.generate` returns: one RequestOutput per prompt, holding one CompletionOutput per sample."""
+"""What `LLM.generate` returns: one RequestOutput per prompt, holding one CompletionOutput per sample; and the
+errors= contract of LLM's batch methods (check_errors, input_error, failed_output), shared by generation and
+scoring."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError, RequestError
 
 
 class PromptIds(list):
@@ -157,3 +160,35 @@ def _joined(lists: list) -> list | None:
     if all(x is None for x in lists):
         return None
     return [v for x in lists if x is not None for v in x]
+
+
+def check_errors(errors) -> None:
+    """LLM's errors= option (generate, chat, score, ...): "raise" or "return"."""
+    if errors not in ("raise", "return"):
+        raise ConfigError(f"errors must be 'raise' or 'return' (a failed request's output in its place), "
+                          f"got {errors!r}")
+
+
+def input_error(error: LmforgeError, what: str, index: int, errors: str) -> RequestError:
+    """An input refused before it ran, named by its place ("prompt 3: ...", "pair 3: ..." unless its message
+    already says so): errors="raise" raises it (its own type), "return" gives the RequestError its failed output
+    holds, the original error as its cause."""
+    message = str(error) if re.match(rf"{what} {index}\b", str(error)) else f"{what} {index}: {error}"
+    if errors == "raise":
+        if message == str(error):
+            raise error
+        try:
+            named = type(error)(message)
+        except TypeError:  # (a subclass taking other arguments)
+            named = LmforgeError(message)
+        raise named from error
+    named = RequestError(message)
+    named.__cause__ = error
+    return named
+
+
+def failed_output(error: RequestError, prompt_token_ids, n: int = 1) -> RequestOutput:
+    """A request refused before it ran, as the output errors="return" gives in its place: finished, each of its
+    n samples empty (finish_reason 'abort', as a request failing while it runs), `error` set."""
+    return RequestOutput(None, list(prompt_token_ids), [CompletionOutput(j, "", [], "abort") for j in range(n)],
+                         finished=True, error=error)

@@ -16,7 +16,7 @@ from typing import Sequence as Seq
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.infer.outputs import RequestOutput
+from lmforge.infer.outputs import RequestOutput, check_errors, failed_output, input_error
 from lmforge.infer.request import check_ids, prompt_list
 from lmforge.infer.sampling import SamplingParams
 
@@ -36,13 +36,18 @@ class Score:
     token_logprobs: list[float]
     num_cached_tokens: int = 0
     """context tokens read from the prefix cache (RequestOutput.metrics; a rolling score: all its windows')"""
+    error: Exception | None = None
+    """errors="return": the lmforge.errors.RequestError ("pair i: ...", "document i: ...") that refused this pair
+    or document, which was then not scored: logprob NaN, is_greedy False, no token_logprobs (the ids are those
+    tokenized, where it got that far)"""
 
 
 class Scoring:
     """LLM's scoring methods (a mixin: they queue score-only requests through LLM._run and read its tokenizer,
     engine and window)."""
 
-    def score(self, pairs: Seq[tuple[Prompt, Prompt]], *, truncate: str = "left") -> list[tuple[float, bool]]:
+    def score(self, pairs: Seq[tuple[Prompt, Prompt]], *, truncate: str = "left", errors: str = "raise"
+              ) -> list[tuple[float, bool] | None]:
         """lm-eval's loglikelihood: for each (context, continuation), the sum of the continuation tokens'
         log-probs given everything before them, and whether the continuation is the greedy one (each of
         its tokens the argmax, the first maximal id as greedy decoding picks: a token merely tied with it is
@@ -59,33 +64,47 @@ class Scoring:
         Pairs run as score-only requests (max_tokens=0) with prompt log-probs from the continuation on:
         first one pair per distinct context, then the others, whose shared context the prefix cache then
         serves (a multiple-choice question's context is computed once). score_tokens: the same, per token.
-        score_request: one pair as a request to submit."""
-        return [(s.logprob, s.is_greedy) for s in self.score_tokens(pairs, truncate=truncate)]
+        score_request: one pair as a request to submit. Token ids may be lists, tuples or 1-D tensors.
+        errors: as generate's: "raise" (default) raises the first refused pair's error, named "pair i: " (a
+        malformed pair, an out-of-vocabulary id, too long for truncate="error", more KV blocks than the pool
+        has); "return" puts None in a refused pair's place (score_tokens: a Score with `error` set) and scores
+        the others."""
+        scores = self.score_tokens(pairs, truncate=truncate, errors=errors)
+        return [(s.logprob, s.is_greedy) if s.error is None else None for s in scores]
 
-    def score_tokens(self, pairs: Seq[tuple[Prompt, Prompt]], *, truncate: str = "left") -> list["Score"]:
+    def score_tokens(self, pairs: Seq[tuple[Prompt, Prompt]], *, truncate: str = "left", errors: str = "raise"
+                     ) -> list["Score"]:
         """`score`, with each continuation's tokens and their log-probs (a Score per pair): what per-token or
-        per-byte normalized scores (lm-eval's acc_norm, perplexity) and LM-as-judge readers need."""
+        per-byte normalized scores (lm-eval's acc_norm, perplexity) and LM-as-judge readers need. errors="return":
+        a refused pair's Score has `error` set (and logprob NaN)."""
+        check_errors(errors)
         _check_truncate(truncate)
         pairs = _list_of(pairs, "pairs", "(context, continuation) pairs")  # (a generator is read once)
+        built: list = []  # per pair: (context ids, continuation ids), or the failed output errors="return" gives
         for i, p in enumerate(pairs):
-            if not isinstance(p, (tuple, list)) or len(p) != 2:
-                raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
-        pairs = [self._pair(ctx, cont, i, truncate) for i, (ctx, cont) in enumerate(pairs)]
-        first = {tuple(ctx): i for i, (ctx, _) in reversed(list(enumerate(pairs)))}  # each context's first pair
+            try:
+                if not isinstance(p, (tuple, list)) or len(p) != 2:
+                    raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
+                built.append(self._pair(p[0], p[1], i, truncate))
+            except LmforgeError as e:
+                built.append(failed_output(input_error(e, "pair", i, errors), []))
+        ok = [i for i, b in enumerate(built) if not isinstance(b, RequestOutput)]
+        first = {tuple(built[i][0]): i for i in reversed(ok)}  # each context's first pair
         firsts = set(first.values())  # (built once: a membership test per pair, not a set per pair)
-        rest = [i for i in range(len(pairs)) if i not in firsts]
+        rest = [i for i in ok if i not in firsts]
         params: dict[int, SamplingParams] = {}  # one per context length: MMLU's pairs share a few
-        outs: list = [None] * len(pairs)
+        outs: list = list(built)
         for group in (sorted(firsts), rest):
             requests = []
             for i in group:
-                start = len(pairs[i][0])
+                start = len(built[i][0])
                 if start not in params:
                     params[start] = _score_params(start)
-                requests.append((pairs[i][0] + pairs[i][1], params[start]))
-            for i, out in zip(group, self._run(requests) if group else []):
+                requests.append((built[i][0] + built[i][1], params[start]))
+            for i, out in zip(group, self._run(requests, errors, "pair", group) if group else []):
                 outs[i] = out
-        return [read_score(out) for out in outs]
+        return [read_score(out) if out.error is None else _failed_score(out.error, *(b if isinstance(b, tuple) else ()))
+                for out, b in zip(outs, built)]
 
     def score_request(self, context: Prompt, continuation: Prompt, *, truncate: str = "left"
                       ) -> tuple[list[int], SamplingParams]:
@@ -106,13 +125,11 @@ class Scoring:
                 cont = whole[len(ctx):]  # the context keeps its own tokens where a merge crosses it (lm-eval)
             else:  # (lm-eval: the continuation alone gets no BOS; the prefix token below stands for the context)
                 ctx, cont = [], self.tokenizer.encode(continuation)
-        elif isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple)):
-            ctx, cont = list(context), list(continuation)
-            if ctx or cont:
-                check_ids(ctx + cont, self.engine.vocab_size, f"pair {index}")
+        elif _is_ids(context) and _is_ids(continuation):
+            ctx, cont = self._ids(context, f"pair {index}"), self._ids(continuation, f"pair {index}")
         else:
-            raise LmforgeError(f"pair {index}: context and continuation must both be strings or both token id "
-                               f"lists, got {type(context).__name__} and {type(continuation).__name__}")
+            raise LmforgeError(f"pair {index}: context and continuation must both be strings or both token ids (lists "
+                               f"or 1-D tensors), got {_kind(context)} and {_kind(continuation)}")
         if not cont:
             raise LmforgeError(f"pair {index} has an empty continuation: there is nothing to score")
         if not ctx:  # lm-eval's prefix_token_id: the BOS token, else end-of-text
@@ -137,7 +154,7 @@ class Scoring:
                                "truncate='left' to drop its oldest tokens as lm-eval does")
         return ctx[max(0, len(ctx) + len(cont) - keep):], cont
 
-    def score_rolling(self, documents: Prompt | Seq[Prompt]) -> list[Score]:
+    def score_rolling(self, documents: Prompt | Seq[Prompt], *, errors: str = "raise") -> list[Score]:
         """lm-eval's loglikelihood_rolling (perplexity, bits per byte): each document's every token scored once,
         given the tokens before it, in windows of at most max_seq_len predicted tokens (rolling_windows: lm-eval's
         layout, so documents longer than the window score as lm-eval's HFLM scores them). A Score per document:
@@ -147,21 +164,35 @@ class Scoring:
         exp(-logprob / len(token_ids)); bits per byte -logprob / (ln 2 * the text's UTF-8 bytes).
         `documents`: one document or a list; a string is tokenized as lm-eval's HFLM tokenizes it (text_ids: a
         Llama-3 tokenizer's BOS first, which is then scored after the prefix BOS, as lm-eval does), token ids are
-        taken as given. Every window of every document is one score-only request, all queued together."""
+        taken as given. Every window of every document is one score-only request, all queued together.
+        errors: as score's ("return": a refused document's Score has `error` set, "document i: ...", its first
+        refused window's)."""
+        check_errors(errors)
         prefix = self._prefix_id()
         if prefix is None:
             raise LmforgeError("score_rolling predicts a document's first token from the tokenizer's BOS or "
                                "end-of-text token, and this tokenizer has neither")
-        docs = [self._document(d, i) for i, d in enumerate(prompt_list(documents))]
-        windows = [(i, ctx, cont) for i, ids in enumerate(docs) for ctx, cont in
+        docs: list = []  # per document: its token ids, or the error errors="return" keeps for it
+        for i, d in enumerate(prompt_list(documents)):
+            try:
+                docs.append(self._document(d, i))
+            except LmforgeError as e:
+                docs.append(input_error(e, "document", i, errors))
+        windows = [(i, ctx, cont) for i, ids in enumerate(docs) if isinstance(ids, list) for ctx, cont in
                    rolling_windows(ids, prefix, self.max_seq_len)]
         params = {n: _score_params(n) for n in {len(ctx) for _, ctx, _ in windows}}
-        outs = self._run([(ctx + cont, params[len(ctx)]) for _, ctx, cont in windows])
-        per_doc: list[list[Score]] = [[] for _ in docs]
-        for (i, ctx, cont), out in zip(windows, outs):
-            per_doc[i].append(read_score(out))
+        outs = self._run([(ctx + cont, params[len(ctx)]) for _, ctx, cont in windows], errors, "document",
+                         [i for i, _, _ in windows])
+        per_doc: list[list[RequestOutput]] = [[] for _ in docs]
+        for (i, _, _), out in zip(windows, outs):
+            per_doc[i].append(out)
         scores = []
         for ids, ws in zip(docs, per_doc):
+            error = ids if not isinstance(ids, list) else next((w.error for w in ws if w.error is not None), None)
+            if error is not None:
+                scores.append(_failed_score(error, [prefix], ids if isinstance(ids, list) else []))
+                continue
+            ws = [read_score(w) for w in ws]
             lps = [lp for w in ws for lp in w.token_logprobs]
             scores.append(Score(sum(lps), all(w.is_greedy for w in ws), [prefix], ids, lps,
                                 sum(w.num_cached_tokens for w in ws)))
@@ -178,16 +209,34 @@ class Scoring:
             if not document:
                 raise LmforgeError(f"document {index} is empty text: there is nothing to score")
             return self.text_ids(document)
-        if isinstance(document, torch.Tensor) and document.dim() == 1:
-            document = document.tolist()
-        if not isinstance(document, (list, tuple)):
-            raise LmforgeError(f"document {index} must be a string or a list of token ids, got "
-                               f"{type(document).__name__}")
-        if not document:
+        if not _is_ids(document):
+            raise LmforgeError(f"document {index} must be a string or token ids (a list or 1-D tensor), got "
+                               f"{_kind(document)}")
+        ids = self._ids(document, f"document {index}")
+        if not ids:
             raise LmforgeError(f"document {index} has no tokens: there is nothing to score")
-        document = list(document)
-        return document if check_ids(document, self.engine.vocab_size, f"document {index}") else \
-            [int(t) for t in document]
+        return ids
+
+    def _ids(self, ids, what: str) -> list[int]:
+        """Token ids given as a list, tuple or 1-D tensor (_is_ids), as a list of plain ints, each checked against
+        the model's vocabulary (an error naming `what`): how score and score_rolling read ids."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return ids if not ids or check_ids(ids, self.engine.vocab_size, what) else [int(t) for t in ids]
+
+
+def _is_ids(x) -> bool:
+    """x is token ids as score and score_rolling take them: a list, a tuple or a 1-D tensor."""
+    return isinstance(x, (list, tuple)) or isinstance(x, torch.Tensor) and x.dim() == 1
+
+
+def _kind(x) -> str:
+    """x's type for an error message (a tensor with its number of dimensions)."""
+    return f"a {x.dim()}-D tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _failed_score(error: Exception, context_ids=(), token_ids=()) -> Score:
+    """What errors="return" gives for a pair or document refused: not scored, `error` set (Score.error)."""
+    return Score(float("nan"), False, list(context_ids), list(token_ids), [], error=error)
 
 
 def rolling_windows(ids: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:

@@ -36,7 +36,7 @@ def test_score_tokens_gives_each_continuation_tokens_log_prob():
 
 def _stub_run(seen: list):
     """LLM._run for a score: every prompt token from the continuation on gets log-prob -1 (the model never runs)."""
-    def run(requests, errors="raise"):
+    def run(requests, errors="raise", what="prompt", names=None):
         seen.extend(p for _, p in requests)
         return [SimpleNamespace(prompt_logprobs=[None] * p.prompt_logprobs_start +
                                 [{t: -1.0} for t in ids[p.prompt_logprobs_start:]], prompt_token_ids=ids,

@@ -59,7 +59,7 @@ class PagedDraftModel:
         length are only less often accepted), or refused where its position embeddings cannot reach it."""
         from lmforge.infer.config import serving_spec
 
-        self.model, self.fit = model.eval(), fit
+        self.model, self.fit = model, fit  # left in its mode: its forwards run in eval mode (prefill, propose)
         spec = model.cache_spec()
         if window is not None and window > spec.max_seq_len:
             spec = serving_spec(model, spec, window, what="the target's context window",
@@ -91,7 +91,8 @@ class PagedDraftModel:
         chunks = sorted(((v, len(v.tokens) - v.num_computed) for v in views if v.num_computed < len(v.tokens)),
                         key=lambda c: c[1] != 1)  # decodes first, as the runner's layout wants
         if chunks:
-            self.runner.logits_at_ends(Batch(chunks=chunks))
+            with eval_mode(self.model):
+                self.runner.logits_at_ends(Batch(chunks=chunks))
         for seq in seqs:
             self.known[seq.seq_id] = (len(seq.tokens), seq.preemptions)
             self.before_fork[seq.seq_id] = len(seq.tokens)
@@ -103,7 +104,12 @@ class PagedDraftModel:
     @torch.inference_mode()
     def propose(self, items, probs) -> dict[int, tuple[list[int], torch.Tensor]]:
         """items: (seq, number of drafts, processors, greedy); probs(logits, procs, greedy) -> q.
-        Returns seq_id -> (drafts, q (d, V))."""
+        Returns seq_id -> (drafts, q (d, V)). The draft model runs in eval mode, as the engine runs the target
+        (no dropout in drafts), its own mode restored after: the caller's model is never changed."""
+        with eval_mode(self.model):
+            return self._propose(items, probs)
+
+    def _propose(self, items, probs) -> dict[int, tuple[list[int], torch.Tensor]]:
         views = {}
         for seq, _, _, _ in items:
             views[seq.seq_id] = _View(list(seq.tokens), self.done(seq), seq.block_table, seq.seq_id)

@@ -43,8 +43,6 @@ import dataclasses
 import threading
 from typing import Iterator, Sequence as Seq
 
-import torch
-
 from lmforge.errors import ConfigError, LmforgeError, RequestError
 from lmforge.infer.chat_template import ChatTemplate, chat_request as build_chat_request, checkpoint_chat_template
 from lmforge.infer.engine import Engine, EngineConfig
@@ -76,7 +74,7 @@ class LLM(Scoring):
                  max_model_len: int | None = None, config: EngineConfig | None = None):
         self.model = model  # left in its mode (a Trainer may share it); the engine's steps run it in eval mode
         self.tokenizer = tokenizer
-        self.draft = draft.eval() if isinstance(draft, torch.nn.Module) else draft
+        self.draft = draft  # (a draft model too is left in its mode: its forwards run in eval mode)
         self.num_draft_tokens = num_draft_tokens
         self.device = next(model.parameters()).device
         if config is not None and any(v is not None for v in (cuda_graphs, max_batch_size, kv_policy, max_model_len)):

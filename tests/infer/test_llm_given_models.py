@@ -1,0 +1,29 @@
+"""LLM never changes the models it is given: a draft model in train mode (a trainer distilling it) stays in train
+mode, and drafts as in eval mode (no dropout)."""
+
+from __future__ import annotations
+
+from lmforge.infer.llm import LLM
+from lmforge.infer.sampling import SamplingParams
+
+from .infer_helpers import full_greedy, tiny_model
+
+
+def _drafted(draft, tok, params) -> tuple[list[int], dict]:
+    target = tiny_model("llama", init_std=0.3)
+    out = LLM(target, tok, draft=draft, num_draft_tokens=3).generate(["abcabcabc", "hello there"], params)
+    assert out[0].token_ids == full_greedy(target, tok.encode("abcabcabc"), params.max_tokens)
+    return [o.token_ids for o in out], [{k: o.metrics[k] for k in ("drafted", "accepted")} for o in out]
+
+
+def test_a_draft_model_in_train_mode_stays_so_and_drafts_without_dropout(tok):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    train = tiny_model("llama", init_std=0.3, dropout=0.5).train()  # the target's weights: every draft accepted
+    train.blocks[0].attn.eval()  # a submodule the trainer keeps in eval mode stays so too
+    modes = [m.training for m in train.modules()]
+    reference = tiny_model("llama", init_std=0.3, dropout=0.5).eval()
+    got, want = _drafted(train, tok, params), _drafted(reference, tok, params)
+    assert [m.training for m in train.modules()] == modes and modes.count(False) >= 1 and train.training
+    assert all(m["accepted"] == m["drafted"] > 0 for m in want[1])  # (dropout in drafting would reject some)
+    assert got == want
+

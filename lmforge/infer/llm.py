@@ -76,7 +76,12 @@ class LLM(Scoring):
         self.tokenizer = tokenizer
         self.draft = draft  # (a draft model too is left in its mode: its forwards run in eval mode)
         self.num_draft_tokens = num_draft_tokens
-        self.device = next(model.parameters()).device
+        first = next(model.parameters(), None)
+        if first is None:  # (the engine reads the model's device, dtype and cache from its parameters)
+            raise ConfigError(f"the model ({type(model).__name__}) has no parameters: the engine reads its device "
+                              "and dtype from them; hold the weights as parameters (requires_grad=False for frozen "
+                              "ones), not only as buffers")
+        self.device = first.device
         if config is not None and any(v is not None for v in (cuda_graphs, max_batch_size, kv_policy, max_model_len)):
             raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
                               "EngineConfig.max_num_seqs), kv_policy and max_model_len too (EngineConfig.kv_policy, "

@@ -1,8 +1,12 @@
 """LLM never changes the models it is given: a draft model in train mode (a trainer distilling it) stays in train
-mode, and drafts as in eval mode (no dropout)."""
+mode, and drafts as in eval mode (no dropout); a model it cannot serve is refused in one line."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+from lmforge.errors import ConfigError
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 
@@ -27,3 +31,16 @@ def test_a_draft_model_in_train_mode_stays_so_and_drafts_without_dropout(tok):
     assert all(m["accepted"] == m["drafted"] > 0 for m in want[1])  # (dropout in drafting would reject some)
     assert got == want
 
+
+def test_a_model_without_parameters_is_refused_in_one_line(tok):
+    class BufferOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.zeros(257, 257))
+
+        def forward(self, ids, positions=None, cache=None, meta=None):
+            return self.table[ids]
+
+    with pytest.raises(ConfigError, match=r"^the model \(BufferOnly\) has no parameters: .* hold the weights as "
+                                          r"parameters"):
+        LLM(BufferOnly(), tok)

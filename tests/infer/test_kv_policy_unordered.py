@@ -118,7 +118,9 @@ def test_unordered_slots_equal_ordered_and_the_reference(tok, arch, config, n, a
 def test_unordered_slots_through_the_triton_kernels(tok):
     """The Triton decode kernel (reads context_lens keys through the table) and the varlen prefill kernel
     (chunks after evictions: their context gathered by slot) over unordered slots equal the reference (on a
-    CPU in Triton's interpreter; head_dim 64 for the flash kernel)."""
+    CPU in Triton's interpreter; head_dim 64 for the flash kernel). One layer (every layer's pool is compacted
+    alike: the reference tests above check two) and 12 tokens: both sequences decode over slots compacted twice
+    or more, and the prompt's last two chunks run after evictions."""
     from lmforge.kernels.decode import available
 
     if torch.cuda.is_available():  # the fp32 flash kernel's dots are tf32 there: beyond the 2e-4 on log-probs
@@ -126,12 +128,12 @@ def test_unordered_slots_through_the_triton_kernels(tok):
                     "sequences runs this policy through the decode kernel and CUDA graphs")
     if not available("cpu"):
         pytest.skip("needs triton with TRITON_INTERPRET=1")
-    model = tiny_model("llama", d_model=256, n_heads=4, n_kv_heads=2)
+    model = tiny_model("llama", d_model=256, n_heads=4, n_kv_heads=2, n_layers=1)
     policy = StreamingByPosition(**STREAM)
-    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=policy, decode_attention="kernel",
                                                      prefill_attention="kernel", max_num_batched_tokens=12),
                             [PROMPT, "a short one"], sp)
     cache = engine.runner.cache
     assert cache.kernel is not None and cache.prefill_kernel is not None  # neither fell back to the reference
-    assert check_against(replay(model, log, policy), reqs, greedy=True) == 48
+    assert check_against(replay(model, log, policy), reqs, greedy=True) == 24

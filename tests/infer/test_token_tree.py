@@ -210,16 +210,17 @@ def test_sampled_tree_verification_keeps_the_target_distribution():
     q0 = torch.tensor([0.3, 0.05, 0.3, 0.05, 0.3])
     q1 = torch.softmax(torch.randn(V, V, generator=g) * 1.5, -1)
     first, second = torch.zeros(V), torch.zeros(V, V)
-    for _ in range(trials):
-        tokens = torch.multinomial(q0, 3, replacement=True, generator=g).tolist()
-        parents, q_rows, p_rows = [-1] * 3, [q0] * 3, [p0] + [p1[t] for t in tokens]
-        for i, t in enumerate(list(tokens)):
-            kids = torch.multinomial(q1[t], 2, replacement=True, generator=g).tolist()
-            tokens += kids
-            parents += [i, i]
-            q_rows += [q1[t]] * 2
-            p_rows += [torch.full((V,), 1 / V)] * 2  # after depth 2: not read by this check
-        path, nxt = sampled_path(DraftTree(tokens, parents), torch.stack(p_rows), torch.stack(q_rows), g)
+    # every trial's tree drawn at once (the per-trial draws cost as much as sampled_path itself): nodes 0-2
+    # the root's children, 3 + 2i and 4 + 2i node i's
+    roots = torch.multinomial(q0, 3 * trials, replacement=True, generator=g).view(trials, 3)
+    kids = torch.multinomial(q1[roots.flatten()], 2, replacement=True, generator=g).view(trials, 6)
+    trees = torch.cat((roots, kids), 1).tolist()
+    parents = [-1] * 3 + [0, 0, 1, 1, 2, 2]
+    q_rows = torch.cat((q0.expand(trials, 3, V), q1[roots].repeat_interleave(2, 1)), 1)  # (trials, 9, V)
+    p_rows = torch.cat((p0.expand(trials, 1, V), p1[roots],
+                        torch.full((trials, 6, V), 1 / V)), 1)  # (trials, 10, V); after depth 2: not read here
+    for tokens, p, q in zip(trees, p_rows, q_rows):
+        path, nxt = sampled_path(DraftTree(tokens, parents), p, q, g)
         emitted = [tokens[i] for i in path] + [nxt]
         first[emitted[0]] += 1
         if len(emitted) > 1:

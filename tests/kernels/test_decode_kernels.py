@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(not kd.available("cuda" if torch.cuda.is_availab
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("N,K", [(24, 40), (64, 256), (37, 600)])
+# ragged K (40 = 2.5 tiles of 16); whole tiles; ragged rows and K (88 = 5.5 tiles; one 128-wide masked tile)
+@pytest.mark.parametrize("N,K", [(24, 40), (32, 64), (37, 88)])
 @pytest.mark.parametrize("norm,glu,residual", [(False, False, False), (True, False, False), (True, True, False),
                                                (False, False, True)])
 def test_gemv_matches_reference(N, K, norm, glu, residual):
@@ -37,10 +38,10 @@ def test_gemv_matches_reference(N, K, norm, glu, residual):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_residual_in_place(dtype):
     """fp32 residual: split-K atomic accumulation (_gemv_add_kernel); bf16: the plain kernel's epilogue."""
-    x, w = torch.randn(600, device=DEV), torch.randn(24, 600, device=DEV).to(dtype)
+    x, w = torch.randn(328, device=DEV), torch.randn(24, 328, device=DEV).to(dtype)
     r0 = torch.randn(24, device=DEV).to(dtype)
     want = kd.gemv_ref(x, w, residual=r0)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding step of values ~30
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding step of values ~20
     configs = [(4, 64, 4, 3), (8, 1024, 4, 1), (2, 128, 4, 2)] if dtype == torch.float32 else [(4, 64, 4)]
     for config in configs:  # K splits whose strides leave ragged tails; one tile; prefetch on and off
         for prefetch in (True, False):
@@ -69,7 +70,7 @@ def test_qkv_rope_matches_reference(pad, layout):
     positions; paged: the new k, v land in block table[pos // 16] at pos % 16."""
     from lmforge.model.layers.rope import RotaryEmbedding
 
-    H, KV, hd, S, pos, d = 8, 2, 16, 48, 29, 48
+    H, KV, hd, S, pos, d = 4, 2, 16, 48, 29, 32
     g = torch.Generator().manual_seed(pad)
     rope = RotaryEmbedding(hd, 10000.0, max_seq_len=S).to(DEV)
     x = torch.randn(d, generator=g).to(DEV)

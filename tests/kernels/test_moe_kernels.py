@@ -17,7 +17,10 @@ pytestmark = pytest.mark.skipif(not km.available(DEV), reason="needs triton: a G
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64, mlp="moe")
 
 
-@pytest.mark.parametrize("counts", [[5, 0, 17, 1], [0, 0, 3, 0], [40, 2, 0, 9], [100, 37, 0, 60]])
+# row tiles of 16 (an expert's rows span several, the last partly filled) swept in groups of 8 (GROUP_M) of the
+# grid's cdiv(M, 16) + E tiles: one partial group (the first two cases), one whole, and the last case's 9 real
+# tiles in a whole group and a partial one
+@pytest.mark.parametrize("counts", [[5, 0, 17, 1], [0, 0, 3, 0], [40, 2, 0, 9], [60, 37, 0, 30]])
 def test_grouped_mm_matches_per_expert_matmuls(counts):
     E, out_dim, in_dim = len(counts), 24, 40
     counts = torch.tensor(counts, device=DEV)

@@ -87,5 +87,6 @@ def test_an_adapted_wkv_b_is_absorbed_through_its_matrix(tok):
     torch.testing.assert_close(torch.cat((w_uk, w_uv), 1), full, atol=1e-6, rtol=1e-6)
     engine = Engine(model, tok, EngineConfig(block_size=4, decode_attention="kernel", cuda_graphs=True,
                                              graph_prefill_tokens=48, max_num_seqs=4))
-    outs = greedy(engine, PROMPTS[:3])
-    assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 8) for p in PROMPTS[:3]]
+    prompts = [PROMPTS[i] for i in (0, 2, 4)]  # 3, 9 and 1 tokens (the interpreter runs a varlen program per token)
+    outs = greedy(engine, prompts)
+    assert [o.outputs[0].token_ids for o in outs] == [full_greedy(model, p, 8) for p in prompts]

@@ -184,6 +184,8 @@ def test_unsupported_models_are_named_and_refused():
     assert "RMSNorm" in unsupported(gpt2) or "positions" in unsupported(gpt2) or "biases" in unsupported(gpt2)
     assert unsupported(tiny_model("llama")) is None and unsupported(tiny_model("llama", qk_norm=True)) is None
     assert unsupported(tiny_model("llama", qkv_bias=True)) == "biases"
+    assert unsupported(tiny_model("llama", o_bias=True)) == "biases"  # (an attention output bias alone too)
+    assert unsupported(tiny_model("llama", norm_offset=1.0)) == "offset norm gains (Gemma's 1 + w)"
     with pytest.raises(ConfigError, match="kernel step cannot run"):
         Engine(gpt2, IdTokenizer(257), EngineConfig(kernel_step=True))
     assert Engine(gpt2, IdTokenizer(257)).runner.kernel_step is None  # auto: the general path

@@ -68,6 +68,7 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.token_tree import DraftTree, TreeDrafter
 from lmforge.model.cache import KVCache
 from lmforge.model.meta import accepted_slots
+from lmforge.utils import eval_mode
 
 TREES_NEED_Q = ("a sampled request verifies a token tree against the distribution each node was drawn from, "
                 "but the drafter proposed a tree without it (q None); set temperature=0, or return q (N, V)")
@@ -103,12 +104,13 @@ class ModelDrafter:
         dev = self.cache.k.device
         feed = ctx[self.cache.length:]
         drafts, qs = [], [torch.zeros(0, self.model.cache_spec().vocab_size, device=dev)]
-        for i in range(k):
-            logits = self.model(torch.tensor([feed], device=dev), cache=self.cache)[0, -1:]
-            q = _probs(logits, procs, greedy)[0]
-            drafts.append(_draw(q, gen) if not greedy else int(q.argmax()))
-            qs.append(q[None])
-            feed = drafts[-1:]
+        with eval_mode(self.model):  # no dropout in drafting; the caller's model left in its own mode
+            for i in range(k):
+                logits = self.model(torch.tensor([feed], device=dev), cache=self.cache)[0, -1:]
+                q = _probs(logits, procs, greedy)[0]
+                drafts.append(_draw(q, gen) if not greedy else int(q.argmax()))
+                qs.append(q[None])
+                feed = drafts[-1:]
         return drafts, torch.cat(qs)
 
     def accept(self, seq_id: int, ctx_len: int) -> None:

@@ -32,6 +32,26 @@ def test_a_draft_model_in_train_mode_stays_so_and_drafts_without_dropout(tok):
     assert got == want
 
 
+def test_a_draft_model_beside_a_target_without_cache_spec_drafts_in_eval_mode(tok):
+    """A target with no cache_spec() runs on the recompute path, and its draft model keeps its own KVCache
+    (speculative.ModelDrafter): that path too drafts without dropout and leaves the model in train mode."""
+    class NoSpec(torch.nn.Module):  # the target's logits, without the paged cache's interface
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.max_seq_len, self.vocab_size = inner, inner.cfg.max_seq_len, inner.cfg.vocab_size
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    target = NoSpec(tiny_model("llama", init_std=0.3))
+    train = tiny_model("llama", init_std=0.3, dropout=0.5).train()  # the target's weights: every draft accepted
+    out = LLM(target, tok, draft=train, num_draft_tokens=3).generate(["abcabcabc"], params)[0]
+    assert train.training and all(m.training for m in train.modules())
+    assert out.token_ids == full_greedy(target.inner, tok.encode("abcabcabc"), 12)
+    assert out.metrics["accepted"] == out.metrics["drafted"] > 0  # (dropout in drafting would reject some)
+
+
 def test_a_model_without_parameters_is_refused_in_one_line(tok):
     class BufferOnly(torch.nn.Module):
         def __init__(self):

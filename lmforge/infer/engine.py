@@ -113,7 +113,12 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.model = model  # its mode is the caller's (a Trainer may share it): steps switch to eval mode
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        first = next(model.parameters(), None)
+        if first is None:  # (the engine reads the model's device, dtype and cache from its parameters)
+            raise ConfigError(f"the model ({type(model).__name__}) has no parameters: the engine reads its device "
+                              "and dtype from them; hold the weights as parameters (requires_grad=False for frozen "
+                              "ones), not only as buffers")
+        self.device = first.device
         self.dtype = compute_dtype(model)  # (not a quantized layer's integer codes)
         spec = model.cache_spec() if hasattr(model, "cache_spec") else None
         self.has_state = spec is not None and spec.has_state  # recurrent-state layers: lmforge.infer.kv.state

@@ -76,12 +76,6 @@ class LLM(Scoring):
         self.tokenizer = tokenizer
         self.draft = draft  # (a draft model too is left in its mode: its forwards run in eval mode)
         self.num_draft_tokens = num_draft_tokens
-        first = next(model.parameters(), None)
-        if first is None:  # (the engine reads the model's device, dtype and cache from its parameters)
-            raise ConfigError(f"the model ({type(model).__name__}) has no parameters: the engine reads its device "
-                              "and dtype from them; hold the weights as parameters (requires_grad=False for frozen "
-                              "ones), not only as buffers")
-        self.device = first.device
         if config is not None and any(v is not None for v in (cuda_graphs, max_batch_size, kv_policy, max_model_len)):
             raise ConfigError("with config=, set cuda_graphs and max_batch_size in it (EngineConfig.cuda_graphs, "
                               "EngineConfig.max_num_seqs), kv_policy and max_model_len too (EngineConfig.kv_policy, "
@@ -92,6 +86,7 @@ class LLM(Scoring):
                                              cuda_graphs=cuda_graphs, kv_policy=kv_policy, max_model_len=max_model_len)
         self.engine = Engine(model, tokenizer, self.config, draft=self.draft, num_draft_tokens=num_draft_tokens,
                              acceptance=acceptance)
+        self.device = self.engine.device
         self._held: dict[str, RequestOutput] = {}  # finished outputs that the call stepping the engine did not own
         # Finished ids are routed to who waits for them as they finish (_hold), so no caller rescans what it waits
         # for after each step (with threads that was O(threads x waiting ids) per step, under the lock):

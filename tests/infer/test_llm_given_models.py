@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.infer.engine import Engine
 from lmforge.infer.llm import LLM
 from lmforge.infer.sampling import SamplingParams
 
@@ -61,6 +62,7 @@ def test_a_model_without_parameters_is_refused_in_one_line(tok):
         def forward(self, ids, positions=None, cache=None, meta=None):
             return self.table[ids]
 
-    with pytest.raises(ConfigError, match=r"^the model \(BufferOnly\) has no parameters: .* hold the weights as "
-                                          r"parameters"):
-        LLM(BufferOnly(), tok)
+    for build in (LLM, Engine):  # (the engine's check, which LLM reaches through it)
+        with pytest.raises(ConfigError, match=r"^the model \(BufferOnly\) has no parameters: .* hold the weights "
+                                              r"as parameters"):
+            build(BufferOnly(), tok)

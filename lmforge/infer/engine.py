@@ -301,10 +301,11 @@ class Engine:
                                         policy=self.kv_policy is not None)
         if need > self.pool.num_blocks:
             many = "" if width == 1 else f" in {width} beams" if params.beam_width > 1 else f" in {width} samples"
-            lower = "max_tokens or n" if width > params.beam_width else "max_tokens"
+            lower = ("max_tokens or n" if width > params.beam_width else "max_tokens") if params.max_tokens else ""
             raise LmforgeError(f"a request of {len(ids)} prompt + {params.max_tokens} new tokens{many} needs "
                                f"{need} KV blocks but the pool has {self.pool.num_blocks}; raise num_kv_tokens or "
-                               f"gpu_memory_utilization, or lower {lower}")
+                               f"gpu_memory_utilization" + (f", or lower {lower}" if lower else " (or shorten the "
+                                                            "prompt: it only scores, no new tokens to lower)"))
         return params, length
 
     def encode(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> list[int]:

@@ -31,8 +31,10 @@ def llm() -> LLM:
     ([([1, 2], [3]), ([1, 2], [4]), ([7], [8]), ([1, 2], [9]), (LONG, [6])], 4),
 ])
 def test_a_pair_refused_by_the_engine_is_named_by_its_own_index(llm, pairs, bad):
-    with pytest.raises(LmforgeError, match=rf"^pair {bad}: a request of 101 prompt \+ 0 new tokens needs 7 KV blocks"):
+    with pytest.raises(LmforgeError, match=rf"^pair {bad}: a request of 101 prompt \+ 0 new tokens needs 7 KV blocks"
+                                           r".*gpu_memory_utilization \(or shorten the prompt: it only scores") as e:
         llm.score(pairs)
+    assert "lower max_tokens" not in str(e.value)  # (a score-only request has none to lower)
     with pytest.raises(LmforgeError, match=rf"^pair {bad}: "):
         llm.score_tokens(pairs)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 
 from lmforge.parallel.launch import run_local
+from tests.parallel import forked  # noqa: F401  (the ranks' torch.distributed imports, once before forking)
 from tests.parallel import layouts as L
 
 TOL = 1e-5

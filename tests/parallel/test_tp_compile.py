@@ -12,6 +12,7 @@ import functools
 import pytest
 
 from lmforge.parallel.launch import run_local
+from tests.parallel import forked  # noqa: F401  (the ranks' torch.distributed imports, once before forking)
 from tests.parallel import layouts as L
 
 TOL = 1e-5

@@ -87,24 +87,30 @@ def _jobs_worker(rank: int, world: int, jobs: dict) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(single, tmp_path_factory):
     """One 2-process launch runs the 2-process parts of the tests below, each job in its own directory, in turn
-    (17 launches before: each rank of each one set up gloo and FSDP2 / DTensor anew). (root, per-rank results)."""
+    (18 launches before: each rank of each one set up gloo and FSDP2 / DTensor anew). (root, per-rank results)."""
     shard, ref_run = str(single[0]), single[2]
     root = tmp_path_factory.mktemp("two_ranks")
-    jobs = {"refusal": (_refusal_worker, (shard, f"{root}/refusal")),
+    _step5_copy(ref_run, root / "layouts" / "from1")  # layouts' "from1" resumes it as pp=2
+    jobs = {"layouts": (_layouts_worker, (shard, f"{root}/layouts", {**LAYOUTS_2, "from1": dict(pp=2)})),
+            "refusal": (_refusal_worker, (shard, f"{root}/refusal")),
             "dion": (_dion_worker, (shard, f"{root}/dion")),
             "per_rank": (_per_rank_worker, (f"{root}/per_rank", dict(dp_replicate=2))),
             "masked_cp": (_masked_cp_worker, (shard, f"{root}/masked_cp"))}
     for name, layout in DATA_PARALLEL.items():
-        from1 = root / f"from1_{name}"  # the 1-process step-5 checkpoint, to resume on 2 processes
-        shutil.copytree(ref_run, from1)
-        shutil.rmtree(from1 / "checkpoints" / "step_000010")
+        _step5_copy(ref_run, root / f"from1_{name}")
         jobs |= {f"match_{name}": (_train_worker, (shard, f"{root}/match_{name}", layout)),
-                 f"from1_{name}": (_train_worker, (shard, str(from1), layout)),
+                 f"from1_{name}": (_train_worker, (shard, f"{root}/from1_{name}", layout)),
                  f"qk_clip_{name}": (_qk_clip_worker, (shard, f"{root}/qk_clip_{name}", layout)),
                  f"short_{name}": (_short_batches_worker, (f"{root}/short_{name}", layout)),
                  f"empty_{name}": (_empty_rows_worker, (f"{root}/empty_{name}", layout)),
                  f"moe_bias_{name}": (_repeated_row_bias_worker, (f"{root}/moe_bias_{name}", layout))}
     return root, run_local(_jobs_worker, 2, jobs, timeout=600, start_method="fork")
+
+
+def _step5_copy(run: Path, to: Path) -> None:
+    """A copy of a 10-step run as it stood after its step-5 checkpoint, to resume from there."""
+    shutil.copytree(run, to)
+    shutil.rmtree(to / "checkpoints" / "step_000010")
 
 
 def _ran(two_ranks, job: str) -> list:
@@ -155,18 +161,14 @@ LAYOUTS_2 = {"tp": dict(tp=2), "cp": dict(cp=2), "pp": dict(pp=2),
              "pp_accum": dict(pp=2, grad_accum=2)}  # the schedule must not divide the accumulated gradients again
 
 
-def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(single, tmp_path):
+def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(single, tmp_path, two_ranks):
     """tp=2, cp=2, pp=2 (and cp=2 with 2 micro-batches a step) through the Trainer: one process's losses and
     validation losses; a validation batch's
     8 rows are split between the cp ranks (4 each) and shared by the tp ranks and the pipeline (which splits
     them into micro-batches: the first stage is called once per micro-batch of 2 rows); the tp=2 and pp=2
     step-5 checkpoints resume in one process, and the 1-process step-5 checkpoint resumes as pp=2."""
-    shard, ref, ref_run, ref_val = single
-    from1 = tmp_path / "from1"
-    shutil.copytree(ref_run, from1)
-    shutil.rmtree(from1 / "checkpoints" / "step_000010")
-    layouts = {**LAYOUTS_2, "from1": dict(pp=2)}
-    got = run_local(_layouts_worker, 2, str(shard), str(tmp_path), layouts, timeout=120, start_method="fork")[0]
+    shard, ref, _, ref_val = single
+    got = _ran(two_ranks, "layouts")[0]
     for name, rows in (("tp", 8), ("cp", 4), ("pp", 8)):
         _same_as_one_process(got[name], ref, ref_val, rows)
     accum = train(tiny_config(shard, tmp_path / "accum", grad_accum=2, **STEPS)).history
@@ -175,7 +177,7 @@ def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(si
     np.testing.assert_allclose(got["pp_accum"][3], [r["grad_norm"] for r in accum if "grad_norm" in r], rtol=1e-4)
     np.testing.assert_allclose(got["from1"][0], ref, atol=ATOL, rtol=0)  # steps 1-5 from the copied log
     for name in ("tp", "pp"):
-        _resume_in_one_process(shard, tmp_path / name, ref)
+        _resume_in_one_process(shard, two_ranks[0] / "layouts" / name, ref)
 
 
 def test_fsdp_x_tp_on_four_processes_matches_one_process(single, tmp_path):

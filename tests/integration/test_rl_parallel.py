@@ -30,7 +30,6 @@ from lmforge.tasks.listops import Counting
 from lmforge.train import distributed
 from lmforge.train.config import LoopConfig
 from lmforge.train.trainer import Trainer
-from tests.parallel import forked  # noqa: F401  (the ranks' torch.distributed imports, once before forking)
 
 from .test_rl_seam import GRPO, TOL, Checks, CountTokenizer, Rollouts, collate, policy
 

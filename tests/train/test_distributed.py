@@ -13,7 +13,6 @@ weights.
 from __future__ import annotations
 
 import shutil
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,11 @@ from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.parallel.launch import run_local
 from lmforge.train.trainer import Trainer, train
-from tests.parallel import forked  # noqa: F401  (the ranks' torch.distributed imports, once before forking)
 
 from .helpers import make_shard, tiny_config
 
 ATOL = 1e-4
 STEPS = dict(max_steps=10, eval_every=5, ckpt_every=5, keep_last=3)
-DATA_PARALLEL = {"fsdp2": {"dp_shard": 2}, "ddp": {"dp_replicate": 2}}
 
 
 def _losses(history):
@@ -73,59 +70,11 @@ def single(tmp_path_factory):
     return shard, _losses(res.history), tmp / "run", _val(res.history)
 
 
-def _jobs_worker(rank: int, world: int, jobs: dict) -> dict:
-    """Each job's worker(rank, world, *args) in turn; per job ("ok", its result) or ("failed", the traceback)."""
-    out = {}
-    for name, (worker, args) in jobs.items():
-        try:
-            out[name] = ("ok", worker(rank, world, *args))
-        except Exception:
-            out[name] = ("failed", traceback.format_exc())
-    return out
-
-
-@pytest.fixture(scope="module")
-def two_ranks(single, tmp_path_factory):
-    """One 2-process launch runs the 2-process parts of the tests below, each job in its own directory, in turn
-    (18 launches before: each rank of each one set up gloo and FSDP2 / DTensor anew). (root, per-rank results)."""
-    shard, ref_run = str(single[0]), single[2]
-    root = tmp_path_factory.mktemp("two_ranks")
-    _step5_copy(ref_run, root / "layouts" / "from1")  # layouts' "from1" resumes it as pp=2
-    jobs = {"layouts": (_layouts_worker, (shard, f"{root}/layouts", {**LAYOUTS_2, "from1": dict(pp=2)})),
-            "refusal": (_refusal_worker, (shard, f"{root}/refusal")),
-            "dion": (_dion_worker, (shard, f"{root}/dion")),
-            "per_rank": (_per_rank_worker, (f"{root}/per_rank", dict(dp_replicate=2))),
-            "masked_cp": (_masked_cp_worker, (shard, f"{root}/masked_cp"))}
-    for name, layout in DATA_PARALLEL.items():
-        _step5_copy(ref_run, root / f"from1_{name}")
-        jobs |= {f"match_{name}": (_train_worker, (shard, f"{root}/match_{name}", layout)),
-                 f"from1_{name}": (_train_worker, (shard, f"{root}/from1_{name}", layout)),
-                 f"qk_clip_{name}": (_qk_clip_worker, (shard, f"{root}/qk_clip_{name}", layout)),
-                 f"short_{name}": (_short_batches_worker, (f"{root}/short_{name}", layout)),
-                 f"empty_{name}": (_empty_rows_worker, (f"{root}/empty_{name}", layout)),
-                 f"moe_bias_{name}": (_repeated_row_bias_worker, (f"{root}/moe_bias_{name}", layout))}
-    return root, run_local(_jobs_worker, 2, jobs, timeout=600, start_method="fork")
-
-
-def _step5_copy(run: Path, to: Path) -> None:
-    """A copy of a 10-step run as it stood after its step-5 checkpoint, to resume from there."""
-    shutil.copytree(run, to)
-    shutil.rmtree(to / "checkpoints" / "step_000010")
-
-
-def _ran(two_ranks, job: str) -> list:
-    """A job's results on ranks 0 and 1; a job that failed fails its test with the rank's traceback."""
-    got = [ranks[job] for ranks in two_ranks[1]]
-    for rank, (status, value) in enumerate(got):
-        assert status == "ok", f"{job} failed on rank {rank}:\n{value}"
-    return [value for _, value in got]
-
-
-@pytest.mark.parametrize("name", list(DATA_PARALLEL))
-def test_two_processes_match_one_and_resume_in_one(single, two_ranks, name):
+@pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2}], ids=["fsdp2", "ddp"])
+def test_two_processes_match_one_and_resume_in_one(single, tmp_path, layout):
     shard, ref, ref_run, ref_val = single
-    run = two_ranks[0] / f"match_{name}"
-    got = _ran(two_ranks, f"match_{name}")
+    run = tmp_path / "run"
+    got = run_local(_train_worker, 2, str(shard), str(run), layout, timeout=120, start_method="fork")
     # every rank gets the final validation loss; only rank 0 reads (and writes) the metrics
     assert got[1] == [pytest.approx(got[0][-1], abs=1e-12)]
     assert len(got[0]) == len(ref) + 1 == STEPS["max_steps"] + 1
@@ -138,7 +87,10 @@ def test_two_processes_match_one_and_resume_in_one(single, two_ranks, name):
     resumed = _losses(train(tiny_config(shard, run, **STEPS)).history)
     np.testing.assert_allclose(resumed, ref, atol=ATOL, rtol=0)
     # and the other way: the 1-process step-5 checkpoint resumes on 2 processes (weights and optimizer sharded)
-    got = _ran(two_ranks, f"from1_{name}")
+    from1 = tmp_path / "from1"
+    shutil.copytree(ref_run, from1)
+    shutil.rmtree(from1 / "checkpoints" / "step_000010")
+    got = run_local(_train_worker, 2, str(shard), str(from1), layout, timeout=120, start_method="fork")
     np.testing.assert_allclose(got[0], ref + ref_val[-1:], atol=ATOL, rtol=0)
 
 
@@ -161,14 +113,18 @@ LAYOUTS_2 = {"tp": dict(tp=2), "cp": dict(cp=2), "pp": dict(pp=2),
              "pp_accum": dict(pp=2, grad_accum=2)}  # the schedule must not divide the accumulated gradients again
 
 
-def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(single, tmp_path, two_ranks):
+def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(single, tmp_path):
     """tp=2, cp=2, pp=2 (and cp=2 with 2 micro-batches a step) through the Trainer: one process's losses and
     validation losses; a validation batch's
     8 rows are split between the cp ranks (4 each) and shared by the tp ranks and the pipeline (which splits
     them into micro-batches: the first stage is called once per micro-batch of 2 rows); the tp=2 and pp=2
     step-5 checkpoints resume in one process, and the 1-process step-5 checkpoint resumes as pp=2."""
-    shard, ref, _, ref_val = single
-    got = _ran(two_ranks, "layouts")[0]
+    shard, ref, ref_run, ref_val = single
+    from1 = tmp_path / "from1"
+    shutil.copytree(ref_run, from1)
+    shutil.rmtree(from1 / "checkpoints" / "step_000010")
+    layouts = {**LAYOUTS_2, "from1": dict(pp=2)}
+    got = run_local(_layouts_worker, 2, str(shard), str(tmp_path), layouts, timeout=120, start_method="fork")[0]
     for name, rows in (("tp", 8), ("cp", 4), ("pp", 8)):
         _same_as_one_process(got[name], ref, ref_val, rows)
     accum = train(tiny_config(shard, tmp_path / "accum", grad_accum=2, **STEPS)).history
@@ -177,13 +133,13 @@ def test_tensor_context_pipeline_parallel_match_one_process_and_resume_in_one(si
     np.testing.assert_allclose(got["pp_accum"][3], [r["grad_norm"] for r in accum if "grad_norm" in r], rtol=1e-4)
     np.testing.assert_allclose(got["from1"][0], ref, atol=ATOL, rtol=0)  # steps 1-5 from the copied log
     for name in ("tp", "pp"):
-        _resume_in_one_process(shard, two_ranks[0] / "layouts" / name, ref)
+        _resume_in_one_process(shard, tmp_path / name, ref)
 
 
 def test_fsdp_x_tp_on_four_processes_matches_one_process(single, tmp_path):
     shard, ref, _, ref_val = single
-    got = run_local(_layouts_worker, 4, str(shard), str(tmp_path),
-                    {"fsdp_tp": dict(dp_shard=2, tp=2, loss_parallel=True)}, timeout=150, start_method="fork")[0]
+    got = run_local(_layouts_worker, 4, str(shard), str(tmp_path), {"fsdp_tp": dict(dp_shard=2, tp=2, loss_parallel=True)},
+                    timeout=150, start_method="fork")[0]
     _same_as_one_process(got["fsdp_tp"], ref, ref_val, 4)
 
 
@@ -193,9 +149,15 @@ def test_layout_is_checked_against_model_and_batch_in_the_config(tmp_path):
     tied = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, tie_embeddings=True)
     with pytest.raises(ConfigError, match="tie_embeddings"):
         tiny_config(tmp_path / "t.bin", tmp_path / "run", model=tied, parallel=ParallelConfig(pp=2))
-    with pytest.raises(ConfigError,
-                       match="batch_size=8 must be divisible by the data-parallel size 1 x microbatches=16"):
+    with pytest.raises(ConfigError, match="batch_size=8 must be divisible by the data-parallel size 1 x microbatches=16"):
         tiny_config(tmp_path / "t.bin", tmp_path / "run", parallel=ParallelConfig(pp=2, microbatches=16))
+
+
+_SET_AFTER_IMPORT: list[int] = []
+
+
+def _sees_parent_state(rank: int, world: int) -> bool:
+    return bool(_SET_AFTER_IMPORT)  # a forked child copies the parent's memory; a spawned one imports afresh
 
 
 def test_fork_becomes_spawn_on_a_machine_with_a_gpu(monkeypatch):
@@ -203,19 +165,17 @@ def test_fork_becomes_spawn_on_a_machine_with_a_gpu(monkeypatch):
     CUDA once the parent has started it (the whole suite on a GPU machine failed so), so run_local spawns."""
     import torch
 
-    from .spawn_probe import SET_AFTER_IMPORT, sees_parent_state
-
-    SET_AFTER_IMPORT.append(1)
+    _SET_AFTER_IMPORT.append(1)
     try:
         for gpu, forked in ((False, True), (True, False)):
             monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-            assert run_local(sees_parent_state, 1, timeout=60, start_method="fork") == [forked]
+            assert run_local(_sees_parent_state, 1, timeout=60, start_method="fork") == [forked]
     finally:
-        SET_AFTER_IMPORT.clear()
+        _SET_AFTER_IMPORT.clear()
 
 
-def test_pipeline_refuses_other_objectives(two_ranks):
-    got = _ran(two_ranks, "refusal")
+def test_pipeline_refuses_other_objectives(single, tmp_path):
+    got = run_local(_refusal_worker, 2, str(single[0]), str(tmp_path), timeout=60, start_method="fork")
     assert "parallel.pp=2 trains the plain LM loss" in got[0] and "z_loss" in got[0]
 
 
@@ -356,12 +316,12 @@ def _short_batches_worker(rank: int, world: int, run_dir: str, layout: dict) -> 
     return _short_batches_fit(run_dir, layout)
 
 
-@pytest.mark.parametrize("name", list(DATA_PARALLEL))
-def test_batch_with_fewer_rows_than_ranks_trains_as_one_process(tmp_path, two_ranks, name):
+@pytest.mark.parametrize("layout", [dict(dp_replicate=2), dict(dp_shard=2)])
+def test_batch_with_fewer_rows_than_ranks_trains_as_one_process(tmp_path, layout):
     """The 1-row batches: rank 0 trains on the row, rank 1 repeats it at weight 0 (both must join DDP's
     all-reduce / FSDP's collectives), so the loss curve is one process's (it used to stop the run)."""
     ref = _short_batches_fit(str(tmp_path / "one"), None)
-    got = _ran(two_ranks, f"short_{name}")
+    got = run_local(_short_batches_worker, 2, str(tmp_path / "two"), layout, timeout=120, start_method="fork")
     assert len(ref) == 4 and got[1] == []  # only rank 0 logs
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
 
@@ -411,13 +371,13 @@ def _empty_rows_worker(rank: int, world: int, run_dir: str, layout: dict) -> tup
     return _empty_rows_fit(run_dir, layout)
 
 
-@pytest.mark.parametrize("name", list(DATA_PARALLEL))
-def test_a_rank_with_nothing_to_train_in_a_micro_batch_adds_nothing(tmp_path, two_ranks, name):
+@pytest.mark.parametrize("layout", [dict(dp_replicate=2), dict(dp_shard=2)])
+def test_a_rank_with_nothing_to_train_in_a_micro_batch_adds_nothing(tmp_path, layout):
     """A rank whose share of a micro-batch has no trained token (batch_weight 0, a loss of NaN: a mean over
     nothing) still joins the forward and backward's collectives, with the gradient reaching the model's outputs
     zeroed: the run trains as one process (the NaN used to reach every rank's gradients)."""
     ref = _empty_rows_fit(str(tmp_path / "one"), None)
-    got = _ran(two_ranks, f"empty_{name}")
+    got = run_local(_empty_rows_worker, 2, str(tmp_path / "two"), layout, timeout=120, start_method="fork")
     assert len(ref[0]) == 4 and all(np.isfinite(ref[0] + ref[1]))
     np.testing.assert_allclose(got[0][0], ref[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(got[0][1], ref[1], atol=1e-5, rtol=0)
@@ -449,15 +409,15 @@ def _repeated_row_bias_worker(rank: int, world: int, run_dir: str, layout: dict)
     return _repeated_row_bias(run_dir, layout)
 
 
-@pytest.mark.parametrize("name", list(DATA_PARALLEL))
-def test_repeated_rows_add_nothing_to_the_moe_load(tmp_path, two_ranks, name):
+@pytest.mark.parametrize("layout", [dict(dp_replicate=2), dict(dp_shard=2)])
+def test_repeated_rows_add_nothing_to_the_moe_load(tmp_path, layout):
     """Rank 1's copy of the 1-row micro-batch (a Repeated batch, weight 0) is no token of the step: the bias
     moves by the step's load over its 5 real rows, as on one process. Counted, the row's load doubled and
     moved two experts the other way (seed 7). The step's tokens are its 5 rows' 40 on every rank, as on one
     process (rank 0's 3 rows x 8 tokens were counted twice: 48)."""
     ref = _repeated_row_bias(str(tmp_path / "one"), None)
     assert ref[1] == 5 * 8
-    got = _ran(two_ranks, f"moe_bias_{name}")
+    got = run_local(_repeated_row_bias_worker, 2, str(tmp_path / "two"), layout, timeout=120, start_method="fork")
     assert got[0] == got[1] == ref
 
 
@@ -469,7 +429,7 @@ def _dion_worker(rank: int, world: int, shard: str, run_dir: str) -> list[float]
     return _losses(res.history)
 
 
-def test_dion_steps_on_fsdp_shards_as_on_one_process(single, tmp_path, two_ranks):
+def test_dion_steps_on_fsdp_shards_as_on_one_process(single, tmp_path):
     """Under FSDP the Trainer's Dion is its distributed form (ShardedDion: rank-r factors travel): the losses
     of one process (it crashed on DTensors before)."""
     from lmforge.optim.config import OptimConfig
@@ -477,7 +437,7 @@ def test_dion_steps_on_fsdp_shards_as_on_one_process(single, tmp_path, two_ranks
     shard = single[0]
     ref = _losses(train(tiny_config(shard, tmp_path / "one", optim=OptimConfig(name="dion", lr=0.02, warmup_steps=2),
                                     **STEPS)).history)
-    got = _ran(two_ranks, "dion")[0]
+    got = run_local(_dion_worker, 2, str(shard), str(tmp_path / "two"), timeout=120, start_method="fork")[0]
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
@@ -498,8 +458,7 @@ def test_launch_checks_the_layout_size_and_the_optimizer_before_any_process(tmp_
     check_launch(tiny_config(shard, tmp_path / "r", optim=OptimConfig(name="shampoo"),
                              parallel=ParallelConfig(dp_replicate=2)), 2)
     with pytest.raises(ConfigError, match="'dion' runs on FSDP's row shards, not tensor-parallel ones"):
-        check_launch(tiny_config(shard, tmp_path / "r", optim=OptimConfig(name="dion"),
-                                 parallel=ParallelConfig(tp=2)), 2)
+        check_launch(tiny_config(shard, tmp_path / "r", optim=OptimConfig(name="dion"), parallel=ParallelConfig(tp=2)), 2)
 
 
 def _qk_clip_worker(rank: int, world: int, shard: str, run_dir: str, layout: dict) -> list[float]:
@@ -510,8 +469,8 @@ def _qk_clip_worker(rank: int, world: int, shard: str, run_dir: str, layout: dic
     return _losses(res.history) + [r["qk/clipped_heads"] for r in res.history if "qk/clipped_heads" in r]
 
 
-@pytest.mark.parametrize("name", list(DATA_PARALLEL))
-def test_qk_clip_on_two_processes_matches_one(single, tmp_path, two_ranks, name):
+@pytest.mark.parametrize("layout", [{"dp_shard": 2}, {"dp_replicate": 2}], ids=["fsdp2", "ddp"])
+def test_qk_clip_on_two_processes_matches_one(single, tmp_path, layout):
     """MuonClip through the Trainer on FSDP2 shards (each rank scales its own rows) and DDP replicas: the max
     logits are all-reduced over the ranks, so the clipped run equals one process's."""
     from lmforge.optim.config import OptimConfig
@@ -521,7 +480,7 @@ def test_qk_clip_on_two_processes_matches_one(single, tmp_path, two_ranks, name)
                                                                         qk_clip_tau=0.02), **STEPS))
     ref = _losses(res.history) + [r["qk/clipped_heads"] for r in res.history if "qk/clipped_heads" in r]
     assert sum(ref[STEPS["max_steps"]:]) > 0  # heads were clipped
-    got = _ran(two_ranks, f"qk_clip_{name}")[0]
+    got = run_local(_qk_clip_worker, 2, str(shard), str(tmp_path / "two"), layout, timeout=120, start_method="fork")[0]
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
@@ -569,11 +528,11 @@ def _per_rank_worker(rank: int, world: int, run_dir: str, layout: dict) -> list[
     return _per_rank_fit(run_dir, layout)
 
 
-def test_a_per_rank_source_makes_its_own_rows_and_trains_as_one_process(tmp_path, two_ranks):
+def test_a_per_rank_source_makes_its_own_rows_and_trains_as_one_process(tmp_path):
     """distribute() leaves a per_rank source uncut: each rank yields half of every 4-row batch (not all of it,
     as RankRows would need), and the loss curve is one process's on the whole batches."""
     ref = _per_rank_fit(str(tmp_path / "one"), None)
-    got = _ran(two_ranks, "per_rank")
+    got = run_local(_per_rank_worker, 2, str(tmp_path / "two"), dict(dp_replicate=2), timeout=120, start_method="fork")
     assert len(ref) == 4 and got[1] == []
     np.testing.assert_allclose(got[0], ref, atol=1e-5, rtol=0)
 
@@ -623,13 +582,13 @@ def _masked_cp_worker(rank: int, world: int, shard: str, run_dir: str) -> tuple[
     return _masked_cp_fit(shard, run_dir, dict(cp=2))
 
 
-def test_context_parallel_trainer_with_ignored_targets_matches_one_process(single, tmp_path, two_ranks):
+def test_context_parallel_trainer_with_ignored_targets_matches_one_process(single, tmp_path):
     """The Trainer's cp path (objective_step) weighs each cp rank's mean by its share of the trained targets: the
     loss and gradient are the rows' token mean, as on one process (they were the mean of the ranks' means: a loss
     off by 1e-3 and a grad norm by 2%, and NaN with half the gradient where a cp rank held no trained target)."""
     shard = str(single[0])
     want = _masked_cp_fit(shard, str(tmp_path / "one"), None)
-    got = _ran(two_ranks, "masked_cp")[0]
+    got = run_local(_masked_cp_worker, 2, shard, str(tmp_path / "cp"), timeout=120, start_method="fork")[0]
     assert len(got[0]) == 5 and all(np.isfinite(got[0]))
     np.testing.assert_allclose(got[0], want[0], atol=ATOL, rtol=0)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4)

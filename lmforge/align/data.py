@@ -48,6 +48,7 @@ from lmforge.align.config import PostDataConfig
 from lmforge.errors import DataError, LmforgeError
 from lmforge.infer.chat_template import MARKER, ChatTemplate, get_template
 from lmforge.model.meta import packed_positions
+from lmforge.tokenizer.load import takes_where
 
 Example = tuple[list[int], list[bool]]
 IGNORE = -100
@@ -158,7 +159,11 @@ class Encoder:
             return self.sampled(prompt, *ids, where, name)
         if isinstance(prompt, list):  # conversational: the completion's assistant turns are trained, not the prompt's
             return self.chat(prompt + completion, where, f"prompt + {name}", n_prompt=len(prompt))
-        p, c_ids = self.tok.encode(prompt), self.tok.encode(completion)
+        # (the completion continues the prompt's text: a SentencePiece tokenizer puts no "▁" before it, as HF's
+        # encoding of the two as one text)
+        p = self.tok.encode(prompt)
+        c_ids = self.tok.encode(completion, where="inside") if takes_where(self.tok, "encode") else \
+            self.tok.encode(completion)
         c_ids = c_ids + ([self.eos] if self.eos is not None else [])
         return p + c_ids, [self.loss_on == "all"] * len(p) + [True] * len(c_ids)
 

@@ -16,7 +16,6 @@ checkpoint_chat_template; normalize_messages takes OpenAI-style messages (conten
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import re
 import unicodedata
@@ -25,6 +24,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.tokenizer.load import takes_where
 
 ROLES = ("system", "user", "assistant", "tool")
 MARKER = re.compile(r"<\|[^|]*\|>")
@@ -399,18 +399,9 @@ def _plain(tokenizer):
     encode = getattr(tokenizer, "encode_ordinary", None)
     if encode is None:  # (a byte tokenizer has no specials to parse)
         return lambda text, where: tokenizer.encode(text)
-    if _takes_where(type(tokenizer)):
+    if takes_where(tokenizer):
         return lambda text, where: encode(text, where=where)
     return lambda text, where: encode(text)
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_where(cls: type) -> bool:
-    """Whether the class's encode_ordinary takes `where` (asked once per class: inspect costs ~50 us)."""
-    try:
-        return "where" in inspect.signature(cls.encode_ordinary).parameters
-    except (AttributeError, TypeError, ValueError):  # (set on the instance only, or a builtin without a signature)
-        return False
 
 
 def _normalized(tokenizer, text: str) -> str:

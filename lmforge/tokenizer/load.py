@@ -17,6 +17,8 @@ A directory holding several formats (what `tokenizer train --export ...` writes)
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -99,3 +101,18 @@ def load_tokenizer(spec: str | Path):
 def _first_line(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.readline(200)
+
+
+def takes_where(tokenizer, method: str = "encode_ordinary") -> bool:
+    """Whether the tokenizer's `method` takes `where` (SentencePieceBPE's: the text starts an input, follows a
+    special token or continues the text before it, which decides the "▁" put before it); byte-level tokenizers and
+    other objects put nothing before a text and take no such argument."""
+    return _takes_where(type(tokenizer), method)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_where(cls: type, method: str) -> bool:  # (asked once per class: inspect costs ~50 us)
+    try:
+        return "where" in inspect.signature(getattr(cls, method)).parameters
+    except (AttributeError, TypeError, ValueError):  # (set on the instance only, or a builtin without a signature)
+        return False

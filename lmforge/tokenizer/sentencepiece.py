@@ -346,11 +346,12 @@ class SentencePieceBPE:
 
     # ---- encoding --------------------------------------------------------------------------------
 
-    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = False, where: str = "input") -> list[int]:
         """Text -> ids, as HF's encode(text, add_special_tokens=...).ids. Added tokens in the text become their
         ids. add_special_tokens: put prefix_tokens (Llama 2's <s>) before and suffix_tokens after the ids; lmforge's
-        default is False, as for its byte-level Tokenizer: prompts get the BOS where they are made (LLM.encode)."""
-        ids = self._encode(text, ordinary=False)
+        default is False, as for its byte-level Tokenizer: prompts get the BOS where they are made (LLM.encode).
+        where: as encode_ordinary's ("inside": a completion or a step continuing a text encoded before it)."""
+        ids = self._encode(text, False, where)
         if add_special_tokens:
             ids = ([self.added_tokens[s] for s in self.prefix_tokens] + ids
                    + [self.added_tokens[s] for s in self.suffix_tokens])

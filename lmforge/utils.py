@@ -236,9 +236,10 @@ def run_metadata() -> dict[str, Any]:
     return {"lmforge_version": lmforge.__version__, "git_hash": git_hash(), "python": platform.python_version()}
 
 
-def pick_device(name: str = "auto") -> str:
+def pick_device(name: str = "auto", cpu: str = "--device cpu") -> str:
     """'auto' -> 'cuda' when available, else 'cpu'. Any other name is checked against what this torch
-    build and machine offer, so a wrong one is a one-line error instead of a traceback mid-run."""
+    build and machine offer, so a wrong one is a one-line error instead of a traceback mid-run. cpu: how the
+    caller's user asks for the CPU instead (the errors' fix)."""
     import torch
 
     if name == "auto":
@@ -252,17 +253,17 @@ def pick_device(name: str = "auto") -> str:
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
             raise ConfigError(f"device {name!r}: CUDA is not available (torch {torch.__version__}, {build}); "
-                              f"use --device cpu")
+                              f"use {cpu}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError(f"device {name!r}: Apple MPS is not available here; use --device cpu")
+            raise ConfigError(f"device {name!r}: Apple MPS is not available here; use {cpu}")
     elif dev.type != "cpu":
         raise ConfigError(f"device {name!r} is not supported by lmforge; {hint}")
     elif dev.index not in (None, 0):
         raise ConfigError(f"device {name!r}: the CPU is one device, 'cpu' (its cores are threads, not devices); "
-                          "use --device cpu")
+                          f"use {cpu}")
     return name
 
 

@@ -57,7 +57,7 @@ def frozen_device(value: str | torch.device | None, name: str) -> torch.device |
     if value is None or isinstance(value, torch.device):
         return value
     try:
-        return torch.device(pick_device(str(value)))
+        return torch.device(pick_device(str(value), cpu=f"{name} = 'cpu'"))
     except ConfigError as e:
         raise ConfigError(f"{name}: {e}; or leave {name} unset (the run's device)") from None
 

@@ -58,9 +58,9 @@ class FlopsArgs:
     depth: int = 12
     """a from_depth(depth) model (with --vocab-size, max_seq_len 1024), unless --model is given"""
     model: str = ""
-    """a ModelConfig preset name (llama-small, gpt2-small, ...), a checkpoint or run directory, or a TOML/JSON file:
-    a run config's [model] section, a run directory's config.json, a checkpoint's config.json or a model's keys at
-    top level; replaces --depth and --vocab-size"""
+    """a ModelConfig preset name (llama-small, gpt2-small, ...), an lmforge checkpoint or run directory, or a
+    TOML/JSON file: a run config's [model] section, a run directory's config.json, a checkpoint's config.json or a
+    model's keys at top level; replaces --depth and --vocab-size"""
     tokens: float = 1e9
     seq_len: int = 0
     """context of the attention term (0 = the rows a run config trains on: its [data] seq_len, or data.seq_len's

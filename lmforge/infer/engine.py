@@ -201,10 +201,11 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids, self._seq_ids, self._arrivals = itertools.count(), itertools.count(), itertools.count()
         self.rng = SharedStream(device=self.device).manual_seed(int(torch.randint(2**62, ())))
-        """the random stream every unseeded request draws from (sampling, drafts, verification), seeded once here
-        from torch's: generating never moves torch's own RNG, so rollouts or an evaluation inside a training loop
-        leave its dropout and data order as they were (torch.manual_seed before building the engine still makes
-        unseeded samples reproducible). Seeded requests draw from their own generators (_generator)"""
+        """the random stream every unseeded request draws from (sampling, drafts, verification), seeded here by one
+        draw from torch's RNG (building an engine moves it once; generating never does), so rollouts or an
+        evaluation inside a training loop leave its dropout and data order as they were (torch.manual_seed before
+        building the engine still makes unseeded samples reproducible). Seeded requests draw from their own
+        generators (_generator)"""
 
     # requests ------------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,

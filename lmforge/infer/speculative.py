@@ -43,6 +43,7 @@ cache slots they wrote are simply overwritten later (attention only reads up to 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -372,11 +373,11 @@ def propose_step(todo: list[tuple[object, int]]) -> dict[int, tuple[list[int] | 
             groups.setdefault(id(drafter), (drafter, []))[1].append((seq, item))
             continue
         kw = {} if strategy.hidden is None else {"hidden": item.hidden}
-        with torch.inference_mode():
+        with torch.inference_mode(), _eval(drafter):
             drafts = drafter.propose(item.ctx, budget, item.procs, item.greedy, item.gen, **kw)
         out[seq.seq_id] = strategy.take(seq, budget, *drafts)
     for drafter, members in groups.values():
-        with torch.inference_mode():
+        with torch.inference_mode(), _eval(drafter):
             answers = drafter.propose_batch([item for _, item in members])
         if len(answers) != len(members):
             raise LmforgeError(f"{type(drafter).__name__}.propose_batch answered {len(answers)} of "
@@ -384,6 +385,11 @@ def propose_step(todo: list[tuple[object, int]]) -> dict[int, tuple[list[int] | 
         for (seq, item), answer in zip(members, answers):
             out[seq.seq_id] = seq.request.strategy.take(seq, item.k, *answer)
     return out
+
+
+def _eval(drafter):
+    """A drafter that is a module (a user's Medusa-style heads) drafts in eval mode, left in the caller's mode."""
+    return eval_mode(drafter) if isinstance(drafter, torch.nn.Module) else contextlib.nullcontext()
 
 
 def _push_verified(stream: FeatureStream, states: torch.Tensor, d: int, at: list[int], pending: int) -> None:

@@ -270,8 +270,9 @@ def _fold(model: nn.Module, group: LinearGroup, s: torch.Tensor) -> None:
                                f"(s of width {s.shape[0]}, repeat {group.repeat})")
     for name in group.norms:
         norm = model.get_submodule(name)
-        offset = getattr(norm, "offset", 0.0)  # an offset RMSNorm's gain is offset + w: (offset + w) / s
-        norm.weight.add_(offset).div_(s.to(norm.weight)).sub_(offset)
+        offset = getattr(norm, "offset", 0.0)  # an offset RMSNorm's gain is offset + w: (offset + w) / s - offset,
+        w = norm.weight  # in fp32 (offset + w in bf16 loses w's precision, which the offset form keeps)
+        w.copy_(((w.float() + offset) / s.float().to(w.device) - offset).to(w.dtype))
         if getattr(norm, "bias", None) is not None:
             norm.bias.div_(s.to(norm.bias))
     for p in producers:  # (out, in) rows and (out,) bias: the producer's output / s

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer.load import takes_where
 from lmforge.tokenizer.pretokenize import PATTERNS, safe_byte_cut
 from lmforge.tokenizer.train import decode_counting, file_ranges
 from lmforge.utils import input_files
@@ -53,7 +54,12 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
         return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad
     docs = text.split(sep) if sep else [text]
     encode = getattr(tok, "encode_ordinary", tok.encode)  # (a tokenizer without specials has only encode)
-    pieces = [(np.asarray(encode(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs)]
+    if not first and takes_where(tok):  # the range's first piece continues a document: no "▁" put before it
+        cont = encode(docs[0], where="inside") if docs[0] else []  # (SentencePiece-style tokenizers)
+        pieces = [(np.asarray(cont, dtype=dtype), False)]
+        pieces += [(np.asarray(encode(d), dtype=dtype), True) for d in docs[1:]]
+    else:
+        pieces = [(np.asarray(encode(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs)]
     return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad  # empty docs are dropped
 
 

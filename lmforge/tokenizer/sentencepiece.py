@@ -520,9 +520,11 @@ class SentencePieceBPE:
         for word in self._words.split(text):
             ids = cache.get(word)
             if ids is None:
-                if len(cache) >= 1 << 16:
-                    cache.clear()
-                ids = cache[word] = self._merge(word)
+                ids = self._merge(word)
+                if len(word) <= 256:  # (a long run without spaces - CJK text - is seldom seen again: as HF's cache)
+                    if len(cache) >= 1 << 16:
+                        cache.clear()
+                    cache[word] = ids
             out.extend(ids)
         return out
 

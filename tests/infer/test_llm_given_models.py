@@ -53,6 +53,26 @@ def test_a_draft_model_beside_a_target_without_cache_spec_drafts_in_eval_mode(to
     assert out.metrics["accepted"] == out.metrics["drafted"] > 0  # (dropout in drafting would reject some)
 
 
+def test_a_drafter_that_is_a_module_proposes_in_eval_mode_and_stays_in_train_mode(tok):
+    """A user's drafter object that is an nn.Module (Medusa-style heads with their own propose) drafts in eval mode
+    (no dropout) and is left in the caller's mode (LLM no longer calls .eval() on drafts)."""
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.seen = torch.nn.Linear(2, 2), []
+
+        def propose(self, ctx, k, procs, greedy, gen):
+            self.seen.append(self.training)
+            return [], None
+
+        def accept(self, seq_id, ctx_len):
+            pass
+
+    heads = Heads().train()
+    LLM(tiny_model("llama"), tok, draft=heads).generate(["abc"], SamplingParams(temperature=0, max_tokens=4))
+    assert heads.seen and not any(heads.seen) and heads.training
+
+
 def test_a_model_without_parameters_is_refused_in_one_line(tok):
     class BufferOnly(torch.nn.Module):
         def __init__(self):

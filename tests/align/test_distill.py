@@ -247,6 +247,7 @@ def test_frozen_models_are_loaded_onto_their_own_device(monkeypatch, tmp_path, o
     import dataclasses
 
     from lmforge import checkpoint
+    from lmforge.align import frozen
     from lmforge.tokenizer.load import load_tokenizer
     from lmforge.train import posttrain as PT
 
@@ -256,6 +257,7 @@ def test_frozen_models_are_loaded_onto_their_own_device(monkeypatch, tmp_path, o
         calls.append((path, str(device)))
         return tiny_model(3), None
     monkeypatch.setattr(checkpoint, "load_model", load_model)
+    monkeypatch.setattr(frozen, "pick_device", lambda name, **kw: name)  # (meta stands for a GPU: the check passes it)
     cls = PT.config_class(objective)
     options = dataclasses.replace(cls.__dataclass_fields__[objective].default_factory(), **{option: "meta"})
     cfg = cls(init="init", teacher="teacher" if objective == "distill" else "", run_dir=str(tmp_path), device="cpu",

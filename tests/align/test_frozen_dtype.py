@@ -148,7 +148,7 @@ def test_a_cast_model_is_loaded_on_the_cpu_and_moved_to_its_device_in_its_dtype(
         calls.append(str(device))
         return tiny_model(3).to(device), None
     monkeypatch.setattr(checkpoint, "load_model", load_model)
-    monkeypatch.setattr(frozen, "pick_device", lambda name: name)  # (meta stands for a GPU: let the check pass it)
+    monkeypatch.setattr(frozen, "pick_device", lambda name, **kw: name)  # (meta stands for a GPU: the check passes it)
     cls = PT.config_class("distill")
     options = dataclasses.replace(DistillConfig(), teacher_device="meta", teacher_dtype="bf16")
     obj = PT.build_objective(cls(init="init", teacher="teacher", run_dir=str(tmp_path), device="cpu",

@@ -6,7 +6,8 @@
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
 # (session 42, 2026-12-06: an H200 came on the fifth ask: `decode` 1,270 tok/s = 63.2% of its 2,009 tok/s roofline
-# (goal 80%, unmet), then `gputests` on it at 93cb29a: 26 passed, 42 passed 2 skipped. Nothing owed but the goal)
+# (goal 80%, unmet), then `gputests` on it at 93cb29a: 26 passed, 42 passed 2 skipped; on an H100 at ccae334 the
+# same. Nothing owed but the goal)
 # (session 41, 2026-12-06: no H200 came (nine asks); on an H100 `gputests` (two processes) 67 passed 2 skipped at
 # 8f8057a. Owed: `decode` on an H200)
 # (session 40, 2026-12-06: no H200 came (six asks); on an H100 `gputests` (two processes) 66 passed 2 skipped at

@@ -14,7 +14,9 @@ class StreamDecoder:
     """push(id) -> the new complete text; flush() -> whatever was held back (U+FFFD if never completed).
 
     Uses the tokenizer's `token_bytes(id)` when it has one (exact bytes, fed through an incremental UTF-8
-    decoder); otherwise decodes a window of recent ids each step and holds back trailing U+FFFD, which is how
+    decoder), or `stream_bytes(id, first)` where it is `streamable` (SentencePieceBPE: a token's bytes depend on
+    whether it comes first, and `stream_lead` = (character, count) is stripped from the text's start); otherwise
+    decodes a window of recent ids each step and holds back trailing U+FFFD, which is how
     tokenizers render an incomplete character. The window opens where the text before last stood complete
     (as vLLM's incremental detokenizer), so a step costs the last piece or two, not the whole text; a decode
     that treats its first token apart (SentencePiece's leading "▁" stripped, byte tokens joined into one
@@ -29,6 +31,9 @@ class StreamDecoder:
         self.skip = skip
         self.has_text = getattr(tokenizer, "has_text", True)
         self.by_bytes = callable(getattr(tokenizer, "token_bytes", None))
+        self.by_pieces = not self.by_bytes and getattr(tokenizer, "streamable", False)
+        self.first = True  # (by_pieces) the next id is the text's first
+        self.lead = getattr(tokenizer, "stream_lead", None) if self.by_pieces else None  # left to strip
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids: list[int] = []
         self.start = 0  # the window: ids[start:] is decoded each step
@@ -40,6 +45,9 @@ class StreamDecoder:
             return ""
         if self.by_bytes:
             return self.utf8.decode(self.tok.token_bytes(int(token_id)))
+        if self.by_pieces:
+            first, self.first = self.first, False
+            return self._strip_lead(self.utf8.decode(self.tok.stream_bytes(int(token_id), first)))
         self.ids.append(int(token_id))
         text = safe_decode(self.tok, self.ids[self.start:])
         stable = len(text.rstrip("\ufffd"))
@@ -53,11 +61,22 @@ class StreamDecoder:
     def flush(self) -> str:
         if not self.has_text:
             return ""
-        if self.by_bytes:
-            return self.utf8.decode(b"", final=True)
+        if self.by_bytes or self.by_pieces:
+            return self._strip_lead(self.utf8.decode(b"", final=True))
         text = safe_decode(self.tok, self.ids[self.start:])
         piece, self.emitted = text[self.emitted:], len(text)
         return piece
+
+    def _strip_lead(self, text: str) -> str:
+        """The text's start loses up to `lead`'s count of its character (a Strip decoder step after Fuse)."""
+        if self.lead is None or not text:
+            return text
+        char, n = self.lead
+        k = 0
+        while k < min(n, len(text)) and text[k] == char:
+            k += 1
+        self.lead = (char, n - k) if k == len(text) and n > k else None
+        return text[k:]
 
 
 def special_ids(tokenizer) -> frozenset[int]:

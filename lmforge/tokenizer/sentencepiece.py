@@ -22,9 +22,13 @@ stretch between added tokens on its own, so where "▁" goes before a piece depe
 takes `where` ("input", "split", "inside") to give the ids HF gives the whole text, and encode_ordinary_spans the
 characters each id stands for (HF's offsets: what SFT masks use).
 
-Streaming: a token's text depends on its neighbours (the leading space is stripped only at the start; byte
-tokens join into one character), so there is no per-token `token_bytes`; lmforge.infer.detok.StreamDecoder
-decodes a short window of recent ids instead, which gives decode(all ids) piece by piece.
+Streaming: a token's text depends on where it stands (the first token's "▁" dropped, the text's leading space
+stripped, byte tokens joined into one character), so there is no position-free `token_bytes`. Where the decoder
+chain allows (every step before ByteFallback acts token by token; after it only Fuse and a Strip of the text's
+start: Llama 2's, Mistral's and Gemma's files), `stream_bytes(id, first)` gives a token's bytes and `stream_lead`
+the characters to strip from the text's start, which lmforge.infer.detok.StreamDecoder joins through an incremental
+UTF-8 decoder; for other chains (`streamable` false) it decodes a short window of recent ids. Either way the pieces
+join to decode(all ids).
 """
 
 from __future__ import annotations
@@ -239,6 +243,11 @@ class SentencePieceBPE:
         self._normalizer = _read_normalizer(doc.get("normalizer"), where)
         self._pre_tokenizer = _read_pre_tokenizer(doc.get("pre_tokenizer"), where)
         self._decoder = _read_decoder(doc.get("decoder"), where)
+        self._per_token, self.stream_lead = _stream_steps(self._decoder)
+        self.streamable = self._per_token is not None
+        self._bytes_joined = any(s[0] == "bytefallback" for s in self._decoder)
+        """whether stream_bytes + stream_lead give decode's text token by token (see the module docstring)"""
+        self._streamed: dict[tuple[int, bool], bytes] = {}
         # what a space becomes ("▁"): the Metaspace replacement, or what the normalizer replaces " " with
         self._spaces = {s[1] for s in self._pre_tokenizer if s[0] == "metaspace"}
         self._spaces |= {s[2] for s in self._normalizer if s[0] == "replace" and s[1] == " "}
@@ -574,6 +583,26 @@ class SentencePieceBPE:
             tokens = _DECODERS[step[0]](tokens, *step[1:])
         return "".join(tokens)
 
+    def stream_bytes(self, i: int, first: bool = False) -> bytes:
+        """The bytes token `i` adds to decode's text, as the first token or after others (only where `streamable`):
+        its piece through the decoder's per-token steps, a byte token's one byte. The text's start then loses up to
+        `stream_lead`'s count of its character (the Strip after Fuse), which the caller applies to the text."""
+        key = (i, first)
+        out = self._streamed.get(key)
+        if out is None:
+            if not self.streamable:
+                raise ValueError(f"this tokenizer's decoder {[s[0] for s in self._decoder]} does not decode token "
+                                 f"by token; decode a window of ids instead (lmforge.infer.detok.StreamDecoder does)")
+            piece = (self._pieces[i] if 0 <= i < len(self._pieces) else None) or "\ufffd"
+            tokens = [piece] if first else ["", piece]  # (an empty first token: the steps' rule for later ones)
+            for step in self._per_token:
+                tokens = _DECODERS[step[0]](tokens, *step[1:])
+            m = _BYTE_PIECE.fullmatch(tokens[-1]) if self._bytes_joined and tokens[-1].startswith("<0") else None
+            out = bytes([int(m.group(1), 16)]) if m else tokens[-1].encode("utf-8", "surrogatepass")
+            if len(self._streamed) < 1 << 20:
+                self._streamed[key] = out
+        return out
+
     # ---- formats ---------------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
@@ -609,6 +638,28 @@ class SentencePieceBPE:
 
 
 # ---- decoder steps: HF's, each on the list of token strings ----------------------------------------
+
+def _stream_steps(decoder: list[tuple]) -> tuple[list[tuple] | None, tuple[str, int] | None]:
+    """A decoder chain -> (its per-token steps, the (character, count) stripped from the text's start) where the
+    chain decodes token by token: Replace / Strip / Metaspace act on each token alone, ByteFallback joins byte
+    tokens (an incremental UTF-8 decoder does the same), Fuse joins, and a Strip after Fuse with stop 0 strips the
+    text's start. Else (None, None): a step after ByteFallback that would see joined bytes, a strip of the end."""
+    per_token: list[tuple] = []
+    rest = list(decoder)
+    while rest and rest[0][0] in ("replace", "strip", "metaspace"):
+        per_token.append(rest.pop(0))
+    lead = None
+    if rest and rest[0][0] == "bytefallback":
+        rest.pop(0)
+    if rest and rest[0][0] == "fuse":
+        rest.pop(0)
+        if rest and rest[0][0] == "strip" and rest[0][3] == 0:
+            _, content, start, _ = rest.pop(0)
+            lead = (content, start) if start else None
+    if rest:
+        return None, None
+    return per_token, lead
+
 
 def _byte_fallback(tokens: list[str]) -> list[str]:
     """A run of <0xXX> tokens -> its bytes as one string, each invalid stretch of them U+FFFD (Python's and the

@@ -119,6 +119,44 @@ def test_streaming_equals_decoding_all_ids():
     assert [d.push(i) for i in ids] == ["日本", "", "", "語", " ", "", "", "", "😀"] and d.flush() == ""
 
 
+R = {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}
+BF, FUSE = {"type": "ByteFallback"}, {"type": "Fuse"}
+META = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+
+
+def strip(start: int, stop: int) -> dict:
+    return {"type": "Strip", "content": " ", "start": start, "stop": stop}
+
+
+@pytest.mark.parametrize("chain, streamable", [
+    ([R, BF, FUSE, strip(1, 0)], True), ([R, BF, FUSE], True), ([R, BF, FUSE, strip(2, 0)], True),
+    ([META], True), ([R, strip(1, 0), BF, FUSE], True), ([META, BF, FUSE, strip(1, 0)], True),
+    ([BF, META], False), ([BF, R, FUSE], False)])
+def test_streaming_token_by_token_equals_decoding_all_ids(chain, streamable, monkeypatch):
+    """Where the decoder chain allows, StreamDecoder adds each token's stream_bytes (as the first token or not) and
+    strips the text's start, never decoding a window: the pieces join to HF's decode of all ids (valid UTF-8) and to
+    ours (any ids); other chains keep the window. (A Strip of the text's end cannot stream: a space shown would
+    be taken back when the text ends; HF's own Strip panics on a one-space token when stop > 0.)"""
+    doc = sp_doc()
+    doc["decoder"] = {"type": "Sequence", "decoders": chain}
+    tok, ref = SentencePieceBPE(doc), hf(doc)
+    assert tok.streamable is streamable
+    texts = TEXTS + random_texts(40, seed=9) + ["  two leading", " ▁ x", "▁▁▁"]
+    encoded = [tok.encode(text, add_special_tokens=True) for text in texts]
+    rng = random.Random(10)
+    anything = [[rng.randrange(tok.vocab_size + 2) for _ in range(rng.randint(1, 30))] for _ in range(60)]
+    byte_space = [[tok.pieces["<0x20>"]] * k + ids for k in (1, 2, 3) for ids in encoded[:4]]
+    want = [tok.decode(ids) for ids in encoded + anything + byte_space]
+    for ids in encoded:
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False), ids
+    if streamable:  # never a window
+        monkeypatch.setattr(tok, "decode", lambda ids: pytest.fail("decoded a window"))
+    assert [stream(tok, ids) for ids in encoded + anything + byte_space] == want
+    ids = encoded[10]  # 日本語 😀: a character over three and four byte tokens
+    d = StreamDecoder(tok)
+    assert "".join(d.push(i) for i in ids) + d.flush() == want[10]
+
+
 def test_stream_decoder_window_costs_no_more_per_step_as_text_grows():
     """Without token_bytes, StreamDecoder decoded every id so far at each step: O(n^2) for an n-token answer."""
     tok = SentencePieceBPE(sp_doc())

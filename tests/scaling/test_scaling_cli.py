@@ -230,7 +230,9 @@ def test_fit_shows_progress_over_the_bootstrap_resamples(tmp_path, capsys):
     table = write_rows(_isoflop_rows(), tmp_path / "runs.csv")
     assert main(["scaling", "fit", "--table", str(table), "--bootstrap", "3", "--plots", "False"]) == 0
     err = capsys.readouterr().err
-    assert "bootstrap approach 2" in err and "bootstrap approach 3" in err and "3/3" in err
+    # each bar over the 3 resamples (its last state may go unshown: tqdm draws at most every 0.1 s and a bar with
+    # leave=False is cleared when done, so a fast machine ends at "2/3" or less)
+    assert "bootstrap approach 2:   0%" in err and "bootstrap approach 3:   0%" in err and err.count("0/3") == 2
     assert main(["scaling", "fit", "--table", str(table), "--bootstrap", "3", "--plots", "False",
                  "--progress", "False"]) == 0
     assert "bootstrap" not in capsys.readouterr().err

@@ -10,7 +10,8 @@
 `main_content=False` keeps all visible text (menus and tag lists included), as a reference full-text
 extraction does; `preserve_formatting=True` keeps paragraph breaks, which the line- and
 paragraph-level filters downstream (Gopher, C4, line dedup) rely on. Bytes that are not HTML (binary
-files) are rejected `extract:not_html` before parsing.
+files, and WARC responses whose Content-Type names another type: PDFs, JSON, scripts, images) are rejected
+`extract:not_html` before parsing.
 """
 
 from __future__ import annotations
@@ -102,6 +103,21 @@ def looks_binary(raw: bytes) -> bool:
     return b"\0" in head or control > len(head) // 20
 
 
+# Content-Types of a page; a response declaring another (a crawl's PDFs, JSON, scripts, feeds, images) is no page
+# (datatrove's WARC reader keeps text/html only). An undeclared type ("") is a page, as read_html says of .html files.
+HTML_TYPES = ("", "text/html", "application/xhtml+xml")
+_HTML_START = re.compile(rb"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html)[\s>]", re.I | re.S)
+
+
+def not_html_type(raw: bytes, content_type: str | None) -> str:
+    """The declared MIME type when it is not HTML and the bytes do not open as an HTML document either (a
+    mislabelled page is still a page); '' for a page."""
+    mime = (content_type or "").split(";")[0].strip().lower()
+    if mime in HTML_TYPES or _HTML_START.match(raw[:4096].removeprefix(b"\xef\xbb\xbf")):
+        return ""
+    return mime
+
+
 def decode_html(raw: bytes | str, content_type: str | None = None) -> tuple[str, str]:
     """(html string, charset) of a page given as bytes or an already-decoded string."""
     if isinstance(raw, str):
@@ -163,6 +179,10 @@ def extract(cfg: ExtractConfig, docs: list[Document], ctx: StageContext) -> list
             d.reject("extract:too_large")
         elif looks_binary(d.raw):
             d.meta["error"] = f"{d.meta.get('source', d.id)}: not an HTML page (binary content)"
+            d.reject("extract:not_html")
+        elif mime := not_html_type(d.raw, d.meta.get("content_type")):
+            where = d.meta.get("url") or d.meta.get("source", d.id)
+            d.meta["error"] = f"{where}: not an HTML page (Content-Type {mime})"
             d.reject("extract:not_html")
         else:
             try:

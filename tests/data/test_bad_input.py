@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from lmforge.data.executor import run_local
 from lmforge.data.pipeline import load_pipeline
 from lmforge.data.readers import read_documents
@@ -339,3 +341,35 @@ def test_a_token_shard_that_cannot_be_written_fails_the_run_and_loses_no_documen
     assert main(["data", "run", str(p)]) == 0  # the shard was not marked done: redone whole
     capsys.readouterr()
     assert shards.TokenFile(bin_path).tokens.size == len("one doc") + len("two doc") + 2  # both, with separators
+
+
+def test_warc_responses_declaring_another_content_type_are_rejected_not_kept_as_text(tmp_path):
+    """A crawl's responses hold PDFs, JSON and scripts as well as pages: text-like bytes of a declared non-HTML type
+    were run through the HTML extractor and kept as documents. A page mislabelled as text/plain stays a page."""
+    pytest.importorskip("warcio")
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+    bodies = {"page": ("text/html; charset=utf-8", PAGE.encode()), "mislabelled": ("text/plain", PAGE.encode()),
+              "pdf": ("application/pdf", b"%PDF-1.4 " + b"x" * 200),
+              "json": ("application/json", b'{"solar": "boats", "crossed": "the lake"}'),
+              "script": ("application/javascript", b"var crews = 'three solar boats';")}
+    for name, (ctype, body) in bodies.items():
+        http = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(f"http://x/{name}", "response", payload=io.BytesIO(body),
+                                            http_headers=http))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "crawl.warc.gz").write_bytes(buf.getvalue())
+    report, rejected = _run(tmp_path, "warc", '[[stages]]\nstage = "extract"\n')
+    kept = [d for f in (tmp_path / "warc" / "data").glob("*.jsonl") for d in read_documents(f)]
+    assert sorted(d.meta["url"] for d in kept) == ["http://x/mislabelled", "http://x/page"]
+    assert all("three solar boats crossed the lake" in d.text.lower() for d in kept)
+    assert {d.meta["url"]: d.meta["error"] for d in rejected} == {
+        f"http://x/{n}": f"http://x/{n}: not an HTML page (Content-Type {bodies[n][0]})"
+        for n in ("pdf", "json", "script")}
+    assert {s["name"]: s["rejected"] for s in report["stages"]}["extract"] == {"extract:not_html": 3}
+    assert report["balance"]["balanced"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
+from lmforge.data.readers import BOMS
 from lmforge.data.stage import StageContext
 from lmforge.errors import LmforgeError, require
 
@@ -57,11 +58,6 @@ class ExtractConfig:
         check(self.max_html_bytes > 0, f"extract.max_html_bytes must be > 0, got {self.max_html_bytes}")
 
 
-# Byte-order marks, longest first: a BOM decides the encoding before any declaration (WHATWG HTML
-# "determining the character encoding", step 1), since a header or <meta> that disagrees with it is stale.
-_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
-
-
 def detect_charset(raw: bytes, content_type: str | None = None) -> str:
     """The charset to decode a page with, in order of trust: a byte-order mark; the HTTP Content-Type
     header; UTF-8 when the bytes are valid UTF-8 (statistical detectors mistake UTF-8 pages with little
@@ -74,7 +70,7 @@ def detect_charset(raw: bytes, content_type: str | None = None) -> str:
     import codecs
 
     enc = require("resiliparse.parse.encoding", "data")
-    for bom, name in _BOMS:
+    for bom, name in BOMS:  # a header or <meta> that disagrees with a byte-order mark is stale
         if raw.startswith(bom):
             return name
     declared = [(m.group(1), False) for m in [_CHARSET.search(content_type or "")] if m]

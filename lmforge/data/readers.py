@@ -127,13 +127,22 @@ def open_binary(path: str | Path) -> BinaryIO:
     return open(path, "rb")
 
 
+# Byte-order marks, longest first: a BOM decides the encoding before any declaration (WHATWG Encoding Standard,
+# "decode", and HTML's "determining the character encoding", step 1). Windows editors save "Unicode" text as UTF-16
+# with one: read as UTF-8 it became a NUL between every two characters, kept as a document.
+BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
 def decode_text(data: bytes) -> tuple[str, int]:
-    """UTF-8 decode that never fails: undecodable bytes become U+FFFD; returns (text, n_bad_bytes)."""
+    """Decode that never fails: UTF-8, or the encoding a byte-order mark names (the mark itself dropped);
+    undecodable bytes become U+FFFD; returns (text, n_bad_bytes)."""
+    bom, codec = next(((bom, name) for bom, name in BOMS if data.startswith(bom)), (b"", "utf-8"))
+    data = data[len(bom):]
     try:
-        return data.decode("utf-8"), 0
+        return data.decode(codec), 0
     except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+        text = data.decode(codec, errors="replace")
+        return text, text.count("\ufffd") - data.count("\ufffd".encode(codec))
 
 
 def _error_doc(path: Path, where: str, reason: str, err: BaseException | None = None) -> Document:

@@ -51,6 +51,21 @@ def test_undecodable_bytes_are_counted(tmp_path):
     assert d.text == "caf\ufffd au lait" and d.meta["decode_errors"] == 1
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
+def test_a_text_file_with_a_byte_order_mark_is_decoded_in_the_encoding_it_names(tmp_path, encoding):
+    """Windows' "Unicode" text is UTF-16 with a byte-order mark: read as UTF-8 it was kept as a document with a NUL
+    between every two characters; a UTF-8 mark stayed at the start of the first document as U+FEFF."""
+    p = tmp_path / "notes.txt"
+    body = "Grüße aus Köln\r\nzweite Zeile\n"
+    p.write_bytes(("\ufeff" + body).encode(encoding) if encoding == "utf-16-be" else body.encode(encoding))
+    (d,) = read_documents(p)
+    assert d.text == body and "decode_errors" not in d.meta
+    assert [d.text for d in read_documents(p, unit="line")] == ["Grüße aus Köln", "zweite Zeile"]
+    (tmp_path / "cut.txt").write_bytes(p.read_bytes()[:-1])  # an odd byte count: one undecodable unit, counted
+    (d,) = read_documents(tmp_path / "cut.txt")
+    assert d.meta.get("decode_errors", 0) == (0 if encoding == "utf-8-sig" else 1)
+
+
 def test_bad_json_lines_are_rejected_not_raised(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"id": 1, "text": "fine", "url": "u"}\nnot json\n[1, 2]\n{"text": "no id"}\n')

@@ -20,7 +20,7 @@ from lmforge.data.executor import _check_run_dir, build_report, check_stage_erro
 from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
-from lmforge.data.writers import write_docs, write_jsonl
+from lmforge.data.writers import _json_line, write_docs, write_jsonl
 from lmforge.errors import ConfigError, require
 
 COLUMNS = ("kind", "id", "text", "meta", "raw", "drop")
@@ -28,22 +28,29 @@ COLUMNS = ("kind", "id", "text", "meta", "raw", "drop")
 
 def _schema() -> Any:
     pa = require("pyarrow", "data")
-    return pa.schema([("kind", pa.string()), ("id", pa.string()), ("text", pa.string()),
+    # id and text are bytes, not Arrow strings: a lone surrogate (a legal JSON escape, "\ud800", that the local
+    # executor keeps and writes back) is no valid UTF-8, and an Arrow string column refused the whole batch
+    return pa.schema([("kind", pa.string()), ("id", pa.binary()), ("text", pa.binary()),
                       ("meta", pa.string()), ("raw", pa.binary()), ("drop", pa.string())])
 
 
+def _utf8(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")
+
+
 def doc_row(d: Document) -> dict[str, Any]:
-    return {"kind": "doc", "id": d.id, "text": d.text, "meta": json.dumps(d.meta, ensure_ascii=False),
+    # meta through the writers' JSON, which writes lone surrogates as their escapes (drop reasons are lmforge's)
+    return {"kind": "doc", "id": _utf8(d.id), "text": _utf8(d.text), "meta": _json_line(d.meta),
             "raw": d.raw or b"", "drop": d.drop or ""}
 
 
 def stats_row(stats: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "stats", "id": "", "text": "", "meta": json.dumps(stats), "raw": b"", "drop": ""}
+    return {"kind": "stats", "id": b"", "text": b"", "meta": json.dumps(stats), "raw": b"", "drop": ""}
 
 
 def row_doc(r: dict[str, Any]) -> Document:
-    return Document(id=r["id"], text=r["text"] or "", meta=json.loads(r["meta"] or "{}"),
-                    raw=r["raw"] or None, drop=r["drop"] or None)
+    return Document(id=r["id"].decode("utf-8", "surrogatepass"), text=r["text"].decode("utf-8", "surrogatepass"),
+                    meta=json.loads(r["meta"] or "{}"), raw=r["raw"] or None, drop=r["drop"] or None)
 
 
 def _table(rows: list[dict[str, Any]]) -> Any:

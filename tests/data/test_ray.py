@@ -108,3 +108,26 @@ def test_ray_restart_removes_its_own_token_shards_outside_output_dir(tmp_path, l
     assert {f.name for f in tokens.iterdir()} == after | {"other-corpus.bin", OWNER}
     assert sum(len(TokenFile(tokens / f)) for f in after) == again["counters"]["tokenize.tokens"]
     assert 0 < again["counters"]["tokenize.tokens"] < first["counters"]["tokenize.tokens"]
+
+
+def test_ray_rows_carry_lone_surrogates_as_the_local_executor_keeps_them(tmp_path):
+    """A lone surrogate is a legal JSON escape ("\\ud800") that the local executor keeps and writes back; the Ray
+    rows held id and text in Arrow string columns, which refuse it, so the whole run failed with a traceback. The
+    row functions run here without Ray: read, a map phase and the write, as Ray Data calls them."""
+    pytest.importorskip("pyarrow")
+    from lmforge.data.ray_executor import _MapPhase, _ReadShard, _table, _WriteBatch
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "s\\ud800", "text": "lone \\udfff in a@b.example text", "note": "\\ud83d"}\n'
+                   '{"id": "plain", "text": "ordinary text"}\n')
+    (tmp_path / "p.toml").write_text(f'progress = false\n[input]\npaths = ["{src}"]\n[output]\n'
+                                     f'dir = "{tmp_path / "local"}"\n[[stages]]\nstage = "pii"\n')
+    cfg = load_pipeline(tmp_path / "p.toml")
+    run_local(cfg)
+    rcfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(tmp_path / "ray")))
+    rows = _table(_ReadShard(rcfg)({"shard": "shard-00000", "files": [str(src)]}))
+    _WriteBatch(rcfg)(_MapPhase(rcfg, 0)(rows))
+    docs = lambda d: sorted((x.id, x.text, x.meta.get("note")) for f in (d / "data").glob("*")  # noqa: E731
+                            for x in read_documents(f))
+    assert docs(tmp_path / "ray") == docs(tmp_path / "local") == [
+        ("plain", "ordinary text", None), ("s\ud800", "lone \udfff in |||EMAIL_ADDRESS||| text", "\ud83d")]

@@ -36,7 +36,9 @@ class TokenizeConfig:
     not the output directory, one above it, or one of the run's own (data/, rejected/), and one run's: the first
     run to write there claims it, and a run with another output directory is refused (`claim_token_dir`);
     --restart removes the earlier run's shards there (`recorded_token_files`), and the directory itself only when
-    it lies inside the output directory."""
+    it lies inside the output directory;
+    doc_sep: write the tokenizer's end-of-text id before each document (a tokenizer without one is refused);
+    false writes the documents back to back."""
 
     tokenizer: str = "byte"
     out_dir: str = "tokens"
@@ -68,6 +70,10 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
     tok = _tokenizer(cfg.tokenizer)
     encode = getattr(tok, "encode_ordinary", tok.encode)
     sep = getattr(tok, "eot_id", None) if cfg.doc_sep else None
+    if cfg.doc_sep and sep is None:  # the documents were written back to back, the shard saying doc_sep null
+        raise ConfigError(f"tokenize.doc_sep is true, but the tokenizer {cfg.tokenizer!r} has no end-of-text token "
+                          "(<|endoftext|>) to separate documents with; use one that has (train it with "
+                          "special_tokens=['<|endoftext|>']), or set doc_sep = false to write them back to back")
     path = cfg.shard_dir(ctx.workdir) / f"{ctx.shard}.bin"
     claim_token_dir(path.parent, ctx.workdir, cfg.out_dir)
     write_json_atomic(Path(ctx.workdir) / RECORDS / f"{path.name}.json", {"out_dir": cfg.out_dir, "file": path.name})

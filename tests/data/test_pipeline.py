@@ -244,6 +244,24 @@ def test_tokenize_stage_with_a_trained_bpe_tokenizer(tmp_path):
     assert docs[0].meta["num_tokens"] < len("the cat sat on the log.")  # merges were applied
 
 
+def test_tokenize_refuses_doc_sep_with_a_tokenizer_without_an_end_of_text_token(tmp_path):
+    """doc_sep (the default) with a tokenizer that has no <|endoftext|>: the documents were written back to back
+    with no separator and the run passed; now one line says so, and doc_sep = false writes them as asked."""
+    import lmforge as lf
+    from lmforge.data.tokenize import TokenizeConfig, tokenize
+
+    tok_dir = tmp_path / "tok"
+    lf.Tokenizer({i: bytes([i]) for i in range(256)}, []).save(tok_dir)
+    docs = [Document(id="a", text="one"), Document(id="b", text="two")]
+    ctx = StageContext(shard="s0", workdir=tmp_path)
+    with pytest.raises(ConfigError, match="has no end-of-text token .* or set doc_sep = false"):
+        tokenize(TokenizeConfig(tokenizer=str(tok_dir)), docs, ctx)
+    assert not (tmp_path / "tokens" / "s0.bin").exists()
+    tokenize(TokenizeConfig(tokenizer=str(tok_dir), doc_sep=False), docs, ctx)
+    shard = TokenFile(tmp_path / "tokens" / "s0.bin")
+    assert bytes(shard.tokens.tolist()) == b"onetwo" and shard.doc_sep is None and shard.header["num_docs"] == 2
+
+
 def test_missing_extra_stops_the_run_before_it_starts(tmp_path, monkeypatch, capsys):
     """Without resiliparse, `extract` would reject every page as a parse error and exit 0: refuse instead."""
     from lmforge.cli import main

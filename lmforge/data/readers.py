@@ -281,7 +281,9 @@ def read_parquet(path: str | Path, *, text_key: str = "text", id_key: str = "id"
 def _parquet_doc(path: Path, row: int, rec: dict[str, Any], text_key: str, id_key: str, has_text: bool
                  ) -> Document:
     text = rec.get(text_key)
-    drop = rec.pop("drop", None)
+    # a row lmforge wrote (write_parquet: meta as a JSON string, drop) keeps its drop reason; in anyone else's rows
+    # "drop" is an ordinary column, as in JSON Lines (it rejected every row with its cell as the reason)
+    drop = rec.pop("drop", None) if isinstance(rec.get("meta"), str) else None
     if not has_text and not isinstance(drop, str):
         return _error_doc(path, f"row {row}", "missing_text", KeyError(f"no column {text_key!r} (input.text_key)"))
     if text is not None and not isinstance(text, str):  # e.g. an integer column

@@ -175,3 +175,19 @@ def test_compression_suffixes_in_any_case_are_written_and_read_compressed(tmp_pa
     assert [(d.id, d.text, d.drop) for d in back] == [(f"d{i}", f"text number {i} é", None) for i in range(3)]
     # decontamination finds the file in a directory and reads its strings as items: each text's 2 word 3-grams
     assert len(eval_ngrams((str(tmp_path),), 3)) == 6
+
+
+def test_a_drop_column_in_someone_elses_parquet_is_a_field_not_a_rejection(tmp_path):
+    """Only a file lmforge wrote (meta as a JSON string) carries drop reasons: a user's "drop" column rejected every
+    row with its cell as the reason (and a non-string one vanished), where JSON Lines keeps it as a field."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["one", "two"], "drop": ["no", None]}), tmp_path / "u.parquet")
+    pq.write_table(pa.table({"id": ["c"], "text": ["three"], "drop": [True]}), tmp_path / "b.parquet")
+    docs = [*read_documents(tmp_path / "u.parquet"), *read_documents(tmp_path / "b.parquet")]
+    assert [(d.id, d.drop, d.meta.get("drop")) for d in docs] == [("a", None, "no"), ("b", None, None),
+                                                                   ("c", None, True)]
+    ours = [Document(id="k", text="kept"), Document(id="r", text="gone", drop="gopher:word_count")]
+    write_parquet(tmp_path / "ours.parquet", ours)  # lmforge's own rows keep their reasons
+    assert [(d.id, d.drop) for d in read_documents(tmp_path / "ours.parquet")] == [("k", None),
+                                                                                  ("r", "gopher:word_count")]

@@ -153,18 +153,31 @@ def _error_doc(path: Path, where: str, reason: str, err: BaseException | None = 
 
 
 def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
-    """Plain text: the whole file is one document (unit="file"), or one per line / blank-line paragraph."""
+    """Plain text: the whole file is one document (unit="file"), or one per line / blank-line paragraph. A
+    compressed file cut short is a `read_error` after the lines (paragraphs) read before the cut, the last of them
+    with it (it may be cut too), as JSON Lines are read; with unit="file" the one document is that error."""
     path = Path(path)
+    parts: list[bytes] = []
+    cut: BaseException | None = None
     try:
         with open_binary(path) as f:
-            data = f.read()
-    except (OSError, *ARCHIVE_ERRORS) as e:
+            try:
+                while chunk := f.read1(1 << 16):  # one raw read a call: a cut loses no bytes read before it
+                    parts.append(chunk)
+            except ARCHIVE_ERRORS as e:
+                cut = e
+    except OSError as e:
         yield _error_doc(path, "file", archive_reason(e), e)
         return
-    text, bad = decode_text(data)
+    if cut is not None and unit == "file":
+        yield _error_doc(path, "file", archive_reason(cut), cut)
+        return
+    text, bad = decode_text(b"".join(parts))
     if unit != "file":  # Windows line ends split like Unix ones
         text = text.replace("\r\n", "\n")
     pieces = [text] if unit == "file" else (text.split("\n") if unit == "line" else text.split("\n\n"))
+    if cut is not None:
+        pieces = pieces[:-1]
     for i, piece in enumerate(pieces):
         if unit != "file" and not piece.strip():
             continue
@@ -172,6 +185,8 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
         if bad:
             meta["decode_errors"] = bad
         yield Document(id=stable_id(str(path), str(i)), text=piece, meta=meta)
+    if cut is not None:
+        yield _error_doc(path, f"{unit} {len(pieces) + 1}", archive_reason(cut), cut)
 
 
 def _json_doc(path: Path, lineno: int, line: bytes, text_key: str, id_key: str) -> Document:

@@ -84,6 +84,30 @@ def test_truncated_gzip_keeps_what_was_read(tmp_path):
     assert all(d.drop is None for d in docs[:-1]) and 0 < len(docs) - 1 < 50
 
 
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_a_cut_compressed_text_file_keeps_the_lines_read_before_the_cut(tmp_path, suffix):
+    """unit="line": a .txt.gz cut short was one read_error for the whole file, every line read before the cut lost
+    (JSON Lines kept them); the lines before the cut are documents now, and the rest is that read_error."""
+    pytest.importorskip("zstandard") if suffix == ".zst" else None
+    lines = [f"line {i} " + "word " * (i % 7) for i in range(3000)]
+    data = "\n".join(lines).encode() + b"\n"
+    if suffix == ".gz":
+        packed = gzip.compress(data)
+    else:
+        import zstandard
+
+        packed = b"".join(zstandard.ZstdCompressor().compress(data[i:i + 8192]) for i in range(0, len(data), 8192))
+    (tmp_path / f"whole.txt{suffix}").write_bytes(packed)
+    (tmp_path / f"cut.txt{suffix}").write_bytes(packed[: len(packed) // 2])
+    whole = list(read_documents(tmp_path / f"whole.txt{suffix}", unit="line"))
+    docs = list(read_documents(tmp_path / f"cut.txt{suffix}", unit="line"))
+    *kept, err = docs
+    assert err.drop == "read_error:truncated_archive" and err.meta["where"] == f"line {len(kept) + 1}"
+    assert 100 < len(kept) < 3000 and [d.text for d in kept] == [d.text for d in whole[:len(kept)]]
+    (file_doc,) = read_documents(tmp_path / f"cut.txt{suffix}")  # unit="file": the one document is the error
+    assert file_doc.drop == "read_error:truncated_archive"
+
 def _warc_bytes(records: list[tuple[str, str, bytes]], gz: bool = True) -> bytes:
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter

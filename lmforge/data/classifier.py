@@ -187,15 +187,18 @@ def _load(directory: str) -> HashedNgramClassifier:
 
 
 def quality(cfg: QualityConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
-    """Set `meta.quality_score`; reject `quality:low_score` below the threshold."""
-    if Path(cfg.model).suffix.lower() in (".bin", ".ftz") or Path(cfg.model).is_file():
+    """Set `meta.quality_score`; reject `quality:low_score` below the threshold. `model` naming one of the files of
+    a classifier directory means that directory (it was read as a fastText model, rejecting every document)."""
+    path = Path(cfg.model)
+    ours = path.name in (FILE_NAME, CONFIG_NAME)
+    if not ours and (path.suffix.lower() in (".bin", ".ftz") or path.is_file()):
         model = fasttext_stages.model_or_reject(cfg.model, docs, "quality")
         if model is None:
             return docs
         scores = [fasttext_stages.label_score(model, fasttext_stages.one_line(d.text, cfg.max_chars), cfg.label)
                   for d in docs]
     else:
-        scores = _load(cfg.model).predict_proba([d.text for d in docs])
+        scores = _load(str(path.parent) if ours else cfg.model).predict_proba([d.text for d in docs])
     for d, s in zip(docs, scores):
         d.meta["quality_score"] = round(float(s), 4)
         if s < cfg.threshold:

@@ -118,6 +118,11 @@ def test_train_classifier_cli_and_quality_stage(tmp_path):
     res = quality(QualityConfig(model=str(out), threshold=0.5), docs, StageContext())
     assert res[0].meta["quality_score"] > 0.5 > res[1].meta["quality_score"]
     assert [d.drop for d in res] == [None, "quality:low_score"]
+    # a file of the directory names the directory: the .json was read as a fastText model, rejecting every document
+    for name in ("quality_classifier.json", "quality_classifier.safetensors"):
+        docs = [Document(id="good", text=pos[0]), Document(id="bad", text=neg[0])]
+        again = quality(QualityConfig(model=str(out / name), threshold=0.5), docs, StageContext())
+        assert [(d.drop, d.meta["quality_score"]) for d in again] == [(d.drop, d.meta["quality_score"]) for d in res]
 
 
 def test_perplexity_stage_with_an_lmforge_checkpoint(tmp_path):

@@ -393,8 +393,10 @@ def _warc_doc(path: Path, rec: Any, n: int) -> Document:
         if bad:
             meta["decode_errors"] = bad
         return Document(id=rid.strip("<>"), text=text, meta=meta)
-    ctype = rec.http_headers.get_header("Content-Type") if rec.http_headers else None
-    meta["content_type"] = ctype or headers.get_header("Content-Type") or ""
+    # the payload's type: the HTTP header's ("" when the server sent none); the WARC header's only where there is no
+    # HTTP message (a resource record), since a response record's names the message ("application/http; ...")
+    http = rec.http_headers
+    meta["content_type"] = (http.get_header("Content-Type") if http else headers.get_header("Content-Type")) or ""
     return Document(id=rid.strip("<>"), raw=payload, meta=meta)
 
 

@@ -345,7 +345,8 @@ def test_a_token_shard_that_cannot_be_written_fails_the_run_and_loses_no_documen
 
 def test_warc_responses_declaring_another_content_type_are_rejected_not_kept_as_text(tmp_path):
     """A crawl's responses hold PDFs, JSON and scripts as well as pages: text-like bytes of a declared non-HTML type
-    were run through the HTML extractor and kept as documents. A page mislabelled as text/plain stays a page."""
+    were run through the HTML extractor and kept as documents. A page mislabelled as text/plain stays a page, and so
+    does one whose server sent no Content-Type (not the WARC header's "application/http", which names the message)."""
     pytest.importorskip("warcio")
     import io
 
@@ -354,19 +355,21 @@ def test_warc_responses_declaring_another_content_type_are_rejected_not_kept_as_
 
     buf = io.BytesIO()
     w = WARCWriter(buf, gzip=True)
+    body = PAGE.encode().replace(b"<html>", b"")  # (opens with <head>: no sniffing finds it HTML)
     bodies = {"page": ("text/html; charset=utf-8", PAGE.encode()), "mislabelled": ("text/plain", PAGE.encode()),
+              "undeclared": (None, body),
               "pdf": ("application/pdf", b"%PDF-1.4 " + b"x" * 200),
               "json": ("application/json", b'{"solar": "boats", "crossed": "the lake"}'),
               "script": ("application/javascript", b"var crews = 'three solar boats';")}
     for name, (ctype, body) in bodies.items():
-        http = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        http = StatusAndHeaders("200 OK", [("Content-Type", ctype)] if ctype else [], protocol="HTTP/1.1")
         w.write_record(w.create_warc_record(f"http://x/{name}", "response", payload=io.BytesIO(body),
                                             http_headers=http))
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "crawl.warc.gz").write_bytes(buf.getvalue())
     report, rejected = _run(tmp_path, "warc", '[[stages]]\nstage = "extract"\n')
     kept = [d for f in (tmp_path / "warc" / "data").glob("*.jsonl") for d in read_documents(f)]
-    assert sorted(d.meta["url"] for d in kept) == ["http://x/mislabelled", "http://x/page"]
+    assert sorted(d.meta["url"] for d in kept) == ["http://x/mislabelled", "http://x/page", "http://x/undeclared"]
     assert all("three solar boats crossed the lake" in d.text.lower() for d in kept)
     assert {d.meta["url"]: d.meta["error"] for d in rejected} == {
         f"http://x/{n}": f"http://x/{n}: not an HTML page (Content-Type {bodies[n][0]})"

@@ -99,9 +99,9 @@ def looks_binary(raw: bytes) -> bool:
     return b"\0" in head or control > len(head) // 20
 
 
-# Content-Types of a page; a response declaring another (a crawl's PDFs, JSON, scripts, feeds, images) is no page
-# (datatrove's WARC reader keeps text/html only). An undeclared type ("") is a page, as read_html says of .html files.
-HTML_TYPES = ("", "text/html", "application/xhtml+xml")
+# A response declaring a type other than HTML (a crawl's PDFs, JSON, scripts, feeds, images) is no page (datatrove's
+# WARC reader keeps text/html only). Any type naming html is one (text/html, application/xhtml+xml, a header sent twice:
+# "text/html, text/html"), and so is an undeclared type (""), as read_html says of .html files.
 _HTML_START = re.compile(rb"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html)[\s>]", re.I | re.S)
 
 
@@ -109,7 +109,7 @@ def not_html_type(raw: bytes, content_type: str | None) -> str:
     """The declared MIME type when it is not HTML and the bytes do not open as an HTML document either (a
     mislabelled page is still a page); '' for a page."""
     mime = (content_type or "").split(";")[0].strip().lower()
-    if mime in HTML_TYPES or _HTML_START.match(raw[:4096].removeprefix(b"\xef\xbb\xbf")):
+    if not mime or "html" in mime or _HTML_START.match(raw[:4096].removeprefix(b"\xef\xbb\xbf")):
         return ""
     return mime
 

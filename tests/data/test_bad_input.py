@@ -357,7 +357,7 @@ def test_warc_responses_declaring_another_content_type_are_rejected_not_kept_as_
     w = WARCWriter(buf, gzip=True)
     body = PAGE.encode().replace(b"<html>", b"")  # (opens with <head>: no sniffing finds it HTML)
     bodies = {"page": ("text/html; charset=utf-8", PAGE.encode()), "mislabelled": ("text/plain", PAGE.encode()),
-              "undeclared": (None, body),
+              "undeclared": (None, body), "twice": ("text/html, text/html", body),
               "pdf": ("application/pdf", b"%PDF-1.4 " + b"x" * 200),
               "json": ("application/json", b'{"solar": "boats", "crossed": "the lake"}'),
               "script": ("application/javascript", b"var crews = 'three solar boats';")}
@@ -369,7 +369,8 @@ def test_warc_responses_declaring_another_content_type_are_rejected_not_kept_as_
     (tmp_path / "in" / "crawl.warc.gz").write_bytes(buf.getvalue())
     report, rejected = _run(tmp_path, "warc", '[[stages]]\nstage = "extract"\n')
     kept = [d for f in (tmp_path / "warc" / "data").glob("*.jsonl") for d in read_documents(f)]
-    assert sorted(d.meta["url"] for d in kept) == ["http://x/mislabelled", "http://x/page", "http://x/undeclared"]
+    assert sorted(d.meta["url"] for d in kept) == [f"http://x/{n}" for n in ("mislabelled", "page", "twice",
+                                                                               "undeclared")]
     assert all("three solar boats crossed the lake" in d.text.lower() for d in kept)
     assert {d.meta["url"]: d.meta["error"] for d in rejected} == {
         f"http://x/{n}": f"http://x/{n}: not an HTML page (Content-Type {bodies[n][0]})"

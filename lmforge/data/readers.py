@@ -383,8 +383,15 @@ def _warc_doc(path: Path, rec: Any, n: int) -> Document:
     headers = rec.rec_headers
     url = headers.get_header("WARC-Target-URI") or ""
     rid = headers.get_header("WARC-Record-ID") or stable_id(str(path), str(n))
-    payload = rec.content_stream().read()
     meta: dict[str, Any] = {"source": str(path), "url": url, "warc_type": rec.rec_type}
+    try:
+        payload = rec.content_stream().read()  # (undoes the HTTP Content-Encoding and chunking)
+    except Exception as e:  # noqa: BLE001  one record's body, not the archive: warcio's brotli decoder fails on the
+        # brotli package (AttributeError), a body may not be the gzip its header says; the exception ended the archive,
+        # every later record lost. A cut archive is still found by read_warc (read_to_end, _warc_cut) after this.
+        encoding = rec.http_headers.get_header("Content-Encoding") if rec.http_headers else None
+        meta["error"] = f"Content-Encoding {encoding or '(none)'}: {type(e).__name__}: {e}"[:300]
+        return Document(id=rid.strip("<>"), meta=meta, drop="read_error:content_encoding")
     if getattr(rec.raw_stream, "limit", 0) > 0:  # fewer bytes than the record's Content-Length
         meta["missing_bytes"] = rec.raw_stream.limit
         return Document(id=rid.strip("<>"), meta=meta, drop="read_error:truncated_archive")

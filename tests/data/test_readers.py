@@ -143,6 +143,34 @@ def test_warc_and_wet(tmp_path):
     assert out.text == "Café crème, a page." and out.meta["charset"] == "cp1252"
 
 
+def test_a_response_warcio_cannot_decode_is_one_rejected_record_not_the_end_of_the_archive(tmp_path, monkeypatch):
+    """warcio's brotli decoder fails on today's brotli package (it sets an attribute the C type lacks): the exception
+    ended read_warc, every later record reported as one truncated_archive. Now that record alone is rejected."""
+    pytest.importorskip("warcio")
+    from warcio.bufferedreaders import BufferedReader
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    def broken_brotli():
+        raise AttributeError("'brotli.Decompressor' object has no attribute 'unused_data'")
+
+    monkeypatch.setitem(BufferedReader.DECOMPRESSORS, "br", broken_brotli)  # as warcio + brotli 1.2 behave
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+    for url, enc in (("http://a/", None), ("http://b/", "br"), ("http://c/", None)):
+        headers = [("Content-Type", "text/html")] + ([("Content-Encoding", enc)] if enc else [])
+        http = StatusAndHeaders("200 OK", headers, protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(url, "response", payload=io.BytesIO(b"<p>" + url.encode() + b"</p>"),
+                                            http_headers=http))
+    p = tmp_path / "br.warc.gz"
+    p.write_bytes(buf.getvalue())
+    docs = list(read_documents(p))
+    assert [(d.meta.get("url"), d.drop) for d in docs] == [
+        ("http://a/", None), ("http://b/", "read_error:content_encoding"), ("http://c/", None)]
+    assert docs[2].raw == b"<p>http://c/</p>"
+    assert docs[1].meta["error"].startswith("Content-Encoding br: AttributeError")
+
+
 def test_truncated_warc_is_reported(tmp_path):
     pytest.importorskip("warcio")
     data = _warc_bytes([("conversion", f"http://x/{i}", ("words " * 300).encode()) for i in range(6)], gz=False)

@@ -49,7 +49,10 @@ DATATROVE = FineWebConfig(max_dup_line_char_ratio=0.01)  # datatrove FineWebQual
 
 
 def fineweb_failures(text: str, cfg: FineWebConfig) -> list[str]:
-    """Names of the failing rules, in datatrove's order."""
+    """Names of the failing rules, in datatrove's order. Windows line ends count as "\n" (datatrove's text comes from
+    its extractor, "\n" only; a CRLF text file or JSON field here had no line ending in punctuation: every line
+    ended in "\r", and the document was rejected `line_punct_ratio`)."""
+    text = text.replace("\r\n", "\n")
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if not lines:
         return ["empty"]

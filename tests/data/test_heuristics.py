@@ -201,6 +201,18 @@ def test_fineweb_rules():
     assert fineweb_failures(short, FineWebConfig()) == ["short_lines"]
 
 
+
+def test_fineweb_rules_read_windows_line_ends_as_line_ends():
+    """A CRLF text (a Windows text file read whole, a JSON field) had every line end in "\r", none in punctuation:
+    rejected line_punct_ratio where its "\n" twin passes; each rule now sees the same lines for both."""
+    good = "\n".join(s.strip() + "." for s in GOOD.split(".") if s.strip())
+    dup = good + "\n" + "\n".join(["Share this article on social media now."] * 3)
+    short = "\n".join(["Home.", "About us.", "Contact.", GOOD])
+    long = "\n".join(f"Sentence number {i} of a long and ordinary paragraph of text." for i in range(20))
+    for text in (good, dup, short, long):
+        assert fineweb_failures(text.replace("\n", "\r\n"), FineWebConfig()) == fineweb_failures(text, FineWebConfig())
+    assert fineweb_failures(long.replace("\n", "\r\n"), FineWebConfig()) == []  # was ["line_punct_ratio"]
+
 def _reference_top(words: list[str], n: int) -> float:
     """Plain-Python definitions the hashed versions must match."""
     from collections import Counter

@@ -524,6 +524,8 @@ def chat_request(tokenizer, template: ChatTemplate, conversation, params=None, *
                           f"{type(template).__name__}")
     if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
         raise LmforgeError(f"a conversation is a list of {{'role', 'content'}} messages, got {conversation!r:.80}")
+    if not conversation:  # OpenAI's API and vLLM's server answer 400; the template would render a bare turn opener
+        raise ConfigError("the conversation has no messages: give at least one {'role', 'content'} message")
     if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
         raise LmforgeError("chat_template_kwargs is a dict of the template's variables, e.g. "
                            f"{{'enable_thinking': False}}; got {type(chat_template_kwargs).__name__}")

@@ -163,3 +163,26 @@ def test_llm_chat_takes_openai_messages(tok):
     ids, _ = llm.chat_request([{"role": "user", "content": "hi"}, TOOL_CALL], GREEDY,
                               template=JinjaTemplate(name="t", source=tools))
     assert bytes(ids) == b"user: hi\n1"  # the arguments reached the Jinja as a dict
+
+
+def test_an_empty_conversation_is_refused_before_anything_is_queued(tok):
+    # (it rendered a bare assistant turn opener and generated an answer to nothing; OpenAI's API and vLLM answer 400)
+    import asyncio
+
+    from lmforge.infer.async_engine import AsyncEngine
+
+    with pytest.raises(ConfigError, match="the conversation has no messages"):
+        chat_request(tok, get_template("plain"), [], GREEDY)
+    llm = LLM(tiny_model(), tok)
+    assert llm.chat([], GREEDY, template="plain") == []  # an empty batch stays an empty batch
+    out = llm.chat([[], CONVS[0]], GREEDY, template="plain", errors="return")
+    assert "no messages" in str(out[0].error) and out[1].error is None and len(out[1].token_ids) == 5
+
+    async def add():
+        engine = AsyncEngine(Engine(tiny_model(), tok))
+        with pytest.raises(ConfigError, match="no messages"):
+            await engine.add_chat_request([], GREEDY, template=get_template("plain"))
+        assert engine.stats()["requests"] == 0 and not engine.streams
+        await engine.shutdown()
+
+    asyncio.run(add())

@@ -168,6 +168,9 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, options: dict) -> "SamplingParams":
         """From plain options (a request body, a TOML table); an unknown key is a one-line error."""
+        if not isinstance(options, dict):  # (a JSON body of null or a list: a TypeError, or "unknown option 1")
+            raise ConfigError(f"sampling options must be a dict (a JSON object) of option -> value, got "
+                              f"{type(options).__name__}")
         _check_known(options)
         opts = dict(options)
         for name in ("stop", "stop_token_ids"):

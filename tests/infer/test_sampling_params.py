@@ -117,3 +117,11 @@ def test_derived_refuses_and_returns_what_replace_does():
     with pytest.raises(ConfigError, match="unknown sampling option 'temprature'"):
         SamplingParams().derived(temprature=0)
     assert SamplingParams.default().derived() is SamplingParams.default()
+
+
+@pytest.mark.parametrize("body", [None, [1, 2], "temperature=0"])
+def test_from_dict_of_something_not_a_dict_names_what_it_got(body):
+    # (a request body of JSON null raised a TypeError, a server's 500; a list read as "unknown sampling option 1")
+    with pytest.raises(ConfigError, match=f"sampling options must be a dict .* got {type(body).__name__}$"):
+        SamplingParams.from_dict(body)
+    assert SamplingParams.from_dict({"stop": "x", "n": 2}) == SamplingParams(stop=("x",), n=2)

@@ -134,6 +134,23 @@ def test_infinite_logits_and_tiny_temperatures_sample_their_limit_not_token_zero
     assert sample_rows(logits[:2], [_row(p, seed=1) for p in plain]).tokens[0] == logits[0].argmax()
 
 
+
+def test_a_temperature_that_is_zero_in_float32_is_greedy_not_token_zero():
+    """1e-300 (or 1e-46) is 0.0 once in float32: the shifted top logit became 0 / 0 = NaN and every row drew
+    token 0 (served text '<unk><unk>...'; found 2026-12-06). Alone, in a batched group of mixed temperatures (a
+    per-row tensor) and with processed log-probs, such a row takes the argmax as greedy does."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 300) * 3
+    want = logits.argmax(-1).tolist()
+    for t in (1e-46, 1e-300):
+        alone = [SamplingParams(temperature=t, logprobs=0, logprobs_mode="processed") for _ in range(3)]
+        out = sample_rows(logits, [_row(p, seed=s) for s, p in enumerate(alone)])
+        assert out.tokens.tolist() == want and out.logprobs.tolist() == [0.0, 0.0, 0.0]
+        mixed = [SamplingParams(temperature=x) for x in (t, 0.7, t)]
+        tokens = sample_rows(logits, [_row(p, seed=1) for p in mixed]).tokens.tolist()
+        assert tokens[0] == want[0] and tokens[2] == want[2]
+
+
 def _same_history(rows, vocab: int) -> bool:
     from lmforge.infer.sampler import _history, token_history
 

@@ -106,10 +106,11 @@ def temperature(logits: torch.Tensor, hist: TokenHistory | None, t: float | torc
         logits = only_infinite(logits)
         top = logits.amax(-1, keepdim=True)
         logits = logits - torch.where(torch.isfinite(top), top, 0.0)
-        # a temperature that is 0 in the logits' dtype (1e-300 in float32) would give the top logit 0 / 0 = NaN, and
-        # the row token 0: the smallest normal number divides as greedily (every gap below it is 0 or -inf)
-        tiny = torch.finfo(logits.dtype).tiny
-        t = t.clamp_min(tiny) if isinstance(t, torch.Tensor) else max(t, tiny)
+    # t within the normal range of the logits' dtype: one that is 0 there (1e-300 in float32) gave the shifted top
+    # logit 0 / 0 = NaN, one that is inf there (1e300, inf) a masked token's -inf / inf = NaN, and the row drew
+    # token 0; the clamped values divide as the limits do (greedy; uniform over the tokens still allowed)
+    info = torch.finfo(logits.dtype)
+    t = t.clamp(info.tiny, info.max) if isinstance(t, torch.Tensor) else min(max(t, info.tiny), info.max)
     return logits / t
 
 

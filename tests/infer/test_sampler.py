@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from lmforge.infer.sampler import Row, draw, logprob_entries, sample_rows, token_logprobs
@@ -149,6 +152,27 @@ def test_a_temperature_that_is_zero_in_float32_is_greedy_not_token_zero():
         mixed = [SamplingParams(temperature=x) for x in (t, 0.7, t)]
         tokens = sample_rows(logits, [_row(p, seed=1) for p in mixed]).tokens.tolist()
         assert tokens[0] == want[0] and tokens[2] == want[2]
+
+
+
+def test_a_temperature_that_is_inf_in_float32_is_uniform_over_the_allowed_tokens():
+    """1e300 (inf in float32) or inf divided a masked token's -inf into NaN (and a +inf logit_bias's +inf), so
+    the row drew token 0 with a NaN log-prob; alone or beside another temperature, the limit is uniform over the
+    tokens the filters and biases leave (the +inf ones, where there are any)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 300) * 3
+    top5 = set(logits[0].topk(5).indices.tolist())
+    for t in (1e300, float("inf")):
+        cases = [SamplingParams(temperature=t, top_k=5, logprobs=0, logprobs_mode="processed"),
+                 SamplingParams(temperature=t, logit_bias={65: 1e39}, logprobs=0, logprobs_mode="processed")]
+        drawn = set()
+        for seed in range(30):
+            out = sample_rows(logits[:2], [_row(p, seed=seed) for p in cases])
+            drawn.add(out.tokens[0].item())
+            assert out.tokens[1] == 65 and out.logprobs.tolist() == pytest.approx([math.log(1 / 5), 0.0])
+        assert drawn == top5  # every one of the five, none outside them
+        mixed = [SamplingParams(temperature=x, top_k=5) for x in (t, 0.7)]
+        assert sample_rows(logits[:2], [_row(p, seed=1) for p in mixed]).tokens[0].item() in top5
 
 
 def _same_history(rows, vocab: int) -> bool:

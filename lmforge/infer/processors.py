@@ -172,8 +172,9 @@ def typical(logits: torch.Tensor, hist: TokenHistory | None, mass: float) -> tor
     """Locally typical sampling (Meister et al. 2023, §5): rank tokens by |-log p - H(p)| (closest to the
     expected information first) and keep the smallest such prefix whose probability reaches `mass`. The
     set need not hold the most likely token (the paper's point), so unlike the other filters it is not
-    added: the set is never empty."""
-    logp = logits.log_softmax(-1)
+    added: the set is never empty. A row holding +inf logits ranks its +inf tokens (only_infinite: log_softmax
+    of +inf is NaN, which masked every token)."""
+    logp = only_infinite(logits).log_softmax(-1)
     probs = logp.exp()
     entropy = -(probs * logp.nan_to_num(neginf=0.0)).sum(-1, keepdim=True)
     return logits.masked_fill(~_sorted_prefix((-logp - entropy).abs(), probs, mass), NEG_INF)

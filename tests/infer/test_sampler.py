@@ -132,6 +132,11 @@ def test_infinite_logits_and_tiny_temperatures_sample_their_limit_not_token_zero
         assert tokens[0] in (65, 70) and tokens[1] == 65 and tokens[2:] == logits[2:].argmax(-1).tolist()
         assert torch.isfinite(out.logprobs).all()  # log p = log 1/2 for the two forced tokens, 0 for the others
         assert out.logprobs[:3].tolist() == [torch.tensor(0.5).log().item(), 0.0, 0.0]
+    # typical sampling (the one filter that keeps no argmax) ranked a +inf row as NaN and masked every token
+    for p in (SamplingParams(logit_bias={65: 1e39}, typical_p=0.5, logprobs=0, logprobs_mode="processed"),
+              SamplingParams(logits_processors=(force,), typical_p=0.9, logprobs=0, logprobs_mode="processed")):
+        out = sample_rows(logits[:1], [_row(p, seed=0)])
+        assert out.tokens.item() in (65, 70) and torch.isfinite(out.logprobs).all()
     # mixed temperatures in one batched group, one of them tiny
     plain = [SamplingParams(temperature=t) for t in (1e-45, 0.7)]
     assert sample_rows(logits[:2], [_row(p, seed=1) for p in plain]).tokens[0] == logits[0].argmax()

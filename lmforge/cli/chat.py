@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field
+from lmforge.config import check
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,11 @@ class ChatConfig:
     max_model_len: int | None = None
     """serve this many tokens of context instead of the model's max_seq_len (EngineConfig.max_model_len: a
     rope-scaled checkpoint whose max_position_embeddings is its original context; docs/inference.md, long context)"""
+
+    def __post_init__(self):
+        check(self.sampling.n == 1 or self.sampling.beam_width > 1,
+              f"--n {self.sampling.n}: lmforge chat shows one answer a turn; leave --n out (lmforge generate --n "
+              "gives several samples)")
 
 
 def chat_loop(llm, cfg: ChatConfig, read: Callable[[str], str] = input,

@@ -419,8 +419,12 @@ class LLM(Scoring):
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one sample as it is produced: what each engine output adds to the last one's
         text (complete UTF-8 characters, and nothing a stop string could take back: Sequence.output). A
-        beam search yields its best beam once the search ends (the running best beam may change)."""
+        beam search yields its best beam once the search ends (the running best beam may change). n > 1 is
+        refused: the other samples would run unseen (generate, or AsyncEngine.stream, gives every sample)."""
         params = _check_params(params)
+        if params.n > 1 and params.beam_width == 1:
+            raise ConfigError(f"stream yields one sample's text, but n={params.n} would run {params.n} samples and "
+                              "show one: use n=1 (generate, or AsyncEngine.stream, gives every sample)")
         rid = self._add(self.encode(prompt, params), self._params(params, 0))
         sent = 0
         try:

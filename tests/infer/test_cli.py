@@ -421,3 +421,17 @@ def test_max_model_len_widens_the_served_window_from_the_command_line(ckpt):
     out = llm.generate("a" * 200, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
     assert len(out.prompt_token_ids) == 200 and len(out.token_ids) == 4
     assert load_llm(SimpleNamespace(**{**vars(cfg), "max_model_len": None})).max_seq_len == 128
+
+
+def test_stream_and_chat_refuse_n_samples_they_would_not_show(tok):
+    # (LLM.stream ran all n samples and yielded the first one's text; `lmforge chat --n 3` showed one of three)
+    from lmforge.errors import ConfigError
+
+    llm = LLM(tiny_model("llama"), tok)
+    with pytest.raises(ConfigError, match="n=3 would run 3 samples and show one"):
+        next(llm.stream("the dog", SamplingParams(n=3, max_tokens=4)))
+    assert not llm.engine.requests  # refused before anything was queued
+    beams = SamplingParams(n=2, beam_width=2, temperature=0, max_tokens=4)  # (beams: the best one, as before)
+    assert "".join(llm.stream("the dog", beams)) == llm.generate("the dog", beams)[0].outputs[0].text
+    with pytest.raises(ConfigError, match="--n 3: lmforge chat shows one answer a turn"):
+        ChatConfig(checkpoint="-", sampling=SamplingParams(n=3))

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from lmforge.cli.sampling import Sampling, normalize_argv, sampling_field
+from lmforge.cli.sampling import Sampling, normalize_argv, past_context_notice, sampling_field
 from lmforge.config import check
 
 
@@ -120,5 +120,8 @@ def main(argv: list[str]) -> int:
     if notice:
         print(f"({notice})")
     print(f"lmforge chat: template {cfg.template}; /reset to start over, /exit to leave, Ctrl-C stops an answer")
-    chat_loop(llm, cfg, template=template)
+    # said once, not by the engine at every turn in the middle of an answer: truncate_prompt keeps at most half the
+    # window of a conversation whose answers could pass it (lmforge.infer.request.encode_prompt)
+    with past_context_notice(llm, [llm.max_seq_len // 2], cfg.sampling):
+        chat_loop(llm, cfg, template=template)
     return 0

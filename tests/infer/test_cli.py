@@ -435,3 +435,20 @@ def test_stream_and_chat_refuse_n_samples_they_would_not_show(tok):
     assert "".join(llm.stream("the dog", beams)) == llm.generate("the dog", beams)[0].outputs[0].text
     with pytest.raises(ConfigError, match="--n 3: lmforge chat shows one answer a turn"):
         ChatConfig(checkpoint="-", sampling=SamplingParams(n=3))
+
+
+def test_chat_says_once_that_answers_stop_at_the_window(ckpt, monkeypatch, capsys):
+    # (the engine warned at every turn whose conversation + max_tokens passed the window, in the middle of the
+    # answer's line: `lmforge chat` on the demo's 128-token model with the default --max-tokens 512)
+    from lmforge.cli import chat as chat_cli
+
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nand again, a longer message this time\n" + "x" * 100))
+    with pytest.warns(UserWarning) as got:
+        assert chat_cli.main(["--checkpoint", str(ckpt), "--template", "plain", "--temperature", "0",
+                              "--ignore-eos", "True"]) == 0
+    assert [str(w.message) for w in got if "context" in str(w.message)] == [
+        "--max-tokens 512 with a 64-token prompt goes past the model's 128-token context; generation stops after at "
+        "most 64 new tokens"]
+    assert capsys.readouterr().out.count("you> ") == 4  # three messages answered, then the end of input

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from lmforge.infer.detok import safe_decode
+from lmforge.infer.detok import decode_after
 from lmforge.infer.outputs import CompletionOutput
 from lmforge.infer.request import Sequence
 from lmforge.infer.runner import row_for
@@ -116,7 +116,7 @@ class BeamSearch:
         """Where the first stop string starts in the hypothesis' text (None: it holds none)."""
         if not self.params.stop:
             return None
-        text = safe_decode(self.tokenizer, [t for t in toks if t not in self.eos])
+        text = decode_after(self.tokenizer, self.request.context, [t for t in toks if t not in self.eos])
         hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
         return min(hits) if hits else None
 
@@ -132,7 +132,7 @@ class BeamSearch:
 
     def _output(self, index: int, h: Hyp, why: str | None) -> CompletionOutput:
         toks, lps, tops = h
-        text = safe_decode(self.tokenizer, [t for t in toks if t not in self.eos])
+        text = decode_after(self.tokenizer, self.request.context, [t for t in toks if t not in self.eos])
         cut = self._stop_at(toks) if why == "stop" else None
         reason = self._stop_reason(toks, text, cut) if why == "stop" else None
         if cut is not None and self.params.include_stop_str_in_output:

@@ -24,21 +24,27 @@ class StreamDecoder:
     text gained. (Ids that decode to invalid UTF-8 may show a different number of U+FFFD than decoding them
     all at once.) A tokenizer with `has_text = False` (IdTokenizer) makes no
     text: nothing is decoded (host time per token at large batches). skip: ids that add no text
-    (SamplingParams.skip_special_tokens: `special_ids(tokenizer)`)."""
+    (SamplingParams.skip_special_tokens: `special_ids(tokenizer)`).
+    context: the ids the text continues (`continuation_context(prompt ids)`): a completion's text is what it adds
+    to its prompt's, as vLLM's detokenizer gives it, so a SentencePiece "▁the" that follows a prompt keeps its
+    space (decoded alone it is the text's start and loses it: prompt + completion read "the kingthe"); empty or
+    None: the text starts here."""
 
-    def __init__(self, tokenizer, skip: frozenset[int] | tuple = ()):
+    def __init__(self, tokenizer, skip: frozenset[int] | tuple = (), context: list[int] | None = None):
         self.tok = tokenizer
         self.skip = skip
         self.has_text = getattr(tokenizer, "has_text", True)
         self.by_bytes = callable(getattr(tokenizer, "token_bytes", None))
         self.by_pieces = not self.by_bytes and getattr(tokenizer, "streamable", False)
-        self.first = True  # (by_pieces) the next id is the text's first
-        self.lead = getattr(tokenizer, "stream_lead", None) if self.by_pieces else None  # left to strip
+        self.first = not context  # (by_pieces) the next id is the text's first
+        # left to strip from the text's start
+        self.lead = getattr(tokenizer, "stream_lead", None) if self.by_pieces and self.first else None
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.ids: list[int] = []
+        # the window path decodes the context's ids with the new ones and returns only what they add
+        self.ids: list[int] = [] if self.by_bytes or self.by_pieces or not context else [int(i) for i in context]
         self.start = 0  # the window: ids[start:] is decoded each step
-        self.done = 0  # ids[:done] were all shown, their text complete: where the next window opens
-        self.emitted = 0  # characters of the window's text already returned
+        self.done = len(self.ids)  # ids[:done] were all shown, their text complete: where the next window opens
+        self.emitted = len(safe_decode(tokenizer, self.ids)) if self.ids and self.has_text else 0  # (window text)
 
     def push(self, token_id: int) -> str:
         if not self.has_text or self.skip and token_id in self.skip:
@@ -77,6 +83,32 @@ class StreamDecoder:
             k += 1
         self.lead = (char, n - k) if k == len(text) and n > k else None
         return text[k:]
+
+
+CONTEXT_IDS = 6
+"""prompt ids a window-decoded completion is decoded after (vLLM's incremental detokenizer reads 5)"""
+
+
+def continuation_context(prompt_ids, specials: frozenset[int] | set[int]) -> list[int]:
+    """The prompt ids a completion's text continues: its last CONTEXT_IDS ids that are no special token, or none
+    where every prompt id is one (a lone BOS: the completion's text starts the text, as decoding with
+    skip_special_tokens gives it)."""
+    tail: list[int] = []
+    for i in reversed(prompt_ids):
+        if int(i) not in specials:
+            tail.append(int(i))
+            if len(tail) == CONTEXT_IDS:
+                break
+    return tail[::-1]
+
+
+def decode_after(tokenizer, context: list[int], ids: list[int]) -> str:
+    """The text `ids` add after `context` (continuation_context): decoded alone, a SentencePiece text would lose
+    its first token's space (StreamDecoder's `context`, for callers that decode whole lists, as beam search)."""
+    if not context:
+        return safe_decode(tokenizer, ids)
+    head, whole = safe_decode(tokenizer, context), safe_decode(tokenizer, list(context) + list(ids))
+    return whole[len(head):] if whole.startswith(head) else safe_decode(tokenizer, ids)
 
 
 def special_ids(tokenizer) -> frozenset[int]:

@@ -71,7 +71,7 @@ import torch
 
 from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.blocks import BlockPool
-from lmforge.infer.detok import StreamDecoder, special_ids
+from lmforge.infer.detok import StreamDecoder, continuation_context, special_ids
 from lmforge.infer.config import (EngineConfig, graph_prefill_tokens, kv_dtype, limits, pool_blocks, rope_allows,
                                   serving_spec, store_allows, use_fused_kernels, use_kernel_step, use_kernel_tune)
 from lmforge.infer.kv.paged import decode_kernel
@@ -233,6 +233,7 @@ class Engine:
                       arrival_time=time.perf_counter(), max_len=length)
         # sample j's stream: drawn from for its first token (from the shared prefill logits) and after
         req.generators = [self._generator(params, j) for j in range(params.n)]
+        req.context = continuation_context(ids, self.special_ids)  # what the completions' texts continue
         # a score-only request (max_tokens=0) never runs its last token: nothing reads that position's logits
         req.seqs.append(self._sequence(req, 0, list(ids[:-1] if params.max_tokens == 0 and len(ids) > 1 else ids)))
         req.forked = params.max_tokens == 0  # its one sample exists: no first token forks others
@@ -590,7 +591,8 @@ class Engine:
     def _sequence(self, req: Request, index: int, tokens: list[int]) -> Sequence:
         gen = req.generators[index] if index < len(req.generators) else None
         seq = Sequence(next(self._seq_ids), req, index, tokens, gen)
-        seq.decoder = StreamDecoder(self.tokenizer, self.special_ids if req.params.skip_special_tokens else ())
+        seq.decoder = StreamDecoder(self.tokenizer, self.special_ids if req.params.skip_special_tokens else (),
+                                    req.context)
         return seq
 
     def _fork(self, parent: Sequence) -> None:

@@ -231,6 +231,9 @@ class Request:
     """set by a strategy when it has its outputs"""
     generators: list = field(default_factory=list)
     """one torch.Generator (or None) per sample"""
+    context: list[int] = field(default_factory=list)
+    """the prompt ids its samples' texts continue (lmforge.infer.detok.continuation_context; empty: the prompt holds
+    only special tokens, and a text starts the text)"""
     arrival_time: float = 0.0
     first_token_time: float | None = None
     """time.perf_counter() when added and when its first token was sampled"""

@@ -28,7 +28,7 @@ chain allows (every step before ByteFallback acts token by token; after it only 
 start: Llama 2's, Mistral's and Gemma's files), `stream_bytes(id, first)` gives a token's bytes and `stream_lead`
 the characters to strip from the text's start, which lmforge.infer.detok.StreamDecoder joins through an incremental
 UTF-8 decoder; for other chains (`streamable` false) it decodes a short window of recent ids. Either way the pieces
-join to decode(all ids).
+join to decode(all ids); after a prompt (StreamDecoder's `context`) to what the ids add to the prompt's text.
 """
 
 from __future__ import annotations

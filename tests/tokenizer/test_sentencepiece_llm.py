@@ -3,6 +3,8 @@ tokenizer.json, and an lmforge checkpoint that carries the tokenizer (save_check
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -60,3 +62,56 @@ def test_llm_load_of_a_hf_dir_reads_its_sentencepiece_tokenizer(tmp_path):
     assert isinstance(llm.tokenizer, SentencePieceBPE) and llm.tokenizer.doc == sp_doc()
     assert llm.generate("the king", GREEDY)[0].prompt_token_ids == hf(sp_doc()).encode("the king").ids
     assert isinstance(load_model(d)[1], SentencePieceBPE)
+
+
+def _forced(ids: list[int]):
+    """A logits processor making the completion `ids`, then </s>."""
+    import torch
+
+    def force(out_ids, row):
+        allowed = torch.full_like(row, float("-inf"))
+        allowed[ids[len(out_ids)] if len(out_ids) < len(ids) else 2] = 0.0
+        return allowed
+    return force
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_a_completion_keeps_the_space_its_first_token_has_after_the_prompt(tmp_path, window):
+    """A completion's text is what it adds to the prompt's, as vLLM's detokenizer gives it: decoded alone, Llama 2's
+    Strip decoder dropped the leading space of "▁the▁" right after the prompt "the king", so prompt + completion
+    read "the kingthe king the " (lmdeploy#1743; HumanEval's lost indentation, declare-lab/instruct-eval#19). The
+    token-by-token stream, the window decode of other decoder chains, n samples, deltas and beam search all agree;
+    a prompt of special tokens alone (a lone <s>) still starts the text."""
+    from lmforge.infer.async_engine import AsyncEngine
+
+    d = _hf_dir(tmp_path)
+    llm = LLM.load(d)
+    if window:  # (the decoder chain as one that cannot go token by token: the window decode's path)
+        llm.tokenizer.streamable = False
+    ref = hf(sp_doc())
+    the, king = ref.token_to_id("▁the▁"), ref.token_to_id("king")
+    sp = SamplingParams(max_tokens=8, n=2, logits_processors=(_forced([the, king, the]),))
+    out = llm.generate("the king", sp)[0]
+    prompt = ref.decode(out.prompt_token_ids, skip_special_tokens=True)
+    whole = ref.decode(out.prompt_token_ids + out.token_ids, skip_special_tokens=True)
+    assert prompt == "the king" and whole == "the king the king the "
+    assert [o.text for o in out.outputs] == [" the king the "] * 2 and out.token_ids == [the, king, the, 2]
+    assert "".join(llm.stream("the king", dataclasses.replace(sp, n=1))) == " the king the "
+
+    async def deltas():
+        engine = AsyncEngine(llm.engine)
+        texts = [o.text async for o in engine.generate("the king", dataclasses.replace(sp, output_kind="delta"))]
+        await engine.shutdown()
+        return texts
+    assert "".join(asyncio.run(deltas())) == " the king the "
+    stop = dataclasses.replace(sp, stop=(" king",))  # a stop string that starts with the kept space
+    assert llm.generate("the king", stop)[0].text == " the"
+    alone = llm.generate([1], sp)[0]  # (nothing before it: the text starts with it, as HF's decode gives it)
+    assert alone.text == "the king the " == ref.decode([1, the, king, the], skip_special_tokens=True)
+
+    from lmforge.infer.detok import continuation_context, decode_after
+
+    beam = llm.generate("the king", SamplingParams(temperature=0, beam_width=2, max_tokens=6, ignore_eos=True))[0]
+    context = continuation_context(beam.prompt_token_ids, frozenset({0, 1, 2}))
+    assert beam.text == decode_after(llm.tokenizer, context, beam.token_ids)
+    assert beam.text == ref.decode(beam.prompt_token_ids + beam.token_ids)[len(ref.decode(beam.prompt_token_ids)):]

@@ -390,14 +390,17 @@ def pair_batch(pairs: list[tuple]) -> dict[str, torch.Tensor]:
     return batch if margin is None else {**batch, "margin": margin}
 
 
-def kto_batch(items: list[tuple[Example, bool]], kl: bool = True) -> dict[str, torch.Tensor]:
+def kto_batch(items: list[tuple[Example, bool]], kl: bool = True, max_tokens: int | None = None,
+              keep_end: bool = False) -> dict[str, torch.Tensor]:
     """Unpaired examples -> input_ids / targets / loss_mask, label, and (kl) KTO's mismatched rows kl_*
     (row i's prompt + row i-1's completion, as TRL) paired over the whole batch here, before data-parallel ranks
-    split its rows: N ranks then estimate KTO's reference point from the pairs one process would use."""
+    split its rows: N ranks then estimate KTO's reference point from the pairs one process would use. A
+    mismatched row longer than `max_tokens` (seq_len + 1) is truncated as the examples are (`keep_end`)."""
     from lmforge.align.kto import mismatched_rows
 
     batch = pad_batch([e for e, _ in items])
-    return {**batch, **(mismatched_rows(batch) if kl else {}), "label": torch.tensor([lab for _, lab in items])}
+    kl_rows = mismatched_rows(batch, max_tokens, keep_end) if kl else {}
+    return {**batch, **kl_rows, "label": torch.tensor([lab for _, lab in items])}
 
 
 def _feed(h, x) -> None:
@@ -521,7 +524,8 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows:
     if kind == "sft":
         collate = (lambda rows: packed_batch(rows, cfg.seq_len)) if pack else pad_batch
     else:
-        collate = pair_batch if kind == "preference" else partial(kto_batch, kl=kl_rows)
+        collate = pair_batch if kind == "preference" else partial(
+            kto_batch, kl=kl_rows, max_tokens=cfg.seq_len + 1, keep_end=cfg.truncation == "keep_end")
     train = ExampleSource(items, cfg.batch_size, collate, seed=seed, pack_len=pack)
     valid = ExampleSource(val, cfg.batch_size, collate, seed=seed + 1, pack_len=pack) if val else None
     return train, valid, report

@@ -56,12 +56,16 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return sums[0] / sums[1]
 
 
-def mismatched_rows(batch: dict) -> dict:
+def mismatched_rows(batch: dict, max_tokens: int | None = None, keep_end: bool = False) -> dict:
     """kl_input_ids / kl_targets / kl_loss_mask: row i's prompt followed by row (i-1) mod B's completion (TRL's
     KTOTrainer shifts the completions the same way: `completions[-1:] + completions[:-1]`).
     A row's prompt is its tokens up to its first counted target; its completion runs from there to its last
     counted target, taken from the row's tokens (so the gaps a conversational completion has between its
-    assistant turns are real tokens, never -100) and trained where the row was; rows are right-padded."""
+    assistant turns are real tokens, never -100) and trained where the row was; rows are right-padded.
+    A long prompt with another row's long completion can be up to twice as long as either row: `max_tokens` (the
+    data's seq_len + 1) truncates each such row as the data truncates an example (its first tokens, or with
+    `keep_end` its last), as TRL truncates its KL rows to max_length; a row left without completion tokens then
+    adds a log-ratio of 0 to the reference point, as in TRL."""
     ids, tgt, mask = batch["input_ids"], batch["targets"], response_mask(batch)
     parts = []
     for b in range(ids.shape[0]):
@@ -72,13 +76,20 @@ def mismatched_rows(batch: dict) -> dict:
         # the tokens after the prompt (input ids start+1..end, then the last target) and which are counted
         completion = torch.cat([ids[b, start + 1:end + 1], tgt[b, end:end + 1]])
         parts.append((ids[b, :start + 1], completion, mask[b, start:end + 1]))
-    rows = [torch.cat([p, parts[i - 1][1]]) for i, (p, _, _) in enumerate(parts)]
-    T = max(len(r) for r in rows) - 1
+    rows = []  # (tokens, which of tokens[1:] are counted targets)
+    for i, (prompt, _, _) in enumerate(parts):
+        _, completion, counted = parts[i - 1]
+        r = torch.cat([prompt, completion])
+        c = torch.cat([torch.zeros(len(prompt) - 1, dtype=torch.bool, device=ids.device), counted.bool()])
+        if max_tokens is not None and len(r) > max_tokens:
+            r, c = (r[-max_tokens:], c[-(max_tokens - 1):]) if keep_end else (r[:max_tokens], c[:max_tokens - 1])
+        rows.append((r, c))
+    T = max(len(r) for r, _ in rows) - 1
     out_ids = torch.zeros(len(rows), T, dtype=ids.dtype, device=ids.device)
     out_tgt = torch.full((len(rows), T), -100, dtype=tgt.dtype, device=ids.device)
-    for i, (r, (p, _, _)) in enumerate(zip(rows, parts)):
+    for i, (r, c) in enumerate(rows):
         out_ids[i, :len(r) - 1] = r[:-1]
-        out_tgt[i, len(p) - 1:len(r) - 1] = torch.where(parts[i - 1][2], r[len(p):], -100)
+        out_tgt[i, :len(r) - 1] = torch.where(c, r[1:], -100)
     return {"kl_input_ids": out_ids, "kl_targets": out_tgt, "kl_loss_mask": out_tgt >= 0}
 
 

@@ -159,6 +159,38 @@ def test_mismatched_rows_of_conversational_completions_hold_real_tokens():
     assert torch.isfinite(loss) and torch.isfinite(metrics["kl"])
 
 
+
+@pytest.mark.parametrize("truncation", ["keep_start", "keep_end"])
+def test_mismatched_rows_fit_seq_len(tmp_path, truncation):
+    """A long prompt followed by another record's long completion made a mismatched row of up to twice seq_len
+    (a learned-positions model then stopped: 'position 109 is beyond model.max_seq_len=64'). The data's KL rows
+    are truncated to seq_len + 1 tokens as its examples are (TRL truncates its KL rows to max_length): each is
+    the record pair's own encoding, truncated."""
+    import json
+
+    from lmforge.align import data as D
+    from lmforge.align.config import PostDataConfig
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    tok, seq_len = ByteTokenizer(), 24
+    records = [("p" * 18, "c" * 3), ("q" * 3, "d" * 18), ("r" * 10, "e" * 10)]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c, "label": i % 2 == 0}) + "\n"
+                            for i, (p, c) in enumerate(records)))
+    cfg = PostDataConfig(train=(str(path),), template="plain", seq_len=seq_len, batch_size=3, val_fraction=0,
+                         truncation=truncation)
+    src, _, _ = D.build_sources(cfg, tok, "kto", seed=0)
+    batch = src.next_batch()
+    assert batch["kl_input_ids"].shape[1] <= seq_len  # was 28: 10 + 18 + 1 (end of text) - 1
+    enc, keep_end = D.Encoder(tok, "plain"), truncation == "keep_end"
+    order = [next(i for i, (p, _) in enumerate(records) if bytes(row[:3].tolist()) == p[:3].encode())
+             for row in batch["input_ids"]]  # the shuffled batch's records
+    want = D.pad_batch([D._truncate(enc.prompt_completion(records[order[i]][0], records[order[i - 1]][1], "w"),
+                                    seq_len + 1, [], "w", keep_end) for i in range(3)])
+    for k in ("input_ids", "targets", "loss_mask"):
+        assert batch[f"kl_{k}"].tolist() == want[k].tolist(), k
+
+
 def _kto_step(tmp_path, name, batches, grad_accum, layout=None):
     """The first step's metrics of a Trainer running KTO on a tiny model over `batches` (micro-batches): in one
     process, or on this rank's rows (RankRows) through a ParallelRunner of `layout`."""

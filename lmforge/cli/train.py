@@ -49,14 +49,12 @@ def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any]) -
     if "RANK" not in os.environ:
         check_launch(cfg, nproc or 1)
     if nproc is not None and nproc > 1 and "RANK" not in os.environ:
-        import subprocess
-
-        from lmforge.parallel.launch import backend_for, check_local_gpus, torchrun_argv
+        from lmforge.parallel.launch import backend_for, check_local_gpus, run_passing_signals, torchrun_argv
 
         if backend_for(cfg.device) == "nccl":
             check_local_gpus(nproc)
-
-        return subprocess.call(torchrun_argv(nproc, [command, *argv])), None
+        # a Ctrl-C or SIGTERM to this launcher reaches the processes that train (they checkpoint and stop)
+        return run_passing_signals(torchrun_argv(nproc, [command, *argv])), None
     return None, cfg
 
 

@@ -74,6 +74,37 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
             "-m", "lmforge", *argv]
 
 
+def run_passing_signals(argv: list[str]) -> int:
+    """Run `argv` (the torchrun command of torchrun_argv) to its end, in a process group of its own, passing every
+    SIGINT and SIGTERM this process gets on to it; its exit code, or KeyboardInterrupt once it has ended after a
+    signal. torchrun hands the signal to its workers (each in a session of its own, out of a terminal's reach),
+    which stop at a step boundary and write a checkpoint (lmforge.train.interrupts), and waits for them. Without
+    this, a signal to the launcher alone (`kill PID`, a container's stop: SIGTERM to its first process) ended it
+    and left torchrun training with no one to stop it, and a SIGINT SIGKILLed torchrun (subprocess.call), its
+    workers left training or hanging in their rendezvous. A terminal's Ctrl-C reaches only this process (torchrun
+    is not in the terminal's group), so torchrun gets it once, not twice racing with the launcher's kill."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv, start_new_session=True)
+    passed: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        passed.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    before = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if passed:
+        raise KeyboardInterrupt
+    return rc
+
+
 def _worker(rank: int, fn: Callable, world: int, store: str, out_dir: str, args: tuple) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

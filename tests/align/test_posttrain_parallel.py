@@ -128,3 +128,71 @@ def test_lmforge_sft_nproc_2_runs_under_torchrun(base, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("done: 2 steps") == 1
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_000002"]
+
+
+CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+log = Path(sys.argv[1])
+def stop(signum, frame):
+    with open(log, "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    time.sleep(0.3)  # a checkpoint being written
+    with open(log, "a") as f:
+        f.write("stopped\\n")
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+log.write_text(f"ready {os.getpid()}\\n")
+time.sleep(30)
+"""
+
+LAUNCHER = """
+import sys, types
+from lmforge.cli import train as T
+from lmforge.parallel import launch
+launch.torchrun_argv = lambda n, argv: [sys.executable, sys.argv[1], sys.argv[2]]  # torchrun's stand-in
+try:
+    rc, _ = T.relaunch("sft", ["--nproc", "2"], lambda a: types.SimpleNamespace(device="cpu"))
+    print("rc", rc)
+except KeyboardInterrupt:
+    print("interrupted")
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_nproc_launcher_alone_reaches_the_processes_that_train(tmp_path, sig):
+    """`lmforge sft --nproc N` re-runs itself under torchrun. A SIGTERM to the launcher alone (`kill PID`, a
+    container's stop) ended it and left torchrun training with no one to stop it; a SIGINT SIGKILLed torchrun
+    (subprocess.call), its workers left running. The launcher passes both on to torchrun (here a stand-in that
+    records what reaches it), waits for it to stop, and says it was interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "child.py").write_text(CHILD)
+    log = tmp_path / "log"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "child.py"), str(log)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = None
+    try:
+        for _ in range(300):
+            if log.exists() and log.read_text().startswith("ready"):
+                child = int(log.read_text().split()[1])
+                break
+            time.sleep(0.05)
+        assert child is not None, "the stand-in never started"
+        os.kill(launcher.pid, getattr(signal, sig))  # the launcher alone, not its process group
+        out, _ = launcher.communicate(timeout=20)
+        assert log.read_text().splitlines()[1:] == [sig, "stopped"]  # it got the signal once and stopped itself
+        assert (launcher.returncode, out.strip()) == (130, "interrupted")
+    finally:
+        launcher.kill()
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)  # (left running without the fix)
+            except ProcessLookupError:
+                pass

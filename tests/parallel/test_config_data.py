@@ -175,10 +175,10 @@ def test_parallel_section_of_a_toml_config_loads():
 @pytest.fixture
 def launched(monkeypatch) -> list[list[str]]:
     """The torchrun commands `lmforge COMMAND --nproc N` runs from here on (recorded, none started)."""
-    import subprocess
+    from lmforge.parallel import launch
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(launch, "run_passing_signals", lambda argv: calls.append(argv) or 0)
     monkeypatch.delenv("RANK", raising=False)
     return calls
 

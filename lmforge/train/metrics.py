@@ -101,9 +101,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """loss.png: training loss and validation loss against step. Without matplotlib, says so on stderr
-    and returns None."""
+def plot_losses(run_dir: str | Path, out: str | Path | None = None, ylabel: str = "cross-entropy (nats/token)"
+                ) -> Path | None:
+    """loss.png: training loss and validation loss against step (`ylabel`: what the loss is; the Trainer names a
+    post-training objective's). Without matplotlib, says so on stderr and returns None."""
     try:
         import matplotlib
 
@@ -122,7 +123,7 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     if va:
         ax.plot(*zip(*va), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -99,6 +99,14 @@ def batch_tokens(batch: Batch) -> int:
     return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
 
+def loss_label(objective: Objective) -> str:
+    """What loss.png's y axis shows: pretraining's next-token cross-entropy, else the objective's own loss (a DPO,
+    KTO or reward-model loss is no cross-entropy per token)."""
+    from lmforge.train.loss import LMObjective
+
+    return "cross-entropy (nats/token)" if isinstance(objective, LMObjective) else f"loss ({type(objective).__name__})"
+
+
 def batch_rows(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
@@ -918,7 +926,7 @@ class Trainer:
             self.metrics.close()
             self.close()
         if cfg.plot and self.rank == 0:
-            plot_losses(self.run_dir)
+            plot_losses(self.run_dir, ylabel=loss_label(self.objective))
         return TrainResult(self.run_dir, self.step, ev.get("val_loss"), ev.get("val_bpb"), self.elapsed,
                            self.last_checkpoint, read_metrics(self.run_dir) if self.rank == 0 else [], ev,
                            self.interrupts.reason if self.step < cfg.max_steps else None)

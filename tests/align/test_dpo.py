@@ -125,3 +125,23 @@ def test_bad_config_and_vocab_mismatch():
     obj = DPOObjective(DPOConfig(), reference=tiny_model(1, vocab_size=50))
     with pytest.raises(ConfigError, match="vocab_size=50"):
         obj.loss(tiny_model(0), pair_batch())
+
+
+def test_loss_png_names_the_objectives_loss(tmp_path, monkeypatch):
+    """loss.png labelled every run's loss 'cross-entropy (nats/token)', a DPO, KTO or reward model's too."""
+    from lmforge.optim import build_optimizer
+    from lmforge.optim.config import OptimConfig
+    from lmforge.train import trainer as T
+    from lmforge.train.config import LoopConfig
+    from lmforge.train.harness import FixedBatches
+    from lmforge.train.loss import LMObjective
+
+    labels = []
+    monkeypatch.setattr(T, "plot_losses", lambda run_dir, ylabel="cross-entropy (nats/token)": labels.append(ylabel))
+    policy, batch = tiny_model(0), pair_batch()
+    cfg = LoopConfig(optim=OptimConfig(lr=1e-3), run_dir=str(tmp_path / "dpo"), max_steps=1, device="cpu",
+                     progress=False, plot=True)
+    T.Trainer(policy, build_optimizer(policy, cfg.optim), FixedBatches([batch]),
+              DPOObjective(reference=tiny_model(1)), config=cfg).fit()
+    assert labels == ["loss (DPOObjective)"]
+    assert T.loss_label(LMObjective()) == "cross-entropy (nats/token)"

@@ -28,7 +28,7 @@ import numpy as np
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import agreement, formats
-from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
+from lmforge.tokenizer.byte import FILE_NAME, end_of_text, without_surrogates
 from lmforge.tokenizer.formats import NORMAL_FORMS
 from lmforge.tokenizer.pretokenize import (PATTERNS, check_specials, last_safe_cut, pieces_pattern,
                                            resolve_pattern, special_regex, split_specials, wraps_alone)
@@ -59,13 +59,15 @@ class Tokenizer:
     emitted as that token instead of being merged (HF's `model.ignore_merges`, set by Llama-3; tiktoken
     always works so); prefix_tokens / suffix_tokens: special tokens that encode(text, add_special_tokens=True)
     puts before / after the text (a HF tokenizer.json post_processor: Llama-3's <|begin_of_text|> before; none
-    for lmforge-trained tokenizers).
+    for lmforge-trained tokenizers); eos_token: the special token that ends a text (eot_id), where it is not the
+    first of byte.EOT_NAMES the specials hold (a HF directory's tokenizer_config.json eos_token: Llama-3-Instruct's
+    <|eot_id|>).
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  special_tokens: Iterable[str] | dict[str, int] | None = None, pattern: str = "gpt2",
                  normalization: str | None = None, ignore_merges: bool = False,
-                 prefix_tokens: Iterable[str] = (), suffix_tokens: Iterable[str] = ()):
+                 prefix_tokens: Iterable[str] = (), suffix_tokens: Iterable[str] = (), eos_token: str | None = None):
         if normalization not in NORMAL_FORMS:
             raise ConfigError(f"normalization={normalization!r} is not a Unicode normal form; use one of "
                               f"{NORMAL_FORMS[1:]} or None")
@@ -81,6 +83,10 @@ class Tokenizer:
         if unknown:
             raise ConfigError(f"prefix/suffix token {unknown[0]!r} is not one of the special tokens "
                               f"{list(self.special_tokens)}; add it to special_tokens")
+        if eos_token is not None and eos_token not in self.special_tokens:
+            raise ConfigError(f"eos_token {eos_token!r} is not one of the special tokens {list(self.special_tokens)}; "
+                              "add it to special_tokens")
+        self.eos_token = eos_token
         self._check_tables()
         self._decode_table = [_REPLACEMENT] * self.vocab_size
         for i, b in self.vocab.items():
@@ -202,7 +208,8 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int | None:
-        return self.special_tokens.get("<|endoftext|>")
+        """The id that ends a text: generation stops there, SFT completions and token shards' documents end with it."""
+        return end_of_text(self.special_tokens, self.eos_token)
 
     @property
     def bos_id(self) -> int | None:
@@ -349,6 +356,7 @@ class Tokenizer:
                 **({"ignore_merges": True} if self.ignore_merges else {}),
                 **({"prefix_tokens": list(self.prefix_tokens)} if self.prefix_tokens else {}),
                 **({"suffix_tokens": list(self.suffix_tokens)} if self.suffix_tokens else {}),
+                **({"eos_token": self.eos_token} if self.eos_token is not None else {}),
                 "special_tokens": self.special_tokens,
                 "vocab": formats.encode_vocab(self.vocab, self.special_tokens),
                 "merges": [f"{formats.bytes_to_str(a)} {formats.bytes_to_str(b)}" for a, b in self.merges]}
@@ -373,7 +381,8 @@ class Tokenizer:
             specials = {str(s): int(i) for s, i in d["special_tokens"].items()}
             return cls(vocab, merges, specials, pattern=d["pattern"], normalization=d.get("normalization"),
                        ignore_merges=bool(d.get("ignore_merges", False)),
-                       prefix_tokens=d.get("prefix_tokens", ()), suffix_tokens=d.get("suffix_tokens", ()))
+                       prefix_tokens=d.get("prefix_tokens", ()), suffix_tokens=d.get("suffix_tokens", ()),
+                       eos_token=d.get("eos_token"))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise DataError(f"{where} is corrupt: {type(e).__name__}: {e}") from e
 

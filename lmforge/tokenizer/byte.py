@@ -8,6 +8,18 @@ from lmforge.utils import write_json_atomic
 
 FILE_NAME = "lmforge_tokenizer.json"
 
+EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+"""end-of-text tokens by name: a tokenizer's eot_id is the first its special tokens hold (GPT-2, Qwen2, lmforge-trained:
+<|endoftext|>; Llama 3: <|end_of_text|>; Llama 2, Mistral: </s>; Gemma: <eos>), unless its eos_token names one (a HF
+directory's tokenizer_config.json eos_token: Llama-3-Instruct's <|eot_id|>, Qwen2-Instruct's <|im_end|>)"""
+
+
+def end_of_text(specials: dict[str, int], eos_token: str | None = None) -> int | None:
+    """The end-of-text id among `specials` (see EOT_NAMES), or None."""
+    if eos_token is not None:
+        return specials[eos_token]
+    return next((specials[s] for s in EOT_NAMES if s in specials), None)
+
 
 def without_surrogates(text: str) -> str:
     """Lone surrogates cannot be UTF-8 encoded; like tiktoken, replace them with U+FFFD."""
@@ -32,7 +44,7 @@ class ByteTokenizer:
 
     @property
     def eot_id(self) -> int | None:
-        return self.special_ids.get("<|endoftext|>")
+        return end_of_text(self.special_ids)
 
     def encode(self, text: str) -> list[int]:
         return list(without_surrogates(text).encode("utf-8"))

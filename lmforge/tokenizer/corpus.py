@@ -2,10 +2,11 @@
 statistics (compression, vocabulary use). Files are cut into byte ranges at safe points, encoded by
 worker processes in order, and streamed into `TokenShardWriter`, so memory stays bounded.
 
-Documents: each file is one, and inside a file the `<|endoftext|>` text (when the tokenizer has it)
-separates documents; the writer puts the separator id before every document. Within a document, text is encoded
-with `encode_ordinary`, as the data pipeline's `tokenize` stage does: a special-token string in the text (a web
-page quoting "<|im_start|>") stays text and never becomes a control token.
+Documents: each file is one, and inside a file the text of the tokenizer's end-of-text token (its eot_id's:
+`<|endoftext|>`, Llama 3's `<|end_of_text|>`, ...; none when it has no such token) separates documents; the writer
+puts the separator id before every document. Within a document, text is encoded with `encode_ordinary`, as the data
+pipeline's `tokenize` stage does: a special-token string in the text (a web page quoting "<|im_start|>") stays text
+and never becomes a control token.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from lmforge.tokenizer.pretokenize import PATTERNS, safe_byte_cut
 from lmforge.tokenizer.train import decode_counting, file_ranges
 from lmforge.utils import input_files
 
-EOT = "<|endoftext|>"
 _TOK = None  # the tokenizer inside a worker process (set by _init)
 
 
@@ -46,7 +46,7 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
         raw = f.read(end - start)
     text, bad = decode_counting(raw)
     tok = _TOK
-    sep = EOT if tok.eot_id is not None else None
+    sep = tok.decode([tok.eot_id]) if tok.eot_id is not None else None
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     if hasattr(tok, "encode_bytes"):  # the byte tokenizer keeps bytes that are not UTF-8 as they are
         docs_b = raw.split(sep.encode()) if sep else [raw]

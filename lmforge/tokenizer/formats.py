@@ -414,9 +414,23 @@ def is_sentencepiece(doc: Any) -> bool:
     return bool(model.get("byte_fallback")) or "Metaspace" in steps or "\\u2581" in steps
 
 
+def hf_eos_token(tokenizer_json: str | Path, added: dict[str, int]) -> str | None:
+    """The eos_token of the tokenizer_config.json beside a tokenizer.json, where it is one of `added` (its added
+    tokens), else None: what HF's tokenizer.eos_token is (tokenizer.json itself names none). A missing or
+    unreadable config gives None, as for the chat template it also holds (checkpoint.hf_chat_template)."""
+    try:
+        config = json.loads((Path(tokenizer_json).parent / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    eos = config.get("eos_token") if isinstance(config, dict) else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos  # (an AddedToken is saved as {"content": ...})
+    return eos if isinstance(eos, str) and eos in added else None
+
+
 def read_hf(path: str | Path) -> dict[str, Any]:
     """A byte-level BPE tokenizer.json (GPT-2, RoBERTa, Llama-3, Qwen2 style) -> Tokenizer keyword arguments,
-    the special tokens its post_processor adds around a text among them (prefix_tokens, suffix_tokens)."""
+    the special tokens its post_processor adds around a text among them (prefix_tokens, suffix_tokens), and the
+    eos_token of a tokenizer_config.json beside it (hf_eos_token)."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -443,7 +457,8 @@ def read_hf(path: str | Path) -> dict[str, Any]:
     return {"vocab": vocab, "merges": merges, "special_tokens": specials,
             "pattern": _hf_pattern(doc.get("pre_tokenizer"), str(path)),
             "normalization": _hf_normalization(doc.get("normalizer"), str(path)),
-            "ignore_merges": bool(model.get("ignore_merges", False)), "prefix_tokens": before, "suffix_tokens": after}
+            "ignore_merges": bool(model.get("ignore_merges", False)), "prefix_tokens": before, "suffix_tokens": after,
+            "eos_token": hf_eos_token(path, specials)}
 
 
 # ---- tiktoken rank files --------------------------------------------------------------------------

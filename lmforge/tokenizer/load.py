@@ -54,7 +54,7 @@ def _from_json(path: Path):
         tok.path = path.resolve()
         return tok
     if isinstance(data.get("model"), dict):  # (GPT-2's vocab.json has a token "model" too, as an id)
-        return sentencepiece.SentencePieceBPE(data, str(path)) if is_sentencepiece(data) else Tokenizer.from_hf(path)
+        return sentencepiece.SentencePieceBPE.from_hf(path, data) if is_sentencepiece(data) else Tokenizer.from_hf(path)
     if (path.parent / "merges.txt").is_file() and all(isinstance(v, int) for v in data.values()):
         return Tokenizer.from_gpt2_files(path, path.parent / "merges.txt")
     raise DataError(f"tokenizer file {path} is none of the formats lmforge reads ({FORMATS})")

@@ -43,16 +43,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmforge.errors import DataError
-from lmforge.tokenizer.byte import FILE_NAME, without_surrogates
-from lmforge.tokenizer.formats import _hf_added_specials, _read_json
+from lmforge.tokenizer.byte import FILE_NAME, end_of_text, without_surrogates
+from lmforge.tokenizer.formats import _hf_added_specials, _read_json, hf_eos_token
 from lmforge.tokenizer.pretokenize import special_regex
 from lmforge.utils import write_json_atomic
 
 TYPE = "sentencepiece_bpe"
 """the "type" of the lmforge_tokenizer.json `save` writes (load_tokenizer dispatches on it)"""
 FORMAT_VERSION = 1
-EOT_NAMES = ("</s>", "<eos>", "<|endoftext|>")
-"""the end-of-text token, the first of these the file's special tokens hold (Llama 2 and Mistral: </s>, Gemma: <eos>)"""
 
 _SPACES = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
                     + "".join(map(chr, range(0x2000, 0x200b))))
@@ -232,14 +230,20 @@ def merge_all(symbols: list[int], merges: dict[tuple[int, int], tuple[int, int]]
 class SentencePieceBPE:
     """A SentencePiece-style BPE tokenizer.json (see the module docstring), with lmforge's tokenizer interface:
     encode / encode_ordinary (+ _spans) / decode, vocab_size, special_tokens, eot_id, bos_id, prefix/suffix_tokens,
-    save, spec. `doc`: the parsed tokenizer.json, kept whole (save and save_hf write it back)."""
+    save, spec. `doc`: the parsed tokenizer.json, kept whole (save and save_hf write it back); eos_token: the added
+    token that ends a text (eot_id), where it is not the first of byte.EOT_NAMES the special tokens hold (a HF
+    directory's tokenizer_config.json eos_token: from_hf reads it)."""
 
-    def __init__(self, doc: dict, where: str = "tokenizer.json"):
+    def __init__(self, doc: dict, where: str = "tokenizer.json", eos_token: str | None = None):
         if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict) or doc["model"].get("type") != "BPE":
             raise DataError(f"{where}: not a BPE tokenizer.json (model.type must be 'BPE')")
         self.doc, self.path = doc, None
         self._read_model(doc["model"], where)
         self._read_added(doc.get("added_tokens") or [], where)
+        if eos_token is not None and eos_token not in self.added_tokens:
+            raise DataError(f"{where}: eos_token {eos_token!r} is not one of the added tokens "
+                            f"{list(self.added_tokens)[:8]}; name one of them")
+        self.eos_token = eos_token
         self._normalizer = _read_normalizer(doc.get("normalizer"), where)
         self._pre_tokenizer = _read_pre_tokenizer(doc.get("pre_tokenizer"), where)
         self._decoder = _read_decoder(doc.get("decoder"), where)
@@ -324,7 +328,10 @@ class SentencePieceBPE:
 
     @property
     def eot_id(self) -> int | None:
-        return next((self.special_tokens[s] for s in EOT_NAMES if s in self.special_tokens), None)
+        """The id that ends a text: generation stops there, SFT completions and token shards' documents end with it."""
+        if self.eos_token is not None:
+            return self.added_tokens[self.eos_token]
+        return end_of_text(self.special_tokens)
 
     @property
     def bos_id(self) -> int | None:
@@ -610,7 +617,8 @@ class SentencePieceBPE:
         tokenizer.json document, whole, under a "type" load_tokenizer reads."""
         path = Path(path)
         target = path / FILE_NAME if path.suffix != ".json" else path
-        write_json_atomic(target, {"type": TYPE, "version": FORMAT_VERSION, "tokenizer.json": self.doc})
+        write_json_atomic(target, {"type": TYPE, "version": FORMAT_VERSION, "tokenizer.json": self.doc,
+                                   **({"eos_token": self.eos_token} if self.eos_token is not None else {})})
         self.path = target.resolve()
         return target
 
@@ -622,11 +630,15 @@ class SentencePieceBPE:
         return target
 
     @classmethod
-    def from_hf(cls, path: str | Path) -> "SentencePieceBPE":
-        """Open a SentencePiece-style tokenizer.json (or the directory holding one)."""
+    def from_hf(cls, path: str | Path, doc: dict | None = None) -> "SentencePieceBPE":
+        """Open a SentencePiece-style tokenizer.json (or the directory holding one; `doc`: its parsed text, where the
+        caller has read it), with the eos_token of a tokenizer_config.json beside it (formats.hf_eos_token)."""
         path = Path(path)
         path = path / "tokenizer.json" if path.is_dir() else path
-        return cls(_read_json(path, "HF tokenizer file"), str(path))
+        doc = _read_json(path, "HF tokenizer file") if doc is None else doc
+        added = doc.get("added_tokens") if isinstance(doc, dict) else None
+        names = {t.get("content"): t.get("id") for t in added or [] if isinstance(t, dict)}
+        return cls(doc, str(path), eos_token=hf_eos_token(path, names))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "tokenizer") -> "SentencePieceBPE":
@@ -634,7 +646,7 @@ class SentencePieceBPE:
         if d.get("type") != TYPE or d.get("version") != FORMAT_VERSION:
             raise DataError(f"{where} is not a version-{FORMAT_VERSION} {TYPE} tokenizer (type {d.get('type')!r}, "
                             f"version {d.get('version')!r})")
-        return cls(d.get("tokenizer.json"), where)
+        return cls(d.get("tokenizer.json"), where, eos_token=d.get("eos_token"))
 
 
 # ---- decoder steps: HF's, each on the list of token strings ----------------------------------------

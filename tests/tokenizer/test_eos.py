@@ -1,0 +1,77 @@
+"""The end-of-text id (eot_id) of tokenizers read from HF files: the tokenizer_config.json eos_token beside a
+tokenizer.json, else the first of byte.EOT_NAMES the specials hold. A Llama-3 tokenizer.json (<|end_of_text|>,
+<|eot_id|>) had no eot_id at all, since only <|endoftext|> was looked for: token shards had no document separator
+and SFT completions no end token."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lmforge.data.shards import TokenFile
+from lmforge.errors import ConfigError
+from lmforge.tokenizer.corpus import encode_to_shards
+from lmforge.tokenizer.load import load_tokenizer
+from tests.tokenizer.sp_files import added, sp_doc
+
+LLAMA3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+
+
+def _llama3_dir(path, eos_token=None):
+    """A byte-level tokenizer.json with Llama 3's special tokens (trained with HF tokenizers), and a
+    tokenizer_config.json naming eos_token when given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the cat sat on the mat, said the other cat"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=LLAMA3, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    if eos_token is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": eos_token, "bos_token": LLAMA3[0]}))
+    return path
+
+
+def test_llama3_tokenizer_has_an_end_of_text_id(tmp_path):
+    tok = load_tokenizer(_llama3_dir(tmp_path / "base"))
+    assert tok.eot_id == tok.special_tokens["<|end_of_text|>"] == 1
+
+
+@pytest.mark.parametrize("eos", ["<|eot_id|>", {"content": "<|eot_id|>", "special": True}])
+def test_tokenizer_config_eos_token_names_it_and_survives_save(tmp_path, eos):
+    tok = load_tokenizer(_llama3_dir(tmp_path / "instruct", eos))
+    assert tok.eos_token == "<|eot_id|>" and tok.eot_id == 2
+    assert load_tokenizer(tok.save(tmp_path / "saved")).eot_id == 2
+
+
+def test_eos_token_not_a_special_is_refused(tmp_path):
+    tok = load_tokenizer(_llama3_dir(tmp_path / "t"))
+    with pytest.raises(ConfigError, match="eos_token '<eot>' is not one of the special tokens"):
+        type(tok)(tok.vocab, tok.merges, tok.special_tokens, eos_token="<eot>")
+
+
+def test_sentencepiece_tokenizer_config_eos_token(tmp_path):
+    doc = sp_doc()  # <unk> <s> </s>, then (Phi-3's layout) <|endoftext|> added, which its config names eos
+    eot = added(doc, "<|endoftext|>")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    assert load_tokenizer(tmp_path).eot_id == eot  # the first of EOT_NAMES its specials hold
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.eot_id == doc["model"]["vocab"]["</s>"] == 2
+    assert load_tokenizer(tok.save(tmp_path / "saved")).eot_id == 2
+
+
+def test_shards_separate_documents_with_llama3_end_of_text(tmp_path):
+    tok = load_tokenizer(_llama3_dir(tmp_path / "base"))
+    docs = ["the cat sat", "on the mat"]
+    src = tmp_path / "doc.txt"
+    src.write_text("<|end_of_text|>".join(docs))
+    rep = encode_to_shards(tok, [str(src)], tmp_path / "out", progress=False)
+    ids = np.asarray(TokenFile(rep.shards["train"]).tokens).tolist()
+    assert ids == [1, *tok.encode_ordinary(docs[0]), 1, *tok.encode_ordinary(docs[1])]
+    assert rep.docs["train"] == 2

@@ -21,7 +21,7 @@ import numpy as np
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.load import takes_where
 from lmforge.tokenizer.pretokenize import PATTERNS, safe_byte_cut
-from lmforge.tokenizer.train import decode_counting, file_ranges
+from lmforge.tokenizer.train import file_ranges, read_range, text_codec
 from lmforge.utils import input_files
 
 _TOK = None  # the tokenizer inside a worker process (set by _init)
@@ -41,10 +41,7 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
     """Encode bytes [start, end) of a file -> [(ids, starts_a_document)], bytes read, undecodable bytes.
     `first`: the range opens a file (or its validation tail), so its text starts a document."""
     path, start, end, first = task
-    with open(path, "rb") as f:
-        f.seek(start)
-        raw = f.read(end - start)
-    text, bad = decode_counting(raw)
+    raw, text, bad = read_range(path, start, end)
     tok = _TOK
     sep = tok.decode([tok.eot_id]) if tok.eot_id is not None else None
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -73,6 +70,9 @@ def _split_point(path: Path, val_fraction: float, pat: str, specials: tuple[str,
     if val_fraction <= 0:
         return size
     target = int(size * (1 - val_fraction))
+    codec = text_codec(path)[1]
+    if codec != "utf-8":  # UTF-16: after the first line end (an even offset) past the target, or no tail
+        return _utf16_line_start(path, target, size, codec)
     with open(path, "rb") as f:
         f.seek(target)
         window = f.read(1 << 20)
@@ -83,6 +83,17 @@ def _split_point(path: Path, val_fraction: float, pat: str, specials: tuple[str,
     if 0 < line < size - target and not any("\n" in s for s in specials):
         return target + line
     return size if cut == -1 else target + cut
+
+
+def _utf16_line_start(path: Path, target: int, size: int, codec: str) -> int:
+    newline = "\n".encode(codec)
+    with open(path, "rb") as f:
+        f.seek(target - target % 2)
+        window = f.read(1 << 20)
+    i = window.find(newline)
+    while i != -1 and (target - target % 2 + i) % 2:
+        i = window.find(newline, i + 1)
+    return size if i == -1 else target - target % 2 + i + 2
 
 
 def _encode_tasks(tok, files: list[Path], val_fraction: float) -> Iterator[tuple[str, tuple[str, int, int, bool]]]:

@@ -44,6 +44,33 @@ def decode_counting(data: bytes) -> tuple[str, int]:
         return "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in text), bad
 
 
+def text_codec(path: str | Path) -> tuple[bytes, str]:
+    """The byte-order mark a text file opens with and the codec it names (data.readers.BOMS), or (b"", "utf-8")."""
+    from lmforge.data.readers import BOMS
+
+    with open(path, "rb") as f:
+        head = f.read(3)
+    return next(((bom, codec) for bom, codec in BOMS if head.startswith(bom)), (b"", "utf-8"))
+
+
+def read_range(path: str | Path, start: int, end: int) -> tuple[bytes, str, int]:
+    """Bytes [start, end) of a text file -> (its text as UTF-8 bytes, the text, undecodable bytes). A file that opens
+    with a byte-order mark is decoded as the mark says, the mark dropped (data.readers.decode_text: a UTF-16 file
+    read as UTF-8 was NULs and U+FFFD, a UTF-8 mark a U+FEFF trained into the vocabulary); others as UTF-8
+    (decode_counting). A UTF-16 file's ranges start at even offsets (file_ranges keeps it whole)."""
+    bom, codec = text_codec(path)
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(end - start)
+    raw = raw[len(bom):] if start == 0 else raw
+    if codec == "utf-8":
+        return (raw, *decode_counting(raw))
+    from lmforge.data.readers import decode_text
+
+    text, bad = decode_text(bom + raw)
+    return text.encode("utf-8"), text, bad
+
+
 def count_text(text: str, pat: str, specials: tuple[str, ...]) -> Counter:
     """Pre-token (bytes) -> count for one text; specials are cut out and not counted."""
     pieces: Counter = Counter()
@@ -63,9 +90,7 @@ def count_text(text: str, pat: str, specials: tuple[str, ...]) -> Counter:
 
 def _count_range(task: tuple[str, int, int, str, tuple[str, ...]]) -> tuple[Counter, int, int]:
     path, start, end, pat, specials = task
-    with open(path, "rb") as f:
-        f.seek(start)
-        text, bad = decode_counting(f.read(end - start))
+    _, text, bad = read_range(path, start, end)
     return count_text(text, pat, specials), end - start, bad
 
 
@@ -82,9 +107,12 @@ def _count_texts(task: tuple[list[str], str, tuple[str, ...]]) -> tuple[Counter,
 def file_ranges(path: Path, pat: str, specials: tuple[str, ...], chunk: int | None = None,
                 start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
     """Cut bytes [start, end) of a file into ranges of about `chunk` bytes at safe points (see
-    `safe_byte_cut`); with no safe point (e.g. a custom pattern and no specials) it stays whole."""
+    `safe_byte_cut`); with no safe point (e.g. a custom pattern and no specials) it stays whole, as does a UTF-16
+    file (its byte-order mark says so), whose bytes `safe_byte_cut` cannot read."""
     chunk = chunk or CHUNK_BYTES
     end = path.stat().st_size if end is None else end
+    if text_codec(path)[1] != "utf-8":
+        return [(start, end)] if end > start else []
     bounds, pos = [start], start + chunk
     with open(path, "rb") as f:
         while pos < end:

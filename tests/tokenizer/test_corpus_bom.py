@@ -1,0 +1,56 @@
+"""Tokenizer training and corpus encoding follow a text file's byte-order mark, as the data pipeline's readers do
+(data.readers.decode_text): a UTF-16 file was read as UTF-8 (NULs and U+FFFD trained and encoded), and a UTF-8 mark
+stayed as U+FEFF (its three bytes became a token and the first ids of every shard)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lmforge as lf
+from lmforge.data.shards import TokenFile
+from lmforge.tokenizer.byte import ByteTokenizer
+from lmforge.tokenizer.corpus import encode_to_shards
+
+TEXT = "hello world, the cat sat\r\nsecond line of the text\n" * 30 + "café 日本 end\n"
+MARKED = {"utf-8-sig": b"\xef\xbb\xbf" + TEXT.encode(), "utf-16-le": TEXT.encode("utf-16"),
+          "utf-16-be": b"\xfe\xff" + TEXT.encode("utf-16-be")}
+
+
+def _train(path):
+    return lf.train_bpe([str(path)], 300, ["<|endoftext|>"], progress=False, workers=1)
+
+
+@pytest.fixture
+def plain(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_bytes(TEXT.encode())
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(MARKED))
+def test_training_follows_the_byte_order_mark(tmp_path, plain, kind):
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(MARKED[kind])
+    tok = _train(marked)
+    assert tok.merges == _train(plain).merges
+    assert not any(b"\xef\xbb" in a + b or b"\x00" in a + b for a, b in tok.merges)
+
+
+@pytest.mark.parametrize("kind", sorted(MARKED))
+def test_encoding_follows_the_byte_order_mark(tmp_path, plain, kind):
+    tok = _train(plain)
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(MARKED[kind])
+    rep = encode_to_shards(tok, [str(marked)], tmp_path / "out", val_fraction=0.3, progress=False)
+    train, val = (np.asarray(TokenFile(rep.shards[s]).tokens).tolist() for s in ("train", "val"))
+    assert train[0] == val[0] == tok.eot_id and val[1:]  # two documents: the file and its validation tail
+    assert tok.decode(train[1:]) + tok.decode(val[1:]) == TEXT
+    assert rep.undecodable_bytes == 0
+
+
+def test_byte_tokenizer_encodes_a_utf16_file_as_its_text(tmp_path):
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(MARKED["utf-16-le"])
+    rep = encode_to_shards(ByteTokenizer(), [str(marked)], tmp_path / "out", progress=False)
+    assert np.asarray(TokenFile(rep.shards["train"]).tokens).tolist()[1:] == list(TEXT.encode())

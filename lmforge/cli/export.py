@@ -266,12 +266,13 @@ def stored_dtype(ckpt: Path, model):
 
 
 def chat_template(cfg: ExportConfig, ckpt: Path):
-    """The ChatTemplate asked for or recorded by the checkpoint's fine-tuning run (None: neither)."""
-    from lmforge.checkpoint import recorded_chat_template
+    """The ChatTemplate asked for or recorded by the checkpoint's fine-tuning run, else a HF checkpoint's own Jinja
+    (checkpoint.hf_chat_template: an export of a HF directory dropped it), else None."""
+    from lmforge.checkpoint import hf_chat_template, recorded_chat_template
     from lmforge.infer.chat_template import get_template
 
     name = cfg.template or recorded_chat_template(ckpt)
-    return get_template(name) if name else None
+    return get_template(name) if name else hf_chat_template(ckpt)
 
 
 def eos_ids(model, tok, template) -> tuple[int, ...]:
@@ -326,6 +327,8 @@ class TokenizerFiles:
                 "clean_up_tokenization_spaces": False}  # decode as lmforge does: no spaces removed
         if self.eos and self.eos[0] in names:
             conf["eos_token"] = names[self.eos[0]]
+        # a HF checkpoint's own Jinja reads its config's bos_token, eos_token, ...: written as they were
+        conf.update(getattr(self.template, "tokens", ()))
         if self.byte:
             conf["split_special_tokens"] = True
         if self.template is not None:

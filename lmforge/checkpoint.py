@@ -621,8 +621,11 @@ def _load_hf(path: Path, tokenizer: bool = True, dtype: torch.dtype | None = Non
     from lmforge.tokenizer.load import load_tokenizer
 
     model = Transformer.from_pretrained(path, dtype=dtype)
-    # (byte-level BPE as a Tokenizer, SentencePiece-style as a SentencePieceBPE: Llama 2, Mistral, Gemma)
-    tok = load_tokenizer(path / "tokenizer.json") if tokenizer and (path / "tokenizer.json").is_file() else None
+    # (byte-level BPE as a Tokenizer, SentencePiece-style as a SentencePieceBPE: Llama 2, Mistral, Gemma; else GPT-2's
+    # vocab.json + merges.txt, which a directory without tokenizer.json holds: one saved by a slow GPT2Tokenizer)
+    found = next((path / name for name, beside in (("tokenizer.json", "tokenizer.json"), ("vocab.json", "merges.txt"))
+                  if (path / name).is_file() and (path / beside).is_file()), None)
+    tok = load_tokenizer(found) if tokenizer and found is not None else None
     return model, tok
 
 

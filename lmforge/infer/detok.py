@@ -112,12 +112,14 @@ def decode_after(tokenizer, context: list[int], ids: list[int]) -> str:
 
 
 def special_ids(tokenizer) -> frozenset[int]:
-    """The ids of a tokenizer's special tokens: lmforge's Tokenizer (`special_tokens`, name -> id), ByteTokenizer
-    (`special_ids`), a HF tokenizer (`all_special_ids`); none for others."""
+    """The ids of a tokenizer's special tokens: lmforge's Tokenizer (`special_tokens`, name -> id, less those HF
+    marks not special: `non_special`), ByteTokenizer (`special_ids`), a HF tokenizer (`all_special_ids`); none for
+    others."""
     for name in ("special_ids", "special_tokens"):
         table = getattr(tokenizer, name, None)
         if isinstance(table, dict):
-            return frozenset(int(i) for i in table.values())
+            kept = set(getattr(tokenizer, "non_special", ()))
+            return frozenset(int(i) for s, i in table.items() if s not in kept)
     return frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", None) or ())
 
 

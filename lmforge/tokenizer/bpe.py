@@ -61,13 +61,15 @@ class Tokenizer:
     puts before / after the text (a HF tokenizer.json post_processor: Llama-3's <|begin_of_text|> before; none
     for lmforge-trained tokenizers); eos_token: the special token that ends a text (eot_id), where it is not the
     first of byte.EOT_NAMES the specials hold (a HF directory's tokenizer_config.json eos_token: Llama-3-Instruct's
-    <|eot_id|>).
+    <|eot_id|>); non_special: special tokens a HF tokenizer.json marks "special": false (Qwen3's <think>, Qwen2.5's
+    <tool_call>): matched in text as the others, but kept in texts decoded with skip_special_tokens, as HF keeps them.
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  special_tokens: Iterable[str] | dict[str, int] | None = None, pattern: str = "gpt2",
                  normalization: str | None = None, ignore_merges: bool = False,
-                 prefix_tokens: Iterable[str] = (), suffix_tokens: Iterable[str] = (), eos_token: str | None = None):
+                 prefix_tokens: Iterable[str] = (), suffix_tokens: Iterable[str] = (), eos_token: str | None = None,
+                 non_special: Iterable[str] = ()):
         if normalization not in NORMAL_FORMS:
             raise ConfigError(f"normalization={normalization!r} is not a Unicode normal form; use one of "
                               f"{NORMAL_FORMS[1:]} or None")
@@ -79,10 +81,13 @@ class Tokenizer:
         self.special_tokens = self._place_specials(special_tokens)
         self._specials = tuple(self.special_tokens)
         self.prefix_tokens, self.suffix_tokens = tuple(prefix_tokens), tuple(suffix_tokens)
-        unknown = [t for t in self.prefix_tokens + self.suffix_tokens if t not in self.special_tokens]
-        if unknown:
-            raise ConfigError(f"prefix/suffix token {unknown[0]!r} is not one of the special tokens "
-                              f"{list(self.special_tokens)}; add it to special_tokens")
+        self.non_special = tuple(non_special)
+        for what, names in (("prefix/suffix", self.prefix_tokens + self.suffix_tokens),
+                            ("non_special", self.non_special)):
+            unknown = [t for t in names if t not in self.special_tokens]
+            if unknown:
+                raise ConfigError(f"{what} token {unknown[0]!r} is not one of the special tokens "
+                                  f"{list(self.special_tokens)}; add it to special_tokens")
         if eos_token is not None and eos_token not in self.special_tokens:
             raise ConfigError(f"eos_token {eos_token!r} is not one of the special tokens {list(self.special_tokens)}; "
                               "add it to special_tokens")
@@ -357,6 +362,7 @@ class Tokenizer:
                 **({"prefix_tokens": list(self.prefix_tokens)} if self.prefix_tokens else {}),
                 **({"suffix_tokens": list(self.suffix_tokens)} if self.suffix_tokens else {}),
                 **({"eos_token": self.eos_token} if self.eos_token is not None else {}),
+                **({"non_special": list(self.non_special)} if self.non_special else {}),
                 "special_tokens": self.special_tokens,
                 "vocab": formats.encode_vocab(self.vocab, self.special_tokens),
                 "merges": [f"{formats.bytes_to_str(a)} {formats.bytes_to_str(b)}" for a, b in self.merges]}
@@ -382,7 +388,7 @@ class Tokenizer:
             return cls(vocab, merges, specials, pattern=d["pattern"], normalization=d.get("normalization"),
                        ignore_merges=bool(d.get("ignore_merges", False)),
                        prefix_tokens=d.get("prefix_tokens", ()), suffix_tokens=d.get("suffix_tokens", ()),
-                       eos_token=d.get("eos_token"))
+                       eos_token=d.get("eos_token"), non_special=d.get("non_special", ()))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise DataError(f"{where} is corrupt: {type(e).__name__}: {e}") from e
 

@@ -269,7 +269,8 @@ def _hf_pre_tokenizer(pattern: str) -> dict[str, Any]:
 def hf_tokenizer_json(tok) -> dict[str, Any]:
     """The tokenizer.json document for a byte-level BPE `Tokenizer`."""
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for s, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])]
+              "normalized": False, "special": s not in tok.non_special}
+             for s, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": {"type": tok.normalization} if tok.normalization else None,
@@ -458,7 +459,8 @@ def read_hf(path: str | Path) -> dict[str, Any]:
             "pattern": _hf_pattern(doc.get("pre_tokenizer"), str(path)),
             "normalization": _hf_normalization(doc.get("normalizer"), str(path)),
             "ignore_merges": bool(model.get("ignore_merges", False)), "prefix_tokens": before, "suffix_tokens": after,
-            "eos_token": hf_eos_token(path, specials)}
+            "eos_token": hf_eos_token(path, specials),
+            "non_special": [t["content"] for t in added if t.get("special") is False]}
 
 
 # ---- tiktoken rank files --------------------------------------------------------------------------

@@ -86,14 +86,16 @@ def _split_point(path: Path, val_fraction: float, pat: str, specials: tuple[str,
 
 
 def _utf16_line_start(path: Path, target: int, size: int, codec: str) -> int:
-    newline = "\n".encode(codec)
+    """The first line start after `target` in a UTF-16 file (`safe_byte_cut` reads UTF-8 only), else `size`."""
+    start = target - target % 2  # code units sit at even offsets (the mark is one)
     with open(path, "rb") as f:
-        f.seek(target - target % 2)
+        f.seek(start)
         window = f.read(1 << 20)
+    newline = "\n".encode(codec)
     i = window.find(newline)
-    while i != -1 and (target - target % 2 + i) % 2:
+    while i != -1 and i % 2:
         i = window.find(newline, i + 1)
-    return size if i == -1 else target - target % 2 + i + 2
+    return size if i == -1 else start + i + len(newline)
 
 
 def _encode_tasks(tok, files: list[Path], val_fraction: float) -> Iterator[tuple[str, tuple[str, int, int, bool]]]:

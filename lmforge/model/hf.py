@@ -160,8 +160,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
         return {k: path / v for k, v in wm.items()}
     single = path / "model.safetensors"
     if not single.is_file():
+        pickled = next((f.name for f in sorted(path.glob("pytorch_model*.bin"))), None)
+        fix = (f"; {pickled} is a pickle: convert it where you trust it, e.g. transformers' "
+               "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) writes safetensors") if pickled else ""
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path} "
-                              "(only safetensors checkpoints are loaded: no pickle)")
+                              f"(only safetensors checkpoints are loaded: no pickle){fix}")
     return {k: single for k in _open_safetensors(single).keys()}
 
 

@@ -115,8 +115,14 @@ class LLM(Scoring):
         model, saved = load_model(path, device=device, tokenizer=tokenizer is None, base=base, dtype=dtype)
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer or saved
         if tok is None:
-            raise LmforgeError(f"checkpoint {path} holds no tokenizer; pass one: LLM.load(path, tokenizer='byte' or a "
-                               "tokenizer file), on the command line --tokenizer")
+            from pathlib import Path
+
+            sp = Path(path) / "tokenizer.model"  # (a HF directory of a SentencePiece model with no tokenizer.json)
+            unread = (" lmforge reads (its tokenizer.model, SentencePiece's protobuf, is not: write tokenizer.json "
+                      "beside it with transformers' AutoTokenizer.from_pretrained(path).save_pretrained(path))"
+                      if sp.is_file() else "")
+            raise LmforgeError(f"checkpoint {path} holds no tokenizer{unread}; pass one: LLM.load(path, "
+                               "tokenizer='byte' or a tokenizer file), on the command line --tokenizer")
         llm = cls(model, tok, **kwargs)
         llm.chat_template = checkpoint_chat_template(path)
         return llm

@@ -1,5 +1,6 @@
 """A HF model directory whose tokenizer is GPT-2's vocab.json + merges.txt (what a slow GPT2Tokenizer saves; no
-tokenizer.json) loads with that tokenizer: LLM.load said the checkpoint held no tokenizer."""
+tokenizer.json) loads with that tokenizer: LLM.load said the checkpoint held no tokenizer. One with only SentencePiece's
+tokenizer.model is told how to write the tokenizer.json lmforge reads."""
 
 from __future__ import annotations
 
@@ -34,4 +35,14 @@ def test_vocab_json_without_merges_is_no_tokenizer(tmp_path):
     _hf_dir(tmp_path)
     (tmp_path / "merges.txt").unlink()
     with pytest.raises(LmforgeError, match="holds no tokenizer"):
+        lf.LLM.load(tmp_path)
+
+
+def test_sentencepiece_model_file_alone_is_named(tmp_path):
+    _hf_dir(tmp_path)
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        (tmp_path / name).unlink()
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x05")  # (a SentencePiece protobuf: never parsed)
+    with pytest.raises(LmforgeError, match=r"its tokenizer\.model, SentencePiece's protobuf, is not: .*"
+                                           r"save_pretrained\(path\)"):
         lf.LLM.load(tmp_path)

@@ -99,7 +99,7 @@ class Tokenizer:
         self.reference = ReferenceEncoder(self.pattern, self._ranks, self._merged, self._byte_ids,
                                           self._by_bytes if self.ignore_merges else None)
         self._enc, self._rank_to_id = self._build_fast()
-        self.path: Path | None = None
+        self.path: Path | None = None  # the file it was saved to or read from (load_tokenizer): what spec() names
 
     # ---- construction ----------------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ class Tokenizer:
         return self._decode_table[i] if 0 <= i < len(self._decode_table) else _REPLACEMENT
 
     def spec(self) -> str:
-        """What token shards record: the saved file's path, else a content hash."""
+        """What token shards record: the file it was saved to or read from (load_tokenizer), else a content hash."""
         if self.path is not None:
             return str(self.path)
         return "bpe:" + hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

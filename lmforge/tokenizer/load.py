@@ -89,13 +89,17 @@ def load_tokenizer(spec: str | Path):
     if not path.is_file():
         raise DataError(f"tokenizer not found: {spec} (give {FORMATS}, or a directory holding one)")
     if path.suffix == ".json":
-        return _from_json(path)
-    if path.name == "merges.txt" or _first_line(path).startswith(b"#version"):  # GPT-2's merges: its vocab.json
+        tok = _from_json(path)
+    elif path.name == "merges.txt" or _first_line(path).startswith(b"#version"):  # GPT-2's merges: its vocab.json
         vocab = path.parent / "vocab.json"
         if not vocab.is_file():
             raise DataError(f"{path} is GPT-2 merges; its vocab.json must sit beside it ({vocab} not found)")
-        return _from_json(vocab)
-    return _from_tiktoken(path)
+        tok = _from_json(vocab)
+    else:
+        tok = _from_tiktoken(path)
+    if getattr(tok, "path", False) is None:  # read from a HF, GPT-2 or tiktoken file: spec() names it (what token
+        tok.path = path.resolve()  # shards record, for the trainer to open again), not a content hash nothing opens
+    return tok
 
 
 def _first_line(path: Path) -> bytes:

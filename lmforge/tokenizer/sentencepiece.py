@@ -351,7 +351,7 @@ class SentencePieceBPE:
         return out
 
     def spec(self) -> str:
-        """What token shards record: the saved file's path, else a content hash."""
+        """What token shards record: the file it was saved to or read from (load_tokenizer), else a content hash."""
         if self.path is not None:
             return str(self.path)
         return "sentencepiece:" + hashlib.sha1(json.dumps(self.doc, sort_keys=True).encode()).hexdigest()[:16]

@@ -37,8 +37,9 @@ def _init(tok) -> None:
     _TOK = tok
 
 
-def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarray, bool]], int, int]:
-    """Encode bytes [start, end) of a file -> [(ids, starts_a_document)], bytes read, undecodable bytes.
+def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarray, bool]], int, int, int]:
+    """Encode bytes [start, end) of a file -> [(ids, starts_a_document)], bytes read, undecodable bytes, UTF-8 bytes
+    of the text (what compression is counted in: a UTF-16 file's text is about half its bytes).
     `first`: the range opens a file (or its validation tail), so its text starts a document."""
     path, start, end, first = task
     raw, text, bad = read_range(path, start, end)
@@ -48,7 +49,7 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
     if hasattr(tok, "encode_bytes"):  # the byte tokenizer keeps bytes that are not UTF-8 as they are
         docs_b = raw.split(sep.encode()) if sep else [raw]
         pieces = [(np.asarray(tok.encode_bytes(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs_b)]
-        return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad
+        return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad, len(raw)
     docs = text.split(sep) if sep else [text]
     encode = getattr(tok, "encode_ordinary", tok.encode)  # (a tokenizer without specials has only encode)
     if not first and takes_where(tok):  # the range's first piece continues a document: no "▁" put before it
@@ -57,7 +58,7 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
         pieces += [(np.asarray(encode(d), dtype=dtype), True) for d in docs[1:]]
     else:
         pieces = [(np.asarray(encode(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs)]
-    return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad  # empty docs are dropped
+    return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad, len(raw)  # empty docs are dropped
 
 
 def _split_point(path: Path, val_fraction: float, pat: str, specials: tuple[str, ...]) -> int:
@@ -143,6 +144,7 @@ class EncodeReport:
     tokens: dict[str, int] = field(default_factory=dict)
     docs: dict[str, int] = field(default_factory=dict)
     bytes: int = 0
+    """UTF-8 bytes of the text encoded (a byte-order mark left out; a UTF-16 file's text as UTF-8)"""
     undecodable_bytes: int = 0
     removed: list[Path] = field(default_factory=list)
     """an earlier encode's val.bin, which this one (writing none) removed: the pair would mix two encodes"""
@@ -212,7 +214,7 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
                                           doc_sep=tok.eot_id)
         results = _run_ordered(tok, [t for _, t in tagged], workers, progress, sum(t[2] - t[1] for _, t in tagged),
                                "encode")
-        for (split, _), (pieces, size, bad) in zip(tagged, results):
+        for (split, _), (pieces, _, bad, size) in zip(tagged, results):
             w = writers[split]
             for ids, new_doc in pieces:
                 w.add_document(ids) if new_doc else w.add(ids)
@@ -246,7 +248,7 @@ def corpus_stats(tok, inputs: list[str] | tuple[str, ...], *, workers: int | Non
         raise DataError(f"input is empty: {', '.join(map(str, files[:3]))}")
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     n_bytes = bad = 0
-    for pieces, size, b in _run_ordered(tok, tasks, workers, progress, sum(t[2] - t[1] for t in tasks), "stats"):
+    for pieces, _, b, size in _run_ordered(tok, tasks, workers, progress, sum(t[2] - t[1] for t in tasks), "stats"):
         for ids, _ in pieces:
             counts += np.bincount(ids, minlength=tok.vocab_size)
         n_bytes += size

@@ -10,7 +10,7 @@ import pytest
 import lmforge as lf
 from lmforge.data.shards import TokenFile
 from lmforge.tokenizer.byte import ByteTokenizer
-from lmforge.tokenizer.corpus import encode_to_shards
+from lmforge.tokenizer.corpus import corpus_stats, encode_to_shards
 
 TEXT = "hello world, the cat sat\r\nsecond line of the text\n" * 30 + "café 日本 end\n"
 MARKED = {"utf-8-sig": b"\xef\xbb\xbf" + TEXT.encode(), "utf-16-le": TEXT.encode("utf-16"),
@@ -54,3 +54,13 @@ def test_byte_tokenizer_encodes_a_utf16_file_as_its_text(tmp_path):
     marked.write_bytes(MARKED["utf-16-le"])
     rep = encode_to_shards(ByteTokenizer(), [str(marked)], tmp_path / "out", progress=False)
     assert np.asarray(TokenFile(rep.shards["train"]).tokens).tolist()[1:] == list(TEXT.encode())
+
+
+def test_stats_count_the_text_in_utf8_bytes(tmp_path, plain):
+    tok = _train(plain)
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(MARKED["utf-16-le"])
+    assert corpus_stats(tok, [str(marked)], progress=False)["bytes"] == len(TEXT.encode()) == \
+        corpus_stats(tok, [str(plain)], progress=False)["bytes"]
+    rep = encode_to_shards(tok, [str(marked)], tmp_path / "out", progress=False)
+    assert rep.bytes == len(TEXT.encode())

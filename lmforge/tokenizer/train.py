@@ -90,8 +90,8 @@ def count_text(text: str, pat: str, specials: tuple[str, ...]) -> Counter:
 
 def _count_range(task: tuple[str, int, int, str, tuple[str, ...]]) -> tuple[Counter, int, int]:
     path, start, end, pat, specials = task
-    _, text, bad = read_range(path, start, end)
-    return count_text(text, pat, specials), end - start, bad
+    raw, text, bad = read_range(path, start, end)
+    return count_text(text, pat, specials), len(raw), bad  # (the text's UTF-8 bytes: a lone byte-order mark is none)
 
 
 def _count_texts(task: tuple[list[str], str, tuple[str, ...]]) -> tuple[Counter, int, int]:

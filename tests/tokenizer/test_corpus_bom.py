@@ -9,6 +9,7 @@ import pytest
 
 import lmforge as lf
 from lmforge.data.shards import TokenFile
+from lmforge.errors import DataError
 from lmforge.tokenizer.byte import ByteTokenizer
 from lmforge.tokenizer.corpus import corpus_stats, encode_to_shards
 
@@ -64,3 +65,10 @@ def test_stats_count_the_text_in_utf8_bytes(tmp_path, plain):
         corpus_stats(tok, [str(plain)], progress=False)["bytes"]
     rep = encode_to_shards(tok, [str(marked)], tmp_path / "out", progress=False)
     assert rep.bytes == len(TEXT.encode())
+
+
+def test_a_file_holding_only_a_byte_order_mark_is_empty(tmp_path):
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(b"\xef\xbb\xbf")
+    with pytest.raises(DataError, match="training input is empty"):
+        _train(marked)

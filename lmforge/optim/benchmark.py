@@ -94,7 +94,8 @@ def corpus_path(path: str = "") -> Path | None:
     would answer another question), else the bundled Shakespeare, else None (Python's own sources stand in)."""
     if path:
         if not Path(path).is_file():
-            raise DataError(f"--data {path}: no such file; give a text file, or leave --data out to train on the "
+            what = "a directory, not a file" if Path(path).is_dir() else "no such file"
+            raise DataError(f"--data {path}: {what}; give a text file, or leave --data out to train on the "
                             "default text")
         return Path(path)
     return SHAKESPEARE if SHAKESPEARE.is_file() else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config import check
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.scaling.bootstrap import bootstrap
 from lmforge.scaling.inference import inference_aware_optimum
 from lmforge.scaling.isoflop import fit_envelope, fit_isoflop
@@ -83,7 +83,18 @@ def _ab(frontier) -> dict[str, float]:
     return {"a": frontier.a, "b": frontier.b}
 
 
+def out_dir(cfg: FitConfig) -> Path:
+    """The directory fit.json and the plots go to (--out, else the table's); refused when it is a file, before the
+    fits and their bootstrap minutes run."""
+    out = Path(cfg.out) if cfg.out else Path(cfg.table).parent
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for fit.json and the plots (or leave --out out "
+                          "to write beside the table)")
+    return out
+
+
 def run_fits(cfg: FitConfig) -> dict:
+    out_dir(cfg)
     runs = load_runs(cfg.table)
     report: dict = {"table": cfg.table, "n_runs": len(runs)}
     report["kaplan"] = _try(report, "kaplan", lambda: _kaplan(runs))
@@ -131,7 +142,7 @@ def write_report(cfg: FitConfig, report: dict) -> Path:
     from lmforge.scaling.plots import frontier_plot, isoflop_plot, predicted_vs_observed
 
     runs, iso, par = report.pop("_objects")
-    out = Path(cfg.out) if cfg.out else Path(cfg.table).parent
+    out = out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.plots:
         if iso is not None:

@@ -164,6 +164,15 @@ def _finished(done: Path, run: dict, settings: dict) -> dict | None:
     return rec
 
 
+def check_inputs(cfg: SweepConfig) -> None:
+    """A typo'd --data, or an --out that is a file, refused before any work (a dry run's plan included)."""
+    from lmforge.optim.benchmark import corpus_path
+
+    corpus_path(cfg.data)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out} is a file; give a directory for the sweep's runs and runs.csv")
+
+
 def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
     """Train every planned run (reusing finished ones); returns (table rows, curves)."""
     import torch
@@ -172,9 +181,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from lmforge.optim.benchmark import corpus_path
-
-    corpus_path(cfg.data)  # a typo'd --data is refused before any work
+    check_inputs(cfg)
     settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
     runs = plan(cfg)
     found = [_finished(_run_dir(cfg, r) / "result.json", r, settings) for r in runs]  # refused before any work
@@ -208,6 +215,7 @@ def main_sweep(cfg: SweepConfig) -> list[dict]:
     if not any("left_out" not in r for r in points):
         raise ConfigError("no run of the grid fits [min_steps, max_steps] (each is named above): raise the budgets, "
                           "change the depths, or widen min_steps / max_steps")
+    check_inputs(cfg)
     if cfg.dry_run:
         for r in plan(cfg):
             print(f"C={r['budget']:.1e} depth={r['depth']} N={r['N']:,} D={r['D']:,} steps={r['steps']}")

@@ -58,6 +58,9 @@ def _column(rows: list[dict], name: str) -> np.ndarray | None:
         leave_out = "" if name in REQUIRED else f", or leave {name!r} out of every row"
         raise DataError(f"column {name!r} is empty in row {i} ({ {k: v for k, v in rows[i].items() if k} }): fill "
                         f"it in or remove the row{leave_out}")
+    flag = next((i for i, r in enumerate(rows) if isinstance(r[name], bool)), None)
+    if flag is not None:  # float(true) is 1.0: a JSON true/false is no count or loss
+        raise DataError(f"column {name!r} must be numeric; row {flag} has {rows[flag][name]!r}")
     try:
         out = np.array([float(r[name]) for r in rows], dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -123,8 +126,12 @@ def load_runs(path: str | Path) -> Runs:
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path} is not a run table: it should hold {form}")
     else:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is no column
-            rows = list(csv.DictReader(f))
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is no column
+                rows = list(csv.DictReader(f))
+        except (UnicodeDecodeError, csv.Error) as e:  # a UTF-16 export, a binary file given by mistake
+            raise DataError(f"{path} is not a UTF-8 CSV file ({e}); save the run table as CSV (UTF-8) or JSON, "
+                            f"with columns {', '.join(REQUIRED)}") from e
     return runs_from_rows(rows)
 
 

@@ -333,3 +333,41 @@ def test_flops_of_a_run_config_without_data_seq_len_count_the_default_it_trains_
     (tmp_path / "config.json").write_text(json.dumps({"step": 3, **model_meta(Transformer(cfg))}))
     assert main(["scaling", "flops", "--model", str(tmp_path / "config.json"), "--tokens", "1e6"]) == 0
     assert "(seq_len 1024)" in capsys.readouterr().out
+
+
+def test_sweep_dry_run_refuses_a_missing_data_file_and_an_out_that_is_a_file(tmp_path, capsys):
+    from lmforge.cli import main
+
+    # the dry run printed its plan for a typo'd --data, and an --out naming a file ended in NotADirectoryError
+    small = ["scaling", "sweep", "--budgets", "2e8", "--depths", "1", "--width", "8", "--min-steps", "3",
+             "--seq-len", "16", "--batch-size", "4"]
+    assert main(small + ["--dry-run", "--data", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "sw")]) == 2
+    assert f"--data {tmp_path / 'corpus.txt'}: no such file" in capsys.readouterr().err
+    assert main(small + ["--dry-run", "--data", str(tmp_path), "--out", str(tmp_path / "sw")]) == 2
+    assert f"--data {tmp_path}: a directory, not a file" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("x")
+    assert main(small + ["--out", str(tmp_path / "taken")]) == 2
+    assert f"--out {tmp_path / 'taken'} is a file" in capsys.readouterr().err
+
+
+def test_fit_refuses_an_out_that_is_a_file_before_fitting(tmp_path, capsys):
+    from lmforge.cli import main
+
+    table = write_rows(_isoflop_rows(), tmp_path / "runs.csv")
+    before = table.read_text()
+    assert main(["scaling", "fit", "--table", str(table), "--out", str(table), "--bootstrap", "0"]) == 2
+    assert f"--out {table} is a file" in capsys.readouterr().err
+    assert table.read_text() == before
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("utf16.csv", "N,D,loss\n1,2,3\n".encode("utf-16"), "is not a UTF-8 CSV file"),
+    ("bool.json", b'[{"N": 1e6, "D": 1e9, "loss": true}]', "column 'loss' must be numeric; row 0 has True"),
+])
+def test_fit_names_a_table_it_cannot_read_in_one_line(tmp_path, capsys, name, data, message):
+    from lmforge.cli import main
+
+    (tmp_path / name).write_bytes(data)
+    assert main(["scaling", "fit", "--table", str(tmp_path / name), "--bootstrap", "0", "--plots", "False"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -45,6 +45,20 @@ def final_answer(completion: str) -> str | None:
     return found[-1].strip() if found else None
 
 
+def last_boxed(text: str) -> str | None:
+    """The contents of the last LaTeX \\boxed{...} in `text` (braces inside it matched: \\boxed{\\frac{1}{2}}), or
+    None: the final-answer mark of math models (Minerva, Qwen-Math), where no 'Answer:' line is written."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
 def in_test_split(key: str, test_fraction: float) -> bool:
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return h / 2 ** 64 < test_fraction

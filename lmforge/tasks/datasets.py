@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.base import SPLITS, Example, Task, final_answer
+from lmforge.tasks.base import SPLITS, Example, Task, final_answer, last_boxed
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -68,11 +68,14 @@ class GSM8K(_FileTask):
         return out
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        """The first number after the last 'Answer:', else after GSM8K's '####' (lm-eval's strict match),
-        else the last number in the text."""
+        """The first number after the last 'Answer:', else after GSM8K's '####' (lm-eval's strict match), else in
+        the last \\boxed{} (a number after it, "\\boxed{18}. Check: 3 * 6", is no answer), else the last number in
+        the text."""
         marked = final_answer(completion)
         if marked is None and "####" in completion:
             marked = completion.rpartition("####")[2]
+        if marked is None:
+            marked = last_boxed(completion)
         nums = NUMBER_RE.findall(marked if marked is not None else completion)
         if not nums:
             return None
@@ -118,9 +121,9 @@ class MMLU(_FileTask):
         return out
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        """The letter after the last 'Answer:' or 'the answer is', else the first standalone capital A-D in the
-        text. A lowercase letter counts there only as a whole answer ("b", "(b)", "b.", not the article in
-        "the answer is a matter of ...")."""
+        """The letter after the last 'Answer:' or 'the answer is', else in the last \\boxed{}, else the first standalone
+        capital A-D in the text. A lowercase letter counts there only as a whole answer ("b", "(b)", "b.", not the
+        article in "the answer is a matter of ...")."""
         marked = final_answer(completion)
         said = re.findall(r"answer\s+is\s*:?\s*" + _OPTION, completion, re.IGNORECASE)
         if marked is not None:
@@ -129,5 +132,11 @@ class MMLU(_FileTask):
                 return _letter(m)
         if said:
             return _letter(said[-1])
+        boxed = last_boxed(completion) if marked is None else None
+        if boxed is not None:  # \boxed{B}, \boxed{(B)}, \boxed{\text{B. Paris}}
+            boxed = re.sub(r"\\text(?:bf)?\{(.*)\}", r"\1", boxed)
+        m = re.match(r"[^\w(]*" + _OPTION, boxed) if boxed is not None else None
+        if m:
+            return _letter(m)
         m = re.search(r"\b([ABCD])\b", marked if marked is not None else completion)
         return m.group(1) if m else None

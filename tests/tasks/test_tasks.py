@@ -198,3 +198,22 @@ def test_dataset_parsers_take_the_marked_answer_and_loaders_name_bad_lines(tmp_p
     (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,a,b,c,d,A\nq,a,b,c,d,E\n")
     with pytest.raises(DataError, match="x_test.csv:2: an MMLU row .* answer 'E'"):
         m.examples("test")
+
+
+def test_dataset_parsers_read_a_boxed_final_answer_before_the_numbers_after_it(tmp_path):
+    """A math model's '\\boxed{18}' with no 'Answer:' line was read as the last number in the text (the check after
+    it), and an MMLU '\\boxed{B}' as the first capital of the reasoning ('Option A is wrong')."""
+    from lmforge.tasks.base import last_boxed
+    from lmforge.tasks.datasets import GSM8K, MMLU
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "mmlu").mkdir()
+    g, m = GSM8K(root=tmp_path), MMLU(root=tmp_path)
+    assert g.parse("The answer is \\boxed{18}. Check: 3 * 6 = 18, so 2 bags.") == "18"
+    assert g.parse("so $\\boxed{-1,200}$ in all, over 4 weeks") == "-1200"
+    assert g.parse("#### 4 \\boxed{5}") == "4" and g.parse("Answer: 9 \\boxed{5}") == "9"  # the marks come first
+    assert g.parse("no box: 4 and 6") == "6"
+    assert m.parse("Option A is wrong, so \\boxed{B}") == "B"
+    assert m.parse("A fails; \\boxed{\\text{C}}") == "C" and m.parse("A? $\\boxed{(D)}$") == "D"
+    assert m.parse("Answer: B \\boxed{C}") == "B" and m.parse("the answer is C, \\boxed{B}") == "C"
+    assert last_boxed("\\boxed{a} \\boxed{\\frac{1}{2}} x") == "\\frac{1}{2}" and last_boxed("\\boxed{open") is None

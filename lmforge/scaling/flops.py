@@ -7,9 +7,11 @@ Two conventions:
     (embeddings included: 7-72% of it at a CPU sweep's sizes); `flops_6nd` takes whichever N it is given.
   * The exact per-architecture count: 2 FLOPs per multiply-add of every matrix (attention projections,
     MLP, output head) plus the attention scores and their weighted sum, 2 * 2 * H * hd * T per token per
-    layer at context T (Kaplan's 2 n_layer n_ctx d_attn forward term, PaLM appendix B), times 3 for
-    training. At small widths the head and attention terms make this differ from 6N a lot, which is why
-    Chinchilla's Table A4 and this module keep both.
+    layer at context T (Chinchilla appendix F's "KQ logits" and "softmax @ query reduction", PaLM appendix B's
+    12 L H Q T for training; Kaplan's Table 1 counts half of it, 2 n_layer n_ctx d_attn), times 3 for
+    training. Chinchilla also counts the embedding lookup as a matmul and the softmax (3 H T per token per
+    layer); this count leaves both out, as PaLM's and nanochat's do. At small widths the head and attention
+    terms make this differ from 6N a lot, which is why Chinchilla's Table A4 and this module keep both.
 `dense_flops_per_token` derives the exact count from a ModelConfig alone (dense decoders only: it refuses
 MoE, MLA and, in training, MTP); `flops_per_token` asks the model (`Transformer.flops_per_token`), which
 covers them all.

@@ -106,15 +106,26 @@ class Task:
         return normalize(got, thousands="," not in target) == target
 
 
+_WRAPPED = re.compile(r"\\\(\s*(.*?)\s*\\\)|\\\[\s*(.*?)\s*\\\]|\\boxed\{\s*(.*?)\s*\}")
+
+
+def unwrap(answer: str) -> str:
+    """An answer without its markdown/LaTeX wrapping, spacing collapsed: **x**, $x$, \\(x\\), \\[x\\], \\boxed{x}, a
+    trailing period, and nestings of them ($\\boxed{x}$, \\( \\boxed{x} \\))."""
+    a = " ".join(answer.strip().split())
+    while True:
+        a = a.strip("*$ ").rstrip(".").strip("*$ ")
+        m = _WRAPPED.fullmatch(a)
+        if m is None:
+            return a
+        a = next(g for g in m.groups() if g is not None)
+
+
 def normalize(answer: str, thousands: bool = True) -> str:
-    """Compare answers modulo spacing, case, a trailing period, markdown/LaTeX wrapping (**x**, $x$,
-    \\boxed{x}), a leading + or a zero fraction on an integer, and (thousands=True) thousands separators in
+    """Compare answers modulo spacing, case, a trailing period, markdown/LaTeX wrapping (`unwrap`: **x**, $x$,
+    \\(x\\), \\boxed{x}), a leading + or a zero fraction on an integer, and (thousands=True) thousands separators in
     numbers: "1,234" is 1234; with thousands=False it is the list "1, 234"."""
-    a = " ".join(answer.strip().split()).lower()
-    a = a.strip("*$ ").rstrip(".").strip("*$ ")
-    boxed = re.fullmatch(r"\\boxed\{(.*)\}", a)
-    if boxed:
-        a = boxed.group(1).strip()
+    a = unwrap(answer).lower()
     if thousands and re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", a):  # 1,234 -> 1234
         a = a.replace(",", "")
     number = re.fullmatch(r"\+?(-?\d+)(\.0+)?", a)  # +1234, 1234.0 -> 1234

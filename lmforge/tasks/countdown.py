@@ -15,7 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.tasks.base import Example, Task
+from lmforge.tasks.base import Example, Task, unwrap
 
 OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
        ast.Div: lambda x, y: x / y}
@@ -94,6 +94,7 @@ class Countdown(Task):
 
     def verify(self, example: Example, completion: str) -> bool:
         expr = self.parse(completion, example)
-        got = evaluate(expr.split("=")[0].strip().rstrip(".")) if expr else None  # "Answer: 16 + (5 + 8)."
+        # "Answer: 16 + (5 + 8).", "Answer: $16 + (5 + 8) = 29$", "Answer: \\boxed{16 + (5 + 8)}"
+        got = evaluate(unwrap(unwrap(expr).split("=")[0])) if expr else None
         return (got is not None and got[0] == example.meta["target"]
                 and Counter(got[1]) == Counter(example.meta["nums"]))

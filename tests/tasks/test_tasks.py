@@ -217,3 +217,20 @@ def test_dataset_parsers_read_a_boxed_final_answer_before_the_numbers_after_it(t
     assert m.parse("A fails; \\boxed{\\text{C}}") == "C" and m.parse("A? $\\boxed{(D)}$") == "D"
     assert m.parse("Answer: B \\boxed{C}") == "B" and m.parse("the answer is C, \\boxed{B}") == "C"
     assert last_boxed("\\boxed{a} \\boxed{\\frac{1}{2}} x") == "\\frac{1}{2}" and last_boxed("\\boxed{open") is None
+
+
+def test_latex_wrapped_answers_are_read_by_every_verifier():
+    """'\\(843\\)' and '\\[843\\]' were compared as they stood (wrong), and Countdown read no wrapping at all: its
+    right expression written '$16 + (5 + 8)$' or '\\boxed{16 + (5 + 8)}' was judged wrong."""
+    from lmforge.tasks.base import Example
+    from lmforge.tasks.countdown import Countdown
+
+    for spelling in ("\\(843\\)", "\\[ 843 \\]", "\\( \\boxed{843} \\)", "$\\boxed{843}$.", "**\\(843\\)**"):
+        assert normalize(spelling) == "843", spelling
+    task = Countdown()
+    ex = Example(prompt="", answer="16 + (5 + 8)", solution="", key="k", meta={"nums": [8, 16, 5], "target": 29})
+    for spelling in ("16 + (5 + 8).", "$16 + (5 + 8)$", "\\boxed{16 + (5 + 8)}", "$16 + (5 + 8) = 29$",
+                     "\\(16 + (5 + 8)\\) = 29", "**16 + (5 + 8)**"):
+        assert task.verify(ex, f"Answer: {spelling}"), spelling
+    for wrong in ("$16 + (5 * 8)$", "\\boxed{16 + 5 + 8 + 1}", "\\boxed{16 + (5 + 8)"):
+        assert not task.verify(ex, f"Answer: {wrong}"), wrong

@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.tasks.base import Example, Task, final_answer
+from lmforge.tasks.base import Example, Task, check_span, final_answer
 
 STEP_RE = re.compile(r"^\s*(\d+(?:\s*[+*]\s*\d+)+)\s*=\s*(-?\d+)\s*$")
 
@@ -91,8 +91,7 @@ class Arithmetic(Task):
 
     def __init__(self, *, digits: tuple[int, int] = (2, 4), ops: tuple[str, ...] = ("+", "*"),
                  mul_digits: int = 2):
-        if not 1 <= digits[0] <= digits[1]:
-            raise ConfigError(f"digits={digits} must be (lo, hi) with 1 <= lo <= hi")
+        check_span(self.name, "digits", digits)
         if not set(ops) <= {"+", "*"} or not ops:
             raise ConfigError(f"ops={ops} must be a non-empty subset of ('+', '*')")
         if mul_digits < 1:

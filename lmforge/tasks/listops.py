@@ -7,12 +7,7 @@ import string
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.tasks.base import Example, Task
-
-
-def _check_length(task: str, length: tuple[int, int]) -> None:
-    if len(length) != 2 or not 1 <= length[0] <= length[1]:
-        raise ConfigError(f"{task} length={length} must be (lo, hi) with 1 <= lo <= hi")
+from lmforge.tasks.base import Example, Task, check_span
 
 
 class Sorting(Task):
@@ -21,7 +16,7 @@ class Sorting(Task):
                  "Arrange from smallest to largest: {items}")
 
     def __init__(self, *, length: tuple[int, int] = (3, 7), max_value: int = 99):
-        _check_length(self.name, length)
+        check_span(self.name, "length", length)
         if max_value < 0:
             raise ConfigError(f"sort max_value={max_value} must be >= 0")
         self.length, self.max_value = length, max_value
@@ -41,7 +36,7 @@ class Reversal(Task):
     templates = ("Reverse the letters: {word}", "Write {word} backwards.", "Spell {word} in reverse order.")
 
     def __init__(self, *, length: tuple[int, int] = (3, 8)):
-        _check_length(self.name, length)
+        check_span(self.name, "length", length)
         self.length = length
 
     def problem(self, rng: random.Random) -> dict[str, Any]:
@@ -59,7 +54,7 @@ class Counting(Task):
                  "In the string {text}, how many {ch}s are there?")
 
     def __init__(self, *, length: tuple[int, int] = (5, 12), alphabet: str = "abcd"):
-        _check_length(self.name, length)
+        check_span(self.name, "length", length)
         if not alphabet:
             raise ConfigError("count alphabet must hold at least one character")
         self.length, self.alphabet = length, alphabet

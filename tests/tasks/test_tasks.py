@@ -234,3 +234,14 @@ def test_latex_wrapped_answers_are_read_by_every_verifier():
         assert task.verify(ex, f"Answer: {spelling}"), spelling
     for wrong in ("$16 + (5 * 8)$", "\\boxed{16 + 5 + 8 + 1}", "\\boxed{16 + (5 + 8)"):
         assert not task.verify(ex, f"Answer: {wrong}"), wrong
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Arithmetic(digits=(3,)), "arithmetic digits=(3,) must be (lo, hi)"),
+    (lambda: Arithmetic(digits=3), "arithmetic digits=3 must be (lo, hi)"),
+    (lambda: TASKS["sort"](length=5), "sort length=5 must be (lo, hi)"),
+])
+def test_a_span_setting_of_the_wrong_shape_is_named(make, message):
+    # Arithmetic(digits=(3,)) raised IndexError, length=5 a TypeError from len()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make()

@@ -70,7 +70,8 @@ class GSM8K(_FileTask):
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         """The first number after the last 'Answer:', else after GSM8K's '####' (lm-eval's strict match), else in
         the last \\boxed{} (a number after it, "\\boxed{18}. Check: 3 * 6", is no answer), else the last number in
-        the text."""
+        the text. A Unicode minus sign (U+2212, as typeset text writes it) is a minus."""
+        completion = completion.replace("\u2212", "-")
         marked = final_answer(completion)
         if marked is None and "####" in completion:
             marked = completion.rpartition("####")[2]

@@ -245,3 +245,12 @@ def test_a_span_setting_of_the_wrong_shape_is_named(make, message):
     # Arithmetic(digits=(3,)) raised IndexError, length=5 a TypeError from len()
     with pytest.raises(ConfigError, match=re.escape(message)):
         make()
+
+
+def test_gsm8k_reads_a_unicode_minus_as_a_minus(tmp_path):
+    from lmforge.tasks.datasets import GSM8K
+
+    (tmp_path / "gsm8k").mkdir()
+    g = GSM8K(root=tmp_path)
+    # U+2212, the minus of typeset text: '−5' read 5, a wrong answer judged right for 5 and a right one wrong
+    assert g.parse("Answer: \u22125") == "-5" and g.parse("\\boxed{\u22121,200}") == "-1200"

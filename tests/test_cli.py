@@ -160,6 +160,21 @@ def test_generate_refuses_a_batch_size_below_one_naming_the_flag(tmp_path, size,
     assert "max_num_seqs" not in text
 
 
+def test_generate_warns_when_a_prompt_names_a_file(tmp_path, monkeypatch):
+    """`--prompts prompts.txt` generated from the text 'prompts.txt' in silence; it now says to use --prompts-file."""
+    from lmforge.cli.generate import GenerateConfig, read_prompts
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("Once\nTwice\n")
+    with pytest.warns(UserWarning, match=r"--prompts 'prompts.txt' names a file.*pass --prompts-file prompts.txt"):
+        assert read_prompts(GenerateConfig(checkpoint="x", prompts=("prompts.txt",))) == ["prompts.txt"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a prompt that is no file's name: nothing to say
+        assert read_prompts(GenerateConfig(checkpoint="x", prompts=("Once upon",))) == ["Once upon"]
+
+
 def test_warnings_print_as_one_line_naming_the_command(tmp_path, capsys):
     """A warning during a command was Python's two lines pointing at tyro's file or the console script; now
     `lmforge CMD: warning: MSG`. Python's own showwarning is back once the command ends (library use is unchanged)."""

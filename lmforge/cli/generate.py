@@ -59,6 +59,12 @@ class GenerateConfig:
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
     prompts = list(cfg.prompts)
+    for p in prompts:  # `--prompts prompts.txt` generates from the text 'prompts.txt', not from the file's lines
+        if "\n" not in p and len(p) < 1024 and Path(p).is_file():
+            import warnings
+
+            warnings.warn(f"--prompts {p!r} names a file, and that name is the prompt; to read prompts from the "
+                          f"file, pass --prompts-file {p}", stacklevel=2)
     if cfg.prompts_file:
         path = Path(cfg.prompts_file)
         text = read_utf8(path, "--prompts-file", want="a text or JSONL file of prompts", error=DataError)

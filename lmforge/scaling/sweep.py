@@ -65,6 +65,13 @@ class SweepConfig:
               f"need 0 < min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         check(self.width >= 2 and self.width % 2 == 0, f"width must be even and >= 2, got {self.width}")
         check(self.evals >= 1, f"evals must be >= 1, got {self.evals}")
+        # checked here, not by the trainer's configs: a batch of 0 divided the plan's steps by zero, threads < 0 was
+        # torch's RuntimeError, a negative warmup fraction trained with a warmup of 1 step in silence
+        for name in ("seq_len", "batch_size", "eval_batches"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        check(0 <= self.warmup_frac <= 1,
+              f"warmup_frac must lie in [0, 1] (of each run's steps), got {self.warmup_frac}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -178,12 +185,16 @@ def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
     import torch
 
     from lmforge.train.trainer import train
+    from lmforge.utils import pick_device
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     check_inputs(cfg)
+    pick_device(cfg.device)
     settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
     runs = plan(cfg)
+    for run in runs:  # the trainer's own checks (optimizer name, lr, ...) before any shard is written
+        _train_cfg(cfg, run, ("train.bin", "val.bin"), _run_dir(cfg, run))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     found = [_finished(_run_dir(cfg, r) / "result.json", r, settings) for r in runs]  # refused before any work
     shards = _write_shards(cfg)
     rows, curves = [], []

@@ -371,3 +371,28 @@ def test_fit_names_a_table_it_cannot_read_in_one_line(tmp_path, capsys, name, da
     assert main(["scaling", "fit", "--table", str(tmp_path / name), "--bootstrap", "0", "--plots", "False"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "batch_size must be >= 1, got 0"),  # was ZeroDivisionError in the plan
+    ("--threads", "-1", "threads must be >= 0 (0 = torch's default), got -1"),  # was torch's RuntimeError
+    ("--warmup-frac", "-1", "warmup_frac must lie in [0, 1] (of each run's steps), got -1.0"),  # trained in silence
+    ("--seq-len", "0", "seq_len must be >= 1, got 0"),
+])
+def test_sweep_refuses_a_bad_setting_by_its_name(tmp_path, capsys, flag, value, message):
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["scaling", "sweep", "--budgets", "2e8", "--depths", "1", "--out", str(tmp_path / "sw"), flag, value])
+    assert e.value.code == 2 and message in " ".join(capsys.readouterr().err.replace("│", " ").split())
+
+
+def test_sweep_refuses_a_bad_optimizer_or_device_before_writing_its_shards(tmp_path, capsys):
+    from lmforge.cli import main
+
+    small = ["scaling", "sweep", "--budgets", "2e8", "--depths", "1", "--width", "8", "--min-steps", "3",
+             "--seq-len", "16", "--batch-size", "4", "--out", str(tmp_path / "sw")]
+    assert main(small + ["--optimizer", "bogus"]) == 2
+    assert "optim.name='bogus' is unknown" in capsys.readouterr().err
+    assert main(small + ["--device", "nosuch"]) == 2
+    assert not (tmp_path / "sw").exists()  # the shards were written (and the data read) before either was refused

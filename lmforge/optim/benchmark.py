@@ -88,6 +88,7 @@ class OptimBenchConfig:
         for f in ("depth", "seq_len", "batch_size", "steps", "lr_points", "eval_every", "eval_batches"):
             check(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
         check(self.lr_factor > 1, f"lr_factor must be > 1, got {self.lr_factor}")
+        check(self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}")  # torch raised
 
 def corpus_path(path: str = "") -> Path | None:
     """The benchmark text's file: `path`, refused when it is no file (training on the fallback text in silence

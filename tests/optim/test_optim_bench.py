@@ -87,6 +87,14 @@ def test_an_optimizer_that_never_reaches_the_target_reads_so_and_an_empty_list_i
     assert "| not reached | not reached | not reached |" in format_table(result)
 
 
+def test_negative_threads_are_refused_by_name():
+    """--threads -1 reached torch.set_num_threads, whose RuntimeError was a traceback."""
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"threads must be >= 0 \(0 = torch's default\), got -1"):
+        OptimBenchConfig(threads=-1)
+
+
 def test_a_benchmark_text_that_is_no_file_is_refused(tmp_path):
     """`lmforge bench optimizers --data typo.txt` trained on the fallback text in silence."""
     from lmforge.errors import DataError
@@ -94,6 +102,8 @@ def test_a_benchmark_text_that_is_no_file_is_refused(tmp_path):
 
     with pytest.raises(DataError, match=r"--data .*typo.txt: no such file"):
         corpus_bytes(str(tmp_path / "typo.txt"))
+    with pytest.raises(DataError, match=r"--data .*: a directory, not a file"):
+        corpus_bytes(str(tmp_path))
     (tmp_path / "t.txt").write_bytes(b"abc")
     assert corpus_bytes(str(tmp_path / "t.txt")).tolist() == [97, 98, 99]
 

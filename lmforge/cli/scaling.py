@@ -3,8 +3,8 @@
     lmforge scaling sweep [--budgets 3e10 1e11 3e11 --depths 1 2 3 4 --out runs/scaling_sweep]
     lmforge scaling fit   [--table runs/scaling_sweep/runs.csv --predict 1e12 1e13]
     lmforge scaling flops --depth 12 --tokens 1e9      (6ND with N = all parameters, and the exact count for a
-                                                         from_depth model; --model PRESET, run.toml or a
-                                                         checkpoint for others)
+                                                         from_depth model; --model PRESET, run.toml, a
+                                                         checkpoint or a HF model directory for others)
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ class FlopsArgs:
     depth: int = 12
     """a from_depth(depth) model (with --vocab-size, max_seq_len 1024), unless --model is given"""
     model: str = ""
-    """a ModelConfig preset name (llama-small, gpt2-small, ...), an lmforge checkpoint or run directory, or a
-    TOML/JSON file: a run config's [model] section, a run directory's config.json, a checkpoint's config.json or a
-    model's keys at top level; replaces --depth and --vocab-size"""
+    """a ModelConfig preset name (llama-small, gpt2-small, ...), an lmforge checkpoint or run directory, a HF model
+    directory, or a TOML/JSON file: a run config's [model] section, a run directory's config.json, a checkpoint's or
+    a HF model's config.json or a model's keys at top level; replaces --depth and --vocab-size"""
     tokens: float = 1e9
     seq_len: int = 0
     """context of the attention term (0 = the rows a run config trains on: its [data] seq_len, or data.seq_len's
@@ -87,13 +87,13 @@ def _flops_model(a: FlopsArgs):
         cfg = ModelConfig.preset(a.model)
         return cfg, a.seq_len or cfg.max_seq_len
     path = Path(a.model)
-    if path.is_dir() and (path / "config.json").is_file():  # a checkpoint or run directory: its config.json
+    if path.is_dir() and (path / "config.json").is_file():  # a checkpoint, run or HF model directory: its config.json
         path = path / "config.json"
     elif not a.model.endswith((".toml", ".json")):
-        raise ConfigError(f"--model {a.model!r} is neither a preset ({', '.join(sorted(PRESETS))}), a checkpoint or "
-                          "run directory nor a .toml / .json file")
+        raise ConfigError(f"--model {a.model!r} is neither a preset ({', '.join(sorted(PRESETS))}), a checkpoint, "
+                          "run or HF model directory (with a config.json) nor a .toml / .json file")
     model, seq_len = _model_record(path)
-    cfg = from_dict(ModelConfig, model, where="model")
+    cfg = model if isinstance(model, ModelConfig) else from_dict(ModelConfig, model, where="model")
     return cfg, a.seq_len or seq_len or cfg.max_seq_len
 
 
@@ -110,9 +110,10 @@ def _is_checkpoint_config(path: Path, raw: dict) -> bool:
     return path.name in files or "step" in raw
 
 
-def _model_record(path: Path) -> tuple[dict, int | None]:
-    """The model keys of a TOML/JSON file `--model` names and the rows it trains on (None: not known, so the
-    model's max_seq_len). The file is one of:
+def _model_record(path: Path):
+    """The model keys of a TOML/JSON file `--model` names (or its ModelConfig) and the rows it trains on (None: not
+    known, so the model's max_seq_len). The file is one of:
+    - a HF model's config.json (model_type / architectures): its ModelConfig, as the HF loader reads it;
     - an lmforge checkpoint's config.json (_is_checkpoint_config): the model it saved, its [model] table;
     - a run directory's config.json, the resolved config the Trainer keeps ({"config": run config, "seed", ...});
     - a run config (a [model] table beside [data], [optim], ...): trained at its [data] seq_len or the default;
@@ -120,6 +121,10 @@ def _model_record(path: Path) -> tuple[dict, int | None]:
     from lmforge.config import read_config_file
 
     raw = read_config_file(path)
+    if "model_type" in raw or "architectures" in raw:  # keys of HF's config.json that no lmforge config has
+        from lmforge.model.hf import config_from_hf
+
+        return config_from_hf(raw), None
     if _is_checkpoint_config(path, raw):
         if not isinstance(raw.get("model"), dict):
             raise ConfigError(f"{path}: this checkpoint holds a {raw.get('model_class', 'model')} and records no "

@@ -85,3 +85,18 @@ def test_6nd_refuses_a_count_that_is_not_a_positive_number():
     for n, d in ((1e6, float("nan")), (float("inf"), 1e9), (1e6, -1.0)):
         with pytest.raises(ConfigError, match="6ND needs positive N and D"):
             flops_6nd(n, d)
+
+
+def test_a_hf_model_directory_counts_the_model_the_hf_loader_reads(capsys, tmp_path):
+    """A HF model directory was refused as an lmforge config ("unknown config key 'model.architectures'")."""
+    from lmforge.cli import main
+    from lmforge.model.hf import config_from_hf, config_to_hf
+    from lmforge.scaling.flops import num_params
+
+    hf = config_to_hf(ModelConfig.preset("llama-tiny"), "llama")
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = config_from_hf(hf)
+    assert main(["scaling", "flops", "--model", str(tmp_path), "--tokens", "1e6"]) == 0
+    out = capsys.readouterr().out
+    assert f"N = {num_params(cfg):,} " in out
+    assert f"exact count = {flops_per_token(cfg, cfg.max_seq_len) * 1e6:.4g} FLOPs (seq_len {cfg.max_seq_len})" in out

@@ -62,10 +62,12 @@ class FlopsArgs:
     directory, or a TOML/JSON file: a run config's [model] section, a run directory's config.json, a checkpoint's or
     a HF model's config.json or a model's keys at top level; replaces --depth and --vocab-size"""
     tokens: float = 1e9
+    """training tokens D"""
     seq_len: int = 0
     """context of the attention term (0 = the rows a run config trains on: its [data] seq_len, or data.seq_len's
     default; else (a preset, a checkpoint's config.json) the model's max_seq_len)"""
     vocab_size: int = 50304
+    """vocabulary of the --depth model"""
 
     def __post_init__(self) -> None:
         # checked before the count: a negative context was counted as it stood, NaN tokens printed "nan FLOPs"

@@ -40,6 +40,7 @@ class FitConfig:
     out: str = ""
     """directory for fit.json and the plots ('' = beside the table)"""
     plots: bool = True
+    """write isoflop.png, frontier.png and predicted_vs_observed.png beside fit.json (needs matplotlib)"""
     extrapolate: bool = False
     """approach 2: accept IsoFLOP minima outside the sizes trained at a budget"""
     strict: bool = False

@@ -33,24 +33,35 @@ class SweepConfig:
     budgets: tuple[float, ...] = (3e10, 1e11, 3e11, 1e12)
     """training FLOP budgets C (6ND convention, N = all parameters, embeddings included)"""
     depths: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    """model depths to train at every budget (ModelConfig.from_depth: n_layers = depth)"""
     width: int = 16
     """width per layer of depth: d_model = width·depth, heads of `width` (nanochat's dial uses 64; 16 gives
     finer steps in N for CPU-sized grids)"""
     seq_len: int = 64
+    """tokens (bytes) per training row, also the models' max_seq_len"""
     batch_size: int = 16
+    """rows per step: a step trains seq_len x batch_size tokens"""
     min_steps: int = 20
+    """a (budget, depth) point with fewer steps is left out (named on stderr): too few to train"""
     max_steps: int = 5000
+    """a (budget, depth) point with more steps is left out (named on stderr): too long to run"""
     lr: float = 3e-3
+    """peak learning rate of every run (cosine schedule down to 0.1 of it)"""
     optimizer: str = "adamw"
+    """optimizer of every run (lmforge.optim: adamw, lion, muon, ...)"""
     warmup_frac: float = 0.05
+    """warmup as a fraction of each run's steps"""
     evals: int = 5
     """evaluations per run (for approach 1's training curves)"""
     eval_batches: int = 8
+    """validation batches per evaluation"""
     data: str = ""
     """text file (byte level); '' = Python's own sources (tinyshakespeare when the developers' data
     folder is present)"""
     out: str = "runs/scaling_sweep"
+    """directory for the runs (one per point), runs.csv, runs.json and curves.json; a finished run in it is reused"""
     device: str = "auto"
+    """'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available)"""
     threads: int = 1
     """CPU threads for torch (0 = torch's default)"""
     seed: int = 0

@@ -19,15 +19,21 @@ class TrainArgs:
     """Train a byte-level BPE tokenizer on text files (files, directories or glob patterns)."""
 
     input: tuple[str, ...]
+    """text files, directories (their files, recursively) or glob patterns to train on"""
     vocab_size: int
+    """tokens in all: 256 bytes + the special tokens + the merges learned"""
     out: str
+    """directory for lmforge_tokenizer.json (and the --export formats), or a .json file path"""
     special: tuple[str, ...] = ("<|endoftext|>",)
+    """special tokens, kept whole: never split into bytes or merged"""
     pattern: str = "gpt2"
     """'gpt2', 'cl100k', 'o200k' or a custom pre-tokenization regex"""
     export: tuple[Literal["hf", "gpt2", "tiktoken"], ...] = ()
     """also write these formats into --out"""
     workers: Optional[int] = None
+    """worker processes (None = every core)"""
     progress: bool = True
+    """progress bars on stderr"""
 
     def __post_init__(self):
         check(len(self.input) > 0, "input: give at least one text file")
@@ -46,12 +52,16 @@ class EncodeArgs:
     """'byte', a tokenizer directory or file: lmforge JSON, HF tokenizer.json, GPT-2 vocab.json + merges.txt,
     or a tiktoken rank file"""
     input: tuple[str, ...]
+    """text files, directories or glob patterns to encode"""
     out: str
+    """directory for train.bin (and val.bin)"""
     val_fraction: float = 0.0
     """the last this-much of every file goes to val.bin (at most: the tail starts at the first safe cut or line
     start after that point, so usually half of it or more; a file with neither in its tail gives less or none)"""
     workers: Optional[int] = None
+    """worker processes (None = every core)"""
     progress: bool = True
+    """progress bars on stderr"""
 
     def __post_init__(self):
         check(len(self.input) > 0, "input: give at least one text file")
@@ -71,7 +81,9 @@ class StatsArgs:
     json: bool = False
     """print the numbers as JSON"""
     workers: Optional[int] = None
+    """worker processes (None = every core)"""
     progress: bool = False
+    """progress bars on stderr"""
 
     def __post_init__(self):
         check_workers(self.workers)

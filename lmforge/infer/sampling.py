@@ -79,6 +79,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """token ids that end generation (the tokenizer's end-of-text id is added unless ignore_eos)"""
     ignore_eos: bool = False
+    """keep sampling past the end-of-text token, to max_tokens (benchmarks' fixed output lengths)"""
     seed: int | None = None
     """reproducible sampling: the same seed gives the same samples, whatever else is in the batch. With a
     drafter (speculative decoding) the draws also depend on how many tokens each round drafts, which the step's

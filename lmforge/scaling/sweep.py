@@ -72,6 +72,9 @@ class SweepConfig:
         check(len(self.budgets) >= 1 and all(math.isfinite(b) and b > 0 for b in self.budgets),
               f"budgets must be finite and > 0, got {self.budgets}")
         check(len(self.depths) >= 1 and all(d >= 1 for d in self.depths), f"depths must be >= 1, got {self.depths}")
+        for name in ("budgets", "depths"):  # a repeated point trained (or resumed) once and was two rows of the table
+            values = getattr(self, name)
+            check(len(set(values)) == len(values), f"{name} repeats a value: {values}; give each once")
         check(0 < self.min_steps <= self.max_steps,
               f"need 0 < min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         check(self.width >= 2 and self.width % 2 == 0, f"width must be even and >= 2, got {self.width}")

@@ -378,12 +378,14 @@ def test_fit_names_a_table_it_cannot_read_in_one_line(tmp_path, capsys, name, da
     ("--threads", "-1", "threads must be >= 0 (0 = torch's default), got -1"),  # was torch's RuntimeError
     ("--warmup-frac", "-1", "warmup_frac must lie in [0, 1] (of each run's steps), got -1.0"),  # trained in silence
     ("--seq-len", "0", "seq_len must be >= 1, got 0"),
+    ("--depths", "1 1", "depths repeats a value: (1, 1); give each once"),  # two equal rows in runs.csv
 ])
 def test_sweep_refuses_a_bad_setting_by_its_name(tmp_path, capsys, flag, value, message):
     from lmforge.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["scaling", "sweep", "--budgets", "2e8", "--depths", "1", "--out", str(tmp_path / "sw"), flag, value])
+        main(["scaling", "sweep", "--budgets", "2e8", "--depths", "1", "--out", str(tmp_path / "sw"), flag,
+              *value.split()])
     assert e.value.code == 2 and message in " ".join(capsys.readouterr().err.replace("│", " ").split())
 
 

@@ -43,7 +43,7 @@ def _fit(argv: list[str]) -> int:
     report = run_fits(cfg)
     path = write_report(cfg, report)
     print(json.dumps({k: v for k, v in report.items() if k != "approach1"}, indent=1, default=float))
-    print(f"wrote {path}")
+    print(f"wrote {path}", file=sys.stderr)  # stdout holds the JSON alone (`lmforge scaling fit | jq .kaplan`)
     # the reasons are in the JSON above too, but a screen of numbers above hides them
     for name, why in report.get("skipped", {}).items():
         print(f"lmforge scaling fit: skipped {name}: {why}", file=sys.stderr)

@@ -49,6 +49,9 @@ def test_fit_command_writes_report_and_plots(tmp_path, capsys):
     assert main(["fit", "--table", str(table), "--bootstrap", "0", "--predict", "1e21",
                  "--inference_tokens", "1e12"]) == 0
     report = json.loads((tmp_path / "fit.json").read_text())
+    out = capsys.readouterr()
+    assert json.loads(out.out)["approach2"]["a"] == report["approach2"]["a"]  # stdout is the JSON alone: pipe it
+    assert f"wrote {tmp_path / 'fit.json'}" in out.err
     assert report["approach2"]["a"] == pytest.approx(A_TRUE, abs=0.02)
     assert report["approach3"]["a"] == pytest.approx(A_TRUE, abs=0.02)
     assert report["inference_aware"]["N"] < report["predictions"]["approach3"][0]["N_opt"]
@@ -296,7 +299,7 @@ def test_fit_says_on_stderr_which_approaches_it_skipped_and_that_nothing_was_pre
 
     rows = [dict(r, N=1e6) for r in _isoflop_rows()[::3]]  # one model size
     assert main(["scaling", "fit", "--table", str(write_rows(rows, tmp_path / "runs.csv")), "--plots", "False"]) == 0
-    err = capsys.readouterr().err.splitlines()
+    err = capsys.readouterr().err.splitlines()[1:]  # after 'wrote .../fit.json'
     assert err[0].startswith("lmforge scaling fit: skipped approach2: approach 2 needs at least 2 budgets")
     assert err[1].startswith("lmforge scaling fit: skipped approach3: approach 3 needs runs at several model sizes")
     assert err[2].startswith("lmforge scaling fit: no approach fitted the compute-optimal frontier")

@@ -45,7 +45,8 @@ def isoflop_plot(runs: Runs, frontier: Frontier, path: str | Path) -> Path:
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(budgets)))
     for c, color in zip(budgets, colors):
         sel = runs.budget == c
-        note = "" if float(c) in frontier.parabolas else " (left out: not bracketed)"
+        # a budget is left out for too few sizes, no minimum, or one outside the sizes: fit.json says which
+        note = "" if float(c) in frontier.parabolas else " (left out of the frontier)"
         ax.scatter(runs.n[sel], runs.loss[sel], color=color, s=18, label=f"C = {c:.2g}{note}")
         if float(c) in frontier.parabolas:
             c2, c1, c0 = frontier.parabolas[float(c)]

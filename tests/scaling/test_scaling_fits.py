@@ -244,6 +244,24 @@ def test_plots_write_png(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_isoflop_plot_labels_a_left_out_budget_without_guessing_why(tmp_path, monkeypatch):
+    """A budget left out for having 2 model sizes was labelled 'not bracketed'."""
+    pytest.importorskip("matplotlib")
+    from lmforge.scaling import plots
+
+    rows = _isoflop_rows()
+    few = [r for r in rows if r["budget"] == 1e18][:2]
+    runs = runs_from_rows([r for r in rows if r["budget"] != 1e18] + few)
+    fr = fit_isoflop(runs, drop_unbracketed=True)
+    assert fr.dropped[1e18] == "only 2 model sizes (< 3)"
+    labels = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: labels.extend(
+        fig.axes[0].get_legend_handles_labels()[1]) or save(fig, path))
+    plots.isoflop_plot(runs, fr, tmp_path / "iso.png")
+    assert "C = 1e+18 (left out of the frontier)" in labels and not any("bracketed" in t for t in labels)
+
+
 def test_approach3_refuses_tables_that_cannot_determine_the_law():
     """Each of these 'fitted': one budget gave alpha, beta and N_opt far from the truth; a law with beta = 4 (a
     few runs chased by noise gave beta ~ 30, B ~ 1e278) was reported as found; equal losses gave A, B ~ 1e-8."""

@@ -652,3 +652,16 @@ def test_qlora_adapters_export_to_peft_over_their_float_base(tmp_path, tok, caps
     whole = save_checkpoint(tmp_path / "whole", 1, model, tokenizer=tok)  # no float base recorded: none to go over
     with pytest.raises(ConfigError, match="holds its quantized base whole and records no float base"):
         export(ExportConfig(checkpoint=str(whole), out=str(tmp_path / "peft2"), adapter=True))
+
+
+@pytest.mark.parametrize("args", [["--checkpoint", "runs/sft", "--out", "out/sft"], ["--checkpoint=runs/sft", "out"],
+                                  ["runs/sft", "--out", "out/sft"]])
+def test_checkpoint_and_out_given_as_flags_are_named_as_positional(args, capsys):
+    """`lmforge export --checkpoint X --out Y` (the flag sample, generate and chat take) was tyro's box saying
+    "Missing value for argument 'checkpoint'", the argument the user had just given."""
+    from lmforge.cli import main
+
+    assert main(["export", *args]) == 2
+    err = capsys.readouterr().err
+    assert "export takes the checkpoint and the output directory as positional arguments" in err
+    assert "lmforge export CKPT OUT [options]" in err and "Missing value" not in err

@@ -290,3 +290,19 @@ def test_data_stages_refuses_arguments(capsys):
     assert main(["data", "stages", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: lmforge data stages") and "extract" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "run.toml"], "lmforge train: error: a config file is given with --config: lmforge train --config "
+                            "run.toml [--section.key value]"),
+    (["sft", "sft.json", "--max-steps", "3"], "lmforge sft: error: a config file is given with --config: lmforge "
+                                              "sft --config sft.json"),
+    (["data", "run", "--config", "p.toml"], "lmforge data: error: this command takes --config's value as a "
+                                            "positional argument, without the flag: lmforge data run PIPELINE.toml"),
+])
+def test_a_config_file_given_the_other_commands_way_is_named_with_the_usage(argv, message, capsys):
+    """`lmforge train run.toml` was tyro's 'Unrecognized options: run.toml'; `lmforge data run --config p.toml` its
+    "Missing value for argument 'pipeline'": train takes --config FILE, data run its pipeline as a positional."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and "Unrecognized" not in err and "Missing value" not in err

@@ -663,5 +663,5 @@ def test_checkpoint_and_out_given_as_flags_are_named_as_positional(args, capsys)
 
     assert main(["export", *args]) == 2
     err = capsys.readouterr().err
-    assert "export takes the checkpoint and the output directory as positional arguments" in err
-    assert "lmforge export CKPT OUT [options]" in err and "Missing value" not in err
+    assert "'s value as a positional argument, without the flag: lmforge export CKPT OUT [options]" in err
+    assert "Missing value" not in err

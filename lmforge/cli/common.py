@@ -133,6 +133,15 @@ def open_sections(cls: type, argv: list[str], data: dict) -> bool:
     return opened
 
 
+def refuse_flag_for_positional(argv: list[str], flags: tuple[str, ...], usage: str) -> None:
+    """A command's positional argument given as a flag (`--checkpoint X`, which sample / generate / chat take;
+    `--config FILE`, which train takes) is a one-line error showing the usage; tyro answered "Missing value for
+    argument 'checkpoint'", the argument the user had just given."""
+    flag = next((a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in flags), None)
+    if flag is not None:
+        raise ConfigError(f"this command takes {flag}'s value as a positional argument, without the flag: {usage}")
+
+
 def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
@@ -144,6 +153,8 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
     path, data = None, {}
     if config_file:
         path, argv = _split_config_flag(argv)
+        if path is None and argv and not argv[0].startswith("-") and argv[0].endswith((".toml", ".json")):
+            raise ConfigError(f"a config file is given with --config: {prog} --config {argv[0]} [--section.key value]")
         if path is not None:
             data = read_config_file(path)
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."

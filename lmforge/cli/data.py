@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 
 import tyro
 
-from lmforge.cli.common import parse_config, run_group
+from lmforge.cli.common import parse_config, refuse_flag_for_positional, run_group
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +33,7 @@ def run(argv: list[str]) -> int:
     from lmforge.data.pipeline import load_pipeline
     from lmforge.data.report import report_markdown
 
+    refuse_flag_for_positional(argv, ("--config", "--pipeline"), "lmforge data run PIPELINE.toml [options]")
     args = parse_config(RunArgs, argv, prog="lmforge data run", description=RunArgs.__doc__ or "",
                         config_file=False)
     cfg = load_pipeline(args.pipeline)

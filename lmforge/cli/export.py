@@ -66,13 +66,9 @@ class ExportConfig:
 
 
 def main(argv: list[str]) -> int:
-    from lmforge.cli.common import parse_config
+    from lmforge.cli.common import parse_config, refuse_flag_for_positional
 
-    # sample / generate / chat take --checkpoint; here tyro answered it with "Missing value for argument 'checkpoint'"
-    flag = next((a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in ("--checkpoint", "--out")), None)
-    if flag is not None:
-        raise ConfigError(f"export takes the checkpoint and the output directory as positional arguments, not "
-                          f"{flag}: lmforge export CKPT OUT [options]")
+    refuse_flag_for_positional(argv, ("--checkpoint", "--out"), "lmforge export CKPT OUT [options]")
     cfg = parse_config(ExportConfig, argv, prog="lmforge export", config_file=False,
                        description="Write a checkpoint as a HF model directory (LoRA adapters merged) or, with "
                                    "--adapter, as a PEFT adapter directory over its base model.")

@@ -15,6 +15,7 @@ reads it, `verify` compares it with the example's canonical answer.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import random
 import re
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ class Task:
         """n distinct problems of `split`, phrasings drawn at random; deterministic in (split, n, seed)."""
         if split not in SPLITS:
             raise ConfigError(f"split={split!r} must be one of {SPLITS}")
+        # n=-1 drew problems, then reported "fewer than -1 distinct problems"
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ConfigError(f"n={n!r}: ask for a whole number of examples, 0 or more")
         rng = random.Random(f"{self.name}:{split}:{seed}")
         out, seen = [], set()
         for _ in range(200 * n + 1000):

@@ -254,3 +254,11 @@ def test_gsm8k_reads_a_unicode_minus_as_a_minus(tmp_path):
     g = GSM8K(root=tmp_path)
     # U+2212, the minus of typeset text: '−5' read 5, a wrong answer judged right for 5 and a right one wrong
     assert g.parse("Answer: \u22125") == "-5" and g.parse("\\boxed{\u22121,200}") == "-1200"
+
+
+@pytest.mark.parametrize("n", [-1, 2.5, None])
+def test_a_generated_task_refuses_a_count_that_is_no_whole_number(n):
+    # n=-1 drew 800 problems, then said the task had "fewer than -1 distinct train problems"; 2.5 the same
+    with pytest.raises(ConfigError, match=r"ask for a whole number of examples, 0 or more"):
+        TASKS["sort"]().examples("train", n)
+    assert TASKS["sort"]().examples("train", 0) == []

@@ -70,13 +70,16 @@ class GSM8K(_FileTask):
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         """The first number after the last 'Answer:', else after GSM8K's '####' (lm-eval's strict match), else in
         the last \\boxed{} (a number after it, "\\boxed{18}. Check: 3 * 6", is no answer), else the last number in
-        the text. A Unicode minus sign (U+2212, as typeset text writes it) is a minus."""
+        the text. A marked answer worked as an equation ("Answer: 3 + 4 = 7") is the one number after its last
+        '='. A Unicode minus sign (U+2212, as typeset text writes it) is a minus."""
         completion = completion.replace("\u2212", "-")
         marked = final_answer(completion)
         if marked is None and "####" in completion:
             marked = completion.rpartition("####")[2]
         if marked is None:
             marked = last_boxed(completion)
+        if marked is not None and len(NUMBER_RE.findall(marked.rpartition("=")[2])) == 1:  # "= 7", not "(= 3 + 4)"
+            marked = marked.rpartition("=")[2]
         nums = NUMBER_RE.findall(marked if marked is not None else completion)
         if not nums:
             return None

@@ -262,3 +262,14 @@ def test_a_generated_task_refuses_a_count_that_is_no_whole_number(n):
     with pytest.raises(ConfigError, match=r"ask for a whole number of examples, 0 or more"):
         TASKS["sort"]().examples("train", n)
     assert TASKS["sort"]().examples("train", 0) == []
+
+
+def test_gsm8k_reads_a_marked_equation_by_its_result(tmp_path):
+    """'Answer: 3 + 4 = 7' read 3, the first number after the mark."""
+    from lmforge.tasks.datasets import GSM8K
+
+    (tmp_path / "gsm8k").mkdir()
+    g = GSM8K(root=tmp_path)
+    assert g.parse("Answer: 3 + 4 = 7") == "7" and g.parse("#### 12 * 3 = $36.") == "36"
+    assert g.parse("\\boxed{x = 5}") == "5" and g.parse("Answer: 7 (= 3 + 4)") == "7"
+    assert g.parse("Answer: 7 apples, so x =") == "7"  # nothing numeric after the '=': the first number stands

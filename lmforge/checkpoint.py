@@ -233,8 +233,9 @@ def _write(tmp: Path, step: int, model: torch.nn.Module, train_state, tokenizer,
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     weights = _state_for_save(model, _left_to_base(model, meta, base) if base else set())
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
+    if train_state is not None:  # through a Python file: torch's own writer reports a full disk as a bare
+        with open(tmp / "train_state.pt", "wb") as f:  # RuntimeError ('unexpected pos'); Python's raises ENOSPC
+            torch.save(train_state, f)
     if tokenizer is not None:
         tokenizer.save(tmp)
     _seal(tmp)
@@ -354,8 +355,14 @@ def check_train_state(state: dict[str, Any]) -> None:
                       "and plain Python values")
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    return (isinstance(e, OSError) and e.errno in _DISK_FULL) or "No space left on device" in str(e)
+def _is_disk_full(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it was raised during is a full disk (torch.save raises a RuntimeError first
+    and the file's ENOSPC comes after it)."""
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in _DISK_FULL) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, train_state: dict | None = None,

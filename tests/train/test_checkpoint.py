@@ -98,6 +98,27 @@ def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
     ckpt._verify(good)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_a_really_full_disk_under_the_train_state_is_named(tmp_path, monkeypatch):
+    """torch.save given a path writes through its C++ stream, which reports a full disk as a bare RuntimeError
+    ('unexpected pos 704 vs 598'): a run on a full disk ended in that traceback instead of the disk-full line.
+    Here train_state.pt is /dev/full (found 2026-12-06 on a 400 KB tmpfs)."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def then_full(weights, filename, **kw):  # the weights fit; the train state meets a full disk
+        real(weights, filename, **kw)
+        (Path(filename).parent / "train_state.pt").symlink_to("/dev/full")
+
+    model = _toy()
+    good = ckpt.save_checkpoint(tmp_path, 1, model, train_state={"a": 1})
+    monkeypatch.setattr(safetensors.torch, "save_file", then_full)
+    with pytest.raises(CheckpointError, match=r"disk full at .*\.step_000002\.writing-\d+ while writing the step 2"):
+        ckpt.save_checkpoint(tmp_path, 2, model, train_state={"a": torch.zeros(10_000)})
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
+
+
 def test_a_rewritten_step_keeps_its_old_checkpoint_when_the_rewrite_fails(tmp_path, monkeypatch):
     """Writing a step that exists again (a resumed run's) replaces it whole or not at all: a failure at the
     rename that puts the new one in place leaves the old one, verified, where it was (it used to be deleted

@@ -39,7 +39,6 @@ load only into their own dtype (castable).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -53,7 +52,7 @@ from typing import Any
 import torch
 
 from lmforge.config import from_dict, to_dict
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, is_disk_full
 from lmforge.utils import atomic_dir, honour_umask, run_metadata
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -62,7 +61,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # renamed in; `.tmp_step_N_PID` is what lmforge before 2026-12 wrote into
 _TMP_DIR = re.compile(r"^\.(?:tmp_step_\d+_|step_\d+\.writing-)(\d+)$")
 _REPLACED_DIR = re.compile(r"^\.(step_\d+)\.replaced-(\d+)$")
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -355,16 +353,6 @@ def check_train_state(state: dict[str, Any]) -> None:
                       "and plain Python values")
 
 
-def _is_disk_full(e: BaseException | None) -> bool:
-    """Whether `e` or an exception it was raised during is a full disk (torch.save raises a RuntimeError first
-    and the file's ENOSPC comes after it)."""
-    while e is not None:
-        if (isinstance(e, OSError) and e.errno in _DISK_FULL) or "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, train_state: dict | None = None,
                     tokenizer=None, keep_last: int | None = None, extra: dict | None = None,
                     base: dict | None = None) -> Path:
@@ -379,7 +367,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, *, t
         with atomic_dir(final) as tmp:
             _write(tmp, step, model, train_state, tokenizer, extra, base)
     except BaseException as e:
-        if _is_disk_full(e):
+        if is_disk_full(e):
             raise CheckpointError(f"disk full at {tmp or final.parent} while writing the step {step} checkpoint; "
                                   "it was not written and earlier checkpoints are intact: free space and resume"
                                   ) from e

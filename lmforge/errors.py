@@ -32,6 +32,19 @@ class RequestError(LmforgeError):
         self.request_id = request_id
 
 
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it was raised while handling, is a full disk or quota (torch.save through a
+    Python file raises a RuntimeError first and the file's ENOSPC after it; safetensors words it in its own
+    error)."""
+    import errno
+
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def require(module: str, extra: str):
     """Import an optional dependency, or fail with a message naming the extra that provides it."""
     import importlib

@@ -47,13 +47,17 @@ def remove_stale_temps(paths: Iterable[str | Path]) -> int:
 def output_path_problem(path: str | Path, *, file: bool = False) -> tuple[str, Path | None] | None:
     """What keeps a writer from using `path` as an output directory (with `file`, an output file), as (problem,
     what is in the way), or None: ("empty", None); ("directory", path) where a file is meant; ("file", path), an
-    existing file where a directory is meant; ("under", f): the path lies under f, an existing file (the writers'
-    mkdir or rename would fail mid-run with a traceback). check_output_path words it; a command with words of its
+    existing file where a directory is meant; ("under", f): the path lies under f, an existing file; ("readonly",
+    d): d, the existing directory the writers would create or write in, cannot be written (a read-only mount, no
+    permission). Each would fail mid-run with a traceback. check_output_path words it; a command with words of its
     own (lmforge generate) asks this."""
     if not str(path):  # before Path(): Path("") is "."
         return "empty", None
     path = Path(path)
     there = next((p for p in (path, *path.parents) if p.exists()), None)
+    if there is not None and there.is_dir() and not (there == path and file) \
+            and not os.access(there, os.W_OK | os.X_OK):  # EROFS or EACCES, for root too on a read-only mount
+        return "readonly", there
     if there is None or there.is_dir():
         return ("directory", path) if there == path and file else None
     if there != path:
@@ -78,6 +82,9 @@ def check_output_path(path: str | Path, name: str, *, flag: str | None = None, f
         raise ConfigError(f"{name} is empty; set {setting} to {want}")
     if kind == "directory":
         raise ConfigError(f"{name} {str(path)!r} is a directory, not a file; set {setting} to {want}")
+    if kind == "readonly":
+        raise ConfigError(f"{name} {str(path)!r}: {str(there)!r} cannot be written (a read-only file system or no "
+                          f"permission); set {setting} to {want} in a writable place")
     what = "is an existing file" if kind == "file" else f"lies under {str(there)!r}, an existing file"
     raise ConfigError(f"{name} {str(path)!r} {what}, not a directory; set {setting} to {want}, or move the file "
                       "away")

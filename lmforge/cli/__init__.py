@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import warnings
 
-    from lmforge.errors import LmforgeError
+    from lmforge.errors import LmforgeError, is_disk_full
 
     with warnings.catch_warnings():  # restores Python's showwarning when the command ends (library use is untouched)
         if not debug:
@@ -110,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
             return 130
+        except Exception as e:  # a full disk under any writer (metrics.jsonl, loss.png, shards): said, not a traceback
+            if debug or not is_disk_full(e):
+                raise
+            where = next((x.filename for x in (e, e.__context__, e.__cause__) if getattr(x, "filename", None)), None)
+            print(f"lmforge {cmd}: error: disk full{f' writing {where}' if where else ''}; free space and run the "
+                  "command again (a training run resumes from its last checkpoint)", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

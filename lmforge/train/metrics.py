@@ -64,8 +64,11 @@ class MetricsLog:
             tmp.write_text("".join(_json_row(r) for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(_json_row(row))
+        try:
+            with open(self.path, "a") as f:
+                f.write(_json_row(row))
+        except OSError as e:  # a failed write's error names no file (a full disk's): name it
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         step = row.get("step", 0)
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:

@@ -1,0 +1,51 @@
+"""A run_dir no writer can use - a read-only mount, a disk that fills mid-run - is one line naming the path and the
+fix, not a traceback from deep inside the loop."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+
+from .helpers import make_shard
+
+FLAGS = ["--max-steps", "3", "--eval-every", "3", "--eval-batches", "1", "--device", "cpu", "--progress", "false",
+         "--plot", "false", "--model.vocab-size", "257", "--model.d-model", "16", "--model.n-layers", "1",
+         "--model.n-heads", "2", "--model.max-seq-len", "16", "--data.seq-len", "16", "--data.batch-size", "2"]
+
+
+def test_a_run_dir_in_a_read_only_place_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    """It was an OSError traceback ('[Errno 30] Read-only file system') from the metrics log's mkdir. Root writes
+    through a chmod, so the read-only mount is what os.access says of the folder (as it does there: EROFS)."""
+    shard = make_shard(tmp_path / "t.bin")
+    locked = tmp_path / "mnt"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real(p, mode, **kw))
+    for run_dir in (locked / "run", locked):
+        assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), *FLAGS]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[0] == (f"lmforge train: error: run_dir '{run_dir}': '{locked}' cannot be written (a "
+                                       "read-only file system or no permission); set run_dir (--run-dir) to a new or "
+                                       "existing directory in a writable place")
+        assert "Traceback" not in err
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_a_disk_that_fills_under_the_metrics_log_is_one_line(tmp_path, monkeypatch, capsys):
+    """metrics.jsonl's append met a full disk as an OSError traceback without a file name; now the CLI says which
+    file and that the command resumes. The appends go to /dev/full, whose every write fails with ENOSPC."""
+    import lmforge.train.metrics as metrics
+
+    shard = make_shard(tmp_path / "t.bin")
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(metrics, "open", lambda path, mode="r": open("/dev/full", mode), raising=False)
+    assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), *FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"lmforge train: error: disk full writing {run_dir / 'metrics.jsonl'}; free space "
+                                    "and run the command again (a training run resumes from its last checkpoint)")
+    assert "Traceback" not in err
+    with pytest.raises(OSError, match="No space left on device"):  # --debug lets the traceback through
+        main(["--debug", "train", "--data.train", str(shard), "--run-dir", str(tmp_path / "run2"), *FLAGS])

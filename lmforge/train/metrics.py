@@ -131,6 +131,11 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None, ylabel: str 
     ax.legend()
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:  # a full disk leaves the last plot, not half a PNG
+            fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
+    except OSError as e:  # a failed write's error names no file: name it
+        raise OSError(e.errno, e.strerror, str(out)) from e
+    finally:
+        plt.close(fig)
     return out

@@ -49,3 +49,27 @@ def test_a_disk_that_fills_under_the_metrics_log_is_one_line(tmp_path, monkeypat
     assert "Traceback" not in err
     with pytest.raises(OSError, match="No space left on device"):  # --debug lets the traceback through
         main(["--debug", "train", "--data.train", str(shard), "--run-dir", str(tmp_path / "run2"), *FLAGS])
+
+
+def test_a_plot_that_meets_a_full_disk_leaves_the_last_one_whole(tmp_path, monkeypatch):
+    """loss.png was written in place: a full disk left half a PNG, and an OSError that named no file."""
+    import errno
+
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from lmforge.train.metrics import MetricsLog, plot_losses
+
+    MetricsLog(tmp_path).log({"step": 1, "loss": 2.0})
+    (tmp_path / "loss.png").write_bytes(b"the last plot")
+
+    def half(self, fname, **kw):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half)
+    with pytest.raises(OSError) as e:
+        plot_losses(tmp_path)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "loss.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+    assert (tmp_path / "loss.png").read_bytes() == b"the last plot"

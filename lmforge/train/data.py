@@ -73,6 +73,22 @@ def check_one_tokenizer(shards: Iterable[TokenFile]) -> TokenFile:
     return first
 
 
+def check_run_tokenizer(tokenizer, spec: str, shard: TokenFile) -> None:
+    """The tokenizer a run names (TrainConfig.tokenizer) over the one the shards' header names: where theirs loads
+    ('byte', a file that is there) the two must encode alike, or every checkpoint would decode the ids as other
+    tokens (a BPE tokenizer named over byte shards trained, and only `lmforge sample` refused it). Where it does
+    not (moved, a content hash), the run's tokenizer is the way to name it, and is taken as it is."""
+    from lmforge.tokenizer.load import load_tokenizer
+
+    theirs = tokenizer_spec(shard.tokenizer, shard)
+    if not theirs or (theirs != "byte" and _tokenizer_file(shard) is None):
+        return
+    if not encode_alike(tokenizer, load_tokenizer(theirs)):
+        raise DataError(f"tokenizer={spec!r} does not encode as {theirs!r}, the tokenizer {shard.path} was encoded "
+                        "with, so its ids would be read as other tokens; leave tokenizer empty to use the shards' "
+                        "own, or re-encode the shards with it (lmforge tokenizer encode --tokenizer ...)")
+
+
 @dataclass
 class Split:
     """A view [start, stop) of one shard's tokens."""

@@ -14,7 +14,8 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.optim import build_optimizer
 from lmforge.train.config import TrainConfig, uses_bf16
-from lmforge.train.data import BatchSampler, check_one_tokenizer, eval_windows, open_splits, tokenizer_spec
+from lmforge.train.data import (BatchSampler, check_one_tokenizer, check_run_tokenizer, eval_windows,
+                                open_splits, tokenizer_spec)
 from lmforge.train.loss import LMObjective, token_losses
 from lmforge.train.distributed import distribute, join, sum_over_ranks, train_device
 
@@ -123,6 +124,13 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
         from lmforge.tokenizer.load import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_spec(cfg.tokenizer or first.tokenizer, first))
+        if cfg.tokenizer:
+            check_run_tokenizer(tokenizer, cfg.tokenizer, first)
+    n_tok = getattr(tokenizer, "vocab_size", None)  # the engine refuses a smaller model: refused before training
+    if n_tok is not None and n_tok > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {n_tok} tokens "
+                          f"({cfg.tokenizer or first.tokenizer}): its ids {cfg.model.vocab_size}..{n_tok - 1} have no "
+                          f"embedding, and no checkpoint could be sampled with it; set model.vocab_size >= {n_tok}")
     if cfg.bf16_residual:
         if not uses_bf16(cfg, train_device(cfg.device)):
             raise ConfigError(f"bf16_residual = true needs bf16 autocast (dtype = '{cfg.dtype}' on "

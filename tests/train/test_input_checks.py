@@ -72,6 +72,43 @@ def test_shards_of_another_tokenizer_are_refused_naming_both_files(tmp_path, bpe
         pretraining_parts(dataclasses.replace(cfg, data=data))
 
 
+def test_a_run_tokenizer_must_be_the_shards_own_where_theirs_loads(tmp_path, bpe_shards):
+    """tokenizer = '...' over shards whose header names another that loads was taken as it was: a BPE tokenizer over
+    byte shards trained, its checkpoints decoding byte ids as BPE tokens (and `lmforge sample` refusing them, 323
+    tokens over a 257-row model). The same tokenizer in another file, or one named where the header's has moved,
+    is the key's use and goes on."""
+    tok, path, ids, train = bpe_shards
+    byte = make_shard(tmp_path / "byte.bin")
+    cfg = dataclasses.replace(_config(tmp_path, [byte]), tokenizer=str(path))
+    with pytest.raises(DataError, match=rf"^tokenizer='{path}' does not encode as 'byte', the tokenizer {byte} was "
+                                        r"encoded with, so its ids would be read as other tokens; leave tokenizer "):
+        pretraining_parts(cfg)
+    cfg = dataclasses.replace(_config(tmp_path, [train]), tokenizer="byte")
+    with pytest.raises(DataError, match=rf"^tokenizer='byte' does not encode as '{path}'"):
+        pretraining_parts(cfg)
+    shutil.copy(path, tmp_path / "copy.json")
+    parts = pretraining_parts(dataclasses.replace(cfg, tokenizer=str(tmp_path / "copy.json")))
+    assert parts.tokenizer.encode("the cat sat") == tok.encode("the cat sat")
+    path.rename(tmp_path / "moved.json")  # the header's tokenizer is gone: the run's key names where it is now
+    parts = pretraining_parts(dataclasses.replace(cfg, tokenizer=str(tmp_path / "moved.json")))
+    assert parts.tokenizer.encode("the cat sat") == tok.encode("the cat sat")
+
+
+def test_a_model_vocabulary_smaller_than_the_tokenizers_is_refused(tmp_path, bpe_shards):
+    """Shards whose ids all fit the model (max_id < model.vocab_size) passed, though the tokenizer has more tokens:
+    the run trained and every checkpoint was refused by the engine afterwards (tokenizer vocab_size=300 is larger
+    than the model's vocab_size)."""
+    tok, path, ids, train = bpe_shards
+    low = write_tokens(tmp_path / "low.bin", [i % 280 for i in ids], vocab_size=300, tokenizer=str(path))
+    cfg = _config(tmp_path, [low])
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=280))
+    with pytest.raises(ConfigError, match=rf"^model.vocab_size=280 is smaller than the tokenizer's 300 tokens "
+                                          rf"\({path}\): its ids 280..299 have no embedding, and no checkpoint "
+                                          r"could be sampled with it; set model.vocab_size >= 300$"):
+        pretraining_parts(cfg)
+    assert pretraining_parts(dataclasses.replace(cfg, model=MODEL)).model.cfg.vocab_size == 300
+
+
 def test_a_directory_given_for_a_shard_names_the_shards_in_it(tmp_path, bpe_shards):
     tok, path, ids, train = bpe_shards
     folder = train.parent

@@ -209,6 +209,12 @@ class TrainConfig(LoopConfig):
         super().__post_init__()
         check(self.data.seq_len <= self.model.max_seq_len or self.model.pos_emb in ("rope", "none"),
               f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.data.seq_len > self.model.max_seq_len:  # RoPE / NoPE train past it, but the engine serves no more
+            from lmforge.errors import warn_caller
+
+            warn_caller(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: the "
+                        f"model trains on {self.data.seq_len}-token windows, but its checkpoints serve a "
+                        f"{self.model.max_seq_len}-token context; set model.max_seq_len >= {self.data.seq_len}")
         moe = any(self.model.is_moe_layer(i) for i in range(self.model.n_layers))
         check(self.parallel.pp == 1 or not (moe or self.model.mtp is not None),
               f"parallel.pp={self.parallel.pp} runs the plain LM loss through the pipeline schedule, which would "

@@ -11,7 +11,7 @@ from lmforge.data.shards import write_tokens
 from lmforge.errors import ConfigError, DataError
 from lmforge.model.config import ModelConfig
 from lmforge.optim.config import OptimConfig
-from lmforge.train.config import DataConfig, LoopConfig, PhaseConfig, SourceConfig
+from lmforge.train.config import DataConfig, LoopConfig, PhaseConfig, SourceConfig, TrainConfig
 from lmforge.train.pretrain import pretraining_parts
 
 from .helpers import make_shard, synthetic_text, tiny_config
@@ -155,6 +155,24 @@ def test_values_that_would_overflow_or_never_train_are_refused():
         OptimConfig(lr=math.inf)
     with pytest.raises(ConfigError, match=r"^data.bytes_per_token must be a finite number >= 0, got inf$"):
         DataConfig(bytes_per_token=math.inf)
+
+
+def test_windows_longer_than_the_models_context_are_said():
+    """RoPE and NoPE models train on windows past model.max_seq_len without complaint, and the checkpoint then
+    serves only max_seq_len tokens (`lmforge sample` cut a 128-token-trained model at 32): said, with the fix.
+    Learned positions have no rows there and are refused."""
+    import warnings
+
+    model = ModelConfig(vocab_size=257, d_model=16, n_layers=1, n_heads=2, max_seq_len=32)
+    with pytest.warns(UserWarning, match=r"^data.seq_len=128 exceeds model.max_seq_len=32: the model trains on "
+                                         r"128-token windows, but its checkpoints serve a 32-token context; set "
+                                         r"model.max_seq_len >= 128$"):
+        TrainConfig(model=model, data=DataConfig(seq_len=128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(model=model, data=DataConfig(seq_len=32))
+    with pytest.raises(ConfigError, match=r"^data.seq_len=128 exceeds model.max_seq_len=32$"):
+        TrainConfig(model=dataclasses.replace(model, pos_emb="learned"), data=DataConfig(seq_len=128))
 
 
 def test_bad_mixture_entries_name_their_own_fields():

@@ -141,10 +141,17 @@ def open_splits(train: tuple[str, ...], val: tuple[str, ...], val_fraction: floa
             tr.append(Split(f, 0, cut))
             va.append(Split(f, cut, len(f)))
     need = seq_len + 1
+    short = [s for s in tr if len(s) < need]
     tr = [s for s in tr if len(s) >= need]
     va = [s for s in va if len(s) >= need]
     if not tr:
         raise DataError(f"the training shards hold fewer than seq_len+1={need} tokens; add data or lower data.seq_len")
+    if short:  # a shard listed, never read: said, not left out in silence
+        from lmforge.errors import warn_caller
+
+        names = ", ".join(f"{s.file.path} ({len(s)})" for s in short[:3]) + (", ..." if len(short) > 3 else "")
+        warn_caller(f"{key}.train: {len(short)} shard(s) hold fewer training tokens than one window (seq_len+1="
+                    f"{need}) and are not trained on: {names}")
     if not va and (val_fraction > 0 or val_files):
         raise DataError(f"the validation split holds fewer than seq_len+1={need} tokens; "
                         "raise data.val_fraction, give data.val shards, or lower data.seq_len")

@@ -175,6 +175,23 @@ def test_windows_longer_than_the_models_context_are_said():
         TrainConfig(model=dataclasses.replace(model, pos_emb="learned"), data=DataConfig(seq_len=128))
 
 
+def test_a_listed_shard_too_short_for_a_window_is_said(tmp_path):
+    """A shard shorter than one window was dropped from data.train in silence: the run trained on the others."""
+    import warnings
+
+    from lmforge.train.data import open_splits
+
+    long, short = make_shard(tmp_path / "long.bin"), write_tokens(tmp_path / "short.bin", [1] * 20, vocab_size=257,
+                                                                  tokenizer="byte")
+    with pytest.warns(UserWarning, match=rf"^data.train: 1 shard\(s\) hold fewer training tokens than one window "
+                                         rf"\(seq_len\+1=33\) and are not trained on: {short} \(20\)$"):
+        train, _ = open_splits((str(long), str(short)), (str(long),), 0.0, 32, 257)
+    assert [s.file.path for s in train] == [long]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_splits((str(long),), (), 0.1, 32, 257)
+
+
 def test_bad_mixture_entries_name_their_own_fields():
     a, b = SourceConfig(name="a", train=("x.bin",)), SourceConfig(name="b", train=("y.bin",))
     for weights in ((math.inf, 1.0), (1e308, 1e308)):  # the second: a sum that overflows

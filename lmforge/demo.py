@@ -51,6 +51,8 @@ class DemoConfig:
         check(self.tokenizer in ("bpe", "byte"), f"tokenizer must be 'bpe' or 'byte', got {self.tokenizer!r}")
         check(self.steps > 0 and self.depth > 0, "steps and depth must be > 0")
         check(self.samples >= 0, f"--samples must be >= 0 (0 prints none), got {self.samples}")
+        for flag, value in (("--seq-len", self.seq_len), ("--batch-size", self.batch_size), ("--lr", self.lr)):
+            check(0 < value < math.inf, f"{flag} must be a positive number, got {value}")  # not model.max_seq_len's
 
 
 def stdlib_corpus(max_bytes: int) -> list[str]:

@@ -228,3 +228,14 @@ def test_a_sequential_position_over_other_shards_is_refused_on_resume(tmp_path):
     old = {k: v for k, v in state.items() if k != "sizes"}  # a state saved before the sizes: checked for range
     with pytest.raises(DataError, match="split 1 of its training splits"):
         BatchSampler(splits[:1], 4, 32, "sequential", 0).load_state_dict(old)
+
+
+def test_demo_flags_name_themselves():
+    """`lmforge demo --seq-len 0` said 'model.max_seq_len must be > 0' (a key the demo has no flag for), --lr -1 and
+    --batch-size 0 the keys of TrainConfig: each now names its own flag."""
+    from lmforge.demo import DemoConfig
+
+    for flag, field, bad in (("--seq-len", "seq_len", 0), ("--batch-size", "batch_size", -2), ("--lr", "lr", -1.0),
+                             ("--lr", "lr", math.nan)):
+        with pytest.raises(ConfigError, match=rf"^{flag} must be a positive number, got {bad}$"):
+            DemoConfig(**{field: bad})

@@ -194,3 +194,27 @@ def test_a_new_seed_says_it_does_not_reorder_a_resumed_run(tmp_path, capsys):
     Trainer(dataclasses.replace(cfg, seed=3)).close()
     out = capsys.readouterr().out
     assert "seed 0 -> 3 (the data order and random state continue from the checkpoint, not from the new seed" in out
+
+
+def test_a_checkpoint_written_before_a_model_field_existed_resumes(tmp_path):
+    """A checkpoint's model config is compared with the run's as load_model reads it, a field the writer's lmforge
+    did not have taking its default: compared raw, every run written before `model.norm_offset` (2026-12-06) was
+    refused at its resume ('model.norm_offset=None but the config says 0.0'). A real difference is still refused."""
+    import json
+
+    from lmforge.errors import ConfigError
+
+    shard = make_shard(tmp_path / "t.bin")
+    cfg = tiny_config(shard, tmp_path / "run", max_steps=4, ckpt_every=2, eval_every=100)
+    whole = Trainer(dataclasses.replace(cfg, run_dir=str(tmp_path / "whole"))).fit()
+    Trainer(dataclasses.replace(cfg, max_steps=2)).fit()  # warmup_steps=5: the same rates whatever max_steps
+    step = ckpt.checkpoint_dirs(tmp_path / "run")[-1]
+    meta = json.loads((step / "config.json").read_text())
+    del meta["model"]["norm_offset"]  # as lmforge wrote it before the field
+    (step / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    ckpt._seal(step)  # its manifest, as that writer sealed it
+    resumed = Trainer(cfg).fit()
+    assert resumed.steps == 4 and [r["loss"] for r in resumed.history if "loss" in r] == \
+        [r["loss"] for r in whole.history if "loss" in r]
+    with pytest.raises(ConfigError, match=r"^checkpoint was made with model.d_model=32 but the config says 64"):
+        Trainer(dataclasses.replace(cfg, max_steps=6, model=dataclasses.replace(cfg.model, d_model=64)))

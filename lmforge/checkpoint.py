@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from lmforge.config import from_dict, to_dict
+from lmforge.config import from_dict, to_dict, with_defaults
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, is_disk_full
 from lmforge.utils import atomic_dir, honour_umask, run_metadata
 
@@ -600,11 +600,7 @@ def check_same_model(saved: dict, current) -> None:
     checkpoint's lmforge did not have yet reads as its default, as load_model builds it: compared raw, a run
     written before `model.norm_offset` existed could not resume ('model.norm_offset=None but the config says
     0.0')."""
-    cur = to_dict(current)
-    try:
-        saved = to_dict(from_dict(type(current), saved, "model"))
-    except (LmforgeError, TypeError):  # not a config of this class (a field it lacks): compared as saved
-        pass
+    cur, saved = to_dict(current), with_defaults(type(current), saved, "model")
     diff = [k for k in sorted(set(saved) | set(cur)) if saved.get(k) != cur.get(k)]
     if diff:
         k = diff[0]

@@ -241,6 +241,20 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return conv(cfg)
 
 
+def with_defaults(cls: type, saved: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """A config dict an older lmforge saved (a checkpoint's model, a run's config.json), read through `cls` as it is
+    now: the fields it did not have yet take their defaults, as loading it builds them, so it compares with a current
+    config field by field. As saved where it does not read (a key `cls` no longer has)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its settings' notices were said when it ran
+            return to_dict(from_dict(cls, saved, where))
+    except (ValueError, TypeError):  # ConfigError is a ValueError
+        return saved
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmforge import checkpoint as ckpt
-from lmforge.config import to_dict
+from lmforge.config import to_dict, with_defaults
 from lmforge.errors import ConfigError, DataError, TrainingDiverged
 from lmforge.model.layers.moe import MoE, load_uncounted, update_expert_biases
 from lmforge.optim import lr_multiplier
@@ -472,7 +472,7 @@ class Trainer:
         self.last_checkpoint = path
         if self.rank == 0:
             tqdm.write(f"resumed from {path} at step {self.step}")
-            changed = changed_settings(self.run_dir / "config.json", to_dict(self.cfg))
+            changed = changed_settings(self.run_dir / "config.json", to_dict(self.cfg), type(self.cfg))
             if changed:
                 notes = ["the learning-rate schedule follows the new max_steps"] if "max_steps " in changed else []
                 if changed.startswith("seed ") or ", seed " in changed:
@@ -932,15 +932,18 @@ class Trainer:
                            self.interrupts.reason if self.step < cfg.max_steps else None)
 
 
-def changed_settings(saved_config: Path, now: dict[str, Any], most: int = 6) -> str:
+def changed_settings(saved_config: Path, now: dict[str, Any], cls: type | None = None, most: int = 6) -> str:
     """'key old -> new, ...' for the settings that differ from a run directory's config.json ('' when it is
-    missing or nothing differs; run_dir, resume and progress are not settings of the run)."""
+    missing or nothing differs; run_dir, resume and progress are not settings of the run). With the config's
+    class, a setting the run's lmforge did not have yet reads as its default (not as 'None -> 0.0')."""
     import json
 
     try:
         before = json.loads(saved_config.read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+    if cls is not None and isinstance(before, dict):
+        before = with_defaults(cls, before)
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):

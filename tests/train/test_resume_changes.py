@@ -196,10 +196,11 @@ def test_a_new_seed_says_it_does_not_reorder_a_resumed_run(tmp_path, capsys):
     assert "seed 0 -> 3 (the data order and random state continue from the checkpoint, not from the new seed" in out
 
 
-def test_a_checkpoint_written_before_a_model_field_existed_resumes(tmp_path):
+def test_a_checkpoint_written_before_a_model_field_existed_resumes(tmp_path, capsys):
     """A checkpoint's model config is compared with the run's as load_model reads it, a field the writer's lmforge
     did not have taking its default: compared raw, every run written before `model.norm_offset` (2026-12-06) was
-    refused at its resume ('model.norm_offset=None but the config says 0.0'). A real difference is still refused."""
+    refused at its resume ('model.norm_offset=None but the config says 0.0'). A real difference is still refused,
+    and the resume's notice of changed settings leaves out the fields that are new, not changed."""
     import json
 
     from lmforge.errors import ConfigError
@@ -213,7 +214,14 @@ def test_a_checkpoint_written_before_a_model_field_existed_resumes(tmp_path):
     del meta["model"]["norm_offset"]  # as lmforge wrote it before the field
     (step / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     ckpt._seal(step)  # its manifest, as that writer sealed it
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    del run["config"]["model"]["norm_offset"], run["config"]["compile_cudagraphs"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(run))
+    capsys.readouterr()
     resumed = Trainer(cfg).fit()
+    out = capsys.readouterr().out
+    assert "settings changed since the run's last start: max_steps 2 -> 4 (" in out
+    assert "norm_offset" not in out and "compile_cudagraphs" not in out
     assert resumed.steps == 4 and [r["loss"] for r in resumed.history if "loss" in r] == \
         [r["loss"] for r in whole.history if "loss" in r]
     with pytest.raises(ConfigError, match=r"^checkpoint was made with model.d_model=32 but the config says 64"):

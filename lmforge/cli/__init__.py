@@ -67,6 +67,10 @@ def _quiet_broken_pipe() -> int:
     return 141
 
 
+TRAINING = ("train", "sft", "dpo", "rm", "distill", "kto", "orpo")
+"""the commands that run the Trainer: run again, they resume from the run_dir's last checkpoint"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `lmforge COMMAND ...`; returns the exit status: 0 done, 2 a user error (printed in one line), 130 Ctrl-C,
     141 when stdout is a pipe whose reader closed early (`| head`). While a command runs, Python warnings print as
@@ -114,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             if debug or not is_disk_full(e):
                 raise
             where = next((x.filename for x in (e, e.__context__, e.__cause__) if getattr(x, "filename", None)), None)
+            resumes = " (it resumes from its last checkpoint)" if cmd in TRAINING else ""
             print(f"lmforge {cmd}: error: disk full{f' writing {where}' if where else ''}; free space and run the "
-                  "command again (a training run resumes from its last checkpoint)", file=sys.stderr)
+                  f"command again{resumes}", file=sys.stderr)
             return 2
 
 

@@ -45,7 +45,7 @@ def test_a_disk_that_fills_under_the_metrics_log_is_one_line(tmp_path, monkeypat
     assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), *FLAGS]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (f"lmforge train: error: disk full writing {run_dir / 'metrics.jsonl'}; free space "
-                                    "and run the command again (a training run resumes from its last checkpoint)")
+                                    "and run the command again (it resumes from its last checkpoint)")
     assert "Traceback" not in err
     with pytest.raises(OSError, match="No space left on device"):  # --debug lets the traceback through
         main(["--debug", "train", "--data.train", str(shard), "--run-dir", str(tmp_path / "run2"), *FLAGS])

@@ -51,12 +51,20 @@ class MixtureSource:
 
     def state_dict(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state(), "batches": self.batches, "grad_accum": self.grad_accum,
-                "tokens": list(self.tokens), "sources": [s.state_dict() for s in self.samplers]}
+                "names": list(self.names), "tokens": list(self.tokens),
+                "sources": [s.state_dict() for s in self.samplers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Each source's position and token count come back by its name, so a run resumed with a source added,
+        dropped or moved goes on: an added one starts at its beginning, counted from 0. (By position, an added
+        source's count lay past the saved list, an IndexError at its first row, and a moved one took another's
+        position.) A state saved before the names were is read by position."""
         self.gen.set_state(state["gen"])
         # (a state saved before grad_accum was: taken as this one's)
         steps, rest = divmod(state["batches"], state.get("grad_accum", self.grad_accum))
-        self.batches, self.tokens = steps * self.grad_accum + rest, list(state["tokens"])
-        for s, st in zip(self.samplers, state["sources"]):
-            s.load_state_dict(st)
+        self.batches = steps * self.grad_accum + rest
+        saved = dict(zip(state.get("names", self.names), zip(state["tokens"], state["sources"])))
+        self.tokens = [saved[n][0] if n in saved else 0 for n in self.names]
+        for name, sampler in zip(self.names, self.samplers):
+            if name in saved:
+                sampler.load_state_dict(saved[name][1])

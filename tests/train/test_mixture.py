@@ -82,3 +82,24 @@ def test_a_resume_with_another_grad_accum_keeps_the_phases_at_their_steps(tmp_pa
     assert [r["mix_phase"] for r in rows] == [0, 0, 1, 1, 1, 1]
     hq = [r["tokens/hq"] for r in rows]
     assert [b - a for a, b in zip(hq[1:], hq[2:])] == [2 * 8 * 32] * 4  # steps 7-10: every row from hq
+
+
+def test_a_resume_with_sources_added_and_moved_keeps_each_sources_place(tmp_path):
+    """A source added on resume crashed the run at its first row (IndexError: its token count lay past the saved
+    list), and a moved one took another's position: the states are keyed by name now. The added source starts at
+    its beginning, counted from 0."""
+    cfg = _mixed(tmp_path, "run", max_steps=4, ckpt_every=4)
+    first = Trainer(cfg)
+    first.fit()
+    extra = make_shard(tmp_path / "extra.bin", "0123456789 " * 400)
+    web, hq = cfg.data.sources
+    data = dataclasses.replace(cfg.data, sources=(hq, SourceConfig(name="extra", train=(str(extra),)), web),
+                               phases=tuple(dataclasses.replace(p, weights=(p.weights[1], 1.0, p.weights[0]))
+                                            for p in cfg.data.phases))
+    resumed = Trainer(dataclasses.replace(cfg, data=data, max_steps=8))
+    assert resumed.data.names == ["hq", "extra", "web"]
+    assert resumed.data.tokens == [first.data.tokens[1], 0, first.data.tokens[0]]
+    for now, before in ((0, 1), (2, 0)):
+        assert resumed.data.samplers[now].gen.get_state().equal(first.data.samplers[before].gen.get_state())
+    rows = [r for r in resumed.fit().history if "tokens/extra" in r]
+    assert rows[-1]["step"] == 8 and rows[-1]["tokens/extra"] > 0

@@ -327,6 +327,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._in_flight: tuple[int, dict[str, torch.Tensor]] = (0, {})  # the step's tokens and metrics
         self._begin_s = 0.0  # seconds in begin_step hooks since the last log row (not training time)
+        self._paused_s = 0.0  # seconds evaluating and checkpointing since the last log row (not training either)
         self.qk_clip = self._qk_clip()
         # signals, stop requests, the step's phase (its update ends after the bias move and the QK-clip)
         self.interrupts = Interrupts(optimizer, post_update=self._moves_expert_bias or self.qk_clip is not None)
@@ -784,7 +785,9 @@ class Trainer:
     def _log_eval(self, bar, record: bool = True) -> dict[str, float]:
         """Evaluate, show and hand to the hooks; record=False leaves metrics.jsonl alone (a finished run's
         evaluation, recorded when it got there)."""
+        t0 = time.perf_counter()
         ev = self.evaluate()
+        self._paused_s += time.perf_counter() - t0  # left out of the next row's tok/s and MFU (it halved them)
         if ev:
             if record:
                 self.metrics.log({"step": self.step, "tokens": self.tokens, **ev})
@@ -808,7 +811,7 @@ class Trainer:
         now = time.perf_counter()
         self.elapsed = now - t_start
         # begin_step hooks' time (RL rollouts) is not training: tok/s and MFU leave it out, begin_step_s shows it
-        tps = (self.tokens - self._tok_last) / max(now - self._t_last - self._begin_s, 1e-9)
+        tps = (self.tokens - self._tok_last) / max(now - self._t_last - self._begin_s - self._paused_s, 1e-9)
         row = {"step": self.step, "tokens": self.tokens, **stats, "tok_per_s": tps, "elapsed": self.elapsed}
         if self._begin_s:
             row["begin_step_s"] = self._begin_s
@@ -819,6 +822,7 @@ class Trainer:
             row.update(data_stats())
         self.metrics.log(row)  # before the hooks: a KeyboardInterrupt raised in one must not lose the row
         self._t_last, self._tok_last, self._logged_step, self._begin_s = now, self.tokens, self.step, 0.0
+        self._paused_s = 0.0
         self._logged_stats = None
         shown = dict(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", tok_s=f"{tps:,.0f}",
                      **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
@@ -852,8 +856,9 @@ class Trainer:
 
     def _save_at_boundary(self, t_start: float) -> None:
         self.flush()  # never checkpoint weights that a NaN step has already touched
-        self.elapsed = time.perf_counter() - t_start
+        t0 = self.elapsed = time.perf_counter() - t_start
         self.save()
+        self._paused_s += time.perf_counter() - t_start - t0  # not training, as evaluations are not
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
@@ -873,7 +878,7 @@ class Trainer:
         ev_step = -1
         self._t_last, self._tok_last, self._logged_step = time.perf_counter(), self.tokens, self.step
         self._logged_stats = None
-        self._begin_s = 0.0
+        self._begin_s = self._paused_s = 0.0
         t_start = time.perf_counter() - self.elapsed
         try:
             with self.interrupts.deferred_signals():

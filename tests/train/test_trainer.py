@@ -415,6 +415,34 @@ def test_begin_step_time_is_left_out_of_the_throughput(tmp_path):
         assert row["tok_per_s"] > 2 * (row["tokens"] - prev["tokens"]) / 0.5
 
 
+def test_evaluation_and_checkpoint_time_are_left_out_of_the_throughput(tmp_path, monkeypatch):
+    """The row after an evaluation or a checkpoint counted their time as training: its tok_per_s (and MFU) fell to a
+    third of the others' on a tiny CPU run (9,796 between 32,000s). Here each evaluation and each save sleeps 0.25 s;
+    with either counted, tok/s could not pass the row's tokens / 0.25 s."""
+    import json
+    import time
+
+    from lmforge.train.pretrain import pretraining_parts
+
+    shard = make_shard(tmp_path / "t.bin")
+    model, opt, data, obj, config, evaluator, *_ = pretraining_parts(tiny_config(
+        shard, tmp_path / "run", max_steps=6, log_every=2, eval_every=2, ckpt_every=2))
+
+    def slow_eval(m):
+        time.sleep(0.25)
+        return evaluator(m)
+
+    tr = Trainer(model, opt, data, obj, config=config, evaluator=slow_eval)
+    save = tr.save
+    monkeypatch.setattr(tr, "save", lambda: (time.sleep(0.25), save())[1])
+    tr.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tok_per_s" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for prev, row in zip([{"tokens": 0}] + rows, rows):  # the first: after the step-0 evaluation
+        assert row["tok_per_s"] > (row["tokens"] - prev["tokens"]) / 0.25
+
+
 @pytest.mark.parametrize("progress", [False, True])
 def test_without_the_bar_each_log_step_and_evaluation_is_a_plain_line(tmp_path, capsys, progress):
     """progress=false, or output that is no terminal (a batch job writing a log file; pytest's capture): the

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lmforge.data.shards import TokenFile
-from lmforge.errors import DataError
+from lmforge.errors import DataError, LmforgeError
 
 PROBE = "The quick brown fox, 1234 times: jumps! éü 日本 \n\tdef f(x): return x ** 2  \u2014 end"
 """text two tokenizers encode to compare them (ids of one model's data or frozen models must mean its tokens)"""
@@ -77,13 +77,17 @@ def check_run_tokenizer(tokenizer, spec: str, shard: TokenFile) -> None:
     """The tokenizer a run names (TrainConfig.tokenizer) over the one the shards' header names: where theirs loads
     ('byte', a file that is there) the two must encode alike, or every checkpoint would decode the ids as other
     tokens (a BPE tokenizer named over byte shards trained, and only `lmforge sample` refused it). Where it does
-    not (moved, a content hash), the run's tokenizer is the way to name it, and is taken as it is."""
+    not (moved, damaged, a content hash), the run's tokenizer is the way to name it, and is taken as it is."""
     from lmforge.tokenizer.load import load_tokenizer
 
     theirs = tokenizer_spec(shard.tokenizer, shard)
     if not theirs or (theirs != "byte" and _tokenizer_file(shard) is None):
         return
-    if not encode_alike(tokenizer, load_tokenizer(theirs)):
+    try:
+        loaded = load_tokenizer(theirs)
+    except LmforgeError:  # there but unreadable: the run's tokenizer stands in for it
+        return
+    if not encode_alike(tokenizer, loaded):
         raise DataError(f"tokenizer={spec!r} does not encode as {theirs!r}, the tokenizer {shard.path} was encoded "
                         "with, so its ids would be read as other tokens; leave tokenizer empty to use the shards' "
                         "own, or re-encode the shards with it (lmforge tokenizer encode --tokenizer ...)")

@@ -92,6 +92,9 @@ def test_a_run_tokenizer_must_be_the_shards_own_where_theirs_loads(tmp_path, bpe
     path.rename(tmp_path / "moved.json")  # the header's tokenizer is gone: the run's key names where it is now
     parts = pretraining_parts(dataclasses.replace(cfg, tokenizer=str(tmp_path / "moved.json")))
     assert parts.tokenizer.encode("the cat sat") == tok.encode("the cat sat")
+    path.write_text("{ damaged")  # there but unreadable: the run's key stands in for it too
+    parts = pretraining_parts(dataclasses.replace(cfg, tokenizer=str(tmp_path / "moved.json")))
+    assert parts.tokenizer.encode("the cat sat") == tok.encode("the cat sat")
 
 
 def test_a_model_vocabulary_smaller_than_the_tokenizers_is_refused(tmp_path, bpe_shards):

@@ -83,8 +83,8 @@ def check_output_path(path: str | Path, name: str, *, flag: str | None = None, f
     if kind == "directory":
         raise ConfigError(f"{name} {str(path)!r} is a directory, not a file; set {setting} to {want}")
     if kind == "readonly":
-        raise ConfigError(f"{name} {str(path)!r}: {str(there)!r} cannot be written (a read-only file system or no "
-                          f"permission); set {setting} to {want} in a writable place")
+        raise ConfigError(f"{name} {str(path)!r} cannot be written: {str(there)!r} is not writable by this user; "
+                          f"make it writable, or set {setting} to a {'path' if file else 'directory'} you can write")
     what = "is an existing file" if kind == "file" else f"lies under {str(there)!r}, an existing file"
     raise ConfigError(f"{name} {str(path)!r} {what}, not a directory; set {setting} to {want}, or move the file "
                       "away")

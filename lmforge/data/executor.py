@@ -19,7 +19,6 @@ A shard whose marker exists is skipped, so a killed run resumes where it stopped
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -177,17 +176,6 @@ def remove_token_files(root: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _check_writable(path: Path, name: str) -> None:
-    """Refuse a directory the run could not make or write in: the nearest existing directory on its path must be
-    writable by this user (os.access; root passes whatever the mode)."""
-    there = Path(os.path.abspath(path))
-    while not there.exists():
-        there = there.parent
-    if not os.access(there, os.W_OK | os.X_OK):
-        raise ConfigError(f"{name} {str(path)!r} cannot be written: {str(there)!r} is not writable by this user; "
-                          f"make it writable, or set {name} to a directory you can write")
-
-
 def check_token_dirs(cfg: PipelineConfig) -> None:
     """Refuse, before any work, a tokenize out_dir the run could not use, or could not own:
     - an existing file, a path under one, or a place this user cannot write: each shard's writer failed, every
@@ -214,7 +202,6 @@ def check_token_dirs(cfg: PipelineConfig) -> None:
         if taken is not None:
             raise ConfigError(f"tokenize.out_dir {out_dir!r} is {'' if where == taken else 'inside '}{str(taken)!r}, "
                               f"where the run writes its own files; {fix}")
-        _check_writable(path, "tokenize.out_dir")
         claim_token_dir(path, root, out_dir, create=False)
 
 
@@ -256,7 +243,6 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     from lmforge.data.pipeline import check_requirements, describe_changes, input_fingerprint
 
     root = check_output_path(cfg.output.dir, "output.dir", flag="--output")
-    _check_writable(root, "output.dir")
     check_token_dirs(cfg)
     saved = root / "pipeline.json"
     shards = make_shards(cfg.input)

@@ -26,9 +26,9 @@ def test_a_run_dir_in_a_read_only_place_is_refused_before_the_run(tmp_path, monk
     for run_dir in (locked / "run", locked):
         assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), *FLAGS]) == 2
         err = capsys.readouterr().err
-        assert err.splitlines()[0] == (f"lmforge train: error: run_dir '{run_dir}': '{locked}' cannot be written (a "
-                                       "read-only file system or no permission); set run_dir (--run-dir) to a new or "
-                                       "existing directory in a writable place")
+        assert err.splitlines()[0] == (f"lmforge train: error: run_dir '{run_dir}' cannot be written: '{locked}' is "
+                                       "not writable by this user; make it writable, or set run_dir (--run-dir) to a "
+                                       "directory you can write")
         assert "Traceback" not in err
     assert list(locked.iterdir()) == []
 

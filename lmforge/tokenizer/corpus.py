@@ -2,9 +2,10 @@
 statistics (compression, vocabulary use). Files are cut into byte ranges at safe points, encoded by
 worker processes in order, and streamed into `TokenShardWriter`, so memory stays bounded.
 
-Documents: each file is one, and inside a file the text of the tokenizer's end-of-text token (its eot_id's:
-`<|endoftext|>`, Llama 3's `<|end_of_text|>`, ...; none when it has no such token) separates documents; the writer
-puts the separator id before every document. Within a document, text is encoded with `encode_ordinary`, as the data
+Documents: each file is one, and inside a file `<|endoftext|>` (the common convention: TinyStories, GPT-2's
+corpora) and the text of the tokenizer's own end-of-text token (Llama 2's `</s>`, Llama 3's `<|end_of_text|>`)
+separate documents, where the tokenizer has an end-of-text id (`separators`); the writer puts that id before every
+document. Within a document, text is encoded with `encode_ordinary`, as the data
 pipeline's `tokenize` stage does: a special-token string in the text (a web page quoting "<|im_start|>") stays text
 and never becomes a control token.
 """
@@ -12,6 +13,7 @@ and never becomes a control token.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +39,14 @@ def _init(tok) -> None:
     _TOK = tok
 
 
+def separators(tok) -> tuple[str, ...]:
+    """The texts that end a document inside a corpus file: `<|endoftext|>` and the tokenizer's end-of-text token's
+    own text; none where it has no end-of-text id."""
+    if tok.eot_id is None:
+        return ()
+    return tuple(dict.fromkeys(("<|endoftext|>", tok.decode([tok.eot_id]))))
+
+
 def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarray, bool]], int, int, int]:
     """Encode bytes [start, end) of a file -> [(ids, starts_a_document)], bytes read, undecodable bytes, UTF-8 bytes
     of the text (what compression is counted in: a UTF-16 file's text is about half its bytes).
@@ -44,13 +54,13 @@ def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarr
     path, start, end, first = task
     raw, text, bad = read_range(path, start, end)
     tok = _TOK
-    sep = tok.decode([tok.eot_id]) if tok.eot_id is not None else None
+    seps = separators(tok)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     if hasattr(tok, "encode_bytes"):  # the byte tokenizer keeps bytes that are not UTF-8 as they are
-        docs_b = raw.split(sep.encode()) if sep else [raw]
+        docs_b = re.split(b"|".join(re.escape(t.encode()) for t in seps), raw) if seps else [raw]
         pieces = [(np.asarray(tok.encode_bytes(d), dtype=dtype), i > 0 or first) for i, d in enumerate(docs_b)]
         return [(ids, new) for ids, new in pieces if len(ids)], end - start, bad, len(raw)
-    docs = text.split(sep) if sep else [text]
+    docs = re.split("|".join(map(re.escape, seps)), text) if seps else [text]
     encode = getattr(tok, "encode_ordinary", tok.encode)  # (a tokenizer without specials has only encode)
     if not first and takes_where(tok):  # the range's first piece continues a document: no "▁" put before it
         cont = encode(docs[0], where="inside") if docs[0] else []  # (SentencePiece-style tokenizers)
@@ -100,7 +110,7 @@ def _utf16_line_start(path: Path, target: int, size: int, codec: str) -> int:
 
 
 def _encode_tasks(tok, files: list[Path], val_fraction: float) -> Iterator[tuple[str, tuple[str, int, int, bool]]]:
-    specials = tuple(tok.special_tokens)
+    specials = tuple(dict.fromkeys((*tok.special_tokens, *separators(tok))))  # (no cut splits a separator)
     # The byte tokenizer has no pattern; any cut suits it, so the GPT-2 pattern's cut points do.
     pat = getattr(tok, "pattern", PATTERNS["gpt2"])
     for f in files:

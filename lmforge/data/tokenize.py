@@ -17,6 +17,7 @@ from lmforge.data.document import Document
 from lmforge.data.shards import TokenShardWriter
 from lmforge.data.stage import StageContext, reject_error
 from lmforge.errors import ConfigError, DataError
+from lmforge.tokenizer.byte import FILE_NAME
 from lmforge.utils import temp_name, write_json_atomic
 
 # the folder of the stage's workdir (output.dir) where each token shard is recorded before it is written: the token
@@ -72,7 +73,8 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
     sep = getattr(tok, "eot_id", None) if cfg.doc_sep else None
     if cfg.doc_sep and sep is None:  # the documents were written back to back, the shard saying doc_sep null
         raise ConfigError(f"tokenize.doc_sep is true, but the tokenizer {cfg.tokenizer!r} has no end-of-text token "
-                          "(<|endoftext|>) to separate documents with; use one that has (train it with "
+                          "(<|endoftext|>, </s>, ...: lmforge.tokenizer.byte.EOT_NAMES, or its tokenizer_config.json's "
+                          "eos_token) to separate documents with; use one that has (train it with "
                           "special_tokens=['<|endoftext|>']), or set doc_sep = false to write them back to back")
     path = cfg.shard_dir(ctx.workdir) / f"{ctx.shard}.bin"
     claim_token_dir(path.parent, ctx.workdir, cfg.out_dir)
@@ -160,15 +162,16 @@ def tokenize_to_shards(inputs: str | Path | Iterable[str | Path], tokenizer: Any
                        val_fraction: float = 0.0, workers: int | None = None, progress: bool = False):
     """Text files (paths, directories or globs) -> `out_dir/train.bin` (+ `val.bin`, the last
     `val_fraction` of every file), the shards `TrainConfig(data=dict(train=...))` reads. `tokenizer` is a
-    tokenizer object or a spec for `load_tokenizer` ("byte", a directory, a file). An unsaved tokenizer is
-    saved to `out_dir/tokenizer/` first, so the shards name a file the trainer (and checkpoints) can
+    tokenizer object or a spec for `load_tokenizer` ("byte", a directory, a file). An unsaved tokenizer, or one
+    read from another format (a HF tokenizer.json, GPT-2 files, a tiktoken file), is saved to `out_dir/tokenizer/`
+    first, so the shards name a file the trainer (and checkpoints) can
     reopen. Returns the `EncodeReport` (paths, token and document counts, bytes that were not UTF-8)."""
     from lmforge.tokenizer.corpus import check_shard_paths, encode_to_shards
     from lmforge.tokenizer.load import load_tokenizer
 
     check_shard_paths(out_dir, val_fraction)  # before the tokenizer is saved there (encode_to_shards checks again)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-    if hasattr(tok, "path") and tok.path is None:
-        tok.save(Path(out_dir) / "tokenizer")
+    if hasattr(tok, "path") and (tok.path is None or Path(tok.path).name != FILE_NAME):  # (a HF / tiktoken file: a
+        tok.save(Path(out_dir) / "tokenizer")  # copy the shards keep, whatever becomes of the user's file)
     paths = [str(inputs)] if isinstance(inputs, (str, Path)) else [str(p) for p in inputs]
     return encode_to_shards(tok, paths, out_dir, val_fraction=val_fraction, workers=workers, progress=progress)

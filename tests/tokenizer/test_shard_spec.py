@@ -27,3 +27,17 @@ def test_shards_name_the_file_a_tokenizer_was_read_from(tmp_path, fmt):
     assert shard.tokenizer == str(first.resolve())
     again = load_tokenizer(tokenizer_spec(shard.tokenizer, shard))
     assert again.encode(TEXT) == trained.encode(TEXT) and again.eot_id == shard.doc_sep == trained.eot_id
+
+
+def test_tokenize_to_shards_keeps_a_copy_of_a_tokenizer_read_from_another_format(tmp_path):
+    """The one-call API saves a tokenizer read from a HF file beside its shards, which name that copy (the shards
+    outlive the user's file; the copy keeps its eos_token); the read file's own path did not trigger the copy."""
+    from lmforge.data.tokenize import tokenize_to_shards
+
+    trained = train_bpe(iter([TEXT * 20]), 280, ["<|endoftext|>"], progress=False, workers=1)
+    trained.save_hf(tmp_path / "hf")
+    src = tmp_path / "docs.txt"
+    src.write_text(TEXT)
+    shard = TokenFile(tokenize_to_shards(src, tmp_path / "hf", tmp_path / "out").shards["train"])
+    copy = (tmp_path / "out" / "tokenizer" / "lmforge_tokenizer.json").resolve()
+    assert shard.tokenizer == str(copy) and load_tokenizer(copy).encode(TEXT) == trained.encode(TEXT)

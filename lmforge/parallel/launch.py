@@ -76,26 +76,32 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
 
 def run_passing_signals(argv: list[str]) -> int:
     """Run `argv` (the torchrun command of torchrun_argv) to its end, in a process group of its own, passing every
-    SIGINT and SIGTERM this process gets on to it; its exit code, or KeyboardInterrupt once it has ended after a
-    signal. torchrun hands the signal to its workers (each in a session of its own, out of a terminal's reach),
-    which stop at a step boundary and write a checkpoint (lmforge.train.interrupts), and waits for them. Without
-    this, a signal to the launcher alone (`kill PID`, a container's stop: SIGTERM to its first process) ended it
-    and left torchrun training with no one to stop it, and a SIGINT SIGKILLed torchrun (subprocess.call), its
-    workers left training or hanging in their rendezvous. A terminal's Ctrl-C reaches only this process (torchrun
-    is not in the terminal's group), so torchrun gets it once, not twice racing with the launcher's kill."""
+    SIGINT, SIGTERM, SIGHUP and SIGQUIT this process gets on to it; its exit code, or KeyboardInterrupt once it has
+    ended after a signal. torchrun hands the signal to its workers (each in a session of its own, out of a
+    terminal's reach), which stop at a step boundary and write a checkpoint (lmforge.train.interrupts), and waits
+    for them. Without this, a signal to the launcher alone (`kill PID`, a container's stop: SIGTERM to its first
+    process) ended it and left torchrun training with no one to stop it, and a SIGINT SIGKILLed torchrun
+    (subprocess.call), its workers left training or hanging in their rendezvous. A terminal's Ctrl-C reaches only
+    this process (torchrun is not in the terminal's group), so torchrun gets it once, not twice racing with the
+    launcher's kill."""
     import signal
     import subprocess
 
-    proc = subprocess.Popen(argv, start_new_session=True)
     passed: list[int] = []
+    proc = None
 
     def pass_on(signum, frame) -> None:
         passed.append(signum)
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signum)
 
-    before = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
+    # (set before the start: a signal between the two would leave torchrun running; SIGHUP, a closed terminal, and
+    # SIGQUIT are signals torchrun stops its workers on, which its own session no longer gets from the terminal)
+    before = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
+        proc = subprocess.Popen(argv, start_new_session=True)
+        if passed:  # (a signal while it started)
+            proc.send_signal(passed[-1])
         rc = proc.wait()
     finally:
         for s, handler in before.items():

@@ -143,6 +143,7 @@ def stop(signum, frame):
     sys.exit(0)
 signal.signal(signal.SIGINT, stop)
 signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGHUP, stop)
 log.write_text(f"ready {os.getpid()}\\n")
 time.sleep(30)
 """
@@ -161,11 +162,12 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_to_the_nproc_launcher_alone_reaches_the_processes_that_train(tmp_path, sig):
     """`lmforge sft --nproc N` re-runs itself under torchrun. A SIGTERM to the launcher alone (`kill PID`, a
     container's stop) ended it and left torchrun training with no one to stop it; a SIGINT SIGKILLed torchrun
-    (subprocess.call), its workers left running. The launcher passes both on to torchrun (here a stand-in that
+    (subprocess.call), its workers left running; a closed terminal's SIGHUP (torchrun in a session of its own no
+    longer gets it) ended the launcher alone. The launcher passes each on to torchrun (here a stand-in that
     records what reaches it), waits for it to stop, and says it was interrupted."""
     import os
     import signal

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,14 +95,13 @@ def check_output(path: str | None) -> None:
         raise DataError(f"--output {path} is a directory; give a file path such as {there / 'out.jsonl'}")
     if kind == "under":
         raise DataError(f"--output {path}: {there} is a file, not a directory; give a path in a directory")
+    if kind == "readonly":
+        raise DataError(f"--output {path}: directory {there} is not writable; give a path in a writable directory")
     out = Path(path)
     if _special(out):  # a pipe, /dev/stdout, >(gzip > f): written in place, as it is
         return
     if not out.parent.is_dir():
         raise DataError(f"--output {path}: directory {out.parent} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise DataError(f"--output {path}: directory {out.parent} is not writable; give a path in a writable "
-                        "directory")
 
 
 def _special(path: Path) -> bool:

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config import check
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import DataError
 from lmforge.scaling.bootstrap import bootstrap
 from lmforge.scaling.inference import inference_aware_optimum
 from lmforge.scaling.isoflop import fit_envelope, fit_isoflop
 from lmforge.scaling.parametric import fit_parametric
 from lmforge.scaling.powerlaw import FitError, fit_power_law
 from lmforge.scaling.table import Runs, load_curves, load_runs
-from lmforge.utils import atomic_path
+from lmforge.utils import atomic_path, check_output_path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,10 +88,8 @@ def out_dir(cfg: FitConfig) -> Path:
     """The directory fit.json and the plots go to (--out, else the table's); refused when it is a file, before the
     fits and their bootstrap minutes run."""
     out = Path(cfg.out) if cfg.out else Path(cfg.table).parent
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a directory for fit.json and the plots (or leave --out out "
-                          "to write beside the table)")
-    return out
+    return check_output_path(out, "--out", want="a directory for fit.json and the plots (or leave --out out to "
+                             "write beside the table)")
 
 
 def run_fits(cfg: FitConfig) -> dict:

@@ -25,7 +25,7 @@ from lmforge.config import check
 from lmforge.errors import ConfigError, DataError
 from lmforge.scaling.flops import flops_per_token, num_params
 from lmforge.scaling.table import read_json
-from lmforge.utils import write_json_atomic
+from lmforge.utils import check_output_path, write_json_atomic
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,8 +190,7 @@ def check_inputs(cfg: SweepConfig) -> None:
     from lmforge.optim.benchmark import corpus_path
 
     corpus_path(cfg.data)
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ConfigError(f"--out {cfg.out} is a file; give a directory for the sweep's runs and runs.csv")
+    check_output_path(cfg.out, "--out", want="a directory for the sweep's runs and runs.csv")
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:

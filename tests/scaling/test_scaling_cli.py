@@ -350,7 +350,7 @@ def test_sweep_dry_run_refuses_a_missing_data_file_and_an_out_that_is_a_file(tmp
     assert f"--data {tmp_path}: a directory, not a file" in capsys.readouterr().err
     (tmp_path / "taken").write_text("x")
     assert main(small + ["--out", str(tmp_path / "taken")]) == 2
-    assert f"--out {tmp_path / 'taken'} is a file" in capsys.readouterr().err
+    assert f"--out '{tmp_path / 'taken'}' is an existing file" in capsys.readouterr().err
 
 
 def test_fit_refuses_an_out_that_is_a_file_before_fitting(tmp_path, capsys):
@@ -359,7 +359,7 @@ def test_fit_refuses_an_out_that_is_a_file_before_fitting(tmp_path, capsys):
     table = write_rows(_isoflop_rows(), tmp_path / "runs.csv")
     before = table.read_text()
     assert main(["scaling", "fit", "--table", str(table), "--out", str(table), "--bootstrap", "0"]) == 2
-    assert f"--out {table} is a file" in capsys.readouterr().err
+    assert f"--out '{table}' is an existing file" in capsys.readouterr().err
     assert table.read_text() == before
 
 

@@ -78,7 +78,10 @@ Processor = Callable[[torch.Tensor, TokenHistory | None], torch.Tensor]
 # penalties and bias -----------------------------------------------------------------------------------
 def repetition_penalty(logits: torch.Tensor, hist: TokenHistory, penalty: float) -> torch.Tensor:
     """CTRL (Keskar et al. 2019, eq. in §4.1): a seen token's logit is divided by the penalty when
-    positive and multiplied by it when negative, so penalty > 1 always makes it less likely."""
+    positive and multiplied by it when negative, so penalty > 1 always makes it less likely. A penalty past the
+    logits' dtype's range (1e300 in float32: inf) takes its largest value, whose products are the limit's (a
+    zero logit times inf was NaN, which greedy decoding then picked)."""
+    penalty = min(penalty, torch.finfo(logits.dtype).max)
     pen = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(hist.seen, pen, logits)
 

@@ -180,6 +180,17 @@ def test_a_temperature_that_is_inf_in_float32_is_uniform_over_the_allowed_tokens
         assert sample_rows(logits[:2], [_row(p, seed=1) for p in mixed]).tokens[0].item() in top5
 
 
+def test_a_repetition_penalty_past_float32s_range_is_its_limit_not_nan():
+    """repetition_penalty=1e300 is inf in float32: a seen token whose logit is exactly 0 became 0 * inf = NaN, which
+    greedy decoding picked (argmax takes NaN as the largest). The limit: seen positive logits -> 0+, zero stays 0,
+    negative -> -inf (found 2026-12-06)."""
+    logits = torch.full((1, 50), -2.0)
+    logits[0, 1], logits[0, 2], logits[0, 3], logits[0, 9] = 0.0, 5.0, -1.0, -0.5  # tokens 1, 2, 3 are seen
+    for penalty in (1e300, float("inf"), 1e30):
+        out = sample_rows(logits, [_row(SamplingParams(temperature=0, repetition_penalty=penalty))])
+        assert out.tokens.item() == 2  # 5 / penalty (> 0) beats the seen 0 and every unseen logit (all below 0)
+
+
 def _same_history(rows, vocab: int) -> bool:
     from lmforge.infer.sampler import _history, token_history
 

@@ -44,8 +44,9 @@ class FitConfig:
     extrapolate: bool = False
     """approach 2: accept IsoFLOP minima outside the sizes trained at a budget"""
     strict: bool = False
-    """approach 2: fail on a budget whose minimum is not bracketed (default: leave it out, with the reason
-    recorded under approach2.dropped)"""
+    """approach 2: a budget whose minimum is not bracketed fails approach 2 (its reason under fit.json's
+    "skipped"; the other approaches still run and the command succeeds) instead of being left out (the default,
+    its reason recorded under approach2.dropped)"""
     progress: bool = True
     """progress bars over the bootstrap resamples"""
 

@@ -131,12 +131,15 @@ def open_binary(path: str | Path) -> BinaryIO:
 # "decode", and HTML's "determining the character encoding", step 1). Windows editors save "Unicode" text as UTF-16
 # with one: read as UTF-8 it became a NUL between every two characters, kept as a document.
 BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+_BOM_STARTS = frozenset(bom[:1] for bom, _ in BOMS)
 
 
 def decode_text(data: bytes) -> tuple[str, int]:
     """Decode that never fails: UTF-8, or the encoding a byte-order mark names (the mark itself dropped);
     undecodable bytes become U+FFFD; returns (text, n_bad_bytes)."""
-    bom, codec = next(((bom, name) for bom, name in BOMS if data.startswith(bom)), (b"", "utf-8"))
+    bom, codec = b"", "utf-8"
+    if data[:1] in _BOM_STARTS:  # (called per JSON line too: most data starts with no mark)
+        bom, codec = next(((bom, name) for bom, name in BOMS if data.startswith(bom)), (b"", "utf-8"))
     data = data[len(bom):]
     try:
         return data.decode(codec), 0

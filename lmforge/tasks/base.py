@@ -62,7 +62,8 @@ def last_boxed(text: str) -> str | None:
 
 def check_span(task: str, name: str, span) -> None:
     """A (lo, hi) setting such as a list's length or an operand's digits: two integers, 1 <= lo <= hi."""
-    ok = isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(v, int) for v in span)
+    ok = isinstance(span, (tuple, list)) and len(span) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in span)
     if not (ok and 1 <= span[0] <= span[1]):
         raise ConfigError(f"{task} {name}={span!r} must be (lo, hi) with 1 <= lo <= hi")
 

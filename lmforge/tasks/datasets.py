@@ -18,6 +18,7 @@ from lmforge.tasks.base import SPLITS, Example, Task, final_answer, last_boxed
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_ARITHMETIC = re.compile(r"[\d\s.,+\-*/x×÷()$=]*\d[\d\s.,+\-*/x×÷()$=]*")  # numbers and operators only
 
 
 class _FileTask(Task):
@@ -70,16 +71,19 @@ class GSM8K(_FileTask):
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         """The first number after the last 'Answer:', else after GSM8K's '####' (lm-eval's strict match), else in
         the last \\boxed{} (a number after it, "\\boxed{18}. Check: 3 * 6", is no answer), else the last number in
-        the text. A marked answer worked as an equation ("Answer: 3 + 4 = 7") is the one number after its last
-        '='. A Unicode minus sign (U+2212, as typeset text writes it) is a minus."""
+        the text. A marked answer worked as arithmetic ("Answer: 3 + 4 = 7") is the one number after its last '='
+        ("Answer: 5 hours = 300 minutes" stays 5). A Unicode minus sign (U+2212, as typeset text writes it) is a
+        minus."""
         completion = completion.replace("\u2212", "-")
         marked = final_answer(completion)
         if marked is None and "####" in completion:
             marked = completion.rpartition("####")[2]
         if marked is None:
             marked = last_boxed(completion)
-        if marked is not None and len(NUMBER_RE.findall(marked.rpartition("=")[2])) == 1:  # "= 7", not "(= 3 + 4)"
-            marked = marked.rpartition("=")[2]
+        lhs, eq, rhs = (marked or "").rpartition("=")
+        # "3 + 4 = 7" -> 7, not "(= 3 + 4)"; only after arithmetic: "5 hours = 300 minutes", "x = 5, y = 7" keep 5
+        if eq and _ARITHMETIC.fullmatch(lhs) and len(NUMBER_RE.findall(rhs)) == 1:
+            marked = rhs
         nums = NUMBER_RE.findall(marked if marked is not None else completion)
         if not nums:
             return None

@@ -2,12 +2,11 @@
 statistics (compression, vocabulary use). Files are cut into byte ranges at safe points, encoded by
 worker processes in order, and streamed into `TokenShardWriter`, so memory stays bounded.
 
-Documents: each file is one, and inside a file `<|endoftext|>` (the common convention: TinyStories, GPT-2's
-corpora) and the text of the tokenizer's own end-of-text token (Llama 2's `</s>`, Llama 3's `<|end_of_text|>`)
-separate documents, where the tokenizer has an end-of-text id (`separators`); the writer puts that id before every
-document. Within a document, text is encoded with `encode_ordinary`, as the data
-pipeline's `tokenize` stage does: a special-token string in the text (a web page quoting "<|im_start|>") stays text
-and never becomes a control token.
+Documents: each file is one, and inside a file `<|endoftext|>` (GPT-2's and TinyStories' convention) and Llama 3's
+`<|end_of_text|>` separate documents, where the tokenizer has an end-of-text id (`SEPARATORS`); the writer puts that
+id before every document. Other end texts stay text (Llama 2's `</s>` is also HTML's strikethrough tag). Within a
+document, text is encoded with `encode_ordinary`, as the data pipeline's `tokenize` stage does: a special-token
+string in the text (a web page quoting "<|im_start|>") stays text and never becomes a control token.
 """
 
 from __future__ import annotations
@@ -39,12 +38,16 @@ def _init(tok) -> None:
     _TOK = tok
 
 
+SEPARATORS = ("<|endoftext|>", "<|end_of_text|>")
+"""texts that end a document inside a corpus file (GPT-2's and TinyStories' convention, Llama 3's), where the tokenizer
+has an end-of-text id; not the tokenizer's own end text in general: `</s>` is also HTML, and an instruct tokenizer's
+`<|eot_id|>` / `<|im_end|>` turn ends in chat transcripts, which stay text"""
+
+
 def separators(tok) -> tuple[str, ...]:
-    """The texts that end a document inside a corpus file: `<|endoftext|>` and the tokenizer's end-of-text token's
-    own text; none where it has no end-of-text id."""
-    if tok.eot_id is None:
-        return ()
-    return tuple(dict.fromkeys(("<|endoftext|>", tok.decode([tok.eot_id]))))
+    """The texts that end a document inside a corpus file (SEPARATORS); none where the tokenizer has no end-of-text
+    id."""
+    return SEPARATORS if tok.eot_id is not None else ()
 
 
 def _encode_range(task: tuple[str, int, int, bool]) -> tuple[list[tuple[np.ndarray, bool]], int, int, int]:

@@ -240,6 +240,7 @@ def test_latex_wrapped_answers_are_read_by_every_verifier():
     (lambda: Arithmetic(digits=(3,)), "arithmetic digits=(3,) must be (lo, hi)"),
     (lambda: Arithmetic(digits=3), "arithmetic digits=3 must be (lo, hi)"),
     (lambda: TASKS["sort"](length=5), "sort length=5 must be (lo, hi)"),
+    (lambda: TASKS["sort"](length=(True, 3)), "sort length=(True, 3) must be (lo, hi)"),
 ])
 def test_a_span_setting_of_the_wrong_shape_is_named(make, message):
     # Arithmetic(digits=(3,)) raised IndexError, length=5 a TypeError from len()
@@ -265,7 +266,7 @@ def test_a_generated_task_refuses_a_count_that_is_no_whole_number(n):
 
 
 def test_gsm8k_reads_a_marked_equation_by_its_result(tmp_path):
-    """'Answer: 3 + 4 = 7' read 3, the first number after the mark."""
+    """'Answer: 3 + 4 = 7' read 3, the first number after the mark; the result is read after arithmetic only."""
     from lmforge.tasks.datasets import GSM8K
 
     (tmp_path / "gsm8k").mkdir()
@@ -273,3 +274,5 @@ def test_gsm8k_reads_a_marked_equation_by_its_result(tmp_path):
     assert g.parse("Answer: 3 + 4 = 7") == "7" and g.parse("#### 12 * 3 = $36.") == "36"
     assert g.parse("\\boxed{x = 5}") == "5" and g.parse("Answer: 7 (= 3 + 4)") == "7"
     assert g.parse("Answer: 7 apples, so x =") == "7"  # nothing numeric after the '=': the first number stands
+    # only after arithmetic: a unit conversion or a list of values keeps the first number
+    assert g.parse("Answer: 5 hours = 300 minutes") == "5" and g.parse("Answer: x = 5, y = 7") == "5"

@@ -78,17 +78,17 @@ def test_shards_separate_documents_with_llama3_end_of_text(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["llama3", "sentencepiece"])
-def test_shards_separate_documents_at_endoftext_and_at_the_tokenizers_own_end(tmp_path, layout):
-    """<|endoftext|> (TinyStories' and GPT-2 corpora's separator) ends a document whatever the tokenizer's own end
-    token is: with Llama 2's </s> or Llama 3's <|end_of_text|> as the separator a '<|endoftext|>'-separated corpus was
-    one document, the marker trained on as ~11 text tokens."""
+def test_shards_separate_documents_at_endoftext_and_at_llama3s_end_of_text(tmp_path, layout):
+    """<|endoftext|> (TinyStories' and GPT-2 corpora's separator) and <|end_of_text|> end a document whatever the
+    tokenizer's own end token is: with Llama 2's </s> as the only separator a '<|endoftext|>'-separated corpus was one
+    document, the marker trained on as ~11 text tokens. A literal </s> (HTML's strikethrough) stays text: splitting
+    at the tokenizer's own end text deleted it and cut the document in two."""
     from lmforge.tokenizer.sentencepiece import SentencePieceBPE
 
     tok = load_tokenizer(_llama3_dir(tmp_path / "base")) if layout == "llama3" else SentencePieceBPE(sp_doc())
-    own = tok.decode([tok.eot_id])
-    docs = ["the king speaks.", "the queen hears.", "thou art"]
+    docs = ["the king <s>old</s> speaks.", "the queen hears.", "thou art"]
     src = tmp_path / "doc.txt"
-    src.write_text(docs[0] + "<|endoftext|>" + docs[1] + own + docs[2])
+    src.write_text(docs[0] + "<|endoftext|>" + docs[1] + "<|end_of_text|>" + docs[2])
     rep = encode_to_shards(tok, [str(src)], tmp_path / "out", progress=False)
     ids = np.asarray(TokenFile(rep.shards["train"]).tokens).tolist()
     want = [i for d in docs for i in (tok.eot_id, *tok.encode_ordinary(d))]

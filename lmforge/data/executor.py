@@ -187,7 +187,13 @@ def check_token_dirs(cfg: PipelineConfig) -> None:
       kept documents or the work files;
     - a token directory another run (another output.dir) writes into: same-named shards overwrote each other's
       silently, one run's --restart removed the other's, and training read a mix of both (`claim_token_dir`: the
-      tokenize stage claims the directory for its run before it writes there)."""
+      tokenize stage claims the directory for its run before it writes there);
+    - doc_sep with a tokenizer that has no end-of-text id (`tokenize.doc_separator`: each shard refused it mid-run)."""
+    from lmforge.data.tokenize import doc_separator
+
+    for spec, stage in cfg.built_stages():  # (a tokenizer without an end-of-text id under doc_sep: not mid-run)
+        if spec.name == "tokenize":
+            doc_separator(stage)
     root = Path(cfg.output.dir)
     top = root.resolve()
     fix = "set tokenize.out_dir to a directory of its own, such as 'tokens' (the default)"

@@ -61,6 +61,21 @@ def _tokenizer(spec: str) -> Any:
     return load_tokenizer(spec)
 
 
+def doc_separator(cfg: TokenizeConfig) -> int | None:
+    """The id written before each document: the tokenizer's end-of-text id, None with doc_sep false. A tokenizer
+    without one under doc_sep is refused (the documents were written back to back, the shard saying doc_sep null),
+    before a pipeline runs (executor.check_token_dirs) and by the stage itself."""
+    if not cfg.doc_sep:
+        return None
+    sep = getattr(_tokenizer(cfg.tokenizer), "eot_id", None)
+    if sep is None:
+        raise ConfigError(f"tokenize.doc_sep is true, but the tokenizer {cfg.tokenizer!r} has no end-of-text token "
+                          "(<|endoftext|>, </s>, ...: lmforge.tokenizer.byte.EOT_NAMES, or its tokenizer_config.json's "
+                          "eos_token) to separate documents with; use one that has (train it with "
+                          "special_tokens=['<|endoftext|>']), or set doc_sep = false to write them back to back")
+    return sep
+
+
 def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Write the batch's documents to `<out_dir>/<shard>.bin` in one go; records `meta.num_tokens`. A
     document's text is ordinary text: a special token's string in it (web text may hold `<|endoftext|>`) is
@@ -70,12 +85,7 @@ def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> li
     claimed for the run first (`claim_token_dir`: another run's is refused)."""
     tok = _tokenizer(cfg.tokenizer)
     encode = getattr(tok, "encode_ordinary", tok.encode)
-    sep = getattr(tok, "eot_id", None) if cfg.doc_sep else None
-    if cfg.doc_sep and sep is None:  # the documents were written back to back, the shard saying doc_sep null
-        raise ConfigError(f"tokenize.doc_sep is true, but the tokenizer {cfg.tokenizer!r} has no end-of-text token "
-                          "(<|endoftext|>, </s>, ...: lmforge.tokenizer.byte.EOT_NAMES, or its tokenizer_config.json's "
-                          "eos_token) to separate documents with; use one that has (train it with "
-                          "special_tokens=['<|endoftext|>']), or set doc_sep = false to write them back to back")
+    sep = doc_separator(cfg)
     path = cfg.shard_dir(ctx.workdir) / f"{ctx.shard}.bin"
     claim_token_dir(path.parent, ctx.workdir, cfg.out_dir)
     write_json_atomic(Path(ctx.workdir) / RECORDS / f"{path.name}.json", {"out_dir": cfg.out_dir, "file": path.name})

@@ -260,6 +260,14 @@ def test_tokenize_refuses_doc_sep_with_a_tokenizer_without_an_end_of_text_token(
     tokenize(TokenizeConfig(tokenizer=str(tok_dir), doc_sep=False), docs, ctx)
     shard = TokenFile(tmp_path / "tokens" / "s0.bin")
     assert bytes(shard.tokens.tolist()) == b"onetwo" and shard.doc_sep is None and shard.header["num_docs"] == 2
+    # a pipeline with that stage is refused before any work (each shard refused it after its earlier phases ran)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"id": "a", "text": "one"}\n')
+    p = _write_pipeline(tmp_path, f'paths = ["{tmp_path / "in"}/*.jsonl"]',
+                        f'[[stages]]\nstage = "tokenize"\ntokenizer = "{tok_dir}"\n', extra="progress = false")
+    with pytest.raises(ConfigError, match="has no end-of-text token"):
+        run_local(load_pipeline(p))
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_extra_stops_the_run_before_it_starts(tmp_path, monkeypatch, capsys):

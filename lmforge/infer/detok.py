@@ -41,7 +41,8 @@ class StreamDecoder:
         self.lead = getattr(tokenizer, "stream_lead", None) if self.by_pieces and self.first else None
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # the window path decodes the context's ids with the new ones and returns only what they add
-        self.ids: list[int] = [] if self.by_bytes or self.by_pieces or not context else [int(i) for i in context]
+        self.ids: list[int] = [] if self.by_bytes or self.by_pieces or not context else complete_context(tokenizer,
+                                                                                                         context)
         self.start = 0  # the window: ids[start:] is decoded each step
         self.done = len(self.ids)  # ids[:done] were all shown, their text complete: where the next window opens
         self.emitted = len(safe_decode(tokenizer, self.ids)) if self.ids and self.has_text else 0  # (window text)
@@ -102,9 +103,20 @@ def continuation_context(prompt_ids, specials: frozenset[int] | set[int]) -> lis
     return tail[::-1]
 
 
+def complete_context(tokenizer, context: list[int]) -> list[int]:
+    """`context` less the ids at its end whose text is an incomplete character (a prompt continuing an output cut
+    inside one): the completion's first bytes then show as U+FFFD, as the byte-wise paths show them, instead of
+    finishing a character neither text shows."""
+    context = [int(i) for i in context]
+    while context and safe_decode(tokenizer, context).endswith("\ufffd"):
+        context.pop()
+    return context
+
+
 def decode_after(tokenizer, context: list[int], ids: list[int]) -> str:
     """The text `ids` add after `context` (continuation_context): decoded alone, a SentencePiece text would lose
     its first token's space (StreamDecoder's `context`, for callers that decode whole lists, as beam search)."""
+    context = complete_context(tokenizer, context)
     if not context:
         return safe_decode(tokenizer, ids)
     head, whole = safe_decode(tokenizer, context), safe_decode(tokenizer, list(context) + list(ids))

@@ -244,3 +244,27 @@ def test_what_is_not_read_is_refused_naming_the_field(change, field):
     change(doc)
     with pytest.raises(DataError, match=field):
         SentencePieceBPE(doc)
+
+
+def test_a_completion_after_a_prompt_cut_inside_a_character_shows_the_same_text_on_every_path():
+    """A prompt ending in the first bytes of a character (an output cut at max_tokens, continued): the window path
+    (a tokenizer with decode only) counted the prompt's trailing U+FFFD as shown, so the character the completion's
+    first byte finished appeared in neither text; the byte-wise path and decode_after show U+FFFD there."""
+    from lmforge.infer.detok import continuation_context, decode_after
+
+    tok = SentencePieceBPE(sp_doc())
+
+    class DecodeOnly:
+        special_tokens = tok.special_tokens
+
+        def decode(self, ids):
+            return tok.decode(ids)
+
+    context = continuation_context(tok.encode("the king ") + [tok.pieces["<0xE8>"], tok.pieces["<0xAA>"]],
+                                   special_ids(tok))
+    ids = [tok.pieces["<0x9E>"], *tok.encode("the end")]  # ("▁the▁", "e", "n", "d")
+    texts = []
+    for t in (tok, DecodeOnly()):
+        d = StreamDecoder(t, special_ids(tok), context)
+        texts += ["".join(d.push(i) for i in ids) + d.flush(), decode_after(t, context, ids)]
+    assert texts == ["\ufffd the end"] * 4

@@ -251,8 +251,23 @@ def with_defaults(cls: type, saved: dict[str, Any], where: str = "") -> dict[str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its settings' notices were said when it ran
             return to_dict(from_dict(cls, saved, where))
-    except (ValueError, TypeError):  # ConfigError is a ValueError
-        return saved
+    except (ValueError, TypeError):  # ConfigError is a ValueError: a saved value no longer reads (a removed name)
+        return _fill_defaults(cls, saved)
+
+
+def _fill_defaults(cls: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with the fields it lacks as their defaults, nested tables alike, its own values as they are."""
+    out = dict(saved)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = _default(f, None)
+        nested = dataclasses.is_dataclass(default) and not isinstance(default, type)
+        if f.name not in out:
+            out[f.name] = to_dict(default)
+        elif nested and isinstance(out[f.name], dict):
+            out[f.name] = _fill_defaults(type(default), out[f.name])
+    return out
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -285,3 +285,17 @@ def test_coerce_fields_plans_each_class_once_and_skips_typed_values(monkeypatch)
     sp = SamplingParams(temperature=1, max_tokens=np.int64(8), stop=["x"], top_k=4.0)  # these go through _coerce
     assert set(calls) == {"max_tokens", "stop", "stop[0]", "temperature", "top_k"}
     assert (type(sp.temperature), type(sp.max_tokens), sp.stop, type(sp.top_k)) == (float, int, ("x",), int)
+
+
+def test_with_defaults_fills_missing_fields_even_where_a_saved_value_no_longer_reads():
+    """A run's saved config read as the current lmforge reads it: fields added since take their defaults. Where one
+    saved value no longer reads (a removed optimizer name) it returned the saved dict whole, so every new field was
+    listed again as a change (None -> default) on resume."""
+    from lmforge.config import to_dict, with_defaults
+    from lmforge.train.config import TrainConfig
+
+    full = to_dict(TrainConfig())
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in full.items()}
+    saved["optim"]["name"] = "a_removed_optimizer"
+    del saved["model"]["norm_offset"], saved["seed"]
+    assert with_defaults(TrainConfig, saved) == dict(full, optim=saved["optim"])

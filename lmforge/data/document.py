@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def unix_line_ends(text: str) -> str:
+    """Windows line ends ("\\r\\n") as "\\n"; a lone "\\r" stays. Where a line split or a line rule must see a CRLF
+    file as its LF copy (a text file read by line, FineWeb's line rules); the stored text keeps its own ends."""
+    return text.replace("\r\n", "\n")
+
+
 @dataclass(slots=True)
 class Document:
     """One document. `raw` holds undecoded bytes (HTML, WARC payloads) until extraction fills `text`."""

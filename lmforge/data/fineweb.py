@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmforge.config import check, coerce_fields
-from lmforge.data.document import Document
+from lmforge.data.document import Document, unix_line_ends
 from lmforge.data.stage import StageContext
 
 TERMINAL = (".", "!", "?", '"', "'", "”", "’", "…")
@@ -52,7 +52,7 @@ def fineweb_failures(text: str, cfg: FineWebConfig) -> list[str]:
     """Names of the failing rules, in datatrove's order. Windows line ends count as "\n" (datatrove's text comes from
     its extractor, "\n" only; a CRLF text file or JSON field here had no line ending in punctuation: every line
     ended in "\r", and the document was rejected `line_punct_ratio`)."""
-    text = text.replace("\r\n", "\n")
+    text = unix_line_ends(text)
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if not lines:
         return ["empty"]

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from lmforge.data.document import Document, stable_id
+from lmforge.data.document import Document, stable_id, unix_line_ends
 from lmforge.errors import DataError, require
 
 FORMATS = ("text", "jsonl", "parquet", "html", "warc")
@@ -177,7 +177,7 @@ def read_text(path: str | Path, *, unit: str = "file") -> Iterator[Document]:
         return
     text, bad = decode_text(b"".join(parts))
     if unit != "file":  # Windows line ends split like Unix ones
-        text = text.replace("\r\n", "\n")
+        text = unix_line_ends(text)
     pieces = [text] if unit == "file" else (text.split("\n") if unit == "line" else text.split("\n\n"))
     if cut is not None:
         pieces = pieces[:-1]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from lmforge.data.document import Document
+from lmforge.data.document import Document, unix_line_ends
 from lmforge.data.readers import decode_text, detect_format, read_documents
 from lmforge.data.writers import ShardedWriter, write_jsonl, write_parquet
 
@@ -41,6 +41,20 @@ def test_text_units(tmp_path):
     assert [d.text for d in read_documents(p, unit="file")] == ["one\ntwo\n\nthree\n"]
     assert [d.text for d in read_documents(p, unit="line")] == ["one", "two", "three"]
     assert [d.text for d in read_documents(p, unit="paragraph")] == ["one\ntwo", "three\n"]
+
+
+def test_windows_line_ends_are_normalised_by_one_function_for_readers_and_line_rules(tmp_path):
+    """read_text (by line / paragraph) and FineWeb's line rules each replaced CRLF themselves; one function now."""
+    from lmforge.data.fineweb import DATATROVE, fineweb_failures
+
+    assert unix_line_ends("a\r\nb\rc\n\r\n") == "a\nb\rc\n\n"  # a lone CR is no Windows line end: it stays
+    lf = "First line ends here.\nSecond one too.\n\nA new paragraph.\n"
+    (tmp_path / "lf.txt").write_text(lf, newline="")
+    (tmp_path / "crlf.txt").write_text(lf.replace("\n", "\r\n"), newline="")
+    for unit in ("line", "paragraph"):
+        texts = [[d.text for d in read_documents(tmp_path / f"{n}.txt", unit=unit)] for n in ("lf", "crlf")]
+        assert texts[0] == texts[1] and len(texts[0]) == (3 if unit == "line" else 2)
+    assert fineweb_failures(lf.replace("\n", "\r\n"), DATATROVE) == fineweb_failures(lf, DATATROVE)
 
 
 def test_undecodable_bytes_are_counted(tmp_path):

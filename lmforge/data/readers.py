@@ -3,11 +3,15 @@
 Every reader yields `Document`s one at a time and never raises on bad input: a line that is not JSON,
 a record that cannot be decoded, or an archive cut off mid-stream becomes a document rejected with a
 `read_error:*` reason, so the pipeline report accounts for it (issue 6, "nothing lost").
+
+Text (text files, JSON Lines, WET records) is UTF-8, or the encoding a byte-order mark names; bytes that are not
+UTF-8 are read as Windows-1252, the code page of Latin-1 files, and counted in `meta.decode_errors` (`decode_text`).
 """
 
 from __future__ import annotations
 
 import base64
+import codecs
 import datetime
 import gzip
 import io
@@ -134,9 +138,39 @@ BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "u
 _BOM_STARTS = frozenset(bom[:1] for bom, _ in BOMS)
 
 
+def _windows_1252_char(b: int) -> str:
+    try:
+        return bytes([b]).decode("cp1252")
+    except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D: undefined in cp1252, the C1 controls in WHATWG's table
+        return chr(b)
+
+
+# bytes read as Latin-1, then U+0080-U+009F translated: Windows-1252 as the WHATWG Encoding Standard decodes it
+_LATIN1_TO_1252 = str.maketrans({b: _windows_1252_char(b) for b in range(0x80, 0xA0)})
+
+
+def _utf8_else_1252(data: bytes) -> tuple[str, int]:
+    """UTF-8 where the bytes are UTF-8; each invalid sequence (Python's maximal invalid part) read as Windows-1252,
+    the code page of Latin-1 / cp1252 text files. Returns (text, bytes read as Windows-1252). A whole-file fallback
+    would turn the UTF-8 characters of a mostly-UTF-8 file with one bad byte into mojibake; this keeps them."""
+    view, parts, pos, bad = memoryview(data), [], 0, 0
+    while pos < len(data):
+        try:
+            parts.append(codecs.utf_8_decode(view[pos:], "strict", True)[0])
+            break
+        except UnicodeDecodeError as e:  # e.start, e.end: offsets into view[pos:]
+            parts.append(codecs.utf_8_decode(view[pos:pos + e.start], "strict", True)[0])
+            parts.append(data[pos + e.start:pos + e.end].decode("latin-1").translate(_LATIN1_TO_1252))
+            bad += e.end - e.start
+            pos += e.end
+    return "".join(parts), bad
+
+
 def decode_text(data: bytes) -> tuple[str, int]:
-    """Decode that never fails: UTF-8, or the encoding a byte-order mark names (the mark itself dropped);
-    undecodable bytes become U+FFFD; returns (text, n_bad_bytes)."""
+    """Decode that never fails; returns (text, n_bad_bytes). Bytes that open with a byte-order mark are decoded in the
+    encoding it names (the mark itself dropped), a unit that does not decode becoming U+FFFD. Other bytes are UTF-8,
+    and a byte sequence that is not UTF-8 is read as Windows-1252 (so a Latin-1 / cp1252 text file keeps its "é" and
+    curly quotes rather than U+FFFD): n_bad_bytes counts those bytes (`meta.decode_errors`)."""
     bom, codec = b"", "utf-8"
     if data[:1] in _BOM_STARTS:  # (called per JSON line too: most data starts with no mark)
         bom, codec = next(((bom, name) for bom, name in BOMS if data.startswith(bom)), (b"", "utf-8"))
@@ -144,6 +178,8 @@ def decode_text(data: bytes) -> tuple[str, int]:
     try:
         return data.decode(codec), 0
     except UnicodeDecodeError:
+        if codec == "utf-8":
+            return _utf8_else_1252(data)
         text = data.decode(codec, errors="replace")
         return text, text.count("\ufffd") - data.count("\ufffd".encode(codec))
 

@@ -57,12 +57,24 @@ def test_windows_line_ends_are_normalised_by_one_function_for_readers_and_line_r
     assert fineweb_failures(lf.replace("\n", "\r\n"), DATATROVE) == fineweb_failures(lf, DATATROVE)
 
 
-def test_undecodable_bytes_are_counted(tmp_path):
-    assert decode_text(b"ok \xff\xfe end") == ("ok \ufffd\ufffd end", 2)
-    p = tmp_path / "bad.txt"
-    p.write_bytes(b"caf\xe9 au lait")
+def test_bytes_that_are_not_utf8_are_read_as_windows_1252_and_counted(tmp_path):
+    """A Latin-1 / cp1252 text file came out with U+FFFD for every accented letter and curly quote. Each byte
+    sequence that is not UTF-8 is now read as Windows-1252 (WHATWG's table: cp1252, its 5 undefined bytes as the C1
+    controls), and the UTF-8 around it stays UTF-8; meta.decode_errors counts the bytes read so."""
+    text = "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e \u201cquoted\u201d \u2013 \u20ac5, \u00bd price\n"
+    p = tmp_path / "latin.txt"
+    p.write_bytes(text.encode("cp1252"))
     (d,) = read_documents(p)
-    assert d.text == "caf\ufffd au lait" and d.meta["decode_errors"] == 1
+    assert d.text == text and d.meta["decode_errors"] == 9  # é è û é “ ” – € ½
+    for line in ["caf\u00e9 au lait", "\u00ff\u00fe end \u2019"]:  # JSON Lines too
+        (tmp_path / "l.jsonl").write_bytes(json.dumps({"text": line}, ensure_ascii=False).encode("cp1252") + b"\n")
+        assert [d.text for d in read_documents(tmp_path / "l.jsonl")] == [line]
+    high = bytes(range(0x80, 0x100))  # no two of them make UTF-8
+    whatwg = "".join(chr(b) if b in (0x81, 0x8D, 0x8F, 0x90, 0x9D) else bytes([b]).decode("cp1252") for b in high)
+    assert decode_text(high) == (whatwg, 128)
+    mixed = "na\u00efve \u65e5\u672c ".encode() + b"\xe9t\xe9 " + "stra\u00dfe".encode() + b"\xe2\x82"
+    assert decode_text(mixed) == ("na\u00efve \u65e5\u672c \u00e9t\u00e9 stra\u00dfe\u00e2\u201a", 4)
+    assert decode_text("plain UTF-8 \u00e9".encode()) == ("plain UTF-8 \u00e9", 0)
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])

@@ -26,6 +26,7 @@ import numpy as np
 from lmforge.config import check, coerce_fields
 from lmforge.data import fasttext_stages
 from lmforge.data.document import Document
+from lmforge.data.fasttext_model import FastTextModel
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
@@ -186,19 +187,28 @@ def _load(directory: str) -> HashedNgramClassifier:
     return HashedNgramClassifier.load(directory)
 
 
-def quality(cfg: QualityConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
-    """Set `meta.quality_score`; reject `quality:low_score` below the threshold. `model` naming one of the files of
-    a classifier directory means that directory (it was read as a fastText model, rejecting every document)."""
+def quality_model(cfg: QualityConfig) -> HashedNgramClassifier | tuple[FastTextModel, str]:
+    """The classifier `model` names: a fastText model with its name of `label`, or a classifier directory (`model`
+    naming one of its files means the directory: it was read as a fastText model, rejecting every document). A
+    one-line DataError when it does not load; the stage's check (`StageSpec.check`) before a run."""
     path = Path(cfg.model)
     ours = path.name in (FILE_NAME, CONFIG_NAME)
     if not ours and (path.suffix.lower() in (".bin", ".ftz") or path.is_file()):
-        model = fasttext_stages.model_or_reject(cfg.model, docs, "quality")
-        if model is None:
-            return docs
-        scores = [fasttext_stages.label_score(model, fasttext_stages.one_line(d.text, cfg.max_chars), cfg.label)
-                  for d in docs]
+        return fasttext_stages.label_model(cfg.model, cfg.label, "quality")
+    try:
+        return _load(str(path.parent) if ours else cfg.model)
+    except DataError as e:
+        raise DataError(f"quality.model: {e}") from None
+
+
+def quality(cfg: QualityConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
+    """Set `meta.quality_score`; reject `quality:low_score` below the threshold."""
+    model = quality_model(cfg)
+    if isinstance(model, tuple):
+        ft, label = model
+        scores = [ft.label_probs(fasttext_stages.one_line(d.text, cfg.max_chars))[label] for d in docs]
     else:
-        scores = _load(str(path.parent) if ours else cfg.model).predict_proba([d.text for d in docs])
+        scores = model.predict_proba([d.text for d in docs])
     for d, s in zip(docs, scores):
         d.meta["quality_score"] = round(float(s), 4)
         if s < cfg.threshold:

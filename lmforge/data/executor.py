@@ -187,13 +187,8 @@ def check_token_dirs(cfg: PipelineConfig) -> None:
       kept documents or the work files;
     - a token directory another run (another output.dir) writes into: same-named shards overwrote each other's
       silently, one run's --restart removed the other's, and training read a mix of both (`claim_token_dir`: the
-      tokenize stage claims the directory for its run before it writes there);
-    - doc_sep with a tokenizer that has no end-of-text id (`tokenize.doc_separator`: each shard refused it mid-run)."""
-    from lmforge.data.tokenize import doc_separator
-
-    for spec, stage in cfg.built_stages():  # (a tokenizer without an end-of-text id under doc_sep: not mid-run)
-        if spec.name == "tokenize":
-            doc_separator(stage)
+      tokenize stage claims the directory for its run before it writes there).
+    (doc_sep with a tokenizer that has no end-of-text id is the stage's own check: `pipeline.check_stages`.)"""
     root = Path(cfg.output.dir)
     top = root.resolve()
     fix = "set tokenize.out_dir to a directory of its own, such as 'tokens' (the default)"
@@ -243,10 +238,10 @@ def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
 
 def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list[Path]]:
     """Check that output.dir and the token directory can be written (`check_token_dirs`), the optional packages
-    the pipeline needs, then that output.dir holds nothing or an earlier run of this pipeline on these same inputs
-    (names, sizes, modification times); `restart` empties the directory of an earlier run first (`run_entries`
-    only). Returns the shards."""
-    from lmforge.data.pipeline import check_requirements, describe_changes, input_fingerprint
+    the pipeline needs, each stage's own check (`check_stages`: its model files and labels), then that output.dir
+    holds nothing or an earlier run of this pipeline on these same inputs (names, sizes, modification times);
+    `restart` empties the directory of an earlier run first (`run_entries` only). Returns the shards."""
+    from lmforge.data.pipeline import check_requirements, check_stages, describe_changes, input_fingerprint
 
     root = check_output_path(cfg.output.dir, "output.dir", flag="--output")
     check_token_dirs(cfg)
@@ -254,6 +249,7 @@ def _check_run_dir(cfg: PipelineConfig, restart: bool = False) -> dict[str, list
     shards = make_shards(cfg.input)
     files = [f for fs in shards.values() for f in fs]
     check_requirements(cfg, files)
+    check_stages(cfg)
     inside = [f for f in files if f.resolve().is_relative_to(root.resolve())]
     if inside:
         raise ConfigError(f"input {inside[0]} lies inside output.dir {root}: a run writes (and --restart removes) "
@@ -366,7 +362,8 @@ def check_stage_errors(report: dict[str, Any], root: Path) -> None:
     """Fail a run in which a stage rejected every document it was given as `error:<stage>` (a stage that cannot
     work: a token directory it cannot write, a bug), naming the stage and the first error. The report balances,
     so it passed as a run that kept nothing. A stage that rejects everything for its own reasons (langid keeping
-    another language, `toxicity:bad_model`) made a decision, and passes."""
+    another language) made a decision, and passes; a model file that does not load is refused before the run
+    (`check_stages`)."""
     for st in report["stages"]:
         reason = f"error:{st['name'].split('[')[0]}"  # "tokenize[3]": a label told apart by its place
         if st["docs_in"] and not st["docs_out"] and set(st["rejected"]) == {reason}:

@@ -2,9 +2,10 @@
 `fasttext` package): `toxicity` and `nsfw` (Dolma's Jigsaw-trained classifiers, Soldaini et al. 2024),
 and the helpers `langid` and `quality` use when given a `.bin` / `.ftz` model path.
 
-A model that cannot be loaded (missing, truncated, another format version) does not crash the run:
-every document of the batch is rejected `<stage>:bad_model` with the one-line reason, naming the
-file, in `meta.error`, so the report accounts for them.
+A model that cannot be loaded (missing, truncated, another format version), or that has no label the stage is
+told to score, fails the run with one line naming the setting, the file and the fix, before any document is read
+(`StageSpec.check`, called by the executors). It used to reject every document as `<stage>:bad_model` and the run
+ended "balanced" with nothing kept, exit status 0.
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ from lmforge.errors import DataError
 LABEL_PREFIX = "__label__"
 
 
-def model_or_reject(path: str, docs: list[Document], stage: str) -> FastTextModel | None:
-    """The loaded model, or None after rejecting every live document with the load error."""
+def load_model(path: str, stage: str) -> FastTextModel:
+    """The stage's fastText model (loaded once per process: `load_fasttext`), or a one-line DataError naming the
+    stage's setting, the file and the fix."""
     try:
         return load_fasttext(path)
     except DataError as e:
-        for d in docs:
-            if d.drop is None:
-                d.meta["error"] = str(e)
-                d.reject(f"{stage}:bad_model")
-        return None
+        raise DataError(f"{stage}.model: {e}") from None
 
 
 def one_line(text: str, max_chars: int) -> str:
@@ -40,13 +38,20 @@ def one_line(text: str, max_chars: int) -> str:
     return text[:max_chars].replace("\n", " ")
 
 
-def label_score(model: FastTextModel, text: str, label: str) -> float:
-    """Probability of `label` ("toxic" or "__label__toxic"); DataError naming the labels if absent."""
+def label_name(model: FastTextModel, label: str, stage: str) -> str:
+    """The model's name of `label` ("toxic" or "__label__toxic": "__label__toxic"); DataError naming the labels if
+    it has none such."""
     name = label if label.startswith(LABEL_PREFIX) else LABEL_PREFIX + label
     if name not in model.labels:
-        raise DataError(f"{model.path} has no label {label!r}; its labels: "
+        raise DataError(f"{stage}.label: {model.path} has no label {label!r}; its labels: "
                         f"{', '.join(x.removeprefix(LABEL_PREFIX) for x in model.labels)}")
-    return model.label_probs(text)[name]
+    return name
+
+
+def label_model(model_path: str, label: str, stage: str) -> tuple[FastTextModel, str]:
+    """(model, its name of `label`) for a stage that scores one label: what its check and the stage itself load."""
+    model = load_model(model_path, stage)
+    return model, label_name(model, label, stage)
 
 
 def top_label(model: FastTextModel, text: str) -> tuple[str, float]:
@@ -66,8 +71,12 @@ class ToxicityConfig:
     threshold: float = 0.5
     max_chars: int = 10_000
 
+    @property
+    def stage(self) -> str:
+        return type(self).__name__.removesuffix("Config").lower()  # toxicity or nsfw
+
     def __post_init__(self) -> None:
-        stage = type(self).__name__.removesuffix("Config").lower()  # toxicity or nsfw
+        stage = self.stage
         coerce_fields(self, stage)  # each field's type, named when wrong
         check(bool(self.model), f"{stage}.model must name a fastText .bin or .ftz file")
         check(0.0 <= self.threshold <= 1.0, f"{stage}.threshold must be in [0, 1], got {self.threshold}")
@@ -79,12 +88,15 @@ class NSFWConfig(ToxicityConfig):
     label: str = "nsfw"
 
 
+def check_label_filter(cfg: ToxicityConfig) -> None:
+    """StageSpec.check of toxicity and nsfw: the model loads and has the label."""
+    label_model(cfg.model, cfg.label, cfg.stage)
+
+
 def _label_filter(stage: str, cfg: ToxicityConfig, docs: list[Document]) -> list[Document]:
-    model = model_or_reject(cfg.model, docs, stage)
-    if model is None:
-        return docs
+    model, name = label_model(cfg.model, cfg.label, stage)
     for d in docs:
-        score = label_score(model, one_line(d.text, cfg.max_chars), cfg.label)
+        score = model.label_probs(one_line(d.text, cfg.max_chars))[name]
         d.meta[f"{stage}_score"] = round(score, 4)
         if score >= cfg.threshold and cfg.threshold < 1.0:
             d.reject(f"{stage}:flagged")

@@ -202,6 +202,16 @@ def check_requirements(cfg: PipelineConfig, files: list[Path]) -> None:
                            f"pip install 'lmforge[{extra}]'; nothing was run")
 
 
+def check_stages(cfg: PipelineConfig) -> None:
+    """Each stage's own check (`StageSpec.check`), before any document is read: a fastText model file that does not
+    load or lacks the label to score (every document was rejected `<stage>:bad_model` and the run exited 0), a
+    langid code its model has no label for (every document rejected `langid:language`), doc_sep with a tokenizer
+    that has no end-of-text id (each shard refused it after its earlier phases had run)."""
+    for spec, stage in cfg.built_stages():
+        if spec.check is not None:
+            spec.check(stage)
+
+
 def input_fingerprint(shards: dict[str, list[Path]]) -> list[list]:
     """[path, size, mtime_ns] of every input file: what a finished run's outputs were made from."""
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for files in shards.values() for f in files]

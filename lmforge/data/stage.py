@@ -39,13 +39,17 @@ StageFn = Callable[[Any, list[Document], StageContext], list[Document]]
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A registered stage: its config class, its function, and whether it is per-batch or corpus-wide."""
+    """A registered stage: its config class, its function, and whether it is per-batch or corpus-wide. `check`, given
+    the stage's config, raises an LmforgeError for a setting that would fail every document the same way (a model file
+    that does not load, a language its model has no label for); the executors call it before any document is read
+    (`pipeline.check_stages`), and the stage meets the same error itself when called directly."""
 
     name: str
     config: type
     fn: StageFn
     kind: Literal["map", "global"] = "map"
     help: str = ""
+    check: Callable[[Any], Any] | None = None
 
 
 def run_stage(spec: StageSpec, cfg: Any, docs: list[Document], ctx: StageContext) -> list[Document]:

@@ -64,7 +64,7 @@ def _tokenizer(spec: str) -> Any:
 def doc_separator(cfg: TokenizeConfig) -> int | None:
     """The id written before each document: the tokenizer's end-of-text id, None with doc_sep false. A tokenizer
     without one under doc_sep is refused (the documents were written back to back, the shard saying doc_sep null),
-    before a pipeline runs (executor.check_token_dirs) and by the stage itself."""
+    before a pipeline runs (its StageSpec.check: pipeline.check_stages) and by the stage itself."""
     if not cfg.doc_sep:
         return None
     sep = getattr(_tokenizer(cfg.tokenizer), "eot_id", None)

@@ -1,6 +1,6 @@
-"""Bad input through a whole pipeline: an .html file that is binary, a fastText model that is missing,
-truncated or of another format version. Each is a one-line reason naming the file, and the run report
-counts the documents as rejected with that reason (input = kept + rejected)."""
+"""Bad input through a whole pipeline: an .html file that is binary (a document rejected with a one-line reason
+naming the file, which the run report counts: input = kept + rejected), a fastText model that is missing, truncated
+or of another format version, or a langid code that is not a label (refused before the run, in one line)."""
 
 from __future__ import annotations
 
@@ -29,41 +29,54 @@ def _run(tmp_path: Path, name: str, stages: str) -> tuple[dict, list]:
     return report, rejected
 
 
-def test_binary_page_and_bad_models_are_counted_as_rejected(tmp_path):
+def test_binary_page_is_counted_as_rejected(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     (src / "good.html").write_text(PAGE, encoding="utf-8")
     (src / "photo.html").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4)
-    missing = tmp_path / "models" / "jigsaw_toxic.bin"
-    report, rejected = _run(tmp_path, "missing", f'[[stages]]\nstage = "extract"\n[[stages]]\nstage = "toxicity"\n'
-                                                 f'model = "{missing}"\n')
-    stages = {s["name"]: s for s in report["stages"]}
-    assert stages["extract"]["rejected"] == {"extract:not_html": 1}
-    assert stages["toxicity"]["rejected"] == {"toxicity:bad_model": 1}
-    assert report["balance"] == {"input_docs": 2, "added_docs": 0, "kept_docs": 0, "rejected_docs": 2, "balanced": True}
+    report, rejected = _run(tmp_path, "binary", '[[stages]]\nstage = "extract"\n')
+    assert {s["name"]: s["rejected"] for s in report["stages"]}["extract"] == {"extract:not_html": 1}
+    assert report["balance"] == {"input_docs": 2, "added_docs": 0, "kept_docs": 1, "rejected_docs": 1, "balanced": True}
     assert report["counters"]["extract.backend.resiliparse"] == 1  # the extractor used, in the report
-    errors = {d.drop: d.meta["error"] for d in rejected}
-    assert errors["extract:not_html"] == f"{src / 'photo.html'}: not an HTML page (binary content)"
-    assert errors["toxicity:bad_model"] == (f"fastText model {missing} does not exist; give the path of a .bin "
-                                            "or .ftz file")
+    assert [d.meta["error"] for d in rejected] == [f"{src / 'photo.html'}: not an HTML page (binary content)"]
 
+
+def test_bad_models_and_language_codes_are_refused_before_any_document_is_read(tmp_path, capsys):
+    """A fastText model that is missing, cut or of another format version rejected every document as
+    `<stage>:bad_model`, a langid code that is not a label ("eng") every one as `langid:language`, and the run exited
+    0 with nothing kept. Each is now one line naming the setting, the file or code, and the fix, before any work
+    (`pipeline.check_stages`): nothing is written, and an earlier run's files stay under --restart."""
+    from lmforge.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "good.html").write_text(PAGE, encoding="utf-8")
     good = (FIXTURES / "softmax.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(good[:5000])
     (tmp_path / "v99.bin").write_bytes(good[:4] + (99).to_bytes(4, "little") + good[8:])
-    report, rejected = _run(tmp_path, "corrupt", f'[[stages]]\nstage = "extract"\n[[stages]]\nstage = "quality"\n'
-                                                 f'model = "{tmp_path / "cut.bin"}"\n[[stages]]\nstage = "langid"\n'
-                                                 f'model = "{tmp_path / "v99.bin"}"\n')
-    stages = {s["name"]: s for s in report["stages"]}
-    assert stages["quality"]["rejected"] == {"quality:bad_model": 1} and report["balance"]["balanced"]
-    error = next(d.meta["error"] for d in rejected if d.drop == "quality:bad_model")
-    assert error.startswith(f"{tmp_path / 'cut.bin'}: truncated fastText file (5000 bytes; ends inside the ")
-    assert "\n" not in error
-    report, rejected = _run(tmp_path, "version", f'[[stages]]\nstage = "extract"\n[[stages]]\nstage = "langid"\n'
-                                                 f'model = "{tmp_path / "v99.bin"}"\n')
-    assert {s["name"]: s["rejected"] for s in report["stages"]}["langid"] == {"langid:bad_model": 1}
-    assert [d.meta["error"] for d in rejected if d.drop == "langid:bad_model"] == [
-        f"{tmp_path / 'v99.bin'}: fastText file format version 99 is not supported (supported: 11, 12)"]
-    assert json.loads((tmp_path / "version" / "report.json").read_text())["balance"]["balanced"]
+    missing = tmp_path / "models" / "jigsaw_toxic.bin"
+    cases = {
+        f'stage = "toxicity"\nmodel = "{missing}"':
+            f"toxicity.model: fastText model {missing} does not exist; give the path of a .bin or .ftz file",
+        f'stage = "quality"\nmodel = "{tmp_path / "cut.bin"}"':
+            f"quality.model: {tmp_path / 'cut.bin'}: truncated fastText file (5000 bytes; ends inside the ",
+        f'stage = "langid"\nmodel = "{tmp_path / "v99.bin"}"':
+            f"langid.model: {tmp_path / 'v99.bin'}: fastText file format version 99 is not supported",
+        'stage = "langid"\nlanguages = ["eng"]':
+            "langid.languages: 'eng' is not a label of the bundled lid.176 model (did you mean 'en'?); give its ",
+    }
+    for i, (stage, error) in enumerate(cases.items()):
+        p = tmp_path / f"p{i}.toml"
+        p.write_text(f'progress = false\n[input]\npaths = ["{src}"]\n[output]\ndir = "{tmp_path / "out"}"\n'
+                     f'[[stages]]\nstage = "extract"\n[[stages]]\n{stage}\n')
+        assert main(["data", "run", str(p)]) == 2
+        message = capsys.readouterr().err.splitlines()[0]
+        assert message.startswith(f"lmforge data: error: {error}"), message
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.md").write_text("an earlier run's report")
+    assert main(["data", "run", str(p), "--restart"]) == 2
+    assert (tmp_path / "out" / "report.md").read_text() == "an earlier run's report"
 
 
 def _jsonl(path: Path, records: list[dict]) -> None:

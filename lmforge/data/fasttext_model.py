@@ -114,7 +114,7 @@ class _Matrix:
         codes = r.array("u1", codesize, what)
         self.pq = _product_quantizer(r, what)
         if codesize != m * self.pq[0]:
-            raise DataError(f"{r.path}: corrupt quantized {what} ({codesize} codes for {m} rows)")
+            raise DataError(f"{r.path}: corrupt quantized {what} ({codesize} codes for {m} rows); download it again")
         self.codes = codes.reshape(m, self.pq[0])
         self.norms: np.ndarray | None = None
         if qnorm:
@@ -181,17 +181,20 @@ class FastTextModel:
         r = _Reader(path.read_bytes(), str(path))
         magic, version = r.unpack("ii", "header")
         if magic != MAGIC:
-            raise DataError(f"{path}: not a fastText model (magic {magic}, expected {MAGIC})")
+            raise DataError(f"{path}: not a fastText model (magic {magic}, expected {MAGIC}); give the path of a .bin "
+                            "or .ftz file saved by fastText")
         if version not in VERSIONS:
             raise DataError(f"{path}: fastText file format version {version} is not supported "
-                            f"(supported: {', '.join(map(str, VERSIONS))})")
+                            f"(supported: {', '.join(map(str, VERSIONS))}); give a model saved by the fastText "
+                            "library, or download it again if it is damaged")
         dim, _ws, _epoch, _min_count, _neg, word_ngrams, loss, model, bucket, minn, maxn, _lr_update, _t = \
             r.unpack("iiiiiiiiiiiid", "arguments")
         if model != 3:
             raise DataError(f"{path}: a fastText word-vector model (model={model}), not a supervised "
                             "classifier; the stages need a model trained with `fasttext supervised`")
         if loss not in LOSSES or LOSSES[loss] == "ns":
-            raise DataError(f"{path}: fastText loss {LOSSES.get(loss, loss)} is not supported for prediction")
+            raise DataError(f"{path}: fastText loss {LOSSES.get(loss, loss)} is not supported for prediction; give a "
+                            "classifier trained with softmax, hs or ova loss")
         if version == 11:  # fastText's loader: old supervised models have no character n-grams
             maxn = 0
         self.args = FastTextArgs(dim=dim, word_ngrams=word_ngrams, loss=LOSSES[loss], model=model,
@@ -203,7 +206,8 @@ class FastTextModel:
         self.output = _Matrix(r, quant_input and quant_output, "output matrix").full()
         if self.input.shape[1] != dim or self.output.shape != (len(self.labels), dim):
             raise DataError(f"{path}: corrupt fastText file (matrix shapes {self.input.shape}, "
-                            f"{self.output.shape} do not match dim {dim} and {len(self.labels)} labels)")
+                            f"{self.output.shape} do not match dim {dim} and {len(self.labels)} labels); download "
+                            "it again")
         self.tree = _huffman(self.label_counts) if self.args.loss == "hs" else None
         self.path = path
 
@@ -221,7 +225,7 @@ class FastTextModel:
                 self.label_counts.append(count)
         if (len(words), len(labels)) != (nwords, nlabels):
             raise DataError(f"{r.path}: corrupt fastText dictionary ({len(words)} words, {len(labels)} labels; "
-                            f"header says {nwords}, {nlabels})")
+                            f"header says {nwords}, {nlabels}); download it again")
         self.words, self.labels = words, labels
         self.word_ids = {w: i for i, w in enumerate(words)}
         # -1: no pruning; else the kept n-gram buckets, remapped to consecutive rows

@@ -132,6 +132,7 @@ def test_bad_model_files_fail_with_one_line_naming_the_file(tmp_path):
         with pytest.raises(DataError) as e:
             FastTextModel(path)
         assert words in str(e.value) and path in str(e.value) and "\n" not in str(e.value)
+        assert "; give " in str(e.value) or "; download it again" in str(e.value), str(e.value)  # and the fix
 
 
 def test_stages_use_fasttext_models(tmp_path):

@@ -57,7 +57,7 @@ def read_range(path: str | Path, start: int, end: int) -> tuple[bytes, str, int]
     """Bytes [start, end) of a text file -> (its text as UTF-8 bytes, the text, undecodable bytes). A file that opens
     with a byte-order mark is decoded as the mark says, the mark dropped (data.readers.decode_text: a UTF-16 file
     read as UTF-8 was NULs and U+FFFD, a UTF-8 mark a U+FEFF trained into the vocabulary); others as UTF-8
-    (decode_counting). A UTF-16 file's ranges start at even offsets (file_ranges keeps it whole)."""
+    (decode_counting). A UTF-16 file's ranges start at character boundaries (file_ranges: `_utf16_cut`)."""
     bom, codec = text_codec(path)
     with open(path, "rb") as f:
         f.seek(start)
@@ -104,23 +104,43 @@ def _count_texts(task: tuple[list[str], str, tuple[str, ...]]) -> tuple[Counter,
     return total, size, 0
 
 
+def _utf16_cut(window: bytes, codec: str, pat: str, specials: tuple[str, ...]) -> int:
+    """`safe_byte_cut` for a window of a UTF-16 file that starts at a code unit (an even offset): the first safe cut
+    of its text, found in the text's UTF-8 and given as an offset into the window, or -1. A surrogate pair cut by the
+    window's edges is left out of the text, so the cut is a character boundary; lone surrogates pass through."""
+    body = window[: len(window) - len(window) % 2]
+    unit = 0xFC00  # a code unit masked with it: 0xD800 opens a surrogate pair, 0xDC00 closes one
+    order = "little" if codec == "utf-16-le" else "big"
+    skip = 2 if len(body) >= 2 and int.from_bytes(body[:2], order) & unit == 0xDC00 else 0
+    if len(body) >= skip + 2 and int.from_bytes(body[-2:], order) & unit == 0xD800:
+        body = body[:-2]
+    utf8 = body[skip:].decode(codec, "surrogatepass").encode("utf-8", "surrogatepass")
+    cut = safe_byte_cut(utf8, 0, pat, specials)
+    if cut == -1:
+        return -1
+    return skip + len(utf8[:cut].decode("utf-8", "surrogatepass").encode(codec, "surrogatepass"))
+
+
 def file_ranges(path: Path, pat: str, specials: tuple[str, ...], chunk: int | None = None,
                 start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
     """Cut bytes [start, end) of a file into ranges of about `chunk` bytes at safe points (see
-    `safe_byte_cut`); with no safe point (e.g. a custom pattern and no specials) it stays whole, as does a UTF-16
-    file (its byte-order mark says so), whose bytes `safe_byte_cut` cannot read."""
+    `safe_byte_cut`); with no safe point (e.g. a custom pattern and no specials) it stays whole. A UTF-16 file (its
+    byte-order mark says so) is cut at the same points of its text (`_utf16_cut`); it was one range, read whole."""
     chunk = chunk or CHUNK_BYTES
     end = path.stat().st_size if end is None else end
-    if text_codec(path)[1] != "utf-8":
-        return [(start, end)] if end > start else []
+    codec = text_codec(path)[1]
     bounds, pos = [start], start + chunk
     with open(path, "rb") as f:
         while pos < end:
+            pos += pos % 2 if codec != "utf-8" else 0  # UTF-16 code units sit at even offsets (the mark is one)
             f.seek(pos)
             window = f.read(min(1 << 20, end - pos))
-            cut = safe_byte_cut(window, 0, pat, specials) if window else -1
+            if not window:  # (an odd end: the aligned position is the end)
+                break
+            cut = safe_byte_cut(window, 0, pat, specials) if codec == "utf-8" else _utf16_cut(window, codec, pat,
+                                                                                              specials)
             if cut == -1:
-                pos += len(window) or end  # nothing safe here: look further on
+                pos += len(window)  # nothing safe here: look further on
                 continue
             bounds.append(pos + cut)
             pos = pos + cut + chunk

@@ -4,6 +4,8 @@ stayed as U+FEFF (its three bytes became a token and the first ids of every shar
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,34 @@ def test_a_file_holding_only_a_byte_order_mark_is_empty(tmp_path):
     marked.write_bytes(b"\xef\xbb\xbf")
     with pytest.raises(DataError, match="training input is empty"):
         _train(marked)
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_file_is_cut_into_ranges_at_the_points_its_utf8_copy_is(tmp_path, monkeypatch, codec):
+    """A UTF-16 file was one range, read and decoded whole by one worker, where a UTF-8 file is cut into ranges at safe
+    points. It is now cut at the safe points of its text (surrogate pairs whole, ranges at even offsets): the ranges'
+    texts join to the whole file's, and training and encoding give what the UTF-8 copy gives."""
+    from lmforge.tokenizer import train as train_mod
+    from lmforge.tokenizer.pretokenize import PATTERNS
+
+    text = "".join(f"line {i} caf\u00e9 \U0001f600\U0001f680 \u65e5\u672c\r\n" + ("<|endoftext|>" if i % 7 == 0 else "")
+                   + ("x" * (i % 5) + "\n") for i in range(400))
+    marked, plain = tmp_path / "u16.txt", tmp_path / "u8.txt"
+    marked.write_bytes(("\ufeff" + text).encode(codec))
+    plain.write_bytes(text.encode())
+    monkeypatch.setattr(train_mod, "CHUNK_BYTES", 1000)
+    specials = ("<|endoftext|>",)
+    ranges = train_mod.file_ranges(marked, PATTERNS["gpt2"], specials)
+    assert len(ranges) > 20 and all(a % 2 == 0 for a, _ in ranges) and ranges[-1][1] == marked.stat().st_size
+    texts = [train_mod.read_range(marked, a, b)[1] for a, b in ranges]
+    assert "".join(texts) == text and all(train_mod.read_range(marked, a, b)[2] == 0 for a, b in ranges)
+    whole = train_mod.count_text(text, PATTERNS["gpt2"], specials)
+    assert sum((train_mod.count_text(t, PATTERNS["gpt2"], specials) for t in texts), Counter()) == whole
+    tok = _train(plain)
+    assert _train(marked).merges == tok.merges
+    ids = [np.asarray(TokenFile(encode_to_shards(tok, [str(p)], tmp_path / p.stem, progress=False).shards["train"])
+                      .tokens).tolist() for p in (marked, plain)]
+    assert ids[0] == ids[1]
+    window = "\U0001f600ab!\nc\U0001f680".encode(codec)  # the safe cut is before "c", 12 bytes in
+    for part, cut in [(window, 12), (window[2:], 10), (window[2:-2], 10)]:  # a surrogate pair cut at either edge
+        assert train_mod._utf16_cut(part, codec, PATTERNS["gpt2"], ()) == cut

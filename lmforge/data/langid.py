@@ -25,8 +25,8 @@ from lmforge.data.fasttext_model import FastTextModel
 from lmforge.data.stage import StageContext
 from lmforge.errors import ConfigError, require
 
-# The labels of lid.176 (the bundled lite model and the full .bin have the same 176), in the model's order: most
-# frequent in its training data first. tests/data/test_extract_langid.py checks them against the bundled file.
+# The labels of lid.176 (the full lid.176.bin has the same 176), in the bundled lite model's order: most frequent in
+# its training data first. tests/data/test_fasttext.py checks them against the bundled file.
 LID176 = tuple("""
 en ru de fr it ja es ceb tr pt uk eo pl sv nl he zh hu ar ca fi cs fa sr el vi bg ko no mk ro id th hy da ta hi hr sh
 be ka te kk war lt gl sk bn eu sl kn ml mr et az ms sq la bs nn ur lv my tt af oc nds ky ast tl is ia si gu km br ba uz

@@ -144,7 +144,7 @@ def encode(argv: list[str]) -> int:
 def undecodable_note(n: int, kept: bool) -> str:
     if kept:
         return f"note: the byte tokenizer kept the {n:,} bytes that are not UTF-8 as they are"
-    return (f"note: {n:,} bytes that are not UTF-8 were replaced by U+FFFD and are lost to training; "
+    return (f"note: {n:,} bytes that are not UTF-8 were read as Windows-1252 (Latin-1) characters; "
             f"--tokenizer byte keeps every byte as it is")
 
 
@@ -161,7 +161,7 @@ def stats(argv: list[str]) -> int:
           f"bytes/token {s['bytes_per_token']:.3f}")
     print(f"vocabulary used {s['vocab_used']:,} of {s['vocab_size']:,} ({100 * s['vocab_used_fraction']:.1f}%)")
     if s["undecodable_bytes"]:
-        print(f"undecodable bytes {s['undecodable_bytes']:,} (read as U+FFFD)")
+        print(f"undecodable bytes {s['undecodable_bytes']:,} (read as Windows-1252)")
     for i, text, n in s["top_tokens"]:
         print(f"  {i:>7} {n:>12,}  {text!r}")
     return 0

@@ -149,10 +149,15 @@ def _windows_1252_char(b: int) -> str:
 _LATIN1_TO_1252 = str.maketrans({b: _windows_1252_char(b) for b in range(0x80, 0xA0)})
 
 
-def _utf8_else_1252(data: bytes) -> tuple[str, int]:
+def decode_utf8(data: bytes) -> tuple[str, int]:
     """UTF-8 where the bytes are UTF-8; each invalid sequence (Python's maximal invalid part) read as Windows-1252,
     the code page of Latin-1 / cp1252 text files. Returns (text, bytes read as Windows-1252). A whole-file fallback
-    would turn the UTF-8 characters of a mostly-UTF-8 file with one bad byte into mojibake; this keeps them."""
+    would turn the UTF-8 characters of a mostly-UTF-8 file with one bad byte into mojibake; this keeps them. (No
+    byte-order mark is looked for: the tokenizer's corpus ranges after a file's first are read with this.)"""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        pass
     view, parts, pos, bad = memoryview(data), [], 0, 0
     while pos < len(data):
         try:
@@ -175,11 +180,11 @@ def decode_text(data: bytes) -> tuple[str, int]:
     if data[:1] in _BOM_STARTS:  # (called per JSON line too: most data starts with no mark)
         bom, codec = next(((bom, name) for bom, name in BOMS if data.startswith(bom)), (b"", "utf-8"))
     data = data[len(bom):]
+    if codec == "utf-8":
+        return decode_utf8(data)
     try:
         return data.decode(codec), 0
     except UnicodeDecodeError:
-        if codec == "utf-8":
-            return _utf8_else_1252(data)
         text = data.decode(codec, errors="replace")
         return text, text.count("\ufffd") - data.count("\ufffd".encode(codec))
 

@@ -34,16 +34,6 @@ CHUNK_BYTES = 4 << 20  # per worker task: big enough to amortise process overhea
 
 # ---- phase 1: pre-token counts ----------------------------------------------------------------------
 
-def decode_counting(data: bytes) -> tuple[str, int]:
-    """UTF-8 decode; undecodable bytes become U+FFFD and are counted (so callers can report them)."""
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="surrogateescape")
-        bad = sum(1 for ch in text if "\udc80" <= ch <= "\udcff")
-        return "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in text), bad
-
-
 def text_codec(path: str | Path) -> tuple[bytes, str]:
     """The byte-order mark a text file opens with and the codec it names (data.readers.BOMS), or (b"", "utf-8")."""
     from lmforge.data.readers import BOMS
@@ -56,17 +46,18 @@ def text_codec(path: str | Path) -> tuple[bytes, str]:
 def read_range(path: str | Path, start: int, end: int) -> tuple[bytes, str, int]:
     """Bytes [start, end) of a text file -> (its text as UTF-8 bytes, the text, undecodable bytes). A file that opens
     with a byte-order mark is decoded as the mark says, the mark dropped (data.readers.decode_text: a UTF-16 file
-    read as UTF-8 was NULs and U+FFFD, a UTF-8 mark a U+FEFF trained into the vocabulary); others as UTF-8
-    (decode_counting). A UTF-16 file's ranges start at character boundaries (file_ranges: `_utf16_cut`)."""
+    read as UTF-8 was NULs and U+FFFD, a UTF-8 mark a U+FEFF trained into the vocabulary); others as UTF-8, a byte
+    sequence that is not UTF-8 read as Windows-1252 and counted (data.readers.decode_utf8, as the data pipeline's
+    readers do). A UTF-16 file's ranges start at character boundaries (file_ranges: `_utf16_cut`)."""
     bom, codec = text_codec(path)
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(end - start)
     raw = raw[len(bom):] if start == 0 else raw
-    if codec == "utf-8":
-        return (raw, *decode_counting(raw))
-    from lmforge.data.readers import decode_text
+    from lmforge.data.readers import decode_text, decode_utf8
 
+    if codec == "utf-8":
+        return (raw, *decode_utf8(raw))
     text, bad = decode_text(bom + raw)
     return text.encode("utf-8"), text, bad
 

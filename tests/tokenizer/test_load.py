@@ -70,7 +70,12 @@ def test_non_utf8_bytes_are_counted_and_the_byte_tokenizer_keeps_them(exported, 
                      str(tmp_path / name), "--progress", "False"]) == 0
         out = capsys.readouterr().out
         assert "4 undecodable bytes (not UTF-8)" in out
-        assert ("kept the 4 bytes" if name == "byte" else "were replaced by U+FFFD") in out
+        assert ("kept the 4 bytes" if name == "byte" else "were read as Windows-1252") in out
+    bpe = TokenFile(tmp_path / "bpe" / "train.bin").tokens.tolist()
+    eot = bpe.index(256, 1)  # (each document opens with the separator)
+    assert bpe[0] == 256
+    text = [load_tokenizer(exported / "all").decode(d) for d in (bpe[1:eot], bpe[eot + 1:])]
+    assert text == ["caf\u00e9 ok \u00ff\u00fe end", "second \u20acdoc"]  # Latin-1 / cp1252 letters, not U+FFFD
     ids = TokenFile(tmp_path / "byte" / "train.bin").tokens.tolist()
     assert ids == [256, *raw.split(b"<|endoftext|>")[0], 256, *raw.split(b"<|endoftext|>")[1]]  # every byte kept
 

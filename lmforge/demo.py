@@ -34,16 +34,23 @@ class DemoConfig:
     tokenizer: str = "bpe"
     """'bpe' (trained on the corpus) or 'byte'"""
     vocab_size: int = 2048
+    """BPE vocabulary size (tokenizer 'bpe')"""
     steps: int = 600
+    """training steps"""
     depth: int = 4
     """model depth; width = 64·depth (ModelConfig.from_depth)"""
     seq_len: int = 128
+    """tokens per training sequence"""
     batch_size: int = 16
+    """sequences per step"""
     lr: float = 3e-3
+    """peak learning rate"""
     device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
     samples: int = 2
     """samples printed at the end, prompted in turn by "def " and "class " (0: none)"""
     seed: int = 1337
+    """seed of the training run and of the samples"""
 
     def __post_init__(self) -> None:
         coerce_fields(self, "demo")  # each field's type, named when wrong

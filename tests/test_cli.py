@@ -114,6 +114,81 @@ def test_no_option_help_is_only_a_section_label(argv, capsys):
     assert not [lab for lab in labels if f" {lab} (default:" in text]
 
 
+def _has_optional_section(cls: type) -> bool:
+    """Whether a config section at any depth of `cls` defaults to None (`model.moe`)."""
+    import dataclasses
+
+    from lmforge.cli.common import _section_types
+
+    return any(optional or _has_optional_section(tp) for tp, optional in _section_types(cls).values()
+               if dataclasses.is_dataclass(tp))
+
+
+def _with_sections_open(cls: type, obj):
+    """obj with every nested config section set, the optional ones (None by default, their flags hidden) to
+    their defaults, so a parser built from it lists every option a config file could set."""
+    import dataclasses
+    import typing
+
+    from lmforge.cli.common import _field_type
+
+    opened = {}
+    for f in dataclasses.fields(cls):
+        tp, _ = _field_type(typing.get_type_hints(cls)[f.name])
+        if dataclasses.is_dataclass(tp):
+            opened[f.name] = _with_sections_open(tp, getattr(obj, f.name) or tp())
+    return dataclasses.replace(obj, **opened)
+
+
+def _option_parsers(monkeypatch) -> dict:
+    """prog -> the argparse parser of every `lmforge CMD [SUB] --help` that tyro builds."""
+    import importlib
+    import warnings
+
+    import tyro
+    import tyro.extras
+
+    from lmforge.cli import COMMANDS
+
+    parsers = {}
+
+    def capture(cls, *, args=None, default=None, **kw):
+        if _has_optional_section(cls):
+            default = _with_sections_open(cls, default if default is not None else cls())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # get_parser is deprecated; the parser is the same
+            parsers[kw["prog"]] = tyro.extras.get_parser(cls, default=default, **kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tyro, "cli", capture)
+    for name, (module, _) in COMMANDS.items():
+        groups = getattr(importlib.import_module(module), "COMMANDS", None)  # lmforge GROUP SUB
+        for argv in ([[name, sub] for sub in groups] if groups else [[name]]):
+            try:
+                main([*argv, "--help"])
+            except SystemExit:
+                pass
+    return parsers
+
+
+def test_every_option_of_every_command_has_help(monkeypatch, capsys):
+    """`lmforge bench optimizers --help` listed --steps, --seed, ... with only their defaults, `data
+    train-classifier` its --positive/--negative/--out with only "(required)", `train` its --parallel.pp-schedule
+    bare: every option of every command (optional sections opened) says in one line what it sets."""
+    import re
+
+    parsers = _option_parsers(monkeypatch)
+    capsys.readouterr()
+    assert {"lmforge train", "lmforge bench optimizers", "lmforge data train-classifier", "lmforge scaling sweep",
+            "lmforge kto", "lmforge tokenizer stats"} <= set(parsers)
+    flags = {prog: {s for a in p._actions for s in a.option_strings} for prog, p in parsers.items()}
+    assert {"--parallel.pp-schedule", "--model.moe.n-experts", "--model.rope-scaling.beta-fast"} <= flags[
+        "lmforge train"]
+    bare = [f"{prog} {'/'.join(a.option_strings) or a.dest}" for prog, p in parsers.items() for a in p._actions
+            if not re.sub(r"\((default: .*|required)\)$", "", a.help or "", flags=re.S).strip()]
+    assert bare == []
+
+
 def test_train_help_lists_optimizers_and_schedules(capsys):
     from lmforge.optim import OPTIMIZERS, SCHEDULES
 

@@ -101,9 +101,11 @@ class DPOConfig(ReferenceOptions):
 @dataclass(frozen=True, kw_only=True)
 class KTOConfig(ReferenceOptions):
     beta: float = 0.1
+    """scale of the implied reward beta·log(pi/pi_ref) inside the sigmoid (higher: stay closer to the reference)"""
     desirable_weight: float = 1.0
     """lambda_D: raise it when desirable examples are rarer (the paper keeps w_d n_d / (w_u n_u) in [1, 4/3])"""
     undesirable_weight: float = 1.0
+    """lambda_U: the loss weight of undesirable examples"""
     kl: bool = True
     """estimate z0 from mismatched pairs (False: z0 = 0, cheaper)"""
 
@@ -144,6 +146,7 @@ class DistillConfig:
     beta: float = 0.5
     """jsd interpolation (0 < beta < 1)"""
     temperature: float = 1.0
+    """softmax temperature applied to both teacher and student logits before the divergence"""
     weight: float = 1.0
     """weight of the divergence term"""
     sft_weight: float = 0.0
@@ -188,11 +191,13 @@ class PostDataConfig:
     val: tuple[str, ...] = ()
     """validation JSONL files; if empty, the last `val_fraction` of the training records is held out"""
     val_fraction: float = 0.05
+    """share of the training records held out for validation when `val` is empty"""
     template: str = "chatml"
     """chat template (chatml | llama3 | plain); its special tokens must be special tokens of the tokenizer"""
     loss_on: Literal["assistant", "all"] = "assistant"
     """'assistant': loss on assistant turns / completions only; 'all': on every token"""
     seq_len: int = 512
+    """tokens per row (an example longer than this is truncated, see `truncation`)"""
     batch_size: int = 8
     """rows per micro-batch (a packed row holds several examples)"""
     packing: bool = True

@@ -112,17 +112,27 @@ class TrainClassifierArgs:
     (JSONL with a text field, Parquet, or plain text with one example per line)."""
 
     positive: tuple[str, ...]
+    """files of examples of the quality to keep (label 1)"""
     negative: tuple[str, ...]
+    """files of examples to filter out (label 0)"""
     out: str
+    """file the trained classifier is saved to"""
     text_key: str = "text"
+    """the text field of JSONL and Parquet inputs"""
     holdout: float = 0.1
     """share of examples kept aside to report accuracy"""
     buckets: int = 1 << 18
+    """rows of the hashed n-gram embedding table"""
     dim: int = 16
+    """embedding size"""
     ngrams: int = 2
+    """longest word n-gram used as a feature"""
     epochs: int = 5
+    """passes over the training examples"""
     lr: float = 0.5
+    """AdaGrad learning rate"""
     seed: int = 0
+    """seed of the holdout split and of training"""
 
 
 def train_classifier_cmd(argv: list[str]) -> int:

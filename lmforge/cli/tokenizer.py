@@ -76,6 +76,7 @@ class StatsArgs:
     tokenizer: str
     """'byte' or a tokenizer directory or file (any format load_tokenizer reads)"""
     input: tuple[str, ...]
+    """text files to measure on"""
     top: int = 10
     """list the most frequent tokens (0: none)"""
     json: bool = False

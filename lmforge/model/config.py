@@ -23,23 +23,32 @@ class RopeScaling:
     """Context extension of RoPE (lmforge.model.layers.rope). `factor` = new context / original context."""
 
     kind: Literal["linear", "ntk", "dynamic", "yarn", "longrope", "llama3"] = "linear"
+    """how positions beyond the pretraining context are reached: linear (position interpolation), ntk, dynamic
+    (NTK once the context passes model.max_seq_len), yarn, longrope or llama3"""
     factor: float = 1.0
+    """new context / original context"""
     original_max_seq_len: int | None = None
     """pretraining context (YaRN, LongRoPE, Llama-3); None means model.max_seq_len. Dynamic NTK takes none: it
     scales once the context passes model.max_seq_len, as transformers does"""
     beta_fast: float = 32.0
+    """YaRN: frequencies making more rotations than this per original context keep their value"""
     beta_slow: float = 1.0
-    """YaRN ramp bounds in rotations per original context"""
+    """YaRN: frequencies making fewer rotations than this per original context are divided by factor"""
     yarn_truncate: bool = True
+    """YaRN: round the ramp's bounds to whole dimensions (transformers' truncate)"""
     mscale: float = 0.0
+    """DeepSeek's YaRN temperature variant: the numerator's mscale (see mscale_all_dim); 0 = plain YaRN"""
     mscale_all_dim: float = 0.0
     """DeepSeek's YaRN temperature variant: attention factor mscale(factor, mscale)/mscale(factor, all_dim); MLA
     also multiplies its softmax scale by mscale(factor, all_dim)² under every kind, as transformers does"""
     attention_factor: float | None = None
     """cos/sin temperature; None derives it from factor (YaRN: 0.1 ln s + 1; LongRoPE: sqrt(1 + ln s/ln L))"""
     low_freq_factor: float = 1.0
+    """Llama 3: frequencies of wavelength above original context / low_freq_factor are divided by factor"""
     high_freq_factor: float = 4.0
+    """Llama 3: frequencies of wavelength below original context / high_freq_factor are kept"""
     short_factor: tuple[float, ...] | None = None
+    """LongRoPE per-frequency rescale factors within the original context (head_dim/2 of them)"""
     long_factor: tuple[float, ...] | None = None
     """LongRoPE per-frequency rescale factors (head_dim/2 each)"""
 
@@ -62,12 +71,15 @@ class MLAConfig:
     """Multi-head latent attention (DeepSeek-V2 §2.1): keys/values from a shared low-rank latent."""
 
     kv_lora_rank: int = 512
+    """width of the compressed key/value latent, the one vector per token the cache holds"""
     q_lora_rank: int = 0
     """0 = full-rank query projection (DeepSeek-V2-Lite); > 0 compresses the query too"""
     qk_nope_head_dim: int = 128
+    """the part of each query/key head without RoPE, up-projected from the latent"""
     qk_rope_head_dim: int = 64
     """the decoupled RoPE part of each query head and the single shared RoPE key"""
     v_head_dim: int = 128
+    """width of each value head"""
     norm_eps: float | None = None
     """eps of the latent RMSNorms; None = model.norm_eps (DeepSeek-V2/V3 fix them at 1e-6 whatever their
     rms_norm_eps, as transformers does)"""
@@ -85,7 +97,9 @@ class MoEConfig:
     """Token-choice top-k mixture of experts (lmforge.model.layers.moe)."""
 
     n_experts: int = 8
+    """routed experts per MoE layer"""
     top_k: int = 2
+    """experts each token is routed to"""
     d_expert: int | None = None
     """hidden width of each routed expert; None means model.d_ff"""
     n_shared: int = 0
@@ -93,11 +107,13 @@ class MoEConfig:
     shared_gate: bool = False
     """scale the shared experts' output per token by σ(x·w), a learned one-logit gate (Qwen2-MoE)"""
     score: Literal["softmax", "sigmoid"] = "softmax"
+    """router scores: softmax over experts (Mixtral) or per-expert sigmoid (DeepSeek-V3)"""
     norm_topk: bool = True
     """renormalise the selected k weights to sum to 1"""
     routed_scale: float = 1.0
     """multiplier of the routed output (DeepSeek-V3 routed_scaling_factor)"""
     n_groups: int = 1
+    """expert groups for node-limited routing (1 = routing over all experts)"""
     topk_groups: int = 1
     """node-limited routing: keep the best topk_groups of n_groups expert groups (DeepSeek-V2/V3)"""
     group_score: Literal["top2_sum", "max"] = "top2_sum"
@@ -106,7 +122,9 @@ class MoEConfig:
     noisy: bool = False
     """noisy top-k gating (Shazeer et al. 2017): trainable per-expert Gaussian noise while training"""
     router_bias: bool = False
+    """bias on the router's linear layer"""
     expert_bias: bool = False
+    """biases on the experts' linear layers (gpt-oss)"""
     aux_loss: float = 0.0
     """Switch/GShard load-balancing loss weight: E·Σ_i f_i·P_i"""
     z_loss: float = 0.0
@@ -122,6 +140,7 @@ class MoEConfig:
     """> 0: in a training forward each expert takes at most ceil(cf·tokens·k/E) tokens, the rest are dropped
     (evaluation and generation run dropless); 0 = dropless"""
     dispatch: Literal["grouped", "loop"] = "grouped"
+    """'grouped': tokens sorted by expert, one grouped matmul; 'loop': experts one by one (the reference)"""
     gemm: Literal["auto", "torch", "triton", "loop"] = "auto"
     """the grouped dispatch's expert matmuls: 'torch' = torch._grouped_mm, 'triton' = lmforge.kernels.moe,
     'loop' = one matmul per expert (the reference); 'auto' picks per device and dtype (lmforge.model.layers.moe)"""
@@ -161,7 +180,9 @@ class MTPConfig:
     """'sequential': DeepSeek-V3 MTP modules (one block per depth, shared embedding/head);
     'parallel': Gloeckle et al. 2024 independent heads on the shared trunk"""
     depth: int = 1
+    """extra future tokens predicted (t+2 .. t+1+depth)"""
     loss_weight: float = 0.3
+    """λ: the mean of the depths' losses, times this, is added to the next-token loss (DeepSeek-V3 eq. 25)"""
 
     def __post_init__(self) -> None:
         coerce_fields(self, "model.mtp")  # each field's type, named when wrong
@@ -176,9 +197,13 @@ class ModelConfig:
     """the model class built from this config, by its name in lmforge.model.registry.MODELS; None = 'transformer'
     (lmforge's Transformer; None, not the name, so that checkpoints written before the field resume as equal)"""
     vocab_size: int = 50304
+    """rows of the token embedding and the output head (at least the tokenizer's vocabulary)"""
     d_model: int = 768
+    """width of the residual stream"""
     n_layers: int = 12
+    """transformer blocks"""
     n_heads: int = 12
+    """attention query heads (each of head_dim)"""
     n_kv_heads: int | None = None
     """key/value heads: n_heads = MHA, 1 = MQA, between = GQA (None means n_heads)"""
     head_dim: int | None = None
@@ -186,6 +211,7 @@ class ModelConfig:
     d_ff: int | None = None
     """MLP hidden width; None means 4*d_model, or about 8/3*d_model rounded up to 64 for GLU MLPs"""
     max_seq_len: int = 1024
+    """longest context the model serves (and the learned position table's size)"""
     # positions
     pos_emb: Literal["rope", "learned", "sinusoidal", "none"] = "rope"
     """'rope' (Su et al. 2021), 'learned' (GPT-2), 'sinusoidal' (Vaswani et al. 2017) or 'none' (NoPE)"""
@@ -207,12 +233,14 @@ class ModelConfig:
     block: Literal["sequential", "parallel"] = "sequential"
     """'parallel': x + attn(norm(x)) + mlp(norm(x)) from one shared norm (GPT-J, PaLM)"""
     final_norm: bool = True
+    """a norm after the last block, before the output head"""
     # attention
     attention: Literal["mha", "mla"] = "mha"
     """'mha' (multi-, grouped- or multi-query by n_kv_heads) or 'mla' (DeepSeek-V2 latent attention)"""
     mla: MLAConfig | None = None
     """MLA sizes (attention='mla'); None means MLAConfig() defaults"""
     qk_norm: bool = False
+    """RMSNorm on each query and key head before RoPE and attention (OLMo 2, Qwen3)"""
     qkv_bias: bool | None = None
     """bias on the q/k/v projections (Qwen2: there only); None means model.bias"""
     o_bias: bool | None = None
@@ -253,7 +281,10 @@ class ModelConfig:
     embed_scale: float = 1.0
     """token embeddings are multiplied by this (Gemma: sqrt(d_model))"""
     bias: bool = False
+    """biases on the linear layers and norms (GPT-2); qkv_bias and o_bias, when set, override it in attention's
+    projections"""
     dropout: float = 0.0
+    """dropout probability on the embeddings, attention weights and sublayer outputs while training"""
     logit_softcap: float = 0.0
     """output-logit soft-capping; 0 disables"""
     z_loss: float = 0.0

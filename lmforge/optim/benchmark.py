@@ -40,14 +40,21 @@ DEFAULT_LR = {"adamw": 3e-3, "torch_adamw": 3e-3, "lion": 1e-3, "adafactor": 3e-
 @dataclass(frozen=True, kw_only=True)
 class OptimBenchConfig:
     optimizers: tuple[str, ...] = ("adamw", "lion", "adafactor", "shampoo", "soap", "muon", "dion")
+    """optimizers to compare (keys of lmforge.optim.OPTIMIZERS)"""
     depth: int = 2
     """model = ModelConfig.from_depth(depth) with a byte vocabulary (257)"""
     seq_len: int = 64
+    """bytes per training sequence"""
     batch_size: int = 8
+    """sequences per step"""
     steps: int = 200
+    """training steps of every run"""
     warmup_steps: int = 20
+    """linear warmup steps of every run"""
     schedule: str = "cosine"
+    """learning-rate schedule of every run (a key of lmforge.optim.SCHEDULES)"""
     weight_decay: float = 0.0
+    """decoupled weight decay of every run"""
     adam_lr: float = 3e-3
     """Muon/Dion: AdamW rate of embeddings, head and vectors"""
     precondition_frequency: int = 10
@@ -57,21 +64,26 @@ class OptimBenchConfig:
     lr_points: int = 3
     """learning rates per optimizer: centre * lr_factor^k, k = -(lr_points // 2) ..."""
     lr_factor: float = 3.0
+    """ratio between neighbouring learning rates of the grid (> 1)"""
     lrs: tuple[float, ...] = ()
     """explicit learning rates for every optimizer (replaces the centre·factor^k grid)"""
     merge: str = ""
     """results.json of an earlier run on the same data and seed whose runs join this one's summary
     (e.g. to extend one optimizer's sweep past the edge of its grid)"""
     eval_every: int = 20
+    """evaluate the validation loss every N steps"""
     eval_batches: int = 8
+    """validation batches per evaluation"""
     target_loss: float = 0.0
     """loss to time; 0 = the best final validation loss of AdamW (or of the first optimizer)"""
     data: str = ""
     """text file; '' = Python's own sources (tinyshakespeare when the developers' data folder is present)"""
     device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
     threads: int = 1
     """CPU threads for torch (1 is fastest on a shared machine); 0 = torch's default"""
     seed: int = 0
+    """seed of the models and the data order (the same for every optimizer)"""
     time_budget_s: float = 0.0
     """stop starting new runs after this many seconds (0 = no limit); every optimizer's centre learning
     rate runs first, so a cut-off sweep still compares all optimizers"""

@@ -26,6 +26,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     """Adam/Lion/SOAP/Shampoo-graft (b1, b2); Adafactor uses b1 as its momentum (0 = none)"""
     eps: float = 1e-8
+    """added to the denominator of Adam-style updates for numerical stability"""
     weight_decay: float = 0.1
     """decoupled weight decay, applied to matrices, embeddings and head (never to norms, biases)"""
     grad_clip: float = 1.0
@@ -33,6 +34,7 @@ class OptimConfig:
     schedule: str = "cosine"
     """learning-rate schedule, a key of lmforge.optim.SCHEDULES"""
     warmup_steps: int = 0
+    """steps of linear warmup from 0 to the peak learning rate"""
     min_lr_ratio: float = 0.1
     """final learning rate as a fraction of the peak (cosine, linear, WSD)"""
     decay_fraction: float = 0.2

@@ -31,6 +31,8 @@ class ParallelConfig:
     cp: int = 1
     """context-parallel degree: each rank holds seq_len / cp tokens of every sequence"""
     pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """pipeline schedule: 'gpipe' (all forwards, then all backwards) or '1f1b' (forwards and
+    backwards alternate: fewer micro-batches' activations held)"""
     microbatches: int = 0
     """pipeline micro-batches per step; 0 = 2·pp"""
     sequence_parallel: bool = True
@@ -43,6 +45,8 @@ class ParallelConfig:
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """FSDP2's mixed precision (fsdp_units only): the dtype gradients are reduced in"""
     reshard_after_forward: bool = True
+    """FSDP2: free gathered block weights after forward and gather again for backward (ZeRO-3); false keeps them
+    (one all-gather fewer per block, more memory)"""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     """'full': recompute every block; 'selective': keep matmul/attention outputs, recompute the rest"""
     ac_every: int = 1

@@ -65,6 +65,7 @@ class SweepConfig:
     threads: int = 1
     """CPU threads for torch (0 = torch's default)"""
     seed: int = 0
+    """seed of every run's model and data order"""
     dry_run: bool = False
     """print the plan (N, D, steps per run) and stop"""
 

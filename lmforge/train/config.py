@@ -53,7 +53,9 @@ class DataConfig:
     val: tuple[str, ...] = ()
     """validation shards; if empty, the last `val_fraction` of the training tokens is held out"""
     val_fraction: float = 0.1
+    """share of the training tokens held out for validation when `val` is empty"""
     seq_len: int = 256
+    """tokens per training sequence (context length while training)"""
     batch_size: int = 16
     """sequences per micro-batch (tokens per optimizer step = batch_size·seq_len·grad_accum)"""
     sampling: Literal["random", "sequential"] = "random"
@@ -104,17 +106,24 @@ class LoopConfig:
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     run_dir: str = "runs/default"
+    """directory for checkpoints, metrics.jsonl, the resolved config and loss.png"""
     max_steps: int = 1000
+    """optimizer steps to train for"""
     grad_accum: int = 1
+    """micro-batches whose gradients are summed into each optimizer step"""
     eval_every: int = 100
     """evaluate (validation loss / perplexity / bits-per-byte, or the objective's metrics) every N steps and
     at the end"""
     eval_batches: int = 20
+    """validation batches per evaluation"""
     log_every: int = 10
+    """write a metrics row (loss, learning rate, throughput) every N steps"""
     ckpt_every: int = 500
+    """save a checkpoint every N steps (and at the end)"""
     keep_last: int = 2
     """checkpoints kept (older ones are deleted)"""
     seed: int = 1337
+    """seed of the model's initialisation, the data sampling and dropout"""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..."""
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
@@ -142,7 +151,9 @@ class LoopConfig:
     plot: bool = True
     """write loss.png in the run directory at the end (needs matplotlib)"""
     tensorboard: bool = False
+    """also log metrics to TensorBoard in run_dir/tensorboard (needs tensorboard)"""
     wandb: bool = False
+    """also log metrics and the config to Weights & Biases, project 'lmforge' (needs wandb)"""
 
     def __post_init__(self) -> None:
         coerce_fields(self)  # plain dicts for model/data/optim; wrong types name the key

@@ -187,7 +187,8 @@ def _finished(done: Path, run: dict, settings: dict) -> dict | None:
 
 
 def check_inputs(cfg: SweepConfig) -> None:
-    """A typo'd --data, or an --out that is a file, refused before any work (a dry run's plan included)."""
+    """A typo'd --data, or an --out that is a file, refused before any work: run_sweep checks them first, and a
+    dry run before its plan is printed."""
     from lmforge.optim.benchmark import corpus_path
 
     corpus_path(cfg.data)
@@ -195,13 +196,15 @@ def check_inputs(cfg: SweepConfig) -> None:
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> tuple[list[dict], list[dict]]:
-    """Train every planned run (reusing finished ones); returns (table rows, curves)."""
+    """Train every planned run (reusing finished ones); returns (table rows, curves). Everything it can refuse
+    (check_inputs, the device, each run's trainer config, a finished record of another run) is refused before
+    anything is written or trained."""
+    check_inputs(cfg)  # before torch is imported: a typo'd --data is said at once
     import torch
 
     from lmforge.train.trainer import train
     from lmforge.utils import pick_device
 
-    check_inputs(cfg)
     pick_device(cfg.device)
     settings = {k: getattr(cfg, k) for k in RUN_SETTINGS}
     runs = plan(cfg)
@@ -240,8 +243,8 @@ def main_sweep(cfg: SweepConfig) -> list[dict]:
     if not any("left_out" not in r for r in points):
         raise ConfigError("no run of the grid fits [min_steps, max_steps] (each is named above): raise the budgets, "
                           "change the depths, or widen min_steps / max_steps")
-    check_inputs(cfg)
     if cfg.dry_run:
+        check_inputs(cfg)  # (run_sweep checks them itself, once)
         for r in plan(cfg):
             print(f"C={r['budget']:.1e} depth={r['depth']} N={r['N']:,} D={r['D']:,} steps={r['steps']}")
         return []

@@ -401,3 +401,31 @@ def test_sweep_refuses_a_bad_optimizer_or_device_before_writing_its_shards(tmp_p
     assert "optim.name='bogus' is unknown" in capsys.readouterr().err
     assert main(small + ["--device", "nosuch"]) == 2
     assert not (tmp_path / "sw").exists()  # the shards were written (and the data read) before either was refused
+
+
+def test_a_sweep_checks_its_inputs_once_and_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
+    """main_sweep checked --data and --out, then run_sweep checked them again: each path checks them once (a dry run
+    in main_sweep, a sweep in run_sweep, before torch is imported), and a missing --data is one line."""
+    import lmforge.scaling.sweep as sweep
+    from lmforge.cli import main
+
+    calls = []
+    check = sweep.check_inputs
+    monkeypatch.setattr(sweep, "check_inputs", lambda cfg: (calls.append(cfg.out), check(cfg))[1])
+
+    def stop(cfg):  # the first write of a sweep: every check is behind it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "_write_shards", stop)
+    base = dict(budgets=(2e8,), depths=(1,), width=8, min_steps=3, seq_len=16, batch_size=4, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main_sweep(SweepConfig(**base, out=str(tmp_path / "a")))
+    sweep.main_sweep(SweepConfig(**base, out=str(tmp_path / "b"), dry_run=True))
+    assert calls == [str(tmp_path / "a"), str(tmp_path / "b")]
+    capsys.readouterr()
+    assert main(["scaling", "sweep", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    want = (f"lmforge scaling: error: --data {tmp_path / 'missing.txt'}: no such file; give a text file, or leave "
+            "--data out to train on the default text")
+    assert [line for line in err.splitlines() if "error" in line] == [want]
+    assert err.count("no such file") == 1 and "Traceback" not in err and not (tmp_path / "c").exists()

@@ -564,6 +564,25 @@ def test_a_refused_export_prints_its_error_alone_naming_what_the_user_set(tmp_pa
             assert out == "" and f"the mixtral HF layout cannot express {named} " in err and "d_ff" not in err
 
 
+def test_export_of_qkv_biases_without_an_o_bias_names_the_family_that_holds_them(tmp_path, capsys):
+    """--family llama would write one attention_bias for q, k, v and o: refused in one line naming qwen2, which holds
+    q/k/v biases alone; without --family the export picks qwen2 and transformers computes the model's logits."""
+    save_checkpoint(tmp_path / "ckpt", 1, tiny(300, qkv_bias=True, o_bias=False))
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "llama"), "--family", "llama"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("lmforge export: error: save_pretrained: the llama HF layout cannot express "
+                                        "model.o_bias=False (it reads back as True)")
+    assert "export it as qwen2 (family='qwen2'; lmforge export --family qwen2)" in err and "Traceback" not in err
+    assert not (tmp_path / "llama").exists()
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    assert "a HF qwen2 model" in capsys.readouterr().out
+    model, _ = load_model(tmp_path / "ckpt")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
 def test_dora_adapters_cross_to_peft_both_ways(tmp_path, tok):
     """DoRA: `lmforge export --adapter` writes use_dora and each layer's lora_magnitude_vector, which PEFT loads
     to the lmforge model's logits; load_model opens that directory, and one PEFT made, as lmforge DoRA layers

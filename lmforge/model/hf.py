@@ -455,21 +455,39 @@ def _first_difference(mine: dict, theirs: dict) -> tuple[str, object, object] | 
     return None
 
 
-def _refuse_inexpressible(cfg: ModelConfig, hf_cfg: dict, fam: str) -> None:
-    """What the family's config.json cannot say is lost in an export, and transformers would compute
-    something else: the config must read back (config_from_hf) as the same model, else the first field
-    that differs is named."""
+def _inexpressible(cfg: ModelConfig, hf_cfg: dict, fam: str) -> str | None:
+    """What of `cfg` the family's config.json `hf_cfg` cannot say (it would not read back, config_from_hf, as the
+    same model), in words; None when it reads back whole."""
     try:
         back = config_from_hf(hf_cfg)
     except ConfigError as e:
-        raise ConfigError(f"save_pretrained: the {fam} HF layout cannot express this model ({e}); save an "
-                          "lmforge checkpoint instead, or choose another family= (lmforge export --family)") from None
+        return f"this model ({e})"
     diff = _first_difference(_math_view(cfg), _math_view(back))
-    if diff:
-        name, a, b = diff
-        raise ConfigError(f"save_pretrained: the {fam} HF layout cannot express model.{name}={a!r} (it reads back "
-                          f"as {b!r}), so transformers would compute something else; save an lmforge checkpoint "
-                          "instead, or choose another family= (lmforge export --family)")
+    if diff is None:
+        return None
+    name, a, b = diff
+    return f"model.{name}={a!r} (it reads back as {b!r})"
+
+
+def expressing_families(cfg: ModelConfig) -> list[str]:
+    """The families whose config.json reads back as `cfg`: those an export keeps the model whole in."""
+    return [f for f in FAMILIES if _inexpressible(cfg, config_to_hf(cfg, f), f) is None]
+
+
+def _refuse_inexpressible(cfg: ModelConfig, hf_cfg: dict, fam: str) -> None:
+    """What the family's config.json cannot say is lost in an export, and transformers would compute
+    something else: the config must read back (config_from_hf) as the same model, else the first field
+    that differs is named, with the families that can say it (Llama's one attention_bias cannot hold q/k/v
+    biases without an o_proj bias; Qwen2's can), or that none can."""
+    problem = _inexpressible(cfg, hf_cfg, fam)
+    if problem is None:
+        return
+    others = [f for f in expressing_families(cfg) if f != fam]
+    fix = (f"export it as {' or '.join(others)} (family={others[0]!r}; lmforge export --family {others[0]}), or "
+           "save an lmforge checkpoint instead" if others else
+           "no HF family lmforge writes can express it: save an lmforge checkpoint instead")
+    raise ConfigError(f"save_pretrained: the {fam} HF layout cannot express {problem}, so transformers would compute "
+                      f"something else; {fix}")
 
 
 def _refuse_dropped_state(model, rules, fam: str) -> None:

@@ -140,6 +140,43 @@ def test_export_refuses_what_the_family_config_cannot_say(tmp_path, change, fiel
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("qkv_bias, o_bias, family, refused", [
+    (True, False, "llama", "model.o_bias=False (it reads back as True), so transformers would compute something else; "
+                           "export it as qwen2 (family='qwen2'; lmforge export --family qwen2), or save an lmforge "
+                           "checkpoint instead"),
+    (False, True, None, "model.o_bias=True (it reads back as False), so transformers would compute something else; no "
+                        "HF family lmforge writes can express it: save an lmforge checkpoint instead"),
+    (True, False, "qwen2", None), (True, True, "llama", None), (True, False, None, None)])
+def test_attention_biases_export_where_a_family_holds_them_and_are_refused_with_the_one_that_does(
+        tmp_path, qkv_bias, o_bias, family, refused):
+    """Llama's config.json has one attention_bias for q, k, v and o: q/k/v biases without an o_proj bias (or the
+    reverse) cannot be said there, and are refused naming the family that can (Qwen2: q/k/v only) or that none
+    can; where a family holds them, the export reloads, in lmforge and in transformers, to the same logits."""
+    import dataclasses
+
+    from lmforge.model.hf import save_pretrained
+
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(CFG, qkv_bias=qkv_bias, o_bias=o_bias)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()  # biases that matter, so that one dropped changes the logits
+    if refused:
+        with pytest.raises(ConfigError) as e:
+            save_pretrained(model, tmp_path / "x", family=family)
+        assert str(e.value) == f"save_pretrained: the {family or 'llama'} HF layout cannot express {refused}"
+        assert not (tmp_path / "x").exists()
+        return
+    save_pretrained(model, tmp_path / "x", family=family)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "x")(ids), model(ids))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "x", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("family, qk_norm", [("mixtral", False), ("qwen3_moe", True)])
 def test_export_refuses_mixed_windows_in_families_that_slide_on_every_layer(tmp_path, family, qk_norm):
     """Mixtral and Qwen3-MoE apply config.sliding_window to every layer (no layer_types): a model with full and

@@ -381,3 +381,23 @@ def test_a_config_file_given_the_other_commands_way_is_named_with_the_usage(argv
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and "Unrecognized" not in err and "Missing value" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "runs/demo", "--max-tokens", "5"], "lmforge sample: error: the checkpoint is given with "
+                                                   "--checkpoint, not as a positional argument: lmforge sample "
+                                                   "--checkpoint runs/demo [options]"),
+    (["chat", "runs/demo"], "lmforge chat: error: the checkpoint is given with --checkpoint, not as a positional "
+                            "argument: lmforge chat --checkpoint runs/demo [options]"),
+    (["scaling", "fit", "runs.csv"], "lmforge scaling: error: no positional argument is taken, got 'runs.csv': options "
+                                     "are flags (--name value; lmforge scaling fit --help lists them)"),
+])
+def test_a_positional_argument_to_a_command_of_flags_names_the_flag(argv, message, capsys):
+    """`lmforge sample runs/demo` (as `lmforge export runs/demo OUT` is written) was tyro's box calling the path an
+    unrecognized option beside a missing --checkpoint: one line naming the flag the value wants."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message + "\n") and "Unrecognized" not in err
+    with pytest.raises(SystemExit):  # --help still answers
+        main([*argv, "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: lmforge {' '.join(argv[:2 if argv[0] == 'scaling' else 1])}")

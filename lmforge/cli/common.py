@@ -142,6 +142,30 @@ def refuse_flag_for_positional(argv: list[str], flags: tuple[str, ...], usage: s
         raise ConfigError(f"this command takes {flag}'s value as a positional argument, without the flag: {usage}")
 
 
+def refuse_bare_word(cls: type, argv: list[str], prog: str, given: dict) -> None:
+    """A first argument that is no flag, to a command that takes no positional argument (`lmforge sample runs/demo`,
+    as `lmforge export runs/demo OUT` takes it), is a one-line error naming the flag its value wants; tyro called the
+    path an unrecognized option beside a missing --checkpoint. `given`: the values a --config file set."""
+    import dataclasses
+    import typing
+
+    import tyro
+
+    if not argv or argv[0].startswith("-") or "-h" in argv or "--help" in argv:
+        return
+    hints = typing.get_type_hints(cls, include_extras=True)
+    if any(tyro.conf.Positional in getattr(tp, "__metadata__", ()) for tp in hints.values()):
+        return
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in {**given, **_required_flags(cls, argv)}]
+    if len(missing) == 1:
+        flag = f"--{missing[0].replace('_', '-')}"
+        raise ConfigError(f"the {missing[0]} is given with {flag}, not as a positional argument: {prog} {flag} "
+                          f"{argv[0]} [options]")
+    raise ConfigError(f"no positional argument is taken, got {argv[0]!r}: options are flags (--name value; {prog} "
+                      "--help lists them)")
+
+
 def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
@@ -158,6 +182,7 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
         if path is not None:
             data = read_config_file(path)
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
+    refuse_bare_word(cls, argv, prog, given=data)
     optional = [n for n, tp in _section_types(cls).items() if tp[1]]
     if optional:  # their flags are hidden while they are None (tyro lists a section only once it is set)
         description += "\n\n" + " ".join(f"--{n}.FIELD flags (or a [{n}] table) turn the {n} section on."

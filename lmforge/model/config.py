@@ -281,8 +281,8 @@ class ModelConfig:
     embed_scale: float = 1.0
     """token embeddings are multiplied by this (Gemma: sqrt(d_model))"""
     bias: bool = False
-    """biases on the linear layers and norms (GPT-2); qkv_bias and o_bias, when set, override it in attention's
-    projections"""
+    """biases on the linear layers and norms (GPT-2); qkv_bias and o_bias, when set, override it in
+    attention's projections"""
     dropout: float = 0.0
     """dropout probability on the embeddings, attention weights and sublayer outputs while training"""
     logit_softcap: float = 0.0

@@ -31,8 +31,7 @@ class ParallelConfig:
     cp: int = 1
     """context-parallel degree: each rank holds seq_len / cp tokens of every sequence"""
     pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
-    """pipeline schedule: 'gpipe' (all forwards, then all backwards) or '1f1b' (forwards and
-    backwards alternate: fewer micro-batches' activations held)"""
+    """pipeline schedule: 'gpipe' (all forwards, then all backwards) or '1f1b' (less activation memory)"""
     microbatches: int = 0
     """pipeline micro-batches per step; 0 = 2·pp"""
     sequence_parallel: bool = True

@@ -42,7 +42,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Iterable
 
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.byte import FILE_NAME, end_of_text, without_surrogates
 from lmforge.tokenizer.formats import _hf_added_specials, _read_json, hf_eos_token
 from lmforge.tokenizer.pretokenize import special_regex
@@ -395,7 +395,8 @@ class SentencePieceBPE:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         if where not in WHERE:
-            raise ValueError(f"where={where!r} is not one of {WHERE}")
+            raise ConfigError(f"where={where!r} is not one of {', '.join(map(repr, WHERE))}: 'input' (the text opens "
+                              "an input), 'split' (it follows an added token), 'inside' (it continues the text before)")
         raw, norm = self._tables[ordinary]
         out: list[int] = []
         for seg, start, added in self._split_added(without_surrogates(text), raw):  # (1:1 in characters)

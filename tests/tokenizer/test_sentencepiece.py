@@ -268,3 +268,13 @@ def test_a_completion_after_a_prompt_cut_inside_a_character_shows_the_same_text_
         d = StreamDecoder(t, special_ids(tok), context)
         texts += ["".join(d.push(i) for i in ids) + d.flush(), decode_after(t, context, ids)]
     assert texts == ["\ufffd the end"] * 4
+
+
+def test_an_unknown_where_is_refused_in_one_line_naming_the_allowed_ones():
+    # (a bare ValueError, not a lmforge error a caller catches as the user's input)
+    from lmforge.errors import ConfigError
+
+    tok = SentencePieceBPE(sp_doc())
+    for encode in (tok.encode, tok.encode_ordinary, tok.encode_ordinary_spans):
+        with pytest.raises(ConfigError, match=r"^where='middle' is not one of 'input', 'split', 'inside': 'input' "):
+            encode("the king", where="middle")

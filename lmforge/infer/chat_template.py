@@ -6,7 +6,8 @@ Each template is a small frozen dataclass of strings, so new formats are data, n
   chatml   <|im_start|>role\\ncontent<|im_end|>\\n ... <|im_start|>assistant\\n      (OpenAI ChatML, Qwen)
   llama3   <|begin_of_text|><|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> ...  (Llama 3)
   plain    "User: ...\\nAssistant: ..." for base models and byte-level toy models
-A HF checkpoint's own Jinja template (JinjaTemplate) is rendered with jinja2, for generation.
+A HF checkpoint's own Jinja template (JinjaTemplate) is rendered with jinja2, for generation. OpenAI's "developer"
+role is kept for a template that names it (gpt-oss's) and written as "system" by any other (DEVELOPER).
 
 Generation front ends (LLM.chat, a server on an Engine) build each conversation's request with chat_request
 (the template's stops added, the seed derived for a batch index), the template from choose_template and
@@ -27,6 +28,10 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.tokenizer.load import takes_where
 
 ROLES = ("system", "user", "assistant", "tool")
+DEVELOPER = "developer"
+"""OpenAI's role for the instructions a system message used to give: a template that writes it as its own role
+(gpt-oss's Harmony format: `knows_developer`) gets it as it is; any other template gets it as a "system" message,
+as OpenAI's API itself treats a developer message for models that predate the role"""
 MARKER = re.compile(r"<\|[^|]*\|>")
 """a template's special-token markers (<|im_start|>, <|eot_id|>, ...): each must be one token of the tokenizer"""
 
@@ -52,6 +57,19 @@ class ChatTemplate:
 
     def role(self, role: str) -> str:
         return dict(self.role_names).get(role, role)
+
+    @property
+    def knows_developer(self) -> bool:
+        """Whether this template writes a "developer" message as its own role (DEVELOPER); the built-in ones do not:
+        they write it as a "system" message."""
+        return False
+
+    def _as_known_roles(self, messages: list[dict]) -> list[dict]:
+        """`messages` with a developer message as a system one where this template does not know the role (DEVELOPER);
+        the caller's dicts are not changed."""
+        if self.knows_developer or not any(isinstance(m, dict) and m.get("role") == DEVELOPER for m in messages):
+            return messages
+        return [dict(m, role="system") if isinstance(m, dict) and m.get("role") == DEVELOPER else m for m in messages]
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool | None = None,
                continue_final_message: bool = False, *, tools: list[dict] | None = None,
@@ -164,10 +182,11 @@ class ChatTemplate:
                 raise ConfigError("continue_final_message needs the conversation to end with the assistant's "
                                   f"partial message to continue; its last message is {last!r}")
         out = [Piece(self.bos, False, False)] if self.bos else []
-        for i, m in enumerate(messages):
+        for i, m in enumerate(self._as_known_roles(messages)):
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
-                raise ConfigError(f"message {i} has role {role!r}; choose one of {ROLES}")
+                raise ConfigError(f"message {i} has role {role!r}; choose one of {ROLES} (or {DEVELOPER!r}, written "
+                                  "as 'system')")
             if m.get("tool_calls"):  # (OpenAI's assistant tool calls: only a model's own Jinja knows its syntax)
                 raise ConfigError(f"message {i} has tool_calls, which the built-in chat template {self.name!r} cannot "
                                   "write: use a checkpoint's own Jinja template (JinjaTemplate), or put the call in "
@@ -193,6 +212,7 @@ class ChatTemplate:
         render(messages, continue_final_message=True) does (tests/infer/test_chat_continue.py)."""
         q = json.dumps
         headers = ", ".join(f"{q(r)}: {q(self.header.format(role=self.role(r)))}" for r in ROLES)
+        headers += f", {q(DEVELOPER)}: {q(self.header.format(role=self.role('system')))}"  # (DEVELOPER)
         unknown = " ~ ".join([q("message "), "loop.index0", q(" has role '"), "message['role']",
                               q(f"'; choose one of {', '.join(ROLES)}")])
         return "".join([
@@ -262,7 +282,7 @@ class JinjaTemplate(ChatTemplate):
         if continue_final_message and opens:
             raise ConfigError("continue_final_message continues the last assistant message and "
                               "add_generation_prompt opens a new turn: pass add_generation_prompt=False")
-        messages = [dict(m) for m in messages]
+        messages = [dict(m) for m in self._as_known_roles(messages)]
         tag = "\x00lmforge-continue\x00"  # cut after the last content: what transformers does with its own tag
         if continue_final_message:
             if not messages or not isinstance(messages[-1].get("content"), str):
@@ -305,6 +325,12 @@ class JinjaTemplate(ChatTemplate):
         text = self.render(messages, add_generation_prompt, continue_final_message, tools=tools,
                            documents=documents, **template_kwargs)
         return text, tokenizer.encode(text)
+
+    @property
+    def knows_developer(self) -> bool:
+        """Whether the Jinja mentions the "developer" role (gpt-oss's does): then it gets developer messages as they
+        are, else as system messages (DEVELOPER)."""
+        return DEVELOPER in self.source
 
     def segments(self, messages, add_generation_prompt: bool = False, continue_final_message: bool = False):
         raise ConfigError(f"chat template {self.name!r} is the checkpoint's own Jinja: it renders prompts for "

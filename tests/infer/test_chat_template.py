@@ -113,9 +113,37 @@ def test_stop_token_ids_are_the_markers_the_tokenizer_has_as_special_tokens():
     ends = {258: 4.0, ord("a"): 3.0}  # "a" a few times, then the end-of-turn token wins
     with torch.no_grad():
         llm = LLM(model, quiet)
-        by_string = llm.generate(ids, SamplingParams(temperature=0, max_tokens=40, stop=chatml.stop, logit_bias=ends))[0]
+        by_string = llm.generate(ids, SamplingParams(temperature=0, max_tokens=40, stop=chatml.stop,
+                                                     logit_bias=ends))[0]
         by_id = llm.generate(ids, SamplingParams(temperature=0, max_tokens=40, stop=chatml.stop,
                                                  stop_token_ids=chatml.stop_token_ids(quiet), logit_bias=ends))[0]
     assert 258 in by_string.token_ids and by_string.finish_reason == "length"  # ran past the end of its turn
     assert by_id.token_ids[-1] == 258 and by_id.finish_reason == "stop"
     assert by_id.text == by_string.text[:len(by_id.text)]
+
+
+def test_developer_role_is_system_unless_the_template_knows_it():
+    """OpenAI's "developer" role: a template that does not name it (the built-ins, a Qwen-style Jinja) writes it as
+    "system", as OpenAI's API does for models that predate it (it was refused, or reached the Jinja as an unknown
+    role); a Jinja that names it (gpt-oss's) gets it as it is. The exported Jinja renders it as render() does."""
+    from lmforge.infer.chat_template import JinjaTemplate
+
+    dev = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    as_system = [dict(dev[0], role="system"), dev[1]]
+    for name in ("chatml", "llama3", "plain"):
+        t = get_template(name)
+        assert t.render(dev) == t.render(as_system) and "Be brief." in t.render(dev)
+        exported = JinjaTemplate(name="exported", source=t.jinja())
+        assert exported.render(dev) == t.render(as_system)
+    qwen = JinjaTemplate(name="qwen", source="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                                             "<|im_end|>\n{% endfor %}")
+    assert qwen.render(dev).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
+    harmony = JinjaTemplate(name="gpt-oss", source="{% for m in messages %}{% if m['role'] == 'developer' %}"
+                                                   "<|start|>developer<|message|># Instructions\n{{ m['content'] }}"
+                                                   "{% else %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}"
+                                                   "{% endif %}<|end|>{% endfor %}")
+    assert harmony.render(dev) == ("<|start|>developer<|message|># Instructions\nBe brief.<|end|>"
+                                   "<|start|>user<|message|>Hi<|end|>")
+    assert dev[0]["role"] == "developer"  # (the caller's messages are not changed)
+    with pytest.raises(ConfigError, match="message 0 has role 'boss'"):
+        get_template("chatml").render([{"role": "boss", "content": "x"}])

@@ -318,23 +318,17 @@ class TokenizerFiles:
     """a byte tokenizer's: special tokens' text is never parsed as them (HF's split_special_tokens)"""
 
     def write(self, path: Path) -> None:
-        from lmforge.utils import write_json_atomic
-
         if self.tok is None:
             return
-        self.tok.save_hf(path)
         names = {i: s for s, i in self.tok.special_tokens.items()}
-        conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.max_len,
-                "clean_up_tokenization_spaces": False}  # decode as lmforge does: no spaces removed
-        if self.eos and self.eos[0] in names:
+        conf = {"model_max_length": self.max_len}
+        if self.eos and self.eos[0] in names:  # (the model's own end of sequence)
             conf["eos_token"] = names[self.eos[0]]
         # a HF checkpoint's own Jinja reads its config's bos_token, eos_token, ...: written as they were
         conf.update(getattr(self.template, "tokens", ()))
         if self.byte:
             conf["split_special_tokens"] = True
-        if self.template is not None:
-            conf["chat_template"] = self.template.jinja()
-        write_json_atomic(path / "tokenizer_config.json", conf)
+        self.tok.save_hf(path, chat_template=self.template, config=conf)  # (tokenizer_config.json too)
 
     def summary(self) -> str:
         if self.tok is None:

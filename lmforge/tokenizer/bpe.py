@@ -432,11 +432,12 @@ class Tokenizer:
         """Import a byte-level BPE `tokenizer.json` (or a directory holding one)."""
         return cls(**formats.read_hf(path))
 
-    def save_hf(self, path: str | Path) -> Path:
+    def save_hf(self, path: str | Path, *, chat_template=None, config: dict | None = None) -> Path:
         """Export `tokenizer.json` that HF `tokenizers` loads and encodes to the same ids (its encode's default
         add_special_tokens=True as this encode(text, add_special_tokens=True): prefix/suffix tokens in the
-        post_processor)."""
-        return formats.write_hf(self, path)
+        post_processor), and the tokenizer_config.json beside it that keeps eos_token, bos_token and a chat
+        template (formats.write_hf_config); the tokenizer.json's path."""
+        return formats.write_hf(self, path, formats.hf_tokenizer_json(self), chat_template, config)
 
     @classmethod
     def from_tiktoken(cls, path: str | Path, special_tokens: dict[str, int] | None = None,

@@ -308,11 +308,39 @@ def _hf_post_processor(tok) -> dict[str, Any]:
         "type": "TemplateProcessing", "single": template("A"), "pair": template("A", "B"), "special_tokens": ids}]}
 
 
-def write_hf(tok, path: str | Path) -> Path:
+HF_CONFIG = "tokenizer_config.json"
+
+
+def write_hf(tok, path: str | Path, doc: dict[str, Any], chat_template=None, config: dict | None = None) -> Path:
+    """Write a tokenizer's tokenizer.json `doc` (into the directory `path`, or the .json file `path`) and the
+    tokenizer_config.json beside it (write_hf_config); the tokenizer.json's path."""
     path = Path(path)
     target = path / "tokenizer.json" if path.suffix != ".json" else path
-    write_json_atomic(target, hf_tokenizer_json(tok))
+    write_json_atomic(target, doc)
+    write_hf_config(tok, target.parent / HF_CONFIG, chat_template, config)
     return target
+
+
+def write_hf_config(tok, path: Path, chat_template=None, config: dict | None = None) -> None:
+    """tokenizer_config.json: what tokenizer.json cannot hold, which HF's AutoTokenizer and lmforge's readers
+    (hf_eos_token, checkpoint.hf_chat_template) take from beside it: eos_token, the token eot_id names (without it
+    a Llama-3-Instruct tokenizer read back ends texts at <|end_of_text|>, not <|eot_id|>), bos_token (the first
+    prefix token), and `chat_template` (Jinja, or a ChatTemplate: its jinja()) where given. A config already there
+    keeps the keys this does not set (a model directory's own chat template); `config`: more keys, set last."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    names = {i: s for s, i in (getattr(tok, "added_tokens", None) or tok.special_tokens).items()}
+    conf = {**(old if isinstance(old, dict) else {}), "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False}  # (decode as lmforge does: no spaces removed)
+    if tok.eot_id in names:
+        conf["eos_token"] = names[tok.eot_id]
+    if tok.prefix_tokens:
+        conf["bos_token"] = tok.prefix_tokens[0]
+    if chat_template is not None:
+        conf["chat_template"] = chat_template if isinstance(chat_template, str) else chat_template.jinja()
+    write_json_atomic(path, {**conf, **(config or {})})
 
 
 def _hf_regex(pattern: str) -> str:

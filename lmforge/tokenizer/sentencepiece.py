@@ -44,7 +44,7 @@ from typing import Any, Iterable
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer.byte import FILE_NAME, end_of_text, without_surrogates
-from lmforge.tokenizer.formats import _hf_added_specials, _read_json, hf_eos_token
+from lmforge.tokenizer.formats import _hf_added_specials, _read_json, hf_eos_token, write_hf
 from lmforge.tokenizer.pretokenize import special_regex
 from lmforge.utils import write_json_atomic
 
@@ -623,12 +623,11 @@ class SentencePieceBPE:
         self.path = target.resolve()
         return target
 
-    def save_hf(self, path: str | Path) -> Path:
-        """Write the tokenizer.json it was read from (into the directory `path`, or the .json file `path`)."""
-        path = Path(path)
-        target = path / "tokenizer.json" if path.suffix != ".json" else path
-        write_json_atomic(target, self.doc)
-        return target
+    def save_hf(self, path: str | Path, *, chat_template=None, config: dict | None = None) -> Path:
+        """Write the tokenizer.json it was read from (into the directory `path`, or the .json file `path`) and the
+        tokenizer_config.json beside it that keeps eos_token, bos_token and a chat template
+        (formats.write_hf_config); the tokenizer.json's path."""
+        return write_hf(self, path, self.doc, chat_template, config)
 
     @classmethod
     def from_hf(cls, path: str | Path, doc: dict | None = None) -> "SentencePieceBPE":

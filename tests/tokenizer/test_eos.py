@@ -93,3 +93,44 @@ def test_shards_separate_documents_at_endoftext_and_at_llama3s_end_of_text(tmp_p
     ids = np.asarray(TokenFile(rep.shards["train"]).tokens).tolist()
     want = [i for d in docs for i in (tok.eot_id, *tok.encode_ordinary(d))]
     assert ids == want and rep.docs["train"] == 3
+
+
+def test_save_hf_round_trip_keeps_eos_bos_chat_template_and_added_tokens(tmp_path):
+    """save_hf wrote tokenizer.json alone: the eos_token (<|eot_id|>, not the first of EOT_NAMES) and a chat template
+    were lost when the tokenizer was read back, by lmforge and by transformers. Now tokenizer_config.json holds
+    them beside it; added tokens (a non-special one too) and the BOS of the post_processor come back as they were."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.infer.chat_template import get_template
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    src = load_tokenizer(_llama3_dir(tmp_path / "src"))
+    d = src.to_dict()
+    d["special_tokens"]["<think>"] = src.vocab_size
+    tok = Tokenizer.from_dict({**d, "prefix_tokens": [LLAMA3[0]], "eos_token": "<|eot_id|>",
+                               "non_special": ["<think>"]})
+    llama3 = get_template("llama3")
+    tok.save_hf(tmp_path / "hf", chat_template=llama3)
+    back = load_tokenizer(tmp_path / "hf")
+    assert back.eot_id == tok.eot_id == 2 and back.bos_id == tok.bos_id == 0
+    assert back.special_tokens == tok.special_tokens and back.non_special == ("<think>",)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf.eos_token, hf.eos_token_id, hf.bos_token) == ("<|eot_id|>", 2, LLAMA3[0])
+    msgs = [{"role": "user", "content": "the cat"}]
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == llama3.render(msgs)
+    # a config already there keeps what save_hf does not set (a model directory's own template)
+    tok.save_hf(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == llama3.jinja()
+
+
+def test_sentencepiece_save_hf_round_trip_keeps_eos_and_bos(tmp_path):
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+
+    doc = sp_doc()
+    eot = added(doc, "<|endoftext|>")  # the first of EOT_NAMES: the end of text when no config names </s>
+    tok = SentencePieceBPE(doc, eos_token="</s>")
+    path = tok.save_hf(tmp_path / "hf")
+    back = load_tokenizer(tmp_path / "hf")
+    assert back.eot_id == tok.eot_id == 2 != eot and back.bos_id == tok.bos_id == 1
+    assert back.added_tokens == tok.added_tokens and json.loads(path.read_text()) == doc
+    conf = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert (conf["eos_token"], conf["bos_token"]) == ("</s>", "<s>")

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from lmforge.cli.sampling import (Sampling, normalize_argv, past_context_notice, sampling_field, top_logprobs_rows,
-                                  unescape)
+from lmforge.cli.sampling import (Sampling, completion_rows, normalize_argv, past_context_notice, sampling_field,
+                                  top_logprobs_rows, unescape)
 from lmforge.config import check
+from lmforge.infer.detok import special_ids
 from lmforge.errors import DataError, LmforgeError
 from lmforge.utils import output_path_problem, read_utf8
 
@@ -133,12 +134,13 @@ def result_row(r, sp, tok) -> dict:
     row = {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
     if sp.logprobs is not None:
         row["logprobs"] = r.logprobs
-        row["top_logprobs"] = top_logprobs_rows(tok, r.outputs[0].top_logprobs)
+        row["top_logprobs"] = completion_rows(tok, r, r.outputs[0], sp)
     if sp.prompt_logprobs is not None:  # per prompt token after the first: itself and the top k
-        row["prompt_logprobs"] = [None] + top_logprobs_rows(tok, r.prompt_logprobs[1:])
+        row["prompt_logprobs"] = top_logprobs_rows(tok, r.prompt_logprobs, ids=r.prompt_token_ids,
+                                                   skip=special_ids(tok))  # (a BOS is no text before)
     if sp.n > 1 or sp.beam_width > 1:  # every sample, with its own log-probs when asked for
         row["samples"] = [{"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
-                           **({"logprobs": o.logprobs, "top_logprobs": top_logprobs_rows(tok, o.top_logprobs)}
+                           **({"logprobs": o.logprobs, "top_logprobs": completion_rows(tok, r, o, sp)}
                               if sp.logprobs is not None else {})} for o in r.outputs]
     return row
 

@@ -8,9 +8,10 @@ Every `SamplingParams` field is a flag (`lmforge sample --help` lists them); `--
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from lmforge.cli.sampling import Sampling, normalize_argv, past_context_notice, sampling_field, top_logprobs_rows
+from lmforge.cli.sampling import Sampling, completion_rows, normalize_argv, past_context_notice, sampling_field
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,12 +31,15 @@ class SampleConfig:
     """'cpu', 'cuda', 'cuda:1', ... or 'auto'"""
 
 
-def print_logprobs(tok, output) -> None:
-    """One line per generated token: its log-probability and the K most likely alternatives."""
-    rows = top_logprobs_rows(tok, output.top_logprobs) or [[] for _ in output.token_ids]
-    for t, lp, top in zip(output.token_ids, output.logprobs or [], rows):
+def print_logprobs(tok, out, sample, sp) -> None:
+    """One line per generated token of `sample` (a CompletionOutput of the RequestOutput `out`): its text, its
+    log-probability and the K most likely alternatives, each token's text as it continues the text before it."""
+    rows = completion_rows(tok, out, sample, sp) or [[] for _ in sample.token_ids]
+    chosen = completion_rows(tok, out, dataclasses.replace(sample, top_logprobs=[{t: 0.0} for t in sample.token_ids]),
+                             sp)
+    for mine, lp, top in zip(chosen, sample.logprobs or [], rows):
         alts = ", ".join(f"{r['token']!r} {r['logprob']:.3f}" for r in top)
-        print(f"  {tok.decode([t])!r:>12} {lp:8.3f}" + (f"   top: {alts}" if alts else ""))
+        print(f"  {mine[0]['token']!r:>12} {lp:8.3f}" + (f"   top: {alts}" if alts else ""))
 
 
 def main(argv: list[str]) -> int:
@@ -51,5 +55,5 @@ def main(argv: list[str]) -> int:
         print(f"--- sample {i + 1}/{len(out.outputs)} ({len(o.token_ids)} tokens, {o.finish_reason}) ---")
         print(prompt + o.text)
         if sp.logprobs is not None:
-            print_logprobs(llm.tokenizer, o)
+            print_logprobs(llm.tokenizer, out, o, sp)
     return 0

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Iterator
 
 import tyro
 
+from lmforge.infer.detok import continuation_context, special_ids, token_texts
 from lmforge.infer.sampling import SamplingParams
 
 CLI_TEMPERATURE = 0.8
@@ -98,10 +99,23 @@ def past_context_notice(llm, prompt_lengths: list[int], sp: SamplingParams) -> I
         yield
 
 
-def top_logprobs_rows(tok, top: list[dict[int, float] | None] | None) -> list[list[dict[str, Any]] | None] | None:
-    """Per token, its K most likely alternatives as [{"id", "token", "logprob"}], best first (None stays None)."""
+def top_logprobs_rows(tok, top: list[dict[int, float] | None] | None, context: list[int] = (), ids: list[int] = (),
+                      skip=frozenset()) -> list[list[dict[str, Any]] | None] | None:
+    """Per token, its K most likely alternatives as OpenAI's [{"id", "token", "bytes", "logprob"}], best first (None
+    stays None): each token's text as it continues context + the ids before it (lmforge.infer.detok.token_texts:
+    a completion's continuation_context and token_ids, or no context and a prompt's ids)."""
     if top is None:
         return None
-    return [None if step is None else  # (prompt positions before prompt_logprobs_start)
-            [{"id": int(i), "token": tok.decode([int(i)]), "logprob": float(lp)}
-             for i, lp in sorted(step.items(), key=lambda kv: -kv[1])] for step in top]
+    ranked = [None if step is None else sorted(step.items(), key=lambda kv: -kv[1]) for step in top]
+    texts = token_texts(tok, list(context), list(ids), [None if r is None else [i for i, _ in r] for r in ranked], skip)
+    return [None if r is None else  # (prompt positions before prompt_logprobs_start)
+            [{"id": i, "token": text, "bytes": raw, "logprob": float(lp)} for (i, text, raw), (_, lp) in zip(t, r)]
+            for r, t in zip(ranked, texts)]
+
+
+def completion_rows(tok, out, sample, sp) -> list[list[dict[str, Any]] | None] | None:
+    """top_logprobs_rows of one sample (a CompletionOutput) of the RequestOutput `out`, generated with `sp`: its
+    texts continue the prompt as the sample's own text does (continuation_context)."""
+    specials = special_ids(tok)
+    return top_logprobs_rows(tok, sample.top_logprobs, continuation_context(out.prompt_token_ids or [], specials),
+                             sample.token_ids, specials if sp.skip_special_tokens else frozenset())

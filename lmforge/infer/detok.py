@@ -123,6 +123,43 @@ def decode_after(tokenizer, context: list[int], ids: list[int]) -> str:
     return whole[len(head):] if whole.startswith(head) else safe_decode(tokenizer, ids)
 
 
+def token_text(tokenizer, before: list[int], token: int) -> tuple[str, list[int] | None]:
+    """What `token` adds to a text after the ids `before` (a completion's continuation_context and the tokens before
+    it; only the last CONTEXT_IDS are read), and its bytes: OpenAI's logprobs "token" and "bytes" of a top-k
+    alternative, made as the completion's own text is (StreamDecoder), so a SentencePiece "▁the" after text keeps its
+    space (decoded alone it loses it). A token whose bytes are no whole UTF-8 text (one byte of a character split
+    over tokens) reads as those bytes escaped ("\\xe6\\x97"), as OpenAI's API shows them, never U+FFFD, and `bytes`
+    holds them. A tokenizer that gives no token bytes (decoded in a window: decode_after) gives None for bytes where
+    its text shows U+FFFD (the bytes are not known)."""
+    token = int(token)
+    if callable(getattr(tokenizer, "token_bytes", None)):
+        raw = tokenizer.token_bytes(token)
+    elif getattr(tokenizer, "streamable", False):
+        raw = tokenizer.stream_bytes(token, not before)
+        if not before and getattr(tokenizer, "stream_lead", None):  # (the text's start loses its lead: _strip_lead)
+            char, n = tokenizer.stream_lead
+            while n and raw.startswith(char.encode()):
+                raw, n = raw[len(char.encode()):], n - 1
+    else:
+        text = decode_after(tokenizer, list(before[-CONTEXT_IDS:]), [token])
+        return text, None if "\ufffd" in text else list(text.encode())
+    return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+
+
+def token_texts(tokenizer, context: list[int], ids: list[int], steps: list, skip=frozenset()):
+    """For each step j, [(token, text, bytes) for token in steps[j]] (token_text after context + ids[:j]), or None
+    where steps[j] is None: the alternatives of a completion's top_logprobs (context: its continuation_context) or
+    of a prompt's prompt_logprobs (context empty, ids the prompt). skip: ids that add no text (special ids where
+    SamplingParams.skip_special_tokens): they do not count as text before."""
+    before = list(context[-CONTEXT_IDS:])
+    out = []
+    for j, step in enumerate(steps):
+        out.append(None if step is None else [(int(t), *token_text(tokenizer, before, t)) for t in step])
+        if j < len(ids) and int(ids[j]) not in skip:
+            before = [*before, int(ids[j])][-CONTEXT_IDS:]
+    return out
+
+
 def special_ids(tokenizer) -> frozenset[int]:
     """The ids of a tokenizer's special tokens: lmforge's Tokenizer (`special_tokens`, name -> id, less those HF
     marks not special: `non_special`), ByteTokenizer (`special_ids`), a HF tokenizer (`all_special_ids`); none for

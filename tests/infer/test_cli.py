@@ -159,7 +159,9 @@ def test_generate_top_logprobs_equal_a_full_forward(ckpt, tmp_path, tok):
         assert [r["id"] for r in top] == ids.tolist() and top[0]["id"] == chosen  # greedy picks the best
         assert [r["logprob"] for r in top] == pytest.approx(values.tolist(), abs=1e-4)
         assert row["logprobs"][t] == pytest.approx(values[0].item(), abs=1e-4)
-        assert top[0]["token"] == tok.decode([chosen])
+        # OpenAI's fields: a byte of a character split over tokens reads as the byte escaped, never U+FFFD
+        assert top[0]["bytes"] == list(tok.token_bytes(chosen))
+        assert top[0]["token"] == tok.token_bytes(chosen).decode("utf-8", errors="backslashreplace")
 
 
 def test_sample_prints_top_logprobs(ckpt, capsys):

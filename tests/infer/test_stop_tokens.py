@@ -72,3 +72,54 @@ def test_include_stop_str_in_beams_and_options(tok):
     sp = SamplingParams.from_dict({"stop": "x", "include_stop_str_in_output": True})
     same = SamplingParams(stop=("x",), include_stop_str_in_output=True)
     assert sp.include_stop_str_in_output and sp == same and hash(sp) == hash(same)
+
+
+def _tokenizers():
+    """A tokenizer for each StreamDecoder path: token bytes (ByteTokenizer), a window of decoded ids (the same
+    without token_bytes, as a HF tokenizer), SentencePiece pieces (streamable) and its window (not streamable)."""
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    class Window(ByteTokenizer):
+        token_bytes = None
+
+    yield "bytes", ByteTokenizer()
+    yield "window", Window()
+    pytest.importorskip("tokenizers")
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from tests.tokenizer.sp_files import sp_doc
+
+    doc = sp_doc()
+    yield "pieces", SentencePieceBPE(doc)
+    doc["decoder"]["decoders"].insert(2, {"type": "Replace", "pattern": {"String": "q"}, "content": "q"})
+    yield "sp-window", SentencePieceBPE(doc)
+
+
+def test_stop_strings_see_whole_characters_on_every_decode_path():
+    """A character split over tokens (byte tokens, SentencePiece byte fallback) is held back by the stream decoder
+    until it completes: a non-ASCII stop string is found on the token completing it, a U+FFFD stop string never
+    matches the incomplete tail (none is in the text), and no output's text ends in a partial character."""
+    from lmforge.infer.engine import Engine
+
+    from .infer_helpers import tiny_model
+
+    model = tiny_model("llama", vocab_size=700)
+    for name, tok in _tokenizers():
+        ids = tok.encode("the king 日本語 x")
+
+        def run(stop):
+            sp = SamplingParams(temperature=0, max_tokens=40, stop=stop, logits_processors=(force(ids, tok.eot_id),))
+            engine = Engine(model, tok)
+            rid = engine.add_request("Q", sp)
+            seen = []
+            while engine.has_unfinished():
+                seen += [o.outputs[0] for o in engine.step() if o.request_id == rid]
+            assert not any(o.text.endswith("\ufffd") for o in seen), name
+            return seen[-1]
+
+        whole = run(())
+        assert whole.text.endswith("the king 日本語 x") and whole.stop_reason is None, name
+        cut = run(("日本",))
+        assert (cut.text, cut.stop_reason) == (whole.text[:whole.text.index("日本")], "日本"), name
+        assert len(cut.token_ids) == len(tok.encode("the king 日本")), name  # (ended on the token completing 本)
+        never = run(("\ufffd",))
+        assert (never.text, never.stop_reason, never.token_ids) == (whole.text, None, whole.token_ids), name

@@ -331,7 +331,7 @@ def write_hf_config(tok, path: Path, chat_template=None, config: dict | None = N
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         old = {}
-    names = {i: s for s, i in (getattr(tok, "added_tokens", None) or tok.special_tokens).items()}
+    names = {i: s for s, i in tok.special_tokens.items()}
     conf = {**(old if isinstance(old, dict) else {}), "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": False}  # (decode as lmforge does: no spaces removed)
     if tok.eot_id in names:

@@ -240,9 +240,9 @@ class SentencePieceBPE:
         self.doc, self.path = doc, None
         self._read_model(doc["model"], where)
         self._read_added(doc.get("added_tokens") or [], where)
-        if eos_token is not None and eos_token not in self.added_tokens:
+        if eos_token is not None and eos_token not in self.special_tokens:
             raise DataError(f"{where}: eos_token {eos_token!r} is not one of the added tokens "
-                            f"{list(self.added_tokens)[:8]}; name one of them")
+                            f"{list(self.special_tokens)[:8]}; name one of them")
         self.eos_token = eos_token
         self._normalizer = _read_normalizer(doc.get("normalizer"), where)
         self._pre_tokenizer = _read_pre_tokenizer(doc.get("pre_tokenizer"), where)
@@ -255,7 +255,7 @@ class SentencePieceBPE:
         # what a space becomes ("▁"): the Metaspace replacement, or what the normalizer replaces " " with
         self._spaces = {s[1] for s in self._pre_tokenizer if s[0] == "metaspace"}
         self._spaces |= {s[2] for s in self._normalizer if s[0] == "replace" and s[1] == " "}
-        before, after = _hf_added_specials(doc.get("post_processor"), self.added_tokens, where)
+        before, after = _hf_added_specials(doc.get("post_processor"), self.special_tokens, where)
         self.prefix_tokens, self.suffix_tokens = tuple(before), tuple(after)
         # the added tokens split out of the raw text, and (normalized=true) out of the normalized text, whose
         # contents are matched normalized (HF's AddedVocabulary); encode_ordinary leaves the special ones in the text
@@ -264,7 +264,7 @@ class SentencePieceBPE:
         self._tables = {ordinary: tuple({t["content"]: t for t in ts if not (ordinary and t["special"])}
                                         for ts in (raw, norm)) for ordinary in (False, True)}
         # id -> its piece, what decode starts from; an added token matched normalized is its normalized content
-        self._pieces: list[str | None] = [None] * (max([*self.pieces.values(), *self.added_tokens.values()],
+        self._pieces: list[str | None] = [None] * (max([*self.pieces.values(), *self.special_tokens.values()],
                                                        default=-1) + 1)
         for s, i in self.pieces.items():
             self._pieces[i] = s
@@ -315,10 +315,11 @@ class SentencePieceBPE:
             self._added.append({"content": t["content"], "id": t["id"], "special": bool(t.get("special")),
                                 "normalized": bool(t.get("normalized", not t.get("special"))),
                                 "lstrip": bool(t.get("lstrip")), "rstrip": bool(t.get("rstrip"))})
-        self.added_tokens = {t["content"]: t["id"] for t in self._added}
-        self.special_tokens = {t["content"]: t["id"] for t in self._added if t["special"]}
-        """the added tokens marked special: what SamplingParams.skip_special_tokens leaves out (HF's decode
-        skip_special_tokens=True); `added_tokens` holds them all"""
+        self.special_tokens = {t["content"]: t["id"] for t in self._added}
+        """every added token, name -> id (a text's matches become their ids), as bpe.Tokenizer's special_tokens"""
+        self.non_special = tuple(t["content"] for t in self._added if not t["special"])
+        """the added tokens HF marks "special": false, as bpe.Tokenizer's non_special: kept in a text decoded with
+        skip_special_tokens (lmforge.infer.detok.special_ids leaves the others out, as HF's decode does)"""
 
     # ---- properties ------------------------------------------------------------------------------
 
@@ -329,14 +330,12 @@ class SentencePieceBPE:
     @property
     def eot_id(self) -> int | None:
         """The id that ends a text: generation stops there, SFT completions and token shards' documents end with it."""
-        if self.eos_token is not None:
-            return self.added_tokens[self.eos_token]
-        return end_of_text(self.special_tokens)
+        return end_of_text(self.special_tokens, self.eos_token)
 
     @property
     def bos_id(self) -> int | None:
         """The first token encode(text, add_special_tokens=True) puts before a text (Llama 2's <s>), or None."""
-        return self.added_tokens[self.prefix_tokens[0]] if self.prefix_tokens else None
+        return self.special_tokens[self.prefix_tokens[0]] if self.prefix_tokens else None
 
     @property
     def vocab(self) -> dict[int, bytes]:
@@ -369,8 +368,8 @@ class SentencePieceBPE:
         where: as encode_ordinary's ("inside": a completion or a step continuing a text encoded before it)."""
         ids = self._encode(text, False, where)
         if add_special_tokens:
-            ids = ([self.added_tokens[s] for s in self.prefix_tokens] + ids
-                   + [self.added_tokens[s] for s in self.suffix_tokens])
+            ids = ([self.special_tokens[s] for s in self.prefix_tokens] + ids
+                   + [self.special_tokens[s] for s in self.suffix_tokens])
         return ids
 
     def encode_ordinary(self, text: str, *, where: str = "input") -> list[int]:

@@ -131,6 +131,6 @@ def test_sentencepiece_save_hf_round_trip_keeps_eos_and_bos(tmp_path):
     path = tok.save_hf(tmp_path / "hf")
     back = load_tokenizer(tmp_path / "hf")
     assert back.eot_id == tok.eot_id == 2 != eot and back.bos_id == tok.bos_id == 1
-    assert back.added_tokens == tok.added_tokens and json.loads(path.read_text()) == doc
+    assert back.special_tokens == tok.special_tokens and json.loads(path.read_text()) == doc
     conf = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert (conf["eos_token"], conf["bos_token"]) == ("</s>", "<s>")

@@ -61,3 +61,25 @@ def test_non_special_must_be_a_special_token(qwen_like):
     tok = load_tokenizer(qwen_like[1])
     with pytest.raises(ConfigError, match="non_special token '<tool>' is not one of the special tokens"):
         type(tok)(tok.vocab, tok.merges, tok.special_tokens, non_special=["<tool>"])
+
+
+def test_both_tokenizer_kinds_hold_non_special_added_tokens_alike(qwen_like):
+    """One representation: special_tokens holds every added token (what a text's matches become) and non_special
+    names those HF marks "special": false, in the byte-level Tokenizer and in SentencePieceBPE alike (which kept them
+    out of special_tokens, in an added_tokens table of its own); texts decoded with skip_special_tokens still keep
+    them, as HF's decode does."""
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from tests.tokenizer.sp_files import added, hf, sp_doc
+
+    byte_level = load_tokenizer(qwen_like[1])
+    doc = sp_doc()
+    think = added(doc, "<think>", special=False, normalized=False)
+    end = added(doc, "<|im_end|>")
+    sp = SentencePieceBPE(doc)
+    for tok, names in ((byte_level, ("<think>", "</think>")), (sp, ("<think>",))):
+        assert tok.non_special == names and set(names) <= set(tok.special_tokens)
+        assert special_ids(tok) == {i for s, i in tok.special_tokens.items() if s not in names}
+    assert sp.special_tokens["<think>"] == think and sp.eot_id == sp.special_tokens["</s>"] == 2
+    ids = sp.encode("<think>the king<|im_end|>")
+    assert ids == hf(doc).encode("<think>the king<|im_end|>", add_special_tokens=False).ids and think in ids
+    assert end in ids and _streamed(sp, ids) == hf(doc).decode(ids, skip_special_tokens=True) == "<think> the king"

@@ -161,9 +161,9 @@ def token_texts(tokenizer, context: list[int], ids: list[int], steps: list, skip
 
 
 def special_ids(tokenizer) -> frozenset[int]:
-    """The ids of a tokenizer's special tokens: lmforge's Tokenizer (`special_tokens`, name -> id, less those HF
-    marks not special: `non_special`), ByteTokenizer (`special_ids`), a HF tokenizer (`all_special_ids`); none for
-    others."""
+    """The ids of a tokenizer's special tokens: lmforge's Tokenizer and SentencePieceBPE (`special_tokens`, every
+    added token, name -> id, less those HF marks not special: `non_special`), ByteTokenizer (`special_ids`), a HF
+    tokenizer (`all_special_ids`); none for others."""
     for name in ("special_ids", "special_tokens"):
         table = getattr(tokenizer, name, None)
         if isinstance(table, dict):

@@ -142,7 +142,8 @@ class RewardConfig:
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     divergence: str = "forward_kl"
-    """forward_kl | reverse_kl | jsd"""
+    """forward_kl | reverse_kl | jsd | sampled_reverse_kl (on-policy: batches the student sampled, so not for
+    `lmforge distill`'s fixed data)"""
     beta: float = 0.5
     """jsd interpolation (0 < beta < 1)"""
     temperature: float = 1.0
@@ -280,6 +281,13 @@ class PostTrainConfig(LoopConfig):
         if other:
             raise ConfigError(f"post-training runs data parallel only, got parallel {other}: use dp_shard / "
                               "dp_replicate and set tp = pp = cp = 1")
+        if getattr(getattr(self, "distill", None), "divergence", None) == "sampled_reverse_kl":
+            # its gradient estimates the reverse KL only for tokens the current student sampled; the run's data are
+            # fixed completions (someone else's samples), whose estimate is biased and need not even be >= 0
+            raise ConfigError("distill.divergence='sampled_reverse_kl' needs on-policy samples from the student, but "
+                              "`lmforge distill` trains on the fixed completions of data.train; use reverse_kl (the "
+                              "exact reverse KL on these tokens), or call DistillObjective on batches the student "
+                              "sampled (lmforge.align.distill)")
 
 
 def config_class(name: str) -> type[PostTrainConfig]:

@@ -222,6 +222,18 @@ def test_objective_sampled_reverse_kl_reads_teacher_logps_or_the_teacher():
         DistillConfig(divergence="sampled_reverse_kl", temperature=2.0)
 
 
+def test_lmforge_distill_refuses_sampled_reverse_kl_on_its_fixed_data(tmp_path):
+    """`lmforge distill` trains on data.train's fixed completions, not the student's samples: the on-policy
+    estimator is refused there with the fix; the exact divergences stay accepted."""
+    from lmforge.train import posttrain as PT
+
+    cls = PT.config_class("distill")
+    with pytest.raises(ConfigError, match="sampled_reverse_kl.*on-policy.*use reverse_kl"):
+        cls(init="x", teacher="t", run_dir=str(tmp_path), distill=DistillConfig(divergence="sampled_reverse_kl"))
+    assert cls(init="x", teacher="t", run_dir=str(tmp_path),
+               distill=DistillConfig(divergence="reverse_kl")).distill.divergence == "reverse_kl"
+
+
 def test_a_teacher_padded_beyond_the_tokenizer_distils_over_its_ids():
     """One tokenizer of 41 ids, the teacher's embedding padded to 64 rows (as Qwen2.5-7B's 152064 vs 0.5B's
     151936): with vocab_size the logits are compared over the 41 ids; without it, refused with the fix."""

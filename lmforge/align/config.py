@@ -190,7 +190,8 @@ class PostDataConfig:
     train: tuple[str, ...] = ()
     """JSONL files of chat / prompt-completion / preference / KTO records"""
     val: tuple[str, ...] = ()
-    """validation JSONL files; if empty, the last `val_fraction` of the training records is held out"""
+    """validation JSONL files; if empty, `val_fraction` of the training records, evenly spaced over all the
+    files (each gives its share), is held out"""
     val_fraction: float = 0.05
     """share of the training records held out for validation when `val` is empty"""
     template: str = "chatml"

@@ -507,6 +507,19 @@ class ExampleSource:
         self.epoch, self.pos, self._order_seed = self.epoch + 1, 0, self.seed  # that epoch had ended
 
 
+def hold_out(items: list, fraction: float) -> tuple[list, list]:
+    """(train, val): int(len(items) * fraction) items, evenly spaced over the whole list, held out for validation.
+    Spaced rather than the list's tail, so every training file (read in turn) gives its share and a file sorted
+    by length or topic gives its whole range; a function of the items alone (not the seed), so a run resumed
+    with a new seed validates on the same items and trains on the same others. Every item is in exactly one."""
+    n, n_val = len(items), int(len(items) * fraction)
+    if not n_val:
+        return items, []
+    # the middle of each of n_val equal stretches: increasing by n / n_val >= 1, so all distinct
+    picked = {(2 * j + 1) * n // (2 * n_val) for j in range(n_val)}
+    return [x for i, x in enumerate(items) if i not in picked], [items[i] for i in sorted(picked)]
+
+
 def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows: bool = True
                   ) -> tuple[ExampleSource, ExampleSource | None, DataReport]:
     """Training and validation sources for `kind` ('sft', 'preference', 'kto') from cfg's files; kl_rows:
@@ -518,8 +531,8 @@ def build_sources(cfg: PostDataConfig, tokenizer, kind: str, seed: int, kl_rows:
     if cfg.val:
         val, report.val = load_records(cfg.val, enc, kind, cfg.seq_len, cfg.on_error, cfg.truncation)
     else:
-        n_val = report.held_out = int(len(items) * cfg.val_fraction)
-        items, val = (items[:len(items) - n_val], items[len(items) - n_val:]) if n_val else (items, [])
+        items, val = hold_out(items, cfg.val_fraction)
+        report.held_out = len(val)
     pack = cfg.seq_len if kind == "sft" and cfg.packing else None
     if kind == "sft":
         collate = (lambda rows: packed_batch(rows, cfg.seq_len)) if pack else pad_batch

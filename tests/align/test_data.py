@@ -180,6 +180,30 @@ def test_example_source_resumes_exactly():
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_val_fraction_holds_out_evenly_across_the_training_files(tmp_path):
+    """Two files of 10 records, val_fraction 0.2: 2 from each file held out (the list's tail took all 4 from
+    the second), the same ones whatever the seed; every record is in exactly one of train and val."""
+    from lmforge.align.config import PostDataConfig
+
+    files = []
+    for name in "ab":
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps({"prompt": f"{name}{i}", "completion": " x"}) + "\n"
+                                     for i in range(10)))
+    cfg = PostDataConfig(train=tuple(map(str, files)), template="plain", val_fraction=0.2, batch_size=4)
+
+    def split(seed):
+        train, val, report = D.build_sources(cfg, TOK, "sft", seed)
+        assert report.held_out == len(val.items)
+        return [[bytes(ids[:2]).decode() for ids, _ in src.items] for src in (train, val)]
+    train, val = split(0)
+    assert val == ["a2", "a7", "b2", "b7"]
+    assert sorted(train + val) == sorted(f"{n}{i}" for n in "ab" for i in range(10))
+    assert split(5) == [train, val]
+    assert D.hold_out(list(range(7)), 0.5) == ([0, 2, 4, 6], [1, 3, 5])
+    assert D.hold_out(list(range(3)), 0.2) == ([0, 1, 2], [])
+
+
 def test_a_resume_with_a_new_seed_finishes_the_epoch_in_its_order():
     """20 items, 2 batches of 4 into epoch 0, resumed with seed 1: every item is seen exactly once in epoch 0
     (recomputing the epoch's order from the new seed repeated some and skipped others); epoch 1 follows seed 1."""

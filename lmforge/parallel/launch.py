@@ -74,6 +74,10 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
             "-m", "lmforge", *argv]
 
 
+SECOND_SIGNAL_GRACE = 3.0
+"""seconds the processes get to end after a second signal (their "stop at once") before they are killed"""
+
+
 def run_passing_signals(argv: list[str]) -> int:
     """Run `argv` (the torchrun command of torchrun_argv) to its end, in a process group of its own, passing every
     SIGINT, SIGTERM, SIGHUP and SIGQUIT this process gets on to it; its exit code, or KeyboardInterrupt once it has
@@ -83,7 +87,9 @@ def run_passing_signals(argv: list[str]) -> int:
     process) ended it and left torchrun training with no one to stop it, and a SIGINT SIGKILLed torchrun
     (subprocess.call), its workers left training or hanging in their rendezvous. A terminal's Ctrl-C reaches only
     this process (torchrun is not in the terminal's group), so torchrun gets it once, not twice racing with the
-    launcher's kill."""
+    launcher's kill. A second signal goes to the workers too (torchrun, already shutting down, does not pass it
+    on: it sent them SIGTERM and waited 30 s), and whatever still runs SECOND_SIGNAL_GRACE seconds later is killed
+    (a rank that stops at once leaves the others waiting inside its collectives, where no signal reaches them)."""
     import signal
     import subprocess
 
@@ -94,6 +100,9 @@ def run_passing_signals(argv: list[str]) -> int:
         passed.append(signum)
         if proc is not None and proc.poll() is None:
             proc.send_signal(signum)
+            if len(passed) == 2:
+                for pid in child_pids(proc.pid):
+                    _signal_group(pid, signum)
 
     # (set before the start: a signal between the two would leave torchrun running; SIGHUP, a closed terminal, and
     # SIGQUIT are signals torchrun stops its workers on, which its own session no longer gets from the terminal)
@@ -102,13 +111,61 @@ def run_passing_signals(argv: list[str]) -> int:
         proc = subprocess.Popen(argv, start_new_session=True)
         if passed:  # (a signal while it started)
             proc.send_signal(passed[-1])
-        rc = proc.wait()
+        rc = _wait_or_kill(proc, passed)
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
     if passed:
         raise KeyboardInterrupt
     return rc
+
+
+def _wait_or_kill(proc, passed: list[int]) -> int:
+    """proc's exit code; SECOND_SIGNAL_GRACE seconds after a second signal, proc's workers (its children, each
+    with the process group it leads: a data loader's workers too) and proc's own group are SIGKILLed first."""
+    import signal
+    import subprocess
+    import sys
+
+    deadline = None
+    while True:
+        try:
+            return proc.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            pass
+        if len(passed) < 2:
+            continue
+        deadline = deadline or time.monotonic() + SECOND_SIGNAL_GRACE
+        if time.monotonic() >= deadline:
+            print(f"the processes did not stop within {SECOND_SIGNAL_GRACE:g} s of a second signal: killing them",
+                  file=sys.stderr)
+            for pid in [*child_pids(proc.pid), proc.pid]:  # the workers first: once torchrun dies, they are lost
+                _signal_group(pid, signal.SIGKILL)
+            return proc.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, read from /proc ([] where there is none: not Linux)."""
+    children = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+        except (OSError, ValueError, IndexError):
+            continue  # (ended while read)
+        if ppid == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """Send `signum` to the process group `pid` leads (torchrun and its workers each lead one), else to `pid`."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # it has ended
 
 
 def _worker(rank: int, fn: Callable, world: int, store: str, out_dir: str, args: tuple) -> None:

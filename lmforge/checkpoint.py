@@ -7,9 +7,10 @@
         lmforge_tokenizer.json
         manifest.json        byte size and SHA-256 of every file above, written last
 
-A checkpoint is built in a hidden `.step_*.writing-PID` directory and renamed into place (lmforge.utils.atomic_dir;
-a step written again replaces its old checkpoint whole or not at all), so a crash never leaves a partial
-`step_*`; a kill can leave the hidden directories, which `clean_partial` sorts out at resume.
+A checkpoint is built in a hidden `.step_*.writing-PID-TAG` directory and renamed into place
+(lmforge.utils.atomic_dir; a step written again replaces its old checkpoint whole or not at all), so a crash
+never leaves a partial `step_*`; a kill can leave the hidden directories, which `clean_partial` sorts out at
+resume (TAG tells the writer apart from a later process with its PID).
 On load every file's size and checksum is checked against the manifest (streamed, ~1.5 GB/s), so a
 truncated or same-size-corrupted file is refused instead of producing NaNs later. Files get the mode
 the umask allows (0644 under umask 022), so a shared run folder is readable by collaborators.
@@ -53,14 +54,15 @@ import torch
 
 from lmforge.config import from_dict, to_dict, with_defaults
 from lmforge.errors import CheckpointError, ConfigError, LmforgeError, is_disk_full
-from lmforge.utils import atomic_dir, honour_umask, run_metadata
+from lmforge.utils import atomic_dir, honour_umask, process_tag, run_metadata
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# what a killed writer leaves beside step_N (utils.atomic_dir's names): `.step_N.writing-PID`, the checkpoint
-# being written, and `.step_N.replaced-PID`, the step's earlier checkpoint, moved aside for the new one to be
-# renamed in; `.tmp_step_N_PID` is what lmforge before 2026-12 wrote into
-_TMP_DIR = re.compile(r"^\.(?:tmp_step_\d+_|step_\d+\.writing-)(\d+)$")
-_REPLACED_DIR = re.compile(r"^\.(step_\d+)\.replaced-(\d+)$")
+# what a killed writer leaves beside step_N (utils.atomic_dir's names): `.step_N.writing-PID-TAG`, the checkpoint
+# being written, and `.step_N.replaced-PID-TAG`, the step's earlier checkpoint, moved aside for the new one to be
+# renamed in (TAG: utils.process_tag, absent from lmforge's names before 2026-12-07); `.tmp_step_N_PID` is what
+# lmforge before 2026-12 wrote into
+_TMP_DIR = re.compile(r"^\.(?:tmp_step_\d+_|step_\d+\.writing-)(?P<pid>\d+)(?:-(?P<tag>[0-9a-f]{8}))?$")
+_REPLACED_DIR = re.compile(r"^\.(step_\d+)\.replaced-(?P<pid>\d+)(?:-(?P<tag>[0-9a-f]{8}))?$")
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -72,27 +74,28 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "manifest.json").is_file()]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _writer_alive(pid: int, tag: str | None) -> bool:
+    """Whether the writer a leftover's name records is still running: a live process with its PID that is the
+    same process (its process_tag; a name without one, written before tags, trusts the PID). This process is
+    not writing while it cleans."""
+    if pid == os.getpid():
         return False
-    except PermissionError:
-        return True
-    return True
+    now = process_tag(pid)
+    return now is not None and (tag is None or now == tag)
 
 
 def clean_partial(run_dir: str | Path) -> list[Path]:
     """Remove the directories left by checkpoint writers that were killed (their pid is gone, or is this
     process): partial checkpoints, and earlier checkpoints moved aside for a rewrite of their step; one of
     these whose step has no checkpoint (the writer died between the two renames) is put back instead. A live
-    writer's directories are left alone. Returns what was removed."""
+    writer's directories are left alone; a writer is known by its PID and process_tag, so a process that has
+    reused a killed writer's PID does not keep its leftovers (nor an only checkpoint moved aside) forever.
+    Returns what was removed."""
     root = Path(run_dir) / "checkpoints"
     removed = []
     for p in sorted(root.iterdir()) if root.is_dir() else ():
         m = _TMP_DIR.match(p.name) or _REPLACED_DIR.match(p.name)
-        pid = int(m.group(m.lastindex)) if m else None
-        if pid is None or (pid != os.getpid() and _pid_alive(pid)):
+        if m is None or _writer_alive(int(m["pid"]), m["tag"]):
             continue
         if m.re is _REPLACED_DIR and not (root / m.group(1)).exists():
             os.replace(p, root / m.group(1))

@@ -187,12 +187,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def process_tag(pid: int) -> str | None:
+    """8 hex digits that tell process `pid` apart from any other that had or will have its PID: a hash of this
+    host's name, its boot and the process's start time (Linux /proc; elsewhere the host's name only). None: no
+    live process has that PID here. A writer names its leftovers PID-TAG, so that a later process that reuses
+    the PID (common after a reboot or in a container, whose PIDs start again from 1) is not taken for it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's: alive
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        if fields[0] in "ZX":  # exited, not yet reaped
+            return None
+        start, boot = fields[19], Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        start = boot = ""
+    import hashlib
+    import socket
+
+    return hashlib.blake2b(f"{socket.gethostname()}|{boot}|{start}".encode(), digest_size=4).hexdigest()
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """A hidden directory beside `path` to write into, renamed onto `path` when the block succeeds (what was
-    there moved aside first and removed after) and removed when it fails: `path` is whole or untouched."""
+    there moved aside first and removed after) and removed when it fails: `path` is whole or untouched. Their
+    names, `.NAME.writing-PID-TAG` and `.NAME.replaced-PID-TAG` (process_tag), tell a killed writer's leftovers
+    from a live one's (lmforge.checkpoint.clean_partial)."""
     path = Path(path)
-    tmp, old = (path.parent / f".{path.name}.{what}-{os.getpid()}" for what in ("writing", "replaced"))
+    me = f"{os.getpid()}-{process_tag(os.getpid())}"
+    tmp, old = (path.parent / f".{path.name}.{what}-{me}" for what in ("writing", "replaced"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -91,7 +91,8 @@ def test_disk_full_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(CheckpointError, match=r"disk full at .*\.step_000002\.writing-\d+ while writing the step 2"):
+    with pytest.raises(CheckpointError, match=r"disk full at .*\.step_000002\.writing-\d+-[0-9a-f]{8} while "
+                                                  r"writing the step 2"):
         ckpt.save_checkpoint(tmp_path, 2, model, train_state={"a": 2})
     assert ckpt.checkpoint_dirs(tmp_path) == [good]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
@@ -114,7 +115,8 @@ def test_a_really_full_disk_under_the_train_state_is_named(tmp_path, monkeypatch
     model = _toy()
     good = ckpt.save_checkpoint(tmp_path, 1, model, train_state={"a": 1})
     monkeypatch.setattr(safetensors.torch, "save_file", then_full)
-    with pytest.raises(CheckpointError, match=r"disk full at .*\.step_000002\.writing-\d+ while writing the step 2"):
+    with pytest.raises(CheckpointError, match=r"disk full at .*\.step_000002\.writing-\d+-[0-9a-f]{8} while "
+                                                  r"writing the step 2"):
         ckpt.save_checkpoint(tmp_path, 2, model, train_state={"a": torch.zeros(10_000)})
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
 
@@ -180,6 +182,28 @@ def test_a_writer_killed_while_rewriting_a_step_leaves_it_restorable(tmp_path):
     assert ckpt.checkpoint_dirs(tmp_path) == [six]
     assert ckpt.clean_partial(tmp_path) == [stale, partial]
     assert ckpt.checkpoint_dirs(tmp_path) == [five, six] and not aside.exists() and live.exists()
+    ckpt._verify(five)
+
+
+def test_a_writer_is_known_by_its_pid_and_start_not_the_pid_alone(tmp_path):
+    """Leftovers named with a PID that a live process now has, but whose tag (host, boot, start time) is not
+    that process's, are a killed writer's: the only checkpoint moved aside is put back and the partial one
+    removed (trusting the PID left both forever, and the resume started from nothing). A name with the live
+    process's own tag is left alone."""
+    from lmforge.utils import process_tag
+
+    root = tmp_path / "checkpoints"
+    live_pid, live_tag = os.getppid(), process_tag(os.getppid())
+    assert live_tag is not None and process_tag(999_999_999) is None
+    other = "0" * 8 if live_tag != "0" * 8 else "1" * 8  # the tag of an earlier process with the same PID
+    five = ckpt.save_checkpoint(tmp_path, 5, _toy())
+    os.replace(five, root / f".step_000005.replaced-{live_pid}-{other}")
+    partial = root / f".step_000006.writing-{live_pid}-{other}"
+    live = root / f".step_000007.writing-{live_pid}-{live_tag}"
+    for d in (partial, live):
+        d.mkdir()
+    assert ckpt.clean_partial(tmp_path) == [partial]
+    assert ckpt.checkpoint_dirs(tmp_path) == [five] and live.exists()
     ckpt._verify(five)
 
 

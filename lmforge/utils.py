@@ -174,7 +174,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (`.<name>.<pid>-<random>.tmp`, created empty); on success it is
     renamed onto `path` (atomic on POSIX), on failure it is removed, so readers never see a half-written file.
     The file gets the mode a plain open() gives (0666 less the umask): mkstemp's 0600 would make a shared run
-    folder unreadable to collaborators."""
+    folder unreadable to collaborators. An OSError that names no file (a write's: a full disk) is raised again
+    naming `path`, the file the user knows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = temp_name(path)
@@ -182,8 +183,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -51,6 +51,29 @@ def test_a_disk_that_fills_under_the_metrics_log_is_one_line(tmp_path, monkeypat
         main(["--debug", "train", "--data.train", str(shard), "--run-dir", str(tmp_path / "run2"), *FLAGS])
 
 
+def test_a_disk_full_under_config_json_names_the_file(tmp_path, monkeypatch, capsys):
+    """run_dir/config.json, written at fit's start through a temporary (utils.atomic_path), met a full disk as
+    'disk full; free space ...' naming no file (the write's OSError has none); now it names config.json, and
+    no temporary is left beside it."""
+    import errno
+
+    shard = make_shard(tmp_path / "t.bin")
+    run_dir = tmp_path / "run"
+    real = Path.write_text
+
+    def full(self, *a, **kw):
+        if self.name.startswith(".config.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert main(["train", "--data.train", str(shard), "--run-dir", str(run_dir), *FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"lmforge train: error: disk full writing {run_dir / 'config.json'}; free space "
+                                    "and run the command again (it resumes from its last checkpoint)")
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".config.json")]
+
+
 def test_a_plot_that_meets_a_full_disk_leaves_the_last_one_whole(tmp_path, monkeypatch):
     """loss.png was written in place: a full disk left half a PNG, and an OSError that named no file."""
     import errno

@@ -33,7 +33,7 @@ from lmforge.parallel.cp import apply_cp, shard_batch
 from lmforge.parallel.ddp import average_gradients
 from lmforge.parallel.parallelize import dp_rank_and_size, parallelize, stage_replicas
 from lmforge.parallel.pp import build_schedule, schedule_scales_grads, split_stage
-from lmforge.train.loss import lm_loss, token_losses
+from lmforge.train.loss import lm_loss, summed_nats, token_losses
 
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -90,6 +90,7 @@ class ParallelRunner:
         self.schedule = self._schedule(self._pipeline_loss)
         # a stage keeps the buffers shaped by its first call, so validation gets a schedule per batch shape
         self.eval_schedules: dict[tuple[int, ...], object] = {}
+        self._eval_counted: torch.Tensor | None = None  # the target ids eval_nats' second sum counts
 
     def _grad_sync(self, sync: bool) -> None:
         """FSDP2 reduce-scatters after every backward unless told not to: with gradient accumulation only
@@ -199,44 +200,49 @@ class ParallelRunner:
         return losses
 
     @torch.no_grad()
-    def eval_nats(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward only, for validation: (summed next-token nats, targets) of this rank's share of the rows
-        of the global (x, y). Rows are split over the data-parallel and context-parallel ranks (in eval mode
-        context-parallel ranks see whole sequences, so they take rows as data-parallel ranks do); the
-        ranks of one tensor-parallel group or pipeline share rows, and only one of them (tp rank 0 of the
-        last stage) reports, the others return (0, no targets): summed over all ranks, every row counts
-        once. Call in eval mode on every rank."""
+    def eval_nats(self, x: torch.Tensor, y: torch.Tensor, counted: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only, for validation: (next-token nats summed over all targets and over the `counted` ones
+        (lmforge.train.loss.summed_nats: (2,)), targets) of this rank's share of the rows of the global (x, y).
+        Rows are split over the data-parallel and context-parallel ranks (in eval mode context-parallel ranks
+        see whole sequences, so they take rows as data-parallel ranks do); the ranks of one tensor-parallel
+        group or pipeline share rows, and only one of them (tp rank 0 of the last stage) reports, the others
+        return (0, no targets): summed over all ranks, every row counts once. Call in eval mode on every rank."""
         most = -(-x.shape[0] // self.eval_size)  # the rows of this split's largest share
         x, y = (t.tensor_split(self.eval_size)[self.eval_rank] for t in (x, y))
         if self.pp_mesh is not None:
-            nats = self._pipeline_nats(x, y, most)
+            nats = self._pipeline_nats(x, y, most, counted)
         else:
             with self._loss_context():
-                nats = plain(token_losses(self.model(x), y).double().sum())
+                nats = summed_nats(plain(token_losses(self.model(x), y)), y, counted)
         if not self.reports:
             return torch.zeros_like(nats), y[:0]
         return nats, y
 
-    def _pipeline_nats(self, x: torch.Tensor, y: torch.Tensor, most: int) -> torch.Tensor:
-        """Summed nats of (x, y) through the pipeline (on the last stage; zero on the others). The schedule cuts
-        a batch into n_microbatches equal parts, and its stages keep the buffers of their first call: every
-        rank pads its rows to one shape, `most` rows rounded up to a multiple of n_microbatches (at least one
-        row each), with ignored targets (-100: zero loss), and each shape gets a schedule of its own (the short
-        last validation batch). One shape on all data-parallel replicas, even one given no rows, keeps their
-        calls in step (FSDP-sharded stages all-gather together). Each micro-batch reports its summed nats, so
-        micro-batches of unequal token counts add up to the one-process sum."""
+    def _pipeline_nats(self, x: torch.Tensor, y: torch.Tensor, most: int, counted: torch.Tensor | None
+                       ) -> torch.Tensor:
+        """Summed nats (2,) of (x, y) through the pipeline, all and `counted` (on the last stage; zero on the others).
+        The schedule cuts a batch into n_microbatches equal parts, and its stages keep the buffers of their
+        first call: every rank pads its rows to one shape, `most` rows rounded up to a multiple of
+        n_microbatches (at least one row each), with ignored targets (-100: zero loss), and each shape gets a
+        schedule of its own (the short last validation batch). One shape on all data-parallel replicas, even
+        one given no rows, keeps their calls in step (FSDP-sharded stages all-gather together). Each
+        micro-batch reports its summed nats, so micro-batches of unequal token counts add up to the one-process
+        sum."""
         m = self.cfg.n_microbatches
         pad = max(m, -(-most // m) * m) - x.shape[0]
         if pad:  # (rows + pad, T): padded inputs are any valid id, their targets ignored
             x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
             y = torch.cat([y, y.new_full((pad, *y.shape[1:]), -100)])
         key = tuple(x.shape)
-        if key not in self.eval_schedules:
-            self.eval_schedules[key] = self._schedule(lambda out, t: token_losses(out, t).double().sum())
+        if key not in self.eval_schedules:  # (its loss reads the call's `counted`: forward only, (2,) is fine)
+            self.eval_schedules[key] = self._schedule(
+                lambda out, t: summed_nats(plain(token_losses(out, t)), t, self._eval_counted))
+        self._eval_counted = counted
         with self._loss_context():
             losses = self._through_pipeline(self.eval_schedules[key].eval, x, y)
-        return (torch.stack([plain(t) for t in losses]).sum() if self.last
-                else torch.zeros((), dtype=torch.float64, device=self.device))
+        return (torch.stack(losses).sum(0) if self.last
+                else torch.zeros(2, dtype=torch.float64, device=self.device))
 
     def _loss_context(self):
         if not self.cfg.loss_parallel:

@@ -31,6 +31,18 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            reduction="none").view(targets.shape)
 
 
+def summed_nats(losses: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) per-token nats -> (2,) float64: their sum, and their sum over the targets whose id `counted` ((V,)
+    bools) marks (ignored targets, < 0, never; None: all). Bits per byte divides the second by the bytes of the
+    counted tokens: a special token (an end-of-text separator) stands for no bytes, so its loss is left out of
+    the numerator too, as nanochat's evaluate_bpb does; val_loss keeps every token."""
+    losses = losses.double()
+    if counted is None:
+        return losses.sum().repeat(2)
+    keep = counted.to(targets.device)[targets.clamp(min=0)] & (targets >= 0)
+    return torch.stack([losses.sum(), torch.where(keep, losses, 0).sum()])
+
+
 def with_aux(model: torch.nn.Module, loss: torch.Tensor, ce: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """(loss + the model's aux losses, metrics) after a forward: MoE balancing and MTP losses when the model
     has them (aux_loss), and an MoE model's expert loads and dropped tokens (moe_stats) to watch balancing."""

@@ -16,7 +16,7 @@ from lmforge.optim import build_optimizer
 from lmforge.train.config import TrainConfig, uses_bf16
 from lmforge.train.data import (BatchSampler, check_one_tokenizer, check_run_tokenizer, eval_windows,
                                 open_splits, tokenizer_spec)
-from lmforge.train.loss import LMObjective, token_losses
+from lmforge.train.loss import LMObjective, summed_nats, token_losses
 from lmforge.train.distributed import distribute, join, sum_over_ranks, train_device
 
 
@@ -39,7 +39,9 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
 
 class LMEvaluator:
     """Validation loss, perplexity and bits-per-byte of a model over fixed (x, y) batches. Called by the
-    Trainer under no_grad, eval mode and its autocast.
+    Trainer under no_grad, eval mode and its autocast. Bits per byte: the nats of the tokens that stand for
+    bytes over those bytes (id_bytes; a special token, the end-of-text separator, counts in neither, as in
+    nanochat's evaluate_bpb); val_loss and val_ppl average over every token.
 
     With a ParallelRunner (N processes), each rank evaluates only its share of every batch's rows
     (runner.eval_nats) and the sums of nats, tokens and bytes are all-reduced: the same metrics as one
@@ -49,26 +51,27 @@ class LMEvaluator:
                  bytes_per_token: float = 0.0, runner=None):
         self.batches, self.id_bytes, self.bytes_per_token = batches, id_bytes, bytes_per_token
         self.runner = runner
+        self.counted = id_bytes > 0 if id_bytes is not None and bytes_per_token <= 0 else None
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.batches:
             return {}
         device = next(model.parameters()).device
-        sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
+        sums = torch.zeros(4, dtype=torch.float64)  # nats, tokens, bytes, nats of the tokens with bytes
         for x, y in self.batches:
             x, y = x.to(device), y.to(device)
             if self.runner is None:
-                nats = token_losses(model(x), y).double().sum()
+                nats = summed_nats(token_losses(model(x), y), y, self.counted)
             else:  # this rank's rows; y = the targets it reports (none on ranks that share another's rows)
-                nats, y = self.runner.eval_nats(x, y)
-            n_bytes = float(self.id_bytes[y.cpu()].sum()) if self.id_bytes is not None else 0.0
-            sums += torch.tensor([float(nats), y.numel(), n_bytes], dtype=torch.float64)
-        nats, n_tok, n_bytes = sum_over_ranks(sums, self.runner).tolist()
+                nats, y = self.runner.eval_nats(x, y, self.counted)
+            n_bytes = float(self.id_bytes[y.cpu()].sum()) if self.counted is not None else 0.0
+            sums += torch.tensor([float(nats[0]), y.numel(), n_bytes, float(nats[1])], dtype=torch.float64)
+        nats, n_tok, n_bytes, byte_nats = sum_over_ranks(sums, self.runner).tolist()
         out = {"val_loss": nats / n_tok, "val_ppl": math.exp(min(nats / n_tok, 50.0))}
         if self.bytes_per_token > 0:
             out["val_bpb"] = nats / n_tok / math.log(2) / self.bytes_per_token
         elif n_bytes > 0:
-            out["val_bpb"] = nats / (math.log(2) * n_bytes)
+            out["val_bpb"] = byte_nats / (math.log(2) * n_bytes)
         return out
 
 

@@ -1,8 +1,10 @@
 """Regressions of the LM objective: accumulated micro-batches that train different numbers of tokens give
-the gradient of one big batch (batch_weight), and an MTP model's auxiliary loss skips ignored targets."""
+the gradient of one big batch (batch_weight), and an MTP model's auxiliary loss skips ignored targets; and of
+its evaluation: bits per byte leaves the byte-less end-of-text token out of its nats as out of its bytes."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,3 +71,33 @@ def test_lm_objective_keeps_padding_out_of_the_mtp_loss():
     want = F.cross_entropy(extra[0][0, :4], real[0, 2:6])
     torch.testing.assert_close(aux[0], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(aux[1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_val_bpb_counts_the_nats_of_the_tokens_whose_bytes_it_counts():
+    """Targets 'A', 'B', <|endoftext|>, 'C' of the byte tokenizer (the separator stands for 0 bytes) under logits
+    giving the separator 3x the weight of each of the 256 bytes: each byte costs ln 259 nats, the separator
+    ln(259/3). Bits per byte is 3 ln 259 / (3 ln 2) = log2 259 (nanochat's evaluate_bpb: special tokens count
+    neither bytes nor loss); it was (3 ln 259 + ln(259/3)) / (3 ln 2), the separator's loss spread over the
+    text's bytes. val_loss still averages all four tokens."""
+    import math
+
+    from lmforge.tokenizer.byte import ByteTokenizer
+    from lmforge.train.pretrain import LMEvaluator, token_byte_lengths
+
+    tok = ByteTokenizer()
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))  # (the evaluator finds the device through it)
+
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, 257)
+            logits[..., tok.eot_id] = math.log(3)
+            return logits
+
+    y = torch.tensor([[65, 66, tok.eot_id, 67]])
+    with torch.no_grad():
+        out = LMEvaluator([(torch.zeros_like(y), y)], token_byte_lengths(tok, 257))(Fixed())
+    assert out["val_bpb"] == pytest.approx(math.log2(259), rel=1e-6)
+    assert out["val_loss"] == pytest.approx((3 * math.log(259) + math.log(259 / 3)) / 4, rel=1e-6)

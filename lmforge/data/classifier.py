@@ -183,7 +183,7 @@ class QualityConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(directory: str) -> HashedNgramClassifier:
+def load_classifier(directory: str) -> HashedNgramClassifier:
     return HashedNgramClassifier.load(directory)
 
 
@@ -196,7 +196,7 @@ def quality_model(cfg: QualityConfig) -> HashedNgramClassifier | tuple[FastTextM
     if not ours and (path.suffix.lower() in (".bin", ".ftz") or path.is_file()):
         return fasttext_stages.label_model(cfg.model, cfg.label, "quality")
     try:
-        return _load(str(path.parent) if ours else cfg.model)
+        return load_classifier(str(path.parent) if ours else cfg.model)
     except DataError as e:
         raise DataError(f"quality.model: {e}") from None
 

@@ -28,7 +28,7 @@ from typing import Any
 from lmforge.data.accounting import (apply_stage, balance, duplicate_ids, merge_stats, read_stage, record_outcome,
                                      stage_record)
 from lmforge.data.document import Document, stable_id
-from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs
+from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs, release_checked_models
 from lmforge.data.readers import read_documents
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
@@ -293,6 +293,7 @@ def _run_map_phase(cfg: PipelineConfig, p: int, shards: dict[str, list[Path]], d
     if cfg.workers == 1 or len(todo) == 1:
         results: Any = (run_map_shard(*a) for a in args)
     else:
+        release_checked_models()  # the workers load their own
         pool = process_pool(min(cfg.workers, len(todo)), worker_setup=_ignore_sigint)
         results = pool.imap_unordered(_run_map_shard_args, args)
     try:

@@ -17,7 +17,7 @@ from typing import Any
 from lmforge.data.accounting import apply_stage, read_stage
 from lmforge.data.document import Document
 from lmforge.data.executor import _check_run_dir, build_report, check_stage_errors, run_entries, stage_labels
-from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs
+from lmforge.data.pipeline import PipelineConfig, make_shards, phases, read_inputs, release_checked_models
 from lmforge.data.report import write_report
 from lmforge.data.stage import StageContext
 from lmforge.data.writers import _json_line, write_docs, write_jsonl
@@ -138,6 +138,7 @@ def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -
     document would be written a second time beside it) unless `restart` removes that run first."""
     ray = require("ray", "ray")
     _check_run_dir(cfg, restart)
+    release_checked_models()  # Ray's workers load their own
     earlier = [e for e in run_entries(cfg) if e.is_dir() and e.name != "_work" and any(e.iterdir())]
     if earlier:
         raise ConfigError(f"{cfg.output.dir} holds an earlier run's output ({earlier[0]}), and the Ray executor "

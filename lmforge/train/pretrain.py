@@ -43,7 +43,10 @@ class LMEvaluator:
     """Validation loss, perplexity and bits-per-byte of a model over fixed (x, y) batches. Called by the
     Trainer under no_grad, eval mode and its autocast. Bits per byte: the nats of the tokens that stand for
     bytes over those bytes (id_bytes; a special token, the end-of-text separator, counts in neither, as in
-    nanochat's evaluate_bpb); val_loss and val_ppl average over every token.
+    nanochat's evaluate_bpb); val_loss and val_ppl average over every token. bytes_per_token > 0 (data.
+    bytes_per_token) gives the bytes as that ratio times the number of those tokens (every token's where there
+    is no tokenizer to tell the special ones: id_bytes None), so a ratio measured over the text's own tokens
+    gives the same bits per byte as measuring each token.
 
     With a ParallelRunner (N processes), each rank evaluates only its share of every batch's rows
     (runner.eval_nats) and the sums of nats, tokens and bytes are all-reduced: the same metrics as one
@@ -53,7 +56,7 @@ class LMEvaluator:
                  bytes_per_token: float = 0.0, runner=None):
         self.batches, self.id_bytes, self.bytes_per_token = batches, id_bytes, bytes_per_token
         self.runner = runner
-        self.counted = id_bytes > 0 if id_bytes is not None and bytes_per_token <= 0 else None
+        self.counted = id_bytes > 0 if id_bytes is not None else None
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.batches:
@@ -66,15 +69,19 @@ class LMEvaluator:
                 nats = summed_nats(token_losses(model(x), y), y, self.counted)
             else:  # this rank's rows; y = the targets it reports (none on ranks that share another's rows)
                 nats, y = self.runner.eval_nats(x, y, self.counted)
-            n_bytes = float(self.id_bytes[y.cpu()].sum()) if self.counted is not None else 0.0
-            sums += torch.tensor([float(nats[0]), y.numel(), n_bytes, float(nats[1])], dtype=torch.float64)
+            sums += torch.tensor([float(nats[0]), y.numel(), self._bytes(y.cpu()), float(nats[1])],
+                                 dtype=torch.float64)
         nats, n_tok, n_bytes, byte_nats = sum_over_ranks(sums, self.runner).tolist()
         out = {"val_loss": nats / n_tok, "val_ppl": math.exp(min(nats / n_tok, 50.0))}
-        if self.bytes_per_token > 0:
-            out["val_bpb"] = nats / n_tok / math.log(2) / self.bytes_per_token
-        elif n_bytes > 0:
+        if n_bytes > 0:
             out["val_bpb"] = byte_nats / (math.log(2) * n_bytes)
         return out
+
+    def _bytes(self, y: torch.Tensor) -> float:
+        """The UTF-8 bytes targets y stand for: the counted tokens' own, or bytes_per_token for each (0: unknown)."""
+        if self.bytes_per_token > 0:
+            return self.bytes_per_token * (y.numel() if self.counted is None else int(self.counted[y].sum()))
+        return float(self.id_bytes[y].sum()) if self.id_bytes is not None else 0.0
 
 
 def _mixture(cfg: TrainConfig):

@@ -69,3 +69,36 @@ def test_special_tokens_are_told_by_id_not_by_their_text():
     tok = ByteTokenizer(("<|endoftext|>", "<pad>"))
     lengths = token_byte_lengths(tok, 260)
     assert lengths[:256].tolist() == [1.0] * 256 and lengths[256:].tolist() == [0.0] * 4
+
+
+def test_a_fixed_bytes_per_token_leaves_the_separator_out_as_the_measured_bytes_do():
+    """Targets 'A', 'B', <|endoftext|>, 'C' of the byte tokenizer under logits giving the separator 3x the weight
+    of each byte (a byte costs ln 259 nats, the separator ln(259/3)). With data.bytes_per_token = 1, the eval text's
+    true ratio of bytes to text tokens, bits per byte is the measured one: 3 ln 259 / (3 ln 2) = log2 259. It was
+    the mean over all four tokens over the ratio, (3 ln 259 + ln(259/3)) / (4 ln 2): the separator's loss averaged
+    in as if it stood for text."""
+    tok = ByteTokenizer()
+    lengths = token_byte_lengths(tok, 257)
+
+    class Cheap(Uniform):
+        def forward(self, x):
+            logits = super().forward(x)
+            logits[..., tok.eot_id] = math.log(3)
+            return logits
+
+    y = torch.tensor([[65, 66, tok.eot_id, 67]])
+    with torch.no_grad():
+        measured = LMEvaluator([(torch.zeros_like(y), y)], lengths)(Cheap(257))
+        fixed = LMEvaluator([(torch.zeros_like(y), y)], lengths, bytes_per_token=1.0)(Cheap(257))
+        halved = LMEvaluator([(torch.zeros_like(y), y)], lengths, bytes_per_token=2.0)(Cheap(257))
+    assert measured["val_bpb"] == pytest.approx(math.log2(259), rel=1e-6)
+    assert fixed["val_bpb"] == pytest.approx(math.log2(259), rel=1e-6)
+    assert halved["val_bpb"] == pytest.approx(math.log2(259) / 2, rel=1e-6)
+    assert fixed["val_loss"] == measured["val_loss"] == pytest.approx((3 * math.log(259) + math.log(259 / 3)) / 4)
+
+
+def test_a_fixed_bytes_per_token_without_a_tokenizer_divides_every_tokens_nats():
+    """With no tokenizer to say which ids are special, every token is text: bpb = val_loss / ln 2 / ratio."""
+    out = _bpb([1, 2, 3, 4], None, 50, bytes_per_token=4.0)
+    assert out["val_bpb"] == pytest.approx(math.log(50) / math.log(2) / 4, rel=1e-6)
+    assert "val_bpb" not in _bpb([1, 2, 3, 4], None, 50)  # no tokenizer, no ratio: no bytes to divide by

@@ -84,7 +84,9 @@ class Scoring:
         for i, p in enumerate(pairs):
             try:
                 if not isinstance(p, (tuple, list)) or len(p) != 2:
-                    raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}")
+                    hint = ("; pairs is a list of pairs: score([(context, continuation)]), not score((context, "
+                            "continuation))") if isinstance(p, str) else ""
+                    raise LmforgeError(f"pair {i} must be (context, continuation), got {p!r:.80}{hint}")
                 built.append(self._pair(p[0], p[1], i, truncate))
             except LmforgeError as e:
                 built.append(failed_output(input_error(e, "pair", i, errors), []))

@@ -93,3 +93,14 @@ def test_score_takes_1d_tensors_as_generate_and_score_rolling_do(llm):
         llm.score([(torch.tensor([[65]]), torch.tensor([[66]]))])
     with pytest.raises(LmforgeError, match="^pair 0 has token id 300 outside"):
         llm.score([(torch.tensor([65]), torch.tensor([300]))])
+
+
+def test_one_pair_given_for_the_list_of_pairs_says_to_wrap_it(llm):
+    """score(("The capital of France is", " Paris")) read each string as a pair and said only that "pair 0 must be
+    (context, continuation), got 'The capital...'", which is what the caller believes they gave."""
+    want = ("pair 0 must be (context, continuation), got 'The capital'; pairs is a list of pairs: "
+            "score([(context, continuation)]), not score((context, continuation))")
+    with pytest.raises(LmforgeError, match="^" + re.escape(want) + "$"):
+        llm.score(("The capital", " Paris"))
+    with pytest.raises(LmforgeError, match=r"got \[1, 2, 3\]$"):  # a malformed pair of ids: no hint
+        llm.score([[1, 2, 3]])

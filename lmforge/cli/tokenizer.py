@@ -159,7 +159,7 @@ def stats(argv: list[str]) -> int:
         print(json.dumps(s, ensure_ascii=False))
         return 0
     print(f"files {s['files']}  bytes {s['bytes']:,}  tokens {s['tokens']:,}  "
-          f"bytes/token {s['bytes_per_token']:.3f}")
+          f"bytes/token {s['bytes_per_token']:.3f} (of the text, separators left out: data.bytes_per_token's ratio)")
     print(f"vocabulary used {s['vocab_used']:,} of {s['vocab_size']:,} ({100 * s['vocab_used_fraction']:.1f}%)")
     if s["undecodable_bytes"]:
         print(f"undecodable bytes {s['undecodable_bytes']:,} (read as Windows-1252)")

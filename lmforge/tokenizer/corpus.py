@@ -254,7 +254,10 @@ def encode_to_shards(tok, inputs: list[str] | tuple[str, ...], out_dir: str | Pa
 
 def corpus_stats(tok, inputs: list[str] | tuple[str, ...], *, workers: int | None = None,
                  progress: bool = True, top: int = 10) -> dict:
-    """Compression (UTF-8 bytes per token) and vocabulary use of `tok` on the given files."""
+    """Compression and vocabulary use of `tok` on the given files. `bytes` counts the text's UTF-8 bytes, documents'
+    separators included; `bytes_per_token` is the ratio `data.bytes_per_token` takes: the UTF-8 bytes the text tokens
+    stand for over those tokens, separators and special tokens left out of both (as val_bpb counts them:
+    train.pretrain.token_byte_lengths)."""
     files = expand_inputs(inputs)
     tasks = [t for _, t in _encode_tasks(tok, files, 0.0)]
     if not tasks:
@@ -269,9 +272,14 @@ def corpus_stats(tok, inputs: list[str] | tuple[str, ...], *, workers: int | Non
     n_tokens = int(counts.sum())
     used = int((counts > 0).sum())
     order = np.argsort(-counts, kind="stable")[:top]
+    from lmforge.train.pretrain import token_byte_lengths
+
+    id_bytes = token_byte_lengths(tok, tok.vocab_size).numpy()  # the text's bytes, as val_bpb counts them
+    text_tokens = int(counts[id_bytes > 0].sum())
     return {
         "files": len(files), "bytes": n_bytes, "tokens": n_tokens, "undecodable_bytes": bad,
-        "bytes_per_token": n_bytes / max(n_tokens, 1), "vocab_size": tok.vocab_size, "vocab_used": used,
+        "bytes_per_token": float(counts @ id_bytes) / max(text_tokens, 1), "vocab_size": tok.vocab_size,
+        "vocab_used": used,
         "vocab_used_fraction": used / tok.vocab_size,
         "top_tokens": [(int(i), tok.decode([int(i)]), int(counts[i])) for i in order if counts[i] > 0],
     }

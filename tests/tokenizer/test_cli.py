@@ -108,6 +108,21 @@ def test_stats_match_direct_count(corpus, tok_dir, capsys):
     assert s["bytes_per_token"] == pytest.approx(corpus[0].stat().st_size / len(ids))
 
 
+def test_stats_ratio_leaves_the_separators_out_as_val_bpb_does(corpus, tok_dir):
+    """bytes_per_token is the ratio data.bytes_per_token takes: the documents' text bytes over their tokens, the
+    <|endoftext|> separators (13 bytes of file, no token of the text) counted in neither; it counted their bytes."""
+    from lmforge.tokenizer.corpus import corpus_stats
+
+    tok = load_tokenizer(tok_dir)
+    text = corpus[1].read_text()
+    docs = text.split("<|endoftext|>")
+    assert len(docs) == 2
+    s = corpus_stats(tok, [str(corpus[1])], progress=False)
+    assert s["bytes"] == len(text.encode())
+    assert s["bytes_per_token"] == pytest.approx(sum(len(d.encode()) for d in docs) /
+                                                 sum(len(tok.encode(d)) for d in docs))
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     assert lmforge_main(["tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300",
                          "--out", str(tmp_path)]) == 2

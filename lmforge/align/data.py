@@ -479,7 +479,8 @@ class ExampleSource:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "seed": self._order_seed, "n_items": len(self.items),
-                "pack_len": self.pack_len, "units": len(self._epoch_units()), "fingerprint": self.fingerprint}
+                "pack_len": self.pack_len, "units": len(self._epoch_units()), "fingerprint": self.fingerprint,
+                "held_out": "spaced"}  # (hold_out's rule: a state without it was saved under the tail rule)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A state saved before the order's inputs were (seed, n_items, pack_len, units, fingerprint): taken as
@@ -500,10 +501,12 @@ class ExampleSource:
                 raise DataError(f"{where}, but the data is now {data(len(self.items), self.pack_len)}, so the rest "
                                 "of that epoch is unknown; resume with the run's data.train, data.seq_len and "
                                 "data.packing, or start a new run with init = that checkpoint")
+            older = ("" if "held_out" in state else " (a checkpoint saved before data.val_fraction held out examples "
+                     "spread over every file, not the last file's tail, meets this with the same files too)")
             raise DataError(f"{where}, but the examples' contents have changed (fingerprint {state['fingerprint']} "
                             f"-> {self.fingerprint}), so the rest of that epoch is unknown; resume with the run's "
                             "data.train files, tokenizer and data settings (template, loss_on, truncation), or start "
-                            "a new run with init = that checkpoint")
+                            f"a new run with init = that checkpoint{older}")
         self.epoch, self.pos, self._order_seed = self.epoch + 1, 0, self.seed  # that epoch had ended
 
 

@@ -260,6 +260,10 @@ def test_a_resume_mid_epoch_over_other_contents_is_refused():
                                             r"\w+ -> \w+\), so the rest of that epoch is unknown; resume with the "
                                             r"run's data.train files"):
             other.load_state_dict(mid)
+        tail_rule = {k: v for k, v in mid.items() if k != "held_out"}  # saved when val_fraction took the tail
+        with pytest.raises(DataError, match=r"init = that checkpoint \(a checkpoint saved before data.val_fraction "
+                                            r"held out examples spread over every file"):
+            other.load_state_dict(tail_rule)
         old = {k: v for k, v in mid.items() if k != "fingerprint"}  # a checkpoint from before the fingerprint
         other.load_state_dict(old)
         assert (other.epoch, other.pos) == (0, 2)

@@ -291,6 +291,9 @@ _RULES: tuple[_Rule, ...] = (
     _rule("beam_width", lambda p: p.beam_width >= 1, lambda p: f"beam_width must be >= 1, got {p.beam_width}"),
     _rule("beam_width n", lambda p: p.beam_width == 1 or p.n <= p.beam_width,
           lambda p: f"n={p.n} beams asked for but beam_width={p.beam_width}"),
+    _rule("length_penalty", lambda p: math.isfinite(p.length_penalty),
+          lambda p: f"length_penalty must be a finite number (beam score = sum logprob / length ** length_penalty; "
+                    f"0 = no normalisation), got {p.length_penalty}"),
     _rule("beam_width temperature", lambda p: p.beam_width == 1 or p.temperature == 0,
           lambda p: f"beam search is deterministic: set temperature=0 (got {p.temperature})"),
     _rule("beam_width repetition_penalty frequency_penalty presence_penalty logit_bias",

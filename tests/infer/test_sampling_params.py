@@ -84,6 +84,7 @@ VALUES = {  # per field, values valid and not (alone or beside others), numpy-fr
     "logprobs": [None, 0, 2, -1], "logprobs_mode": ["raw", "processed", "other"], "prompt_logprobs": [None, 1, -1],
     "prompt_logprobs_start": [1, 3, 0], "beam_width": [1, 2, 4, 0], "skip_special_tokens": [False, True],
     "output_kind": ["cumulative", "delta", "final"], "include_stop_str_in_output": [False, True, 1],
+    "length_penalty": [1.0, 0.0, -0.5, float("-inf")],
 }
 
 
@@ -125,3 +126,12 @@ def test_from_dict_of_something_not_a_dict_names_what_it_got(body):
     with pytest.raises(ConfigError, match=f"sampling options must be a dict .* got {type(body).__name__}$"):
         SamplingParams.from_dict(body)
     assert SamplingParams.from_dict({"stop": "x", "n": 2}) == SamplingParams(stop=("x",), n=2)
+
+
+@pytest.mark.parametrize("alpha", [float("-inf"), float("inf"), float("nan")])
+def test_a_length_penalty_that_is_not_finite_is_refused_when_made(alpha):
+    # (-inf divided a beam's score by 0 inside a step, a ZeroDivisionError that took the batch with it; inf and
+    # nan ranked beams by 0 / -0 / nan scores silently)
+    with pytest.raises(ConfigError, match=f"length_penalty must be a finite number .* got {alpha}$"):
+        SamplingParams(temperature=0, beam_width=2, length_penalty=alpha)
+    assert SamplingParams(temperature=0, beam_width=2, length_penalty=-0.5).length_penalty == -0.5

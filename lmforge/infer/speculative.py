@@ -51,7 +51,7 @@ from typing import Callable
 
 import torch
 
-from lmforge.config import check
+from lmforge.config import check, is_int
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.acceptance import (  # noqa: F401 (the rules' home is lmforge.infer.acceptance)
     EXACT,
@@ -416,15 +416,21 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
         _check_accept(draft)
         return lambda seq: draft
     if isinstance(draft, torch.nn.Module):  # only without a paged draft model (lmforge.infer.draft)
-        from lmforge.infer.config import limits
-
-        draft_vocab = limits(draft, draft.cache_spec() if hasattr(draft, "cache_spec") else None)[1]
-        if draft_vocab != vocab_size:
-            raise ConfigError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's ({vocab_size}): "
-                              "speculative decoding compares their distributions token by token; use a draft "
-                              "with the target's tokenizer and vocabulary size")
+        check_draft_vocab(draft, vocab_size)
         return lambda seq: ModelDrafter(draft, seq.request.prompt_len + seq.params.max_tokens + k + 1)
     raise ConfigError(f"draft must be None, 'ngram', 'mtp', a draft model or a drafter, got {draft!r}")
+
+
+def check_draft_vocab(model, vocab_size: int) -> None:
+    """A draft model (a chain's, a TreeDrafter's) must have the target's vocabulary: its distributions are compared
+    with the target's token by token, and it reads the target's token ids."""
+    from lmforge.infer.config import limits
+
+    draft_vocab = limits(model, model.cache_spec() if hasattr(model, "cache_spec") else None)[1]
+    if draft_vocab != vocab_size:
+        raise ConfigError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's ({vocab_size}): "
+                          "speculative decoding compares their distributions token by token; use a draft "
+                          "with the target's tokenizer and vocabulary size")
 
 
 def _check_accept(draft) -> None:
@@ -488,7 +494,8 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int, accept
         is_draft_head,
     )
 
-    check(num_draft_tokens >= 0, f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    check(is_int(num_draft_tokens) and num_draft_tokens >= 0,
+          f"num_draft_tokens must be an int >= 0, got {num_draft_tokens!r}")
     acceptance = acceptance_of(draft, acceptance)  # (the user's object: a head is wrapped below)
     paged = isinstance(engine.runner, PagedRunner)
     if is_draft_head(draft):  # an EAGLE-style head whose cache shares the pool's blocks (infer.draft)
@@ -497,6 +504,8 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int, accept
     make = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens)
     engine.make_drafter = DrafterFactory(make, acceptance)
     model = pool_model(draft)
+    if model is not None and model is not draft:  # a TreeDrafter's draft model (a chain's: make_drafter_factory)
+        check_draft_vocab(model, engine.vocab_size)
     if paged and model is not None and engine.draft_head is None:  # a draft model (or a TreeDrafter's) on the pool
         engine.draft_model = PagedDraftModel(model, num_blocks, engine.config.block_size, engine.device,
                                              graphs=engine.runner.graphs_mode, max_batch=engine.config.max_num_seqs,

@@ -478,3 +478,10 @@ def test_tree_drafter_on_the_pool_drafts_treedrafters_trees(tok, variant):
     assert max(starts) > 12  # catch-ups resumed after accepted nodes, not from 0
     tree_graphs = any(key[3] for key in paged.runner.graphs.entries)
     assert tree_graphs == (variant != "sliding")  # (trees on sliding windows stay eager: a node's slot is not its position)
+
+
+@pytest.mark.parametrize("k", [1.5, "4", True])
+def test_num_draft_tokens_that_is_no_int_is_refused_when_built(tok, k):
+    # (1.5 was taken, and the first drafted step failed with "TypeError: slice indices must be integers")
+    with pytest.raises(ConfigError, match=f"num_draft_tokens must be an int >= 0, got {k!r}$"):
+        LLM(tiny_model(), tok, draft="ngram", num_draft_tokens=k)

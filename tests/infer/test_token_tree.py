@@ -309,3 +309,12 @@ def test_gpu_tree_steps_replay_tree_graphs_and_skip_the_kernel_step():
     # a sampled request: trees drawn and verified on the device (its generator), whole paths accepted
     out = run_all(engine, [(PROMPT, dict(temperature=0.9, seed=5, max_tokens=24, ignore_eos=True))])[0]
     assert len(out.outputs[0].token_ids) == 24 and out.metrics["target_forwards"] - 1 <= 7
+
+
+@pytest.mark.parametrize("vocab", [100, 300])
+def test_a_tree_drafters_model_of_another_vocabulary_is_refused_with_the_fix(vocab):
+    # (a chain's draft model was checked; a TreeDrafter's was not: 100 rows failed the first step with
+    # "IndexError: index out of range in self" on a target token id past them)
+    with pytest.raises(ConfigError, match=rf"the draft model's vocabulary \({vocab}\) differs from the target's "
+                                          r"\(257\).*use a draft with the target's tokenizer"):
+        Engine(tiny_model(), IdTokenizer(257), draft=TreeDrafter(tiny_model(vocab_size=vocab), widths=(2,)))

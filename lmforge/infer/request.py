@@ -366,6 +366,9 @@ def check_ids(ids: list, vocab_size: int, what: str) -> bool:
     plain = set(map(type, ids)) == {int}
     if not plain or min(ids) < 0 or max(ids) >= vocab_size:
         bad = [t for t in ids if not is_int(t) or not 0 <= t < vocab_size]
+        if bad and not is_int(bad[0]):  # (2.0 or True is not "outside" the vocabulary)
+            raise LmforgeError(f"{what} has token id {bad[0]!r} that is not an int: token ids are ints in "
+                               f"[0, {vocab_size})")
         if bad:
             raise LmforgeError(f"{what} has token id {bad[0]!r} outside the model's vocabulary [0, {vocab_size})")
     return plain

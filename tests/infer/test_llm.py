@@ -528,3 +528,11 @@ def test_text_offsets_say_where_each_tokens_text_starts(tok):
     cut = llm.generate("hi", SamplingParams(**{**vars(sp), "stop": ("bc",)}))[0].outputs[0]
     assert cut.text == "a€" and cut.text_offsets == [0, 1, 1, 1, 2, 2]  # 'c' ended the text at the cut
     assert llm.generate("hi", GREEDY)[0].outputs[0].text_offsets is None  # (without logprobs)
+
+
+@pytest.mark.parametrize("bad", [2.0, True, "7"])
+def test_a_token_id_that_is_no_int_is_named_as_such(tok, bad):
+    # (2.0 was refused as "token id 2.0 outside the model's vocabulary [0, 257)", which it is not)
+    with pytest.raises(LmforgeError, match=rf"^prompt 0 has token id {bad!r} that is not an int: token ids are ints in "
+                                           r"\[0, 257\)$"):
+        LLM(tiny_model("llama"), tok).generate([[1, bad]], GREEDY)

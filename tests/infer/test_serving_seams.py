@@ -167,8 +167,9 @@ def test_plain_int_prompts_are_checked_without_a_per_token_loop(monkeypatch):
     assert encode_prompt(None, ids, sp, 0, 257, 10**6) == ids and calls == []
     got = encode_prompt(None, list(np.arange(5)), sp, 0, 257, 100)  # numpy ints: the exact check, made ints
     assert got == [0, 1, 2, 3, 4] and all(type(t) is int for t in got) and len(calls) == 5
-    for bad, shown in (([1, 257], "257"), ([-1, 3], "-1"), ([1, True], "True"), ([2, 1.0], "1.0")):
-        with pytest.raises(LmforgeError, match=f"prompt 2 has token id {shown} outside"):
+    for bad, said in (([1, 257], "257 outside"), ([-1, 3], "-1 outside"), ([1, True], "True that is not an int"),
+                      ([2, 1.0], "1.0 that is not an int")):
+        with pytest.raises(LmforgeError, match=f"prompt 2 has token id {said}"):
             encode_prompt(None, bad, sp, 2, 257, 100)
 
 

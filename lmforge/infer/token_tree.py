@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.config import is_int
 from lmforge.errors import ConfigError
 from lmforge.infer.processors import apply_processors
 from lmforge.model.meta import check_tree
@@ -141,9 +142,9 @@ class TreeDrafter:
         """acceptance: the rule its trees are verified by (lmforge.infer.speculative.AcceptanceRule, e.g.
         TypicalAcceptance); None = the exact one."""
         widths = tuple(widths)
-        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+        if not widths or any(not is_int(w) or w < 1 for w in widths):
             raise ConfigError(f"TreeDrafter widths must be positive ints, one per depth, e.g. (3, 2, 1); got {widths}")
-        self.model, self.widths, self.acceptance = model, widths, acceptance
+        self.model, self.widths, self.acceptance = model, tuple(int(w) for w in widths), acceptance
 
     @property
     def tree_size(self) -> int:

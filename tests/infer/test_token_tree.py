@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -318,3 +319,11 @@ def test_a_tree_drafters_model_of_another_vocabulary_is_refused_with_the_fix(voc
     with pytest.raises(ConfigError, match=rf"the draft model's vocabulary \({vocab}\) differs from the target's "
                                           r"\(257\).*use a draft with the target's tokenizer"):
         Engine(tiny_model(), IdTokenizer(257), draft=TreeDrafter(tiny_model(vocab_size=vocab), widths=(2,)))
+
+
+def test_tree_widths_take_any_int_and_refuse_bools():
+    # (numpy ints were refused as "not positive ints"; True passed and failed the first drafted step in topk)
+    assert TreeDrafter(tiny_model(), widths=[np.int64(2), 1]).widths == (2, 1)
+    with pytest.raises(ConfigError, match=r"TreeDrafter widths must be positive ints, one per depth, "
+                                          r"e\.g\. \(3, 2, 1\); got \(True, 1\)"):
+        TreeDrafter(tiny_model(), widths=(True, 1))

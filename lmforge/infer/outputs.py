@@ -4,6 +4,8 @@ scoring."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -185,6 +187,12 @@ def input_error(error: LmforgeError, what: str, index: int, errors: str) -> Requ
     named = RequestError(message)
     named.__cause__ = error
     return named
+
+
+def unstarted(first: CompletionOutput, n: int) -> list[CompletionOutput]:
+    """Samples 1..n-1 of a request that ended before they forked from its prompt's logits: copies of its first
+    sample, which holds no token yet, each with its own lists and its own index."""
+    return [dataclasses.replace(copy.deepcopy(first), index=j) for j in range(1, n)]
 
 
 def failed_output(error: RequestError, prompt_token_ids, n: int = 1) -> RequestOutput:

@@ -19,7 +19,7 @@ import torch
 from lmforge.config import is_int
 from lmforge.errors import LmforgeError
 from lmforge.infer.detok import StreamDecoder
-from lmforge.infer.outputs import CompletionOutput, RequestOutput
+from lmforge.infer.outputs import CompletionOutput, RequestOutput, unstarted
 from lmforge.infer.processors import for_sample
 from lmforge.infer.sampling import SamplingParams
 
@@ -299,6 +299,8 @@ class Request:
         if outs is None:  # (an aborted search's outputs are its live beams, ended 'abort')
             outs = (self.strategy.partial("abort" if self.aborted else None) if hasattr(self.strategy, "partial")
                     else [s.output(done, delta) for s in self.seqs])
+            if done and not self.forked and outs:  # ended before its n samples forked from the prompt's logits (aborted
+                outs += unstarted(outs[0], self.params.n)  # queued or mid-prefill, a processor failing there)
         metrics = self.strategy.metrics() if hasattr(self.strategy, "metrics") else {}
         if self.first_token_time is not None:
             metrics["time_to_first_token_s"] = self.first_token_time - self.arrival_time

@@ -128,3 +128,20 @@ def test_a_failing_processor_factory_aborts_only_its_request(tok):
     assert "_Factory.for_sequence() returned int, not a function" in str(outs[2].error)
     assert all(isinstance(o.error, RequestError) and o.finish_reason == "abort" for o in outs[1:])
     assert engine.pool.num_used == 0 and not engine.requests
+
+
+def test_a_processor_failing_on_the_first_token_leaves_n_failed_samples_as_a_refused_request(tok):
+    """The n samples of a request fork from its prompt's logits: a processor failing there ended the request with one
+    sample, where a refused request (errors="return") gives n; an RL group of n read one."""
+    from lmforge.infer.llm import LLM
+
+    from .infer_helpers import tiny_model
+
+    sampled = SamplingParams(temperature=1.0, seed=0, n=3, max_tokens=4)
+    dead = SamplingParams(temperature=1.0, seed=0, n=3, max_tokens=4, logits_processors=(_only(),))
+    outs = LLM(tiny_model("llama"), tok).generate(["ok", "x" * 300, "dead"], [sampled, sampled, dead],
+                                                  errors="return")
+    assert [len(o.outputs) for o in outs] == [3, 3, 3]
+    for out in outs[1:]:
+        assert isinstance(out.error, RequestError)
+        assert [(o.index, o.token_ids, o.finish_reason) for o in out.outputs] == [(j, [], "abort") for j in range(3)]

@@ -322,3 +322,21 @@ def test_an_aborted_requests_running_samples_read_abort():
     eng.step()
     out = eng.abort(rid)
     assert out.finished and [o.finish_reason for o in out.outputs] == ["abort", "abort"]
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_a_request_aborted_before_its_samples_fork_still_has_n_samples(steps):
+    """Queued, or mid-prefill (its n samples fork from the prompt's last logits): the abort's output holds n empty
+    samples, indices 0..n-1, as a refused request's does (outputs.failed_output) and as every output after the fork;
+    it held one (a server's n choices, an RL group of n, came back with one). A beam search's is its prompt beam."""
+    eng = engine(max_num_batched_tokens=4)
+    rid = eng.add_request("hello there", SamplingParams(n=3, max_tokens=20, seed=0, logprobs=0))
+    for _ in range(steps):
+        assert eng.step() == []  # (the prompt's 11 tokens take 3 steps at 4 a step)
+    out = eng.abort(rid)
+    assert [(o.index, o.text, o.token_ids, o.finish_reason, o.logprobs) for o in out.outputs] == [
+        (j, "", [], "abort", []) for j in range(3)]
+    assert out.outputs[1].token_ids is not out.outputs[2].token_ids
+    assert eng.pool.num_used == 0 and not eng.requests
+    beams = eng.add_request("hello", SamplingParams(temperature=0, beam_width=3, n=3, max_tokens=5))
+    assert len(eng.abort(beams).outputs) == 1

@@ -134,9 +134,12 @@ class ParallelConfig:
                               + (f" x tp={self.tp} for sequence parallelism" if self.sequence_parallel and self.tp > 1
                                  else "") + ")")
         dp = self.dp_replicate * self.dp_shard
-        if batch_size is not None and batch_size % (dp * (self.n_microbatches if self.pp > 1 else 1)):
+        unit = dp * (self.n_microbatches if self.pp > 1 else 1)
+        if batch_size is not None and batch_size % unit:
             raise ConfigError(f"batch_size={batch_size} must be divisible by the data-parallel size {dp}"
-                              + (f" x microbatches={self.n_microbatches}" if self.pp > 1 else ""))
+                              + (f" x microbatches={self.n_microbatches}" if self.pp > 1 else "")
+                              + f"; set data.batch_size (the global batch, split over the ranks) to a multiple of "
+                              f"{unit}, e.g. {batch_size + unit - batch_size % unit}")
 
 
 def build_mesh(cfg: ParallelConfig, device_type: str = "cpu"):

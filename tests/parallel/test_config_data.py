@@ -209,7 +209,8 @@ def test_nproc_checks_the_batch_against_the_default_layout_before_launching(comm
     odd = tmp_path / "odd.toml"
     odd.write_text("[data]\nbatch_size = 3\n")
     assert main([command, "--config", str(odd), "--nproc", "2"]) == 2
-    assert "batch_size=3 must be divisible by the data-parallel size 2" in capsys.readouterr().err
+    assert ("batch_size=3 must be divisible by the data-parallel size 2; set data.batch_size (the global batch, split "
+            "over the ranks) to a multiple of 2, e.g. 4") in capsys.readouterr().err
     assert launched == []
     odd.write_text("[data]\nbatch_size = 4\n")
     assert main([command, "--config", str(odd), "--nproc", "2"]) == 0 and len(launched) == 1

@@ -194,8 +194,8 @@ def sampled_ids(rec: dict, name: str) -> tuple[Any, Any] | None:
     return (rec.get("prompt_ids"), rec[f"{name}_ids"]) if f"{name}_ids" in rec else None
 
 
-def read_jsonl(path: str | Path, report: DataReport, on_error: str):
-    """(file:line, record) for every line; undecodable lines raise or are counted."""
+def check_data_file(path: str | Path) -> Path:
+    """`path` as a Path, refused where it is no file (missing, or a directory: the files in it named)."""
     path = Path(path)
     if path.is_dir():
         from lmforge.train.data import directory_error
@@ -203,6 +203,12 @@ def read_jsonl(path: str | Path, report: DataReport, on_error: str):
         raise directory_error(path, "a JSONL data file", "*.jsonl")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    return path
+
+
+def read_jsonl(path: str | Path, report: DataReport, on_error: str):
+    """(file:line, record) for every line; undecodable lines raise or are counted."""
+    path = check_data_file(path)
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             if not raw.strip():

@@ -45,10 +45,14 @@ def _show_warning(cmd: str):
     """warnings.showwarning for a command's run: `lmforge CMD: warning: MSG` on one line. The file and source line
     Python would add point at tyro or the console script (warn_caller names the first frame outside lmforge, which
     for a command is one of those), so they say nothing to someone at a terminal."""
+    from lmforge.parallel.reports import report_once  # (N processes of one --nproc launch warn once)
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         kind = "" if category is UserWarning else f" ({category.__name__})"
+        text = f"lmforge {cmd}: warning{kind}: {message}"
         try:
-            print(f"lmforge {cmd}: warning{kind}: {message}", file=file or sys.stderr)
+            if report_once(text):
+                print(text, file=file or sys.stderr)
         except OSError:  # stderr closed: a warning is not worth failing the command for
             pass
     return show
@@ -108,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         except LmforgeError as e:
             if debug:
                 raise
-            print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
-            print("(run with --debug for a traceback)", file=sys.stderr)
+            from lmforge.parallel.reports import report_once
+
+            if report_once(f"lmforge {cmd}: error: {e}"):  # (N processes that fail alike: one line)
+                print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
+                print("(run with --debug for a traceback)", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
+            from lmforge.parallel.reports import launched_worker
+
+            if not launched_worker():  # (the --nproc launcher says it once for all)
+                print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
             return 130
         except Exception as e:  # a full disk under any writer (metrics.jsonl, loss.png, shards): said, not a traceback
             if debug or not is_disk_full(e):

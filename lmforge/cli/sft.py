@@ -32,7 +32,12 @@ def run_objective(name: str, argv: list[str]) -> int:
                               f"remove the key or run `lmforge {cfg.objective}`")
         return cfg
 
-    rc, cfg = relaunch(name, argv, parse)
+    def check(cfg) -> None:
+        from lmforge.train.posttrain import check_posttrain  # (torch: after --help and a bad flag)
+
+        check_posttrain(cfg)
+
+    rc, cfg = relaunch(name, argv, parse, check)
     if rc is not None:
         return rc
     from lmforge.train.posttrain import posttrain  # (torch, the model code and the objectives)

@@ -37,11 +37,14 @@ def pop_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
     return (int(nproc) if nproc is not None else None), rest
 
 
-def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any]) -> tuple[int | None, Any]:
+def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any],
+             check: Callable[[Any], None] | None = None) -> tuple[int | None, Any]:
     """`lmforge COMMAND --nproc N ...`: the arguments without --nproc are parsed here first (`parse`), so
     that --help and a bad config answer once, before any process starts; then with N > 1, outside torchrun,
-    the command re-runs under torchrun on N local processes: (its exit code, None). Otherwise (None, the
-    parsed config) to run here."""
+    `check(config)` runs the checks the run makes before training (its data files, tokenizer, vocabulary), so a
+    bad input is one line, not N, and the command re-runs under torchrun on N local processes: (its exit code,
+    None); what they print alike (an error, a warning) is printed once (lmforge.parallel.reports). Otherwise
+    (None, the parsed config) to run here, where the run checks its inputs itself."""
     import os
 
     nproc, argv = pop_nproc(argv)
@@ -50,11 +53,15 @@ def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any]) -
         check_launch(cfg, nproc or 1)
     if nproc is not None and nproc > 1 and "RANK" not in os.environ:
         from lmforge.parallel.launch import backend_for, check_local_gpus, run_passing_signals, torchrun_argv
+        from lmforge.parallel.reports import shared_reports
 
         if backend_for(cfg.device) == "nccl":
             check_local_gpus(nproc)
-        # a Ctrl-C or SIGTERM to this launcher reaches the processes that train (they checkpoint and stop)
-        return run_passing_signals(torchrun_argv(nproc, [command, *argv])), None
+        with shared_reports():
+            if check is not None:
+                check(cfg)
+            # a Ctrl-C or SIGTERM to this launcher reaches the processes that train (they checkpoint and stop)
+            return run_passing_signals(torchrun_argv(nproc, [command, *argv])), None
     return None, cfg
 
 
@@ -85,20 +92,34 @@ def check_launch(cfg, nproc: int) -> None:
                                       batch_size=getattr(data, "batch_size", None))
 
 
+def check_sections(cfg) -> None:
+    """Refuse settings of a model section the model does not use (a command line that sets one meant the switch)."""
+    ignored = cfg.model.ignored_sections()
+    if ignored:  # (Python may keep a dense twin's section)
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"{ignored[0]}, or remove those settings")
+
+
+def check_run(cfg) -> None:
+    """What `lmforge train` checks before it trains, for the --nproc launcher to check once before N processes do:
+    the model's sections, and the shards against each other, their tokenizer and the model's vocabulary."""
+    from lmforge.train.pretrain import pretraining_data
+
+    check_sections(cfg)
+    pretraining_data(cfg)
+
+
 def main(argv: list[str]) -> int:
     import os
 
     from lmforge.train.config import TrainConfig
 
     rc, cfg = relaunch("train", argv, lambda a: parse_config(TrainConfig, a, prog="lmforge train",
-                                                            description=_description()))
+                                                            description=_description()), check_run)
     if rc is not None:
         return rc
-    ignored = cfg.model.ignored_sections()
-    if ignored:  # (Python may keep a dense twin's section; a command line that sets one meant the switch)
-        from lmforge.errors import ConfigError
-
-        raise ConfigError(f"{ignored[0]}, or remove those settings")
+    check_sections(cfg)
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0:
         print(model_summary(cfg), flush=True)

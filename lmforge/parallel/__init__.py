@@ -1,7 +1,9 @@
 """Parallelism applied from outside the model (model code knows nothing of it; torchtitan's parallelize
 functions are the example). Every transform here is tested on CPU with gloo against one process.
 
-  launch.py        join torchrun's group; run_local(fn, N) for tests and examples (N local processes)
+  launch.py        join torchrun's group; `--nproc N`'s launcher (signals, torchrun's outcome in one line);
+                   run_local(fn, N) for tests and examples (N local processes)
+  reports.py       what the processes of one `--nproc N` launch print once between them (errors, warnings)
   ddp.py           data parallel from scratch: all-reduce per parameter; bucketed, overlapped with backward
   zero.py          ZeRO-1/2/3 from scratch (per-tensor partitions: any lmforge optimizer) + memory formula
   config.py        ParallelConfig (pp x dp_replicate x dp_shard x cp x tp), validation, device mesh

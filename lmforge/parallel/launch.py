@@ -5,6 +5,10 @@ Under `torchrun --nproc-per-node N`, every process reads RANK / WORLD_SIZE / LOC
 environment and `init_distributed()` joins the group. For tests, `run_local(fn, world_size)` starts the
 processes itself (torch.multiprocessing), rendezvous through a file (no ports to collide), and returns
 each rank's return value, or raises if any rank failed or the time limit passed.
+
+`lmforge COMMAND --nproc N` re-runs itself as `python -m lmforge.parallel.launch TORCHRUN-ARGS` (torchrun_argv):
+torchrun, whose outcome `torchrun()` says in the failed process's own words and exit code, under a launcher that
+passes signals to the processes that train (run_passing_signals).
 """
 
 from __future__ import annotations
@@ -70,8 +74,43 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    return [sys.executable, "-m", "lmforge.parallel.launch", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "lmforge", *argv]
+
+
+def torchrun(args: list[str]) -> int:
+    """torchrun (torch.distributed.run) run on `args`, its outcome said as one lmforge command says it: the exit code
+    of the process that failed (it has printed its own error), without torchrun's log lines, traceback and table of
+    failed ranks that followed the one-line error N times over; one line for a process a signal ended (the OOM
+    killer's SIGKILL), which printed nothing itself; 128 + the signal where torchrun itself was stopped by one."""
+    import logging
+    import signal
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.disable(logging.ERROR)  # (this process runs torchrun alone: the processes that train log as they do)
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        # the process that failed by itself: an exit code before a signal, and of signals one other than the SIGTERM
+        # torchrun then ends the others with (the failures' timestamps, in whole seconds, mostly tie)
+        rank, failure = min(e.failures.items(), key=lambda kv: (kv[1].exitcode <= 0, kv[1].exitcode == -signal.SIGTERM,
+                                                               kv[1].timestamp, kv[0]))
+        if failure.exitcode > 0:
+            return failure.exitcode
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        print(f"lmforge: the process of rank {rank} was ended by {name}{hint}", file=sys.stderr)
+        return 128 - failure.exitcode
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
 
 
 SECOND_SIGNAL_GRACE = 3.0
@@ -218,3 +257,9 @@ def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 1
                 if p.is_alive():
                     p.kill()
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
+if __name__ == "__main__":  # `python -m lmforge.parallel.launch TORCHRUN-ARGS`: what torchrun_argv runs
+    import sys
+
+    sys.exit(torchrun(sys.argv[1:]))

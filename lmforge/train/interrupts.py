@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lmforge.errors import ConfigError
 from lmforge.model.layers.moe import MoE
+from lmforge.parallel.reports import report_once
 from lmforge.train import distributed as ddp
 
 if TYPE_CHECKING:
@@ -127,7 +128,9 @@ class Interrupts:
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        tqdm.write(f"{signal.Signals(signum).name}: stopping at the end of this step (again to stop at once)")
+        say = f"{signal.Signals(signum).name}: stopping at the end of this step (again to stop at once)"
+        if report_once(say):  # (the N processes of one --nproc launch: once)
+            tqdm.write(say)
 
     @contextlib.contextmanager
     def deferred_signals(self):

@@ -177,6 +177,25 @@ def build_objective(cfg: PostTrainConfig, init_path: str, device: str, policy: t
     return cls(options, **kwargs) if options is not None else cls(**kwargs)
 
 
+def check_posttrain(cfg: PostTrainConfig) -> None:
+    """What a post-training run checks before it loads a model: init is set and holds a checkpoint, a teacher is
+    named where the objective needs one, the run_dir holds no other objective's run, the frozen models' devices
+    exist, the data files are there. `lmforge sft|dpo|... --nproc N` calls it before any process starts, so such
+    a run answers in one line, not once per rank."""
+    from lmforge.align.data import check_data_file
+    from lmforge.checkpoint import resolve_checkpoint
+
+    if not cfg.init:
+        raise ConfigError("init is not set: give the checkpoint, run or HF directory to start from (init = 'runs/x')")
+    resolve_checkpoint(cfg.init)
+    if "teacher" in inspect.signature(resolve(objective_spec(cfg.objective).path)).parameters and not cfg.teacher:
+        raise ConfigError(f"{cfg.objective} needs a teacher model: set teacher = 'checkpoint or HF directory'")
+    check_run_objective(cfg)
+    frozen_devices(cfg)
+    for path in (*cfg.data.train, *cfg.data.val):
+        check_data_file(path)
+
+
 def posttrain(cfg: PostTrainConfig):
     """Run one post-training objective as configured; returns the Trainer's TrainResult."""
     from lmforge.adapt.lora import lora_layers
@@ -186,13 +205,10 @@ def posttrain(cfg: PostTrainConfig):
     from lmforge.train.trainer import Trainer
     from lmforge.align.sft import ObjectiveEvaluator
 
-    if not cfg.init:
-        raise ConfigError("init is not set: give the checkpoint, run or HF directory to start from (init = 'runs/x')")
+    check_posttrain(cfg)  # before any model is loaded
     spec = objective_spec(cfg.objective)
-    check_run_objective(cfg)
     par = join(cfg.parallel, cfg.device)
     device = train_device(cfg.device)
-    frozen_devices(cfg)  # before any model is loaded
     torch.manual_seed(cfg.seed)  # the same on every rank: identical heads and data order
     model, tok = load_model(cfg.init, device=device)
     merged = bool(lora_layers(model))  # start_model merges an init's adapters: a LoRA run's base is that model
@@ -207,8 +223,6 @@ def posttrain(cfg: PostTrainConfig):
     if getattr(tok, "vocab_size", 0) > mcfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but the init model's vocab_size is "
                           f"{mcfg.vocab_size}: it was not made for this model; use the model's own tokenizer")
-    if "teacher" in inspect.signature(resolve(spec.path)).parameters and not cfg.teacher:
-        raise ConfigError(f"{cfg.objective} needs a teacher model: set teacher = 'checkpoint or HF directory'")
     recorded = recorded_chat_template(cfg.init)
     if recorded and recorded != cfg.data.template and rank_and_world()[0] == 0:
         print(f"note: {cfg.init} was fine-tuned with chat template {recorded!r}, this run uses "

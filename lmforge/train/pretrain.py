@@ -119,12 +119,17 @@ class Parts(NamedTuple):
     runner: Any  # lmforge.parallel.runner.ParallelRunner on N processes, else None
 
 
-def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> Parts:
-    from lmforge.model.registry import build_model  # the class model.arch names (lmforge's Transformer by default)
+class Data(NamedTuple):
+    sampler: Any
+    train: list
+    val: list
+    tokenizer: Any
 
-    par = join(cfg.parallel, cfg.device)
-    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
-    model = (model if model is not None else build_model(cfg.model)).to(train_device(cfg.device))
+
+def pretraining_data(cfg: TrainConfig, tokenizer=None) -> Data:
+    """The run's shards opened (headers only) and checked against each other, the tokenizer and the model's
+    vocabulary: what a bad data.train, a shard of another tokenizer or a too-small vocab_size fails on. `lmforge
+    train --nproc N` calls it before any process starts, so such a run answers in one line, not once per rank."""
     d = cfg.data
     if d.sources:
         sampler, train_splits, val_splits = _mixture(cfg)
@@ -143,10 +148,21 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {n_tok} tokens "
                           f"({cfg.tokenizer or first.tokenizer}): its ids {cfg.model.vocab_size}..{n_tok - 1} have no "
                           f"embedding, and no checkpoint could be sampled with it; set model.vocab_size >= {n_tok}")
+    if cfg.bf16_residual and not uses_bf16(cfg, train_device(cfg.device)):
+        raise ConfigError(f"bf16_residual = true needs bf16 autocast (dtype = '{cfg.dtype}' on "
+                          f"{train_device(cfg.device).type} trains in fp32): set dtype = 'bf16' or drop it")
+    return Data(sampler, train_splits, val_splits, tokenizer)
+
+
+def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None) -> Parts:
+    from lmforge.model.registry import build_model  # the class model.arch names (lmforge's Transformer by default)
+
+    par = join(cfg.parallel, cfg.device)
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
+    model = (model if model is not None else build_model(cfg.model)).to(train_device(cfg.device))
+    d = cfg.data
+    sampler, train_splits, val_splits, tokenizer = pretraining_data(cfg, tokenizer)
     if cfg.bf16_residual:
-        if not uses_bf16(cfg, train_device(cfg.device)):
-            raise ConfigError(f"bf16_residual = true needs bf16 autocast (dtype = '{cfg.dtype}' on "
-                              f"{train_device(cfg.device).type} trains in fp32): set dtype = 'bf16' or drop it")
         if not hasattr(model, "residual_dtype"):
             raise ConfigError(f"bf16_residual applies to lmforge's Transformer, not {type(model).__name__}")
         model.residual_dtype = torch.bfloat16

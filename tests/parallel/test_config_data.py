@@ -84,7 +84,7 @@ def test_torchrun_command_for_nproc():
     from lmforge.parallel.launch import torchrun_argv
 
     assert torchrun_argv(4, ["train", "--config", "x.toml"]) == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "lmforge",
+        sys.executable, "-m", "lmforge.parallel.launch", "--standalone", "--nproc-per-node=4", "-m", "lmforge",
         "train", "--config", "x.toml"]
     with pytest.raises(ConfigError, match="--nproc must be >= 1, got 0"):
         torchrun_argv(0, [])
@@ -206,11 +206,65 @@ def test_nproc_checks_the_batch_against_the_default_layout_before_launching(comm
     once, before torchrun starts (it failed in every rank, under torchrun's report of failed children)."""
     from lmforge.cli import main
 
-    odd = tmp_path / "odd.toml"
-    odd.write_text("[data]\nbatch_size = 3\n")
-    assert main([command, "--config", str(odd), "--nproc", "2"]) == 2
+    good = _runnable(tmp_path, command)
+    assert main([command, "--config", good, "--data.batch-size", "3", "--nproc", "2"]) == 2
     assert ("batch_size=3 must be divisible by the data-parallel size 2; set data.batch_size (the global batch, split "
             "over the ranks) to a multiple of 2, e.g. 4") in capsys.readouterr().err
     assert launched == []
-    odd.write_text("[data]\nbatch_size = 4\n")
-    assert main([command, "--config", str(odd), "--nproc", "2"]) == 0 and len(launched) == 1
+    assert main([command, "--config", good, "--data.batch-size", "4", "--nproc", "2"]) == 0 and len(launched) == 1
+
+
+def _runnable(tmp_path, command: str) -> str:
+    """A config file `lmforge COMMAND` checks as runnable: its data there, the model's vocabulary holding its ids
+    (train), an init directory holding a checkpoint (sft: the file resolve_checkpoint looks for, never loaded)."""
+    from tests.train.helpers import make_shard
+
+    path = tmp_path / f"{command}.toml"
+    head = f'run_dir = "{tmp_path / "run"}"\ndevice = "cpu"\n'
+    if command == "train":
+        shard = make_shard(tmp_path / "train.bin")  # byte ids: vocab 257
+        path.write_text(f'{head}[model]\nvocab_size = 257\nd_model = 32\nn_layers = 1\nn_heads = 2\n'
+                        f'max_seq_len = 32\n[data]\ntrain = ["{shard}"]\nseq_len = 32\nbatch_size = 4\n')
+    else:
+        (tmp_path / "init").mkdir()
+        (tmp_path / "init" / "model.safetensors").write_bytes(b"")
+        (tmp_path / "chat.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+        path.write_text(f'{head}init = "{tmp_path / "init"}"\n[data]\ntrain = ["{tmp_path / "chat.jsonl"}"]\n'
+                        'batch_size = 4\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("bad", ["missing", "vocab", "section", "good"])
+def test_nproc_checks_the_run_once_before_launching(bad, tmp_path, launched, capsys):
+    """`lmforge train --nproc 2` with a data error (a missing shard, ids beyond the model's vocabulary) or a model
+    section the model ignores: every rank printed the error, then torchrun its traceback. The launcher runs the
+    checks the run makes before training (pretraining_data, check_sections) itself first: one line, exit 2, nothing
+    launched; a good run launches."""
+    from lmforge.cli import main
+
+    argv = ["train", "--config", _runnable(tmp_path, "train"), "--nproc", "2"]
+    want = {"missing": f"token file not found: {tmp_path / 'nope.bin'}",
+            "vocab": "model.vocab_size=200 is smaller than the tokenizer's 257 tokens (byte)",
+            "section": "model.moe is set but model.mlp='dense' ignores it"}.get(bad)
+    argv += {"missing": ["--data.train", str(tmp_path / "nope.bin")], "vocab": ["--model.vocab-size", "200"],
+             "section": ["--model.moe.n-experts", "4"], "good": []}[bad]
+    assert main(argv) == (0 if want is None else 2)
+    err = capsys.readouterr().err
+    if want is None:
+        assert len(launched) == 1 and err == ""
+    else:
+        assert launched == [] and err.splitlines()[0].startswith(f"lmforge train: error: {want}")
+        assert err.splitlines()[1:] == ["(run with --debug for a traceback)"]
+
+
+@pytest.mark.parametrize("bad", ["init", "data"])
+def test_nproc_posttraining_checks_its_inputs_once_before_launching(bad, tmp_path, launched, capsys):
+    """`lmforge sft --nproc 2` with an init that holds no checkpoint or a missing data file: one line from the
+    launcher (check_posttrain), exit 2, no process launched."""
+    from lmforge.cli import main
+
+    argv = ["sft", "--config", _runnable(tmp_path, "sft"), "--nproc", "2"]
+    argv += {"init": ["--init", str(tmp_path)], "data": ["--data.train", str(tmp_path / "nope.jsonl")]}[bad]
+    assert main(argv) == 2
+    want = {"init": f"no checkpoint found in {tmp_path}", "data": f"data file not found: {tmp_path / 'nope.jsonl'}"}
+    assert launched == [] and capsys.readouterr().err.startswith(f"lmforge sft: error: {want[bad]}")

@@ -71,3 +71,65 @@ def test_a_second_signal_reaches_the_workers_and_kills_them_promptly(tmp_path, m
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+# a process torchrun starts that fails as an lmforge command does on a bad input (rank 0: one line, exit 2), or is
+# killed (rank 1: the OOM killer's SIGKILL, which leaves no message)
+FAILING = textwrap.dedent("""
+    import os, signal, sys, time
+    if sys.argv[1] == "error":
+        print("lmforge train: error: token file not found: x.bin", file=sys.stderr)
+        sys.exit(2)
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(30)
+""")
+
+
+@pytest.mark.parametrize("how", ["error", "killed"])
+def test_a_failed_worker_is_said_in_its_own_words_and_exit_code(tmp_path, how):
+    """torchrun printed its log lines, a traceback and a table of failed ranks after a worker's one-line error, and
+    exited 1 whatever the worker's code. lmforge's torchrun (lmforge.parallel.launch.torchrun) exits with the failed
+    worker's code, the worker's own words its only output; a worker a signal ended gets one line naming it."""
+    import subprocess
+
+    (tmp_path / "worker.py").write_text(FAILING)
+    out = subprocess.run([sys.executable, "-m", "lmforge.parallel.launch", "--standalone", "--nproc-per-node=2",
+                          str(tmp_path / "worker.py"), how], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if how == "error":
+        assert out.returncode == 2
+        assert out.stderr.splitlines() == ["lmforge train: error: token file not found: x.bin"] * 2
+    else:
+        assert out.returncode == 128 + signal.SIGKILL
+        assert out.stderr.splitlines() == ["lmforge: the process of rank 1 was ended by SIGKILL (out of memory?)"]
+
+
+def test_the_processes_of_one_launch_say_an_error_a_warning_and_an_interrupt_once(tmp_path, capsys, monkeypatch):
+    """N processes of one `--nproc N` launch that fail alike printed the error N times, warned N times, and each
+    said `interrupted` beside the launcher. Within the launch (shared_reports, which the processes inherit), each
+    line is printed once, and the launcher alone says the run was interrupted; outside it, every time."""
+    from lmforge import cli
+    from lmforge.cli import train as train_cli
+    from lmforge.parallel.reports import shared_reports
+
+    missing = ["train", "--config", str(tmp_path / "none.toml")]
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with shared_reports():
+        monkeypatch.setenv("RANK", "1")  # a process the launcher started (twice: two ranks)
+        assert [cli.main(missing), cli.main(missing)] == [2, 2]
+        for _ in range(2):
+            cli._show_warning("train")("the shard is short", UserWarning, "x.py", 1)
+        monkeypatch.setattr(train_cli, "main", interrupted)
+        assert cli.main(["train"]) == 130
+        monkeypatch.delenv("RANK")
+        assert cli.main(["train"]) == 130  # the launcher
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1] for line in err if line.startswith("lmforge train:")] == [
+        " error", " warning", " interrupted"]
+    monkeypatch.setenv("RANK", "1")  # (torchrun run directly: every rank prints)
+    assert [cli.main(["train"]), cli.main(["train"])] == [130, 130]
+    assert capsys.readouterr().err.count("lmforge train: interrupted") == 2

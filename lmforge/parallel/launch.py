@@ -119,16 +119,17 @@ SECOND_SIGNAL_GRACE = 3.0
 
 def run_passing_signals(argv: list[str]) -> int:
     """Run `argv` (the torchrun command of torchrun_argv) to its end, in a process group of its own, passing every
-    SIGINT, SIGTERM, SIGHUP and SIGQUIT this process gets on to it; its exit code, or KeyboardInterrupt once it has
-    ended after a signal. torchrun hands the signal to its workers (each in a session of its own, out of a
-    terminal's reach), which stop at a step boundary and write a checkpoint (lmforge.train.interrupts), and waits
-    for them. Without this, a signal to the launcher alone (`kill PID`, a container's stop: SIGTERM to its first
-    process) ended it and left torchrun training with no one to stop it, and a SIGINT SIGKILLed torchrun
-    (subprocess.call), its workers left training or hanging in their rendezvous. A terminal's Ctrl-C reaches only
-    this process (torchrun is not in the terminal's group), so torchrun gets it once, not twice racing with the
-    launcher's kill. A second signal goes to the workers too (torchrun, already shutting down, does not pass it
-    on: it sent them SIGTERM and waited 30 s), and whatever still runs SECOND_SIGNAL_GRACE seconds later is killed
-    (a rank that stops at once leaves the others waiting inside its collectives, where no signal reaches them)."""
+    SIGINT, SIGTERM, SIGHUP and SIGQUIT this process gets on to the processes it runs; its exit code, or
+    KeyboardInterrupt once it has ended after a signal. A signal goes to torchrun's workers (each leads a session
+    of its own, out of a terminal's reach), which stop at a step boundary, write a checkpoint
+    (lmforge.train.interrupts) and end; torchrun sees them end. Not to torchrun: told, it passes the signal on and
+    SIGKILLs the workers 30 s later (its shutdown timeout), which lost a checkpoint whose step and write took
+    longer. Only before torchrun has started workers does it get the signal (and ends, with nothing to save).
+    Without this, a signal to the launcher alone (`kill PID`, a container's stop: SIGTERM to its first process)
+    ended it and left torchrun training with no one to stop it. A terminal's Ctrl-C reaches only this process
+    (torchrun is not in the terminal's group), so the workers get it once, not twice. A second signal goes to the
+    workers too, and whatever still runs SECOND_SIGNAL_GRACE seconds later is killed (a rank that stops at once
+    leaves the others waiting inside its collectives, where no signal reaches them)."""
     import signal
     import subprocess
 
@@ -138,10 +139,11 @@ def run_passing_signals(argv: list[str]) -> int:
     def pass_on(signum, frame) -> None:
         passed.append(signum)
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signum)
-            if len(passed) == 2:
-                for pid in child_pids(proc.pid):
-                    _signal_group(pid, signum)
+            workers = child_pids(proc.pid)
+            for pid in workers:
+                _signal_group(pid, signum)
+            if not workers:
+                proc.send_signal(signum)
 
     # (set before the start: a signal between the two would leave torchrun running; SIGHUP, a closed terminal, and
     # SIGQUIT are signals torchrun stops its workers on, which its own session no longer gets from the terminal)

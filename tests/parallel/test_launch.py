@@ -1,5 +1,5 @@
-"""The `--nproc N` launcher's signals (lmforge.parallel.launch.run_passing_signals), against a stand-in for torchrun:
-a parent that waits for a worker in a session of its own, as torchrun does after a first signal."""
+"""The `--nproc N` launcher's signals (lmforge.parallel.launch.run_passing_signals), against a stand-in for torchrun
+(a parent that waits for a worker in a session of its own, deaf to signals) and against torchrun itself."""
 
 import os
 import signal
@@ -44,8 +44,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
 def test_a_second_signal_reaches_the_workers_and_kills_them_promptly(tmp_path, monkeypatch):
-    """Two SIGINTs to the launcher: the second goes to the worker itself (torchrun, shutting down, passes on no
-    more), and a worker that has not ended SECOND_SIGNAL_GRACE seconds later is killed with its parent, so the
+    """Two SIGINTs to the launcher: both go to the worker itself (torchrun, shutting down, passed on no more), and a
+    worker that has not ended SECOND_SIGNAL_GRACE seconds after the second is killed with its parent, so the
     launcher returns at once (it waited the parent's 30 s for a worker that ignores signals)."""
     monkeypatch.setattr(launch, "SECOND_SIGNAL_GRACE", 0.5)
     pid_file = tmp_path / "worker.pid"
@@ -66,11 +66,63 @@ def test_a_second_signal_reaches_the_workers_and_kills_them_promptly(tmp_path, m
     took = time.monotonic() - second_at[0]
     worker = int(pid_file.read_text())
     try:
-        assert (tmp_path / "worker_got_sigint").read_text() == "x"  # the second signal, from the launcher
+        assert (tmp_path / "worker_got_sigint").read_text() == "xx"  # both signals, from the launcher
         assert 0.5 <= took < 2.5 and not _alive(worker)
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+# a process torchrun starts: on SIGINT it "writes a checkpoint" for longer than torchrun's shutdown grace, then notes
+# it and ends as an interrupted lmforge command does (130)
+SLOW_SAVER = textwrap.dedent("""
+    import os, signal, sys, time
+    out = sys.argv[1] + "/rank" + os.environ["RANK"]
+    def save(*_):
+        time.sleep(2.0)
+        open(out, "w").write("saved")
+        os._exit(130)
+    signal.signal(signal.SIGINT, save)
+    open(out + ".ready", "w").close()
+    while True:
+        time.sleep(0.05)
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
+def test_the_first_signal_waits_for_the_workers_as_long_as_they_need(tmp_path):
+    """A Ctrl-C to `--nproc 2`'s launcher: torchrun, told, passed it on and SIGKILLed the workers its shutdown grace
+    (30 s; here 1 s) later, mid-checkpoint. The launcher passes the first signal to the workers alone, and torchrun
+    sees them end: each writes its checkpoint, the launcher ends interrupted with 130 from torchrun, and nothing of
+    torchrun's (log lines, traceback, table of failed ranks) is printed."""
+    import subprocess
+
+    (tmp_path / "worker.py").write_text(SLOW_SAVER)
+    driver = textwrap.dedent("""
+        import sys
+        from lmforge.parallel import launch
+        argv = [sys.executable, "-m", "lmforge.parallel.launch", "--standalone", "--nproc-per-node=2",
+                sys.argv[1] + "/worker.py", sys.argv[1]]
+        try:
+            launch.run_passing_signals(argv)
+        except KeyboardInterrupt:
+            sys.exit(99)
+    """)
+    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-c", driver, str(tmp_path)], stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"rank{r}.ready").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and launcher.poll() is None, "the workers never started"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert [(tmp_path / f"rank{r}").exists() for r in (0, 1)] == [True, True]
+    assert launcher.returncode == 99 and err == ""
 
 
 # a process torchrun starts that fails as an lmforge command does on a bad input (rank 0: one line, exit 2), or is

@@ -42,6 +42,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _ends(pid: int, within: float = 2.0) -> bool:
+    """Whether `pid` has ended within `within` seconds (a SIGKILLed process on a busy machine takes a moment)."""
+    deadline = time.monotonic() + within
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
 def test_a_second_signal_reaches_the_workers_and_kills_them_promptly(tmp_path, monkeypatch):
     """Two SIGINTs to the launcher: both go to the worker itself (torchrun, shutting down, passed on no more), and a
@@ -66,8 +76,9 @@ def test_a_second_signal_reaches_the_workers_and_kills_them_promptly(tmp_path, m
     took = time.monotonic() - second_at[0]
     worker = int(pid_file.read_text())
     try:
-        assert (tmp_path / "worker_got_sigint").read_text() == "xx"  # both signals, from the launcher
-        assert 0.5 <= took < 2.5 and not _alive(worker)
+        # both signals, from the launcher (two 0.2 s apart may reach a worker a busy machine has not run as one)
+        assert (tmp_path / "worker_got_sigint").read_text() in ("xx", "x")
+        assert 0.5 <= took < 2.5 and _ends(worker)
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)

@@ -170,6 +170,22 @@ def honour_umask(path: str | Path) -> None:
 
 
 @contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ while the block runs (for the processes it starts, which inherit them), then each
+    variable as it was (unset where it was unset)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` (`.<name>.<pid>-<random>.tmp`, created empty); on success it is
     renamed onto `path` (atomic on POSIX), on failure it is removed, so readers never see a half-written file.

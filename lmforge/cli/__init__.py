@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 # command -> (module, one-line help). Modules that do not exist yet are hidden.
@@ -62,8 +63,6 @@ def _quiet_broken_pipe() -> int:
     """After stdout's reader went away (`lmforge data stages | head -1`): point stdout at /dev/null, so Python's
     flush at exit does not raise again, and return 141, the status a shell reports for a process that SIGPIPE ended
     (what `cat FILE | head -1` gives), so `set -o pipefail` scripts see the same as for any other command."""
-    import os
-
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):  # stdout is not a real file (replaced in-process)
@@ -74,13 +73,17 @@ def _quiet_broken_pipe() -> int:
 TRAINING = ("train", "sft", "dpo", "rm", "distill", "kto", "orpo")
 """the commands that run the Trainer: run again, they resume from the run_dir's last checkpoint"""
 
+DEBUG_ENV = "LMFORGE_DEBUG"
+"""environment variable: 1 is --debug (set while a command runs under --debug: the processes it starts inherit it)"""
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run `lmforge COMMAND ...`; returns the exit status: 0 done, 2 a user error (printed in one line), 130 Ctrl-C,
     141 when stdout is a pipe whose reader closed early (`| head`). While a command runs, Python warnings print as
-    `lmforge COMMAND: warning: MSG` (in Python's own format under --debug)."""
+    `lmforge COMMAND: warning: MSG` (in Python's own format under --debug). --debug, or LMFORGE_DEBUG=1 in the
+    environment: errors raise with their traceback; the processes `--nproc N` starts inherit it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV) == "1"
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -98,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     from lmforge.errors import LmforgeError, is_disk_full
+    from lmforge.utils import environment
 
-    with warnings.catch_warnings():  # restores Python's showwarning when the command ends (library use is untouched)
+    # (restores Python's showwarning, and the environment, when the command ends: library use is untouched)
+    with warnings.catch_warnings(), environment({DEBUG_ENV: "1"} if debug else {}):
         if not debug:
             warnings.showwarning = _show_warning(cmd)
         try:

@@ -20,16 +20,10 @@ REPORTS = "LMFORGE_REPORTS"
 def shared_reports():
     """While the launcher (this process) and the processes it starts run: one folder named by REPORTS, in which
     report_once notes what each printed."""
-    before = os.environ.get(REPORTS)
-    with tempfile.TemporaryDirectory(prefix="lmforge_reports_") as folder:
-        os.environ[REPORTS] = folder
-        try:
-            yield
-        finally:
-            if before is None:
-                os.environ.pop(REPORTS, None)
-            else:
-                os.environ[REPORTS] = before
+    from lmforge.utils import environment
+
+    with tempfile.TemporaryDirectory(prefix="lmforge_reports_") as folder, environment({REPORTS: folder}):
+        yield
 
 
 def report_once(text: str) -> bool:

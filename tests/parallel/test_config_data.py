@@ -268,3 +268,25 @@ def test_nproc_posttraining_checks_its_inputs_once_before_launching(bad, tmp_pat
     assert main(argv) == 2
     want = {"init": f"no checkpoint found in {tmp_path}", "data": f"data file not found: {tmp_path / 'nope.jsonl'}"}
     assert launched == [] and capsys.readouterr().err.startswith(f"lmforge sft: error: {want[bad]}")
+
+
+def test_nproc_debug_reaches_the_processes_it_starts(tmp_path, monkeypatch, capsys):
+    """`lmforge train --nproc 2 --debug`: the one-line error says "run with --debug for a traceback", but --debug was
+    read by the launcher alone (the torchrun command lacks it), so the processes' errors stayed one line. The
+    launcher's environment carries it (LMFORGE_DEBUG=1, also a way to set it), and only while the command runs."""
+    import os
+
+    from lmforge.cli import main
+    from lmforge.parallel import launch
+
+    seen = []
+    monkeypatch.setattr(launch, "run_passing_signals", lambda argv: seen.append(os.environ.get("LMFORGE_DEBUG")) or 0)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LMFORGE_DEBUG", raising=False)
+    good = _runnable(tmp_path, "train")
+    assert main(["train", "--config", good, "--nproc", "2", "--debug"]) == 0
+    assert main(["train", "--config", good, "--nproc", "2"]) == 0
+    assert seen == ["1", None] and "LMFORGE_DEBUG" not in os.environ
+    monkeypatch.setenv("LMFORGE_DEBUG", "1")  # a process torchrun started: errors raise, with their traceback
+    with pytest.raises(ConfigError, match="--nproc must be"):
+        main(["train", "--nproc", "0"])

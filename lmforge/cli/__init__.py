@@ -4,6 +4,7 @@ until a command runs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -101,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     from lmforge.errors import LmforgeError, is_disk_full
+    from lmforge.parallel.launch import quiet_signals
+    from lmforge.parallel.reports import launched_worker
     from lmforge.utils import environment
 
-    # (restores Python's showwarning, and the environment, when the command ends: library use is untouched)
-    with warnings.catch_warnings(), environment({DEBUG_ENV: "1"} if debug else {}):
+    # (restores Python's showwarning, the environment and the signal handlers when the command ends: library use is
+    # untouched); a process of an --nproc launch ends at once and quietly on a signal until it trains
+    with warnings.catch_warnings(), environment({DEBUG_ENV: "1"} if debug else {}), \
+            (quiet_signals() if launched_worker() else contextlib.nullcontext()):
         if not debug:
             warnings.showwarning = _show_warning(cmd)
         try:

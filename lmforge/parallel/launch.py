@@ -13,14 +13,12 @@ passes signals to the processes that train (run_passing_signals).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
-import torch.distributed as dist
 
 from lmforge.errors import ConfigError, LmforgeError
 
@@ -30,6 +28,8 @@ NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST":
 
 def backend_for(device: str) -> str:
     """The process group's backend for a run on `device` ('auto', 'cpu', 'cuda', ...): NCCL on GPUs, else gloo."""
+    import torch
+
     from lmforge.utils import pick_device
 
     return "nccl" if torch.device(pick_device(device)).type == "cuda" else "gloo"
@@ -37,6 +37,8 @@ def backend_for(device: str) -> str:
 
 def check_local_gpus(nproc: int) -> None:
     """NCCL gives each local process its own GPU: refuse more processes than this machine has GPUs."""
+    import torch
+
     n = torch.cuda.device_count()
     if nproc > n:
         raise ConfigError(f"{nproc} processes on the GPU need {nproc} GPUs but this machine has {n}: launch at "
@@ -48,6 +50,9 @@ def init_distributed(backend: str | None = None, expected_world: int | None = No
 
     backend: None = NCCL where there is a GPU, else gloo (`backend_for(device)` follows a run's device).
     `expected_world` (e.g. a config's product of mesh sizes) must equal the launched WORLD_SIZE."""
+    import torch
+    import torch.distributed as dist
+
     for k, v in NO_MULTICAST_ENV.items():
         os.environ.setdefault(k, v)
     if not dist.is_initialized():
@@ -82,39 +87,73 @@ def torchrun(args: list[str]) -> int:
     """torchrun (torch.distributed.run) run on `args`, its outcome said as one lmforge command says it: the exit code
     of the process that failed (it has printed its own error), without torchrun's log lines, traceback and table of
     failed ranks that followed the one-line error N times over; one line for a process a signal ended (the OOM
-    killer's SIGKILL), which printed nothing itself; 128 + the signal where torchrun itself was stopped by one."""
+    killer's SIGKILL), which printed nothing itself; 128 + the signal where torchrun itself was stopped by one,
+    quietly also before its own handlers are in place (a Ctrl-C while torch loaded printed Python's traceback of
+    torch's imports, or aborted inside its C++)."""
     import logging
+
+    with quiet_signals():  # until torchrun puts its own in place, just before it starts workers (none is left behind)
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import parse_args, run
+
+        logging.disable(logging.ERROR)  # (this process runs torchrun alone: the processes that train log as they do)
+        try:
+            run(parse_args(args))
+        except ChildFailedError as e:
+            return _failed_worker(e.failures)
+        except SignalException as e:
+            return 128 + int(e.sigval)
+    return 0
+
+
+def _failed_worker(failures: dict) -> int:
+    """The exit code of the process that failed by itself, of torchrun's {rank: ProcessFailure}: an exit code before
+    a signal, and of signals one other than the SIGTERM torchrun then ends the others with (the failures'
+    timestamps, in whole seconds, mostly tie); a signal is said in one line (the process printed nothing)."""
     import signal
     import sys
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    logging.disable(logging.ERROR)  # (this process runs torchrun alone: the processes that train log as they do)
+    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode <= 0, kv[1].exitcode == -signal.SIGTERM,
+                                                          kv[1].timestamp, kv[0]))
+    if failure.exitcode > 0:
+        return failure.exitcode
     try:
-        run(parse_args(args))
-    except ChildFailedError as e:
-        # the process that failed by itself: an exit code before a signal, and of signals one other than the SIGTERM
-        # torchrun then ends the others with (the failures' timestamps, in whole seconds, mostly tie)
-        rank, failure = min(e.failures.items(), key=lambda kv: (kv[1].exitcode <= 0, kv[1].exitcode == -signal.SIGTERM,
-                                                               kv[1].timestamp, kv[0]))
-        if failure.exitcode > 0:
-            return failure.exitcode
-        try:
-            name = signal.Signals(-failure.exitcode).name
-        except ValueError:
-            name = f"signal {-failure.exitcode}"
-        hint = " (out of memory?)" if name == "SIGKILL" else ""
-        print(f"lmforge: the process of rank {rank} was ended by {name}{hint}", file=sys.stderr)
-        return 128 - failure.exitcode
-    except SignalException as e:
-        return 128 + int(e.sigval)
-    return 0
+        name = signal.Signals(-failure.exitcode).name
+    except ValueError:
+        name = f"signal {-failure.exitcode}"
+    hint = " (out of memory?)" if name == "SIGKILL" else ""
+    print(f"lmforge: the process of rank {rank} was ended by {name}{hint}", file=sys.stderr)
+    return 128 - failure.exitcode
 
 
 SECOND_SIGNAL_GRACE = 3.0
 """seconds the processes get to end after a second signal (their "stop at once") before they are killed"""
+
+
+def end_quietly(signum, frame) -> None:
+    """A signal handler: end this process at once with exit code 128 + signum, printing nothing."""
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def quiet_signals():
+    """While the block runs, SIGINT, SIGTERM, SIGHUP and SIGQUIT end this process at once and quietly (end_quietly),
+    then their handlers are as they were; a signal ignored stays ignored. For a process of an `--nproc N` launch
+    that has nothing to save yet: a Ctrl-C while it imported torch printed Python's traceback, an "Exception ignored
+    ... KeyboardInterrupt" (after which the import went on), or aborted inside torch's C++. Python runs the handler
+    between bytecodes, never inside C++; the Trainer puts its own in place while it trains (interrupts.py)."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    for s, handler in before.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, end_quietly)
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def run_passing_signals(argv: list[str]) -> int:
@@ -210,6 +249,9 @@ def _signal_group(pid: int, signum: int) -> None:
 
 
 def _worker(rank: int, fn: Callable, world: int, store: str, out_dir: str, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -235,6 +277,7 @@ def run_local(fn: Callable[..., Any], world_size: int, *args, timeout: float = 1
     """Run fn(rank, world_size, *args) on `world_size` local processes joined by gloo; return the ranks'
     results (tensors, numbers, dicts of them) in rank order. fn must be importable (module level).
     start_method="fork" starts faster (tests use it); it becomes "spawn" on a machine with a GPU."""
+    import torch
     import torch.multiprocessing as mp
 
     if start_method == "fork" and torch.cuda.is_available():

@@ -196,3 +196,45 @@ def test_the_processes_of_one_launch_say_an_error_a_warning_and_an_interrupt_onc
     monkeypatch.setenv("RANK", "1")  # (torchrun run directly: every rank prints)
     assert [cli.main(["train"]), cli.main(["train"])] == [130, 130]
     assert capsys.readouterr().err.count("lmforge train: interrupted") == 2
+
+
+@pytest.mark.parametrize("after", [0.2, 0.4, 0.6])
+def test_a_signal_while_torchrun_starts_ends_it_quietly(tmp_path, after):
+    """Before torchrun has started its workers, the launcher passes a Ctrl-C to torchrun itself: arriving while it
+    still imported torch, it printed Python's KeyboardInterrupt traceback (40 lines of torch's imports), or exited 0
+    or aborted inside torch's C++. It ends with 130 and says nothing (the launcher says `interrupted`), wherever in
+    its start the signal lands."""
+    import subprocess
+
+    (tmp_path / "worker.py").write_text("import os, signal, time\n"
+                                        "signal.signal(signal.SIGINT, lambda *a: os._exit(130))\ntime.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.parallel.launch", "--standalone", "--nproc-per-node=1",
+                             str(tmp_path / "worker.py")], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(after)  # (importing torch)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "")
+
+
+def test_a_launched_process_ends_quietly_on_a_signal_until_it_trains(tmp_path, monkeypatch):
+    """A Ctrl-C in the first seconds of `--nproc N` reaches processes still importing torch: they printed Python's
+    "Exception ignored ... KeyboardInterrupt" (and the import went on) or a traceback of imports. While a command
+    of a launched process runs, SIGINT and SIGTERM end it at once with 128 + the signal (launch.end_quietly); the
+    Trainer puts its own handlers in place while it trains; the handlers are as before once the command ends, and
+    a process outside a launch keeps Python's."""
+    from lmforge import cli
+    from lmforge.cli import train as train_cli
+    from lmforge.parallel.reports import shared_reports
+
+    seen = []
+    monkeypatch.setattr(train_cli, "main", lambda argv: seen.append(
+        (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))) or 0)
+    before = signal.getsignal(signal.SIGINT)
+    with shared_reports():
+        monkeypatch.setenv("RANK", "1")
+        assert cli.main(["train"]) == 0
+        monkeypatch.delenv("RANK")
+        assert cli.main(["train"]) == 0  # the launcher
+    assert seen[0] == (launch.end_quietly, launch.end_quietly) and launch.end_quietly not in seen[1]
+    assert signal.getsignal(signal.SIGINT) is before

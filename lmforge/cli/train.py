@@ -45,24 +45,27 @@ def relaunch(command: str, argv: list[str], parse: Callable[[list[str]], Any],
     bad input is one line, not N, and the command re-runs under torchrun on N local processes: (its exit code,
     None); what they print alike (an error, a warning) is printed once (lmforge.parallel.reports). Otherwise
     (None, the parsed config) to run here, where the run checks its inputs itself."""
+    import contextlib
     import os
 
+    from lmforge.parallel.reports import shared_reports
+
     nproc, argv = pop_nproc(argv)
-    cfg = parse(argv)
-    if "RANK" not in os.environ:
-        check_launch(cfg, nproc or 1)
-    if nproc is not None and nproc > 1 and "RANK" not in os.environ:
+    launching = nproc is not None and nproc > 1 and "RANK" not in os.environ
+    with shared_reports() if launching else contextlib.nullcontext():  # (the config's warnings too: said once)
+        cfg = parse(argv)
+        if "RANK" not in os.environ:
+            check_launch(cfg, nproc or 1)
+        if not launching:
+            return None, cfg
         from lmforge.parallel.launch import backend_for, check_local_gpus, run_passing_signals, torchrun_argv
-        from lmforge.parallel.reports import shared_reports
 
         if backend_for(cfg.device) == "nccl":
             check_local_gpus(nproc)
-        with shared_reports():
-            if check is not None:
-                check(cfg)
-            # a Ctrl-C or SIGTERM to this launcher reaches the processes that train (they checkpoint and stop)
-            return run_passing_signals(torchrun_argv(nproc, [command, *argv])), None
-    return None, cfg
+        if check is not None:
+            check(cfg)
+        # a Ctrl-C or SIGTERM to this launcher reaches the processes that train (they checkpoint and stop)
+        return run_passing_signals(torchrun_argv(nproc, [command, *argv])), None
 
 
 def check_launch(cfg, nproc: int) -> None:

@@ -290,3 +290,19 @@ def test_nproc_debug_reaches_the_processes_it_starts(tmp_path, monkeypatch, caps
     monkeypatch.setenv("LMFORGE_DEBUG", "1")  # a process torchrun started: errors raise, with their traceback
     with pytest.raises(ConfigError, match="--nproc must be"):
         main(["train", "--nproc", "0"])
+
+
+def test_nproc_a_warning_of_the_config_is_said_once(tmp_path, monkeypatch, capsys):
+    """A config warning (warmup longer than the run) was printed by the launcher, which parses the config first, and
+    again by the processes: the launcher's own is noted for the launch, so theirs is left out."""
+    from lmforge.cli import main
+    from lmforge.parallel import launch
+    from lmforge.parallel.reports import report_once
+
+    said = "lmforge train: warning: optim.warmup_steps=5 > max_steps=2: the learning rate never reaches optim.lr"
+    in_a_process = []
+    monkeypatch.setattr(launch, "run_passing_signals", lambda argv: in_a_process.append(report_once(said)) or 0)
+    monkeypatch.delenv("RANK", raising=False)
+    argv = ["train", "--config", _runnable(tmp_path, "train"), "--max-steps", "2", "--optim.warmup-steps", "5"]
+    assert main([*argv, "--nproc", "2"]) == 0
+    assert in_a_process == [False] and capsys.readouterr().err.splitlines() == [said]

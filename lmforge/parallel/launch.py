@@ -108,14 +108,18 @@ def torchrun(args: list[str]) -> int:
 
 
 def _failed_worker(failures: dict) -> int:
-    """The exit code of the process that failed by itself, of torchrun's {rank: ProcessFailure}: an exit code before
-    a signal, and of signals one other than the SIGTERM torchrun then ends the others with (the failures'
-    timestamps, in whole seconds, mostly tie); a signal is said in one line (the process printed nothing)."""
+    """The exit code of the process that failed by itself, of torchrun's {rank: ProcessFailure}: an error's code
+    before a signal's (a death by one, or 128 + it from end_quietly or Python's Ctrl-C), and of signals one other
+    than the SIGTERM torchrun then ends the others with (the failures' timestamps, in whole seconds, mostly tie); a
+    death by a signal is said in one line (the process printed nothing)."""
     import signal
     import sys
 
-    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode <= 0, kv[1].exitcode == -signal.SIGTERM,
-                                                          kv[1].timestamp, kv[0]))
+    def by_signal(code: int) -> int:
+        return -code if code < 0 else code - 128 if code > 128 else 0
+
+    rank, failure = min(failures.items(), key=lambda kv: (
+        by_signal(kv[1].exitcode) != 0, by_signal(kv[1].exitcode) == signal.SIGTERM, kv[1].timestamp, kv[0]))
     if failure.exitcode > 0:
         return failure.exitcode
     try:

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmforge.errors import LmforgeError, is_disk_full
     from lmforge.parallel.launch import quiet_signals
-    from lmforge.parallel.reports import launched_worker
+    from lmforge.parallel.reports import launched_worker, report_once
     from lmforge.utils import environment
 
     # (restores Python's showwarning, the environment and the signal handlers when the command ends: library use is
@@ -122,15 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         except LmforgeError as e:
             if debug:
                 raise
-            from lmforge.parallel.reports import report_once
-
             if report_once(f"lmforge {cmd}: error: {e}"):  # (N processes that fail alike: one line)
                 print(f"lmforge {cmd}: error: {e}", file=sys.stderr)
                 print("(run with --debug for a traceback)", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            from lmforge.parallel.reports import launched_worker
-
             if not launched_worker():  # (the --nproc launcher says it once for all)
                 print(f"\nlmforge {cmd}: interrupted", file=sys.stderr)
             return 130

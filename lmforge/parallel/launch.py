@@ -146,9 +146,14 @@ def quiet_signals():
     then their handlers are as they were; a signal ignored stays ignored. For a process of an `--nproc N` launch
     that has nothing to save yet: a Ctrl-C while it imported torch printed Python's traceback, an "Exception ignored
     ... KeyboardInterrupt" (after which the import went on), or aborted inside torch's C++. Python runs the handler
-    between bytecodes, never inside C++; the Trainer puts its own in place while it trains (interrupts.py)."""
+    between bytecodes, never inside C++; the Trainer puts its own in place while it trains (interrupts.py). Off the
+    main thread (which alone may set handlers, and alone gets signals) it changes nothing."""
     import signal
+    import threading
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     for s, handler in before.items():
         if handler is not signal.SIG_IGN:

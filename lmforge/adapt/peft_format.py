@@ -302,52 +302,53 @@ def _lmforge_state(path: Path, tensors: dict, model, family: str, config: dict) 
     """({lmforge layer: [r, scale]}, {lmforge name: tensor}) of a PEFT adapter's tensors over `model`: the
     LoRA factors, the modules kept in full, and the base weights PEFT saves beside an adapted embedding or
     output head (save_embedding_layers="auto") and loads in place of the base's."""
-    from lmforge.model.hf import hf_names, hf_single_rules
+    from lmforge.model.hf import hf_names, hf_single_rules, hf_tensor_names
 
     to_lm = {hf: lm for lm, hf in hf_names(model.cfg, family).items()}
+    held = hf_tensor_names(model.cfg, family)
     kept_rules = {r.hf[0]: r for r in hf_single_rules(model.cfg, family).values()}
     if model.cfg.tie_embeddings and any(k.startswith(f"{PREFIX}lm_head.lora_") for k in tensors):
         raise ConfigError(f"{path} adapts lm_head, whose weight this base ties to its embeddings "
                           "(tie_word_embeddings); lmforge's LoRA layers do not adapt a tied head (a merge would change "
                           "the embeddings too): save the base with its head untied (tie_word_embeddings=false) and "
                           "load the adapter onto that")
-    params = dict(model.named_parameters(remove_duplicate=False))
+    own = model.state_dict()  # (a kept module's buffers too: DeepSeek-V3's router bias)
     layers, state = {}, {}
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
         module = name.rsplit(".", 2)[0]
         unwrapped = re.sub(r"\.base_layer(?=\.[^.]+$)", "", name)  # lm_head.base_layer.weight -> lm_head.weight
         if name.endswith((".lora_A.weight", ".lora_B.weight")):
-            part, lm = name.rsplit(".", 2)[1], to_lm.get(module + ".weight")
-            if lm is None:
-                raise ConfigError(f"{path}: the adapter adapts {module}, which the {family} rules do not map onto one "
-                                  "lmforge Linear (a fused or transposed weight); lmforge cannot apply it")
-            lm = lm.removesuffix(".weight")
+            part, (lm, linear) = name.rsplit(".", 2)[1], _adapted(path, module, model, to_lm, held, family)
+            _fits(path, key, t, (t.shape[0], linear.in_features) if part == "lora_A" else
+                  (linear.out_features, t.shape[-1]), f"which the base's {lm} ({linear.in_features} -> "
+                  f"{linear.out_features}) does not take: the adapter was trained on another base")
             if part == "lora_A":
                 r = t.shape[0]
                 layers[lm] = [r, config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r),
                               *(["dora"] if config.get("use_dora") else [])]
             state[f"{lm}.{part}"] = t
         elif name.endswith(f".{MAGNITUDE}") and config.get("use_dora"):  # DoRA's (out,) magnitude
-            lm = to_lm.get(name.removesuffix(MAGNITUDE) + "weight")
-            if lm is None:
-                raise ConfigError(f"{path}: the adapter adapts {name.removesuffix('.' + MAGNITUDE)}, which the "
-                                  f"{family} rules do not map onto one lmforge Linear; lmforge cannot apply it")
-            state[lm.removesuffix(".weight") + ".magnitude"] = t
+            lm, linear = _adapted(path, name.removesuffix("." + MAGNITUDE), model, to_lm, held, family)
+            out = linear.out_features
+            _fits(path, key, t, (out,), f"which the base's {lm} (out_features {out}) does not take: the adapter was "
+                  "trained on another base")
+            state[lm + ".magnitude"] = t
         elif unwrapped != name and unwrapped in kept_rules:
             lm, weight = kept_rules[unwrapped].lm[0], kept_rules[unwrapped].to_lm([t])[0]
-            if weight.shape != params[lm].shape:
-                raise ConfigError(f"{path} holds the base weight {key} of shape {tuple(weight.shape)}, the base's is "
-                                  f"{tuple(params[lm].shape)} (a resized vocabulary?); give the base it was trained "
-                                  "on: base=DIR or --base DIR")
-            if not torch.equal(weight.to(params[lm].dtype), params[lm]):
+            _fits(path, f"the base weight {key}", weight, own[lm].shape,
+                  f"the base's is {tuple(own[lm].shape)} (a resized vocabulary?)")
+            if not torch.equal(weight.to(own[lm].dtype), own[lm]):
                 state[lm] = weight  # another base weight than the base's: PEFT loads it in the base's place
         elif name.endswith((".lora_embedding_A", ".lora_embedding_B")):
             raise ConfigError(f"{path} adapts the embedding {name.rsplit('.', 1)[0]} (lora_embedding_A / B), which "
                               "lmforge's LoRA layers (Linears only) do not compute; merge the adapter with peft "
                               "(merge_and_unload) and load the merged model instead")
         elif name in kept_rules:  # a module kept in full (modules_to_save), as HF stores it
-            state[kept_rules[name].lm[0]] = kept_rules[name].to_lm([t])[0]
+            lm, weight = kept_rules[name].lm[0], kept_rules[name].to_lm([t])[0]
+            _fits(path, f"the weight {key}", weight, own[lm].shape, f"the base's is {tuple(own[lm].shape)} (the "
+                  "adapter was trained on another base, or one with a resized vocabulary)")
+            state[lm] = weight
         elif name == "lm_head.weight" and model.cfg.tie_embeddings:
             raise ConfigError(f"{path} keeps lm_head in full (modules_to_save) over a base whose output head is tied "
                               "to its embeddings (tie_word_embeddings): PEFT trained a head of its own, which the tied "
@@ -363,6 +364,33 @@ def _lmforge_state(path: Path, tensors: dict, model, family: str, config: dict) 
         raise ConfigError(f"{path} sets use_dora but holds no {MAGNITUDE} for {lacking[0]} (DoRA's magnitude); it is "
                           "not a complete DoRA adapter: save it again with peft")
     return layers, state
+
+
+def _adapted(path: Path, module: str, model, to_lm: dict[str, str], held: set[str], family: str):
+    """(name, layer) of the lmforge Linear a PEFT adapter's HF `module` names; refuses a module the base lacks
+    (another base's) and one the family's rules do not carry across as one Linear weight."""
+    from lmforge.adapt.lora import linear_like
+
+    lm = to_lm.get(module + ".weight")
+    if lm is not None:
+        lm = lm.removesuffix(".weight")
+        layer = model.get_submodule(lm)
+        if not linear_like(layer):
+            raise ConfigError(f"{path} adapts {module}, which is a {type(layer).__name__} in lmforge, not a Linear "
+                              "layer: lmforge's LoRA layers cannot apply it")
+        return lm, layer
+    if module + ".weight" not in held:
+        raise ConfigError(f"{path} adapts {module}, which the base has no module of: the adapter was trained on "
+                          "another base; give the base it was trained on: base=DIR or --base DIR")
+    raise ConfigError(f"{path}: the adapter adapts {module}, which the {family} rules do not map onto one lmforge "
+                      "Linear (a fused or transposed weight); lmforge cannot apply it")
+
+
+def _fits(path: Path, what: str, t: torch.Tensor, shape, why: str) -> None:
+    """Refuses an adapter tensor of another shape than the base gives it room for: the adapter is another base's."""
+    if tuple(t.shape) != tuple(shape):
+        raise ConfigError(f"{path} holds {what} of shape {tuple(t.shape)}, {why}; give the base it was trained on: "
+                          "base=DIR or --base DIR")
 
 
 def _peft_config(path: Path) -> dict:

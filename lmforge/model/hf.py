@@ -149,6 +149,14 @@ def hf_single_rules(cfg: ModelConfig, family: str) -> dict[str, D.Rule]:
     return {r.lm[0]: r for r in FAMILIES[family][3](cfg) if len(r.hf) == len(r.lm) == 1 and "#" not in r.lm[0]}
 
 
+def hf_tensor_names(cfg: ModelConfig, family: str) -> set[str]:
+    """Every HF tensor name the family's rules give a model of `cfg` (fused, split and stacked ones too): what a
+    file of HF-named tensors (a PEFT adapter) may name on this model."""
+    if family not in FAMILIES:
+        raise ConfigError(f"family={family!r} is not a supported HF family; choose one of {sorted(FAMILIES)}")
+    return {name for r in FAMILIES[family][3](cfg) for name in r.hf}
+
+
 # tensors ---------------------------------------------------------------------------------------------
 def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> file holding it (single file or sharded with an index)."""

@@ -220,3 +220,39 @@ def test_adapters_trained_on_a_hf_model_behind_the_wrapper_export_to_peft(tmp_pa
     plain = SFTObjective().loss(model.train(), batch)[0]
     noisy = SFTObjective(SFTConfig(neftune_alpha=5.0)).loss(model.train(), batch)[0]
     assert torch.isfinite(noisy) and not torch.equal(noisy, plain)
+
+
+def test_an_adapter_for_another_base_is_refused_naming_the_base(tmp_path):
+    """A PEFT adapter opened over another base said 'use the same r and targets' (its ranks are read from its
+    tensors: no r could fit) for a wider base, or 'a fused or transposed weight' for a layer a shallower base lacks
+    (found 2026-12-07): both now say the adapter was trained on another base and how to give its own."""
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    def base(path, **kw):
+        torch.manual_seed(0)
+        cfg = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64)
+        Transformer(ModelConfig(**{**cfg, **kw})).save_pretrained(path)
+
+    base(tmp_path / "base")
+    base(tmp_path / "wide", d_model=48)
+    base(tmp_path / "deep", n_layers=3)
+    fix = r"; give the base it was trained on: base=DIR or --base DIR$"
+    _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match=r"ad holds base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight of "
+                                          r"shape \(4, 32\), which the base's blocks.0.attn.wq \(48 -> 48\) does not "
+                                          r"take: the adapter was trained on another base" + fix):
+        load_model(tmp_path / "ad", base=tmp_path / "wide", tokenizer=False)
+    _adapter(tmp_path / "base", tmp_path / "kept", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    tensors = load_file(tmp_path / "kept" / "adapter_model.safetensors")
+    save_file({k: t for k, t in tensors.items() if "lora_" not in k},  # the kept head alone: its shape is checked
+              tmp_path / "kept" / "adapter_model.safetensors")
+    with pytest.raises(ConfigError, match=r"kept holds the weight base_model.model.lm_head.weight of shape \(97, 32\), "
+                                          r"the base's is \(97, 48\)"):
+        load_model(tmp_path / "kept", base=tmp_path / "wide", tokenizer=False)
+    _adapter(tmp_path / "deep", tmp_path / "deep_ad", target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match=r"deep_ad adapts model.layers.2.self_attn.q_proj, which the base has no "
+                                          r"module of: the adapter was trained on another base" + fix):
+        load_model(tmp_path / "deep_ad", base=tmp_path / "base", tokenizer=False)
+    model = load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)[0]  # its own base loads
+    assert model.blocks[0].attn.wq.lora_A.shape == (4, 32)

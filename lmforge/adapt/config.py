@@ -36,8 +36,8 @@ class LoRAConfig:
         coerce_fields(self, "lora")  # each field's type, named when wrong
         if self.r < 1:  # (an int: coerce_fields)
             raise ConfigError(f"r={self.r!r} must be a positive integer (the adapter rank, e.g. 8)")
-        if not self.alpha > 0:
-            raise ConfigError(f"alpha={self.alpha} must be > 0 (e.g. 2 * r)")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):  # an infinite scale makes the first step's loss NaN
+            raise ConfigError(f"alpha={self.alpha} must be a finite number > 0 (e.g. 2 * r)")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
         for name in ("targets", "trainable"):

@@ -3,6 +3,7 @@ weights), merge keeps the function, adapter-only checkpoints, one-line errors, a
 fine-tuning on the one Trainer: only adapters and the head change, and a resumed run is bit-exact."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -211,7 +212,10 @@ def test_errors_name_the_fix(tmp_path):
         apply_lora(tiny_model(0), LoRAConfig()).save_pretrained(tmp_path)
     assert not list(tmp_path.iterdir())  # refused before writing anything
     for bad, field in [({"r": 0}, "r=0"), ({"dropout": 1.0}, "dropout"), ({"targets": ["wq", 3]}, "targets"),
-                       ({"targets": ()}, "adapts nothing"), ({"rslora": "yes"}, "lora.rslora = 'yes': expected true")]:
+                       ({"targets": ()}, "adapts nothing"), ({"rslora": "yes"}, "lora.rslora = 'yes': expected true"),
+                       ({"alpha": 0.0}, r"alpha=0.0 must be a finite number > 0 \(e.g. 2 \* r\)"),
+                       ({"alpha": math.inf}, r"alpha=inf must be a finite"),  # (scale inf: NaN from the first step)
+                       ({"alpha": math.nan}, r"alpha=nan must be a finite")]:
         with pytest.raises(ConfigError, match=field):
             LoRAConfig(**bad)
     # one pattern as a string is that pattern (not its characters), a list a tuple (as TrainConfig's paths)

@@ -147,6 +147,26 @@ def test_peft_adapter_equals_the_adapted_model(tmp_path, tok):
     assert (logits(auto, ids) - want).abs().max() <= 1e-5 and not (tmp_path / "peft2" / "base").exists()
 
 
+def test_a_base_out_inside_out_is_written_there_and_an_out_inside_it_is_refused(tmp_path, tok, capsys):
+    """--base-out OUT/nested/base was written, then replaced by OUT whole: the export said it wrote the base there
+    and adapter_config.json named a directory that did not exist (found 2026-12-07); OUT inside --base-out failed
+    with a traceback after writing the base. The one is written inside OUT, the other refused before writing."""
+    lora = LoRAConfig(r=2, alpha=4, targets=("wq", "wv"))
+    model = adapted(tiny(tok.vocab_size), lora)
+    run, out = lora_run(tmp_path / "run", model, tok, lora), tmp_path / "out"
+    assert main(["export", str(run), str(out), "--adapter", "--base-out", str(out / "nested" / "base")]) == 0
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str((out / "nested" / "base").resolve())
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    assert (logits(auto, ids_for(tok.vocab_size)) - logits(model, ids_for(tok.vocab_size))).abs().max() <= 1e-5
+    assert not (out / "base").exists()
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "b" / "adapter"), "--adapter", "--base-out",
+                 str(tmp_path / "b")]) == 2
+    assert "OUT " + str(tmp_path / "b" / "adapter") + " is inside --base-out" in _one_line_error(capsys)
+    assert not (tmp_path / "b").exists()
+
+
 def _from_hf(tmp_path: Path, vocab_size: int, cfg_cls: str, model_cls: str, **kw) -> Transformer:
     """A tiny random transformers model of another family, saved and loaded into lmforge."""
     cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,

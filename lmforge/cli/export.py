@@ -95,6 +95,9 @@ def export(cfg: ExportConfig) -> Path:
         raise ConfigError("--base-out is where --adapter puts the base model; add --adapter or leave --base-out out")
     if base_out is not None and base_out.resolve() == out.resolve():
         raise ConfigError(f"--base-out {base_out} is OUT itself; give the base model its own directory")
+    if base_out is not None and base_out.resolve() in out.resolve().parents:  # (the base would be written over it)
+        raise ConfigError(f"OUT {out} is inside --base-out {base_out}, which is written whole; give the base model a "
+                          "directory apart from OUT (or leave --base-out out: OUT/base)")
     for target in (out, base_out) if base_out is not None else (out,):
         check_target(target, ckpt, cfg.force)
     if cfg.family is not None and cfg.family not in FAMILIES:
@@ -156,8 +159,12 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
 
     lora = run_lora(ckpt)
     config, tensors = to_peft(model, family, lora)  # refused before any note is printed
+    # a base inside OUT (the default OUT/base) is written in OUT's temporary directory: a rename of its own would be
+    # undone when OUT's replaces the directory whole
+    inside = base_out is None or out.resolve() in base_out.resolve().parents
+    within = base_out.resolve().relative_to(out.resolve()) if base_out is not None and inside else Path("base")
     with atomic_dir(out) as tmp, \
-            (atomic_dir(base_out) if base_out else contextlib.nullcontext(tmp / "base")) as base_tmp:
+            (contextlib.nullcontext(tmp / within) if inside else atomic_dir(base_out)) as base_tmp:
         remove_lora(model)  # the adapters are in `tensors`; what is left is the base model
         save_pretrained(model, base_tmp, dtype=dtype, family=family)
         files.write(base_tmp)

@@ -38,11 +38,13 @@ def _save_expensive_ops():
 
 def draws_random(model: nn.Module) -> bool:
     """Whether the model's training forward draws random numbers: dropout > 0 (attention probabilities,
-    residual and MLP outputs) or noisy MoE gating; True for a model without an lmforge ModelConfig."""
+    residual and MLP outputs), noisy MoE gating, or a dropout module its config does not describe (LoRA's
+    adapter dropout, LoRAConfig.dropout, applied from outside); True for a model without an lmforge ModelConfig."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or not hasattr(cfg, "dropout"):
         return True
-    return cfg.dropout > 0 or (cfg.mlp == "moe" and cfg.moe_cfg.noisy)
+    return (cfg.dropout > 0 or (cfg.mlp == "moe" and cfg.moe_cfg.noisy)
+            or any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()))
 
 
 def apply_ac(model: nn.Module, mode: str, every: int = 1) -> nn.Module:

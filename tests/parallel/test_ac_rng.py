@@ -53,3 +53,24 @@ def test_only_models_that_draw_random_numbers_preserve_the_rng_state():
     assert not draws_random(Transformer(dataclasses.replace(BASE, mlp="moe", moe=MoEConfig(n_experts=4))))
     assert all(draws_random(Transformer(dataclasses.replace(BASE, **kw))) for kw in RANDOM.values())
     assert draws_random(torch.nn.Linear(2, 2))  # not an lmforge model: preserved, to be safe
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_lora_dropout_is_recomputed_with_the_forwards_masks(mode):
+    """LoRA's adapter dropout (LoRAConfig.dropout) is no ModelConfig field: draws_random said False for a LoRA model
+    without model dropout, and the recompute drew new masks (found 2026-12-07)."""
+    from lmforge.adapt import LoRAConfig, apply_lora
+    from lmforge.parallel.ac import draws_random
+
+    torch.manual_seed(0)
+    plain = apply_lora(Transformer(BASE), LoRAConfig(r=4, alpha=8, targets=("wq", "wv", "up"), dropout=0.3)).train()
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_()  # (B = 0 at the start: the masks would not reach A's gradient)
+    assert draws_random(plain) and not draws_random(apply_lora(Transformer(BASE), LoRAConfig(r=4)))
+    checkpointed = apply_ac(copy.deepcopy(plain), mode)
+    ids = torch.randint(0, 50, (2, 16))
+    (loss, grads), (ac_loss, ac_grads) = _loss_and_grads(plain, ids), _loss_and_grads(checkpointed, ids)
+    assert ac_loss == pytest.approx(loss, rel=1e-6)
+    assert ((ac_grads - grads).norm() / grads.norm()).item() < 1e-5

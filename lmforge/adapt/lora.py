@@ -112,6 +112,7 @@ class LoRALinear(nn.Module):
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
+        self.train(base.training)  # in an eval-mode model (load_model's), no adapter dropout until model.train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x) if self.base is not None else F.linear(x, self.weight, self.bias)

@@ -346,3 +346,19 @@ def test_lora_over_a_linear_subclass_keeps_its_forward():
     x = torch.randn(3, 6)
     lora = LoRALinear(lin, r=2, scale=1.0)
     assert lora.base is lin and torch.equal(lora(x), lin(x))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapters_follow_the_mode_of_the_layer_they_wrap(dora):
+    """apply_lora on a model in eval mode (what LLM.load and load_model give) built its layers in training mode:
+    with dropout the eval model's logits changed from call to call (found 2026-12-07). Each layer now takes its
+    base layer's mode, and model.train() / eval() still switch it."""
+    model = apply_lora(tiny_model(0).eval(), LoRAConfig(r=2, targets=("wq", "up"), dropout=0.5, dora=dora))
+    randomise_b(model)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), model(IDS), rtol=0, atol=0)
+    model.train()
+    with torch.no_grad():
+        assert (model(IDS) - model(IDS)).abs().max() > 1e-3  # the adapter dropout in training
+    assert all(m.training for m in apply_lora(tiny_model(0).train(), LoRAConfig(targets=("wq",))).modules())

@@ -256,3 +256,21 @@ def test_an_adapter_for_another_base_is_refused_naming_the_base(tmp_path):
         load_model(tmp_path / "deep_ad", base=tmp_path / "base", tokenizer=False)
     model = load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)[0]  # its own base loads
     assert model.blocks[0].attn.wq.lora_A.shape == (4, 32)
+
+
+def test_an_adapter_over_a_lora_checkpoint_goes_over_its_merged_model(tmp_path):
+    """A base that holds unmerged LoRA adapters of its own (an lmforge LoRA run's checkpoint) computes its merged
+    model, which a PEFT adapter trained on that run's merged export goes over; load_peft refused it ('a LoRALinear,
+    not a Linear layer', found 2026-12-07): it merges the base's adapters first, as a run's init is merged."""
+    from lmforge.adapt.lora import LoRAConfig, lora_layers, merge_lora
+    from lmforge.checkpoint import save_checkpoint
+
+    from ..test_export import adapted
+
+    run = adapted(tiny(VOCAB), LoRAConfig(r=2, alpha=4, targets=("wq", "up")))
+    save_checkpoint(tmp_path / "run", 1, run)
+    merge_lora(run).save_pretrained(tmp_path / "merged")
+    want = _adapter(tmp_path / "merged", tmp_path / "ad", target_modules=["q_proj", "v_proj"])
+    model = load_model(tmp_path / "ad", base=tmp_path / "run", tokenizer=False)[0]
+    assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
+    assert sorted(lora_layers(model)) == [f"blocks.{i}.attn.{w}" for i in (0, 1) for w in ("wq", "wv")]  # PEFT's only

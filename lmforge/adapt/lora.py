@@ -135,7 +135,7 @@ class LoRALinear(nn.Module):
             return self.base
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         plain.weight, plain.bias = self.weight, self.bias
-        return plain
+        return plain.train(self.training)
 
 
 def adapter_names(model: nn.Module) -> set[str]:

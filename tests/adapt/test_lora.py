@@ -358,6 +358,7 @@ def test_adapters_follow_the_mode_of_the_layer_they_wrap(dora):
     assert not any(m.training for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), model(IDS), rtol=0, atol=0)
+    assert not any(m.training for m in merge_lora(copy.deepcopy(model)).modules())  # the Linears put back too
     model.train()
     with torch.no_grad():
         assert (model(IDS) - model(IDS)).abs().max() > 1e-3  # the adapter dropout in training

@@ -218,10 +218,16 @@ def restore_base_layers(model: nn.Module, record: dict[str, dict], where: str, *
     kinds = tuple(BASE_LAYERS.values())
     for name, entry in record.items():
         cls = BASE_LAYERS.get(entry.get("kind"))
+        if cls is None and "kind" in entry:  # registered where it was saved, not (yet) in this process
+            kind = entry["kind"]
+            raise ConfigError(f"{where}: base layer {name} is a {kind!r} layer, a kind not registered in this process "
+                              f"(registered: {sorted(BASE_LAYERS) or 'none'}); register it before loading: "
+                              f"{REGISTER.replace('KIND', repr(kind))} (the lmforge command imports no class of yours: "
+                              "register it in Python, then call lmforge.cli.main([...]) there), or build the model "
+                              "yourself and load_weights(model, path)")
         if cls is None:
-            what = entry.get("class") or f"a {entry.get('kind')!r} layer"
-            raise ConfigError(f"{where}: base layer {name} is {what}, a kind load_model cannot rebuild (registered: "
-                              f"{sorted(BASE_LAYERS) or 'none'}); register its class before saving "
+            raise ConfigError(f"{where}: base layer {name} is {entry.get('class')}, a kind load_model cannot rebuild "
+                              f"(registered: {sorted(BASE_LAYERS) or 'none'}); register its class before saving "
                               f"({REGISTER}), or build the model yourself and load_weights(model, path)")
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)

@@ -160,6 +160,26 @@ def test_an_unregistered_quantized_layer_is_refused_in_one_line(tmp_path):
     assert "register_base_layer(KIND, cls)" in msg and "\n" not in msg
 
 
+def test_a_kind_not_registered_in_the_loading_process_names_registering_it_there(tmp_path, int8, monkeypatch, capsys):
+    """A checkpoint of a registered kind opened where the kind is not registered (a fresh process: the lmforge
+    command, which imports no class of the user's) said 'register its class before saving', which it was (found
+    2026-12-07): the error names the kind and registering it in the loading process, then calling the command."""
+    from lmforge.cli import main
+
+    path = ckpt.save_checkpoint(tmp_path / "q", 0, apply_lora(quantize(tiny_model(0)), LoRAConfig(targets=("wq",))))
+    monkeypatch.delitem(BASE_LAYERS, "test-int8")
+    with pytest.raises(ConfigError) as e:
+        ckpt.load_model(path)
+    msg = str(e.value)
+    assert msg == (f"{path}: base layer blocks.0.attn.wq is a 'test-int8' layer, a kind not registered in this process "
+                   f"(registered: {sorted(BASE_LAYERS) or 'none'}); register it before loading: "
+                   "lmforge.adapt.qlora.register_base_layer('test-int8', cls) (the lmforge command imports no class "
+                   "of yours: register it in Python, then call lmforge.cli.main([...]) there), or build the model "
+                   "yourself and load_weights(model, path)")
+    assert main(["sample", "--checkpoint", str(path), "--max-tokens", "1"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == f"lmforge sample: error: {msg}"
+
+
 def test_a_reward_model_over_a_backbone_quantized_after_loading_opens_as_saved(tmp_path, int8):
     """A head on a QLoRA backbone (quantized after its float base was loaded), saved adapter-only: the
     backbone's codes are saved under the head's `backbone.` names, and load_model rebuilds the head's model."""

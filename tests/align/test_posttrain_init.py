@@ -79,3 +79,23 @@ def test_a_run_dir_of_another_objective_is_refused(base, reward_model, tmp_path)
             f"with another loss; set run_dir to a new directory, or start from that run with init = '{reward_model}'")):
         PT.posttrain(post._cfg(base, reward_model, "dpo", max_steps=3, plot=False))
     assert sorted(p.name for p in (reward_model / "checkpoints").iterdir()) == before
+
+
+def test_an_init_with_adapters_over_a_quantized_base_is_refused_naming_resume():
+    """A run started from a QLoRA checkpoint merges the init's adapters first, which a quantized base cannot take:
+    the error advised 'serve it unmerged, save the adapters alone' (found 2026-12-07); it now says how to train
+    those adapters on. A plain LoRA init is still merged."""
+    from lmforge.adapt.lora import LoRAConfig, apply_lora, lora_layers
+
+    from ..adapt.test_lora import quantized
+    from .helpers import tiny_model
+
+    qlora = apply_lora(quantized(tiny_model(0)), LoRAConfig(r=2, targets=("wq", "up")))
+    before = sorted(lora_layers(qlora))
+    with pytest.raises(ConfigError, match=r"^the init model's LoRA layer blocks.0.attn.wq is over a quantized base "
+                                          r"\(QLoRA\), .*; to train them on, resume the run that wrote them"):
+        PT.start_model(qlora, LoRAConfig(r=2, targets=("wv",)), own_reference=False)
+    assert sorted(lora_layers(qlora)) == before  # left as it was
+    lora = PT.start_model(apply_lora(tiny_model(0), LoRAConfig(r=2, targets=("wq",))), LoRAConfig(r=2, targets=("wv",)),
+                          own_reference=False)
+    assert [n.rsplit(".", 1)[-1] for n in lora_layers(lora)] == ["wv"] * (len(before) // 2)  # wq merged, wv new

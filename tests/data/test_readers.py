@@ -77,6 +77,34 @@ def test_bytes_that_are_not_utf8_are_read_as_windows_1252_and_counted(tmp_path):
     assert decode_text("plain UTF-8 \u00e9".encode()) == ("plain UTF-8 \u00e9", 0)
 
 
+def test_windows_1252_text_decodes_in_linear_time():
+    """Each bad byte re-decoded the rest of the input (the error Python raises holds all of it): a few MB of Latin-1
+    took minutes. 16x the text must take about 16x the time (allowed 48x; the quadratic form took ~200x)."""
+    import gc
+    import time
+
+    from lmforge.data.readers import decode_utf8
+
+    unit = "caf\u00e9 na\u00efve r\u00e9sum\u00e9 ".encode("cp1252")
+
+    def seconds(n: int) -> float:
+        data = unit * n
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            text, bad = decode_utf8(data)
+            best = min(best, time.perf_counter() - t)
+        assert bad == 4 * n and len(text) == len(data)
+        return best
+
+    gc.disable()
+    try:
+        small, large = seconds(2_000), seconds(32_000)
+    finally:
+        gc.enable()
+    assert large < 48 * small + 0.05, (small, large)
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-8-sig"])
 def test_a_text_file_with_a_byte_order_mark_is_decoded_in_the_encoding_it_names(tmp_path, encoding):
     """Windows' "Unicode" text is UTF-16 with a byte-order mark: read as UTF-8 it was kept as a document with a NUL

@@ -172,6 +172,24 @@ def special_ids(tokenizer) -> frozenset[int]:
     return frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", None) or ())
 
 
+def token_text_bytes(tokenizer, size: int) -> list[int]:
+    """UTF-8 bytes of the text each token id < `size` stands for, for bits per byte (val_bpb, `lmforge tokenizer
+    stats`): a special token (told by its id: special_ids) counts 0, an added token HF marks not special (Qwen3's
+    <think>) its text's bytes; a tokenizer without a `vocab` table (id -> bytes) is byte-level (ids < 256: one byte)."""
+    out = [0] * size
+    vocab = getattr(tokenizer, "vocab", None)
+    if isinstance(vocab, dict):
+        for i, b in vocab.items():
+            if i < size:
+                out[i] = len(b)
+    else:
+        out[:min(256, size)] = [1] * min(256, size)
+    for i in special_ids(tokenizer):
+        if 0 <= i < size:
+            out[i] = 0
+    return out
+
+
 def safe_decode(tokenizer, ids: list[int]) -> str:
     """tokenizer.decode that never raises on invalid UTF-8 (falls back to per-token replacement)."""
     try:

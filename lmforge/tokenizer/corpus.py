@@ -257,7 +257,7 @@ def corpus_stats(tok, inputs: list[str] | tuple[str, ...], *, workers: int | Non
     """Compression and vocabulary use of `tok` on the given files. `bytes` counts the text's UTF-8 bytes, documents'
     separators included; `bytes_per_token` is the ratio `data.bytes_per_token` takes: the UTF-8 bytes the text tokens
     stand for over those tokens, separators and special tokens left out of both (as val_bpb counts them:
-    train.pretrain.token_byte_lengths)."""
+    infer.detok.token_text_bytes)."""
     files = expand_inputs(inputs)
     tasks = [t for _, t in _encode_tasks(tok, files, 0.0)]
     if not tasks:
@@ -272,9 +272,9 @@ def corpus_stats(tok, inputs: list[str] | tuple[str, ...], *, workers: int | Non
     n_tokens = int(counts.sum())
     used = int((counts > 0).sum())
     order = np.argsort(-counts, kind="stable")[:top]
-    from lmforge.train.pretrain import token_byte_lengths
+    from lmforge.infer.detok import token_text_bytes
 
-    id_bytes = token_byte_lengths(tok, tok.vocab_size).numpy()  # the text's bytes, as val_bpb counts them
+    id_bytes = np.asarray(token_text_bytes(tok, tok.vocab_size), dtype=np.int64)  # as val_bpb counts them
     text_tokens = int(counts[id_bytes > 0].sum())
     return {
         "files": len(files), "bytes": n_bytes, "tokens": n_tokens, "undecodable_bytes": bad,

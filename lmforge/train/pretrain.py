@@ -21,22 +21,12 @@ from lmforge.train.distributed import distribute, join, sum_over_ranks, train_de
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
-    """UTF-8 bytes of the text each token id stands for, for bits-per-byte: a special token (told by its id:
-    infer.detok.special_ids) counts 0, an added token HF marks not special (Qwen3's <think>) its text's bytes."""
-    from lmforge.infer.detok import special_ids
+    """UTF-8 bytes of the text each token id stands for (infer.detok.token_text_bytes), for bits-per-byte."""
+    from lmforge.infer.detok import token_text_bytes
 
     if tokenizer is None:
         return None
-    out = torch.zeros(vocab_size, dtype=torch.float64)
-    vocab = getattr(tokenizer, "vocab", None)
-    if isinstance(vocab, dict):
-        for i, b in vocab.items():
-            if i < vocab_size:
-                out[i] = len(b)
-    else:  # byte-level: ids < 256 are one byte each
-        out[: min(256, vocab_size)] = 1
-    out[[i for i in special_ids(tokenizer) if 0 <= i < vocab_size]] = 0
-    return out
+    return torch.tensor(token_text_bytes(tokenizer, vocab_size), dtype=torch.float64)
 
 
 class LMEvaluator:

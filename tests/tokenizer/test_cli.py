@@ -108,6 +108,19 @@ def test_stats_match_direct_count(corpus, tok_dir, capsys):
     assert s["bytes_per_token"] == pytest.approx(corpus[0].stat().st_size / len(ids))
 
 
+def test_stats_imports_no_torch(corpus, tok_dir):
+    """`lmforge tokenizer stats` counts bytes per token as val_bpb does (infer.detok.token_text_bytes) without
+    importing torch (2.5 s of a command that otherwise reads text)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lmforge.cli import main; "
+            f"rc = main(['tokenizer', 'stats', '--tokenizer', {str(tok_dir)!r}, '--input', {str(corpus[1])!r}, "
+            "'--progress', 'False']); print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split()[-2:] == ["0", "False"], r.stdout + r.stderr
+
+
 def test_stats_ratio_leaves_the_separators_out_as_val_bpb_does(corpus, tok_dir):
     """bytes_per_token is the ratio data.bytes_per_token takes: the documents' text bytes over their tokens, the
     <|endoftext|> separators (13 bytes of file, no token of the text) counted in neither; it counted their bytes."""

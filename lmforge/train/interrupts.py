@@ -4,7 +4,8 @@ SIGINT (Ctrl-C) and SIGTERM (what job schedulers send) only set a flag while `fi
 the next step boundary, writes a checkpoint of that state and raises KeyboardInterrupt, so resuming is
 bit-exact. On N processes the ranks all-reduce their flags at every step boundary (one tiny CPU
 all-reduce), so a signal reaching any one rank stops all of them at the same step, with one checkpoint.
-A second signal stops at once. A hook's Trainer.request_stop travels in the same all-reduce and ends
+A second signal stops at once (one while the interrupt's checkpoint is written leaves the previous one, and
+says which that is). A hook's Trainer.request_stop travels in the same all-reduce and ends
 `fit` as a last step would.
 
 A KeyboardInterrupt raised inside a step (a second Ctrl-C, or one raised by code) lands in one of the
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from lmforge import checkpoint as ckpt
 from lmforge.errors import ConfigError
 from lmforge.model.layers.moe import MoE
 from lmforge.parallel.reports import report_once
@@ -180,7 +182,23 @@ class Interrupts:
             tqdm.write(f"interrupted inside the optimizer update of step {trainer.step + 1}: no consistent state "
                        f"to save; resume from {trainer.last_checkpoint}")
         elif trainer.step > 0 and not trainer.has_current_checkpoint():
-            trainer.save()
+            try:
+                trainer.save()
+            except KeyboardInterrupt:  # a second Ctrl-C: the write is atomic, so nothing of it was kept
+                self._say_resume_point(trainer)
+                raise
         if trainer.rank == 0:
             tqdm.write(f"interrupted at step {trainer.step}; checkpoint {trainer.last_checkpoint}; "
                        "run the same command again to resume")
+
+    @staticmethod
+    def _say_resume_point(trainer: Trainer) -> None:
+        """After a second signal stopped the interrupt's checkpoint mid-write: which checkpoint a run started again
+        resumes from (the newest complete one on disk, as Trainer._maybe_resume takes it)."""
+        found = ckpt.checkpoint_dirs(trainer.run_dir)
+        where = (f"the last complete checkpoint is step {int(found[-1].name.removeprefix('step_'))} ({found[-1]}); "
+                 "run the same command again to resume from it" if found else
+                 "no checkpoint of this run is complete; running the same command again starts it from step 0")
+        say = f"stopped while writing the step {trainer.step} checkpoint, which was not kept: {where}"
+        if report_once(say):  # (the N processes of one --nproc launch: once)
+            tqdm.write(say)

@@ -322,3 +322,29 @@ def test_an_interrupt_raised_in_a_step_rolls_the_objectives_state_back(setup, tm
     assert resumed.objective.beta == full.objective.beta == 0.5 ** 5
     assert metric_rows(res) == metric_rows(full_res)
     assert all(torch.equal(p, q) for p, q in zip(full.model.parameters(), resumed.model.parameters()))
+
+
+def test_a_second_ctrl_c_during_the_interrupts_checkpoint_names_the_resume_point(setup, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C while the interrupt's checkpoint is written (a slow disk) aborts the write; the previous
+    checkpoint survives, and one line names it as the one a run started again resumes from."""
+    shard, full = setup
+    cfg = tiny_config(shard, tmp_path / "run", max_steps=20, eval_every=10, ckpt_every=5)
+    tr = Trainer(cfg)
+    _arm(tr, "forward", _Interrupt(tr, "sigint"))
+    real = ckpt._write
+
+    def slow_write(tmp, step, *a):
+        real(tmp, step, *a)
+        if step == K + 1:  # the interrupt's checkpoint: written but not yet renamed into place
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(ckpt, "_write", slow_write)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    last = tmp_path / "run" / "checkpoints" / "step_000005"
+    assert ckpt.checkpoint_dirs(tmp_path / "run") == [last]
+    out = capsys.readouterr().out
+    assert (f"stopped while writing the step {K + 1} checkpoint, which was not kept: the last complete checkpoint "
+            f"is step 5 ({last}); run the same command again to resume from it") in out
+    monkeypatch.setattr(ckpt, "_write", real)
+    assert _losses(train(cfg)) == full

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from lmforge.cli import main
+from lmforge.cli.common import _optional_sections
 from lmforge.errors import LmforgeError
 from lmforge.checkpoint import checkpoint_dirs
 
@@ -114,16 +115,6 @@ def test_no_option_help_is_only_a_section_label(argv, capsys):
     assert not [lab for lab in labels if f" {lab} (default:" in text]
 
 
-def _has_optional_section(cls: type) -> bool:
-    """Whether a config section at any depth of `cls` defaults to None (`model.moe`)."""
-    import dataclasses
-
-    from lmforge.cli.common import _section_types
-
-    return any(optional or _has_optional_section(tp) for tp, optional in _section_types(cls).values()
-               if dataclasses.is_dataclass(tp))
-
-
 def _with_sections_open(cls: type, obj):
     """obj with every nested config section set, the optional ones (None by default, their flags hidden) to
     their defaults, so a parser built from it lists every option a config file could set."""
@@ -140,8 +131,9 @@ def _with_sections_open(cls: type, obj):
     return dataclasses.replace(obj, **opened)
 
 
-def _option_parsers(monkeypatch) -> dict:
-    """prog -> the argparse parser of every `lmforge CMD [SUB] --help` that tyro builds."""
+def _option_parsers(monkeypatch, sections_open: bool = True) -> dict:
+    """prog -> the argparse parser of every `lmforge CMD [SUB] --help` that tyro builds (with `sections_open`, every
+    optional section opened; without, as `--help` alone builds it)."""
     import importlib
     import warnings
 
@@ -153,7 +145,7 @@ def _option_parsers(monkeypatch) -> dict:
     parsers = {}
 
     def capture(cls, *, args=None, default=None, **kw):
-        if _has_optional_section(cls):
+        if sections_open and _optional_sections(cls):
             default = _with_sections_open(cls, default if default is not None else cls())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # get_parser is deprecated; the parser is the same
@@ -187,6 +179,26 @@ def test_every_option_of_every_command_has_help(monkeypatch, capsys):
     bare = [f"{prog} {'/'.join(a.option_strings) or a.dest}" for prog, p in parsers.items() for a in p._actions
             if not re.sub(r"\((default: .*|required)\)$", "", a.help or "", flags=re.S).strip()]
     assert bare == []
+
+
+def test_help_names_every_flag_of_the_sections_it_hides(monkeypatch, capsys):
+    """`lmforge sft --help` lists no --lora.* flag (tyro lists a section that defaults to None only once it is set)
+    and said only `--lora.FIELD flags turn the lora section on`: a first-time user saw no field. The description
+    names every flag such a section hides, for every command (train's --model.moe.*, --model.rope-scaling.*)."""
+    import re
+
+    opened, plain = _option_parsers(monkeypatch), _option_parsers(monkeypatch, sections_open=False)
+    capsys.readouterr()
+
+    def flags(parser) -> set[str]:
+        return {s for a in parser._actions for s in a.option_strings}
+
+    hidden = {prog: flags(opened[prog]) - flags(p) for prog, p in plain.items()}
+    assert {"--lora.r", "--lora.alpha", "--lora.save"} <= hidden["lmforge sft"] and hidden["lmforge orpo"]
+    assert {"--model.moe.n-experts", "--model.rope-scaling.beta-fast", "--model.mtp.depth"} <= hidden["lmforge train"]
+    unnamed = {prog: sorted(f for f in h if not re.search(re.escape(f) + r"[,.]", plain[prog].description or ""))
+               for prog, h in hidden.items()}
+    assert {prog: u for prog, u in unnamed.items() if u} == {}
 
 
 def test_train_help_lists_optimizers_and_schedules(capsys):

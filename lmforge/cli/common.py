@@ -107,6 +107,16 @@ def _section_types(cls: type) -> dict[str, tuple[type, bool]]:
     return out
 
 
+def _optional_sections(cls: type, prefix: str = "") -> dict[str, type]:
+    """Config sections at any depth that default to None (`lora`, `model.moe`): dotted name -> dataclass."""
+    out = {}
+    for name, (tp, optional) in _section_types(cls).items():
+        if optional:
+            out[prefix + name] = tp
+        out |= _optional_sections(tp, f"{prefix}{name}.")
+    return out
+
+
 def open_sections(cls: type, argv: list[str], data: dict) -> bool:
     """A flag inside a section that defaults to None (`--model.moe.n_experts 8`: ModelConfig.moe is
     `MoEConfig | None`) opens that section in `data` with its defaults, as a `[model.moe]` table would:
@@ -170,6 +180,8 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
     the remaining `--section.key value` flags override them."""
+    import dataclasses
+
     import tyro
 
     from lmforge.config import from_dict, read_config_file
@@ -183,10 +195,13 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
             data = read_config_file(path)
         description += "\n\n--config FILE.toml loads defaults from a TOML file; flags override it."
     refuse_bare_word(cls, argv, prog, given=data)
-    optional = [n for n, tp in _section_types(cls).items() if tp[1]]
+    optional = _optional_sections(cls)
     if optional:  # their flags are hidden while they are None (tyro lists a section only once it is set)
-        description += "\n\n" + " ".join(f"--{n}.FIELD flags (or a [{n}] table) turn the {n} section on."
-                                         for n in optional)
+        flag = {n: "--" + n.replace("_", "-") for n in optional}  # (tyro's spelling: --model.rope-scaling.kind)
+        description += "\n\n" + "\n".join(
+            f"{flag[n]}.FIELD flags (or a [{n}] table) turn the {n} section on: "
+            + ", ".join(f"{flag[n]}.{f.name.replace('_', '-')}" for f in dataclasses.fields(tp)) + "."
+            for n, tp in optional.items())
     if open_sections(cls, argv, data) or path is not None:
         default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
     return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,

@@ -412,7 +412,7 @@ def test_a_peft_made_adapter_loads_into_lmforge(tmp_path, tok, capsys):
     with pytest.raises(Exception, match="sets use_dora but holds no lora_magnitude_vector for blocks.0"):
         load_model(tmp_path / "adapter", base=tmp_path / "base")
     for bad, msg in [({**cfg, "peft_type": "IA3"}, "is a IA3 adapter; lmforge applies LoRA adapters only"),
-                     ({**cfg, "lora_alpha": None}, "has no numeric lora_alpha")]:
+                     ({**cfg, "lora_alpha": None}, "lora_alpha is None, not a finite number")]:
         (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(bad))
         with pytest.raises(Exception, match=msg):
             load_model(tmp_path / "adapter", base=tmp_path / "base")

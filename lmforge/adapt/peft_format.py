@@ -327,6 +327,9 @@ def _lmforge_state(path: Path, tensors: dict, model, family: str, config: dict) 
                   f"{linear.out_features}) does not take: the adapter was trained on another base")
             if part == "lora_A":
                 r = t.shape[0]
+                if r == 0:  # (the scale below divides by it)
+                    raise ConfigError(f"{path / WEIGHTS} holds {key} of rank 0 (shape {tuple(t.shape)}), an empty "
+                                      "adapter; save it again from peft with r > 0")
                 layers[lm] = [r, config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r),
                               *(["dora"] if config.get("use_dora") else [])]
             state[f"{lm}.{part}"] = t
@@ -403,9 +406,13 @@ def _peft_config(path: Path) -> dict:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise ConfigError(f"{path} is a {kind} adapter; lmforge applies LoRA adapters only")
-    if not isinstance(config.get("lora_alpha"), (int, float)):
-        raise ConfigError(f"{path / CONFIG} has no numeric lora_alpha (got {config.get('lora_alpha')!r}); it is "
-                          "not a complete PEFT LoRA config")
+    alpha, r = config.get("lora_alpha"), config.get("r")  # (json reads NaN and Infinity as floats)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ConfigError(f"{path / CONFIG}: lora_alpha is {alpha!r}, not a finite number; set it to the alpha the "
+                          "adapter was trained with (its scale is lora_alpha / r)")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
+        raise ConfigError(f"{path / CONFIG}: r is {r!r}, not a positive integer; set it to the adapter's rank (the "
+                          "first dimension of its lora_A tensors)")
     used = [what for key, what in UNSUPPORTED.items() if config.get(key)]
     if config.get("bias", "none") != "none":
         used.append(f"bias={config['bias']!r}")

@@ -274,3 +274,31 @@ def test_an_adapter_over_a_lora_checkpoint_goes_over_its_merged_model(tmp_path):
     model = load_model(tmp_path / "ad", base=tmp_path / "run", tokenizer=False)[0]
     assert (logits(model, ids_for(VOCAB)) - want).abs().max() <= 1e-5
     assert sorted(lora_layers(model)) == [f"blocks.{i}.attn.{w}" for i in (0, 1) for w in ("wq", "wv")]  # PEFT's only
+
+
+def test_a_non_finite_alpha_or_a_rank_below_one_is_refused_naming_the_file_and_key(tmp_path):
+    """A hand-edited adapter_config.json with lora_alpha NaN or Infinity (json reads both) loaded, and every
+    logit was NaN or inf; r <= 0 loaded too (PEFT refuses it). A lora_A of rank 0 in the tensors divided by
+    zero. Each is one line naming the file and the key."""
+    _base(tmp_path / "base")
+    _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj"])
+    file = tmp_path / "ad" / "adapter_config.json"
+    config = json.loads(file.read_text())
+    for key, value, what in [("lora_alpha", float("nan"), "nan, not a finite number"),
+                             ("lora_alpha", float("inf"), "inf, not a finite number"),
+                             ("lora_alpha", -float("inf"), "-inf, not a finite number"),
+                             ("lora_alpha", "16", "'16', not a finite number"),
+                             ("r", 0, "0, not a positive integer"), ("r", -4, "-4, not a positive integer"),
+                             ("r", 4.5, "4.5, not a positive integer")]:
+        file.write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(file))}: {key} is {re.escape(what)}; set it to "):
+            load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+    file.write_text(json.dumps(config))
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key][:0]
+    tensors[key.replace("lora_A", "lora_B")] = tensors[key.replace("lora_A", "lora_B")][:, :0]
+    save_file(tensors, weights)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(weights))} holds {re.escape(key)} of rank 0 "):
+        load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)

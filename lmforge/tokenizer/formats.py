@@ -313,11 +313,13 @@ HF_CONFIG = "tokenizer_config.json"
 
 def write_hf(tok, path: str | Path, doc: dict[str, Any], chat_template=None, config: dict | None = None) -> Path:
     """Write a tokenizer's tokenizer.json `doc` (into the directory `path`, or the .json file `path`) and the
-    tokenizer_config.json beside it (write_hf_config); the tokenizer.json's path."""
+    tokenizer_config.json beside it (write_hf_config) where the file is named tokenizer.json, the name HF reads a
+    config beside; the tokenizer.json's path."""
     path = Path(path)
     target = path / "tokenizer.json" if path.suffix != ".json" else path
     write_json_atomic(target, doc)
-    write_hf_config(tok, target.parent / HF_CONFIG, chat_template, config)
+    if target.name == "tokenizer.json":  # (HF reads a config only beside that name: another file's would only
+        write_hf_config(tok, target.parent / HF_CONFIG, chat_template, config)  # change the folder's own)
     return target
 
 
@@ -326,13 +328,15 @@ def write_hf_config(tok, path: Path, chat_template=None, config: dict | None = N
     (hf_eos_token, checkpoint.hf_chat_template) take from beside it: eos_token, the token eot_id names (without it
     a Llama-3-Instruct tokenizer read back ends texts at <|end_of_text|>, not <|eot_id|>), bos_token (the first
     prefix token), and `chat_template` (Jinja, or a ChatTemplate: its jinja()) where given. A config already there
-    keeps the keys this does not set (a model directory's own chat template); `config`: more keys, set last."""
+    keeps the keys this does not set (a model directory's own chat template) but those that describe another
+    tokenizer's tokens (_describes_other_tokens); `config`: more keys, set last."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         old = {}
     names = {i: s for s, i in tok.special_tokens.items()}
-    conf = {**(old if isinstance(old, dict) else {}), "tokenizer_class": "PreTrainedTokenizerFast",
+    old = {k: v for k, v in (old if isinstance(old, dict) else {}).items() if not _describes_other_tokens(k, v, tok)}
+    conf = {**old, "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": False}  # (decode as lmforge does: no spaces removed)
     if tok.eot_id in names:
         conf["eos_token"] = names[tok.eot_id]
@@ -341,6 +345,23 @@ def write_hf_config(tok, path: Path, chat_template=None, config: dict | None = N
     if chat_template is not None:
         conf["chat_template"] = chat_template if isinstance(chat_template, str) else chat_template.jinja()
     write_json_atomic(path, {**conf, **(config or {})})
+
+
+_TOKEN_TABLES = ("added_tokens_decoder", "additional_special_tokens", "add_bos_token", "add_eos_token", "legacy",
+                 "add_prefix_space")
+"""tokenizer_config.json keys that describe the tokenizer the config was written for (its added tokens by id, its
+specials, how its slow class added them): over another tokenizer they contradict its tokenizer.json"""
+
+
+def _describes_other_tokens(key: str, value, tok) -> bool:
+    """Whether an old tokenizer_config.json's `key` describes a tokenizer other than `tok`: a table of its tokens
+    (_TOKEN_TABLES), or a *_token naming a token `tok` does not have (HF would add it as a new token)."""
+    if key in _TOKEN_TABLES:
+        return True
+    if key.endswith("_token") and value is not None:
+        content = value.get("content") if isinstance(value, dict) else value
+        return content not in tok.special_tokens
+    return False
 
 
 def _hf_regex(pattern: str) -> str:

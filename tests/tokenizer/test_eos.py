@@ -122,6 +122,32 @@ def test_save_hf_round_trip_keeps_eos_bos_chat_template_and_added_tokens(tmp_pat
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == llama3.jinja()
 
 
+def test_save_hf_over_another_tokenizers_folder_drops_its_token_tables_and_a_json_path_writes_no_config(tmp_path):
+    """save_hf into a folder holding another tokenizer's tokenizer_config.json kept its added_tokens_decoder and a
+    pad_token this tokenizer lacks (HF would add it as a new token) beside the new eos_token; it keeps the folder's
+    chat template and settings that name no token. A path not named tokenizer.json gets no config beside it (HF
+    reads none there): it merged one into the folder's own."""
+    transformers = pytest.importorskip("transformers")
+
+    tok = load_tokenizer(_llama3_dir(tmp_path / "src"))
+    (tmp_path / "hf").mkdir()
+    other = {"added_tokens_decoder": {"7": {"content": "<pad>", "special": True}}, "pad_token": "<pad>",
+             "add_bos_token": False, "chat_template": "{{ messages[0]['content'] }}", "model_max_length": 4096,
+             "unk_token": None}
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(other))
+    tok.save_hf(tmp_path / "hf")
+    conf = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert not {"added_tokens_decoder", "pad_token", "add_bos_token"} & set(conf)
+    assert (conf["chat_template"], conf["model_max_length"], conf["eos_token"]) == (other["chat_template"], 4096,
+                                                                                    "<|end_of_text|>")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(hf) == tok.vocab_size and hf.pad_token is None
+    (tmp_path / "side").mkdir()
+    (tmp_path / "side" / "tokenizer_config.json").write_text(json.dumps(other))
+    assert tok.save_hf(tmp_path / "side" / "mine.json").is_file()
+    assert json.loads((tmp_path / "side" / "tokenizer_config.json").read_text()) == other
+
+
 def test_sentencepiece_save_hf_round_trip_keeps_eos_and_bos(tmp_path):
     from lmforge.tokenizer.sentencepiece import SentencePieceBPE
 

@@ -328,9 +328,10 @@ class JinjaTemplate(ChatTemplate):
 
     @property
     def knows_developer(self) -> bool:
-        """Whether the Jinja mentions the "developer" role (gpt-oss's does): then it gets developer messages as they
-        are, else as system messages (DEVELOPER)."""
-        return DEVELOPER in self.source
+        """Whether the Jinja names the "developer" role as a quoted string (gpt-oss's compares message.role with it):
+        then it gets developer messages as they are, else as system messages (DEVELOPER). The bare word in a comment
+        or a default system prompt ("You are a developer assistant") does not count."""
+        return f"'{DEVELOPER}'" in self.source or f'"{DEVELOPER}"' in self.source
 
     def segments(self, messages, add_generation_prompt: bool = False, continue_final_message: bool = False):
         raise ConfigError(f"chat template {self.name!r} is the checkpoint's own Jinja: it renders prompts for "

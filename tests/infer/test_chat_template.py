@@ -138,6 +138,8 @@ def test_developer_role_is_system_unless_the_template_knows_it():
     qwen = JinjaTemplate(name="qwen", source="{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                                              "<|im_end|>\n{% endfor %}")
     assert qwen.render(dev).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
+    worded = JinjaTemplate(name="worded", source="{# a developer's note #}" + qwen.source)  # the word, not the role
+    assert worded.render(dev) == qwen.render(dev)
     harmony = JinjaTemplate(name="gpt-oss", source="{% for m in messages %}{% if m['role'] == 'developer' %}"
                                                    "<|start|>developer<|message|># Instructions\n{{ m['content'] }}"
                                                    "{% else %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}"

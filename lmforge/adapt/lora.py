@@ -302,7 +302,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         raise ConfigError(f"LoRA layer {off[0]} is disabled (inside adapters_disabled); merge outside it")
     # every layer checked before any changes: folding B A into packed low-bit weights would requantize them (not
     # the trained function), and adding to a tensor subclass (torchao) raises half-way through the model
-    wrapped = [n for n, m in layers.items() if not mergeable(m)]
+    wrapped = unmergeable(model)
     if wrapped:
         base = layers[wrapped[0]].unwrapped()
         w = getattr(base, "weight", None)
@@ -320,6 +320,11 @@ def mergeable(layer: LoRALinear) -> bool:
     """Whether merge_lora can fold the layer's update into its base: a plain float weight the layer holds, not a
     wrapped quantized base (folding B A into packed low-bit codes would requantize them) nor a tensor subclass."""
     return layer.base is None and bare_tensor(layer.weight)
+
+
+def unmergeable(model: nn.Module) -> list[str]:
+    """The names of the model's LoRA layers merge_lora cannot fold (not `mergeable`: a QLoRA checkpoint's)."""
+    return [n for n, m in lora_layers(model).items() if not mergeable(m)]
 
 
 def remove_lora(model: nn.Module) -> dict[str, LoRALinear]:

@@ -273,7 +273,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
     directory's own when it has one, else the base's."""
     from safetensors.torch import load_file
 
-    from lmforge.adapt.lora import load_lora, lora_layers, merge_lora, restore_lora
+    from lmforge.adapt.lora import load_lora, lora_layers, merge_lora, restore_lora, unmergeable
     from lmforge.checkpoint import is_hf_dir, load_model, resolve_checkpoint
     from lmforge.model.hf import family_of, guess_family, read_hf_config
     from lmforge.tokenizer.load import load_tokenizer
@@ -288,6 +288,11 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
     if not hasattr(model, "cfg"):
         raise ConfigError(f"{path}: the base {where} holds a {type(model).__name__}, not a causal LM; give the "
                           "language model the adapter was trained on: base=DIR or --base DIR")
+    kept = unmergeable(model)
+    if kept:  # a QLoRA run's checkpoint: its adapters cannot be merged into the quantized base
+        raise ConfigError(f"{path}: the base {where} holds LoRA adapters over a quantized base (QLoRA; layer "
+                          f"{kept[0]}), which cannot be merged to put this adapter over them; give the float base "
+                          "model the adapter was trained on: base=DIR or --base DIR")
     if lora_layers(model):  # a LoRA run's checkpoint: its adapters are part of the model (merged, as a run's init)
         merge_lora(model)
     if (path / "tokenizer.json").is_file() and tokenizer:

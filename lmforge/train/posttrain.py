@@ -100,10 +100,10 @@ def start_model(model: torch.nn.Module, lora: LoRAConfig | None, own_reference: 
     """The policy this run trains. An init holding adapters (a LoRA run's checkpoint) has them merged: they
     are part of the model it starts from, and without [lora] every weight trains (unmerged, its base
     weights would stay frozen). With [lora], fresh adapters (apply_lora), and only they train."""
-    from lmforge.adapt.lora import apply_lora, lora_layers, merge_lora, mergeable, trainable_parameters
+    from lmforge.adapt.lora import apply_lora, lora_layers, merge_lora, trainable_parameters, unmergeable
 
     say = print if rank_and_world()[0] == 0 else (lambda *a: None)
-    kept = [n for n, m in lora_layers(model).items() if not mergeable(m)]
+    kept = unmergeable(model)
     if kept:  # a QLoRA checkpoint: its adapters have no float weights to be merged into
         raise ConfigError(f"the init model's LoRA layer {kept[0]} is over a quantized base (QLoRA), which its adapters "
                           "cannot be merged into to start a new run from; to train them on, resume the run that wrote "

@@ -302,3 +302,23 @@ def test_a_non_finite_alpha_or_a_rank_below_one_is_refused_naming_the_file_and_k
     save_file(tensors, weights)
     with pytest.raises(ConfigError, match=f"^{re.escape(str(weights))} holds {re.escape(key)} of rank 0 "):
         load_model(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+
+
+def test_an_adapter_over_a_qlora_checkpoint_is_refused_naming_the_float_base(tmp_path, monkeypatch):
+    """A base holding QLoRA adapters (over a quantized base) cannot be merged to put a PEFT adapter over it: the
+    error gave merge_lora's advice ('serve it unmerged, save the adapters alone'), which does not load the adapter;
+    it now names the base and asks for the float one (as a run started from such a checkpoint is refused)."""
+    import lmforge.checkpoint as checkpoint
+    from lmforge.adapt.lora import LoRAConfig, apply_lora
+
+    from .test_lora import quantized
+
+    _base(tmp_path / "base")
+    _adapter(tmp_path / "base", tmp_path / "ad", target_modules=["q_proj"])
+    qlora = apply_lora(quantized(tiny(VOCAB)), LoRAConfig(r=2, targets=("wq", "up")))
+    loaded = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda where, **kw: (qlora, None) if str(where).endswith("base")
+                        else loaded(where, **kw))
+    with pytest.raises(ConfigError, match=r"ad: the base .*base holds LoRA adapters over a quantized base \(QLoRA; "
+                                          r"layer blocks.0.attn.wq\), .*give the float base model the adapter"):
+        loaded(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)

@@ -206,6 +206,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of Linux's /proc/PID/stat after "pid (comm)": state, parent pid, ..., start time at [19]; None
+    where there is none (not Linux, or the process has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_tag(pid: int) -> str | None:
     """8 hex digits that tell process `pid` apart from any other that had or will have its PID: a hash of this
     host's name, its boot and the process's start time (Linux /proc; elsewhere the host's name only). None: no
@@ -217,12 +226,12 @@ def process_tag(pid: int) -> str | None:
         return None
     except PermissionError:  # another user's: alive
         pass
+    fields = proc_stat(pid)
+    if fields and fields[0] in "ZX":  # exited, not yet reaped
+        return None
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
-        if fields[0] in "ZX":  # exited, not yet reaped
-            return None
         start, boot = fields[19], Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except (OSError, IndexError):
+    except (OSError, IndexError, TypeError):
         start = boot = ""
     import hashlib
     import socket

@@ -235,13 +235,12 @@ def _wait_or_kill(proc, passed: list[int]) -> int:
 
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is `pid`, read from /proc ([] where there is none: not Linux)."""
+    from lmforge.utils import proc_stat
+
     children = []
     for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
-        except (OSError, ValueError, IndexError):
-            continue  # (ended while read)
-        if ppid == pid:
+        fields = proc_stat(entry.name)  # (None: ended while read)
+        if fields and len(fields) > 1 and fields[1] == str(pid):
             children.append(int(entry.name))
     return children
 

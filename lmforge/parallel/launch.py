@@ -148,21 +148,31 @@ def quiet_signals():
     ... KeyboardInterrupt" (after which the import went on), or aborted inside torch's C++. Python runs the handler
     between bytecodes, never inside C++; the Trainer puts its own in place while it trains (interrupts.py). Off the
     main thread (which alone may set handlers, and alone gets signals) it changes nothing."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    with handling_stop_signals(end_quietly, keep_ignored=True):
+        yield
+
+
+@contextlib.contextmanager
+def handling_stop_signals(handler, keep_ignored: bool = False):
+    """While the block runs, `handler` takes SIGINT, SIGTERM, SIGHUP and SIGQUIT (the signals a terminal, a job
+    scheduler or a container's stop ends a run with), then each has its handler as before; `keep_ignored`: a
+    signal this process ignores stays ignored."""
+    import signal
+
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
-    for s, handler in before.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(s, end_quietly)
+    for s, was in before.items():
+        if not (keep_ignored and was is signal.SIG_IGN):
+            signal.signal(s, handler)
     try:
         yield
     finally:
-        for s, handler in before.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s, was in before.items():
+            signal.signal(s, was if was is not None else signal.SIG_DFL)
 
 
 def run_passing_signals(argv: list[str]) -> int:
@@ -178,7 +188,6 @@ def run_passing_signals(argv: list[str]) -> int:
     (torchrun is not in the terminal's group), so the workers get it once, not twice. A second signal goes to the
     workers too, and whatever still runs SECOND_SIGNAL_GRACE seconds later is killed (a rank that stops at once
     leaves the others waiting inside its collectives, where no signal reaches them)."""
-    import signal
     import subprocess
 
     passed: list[int] = []
@@ -195,15 +204,11 @@ def run_passing_signals(argv: list[str]) -> int:
 
     # (set before the start: a signal between the two would leave torchrun running; SIGHUP, a closed terminal, and
     # SIGQUIT are signals torchrun stops its workers on, which its own session no longer gets from the terminal)
-    before = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
-    try:
+    with handling_stop_signals(pass_on):
         proc = subprocess.Popen(argv, start_new_session=True)
         if passed:  # (a signal while it started)
             proc.send_signal(passed[-1])
         rc = _wait_or_kill(proc, passed)
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
     if passed:
         raise KeyboardInterrupt
     return rc

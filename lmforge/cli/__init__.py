@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge.utils import environment
 
     # (restores Python's showwarning, the environment and the signal handlers when the command ends: library use is
-    # untouched); a process of an --nproc launch ends at once and quietly on a signal until it trains
+    # untouched); a process of an --nproc launch ends at once and quietly on a signal outside the Trainer's fit
     with warnings.catch_warnings(), environment({DEBUG_ENV: "1"} if debug else {}), \
             (quiet_signals() if launched_worker() else contextlib.nullcontext()):
         if not debug:

@@ -5,7 +5,8 @@ Columns: N (parameters), D (training tokens), loss (final validation loss); opti
 6ND when absent) and budget (the FLOP budget a run was planned for, which groups IsoFLOP curves; when absent,
 runs whose C lie within a factor BUDGET_SPREAD share one, `infer_budgets`). Files
 are CSV or JSON (a list of row objects, or {"runs": [...]}). Every fit validates the table first: missing
-columns, non-positive or non-finite values and too few rows are reported by name, never fitted.
+columns, CSV rows with more values than the header, non-positive or non-finite values and too few rows are
+reported by name, never fitted.
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ def load_runs(path: str | Path) -> Runs:
         except (UnicodeDecodeError, csv.Error) as e:  # a UTF-16 export, a binary file given by mistake
             raise DataError(f"{path} is not a UTF-8 CSV file ({e}); save the run table as CSV (UTF-8) or JSON, "
                             f"with columns {', '.join(REQUIRED)}") from e
+        # csv.DictReader files a row's values beyond the header under the key None: a header one column short
+        # (N,D,loss over rows of N,D,C,loss) read C as the loss and fitted it (empty ones, trailing commas, are none)
+        extra = next((i for i, r in enumerate(rows) if any(v.strip() for v in r.get(None) or ())), None)
+        if extra is not None:
+            header = [k for k in rows[extra] if k is not None]
+            raise DataError(f"{path}: row {extra} has more values than the header's columns {header} (extra: "
+                            f"{rows[extra][None]}): name every column in the header (N, D, loss[, C, budget])")
     return runs_from_rows(rows)
 
 

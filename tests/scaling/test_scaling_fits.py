@@ -365,3 +365,17 @@ def test_an_empty_cell_is_named_by_its_row_and_a_partial_optional_column_is_not_
     with_c = runs_from_rows([dict(r, C=2 * 6 * r["N"] * r["D"]) for r in rows])
     assert with_c.c == pytest.approx(2 * 6 * with_c.n * with_c.d)
     assert runs_from_rows([dict(r, C="") for r in rows]).c == pytest.approx(6 * with_c.n * with_c.d)
+
+
+def test_a_csv_row_with_more_values_than_its_header_is_refused(tmp_path):
+    """A header one column short (N,D,loss over rows of N,D,C,loss): csv.DictReader filed the last value under the
+    key None and read C as the loss, which was fitted in silence. Empty extras (trailing commas) are no values."""
+    rows = _isoflop_rows()[:6]
+    lines = ["N,D,loss"] + [f"{r['N']},{r['D']},{6 * r['N'] * r['D']},{r['loss']}" for r in rows]
+    (tmp_path / "short.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"short.csv: row 0 has more values than the header's columns \['N', 'D', "
+                                        r"'loss'\] \(extra: \['[0-9.]+'\]\): name every column in the header"):
+        load_runs(tmp_path / "short.csv")
+    lines = ["N,D,loss"] + [f"{r['N']},{r['D']},{r['loss']}," for r in rows]
+    (tmp_path / "trailing.csv").write_text("\n".join(lines) + "\n")
+    np.testing.assert_allclose(load_runs(tmp_path / "trailing.csv").loss, [r["loss"] for r in rows])

@@ -34,9 +34,11 @@ class OptimConfig:
     schedule: str = "cosine"
     """learning-rate schedule, a key of lmforge.optim.SCHEDULES"""
     warmup_steps: int = 0
-    """steps of linear warmup from 0 to the peak learning rate"""
+    """steps of linear warmup to the peak learning rate: step s < warmup_steps trains at (s + 1) / warmup_steps of it"""
     min_lr_ratio: float = 0.1
-    """final learning rate as a fraction of the peak (cosine, linear, WSD)"""
+    """final learning rate as a fraction of the peak (cosine, linear, WSD), reached at step max_steps, one past the
+    last step trained (as in Hägele et al.'s WSD code): over a decay of D steps (max_steps - warmup_steps, or WSD's
+    last decay_fraction) the last step is (1 - min_lr_ratio) / D above it for a linear decay, ~2.5 / D^2 for cosine"""
     decay_fraction: float = 0.2
     """WSD: fraction of the run spent in the final decay"""
     decay_shape: str = "linear"

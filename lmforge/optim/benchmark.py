@@ -101,6 +101,8 @@ class OptimBenchConfig:
             check(getattr(self, f) >= 1, f"{f} must be >= 1, got {getattr(self, f)}")
         check(self.lr_factor > 1, f"lr_factor must be > 1, got {self.lr_factor}")
         check(self.threads >= 0, f"threads must be >= 0 (0 = torch's default), got {self.threads}")  # torch raised
+        check(math.isfinite(self.target_loss) and self.target_loss >= 0,
+              f"target_loss must be a finite loss >= 0 (0 = the best final loss of AdamW), got {self.target_loss}")
 
 def corpus_path(path: str = "") -> Path | None:
     """The benchmark text's file: `path`, refused when it is no file (training on the fallback text in silence
@@ -202,6 +204,8 @@ def to_target(curve: list[dict], target: float) -> tuple[float, float]:
     between evaluations; (inf, inf) if it never does, or the target is none (inf: every run diverged)."""
     if not math.isfinite(target):
         return float("inf"), float("inf")
+    if curve and curve[0]["val_loss"] <= target:  # reached before training (interpolating back gave a step < 0)
+        return float(curve[0]["step"]), float(curve[0]["time"])
     for prev, cur in zip(curve, curve[1:]):
         if cur["val_loss"] <= target:
             f = (prev["val_loss"] - target) / max(prev["val_loss"] - cur["val_loss"], 1e-12)

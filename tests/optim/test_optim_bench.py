@@ -17,6 +17,19 @@ def test_to_target_interpolates_between_evaluations():
     assert to_target(curve, 1.0) == (math.inf, math.inf)
 
 
+def test_a_target_the_first_evaluation_already_meets_is_reached_there_and_a_bad_target_is_refused():
+    """A --target-loss above the loss at step 0 interpolated back from the first pair of evaluations: step -5
+    (and time -1 s) for this curve. A NaN target was taken as given and nothing reached it."""
+    from lmforge.errors import ConfigError
+
+    curve = [{"step": 0, "val_loss": 5.0, "time": 0.0}, {"step": 10, "val_loss": 3.0, "time": 2.0}]
+    assert to_target(curve, 6.0) == (0.0, 0.0)
+    assert to_target(curve, 5.0) == (0.0, 0.0)
+    for bad in (math.nan, -1.0, math.inf):
+        with pytest.raises(ConfigError, match=f"target_loss must be a finite loss >= 0 .*got {bad}"):
+            OptimBenchConfig(target_loss=bad)
+
+
 def test_short_benchmark_reports_memory_and_speedup(tmp_path):
     cfg = OptimBenchConfig(optimizers=("adamw", "lion"), depth=1, seq_len=16, batch_size=4, steps=12,
                            warmup_steps=2, lr_points=1, eval_every=6, eval_batches=2, out=str(tmp_path))

@@ -87,6 +87,9 @@ def runs_from_rows(rows: Iterable[dict[str, Any]]) -> Runs:
     c = _column(rows, "C")
     c = 6.0 * n * d if c is None else c
     budget = _column(rows, "budget")
+    if len(rows) < 2:  # every fit skipped, each with its own reason, and an empty fit.json written with exit 0
+        raise DataError("the run table holds 1 run: a scaling law needs runs at several sizes and budgets (L(C): 2 "
+                        "budgets; approach 2: 3 sizes at each of 2 budgets; approach 3: 6 runs); train more first")
     return Runs(n, d, loss, c, infer_budgets(c) if budget is None else budget)
 
 

@@ -379,3 +379,14 @@ def test_a_csv_row_with_more_values_than_its_header_is_refused(tmp_path):
     lines = ["N,D,loss"] + [f"{r['N']},{r['D']},{r['loss']}," for r in rows]
     (tmp_path / "trailing.csv").write_text("\n".join(lines) + "\n")
     np.testing.assert_allclose(load_runs(tmp_path / "trailing.csv").loss, [r["loss"] for r in rows])
+
+
+def test_a_table_of_one_run_is_refused_in_one_line(tmp_path, capsys):
+    """No fit takes one run: `lmforge scaling fit` skipped every approach, wrote a fit.json of nothing and exited 0."""
+    from lmforge.cli import main
+
+    path = write_rows(_isoflop_rows()[:1], tmp_path / "one.csv")
+    assert main(["scaling", "fit", "--table", str(path), "--bootstrap", "0", "--plots", "False"]) == 2
+    err = capsys.readouterr().err
+    assert "the run table holds 1 run: a scaling law needs runs at several sizes and budgets" in err
+    assert "Traceback" not in err and not (tmp_path / "fit.json").exists()

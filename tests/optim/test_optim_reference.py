@@ -289,3 +289,45 @@ def test_muon_clip_uses_configured_tau():
     torch.testing.assert_close(attn["wq"].weight[:4], wq0[:4] * 0.5)  # sqrt(gamma) on each side
     torch.testing.assert_close(attn["wq"].weight[4:], wq0[4:])
     assert build_optimizer(attn, OptimConfig(name="muon")).clip_qk_([]) == []
+
+
+def _step_both(ours, a: torch.Tensor, ref, b: torch.Tensor, steps: int, seed: int) -> None:
+    """`steps` steps of optimizer `ours` on a and `ref` on b, on the same fp64 random gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        g = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+
+
+@pytest.mark.parametrize("shape, nesterov, scale, adjust", [((16, 8), True, "shape", "original"),
+                                                            ((8, 16), False, "rms", "match_rms_adamw")])
+def test_muon_matches_torch_optim_muon(monkeypatch, shape, nesterov, scale, adjust):
+    """20 steps of Muon = torch.optim.Muon (momentum, Nesterov, NS5, shape scale, decoupled decay), to 1e-8 in
+    fp64. torch runs NS5 in bf16 always: its cast is lifted here so the comparison is not of bf16 rounding. torch
+    keeps its buffer as an EMA (lerp) where Muon sums (Jordan et al.): the same direction, as NS5 normalises."""
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda self: self.clone())
+    a = _param(shape, seed=5)
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = Muon([a], lr=0.02, momentum=0.9, nesterov=nesterov, scale=scale, weight_decay=0.1)
+    ref = torch.optim.Muon([b], lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1, adjust_lr_fn=adjust)
+    _step_both(ours, a, ref, b, steps=20, seed=6)
+    assert (a.detach() - _param(shape, seed=5).detach()).abs().max() > 0.05  # it moved
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape, beta1", [((6, 5), 0.0), ((6, 5), 0.9), ((7,), 0.0)])
+def test_adafactor_matches_transformers_adafactor(shape, beta1):
+    """30 steps of Adafactor = transformers' Adafactor with an explicit lr (relative_step, scale_parameter and
+    warmup_init off): factored second moment, eps1 = 1e-30, decay 1 - t^-0.8, update clipping at 1, optional
+    momentum and decoupled decay. (On a stack of matrices transformers clips by the RMS of the whole stack, this
+    Adafactor per matrix.)"""
+    hf = pytest.importorskip("transformers.optimization")
+    a = _param(shape, seed=7)
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = Adafactor([a], lr=0.01, beta1=beta1, weight_decay=0.1)
+    ref = hf.Adafactor([b], lr=0.01, beta1=beta1 or None, weight_decay=0.1, relative_step=False,
+                       scale_parameter=False, warmup_init=False)
+    _step_both(ours, a, ref, b, steps=30, seed=8)
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-12)

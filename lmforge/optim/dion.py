@@ -8,6 +8,7 @@ found by one warm-started power iteration, and feeds the part it left out back i
     M <- B - (1 - mu) P R^T                    error feedback: what the rank-r step did not use stays
     Q <- R / ||R||_col                         column-normalised, warm start for the next step
     W <- W (1 - lr wd) - lr sqrt(m / n) P Q^T
+(`next_q`: a zero column of R, which adds nothing to the update, keeps its old column of Q as the warm start.)
 P Q^T has orthonormal columns on one side and unit columns on the other, so its scale is fixed like Muon's
 while costing O((m + n) r) per step beyond the matmuls. Non-matrix params use AdamW (use_dion=False). A stacked
 (E, m, n) MoE weight runs one Dion per expert (batched QR and matmuls, a Q per expert), as Muon does.
@@ -36,14 +37,23 @@ def orthonormal_columns(x: torch.Tensor) -> torch.Tensor:
     return q.to(x.dtype)
 
 
+def next_q(r: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R column-normalised, the right factor of this step's update; the next step's warm start Q). A zero column
+    of R keeps its column of Q: a zero buffer B (an expert no token has reached yet, a LoRA A while B = 0) gave a
+    zero Q, so the next step's B Q was zero and its P the QR of a zero matrix, the first r rows of the identity: an
+    update of those r rows of the weight only, whatever the gradient."""
+    r_normed = column_normalize(r)
+    return r_normed, torch.where(r.norm(dim=-2, keepdim=True) > 0, r_normed, q)
+
+
 def dion_update(b: torch.Tensor, q: torch.Tensor, mu: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Dion step on buffer B = M + G with warm start Q: returns (update P Q^T, new M, new Q). Leading dims
     are a batch (stacked experts: B (E, m, n), Q (E, n, r))."""
     p = orthonormal_columns(b @ q)  # (m, r)
     r = b.mT @ p  # (n, r)
     new_m = b - (1 - mu) * (p @ r.mT)
-    new_q = column_normalize(r)
-    return p @ new_q.mT, new_m, new_q
+    r_normed, new_q = next_q(r, q)
+    return p @ r_normed.mT, new_m, new_q
 
 
 def initial_q(shape: torch.Size, rank: int, seed: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from lmforge.errors import ConfigError
 from lmforge.optim.base import apply_step_
-from lmforge.optim.dion import Dion, check_q, column_normalize, dion_update, initial_q, orthonormal_columns, q_at_rank
+from lmforge.optim.dion import Dion, check_q, dion_update, initial_q, next_q, orthonormal_columns, q_at_rank
 from lmforge.optim.muon import Muon, newton_schulz, shape_scale
 
 
@@ -150,8 +150,8 @@ class ShardedDion(Dion):
         dist.all_reduce(r_mat, group=group_)
         new_m = b - (1 - group["momentum"]) * (p_i @ r_mat.T)
         state["momentum_buffer"].to_local().copy_(new_m.reshape(state["momentum_buffer"].to_local().shape))
-        state["q"] = column_normalize(r_mat)
-        update = (p_i @ state["q"].T).reshape(p.to_local().shape) * (m / n) ** 0.5
+        r_normed, state["q"] = next_q(r_mat, state["q"])
+        update = (p_i @ r_normed.T).reshape(p.to_local().shape) * (m / n) ** 0.5
         apply_step_(p, DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()),
                     group["lr"], group["weight_decay"])
 

@@ -74,6 +74,38 @@ def test_dion_steps_bf16_parameters_like_fp32():
     assert (moved16 - moved32).norm() < 0.05 * moved32.norm()
 
 
+@pytest.mark.parametrize("shape", [(16, 8), (2, 16, 8)], ids=["matrix", "expert stack"])
+def test_dion_after_a_zero_gradient_steps_from_its_warm_start(shape):
+    """A zero buffer (a first gradient of zero: a LoRA A while B = 0, an expert no token reached) normalised R to a
+    zero Q; the next step's B Q was zero, its P the QR of a zero matrix (the identity's first r columns), and the
+    update moved only those 2 of the 16 rows. A zero step keeps the warm start: the next one is Dion's from it."""
+    from lmforge.optim.dion import dion_update, initial_q
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64, generator=gen))
+    w0, g = w.detach().clone(), torch.randn(shape, dtype=torch.float64, generator=gen)
+    opt = Dion([w], lr=0.1, rank=2, momentum=0.9)
+    first = g.clone()
+    first[-1] = 0  # the matrix's last row / the stack's last expert ...
+    if len(shape) == 2:
+        first.zero_()  # ... for a matrix, all of it
+    for grad in (first, g):
+        w.grad = grad.clone()
+        opt.step()
+    q0 = initial_q(torch.Size(shape), 2, seed=0).double()
+    for e in range(shape[0] if len(shape) == 3 else 1):  # each expert (or the matrix) by Dion's equations
+        pick = (lambda x: x[e]) if len(shape) == 3 else (lambda x: x)  # noqa: E731
+        moved = torch.zeros_like(pick(w0))
+        if pick(first).any():
+            update, m, q = dion_update(pick(first), pick(q0), 0.9)
+            moved += update
+            moved += dion_update(m + pick(g), q, 0.9)[0]
+        else:  # the zero step moved nothing and left Q at the warm start
+            moved += dion_update(pick(g), pick(q0), 0.9)[0]
+        torch.testing.assert_close(pick(w.detach()), pick(w0) - 0.1 * 2**0.5 * moved, rtol=0, atol=1e-12)
+        assert (moved.abs().sum(-1) > 1e-9).all()  # every row moved
+
+
 @pytest.mark.parametrize("shape", [(4, 3), (2, 4, 3)], ids=["matrix", "expert stack"])
 def test_shampoo_steps_a_weight_whose_first_gradient_is_zero_by_its_momentum(shape):
     """A weight with no gradient on the refresh step 1 (a LoRA A while B = 0; an expert no token reached) had a zero

@@ -389,7 +389,7 @@ def _verify(ckpt: Path, checksums: bool = True) -> dict[str, Any]:
     """Check every manifest file's size and (when recorded) SHA-256; return config.json."""
     man = ckpt / "manifest.json"
     if not man.is_file():
-        raise CheckpointError(f"{ckpt} is incomplete (no manifest.json); it was not fully written")
+        raise CheckpointError(_no_manifest(ckpt))
     try:
         manifest = json.loads(man.read_text())
         sizes, sums = manifest["files"], manifest.get("sha256", {})
@@ -404,6 +404,24 @@ def _verify(ckpt: Path, checksums: bool = True) -> dict[str, Any]:
         if checksums and name in sums and sha256_file(p) != sums[name]:
             raise CheckpointError(f"{p} is corrupted (SHA-256 differs from manifest.json); {EARLIER}")
     return json.loads((ckpt / "config.json").read_text())
+
+
+def _no_manifest(ckpt: Path) -> str:
+    """Why a directory of weights without manifest.json does not load: an lmforge checkpoint (its config.json
+    records the step) was not fully written; anything else is taken for a HF-format directory whose config.json
+    is missing or names no model (is_hf_dir), not for an unfinished lmforge one."""
+    f = ckpt / "config.json"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and "step" in meta:
+        return f"{ckpt} is incomplete (no manifest.json); it was not fully written"
+    what = ("has no config.json" if not f.is_file() else
+            "has a config.json that names no model_type or architectures" if isinstance(meta, dict) else
+            "has a config.json that is not a JSON object")
+    return (f"{ckpt} {what}: a HF-format model directory needs the config.json published with its weights "
+            "(model_type, sizes) beside them; fetch it again (an lmforge checkpoint has manifest.json, written last)")
 
 
 def is_hf_dir(path: Path) -> bool:

@@ -54,3 +54,28 @@ def test_a_truncated_safetensors_file_is_named(tmp_path, sharded):
     f.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")  # a Git LFS pointer where the weights belong
     with pytest.raises(CheckpointError, match=f"{f.name} is not a readable safetensors file"):
         Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("config, match", [
+    (None, r"has no config\.json.*HF-format model directory needs"),
+    ({"vocab_size": 64}, r"config\.json that names no model_type or architectures.*HF-format model directory needs")])
+def test_a_hf_directory_without_a_usable_config_json_is_named_as_one(tmp_path, config, match):
+    """Weights without a config.json (or one naming no model) read as a HF directory missing its config, not as
+    an lmforge checkpoint 'not fully written (no manifest.json)', which is what LLM.load / lmforge sample said."""
+    from lmforge.checkpoint import load_model
+
+    (_saved(tmp_path) / "config.json").unlink()
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        load_model(tmp_path)
+
+
+def test_an_lmforge_checkpoint_without_its_manifest_is_still_called_unfinished(tmp_path):
+    from lmforge.checkpoint import load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path, 1, Transformer(CFG))
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete \(no manifest\.json\); it was not fully written"):
+        load_model(ckpt)

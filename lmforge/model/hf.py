@@ -51,6 +51,9 @@ FAMILIES = {
 }
 # HF tensors that carry no weights lmforge needs (GPT-2's causal-mask buffers; DeepSeek-V3's MTP layer
 # beyond num_hidden_layers is handled separately)
+# transformers' base_model_prefix of each family's ForCausalLM class (default 'model.'): the module holding everything
+# but the head, whose name a checkpoint saved from the base class (or GPT-2's own files) leaves out
+BASE_PREFIX = {"gpt2": "transformer."}
 IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$)")
 UNSUPPORTED_DTYPES = {"I8", "U8", "F8_E4M3", "F8_E5M2", "I32", "U32", "I16"}
 
@@ -201,35 +204,51 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
 
-class _Reader:
-    """Opens each safetensors file once (memory-mapped) and hands out single tensors."""
+def _with_base_prefix(files: dict[str, Path], fam: str) -> tuple[dict[str, Path], dict[str, str]]:
+    """(files by full name, full name -> the name stored where it differs). A checkpoint saved from the family's
+    base class, or GPT-2's own files (openai-community/gpt2: 'h.0.attn.c_attn.weight', 'wte.weight'), names no
+    tensor with the base prefix ('transformer.', 'model.'): transformers adds it to every name but the head's
+    when it loads them into the ForCausalLM class, and so does this."""
+    prefix = BASE_PREFIX.get(fam, "model.")
+    if any(n.startswith(prefix) for n in files):
+        return files, {}
+    stored = {n if n.startswith("lm_head.") else prefix + n: n for n in files}
+    return {full: files[n] for full, n in stored.items()}, stored
 
-    def __init__(self, files: dict[str, Path]):
-        self.files, self.handles = files, {}
+
+class _Reader:
+    """Opens each safetensors file once (memory-mapped) and hands out single tensors, by full HF name (`stored`:
+    the name a file holds a tensor under where it differs: _with_base_prefix)."""
+
+    def __init__(self, files: dict[str, Path], stored: dict[str, str] | None = None):
+        self.files, self.stored, self.handles = files, stored or {}, {}
 
     def _handle(self, name: str):
-        path = self.files[name]
+        path, key = self.files[name], self.stored.get(name, name)
         if path not in self.handles:
             if not path.is_file():
-                raise CheckpointError(f"{path} is missing: the index's weight_map names it for {name!r}")
+                raise CheckpointError(f"{path} is missing: the index's weight_map names it for {key!r}")
             self.handles[path] = _open_safetensors(path)
         h = self.handles[path]
-        if name not in h.keys():
-            raise CheckpointError(f"{path.name} does not hold {name!r}, which the index's weight_map puts there")
-        return h
+        if key not in h.keys():
+            raise CheckpointError(f"{path.name} does not hold {key!r}, which the index's weight_map puts there")
+        return h, key
 
     def is_empty(self, name: str) -> bool:
         """A tensor with no elements (transformers writes zero-width shared experts for n_shared_experts=0)."""
-        return math.prod(self._handle(name).get_slice(name).get_shape()) == 0
+        h, key = self._handle(name)
+        return math.prod(h.get_slice(key).get_shape()) == 0
 
     def dtype_of(self, name: str) -> str:
-        return self._handle(name).get_slice(name).get_dtype()
+        h, key = self._handle(name)
+        return h.get_slice(key).get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
         dtype = self.dtype_of(name)
         if dtype in UNSUPPORTED_DTYPES:
             raise CheckpointError(f"tensor {name!r} has dtype {dtype}: quantized checkpoints are not supported yet")
-        return self._handle(name).get_tensor(name)
+        h, key = self._handle(name)
+        return h.get_tensor(key)
 
 
 def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, family: str | None = None):
@@ -241,8 +260,8 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
     fam = family or family_of(hf)
-    files = _weight_files(path)
-    reader = _Reader(files)
+    files, stored = _with_base_prefix(_weight_files(path), fam)
+    reader = _Reader(files, stored)
     dtype = dtype or _dtype(hf, reader)
     if cfg.mtp is not None and not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in files):
         cfg = dataclasses.replace(cfg, mtp=None)  # config announces MTP layers the file does not hold
@@ -344,8 +363,8 @@ def _check_names(rules, files: dict, cfg: ModelConfig, fam: str, reader: _Reader
     extra = sorted(n for n in set(files) - wanted
                    if not IGNORED.search(n) and not _ignorable(n, cfg, fam) and not reader.is_empty(n))
     if extra:
-        raise CheckpointError(f"checkpoint has unexpected tensor {extra[0]!r} ({len(extra)} unexpected) "
-                              f"for a {fam} model")
+        raise CheckpointError(f"checkpoint has unexpected tensor {reader.stored.get(extra[0], extra[0])!r} "
+                              f"({len(extra)} unexpected) for a {fam} model")
 
 
 def _ignorable(name: str, cfg: ModelConfig, fam: str) -> bool:

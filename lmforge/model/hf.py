@@ -272,7 +272,7 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, fami
                         "lm_head.weight; loading it untied, as transformers does")
             cfg = dataclasses.replace(cfg, tie_embeddings=False)
     rules = FAMILIES[fam][3](cfg)
-    _check_names(rules, files, cfg, fam, reader)
+    _check_names(rules, files, cfg, fam, reader, hf.get("architectures") or [])
     with torch.device("meta"):
         model = build_model(cfg).to(dtype)  # cast while on meta: storage is allocated once, in `dtype`
     ties = shared_parameters(model)  # (to_empty gives each name a tensor of its own)
@@ -354,12 +354,15 @@ def _check_filled(model, rules, fam: str) -> None:
                               "rules")
 
 
-def _check_names(rules, files: dict, cfg: ModelConfig, fam: str, reader: _Reader) -> None:
+def _check_names(rules, files: dict, cfg: ModelConfig, fam: str, reader: _Reader, archs: list) -> None:
     wanted = {n for r in rules for n in r.hf}
     missing = sorted(wanted - set(files))
     if missing:
+        arch = FAMILIES[fam][0]  # a classifier's (a reward model's) score head or a bare base model has no lm_head
+        other = (f"; config.json's architectures={archs} is not the causal LM {arch}, which lmforge loads"
+                 if archs and arch not in archs else "")
         raise CheckpointError(f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing) for a {fam} model "
-                              f"with the config in config.json")
+                              f"with the config in config.json{other}")
     extra = sorted(n for n in set(files) - wanted
                    if not IGNORED.search(n) and not _ignorable(n, cfg, fam) and not reader.is_empty(n))
     if extra:

@@ -41,3 +41,17 @@ def test_tensors_named_without_the_base_prefix_load_as_transformers_loads_them(t
         got = Transformer.from_pretrained(tmp_path, dtype=torch.float32)(ids)
     assert (theirs - want).abs().max().item() <= 1e-5  # transformers reads the layout as the same model
     assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("cls", ["LlamaForSequenceClassification", "LlamaModel"])
+def test_a_checkpoint_of_another_class_than_the_causal_lm_is_named(tmp_path, cls):
+    """A reward model or classifier (a 'score' head) or a bare base model has no lm_head: the error names the class
+    config.json says it is, not only the missing tensor."""
+    from lmforge.errors import CheckpointError
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, max_position_embeddings=64, num_labels=1, pad_token_id=0)
+    getattr(transformers, cls)(cfg).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"lacks tensor 'lm_head\.weight'.*architectures=\['{cls}'\] is not "
+                                              r"the causal LM LlamaForCausalLM"):
+        Transformer.from_pretrained(tmp_path)

@@ -448,8 +448,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not found:
         refuse_pickled(path)  # a PEFT directory of adapter_model.bin: said so, with the conversion
         raise CheckpointError(f"no checkpoint found in {path} (expected {path}/checkpoints/step_*/ "
-                              "or a HF model directory with config.json)")
+                              f"or a HF model directory with config.json){_hub_snapshot_hint(path)}")
     return found[-1]
+
+
+def _hub_snapshot_hint(path: Path) -> str:
+    """The model directory inside a HF hub cache folder (models--org--name/snapshots/<revision>/, the revision
+    refs/main names, else the newest), to name where the folder itself was given; '' for any other folder."""
+    snapshots = sorted((p for p in path.glob("snapshots/*") if (p / "config.json").is_file()),
+                       key=lambda p: p.stat().st_mtime)
+    if not snapshots:
+        return ""
+    ref = path / "refs" / "main"
+    main = path / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    snapshot = main if main in snapshots else snapshots[-1]
+    return f"; {path} is a HF hub cache folder: give its snapshot directory, {snapshot}"
 
 
 def checkpoint_identity(path: str | Path) -> dict[str, str]:

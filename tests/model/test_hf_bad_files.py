@@ -79,3 +79,15 @@ def test_an_lmforge_checkpoint_without_its_manifest_is_still_called_unfinished(t
     (ckpt / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"incomplete \(no manifest\.json\); it was not fully written"):
         load_model(ckpt)
+
+
+def test_a_hf_hub_cache_folder_names_its_snapshot(tmp_path):
+    """The hub's cache keeps a model as models--org--name/snapshots/<revision>/; given the cache folder itself,
+    the error names the snapshot to give instead of only 'no checkpoint found'."""
+    from lmforge.checkpoint import load_model
+
+    snapshot = _saved(tmp_path / "models--org--tiny" / "snapshots" / "0123abcd")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    with pytest.raises(CheckpointError, match=f"HF hub cache folder: give its snapshot directory, {snapshot}"):
+        load_model(tmp_path / "models--org--tiny")

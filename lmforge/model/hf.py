@@ -162,14 +162,18 @@ def hf_tensor_names(cfg: ModelConfig, family: str) -> set[str]:
 
 # tensors ---------------------------------------------------------------------------------------------
 def _weight_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file holding it (single file or sharded with an index)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
+    """tensor name -> file holding it (single file or sharded with an index). model.safetensors comes first, as
+    transformers reads it: its save_pretrained leaves the other layout's files behind (an unsharded save over a
+    sharded one keeps the index, its shards deleted)."""
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index.is_file() and single.is_file():
+        warn_caller(f"{path} holds both model.safetensors and model.safetensors.index.json, one left over from an "
+                    "earlier save: loading model.safetensors, as transformers does (delete the stale one)")
+    elif index.is_file():
         wm = _json_object(index).get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index} has no weight_map object of tensor name -> file name")
         return {k: path / v for k, v in wm.items()}
-    single = path / "model.safetensors"
     if not single.is_file():
         pickled = next((f.name for f in sorted(path.glob("pytorch_model*.bin"))), None)
         fix = (f"; {pickled} is a pickle: convert it where you trust it, e.g. transformers' "

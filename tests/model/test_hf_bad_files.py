@@ -91,3 +91,22 @@ def test_a_hf_hub_cache_folder_names_its_snapshot(tmp_path):
     (tmp_path / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
     with pytest.raises(CheckpointError, match=f"HF hub cache folder: give its snapshot directory, {snapshot}"):
         load_model(tmp_path / "models--org--tiny")
+
+
+def test_model_safetensors_beside_a_leftover_index_loads_as_transformers_loads_it(tmp_path):
+    """transformers' save_pretrained leaves the other layout behind (an unsharded save over a sharded one keeps the
+    index, its shards deleted), and its loader reads model.safetensors first; lmforge read the leftover index and
+    failed ('model-00001-of-00002.safetensors is missing')."""
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    names = load_file(tmp_path / "model.safetensors")  # an earlier sharded save's index, its shards deleted
+    index = {"metadata": {}, "weight_map": {n: "model-00001-of-00002.safetensors" for n in names}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="both model.safetensors and model.safetensors.index.json, one left over"):
+        loaded = Transformer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))

@@ -749,22 +749,24 @@ def load_recorded_base(path: str | Path, base: str | Path | None = None) -> torc
 
 
 def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *, base: str | Path | None = None,
-               dtype: torch.dtype | None = None):
+               dtype: torch.dtype | str | None = None):
     """(model, tokenizer) from a checkpoint, a run directory, a HF model directory or a PEFT LoRA adapter
     directory (lmforge.adapt.peft_format); tokenizer is None if none was saved, or not read (tokenizer=False:
     the caller brings its own). An adapter-only checkpoint loads its base from the path it records, or from
     `base` when the base has moved (checked to be the same weights either way); a PEFT adapter from its
-    base_model_name_or_path, or `base`. dtype: the float compute dtype to build the model in; default the one
-    the checkpoint records (config.json "dtype": what the model computed in when saved; float32 for one written
+    base_model_name_or_path, or `base`. dtype: the float compute dtype (or its name) to build the model in; default
+    the one the checkpoint records (config.json "dtype": what the model computed in when saved; float32 for one written
     before it was recorded), a HF directory's own, a PEFT adapter's base's. Quantized layers' integer codes keep
     their dtype; the float parts of their shells are built in it (base_shell's dtype=), and LoRA adapters are
     fp32 over a half-precision model, as when they were trained (lmforge.adapt.lora)."""
     from lmforge.adapt.peft_format import is_peft_dir, load_peft
+    from lmforge.model.hf import float_dtype
     from lmforge.model.registry import build_model  # the class model.arch names (a Transformer unless registered)
     from lmforge.tokenizer.byte import FILE_NAME
     from lmforge.tokenizer.load import load_tokenizer
     from lmforge.utils import compute_dtype
 
+    dtype = float_dtype(dtype)
     if is_peft_dir(path):  # a PEFT LoRA adapter directory: over its base_model_name_or_path, or `base`
         model, tok = load_peft(path, base, tokenizer)
         if dtype is not None:  # the base in dtype, the adapters kept fp32 (as the other checkpoints load them)

@@ -106,7 +106,8 @@ class LLM(Scoring):
         """Open a run or checkpoint directory written by lmforge's trainer. `tokenizer` (an object or a
         spec for lmforge.tokenizer.load.load_tokenizer) replaces or supplies the checkpoint's own. `base`:
         where an adapter-only checkpoint's base model is now, when it moved (lmforge.checkpoint.load_model).
-        dtype: the float dtype to load in (default: the one the checkpoint was saved in, fp32 for older ones).
+        dtype: the float dtype to load in, or its name ('bfloat16') (default: the one the checkpoint was saved in,
+        fp32 for older ones).
         kwargs: LLM's options (max_batch_size, max_model_len, config, draft, ...)."""
         from lmforge.tokenizer.load import load_tokenizer
 

@@ -255,12 +255,12 @@ class _Reader:
         return h.get_tensor(key)
 
 
-def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, family: str | None = None):
+def load_pretrained(path, *, dtype: torch.dtype | str | None = None, device=None, family: str | None = None):
     """Build a model from a HF-format directory (a Transformer, or the class its family's config names:
     ModelConfig.arch, lmforge.model.registry); see the module docstring."""
     from lmforge.model.registry import build_model
 
-    path = Path(path)
+    path, dtype = Path(path), float_dtype(dtype)
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
     fam = family or family_of(hf)
@@ -337,6 +337,19 @@ def eos_token_ids(generation_eos, config_eos) -> tuple[int, ...]:
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def float_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """The float dtype a loader's dtype= names, a torch dtype or its name ('bfloat16', 'torch.float16', as
+    transformers' from_pretrained takes it); None stays None (the checkpoint's own). A string reaching
+    nn.Module.to would be read as a device ('Invalid device string'): a one-line ConfigError instead."""
+    if value is None or value in DTYPES.values():
+        return value
+    name = value.removeprefix("torch.") if isinstance(value, str) else value
+    if name not in DTYPES:
+        raise ConfigError(f"dtype={value!r} is not a floating-point dtype; use one of {sorted(DTYPES)} (or a torch "
+                          "dtype), or leave it out for the checkpoint's own")
+    return DTYPES[name]
 
 
 def _dtype(hf: dict, reader: "_Reader") -> torch.dtype:

@@ -421,7 +421,7 @@ class Transformer(TrunkFront, nn.Module):
 
     # HF checkpoints (lmforge.model.hf) -----------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device=None) -> "Transformer":
+    def from_pretrained(cls, path, *, dtype: torch.dtype | str | None = None, device=None) -> "Transformer":
         """Load a HF-format directory (config.json + safetensors) of a supported family."""
         from lmforge.model.hf import load_pretrained
 

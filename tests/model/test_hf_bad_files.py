@@ -110,3 +110,17 @@ def test_model_safetensors_beside_a_leftover_index_loads_as_transformers_loads_i
         loaded = Transformer.from_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+def test_a_dtype_given_by_name_loads_and_a_non_float_one_is_named(tmp_path):
+    """LLM.load / load_model / from_pretrained take dtype='bfloat16' as transformers' from_pretrained does (the
+    string reached nn.Module.to as a device: 'Invalid device string'); a non-float dtype is one ConfigError."""
+    from lmforge.checkpoint import load_model
+    from lmforge.errors import ConfigError
+
+    _saved(tmp_path)
+    assert Transformer.from_pretrained(tmp_path, dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
+    assert load_model(tmp_path, dtype="torch.float16")[0].lm_head.weight.dtype == torch.float16
+    for bad in ("int8", torch.int8, "half-ish"):
+        with pytest.raises(ConfigError, match=r"dtype=.* is not a floating-point dtype; use one of \['bfloat16'"):
+            Transformer.from_pretrained(tmp_path, dtype=bad)

@@ -448,13 +448,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not found:
         refuse_pickled(path)  # a PEFT directory of adapter_model.bin: said so, with the conversion
         raise CheckpointError(f"no checkpoint found in {path} (expected {path}/checkpoints/step_*/ "
-                              f"or a HF model directory with config.json){_hub_snapshot_hint(path)}")
+                              f"or a HF model directory with config.json){_path_hint(path)}")
     return found[-1]
 
 
-def _hub_snapshot_hint(path: Path) -> str:
-    """The model directory inside a HF hub cache folder (models--org--name/snapshots/<revision>/, the revision
-    refs/main names, else the newest), to name where the folder itself was given; '' for any other folder."""
+def _path_hint(path: Path) -> str:
+    """What to give instead of a path holding no checkpoint: the directory of a file given (a model's config.json),
+    the model directory inside a HF hub cache folder (models--org--name/snapshots/<revision>/, the revision
+    refs/main names, else the newest); '' for any other folder."""
+    if path.is_file():
+        return f"; {path} is a file: give the directory holding it, {path.parent}"
+    if not path.exists():
+        return f"; {path} does not exist"
     snapshots = sorted((p for p in path.glob("snapshots/*") if (p / "config.json").is_file()),
                        key=lambda p: p.stat().st_mtime)
     if not snapshots:

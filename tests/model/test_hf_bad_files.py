@@ -124,3 +124,15 @@ def test_a_dtype_given_by_name_loads_and_a_non_float_one_is_named(tmp_path):
     for bad in ("int8", torch.int8, "half-ish"):
         with pytest.raises(ConfigError, match=r"dtype=.* is not a floating-point dtype; use one of \['bfloat16'"):
             Transformer.from_pretrained(tmp_path, dtype=bad)
+
+
+def test_a_file_or_a_missing_path_given_as_the_checkpoint_is_named(tmp_path):
+    """A model's config.json or weights file given instead of its directory, or a path that does not exist, said
+    only 'no checkpoint found in .../config.json (expected .../config.json/checkpoints/step_*/ ...)'."""
+    from lmforge.checkpoint import load_model
+
+    _saved(tmp_path)
+    with pytest.raises(CheckpointError, match=f"is a file: give the directory holding it, {tmp_path}$"):
+        load_model(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="nope does not exist"):
+        load_model(tmp_path / "nope")

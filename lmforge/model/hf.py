@@ -49,11 +49,11 @@ FAMILIES = {
     "deepseek_v3": ("DeepseekV3ForCausalLM", M.deepseek_v3_cfg, M.deepseek_v3_cfg_to_hf, M.deepseek_v3_rules),
     "gpt_oss": ("GptOssForCausalLM", M.gpt_oss_cfg, M.gpt_oss_cfg_to_hf, M.gpt_oss_rules),
 }
-# HF tensors that carry no weights lmforge needs (GPT-2's causal-mask buffers; DeepSeek-V3's MTP layer
-# beyond num_hidden_layers is handled separately)
 # transformers' base_model_prefix of each family's ForCausalLM class (default 'model.'): the module holding everything
 # but the head, whose name a checkpoint saved from the base class (or GPT-2's own files) leaves out
 BASE_PREFIX = {"gpt2": "transformer."}
+# HF tensors that carry no weights lmforge needs (GPT-2's causal-mask buffers; DeepSeek-V3's MTP layer
+# beyond num_hidden_layers is handled separately)
 IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$)")
 UNSUPPORTED_DTYPES = {"I8", "U8", "F8_E4M3", "F8_E5M2", "I32", "U32", "I16"}
 
@@ -341,10 +341,10 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 def float_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     """The float dtype a loader's dtype= names, a torch dtype or its name ('bfloat16', 'torch.float16', as
-    transformers' from_pretrained takes it); None stays None (the checkpoint's own). A string reaching
+    transformers' from_pretrained takes it); None or 'auto' is None (the checkpoint's own). A string reaching
     nn.Module.to would be read as a device ('Invalid device string'): a one-line ConfigError instead."""
-    if value is None or value in DTYPES.values():
-        return value
+    if value is None or value == "auto" or value in DTYPES.values():
+        return None if value == "auto" else value
     name = value.removeprefix("torch.") if isinstance(value, str) else value
     if name not in DTYPES:
         raise ConfigError(f"dtype={value!r} is not a floating-point dtype; use one of {sorted(DTYPES)} (or a torch "

@@ -175,6 +175,10 @@ def _weight_files(path: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index} has no weight_map object of tensor name -> file name")
         return {k: path / v for k, v in wm.items()}
     if not single.is_file():
+        shard = next((f.name for f in sorted(path.glob("model-*-of-*.safetensors"))), None)
+        if shard is not None:
+            raise CheckpointError(f"{path} holds shards ({shard}, ...) but not their index, "
+                                  "model.safetensors.index.json: fetch it too (it names the shard of each tensor)")
         pickled = next((f.name for f in sorted(path.glob("pytorch_model*.bin"))), None)
         fix = (f"; {pickled} is a pickle: convert it where you trust it, e.g. transformers' "
                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir) writes safetensors") if pickled else ""

@@ -137,3 +137,14 @@ def test_a_file_or_a_missing_path_given_as_the_checkpoint_is_named(tmp_path):
         load_model(tmp_path / "config.json")
     with pytest.raises(CheckpointError, match="nope does not exist"):
         load_model(tmp_path / "nope")
+
+
+def test_shards_without_their_index_are_named(tmp_path):
+    """Shards downloaded without model.safetensors.index.json said only 'no model.safetensors or
+    model.safetensors.index.json ... no pickle', as if no weights were there."""
+    _saved(tmp_path, max_shard_bytes=20_000)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    first = sorted(tmp_path.glob("model-*.safetensors"))[0].name
+    with pytest.raises(CheckpointError, match=f"holds shards \\({first}, ...\\) but not their index, "
+                                              "model.safetensors.index.json: fetch it too"):
+        Transformer.from_pretrained(tmp_path)

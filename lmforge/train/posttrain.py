@@ -192,11 +192,11 @@ def check_posttrain(cfg: PostTrainConfig) -> None:
 
     if not cfg.init:
         raise ConfigError("init is not set: give the checkpoint, run or HF directory to start from (init = 'runs/x')")
-    resolve_checkpoint(cfg.init)
     if "teacher" in inspect.signature(resolve(objective_spec(cfg.objective).path)).parameters and not cfg.teacher:
         raise ConfigError(f"{cfg.objective} needs a teacher model: set teacher = 'checkpoint or HF directory'")
+    frozen_devices(cfg)  # (the settings alone first, then the files they name)
+    resolve_checkpoint(cfg.init)
     check_run_objective(cfg)
-    frozen_devices(cfg)
     for path in (*cfg.data.train, *cfg.data.val):
         check_data_file(path)
 

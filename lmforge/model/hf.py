@@ -212,15 +212,17 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
 
-def _with_base_prefix(files: dict[str, Path], fam: str) -> tuple[dict[str, Path], dict[str, str]]:
+def _with_base_prefix(files: dict[str, Path], fam: str, expected: set[str]) -> tuple[dict[str, Path], dict[str, str]]:
     """(files by full name, full name -> the name stored where it differs). A checkpoint saved from the family's
     base class, or GPT-2's own files (openai-community/gpt2: 'h.0.attn.c_attn.weight', 'wte.weight'), names no
     tensor with the base prefix ('transformer.', 'model.'): transformers adds it to every name but the head's
-    when it loads them into the ForCausalLM class, and so does this."""
+    when it loads them into the ForCausalLM class, and so does this - where none of the stored names is one the
+    family's rules expect (`expected`) and the prefixed ones are (a Mamba's 'backbone.' names stay as they are)."""
     prefix = BASE_PREFIX.get(fam, "model.")
-    if any(n.startswith(prefix) for n in files):
-        return files, {}
     stored = {n if n.startswith("lm_head.") else prefix + n: n for n in files}
+    if any(n.startswith(prefix) for n in files) or (set(files) - {"lm_head.weight"}) & expected \
+            or not (set(stored) - {"lm_head.weight"}) & expected:
+        return files, {}
     return {full: files[n] for full, n in stored.items()}, stored
 
 
@@ -268,7 +270,7 @@ def load_pretrained(path, *, dtype: torch.dtype | str | None = None, device=None
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
     fam = family or family_of(hf)
-    files, stored = _with_base_prefix(_weight_files(path), fam)
+    files, stored = _with_base_prefix(_weight_files(path), fam, {n for r in FAMILIES[fam][3](cfg) for n in r.hf})
     reader = _Reader(files, stored)
     dtype = dtype or _dtype(hf, reader)
     if cfg.mtp is not None and not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in files):

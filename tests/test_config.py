@@ -187,7 +187,7 @@ def test_help_names_the_sections_that_are_off(capsys):
 
     with pytest.raises(SystemExit):
         parse_config(PT.config_class("dpo"), ["--help"], prog="lmforge dpo", description="DPO.")
-    assert "--lora.FIELD flags (or a [lora] table) turn the lora section on." in capsys.readouterr().out
+    assert "--lora.FIELD flags (or a [lora] table) turn the lora section on: --lora.r, " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name, raw, where", [

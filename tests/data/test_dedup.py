@@ -335,9 +335,9 @@ def _bloom_corpus(seed: int, n_docs: int = 60) -> list[Document]:
     return docs
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(min_words=3), dict(capacity=60, fp_rate=0.2),
+@pytest.mark.parametrize("kw", [dict(), dict(min_words=3), dict(capacity=240, fp_rate=0.5),
                                 dict(unit="ngram", ngram=4, overlap=0.5), dict(unit="ngram", ngram=13, overlap=0.8),
-                                dict(unit="ngram", ngram=3, overlap=0.6, capacity=200, fp_rate=0.3, min_words=2)])
+                                dict(unit="ngram", ngram=3, overlap=0.6, capacity=2700, fp_rate=0.3, min_words=2)])
 def test_bloom_dedup_equals_its_paragraph_by_paragraph_reference(monkeypatch, kw):
     """bloom_dedup puts blocks of documents through the filter at once; what it keeps, drops and counts is the
     plain loop's, false positives included (the small filters here remove many paragraphs never seen before)."""
@@ -362,6 +362,23 @@ def test_bloom_dedup_equals_its_paragraph_by_paragraph_reference(monkeypatch, kw
                         seen.add(words)
             removed = ctx.counters["bloom.paragraphs_removed"]
             assert removed > repeats + 20 if cfg.fp_rate > 0.1 else removed == repeats  # false positives or none
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(unit="ngram", ngram=3)])
+def test_bloom_dedup_past_its_capacity_fails_with_a_capacity_that_fits(kw):
+    """A filter for 100 items fed 2,000 distinct paragraphs silently removed 1,562 of them (its false-positive rate
+    near 1). Past capacity the stage fails, naming the corpus's item count; at that capacity it removes none."""
+    from lmforge.data import bloom
+
+    def corpus() -> list[Document]:
+        return [Document(id=str(i), text=f"unique paragraph {i} alpha{i} beta{i * 7}") for i in range(2000)]
+
+    items = 2000 if not kw else 2000 * 3  # 5 words a paragraph: three 3-grams
+    for fn in (bloom_dedup, bloom.bloom_dedup_reference):
+        with pytest.raises(DataError, match=rf"bloom_dedup.capacity = 100 .*set bloom_dedup.capacity to {items} "):
+            fn(BloomDedupConfig(capacity=100, fp_rate=1e-3, **kw), corpus(), StageContext())
+    out = bloom_dedup(BloomDedupConfig(capacity=items, fp_rate=1e-3, **kw), corpus(), StageContext())
+    assert sum(d.drop is not None for d in out) <= 5  # fp_rate 1e-3: about 1 of 2,000 expected
 
 
 def test_bloom_dedup_batches_its_numpy_calls(monkeypatch):

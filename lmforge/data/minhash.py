@@ -94,23 +94,35 @@ def signatures_flat(hashes: np.ndarray, counts: np.ndarray, num_perm: int = 128,
         return out
     ends = np.cumsum(counts)
     nonempty = np.flatnonzero(counts)
-    buf = np.empty((num_perm, _CHUNK + int(counts.max())), dtype=np.uint64)  # reused: no page faults
+    # reused: no page faults. Sized for a block, not for the longest document: that made a 300k-shingle document
+    # (a book) take 320 MB at 128 perms, and a 3M-word one 3 GB
+    buf = np.empty((num_perm, min(_CHUNK, int(counts.sum()))), dtype=np.uint64)
     start = 0
     while start < len(nonempty):
-        # a block of documents holding about _CHUNK shingles (at least one document)
+        # a block of documents holding at most _CHUNK shingles, or one longer document alone
         lo = ends[nonempty[start]] - counts[nonempty[start]]
         stop = max(start + 1, int(np.searchsorted(ends[nonempty], lo + _CHUNK, side="right")))
         idx = nonempty[start:stop]
         hi = ends[idx[-1]]
-        x = mix64(hashes[lo:hi]) & np.uint64(0xFFFFFFFF)  # (S,)
-        h = buf[:, : hi - lo]  # (num_perm, S)
-        with np.errstate(over="ignore"):
-            np.multiply(a, x[None, :], out=h)  # wrapping mod 2^64
-        np.add(h, b, out=h)
-        np.right_shift(h, np.uint64(32), out=h)
-        out[idx] = np.minimum.reduceat(h, ends[idx] - counts[idx] - lo, axis=1).T
+        if hi - lo <= _CHUNK:
+            out[idx] = _block_minima(hashes[lo:hi], ends[idx] - counts[idx] - lo, a, b, buf)
+        else:  # one document: the minimum over its pieces
+            out[idx[0]] = np.min([_block_minima(hashes[s:min(s + _CHUNK, hi)], np.zeros(1, np.int64), a, b, buf)[0]
+                                  for s in range(lo, hi, _CHUNK)], axis=0)
         start = stop
     return out
+
+
+def _block_minima(hashes: np.ndarray, starts: np.ndarray, a: np.ndarray, b: np.ndarray, buf: np.ndarray
+                  ) -> np.ndarray:
+    """(len(starts), num_perm) minima of h_i over the runs of `hashes` (S <= buf's width) starting at `starts`."""
+    x = mix64(hashes) & np.uint64(0xFFFFFFFF)  # (S,)
+    h = buf[:, : len(hashes)]  # (num_perm, S)
+    with np.errstate(over="ignore"):
+        np.multiply(a, x[None, :], out=h)  # wrapping mod 2^64
+    np.add(h, b, out=h)
+    np.right_shift(h, np.uint64(32), out=h)
+    return np.minimum.reduceat(h, starts, axis=1).T
 
 
 def signatures(shingle_sets: list[np.ndarray], num_perm: int = 128, seed: int = 1) -> np.ndarray:

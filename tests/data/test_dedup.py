@@ -144,6 +144,30 @@ def test_signatures_of_structured_keys_are_unbiased():
     assert abs(np.mean(errors)) < 0.015  # std of the mean over 200 pairs ~ 0.002
 
 
+def test_signatures_of_a_long_document_in_bounded_memory():
+    """The signature buffer was sized for the longest document: 320 MB for one of 300k shingles (a book) at 128
+    perms. Documents longer than a block now go through in pieces, with the signatures of the plain formula."""
+    import tracemalloc
+
+    from lmforge.data.hashing import mix64
+    from lmforge.data.minhash import permutations, signatures_flat
+
+    rng = np.random.default_rng(0)
+    counts = np.array([3, 200_000, 0, 5000, 7], dtype=np.int64)
+    hashes = rng.integers(0, 2**63, size=int(counts.sum()), dtype=np.uint64)
+    tracemalloc.start()
+    sig = signatures_flat(hashes, counts, num_perm=64)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20e6, peak  # 64 perms x 200k x 8 bytes = 102 MB before
+    a, b = permutations(64, 1)
+    x = mix64(hashes) & np.uint64(0xFFFFFFFF)
+    ends = np.cumsum(counts)
+    for i, (e, c) in enumerate(zip(ends, counts)):
+        want = [((a[p] * x[e - c:e] + b[p]) >> np.uint64(32)).min() if c else 2**32 - 1 for p in range(64)]
+        assert sig[i].tolist() == want, i
+
+
 def test_batch_shingles_match_per_document_sets():
     texts = ["The cat sat on the mat, and the dog sat on the log.", "", "one two", "Ünïcode wörds ça va très bien ok"]
     hashes, counts = batch_word_ngram_hashes(texts, 3)

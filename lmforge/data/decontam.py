@@ -1,7 +1,8 @@
 """Decontamination: drop training documents that share word n-grams with evaluation sets.
 
 GPT-3 (Brown et al. 2020, App. C) flagged overlaps of 13-grams (after lowercasing and stripping
-punctuation); we do the same with a configurable n. Evaluation items shorter than n words are skipped,
+punctuation); we do the same with a configurable n, on the texts' Unicode NFKC forms (`hashing.nfkc`: a decomposed,
+full-width or ligatured copy of an eval item matches it). Evaluation items shorter than n words are skipped,
 as in GPT-3, because their n-grams would be too generic. Eval files: JSONL (every string in a record is one
 item, e.g. GSM8K's question and answer, including those in lists and nested objects; a line may also be a
 bare string or list), JSON (.json: JSON Lines, or one JSON array or object), CSV (every cell, e.g. MMLU's question

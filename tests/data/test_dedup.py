@@ -233,6 +233,29 @@ def test_curly_quoted_copy_is_a_near_duplicate():
     assert _groups(cluster([plain, other, fancy], MinHashConfig(threshold=0.8))) == [[0, 2]]
 
 
+def test_decomposed_and_compatibility_forms_are_the_same_text(tmp_path):
+    """A decomposed (NFD) copy of a text shows the same characters: its accents are combining marks, which split
+    words ("naïve" -> "nai", "ve"), so the copy was neither a near-duplicate nor a Bloom duplicate and matched 2 of
+    an eval item's 18 8-grams. NFKC first: also full-width letters and ligatures read as their plain forms."""
+    import unicodedata
+
+    item = ("Le café de la rue Émile Zola sert un déjeuner à douze euros, et Hélène y mange chaque jour de la "
+            "semaine avec ses collègues.")
+    nfd = unicodedata.normalize("NFD", item)
+    assert normalize_words(nfd) == normalize_words(item) and len(normalize_words(item)) == 25
+    assert normalize_words("Ｔｈｅ ﬁne print") == ["the", "fine", "print"]
+    assert _groups(cluster([item * 3, "x y z " * 20, nfd * 3])) == [[0, 2]]
+    assert _groups(cluster([item, nfd], MinHashConfig(unit="char"))) == [[0, 1]]
+    out = bloom_dedup(BloomDedupConfig(capacity=100), [Document(id="a", text=item), Document(id="b", text=nfd)],
+                      StageContext())
+    assert [d.drop for d in out] == [None, "bloom:empty"]
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"q": item}) + "\n", encoding="utf-8")
+    out = decontam(DecontamConfig(eval_paths=(str(path),), ngram=8, min_matches=18),
+                   [Document(id="nfd", text=nfd), Document(id="fw", text="Ｌｅ ｃａｆé " + item[8:])], StageContext())
+    assert [(d.drop, d.meta["eval_ngram_matches"]) for d in out] == [("decontam", 18), ("decontam", 18)]
+
+
 def test_minhash_finds_exactly_the_planted_clusters():
     texts, clusters = near_duplicate_corpus(n_unique=400, n_clusters=40, copies=3, edit_frac=0.005, seed=1)
     assert _groups(cluster(texts, MinHashConfig(threshold=0.8))) == clusters

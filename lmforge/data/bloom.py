@@ -123,6 +123,7 @@ class BloomDedupConfig:
         check(0.0 < self.fp_rate < 1.0, f"bloom_dedup.fp_rate must be in (0, 1), got {self.fp_rate}")
         check(self.capacity >= 1, f"bloom_dedup.capacity must be >= 1, got {self.capacity}")
         check(0.0 < self.overlap <= 1.0, f"bloom_dedup.overlap must be in (0, 1], got {self.overlap}")
+        check(self.ngram >= 1, f"bloom_dedup.ngram must be >= 1, got {self.ngram}")
 
 
 def _para_hashes(para: str, cfg: BloomDedupConfig) -> np.ndarray:

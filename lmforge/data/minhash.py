@@ -54,6 +54,8 @@ class MinHashConfig:
         check(self.num_perm >= 2, f"minhash_dedup.num_perm must be >= 2, got {self.num_perm}")
         check(self.ngram >= 1, f"minhash_dedup.ngram must be >= 1, got {self.ngram}")
         check(self.unit in ("word", "char"), f"minhash_dedup.unit must be 'word' or 'char', got {self.unit!r}")
+        check(self.bands >= 0 and self.rows >= 0,
+              f"minhash_dedup.bands and rows must be >= 0 (0: chosen), got {self.bands} and {self.rows}")
         check((self.bands == 0) == (self.rows == 0), "minhash_dedup: set both bands and rows, or neither")
         check(self.bands * self.rows <= self.num_perm,
               f"minhash_dedup: bands*rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")

@@ -428,6 +428,17 @@ def test_bloom_dedup_past_its_capacity_fails_with_a_capacity_that_fits(kw):
     assert sum(d.drop is not None for d in out) <= 5  # fp_rate 1e-3: about 1 of 2,000 expected
 
 
+def test_dedup_configs_refuse_n_grams_of_no_words_and_negative_bands():
+    """bloom_dedup.ngram = 0 and minhash_dedup bands = -2, rows = -3 passed their checks and crashed in numpy
+    (IndexError, "can only specify one unknown dimension")."""
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"bloom_dedup.ngram must be >= 1, got 0"):
+        BloomDedupConfig(unit="ngram", ngram=0)
+    with pytest.raises(ConfigError, match=r"minhash_dedup.bands and rows must be >= 0 \(0: chosen\), got -2 and -3"):
+        MinHashConfig(bands=-2, rows=-3)
+
+
 def test_bloom_dedup_batches_its_numpy_calls(monkeypatch):
     """About 30 numpy calls a paragraph made the stage 17x slower than a batch for each block of documents."""
     calls = []

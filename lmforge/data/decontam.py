@@ -129,11 +129,20 @@ def _files(paths: tuple[str, ...]) -> list[Path]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
 def eval_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:
-    """Sorted distinct uint64 hashes of every n-gram of every evaluation item with >= n words."""
-    chunks = []
+    """Sorted distinct uint64 hashes of every n-gram of every evaluation item with >= n words. Memoised on the files
+    the paths name now, with their sizes and times: keyed on the paths alone, a benchmark file added to an eval
+    directory (or one edited) was ignored by every later call in the process (a notebook's second run)."""
     files = _files(paths)
+    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _eval_ngrams(paths, stamps, n)
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_ngrams(paths: tuple[str, ...], stamps: tuple[tuple[str, int, int], ...], n: int) -> np.ndarray:
+    """`eval_ngrams` of the files named in `stamps`."""
+    chunks = []
+    files = [Path(f) for f, _, _ in stamps]
     for f in files:
         for item in _items(f):
             words = normalize_words(item)

@@ -490,6 +490,25 @@ def test_decontamination_jsonl_line_separators_and_non_object_records(tmp_path):
     assert [d.meta.get("eval_ngram_matches") for d in out] == [1, 1, 1, 1, None]
 
 
+def test_decontamination_sees_an_eval_file_added_or_edited_later_in_the_process(tmp_path):
+    """The eval n-grams were memoised on the paths alone: a benchmark added to the eval directory, or an edited
+    file, was ignored by every later decontam call in the process, and its leaked items passed as clean."""
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    (evals / "gsm.jsonl").write_text(json.dumps({"q": "one two three four five"}) + "\n")
+    cfg = DecontamConfig(eval_paths=(str(evals),), ngram=4)
+
+    def docs() -> list[Document]:
+        return [Document(id="a", text="alpha beta gamma delta epsilon"),
+                Document(id="b", text="six seven eight nine ten")]
+
+    assert [d.drop for d in decontam(cfg, docs(), StageContext())] == [None, None]
+    (evals / "mmlu.jsonl").write_text(json.dumps({"q": "alpha beta gamma delta"}) + "\n")
+    assert [d.drop for d in decontam(cfg, docs(), StageContext())] == ["decontam", None]
+    (evals / "gsm.jsonl").write_text(json.dumps({"q": "six seven eight nine and more"}) + "\n")
+    assert [d.drop for d in decontam(cfg, docs(), StageContext())] == ["decontam", "decontam"]
+
+
 def test_minhash_character_shingles():
     base = "Breaking: the city council approved the new budget for parks and libraries on Monday evening."
     texts = [base, base.replace("Monday", "Tuesday"), "A completely different sentence about astronomy."]

@@ -26,7 +26,8 @@ Group-relative advantages (outcome supervision): each prompt's `group_size` comp
 rows (SamplingParams(n=...)'s order). GRPO (Shao et al. 2024, "DeepSeekMath", §4.1.2): A_i = (r_i -
 mean(r)) / std(r), the std unbiased and + 1e-4 as TRL's GRPOTrainer (scale "group"; "batch" uses the
 batch's std, "none" none: Dr. GRPO, Liu et al. 2025). RLOO (Ahmadian et al. 2024, "Back to Basics";
-Kool et al. 2019): A_i = r_i - mean of the other completions' rewards. Both give one number per completion:
+Kool et al. 2019): A_i = r_i - mean of the other completions' rewards. A group of equal rewards gets exactly
+0 from both (no signal; rounding in the mean would otherwise leave one). Both give one number per completion:
 broadcast it over the completion's tokens (adv[:, None] * mask).
 """
 
@@ -98,40 +99,57 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
         shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
         raise ConfigError(f"rewards must be a (N,) tensor, one per completion, got {shape}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise ConfigError(f"group_size={group_size!r} must be an int: the completions per prompt (SamplingParams.n)")
     if group_size < 2 or rewards.numel() % group_size:
         raise ConfigError(f"group_size={group_size} must be >= 2 and divide the {rewards.numel()} rewards "
                           "(each prompt's completions consecutive, SamplingParams(n=group_size))")
     return rewards.float().view(-1, group_size)
 
 
+def _no_signal(g: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """(N,) advantages with every group of equal rewards exactly 0: it carries no signal, but fp32's mean (or
+    leave-one-out mean) of equal values can miss them by an ulp, which a division by the group's std (0 up to
+    rounding) + eps blows up to 6e-4 at eps=1e-4 (7 rewards of 0.7) and to NaN or +-0.93 at eps=0."""
+    same = (g == g[:, :1]).all(1, keepdim=True).expand_as(g).reshape(-1)
+    return torch.where(same, 0.0, adv)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: Literal["group", "batch", "none"] = "group",
                      eps: float = 1e-4) -> torch.Tensor:
     """(N,) GRPO advantages: each reward minus its group's mean, divided by (the group's std + eps) ("group"),
-    by (the batch's std + eps) ("batch"), or not at all ("none", Dr. GRPO). std unbiased, as TRL's."""
+    by (the batch's std + eps) ("batch"), or not at all ("none", Dr. GRPO). std unbiased, as TRL's. A group
+    whose rewards are all equal gets exactly 0 (also at eps=0)."""
     g = _groups(rewards, group_size)
+    if not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
+        raise ConfigError(f"eps={eps!r} must be a finite number >= 0 (TRL's 1e-4 is the default)")
     centred = (g - g.mean(1, keepdim=True)).view(-1)
     if scale == "group":
-        return centred / (g.std(1).repeat_interleave(group_size) + eps)
-    if scale == "batch":
-        return centred / (g.std() + eps)
-    if scale == "none":
-        return centred
-    raise ConfigError(f"scale={scale!r} must be 'group', 'batch' or 'none'")
+        scaled = centred / (g.std(1).repeat_interleave(group_size) + eps)
+    elif scale == "batch":
+        scaled = centred / (g.std() + eps)
+    elif scale == "none":
+        scaled = centred
+    else:
+        raise ConfigError(f"scale={scale!r} must be 'group', 'batch' or 'none'")
+    return _no_signal(g, scaled)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N,) REINFORCE leave-one-out advantages: r_i - (sum of the group's other rewards) / (group_size - 1)."""
+    """(N,) REINFORCE leave-one-out advantages: r_i - (sum of the group's other rewards) / (group_size - 1);
+    exactly 0 in a group of equal rewards."""
     g = _groups(rewards, group_size)
     baseline = (g.sum(1, keepdim=True) - g) / (group_size - 1)
-    return (g - baseline).view(-1)
+    return _no_signal(g, (g - baseline).view(-1))
 
 
 def outcome_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) rewards holding each row's score (B,) on its last masked position (the response's last token,
     where a verifier or reward model judged the whole response), 0 elsewhere."""
     m = mask.bool()
-    if scores.shape != m.shape[:1]:
-        raise ConfigError(f"scores must be (B,) = ({m.shape[0]},), one per row, got {tuple(scores.shape)}")
+    if not isinstance(scores, torch.Tensor) or scores.shape != m.shape[:1]:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ConfigError(f"scores must be a (B,) = ({m.shape[0]},) tensor, one per row, got {shape}")
     if not m.any(-1).all():
         row = int((~m.any(-1)).nonzero()[0])
         raise ConfigError(f"row {row} of the mask selects no token, so its score has nowhere to go; drop the row")

@@ -112,7 +112,8 @@ def test_the_engine_generates_with_a_policy_with_value_as_with_the_bare_policy()
     for name, model in (("bare", policy), ("wrapped", ac)):
         llm = LLM(model, ByteTokenizer(), config=cfg)
         llm.update_weights()
-        runs = [llm.generate(prompts, greedy), llm.generate(prompts, SamplingParams(n=3, max_tokens=6, seed=5, logprobs=0))]
+        sampled = SamplingParams(n=3, max_tokens=6, seed=5, logprobs=0)
+        runs = [llm.generate(prompts, greedy), llm.generate(prompts, sampled)]
         outs[name] = [(c.token_ids, c.logprobs, c.finish_reason) for run in runs for o in run for c in o.outputs]
     assert outs["wrapped"] == outs["bare"]
     assert outs["bare"][0][2] == "stop" and len(outs["bare"][0][0]) < 6  # the eos id the wrapper passes on
@@ -537,6 +538,32 @@ def test_advantage_inputs_are_checked():
         masked_whiten(values, torch.arange(mask.numel()).view(mask.shape) == 0)
     with pytest.raises(ConfigError, match="group_size=3 must be >= 2 and divide the 8 rewards"):
         group_advantages(torch.zeros(8), 3)
+
+
+@pytest.mark.parametrize("eps", [1e-4, 0.0])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_a_group_of_equal_rewards_has_exactly_zero_advantage(scale, eps):
+    """fp32's mean of 7 rewards of 0.7 misses 0.7 by an ulp: divided by the group's std (an ulp too) + eps, that
+    was an advantage of 6e-4 for every completion (eps=1e-4) or NaN / +-0.93 (eps=0), a push with no signal."""
+    rewards = torch.tensor([0.7] * 7 + [0.1] * 7 + [1.0, 0, 1, 0, 0, 0, 1])
+    adv = group_advantages(rewards, 7, scale=scale, eps=eps)
+    assert torch.equal(adv[:14], torch.zeros(14))
+    assert torch.equal(rloo_advantages(rewards, 7)[:14], torch.zeros(14))
+    mixed = rewards[14:] - rewards[14:].mean()  # the mixed group is untouched
+    want = {"group": mixed / (rewards[14:].std() + eps), "batch": mixed / (rewards.std() + eps), "none": mixed}
+    torch.testing.assert_close(adv[14:], want[scale], rtol=1e-6, atol=1e-6)
+
+
+def test_bad_group_and_score_arguments_are_one_line_errors():
+    with pytest.raises(ConfigError, match="group_size=2.0 must be an int"):
+        group_advantages(torch.zeros(8), 2.0)
+    with pytest.raises(ConfigError, match="group_size=True must be an int"):
+        rloo_advantages(torch.zeros(8), True)
+    for eps in (-1e-4, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="must be a finite number >= 0"):
+            group_advantages(torch.zeros(8), 2, eps=eps)
+    with pytest.raises(ConfigError, match="scores must be a \\(B,\\) = \\(2,\\) tensor, one per row, got list"):
+        outcome_rewards([1.0, 0.0], torch.ones(2, 3, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])

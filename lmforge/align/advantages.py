@@ -81,7 +81,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
                   ) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the masked entries (var unbiased), 0 outside the mask; shift_mean=False
-    adds the mean back (whitened rewards keep their sign on average). Needs 2 masked entries or more."""
+    adds the mean back (whitened rewards keep their sign on average). Needs 2 masked entries or more. Equal
+    masked entries give exactly 0 (x itself with shift_mean=False)."""
     _grid("x", x, mask)
     m = mask.bool()
     n = int(m.sum())
@@ -89,6 +90,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         raise ConfigError(f"masked_whiten needs at least 2 masked entries for a variance, the mask selects {n}; "
                           "whiten over a larger batch")
     x = torch.where(m, x, 0.0)  # entries outside the mask are ignored, even NaN or inf ones
+    if bool((x[m] == x[m][0]).all()):  # no spread: 0 exactly (fp32's mean of equal values can miss them by an
+        return x if not shift_mean else torch.zeros_like(x)  # ulp, which / sqrt(ulp^2 + 1e-8) made 1.2e-3 of 0.7s)
     mean = x.sum() / n
     var = torch.where(m, (x - mean) ** 2, 0.0).sum() / (n - 1)  # Bessel's correction, as TRL's masked_var
     out = (x - mean) * torch.rsqrt(var + eps)

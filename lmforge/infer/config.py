@@ -166,7 +166,7 @@ def use_kernel_step(config: EngineConfig, model, device: torch.device) -> bool:
         return False
     from lmforge.infer.graphs import kernel_step_available
 
-    why = kernel_step_available()
+    why = kernel_step_available(device)
     if want and why is None:
         from lmforge.infer.kernel_step import unsupported
 

@@ -367,14 +367,15 @@ def _ancestor_bits(parents: list[int]) -> list[int]:
     return out
 
 
-def kernel_step_available() -> str | None:
-    """Why the batch-1 Triton kernel step cannot serve as a backend here (None: it can)."""
+def kernel_step_available(device: torch.device | str) -> str | None:
+    """Why the batch-1 Triton kernel step cannot serve as a backend on `device`, the engine's (None: it can)."""
     try:
         importlib.import_module("lmforge.infer.kernel_step")  # its kernels' modules import here
-        from lmforge.kernels.decode import available
+        from lmforge.kernels.decode import unavailable
     except ImportError as e:
         return f"cannot import it ({e})"
-    return None if available("cuda" if torch.cuda.is_available() else "cpu") else "triton is not available"
+    why = unavailable(device)
+    return None if why is None else f"it {why}"
 
 
 class BatchOneKernel:

@@ -111,9 +111,16 @@ def falls_back(device: torch.device | str, what: str) -> bool:
 
 
 def _fallback_notice(what: str, device_type: str) -> None:
+    fallback_notice(f"{what} {unavailable(device_type)}; using the PyTorch reference")
+
+
+def unavailable(device: torch.device | str) -> str | None:
+    """Why the Triton kernels cannot run on `device` ('needs a CUDA GPU and Triton (...), got device cpu'), or
+    None where they can: no Triton (or one too old) told from a device Triton cannot run on."""
+    if available(device):
+        return None
     why = _NO_TRITON or "TRITON_INTERPRET=1 runs the kernels on CPU, for tests"
-    fallback_notice(f"{what} needs a CUDA GPU and Triton ({why}), got device {device_type}; using the PyTorch "
-                    "reference")
+    return f"needs a CUDA GPU and Triton ({why}), got device {torch.device(device).type}"
 
 
 @compiler_disable  # warnings.warn is a graph break anyway; this way it is reported from the caller's frame

@@ -140,3 +140,24 @@ def test_the_interpreter_switch_is_read_in_one_place():
     reads = [(str(p.relative_to(root)), n) for p in sorted(root.rglob("*.py"))
              for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"environ.*TRITON_INTERPRET", line)]
     assert [path for path, _ in reads] == ["kernels/decode.py"]
+
+
+def test_kernel_step_asked_for_where_it_cannot_run_names_the_device(monkeypatch):
+    """kernel_step=True on a CPU engine said 'triton is not available' with Triton installed, and judged by whether
+    the machine had a GPU rather than by the engine's device (a CPU engine on a GPU machine went on to launch)."""
+    from lmforge.errors import ConfigError
+    from lmforge.infer.config import EngineConfig, use_kernel_step
+    from lmforge.model.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, the engine on its CPU
+    model = Transformer(ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=1, activation="swiglu"))
+    why = decode._NO_TRITON or "TRITON_INTERPRET=1 runs the kernels on CPU, for tests"
+    with pytest.raises(ConfigError) as err:
+        use_kernel_step(EngineConfig(kernel_step=True), model, torch.device("cpu"))
+    assert str(err.value) == ("kernel_step=True, but the batch-1 kernel step cannot run: it needs a CUDA GPU and "
+                              f"Triton ({why}), got device cpu")
+    assert decode.unavailable("cpu") == f"needs a CUDA GPU and Triton ({why}), got device cpu"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert decode.unavailable("cpu") is None

@@ -312,7 +312,8 @@ class ModelConfig:
         check(self.d_ff is None or self.d_ff > 0, f"model.d_ff must be > 0, got {self.d_ff}")
         check(self.activation in ACTIVATIONS, f"model.activation={self.activation!r}; choose one of {ACTIVATIONS}")
         check(0 <= self.dropout < 1, f"model.dropout must lie in [0, 1), got {self.dropout}")
-        check(self.attn_softcap >= 0 and self.logit_softcap >= 0, "soft-caps must be >= 0 (0 disables)")
+        for name in ("attn_softcap", "logit_softcap"):
+            check(getattr(self, name) >= 0, f"model.{name} must be >= 0 (0 = no capping), got {getattr(self, name)}")
         check(self.z_loss >= 0, f"model.z_loss must be >= 0, got {self.z_loss}")
         check(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         check(self.norm_eps > 0, f"model.norm_eps must be > 0, got {self.norm_eps}")

@@ -290,6 +290,19 @@ def test_bad_documents_are_named(cu, match):
         fa.flash_attention(q, k, v, cu_seqlens=torch.tensor(cu))
 
 
+@needs_triton
+def test_a_negative_softcap_is_refused_naming_the_value():
+    """The kernel caps only where softcap > 0: softcap=-30 ran with no capping, silently; the model config's error
+    named neither the field nor the value."""
+    from lmforge.model.config import ModelConfig
+
+    q, k, v = _inputs(1, 2, 2, 8, 64)
+    with pytest.raises(ConfigError, match=r"^flash_attention: softcap=-30.0 must be >= 0 \(0 = no capping\)$"):
+        fa.flash_attention(q, k, v, softcap=-30.0)
+    with pytest.raises(ConfigError, match=r"^model.logit_softcap must be >= 0 \(0 = no capping\), got -1.0$"):
+        ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, logit_softcap=-1.0)
+
+
 def test_without_a_gpu_or_interpreter_the_error_names_the_device(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _inputs(1, 2, 2, 8, 64, device="cpu")

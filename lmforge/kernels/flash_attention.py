@@ -700,7 +700,8 @@ def flash_attention_for_model(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cu, longest = documents if documents is not None else (None, None)
         return flash_attention(q, k, v, causal=isinstance(mask, str) or documents is not None, scale=scale,
                                window=window, softcap=softcap, cu_seqlens=cu, max_seqlen=longest, sinks=sinks)
-    fallback_notice(f"{reason}; using attn_impl='sdpa' for these calls")  # once (every layer, every step)
+    # once (every layer, every step); the reason without its advice to the direct caller ("; use attn_impl='sdpa'")
+    fallback_notice(f"{reason.split('; ')[0]}; using attn_impl='sdpa' for these calls")
     if documents is not None:  # packed rows: their own mask (causal within each document), not plain causal
         mask = doc_mask() if doc_mask is not None else AttnMetadata.packed(
             _doc_ids(documents[0], q.shape[0], q.shape[2])).doc_mask()

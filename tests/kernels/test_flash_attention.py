@@ -201,12 +201,14 @@ def test_tiled_reference_skips_empty_documents():
 @needs_triton
 @pytest.mark.parametrize("hd,dtype,match", [(96, torch.float32, "head dims"), (64, torch.float64, "dtype")])
 def test_unsupported_inputs_raise_one_line_or_fall_back(hd, dtype, match):
+    """The fallback's notice says what it does once, not "use attn_impl='sdpa'; using attn_impl='sdpa'"."""
     q, k, v = _inputs(1, 2, 2, 8, hd, dtype=dtype)
     with pytest.raises(LmforgeError, match=match) as err:
         fa.flash_attention(q, k, v)
     assert "\n" not in str(err.value)
-    with pytest.warns(UserWarning, match=match):
+    with pytest.warns(UserWarning, match=match) as rec:
         got = fa.flash_attention_for_model(q, k, v, "causal", scale=0.3)
+    assert [str(r.message).count("attn_impl='sdpa'") for r in rec] == [1]
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
     torch.testing.assert_close(got, want)
 

@@ -115,12 +115,12 @@ class PagedRunner:
         had_kernel_step = getattr(self, "kernel_step", None) is not None
         self.graphs, self.kernel_step, self.model = None, None, self.source
         if self.fused_kernels:
-            from lmforge.kernels.training import kernel_view
+            from lmforge.kernels.training import kernel_view, unsupported
 
             self.model = kernel_view(self.source)
             if self.model is None:
-                raise LmforgeError("fused_kernels=True but the Triton kernels cannot run on this device; "
-                                   "set fused_kernels=None (on where they run) or False")
+                raise LmforgeError(f"fused_kernels=True but the Triton kernels cannot run on this device ("
+                                   f"{unsupported(self.device)}); set fused_kernels=None (on where they run) or False")
             if self.model is not self.source:  # a copy only ever generates (Engine.step's eval mode is the source's)
                 self.model.eval()
         if graphs is not None:

@@ -24,7 +24,7 @@ import sys
 import torch
 from torch import nn
 
-from lmforge.kernels.decode import available
+from lmforge.kernels.decode import unavailable
 from lmforge.model.layers.fused import shared_copy
 from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MoE
@@ -36,8 +36,8 @@ KINDS = ("norm", "swiglu", "moe", "rope")
 def unsupported(device: torch.device | str) -> str | None:
     """Why the Triton training kernels cannot run on `device`, or None when they can."""
     dev = torch.device(device)
-    if not available(dev):
-        return f"Triton kernels need a CUDA GPU and the `kernels` extra (got device {dev.type!r})"
+    if (why := unavailable(dev)) is not None:
+        return f"each Triton kernel {why}"
     if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 0):
         name = torch.cuda.get_device_name(dev)
         return f"the bf16 Triton kernels need compute capability >= 8.0 (Ampere); {name} has " \
@@ -78,9 +78,9 @@ def apply_fused_kernels(model: nn.Module, kinds: tuple[str, ...] = KINDS) -> lis
 def kernel_view(model: nn.Module, kinds: tuple[str, ...] = ("norm", "swiglu", "rope")) -> nn.Module | None:
     """A copy of `model` whose layers run the fused kernels, sharing every parameter and buffer with it (no
     weight is copied; in-place weight updates reach both), the model itself when it has no layer to swap,
-    or None where the kernels cannot run (no notice: the caller keeps the plain model). `model` itself is not changed, so the engine can use this for its
-    forwards without touching the model a trainer or the user holds. MoE stays out by default: its
-    dispatch is a training choice (`model.moe.gemm`)."""
+    or None where the kernels cannot run (no notice: the caller keeps the plain model; `unsupported` says why).
+    `model` itself is not changed, so the engine can use this for its forwards without touching the model a
+    trainer or the user holds. MoE stays out by default: its dispatch is a training choice (`model.moe.gemm`)."""
     t = next(itertools.chain(model.parameters(), model.buffers()), None)
     if t is None or unsupported(t.device) is not None:
         return None

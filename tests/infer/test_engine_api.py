@@ -504,7 +504,8 @@ def test_fused_kernels_default_off_on_a_cpu_and_refused_where_they_cannot_run(to
     model = tiny_model("llama")
     assert Engine(model, tok, EngineConfig()).runner.model is model
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(LmforgeError, match="fused_kernels=True but the Triton kernels cannot run"):
+    with pytest.raises(LmforgeError, match="fused_kernels=True but the Triton kernels cannot run on this device "
+                                           r"\(each Triton kernel needs a CUDA GPU and Triton .*got device cpu\)"):
         Engine(model, tok, EngineConfig(fused_kernels=True))
 
 

@@ -178,13 +178,13 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
     optimizer = build_optimizer(model, cfg.optim)
     objective = LMObjective(cfg.model.z_loss)
     if cfg.fused_loss:
-        from lmforge.kernels.decode import available
+        from lmforge.kernels.decode import unavailable
 
-        if available(next(model.parameters()).device):
+        why = unavailable(next(model.parameters()).device)
+        if why is None:
             from lmforge.kernels.fused_ce import FusedLMObjective
 
             objective = FusedLMObjective(cfg.model.z_loss)
         else:  # as fused_kernels does: say so once, train with the plain loss
-            print("fused_loss not applied: Triton kernels need a CUDA GPU (pip install 'lmforge[kernels]'); "
-                  "the plain loss runs instead", file=sys.stderr)
+            print(f"fused_loss not applied: the Triton kernel {why}; the plain loss runs instead", file=sys.stderr)
     return Parts(model, optimizer, sampler, objective, cfg, evaluator, tokenizer, runner)

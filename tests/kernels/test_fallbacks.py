@@ -161,3 +161,27 @@ def test_kernel_step_asked_for_where_it_cannot_run_names_the_device(monkeypatch)
     assert decode.unavailable("cpu") == f"needs a CUDA GPU and Triton ({why}), got device cpu"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert decode.unavailable("cpu") is None
+
+
+def test_mla_with_the_triton_attention_says_once_that_it_runs_sdpa():
+    """attn_impl='triton' on an MLA model ran SDPA without a word (the docs promise a one-line warning where the
+    kernel cannot run); now one notice for every layer and call, and the SDPA model's logits."""
+    import dataclasses
+
+    from lmforge.model.config import MLAConfig, ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, max_seq_len=32, attention="mla",
+                      mla=MLAConfig(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                    v_head_dim=16))
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    fast = Transformer(dataclasses.replace(cfg, attn_impl="triton"))
+    fast.load_state_dict(ref.state_dict())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for shape in ((2, 7), (1, 12)):
+            ids = torch.randint(0, 64, shape)
+            torch.testing.assert_close(fast(ids), ref(ids))
+    assert [str(r.message) for r in rec] == ["attn_impl='triton' runs the FlashAttention kernel on mha/gqa layers, "
+                                             "not on MLA's; using attn_impl='sdpa' for these calls"]

@@ -165,6 +165,11 @@ class DenseAttention:
 
     def attend_latent(self, layer: int, mla, q_nope, q_rope, c_kv, k_rope, spec: AttnSpec, meta=None):
         """MLA without a cache: per-head keys and values expanded from the latents (mla.naive)."""
+        if spec.impl == "triton":  # (the kernel takes one head dim for q, k and v; MLA's values have their own)
+            from lmforge.kernels.decode import fallback_notice
+
+            fallback_notice("attn_impl='triton' runs the FlashAttention kernel on mha/gqa layers, not on MLA's; "
+                            "using attn_impl='sdpa' for these calls")
         return mla.naive(q_nope, q_rope, c_kv, k_rope, self.mask(q_nope.shape[2], spec, meta, q_nope.device), spec)
 
 

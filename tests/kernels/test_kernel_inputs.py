@@ -119,3 +119,18 @@ def test_paged_varlen_reads_strided_index_tensors():
     got = paged_varlen_attention(q, k, v, tables.t().contiguous().t(), strided(cu), strided(ctx),
                                  tuple(strided(t) for t in tiles), scale=0.25)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="on a GPU the check is a device-side assert, which ends the CUDA context")
+def test_grouped_mm_refuses_counts_that_do_not_sum_to_the_rows():
+    """counts summing past x's rows wrote past the kernel's output ('double free or corruption' in the
+    interpreter); fewer left rows unwritten. Both are refused, on the device, naming what must hold."""
+    from lmforge.kernels import moe
+    from lmforge.model.layers.moe import grouped_mm_loop
+
+    x, w = torch.randn(11, 13), torch.randn(3, 7, 13)
+    for counts in ([4, 0, 9], [4, 0, 5]):
+        with pytest.raises(RuntimeError, match="^grouped_mm: counts must sum to the rows of x"):
+            moe.grouped_mm(x, w, torch.tensor(counts))
+    torch.testing.assert_close(moe.grouped_mm(x, w, torch.tensor([4, 0, 7])),
+                               grouped_mm_loop(x, w, torch.tensor([4, 0, 7])))

@@ -207,7 +207,7 @@ class TrainConfig(LoopConfig):
     checkpoint names; a one-line notice and no change where Triton cannot run)"""
     fused_loss: bool = False
     """fused linear + cross-entropy chunked over tokens (lmforge.kernels.fused_ce): never materialises the
-    (tokens x vocab) logits"""
+    (tokens x vocab) logits; not with logit soft-capping or MTP heads"""
     bf16_residual: bool = False
     """under bf16 autocast, carry the residual stream in bf16 (the embedding's output cast once; nanochat's
     model trains so) instead of fp32: half the bytes through every norm, residual add and their backward
@@ -235,6 +235,13 @@ class TrainConfig(LoopConfig):
               f"compile = true compiles the model and loss as one, which the pipeline's stages (parallel.pp="
               f"{self.parallel.pp}) never run: it compiled nothing; set compile = false and [parallel] compile = true "
               "to compile each stage's blocks")
+        # (fused_lm_loss refuses them too, but only at the first step, after the data and model were built)
+        check(not self.fused_loss or self.model.logit_softcap == 0,
+              f"fused_loss with model.logit_softcap={self.model.logit_softcap}: the fused linear + cross-entropy has "
+              "no logit soft-capping; set fused_loss = false or model.logit_softcap = 0")
+        check(not self.fused_loss or self.model.mtp is None,
+              "fused_loss with model.mtp: the fused linear + cross-entropy has no multi-token prediction heads; set "
+              "fused_loss = false or remove [model.mtp]")
         par = self.parallel  # sequence parallelism and QK-norm under tp hand RMSNorm DTensors, which Triton cannot read
         dtensor_norms = par.tp > 1 and ((par.sequence_parallel and self.model.norm == "rmsnorm") or self.model.qk_norm)
         check(not (self.fused_kernels and dtensor_norms),

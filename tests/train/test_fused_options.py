@@ -42,3 +42,21 @@ def test_fused_loss_without_triton_device_falls_back_with_a_notice(tmp_path, mon
     why = _NO_TRITON or "TRITON_INTERPRET=1 runs the kernels on CPU, for tests"
     assert (f"fused_loss not applied: the Triton kernel needs a CUDA GPU and Triton ({why}), got device cpu; the "
             "plain loss runs instead\n") in capsys.readouterr().err
+
+
+def test_fused_loss_on_a_model_it_cannot_compute_is_refused_by_the_config():
+    """A soft-capped or MTP model with fused_loss failed at the first step on a GPU (after the data and model were
+    built) and trained on the plain loss on a CPU; the config now refuses it, naming the value."""
+    from lmforge.errors import ConfigError
+    import dataclasses
+
+    from lmforge.model.config import ModelConfig, MTPConfig
+    from lmforge.train.config import TrainConfig
+
+    model = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, logit_softcap=30.0)
+    with pytest.raises(ConfigError, match=r"^fused_loss with model.logit_softcap=30.0: .*set fused_loss = false"):
+        TrainConfig(model=model, data=DataConfig(seq_len=16, batch_size=2), fused_loss=True)
+    assert TrainConfig(model=model, data=DataConfig(seq_len=16, batch_size=2)).model.logit_softcap == 30.0
+    mtp = dataclasses.replace(model, logit_softcap=0.0, mtp=MTPConfig())
+    with pytest.raises(ConfigError, match=r"^fused_loss with model.mtp: .*set fused_loss = false or remove"):
+        TrainConfig(model=mtp, data=DataConfig(seq_len=16, batch_size=2), fused_loss=True)

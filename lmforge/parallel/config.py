@@ -127,12 +127,8 @@ class ParallelConfig:
             if self.cp > 1 and (model_cfg.attention != "mha" or model_cfg.sliding_window):
                 raise ConfigError(f"parallel.cp={self.cp} supports full mha/gqa attention; this model has attention="
                                   f"{model_cfg.attention!r}, sliding_window={model_cfg.sliding_window}")
-        # context parallel: 2·cp load-balanced chunks; sequence parallel splits each rank's tokens by tp
-        split = (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
-        if seq_len is not None and seq_len % split:
-            raise ConfigError(f"seq_len={seq_len} must be divisible by {split} (2 x parallel.cp={self.cp}"
-                              + (f" x tp={self.tp} for sequence parallelism" if self.sequence_parallel and self.tp > 1
-                                 else "") + ")")
+        if seq_len is not None:
+            self.check_seq_len(seq_len)
         dp = self.dp_replicate * self.dp_shard
         unit = dp * (self.n_microbatches if self.pp > 1 else 1)
         if batch_size is not None and batch_size % unit:
@@ -140,6 +136,17 @@ class ParallelConfig:
                               + (f" x microbatches={self.n_microbatches}" if self.pp > 1 else "")
                               + f"; set data.batch_size (the global batch, split over the ranks) to a multiple of "
                               f"{unit}, e.g. {batch_size + unit - batch_size % unit}")
+
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """A training sequence length the layout can split (validate, and ParallelRunner at each step)."""
+        # context parallel: 2·cp load-balanced chunks; sequence parallel splits each rank's tokens by tp
+        split = (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+        if seq_len % split:
+            raise ConfigError(f"seq_len={seq_len} must be divisible by {split} (" + " x ".join(
+                ([f"2 x parallel.cp={self.cp}"] if self.cp > 1 else [])
+                + ([f"tp={self.tp} for sequence parallelism"] if self.sequence_parallel and self.tp > 1 else []))
+                + ")")
 
 
 def build_mesh(cfg: ParallelConfig, device_type: str = "cpu"):

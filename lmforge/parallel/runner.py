@@ -124,6 +124,7 @@ class ParallelRunner:
             # the token mean; NaN for rows with nothing to train (a mean over nothing, as in one process) and where
             # scale is 0 (a micro-batch the Trainer leaves out, whose sums the zero share hides)
             return torch.stack(losses).sum().detach() * tokens.clamp(min=1) / share / tokens
+        self.cfg.check_seq_len(x.shape[1])  # (else tp's sequence shards failed in a layer, naming tensor sizes)
         if self.cp_mesh is not None:  # this rank's tokens of every sequence; attention gathers K/V
             b = shard_batch({"input_ids": x, "targets": y}, self.cp_mesh)
             x, y = b["input_ids"], b["targets"]
@@ -148,6 +149,7 @@ class ParallelRunner:
         if self.pp_mesh is not None:
             raise ConfigError("pipeline parallel runs the LM loss of forward_backward; objectives with their "
                               "own model calls need parallel.pp=1")
+        self.cfg.check_seq_len(batch["input_ids"].shape[1])
         n = None
         if self.cp_mesh is not None:
             batch = shard_batch(batch, self.cp_mesh)

@@ -306,3 +306,32 @@ def test_nproc_a_warning_of_the_config_is_said_once(tmp_path, monkeypatch, capsy
     argv = ["train", "--config", _runnable(tmp_path, "train"), "--max-steps", "2", "--optim.warmup-steps", "5"]
     assert main([*argv, "--nproc", "2"]) == 0
     assert in_a_process == [False] and capsys.readouterr().err.splitlines() == [said]
+
+
+def test_sequence_parallel_alone_names_tp_not_a_context_parallel_of_one():
+    with pytest.raises(ConfigError, match=r"^seq_len=7 must be divisible by 2 \(tp=2 for sequence parallelism\)$"):
+        ParallelConfig(tp=2).validate(2, CFG, seq_len=7)
+
+
+def _odd_rows_step(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """ParallelRunner(tp=2) given rows of 7 tokens: the ConfigError's message, as bytes."""
+    from lmforge.model.transformer import Transformer
+    from lmforge.parallel.runner import ParallelRunner
+
+    torch.manual_seed(0)
+    runner = ParallelRunner(Transformer(CFG), ParallelConfig(tp=2), seq_len=8, batch_size=2)
+    x = torch.randint(0, 64, (2, 8))
+    try:
+        runner.forward_backward(x[:, :-1], x[:, 1:])
+    except ConfigError as e:
+        return {"error": torch.tensor(list(str(e).encode()))}
+    return {"error": torch.tensor([], dtype=torch.long)}
+
+
+def test_runner_names_a_sequence_its_tensor_parallel_ranks_cannot_split():
+    """Rows whose length the sequence-parallel shards cannot split failed inside a layer ('The size of tensor a (8)
+    must match the size of tensor b (7)'); the runner names the length at each step, as validate does up front."""
+    from lmforge.parallel.launch import run_local
+
+    got = [bytes(r["error"].tolist()).decode() for r in run_local(_odd_rows_step, 2)]
+    assert got == ["seq_len=7 must be divisible by 2 (tp=2 for sequence parallelism)"] * 2

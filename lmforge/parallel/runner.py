@@ -149,7 +149,8 @@ class ParallelRunner:
         if self.pp_mesh is not None:
             raise ConfigError("pipeline parallel runs the LM loss of forward_backward; objectives with their "
                               "own model calls need parallel.pp=1")
-        self.cfg.check_seq_len(batch["input_ids"].shape[1])
+        for seq_len in {v.shape[1] for k, v in batch.items() if k.endswith("input_ids") and v.dim() == 2}:
+            self.cfg.check_seq_len(seq_len)  # (a preference batch's chosen_ / rejected_input_ids too)
         n = None
         if self.cp_mesh is not None:
             batch = shard_batch(batch, self.cp_mesh)

@@ -5,6 +5,8 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
+# (session 44, 2026-12-07: no GPU came (~15 asks). Owed: `gputests` at the session's end (kernel-step availability by
+# device, grouped_mm's device-side counts check, fallback notices, n samples of a request ended before its fork))
 # (session 43, 2026-12-07: no H200 came (ten asks); on an H100 `gputests` (two processes, .whl carried) 42 passed
 # 2 skipped + 26 passed at 267730f. Nothing owed but the goal, measured on an H200)
 # (session 42, 2026-12-06: an H200 came on the fifth ask: `decode` 1,270 tok/s = 63.2% of its 2,009 tok/s roofline

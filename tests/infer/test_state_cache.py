@@ -203,6 +203,10 @@ def test_what_state_models_refuse_is_a_one_line_error(models, tok):
     with pytest.raises(ConfigError, match="kernel step implements attention") as e:  # (drafts: test_state_speculative)
         Engine(model, tok, EngineConfig(kernel_step=True))
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="set state_snapshots > 0") as e:  # (it ran, with no prefix caching)
+        Engine(model, tok, EngineConfig(prefix_caching=True))
+    assert "\n" not in str(e.value)
+    assert Engine(model, tok, EngineConfig(prefix_caching=True, state_snapshots=1)).pool.prefix_caching
     engine = Engine(model, tok, EngineConfig(max_num_seqs=2))
     for sp, match in ((SamplingParams(beam_width=2, temperature=0, max_tokens=4), "4 recurrent-state rows at once"),
                       (SamplingParams(n=3, max_tokens=4, seed=0), "n=3 samples each keep a recurrent state row")):
@@ -225,7 +229,8 @@ def test_spec_of_a_hybrid_and_the_pool_sizing(models):
     E = 2 * 32
     assert [layer.kind for layer in spec.layers] == ["state", "full", "state"] and spec.has_state
     assert not spec.latent and spec.bytes_per_token() == 2 * 2 * 8 * 4  # the attention layer: k and v, 2 heads of 8
-    assert spec.bytes_per_sequence() == 2 * (E * 3 + E * 4) * 4 and spec.bytes_per_sequence(torch.bfloat16) == 2 * 7 * E * 2
+    assert spec.bytes_per_sequence() == 2 * (E * 3 + E * 4) * 4
+    assert spec.bytes_per_sequence(torch.bfloat16) == 2 * 7 * E * 2
     wide = LayerCacheSpec(kind="state", state_shapes=((2**20,),), state_dtype=torch.float32)  # 4 MiB a sequence
     big = CacheSpec(layers=(wide, LayerCacheSpec(kind="full", kv_heads=1024, head_dim=128)), dtype=torch.bfloat16,
                     max_seq_len=4096, vocab_size=8)

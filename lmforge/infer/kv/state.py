@@ -253,6 +253,10 @@ def check_engine(config, draft) -> None:
     if spec is not None and spec.has_state:
         raise ConfigError("the draft model has recurrent-state layers, but a draft model's cache keeps no state rows: "
                           "draft with an attention model or 'ngram'")
+    if config.prefix_caching and config.state_snapshots == 0:
+        raise ConfigError("prefix_caching=True, but a cached block holds keys, not the recurrent state after them: "
+                          "set state_snapshots > 0 to cache prefixes on models with state layers, or leave "
+                          "prefix_caching unset (off here)")
     if config.kernel_step:
         raise ConfigError("kernel_step=True, but the batch-1 kernel step implements attention blocks only and this "
                           "model has recurrent-state layers: leave kernel_step at None or False")

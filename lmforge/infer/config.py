@@ -311,9 +311,10 @@ def length_dependent_rope(model) -> bool:
     return bool(getattr(rope, "length_dependent", False))
 
 
-def rope_allows(c: EngineConfig, model, allows: dict[str, bool]) -> dict[str, bool]:
+def rope_allows(c: EngineConfig, model, allows: dict[str, bool], has_state: bool = False) -> dict[str, bool]:
     """store_allows' answer, less what a length-dependent RoPE cannot serve: prefix caching (a cached block's keys
-    hold frequencies chosen by the length of the sequence that computed them; prefix_caching=True is a one-line
+    hold frequencies chosen by the length of the sequence that computed them; prefix_caching=True, or
+    state_snapshots > 0 on a model with recurrent-state layers, whose rows would be set aside unused, is a one-line
     error). CUDA graphs serve it: their steps carry each token's length (lmforge.infer.graphs' RoPE row)."""
     if not length_dependent_rope(model):
         return allows
@@ -322,6 +323,10 @@ def rope_allows(c: EngineConfig, model, allows: dict[str, bool]) -> dict[str, bo
     if c.prefix_caching:
         raise ConfigError(f"prefix_caching=True cannot serve RoPE scaling {kind!r}: a prefix's keys depend on the "
                           "length of the sequence that computed them; leave prefix_caching unset (off here)")
+    if c.state_snapshots and has_state and c.prefix_caching is not False:
+        raise ConfigError(f"state_snapshots={c.state_snapshots} keeps recurrent states for prefix caching, which RoPE "
+                          f"scaling {kind!r} cannot serve (a prefix's keys depend on the length of the sequence that "
+                          "computed them); leave state_snapshots at 0")
     return {**allows, "prefix_caching": False}
 
 

@@ -140,7 +140,7 @@ class Engine:
         self.special_ids = special_ids(tokenizer)  # left out of texts asking skip_special_tokens
         narrow = spec is not None and kv_dtype(config, spec) != spec.dtype  # a cache narrower than the model
         allows = store_allows(config, spec, draft)  # what a CacheStore (EngineConfig.kv_cache) can serve
-        allows = rope_allows(config, model, allows)  # and a length-dependent RoPE (dynamic NTK, LongRoPE)
+        allows = rope_allows(config, model, allows, self.has_state)  # and a length-dependent RoPE (dynamic NTK...)
         if spec is None and config.kv_cache_dtype is not None or narrow and config.kernel_step:
             raise ConfigError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs a model with cache_spec() (the paged "
                               "cache) and no kernel_step=True (the kernel step reads keys in the model's dtype)")

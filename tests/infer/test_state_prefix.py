@@ -6,6 +6,8 @@ snapshot eviction; a reset forgets the snapshots."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -115,3 +117,22 @@ def test_a_reset_forgets_the_snapshots_and_the_option_is_checked(models, tok):
     assert not off.pool.prefix_caching and off.scheduler.snapshots is None
     with pytest.raises(ConfigError, match="state_snapshots must be >= 0"):
         EngineConfig(state_snapshots=-1)
+
+
+def test_snapshots_are_refused_where_a_length_dependent_rope_turns_prefix_caching_off(tok):
+    """A hybrid whose attention's RoPE follows each sequence's length (dynamic NTK) cannot cache prefixes: its
+    state_snapshots rows would be set aside and never used (before, they were, silently)."""
+    from lmforge.model.config import RopeScaling
+    from lmforge.model.layers.rope import RotaryEmbedding
+
+    model = tiny_state_model("hybrid")
+    model.cfg = dataclasses.replace(model.cfg, rope_scaling=RopeScaling(kind="dynamic", factor=2.0))
+    model.rope = RotaryEmbedding(model.cfg.rope_dim, model.cfg.rope_theta, scaling=model.cfg.rope_scaling,
+                                 max_seq_len=96)
+    assert model.rope.length_dependent
+    with pytest.raises(ConfigError, match="state_snapshots=4 keeps recurrent states .* 'dynamic'") as e:
+        Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4))
+    assert "\n" not in str(e.value)
+    assert not Engine(model, tok, EngineConfig(block_size=4)).pool.prefix_caching
+    off = Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4, prefix_caching=False))
+    assert off.runner.cache.max_snapshots == 0

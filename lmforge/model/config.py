@@ -57,6 +57,9 @@ class RopeScaling:
         check(self.kind in ROPE_SCALINGS, f"model.rope_scaling.kind={self.kind!r}; choose one of {ROPE_SCALINGS}")
         check(self.factor >= 1.0 or self.kind == "longrope",
               f"model.rope_scaling.factor must be >= 1, got {self.factor}")
+        check(self.original_max_seq_len is None or self.original_max_seq_len >= 2,
+              f"model.rope_scaling.original_max_seq_len must be >= 2, got {self.original_max_seq_len}: the pretraining "
+              "context in tokens (leave it out for model.max_seq_len)")
         check(self.kind != "dynamic" or self.original_max_seq_len is None,
               "model.rope_scaling.original_max_seq_len is not used by kind='dynamic', which scales once the context "
               "passes model.max_seq_len; set model.max_seq_len to the pretraining context instead")

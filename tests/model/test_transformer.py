@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lmforge.errors import ConfigError
 from lmforge.model.cache import KVCache
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import ModelConfig, RopeScaling
 from lmforge.model.transformer import Transformer
 
 TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
@@ -24,6 +24,15 @@ TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kind, orig", [("llama3", -5), ("yarn", 0), ("longrope", 1)])
+def test_rope_scaling_original_context_must_be_a_length(kind, orig):
+    # once accepted: 0 fell back to max_seq_len (`or`), -5 gave llama3 negative wavelengths (finite nonsense),
+    # 1 a ZeroDivisionError building longrope's attention factor sqrt(1 + ln s / ln L)
+    extra = dict(short_factor=(1.0,) * 4, long_factor=(2.0,) * 4) if kind == "longrope" else {}
+    with pytest.raises(ConfigError, match=rf"model\.rope_scaling\.original_max_seq_len must be >= 2, got {orig}"):
+        RopeScaling(kind=kind, factor=2.0, original_max_seq_len=orig, **extra)
 
 
 def test_gpt2_small_has_124m_parameters():

@@ -335,6 +335,9 @@ class ModelConfig:
                   "checks its own: a hybrid's recurrent layers)")
             check("sliding" not in self.layer_types or self.sliding_window > 0,
                   "model.layer_types has 'sliding' layers but model.sliding_window is 0")
+        check(self.block != "parallel" or self.norm_position == "pre",
+              f"model.norm_position={self.norm_position!r} is not supported with model.block='parallel', whose "
+              "attention and MLP share one pre-norm: leave norm_position 'pre' or set block='sequential'")
         check(self.attn_scale is None or self.attn_scale > 0, f"model.attn_scale must be > 0, got {self.attn_scale}")
         check(self.embed_scale > 0, f"model.embed_scale must be > 0, got {self.embed_scale}")
         check(self.attention != "mla" or self.pos_emb in ("rope", "none", "learned", "sinusoidal"),

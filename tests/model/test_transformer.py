@@ -20,6 +20,9 @@ TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
     (dict(dropout=1.5), "model.dropout"),
     (dict(vocab_size=0), "model.vocab_size"),
     (dict(activation="tanh"), "model.activation"),
+    # a parallel block has one shared pre-norm: post / sandwich placement was once silently ignored
+    (dict(block="parallel", norm_position="post"), "model.norm_position='post'"),
+    (dict(block="parallel", norm_position="sandwich"), "model.norm_position='sandwich'"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

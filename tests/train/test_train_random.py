@@ -40,6 +40,8 @@ def random_model(r: random.Random) -> ModelConfig:
              activation=r.choice(["swiglu", "gelu", "relu2", "geglu"]), tie_embeddings=r.random() < 0.3,
              logit_softcap=r.choice([0.0, 15.0]), z_loss=r.choice([0.0, 1e-4]), dropout=r.choice([0.0, 0.0, 0.1]),
              bias=r.random() < 0.2)
+    if m["block"] == "parallel":  # its one shared pre-norm takes no other placement (ModelConfig refuses it)
+        m["norm_position"] = "pre"
     if r.random() < 0.25:  # MLA (no sinks, no qk-norm: refused with it)
         m.update(attention="mla", pos_emb="rope", n_kv_heads=None,
                  mla=MLAConfig(kv_lora_rank=r.choice([8, 16]), q_lora_rank=r.choice([0, 16]), qk_nope_head_dim=8,

@@ -65,6 +65,9 @@ class RopeScaling:
               "passes model.max_seq_len; set model.max_seq_len to the pretraining context instead")
         check(self.kind != "longrope" or (self.short_factor is not None and self.long_factor is not None),
               "model.rope_scaling.short_factor and long_factor are required for kind='longrope'")
+        check(self.kind != "yarn" or 0 < self.beta_slow < self.beta_fast,
+              f"model.rope_scaling.beta_fast={self.beta_fast} must exceed beta_slow={self.beta_slow} > 0: YaRN keeps "
+              "frequencies above beta_fast rotations and interpolates those below beta_slow (defaults 32 and 1)")
         check(self.high_freq_factor > self.low_freq_factor,
               "model.rope_scaling.high_freq_factor must be > low_freq_factor")
 

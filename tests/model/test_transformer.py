@@ -38,6 +38,15 @@ def test_rope_scaling_original_context_must_be_a_length(kind, orig):
         RopeScaling(kind=kind, factor=2.0, original_max_seq_len=orig, **extra)
 
 
+@pytest.mark.parametrize("fast, slow", [(1.0, 32.0), (32.0, 0.0)])
+def test_yarn_betas_must_bound_a_ramp(fast, slow):
+    # once accepted: beta_fast < beta_slow inverted YaRN's ramp (high frequencies interpolated, low ones kept),
+    # beta_slow = 0 raised a math domain error building the model
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling\.beta_fast"):
+        RopeScaling(kind="yarn", factor=2.0, beta_fast=fast, beta_slow=slow)
+    RopeScaling(kind="linear", factor=2.0, beta_fast=fast, beta_slow=slow)  # other kinds never read them
+
+
 def test_gpt2_small_has_124m_parameters():
     # OpenAI GPT-2 small: 124,439,808 parameters (tied head, 1024 learned positions)
     assert Transformer(ModelConfig.preset("gpt2-small")).num_params() == 124_439_808

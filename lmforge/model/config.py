@@ -68,6 +68,15 @@ class RopeScaling:
         check(self.kind != "yarn" or 0 < self.beta_slow < self.beta_fast,
               f"model.rope_scaling.beta_fast={self.beta_fast} must exceed beta_slow={self.beta_slow} > 0: YaRN keeps "
               "frequencies above beta_fast rotations and interpolates those below beta_slow (defaults 32 and 1)")
+        check(self.factor > 0, f"model.rope_scaling.factor must be > 0, got {self.factor}")
+        check(self.attention_factor is None or self.attention_factor > 0,
+              f"model.rope_scaling.attention_factor must be > 0 (None derives it from factor), got "
+              f"{self.attention_factor}")
+        check(self.kind != "llama3" or self.low_freq_factor > 0,
+              f"model.rope_scaling.low_freq_factor must be > 0, got {self.low_freq_factor}")
+        for name in ("short_factor", "long_factor") if self.kind == "longrope" else ():
+            check(all(f > 0 for f in getattr(self, name)),
+                  f"model.rope_scaling.{name} must hold rescale factors > 0, got {getattr(self, name)}")
         check(self.high_freq_factor > self.low_freq_factor,
               "model.rope_scaling.high_freq_factor must be > low_freq_factor")
 
@@ -96,6 +105,7 @@ class MLAConfig:
             check(getattr(self, name) > 0, f"model.mla.{name} must be > 0, got {getattr(self, name)}")
         check(self.q_lora_rank >= 0, f"model.mla.q_lora_rank must be >= 0, got {self.q_lora_rank}")
         check(self.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim must be even")
+        check(self.norm_eps is None or self.norm_eps > 0, f"model.mla.norm_eps must be > 0, got {self.norm_eps}")
 
 
 @dataclass(frozen=True, kw_only=True)

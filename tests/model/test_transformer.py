@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lmforge.errors import ConfigError
 from lmforge.model.cache import KVCache
-from lmforge.model.config import ModelConfig, RopeScaling
+from lmforge.model.config import MLAConfig, ModelConfig, RopeScaling
 from lmforge.model.transformer import Transformer
 
 TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
@@ -45,6 +45,27 @@ def test_yarn_betas_must_bound_a_ramp(fast, slow):
     with pytest.raises(ConfigError, match=r"model\.rope_scaling\.beta_fast"):
         RopeScaling(kind="yarn", factor=2.0, beta_fast=fast, beta_slow=slow)
     RopeScaling(kind="linear", factor=2.0, beta_fast=fast, beta_slow=slow)  # other kinds never read them
+
+
+LONG = dict(short_factor=(1.0,) * 4, long_factor=(2.0,) * 4)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(kind="llama3", low_freq_factor=0.0), "low_freq_factor"),  # was a ZeroDivisionError building the model
+    (dict(kind="yarn", attention_factor=-1.0), "attention_factor"),  # was cos/sin with their signs flipped
+    (dict(kind="longrope", factor=-2.0, **LONG), "factor"),
+    (dict(kind="longrope", factor=2.0, short_factor=(0.0,) * 4, long_factor=(2.0,) * 4), "short_factor"),
+])
+def test_rope_scaling_factors_must_be_positive(kwargs, field):
+    with pytest.raises(ConfigError, match=rf"model\.rope_scaling\.{field}"):
+        RopeScaling(**{"factor": 2.0, **kwargs})
+
+
+def test_mla_norm_eps_must_be_positive():
+    # once accepted: a negative eps made the latent RMSNorms' rsqrt NaN in every forward
+    with pytest.raises(ConfigError, match=r"model\.mla\.norm_eps must be > 0, got -1\.0"):
+        MLAConfig(norm_eps=-1.0)
+    assert MLAConfig(norm_eps=None).norm_eps is None
 
 
 def test_gpt2_small_has_124m_parameters():

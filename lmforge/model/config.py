@@ -170,6 +170,7 @@ class MoEConfig:
               f"model.moe.top_k must lie in [1, n_experts={self.n_experts}], got {self.top_k}")
         check(self.d_expert is None or self.d_expert > 0, f"model.moe.d_expert must be > 0, got {self.d_expert}")
         check(self.n_shared >= 0, f"model.moe.n_shared must be >= 0, got {self.n_shared}")
+        check(self.routed_scale > 0, f"model.moe.routed_scale must be > 0, got {self.routed_scale}")
         check(not self.shared_gate or self.n_shared > 0, "model.moe.shared_gate gates the shared experts: it needs "
                                                          "model.moe.n_shared > 0")
         check(self.n_groups >= 1 and self.n_experts % self.n_groups == 0,

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lmforge.errors import ConfigError
 from lmforge.model.cache import KVCache
-from lmforge.model.config import MLAConfig, ModelConfig, RopeScaling
+from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig, RopeScaling
 from lmforge.model.transformer import Transformer
 
 TINY = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
@@ -66,6 +66,13 @@ def test_mla_norm_eps_must_be_positive():
     with pytest.raises(ConfigError, match=r"model\.mla\.norm_eps must be > 0, got -1\.0"):
         MLAConfig(norm_eps=-1.0)
     assert MLAConfig(norm_eps=None).norm_eps is None
+
+
+@pytest.mark.parametrize("scale", [0.0, -2.5])
+def test_moe_routed_scale_must_be_positive(scale):
+    # once accepted: 0 silently switched the routed experts off, a negative scale subtracted their output
+    with pytest.raises(ConfigError, match=rf"model\.moe\.routed_scale must be > 0, got {scale}"):
+        MoEConfig(routed_scale=scale)
 
 
 def test_gpt2_small_has_124m_parameters():

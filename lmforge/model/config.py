@@ -248,7 +248,7 @@ class ModelConfig:
     norm_position: Literal["pre", "post", "sandwich"] = "pre"
     """'sandwich': pre-norm plus a norm on each sublayer's output before the residual add (Gemma 2)"""
     block: Literal["sequential", "parallel"] = "sequential"
-    """'parallel': x + attn(norm(x)) + mlp(norm(x)) from one shared norm (GPT-J, PaLM)"""
+    """'parallel': x + attn(norm(x)) + mlp(norm(x)) from one shared pre-norm (GPT-J, PaLM; norm_position 'pre')"""
     final_norm: bool = True
     """a norm after the last block, before the output head"""
     # attention

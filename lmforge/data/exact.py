@@ -39,8 +39,8 @@ class ExactDedupConfig:
 
 
 def exact_dedup(cfg: ExactDedupConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
-    """Global stage: keep the first document with each content hash; later copies are rejected
-    `exact_duplicate` with `meta.dup_of`."""
+    """Global stage: keep the first document with each content hash (the first in shard order, with the local
+    and the Ray executor alike); later copies are rejected `exact_duplicate` with `meta.dup_of`."""
     first: dict[bytes, str] = {}
     for d in docs:
         h = content_hash(d.text, cfg.normalize)

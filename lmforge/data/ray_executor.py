@@ -9,6 +9,7 @@ dedup) gather the live documents on the driver, which bounds them by the driver'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -132,6 +133,21 @@ def _global_phase(ds: Any, cfg: PipelineConfig, p: int) -> Any:
     return ray.data.from_arrow(_table(new))
 
 
+@contextlib.contextmanager
+def _preserve_order(ray: Any) -> Any:
+    """Ray Data hands blocks on in the order their tasks finish unless `preserve_order` is set (off by default):
+    a global stage then saw the documents in an order that varied between runs, and exact dedup kept whichever
+    copy came back first, where the local executor keeps the first in shard order. A Dataset takes a copy of the
+    current DataContext when it is made, so the setting is on while the pipeline's datasets are made and run, and
+    the caller's is restored after."""
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
 def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -> dict[str, Any]:
     """Run the pipeline on Ray Data (connecting to a running cluster, or starting a local one). It keeps no
     per-shard markers, so it cannot resume: an output.dir holding an earlier run's output is refused (every
@@ -146,17 +162,18 @@ def run_ray(cfg: PipelineConfig, batch_size: int = 256, restart: bool = False) -
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.workers, include_dashboard=False, log_to_driver=False)
     shards = make_shards(cfg.input)
-    ds = ray.data.from_items([{"shard": s, "files": [str(f) for f in fs]} for s, fs in shards.items()])
-    ds = ds.flat_map(_ReadShard(cfg))
-    for p, phase in enumerate(phases(cfg.built_stages())):
-        if not phase:
-            continue
-        if phase[0][0].kind == "global":
-            ds = _global_phase(ds, cfg, p)
-        else:
-            ds = ds.map_batches(_MapPhase(cfg, p), batch_size=batch_size, batch_format="pyarrow")
-    ds = ds.map_batches(_WriteBatch(cfg), batch_size=batch_size, batch_format="pyarrow")
-    stats = [json.loads(r["meta"]) for r in ds.take_all()]
+    with _preserve_order(ray):
+        ds = ray.data.from_items([{"shard": s, "files": [str(f) for f in fs]} for s, fs in shards.items()])
+        ds = ds.flat_map(_ReadShard(cfg))
+        for p, phase in enumerate(phases(cfg.built_stages())):
+            if not phase:
+                continue
+            if phase[0][0].kind == "global":
+                ds = _global_phase(ds, cfg, p)
+            else:
+                ds = ds.map_batches(_MapPhase(cfg, p), batch_size=batch_size, batch_format="pyarrow")
+        ds = ds.map_batches(_WriteBatch(cfg), batch_size=batch_size, batch_format="pyarrow")
+        stats = [json.loads(r["meta"]) for r in ds.take_all()]
     kept = sum(s.get("kept", 0) for s in stats if s["phase"] == -1)
     # the read rows share phase 0 with the first map phase's and may come back after them: read first, so the
     # report lists the stages in pipeline order whatever the batching

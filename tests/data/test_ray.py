@@ -131,3 +131,37 @@ def test_ray_rows_carry_lone_surrogates_as_the_local_executor_keeps_them(tmp_pat
                             for x in read_documents(f))
     assert docs(tmp_path / "ray") == docs(tmp_path / "local") == [
         ("plain", "ordinary text", None), ("s\ud800", "lone \udfff in |||EMAIL_ADDRESS||| text", "\ud83d")]
+
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_dedup_keeps_the_copy_the_local_executor_keeps(tmp_path, local_ray, monkeypatch):
+    """Ray Data hands blocks on in the order their tasks finish unless preserve_order is set, so with several
+    workers the global dedup could see a later shard's copy first and keep it, where the local executor keeps the
+    first in shard order (found 2026-12-07). Which task finishes first is timing, which a small local Ray rarely
+    reorders, so the test also checks the setting each of the run's datasets ran with, and that the caller's is
+    left as it was."""
+    from lmforge.data.ray_executor import run_ray
+
+    ran = []
+    take_all = local_ray.data.Dataset.take_all
+    monkeypatch.setattr(local_ray.data.Dataset, "take_all",
+                        lambda ds, *a, **k: ran.append(ds.context.execution_options.preserve_order) or take_all(ds))
+    for name, ids in {"a": ["a1", "a-copy"], "b": ["b-copy", "b1"], "c": ["c-copy"]}.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"id": i, "text": "the same text" if "copy" in i else f"document {i}"}) + "\n" for i in ids))
+    (tmp_path / "p.toml").write_text(f'workers = 2\nprogress = false\n[input]\npaths = ["{tmp_path}/*.jsonl"]\n'
+                                     f'[output]\ndir = "{tmp_path / "local"}"\nplot = false\n'
+                                     '[[stages]]\nstage = "exact_dedup"\n')
+    cfg = load_pipeline(tmp_path / "p.toml")
+    run_local(cfg)
+    rcfg = dataclasses.replace(cfg, executor="ray", output=dataclasses.replace(cfg.output, dir=str(tmp_path / "ray")))
+    run_ray(rcfg, batch_size=1)
+    docs = lambda d, sub: sorted((x.id, x.meta.get("dup_of")) for f in (d / sub).glob("*")  # noqa: E731
+                                 for x in read_documents(f))
+    assert docs(tmp_path / "ray", "rejected") == docs(tmp_path / "local", "rejected") == [
+        ("b-copy", "a-copy"), ("c-copy", "a-copy")]
+    assert docs(tmp_path / "ray", "data") == docs(tmp_path / "local", "data") == [
+        ("a-copy", None), ("a1", None), ("b1", None)]
+    assert ran == [True, True]  # the global phase's gather and the final write
+    assert local_ray.data.DataContext.get_current().execution_options.preserve_order is False

@@ -270,7 +270,7 @@ def load_pretrained(path, *, dtype: torch.dtype | str | None = None, device=None
     hf = read_hf_config(path)
     cfg = config_from_hf(hf)
     fam = family or family_of(hf)
-    files, stored = _with_base_prefix(_weight_files(path), fam, {n for r in FAMILIES[fam][3](cfg) for n in r.hf})
+    files, stored = _with_base_prefix(_weight_files(path), fam, hf_tensor_names(cfg, fam))
     reader = _Reader(files, stored)
     dtype = dtype or _dtype(hf, reader)
     if cfg.mtp is not None and not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in files):
@@ -349,9 +349,9 @@ def float_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     """The float dtype a loader's dtype= names, a torch dtype or its name ('bfloat16', 'torch.float16', as
     transformers' from_pretrained takes it); None or 'auto' is None (the checkpoint's own). A string reaching
     nn.Module.to would be read as a device ('Invalid device string'): a one-line ConfigError instead."""
-    if value is None or value == "auto" or value in DTYPES.values():
+    if value is None or value == "auto" or (isinstance(value, torch.dtype) and value in DTYPES.values()):
         return None if value == "auto" else value
-    name = value.removeprefix("torch.") if isinstance(value, str) else value
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
     if name not in DTYPES:
         raise ConfigError(f"dtype={value!r} is not a floating-point dtype; use one of {sorted(DTYPES)} (or a torch "
                           "dtype), or leave it out for the checkpoint's own")

@@ -122,7 +122,7 @@ def test_a_dtype_given_by_name_loads_and_a_non_float_one_is_named(tmp_path):
     assert Transformer.from_pretrained(tmp_path, dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
     assert load_model(tmp_path, dtype="torch.float16")[0].lm_head.weight.dtype == torch.float16
     assert Transformer.from_pretrained(tmp_path, dtype="auto").lm_head.weight.dtype == torch.float32  # as saved
-    for bad in ("int8", torch.int8, "half-ish"):
+    for bad in ("int8", torch.int8, "half-ish", ["bfloat16"], 16):
         with pytest.raises(ConfigError, match=r"dtype=.* is not a floating-point dtype; use one of \['bfloat16'"):
             Transformer.from_pretrained(tmp_path, dtype=bad)
 

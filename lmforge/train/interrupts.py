@@ -1,7 +1,7 @@
 """Stopping the one training loop at a step boundary: the `Interrupts` a lmforge.train.trainer.Trainer owns.
 
-SIGINT (Ctrl-C) and SIGTERM (what job schedulers send) only set a flag while `fit` runs; the loop stops at
-the next step boundary, writes a checkpoint of that state and raises KeyboardInterrupt, so resuming is
+SIGINT (Ctrl-C), SIGTERM (what job schedulers send), SIGHUP and SIGQUIT only set a flag while `fit` runs; the
+loop stops at the next step boundary, writes a checkpoint of that state and raises KeyboardInterrupt, so resuming is
 bit-exact. On N processes the ranks all-reduce their flags at every step boundary (one tiny CPU
 all-reduce), so a signal reaching any one rank stops all of them at the same step, with one checkpoint.
 A second signal stops at once (one while the interrupt's checkpoint is written leaves the previous one, and
@@ -136,19 +136,17 @@ class Interrupts:
 
     @contextlib.contextmanager
     def deferred_signals(self):
-        """SIGINT/SIGTERM set a flag the loop reads at step boundaries (main thread only; elsewhere
-        Python delivers signals to the main thread anyway)."""
+        """SIGINT, SIGTERM, SIGHUP and SIGQUIT (the stop signals the --nproc launcher passes on to every process:
+        launch.handling_stop_signals) set a flag the loop reads at step boundaries (main thread only; elsewhere
+        Python delivers signals to the main thread anyway). A signal the process was started ignoring (SIGINT of a
+        background job) stays ignored."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        # a signal the process was started ignoring (e.g. SIGINT of a background job) stays ignored
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
-               if signal.getsignal(s) is not signal.SIG_IGN}
-        try:
+        from lmforge.parallel.launch import handling_stop_signals
+
+        with handling_stop_signals(self._on_signal, keep_ignored=True):
             yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
     def at_boundary(self, runner) -> bool:
         """At a step boundary: raise KeyboardInterrupt if a signal arrived, else say whether a hook asked to

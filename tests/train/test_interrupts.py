@@ -54,7 +54,8 @@ class _Interrupt:
         self.done = True
         if self.kind == "raise":
             raise KeyboardInterrupt
-        sig = signal.SIGTERM if self.kind == "sigterm" else signal.SIGINT
+        sig = {"sigterm": signal.SIGTERM, "sighup": signal.SIGHUP, "sigquit": signal.SIGQUIT}.get(self.kind,
+                                                                                                signal.SIGINT)
         for _ in range(2 if self.kind == "twice" else 1):
             signal.raise_signal(sig)
 
@@ -129,6 +130,25 @@ def test_sigterm_is_ctrl_c_and_a_second_signal_stops_at_once(setup, tmp_path, ki
     # SIGTERM waits for the step to end; a second SIGINT interrupts the forward: rolled back to step K
     want = K + 1 if kind == "sigterm" else K
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{want:06d}"]
+    assert _losses(train(cfg)) == full
+
+
+@pytest.mark.parametrize("kind", ["sighup", "sigquit"])
+def test_sighup_and_sigquit_stop_at_a_step_boundary_as_sigterm_does(setup, tmp_path, kind):
+    """The --nproc launcher passes SIGHUP (a closed terminal) and SIGQUIT (Ctrl-\\) on to every process as it does
+    SIGINT and SIGTERM, but the Trainer took only those two: a launched process then ended at once, mid-step,
+    with no checkpoint. They now wait for the step to end and checkpoint it."""
+    shard, full = setup
+    def unhandled(signum, frame):  # (what reached no Trainer handler: a failure here, not a killed test run)
+        raise RuntimeError(f"{signal.Signals(signum).name} was not handled by the Trainer")
+
+    old = {s: signal.signal(s, unhandled) for s in (signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        cfg = _interrupted_run(shard, tmp_path / "run", "forward", kind)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path / "run")] == [f"step_{K + 1:06d}"]
     assert _losses(train(cfg)) == full
 
 

@@ -464,8 +464,10 @@ def _path_hint(path: Path) -> str:
                        key=lambda p: p.stat().st_mtime)
     if not snapshots:
         return ""
-    ref = path / "refs" / "main"
-    main = path / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+    try:  # (an unreadable ref: the newest snapshot, not a traceback in place of the hint)
+        main = path / "snapshots" / (path / "refs" / "main").read_text().strip()
+    except OSError:
+        main = None
     snapshot = main if main in snapshots else snapshots[-1]
     return f"; {path} is a HF hub cache folder: give its snapshot directory, {snapshot}"
 

@@ -91,6 +91,10 @@ def test_a_hf_hub_cache_folder_names_its_snapshot(tmp_path):
     (tmp_path / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
     with pytest.raises(CheckpointError, match=f"HF hub cache folder: give its snapshot directory, {snapshot}"):
         load_model(tmp_path / "models--org--tiny")
+    (tmp_path / "models--org--tiny" / "refs" / "main").unlink()
+    (tmp_path / "models--org--tiny" / "refs" / "main").mkdir()  # a ref that does not read: the newest snapshot
+    with pytest.raises(CheckpointError, match=f"HF hub cache folder: give its snapshot directory, {snapshot}"):
+        load_model(tmp_path / "models--org--tiny")
 
 
 def test_model_safetensors_beside_a_leftover_index_loads_as_transformers_loads_it(tmp_path):

@@ -464,9 +464,9 @@ def _path_hint(path: Path) -> str:
                        key=lambda p: p.stat().st_mtime)
     if not snapshots:
         return ""
-    try:  # (an unreadable ref: the newest snapshot, not a traceback in place of the hint)
+    try:  # (a ref that does not read - no permission, not text: the newest snapshot, not a traceback)
         main = path / "snapshots" / (path / "refs" / "main").read_text().strip()
-    except OSError:
+    except (OSError, ValueError):
         main = None
     snapshot = main if main in snapshots else snapshots[-1]
     return f"; {path} is a HF hub cache folder: give its snapshot directory, {snapshot}"

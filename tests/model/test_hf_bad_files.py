@@ -91,8 +91,7 @@ def test_a_hf_hub_cache_folder_names_its_snapshot(tmp_path):
     (tmp_path / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
     with pytest.raises(CheckpointError, match=f"HF hub cache folder: give its snapshot directory, {snapshot}"):
         load_model(tmp_path / "models--org--tiny")
-    (tmp_path / "models--org--tiny" / "refs" / "main").unlink()
-    (tmp_path / "models--org--tiny" / "refs" / "main").mkdir()  # a ref that does not read: the newest snapshot
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_bytes(b"\xff\xfe")  # a ref that does not read
     with pytest.raises(CheckpointError, match=f"HF hub cache folder: give its snapshot directory, {snapshot}"):
         load_model(tmp_path / "models--org--tiny")
 

@@ -33,7 +33,7 @@ from lmforge.model.layers.moe import MoE, glu_fused, grouped_mm_loop
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["available", "grouped_mm", "TritonMoE"]
+__all__ = ["available", "grouped_mm", "grouped_mm_trusted", "TritonMoE"]
 
 
 def _configs(names: tuple[str, str, str]) -> list:
@@ -247,6 +247,11 @@ def _gmm_wgrad(x: torch.Tensor, dy: torch.Tensor, counts: torch.Tensor, E: int, 
     return dw
 
 
+def grouped_mm_trusted(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_mm for counts that sum to x's rows by construction (the MoE layer's, model.moe.gemm='triton')."""
+    return grouped_mm(x, w, counts, check_counts=False)
+
+
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, counts):
@@ -262,16 +267,18 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, check_counts: bool = True) -> torch.Tensor:
     """x (M, in) sorted by expert, counts (E,) rows per expert (on x's device), w (E, out, in) -> (M, out),
-    differentiable in x and w. Under autocast both are cast to the autocast dtype (as F.linear would)."""
+    differentiable in x and w. Under autocast both are cast to the autocast dtype (as F.linear would).
+    check_counts=False: the caller's counts sum to M by construction (the MoE layer's: `grouped_mm_trusted`), so
+    the device-side check's two launches per call are left out of its step."""
     if x.dim() != 2 or w.dim() != 3 or w.shape[2] != x.shape[1] or counts.shape != (w.shape[0],):
         # the kernels take the widths from x and the expert count from w: any mismatch reads out of bounds
         raise ValueError(f"grouped_mm takes x (M, in), w (E, out, in) and counts (E,); got x {tuple(x.shape)}, "
                          f"w {tuple(w.shape)}, counts {tuple(counts.shape)}")
     # counts past x's rows made the kernels write past the output (heap corruption); checked on the device, no sync
     # (eager only: a compiled model's graph keeps the MoE layer's own counts, which sum to its rows by construction)
-    if not torch.compiler.is_compiling():
+    if check_counts and not torch.compiler.is_compiling():
         torch._assert_async(counts.sum() == x.shape[0], "grouped_mm: counts must sum to the rows of x (M), one "
                             "count per expert of the rows sorted by expert")
     if torch.is_autocast_enabled(x.device.type):

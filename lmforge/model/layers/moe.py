@@ -143,12 +143,12 @@ def pick_gemm(gemm: str, x: torch.Tensor, dims: tuple[int, ...]) -> GroupedMM:
         else:
             gemm = "loop"
     if gemm == "triton":
-        from lmforge.kernels.moe import available, grouped_mm
+        from lmforge.kernels.moe import available, grouped_mm_trusted
 
         if not available(x.device):
             raise ConfigError(f"model.moe.gemm='triton' needs Triton on a CUDA device (got {x.device.type}); "
                               "use gemm='auto'")
-        return grouped_mm
+        return grouped_mm_trusted  # (its counts come from routing: they sum to the rows, no device check)
     if gemm == "torch" and not grouped_mm_applies(x, dims):
         raise ConfigError(f"model.moe.gemm='torch': torch._grouped_mm needs fp32/bf16/fp16, widths {dims} of "
                           f"16-byte multiples and torch >= 2.9 off sm90 bf16 (got {x.dtype} on {x.device.type}, "

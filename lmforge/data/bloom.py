@@ -9,10 +9,13 @@ false-positive rate up to 6.6x the target, and 1.8x with Dillinger & Manolios' c
 same here (numpy, memory-bound). The formula for m is asymptotic: for filters under 4,096 bits the spread of
 the number of set bits left the expected rate up to 2.3x the target (5 items at 1e-3), so there m grows until
 the exact expectation (`expected_fp_rate`) meets it.
-A false positive removes a paragraph that was not a duplicate, so p bounds the over-removal rate -- up to
-`capacity` distinct items. Past it the rate climbs towards 1 (100 items' filter fed 2,000 distinct paragraphs
-removed 78% of them), so the stage counts the distinct items it adds and fails the run, naming a capacity that
-fits, once the corpus holds more than `capacity`: an output silently stripped of unique text would pass as deduped.
+A false positive removes a paragraph that was not a duplicate, so p bounds the over-removal rate -- up to the
+filter's capacity. Past it the rate climbs towards 1 (100 items' filter fed 2,000 distinct paragraphs removed 78% of
+them), and a fixed capacity either wastes memory on small corpora or stops large ones. So the stage holds a
+scalable Bloom filter (Almeida et al. 2007): `capacity` sizes its first filter, and past it filters of doubling
+capacity and tightening rate are added, which keeps the rate over the whole corpus below `fp_rate` at any size
+(at the default 1e-4, 3.0-3.2 bytes per item the filters can hold over ten doublings, where one filter sized in
+advance takes 2.4; the newest filter is allocated whole when the one before fills).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from lmforge.data.document import Document
 from lmforge.data.exact import set_kept_lines
 from lmforge.data.hashing import power_tables, mix64, ngram_hashes, normalize_words, word_hashes
 from lmforge.data.stage import StageContext
-from lmforge.errors import DataError
 
 _EXACT_BELOW = 4096  # bits: above, the asymptotic size is within a few percent of the target rate
 
@@ -82,32 +84,121 @@ class BloomFilter:
     def add(self, h: np.ndarray) -> None:
         self._set(self._positions(h).ravel())
 
-    def contains_then_add(self, h: np.ndarray, group: np.ndarray) -> np.ndarray:
-        """`contains` then `add` of each group of items in turn, in one pass: (len(h),) bool, whether each item
-        was in the filter before its group was added (not its own group: items of one group do not see each
-        other). `group`: (len(h),) group numbers, items of a group together and groups in order. A bit counts as set
-        for an item when it was set before the call or an earlier group sets it."""
-        if len(h) == 0:
-            return np.zeros(0, dtype=bool)
+    def in_block(self, h: np.ndarray, group: np.ndarray, adds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Whether each item would be in the filter if the groups of items before its own were added first, without
+        adding any: ((len(h),) bool, the (len(h), k) positions, for `set_positions`). Items of one group do not see
+        each other. `group`: (len(h),) group numbers, items of a group together and groups in order; `adds`:
+        (len(h),) bool, the items whose bits a group sets for the later ones. A bit counts as set for an item when it
+        was set before the call or an adding item of an earlier group sets it."""
         pos = self._positions(h)  # (N, k)
-        flat, groups = pos.ravel(), np.repeat(group, self.k)
+        if len(h) == 0:
+            return np.zeros(0, dtype=bool), pos
+        flat = pos.ravel()
+        groups = np.where(adds, group, np.iinfo(np.int64).max)  # an item that adds nothing sets no bit
+        groups = np.repeat(groups.astype(np.int64), self.k)
         order = np.argsort(flat)  # runs of equal positions (quicksort: 1.5x faster than np.unique's stable sort)
         sorted_pos = flat[order]
         starts = np.flatnonzero(np.r_[True, sorted_pos[1:] != sorted_pos[:-1]])
         first = np.minimum.reduceat(groups[order], starts)  # the earliest group setting each distinct position
         set_by = np.empty_like(groups)
         set_by[order] = np.repeat(first, np.diff(np.r_[starts, len(flat)]))
-        seen = (self._test(pos).astype(bool) | (set_by.reshape(pos.shape) < group[:, None])).all(axis=1)
-        self._set(sorted_pos[starts])
+        return (self._test(pos).astype(bool) | (set_by.reshape(pos.shape) < group[:, None])).all(axis=1), pos
+
+    def set_positions(self, pos: np.ndarray) -> None:
+        """Add the items whose positions `in_block` gave."""
+        self._set(pos.ravel())
+
+
+def first_unseen(h: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """The indices of the items not seen, one for each distinct hash (its first), in order."""
+    unseen = np.flatnonzero(~seen)
+    _, first = np.unique(h[unseen], return_index=True)
+    return unseen[np.sort(first)]
+
+
+class ScalableBloomFilter:
+    """Bloom filters of growing capacity, for a set of unknown size at a bounded false-positive rate (Almeida,
+    Baquero, Preguica & Hutchison 2007, "Scalable Bloom Filters"). The i-th filter (from 0) holds `capacity` *
+    GROWTH^i items at fp_rate * (1 - TIGHTENING) * TIGHTENING^i; an item is in the set when any filter holds it,
+    so the rate over all of them stays below the sum, fp_rate. A new item goes into the newest filter, and once that
+    holds its capacity, into a new one. Items are uint64 hashes."""
+
+    GROWTH = 2
+    TIGHTENING = 0.9  # the paper favours 0.8-0.9 for sets that grow by orders of magnitude
+
+    def __init__(self, capacity: int, fp_rate: float):
+        self.capacity, self.fp_rate = capacity, fp_rate
+        self.filters: list[BloomFilter] = []
+        self.room = 0  # items the newest filter can still take
+
+    def _grow(self) -> None:
+        i = len(self.filters)
+        size = self.capacity * self.GROWTH ** i
+        self.filters.append(BloomFilter(size, self.fp_rate * (1 - self.TIGHTENING) * self.TIGHTENING ** i))
+        self.room = size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.bits.nbytes for f in self.filters)
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        """(len(h),) bool: in any filter (maybe seen)."""
+        seen = np.zeros(len(h), dtype=bool)
+        for f in self.filters:
+            seen |= f.contains(h)
+        return seen
+
+    def add_new(self, h: np.ndarray) -> None:
+        """Add items not in the set (distinct, in order), the newest filter's room first, then new filters'."""
+        while len(h):
+            if self.room == 0:
+                self._grow()
+            take = h[:self.room]
+            self.filters[-1].add(take)
+            self.room -= len(take)
+            h = h[len(take):]
+
+    def contains_then_add(self, h: np.ndarray, group: np.ndarray) -> np.ndarray:
+        """`contains` then `add_new` of each group's unseen items in turn, in a few passes: (len(h),) bool, whether
+        each item was in the set before its group was added (not its own group: items of one group do not see each
+        other). `group`: (len(h),) group numbers, items of a group together and groups in order. The items go into
+        the filters that the group-by-group loop puts them in, so the false positives are that loop's too: the
+        groups up to the one that fills the newest filter are checked and added at once, then the rest."""
+        seen = np.zeros(len(h), dtype=bool)
+        lo = 0
+        while lo < len(h):
+            rest, rest_group = h[lo:], group[lo:]
+            if not self.filters:
+                self._grow()
+            old = np.zeros(len(rest), dtype=bool)
+            for f in self.filters[:-1]:
+                old |= f.contains(rest)
+            now, pos = self.filters[-1].in_block(rest, rest_group, ~old)
+            now |= old
+            new = first_unseen(rest, now)
+            if len(new) <= self.room:  # every group fits the newest filter
+                self.filters[-1].set_positions(pos[new])
+                self.room -= len(new)
+                seen[lo:] = now
+                break
+            fills = rest_group[new[self.room]]  # the group whose new items fill the newest filter
+            end = int(np.searchsorted(rest_group, fills, side="right"))
+            seen[lo:lo + end] = now[:end]
+            self.filters[-1].set_positions(pos[new[:self.room]])
+            left = new[self.room:]
+            self.room = 0
+            self.add_new(rest[left[left < end]])
+            lo += end
         return seen
 
 
 @dataclass(frozen=True, kw_only=True)
 class BloomDedupConfig:
     """unit: "paragraph" removes a paragraph seen before; "ngram" removes a paragraph when at least
-    `overlap` of its word n-grams were seen before (Dolma's n-gram mode). capacity: expected distinct
-    items (a corpus holding more fails the stage: see the module docstring); fp_rate: target false-positive
-    rate; min_words: shorter paragraphs are never removed."""
+    `overlap` of its word n-grams were seen before (Dolma's n-gram mode). capacity: distinct items the first
+    filter holds (past it the filter grows: see the module docstring; a good guess saves memory, none is needed);
+    fp_rate: bound on the false-positive rate over the whole corpus; min_words: shorter paragraphs are never
+    removed."""
 
     unit: str = "paragraph"
     ngram: int = 13
@@ -136,8 +227,7 @@ def _para_hashes(para: str, cfg: BloomDedupConfig) -> np.ndarray:
 def bloom_dedup_reference(cfg: BloomDedupConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
     """`bloom_dedup` paragraph by paragraph: the plain version it must equal (about 30 numpy calls a paragraph,
     which dominated the stage's time)."""
-    bf = BloomFilter(cfg.capacity, cfg.fp_rate)
-    added = 0  # distinct items in the filter (less false positives)
+    bf = ScalableBloomFilter(cfg.capacity, cfg.fp_rate)
     for d in docs:
         kept, removed = [], 0
         for para in d.text.split("\n"):
@@ -149,9 +239,7 @@ def bloom_dedup_reference(cfg: BloomDedupConfig, docs: list[Document], ctx: Stag
                 kept.append(para)
                 continue
             seen = bf.contains(h)
-            bf.add(h)
-            added += len(np.unique(h[~seen]))
-            check_capacity(cfg, added, docs)
+            bf.add_new(h[first_unseen(h, seen)])
             if seen.mean() >= (1.0 if cfg.unit == "paragraph" else cfg.overlap):
                 removed += 1
             else:
@@ -195,23 +283,6 @@ def _item_hashes(words: list[list[str]], cfg: BloomDedupConfig) -> tuple[np.ndar
     return np.concatenate(hashes)[order], np.concatenate(groups)[order]
 
 
-def check_capacity(cfg: BloomDedupConfig, added: int, docs: list[Document]) -> None:
-    """Fail once the filter holds more than `capacity` distinct items, with a capacity that fits the corpus: its
-    number of items, duplicates included (counted only here, when failing)."""
-    if added <= cfg.capacity:
-        return
-    total = 0
-    for d in docs:
-        for para in d.text.split("\n"):
-            words = normalize_words(para) if len(para.split()) >= cfg.min_words else []
-            total += 0 if not words else 1 if cfg.unit == "paragraph" else max(len(words) - cfg.ngram + 1, 1)
-    what = "paragraphs" if cfg.unit == "paragraph" else f"{cfg.ngram}-grams"
-    raise DataError(f"bloom_dedup.capacity = {cfg.capacity} but the corpus holds more distinct {what} (at least "
-                    f"{added}): past its capacity the filter's false-positive rate rises above fp_rate = {cfg.fp_rate} "
-                    f"and removes paragraphs that are not duplicates; set bloom_dedup.capacity to {total} (the "
-                    f"corpus's {what}, duplicates included) and rerun with --restart")
-
-
 def _blocks(sizes: list[int], limit: int) -> Iterator[slice]:
     """Consecutive runs of items whose sizes add up to at most `limit` (an item larger alone is a run)."""
     start, total = 0, 0
@@ -224,16 +295,15 @@ def _blocks(sizes: list[int], limit: int) -> Iterator[slice]:
         yield slice(start, len(sizes))
 
 
-def _paragraph_drops(cfg: BloomDedupConfig, bf: BloomFilter, paras: list[str]) -> tuple[np.ndarray, int]:
-    """((len(paras),) bool: which of these consecutive paragraphs `bloom_dedup` removes, all through `bf` at once;
-    the number of distinct items they added to it)."""
+def _paragraph_drops(cfg: BloomDedupConfig, bf: ScalableBloomFilter, paras: list[str]) -> np.ndarray:
+    """(len(paras),) bool: which of these consecutive paragraphs `bloom_dedup` removes, all through `bf` at once."""
     words = [normalize_words(p) if len(p.split()) >= cfg.min_words else [] for p in paras]
     h, group = _item_hashes(words, cfg)
     seen = bf.contains_then_add(h, group)
     items = np.bincount(group, minlength=len(words))
     # seen / items is the reference's seen.mean() exactly (a count over a count, in float64)
     share = np.bincount(group, weights=seen, minlength=len(words)) / np.maximum(items, 1)
-    return (items > 0) & (share >= (1.0 if cfg.unit == "paragraph" else cfg.overlap)), len(np.unique(h[~seen]))
+    return (items > 0) & (share >= (1.0 if cfg.unit == "paragraph" else cfg.overlap))
 
 
 _BLOCK_CHARS = 1 << 18  # text per batch of numpy calls: their overhead amortised, positions (items x k) ~MBs
@@ -246,17 +316,13 @@ def bloom_dedup(cfg: BloomDedupConfig, docs: list[Document], ctx: StageContext) 
     `bloom_dedup_reference`, its paragraph-by-paragraph loop, in a fraction of its time (1,000 synthetic documents,
     11k paragraphs: 9.1 s -> 0.53 s by paragraph, 5.9 s -> 1.6 s by 5-gram, where hashing each word in Python is
     left; 2-core dev box, 2026-12)."""
-    bf = BloomFilter(cfg.capacity, cfg.fp_rate)
-    added = 0  # distinct items in the filter (less false positives)
+    bf = ScalableBloomFilter(cfg.capacity, cfg.fp_rate)
     for run in _blocks([len(d.text) for d in docs], _BLOCK_CHARS):
         paras = [d.text.split("\n") for d in docs[run]]
         flat = list(chain.from_iterable(paras))
         drops = []
         for b in _blocks([len(p) for p in flat], _BLOCK_CHARS):
-            drop, new = _paragraph_drops(cfg, bf, flat[b])
-            drops.append(drop)
-            added += new
-            check_capacity(cfg, added, docs)
+            drops.append(_paragraph_drops(cfg, bf, flat[b]))
         drop = np.concatenate(drops)
         i = 0
         for d, ps in zip(docs[run], paras):

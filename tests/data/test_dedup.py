@@ -402,12 +402,13 @@ def _bloom_corpus(seed: int, n_docs: int = 60) -> list[Document]:
     return docs
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(min_words=3), dict(capacity=240, fp_rate=0.5),
+@pytest.mark.parametrize("kw", [dict(), dict(min_words=3), dict(capacity=10, fp_rate=0.99),
                                 dict(unit="ngram", ngram=4, overlap=0.5), dict(unit="ngram", ngram=13, overlap=0.8),
-                                dict(unit="ngram", ngram=3, overlap=0.6, capacity=2700, fp_rate=0.3, min_words=2)])
+                                dict(unit="ngram", ngram=3, overlap=0.6, capacity=50, fp_rate=0.9, min_words=2)])
 def test_bloom_dedup_equals_its_paragraph_by_paragraph_reference(monkeypatch, kw):
     """bloom_dedup puts blocks of documents through the filter at once; what it keeps, drops and counts is the
-    plain loop's, false positives included (the small filters here remove many paragraphs never seen before)."""
+    plain loop's, false positives included (the small filters here remove many paragraphs never seen before, and
+    fill four or five times, inside blocks and at their ends)."""
     from lmforge.data import bloom
 
     cfg = BloomDedupConfig(**kw)
@@ -432,20 +433,46 @@ def test_bloom_dedup_equals_its_paragraph_by_paragraph_reference(monkeypatch, kw
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(unit="ngram", ngram=3)])
-def test_bloom_dedup_past_its_capacity_fails_with_a_capacity_that_fits(kw):
+def test_bloom_dedup_grows_past_its_capacity_at_its_false_positive_rate(kw):
     """A filter for 100 items fed 2,000 distinct paragraphs silently removed 1,562 of them (its false-positive rate
-    near 1). Past capacity the stage fails, naming the corpus's item count; at that capacity it removes none."""
+    near 1); then the stage failed past its capacity, which stopped a first-hour run on the default 1,000,000
+    items with unit = "ngram" on a few MB of text. The filter now grows (filters of 100, 200, 400, ... items) and
+    removes about what fp_rate allows, in both the block path and the reference."""
     from lmforge.data import bloom
 
     def corpus() -> list[Document]:
         return [Document(id=str(i), text=f"unique paragraph {i} alpha{i} beta{i * 7}") for i in range(2000)]
 
-    items = 2000 if not kw else 2000 * 3  # 5 words a paragraph: three 3-grams
+    made = []
+    grow = bloom.ScalableBloomFilter._grow
     for fn in (bloom_dedup, bloom.bloom_dedup_reference):
-        with pytest.raises(DataError, match=rf"bloom_dedup.capacity = 100 .*set bloom_dedup.capacity to {items} "):
-            fn(BloomDedupConfig(capacity=100, fp_rate=1e-3, **kw), corpus(), StageContext())
-    out = bloom_dedup(BloomDedupConfig(capacity=items, fp_rate=1e-3, **kw), corpus(), StageContext())
-    assert sum(d.drop is not None for d in out) <= 5  # fp_rate 1e-3: about 1 of 2,000 expected
+        out = fn(BloomDedupConfig(capacity=100, fp_rate=1e-3, **kw), corpus(), StageContext())
+        assert sum(d.drop is not None for d in out) <= 5  # fp_rate 1e-3 over 2,000 (6,000 3-grams): ~2 expected
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bloom.ScalableBloomFilter, "_grow", lambda self: made.append(self) or grow(self))
+        bloom_dedup(BloomDedupConfig(capacity=100, fp_rate=1e-3, **kw), corpus(), StageContext())
+    items = 2000 if not kw else 6000
+    assert len(made) == (5 if not kw else 6)  # 100 * (2^5 - 1) = 3,100 >= 2,000; 6,300 >= 6,000
+    assert sum(100 * 2 ** i for i in range(len(made) - 1)) < items
+
+
+def test_scalable_bloom_filter_keeps_its_rate_over_seven_doublings():
+    """200,000 items into filters that start at 1,000: eight filters (seven doublings), and the rate of the whole
+    stays below the target (each filter's rate a tightening share of it), where one 1,000-item filter would answer
+    yes to nearly everything."""
+    from lmforge.data.bloom import ScalableBloomFilter
+
+    rng = np.random.default_rng(0)
+    sbf = ScalableBloomFilter(capacity=1000, fp_rate=0.01)
+    items = rng.integers(0, 2**63, size=200_000, dtype=np.uint64)
+    seen = sbf.contains_then_add(items, np.arange(len(items)))
+    assert len(sbf.filters) == 8 and sbf.room == 1000 * (2**8 - 1) - (~seen).sum()  # false positives are not added
+    assert seen.mean() < 0.01 and sbf.contains(items).all()
+    fp = sbf.contains(rng.integers(0, 2**63, size=100_000, dtype=np.uint64)).mean()
+    assert 0.002 < fp < 0.01
+    one = BloomFilter(capacity=1000, fp_rate=0.01)
+    one.add(items)
+    assert one.contains(rng.integers(0, 2**63, size=1000, dtype=np.uint64)).mean() > 0.99
 
 
 def test_dedup_configs_refuse_n_grams_of_no_words_and_negative_bands():

@@ -79,7 +79,8 @@ def doc_separator(cfg: TokenizeConfig) -> int | None:
 def tokenize(cfg: TokenizeConfig, docs: list[Document], ctx: StageContext) -> list[Document]:
     """Write the batch's documents to `<out_dir>/<shard>.bin` in one go; records `meta.num_tokens`. A
     document's text is ordinary text: a special token's string in it (web text may hold `<|endoftext|>`) is
-    encoded as text, never as the separator. A document that cannot be encoded is rejected
+    encoded as text, never as the separator (an added token that is not special, Qwen3's `<think>`, is still one
+    token: encode_ordinary). A document that cannot be encoded is rejected
     (`error:tokenize`) and the others are written: the shard holds exactly the documents kept. The shard is
     recorded in `<workdir>/_token_files/` before it is written (`recorded_token_files`), and the token directory
     claimed for the run first (`claim_token_dir`: another run's is refused)."""

@@ -62,7 +62,8 @@ class Tokenizer:
     for lmforge-trained tokenizers); eos_token: the special token that ends a text (eot_id), where it is not the
     first of byte.EOT_NAMES the specials hold (a HF directory's tokenizer_config.json eos_token: Llama-3-Instruct's
     <|eot_id|>); non_special: special tokens a HF tokenizer.json marks "special": false (Qwen3's <think>, Qwen2.5's
-    <tool_call>): matched in text as the others, but kept in texts decoded with skip_special_tokens, as HF keeps them.
+    <tool_call>): matched in text as the others (by encode_ordinary too, whatever encode's allowed_special says),
+    but kept in texts decoded with skip_special_tokens, as HF keeps them.
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
@@ -79,9 +80,9 @@ class Tokenizer:
         self.vocab = {int(i): bytes(b) for i, b in vocab.items()}
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
         self.special_tokens = self._place_specials(special_tokens)
-        self._specials = tuple(self.special_tokens)
         self.prefix_tokens, self.suffix_tokens = tuple(prefix_tokens), tuple(suffix_tokens)
         self.non_special = tuple(non_special)
+        self._specials = tuple(s for s in self.special_tokens if s not in self.non_special)  # what encode may allow
         for what, names in (("prefix/suffix", self.prefix_tokens + self.suffix_tokens),
                             ("non_special", self.non_special)):
             unknown = [t for t in names if t not in self.special_tokens]
@@ -254,12 +255,25 @@ class Tokenizer:
         return tuple(sorted(allowed)), tuple(sorted(disallowed))
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Encode treating special-token strings as plain text."""
+        """Encode treating special-token strings as plain text. Added tokens that are not special (`non_special`:
+        Qwen3's <think>) are vocabulary, matched in the text as units all the same, as HF tokenizers matches them
+        with encode_special_tokens=True (what lmforge's pretraining shards are tokenized with: lmforge.data.tokenize,
+        tokenizer.corpus); like the special tokens, in the text before normalization (HF's "normalized": false)."""
         _check_text(text)
-        try:
-            return self._ordinary(text)
-        except UnicodeEncodeError:
-            return self._ordinary(without_surrogates(text))
+        return self._split_encode(text, self.non_special)
+
+    def _split_encode(self, text: str, added: tuple[str, ...]) -> list[int]:
+        """`text`'s ids, the added tokens `added` matched as units (longest first), the text between them plain."""
+        out: list[int] = []
+        for seg, is_added in split_specials(text, added):
+            if is_added:
+                out.append(self.special_tokens[seg])
+                continue
+            try:
+                out.extend(self._ordinary(seg))
+            except UnicodeEncodeError:
+                out.extend(self._ordinary(without_surrogates(seg)))
+        return out
 
     def _ordinary(self, text: str) -> list[int]:
         if self.normalization is not None:
@@ -274,7 +288,8 @@ class Tokenizer:
                disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
         """Text -> ids. Specials are matched longest first. As in tiktoken, a special listed in neither
         set is disallowed (ValueError) when disallowed_special="all", and names in allowed_special that are
-        not special tokens are ignored; lmforge's default allows all. add_special_tokens: put prefix_tokens
+        not special tokens are ignored; lmforge's default allows all. Added tokens that are not special
+        (`non_special`) are matched whatever the two sets say (encode_ordinary). add_special_tokens: put prefix_tokens
         before and suffix_tokens after the ids, as HF's encode does by default; lmforge's default is False (as
         tiktoken, and HF's apply_chat_template): a piece of a longer text (a chat template's, a completion, a
         training document) gets no BOS of its own. Prompts get it where they are made (LLM.encode)."""
@@ -290,20 +305,12 @@ class Tokenizer:
                 raise ValueError(f"text contains the disallowed special token {m.group()!r}; pass "
                                  "allowed_special={...} to encode it as a special or disallowed_special=() "
                                  "to encode it as text")
-        if not allowed or not any(s in text for s in allowed):
-            return self.encode_ordinary(text)
-        out: list[int] = []
-        for seg, is_special in split_specials(text, allowed):
-            if is_special:
-                out.append(self.special_tokens[seg])
-            else:
-                out.extend(self.encode_ordinary(seg))
-        return out
+        return self._split_encode(text, allowed + self.non_special)
 
     def encode_reference(self, text: str) -> list[int]:
         """`encode` (all specials allowed) through the pure-Python reference encoder only."""
         out: list[int] = []
-        for seg, is_special in split_specials(without_surrogates(text), self._specials):
+        for seg, is_special in split_specials(without_surrogates(text), tuple(self.special_tokens)):
             if not is_special and self.normalization is not None:
                 seg = unicodedata.normalize(self.normalization, seg)
             out.extend([self.special_tokens[seg]] if is_special else self.reference.encode(seg))
@@ -321,7 +328,8 @@ class Tokenizer:
         their concatenation. Text is cut only where tokenization cannot change (after a special token;
         for named patterns, at a line end where no pre-token crosses it: `pretokenize._SAFE_CUT`), so memory
         stays bounded by the distance between such points."""
-        longest = max((len(s) for s in self._specials), default=0)
+        added = tuple(self.special_tokens)  # (non-special ones too: each is matched as a unit)
+        longest = max((len(s) for s in added), default=0)
         parts: list[str] = []
         size, limit = 0, buffer_chars
         for chunk in iterable:
@@ -330,7 +338,7 @@ class Tokenizer:
             if size < limit:
                 continue
             buf = "".join(parts)
-            cut = last_safe_cut(buf, self.pattern, self._specials, len(buf) - longest)
+            cut = last_safe_cut(buf, self.pattern, added, len(buf) - longest)
             if cut > 0:
                 yield from self.encode(buf[:cut])
                 buf = buf[cut:]

@@ -6,7 +6,8 @@ Documents: each file is one, and inside a file `<|endoftext|>` (GPT-2's and Tiny
 `<|end_of_text|>` separate documents, where the tokenizer has an end-of-text id (`SEPARATORS`); the writer puts that
 id before every document. Other end texts stay text (Llama 2's `</s>` is also HTML's strikethrough tag). Within a
 document, text is encoded with `encode_ordinary`, as the data pipeline's `tokenize` stage does: a special-token
-string in the text (a web page quoting "<|im_start|>") stays text and never becomes a control token.
+string in the text (a web page quoting "<|im_start|>") stays text and never becomes a control token, while an
+added token that is not special (Qwen3's <think>) is one token, as HF tokenizes it.
 """
 
 from __future__ import annotations

@@ -83,3 +83,64 @@ def test_both_tokenizer_kinds_hold_non_special_added_tokens_alike(qwen_like):
     ids = sp.encode("<think>the king<|im_end|>")
     assert ids == hf(doc).encode("<think>the king<|im_end|>", add_special_tokens=False).ids and think in ids
     assert end in ids and _streamed(sp, ids) == hf(doc).decode(ids, skip_special_tokens=True) == "<think> the king"
+
+
+def _hf_ordinary(hf, text: str) -> list[int]:
+    """HF's ids with special tokens' text kept as text (encode_special_tokens): what encode_ordinary must give."""
+    hf.encode_special_tokens = True
+    try:
+        return hf.encode(text, add_special_tokens=False).ids
+    finally:
+        hf.encode_special_tokens = False
+
+
+ORDINARY = "a<think>the cat</think> sat<|im_end|> on<|endoftext|><think></think>mat"
+
+
+def test_encode_ordinary_matches_non_special_added_tokens_as_hf_does(qwen_like):
+    """encode_ordinary (what pretraining shards are tokenized with) split Qwen3's <think> into "<", "think", ">"
+    in the byte-level Tokenizer, where HF matches an added token that is not special as a unit and leaves only the
+    special ones' text as text (encode_special_tokens); encode's allowed/disallowed sets are about special tokens."""
+    hf, path = qwen_like
+    tok = load_tokenizer(path)
+    want = _hf_ordinary(hf, ORDINARY)
+    think, end, im_end = (tok.special_tokens[s] for s in ("<think>", "</think>", "<|im_end|>"))
+    assert want.count(think) == 2 and want.count(end) == 2 and im_end not in want
+    assert tok.encode_ordinary(ORDINARY) == want
+    assert tok.encode(ORDINARY, allowed_special=set(), disallowed_special=()) == want
+    assert tok.encode("<think>x", allowed_special=set()) == [think] + tok.encode_ordinary("x")
+    assert list(tok.encode_iterable(ORDINARY.splitlines(keepends=True))) == tok.encode(ORDINARY)
+
+
+def test_pretraining_shards_keep_non_special_added_tokens_whole(qwen_like, tmp_path):
+    """The shards lmforge.data.tokenize writes (through encode_ordinary): <think> one id, <|im_end|> text."""
+    import numpy as np
+
+    from lmforge.data.shards import TokenFile
+    from lmforge.data.tokenize import tokenize_to_shards
+
+    hf, path = qwen_like
+    (tmp_path / "doc.txt").write_text(ORDINARY)
+    tokenize_to_shards(tmp_path / "doc.txt", str(path), tmp_path / "out")
+    ids = np.asarray(TokenFile(tmp_path / "out" / "train.bin").tokens).tolist()
+    eot = hf.token_to_id("<|endoftext|>")  # (the file's two documents, each after the separator)
+    docs = ORDINARY.split("<|endoftext|>")
+    assert ids == [eot, *_hf_ordinary(hf, docs[0]), eot, *_hf_ordinary(hf, docs[1])]
+    assert ids.count(hf.token_to_id("<think>")) == 2
+
+
+@pytest.mark.parametrize("flags", [dict(normalized=False), dict(normalized=True), dict(lstrip=True),
+                                   dict(rstrip=True, normalized=False)])
+def test_sentencepiece_encode_ordinary_matches_hf(flags):
+    """SentencePieceBPE's encode_ordinary agrees with HF's encode_special_tokens on added tokens that are not
+    special, with their lstrip / rstrip / normalized flags, and keeps special ones' text as text."""
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from tests.tokenizer.sp_files import added, hf, sp_doc
+
+    doc = sp_doc()
+    think = added(doc, "<think>", special=False, **flags)
+    added(doc, "<|im_end|>")
+    sp, ref = SentencePieceBPE(doc), hf(doc)
+    for text in ("<think>the king<|im_end|> sweet", "my lord <think> speak </s>", " <think>  <think>"):
+        want = _hf_ordinary(ref, text)
+        assert think in want and sp.encode_ordinary(text) == want, text

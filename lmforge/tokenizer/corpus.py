@@ -257,17 +257,25 @@ def corpus_stats(tok, inputs: list[str] | tuple[str, ...], *, workers: int | Non
                  progress: bool = True, top: int = 10) -> dict:
     """Compression and vocabulary use of `tok` on the given files. `bytes` counts the text's UTF-8 bytes, documents'
     separators included; `bytes_per_token` is the ratio `data.bytes_per_token` takes: the UTF-8 bytes the text tokens
-    stand for over those tokens, separators and special tokens left out of both (as val_bpb counts them:
-    infer.detok.token_text_bytes)."""
+    stand for over those tokens, separators and special tokens left out of both, and the "▁" a SentencePiece-style
+    tokenizer puts before a document from the bytes (as val_bpb counts them: infer.detok.token_text_bytes,
+    sentencepiece.put_prefix_bytes)."""
     files = expand_inputs(inputs)
     tasks = [t for _, t in _encode_tasks(tok, files, 0.0)]
     if not tasks:
         raise DataError(f"input is empty: {', '.join(map(str, files[:3]))}")
+    from lmforge.tokenizer.sentencepiece import put_prefix_bytes
+
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    n_bytes = bad = 0
+    n_bytes = bad = put = 0  # put: the bytes of the "▁" a SentencePiece-style tokenizer put before texts (as val_bpb)
+    prefix = put_prefix_bytes(tok, tok.vocab_size)
+    lead, opens = (np.asarray(t) for t in prefix) if prefix is not None else (None, None)
+    at_input = prefix is not None and tok.dummy_prefix()[0]
     for pieces, _, b, size in _run_ordered(tok, tasks, workers, progress, sum(t[2] - t[1] for t in tasks), "stats"):
-        for ids, _ in pieces:
+        for ids, new in pieces:
             counts += np.bincount(ids, minlength=tok.vocab_size)
+            if lead is not None:  # (a piece that opens a document follows its separator)
+                put += lead[ids[1:]][opens[ids[:-1]]].sum() + (lead[ids[0]] if new and at_input else 0)
         n_bytes += size
         bad += b
     n_tokens = int(counts.sum())
@@ -279,7 +287,7 @@ def corpus_stats(tok, inputs: list[str] | tuple[str, ...], *, workers: int | Non
     text_tokens = int(counts[id_bytes > 0].sum())
     return {
         "files": len(files), "bytes": n_bytes, "tokens": n_tokens, "undecodable_bytes": bad,
-        "bytes_per_token": float(counts @ id_bytes) / max(text_tokens, 1), "vocab_size": tok.vocab_size,
+        "bytes_per_token": float(counts @ id_bytes - put) / max(text_tokens, 1), "vocab_size": tok.vocab_size,
         "vocab_used": used,
         "vocab_used_fraction": used / tok.vocab_size,
         "top_tokens": [(int(i), tok.decode([int(i)]), int(counts[i])) for i in order if counts[i] > 0],

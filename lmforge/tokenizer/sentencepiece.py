@@ -196,6 +196,31 @@ def _merge_pair(m: Any) -> tuple[str, str]:
     return a, b
 
 
+def put_prefix_bytes(tokenizer, size: int) -> tuple[list[int], list[bool]] | None:
+    """What bits per byte takes off the bytes of tokens that open a text a SentencePiece-style tokenizer put "▁"
+    before (SentencePieceBPE.dummy_prefix; Llama 2 puts one before every document): (lead, the bytes of the put "▁"
+    token v holds when it opens one; opens, whether the token after u opens one: the document separator (eot_id),
+    and added tokens where the tokenizer puts one after each), one entry per id < `size`. None for tokenizers that
+    put nothing before a text (byte-level BPE, bytes). Read by val_bpb (lmforge.train.pretrain.prefix_bytes) and
+    `lmforge tokenizer stats` (tokenizer.corpus.corpus_stats)."""
+    described = getattr(tokenizer, "dummy_prefix", None)
+    if described is None:
+        return None
+    at_input, after, lead = described()
+    eot = getattr(tokenizer, "eot_id", None)
+    openers = [*after, *([eot] if at_input and eot is not None else [])]
+    if not openers or not lead:
+        return None
+    leads, opens = [0] * size, [False] * size
+    for i, n in lead.items():
+        if i < size:
+            leads[i] = n
+    for i in openers:
+        if i < size:
+            opens[i] = True
+    return leads, opens
+
+
 def merge_all(symbols: list[int], merges: dict[tuple[int, int], tuple[int, int]]) -> list[int]:
     """BPE over one word's symbols: repeatedly merge the adjacent pair of lowest rank (leftmost on ties), as HF's
     `Word::merge_all`: a heap of candidate merges over a linked list, O(n log n) for a text of any length.
@@ -348,6 +373,24 @@ class SentencePieceBPE:
                 out[i] = bytes([int(m.group(1), 16)]) if m else "".join(
                     " " if c in self._spaces else c for c in piece).encode()
         return out
+
+    def dummy_prefix(self) -> tuple[bool, frozenset[int], dict[int, int]]:
+        """The "▁" this tokenizer puts before a text (SentencePiece's dummy prefix: Prepend, Metaspace's
+        prepend_scheme), a space no document holds, which bits per byte leaves out (lmforge.train.pretrain.
+        prefix_bytes): (whether a text encoded alone (a document) gets one; the added tokens after which each
+        stretch between them gets one (Prepend: those matched in the raw text; "always": all); id -> the bytes of
+        the put "▁" a token holds when it opens such a text (its piece starts with it)). Metaspace puts none before
+        a text that opens with a space, whose ids are the same: its first token is taken for one with "▁" put."""
+        prepend = [s[1] for s in self._normalizer if s[0] == "prepend"]
+        schemes = {s[2]: s[1] for s in self._pre_tokenizer if s[0] == "metaspace" and s[2] != "never"}
+        after = frozenset(t["id"] for t in self._added if "always" in schemes or prepend and not t["normalized"])
+        lead: dict[int, int] = {}
+        for put in [*prepend, *schemes.values()]:
+            size = len("".join(" " if c in self._spaces else c for c in put).encode())  # (as `vocab` counts it)
+            for piece, i in self.pieces.items():
+                if piece.startswith(put):
+                    lead[i] = max(lead.get(i, 0), size)
+        return bool(prepend or schemes), after, lead
 
     def spec(self) -> str:
         """What token shards record: the file it was saved to or read from (load_tokenizer), else a content hash."""

@@ -29,6 +29,17 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor | None:
     return torch.tensor(token_text_bytes(tokenizer, vocab_size), dtype=torch.float64)
 
 
+def prefix_bytes(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(lead (V,) float64, opens (V,) bool) of tokenizer.sentencepiece.put_prefix_bytes: the "▁" a SentencePiece-style
+    tokenizer put before a document, which bits per byte does not count; None for tokenizers that put none."""
+    from lmforge.tokenizer.sentencepiece import put_prefix_bytes
+
+    tables = put_prefix_bytes(tokenizer, vocab_size)
+    if tables is None:
+        return None
+    return torch.tensor(tables[0], dtype=torch.float64), torch.tensor(tables[1], dtype=torch.bool)
+
+
 class LMEvaluator:
     """Validation loss, perplexity and bits-per-byte of a model over fixed (x, y) batches. Called by the
     Trainer under no_grad, eval mode and its autocast. Bits per byte: the nats of the tokens that stand for
@@ -36,42 +47,52 @@ class LMEvaluator:
     nanochat's evaluate_bpb); val_loss and val_ppl average over every token. bytes_per_token > 0 (data.
     bytes_per_token) gives the bytes as that ratio times the number of those tokens (every token's where there
     is no tokenizer to tell the special ones: id_bytes None), so a ratio measured over the text's own tokens
-    gives the same bits per byte as measuring each token.
+    gives the same bits per byte as measuring each token. prefix (prefix_bytes): the "▁" a SentencePiece-style
+    tokenizer put before each document is no byte of it, and is taken off the measured bytes.
 
     With a ParallelRunner (N processes), each rank evaluates only its share of every batch's rows
     (runner.eval_nats) and the sums of nats, tokens and bytes are all-reduced: the same metrics as one
     process, computed once, not once per rank."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], id_bytes: torch.Tensor | None,
-                 bytes_per_token: float = 0.0, runner=None):
+                 bytes_per_token: float = 0.0, runner=None,
+                 prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.batches, self.id_bytes, self.bytes_per_token = batches, id_bytes, bytes_per_token
-        self.runner = runner
+        self.runner, self.prefix = runner, prefix
         self.counted = id_bytes > 0 if id_bytes is not None else None
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         if not self.batches:
             return {}
         device = next(model.parameters()).device
-        sums = torch.zeros(4, dtype=torch.float64)  # nats, tokens, bytes, nats of the tokens with bytes
+        sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, nats of the tokens with bytes: this rank's rows
+        n_bytes = 0.0  # of all rows (every rank holds the whole batches)
         for x, y in self.batches:
+            n_bytes += self._bytes(x, y)
             x, y = x.to(device), y.to(device)
             if self.runner is None:
                 nats = summed_nats(token_losses(model(x), y), y, self.counted)
             else:  # this rank's rows; y = the targets it reports (none on ranks that share another's rows)
                 nats, y = self.runner.eval_nats(x, y, self.counted)
-            sums += torch.tensor([float(nats[0]), y.numel(), self._bytes(y.cpu()), float(nats[1])],
-                                 dtype=torch.float64)
-        nats, n_tok, n_bytes, byte_nats = sum_over_ranks(sums, self.runner).tolist()
+            sums += torch.tensor([float(nats[0]), y.numel(), float(nats[1])], dtype=torch.float64)
+        nats, n_tok, byte_nats = sum_over_ranks(sums, self.runner).tolist()
         out = {"val_loss": nats / n_tok, "val_ppl": math.exp(min(nats / n_tok, 50.0))}
         if n_bytes > 0:
             out["val_bpb"] = byte_nats / (math.log(2) * n_bytes)
         return out
 
-    def _bytes(self, y: torch.Tensor) -> float:
-        """The UTF-8 bytes targets y stand for: the counted tokens' own, or bytes_per_token for each (0: unknown)."""
+    def _bytes(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The UTF-8 bytes targets y (after inputs x) stand for: the counted tokens' own, less a "▁" put before a
+        document (prefix), or bytes_per_token for each (0: unknown)."""
         if self.bytes_per_token > 0:
             return self.bytes_per_token * (y.numel() if self.counted is None else int(self.counted[y].sum()))
-        return float(self.id_bytes[y].sum()) if self.id_bytes is not None else 0.0
+        if self.id_bytes is None:
+            return 0.0
+        n = float(self.id_bytes[y].sum())
+        if self.prefix is not None:  # (y[t] opens a document, or a stretch after an added token, when x[t] says so)
+            lead, opens = self.prefix
+            n -= float(torch.where(opens[x], lead[y], 0).sum())
+        return n
 
 
 def _mixture(cfg: TrainConfig):
@@ -174,7 +195,8 @@ def pretraining_parts(cfg: TrainConfig, *, model: torch.nn.Module | None = None,
                     "use: training uncompiled; set compile = true to compile the model on one process (or launch "
                     "with --nproc N)")
     evaluator = LMEvaluator(eval_windows(val_splits, cfg.eval_batches, d.batch_size, d.seq_len),
-                            token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token, runner)
+                            token_byte_lengths(tokenizer, cfg.model.vocab_size), d.bytes_per_token, runner,
+                            prefix_bytes(tokenizer, cfg.model.vocab_size))
     optimizer = build_optimizer(model, cfg.optim)
     objective = LMObjective(cfg.model.z_loss)
     if cfg.fused_loss:

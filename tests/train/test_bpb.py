@@ -102,3 +102,45 @@ def test_a_fixed_bytes_per_token_without_a_tokenizer_divides_every_tokens_nats()
     out = _bpb([1, 2, 3, 4], None, 50, bytes_per_token=4.0)
     assert out["val_bpb"] == pytest.approx(math.log(50) / math.log(2) / 4, rel=1e-6)
     assert "val_bpb" not in _bpb([1, 2, 3, 4], None, 50)  # no tokenizer, no ratio: no bytes to divide by
+
+
+DOCS = ("The king speaks.", "my lord<think>sweet love</think>\nnight", "日本 東京 café!", "x")
+"""(none opens with a space, or has one after an added token: Metaspace puts no "▁" before such a text, and gives
+the ids it gives the text without the space, which are taken for those with the "▁" put first)"""
+
+
+@pytest.mark.parametrize("style,prepend", [("llama", "first"), ("metaspace", "first"), ("metaspace", "always"),
+                                           ("gemma", "never")])
+def test_sentencepiece_documents_count_their_own_bytes(tmp_path, style, prepend):
+    """A SentencePiece-style tokenizer puts "▁" before each document (Llama 2's Prepend, Metaspace's
+    prepend_scheme; Prepend and "always" after each added token too), a space no document holds: val_bpb counted
+    its byte, one more per document than its text (~0.1% on short documents). The measured bytes of shards written
+    by tokenize_to_shards are now the documents' own UTF-8 bytes."""
+    import numpy as np
+
+    from lmforge.data.shards import TokenFile
+    from lmforge.data.tokenize import tokenize_to_shards
+    from lmforge.tokenizer.corpus import corpus_stats
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from lmforge.train.pretrain import prefix_bytes
+    from tests.tokenizer.sp_files import added, sp_doc
+
+    doc = sp_doc(style, prepend)
+    added(doc, "<think>", special=False, normalized=False)
+    added(doc, "</think>", special=False)
+    sp = SentencePieceBPE(doc)
+    for k, text in enumerate(DOCS):
+        (tmp_path / f"{k}.txt").write_text(text)
+    tokenize_to_shards(sorted(tmp_path.glob("*.txt")), sp, tmp_path / "out")
+    ids = torch.tensor(np.asarray(TokenFile(tmp_path / "out" / "train.bin").tokens).astype(np.int64))
+    assert (ids == sp.eot_id).sum() == len(DOCS)
+    x, y = ids[None, :-1], ids[None, 1:]
+    lengths, prefix = token_byte_lengths(sp, sp.vocab_size), prefix_bytes(sp, sp.vocab_size)
+    assert (prefix is None) == (prepend == "never")
+    out = LMEvaluator([(x, y)], lengths, prefix=prefix)(Uniform(sp.vocab_size))
+    text_tokens = int((lengths[y] > 0).sum())
+    n_bytes = text_tokens * math.log(sp.vocab_size) / (math.log(2) * out["val_bpb"])
+    assert n_bytes == pytest.approx(sum(len(t.encode()) for t in DOCS), rel=1e-6)  # (float32 losses)
+    # `lmforge tokenizer stats`' bytes_per_token (the ratio data.bytes_per_token takes) counts them alike
+    stats = corpus_stats(sp, sorted(map(str, tmp_path.glob("*.txt"))), progress=False)
+    assert stats["bytes_per_token"] * text_tokens == pytest.approx(stats["bytes"]) and stats["bytes"] == 75

@@ -105,3 +105,26 @@ def test_a_utf16_file_is_cut_into_ranges_at_the_points_its_utf8_copy_is(tmp_path
     window = "\U0001f600ab!\nc\U0001f680".encode(codec)  # the safe cut is before "c", 12 bytes in
     for part, cut in [(window, 12), (window[2:], 10), (window[2:-2], 10)]:  # a surrogate pair cut at either edge
         assert train_mod._utf16_cut(part, codec, PATTERNS["gpt2"], ()) == cut
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_a_utf16_validation_tail_starts_at_a_line_start(tmp_path, codec):
+    """The validation tail of a UTF-16 file begins after a line end found by a byte search: never inside a code unit
+    or a surrogate pair, where a 0x0A byte is half of another character (U+0A0A, U+0A00, U+010A, U+0D0A, the low
+    surrogate DE0A of U+1F60A) or a newline's two bytes straddle two units (U+0A00 U+0A0A), whatever offset (odd or
+    even) the fraction gives. (It held already: _utf16_line_start searches from an even offset and skips odd matches;
+    this guards it.)"""
+    from lmforge.tokenizer.corpus import _split_point
+    from lmforge.tokenizer.pretokenize import PATTERNS
+
+    line = "\u0a0a\u0a00\u0a0a \u010a\U0001f60a\u0d0a\u0a0d x\n"
+    text = line * 40
+    path = tmp_path / "u16.txt"
+    path.write_bytes(("\ufeff" + text).encode(codec))
+    size = path.stat().st_size
+    starts = {2 + len(text[:k].encode(codec)) for k in range(1, len(text)) if text[k - 1] == "\n"} | {size}
+    for target in range(size // 2, size // 2 + 2 * len(line.encode(codec))):
+        cut = _split_point(path, 1 - (target + 0.5) / size, PATTERNS["gpt2"], ())
+        assert cut in starts and cut >= target, (target, cut)
+        head = path.read_bytes()[2:cut].decode(codec)  # (strict: no half of a unit or of a pair at the cut)
+        assert text.startswith(head) and head.endswith("\n")

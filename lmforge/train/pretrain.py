@@ -51,8 +51,8 @@ class LMEvaluator:
     tokenizer put before each document is no byte of it, and is taken off the measured bytes.
 
     With a ParallelRunner (N processes), each rank evaluates only its share of every batch's rows
-    (runner.eval_nats) and the sums of nats, tokens and bytes are all-reduced: the same metrics as one
-    process, computed once, not once per rank."""
+    (runner.eval_nats) and the sums of nats and tokens are all-reduced (the bytes, the same on every rank, are
+    counted over the whole batches): the same metrics as one process, computed once, not once per rank."""
 
     def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], id_bytes: torch.Tensor | None,
                  bytes_per_token: float = 0.0, runner=None,
@@ -84,6 +84,7 @@ class LMEvaluator:
     def _bytes(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The UTF-8 bytes targets y (after inputs x) stand for: the counted tokens' own, less a "▁" put before a
         document (prefix), or bytes_per_token for each (0: unknown)."""
+        x, y = x.cpu(), y.cpu()  # (where the tables are)
         if self.bytes_per_token > 0:
             return self.bytes_per_token * (y.numel() if self.counted is None else int(self.counted[y].sum()))
         if self.id_bytes is None:

@@ -4,8 +4,12 @@ Line-level dedup follows CCNet (Wenzek et al. 2019), which removes paragraphs (n
 lines) occurring elsewhere in the corpus: mode "all" drops every copy of a line seen more than once
 (CCNet's choice: repeated lines are boilerplate wherever they appear); mode "first" keeps its first
 occurrence. Lines are compared exactly by default, as CCNet's and C4's line dedup do, so "see doc3.txt"
-and "see doc4.txt" stay distinct; `normalize=True` compares them after lowercasing, digits to 0 and
+and "see doc4.txt" stay distinct; `normalize=True` compares them after Unicode NFKC, lowercasing, digits to 0 and
 whitespace collapsing, which also catches boilerplate that differs only in dates and counters.
+
+Normalised comparison (the default for whole documents) takes the text's NFKC form first, the one the fuzzy dedup
+and decontamination stages use (`hashing.nfkc`): without it a full-width, ligatured or decomposed (NFD) copy of a
+document -- the same text on screen -- hashed differently and survived exact dedup.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 from lmforge.config import check, coerce_fields
 from lmforge.data.document import Document
+from lmforge.data.hashing import nfkc
 from lmforge.data.stage import StageContext
 
 _DIGITS = re.compile(r"\d")
@@ -24,13 +29,14 @@ _DIGITS = re.compile(r"\d")
 
 def content_hash(text: str, normalize: bool = True) -> bytes:
     if normalize:
-        text = " ".join(text.lower().split())
+        text = " ".join(nfkc(text).lower().split())
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExactDedupConfig:
-    """normalize: compare after lowercasing and collapsing whitespace."""
+    """normalize: compare after Unicode NFKC (full-width letters, ligatures, decomposed accents folded),
+    lowercasing and collapsing whitespace."""
 
     normalize: bool = True
 
@@ -55,8 +61,8 @@ def exact_dedup(cfg: ExactDedupConfig, docs: list[Document], ctx: StageContext) 
 @dataclass(frozen=True, kw_only=True)
 class LineDedupConfig:
     """mode: "all" drops every copy of a repeated line, "first" keeps the first; min_chars: shorter
-    lines are never treated as duplicates (kept as they are); normalize: compare lines after lowercasing,
-    digits -> 0 and whitespace collapsing instead of exactly."""
+    lines are never treated as duplicates (kept as they are); normalize: compare lines after Unicode NFKC,
+    lowercasing, digits -> 0 and whitespace collapsing instead of exactly."""
 
     mode: str = "all"
     min_chars: int = 0
@@ -71,7 +77,7 @@ class LineDedupConfig:
 def line_key(line: str, normalize: bool = False) -> bytes:
     """A 64-bit key of one line: the line exactly, or its normalised form. Text is split on "\n", so a CRLF
     line keeps its "\r"; the key leaves it out, or Windows and Unix copies of a line would never match."""
-    line = _DIGITS.sub("0", " ".join(line.lower().split())) if normalize else line.rstrip("\r")
+    line = _DIGITS.sub("0", " ".join(nfkc(line).lower().split())) if normalize else line.rstrip("\r")
     return hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest()
 
 

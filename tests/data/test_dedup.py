@@ -39,6 +39,26 @@ def test_exact_dedup_keeps_first():
     assert [d.drop for d in exact_dedup(ExactDedupConfig(normalize=False), docs, StageContext())] == [None, None]
 
 
+def test_exact_dedup_folds_full_width_and_ligature_copies():
+    # the same text on screen: full-width letters and space, an "fi" ligature, a decomposed (NFD) accent
+    docs = [Document(id="a", text="A naïve file, finished."),
+            Document(id="b", text="Ａ　ｎａｉ\u0308ｖｅ \ufb01le, \ufb01nished."),
+            Document(id="c", text="A naive file, finished.")]  # no accent: another text
+    out = exact_dedup(ExactDedupConfig(), docs, StageContext())
+    assert [d.drop for d in out] == [None, "exact_duplicate", None]
+    assert out[1].meta["dup_of"] == "a"
+    docs = [Document(id="a", text="A naïve file, finished."),
+            Document(id="b", text="Ａ　ｎａｉ\u0308ｖｅ file, finished.")]
+    assert [d.drop for d in exact_dedup(ExactDedupConfig(normalize=False), docs, StageContext())] == [None, None]
+
+
+def test_line_dedup_normalize_folds_full_width_lines():
+    docs = [Document(id="1", text="Home | About\nFirst story."),
+            Document(id="2", text="Ｈｏｍｅ ｜ Ａｂｏｕｔ\nSecond story.")]
+    out = line_dedup(LineDedupConfig(mode="first", normalize=True), docs, StageContext())
+    assert [d.text for d in out] == ["Home | About\nFirst story.", "Second story."]
+
+
 def _line_docs() -> list[Document]:
     return [Document(id="1", text="Home | About\nFirst story text.\nCopyright 2021"),
             Document(id="2", text="Home | About\nSecond story text.\nCopyright 2023"),

@@ -6,9 +6,17 @@ full-width or ligatured copy of an eval item matches it). Evaluation items short
 as in GPT-3, because their n-grams would be too generic. Eval files: JSONL (every string in a record is one
 item, e.g. GSM8K's question and answer, including those in lists and nested objects; a line may also be a
 bare string or list), JSON (.json: JSON Lines, or one JSON array or object), CSV (every cell, e.g. MMLU's question
-and choices), plain text (one item per line); each may be .gz or .zst compressed; a directory means all such files
-inside it. An eval file that cannot be read, or eval sets with no item of n words, fail the run with a one-line
-error: a decontamination that silently matches nothing would pass contaminated data as clean.
+and choices), plain text (one item per line); each may be .gz or .zst compressed.
+
+A file named outright is read whatever its name. A directory or a glob pattern gives only its held-out split files:
+those of these formats whose name, or the name of a folder from the named directory (the pattern's fixed part) down,
+holds a split word (`SPLIT_WORDS`: test, validation, val, dev, eval, ... split at "_", "-", "." and the like), so
+`gsm8k/test.jsonl`, `mmlu/test/*.csv`, `mmlu/data/dev/anatomy_dev.csv` and `gsm8k_test.jsonl.gz` are read. A
+benchmark folder also holds READMEs, URL lists and its train split: read as eval items, their n-grams rejected clean
+training text (a README's boilerplate, the train split that is meant to be trained on). The files a path skips are
+named in one warning before a pipeline runs (`check_decontam`); a path that gives no eval file at all is refused.
+An eval file that cannot be read, or eval sets with no item of n words, fail the run with a one-line error: a
+decontamination that silently matches nothing would pass contaminated data as clean.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import csv
 import functools
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +37,7 @@ from lmforge.data.document import Document
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.readers import ARCHIVE_ERRORS, decode_text, open_binary, uncompressed_name
 from lmforge.data.stage import StageContext
-from lmforge.errors import DataError
+from lmforge.errors import DataError, warn_caller
 from lmforge.utils import input_files
 
 
@@ -115,25 +124,82 @@ def _whole_json(text: str) -> object:
         return None
 
 
-def _files(paths: tuple[str, ...]) -> list[Path]:
-    """The eval files named by paths, directories and glob patterns, through the one rule for inputs
-    (`input_files`: hidden files and directories skipped); of a directory's or a pattern's files only those of
-    eval suffixes (it may hold a README or a LICENSE), a file named outright whatever its name."""
+# name words that mark a held-out split (MMLU's test/, val/ and dev/ folders and *_test.csv files, GSM8K's test.jsonl,
+# HF's validation-00000-of-00001 files)
+SPLIT_WORDS = frozenset({"test", "testing", "val", "valid", "validation", "dev", "eval", "evaluation", "heldout"})
+_NAME_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def _is_split_file(f: Path, root: Path) -> bool:
+    """Whether eval file `f`, found under `root` (a named directory, or a pattern's fixed part), is of a held-out split:
+    an eval format, and a split word in its name or in a folder name from `root`'s own down (not above it: a checkout
+    under ~/test/ holds no test split for that)."""
+    if not uncompressed_name(f).endswith(EVAL_SUFFIXES):
+        return False
+    parts = [root.name, *f.relative_to(root).parts] if f.is_relative_to(root) else [f.name]
+    return any(w in SPLIT_WORDS for part in parts for w in _NAME_WORD.split(part.lower()))
+
+
+def _pattern_root(pattern: str) -> Path:
+    """The fixed leading folders of a glob pattern (`evals/**/*.jsonl` -> `evals`)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    return Path(*parts[:fixed]) if fixed else Path(".")
+
+
+def eval_files(paths: tuple[str, ...]) -> tuple[list[Path], dict[str, list[Path]]]:
+    """(the eval files read, {path: the files it skipped}) of the paths, directories and glob patterns, through the
+    one rule for inputs (`input_files`: hidden files and directories skipped): a file named outright is read whatever
+    its name; of a directory's or a pattern's files only its held-out split files (`_is_split_file`; the module
+    docstring says why). A path that gives no eval file is a DataError naming it and what it skipped."""
     out: list[Path] = []
+    skipped: dict[str, list[Path]] = {}
     for p in paths:
         try:
             files = input_files([p])
         except DataError as e:
             raise DataError(f"decontam.eval_paths {p!r}: {e}") from None
-        out += [f for f in files if Path(p).is_file() or uncompressed_name(f).endswith(EVAL_SUFFIXES)]
-    return out
+        if Path(p).is_file():
+            out += files
+            continue
+        root = Path(p) if Path(p).is_dir() else _pattern_root(p)
+        mine = [f for f in files if _is_split_file(f, root)]
+        if not mine:
+            raise DataError(f"decontam.eval_paths {p!r} holds no test/validation file of .jsonl/.json/.csv/.txt "
+                            f"(a directory gives only the files whose name or folder names a held-out split: "
+                            f"{', '.join(sorted(SPLIT_WORDS))}; it holds {_names(files)}); name the eval files "
+                            f"outright")
+        out += mine
+        if len(mine) < len(files):
+            chosen = set(mine)
+            skipped[p] = [f for f in files if f not in chosen]
+    return list(dict.fromkeys(out)), skipped  # a file once, though two paths name it (`mmlu`, `mmlu/test`)
+
+
+def _names(files: list[Path], k: int = 3) -> str:
+    """'a.txt, b.md, c.jsonl and 4 more'."""
+    more = f" and {len(files) - k} more" if len(files) > k else ""
+    return ", ".join(f.name for f in files[:k]) + more
+
+
+def check_decontam(cfg: DecontamConfig) -> None:
+    """The stage's check before a pipeline runs (`StageSpec.check`): its eval sets read (an unreadable file, or no
+    item of n words, refused before any document is), and one warning naming what the directories and patterns
+    skipped, so a benchmark file that does not name its split is seen to be left out."""
+    eval_ngrams(tuple(cfg.eval_paths), cfg.ngram)
+    _, skipped = eval_files(tuple(cfg.eval_paths))
+    if skipped:
+        n = sum(len(fs) for fs in skipped.values())
+        per_path = "; ".join(f"{p!r}: {_names(fs)}" for p, fs in skipped.items())
+        warn_caller(f"decontam skips {n} file(s) of eval_paths that are no test/validation split file of "
+                    f".jsonl/.json/.csv/.txt ({per_path}); name a file outright to read it as eval data")
 
 
 def eval_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:
     """Sorted distinct uint64 hashes of every n-gram of every evaluation item with >= n words. Memoised on the files
     the paths name now, with their sizes and times: keyed on the paths alone, a benchmark file added to an eval
     directory (or one edited) was ignored by every later call in the process (a notebook's second run)."""
-    files = _files(paths)
+    files = eval_files(paths)[0]
     stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _eval_ngrams(paths, stamps, n)
 

@@ -562,7 +562,7 @@ def test_decontamination_sees_an_eval_file_added_or_edited_later_in_the_process(
     file, was ignored by every later decontam call in the process, and its leaked items passed as clean."""
     evals = tmp_path / "evals"
     evals.mkdir()
-    (evals / "gsm.jsonl").write_text(json.dumps({"q": "one two three four five"}) + "\n")
+    (evals / "gsm_test.jsonl").write_text(json.dumps({"q": "one two three four five"}) + "\n")
     cfg = DecontamConfig(eval_paths=(str(evals),), ngram=4)
 
     def docs() -> list[Document]:
@@ -570,9 +570,9 @@ def test_decontamination_sees_an_eval_file_added_or_edited_later_in_the_process(
                 Document(id="b", text="six seven eight nine ten")]
 
     assert [d.drop for d in decontam(cfg, docs(), StageContext())] == [None, None]
-    (evals / "mmlu.jsonl").write_text(json.dumps({"q": "alpha beta gamma delta"}) + "\n")
+    (evals / "mmlu_test.jsonl").write_text(json.dumps({"q": "alpha beta gamma delta"}) + "\n")
     assert [d.drop for d in decontam(cfg, docs(), StageContext())] == ["decontam", None]
-    (evals / "gsm.jsonl").write_text(json.dumps({"q": "six seven eight nine and more"}) + "\n")
+    (evals / "gsm_test.jsonl").write_text(json.dumps({"q": "six seven eight nine and more"}) + "\n")
     assert [d.drop for d in decontam(cfg, docs(), StageContext())] == ["decontam", "decontam"]
 
 
@@ -589,7 +589,7 @@ def test_decontamination_skips_hidden_directories_as_every_input_does(tmp_path):
     # .git or an editor's .cache/ copy of some text flagged training documents the eval set does not hold
     evals = tmp_path / "evals"
     (evals / ".cache").mkdir(parents=True)
-    (evals / "gsm.jsonl").write_text(json.dumps({"q": "one two three four five six"}) + "\n")
+    (evals / "gsm_test.jsonl").write_text(json.dumps({"q": "one two three four five six"}) + "\n")
     (evals / ".cache" / "notes.txt").write_text("seven eight nine ten eleven twelve\n")
     (evals / "README.md").write_text("seven eight nine ten eleven twelve\n")  # not an eval suffix: skipped
     docs = [Document(id="a", text="x one two three four five"), Document(id="b", text="seven eight nine ten")]
@@ -597,3 +597,61 @@ def test_decontamination_skips_hidden_directories_as_every_input_does(tmp_path):
     assert [d.drop for d in out] == ["decontam", None]
     with pytest.raises(DataError, match=r"decontam.eval_paths '.*missing': input not found: .*missing"):
         decontam(DecontamConfig(eval_paths=(str(tmp_path / "missing"),), ngram=4), docs, StageContext())
+
+
+def _benchmark_folder(root) -> None:
+    """A benchmark as downloaded: its test split beside a README, a URL list and its train split."""
+    root.mkdir()
+    (root / "README.txt").write_text("This dataset is released under the MIT license for research use\n")
+    (root / "urls.txt").write_text("see www example com the source of every question here\n")
+    (root / "train.jsonl").write_text(json.dumps({"q": "a train question we are allowed to learn from"}) + "\n")
+    (root / "test.jsonl").write_text(json.dumps({"q": "a held out test question never to be trained on"}) + "\n")
+
+
+def _leak_docs() -> list[Document]:
+    return [Document(id="test", text="a held out test question never to be trained on"),
+            Document(id="train", text="a train question we are allowed to learn from"),
+            Document(id="readme", text="This dataset is released under the MIT license for research use"),
+            Document(id="urls", text="see www example com the source of every question here")]
+
+
+def test_decontamination_reads_only_the_test_split_files_of_a_folder(tmp_path):
+    # a folder was read whole: its README, URL list and train split became eval items, and clean training text
+    # quoting them (license boilerplate, the train split itself) was rejected as contaminated
+    _benchmark_folder(tmp_path / "gsm")
+    cfg = DecontamConfig(eval_paths=(str(tmp_path / "gsm"),), ngram=6)
+    assert [d.drop for d in decontam(cfg, _leak_docs(), StageContext())] == ["decontam", None, None, None]
+    from lmforge.config import from_dict
+    from lmforge.data.decontam import _eval_ngrams
+    from lmforge.data.pipeline import PipelineConfig, check_stages, release_checked_models
+
+    pipeline = from_dict(PipelineConfig, {"input": {"paths": [str(tmp_path)]}, "output": {"dir": str(tmp_path / "o")},
+                                          "stages": [{"stage": "decontam", "eval_paths": cfg.eval_paths, "ngram": 6}]})
+    _eval_ngrams.cache_clear()
+    with pytest.warns(UserWarning, match=r"decontam skips 3 file\(s\) .*'.*gsm': README.txt, train.jsonl, urls.txt\);"):
+        check_stages(pipeline)  # before a run: the eval sets read, what the folder skipped named
+    assert _eval_ngrams.cache_info().currsize == 1
+    release_checked_models()  # worker processes read their own
+    assert _eval_ngrams.cache_info().currsize == 0
+    glob = DecontamConfig(eval_paths=(str(tmp_path / "gsm" / "*.jsonl"),), ngram=6)  # a pattern: the same rule
+    assert [d.drop for d in decontam(glob, _leak_docs(), StageContext())] == ["decontam", None, None, None]
+    named = DecontamConfig(eval_paths=(str(tmp_path / "gsm" / "train.jsonl"),), ngram=6)  # named outright: read
+    assert [d.drop for d in decontam(named, _leak_docs(), StageContext())] == [None, "decontam", None, None]
+
+
+def test_decontamination_split_folders_and_a_folder_with_no_split_file(tmp_path):
+    from lmforge.data.decontam import eval_files
+
+    mmlu = tmp_path / "mmlu"
+    for split in ("test", "val", "dev", "auxiliary_train"):
+        (mmlu / split).mkdir(parents=True)
+        (mmlu / split / f"anatomy_{split}.csv").write_text("q,a\n")
+    (mmlu / "README.txt").write_text("readme\n")
+    read, skipped = eval_files((str(mmlu),))
+    assert sorted(f.relative_to(mmlu).as_posix() for f in read) == ["dev/anatomy_dev.csv", "test/anatomy_test.csv",
+                                                                    "val/anatomy_val.csv"]
+    assert sorted(f.name for f in skipped[str(mmlu)]) == ["README.txt", "anatomy_auxiliary_train.csv"]
+    assert [f.name for f in eval_files((str(mmlu / "test"),))[0]] == ["anatomy_test.csv"]  # a split folder named
+    with pytest.raises(DataError, match=r"decontam.eval_paths '.*aux.*' holds no test/validation file .* it holds "
+                                        r"anatomy_auxiliary_train.csv\); name the eval files outright"):
+        eval_files((str(mmlu / "auxiliary_train"),))

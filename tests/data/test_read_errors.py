@@ -163,10 +163,10 @@ def test_decontam_reads_compressed_and_json_array_eval_files_and_names_a_bad_lin
     item = {"question": "how many apples does the farmer sell at the market on each sunday morning"}
     (tmp_path / "a.jsonl").write_text(json.dumps(item) + "\n")
     (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress((json.dumps(item) + "\n").encode()))
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "c.json").write_text(json.dumps([item]))
+    (tmp_path / "test").mkdir()  # a folder of a test split: its files are eval files
+    (tmp_path / "test" / "c.json").write_text(json.dumps([item]))
     plain = eval_ngrams((str(tmp_path / "a.jsonl"),), 8)
-    for other in ("b.jsonl.gz", "d"):  # the .gz was read as text lines of gzip bytes; a .json dir entry skipped
+    for other in ("b.jsonl.gz", "test"):  # the .gz was read as text lines of gzip bytes; a .json dir entry skipped
         assert (eval_ngrams((str(tmp_path / other),), 8) == plain).all() and len(plain) == 7
     doc = Document(id="x", text="Q: How many apples does the farmer sell at the market on each Sunday morning?")
     (out,) = decontam(DecontamConfig(eval_paths=(str(tmp_path / "b.jsonl.gz"),), ngram=8), [doc], StageContext())

@@ -352,3 +352,30 @@ def test_pipeline_inputs_skip_hidden_directories_and_refuse_an_unmatched_glob(tm
     (tmp_path / "e" / ".cache" / "x.jsonl").write_text("{}\n")
     with pytest.raises(DataError, match=r"input directory .*e holds no file \(hidden"):
         expand_inputs(InputConfig(paths=(str(tmp_path / "e"),)))
+
+
+def test_a_run_in_worker_processes_frees_the_tokenizer_its_check_loaded(tmp_path, monkeypatch):
+    """The tokenize stage's check (doc_sep: `doc_separator`) loads the tokenizer in the parent; a run in worker
+    processes freed the checked fastText models but kept that tokenizer (a large HF vocabulary) for the whole run.
+    The workers load their own and still write the right tokens."""
+    from lmforge.data import executor
+    from lmforge.data.tokenize import _tokenizer
+    from lmforge.tokenizer.load import load_tokenizer
+
+    texts = ["first document here", "second one, caf\u00e9"]
+    (tmp_path / "in").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "in" / f"{i}.jsonl").write_text(json.dumps({"id": str(i), "text": t}) + "\n")
+    held = []
+    real = executor.process_pool
+    monkeypatch.setattr(executor, "process_pool", lambda *a, **k: held.append(_tokenizer.cache_info().currsize)
+                        or real(*a, **k))
+    p = _write_pipeline(tmp_path, f'paths = ["{tmp_path / "in"}"]', '[[stages]]\nstage = "tokenize"\n',
+                        extra="workers = 2\nprogress = false")
+    _tokenizer.cache_clear()
+    run_local(load_pipeline(p))
+    assert held == [0]  # the pool started with no tokenizer held here
+    tok = load_tokenizer("byte")
+    for i, t in enumerate(texts):
+        assert TokenFile(tmp_path / "run" / "tokens" / f"shard-{i:05d}.bin").tokens.tolist() == [tok.eot_id,
+                                                                                                *tok.encode(t)]

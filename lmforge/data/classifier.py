@@ -182,8 +182,10 @@ class QualityConfig:
         check(0.0 <= self.threshold <= 1.0, f"quality.threshold must be in [0, 1], got {self.threshold}")
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=None)
 def load_classifier(directory: str) -> HashedNgramClassifier:
+    """A classifier per directory, loaded once per process; unbounded for the reason `load_fasttext` is (3 quality
+    stages against a cache of 2 read every classifier again for every shard)."""
     return HashedNgramClassifier.load(directory)
 
 

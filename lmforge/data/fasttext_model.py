@@ -347,7 +347,10 @@ class FastTextModel:
         return [(self.labels[i], float(np.exp(scores[i]))) for i in order if np.isfinite(scores[i])]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=None)
 def load_fasttext(path: str) -> FastTextModel:
-    """A model per path, loaded once per process (the stages call this for every batch)."""
+    """A model per path, loaded once per process (the stages call this for every batch). Unbounded: a pipeline's
+    models are a fixed set its every shard uses, and a cache of 4 met 5 fastText stages in a cycle, so each batch
+    missed and a worker read every model again for every shard. The executors free the parent's copies before
+    workers start (`pipeline.release_checked_models`); `load_fasttext.cache_clear()` frees them elsewhere."""
     return FastTextModel(path)

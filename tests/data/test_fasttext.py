@@ -248,3 +248,51 @@ def test_a_run_in_worker_processes_frees_the_models_its_check_loaded(tmp_path, m
             with pytest.raises(Refused):
                 executor.run_local(cfg)
             assert held == [0]
+
+
+def test_each_model_loads_once_per_process_however_many_stages_and_shards(tmp_path, monkeypatch):
+    """A worker process runs shard after shard (a pool lives for the whole map phase), each stage fetching its model
+    per batch through a per-process cache. That cache held 4 fastText models (and 2 classifier directories): a pipeline
+    with 5 fastText stages (DCLM and FineWeb-Edu quality, toxicity, nsfw, langid) met them in a cycle, so every batch
+    missed and every model was read again for every shard. A run in this process (workers = 1) takes the worker's
+    path: the check loads each model once and every shard reuses it."""
+    from lmforge.config import from_dict
+    from lmforge.data import executor, fasttext_model
+    from lmforge.data.classifier import ClassifierConfig, HashedNgramClassifier, load_classifier
+    from lmforge.data.pipeline import PipelineConfig
+
+    loads = []
+
+    class Counted(fasttext_model.FastTextModel):
+        def __init__(self, path):
+            loads.append(Path(path).name)
+            super().__init__(path)
+
+    real_load = HashedNgramClassifier.load.__func__
+    monkeypatch.setattr(fasttext_model, "FastTextModel", Counted)
+    monkeypatch.setattr(HashedNgramClassifier, "load", classmethod(lambda cls, d: loads.append(Path(d).name)
+                                                                   or real_load(cls, d)))
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.txt").write_text(f"the match was decided by a penalty number {i}\n", encoding="utf-8")
+    ours = []
+    for i in range(3):
+        ours.append(str(tmp_path / f"clf{i}"))
+        HashedNgramClassifier(ClassifierConfig(buckets=64, dim=2, seed=i)).save(ours[-1])
+    fx = [str(FIXTURES / n) for n in ("softmax.bin", "hs.bin", "ova.bin", "quantized.ftz", "quantized_out.ftz")]
+    stages = [{"stage": "quality", "model": fx[0], "label": "sport", "threshold": 0.0},
+              {"stage": "toxicity", "model": fx[1], "label": "sport", "threshold": 1.0},
+              {"stage": "nsfw", "model": fx[2], "label": "sport", "threshold": 1.0},
+              {"stage": "quality", "model": fx[4], "label": "l241", "threshold": 0.0},
+              *({"stage": "quality", "model": d, "threshold": 0.0} for d in ours),
+              {"stage": "langid", "model": fx[3]}]
+    load_fasttext.cache_clear()
+    load_classifier.cache_clear()
+    cfg = from_dict(PipelineConfig, {"input": {"paths": [str(src)], "format": "text"}, "workers": 1,
+                                    "output": {"dir": str(tmp_path / "out")}, "progress": False, "stages": stages})
+    report = executor.run_local(cfg)
+    assert report["shards"]["processed"] == 3 and [st["docs_out"] for st in report["stages"][1:]] == [3] * len(stages)
+    assert sorted(loads) == sorted([Path(f).name for f in fx] + ["clf0", "clf1", "clf2"])  # each once
+    load_fasttext.cache_clear()
+    load_classifier.cache_clear()

@@ -210,6 +210,10 @@ class FastTextModel:
                             "it again")
         self.tree = _huffman(self.label_counts) if self.args.loss == "hs" else None
         self.path = path
+        # each model its own cache of word features: an lru_cache on the method is one cache for every instance,
+        # whose keys held each model that had scored a text (a freed model stayed in memory) and whose entries the
+        # models of one worker evicted from each other
+        self._token = functools.lru_cache(maxsize=1 << 16)(self._token_features)
 
     def _read_dictionary(self, r: _Reader) -> None:
         size, nwords, nlabels = r.unpack("iii", "dictionary")
@@ -241,10 +245,9 @@ class FastTextModel:
         row = self.prune.get(h)
         return None if row is None else len(self.words) + row
 
-    @functools.lru_cache(maxsize=1 << 16)
-    def _token(self, word: str) -> tuple[tuple[int, ...], int]:
+    def _token_features(self, word: str) -> tuple[tuple[int, ...], int]:
         """(input rows, int32 hash) of one token: its own row (if in vocabulary) and its character
-        n-gram rows; the hash feeds the word n-grams."""
+        n-gram rows; the hash feeds the word n-grams. Called through the model's cache, `self._token`."""
         h = fnv1a(word.encode("utf-8", "surrogateescape"))
         wid = self.word_ids.get(word)
         ids = [wid] if wid is not None else []

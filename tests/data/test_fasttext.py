@@ -296,3 +296,22 @@ def test_each_model_loads_once_per_process_however_many_stages_and_shards(tmp_pa
     assert sorted(loads) == sorted([Path(f).name for f in fx] + ["clf0", "clf1", "clf2"])  # each once
     load_fasttext.cache_clear()
     load_classifier.cache_clear()
+
+
+def test_a_released_model_is_freed_and_models_keep_their_own_word_caches():
+    """The word-feature cache sat on the class (`lru_cache` on a method): its keys held each model that had scored
+    a text, so `load_fasttext.cache_clear()` (and `release_checked_models`) freed nothing, and the models of one
+    worker evicted each other's words from one shared 65536-entry cache."""
+    import gc
+    import weakref
+
+    load_fasttext.cache_clear()
+    a, b = FastTextModel(FIXTURES / "softmax.bin"), FastTextModel(FIXTURES / "hs.bin")
+    want = a.predict("bake the flour with butter", k=2)
+    assert a.predict("bake the flour with butter", k=2) == want  # from the cache: the same answer
+    b.predict("a penalty decided the match")
+    assert a._token.cache_info().currsize == 6 and b._token.cache_info().currsize == 6  # 5 words + </s> each
+    gone = weakref.ref(a)
+    del a
+    gc.collect()
+    assert gone() is None

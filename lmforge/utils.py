@@ -361,13 +361,17 @@ def process_pool(workers: int, *, worker_setup=None, **kwargs):
 
 
 def main_reimport_safe() -> bool:
-    """Whether spawned workers may import the main module: it is no script (an interactive session, -c), or
-    its source guards its top level with `if __name__ == "__main__"` (a text check of the file)."""
+    """Whether spawned workers may import the main module: it is no script (an interactive session, -c), a
+    package's `__main__` module (`python -m lmforge`: multiprocessing never re-runs one in its workers,
+    `multiprocessing.spawn._fixup_main_from_name`), or its source guards its top level with
+    `if __name__ == "__main__"` (a text check of the file)."""
     import re
     import sys
 
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
+    if spec is not None and (spec.name == "__main__" or spec.name.endswith(".__main__")):
+        return True
     path = getattr(spec, "origin", None) if spec is not None else getattr(main, "__file__", None)
     if not path or not os.path.isfile(path):
         return True

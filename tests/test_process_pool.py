@@ -29,6 +29,25 @@ def test_an_unguarded_script_runs_inline_with_a_notice_and_a_guarded_one_gets_wo
     bare = run(tmp_path, BODY)
     assert bare.returncode == 0 and "result [1, 2] inline" in bare.stdout
     assert 'no `if __name__ == "__main__":` guard' in bare.stderr
-    guarded = run(tmp_path, "def main():\n" + textwrap.indent(BODY, "    ") + "\n\nif __name__ == '__main__':\n    main()\n")
+    guarded = run(tmp_path, "def main():\n" + textwrap.indent(BODY, "    ")
+                  + "\n\nif __name__ == '__main__':\n    main()\n")
     assert guarded.returncode == 0 and "result [1, 2] workers" in guarded.stdout, guarded.stderr[-400:]
     assert "guard" not in guarded.stderr
+
+
+def test_a_packages_main_module_gets_workers(monkeypatch):
+    """`python -m lmforge data run` (lmforge/__main__.py, no guard) ran a pipeline's workers = 2 in one process with
+    the notice, but multiprocessing never re-runs a package's __main__ module in its workers
+    (multiprocessing.spawn._fixup_main_from_name), so there is nothing to guard against."""
+    import importlib.util
+    import types
+
+    from lmforge.utils import main_reimport_safe
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = importlib.util.find_spec("lmforge.__main__")
+    main.__file__ = main.__spec__.origin
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert main_reimport_safe()
+    main.__spec__ = importlib.util.spec_from_file_location("script", main.__file__)  # the same file run by module
+    assert not main_reimport_safe()  # name: its workers re-run it

@@ -181,6 +181,19 @@ def test_every_option_of_every_command_has_help(monkeypatch, capsys):
     assert bare == []
 
 
+def test_no_option_help_shows_an_empty_default(monkeypatch, capsys):
+    """`lmforge train --help` said "--data.val ... (default: )" and `sample` the same of --stop-token-ids and
+    --logit-bias: tyro writes an empty list, tuple or dict as nothing. Every option of every command says "none"."""
+    parsers = _option_parsers(monkeypatch)
+    capsys.readouterr()
+    helps = {f"{prog} {a.option_strings[0]}": a.help for prog, p in parsers.items() for a in p._actions
+             if a.option_strings}
+    assert [flag for flag, h in helps.items() if "(default: )" in (h or "")] == []
+    assert helps["lmforge train --data.val"].endswith("(default: none)")
+    assert helps["lmforge sample --stop-token-ids"].endswith("(default: none)")
+    assert helps["lmforge sample --logit-bias"].endswith("(default: none)")
+
+
 def test_help_names_every_flag_of_the_sections_it_hides(monkeypatch, capsys):
     """`lmforge sft --help` lists no --lora.* flag (tyro lists a section that defaults to None only once it is set)
     and said only `--lora.FIELD flags turn the lora section on`: a first-time user saw no field. The description

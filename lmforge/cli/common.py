@@ -176,6 +176,32 @@ def refuse_bare_word(cls: type, argv: list[str], prog: str, given: dict) -> None
                       "--help lists them)")
 
 
+def _help_registry():
+    """tyro's rules with one change: an option whose default is an empty list, tuple or dict (`--data.val`,
+    `--stop-token-ids`) says "(default: none)" in its help; tyro printed "(default: )"."""
+    import dataclasses
+
+    from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec
+
+    registry, inside = ConstructorRegistry(), []
+
+    @registry.primitive_rule
+    def empty_default_says_none(info):
+        if inside:  # the lookup below asks the rules again (and again for a tuple's items): tyro's own answer
+            return None
+        inside.append(True)
+        try:
+            spec = ConstructorRegistry.get_primitive_spec(info)
+        finally:
+            inside.pop()
+        if not isinstance(spec, PrimitiveConstructorSpec):
+            return None
+        as_strings = spec.str_from_instance
+        return dataclasses.replace(spec, str_from_instance=lambda value: as_strings(value) or ["none"])
+
+    return registry
+
+
 def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
@@ -204,10 +230,11 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
             for n, tp in optional.items())
     if open_sections(cls, argv, data) or path is not None:
         default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
-    return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
-                    config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands,
-                            # a comment above a group of fields is a section label, not a field's help
-                            tyro.conf.HelptextFromCommentsOff))
+    with _help_registry():  # (tyro >= 0.9; its `registry=` argument came later)
+        return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
+                        config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands,
+                                # a comment above a group of fields is a section label, not a field's help
+                                tyro.conf.HelptextFromCommentsOff))
 
 
 def run_group(group: str, argv: list[str], commands: dict[str, tuple[Callable[[list[str]], int | None], str]]) -> int:

@@ -173,6 +173,16 @@ def _refuse_tied(model: nn.Module, targets: list[str]) -> None:
                               f"changing both; leave {name} out of targets")
 
 
+def _refuse_rank(model: nn.Module, targets: list[str], r: int) -> None:
+    """An update B A has rank at most min(r, in, out): an r above min(in, out) of every target buys no rank
+    anywhere, only memory (`--lora.r 100000` ran the demo out of memory with a traceback). PEFT takes any r,
+    and an r above a narrow layer's min (a GQA wk of out 128 at r=256) still adds rank to the wider ones: kept."""
+    widest = max(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in targets)
+    if r > widest:
+        raise ConfigError(f"r={r} exceeds min(in, out) of every adapted layer (at most {widest}), where B A's rank "
+                          f"stops: give r <= {widest}")
+
+
 def outer_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The linear-like and LoRA layers of `model` by name, less those inside another one: a quantized layer's
     own parts (LLM.int8's outlier nn.Linear, an inner quantized Linear) belong to its forward, which LoRA calls
@@ -205,6 +215,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     kept = _matching(model, [n for n, _ in model.named_modules() if n], cfg.trainable, "trainable pattern",
                      "module", "name a module, e.g. 'head'")
     _refuse_tied(model, targets)
+    _refuse_rank(model, targets, cfg.r)
     layer = layer_kinds()["dora" if cfg.dora else "lora"]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:  # every layer is built before the model changes (building one freezes its base)

@@ -222,6 +222,24 @@ def test_errors_name_the_fix(tmp_path):
     assert LoRAConfig(targets="wq").targets == ("wq",) and LoRAConfig(targets=["wq", "wv"]).targets == ("wq", "wv")
 
 
+def test_a_rank_above_every_layers_width_is_refused_before_allocating(monkeypatch):
+    """`--lora.r 100000` ran out of memory with a traceback: B A's rank stops at min(in, out), so an r above that of
+    every target is refused in one line, before any adapter is built; an r above only the narrow layers' min (wk's
+    out here, as GQA's) still adds rank to the wide ones, as PEFT allows."""
+    model = tiny_model(0, n_kv_heads=1)  # wq 16 -> 16, wk 16 -> 8
+    built = []
+    monkeypatch.setattr(LoRALinear, "__init__", lambda self, *a, **k: built.append(a) or nn.Module.__init__(self))
+    with pytest.raises(ConfigError, match=r"r=100000 exceeds min\(in, out\) of every adapted layer \(at most 16\).*"
+                                          r"give r <= 16"):
+        apply_lora(model, LoRAConfig(r=100000, targets=("wq", "wk")))
+    with pytest.raises(ConfigError, match=r"at most 8\).*r <= 8"):
+        apply_lora(model, LoRAConfig(r=9, targets=("wk",)))
+    assert built == [] and all(p.requires_grad for p in model.parameters())
+    monkeypatch.undo()
+    layers = lora_layers(apply_lora(model, LoRAConfig(r=12, targets=("wq", "wk"))))
+    assert {n.rsplit(".", 1)[-1]: tuple(m.lora_A.shape) for n, m in layers.items()} == {"wq": (12, 16), "wk": (12, 16)}
+
+
 def _classify_run(run_dir, hooks=()):
     torch.manual_seed(0)
     model = apply_lora(SequenceHead(tiny_model(0), out_dim=3),

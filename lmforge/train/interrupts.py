@@ -134,19 +134,10 @@ class Interrupts:
         if report_once(say):  # (the N processes of one --nproc launch: once)
             tqdm.write(say)
 
-    @contextlib.contextmanager
-    def deferred_signals(self):
+    def deferred_signals(self) -> contextlib.AbstractContextManager:
         """SIGINT, SIGTERM, SIGHUP and SIGQUIT (the stop signals the --nproc launcher passes on to every process:
-        launch.handling_stop_signals) set a flag the loop reads at step boundaries (main thread only; elsewhere
-        Python delivers signals to the main thread anyway). A signal the process was started ignoring (SIGINT of a
-        background job) stays ignored."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        from lmforge.parallel.launch import handling_stop_signals
-
-        with handling_stop_signals(self._on_signal, keep_ignored=True):
-            yield
+        launch.handling_stop_signals) set a flag the loop reads at step boundaries."""
+        return _stop_signals_to(self._on_signal)
 
     def at_boundary(self, runner) -> bool:
         """At a step boundary: raise KeyboardInterrupt if a signal arrived, else say whether a hook asked to
@@ -170,21 +161,25 @@ class Interrupts:
             tqdm.write(f"rank {trainer.rank} stopped inside step {trainer.step + 1}; "
                        f"resume from {trainer.last_checkpoint}")
             return
-        consistent = self.to_boundary(trainer)
-        row_owed = trainer._pending or (trainer._logged_stats is not None and trainer._logged_stats[0] == trainer.step)
-        if row_owed and trainer._logged_step != trainer.step and trainer._is_log_step():
-            trainer._log_step(bar, t_start)  # a step completed by to_boundary, or interrupted before its log
-        trainer.elapsed = time.perf_counter() - t_start
-        trainer.flush()
-        if not consistent:
-            tqdm.write(f"interrupted inside the optimizer update of step {trainer.step + 1}: no consistent state "
-                       f"to save; resume from {trainer.last_checkpoint}")
-        elif trainer.step > 0 and not trainer.has_current_checkpoint():
-            try:
-                trainer.save()
-            except KeyboardInterrupt:  # a second Ctrl-C: the write is atomic, so nothing of it was kept
-                self._say_resume_point(trainer)
-                raise
+        # deferred_signals has given each signal its handler back: Ctrl-C's raises KeyboardInterrupt, but SIGTERM's
+        # (SIGHUP's, SIGQUIT's) ended the process without a word while the checkpoint was written; all four raise
+        with _stop_signals_to(_stop_at_once):
+            consistent = self.to_boundary(trainer)
+            row_owed = trainer._pending or (trainer._logged_stats is not None
+                                            and trainer._logged_stats[0] == trainer.step)
+            if row_owed and trainer._logged_step != trainer.step and trainer._is_log_step():
+                trainer._log_step(bar, t_start)  # a step completed by to_boundary, or interrupted before its log
+            trainer.elapsed = time.perf_counter() - t_start
+            trainer.flush()
+            if not consistent:
+                tqdm.write(f"interrupted inside the optimizer update of step {trainer.step + 1}: no consistent "
+                           f"state to save; resume from {trainer.last_checkpoint}")
+            elif trainer.step > 0 and not trainer.has_current_checkpoint():
+                try:
+                    trainer.save()
+                except KeyboardInterrupt:  # a second signal: the write is atomic, so nothing of it was kept
+                    self._say_resume_point(trainer)
+                    raise
         if trainer.rank == 0:
             tqdm.write(f"interrupted at step {trainer.step}; checkpoint {trainer.last_checkpoint}; "
                        "run the same command again to resume")
@@ -200,3 +195,21 @@ class Interrupts:
         say = f"stopped while writing the step {trainer.step} checkpoint, which was not kept: {where}"
         if report_once(say):  # (the N processes of one --nproc launch: once)
             tqdm.write(say)
+
+
+def _stop_at_once(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_signals_to(handler: Callable):
+    """While the block runs, `handler` takes SIGINT, SIGTERM, SIGHUP and SIGQUIT (main thread only; elsewhere
+    Python delivers signals to the main thread anyway). A signal the process was started ignoring (SIGINT of a
+    background job) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from lmforge.parallel.launch import handling_stop_signals
+
+    with handling_stop_signals(handler, keep_ignored=True):
+        yield

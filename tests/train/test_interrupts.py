@@ -344,23 +344,34 @@ def test_an_interrupt_raised_in_a_step_rolls_the_objectives_state_back(setup, tm
     assert all(torch.equal(p, q) for p, q in zip(full.model.parameters(), resumed.model.parameters()))
 
 
-def test_a_second_ctrl_c_during_the_interrupts_checkpoint_names_the_resume_point(setup, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("kind", ["sigint", "sigterm", "sighup", "sigquit"])
+def test_a_second_signal_during_the_interrupts_checkpoint_names_the_resume_point(setup, tmp_path, monkeypatch, capsys,
+                                                                                  kind):
     """A second Ctrl-C while the interrupt's checkpoint is written (a slow disk) aborts the write; the previous
-    checkpoint survives, and one line names it as the one a run started again resumes from."""
+    checkpoint survives, and one line names it as the one a run started again resumes from. A second SIGTERM (SIGHUP,
+    SIGQUIT) met its default handler, back after the loop's, and ended the process without a word: the same now."""
     shard, full = setup
     cfg = tiny_config(shard, tmp_path / "run", max_steps=20, eval_every=10, ckpt_every=5)
     tr = Trainer(cfg)
-    _arm(tr, "forward", _Interrupt(tr, "sigint"))
-    real = ckpt._write
+    _arm(tr, "forward", _Interrupt(tr, kind))
+    real, sig = ckpt._write, getattr(signal, kind.upper())
 
     def slow_write(tmp, step, *a):
         real(tmp, step, *a)
         if step == K + 1:  # the interrupt's checkpoint: written but not yet renamed into place
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(sig)
+
+    def unhandled(signum, frame):  # (stands for SIG_DFL: a failure here, not a killed test run)
+        raise RuntimeError(f"{signal.Signals(signum).name} reached the handler it had before fit")
 
     monkeypatch.setattr(ckpt, "_write", slow_write)
-    with pytest.raises(KeyboardInterrupt):
-        tr.fit()
+    before = signal.signal(sig, unhandled) if sig != signal.SIGINT else None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.fit()
+    finally:
+        if before is not None:
+            signal.signal(sig, before)
     last = tmp_path / "run" / "checkpoints" / "step_000005"
     assert ckpt.checkpoint_dirs(tmp_path / "run") == [last]
     out = capsys.readouterr().out

@@ -222,7 +222,8 @@ class ModelConfig:
     n_heads: int = 12
     """attention query heads (each of head_dim)"""
     n_kv_heads: int | None = None
-    """key/value heads: n_heads = MHA, 1 = MQA, between = GQA (None means n_heads)"""
+    """key/value heads: n_heads = MHA, 1 = MQA, between = GQA (None means n_heads; with attention='mla' None
+    or n_heads, MLA having one shared latent instead)"""
     head_dim: int | None = None
     """None means d_model // n_heads"""
     d_ff: int | None = None
@@ -321,6 +322,11 @@ class ModelConfig:
               f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads} "
               f"(or set model.head_dim)")
         check(self.n_kv_heads is None or self.n_kv_heads > 0, f"model.n_kv_heads must be > 0, got {self.n_kv_heads}")
+        # MLA's keys and values come, per query head, from one latent (its cache: model.mla.kv_lora_rank); HF's
+        # DeepSeek configs carry num_key_value_heads = num_attention_heads, which the importer leaves out
+        check(self.attention != "mla" or self.n_kv_heads in (None, self.n_heads),
+              f"model.n_kv_heads={self.n_kv_heads} has no meaning with model.attention='mla' (every head's keys and "
+              "values come from one shared latent, sized by model.mla.kv_lora_rank): leave n_kv_heads out")
         check(self.n_heads % self.kv_heads == 0,
               f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
         check(self.head_dim is None or self.head_dim > 0, f"model.head_dim must be > 0, got {self.head_dim}")

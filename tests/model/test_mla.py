@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.model.config import MLAConfig, ModelConfig
 from lmforge.model.layers.mla import MLA, MLACache
 from lmforge.model.layers.rope import RotaryEmbedding, apply_rope
@@ -116,3 +118,20 @@ def test_absorbed_decode_with_a_lora_adapter_on_wkv_b_equals_the_full_forward():
         prefill = model(ids[:, :5], cache=cache)
         got = torch.cat([prefill] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)], 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_n_kv_heads_other_than_n_heads_is_refused_with_mla():
+    """MLA ignored n_kv_heads (a GQA config switched to attention='mla' kept n_kv_heads=2 and built full-head
+    keys): refused in one line naming the field. None, or n_heads as HF DeepSeek configs' num_key_value_heads, is
+    MLA itself."""
+    for kv in (1, 2, 3):
+        with pytest.raises(ConfigError, match=rf"model.n_kv_heads={kv} has no meaning with model.attention='mla'.*"
+                                              "leave n_kv_heads out"):
+            dataclasses.replace(CFG, n_kv_heads=kv)
+    same = dataclasses.replace(CFG, n_kv_heads=4)
+    torch.manual_seed(0)
+    a = Transformer(same)
+    torch.manual_seed(0)
+    b = Transformer(CFG)
+    ids = torch.arange(10).unsqueeze(0)
+    torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)

@@ -345,27 +345,26 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def float_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+def float_dtype(value: str | torch.dtype | None, *, where: str = "") -> torch.dtype | None:
     """The float dtype a loader's dtype= names, a torch dtype or its name ('bfloat16', 'torch.float16', as
     transformers' from_pretrained takes it); None or 'auto' is None (the checkpoint's own). A string reaching
-    nn.Module.to would be read as a device ('Invalid device string'): a one-line ConfigError instead."""
+    nn.Module.to would be read as a device ('Invalid device string'): a one-line ConfigError instead, naming
+    `where` the value came from (config.json) if not from the caller."""
     if value is None or value == "auto" or (isinstance(value, torch.dtype) and value in DTYPES.values()):
         return None if value == "auto" else value
     name = value.removeprefix("torch.") if isinstance(value, str) else None
     if name not in DTYPES:
-        raise ConfigError(f"dtype={value!r} is not a floating-point dtype; use one of {sorted(DTYPES)} (or a torch "
-                          "dtype), or leave it out for the checkpoint's own")
+        fix = "or 'auto' (the stored tensors' own)" if where else \
+            "(or a torch dtype), or leave it out for the checkpoint's own"
+        raise ConfigError(f"{where + ' ' if where else ''}dtype={value!r} is not a floating-point dtype; use one of "
+                          f"{sorted(DTYPES)} {fix}")
     return DTYPES[name]
 
 
 def _dtype(hf: dict, reader: "_Reader") -> torch.dtype:
-    """config.json's dtype (or torch_dtype), 'torch.' prefix allowed; 'auto' or none = the stored tensors'."""
-    name = str(hf.get("dtype") or hf.get("torch_dtype") or "auto").removeprefix("torch.")
-    if name == "auto":
-        return SAFETENSORS_DTYPES.get(reader.dtype_of(next(iter(reader.files))), torch.float32)
-    if name not in DTYPES:
-        raise ConfigError(f"config.json dtype={name!r} is not supported; use one of {sorted(DTYPES)} or 'auto'")
-    return DTYPES[name]
+    """config.json's dtype (or torch_dtype) as float_dtype reads it; 'auto' or none = the stored tensors'."""
+    return (float_dtype(hf.get("dtype") or hf.get("torch_dtype"), where="config.json")
+            or SAFETENSORS_DTYPES.get(reader.dtype_of(next(iter(reader.files))), torch.float32))
 
 
 def _check_filled(model, rules, fam: str) -> None:

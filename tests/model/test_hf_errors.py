@@ -243,7 +243,8 @@ def test_config_fields_that_change_the_math_are_read_or_refused(ckpt, tmp_path):
         (path / "config.json").write_text(json.dumps({**cfg, "dtype": dtype}))
         assert Transformer.from_pretrained(path).tok_emb.weight.dtype == want
     (path / "config.json").write_text(json.dumps({**cfg, "dtype": "Size"}))
-    with pytest.raises(ConfigError, match="config.json dtype='Size' is not supported"):
+    with pytest.raises(ConfigError, match=r"^config.json dtype='Size' is not a floating-point dtype; use one of "
+                                          r"\['bfloat16', .*\] or 'auto' \(the stored tensors' own\)$"):
         Transformer.from_pretrained(path)
     save_pretrained(model, tmp_path / "sh", max_shard_bytes=20_000)
     shard = sorted((tmp_path / "sh").glob("model-*.safetensors"))[1]

@@ -191,17 +191,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     renamed onto `path` (atomic on POSIX), on failure it is removed, so readers never see a half-written file.
     The file gets the mode a plain open() gives (0666 less the umask): mkstemp's 0600 would make a shared run
     folder unreadable to collaborators. An OSError that names no file (a write's: a full disk) is raised again
-    naming `path`, the file the user knows."""
+    naming `path`, the file the user knows (naming_file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = temp_name(path)
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException as e:
+        with naming_file(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
+    except BaseException:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+        raise
+
+
+@contextmanager
+def naming_file(path: str | Path) -> Iterator[None]:
+    """An OSError raised in the block that names no file (a write's: a full disk's ENOSPC) is raised again naming
+    `path`, the file the user knows; one that names its file passes as it is."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and e.filename is None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 

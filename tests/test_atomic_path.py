@@ -9,7 +9,8 @@ import os
 import pytest
 
 from lmforge.errors import ConfigError
-from lmforge.utils import atomic_path, check_output_path, honour_umask, output_path_problem, write_json_atomic
+from lmforge.utils import (atomic_path, check_output_path, honour_umask, naming_file, output_path_problem,
+                           write_json_atomic)
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
@@ -33,6 +34,22 @@ def test_atomic_path_removes_its_temporary_on_interrupt(tmp_path):
         tmp.write_text("half")
         raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
+
+
+def test_naming_file_names_the_file_a_write_error_left_out(tmp_path):
+    """The one rewrap atomic_path and the metrics log's appends share: a full disk's ENOSPC names no file, and is
+    raised again naming the file the user knows; an error that names its file passes as it is."""
+    import errno
+
+    with pytest.raises(OSError) as e, naming_file(tmp_path / "metrics.jsonl"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(tmp_path / "metrics.jsonl"))
+    with pytest.raises(OSError) as e, naming_file(tmp_path / "metrics.jsonl"):
+        open(tmp_path / "missing" / "x")
+    assert e.value.filename == str(tmp_path / "missing" / "x")
+    with pytest.raises(OSError) as e, atomic_path(tmp_path / "loss.png"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.filename == str(tmp_path / "loss.png") and os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])

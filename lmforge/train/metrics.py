@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lmforge.utils import atomic_path
+from lmforge.utils import atomic_path, naming_file
 
 # dense bf16 tensor-core peaks (FLOP/s) from NVIDIA datasheets
 GPU_PEAK_BF16 = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
@@ -64,11 +64,8 @@ class MetricsLog:
             tmp.write_text("".join(_json_row(r) for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:
-        try:
-            with open(self.path, "a") as f:
-                f.write(_json_row(row))
-        except OSError as e:  # a failed write's error names no file (a full disk's): name it
-            raise OSError(e.errno, e.strerror, str(self.path)) from e
+        with naming_file(self.path), open(self.path, "a") as f:  # (a full disk's error names no file otherwise)
+            f.write(_json_row(row))
         step = row.get("step", 0)
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
@@ -132,10 +129,8 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None, ylabel: str 
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "loss.png"
     try:
-        with atomic_path(out) as tmp:  # a full disk leaves the last plot, not half a PNG
+        with atomic_path(out) as tmp:  # a full disk leaves the last plot, not half a PNG (and names loss.png)
             fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
-    except OSError as e:  # a failed write's error names no file: name it
-        raise OSError(e.errno, e.strerror, str(out)) from e
     finally:
         plt.close(fig)
     return out

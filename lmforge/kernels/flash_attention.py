@@ -49,6 +49,7 @@ import torch
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.kernels.decode import fallback_notice, interpreting
+from lmforge.model.layers.attention import check_softcap_and_window
 from lmforge.utils import compiler_disable
 
 try:
@@ -639,8 +640,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ConfigError(f"flash_attention: dq_mode={dq_mode!r} is not one of {DQ_MODES}")
     if window < 0 or (window > 0 and not causal):
         raise ConfigError(f"flash_attention: window={window} must be >= 0 and needs causal=True")
-    if softcap < 0:  # (the kernel caps only where softcap > 0: a negative one was silently no capping)
-        raise ConfigError(f"flash_attention: softcap={softcap} must be >= 0 (0 = no capping)")
+    check_softcap_and_window("flash_attention", softcap)
     if cu_seqlens_k is not None and (cu_seqlens is None or B != 1):
         raise ConfigError("flash_attention: cu_seqlens_k needs cu_seqlens and one packed row (B = 1)")
     if cu_seqlens_k is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):

@@ -29,6 +29,7 @@ import functools
 import torch
 
 from lmforge.kernels.decode import PDL_DEFAULT, _launch_opts, interpreting, triton
+from lmforge.model.layers.attention import check_softcap_and_window
 
 if triton is not None:
     import triton.language as tl
@@ -43,6 +44,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     reference attention (fp32) over its visible keys."""
     from lmforge.model.layers.attention import math_attention
 
+    check_softcap_and_window("paged_decode_attention_ref", softcap, window)
     bs = k_cache.shape[1]
     out = torch.zeros_like(q)
     for b in range(q.shape[0]):
@@ -113,7 +115,8 @@ if triton is not None:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(scores - m_use[:, None])
         alpha = tl.exp(m_i - m_use)
-        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return (m_new, l_i * alpha + tl.sum(p, 1),
+                acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION))
 
     @triton.jit
     def _normalize(acc, m_i, l_i, sink, SINKS: tl.constexpr):
@@ -378,12 +381,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Kernel version of paged_decode_attention_ref (same arguments). Extra, for callers that capture CUDA
     graphs or tune: `config` (slices, keys per tile, warps[, 1 = one query head per program]), `out`,
-    `work` (from workspace(), sized for the config), `start` ((B,) first visible slot per row: a static cache's left padding), `pdl`
-    (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each row's new-token
-    position, used instead of context_lens: written before the step began and with every other key from
+    `work` (from workspace(), sized for the config), `start` ((B,) first visible slot per row: a static cache's
+    left padding), `pdl` (programmatic dependent launch where the GPU has it), `early_positions` ((B,) each
+    row's new-token position, used instead of context_lens: written before the step began and with every other key from
     earlier steps, so the kernel reads them before its PDL wait - lmforge.infer.kernel_step), `tree` ((start,
     bits) int64 (B,) each: rows of a token tree, lmforge.model.meta.AttnMetadata.tree_rows)."""
     B, H, hd, KV = _check_shapes("paged_decode_attention", "B", q, k_cache, v_cache)
+    check_softcap_and_window("paged_decode_attention", softcap, window)
     if block_tables.shape[0] != B or context_lens.shape[0] != B or block_tables.is_floating_point():
         raise ValueError(f"block_tables must be integer (B={B}, max_blocks) and context_lens (B,); got "
                          f"{tuple(block_tables.shape)} {block_tables.dtype} and {tuple(context_lens.shape)}")
@@ -400,7 +404,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     qpp = 1 if per_head else H // KV
     if splits & (splits - 1) or block & (block - 1) or block < 16 or not 0 <= stages <= 8:
         raise ValueError(f"paged attention config {config}: slices must be a power of two, keys per tile a "
-                         "power of two >= 16, stages 0 (double-buffered), 1 (one tile at a time) or a pipeline of 2 to 8")
+                         "power of two >= 16, stages 0 (double-buffered), 1 (one tile at a time) or a pipeline of "
+                         "2 to 8")
     block_tables, context_lens, start, sinks, early_positions = index_layout(
         block_tables, context_lens, start, sinks, early_positions)
     tree = None if tree is None else tuple(t.contiguous() for t in tree)

@@ -28,6 +28,7 @@ import torch
 
 from lmforge.kernels.decode import interpreting
 from lmforge.kernels.paged_attention import _pad, _sm_count, index_layout, triton
+from lmforge.model.layers.attention import check_softcap_and_window
 
 if triton is not None:
     import triton.language as tl
@@ -56,6 +57,7 @@ def paged_latent_reference(q_lat: torch.Tensor, q_rope: torch.Tensor, c_cache: t
     """Plain definition (fp32 inside): each row gathers its sequence's table, scores q_lat·c + q_rope·k_r
     (scaled, soft-capped), masks to its visible slots, and sums softmax·c. cu_q: varlen rows (module
     docstring); tree: (start, bits) (N,) per decode row. Rows that see no slot get zeros."""
+    check_softcap_and_window("paged_latent_reference", softcap, window)
     seq, own = latent_rows(block_tables, context_lens, cu_q, q_lat.shape[0])
     slot = torch.arange(block_tables.shape[1] * c_cache.shape[1], device=q_lat.device)
     out = torch.empty_like(q_lat)
@@ -123,7 +125,8 @@ if triton is not None:
         r = tl.arange(0, RP)
         e = tl.arange(0, DRP)
         r_ok, e_ok = r < R, e < DR
-        ql = tl.load(ql_ptr + (row * H + heads)[:, None] * R + r[None, :], mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+        ql = tl.load(ql_ptr + (row * H + heads)[:, None] * R + r[None, :], mask=g_ok[:, None] & r_ok[None, :],
+                     other=0.0)
         qr = tl.load(qr_ptr + (row * H + heads)[:, None] * DR + e[None, :], mask=g_ok[:, None] & e_ok[None, :],
                      other=0.0)
         if F32:
@@ -200,6 +203,7 @@ def paged_latent_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, c_cache: t
                            config: LatentConfig | None = None) -> torch.Tensor:
     """Kernel version of paged_latent_reference (same arguments). Varlen rows (cu_q) read device tensors only;
     `rows`: their latent_rows(...), when the caller keeps them for all layers of a step."""
+    check_softcap_and_window("paged_latent_attention", softcap, window)
     N, H, R = q_lat.shape
     DR = q_rope.shape[2]
     if (q_rope.shape[:2] != (N, H) or c_cache.dim() != 3 or kr_cache.shape[:2] != c_cache.shape[:2]

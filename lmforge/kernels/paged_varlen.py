@@ -19,6 +19,7 @@ import torch
 
 from lmforge.kernels.decode import interpreting
 from lmforge.kernels.paged_attention import _check_shapes, _pad, index_layout, triton
+from lmforge.model.layers.attention import check_softcap_and_window
 
 if triton is not None:
     import triton.language as tl
@@ -62,6 +63,7 @@ def paged_varlen_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     REFERENCE_TOKENS tokens at a time (the gathered keys' memory stays bounded)."""
     from lmforge.model.layers.attention import math_attention, visible
 
+    check_softcap_and_window("paged_varlen_reference", softcap, window)
     N = q.shape[0]
     tok = torch.arange(N, device=q.device)
     cu = cu_q.long()
@@ -146,6 +148,7 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     first query) int32 (P,) from varlen_tiles. Reads only device tensors and launches a grid fixed by P, so a
     CUDA graph of a mixed step (decodes and prefill chunks) holds it. Padding tokens (past cu_q[-1]) get zeros."""
     N, H, hd, KV = _check_shapes("paged_varlen_attention", "N", q, k_cache, v_cache)
+    check_softcap_and_window("paged_varlen_attention", softcap, window)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or not q.is_contiguous():
         raise ValueError("paged_varlen_attention needs contiguous q and a contiguous last cache dimension")
     S = context_lens.shape[0]

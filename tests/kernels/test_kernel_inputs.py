@@ -11,6 +11,7 @@ import torch
 from lmforge.kernels.decode import available
 
 from .test_paged_attention import _paged
+from .test_paged_latent import _decode
 from .test_paged_varlen import CHUNKS, _step
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,3 +135,34 @@ def test_grouped_mm_refuses_counts_that_do_not_sum_to_the_rows():
             moe.grouped_mm(x, w, torch.tensor(counts))
     torch.testing.assert_close(moe.grouped_mm(x, w, torch.tensor([4, 0, 7])),
                                grouped_mm_loop(x, w, torch.tensor([4, 0, 7])))
+
+
+def test_a_negative_softcap_or_window_is_refused_by_every_attention_entry_point():
+    """The paged kernels, their references and math_attention cap and window only where the value is > 0: a
+    softcap or window of -1 ran silently as none. Each refuses it in one line naming itself and the value (the
+    engine's callers pass the model config's values, checked >= 0 there)."""
+    from lmforge.errors import ConfigError
+    from lmforge.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+    from lmforge.kernels.paged_latent import paged_latent_attention, paged_latent_reference
+    from lmforge.kernels.paged_varlen import paged_varlen_attention, paged_varlen_reference, varlen_tiles
+    from lmforge.model.layers.attention import attention, math_attention
+
+    paged, latent = _paged(2, 2, 2, 16, 16, [5, 9]), _decode(2, 2, 8, 4, 16, [5, 9])
+    varlen = _step(2, 2, 16, 16, CHUNKS)
+    tiles = tuple(torch.tensor(t, dtype=torch.int32, device=DEV) for t in varlen_tiles([n for n, _ in CHUNKS]))
+    calls = {"paged_decode_attention": lambda **kw: paged_decode_attention(*paged, scale=0.25, **kw),
+             "paged_decode_attention_ref": lambda **kw: paged_decode_attention_ref(*paged, scale=0.25, **kw),
+             "paged_latent_attention": lambda **kw: paged_latent_attention(*latent, scale=0.25, **kw),
+             "paged_latent_reference": lambda **kw: paged_latent_reference(*latent, scale=0.25, **kw),
+             "paged_varlen_attention": lambda **kw: paged_varlen_attention(*varlen, tiles, scale=0.25, **kw),
+             "paged_varlen_reference": lambda **kw: paged_varlen_reference(*varlen, scale=0.25, **kw)}
+    for name, call in calls.items():
+        with pytest.raises(ConfigError, match=rf"^{name}: softcap=-1.0 must be >= 0 \(0 = no capping\)$"):
+            call(softcap=-1.0)
+        with pytest.raises(ConfigError, match=rf"^{name}: window=-1 must be >= 0 \(0 = no window\)$"):
+            call(window=-1)
+        call(softcap=0.0, window=0)  # (off, as before)
+    q = torch.randn(1, 2, 3, 8)
+    for name, call in (("math_attention", math_attention), ("attention", attention)):
+        with pytest.raises(ConfigError, match=rf"^{name}: softcap=-30.0 must be >= 0 \(0 = no capping\)$"):
+            call(q, q, q, "causal", scale=0.35, softcap=-30.0)

@@ -29,6 +29,7 @@ from torch import nn
 from dataclasses import dataclass
 from typing import Callable
 
+from lmforge.errors import ConfigError
 from lmforge.model.layers.fused import fuse_linears
 from lmforge.model.layers.norm import RMSNorm
 from lmforge.model.layers.rope import apply_rope
@@ -49,6 +50,15 @@ class AttnSpec:
     """(H,) learned sink logits (the layer's Parameter, so it follows .to() and load_state_dict)"""
     impl: str = "sdpa"
     dropout: float = 0.0
+
+
+def check_softcap_and_window(name: str, softcap: float, window: int = 0) -> None:
+    """Refuses a negative softcap or window in one line: attention caps and windows only where the value is > 0,
+    so a negative one ran silently as no capping or no window."""
+    if softcap < 0:
+        raise ConfigError(f"{name}: softcap={softcap} must be >= 0 (0 = no capping)")
+    if window < 0:
+        raise ConfigError(f"{name}: window={window} must be >= 0 (0 = no window)")
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> torch.Tensor:
@@ -85,6 +95,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
                    probs_hook: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Reference attention. q (B, H, T, hd); k, v (B, KV, S, hd) with H a multiple of KV.
     probs_hook receives the attention probabilities (B, H, T, S) (KV policies such as H2O read them)."""
+    check_softcap_and_window("math_attention", softcap)
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hd): each kv head serves `rep` query heads
     v = v.repeat_interleave(rep, dim=1)
@@ -113,6 +124,7 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *, scale: float,
               softcap: float = 0.0, dropout_p: float = 0.0, impl: str = "sdpa", sinks: torch.Tensor | None = None,
               probs_hook: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    check_softcap_and_window("attention", softcap)  # (SDPA's path below would take a negative one as no capping)
     if impl == "triton":  # a cache's attention (queries other than the keys): the kernel serves training
         impl = "sdpa"
     if impl == "math" or softcap > 0 or sinks is not None or probs_hook is not None:  # SDPA has none of these

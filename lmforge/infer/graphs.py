@@ -375,6 +375,10 @@ def kernel_step_available(device: torch.device | str) -> str | None:
     except ImportError as e:
         return f"cannot import it ({e})"
     why = unavailable(device)
+    if why is None and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        # (the automatic choice, EngineConfig.kernel_step=None, takes Ampere or newer only: so does True)
+        why = (f"needs a GPU of compute capability >= 8.0 (Ampere), and {torch.cuda.get_device_name(device)} has "
+               + "%d.%d" % torch.cuda.get_device_capability(device))
     return None if why is None else f"it {why}"
 
 

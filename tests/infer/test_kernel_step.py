@@ -191,6 +191,25 @@ def test_unsupported_models_are_named_and_refused():
     assert Engine(gpt2, IdTokenizer(257)).runner.kernel_step is None  # auto: the general path
 
 
+def test_kernel_step_true_on_a_gpu_older_than_ampere_is_refused(monkeypatch):
+    """The automatic choice (kernel_step=None) takes the kernel step on compute capability >= 8.0 only, but
+    kernel_step=True on a Turing GPU was taken: refused in one line naming the GPU and its capability."""
+    import lmforge.kernels.decode as kd
+    from lmforge.infer.config import use_kernel_step
+
+    cuda, model = torch.device("cuda"), tiny_model("llama")
+    monkeypatch.setattr(kd, "unavailable", lambda device: None)  # (Triton's own check: a GPU it can run on)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ConfigError, match=r"^kernel_step=True, but the batch-1 kernel step cannot run: it needs a GPU "
+                                          r"of compute capability >= 8.0 \(Ampere\), and Tesla T4 has 7.5$"):
+        use_kernel_step(EngineConfig(kernel_step=True), model, cuda)
+    assert use_kernel_step(EngineConfig(), model, cuda) is False  # the automatic choice, as before
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert use_kernel_step(EngineConfig(kernel_step=True), model, cuda) is True
+    assert use_kernel_step(EngineConfig(), model, cuda) is True
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times CUDA graphs")
 def test_tuning_saves_configs_and_keeps_the_logits(tmp_path, monkeypatch):

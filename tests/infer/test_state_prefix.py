@@ -119,6 +119,25 @@ def test_a_reset_forgets_the_snapshots_and_the_option_is_checked(models, tok):
         EngineConfig(state_snapshots=-1)
 
 
+def test_snapshots_for_a_model_without_state_layers_are_a_notice(tok):
+    """state_snapshots > 0 on a plain transformer (nothing to snapshot: its prefix caching needs none) was ignored
+    without a word: one warning says so, and the engine caches prefixes as without it."""
+    import warnings
+
+    from .infer_helpers import tiny_model
+
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"^state_snapshots=4 is ignored: Transformer has no recurrent-state layers.*"
+                                         "leave it at 0 for this model$") as seen:
+        engine = Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4))
+    assert len(seen) == 1 and seen[0].filename == __file__  # (the user's line)
+    assert engine.pool.prefix_caching and engine.scheduler.snapshots is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine(model, tok, EngineConfig(block_size=4))
+        Engine(tiny_state_model("hybrid"), tok, EngineConfig(block_size=4, state_snapshots=4))
+
+
 def test_snapshots_are_refused_where_a_length_dependent_rope_turns_prefix_caching_off(tok):
     """A hybrid whose attention's RoPE follows each sequence's length (dynamic NTK) cannot cache prefixes: its
     state_snapshots rows would be set aside and never used (before, they were, silently)."""

@@ -297,7 +297,8 @@ class Engine:
             raise LmforgeError(f"with chunked_prefill off a sequence is computed in one step (its prompt, and after a "
                                f"preemption its output too): {length} tokens > max_num_batched_tokens="
                                f"{self.config.max_num_batched_tokens}; raise it or turn chunked_prefill on")
-        bound = self.kv_policy.policy.max_slots(self.config.max_num_batched_tokens) if self.kv_policy else None
+        bound = (self.kv_policy.policy.max_slots(len(ids), self.config.max_num_batched_tokens) if self.kv_policy
+                 else None)
         if self.scheduler.max_positions is not None:  # positions within the cache: chunks end below the window
             bound = min(bound, self.scheduler.max_positions)
         # beams advance together; n samples take turns through preemption, unless a server wants them all at once

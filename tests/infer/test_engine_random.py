@@ -47,9 +47,10 @@ def run_random(tok, seed: int) -> int:
     cfg = dict(block_size=r.choice([4, 8]), kv_policy=policy_of(r, kind), max_num_batched_tokens=r.choice([7, 16, 64]),
                max_num_seqs=r.choice([2, 4, 8]), async_scheduling=r.choice([False, True]),
                cuda_graphs=r.choice([False, True]))
-    # small pools need a policy that bounds the keys a request holds (StreamingLLM's; H2O and SnapKV hold prompts whole)
+    # small pools need a policy that bounds the keys a request holds (StreamingLLM's; H2O's past the prompt; SnapKV
+    # keeps every generated key)
     small = [None, 32, 48, 64, 96] if cfg["block_size"] == 4 else [None, 64, 96]
-    slots = r.choice(small if kind.startswith("stream") else [None, 96, 128])
+    slots = r.choice(small if kind.startswith(("stream", "h2o")) else [None, 96, 128])
     if slots:
         cfg["num_kv_tokens"] = slots
     n, new = r.choice([1, 2, 3]), r.choice([5, 20, 40])

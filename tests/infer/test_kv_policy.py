@@ -601,6 +601,6 @@ def test_a_streaming_request_longer_than_the_pool_runs_in_bounded_blocks(tok):
                 if out.finished:
                     outs.append(out.outputs[0])
         assert engine.stats()["preemptions"] == 0
-        assert engine.stats()["peak_used_blocks"] <= engine.pool.blocks_for(policy.max_slots(8)) + 1
+        assert engine.stats()["peak_used_blocks"] <= engine.pool.blocks_for(policy.max_slots(len(prompt), 8)) + 1
     assert outs[0].token_ids == outs[1].token_ids and outs[0].logprobs == outs[1].logprobs
     assert len(outs[0].token_ids) == 60

@@ -10,7 +10,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-from lmforge.infer.engine import EngineConfig
+from lmforge.errors import LmforgeError
+from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kv.policy import H2O
 from lmforge.infer.sampling import SamplingParams
 
@@ -28,11 +29,12 @@ class Heavy(H2O):
 HeavyUnordered = H2O
 
 
-def heavy_by_hand(ref: RefCache, start: int, heavy: int, recent: int, alike: bool) -> None:
+def heavy_by_hand(ref: RefCache, start: int, heavy: int, recent: int, alike: bool, prompt_len: int) -> None:
     """Heavy's rule in position space from the reference's own probabilities (evicted keys got 0): before a
-    step at position `start` >= the prompt, with more than heavy + recent keys held."""
+    step at position `start` >= the request's prompt (also in a recomputation after a preemption, which restarts
+    the probabilities), with more than heavy + recent keys held."""
     held = int(ref.alive[0][0].sum())
-    if start < ref.prompt_len or held <= heavy + recent:
+    if start < prompt_len or held <= heavy + recent:
         return
     scores = []
     for layer, alive in enumerate(ref.alive):
@@ -94,11 +96,11 @@ def test_unordered_slots_equal_ordered_and_the_reference(tok, arch, config, n, a
     runs = []
     for kind in (Heavy, HeavyUnordered):
         rows = []
-        engine, reqs, log = run(model, tok, EngineConfig(block_size=4, kv_policy=kind(heavy=6, recent=4, per_head=not alike),
-                                                         **config), prompts, sp, lambda e, rows=rows: counting(e, rows))
+        config_of = EngineConfig(block_size=4, kv_policy=kind(heavy=6, recent=4, per_head=not alike), **config)
+        engine, reqs, log = run(model, tok, config_of, prompts, sp, lambda e, rows=rows: counting(e, rows))
 
         def on_prefill(seq, ref, start):
-            heavy_by_hand(ref, start, 6, 4, alike)
+            heavy_by_hand(ref, start, 6, 4, alike, seq.request.prompt_len)
         assert check_against(replay(model, log, kind(heavy=6, recent=4), on_prefill), reqs, greedy=n == 1) == 40 * n
         assert engine.pool.num_used == 0 and (engine.stats()["preemptions"] > 0) == (n > 1)
         runs.append((reqs, [[(s.seq_id, a, b) for s, a, b, *_ in step] for step in log], rows))
@@ -137,3 +139,48 @@ def test_unordered_slots_through_the_triton_kernels(tok):
     cache = engine.runner.cache
     assert cache.kernel is not None and cache.prefill_kernel is not None  # neither fell back to the reference
     assert check_against(replay(model, log, policy), reqs, greedy=True) == 24
+
+
+@pytest.mark.parametrize("n,preempt_at", [(1, None), (3, None), (1, 40)])
+def test_an_h2o_generation_longer_than_the_pool_runs_in_its_budget(tok, n, preempt_at):
+    """H2O holds the prompt whole, then heavy + recent keys before each step (max_slots(prompt_len, chunk) = 24
+    keys: 7 blocks), so a request of 16 prompt + 60 new tokens (19 blocks) runs on a 7-block pool, which refuses it
+    without the policy, and decodes exactly as on a pool that holds everything. A sequence preempted after 40 new
+    tokens (as a failed compaction preempts it) is evicted from as its recomputed output comes, not held whole as a
+    prompt (16 + 40 keys: 14 blocks, which the pool never has); three samples take turns through preemption. All
+    equal the masked reference applying H2O's rule by position, and no sequence holds more than 24 keys."""
+    model, policy = tiny_model("llama"), H2O(heavy=6, recent=4)
+    prompt = "a short one here"
+    sp = SamplingParams(temperature=0 if n == 1 else 1.0, n=n, seed=3, max_tokens=60, ignore_eos=True, logprobs=0)
+    small = dict(block_size=4, max_num_batched_tokens=8, num_kv_tokens=28)
+    assert policy.max_slots(len(prompt), 8) == 24
+    with pytest.raises(LmforgeError, match="needs 19 KV blocks but the pool has 7"):
+        Engine(model, tok, EngineConfig(**small)).add_request(prompt, sp)
+
+    outs, held = [], []
+
+    def spy(engine):  # the keys each scheduled sequence holds once its chunk is computed
+        schedule = engine.scheduler.next_batch
+
+        def counted(*a, **k):
+            for seq in list(engine.scheduler.running):
+                if seq.num_output == preempt_at and not seq.preemptions:
+                    engine.scheduler.preempt(seq)
+            batch = schedule(*a, **k)
+            held.extend(seq.num_slots + n for seq, n in batch.chunks)
+            return batch
+        engine.scheduler.next_batch = counted
+    for tokens in (28, 512):
+        engine, reqs, log = run(model, tok, EngineConfig(**{**small, "num_kv_tokens": tokens}, kv_policy=policy),
+                                [prompt], sp, spy)
+        assert engine.pool.num_used == 0 and max(held) <= 24
+        assert engine.stats()["preemptions"] == (1 if preempt_at else 0) or n > 1 and tokens == 28
+        if n == 1:
+            assert engine.stats()["peak_used_blocks"] <= 7
+
+        def on_prefill(seq, ref, start):
+            heavy_by_hand(ref, start, 6, 4, False, seq.request.prompt_len)
+        assert check_against(replay(model, log, policy, on_prefill), reqs, greedy=n == 1) == 60 * n
+        outs.append(reqs[0].seqs)
+    if n == 1:
+        assert outs[0][0].tokens == outs[1][0].tokens and outs[0][0].logprobs == outs[1][0].logprobs

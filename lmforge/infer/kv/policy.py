@@ -53,7 +53,8 @@ computed after an eviction saw a lossy context), and a block a prefix names is n
 never hands a lossless prompt a lossy block (a policy's sequence may still start from lossless cached
 blocks, first planned after its first computed chunk: prefix and chunk act as one chunk; a policy
 observing the prompt's last tokens, SnapKV, has them computed: `observed_tail`, sys.maxsize for all).
-Preemption recomputes from token 0 (evicted = 0, state restarted: the recomputed tokens are a prompt).
+Preemption recomputes from token 0 (evicted = 0, state restarted: the recomputed tokens are a prompt, except
+for H2O, which evicts from a recomputed output as it comes).
 Forks copy the parent's state (`fork`). Refused with a one-line error (`check_engine`): speculative decoding
 and token trees (drafts rewind and move keys by position), sliding-window and recurrent-state models
 (windows are measured on slots), models without cache_spec(), and kernel_step=True (the batch-1 kernel step
@@ -147,10 +148,11 @@ class KVPolicy:
         """The slots to keep of seq's num_slots (ascending, at least one, fewer than num_slots), or None."""
         raise NotImplementedError
 
-    def max_slots(self, chunk: int) -> int | None:
-        """The most keys a sequence can hold at once when a step adds at most `chunk` tokens (None: no bound
-        below its length). Engine.add_request sizes its pool check with it, so a request longer than the
-        pool still runs under a policy that bounds its keys."""
+    def max_slots(self, prompt_len: int, chunk: int) -> int | None:
+        """The most keys a sequence of a `prompt_len`-token prompt can hold at once when a step adds at most `chunk`
+        tokens, also while it is recomputed after a preemption (None: no bound below its length).
+        Engine.add_request sizes its pool check with it, so a request longer than the pool still runs under a
+        policy that bounds its keys."""
         return None
 
     def compacted(self, state, keep: Keep) -> None:
@@ -208,8 +210,9 @@ class StreamingLLM(KVPolicy):
             return None
         return [*range(self.sink_tokens), *range(n - self.window, n)]
 
-    def max_slots(self, chunk: int) -> int:
-        # a plan leaves at most sink_tokens + window + slack - 1 keys before a step, which adds <= chunk
+    def max_slots(self, prompt_len: int, chunk: int) -> int:
+        # whatever the prompt: a plan leaves at most sink_tokens + window + slack - 1 keys before a step, which
+        # adds <= chunk
         return self.sink_tokens + self.window + self.slack - 1 + chunk
 
 
@@ -229,7 +232,10 @@ class H2O(KVPolicy):
     (§3-4, Algorithm 1): per (layer, kv head) the attention each key has received, accumulated over every query so
     far (the prompt's and each decoded token's; a kv head sums its group's query heads); once the prompt is
     computed, keep the `heavy` keys with the most among the older ones (the heavy hitters) and the `recent`
-    newest, so from then on one key goes per decoded token - the greedy eviction of Algorithm 1.
+    newest, so from then on one key goes per decoded token - the greedy eviction of Algorithm 1. A sequence
+    recomputed after a preemption observes every query again and evicts before each chunk past the prompt, so it
+    never holds more than max(prompt, heavy + recent) keys + a step's (max_slots: a generation longer than the
+    pool runs).
 
     The scores come from the attention weights (`needs_scores`: observed steps run the reference attention, not
     the kernels) and every prompt query is observed (`observed_tail`: prompts are computed, never read from the
@@ -250,7 +256,9 @@ class H2O(KVPolicy):
               f"H2O needs heavy >= 0 and recent >= 1, got heavy={self.heavy}, recent={self.recent}")
 
     def start(self, seq, layout: CacheLayout) -> _H2OState:
-        return _H2OState(len(seq.tokens), layout.heads)
+        # the request's prompt, also when a preempted sequence restarts: its recomputed outputs are evicted from
+        # as they come (chunk by chunk), not held whole as a prompt, so it holds no more keys than it did (max_slots)
+        return _H2OState(seq.request.prompt_len, layout.heads)
 
     def observes(self, state: _H2OState, start: int, n: int) -> bool:
         return True
@@ -278,8 +286,10 @@ class H2O(KVPolicy):
         return torch.stack([state.score[layer].masked_fill(state.pos[layer] >= first_recent, float("inf"))
                             .topk(budget, dim=-1).indices for layer in layers])  # (L, kv heads, K), any order
 
-    def max_slots(self, chunk: int) -> int | None:
-        return None  # the prompt is held whole until it is computed
+    def max_slots(self, prompt_len: int, chunk: int) -> int:
+        # the prompt is held whole until it is computed (a recomputation's chunk may pass its end), then a plan
+        # leaves heavy + recent keys before each step, which adds <= chunk
+        return max(prompt_len, self.heavy + self.recent) + chunk
 
     def compacted(self, state: _H2OState, keep: Keep) -> None:  # new slot i holds old slot keep[..., i]
         for layer, kv in enumerate(state.heads):
@@ -396,7 +406,8 @@ def policy_from_spec(spec: str) -> KVPolicy:
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or key not in known:
-            raise ConfigError(f"KV policy {name}: {item!r} is not key=value with a key among {', '.join(sorted(known))}")
+            raise ConfigError(f"KV policy {name}: {item!r} is not key=value with a key among "
+                              f"{', '.join(sorted(known))}")
         value = value.strip()
         fields[key] = int(value) if value.lstrip("-").isdigit() else {"true": True, "false": False}.get(value.lower(),
                                                                                                        value)
@@ -459,7 +470,7 @@ def key_rotation(policy: KVPolicy, model, max_seq_len: int):
         raise ConfigError(f"kv_policy={name} with positions within the cache turns cached keys by their shift: it "
                           "needs a model whose keys carry plain RoPE (not learned positions, not a scaling that "
                           "depends on the sequence length)")
-    held = policy.max_slots(1)
+    held = policy.max_slots(max_seq_len + 1, 1)  # (any prompt: a stream runs past the window)
     if held is None or held > max_seq_len:
         raise ConfigError(f"kv_policy={name} with positions within the cache holds up to {held} keys, more than the "
                           f"model's max_seq_len={max_seq_len}: a smaller window or slack")

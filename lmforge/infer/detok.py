@@ -41,11 +41,11 @@ class StreamDecoder:
         self.lead = getattr(tokenizer, "stream_lead", None) if self.by_pieces and self.first else None
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         # the window path decodes the context's ids with the new ones and returns only what they add
-        self.ids: list[int] = [] if self.by_bytes or self.by_pieces or not context else complete_context(tokenizer,
-                                                                                                         context)
+        window = not self.by_bytes and not self.by_pieces and bool(context)
+        self.ids, text = _decoded_context(tokenizer, context) if window else ([], "")
         self.start = 0  # the window: ids[start:] is decoded each step
         self.done = len(self.ids)  # ids[:done] were all shown, their text complete: where the next window opens
-        self.emitted = len(safe_decode(tokenizer, self.ids)) if self.ids and self.has_text else 0  # (window text)
+        self.emitted = len(text) if self.has_text else 0  # (window text)
 
     def push(self, token_id: int) -> str:
         if not self.has_text or self.skip and token_id in self.skip:
@@ -106,21 +106,60 @@ def continuation_context(prompt_ids, specials: frozenset[int] | set[int]) -> lis
 def complete_context(tokenizer, context: list[int]) -> list[int]:
     """`context` less the ids at its end whose text is an incomplete character (a prompt continuing an output cut
     inside one): the completion's first bytes then show as U+FFFD, as the byte-wise paths show them, instead of
-    finishing a character neither text shows."""
+    finishing a character neither text shows. Told by the ids' bytes where the tokenizer gives them
+    (`exact_bytes`): a U+FFFD the text truly holds (bytes EF BF BD) is a whole character and stays. A tokenizer
+    read through decode alone shows both as U+FFFD: its ids are dropped while the text ends in one."""
+    return _decoded_context(tokenizer, context)[0]
+
+
+def _decoded_context(tokenizer, context: list[int]) -> tuple[list[int], str]:
+    """complete_context's ids and their text, decoded once (a decode-only tokenizer's again per dropped id)."""
     context = [int(i) for i in context]
-    while context and safe_decode(tokenizer, context).endswith("\ufffd"):
+    parts = [exact_bytes(tokenizer, i) for i in context]
+    if context and None not in parts:
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8.decode(b"".join(parts))
+        tail = len(utf8.getstate()[0])  # the bytes of a character still incomplete at the end
+        while tail > 0:
+            tail -= len(parts.pop())
+            context.pop()
+        return context, safe_decode(tokenizer, context) if context else ""
+    text = safe_decode(tokenizer, context) if context else ""
+    while text.endswith("\ufffd"):
         context.pop()
-    return context
+        text = safe_decode(tokenizer, context) if context else ""
+    return context, text
 
 
 def decode_after(tokenizer, context: list[int], ids: list[int]) -> str:
     """The text `ids` add after `context` (continuation_context): decoded alone, a SentencePiece text would lose
     its first token's space (StreamDecoder's `context`, for callers that decode whole lists, as beam search)."""
-    context = complete_context(tokenizer, context)
+    return _after(tokenizer, *_decoded_context(tokenizer, context), ids)
+
+
+def _after(tokenizer, context: list[int], head: str, ids: list[int]) -> str:
+    """decode_after past the completed context and its text `head` (decoded once for every `ids` after it)."""
     if not context:
         return safe_decode(tokenizer, ids)
-    head, whole = safe_decode(tokenizer, context), safe_decode(tokenizer, list(context) + list(ids))
+    whole = safe_decode(tokenizer, [*context, *ids])
     return whole[len(head):] if whole.startswith(head) else safe_decode(tokenizer, ids)
+
+
+def exact_bytes(tokenizer, token: int, first: bool = False) -> bytes | None:
+    """The bytes `token` adds to a text where the tokenizer tells them: `token_bytes`, or `stream_bytes` where it is
+    `streamable` (SentencePieceBPE; first: the token opens the text, whose start loses `stream_lead`, as
+    StreamDecoder._strip_lead strips it); None for a tokenizer read through decode alone."""
+    token = int(token)
+    if callable(getattr(tokenizer, "token_bytes", None)):
+        return tokenizer.token_bytes(token)
+    if not getattr(tokenizer, "streamable", False):
+        return None
+    raw = tokenizer.stream_bytes(token, first)
+    if first and getattr(tokenizer, "stream_lead", None):
+        char, n = tokenizer.stream_lead
+        while n and raw.startswith(char.encode()):
+            raw, n = raw[len(char.encode()):], n - 1
+    return raw
 
 
 def token_text(tokenizer, before: list[int], token: int) -> tuple[str, list[int] | None]:
@@ -131,19 +170,23 @@ def token_text(tokenizer, before: list[int], token: int) -> tuple[str, list[int]
     over tokens) reads as those bytes escaped ("\\xe6\\x97"), as OpenAI's API shows them, never U+FFFD, and `bytes`
     holds them. A tokenizer that gives no token bytes (decoded in a window: decode_after) gives None for bytes where
     its text shows U+FFFD (the bytes are not known)."""
-    token = int(token)
-    if callable(getattr(tokenizer, "token_bytes", None)):
-        raw = tokenizer.token_bytes(token)
-    elif getattr(tokenizer, "streamable", False):
-        raw = tokenizer.stream_bytes(token, not before)
-        if not before and getattr(tokenizer, "stream_lead", None):  # (the text's start loses its lead: _strip_lead)
-            char, n = tokenizer.stream_lead
-            while n and raw.startswith(char.encode()):
-                raw, n = raw[len(char.encode()):], n - 1
-    else:
-        text = decode_after(tokenizer, list(before[-CONTEXT_IDS:]), [token])
-        return text, None if "\ufffd" in text else list(text.encode())
-    return raw.decode("utf-8", errors="backslashreplace"), list(raw)
+    return _row_texts(tokenizer, before, [token])[0][1:]
+
+
+def _row_texts(tokenizer, before: list[int], tokens) -> list[tuple[int, str, list[int] | None]]:
+    """(token, text, bytes) of token_text for each of `tokens` after the same ids `before`: a window-decoded
+    context is decoded once for the row, not once per alternative."""
+    out, head = [], None
+    for token in map(int, tokens):
+        raw = exact_bytes(tokenizer, token, not before)
+        if raw is not None:
+            out.append((token, raw.decode("utf-8", errors="backslashreplace"), list(raw)))
+            continue
+        if head is None:
+            head = _decoded_context(tokenizer, list(before[-CONTEXT_IDS:]))
+        text = _after(tokenizer, *head, [token])
+        out.append((token, text, None if "\ufffd" in text else list(text.encode())))
+    return out
 
 
 def token_texts(tokenizer, context: list[int], ids: list[int], steps: list, skip=frozenset()):
@@ -154,7 +197,7 @@ def token_texts(tokenizer, context: list[int], ids: list[int], steps: list, skip
     before = list(context[-CONTEXT_IDS:])
     out = []
     for j, step in enumerate(steps):
-        out.append(None if step is None else [(int(t), *token_text(tokenizer, before, t)) for t in step])
+        out.append(None if step is None else _row_texts(tokenizer, before, step))
         if j < len(ids) and int(ids[j]) not in skip:
             before = [*before, int(ids[j])][-CONTEXT_IDS:]
     return out

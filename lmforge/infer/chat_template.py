@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.infer.detok import exact_bytes
 from lmforge.tokenizer.load import takes_where
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -392,8 +393,8 @@ def _encode_run(tokenizer, plain, run: list[tuple[str, bool]], where: str) -> tu
     """One stretch of plain text, as (text, train) pieces, encoded whole -> its ids and, per id, whether it
     overlaps a trained piece (HF's assistant-token mask marks each token a trained character falls in): by the
     characters each token stands for where the tokenizer reports them (encode_ordinary_spans: SentencePiece,
-    whose decode([id]) drops a leading space), else by its bytes (token_bytes, else decode([id])), token after
-    token along the text."""
+    whose decode([id]) drops a leading space), else by its bytes (lmforge.infer.detok.exact_bytes: token_bytes or
+    stream_bytes, else decode([id])), token after token along the text."""
     text = "".join(t for t, _ in run)
     if not text:
         return [], []
@@ -404,7 +405,8 @@ def _encode_run(tokenizer, plain, run: list[tuple[str, bool]], where: str) -> tu
     else:
         ids, spans, at = plain(text, where), [], 0
         for t in ids:
-            n = len(_token_bytes(tokenizer, t))
+            raw = exact_bytes(tokenizer, t)
+            n = len(raw if raw is not None else tokenizer.decode([t]).encode())
             spans.append((at, at + n))
             at += n
 
@@ -434,10 +436,6 @@ def _plain(tokenizer):
 def _normalized(tokenizer, text: str) -> str:
     form = getattr(tokenizer, "normalization", None)  # (Qwen2's NFC: the bytes the tokens hold)
     return unicodedata.normalize(form, text) if form else text
-
-
-def _token_bytes(tokenizer, token: int) -> bytes:
-    return tokenizer.token_bytes(token) if hasattr(tokenizer, "token_bytes") else tokenizer.decode([token]).encode()
 
 
 def _opens(add_generation_prompt: bool | None, continue_final_message: bool) -> bool:

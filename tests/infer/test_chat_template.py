@@ -78,6 +78,21 @@ def test_encode_plain_template_joins_content_and_its_newline():
     assert bytes(i for i, m in zip(ids, mask) if m).decode() == "Hello!\n"
 
 
+def test_encode_measures_tokens_as_the_detokenizer_reads_their_bytes():
+    """The trained mask measures each token by its bytes as lmforge.infer.detok.exact_bytes reads them (token_bytes,
+    or stream_bytes), else by its decoded text: a byte tokenizer read through decode alone (token_bytes None, the
+    detokenizer's decode-only case) masks as the byte tokenizer does (the template called None)."""
+    from lmforge.tokenizer.byte import ByteTokenizer
+
+    class DecodeOnly(ByteTokenizer):
+        token_bytes = None
+
+    t, msgs = get_template("plain"), MSGS[1:3]
+    ids, mask = t.encode(DecodeOnly(), msgs, add_generation_prompt=False)
+    assert (ids, mask) == t.encode(ByteTokenizer(), msgs, add_generation_prompt=False)
+    assert bytes(i for i, m in zip(ids, mask) if m).decode() == "Hello!\n"
+
+
 def test_a_message_without_content_says_so():
     with pytest.raises(ConfigError, match="message 1 has no 'content'"):
         get_template("plain").render([{"role": "user", "content": "x"}, {"role": "assistant"}])

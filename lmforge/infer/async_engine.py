@@ -64,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 from lmforge.errors import LmforgeError
 from lmforge.infer.engine import Engine
 from lmforge.infer.outputs import RequestOutput, join_outputs
-from lmforge.infer.request import seed_for
+from lmforge.infer.request import checked_prompt_index, seed_for
 from lmforge.infer.sampling import SamplingParams
 
 
@@ -180,10 +180,12 @@ class AsyncEngine:
         abort of a request never streamed hands its output to the caller and frees the id).
         With params.seed, the samples are those of prompt `prompt_index` of LLM.generate with that seed
         (the seed is derived per prompt there: lmforge.infer.request.seed_for); errors name it ("prompt 3 has
-        ..."). After shutdown() this raises EngineError. While paused (pause(), update_weights) it waits for
-        resume() before it queues the request (bad input then raises after resume)."""
+        ..."); anything but an int >= 0 is refused (checked_prompt_index). After shutdown() this raises
+        EngineError. While paused (pause(), update_weights) it waits for resume() before it queues the request
+        (bad input then raises after resume)."""
         if self._closed:
             raise EngineError("this AsyncEngine was shut down: it takes no new requests")
+        prompt_index = checked_prompt_index(prompt_index)
         if isinstance(params, SamplingParams) and params.seed is not None:
             params = params.derived(seed=seed_for(params.seed, prompt_index))
         text = prompt if isinstance(prompt, str) else None
@@ -205,6 +207,7 @@ class AsyncEngine:
         rendered text. Bad messages raise here (ConfigError / LmforgeError: a server's 400) with nothing queued."""
         if self._closed:
             raise EngineError("this AsyncEngine was shut down: it takes no new requests")
+        prompt_index = checked_prompt_index(prompt_index)
         from lmforge.infer.chat_template import chat_request
 
         req = await asyncio.get_running_loop().run_in_executor(

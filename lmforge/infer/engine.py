@@ -78,7 +78,7 @@ from lmforge.infer.kv.paged import decode_kernel
 from lmforge.infer.kv.state import check_engine as check_state_engine, check_request as check_state_request, marked
 from lmforge.infer.outputs import PromptIds, RequestOutput
 from lmforge.infer.pending import Launched, overlaps
-from lmforge.infer.request import Request, Sequence, Status, encode_prompt, seed_for, stop_ids
+from lmforge.infer.request import Request, Sequence, Status, checked_prompt_index, encode_prompt, seed_for, stop_ids
 from lmforge.infer.runner import (Extra, PagedRunner, RecomputeRunner, copy_weights, prompt_rows, row_for,
                                   sampling_rows)
 from lmforge.infer.sampler import SharedStream, forget, kind_of, logprob_entries
@@ -218,6 +218,8 @@ class Engine:
         leaves the engine as it was; prompt_index names the prompt in it (prompt i of a caller's batch; None:
         the prompt's own errors say 'prompt 0', the request's name none)."""
         self._sync_adapters()
+        if prompt_index is not None:
+            prompt_index = checked_prompt_index(prompt_index)
         params = params or SamplingParams.default()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")

@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 
 from lmforge.config import is_int
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.detok import StreamDecoder
 from lmforge.infer.outputs import CompletionOutput, RequestOutput, unstarted
 from lmforge.infer.processors import for_sample
@@ -46,6 +46,15 @@ def seed_for(seed: int, index: int) -> int:
     """A distinct, fixed stream for item `index` under `seed` (prompt i of a batch, sample j of a request),
     so identical prompts do not draw identical samples and a stream never depends on batch companions."""
     return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
+
+
+def checked_prompt_index(index) -> int:
+    """A caller's prompt_index (prompt i of its batch: seed_for's index and the name its errors give), or a one-line
+    refusal of what is no int >= 0."""
+    if not is_int(index) or index < 0:
+        raise ConfigError(f"prompt_index must be an int >= 0 (the prompt's place in a batch: its seed and the name "
+                          f"its errors give), got {index!r}")
+    return int(index)
 
 
 def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

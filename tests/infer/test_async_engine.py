@@ -842,3 +842,36 @@ def test_pause_abort_ends_running_streams_and_shutdown_ends_waiting_adds(tok):
     assert out[-1].finish_reason == "abort" and len(out[-1].token_ids) < 100
     assert out[-1].token_ids == full_greedy(model, tok.encode("aborted"), len(out[-1].token_ids))
     assert not engine.requests and engine.pool.num_used == 0
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, -1, "1", None])
+@pytest.mark.parametrize("seed", [None, 7])
+def test_a_bad_prompt_index_is_refused_at_add_request(tok, bad, seed):
+    """prompt_index picks the prompt's seed (seed_for) and names it in errors: a bool, float, negative number,
+    string or None is refused in one line at add_request, add_chat_request and generate (a string with a seed was
+    a TypeError from seed_for, True sampled as prompt 1, -1 and 1.5 ran on), nothing queued; the engine's own
+    add_request refuses it too (None there: no batch)."""
+    from lmforge.infer.chat_template import get_template
+
+    sp = SamplingParams(temperature=1.0, max_tokens=2, seed=seed)
+    want = f"prompt_index must be an int >= 0 .*, got {bad!r}"
+
+    async def main():
+        aeng = AsyncEngine(Engine(tiny_model("llama"), tok))
+        with pytest.raises(ConfigError, match=want):
+            await aeng.add_request("a", sp, prompt_index=bad)
+        with pytest.raises(ConfigError, match=want):
+            await aeng.add_request([1, 2], sp, prompt_index=bad)
+        with pytest.raises(ConfigError, match=want):
+            await aeng.add_chat_request([{"role": "user", "content": "a"}], sp, template=get_template("plain"),
+                                        prompt_index=bad)
+        with pytest.raises(ConfigError, match=want):
+            await anext(aeng.generate("a", sp, prompt_index=bad))
+        assert not aeng.engine.requests and not aeng.streams and aeng._loop_task is None
+        if bad is not None:
+            with pytest.raises(ConfigError, match=want):
+                aeng.engine.add_request("a", sp, prompt_index=bad)
+        assert not aeng.engine.requests
+        return await collect(aeng.generate("a", sp, prompt_index=3))
+
+    assert len(asyncio.run(main())[-1].outputs[0].token_ids) == 2

@@ -85,7 +85,10 @@ class SamplingParams:
     drafter (speculative decoding) the draws also depend on how many tokens each round drafts, which the step's
     room sets (max_num_batched_tokens, max_num_seqs, preemption): the same seed in another batch or engine may
     then sample other tokens, from the same distribution. None: the engine's own stream (Engine.rng, seeded from
-    torch's RNG when the engine is built), never torch's global RNG"""
+    torch's RNG when the engine is built), never torch's global RNG. An int64, [-2**63, 2**63) (vLLM's API range;
+    torch.Generator takes a seed's 64 bits, -1 as 2**64 - 1): distinct seeds, distinct generator seeds (each
+    sample's: lmforge.infer.request.seed_for). On a CPU torch's generator (mt19937) reads only their low 32 bits,
+    so there seeds equal mod 2**32 share a stream (seeds apart by less than 2**32 never do)"""
     logprobs: int | None = None
     """None = no logprobs; k >= 0 = the chosen token's log-probability plus the k most likely ones (k at most the
     engine's EngineConfig.max_logprobs, 20 by default; prompt_logprobs too)"""
@@ -275,6 +278,8 @@ _RULES: tuple[_Rule, ...] = (
           lambda p: f"stop must be a tuple of non-empty strings, got {p.stop!r}"),
     _rule("stop_token_ids", lambda p: all(isinstance(t, int) and t >= 0 for t in p.stop_token_ids),
           lambda p: f"stop_token_ids must be non-negative ints, got {p.stop_token_ids!r}"),
+    _rule("seed", lambda p: p.seed is None or -2**63 <= p.seed < 2**63,
+          lambda p: f"seed must be an int in [-2**63, 2**63) (an int64, as vLLM's API takes it) or None, got {p.seed}"),
     _rule("logprobs", lambda p: p.logprobs is None or p.logprobs >= 0,
           lambda p: f"logprobs must be None or >= 0, got {p.logprobs}"),
     _rule("logprobs_mode logprobs", lambda p: p.logprobs_mode == "raw" or p.logprobs is not None,

@@ -89,3 +89,27 @@ def test_unseeded_generation_on_a_gpu_leaves_torchs_rngs_untouched(tok):
         runs.append(_tokens(llm.generate(PROMPTS, params)))
         assert torch.equal(torch.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(), cuda)
     assert runs[0] == runs[1]
+
+
+def test_seeds_take_torchs_int64_range_each_its_own_stream(tok):
+    """A seed is an int64 (what vLLM's API takes; torch.Generator reads a seed's 64 bits, -1 as 2**64 - 1), refused
+    in one line outside it; each seed_for(seed, index) is an int64 too, the sum wrapped mod 2**64 (times 1_000_003,
+    odd: distinct seeds, distinct generator seeds). The reduction mod 2**63 - 1 gave seed 2**63 - 1 the stream of
+    seed 0 and took any Python int. On a CPU, torch's generator (mt19937) reads a seed's low 32 bits, which the
+    wrap keeps apart for seeds apart mod 2**32: small ones, negative ones, differ in samples."""
+    from lmforge.errors import ConfigError
+    from lmforge.infer.request import seed_for
+
+    for bad in (2**63, -2**63 - 1, 10**30):
+        with pytest.raises(ConfigError, match=rf"seed must be an int in \[-2\*\*63, 2\*\*63\) .*, got {bad}"):
+            SamplingParams(temperature=1.0, seed=bad)
+    edges = [0, 1, -1, 2**63 - 1, -2**63, 2**63 - 2, 2**32]
+    assert seed_for(7, 2) == 7 * 1_000_003 + 2 * 7_919 + 1  # small seeds: the sum itself, as before
+    assert seed_for(0, 0) == 1 and seed_for(2**63 - 1, 0) == 2**63 - 1_000_002  # (mod 2**63 - 1: 1 as well)
+    assert seed_for(-1, 0) == -1_000_002 and seed_for(-2**63, 0) == -2**63 + 1
+    assert len({seed_for(seed_for(s, i), j) for s in edges for i in range(3) for j in range(3)}) == len(edges) * 9
+    assert all(-2**63 <= seed_for(s, j) < 2**63 for s in edges for j in range(3))
+    llm = LLM(tiny_model(), tok)  # each seed as prompt 0 of its own batch, on a CPU: seeds apart mod 2**32
+    samples = [_tokens(llm.generate([[5, 6, 7]], SamplingParams(temperature=1.0, max_tokens=16, n=2, seed=s,
+                                                                  ignore_eos=True))) for s in (0, 1, -1, 2**31, 99)]
+    assert len({tuple(t) for ts in samples for t in ts}) == 2 * 5

@@ -46,9 +46,10 @@ def seed_for(seed: int, index: int) -> int:
     """A distinct, fixed stream for item `index` under `seed` (prompt i of a batch, sample j of a request),
     so identical prompts do not draw identical samples and a stream never depends on batch companions.
     seed * 1_000_003 + index * 7_919 + 1 wrapped into an int64 (a seed SamplingParams takes; torch.Generator
-    reads its 64 bits): for one index, distinct int64 seeds give distinct streams (times an odd number is a
-    bijection mod 2**64), and seeds below ~9e12 in size never meet another (seed, index) with an index less than
-    1_000_003 apart (the sum itself, unwrapped)."""
+    takes its 64 bits): for one index, distinct int64 seeds give distinct generator seeds (times an odd number is
+    a bijection mod 2**64, and mod 2**32: the low 32 bits, all a CPU generator reads, differ for seeds apart mod
+    2**32), and seeds below ~9e12 in size never meet another (seed, index) with an index less than 1_000_003
+    apart (the sum itself, unwrapped)."""
     x = (seed * 1_000_003 + index * 7_919 + 1) % 2**64
     return x - 2**64 if x >= 2**63 else x
 

@@ -76,3 +76,17 @@ def test_rl_guide_runs(scratch):
     steps = scope["prm_scores"](scope["prm"], scope["tok"], "12+9=?\n", ["2+9+0=11", "1+0+1=3"])
     assert len(steps) == 2 and all(0.0 < p < 1.0 for p in steps)
     assert [p.name for p in checkpoint_dirs(scratch / "runs" / "prm")][-1] == "step_000020"
+
+
+def test_inference_guide_lists_every_sampling_field():
+    """docs/inference.md's table of SamplingParams fields names every field (it said "the fields" and left
+    skip_special_tokens out), so a field added later must be documented there."""
+    import dataclasses
+    import re
+
+    from lmforge.infer.sampling import SamplingParams
+
+    text = (DOCS / "inference.md").read_text()
+    table = text[text.index("| field | what it does |"):text.index("The filters keep what")]
+    named = {name for cell in re.findall(r"^\| ([^|]+) \|", table, flags=re.M) for name in re.findall(r"`(\w+)`", cell)}
+    assert [f.name for f in dataclasses.fields(SamplingParams) if f.name not in named] == []

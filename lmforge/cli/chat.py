@@ -26,8 +26,8 @@ class ChatConfig:
     """the base model of a PEFT adapter directory, or of an adapter-only checkpoint whose base moved"""
     template: str | None = None
     """chat template: chatml | llama3 | plain; default: the one the checkpoint was fine-tuned with (lmforge
-    sft/dpo/... record it), else a HF checkpoint's own (its tokenizer_config.json Jinja), else chatml where the
-    tokenizer has its markers as special tokens, else plain (a pretrained model)"""
+    sft/dpo/... record it), else a HF checkpoint's own (its tokenizer_config.json Jinja), else chatml where
+    the tokenizer has its markers as special tokens, else plain (a pretrained model)"""
     system: str = ""
     """system message that opens every conversation"""
     sampling: Sampling = sampling_field(max_tokens=512)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 from lmforge.errors import ConfigError
@@ -202,6 +203,32 @@ def _help_registry():
     return registry
 
 
+@contextmanager
+def _joined_field_help():
+    """A field docstring's lines read as one paragraph in --help (blank lines and "- " / "* " items still break).
+    tyro joins a docstring's lines only where the next starts with a letter, and looks before dedenting, so every
+    line of an indented field docstring kept its break: at 80 columns each help wrapped at its source lines too,
+    leaving ragged half-empty rows. (tyro's module-level helper, read through its module at each call.)"""
+    import inspect
+    import re
+
+    from tyro import _strings
+
+    original = getattr(_strings, "remove_single_line_breaks", None)
+    if original is None:  # (another tyro: its own layout)
+        yield
+        return
+
+    def joined(text: str) -> str:
+        return re.sub(r"(?<=\S)\n(?![ \t]*(?:\n|[-*] ))[ \t]*", " ", inspect.cleandoc(text))
+
+    _strings.remove_single_line_breaks = joined
+    try:
+        yield
+    finally:
+        _strings.remove_single_line_breaks = original
+
+
 def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
                  default: T | None = None, config_file: bool = True) -> T:
     """Parse argv into `cls`. With `config_file`, `--config FILE` (TOML/JSON) supplies the defaults and
@@ -230,7 +257,7 @@ def parse_config(cls: type[T], argv: list[str], *, prog: str, description: str,
             for n, tp in optional.items())
     if open_sections(cls, argv, data) or path is not None:
         default = from_dict(cls, {**_required_flags(cls, argv), **data}, base=default)
-    with _help_registry():  # (tyro >= 0.9; its `registry=` argument came later)
+    with _help_registry(), _joined_field_help():  # (tyro >= 0.9; its `registry=` argument came later)
         return tyro.cli(cls, args=bare_bools(cls, argv), prog=prog, description=description, default=default,
                         config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands,
                                 # a comment above a group of fields is a section label, not a field's help

@@ -4,6 +4,7 @@ devices."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -12,9 +13,11 @@ import secrets
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from lmforge.errors import ConfigError, LmforgeError
+
+T = TypeVar("T")
 
 
 def temp_name(path: Path) -> Path:
@@ -142,6 +145,22 @@ def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
     except UnicodeDecodeError as e:
         raise error(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.end]!r}); save it as "
                     "UTF-8") from None
+
+
+def once_per_file(load: Callable[[str], T]) -> Callable[[str | Path], T]:
+    """`load` cached for the process, one entry per file however it is named: the key is the resolved path, so a
+    relative and an absolute name, `./x` or a symlink read the file once (cached by the name as written, a
+    pipeline's check and its stages, or two stages naming one model two ways, each loaded and held their own copy),
+    and `load` gets that resolved path. Unbounded: a pipeline's models are a fixed set every shard uses
+    (`fasttext_model.load_fasttext`). `cache_clear` and `cache_info` are functools.lru_cache's."""
+    cached = functools.lru_cache(maxsize=None)(load)
+
+    @functools.wraps(load)
+    def by_file(path: str | Path) -> T:
+        return cached(str(Path(path).resolve()))
+
+    by_file.cache_clear, by_file.cache_info = cached.cache_clear, cached.cache_info
+    return by_file
 
 
 def umask() -> int:

@@ -15,7 +15,6 @@ the bag receives dz_b W / |b|.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from lmforge.data.fasttext_model import FastTextModel
 from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError
-from lmforge.utils import atomic_path, write_json_atomic
+from lmforge.utils import atomic_path, once_per_file, write_json_atomic
 
 FILE_NAME = "quality_classifier.safetensors"
 CONFIG_NAME = "quality_classifier.json"
@@ -182,10 +181,10 @@ class QualityConfig:
         check(0.0 <= self.threshold <= 1.0, f"quality.threshold must be in [0, 1], got {self.threshold}")
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_file
 def load_classifier(directory: str) -> HashedNgramClassifier:
-    """A classifier per directory, loaded once per process; unbounded for the reason `load_fasttext` is (3 quality
-    stages against a cache of 2 read every classifier again for every shard)."""
+    """A classifier per directory, loaded once per process however its path is written; unbounded for the reason
+    `load_fasttext` is (3 quality stages against a cache of 2 read every classifier again for every shard)."""
     return HashedNgramClassifier.load(directory)
 
 

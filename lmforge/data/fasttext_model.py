@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import DataError
+from lmforge.utils import once_per_file
 
 MAGIC = 793712314
 VERSIONS = (11, 12)  # 12 = fastText >= 0.2; 11 = older supervised files (no character n-grams)
@@ -350,10 +351,11 @@ class FastTextModel:
         return [(self.labels[i], float(np.exp(scores[i]))) for i in order if np.isfinite(scores[i])]
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_file
 def load_fasttext(path: str) -> FastTextModel:
-    """A model per path, loaded once per process (the stages call this for every batch). Unbounded: a pipeline's
-    models are a fixed set its every shard uses, and a cache of 4 met 5 fastText stages in a cycle, so each batch
-    missed and a worker read every model again for every shard. The executors free the parent's copies before
-    workers start (`pipeline.release_checked_models`); `load_fasttext.cache_clear()` frees them elsewhere."""
+    """A model per file, loaded once per process however its path is written (the stages call this for every
+    batch). Unbounded: a pipeline's models are a fixed set its every shard uses, and a cache of 4 met 5 fastText
+    stages in a cycle, so each batch missed and a worker read every model again for every shard. The executors free
+    the parent's copies before workers start (`pipeline.release_checked_models`); `load_fasttext.cache_clear()`
+    frees them elsewhere."""
     return FastTextModel(path)

@@ -298,6 +298,32 @@ def test_each_model_loads_once_per_process_however_many_stages_and_shards(tmp_pa
     load_classifier.cache_clear()
 
 
+def test_a_model_named_two_ways_loads_once(tmp_path, monkeypatch):
+    """load_fasttext and load_classifier cached by the path as written: one file named by a relative and an absolute
+    path, through `./` or a symlink, was read (and held) once per name. They key on the resolved path."""
+    import os
+
+    from lmforge.data.classifier import ClassifierConfig, HashedNgramClassifier, load_classifier
+
+    model = FIXTURES / "softmax.bin"
+    (tmp_path / "link.bin").symlink_to(model)
+    HashedNgramClassifier(ClassifierConfig(buckets=64, dim=2)).save(tmp_path / "clf")
+    (tmp_path / "clf_link").symlink_to(tmp_path / "clf")
+    monkeypatch.chdir(tmp_path)
+    load_fasttext.cache_clear()
+    load_classifier.cache_clear()
+    try:
+        models = [load_fasttext(n) for n in (str(model), os.path.relpath(model), "link.bin", "./link.bin",
+                                             str(tmp_path / "link.bin"))]
+        assert all(m is models[0] for m in models) and load_fasttext.cache_info().currsize == 1
+        assert models[0].path == model.resolve()
+        clfs = [load_classifier(n) for n in ("clf", "./clf", "clf/", str(tmp_path / "clf"), "clf_link")]
+        assert all(c is clfs[0] for c in clfs) and load_classifier.cache_info().currsize == 1
+    finally:
+        load_fasttext.cache_clear()
+        load_classifier.cache_clear()
+
+
 def test_a_released_model_is_freed_and_models_keep_their_own_word_caches():
     """The word-feature cache sat on the class (`lru_cache` on a method): its keys held each model that had scored
     a text, so `load_fasttext.cache_clear()` (and `release_checked_models`) freed nothing, and the models of one

@@ -47,7 +47,8 @@ class EngineConfig:
     state_snapshots: int = 0
     """models with recurrent-state layers: copies of the state kept for prefix caching, each the size of
     one sequence's state (lmforge.infer.kv.state: taken at branch points and prompts' last block boundary,
-    least recently used dropped first); 0 = no prefix caching on such models"""
+    least recently used dropped first); 0 = no prefix caching on such models. Ignored, with a warning, with
+    prefix_caching=False or on a model without such layers"""
     kv_cache_dtype: str | None = None
     """the K/V (or MLA latent) cache's dtype: None = the model's; 'fp32', 'bf16', 'fp16' or 'fp8' (e4m3):
     a narrower cache holds more tokens in the same memory (pool_blocks counts its bytes). Keys and values,

@@ -113,10 +113,28 @@ def test_a_reset_forgets_the_snapshots_and_the_option_is_checked(models, tok):
     again = run(engine, [(prompt + [7], greedy())])[0]
     assert engine.stats()["prefix_hit_blocks"] == 0
     check(model, prompt + [7], again)
-    off = Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4, prefix_caching=False))
-    assert not off.pool.prefix_caching and off.scheduler.snapshots is None
     with pytest.raises(ConfigError, match="state_snapshots must be >= 0"):
         EngineConfig(state_snapshots=-1)
+
+
+def test_snapshots_with_prefix_caching_off_are_a_notice(models, tok):
+    """state_snapshots > 0 with prefix_caching=False on a model with recurrent-state layers was accepted and ignored
+    without a word (the snapshots serve prefix caching only): one warning, at the user's line, says so; the engine
+    runs as without them."""
+    import warnings
+
+    model = models["hybrid"]
+    with pytest.warns(UserWarning, match=r"^state_snapshots=4 is ignored: prefix_caching=False, and the snapshots "
+                                         r"serve prefix caching only; leave it at 0, or prefix_caching unset$") as seen:
+        off = Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4, prefix_caching=False))
+    assert len(seen) == 1 and seen[0].filename == __file__  # (the user's line)
+    assert not off.pool.prefix_caching and off.scheduler.snapshots is None and off.runner.cache.max_snapshots == 0
+    prompt = list(range(20, 33))
+    check(model, prompt, run(off, [(prompt, greedy())])[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine(model, tok, EngineConfig(block_size=4, prefix_caching=False))
+        Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4, prefix_caching=True))
 
 
 def test_snapshots_for_a_model_without_state_layers_are_a_notice(tok):
@@ -153,5 +171,6 @@ def test_snapshots_are_refused_where_a_length_dependent_rope_turns_prefix_cachin
         Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4))
     assert "\n" not in str(e.value)
     assert not Engine(model, tok, EngineConfig(block_size=4)).pool.prefix_caching
-    off = Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4, prefix_caching=False))
+    with pytest.warns(UserWarning, match="state_snapshots=4 is ignored: prefix_caching=False"):
+        off = Engine(model, tok, EngineConfig(block_size=4, state_snapshots=4, prefix_caching=False))
     assert off.runner.cache.max_snapshots == 0

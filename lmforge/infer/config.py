@@ -82,7 +82,8 @@ class EngineConfig:
     GRAPH_PREFILL_TOKENS on a GPU. With cuda_graphs=True on a CPU the same static-buffer step runs eagerly"""
     kernel_step: bool | None = None
     """one-sequence decode steps on the Triton kernel step (lmforge.infer.kernel_step); None = on an
-    Ampere-or-newer GPU for the models it supports; True = always (an error if it cannot run)"""
+    Ampere-or-newer GPU for the models it supports (off on a CPU); True = always (an error if it cannot run: an
+    older GPU, or a CPU unless TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, as the tests do)"""
     kernel_tune: bool | None = None
     """tune the kernel step's block shapes on first use when neither the cache ($LMFORGE_KERNEL_CACHE,
     default ~/.cache/lmforge/kernels/) nor the sets shipped with lmforge hold this GPU and model shape: once,

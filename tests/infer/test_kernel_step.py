@@ -210,6 +210,22 @@ def test_kernel_step_true_on_a_gpu_older_than_ampere_is_refused(monkeypatch):
     assert use_kernel_step(EngineConfig(), model, cuda) is True
 
 
+def test_kernel_step_on_a_cpu_is_off_unless_asked_and_runs_only_in_the_interpreter(monkeypatch):
+    """What docs/inference.md says (it said "never on a CPU"): the automatic choice is off on a CPU; True runs there
+    under TRITON_INTERPRET=1 (Triton's interpreter, as these tests run it) and is refused in one line without it."""
+    from lmforge.infer.config import use_kernel_step
+
+    cpu, model = torch.device("cpu"), tiny_model("llama")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_kernel_step(EngineConfig(), model, cpu) is False
+    assert use_kernel_step(EngineConfig(kernel_step=True), model, cpu) is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match=r"^kernel_step=True, but the batch-1 kernel step cannot run: it needs a CUDA "
+                                          r"GPU and Triton \(TRITON_INTERPRET=1 runs the kernels on CPU, for tests\), "
+                                          r"got device cpu$"):
+        use_kernel_step(EngineConfig(kernel_step=True), model, cpu)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times CUDA graphs")
 def test_tuning_saves_configs_and_keeps_the_logits(tmp_path, monkeypatch):

@@ -11,9 +11,10 @@ and choices), plain text (one item per line); each may be .gz or .zst compressed
 A file named outright is read whatever its name. A directory or a glob pattern gives only its held-out split files:
 those of these formats whose name, or the name of a folder from the named directory (the pattern's fixed part) down,
 holds a split word (`SPLIT_WORDS`: test, validation, val, dev, eval, ... split at "_", "-", "." and the like), so
-`gsm8k/test.jsonl`, `mmlu/test/*.csv`, `mmlu/data/dev/anatomy_dev.csv` and `gsm8k_test.jsonl.gz` are read. A
-benchmark folder also holds READMEs, URL lists and its train split: read as eval items, their n-grams rejected clean
-training text (a README's boilerplate, the train split that is meant to be trained on). The files a path skips are
+`gsm8k/test.jsonl`, `mmlu/test/*.csv`, `mmlu/data/dev/anatomy_dev.csv` and `gsm8k_test.jsonl.gz` are read; a
+README, license or URL list (README*, LICENSE*, urls.txt) is not, even in a split folder. A benchmark folder also
+holds those and its train split: read as eval items, their n-grams rejected clean training text (a README's
+boilerplate, the train split that is meant to be trained on). The files a path skips are
 named in one warning before a pipeline runs (`check_decontam`); a path that gives no eval file at all is refused.
 An eval file that cannot be read, or eval sets with no item of n words, fail the run with a one-line error: a
 decontamination that silently matches nothing would pass contaminated data as clean.
@@ -130,11 +131,20 @@ SPLIT_WORDS = frozenset({"test", "testing", "val", "valid", "validation", "dev",
 _NAME_WORD = re.compile(r"[^0-9a-z]+")
 
 
+def _is_side_file(f: Path) -> bool:
+    """A README, license or URL list (README*, LICENSE*, LICENCE*, a name word starting with "url" or ending in
+    "urls"): what a benchmark folder holds beside its items, whatever folder it is in."""
+    name = f.name.lower()
+    return name.startswith(("readme", "license", "licence")) or any(
+        w.startswith("url") or w.endswith("urls") for w in _NAME_WORD.split(name))
+
+
 def _is_split_file(f: Path, root: Path) -> bool:
     """Whether eval file `f`, found under `root` (a named directory, or a pattern's fixed part), is of a held-out split:
-    an eval format, and a split word in its name or in a folder name from `root`'s own down (not above it: a checkout
-    under ~/test/ holds no test split for that)."""
-    if not uncompressed_name(f).endswith(EVAL_SUFFIXES):
+    an eval format, no README, license or URL list (`_is_side_file`: `mmlu/test/README.txt` is no test item), and a
+    split word in its name or in a folder name from `root`'s own down (not above it: a checkout under ~/test/ holds no
+    test split for that)."""
+    if not uncompressed_name(f).endswith(EVAL_SUFFIXES) or _is_side_file(f):
         return False
     parts = [root.name, *f.relative_to(root).parts] if f.is_relative_to(root) else [f.name]
     return any(w in SPLIT_WORDS for part in parts for w in _NAME_WORD.split(part.lower()))

@@ -639,6 +639,31 @@ def test_decontamination_reads_only_the_test_split_files_of_a_folder(tmp_path):
     assert [d.drop for d in decontam(named, _leak_docs(), StageContext())] == [None, "decontam", None, None]
 
 
+def test_a_split_folders_readme_license_and_url_list_are_no_eval_files(tmp_path):
+    """A folder whose own name is a split word (`mmlu/test/`) gave every eval-format file in it as eval data, its
+    README.txt, LICENSE.txt and URL lists too: their boilerplate rejected clean training text that quotes it. Such
+    files (README*, LICENSE*/LICENCE*, a name word url/urls) are read only when named outright."""
+    from lmforge.data.decontam import eval_files
+
+    split = tmp_path / "mmlu" / "test"
+    split.mkdir(parents=True)
+    _benchmark_folder(split / "gsm")  # (a README and a URL list in a folder below a split folder: the same rule)
+    (split / "anatomy_test.csv").write_text("q,a\n")
+    (split / "curly_braces.csv").write_text("q,a\n")  # ("url" inside a word is no URL list)
+    for name in ("README.txt", "readme_first.txt", "LICENSE.txt", "Licence.txt", "source_urls.jsonl", "url.txt"):
+        (split / name).write_text("This dataset is released under the MIT license for research use\n")
+    for path in (split, f"{split}/**/*"):
+        read, skipped = eval_files((str(path),))
+        assert sorted(f.relative_to(split).as_posix() for f in read) == [
+            "anatomy_test.csv", "curly_braces.csv", "gsm/test.jsonl", "gsm/train.jsonl"]
+        assert sorted(f.name for f in skipped[str(path)]) == [
+            "LICENSE.txt", "Licence.txt", "README.txt", "README.txt", "readme_first.txt", "source_urls.jsonl",
+            "url.txt", "urls.txt"]
+    assert eval_files((str(split / "README.txt"),))[0] == [split / "README.txt"]  # named outright: read
+    cfg = DecontamConfig(eval_paths=(str(split),), ngram=6)
+    assert [d.drop for d in decontam(cfg, _leak_docs(), StageContext())] == ["decontam", "decontam", None, None]
+
+
 def test_decontamination_split_folders_and_a_folder_with_no_split_file(tmp_path):
     from lmforge.data.decontam import eval_files
 

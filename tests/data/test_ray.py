@@ -13,12 +13,46 @@ from lmforge.data.pipeline import load_pipeline
 from lmforge.data.readers import read_documents
 
 
+def _worker_log(log: str):
+    """A Ray worker_process_setup_hook: each worker process appends "<pid> load <name>" for every fastText model
+    file or classifier directory it loads, and "<pid> task <task id>" for every batch a map phase runs, to `log`.
+    (A closure, so that Ray pickles it by value: the workers need not import the tests.)"""
+
+    def setup() -> None:
+        import os
+
+        import ray
+        from lmforge.data import classifier, fasttext_model, ray_executor
+
+        def note(*words) -> None:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(" ".join([str(os.getpid()), *map(str, words)]) + "\n")
+
+        init, load, call = (fasttext_model.FastTextModel.__init__, classifier.HashedNgramClassifier.load.__func__,
+                            ray_executor._MapPhase.__call__)
+        fasttext_model.FastTextModel.__init__ = lambda self, path: note("load", os.path.basename(path)) or init(
+            self, path)
+        classifier.HashedNgramClassifier.load = classmethod(lambda cls, d: note("load", os.path.basename(d))
+                                                            or load(cls, d))
+        ray_executor._MapPhase.__call__ = lambda self, batch: note(
+            "task", ray.get_runtime_context().get_task_id()) or call(self, batch)
+
+    return setup
+
+
 @pytest.fixture(scope="module")
-def local_ray():
+def worker_log(tmp_path_factory):
+    """The file `local_ray`'s worker processes log their model loads and map tasks to (`_worker_log`)."""
+    return tmp_path_factory.mktemp("ray") / "workers.log"
+
+
+@pytest.fixture(scope="module")
+def local_ray(worker_log):
     """One small local Ray for the module's tests (starting one takes most of their time)."""
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'lmforge[ray]')")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"worker_process_setup_hook": _worker_log(str(worker_log))})
     yield ray
     ray.shutdown()
 
@@ -165,3 +199,42 @@ def test_ray_dedup_keeps_the_copy_the_local_executor_keeps(tmp_path, local_ray, 
         ("a-copy", None), ("a1", None), ("b1", None)]
     assert ran == [True, True]  # the global phase's gather and the final write
     assert local_ray.data.DataContext.get_current().execution_options.preserve_order is False
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_workers_load_each_model_once_per_process(tmp_path, local_ray, worker_log):
+    """As the process executor's workers do (test_fasttext's
+    test_each_model_loads_once_per_process_however_many_stages_and_shards): each Ray worker process loads each
+    fastText model and classifier directory once, through the per-process cache, however many map tasks (one per
+    shard here) and batches it runs, and the driver frees the copies its pre-run check loaded."""
+    from collections import Counter
+    from pathlib import Path
+
+    from lmforge.config import from_dict
+    from lmforge.data.classifier import ClassifierConfig, HashedNgramClassifier
+    from lmforge.data.fasttext_model import load_fasttext
+    from lmforge.data.pipeline import PipelineConfig
+    from lmforge.data.ray_executor import run_ray
+
+    fixtures = Path(__file__).parent / "fasttext"
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        (src / f"{i}.txt").write_text(f"the match was decided by a penalty number {i}\n", encoding="utf-8")
+    HashedNgramClassifier(ClassifierConfig(buckets=64, dim=2)).save(tmp_path / "clf")
+    stages = [{"stage": "quality", "model": str(fixtures / "softmax.bin"), "label": "sport", "threshold": 0.0},
+              {"stage": "toxicity", "model": str(fixtures / "hs.bin"), "label": "sport", "threshold": 1.0},
+              {"stage": "quality", "model": str(tmp_path / "clf"), "threshold": 0.0}]
+    cfg = from_dict(PipelineConfig, {"input": {"paths": [str(src)], "format": "text", "files_per_shard": 1},
+                                     "workers": 2, "executor": "ray", "progress": False, "stages": stages,
+                                     "output": {"dir": str(tmp_path / "out"), "plot": False}})
+    before = worker_log.read_text(encoding="utf-8") if worker_log.exists() else ""
+    report = run_ray(cfg, batch_size=1)
+    assert [st["docs_out"] for st in report["stages"]] == [8] * 4
+    assert load_fasttext.cache_info().currsize == 0  # the driver's checked copies, freed
+    lines = [line.split() for line in worker_log.read_text(encoding="utf-8")[len(before):].splitlines()]
+    loads = Counter((pid, name) for pid, what, name in lines if what == "load")
+    tasks = {(pid, task) for pid, what, task in lines if what == "task"}
+    assert {name for _, name in loads} == {"softmax.bin", "hs.bin", "clf"} and set(loads.values()) == {1}
+    per_model = Counter(name for _, name in loads)
+    assert len(tasks) >= 8 > max(per_model.values())  # a task per shard; far fewer loads

@@ -8,14 +8,14 @@ item, e.g. GSM8K's question and answer, including those in lists and nested obje
 bare string or list), JSON (.json: JSON Lines, or one JSON array or object), CSV (every cell, e.g. MMLU's question
 and choices), plain text (one item per line); each may be .gz or .zst compressed.
 
-A file named outright is read whatever its name. A directory or a glob pattern gives only its held-out split files:
-those of these formats whose name, or the name of a folder from the named directory (the pattern's fixed part) down,
-holds a split word (`SPLIT_WORDS`: test, validation, val, dev, eval, ... split at "_", "-", "." and the like), so
-`gsm8k/test.jsonl`, `mmlu/test/*.csv`, `mmlu/data/dev/anatomy_dev.csv` and `gsm8k_test.jsonl.gz` are read; a
-README, license or URL list (README*, LICENSE*, urls.txt) is not, even in a split folder. A benchmark folder also
-holds those and its train split: read as eval items, their n-grams rejected clean training text (a README's
-boilerplate, the train split that is meant to be trained on). The files a path skips are
-named in one warning before a pipeline runs (`check_decontam`); a path that gives no eval file at all is refused.
+A file named outright is read whatever its name. A directory or a glob pattern gives its files of these formats but
+those a benchmark folder holds beside its items: a README, license or URL list (README*, LICENSE*, urls.txt) and its
+train split (`TRAIN_WORDS` in the file's name or a folder's below the one named: `gsm8k/train.jsonl`,
+`mmlu/auxiliary_train/`). Read as eval items, their n-grams rejected clean training text (a README's boilerplate, the
+train split that is meant to be trained on). Every other file is read (`HumanEval.jsonl`, `mbpp.jsonl`, `test.jsonl`,
+`mmlu/dev/`): an eval file skipped would pass its contamination as clean, which is the worse mistake. The files a
+path skips are named in one warning before a pipeline runs (`check_decontam`); a path that gives no eval file at all
+is refused.
 An eval file that cannot be read, or eval sets with no item of n words, fail the run with a one-line error: a
 decontamination that silently matches nothing would pass contaminated data as clean.
 """
@@ -125,9 +125,8 @@ def _whole_json(text: str) -> object:
         return None
 
 
-# name words that mark a held-out split (MMLU's test/, val/ and dev/ folders and *_test.csv files, GSM8K's test.jsonl,
-# HF's validation-00000-of-00001 files)
-SPLIT_WORDS = frozenset({"test", "testing", "val", "valid", "validation", "dev", "eval", "evaluation", "heldout"})
+# name words that mark a train split (GSM8K's train.jsonl, MMLU's auxiliary_train/, HF's train-00000-of-00001 files)
+TRAIN_WORDS = frozenset({"train", "training"})
 _NAME_WORD = re.compile(r"[^0-9a-z]+")
 
 
@@ -139,15 +138,14 @@ def _is_side_file(f: Path) -> bool:
         w.startswith("url") or w.endswith("urls") for w in _NAME_WORD.split(name))
 
 
-def _is_split_file(f: Path, root: Path) -> bool:
-    """Whether eval file `f`, found under `root` (a named directory, or a pattern's fixed part), is of a held-out split:
-    an eval format, no README, license or URL list (`_is_side_file`: `mmlu/test/README.txt` is no test item), and a
-    split word in its name or in a folder name from `root`'s own down (not above it: a checkout under ~/test/ holds no
-    test split for that)."""
+def _is_eval_file(f: Path, root: Path) -> bool:
+    """Whether file `f`, found under `root` (a named directory, or a pattern's fixed part), is read as eval data: an
+    eval format, no README, license or URL list (`_is_side_file`), and no train split: no `TRAIN_WORDS` in its name or
+    a folder's name below `root` (`root`'s own and those above it were chosen by the user)."""
     if not uncompressed_name(f).endswith(EVAL_SUFFIXES) or _is_side_file(f):
         return False
-    parts = [root.name, *f.relative_to(root).parts] if f.is_relative_to(root) else [f.name]
-    return any(w in SPLIT_WORDS for part in parts for w in _NAME_WORD.split(part.lower()))
+    parts = f.relative_to(root).parts if f.is_relative_to(root) else (f.name,)
+    return not any(w in TRAIN_WORDS for part in parts for w in _NAME_WORD.split(part.lower()))
 
 
 def _pattern_root(pattern: str) -> Path:
@@ -160,8 +158,9 @@ def _pattern_root(pattern: str) -> Path:
 def eval_files(paths: tuple[str, ...]) -> tuple[list[Path], dict[str, list[Path]]]:
     """(the eval files read, {path: the files it skipped}) of the paths, directories and glob patterns, through the
     one rule for inputs (`input_files`: hidden files and directories skipped): a file named outright is read whatever
-    its name; of a directory's or a pattern's files only its held-out split files (`_is_split_file`; the module
-    docstring says why). A path that gives no eval file is a DataError naming it and what it skipped."""
+    its name; of a directory's or a pattern's files all but READMEs, licenses, URL lists and train splits
+    (`_is_eval_file`; the module docstring says why). A path that gives no eval file is a DataError naming it and
+    what it skipped."""
     out: list[Path] = []
     skipped: dict[str, list[Path]] = {}
     for p in paths:
@@ -173,12 +172,11 @@ def eval_files(paths: tuple[str, ...]) -> tuple[list[Path], dict[str, list[Path]
             out += files
             continue
         root = Path(p) if Path(p).is_dir() else _pattern_root(p)
-        mine = [f for f in files if _is_split_file(f, root)]
+        mine = [f for f in files if _is_eval_file(f, root)]
         if not mine:
-            raise DataError(f"decontam.eval_paths {p!r} holds no test/validation file of .jsonl/.json/.csv/.txt "
-                            f"(a directory gives only the files whose name or folder names a held-out split: "
-                            f"{', '.join(sorted(SPLIT_WORDS))}; it holds {_names(files)}); name the eval files "
-                            f"outright")
+            raise DataError(f"decontam.eval_paths {p!r} holds no eval file of .jsonl/.json/.csv/.txt (a directory or "
+                            f"pattern skips READMEs, licenses, URL lists and train splits; it holds {_names(files)}); "
+                            f"name the eval files outright")
         out += mine
         if len(mine) < len(files):
             chosen = set(mine)
@@ -195,14 +193,14 @@ def _names(files: list[Path], k: int = 3) -> str:
 def check_decontam(cfg: DecontamConfig) -> None:
     """The stage's check before a pipeline runs (`StageSpec.check`): its eval sets read (an unreadable file, or no
     item of n words, refused before any document is), and one warning naming what the directories and patterns
-    skipped, so a benchmark file that does not name its split is seen to be left out."""
+    skipped, so a file left out is seen to be."""
     eval_ngrams(tuple(cfg.eval_paths), cfg.ngram)
     _, skipped = eval_files(tuple(cfg.eval_paths))
     if skipped:
         n = sum(len(fs) for fs in skipped.values())
         per_path = "; ".join(f"{p!r}: {_names(fs)}" for p, fs in skipped.items())
-        warn_caller(f"decontam skips {n} file(s) of eval_paths that are no test/validation split file of "
-                    f".jsonl/.json/.csv/.txt ({per_path}); name a file outright to read it as eval data")
+        warn_caller(f"decontam skips {n} file(s) of eval_paths: READMEs, licenses, URL lists, train splits and "
+                    f"files not .jsonl/.json/.csv/.txt ({per_path}); name a file outright to read it as eval data")
 
 
 def eval_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:

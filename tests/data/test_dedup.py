@@ -615,7 +615,7 @@ def _leak_docs() -> list[Document]:
             Document(id="urls", text="see www example com the source of every question here")]
 
 
-def test_decontamination_reads_only_the_test_split_files_of_a_folder(tmp_path):
+def test_decontamination_skips_a_folders_readme_url_list_and_train_split(tmp_path):
     # a folder was read whole: its README, URL list and train split became eval items, and clean training text
     # quoting them (license boilerplate, the train split itself) was rejected as contaminated
     _benchmark_folder(tmp_path / "gsm")
@@ -639,10 +639,10 @@ def test_decontamination_reads_only_the_test_split_files_of_a_folder(tmp_path):
     assert [d.drop for d in decontam(named, _leak_docs(), StageContext())] == [None, "decontam", None, None]
 
 
-def test_a_split_folders_readme_license_and_url_list_are_no_eval_files(tmp_path):
+def test_a_folders_readme_license_and_url_list_are_no_eval_files(tmp_path):
     """A folder whose own name is a split word (`mmlu/test/`) gave every eval-format file in it as eval data, its
     README.txt, LICENSE.txt and URL lists too: their boilerplate rejected clean training text that quotes it. Such
-    files (README*, LICENSE*/LICENCE*, a name word url/urls) are read only when named outright."""
+    files (README*, LICENSE*/LICENCE*, a name word url/urls) are read only when named outright, as train splits."""
     from lmforge.data.decontam import eval_files
 
     split = tmp_path / "mmlu" / "test"
@@ -655,16 +655,19 @@ def test_a_split_folders_readme_license_and_url_list_are_no_eval_files(tmp_path)
     for path in (split, f"{split}/**/*"):
         read, skipped = eval_files((str(path),))
         assert sorted(f.relative_to(split).as_posix() for f in read) == [
-            "anatomy_test.csv", "curly_braces.csv", "gsm/test.jsonl", "gsm/train.jsonl"]
+            "anatomy_test.csv", "curly_braces.csv", "gsm/test.jsonl"]
         assert sorted(f.name for f in skipped[str(path)]) == [
             "LICENSE.txt", "Licence.txt", "README.txt", "README.txt", "readme_first.txt", "source_urls.jsonl",
-            "url.txt", "urls.txt"]
+            "train.jsonl", "url.txt", "urls.txt"]
     assert eval_files((str(split / "README.txt"),))[0] == [split / "README.txt"]  # named outright: read
     cfg = DecontamConfig(eval_paths=(str(split),), ngram=6)
-    assert [d.drop for d in decontam(cfg, _leak_docs(), StageContext())] == ["decontam", "decontam", None, None]
+    assert [d.drop for d in decontam(cfg, _leak_docs(), StageContext())] == ["decontam", None, None, None]
 
 
-def test_decontamination_split_folders_and_a_folder_with_no_split_file(tmp_path):
+def test_decontamination_split_folders_and_a_folder_with_no_eval_file(tmp_path):
+    """MMLU's dev/val/test folders are read and its auxiliary_train split is not; a benchmark that names no split
+    (HumanEval.jsonl, mbpp.jsonl: a first rule read only files naming a held-out split) is read: an eval file
+    skipped would pass its contamination as clean."""
     from lmforge.data.decontam import eval_files
 
     mmlu = tmp_path / "mmlu"
@@ -677,6 +680,15 @@ def test_decontamination_split_folders_and_a_folder_with_no_split_file(tmp_path)
                                                                     "val/anatomy_val.csv"]
     assert sorted(f.name for f in skipped[str(mmlu)]) == ["README.txt", "anatomy_auxiliary_train.csv"]
     assert [f.name for f in eval_files((str(mmlu / "test"),))[0]] == ["anatomy_test.csv"]  # a split folder named
-    with pytest.raises(DataError, match=r"decontam.eval_paths '.*aux.*' holds no test/validation file .* it holds "
-                                        r"anatomy_auxiliary_train.csv\); name the eval files outright"):
-        eval_files((str(mmlu / "auxiliary_train"),))
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in ("HumanEval.jsonl.gz", "mbpp.jsonl", "testset.jsonl", "held_out.csv"):
+        (code / name).write_bytes(b"")
+    assert sorted(f.name for f in eval_files((str(code),))[0]) == [
+        "HumanEval.jsonl.gz", "held_out.csv", "mbpp.jsonl", "testset.jsonl"]
+    (tmp_path / "only_train").mkdir()
+    (tmp_path / "only_train" / "train.jsonl").write_text("{}\n")
+    (tmp_path / "only_train" / "README.md").write_text("readme\n")
+    with pytest.raises(DataError, match=r"decontam.eval_paths '.*only_train' holds no eval file .* it holds "
+                                        r"README.md, train.jsonl\); name the eval files outright"):
+        eval_files((str(tmp_path / "only_train"),))

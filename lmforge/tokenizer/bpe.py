@@ -289,10 +289,11 @@ class Tokenizer:
         """Text -> ids. Specials are matched longest first. As in tiktoken, a special listed in neither
         set is disallowed (ValueError) when disallowed_special="all", and names in allowed_special that are
         not special tokens are ignored; lmforge's default allows all. Added tokens that are not special
-        (`non_special`) are matched whatever the two sets say (encode_ordinary). add_special_tokens: put prefix_tokens
-        before and suffix_tokens after the ids, as HF's encode does by default; lmforge's default is False (as
-        tiktoken, and HF's apply_chat_template): a piece of a longer text (a chat template's, a completion, a
-        training document) gets no BOS of its own. Prompts get it where they are made (LLM.encode)."""
+        (`non_special`) are matched as units whatever allowed_special says (encode_ordinary); a disallowed_special
+        set naming one raises where the text holds it, as it does for any string it names. add_special_tokens: put
+        prefix_tokens before and suffix_tokens after the ids, as HF's encode does by default; lmforge's default is
+        False (as tiktoken, and HF's apply_chat_template): a piece of a longer text (a chat template's, a
+        completion, a training document) gets no BOS of its own. Prompts get it where they are made (LLM.encode)."""
         if add_special_tokens and (self.prefix_tokens or self.suffix_tokens):
             ids = self.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
             return ([self.special_tokens[t] for t in self.prefix_tokens] + ids

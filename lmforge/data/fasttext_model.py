@@ -19,7 +19,6 @@ rows are decoded when used. `cutoff` pruning keeps a subset of n-gram buckets (`
 
 from __future__ import annotations
 
-import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from lmforge.errors import DataError
 from lmforge.utils import once_per_file
 
 MAGIC = 793712314
+_TOKEN_CACHE = 1 << 16  # words whose features a model keeps
 VERSIONS = (11, 12)  # 12 = fastText >= 0.2; 11 = older supervised files (no character n-grams)
 EOS, BOW, EOW = "</s>", "<", ">"
 LOSSES = {1: "hs", 2: "ns", 3: "softmax", 4: "ova"}
@@ -211,10 +211,11 @@ class FastTextModel:
                             "it again")
         self.tree = _huffman(self.label_counts) if self.args.loss == "hs" else None
         self.path = path
-        # each model its own cache of word features: an lru_cache on the method is one cache for every instance,
-        # whose keys held each model that had scored a text (a freed model stayed in memory) and whose entries the
-        # models of one worker evicted from each other
-        self._token = functools.lru_cache(maxsize=1 << 16)(self._token_features)
+        # each model its own cache of word features (`_token`): an lru_cache on the method is one cache for every
+        # instance, whose keys held each model that had scored a text (a freed model stayed in memory) and whose
+        # entries the models of one worker evicted from each other; a plain dict, as an lru_cache of the bound method
+        # would refer back to the model (freed only by a garbage-collection pass, not when the last name goes)
+        self._tokens: dict[str, tuple[tuple[int, ...], int]] = {}
 
     def _read_dictionary(self, r: _Reader) -> None:
         size, nwords, nlabels = r.unpack("iii", "dictionary")
@@ -246,9 +247,18 @@ class FastTextModel:
         row = self.prune.get(h)
         return None if row is None else len(self.words) + row
 
+    def _token(self, word: str) -> tuple[tuple[int, ...], int]:
+        """`_token_features`, from the model's cache (its first _TOKEN_CACHE distinct words: the frequent ones)."""
+        got = self._tokens.get(word)
+        if got is None:
+            got = self._token_features(word)
+            if len(self._tokens) < _TOKEN_CACHE:
+                self._tokens[word] = got
+        return got
+
     def _token_features(self, word: str) -> tuple[tuple[int, ...], int]:
         """(input rows, int32 hash) of one token: its own row (if in vocabulary) and its character
-        n-gram rows; the hash feeds the word n-grams. Called through the model's cache, `self._token`."""
+        n-gram rows; the hash feeds the word n-grams."""
         h = fnv1a(word.encode("utf-8", "surrogateescape"))
         wid = self.word_ids.get(word)
         ids = [wid] if wid is not None else []

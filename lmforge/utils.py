@@ -150,14 +150,18 @@ def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
 def once_per_file(load: Callable[[str], T]) -> Callable[[str | Path], T]:
     """`load` cached for the process, one entry per file however it is named: the key is the resolved path, so a
     relative and an absolute name, `./x` or a symlink read the file once (cached by the name as written, a
-    pipeline's check and its stages, or two stages naming one model two ways, each loaded and held their own copy),
-    and `load` gets that resolved path. Unbounded: a pipeline's models are a fixed set every shard uses
-    (`fasttext_model.load_fasttext`). `cache_clear` and `cache_info` are functools.lru_cache's."""
-    cached = functools.lru_cache(maxsize=None)(load)
+    pipeline's check and its stages, or two stages naming one model two ways, each loaded and held their own copy);
+    `load` gets the name as the caller wrote it (its errors and the model's path name what the user typed).
+    Unbounded: a pipeline's models are a fixed set every shard uses (`fasttext_model.load_fasttext`). `cache_clear`
+    and `cache_info` are functools.lru_cache's."""
+    names: dict[str, str] = {}
+    cached = functools.lru_cache(maxsize=None)(lambda key: load(names[key]))
 
     @functools.wraps(load)
     def by_file(path: str | Path) -> T:
-        return cached(str(Path(path).resolve()))
+        key = str(Path(path).resolve())
+        names[key] = str(path)  # (read only when the file is loaded)
+        return cached(key)
 
     by_file.cache_clear, by_file.cache_info = cached.cache_clear, cached.cache_info
     return by_file

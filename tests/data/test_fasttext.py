@@ -316,7 +316,9 @@ def test_a_model_named_two_ways_loads_once(tmp_path, monkeypatch):
         models = [load_fasttext(n) for n in (str(model), os.path.relpath(model), "link.bin", "./link.bin",
                                              str(tmp_path / "link.bin"))]
         assert all(m is models[0] for m in models) and load_fasttext.cache_info().currsize == 1
-        assert models[0].path == model.resolve()
+        assert models[0].path == model  # (the name it was first loaded by: what the user wrote)
+        with pytest.raises(DataError, match=r"missing\.bin"):  # an error names the file as written
+            load_fasttext("missing.bin")
         clfs = [load_classifier(n) for n in ("clf", "./clf", "clf/", str(tmp_path / "clf"), "clf_link")]
         assert all(c is clfs[0] for c in clfs) and load_classifier.cache_info().currsize == 1
     finally:

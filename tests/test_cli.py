@@ -432,13 +432,17 @@ def test_option_help_reads_as_one_paragraph(monkeypatch, capsys):
     """tyro kept every line break of an indented field docstring (it joins lines only where the next starts with a
     letter, and looks before dedenting), so at 80 columns each option's help also broke at its source lines:
     `lmforge chat --help` showed "else chatml where" / "the" / "tokenizer has ..." on three rows. Every option of
-    every command reads as one paragraph (blank lines and "- " items may still break)."""
+    every command reads as one paragraph (blank lines, "- " items and lines opening with a flag may still break: the
+    joining first ran `train`'s description's "--optim.name: ..." / "--nproc N: ..." lines into one)."""
     import re
 
     parsers = _option_parsers(monkeypatch)
     capsys.readouterr()
     broken = {f"{prog} {a.option_strings[0]}": a.help for prog, p in parsers.items() for a in p._actions
-              if a.option_strings and re.search(r"\S\n(?![ \t]*(?:\n|[-*] ))", a.help or "")}
+              if a.option_strings and re.search(r"\S\n(?![ \t]*(?:\n|-|\* ))", a.help or "")}
     assert broken == {}
+    lines = parsers["lmforge train"].description.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("--")][:3] == [
+        "--optim.name", "--optim.schedule", "--nproc N"]
     template = next(a.help for a in parsers["lmforge chat"]._actions if "--template" in a.option_strings)
     assert "else chatml where the tokenizer has its markers" in template

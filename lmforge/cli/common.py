@@ -205,7 +205,8 @@ def _help_registry():
 
 @contextmanager
 def _joined_field_help():
-    """A field docstring's lines read as one paragraph in --help (blank lines and "- " / "* " items still break).
+    """A field docstring's lines read as one paragraph in --help (blank lines, "- " / "* " items and lines opening with
+    a flag, "--nproc N: ...", still break).
     tyro joins a docstring's lines only where the next starts with a letter, and looks before dedenting, so every
     line of an indented field docstring kept its break: at 80 columns each help wrapped at its source lines too,
     leaving ragged half-empty rows. (tyro's module-level helper, read through its module at each call.)"""
@@ -220,7 +221,7 @@ def _joined_field_help():
         return
 
     def joined(text: str) -> str:
-        return re.sub(r"(?<=\S)\n(?![ \t]*(?:\n|[-*] ))[ \t]*", " ", inspect.cleandoc(text))
+        return re.sub(r"(?<=\S)\n(?![ \t]*(?:\n|-|\* ))[ \t]*", " ", inspect.cleandoc(text))
 
     _strings.remove_single_line_breaks = joined
     try:

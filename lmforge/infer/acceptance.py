@@ -69,6 +69,8 @@ class ExactAcceptance:
     needs_q = True
 
     def chain(self, p, q, drafts, greedy, gen) -> tuple[int, int]:
+        if q is None and drafts:  # (greedy only: a sampled chain without q is refused before it is scored)
+            q = torch.nn.functional.one_hot(torch.tensor(drafts, device=p.device), p.shape[-1]).to(p.dtype)
         return verify(p, q.to(p.device) if drafts else p[:0], drafts, gen)
 
     def tree(self, tree, p, q, greedy, gen) -> tuple[list[int], int]:

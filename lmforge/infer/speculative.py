@@ -71,8 +71,8 @@ from lmforge.model.cache import KVCache
 from lmforge.model.meta import accepted_slots
 from lmforge.utils import eval_mode
 
-TREES_NEED_Q = ("a sampled request verifies a token tree against the distribution each node was drawn from, "
-                "but the drafter proposed a tree without it (q None); set temperature=0, or return q (N, V)")
+NEEDS_Q = ("a sampled request verifies drafts against the distribution each was drawn from, but q is None; set "
+           "temperature=0, or return q (len(drafts), V)")
 
 
 def _probs(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
@@ -85,10 +85,12 @@ def _probs(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DrafterFactory:
-    """seq -> a fresh drafter for it (make), and the rule every sequence's drafts are verified by."""
+    """seq -> a fresh drafter for it (make), the rule every sequence's drafts are verified by, and the target's
+    vocabulary size (the logits' width: drafts are ids below it, q rows this wide)."""
 
     make: Callable
     acceptance: AcceptanceRule = EXACT
+    vocab_size: int = 0
 
     def __call__(self, seq):
         return self.make(seq)
@@ -201,7 +203,8 @@ class Speculative:
         if not speculates(p):  # (the engine gives such requests no strategy: `speculates`)
             raise ConfigError(NOT_SPECULATIVE)
         self.request, self.make_drafter, self.k, self.hidden = request, make_drafter, k, hidden
-        self.acceptance: AcceptanceRule = getattr(make_drafter, "acceptance", EXACT)  # (DrafterFactory)
+        self.acceptance: AcceptanceRule = make_drafter.acceptance  # (a DrafterFactory)
+        self.vocab_size: int = make_drafter.vocab_size
         if hidden is not None and hidden.every:  # forks copy it (Engine.fork)
             request.seqs[0].features = FeatureStream()
         self.procs = build_processors(p)
@@ -234,14 +237,37 @@ class Speculative:
         return DraftItem(seq.seq_id, seq.tokens, budget, self.procs, seq.params.greedy, seq.generator, hidden,
                          seq.block_table)
 
-    def take(self, seq, budget: int, drafts, q) -> tuple[list[int] | DraftTree, torch.Tensor | None]:
-        """A drafter's answer for seq, a tree trimmed to the room the step has for it."""
+    def take(self, seq, budget: int, answer) -> tuple[list[int] | DraftTree, torch.Tensor | None]:
+        """A drafter's answer (drafts, q) for seq, checked (a user's drafter object gets a one-line error naming
+        it, not a failure deep in the step) and trimmed to the room the step has for it: a chain's first
+        `budget` drafts, a tree's first nodes."""
+        who = f"{type(self.drafter(seq)).__name__}'s proposal"
+        if not (isinstance(answer, (tuple, list)) and len(answer) == 2):
+            raise LmforgeError(f"{who} must be a pair (drafts, q), got {answer!r:.80}")
+        drafts, q = answer
         if isinstance(drafts, DraftTree):
             drafts = drafts.first(budget)
-            if q is None and len(drafts) and not seq.params.greedy and self.acceptance.needs_q:  # (before any takes)
-                raise ConfigError(TREES_NEED_Q)
-            return drafts, (q[:len(drafts)] if q is not None else None)
-        return drafts, q
+        else:
+            ids = drafts.tolist() if isinstance(drafts, torch.Tensor) and drafts.dim() == 1 else drafts
+            if not (isinstance(ids, (list, tuple)) and all(is_int(t) for t in ids)):
+                raise LmforgeError(f"{who}: drafts must be a list of token ids or a DraftTree, got {drafts!r:.80}")
+            drafts = [int(t) for t in ids[:budget]]
+        tokens = drafts.tokens if isinstance(drafts, DraftTree) else drafts
+        bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise LmforgeError(f"{who} has token id {bad}, outside the model's vocabulary [0, {self.vocab_size})")
+        if not (len(drafts) and self.acceptance.needs_q):  # (typical acceptance reads no q)
+            return drafts, q
+        if q is None:
+            if not seq.params.greedy:
+                raise ConfigError(f"{who}: {NEEDS_Q}")
+            return drafts, None  # a greedy verification matches the target's argmax (ExactAcceptance)
+        if not (isinstance(q, torch.Tensor) and q.dim() == 2 and q.shape[0] >= len(drafts)
+                and q.shape[1] == self.vocab_size):
+            shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+            raise LmforgeError(f"{who}: q must be (len(drafts), V) = ({len(drafts)}, {self.vocab_size}), the "
+                               f"distribution each draft was drawn from, got {shape}")
+        return drafts, q[:len(drafts)]
 
     def set_drafts(self, seq, drafts: list[int] | DraftTree, q) -> int:
         """The target scores them this step: they join the sequence's tokens until verified (a tree's
@@ -375,7 +401,7 @@ def propose_step(todo: list[tuple[object, int]]) -> dict[int, tuple[list[int] | 
         kw = {} if strategy.hidden is None else {"hidden": item.hidden}
         with torch.inference_mode(), _eval(drafter):
             drafts = drafter.propose(item.ctx, budget, item.procs, item.greedy, item.gen, **kw)
-        out[seq.seq_id] = strategy.take(seq, budget, *drafts)
+        out[seq.seq_id] = strategy.take(seq, budget, drafts)
     for drafter, members in groups.values():
         with torch.inference_mode(), _eval(drafter):
             answers = drafter.propose_batch([item for _, item in members])
@@ -383,7 +409,7 @@ def propose_step(todo: list[tuple[object, int]]) -> dict[int, tuple[list[int] | 
             raise LmforgeError(f"{type(drafter).__name__}.propose_batch answered {len(answers)} of "
                                f"{len(members)} items; return one (drafts, q) per item, in order")
         for (seq, item), answer in zip(members, answers):
-            out[seq.seq_id] = seq.request.strategy.take(seq, item.k, *answer)
+            out[seq.seq_id] = seq.request.strategy.take(seq, item.k, answer)
     return out
 
 
@@ -502,7 +528,7 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int, accept
         draft = engine.draft_head = PagedDraftHead.for_engine(engine, draft, num_blocks)
         engine.scheduler.features_cached = True  # hits resume from the features kept with the blocks
     make = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens)
-    engine.make_drafter = DrafterFactory(make, acceptance)
+    engine.make_drafter = DrafterFactory(make, acceptance, engine.vocab_size)
     model = pool_model(draft)
     if model is not None and model is not draft:  # a TreeDrafter's draft model (a chain's: make_drafter_factory)
         check_draft_vocab(model, engine.vocab_size)

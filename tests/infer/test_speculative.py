@@ -8,7 +8,7 @@ import pytest
 import torch
 from .infer_helpers import full_greedy, tiny_model
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.detok import IdTokenizer
 from lmforge.infer.engine import Engine
 from lmforge.infer.llm import LLM
@@ -485,3 +485,44 @@ def test_num_draft_tokens_that_is_no_int_is_refused_when_built(tok, k):
     # (1.5 was taken, and the first drafted step failed with "TypeError: slice indices must be integers")
     with pytest.raises(ConfigError, match=f"num_draft_tokens must be an int >= 0, got {k!r}$"):
         LLM(tiny_model(), tok, draft="ngram", num_draft_tokens=k)
+
+
+class _Guess:
+    """A user's drafter object answering `mode`'s way: the last token repeated as drafts, q uniform."""
+
+    def __init__(self, mode: str, vocab: int = 257):
+        self.mode, self.vocab = mode, vocab
+
+    def propose(self, ctx, k, procs, greedy, gen):
+        drafts = [ctx[-1]] * (k + 40 if self.mode == "too_many" else k)
+        q = torch.full((len(drafts), self.vocab), 1.0 / self.vocab)
+        return {"too_many": (drafts, q), "tensor": (torch.tensor(drafts), q), "q_none": (drafts, None),
+                "id_past_vocab": ([self.vocab + 5] * k, q), "negative_id": ([-1] * k, q),
+                "float_id": ([1.5] * k, q), "q_of_3": (drafts, q[:, :3]), "no_pair": drafts * 2}[self.mode]
+
+
+@pytest.mark.parametrize("mode", ["too_many", "tensor", "q_none"])
+def test_a_drafters_extra_drafts_tensor_or_missing_q_at_temperature_0_still_give_greedy(tok, mode):
+    # (too_many: an IndexError in the runner's slots; tensor: "Boolean value of Tensor ... is ambiguous";
+    # q_none: "'NoneType' object has no attribute 'to'", though a greedy chain needs no q, as a greedy tree does not)
+    target = tiny_model("llama")
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    out = LLM(target, tok, draft=_Guess(mode), num_draft_tokens=2).generate("aaab", greedy)[0]
+    assert out.token_ids == full_greedy(target, tok.encode("aaab"), 10)
+
+
+@pytest.mark.parametrize("mode, temperature, match", [
+    ("q_none", 1.0, r"_Guess's proposal: a sampled request verifies drafts against the distribution each was drawn "
+                    r"from, but q is None; set temperature=0, or return q \(len\(drafts\), V\)$"),
+    ("id_past_vocab", 0, r"_Guess's proposal has token id 262, outside the model's vocabulary \[0, 257\)$"),
+    ("negative_id", 1.0, r"_Guess's proposal has token id -1, outside the model's vocabulary \[0, 257\)$"),
+    ("float_id", 0, r"_Guess's proposal: drafts must be a list of token ids or a DraftTree, got \[1.5, 1.5\]$"),
+    ("q_of_3", 1.0, r"_Guess's proposal: q must be \(len\(drafts\), V\) = \(2, 257\), the distribution each draft "
+                    r"was drawn from, got \(2, 3\)$"),
+    ("no_pair", 0, r"_Guess's proposal must be a pair \(drafts, q\), got \[(\d+, ){3}\d+\]$")])
+def test_a_drafters_malformed_answer_is_refused_with_the_fix(tok, mode, temperature, match):
+    # (each failed deep in the engine: IndexError from the embedding or from indexing p, a shape mismatch in
+    # verify, "take() takes 4 positional arguments")
+    params = SamplingParams(temperature=temperature, max_tokens=6, ignore_eos=True, seed=0)
+    with pytest.raises(LmforgeError, match=match):
+        LLM(tiny_model("llama"), tok, draft=_Guess(mode), num_draft_tokens=2).generate("aaab", params)

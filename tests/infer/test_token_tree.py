@@ -260,7 +260,7 @@ def test_sampled_requests_draw_trees_and_a_faithful_draft_accepts_whole_paths():
 
     engine = Engine(model, IdTokenizer(257), EngineConfig(block_size=BS), draft=NoQ(model))
     engine.add_request([1, 2], SamplingParams(temperature=0.8, max_tokens=8))
-    with pytest.raises(ConfigError, match="the drafter proposed a tree without it .*set temperature=0, or return q"):
+    with pytest.raises(ConfigError, match="verifies drafts against .*but q is None; set temperature=0, or return q"):
         while engine.has_unfinished():
             engine.step()
 

@@ -22,7 +22,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.processors import apply_processors
 from lmforge.infer.runner import PagedRunner
 from lmforge.infer.scheduler import Batch
-from lmforge.infer.speculative import _probs
+from lmforge.infer.speculative import _probs, fit_vocab
 from lmforge.infer.token_tree import DraftTree
 from lmforge.utils import eval_mode
 
@@ -50,17 +50,20 @@ class PagedDraftModel:
 
     def __init__(self, model, num_blocks: int, block_size: int, device, graphs: str | None = None,
                  max_batch: int = 256, chunk_rows: int = 1, mixed_tokens: int = 0,
-                 fit=None, window: int | None = None):
+                 fit=None, window: int | None = None, vocab: tuple[int, int | None] | None = None):
         """graphs, max_batch, mixed_tokens: as the engine's runner (PagedRunner): rounds of single tokens,
         catch-up chunks of up to chunk_rows tokens (the tokens accepted since the last round), tree rounds and
         steps holding prompts replay CUDA graphs. fit: k -> the widths of a tree of at most k nodes
         (TreeDrafter.fit): trees instead of chains. window: the target's context window; a draft model with a
         shorter one is served that far (its block tables and RoPE tables widened: its drafts past its own training
-        length are only less often accepted), or refused where its position embeddings cannot reach it."""
+        length are only less often accepted), or refused where its position embeddings cannot reach it.
+        vocab: (the target's vocabulary size, the tokenizer's ids or None): the draft's logits are fitted to that
+        width, ids past the tokenizer's masked (speculative.fit_vocab; None: its own width)."""
         from lmforge.infer.config import serving_spec
 
         self.model, self.fit = model, fit  # left in its mode: its forwards run in eval mode (prefill, propose)
         spec = model.cache_spec()
+        self.vocab = (spec.vocab_size, None) if vocab is None else vocab
         if window is not None and window > spec.max_seq_len:
             spec = serving_spec(model, spec, window, what="the target's context window",
                                 fix="use a draft model whose max_seq_len covers it, or lower the target's "
@@ -127,7 +130,7 @@ class PagedDraftModel:
                     view = views[it[0].seq_id]
                     chunks.append(((view, len(view.tokens) - view.num_computed), it))
             chunks.sort(key=lambda c: c[0][1] != 1)  # decodes first, as the runner's layout wants
-            logits = self.runner.logits_at_ends(Batch(chunks=[c[0] for c in chunks]))
+            logits = fit_vocab(self.runner.logits_at_ends(Batch(chunks=[c[0] for c in chunks])), *self.vocab)
             qs, picks = [], []
             for i, (_, (seq, _, procs, greedy)) in enumerate(chunks):
                 qs.append(probs(logits[i:i + 1], procs, greedy)[0])
@@ -147,8 +150,9 @@ class PagedDraftModel:
         first depth from the catch-up round's last logits, each deeper one from a tree-masked forward over the
         nodes so far. Tree slots are stale after verification (known = the context)."""
         order = sorted(items, key=lambda it: len(it[0].tokens) - views[it[0].seq_id].num_computed != 1)
-        logits = self.runner.logits_at_ends(Batch(chunks=[(views[it[0].seq_id], len(it[0].tokens)
-                                                           - views[it[0].seq_id].num_computed) for it in order]))
+        logits = fit_vocab(self.runner.logits_at_ends(Batch(chunks=[(views[it[0].seq_id], len(it[0].tokens)
+                                                                     - views[it[0].seq_id].num_computed)
+                                                                    for it in order])), *self.vocab)
         tokens = {it[0].seq_id: [] for it in items}
         qs = {it[0].seq_id: [] for it in items}
         parents, frontier, written = [], [-1], 0
@@ -162,7 +166,8 @@ class PagedDraftModel:
                                          it[0].block_table, it[0].seq_id), n) for it in order])
             if n > 1:  # (a one-node tree is a decode row after the context)
                 batch.trees = {it[0].seq_id: list(parents) for it in order}
-            logits = self.runner.logits_at(batch, [(c, n - 1 - node) for c in range(len(order)) for node in frontier])
+            rows = [(c, n - 1 - node) for c in range(len(order)) for node in frontier]
+            logits = fit_vocab(self.runner.logits_at(batch, rows), *self.vocab)
             written = n
         for seq, _, _, _ in items:
             self.known[seq.seq_id] = (len(seq.tokens), seq.preemptions)

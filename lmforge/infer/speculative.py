@@ -83,6 +83,20 @@ def _probs(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def fit_vocab(logits: torch.Tensor, vocab_size: int, limit: int | None = None) -> torch.Tensor:
+    """A draft model's (..., Vd) logits at the target's width V, for vocabularies that differ only in rows past
+    the tokenizer's ids (check_draft_vocab; Qwen2.5's small and large models pad the same 151,665 ids to 151,936
+    and 152,064 rows): the draft's extra rows are dropped, missing ones are -inf (probability 0: never drafted),
+    as vLLM pads a draft's probabilities (vllm-project/vllm#13849). limit: the tokenizer's ids (Engine.vocab_limit):
+    ids past it are -inf too, as the target's sampler masks them (a draft of one is always rejected)."""
+    width = logits.shape[-1]
+    out = (logits[..., :vocab_size] if width >= vocab_size
+           else torch.nn.functional.pad(logits, (0, vocab_size - width), value=float("-inf")))
+    if limit is not None and limit < vocab_size:
+        out = out.index_fill(-1, torch.arange(limit, vocab_size, device=out.device), float("-inf"))
+    return out
+
+
 @dataclass(frozen=True)
 class DrafterFactory:
     """seq -> a fresh drafter for it (make), the rule every sequence's drafts are verified by, and the target's
@@ -97,19 +111,23 @@ class DrafterFactory:
 
 
 class ModelDrafter:
-    """A small model sharing the target's tokenizer; keeps its own KV cache of the accepted context."""
+    """A small model sharing the target's tokenizer; keeps its own KV cache of the accepted context. vocab_size:
+    the target's (its logits' width: the draft's are fitted to it, fit_vocab; None: the draft's own); limit: the
+    tokenizer's ids."""
 
-    def __init__(self, model, max_len: int):
-        self.model = model
+    def __init__(self, model, max_len: int, vocab_size: int | None = None, limit: int | None = None):
+        self.model, self.limit = model, limit
+        self.vocab_size = model.cache_spec().vocab_size if vocab_size is None else vocab_size
         self.cache = KVCache.for_model(model, 1, max_len)
 
     def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen) -> tuple[list[int], torch.Tensor]:
         dev = self.cache.k.device
         feed = ctx[self.cache.length:]
-        drafts, qs = [], [torch.zeros(0, self.model.cache_spec().vocab_size, device=dev)]
+        drafts, qs = [], [torch.zeros(0, self.vocab_size, device=dev)]
         with eval_mode(self.model):  # no dropout in drafting; the caller's model left in its own mode
             for i in range(k):
-                logits = self.model(torch.tensor([feed], device=dev), cache=self.cache)[0, -1:]
+                logits = fit_vocab(self.model(torch.tensor([feed], device=dev), cache=self.cache)[0, -1:],
+                                   self.vocab_size, self.limit)
                 q = _probs(logits, procs, greedy)[0]
                 drafts.append(_draw(q, gen) if not greedy else int(q.argmax()))
                 qs.append(q[None])
@@ -431,8 +449,9 @@ def _push_verified(stream: FeatureStream, states: torch.Tensor, d: int, at: list
     stream.push(pending - root, kept)
 
 
-def make_drafter_factory(draft, model, vocab_size: int, k: int):
-    """seq -> a fresh drafter for it: draft is 'ngram', 'mtp', a draft model, or a drafter object."""
+def make_drafter_factory(draft, model, vocab_size: int, k: int, tokens: int | None = None):
+    """seq -> a fresh drafter for it: draft is 'ngram', 'mtp', a draft model, or a drafter object. tokens: the
+    tokenizer's ids (check_draft_vocab)."""
     if draft == "ngram":
         return lambda seq: NGramDrafter(vocab_size=vocab_size)
     if draft == "mtp":
@@ -442,21 +461,25 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int):
         _check_accept(draft)
         return lambda seq: draft
     if isinstance(draft, torch.nn.Module):  # only without a paged draft model (lmforge.infer.draft)
-        check_draft_vocab(draft, vocab_size)
-        return lambda seq: ModelDrafter(draft, seq.request.prompt_len + seq.params.max_tokens + k + 1)
+        check_draft_vocab(draft, vocab_size, tokens)
+        return lambda seq: ModelDrafter(draft, seq.request.prompt_len + seq.params.max_tokens + k + 1, vocab_size,
+                                        tokens)
     raise ConfigError(f"draft must be None, 'ngram', 'mtp', a draft model or a drafter, got {draft!r}")
 
 
-def check_draft_vocab(model, vocab_size: int) -> None:
+def check_draft_vocab(model, vocab_size: int, tokens: int | None = None) -> None:
     """A draft model (a chain's, a TreeDrafter's) must have the target's vocabulary: its distributions are compared
-    with the target's token by token, and it reads the target's token ids."""
+    with the target's token by token, and it reads the target's token ids. Its width may differ where both hold
+    every one of the tokenizer's `tokens` ids (the rest are padding rows: fit_vocab); None: the target's width."""
     from lmforge.infer.config import limits
 
     draft_vocab = limits(model, model.cache_spec() if hasattr(model, "cache_spec") else None)[1]
-    if draft_vocab != vocab_size:
-        raise ConfigError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's ({vocab_size}): "
-                          "speculative decoding compares their distributions token by token; use a draft "
-                          "with the target's tokenizer and vocabulary size")
+    tokens = vocab_size if tokens is None else tokens
+    if draft_vocab != vocab_size and min(draft_vocab, vocab_size) < tokens:
+        raise ConfigError(f"the draft model's vocabulary ({draft_vocab}) differs from the target's ({vocab_size}) "
+                          f"and lacks ids of the tokenizer's {tokens}: speculative decoding compares their "
+                          "distributions token by token; use a draft with the target's tokenizer (its width may "
+                          "differ only in padding rows past the tokenizer's ids)")
 
 
 def _check_accept(draft) -> None:
@@ -527,18 +550,20 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int, accept
     if is_draft_head(draft):  # an EAGLE-style head whose cache shares the pool's blocks (infer.draft)
         draft = engine.draft_head = PagedDraftHead.for_engine(engine, draft, num_blocks)
         engine.scheduler.features_cached = True  # hits resume from the features kept with the blocks
-    make = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens)
+    tokens = engine.vocab_limit or engine.vocab_size  # the tokenizer's ids (past them, padding rows)
+    make = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens, tokens)
     engine.make_drafter = DrafterFactory(make, acceptance, engine.vocab_size)
     model = pool_model(draft)
     if model is not None and model is not draft:  # a TreeDrafter's draft model (a chain's: make_drafter_factory)
-        check_draft_vocab(model, engine.vocab_size)
+        check_draft_vocab(model, engine.vocab_size, tokens)
     if paged and model is not None and engine.draft_head is None:  # a draft model (or a TreeDrafter's) on the pool
         engine.draft_model = PagedDraftModel(model, num_blocks, engine.config.block_size, engine.device,
                                              graphs=engine.runner.graphs_mode, max_batch=engine.config.max_num_seqs,
                                              chunk_rows=1 + engine.num_draft_tokens,
                                              mixed_tokens=engine.runner.mixed_tokens,
                                              fit=draft.fit if model is not draft else None,
-                                             window=engine.max_seq_len)
+                                             window=engine.max_seq_len,
+                                             vocab=(engine.vocab_size, engine.vocab_limit))
     if paged:  # verify chunks (chains, trees) replay graphs too
         engine.runner.allow_chunks(1 + engine.num_draft_tokens, trees=engine.draft_trees)
 

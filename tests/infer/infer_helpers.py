@@ -72,3 +72,14 @@ def counting(container: type) -> type:
             return super().__contains__(key)
 
     return Counting
+
+
+class NoCacheSpec(torch.nn.Module):
+    """`model` behind a plain forward(ids) without cache_spec(): the engine's recompute path (a cache-less model)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.max_seq_len, self.vocab_size = model, model.cfg.max_seq_len, model.cfg.vocab_size
+
+    def forward(self, ids):
+        return self.inner(ids)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .infer_helpers import full_greedy, tiny_model
+from .infer_helpers import NoCacheSpec, full_greedy, tiny_model
 
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.detok import IdTokenizer
@@ -526,3 +526,35 @@ def test_a_drafters_malformed_answer_is_refused_with_the_fix(tok, mode, temperat
     params = SamplingParams(temperature=temperature, max_tokens=6, ignore_eos=True, seed=0)
     with pytest.raises(LmforgeError, match=match):
         LLM(tiny_model("llama"), tok, draft=_Guess(mode), num_draft_tokens=2).generate("aaab", params)
+
+
+@pytest.mark.parametrize("draft_vocab", [280, 320])
+@pytest.mark.parametrize("shape", ["chain", "tree", "reference"])
+def test_a_draft_padded_to_another_width_drafts_for_the_same_tokenizer(tok, draft_vocab, shape):
+    """Qwen2.5's small and large models pad the same 151,665 ids to 151,936 and 152,064 rows: a draft whose
+    vocabulary differs from the target's only in rows past the tokenizer's ids drafts (its logits fitted to the
+    target's width, ids past the tokenizer's masked as the target's sampler masks them) and greedy output stays the
+    target's; one lacking tokenizer ids is refused. Here the draft is the target itself at another width: every
+    draft is accepted. (Any width but the target's was refused: "the draft model's vocabulary (280) differs from
+    the target's (300)".) reference: a target without cache_spec, whose chains the ModelDrafter loop drafts."""
+    from lmforge.infer.token_tree import TreeDrafter
+
+    target, draft = tiny_model("llama", vocab_size=300), tiny_model("llama", vocab_size=draft_vocab, seed=5)
+    rows, mine = min(300, draft_vocab), draft.state_dict()
+    draft.load_state_dict({k: v if v.shape == mine[k].shape else torch.cat([v[:rows], mine[k][rows:]])
+                           for k, v in target.state_dict().items()})
+    plain = LLM(target, tok)
+    if shape == "reference":
+        target = NoCacheSpec(target)
+    drafter = TreeDrafter(draft, widths=(2, 2)) if shape == "tree" else draft
+    llm = LLM(target, tok, draft=drafter, num_draft_tokens=3)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for p in ("abcabc", "zzz"):
+        out = llm.generate(p, greedy)[0]
+        assert out.token_ids == plain.generate(p, greedy)[0].token_ids
+        assert out.metrics["acceptance_rate"] == 1.0
+    bias = SamplingParams(temperature=0.8, max_tokens=6, seed=0, logit_bias={299: -5.0})  # an id past the draft's 280
+    assert len(llm.generate("abc", bias)[0].token_ids) == 6
+    with pytest.raises(ConfigError, match=r"the draft model's vocabulary \(200\) differs from the target's \(300\) "
+                                          r"and lacks ids of the tokenizer's 257"):
+        LLM(target, tok, draft=tiny_model("llama", vocab_size=200), num_draft_tokens=3)

@@ -34,7 +34,13 @@ Hyp = tuple[list[int], list[float], list[dict[int, float]]]
 
 
 def _norm(score: float, length: int, alpha: float) -> float:
-    return score / max(length, 1) ** alpha
+    """The rank of the normalised score score / length**alpha (Wu et al. 2016): larger is better, computed in log
+    space so that no finite alpha overflows (length**1000 is past a float: the quotient raised OverflowError, and
+    ZeroDivisionError at -1000). A score is a sum of log-probs (<= 0), so the quotient is -exp(m) with
+    m = log(-score) - alpha log(length), and -m orders hypotheses as the quotient does."""
+    if score >= 0:  # (a certain hypothesis: its quotient 0 beats every other)
+        return math.inf
+    return alpha * math.log(max(length, 1)) - math.log(-score)
 
 
 def _ranked(scores: torch.Tensor, first: int):

@@ -290,3 +290,21 @@ def test_beam_scores_on_a_padded_vocabulary_are_the_models_own_logprobs(tok):
             best = row[:257].topk(2)
             assert all(top[t] == pytest.approx(v, abs=1e-5) for t, v in zip(best.indices.tolist(),
                                                                              best.values.tolist()))
+
+
+@pytest.mark.parametrize("early", [True, False])
+@pytest.mark.parametrize("alpha", [1000.0, -1000.0])
+def test_extreme_length_penalties_rank_as_the_quotient_does(tok, alpha, early):
+    # (length ** 1000 is past a float: the step raised OverflowError, and ZeroDivisionError for -1000)
+    import math
+
+    llm = LLM(tiny_model("llama"), tok)
+    first = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=1))[0].token_ids[0]
+    sp = SamplingParams(temperature=0, beam_width=3, n=3, max_tokens=8, length_penalty=alpha, early_stopping=early,
+                        stop_token_ids=(first,))  # (a one-token hypothesis stops at once)
+    out = llm.generate("the cat", sp)[0].outputs
+    # score / L**alpha = -exp(log(-score) - alpha log L): the larger alpha log L - log(-score), the better
+    key = [alpha * math.log(len(o.token_ids)) - math.log(-o.cumulative_logprob) for o in out]
+    lengths = [len(o.token_ids) for o in out]
+    assert len(out) == 3 and key == sorted(key, reverse=True)
+    assert lengths[0] == (8 if alpha > 0 else 1)  # the longest wins at +1000, the one-token stop at -1000

@@ -50,18 +50,20 @@ def test_verify_output_follows_target_distribution():
     torch.testing.assert_close(counts / N, p[0], atol=0.02, rtol=0)
 
 
-def test_sampled_sequences_follow_target_distribution():
+@pytest.mark.parametrize("widths", [(4, 4), (6, 5)])
+def test_sampled_sequences_follow_target_distribution(widths):
     """End to end on a 4-token vocabulary: the law of the first two sampled tokens equals the target's,
-    computed exactly by enumeration (chi-square, 15 dof, p = 0.001 threshold)."""
+    computed exactly by enumeration (chi-square, 15 dof, p = 0.001 threshold). (6, 5): target and draft padded
+    past the tokenizer's 4 ids to different widths (fit_vocab)."""
     V = 4
-    target = tiny_model("llama", vocab_size=V, init_std=0.3)
-    draft = tiny_model("llama", vocab_size=V, seed=3, n_layers=1, init_std=0.3)
+    target = tiny_model("llama", vocab_size=widths[0], init_std=0.3)
+    draft = tiny_model("llama", vocab_size=widths[1], seed=3, n_layers=1, init_std=0.3)
     prompt = [1, 2]
     with torch.no_grad():
-        p1 = target(torch.tensor([prompt]))[0, -1].softmax(-1)
+        p1 = target(torch.tensor([prompt]))[0, -1, :V].softmax(-1)  # (the sampler never draws ids past V)
         exact = torch.zeros(V, V)
         for a in range(V):
-            exact[a] = p1[a] * target(torch.tensor([prompt + [a]]))[0, -1].softmax(-1)
+            exact[a] = p1[a] * target(torch.tensor([prompt + [a]]))[0, -1, :V].softmax(-1)
     N = 700
     engine = Engine(target, IdTokenizer(V), draft=draft, num_draft_tokens=2)
     for i in range(N):  # all at once: one batch of speculative sequences, each on its own seeded stream

@@ -295,7 +295,8 @@ _RULES: tuple[_Rule, ...] = (
                     "output_kind='delta' needs samples that do; use 'cumulative' or 'final'"),
     _rule("beam_width", lambda p: p.beam_width >= 1, lambda p: f"beam_width must be >= 1, got {p.beam_width}"),
     _rule("beam_width n", lambda p: p.beam_width == 1 or p.n <= p.beam_width,
-          lambda p: f"n={p.n} beams asked for but beam_width={p.beam_width}"),
+          lambda p: f"n={p.n} beams asked for but beam_width={p.beam_width}: a search returns at most its "
+                    f"beam_width beams; raise beam_width to {p.n} or lower n"),
     _rule("length_penalty", lambda p: math.isfinite(p.length_penalty),
           lambda p: f"length_penalty must be a finite number (beam score = sum logprob / length ** length_penalty; "
                     f"0 = no normalisation), got {p.length_penalty}"),

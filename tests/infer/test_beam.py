@@ -308,3 +308,10 @@ def test_extreme_length_penalties_rank_as_the_quotient_does(tok, alpha, early):
     lengths = [len(o.token_ids) for o in out]
     assert len(out) == 3 and key == sorted(key, reverse=True)
     assert lengths[0] == (8 if alpha > 0 else 1)  # the longest wins at +1000, the one-token stop at -1000
+
+
+def test_more_samples_than_beams_is_refused_with_the_fix():
+    # (the message named the problem, "n=6 beams asked for but beam_width=4", not the way out)
+    with pytest.raises(ConfigError, match=r"^n=6 beams asked for but beam_width=4: a search returns at most its "
+                                          r"beam_width beams; raise beam_width to 6 or lower n$"):
+        SamplingParams(temperature=0, beam_width=4, n=6)

@@ -391,7 +391,8 @@ class DraftItem:
     ctx: list[int]
     """the verified context, ending in the pending token (read it, do not keep it: it grows)"""
     k: int
-    """at most this many drafts (a tree drafter may propose its full tree: the engine trims it)"""
+    """at most this many drafts (the engine trims a longer answer: a chain to its first k, a tree to its first
+    k nodes)"""
     procs: list
     greedy: bool
     gen: torch.Generator | None

@@ -183,7 +183,8 @@ class MTPDrafter:
 
 @dataclass
 class SpecStats:
-    """drafted: tokens proposed (a tree's nodes); accepted: drafts emitted; reachable: the most each round
+    """drafted: tokens proposed (a tree's nodes); accepted: drafts verification kept (a stop among them emits
+    fewer: this measures the drafter, not the output); reachable: the most each round
     could have accepted (a chain's length, a tree's depth), so acceptance_rate = accepted / reachable reads
     the same for chains and trees. tokens_per_forward (emitted tokens / target forwards) is the number to
     compare drafters by: it counts the bonus token and whatever a tree's width bought."""

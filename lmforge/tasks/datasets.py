@@ -69,15 +69,17 @@ class GSM8K(_FileTask):
         return out
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        """The first number after the last 'Answer:', else after GSM8K's '####' (lm-eval's strict match), else in
-        the last \\boxed{} (a number after it, "\\boxed{18}. Check: 3 * 6", is no answer), else the last number in
-        the text. A marked answer worked as arithmetic ("Answer: 3 + 4 = 7") is the one number after its last '='
-        ("Answer: 5 hours = 300 minutes" stays 5). A Unicode minus sign (U+2212, as typeset text writes it) is a
-        minus."""
+        """The first number on the line of GSM8K's first '####' (lm-eval's strict match), else after the last
+        'Answer:', else in the last \\boxed{} (a number after it, "\\boxed{18}. Check: 3 * 6", is no answer), else the
+        last number in the text (lm-eval's flexible extract). '####' comes first because it is GSM8K's own mark and
+        its first because a base model runs on into an invented next question with a '####' of its own; 'answer:'
+        is a phrase working can hold ("2 points/answer = 48 points"). A marked answer worked as arithmetic
+        ("Answer: 3 + 4 = 7") is the one number after its last '=' ("Answer: 5 hours = 300 minutes" stays 5). A
+        Unicode minus sign (U+2212, as typeset text writes it) is a minus."""
         completion = completion.replace("\u2212", "-")
-        marked = final_answer(completion)
-        if marked is None and "####" in completion:
-            marked = completion.rpartition("####")[2]
+        marked = re.match(r"\s*(.*)", completion.split("####", 2)[1]).group(1) if "####" in completion else None
+        if marked is None:
+            marked = final_answer(completion)
         if marked is None:
             marked = last_boxed(completion)
         lhs, eq, rhs = (marked or "").rpartition("=")

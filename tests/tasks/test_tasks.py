@@ -276,3 +276,16 @@ def test_gsm8k_reads_a_marked_equation_by_its_result(tmp_path):
     assert g.parse("Answer: 7 apples, so x =") == "7"  # nothing numeric after the '=': the first number stands
     # only after arithmetic: a unit conversion or a list of values keeps the first number
     assert g.parse("Answer: 5 hours = 300 minutes") == "5" and g.parse("Answer: x = 5, y = 7") == "5"
+
+
+def test_gsm8k_reads_the_first_hashes_mark_before_an_answer_phrase(tmp_path):
+    """GSM8K's own '#### N' is its final answer, taken first as lm-eval's strict match does (group_select 0). A stray
+    'answer =' in the working ('2 points/answer = 48 points', train row 'James scored ... #### 66') read 48 over the
+    '####' after it, and a base model running on into an invented next question read neither of its marks."""
+    from lmforge.tasks.datasets import GSM8K
+
+    (tmp_path / "gsm8k").mkdir()
+    g = GSM8K(root=tmp_path)
+    assert g.parse("24 answers * 2 points/answer = 48 points.\n48 + 16 = 64 points.\n#### 66") == "66"
+    assert g.parse("#### 18\n\nQuestion: Tom has 3 apples and gets 2.\nAnswer: 3+2=5 apples.\n#### 5") == "18"
+    assert g.parse("Answer: 7, so\n#### 12") == "12" and g.parse("so 12 then Answer: 7") == "7"

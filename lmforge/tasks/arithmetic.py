@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.tasks.base import Example, Task, check_span, final_answer
+from lmforge.tasks.base import Example, Task, check_span
 
 STEP_RE = re.compile(r"^\s*(\d+(?:\s*[+*]\s*\d+)+)\s*=\s*(-?\d+)\s*$")
 
@@ -117,5 +117,5 @@ class Arithmetic(Task):
     def process_labels(self, example: Example, completion: str) -> dict[str, Any]:
         """Step labels of a completion (each step checked against this problem's working: step_labels) plus
         outcome: the data for process vs outcome reward models."""
-        return {"steps": step_labels(completion, example.meta["steps"]), "answer": final_answer(completion),
+        return {"steps": step_labels(completion, example.meta["steps"]), "answer": self.parse(completion, example),
                 "correct": self.verify(example, completion)}

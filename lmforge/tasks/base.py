@@ -9,7 +9,8 @@ test bucket, else to "train", so no seed or count can put one problem in both. D
 splits (GSM8K, MMLU) keep them.
 
 Completions end with a final line `Answer: ...` (the format tasks use their own tags instead); `parse`
-reads it, `verify` compares it with the example's canonical answer.
+reads it, `verify` compares it with the example's canonical answer. Every parser reads the reply after a
+reasoning model's <think>...</think> block (`reply`), never an answer tried inside it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class Example:
     key: str
     """the problem's identity (independent of the phrasing): the split is a function of it"""
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def reply(completion: str) -> str:
+    """The completion without a reasoning model's thinking (Qwen3, DeepSeek-R1: <think>...</think>, where a chat
+    template may write the opening tag into the prompt): the text after the last </think>, "" while a <think> is
+    left open (cut off mid-thought: nothing answered yet), else all of it. An answer tried while thinking is no
+    answer; vLLM's reasoning parsers split a completion the same way."""
+    if "</think>" in completion:
+        return completion.rpartition("</think>")[2]
+    return "" if "<think>" in completion else completion
 
 
 def final_answer(completion: str) -> str | None:
@@ -107,7 +118,7 @@ class Task:
                           f"ask for fewer or widen the task's ranges")
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        return final_answer(completion)
+        return final_answer(reply(completion))
 
     def verify(self, example: Example, completion: str) -> bool:
         got = self.parse(completion, example)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.base import SPLITS, Example, Task, final_answer, last_boxed
+from lmforge.tasks.base import SPLITS, Example, Task, final_answer, last_boxed, reply
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -76,7 +76,7 @@ class GSM8K(_FileTask):
         is a phrase working can hold ("2 points/answer = 48 points"). A marked answer worked as arithmetic
         ("Answer: 3 + 4 = 7") is the one number after its last '=' ("Answer: 5 hours = 300 minutes" stays 5). A
         Unicode minus sign (U+2212, as typeset text writes it) is a minus."""
-        completion = completion.replace("\u2212", "-")
+        completion = reply(completion).replace("\u2212", "-")
         marked = re.match(r"\s*(.*)", completion.split("####", 2)[1]).group(1) if "####" in completion else None
         if marked is None:
             marked = final_answer(completion)
@@ -134,6 +134,7 @@ class MMLU(_FileTask):
         """The letter after the last 'Answer:' or 'the answer is', else in the last \\boxed{}, else the first standalone
         capital A-D in the text. A lowercase letter counts there only as a whole answer ("b", "(b)", "b.", not the
         article in "the answer is a matter of ...")."""
+        completion = reply(completion)
         marked = final_answer(completion)
         said = re.findall(r"answer\s+is\s*:?\s*" + _OPTION, completion, re.IGNORECASE)
         if marked is not None:

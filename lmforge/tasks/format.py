@@ -11,7 +11,7 @@ import random
 import re
 from typing import Any
 
-from lmforge.tasks.base import Example, Task
+from lmforge.tasks.base import Example, Task, reply
 
 TAGS = ("answer", "final", "result")
 
@@ -31,6 +31,7 @@ class FormatCompliance(Task):
                        solution=f"<{tag}>{a + b}</{tag}>", key=f"{a}+{b}:{tag}", meta={"tag": tag})
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
+        completion = reply(completion)  # R1's format: <think>...</think> then the tagged answer
         tag = example.meta["tag"] if example is not None else r"\w+"
         found = re.findall(rf"<({tag})>(.*?)</\1>", completion, re.DOTALL)
         any_tags = re.findall(r"<(\w+)>.*?</\1>", completion, re.DOTALL)

@@ -289,3 +289,30 @@ def test_gsm8k_reads_the_first_hashes_mark_before_an_answer_phrase(tmp_path):
     assert g.parse("24 answers * 2 points/answer = 48 points.\n48 + 16 = 64 points.\n#### 66") == "66"
     assert g.parse("#### 18\n\nQuestion: Tom has 3 apples and gets 2.\nAnswer: 3+2=5 apples.\n#### 5") == "18"
     assert g.parse("Answer: 7, so\n#### 12") == "12" and g.parse("so 12 then Answer: 7") == "7"
+
+
+def test_every_parser_reads_the_reply_after_a_think_block(tmp_path):
+    """A reasoning model's <think>...</think> is scratch work: R1's format '<think>..</think><answer>11</answer>' was
+    judged wrong by the format task (think counted as a second tag pair), and an answer tried while thinking was
+    read over the reply's ('<think>Answer: 40</think> Answer: 42' checked 40 for GSM8K when no mark came after)."""
+    from lmforge.tasks.base import Example, Task
+    from lmforge.tasks.datasets import GSM8K, MMLU
+
+    fmt = TASKS["format"]()
+    e = fmt.render({"a": 5, "b": 6, "tag": "answer"}, fmt.templates[0])
+    assert fmt.verify(e, "<think>\n5 + 6 = 11\n</think>\n<answer>11</answer>")
+    assert not fmt.verify(e, "<think><answer>11</answer></think> 11")
+    n = Example(prompt="", answer="42", solution="", key="k")
+    assert Task().verify(n, "<think>Answer: 40? no</think>\nAnswer: 42")
+    assert not Task().verify(n, "<think>so Answer: 42</think>\nI could not decide.")
+    assert not Task().verify(n, "<think>Answer: 42 ... wait")  # cut off while thinking: no answer given
+    assert Task().verify(n, "40? no, 42.\n</think>\n\nAnswer: 42")  # the template opened <think> in the prompt
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "mmlu").mkdir()
+    g, m = GSM8K(root=tmp_path), MMLU(root=tmp_path)
+    assert g.parse("<think>Answer: 40</think>\nShe has 42 left.") == "42"
+    assert g.parse("<think>#### 40</think> 42") == "42"
+    assert m.parse("<think>Answer: A? the answer is B?</think>\nC") == "C"
+    task = Arithmetic()
+    ex = task.render({"a": 20, "b": 22, "op": "+"}, task.templates[0])
+    assert task.process_labels(ex, "<think>Answer: 41</think>\nAnswer: 42")["answer"] == "42"

@@ -129,12 +129,14 @@ class Task:
         return normalize(got, thousands="," not in target) == target
 
 
-_WRAPPED = re.compile(r"\\\(\s*(.*?)\s*\\\)|\\\[\s*(.*?)\s*\\\]|\\boxed\{\s*(.*?)\s*\}")
+_WRAPPED = re.compile(r"\\\(\s*(.*?)\s*\\\)|\\\[\s*(.*?)\s*\\\]|\\boxed\{\s*(.*?)\s*\}"
+                      r"|`\s*(.*?)\s*`|'\s*(.*?)\s*'|\"\s*(.*?)\s*\"|\[\s*(.*?)\s*\]")  # `x`, 'x', "x", [1, 2]
 
 
 def unwrap(answer: str) -> str:
-    """An answer without its markdown/LaTeX wrapping, spacing collapsed: **x**, $x$, \\(x\\), \\[x\\], \\boxed{x}, a
-    trailing period, and nestings of them ($\\boxed{x}$, \\( \\boxed{x} \\))."""
+    """An answer without its markdown/LaTeX wrapping, spacing collapsed: **x**, $x$, \\(x\\), \\[x\\], \\boxed{x}, code
+    `x`, quotes 'x' and "x", a list's brackets [x], a trailing period, and nestings of them ($\\boxed{x}$,
+    \\( \\boxed{x} \\)); a wrapping counts only around the whole answer ("[3 + 5] * 2" keeps its brackets)."""
     a = " ".join(answer.strip().split())
     while True:
         a = a.strip("*$ ").rstrip(".").strip("*$ ")

@@ -316,3 +316,23 @@ def test_every_parser_reads_the_reply_after_a_think_block(tmp_path):
     task = Arithmetic()
     ex = task.render({"a": 20, "b": 22, "op": "+"}, task.templates[0])
     assert task.process_labels(ex, "<think>Answer: 41</think>\nAnswer: 42")["answer"] == "42"
+
+
+def test_an_answer_in_quotes_code_or_list_brackets_is_read():
+    """'Answer: [1, 2, 3]' for a sort, "Answer: 'cba'" or `cba` for a reversal were compared with their wrapping and
+    judged wrong; the wrapping goes as **bold** and $x$ do, only when it encloses the whole answer."""
+    from lmforge.tasks.countdown import Countdown
+    from lmforge.tasks.listops import Reversal, Sorting
+
+    s, r = Sorting(), Reversal()
+    e = s.render({"items": [3, 1, 2]}, s.templates[0])
+    for spelling in ("[1, 2, 3]", "`[1, 2, 3]`", "**[1,2,3]**."):
+        assert s.verify(e, f"Answer: {spelling}"), spelling
+    assert not s.verify(e, "Answer: [1, 2], 3") and not s.verify(e, "Answer: [3, 1, 2]")
+    w = r.render({"word": "abc"}, r.templates[0])
+    for spelling in ("'cba'", '"cba"', "`cba`", '"cba".'):
+        assert r.verify(w, f"Answer: {spelling}"), spelling
+    assert not r.verify(w, "Answer: 'cb'a")
+    c = Countdown()
+    ex = c.render({"nums": [3, 5, 2], "target": 16, "expr": "(3 + 5) * 2"}, c.templates[0])
+    assert c.verify(ex, "Answer: `(3 + 5) * 2`") and not c.verify(ex, "Answer: [3 + 5] * 2")

@@ -8,9 +8,10 @@ Splits never overlap: a generated problem goes to "test" when a hash of its iden
 test bucket, else to "train", so no seed or count can put one problem in both. Datasets with their own
 splits (GSM8K, MMLU) keep them.
 
-Completions end with a final line `Answer: ...` (the format tasks use their own tags instead); `parse`
-reads it, `verify` compares it with the example's canonical answer. Every parser reads the reply after a
-reasoning model's <think>...</think> block (`reply`), never an answer tried inside it.
+Completions end with a final line `Answer: ...` or a sentence "The answer is ..." (the format tasks use their
+own tags instead); `parse` reads the last of them, `verify` compares it with the example's canonical answer.
+Every parser reads the reply after a reasoning model's <think>...</think> block (`reply`), never an answer
+tried inside it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 from lmforge.errors import ConfigError
 
 SPLITS = ("train", "test")
-ANSWER_RE = re.compile(r"answer\s*[:=]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+# "Answer: x", "answer = x", and the phrase "the answer is x" (lm-eval's gsm8k-cot mark; not "isn't", nor the
+# unit "2 points/answer = 48 points")
+ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|\s+is(?![\w'\u2019]))\s*:?\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +55,8 @@ def reply(completion: str) -> str:
 
 
 def final_answer(completion: str) -> str | None:
-    """The text after the LAST 'Answer:' in the completion, or None."""
+    """The text after the LAST 'Answer:' (or 'answer =', 'the answer is') in the completion, to the line's end, or
+    None."""
     found = ANSWER_RE.findall(completion)
     return found[-1].strip() if found else None
 

@@ -18,7 +18,9 @@ from lmforge.tasks.base import SPLITS, Example, Task, final_answer, last_boxed, 
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-_ARITHMETIC = re.compile(r"[\d\s.,+\-*/x×÷()$=]*\d[\d\s.,+\-*/x×÷()$=]*")  # numbers and operators only
+# working: numbers, each with an optional unit ("15 gallons * 8 pints / gallon"), joined by operators
+_QUANTITY = r"\s*[($]*-?\$?\d[\d,]*(?:\.\d+)?(?:\s*[A-Za-z]+(?:\s*/\s*[A-Za-z]+)*)??\)*"
+_WORKED = re.compile(rf"{_QUANTITY}(?:\s*[-+*/x×÷=]{_QUANTITY})+\s*")
 
 
 class _FileTask(Task):
@@ -73,8 +75,9 @@ class GSM8K(_FileTask):
         'Answer:', else in the last \\boxed{} (a number after it, "\\boxed{18}. Check: 3 * 6", is no answer), else the
         last number in the text (lm-eval's flexible extract). '####' comes first because it is GSM8K's own mark and
         its first because a base model runs on into an invented next question with a '####' of its own; 'answer:'
-        is a phrase working can hold ("2 points/answer = 48 points"). A marked answer worked as arithmetic
-        ("Answer: 3 + 4 = 7") is the one number after its last '=' ("Answer: 5 hours = 300 minutes" stays 5). A
+        is a phrase working can hold ("2 points/answer = 48 points"). A marked answer worked as arithmetic, units
+        and all ("Answer: 3 + 4 = 7", "the answer is 15 gallons * 8 pints / gallon = 120 pints"), is the one number
+        after its last '=' ("Answer: 5 hours = 300 minutes" stays 5). A
         Unicode minus sign (U+2212, as typeset text writes it) is a minus."""
         completion = reply(completion).replace("\u2212", "-")
         marked = re.match(r"\s*(.*)", completion.split("####", 2)[1]).group(1) if "####" in completion else None
@@ -83,8 +86,8 @@ class GSM8K(_FileTask):
         if marked is None:
             marked = last_boxed(completion)
         lhs, eq, rhs = (marked or "").rpartition("=")
-        # "3 + 4 = 7" -> 7, not "(= 3 + 4)"; only after arithmetic: "5 hours = 300 minutes", "x = 5, y = 7" keep 5
-        if eq and _ARITHMETIC.fullmatch(lhs) and len(NUMBER_RE.findall(rhs)) == 1:
+        # "3 + 4 = 7" -> 7, not "(= 3 + 4)"; only after working: "5 hours = 300 minutes", "x = 5, y = 7" keep 5
+        if eq and _WORKED.fullmatch(lhs) and len(NUMBER_RE.findall(rhs)) == 1:
             marked = rhs
         nums = NUMBER_RE.findall(marked if marked is not None else completion)
         if not nums:

@@ -336,3 +336,27 @@ def test_an_answer_in_quotes_code_or_list_brackets_is_read():
     c = Countdown()
     ex = c.render({"nums": [3, 5, 2], "target": 16, "expr": "(3 + 5) * 2"}, c.templates[0])
     assert c.verify(ex, "Answer: `(3 + 5) * 2`") and not c.verify(ex, "Answer: [3 + 5] * 2")
+
+
+def test_the_answer_is_phrase_marks_a_final_answer(tmp_path):
+    """'The answer is 42.' (the phrase of lm-eval's gsm8k-cot strict match, and what a chat model writes unasked) was no
+    final answer: every generated task judged it wrong, and GSM8K read the last number after it ('... than 15')."""
+    from lmforge.tasks.base import Example, Task
+    from lmforge.tasks.datasets import GSM8K
+
+    n = Example(prompt="", answer="42", solution="", key="k")
+    for right in ("The answer is 42.", "6 * 7 = 42, so the answer is 42", "The final answer is $\\boxed{42}$",
+                  "The answer is 40.\nNo - the answer is: **42**", "**The answer is** 42"):
+        assert Task().verify(n, right), right
+    for wrong in ("The answer is 40. I checked 42 twice.", "The answer isn't 42, it is 40"):
+        assert not Task().verify(n, wrong), wrong
+    s = TASKS["sort"]()
+    assert s.verify(s.render({"items": [3, 1, 2]}, s.templates[0]), "The answer is 1, 2, 3.")
+    (tmp_path / "gsm8k").mkdir()
+    g = GSM8K(root=tmp_path)
+    assert g.parse("The answer is 18. That is 3 more than 15.") == "18" and g.parse("The answer is $1,200.") == "1200"
+    # the result of working with units (a real train row's last line), not its first number; a sentence is no working
+    assert g.parse("so the final answer is 15 gallons * 8 pints / gallon = 120 pints") == "120"
+    assert g.parse("Answer: 2 * 3 + 4 = 6 + 4 = 10") == "10" and g.parse("Answer: (3 + 4) x 2 = $14.") == "14"
+    assert g.parse("Answer: 5. Because 2 + 2 = 4") == "5" and g.parse("The answer is 5 hours = 300 minutes") == "5"
+    assert g.parse("He got 24 * 2 points/answer = 48 points, so 48 + 16 = 64 points.") == "64"

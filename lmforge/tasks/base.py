@@ -28,7 +28,7 @@ from lmforge.errors import ConfigError
 SPLITS = ("train", "test")
 # "Answer: x", "answer = x", and the phrase "the answer is x" (lm-eval's gsm8k-cot mark; not "isn't", nor the
 # unit "2 points/answer = 48 points")
-ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|\s+is(?![\w'\u2019]))\s*:?\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|\s+is(?![\w'\u2019]))\s*:?", re.IGNORECASE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +57,12 @@ def reply(completion: str) -> str:
 def final_answer(completion: str) -> str | None:
     """The text after the LAST 'Answer:' (or 'answer =', 'the answer is') in the completion, to the line's end, or
     None."""
-    found = ANSWER_RE.findall(completion)
-    return found[-1].strip() if found else None
+    # the line is cut by hand: a lazy capture to the line's end rescans a run of spaces from each of its positions
+    for mark in reversed(list(ANSWER_RE.finditer(completion))):
+        rest = completion[mark.end():].lstrip()
+        if rest:
+            return rest.split("\n", 1)[0].strip()
+    return None
 
 
 def last_boxed(text: str) -> str | None:

@@ -360,3 +360,32 @@ def test_the_answer_is_phrase_marks_a_final_answer(tmp_path):
     assert g.parse("Answer: 2 * 3 + 4 = 6 + 4 = 10") == "10" and g.parse("Answer: (3 + 4) x 2 = $14.") == "14"
     assert g.parse("Answer: 5. Because 2 + 2 = 4") == "5" and g.parse("The answer is 5 hours = 300 minutes") == "5"
     assert g.parse("He got 24 * 2 points/answer = 48 points, so 48 + 16 = 64 points.") == "64"
+
+
+def test_a_long_run_of_spaces_or_unclosed_tags_is_read_in_linear_time():
+    """'Answer: x', 100k spaces, 'y' took 40 s (the mark's lazy capture rescanned the spaces from each position), and
+    the format task's tag pairs took seconds on a rollout of unclosed '<answer>' tags: a reward function must not
+    stall on a degenerate sample."""
+    import time
+
+    from lmforge.tasks.base import Example, Task
+
+    n = Example(prompt="", answer="42", solution="", key="k")
+    fmt = TASKS["format"]()
+    e = fmt.render({"a": 5, "b": 6, "tag": "answer"}, fmt.templates[0])
+    start = time.perf_counter()
+    assert final_answer("Answer: x" + " " * 100_000 + "y") == "x" + " " * 100_000 + "y"
+    assert Task().verify(n, "Answer: 42" + " " * 100_000 + "\t.") and Task().verify(n, "Answer:" + " " * 100_000 + "42")
+    assert not fmt.verify(e, "<answer>" * 20_000 + "11") and fmt.verify(e, "<a>" * 30_000 + "<answer>11</answer>")
+    assert time.perf_counter() - start < 1.0
+    # the pairing is re.findall's: leftmost first, each open tag closed by the nearest close of its name
+    assert fmt.verify(e, "<answer><answer>11</answer>") is False and fmt.verify(e, "x <answer>11</answer> </b>")
+    assert final_answer("Answer: 5\nAnswer:   \n") == "5" and final_answer("answer: the answer is 42") == "42"
+    from lmforge.tasks.format import tag_pairs
+
+    rng = random.Random(0)
+    pieces = ["<a>", "</a>", "<answer>", "</answer>", "<b>", "</b>", "x", "11", "<", ">", "/", "\n"]
+    for _ in range(2000):  # the reference: the regex it replaces
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert tag_pairs(text) == [m[1] for m in re.findall(r"<(\w+)>(.*?)</\1>", text, re.DOTALL)], text
+        assert tag_pairs(text, "answer") == [m[1] for m in re.findall(r"<(answer)>(.*?)</\1>", text, re.DOTALL)], text

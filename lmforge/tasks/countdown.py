@@ -22,6 +22,9 @@ OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambd
 
 
 MAX_EXPR = 500  # characters: a rollout's runaway expression is wrong, not a crash of the reward function
+# random expressions drawn for one problem before its settings are refused: 4 numbers up to 99 and targets to 100
+# take ~16, 10 up to 100 with targets to 10 ~8,000; 12 up to 1000 with target 1 never landed in minutes
+MAX_DRAWS = 100_000
 
 
 def evaluate(expr: str) -> tuple[Fraction, list[int]] | None:
@@ -67,11 +70,14 @@ class Countdown(Task):
         self.count, self.max_number, self.max_target = count, max_number, max_target
 
     def problem(self, rng: random.Random) -> dict[str, Any]:
-        while True:
+        for _ in range(MAX_DRAWS):
             nums = [rng.randint(1, self.max_number) for _ in range(self.count)]
             expr, value = self._combine(rng, [(str(n), Fraction(n)) for n in nums])
             if value.denominator == 1 and 0 < value <= self.max_target:
                 return {"nums": nums, "target": int(value), "expr": expr}
+        raise ConfigError(f"Countdown count={self.count}, max_number={self.max_number}: {MAX_DRAWS} random expressions "
+                          f"missed every whole target in 1..max_target={self.max_target}; raise max_target or lower "
+                          f"count / max_number")
 
     @staticmethod
     def _combine(rng: random.Random, items: list[tuple[str, Fraction]]) -> tuple[str, Fraction]:

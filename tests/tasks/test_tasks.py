@@ -389,3 +389,26 @@ def test_a_long_run_of_spaces_or_unclosed_tags_is_read_in_linear_time():
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
         assert tag_pairs(text) == [m[1] for m in re.findall(r"<(\w+)>(.*?)</\1>", text, re.DOTALL)], text
         assert tag_pairs(text, "answer") == [m[1] for m in re.findall(r"<(answer)>(.*?)</\1>", text, re.DOTALL)], text
+
+
+def test_countdown_settings_whose_targets_almost_never_occur_are_refused_not_hung():
+    """Countdown draws random expressions until one lands on a whole target in 1..max_target: with 12 numbers up to
+    1000 and max_target=1 that never happened in minutes (the loop had no bound); 2 numbers up to 10**6 (a draw is
+    cheap there) hung the same way."""
+    import threading
+
+    from lmforge.tasks.countdown import Countdown
+
+    caught = []
+
+    def draw():
+        try:
+            Countdown(count=2, max_number=10 ** 6, max_target=1).examples("train", 1)
+        except ConfigError as e:
+            caught.append(str(e))
+
+    worker = threading.Thread(target=draw, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert caught and "raise max_target or lower count / max_number" in caught[0], caught
+    assert len(Countdown(count=4, max_number=99, max_target=100).examples("train", 20)) == 20

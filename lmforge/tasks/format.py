@@ -52,7 +52,8 @@ class FormatCompliance(Task):
     def render(self, problem: dict[str, Any], template: str) -> Example:
         a, b, tag = problem["a"], problem["b"], problem["tag"]
         return Example(prompt=template.format(a=a, b=b, tag=tag), answer=str(a + b),
-                       solution=f"<{tag}>{a + b}</{tag}>", key=f"{a}+{b}:{tag}", meta={"tag": tag})
+                       solution=f"<{tag}>{a + b}</{tag}>", key=f"{min(a, b)}+{max(a, b)}:{tag}",  # a+b = b+a
+                       meta={"tag": tag})
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         completion = reply(completion)  # R1's format: <think>...</think> then the tagged answer

@@ -412,3 +412,13 @@ def test_countdown_settings_whose_targets_almost_never_occur_are_refused_not_hun
     worker.join(timeout=20)
     assert caught and "raise max_target or lower count / max_number" in caught[0], caught
     assert len(Countdown(count=4, max_number=99, max_target=100).examples("train", 20)) == 20
+
+
+def test_format_keeps_a_plus_b_and_b_plus_a_in_one_split():
+    """The format task keyed '3+4' and '4+3' apart, so one sum could sit in train and its twin in test (31 of 300 test
+    problems had theirs among 3000 train ones); Arithmetic already keys a+b as b+a."""
+    task = TASKS["format"]()
+    twins = lambda exs: {(tuple(sorted(map(int, re.findall(r"\d+", e.prompt)[:2]))), e.meta["tag"]) for e in exs}  # noqa: E731
+    assert not twins(task.examples("train", 3000)) & twins(task.examples("test", 300))
+    assert task.render({"a": 3, "b": 4, "tag": "final"}, task.templates[0]).key == \
+        task.render({"a": 4, "b": 3, "tag": "final"}, task.templates[1]).key

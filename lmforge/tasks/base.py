@@ -87,6 +87,15 @@ def check_span(task: str, name: str, span) -> None:
         raise ConfigError(f"{task} {name}={span!r} must be (lo, hi) with 1 <= lo <= hi")
 
 
+def check_request(split: str, n) -> None:
+    """A split's name and a count of examples (a whole number >= 0), as `examples` takes them."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r} must be one of {SPLITS}")
+    # n=-1 drew problems, then reported "fewer than -1 distinct problems"; 2.5 was a TypeError from slicing
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ConfigError(f"n={n!r}: ask for a whole number of examples, 0 or more")
+
+
 def in_test_split(key: str, test_fraction: float) -> bool:
     h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
     return h / 2 ** 64 < test_fraction
@@ -107,11 +116,7 @@ class Task:
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """n distinct problems of `split`, phrasings drawn at random; deterministic in (split, n, seed)."""
-        if split not in SPLITS:
-            raise ConfigError(f"split={split!r} must be one of {SPLITS}")
-        # n=-1 drew problems, then reported "fewer than -1 distinct problems"
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-            raise ConfigError(f"n={n!r}: ask for a whole number of examples, 0 or more")
+        check_request(split, n)
         rng = random.Random(f"{self.name}:{split}:{seed}")
         out, seen = [], set()
         for _ in range(200 * n + 1000):

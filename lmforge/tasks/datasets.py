@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.base import SPLITS, Example, Task, final_answer, last_boxed, reply
+from lmforge.tasks.base import Example, Task, check_request, final_answer, last_boxed, reply
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -37,10 +37,9 @@ class _FileTask(Task):
 
     def examples(self, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
         """n examples of the split in a seeded random order (all of them when n is None)."""
-        if split not in SPLITS:
-            raise ConfigError(f"split={split!r} must be one of {SPLITS}")
+        check_request(split, 0 if n is None else n)
         rows = self.load(split)
-        if n is not None and not 0 <= n <= len(rows):
+        if n is not None and n > len(rows):
             raise ConfigError(f"n={n}: the {self.name} {split} split has {len(rows)} examples; ask for 0 to "
                               f"{len(rows)}, or n=None for all")
         random.Random(f"{self.name}:{seed}").shuffle(rows)

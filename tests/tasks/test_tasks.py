@@ -422,3 +422,14 @@ def test_format_keeps_a_plus_b_and_b_plus_a_in_one_split():
     assert not twins(task.examples("train", 3000)) & twins(task.examples("test", 300))
     assert task.render({"a": 3, "b": 4, "tag": "final"}, task.templates[0]).key == \
         task.render({"a": 4, "b": 3, "tag": "final"}, task.templates[1]).key
+
+
+@pytest.mark.parametrize("n", [2.5, True, "3"])
+def test_a_file_task_refuses_a_count_that_is_no_whole_number(tmp_path, n):
+    # GSM8K.examples("test", 2.5) was a TypeError from slicing, True one example; the generated tasks refuse both
+    from lmforge.tasks.datasets import GSM8K
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "4 #### 4"}\n' * 3)
+    with pytest.raises(ConfigError, match=r"ask for a whole number of examples, 0 or more"):
+        GSM8K(root=tmp_path).examples("test", n)

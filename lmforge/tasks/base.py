@@ -26,9 +26,10 @@ from typing import Any
 from lmforge.errors import ConfigError
 
 SPLITS = ("train", "test")
-# "Answer: x", "answer = x", and the phrase "the answer is x" (lm-eval's gsm8k-cot mark; not "isn't", nor the
-# unit "2 points/answer = 48 points")
-ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|\s+is(?![\w'\u2019]))\s*:?", re.IGNORECASE)
+# "Answer: x", "answer = x", and the phrase "the answer is x" (lm-eval's gsm8k-cot mark); not "isn't", a verdict
+# on an answer ("the answer is correct / not 40"), nor the unit "2 points/answer = 48 points"
+ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|\s+is(?![\w'\u2019])"
+                       r"(?!\s+(?:not|correct|incorrect|right|wrong)\b))\s*:?", re.IGNORECASE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -350,6 +350,9 @@ def test_the_answer_is_phrase_marks_a_final_answer(tmp_path):
         assert Task().verify(n, right), right
     for wrong in ("The answer is 40. I checked 42 twice.", "The answer isn't 42, it is 40"):
         assert not Task().verify(n, wrong), wrong
+    # a verdict on an answer is no answer: the 42 before it stands
+    for verdict in ("correct.", "right", "not 40.", "Wrong? No."):
+        assert Task().verify(n, f"Answer: 42\nChecking: the answer is {verdict}"), verdict
     s = TASKS["sort"]()
     assert s.verify(s.render({"items": [3, 1, 2]}, s.templates[0]), "The answer is 1, 2, 3.")
     (tmp_path / "gsm8k").mkdir()
@@ -360,6 +363,7 @@ def test_the_answer_is_phrase_marks_a_final_answer(tmp_path):
     assert g.parse("Answer: 2 * 3 + 4 = 6 + 4 = 10") == "10" and g.parse("Answer: (3 + 4) x 2 = $14.") == "14"
     assert g.parse("Answer: 5. Because 2 + 2 = 4") == "5" and g.parse("The answer is 5 hours = 300 minutes") == "5"
     assert g.parse("He got 24 * 2 points/answer = 48 points, so 48 + 16 = 64 points.") == "64"
+    assert g.parse("The answer is not 40: 6 * 7 = 42.") == "42"
 
 
 def test_a_long_run_of_spaces_or_unclosed_tags_is_read_in_linear_time():

@@ -1,8 +1,9 @@
 """Countdown: combine the given numbers with + - * / (each exactly once) to reach the target.
 
 Many expressions are right, so `verify` checks the model's expression (numbers used, exact rational
-value), not equality with the reference solution (the generator's own expression). This is the task of
-TinyZero (Pan et al. 2025) and Gandhi et al. 2025's cognitive-behaviour study.
+value; typeset operators such as × ÷ − and LaTeX's \\times read as * / -), not equality with the reference
+solution (the generator's own expression). This is the task of TinyZero (Pan et al. 2025) and Gandhi et al.
+2025's cognitive-behaviour study.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from lmforge.tasks.base import Example, Task, unwrap
 OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
        ast.Div: lambda x, y: x / y}
 
+
+# typeset operators, as math models write them, and their ASCII: "16 × 5 ÷ 2 − 8", "16 \\times 5 \\div 2 - 8"
+TYPESET = {"×": "*", "·": "*", "÷": "/", "\u2212": "-", "\\times": "*", "\\cdot": "*", "\\div": "/"}
+_TYPESET_RE = re.compile("|".join(map(re.escape, TYPESET)))
 
 MAX_EXPR = 500  # characters: a rollout's runaway expression is wrong, not a crash of the reward function
 # random expressions drawn for one problem before its settings are refused: 4 numbers up to 99 and targets to 100
@@ -100,6 +105,8 @@ class Countdown(Task):
 
     def verify(self, example: Example, completion: str) -> bool:
         expr = self.parse(completion, example)
+        if expr:
+            expr = _TYPESET_RE.sub(lambda m: TYPESET[m.group()], expr)
         # "Answer: 16 + (5 + 8).", "Answer: $16 + (5 + 8) = 29$", "Answer: \\boxed{16 + (5 + 8)}"
         got = evaluate(unwrap(unwrap(expr).split("=")[0])) if expr else None
         return (got is not None and got[0] == example.meta["target"]

@@ -437,3 +437,16 @@ def test_a_file_task_refuses_a_count_that_is_no_whole_number(tmp_path, n):
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "4 #### 4"}\n' * 3)
     with pytest.raises(ConfigError, match=r"ask for a whole number of examples, 0 or more"):
         GSM8K(root=tmp_path).examples("test", n)
+
+
+def test_countdown_reads_typeset_operators():
+    """'16 × 5 ÷ 2 − 8', LaTeX '16 \\times 5 \\div 2 - 8' (how math models write them) were no expression at all."""
+    from lmforge.tasks.base import Example
+    from lmforge.tasks.countdown import Countdown
+
+    task = Countdown()
+    ex = Example(prompt="", answer="", solution="", key="k", meta={"nums": [16, 5, 8, 2], "target": 32})
+    for spelling in ("16 × 5 ÷ 2 − 8", "\\(16 \\times 5 \\div 2 - 8\\)", "16 \\cdot 5 / 2 - 8", "16·5÷2−8 = 32"):
+        assert task.verify(ex, f"Answer: {spelling}"), spelling
+    for wrong in ("16 × 5 ÷ 2 + 8", "16 × 5 − 8 × 2 ÷ 2", "16 \\times 5 - 8", "16 \\timesx 5 / 2 - 8"):
+        assert not task.verify(ex, f"Answer: {wrong}"), wrong

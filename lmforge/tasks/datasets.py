@@ -71,13 +71,13 @@ class GSM8K(_FileTask):
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         """The first number on the line of GSM8K's first '####' (lm-eval's strict match), else after the last
-        'Answer:', else in the last \\boxed{} (a number after it, "\\boxed{18}. Check: 3 * 6", is no answer), else the
-        last number in the text (lm-eval's flexible extract). '####' comes first because it is GSM8K's own mark and
-        its first because a base model runs on into an invented next question with a '####' of its own; 'answer:'
-        is a phrase working can hold ("2 points/answer = 48 points"). A marked answer worked as arithmetic, units
-        and all ("Answer: 3 + 4 = 7", "the answer is 15 gallons * 8 pints / gallon = 120 pints"), is the one number
-        after its last '=' ("Answer: 5 hours = 300 minutes" stays 5). A
-        Unicode minus sign (U+2212, as typeset text writes it) is a minus."""
+        'Answer:' or 'the answer is' (lm-eval's gsm8k-cot mark), else in the last \\boxed{} (a number after it,
+        "\\boxed{18}. Check: 3 * 6", is no answer), else the last number in the text (lm-eval's flexible extract).
+        '####' comes first because it is GSM8K's own mark and its first because a base model runs on into an
+        invented next question with a '####' of its own; 'answer:' is a phrase working can hold. A marked answer
+        worked as arithmetic, units and all ("Answer: 3 + 4 = 7", "the answer is 15 gallons * 8 pints / gallon =
+        120 pints"), is the one number after its last '=' ("Answer: 5 hours = 300 minutes" stays 5). A Unicode
+        minus sign (U+2212, as typeset text writes it) is a minus."""
         completion = reply(completion).replace("\u2212", "-")
         marked = re.match(r"\s*(.*)", completion.split("####", 2)[1]).group(1) if "####" in completion else None
         if marked is None:

@@ -180,6 +180,16 @@ def rope_to_hf(cfg: ModelConfig) -> dict:
     return rp
 
 
+def rope_fields(cfg: ModelConfig) -> dict:
+    """config.json's RoPE fields in both of transformers' forms: transformers 5's `rope_parameters` and the
+    `rope_theta` + `rope_scaling` that transformers 4 reads (it keeps `rope_parameters` as an unread attribute:
+    an export written in that form alone loads there as plain RoPE at theta 10000, a silently different model).
+    transformers 5 reads `rope_scaling` first, the same table, its theta from `rope_theta`."""
+    rp = rope_to_hf(cfg)
+    scaling = {k: v for k, v in rp.items() if k != "rope_theta"} if cfg.rope_scaling is not None else None
+    return {"rope_parameters": rp, "rope_theta": cfg.rope_theta, "rope_scaling": scaling}
+
+
 def hf_activation(d: dict, key: str = "hidden_act", table: dict = HF_ACT, default: str = "silu") -> str:
     act = d.get(key, default)
     if act not in table:
@@ -244,7 +254,7 @@ def llama_cfg_to_hf(cfg: ModelConfig, family: str = "llama") -> dict:
     d = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
              intermediate_size=cfg.ff, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-             rope_parameters=rope_to_hf(cfg), tie_word_embeddings=cfg.tie_embeddings,
+             **rope_fields(cfg), tie_word_embeddings=cfg.tie_embeddings,
              attention_bias=cfg.has_qkv_bias, mlp_bias=cfg.bias,
              hidden_act=HF_ACT_OUT.get(cfg.activation, cfg.activation), initializer_range=cfg.init_std)
     if cfg.sliding_window:

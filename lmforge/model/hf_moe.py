@@ -14,7 +14,7 @@ from lmforge.errors import ConfigError
 from lmforge.model.config import MLAConfig, ModelConfig, MoEConfig, MTPConfig
 from lmforge.model.hf_families import (HF_ACT_OUT, Rule, attn_rules, dense_mlp_rules, embed_rules, expert_rules,
                                        hf_activation, llama_cfg, llama_cfg_to_hf, mla_rules, norm_rule, norm_rules, one,
-                                       rope_from_hf, rope_to_hf)
+                                       rope_fields, rope_from_hf)
 
 
 def mixtral_cfg(d: dict) -> ModelConfig:
@@ -160,7 +160,7 @@ def deepseek_v3_cfg_to_hf(cfg: ModelConfig) -> dict:
                 topk_group=m.topk_groups, norm_topk_prob=m.norm_topk, first_k_dense_replace=m.dense_layers,
                 kv_lora_rank=a.kv_lora_rank, q_lora_rank=a.q_lora_rank or None, qk_nope_head_dim=a.qk_nope_head_dim,
                 qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, head_dim=a.qk_rope_head_dim,
-                rope_interleave=cfg.rope_layout == "interleaved", rope_parameters=rope_to_hf(cfg),
+                rope_interleave=cfg.rope_layout == "interleaved", **rope_fields(cfg),
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, attention_bias=cfg.bias,
                 tie_word_embeddings=cfg.tie_embeddings, hidden_act=HF_ACT_OUT.get(cfg.activation, cfg.activation),
                 num_nextn_predict_layers=cfg.mtp.depth if cfg.mtp is not None else 0)

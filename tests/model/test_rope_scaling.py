@@ -103,10 +103,29 @@ def test_hf_config_rope_fields_old_and_new_format():
                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
     theta, sc = rope_from_hf(old)
     assert theta == 500000.0 and sc.kind == "llama3" and sc.factor == 8.0 and sc.original_max_seq_len == 8192
-    new = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}}
+    new = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                               "original_max_position_embeddings": 32768}}
     theta, sc = rope_from_hf(new)
     cfg = ModelConfig(n_layers=1, rope_theta=theta, rope_scaling=sc)
     assert rope_to_hf(cfg)["rope_type"] == "yarn" and rope_to_hf(cfg)["factor"] == 4.0
     assert rope_from_hf({"rope_theta": 1e4}) == (1e4, None)
     with pytest.raises(Exception, match="rope_type='su'"):
         rope_from_hf({"rope_scaling": {"type": "su"}})
+
+
+
+@pytest.mark.parametrize("scaling", [None, RopeScaling(kind="llama3", factor=4.0, original_max_seq_len=16),
+                                     RopeScaling(kind="yarn", factor=4.0, original_max_seq_len=16)])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_exported_config_says_its_rope_in_transformers_4s_fields_too(scaling, family):
+    """transformers 4 reads rope_theta + rope_scaling and keeps rope_parameters unread: an export written in
+    transformers 5's form alone loaded there as plain RoPE at theta 10000. Read through the old fields alone, the
+    written config.json is the same model."""
+    from lmforge.model.hf import config_from_hf, config_to_hf
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64, rope_theta=50000.0,
+                      rope_scaling=scaling, qk_norm=family == "qwen3")
+    old = {k: v for k, v in config_to_hf(cfg, family).items() if k != "rope_parameters"}
+    assert old["rope_theta"] == 50000.0
+    back = config_from_hf(old)
+    assert (back.rope_theta, back.rope_scaling) == (50000.0, scaling)

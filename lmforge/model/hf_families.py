@@ -184,10 +184,14 @@ def rope_fields(cfg: ModelConfig) -> dict:
     """config.json's RoPE fields in both of transformers' forms: transformers 5's `rope_parameters` and the
     `rope_theta` + `rope_scaling` that transformers 4 reads (it keeps `rope_parameters` as an unread attribute:
     an export written in that form alone loads there as plain RoPE at theta 10000, a silently different model).
-    transformers 5 reads `rope_scaling` first, the same table, its theta from `rope_theta`."""
-    rp = rope_to_hf(cfg)
-    scaling = {k: v for k, v in rp.items() if k != "rope_theta"} if cfg.rope_scaling is not None else None
-    return {"rope_parameters": rp, "rope_theta": cfg.rope_theta, "rope_scaling": scaling}
+    transformers 5 reads `rope_scaling` first, the same table, its theta from `rope_theta`. LongRoPE's original
+    context goes at the top level too, the only place transformers 4 reads it (Phi-3's layout; without it, it
+    picks the short or long factors against max_position_embeddings)."""
+    rp, sc = rope_to_hf(cfg), cfg.rope_scaling
+    scaling = {k: v for k, v in rp.items() if k != "rope_theta"} if sc is not None else None
+    top = {"original_max_position_embeddings": sc.original_max_seq_len} \
+        if sc is not None and sc.kind == "longrope" and sc.original_max_seq_len is not None else {}
+    return {"rope_parameters": rp, "rope_theta": cfg.rope_theta, "rope_scaling": scaling, **top}
 
 
 def hf_activation(d: dict, key: str = "hidden_act", table: dict = HF_ACT, default: str = "silu") -> str:

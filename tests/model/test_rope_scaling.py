@@ -115,12 +115,15 @@ def test_hf_config_rope_fields_old_and_new_format():
 
 
 @pytest.mark.parametrize("scaling", [None, RopeScaling(kind="llama3", factor=4.0, original_max_seq_len=16),
-                                     RopeScaling(kind="yarn", factor=4.0, original_max_seq_len=16)])
+                                     RopeScaling(kind="yarn", factor=4.0, original_max_seq_len=16),
+                                     RopeScaling(kind="longrope", factor=4.0, original_max_seq_len=16,
+                                                 short_factor=(1.0,) * 4, long_factor=(2.0,) * 4)])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_exported_config_says_its_rope_in_transformers_4s_fields_too(scaling, family):
     """transformers 4 reads rope_theta + rope_scaling and keeps rope_parameters unread: an export written in
     transformers 5's form alone loaded there as plain RoPE at theta 10000. Read through the old fields alone, the
-    written config.json is the same model."""
+    written config.json is the same model; LongRoPE's original context is at the top level, the only place
+    transformers 4 reads it."""
     from lmforge.model.hf import config_from_hf, config_to_hf
 
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64, rope_theta=50000.0,
@@ -129,3 +132,5 @@ def test_exported_config_says_its_rope_in_transformers_4s_fields_too(scaling, fa
     assert old["rope_theta"] == 50000.0
     back = config_from_hf(old)
     assert (back.rope_theta, back.rope_scaling) == (50000.0, scaling)
+    if scaling is not None and scaling.kind == "longrope":
+        assert old["original_max_position_embeddings"] == 16

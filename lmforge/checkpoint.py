@@ -696,14 +696,22 @@ def hf_chat_template(path: str | Path):
     """A HF model directory's own chat template as a lmforge.infer.chat_template.JinjaTemplate (None: not a HF
     directory, or it has none): chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or
     a list of named templates: "default"), with the special tokens the config names (bos_token, eos_token, ...),
-    which the Jinja reads; its eos_token ends an answer."""
+    which the Jinja reads; its eos_token ends an answer. A PEFT adapter directory's is that of the tokenizer it
+    loads with (adapt.peft_format.load_peft): its own beside its tokenizer.json, else its base's."""
+    from lmforge.adapt.peft_format import CONFIG, is_peft_dir
     from lmforge.infer.chat_template import JinjaTemplate
 
     try:
         ckpt = resolve_checkpoint(path)
     except (OSError, LmforgeError):
         return None
-    if not is_hf_dir(ckpt):
+    if is_peft_dir(ckpt) and not (ckpt / "tokenizer.json").is_file():
+        try:
+            base = json.loads((ckpt / CONFIG).read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return hf_chat_template(base) if isinstance(base, str) and Path(base).is_dir() else None
+    if not is_hf_dir(ckpt) and not is_peft_dir(ckpt):
         return None
     try:
         config = json.loads((ckpt / "tokenizer_config.json").read_text())

@@ -147,6 +147,24 @@ def test_peft_adapter_equals_the_adapted_model(tmp_path, tok):
     assert (logits(auto, ids) - want).abs().max() <= 1e-5 and not (tmp_path / "peft2" / "base").exists()
 
 
+
+def test_a_peft_directory_exports_with_its_chat_template(tmp_path, tok):
+    """A PEFT adapter directory (no config.json: not a HF model directory) keeps the chat template of the
+    tokenizer it loads with: its own tokenizer_config.json's, else its base's (it was dropped: an export of the
+    directory wrote no template, and `lmforge chat` had none)."""
+    from lmforge.checkpoint import hf_chat_template
+
+    lora = LoRAConfig(r=4, alpha=8, targets=("wq", "wv"))
+    lora_run(tmp_path / "run", adapted(tiny(tok.vocab_size), lora), tok, lora)  # records chatml
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "peft"), "--adapter"]) == 0
+    assert main(["export", str(tmp_path / "peft"), str(tmp_path / "merged")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    want = get_template("chatml").render(CONVERSATIONS[1], add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True) == want
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # its tokenizer, and so its template, is its base's
+        (tmp_path / "peft" / name).unlink()
+    assert hf_chat_template(tmp_path / "peft").render(CONVERSATIONS[1], add_generation_prompt=True) == want
+
 def test_a_base_out_inside_out_is_written_there_and_an_out_inside_it_is_refused(tmp_path, tok, capsys):
     """--base-out OUT/nested/base was written, then replaced by OUT whole: the export said it wrote the base there
     and adapter_config.json named a directory that did not exist (found 2026-12-07); OUT inside --base-out failed

@@ -108,6 +108,20 @@ def test_export_loads_in_transformers_and_lmforge(tmp_path, tok):
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+
+def test_config_bos_token_id_is_the_tokenizers(tmp_path, tok):
+    """config.json's bos_token_id names the tokenizer's BOS (its first prefix token) or none: left out, it read as
+    Llama's default 1, a byte token here that the model never began with."""
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    with_bos = Tokenizer.from_dict({**tok.to_dict(), "prefix_tokens": ["<|begin_of_text|>"]})
+    for name, tokenizer, want in (("plain", tok, None), ("bos", with_bos, tok.special_tokens["<|begin_of_text|>"])):
+        save_checkpoint(tmp_path / name, 1, tiny(tok.vocab_size), tokenizer=tokenizer)
+        assert main(["export", str(tmp_path / name), str(tmp_path / f"{name}-hf")]) == 0
+        assert transformers.AutoConfig.from_pretrained(tmp_path / f"{name}-hf").bos_token_id == want
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "bos-hf")
+    assert hf_tok("Hello")["input_ids"][0] == hf_tok.bos_token_id == want
+
 def test_merged_lora_export_equals_the_adapted_model(tmp_path, tok, capsys):
     base = tiny(tok.vocab_size)
     model = adapted(base, LoRAConfig(r=4, alpha=8, targets=TARGETS))

@@ -35,7 +35,7 @@ from typing import Annotated, Literal
 import tyro
 
 from lmforge.errors import ConfigError
-from lmforge.utils import atomic_dir, check_output_path, honour_umask
+from lmforge.utils import atomic_dir, check_output_path, honour_umask, write_json_atomic
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -155,7 +155,6 @@ def write_adapter(model, ckpt: Path, out: Path, base_out: Path | None, family: s
     from lmforge.adapt.lora import remove_lora
     from lmforge.adapt.peft_format import to_peft
     from lmforge.model.hf import save_pretrained
-    from lmforge.utils import write_json_atomic
 
     lora = run_lora(ckpt)
     config, tensors = to_peft(model, family, lora)  # refused before any note is printed
@@ -336,6 +335,12 @@ class TokenizerFiles:
         if self.byte:
             conf["split_special_tokens"] = True
         self.tok.save_hf(path, chat_template=self.template, config=conf)  # (tokenizer_config.json too)
+        # a model directory's config.json (not a PEFT adapter's) gets the tokenizer's bos_token_id (its first prefix
+        # token, else none): left out, it read as the family's default (Llama's 1, Gemma's 2, GPT-2's 50256, past a
+        # small vocabulary), a token the model never began with
+        if (path / "config.json").is_file():
+            hf_config = json.loads((path / "config.json").read_text())
+            write_json_atomic(path / "config.json", {**hf_config, "bos_token_id": self.tok.bos_id})
 
     def summary(self) -> str:
         if self.tok is None:

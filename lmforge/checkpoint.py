@@ -545,7 +545,7 @@ def base_record(path: str | Path, *, merge_lora: bool = False) -> dict[str, Any]
 
 
 BASE_HINT = ("pass its current location: load_model(path, base=DIR), LLM.load(path, base=DIR) or --base DIR "
-             "(lmforge sample | generate | chat), or record it once: lmforge.checkpoint.rebase(path, DIR)")
+             "(lmforge sample | generate | chat | export), or record it once: lmforge.checkpoint.rebase(path, DIR)")
 
 
 def rebase(path: str | Path, base: str | Path) -> Path:

@@ -123,7 +123,7 @@ def test_a_moved_or_changed_base_is_refused_in_one_line_and_found_with_base(base
     assert "\n" not in msg and msg == (f"{_last(tmp_path / 'a')} holds adapters over the base {record['path']} "
                                        f"(sha256 {record['sha256']}), which is missing; pass its "
                                        "current location: load_model(path, base=DIR), LLM.load(path, base=DIR) or "
-                                       "--base DIR (lmforge sample | generate | chat), or record it once: "
+                                       "--base DIR (lmforge sample | generate | chat | export), or record it once: "
                                        "lmforge.checkpoint.rebase(path, DIR)")
     with torch.no_grad():
         assert torch.equal(ckpt.load_model(tmp_path / "a", base=tmp_path / "moved")[0](IDS), policy(IDS))
@@ -131,7 +131,8 @@ def test_a_moved_or_changed_base_is_refused_in_one_line_and_found_with_base(base
     argv = ["sample", "--checkpoint", str(tmp_path / "a"), "--prompt", "he", "--max-tokens", "3", "--temperature", "0"]
     capsys.readouterr()
     assert main(argv) == 2 and "which is missing; pass its current location" in capsys.readouterr().err
-    assert main([*argv, "--base", str(tmp_path / "moved")]) == 0 and capsys.readouterr().out.startswith("--- sample 1/1")
+    assert main([*argv, "--base", str(tmp_path / "moved")]) == 0
+    assert capsys.readouterr().out.startswith("--- sample 1/1")
 
     changed = ckpt.save_checkpoint(tmp_path / "changed", 4, _shifted(base))
     sha = ckpt.checkpoint_identity(changed)["sha256"]
@@ -190,8 +191,8 @@ def test_adapter_checkpoints_serve_as_init_and_reference_and_chain(base, tmp_pat
     record = json.loads((_last(tmp_path / "from_peft") / "config.json").read_text())["base"]
     assert record == {"path": str((tmp_path / "peft").resolve()), "merge_lora": True,
                       "sha256": ckpt.checkpoint_identity(tmp_path / "peft")["sha256"]}
-    assert ckpt.checkpoint_identity(tmp_path / "peft")["sha256"] != ckpt.checkpoint_identity(tmp_path / "peft" / "base")[
-        "sha256"]  # a PEFT directory's identity covers its adapters and its base
+    peft_sum, base_sum = (ckpt.checkpoint_identity(tmp_path / p)["sha256"] for p in ("peft", "peft/base"))
+    assert peft_sum != base_sum  # a PEFT directory's identity covers its adapters and its base
     with torch.no_grad():
         assert torch.allclose(ckpt.load_model(tmp_path / "from_peft")[0](IDS), policy(IDS), atol=1e-6)
 

@@ -454,12 +454,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def _path_hint(path: Path) -> str:
     """What to give instead of a path holding no checkpoint: the directory of a file given (a model's config.json),
-    the model directory inside a HF hub cache folder (models--org--name/snapshots/<revision>/, the revision
-    refs/main names, else the newest); '' for any other folder."""
+    the run directory of a run's checkpoints/ folder, the model directory inside a HF hub cache folder
+    (models--org--name/snapshots/<revision>/, the revision refs/main names, else the newest); '' for any other
+    folder."""
     if path.is_file():
         return f"; {path} is a file: give the directory holding it, {path.parent}"
     if not path.exists():
         return f"; {path} does not exist"
+    if path.name == "checkpoints" and checkpoint_dirs(path.parent):
+        return (f"; {path} is a run's checkpoints folder: give the run directory, {path.parent} (its newest "
+                f"checkpoint), or one checkpoint, {checkpoint_dirs(path.parent)[-1]}")
     snapshots = sorted((p for p in path.glob("snapshots/*") if (p / "config.json").is_file()),
                        key=lambda p: p.stat().st_mtime)
     if not snapshots:

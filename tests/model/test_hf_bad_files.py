@@ -142,6 +142,18 @@ def test_a_file_or_a_missing_path_given_as_the_checkpoint_is_named(tmp_path):
         load_model(tmp_path / "nope")
 
 
+def test_a_runs_checkpoints_folder_given_as_the_checkpoint_names_the_run(tmp_path):
+    """A run's checkpoints/ folder said 'expected RUN/checkpoints/checkpoints/step_*/': the run directory (or one
+    checkpoint) is named instead."""
+    from lmforge.checkpoint import load_model, save_checkpoint
+
+    model = Transformer(ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, max_seq_len=8))
+    newest = save_checkpoint(tmp_path / "run", 2, model)
+    with pytest.raises(CheckpointError, match=f"checkpoints folder: give the run directory, {tmp_path / 'run'} .*"
+                                              f"or one checkpoint, {newest}$"):
+        load_model(tmp_path / "run" / "checkpoints")
+
+
 def test_shards_without_their_index_are_named(tmp_path):
     """Shards downloaded without model.safetensors.index.json said only 'no model.safetensors or
     model.safetensors.index.json ... no pickle', as if no weights were there."""

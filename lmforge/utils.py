@@ -295,9 +295,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if moved:
                 os.replace(old, path)
             raise
-        if moved and old.is_dir():
+        if moved and old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
-        elif moved:
+        elif moved:  # a file, or a link (to a directory too: the link is replaced, what it points to is left)
             old.unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from lmforge.errors import ConfigError
-from lmforge.utils import (atomic_path, check_output_path, honour_umask, naming_file, output_path_problem,
-                           write_json_atomic)
+from lmforge.utils import (atomic_dir, atomic_path, check_output_path, honour_umask, naming_file,
+                           output_path_problem, write_json_atomic)
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
@@ -127,3 +127,16 @@ def test_one_output_path_check_for_generate_and_check_output_path(tmp_path):
             check_output(str(path))
     assert output_path_problem(taken) == ("file", taken) and output_path_problem(folder) is None
     assert output_path_problem(taken / "x") == ("under", taken) and output_path_problem(folder / "a" / "b") is None
+
+
+def test_atomic_dir_replaces_a_link_to_a_directory_and_leaves_its_target(tmp_path):
+    """A link to a directory at the path was moved aside and then rmtree'd, which refuses links: the write was in
+    place but raised OSError (an export with --force onto a linked OUT: a traceback) and left the link behind."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "kept.txt").write_text("x")
+    (tmp_path / "out").symlink_to(tmp_path / "target")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("y")
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "new.txt").read_text() == "y"
+    assert (tmp_path / "target" / "kept.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "target"]  # nothing hidden left over

@@ -134,3 +134,16 @@ def test_exported_config_says_its_rope_in_transformers_4s_fields_too(scaling, fa
     assert (back.rope_theta, back.rope_scaling) == (50000.0, scaling)
     if scaling is not None and scaling.kind == "longrope":
         assert old["original_max_position_embeddings"] == 16
+
+
+def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers_5():
+    """A config.json with both tables (an lmforge export, its rope_scaling then edited, as docs/inference.md's YaRN
+    recipe does): transformers 5 computes with rope_scaling, and lmforge read rope_parameters - other models."""
+    from lmforge.model.hf_families import rope_from_hf
+
+    d = {"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}, "rope_theta": 50000.0,
+         "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    theirs = transformers.LlamaConfig(**d).rope_parameters
+    assert (theirs["rope_type"], theirs["factor"], theirs["rope_theta"]) == ("linear", 2.0, 50000.0)
+    theta, scaling = rope_from_hf(d)
+    assert (theta, scaling.kind, scaling.factor) == (50000.0, "linear", 2.0)

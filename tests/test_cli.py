@@ -439,7 +439,7 @@ def test_option_help_reads_as_one_paragraph(monkeypatch, capsys):
     parsers = _option_parsers(monkeypatch)
     capsys.readouterr()
     broken = {f"{prog} {a.option_strings[0]}": a.help for prog, p in parsers.items() for a in p._actions
-              if a.option_strings and re.search(r"\S\n(?![ \t]*(?:\n|-|\* ))", a.help or "")}
+              if a.option_strings and re.search(r"\S\n(?![ \t]*(?:\n|--\w|[-*] ))", a.help or "")}
     assert broken == {}
     lines = parsers["lmforge train"].description.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("--")][:3] == [

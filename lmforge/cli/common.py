@@ -221,7 +221,7 @@ def _joined_field_help():
         return
 
     def joined(text: str) -> str:
-        return re.sub(r"(?<=\S)\n(?![ \t]*(?:\n|-|\* ))[ \t]*", " ", inspect.cleandoc(text))
+        return re.sub(r"(?<=\S)\n(?![ \t]*(?:\n|--\w|[-*] ))[ \t]*", " ", inspect.cleandoc(text))
 
     _strings.remove_single_line_breaks = joined
     try:

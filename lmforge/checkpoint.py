@@ -696,25 +696,23 @@ def recorded_chat_template(path: str | Path) -> str | None:
     return meta.get("chat_template") if isinstance(meta.get("chat_template"), str) else None
 
 
-def hf_chat_template(path: str | Path):
+def hf_chat_template(path: str | Path, base: str | Path | None = None):
     """A HF model directory's own chat template as a lmforge.infer.chat_template.JinjaTemplate (None: not a HF
     directory, or it has none): chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or
     a list of named templates: "default"), with the special tokens the config names (bos_token, eos_token, ...),
     which the Jinja reads; its eos_token ends an answer. A PEFT adapter directory's is that of the tokenizer it
-    loads with (adapt.peft_format.load_peft): its own beside its tokenizer.json, else its base's."""
-    from lmforge.adapt.peft_format import CONFIG, is_peft_dir
+    loads with (adapt.peft_format.tokenizer_dir): its own beside its tokenizer.json, else its base's: `base`
+    (--base DIR, where the model loads from), else the one adapter_config.json records."""
+    from lmforge.adapt.peft_format import is_peft_dir, tokenizer_dir
     from lmforge.infer.chat_template import JinjaTemplate
 
     try:
         ckpt = resolve_checkpoint(path)
-    except (OSError, LmforgeError):
+        source = tokenizer_dir(ckpt, base) if is_peft_dir(ckpt) else ckpt
+    except (OSError, TypeError, LmforgeError):  # (loading it says what is wrong)
         return None
-    if is_peft_dir(ckpt) and not (ckpt / "tokenizer.json").is_file():
-        try:
-            base = json.loads((ckpt / CONFIG).read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return hf_chat_template(base) if isinstance(base, str) and Path(base).is_dir() else None
+    if source != ckpt:
+        return hf_chat_template(source)
     if not is_hf_dir(ckpt) and not is_peft_dir(ckpt):
         return None
     try:

@@ -179,6 +179,35 @@ def test_a_peft_directory_exports_with_its_chat_template(tmp_path, tok):
         (tmp_path / "peft" / name).unlink()
     assert hf_chat_template(tmp_path / "peft").render(CONVERSATIONS[1], add_generation_prompt=True) == want
 
+
+def test_a_peft_directorys_chat_template_is_that_of_the_base_it_loads_with(tmp_path, tok):
+    """--base DIR is the base a PEFT directory without a tokenizer loads its tokenizer from, and so its template:
+    it was always the recorded base's (with that gone the template was dropped; with another model there, its
+    template was written)."""
+    from lmforge.checkpoint import hf_chat_template
+    from lmforge.infer.chat_template import checkpoint_chat_template
+
+    lora = LoRAConfig(r=4, alpha=8, targets=("wq", "wv"))
+    lora_run(tmp_path / "run", adapted(tiny(tok.vocab_size), lora), tok, lora)  # records chatml
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "peft"), "--adapter"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "peft" / name).unlink()
+    (tmp_path / "peft" / "base").rename(tmp_path / "moved")
+    want = get_template("chatml").render(CONVERSATIONS[1], add_generation_prompt=True)
+    assert hf_chat_template(tmp_path / "peft") is None  # the recorded base is gone
+    assert hf_chat_template(tmp_path / "peft", base=tmp_path / "moved").render(
+        CONVERSATIONS[1], add_generation_prompt=True) == want
+    (tmp_path / "peft" / "base").mkdir()  # another model at the recorded path: its template is not the one
+    for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
+        (tmp_path / "peft" / "base" / name).write_bytes((tmp_path / "moved" / name).read_bytes())
+    (tmp_path / "peft" / "base" / "chat_template.jinja").write_text("other {{ messages[0]['content'] }}")
+    assert hf_chat_template(tmp_path / "peft").render(CONVERSATIONS[1]) == "other Be brief."
+    assert checkpoint_chat_template(tmp_path / "peft", base=tmp_path / "moved").render(
+        CONVERSATIONS[1], add_generation_prompt=True) == want
+    assert main(["export", str(tmp_path / "peft"), str(tmp_path / "merged"), "--base", str(tmp_path / "moved")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert hf_tok.apply_chat_template(CONVERSATIONS[1], tokenize=False, add_generation_prompt=True) == want
+
 def test_a_base_out_inside_out_is_written_there_and_an_out_inside_it_is_refused(tmp_path, tok, capsys):
     """--base-out OUT/nested/base was written, then replaced by OUT whole: the export said it wrote the base there
     and adapter_config.json named a directory that did not exist (found 2026-12-07); OUT inside --base-out failed

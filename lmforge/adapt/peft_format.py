@@ -266,6 +266,23 @@ def refuse_pickled(path: str | Path) -> None:
                               f"{shlex.quote(code)}")
 
 
+def peft_base(path: str | Path, base: str | Path | None = None) -> Path:
+    """Where a PEFT adapter directory's base model is: `base` (--base DIR), else its adapter_config.json's
+    base_model_name_or_path; refused when that is no local path (nothing is downloaded)."""
+    where = base if base is not None else _peft_config(Path(path)).get("base_model_name_or_path")
+    if not where or not Path(where).exists():
+        raise CheckpointError(f"{path} is a PEFT adapter over the base {where!r}, which is not a local directory "
+                              "(nothing is downloaded); pass where the base model is: base=DIR or --base DIR")
+    return Path(where)
+
+
+def tokenizer_dir(path: str | Path, base: str | Path | None = None) -> Path:
+    """The directory a PEFT adapter directory's tokenizer, and so its chat template, is read from (load_peft,
+    checkpoint.hf_chat_template): its own when it holds tokenizer.json, else its base's (peft_base)."""
+    path = Path(path)
+    return path if (path / "tokenizer.json").is_file() else peft_base(path, base)
+
+
 def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool = True):
     """(model, tokenizer) of a PEFT LoRA adapter directory over its base: the base as load_model loads it
     (`base`, else the config's base_model_name_or_path), lmforge LoRA layers (unmerged) around the adapted
@@ -279,11 +296,8 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
     from lmforge.tokenizer.load import load_tokenizer
 
     path = Path(path)
-    config = _peft_config(path)
-    where = base if base is not None else config.get("base_model_name_or_path")
-    if not where or not Path(where).exists():
-        raise CheckpointError(f"{path} is a PEFT adapter over the base {where!r}, which is not a local directory "
-                              "(nothing is downloaded); pass where the base model is: base=DIR or --base DIR")
+    config = _peft_config(path)  # refused before the base loads
+    where = peft_base(path, base)
     model, tok = load_model(where, tokenizer=tokenizer)
     if not hasattr(model, "cfg"):
         raise ConfigError(f"{path}: the base {where} holds a {type(model).__name__}, not a causal LM; give the "
@@ -295,7 +309,7 @@ def load_peft(path: str | Path, base: str | Path | None = None, tokenizer: bool 
                           "model the adapter was trained on: base=DIR or --base DIR")
     if lora_layers(model):  # a LoRA run's checkpoint: its adapters are part of the model (merged, as a run's init)
         merge_lora(model)
-    if (path / "tokenizer.json").is_file() and tokenizer:
+    if tokenizer and tokenizer_dir(path, where) == path:
         tok = load_tokenizer(path)
     ckpt = resolve_checkpoint(where)
     family = family_of(read_hf_config(ckpt)) if is_hf_dir(ckpt) else guess_family(model.cfg)

@@ -108,11 +108,10 @@ def main(argv: list[str]) -> int:
 
     cfg = parse_config(ChatConfig, normalize_argv(argv, ChatConfig), prog="lmforge chat",
                        description="Chat with a checkpoint in the terminal (/reset, /exit; Ctrl-C stops an answer).")
-    from lmforge.checkpoint import hf_chat_template, recorded_chat_template
-    from lmforge.infer.chat_template import choose_template, get_template
+    from lmforge.infer.chat_template import checkpoint_chat_template, choose_template, get_template
 
     # the fine-tuning run's, else a HF checkpoint's own Jinja (tokenizer_config.json), as LLM.load chooses
-    recorded = recorded_chat_template(cfg.checkpoint) or hf_chat_template(cfg.checkpoint)
+    recorded = checkpoint_chat_template(cfg.checkpoint, base=cfg.base)
     named = cfg.template or (recorded if isinstance(recorded, str) else None)
     get_template(named or "chatml")  # an unknown name is refused before the model loads
     llm = load_llm(cfg)

@@ -279,7 +279,7 @@ def chat_template(cfg: ExportConfig, ckpt: Path):
     from lmforge.infer.chat_template import get_template
 
     name = cfg.template or recorded_chat_template(ckpt)
-    return get_template(name) if name else hf_chat_template(ckpt)
+    return get_template(name) if name else hf_chat_template(ckpt, base=cfg.base)
 
 
 def eos_ids(model, tok, template) -> tuple[int, ...]:

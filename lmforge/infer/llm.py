@@ -125,7 +125,7 @@ class LLM(Scoring):
             raise LmforgeError(f"checkpoint {path} holds no tokenizer{unread}; pass one: LLM.load(path, "
                                "tokenizer='byte' or a tokenizer file), on the command line --tokenizer")
         llm = cls(model, tok, **kwargs)
-        llm.chat_template = checkpoint_chat_template(path)
+        llm.chat_template = checkpoint_chat_template(path, base=base)
         return llm
 
     @property

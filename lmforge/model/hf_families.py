@@ -119,18 +119,23 @@ def with_family_defaults(d: dict, family: str) -> dict:
 def rope_from_hf(d: dict, default_theta: float = 10000.0, default_max_len: int = 2048
                  ) -> tuple[float, RopeScaling | None]:
     """Read transformers-5 `rope_parameters` or the older `rope_theta` + `rope_scaling` fields; where a config
-    holds both (an lmforge export writes both: rope_fields), `rope_scaling` wins, as in transformers 5, with the
-    top-level `rope_theta` (an export writes it; else `rope_parameters`'s). A YaRN or LongRoPE factor left out is
-    max_position_embeddings / original context (Phi-3), resolved here so that an export writes it (an explicit
-    factor, 1.0 included, is kept as it is, as transformers does)."""
+    holds both (an lmforge export writes both: rope_fields), `rope_scaling` wins, as in transformers 5
+    (PreTrainedConfig.convert_rope_params_to_dict), whole: its theta is its own `rope_theta`, else the top-level
+    one (an export writes it), else the family's default, never `rope_parameters`'s. A YaRN or LongRoPE factor
+    left out is max_position_embeddings / original context (Phi-3), resolved here so that an export writes it (an
+    explicit factor, 1.0 included, is kept as it is, as transformers does)."""
     params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     rp = dict(d.get("rope_scaling") or params)
-    rp.setdefault("rope_theta", d.get("rope_theta", params.get("rope_theta", default_theta)))
+    rp.setdefault("rope_theta", d.get("rope_theta", default_theta))
     nested = sorted(k for k, v in rp.items() if isinstance(v, dict))
     if nested:  # transformers-5's per-layer-type RoPE (Gemma 3): read flat, it would be plain RoPE at theta 10000
         raise ConfigError(f"config.json rope_parameters holds one RoPE per layer type ({nested}), which lmforge does "
                           "not support: every layer shares one RoPE")
-    theta = float(rp["rope_theta"])
+    theta = rp["rope_theta"]
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise ConfigError(f"config.json rope_theta is {theta!r}, not a positive number; set it to the model's RoPE "
+                          "base (e.g. 10000.0), at the top level or in rope_parameters")
+    theta = float(theta)
     kind = rp.get("rope_type", rp.get("type", "default"))
     if kind == "default":
         return theta, None

@@ -3,6 +3,7 @@ initialisation functions for every kind; NTK-aware equals its closed form."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -147,3 +148,39 @@ def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers_5():
     assert (theirs["rope_type"], theirs["factor"], theirs["rope_theta"]) == ("linear", 2.0, 50000.0)
     theta, scaling = rope_from_hf(d)
     assert (theta, scaling.kind, scaling.factor) == (50000.0, "linear", 2.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])  # mixtral: a class default theta of 1e6
+def test_rope_theta_is_transformers_in_every_combination_of_the_fields(family):
+    """rope_theta as transformers 5's config classes read it, for every mix of a top-level rope_theta,
+    rope_parameters (with or without its own) and rope_scaling (with or without its own): rope_scaling, where set,
+    replaces rope_parameters whole, its theta its own, else the top-level one, else the class default. lmforge took
+    rope_parameters' theta beside a rope_scaling (50000 where transformers computes with 10000: a config saved by
+    transformers 5, rope_parameters only, to which rope_scaling was added)."""
+    import itertools
+
+    from lmforge.model.hf import config_from_hf
+
+    core = dict(model_type=family, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4)
+    tops = [{}, {"rope_theta": 20000.0}]
+    params = [{}, {"rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}},
+              {"rope_parameters": {"rope_type": "default"}},
+              {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}]
+    scalings = [{}, {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+                {"rope_scaling": {"rope_type": "linear", "factor": 4.0, "rope_theta": 70000.0}}]
+    cls = transformers.CONFIG_MAPPING[family]
+    for top, param, scaling in itertools.product(tops, params, scalings):
+        d = {**core, **top, **copy.deepcopy(param), **copy.deepcopy(scaling)}
+        theirs = cls.from_dict(copy.deepcopy(d)).rope_parameters
+        ours = config_from_hf(d)
+        assert ours.rope_theta == theirs["rope_theta"], d
+        assert (ours.rope_scaling.factor if ours.rope_scaling else None) == theirs.get("factor"), d
+
+
+def test_a_null_rope_theta_is_refused_in_one_line():
+    """(transformers keeps None and fails computing the frequencies; lmforge failed in float())"""
+    from lmforge.model.hf_families import rope_from_hf
+
+    with pytest.raises(ConfigError, match="rope_theta is None, not a positive number"):
+        rope_from_hf({"rope_theta": None, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})

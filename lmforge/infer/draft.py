@@ -22,7 +22,8 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.infer.processors import apply_processors
 from lmforge.infer.runner import PagedRunner
 from lmforge.infer.scheduler import Batch
-from lmforge.infer.speculative import _probs, fit_vocab
+from lmforge.infer.sampler import fit_vocab
+from lmforge.infer.speculative import _probs
 from lmforge.infer.token_tree import DraftTree
 from lmforge.utils import eval_mode
 
@@ -58,7 +59,7 @@ class PagedDraftModel:
         shorter one is served that far (its block tables and RoPE tables widened: its drafts past its own training
         length are only less often accepted), or refused where its position embeddings cannot reach it.
         vocab: (the target's vocabulary size, the tokenizer's ids or None): the draft's logits are fitted to that
-        width, ids past the tokenizer's masked (speculative.fit_vocab; None: its own width)."""
+        width, ids past the tokenizer's masked (sampler.fit_vocab; None: its own width)."""
         from lmforge.infer.config import serving_spec
 
         self.model, self.fit = model, fit  # left in its mode: its forwards run in eval mode (prefill, propose)

@@ -237,13 +237,30 @@ def draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tenso
     return probs.div_(q).argmax(-1)
 
 
+def fit_vocab(logits: torch.Tensor, width: int | None = None, limit: int | None = None) -> torch.Tensor:
+    """logits (..., W) as (..., width) with the ids a draw may not take at -inf: the one masking of ids past the
+    tokenizer's, the sampler's and a draft model's (a draft of one would always be rejected). limit: the
+    tokenizer's ids (Engine.vocab_limit); ids from it up are -inf. width: the target's logits' width (None: W), for a
+    draft whose vocabulary differs only in rows past the tokenizer's ids (speculative.check_draft_vocab; Qwen2.5's
+    small and large models pad the same 151,665 ids to 151,936 and 152,064 rows): its extra columns are dropped,
+    missing ones -inf (probability 0: never drafted), as vLLM pads a draft's probabilities (vllm-project/vllm#13849).
+    Returns `logits` itself where nothing changes (W == width, no limit below it), else one fresh tensor (`logits`
+    is never written)."""
+    have = logits.shape[-1]
+    width = have if width is None else width
+    keep = min(have, width, width if limit is None else limit)
+    if keep == have == width:
+        return logits
+    out = logits.new_full((*logits.shape[:-1], width), float("-inf"))
+    out[..., :keep] = logits[..., :keep]
+    return out
+
+
 def sample_rows(logits: torch.Tensor, rows: list[Row], vocab_limit: int | None = None) -> Sampled:
     """logits (M, V) raw model outputs, one per row -> Sampled."""
-    logits = full = logits.float()
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = logits.clone()
-        logits[:, vocab_limit:] = float("-inf")
-    else:
+    full = logits.float()
+    logits = fit_vocab(full, limit=vocab_limit)
+    if logits is full:  # no padded rows to mask: `full` (the log-probs' source where it differs) is not kept
         full, vocab_limit = None, None
     raw = logits  # the model's logits, undrawable ids masked: what strategies read and draw from
     failed = None

@@ -64,7 +64,7 @@ from lmforge.infer.acceptance import (  # noqa: F401 (the rules' home is lmforge
 from lmforge.infer.features import FeatureStream, HiddenAsk, hidden_ask
 from lmforge.infer.processors import apply_processors, build_processors
 from lmforge.infer.runner import PagedRunner
-from lmforge.infer.sampler import forget, token_logprobs
+from lmforge.infer.sampler import fit_vocab, forget, token_logprobs
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.token_tree import DraftTree, TreeDrafter
 from lmforge.model.cache import KVCache
@@ -83,28 +83,14 @@ def _probs(logits: torch.Tensor, procs, greedy: bool) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def fit_vocab(logits: torch.Tensor, vocab_size: int, limit: int | None = None) -> torch.Tensor:
-    """A draft model's (..., Vd) logits at the target's width V, for vocabularies that differ only in rows past
-    the tokenizer's ids (check_draft_vocab; Qwen2.5's small and large models pad the same 151,665 ids to 151,936
-    and 152,064 rows): the draft's extra rows are dropped, missing ones are -inf (probability 0: never drafted),
-    as vLLM pads a draft's probabilities (vllm-project/vllm#13849). limit: the tokenizer's ids (Engine.vocab_limit):
-    ids past it are -inf too, as the target's sampler masks them (a draft of one is always rejected)."""
-    width = logits.shape[-1]
-    out = (logits[..., :vocab_size] if width >= vocab_size
-           else torch.nn.functional.pad(logits, (0, vocab_size - width), value=float("-inf")))
-    if limit is not None and limit < vocab_size:
-        out = out.index_fill(-1, torch.arange(limit, vocab_size, device=out.device), float("-inf"))
-    return out
-
-
 @dataclass(frozen=True)
 class DrafterFactory:
     """seq -> a fresh drafter for it (make), the rule every sequence's drafts are verified by, and the target's
     vocabulary size (the logits' width: drafts are ids below it, q rows this wide)."""
 
     make: Callable
+    vocab_size: int
     acceptance: AcceptanceRule = EXACT
-    vocab_size: int = 0
 
     def __call__(self, seq):
         return self.make(seq)
@@ -260,33 +246,38 @@ class Speculative:
         """A drafter's answer (drafts, q) for seq, checked (a user's drafter object gets a one-line error naming
         it, not a failure deep in the step) and trimmed to the room the step has for it: a chain's first
         `budget` drafts, a tree's first nodes."""
-        who = f"{type(self.drafter(seq)).__name__}'s proposal"
         if not (isinstance(answer, (tuple, list)) and len(answer) == 2):
-            raise LmforgeError(f"{who} must be a pair (drafts, q), got {answer!r:.80}")
+            raise LmforgeError(f"{self._who(seq)} must be a pair (drafts, q), got {answer!r:.80}")
         drafts, q = answer
         if isinstance(drafts, DraftTree):
             drafts = drafts.first(budget)
         else:
             ids = drafts.tolist() if isinstance(drafts, torch.Tensor) and drafts.dim() == 1 else drafts
             if not (isinstance(ids, (list, tuple)) and all(is_int(t) for t in ids)):
-                raise LmforgeError(f"{who}: drafts must be a list of token ids or a DraftTree, got {drafts!r:.80}")
+                raise LmforgeError(f"{self._who(seq)}: drafts must be a list of token ids or a DraftTree, got "
+                                   f"{drafts!r:.80}")
             drafts = [int(t) for t in ids[:budget]]
         tokens = drafts.tokens if isinstance(drafts, DraftTree) else drafts
         bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise LmforgeError(f"{who} has token id {bad}, outside the model's vocabulary [0, {self.vocab_size})")
+            raise LmforgeError(f"{self._who(seq)} has token id {bad}, outside the model's vocabulary "
+                               f"[0, {self.vocab_size})")
         if not (len(drafts) and self.acceptance.needs_q):  # (typical acceptance reads no q)
             return drafts, q
         if q is None:
             if not seq.params.greedy:
-                raise ConfigError(f"{who}: {NEEDS_Q}")
+                raise ConfigError(f"{self._who(seq)}: {NEEDS_Q}")
             return drafts, None  # a greedy verification matches the target's argmax (ExactAcceptance)
         if not (isinstance(q, torch.Tensor) and q.dim() == 2 and q.shape[0] >= len(drafts)
                 and q.shape[1] == self.vocab_size):
             shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-            raise LmforgeError(f"{who}: q must be (len(drafts), V) = ({len(drafts)}, {self.vocab_size}), the "
-                               f"distribution each draft was drawn from, got {shape}")
+            raise LmforgeError(f"{self._who(seq)}: q must be (len(drafts), V) = ({len(drafts)}, {self.vocab_size}), "
+                               f"the distribution each draft was drawn from, got {shape}")
         return drafts, q[:len(drafts)]
+
+    def _who(self, seq) -> str:
+        """Whose answer take refuses (built only then: take runs for every sequence at every step)."""
+        return f"{type(self.drafter(seq)).__name__}'s proposal"
 
     def set_drafts(self, seq, drafts: list[int] | DraftTree, q) -> int:
         """The target scores them this step: they join the sequence's tokens until verified (a tree's
@@ -554,7 +545,7 @@ def attach_drafter(engine, draft, num_draft_tokens: int, num_blocks: int, accept
         engine.scheduler.features_cached = True  # hits resume from the features kept with the blocks
     tokens = engine.vocab_limit or engine.vocab_size  # the tokenizer's ids (past them, padding rows)
     make = make_drafter_factory(draft, engine.model, engine.vocab_size, engine.num_draft_tokens, tokens)
-    engine.make_drafter = DrafterFactory(make, acceptance, engine.vocab_size)
+    engine.make_drafter = DrafterFactory(make, engine.vocab_size, acceptance)
     model = pool_model(draft)
     if model is not None and model is not draft:  # a TreeDrafter's draft model (a chain's: make_drafter_factory)
         check_draft_vocab(model, engine.vocab_size, tokens)

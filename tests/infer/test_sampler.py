@@ -260,3 +260,25 @@ def test_token_history_check_catches_a_skipped_update(monkeypatch):
     rows[2].tokens.append(4)
     with pytest.raises(AssertionError, match=r"rows \[2\]"):
         sampler.token_history(rows, 10, "cpu")
+
+
+def test_fit_vocab_is_the_one_masking_of_ids_past_the_tokenizer():
+    """sample_rows and a draft model's logits (speculative, draft) mask through one helper: the logits themselves
+    where there is nothing to mask (a draft of the target's own width ran an arange and an index_fill, a full
+    copy, every round); else one fresh tensor, the input left as it was."""
+    from lmforge.infer.sampler import fit_vocab
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6)
+    before = logits.clone()
+    assert fit_vocab(logits, 6) is logits and fit_vocab(logits, 6, 6) is logits and fit_vocab(logits) is logits
+    inf = float("-inf")
+    cases = {(6, 4): torch.cat([before[:, :4], torch.full((2, 2), inf)], -1),  # ids past the tokenizer's 4
+             (5, None): before[:, :5], (8, None): torch.cat([before, torch.full((2, 2), inf)], -1),  # other widths
+             (8, 5): torch.cat([before[:, :5], torch.full((2, 3), inf)], -1), (4, 5): before[:, :4]}
+    for (width, limit), want in cases.items():
+        out = fit_vocab(logits, width, limit)
+        assert torch.equal(out, want) and out.data_ptr() != logits.data_ptr(), (width, limit)
+    assert torch.equal(logits, before)
+    out = sample_rows(logits, [_row(SamplingParams(temperature=0)), _row(SamplingParams(temperature=0), 1)], 4)
+    assert torch.equal(out.logits, cases[6, 4]) and torch.equal(logits, before)

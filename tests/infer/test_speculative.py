@@ -560,3 +560,17 @@ def test_a_draft_padded_to_another_width_drafts_for_the_same_tokenizer(tok, draf
     with pytest.raises(ConfigError, match=r"the draft model's vocabulary \(200\) differs from the target's \(300\) "
                                           r"and lacks ids of the tokenizer's 257"):
         LLM(target, tok, draft=tiny_model("llama", vocab_size=200), num_draft_tokens=3)
+
+
+def test_a_drafter_factory_needs_the_vocabulary_and_take_names_the_drafter_only_when_it_refuses(tok, monkeypatch):
+    """DrafterFactory's vocab_size is required (its default 0 refused every draft: no id is below 0); take built its
+    error's "<drafter>'s proposal" for every sequence at every step, only to raise with it."""
+    from lmforge.infer.speculative import DrafterFactory, Speculative
+
+    with pytest.raises(TypeError, match="vocab_size"):
+        DrafterFactory(lambda seq: None)
+    monkeypatch.setattr(Speculative, "_who", lambda self, seq: pytest.fail("named a drafter that answered well"))
+    target = tiny_model("llama")
+    out = LLM(target, tok, draft="ngram", num_draft_tokens=3).generate(
+        "abcabcabc", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert out.token_ids == full_greedy(target, tok.encode("abcabcabc"), 12) and out.metrics["target_forwards"] < 12

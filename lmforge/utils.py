@@ -286,7 +286,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        moved = path.exists()
+        moved = path.exists() or path.is_symlink()  # (a link to nowhere too: a directory is not renamed onto it)
         if moved:
             os.replace(path, old)
         try:

@@ -140,3 +140,13 @@ def test_atomic_dir_replaces_a_link_to_a_directory_and_leaves_its_target(tmp_pat
     assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "new.txt").read_text() == "y"
     assert (tmp_path / "target" / "kept.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "target"]  # nothing hidden left over
+
+
+def test_atomic_dir_replaces_a_dangling_link(tmp_path):
+    """A link to nowhere at the path (path.exists() is False) was left there, and renaming the directory over it
+    failed with ENOTDIR: it is a link like any other, replaced (unlinked)."""
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("y")
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "new.txt").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing hidden left over, no target made

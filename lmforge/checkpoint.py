@@ -836,6 +836,8 @@ def load_model(path: str | Path, device: str = "cpu", tokenizer: bool = True, *,
         required = {n for n, t in _named_tensors(model) if id(t) not in given} if record else None
         load_weights(model, ckpt, required, own_frozen=False)  # the model is rebuilt: nothing is its own
         tok = load_tokenizer(ckpt) if tokenizer and (ckpt / FILE_NAME).is_file() else None
+        if tok is not None and hasattr(model, "bos_token_id"):  # (save_pretrained writes it)
+            model.bos_token_id = getattr(tok, "bos_id", None)
     return model.to(device).eval(), tok
 
 

@@ -122,6 +122,34 @@ def test_config_bos_token_id_is_the_tokenizers(tmp_path, tok):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "bos-hf")
     assert hf_tok("Hello")["input_ids"][0] == hf_tok.bos_token_id == want
 
+def test_save_pretrained_writes_the_bos_token_id_the_model_knows(tmp_path, tok):
+    """bos_token_id reaches config.json through save_pretrained, as eos_token_id does (an export patched config.json
+    after it): the tokenizer's of an lmforge checkpoint, a HF checkpoint's own (the family's default where its
+    config.json leaves it out, as transformers reads it), none for a model that knows no tokenizer."""
+    from lmforge.model.hf_families import FAMILY_BOS
+    from lmforge.model.hf import FAMILIES
+    from lmforge.tokenizer.bpe import Tokenizer
+
+    for family in FAMILIES:  # the families' defaults are transformers' config classes'
+        assert FAMILY_BOS.get(family) == transformers.CONFIG_MAPPING[family]().bos_token_id, family
+    with_bos = Tokenizer.from_dict({**tok.to_dict(), "prefix_tokens": ["<|begin_of_text|>"]})
+    bos = tok.special_tokens["<|begin_of_text|>"]
+    save_checkpoint(tmp_path / "ckpt", 1, tiny(tok.vocab_size), tokenizer=with_bos)
+    model, _ = load_model(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "hf")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").bos_token_id == bos
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for name, given, want in (("seven", 7, 7), ("family", None, 1)):  # left out: Llama's 1, in both readers
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").symlink_to(tmp_path / "hf" / "model.safetensors")
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {k: v for k, v in {**config, "bos_token_id": given}.items() if v is not None or k != "bos_token_id"}))
+        Transformer.from_pretrained(tmp_path / name).save_pretrained(tmp_path / f"{name}-out")
+        assert transformers.AutoConfig.from_pretrained(tmp_path / f"{name}-out").bos_token_id == want, name
+    tiny(tok.vocab_size).save_pretrained(tmp_path / "fresh")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "fresh").bos_token_id is None
+
+
 def test_merged_lora_export_equals_the_adapted_model(tmp_path, tok, capsys):
     base = tiny(tok.vocab_size)
     model = adapted(base, LoRAConfig(r=4, alpha=8, targets=TARGETS))

@@ -118,6 +118,8 @@ def export(cfg: ExportConfig) -> Path:
     family = cfg.family or source_family(ckpt, model)
     dtype = getattr(torch, DTYPES[cfg.dtype]) if cfg.dtype else stored_dtype(ckpt, model)
     model.eos_token_ids = eos_ids(model, bpe, template)
+    if bpe is not None:  # config.json's bos_token_id (save_pretrained): the tokenizer's BOS, else none
+        model.bos_token_id = bpe.bos_id
     files = TokenizerFiles(bpe, template, model.eos_token_ids, model.cfg.max_seq_len,
                            byte=isinstance(tok, ByteTokenizer))
     if cfg.adapter:
@@ -335,12 +337,6 @@ class TokenizerFiles:
         if self.byte:
             conf["split_special_tokens"] = True
         self.tok.save_hf(path, chat_template=self.template, config=conf)  # (tokenizer_config.json too)
-        # a model directory's config.json (not a PEFT adapter's) gets the tokenizer's bos_token_id (its first prefix
-        # token, else none): left out, it read as the family's default (Llama's 1, Gemma's 2, GPT-2's 50256, past a
-        # small vocabulary), a token the model never began with
-        if (path / "config.json").is_file():
-            hf_config = json.loads((path / "config.json").read_text())
-            write_json_atomic(path / "config.json", {**hf_config, "bos_token_id": self.tok.bos_id})
 
     def summary(self) -> str:
         if self.tok is None:

@@ -303,6 +303,7 @@ def load_pretrained(path, *, dtype: torch.dtype | str | None = None, device=None
         setattr(model.get_submodule(owner), attr, model.get_parameter(name))
     _check_filled(model, rules, fam)
     model.eos_token_ids = _eos_ids(path, hf)  # the engine stops a sample at any of them
+    model.bos_token_id = hf.get("bos_token_id", D.FAMILY_BOS.get(fam))  # (left out: the family's, as transformers)
     return model.eval()
 
 
@@ -438,6 +439,9 @@ def save_pretrained(model, path, *, dtype: torch.dtype | None = None, family: st
     eos = tuple(getattr(model, "eos_token_ids", None) or ())
     if eos:  # what the model was loaded with: transformers' generate stops there too
         hf_cfg["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
+    # null where the model knows none: left out, it read as the family's default (Llama's 1, Gemma's 2, GPT-2's
+    # 50256, past a small vocabulary), a token the model never began with
+    hf_cfg["bos_token_id"] = getattr(model, "bos_token_id", None)
     tensors: dict[str, torch.Tensor] = {}
     own = {**_tensors(model), **model.state_dict()}  # state_dict names fused projections' parts
     with torch.no_grad():

@@ -95,6 +95,10 @@ FAMILY_DEFAULTS: dict[str, dict] = {
                     rope_theta=150000.0, sliding_window=128, attention_bias=True),
 }
 
+# transformers' config-class bos_token_id per family (None elsewhere): what a config.json that leaves it out means
+FAMILY_BOS = {"gpt2": 50256, "llama": 1, "mistral": 1, "mixtral": 1, "gemma": 2, "gemma2": 2, "deepseek_v2": 1,
+              "deepseek_v3": 0}
+
 
 # transformers' attribute_map per family: the other names a config.json may give a field (alias -> field)
 FAMILY_ALIASES: dict[str, dict[str, str]] = {

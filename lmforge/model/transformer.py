@@ -194,6 +194,9 @@ class Transformer(TrunkFront, nn.Module):
         # token ids that end generation besides the tokenizer's end-of-text (a HF checkpoint's eos_token_id;
         # set by from_pretrained, kept by lmforge checkpoints, written by save_pretrained, read by the engine)
         self.eos_token_ids: tuple[int, ...] = ()
+        # the id a prompt begins with, config.json's bos_token_id (None: none): a HF checkpoint's, an lmforge
+        # checkpoint's tokenizer's BOS (its first prefix token); written by save_pretrained
+        self.bos_token_id: int | None = None
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self._embed_scales = embed_scales(cfg.embed_scale)
         self.pos_emb = {"learned": LearnedPositions, "sinusoidal": SinusoidalPositions}.get(cfg.pos_emb)

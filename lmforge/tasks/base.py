@@ -8,8 +8,9 @@ Splits never overlap: a generated problem goes to "test" when a hash of its iden
 test bucket, else to "train", so no seed or count can put one problem in both. Datasets with their own
 splits (GSM8K, MMLU) keep them.
 
-Completions end with a final line `Answer: ...` or a sentence "The answer is ..." (the format tasks use their
-own tags instead); `parse` reads the last of them, `verify` compares it with the example's canonical answer.
+Completions end with a final line `Answer: ...` (the format tasks use their own tags instead), else a sentence
+"The answer is ..." before an answer-shaped start (a task's `answer_shape`); `parse` reads it, `verify` compares it
+with the example's canonical answer.
 Every parser reads the reply after a reasoning model's <think>...</think> block (`reply`), never an answer
 tried inside it.
 """
@@ -26,10 +27,13 @@ from typing import Any
 from lmforge.errors import ConfigError
 
 SPLITS = ("train", "test")
-# "Answer: x", "answer = x", and the phrase "the answer is x" (lm-eval's gsm8k-cot mark); not "isn't", a verdict
-# on an answer ("the answer is correct / not 40"), nor the unit "2 points/answer = 48 points"
-ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|\s+is(?![\w'\u2019])"
-                       r"(?!\s+(?:not|correct|incorrect|right|wrong)\b))\s*:?", re.IGNORECASE)
+# an explicit mark "Answer: x" or "answer = x" (not the unit in "2 points/answer = 48 points"), or the phrase "the
+# answer is x" (group "phrase": lm-eval's gsm8k-cot mark; not "isn't")
+ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|(?P<phrase>\s+is(?![\w'\u2019])))\s*:?", re.IGNORECASE)
+# what may open a wrapping before an answer: **x**, $x$, \(x\), \[x\], \boxed{x}, \text{x}, `x`, 'x', "x", [x], (x)
+_WRAP_OPEN = r"\s*(?:(?:\*\*|\$|\\[(\[]|\\(?:boxed|text|textbf)\{|[`'\"\[(])\s*)*"
+NUMBER_START = r"[-+\u2212]?\$?\d"  # the start of a number ("42", "-5", "$1,200") or of a list or sum of them
+_NONSPACE = re.compile(r"\S")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,15 +59,34 @@ def reply(completion: str) -> str:
     return "" if "<think>" in completion else completion
 
 
-def final_answer(completion: str) -> str | None:
-    """The text after the LAST 'Answer:' (or 'answer =', 'the answer is') in the completion, to the line's end, or
-    None."""
-    # the line is cut by hand: a lazy capture to the line's end rescans a run of spaces from each of its positions
-    for mark in reversed(list(ANSWER_RE.finditer(completion))):
-        rest = completion[mark.end():].lstrip()
-        if rest:
-            return rest.split("\n", 1)[0].strip()
-    return None
+def final_answer(completion: str, shape: str = NUMBER_START) -> str | None:
+    """The rest of the line after the LAST explicit mark ('Answer:', 'answer ='), else after the last phrase 'the
+    answer is' whose text begins, past any wrapping (**, $, \\boxed{, quotes, brackets), with an answer-shaped start
+    (`shape`, a regex: a number by default); None without either. The mark wins because a model also writes the
+    phrase about an answer it has given ('Answer: 42\nThe answer is verified.', '... the answer is in dollars');
+    its own line may put the answer in the phrase ('Final Answer: The final answer is 42', Minerva's format)."""
+    # positions, never slices of the rest: a rollout of many marks is read in linear time
+    shaped = re.compile(_WRAP_OPEN + shape, re.IGNORECASE)
+    marks = list(ANSWER_RE.finditer(completion))
+    explicit = [m for m in marks if not m.group("phrase") and _NONSPACE.search(completion, m.end())]
+    start = explicit[-1].end() if explicit else 0
+    stop = _line(completion, start)[1] if explicit else len(completion)
+    phrases = [m for m in marks if m.group("phrase") and start <= m.start() < stop
+               and shaped.match(completion, m.end())]
+    if phrases:
+        start = phrases[-1].end()
+    elif not explicit:
+        return None
+    begin, end = _line(completion, start)
+    return completion[begin:end].strip()
+
+
+def _line(text: str, pos: int) -> tuple[int, int]:
+    """(start, end) of the text's line from its first non-space character at or after `pos`."""
+    found = _NONSPACE.search(text, pos)
+    begin = found.start() if found else len(text)
+    end = text.find("\n", begin)
+    return begin, end if end >= 0 else len(text)
 
 
 def last_boxed(text: str) -> str | None:
@@ -108,6 +131,8 @@ class Task:
     name: str = "task"
     templates: tuple[str, ...] = ("{question}",)
     test_fraction: float = 0.1
+    answer_shape: str = NUMBER_START
+    """a regex the text after 'the answer is' begins with (past a wrapping) when the phrase gives an answer"""
 
     def problem(self, rng: random.Random) -> dict[str, Any]:
         raise NotImplementedError
@@ -132,7 +157,7 @@ class Task:
                           f"ask for fewer or widen the task's ranges")
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        return final_answer(reply(completion))
+        return final_answer(reply(completion), self.answer_shape)
 
     def verify(self, example: Example, completion: str) -> bool:
         got = self.parse(completion, example)

@@ -71,7 +71,8 @@ class GSM8K(_FileTask):
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         """The first number on the line of GSM8K's first '####' (lm-eval's strict match), else after the last
-        'Answer:' or 'the answer is' (lm-eval's gsm8k-cot mark), else in the last \\boxed{} (a number after it,
+        'Answer:', else after the last 'the answer is' before a number (lm-eval's gsm8k-cot mark; `final_answer`: not
+        'Answer: 42\\nThe answer is in dollars.'), else in the last \\boxed{} (a number after it,
         "\\boxed{18}. Check: 3 * 6", is no answer), else the last number in the text (lm-eval's flexible extract).
         '####' comes first because it is GSM8K's own mark and its first because a base model runs on into an
         invented next question with a '####' of its own; 'answer:' is a phrase working can hold. A marked answer
@@ -81,7 +82,7 @@ class GSM8K(_FileTask):
         completion = reply(completion).replace("\u2212", "-")
         marked = re.match(r"\s*(.*)", completion.split("####", 2)[1]).group(1) if "####" in completion else None
         if marked is None:
-            marked = final_answer(completion)
+            marked = final_answer(completion, self.answer_shape)
         if marked is None:
             marked = last_boxed(completion)
         lhs, eq, rhs = (marked or "").rpartition("=")
@@ -114,6 +115,7 @@ def _letter(m) -> str:
 class MMLU(_FileTask):
     name, subdir = "mmlu", "mmlu"
     templates = ("{q}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer with the letter of the correct option.",)
+    answer_shape = _OPTION  # 'the answer is (b)', 'the answer is B', not 'the answer is a matter of taste'
 
     def load(self, split: str) -> list[Example]:
         out = []
@@ -133,18 +135,16 @@ class MMLU(_FileTask):
         return out
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
-        """The letter after the last 'Answer:' or 'the answer is', else in the last \\boxed{}, else the first standalone
-        capital A-D in the text. A lowercase letter counts there only as a whole answer ("b", "(b)", "b.", not the
-        article in "the answer is a matter of ...")."""
+        """The letter of the final answer (`final_answer`: after the last 'Answer:', else the last 'the answer is'
+        before an option), else in the last \\boxed{}, else the first standalone capital A-D in the text. A lowercase
+        letter counts there only as a whole answer ("b", "(b)", "b.", not the article in "the answer is a matter of
+        ...")."""
         completion = reply(completion)
-        marked = final_answer(completion)
-        said = re.findall(r"answer\s+is\s*:?\s*" + _OPTION, completion, re.IGNORECASE)
+        marked = final_answer(completion, self.answer_shape)
         if marked is not None:
             m = re.match(r"[^\w(]*" + _OPTION, marked)
             if m:
                 return _letter(m)
-        if said:
-            return _letter(said[-1])
         boxed = last_boxed(completion) if marked is None else None
         if boxed is not None:  # \boxed{B}, \boxed{(B)}, \boxed{\text{B. Paris}}
             boxed = re.sub(r"\\text(?:bf)?\{(.*)\}", r"\1", boxed)

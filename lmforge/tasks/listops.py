@@ -34,6 +34,9 @@ class Sorting(Task):
 class Reversal(Task):
     name = "reverse"
     templates = ("Reverse the letters: {word}", "Write {word} backwards.", "Spell {word} in reverse order.")
+    # the phrase gives an answer when a word alone ends its line ("The answer is cba."), not a sentence or a verdict
+    # about it ("the answer is in reverse order", "the answer is correct.")
+    answer_shape = r"(?!(?:correct|incorrect|right|wrong)\b)[a-z]+[*$`'\"\])}]*[.!]?[ \t]*(?:\n|\Z)"
 
     def __init__(self, *, length: tuple[int, int] = (3, 8)):
         check_span(self.name, "length", length)

@@ -450,3 +450,37 @@ def test_countdown_reads_typeset_operators():
         assert task.verify(ex, f"Answer: {spelling}"), spelling
     for wrong in ("16 × 5 ÷ 2 + 8", "16 × 5 − 8 × 2 ÷ 2", "16 \\times 5 - 8", "16 \\timesx 5 / 2 - 8"):
         assert not task.verify(ex, f"Answer: {wrong}"), wrong
+
+
+def test_an_explicit_answer_mark_wins_over_a_later_sentence_about_the_answer(tmp_path):
+    """'The answer is' matched anywhere and the last mark won, so a sentence after the final 'Answer:' line replaced
+    the answer and RL rewards rejected right rollouts ('Answer: 5313\\nThe answer is verified.' read 'verified.').
+    'Answer:' wins; the phrase counts only without one, and only before an answer-shaped start (a number, an option
+    letter, a wrapping such as \\boxed{ around one; lm-eval's gsm8k-cot reads 'The answer is' before a number only)."""
+    from lmforge.tasks.datasets import GSM8K, MMLU
+    from lmforge.tasks.listops import Reversal
+
+    a = Arithmetic()
+    ex = a.render({"a": 69, "b": 77, "op": "*"}, a.templates[0])
+    assert ex.answer == "5313"
+    for after in ("The answer is verified.", "So the answer is clearly 5313.",
+                  "Double-checking, the answer is consistent."):
+        assert a.parse(f"Answer: 5313\n{after}", ex) == "5313" and a.verify(ex, f"Answer: 5313\n{after}"), after
+    assert a.parse("The answer is 5313.\nThe answer is verified.", ex) == "5313."  # the phrase before a number
+    assert a.parse("So the answer is clearly 5313.", ex) is None  # no mark: no final answer
+    # a mark's own line may put it in the phrase (Minerva's 'Final Answer: The final answer is 42.')
+    assert final_answer("Final Answer: The final answer is $\\boxed{42}$") == "$\\boxed{42}$"
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "mmlu").mkdir()
+    g, m = GSM8K(root=tmp_path), MMLU(root=tmp_path)
+    assert g.parse("Answer: 42\nThe answer is in dollars.") == "42"
+    assert g.parse("Answer: 42\nThe answer is reasonable since 6 * 7 = 42 and 6 < 7.") == "42"
+    assert g.parse("The answer is in dollars: 6 * 7 = 42") == "42"  # no mark: the last number
+    assert m.parse("Answer: B\nThe answer is supported by the passage.") == "B"
+    assert m.parse("The answer is **(C)**.\nThe answer is supported by the passage.") == "C"
+    r = Reversal()
+    w = r.render({"word": "abc"}, r.templates[0])
+    assert r.verify(w, "The answer is cba.\nThe answer is in reverse order.") and r.verify(w, "The answer is **cba**")
+    assert r.verify(w, "Answer: cba\nThe answer is verified.")
+    assert r.verify(w, "The answer is cba.\nThe answer is right.")  # a verdict is no lone-word answer
+

@@ -168,21 +168,50 @@ class Task:
         return normalize(got, thousands="," not in target) == target
 
 
-_WRAPPED = re.compile(r"\\\(\s*(.*?)\s*\\\)|\\\[\s*(.*?)\s*\\\]|\\boxed\{\s*(.*?)\s*\}"
-                      r"|`\s*(.*?)\s*`|'\s*(.*?)\s*'|\"\s*(.*?)\s*\"|\[\s*(.*?)\s*\]")  # `x`, 'x', "x", [1, 2]
+# wrapping pairs: `x`, 'x', "x", [1, 2], \(x\), \[x\], \boxed{x}
+_PAIRS = (("\\(", "\\)"), ("\\[", "\\]"), ("\\boxed{", "}"), ("`", "`"), ("'", "'"), ('"', '"'), ("[", "]"))
 
 
 def unwrap(answer: str) -> str:
     """An answer without its markdown/LaTeX wrapping, spacing collapsed: **x**, $x$, \\(x\\), \\[x\\], \\boxed{x}, code
     `x`, quotes 'x' and "x", a list's brackets [x], a trailing period, and nestings of them ($\\boxed{x}$,
-    \\( \\boxed{x} \\)); a wrapping counts only around the whole answer ("[3 + 5] * 2" keeps its brackets)."""
+    \\( \\boxed{x} \\)); a pair counts only around the whole answer ("[3 + 5] * 2" keeps its brackets, and so do
+    "[1, 2] and [3]" and "\\boxed{1} + \\boxed{2}", whose first pair closes before the end)."""
     a = " ".join(answer.strip().split())
+    closing = _bracket_pairs(a)
+    lo, hi = 0, len(a)  # a[lo:hi] is the answer so far: bounds, not slices, so deep nesting costs linear time
     while True:
-        a = a.strip("*$ ").rstrip(".").strip("*$ ")
-        m = _WRAPPED.fullmatch(a)
-        if m is None:
-            return a
-        a = next(g for g in m.groups() if g is not None)
+        while lo < hi and a[lo] in "*$ ":
+            lo += 1
+        for chars in ("*$ ", ".", "*$ "):  # .strip("*$ ").rstrip(".").strip("*$ ")
+            while hi > lo and a[hi - 1] in chars:
+                hi -= 1
+        for open_, close in _PAIRS:
+            inner, end = lo + len(open_), hi - len(close)
+            if inner > end or not (a.startswith(open_, lo) and a.endswith(close, lo, hi)):
+                continue
+            if close in "]}":  # a bracket or brace pair: the one opened first closes last ("[[1], [2]]")
+                enclosed = closing.get(inner - 1) == end
+            else:  # a quote, backtick or \\( \\) pair: no other close inside
+                enclosed = a.find(close, inner, end) < 0
+            if enclosed:
+                lo, hi = inner, end
+                break
+        else:
+            return a[lo:hi]
+
+
+def _bracket_pairs(text: str) -> dict[int, int]:
+    """Index of each [ or { in `text` -> index of the ] or } closing it (LaTeX's \\[ \\] are a pair of their own)."""
+    pairs: dict[int, int] = {}
+    open_at: dict[str, list[int]] = {"]": [], "}": []}
+    for m in re.finditer(r"\\[\[\]]|[\[\]{}]", text):
+        ch = m.group()
+        if ch in "[{":
+            open_at["]" if ch == "[" else "}"].append(m.start())
+        elif ch in open_at and open_at[ch]:
+            pairs[open_at[ch].pop()] = m.start()
+    return pairs
 
 
 def normalize(answer: str, thousands: bool = True) -> str:

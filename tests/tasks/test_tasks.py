@@ -484,3 +484,18 @@ def test_an_explicit_answer_mark_wins_over_a_later_sentence_about_the_answer(tmp
     assert r.verify(w, "Answer: cba\nThe answer is verified.")
     assert r.verify(w, "The answer is cba.\nThe answer is right.")  # a verdict is no lone-word answer
 
+
+def test_unwrap_strips_only_a_pair_that_encloses_the_whole_answer():
+    """The lazy wrapping pattern under fullmatch took '[1, 2] and [3]' for one pair ('1, 2] and [3')."""
+    from lmforge.tasks.base import unwrap
+
+    for kept in ("[1, 2] and [3]", "`a` + `b`", "'x' or 'y'", "\\boxed{1} + \\boxed{2}", "\\(a\\) + \\(b\\)",
+                 "[3 + 5] * 2", "\\[1\\] \\[2\\]"):
+        assert unwrap(kept) == kept, kept
+    assert unwrap("[[1, 2], [3]]") == "[1, 2], [3]" and unwrap("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert unwrap("$\\boxed{ [1, 2] }$.") == "1, 2" and unwrap("` 'cba' `") == "cba"
+    import time
+
+    start = time.perf_counter()
+    assert unwrap("[" * 50_000 + "1" + "]" * 50_000) == "1" and unwrap("`[" * 20_000 + "1" + "]`" * 20_000) != "1"
+    assert time.perf_counter() - start < 1.0  # a rollout's deep nesting is peeled in linear time

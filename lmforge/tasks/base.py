@@ -30,6 +30,9 @@ SPLITS = ("train", "test")
 # an explicit mark "Answer: x" or "answer = x" (not the unit in "2 points/answer = 48 points"), or the phrase "the
 # answer is x" (group "phrase": lm-eval's gsm8k-cot mark; not "isn't")
 ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|(?P<phrase>\s+is(?![\w'\u2019])))\s*:?", re.IGNORECASE)
+# the end of a sentence within a line: the answer a phrase introduces stops there ("the final answer is 42. I hope it
+# is correct."), its period kept; a decimal point ("3.5") is followed by no space
+_SENTENCE_END = re.compile(r"[.!](?=\s)")
 # what may open a wrapping before an answer: **x**, $x$, \(x\), \[x\], \boxed{x}, \text{x}, `x`, 'x', "x", [x], (x)
 _WRAP_OPEN = r"\s*(?:(?:\*\*|\$|\\[(\[]|\\(?:boxed|text|textbf)\{|[`'\"\[(])\s*)*"
 NUMBER_START = r"[-+\u2212]?\$?\d"  # the start of a number ("42", "-5", "$1,200") or of a list or sum of them
@@ -64,7 +67,9 @@ def final_answer(completion: str, shape: str = NUMBER_START) -> str | None:
     answer is' whose text begins, past any wrapping (**, $, \\boxed{, quotes, brackets), with an answer-shaped start
     (`shape`, a regex: a number by default); None without either. The mark wins because a model also writes the
     phrase about an answer it has given ('Answer: 42\nThe answer is verified.', '... the answer is in dollars');
-    its own line may put the answer in the phrase ('Final Answer: The final answer is 42', Minerva's format)."""
+    its own line may put the answer in the phrase ('Final Answer: The final answer is 42', Minerva's format). The
+    phrase's answer ends with its sentence ('The final answer is 42. I hope it is correct.' reads '42.'); a mark's
+    runs to the end of its line."""
     # positions, never slices of the rest: a rollout of many marks is read in linear time
     shaped = re.compile(_WRAP_OPEN + shape, re.IGNORECASE)
     marks = list(ANSWER_RE.finditer(completion))
@@ -73,11 +78,12 @@ def final_answer(completion: str, shape: str = NUMBER_START) -> str | None:
     stop = _line(completion, start)[1] if explicit else len(completion)
     phrases = [m for m in marks if m.group("phrase") and start <= m.start() < stop
                and shaped.match(completion, m.end())]
-    if phrases:
-        start = phrases[-1].end()
-    elif not explicit:
+    if not (phrases or explicit):
         return None
-    begin, end = _line(completion, start)
+    begin, end = _line(completion, phrases[-1].end() if phrases else start)
+    if phrases:
+        found = _SENTENCE_END.search(completion, begin, end)
+        end = found.end() if found else end
     return completion[begin:end].strip()
 
 

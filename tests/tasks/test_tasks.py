@@ -499,3 +499,24 @@ def test_unwrap_strips_only_a_pair_that_encloses_the_whole_answer():
     start = time.perf_counter()
     assert unwrap("[" * 50_000 + "1" + "]" * 50_000) == "1" and unwrap("`[" * 20_000 + "1" + "]`" * 20_000) != "1"
     assert time.perf_counter() - start < 1.0  # a rollout's deep nesting is peeled in linear time
+
+
+def test_minervas_final_answer_sentence_reads_its_answer_for_every_task(tmp_path):
+    """'Final Answer: The final answer is 42. I hope it is correct.' (Minerva's format) read the rest of the line,
+    '42. I hope it is correct.', so every generated task judged it wrong while GSM8K read 42: the answer the phrase
+    introduces ends with its sentence."""
+    from lmforge.tasks.datasets import GSM8K
+
+    for name in ("arithmetic", "countdown", "sort", "reverse", "count"):
+        task = TASKS[name]()
+        for ex in task.examples("test", 5, seed=3):
+            right = f"Final Answer: The final answer is {ex.answer}. I hope it is correct."
+            assert task.verify(ex, right), (name, right)
+            assert task.verify(ex, f"The final answer is ${ex.answer}$. I hope it is correct."), name
+            wrong = "abc" if name == "reverse" and ex.answer != "abc" else "1, 2, 3" if name == "sort" else "1 + 1"
+            assert not task.verify(ex, f"Final Answer: The final answer is {wrong}. I hope it is correct."), name
+    assert final_answer("Final Answer: The final answer is 42. I hope it is correct.") == "42."
+    assert final_answer("The answer is 3.5! Done.") == "3.5!" and final_answer("The answer is 3.5") == "3.5"
+    assert final_answer("Answer: 42. I hope it is correct.") == "42. I hope it is correct."  # a mark: its whole line
+    (tmp_path / "gsm8k").mkdir()
+    assert GSM8K(root=tmp_path).parse("Final Answer: The final answer is 42. I hope it is correct.") == "42"

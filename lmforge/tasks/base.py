@@ -8,9 +8,9 @@ Splits never overlap: a generated problem goes to "test" when a hash of its iden
 test bucket, else to "train", so no seed or count can put one problem in both. Datasets with their own
 splits (GSM8K, MMLU) keep them.
 
-Completions end with a final line `Answer: ...` (the format tasks use their own tags instead), else a sentence
-"The answer is ..." before an answer-shaped start (a task's `answer_shape`); `parse` reads it, `verify` compares it
-with the example's canonical answer.
+Completions end with a final line `Answer: ...` (`**Answer**: ...` too; the format tasks use their own tags instead),
+else a sentence "The answer is ..." before an answer-shaped start (a task's `answer_shape`); `parse` reads it, `verify`
+compares it with the example's canonical answer.
 Every parser reads the reply after a reasoning model's <think>...</think> block (`reply`), never an answer
 tried inside it.
 """
@@ -27,9 +27,10 @@ from typing import Any
 from lmforge.errors import ConfigError
 
 SPLITS = ("train", "test")
-# an explicit mark "Answer: x" or "answer = x" (not the unit in "2 points/answer = 48 points"), or the phrase "the
-# answer is x" (group "phrase": lm-eval's gsm8k-cot mark; not "isn't")
-ANSWER_RE = re.compile(r"(?<!/)answer(?:\s*[:=]|(?P<phrase>\s+is(?![\w'\u2019])))\s*:?", re.IGNORECASE)
+# an explicit mark "Answer: x" or "answer = x", with the markdown bold or italic chat models put around it
+# ("**Answer**: x", "**Answer:** x"; not the unit in "2 points/answer = 48 points"), or the phrase "the answer is x"
+# (group "phrase": lm-eval's gsm8k-cot mark; not "isn't")
+ANSWER_RE = re.compile(r"(?<!/)answer(?:\**\s*[:=]\**|(?P<phrase>\s+is(?![\w'\u2019])))\s*:?", re.IGNORECASE)
 # the end of a sentence within a line: the answer a phrase introduces stops there ("the final answer is 42. I hope it
 # is correct."), its period kept; a decimal point ("3.5") is followed by no space
 _SENTENCE_END = re.compile(r"[.!](?=\s)")
@@ -69,7 +70,7 @@ def final_answer(completion: str, shape: str = NUMBER_START) -> str | None:
     phrase about an answer it has given ('Answer: 42\nThe answer is verified.', '... the answer is in dollars');
     its own line may put the answer in the phrase ('Final Answer: The final answer is 42', Minerva's format). The
     phrase's answer ends with its sentence ('The final answer is 42. I hope it is correct.' reads '42.'); a mark's
-    runs to the end of its line."""
+    runs to the end of its line. Markdown around the mark is part of it ('**Answer**: 42', '**Answer:** 42')."""
     # positions, never slices of the rest: a rollout of many marks is read in linear time
     shaped = re.compile(_WRAP_OPEN + shape, re.IGNORECASE)
     marks = list(ANSWER_RE.finditer(completion))

@@ -520,3 +520,22 @@ def test_minervas_final_answer_sentence_reads_its_answer_for_every_task(tmp_path
     assert final_answer("Answer: 42. I hope it is correct.") == "42. I hope it is correct."  # a mark: its whole line
     (tmp_path / "gsm8k").mkdir()
     assert GSM8K(root=tmp_path).parse("Final Answer: The final answer is 42. I hope it is correct.") == "42"
+
+
+def test_markdown_bold_around_the_answer_mark_is_a_mark(tmp_path):
+    """'**Answer**: 42' was no mark at all (every parser fell back or read None) and '**Answer:**' left its closing
+    '**' as the answer when the answer sat on the next line."""
+    from lmforge.tasks.datasets import GSM8K, MMLU
+
+    a = Arithmetic()
+    ex = a.render({"a": 69, "b": 77, "op": "*"}, a.templates[0])
+    for mark in ("**Answer**:", "**Answer:**", "**Final Answer**:", "*Answer*:", "**Answer** ="):
+        for text in (f"{mark} 5313", f"6 * 7 = 42\n{mark}\n5313", f"{mark} 5313\nThe answer is verified."):
+            assert a.parse(text, ex) == "5313" and a.verify(ex, text), text
+        assert not a.verify(ex, f"{mark} 5312"), mark
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "mmlu").mkdir()
+    g, m = GSM8K(root=tmp_path), MMLU(root=tmp_path)
+    # the last number (GSM8K) and the first capital (MMLU) were the fallback: a later number or letter won
+    assert g.parse("**Answer**: 42\nCheck: 6 * 7 = 42, not 41") == "42"
+    assert m.parse("Option A is tempting.\n**Answer**: (c)") == "C" and m.parse("**Answer:**\nB") == "B"

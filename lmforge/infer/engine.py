@@ -69,7 +69,7 @@ from collections.abc import Collection
 
 import torch
 
-from lmforge.errors import ConfigError, LmforgeError, warn_caller
+from lmforge.errors import ConfigError, LmforgeError, RequestError, warn_caller
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.detok import StreamDecoder, continuation_context, special_ids
 from lmforge.infer.config import (EngineConfig, graph_prefill_tokens, kv_dtype, limits, pool_blocks, rope_allows,
@@ -410,9 +410,10 @@ class Engine:
         those that finished with finished_only: building outputs costs host time at large batches, and those of
         the running requests in `watch` too: a caller streaming one request among many, LLM.stream).
         A request whose own input failed in the step (a logits processor that left no token allowed, or
-        raised) is aborted alone: its output is among those returned, finished, with `error` set (a
-        lmforge.errors.RequestError naming it); the step goes on for the others, whose outputs are what
-        they would be without it. LLM's methods and AsyncEngine's streams raise that error.
+        raised), or whose sequence holds the whole KV pool and still does not fit (a KV policy whose max_slots
+        under-reports: the scheduler's Batch.failed), is aborted alone: its output is among those returned,
+        finished, with `error` set (a lmforge.errors.RequestError naming it); the step goes on for the others,
+        whose outputs are what they would be without it. LLM's methods and AsyncEngine's streams raise that error.
         The model runs in eval mode, whatever mode a trainer sharing it left it in (restored after), and in
         its own dtype: an autocast around the call (a Trainer's evaluation, an RL source's begin_step) does not
         reach the engine, whose outputs would otherwise depend on where it is called from."""
@@ -436,12 +437,12 @@ class Engine:
         """Launch the next step, then read the pending one (async scheduling: lmforge.infer.pending) and
         the new one unless it overlaps the next. Outputs are built once, after both."""
         prev, self._pending = self._pending, None
+        changed: dict[str, Request] = {}
         try:
-            step = self._launch(prev)
+            step = self._launch(prev, changed)
         except BaseException:
             self._pending = prev  # its tokens are still the sequences' next ones: read them next time
             raise
-        changed: dict[str, Request] = {}
         if prev is not None:
             self._finish(prev, changed)
         if step is not None and step.overlap:
@@ -457,9 +458,10 @@ class Engine:
                 outs.append(req.output())
         return outs
 
-    def _launch(self, prev: Launched | None) -> Launched | None:
+    def _launch(self, prev: Launched | None, changed: dict[str, Request]) -> Launched | None:
         """Schedule a step and queue its forward and sampling on the device (None: nothing to run).
-        With prev pending, decode inputs that are prev's samples are copied on the device."""
+        With prev pending, decode inputs that are prev's samples are copied on the device. Requests the
+        scheduler found can never fit in the pool fail (into `changed`)."""
         if self.kv_policy is not None:  # evictions first: this step's slots follow them (kv.policy)
             for seq in self.kv_policy.plan(self.scheduler.running):  # no free block for its copies
                 self.scheduler.preempt(seq)
@@ -470,6 +472,10 @@ class Engine:
                 self.draft_head.preempt(seq)
         if self.draft_head is not None:  # new sequences on a prefix hit: their features resume there
             self.draft_head.resume_hits(batch)
+        for seq, need in batch.failed:  # it holds the whole pool and still does not fit: it never will
+            seq.request.error = self._unfit_error(seq, need)
+            self._abort(seq.request)
+            changed[seq.request.request_id] = seq.request
         if not batch.chunks:
             if prev is None and self.scheduler.has_work():
                 raise LmforgeError("the scheduler could not fit any sequence in the KV pool; raise num_kv_tokens")
@@ -552,6 +558,18 @@ class Engine:
                 # model's next catch-up may start one token earlier (its last draft's key is never written)
                 lag = 1 if self.draft_model is not None else 0
                 self.pool.drop_behind(seq.block_table, seq.num_computed - self.window + 1 - lag)
+
+    def _unfit_error(self, seq: Sequence, need: int) -> RequestError:
+        """The one-line error of a request whose sequence needs more KV blocks than the pool has (Batch.failed):
+        add_request's pool check let it in, so a KV policy's max_slots under-reported its keys (or the pool shrank)."""
+        rid, policy = seq.request.request_id, self.config.kv_policy
+        fix = "raise num_kv_tokens (or gpu_memory_utilization)"
+        if policy is not None:
+            bound = policy.max_slots(seq.request.prompt_len, self.config.max_num_batched_tokens)
+            fix += (f", or fix {type(policy).__name__}.max_slots (add_request checked the pool against its bound of "
+                    f"{bound} keys; the sequence holds {seq.num_slots})")
+        return RequestError(f"request {rid!r}: its sequence needs {need} KV blocks for its next step"
+                            f" but the pool has {self.pool.num_blocks}; {fix}", rid)
 
     def _record_prompt_logprobs(self, batch, extra: Extra, logits: torch.Tensor) -> None:
         """Append each extra row's entry to its request (rows come in position order; the row at

@@ -5,7 +5,9 @@ Plain Python over `Sequence` objects and a `BlockPool`; no model, no tensors (te
      prompt for a chunked prefill) within the step's token budget. When the pool cannot hold a sequence's
      next tokens, the NEWEST running sequence is preempted by recompute (its blocks are freed, it goes
      back to the front of the queue with its tokens so far, and is prefilled again later: the output is
-     the same, and its random stream simply continues); if it is the sequence itself, it waits.
+     the same, and its random stream simply continues); if it is the sequence itself, it waits - unless
+     it holds every block in use: then it never fits (recomputed, it would come back to this point forever)
+     and is dropped into Batch.failed, whose requests the engine fails with an error.
   2. then waiting sequences in arrival order (preempted ones first), while the budget, max_num_seqs and
      the pool allow; a prompt longer than the budget is split across steps (chunked prefill) unless
      chunked_prefill is off. Nothing is admitted in a step that preempted (it would only thrash).
@@ -65,6 +67,10 @@ class Batch:
     token, then the nodes; -1 = the token before, lmforge.model.meta); absent = a causal chain"""
     drafts: dict[int, int] = field(default_factory=dict)
     """seq_id -> speculative drafts ending its chunk (set by the engine after drafting)"""
+    failed: list[tuple[Sequence, int]] = field(default_factory=list)
+    """(sequence, KV blocks its next chunk needs) of sequences that hold every block in use and still do not fit:
+    they never will (preempting itself, one would be recomputed up to the same point, forever). Out of the batch
+    and of every queue, their blocks freed: the caller ends their requests (the engine fails them)"""
 
     @property
     def num_tokens(self) -> int:
@@ -141,9 +147,9 @@ class Scheduler:
         step is scheduled again, admitting from it. Every round preempts or admits: bounded."""
         batch, first, yielded = self.schedule(), [], set()
         rounds = 2 * len(self.running) + 3
+        failed = []
         while not batch.chunks and rounds:
             rounds -= 1
-            first += batch.preempted
             if not batch.preempted:
                 if not (idle and self.running and self.waiting):
                     break
@@ -153,8 +159,10 @@ class Scheduler:
                 yielded.add(newest.request_id)
                 for seq in [s for s in self.running if s.request is newest]:
                     self.preempt(seq, last=True)
+            first += batch.preempted
+            failed += batch.failed
             batch = self.schedule()
-        batch.preempted = first + batch.preempted
+        batch.preempted, batch.failed = first + batch.preempted, failed + batch.failed
         return batch
 
     def schedule(self) -> Batch:
@@ -184,6 +192,9 @@ class Scheduler:
             extra = max(0, min(seq.request.lookahead, budget - n, left)) if drafts else 0
             copies = self.pool.try_append(seq.block_table, seq.num_slots, n + extra)
             while copies is None:  # no room: preempt the newest running sequence (this one last)
+                if not queue and self._alone(seq):  # nothing left to free: it never fits (`Batch.failed`)
+                    self._fail(seq, n + extra, batch)
+                    break
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, batch)
                 if victim is seq:
@@ -286,6 +297,19 @@ class Scheduler:
         if seq.params.beam_width > 1:
             return 2 * seq.params.beam_width
         return 1 if seq.request.forked else seq.request.params.n
+
+    def _alone(self, seq: Sequence) -> bool:
+        """Whether seq holds every block in use (no other sequence holds one: nothing else to preempt)."""
+        return self.pool.num_used == len(set(seq.block_table) - {self.pool.null})
+
+    def _fail(self, seq: Sequence, new: int, batch: Batch) -> None:
+        """seq needs more blocks for its next `new` tokens than the whole pool: out of the running batch, its blocks
+        freed, reported in batch.failed (status WAITING in no queue: finish() then finds it nowhere)."""
+        pool = self.pool
+        need = len(set(seq.block_table) - {pool.null}) + pool.needed(seq.block_table, seq.num_slots, new)
+        pool.release(seq.block_table)
+        seq.status = Status.WAITING
+        batch.failed.append((seq, need))
 
     def _preempt(self, seq: Sequence, batch: Batch) -> None:
         """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""

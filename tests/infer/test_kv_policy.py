@@ -7,11 +7,12 @@ greedy tokens and every log-prob must agree."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, LmforgeError, RequestError
 from lmforge.infer.blocks import BlockPool
 from lmforge.infer.engine import Engine, EngineConfig
 from lmforge.infer.kv.policy import H2O, KVPolicy, SnapKV, StreamingLLM
@@ -604,3 +605,47 @@ def test_a_streaming_request_longer_than_the_pool_runs_in_bounded_blocks(tok):
         assert engine.stats()["peak_used_blocks"] <= engine.pool.blocks_for(policy.max_slots(len(prompt), 8)) + 1
     assert outs[0].token_ids == outs[1].token_ids and outs[0].logprobs == outs[1].logprobs
     assert len(outs[0].token_ids) == 60
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnderReported(StreamingLLM):
+    """A policy whose max_slots under-reports: it holds up to sink_tokens + window + slack keys, not 8."""
+
+    def max_slots(self, prompt_len: int, chunk: int) -> int:
+        return 8
+
+
+@pytest.mark.parametrize("prefix_caching,overlap", [(False, False), (True, False), (False, True)])
+def test_a_sequence_outgrowing_the_whole_pool_fails_alone(tok, prefix_caching, overlap):
+    """add_request's pool check trusts max_slots (8 keys), but the sequence grows to 64 keys, the whole 16-block
+    pool, and its next token needs a 17th block. It was preempted and recomputed forever (prefix caching off), or
+    the step raised 'could not fit any sequence' for the whole engine (on: its readmission hit its own blocks).
+    Now its request fails with a one-line RequestError; the request beside it decodes as it does alone (also with
+    async scheduling: the failed sequence's token still in flight is dropped)."""
+    model = tiny_model("llama")
+    policy = UnderReported(sink_tokens=4, window=60)
+    config = EngineConfig(block_size=4, max_num_batched_tokens=8, num_kv_tokens=64, kv_policy=policy,
+                          prefix_caching=prefix_caching, async_scheduling=overlap)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = Engine(model, tok, config)
+    long_id, short_id = engine.add_request(list(range(1, 41)), params), engine.add_request(list(range(50, 60)), short)
+    outs = {}
+    for _ in range(200):  # a bound: a regression fails here instead of hanging
+        if not engine.has_unfinished():
+            break
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert not engine.has_unfinished() and engine.pool.num_used == 0
+    err = outs[long_id].error
+    assert isinstance(err, RequestError) and err.request_id == long_id
+    assert str(err) == (f"request {long_id!r}: its sequence needs 17 KV blocks for its next step but the "
+                        "pool has 16; raise num_kv_tokens (or gpu_memory_utilization), or fix UnderReported.max_slots "
+                        "(add_request checked the pool against its bound of 8 keys; the sequence holds 64)")
+    # 25 tokens make 65 keys (the last is never computed); async scheduling drops the 25th, in flight at the abort
+    assert outs[long_id].outputs[0].finish_reason == "abort" and len(outs[long_id].outputs[0].token_ids) == 25 - overlap
+    alone = Engine(model, tok, EngineConfig(block_size=4, max_num_batched_tokens=8, kv_policy=policy))
+    alone.add_request(list(range(50, 60)), short)
+    while alone.has_unfinished():
+        done = [o for o in alone.step() if o.finished]
+    assert outs[short_id].error is None and outs[short_id].outputs[0].token_ids == done[0].outputs[0].token_ids
+    assert len(done[0].outputs[0].token_ids) == 8

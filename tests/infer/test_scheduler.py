@@ -75,6 +75,54 @@ def test_preemption_takes_the_newest_and_resumes_it_first():
     assert (c, 4) in batch.chunks
 
 
+def test_a_sequence_holding_the_whole_pool_that_still_does_not_fit_fails():
+    """Alone in a 4-block pool, a sequence of 16 computed tokens needs a 5th block: preempting itself it would be
+    recomputed up to here forever, so it leaves the batch and every queue with its blocks freed, reported in
+    Batch.failed (blocks needed), and the prompt waiting behind it is admitted in the same step."""
+    sched = make(num_blocks=4, block_size=4)
+    a, b = seq(0, 16), seq(1, 3)
+    sched.add(a)
+    sched.add(b)
+    run(sched, sched.schedule())  # a takes every block; b waits
+    assert sched.pool.num_free == 0 and list(sched.waiting) == [b]
+    batch = sched.schedule()
+    assert batch.failed == [(a, 5)] and batch.preempted == [] and sched.num_preemptions == 0
+    assert [(s.seq_id, n) for s, n in batch.chunks] == [(1, 3)] and sched.running == [b]
+    assert a not in sched.waiting and a.block_table == [] and sched.pool.num_used == 1
+    sched.finish(a)  # what the engine does next (it fails a's request): found nowhere, nothing held
+    assert a.status == Status.FINISHED and sched.running == [b] and sched.pool.num_used == 1
+
+
+def test_a_sequence_waits_while_another_holds_blocks_and_fails_only_alone():
+    """An older running sequence holding a block: the one that cannot grow preempts itself (it may fit once the
+    other is done) and is not failed; readmitted alone it fits."""
+    sched = make(num_blocks=4, block_size=4)
+    a, b = seq(0, 3), seq(1, 12)
+    sched.add(a)
+    sched.add(b)
+    run(sched, sched.schedule())
+    batch = sched.schedule()  # b's 13th token needs a 4th block, a holds it
+    assert batch.failed == [] and batch.preempted == [b] and list(sched.waiting) == [b]
+    run(sched, batch)
+    sched.finish(a)
+    batch = sched.schedule()
+    assert batch.failed == [] and [(s.seq_id, n) for s, n in batch.chunks] == [(1, 13)]
+
+
+def test_next_batch_keeps_a_failure_of_a_rescheduled_round():
+    """A step that reports an early preemption (a KV policy's plan) admits nothing, so next_batch schedules it
+    again; a sequence failed in the first round stays reported."""
+    sched = make(num_blocks=4, block_size=4, max_num_batched_tokens=11)
+    c, a = seq(0, 3), seq(1, 30)
+    sched.add(c)
+    sched.add(a)
+    run(sched, sched.schedule())  # c: 3 tokens, a: a chunk of 8 (2 blocks)
+    sched.preempt(c)
+    batch = sched.next_batch(idle=True)  # a alone needs 5 blocks for its next 11 tokens
+    assert batch.failed == [(a, 5)] and batch.preempted == [c]
+    assert [(s.seq_id, n) for s, n in batch.chunks] == [(0, 4)]
+
+
 def test_running_sequences_are_never_starved_by_new_prompts():
     sched = make(max_num_batched_tokens=8)
     first = seq(0, 8)

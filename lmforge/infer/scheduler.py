@@ -299,17 +299,22 @@ class Scheduler:
         return 1 if seq.request.forked else seq.request.params.n
 
     def _alone(self, seq: Sequence) -> bool:
-        """Whether seq holds every block in use (no other sequence holds one: nothing else to preempt)."""
-        return self.pool.num_used == len(set(seq.block_table) - {self.pool.null})
+        """Whether seq alone holds every block in use (no other sequence holds one: nothing else to preempt)."""
+        own = set(seq.block_table) - {self.pool.null}
+        return self.pool.num_used == len(own) and all(self.pool.ref[b] == 1 for b in own)
 
     def _fail(self, seq: Sequence, new: int, batch: Batch) -> None:
         """seq needs more blocks for its next `new` tokens than the whole pool: out of the running batch, its blocks
-        freed, reported in batch.failed (status WAITING in no queue: finish() then finds it nowhere)."""
+        freed, reported in batch.failed (status WAITING in no queue: finish() then finds it nowhere). Its request
+        ends, so its other sequences waiting (samples preempted before) leave the queue too: none is admitted."""
         pool = self.pool
         need = len(set(seq.block_table) - {pool.null}) + pool.needed(seq.block_table, seq.num_slots, new)
         pool.release(seq.block_table)
         seq.status = Status.WAITING
         batch.failed.append((seq, need))
+        for other in seq.request.seqs:  # (none runs: it would hold a block)
+            if other is not seq and other.status == Status.WAITING and other in self.waiting:
+                self.waiting.remove(other)
 
     def _preempt(self, seq: Sequence, batch: Batch) -> None:
         """Recompute preemption: free the blocks; the tokens stay and are prefilled again on resume."""

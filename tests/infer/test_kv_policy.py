@@ -7,6 +7,7 @@ greedy tokens and every log-prob must agree."""
 from __future__ import annotations
 
 import copy
+from collections import deque
 from dataclasses import dataclass
 
 import pytest
@@ -649,3 +650,24 @@ def test_a_sequence_outgrowing_the_whole_pool_fails_alone(tok, prefix_caching, o
         done = [o for o in alone.step() if o.finished]
     assert outs[short_id].error is None and outs[short_id].outputs[0].token_ids == done[0].outputs[0].token_ids
     assert len(done[0].outputs[0].token_ids) == 8
+
+
+def test_samples_of_a_request_outgrowing_the_pool_fail_together(tok):
+    """n = 2 samples under an under-reporting policy on a 9-block pool: sample 1 is preempted while sample 0 grows
+    to the whole pool. Sample 0's failure ends the request, and its waiting sample 1 is not admitted (the step
+    admitted it and then ran it with its blocks freed: IndexError)."""
+    model = tiny_model("llama")
+    config = EngineConfig(block_size=4, max_num_batched_tokens=8, num_kv_tokens=36, prefix_caching=False,
+                          kv_policy=UnderReported(sink_tokens=4, window=30, slack=3))
+    engine = Engine(model, tok, config)
+    rid = engine.add_request(list(range(1, 11)), SamplingParams(temperature=1.0, seed=0, n=2, max_tokens=40,
+                                                               ignore_eos=True))
+    outs = []
+    for _ in range(200):  # a bound: preempted and recomputed forever before
+        if not engine.has_unfinished():
+            break
+        outs += [o for o in engine.step() if o.finished]
+    assert not engine.has_unfinished() and engine.pool.num_used == 0 and engine.scheduler.waiting == deque()
+    assert [o.request_id for o in outs] == [rid] and isinstance(outs[0].error, RequestError)
+    assert "needs 10 KV blocks for its next step but the pool has 9" in str(outs[0].error)
+    assert [c.finish_reason for c in outs[0].outputs] == ["abort", "abort"]

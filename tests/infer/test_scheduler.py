@@ -109,6 +109,27 @@ def test_a_sequence_waits_while_another_holds_blocks_and_fails_only_alone():
     assert batch.failed == [] and [(s.seq_id, n) for s, n in batch.chunks] == [(1, 13)]
 
 
+def test_a_failed_sequences_waiting_siblings_leave_the_queue():
+    """Samples of one request: when the last one holding blocks fails, its request ends, so its preempted sibling is
+    not admitted in its place (the engine aborted the request after the step had admitted it). Another request's
+    prompt is."""
+    sched = make(num_blocks=4, block_size=4)
+    a, other = seq(0, 15), seq(2, 3)
+    sched.add(a)
+    run(sched, sched.schedule())  # a: 16 tokens, 15 computed in 4 blocks
+    sib = Sequence(1, a.request, 1, list(a.tokens))  # forked from it
+    a.request.seqs = [a, sib]
+    sib.block_table, sib.num_computed = sched.pool.fork(a.block_table), 15
+    sched.add_running(sib, a)
+    sched.add(other)
+    batch = sched.schedule()  # a's copy-on-write finds no block, sib is newer: preempted
+    assert batch.preempted == [sib] and batch.failed == [] and [s for s, _ in batch.chunks] == [a]
+    run(sched, batch)  # a: 16 tokens, needs a 5th block
+    batch = sched.schedule()
+    assert batch.failed == [(a, 5)] and list(sched.waiting) == []
+    assert [(s.seq_id, n) for s, n in batch.chunks] == [(2, 3)]
+
+
 def test_next_batch_keeps_a_failure_of_a_rescheduled_round():
     """A step that reports an early preemption (a KV policy's plan) admits nothing, so next_batch schedules it
     again; a sequence failed in the first round stays reported."""

@@ -6,7 +6,7 @@
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
 # (session 45, 2026-12-07: no GPU came (14 asks). Owed: `gputests` (session 44's list, plus softcap/window checks at
-# the kernels' entry, kernel_step refused before Ampere, speculative.fit_vocab in draft rounds, int64 seeds))
+# the kernels' entry, kernel_step refused before Ampere, sampler.fit_vocab in sampling and draft rounds, int64 seeds))
 # (session 44, 2026-12-07: no GPU came (~15 asks). Owed: `gputests` at the session's end (kernel-step availability by
 # device, grouped_mm's device-side counts check, fallback notices, n samples of a request ended before its fork))
 # (session 43, 2026-12-07: no H200 came (ten asks); on an H100 `gputests` (two processes, .whl carried) 42 passed

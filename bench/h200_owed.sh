@@ -5,7 +5,7 @@
 #     bash bench/h200_owed.sh PART            # PART: suite spectests latent mixedgraphs alltests gputests devtests devtests2 engine speculative speculative2 paged hf decode megakernel kernels kernels24 prefill align moe parallel
 #
 # Outputs go to $OUT/<part>_*.txt (or bench/results/). Priorities when device time is short, in order
-# (session 45, 2026-12-07: no GPU came (14 asks). Owed: `gputests` (session 44's list, plus softcap/window checks at
+# (session 45, 2026-12-07: no GPU came (15 asks). Owed: `gputests` (session 44's list, plus softcap/window checks at
 # the kernels' entry, kernel_step refused before Ampere, sampler.fit_vocab in sampling and draft rounds, int64 seeds))
 # (session 44, 2026-12-07: no GPU came (~15 asks). Owed: `gputests` at the session's end (kernel-step availability by
 # device, grouped_mm's device-side counts check, fallback notices, n samples of a request ended before its fork))

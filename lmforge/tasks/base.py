@@ -76,7 +76,9 @@ def final_answer(completion: str, shape: str = NUMBER_START) -> str | None:
     marks = list(ANSWER_RE.finditer(completion))
     explicit = [m for m in marks if not m.group("phrase") and _NONSPACE.search(completion, m.end())]
     start = explicit[-1].end() if explicit else 0
-    stop = _line(completion, start)[1] if explicit else len(completion)
+    # a mark whose text is an answer ends the search at its line ('Answer: 42\nThe answer is 41'); one whose text is
+    # none ('Answer: Paris\nSo the answer is (B).' for MMLU) leaves a later phrase to say it
+    stop = _line(completion, start)[1] if explicit and shaped.match(completion, start) else len(completion)
     phrases = [m for m in marks if m.group("phrase") and start <= m.start() < stop
                and shaped.match(completion, m.end())]
     if not (phrases or explicit):

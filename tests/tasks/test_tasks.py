@@ -539,3 +539,17 @@ def test_markdown_bold_around_the_answer_mark_is_a_mark(tmp_path):
     # the last number (GSM8K) and the first capital (MMLU) were the fallback: a later number or letter won
     assert g.parse("**Answer**: 42\nCheck: 6 * 7 = 42, not 41") == "42"
     assert m.parse("Option A is tempting.\n**Answer**: (c)") == "C" and m.parse("**Answer:**\nB") == "B"
+
+
+def test_a_later_phrase_answers_where_the_mark_holds_no_answer():
+    """Folding MMLU's own 'answer is <letter>' into final_answer limited the phrase to the last mark's line, so
+    'Answer: Paris' (no option) then 'So the answer is (B).' read None, and the boxed and first-capital fallbacks
+    were skipped. A mark whose text is no answer leaves a later phrase to give it; one that holds an answer wins."""
+    from lmforge.tasks.datasets import MMLU
+
+    mmlu = MMLU.__new__(MMLU)
+    assert mmlu.parse("Answer: Paris\nSo the answer is (B).") == "B"
+    assert mmlu.parse("A quick check.\nAnswer: the second option\nThe answer is C.") == "C"
+    assert mmlu.parse("Answer: B\nThe answer is supported by the passage.") == "B"
+    assert final_answer("Answer: 5313\nThe answer is verified.") == "5313"
+    assert final_answer("Answer: 42\nThe answer is 41") == "42"

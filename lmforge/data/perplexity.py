@@ -47,7 +47,7 @@ class PerplexityConfig:
         check(self.head_max <= self.middle_max, "perplexity.head_max must be <= middle_max")
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=None)  # a pipeline's scorers are a fixed set (3 perplexity stages cycled 2 entries)
 def load_scorer(spec: str, tokenizer: str = "") -> tuple[Any, Any]:
     """(model, tokenizer) from a spec (cached per process)."""
     if ":" in spec and not Path(spec).exists():

@@ -54,7 +54,7 @@ class TokenizeConfig:
         return Path(workdir) / self.out_dir  # an absolute out_dir stays as it is
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=None)  # a pipeline's tokenizers are a fixed set: a bound of 2 re-read them per batch
 def _tokenizer(spec: str) -> Any:
     from lmforge.tokenizer.load import load_tokenizer
 

@@ -131,7 +131,7 @@ class PagedDraftModel:
                     view = views[it[0].seq_id]
                     chunks.append(((view, len(view.tokens) - view.num_computed), it))
             chunks.sort(key=lambda c: c[0][1] != 1)  # decodes first, as the runner's layout wants
-            logits = fit_vocab(self.runner.logits_at_ends(Batch(chunks=[c[0] for c in chunks])), *self.vocab)
+            logits = fit_vocab(self.runner.logits_at_ends(Batch(chunks=[c[0] for c in chunks])), *self.vocab, own=True)
             qs, picks = [], []
             for i, (_, (seq, _, procs, greedy)) in enumerate(chunks):
                 qs.append(probs(logits[i:i + 1], procs, greedy)[0])
@@ -153,7 +153,7 @@ class PagedDraftModel:
         order = sorted(items, key=lambda it: len(it[0].tokens) - views[it[0].seq_id].num_computed != 1)
         logits = fit_vocab(self.runner.logits_at_ends(Batch(chunks=[(views[it[0].seq_id], len(it[0].tokens)
                                                                      - views[it[0].seq_id].num_computed)
-                                                                    for it in order])), *self.vocab)
+                                                                    for it in order])), *self.vocab, own=True)
         tokens = {it[0].seq_id: [] for it in items}
         qs = {it[0].seq_id: [] for it in items}
         parents, frontier, written = [], [-1], 0
@@ -168,7 +168,7 @@ class PagedDraftModel:
             if n > 1:  # (a one-node tree is a decode row after the context)
                 batch.trees = {it[0].seq_id: list(parents) for it in order}
             rows = [(c, n - 1 - node) for c in range(len(order)) for node in frontier]
-            logits = fit_vocab(self.runner.logits_at(batch, rows), *self.vocab)
+            logits = fit_vocab(self.runner.logits_at(batch, rows), *self.vocab, own=True)
             written = n
         for seq, _, _, _ in items:
             self.known[seq.seq_id] = (len(seq.tokens), seq.preemptions)

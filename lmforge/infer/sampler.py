@@ -237,7 +237,8 @@ def draw(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tenso
     return probs.div_(q).argmax(-1)
 
 
-def fit_vocab(logits: torch.Tensor, width: int | None = None, limit: int | None = None) -> torch.Tensor:
+def fit_vocab(logits: torch.Tensor, width: int | None = None, limit: int | None = None, *,
+              own: bool = False) -> torch.Tensor:
     """logits (..., W) as (..., width) with the ids a draw may not take at -inf: the one masking of ids past the
     tokenizer's, the sampler's and a draft model's (a draft of one would always be rejected). limit: the
     tokenizer's ids (Engine.vocab_limit); ids from it up are -inf. width: the target's logits' width (None: W), for a
@@ -245,11 +246,15 @@ def fit_vocab(logits: torch.Tensor, width: int | None = None, limit: int | None 
     small and large models pad the same 151,665 ids to 151,936 and 152,064 rows): its extra columns are dropped,
     missing ones -inf (probability 0: never drafted), as vLLM pads a draft's probabilities (vllm-project/vllm#13849).
     Returns `logits` itself where nothing changes (W == width, no limit below it), else one fresh tensor (`logits`
-    is never written)."""
+    is never written) - unless `own` (the caller's fresh forward: a draft round's logits), where a width that fits is
+    masked in place, no copy."""
     have = logits.shape[-1]
     width = have if width is None else width
     keep = min(have, width, width if limit is None else limit)
     if keep == have == width:
+        return logits
+    if own and have == width:
+        logits[..., keep:] = float("-inf")
         return logits
     out = logits.new_full((*logits.shape[:-1], width), float("-inf"))
     out[..., :keep] = logits[..., :keep]

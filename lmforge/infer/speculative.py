@@ -113,7 +113,7 @@ class ModelDrafter:
         with eval_mode(self.model):  # no dropout in drafting; the caller's model left in its own mode
             for i in range(k):
                 logits = fit_vocab(self.model(torch.tensor([feed], device=dev), cache=self.cache)[0, -1:],
-                                   self.vocab_size, self.limit)
+                                   self.vocab_size, self.limit, own=True)
                 q = _probs(logits, procs, greedy)[0]
                 drafts.append(_draw(q, gen) if not greedy else int(q.argmax()))
                 qs.append(q[None])

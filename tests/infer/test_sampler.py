@@ -282,3 +282,19 @@ def test_fit_vocab_is_the_one_masking_of_ids_past_the_tokenizer():
     assert torch.equal(logits, before)
     out = sample_rows(logits, [_row(SamplingParams(temperature=0)), _row(SamplingParams(temperature=0), 1)], 4)
     assert torch.equal(out.logits, cases[6, 4]) and torch.equal(logits, before)
+
+
+def test_fit_vocab_masks_a_draft_rounds_own_logits_in_place():
+    """A draft round owns its forward's logits: masking the ids past the tokenizer copied the (rows, V) logits at
+    every depth (~155 MB at 256 rows x 152k in fp32). With own=True a width that fits is masked in place; without
+    it the input is never written."""
+    from lmforge.infer.sampler import fit_vocab
+
+    logits = torch.arange(12.0).reshape(2, 6)
+    kept = logits.clone()
+    out = fit_vocab(logits, None, 4)
+    assert out is not logits and torch.equal(logits, kept) and torch.isinf(out[:, 4:]).all()
+    same = fit_vocab(logits, 6, 4, own=True)
+    assert same is logits and torch.equal(same[:, :4], kept[:, :4]) and torch.isinf(same[:, 4:]).all()
+    wider = fit_vocab(kept.clone(), 8, 4, own=True)  # another width: a fresh tensor all the same
+    assert wider.shape == (2, 8) and torch.isinf(wider[:, 4:]).all()

@@ -244,9 +244,10 @@ class PagedDraftHead:
     uses_hidden_states = "all"
 
     def __init__(self, head, num_blocks: int, block_size: int, device, graphs: str | None = None,
-                 max_batch: int = 256, chunk_rows: int = 1):
-        """graphs, max_batch, chunk_rows: as PagedDraftModel's (the head's rounds replay CUDA graphs)."""
-        self.head = head
+                 max_batch: int = 256, chunk_rows: int = 1, limit: int | None = None):
+        """graphs, max_batch, chunk_rows: as PagedDraftModel's (the head's rounds replay CUDA graphs). limit: the
+        tokenizer's ids (Engine.vocab_limit): ids past it are never drafted (sampler.fit_vocab)."""
+        self.head, self.limit = head, limit
         self.fuse = getattr(head, "fuse", None)
         self.proposes_trees = bool(getattr(head, "proposes_trees", False))
         if self.proposes_trees:
@@ -273,7 +274,8 @@ class PagedDraftHead:
             raise ConfigError(f"a draft head's cache shares the target's blocks, which a sliding-window model "
                               f"(window {engine.window}) frees behind the window; use a drafter object with propose()")
         return cls(head, num_blocks, engine.config.block_size, engine.device, graphs=engine.runner.graphs_mode,
-                   max_batch=engine.config.max_num_seqs, chunk_rows=1 + engine.num_draft_tokens)
+                   max_batch=engine.config.max_num_seqs, chunk_rows=1 + engine.num_draft_tokens,
+                   limit=engine.vocab_limit)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write of the target's blocks: the head's entries in them go along, and their features."""
@@ -356,7 +358,7 @@ class PagedDraftHead:
         drafts, qs = [[] for _ in items], [[] for _ in items]
         for r in range(max(it.k for it in items)):
             live = [b for b, it in enumerate(items) if it.k > r]
-            logits = self.head.logits(torch.stack([f[b] for b in live]))
+            logits = fit_vocab(self.head.logits(torch.stack([f[b] for b in live])), None, self.limit, own=True)
             for j, b in enumerate(live):
                 it = items[b]
                 q = _probs(logits[j:j + 1], it.procs, it.greedy)[0]
@@ -382,7 +384,8 @@ class PagedDraftHead:
         feat = {-1: f}  # node -> item index -> (d,)
         live = list(range(len(items)))
         for depth, w in enumerate(self.widths):
-            logits = self.head.logits(torch.stack([feat[node][b] for b in live for node in frontier]))
+            logits = fit_vocab(self.head.logits(torch.stack([feat[node][b] for b in live for node in frontier])),
+                               None, self.limit, own=True)
             frontier = _grow(logits, frontier, w, [(b, items[b].procs, items[b].greedy, items[b].gen) for b in live],
                              tokens, qs, parents)
             live = [b for b in live if len(parents) < items[b].k]  # deeper nodes would be trimmed

@@ -152,16 +152,17 @@ class MTPDrafter:
     at the last position, head k predicts token t+1+k; the main head gives the first draft). One uncached
     `forward_mtp` per round - the hook, not yet a fast path; verification keeps the output exact."""
 
-    def __init__(self, model):
+    def __init__(self, model, limit: int | None = None):
+        """limit: the tokenizer's ids (Engine.vocab_limit): ids past it are never drafted (fit_vocab)."""
         mtp = getattr(model.cfg, "mtp", None)
         if mtp is None or mtp.kind != "parallel":
             raise ConfigError("draft='mtp' needs a model with parallel MTP heads (model.mtp.kind='parallel')")
-        self.model = model
+        self.model, self.limit = model, limit
 
     def propose(self, ctx: list[int], k: int, procs, greedy: bool, gen) -> tuple[list[int], torch.Tensor]:
         dev = next(self.model.parameters()).device
         main, heads = self.model.forward_mtp(torch.tensor([ctx], device=dev))
-        logits = torch.cat([main[0, -1:]] + [h[0, -1:] for h in heads])[:k]
+        logits = fit_vocab(torch.cat([main[0, -1:]] + [h[0, -1:] for h in heads])[:k], None, self.limit, own=True)
         q = _probs(logits, procs, greedy)
         drafts = [int(q[i].argmax()) if greedy else _draw(q[i], gen) for i in range(q.shape[0])]
         return drafts, q
@@ -449,7 +450,7 @@ def make_drafter_factory(draft, model, vocab_size: int, k: int, tokens: int | No
         return lambda seq: NGramDrafter(vocab_size=vocab_size)
     if draft == "mtp":
         MTPDrafter(model)  # raises now if the model has no parallel MTP heads
-        return lambda seq: MTPDrafter(model)
+        return lambda seq: MTPDrafter(model, tokens)
     if hasattr(draft, "propose") or hasattr(draft, "propose_batch"):  # a drafter object (a module or not)
         _check_accept(draft)
         return lambda seq: draft

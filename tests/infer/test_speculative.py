@@ -574,3 +574,27 @@ def test_a_drafter_factory_needs_the_vocabulary_and_take_names_the_drafter_only_
     out = LLM(target, tok, draft="ngram", num_draft_tokens=3).generate(
         "abcabcabc", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
     assert out.token_ids == full_greedy(target, tok.encode("abcabcabc"), 12) and out.metrics["target_forwards"] < 12
+
+
+def test_mtp_heads_draft_no_id_past_the_tokenizer():
+    """MTP heads (and an EAGLE-style head) read logits at the target's width, padding rows included (Qwen: 151,665
+    tokenizer ids, 151,936 rows): they drafted padding ids, always rejected, and gave them probability in q. The
+    engine's vocab_limit masks them, as the sampler's and a draft model's (sampler.fit_vocab)."""
+    from lmforge.infer.speculative import MTPDrafter
+    from lmforge.model.config import MTPConfig
+
+    target = tiny_model("llama", vocab_size=264, mtp=MTPConfig(kind="parallel", depth=2))
+    real = target.forward_mtp
+
+    def padded(x):  # the padding rows 260 / 261 scoring highest
+        main, heads = real(x)
+        return (main.index_fill(-1, torch.tensor([260]), 50.0),
+                [h.index_fill(-1, torch.tensor([261]), 50.0) for h in heads])
+
+    target.forward_mtp = padded
+    with torch.no_grad():
+        assert MTPDrafter(target).propose([1, 2, 3], 3, [], True, None)[0] == [260, 261, 261]  # unmasked
+        drafts, q = MTPDrafter(target, 257).propose([1, 2, 3], 3, [], True, None)
+        assert all(t < 257 for t in drafts) and float(q[:, 257:].sum()) == 0.0
+        _, q = MTPDrafter(target, 257).propose([1, 2, 3], 3, [], False, torch.Generator().manual_seed(0))
+        assert float(q[:, 257:].sum()) == 0.0 and torch.allclose(q.sum(-1), torch.ones(3))

@@ -371,14 +371,11 @@ def kernel_step_available(device: torch.device | str) -> str | None:
     """Why the batch-1 Triton kernel step cannot serve as a backend on `device`, the engine's (None: it can)."""
     try:
         importlib.import_module("lmforge.infer.kernel_step")  # its kernels' modules import here
-        from lmforge.kernels.decode import unavailable
+        from lmforge.kernels.decode import pre_ampere, unavailable
     except ImportError as e:
         return f"cannot import it ({e})"
-    why = unavailable(device)
-    if why is None and torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        # (the automatic choice, EngineConfig.kernel_step=None, takes Ampere or newer only: so does True)
-        why = (f"needs a GPU of compute capability >= 8.0 (Ampere), and {torch.cuda.get_device_name(device)} has "
-               + "%d.%d" % torch.cuda.get_device_capability(device))
+    # (the automatic choice, EngineConfig.kernel_step=None, takes Ampere or newer only: so does True)
+    why = unavailable(device) or pre_ampere(device)
     return None if why is None else f"it {why}"
 
 

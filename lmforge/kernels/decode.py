@@ -123,6 +123,16 @@ def unavailable(device: torch.device | str) -> str | None:
     return f"needs a CUDA GPU and Triton ({why}), got device {torch.device(device).type}"
 
 
+def pre_ampere(device: torch.device | str) -> str | None:
+    """Why a CUDA `device` is too old for the bf16 Triton kernels ('needs a GPU of compute capability >= 8.0
+    (Ampere), and Tesla T4 has 7.5'), or None (Ampere or newer, or no CUDA device: `unavailable` tells that)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) >= (8, 0):
+        return None
+    cap = "%d.%d" % torch.cuda.get_device_capability(dev)
+    return f"needs a GPU of compute capability >= 8.0 (Ampere), and {torch.cuda.get_device_name(dev)} has {cap}"
+
+
 @compiler_disable  # warnings.warn is a graph break anyway; this way it is reported from the caller's frame
 @functools.lru_cache(maxsize=None)  # the fallback runs at every call (every layer, every step): one notice is enough
 def fallback_notice(message: str) -> None:

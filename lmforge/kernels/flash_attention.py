@@ -48,7 +48,7 @@ from typing import NamedTuple
 import torch
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.kernels.decode import fallback_notice, interpreting
+from lmforge.kernels.decode import fallback_notice, interpreting, pre_ampere
 from lmforge.model.layers.attention import check_softcap_and_window
 from lmforge.utils import compiler_disable
 
@@ -581,9 +581,8 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
                 f"{v.dtype}; cast them or use attn_impl='sdpa'")
     if q.device.type != "cuda" and not interpreting():
         return f"flash_attention runs on CUDA GPUs (or with TRITON_INTERPRET=1), got device {q.device}"
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 0):
-        cap = "%d.%d" % torch.cuda.get_device_capability(q.device)
-        return f"flash_attention needs a GPU of compute capability >= 8.0 (Ampere), got {cap}; use attn_impl='sdpa'"
+    if (why := pre_ampere(q.device)) is not None:
+        return f"flash_attention {why}; use attn_impl='sdpa'"
     return None
 
 

@@ -24,7 +24,7 @@ import sys
 import torch
 from torch import nn
 
-from lmforge.kernels.decode import unavailable
+from lmforge.kernels.decode import pre_ampere, unavailable
 from lmforge.model.layers.fused import shared_copy
 from lmforge.model.layers.mlp import MLP
 from lmforge.model.layers.moe import MoE
@@ -38,10 +38,8 @@ def unsupported(device: torch.device | str) -> str | None:
     dev = torch.device(device)
     if (why := unavailable(dev)) is not None:
         return f"each Triton kernel {why}"
-    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 0):
-        name = torch.cuda.get_device_name(dev)
-        return f"the bf16 Triton kernels need compute capability >= 8.0 (Ampere); {name} has " \
-               f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}"
+    if (why := pre_ampere(dev)) is not None:
+        return f"the bf16 Triton kernels: each {why}"
     return None
 
 

@@ -166,3 +166,18 @@ def test_a_negative_softcap_or_window_is_refused_by_every_attention_entry_point(
     for name, call in (("math_attention", math_attention), ("attention", attention)):
         with pytest.raises(ConfigError, match=rf"^{name}: softcap=-30.0 must be >= 0 \(0 = no capping\)$"):
             call(q, q, q, "causal", scale=0.35, softcap=-30.0)
+
+
+def test_one_ampere_check_for_every_triton_path(monkeypatch):
+    """The kernel step, the training kernels and FlashAttention each had their own compute-capability check and
+    wording; kernels.decode.pre_ampere is the one they call."""
+    import torch
+
+    from lmforge.kernels.decode import pre_ampere
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert pre_ampere("cuda:0") == "needs a GPU of compute capability >= 8.0 (Ampere), and Tesla T4 has 7.5"
+    assert pre_ampere("cpu") is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert pre_ampere("cuda:0") is None

@@ -709,7 +709,7 @@ def hf_chat_template(path: str | Path, base: str | Path | None = None):
     try:
         ckpt = resolve_checkpoint(path)
         source = tokenizer_dir(ckpt, base) if is_peft_dir(ckpt) else ckpt
-    except (OSError, TypeError, LmforgeError):  # (loading it says what is wrong)
+    except (OSError, LmforgeError):  # (loading it says what is wrong)
         return None
     if source != ckpt:
         return hf_chat_template(source)

@@ -270,7 +270,7 @@ def peft_base(path: str | Path, base: str | Path | None = None) -> Path:
     """Where a PEFT adapter directory's base model is: `base` (--base DIR), else its adapter_config.json's
     base_model_name_or_path; refused when that is no local path (nothing is downloaded)."""
     where = base if base is not None else _peft_config(Path(path)).get("base_model_name_or_path")
-    if not where or not Path(where).exists():
+    if not isinstance(where, (str, Path)) or not where or not Path(where).exists():
         raise CheckpointError(f"{path} is a PEFT adapter over the base {where!r}, which is not a local directory "
                               "(nothing is downloaded); pass where the base model is: base=DIR or --base DIR")
     return Path(where)

@@ -322,3 +322,20 @@ def test_an_adapter_over_a_qlora_checkpoint_is_refused_naming_the_float_base(tmp
     with pytest.raises(ConfigError, match=r"ad: the base .*base holds LoRA adapters over a quantized base \(QLoRA; "
                                           r"layer blocks.0.attn.wq\), .*give the float base model the adapter"):
         loaded(tmp_path / "ad", base=tmp_path / "base", tokenizer=False)
+
+
+def test_a_base_path_that_is_no_string_is_refused_in_one_line(tmp_path):
+    """adapter_config.json's base_model_name_or_path as a number reached Path(7): a TypeError, which the chat
+    template lookup swallowed with every other TypeError. It is refused as any base that is no local directory."""
+    import json
+
+    from lmforge.adapt.peft_format import peft_base
+    from lmforge.checkpoint import hf_chat_template
+    from lmforge.errors import CheckpointError
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": 7, "r": 4, "lora_alpha": 8}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"PEFT adapter over the base 7, which is not a local directory"):
+        peft_base(tmp_path)
+    assert hf_chat_template(tmp_path) is None

@@ -122,14 +122,7 @@ class Engine:
         self.dtype = compute_dtype(model)  # (not a quantized layer's integer codes)
         spec = model.cache_spec() if hasattr(model, "cache_spec") else None
         self.has_state = spec is not None and spec.has_state  # recurrent-state layers: lmforge.infer.kv.state
-        if self.has_state:
-            check_state_engine(config, draft)
-        if config.state_snapshots and not (self.has_state and config.prefix_caching is not False):
-            # (allowed: one config may serve hybrids and plain transformers, with prefix caching on or off)
-            warn_caller(f"state_snapshots={config.state_snapshots} is ignored: " + (
-                "prefix_caching=False, and the snapshots serve prefix caching only; leave it at 0, or prefix_caching "
-                "unset" if self.has_state else f"{type(model).__name__} has no recurrent-state layers, whose states "
-                "it keeps for prefix caching (its prefix caching needs none); leave it at 0 for this model"))
+        check_state_engine(config, draft, self.has_state, type(model).__name__)
         if config.kv_policy is not None:  # refusals first (lmforge.infer.kv.policy)
             from lmforge.infer.kv.policy import check_engine as check_policy_engine
 

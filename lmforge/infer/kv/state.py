@@ -55,7 +55,7 @@ from collections import OrderedDict
 
 import torch
 
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, LmforgeError, warn_caller
 from lmforge.infer.kv.paged import PagedKVCache, PagedLatentCache
 from lmforge.model.cache import CacheSpec
 from lmforge.utils import to_device
@@ -240,8 +240,17 @@ def new_state_cache(spec: CacheSpec, num_blocks: int, block_size: int, device=No
     return kind(spec, num_blocks, block_size, device, dtype, decode, prefill, max_seqs=max_seqs)
 
 
-def check_engine(config, draft) -> None:
-    """One-line errors for the engine options a model with state layers cannot use (module docstring)."""
+def check_engine(config, draft, has_state: bool = True, model_name: str = "the model") -> None:
+    """One-line errors for the engine options a model with state layers cannot use (module docstring), and one
+    warning for state_snapshots where it is ignored: prefix_caching=False, or a model without state layers (allowed:
+    one config may serve hybrids and plain transformers, with prefix caching on or off)."""
+    if config.state_snapshots and not (has_state and config.prefix_caching is not False):
+        warn_caller(f"state_snapshots={config.state_snapshots} is ignored: " + (
+            "prefix_caching=False, and the snapshots serve prefix caching only; leave it at 0, or prefix_caching "
+            "unset" if has_state else f"{model_name} has no recurrent-state layers, whose states it keeps for "
+            "prefix caching (its prefix caching needs none); leave it at 0 for this model"))
+    if not has_state:
+        return
     if getattr(draft, "proposes_trees", False):
         raise ConfigError("a token tree's branches need one recurrent state each, and the state cache follows one "
                           "chain of tokens per sequence: use a chain drafter (a draft model, 'ngram') on models "

@@ -26,6 +26,9 @@ else:  # pragma: no cover
 
 T = TypeVar("T")
 
+SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""the short dtype names options take (--dtype bf16, ref_dtype='bf16') -> torch's (lmforge.model.hf.float_dtype)"""
+
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.adapt.config import LoRAConfig
-from lmforge.config import check, coerce_fields
+from lmforge.config import SHORT_DTYPES, check, coerce_fields
 from lmforge.errors import ConfigError
 from lmforge.parallel.config import ParallelConfig
 from lmforge.train.config import LoopConfig
@@ -21,7 +21,7 @@ PAIR_LOSSES = ("sigmoid", "ipo", "simpo")
 """DPOConfig.loss_type: the pairwise losses of lmforge.align.losses"""
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
 """DistillConfig.divergence (lmforge.align.distill)"""
-FROZEN_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+FROZEN_DTYPE_NAMES = SHORT_DTYPES
 """a {role}_dtype option's names -> the torch dtype each holds a frozen model in (lmforge.align.frozen.FROZEN_DTYPES)"""
 
 

@@ -34,10 +34,9 @@ from typing import Annotated, Literal
 
 import tyro
 
+from lmforge.config import SHORT_DTYPES as DTYPES  # --dtype's names
 from lmforge.errors import ConfigError
 from lmforge.utils import atomic_dir, check_output_path, honour_umask, write_json_atomic
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import SHORT_DTYPES
 from lmforge.errors import CheckpointError, ConfigError, warn_caller
 from lmforge.model import hf_families as D
 from lmforge.model import hf_moe as M
@@ -347,13 +348,15 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 
 def float_dtype(value: str | torch.dtype | None, *, where: str = "") -> torch.dtype | None:
-    """The float dtype a loader's dtype= names, a torch dtype or its name ('bfloat16', 'torch.float16', as
-    transformers' from_pretrained takes it); None or 'auto' is None (the checkpoint's own). A string reaching
-    nn.Module.to would be read as a device ('Invalid device string'): a one-line ConfigError instead, naming
-    `where` the value came from (config.json) if not from the caller."""
+    """The float dtype a loader's dtype= names: a torch dtype, its name as transformers' from_pretrained takes it
+    ('bfloat16', 'torch.float16'), or the short name lmforge's options take ('bf16': config.SHORT_DTYPES); None or
+    'auto' is None (the checkpoint's own). A string reaching nn.Module.to would be read as a device ('Invalid
+    device string'): a one-line ConfigError instead, naming `where` the value came from (config.json) if not from
+    the caller."""
     if value is None or value == "auto" or (isinstance(value, torch.dtype) and value in DTYPES.values()):
         return None if value == "auto" else value
     name = value.removeprefix("torch.") if isinstance(value, str) else None
+    name = SHORT_DTYPES.get(name, name)  # ('bf16', as --dtype and ref_dtype take it)
     if name not in DTYPES:
         fix = "or 'auto' (the stored tensors' own)" if where else \
             "(or a torch dtype), or leave it out for the checkpoint's own"

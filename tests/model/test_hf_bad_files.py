@@ -163,3 +163,15 @@ def test_shards_without_their_index_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=f"holds shards \\({first}, ...\\) but not their index, "
                                               "model.safetensors.index.json: fetch it too"):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_a_loaders_dtype_takes_the_short_names_the_options_take():
+    """LLM.load(dtype='bf16') was refused while ref_dtype='bf16' and --dtype bf16 were the names those options
+    take: one table of short names (config.SHORT_DTYPES) for every dtype option."""
+    from lmforge.align.config import FROZEN_DTYPE_NAMES
+    from lmforge.cli.export import DTYPES
+    from lmforge.config import SHORT_DTYPES
+    from lmforge.model.hf import float_dtype
+
+    assert [float_dtype(n) for n in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16, torch.float32]
+    assert float_dtype("bfloat16") is torch.bfloat16 and FROZEN_DTYPE_NAMES is SHORT_DTYPES is DTYPES

@@ -27,13 +27,13 @@ from typing import Any
 from lmforge.errors import ConfigError
 
 SPLITS = ("train", "test")
-# an explicit mark "Answer: x" or "answer = x", with the markdown bold or italic chat models put around it
-# ("**Answer**: x", "**Answer:** x"; not the unit in "2 points/answer = 48 points"), or the phrase "the answer is x"
-# (group "phrase": lm-eval's gsm8k-cot mark; not "isn't")
-ANSWER_RE = re.compile(r"(?<!/)answer(?:\**\s*[:=]\**|(?P<phrase>\s+is(?![\w'\u2019])))\s*:?", re.IGNORECASE)
-# the end of a sentence within a line: the answer a phrase introduces stops there ("the final answer is 42. I hope it
-# is correct."), its period kept; a decimal point ("3.5") is followed by no space
-_SENTENCE_END = re.compile(r"[.!](?=\s)")
+# an explicit mark "Answer: x" or "answer = x", or the phrase "the answer is x" (group "phrase": lm-eval's gsm8k-cot
+# mark; not "isn't"), with the markdown bold or italic chat models put around them ("**Answer**: x", "**Answer:** x",
+# "The **answer** is x"; not the unit in "2 points/answer = 48 points")
+ANSWER_RE = re.compile(r"(?<!/)answer(?:\**\s*[:=]\**|(?P<phrase>\**\s+is(?![\w'\u2019])))\s*:?", re.IGNORECASE)
+# the end of a sentence within a line, with the wrapping it closes ("42.** I hope"): an answer stops there ("the final
+# answer is 42. I hope it is correct."), its period kept; a decimal point ("3.5") is followed by no space
+_SENTENCE_END = re.compile(r"[.!][*$`'\")\]]*(?=\s)")
 # what may open a wrapping before an answer: **x**, $x$, \(x\), \[x\], \boxed{x}, \text{x}, `x`, 'x', "x", [x], (x)
 _WRAP_OPEN = r"\s*(?:(?:\*\*|\$|\\[(\[]|\\(?:boxed|text|textbf)\{|[`'\"\[(])\s*)*"
 NUMBER_START = r"[-+\u2212]?\$?\d"  # the start of a number ("42", "-5", "$1,200") or of a list or sum of them
@@ -70,7 +70,8 @@ def final_answer(completion: str, shape: str = NUMBER_START) -> str | None:
     phrase about an answer it has given ('Answer: 42\nThe answer is verified.', '... the answer is in dollars');
     its own line may put the answer in the phrase ('Final Answer: The final answer is 42', Minerva's format). The
     phrase's answer ends with its sentence ('The final answer is 42. I hope it is correct.' reads '42.'); a mark's
-    runs to the end of its line. Markdown around the mark is part of it ('**Answer**: 42', '**Answer:** 42')."""
+    runs to the end of its line. Markdown around the mark is part of it ('**Answer**: 42', '**Answer:** 42',
+    'The **answer** is 42')."""
     # positions, never slices of the rest: a rollout of many marks is read in linear time
     shaped = re.compile(_WRAP_OPEN + shape, re.IGNORECASE)
     marks = list(ANSWER_RE.finditer(completion))

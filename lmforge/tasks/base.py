@@ -68,10 +68,11 @@ def final_answer(completion: str, shape: str = NUMBER_START) -> str | None:
     answer is' whose text begins, past any wrapping (**, $, \\boxed{, quotes, brackets), with an answer-shaped start
     (`shape`, a regex: a number by default); None without either. The mark wins because a model also writes the
     phrase about an answer it has given ('Answer: 42\nThe answer is verified.', '... the answer is in dollars');
-    its own line may put the answer in the phrase ('Final Answer: The final answer is 42', Minerva's format). The
-    phrase's answer ends with its sentence ('The final answer is 42. I hope it is correct.' reads '42.'); a mark's
-    runs to the end of its line. Markdown around the mark is part of it ('**Answer**: 42', '**Answer:** 42',
-    'The **answer** is 42')."""
+    its own line may put the answer in the phrase ('Final Answer: The final answer is 42', Minerva's format). An
+    answer ends with its sentence ('The final answer is 42. I hope it is correct.' and 'Answer: 42. I hope it is
+    correct.' read '42.'; '3.5' is no sentence end); a mark's text that does not start answer-shaped runs to the end
+    of its line ('Answer: The capital is Paris. So B', where MMLU's fallback finds the letter). Markdown around the
+    mark is part of it ('**Answer**: 42', '**Answer:** 42', 'The **answer** is 42')."""
     # positions, never slices of the rest: a rollout of many marks is read in linear time
     shaped = re.compile(_WRAP_OPEN + shape, re.IGNORECASE)
     marks = list(ANSWER_RE.finditer(completion))
@@ -79,13 +80,14 @@ def final_answer(completion: str, shape: str = NUMBER_START) -> str | None:
     start = explicit[-1].end() if explicit else 0
     # a mark whose text is an answer ends the search at its line ('Answer: 42\nThe answer is 41'); one whose text is
     # none ('Answer: Paris\nSo the answer is (B).' for MMLU) leaves a later phrase to say it
-    stop = _line(completion, start)[1] if explicit and shaped.match(completion, start) else len(completion)
+    answered = bool(explicit and shaped.match(completion, start))
+    stop = _line(completion, start)[1] if answered else len(completion)
     phrases = [m for m in marks if m.group("phrase") and start <= m.start() < stop
                and shaped.match(completion, m.end())]
     if not (phrases or explicit):
         return None
     begin, end = _line(completion, phrases[-1].end() if phrases else start)
-    if phrases:
+    if phrases or answered:  # an answer ends with its sentence; other text after a mark keeps its line
         found = _SENTENCE_END.search(completion, begin, end)
         end = found.end() if found else end
     return completion[begin:end].strip()

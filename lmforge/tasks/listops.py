@@ -35,9 +35,10 @@ class Reversal(Task):
     name = "reverse"
     templates = ("Reverse the letters: {word}", "Write {word} backwards.", "Spell {word} in reverse order.")
     # the phrase gives an answer when a word alone ends its line or sentence ("The answer is cba.", Minerva's "The
-    # final answer is cba. I hope it is correct."), not a sentence or a verdict about it ("the answer is in reverse
-    # order", "the answer is correct.")
-    answer_shape = r"(?!(?:correct|incorrect|right|wrong)\b)[a-z]+[*$`'\"\])}]*(?:[.!]?[ \t]*(?:\n|\Z)|[.!]\s)"
+    # final answer is cba. I hope it is correct.", "**cba.** I hope"), not a sentence or a verdict about it ("the
+    # answer is in reverse order", "the answer is correct.")
+    answer_shape = (r"(?!(?:correct|incorrect|right|wrong)\b)[a-z]+(?:[*$`'\"\])}]*[.!]?[*$`'\"\])}]*[ \t]*(?:\n|\Z)"
+                    r"|[*$`'\"\])}]*[.!][*$`'\"\])}]*\s)")
 
     def __init__(self, *, length: tuple[int, int] = (3, 8)):
         check_span(self.name, "length", length)

@@ -3,6 +3,7 @@ GSM8K's bare decimals, MMLU's fallback letter, and the opt-in answer-format inst
 
 import pytest
 
+from lmforge.tasks import TASKS
 from lmforge.tasks.base import Example, Task, final_answer, normalize
 from lmforge.tasks.datasets import GSM8K, MMLU
 
@@ -35,3 +36,31 @@ def test_markdown_inside_or_around_the_phrase_reads_its_answer_for_every_parser(
     assert Task().verify(_example("-5"), phrase + after) and gsm8k.parse(phrase + after) == "-5"
     letter = phrase.replace("-5", "(B)")
     assert mmlu.parse(f"(C) looks close, but {letter[0].lower()}{letter[1:]}") == "B", letter
+
+
+@pytest.mark.parametrize("name, problem, answer", [
+    ("arithmetic", {"a": 20, "b": 22, "op": "+"}, "42"),
+    ("count", {"text": "abca", "ch": "a"}, "2"),
+    ("sort", {"items": [3, 1, 2]}, "1, 2, 3"),
+    ("reverse", {"word": "abc"}, "cba"),
+    ("countdown", {"nums": [3, 5, 2], "target": 16, "expr": "(3 + 5) * 2"}, "(3 + 5) * 2"),
+])
+def test_an_answer_after_the_mark_ends_with_its_sentence(name, problem, answer):
+    """'Answer: 42. I hope it is correct.' read the whole line ('42. I hope it is correct.'), so every generated task
+    judged a right answer wrong; the phrase's answer already ended with its sentence."""
+    task = TASKS[name]()
+    ex = task.render(problem, task.templates[0])
+    for text in (f"Answer: {answer}. I hope it is correct.", f"Answer: **{answer}.** I hope it is correct.",
+                 f"Answer: {answer}. 7 is wrong, 1 too.", f"Answer: {answer}"):
+        assert task.verify(ex, text), text
+    assert not task.verify(ex, "Answer: 7, 1. I hope it is correct.")
+
+
+def test_a_mark_keeps_its_line_where_its_text_is_no_answer_and_a_decimal_point_ends_nothing(gsm8k, mmlu):
+    assert final_answer("Answer: 42. I hope it is correct.") == "42."
+    assert final_answer("Answer: 3.5") == "3.5" and final_answer("Answer: 3.5. Done") == "3.5."
+    assert Task().verify(_example("3.5"), "Answer: 3.5. I hope it is correct.")
+    # text that does not start as an answer keeps its line: the letter or number comes later in it
+    assert final_answer("Answer: about 42. Really.") == "about 42. Really."
+    assert mmlu.parse("Answer: The capital is Paris. So B") == "B" and mmlu.parse("Answer: B. A is wrong.") == "B"
+    assert gsm8k.parse("Answer: 3 + 4 = 7. So 7 apples.") == "7"  # the working's result, not its first number

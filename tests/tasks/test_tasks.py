@@ -517,7 +517,7 @@ def test_minervas_final_answer_sentence_reads_its_answer_for_every_task(tmp_path
             assert not task.verify(ex, f"Final Answer: The final answer is {wrong}. I hope it is correct."), name
     assert final_answer("Final Answer: The final answer is 42. I hope it is correct.") == "42."
     assert final_answer("The answer is 3.5! Done.") == "3.5!" and final_answer("The answer is 3.5") == "3.5"
-    assert final_answer("Answer: 42. I hope it is correct.") == "42. I hope it is correct."  # a mark: its whole line
+    assert final_answer("Answer: 42. I hope it is correct.") == "42."  # a mark's answer too (test_answer_marks.py)
     (tmp_path / "gsm8k").mkdir()
     assert GSM8K(root=tmp_path).parse("Final Answer: The final answer is 42. I hope it is correct.") == "42"
 

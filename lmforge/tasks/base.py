@@ -36,7 +36,8 @@ ANSWER_RE = re.compile(r"(?<!/)answer(?:\**\s*[:=]\**|(?P<phrase>\**\s+is(?![\w'
 _SENTENCE_END = re.compile(r"[.!][*$`'\")\]]*(?=\s)")
 # what may open a wrapping before an answer: **x**, $x$, \(x\), \[x\], \boxed{x}, \text{x}, `x`, 'x', "x", [x], (x)
 _WRAP_OPEN = r"\s*(?:(?:\*\*|\$|\\[(\[]|\\(?:boxed|text|textbf)\{|[`'\"\[(])\s*)*"
-NUMBER_START = r"[-+\u2212]?\$?\d"  # the start of a number ("42", "-5", "$1,200") or of a list or sum of them
+# the start of a number ("42", "-5", "$1,200", ".5") or of a list or sum of them
+NUMBER_START = r"[-+\u2212]?\$?\.?\d"
 _NONSPACE = re.compile(r"\S")
 
 

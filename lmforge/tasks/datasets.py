@@ -17,7 +17,10 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.tasks.base import Example, Task, check_request, final_answer, last_boxed, reply
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# a number: "42", "-5", "$1,200", "3.5", and a bare decimal ".5", as lm-eval's GSM8K regexes take it
+# ("#### (\-?[0-9\.\,]+)"; flexible "(-?[$0-9.,]{2,})"); a point after a word or another point ("v.2", "so...5")
+# starts no decimal
+NUMBER_RE = re.compile(r"-?\$?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
 # working: numbers, each with an optional unit ("15 gallons * 8 pints / gallon"), joined by operators
 _QUANTITY = r"\s*[($]*-?\$?\d[\d,]*(?:\.\d+)?(?:\s*[A-Za-z]+(?:\s*/\s*[A-Za-z]+)*)??\)*"
 _WORKED = re.compile(rf"{_QUANTITY}(?:\s*[-+*/x×÷=]{_QUANTITY})+\s*")
@@ -78,7 +81,8 @@ class GSM8K(_FileTask):
         invented next question with a '####' of its own; 'answer:' is a phrase working can hold. A marked answer
         worked as arithmetic, units and all ("Answer: 3 + 4 = 7", "the answer is 15 gallons * 8 pints / gallon =
         120 pints"), is the one number after its last '=' ("Answer: 5 hours = 300 minutes" stays 5). A Unicode
-        minus sign (U+2212, as typeset text writes it) is a minus."""
+        minus sign (U+2212, as typeset text writes it) is a minus; a bare decimal point starts a number ('.5', as
+        lm-eval's regexes read it, never 5)."""
         completion = reply(completion).replace("\u2212", "-")
         marked = re.match(r"\s*(.*)", completion.split("####", 2)[1]).group(1) if "####" in completion else None
         if marked is None:
@@ -95,6 +99,8 @@ class GSM8K(_FileTask):
         return (nums[0] if marked is not None else nums[-1]).replace("$", "").replace(",", "").rstrip(".")
 
     def verify(self, example: Example, completion: str) -> bool:
+        """The parsed number equals the answer as a value: lm-eval compares strings (after dropping ',', '$' and a
+        final '.'), which a right '5.0' fails; here '5.0' is 5 and '.5' is 0.5 (so not 5, as in lm-eval)."""
         got = self.parse(completion, example)
         try:
             return got is not None and float(got) == float(example.answer)

@@ -64,3 +64,15 @@ def test_a_mark_keeps_its_line_where_its_text_is_no_answer_and_a_decimal_point_e
     assert final_answer("Answer: about 42. Really.") == "about 42. Really."
     assert mmlu.parse("Answer: The capital is Paris. So B") == "B" and mmlu.parse("Answer: B. A is wrong.") == "B"
     assert gsm8k.parse("Answer: 3 + 4 = 7. So 7 apples.") == "7"  # the working's result, not its first number
+
+
+def test_gsm8k_reads_a_bare_decimal_point_as_lm_evals_regex_does(gsm8k):
+    """'Answer: .5' read 5 (the number pattern needed a digit first), so a reply of .5 passed for a target of 5.
+    lm-eval's GSM8K regexes ('#### (\\-?[0-9\\.\\,]+)', and '(-?[$0-9.,]{2,})' flexible) take the point: '.5'."""
+    for text in ("Answer: .5", "#### .5", "The answer is .5.", "so she pays .5"):
+        assert gsm8k.parse(text) == ".5", text
+        assert not gsm8k.verify(_example("5"), text) and gsm8k.verify(_example("0.5"), text), text
+    assert gsm8k.parse("Answer: -.5") == "-.5" and gsm8k.parse("Answer: $.50") == ".50"
+    # an ellipsis or a word before the point is no decimal point
+    assert gsm8k.parse("so...5") == "5" and gsm8k.parse("in v.2 it is 5") == "5"
+    assert Task().verify(_example(".5"), "The answer is .5") and not Task().verify(_example("5"), "The answer is .5")

@@ -113,6 +113,14 @@ class GSM8K(_FileTask):
 _OPTION = r"(?:\(([a-dA-D])\)|(?-i:([A-D]))\b|(?-i:([a-d]))(?=[).,;:!?]|[ \t]*(?:\n|$)))"
 
 
+# with no option marked, the LAST of the first kind a reply holds: a parenthesised capital "(C)" (lm-eval's MMLU
+# flan-cot flexible-extract, regex "(\([A-Z]\))" with group_select=-1), else a capital alone before punctuation or the
+# line's end ("C.", "**C**", "I pick C"), else any capital A-D as a word (MMLU-Pro's extract_final,
+# "\b[A-J]\b(?!.*\b[A-J]\b)"): not the first capital, which is often the article ("A good question... (C)")
+_FALLBACKS = (re.compile(r"\(([A-D])\)"), re.compile(r"(?<![\w'])([A-D])(?=[.,;:!?)*]|[ \t]*(?:\n|$))"),
+              re.compile(r"\b([A-D])\b"))
+
+
 def _letter(m) -> str:
     groups = m.groups() if isinstance(m, re.Match) else m
     return next(g for g in groups if g).upper()
@@ -142,8 +150,10 @@ class MMLU(_FileTask):
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         """The letter of the final answer (`final_answer`: after the last 'Answer:', else the last 'the answer is'
-        before an option), else in the last \\boxed{}, else the first standalone capital A-D in the text. A lowercase
-        letter counts there only as a whole answer ("b", "(b)", "b.", not the article in "the answer is a matter of
+        before an option), else in the last \\boxed{}, else the last standalone capital of the text (or of a marked
+        line that starts with no option; `_FALLBACKS`: the last '(C)' as lm-eval reads it, else the last capital
+        alone before punctuation, else the last capital A-D as MMLU-Pro reads it); None without one. A lowercase
+        letter counts only as a whole marked answer ("b", "(b)", "b.", not the article in "the answer is a matter of
         ...")."""
         completion = reply(completion)
         marked = final_answer(completion, self.answer_shape)
@@ -157,5 +167,5 @@ class MMLU(_FileTask):
         m = re.match(r"[^\w(]*" + _OPTION, boxed) if boxed is not None else None
         if m:
             return _letter(m)
-        m = re.search(r"\b([ABCD])\b", marked if marked is not None else completion)
-        return m.group(1) if m else None
+        text = marked if marked is not None else completion
+        return next((found[-1] for found in (p.findall(text) for p in _FALLBACKS) if found), None)

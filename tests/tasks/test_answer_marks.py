@@ -76,3 +76,17 @@ def test_gsm8k_reads_a_bare_decimal_point_as_lm_evals_regex_does(gsm8k):
     # an ellipsis or a word before the point is no decimal point
     assert gsm8k.parse("so...5") == "5" and gsm8k.parse("in v.2 it is 5") == "5"
     assert Task().verify(_example(".5"), "The answer is .5") and not Task().verify(_example("5"), "The answer is .5")
+
+
+def test_mmlu_fallback_reads_the_last_standalone_letter_not_the_first_capital(mmlu):
+    """With no mark, MMLU read the first capital A-D anywhere ('A good question... (C)' read A, the article). It reads
+    the last '(C)' (lm-eval's flan-cot flexible-extract), else the last capital alone before punctuation or the line's
+    end, else the last capital A-D as a word (MMLU-Pro's extract_final)."""
+    assert mmlu.parse("A good question... (C)") == "C"
+    assert mmlu.parse("I think it's (C). A is wrong.") == "C"
+    assert mmlu.parse("(A) or (B)? I go with (B) since A fails") == "B"
+    assert mmlu.parse("C. A careful reading agrees with it.") == "C"
+    assert mmlu.parse("A good question. Option B is right") == "B"
+    assert mmlu.parse("I pick **D**") == "D" and mmlu.parse("B") == "B" and mmlu.parse("Option A is right") == "A"
+    for none in ("No letter here", "I do not know.", "a good question", ""):
+        assert mmlu.parse(none) is None, none

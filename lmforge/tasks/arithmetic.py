@@ -90,7 +90,8 @@ class Arithmetic(Task):
                  "{a} {op} {b} = ?")
 
     def __init__(self, *, digits: tuple[int, int] = (2, 4), ops: tuple[str, ...] = ("+", "*"),
-                 mul_digits: int = 2):
+                 mul_digits: int = 2, instruct: bool = False):
+        super().__init__(instruct=instruct)
         check_span(self.name, "digits", digits)
         if not set(ops) <= {"+", "*"} or not ops:
             raise ConfigError(f"ops={ops} must be a non-empty subset of ('+', '*')")

@@ -17,6 +17,7 @@ tried inside it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import numbers
 import random
@@ -139,13 +140,28 @@ def in_test_split(key: str, test_fraction: float) -> bool:
 
 
 class Task:
-    """Generated tasks: subclasses give `name`, `templates`, `problem(rng)` and `render(problem)`."""
+    """Generated tasks: subclasses give `name`, `templates`, `problem(rng)` and `render(problem)`.
+
+    instruct=True ends every prompt `examples` draws with `answer_format`, the line that says how to mark the final
+    answer (the templates never say it, and a model not trained on the format may answer unmarked); off by default,
+    so the prompts, and every seeded draw of them, stay as they were."""
 
     name: str = "task"
     templates: tuple[str, ...] = ("{question}",)
     test_fraction: float = 0.1
     answer_shape: str = NUMBER_START
     """a regex the text after 'the answer is' begins with (past a wrapping) when the phrase gives an answer"""
+    answer_format: str | None = "End with 'Answer: <number>'."
+    """the instruction instruct=True adds to each prompt; None where the templates already say how to answer"""
+    instruct: bool = False
+
+    def __init__(self, *, instruct: bool = False):
+        if not isinstance(instruct, bool):
+            raise ConfigError(f"{self.name} instruct={instruct!r} must be True or False (True ends each prompt with "
+                              f"how to mark the answer)")
+        if instruct and self.answer_format is None:
+            raise ConfigError(f"{self.name}'s prompts already say how to mark the answer; leave instruct off")
+        self.instruct = instruct
 
     def problem(self, rng: random.Random) -> dict[str, Any]:
         raise NotImplementedError
@@ -165,7 +181,7 @@ class Task:
             if ex.key in seen or in_test_split(ex.key, self.test_fraction) != (split == "test"):
                 continue
             seen.add(ex.key)
-            out.append(ex)
+            out.append(dataclasses.replace(ex, prompt=f"{ex.prompt}\n{self.answer_format}") if self.instruct else ex)
         raise ConfigError(f"task {self.name!r} has fewer than {n} distinct {split} problems at these settings; "
                           f"ask for fewer or widen the task's ranges")
 

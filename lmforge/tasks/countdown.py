@@ -68,7 +68,10 @@ class Countdown(Task):
                  "Reach {target} from {nums} (use every number once; + - * / allowed).",
                  "Numbers: {nums}. Target: {target}. Write an expression that uses each number once.")
 
-    def __init__(self, *, count: int = 3, max_number: int = 20, max_target: int = 100):
+    answer_format = "End with 'Answer: <expression>'."
+
+    def __init__(self, *, count: int = 3, max_number: int = 20, max_target: int = 100, instruct: bool = False):
+        super().__init__(instruct=instruct)
         for name, value, low in (("count", count, 2), ("max_number", max_number, 1), ("max_target", max_target, 1)):
             if value < low:
                 raise ConfigError(f"Countdown {name}={value} must be >= {low}")

@@ -45,6 +45,7 @@ class FormatCompliance(Task):
     templates = ("What is {a} + {b}? Put only the answer inside <{tag}></{tag}> tags.",
                  "Add {a} and {b}. Reply with the result wrapped in <{tag}> and </{tag}>.",
                  "Give the sum of {a} and {b} between <{tag}> tags.")
+    answer_format = None  # the templates name the tags
 
     def problem(self, rng: random.Random) -> dict[str, Any]:
         return {"a": rng.randint(0, 99), "b": rng.randint(0, 99), "tag": rng.choice(TAGS)}

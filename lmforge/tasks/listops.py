@@ -15,7 +15,10 @@ class Sorting(Task):
     templates = ("Sort in ascending order: {items}", "Put these numbers in increasing order: {items}",
                  "Arrange from smallest to largest: {items}")
 
-    def __init__(self, *, length: tuple[int, int] = (3, 7), max_value: int = 99):
+    answer_format = "End with 'Answer: <the numbers in order, separated by commas>'."
+
+    def __init__(self, *, length: tuple[int, int] = (3, 7), max_value: int = 99, instruct: bool = False):
+        super().__init__(instruct=instruct)
         check_span(self.name, "length", length)
         if max_value < 0:
             raise ConfigError(f"sort max_value={max_value} must be >= 0")
@@ -40,7 +43,10 @@ class Reversal(Task):
     answer_shape = (r"(?!(?:correct|incorrect|right|wrong)\b)[a-z]+(?:[*$`'\"\])}]*[.!]?[*$`'\"\])}]*[ \t]*(?:\n|\Z)"
                     r"|[*$`'\"\])}]*[.!][*$`'\"\])}]*\s)")
 
-    def __init__(self, *, length: tuple[int, int] = (3, 8)):
+    answer_format = "End with 'Answer: <the reversed word>'."
+
+    def __init__(self, *, length: tuple[int, int] = (3, 8), instruct: bool = False):
+        super().__init__(instruct=instruct)
         check_span(self.name, "length", length)
         self.length = length
 
@@ -58,7 +64,8 @@ class Counting(Task):
     templates = ("How many times does '{ch}' occur in {text}?", "Count the letter {ch} in: {text}",
                  "In the string {text}, how many {ch}s are there?")
 
-    def __init__(self, *, length: tuple[int, int] = (5, 12), alphabet: str = "abcd"):
+    def __init__(self, *, length: tuple[int, int] = (5, 12), alphabet: str = "abcd", instruct: bool = False):
+        super().__init__(instruct=instruct)
         check_span(self.name, "length", length)
         if not alphabet:
             raise ConfigError("count alphabet must hold at least one character")

@@ -90,3 +90,28 @@ def test_mmlu_fallback_reads_the_last_standalone_letter_not_the_first_capital(mm
     assert mmlu.parse("I pick **D**") == "D" and mmlu.parse("B") == "B" and mmlu.parse("Option A is right") == "A"
     for none in ("No letter here", "I do not know.", "a good question", ""):
         assert mmlu.parse(none) is None, none
+
+
+GENERATED = ("arithmetic", "countdown", "sort", "reverse", "count")
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_instruct_adds_the_answer_format_to_the_prompts_and_changes_nothing_else(name):
+    """The generated tasks' prompts never said how to mark the answer; instruct=True ends each with an instruction
+    (off by default: the same prompts, keys and answers as before)."""
+    plain, told = TASKS[name](), TASKS[name](instruct=True)
+    a, b = plain.examples("train", 20, seed=4), told.examples("train", 20, seed=4)
+    assert [e.key for e in a] == [e.key for e in b] and [e.answer for e in a] == [e.answer for e in b]
+    assert all(y.prompt == f"{x.prompt}\n{told.answer_format}" for x, y in zip(a, b))
+    assert told.answer_format.startswith("End with 'Answer: <") and told.answer_format.endswith(">'.")
+    assert all("Answer:" not in e.prompt for e in a)
+    assert all(told.verify(e, e.solution) for e in b)
+
+
+def test_instruct_is_refused_where_it_means_nothing():
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="format's prompts already say how to mark the answer"):
+        TASKS["format"](instruct=True)
+    with pytest.raises(ConfigError, match="instruct='yes' must be True or False"):
+        TASKS["arithmetic"](instruct="yes")

@@ -203,16 +203,16 @@ _PAIRS = (("\\(", "\\)"), ("\\[", "\\]"), ("\\boxed{", "}"), ("`", "`"), ("'", "
 
 def unwrap(answer: str) -> str:
     """An answer without its markdown/LaTeX wrapping, spacing collapsed: **x**, $x$, \\(x\\), \\[x\\], \\boxed{x}, code
-    `x`, quotes 'x' and "x", a list's brackets [x], a trailing period, and nestings of them ($\\boxed{x}$,
-    \\( \\boxed{x} \\)); a pair counts only around the whole answer ("[3 + 5] * 2" keeps its brackets, and so do
-    "[1, 2] and [3]" and "\\boxed{1} + \\boxed{2}", whose first pair closes before the end)."""
+    `x`, quotes 'x' and "x", a list's brackets [x], a trailing period or exclamation mark, and nestings of them
+    ($\\boxed{x}$, \\( \\boxed{x} \\)); a pair counts only around the whole answer ("[3 + 5] * 2" keeps its
+    brackets, and so do "[1, 2] and [3]" and "\\boxed{1} + \\boxed{2}", whose first pair closes before the end)."""
     a = " ".join(answer.strip().split())
     closing = _bracket_pairs(a)
     lo, hi = 0, len(a)  # a[lo:hi] is the answer so far: bounds, not slices, so deep nesting costs linear time
     while True:
         while lo < hi and a[lo] in "*$ ":
             lo += 1
-        for chars in ("*$ ", ".", "*$ "):  # .strip("*$ ").rstrip(".").strip("*$ ")
+        for chars in ("*$ ", ".!", "*$ "):  # .strip("*$ ").rstrip(".!").strip("*$ ")
             while hi > lo and a[hi - 1] in chars:
                 hi -= 1
         for open_, close in _PAIRS:

@@ -115,3 +115,14 @@ def test_instruct_is_refused_where_it_means_nothing():
         TASKS["format"](instruct=True)
     with pytest.raises(ConfigError, match="instruct='yes' must be True or False"):
         TASKS["arithmetic"](instruct="yes")
+
+
+def test_an_exclamation_mark_after_the_answer_is_no_part_of_it():
+    from lmforge.tasks import TASKS
+    from lmforge.tasks.base import unwrap
+
+    assert unwrap("**42!**") == "42" and unwrap("cba!") == "cba"
+    for name, reply in (("arithmetic", "Answer: {}!"), ("arithmetic", "The answer is {}!"), ("reverse", "Answer: {}!")):
+        task = TASKS[name]()
+        ex = task.examples("test", 1, seed=0)[0]
+        assert task.verify(ex, reply.format(ex.answer)), (name, reply)

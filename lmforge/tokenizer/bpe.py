@@ -63,14 +63,17 @@ class Tokenizer:
     first of byte.EOT_NAMES the specials hold (a HF directory's tokenizer_config.json eos_token: Llama-3-Instruct's
     <|eot_id|>); non_special: special tokens a HF tokenizer.json marks "special": false (Qwen3's <think>, Qwen2.5's
     <tool_call>): matched in text as the others (by encode_ordinary too, whatever encode's allowed_special says),
-    but kept in texts decoded with skip_special_tokens, as HF keeps them.
+    but kept in texts decoded with skip_special_tokens, as HF keeps them; normalized: added tokens a HF tokenizer.json
+    marks "normalized": true (what HF's add_tokens gives a token that is not special), matched as HF's AddedVocabulary
+    matches them: after the others are split out of the raw text, in each normalized stretch between those, by their
+    own normalized text (under NFKC "ﬁ" matches "fi", under NFC "é" matches "e" + U+0301).
     """
 
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  special_tokens: Iterable[str] | dict[str, int] | None = None, pattern: str = "gpt2",
                  normalization: str | None = None, ignore_merges: bool = False,
                  prefix_tokens: Iterable[str] = (), suffix_tokens: Iterable[str] = (), eos_token: str | None = None,
-                 non_special: Iterable[str] = ()):
+                 non_special: Iterable[str] = (), normalized: Iterable[str] = ()):
         if normalization not in NORMAL_FORMS:
             raise ConfigError(f"normalization={normalization!r} is not a Unicode normal form; use one of "
                               f"{NORMAL_FORMS[1:]} or None")
@@ -81,10 +84,10 @@ class Tokenizer:
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
         self.special_tokens = self._place_specials(special_tokens)
         self.prefix_tokens, self.suffix_tokens = tuple(prefix_tokens), tuple(suffix_tokens)
-        self.non_special = tuple(non_special)
+        self.non_special, self.normalized = tuple(non_special), tuple(normalized)
         self._specials = tuple(s for s in self.special_tokens if s not in self.non_special)  # what encode may allow
         for what, names in (("prefix/suffix", self.prefix_tokens + self.suffix_tokens),
-                            ("non_special", self.non_special)):
+                            ("non_special", self.non_special), ("normalized", self.normalized)):
             unknown = [t for t in names if t not in self.special_tokens]
             if unknown:
                 raise ConfigError(f"{what} token {unknown[0]!r} is not one of the special tokens "
@@ -93,6 +96,10 @@ class Tokenizer:
             raise ConfigError(f"eos_token {eos_token!r} is not one of the special tokens {list(self.special_tokens)}; "
                               "add it to special_tokens")
         self.eos_token = eos_token
+        self._raw_added = tuple(s for s in self.special_tokens if s not in self.normalized)
+        self._norm_added: dict[str, str] = {}  # a normalized token's normalized text -> its name (the first's)
+        for s in self.normalized:
+            self._norm_added.setdefault(self._normalize(s), s)
         self._check_tables()
         self._decode_table = [_REPLACEMENT] * self.vocab_size
         for i, b in self.vocab.items():
@@ -258,26 +265,40 @@ class Tokenizer:
         """Encode treating special-token strings as plain text. Added tokens that are not special (`non_special`:
         Qwen3's <think>) are vocabulary, matched in the text as units all the same, as HF tokenizers matches them
         with encode_special_tokens=True (what lmforge's pretraining shards are tokenized with: lmforge.data.tokenize,
-        tokenizer.corpus); like the special tokens, in the text before normalization (HF's "normalized": false)."""
+        tokenizer.corpus); a special token's text is text whole (no added token inside it is matched), as in HF."""
         _check_text(text)
         return self._split_encode(text, self.non_special)
 
-    def _split_encode(self, text: str, added: tuple[str, ...]) -> list[int]:
-        """`text`'s ids, the added tokens `added` matched as units (longest first), the text between them plain."""
+    def _normalize(self, text: str) -> str:
+        return unicodedata.normalize(self.normalization, text) if self.normalization is not None else text
+
+    def _split_encode(self, text: str, keep: Iterable[str], plain=None) -> list[int]:
+        """`text`'s ids, the added tokens in `keep` matched as units, the text between them encoded by `plain` (the
+        fast path, else the reference) once normalized. As HF's AddedVocabulary: the tokens not `normalized` are
+        matched in the raw text (leftmost, longest first), then the `normalized` ones in each normalized stretch
+        between those; a match of a token not kept (a special encode_ordinary leaves as text) is text, and no added
+        token inside it is matched (split_specials)."""
+        plain = plain or self._plain
+        keep = set(keep)
+        keep_raw = keep.intersection(self._raw_added)
+        keep_norm = {c for c, s in self._norm_added.items() if s in keep}
         out: list[int] = []
-        for seg, is_added in split_specials(text, added):
+        for seg, is_added in split_specials(text, self._raw_added, keep_raw):
             if is_added:
                 out.append(self.special_tokens[seg])
                 continue
-            try:
-                out.extend(self._ordinary(seg))
-            except UnicodeEncodeError:
-                out.extend(self._ordinary(without_surrogates(seg)))
+            for piece, is_norm in split_specials(self._normalize(seg), tuple(self._norm_added), keep_norm):
+                if is_norm:
+                    out.append(self.special_tokens[self._norm_added[piece]])
+                    continue
+                try:
+                    out.extend(plain(piece))
+                except UnicodeEncodeError:
+                    out.extend(plain(without_surrogates(piece)))
         return out
 
-    def _ordinary(self, text: str) -> list[int]:
-        if self.normalization is not None:
-            text = unicodedata.normalize(self.normalization, text)
+    def _plain(self, text: str) -> list[int]:
+        """The ids of normalized text that holds no added token."""
         if self._enc is None:
             return self.reference.encode(text)
         ids = self._enc.encode_ordinary(text)
@@ -310,12 +331,7 @@ class Tokenizer:
 
     def encode_reference(self, text: str) -> list[int]:
         """`encode` (all specials allowed) through the pure-Python reference encoder only."""
-        out: list[int] = []
-        for seg, is_special in split_specials(without_surrogates(text), tuple(self.special_tokens)):
-            if not is_special and self.normalization is not None:
-                seg = unicodedata.normalize(self.normalization, seg)
-            out.extend([self.special_tokens[seg]] if is_special else self.reference.encode(seg))
-        return out
+        return self._split_encode(without_surrogates(text), self.special_tokens, self.reference.encode)
 
     def encode_batch(self, texts: list[str], *, num_threads: int = 8, **kwargs) -> list[list[int]]:
         """Encode many texts in parallel threads (tiktoken releases the GIL while it works)."""
@@ -329,8 +345,9 @@ class Tokenizer:
         their concatenation. Text is cut only where tokenization cannot change (after a special token;
         for named patterns, at a line end where no pre-token crosses it: `pretokenize._SAFE_CUT`), so memory
         stays bounded by the distance between such points."""
-        added = tuple(self.special_tokens)  # (non-special ones too: each is matched as a unit)
+        added = self._raw_added  # (non-special ones too: each is matched as a unit; normalized ones are not cuts)
         longest = max((len(s) for s in added), default=0)
+        line_cuts = not any("\n" in s or "\r" in s for s in self._norm_added)  # (one could cross a line cut)
         parts: list[str] = []
         size, limit = 0, buffer_chars
         for chunk in iterable:
@@ -339,7 +356,7 @@ class Tokenizer:
             if size < limit:
                 continue
             buf = "".join(parts)
-            cut = last_safe_cut(buf, self.pattern, added, len(buf) - longest)
+            cut = last_safe_cut(buf, self.pattern, added, len(buf) - longest, line_cuts)
             if cut > 0:
                 yield from self.encode(buf[:cut])
                 buf = buf[cut:]
@@ -372,6 +389,7 @@ class Tokenizer:
                 **({"suffix_tokens": list(self.suffix_tokens)} if self.suffix_tokens else {}),
                 **({"eos_token": self.eos_token} if self.eos_token is not None else {}),
                 **({"non_special": list(self.non_special)} if self.non_special else {}),
+                **({"normalized": list(self.normalized)} if self.normalized else {}),
                 "special_tokens": self.special_tokens,
                 "vocab": formats.encode_vocab(self.vocab, self.special_tokens),
                 "merges": [f"{formats.bytes_to_str(a)} {formats.bytes_to_str(b)}" for a, b in self.merges]}
@@ -397,7 +415,8 @@ class Tokenizer:
             return cls(vocab, merges, specials, pattern=d["pattern"], normalization=d.get("normalization"),
                        ignore_merges=bool(d.get("ignore_merges", False)),
                        prefix_tokens=d.get("prefix_tokens", ()), suffix_tokens=d.get("suffix_tokens", ()),
-                       eos_token=d.get("eos_token"), non_special=d.get("non_special", ()))
+                       eos_token=d.get("eos_token"), non_special=d.get("non_special", ()),
+                       normalized=d.get("normalized", ()))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise DataError(f"{where} is corrupt: {type(e).__name__}: {e}") from e
 

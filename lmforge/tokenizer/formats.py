@@ -269,7 +269,7 @@ def _hf_pre_tokenizer(pattern: str) -> dict[str, Any]:
 def hf_tokenizer_json(tok) -> dict[str, Any]:
     """The tokenizer.json document for a byte-level BPE `Tokenizer`."""
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": s not in tok.non_special}
+              "normalized": s in tok.normalized, "special": s not in tok.non_special}
              for s, i in sorted(tok.special_tokens.items(), key=lambda x: x[1])]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
@@ -509,7 +509,9 @@ def read_hf(path: str | Path) -> dict[str, Any]:
             "normalization": _hf_normalization(doc.get("normalizer"), str(path)),
             "ignore_merges": bool(model.get("ignore_merges", False)), "prefix_tokens": before, "suffix_tokens": after,
             "eos_token": hf_eos_token(path, specials),
-            "non_special": [t["content"] for t in added if t.get("special") is False]}
+            "non_special": [t["content"] for t in added if t.get("special") is False],
+            # (HF's default, as SentencePieceBPE reads it: a special token matched in the raw text, others normalized)
+            "normalized": [t["content"] for t in added if t.get("normalized", not t.get("special"))]}
 
 
 # ---- tiktoken rank files --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re as _re
 import sys
 from functools import lru_cache
-from typing import Iterable, Iterator
+from typing import AbstractSet, Iterable, Iterator
 
 import regex
 
@@ -197,15 +197,20 @@ def special_regex(specials: tuple[str, ...]) -> _re.Pattern | None:
     return _re.compile("|".join(_re.escape(s) for s in ordered))
 
 
-def split_specials(text: str, specials: tuple[str, ...]) -> Iterator[tuple[str, bool]]:
-    """Yield (segment, is_special) in order; ordinary segments may be empty-free, specials are whole."""
-    rx = special_regex(specials)
+def split_specials(text: str, specials: tuple[str, ...],
+                   keep: AbstractSet[str] | None = None) -> Iterator[tuple[str, bool]]:
+    """Yield (segment, is_special) in order; ordinary segments may be empty-free, specials are whole. keep: the
+    specials whose matches are yielded as such (None: all); a match of another is text, and no special inside it is
+    matched (HF's encode_special_tokens: a special token's text "<|a|>" is text whole, its "<|a" no added token)."""
+    rx = special_regex(specials) if keep is None or keep else None
     if rx is None:
         if text:
             yield text, False
         return
     pos = 0
     for m in rx.finditer(text):
+        if keep is not None and m.group() not in keep:
+            continue
         if m.start() > pos:
             yield text[pos:m.start()], False
         yield m.group(), True
@@ -221,12 +226,14 @@ def safe_pieces(text: str, pat: str) -> list[str]:
     return _SAFE_CUT.split(text)
 
 
-def last_safe_cut(text: str, pat: str, specials: tuple[str, ...], end: int) -> int:
+def last_safe_cut(text: str, pat: str, specials: tuple[str, ...], end: int, line_cuts: bool = True) -> int:
     """The largest cut position p <= end such that `text[:p]` and `text[p:]` encode independently to
     the same ids as `text`, whatever characters later follow `text`; 0 when there is none.
 
     `end` must leave room for the longest special after it, so every special match that starts
     before `end` is already complete in `text` (a longer special cannot extend past the end).
+    line_cuts: whether line ends (`_SAFE_CUT`) may be cut too (not where an added token matched after `specials`,
+    in the text between them, may hold a line end).
     """
     cuts: list[int] = []
     spans: list[tuple[int, int]] = []
@@ -237,7 +244,7 @@ def last_safe_cut(text: str, pat: str, specials: tuple[str, ...], end: int) -> i
                 break
             spans.append((m.start(), m.end()))
             cuts.append(m.end())
-    if has_safe_cuts(pat):
+    if line_cuts and has_safe_cuts(pat):
         for m in _SAFE_CUT.finditer(text, max(0, end - (1 << 16)), end):
             p = m.start()
             if not any(s < p < e for s, e in spans):

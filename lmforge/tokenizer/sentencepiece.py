@@ -283,11 +283,13 @@ class SentencePieceBPE:
         before, after = _hf_added_specials(doc.get("post_processor"), self.special_tokens, where)
         self.prefix_tokens, self.suffix_tokens = tuple(before), tuple(after)
         # the added tokens split out of the raw text, and (normalized=true) out of the normalized text, whose
-        # contents are matched normalized (HF's AddedVocabulary); encode_ordinary leaves the special ones in the text
+        # contents are matched normalized (HF's AddedVocabulary); encode_ordinary leaves the special ones' matches in
+        # the text (_split_added), so it searches a table only where a token there is not special
         raw = [t for t in self._added if not t["normalized"]]
         norm = [dict(t, content=self._normalize(t["content"])) for t in self._added if t["normalized"]]
-        self._tables = {ordinary: tuple({t["content"]: t for t in ts if not (ordinary and t["special"])}
-                                        for ts in (raw, norm)) for ordinary in (False, True)}
+        tables = tuple({t["content"]: t for t in ts} for ts in (raw, norm))
+        self._tables = {False: tables,
+                        True: tuple(tb if any(not t["special"] for t in tb.values()) else {} for tb in tables)}
         # id -> its piece, what decode starts from; an added token matched normalized is its normalized content
         self._pieces: list[str | None] = [None] * (max([*self.pieces.values(), *self.special_tokens.values()],
                                                        default=-1) + 1)
@@ -441,7 +443,7 @@ class SentencePieceBPE:
                               "an input), 'split' (it follows an added token), 'inside' (it continues the text before)")
         raw, norm = self._tables[ordinary]
         out: list[int] = []
-        for seg, start, added in self._split_added(without_surrogates(text), raw):  # (1:1 in characters)
+        for seg, start, added in self._split_added(without_surrogates(text), raw, ordinary):  # (1:1 in characters)
             if added is not None:
                 out.append(added)
                 if spans is not None:
@@ -450,7 +452,7 @@ class SentencePieceBPE:
             opens = start > 0 or where != "inside"  # the segment opens a split (HF normalizes each on its own)
             # each normalized character's (start, stop) in `text`, kept only where spans are asked for
             align = [(i, i + 1) for i in range(start, start + len(seg))] if spans is not None else None
-            for piece, at, added in self._split_added(self._normalize(seg, opens, align), norm):
+            for piece, at, added in self._split_added(self._normalize(seg, opens, align), norm, ordinary):
                 if added is not None:
                     out.append(added)
                     if spans is not None:
@@ -490,9 +492,11 @@ class SentencePieceBPE:
         return out
 
     @staticmethod
-    def _split_added(text: str, table: dict[str, dict]) -> Iterable[tuple[str, int, int | None]]:
+    def _split_added(text: str, table: dict[str, dict], ordinary: bool) -> Iterable[tuple[str, int, int | None]]:
         """(piece, its offset, None) for the text between added tokens, (match, offset, id) for each token:
-        leftmost-longest matches, widened over the whitespace before (lstrip) and after (rstrip) as HF does."""
+        leftmost-longest matches, widened over the whitespace before (lstrip) and after (rstrip) as HF does.
+        ordinary: a special token's match is text, and no added token inside it is matched (HF's
+        encode_special_tokens: with special "<|a|>", the non-special "<|a" is not found in "<|a|>")."""
         rx = special_regex(tuple(table)) if table else None
         if rx is None:
             if text:
@@ -501,6 +505,8 @@ class SentencePieceBPE:
         pos = 0
         for m in rx.finditer(text):
             t = table[m.group()]
+            if ordinary and t["special"]:
+                continue
             start, stop = m.start(), m.end()
             if t["lstrip"]:  # (not into whitespace an rstrip token before took in)
                 while start > pos and text[start - 1] in _SPACES:

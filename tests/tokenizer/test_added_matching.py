@@ -1,0 +1,125 @@
+"""Where added tokens are matched, against HF tokenizers' AddedVocabulary: tokens a tokenizer.json marks
+"normalized": true (what HF's add_tokens gives a token that is not special) are matched in the normalized text, by
+their normalized content, after the others are split out of the raw text (the byte-level Tokenizer matched them in
+the raw text, with the rest, so under NFC "[e" + U+0301 + "]" did not match "[é]"); and with special tokens left as
+text (encode_ordinary, HF's encode_special_tokens) a special token's match is text whole, no added token found inside
+it but a normalized one (both tokenizer kinds matched a non-special "<|a" inside the special "<|a|>")."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from lmforge.tokenizer.bpe import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def byte_level_doc() -> dict:
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf = HF(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["the café sat on the mat <|a|>"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return json.loads(hf.to_str())
+
+
+def _with_added(doc: dict, normalizer: dict | None, tokens: list[tuple[str, bool, bool]]) -> dict:
+    """`doc` with `normalizer` and added tokens (content, special, normalized) past its vocabulary."""
+    doc = json.loads(json.dumps(doc))
+    doc["normalizer"] = normalizer
+    i = max(doc["model"]["vocab"].values()) + 1
+    for k, (content, special, normalized) in enumerate(tokens):
+        doc["added_tokens"].append({"id": i + k, "content": content, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": normalized, "special": special})
+    return doc
+
+
+def _hf_ids(hf, text: str, ordinary: bool = False) -> list[int]:
+    hf.encode_special_tokens = ordinary
+    try:
+        return hf.encode(text, add_special_tokens=False).ids
+    finally:
+        hf.encode_special_tokens = False
+
+
+def _texts(alphabet: list[str], n: int = 150, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 10))) for _ in range(n)]
+
+
+def _check_byte_level(doc: dict, texts: list[str], tmp_path) -> None:
+    """encode, encode_ordinary, the reference path and encode_iterable cut at every character agree with HF, for the
+    tokenizer read from `doc`, saved and read back, and exported to tokenizer.json (which HF also agrees with)."""
+    from tokenizers import Tokenizer as HF
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    hf, tok = HF.from_str(json.dumps(doc)), Tokenizer.from_hf(tmp_path)
+    exported = tok.save_hf(tmp_path / "out" / "tokenizer.json")
+    toks = [tok, Tokenizer.load(tok.save(tmp_path / "lmforge.json")), Tokenizer.from_hf(exported)]
+    hf_exported = HF.from_file(str(exported))
+    for text in texts:
+        want, ordinary = _hf_ids(hf, text), _hf_ids(hf, text, ordinary=True)
+        assert _hf_ids(hf_exported, text) == want, ascii(text)
+        for t in toks:
+            got = (t.encode(text), t.encode_ordinary(text), t.encode_reference(text),
+                   list(t.encode_iterable(list(text), buffer_chars=1)))
+            assert got == (want, ordinary, want, want), ascii(text)
+
+
+@pytest.mark.parametrize("form", [None, "NFC", "NFD", "NFKC"])
+def test_byte_level_normalized_added_tokens_match_in_the_normalized_text(byte_level_doc, form, tmp_path):
+    """Under NFC, "[e" + U+0301 + "]" is "[é]", the normalized token; under NFKC "[ﬁ]" is "[fi]" and matches it; a
+    token not normalized matches only its raw text; and with no normalizer the raw-text ones are matched first
+    ("b<s>" in "ab<s>", before the normalized "ab")."""
+    tokens = [("[\u00e9]", False, True), ("[e\u0301x]", False, False), ("[\ufb01]", False, True),
+              ("b<s>", True, False), ("ab", False, True), ("a\nb", False, True)]
+    doc = _with_added(byte_level_doc, form and {"type": form}, tokens)
+    fixed = ["caf[e\u0301]", "[\u00e9x]", "[\ufb01] [fi]", "ab<s>", "xa\nb\ny"]
+    _check_byte_level(doc, fixed + _texts(["[", "]", "e", "\u0301", "\u00e9", "x", "\ufb01", "fi", "a", "b", "<s>",
+                                           "\n", " "]), tmp_path)
+    if form == "NFC":
+        tok = Tokenizer.from_hf(tmp_path)
+        assert tok.encode("caf[e\u0301]")[-1] == tok.special_tokens["[\u00e9]"]
+        assert tok.normalized == ("[\u00e9]", "[\ufb01]", "ab", "a\nb")
+
+
+@pytest.mark.parametrize("tokens", [
+    [("<|a|>", True, False), ("<|a", False, False)],
+    [("<|a|>", True, False), ("a|>", False, False), ("|a", False, True)],
+    [("<|a|>", True, True), ("<|a", False, False)],
+    [("<|a", True, False), ("<|a|>", False, False)]])
+def test_byte_level_overlapping_special_and_non_special_tokens_match_hf(byte_level_doc, tokens, tmp_path):
+    """encode_ordinary leaves "<|a|>" text whole, as HF's encode_special_tokens does, where it matched the non-special
+    "<|a" (or "a|>") inside it; encode with no special allowed alike."""
+    doc = _with_added(byte_level_doc, None, tokens)
+    _check_byte_level(doc, ["<|a|>", "x<|a|>y", "<|a<|a|>", "<|a|>a|>"] + _texts(["<|a|>", "<|a", "a|>", "|", "a",
+                                                                                  "<", ">", " "]), tmp_path)
+    tok = Tokenizer.from_hf(tmp_path)
+    if tokens == [("<|a|>", True, False), ("<|a", False, False)]:  # (the special's text is text whole)
+        ids = tok.encode_ordinary("x<|a|>y")
+        assert ids == tok.encode("x<|a|>y", allowed_special=set(), disallowed_special=())
+        assert not {tok.special_tokens[c] for c, _, _ in tokens} & set(ids)
+
+
+@pytest.mark.parametrize("flags", [{}, {"lstrip": True}, {"rstrip": True}, {"normalized": True}])
+def test_sentencepiece_overlapping_special_and_non_special_tokens_match_hf(flags):
+    """SentencePieceBPE's encode_ordinary matched the non-special "<|a" inside the special "<|a|>" too."""
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from tests.tokenizer.sp_files import added, hf, sp_doc
+
+    doc = sp_doc()
+    special = added(doc, "<|a|>")
+    inner = [added(doc, "<|a", special=False, **flags), added(doc, "a|>", special=False, **flags)]
+    sp, ref = SentencePieceBPE(doc), hf(doc)
+    want = _hf_ids(ref, "the <|a|> king", ordinary=True)
+    # (a normalized token is matched in the normalized text, which the special's is part of: HF finds it there)
+    assert special not in want and bool(set(inner) & set(want)) == bool(flags.get("normalized"))
+    assert sp.encode_ordinary("the <|a|> king") == want
+    for text in ["<|a<|a|>", " <|a|>a|> "] + _texts(["<|a|>", "<|a", "a|>", "|", "a", " ", "the", "king", "</s>"]):
+        assert (sp.encode(text), sp.encode_ordinary(text)) == (_hf_ids(ref, text), _hf_ids(ref, text, True)), text

@@ -147,6 +147,21 @@ def read_utf8(path: str | Path, what: str, *, want: str = "a text file",
                     "UTF-8") from None
 
 
+def file_stamps(paths: Iterable[str | Path]) -> tuple[tuple[str, int, int], ...]:
+    """(resolved path, size, mtime_ns) of each of `paths` that exists (a folder too: its mtime changes when a file in
+    it is added, removed or replaced by a rename): the key of a cache of what the files hold, so a file changed in
+    the process is read again (keyed on its name alone, the old contents were given for the rest of the process),
+    and one file named two ways (relative, absolute, through a symlink) is one entry."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:  # (missing: what reads the files says so)
+            continue
+        out.append((str(Path(p).resolve()), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def once_per_file(load: Callable[[str], T]) -> Callable[[str | Path], T]:
     """`load` cached for the process, one entry per file however it is named: the key is the resolved path, so a
     relative and an absolute name, `./x` or a symlink read the file once (cached by the name as written, a

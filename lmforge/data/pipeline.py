@@ -220,12 +220,12 @@ def release_checked_models() -> None:
     from lmforge.data.classifier import load_classifier
     from lmforge.data.decontam import _eval_ngrams
     from lmforge.data.fasttext_model import load_fasttext
-    from lmforge.data.tokenize import _tokenizer
+    from lmforge.data.tokenize import _TOKENIZERS
 
     load_fasttext.cache_clear()
     load_classifier.cache_clear()
     _eval_ngrams.cache_clear()
-    _tokenizer.cache_clear()
+    _TOKENIZERS.clear()
 
 
 def input_fingerprint(shards: dict[str, list[Path]]) -> list[list]:

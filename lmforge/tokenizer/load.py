@@ -78,6 +78,22 @@ def _in_directory(path: Path) -> Path:
     raise DataError(f"no tokenizer in directory {path} (looked for {FORMATS})")
 
 
+BESIDE = (FILE_NAME, "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json")
+"""the files a tokenizer in a folder is read from (a tokenizer.json's tokenizer_config.json, a vocab.json's merges.txt
+and added_tokens.json)"""
+
+
+def tokenizer_files(spec: str | Path) -> list[Path]:
+    """The files `load_tokenizer(spec)` may read, and the folder they are in (whose mtime changes when one is added,
+    removed or replaced by a rename): what a cache of the tokenizer is keyed on (utils.file_stamps); none for "byte"."""
+    if str(spec) == "byte":
+        return []
+    path = Path(spec)
+    folder = path if path.is_dir() else path.parent
+    ranks = sorted(folder.glob("*.tiktoken")) if path.is_dir() else []
+    return [path, folder, *(folder / name for name in BESIDE), *ranks]
+
+
 def load_tokenizer(spec: str | Path):
     """A tokenizer object from a spec (see the module docstring for what it may be)."""
     spec = str(spec)

@@ -6,10 +6,14 @@ Layout of one shard file (little-endian):
     uint32 header_len       4 bytes
     header JSON (utf-8)     header_len bytes, space-padded so that tokens start at a multiple of 64
     tokens                  num_tokens x dtype (uint16 when vocab_size <= 65536, else uint32)
+    doc starts              (doc_sep null) zero bytes to a multiple of 8, then num_docs x int64: where each
+                            document's tokens begin
 
 The header holds: version, dtype, vocab_size, tokenizer (a spec string such as "byte" or a path),
-doc_sep (the id written between documents, or null), num_tokens, num_docs, max_id. The file size is
-checked against num_tokens on open, so a truncated shard is refused rather than half-read.
+doc_sep (the id written between documents, or null), num_tokens, num_docs, max_id, and doc_starts (true where the
+starts follow the tokens: documents written back to back, with no separator to tell where one begins; what
+val_bpb needs to leave out the "▁" a SentencePiece-style tokenizer puts before each). The file size is checked
+against them on open, so a truncated shard is refused rather than half-read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from array import array
 from typing import Any, Iterable
 
 import numpy as np
@@ -57,6 +62,7 @@ class TokenShardWriter:
         self.num_tokens = 0
         self.num_docs = 0
         self.max_id = -1
+        self._starts = array("q")  # (doc_sep None) each document's first token: written after the tokens
         self._tmp = temp_name(self.path)
         self._f = open(self._tmp, "wb")
         try:
@@ -78,9 +84,12 @@ class TokenShardWriter:
         self.num_tokens += arr.size
 
     def add_document(self, ids: Iterable[int] | np.ndarray) -> None:
-        """Append one document, preceded by the separator (so every document starts after one)."""
+        """Append one document, preceded by the separator (so every document starts after one); without one, where
+        it starts is recorded (written after the tokens)."""
         if self.doc_sep is not None:
             self.add([self.doc_sep])
+        else:
+            self._starts.append(self.num_tokens)
         self.add(ids)
         self.num_docs += 1
 
@@ -89,6 +98,7 @@ class TokenShardWriter:
             "version": VERSION, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
             "tokenizer": self.tokenizer, "doc_sep": self.doc_sep, "num_tokens": self.num_tokens,
             "num_docs": self.num_docs, "max_id": self.max_id, **self.extra,
+            **({"doc_starts": True} if self.doc_sep is None else {}),
         }
 
     def close(self) -> Path:
@@ -99,6 +109,9 @@ class TokenShardWriter:
             if len(head) > room:
                 raise DataError(f"shard header too large ({len(head)} bytes); shorten the extra metadata")
             head = head.ljust(room, b" ")
+            if self.doc_sep is None:
+                self._f.write(b"\0" * (-(self.num_tokens * self.dtype.itemsize) % 8))
+                self._f.write(np.asarray(self._starts, dtype="<i8").tobytes())
             self._f.flush()
             self._f.seek(0)
             self._f.write(MAGIC + struct.pack("<I", len(head)) + head)
@@ -158,11 +171,18 @@ class TokenFile:
         self.dtype = np.dtype(self.header["dtype"])
         self.offset = _data_offset(header_len)
         n = int(self.header["num_tokens"])
-        expected = self.offset + n * self.dtype.itemsize
+        starts_at = -(-(self.offset + n * self.dtype.itemsize) // 8) * 8
+        docs = int(self.header.get("num_docs", 0)) if self.header.get("doc_starts") else 0
+        expected = starts_at + 8 * docs if self.header.get("doc_starts") else self.offset + n * self.dtype.itemsize
         if size != expected:
             raise DataError(f"{self.path} is truncated or corrupt: {size} bytes, header says {expected}")
         self.tokens = (np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(n,))
                        if n else np.zeros(0, dtype=self.dtype))
+        self.doc_starts: np.ndarray | None = None
+        """where each document's tokens begin, in a shard without doc_sep that records them (older ones do not)"""
+        if self.header.get("doc_starts"):
+            self.doc_starts = (np.memmap(self.path, dtype="<i8", mode="r", offset=starts_at, shape=(docs,))
+                               if docs else np.zeros(0, dtype=np.int64))
 
     @property
     def vocab_size(self) -> int:

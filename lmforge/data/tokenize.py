@@ -38,7 +38,7 @@ class TokenizeConfig:
     --restart removes the earlier run's shards there (`recorded_token_files`), and the directory itself only when
     it lies inside the output directory;
     doc_sep: write the tokenizer's end-of-text id before each document (a tokenizer without one is refused);
-    false writes the documents back to back."""
+    false writes the documents back to back (the shard records where each starts: TokenFile.doc_starts)."""
 
     tokenizer: str = "byte"
     out_dir: str = "tokens"

@@ -107,6 +107,17 @@ class Split:
     def window(self, offset: int, length: int) -> np.ndarray:
         return np.asarray(self.file.tokens[self.start + offset: self.start + offset + length], dtype=np.int64)
 
+    def doc_starts(self, offset: int, length: int) -> np.ndarray:
+        """(length,) bool: which tokens of `window(offset, length)` open a document, where the shard records it
+        (documents back to back, no separator: TokenFile.doc_starts); all False where it does not."""
+        out = np.zeros(length, dtype=bool)
+        starts = self.file.doc_starts
+        if starts is not None and len(starts):
+            lo = self.start + offset
+            at = np.asarray(starts[np.searchsorted(starts, lo):np.searchsorted(starts, lo + length)]) - lo
+            out[at] = True
+        return out
+
 
 def directory_error(path: Path, what: str, pattern: str, prefer: str = "", key: str = "") -> DataError:
     """The error for a directory given where `what` (a file) belongs, naming the files in it that would do
@@ -217,14 +228,17 @@ class BatchSampler:
 
 
 def eval_windows(splits: list[Split], n_batches: int, batch_size: int, seq_len: int
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed set of validation batches: windows evenly spaced over the validation tokens, so every
-    evaluation scores the same text."""
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A fixed set of validation batches (x, y, opens): windows evenly spaced over the validation tokens, so every
+    evaluation scores the same text; opens (B, T) bool marks the targets y that open a document in shards written
+    without a separator (Split.doc_starts: what val_bpb needs to find the "▁" put before a document there)."""
     n = n_batches * batch_size
     spans = [(s, off) for s in splits for off in range(0, len(s) - seq_len, seq_len)]
     if not spans:
         return []
     idx = np.linspace(0, len(spans) - 1, num=min(n, len(spans))).round().astype(int)
     wins = np.stack([spans[i][0].window(spans[i][1], seq_len + 1) for i in idx])
-    t = torch.from_numpy(wins)
-    return [(t[i:i + batch_size, :-1], t[i:i + batch_size, 1:]) for i in range(0, len(t), batch_size)]
+    opens = np.stack([spans[i][0].doc_starts(spans[i][1], seq_len + 1) for i in idx])
+    t, o = torch.from_numpy(wins), torch.from_numpy(opens)
+    return [(t[i:i + batch_size, :-1], t[i:i + batch_size, 1:], o[i:i + batch_size, 1:])
+            for i in range(0, len(t), batch_size)]

@@ -41,20 +41,21 @@ def prefix_bytes(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class LMEvaluator:
-    """Validation loss, perplexity and bits-per-byte of a model over fixed (x, y) batches. Called by the
-    Trainer under no_grad, eval mode and its autocast. Bits per byte: the nats of the tokens that stand for
-    bytes over those bytes (id_bytes; a special token, the end-of-text separator, counts in neither, as in
+    """Validation loss, perplexity and bits-per-byte of a model over fixed (x, y[, opens]) batches (eval_windows).
+    Called by the Trainer under no_grad, eval mode and its autocast. Bits per byte: the nats of the tokens that stand
+    for bytes over those bytes (id_bytes; a special token, the end-of-text separator, counts in neither, as in
     nanochat's evaluate_bpb); val_loss and val_ppl average over every token. bytes_per_token > 0 (data.
     bytes_per_token) gives the bytes as that ratio times the number of those tokens (every token's where there
     is no tokenizer to tell the special ones: id_bytes None), so a ratio measured over the text's own tokens
     gives the same bits per byte as measuring each token. prefix (prefix_bytes): the "▁" a SentencePiece-style
-    tokenizer put before each document is no byte of it, and is taken off the measured bytes.
+    tokenizer put before each document is no byte of it, and is taken off the measured bytes: after the separator,
+    or (shards without one) at the targets `opens` marks, the documents' starts the shards record.
 
     With a ParallelRunner (N processes), each rank evaluates only its share of every batch's rows
     (runner.eval_nats) and the sums of nats and tokens are all-reduced (the bytes, the same on every rank, are
     counted over the whole batches): the same metrics as one process, computed once, not once per rank."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], id_bytes: torch.Tensor | None,
+    def __init__(self, batches: list[tuple[torch.Tensor, ...]], id_bytes: torch.Tensor | None,
                  bytes_per_token: float = 0.0, runner=None,
                  prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.batches, self.id_bytes, self.bytes_per_token = batches, id_bytes, bytes_per_token
@@ -67,8 +68,8 @@ class LMEvaluator:
         device = next(model.parameters()).device
         sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, nats of the tokens with bytes: this rank's rows
         n_bytes = 0.0  # of all rows (every rank holds the whole batches)
-        for x, y in self.batches:
-            n_bytes += self._bytes(x, y)
+        for x, y, *opens in self.batches:
+            n_bytes += self._bytes(x, y, opens[0] if opens else None)
             x, y = x.to(device), y.to(device)
             if self.runner is None:
                 nats = summed_nats(token_losses(model(x), y), y, self.counted)
@@ -81,9 +82,10 @@ class LMEvaluator:
             out["val_bpb"] = byte_nats / (math.log(2) * n_bytes)
         return out
 
-    def _bytes(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _bytes(self, x: torch.Tensor, y: torch.Tensor, opens: torch.Tensor | None = None) -> float:
         """The UTF-8 bytes targets y (after inputs x) stand for: the counted tokens' own, less a "▁" put before a
-        document (prefix), or bytes_per_token for each (0: unknown)."""
+        document (prefix; `opens`: the targets that open one in shards without a separator, eval_windows), or
+        bytes_per_token for each (0: unknown)."""
         x, y = x.cpu(), y.cpu()  # (where the tables are)
         if self.bytes_per_token > 0:
             return self.bytes_per_token * (y.numel() if self.counted is None else int(self.counted[y].sum()))
@@ -91,8 +93,9 @@ class LMEvaluator:
             return 0.0
         n = float(self.id_bytes[y].sum())
         if self.prefix is not None:  # (y[t] opens a document, or a stretch after an added token, when x[t] says so)
-            lead, opens = self.prefix
-            n -= float(torch.where(opens[x], lead[y], 0).sum())
+            lead, after = self.prefix
+            put = after[x] if opens is None else after[x] | opens.cpu()
+            n -= float(torch.where(put, lead[y], 0).sum())
         return n
 
 

@@ -144,3 +144,40 @@ def test_sentencepiece_documents_count_their_own_bytes(tmp_path, style, prepend)
     # `lmforge tokenizer stats`' bytes_per_token (the ratio data.bytes_per_token takes) counts them alike
     stats = corpus_stats(sp, sorted(map(str, tmp_path.glob("*.txt"))), progress=False)
     assert stats["bytes_per_token"] * text_tokens == pytest.approx(stats["bytes"]) and stats["bytes"] == 75
+
+
+@pytest.mark.parametrize("style,prepend", [("llama", "first"), ("metaspace", "always"), ("gemma", "never")])
+def test_documents_written_back_to_back_count_their_own_bytes(tmp_path, style, prepend):
+    """The tokenize stage with doc_sep = false writes documents back to back: no separator tells where the "▁" put
+    before each document is, and val_bpb counted its byte. The shard now records where each document starts
+    (TokenFile.doc_starts) and eval_windows marks those targets, so the bytes are the documents' own again."""
+    import numpy as np
+
+    from lmforge.data.document import Document
+    from lmforge.data.shards import TokenFile
+    from lmforge.data.stage import StageContext
+    from lmforge.data.tokenize import TokenizeConfig, tokenize
+    from lmforge.tokenizer.sentencepiece import SentencePieceBPE
+    from lmforge.train.data import Split, eval_windows
+    from lmforge.train.pretrain import prefix_bytes
+    from tests.tokenizer.sp_files import added, sp_doc
+
+    doc = sp_doc(style, prepend)
+    added(doc, "<think>", special=False, normalized=False)
+    added(doc, "</think>", special=False)
+    sp = SentencePieceBPE(doc)
+    spec = str(sp.save(tmp_path / "tok"))
+    docs = [Document(id=str(k), text=t) for k, t in enumerate(DOCS)]
+    tokenize(TokenizeConfig(tokenizer=spec, doc_sep=False), docs, StageContext(workdir=tmp_path))
+    shard = TokenFile(tmp_path / "tokens" / "shard-00000.bin")
+    ids = np.asarray(shard.tokens).tolist()
+    assert shard.doc_sep is None and sp.eot_id not in ids
+    assert ids == [i for t in DOCS for i in sp.encode_ordinary(t)]
+    assert shard.doc_starts.tolist() == np.cumsum([0] + [len(sp.encode_ordinary(t)) for t in DOCS[:-1]]).tolist()
+    [(x, y, opens)] = eval_windows([Split(shard, 0, len(shard))], 1, 1, len(shard) - 1)
+    assert opens.sum() == len(DOCS) - 1  # (the first document's first token is no target)
+    lengths, prefix = token_byte_lengths(sp, sp.vocab_size), prefix_bytes(sp, sp.vocab_size)
+    out = LMEvaluator([(x, y, opens)], lengths, prefix=prefix)(Uniform(sp.vocab_size))
+    n_bytes = int((lengths[y] > 0).sum()) * math.log(sp.vocab_size) / (math.log(2) * out["val_bpb"])
+    first_token_text = lengths[ids[0]] - (prefix[0][ids[0]] if prefix is not None else 0)  # (x only: not counted)
+    assert n_bytes == pytest.approx(sum(len(t.encode()) for t in DOCS) - float(first_token_text), rel=1e-6)

@@ -97,6 +97,7 @@ class Tokenizer:
                               "add it to special_tokens")
         self.eos_token = eos_token
         self._raw_added = tuple(s for s in self.special_tokens if s not in self.normalized)
+        self._raw_set = frozenset(self._raw_added)
         self._norm_added: dict[str, str] = {}  # a normalized token's normalized text -> its name (the first's)
         for s in self.normalized:
             self._norm_added.setdefault(self._normalize(s), s)
@@ -272,22 +273,26 @@ class Tokenizer:
     def _normalize(self, text: str) -> str:
         return unicodedata.normalize(self.normalization, text) if self.normalization is not None else text
 
-    def _split_encode(self, text: str, keep: Iterable[str], plain=None) -> list[int]:
-        """`text`'s ids, the added tokens in `keep` matched as units, the text between them encoded by `plain` (the
-        fast path, else the reference) once normalized. As HF's AddedVocabulary: the tokens not `normalized` are
-        matched in the raw text (leftmost, longest first), then the `normalized` ones in each normalized stretch
-        between those; a match of a token not kept (a special encode_ordinary leaves as text) is text, and no added
-        token inside it is matched (split_specials)."""
+    def _split_encode(self, text: str, keep: Iterable[str] | None, plain=None) -> list[int]:
+        """`text`'s ids, the added tokens in `keep` (None: all) matched as units, the text between them encoded by
+        `plain` (the fast path, else the reference) once normalized. As HF's AddedVocabulary: the tokens not
+        `normalized` are matched in the raw text (leftmost, longest first), then the `normalized` ones in each
+        normalized stretch between those; a match of a token not kept (a special encode_ordinary leaves as text) is
+        text, and no added token inside it is matched (split_specials)."""
         plain = plain or self._plain
-        keep = set(keep)
-        keep_raw = keep.intersection(self._raw_added)
-        keep_norm = {c for c, s in self._norm_added.items() if s in keep}
+        norm = tuple(self._norm_added)
+        keep_raw = keep_norm = None
+        if keep is not None:
+            keep = frozenset(keep)
+            keep_raw = keep & self._raw_set
+            keep_norm = frozenset(c for c in norm if self._norm_added[c] in keep)
         out: list[int] = []
         for seg, is_added in split_specials(text, self._raw_added, keep_raw):
             if is_added:
                 out.append(self.special_tokens[seg])
                 continue
-            for piece, is_norm in split_specials(self._normalize(seg), tuple(self._norm_added), keep_norm):
+            seg = self._normalize(seg)
+            for piece, is_norm in split_specials(seg, norm, keep_norm) if norm else [(seg, False)]:
                 if is_norm:
                     out.append(self.special_tokens[self._norm_added[piece]])
                     continue
@@ -327,11 +332,11 @@ class Tokenizer:
                 raise ValueError(f"text contains the disallowed special token {m.group()!r}; pass "
                                  "allowed_special={...} to encode it as a special or disallowed_special=() "
                                  "to encode it as text")
-        return self._split_encode(text, allowed + self.non_special)
+        return self._split_encode(text, None if len(allowed) == len(self._specials) else allowed + self.non_special)
 
     def encode_reference(self, text: str) -> list[int]:
         """`encode` (all specials allowed) through the pure-Python reference encoder only."""
-        return self._split_encode(without_surrogates(text), self.special_tokens, self.reference.encode)
+        return self._split_encode(without_surrogates(text), None, self.reference.encode)
 
     def encode_batch(self, texts: list[str], *, num_threads: int = 8, **kwargs) -> list[list[int]]:
         """Encode many texts in parallel threads (tiktoken releases the GIL while it works)."""

@@ -254,11 +254,15 @@ def _folder_times(paths: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
             start = _pattern_root(p)
             depth = None if "**" in p else len(path.parts) - len(start.parts) - 1
         out.append((p, -1))  # (which paths: another list of paths is no match, though its folders are the same)
-        stack = [(start, depth)]
+        stack, seen = [(start, depth)], set()
         while stack:
             folder, left = stack.pop()
             try:
-                out.append((str(folder), folder.stat().st_mtime_ns))
+                st = folder.stat()
+                if (st.st_dev, st.st_ino) in seen:  # (a symlink back up the tree)
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                out.append((str(folder), st.st_mtime_ns))
                 if left is None or left > 0:
                     stack += [(Path(e.path), None if left is None else left - 1)
                               for e in sorted(os.scandir(folder), key=lambda e: e.name) if e.is_dir()]

@@ -113,11 +113,13 @@ class GSM8K(_FileTask):
 _OPTION = r"(?:\(([a-dA-D])\)|(?-i:([A-D]))\b|(?-i:([a-d]))(?=[).,;:!?]|[ \t]*(?:\n|$)))"
 
 
-# with no option marked, the LAST of the first kind a reply holds: a parenthesised capital "(C)" (lm-eval's MMLU
-# flan-cot flexible-extract, regex "(\([A-Z]\))" with group_select=-1), else a capital alone before punctuation or the
-# line's end ("C.", "**C**", "I pick C"), else any capital A-D as a word (MMLU-Pro's extract_final,
-# "\b[A-J]\b(?!.*\b[A-J]\b)"): not the first capital, which is often the article ("A good question... (C)")
-_FALLBACKS = (re.compile(r"\(([A-D])\)"), re.compile(r"(?<![\w'])([A-D])(?=[.,;:!?)*]|[ \t]*(?:\n|$))"),
+# with no option marked, the FIRST of the first kind a reply holds: a parenthesised capital "(C)", else a capital A-D
+# standing alone that is not the article before a lowercase word ("A good question"; "A is correct" is no article),
+# else that article. A reply with no mark names its choice first ("B is correct; A, C and D are wrong", "Option (B)
+# is right, not (A)"); lm-eval's flan-cot flexible-extract takes the last "(X)" of a chain of thought, whose
+# conclusion is read here before the fallback, from its "the answer is (C)"
+_VERB = r"(?:is|was|would|seems|looks|appears|fits|matches|best|because|since)\b"
+_FALLBACKS = (re.compile(r"\(([A-D])\)"), re.compile(rf"\b([B-D]|A(?!\s+(?!{_VERB})[a-z]))\b"),
               re.compile(r"\b([A-D])\b"))
 
 
@@ -150,9 +152,9 @@ class MMLU(_FileTask):
 
     def parse(self, completion: str, example: Example | None = None) -> str | None:
         """The letter of the final answer (`final_answer`: after the last 'Answer:', else the last 'the answer is'
-        before an option), else in the last \\boxed{}, else the last standalone capital of the text (or of a marked
-        line that starts with no option; `_FALLBACKS`: the last '(C)' as lm-eval reads it, else the last capital
-        alone before punctuation, else the last capital A-D as MMLU-Pro reads it); None without one. A lowercase
+        before an option), else in the last \\boxed{}, else the first standalone capital of the text (or of a marked
+        line that starts with no option; `_FALLBACKS`: the first '(C)', else the first capital A-D as a word that is
+        not the article in 'A good question', else that article); None without one. A lowercase
         letter counts only as a whole marked answer ("b", "(b)", "b.", not the article in "the answer is a matter of
         ...")."""
         completion = reply(completion)
@@ -168,4 +170,4 @@ class MMLU(_FileTask):
         if m:
             return _letter(m)
         text = marked if marked is not None else completion
-        return next((found[-1] for found in (p.findall(text) for p in _FALLBACKS) if found), None)
+        return next((m.group(1) for m in (p.search(text) for p in _FALLBACKS) if m), None)

@@ -40,8 +40,10 @@ class Reversal(Task):
     # the phrase gives an answer when a word alone ends its line or sentence ("The answer is cba.", Minerva's "The
     # final answer is cba. I hope it is correct.", "**cba.** I hope"), not a sentence or a verdict about it ("the
     # answer is in reverse order", "the answer is correct.")
-    answer_shape = (r"(?!(?:correct|incorrect|right|wrong)\b)[a-z]+(?:[*$`'\"\])}]*[.!]?[*$`'\"\])}]*[ \t]*(?:\n|\Z)"
-                    r"|[*$`'\"\])}]*[.!][*$`'\"\])}]*\s)")
+    # (closers, then a sentence end and its own closers or the line's end: two optional runs of closers side by side
+    # would let a rollout's long run of '*' be split every way, in quadratic time)
+    answer_shape = (r"(?!(?:correct|incorrect|right|wrong)\b)[a-z]+[*$`'\"\])}]*"
+                    r"(?:[.!][*$`'\"\])}]*(?=\s|\Z)|[ \t]*(?:\n|\Z))")
 
     answer_format = "End with 'Answer: <the reversed word>'."
 

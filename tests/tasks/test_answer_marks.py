@@ -78,18 +78,34 @@ def test_gsm8k_reads_a_bare_decimal_point_as_lm_evals_regex_does(gsm8k):
     assert Task().verify(_example(".5"), "The answer is .5") and not Task().verify(_example("5"), "The answer is .5")
 
 
-def test_mmlu_fallback_reads_the_last_standalone_letter_not_the_first_capital(mmlu):
+def test_mmlu_fallback_reads_the_first_standalone_letter_not_the_article(mmlu):
     """With no mark, MMLU read the first capital A-D anywhere ('A good question... (C)' read A, the article). It reads
-    the last '(C)' (lm-eval's flan-cot flexible-extract), else the last capital alone before punctuation or the line's
-    end, else the last capital A-D as a word (MMLU-Pro's extract_final)."""
+    the first '(C)', else the first capital A-D as a word that is not the article before a lowercase word, else that
+    article. Not the last: a reply names its choice first and the rejected options after it."""
     assert mmlu.parse("A good question... (C)") == "C"
     assert mmlu.parse("I think it's (C). A is wrong.") == "C"
-    assert mmlu.parse("(A) or (B)? I go with (B) since A fails") == "B"
     assert mmlu.parse("C. A careful reading agrees with it.") == "C"
     assert mmlu.parse("A good question. Option B is right") == "B"
     assert mmlu.parse("I pick **D**") == "D" and mmlu.parse("B") == "B" and mmlu.parse("Option A is right") == "A"
+    for reply in ("B is correct. A, C and D are wrong.", "The correct option is B; options A, C, and D are incorrect.",
+                  "Option (B) is right, not (A).", "Correct: B\nWhy not A? Because."):
+        assert mmlu.parse(reply) == "B", reply
+    assert mmlu.parse("A is correct, B is wrong") == "A" and mmlu.parse("A seems right; B does not") == "A"
     for none in ("No letter here", "I do not know.", "a good question", ""):
         assert mmlu.parse(none) is None, none
+
+
+def test_reversal_reads_a_long_run_of_closers_in_linear_time():
+    """Reversal's answer shape had two optional runs of closers side by side: a rollout's 'abc' + 20k '*' took ~7 s."""
+    import time
+
+    task = TASKS["reverse"]()
+    start = time.perf_counter()
+    for c in "*)'":
+        assert task.parse("the answer is abc" + c * 20_000 + "x") is None
+    assert time.perf_counter() - start < 0.5
+    assert task.parse("The answer is **cba.** I hope") == "**cba.**"
+    assert task.parse("the answer is **cba** because") is None
 
 
 GENERATED = ("arithmetic", "countdown", "sort", "reverse", "count")

@@ -26,9 +26,7 @@ import csv
 import functools
 import io
 import json
-import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -41,7 +39,7 @@ from lmforge.data.hashing import ngram_hashes, normalize_words, word_hashes
 from lmforge.data.readers import ARCHIVE_ERRORS, decode_text, open_binary, uncompressed_name
 from lmforge.data.stage import StageContext
 from lmforge.errors import DataError, warn_caller
-from lmforge.utils import input_files
+from lmforge.utils import file_stamps, input_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,68 +205,12 @@ def check_decontam(cfg: DecontamConfig) -> None:
 
 def eval_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:
     """Sorted distinct uint64 hashes of every n-gram of every evaluation item with >= n words. Memoised on the files
-    the paths name now, with their resolved names, sizes and times: keyed on the paths alone, a benchmark file added to
-    an eval directory (or one edited) was ignored by every later call in the process (a notebook's second run)."""
-    files, names = _listed(paths)
-    try:
-        stamps = tuple((str(f), name, st.st_size, st.st_mtime_ns) for f, name in zip(files, names) for st in [f.stat()])
-    except FileNotFoundError:  # (removed since it was listed, in the same tick of its folder's time: list again)
-        _LISTS.pop(paths, None)
-        return eval_ngrams(paths, n)
+    the paths name now, with their resolved names, sizes and times (utils.file_stamps): keyed on the paths alone, a
+    benchmark file added to an eval directory (or one edited) was ignored by every later call in the process (a
+    notebook's second run), and keyed on relative names another checkout's eval set of one size and time was the
+    first's. The folders are listed on every call, so a file added later is seen (~25 ms a batch for 200 files)."""
+    stamps = tuple((str(f), *stamp) for f in eval_files(paths)[0] for stamp in file_stamps([f]))
     return _eval_ngrams(paths, stamps, n)
-
-
-_LISTS: dict[tuple[str, ...], tuple[tuple, list[Path], list[str]]] = {}
-"""eval_paths -> (the times of the folders listed, the eval files, their resolved names): `_listed`"""
-_SETTLED_NS = 2_000_000_000
-"""a folder changed this recently may change again within its time's tick (a file system's granularity: a jiffy on
-Linux, 2 s on FAT), unseen: a listing of it is not kept"""
-
-
-def _listed(paths: tuple[str, ...]) -> tuple[list[Path], list[str]]:
-    """eval_files(paths)[0] and their resolved names, the folders walked again only when one of them changed (a file
-    added, removed or renamed in a folder changes its time): the stage asks for every batch, and walking 200 files and
-    resolving their names took ~25 ms a batch."""
-    times = _folder_times(paths)
-    kept = _LISTS.get(paths)
-    if kept is not None and kept[0] == times:
-        return kept[1], kept[2]
-    files = eval_files(paths)[0]
-    names = [str(f.resolve()) for f in files]
-    if max(t for _, t in times) < time.time_ns() - _SETTLED_NS:
-        _LISTS[paths] = (times, files, names)
-    return files, names
-
-
-def _folder_times(paths: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
-    """(folder, mtime_ns) of every folder whose listing `eval_files(paths)` reads: a named file's, a named
-    directory's and each below it, a pattern's fixed root and the folders below it its depth reaches (all for "**")."""
-    out: list[tuple[str, int]] = []
-    for p in paths:
-        path = Path(p)
-        if path.is_file():
-            start, depth = path.parent, 0
-        elif path.is_dir():
-            start, depth = path, None
-        else:
-            start = _pattern_root(p)
-            depth = None if "**" in p else len(path.parts) - len(start.parts) - 1
-        out.append((p, -1))  # (which paths: another list of paths is no match, though its folders are the same)
-        stack, seen = [(start, depth)], set()
-        while stack:
-            folder, left = stack.pop()
-            try:
-                st = folder.stat()
-                if (st.st_dev, st.st_ino) in seen:  # (a symlink back up the tree)
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-                out.append((str(folder), st.st_mtime_ns))
-                if left is None or left > 0:
-                    stack += [(Path(e.path), None if left is None else left - 1)
-                              for e in sorted(os.scandir(folder), key=lambda e: e.name) if e.is_dir()]
-            except OSError:  # (gone: eval_files says so)
-                out.append((str(folder), -1))
-    return tuple(out)
 
 
 @functools.lru_cache(maxsize=4)

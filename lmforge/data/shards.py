@@ -6,8 +6,8 @@ Layout of one shard file (little-endian):
     uint32 header_len       4 bytes
     header JSON (utf-8)     header_len bytes, space-padded so that tokens start at a multiple of 64
     tokens                  num_tokens x dtype (uint16 when vocab_size <= 65536, else uint32)
-    doc starts              (doc_sep null) zero bytes to a multiple of 8, then num_docs x int64: where each
-                            document's tokens begin
+    doc starts              (version 2: doc_sep null, documents added) zero bytes to a multiple of 8, then
+                            num_docs x int64: where each document's tokens begin
 
 The header holds: version, dtype, vocab_size, tokenizer (a spec string such as "byte" or a path),
 doc_sep (the id written between documents, or null), num_tokens, num_docs, max_id, and doc_starts (true where the
@@ -31,7 +31,9 @@ from lmforge.errors import DataError
 from lmforge.utils import temp_name
 
 MAGIC = b"LMFTOKS1"
-VERSION = 1
+VERSION = 2
+"""the newest format: 2 adds the documents' starts after the tokens (shards written without a separator); a shard
+without them is written as version 1, which readers before it read"""
 _RESERVED = 4096  # header bytes reserved by the streaming writer (the header is rewritten at close)
 
 
@@ -95,10 +97,10 @@ class TokenShardWriter:
 
     def header(self) -> dict[str, Any]:
         return {
-            "version": VERSION, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
+            "version": VERSION if self._starts else 1, "dtype": self.dtype.name, "vocab_size": self.vocab_size,
             "tokenizer": self.tokenizer, "doc_sep": self.doc_sep, "num_tokens": self.num_tokens,
             "num_docs": self.num_docs, "max_id": self.max_id, **self.extra,
-            **({"doc_starts": True} if self.doc_sep is None else {}),
+            **({"doc_starts": True} if self._starts else {}),
         }
 
     def close(self) -> Path:
@@ -109,7 +111,7 @@ class TokenShardWriter:
             if len(head) > room:
                 raise DataError(f"shard header too large ({len(head)} bytes); shorten the extra metadata")
             head = head.ljust(room, b" ")
-            if self.doc_sep is None:
+            if self._starts:
                 self._f.write(b"\0" * (-(self.num_tokens * self.dtype.itemsize) % 8))
                 self._f.write(np.asarray(self._starts, dtype="<i8").tobytes())
             self._f.flush()
@@ -168,6 +170,9 @@ class TokenFile:
         for key in ("dtype", "vocab_size", "num_tokens"):
             if key not in self.header:
                 raise DataError(f"{self.path} header lacks {key!r}; re-create the shard")
+        if not isinstance(self.header.get("version", 1), int) or self.header.get("version", 1) > VERSION:
+            raise DataError(f"{self.path} is a version {self.header.get('version')!r} token shard, newer than this "
+                            f"lmforge reads (up to {VERSION}); upgrade lmforge")
         self.dtype = np.dtype(self.header["dtype"])
         self.offset = _data_offset(header_len)
         n = int(self.header["num_tokens"])

@@ -84,14 +84,15 @@ and added_tokens.json)"""
 
 
 def tokenizer_files(spec: str | Path) -> list[Path]:
-    """The files `load_tokenizer(spec)` may read, and the folder they are in (whose mtime changes when one is added,
-    removed or replaced by a rename): what a cache of the tokenizer is keyed on (utils.file_stamps); none for "byte"."""
+    """The files `load_tokenizer(spec)` may read, present or not (one that appears changes the key): what a cache of the
+    tokenizer is keyed on (utils.file_stamps); none for "byte". Not the folder: its time changes with every file
+    written beside the tokenizer (a run's shards), which would read the tokenizer again for every batch."""
     if str(spec) == "byte":
         return []
     path = Path(spec)
-    folder = path if path.is_dir() else path.parent
-    ranks = sorted(folder.glob("*.tiktoken")) if path.is_dir() else []
-    return [path, folder, *(folder / name for name in BESIDE), *ranks]
+    if not path.is_dir():
+        return [path, *(path.parent / name for name in BESIDE)]
+    return [*(path / name for name in BESIDE), *sorted(path.glob("*.tiktoken"))]
 
 
 def load_tokenizer(spec: str | Path):

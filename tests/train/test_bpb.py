@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -181,3 +182,31 @@ def test_documents_written_back_to_back_count_their_own_bytes(tmp_path, style, p
     n_bytes = int((lengths[y] > 0).sum()) * math.log(sp.vocab_size) / (math.log(2) * out["val_bpb"])
     first_token_text = lengths[ids[0]] - (prefix[0][ids[0]] if prefix is not None else 0)  # (x only: not counted)
     assert n_bytes == pytest.approx(sum(len(t.encode()) for t in DOCS) - float(first_token_text), rel=1e-6)
+
+
+def test_a_shard_records_starts_only_for_documents_and_says_when_it_is_too_new(tmp_path):
+    """Every shard without a separator was written with a starts section (version 1 still: lmforge before it refused
+    the file as truncated), even one of bare tokens with no documents; a newer format was read as a corrupt one."""
+    import json
+    import struct
+
+    from lmforge.data.shards import MAGIC, TokenFile, TokenShardWriter, write_tokens
+    from lmforge.errors import DataError
+
+    bare = write_tokens(tmp_path / "bare.bin", np.arange(10), vocab_size=257, tokenizer="byte", doc_sep=None)
+    shard = TokenFile(bare)
+    assert shard.header["version"] == 1 and "doc_starts" not in shard.header and shard.doc_starts is None
+    assert bare.stat().st_size == shard.offset + 10 * 2  # (the version-1 layout: tokens end the file)
+    with TokenShardWriter(tmp_path / "docs.bin", vocab_size=257, tokenizer="byte", doc_sep=None) as w:
+        w.add_document([1, 2, 3])
+        w.add_document([4])
+    shard = TokenFile(tmp_path / "docs.bin")
+    assert shard.header["version"] == 2 and shard.doc_starts.tolist() == [0, 3]
+    raw = bytearray(bare.read_bytes())
+    (n,) = struct.unpack("<I", raw[len(MAGIC):len(MAGIC) + 4])
+    header = json.loads(raw[len(MAGIC) + 4:len(MAGIC) + 4 + n])
+    text = json.dumps({**header, "version": 3}).encode().ljust(n, b" ")
+    raw[len(MAGIC) + 4:len(MAGIC) + 4 + n] = text
+    bare.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="version 3 token shard, newer than this lmforge reads .up to 2.; upgrade"):
+        TokenFile(bare)

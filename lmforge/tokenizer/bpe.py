@@ -51,8 +51,9 @@ class Tokenizer:
 
     vocab: id -> token bytes; merges: ordered pairs of token bytes (each pair's concatenation must be
     in the vocabulary); special_tokens: strings that are never split or merged (reused from the
-    vocabulary when their bytes are there, otherwise given the next free ids); pattern: "gpt2",
-    "cl100k", "o200k" or a custom pre-tokenization regex (the text between its matches, if any, is a
+    vocabulary when their bytes are there, otherwise given the next free ids; a dict may give one the id of the entry
+    it spells in GPT-2's byte characters, an ordinary token BPE still emits, as HF's added "Ã" on byte 0xC3);
+    pattern: "gpt2", "cl100k", "o200k" or a custom pre-tokenization regex (the text between its matches, if any, is a
     piece too, as in HF's Split "isolated"; tiktoken would drop it); normalization: a Unicode normal form ("NFC",
     "NFD", "NFKC", "NFKD") applied to the text between special tokens before it is split (a HF tokenizer.json
     `normalizer`: Qwen2's NFC), or None; ignore_merges: a pre-token that is itself in the vocabulary is
@@ -118,9 +119,11 @@ class Tokenizer:
             if len(set(specials.values())) != len(specials):
                 raise ConfigError(f"two special tokens share an id: {specials}")
             for s, i in specials.items():
-                if i in self.vocab and self.vocab[i] != s.encode():
+                # (an added token spelled as the byte-level entry it shares an id with, as HF's tokenizer.json
+                # gives a vocab entry's text that entry's id: "Ã" is byte 0xC3, emitted and decoded as that byte)
+                if i in self.vocab and self.vocab[i] != s.encode() and formats.bytes_to_str(self.vocab[i]) != s:
                     raise ConfigError(f"special token {s!r} id {i} collides with token {self.vocab[i]!r}")
-                self.vocab[i] = s.encode()
+                self.vocab.setdefault(i, s.encode())
             return dict(specials)
         by_bytes = {b: i for i, b in self.vocab.items()}
         out: dict[str, int] = {}
@@ -134,14 +137,18 @@ class Tokenizer:
         return out
 
     def _check_tables(self) -> None:
-        special_ids = set(self.special_tokens.values())
-        if len(special_ids) != len(self.special_tokens):
+        if len(set(self.special_tokens.values())) != len(self.special_tokens):
             raise ConfigError(f"two special tokens share an id: {self.special_tokens}")
+        # a special's id is an ordinary token too (BPE may emit it) where its bytes are not its text (HF's added
+        # "Ã" on byte 0xC3's id) or are ones BPE makes (a byte, a merge's product: an added "at" on the merged "at")
+        made = {a + b for a, b in self.merges}
+        only_special = {i for s, i in self.special_tokens.items()
+                        if self.vocab[i] == s.encode() and len(self.vocab[i]) > 1 and self.vocab[i] not in made}
         self._by_bytes: dict[bytes, int] = {}
         for i, b in sorted(self.vocab.items()):
             if i < 0:
                 raise ConfigError(f"token id {i} is negative")
-            if i not in special_ids:
+            if i not in only_special:
                 if b in self._by_bytes:
                     raise ConfigError(f"token bytes {b!r} appear twice in the vocabulary "
                                       f"(ids {self._by_bytes[b]}, {i})")

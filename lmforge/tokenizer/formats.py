@@ -87,9 +87,10 @@ def parse_merge(m: Any, where: str) -> tuple[bytes, bytes]:
 
 
 def encode_vocab(vocab: Vocab, specials: dict[str, int]) -> dict[str, int]:
-    """id -> bytes to GPT-2's {printable string: id}, specials left out."""
-    special_ids = set(specials.values())
-    return {bytes_to_str(b): i for i, b in sorted(vocab.items()) if i not in special_ids}
+    """id -> bytes to GPT-2's {printable string: id}, the specials whose bytes are their own text left out (a
+    Tokenizer gives them those again); one spelled as the entry whose id it shares (byte 0xC3's "Ã") is kept."""
+    own_text = {i for s, i in specials.items() if vocab.get(i) == s.encode()}
+    return {bytes_to_str(b): i for i, b in sorted(vocab.items()) if i not in own_text}
 
 
 def decode_vocab(raw: Any, where: str) -> Vocab:
@@ -103,6 +104,17 @@ def decode_vocab(raw: Any, where: str) -> Vocab:
             raise DataError(f"{where}: id {i} is given to two tokens")
         out[i] = str_to_bytes(s, where)
     return out
+
+
+def vocab_entries(raw: dict[str, int], specials: dict[str, int], where: str) -> Vocab:
+    """A vocab.json-style {printable string: id} -> id -> bytes, the entries naming added tokens included where they
+    are byte-level spellings: HF's model keeps such an entry (an added "Ã" is byte 0xC3's id, BPE emits it, and HF
+    decodes it as that byte; GPT-2's "<|endoftext|>" is its own bytes). Those written in other characters ("<|a b|>":
+    no byte prints as a space) are left to the added token's own text."""
+    if not isinstance(raw, dict):
+        return decode_vocab(raw, where)  # (which refuses it)
+    to_byte = char_to_byte()
+    return decode_vocab({s: i for s, i in raw.items() if s not in specials or all(c in to_byte for c in s)}, where)
 
 
 # ---- GPT-2 vocab.json + merges.txt ----------------------------------------------------------------
@@ -162,8 +174,7 @@ def read_gpt2(vocab_json: str | Path, merges_txt: str | Path) -> tuple[Vocab, Me
                         "some are ordinary tokens (a truncated merges.txt, an ignore_merges vocab), write "
                         f"{SPECIALS_FILE} ({{special: id}}) naming only the specials")
         specials = {**guessed, **specials}
-    vocab = decode_vocab({s: i for s, i in raw.items() if s not in specials}, str(vocab_json))
-    return vocab, merges, dict(specials), "gpt2"
+    return vocab_entries(raw, specials, str(vocab_json)), merges, dict(specials), "gpt2"
 
 
 def write_gpt2(tok, out_dir: str | Path) -> tuple[Path, Path]:
@@ -499,9 +510,11 @@ def read_hf(path: str | Path) -> dict[str, Any]:
             raise DataError(f"{path}: added token {t.get('content')!r} has {', '.join(flags)}, which lmforge does not "
                             "apply (its special tokens match their text exactly); set it false in the file or give "
                             "another tokenizer (LLM.load(path, tokenizer=...), --tokenizer)")
-    specials = {t["content"]: t["id"] for t in added}
-    raw_vocab = {s: i for s, i in model.get("vocab", {}).items() if s not in specials}
-    vocab = decode_vocab(raw_vocab, str(path))
+    raw_vocab = model.get("vocab", {})
+    # HF gives an added token that is a model-vocab entry that entry's id, whatever id the file lists
+    specials = {t["content"]: (raw_vocab if isinstance(raw_vocab, dict) else {}).get(t["content"], t["id"])
+                for t in added}
+    vocab = vocab_entries(raw_vocab, specials, str(path))
     merges = [parse_merge(m, str(path)) for m in model.get("merges", [])]
     before, after = _hf_added_specials(doc.get("post_processor"), specials, str(path))
     return {"vocab": vocab, "merges": merges, "special_tokens": specials,

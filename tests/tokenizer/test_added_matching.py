@@ -123,3 +123,31 @@ def test_sentencepiece_overlapping_special_and_non_special_tokens_match_hf(flags
     assert sp.encode_ordinary("the <|a|> king") == want
     for text in ["<|a<|a|>", " <|a|>a|> "] + _texts(["<|a|>", "<|a", "a|>", "|", "a", " ", "the", "king", "</s>"]):
         assert (sp.encode(text), sp.encode_ordinary(text)) == (_hf_ids(ref, text), _hf_ids(ref, text, True)), text
+
+
+def test_byte_level_added_tokens_spelled_as_vocab_entries_take_their_ids_as_in_hf(byte_level_doc, tmp_path):
+    """An added token whose content is also a model-vocab entry under another id ("Ã", byte 0xC3's spelling; the
+    merged "at", " the" as "Ġthe") takes that entry's id in HF, which stays the byte or piece BPE emits and decodes to
+    those bytes; read_hf removed the entry by its text (byte 0xC3 gone: the file did not load). GPT-2's same-id case
+    ("é" listed at byte 0xE9's own id) alike; HF's decode of every id is lmforge's."""
+    from tokenizers import Tokenizer as HF
+
+    from lmforge.tokenizer.formats import bytes_to_str
+
+    doc = json.loads(json.dumps(byte_level_doc))
+    vocab, new = doc["model"]["vocab"], max(byte_level_doc["model"]["vocab"].values()) + 1
+    for content, i, special in [("Ã", new, True), ("é", vocab["é"], True), ("at", new + 1, False),
+                                ("Ġthe", vocab["at"], False)]:  # (HF ignores the listed id of an entry in the vocab)
+        doc["added_tokens"].append({"id": i, "content": content, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": special})
+    _check_byte_level(doc, ["Ã", "Ä", "é", "验", "cat", " the", "Ġthe", "Ã©"] + _texts(
+        ["Ã", "Ä", "é", "验", "at", " the", "Ġthe", "c", " ", "<|a|>"]), tmp_path)
+    hf, tok = HF.from_str(json.dumps(doc)), Tokenizer.from_hf(tmp_path)
+    assert {s: tok.special_tokens[s] for s in ("Ã", "é", "at", "Ġthe")} == {
+        "Ã": vocab["Ã"], "é": vocab["é"], "at": vocab["at"], "Ġthe": vocab["Ġthe"]}
+    assert tok.encode("Ä") == [vocab["Ã"], vocab[bytes_to_str(b"\x84")]] and tok.decode([vocab["Ã"]]) == "\ufffd"
+    gpt2 = Tokenizer.from_gpt2_files(*tok.save_gpt2(tmp_path / "gpt2"))  # (read_gpt2 removed them by text too)
+    assert [gpt2.encode(t) for t in ("Ã", "Ä", "é", "验", "Ã©")] == [tok.encode(t) for t in ("Ã", "Ä", "é", "验", "Ã©")]
+    for t in (tok, Tokenizer.load(tok.save(tmp_path / "again.json")), gpt2):
+        assert [t.decode([i]) for i in range(hf.get_vocab_size())] == [
+            hf.decode([i], skip_special_tokens=False) for i in range(hf.get_vocab_size())]
